@@ -1,0 +1,155 @@
+"""Quantization configuration (SPEC section 1).
+
+``QuantConfig`` is a frozen dataclass: it is hashable, compares by value and round-trips through JSON
+(``to_dict`` / ``from_dict``), which is what lets a quantized model be saved with the exact recipe of every
+module and rebuilt from it.
+
+Bit-width conventions
+---------------------
+* ``bits`` in 1..8: integer quantization.
+* ``bits`` 16 or 32: leave the weights in floating point (``quantize_`` skips such modules; inside a
+  mixed-precision layer, a row with 16 bits is stored in float16 and a row with 32 bits in float32).
+* ``bits`` 0: pruned (the weights are all zero and nothing but the bit map is stored).
+
+Schemes
+-------
+* symmetric: ``q_max = 2^(b-1) - 1``, ``s = max(absmax, eps) / q_max``, ``q = clamp(round(w/s), -q_max, q_max)``.
+  Symmetric 2-bit is therefore *ternary* {-1, 0, 1}; symmetric 1-bit is ``sign(w) * mean|w|``.
+* asymmetric: the range is widened to include zero, ``s = max(max' - min', eps) / (2^b - 1)``,
+  ``z = clamp(round(-min'/s), 0, 2^b - 1)``, ``q = clamp(round(w/s) + z, 0, 2^b - 1)``, ``w^ = (q - z) * s``.
+* ``symmetric=None`` (the default) picks asymmetric for ``b <= 3`` and symmetric above, per bit-width, so
+  that one config serves every row of a mixed-precision layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FLOAT_BITS = (16, 32)
+INT_BITS = tuple(range(1, 9))
+VALID_BITS = (0,) + INT_BITS + FLOAT_BITS
+SCOPES = ("tensor", "channel", "group")
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _check_bits(bits: Any, what: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        try:
+            as_int = int(bits)
+        except (TypeError, ValueError):
+            raise TypeError(f"{what} must be an integer, got {bits!r}") from None
+        if as_int != bits:
+            raise ValueError(f"{what} must be an integer, got {bits!r}")
+        bits = as_int
+    if bits not in VALID_BITS:
+        raise ValueError(
+            f"{what}={bits} is not supported: use 1..8 for integer quantization, 16 or 32 to keep floating point, "
+            f"or 0 for pruned"
+        )
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize the weights of one module.
+
+    Args:
+        bits: default bit-width of every output channel (see module docstring).
+        symmetric: ``True``/``False`` forces the scheme; ``None`` = asymmetric for <= 3 bits, symmetric above.
+        scope: ``"tensor"`` (one scale), ``"channel"`` (one per output row) or ``"group"`` (one per
+            ``group_size`` consecutive input elements of each row; K is zero-padded to a multiple of it).
+        group_size: input elements per scale when ``scope == "group"``.
+        scale_dtype: storage dtype of scales and zero points: ``"float16"`` (default), ``"bfloat16"``, ``"float32"``.
+        channel_bits: optional per-output-channel bit-widths (mixed precision inside the layer), a tuple with one
+            entry per output row; overrides ``bits`` row by row. Rows are grouped by bit-width and each group is
+            packed at its own width.
+    """
+
+    bits: int = 4
+    symmetric: bool | None = None
+    scope: str = "group"
+    group_size: int = 128
+    scale_dtype: str = "float16"
+    channel_bits: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", _check_bits(self.bits, "bits"))
+        if self.symmetric is not None and not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be True, False or None (auto), got {self.symmetric!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r} is not supported; accepted: {', '.join(SCOPES)}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(
+                f"scale_dtype={self.scale_dtype!r} is not supported; accepted: {', '.join(SCALE_DTYPES)}"
+            )
+        if self.channel_bits is not None:
+            if isinstance(self.channel_bits, torch.Tensor):
+                cb = tuple(int(b) for b in self.channel_bits.flatten().tolist())
+            else:
+                cb = tuple(self.channel_bits)
+            if len(cb) == 0:
+                raise ValueError("channel_bits must have one entry per output channel, got an empty sequence")
+            cb = tuple(_check_bits(b, "channel_bits entry") for b in cb)
+            object.__setattr__(self, "channel_bits", cb)
+
+    # ------------------------------------------------------------------ helpers
+    def is_symmetric(self, bits: int | None = None) -> bool:
+        """Scheme used for rows of ``bits`` bits (default: ``self.bits``)."""
+        b = self.bits if bits is None else bits
+        return self.symmetric if self.symmetric is not None else b > 3
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    def is_float(self) -> bool:
+        """True when nothing is quantized (all rows 16/32 bits)."""
+        if self.channel_bits is not None:
+            return all(b in FLOAT_BITS for b in self.channel_bits)
+        return self.bits in FLOAT_BITS
+
+    def row_bits(self, out_features: int) -> torch.Tensor:
+        """Per-row bit-widths as an int tensor of length ``out_features``."""
+        if self.channel_bits is None:
+            return torch.full((out_features,), self.bits, dtype=torch.int16)
+        if len(self.channel_bits) != out_features:
+            raise ValueError(
+                f"channel_bits has {len(self.channel_bits)} entries but the module has {out_features} output "
+                f"channels: give exactly one bit-width per output channel"
+            )
+        return torch.tensor(self.channel_bits, dtype=torch.int16)
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["channel_bits"] is not None:
+            d["channel_bits"] = list(d["channel_bits"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; accepted: {sorted(known)}")
+        d = dict(d)
+        if d.get("channel_bits") is not None:
+            d["channel_bits"] = tuple(d["channel_bits"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str) -> "QuantConfig":
+        return cls.from_dict(json.loads(s))

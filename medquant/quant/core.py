@@ -1,0 +1,236 @@
+"""Quantize / dequantize / fake-quantize (SPEC section 1).
+
+All functions work on a 2-D view ``(N, K)`` of a weight (rows = output channels). Codes are unsigned and
+follow the layout in :mod:`medquant.quant.packing`: ``w^ = (u - z) * s`` with ``z = 2^(b-1)`` for symmetric
+rows (1-bit symmetric: ``w^ = (2u - 1) * s``).
+
+Scales are computed in float32, rounded to their storage dtype (float16 by default), and the codes are
+computed with the *stored* scale, so ``dequantize(quantize(w))`` is exactly what a saved model computes.
+``eps`` is the smallest positive value of the storage dtype, so an all-zero row gets ``s = eps`` and is
+reconstructed exactly, never NaN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig, SCALE_DTYPES
+from .packing import padded_k
+
+
+def scale_eps(dtype: torch.dtype) -> float:
+    """Smallest positive value representable in ``dtype`` (subnormals included for float16)."""
+    if dtype == torch.float16:
+        return 2.0**-24
+    return float(torch.finfo(dtype).tiny)
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(lowest, highest) signed value for symmetric, code range for asymmetric."""
+    if symmetric:
+        if bits == 1:
+            return -1, 1
+        qmax = 2 ** (bits - 1) - 1
+        return -qmax, qmax
+    return 0, 2**bits - 1
+
+
+@dataclass
+class QTensor:
+    """Unpacked quantized rows: codes ``(N, K_pad)`` uint8 plus their quantization parameters."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor  # (N, n_groups) or (1, 1) for tensor scope
+    zeros: torch.Tensor | None  # same shape as scales; None when symmetric
+    bits: int
+    symmetric: bool
+    scope: str
+    group_size: int  # elements per scale along K (K_pad for channel scope)
+    k: int  # real K (without padding)
+
+    @property
+    def k_pad(self) -> int:
+        return self.codes.shape[1]
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(w).__name__}")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point tensor to quantize, got {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D (rows, K) weight, got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError("cannot quantize an empty tensor")
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"weights contain {bad} NaN/inf values; quantization needs finite weights")
+
+
+def _group_view(wp: torch.Tensor, scope: str, group_size: int) -> torch.Tensor:
+    """(N, K_pad) -> (N or 1, n_groups, elements) for per-scope reductions."""
+    n, kp = wp.shape
+    if scope == "group":
+        return wp.view(n, kp // group_size, group_size)
+    if scope == "channel":
+        return wp.view(n, 1, kp)
+    return wp.reshape(1, 1, n * kp)
+
+
+def _expand(p: torch.Tensor, scope: str, group_size: int, n: int, kp: int) -> torch.Tensor:
+    """Per-scope parameter -> one value per element of (N, K_pad)."""
+    if scope == "group":
+        return p.repeat_interleave(group_size, dim=1)
+    return p.expand(n, kp)
+
+
+def compute_qparams(
+    w: torch.Tensor, bits: int, symmetric: bool, scope: str, group_size: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Scales (and zero points) of ``w`` ``(N, K)``. Returns ``(scales, zeros, group_elems)``.
+
+    ``group_elems`` is the number of K elements sharing one scale (``K_pad`` for channel scope).
+    """
+    _check_weight(w)
+    n, k = w.shape
+    gs = group_size if scope == "group" else None
+    kp = padded_k(k, bits, gs)
+    wf = torch.nn.functional.pad(w.float(), (0, kp - k))
+    v = _group_view(wf, scope, group_size)
+    eps = scale_eps(scale_dtype)
+    if symmetric:
+        if bits == 1:
+            # mean |w| over real (unpadded) elements only
+            real = torch.nn.functional.pad(torch.ones(n, k, device=w.device), (0, kp - k))
+            cnt = _group_view(real, scope, group_size).sum(-1).clamp_min(1)
+            s = v.abs().sum(-1) / cnt
+        else:
+            s = v.abs().amax(-1) / (2 ** (bits - 1) - 1)
+        zeros = None
+    else:
+        lo = v.amin(-1).clamp_max(0)
+        hi = v.amax(-1).clamp_min(0)
+        s = (hi - lo) / (2**bits - 1)
+    s = s.clamp_min(eps).to(scale_dtype)
+    if not torch.isfinite(s).all():
+        raise ValueError(
+            f"weights too large for {scale_dtype} scales (max |w| = {float(w.abs().max()):.3g}); "
+            f"use scale_dtype='float32' or 'bfloat16'"
+        )
+    if not symmetric:
+        zeros = torch.clamp(torch.round(-lo / s.float()), 0, 2**bits - 1).to(scale_dtype)
+    elems = group_size if scope == "group" else kp
+    return s, zeros, elems
+
+
+def quantize(w: torch.Tensor, config: QuantConfig, bits: int | None = None) -> QTensor:
+    """Quantize a 2-D weight with ``config`` (``bits`` overrides ``config.bits``, e.g. for one row group)."""
+    b = config.bits if bits is None else bits
+    if not 1 <= b <= 8:
+        raise ValueError(f"quantize needs 1..8 bits, got {b} (16/32 stay in float, 0 is pruned)")
+    sym = config.is_symmetric(b)
+    s, z, elems = compute_qparams(w, b, sym, config.scope, config.group_size, config.torch_scale_dtype)
+    n, k = w.shape
+    kp = padded_k(k, b, config.group_size if config.scope == "group" else None)
+    wf = torch.nn.functional.pad(w.float(), (0, kp - k))
+    sf = _expand(s.float(), config.scope, elems, n, kp)
+    if sym:
+        if b == 1:
+            codes = (wf >= 0).to(torch.uint8)
+        else:
+            qmax = 2 ** (b - 1) - 1
+            codes = (torch.clamp(torch.round(wf / sf), -qmax, qmax) + 2 ** (b - 1)).to(torch.uint8)
+    else:
+        zf = _expand(z.float(), config.scope, elems, n, kp)
+        codes = torch.clamp(torch.round(wf / sf) + zf, 0, 2**b - 1).to(torch.uint8)
+    if kp > k:
+        codes[:, k:] = 0  # padding codes are 0 by definition of the layout
+    return QTensor(codes, s, z, b, sym, config.scope, elems, k)
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    symmetric: bool,
+    scope: str,
+    group_elems: int,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Codes ``(N, K_pad)`` -> float weights ``(N, k)`` following the layout's ``(u - z) * s`` rule."""
+    n, kp = codes.shape
+    sf = _expand(scales.float(), scope, group_elems, n, kp)
+    u = codes.float()
+    if symmetric:
+        if bits == 1:
+            w = (2 * u - 1) * sf
+        else:
+            w = (u - 2 ** (bits - 1)) * sf
+    else:
+        w = (u - _expand(zeros.float(), scope, group_elems, n, kp)) * sf
+    return w[:, :k].to(dtype)
+
+
+def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize_codes(q.codes, q.scales, q.zeros, q.bits, q.symmetric, q.scope, q.group_size, q.k, dtype)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, config, bits, mask_outside):
+        w2 = w.reshape(w.shape[0], -1) if w.dim() != 2 else w
+        q = quantize(w2.detach(), config, bits)
+        out = dequantize(q, w.dtype).reshape(w.shape)
+        if mask_outside:
+            # elements whose unclamped code would fall outside the range get no gradient
+            n, kp = q.codes.shape
+            sf = _expand(q.scales.float(), q.scope, q.group_size, n, kp)[:, : q.k]
+            lo, hi = qrange(q.bits, q.symmetric)
+            r = w2.detach().float() / sf
+            if not q.symmetric:
+                r = torch.round(r) + _expand(q.zeros.float(), q.scope, q.group_size, n, kp)[:, : q.k]
+            else:
+                r = torch.round(r)
+            inside = ((r >= lo) & (r <= hi)).reshape(w.shape)
+            ctx.save_for_backward(inside)
+        ctx.mask_outside = mask_outside
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.mask_outside:
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside.to(grad.dtype)
+        return grad, None, None, None
+
+
+def fake_quantize(
+    w: torch.Tensor, config: QuantConfig, bits: int | None = None, mask_outside: bool = False
+) -> torch.Tensor:
+    """Quantize-dequantize ``w`` (2-D, or N-D viewed as ``(shape[0], -1)``) with a straight-through gradient.
+
+    Forward returns exactly ``dequantize(quantize(w))``. Backward passes the gradient through unchanged, or,
+    with ``mask_outside=True``, zeroes it for elements that the clamp cut off.
+    """
+    b = config.bits if bits is None else bits
+    if b in (16, 32):
+        return w
+    if b == 0:
+        return w * 0
+    return _FakeQuantSTE.apply(w, config, b, mask_outside)
+
+
+__all__ = [
+    "QTensor",
+    "quantize",
+    "dequantize",
+    "dequantize_codes",
+    "fake_quantize",
+    "compute_qparams",
+    "scale_eps",
+    "qrange",
+    "SCALE_DTYPES",
+]
