@@ -1,0 +1,264 @@
+"""``QuantLinear`` and ``QuantConv2d``: packed integer weights + scales (+ zero points), per-row bit-widths.
+
+Storage (see :mod:`medquant.quant.packing` for the layout), for each bit-width ``b`` present in the layer:
+
+* ``qweight_{b}`` int32 packed codes of the rows with ``b`` bits (1..8), ``scales_{b}``, and ``zeros_{b}`` for
+  asymmetric rows;
+* ``fweight_{b}`` for rows kept in floating point (``b`` = 16 -> float16, 32 -> float32);
+* nothing for pruned rows (``b`` = 0): their output is zero (plus bias);
+* ``bit_map`` (int8, one entry per output row) only when the layer mixes bit-widths.
+
+Row groups are computed in ascending row order and scattered back, so the output order is the original one.
+``forward`` goes through :func:`medquant.quant.matmul.packed_linear`, the single kernel dispatch point.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FLOAT_BITS, QuantConfig
+from .core import dequantize_codes, quantize
+from .matmul import packed_linear
+from .packing import container_bits, pack, padded_k, unpack
+
+_FLOAT_ROW_DTYPE = {16: torch.float16, 32: torch.float32}
+
+
+class _QuantWeightBase(nn.Module):
+    """Shared storage and math of quantized weight matrices ``(out_rows, k)``."""
+
+    config: QuantConfig
+
+    def _init_storage(self, out_rows: int, k: int, config: QuantConfig, device=None) -> None:
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
+        self.config = config
+        self.out_rows = out_rows
+        self.k = k
+        row_bits = config.row_bits(out_rows)
+        self.bit_groups: list[int] = sorted(int(b) for b in torch.unique(row_bits).tolist())
+        self.mixed = len(self.bit_groups) > 1
+        gs = config.group_size if config.scope == "group" else None
+        for b in self.bit_groups:
+            rows = torch.nonzero(row_bits == b).flatten().to(device=device)
+            nb = rows.numel()
+            if self.mixed:
+                self.register_buffer(f"rows_{b}", rows, persistent=False)
+            if 1 <= b <= 8:
+                kp = padded_k(k, b, gs)
+                n_groups = kp // config.group_size if config.scope == "group" else 1
+                n_scale_rows = 1 if config.scope == "tensor" else nb
+                sd = config.torch_scale_dtype
+                self.register_buffer(
+                    f"qweight_{b}", torch.zeros(nb, kp * container_bits(b) // 32, dtype=torch.int32, device=device)
+                )
+                self.register_buffer(f"scales_{b}", torch.ones(n_scale_rows, n_groups, dtype=sd, device=device))
+                if not config.is_symmetric(b):
+                    self.register_buffer(f"zeros_{b}", torch.zeros(n_scale_rows, n_groups, dtype=sd, device=device))
+            elif b in FLOAT_BITS:
+                self.register_buffer(f"fweight_{b}", torch.zeros(nb, k, dtype=_FLOAT_ROW_DTYPE[b], device=device))
+        if self.mixed:
+            self.register_buffer("bit_map", row_bits.to(torch.int8).to(device))
+
+    # ------------------------------------------------------------------ quantization
+    def _rows(self, b: int) -> torch.Tensor | None:
+        return getattr(self, f"rows_{b}") if self.mixed else None
+
+    @torch.no_grad()
+    def _quantize_from(self, w2d: torch.Tensor) -> None:
+        if w2d.shape != (self.out_rows, self.k):
+            raise ValueError(f"weight has shape {tuple(w2d.shape)}, expected {(self.out_rows, self.k)}")
+        for b in self.bit_groups:
+            rows = self._rows(b)
+            sub = w2d if rows is None else w2d.index_select(0, rows)
+            if 1 <= b <= 8:
+                q = quantize(sub, self.config, b)
+                getattr(self, f"qweight_{b}").copy_(pack(q.codes, b))
+                getattr(self, f"scales_{b}").copy_(q.scales)
+                if q.zeros is not None:
+                    getattr(self, f"zeros_{b}").copy_(q.zeros)
+            elif b in FLOAT_BITS:
+                if not torch.isfinite(sub).all():
+                    raise ValueError("weights contain NaN/inf values; quantization needs finite weights")
+                getattr(self, f"fweight_{b}").copy_(sub)
+
+    def _group_params(self, b: int) -> tuple:
+        gs = self.config.group_size if self.config.scope == "group" else padded_k(self.k, b, None)
+        zeros = getattr(self, f"zeros_{b}", None)
+        return (
+            getattr(self, f"qweight_{b}"),
+            getattr(self, f"scales_{b}"),
+            zeros,
+            b,
+            self.config.is_symmetric(b),
+            self.config.scope,
+            gs,
+            self.k,
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer computes with, as a dense ``(out_rows, k)`` float tensor."""
+        device = next(iter(self.buffers())).device
+        parts = []
+        for b in self.bit_groups:
+            if 1 <= b <= 8:
+                qw, s, z, bits, sym, scope, gs, k = self._group_params(b)
+                parts.append(dequantize_codes(unpack(qw, bits), s, z, bits, sym, scope, gs, k, dtype))
+            elif b in FLOAT_BITS:
+                parts.append(getattr(self, f"fweight_{b}").to(dtype))
+            else:  # pruned
+                n = self.out_rows if not self.mixed else self._rows(b).numel()
+                parts.append(torch.zeros(n, self.k, dtype=dtype, device=device))
+        if not self.mixed:
+            return parts[0]
+        w = torch.zeros(self.out_rows, self.k, dtype=dtype, device=device)
+        for b, p in zip(self.bit_groups, parts):
+            w.index_copy_(0, self._rows(b), p)
+        return w
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """``x2d (M, k) @ W^T`` -> ``(M, out_rows)`` through the packed dispatch point."""
+        outs = []
+        for b in self.bit_groups:
+            if 1 <= b <= 8:
+                outs.append(packed_linear(x2d, *self._group_params(b)))
+            elif b in FLOAT_BITS:
+                outs.append(x2d @ getattr(self, f"fweight_{b}").to(x2d.dtype).t())
+            else:
+                n = self.out_rows if not self.mixed else self._rows(b).numel()
+                outs.append(x2d.new_zeros(x2d.shape[0], n))
+        if not self.mixed:
+            return outs[0]
+        y = x2d.new_zeros(x2d.shape[0], self.out_rows)
+        for b, o in zip(self.bit_groups, outs):
+            y = y.index_copy(1, self._rows(b), o)
+        return y
+
+    # ------------------------------------------------------------------ accounting
+    def row_bits(self) -> torch.Tensor:
+        return self.config.row_bits(self.out_rows)
+
+    @property
+    def effective_bits(self) -> float:
+        """Mean nominal bit-width of this layer's weights (every row has the same number of weights)."""
+        return float(self.row_bits().float().mean())
+
+    def stored_bytes(self) -> int:
+        """Every stored byte: packed codes, scales, zeros, float rows, bit map, bias."""
+        total = sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        return int(total)
+
+    def _bits_repr(self) -> str:
+        if not self.mixed:
+            return f"bits={self.bit_groups[0]}"
+        rb = self.row_bits()
+        return "bits={" + ", ".join(f"{b}: {int((rb == b).sum())} rows" for b in self.bit_groups) + "}"
+
+
+class QuantLinear(_QuantWeightBase):
+    """A Linear layer with packed low-bit weights. Build with :meth:`from_float`; go back with :meth:`to_float`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig,
+                 device=None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_storage(out_features, in_features, config, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, config: QuantConfig) -> "QuantLinear":
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"QuantLinear.from_float expects nn.Linear, got {type(module).__name__}")
+        w = module.weight
+        q = cls(module.in_features, module.out_features, module.bias is not None, config, w.device, w.dtype)
+        q._quantize_from(w.detach())
+        if module.bias is not None:
+            q.bias.data.copy_(module.bias.detach())
+        return q
+
+    def to_float(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        w = self.dequantized_weight(dtype)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._bits_repr()}, scope={c.scope}" + (f"({c.group_size})" if c.scope == "group" else ""))
+
+
+class QuantConv2d(_QuantWeightBase):
+    """A Conv2d layer with packed low-bit weights; the weight ``(O, I/groups, kh, kw)`` is quantized as the
+    matrix ``(O, I/groups*kh*kw)``. Forward dequantizes and runs ``F.conv2d`` (the torch reference path)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, config: QuantConfig | None = None,
+                 device=None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if config is None:
+            raise ValueError("QuantConv2d needs a QuantConfig")
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        k = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
+        self._init_storage(out_channels, k, config, device)
+        self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, config: QuantConfig) -> "QuantConv2d":
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"QuantConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {module.padding_mode!r}")
+        w = module.weight
+        q = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                module.dilation, module.groups, module.bias is not None, config, w.device, w.dtype)
+        q._quantize_from(w.detach().reshape(module.out_channels, -1))
+        if module.bias is not None:
+            q.bias.data.copy_(module.bias.detach())
+        return q
+
+    def weight_4d(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantized_weight(dtype).reshape(
+            self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def to_float(self, dtype: torch.dtype | None = None) -> nn.Conv2d:
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        w = self.weight_4d(dtype)
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.conv2d(x, self.weight_4d(x.dtype), b, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, {self._bits_repr()}, scope={self.config.scope}")
+
+
+QUANT_MODULES = (QuantLinear, QuantConv2d)
