@@ -1,0 +1,104 @@
+"""Size accounting: every stored byte, and effective bits (SPEC section 1).
+
+* ``stored bytes`` counts every tensor a saved model holds (packed codes, scales, zero points, bit maps,
+  float rows, biases, norms, embeddings; tied tensors once) plus the JSON metadata recording each quantized
+  module's recipe.
+* ``effective bits`` is the parameter-weighted mean of the nominal bit-widths of the Linear/Conv2d weights:
+  quantized rows count their bits (pruned rows 0), float layers their dtype's width.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .modules import QUANT_MODULES
+
+
+@dataclass
+class SizeReport:
+    total_bytes: int  # every stored tensor byte + metadata
+    tensor_bytes: int
+    metadata_bytes: int
+    linear_weight_bytes: int  # bytes of Linear/Conv2d weights (packed or float), biases excluded
+    linear_params: int  # number of Linear/Conv2d weight elements
+    effective_bits: float  # parameter-weighted nominal bits over Linear/Conv2d weights
+
+    @property
+    def total_mb(self) -> float:
+        return self.total_bytes / 2**20
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["total_mb"] = self.total_mb
+        return d
+
+
+def quant_metadata(model: nn.Module) -> dict:
+    """Per-module recipe of every quantized layer: what a saved model records next to its tensors."""
+    meta = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_MODULES):
+            entry = {"type": type(m).__name__, "config": m.config.to_dict(), "bias": m.bias is not None}
+            if hasattr(m, "in_features"):
+                entry.update(in_features=m.in_features, out_features=m.out_features)
+            else:
+                entry.update(in_channels=m.in_channels, out_channels=m.out_channels,
+                             kernel_size=list(m.kernel_size), stride=list(m.stride),
+                             padding=m.padding if isinstance(m.padding, str) else list(m.padding),
+                             dilation=list(m.dilation), groups=m.groups)
+            entry["dtype"] = str(m.bias.dtype).replace("torch.", "") if m.bias is not None else "float32"
+            meta[name] = entry
+    return meta
+
+
+def model_size(model: nn.Module) -> SizeReport:
+    seen: set[tuple[int, int]] = set()
+    tensor_bytes = 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensor_bytes += t.numel() * t.element_size()
+    meta_bytes = len(json.dumps(quant_metadata(model)).encode())
+    lw_bytes = 0
+    params = 0
+    bit_sum = 0.0
+    for m in model.modules():
+        if isinstance(m, QUANT_MODULES):
+            n = m.out_rows * m.k
+            params += n
+            bit_sum += float(m.row_bits().float().sum()) * m.k
+            bias_bytes = m.bias.numel() * m.bias.element_size() if m.bias is not None else 0
+            lw_bytes += m.stored_bytes() - bias_bytes
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            w = m.weight
+            params += w.numel()
+            bit_sum += w.numel() * w.element_size() * 8
+            lw_bytes += w.numel() * w.element_size()
+    return SizeReport(
+        total_bytes=tensor_bytes + meta_bytes,
+        tensor_bytes=tensor_bytes,
+        metadata_bytes=meta_bytes,
+        linear_weight_bytes=lw_bytes,
+        linear_params=params,
+        effective_bits=bit_sum / params if params else 0.0,
+    )
+
+
+def layer_table(model: nn.Module) -> list[dict]:
+    """One row per Linear/Conv2d (quantized or not): name, shape, bits, stored bytes."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_MODULES):
+            rows.append({"name": name, "type": type(m).__name__, "shape": [m.out_rows, m.k],
+                         "bits": m._bits_repr().removeprefix("bits="), "effective_bits": m.effective_bits,
+                         "bytes": m.stored_bytes()})
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            w = m.weight
+            rows.append({"name": name, "type": type(m).__name__, "shape": [w.shape[0], w[0].numel()],
+                         "bits": str(w.element_size() * 8), "effective_bits": float(w.element_size() * 8),
+                         "bytes": sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))})
+    return rows
