@@ -1,0 +1,370 @@
+"""Where the parts of a Hugging Face model live: vision tower, projector, language model, output head.
+
+``model_roles(model)`` maps each *role* to the module-name prefixes (as in ``model.named_modules()``)
+that make it up, so callers can say "quantize the language model to 4 bits, keep the vision tower and
+the lm_head in bf16" without writing regular expressions::
+
+    from medquant.models import model_roles, modules_in_role
+
+    roles = model_roles(model)            # {"vision": ["model.vision_tower"], "projector": [...], ...}
+    lm_linears = modules_in_role(model, "language")
+
+Roles (:data:`ROLES`):
+
+``vision``
+    The image encoder (SigLIP / CLIP / ViT tower, Qwen2-VL ``visual`` blocks). For a stand-alone vision
+    encoder (``SiglipVisionModel``, ``ViTModel``...) this is the whole encoder except its pooling head.
+``projector``
+    The module mapping image features into the language model's embedding space
+    (``multi_modal_projector``, Idefics3 ``connector``, Qwen2-VL ``visual.merger``).
+``language``
+    The decoder body of the language model, including its token embedding and final norm
+    (``model.language_model``, ``model.text_model``, ``model`` of a causal LM). A text encoder
+    (``BertModel``, the text tower of ``SiglipModel``) is also ``language``.
+``head``
+    The output head: ``lm_head`` of causal LMs and VLMs, ``classifier`` / ``score`` of classification
+    models, ``pooler`` / pooling ``head`` of encoders.
+
+Detection
+---------
+Architectures are looked up by class name in a table of *layouts*; each layout lists candidate attribute
+paths per role, covering both transformers 5 names (``model.vision_tower``, ``model.language_model``)
+and the older top-level names (``vision_tower``, ``language_model``), so neighbouring transformers
+versions resolve too. A Hugging Face model whose class is not in the table is tried against the
+vision-language and causal-LM layouts (structural fallback: it must have a vision tower *and* a
+language model, or a ``model.layers`` decoder *and* an ``lm_head``); if neither fits,
+:class:`UnsupportedArchitectureError` is raised. A plain ``nn.Module`` (not a transformers
+``PreTrainedModel``) gives ``{}``: callers then select layers with explicit patterns. A PEFT-wrapped
+model (``PeftModel``) is unwrapped and its names keep the ``base_model.model.`` prefix.
+
+Roles are disjoint: when the prefix of one role contains the prefix of another (Qwen2-VL's merger sits
+inside ``model.visual``; a stand-alone encoder's pooling head sits inside the root), the outer one is
+replaced by those of its children that do not overlap, so no module name lies under two roles.
+A container module split this way (e.g. ``model.visual``) itself belongs to no role, and parameters
+registered directly on such a container (e.g. ``SiglipModel.logit_scale``) belong to none either;
+:func:`unassigned_modules` lists weight-bearing modules outside every role (none for the supported
+architectures).
+
+Caveats the caller should know:
+
+* Tied weights: with ``tie_word_embeddings`` (Gemma, Gemma 3, PaliGemma, BERT) ``lm_head.weight`` *is*
+  the ``embed_tokens`` weight, so the ``head`` and ``language`` roles share one tensor.
+* Gemma 3's projector holds a raw ``nn.Parameter`` (``mm_input_projection_weight``), not an
+  ``nn.Linear``; a quantizer that only replaces ``nn.Linear`` leaves it in floating point.
+* Qwen2-VL / Qwen2.5-VL patch embeddings are ``nn.Conv3d``; SigLIP's pooling head uses
+  ``nn.MultiheadAttention`` (a raw ``in_proj_weight`` plus an ``out_proj`` Linear).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "ROLES",
+    "UnsupportedArchitectureError",
+    "language_model_layers",
+    "model_roles",
+    "modules_in_role",
+    "role_of",
+    "supported_architectures",
+    "unassigned_modules",
+    "vision_layers",
+]
+
+ROLES: tuple[str, ...] = ("vision", "projector", "language", "head")
+
+# Module types that carry the weights a quantizer touches; used by unassigned_modules().
+WEIGHT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """A Hugging Face model whose architecture medquant cannot split into roles."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Candidate module paths per role. ``""`` is the root module.
+
+    ``required`` lists roles that must resolve for the layout to match the model.
+    """
+
+    name: str
+    candidates: dict[str, tuple[str, ...]]
+    required: tuple[str, ...]
+
+
+_VLM = _Layout(
+    name="vision-language model",
+    candidates={
+        "vision": ("model.vision_tower", "model.visual", "model.vision_model",
+                   "vision_tower", "visual", "vision_model"),
+        "projector": ("model.multi_modal_projector", "model.connector", "model.visual.merger",
+                      "multi_modal_projector", "connector", "visual.merger"),
+        "language": ("model.language_model", "model.text_model", "language_model", "text_model"),
+        "head": ("lm_head", "language_model.lm_head"),
+    },
+    required=("vision", "projector", "language"),
+)
+
+_CAUSAL_LM = _Layout(
+    name="decoder-only language model",
+    candidates={"language": ("model",), "head": ("lm_head", "score")},
+    required=("language", "head"),
+)
+
+_LM_BODY = _Layout(
+    name="decoder body (no head)",
+    candidates={"language": ("",)},
+    required=("language",),
+)
+
+_VISION_ENCODER = _Layout(
+    name="vision encoder",
+    candidates={"vision": ("",), "head": ("head", "pooler", "vision_model.head")},
+    required=("vision",),
+)
+
+_VISION_CLASSIFIER = _Layout(
+    name="vision classifier",
+    candidates={"vision": ("vit", "vision_model", "siglip"), "head": ("classifier",)},
+    required=("vision", "head"),
+)
+
+_DUAL_ENCODER = _Layout(
+    name="image-text dual encoder",
+    candidates={"vision": ("vision_model",), "language": ("text_model",)},
+    required=("vision", "language"),
+)
+
+_TEXT_ENCODER = _Layout(
+    name="text encoder",
+    candidates={"language": ("",), "head": ("pooler",)},
+    required=("language",),
+)
+
+_TEXT_CLASSIFIER = _Layout(
+    name="text classifier",
+    candidates={"language": ("bert",), "head": ("classifier",)},
+    required=("language", "head"),
+)
+
+_TABLE: dict[str, _Layout] = {}
+for _layout, _names in [
+    (_VLM, (
+        "Gemma3ForConditionalGeneration", "Gemma3Model",
+        "LlavaForConditionalGeneration", "LlavaModel",
+        "Qwen2VLForConditionalGeneration", "Qwen2VLModel",
+        "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
+        "PaliGemmaForConditionalGeneration", "PaliGemmaModel",
+        "Idefics3ForConditionalGeneration", "Idefics3Model",
+        "SmolVLMForConditionalGeneration", "SmolVLMModel",
+    )),
+    (_CAUSAL_LM, (
+        "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+        "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+        "LlamaForSequenceClassification", "Qwen2ForSequenceClassification",
+    )),
+    (_LM_BODY, (
+        "LlamaModel", "Qwen2Model", "Qwen3Model", "MistralModel", "GemmaModel", "Gemma2Model", "Gemma3TextModel",
+    )),
+    (_VISION_ENCODER, ("SiglipVisionModel", "CLIPVisionModel", "ViTModel", "Idefics3VisionTransformer")),
+    (_VISION_CLASSIFIER, ("ViTForImageClassification", "SiglipForImageClassification")),
+    (_DUAL_ENCODER, ("SiglipModel",)),
+    (_TEXT_ENCODER, ("BertModel",)),
+    (_TEXT_CLASSIFIER, ("BertForSequenceClassification",)),
+]:
+    for _n in _names:
+        _TABLE[_n] = _layout
+
+
+def supported_architectures() -> list[str]:
+    """Class names with a known layout (others may still resolve through the structural fallback)."""
+    return sorted(_TABLE)
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency, but stay usable without it
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """Return (Hugging Face model, name prefix) for a HF model or a PEFT wrapper around one."""
+    if _is_hf_model(model):
+        return model, ""
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None) if isinstance(base, nn.Module) else None
+    if isinstance(inner, nn.Module) and _is_hf_model(inner) and type(model).__name__.startswith("Peft"):
+        return inner, "base_model.model."
+    return model, ""
+
+
+def _resolve(layout: _Layout, modules: dict[str, nn.Module]) -> dict[str, list[str]] | None:
+    """Resolve a layout against the module dict; None when a required role is missing."""
+    found: dict[str, list[str]] = {}
+    taken: set[str] = set()
+    for role in ROLES:
+        paths = [p for p in layout.candidates.get(role, ()) if p in modules and p not in taken]
+        # keep the outermost paths of a role
+        paths = [p for p in paths if not any(q != p and _under(p, q) for q in paths)]
+        if paths:
+            found[role] = paths
+            taken.update(paths)
+    if any(r not in found for r in layout.required):
+        return None
+    return _make_disjoint(found, modules)
+
+
+def _under(name: str, prefix: str) -> bool:
+    """True when module ``name`` is ``prefix`` or lies inside it (``""`` is the root)."""
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def _children(path: str, modules: dict[str, nn.Module]) -> list[str]:
+    return [(f"{path}.{n}" if path else n) for n, _ in modules[path].named_children()]
+
+
+def _make_disjoint(found: dict[str, list[str]], modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Split any prefix that strictly contains another role's prefix (or is the root) into its children."""
+    out: dict[str, list[str]] = {}
+    for role, paths in found.items():
+        others = [q for r, qs in found.items() if r != role for q in qs]
+        result: list[str] = []
+        stack = list(reversed(paths))
+        while stack:
+            p = stack.pop()
+            inner = [q for q in others if q != p and _under(q, p)]
+            if inner or p == "":
+                kids = [c for c in _children(p, modules) if c not in others]
+                stack.extend(reversed(kids))
+            else:
+                result.append(p)
+        if result:
+            out[role] = result
+    return out
+
+
+def _layout_error(model: nn.Module, detail: str) -> UnsupportedArchitectureError:
+    top = ", ".join(n for n, _ in model.named_children()) or "<none>"
+    return UnsupportedArchitectureError(
+        f"{type(model).__name__}: {detail} (top-level children: {top}). Supported architectures: "
+        f"{', '.join(supported_architectures())}; other Hugging Face models are accepted when they have a "
+        "vision tower + projector + language model, or a 'model.layers' decoder + 'lm_head'. "
+        "For other models select modules with explicit name patterns."
+    )
+
+
+def model_roles(model: nn.Module) -> dict[str, list[str]]:
+    """Map each role present in ``model`` to its module-name prefixes.
+
+    Args:
+        model: a Hugging Face ``PreTrainedModel`` (or a PEFT model wrapping one), or any ``nn.Module``.
+
+    Returns:
+        ``{role: [prefix, ...]}`` for the roles of :data:`ROLES` that the model has, in that order.
+        Prefixes are names from ``model.named_modules()``; the roles are disjoint. ``{}`` for a plain
+        ``nn.Module`` that is not a Hugging Face model.
+
+    Raises:
+        UnsupportedArchitectureError: ``model`` is a Hugging Face model of an architecture that is
+            neither in the table nor matched by the structural fallback.
+    """
+    hf, prefix = _unwrap(model)
+    if not _is_hf_model(hf):
+        return {}
+    modules = dict(hf.named_modules())
+    cls = type(hf).__name__
+    layout = _TABLE.get(cls)
+    if layout is not None:
+        roles = _resolve(layout, modules)
+        if roles is None:
+            raise _layout_error(hf, f"module tree does not match the expected {layout.name} layout "
+                                    f"(needs roles {', '.join(layout.required)})")
+    else:
+        roles = None
+        for cand in (_VLM, _CAUSAL_LM):
+            roles = _resolve(cand, modules)
+            if roles is not None and cand is _CAUSAL_LM and _find_layers(hf, roles["language"]) is None:
+                roles = None
+            if roles is not None:
+                break
+        if roles is None:
+            raise _layout_error(hf, "unsupported architecture")
+    return {r: [prefix + p for p in roles[r]] for r in ROLES if r in roles}
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+
+
+def modules_in_role(model: nn.Module, role: str) -> list[str]:
+    """All module names (from ``model.named_modules()``) inside ``role``, the prefix modules included.
+
+    Returns ``[]`` when the model has no such role (or is a plain ``nn.Module``).
+    """
+    _check_role(role)
+    prefixes = model_roles(model).get(role, [])
+    if not prefixes:
+        return []
+    return [n for n, _ in model.named_modules() if any(_under(n, p) for p in prefixes)]
+
+
+def role_of(model: nn.Module, module_name: str) -> str | None:
+    """The role containing ``module_name`` (a module or parameter name), or ``None``.
+
+    ``None`` for names outside every role: the root, containers split between roles (e.g. Qwen2-VL's
+    ``model.visual``), and everything in a plain ``nn.Module``. The name is matched by prefix and is not
+    checked against the model.
+    """
+    for role, prefixes in model_roles(model).items():
+        if any(_under(module_name, p) for p in prefixes):
+            return role
+    return None
+
+
+def _find_layers(model: nn.Module, prefixes: list[str]) -> list[str] | None:
+    """Names of the entries of the shallowest non-empty ``nn.ModuleList`` under ``prefixes``."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if not any(_under(name, p) for p in prefixes):
+            continue
+        depth = name.count(".")
+        if best is None or depth < best[0]:
+            best = (depth, name, mod)
+    if best is None:
+        return None
+    return [f"{best[1]}.{i}" for i in range(len(best[2]))]
+
+
+def language_model_layers(model: nn.Module) -> list[str]:
+    """Names of the language model's blocks (entries of its layer ``ModuleList``), in order.
+
+    E.g. ``["model.language_model.layers.0", "model.language_model.layers.1"]``. ``[]`` when the model
+    has no language role.
+    """
+    prefixes = model_roles(model).get("language", [])
+    return (_find_layers(model, prefixes) or []) if prefixes else []
+
+
+def vision_layers(model: nn.Module) -> list[str]:
+    """Names of the vision tower's encoder blocks, in order; ``[]`` when there is no vision role."""
+    prefixes = model_roles(model).get("vision", [])
+    return (_find_layers(model, prefixes) or []) if prefixes else []
+
+
+def unassigned_modules(model: nn.Module, types: tuple[type[nn.Module], ...] = WEIGHT_MODULE_TYPES) -> list[str]:
+    """Names of modules of ``types`` (Linear / Conv by default) that belong to no role.
+
+    For a plain ``nn.Module`` (no roles) this is every such module.
+    """
+    roles = model_roles(model)
+    prefixes = [p for ps in roles.values() for p in ps]
+    return [n for n, m in model.named_modules()
+            if isinstance(m, types) and not any(_under(n, p) for p in prefixes)]
