@@ -34,7 +34,7 @@ idefics3       4 per image: 16 patches / scale_factor^2 (2^2); 5-D ``pixel_value
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -82,8 +82,8 @@ class ZooEntry:
     family: str
     is_vlm: bool
     build_fn: Callable[[], nn.Module]
-    inputs_fn: Callable[[nn.Module], dict[str, Any]]
-    output_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor] = field(default=None)  # type: ignore[assignment]
+    inputs_fn: Callable[[nn.Module, torch.Generator], dict[str, Any]]
+    output_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor] | None = None
     output_shape: tuple[int, ...] = ()
     notes: str = ""
 
@@ -96,7 +96,7 @@ class ZooEntry:
     def inputs(self, model: nn.Module) -> dict[str, Any]:
         """Seeded dummy inputs (batch 2) for ``model(**inputs)``."""
         gen = torch.Generator().manual_seed(1234)
-        return self.inputs_fn(model, gen)  # type: ignore[call-arg]
+        return self.inputs_fn(model, gen)
 
     def output(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Run the model and return its main output (logits / last hidden state)."""
