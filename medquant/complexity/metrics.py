@@ -1,0 +1,279 @@
+"""Batched, vectorised torch implementations of the five complexity metrics (SPEC section 2).
+
+All functions take a batch of same-sized images and work on CPU and GPU. The conventions are those of
+scikit-image, which is the reference the tests compare against:
+
+* ``gray``: float32 tensor (B, H, W) in [0, 1].
+* ``u8``: the 8-bit image, ``q = rint(255 * gray)`` (round half to even, as ``skimage.util.img_as_ubyte``),
+  as a uint8 tensor (B, H, W).
+
+Metrics (per image, N = H * W pixels):
+
+1. entropy = -sum_v p_v log2 p_v, with p_v the fraction of pixels of ``u8`` equal to v (256 bins) -
+   ``skimage.measure.shannon_entropy(u8)``.
+2. edge density = (1/N) #{pixels with Sobel magnitude > t}, where the magnitude is that of
+   ``skimage.filters.sobel(gray)``: G_x = K_x * gray, G_y = K_y * gray with K = [1, 0, -1] (x) [1, 2, 1] / 4,
+   'reflect' (half-sample symmetric) border, magnitude sqrt((G_x^2 + G_y^2) / 2).
+3. intensity std = sqrt(mean((gray - mean(gray))^2)) (population std, ``np.std``).
+4. fractal dimension: box counting on the edge mask of 2 (see :func:`box_counting_dimension`).
+5. LBP entropy: Shannon entropy (bits) of the 10-bin histogram of uniform LBP codes (P=8, R=1) of ``u8``, exactly
+   as ``skimage.feature.local_binary_pattern(u8, 8, 1, "uniform")`` computes them (see :func:`uniform_lbp`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+METRIC_NAMES = ("entropy", "edge_density", "intensity_std", "fractal_dimension", "lbp_entropy")
+
+# Neighbour offsets of skimage's LBP for P=8, R=1: rp = round(-R sin(2 pi i / P), 5), cp = round(R cos(...), 5).
+_DIAG = round(math.sin(math.pi / 4), 5)  # 0.70711, exactly the double skimage uses
+
+
+def _entropy_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in bits of each row of a (B, K) count matrix: -sum p log2 p over nonzero p."""
+    counts = counts.to(torch.float64)
+    total = counts.sum(dim=1, keepdim=True).clamp_min(1.0)
+    p = counts / total
+    logp = torch.where(p > 0, torch.log2(p.clamp_min(1e-300)), torch.zeros_like(p))
+    return -(p * logp).sum(dim=1) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def batched_histogram(values: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Per-image histogram: ``values`` (B, ...) integer codes in [0, n_bins) -> (B, n_bins) int64 counts.
+
+    On CPU one ``bincount`` per image (uint8 input needs no widening); on GPU a single ``bincount`` over
+    ``code + n_bins * image_index``.
+    """
+    b = values.shape[0]
+    flat = values.reshape(b, -1)
+    if values.device.type == "cpu":
+        if flat.dtype not in (torch.uint8, torch.int64):
+            flat = flat.to(torch.int64)
+        return torch.stack([torch.bincount(row, minlength=n_bins) for row in flat]) if b else \
+            torch.zeros(0, n_bins, dtype=torch.int64)
+    flat = flat.to(torch.int64)
+    offsets = torch.arange(b, device=values.device, dtype=torch.int64).unsqueeze(1) * n_bins
+    counts = torch.bincount((flat + offsets).reshape(-1), minlength=b * n_bins)
+    return counts.reshape(b, n_bins)
+
+
+def sobel_sq_magnitude(v: torch.Tensor) -> torch.Tensor:
+    """Unnormalised squared Sobel magnitude ``S = Gx'^2 + Gy'^2`` of ``v`` (B, H, W) float32.
+
+    ``Gx' = [1, 0, -1] (x) [1, 2, 1]`` applied with the 'reflect' border of ``scipy.ndimage`` (for a one-pixel
+    border this repeats the edge pixel). skimage's magnitude on an image ``v / c`` is
+    ``sqrt(S / 2) / (4 c)``, so ``magnitude > t  <=>  S > 2 (4 c t)^2``.
+    """
+    p = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
+    sv = p[:, :-2, :] + 2.0 * p[:, 1:-1, :] + p[:, 2:, :]  # smooth along rows -> (B, H, W+2)
+    gx = sv[:, :, 2:] - sv[:, :, :-2]
+    sh = p[:, :, :-2] + 2.0 * p[:, :, 1:-1] + p[:, :, 2:]  # smooth along columns -> (B, H+2, W)
+    gy = sh[:, 2:, :] - sh[:, :-2, :]
+    return gx * gx + gy * gy
+
+
+def box_sizes(h: int, w: int) -> list[int]:
+    """Box sizes 2, 4, 8, ... up to min(h, w) / 2."""
+    sizes, s = [], 2
+    while s <= min(h, w) / 2:
+        sizes.append(s)
+        s *= 2
+    return sizes
+
+
+def box_counts(mask: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """N(s) for s in :func:`box_sizes`: boxes of side s tiling from the top-left corner, whole boxes only.
+
+    Computed hierarchically: the occupancy map of boxes of side 2s is the 2x2 "any" of the map for side s
+    (cropped to an even size), which covers exactly the whole 2s-boxes of the image. Returns (sizes, (B, K)).
+    """
+    b, h, w = mask.shape
+    sizes = box_sizes(h, w)
+    counts = []
+    occ = mask
+    for _ in sizes:
+        hh, ww = occ.shape[1] // 2, occ.shape[2] // 2
+        occ = occ[:, : 2 * hh, : 2 * ww].reshape(b, hh, 2, ww, 2).any(dim=4).any(dim=2)
+        counts.append(occ.reshape(b, -1).sum(dim=1))
+    if not counts:
+        return sizes, torch.zeros(b, 0, dtype=torch.int64, device=mask.device)
+    return sizes, torch.stack(counts, dim=1)
+
+
+def box_counting_dimension(mask: torch.Tensor) -> torch.Tensor:
+    """Box-counting (Minkowski-Bouligand) dimension of each binary mask in ``mask`` (B, H, W).
+
+    D = least-squares slope of log N(s) against log(1/s) over the sizes s of :func:`box_sizes` with N(s) > 0;
+    0 when fewer than two sizes remain (so an empty mask gives 0).
+    """
+    sizes, counts = box_counts(mask)
+    b = mask.shape[0]
+    if not sizes:
+        return torch.zeros(b, dtype=torch.float64, device=mask.device)
+    counts = counts.to(torch.float64)
+    valid = counts > 0
+    wgt = valid.to(torch.float64)
+    x = -torch.log(torch.tensor(sizes, dtype=torch.float64, device=mask.device)).unsqueeze(0).expand(b, -1)
+    y = torch.log(counts.clamp_min(1.0))
+    n = wgt.sum(1)
+    sx, sy = (wgt * x).sum(1), (wgt * y).sum(1)
+    sxx, sxy = (wgt * x * x).sum(1), (wgt * x * y).sum(1)
+    den = n * sxx - sx * sx
+    ok = (n >= 2) & (den > 0)
+    slope = (n * sxy - sx * sy) / torch.where(ok, den, torch.ones_like(den))
+    return torch.where(ok, slope, torch.zeros_like(slope)) + 0.0
+
+
+# uniform LBP mapping of the 256 codes (bit i = neighbour i): number of ones when the number of 0/1 transitions
+# along the (non-circular) chain b0..b7 is <= 2, else P + 1 = 9. skimage counts transitions without the
+# wrap-around pair; for an 8-bit chain this is equivalent to the circular definition (<= 2 either way).
+def _uniform_lut() -> list[int]:
+    lut = []
+    for code in range(256):
+        bits = [(code >> i) & 1 for i in range(8)]
+        changes = sum(bits[i] != bits[i + 1] for i in range(7))
+        lut.append(sum(bits) if changes <= 2 else 9)
+    return lut
+
+
+UNIFORM_LUT = _uniform_lut()
+
+
+def _interp_weights(n: int, offset: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """skimage's bilinear weights along one axis for coordinate ``i + offset``: (1 - d, d) with
+    ``d = (i + offset) - floor(i + offset)``, computed in float64 exactly as its Cython code does."""
+    pos = torch.arange(n, dtype=torch.float64, device=device) + offset
+    d = pos - torch.floor(pos)
+    return 1.0 - d, d
+
+
+# The four diagonal neighbours: index i, row sign, column sign, and the two cardinal neighbours next to it.
+_DIAGONALS = ((1, -1, +1, 2, 0), (3, -1, -1, 2, 4), (5, +1, -1, 4, 6), (7, +1, +1, 6, 0))
+# integer form of skimage's interpolation weights: alpha = 0.70711, beta = 1 - alpha = 0.29289 (times 1e5)
+_ALPHA_I, _BETA_I = 70711, 29289
+
+
+def _resolve_ties(p: torch.Tensor, idx: torch.Tensor, h: int, w: int, sr: int, sc: int) -> torch.Tensor:
+    """float64 bilinear value >= centre, exactly as skimage computes it, at flat pixel indices ``idx``.
+
+    ``p`` is the zero-padded image (B, H+2, W+2); ``idx`` indexes the unpadded (B, H, W) image.
+    Returns a bool vector, one entry per index.
+    """
+    bi = idx // (h * w)
+    r = (idx // w) % h
+    c = idx % w
+    w0, w1 = _interp_weights(w, sc * _DIAG, p.device)
+    v0, v1 = _interp_weights(h, sr * _DIAG, p.device)
+    wp = w + 2
+    r0 = r if sr < 0 else r + 1  # padded row of the top sample (image row r-1 or r)
+    c0 = c if sc < 0 else c + 1  # padded column of the left sample (image column c-1 or c)
+    base = bi * ((h + 2) * wp) + r0 * wp + c0
+    flat = p.reshape(-1)
+    tl = flat[base].to(torch.float64)
+    tr = flat[base + 1].to(torch.float64)
+    bl = flat[base + wp].to(torch.float64)
+    br = flat[base + wp + 1].to(torch.float64)
+    centre = flat[bi * ((h + 2) * wp) + (r + 1) * wp + c + 1].to(torch.float64)
+    a0, a1, b0, b1 = w0[c], w1[c], v0[r], v1[r]
+    value = b0 * (a0 * tl + a1 * tr) + b1 * (a0 * bl + a1 * br)
+    return value >= centre
+
+
+def lbp_codes(u8: torch.Tensor) -> torch.Tensor:
+    """Raw 8-bit LBP codes (bit i set when neighbour i >= centre) of ``u8`` (B, H, W), exactly like skimage.
+
+    Neighbour i sits at (r + rp_i, c + cp_i) with rp = round(-sin(2 pi i/8), 5), cp = round(cos(2 pi i/8), 5);
+    pixels outside the image are 0 (skimage's constant mode, cval 0). The four diagonal neighbours are bilinear
+    interpolations: with alpha = 0.70711, beta = 1 - alpha, the diagonal pixel D has weight alpha^2, the two
+    cardinal pixels N1, N2 next to it alpha*beta and the centre x beta^2, so
+
+        value - x = alpha * 1e-5 * s,   s = 70711 (D - x) + 29289 (N1 + N2 - 2x)   (an exact integer).
+
+    The sign of s decides the bit. s = 0 exactly when D = x and N1 + N2 = 2x (70711 and 29289 are coprime);
+    there skimage's result depends on float64 rounding (flat regions give a value one ulp above or below x),
+    so those pixels are recomputed in float64 with skimage's operation order
+    (``top = (1-dc) tl + dc tr``; ``value = (1-dr) top + dr bottom``).
+    """
+    b, h, w = u8.shape
+    p = F.pad(u8.to(torch.int16), (1, 1, 1, 1), mode="constant", value=0)
+    x = p[:, 1:-1, 1:-1]
+    card = {0: p[:, 1:-1, 2:], 2: p[:, :-2, 1:-1], 4: p[:, 1:-1, :-2], 6: p[:, 2:, 1:-1]}
+    dcard = {i: (v - x) for i, v in card.items()}
+    code = torch.zeros(b, h, w, dtype=torch.uint8, device=u8.device)
+    for i, d in dcard.items():
+        code |= (d >= 0).to(torch.uint8) << i
+    for i, sr, sc, n1, n2 in _DIAGONALS:
+        diag = p[:, 1 + sr : h + 1 + sr, 1 + sc : w + 1 + sc]
+        s = (diag - x).to(torch.int32) * _ALPHA_I + (dcard[n1] + dcard[n2]).to(torch.int32) * _BETA_I
+        bit = (s > 0).to(torch.uint8)
+        idx = (s == 0).reshape(-1).nonzero().squeeze(1)
+        if idx.numel():
+            bit.view(-1)[idx] = _resolve_ties(p, idx, h, w, sr, sc).to(torch.uint8)
+        code |= bit << i
+    return code
+
+
+def uniform_lbp(u8: torch.Tensor) -> torch.Tensor:
+    """Uniform LBP codes 0..9 of ``u8`` (B, H, W), as ``local_binary_pattern(u8, 8, 1, "uniform")``."""
+    lut = torch.tensor(UNIFORM_LUT, dtype=torch.uint8, device=u8.device)
+    return lut[lbp_codes(u8).to(torch.int64)]
+
+
+def lbp_entropy(u8: torch.Tensor) -> torch.Tensor:
+    """Entropy (bits) of the 10-bin uniform-LBP histogram of each image of ``u8`` (B, H, W)."""
+    raw = batched_histogram(lbp_codes(u8), 256).to(torch.float64)  # (B, 256)
+    lut = torch.tensor(UNIFORM_LUT, dtype=torch.int64, device=u8.device)
+    mapping = F.one_hot(lut, 10).to(torch.float64)  # (256, 10)
+    return _entropy_from_counts(raw @ mapping)
+
+
+CPU_CHUNK_PIXELS = 8 * 224 * 224
+
+
+def compute_metrics(
+    gray: torch.Tensor,
+    u8: torch.Tensor,
+    edge_threshold: float = 0.1,
+    exact_u8: bool = False,
+) -> torch.Tensor:
+    """The five metrics of a batch of same-sized images -> float64 tensor (B, 5) in :data:`METRIC_NAMES` order.
+
+    ``gray`` (B, H, W) float32 in [0, 1]; ``u8`` its 8-bit quantisation. When ``exact_u8`` is true the caller
+    guarantees ``gray == u8 / 255`` (8-bit input); the Sobel magnitude and the std are then computed in exact
+    integer arithmetic from ``u8`` (same values, fewer rounding errors, faster).
+    """
+    if gray.ndim != 3:
+        raise ValueError(f"expected a (B, H, W) batch, got shape {tuple(gray.shape)}")
+    b, h, w = gray.shape
+    if gray.device.type == "cpu" and b * h * w > CPU_CHUNK_PIXELS and b > 1:
+        # keep the working set in cache: many passes over a small chunk beat few passes over a big batch
+        step = max(1, CPU_CHUNK_PIXELS // (h * w))
+        parts = [compute_metrics(gray[i : i + step], u8[i : i + step], edge_threshold, exact_u8)
+                 for i in range(0, b, step)]
+        return torch.cat(parts)
+    n = h * w
+    hist = batched_histogram(u8, 256)
+    entropy = _entropy_from_counts(hist)
+
+    if exact_u8:
+        v = u8.to(torch.float32)
+        values = torch.arange(256, dtype=torch.float64, device=gray.device)
+        hf = hist.to(torch.float64)
+        mean = (hf @ values) / n
+        var = (hf @ (values * values)) / n - mean * mean
+        std = var.clamp_min(0.0).sqrt() / 255.0
+    else:
+        v = gray * 255.0
+        var, _ = torch.var_mean(gray.to(torch.float64), dim=(1, 2), correction=0)
+        std = var.sqrt()
+
+    sq = sobel_sq_magnitude(v)
+    limit = 2.0 * (4.0 * 255.0 * float(edge_threshold)) ** 2
+    mask = sq > limit
+    edge_density = mask.reshape(b, -1).sum(dim=1).to(torch.float64) / n
+    fd = box_counting_dimension(mask)
+    lbp = lbp_entropy(u8)
+    return torch.stack([entropy, edge_density, std, fd, lbp], dim=1)
