@@ -1,0 +1,219 @@
+"""Turn the image types users have into batches of gray images in [0, 1] (SPEC section 2 conventions).
+
+Accepted inputs (see :func:`prepare`):
+
+* ``torch.Tensor``: (H, W) one image; (B, H, W) a batch of gray images; (B, 1, H, W) or (B, 3, H, W)
+  channel-first batches (3 channels = RGB).
+* ``numpy.ndarray``: (H, W) one image; (H, W, 3) one RGB image (channel-last); (B, H, W) a batch;
+  (B, H, W, 3) / (B, H, W, 1) channel-last or (B, 1, H, W) / (B, 3, H, W) channel-first batches.
+* ``PIL.Image.Image``: modes L, I;16*, I, F, RGB; other modes are converted to RGB (alpha dropped).
+* ``pydicom.dataset.Dataset`` (optional extra ``dicom``): see :func:`medquant.data.dicom_to_array`.
+* a list/tuple of any of the above, possibly of different sizes (grouped by size internally).
+
+Intensities: uint8 / 255; other unsigned or non-negative integers / (2**bits - 1) with ``bits`` = the declared
+``bits_stored`` (default: the dtype width, e.g. 16 for uint16); bool as {0, 1}; floats must be finite and in
+[0, 1]. RGB -> gray with scikit-image's ``rgb2gray`` weights (0.2125, 0.7154, 0.0721), in float64.
+The 8-bit image used by entropy and LBP is ``rint(255 * gray)`` (round half to even, as ``img_as_ubyte``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+RGB_WEIGHTS = (0.2125, 0.7154, 0.0721)
+MIN_SIDE = 8
+
+_ACCEPTED = ("accepted inputs: torch tensors (H,W), (B,H,W), (B,1,H,W), (B,3,H,W); numpy arrays (H,W), (H,W,3), "
+             "(B,H,W), (B,H,W,3), (B,C,H,W); PIL images; pydicom datasets; or a list of these")
+
+
+@dataclass
+class Group:
+    """Images of one size: ``indices`` into the flattened input, ``gray`` float32 (b, H, W) in [0, 1],
+    ``u8`` uint8 (b, H, W), ``exact_u8`` true when gray == u8 / 255."""
+
+    indices: list[int]
+    gray: torch.Tensor
+    u8: torch.Tensor
+    exact_u8: bool
+
+
+def _is_pil(x) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, Image.Image)
+
+
+def _is_dicom(x) -> bool:
+    return type(x).__module__.startswith("pydicom") and hasattr(x, "PixelData")
+
+
+def _pil_to_numpy(img) -> tuple[np.ndarray, int | None]:
+    mode = img.mode
+    if mode in ("L", "RGB", "F", "I", "1"):
+        arr = np.asarray(img)
+        if mode == "I":  # 32-bit signed container; typically 16-bit data
+            arr = arr.astype(np.int64)
+            return arr, 16 if arr.max(initial=0) < 65536 else 32
+        return arr, None
+    if mode.startswith("I;16"):
+        return np.asarray(img).astype(np.uint16), 16
+    if mode == "LA":
+        return np.asarray(img.getchannel(0)), None
+    return np.asarray(img.convert("RGB")), None
+
+
+def _numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    if arr.dtype == np.uint16:
+        arr = arr.astype(np.int32)
+    elif arr.dtype == np.uint32:
+        arr = arr.astype(np.int64)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    elif arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype.kind not in "uif":
+        raise TypeError(f"unsupported array dtype {arr.dtype}; use uint8/uint16/integers/float/bool")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _array_to_bchw(arr, channel_last: bool) -> torch.Tensor:
+    """Normalise the layout to (B, C, H, W) with C in {1, 3}."""
+    is_np = isinstance(arr, np.ndarray)
+    if is_np:
+        t = _numpy_to_tensor(arr)
+    else:
+        t = arr
+        if t.dtype == torch.bool:
+            t = t.to(torch.uint8)
+    shape = tuple(t.shape)
+    if t.ndim == 2:
+        return t[None, None]
+    if t.ndim == 3:
+        if is_np and shape[-1] in (3, 4) and shape[0] > 4:
+            if shape[-1] == 4:
+                raise ValueError(f"4-channel (RGBA) arrays are not accepted (shape {shape}); drop the alpha "
+                                 "channel or pass a PIL image")
+            return t.permute(2, 0, 1)[None]
+        return t[:, None]
+    if t.ndim == 4:
+        if channel_last and shape[-1] in (1, 3):
+            return t.permute(0, 3, 1, 2)
+        if shape[1] in (1, 3):
+            return t
+        raise ValueError(f"4-D input must have 1 or 3 channels, got shape {shape}; {_ACCEPTED}")
+    raise ValueError(f"images must have 2, 3 or 4 dimensions, got shape {shape}; {_ACCEPTED}")
+
+
+def _to_unit(t: torch.Tensor, bits_stored: int | None, what: str) -> tuple[torch.Tensor, bool]:
+    """Map intensities to [0, 1]. Returns (float tensor, is_uint8)."""
+    if t.dtype == torch.uint8 and bits_stored in (None, 8):
+        return t, True
+    if t.dtype.is_floating_point:
+        if bits_stored is not None:
+            raise ValueError("bits_stored applies to integer images; float images must already be in [0, 1]")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what} contains NaN or inf values; clean or mask them first")
+        lo, hi = float(t.min()), float(t.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"float {what} must lie in [0, 1] (got min {lo:.6g}, max {hi:.6g}); scale it, or pass "
+                             "the integer image with bits_stored")
+        return t.to(torch.float64), False
+    if t.dtype.is_complex:
+        raise TypeError(f"complex {what} is not supported")
+    bits = bits_stored
+    if bits is None:
+        if t.dtype == torch.uint8:
+            bits = 8
+        else:
+            raise TypeError(f"{what} has dtype {t.dtype}: pass bits_stored= (e.g. 12 for 12-bit data) so the "
+                            "intensity range is known")
+    if not 1 <= int(bits) <= 32:
+        raise ValueError(f"bits_stored must be in 1..32, got {bits}")
+    top = 2 ** int(bits) - 1
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi > top:
+        raise ValueError(f"{what} values span [{lo}, {hi}], outside [0, {top}] for bits_stored={bits}")
+    return t.to(torch.float64) / top, False
+
+
+def _finish(t_bchw: torch.Tensor, bits_stored, what: str, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    t = t_bchw.to(device)
+    b, c, h, w = t.shape
+    if b == 0:
+        raise ValueError(f"{what} is an empty batch")
+    if h == 0 or w == 0:
+        raise ValueError(f"{what} has an empty image of size {h}x{w}")
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"{what} is {h}x{w}: images must be at least {MIN_SIDE}x{MIN_SIDE} pixels "
+                         "(the metrics need a neighbourhood and at least two box sizes)")
+    unit, is_u8 = _to_unit(t, bits_stored, what)
+    if c == 3:
+        wts = torch.tensor(RGB_WEIGHTS, dtype=torch.float64, device=t.device).view(1, 3, 1, 1)
+        f = unit.to(torch.float64) / 255.0 if is_u8 else unit
+        gray64 = (f * wts).sum(dim=1)
+        u8 = torch.round(gray64 * 255.0).clamp_(0, 255).to(torch.uint8)
+        return gray64.to(torch.float32), u8, False
+    if is_u8:
+        u8 = unit[:, 0].contiguous()
+        return u8.to(torch.float32) / 255.0, u8, True
+    gray64 = unit[:, 0]
+    u8 = torch.round(gray64 * 255.0).clamp_(0, 255).to(torch.uint8)
+    return gray64.to(torch.float32), u8, False
+
+
+def _single_to_bchw(x, channel_last_default: bool = True):
+    """One item of a list -> (B, C, H, W) tensor and its own bits_stored hint."""
+    if _is_pil(x):
+        arr, bits = _pil_to_numpy(x)
+        return _array_to_bchw(arr, True), bits
+    if _is_dicom(x):
+        from ..data import dicom_to_array
+
+        arr, bits = dicom_to_array(x)
+        return _array_to_bchw(arr, True), bits
+    if isinstance(x, np.ndarray):
+        return _array_to_bchw(x, True), (16 if x.dtype == np.uint16 else None)
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        if t.dtype == torch.uint16:
+            return _array_to_bchw(t.to(torch.int32), False), 16
+        return _array_to_bchw(t, False), None
+    raise TypeError(f"unsupported image type {type(x).__name__}; {_ACCEPTED}")
+
+
+def prepare(images, bits_stored: int | None = None, device=None) -> tuple[int, list[Group]]:
+    """Convert ``images`` to size groups. Returns (number of images, groups).
+
+    An empty list gives (0, []). Every image is validated (shape, size >= 8x8, finite, range).
+    """
+    dev = torch.device(device) if device is not None else None
+    if isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        items = [images]
+    by_size: dict[tuple, list] = {}
+    n = 0
+    for k, item in enumerate(items):
+        what = f"image {k}" if isinstance(images, (list, tuple)) else "input"
+        if isinstance(item, (list, tuple)):
+            raise TypeError(f"{what} is a nested list; {_ACCEPTED}")
+        t, own_bits = _single_to_bchw(item)
+        bits = bits_stored if bits_stored is not None else own_bits
+        target = dev if dev is not None else torch.device("cpu")
+        gray, u8, exact = _finish(t, bits, what, target)
+        idx = list(range(n, n + gray.shape[0]))
+        n += gray.shape[0]
+        key = (tuple(gray.shape[1:]), exact)
+        by_size.setdefault(key, []).append((idx, gray, u8))
+    groups = []
+    for (_, exact), parts in by_size.items():
+        indices = [i for p in parts for i in p[0]]
+        gray = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        u8 = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+        groups.append(Group(indices, gray, u8, exact))
+    return n, groups

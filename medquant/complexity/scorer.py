@@ -1,0 +1,271 @@
+"""``ComplexityScorer``: five image-complexity metrics, a calibrated combined score and quantile levels.
+
+Pipeline (SPEC section 2, seed 000):
+
+1. ``metrics(images)`` -> (N, 5) float64 raw metrics in :data:`METRIC_NAMES` order (see ``metrics.py``).
+2. ``fit(calibration_images)`` learns, per metric m, an offset o_m and a scale s_m:
+   ``normalisation="minmax"``: o = min, s = max - min; ``"quantile"`` (robust): o = q_lo, s = q_hi - q_lo
+   (default q = 0.01, 0.99). A metric with zero spread (s < 1e-12) gets s = 1, so it contributes a constant
+   and never divides by zero. Normalised values z_m = (x_m - o_m) / s_m are not clipped (ordering is kept).
+3. ``score = sum_m w_m z_m / sum_m w_m`` (weights default 1 each, configurable).
+4. ``levels``: thresholds t_k = quantile_{k/L}(calibration scores), k = 1..L-1 (linear interpolation);
+   level = #{k : score > t_k}, so level 0 holds the simplest 1/L of the calibration set. Scores are always
+   finite, so levels are never NaN.
+
+The scorer is a ``torch.nn.Module`` whose state is a few buffers (float64, kept float64 even under
+``model.half()``), so it is saved and loaded with a model it is attached to; ``state_dict()`` holds only
+tensors (safetensors-friendly). Computation runs on the device of the scorer (``scorer.to("cuda")``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .inputs import prepare
+from .metrics import METRIC_NAMES, compute_metrics
+
+STATE_VERSION = 1
+_EPS_SPREAD = 1e-12
+
+
+class ComplexityScorer(nn.Module):
+    """Image complexity scorer.
+
+    Args:
+        n_levels: number of complexity levels (>= 1; default 4, quartiles).
+        weights: metric weights for the combined score, a sequence of 5 non-negative numbers in
+            :data:`METRIC_NAMES` order or a mapping name -> weight (missing names get 0). Default all 1.
+        edge_threshold: Sobel magnitude threshold for the edge mask (default 0.1).
+        normalisation: ``"minmax"`` (default) or ``"quantile"``.
+        quantiles: (low, high) for ``"quantile"`` normalisation.
+        bits_stored: default bit depth for integer images wider than 8 bits (e.g. 12); per-call override.
+
+    Example::
+
+        scorer = ComplexityScorer(n_levels=4).fit(calibration_images)
+        raw = scorer.metrics(images)      # (N, 5)
+        s = scorer.score(images)          # (N,)
+        lv = scorer.levels(images)        # (N,) int64 in [0, n_levels)
+    """
+
+    METRIC_NAMES = METRIC_NAMES
+
+    def __init__(
+        self,
+        n_levels: int = 4,
+        weights: Sequence[float] | Mapping[str, float] | None = None,
+        edge_threshold: float = 0.1,
+        normalisation: str = "minmax",
+        quantiles: tuple[float, float] = (0.01, 0.99),
+        bits_stored: int | None = None,
+    ):
+        super().__init__()
+        if not isinstance(n_levels, int) or n_levels < 1:
+            raise ValueError(f"n_levels must be a positive integer, got {n_levels!r}")
+        if normalisation not in ("minmax", "quantile"):
+            raise ValueError(f"normalisation must be 'minmax' or 'quantile', got {normalisation!r}")
+        lo_q, hi_q = (float(q) for q in quantiles)
+        if not 0.0 <= lo_q < hi_q <= 1.0:
+            raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {quantiles!r}")
+        if not (edge_threshold >= 0.0 and edge_threshold == edge_threshold):
+            raise ValueError(f"edge_threshold must be a non-negative number, got {edge_threshold!r}")
+        self.normalisation = normalisation
+        self.quantiles = (lo_q, hi_q)
+        self.bits_stored = bits_stored
+        f64 = dict(dtype=torch.float64)
+        self.register_buffer("metric_weights", self._parse_weights(weights))
+        self.register_buffer("edge_threshold", torch.tensor(float(edge_threshold), **f64))
+        self.register_buffer("norm_offset", torch.zeros(5, **f64))
+        self.register_buffer("norm_scale", torch.ones(5, **f64))
+        self.register_buffer("thresholds", torch.zeros(n_levels - 1, **f64))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("state_version", torch.tensor(STATE_VERSION, dtype=torch.int64))
+
+    # ------------------------------------------------------------------ configuration
+    @staticmethod
+    def _parse_weights(weights) -> torch.Tensor:
+        if weights is None:
+            w = [1.0] * 5
+        elif isinstance(weights, Mapping):
+            unknown = set(weights) - set(METRIC_NAMES)
+            if unknown:
+                raise ValueError(f"unknown metric names in weights: {sorted(unknown)}; known: {METRIC_NAMES}")
+            w = [float(weights.get(name, 0.0)) for name in METRIC_NAMES]
+        else:
+            w = [float(x) for x in weights]
+            if len(w) != 5:
+                raise ValueError(f"weights must have 5 entries ({', '.join(METRIC_NAMES)}), got {len(w)}")
+        t = torch.tensor(w, dtype=torch.float64)
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or float(t.sum()) <= 0:
+            raise ValueError(f"weights must be finite, non-negative and not all zero, got {w}")
+        return t
+
+    @property
+    def n_levels(self) -> int:
+        return int(self.thresholds.numel()) + 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.thresholds.device
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted)
+
+    def set_weights(self, weights) -> ComplexityScorer:
+        """Change the metric weights (takes effect on the next ``score``; re-``fit`` to update thresholds)."""
+        self.metric_weights = self._parse_weights(weights).to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ metrics
+    @torch.no_grad()
+    def metrics(self, images, bits_stored: int | None = None, as_dict: bool = False):
+        """The five raw metrics per image -> float64 tensor (N, 5) on the scorer's device.
+
+        ``images``: see :mod:`medquant.complexity.inputs`. With ``as_dict=True`` returns name -> (N,) tensor.
+        An empty list gives an empty (0, 5) tensor.
+        """
+        bits = bits_stored if bits_stored is not None else self.bits_stored
+        n, groups = prepare(images, bits_stored=bits, device=self.device)
+        out = torch.zeros(n, 5, dtype=torch.float64, device=self.device)
+        thr = float(self.edge_threshold)
+        for g in groups:
+            vals = compute_metrics(g.gray, g.u8, edge_threshold=thr, exact_u8=g.exact_u8)
+            out[torch.tensor(g.indices, device=self.device)] = vals
+        if as_dict:
+            return {name: out[:, i] for i, name in enumerate(METRIC_NAMES)}
+        return out
+
+    def _as_metric_tensor(self, images=None, metrics=None) -> torch.Tensor:
+        if metrics is not None:
+            m = torch.as_tensor(metrics, dtype=torch.float64, device=self.device)
+            if m.ndim != 2 or m.shape[1] != 5:
+                raise ValueError(f"metrics must have shape (N, 5), got {tuple(m.shape)}")
+            if not bool(torch.isfinite(m).all()):
+                raise ValueError("metrics contain NaN or inf")
+            return m
+        if images is None:
+            raise ValueError("pass images or metrics=")
+        return self.metrics(images)
+
+    # ------------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def fit(self, calibration_images=None, metrics=None) -> ComplexityScorer:
+        """Learn the per-metric normalisation and the level thresholds from a calibration set.
+
+        Pass images, or precomputed raw ``metrics=`` (N, 5). Needs at least one image. Returns ``self``.
+        """
+        m = self._as_metric_tensor(calibration_images, metrics)
+        if m.shape[0] == 0:
+            raise ValueError("fit needs at least one calibration image")
+        if self.normalisation == "minmax":
+            lo, hi = m.min(dim=0).values, m.max(dim=0).values
+        else:
+            q = torch.tensor(self.quantiles, dtype=torch.float64, device=m.device)
+            qs = torch.quantile(m, q, dim=0)
+            lo, hi = qs[0], qs[1]
+        spread = hi - lo
+        self.norm_offset.copy_(lo)
+        self.norm_scale.copy_(torch.where(spread > _EPS_SPREAD, spread, torch.ones_like(spread)))
+        scores = self._score_from_metrics(m)
+        if self.n_levels > 1:
+            probs = torch.arange(1, self.n_levels, dtype=torch.float64, device=m.device) / self.n_levels
+            self.thresholds.copy_(torch.quantile(scores, probs))
+        self.fitted.fill_(True)
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def _score_from_metrics(self, m: torch.Tensor) -> torch.Tensor:
+        z = (m - self.norm_offset) / self.norm_scale
+        w = self.metric_weights
+        return (z * w).sum(dim=1) / w.sum()
+
+    def _check_fitted(self):
+        if not self.is_fitted:
+            raise RuntimeError("ComplexityScorer is not calibrated: call fit(calibration_images) or "
+                               "load_state_dict(...) first")
+
+    @torch.no_grad()
+    def score(self, images=None, metrics=None) -> torch.Tensor:
+        """Combined complexity score (N,) float64: weighted mean of the normalised metrics."""
+        self._check_fitted()
+        return self._score_from_metrics(self._as_metric_tensor(images, metrics))
+
+    @torch.no_grad()
+    def levels_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Level (N,) int64 in [0, n_levels) of precomputed scores: #{k : score > t_k}."""
+        self._check_fitted()
+        s = torch.as_tensor(scores, dtype=torch.float64, device=self.device)
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError("scores contain NaN or inf")
+        if self.n_levels == 1:
+            return torch.zeros(s.shape, dtype=torch.int64, device=self.device)
+        return (s.unsqueeze(-1) > self.thresholds).sum(dim=-1).to(torch.int64)
+
+    @torch.no_grad()
+    def levels(self, images=None, metrics=None) -> torch.Tensor:
+        """Complexity level (N,) int64 in [0, n_levels); 0 = simplest."""
+        return self.levels_from_scores(self.score(images, metrics))
+
+    def forward(self, images) -> torch.Tensor:
+        """Same as :meth:`levels`."""
+        return self.levels(images)
+
+    # ------------------------------------------------------------------ state
+    def _apply(self, fn, recurse=True):
+        # Follow device moves but never dtype casts: model.half() must not round the float64 thresholds.
+        # (This module has buffers only, no parameters or children.)
+        for k, buf in self._buffers.items():
+            if buf is None:
+                continue
+            moved = fn(buf)
+            self._buffers[k] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "thresholds"
+        if key in state_dict:
+            thr = state_dict[key]
+            if not isinstance(thr, torch.Tensor) or thr.ndim != 1:
+                raise ValueError(f"{key} must be a 1-D tensor")
+            if thr.shape != self.thresholds.shape:  # a scorer saved with another n_levels
+                self.thresholds = torch.zeros(thr.shape, dtype=torch.float64, device=self.device)
+        self._validate_state({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @staticmethod
+    def _validate_state(sd: Mapping) -> None:
+        def t(name):
+            v = sd.get(name)
+            return None if v is None else torch.as_tensor(v)
+
+        ver = t("state_version")
+        if ver is not None and int(ver) != STATE_VERSION:
+            raise ValueError(f"unsupported ComplexityScorer state version {int(ver)} (this build reads "
+                             f"{STATE_VERSION})")
+        for name in ("metric_weights", "norm_offset", "norm_scale"):
+            v = t(name)
+            if v is not None and (v.shape != (5,) or not bool(torch.isfinite(v.double()).all())):
+                raise ValueError(f"{name} must be 5 finite values, got {v.tolist()}")
+        scale = t("norm_scale")
+        if scale is not None and bool((scale <= 0).any()):
+            raise ValueError("norm_scale must be positive")
+        w = t("metric_weights")
+        if w is not None and (bool((w < 0).any()) or float(w.sum()) <= 0):
+            raise ValueError("metric_weights must be non-negative and not all zero")
+        thr = t("thresholds")
+        if thr is not None:
+            thr = thr.double()
+            if not bool(torch.isfinite(thr).all()) or bool((thr[1:] < thr[:-1]).any()):
+                raise ValueError(f"thresholds must be finite and non-decreasing, got {thr.tolist()}")
+        et = t("edge_threshold")
+        if et is not None and (et.numel() != 1 or not float(et) >= 0):
+            raise ValueError("edge_threshold must be one non-negative number")
+
+    def extra_repr(self) -> str:
+        return (f"n_levels={self.n_levels}, edge_threshold={float(self.edge_threshold)}, "
+                f"normalisation={self.normalisation!r}, fitted={self.is_fitted}")

@@ -1,0 +1,197 @@
+"""Small loaders for the image data sets medquant's tests and benchmarks use; point them at your own copies.
+
+* :func:`default_data_dir` - ``$MEDQUANT_DATA_DIR`` if set, else ``<repo>/../shared/data``.
+* :func:`load_npz_split` - MedMNIST-style ``.npz`` files (keys ``{split}_images`` / ``{split}_labels``, or
+  ``images`` / ``labels`` / ``split`` arrays as in the NIH sample).
+* :func:`read_index` / :func:`load_image_folder` - a folder of image files listed in an index CSV with a path
+  column (and optionally a split column), like ``kermany_pediatric_cxr_224/index.csv`` or HAM10000's
+  ``metadata.csv``.
+* :func:`read_dicom` / :func:`dicom_to_array` - DICOM files (needs the optional ``dicom`` extra: pydicom).
+* :func:`load_images` - any of the above from one path (npz file, folder, CSV, DICOM file), for the CLI.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+__all__ = ["default_data_dir", "load_npz_split", "read_index", "load_image_folder", "read_dicom",
+           "dicom_to_array", "load_images", "list_image_files"]
+
+
+def default_data_dir() -> Path:
+    """``$MEDQUANT_DATA_DIR`` if set, else ``<repository root>/../shared/data``."""
+    env = os.environ.get("MEDQUANT_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
+
+
+def load_npz_split(path, split: str = "test", with_labels: bool = False):
+    """Images (N, H, W[, C]) of one split of an npz file; with ``with_labels`` also the labels.
+
+    Supports MedMNIST keys (``test_images``, ``test_labels``) and flat files with ``images``/``labels`` and a
+    per-image ``split`` array. ``split=None`` or ``"all"`` loads every image of a flat file, or every split of
+    a MedMNIST file concatenated in train, val, test order.
+    """
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        if split not in (None, "all") and f"{split}_images" in keys:
+            images = z[f"{split}_images"]
+            labels = z[f"{split}_labels"] if f"{split}_labels" in keys else None
+        elif split in (None, "all") and any(k.endswith("_images") for k in keys):
+            parts = [s for s in ("train", "val", "test") if f"{s}_images" in keys]
+            images = np.concatenate([z[f"{s}_images"] for s in parts])
+            labels = (np.concatenate([z[f"{s}_labels"] for s in parts])
+                      if all(f"{s}_labels" in keys for s in parts) else None)
+        elif "images" in keys:
+            images = z["images"]
+            labels = z["labels"] if "labels" in keys else None
+            if split not in (None, "all"):
+                if "split" not in keys:
+                    raise KeyError(f"{path} has no per-image 'split' array; use split=None")
+                sel = z["split"].astype(str) == split
+                if not sel.any():
+                    raise KeyError(f"no images with split {split!r} in {path}")
+                images = images[sel]
+                labels = labels[sel] if labels is not None else None
+        else:
+            raise KeyError(f"{path} has no '{split}_images' or 'images' array (keys: {sorted(keys)})")
+    return (images, labels) if with_labels else images
+
+
+def read_index(csv_path, split: str | None = None, path_column: str = "path") -> list[dict]:
+    """Rows of an index CSV (dicts), optionally only those whose ``split`` column equals ``split``."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and path_column not in rows[0]:
+        raise KeyError(f"{csv_path} has no {path_column!r} column (columns: {list(rows[0])})")
+    if split is not None:
+        if rows and "split" not in rows[0]:
+            raise KeyError(f"{csv_path} has no 'split' column")
+        rows = [r for r in rows if r["split"] == split]
+    return rows
+
+
+def load_image(path) -> np.ndarray:
+    """One image file as a numpy array (uint8/uint16, gray (H, W) or RGB (H, W, 3)); DICOM via pydicom."""
+    path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return dicom_to_array(read_dicom(path))[0]
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in ("L", "RGB"):
+            return np.asarray(im).copy()
+        if im.mode.startswith("I;16"):
+            return np.asarray(im).astype(np.uint16)
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def load_image_folder(root, index_csv: str | None = "index.csv", split: str | None = None,
+                      limit: int | None = None, path_column: str = "path", gray: bool = False):
+    """Images listed in ``root/index_csv`` (paths relative to ``root``) -> (list of arrays, list of rows).
+
+    With ``index_csv=None`` every image file under ``root`` is loaded (sorted). ``gray=True`` keeps only the
+    first channel of RGB files whose three channels are identical (grayscale content stored as RGB).
+    """
+    root = Path(root)
+    if index_csv is not None and (root / index_csv).exists():
+        rows = read_index(root / index_csv, split=split, path_column=path_column)
+        files = [root / r[path_column] for r in rows]
+    else:
+        if index_csv is not None and split is not None:
+            raise FileNotFoundError(f"{root / index_csv} not found (needed to select split {split!r})")
+        files = list_image_files(root)
+        rows = [{"path": str(p.relative_to(root))} for p in files]
+    if limit is not None:
+        files, rows = files[:limit], rows[:limit]
+    images = []
+    for f in files:
+        im = load_image(f)
+        if gray and im.ndim == 3 and np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(im[..., 0],
+                                                                                              im[..., 2]):
+            im = np.ascontiguousarray(im[..., 0])
+        images.append(im)
+    return images, rows
+
+
+def list_image_files(root) -> list[Path]:
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
+
+
+# ------------------------------------------------------------------------------------------------ DICOM
+def read_dicom(path):
+    """Read a DICOM file with pydicom (optional dependency: ``pip install medquant[dicom]``)."""
+    try:
+        import pydicom
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("reading DICOM needs pydicom: pip install 'medquant[dicom]'") from e
+    return pydicom.dcmread(str(path))
+
+
+def dicom_to_array(ds) -> tuple[np.ndarray, None]:
+    """A pydicom dataset -> (float64 gray image in [0, 1], None).
+
+    Steps: stored values v (``pixel_array``); modality values m = slope * v + intercept (RescaleSlope /
+    RescaleIntercept, default 1 / 0); the range of m is that of the stored range
+    [0, 2^BitsStored - 1] (or [-2^(BitsStored-1), 2^(BitsStored-1) - 1] when PixelRepresentation = 1) mapped
+    through the rescale; the image is m mapped linearly from that range to [0, 1]; MONOCHROME1 (white = low)
+    is inverted, 1 - x. For a linear rescale with positive slope this equals (v - v_min) / (v_max - v_min),
+    i.e. the bit depth is honoured (12-bit data is divided by 4095, not 65535). Multi-frame data and colour
+    (RGB) DICOM are rejected.
+    """
+    arr = np.asarray(ds.pixel_array)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"only single-frame grayscale DICOM is supported (shape {arr.shape}, "
+                         f"PhotometricInterpretation {photometric})")
+    bits = int(getattr(ds, "BitsStored", 8 * arr.dtype.itemsize))
+    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+    vmin, vmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    m = arr.astype(np.float64) * slope + intercept
+    lo, hi = sorted((vmin * slope + intercept, vmax * slope + intercept))
+    if hi <= lo:
+        raise ValueError("degenerate DICOM intensity range (RescaleSlope 0?)")
+    x = np.clip((m - lo) / (hi - lo), 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        x = 1.0 - x
+    return x, None
+
+
+# ------------------------------------------------------------------------------------------------ any path
+def load_images(path, split: str | None = None, limit: int | None = None, key: str | None = None):
+    """Load images from an npz file, an image folder (with or without ``index.csv``), an index CSV, or a
+    single image / DICOM file. Returns (list or array of images, list of names)."""
+    path = Path(path)
+    if path.is_dir():
+        images, rows = load_image_folder(path, split=split, limit=limit, gray=True)
+        return images, [r.get("path", str(i)) for i, r in enumerate(rows)]
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        if key is not None:
+            with np.load(path) as z:
+                images = z[key]
+        else:
+            images = load_npz_split(path, split=split if split is not None else "all")
+        if limit is not None:
+            images = images[:limit]
+        return images, [f"{path.name}[{i}]" for i in range(len(images))]
+    if suffix == ".csv":
+        rows = read_index(path, split=split)
+        if limit is not None:
+            rows = rows[:limit]
+        return [load_image(path.parent / r["path"]) for r in rows], [r["path"] for r in rows]
+    if path.is_file():
+        return [load_image(path)], [path.name]
+    raise FileNotFoundError(f"no such file or folder: {path}")
