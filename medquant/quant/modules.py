@@ -135,6 +135,23 @@ class _QuantWeightBase(nn.Module):
             y = y.index_copy(1, self._rows(b), o)
         return y
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads ``layer.weight`` (its dtype, device or values).
+
+        It is recomputed on each access; assigning to it is refused (re-quantize with ``from_float`` instead).
+        """
+        w = self.dequantized_weight(self.weight_dtype)
+        return w if isinstance(self, QuantLinear) else w.reshape(
+            self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise AttributeError(
+            f"{type(self).__name__}.weight is derived from packed integer codes and cannot be assigned; "
+            f"build a new layer with {type(self).__name__}.from_float(float_layer, config)"
+        )
+
     # ------------------------------------------------------------------ accounting
     def row_bits(self) -> torch.Tensor:
         return self.config.row_bits(self.out_rows)
@@ -164,6 +181,7 @@ class QuantLinear(_QuantWeightBase):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.weight_dtype = dtype
         self._init_storage(out_features, in_features, config, device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
@@ -219,6 +237,7 @@ class QuantConv2d(_QuantWeightBase):
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         self.padding = padding if isinstance(padding, str) else pair(padding)
         k = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
+        self.weight_dtype = dtype
         self._init_storage(out_channels, k, config, device)
         self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
