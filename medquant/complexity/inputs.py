@@ -141,6 +141,23 @@ def _to_unit(t: torch.Tensor, bits_stored: int | None, what: str) -> tuple[torch
     return t.to(torch.float64) / top, False
 
 
+def _rgb_to_gray(unit: torch.Tensor, is_u8: bool) -> torch.Tensor:
+    """(B, 3, H, W) -> float64 (B, H, W) with rgb2gray's weights.
+
+    On CPU this is literally scikit-image's arithmetic (``x * (1/255)`` then numpy's ``rgb @ coeffs``), so
+    that the 8-bit quantisation of pixels whose gray value is exactly k + 0.5 (they exist: 0.2125 R +
+    0.7154 G + 0.0721 B is a multiple of 1e-4) rounds the same way. On GPU a torch float64 weighted sum is
+    used; it can round such exact ties the other way (one gray level, a handful of pixels per image).
+    """
+    if unit.device.type == "cpu":
+        arr = unit.permute(0, 2, 3, 1).numpy()
+        arr = np.multiply(arr, 1.0 / 255, dtype=np.float64) if is_u8 else np.asarray(arr, dtype=np.float64)
+        return torch.from_numpy(np.ascontiguousarray(arr @ np.array(RGB_WEIGHTS, dtype=np.float64)))
+    f = unit.to(torch.float64) * (1.0 / 255) if is_u8 else unit.to(torch.float64)
+    wts = torch.tensor(RGB_WEIGHTS, dtype=torch.float64, device=unit.device).view(1, 3, 1, 1)
+    return (f * wts).sum(dim=1)
+
+
 def _finish(t_bchw: torch.Tensor, bits_stored, what: str, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
     t = t_bchw.to(device)
     b, c, h, w = t.shape
@@ -153,9 +170,7 @@ def _finish(t_bchw: torch.Tensor, bits_stored, what: str, device) -> tuple[torch
                          "(the metrics need a neighbourhood and at least two box sizes)")
     unit, is_u8 = _to_unit(t, bits_stored, what)
     if c == 3:
-        wts = torch.tensor(RGB_WEIGHTS, dtype=torch.float64, device=t.device).view(1, 3, 1, 1)
-        f = unit.to(torch.float64) / 255.0 if is_u8 else unit
-        gray64 = (f * wts).sum(dim=1)
+        gray64 = _rgb_to_gray(unit, is_u8)
         u8 = torch.round(gray64 * 255.0).clamp_(0, 255).to(torch.uint8)
         return gray64.to(torch.float32), u8, False
     if is_u8:

@@ -1,0 +1,136 @@
+"""The batched torch metrics against independent per-image references on real images.
+
+References: scikit-image (shannon_entropy, filters.sobel, feature.local_binary_pattern, rgb2gray,
+img_as_ubyte), numpy (std) and numpy box counting (a plain loop and a reshape version).
+Tolerances (issue 5): entropy and std 1e-4; edge density and LBP entropy 1e-3; fractal dimension 1e-2.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import rgb2gray
+from skimage.feature import local_binary_pattern
+from skimage.filters import sobel
+from skimage.measure import shannon_entropy
+from skimage.util import img_as_ubyte
+
+from medquant.complexity import ComplexityScorer
+from medquant.complexity.metrics import compute_metrics, lbp_codes, sobel_sq_magnitude, uniform_lbp
+from medquant.complexity.reference import box_counting_dimension_loop, reference_metrics
+
+TOL = np.array([1e-4, 1e-3, 1e-4, 1e-2, 1e-3])
+
+
+def _skimage_metrics(img: np.ndarray, thr: float = 0.1) -> np.ndarray:
+    """Written out here (not via medquant.complexity.reference) so the test has its own reference."""
+    gray = rgb2gray(img) if img.ndim == 3 else img.astype(np.float64) / 255.0
+    u8 = img_as_ubyte(gray)
+    mask = sobel(gray) > thr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lbp = local_binary_pattern(u8, 8, 1, "uniform")
+    return np.array([shannon_entropy(u8), mask.mean(), np.std(gray), box_counting_dimension_loop(mask),
+                     shannon_entropy(lbp)])
+
+
+def _check(images, scorer=None):
+    scorer = scorer or ComplexityScorer()
+    got = scorer.metrics(list(images) if not isinstance(images, np.ndarray) else images).cpu().numpy()
+    ref = np.stack([_skimage_metrics(im) for im in images])
+    err = np.abs(got - ref)
+    assert np.all(err <= TOL), f"max abs error per metric {err.max(0)} exceeds {TOL}"
+    return got, ref
+
+
+def test_kermany_224_matches_skimage(kermany32):
+    got, ref = _check(kermany32)
+    # sanity: the references vary across images, so agreement is not trivial
+    assert ref.std(0).min() > 1e-3
+
+
+def test_ham10000_rgb_matches_skimage(ham8):
+    _check(ham8)
+
+
+def test_pneumoniamnist_28px_matches_skimage(pneumonia28):
+    _check(pneumonia28)
+
+
+def test_nih_64px_matches_skimage(nih64):
+    _check(nih64)
+
+
+def test_reference_module_agrees_with_test_reference(kermany32):
+    for im in kermany32[:4]:
+        np.testing.assert_allclose(reference_metrics(im), _skimage_metrics(im), atol=1e-12)
+
+
+def test_lbp_codes_bit_exact_on_real_images(kermany32, ham8):
+    u8 = np.concatenate([kermany32[:6], np.stack([img_as_ubyte(rgb2gray(h)) for h in ham8[:2]])])
+    got = uniform_lbp(torch.from_numpy(u8)).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = np.stack([local_binary_pattern(x, 8, 1, "uniform") for x in u8])
+    assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("shape", [(9, 8), (37, 53), (300, 517)])
+def test_lbp_codes_bit_exact_on_tie_heavy_images(shape):
+    """Flat patches and linear ramps make the interpolated diagonal neighbour tie with the centre; skimage's
+    float64 rounding then decides the bit, which depends on the row/column (large sizes exercise that)."""
+    rng = np.random.default_rng(sum(shape))
+    h, w = shape
+    img = rng.integers(0, 256, size=shape).astype(np.int64)
+    img[: h // 2, : w // 2] = rng.integers(0, 256)  # flat block
+    ramp = (np.arange(w)[None, :] + 2 * np.arange(h)[:, None]) % 256
+    img[h // 2 :, :] = ramp[h // 2 :, :]  # linear ramps: D = x, N1 + N2 = 2x along diagonals
+    img[:, -3:] = 255
+    img[-2:, :] = 0
+    img = img.astype(np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = local_binary_pattern(img, 8, 1, "uniform")
+    got = uniform_lbp(torch.from_numpy(img)[None])[0].numpy()
+    assert np.array_equal(got, ref)
+    # raw codes are in range and the test really has ties (otherwise it would not exercise the float64 path)
+    raw = lbp_codes(torch.from_numpy(img)[None])
+    assert int(raw.max()) <= 255
+
+
+def test_sobel_magnitude_matches_skimage(kermany32):
+    x = kermany32[:4]
+    s = sobel_sq_magnitude(torch.from_numpy(x).float()).numpy()
+    mag = np.sqrt(s / 2.0) / (4.0 * 255.0)
+    ref = np.stack([sobel(im.astype(np.float64) / 255.0) for im in x])
+    np.testing.assert_allclose(mag, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("thr", [0.02, 0.05, 0.2])
+def test_edge_threshold_configurable(kermany32, thr):
+    got = ComplexityScorer(edge_threshold=thr).metrics(kermany32[:6]).numpy()
+    ref = np.stack([_skimage_metrics(im, thr) for im in kermany32[:6]])
+    assert np.abs(got[:, 1] - ref[:, 1]).max() <= 1e-3
+    assert np.abs(got[:, 3] - ref[:, 3]).max() <= 1e-2
+
+
+def test_float_gray_path_matches_skimage(kermany32):
+    """Non-8-bit gray input (a float image with values between the 256 levels)."""
+    rng = np.random.default_rng(0)
+    x = np.clip(kermany32[:4].astype(np.float64) / 255.0 + rng.normal(0, 0.002, kermany32[:4].shape), 0, 1)
+    got = ComplexityScorer().metrics(x.astype(np.float32)).numpy()
+    ref = np.stack([reference_metrics(im) for im in x.astype(np.float32)])
+    assert np.all(np.abs(got - ref) <= TOL)
+
+
+def test_compute_metrics_chunking_is_invisible(kermany32):
+    u8 = torch.from_numpy(kermany32)
+    g = u8.float() / 255
+    whole = compute_metrics(g, u8, exact_u8=True)
+    single = torch.cat([compute_metrics(g[i : i + 1], u8[i : i + 1], exact_u8=True) for i in range(5)])
+    assert torch.equal(whole[:5], single)
+    # the exact-u8 fast path equals the generic float path
+    generic = compute_metrics(g[:5], u8[:5], exact_u8=False)
+    assert torch.allclose(whole[:5], generic, atol=1e-9)
