@@ -145,12 +145,13 @@ class _QuantWeightBase(nn.Module):
         return w if isinstance(self, QuantLinear) else w.reshape(
             self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
-    @weight.setter
-    def weight(self, value) -> None:
-        raise AttributeError(
-            f"{type(self).__name__}.weight is derived from packed integer codes and cannot be assigned; "
-            f"build a new layer with {type(self).__name__}.from_float(float_layer, config)"
-        )
+    def __setattr__(self, name, value) -> None:
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__}.weight is derived from packed integer codes and cannot be assigned; "
+                f"build a new layer with {type(self).__name__}.from_float(float_layer, config)"
+            )
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ accounting
     def row_bits(self) -> torch.Tensor:

@@ -62,7 +62,8 @@ def model_size(model: nn.Module) -> SizeReport:
             continue
         seen.add(key)
         tensor_bytes += t.numel() * t.element_size()
-    meta_bytes = len(json.dumps(quant_metadata(model)).encode())
+    meta = quant_metadata(model)
+    meta_bytes = len(json.dumps(meta).encode()) if meta else 0
     lw_bytes = 0
     params = 0
     bit_sum = 0.0
