@@ -1,0 +1,133 @@
+"""save / load: bit-exact round trips, atomic writes, corruption detection, no pickle."""
+import copy
+import json
+
+import pytest
+import torch
+from zoo import ZOO_BY_NAME, tiny_cnn
+
+import medquant as mq
+from medquant.io import META_NAME, WEIGHTS_NAME, CheckpointError
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text", "llava", "qwen2_vl", "idefics3", "vit"])
+def test_hf_round_trip_is_bit_exact_and_same_class(tmp_path, name):
+    entry = ZOO_BY_NAME[name]
+    model = entry.build()
+    mq.quantize_(model, {"re:.*(q_proj|k_proj|v_proj|o_proj|query|key|value)": mq.QuantConfig(2),
+                         "re:.*": mq.QuantConfig(4, group_size=64)})
+    inputs = entry.inputs(model)
+    with torch.no_grad():
+        out = entry.output(model, inputs)
+    mq.save(model, tmp_path)
+    again = mq.load(tmp_path)
+    assert type(again) is type(model)
+    with torch.no_grad():
+        assert torch.equal(entry.output(again, inputs), out)
+    assert mq.layer_table(again) == mq.layer_table(model)
+
+
+def test_mixed_bits_plain_module_round_trip_and_extras(tmp_path):
+    model = tiny_cnn()
+    conv_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    conv = model.get_submodule(conv_names[-1])
+    bits = tuple([2, 4, 8, 0][i % 4] for i in range(conv.out_channels))
+    mq.quantize_(model, {conv_names[-1]: mq.QuantConfig(4, scope="channel", channel_bits=bits),
+                         "re:.*": mq.QuantConfig(8, scope="channel")})
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    mq.save(model, tmp_path, extras={"scorer": {"thresholds": [0.1, 0.5]}})
+    with pytest.raises(CheckpointError, match="plain nn.Module"):
+        mq.load(tmp_path)
+    again = mq.load(tmp_path, model=tiny_cnn(seed=1))
+    assert torch.equal(again(x), out)
+    assert again.get_submodule(conv_names[-1]).config.channel_bits == bits
+    assert mq.load_extras(tmp_path) == {"scorer": {"thresholds": [0.1, 0.5]}}
+
+
+def _saved(tmp_path):
+    model = mq.quantize_(ZOO_BY_NAME["llama"].build(), mq.QuantConfig(4))
+    mq.save(model, tmp_path)
+    return model
+
+
+def test_flipped_byte_is_detected(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted or was modified"):
+        mq.load(tmp_path)
+
+
+def test_truncated_file_is_detected(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        mq.load(tmp_path)
+
+
+def test_tampered_metadata_is_detected(tmp_path):
+    _saved(tmp_path)
+    meta_path = tmp_path / META_NAME
+    meta_path.write_text(meta_path.read_text()[:50])
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        mq.load(tmp_path)
+    (tmp_path / META_NAME).unlink()
+    with pytest.raises(CheckpointError, match="medquant.json is missing"):
+        mq.load(tmp_path)
+
+
+def test_recipe_disagreeing_with_tensors_is_refused(tmp_path):
+    _saved(tmp_path)
+    meta_path = tmp_path / META_NAME
+    meta = json.loads(meta_path.read_text())
+    name = next(iter(meta["modules"]))
+    meta["modules"][name]["config"]["bits"] = 2  # the recipe no longer matches the stored codes
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not fit|invalid recipe|size mismatch|could not read"):
+        mq.load(tmp_path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    _saved(tmp_path)
+    meta_path = tmp_path / META_NAME
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        mq.load(tmp_path)
+
+
+def test_failed_save_keeps_the_earlier_save(tmp_path, monkeypatch):
+    model = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.get_submodule("model.layers.0.mlp.up_proj").scales_4.mul_(2)
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        mq.save(other, tmp_path, extras={"bad": object()})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("medquant.io.save_model", boom)
+    with pytest.raises(OSError, match="disk full"):
+        mq.save(other, tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before  # same files, same bytes, no temporary leftovers
+    mq.load(tmp_path)
+
+
+def test_files_are_safetensors_and_json_only(tmp_path):
+    _saved(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([WEIGHTS_NAME, META_NAME, "config.json"])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata()["medquant_format_version"] == str(mq.FORMAT_VERSION)
+    assert any(k.endswith("qweight_4") for k in keys)
