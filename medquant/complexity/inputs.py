@@ -75,10 +75,13 @@ def _numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
     elif arr.dtype == np.float16:
         arr = arr.astype(np.float32)
     elif arr.dtype == bool:
-        arr = arr.astype(np.uint8)
+        arr = arr.astype(np.float32)  # {0, 1}
     elif arr.dtype.kind not in "uif":
         raise TypeError(f"unsupported array dtype {arr.dtype}; use uint8/uint16/integers/float/bool")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr)
 
 
 def _array_to_bchw(arr, channel_last: bool) -> torch.Tensor:
@@ -89,7 +92,7 @@ def _array_to_bchw(arr, channel_last: bool) -> torch.Tensor:
     else:
         t = arr
         if t.dtype == torch.bool:
-            t = t.to(torch.uint8)
+            t = t.to(torch.float32)  # {0, 1}
     shape = tuple(t.shape)
     if t.ndim == 2:
         return t[None, None]

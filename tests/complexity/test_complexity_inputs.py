@@ -1,0 +1,95 @@
+"""Every accepted input type gives the same metrics; bad inputs give clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medquant.complexity import ComplexityScorer
+from medquant.complexity.reference import reference_metrics
+
+
+@pytest.fixture(scope="module")
+def sc():
+    return ComplexityScorer()
+
+
+def test_layouts_and_types_agree(sc, kermany32):
+    x = kermany32[:4]
+    base = sc.metrics(torch.from_numpy(x))
+    variants = [
+        x,  # numpy (B, H, W)
+        torch.from_numpy(x)[:, None],  # (B, 1, H, W)
+        torch.from_numpy(x).float() / 255,  # float in [0, 1]
+        torch.from_numpy(np.repeat(x[:, None], 3, axis=1)),  # (B, 3, H, W) gray content
+        np.repeat(x[..., None], 3, axis=-1),  # (B, H, W, 3)
+        [Image.fromarray(im) for im in x],  # PIL L
+        [Image.fromarray(im).convert("RGB") for im in x],  # PIL RGB
+        list(x),  # list of (H, W)
+        [torch.from_numpy(im) for im in x],  # list of 2-D tensors
+    ]
+    for v in variants:
+        assert torch.allclose(sc.metrics(v), base, atol=1e-9), type(v)
+
+
+def test_mixed_sizes_keep_order(sc, kermany32, pneumonia28, ham8):
+    items = [kermany32[0], pneumonia28[0], ham8[0], pneumonia28[1], kermany32[1]]
+    got = sc.metrics(items).numpy()
+    ref = np.stack([reference_metrics(im) for im in items])
+    assert np.abs(got - ref).max(0)[[0, 2]].max() < 1e-4
+    assert np.abs(got - ref).max(0)[[1, 4]].max() < 1e-3
+
+
+def test_uint16_with_declared_bits(sc):
+    rng = np.random.default_rng(3)
+    img12 = rng.integers(0, 4096, (40, 48)).astype(np.uint16)
+    got = sc.metrics(img12, bits_stored=12).numpy()[0]
+    ref = reference_metrics(img12, bits_stored=12)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    # default for uint16 is 16 bits: the same data then looks 16x darker
+    dark = sc.metrics(img12).numpy()[0]
+    assert dark[2] < got[2] / 8
+    with pytest.raises(ValueError, match="outside"):
+        sc.metrics(img12 * 2, bits_stored=12)
+    pil16 = Image.fromarray(img12)  # mode I;16
+    assert np.allclose(sc.metrics(pil16).numpy()[0], dark, atol=1e-9)
+    assert ComplexityScorer(bits_stored=12).metrics(torch.from_numpy(img12.astype(np.int32))).shape == (1, 5)
+
+
+@pytest.mark.parametrize(
+    "bad, exc, msg",
+    [
+        (np.full((16, 16), np.nan, np.float32), ValueError, "NaN"),
+        (np.array([[np.inf] * 16] * 16), ValueError, "NaN or inf"),
+        (np.full((16, 16), 1.5, np.float32), ValueError, r"\[0, 1\]"),
+        (np.full((16, 16), -0.1), ValueError, r"\[0, 1\]"),
+        (np.zeros((7, 100), np.uint8), ValueError, "at least 8x8"),
+        (np.zeros((0, 20), np.uint8), ValueError, "empty"),
+        (np.zeros((2, 3, 4, 5, 6), np.uint8), ValueError, "dimensions"),
+        (torch.zeros(2, 5, 16, 16), ValueError, "1 or 3 channels"),
+        (np.zeros((16, 16, 4), np.uint8), ValueError, "RGBA"),
+        (torch.zeros(0, 16, 16), ValueError, "empty batch"),
+        ("image.png", TypeError, "unsupported image type"),
+        (np.zeros((16, 16), np.int32), TypeError, "bits_stored"),
+        (np.zeros((16, 16), np.complex64), TypeError, "dtype"),
+        ([[np.zeros((16, 16))]], TypeError, "nested"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(sc, bad, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sc.metrics(bad)
+
+
+def test_nan_error_names_the_image(sc):
+    x = [np.zeros((16, 16), np.float32), np.full((16, 16), np.nan, np.float32)]
+    with pytest.raises(ValueError, match="image 1"):
+        sc.metrics(x)
+
+
+def test_edge_values_are_fine(sc):
+    m = sc.metrics([np.zeros((8, 8)), np.ones((8, 8)), np.eye(16, dtype=bool)]).numpy()
+    assert np.all(np.isfinite(m))
+    assert m[0, 0] == 0 and m[1, 0] == 0
+    # bool images are {0, 1}: an identity mask has std sqrt(p (1 - p)) with p = 1/16
+    assert m[2, 2] == pytest.approx(np.sqrt(1 / 16 * 15 / 16))
