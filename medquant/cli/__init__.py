@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo"]
+SUBCOMMANDS = ["demo", "complexity"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,45 @@
+"""``medquant score``: CSV of metrics and levels, PNG histogram, saved state."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import torch
+
+from medquant.cli import main
+from medquant.complexity import METRIC_NAMES, ComplexityScorer
+
+
+def test_score_npz_writes_csv_plot_and_state(tmp_path, data_root, pneumonia28):
+    npz = data_root / "pneumoniamnist" / "pneumoniamnist.npz"
+    out, png, state = tmp_path / "m.csv", tmp_path / "h.png", tmp_path / "s.pt"
+    rc = main(["score", str(npz), "--split", "test", "--limit", "64", "--out", str(out), "--plot", str(png),
+               "--save-state", str(state), "--no-progress", "--batch-size", "20"])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 64 and list(rows[0]) == ["name", *METRIC_NAMES, "score", "level"]
+    levels = np.array([int(r["level"]) for r in rows])
+    assert np.bincount(levels, minlength=4).tolist() == [16, 16, 16, 16]
+    got = np.array([[float(r[k]) for k in METRIC_NAMES] for r in rows])
+    np.testing.assert_allclose(got, ComplexityScorer().metrics(pneumonia28[:64]).numpy(), rtol=1e-6, atol=1e-7)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sc = ComplexityScorer()
+    sc.load_state_dict(torch.load(state, weights_only=True))
+    assert sc.levels(pneumonia28[:64]).tolist() == levels.tolist()
+
+
+def test_score_folder_with_fit_on_and_state(tmp_path, data_root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        img = rng.integers(0, 256, (24, 24)).astype(np.uint8) if i % 2 else np.full((24, 24), 9 * i, np.uint8)
+        Image.fromarray(img).save(tmp_path / f"im{i}.png")
+    npz = data_root / "pneumoniamnist" / "pneumoniamnist.npz"
+    out = tmp_path / "o" / "m.csv"
+    rc = main(["score", str(tmp_path), "--out", str(out), "--fit-on", str(npz), "--fit-split", "val",
+               "--fit-limit", "40", "--n-levels", "3", "--no-progress"])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["name"] for r in rows] == [f"im{i}.png" for i in range(6)]
+    assert {int(r["level"]) for r in rows} <= {0, 1, 2}

@@ -1,0 +1,130 @@
+"""medquant.data: npz / folder / CSV loaders, data-dir resolution and the DICOM path."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medquant import data as mdata
+
+DATA = Path(os.environ.get("MEDQUANT_DATA_DIR") or Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
+
+
+def test_default_data_dir_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDQUANT_DATA_DIR", str(tmp_path))
+    assert mdata.default_data_dir() == tmp_path
+    monkeypatch.delenv("MEDQUANT_DATA_DIR")
+    assert mdata.default_data_dir().parts[-2:] == ("shared", "data")
+
+
+@needs_data
+def test_npz_medmnist_and_flat_files():
+    imgs, labels = mdata.load_npz_split(DATA / "pneumoniamnist" / "pneumoniamnist.npz", "test", with_labels=True)
+    assert imgs.shape == (624, 28, 28) and imgs.dtype == np.uint8 and len(labels) == 624
+    assert mdata.load_npz_split(DATA / "pneumoniamnist" / "pneumoniamnist.npz", "all").shape[0] == 4708 + 524 + 624
+    nih = mdata.load_npz_split(DATA / "nih_cxr14_sample1000_64" / "nih_cxr14_sample1000_64.npz", "test")
+    assert nih.shape == (200, 64, 64)
+    with pytest.raises(KeyError):
+        mdata.load_npz_split(DATA / "pneumoniamnist" / "pneumoniamnist.npz", "nosuchsplit")
+
+
+def test_npz_on_a_users_own_file(tmp_path):
+    x = np.arange(2 * 9 * 9, dtype=np.uint8).reshape(2, 9, 9)
+    np.savez(tmp_path / "mine.npz", train_images=x, train_labels=np.array([0, 1]))
+    np.testing.assert_array_equal(mdata.load_npz_split(tmp_path / "mine.npz", "train"), x)
+
+
+@needs_data
+def test_image_folder_with_index_csv():
+    root = DATA / "kermany_pediatric_cxr_224"
+    imgs, rows = mdata.load_image_folder(root, split="test", limit=5, gray=True)
+    assert len(imgs) == 5 and all(r["split"] == "test" for r in rows)
+    assert imgs[0].shape == (224, 224) and imgs[0].dtype == np.uint8
+    ham, rows = mdata.load_image_folder(DATA / "ham10000_lesion_subset_224", "metadata.csv", split="val", limit=2)
+    assert ham[0].shape == (224, 224, 3)
+
+
+def test_image_folder_without_index(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "sub").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((10, 12), 40 * i, np.uint8)).save(tmp_path / "sub" / f"{i}.png")
+    imgs, rows = mdata.load_image_folder(tmp_path)
+    assert [r["path"] for r in rows] == ["sub/0.png", "sub/1.png", "sub/2.png"]
+    assert imgs[2][0, 0] == 80
+    images, names = mdata.load_images(tmp_path)
+    assert len(images) == 3 and names[0] == "sub/0.png"
+
+
+def _write_dicom(path, arr, bits, photometric="MONOCHROME2", slope=None, intercept=None, signed=False):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    if slope is not None:
+        ds.RescaleSlope = slope
+        ds.RescaleIntercept = intercept
+    ds.PixelData = arr.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    assert pydicom.dcmread(str(path)).pixel_array.shape == arr.shape
+    return path
+
+
+def test_dicom_12bit_monochrome1_rescale(tmp_path):
+    from medquant.complexity import ComplexityScorer
+    from medquant.complexity.reference import reference_metrics
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 4096, (48, 40)).astype(np.uint16)
+    arr[:10, :10] = 4095
+    p2 = _write_dicom(tmp_path / "m2.dcm", arr, 12)
+    p1 = _write_dicom(tmp_path / "m1.dcm", arr, 12, "MONOCHROME1", slope=2.0, intercept=-1024.0)
+    x2, _ = mdata.dicom_to_array(mdata.read_dicom(p2))
+    x1, _ = mdata.dicom_to_array(mdata.read_dicom(p1))
+    np.testing.assert_allclose(x2, arr / 4095.0)  # 12-bit depth honoured (not / 65535)
+    np.testing.assert_allclose(x1, 1.0 - arr / 4095.0, atol=1e-12)  # rescale cancels, MONOCHROME1 inverted
+    sc = ComplexityScorer()
+    got = sc.metrics([mdata.read_dicom(p2), mdata.read_dicom(p1)]).numpy()
+    np.testing.assert_allclose(got[0], reference_metrics(arr, bits_stored=12), atol=1e-4)
+    np.testing.assert_allclose(got[1], reference_metrics(1.0 - arr / 4095.0), atol=1e-4)
+    images, names = mdata.load_images(p1)
+    assert names == ["m1.dcm"] and images[0].shape == (48, 40)
+
+
+def test_dicom_signed_and_rejects_colour(tmp_path):
+    arr = np.array([[-2048, 0], [1000, 2047]] * 4, dtype=np.int16).repeat(4, axis=1)
+    p = _write_dicom(tmp_path / "s.dcm", arr, 12, signed=True)
+    x, _ = mdata.dicom_to_array(mdata.read_dicom(p))
+    np.testing.assert_allclose(x, (arr + 2048) / 4095.0)
+    ds = mdata.read_dicom(p)
+    ds.PhotometricInterpretation = "RGB"
+    with pytest.raises(ValueError, match="grayscale"):
+        mdata.dicom_to_array(ds)
+
+
+def test_read_index_errors(tmp_path):
+    p = tmp_path / "index.csv"
+    with open(p, "w", newline="") as f:
+        csv.writer(f).writerows([["file", "split"], ["a.png", "test"]])
+    with pytest.raises(KeyError, match="path"):
+        mdata.read_index(p)
+    assert mdata.read_index(p, path_column="file")[0]["file"] == "a.png"
