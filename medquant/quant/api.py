@@ -161,6 +161,9 @@ def quantize_(
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="quantizing", unit="layer")
+    # two phases: build every quantized layer first, swap only when all succeeded, so an error (NaN weights,
+    # a bad channel_bits length...) leaves the model exactly as it was
+    built = []
     for name, cfg in items:
         mod = model.get_submodule(name)
         if filter_fn is not None and not filter_fn(mod, name):
@@ -171,6 +174,8 @@ def quantize_(
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
         q.train(mod.training)
+        built.append((name, q))
+    for name, q in built:
         _set_submodule(model, name, q)
     return model
 

@@ -132,3 +132,12 @@ def test_quantize_plain_cnn_and_dequantize_back():
         back = mq.dequantize_(copy.deepcopy(q))
         assert not quantized_modules(back)
         assert np.allclose(back(x).numpy(), q(x).numpy(), atol=1e-5)
+
+
+def test_nan_weight_error_names_the_module():
+    model = ZOO_BY_NAME["llama"].build()
+    with torch.no_grad():
+        model.get_submodule("model.layers.1.mlp.down_proj").weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: weights contain 1 NaN/inf"):
+        mq.quantize_(model, mq.QuantConfig(4))
+    assert not quantized_modules(model), "a failed quantize_ must leave the model unchanged"
