@@ -1,0 +1,251 @@
+"""Seed 000's classification set-up (SPEC section 3): a VLM turned into a multi-label classifier, and compact
+image-only classifiers (CNN, ViT) with the same head, for the adaptive-quantization experiments.
+
+``VLMClassifier``::
+
+    f_img  = mean over the image tokens of the vision-tower output     (the input of the VLM's projector)
+    f_txt  = masked mean over the text tokens of hidden_states[text_layer] of the language model
+    e      = concat(W_i f_img, W_t f_txt)                               (the fused embedding, 2 * fuse_dim)
+    logits = head(e),  head = Linear(2 d, hidden) -> GELU -> Dropout -> Linear(hidden, n_labels)
+
+trained with ``BCEWithLogitsLoss`` (one logit per label). The vision tower, projector and language model are
+found with :func:`medquant.models.model_roles`; image features come from the model's own
+``get_image_features`` (so every architecture's pixel conventions are respected) captured at the projector's
+input by a forward pre-hook. The backbone is frozen by default (a feature extractor, as in the seed).
+
+``CompactCNN`` / ``SmallViT``: image-only classifiers with ``blocks`` (an ``nn.ModuleList``), a pooled
+embedding and the same ``head``; ``default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)`` (the fused-embedding site).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..models import model_roles
+
+
+def _mlp_head(in_dim: int, hidden: int, n_labels: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_labels))
+
+
+def _check_n_labels(n_labels) -> int:
+    if isinstance(n_labels, bool) or not isinstance(n_labels, int) or n_labels < 1:
+        raise ValueError(f"n_labels must be a positive int, got {n_labels!r}")
+    return n_labels
+
+
+class VLMClassifier(nn.Module):
+    """Multi-label classifier on top of a Hugging Face vision-language model (seed 000).
+
+    Args:
+        vlm: a VLM supported by :func:`medquant.models.model_roles` (Gemma 3, LLaVA, Qwen2-VL / 2.5-VL,
+            PaliGemma, Idefics3 / SmolVLM).
+        n_labels: number of labels (one logit each).
+        text_layer: which hidden state of the language model gives the text features: ``k`` = after ``k``
+            decoder layers (0 = token embeddings), negative counts from the end (default -1 = last).
+        fuse_dim: size of each projected modality feature; the fused embedding has ``2 * fuse_dim``.
+        hidden: width of the MLP head. ``dropout``: head dropout.
+        freeze_backbone: freeze the VLM's parameters (default True).
+        image_dim / text_dim: feature sizes when they cannot be read from the config.
+
+    ``forward(pixel_values, input_ids=None, attention_mask=None, **image_kwargs)``: ``image_kwargs`` are passed
+    to ``get_image_features`` (``image_grid_thw`` for Qwen2-VL, ``pixel_attention_mask`` for Idefics3).
+    Without ``input_ids`` the text half of the fused embedding is zero (image-only use).
+    """
+
+    default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)
+
+    def __init__(self, vlm: nn.Module, n_labels: int, text_layer: int = -1, fuse_dim: int = 128,
+                 hidden: int = 128, dropout: float = 0.1, freeze_backbone: bool = True,
+                 image_dim: int | None = None, text_dim: int | None = None):
+        super().__init__()
+        n_labels = _check_n_labels(n_labels)
+        roles = model_roles(vlm)
+        missing = [r for r in ("vision", "projector", "language") if not roles.get(r)]
+        if missing:
+            raise ValueError(f"{type(vlm).__name__} is not a vision-language model medquant knows (no "
+                             f"{', '.join(missing)} role); supported: Gemma 3, LLaVA, Qwen2-VL, Qwen2.5-VL, "
+                             "PaliGemma, Idefics3")
+        self.vlm = vlm
+        self._projector_name = roles["projector"][0]
+        self._language_name = roles["language"][0]
+        owner = vlm.model if hasattr(vlm, "model") and hasattr(vlm.model, "get_image_features") else vlm
+        if not hasattr(owner, "get_image_features"):
+            raise ValueError(f"{type(vlm).__name__} has no get_image_features(); cannot extract image features")
+        self._owner_is_inner = owner is not vlm
+        cfg = vlm.config
+        vc = getattr(cfg, "vision_config", None)
+        tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else getattr(cfg, "text_config", cfg)
+        if image_dim is None:
+            image_dim = getattr(vc, "embed_dim", None) or getattr(vc, "hidden_size", None)
+            layers = getattr(cfg, "vision_feature_layer", None)
+            if isinstance(layers, (list, tuple)):
+                image_dim = image_dim * len(layers)
+        if text_dim is None:
+            text_dim = getattr(tc, "hidden_size", None)
+        if not image_dim or not text_dim:
+            raise ValueError("cannot read the vision / text hidden sizes from the config: pass image_dim= and "
+                             "text_dim=")
+        n_layers = getattr(tc, "num_hidden_layers", None)
+        if isinstance(text_layer, bool) or not isinstance(text_layer, int):
+            raise TypeError(f"text_layer must be an int, got {text_layer!r}")
+        if n_layers is not None and not -(n_layers + 1) <= text_layer <= n_layers:
+            raise ValueError(f"text_layer={text_layer} out of range for a language model with {n_layers} layers "
+                             f"(accepted {-(n_layers + 1)}..{n_layers})")
+        self.text_layer = text_layer
+        self.image_dim, self.text_dim = int(image_dim), int(text_dim)
+        self.image_proj = nn.Linear(self.image_dim, fuse_dim)
+        self.text_proj = nn.Linear(self.text_dim, fuse_dim)
+        self.head = _mlp_head(2 * fuse_dim, hidden, n_labels, dropout)
+        self.n_labels = n_labels
+        if freeze_backbone:
+            for p in vlm.parameters():
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ features
+    def image_features(self, pixel_values: torch.Tensor, **image_kwargs) -> torch.Tensor:
+        """Pooled vision-tower features ``(B, image_dim)``: the projector's input, mean over image tokens."""
+        captured = {}
+
+        def grab(module, args):
+            captured["x"] = args[0]
+
+        projector = dict(self.vlm.named_modules())[self._projector_name]
+        h = projector.register_forward_pre_hook(grab)
+        try:
+            owner = self.vlm.model if self._owner_is_inner else self.vlm
+            owner.get_image_features(pixel_values=pixel_values, **image_kwargs)
+        finally:
+            h.remove()
+        feats = captured.get("x")
+        if feats is None:
+            raise RuntimeError("the projector did not run: no image features captured")
+        grid = image_kwargs.get("image_grid_thw")
+        if feats.dim() == 3:
+            pooled = feats.mean(dim=1)
+        elif feats.dim() == 2 and grid is not None:  # Qwen2-VL: all patches of all images, flattened
+            sizes = [int(t) * int(h_) * int(w) for t, h_, w in grid.tolist()]
+            pooled = torch.stack([c.mean(dim=0) for c in torch.split(feats, sizes, dim=0)])
+        else:
+            raise ValueError(f"unexpected image feature shape {tuple(feats.shape)} at the projector input")
+        if pooled.shape[-1] != self.image_dim:
+            raise ValueError(f"image features have {pooled.shape[-1]} dims, expected image_dim={self.image_dim}")
+        return pooled
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked mean of the language model's ``hidden_states[text_layer]`` over the text tokens."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lm = dict(self.vlm.named_modules())[self._language_name]
+        out = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hs = out.hidden_states[self.text_layer]
+        m = attention_mask.to(hs.dtype).unsqueeze(-1)
+        return (hs * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+    def fused_embedding(self, pixel_values, input_ids=None, attention_mask=None, **image_kwargs) -> torch.Tensor:
+        fi = self.image_proj(self.image_features(pixel_values, **image_kwargs).float())
+        if input_ids is None:
+            ft = torch.zeros_like(fi)
+        else:
+            ft = self.text_proj(self.text_features(input_ids, attention_mask).float())
+        if ft.shape[0] != fi.shape[0]:
+            raise ValueError(f"{fi.shape[0]} images but {ft.shape[0]} text rows")
+        return torch.cat([fi, ft], dim=-1)
+
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, **image_kwargs) -> torch.Tensor:
+        return self.head(self.fused_embedding(pixel_values, input_ids, attention_mask, **image_kwargs))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.act(self.bn(self.conv(x))))
+
+
+class CompactCNN(nn.Module):
+    """Image-only classifier: ``blocks`` (conv3x3-BN-ReLU-maxpool per width), global average pool, the MLP
+    ``head`` of seed 000 (``default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)``: its input is the embedding)."""
+
+    default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)
+
+    def __init__(self, n_labels: int, in_channels: int = 1, widths=(16, 32, 64, 64), hidden: int = 64,
+                 dropout: float = 0.1):
+        super().__init__()
+        n_labels = _check_n_labels(n_labels)
+        chans = [in_channels, *widths]
+        self.blocks = nn.ModuleList(_Block(a, b) for a, b in itertools.pairwise(chans))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = _mlp_head(widths[-1], hidden, n_labels, dropout)
+        self.n_labels = n_labels
+
+    def embed(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.pool(x).flatten(1)
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+class _ViTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (f(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class SmallViT(nn.Module):
+    """Image-only ViT: conv patch embedding, learned positions, ``blocks`` of pre-norm attention + MLP (plain
+    ``nn.Linear`` projections, so ``quantize_`` reaches all of them), mean-pooled tokens, the MLP ``head``."""
+
+    default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)
+
+    def __init__(self, n_labels: int, image_size: int = 64, patch: int = 8, in_channels: int = 1, dim: int = 64,
+                 depth: int = 4, heads: int = 4, hidden: int = 64, dropout: float = 0.1):
+        super().__init__()
+        n_labels = _check_n_labels(n_labels)
+        if image_size % patch or dim % heads:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch ({patch}) and dim ({dim}) "
+                             f"of heads ({heads})")
+        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, dim) * 0.02)
+        self.blocks = nn.ModuleList(_ViTBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = _mlp_head(dim, hidden, n_labels, dropout)
+        self.image_size = image_size
+        self.n_labels = n_labels
+
+    def embed(self, x):
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(f"SmallViT was built for {self.image_size}x{self.image_size} images, got "
+                             f"{tuple(x.shape[-2:])}")
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        for b in self.blocks:
+            x = b(x)
+        return self.norm(x).mean(dim=1)
+
+    def forward(self, x):
+        return self.head(self.embed(x))

@@ -1,0 +1,205 @@
+"""Learned bit-width policy (SPEC section 3, "beyond the paper"): complexity features -> level.
+
+Labels. For each calibration sample ``i`` and each candidate bit-width ``b`` of the bit map, ``L_b(i)`` is the
+sample's loss when the whole batch runs at ``b`` activation bits; ``L_fp(i)`` its loss with float activations
+(the same weight-quantized model). The label is the lowest width that stays within ``epsilon``::
+
+    label(i) = min { b : L_b(i) <= L_fp(i) + epsilon }      (the highest width when none qualifies)
+
+Model. ``LearnedPolicy`` standardises the five raw complexity metrics (mean / std of the fit set) and maps
+them with a small MLP (5 -> hidden -> n_levels) to level logits ``g(x)``. Training minimises
+
+    CE(g(x), label) + penalty * relu(mean_i sum_k softmax(g(x_i))_k * bits_k - budget) / max_bits
+
+(the expected average bits under the policy's soft assignment, pushed under the budget). Decision:
+``level = argmax_k g_k(x) - lam * bits_k / max_bits`` with ``lam >= 0`` found by bisection on the fit set so that
+the average bits there is at most ``budget`` (``lam = 0`` when the plain argmax already fits).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .quantizer import DEFAULT_BIT_MAP, AdaptiveQuantizer, _check_bit_map
+
+
+def policy_labels(loss_by_bits: Mapping[int, torch.Tensor], full_precision_loss: torch.Tensor,
+                  epsilon: float) -> torch.Tensor:
+    """Per-sample label: the lowest bit-width whose loss is within ``epsilon`` of full precision (module doc).
+
+    Args:
+        loss_by_bits: bits -> per-sample losses ``(N,)``.
+        full_precision_loss: ``(N,)`` per-sample losses with float activations.
+        epsilon: tolerance (>= 0), in the loss's units.
+    Returns ``(N,)`` int64 bit-widths.
+    """
+    if not loss_by_bits:
+        raise ValueError("loss_by_bits is empty")
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
+    fp = torch.as_tensor(full_precision_loss, dtype=torch.float64)
+    bits = sorted(loss_by_bits)
+    losses = torch.stack([torch.as_tensor(loss_by_bits[b], dtype=torch.float64) for b in bits])
+    if losses.shape[1:] != fp.shape or fp.dim() != 1:
+        raise ValueError(f"every loss vector must have the shape of full_precision_loss {tuple(fp.shape)}")
+    if not bool(torch.isfinite(losses).all()) or not bool(torch.isfinite(fp).all()):
+        raise ValueError("losses contain NaN or inf")
+    ok = losses <= fp.unsqueeze(0) + epsilon  # (K, N)
+    ok[-1] = True  # nothing qualifies -> the highest width
+    first = ok.to(torch.int64).argmax(dim=0)  # first True along the ascending bit list
+    return torch.tensor(bits, dtype=torch.int64)[first]
+
+
+@torch.no_grad()
+def per_sample_losses(aq: AdaptiveQuantizer, inputs: torch.Tensor, targets: torch.Tensor,
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], bits_list=None,
+                      batch_size: int = 256) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Per-sample losses at each uniform activation width of ``bits_list`` (default the bit map's widths) and
+    with float activations. ``loss_fn(logits, targets)`` must return one loss per sample (``reduction="none"``,
+    summed over labels if needed). Returns ``(bits -> (N,), fp (N,))``."""
+    was_training = aq.training
+    saved = (dict(aq._count_by_level), dict(aq._bits_by_level), dict(aq._hist))  # not part of the user's stats
+    aq.eval()
+    bits_list = sorted(set(bits_list or aq.bit_map.values()))
+    out = {b: [] for b in bits_list}
+    fp = []
+    try:
+        for i in range(0, len(inputs), batch_size):
+            x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
+            n = x.shape[0]
+            fp.append(_per_sample(loss_fn(aq(x, bits=torch.full((n,), 32, dtype=torch.int64)), y), n))
+            for b in bits_list:
+                out[b].append(_per_sample(loss_fn(aq(x, bits=torch.full((n,), b, dtype=torch.int64)), y), n))
+    finally:
+        aq.train(was_training)
+        aq._count_by_level, aq._bits_by_level, aq._hist = saved
+    return {b: torch.cat(v) for b, v in out.items()}, torch.cat(fp)
+
+
+def _per_sample(loss: torch.Tensor, n: int) -> torch.Tensor:
+    loss = loss.reshape(n, -1).sum(dim=1) if loss.dim() > 1 else loss
+    if loss.shape != (n,):
+        raise ValueError(f"loss_fn must return one loss per sample ({n}), got shape {tuple(loss.shape)}")
+    return loss.detach().double().cpu()
+
+
+class LearnedPolicy(nn.Module):
+    """Small MLP from the five complexity metrics to a level, trained on :func:`policy_labels` under an
+    average-bit budget (module docstring). ``levels(images=None, metrics=None)`` works like a scorer's, so a
+    fitted policy can be handed to :class:`AdaptiveQuantizer` as ``scorer=``.
+
+    Args:
+        bit_map: level -> bits (the same map the quantizer uses).
+        scorer: a ``ComplexityScorer`` used to compute metrics when ``levels`` gets images.
+        hidden: MLP width.
+    """
+
+    def __init__(self, bit_map: Mapping[int, int] | None = None, scorer=None, hidden: int = 16):
+        super().__init__()
+        self.bit_map = _check_bit_map(DEFAULT_BIT_MAP if bit_map is None else bit_map)
+        self.level_list = list(self.bit_map)
+        self.register_buffer("level_bits", torch.tensor([self.bit_map[k] for k in self.level_list],
+                                                        dtype=torch.float32))
+        self.net = nn.Sequential(nn.Linear(5, hidden), nn.ReLU(), nn.Linear(hidden, len(self.level_list)))
+        self.register_buffer("mean", torch.zeros(5))
+        self.register_buffer("std", torch.ones(5))
+        self.register_buffer("lam", torch.tensor(0.0))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.scorer = scorer
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_list)
+
+    def _features(self, metrics) -> torch.Tensor:
+        m = torch.as_tensor(metrics, dtype=torch.float32)
+        if m.dim() != 2 or m.shape[1] != 5:
+            raise ValueError(f"metrics must have shape (N, 5), got {tuple(m.shape)}")
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError("metrics contain NaN or inf")
+        return (m - self.mean) / self.std
+
+    def fit(self, metrics, labels_bits, budget: float | None = None, epochs: int = 300, lr: float = 0.03,
+            penalty: float = 1.0, seed: int = 0) -> LearnedPolicy:
+        """Train on raw metrics ``(N, 5)`` and per-sample label bit-widths ``(N,)`` (from :func:`policy_labels`).
+
+        ``budget``: target average bits (between the smallest and the largest width of the bit map), or None.
+        """
+        m = torch.as_tensor(metrics, dtype=torch.float32)
+        bits = torch.as_tensor(labels_bits, dtype=torch.int64)
+        if m.dim() != 2 or m.shape[1] != 5 or bits.shape != (m.shape[0],) or m.shape[0] < 2:
+            raise ValueError(f"need metrics (N, 5) and labels (N,) with N >= 2, got {tuple(m.shape)} and "
+                             f"{tuple(bits.shape)}")
+        width_to_level = {}
+        for i, lv in enumerate(self.level_list):
+            width_to_level.setdefault(self.bit_map[lv], i)
+        unknown = sorted(set(bits.tolist()) - set(width_to_level))
+        if unknown:
+            raise ValueError(f"label bit-widths {unknown} are not in the bit map {self.bit_map}")
+        lo, hi = float(self.level_bits.min()), float(self.level_bits.max())
+        if budget is not None and not lo <= float(budget) <= hi:
+            raise ValueError(f"budget={budget} average bits is impossible with widths {sorted(set(self.bit_map.values()))}"
+                             f": it must lie in [{lo}, {hi}]")
+        y = torch.tensor([width_to_level[b] for b in bits.tolist()], dtype=torch.int64)
+        self.mean.copy_(m.mean(0))
+        self.std.copy_(m.std(0).clamp_min(1e-6))
+        x = self._features(m)
+        g = torch.Generator().manual_seed(seed)
+        for p in self.net.parameters():  # deterministic init from the seed
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() == 1 else p.shape[-1] ** -0.5))
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        ce = nn.CrossEntropyLoss()
+        self.net.train()
+        for _ in range(epochs):
+            logits = self.net(x)
+            loss = ce(logits, y)
+            if budget is not None:
+                expected = (logits.softmax(-1) * self.level_bits).sum(-1).mean()
+                loss = loss + penalty * torch.relu(expected - float(budget)) / hi
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.net.eval()
+        self.lam.fill_(0.0)
+        if budget is not None:
+            self.lam.fill_(self._calibrate(x, float(budget)))
+        self.fitted.fill_(True)
+        return self
+
+    @torch.no_grad()
+    def _decide(self, x: torch.Tensor, lam: float) -> torch.Tensor:
+        score = self.net(x) - lam * self.level_bits / self.level_bits.max()
+        return score.argmax(-1)
+
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor, budget: float) -> float:
+        def avg(lam):
+            return float(self.level_bits[self._decide(x, lam)].mean())
+
+        if avg(0.0) <= budget:
+            return 0.0
+        lo, hi = 0.0, 1.0
+        while avg(hi) > budget and hi < 1e6:
+            hi *= 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if avg(mid) <= budget else (mid, hi)
+        return hi
+
+    @torch.no_grad()
+    def levels(self, images=None, metrics=None) -> torch.Tensor:
+        """Predicted level ``(N,)`` int64 from raw metrics, or from images through ``scorer.metrics``."""
+        if not bool(self.fitted):
+            raise RuntimeError("LearnedPolicy is not fitted: call fit(metrics, labels_bits, budget=...) first")
+        if metrics is None:
+            if images is None:
+                raise ValueError("pass images or metrics=")
+            if self.scorer is None:
+                raise ValueError("this policy has no scorer to compute metrics from images: pass metrics=")
+            metrics = self.scorer.metrics(images)
+        idx = self._decide(self._features(metrics), float(self.lam))
+        return torch.tensor(self.level_list, dtype=torch.int64)[idx]

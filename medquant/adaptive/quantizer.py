@@ -1,0 +1,307 @@
+"""``AdaptiveQuantizer``: per-input activation bit-widths chosen by image complexity (SPEC section 3, seed 000).
+
+Each input image gets a complexity level (from a fitted :class:`medquant.complexity.ComplexityScorer` on the raw
+images, from a learned policy, or passed in); the level selects a bit-width (default ``{0: 2, 1: 4, 2: 8, 3: 32}``)
+and the activation at one or more *sites* of the network is fake-quantized per sample at that width
+(:func:`medquant.adaptive.fakequant.fake_quantize_per_sample`), all samples in one batched forward. The weights
+are quantized once, globally, with :func:`medquant.quantize_` (default int8 per output channel).
+
+A *site* is a module name plus where its activation is taken:
+
+* ``"head"`` or ``("head", "input")`` - the first positional input of the module (a forward pre-hook); the
+  default site is the input of the classification head (seed 000's fused embedding);
+* ``("blocks.3", "output")`` - the module's output (a forward hook; a tuple output has its first element
+  quantized).
+
+Dimension 0 of the activation at every site must be the batch.
+
+This is simulated quantization: the activation values are rounded to ``b`` bits and put back in floating point,
+so it changes accuracy, not speed or memory, unless a real low-bit kernel consumes the codes. The weight
+quantization through ``quantize_`` is real storage (packed codes) and shrinks the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .fakequant import PASSTHROUGH_BITS, check_bits, fake_quantize_per_sample
+
+DEFAULT_BIT_MAP: dict[int, int] = {0: 2, 1: 4, 2: 8, 3: 32}
+WHERE = ("input", "output")
+_DEFAULT_HEAD_NAMES = ("head", "classifier", "fc")
+
+
+def _check_bit_map(bit_map: Mapping) -> dict[int, int]:
+    if not isinstance(bit_map, Mapping) or not bit_map:
+        raise ValueError(f"bit_map must be a non-empty mapping level -> bits, got {bit_map!r}")
+    out = {}
+    for k, v in bit_map.items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"bit_map levels must be non-negative ints, got {k!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not (1 <= v <= 8 or v >= PASSTHROUGH_BITS):
+            raise ValueError(f"bit_map[{k}] = {v!r}: bits must be 1..8 or >= {PASSTHROUGH_BITS} (float)")
+        out[k] = v
+    return dict(sorted(out.items()))
+
+
+def _parse_site(site) -> tuple[str, str]:
+    if isinstance(site, str):
+        return site, "input"
+    if isinstance(site, (tuple, list)) and len(site) == 2 and isinstance(site[0], str) and site[1] in WHERE:
+        return site[0], site[1]
+    raise ValueError(f"a site is a module name or (module name, 'input'|'output'), got {site!r}")
+
+
+def default_sites(model: nn.Module) -> list[tuple[str, str]]:
+    """The input of the classification head: ``model.default_adaptive_sites`` when the model declares it, the
+    ``head`` role of a Hugging Face model, or a top-level child named ``head`` / ``classifier`` / ``fc``."""
+    declared = getattr(model, "default_adaptive_sites", None)
+    if declared:
+        return [_parse_site(s) for s in declared]
+    try:
+        from ..models import model_roles
+
+        heads = model_roles(model).get("head", [])
+    except ValueError:  # UnsupportedArchitectureError is a ValueError
+        heads = []
+    if len(heads) == 1:
+        return [(heads[0], "input")]
+    children = dict(model.named_children())
+    for name in _DEFAULT_HEAD_NAMES:
+        if name in children:
+            return [(name, "input")]
+    raise ValueError(f"cannot find the classification head of {type(model).__name__}: pass sites=[...] "
+                     "(module names from model.named_modules(), optionally (name, 'output'))")
+
+
+def block_output_sites(model: nn.Module, prefix: str | None = None) -> list[tuple[str, str]]:
+    """``(name, "output")`` for every block of ``model.blocks`` (or the ``nn.ModuleList`` named ``prefix``), or
+    the vision layers of a Hugging Face vision model (:func:`medquant.models.vision_layers`)."""
+    mods = dict(model.named_modules())
+    if prefix is None and isinstance(mods.get("blocks"), nn.ModuleList):
+        prefix = "blocks"
+    if prefix is not None:
+        ml = mods.get(prefix)
+        if not isinstance(ml, (nn.ModuleList, nn.Sequential)):
+            raise ValueError(f"{prefix!r} is not a ModuleList/Sequential of blocks in {type(model).__name__}")
+        return [(f"{prefix}.{i}", "output") for i in range(len(ml))]
+    from ..models import vision_layers
+
+    return [(n, "output") for n in vision_layers(model)]
+
+
+class AdaptiveQuantizer(nn.Module):
+    """Wrap ``model`` so each input sample's activations are quantized at a bit-width chosen by its level.
+
+    Args:
+        model: any ``nn.Module`` (changed in place: weights quantized, hooks added).
+        bit_map: level -> bits (1..8 quantized, >= 16 float). Default ``{0: 2, 1: 4, 2: 8, 3: 32}``.
+        sites: module names (input of the module) or ``(name, "input"|"output")`` pairs; default
+            :func:`default_sites` (input of the classification head).
+        scorer: object with ``levels(images)`` (a fitted ``ComplexityScorer`` or a ``LearnedPolicy``), used when
+            ``forward`` gets ``images=`` or neither levels nor bits.
+        weight_config: ``QuantConfig`` / int / mapping for :func:`medquant.quantize_`, or ``None`` to leave the
+            weights in floating point. Default int8 per output channel.
+        weight_skip: ``skip`` patterns passed to ``quantize_``.
+
+    Call: ``aq(x, levels=lv)``, ``aq(x, bits=b)``, ``aq(x, images=raw)`` or ``aq(x)`` (scorer on ``x``); any other
+    positional / keyword arguments go to the model. ``aq.stats()`` reports the average bits actually used.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bit_map: Mapping[int, int] | None = None,
+        sites: Sequence | None = None,
+        scorer=None,
+        weight_config="default",
+        weight_skip=None,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.bit_map = _check_bit_map(DEFAULT_BIT_MAP if bit_map is None else bit_map)
+        self.model = model
+        self.scorer = scorer
+        if scorer is not None:
+            n = getattr(scorer, "n_levels", None)
+            if n is not None and any(lv not in self.bit_map for lv in range(int(n))):
+                raise ValueError(f"the scorer gives levels 0..{int(n) - 1} but bit_map only has "
+                                 f"{sorted(self.bit_map)}")
+        parsed = [_parse_site(s) for s in sites] if sites is not None else default_sites(model)
+        if not parsed:
+            raise ValueError("sites is empty: give at least one module name")
+        mods = dict(model.named_modules())
+        for name, _ in parsed:
+            if name not in mods:
+                close = difflib.get_close_matches(name, list(mods), n=3)
+                raise ValueError(f"unknown module name {name!r} in sites" +
+                                 (f"; did you mean {close}?" if close else "; see model.named_modules()"))
+        if len(set(parsed)) != len(parsed):
+            raise ValueError(f"duplicate sites in {parsed}")
+        self.sites: list[tuple[str, str]] = parsed
+        if weight_config is not None:
+            from ..quant import QuantConfig, quantize_
+
+            cfg = QuantConfig(8, scope="channel") if isinstance(weight_config, str) and weight_config == "default" \
+                else weight_config
+            quantize_(model, cfg, skip=weight_skip)
+        self.weight_config = None if weight_config is None else str(weight_config)
+        self._bits: torch.Tensor | None = None
+        self._enabled = True
+        self._handles = []
+        mods = dict(model.named_modules())  # quantize_ swapped some modules
+        for name, where in self.sites:
+            m = mods[name]
+            if where == "input":
+                h = m.register_forward_pre_hook(self._make_pre_hook(name))
+            else:
+                h = m.register_forward_hook(self._make_post_hook(name))
+            self._handles.append(h)
+        self.reset_stats()
+
+    # ------------------------------------------------------------------ hooks
+    def _quant(self, name: str, x):
+        if not self._enabled:
+            return x
+        if self._bits is None:
+            raise RuntimeError(f"site {name!r} ran without per-sample bits: call the AdaptiveQuantizer "
+                               "(aq(x, levels=...)), use aq.bits_context(bits), or aq.disabled()")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"the activation at site {name!r} is a {type(x).__name__}, not a tensor")
+        if x.dim() == 0 or x.shape[0] != self._bits.numel():
+            raise ValueError(f"{self._bits.numel()} per-sample bit-widths (levels) but the activation at site "
+                             f"{name!r} has shape {tuple(x.shape)} (dim 0 must be the batch)")
+        return fake_quantize_per_sample(x, self._bits)
+
+    def _make_pre_hook(self, name):
+        def hook(module, args):
+            if not args:
+                raise ValueError(f"site {name!r} got no positional input to quantize; use (name, 'output')")
+            return (self._quant(name, args[0]),) + tuple(args[1:])
+        return hook
+
+    def _make_post_hook(self, name):
+        def hook(module, args, output):
+            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+                return (self._quant(name, output[0]),) + tuple(output[1:])
+            return self._quant(name, output)
+        return hook
+
+    def remove(self) -> nn.Module:
+        """Remove the hooks and return the (weight-quantized) model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return self.model
+
+    # ------------------------------------------------------------------ levels -> bits
+    def levels_to_bits(self, levels) -> torch.Tensor:
+        """Map levels (B,) to bit-widths (B,) int64 through ``bit_map``; unknown levels raise."""
+        lv = torch.as_tensor(levels)
+        if lv.dtype.is_floating_point or lv.dtype == torch.bool:
+            if lv.dtype == torch.bool or not bool(torch.all(lv == lv.round())):
+                raise TypeError(f"levels must be integers, got {lv.dtype}")
+            lv = lv.long()
+        if lv.dim() != 1:
+            raise ValueError(f"levels must be 1-D (one per sample), got shape {tuple(lv.shape)}")
+        lv = lv.to(torch.int64).cpu()
+        known = torch.tensor(sorted(self.bit_map), dtype=torch.int64)
+        unknown = sorted(set(lv.tolist()) - set(known.tolist()))
+        if unknown:
+            raise ValueError(f"unknown level(s) {unknown}: bit_map has levels {known.tolist()}")
+        table = torch.zeros(int(known.max()) + 1, dtype=torch.int64)
+        for k, v in self.bit_map.items():
+            table[k] = v
+        return table[lv]
+
+    @contextlib.contextmanager
+    def bits_context(self, bits) -> Iterator[None]:
+        """Set the per-sample bits for model calls made by other code (e.g. a generation loop)."""
+        prev = self._bits
+        self._bits = check_bits(torch.as_tensor(bits), int(torch.as_tensor(bits).numel()))
+        try:
+            yield
+        finally:
+            self._bits = prev
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the model with the activation quantization off (weights stay quantized)."""
+        prev = self._enabled
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = prev
+
+    # ------------------------------------------------------------------ forward
+    def resolve_bits(self, args=(), levels=None, bits=None, images=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample (bits, levels) for one call; see the class docstring for the precedence."""
+        given = sum(v is not None for v in (levels, bits, images))
+        if given > 1:
+            raise ValueError("pass only one of levels=, bits= and images=")
+        if bits is not None:
+            b = torch.as_tensor(bits)
+            if b.dim() != 1:
+                raise ValueError(f"bits must be 1-D (one per sample), got shape {tuple(b.shape)}")
+            return check_bits(b, int(b.numel())), None
+        if levels is None:
+            if self.scorer is None:
+                raise ValueError("no levels: pass levels= or bits=, or give the AdaptiveQuantizer a fitted scorer")
+            src = images if images is not None else (args[0] if args else None)
+            if src is None:
+                raise ValueError("no images to score: pass images= (raw images for the complexity scorer)")
+            levels = self.scorer.levels(src)
+        return self.levels_to_bits(levels), torch.as_tensor(levels).to(torch.int64).cpu()
+
+    def forward(self, *args, levels=None, bits=None, images=None, **kwargs):
+        b, lv = self.resolve_bits(args, levels, bits, images)
+        dev = next((t.device for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        prev = self._bits
+        self._bits = b.to(dev) if dev is not None else b
+        try:
+            out = self.model(*args, **kwargs)
+        finally:
+            self._bits = prev
+        self._record(b, lv)
+        return out
+
+    # ------------------------------------------------------------------ accounting
+    def reset_stats(self) -> None:
+        self._count_by_level: dict[int, int] = {}
+        self._bits_by_level: dict[int, int] = {}
+        self._hist: dict[int, int] = {}
+
+    def _record(self, bits: torch.Tensor, levels: torch.Tensor | None) -> None:
+        bl = bits.cpu().tolist()
+        ll = levels.tolist() if levels is not None else [None] * len(bl)
+        for b, lv in zip(bl, ll):
+            self._hist[b] = self._hist.get(b, 0) + 1
+            if lv is not None:
+                self._count_by_level[lv] = self._count_by_level.get(lv, 0) + 1
+                self._bits_by_level[lv] = self._bits_by_level.get(lv, 0) + b
+
+    def stats(self) -> dict:
+        """Effective activation bits actually used since the last ``reset_stats``.
+
+        ``average_bits`` = sum over processed samples of their bit-width / number of samples (a float row counts
+        at its nominal 16/32); ``per_level[l] = {"samples", "average_bits"}`` (calls with ``levels``); ``histogram``
+        = bits -> samples. Samples are counted once per forward call, whatever the number of sites.
+        """
+        n = sum(self._hist.values())
+        total = sum(b * c for b, c in self._hist.items())
+        return {
+            "samples": n,
+            "average_bits": (total / n) if n else float("nan"),
+            "per_level": {lv: {"samples": c, "average_bits": self._bits_by_level[lv] / c}
+                          for lv, c in sorted(self._count_by_level.items())},
+            "histogram": dict(sorted(self._hist.items())),
+        }
+
+    def extra_repr(self) -> str:
+        return f"bit_map={self.bit_map}, sites={self.sites}, weight_config={self.weight_config}"
