@@ -1,14 +1,17 @@
 """The one dispatch point between quantized modules and matmul backends.
 
 ``packed_linear`` computes ``y = x @ dequant(W_q)^T`` for one row group of a quantized layer, reading the
-packed layout of :mod:`medquant.quant.packing` directly. On CUDA with Triton available it calls the Triton
-kernels in :mod:`medquant.kernels`; everywhere else it runs the plain-torch reference below (which is also the
-test oracle). Modules never know which backend ran.
+packed layout of :mod:`medquant.quant.packing` directly. It calls the custom op ``torch.ops.medquant.packed_linear``
+(registered in :mod:`medquant.kernels.ops`), whose body runs the Triton kernels for CUDA tensors and the
+plain-torch reference below (also the test oracle) elsewhere. Because the op is opaque to ``torch.compile`` and has
+a fake (meta) implementation, a model of QuantLinear layers compiles with ``fullgraph=True``. Modules never know
+which backend ran.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import kernels as _kernels  # noqa: F401  (registers the torch.ops.medquant custom ops)
 from .core import dequantize_codes
 from .packing import unpack
 
@@ -30,14 +33,6 @@ def packed_linear_reference(
     return x @ w.t()
 
 
-def _kernel_backend():
-    try:
-        from .. import kernels  # noqa: F401  (optional: written by the kernels issue)
-    except ImportError:
-        return None
-    return getattr(kernels, "packed_linear", None)
-
-
 def packed_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -50,8 +45,4 @@ def packed_linear(
     k: int,
 ) -> torch.Tensor:
     """``x (M, k) @ dequant(qweight)^T`` -> ``(M, n_rows)`` in ``x.dtype``. See module docstring."""
-    if x.is_cuda:
-        fn = _kernel_backend()
-        if fn is not None:
-            return fn(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
-    return packed_linear_reference(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+    return torch.ops.medquant.packed_linear(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)

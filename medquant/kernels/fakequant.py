@@ -1,0 +1,78 @@
+"""Host side of the fake-quant kernels: checks, block sizes and launches (Triton imported on first call)."""
+from __future__ import annotations
+
+import torch
+
+from ._runtime import interpreting
+from .reference import PASSTHROUGH_BITS, check_row_bits, check_static_args
+
+
+def _np2(v: int) -> int:
+    return 1 << max(int(v) - 1, 0).bit_length()
+
+
+def _need_kernel_device(x: torch.Tensor) -> None:
+    if x.device.type == "cpu" and not interpreting():
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+
+
+def fake_quantize_rows_triton(
+    x2: torch.Tensor, bits: torch.Tensor, symmetric: bool, eps: float, want_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kernel launch for a 2-D ``(R, C)`` input; see :func:`medquant.kernels.fake_quantize_rows`."""
+    check_row_bits(bits, x2.shape[0], symmetric)
+    _need_kernel_device(x2)
+    from ._fakequant_triton import _fq_rows_kernel
+
+    x2 = x2.contiguous()
+    r, c = x2.shape
+    y = torch.empty_like(x2)
+    mask = torch.empty(r, c, dtype=torch.int8, device=x2.device) if want_mask else None
+    if r == 0 or c == 0:
+        return y, (mask.view(torch.bool) if mask is not None else None)
+    bits32 = bits.to(device=x2.device, dtype=torch.int32).contiguous()
+    if interpreting():
+        block, warps = min(_np2(c), 8192), 4
+    else:  # pragma: no cover - GPU
+        block = min(_np2(c), 4096)
+        warps = 8 if block >= 2048 else 4
+    _fq_rows_kernel[(r,)](
+        x2, bits32, y, mask if mask is not None else y, c, x2.stride(0), y.stride(0), float(eps),
+        SYMMETRIC=bool(symmetric), WRITE_MASK=want_mask, PASS_BITS=PASSTHROUGH_BITS, BLOCK_C=block,
+        num_warps=warps,
+    )
+    return y, (mask.view(torch.bool) if mask is not None else None)
+
+
+def fake_quantize_static_triton(
+    x2: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, symmetric: bool,
+    group_size: int | None, want_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kernel launch for a 2-D ``(N, K)`` input; see :func:`medquant.kernels.fake_quantize_static`."""
+    check_static_args(x2, scales, zeros, bits, symmetric, group_size)
+    _need_kernel_device(x2)
+    from ._fakequant_triton import _fq_static_kernel
+
+    x2 = x2.contiguous()
+    n, k = x2.shape
+    y = torch.empty_like(x2)
+    mask = torch.empty(n, k, dtype=torch.int8, device=x2.device) if want_mask else None
+    if n == 0 or k == 0:
+        return y, (mask.view(torch.bool) if mask is not None else None)
+    if scales.shape[0] == 1 and n != 1:  # tensor scope: broadcast with stride 0
+        scales = scales.expand(n, scales.shape[1])
+        zeros = zeros.expand(n, zeros.shape[1]) if zeros is not None else None
+    zt = zeros if zeros is not None else scales
+    if interpreting():
+        bn, bk = min(_np2(n), 64), min(_np2(k), 512)
+    else:  # pragma: no cover - GPU
+        bn, bk = min(_np2(n), 16), min(_np2(k), 256)
+    grid = (-(-n // bn), -(-k // bk))
+    _fq_static_kernel[grid](
+        x2, scales, zt, y, mask if mask is not None else y,
+        n, k, x2.stride(0), x2.stride(1), scales.stride(0), scales.stride(1), zt.stride(0), zt.stride(1),
+        y.stride(0),
+        BITS=bits, SYMMETRIC=bool(symmetric), GROUP=int(group_size or 0), WRITE_MASK=want_mask,
+        BLOCK_N=bn, BLOCK_K=bk,
+    )
+    return y, (mask.view(torch.bool) if mask is not None else None)

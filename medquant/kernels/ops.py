@@ -1,0 +1,141 @@
+"""``torch.library`` custom ops: one opaque node per kernel for ``torch.compile``, with fake (meta) kernels.
+
+=================================  ======================================================================
+``medquant::packed_linear``        ``(x, qweight, scales, zeros?, bits, symmetric, scope, group_elems, k)``
+                                   -> ``y (M, N)``; backward: ``dL/dx = dL/dy @ dequant(W)``
+``medquant::fake_quantize_rows``   ``(x, bits, symmetric, eps, want_mask)`` -> ``(out, mask)``; STE backward
+``medquant::fake_quantize_static`` ``(x, scales, zeros?, bits, symmetric, group_size, want_mask)``
+                                   -> ``(out, mask)``; STE backward
+=================================  ======================================================================
+
+The body picks the backend when it runs (:func:`medquant.kernels._runtime.resolve_backend`): the Triton kernels
+for CUDA tensors, the torch references elsewhere (CPU), or whatever :func:`force_backend` says. ``torch.compile``
+only sees the op and its fake implementation (shapes and dtypes), so QuantLinear layers trace without graph breaks
+whatever runs inside. ``want_mask=False`` returns an empty mask (shape ``(0,)``) and the backward passes the
+gradient straight through; with ``want_mask=True`` the gradient is zeroed where the clamp cut the value off.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..quant.core import dequantize_codes
+from ..quant.packing import unpack
+from ._runtime import resolve_backend
+from .reference import (
+    check_packed_args,
+    fake_quantize_rows_reference,
+    fake_quantize_static_reference,
+    packed_linear_reference,
+)
+
+
+# ------------------------------------------------------------------------------------------- packed_linear
+@torch.library.custom_op("medquant::packed_linear", mutates_args=())
+def packed_linear_op(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, symmetric: bool, scope: str,
+    group_elems: int, k: int,
+) -> Tensor:
+    """``x (M, k) @ dequant(qweight)^T -> (M, N)`` in ``x.dtype`` (packed layout, format v1)."""
+    if resolve_backend(x.device) == "triton":
+        from .packed import packed_linear_triton
+
+        return packed_linear_triton(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+    check_packed_args(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+    return packed_linear_reference(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+
+
+@packed_linear_op.register_fake
+def _packed_linear_fake(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D (M, K), got {x.dim()}-D")
+    torch._check(qweight.dim() == 2 and qweight.dtype == torch.int32, lambda: "qweight must be 2-D int32")
+    torch._check(x.shape[1] == k, lambda: f"x has {x.shape[1]} features, the packed weight K={k}")
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def _packed_linear_setup(ctx, inputs, output):
+    _x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.meta = (bits, symmetric, scope, group_elems, k)
+
+
+def _packed_linear_backward(ctx, grad):
+    qweight, scales, zeros = ctx.saved_tensors
+    bits, symmetric, scope, group_elems, k = ctx.meta
+    gx = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize_codes(unpack(qweight, bits), scales, zeros, bits, symmetric, scope, group_elems, k,
+                             dtype=grad.dtype)
+        gx = grad @ w
+    return gx, None, None, None, None, None, None, None, None
+
+
+packed_linear_op.register_autograd(_packed_linear_backward, setup_context=_packed_linear_setup)
+
+
+# ------------------------------------------------------------------------------------------- fake-quant
+def _empty_mask(x: Tensor) -> Tensor:
+    return torch.empty(0, dtype=torch.bool, device=x.device)
+
+
+@torch.library.custom_op("medquant::fake_quantize_rows", mutates_args=())
+def fake_quantize_rows_op(x: Tensor, bits: Tensor, symmetric: bool, eps: float, want_mask: bool
+                          ) -> tuple[Tensor, Tensor]:
+    """Per-row dynamic fake quantization of a 2-D ``x``; ``bits`` has one entry per row."""
+    if resolve_backend(x.device) == "triton":
+        from .fakequant import fake_quantize_rows_triton
+
+        out, mask = fake_quantize_rows_triton(x, bits, symmetric, eps, want_mask)
+    else:
+        res = fake_quantize_rows_reference(x, bits, symmetric, eps, return_mask=want_mask)
+        out, mask = res if want_mask else (res, None)
+    return out, (mask if mask is not None else _empty_mask(x))
+
+
+@fake_quantize_rows_op.register_fake
+def _fake_quantize_rows_fake(x, bits, symmetric, eps, want_mask):
+    torch._check(x.dim() == 2, lambda: "fake_quantize_rows op expects a 2-D (rows, -1) view")
+    mask = x.new_empty(x.shape, dtype=torch.bool) if want_mask else x.new_empty(0, dtype=torch.bool)
+    return torch.empty_like(x), mask
+
+
+@torch.library.custom_op("medquant::fake_quantize_static", mutates_args=())
+def fake_quantize_static_op(x: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, symmetric: bool,
+                            group_size: int, want_mask: bool) -> tuple[Tensor, Tensor]:
+    """Fake quantization of a 2-D ``x`` with given scales / zeros (``group_size`` 0 = tensor/channel scope)."""
+    gs = group_size if group_size > 0 else None
+    if resolve_backend(x.device) == "triton":
+        from .fakequant import fake_quantize_static_triton
+
+        out, mask = fake_quantize_static_triton(x, scales, zeros, bits, symmetric, gs, want_mask)
+    else:
+        res = fake_quantize_static_reference(x, scales, zeros, bits, symmetric, gs, return_mask=want_mask)
+        out, mask = res if want_mask else (res, None)
+    return out, (mask if mask is not None else _empty_mask(x))
+
+
+@fake_quantize_static_op.register_fake
+def _fake_quantize_static_fake(x, scales, zeros, bits, symmetric, group_size, want_mask):
+    torch._check(x.dim() == 2, lambda: "fake_quantize_static op expects a 2-D (rows, -1) view")
+    mask = x.new_empty(x.shape, dtype=torch.bool) if want_mask else x.new_empty(0, dtype=torch.bool)
+    return torch.empty_like(x), mask
+
+
+def _fq_setup(ctx, inputs, output):
+    want_mask = inputs[-1]
+    ctx.want_mask = want_mask
+    ctx.n_inputs = len(inputs)
+    if want_mask:
+        ctx.save_for_backward(output[1])
+
+
+def _fq_backward(ctx, grad_out, grad_mask):
+    gx = grad_out
+    if ctx.want_mask:
+        (mask,) = ctx.saved_tensors
+        gx = grad_out * mask.to(grad_out.dtype)
+    return (gx,) + (None,) * (ctx.n_inputs - 1)
+
+
+fake_quantize_rows_op.register_autograd(_fq_backward, setup_context=_fq_setup)
+fake_quantize_static_op.register_autograd(_fq_backward, setup_context=_fq_setup)

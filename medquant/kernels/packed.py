@@ -1,0 +1,124 @@
+"""Host side of the packed weight-only matmul: argument checks, regime dispatch on M and kernel launch.
+
+Dispatch thresholds (``M`` = rows of ``x``, i.e. tokens in the batch):
+
+==================  =========================  ===================================================
+``M == 1``          ``gemv``                   FMA GEMV, split-K, fp32 atomics (decode step)
+``2 <= M <= 64``    ``splitk``                 ``tl.dot`` tiles, split-K, fp32 atomics
+``M > 64``          ``gemm``                   ``tl.dot`` tiles, grouped order, direct store
+==================  =========================  ===================================================
+
+``SPLITK_MAX_M`` is the switch between the two tensor-core regimes: below it the output has too few tiles to fill
+the GPU, so K is split across programs as well. The values are starting points for the GPU tuning issue.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.packing import container_bits
+from ._runtime import interpreting
+from .reference import check_packed_args
+
+GEMV_MAX_M = 1
+SPLITK_MAX_M = 64
+REGIMES = ("gemv", "splitk", "gemm")
+
+
+def select_regime(m: int) -> str:
+    """Kernel regime for ``m`` activation rows (see the module table)."""
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    if m <= SPLITK_MAX_M:
+        return "splitk"
+    return "gemm"
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for M: the next power of two (capped), so a new sequence length does not re-tune."""
+    return min(1 << max(m - 1, 0).bit_length(), 4096)
+
+
+def packed_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    symmetric: bool,
+    scope: str,
+    group_elems: int,
+    k: int,
+    *,
+    regime: str | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x (M, k) @ dequant(qweight)^T -> (M, N)`` in ``x.dtype`` with the Triton kernels.
+
+    Reads the packed layout as stored (no repacking). ``regime`` overrides :func:`select_regime` and
+    ``config`` the block sizes (both for tests / benchmarks; under the interpreter the configuration is fixed
+    to ``INTERPRET_CONFIGS`` unless overridden, on a GPU the kernels are autotuned unless ``config`` is given).
+    """
+    check_packed_args(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+    if x.device.type == "cpu" and not interpreting():
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    from . import _packed_triton as kt
+
+    m = x.shape[0]
+    n = qweight.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        return x.new_zeros(m, n)
+    regime = regime or select_regime(m)
+    if regime not in REGIMES:
+        raise ValueError(f"regime={regime!r}; accepted: {', '.join(REGIMES)}")
+    if regime == "gemv" and m != 1:
+        raise ValueError(f"the gemv regime needs M = 1, got M = {m}")
+    cb = container_bits(bits)
+    channel = scope in ("tensor", "channel")
+    if scope == "tensor":
+        scales = scales.expand(n, 1)
+        zeros = zeros.expand(n, 1) if zeros is not None else None
+    group = 0 if channel else int(group_elems)
+    zt = zeros if zeros is not None else scales  # dummy pointer when symmetric (never read)
+    consts = {"BITS": bits, "CB": cb, "ZSYM": (1 << (bits - 1)) if bits > 1 else 0, "SYMMETRIC": bool(symmetric),
+                  "CHANNEL": channel, "GROUP": group}
+    interp = interpreting()
+    fixed = config if config is not None else (kt.INTERPRET_CONFIGS[regime] if interp else None)
+
+    if regime == "gemv":
+        y32 = torch.zeros(n, device=x.device, dtype=torch.float32)
+        args = (x, qweight, scales, zt, y32, n, k, x.stride(1), qweight.stride(0), qweight.stride(1),
+                scales.stride(0), scales.stride(1), zt.stride(0), zt.stride(1))
+        if fixed is None:
+            kern = kt.gemv_tuned
+            grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+            kern[grid](*args, **consts)
+        else:
+            grid = (triton_cdiv(n, fixed["BLOCK_N"]), fixed["SPLIT_K"])
+            kt._packed_gemv_kernel[grid](*args, **consts, **fixed)
+        return y32.view(1, n).to(x.dtype)
+
+    atomic = regime == "splitk"
+    if atomic:
+        y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    consts["DOT_F32"] = interp or x.dtype == torch.float32
+    consts["ATOMIC"] = atomic
+    args = (x, qweight, scales, zt, y, m, n, k, _m_bucket(m), x.stride(0), x.stride(1), qweight.stride(0),
+            qweight.stride(1), scales.stride(0), scales.stride(1), zt.stride(0), zt.stride(1), y.stride(0),
+            y.stride(1))
+    if fixed is None:
+        kern = kt.splitk_tuned if atomic else kt.gemm_tuned
+        grid = lambda meta: (
+            triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        kern[grid](*args, **consts)
+    else:
+        if not atomic and fixed.get("SPLIT_K", 1) != 1:
+            raise ValueError("the gemm regime stores directly and needs SPLIT_K = 1")
+        grid = (triton_cdiv(m, fixed["BLOCK_M"]) * triton_cdiv(n, fixed["BLOCK_N"]), fixed["SPLIT_K"])
+        kt._packed_mm_kernel[grid](*args, **consts, **fixed)
+    return y.to(x.dtype) if atomic else y
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,263 @@
+"""Plain-torch references of every kernel: the CPU path of the custom ops and the oracle of the tests.
+
+Rounding is ``torch.round`` (half to even) on float32 values, exactly as in :mod:`medquant.quant.core`; the
+Triton kernels reproduce it bit for bit with a floor-based formulation.
+
+* :func:`fake_quantize_rows_reference` — per-row (per-sample) dynamic fake quantization, each row its own bits.
+* :func:`fake_quantize_static_reference` — fake quantization with given scales / zero points.
+* :func:`packed_linear_reference` — re-exported from :mod:`medquant.quant.matmul` (unpack, dequantize, matmul).
+
+Argument checks shared by the references and the kernels live here too, so both backends reject the same
+inputs with the same messages.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.packing import container_bits, padded_k, values_per_word
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: rows with at least this many bits are passed through unchanged by :func:`fake_quantize_rows_reference`
+PASSTHROUGH_BITS = 16
+DEFAULT_ROW_EPS = float(torch.finfo(torch.float32).tiny)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_float(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float16, bfloat16 or float32, got {x.dtype}")
+
+
+def check_bits_value(bits: int, symmetric: bool, what: str = "bits") -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{what} must be an int, got {bits!r}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"{what}={bits} out of range: the kernels quantize to 1..8 bits")
+
+
+def check_packed_args(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k) -> None:
+    """Validate the arguments of ``packed_linear`` (shapes follow :mod:`medquant.quant.packing`)."""
+    check_float(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    check_bits_value(bits, symmetric)
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise TypeError("qweight must be a 2-D int32 tensor of packed codes (rows, K_pad // values_per_word)")
+    if scope not in ("tensor", "channel", "group"):
+        raise ValueError(f"scope={scope!r} is not supported; accepted: tensor, channel, group")
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} input features but the packed weight holds K={k}")
+    n, words = qweight.shape
+    kp = words * values_per_word(bits)
+    want = padded_k(k, bits, group_elems if scope == "group" else None)
+    if kp != want:
+        raise ValueError(f"qweight has {words} words per row = {kp} {container_bits(bits)}-bit slots, but K={k} "
+                         f"packed at {bits} bits needs K_pad={want}: wrong bits, wrong K or wrong group size")
+    if not isinstance(scales, torch.Tensor) or scales.dtype not in FLOAT_DTYPES or scales.dim() != 2:
+        raise TypeError("scales must be a 2-D float16/bfloat16/float32 tensor")
+    if isinstance(group_elems, bool) or not isinstance(group_elems, int) or group_elems <= 0:
+        raise ValueError(f"group_elems must be a positive int, got {group_elems!r}")
+    if scope == "tensor":
+        if tuple(scales.shape) != (1, 1):
+            raise ValueError(f"tensor scope expects (1, 1) scales, got {tuple(scales.shape)}")
+    elif scope == "channel":
+        if tuple(scales.shape) != (n, 1):
+            raise ValueError(f"channel scope expects ({n}, 1) scales, got {tuple(scales.shape)}")
+    else:
+        if kp % group_elems:
+            raise ValueError(f"K_pad={kp} is not a multiple of the group size {group_elems}")
+        if tuple(scales.shape) != (n, kp // group_elems):
+            raise ValueError(f"group scope with {group_elems} elements per group expects scales of shape "
+                             f"({n}, {kp // group_elems}), got {tuple(scales.shape)}")
+    if symmetric:
+        if zeros is not None:
+            raise ValueError("symmetric rows use the implicit zero point 2^(b-1): pass zeros=None")
+    else:
+        if zeros is None:
+            raise ValueError("asymmetric rows need their zero points (zeros is None)")
+        if not isinstance(zeros, torch.Tensor) or zeros.shape != scales.shape:
+            raise ValueError(f"zeros must have the shape of scales {tuple(scales.shape)}")
+        if zeros.dtype not in FLOAT_DTYPES:
+            raise TypeError("zeros must be float16/bfloat16/float32 (integers stored in the scale dtype)")
+    devs = {t.device for t in (x, qweight, scales) + ((zeros,) if zeros is not None else ())}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(shape[0], -1)``: rows are samples (dynamic) or output channels (static)."""
+    if x.dim() == 0:
+        raise ValueError("expected at least a 1-D tensor")
+    return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
+
+
+def check_row_bits(bits_per_row: torch.Tensor, n_rows: int, symmetric: bool) -> None:
+    if bits_per_row.dim() != 1 or bits_per_row.numel() != n_rows:
+        raise ValueError(f"bits_per_row must hold one entry per row ({n_rows}), got shape "
+                         f"{tuple(bits_per_row.shape)}")
+    if bits_per_row.dtype.is_floating_point or bits_per_row.dtype == torch.bool:
+        raise TypeError(f"bits_per_row must be an integer tensor, got {bits_per_row.dtype}")
+    if n_rows == 0:
+        return
+    b = bits_per_row.to(torch.int64)
+    low = 2 if symmetric else 1
+    bad = ((b < low) | (b > 8)) & (b < PASSTHROUGH_BITS)
+    if bool(bad.any()):
+        raise ValueError(
+            f"bits_per_row has values {sorted(set(b[bad].tolist()))}; accepted: {low}..8 "
+            f"({'symmetric' if symmetric else 'asymmetric'}) or >= {PASSTHROUGH_BITS} (left in floating point)"
+        )
+
+
+def as_bits_tensor(bits_per_row, device: torch.device) -> torch.Tensor:
+    if isinstance(bits_per_row, torch.Tensor):
+        return bits_per_row.to(device=device)
+    return torch.as_tensor(list(bits_per_row), dtype=torch.int32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- fake-quant
+def fake_quantize_rows_reference(
+    x: torch.Tensor,
+    bits_per_row: torch.Tensor,
+    symmetric: bool,
+    eps: float = DEFAULT_ROW_EPS,
+    return_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-row dynamic fake quantization; row ``r`` of ``x`` (viewed as ``(R, C)``) uses ``b_r`` bits.
+
+    All arithmetic in float32 (``x`` is upcast), result cast back to ``x.dtype``:
+
+    * asymmetric: ``lo = min(min_r, 0)``, ``hi = max(max_r, 0)``, ``s = max((hi - lo) / (2^b - 1), eps)``,
+      ``z = clamp(round(-lo / s), 0, 2^b - 1)``, ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
+      ``out = (q - z) * s``;
+    * symmetric (``b >= 2``): ``q_max = 2^(b-1) - 1``, ``s = max(absmax_r / q_max, eps)``,
+      ``q = clamp(round(x / s), -q_max, q_max)``, ``out = q * s``;
+    * ``b >= 16``: ``out = x`` (left in floating point).
+
+    ``eps`` (default: the smallest normal float32) keeps an all-zero row at ``s = eps`` and exact, never NaN;
+    it is the same clamp-after-divide rule as :func:`medquant.quant.core.compute_qparams` with float32 scales.
+    With ``return_mask`` also returns the straight-through mask: True where the unclamped code
+    (``round(x/s) + z``, or ``round(x/s)`` when symmetric) lies inside the clamp range.
+    """
+    check_float(x, "x")
+    x2 = rows_view(x)
+    bits_per_row = as_bits_tensor(bits_per_row, x.device)
+    check_row_bits(bits_per_row, x2.shape[0], symmetric)
+    xf = x2.float()
+    b = bits_per_row.to(device=x.device, dtype=torch.int64)
+    passthrough = (b >= PASSTHROUGH_BITS)[:, None]
+    bq = torch.where(b >= PASSTHROUGH_BITS, torch.full_like(b, 8), b)
+    if symmetric:
+        qmax = (2 ** (bq - 1) - 1).float()[:, None]
+        s = (xf.abs().amax(1, keepdim=True) / qmax).clamp_min(eps)
+        r = torch.round(xf / s)
+        lo, hi = -qmax, qmax
+        out = torch.minimum(torch.maximum(r, lo), hi) * s
+    else:
+        qmax = (2**bq - 1).float()[:, None]
+        mn = xf.amin(1, keepdim=True).clamp_max(0)
+        mx = xf.amax(1, keepdim=True).clamp_min(0)
+        s = ((mx - mn) / qmax).clamp_min(eps)
+        z = torch.minimum(torch.maximum(torch.round(-mn / s), torch.zeros_like(qmax)), qmax)
+        r = torch.round(xf / s) + z
+        lo, hi = torch.zeros_like(qmax), qmax
+        out = (torch.minimum(torch.maximum(r, lo), hi) - z) * s
+    out = torch.where(passthrough, x2, out.to(x.dtype)).reshape(x.shape)
+    if not return_mask:
+        return out
+    inside = ((r >= lo) & (r <= hi)) | passthrough
+    return out, inside.reshape(x.shape)
+
+
+def check_static_args(x2, scales, zeros, bits, symmetric, group_size) -> None:
+    check_float(x2, "x")
+    check_bits_value(bits, symmetric)
+    n, k = x2.shape
+    if not isinstance(scales, torch.Tensor) or scales.dtype not in FLOAT_DTYPES:
+        raise TypeError("scales must be a float16/bfloat16/float32 tensor")
+    if scales.dim() != 2:
+        raise ValueError(f"scales must be 2-D, got shape {tuple(scales.shape)}")
+    if group_size is None:
+        if tuple(scales.shape) not in ((1, 1), (n, 1)):
+            raise ValueError(f"scales of shape {tuple(scales.shape)} fit neither tensor scope (1, 1) nor channel "
+                             f"scope ({n}, 1); pass group_size for group scales")
+    else:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        need = -(-k // group_size)
+        if scales.shape[0] != n or scales.shape[1] < need:
+            raise ValueError(f"group scales for ({n}, {k}) with group_size {group_size} need shape ({n}, >= {need}), "
+                             f"got {tuple(scales.shape)}")
+    if symmetric:
+        if zeros is not None:
+            raise ValueError("symmetric quantization has no zero points: pass zeros=None")
+    else:
+        if zeros is None:
+            raise ValueError("asymmetric quantization needs zero points (zeros is None)")
+        if not isinstance(zeros, torch.Tensor) or zeros.shape != scales.shape:
+            raise ValueError(f"zeros must have the shape of scales {tuple(scales.shape)}")
+    if scales.device != x2.device or (zeros is not None and zeros.device != x2.device):
+        raise ValueError("x, scales and zeros must be on one device")
+
+
+def fake_quantize_static_reference(
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    symmetric: bool,
+    group_size: int | None = None,
+    return_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fake quantization of ``x`` (viewed as ``(N, K)``, rows = output channels) with given parameters.
+
+    ``scales`` (and ``zeros``) are ``(1, 1)`` (tensor), ``(N, 1)`` (channel) or ``(N, G)`` with ``group_size``
+    (element ``k`` uses group ``k // group_size``). In float32, result cast to ``x.dtype``:
+
+    * symmetric ``b >= 2``: ``out = clamp(round(x / s), -q_max, q_max) * s``;  1-bit: ``out = s`` if ``x >= 0``
+      else ``-s`` (codes ``u = [x >= 0]``, ``(2u - 1) * s``);
+    * asymmetric: ``out = (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s``.
+
+    Given the parameters of :func:`medquant.quant.core.compute_qparams` this is bit-identical to
+    :func:`medquant.quant.core.fake_quantize`. The mask (``return_mask``) is True where the unclamped code lies
+    inside the clamp range.
+    """
+    x2 = rows_view(x)
+    check_static_args(x2, scales, zeros, bits, symmetric, group_size)
+    n, k = x2.shape
+    xf = x2.float()
+
+    def expand(p: torch.Tensor) -> torch.Tensor:
+        p = p.float()
+        if group_size is not None:
+            p = p.repeat_interleave(group_size, dim=1)[:, :k]
+        return p.expand(n, k)
+
+    s = expand(scales)
+    r = torch.round(xf / s)
+    if symmetric:
+        if bits == 1:
+            out = torch.where(xf >= 0, s, -s)
+            lo, hi = -1.0, 1.0
+        else:
+            qmax = float(2 ** (bits - 1) - 1)
+            lo, hi = -qmax, qmax
+            out = r.clamp(lo, hi) * s
+    else:
+        z = expand(zeros)
+        r = r + z
+        lo, hi = 0.0, float(2**bits - 1)
+        out = (r.clamp(lo, hi) - z) * s
+    out = out.to(x.dtype).reshape(x.shape)
+    if not return_mask:
+        return out
+    return out, ((r >= lo) & (r <= hi)).reshape(x.shape)
+
+
+def packed_linear_reference(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k):
+    """The packed-matmul oracle, :func:`medquant.quant.matmul.packed_linear_reference` (imported lazily)."""
+    from ..quant.matmul import packed_linear_reference as ref
+
+    return ref(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)

@@ -1,0 +1,31 @@
+"""Kernel tests run the real Triton kernels on CPU through the Triton interpreter.
+
+``TRITON_INTERPRET`` must be set before Triton is first imported; this conftest is imported before the test
+modules of this folder, and ``import medquant`` never imports Triton, so setting it here is enough (unless
+something imported Triton earlier in the session — then the ``kernel_device`` fixture fails loudly).
+"""
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _TESTS not in sys.path:  # for ``import zoo`` (tests/conftest.py does the same)
+    sys.path.insert(0, _TESTS)
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> str:
+    """Device on which the Triton kernels run: CUDA if present and not interpreting, else CPU (interpreter)."""
+    pytest.importorskip("triton")
+    from medquant.kernels import interpreting, triton_available
+
+    if interpreting():
+        return "cpu"
+    if torch.cuda.is_available() and triton_available("cuda"):
+        return "cuda"
+    pytest.fail("TRITON_INTERPRET=1 was not honoured (triton was imported before tests/kernels/conftest.py?) "
+                "and there is no CUDA device: the Triton kernels cannot run")

@@ -1,0 +1,51 @@
+"""Shared helpers of the kernel tests: fp64 oracles and the tolerance rule."""
+from __future__ import annotations
+
+import torch
+
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps,
+       torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+
+
+def dequant_fp64(codes, scales, zeros, bits, symmetric, scope, group_elems, k):
+    """Weights from the *unpacked* codes, in float64, written independently of medquant's dequantizer."""
+    n, kp = codes.shape
+    u = codes.to(torch.float64)
+    cols = torch.arange(kp)
+    if scope == "group":
+        gi = cols // group_elems
+        s = scales.to(torch.float64)[:, gi]
+        z = zeros.to(torch.float64)[:, gi] if zeros is not None else None
+    else:
+        s = scales.to(torch.float64).expand(n, 1)
+        z = zeros.to(torch.float64).expand(n, 1) if zeros is not None else None
+    if symmetric:
+        w = (2 * u - 1) * s if bits == 1 else (u - 2 ** (bits - 1)) * s
+    else:
+        w = (u - z) * s
+    return w[:, :k]
+
+
+def matmul_tolerance(x: torch.Tensor, w64: torch.Tensor) -> float:
+    """``K * eps(dtype) * max|x| * max|w|``: bounds rounding W to the activation dtype (K terms of at most
+    ``eps/2 |x||w|``) plus rounding the output (``eps/2 * |y|``, ``|y| <= K max|x| max|w|``)."""
+    k = x.shape[-1]
+    scale = float(x.double().abs().max()) * float(w64.abs().max())
+    return max(k, 1) * EPS[x.dtype] * scale + 1e-30
+
+
+def assert_matches_oracle(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, what: str = "") -> None:
+    ref = x.double() @ w64.t()
+    assert y.shape == ref.shape, f"{what}: shape {tuple(y.shape)} != {tuple(ref.shape)}"
+    assert y.dtype == x.dtype, f"{what}: dtype {y.dtype} != {x.dtype}"
+    tol = matmul_tolerance(x, w64)
+    err = float((y.double() - ref).abs().max()) if ref.numel() else 0.0
+    assert err <= tol, f"{what}: max |y - y_fp64| = {err:.4g} > tol {tol:.4g}"
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits (so -0.0 != +0.0); via ``==`` on integer views."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    iv = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    return bool((a.contiguous().view(iv) == b.contiguous().view(iv)).all())

@@ -1,0 +1,213 @@
+"""Packed weight-only matmul: Triton kernels (interpreted on CPU) against an fp64 oracle built from the codes."""
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+import torch
+from kernel_helpers import assert_matches_oracle, dequant_fp64
+
+from medquant.kernels import force_backend, packed_linear, select_regime
+from medquant.kernels.packed import packed_linear_triton
+from medquant.quant import QuantConfig, pack, quantize, unpack
+from medquant.quant.matmul import packed_linear_reference
+from medquant.quant.modules import QuantLinear
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SCOPES = [("group", 32), ("group", 64), ("group", 128), ("channel", None), ("tensor", None)]
+
+
+def make_case(m, n, k, bits, scope, gs, symmetric, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g))
+    cfg = QuantConfig(bits, symmetric=symmetric, scope=scope, group_size=gs or 128)
+    q = quantize(w, cfg)
+    qw = pack(q.codes, bits)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w64 = dequant_fp64(q.codes, q.scales, q.zeros, bits, q.symmetric, scope, q.group_size, k)
+    args = [t.to(device) if isinstance(t, torch.Tensor) else t
+            for t in (x, qw, q.scales, q.zeros, bits, q.symmetric, scope, q.group_size, k)]
+    return args, w64
+
+
+def _grid():
+    """A covering subset of M x N x K x bits x scope x symmetric x dtype (the full product is ~7000 cases).
+
+    Every (bits, scope) pair appears twice; every other axis is a shuffled cycle over its values (seeded), so
+    each value appears about equally often and every regime is hit."""
+    import random
+
+    rng = random.Random(0)
+    pairs = [p for p in itertools.product([2, 3, 4, 8], SCOPES) for _ in range(2)]
+
+    def cycle(values):
+        out = (list(values) * (len(pairs) // len(values) + 1))[: len(pairs)]
+        rng.shuffle(out)
+        return out
+
+    ms, ns, ks = cycle([1, 3, 17, 64, 80]), cycle([1, 33, 96]), cycle([40, 128, 200, 256])
+    syms, dts = cycle([True, False]), cycle(DTYPES)
+    return [(ms[i], ns[i], ks[i], b, sc, gs, syms[i], dts[i]) for i, (b, (sc, gs)) in enumerate(pairs)]
+
+
+GRID = _grid()
+
+
+@pytest.mark.parametrize("m,n,k,bits,scope,gs,symmetric,dtype", GRID,
+                         ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-b{c[3]}-{c[4]}{c[5] or ''}-{'sym' if c[6] else 'asym'}-"
+                              f"{str(c[7])[6:]}" for c in GRID])
+def test_kernel_matches_fp64_oracle(kernel_device, m, n, k, bits, scope, gs, symmetric, dtype):
+    args, w64 = make_case(m, n, k, bits, scope, gs, symmetric, dtype, kernel_device)
+    y = packed_linear_triton(*args)
+    assert_matches_oracle(y.cpu(), args[0].cpu(), w64, f"{select_regime(m)}")
+    # the torch reference (the CPU path) satisfies the same bound
+    assert_matches_oracle(packed_linear_reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args]),
+                          args[0].cpu(), w64, "reference")
+
+
+def test_grid_covers_every_axis():
+    for axis, values in [(0, {1, 3, 17, 64, 80}), (1, {1, 33, 96}), (2, {40, 128, 200, 256}), (3, {2, 3, 4, 8}),
+                         (6, {True, False}), (7, set(DTYPES))]:
+        assert {c[axis] for c in GRID} == values, axis
+    assert {select_regime(c[0]) for c in GRID} == {"gemv", "splitk", "gemm"}
+
+
+@pytest.mark.parametrize("regime", ["splitk", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_regime_every_dtype(kernel_device, regime, dtype):
+    args, w64 = make_case(5, 33, 200, 4, "group", 64, False, dtype, kernel_device, seed=1)
+    y = packed_linear_triton(*args, regime=regime)
+    assert_matches_oracle(y.cpu(), args[0].cpu(), w64, regime)
+
+
+# small blocks force several K tiles per program, splits that start mid-K, and all three scale modes
+SMALL = {"gemv": {"BLOCK_N": 16, "BLOCK_KW": 4, "SPLIT_K": 2},
+         "splitk": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KW": 4, "SPLIT_K": 2, "GROUP_M": 1},
+         "gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KW": 4, "SPLIT_K": 1, "GROUP_M": 2}}
+
+
+@pytest.mark.parametrize("bits,scope,gs,k,symmetric", [
+    (4, "group", 32, 100, True),     # BLOCK_K = 32 = group: TILE mode, 4 tiles
+    (8, "group", 32, 72, False),     # BLOCK_K = 16 divides the group: TILE mode, 2 tiles per group
+    (2, "group", 64, 200, False),    # BLOCK_K = 64: TILE mode
+    (2, "group", 24, 96, True),      # group not a multiple of the 16 values per word: ELEM mode
+    (3, "group", 12, 96, False),     # 4-bit container, group 12: ELEM mode
+    (4, "group", 24, 96, False),     # group = 3 words, not a multiple of BLOCK_K = 32: WORD mode
+    (4, "channel", None, 75, False),
+])
+@pytest.mark.parametrize("regime,m", [("gemv", 1), ("splitk", 7), ("gemm", 20)])
+def test_multi_tile_and_scale_modes(kernel_device, bits, scope, gs, k, symmetric, regime, m):
+    args, w64 = make_case(m, 20, k, bits, scope, gs, symmetric, torch.float32, kernel_device, seed=2)
+    y = packed_linear_triton(*args, regime=regime, config=SMALL[regime])
+    assert_matches_oracle(y.cpu(), args[0].cpu(), w64, f"{regime} {bits}b {scope}{gs} sym={symmetric}")
+
+
+def test_one_bit_and_seven_bit(kernel_device):
+    for bits, sym in [(1, True), (1, False), (5, True), (7, False)]:
+        args, w64 = make_case(3, 20, 100, bits, "group", 32, sym, torch.float32, kernel_device, seed=3)
+        assert_matches_oracle(packed_linear_triton(*args).cpu(), args[0].cpu(), w64, f"{bits} bits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scope,gs", [("channel", None), ("group", 32)])
+def test_negative_control_wrong_scale_is_caught(kernel_device, dtype, scope, gs):
+    """One perturbed scale must make the comparison fail: the tolerance is tight enough to see it."""
+    args, w64 = make_case(4, 33, 128, 4, scope, gs, True, dtype, kernel_device, seed=4)
+    y = packed_linear_triton(*args)
+    assert_matches_oracle(y.cpu(), args[0].cpu(), w64, "unperturbed")
+    bad = list(args)
+    s = args[2].clone()
+    s[5, 1 if scope == "group" else 0] *= 1.5
+    bad[2] = s
+    y_bad = packed_linear_triton(*bad)
+    with pytest.raises(AssertionError, match="max"):
+        assert_matches_oracle(y_bad.cpu(), args[0].cpu(), w64, "perturbed scale")
+
+
+def test_custom_op_forced_backends_agree(kernel_device):
+    args, w64 = make_case(3, 33, 200, 4, "group", 32, False, torch.float16, kernel_device, seed=5)
+    y_t = packed_linear(*args, backend="triton")
+    y_r = packed_linear(*args, backend="torch")
+    assert_matches_oracle(y_t.cpu(), args[0].cpu(), w64, "op/triton")
+    assert_matches_oracle(y_r.cpu(), args[0].cpu(), w64, "op/torch")
+    # N-D activations
+    x3 = args[0].reshape(3, 1, 200)
+    y3 = packed_linear(x3, *args[1:], backend="triton")
+    assert y3.shape == (3, 1, 33)
+
+
+def test_backward_through_the_op(kernel_device):
+    args, w64 = make_case(3, 33, 40, 4, "channel", None, True, torch.float32, kernel_device, seed=6)
+    x = args[0].clone().requires_grad_(True)
+    with force_backend("triton"):
+        y = torch.ops.medquant.packed_linear(x, *args[1:])
+    g = torch.randn_like(y)
+    y.backward(g)
+    expected = g.double().cpu() @ w64
+    assert torch.allclose(x.grad.double().cpu(), expected, atol=1e-4)
+
+
+def _mixed_linear(device, bits=(2, 4, 8, 16, 0, 3), scope="group", gs=32):
+    torch.manual_seed(7)
+    lin = torch.nn.Linear(70, 37)
+    channel_bits = tuple(bits[i % len(bits)] for i in range(37))
+    q = QuantLinear.from_float(lin, QuantConfig(4, scope=scope, group_size=gs, channel_bits=channel_bits))
+    return q.to(device)
+
+
+@pytest.mark.parametrize("scope", ["group", "channel"])
+def test_mixed_bit_quantlinear_through_kernels(kernel_device, scope):
+    q = _mixed_linear(kernel_device, scope=scope)
+    x = torch.randn(5, 70, device=kernel_device)
+    with force_backend("triton"):
+        y_k = q(x)
+    with force_backend("torch"):
+        y_r = q(x)
+    w64 = q.dequantized_weight(torch.float64).cpu()
+    ref = x.double().cpu() @ w64.t() + q.bias.double().cpu()
+    tol = 70 * torch.finfo(torch.float32).eps * float(x.abs().max()) * float(w64.abs().max())
+    assert float((y_k.double().cpu() - ref).abs().max()) <= tol
+    assert float((y_r.double().cpu() - ref).abs().max()) <= tol
+    # pruned rows (0 bits) give exactly the bias
+    pruned = (q.row_bits() == 0).nonzero().flatten()
+    assert torch.equal(y_k[:, pruned].cpu(), q.bias[pruned].cpu().expand(5, -1))
+
+
+def test_saved_layout_is_consumed_without_repacking(kernel_device):
+    """The buffers of a saved and reloaded state dict go straight into the kernel."""
+    q = _mixed_linear("cpu", bits=(4, 2), scope="group", gs=64)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    q2 = QuantLinear(70, 37, True, q.config)
+    q2.load_state_dict(torch.load(buf))
+    q2 = q2.to(kernel_device)
+    x = torch.randn(1, 70, device=kernel_device)
+    for b in q2.bit_groups:
+        qw, s, z, bits, sym, scope, ge, k = q2._group_params(b)
+        assert qw.dtype == torch.int32 and qw.is_contiguous()
+        w64 = dequant_fp64(unpack(qw.cpu(), bits), s.cpu(), None if z is None else z.cpu(), bits, sym, scope, ge, k)
+        y = packed_linear_triton(x, qw, s, z, bits, sym, scope, ge, k)
+        assert_matches_oracle(y.cpu(), x.cpu(), w64, f"saved {b}-bit rows")
+
+
+def test_bad_inputs_are_rejected(kernel_device):
+    args, _ = make_case(2, 8, 64, 4, "group", 32, False, torch.float32, kernel_device)
+    x, qw, s, z, bits, sym, scope, ge, k = args
+    with pytest.raises(ValueError, match="K="):
+        packed_linear_triton(x, qw, s, z, 2, sym, scope, ge, k)  # wrong bits -> K_pad mismatch
+    with pytest.raises(ValueError, match="input features"):
+        packed_linear_triton(x[:, :60], qw, s, z, bits, sym, scope, ge, k)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        packed_linear_triton(x.double(), qw, s, z, bits, sym, scope, ge, k)
+    with pytest.raises(ValueError, match="out of range"):
+        packed_linear_triton(x, qw, s, z, 9, sym, scope, ge, k)
+    with pytest.raises(ValueError, match="zero points"):
+        packed_linear_triton(x, qw, s, None, bits, False, scope, ge, k)
+    with pytest.raises(ValueError, match="scales of shape"):
+        packed_linear_triton(x, qw, s[:, :1], z[:, :1], bits, sym, scope, ge, k)
+    with pytest.raises(TypeError, match="int32"):
+        packed_linear_triton(x, qw.to(torch.int64), s, z, bits, sym, scope, ge, k)
+    with pytest.raises(ValueError, match="regime"):
+        packed_linear_triton(x, qw, s, z, bits, sym, scope, ge, k, regime="gemv")
