@@ -6,4 +6,4 @@ the per-image scikit-image/numpy pipeline used as the test reference and the ben
 from .metrics import METRIC_NAMES
 from .scorer import ComplexityScorer
 
-__all__ = ["ComplexityScorer", "METRIC_NAMES"]
+__all__ = ["METRIC_NAMES", "ComplexityScorer"]

@@ -150,36 +150,29 @@ def _interp_weights(n: int, offset: float, device) -> tuple[torch.Tensor, torch.
     return 1.0 - d, d
 
 
-# The four diagonal neighbours: index i, row sign, column sign, and the two cardinal neighbours next to it.
-_DIAGONALS = ((1, -1, +1, 2, 0), (3, -1, -1, 2, 4), (5, +1, -1, 4, 6), (7, +1, +1, 6, 0))
-# integer form of skimage's interpolation weights: alpha = 0.70711, beta = 1 - alpha = 0.29289 (times 1e5)
-_ALPHA_I, _BETA_I = 70711, 29289
+# The four diagonal neighbours: bit index i, row sign, column sign.
+_DIAGONALS = ((1, -1, +1), (3, -1, -1), (5, +1, -1), (7, +1, +1))
+_CARDINALS = ((0, 0, +1), (2, -1, 0), (4, 0, -1), (6, +1, 0))
+# sign(577 d + 239 e) == sign(70711 d + 29289 e) for every |d| <= 255, |e| <= 510 (checked exhaustively in the
+# tests); 577/239 is a continued-fraction convergent of 70711/29289 (~ 1 + sqrt(2)). Max |s| = 269025.
+_A_DIAG, _B_CARD = 577, 239
 
 
-def _resolve_ties(p: torch.Tensor, idx: torch.Tensor, h: int, w: int, sr: int, sc: int) -> torch.Tensor:
-    """float64 bilinear value >= centre, exactly as skimage computes it, at flat pixel indices ``idx``.
+def _diagonal_values_below_centre(nb: dict, r, c, h: int, w: int, sr: int, sc: int, device) -> torch.Tensor:
+    """skimage's float64 bilinear value of the diagonal neighbour (sr, sc) < centre, for gathered pixels.
 
-    ``p`` is the zero-padded image (B, H+2, W+2); ``idx`` indexes the unpadded (B, H, W) image.
-    Returns a bool vector, one entry per index.
+    ``nb[(dy, dx)]`` holds the float64 values of the 3x3 neighbourhood (zero outside the image) of the pixels
+    at rows ``r`` and columns ``c``. Same operation order as skimage's Cython code:
+    ``top = (1-dc) tl + dc tr``, ``bottom = (1-dc) bl + dc br``, ``value = (1-dr) top + dr bottom``.
     """
-    bi = idx // (h * w)
-    r = (idx // w) % h
-    c = idx % w
-    w0, w1 = _interp_weights(w, sc * _DIAG, p.device)
-    v0, v1 = _interp_weights(h, sr * _DIAG, p.device)
-    wp = w + 2
-    r0 = r if sr < 0 else r + 1  # padded row of the top sample (image row r-1 or r)
-    c0 = c if sc < 0 else c + 1  # padded column of the left sample (image column c-1 or c)
-    base = bi * ((h + 2) * wp) + r0 * wp + c0
-    flat = p.reshape(-1)
-    tl = flat[base].to(torch.float64)
-    tr = flat[base + 1].to(torch.float64)
-    bl = flat[base + wp].to(torch.float64)
-    br = flat[base + wp + 1].to(torch.float64)
-    centre = flat[bi * ((h + 2) * wp) + (r + 1) * wp + c + 1].to(torch.float64)
+    w0, w1 = _interp_weights(w, sc * _DIAG, device)
+    v0, v1 = _interp_weights(h, sr * _DIAG, device)
+    top = -1 if sr < 0 else 0  # row offset of the top samples
+    left = -1 if sc < 0 else 0  # column offset of the left samples
     a0, a1, b0, b1 = w0[c], w1[c], v0[r], v1[r]
-    value = b0 * (a0 * tl + a1 * tr) + b1 * (a0 * bl + a1 * br)
-    return value >= centre
+    upper = a0 * nb[(top, left)] + a1 * nb[(top, left + 1)]
+    lower = a0 * nb[(top + 1, left)] + a1 * nb[(top + 1, left + 1)]
+    return b0 * upper + b1 * lower < nb[(0, 0)]
 
 
 def lbp_codes(u8: torch.Tensor) -> torch.Tensor:
@@ -190,30 +183,43 @@ def lbp_codes(u8: torch.Tensor) -> torch.Tensor:
     interpolations: with alpha = 0.70711, beta = 1 - alpha, the diagonal pixel D has weight alpha^2, the two
     cardinal pixels N1, N2 next to it alpha*beta and the centre x beta^2, so
 
-        value - x = alpha * 1e-5 * s,   s = 70711 (D - x) + 29289 (N1 + N2 - 2x)   (an exact integer).
+        value - x = alpha * 1e-5 * (70711 d + 29289 e),   d = D - x,  e = N1 + N2 - 2x.
 
-    The sign of s decides the bit. s = 0 exactly when D = x and N1 + N2 = 2x (70711 and 29289 are coprime);
-    there skimage's result depends on float64 rounding (flat regions give a value one ulp above or below x),
-    so those pixels are recomputed in float64 with skimage's operation order
-    (``top = (1-dc) tl + dc tr``; ``value = (1-dr) top + dr bottom``).
+    Its sign is that of s = 577 d + 239 e (the same sign for every 8-bit d, e; exact in int32), so the bits
+    are computed with integer arithmetic. s = 0 exactly when d = e = 0; there skimage's result depends on
+    float64 rounding (in flat regions the interpolated value lands one ulp above or below x), so those pixels
+    (a few percent on chest X-rays) are gathered and recomputed in float64 with skimage's operation order.
     """
     b, h, w = u8.shape
+    dev = u8.device
     p = F.pad(u8.to(torch.int16), (1, 1, 1, 1), mode="constant", value=0)
     x = p[:, 1:-1, 1:-1]
-    card = {0: p[:, 1:-1, 2:], 2: p[:, :-2, 1:-1], 4: p[:, 1:-1, :-2], 6: p[:, 2:, 1:-1]}
-    dcard = {i: (v - x) for i, v in card.items()}
-    code = torch.zeros(b, h, w, dtype=torch.uint8, device=u8.device)
-    for i, d in dcard.items():
-        code |= (d >= 0).to(torch.uint8) << i
-    for i, sr, sc, n1, n2 in _DIAGONALS:
-        diag = p[:, 1 + sr : h + 1 + sr, 1 + sc : w + 1 + sc]
-        s = (diag - x).to(torch.int32) * _ALPHA_I + (dcard[n1] + dcard[n2]).to(torch.int32) * _BETA_I
-        bit = (s > 0).to(torch.uint8)
-        idx = (s == 0).reshape(-1).nonzero().squeeze(1)
-        if idx.numel():
-            bit.view(-1)[idx] = _resolve_ties(p, idx, h, w, sr, sc).to(torch.uint8)
-        code |= bit << i
-    return code
+    code = torch.zeros(b, h, w, dtype=torch.int16, device=dev)
+    tiecode = torch.zeros(b, h, w, dtype=torch.int16, device=dev)
+    d = {}
+    for i, dr, dc in _CARDINALS:
+        d[i] = p[:, 1 + dr : h + 1 + dr, 1 + dc : w + 1 + dc] - x
+        code.add_((d[i] >> 15).add_(1) << i)  # (d >> 15) is -1 for d < 0, else 0
+    for i, sr, sc in _DIAGONALS:
+        dd = (p[:, 1 + sr : h + 1 + sr, 1 + sc : w + 1 + sc] - x).to(torch.int32)
+        e = (d[2 if sr < 0 else 6] + d[0 if sc > 0 else 4]).to(torch.int32)
+        s = torch.add(e.mul_(_B_CARD), dd, alpha=_A_DIAG)
+        code.add_((s >> 31).add_(1).to(torch.int16) << i)
+        tiecode.add_((s == 0).to(torch.int16) << i)
+    idx = tiecode.reshape(-1).nonzero().squeeze(1)
+    if idx.numel():
+        bi, r, c = idx // (h * w), (idx // w) % h, idx % w
+        base = bi * ((h + 2) * (w + 2)) + (r + 1) * (w + 2) + (c + 1)  # centre in the padded image
+        flat = p.reshape(-1)
+        nb = {(dy, dx): flat[base + dy * (w + 2) + dx].to(torch.float64)
+              for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+        tc = tiecode.reshape(-1)[idx]
+        fix = torch.zeros_like(tc)
+        for i, sr, sc in _DIAGONALS:
+            below = _diagonal_values_below_centre(nb, r, c, h, w, sr, sc, dev)
+            fix += (below.to(torch.int16) & (tc >> i)) << i  # clear bit i where tied and below
+        code.view(-1).index_add_(0, idx, -fix)
+    return code.to(torch.uint8)
 
 
 def uniform_lbp(u8: torch.Tensor) -> torch.Tensor:

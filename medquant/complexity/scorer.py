@@ -18,6 +18,7 @@ tensors (safetensors-friendly). Computation runs on the device of the scorer (``
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -69,12 +70,12 @@ class ComplexityScorer(nn.Module):
         lo_q, hi_q = (float(q) for q in quantiles)
         if not 0.0 <= lo_q < hi_q <= 1.0:
             raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {quantiles!r}")
-        if not (edge_threshold >= 0.0 and edge_threshold == edge_threshold):
+        if not (math.isfinite(edge_threshold) and edge_threshold >= 0.0):
             raise ValueError(f"edge_threshold must be a non-negative number, got {edge_threshold!r}")
         self.normalisation = normalisation
         self.quantiles = (lo_q, hi_q)
         self.bits_stored = bits_stored
-        f64 = dict(dtype=torch.float64)
+        f64 = {"dtype": torch.float64}
         self.register_buffer("metric_weights", self._parse_weights(weights))
         self.register_buffer("edge_threshold", torch.tensor(float(edge_threshold), **f64))
         self.register_buffer("norm_offset", torch.zeros(5, **f64))

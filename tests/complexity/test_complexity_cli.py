@@ -16,7 +16,8 @@ def test_score_npz_writes_csv_plot_and_state(tmp_path, data_root, pneumonia28):
     rc = main(["score", str(npz), "--split", "test", "--limit", "64", "--out", str(out), "--plot", str(png),
                "--save-state", str(state), "--no-progress", "--batch-size", "20"])
     assert rc == 0
-    rows = list(csv.DictReader(open(out)))
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 64 and list(rows[0]) == ["name", *METRIC_NAMES, "score", "level"]
     levels = np.array([int(r["level"]) for r in rows])
     assert np.bincount(levels, minlength=4).tolist() == [16, 16, 16, 16]
@@ -40,6 +41,7 @@ def test_score_folder_with_fit_on_and_state(tmp_path, data_root):
     rc = main(["score", str(tmp_path), "--out", str(out), "--fit-on", str(npz), "--fit-split", "val",
                "--fit-limit", "40", "--n-levels", "3", "--no-progress"])
     assert rc == 0
-    rows = list(csv.DictReader(open(out)))
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [f"im{i}.png" for i in range(6)]
     assert {int(r["level"]) for r in rows} <= {0, 1, 2}

@@ -46,7 +46,7 @@ def _check(images, scorer=None):
 
 
 def test_kermany_224_matches_skimage(kermany32):
-    got, ref = _check(kermany32)
+    _, ref = _check(kermany32)
     # sanity: the references vary across images, so agreement is not trivial
     assert ref.std(0).min() > 1e-3
 
@@ -134,3 +134,11 @@ def test_compute_metrics_chunking_is_invisible(kermany32):
     # the exact-u8 fast path equals the generic float path
     generic = compute_metrics(g[:5], u8[:5], exact_u8=False)
     assert torch.allclose(whole[:5], generic, atol=1e-9)
+
+
+def test_small_integer_lbp_criterion_is_exact_for_8bit_data():
+    """lbp_codes decides diagonal bits by sign(577 d + 239 e); it must equal sign(70711 d + 29289 e) (skimage's
+    interpolation weights 0.70711 / 0.29289 in integer form) for every 8-bit d = D - x, e = N1 + N2 - 2x."""
+    d = np.arange(-255, 256)[:, None]
+    e = np.arange(-510, 511)[None, :]
+    assert np.array_equal(np.sign(577 * d + 239 * e), np.sign(70711 * d + 29289 * e))
