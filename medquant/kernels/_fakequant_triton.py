@@ -71,7 +71,7 @@ def _fq_rows_kernel(
         xv = xin.to(tl.float32)
         if SYMMETRIC:
             r = _round_half_even(xv / s)
-            out = tl.minimum(tl.maximum(r, lo), qmax) * s
+            out = (tl.minimum(tl.maximum(r, lo), qmax) + 0.0) * s  # + 0.0: a -0 code dequantizes to +0
         else:
             r = _round_half_even(xv / s) + z
             out = (tl.minimum(tl.maximum(r, lo), qmax) - z) * s
@@ -109,7 +109,7 @@ def _fq_static_kernel(
         else:
             hi = (1 << (BITS - 1)) - 1.0
             lo = -hi
-            out = tl.minimum(tl.maximum(r, lo), hi) * s
+            out = (tl.minimum(tl.maximum(r, lo), hi) + 0.0) * s  # + 0.0: a -0 code dequantizes to +0
     else:
         z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg, mask=m, other=0.0)
         z = z.to(tl.float32)

@@ -11,6 +11,14 @@ def _np2(v: int) -> int:
     return 1 << max(int(v) - 1, 0).bit_length()
 
 
+def _out_buffer(x2: torch.Tensor) -> torch.Tensor:
+    """Output buffer: ``x``'s dtype, except bf16 under the interpreter, whose fp32 -> bf16 cast truncates
+    (a GPU rounds to nearest even); there the kernel writes fp32 and torch rounds."""
+    if x2.dtype == torch.bfloat16 and interpreting():
+        return torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
+    return torch.empty_like(x2)
+
+
 def _need_kernel_device(x: torch.Tensor) -> None:
     if x.device.type == "cpu" and not interpreting():
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
@@ -26,7 +34,7 @@ def fake_quantize_rows_triton(
 
     x2 = x2.contiguous()
     r, c = x2.shape
-    y = torch.empty_like(x2)
+    y = _out_buffer(x2)
     mask = torch.empty(r, c, dtype=torch.int8, device=x2.device) if want_mask else None
     if r == 0 or c == 0:
         return y, (mask.view(torch.bool) if mask is not None else None)
@@ -41,7 +49,7 @@ def fake_quantize_rows_triton(
         SYMMETRIC=bool(symmetric), WRITE_MASK=want_mask, PASS_BITS=PASSTHROUGH_BITS, BLOCK_C=block,
         num_warps=warps,
     )
-    return y, (mask.view(torch.bool) if mask is not None else None)
+    return y.to(x2.dtype), (mask.view(torch.bool) if mask is not None else None)
 
 
 def fake_quantize_static_triton(
@@ -55,7 +63,7 @@ def fake_quantize_static_triton(
 
     x2 = x2.contiguous()
     n, k = x2.shape
-    y = torch.empty_like(x2)
+    y = _out_buffer(x2)
     mask = torch.empty(n, k, dtype=torch.int8, device=x2.device) if want_mask else None
     if n == 0 or k == 0:
         return y, (mask.view(torch.bool) if mask is not None else None)
@@ -75,4 +83,4 @@ def fake_quantize_static_triton(
         BITS=bits, SYMMETRIC=bool(symmetric), GROUP=int(group_size or 0), WRITE_MASK=want_mask,
         BLOCK_N=bn, BLOCK_K=bk,
     )
-    return y, (mask.view(torch.bool) if mask is not None else None)
+    return y.to(x2.dtype), (mask.view(torch.bool) if mask is not None else None)

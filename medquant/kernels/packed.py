@@ -98,7 +98,9 @@ def packed_linear_triton(
         return y32.view(1, n).to(x.dtype)
 
     atomic = regime == "splitk"
-    if atomic:
+    # fp32 accumulation buffer for split-K atomics; also for bf16 under the interpreter, whose fp32 -> bf16
+    # cast truncates instead of rounding to nearest even (torch does the final cast there)
+    if atomic or (interpreting() and x.dtype == torch.bfloat16):
         y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     else:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -117,7 +119,7 @@ def packed_linear_triton(
             raise ValueError("the gemm regime stores directly and needs SPLIT_K = 1")
         grid = (triton_cdiv(m, fixed["BLOCK_M"]) * triton_cdiv(n, fixed["BLOCK_N"]), fixed["SPLIT_K"])
         kt._packed_mm_kernel[grid](*args, **consts, **fixed)
-    return y.to(x.dtype) if atomic else y
+    return y.to(x.dtype)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -154,7 +154,7 @@ def fake_quantize_rows_reference(
         s = (xf.abs().amax(1, keepdim=True) / qmax).clamp_min(eps)
         r = torch.round(xf / s)
         lo, hi = -qmax, qmax
-        out = torch.minimum(torch.maximum(r, lo), hi) * s
+        out = (torch.minimum(torch.maximum(r, lo), hi) + 0.0) * s  # + 0.0: code -0 -> +0, as stored codes
     else:
         qmax = (2**bq - 1).float()[:, None]
         mn = xf.amin(1, keepdim=True).clamp_max(0)
@@ -244,7 +244,7 @@ def fake_quantize_static_reference(
         else:
             qmax = float(2 ** (bits - 1) - 1)
             lo, hi = -qmax, qmax
-            out = r.clamp(lo, hi) * s
+            out = (r.clamp(lo, hi) + 0.0) * s  # + 0.0: code -0 -> +0, as stored codes
     else:
         z = expand(zeros)
         r = r + z

@@ -1,0 +1,165 @@
+"""Fake-quant kernels (interpreted on CPU) against the torch references: bit-exact values and STE gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import bit_equal
+
+from medquant.kernels import (
+    fake_quantize_rows,
+    fake_quantize_rows_reference,
+    fake_quantize_static,
+    fake_quantize_static_reference,
+)
+from medquant.quant import QuantConfig
+from medquant.quant.core import compute_qparams, fake_quantize
+
+
+def _rows_input(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 300, generator=g) * torch.tensor([1, 0.01, 100, 1, 1, 3, 1, 1e-30])[:, None]
+    x[3] = 0.0                       # all-zero row: s = eps, exact zeros, no NaN
+    x[4] = 2.5                       # constant row
+    x[6] = x[6].abs() + 0.1          # positive row: range widened to include 0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rows_bit_exact(kernel_device, dtype, symmetric):
+    x = _rows_input(dtype).to(kernel_device)
+    bits = torch.tensor([2, 3, 4, 8, 5, 32, 6, 16] if not symmetric else [2, 3, 4, 8, 5, 32, 7, 16])
+    y = fake_quantize_rows(x, bits, symmetric, backend="triton")
+    ref = fake_quantize_rows_reference(x.cpu(), bits, symmetric)
+    assert bit_equal(y.cpu(), ref)
+    assert torch.isfinite(y).all()
+    assert bool((y[3] == 0).all()) and bit_equal(y[5].cpu(), x[5].cpu()) and bit_equal(y[7].cpu(), x[7].cpu())
+
+
+def test_rows_one_bit_asymmetric_and_levels(kernel_device):
+    x = _rows_input().to(kernel_device)
+    bits = [1, 2, 3, 4, 5, 6, 7, 8]
+    y = fake_quantize_rows(x, bits, False, backend="triton")
+    assert bit_equal(y.cpu(), fake_quantize_rows_reference(x.cpu(), bits, False))
+    for r, b in enumerate(bits):  # at most 2^b distinct levels per row
+        assert y[r].unique().numel() <= 2**b
+
+
+def test_rows_ties_round_half_to_even(kernel_device):
+    # row range [-10, 5] with 4 bits -> s = 1 exactly; quarter steps hit every kind of tie
+    x = (torch.arange(-40, 21).float() * 0.25).repeat(2, 1).to(kernel_device)
+    for sym, bits in [(False, [4, 4]), (True, [5, 5])]:
+        y = fake_quantize_rows(x, bits, sym, backend="triton")
+        assert bit_equal(y.cpu(), fake_quantize_rows_reference(x.cpu(), bits, sym))
+    y = fake_quantize_rows(x, [4, 4], False, backend="triton")
+    assert y[0, 40 + 2].item() == 0.0 and y[0, 40 + 6].item() == 2.0  # 0.5 -> 0, 1.5 -> 2
+
+
+def test_rows_long_rows_use_several_chunks(kernel_device):
+    x = torch.randn(2, 8192 + 77).to(kernel_device)
+    x[1, -1] = 40.0  # the extreme value sits in the last chunk
+    for sym in (False, True):
+        y = fake_quantize_rows(x, [3, 8], sym, backend="triton")
+        assert bit_equal(y.cpu(), fake_quantize_rows_reference(x.cpu(), [3, 8], sym))
+
+
+def test_rows_nd_input_and_gradients(kernel_device):
+    x = (torch.randn(4, 3, 5, 7) * 2).to(kernel_device).requires_grad_(True)
+    bits = [2, 4, 8, 32]
+    for mask in (False, True):
+        x.grad = None
+        y = fake_quantize_rows(x, bits, False, mask_outside=mask, backend="triton")
+        assert y.shape == x.shape
+        g = torch.randn_like(y)
+        y.backward(g)
+        if not mask:
+            assert bit_equal(x.grad, g)  # straight through
+        else:
+            _, inside = fake_quantize_rows_reference(x.detach().cpu(), bits, False, return_mask=True)
+            assert bit_equal(x.grad.cpu(), g.cpu() * inside.to(g.dtype))
+
+
+def test_rows_mask_matches_reference_when_clamping(kernel_device):
+    # symmetric rows clamp nothing by construction, but tiny eps-dominated rows do; compare the masks directly
+    from medquant.kernels.fakequant import fake_quantize_rows_triton
+
+    x = _rows_input()
+    x[0, 0] = -1e3  # asymmetric: z rounding can push the top code past 2^b - 1
+    for sym in (False, True):
+        bits = torch.tensor([2, 3, 4, 8, 5, 32, 6, 16])
+        _, m_k = fake_quantize_rows_triton(x.to(kernel_device), bits.to(kernel_device), sym, 1e-38, True)
+        _, m_r = fake_quantize_rows_reference(x, bits, sym, eps=1e-38, return_mask=True)
+        assert torch.equal(m_k.cpu(), m_r)
+
+
+CONFIGS = [
+    QuantConfig(4, scope="group", group_size=32),
+    QuantConfig(2, scope="channel"),
+    QuantConfig(3, scope="group", group_size=64),
+    QuantConfig(8, scope="tensor", symmetric=False),
+    QuantConfig(8, scope="channel", scale_dtype="bfloat16"),
+    QuantConfig(1, scope="group", group_size=128, symmetric=True),
+    QuantConfig(6, scope="group", group_size=128, scale_dtype="float32", symmetric=False),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.bits}b-{c.scope}{c.group_size if c.scope == 'group' else ''}"
+                         f"-{c.scale_dtype}-{'sym' if c.is_symmetric() else 'asym'}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_static_matches_core_fake_quantize(kernel_device, cfg, dtype):
+    w = (torch.randn(17, 100, generator=torch.Generator().manual_seed(1)) * 0.3).to(dtype)
+    s, z, _ = compute_qparams(w, cfg.bits, cfg.is_symmetric(), cfg.scope, cfg.group_size, cfg.torch_scale_dtype)
+    gs = cfg.group_size if cfg.scope == "group" else None
+    y = fake_quantize_static(w.to(kernel_device), s.to(kernel_device), None if z is None else z.to(kernel_device),
+                             cfg.bits, cfg.is_symmetric(), gs, backend="triton")
+    assert bit_equal(y.cpu(), fake_quantize(w, cfg))
+    assert bit_equal(y.cpu(), fake_quantize_static_reference(w, s, z, cfg.bits, cfg.is_symmetric(), gs))
+
+
+def test_static_gradients_match_core_ste(kernel_device):
+    cfg = QuantConfig(3, scope="group", group_size=32)
+    w = torch.randn(9, 70)
+    s, z, _ = compute_qparams(w, 3, False, "group", 32, torch.float16)
+    s_small = (s.float() * 0.5).half()  # halve the scales so the clamp cuts values off
+    for mask in (False, True):
+        wk = w.clone().to(kernel_device).requires_grad_(True)
+        y = fake_quantize_static(wk, s_small.to(kernel_device), z.to(kernel_device), 3, False, 32,
+                                 mask_outside=mask, backend="triton")
+        y.sum().backward()
+        _, inside = fake_quantize_static_reference(w, s_small, z, 3, False, 32, return_mask=True)
+        assert bool((~inside).any())
+        expected = inside.float() if mask else torch.ones_like(w)
+        assert torch.equal(wk.grad.cpu(), expected)
+    # with the true scales, masking matches core.fake_quantize(mask_outside=True)
+    wk = w.clone().to(kernel_device).requires_grad_(True)
+    fake_quantize_static(wk, s.to(kernel_device), z.to(kernel_device), 3, False, 32, mask_outside=True,
+                         backend="triton").sum().backward()
+    wc = w.clone().requires_grad_(True)
+    fake_quantize(wc, cfg, mask_outside=True).sum().backward()
+    assert torch.equal(wk.grad.cpu(), wc.grad)
+
+
+def test_static_ties_round_half_to_even(kernel_device):
+    x = (torch.arange(-24, 25).float() * 0.25).reshape(1, -1).to(kernel_device)
+    s = torch.full((1, 1), 0.5, device=kernel_device)  # x / s = k / 2: every half-integer is a tie
+    y = fake_quantize_static(x, s, None, 8, True, backend="triton")
+    assert bit_equal(y.cpu(), (torch.round(x.cpu() / 0.5) + 0.0) * 0.5)
+
+
+def test_bad_inputs_are_rejected(kernel_device):
+    x = torch.randn(4, 10, device=kernel_device)
+    with pytest.raises(ValueError, match="bits_per_row has values"):
+        fake_quantize_rows(x, [2, 9, 4, 4], False, backend="triton")
+    with pytest.raises(ValueError, match="bits_per_row has values"):
+        fake_quantize_rows(x, [1, 4, 4, 4], True, backend="torch")
+    with pytest.raises(ValueError, match="one entry per row"):
+        fake_quantize_rows(x, [2, 4], False, backend="triton")
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        fake_quantize_rows(x.double(), [2, 4, 4, 4], False)
+    s = torch.ones(4, 1, device=kernel_device)
+    with pytest.raises(ValueError, match="zero points"):
+        fake_quantize_static(x, s, None, 4, False, backend="triton")
+    with pytest.raises(ValueError, match="out of range"):
+        fake_quantize_static(x, s, None, 0, True, backend="triton")
+    with pytest.raises(ValueError, match="group scales"):
+        fake_quantize_static(x, s, None, 4, True, group_size=4, backend="triton")
