@@ -19,12 +19,13 @@ from skimage.util import img_as_ubyte
 
 from medquant.complexity import ComplexityScorer
 from medquant.complexity.metrics import compute_metrics, lbp_codes, sobel_sq_magnitude, uniform_lbp
-from medquant.complexity.reference import box_counting_dimension_loop, reference_metrics
+from medquant.complexity.reference import box_counting_dimension_numpy, reference_metrics
 
 TOL = np.array([1e-4, 1e-3, 1e-4, 1e-2, 1e-3])
 
 
 def _skimage_metrics(img: np.ndarray, thr: float = 0.1) -> np.ndarray:
+    # fractal dimension via the reshape version (equal to the plain loop, see test_complexity_fractal.py)
     """Written out here (not via medquant.complexity.reference) so the test has its own reference."""
     gray = rgb2gray(img) if img.ndim == 3 else img.astype(np.float64) / 255.0
     u8 = img_as_ubyte(gray)
@@ -32,7 +33,7 @@ def _skimage_metrics(img: np.ndarray, thr: float = 0.1) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lbp = local_binary_pattern(u8, 8, 1, "uniform")
-    return np.array([shannon_entropy(u8), mask.mean(), np.std(gray), box_counting_dimension_loop(mask),
+    return np.array([shannon_entropy(u8), mask.mean(), np.std(gray), box_counting_dimension_numpy(mask),
                      shannon_entropy(lbp)])
 
 
