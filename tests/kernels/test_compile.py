@@ -107,3 +107,16 @@ def test_compile_fullgraph_fake_quantize_rows_with_grad():
     _, inside = __import__("medquant.kernels", fromlist=["x"]).fake_quantize_rows_reference(
         x.detach(), bits, False, return_mask=True)
     assert torch.equal(x.grad, inside.float())
+
+
+def test_benchmark_script_refuses_to_run_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    res = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "needs a CUDA GPU" in res.stderr
