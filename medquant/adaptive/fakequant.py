@@ -61,17 +61,22 @@ def check_bits(bits: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 def _fq_rows_torch(x2: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    xf = x2.float()
-    passthrough = (b >= PASSTHROUGH_BITS)[:, None]
-    bq = torch.where(b >= PASSTHROUGH_BITS, torch.full_like(b, 8), b)
+    passthrough = b >= PASSTHROUGH_BITS
+    bq = torch.where(passthrough, torch.full_like(b, 8), b)
     qmax = (torch.pow(2.0, bq.float()) - 1.0)[:, None]
-    lo = xf.amin(dim=1, keepdim=True).clamp_max(0.0)
-    hi = xf.amax(dim=1, keepdim=True).clamp_min(0.0)
+    xf = x2.float()
+    lo, hi = torch.aminmax(xf, dim=1, keepdim=True)
+    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
     s = ((hi - lo) / qmax).clamp_min(ROW_EPS)
-    z = torch.clamp(torch.round(-lo / s), min=torch.zeros_like(qmax), max=qmax)
-    q = torch.clamp(torch.round(xf / s) + z, min=torch.zeros_like(qmax), max=qmax)
-    out = ((q - z) * s).to(x2.dtype)
-    return torch.where(passthrough, x2, out)
+    zero = torch.zeros_like(qmax)
+    z = torch.clamp(torch.round(-lo / s), min=zero, max=qmax)
+    # in place on a fresh tensor: round(x / s) + z, clamped to [0, 2^b - 1], minus z, times s
+    q = torch.div(xf, s).round_().add_(z)
+    q = torch.clamp(q, min=zero, max=qmax, out=q).sub_(z).mul_(s)
+    out = q if q.dtype == x2.dtype else q.to(x2.dtype)
+    if bool(passthrough.any()):
+        out = torch.where(passthrough[:, None], x2, out)
+    return out
 
 
 def fake_quantize_per_sample(x: torch.Tensor, bits, *, backend: str = "auto") -> torch.Tensor:

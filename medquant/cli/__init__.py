@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo", "complexity"]
+SUBCOMMANDS = ["demo", "complexity", "adaptive"]
 
 
 def build_parser() -> argparse.ArgumentParser:
