@@ -1,0 +1,104 @@
+"""transformers integration: ``quantization_config={"quant_method": "medquant", ...}`` in ``config.json``.
+
+After ``import medquant`` (which imports this package), a model saved with :func:`save_pretrained` reloads with
+plain ``AutoModelForCausalLM.from_pretrained(path)`` (or any ``<Class>.from_pretrained``), and
+``from_pretrained(float_path, quantization_config=MedQuantConfig(QuantConfig(4)))`` quantizes while loading.
+
+Registration with transformers (``register_quantization_config("medquant")`` / ``register_quantizer("medquant")``)
+is lazy: importing this package installs an import hook and does *not* import transformers; the classes are
+registered the moment ``transformers.quantizers.auto`` is imported (which ``from_pretrained`` always does), or
+at once when it already is. :func:`register` does it explicitly and is idempotent.
+
+The heavy names (:class:`MedQuantConfig`, :class:`MedQuantHfQuantizer`, :func:`save_pretrained`,
+:func:`recipe_of`) are imported on first attribute access.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+QUANT_METHOD = "medquant"
+_HOOKED_MODULE = "transformers.quantizers.auto"
+_LAZY = {"MedQuantConfig", "MedQuantHfQuantizer", "save_pretrained", "recipe_of", "attach_quantizer"}
+_registered = False
+
+__all__ = ["QUANT_METHOD", "MedQuantConfig", "MedQuantHfQuantizer", "attach_quantizer", "is_registered", "recipe_of",
+           "register", "save_pretrained"]
+
+
+def register() -> None:
+    """Register ``"medquant"`` with transformers' quantization registries (idempotent; imports transformers)."""
+    global _registered
+    if _registered:
+        return
+    integration = sys.modules.get(__name__ + ".integration")
+    if integration is not None and not hasattr(integration, "MedQuantHfQuantizer"):
+        return  # integration.py is being imported (it imports transformers); it calls register() when done
+    from transformers.quantizers import auto
+
+    from .integration import MedQuantConfig, MedQuantHfQuantizer
+
+    # another import of medquant (reload, second interpreter state) may have registered already
+    if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not MedQuantConfig:
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        auto.register_quantization_config(QUANT_METHOD)(MedQuantConfig)
+    if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not MedQuantHfQuantizer:
+        auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        auto.register_quantizer(QUANT_METHOD)(MedQuantHfQuantizer)
+    _registered = True
+
+
+def is_registered() -> bool:
+    """Whether transformers currently knows the ``"medquant"`` method (does not import transformers)."""
+    auto = sys.modules.get(_HOOKED_MODULE)
+    return auto is not None and QUANT_METHOD in getattr(auto, "AUTO_QUANTIZER_MAPPING", {})
+
+
+class _RegisterAfterExec(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        sys.modules[module.__name__] = module  # register() imports it by name
+        register()
+
+
+class _RegisterHook(importlib.abc.MetaPathFinder):
+    """Finds ``transformers.quantizers.auto`` through the other finders and registers medquant after it runs."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _HOOKED_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _RegisterAfterExec(spec.loader)
+                return spec
+        return None
+
+
+def _install_hook() -> None:
+    if _HOOKED_MODULE in sys.modules:
+        register()
+        return
+    if not any(isinstance(f, _RegisterHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterHook())
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import integration
+
+        register()
+        return getattr(integration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_install_hook()

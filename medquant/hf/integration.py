@@ -1,0 +1,457 @@
+"""``MedQuantConfig`` and ``MedQuantHfQuantizer``: medquant as a transformers quantization method.
+
+Two ways in (SPEC section 1 gives the quantization itself; nothing here changes a number):
+
+* **pre-quantized** - ``config.json`` holds ``quantization_config = {"quant_method": "medquant", "modules": {...},
+  "skipped_modules": [...], ...}``, written by :func:`save_pretrained` (or by ``model.save_pretrained`` on a model
+  that came from ``from_pretrained``). ``modules`` records, for every quantized layer, its type, shape, weight
+  dtype and full :class:`~medquant.QuantConfig` (bits, scheme, scope, group size, scale dtype and the per-output-
+  channel ``channel_bits`` of mixed-precision layers); ``skipped_modules`` lists the Linear / Conv2d layers left
+  in floating point. On load the model skeleton is built on the meta device, each recorded layer is replaced by an
+  empty :class:`~medquant.QuantLinear` / :class:`~medquant.QuantConv2d` of the same recipe, and transformers fills
+  the packed codes, scales and zero points from the safetensors file like any other tensor.
+* **quantize on load** - ``from_pretrained(float_path, quantization_config=MedQuantConfig(QuantConfig(4)))``
+  (or a pattern map + ``skip``, exactly as :func:`medquant.quantize_` takes them). Each planned layer is
+  quantized as soon as its float weight is read, so the float model never exists whole in memory; layers whose
+  weight is not in the checkpoint (tied ``lm_head``) are quantized after loading. The result is bit-identical to
+  ``quantize_(float_model, same_config)``.
+
+Non-persistent row-index buffers of mixed-precision layers are rebuilt from the recipe after loading (transformers
+leaves non-persistent buffers uninitialised), and each stored ``bit_map`` is checked against its recipe.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .. import __version__
+from ..quant.api import _quantizable, quantize_, quantized_modules, resolve_configs
+from ..quant.config import QuantConfig
+from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from ..quant.packing import FORMAT_VERSION
+from ..quant.size import quant_metadata
+from . import QUANT_METHOD, register
+
+_FLOAT_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def _as_config_dict(value: Any, what: str) -> dict | None:
+    """QuantConfig | int | QuantConfig-dict | None -> validated QuantConfig dict (or None = keep float)."""
+    if value is None:
+        return None
+    if isinstance(value, QuantConfig):
+        return value.to_dict()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return QuantConfig(bits=value).to_dict()
+    if isinstance(value, Mapping):
+        try:
+            return QuantConfig.from_dict(dict(value)).to_dict()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what}: not a valid QuantConfig: {e}") from None
+    raise TypeError(f"{what} must be a medquant.QuantConfig, an int bit-width, a QuantConfig dict or None, "
+                    f"got {type(value).__name__}")
+
+
+def recipe_of(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
+    """``(modules, skipped_modules)`` of a model: the recipe of every QuantLinear / QuantConv2d (type, shape,
+    ``weight_dtype``, QuantConfig dict) and the names of the torch Linear / Conv2d layers still in float."""
+    modules = quant_metadata(model)
+    for name, m in quantized_modules(model).items():
+        modules[name]["weight_dtype"] = str(m.weight_dtype).replace("torch.", "")
+    skipped = sorted(_quantizable(model))
+    return modules, skipped
+
+
+class MedQuantConfig(QuantizationConfigMixin):
+    """transformers ``quantization_config`` of medquant models.
+
+    Args:
+        config_or_map: what :func:`medquant.quantize_` takes - a :class:`~medquant.QuantConfig` (or int bit-width)
+            for every Linear / Conv2d, or a mapping ``pattern -> QuantConfig | int | None`` (exact names,
+            ``"re:<regex>"``, roles ``"@vision"`` / ``"@projector"`` / ``"@language"`` / ``"@head"``).
+        skip: patterns to keep in floating point (wins over everything).
+        modules: per-module recipe of an already quantized model (written by :func:`save_pretrained`); when
+            quantizing on load with only ``modules`` given, exactly those modules get exactly those configs.
+        skipped_modules: Linear / Conv2d names left in float in a saved model (recorded for the reader).
+
+    JSON form (``to_dict``): ``quant_method``, ``format_version``, ``medquant_version``, ``config`` (a QuantConfig
+    dict) or ``config_map`` (pattern -> QuantConfig dict / null), ``skip``, ``modules``, ``skipped_modules``.
+    """
+
+    def __init__(
+        self,
+        config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None] | None = None,
+        skip: Iterable[str] | None = None,
+        *,
+        config: QuantConfig | int | Mapping | None = None,
+        config_map: Mapping[str, Any] | None = None,
+        modules: Mapping[str, Mapping] | None = None,
+        skipped_modules: Iterable[str] | None = None,
+        format_version: int = FORMAT_VERSION,
+        medquant_version: str | None = None,
+        quant_method: str = QUANT_METHOD,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise ValueError(f"unknown MedQuantConfig fields {sorted(unknown)}; accepted: config_or_map, skip, "
+                             "config, config_map, modules, skipped_modules, format_version, medquant_version")
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+            raise ValueError(f"quantization_config has format version {format_version!r}; this medquant "
+                             f"{__version__} reads versions <= {FORMAT_VERSION}")
+        if config_or_map is not None:
+            if config is not None or config_map is not None:
+                raise ValueError("give config_or_map, or config / config_map, not both")
+            if isinstance(config_or_map, Mapping) and not isinstance(config_or_map, QuantConfig):
+                config_map = config_or_map
+            else:
+                config = config_or_map
+        if config is not None and config_map is not None:
+            raise ValueError("give either config (one QuantConfig for every layer) or config_map (patterns), "
+                             "not both")
+        if isinstance(skip, str):
+            raise TypeError("skip must be a list of patterns, not a single string")
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.medquant_version = medquant_version or __version__
+        self.config = _as_config_dict(config, "config")
+        self.config_map = None
+        if config_map is not None:
+            if not isinstance(config_map, Mapping):
+                raise TypeError(f"config_map must be a mapping pattern -> QuantConfig, got {type(config_map).__name__}")
+            self.config_map = {str(k): _as_config_dict(v, f"config_map[{k!r}]") for k, v in config_map.items()}
+        self.skip = list(skip) if skip is not None else None
+        self.modules = None
+        if modules is not None:
+            self.modules = {}
+            for name, entry in modules.items():
+                if not isinstance(entry, Mapping) or "config" not in entry or "type" not in entry:
+                    raise ValueError(f"modules[{name!r}] must be a recipe dict with 'type' and 'config', got {entry!r}")
+                e = copy.deepcopy(dict(entry))
+                e["config"] = _as_config_dict(e["config"], f"modules[{name!r}].config")
+                self.modules[str(name)] = e
+        self.skipped_modules = sorted(skipped_modules) if skipped_modules is not None else None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def has_plan(self) -> bool:
+        return self.config is not None or self.config_map is not None or bool(self.modules)
+
+    def quantize_spec(self) -> QuantConfig | dict[str, QuantConfig | None]:
+        """The ``config_or_map`` argument for :func:`medquant.quantize_` this config stands for."""
+        if self.config is not None:
+            return QuantConfig.from_dict(self.config)
+        if self.config_map is not None:
+            return {k: (None if v is None else QuantConfig.from_dict(v)) for k, v in self.config_map.items()}
+        if self.modules:
+            return {name: QuantConfig.from_dict(e["config"]) for name, e in self.modules.items()}
+        raise ValueError("MedQuantConfig has nothing to quantize with: give a QuantConfig, a pattern map or modules")
+
+    def plan(self, model: nn.Module) -> dict[str, QuantConfig]:
+        """Module name -> QuantConfig for ``model`` (patterns resolved as by :func:`medquant.quantize_`)."""
+        return resolve_configs(model, self.quantize_spec(), skip=self.skip)
+
+    def record(self, model: nn.Module) -> MedQuantConfig:
+        """Record the recipe of ``model``'s quantized layers (``modules``) and float layers (``skipped_modules``)."""
+        self.modules, self.skipped_modules = recipe_of(model)
+        self.format_version = FORMAT_VERSION
+        self.medquant_version = __version__
+        return self
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> MedQuantConfig:
+        return cls().record(model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "format_version": self.format_version,
+            "medquant_version": self.medquant_version,
+            "config": copy.deepcopy(self.config),
+            "config_map": copy.deepcopy(self.config_map),
+            "skip": list(self.skip) if self.skip is not None else None,
+            "modules": copy.deepcopy(self.modules),
+            "skipped_modules": list(self.skipped_modules) if self.skipped_modules is not None else None,
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MedQuantConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable
+
+
+# ---------------------------------------------------------------------------------------------- module surgery
+def _shell(entry: Mapping, name: str, device: torch.device | str) -> nn.Module:
+    """An empty QuantLinear / QuantConv2d of the recorded recipe (buffers on ``device``, e.g. meta)."""
+    try:
+        cfg = QuantConfig.from_dict(entry["config"])
+        dtype = getattr(torch, entry.get("weight_dtype", entry.get("dtype", "float32")))
+        with torch.device("cpu"):  # row bit-widths are computed on the CPU even inside a meta-device context
+            if entry["type"] == "QuantLinear":
+                return QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], cfg,
+                                   device=device, dtype=dtype)
+            if entry["type"] == "QuantConv2d":
+                pad = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
+                return QuantConv2d(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]),
+                                   tuple(entry["stride"]), pad, tuple(entry["dilation"]), entry["groups"],
+                                   entry["bias"], cfg, device=device, dtype=dtype)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"quantization_config.modules[{name!r}] is not a valid medquant recipe: {e}") from None
+    raise ValueError(f"quantization_config.modules[{name!r}] has unknown type {entry['type']!r}; "
+                     "accepted: QuantLinear, QuantConv2d")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _check_fits(old: nn.Module, entry: Mapping, name: str) -> None:
+    if entry["type"] == "QuantLinear":
+        ok = isinstance(old, nn.Linear) and (old.in_features, old.out_features) == (
+            entry["in_features"], entry["out_features"])
+    else:
+        ok = isinstance(old, nn.Conv2d) and (old.in_channels, old.out_channels) == (
+            entry["in_channels"], entry["out_channels"])
+    if not ok:
+        raise ValueError(f"quantization_config.modules[{name!r}] records a {entry['type']} that does not fit the "
+                         f"model's {type(old).__name__} at that name ({old})")
+
+
+def _untie(model: nn.Module, names: Iterable[str]) -> None:
+    """Drop tied-weight entries that involve a quantized module's weight (it has packed codes, not a weight)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not tied:
+        return
+    keys = {n + ".weight" for n in names}
+    for target, source in list(tied.items()):
+        if target in keys or source in keys:
+            tied.pop(target)
+
+
+def _hide_rows(m: nn.Module) -> None:
+    """Turn the non-persistent row-index buffers of a mixed layer into plain CPU attributes for the duration of
+    ``from_pretrained``: transformers replaces every non-persistent buffer by an uninitialised tensor after
+    loading, and some ``_init_weights`` read ``layer.weight`` (dequantized through these indices) before the
+    quantizer's post-processing runs. :func:`_finalize` registers them again."""
+    if not isinstance(m, QUANT_MODULES) or not m.mixed:
+        return
+    with torch.device("cpu"):  # from_pretrained builds the skeleton inside a meta-device context
+        rb = m.config.row_bits(m.out_rows)
+        for b in m.bit_groups:
+            key = f"rows_{b}"
+            m._buffers.pop(key, None)
+            m._non_persistent_buffers_set.discard(key)
+            m.__dict__[key] = torch.nonzero(rb == b).flatten()
+
+
+def _finalize(model: nn.Module) -> None:
+    """Rebuild the row indices of mixed layers, check bit maps against recipes, freeze biases."""
+    for name, m in quantized_modules(model).items():
+        if m.mixed:
+            rb = m.config.row_bits(m.out_rows)
+            if not torch.equal(m.bit_map.detach().to("cpu", torch.int16), rb):
+                raise ValueError(f"module {name!r}: the stored bit map disagrees with its recipe in "
+                                 "quantization_config (the checkpoint was altered or the config edited)")
+            dev = m.bit_map.device
+            for b in m.bit_groups:
+                key = f"rows_{b}"
+                m.__dict__.pop(key, None)
+                m._buffers.pop(key, None)
+                m.register_buffer(key, torch.nonzero(rb == b).flatten().to(dev), persistent=False)
+        if m.bias is not None:
+            m.bias.requires_grad_(False)
+
+
+class _QuantizeOnLoad(ConversionOps):
+    """Quantize a planned Linear / Conv2d as soon as its float weight is read, swapping the module in place."""
+
+    def __init__(self, hf_quantizer: MedQuantHfQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
+        plan = self.hf_quantizer._plan
+        out = {}
+        for key, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            mod_name, _, attr = key.rpartition(".")
+            cfg = plan.get(mod_name)
+            old = model.get_submodule(mod_name) if cfg is not None else None
+            if cfg is None or attr != "weight" or not isinstance(old, _FLOAT_TYPES):
+                out[key] = value
+                continue
+            q = _quantize_weight(old, value, cfg, mod_name)
+            _hide_rows(q)
+            q._is_hf_initialized = True
+            _set_submodule(model, mod_name, q)
+            if missing_keys is not None:
+                missing_keys.discard(key)
+        return out
+
+
+def _quantize_weight(old: nn.Module, weight: torch.Tensor, cfg: QuantConfig, name: str) -> nn.Module:
+    """``QuantLinear/QuantConv2d.from_float`` of ``old`` with ``weight`` (``old`` may still live on meta)."""
+    weight = weight.detach()
+    with torch.device("meta"):
+        if isinstance(old, nn.Linear):
+            tmp = nn.Linear(old.in_features, old.out_features, bias=False)
+        else:
+            tmp = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                            old.dilation, old.groups, bias=False, padding_mode=old.padding_mode)
+    tmp.weight = nn.Parameter(weight, requires_grad=False)
+    try:
+        q = (QuantLinear if isinstance(old, nn.Linear) else QuantConv2d).from_float(tmp, cfg)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{name}: {e}") from None
+    if old.bias is not None:
+        bias = old.bias.detach()
+        if bias.device.type == "meta":  # not read yet: transformers sets it on the new module later
+            bias = torch.zeros(bias.shape, dtype=weight.dtype, device=weight.device)
+        q.bias = nn.Parameter(bias.to(weight.device), requires_grad=False)
+    q.train(old.training)
+    return q
+
+
+class MedQuantHfQuantizer(HfQuantizer):
+    """transformers quantizer of the ``"medquant"`` method (see the module docstring)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: MedQuantConfig, **kwargs) -> None:
+        if isinstance(quantization_config, Mapping):
+            quantization_config = MedQuantConfig.from_dict(dict(quantization_config))
+        if not isinstance(quantization_config, MedQuantConfig):
+            raise TypeError(f"MedQuantHfQuantizer needs a MedQuantConfig, got {type(quantization_config).__name__}")
+        super().__init__(quantization_config, **kwargs)
+        self._plan: dict[str, QuantConfig] = {}
+
+    def validate_environment(self, *args, device_map=None, **kwargs) -> None:
+        if self.pre_quantized and not self.quantization_config.modules:
+            raise ValueError("the checkpoint's quantization_config (quant_method 'medquant') records no quantized "
+                             "modules: save it with medquant.hf.save_pretrained(model, path)")
+        if not self.pre_quantized and not self.quantization_config.has_plan:
+            raise ValueError("MedQuantConfig has nothing to quantize with: pass MedQuantConfig(QuantConfig(...)) or "
+                             "MedQuantConfig({pattern: QuantConfig}, skip=[...])")
+        if isinstance(device_map, Mapping) and "disk" in device_map.values():
+            raise ValueError("medquant models cannot be offloaded to disk by from_pretrained: use a device_map "
+                             "with GPU and CPU devices only (the packed weights are already small)")
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        mod_name, _, attr = param_name.rpartition(".")
+        if attr != "weight" or mod_name not in self._plan:
+            return False
+        try:
+            return isinstance(model.get_submodule(mod_name), _FLOAT_TYPES)
+        except AttributeError:
+            return False
+
+    def get_quantize_ops(self):
+        return _QuantizeOnLoad(self)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            modules = self.quantization_config.modules
+            for name, entry in modules.items():
+                try:
+                    old = model.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"quantization_config records a quantized module {name!r} that "
+                                     f"{type(model).__name__} does not have") from None
+                _check_fits(old, entry, name)
+                shell = _shell(entry, name, "meta")
+                shell.train(old.training)
+                _hide_rows(shell)
+                _set_submodule(model, name, shell)
+            _untie(model, modules)
+        else:
+            self._plan = self.quantization_config.plan(model)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            mods = dict(model.named_modules())
+            leftovers = {n: c for n, c in self._plan.items() if isinstance(mods.get(n), _FLOAT_TYPES)}
+            _untie(model, self._plan)
+            if leftovers:  # weights not read from the checkpoint (tied lm_head, ...)
+                quantize_(model, leftovers)
+        _finalize(model)
+        self.quantization_config.record(model)
+        model.config.quantization_config = self.quantization_config
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        # called by save_pretrained before it writes config.json: record the model as it is now
+        self.quantization_config.record(model)
+        _untie(model, self.quantization_config.modules)
+        model.config.quantization_config = self.quantization_config
+        return None, {}
+
+    def _dequantize(self, model, dtype=None):
+        from ..quant.api import dequantize_
+
+        dequantize_(model)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
+    """Make a model quantized with :func:`medquant.quantize_` look like one loaded by ``from_pretrained``:
+    ``model.hf_quantizer`` and ``model.config.quantization_config`` (recording every module's recipe)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}; plain modules are "
+                        "saved with medquant.save(model, path)")
+    existing = getattr(model, "hf_quantizer", None)
+    if existing is not None and not isinstance(existing, MedQuantHfQuantizer):
+        method = getattr(existing.quantization_config, "quant_method", "?")
+        raise ValueError(f"the model is already quantized by transformers with {method!r}, not medquant")
+    if not quantized_modules(model):
+        raise ValueError(f"{type(model).__name__} has no medquant-quantized layer: run medquant.quantize_(model, "
+                         "config) first (a float model is saved with model.save_pretrained)")
+    if existing is None:
+        existing = MedQuantHfQuantizer(MedQuantConfig(), pre_quantized=True)
+        model.hf_quantizer = existing
+    existing.get_state_dict_and_metadata(model)
+    model.config._is_quantized = True
+    return existing
+
+
+def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
+    """``model.save_pretrained(save_directory, **kwargs)`` for a medquant-quantized transformers model.
+
+    Writes ``config.json`` with ``quantization_config`` (quant_method ``"medquant"``, every quantized module's
+    recipe, the float Linear / Conv2d layers) and the safetensors weights, so that after ``import medquant``
+    ``AutoModel...from_pretrained(save_directory)`` rebuilds the identical model.
+    """
+    attach_quantizer(model)
+    model.save_pretrained(save_directory, **kwargs)
+
+
+register()  # the transformers import above may have run the import hook while this module was incomplete

@@ -1,0 +1,198 @@
+"""transformers integration: medquant models reload with plain ``from_pretrained`` and quantize on load.
+
+Reference for every round trip: the in-memory quantized model itself (its outputs and every tensor of its state
+dict, compared with ``torch.equal``); the quantization of that model is checked against a numpy reference in
+tests/quant. Quantize-on-load is checked against ``quantize_`` of the float model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from zoo import ZOO_BY_NAME, zoo_params
+
+import medquant.hf
+from medquant import QuantConfig, quantize_
+from medquant.hf import MedQuantConfig, MedQuantHfQuantizer
+from medquant.quant.api import quantized_modules, resolve_configs
+from medquant.quant.modules import QUANT_MODULES
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+AUTO_CLASS = {
+    "llama": "AutoModelForCausalLM", "qwen2": "AutoModelForCausalLM", "gemma3_text": "AutoModelForCausalLM",
+    "gemma3_vlm": "AutoModelForImageTextToText", "llava": "AutoModelForImageTextToText",
+    "qwen2_vl": "AutoModelForImageTextToText", "qwen2_5_vl": "AutoModelForImageTextToText",
+    "paligemma": "AutoModelForImageTextToText", "idefics3": "AutoModelForImageTextToText",
+    "siglip_vision": "AutoModel", "vit": "AutoModelForImageClassification", "bert": "AutoModel",
+}
+ROW_PATTERN = (2, 3, 4, 8, 16, 0, 4, 6)  # every kind of row: asymmetric, symmetric, float, pruned
+
+
+def _mixed_plan(model):
+    """4-bit group-64 everywhere, per-channel mixed bits on the first layer, the last layer skipped."""
+    names = list(resolve_configs(model, QuantConfig(4)))
+    first, last = names[0], names[-1]
+    rows = model.get_submodule(first).weight.shape[0]
+    cb = tuple(ROW_PATTERN[i % len(ROW_PATTERN)] for i in range(rows))
+    mapping = {first: QuantConfig(4, scope="channel", channel_bits=cb), "re:.*": QuantConfig(4, group_size=64)}
+    return mapping, [last], first, last, cb
+
+
+def _state_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def _without_dtype(d):
+    if isinstance(d, dict):
+        return {k: _without_dtype(v) for k, v in d.items() if k != "dtype"}
+    return d
+
+
+def _auto(entry):
+    return getattr(transformers, AUTO_CLASS[entry.name])
+
+
+@zoo_params
+def test_save_pretrained_reloads_with_auto_class(entry, tmp_path):
+    model = entry.build()
+    inputs = entry.inputs(model)
+    mapping, skip, first, last, cb = _mixed_plan(model)
+    quantize_(model, mapping, skip=skip)
+    expected = entry.output(model, inputs)
+
+    medquant.hf.save_pretrained(model, tmp_path / "a")
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "medquant"
+    assert set(qc["modules"]) == set(quantized_modules(model))
+    assert tuple(qc["modules"][first]["config"]["channel_bits"]) == cb
+    assert last in qc["skipped_modules"] and last not in qc["modules"]
+    assert qc["modules"][next(n for n in qc["modules"] if n != first)]["config"]["group_size"] == 64
+
+    reloaded = _auto(entry).from_pretrained(tmp_path / "a")
+    assert type(reloaded) is type(model)
+    assert isinstance(reloaded.get_submodule(first), QUANT_MODULES)
+    assert torch.equal(reloaded.get_submodule(first).row_bits(), torch.tensor(cb, dtype=torch.int16))
+    assert isinstance(reloaded.get_submodule(last), (torch.nn.Linear, torch.nn.Conv2d))
+    _state_equal(model, reloaded)
+    assert torch.equal(entry.output(reloaded, inputs), expected)
+
+    # the reloaded model saves with plain save_pretrained and round-trips again, byte for byte in its tensors
+    reloaded.save_pretrained(tmp_path / "b")
+    cfg_a = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg_b = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg_b["quantization_config"] == cfg_a["quantization_config"]
+    # transformers itself fills in sub-config dtypes on reload (float models too); everything else is equal
+    assert _without_dtype(cfg_b) == _without_dtype(cfg_a)
+    ta, tb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    if entry.name in ("llama", "gemma3_vlm", "llava"):  # identical files load identically; check a few anyway
+        again = _auto(entry).from_pretrained(tmp_path / "b")
+        assert torch.equal(entry.output(again, inputs), expected)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text", "llava", "vit"])
+def test_quantize_on_load_equals_quantize_(name, tmp_path):
+    entry = ZOO_BY_NAME[name]
+    float_model = entry.build()
+    inputs = entry.inputs(float_model)
+    float_model.save_pretrained(tmp_path / "float")
+    mapping, _, first, _, _ = _mixed_plan(float_model)  # per-channel mixed bits on the first layer
+    if entry.is_vlm:
+        spec = MedQuantConfig({first: mapping[first], "@language": QuantConfig(3, group_size=32),
+                               "@vision": QuantConfig(8, scope="channel")}, skip=["@projector"])
+    else:
+        spec = MedQuantConfig(mapping)
+    loaded = _auto(entry).from_pretrained(tmp_path / "float", quantization_config=spec)
+    quantize_(float_model, spec.quantize_spec(), skip=spec.skip)
+    assert set(quantized_modules(loaded)) == set(quantized_modules(float_model))
+    _state_equal(float_model, loaded)
+    expected = entry.output(float_model, inputs)
+    assert torch.equal(entry.output(loaded, inputs), expected)
+    # control: the quantized output differs from the float one, so equality above is not vacuous
+    assert not torch.equal(expected, entry.output(entry.build(), inputs))
+
+    loaded.save_pretrained(tmp_path / "q")
+    again = _auto(entry).from_pretrained(tmp_path / "q")
+    _state_equal(float_model, again)
+    assert torch.equal(entry.output(again, inputs), expected)
+
+
+def test_config_json_round_trip_and_validation():
+    cfg = MedQuantConfig({"@language": 4, "re:.*mlp.*": QuantConfig(2, scope="channel"), "@head": None},
+                         skip=["@vision"])
+    again = MedQuantConfig.from_dict(json.loads(cfg.to_json_string()))
+    assert again == cfg
+    assert again.quantize_spec() == {"@language": QuantConfig(4), "re:.*mlp.*": QuantConfig(2, scope="channel"),
+                                     "@head": None}
+    with pytest.raises(ValueError, match="unknown MedQuantConfig fields"):
+        MedQuantConfig.from_dict({"quant_method": "medquant", "bitz": 4})
+    with pytest.raises(ValueError, match="bits=5"[:4]):
+        MedQuantConfig(config={"bits": 9})
+    with pytest.raises(ValueError, match="not both"):
+        MedQuantConfig(QuantConfig(4), config_map={"x": 4})
+    with pytest.raises(ValueError, match="format version"):
+        MedQuantConfig(format_version=999)
+    with pytest.raises(TypeError, match="single string"):
+        MedQuantConfig(4, skip="lm_head")
+
+
+def test_errors_are_clear(tmp_path):
+    entry = ZOO_BY_NAME["llama"]
+    model = entry.build()
+    with pytest.raises(ValueError, match="no medquant-quantized layer"):
+        medquant.hf.save_pretrained(model, tmp_path / "x")
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        medquant.hf.save_pretrained(torch.nn.Linear(4, 4), tmp_path / "x")
+    model.save_pretrained(tmp_path / "float")
+    with pytest.raises(ValueError, match="matches no module"):
+        transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "float", quantization_config=MedQuantConfig({"model.layers.9.mlp": 4}))
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=MedQuantConfig())
+
+    # a checkpoint whose recipe was edited: the stored bit map no longer matches it
+    name = "model.layers.0.mlp.up_proj"
+    rows = model.get_submodule(name).out_features
+    cb = tuple(4 if i % 2 else 8 for i in range(rows))
+    quantize_(model, {name: QuantConfig(4, scope="channel", channel_bits=cb)})
+    medquant.hf.save_pretrained(model, tmp_path / "q")
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["modules"][name]["config"]["channel_bits"] = list(reversed(cb))
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="bit map disagrees"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    cfg["quantization_config"]["modules"]["model.layers.7.mlp.up_proj"] = cfg["quantization_config"]["modules"][name]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not have"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_registration_is_idempotent_and_lazy():
+    from transformers.quantizers import auto
+
+    medquant.hf.register()
+    medquant.hf.register()
+    assert auto.AUTO_QUANTIZER_MAPPING["medquant"] is MedQuantHfQuantizer
+    assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING["medquant"] is MedQuantConfig
+    code = (
+        "import sys, medquant.hf\n"
+        "assert 'transformers' not in sys.modules, 'medquant.hf imported transformers eagerly'\n"
+        "assert not medquant.hf.is_registered()\n"
+        "import transformers.quantizers.auto as a\n"
+        "assert medquant.hf.is_registered()\n"
+        "assert a.AUTO_QUANTIZER_MAPPING['medquant'].__name__ == 'MedQuantHfQuantizer'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
