@@ -1,0 +1,90 @@
+"""Per-sample dynamic fake quantization (SPEC section 3) against an independent per-sample computation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medquant.adaptive import fake_quantize_per_sample
+
+
+def independent_fq(v: torch.Tensor, b: int) -> torch.Tensor:
+    """One sample, written from the formula with scalar arithmetic in float32 (no shared code)."""
+    if b >= 16:
+        return v.clone()
+    flat = v.reshape(-1).float()
+    lo = min(float(flat.min()), 0.0)
+    hi = max(float(flat.max()), 0.0)
+    levels = torch.tensor(2.0**b - 1.0, dtype=torch.float32)
+    s = torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)
+    s = torch.maximum(s / levels, torch.tensor(torch.finfo(torch.float32).tiny))
+    z = torch.round(-torch.tensor(lo, dtype=torch.float32) / s).clamp(0, float(levels))
+    out = []
+    for val in flat.tolist():
+        q = torch.round(torch.tensor(val, dtype=torch.float32) / s) + z
+        q = q.clamp(0, float(levels))
+        out.append(float((q - z) * s))
+    return torch.tensor(out, dtype=torch.float32).reshape(v.shape).to(v.dtype)
+
+
+def test_mixed_bits_equal_single_sample_and_independent():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 5, generator=g) * torch.tensor([0.1, 1, 10, 3, 0.5, 2, 7]).view(7, 1, 1)
+    x[4] = x[4].abs()  # all-positive sample: range widened to include 0
+    x[5] = 0.0  # all-zero sample stays exactly zero
+    bits = torch.tensor([1, 2, 3, 4, 8, 2, 32])
+    out = fake_quantize_per_sample(x, bits)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    for i in range(len(x)):
+        single = fake_quantize_per_sample(x[i:i + 1], bits[i:i + 1])
+        assert torch.equal(out[i:i + 1], single), i
+        assert torch.equal(out[i], independent_fq(x[i], int(bits[i]))), i
+    assert torch.equal(out[6], x[6])  # 32 bits: passthrough
+    assert torch.equal(out[5], torch.zeros_like(x[5]))
+    for i, b in enumerate(bits.tolist()):
+        if b < 16:
+            assert out[i].unique().numel() <= 2**b
+    # quantization actually changes the low-bit samples (the test could fail)
+    assert not torch.equal(out[1], x[1])
+
+
+def test_matches_the_kernel_reference_when_present():
+    kernels = pytest.importorskip("medquant.kernels")
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(1))
+    bits = torch.tensor([2, 4, 8, 32] * 4)
+    ref = kernels.fake_quantize_rows_reference(x, bits.to(torch.int32), False)
+    assert torch.equal(fake_quantize_per_sample(x, bits), ref)
+
+
+def test_half_precision_and_bfloat16_keep_dtype():
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    bits = torch.tensor([2, 4, 8, 16])
+    out = fake_quantize_per_sample(x, bits)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[3], x[3])
+    for i in range(3):
+        assert torch.equal(out[i], independent_fq(x[i], int(bits[i])))
+
+
+def test_straight_through_gradient():
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    w = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    y = fake_quantize_per_sample(x, torch.tensor([2, 4, 32]))
+    (y * w).sum().backward()
+    assert torch.equal(x.grad, w)  # d out / d x = identity for every sample
+    assert not torch.equal(y[0].detach(), x[0].detach())
+
+
+@pytest.mark.parametrize("bits, err", [
+    ([0, 4], ValueError), ([9, 4], ValueError), ([12, 4], ValueError), ([4], ValueError),
+    (torch.tensor([2.0, 4.0]), TypeError),
+])
+def test_bad_bits(bits, err):
+    with pytest.raises(err):
+        fake_quantize_per_sample(torch.randn(2, 4), torch.as_tensor(bits))
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="floating"):
+        fake_quantize_per_sample(torch.ones(2, 3, dtype=torch.int32), [2, 2])
+    with pytest.raises(ValueError, match="batch"):
+        fake_quantize_per_sample(torch.tensor(1.0), [2])

@@ -1,0 +1,193 @@
+"""AdaptiveQuantizer: mixed-bit batches, sites, int8 weights, training (STE), accounting, errors."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from test_adaptive_fakequant import independent_fq
+from zoo import ZOO_BY_NAME
+
+from medquant import QuantConfig, QuantLinear, quantize_
+from medquant.adaptive import (
+    AdaptiveQuantizer,
+    CompactCNN,
+    SmallViT,
+    block_output_sites,
+    fake_quantize_per_sample,
+)
+from medquant.complexity import ComplexityScorer
+
+
+def _cnn(seed=0, n_labels=3):
+    torch.manual_seed(seed)
+    return CompactCNN(n_labels, in_channels=1, widths=(8, 8, 16), hidden=16).eval()
+
+
+def _x(n=6, size=16, seed=0):
+    return torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_mixed_batch_equals_single_sample_and_manual_head():
+    model = _cnn()
+    ref_model = copy.deepcopy(model)
+    seen = {}
+    # registered before the quantizer's hook: sees the raw activation; head[0] then sees the quantized one
+    model.head.register_forward_pre_hook(lambda m, a: seen.__setitem__("raw", a[0].detach().clone()))
+    model.head[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("q", a[0].detach().clone()))
+    aq = AdaptiveQuantizer(model, weight_config=None).eval()  # default site: input of `head`
+    assert aq.sites == [("head", "input")]
+    x = _x()
+    levels = torch.tensor([0, 1, 2, 3, 0, 2])
+    bits = [2, 4, 8, 32, 2, 8]
+    with torch.no_grad():
+        out = aq(x, levels=levels)
+        raw, q = seen["raw"], seen["q"]
+        for i in range(len(x)):
+            # the quantized activation of sample i = the single-sample result at its own bits
+            aq(x[i:i + 1], levels=levels[i:i + 1])
+            assert torch.allclose(seen["raw"], raw[i:i + 1], atol=1e-6)  # same input up to conv batching
+            single_q = fake_quantize_per_sample(raw[i:i + 1], bits[i:i + 1])
+            assert torch.equal(q[i:i + 1], single_q), i
+            assert torch.equal(q[i], independent_fq(raw[i], bits[i])), i
+            assert torch.allclose(out[i:i + 1], ref_model.head(independent_fq(raw[i:i + 1], bits[i])),
+                                  atol=1e-6, rtol=0), i
+        full = ref_model(x)
+    assert torch.equal(q[3], raw[3])  # 32 bits: untouched
+    assert torch.allclose(out[3], full[3], atol=1e-6)
+    assert not torch.allclose(out[0], full[0], atol=1e-4)  # 2 bits changes the logits (the test can fail)
+
+
+def test_block_output_sites_on_small_vit():
+    torch.manual_seed(0)
+    model = SmallViT(2, image_size=16, patch=4, dim=32, depth=3, heads=4, hidden=16).eval()
+    ref = copy.deepcopy(model)
+    sites = block_output_sites(model)
+    assert sites == [("blocks.0", "output"), ("blocks.1", "output"), ("blocks.2", "output")]
+    aq = AdaptiveQuantizer(model, sites=sites, weight_config=None).eval()
+    x = _x(4, 16, seed=5)
+    bits = [2, 8, 4, 32]
+    with torch.no_grad():
+        out = aq(x, bits=torch.tensor(bits))
+        for i in range(4):
+            h = ref.patch(x[i:i + 1]).flatten(2).transpose(1, 2) + ref.pos
+            for blk in ref.blocks:
+                h = independent_fq(blk(h), bits[i])
+            manual = ref.head(ref.norm(h).mean(dim=1))
+            assert torch.allclose(out[i:i + 1], manual, atol=1e-5, rtol=0), i
+        full = ref(x)
+    assert torch.allclose(out[3], full[3], atol=1e-5)  # 32 bits at every site: the float model
+    assert not torch.allclose(out[0], full[0], atol=1e-3)
+
+
+def test_hf_vit_layers_as_sites():
+    entry = ZOO_BY_NAME["vit"]
+    model = entry.build()
+    inputs = entry.inputs(model)
+    ref = copy.deepcopy(model)
+    sites = block_output_sites(model)
+    assert len(sites) == 2
+    aq = AdaptiveQuantizer(model, sites=sites, weight_config=None).eval()
+    with torch.no_grad():
+        mixed = aq(**inputs, bits=torch.tensor([2, 32])).logits
+        alone = aq(pixel_values=inputs["pixel_values"][:1], bits=torch.tensor([2])).logits
+        full = ref(**inputs).logits
+    assert torch.allclose(mixed[:1], alone, atol=1e-5)
+    assert torch.allclose(mixed[1], full[1], atol=1e-5)
+    assert not torch.allclose(mixed[0], full[0], atol=1e-3)
+
+
+def test_int8_weights_through_quantize_():
+    model = _cnn(1)
+    w8_ref = quantize_(copy.deepcopy(model), QuantConfig(8, scope="channel"))
+    aq = AdaptiveQuantizer(model).eval()  # default weights: int8 per output channel
+    assert isinstance(aq.model.head[0], QuantLinear) and aq.model.head[0].effective_bits == 8
+    x = _x(3, seed=2)
+    with torch.no_grad():
+        assert torch.equal(aq(x, bits=torch.full((3,), 32)), w8_ref(x))
+        low = AdaptiveQuantizer(copy.deepcopy(_cnn(1)), weight_config=QuantConfig(4, group_size=32))
+        assert low.model.head[0].effective_bits == 4
+
+
+def test_training_straight_through_gradients():
+    model = _cnn(2).train()
+    ref = copy.deepcopy(model)
+    for m in (model, ref):  # dropout off so both runs see the same function
+        m.head[2].p = 0.0
+    aq = AdaptiveQuantizer(model, weight_config=None).train()
+    x, y = _x(4, seed=3), torch.rand(4, 3, generator=torch.Generator().manual_seed(9))
+    bits = [2, 4, 8, 32]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(aq(x, bits=torch.tensor(bits)), y)
+    loss.backward()
+    # reference: quantized value forward, identity backward, written by hand
+    e = ref.embed(x)
+    q = torch.stack([independent_fq(e[i].detach(), bits[i]) for i in range(4)])
+    e_ste = e + (q - e).detach()
+    loss_ref = torch.nn.functional.binary_cross_entropy_with_logits(ref.head(e_ste), y)
+    loss_ref.backward()
+    assert torch.allclose(loss, loss_ref, atol=1e-6)
+    for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
+        assert p.grad is not None and torch.allclose(p.grad, pr.grad, atol=1e-6, rtol=1e-4), n
+    assert model.blocks[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_average_bit_accounting_by_hand():
+    aq = AdaptiveQuantizer(_cnn(), weight_config=None).eval()
+    with torch.no_grad():
+        aq(_x(4), levels=torch.tensor([0, 0, 1, 3]))
+        aq(_x(3, seed=1), levels=[2, 3, 3])
+        aq(_x(2, seed=2), bits=torch.tensor([4, 8]))
+    st = aq.stats()
+    # hand count: 2+2+4+32 + 8+32+32 + 4+8 = 124 over 9 samples
+    assert st["samples"] == 9
+    assert st["average_bits"] == pytest.approx(124 / 9)
+    assert st["histogram"] == {2: 2, 4: 2, 8: 2, 32: 3}
+    assert st["per_level"] == {0: {"samples": 2, "average_bits": 2.0}, 1: {"samples": 1, "average_bits": 4.0},
+                               2: {"samples": 1, "average_bits": 8.0}, 3: {"samples": 3, "average_bits": 32.0}}
+    aq.reset_stats()
+    assert aq.stats()["samples"] == 0
+
+
+def test_levels_from_fitted_scorer_on_raw_images():
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(8, 16, 16), dtype=np.uint8)
+    raw[:4] //= 16  # low-contrast images: a spread of complexity
+    scorer = ComplexityScorer(n_levels=4).fit(raw)
+    aq = AdaptiveQuantizer(_cnn(), scorer=scorer, weight_config=None).eval()
+    x = torch.from_numpy(raw).float().unsqueeze(1) / 255.0 - 0.5
+    with torch.no_grad():
+        a = aq(x, images=raw)
+        b = aq(x, levels=scorer.levels(raw))
+    assert torch.equal(a, b)
+    assert aq.stats()["samples"] == 16
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown module name 'haed'.*head"):
+        AdaptiveQuantizer(_cnn(), sites=["haed"], weight_config=None)
+    with pytest.raises(ValueError, match="site"):
+        AdaptiveQuantizer(_cnn(), sites=[("head", "middle")], weight_config=None)
+    with pytest.raises(ValueError, match="bits must be"):
+        AdaptiveQuantizer(_cnn(), bit_map={0: 12}, weight_config=None)
+    with pytest.raises(ValueError, match="classification head"):
+        AdaptiveQuantizer(torch.nn.Sequential(torch.nn.Linear(2, 2)), weight_config=None)
+    aq = AdaptiveQuantizer(_cnn(), weight_config=None).eval()
+    x = _x(4)
+    with pytest.raises(ValueError, match="3 per-sample bit-widths.*shape \\(4, 16\\)"):
+        aq(x, levels=torch.tensor([0, 1, 2]))  # levels of the wrong length
+    with pytest.raises(ValueError, match="unknown level.*\\[7\\]"):
+        aq(x, levels=torch.tensor([0, 1, 2, 7]))
+    with pytest.raises(ValueError, match="no levels"):
+        aq(x)
+    with pytest.raises(ValueError, match="only one"):
+        aq(x, levels=[0, 0, 0, 0], bits=[2, 2, 2, 2])
+    with pytest.raises(RuntimeError, match="without per-sample bits"):
+        aq.model(x)  # hooks refuse to run silently unquantized
+    with aq.disabled():
+        assert aq.model(x).shape == (4, 3)
+    with aq.bits_context([2, 2, 2, 2]):
+        assert aq.model(x).shape == (4, 3)
+    scorer = ComplexityScorer(n_levels=5).fit(np.random.default_rng(0).integers(0, 255, (6, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="bit_map only has"):
+        AdaptiveQuantizer(_cnn(), scorer=scorer, weight_config=None)
