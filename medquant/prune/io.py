@@ -1,0 +1,160 @@
+"""Save and reload pruned models whose layers have different shapes (SPEC section 5).
+
+:func:`save_pruned` writes the model with :func:`medquant.save` (safetensors + ``medquant.json`` + HF
+``config.json``) and records a *shape table* in the JSON extras under ``"prune"``:
+
+* ``blocks``: for every transformer block, its attention's ``n_heads`` / ``n_kv`` / ``head_dim`` and its FFN's
+  ``n_neurons``;
+* ``modules``: for plain ``nn.Module`` models, the shape of every Conv2d / BatchNorm2d / Linear.
+
+:func:`load_pruned` rebuilds the model from the saved config (Hugging Face) or from a float instance you pass
+(plain modules), shrinks every layer to the recorded shapes -- query heads ``0..g'-1`` of key/value groups
+``0..n_kv'-1``, neurons ``0..n'-1``, whose values are then overwritten -- and loads the tensors with
+:func:`medquant.load` (checksums verified). Quantized pruned models round-trip too: quantization recipes are
+stored by :func:`medquant.save` with the pruned shapes.
+
+Uniformly pruned decoders whose config expresses the result (``plan.hf_config_exact``) also round-trip with
+plain ``save_pretrained`` / ``from_pretrained``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import io as mq_io
+from .arch import find_blocks
+from .surgery import prune_attention, prune_ffn
+
+__all__ = ["load_pruned", "save_pruned", "shape_table"]
+
+TABLE_VERSION = 1
+
+
+def _is_hf(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def shape_table(model: nn.Module) -> dict[str, Any]:
+    """The per-layer shapes :func:`load_pruned` needs to rebuild ``model``."""
+    table: dict[str, Any] = {"version": TABLE_VERSION, "blocks": {}, "modules": {}}
+    if _is_hf(model):
+        for b in find_blocks(model, "all"):
+            e: dict[str, Any] = {}
+            if b.attention is not None:
+                a = b.attention
+                e["attention"] = {"n_heads": a.n_heads, "n_kv": a.n_kv, "head_dim": a.head_dim}
+            if b.ffn is not None:
+                e["ffn"] = {"n_neurons": b.ffn.n_neurons}
+            table["blocks"][b.name] = e
+    else:
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                table["modules"][name] = {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels}
+            elif isinstance(m, nn.BatchNorm2d):
+                table["modules"][name] = {"type": "BatchNorm2d", "n": m.num_features}
+            elif isinstance(m, nn.Linear):
+                table["modules"][name] = {"type": "Linear", "in": m.in_features, "out": m.out_features}
+    return table
+
+
+def save_pruned(model: nn.Module, directory: str | os.PathLike, *, plan=None,
+                extras: dict[str, Any] | None = None) -> Path:
+    """Save a pruned (and possibly quantized) model with its shape table; returns the directory."""
+    ex = dict(extras or {})
+    if "prune" in ex:
+        raise ValueError("extras key 'prune' is reserved for the shape table")
+    ex["prune"] = shape_table(model)
+    if plan is not None:
+        ex["prune_plan"] = plan.to_dict()
+    return mq_io.save(model, directory, extras=ex)
+
+
+def _empty_param(p: torch.Tensor, shape: tuple[int, ...]) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device), requires_grad=p.requires_grad)
+
+
+def _resize_modules(model: nn.Module, modules: dict[str, dict[str, Any]]) -> None:
+    for name, e in modules.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise mq_io.CheckpointError(f"the saved model has a layer {name!r} that {type(model).__name__} "
+                                        "does not have") from None
+        if e["type"] == "Conv2d" and isinstance(m, nn.Conv2d):
+            w = m.weight
+            m.weight = _empty_param(w, (e["out"], e["in"] // m.groups, *w.shape[2:]))
+            if m.bias is not None:
+                m.bias = _empty_param(m.bias, (e["out"],))
+            m.in_channels, m.out_channels = e["in"], e["out"]
+        elif e["type"] == "BatchNorm2d" and isinstance(m, nn.BatchNorm2d):
+            n = e["n"]
+            if m.affine:
+                m.weight, m.bias = _empty_param(m.weight, (n,)), _empty_param(m.bias, (n,))
+            if m.running_mean is not None:
+                m.running_mean = torch.zeros(n, dtype=m.running_mean.dtype)
+                m.running_var = torch.ones(n, dtype=m.running_var.dtype)
+            m.num_features = n
+        elif e["type"] == "Linear" and isinstance(m, nn.Linear):
+            m.weight = _empty_param(m.weight, (e["out"], e["in"]))
+            if m.bias is not None:
+                m.bias = _empty_param(m.bias, (e["out"],))
+            m.in_features, m.out_features = e["in"], e["out"]
+        else:
+            raise mq_io.CheckpointError(f"layer {name!r}: saved as {e['type']}, the model has "
+                                        f"{type(m).__name__}")
+
+
+def _resize_blocks(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
+    found = {b.name: b for b in find_blocks(model, "all")}
+    for name, e in blocks.items():
+        b = found.get(name)
+        if b is None:
+            raise mq_io.CheckpointError(f"the saved model has a block {name!r} that the rebuilt "
+                                        f"{type(model).__name__} does not have")
+        if "attention" in e:
+            a, s = b.attention, e["attention"]
+            if a is None or a.head_dim != s["head_dim"]:
+                raise mq_io.CheckpointError(f"{name}: saved attention (head_dim {s['head_dim']}) does not fit the "
+                                            "rebuilt model")
+            g_new = s["n_heads"] // s["n_kv"]
+            if s["n_kv"] > a.n_kv or g_new > a.group_size:
+                raise mq_io.CheckpointError(f"{name}: saved {s['n_heads']} heads / {s['n_kv']} key/value heads do not "
+                                            f"fit the rebuilt layer ({a.n_heads} / {a.n_kv})")
+            keep = [kv * a.group_size + i for kv in range(s["n_kv"]) for i in range(g_new)]
+            prune_attention(model, a, keep, list(range(s["n_kv"])))
+        if "ffn" in e:
+            f = b.ffn
+            if f is None or e["ffn"]["n_neurons"] > f.n_neurons:
+                raise mq_io.CheckpointError(f"{name}: saved FFN does not fit the rebuilt model")
+            prune_ffn(model, f, range(e["ffn"]["n_neurons"]))
+
+
+def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
+                device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model written by :func:`save_pruned` (per-layer shapes rebuilt; checksums verified).
+
+    Hugging Face models are rebuilt from the saved config; a plain ``nn.Module`` needs ``model``, a fresh float
+    instance of the original (unpruned) architecture.
+    """
+    directory = Path(directory)
+    meta = mq_io.verify(directory)
+    table = meta.get("extras", {}).get("prune")
+    if not isinstance(table, dict) or table.get("version") != TABLE_VERSION:
+        raise mq_io.CheckpointError(f"{directory} has no pruning shape table (version {TABLE_VERSION}); was it "
+                                    "saved with medquant.prune.save_pruned?")
+    if model is None:
+        if meta["model"]["kind"] != "hf":
+            raise mq_io.CheckpointError(
+                f"{directory} holds a plain nn.Module ({meta['model']['class']}); pass a fresh float instance: "
+                f"load_pruned(path, model={meta['model']['class']}(...))")
+        model = mq_io._build_hf(directory, meta)
+    with torch.no_grad():
+        _resize_blocks(model, table.get("blocks", {}))
+        _resize_modules(model, table.get("modules", {}))
+    return mq_io.load(directory, model=model, device=device)

@@ -1,0 +1,194 @@
+"""Layer selection from activation distributions on calibration data (seed 004, SPEC section 5).
+
+For every block ``l`` with input hidden states ``X`` and output ``Y`` (tokens x hidden) over the calibration data:
+
+* ``cosine``: ``1 - mean_tokens cos(x_t, y_t)`` -- how much the block turns the residual stream (0 = identity);
+* ``wasserstein``: the 1-D Wasserstein-1 distance between the empirical distributions of the values of ``X`` and
+  of ``Y``, ``W1 = mean_i |sort(X)_i - sort(Y)_i|`` (equal sample counts), divided by ``std(X)`` so that layers
+  with different activation scales compare (0 = same value distribution).
+
+Both are averaged over batches. Blocks with low scores change their input least and are pruned harder
+(:func:`allocate_ratios`) or dropped whole (:func:`least_influential` + ``StructuredPruner(drop_blocks=...)``).
+All tokens of the calibration batches count: pass unpadded batches (or batches of equal length).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import find_blocks
+from .importance import run_batch
+
+__all__ = ["allocate_ratios", "block_influence", "drop_blocks", "influence_table", "least_influential",
+           "plot_influence"]
+
+_MAX_VALUES = 1 << 18  # values per batch entering the Wasserstein estimate (strided subsample)
+
+
+def _hidden(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, calib: Iterable[Any], scope: str | list[str] | None = None,
+                    progress: bool = True) -> list[dict[str, Any]]:
+    """Per-block influence scores, in block order: ``[{"block", "index", "cosine", "wasserstein"}, ...]``."""
+    blocks = find_blocks(model, scope)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: no transformer blocks in scope {scope!r}")
+    acc = {b.name: [0.0, 0.0] for b in blocks}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(mod, args, kwargs, out):
+            x = args[0] if args else kwargs.get("hidden_states")
+            y = _hidden(out)
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape != y.shape:
+                raise RuntimeError(f"{name}: cannot read the block's input/output hidden states")
+            xf, yf = x.detach().float().reshape(-1, x.shape[-1]), y.detach().float().reshape(-1, y.shape[-1])
+            cos = torch.nn.functional.cosine_similarity(xf, yf, dim=-1, eps=1e-8).mean()
+            fx, fy = xf.flatten(), yf.flatten()
+            step = max(1, math.ceil(fx.numel() / _MAX_VALUES))
+            fx, fy = fx[::step], fy[::step]
+            w1 = (fx.sort().values - fy.sort().values).abs().mean() / fx.std().clamp_min(1e-8)
+            acc[name][0] += float(1.0 - cos)
+            acc[name][1] += float(w1)
+        return hook
+
+    for b in blocks:
+        handles.append(model.get_submodule(b.name).register_forward_hook(make_hook(b.name), with_kwargs=True))
+    n = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(calib, desc="block influence", disable=not progress, leave=False):
+            run_batch(model, batch)
+            n += 1
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise ValueError("block_influence: the calibration data is empty")
+    return [{"block": b.name, "index": i, "cosine": acc[b.name][0] / n, "wasserstein": acc[b.name][1] / n}
+            for i, b in enumerate(blocks)]
+
+
+def allocate_ratios(scores: Sequence[dict[str, Any]], mean_ratio: float, spread: float = 0.5,
+                    metric: str = "cosine", max_ratio: float = 0.9) -> dict[str, float]:
+    """Per-block ratios averaging ``mean_ratio``, higher for less influential blocks.
+
+    Blocks are ranked by ``metric`` (rank 0 = least influential); with ``L`` blocks, block of rank ``k`` gets
+    ``mean_ratio * (1 + spread * (1 - 2k/(L-1)))``, i.e. ``(1 + spread)`` times the mean for the least influential
+    block down to ``(1 - spread)`` times for the most influential; the mean over blocks is ``mean_ratio`` unless
+    clipping to ``[0, max_ratio]`` bites.
+    """
+    if not 0 <= mean_ratio < 1:
+        raise ValueError(f"mean_ratio must be in [0, 1), got {mean_ratio}")
+    if not 0 <= spread <= 1:
+        raise ValueError(f"spread must be in [0, 1], got {spread}")
+    if metric not in ("cosine", "wasserstein"):
+        raise ValueError(f"metric must be 'cosine' or 'wasserstein', got {metric!r}")
+    order = sorted(range(len(scores)), key=lambda i: (scores[i][metric], i))
+    L = len(scores)
+    out: dict[str, float] = {}
+    for rank, i in enumerate(order):
+        t = 1.0 - 2.0 * rank / (L - 1) if L > 1 else 0.0
+        out[scores[i]["block"]] = min(max_ratio, max(0.0, mean_ratio * (1.0 + spread * t)))
+    return {s["block"]: out[s["block"]] for s in scores}
+
+
+def least_influential(scores: Sequence[dict[str, Any]], k: int, metric: str = "cosine") -> list[str]:
+    """Names of the ``k`` blocks with the lowest ``metric`` (candidates for dropping whole)."""
+    if not 0 <= k < len(scores):
+        raise ValueError(f"can drop 0..{len(scores) - 1} of {len(scores)} blocks, not {k}")
+    return [s["block"] for s in sorted(scores, key=lambda s: (s[metric], s["index"]))[:k]]
+
+
+def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Remove whole blocks in place; later blocks are renumbered (``layer_idx``, so KV caches line up) and the
+    owning config's ``num_hidden_layers`` / ``layer_types`` follow."""
+    by_stack: dict[str, list[int]] = {}
+    for name in names:
+        stack, _, idx = name.rpartition(".")
+        if not idx.isdigit() or not isinstance(model.get_submodule(stack), nn.ModuleList):
+            raise ValueError(f"{name!r} is not an entry of a block list")
+        by_stack.setdefault(stack, []).append(int(idx))
+    for stack_name, idxs in by_stack.items():
+        stack = model.get_submodule(stack_name)
+        if len(set(idxs)) >= len(stack):
+            raise ValueError(f"refusing to drop all {len(stack)} blocks of {stack_name}")
+        kept = [m for i, m in enumerate(stack) if i not in set(idxs)]
+        parent_name = stack_name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, stack_name.rpartition(".")[2], nn.ModuleList(kept))
+        for new_i, blk in enumerate(kept):
+            for m in blk.modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = new_i
+        cfg = _owner_config(model, stack_name)
+        if cfg is not None:
+            old_n = getattr(cfg, "num_hidden_layers", None)
+            if isinstance(old_n, int):
+                cfg.num_hidden_layers = len(kept)
+            lt = getattr(cfg, "layer_types", None)
+            if isinstance(lt, list) and old_n is not None and len(lt) == old_n:
+                cfg.layer_types = [t for i, t in enumerate(lt) if i not in set(idxs)]
+    return model
+
+
+def _owner_config(model: nn.Module, stack_name: str):
+    from transformers import PretrainedConfig
+
+    parts = stack_name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        mod = model.get_submodule(".".join(parts[:cut])) if cut else model
+        cfg = getattr(mod, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            return cfg
+    return None
+
+
+def influence_table(scores: Sequence[dict[str, Any]], ratios: dict[str, float] | None = None) -> str:
+    """Markdown table of the scores (and per-block ratios when given)."""
+    head = "| block | 1 - cos | W1 / std |" + (" ratio |" if ratios else "")
+    lines = [head, "|" + "---|" * (4 if ratios else 3)]
+    for s in scores:
+        row = f"| {s['block']} | {s['cosine']:.4f} | {s['wasserstein']:.4f} |"
+        if ratios:
+            row += f" {ratios.get(s['block'], 0.0):.3f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def plot_influence(scores: Sequence[dict[str, Any]], path: str | Path, title: str = "block influence") -> Path:
+    """Bar chart (PNG) of both influence scores per block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = list(range(len(scores)))
+    fig, ax1 = plt.subplots(figsize=(max(6, 0.3 * len(scores) + 3), 3.5))
+    ax1.bar([i - 0.2 for i in x], [s["cosine"] for s in scores], width=0.4, label="1 - cos(in, out)")
+    ax2 = ax1.twinx()
+    ax2.bar([i + 0.2 for i in x], [s["wasserstein"] for s in scores], width=0.4, color="tab:orange",
+            label="W1(in, out) / std(in)")
+    ax1.set_xlabel("block")
+    ax1.set_ylabel("1 - cosine")
+    ax2.set_ylabel("W1 / std")
+    ax1.set_xticks(x)
+    fig.legend(loc="upper right", fontsize=8)
+    ax1.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

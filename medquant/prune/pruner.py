@@ -1,0 +1,431 @@
+"""``StructuredPruner``: physically remove attention heads, FFN neurons and CNN channels (SPEC section 5).
+
+Usage (three lines on a Hugging Face model)::
+
+    from medquant.prune import StructuredPruner
+    pruner = StructuredPruner(head_ratio=0.3, ffn_ratio=0.3, importance="activation")
+    plan = pruner.prune(model, calib=batches)       # plan + apply, in place; returns the PrunePlan
+
+Counting. A ratio ``r`` of ``n`` structures removes ``floor(r*n + 0.5)`` of them (seed 001: 30% of the heads and
+30% of the FFN neurons of every layer). Grouped-query attention (``n_kv < n_heads``, ``g = n_heads / n_kv`` query
+heads per key/value head) is pruned consistently, in one of two ways (``gqa=``):
+
+* ``"query"`` (default): remove ``floor(r*g + 0.5)`` query heads inside *every* key/value group (the lowest scoring
+  of each group); key/value heads stay. Every group keeps the same size, as ``repeat_kv`` requires.
+* ``"group"``: remove ``floor(r*n_kv + 0.5)`` whole key/value groups (the key/value head and its ``g`` query
+  heads), scored by the sum of their query heads' scores; shrinks k/v and the KV cache as well.
+
+A removal that would leave a layer with no head / no neuron / no channel raises ``ValueError`` naming the layer.
+
+Per-layer ratios: ``head_ratio`` / ``ffn_ratio`` may be a float (uniform), a sequence with one ratio per block in
+scope (see :func:`medquant.prune.arch.find_blocks`), or a dict ``{block name: ratio}`` (blocks left out keep
+everything). :func:`medquant.prune.layers.allocate_ratios` turns seed 004's block-influence scores into such
+per-layer ratios, and ``drop_blocks`` removes whole blocks.
+
+Config. After pruning, each Hugging Face config whose blocks all kept the same counts is updated
+(``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``intermediate_size``) when a fresh module built
+from it has exactly the pruned shapes; then ``save_pretrained`` / ``from_pretrained`` round-trips the model. Where
+the config cannot express the result (per-layer counts, or encoders whose head size is derived as
+``hidden_size / num_attention_heads``: BERT, SigLIP, CLIP) it is left as it was, ``plan.hf_config_exact`` is
+False, and :func:`medquant.prune.save_pruned` / :func:`medquant.prune.load_pruned` rebuild every layer's shapes.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import Block, find_blocks
+from .importance import METHODS, block_scores
+from .surgery import prune_attention, prune_ffn
+
+__all__ = ["PrunePlan", "StructuredPruner", "parameter_report"]
+
+Ratio = float | Sequence[float] | dict[str, float]
+
+
+@dataclass
+class PrunePlan:
+    """What to remove; JSON-serialisable through :meth:`to_dict`.
+
+    ``heads[block]`` / ``kv_heads[block]`` / ``neurons[block]`` list the *kept* indices (sorted) of the block's
+    attention query heads, key/value heads and FFN neurons; ``removed_*`` give the complement. ``channels`` maps
+    a CNN producer conv to its kept output channels; ``drop_blocks`` lists blocks removed whole.
+    """
+
+    heads: dict[str, list[int]] = field(default_factory=dict)
+    kv_heads: dict[str, list[int]] = field(default_factory=dict)
+    neurons: dict[str, list[int]] = field(default_factory=dict)
+    channels: dict[str, list[int]] = field(default_factory=dict)
+    drop_blocks: list[str] = field(default_factory=list)
+    channel_groups: list[dict[str, Any]] = field(default_factory=list)  # CNN producer -> BN -> consumers
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # original counts per block / conv
+    importance: str = "magnitude"
+    hf_config_exact: bool | None = None
+
+    def removed_heads(self, block: str) -> list[int]:
+        return sorted(set(range(self.sizes[block]["heads"])) - set(self.heads.get(block, [])))
+
+    def removed_kv_heads(self, block: str) -> list[int]:
+        return sorted(set(range(self.sizes[block]["kv_heads"])) - set(self.kv_heads.get(block, [])))
+
+    def removed_neurons(self, block: str) -> list[int]:
+        return sorted(set(range(self.sizes[block]["neurons"])) - set(self.neurons.get(block, [])))
+
+    def removed_channels(self, conv: str) -> list[int]:
+        return sorted(set(range(self.sizes[conv]["channels"])) - set(self.channels.get(conv, [])))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"heads": self.heads, "kv_heads": self.kv_heads, "neurons": self.neurons,
+                "channels": self.channels, "drop_blocks": self.drop_blocks,
+                "channel_groups": self.channel_groups, "sizes": self.sizes,
+                "importance": self.importance, "hf_config_exact": self.hf_config_exact}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
+        return cls(**d)
+
+
+def _n_remove(ratio: float, n: int) -> int:
+    return math.floor(ratio * n + 0.5)
+
+
+def _check_ratio(r: float, what: str) -> float:
+    if not isinstance(r, (int, float)) or isinstance(r, bool):
+        raise TypeError(f"{what} must be a number in [0, 1) (fraction to remove); got {type(r).__name__} {r!r}")
+    if not math.isfinite(r) or not 0.0 <= r < 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1) (fraction to remove); got {r!r}")
+    return float(r)
+
+
+def _per_block(ratio: Ratio, blocks: list[Block], what: str) -> dict[str, float]:
+    if isinstance(ratio, dict):
+        names = {b.name for b in blocks}
+        unknown = sorted(set(ratio) - names)
+        if unknown:
+            raise ValueError(f"{what}: unknown block names {unknown[:3]}; blocks in scope: "
+                             f"{[b.name for b in blocks][:4]}...")
+        return {b.name: _check_ratio(ratio.get(b.name, 0.0), f"{what}[{b.name!r}]") for b in blocks}
+    if isinstance(ratio, (list, tuple)):
+        if len(ratio) != len(blocks):
+            raise ValueError(f"{what}: got {len(ratio)} per-layer ratios for {len(blocks)} blocks in scope")
+        return {b.name: _check_ratio(r, f"{what}[{i}]") for i, (b, r) in enumerate(zip(blocks, ratio))}
+    r = _check_ratio(ratio, what)
+    return {b.name: r for b in blocks}
+
+
+def _lowest(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` lowest scores (ties: lower index first)."""
+    order = sorted(range(scores.numel()), key=lambda i: (float(scores[i]), i))
+    return order[:k]
+
+
+def _check_not_quantized(model: nn.Module) -> None:
+    from ..quant.modules import QuantConv2d, QuantLinear
+
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            raise ValueError(  # noqa: TRY004 - a valid model in the wrong state, not a wrong type
+                f"{name} is already quantized; prune the float model first, then quantize")
+
+
+class StructuredPruner:
+    """Remove whole attention heads, FFN neurons and CNN channels, physically.
+
+    Args:
+        head_ratio: fraction of attention heads to remove per layer (float, per-block sequence or dict).
+        ffn_ratio: fraction of FFN neurons to remove per layer (same forms).
+        channel_ratio: fraction of output channels to remove from each prunable conv of a plain CNN
+            (float or ``{conv name: ratio}``); see :mod:`medquant.prune.cnn`.
+        importance: ``"magnitude"``, ``"taylor"`` or ``"activation"`` (see :mod:`medquant.prune.importance`).
+        gqa: ``"query"`` or ``"group"`` for grouped-query attention (module docstring).
+        scope: which blocks: ``None`` (the language model of LMs/VLMs, the tower of vision encoders), ``"language"``,
+            ``"vision"`` or ``"all"``.
+        drop_blocks: names of whole blocks to remove (see :func:`medquant.prune.layers.least_influential`).
+        progress: show tqdm bars during calibration.
+    """
+
+    def __init__(self, head_ratio: Ratio = 0.0, ffn_ratio: Ratio = 0.0, *, channel_ratio: float | dict = 0.0,
+                 importance: str = "magnitude", gqa: str = "query", scope: str | list[str] | None = None,
+                 drop_blocks: Sequence[str] = (), progress: bool = True) -> None:
+        if importance not in METHODS:
+            raise ValueError(f"unknown importance {importance!r}; use one of {', '.join(METHODS)}")
+        if gqa not in ("query", "group"):
+            raise ValueError(f"gqa must be 'query' or 'group', got {gqa!r}")
+        if not isinstance(head_ratio, (dict, list, tuple)):
+            _check_ratio(head_ratio, "head_ratio")
+        if not isinstance(ffn_ratio, (dict, list, tuple)):
+            _check_ratio(ffn_ratio, "ffn_ratio")
+        if not isinstance(channel_ratio, dict):
+            _check_ratio(channel_ratio, "channel_ratio")
+        self.head_ratio, self.ffn_ratio, self.channel_ratio = head_ratio, ffn_ratio, channel_ratio
+        self.importance, self.gqa, self.scope = importance, gqa, scope
+        self.drop_blocks = list(drop_blocks)
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------------------ planning
+    def plan(self, model: nn.Module, calib: Iterable[Any] | None = None,
+             loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+             example_input: Any = None) -> PrunePlan:
+        """Score the structures and choose what to remove; the model is not changed.
+
+        ``calib``: calibration batches (needed for ``taylor`` / ``activation``; for a CNN the first batch also
+        serves as the example input that traces shapes). ``loss_fn(model, batch)`` overrides the Taylor loss.
+        """
+        _check_not_quantized(model)
+        plan = PrunePlan(importance=self.importance)
+        if isinstance(calib, Iterable) and not isinstance(calib, (list, tuple)) and calib is not None:
+            calib = list(calib)  # iterated more than once
+        blocks = find_blocks(model, self.scope)
+        cnn = not blocks and not _is_hf(model)
+        if not blocks and not cnn:
+            raise ValueError(f"{type(model).__name__}: no transformer blocks with prunable attention or FFN found "
+                             f"in scope {self.scope!r}")
+        if cnn:
+            from .cnn import plan_channels
+
+            plan_channels(model, self, plan, calib, loss_fn, example_input)
+            return plan
+        known = {b.name for b in find_blocks(model, "all")} | {b.name for b in blocks}
+        for name in self.drop_blocks:
+            if name not in known:
+                raise ValueError(f"drop_blocks: {name!r} is not a block of this model; blocks: "
+                                 f"{sorted(known)[:4]}...")
+        plan.drop_blocks = list(self.drop_blocks)
+        hr = _per_block(self.head_ratio, blocks, "head_ratio")
+        fr = _per_block(self.ffn_ratio, blocks, "ffn_ratio")
+        need = [b for b in blocks if b.name not in plan.drop_blocks
+                and ((b.attention is not None and hr[b.name] > 0) or (b.ffn is not None and fr[b.name] > 0))]
+        for b in blocks:
+            if hr[b.name] > 0 and b.attention is None and b.name not in plan.drop_blocks:
+                raise ValueError(f"{b.name}: its attention ({b.fused_attention or 'not found'}) uses a fused qkv "
+                                 "projection whose heads medquant cannot prune; set head_ratio to 0 for it")
+        scores = block_scores(model, need, self.importance, calib, loss_fn, self.progress) if need else {}
+        for b in blocks:
+            if b.name in plan.drop_blocks:
+                continue
+            sizes: dict[str, int] = {}
+            if b.attention is not None:
+                a = b.attention
+                sizes.update(heads=a.n_heads, kv_heads=a.n_kv)
+                kh, kk = list(range(a.n_heads)), list(range(a.n_kv))
+                if hr[b.name] > 0:
+                    kh, kk = self._choose_heads(b, scores[b.name]["heads"], hr[b.name])
+                plan.heads[b.name], plan.kv_heads[b.name] = kh, kk
+            if b.ffn is not None:
+                f = b.ffn
+                sizes["neurons"] = f.n_neurons
+                keep = list(range(f.n_neurons))
+                if fr[b.name] > 0:
+                    k = _n_remove(fr[b.name], f.n_neurons)
+                    if k >= f.n_neurons:
+                        raise ValueError(f"{b.name}: ffn ratio {fr[b.name]} would remove all {f.n_neurons} FFN "
+                                         "neurons; use a smaller ratio or drop the block")
+                    drop = set(_lowest(scores[b.name]["neurons"], k))
+                    keep = [j for j in keep if j not in drop]
+                plan.neurons[b.name] = keep
+            plan.sizes[b.name] = sizes
+        return plan
+
+    def _choose_heads(self, b: Block, s: torch.Tensor, r: float) -> tuple[list[int], list[int]]:
+        a = b.attention
+        g = a.group_size
+        if g == 1 or self.gqa == "group":
+            gs = s.reshape(a.n_kv, g).sum(1)
+            k = _n_remove(r, a.n_kv)
+            if k >= a.n_kv:
+                raise ValueError(f"{b.name}: head ratio {r} would remove all {a.n_heads} attention heads "
+                                 f"({a.n_kv} key/value groups); use a smaller ratio or drop the block")
+            drop = set(_lowest(gs, k))
+            kk = [i for i in range(a.n_kv) if i not in drop]
+            return [h for h in range(a.n_heads) if h // g in kk], kk
+        k = _n_remove(r, g)
+        if k >= g:
+            raise ValueError(f"{b.name}: head ratio {r} would remove all {g} query heads of every key/value group "
+                             f"(grouped-query attention, {a.n_heads} query / {a.n_kv} key/value heads); use a "
+                             "smaller ratio, gqa='group', or drop the block")
+        keep: list[int] = []
+        for kv in range(a.n_kv):
+            members = list(range(kv * g, (kv + 1) * g))
+            drop = {members[i] for i in _lowest(s[members], k)}
+            keep.extend(h for h in members if h not in drop)
+        return keep, list(range(a.n_kv))
+
+    # ------------------------------------------------------------------------------------------ applying
+    def apply(self, model: nn.Module, plan: PrunePlan) -> nn.Module:
+        """Physically remove what ``plan`` says, in place; updates configs (see the module docstring)."""
+        return apply_plan(model, plan, scope=self.scope)
+
+    def prune(self, model: nn.Module, calib: Iterable[Any] | None = None,
+              loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+              example_input: Any = None) -> PrunePlan:
+        """:meth:`plan` then :meth:`apply`; returns the plan (with ``hf_config_exact`` filled in)."""
+        plan = self.plan(model, calib, loss_fn, example_input)
+        self.apply(model, plan)
+        return plan
+
+
+def _is_hf(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None = "all") -> nn.Module:
+    """Apply ``plan`` to ``model`` in place (see :class:`StructuredPruner`)."""
+    _check_not_quantized(model)
+    if plan.channels:
+        from .cnn import apply_channels
+
+        apply_channels(model, plan)
+    blocks = {b.name: b for b in find_blocks(model, "all" if _is_hf(model) else scope)}
+    if not _is_hf(model) and not blocks and (plan.heads or plan.neurons):
+        raise ValueError("the plan names transformer blocks but the model has none")
+    missing = sorted((set(plan.heads) | set(plan.neurons) | set(plan.drop_blocks)) - set(blocks))
+    if missing:
+        raise ValueError(f"the plan names blocks this model does not have: {missing[:3]}")
+    touched: list[Block] = []
+    for name in sorted(set(plan.heads) | set(plan.neurons)):
+        b = blocks[name]
+        if name in plan.heads and b.attention is not None:
+            prune_attention(model, b.attention, plan.heads[name], plan.kv_heads.get(name))
+        if name in plan.neurons and b.ffn is not None:
+            prune_ffn(model, b.ffn, plan.neurons[name])
+        touched.append(b)
+    if plan.drop_blocks:
+        from .layers import drop_blocks
+
+        drop_blocks(model, plan.drop_blocks)
+    if _is_hf(model):
+        plan.hf_config_exact = sync_configs(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def _config_of(model: nn.Module, b: Block):
+    from transformers import PretrainedConfig
+
+    for name in ([b.attention.holder, b.attention.name] if b.attention else []) + (
+            [b.ffn.name] if b.ffn else []) + [b.name]:
+        cfg = getattr(model.get_submodule(name), "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            return cfg
+    return None
+
+
+def _build_like(mod: nn.Module, cfg) -> nn.Module | None:
+    cls = type(mod)
+    with torch.device("meta"):
+        for args in ((cfg, getattr(mod, "layer_idx", 0) or 0), (cfg,)):
+            try:
+                return cls(*args)
+            except TypeError:
+                continue
+            except Exception:  # noqa: BLE001 - the class rejects the config (e.g. hidden size not a multiple of heads)
+                return None
+    return None
+
+
+def _shapes(root: nn.Module, names: Sequence[str]) -> list[tuple[int, ...]]:
+    return [tuple(root.get_submodule(n).weight.shape) for n in names]
+
+
+def _rel(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1:]
+
+
+def _fits(model: nn.Module, blocks: list[Block], cfg) -> bool:
+    """Would ``from_pretrained`` rebuild these blocks with their current shapes from ``cfg``?
+
+    The config must survive a dict round trip (transformers validates it on load, e.g. LLaMA requires
+    ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``) and a module built from the
+    round-tripped config must have exactly the current weight shapes.
+    """
+    try:
+        cfg = type(cfg).from_dict(cfg.to_dict())
+    except Exception:  # noqa: BLE001 - transformers' validators raise several types; any means "not loadable"
+        return False
+    for b in blocks:
+        for unit, names in ((b.attention, lambda u: (u.q, u.k, u.v, u.o)),
+                            (b.ffn, lambda u: (*u.inputs, u.output))):
+            if unit is None:
+                continue
+            cont = model.get_submodule(unit.name)
+            fresh = _build_like(cont, cfg)
+            if fresh is None:
+                return False
+            rel = [_rel(n, unit.name) for n in names(unit)]
+            try:
+                if _shapes(fresh, rel) != _shapes(cont, rel):
+                    return False
+            except AttributeError:
+                return False
+    return True
+
+
+def sync_configs(model: nn.Module) -> bool:
+    """Write uniform head / neuron counts into the HF configs where a rebuilt module then matches exactly.
+
+    Returns True when every config describes its blocks exactly (``from_pretrained`` rebuilds the model).
+    """
+    groups: dict[int, tuple[Any, list[Block]]] = {}
+    exact = True
+    for b in find_blocks(model, "all"):
+        cfg = _config_of(model, b)
+        if cfg is None:
+            exact = False
+            continue
+        groups.setdefault(id(cfg), (cfg, []))[1].append(b)
+    for cfg, blocks in groups.values():
+        if _fits(model, blocks, cfg):
+            continue
+        heads = {(b.attention.n_heads, b.attention.n_kv, b.attention.head_dim) for b in blocks if b.attention}
+        neurons = {b.ffn.n_neurons for b in blocks if b.ffn}
+        new: dict[str, Any] = {}
+        if len(heads) == 1:
+            nh, nkv, hd = heads.pop()
+            new.update(num_attention_heads=nh, head_dim=hd)
+            if hasattr(cfg, "num_key_value_heads"):
+                new["num_key_value_heads"] = nkv
+        if len(neurons) == 1 and hasattr(cfg, "intermediate_size"):
+            new["intermediate_size"] = neurons.pop()
+        old = {k: getattr(cfg, k, _ABSENT) for k in new}
+        for k, v in new.items():
+            setattr(cfg, k, v)
+        if not new or not _fits(model, blocks, cfg):
+            for k, v in old.items():
+                if v is _ABSENT:
+                    delattr(cfg, k)
+                else:
+                    setattr(cfg, k, v)
+            exact = False
+    return exact
+
+
+_ABSENT = object()
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def parameter_report(model: nn.Module) -> dict[str, int]:
+    """Parameter and byte counts; each tensor counted once (tied weights once).
+
+    ``embedding_params`` are the weights of ``nn.Embedding`` modules (token, position, type); a tied output head
+    shares the token embedding tensor and is counted there. ``non_embedding_params`` is everything else.
+    """
+    seen: set[int] = set()
+    total = emb = nbytes = 0
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for p in list(model.parameters()) + list(model.buffers()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        nbytes += p.numel() * p.element_size()
+        if isinstance(p, nn.Parameter):
+            total += p.numel()
+            if id(p) in emb_ids:
+                emb += p.numel()
+    return {"params": total, "embedding_params": emb, "non_embedding_params": total - emb, "bytes": nbytes}

@@ -1,0 +1,128 @@
+"""Physical removal of heads and FFN neurons from ``nn.Linear`` layers (SPEC section 5).
+
+All functions edit the model in place and keep the selected rows / columns in their original order:
+
+* a head ``h`` owns the rows ``h*d .. h*d+d-1`` of q (and of k, v for its key/value head) and the same columns
+  of the output projection o; removing it deletes those rows (weight and bias) and columns. The bias of o is
+  per output feature, not per head, and stays.
+* an FFN neuron ``j`` owns row ``j`` (weight and bias) of each input linear (gate/up, fc1, intermediate) and
+  column ``j`` of the output linear (down, fc2).
+
+After a head removal the attention module carries its own counts (``num_heads`` / ``num_attention_heads``,
+``num_key_value_heads``, ``num_key_value_groups`` = n_heads / n_kv, BERT's ``all_head_size``), which is what the
+transformers attention code reads at run time (it reshapes with ``-1`` heads of ``head_dim``), so layers of one
+model may keep different numbers of heads.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .arch import AttentionUnit, FFNUnit
+
+__all__ = ["head_rows", "keep_linear", "prune_attention", "prune_ffn"]
+
+
+def head_rows(heads: Sequence[int], head_dim: int, device=None) -> torch.Tensor:
+    """Row indices of ``heads`` (each ``head_dim`` rows, in the given order)."""
+    idx = [h * head_dim + i for h in heads for i in range(head_dim)]
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def keep_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Keep only ``rows`` (output features) and/or ``cols`` (input features) of ``lin``, in place."""
+    w = lin.weight
+    req = w.requires_grad
+    if rows is not None:
+        rows = rows.to(w.device)
+        w = w.index_select(0, rows)
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.index_select(0, rows).clone(), requires_grad=lin.bias.requires_grad)
+        lin.out_features = int(rows.numel())
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+        lin.in_features = int(cols.numel())
+    lin.weight = nn.Parameter(w.clone().contiguous(), requires_grad=req)
+
+
+def _check_heads(unit: AttentionUnit, keep_heads: Sequence[int], keep_kv: Sequence[int]) -> None:
+    kh, kk = list(keep_heads), list(keep_kv)
+    if not kh:
+        raise ValueError(f"{unit.name}: refusing to prune all {unit.n_heads} attention heads of the layer; "
+                         "keep at least one head (or drop the whole block)")
+    if len(set(kh)) != len(kh) or len(set(kk)) != len(kk):
+        raise ValueError(f"{unit.name}: duplicate head indices in {kh} / {kk}")
+    if any(not 0 <= h < unit.n_heads for h in kh) or any(not 0 <= g < unit.n_kv for g in kk):
+        raise ValueError(f"{unit.name}: head indices out of range (layer has {unit.n_heads} query and "
+                         f"{unit.n_kv} key/value heads): {kh} / {kk}")
+    if sorted(kh) != kh or sorted(kk) != kk:
+        raise ValueError(f"{unit.name}: kept head indices must be sorted ascending")
+    g = unit.group_size
+    per_group = {kv: sum(1 for h in kh if h // g == kv) for kv in range(unit.n_kv)}
+    if any(per_group[kv] == 0 for kv in kk) or any(per_group[kv] for kv in range(unit.n_kv) if kv not in kk):
+        raise ValueError(f"{unit.name}: every kept key/value head needs kept query heads and every kept query head "
+                         f"its key/value head (group size {g}); got query heads {kh}, key/value heads {kk}")
+    counts = {per_group[kv] for kv in kk}
+    if len(counts) != 1:
+        raise ValueError(f"{unit.name}: grouped-query attention needs the same number of query heads in each kept "
+                         f"key/value group; got { {kv: per_group[kv] for kv in kk} }")
+
+
+@torch.no_grad()
+def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[int],
+                    keep_kv: Sequence[int] | None = None) -> AttentionUnit:
+    """Keep query heads ``keep_heads`` and key/value heads ``keep_kv`` of ``unit``; returns the updated unit.
+
+    For multi-head attention (``n_kv == n_heads``) ``keep_kv`` defaults to ``keep_heads``. For grouped-query
+    attention every kept key/value head must keep the same number of its query heads (query head ``h`` reads
+    key/value head ``h // group_size``); ``keep_kv`` defaults to the groups that keep query heads.
+    """
+    keep_heads = sorted(int(h) for h in keep_heads)
+    if keep_kv is None:
+        keep_kv = sorted({h // unit.group_size for h in keep_heads})
+    keep_kv = sorted(int(h) for h in keep_kv)
+    _check_heads(unit, keep_heads, keep_kv)
+    d = unit.head_dim
+    q, k, v, o = (model.get_submodule(n) for n in (unit.q, unit.k, unit.v, unit.o))
+    qrows = head_rows(keep_heads, d)
+    kvrows = head_rows(keep_kv, d)
+    if len(keep_heads) != unit.n_heads:
+        keep_linear(q, rows=qrows)
+        keep_linear(o, cols=qrows)
+    if len(keep_kv) != unit.n_kv:
+        keep_linear(k, rows=kvrows)
+        keep_linear(v, rows=kvrows)
+    nh, nkv = len(keep_heads), len(keep_kv)
+    holder = model.get_submodule(unit.holder)
+    for attr, val in (("num_heads", nh), ("num_attention_heads", nh), ("num_key_value_heads", nkv),
+                      ("num_key_value_groups", nh // nkv), ("all_head_size", nh * d)):
+        if isinstance(getattr(holder, attr, None), int):
+            setattr(holder, attr, val)
+    unit.n_heads, unit.n_kv = nh, nkv
+    return unit
+
+
+@torch.no_grad()
+def prune_ffn(model: nn.Module, unit: FFNUnit, keep: Sequence[int]) -> FFNUnit:
+    """Keep the FFN neurons ``keep`` (sorted, unique) of ``unit``; returns the updated unit."""
+    keep = sorted(int(j) for j in keep)
+    if not keep:
+        raise ValueError(f"{unit.name}: refusing to prune all {unit.n_neurons} FFN neurons of the layer; "
+                         "keep at least one (or drop the whole block)")
+    if len(set(keep)) != len(keep) or keep[0] < 0 or keep[-1] >= unit.n_neurons:
+        raise ValueError(f"{unit.name}: FFN neuron indices must be unique and in [0, {unit.n_neurons}); got "
+                         f"{len(keep)} indices from {keep[0]} to {keep[-1]}")
+    if len(keep) == unit.n_neurons:
+        return unit
+    idx = torch.tensor(keep, dtype=torch.long)
+    for name in unit.inputs:
+        keep_linear(model.get_submodule(name), rows=idx)
+    keep_linear(model.get_submodule(unit.output), cols=idx)
+    container = model.get_submodule(unit.name)
+    if isinstance(getattr(container, "intermediate_size", None), int):
+        container.intermediate_size = len(keep)
+    unit.n_neurons = len(keep)
+    return unit

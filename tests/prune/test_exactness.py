@@ -1,0 +1,152 @@
+"""Pruning removes exactly what it claims: the pruned model equals the original with those heads/neurons zeroed."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _reference import removed_from_plan, zeroed_copy
+from zoo import HEAD_DIM, ZOO, tiny_cnn
+
+from medquant.prune import StructuredPruner, parameter_report
+
+# VLM towers with fused qkv (Qwen2-VL vision) cannot lose heads: prune their language model only.
+SCOPE = {"qwen2_vl": "language", "qwen2_5_vl": "language"}
+METHOD = {"llama": "taylor", "qwen2": "activation", "bert": "activation", "vit": "taylor"}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
+def test_pruned_equals_zeroed_original(entry):
+    model = entry.build()
+    inputs = entry.inputs(model)
+    method = METHOD.get(entry.name, "magnitude")
+    pruner = StructuredPruner(0.3, 0.3, importance=method, scope=SCOPE.get(entry.name, "all"), progress=False)
+    plan = pruner.plan(model, calib=[inputs])
+    removed = removed_from_plan(plan)
+    assert removed and all(r["heads"] and r["neurons"] for r in removed.values())
+    ref_model = zeroed_copy(model, removed, HEAD_DIM)
+    with torch.no_grad():
+        ref = entry.output(ref_model, inputs)
+        full = entry.output(model, inputs)
+    before = parameter_report(model)["params"]
+    pruner.apply(model, plan)
+    with torch.no_grad():
+        out = entry.output(model, inputs)
+    assert out.shape == ref.shape
+    _close(out, ref)
+    # negative control: the zeroing matters (the test could fail)
+    assert (full - ref).abs().max() > 1e-3
+    # the model really got smaller, by exactly the removed rows/columns
+    n_q = sum(len(r["heads"]) for r in removed.values())
+    assert parameter_report(model)["params"] < before
+    for b, r in removed.items():
+        assert len(plan.heads[b]) == plan.sizes[b]["heads"] - len(r["heads"])
+    assert n_q > 0
+
+
+def test_gqa_query_mode_keeps_groups_equal_and_kv_heads():
+    from zoo import ZOO_BY_NAME
+
+    e = ZOO_BY_NAME["qwen2"]
+    model = e.build()
+    plan = StructuredPruner(0.3, 0.0, progress=False).prune(model)
+    for b in plan.heads:
+        kept = plan.heads[b]
+        assert [h // 2 for h in kept] == [0, 1]  # one query head kept in each of the 2 groups
+        assert plan.kv_heads[b] == [0, 1]
+        attn = model.get_submodule(f"{b}.self_attn")
+        assert attn.q_proj.out_features == 2 * HEAD_DIM and attn.k_proj.out_features == 2 * HEAD_DIM
+        assert attn.num_key_value_groups == 1
+
+
+def test_gqa_group_mode_exact_and_shrinks_kv():
+    from zoo import ZOO_BY_NAME
+
+    e = ZOO_BY_NAME["gemma3_text"]
+    model = e.build()
+    inputs = e.inputs(model)
+    pruner = StructuredPruner(0.3, 0.0, gqa="group", progress=False)
+    plan = pruner.plan(model)
+    removed = removed_from_plan(plan)
+    assert all(len(r["kv_heads"]) == 1 and len(r["heads"]) == 2 for r in removed.values())
+    with torch.no_grad():
+        ref = e.output(zeroed_copy(model, removed, HEAD_DIM), inputs)
+    pruner.apply(model, plan)
+    with torch.no_grad():
+        _close(e.output(model, inputs), ref)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.out_features == HEAD_DIM and attn.num_key_value_groups == 2
+
+
+def test_per_layer_ratios_exact_and_generate():
+    from zoo import ZOO_BY_NAME
+
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    inputs = e.inputs(model)
+    pruner = StructuredPruner([0.25, 0.5], [0.1, 0.6], importance="activation", progress=False)
+    plan = pruner.plan(model, calib=[inputs])
+    assert [len(plan.heads[b]) for b in sorted(plan.heads)] == [3, 2]
+    assert [len(plan.neurons[b]) for b in sorted(plan.neurons)] == [256 - 26, 256 - 154]
+    with torch.no_grad():
+        ref = e.output(zeroed_copy(model, removed_from_plan(plan), HEAD_DIM), inputs)
+    pruner.apply(model, plan)
+    assert plan.hf_config_exact is False  # per-layer counts: config left as it was
+    with torch.no_grad():
+        _close(e.output(model, inputs), ref)
+        gen = model.generate(inputs["input_ids"], max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+@torch.no_grad()
+def _cnn_zeroed(model, plan):
+    import copy
+
+    ref = copy.deepcopy(model)
+    mods = dict(ref.named_modules())
+    for g in plan.channel_groups:
+        idx = torch.tensor(plan.removed_channels(g["conv"]), dtype=torch.long)
+        mods[g["conv"]].weight[idx] = 0
+        if g["bn"]:
+            mods[g["bn"]].weight[idx] = 0
+            mods[g["bn"]].bias[idx] = 0
+    return ref
+
+
+@pytest.mark.parametrize("method", ["magnitude", "activation", "taylor"])
+def test_tiny_cnn_channels_exact(method):
+    model = tiny_cnn()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    pruner = StructuredPruner(channel_ratio=0.3, importance=method, progress=False)
+    plan = pruner.plan(model, calib=[x])
+    assert set(plan.channels) == {"features.0", "features.3"}
+    with torch.no_grad():
+        full, ref = model(x), _cnn_zeroed(model, plan)(x)
+    pruner.apply(model, plan)
+    assert model.features[0].out_channels == 32 - 10 and model.features[1].num_features == 22
+    assert model.features[3].in_channels == 22 and model.classifier.in_features == 64 - 19
+    with torch.no_grad():
+        _close(model(x), ref)
+    assert (full - ref).abs().max() > 1e-4
+
+
+def test_cnn_flatten_linear_consumer_exact():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 1, 8, 8)
+    pruner = StructuredPruner(channel_ratio=0.5, progress=False)
+    plan = pruner.plan(model, calib=[x])
+    with torch.no_grad():
+        ref = _cnn_zeroed(model, plan)(x)
+    pruner.apply(model, plan)
+    assert model[5].in_features == 4 * 16
+    with torch.no_grad():
+        _close(model(x), ref)

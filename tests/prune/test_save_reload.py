@@ -1,0 +1,87 @@
+"""Pruned models save and reload with identical outputs: uniform through save_pretrained / from_pretrained,
+per-layer (and configs that cannot express the result) through medquant's own loader."""
+from __future__ import annotations
+
+import pytest
+import torch
+from zoo import ZOO_BY_NAME, tiny_cnn
+
+from medquant import QuantConfig, quantize_
+from medquant.prune import StructuredPruner, load_pruned, save_pruned
+
+
+def _out(entry, model, inputs):
+    with torch.no_grad():
+        return entry.output(model, inputs)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3_vlm"])
+def test_uniform_from_pretrained(tmp_path, name):
+    e = ZOO_BY_NAME[name]
+    model = e.build()
+    inputs = e.inputs(model)
+    # 2 of 4 heads: LLaMA's config validation wants hidden_size % num_attention_heads == 0 (3 heads would not load)
+    plan = StructuredPruner(0.5, 0.3, progress=False).prune(model)
+    assert plan.hf_config_exact is True
+    out = _out(e, model, inputs)
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    assert type(again) is type(model)
+    assert torch.equal(_out(e, again, inputs), out)
+    cfg = again.config.get_text_config() if hasattr(again.config, "get_text_config") else again.config
+    assert cfg.intermediate_size == 256 - 77 and cfg.head_dim == 32
+
+
+@pytest.mark.parametrize("name,scope", [("qwen2", None), ("siglip_vision", None), ("llava", "all")])
+def test_per_layer_own_loader(tmp_path, name, scope):
+    e = ZOO_BY_NAME[name]
+    model = e.build()
+    inputs = e.inputs(model)
+    n = 4 if name == "llava" else 2
+    heads = [0.6, 0.0, 0.3, 0.3][:n]
+    ffn = [0.1, 0.5, 0.2, 0.0][:n]
+    plan = StructuredPruner(heads, ffn, scope=scope, progress=False).prune(model)
+    assert plan.hf_config_exact is False
+    out = _out(e, model, inputs)
+    save_pruned(model, tmp_path, plan=plan)
+    again = load_pruned(tmp_path)
+    assert torch.equal(_out(e, again, inputs), out)
+    # plain from_pretrained cannot rebuild per-layer shapes: it must not silently load them
+    with pytest.raises(RuntimeError, match="mismatch"):
+        model.save_pretrained(tmp_path / "hf")
+        type(model).from_pretrained(tmp_path / "hf")
+
+
+def test_uniform_but_not_expressible_uses_own_loader(tmp_path):
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    inputs = e.inputs(model)
+    plan = StructuredPruner(0.3, 0.3, progress=False).prune(model)  # 3 heads of 32 in a 128-wide model
+    assert plan.hf_config_exact is False
+    assert model.config.num_attention_heads == 4  # left as it was, not half-updated
+    out = _out(e, model, inputs)
+    save_pruned(model, tmp_path)
+    assert torch.equal(_out(e, load_pruned(tmp_path), inputs), out)
+
+
+def test_pruned_then_quantized_round_trip(tmp_path):
+    e = ZOO_BY_NAME["qwen2"]
+    model = e.build()
+    inputs = e.inputs(model)
+    StructuredPruner({"model.layers.0": 0.5}, [0.3, 0.1], progress=False).prune(model)
+    quantize_(model, QuantConfig(4, group_size=32), skip=["@head"])
+    out = _out(e, model, inputs)
+    save_pruned(model, tmp_path)
+    assert torch.equal(_out(e, load_pruned(tmp_path), inputs), out)
+
+
+def test_cnn_round_trip(tmp_path):
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    StructuredPruner(channel_ratio=0.4, progress=False).prune(model, calib=[x])
+    out = model(x)
+    save_pruned(model, tmp_path)
+    again = load_pruned(tmp_path, model=tiny_cnn(seed=1))
+    assert torch.equal(again(x), out)
+    with pytest.raises(Exception, match="plain nn.Module"):
+        load_pruned(tmp_path)
