@@ -1,0 +1,430 @@
+"""Sequential (layer-by-layer) post-training quantization for models that do not fit on the compute device.
+
+``quantize_sequential(model, config_or_map, ...)`` gives exactly the model ``quantize_(model, config_or_map)``
+gives (same plan, same QuantLinear / QuantConv2d, bit-identical buffers: SPEC section 1 round-to-nearest is
+computed per layer, so the order of layers cannot change a code), but holds only one decoder / vision block in
+floating point on the compute device at a time:
+
+1. the plan is resolved on the skeleton (patterns, roles and ``skip`` exactly as :func:`medquant.quantize_`);
+2. the blocks are the entries of :func:`medquant.models.vision_layers` then
+   :func:`medquant.models.language_model_layers` (vision first: its output feeds the language model), or the
+   names given in ``blocks=``;
+3. for each block, in order: its float weights are moved to ``device`` - from the model's own (CPU) weights, or read from a
+   safetensors ``checkpoint`` when the model was built on the meta device (``accelerate.init_empty_weights()``) -
+   ``per_block_fn(block, inputs)`` runs if given, the block's planned layers are quantized, and the block moves to
+   ``offload_device``;
+   (the modules outside the blocks - embeddings, norms, projector, ``lm_head``... - are processed first, leaf
+   by leaf, the same way).
+
+Peak memory on the compute device: one float block plus its calibration activations. With a meta skeleton and a
+checkpoint, peak host memory is the quantized result plus one float block (``benchmarks/memory.py`` measures it).
+
+Calibration (for activation-aware methods): with ``calib_inputs`` (one ``model(**batch)`` keyword dict or a list
+of them) and ``per_block_fn``, the inputs of each block are captured and passed as :class:`BlockInputs`. A block's
+keyword arguments (attention masks, rotary position embeddings, window ``cu_seqlens``...) are recorded in one
+forward pass in which the not-yet-processed blocks are replaced by recorders that pass the hidden states through;
+its hidden-state input is the output of the already *quantized* previous block (the GPTQ/AWQ convention: each
+block is calibrated on the activations the quantized model will actually feed it).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .quant.api import resolve_configs
+from .quant.config import QuantConfig
+from .quant.modules import QuantConv2d, QuantLinear
+
+__all__ = ["BlockInputs", "CheckpointSource", "find_blocks", "quantize_sequential"]
+
+
+# ---------------------------------------------------------------------------------------------- weights on disk
+class CheckpointSource:
+    """Float tensors by name from safetensors: a ``.safetensors`` file, a directory holding ``model.safetensors``
+    or a sharded ``model.safetensors.index.json``. Tensors are read one at a time (memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            index = path / "model.safetensors.index.json"
+            single = path / "model.safetensors"
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = {k: path / f for k, f in weight_map.items()}
+            elif single.is_file():
+                files = None
+                path = single
+            else:
+                raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+        elif path.is_file():
+            files = None
+        else:
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        self._handles: dict[Path, Any] = {}
+        if files is None:
+            h = safe_open(str(path), framework="pt", device="cpu")
+            self._handles[path] = h
+            self._file_of = {k: path for k in h.keys()}  # noqa: SIM118 (safe_open handles are not iterable)
+        else:
+            self._file_of = files
+        self._open = safe_open
+        self.path = path
+
+    def keys(self) -> set[str]:
+        return set(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def get(self, key: str) -> torch.Tensor:
+        f = self._file_of[key]
+        if f not in self._handles:
+            self._handles[f] = self._open(str(f), framework="pt", device="cpu")
+        return self._handles[f].get_tensor(key)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def find_blocks(model: nn.Module) -> list[list[str]]:
+    """Block lists in forward order: ``[vision blocks, language blocks]`` (empty lists dropped)."""
+    from .models import language_model_layers, vision_layers
+
+    groups = [vision_layers(model), language_model_layers(model)]
+    return [g for g in groups if g]
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return type(obj)({k: _to(v, device) for k, v in obj.items()}) if isinstance(obj, dict) else obj
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def _tied_map(model: nn.Module) -> dict[str, str]:
+    """Both directions of Hugging Face tied-weight keys (``lm_head.weight`` <-> ``embed_tokens.weight``)."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    return {**tied, **{s: t for t, s in tied.items()}}
+
+
+def _local_tensors(module: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """(kind, name, tensor) of a module's own (non-recursive) parameters and buffers."""
+    out = [("param", n, p) for n, p in module._parameters.items() if p is not None]
+    out += [("buffer", n, b) for n, b in module._buffers.items() if b is not None]
+    return out
+
+
+class _Materializer:
+    """Brings a module's tensors to a device: moves real ones, reads meta ones from the checkpoint."""
+
+    def __init__(self, model: nn.Module, source: CheckpointSource | None) -> None:
+        self.model = model
+        self.source = source
+        self.tied = _tied_map(model)
+        self.done: dict[str, torch.Tensor] = {}  # full key -> materialized tensor, to re-tie shared weights
+
+    def _read(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        src = self.source
+        if src is None:
+            raise ValueError(f"{key} is on the meta device and no checkpoint was given: pass "
+                             "checkpoint='path/to/model.safetensors' (or a directory) to stream weights from disk")
+        if key in src:
+            t = src.get(key)
+        elif key in self.tied and self.tied[key] in src:
+            t = src.get(self.tied[key])
+        else:
+            raise ValueError(f"the checkpoint {src.path} has no tensor {key!r} (the model's state-dict names must "
+                             "match the checkpoint's; save it with safetensors.torch.save_model(model, file))")
+        if tuple(t.shape) != tuple(like.shape):
+            raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(like.shape)}")
+        return t
+
+    def module(self, module: nn.Module, prefix: str, device: torch.device, recurse: bool = True) -> None:
+        """Materialize/move ``module`` (and, with ``recurse``, its submodules) to ``device``; ``prefix`` is its
+        full name in the model."""
+        subs = module.named_modules() if recurse else [("", module)]
+        for sub_name, sub in subs:
+            full = f"{prefix}.{sub_name}" if sub_name else prefix
+            for kind, name, t in _local_tensors(sub):
+                key = f"{full}.{name}" if full else name
+                if key in self.tied and self.tied[key] in self.done and t.device.type == "meta":
+                    new = self.done[self.tied[key]]
+                    if new.device != device:
+                        new = new.to(device)
+                else:
+                    new = self._read(key, t).to(device=device, dtype=t.dtype) if t.device.type == "meta" \
+                        else t.to(device)
+                if kind == "param":
+                    if not isinstance(new, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=t.requires_grad)
+                    sub._parameters[name] = new
+                else:
+                    sub._buffers[name] = new
+                if key in self.tied:  # only tied tensors are remembered (anything else would stay alive)
+                    self.done[key] = new
+
+
+def _quantize_in(module: nn.Module, prefix: str, plan: Mapping[str, QuantConfig]) -> None:
+    """Swap the planned Linear / Conv2d layers under ``module`` (full name ``prefix``) for quantized ones."""
+    start = prefix + "." if prefix else ""
+    for name, cfg in plan.items():
+        if name != prefix and not name.startswith(start):
+            continue
+        rel = name[len(start):] if name != prefix else ""
+        mod = module.get_submodule(rel) if rel else module
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue  # already quantized
+        qcls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+        try:
+            q = qcls.from_float(mod, cfg)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{name}: {e}") from None
+        q.train(mod.training)
+        if rel:
+            parent_name, _, attr = rel.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, q)
+        else:
+            raise ValueError(f"{name}: a block cannot itself be a single Linear/Conv2d")
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+@dataclass
+class BlockInputs:
+    """Calibration inputs of one block, one entry per calibration batch.
+
+    ``block(*args[i], **kwargs[i])`` reproduces the call the model makes; ``hidden_states[i]`` is ``args[i][0]``.
+    ``configs`` maps the block's planned layers (names relative to the block) to their QuantConfig.
+    """
+
+    name: str
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+    configs: dict[str, QuantConfig] = field(default_factory=dict)
+
+    @property
+    def hidden_states(self) -> list[torch.Tensor]:
+        return [a[0] for a in self.args]
+
+    @torch.no_grad()
+    def run(self, block: nn.Module) -> list[torch.Tensor]:
+        """The block's outputs (hidden states) on every calibration batch."""
+        outs = []
+        for a, k in zip(self.args, self.kwargs):
+            o = block(*a, **k)
+            outs.append(o[0] if isinstance(o, (tuple, list)) else o)
+        return outs
+
+
+class _Stop(Exception):
+    pass
+
+
+def _recorder(store: dict, name: str, stop: bool, *args, **kwargs):
+    if not args:
+        if "hidden_states" not in kwargs:
+            raise ValueError(f"block {name} was called without a positional hidden-state argument")
+        hs = kwargs.pop("hidden_states")
+        args = (hs,)
+    if "past_key_values" in kwargs:
+        kwargs["past_key_values"] = None
+    store.setdefault(name, []).append((args, kwargs))
+    if stop:
+        raise _Stop
+    return args[0]
+
+
+def _capture(model: nn.Module, group: Sequence[str], batches: Sequence[dict], device: torch.device
+             ) -> dict[str, list[tuple[tuple, dict]]]:
+    """Record the call of every block of ``group`` for each batch (blocks replaced by pass-through recorders)."""
+    store: dict[str, list] = {}
+    blocks = [model.get_submodule(n) for n in group]
+    for i, (n, b) in enumerate(zip(group, blocks)):
+        b.forward = functools.partial(_recorder, store, n, i == len(group) - 1)
+    accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                kw = _to(dict(batch), device)
+                if accepts_cache:
+                    kw.setdefault("use_cache", False)
+                try:
+                    model(**kw)
+                except _Stop:
+                    pass
+    finally:
+        for b in blocks:
+            del b.forward
+    missing = [n for n in group if len(store.get(n, [])) != len(batches)]
+    if missing:
+        raise RuntimeError(f"blocks {missing[:3]} were not called once per calibration batch by "
+                           f"{type(model).__name__}.forward; pass blocks= explicitly")
+    return store
+
+
+# ---------------------------------------------------------------------------------------------- main entry point
+def quantize_sequential(
+    model: nn.Module,
+    config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
+    calib_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    *,
+    skip: Iterable[str] | None = None,
+    device: str | torch.device | None = None,
+    offload_device: str | torch.device | None = "cpu",
+    checkpoint: str | os.PathLike | CheckpointSource | None = None,
+    blocks: Sequence[str] | Sequence[Sequence[str]] | None = None,
+    per_block_fn: Callable[[nn.Module, BlockInputs], None] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Quantize ``model`` block by block (in place); returns it. Same result as ``quantize_(model, config_or_map,
+    skip=skip)``.
+
+    Args:
+        model: float model, with real weights or built on the meta device (then give ``checkpoint``).
+        config_or_map, skip: as :func:`medquant.quantize_`.
+        calib_inputs: keyword inputs of ``model(**batch)`` (one dict or a list); needed with ``per_block_fn``.
+        device: compute device (default CUDA when available, else CPU).
+        offload_device: where processed blocks go (default ``"cpu"``; ``None`` keeps them on ``device``).
+        checkpoint: safetensors file / directory / :class:`CheckpointSource` holding the float weights of meta
+            tensors, under the model's own state-dict names.
+        blocks: block names (one list, or a list of lists in forward order); default :func:`find_blocks`.
+        per_block_fn: ``fn(block, BlockInputs)`` called with the float block on ``device`` before its layers are
+            quantized (activation-aware scaling, statistics...). It may change the block's float weights.
+        progress: tqdm progress bar over blocks.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_sequential expects an nn.Module, got {type(model).__name__}")
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    offload = torch.device(offload_device) if offload_device is not None else device
+    if per_block_fn is not None and calib_inputs is None:
+        raise ValueError("per_block_fn needs calib_inputs (keyword inputs of model(**batch)) to compute the "
+                         "activations it is given")
+    batches: list[dict] = []
+    if calib_inputs is not None:
+        batches = [calib_inputs] if isinstance(calib_inputs, Mapping) else list(calib_inputs)
+        if not batches or not all(isinstance(b, Mapping) for b in batches):
+            raise TypeError("calib_inputs must be a dict of model(**inputs) keyword arguments or a non-empty list "
+                            "of such dicts")
+    source = checkpoint if isinstance(checkpoint, CheckpointSource) or checkpoint is None \
+        else CheckpointSource(checkpoint)
+
+    plan = resolve_configs(model, config_or_map, skip=skip)
+    if blocks is None:
+        groups = find_blocks(model)
+    elif blocks and isinstance(blocks[0], str):
+        groups = [list(blocks)]
+    else:
+        groups = [list(g) for g in blocks]
+    names = {n for n, _ in model.named_modules()}
+    for g in groups:
+        for n in g:
+            if n not in names:
+                raise ValueError(f"block {n!r} is not a module of {type(model).__name__}")
+    if not groups:
+        raise ValueError(f"found no decoder or vision blocks in {type(model).__name__}: pass blocks=[names of "
+                         "the repeated blocks] (e.g. 'encoder.layers.0', ...)")
+    block_names = [n for g in groups for n in g]
+    calibrate = per_block_fn is not None
+
+    mat = _Materializer(model, source)
+    rest = _rest_leaves(model, block_names)
+    # the modules outside the blocks first, leaf by leaf; while calibrating they stay on the device (the capture
+    # passes run them), already quantized, so blocks see the activations of the final quantized model
+    for n in rest:
+        mat.module(model.get_submodule(n), n, device, recurse=False)
+        _quantize_in_leaf(model, n, plan)
+        if not calibrate:
+            _move_local(model.get_submodule(n), offload)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(block_names), desc="sequential quantization", unit="block")
+    done: list[str] = []
+    for group in groups:
+        store = None
+        if calibrate:
+            for n in done:  # earlier (quantized) blocks take part in the capture forward pass
+                model.get_submodule(n).to(device)
+            store = _capture(model, group, batches, device)
+            for n in done:
+                model.get_submodule(n).to(offload)
+        hidden: list[tuple] | None = None
+        for name in group:
+            block = model.get_submodule(name)
+            mat.module(block, name, device)
+            start = name + "."
+            inputs = None
+            if calibrate:
+                calls = store[name]
+                args = [(h,) + tuple(c[0][1:]) for h, c in zip(hidden, calls)] if hidden is not None \
+                    else [c[0] for c in calls]
+                inputs = BlockInputs(name, args, [c[1] for c in calls],
+                                     {k[len(start):]: v for k, v in plan.items() if k.startswith(start)})
+                per_block_fn(block, inputs)
+            _quantize_in(block, name, plan)
+            if calibrate:  # the next block is calibrated on what the quantized block outputs
+                hidden = inputs.run(block)
+            block.to(offload)
+            done.append(name)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if calibrate:
+        for n in rest:
+            _move_local(model.get_submodule(n), offload)
+    return model
+
+
+def _move_local(module: nn.Module, device: torch.device) -> None:
+    """Move a module's own parameters and buffers (not its submodules') to ``device``."""
+    for kind, name, t in _local_tensors(module):
+        if t.device == device:
+            continue
+        if kind == "param":
+            module._parameters[name] = nn.Parameter(t.to(device), requires_grad=t.requires_grad)
+        else:
+            module._buffers[name] = t.to(device)
+
+
+def _rest_leaves(model: nn.Module, block_names: Sequence[str]) -> list[str]:
+    """Modules outside the blocks that hold tensors of their own, in definition order."""
+    prefixes = tuple(n + "." for n in block_names)
+    blocks = set(block_names)
+    out = []
+    for name, mod in model.named_modules():
+        if name in blocks or name.startswith(prefixes):
+            continue
+        if _local_tensors(mod):
+            out.append(name)
+    return out
+
+
+def _quantize_in_leaf(model: nn.Module, name: str, plan: Mapping[str, QuantConfig]) -> None:
+    cfg = plan.get(name)
+    mod = model.get_submodule(name)
+    if cfg is None or not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        return
+    qcls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+    try:
+        q = qcls.from_float(mod, cfg)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{name}: {e}") from None
+    q.train(mod.training)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
