@@ -1,0 +1,145 @@
+"""Loader for the Indiana University chest X-ray reports (Open-i ``NLMCXR_reports.tgz``, 3,955 XML files).
+
+Each report has a comparison, indication, findings and impression section and the MeSH terms the
+annotators attached to it (``<major>`` terms such as ``"Pleural Effusion/right/small"`` and
+``<automatic>`` terms). :func:`load_iu_reports` reads them straight from the ``.tgz`` (or from a folder of
+extracted XML files) without unpacking anything to disk.
+
+Splits are fixed and independent of the file order: a report goes to ``"train"``, ``"dev"`` or ``"test"``
+according to the first 8 hex digits of the SHA-256 of its id (``"CXR3029"``) read as a fraction ``u`` of
+``2^32``: train if ``u < 0.6``, dev if ``u < 0.8``, test otherwise (60/20/20). The rule-based labeler of
+:mod:`medquant.eval.labeler` was written looking at ``dev`` (and ``train``) reports only; ``test`` is
+held out for scoring it and for the text-generation benchmark.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["SPLITS", "Report", "default_reports_path", "load_iu_reports", "report_split"]
+
+SPLITS = ("train", "dev", "test")
+_SPLIT_EDGES = (0.6, 0.8)
+
+
+@dataclass(frozen=True)
+class Report:
+    """One IU chest X-ray report.
+
+    Attributes:
+        uid: report id (``"CXR3029"``).
+        comparison, indication, findings, impression: section texts (``""`` when absent). De-identified
+            words appear as ``"XXXX"`` as in the source.
+        mesh_major: the annotators' MeSH terms (``"Cardiomegaly/mild"``, ``"normal"``...).
+        mesh_automatic: the automatically extracted MeSH terms.
+        split: ``"train"``, ``"dev"`` or ``"test"`` (see :func:`report_split`).
+    """
+
+    uid: str
+    comparison: str
+    indication: str
+    findings: str
+    impression: str
+    mesh_major: tuple[str, ...] = field(default_factory=tuple)
+    mesh_automatic: tuple[str, ...] = field(default_factory=tuple)
+    split: str = "train"
+
+    @property
+    def text(self) -> str:
+        """Findings and impression joined (the part a report labeler reads)."""
+        return " ".join(t for t in (self.findings, self.impression) if t)
+
+
+def report_split(uid: str) -> str:
+    """Fixed split of a report id: SHA-256 hash fraction ``u``; train ``u<0.6``, dev ``u<0.8``, else test."""
+    u = int(hashlib.sha256(uid.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+    if u < _SPLIT_EDGES[0]:
+        return "train"
+    if u < _SPLIT_EDGES[1]:
+        return "dev"
+    return "test"
+
+
+def default_reports_path() -> Path:
+    """``$MEDQUANT_DATA_DIR/iu_xray_reports/NLMCXR_reports.tgz`` (default data dir ``<repo>/../shared/data``)."""
+    env = os.environ.get("MEDQUANT_DATA_DIR")
+    base = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return base / "iu_xray_reports" / "NLMCXR_reports.tgz"
+
+
+_WS = re.compile(r"\s+")
+
+
+def _clean(text: str | None) -> str:
+    return _WS.sub(" ", text or "").strip()
+
+
+def _parse(xml_bytes: bytes, source: str) -> Report:
+    try:
+        root = ET.fromstring(xml_bytes)
+    except ET.ParseError as exc:
+        raise ValueError(f"{source}: not a valid IU report XML ({exc})") from exc
+    uid_el = root.find("uId")
+    if uid_el is None or not uid_el.get("id"):
+        raise ValueError(f"{source}: no <uId id=...> element; is this an Open-i NLMCXR report?")
+    uid = uid_el.get("id")
+    sections = {}
+    for el in root.iter("AbstractText"):
+        label = (el.get("Label") or "").upper()
+        sections[label] = _clean("".join(el.itertext()))
+    mesh = root.find("MeSH")
+    major = tuple(_clean(e.text) for e in mesh.findall("major")) if mesh is not None else ()
+    auto = tuple(_clean(e.text) for e in mesh.findall("automatic")) if mesh is not None else ()
+    return Report(uid=uid, comparison=sections.get("COMPARISON", ""), indication=sections.get("INDICATION", ""),
+                  findings=sections.get("FINDINGS", ""), impression=sections.get("IMPRESSION", ""),
+                  mesh_major=tuple(t for t in major if t), mesh_automatic=tuple(t for t in auto if t),
+                  split=report_split(uid))
+
+
+def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = None,
+                    require: tuple[str, ...] = ()) -> list[Report]:
+    """Read the IU reports, sorted by numeric id.
+
+    Args:
+        path: the ``NLMCXR_reports.tgz`` file or a folder holding the XML files (searched recursively);
+            default :func:`default_reports_path`.
+        split: keep only ``"train"``, ``"dev"`` or ``"test"`` reports; ``None`` keeps all.
+        require: section names (``"findings"``, ``"impression"``...) that must be non-empty.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist. ValueError: bad ``split``/``require`` or a malformed XML.
+    """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    fields = ("comparison", "indication", "findings", "impression")
+    bad = [r for r in require if r not in fields]
+    if bad:
+        raise ValueError(f"require: unknown section(s) {bad}; accepted: {fields}")
+    p = Path(path) if path is not None else default_reports_path()
+    if not p.exists():
+        raise FileNotFoundError(f"IU reports not found at {p} (set MEDQUANT_DATA_DIR or pass the path to "
+                                "NLMCXR_reports.tgz or to a folder of its XML files)")
+    reports: list[Report] = []
+    if p.is_dir():
+        for f in sorted(p.rglob("*.xml")):
+            reports.append(_parse(f.read_bytes(), str(f)))
+    else:
+        with tarfile.open(p, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".xml"):
+                    fh = tar.extractfile(member)
+                    if fh is not None:
+                        reports.append(_parse(fh.read(), f"{p}:{member.name}"))
+    if not reports:
+        raise ValueError(f"no XML reports found in {p}")
+    reports.sort(key=lambda r: (int(re.sub(r"\D", "", r.uid) or 0), r.uid))
+    if split is not None:
+        reports = [r for r in reports if r.split == split]
+    for name in require:
+        reports = [r for r in reports if getattr(r, name)]
+    return reports

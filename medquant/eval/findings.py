@@ -1,0 +1,253 @@
+"""The 14 CheXpert findings: names, the prompt of seed 002's first pipeline, the answer parser, the mapping
+from the IU reports' MeSH terms to the findings, and multi-label precision / recall / F1 (SPEC section 8).
+
+Label vectors have one entry per :data:`CHEXPERT_FINDINGS` entry, in CheXpert's order. Three-valued vectors
+(from the parser and the labeler) use ``1`` positive, ``0`` negative (mentioned and negated), ``-1``
+uncertain and ``nan`` not mentioned; :func:`binarize` turns them into 0/1 with uncertain counted as positive
+(``uncertain="positive"``, CheXpert's "U-Ones") or negative.
+
+``No Finding`` follows CheXpert: positive when none of the 12 pathologies (everything except ``No Finding``
+and ``Support Devices``) is positive or uncertain.
+
+MeSH mapping (:data:`MESH_MAP`): an IU MeSH term is ``"Heading/qualifier/qualifier..."``. A term maps to a
+finding when its heading is listed for that finding and, where the table names qualifiers, one of them is
+present (e.g. ``"Cardiac Shadow/enlarged"`` -> Cardiomegaly, but ``"Cardiac Shadow"`` alone -> nothing).
+Headings not in the table (emphysema, degenerative spine, calcinosis, scarring...) are not CheXpert findings
+and map to nothing. Reports indexed ``"No Indexing"`` have no usable labels (:func:`mesh_labels` returns
+``None``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "CHEXPERT_FINDINGS",
+    "FINDING_SYNONYMS",
+    "MESH_MAP",
+    "PATHOLOGIES",
+    "MultilabelScores",
+    "binarize",
+    "findings_prompt",
+    "mesh_labels",
+    "mesh_table_markdown",
+    "multilabel_scores",
+    "parse_findings",
+]
+
+CHEXPERT_FINDINGS: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+)
+#: The 12 pathologies whose absence defines "No Finding".
+PATHOLOGIES: tuple[str, ...] = tuple(f for f in CHEXPERT_FINDINGS if f not in ("No Finding", "Support Devices"))
+
+#: heading -> (finding, qualifiers that must be present or None for "any").
+MESH_MAP: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
+    "Mediastinum": [("Enlarged Cardiomediastinum", ("enlarged", "prominent", "widened", "large"))],
+    "Cardiomegaly": [("Cardiomegaly", None)],
+    "Cardiac Shadow": [("Cardiomegaly", ("enlarged", "large"))],
+    "Heart": [("Cardiomegaly", ("enlarged", "large"))],
+    "Opacity": [("Lung Opacity", None)],
+    "Airspace Disease": [("Lung Opacity", None)],
+    "Infiltrate": [("Lung Opacity", None)],
+    "Density": [("Lung Opacity", None)],
+    "Lung Diseases, Interstitial": [("Lung Opacity", None)],
+    "Nodule": [("Lung Lesion", None)],
+    "Mass": [("Lung Lesion", None)],
+    "Calcified Granuloma": [("Lung Lesion", None)],
+    "Granuloma": [("Lung Lesion", None)],
+    "Cavitation": [("Lung Lesion", None)],
+    "Pulmonary Edema": [("Edema", None)],
+    "Edema": [("Edema", None)],
+    "Pulmonary Congestion": [("Edema", None)],
+    "Heart Failure": [("Edema", None)],
+    "Consolidation": [("Consolidation", None)],
+    "Pneumonia": [("Pneumonia", None)],
+    "Pulmonary Atelectasis": [("Atelectasis", None)],
+    "Atelectasis": [("Atelectasis", None)],
+    "Pneumothorax": [("Pneumothorax", None)],
+    "Hydropneumothorax": [("Pneumothorax", None), ("Pleural Effusion", None)],
+    "Pleural Effusion": [("Pleural Effusion", None)],
+    "Costophrenic Angle": [("Pleural Effusion", ("blunted",))],
+    "Thickening": [("Pleural Other", ("pleura",))],
+    "Pleura": [("Pleural Other", ("thickening", "thickened"))],
+    "Fractures, Bone": [("Fracture", None)],
+    "Catheters, Indwelling": [("Support Devices", None)],
+    "Implanted Medical Device": [("Support Devices", None)],
+    "Medical Device": [("Support Devices", None)],
+    "Surgical Instruments": [("Support Devices", None)],
+    "Tube, Inserted": [("Support Devices", None)],
+    "Stents": [("Support Devices", None)],
+    "Pacemaker, Artificial": [("Support Devices", None)],
+}
+
+#: Phrases (regular expressions, matched on lower-cased text at word boundaries) that mention each finding.
+#: Shared by the answer parser and the report labeler.
+FINDING_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "No Finding": (r"no (acute )?findings?", r"no finding", r"normal (chest|study|radiograph|exam)",
+                   r"no abnormalit(y|ies)"),
+    "Enlarged Cardiomediastinum": (
+        r"enlarged cardiomediastin\w*", (r"cardiomediastinal (silhouette |contour )?(is |are )?(enlarged|widened|"
+        r"prominent)"), r"(widened|widening of the|enlarged|prominent) (superior )?mediastin\w*",
+        r"mediastin\w* (is |are )?(widened|enlarged|prominent)", r"mediastinal widening"),
+    "Cardiomegaly": (r"cardiomegaly", r"cardiac enlargement", r"enlarged (heart|cardiac (silhouette|shadow|size))",
+                     (r"(heart|cardiac silhouette|cardiac shadow)( size)? (is |are )?(mildly |moderately |severely |"
+                     r"markedly |slightly )?(enlarged|large)"), (r"(heart|cardiac) size (is )?(top normal|upper limits"
+                     r" of normal|borderline)"), r"borderline (enlarged )?(heart|cardiac) size",
+                     r"enlarged heart size", r"heart is enlarged"),
+    "Lung Opacity": (r"opacit(y|ies)", r"opacification", r"infiltrates?", r"airspace (disease|process)",
+                     r"air space (disease|process)", r"densit(y|ies)", (r"interstitial (disease|prominence|"
+                     r"opacit\w+|infiltrate\w*|lung disease)")),
+    "Lung Lesion": (r"nodules?", r"nodular (density|densities|opacit\w+)", r"masse?s?", r"granulomas?",
+                    r"lesions?", r"cavitary", r"cavitation", r"tumou?rs?", r"neoplasms?", r"carcinoma"),
+    "Edema": (r"edema", r"oedema", r"(vascular|pulmonary) congestion", r"congestive heart failure", r"chf",
+              r"heart failure", r"fluid overload"),
+    "Consolidation": (r"consolidations?", r"consolidative", r"consolidated"),
+    "Pneumonia": (r"pneumonias?", r"pneumonitis"),
+    "Atelectasis": (r"atelectas[ie]s", r"atelectatic", r"collapse"),
+    "Pneumothorax": (r"pneumothora(x|ces|xes)", r"hydropneumothorax"),
+    "Pleural Effusion": (r"effusions?", r"pleural fluid", r"hydropneumothorax",
+                         r"blunt(ed|ing)( of)?( the)?( (right|left|bilateral|posterior))? costophrenic",
+                         r"costophrenic (angle|recess|sulcus|sulci|angles)( is| are)? blunt\w*"),
+    "Pleural Other": (r"pleural (thickening|plaques?|scar\w*|fibrosis|calcification)", r"fibrothorax",
+                      r"pleural[- ]parenchymal scar\w*", r"pleural reaction"),
+    "Fracture": (r"fractures?", r"fractured", r"fx"),
+    "Support Devices": ((r"(pace ?maker|icd|defibrillator|catheter|line|tube|port|stent|wire|wires|clip|clips|"
+                        r"lead|leads|device|devices|hardware|valve replacement|prosthe\w+|picc|port-a-cath|"
+                        r"sternotomy wires?)"),),
+}
+
+
+def findings_prompt(findings: tuple[str, ...] = CHEXPERT_FINDINGS) -> str:
+    """Seed 002's pipeline-1 prompt: list the findings and ask which are present."""
+    listed = "\n".join(f"- {f}" for f in findings)
+    return ("You are reading a chest X-ray. From the list below, name every finding that is present in the image. "
+            "Answer with the names from the list, separated by commas; say 'No Finding' if none is present, and "
+            "write 'possible' before a finding you are unsure of.\n" + listed)
+
+
+def parse_findings(answer: str) -> np.ndarray:
+    """Turn a model's answer to :func:`findings_prompt` into a three-valued 14-vector (see module doc).
+
+    Accepts comma/line/semicolon separated lists, ``"Finding: yes|no|present|absent|possible"`` key-value
+    answers, numbered lists, synonyms and plurals ("effusions", "enlarged heart"), negation ("no pleural
+    effusion", "without pneumothorax", "pneumothorax: absent") and uncertainty ("possible", "cannot exclude",
+    "may represent"). Findings the answer does not mention are ``nan``. ``No Finding`` is set from the
+    12 pathologies when any of them is positive or uncertain; otherwise it is 1 only if the answer says so
+    ("No Finding", "normal", "none").
+    """
+    from .labeler import label_text
+
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+    return label_text(answer, mode="answer")
+
+
+def _heading_qualifiers(term: str) -> tuple[str, list[str]]:
+    parts = [p.strip() for p in term.split("/")]
+    return parts[0], [q.lower() for q in parts[1:]]
+
+
+def mesh_labels(terms: tuple[str, ...] | list[str]) -> np.ndarray | None:
+    """Binary 14-vector from IU MeSH ``<major>`` terms through :data:`MESH_MAP`; ``None`` for "No Indexing"."""
+    terms = list(terms)
+    if not terms or any(t.strip().lower() == "no indexing" for t in terms):
+        return None
+    vec = np.zeros(len(CHEXPERT_FINDINGS), dtype=np.float64)
+    idx = {f: i for i, f in enumerate(CHEXPERT_FINDINGS)}
+    for term in terms:
+        heading, quals = _heading_qualifiers(term)
+        for finding, need in MESH_MAP.get(heading, []):
+            if need is None or any(q in quals for q in need):
+                vec[idx[finding]] = 1.0
+    vec[0] = 0.0 if any(vec[idx[p]] == 1 for p in PATHOLOGIES) else 1.0
+    return vec
+
+
+def binarize(labels: np.ndarray, uncertain: str = "positive") -> np.ndarray:
+    """Three-valued labels (1, 0, -1, nan) -> 0/1 ints: nan and 0 -> 0, 1 -> 1, -1 -> 1 or 0 per ``uncertain``."""
+    if uncertain not in ("positive", "negative"):
+        raise ValueError(f"uncertain must be 'positive' or 'negative', got {uncertain!r}")
+    a = np.asarray(labels, dtype=np.float64)
+    out = (a == 1).astype(np.int64)
+    if uncertain == "positive":
+        out |= (a == -1).astype(np.int64)
+    return out
+
+
+@dataclass
+class MultilabelScores:
+    """Per-finding precision/recall/F1/support plus micro and macro averages."""
+
+    names: tuple[str, ...]
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+    micro_precision: float
+    micro_recall: float
+    micro_f1: float
+    macro_f1: float
+
+    def as_dict(self) -> dict:
+        per = {n: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+               for n, p, r, f, s in zip(self.names, self.precision, self.recall, self.f1, self.support)}
+        return {"per_finding": per, "micro_precision": self.micro_precision, "micro_recall": self.micro_recall,
+                "micro_f1": self.micro_f1, "macro_f1": self.macro_f1}
+
+    def table(self) -> str:
+        lines = [f"{'finding':28s} {'P':>6s} {'R':>6s} {'F1':>6s} {'n':>5s}"]
+        for n, p, r, f, s in zip(self.names, self.precision, self.recall, self.f1, self.support):
+            lines.append(f"{n:28s} {p:6.3f} {r:6.3f} {f:6.3f} {int(s):5d}")
+        lines.append(f"{'micro':28s} {self.micro_precision:6.3f} {self.micro_recall:6.3f} {self.micro_f1:6.3f}")
+        lines.append(f"{'macro F1':28s} {'':6s} {'':6s} {self.macro_f1:6.3f}")
+        return "\n".join(lines)
+
+
+def _safe_div(a: float, b: float) -> float:
+    return float(a) / float(b) if b else 0.0
+
+
+def multilabel_scores(y_true: np.ndarray, y_pred: np.ndarray, names: tuple[str, ...] | None = None,
+                      columns: list[int] | None = None) -> MultilabelScores:
+    """Precision, recall, F1 per column and micro / macro F1 of binary label matrices ``(n, k)``.
+
+    ``P = TP/(TP+FP)``, ``R = TP/(TP+FN)``, ``F1 = 2PR/(P+R)`` (0 where undefined, as scikit-learn's
+    ``zero_division=0``); micro pools TP/FP/FN over the selected columns, macro averages the per-column F1.
+    ``columns`` selects a subset (e.g. the five most frequent findings).
+    """
+    t = np.asarray(y_true)
+    p = np.asarray(y_pred)
+    if t.shape != p.shape or t.ndim != 2:
+        raise ValueError(f"y_true and y_pred must be 2-D of the same shape, got {t.shape} and {p.shape}")
+    for name, a in (("y_true", t), ("y_pred", p)):
+        if not np.isin(a, (0, 1)).all():
+            raise ValueError(f"{name} must hold only 0/1 (binarize three-valued labels first)")
+    names = tuple(names) if names is not None else tuple(CHEXPERT_FINDINGS[: t.shape[1]])
+    if len(names) != t.shape[1]:
+        raise ValueError(f"{len(names)} names for {t.shape[1]} columns")
+    if columns is not None:
+        t, p, names = t[:, columns], p[:, columns], tuple(names[c] for c in columns)
+    tp = ((t == 1) & (p == 1)).sum(0)
+    fp = ((t == 0) & (p == 1)).sum(0)
+    fn = ((t == 1) & (p == 0)).sum(0)
+    prec = np.array([_safe_div(a, a + b) for a, b in zip(tp, fp)])
+    rec = np.array([_safe_div(a, a + b) for a, b in zip(tp, fn)])
+    f1 = np.array([_safe_div(2 * a, 2 * a + b + c) for a, b, c in zip(tp, fp, fn)])
+    mp = _safe_div(tp.sum(), tp.sum() + fp.sum())
+    mr = _safe_div(tp.sum(), tp.sum() + fn.sum())
+    mf = _safe_div(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum())
+    return MultilabelScores(names, prec, rec, f1, t.sum(0), mp, mr, mf, float(f1.mean()) if len(f1) else math.nan)
+
+
+def mesh_table_markdown() -> str:
+    """The MeSH -> finding mapping as a Markdown table (for the docs)."""
+    rows = ["| MeSH heading | qualifier required | CheXpert finding |", "|---|---|---|"]
+    for heading, targets in MESH_MAP.items():
+        for finding, need in targets:
+            rows.append(f"| {heading} | {', '.join(need) if need else 'any'} | {finding} |")
+    return "\n".join(rows)

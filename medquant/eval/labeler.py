@@ -1,0 +1,185 @@
+"""Rule-based CheXpert-style report labeler with negation and uncertainty detection (SPEC section 8).
+
+Seed 002's second pipeline labels a generated free-text report with CheXbert; no labeler model can be had
+offline, so this is a transparent rule-based labeler in the style of the original CheXpert labeler
+(mention extraction, then negation / uncertainty classification, then aggregation). Its rules were written
+on the ``train``/``dev`` reports of :mod:`medquant.data.reports` only; the ``test`` split is held out.
+
+Steps for one text:
+
+1. lower-case, split into sentences (``.`` not between digits, ``;``, ``!``, ``?``, new lines) and each
+   sentence into clauses at scope breakers ("but", "however", "although", "except", "which", "with" (not
+   "without"), "there is/are", "and there"); in ``mode="answer"`` also at commas, and ``"Finding: yes|no|
+   possible"`` lines are rewritten to plain phrases first;
+2. find mentions of each finding with :data:`medquant.eval.findings.FINDING_SYNONYMS` (word boundaries);
+3. classify each mention, inside its clause: a *hard uncertainty* phrase that itself contains a negation word
+   ("cannot be excluded", "not ruled out", "no definite") -> uncertain; else the nearer of the last negation
+   cue ("no", "not", "without", "free of", "negative for", "absence of", "resolved"...; "no change" /
+   "unchanged" are not negations) and the last uncertainty cue ("possible", "may", "could", "questionable",
+   "suspicious for", "concern for", "versus", "likely", "borderline", "rule out"...) before the mention
+   decides: uncertainty cue after the negation cue -> uncertain, negation cue -> negative; else
+   post-mention negation ("is not seen", "has resolved", "are absent") -> negative, post-mention uncertainty
+   ("cannot be excluded", "is possible", "is suspected") -> uncertain; else positive;
+4. aggregate per finding over mentions: positive > uncertain > negative > not mentioned (``nan``);
+   ``No Finding`` = 0 when any of the 12 pathologies is positive or uncertain, else 1 (in ``"answer"`` mode 1
+   only when the answer says "no finding" / "normal" / "none" or negates at least one pathology, else ``nan``).
+
+Output: float vector ``(14,)``, values 1, 0, -1, nan (see :mod:`medquant.eval.findings`).
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .findings import CHEXPERT_FINDINGS, FINDING_SYNONYMS, PATHOLOGIES
+
+__all__ = ["Mention", "label_report", "label_reports", "label_text", "mentions"]
+
+_IDX = {f: i for i, f in enumerate(CHEXPERT_FINDINGS)}
+
+_MENTION_RES: dict[str, re.Pattern] = {
+    f: re.compile(r"\b(?:" + "|".join(pats) + r")\b") for f, pats in FINDING_SYNONYMS.items() if f != "No Finding"
+}
+_NO_FINDING_RE = re.compile(r"\b(?:no (?:acute |significant )?(?:findings?|abnormalit(?:y|ies))|no finding|"
+                            r"normal (?:chest|study|radiograph|exam)|none of (?:these|the above))\b|^\s*(?:normal|none)"
+                            r"\s*$")
+
+# phrases that look like negation but are not (removed before looking for negation cues)
+_NOT_NEGATION = re.compile(r"\b(?:no (?:significant |interval |appreciable |definite )?(?:change|changes|increase|"
+                           r"decrease|progression)(?: in| of| from)?|not (?:significantly )?(?:changed|increased)|"
+                           r"unchanged|to (?:suggest|indicate))\b")
+_HARD_UNCERTAIN = re.compile(r"\b(?:cannot|can not|can't|could not|not) (?:be )?(?:entirely |completely |"
+                             r"definitely )?(?:excluded|exclude|ruled out|rule out|differentiated)|"
+                             r"\bnot (?:definitely|clearly) excluded\b|\bdifficult to (?:completely |entirely )?exclude\b")
+_NEG_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolved|resolution of|"
+                      r"removal of|removed|rather than|none|nor|neither|no longer|never)\b")
+_UNC_CUE = re.compile(r"\b(?:possible|possibly|probable|probably|likely|may|might|could|questionable|question of|"
+                      r"questioned|suspicious (?:for|of)|suspected|suspect|suggest|suggests|suggestive|suggesting|"
+                      r"concern for|concerning for|worrisome for|versus|vs|equivocal|borderline|rule out|r/o|"
+                      r"differential|consider|considered|cannot exclude|atypical|uncertain|indeterminate|"
+                      r"not excluded|may represent|could represent|presumably|presumed)\b")
+_POST_NEG = re.compile(r"^[^.]{0,40}?\b(?:(?:is|are|was|were|has been|have been)\s+)?(?:not (?:seen|identified|"
+                       r"present|visualized|evident|appreciated|demonstrated|noted|detected)|absent|resolved|"
+                       r"has resolved|have resolved|no longer (?:seen|present|visualized)|removed)\b")
+_POST_UNC = re.compile(r"^[^.]{0,40}?\b(?:cannot be (?:excluded|ruled out)|can not be (?:excluded|ruled out)|"
+                       r"(?:is|are) not excluded|(?:is|are) (?:possible|suspected|questioned|likely|probable)|"
+                       r"not (?:entirely )?excluded|(?:is|are) difficult to exclude)\b")
+_BREAK = re.compile(r"\b(?:but|however|although|though|except|whereas|which|while|nonetheless|yet)\b|"
+                    r"\bwith(?!out)\b|\band there\b|\bthere (?:is|are|has been|have been)\b|"
+                    r"\b(?:otherwise)\b")
+_SENT_SPLIT = re.compile(r"(?<!\d)\.(?!\d)|[;!?\n]|\s\d+\)\s|(?:^|\s)\d+\.\s")
+_KEY_VALUE = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*)?([a-z][a-z /()-]+?)\s*[:=-]\s*(yes|no|present|absent|positive|"
+                        r"negative|possible|uncertain|unlikely|not present|none|maybe|likely|probable|true|false)\b",
+                        re.MULTILINE)
+_KV_MAP = {"yes": "{}", "present": "{}", "positive": "{}", "true": "{}", "likely": "likely {}",
+           "probable": "probable {}", "no": "no {}", "absent": "no {}", "negative": "no {}", "not present": "no {}",
+           "none": "no {}", "false": "no {}", "unlikely": "no {}", "possible": "possible {}",
+           "uncertain": "possible {}", "maybe": "possible {}"}
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One finding mention: the finding, the matched text, its clause and the label it got (1, 0 or -1)."""
+
+    finding: str
+    text: str
+    clause: str
+    label: int
+
+
+def _normalise(text: str) -> str:
+    t = text.lower().replace("\u2019", "'")
+    t = re.sub(r"[ \t\r\f\v]+", " ", t)
+    return t
+
+
+def _rewrite_key_values(text: str) -> str:
+    def repl(m: re.Match) -> str:
+        return _KV_MAP[m.group(2)].format(m.group(1).strip()) + "."
+    return _KEY_VALUE.sub(repl, text)
+
+
+def _clauses(text: str, mode: str) -> list[str]:
+    out: list[str] = []
+    for sent in _SENT_SPLIT.split(text):
+        parts = [sent]
+        if mode == "answer":
+            parts = [p for s in parts for p in re.split(r",|\band\b", s)]
+        for part in parts:
+            starts = [0] + [m.start() for m in _BREAK.finditer(part) if m.start() > 0] + [len(part)]
+            for a, b in itertools.pairwise(starts):
+                c = part[a:b].strip(" ,:")
+                if c:
+                    out.append(c)
+    return out
+
+
+def _classify(clause: str, start: int, end: int) -> int:
+    before = _NOT_NEGATION.sub(lambda m: "#" * len(m.group(0)), clause[:start])
+    after = clause[end:]
+    if _HARD_UNCERTAIN.search(before):
+        return -1
+    neg = [m.end() for m in _NEG_CUE.finditer(before)]
+    unc = [m.end() for m in _UNC_CUE.finditer(before)]
+    last_neg = neg[-1] if neg else -1
+    last_unc = unc[-1] if unc else -1
+    if last_unc > last_neg:
+        return -1
+    if last_neg >= 0:
+        return 0
+    if _POST_UNC.search(after):
+        return -1
+    if _POST_NEG.search(after):
+        return 0
+    return 1
+
+
+def mentions(text: str, mode: str = "report") -> list[Mention]:
+    """Every finding mention in ``text`` with its clause and label (for inspecting the labeler's decisions)."""
+    if mode not in ("report", "answer"):
+        raise ValueError(f"mode must be 'report' or 'answer', got {mode!r}")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    t = _normalise(text)
+    if mode == "answer":
+        t = _rewrite_key_values(t)
+    found: list[Mention] = []
+    for clause in _clauses(t, mode):
+        for finding, pat in _MENTION_RES.items():
+            for m in pat.finditer(clause):
+                found.append(Mention(finding, m.group(0), clause, _classify(clause, m.start(), m.end())))
+    return found
+
+
+def label_text(text: str, mode: str = "report") -> np.ndarray:
+    """Three-valued 14-vector (1, 0, -1, nan) for a report (``mode="report"``) or a findings answer."""
+    vec = np.full(len(CHEXPERT_FINDINGS), np.nan)
+    rank = {1: 3, -1: 2, 0: 1}
+    for m in mentions(text, mode):
+        i = _IDX[m.finding]
+        if np.isnan(vec[i]) or rank[m.label] > rank[int(vec[i])]:
+            vec[i] = m.label
+    path = np.array([vec[_IDX[p]] for p in PATHOLOGIES])
+    if np.any((path == 1) | (path == -1)):
+        vec[0] = 0
+    elif mode == "report":
+        vec[0] = 1
+    else:
+        explicit = any(_NO_FINDING_RE.search(c) for c in _clauses(_normalise(text), "report"))
+        vec[0] = 1 if (explicit or np.any(path == 0)) else np.nan
+    return vec
+
+
+def label_report(text: str) -> np.ndarray:
+    """:func:`label_text` in report mode."""
+    return label_text(text, mode="report")
+
+
+def label_reports(texts: Iterable[str], mode: str = "report") -> np.ndarray:
+    """Stack :func:`label_text` over many texts: ``(n, 14)`` float array."""
+    rows = [label_text(t, mode) for t in texts]
+    return np.stack(rows) if rows else np.zeros((0, len(CHEXPERT_FINDINGS)))

