@@ -16,7 +16,8 @@ A quantized weight matrix ``W`` of shape ``(N, K)`` (``N`` output rows, ``K`` in
 * **words** — codes are packed along K into ``int32`` words, ``32 / container`` values per word, the lowest
   K index in the lowest bits: value ``k`` of a row sits in word ``k // vpw`` at bit offset
   ``(k % vpw) * container``. Words are signed int32 (two's complement); readers mask after shifting.
-* **padding** — K is zero-padded to ``K_pad``: a multiple of the group size (group scope), then of ``vpw``.
+* **padding** — K is zero-padded to ``K_pad``, the next multiple of ``lcm(group_size, vpw)`` (group scope) or of
+  ``vpw`` (other scopes); for the usual group sizes 32/64/128 that is simply a multiple of the group size.
   Padded codes are 0 and are ignored by every reader (activations are never padded: kernels mask on K).
   Packed tensor shape: ``(n_rows, K_pad // vpw)``, dtype int32.
 * **scales** — shape ``(n_rows, n_groups)`` with ``n_groups = K_pad // group_size`` for group scope, 1 for
@@ -28,6 +29,8 @@ A quantized weight matrix ``W`` of shape ``(N, K)`` (``N`` output rows, ``K`` in
 Outputs of the row groups are scattered back to the original row order.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -51,12 +54,11 @@ def values_per_word(bits: int) -> int:
 
 
 def padded_k(k: int, bits: int, group_size: int | None) -> int:
-    """K padded to a multiple of the group size (if any), then of the values per int32 word."""
-    kp = k
+    """K padded to a multiple of both the group size (if any) and the values per int32 word (their lcm)."""
+    step = values_per_word(bits)
     if group_size is not None:
-        kp = -(-kp // group_size) * group_size
-    vpw = values_per_word(bits)
-    return -(-kp // vpw) * vpw
+        step = math.lcm(step, group_size)
+    return -(-k // step) * step
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

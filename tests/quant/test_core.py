@@ -36,6 +36,12 @@ def test_layout_lowest_index_in_lowest_bits():
 def test_containers_and_padding():
     assert [container_bits(b) for b in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     assert padded_k(200, 4, 128) == 256 and padded_k(200, 4, None) == 200 and padded_k(201, 2, None) == 208
+    # a group size that is not a multiple of the values per word: pad to their lcm (20 and 8 -> 40)
+    assert padded_k(100, 3, 20) == 120
+    w = torch.randn(3, 100)
+    q = quantize(w, QuantConfig(3, group_size=20, scale_dtype="float32"))
+    assert q.codes.shape == (3, 120) and q.scales.shape == (3, 6)
+    assert (dequantize(q) - w).abs().max() <= q.scales.max() / 2 + 1e-6
     with pytest.raises(ValueError, match="codes out of range"):
         pack(torch.full((1, 8), 16), 4)
 
