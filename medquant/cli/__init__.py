@@ -6,11 +6,15 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo", "complexity", "adaptive"]
+SUBCOMMANDS = ["demo", "complexity", "adaptive", "fairquant", "prune"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medquant", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="medquant",
+        description="Compress medical vision and vision-language models: quantize, allocate bits fairly, "
+                    "prune, distil, fine-tune with QLoRA, and measure what it costs.",
+    )
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"medquant {__version__}")
