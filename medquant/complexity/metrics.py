@@ -239,6 +239,40 @@ def lbp_entropy(u8: torch.Tensor) -> torch.Tensor:
 CPU_CHUNK_PIXELS = 8 * 224 * 224
 
 
+def _compute_cpu_chunked(gray, u8, edge_threshold, exact_u8) -> torch.Tensor:
+    """CPU: split the batch into cache-sized chunks and spread the chunks over ``torch.get_num_threads()``
+    Python worker threads, each running single-threaded torch ops (ATen releases the GIL). A batch of one
+    chunk runs single-threaded.
+
+    Coarse-grained parallelism has no per-op barrier, so it scales better than intra-op threading for the
+    many small element-wise passes here, and degrades gracefully when other processes share the cores.
+    The torch thread count is set to 1 while the workers run and restored afterwards.
+    """
+    b, h, w = gray.shape
+    step = max(1, CPU_CHUNK_PIXELS // (h * w))
+    starts = list(range(0, b, step))
+
+    def run(i):
+        return _compute_batch(gray[i : i + step], u8[i : i + step], edge_threshold, exact_u8)
+
+    n_threads = torch.get_num_threads()
+    workers = min(n_threads, len(starts))
+    if n_threads > 1:
+        torch.set_num_threads(1)
+    try:
+        if workers <= 1:
+            parts = [run(i) for i in starts]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                parts = list(pool.map(run, starts))
+    finally:
+        if n_threads > 1:
+            torch.set_num_threads(n_threads)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def compute_metrics(
     gray: torch.Tensor,
     u8: torch.Tensor,
@@ -253,13 +287,13 @@ def compute_metrics(
     """
     if gray.ndim != 3:
         raise ValueError(f"expected a (B, H, W) batch, got shape {tuple(gray.shape)}")
+    if gray.device.type == "cpu":
+        return _compute_cpu_chunked(gray, u8, edge_threshold, exact_u8)
+    return _compute_batch(gray, u8, edge_threshold, exact_u8)
+
+
+def _compute_batch(gray: torch.Tensor, u8: torch.Tensor, edge_threshold: float, exact_u8: bool) -> torch.Tensor:
     b, h, w = gray.shape
-    if gray.device.type == "cpu" and b * h * w > CPU_CHUNK_PIXELS and b > 1:
-        # keep the working set in cache: many passes over a small chunk beat few passes over a big batch
-        step = max(1, CPU_CHUNK_PIXELS // (h * w))
-        parts = [compute_metrics(gray[i : i + step], u8[i : i + step], edge_threshold, exact_u8)
-                 for i in range(0, b, step)]
-        return torch.cat(parts)
     n = h * w
     hist = batched_histogram(u8, 256)
     entropy = _entropy_from_counts(hist)
