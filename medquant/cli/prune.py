@@ -1,0 +1,129 @@
+"""``medquant prune``: structurally prune a Hugging Face model folder (heads, FFN neurons, whole blocks) and save it.
+
+Example::
+
+    medquant prune path/to/model --out pruned/ --heads 0.3 --ffn 0.3 --importance activation
+    medquant prune path/to/smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out pruned/ --layer-select
+
+Calibration text (for ``activation`` / ``taylor`` importance and ``--layer-select``): ``--calib-text FILE`` (one
+sample per line) or, by default, the IU X-ray train reports from ``$MEDQUANT_DATA_DIR`` (``../shared/data``).
+The result is saved with :func:`medquant.prune.save_pruned` (reload with :func:`medquant.prune.load_pruned`),
+plus a parameter table; ``--layer-select`` also writes ``block_influence.png`` and per-layer ratios.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _load(path: str, gguf_file: str | None):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    cfg = AutoConfig.from_pretrained(path, **kw)
+    arch = (cfg.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
+    model = cls.from_pretrained(path, **kw).float().eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError):
+        tok = None
+    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _calibration(args, tok) -> list[dict] | None:
+    if args.importance == "magnitude" and not args.layer_select:
+        return None
+    if tok is None:
+        raise SystemExit("calibration needs the model folder's tokenizer; none could be loaded")
+    if args.calib_text:
+        texts = [t.strip() for t in Path(args.calib_text).read_text(encoding="utf-8").splitlines() if t.strip()]
+    else:
+        from ..data.reports import load_iu_reports
+
+        texts = [r.text for r in load_iu_reports(args.reports, split="train", require=("findings",))]
+    texts = texts[: args.calib_samples]
+    if not texts:
+        raise SystemExit("no calibration text found")
+    bs = 4
+    return [dict(tok(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True, max_length=args.max_length))
+            for i in range(0, len(texts), bs)]
+
+
+def run(args) -> int:
+    from ..prune import (
+        StructuredPruner,
+        allocate_ratios,
+        block_influence,
+        influence_table,
+        least_influential,
+        parameter_report,
+        plot_influence,
+        save_pruned,
+    )
+
+    out = Path(args.out)
+    model, tok = _load(args.model, args.gguf_file)
+    calib = _calibration(args, tok)
+    before = parameter_report(model)
+    heads, ffn, drop = args.heads, args.ffn, []
+    extras: dict = {}
+    if args.layer_select or args.drop_blocks:
+        scores = block_influence(model, calib, scope=args.scope)
+        if args.layer_select:
+            heads = allocate_ratios(scores, args.heads, spread=args.spread)
+            ffn = allocate_ratios(scores, args.ffn, spread=args.spread)
+        if args.drop_blocks:
+            drop = least_influential(scores, args.drop_blocks)
+        out.mkdir(parents=True, exist_ok=True)
+        print(influence_table(scores, ffn if isinstance(ffn, dict) else None))
+        plot_influence(scores, out / "block_influence.png")
+        extras["block_influence"] = scores
+    pruner = StructuredPruner(heads, ffn, importance=args.importance, gqa=args.gqa, scope=args.scope,
+                              drop_blocks=drop)
+    plan = pruner.prune(model, calib=calib)
+    after = parameter_report(model)
+    save_pruned(model, out, plan=plan, extras=extras)
+    if tok is not None:
+        tok.save_pretrained(out)
+    rows = [("params", "params"), ("non-embedding params", "non_embedding_params"), ("bytes", "bytes")]
+    print("| | before | after | change |\n|---|---|---|---|")
+    for label, key in rows:
+        print(f"| {label} | {before[key]:,} | {after[key]:,} | {100 * (after[key] / before[key] - 1):+.1f}% |")
+    print(f"saved to {out} (reload: medquant.prune.load_pruned({str(out)!r}); HF config exact: "
+          f"{plan.hf_config_exact})")
+    (out / "prune_report.json").write_text(json.dumps({"before": before, "after": after,
+                                                       "plan": plan.to_dict()}, indent=1))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prune", help="remove attention heads / FFN neurons / blocks from a HF model folder",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="Hugging Face model folder (config.json + weights, or a GGUF file with --gguf-file)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside the model folder")
+    p.add_argument("--heads", type=float, default=0.3, help="fraction of attention heads to remove (default 0.3)")
+    p.add_argument("--ffn", type=float, default=0.3, help="fraction of FFN neurons to remove (default 0.3)")
+    p.add_argument("--importance", choices=["magnitude", "taylor", "activation"], default="activation")
+    p.add_argument("--gqa", choices=["query", "group"], default="query",
+                   help="grouped-query attention: remove query heads inside every group, or whole groups")
+    p.add_argument("--scope", choices=["language", "vision", "all"], default=None,
+                   help="which blocks (default: the language model, or the tower of a vision encoder)")
+    p.add_argument("--layer-select", action="store_true",
+                   help="seed 004: per-layer ratios from block influence (mean = --heads / --ffn)")
+    p.add_argument("--spread", type=float, default=0.5, help="per-layer ratio spread for --layer-select")
+    p.add_argument("--drop-blocks", type=int, default=0, help="also drop this many least influential blocks")
+    p.add_argument("--calib-text", default=None, help="text file, one calibration sample per line")
+    p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.set_defaults(func=run)
