@@ -48,50 +48,82 @@ __all__ = ["BlockInputs", "CheckpointSource", "find_blocks", "quantize_sequentia
 
 
 # ---------------------------------------------------------------------------------------------- weights on disk
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
 class CheckpointSource:
     """Float tensors by name from safetensors: a ``.safetensors`` file, a directory holding ``model.safetensors``
-    or a sharded ``model.safetensors.index.json``. Tensors are read one at a time (memory-mapped)."""
+    or a sharded ``model.safetensors.index.json``.
+
+    Each tensor is read with plain file reads into its own buffer (no memory map), so the process holds exactly
+    the tensors it keeps: reading a checkpoint block by block does not leave the pages of blocks already
+    processed resident (a memory-mapped file would count every page it touched in the resident set).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         path = Path(path)
         if path.is_dir():
             index = path / "model.safetensors.index.json"
             single = path / "model.safetensors"
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = {k: path / f for k, f in weight_map.items()}
+                files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
             elif single.is_file():
-                files = None
-                path = single
+                files = [single]
             else:
                 raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
         elif path.is_file():
-            files = None
+            files = [path]
         else:
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        self._handles: dict[Path, Any] = {}
-        if files is None:
-            h = safe_open(str(path), framework="pt", device="cpu")
-            self._handles[path] = h
-            self._file_of = {k: path for k in h.keys()}  # noqa: SIM118 (safe_open handles are not iterable)
-        else:
-            self._file_of = files
-        self._open = safe_open
         self.path = path
+        self._entries: dict[str, tuple[Path, int, dict]] = {}
+        for f in files:
+            data_start, header = self._header(f)
+            for k, info in header.items():
+                if k != "__metadata__":
+                    self._entries[k] = (f, data_start, info)
+
+    @staticmethod
+    def _header(f: Path) -> tuple[int, dict]:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if n <= 0 or n + 8 > size:
+                raise ValueError(f"{f} is not a safetensors file (bad header length)")
+            try:
+                header = json.loads(fh.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{f} has a corrupted safetensors header: {e}") from None
+        for k, info in header.items():
+            if k != "__metadata__" and info["data_offsets"][1] + 8 + n > size:
+                raise ValueError(f"{f} is truncated: tensor {k!r} lies beyond the end of the file")
+        return 8 + n, header
 
     def keys(self) -> set[str]:
-        return set(self._file_of)
+        return set(self._entries)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._file_of
+        return key in self._entries
 
     def get(self, key: str) -> torch.Tensor:
-        f = self._file_of[key]
-        if f not in self._handles:
-            self._handles[f] = self._open(str(f), framework="pt", device="cpu")
-        return self._handles[f].get_tensor(key)
+        f, data_start, info = self._entries[key]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {key!r} in {f} has dtype {info['dtype']}, which is not supported here; "
+                             f"accepted: {', '.join(_ST_DTYPES)}")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(end - begin)
+        with open(f, "rb") as fh:
+            fh.seek(data_start + begin)
+            if fh.readinto(buf) != len(buf):
+                raise ValueError(f"{f} is truncated while reading {key!r}")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -287,6 +319,7 @@ def quantize_sequential(
     blocks: Sequence[str] | Sequence[Sequence[str]] | None = None,
     per_block_fn: Callable[[nn.Module, BlockInputs], None] | None = None,
     progress: bool = False,
+    process_rest: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` block by block (in place); returns it. Same result as ``quantize_(model, config_or_map,
     skip=skip)``.
@@ -303,12 +336,16 @@ def quantize_sequential(
         per_block_fn: ``fn(block, BlockInputs)`` called with the float block on ``device`` before its layers are
             quantized (activation-aware scaling, statistics...). It may change the block's float weights.
         progress: tqdm progress bar over blocks.
+        process_rest: also process the modules outside the listed blocks (default). ``False`` touches only the
+            listed blocks - how :func:`medquant.distributed.quantize_shard` splits the blocks between processes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_sequential expects an nn.Module, got {type(model).__name__}")
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     offload = torch.device(offload_device) if offload_device is not None else device
+    if per_block_fn is not None and not process_rest:
+        raise ValueError("per_block_fn needs the whole model to compute activations: use process_rest=True")
     if per_block_fn is not None and calib_inputs is None:
         raise ValueError("per_block_fn needs calib_inputs (keyword inputs of model(**batch)) to compute the "
                          "activations it is given")
@@ -340,7 +377,7 @@ def quantize_sequential(
     calibrate = per_block_fn is not None
 
     mat = _Materializer(model, source)
-    rest = _rest_leaves(model, block_names)
+    rest = _rest_leaves(model, block_names) if process_rest else []
     # the modules outside the blocks first, leaf by leaf; while calibrating they stay on the device (the capture
     # passes run them), already quantized, so blocks see the activations of the final quantized model
     for n in rest:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from zoo import ZOO_BY_NAME, tiny_cnn, zoo_params
 
 from medquant import QuantConfig, quantize_
 from medquant.quant.api import quantized_modules, resolve_configs
-from medquant.sequential import BlockInputs, quantize_sequential
+from medquant.sequential import BlockInputs, CheckpointSource, quantize_sequential
 
 ROW_PATTERN = (2, 4, 8, 16, 0, 3)
 
@@ -167,3 +167,27 @@ def test_errors(tmp_path):
         quantize_sequential(_skeleton(entry), 4, device="cpu", checkpoint=tmp_path / "partial.safetensors")
     with pytest.raises(FileNotFoundError):
         quantize_sequential(_skeleton(entry), 4, device="cpu", checkpoint=tmp_path / "nope")
+
+
+def test_checkpoint_source_reads_what_safetensors_reads(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = {"x.weight": torch.randn(5, 7, generator=g), "x.bias": torch.randn(5, generator=g).half(),
+         "e": torch.empty(0, 3)}
+    b = {"y.weight": torch.randn(3, 4, generator=g).bfloat16(), "y.idx": torch.arange(6, dtype=torch.int32)}
+    save_file(a, str(tmp_path / "s1.safetensors"))
+    save_file(b, str(tmp_path / "s2.safetensors"))
+    index = {"weight_map": {**{k: "s1.safetensors" for k in a}, **{k: "s2.safetensors" for k in b}}}
+    (tmp_path / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
+    src = CheckpointSource(tmp_path)
+    ref = {**load_file(str(tmp_path / "s1.safetensors")), **load_file(str(tmp_path / "s2.safetensors"))}
+    assert src.keys() == set(ref)
+    for k, v in ref.items():
+        got = src.get(k)
+        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+    data = (tmp_path / "s1.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        CheckpointSource(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        CheckpointSource(tmp_path / "junk.safetensors")
