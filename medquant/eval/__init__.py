@@ -1,0 +1,17 @@
+"""Evaluation: group fairness metrics and efficiency (average bits, stored bytes, BOPs)."""
+from .bops import LayerCost, average_bits, bops, count_macs, model_size_summary, proxy_bops, stored_bytes
+from .fairness import FairnessReport, balanced_accuracy, fairness_report, predictions
+
+__all__ = [
+    "FairnessReport",
+    "LayerCost",
+    "average_bits",
+    "balanced_accuracy",
+    "bops",
+    "count_macs",
+    "fairness_report",
+    "model_size_summary",
+    "predictions",
+    "proxy_bops",
+    "stored_bytes",
+]

@@ -1,0 +1,213 @@
+"""Group fairness metrics (SPEC section 4, "Metrics"; seed 003).
+
+Inputs are labels, not scores: ``y_true`` and ``y_pred`` as integer class ids ``(N,)`` (binary or multi-class) or
+0/1 matrices ``(N, C)`` (multi-label), and integer ``groups`` ``(N,)``. Use :func:`predictions` to turn logits into
+labels.
+
+* ``acc_g`` per group (with its sample count ``n_g``); ``AvgAcc`` = unweighted mean of ``acc_g`` over groups;
+  ``WorstAcc`` = min; ``Gap = AvgAcc - WorstAcc`` (SPEC); ``MaxMinGap = max - min`` is reported too.
+  Multi-label accuracy is the label-wise (Hamming) accuracy: the mean over samples and labels of ``pred == true``.
+* one-vs-rest rates per class ``c`` and group ``g``: ``TPR = TP/(TP+FN)``, ``TNR = TN/(TN+FP)``,
+  ``FPR = FP/(FP+TN) = 1 - TNR``; per class, ``gap = max_g - min_g`` over the groups where the rate is defined
+  (at least one positive for TPR, one negative for TNR/FPR); a class with fewer than two such groups is left out
+  of the means. Classes: every class for multi-class tasks, every label for multi-label tasks, the positive class
+  (1) only for binary tasks.
+* ``EOpp1 = mean_c TPR gap``; ``EOpp0 = mean_c TNR gap``; ``EOdd = mean_c (TPR gap + FPR gap)``.
+* balanced accuracy: multi-class / binary = mean recall over the classes present in ``y_true`` (as scikit-learn);
+  multi-label = mean over labels of ``(TPR + TNR) / 2``. Reported overall and per group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+TASKS = ("binary", "multiclass", "multilabel")
+
+
+def _as_np(x: Any, name: str) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    a = np.asarray(x)
+    if a.dtype.kind not in "iub":
+        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+            a = a.astype(np.int64)
+        else:
+            raise TypeError(f"{name} must hold integer labels (use medquant.eval.predictions for logits), "
+                            f"got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def predictions(logits: Any, task: str = "multiclass", threshold: float = 0.0) -> np.ndarray:
+    """Labels from logits: argmax over the last axis (binary/multi-class with ``(N, C)`` logits), or
+    ``logit > threshold`` (binary ``(N,)`` logits and multi-label ``(N, C)``)."""
+    try:
+        import torch
+
+        if isinstance(logits, torch.Tensor):
+            logits = logits.detach().float().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    z = np.asarray(logits, dtype=np.float64)
+    if task == "multilabel" or (task == "binary" and z.ndim == 1):
+        return (z > threshold).astype(np.int64)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    return z.argmax(-1).astype(np.int64)
+
+
+def infer_task(y_true: np.ndarray) -> str:
+    if y_true.ndim == 2:
+        return "multilabel"
+    return "binary" if set(np.unique(y_true).tolist()) <= {0, 1} else "multiclass"
+
+
+def _rate(num: int, den: int) -> float:
+    return num / den if den > 0 else math.nan
+
+
+@dataclass
+class FairnessReport:
+    task: str
+    groups: list[int]
+    counts: dict[int, int]  # samples per group
+    acc: dict[int, float]  # accuracy per group
+    balanced_acc_group: dict[int, float]
+    avg_acc: float
+    worst_acc: float
+    gap: float  # AvgAcc - WorstAcc
+    max_min_gap: float
+    overall_acc: float
+    balanced_acc: float
+    eopp0: float
+    eopp1: float
+    eodd: float
+    classes: list[int] = field(default_factory=list)
+    tpr: dict[int, dict[int, float]] = field(default_factory=dict)  # class -> group -> rate
+    tnr: dict[int, dict[int, float]] = field(default_factory=dict)
+    fpr: dict[int, dict[int, float]] = field(default_factory=dict)
+    positives: dict[int, dict[int, int]] = field(default_factory=dict)  # class -> group -> count
+    tpr_gap: dict[int, float] = field(default_factory=dict)
+    tnr_gap: dict[int, float] = field(default_factory=dict)
+    fpr_gap: dict[int, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # JSON keys must be strings
+        for k in ("counts", "acc", "balanced_acc_group", "tpr_gap", "tnr_gap", "fpr_gap"):
+            d[k] = {str(a): b for a, b in d[k].items()}
+        for k in ("tpr", "tnr", "fpr", "positives"):
+            d[k] = {str(c): {str(g): v for g, v in m.items()} for c, m in d[k].items()}
+        return d
+
+
+def _ovr_columns(y_true: np.ndarray, y_pred: np.ndarray, task: str, n_classes: int | None
+                 ) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(classes, true one-hot (N, C'), pred one-hot (N, C')) for the classes the rates are computed on."""
+    if task == "multilabel":
+        classes = list(range(y_true.shape[1]))
+        return classes, y_true.astype(bool), y_pred.astype(bool)
+    if task == "binary":
+        return [1], (y_true == 1)[:, None], (y_pred == 1)[:, None]
+    c = n_classes if n_classes is not None else int(max(y_true.max(), y_pred.max())) + 1
+    classes = list(range(c))
+    ar = np.arange(c)
+    return classes, y_true[:, None] == ar, y_pred[:, None] == ar
+
+
+def _balanced(y_true: np.ndarray, y_pred: np.ndarray, task: str) -> float:
+    if task == "multilabel":
+        vals = []
+        for c in range(y_true.shape[1]):
+            t, p = y_true[:, c] == 1, y_pred[:, c] == 1
+            rates = [r for r in (_rate(int((t & p).sum()), int(t.sum())), _rate(int((~t & ~p).sum()),
+                                                                                 int((~t).sum())))
+                     if not math.isnan(r)]
+            if rates:
+                vals.append(sum(rates) / len(rates))
+        return float(np.mean(vals)) if vals else math.nan
+    recalls = [float((y_pred[y_true == c] == c).mean()) for c in np.unique(y_true)]
+    return float(np.mean(recalls)) if recalls else math.nan
+
+
+def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = None,
+                    n_classes: int | None = None) -> FairnessReport:
+    """All group metrics of the module docstring. ``task`` is inferred when None (2-D labels: multi-label;
+    only 0/1: binary; else multi-class)."""
+    yt, yp, g = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred"), _as_np(groups, "groups")
+    if yt.shape != yp.shape:
+        raise ValueError(f"y_true {yt.shape} and y_pred {yp.shape} must have the same shape")
+    if yt.ndim not in (1, 2) or yt.shape[0] == 0:
+        raise ValueError(f"labels must be (N,) or (N, C) with N > 0, got {yt.shape}")
+    g = g.reshape(-1)
+    if g.shape[0] != yt.shape[0]:
+        raise ValueError(f"{g.shape[0]} group ids for {yt.shape[0]} samples: give one group id per sample")
+    task = task or infer_task(yt)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    if (task == "multilabel") != (yt.ndim == 2):
+        raise ValueError(f"task {task!r} needs labels of shape {'(N, C)' if task == 'multilabel' else '(N,)'}, "
+                         f"got {yt.shape}")
+    if task == "binary" and not (set(np.unique(yt).tolist()) | set(np.unique(yp).tolist())) <= {0, 1}:
+        raise ValueError("binary task: labels must be 0/1")
+    if task == "multilabel" and not (set(np.unique(yt).tolist()) | set(np.unique(yp).tolist())) <= {0, 1}:
+        raise ValueError("multi-label task: label matrices must be 0/1")
+    group_ids = sorted(int(x) for x in np.unique(g))
+    correct = (yt == yp).astype(np.float64)
+    if correct.ndim == 2:
+        correct = correct.mean(1)  # label-wise accuracy per sample
+    counts = {k: int((g == k).sum()) for k in group_ids}
+    acc = {k: float(correct[g == k].mean()) for k in group_ids}
+    bal_g = {k: _balanced(yt[g == k], yp[g == k], task) for k in group_ids}
+    avg = float(np.mean(list(acc.values())))
+    worst = float(min(acc.values()))
+    classes, t1, p1 = _ovr_columns(yt, yp, task, n_classes)
+    tpr, tnr, fpr, pos = {}, {}, {}, {}
+    tpr_gap, tnr_gap, fpr_gap = {}, {}, {}
+    for j, c in enumerate(classes):
+        tpr[c], tnr[c], fpr[c], pos[c] = {}, {}, {}, {}
+        for k in group_ids:
+            sel = g == k
+            t, p = t1[sel, j], p1[sel, j]
+            tp, fn = int((t & p).sum()), int((t & ~p).sum())
+            tn, fp = int((~t & ~p).sum()), int((~t & p).sum())
+            tpr[c][k] = _rate(tp, tp + fn)
+            tnr[c][k] = _rate(tn, tn + fp)
+            fpr[c][k] = _rate(fp, fp + tn)
+            pos[c][k] = tp + fn
+
+        def spread(m: dict[int, float]) -> float:
+            v = [x for x in m.values() if not math.isnan(x)]
+            return max(v) - min(v) if len(v) >= 2 else math.nan
+
+        tpr_gap[c], tnr_gap[c], fpr_gap[c] = spread(tpr[c]), spread(tnr[c]), spread(fpr[c])
+
+    def mean_defined(vals: list[float]) -> float:
+        v = [x for x in vals if not math.isnan(x)]
+        return float(np.mean(v)) if v else math.nan
+
+    eopp1 = mean_defined(list(tpr_gap.values()))
+    eopp0 = mean_defined(list(tnr_gap.values()))
+    eodd = mean_defined([tpr_gap[c] + fpr_gap[c] for c in classes])
+    return FairnessReport(
+        task=task, groups=group_ids, counts=counts, acc=acc, balanced_acc_group=bal_g, avg_acc=avg,
+        worst_acc=worst, gap=avg - worst, max_min_gap=float(max(acc.values()) - worst),
+        overall_acc=float(correct.mean()), balanced_acc=_balanced(yt, yp, task), eopp0=eopp0, eopp1=eopp1,
+        eodd=eodd, classes=classes, tpr=tpr, tnr=tnr, fpr=fpr, positives=pos, tpr_gap=tpr_gap, tnr_gap=tnr_gap,
+        fpr_gap=fpr_gap,
+    )
+
+
+def balanced_accuracy(y_true: Any, y_pred: Any, task: str | None = None) -> float:
+    """Balanced accuracy (module docstring)."""
+    yt, yp = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred")
+    if yt.shape != yp.shape:
+        raise ValueError(f"y_true {yt.shape} and y_pred {yp.shape} must have the same shape")
+    return _balanced(yt, yp, task or infer_task(yt))

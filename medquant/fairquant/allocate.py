@@ -1,0 +1,169 @@
+"""Scope scores and bit allocation (SPEC section 4, "Budgeted allocation").
+
+* Scope score = mean ``|R|`` over the scope's elements; scopes are output channels (rows of the weight viewed
+  as ``(out, -1)``) or whole tensors.
+* :func:`allocate_by_rank` - palette ``bits`` (sorted ascending) with target proportions ``props`` (normalised):
+  scopes are ranked by score with a stable sort (ties keep index order, layers in model order) and the lowest
+  ranked ``c_1`` scopes get ``bits[0]``, the next ``c_2 - c_1`` get ``bits[1]``, ... with cut points
+  ``c_j = floor(q_j * n + 1/2)``, ``q_j = cumsum(props)_j``, ``n`` = number of scopes. Every tier's size is within
+  one scope of ``props_j * n``, even when scores tie (dead channels all scoring 0), where the authors' quantile rule
+  (``t_j = quantile(scores, q_j)``; first ``j`` with ``score <= t_j``) misses. When the scores are distinct and
+  ``q_j * n`` is an integer the two rules give the same assignment (tested).
+* :func:`allocate_to_budget` - a parameter-weighted average of ``target`` bits over the palette. Each scope ``s``
+  with ``n_s`` weights and score ``r_s`` is charged the proxy error ``r_s * n_s * 4^(-b_s)`` (rounding noise of a
+  ``b``-bit uniform quantizer scales as ``4^(-b)``); starting from ``bits[0]`` everywhere, the upgrade to the next
+  palette bit with the largest error reduction per added bit (``r_s * (4^-b - 4^-b') / (b' - b)``, ties by scope
+  index) is applied while the budget allows. Higher score therefore never gets fewer bits than a lower one of the
+  same size, and the result is within one scope's increment of the budget; it must land within ``tolerance``
+  (default 0.1 bit) of ``target`` or a ``ValueError`` explains why.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+import torch
+
+SCOPES = ("channel", "tensor")
+
+
+def scope_scores(reduced: dict[str, torch.Tensor], scope: str = "channel") -> dict[str, torch.Tensor]:
+    """``{layer: scores}``: one score per output channel (``scope="channel"``) or one per tensor."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(SCOPES)}")
+    out = {}
+    for name, r in reduced.items():
+        a = r.detach().float().abs().reshape(r.shape[0], -1)
+        out[name] = a.mean(1) if scope == "channel" else a.mean().reshape(1)
+    return out
+
+
+def check_palette(bits: Sequence[int], props: Sequence[float] | None = None) -> tuple[list[int], list[float] | None]:
+    """Sorted palette (and proportions reordered with it, normalised). Integer bits 1..8, distinct."""
+    if len(bits) == 0:
+        raise ValueError("the bit palette is empty; give e.g. bits=(2, 4, 8)")
+    b = [int(x) for x in bits]
+    if any(x != y for x, y in zip(b, bits)) or any(not 1 <= x <= 8 for x in b):
+        raise ValueError(f"palette bits must be integers in 1..8, got {list(bits)}")
+    if len(set(b)) != len(b):
+        raise ValueError(f"palette bits must be distinct, got {list(bits)}")
+    order = sorted(range(len(b)), key=lambda i: b[i])
+    if props is None:
+        return [b[i] for i in order], None
+    if len(props) != len(b):
+        raise ValueError(f"{len(props)} proportions for {len(b)} palette bits: give one proportion per bit")
+    p = [float(x) for x in props]
+    if any(not math.isfinite(x) or x < 0 for x in p) or sum(p) <= 0:
+        raise ValueError(f"proportions must be finite, >= 0 and not all zero, got {list(props)}")
+    total = sum(p)
+    return [b[i] for i in order], [p[i] / total for i in order]
+
+
+def _flatten(scores: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
+    spans, parts, start = [], [], 0
+    for name, s in scores.items():
+        s = s.detach().double().reshape(-1)
+        if not torch.isfinite(s).all():
+            raise ValueError(f"scores of layer {name!r} contain NaN/inf")
+        parts.append(s)
+        spans.append((name, start, start + s.numel()))
+        start += s.numel()
+    if start == 0:
+        raise ValueError("no scopes to allocate bits to")
+    return torch.cat(parts), spans
+
+
+def _unflatten(flat: list[int], spans) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(flat[a:b]) for name, a, b in spans}
+
+
+def rank_cuts(n: int, props: Sequence[float]) -> list[int]:
+    """Cut points ``[0, c_1, ..., n]`` of the rank rule: ``c_j = floor(q_j * n + 1/2)``."""
+    cuts, acc = [0], 0.0
+    for p in props[:-1]:
+        acc += p
+        cuts.append(min(n, max(cuts[-1], math.floor(acc * n + 0.5 + 1e-9))))
+    cuts.append(n)
+    return cuts
+
+
+def allocate_by_rank(scores: dict[str, torch.Tensor], bits: Sequence[int], props: Sequence[float]
+                     ) -> dict[str, tuple[int, ...]]:
+    """Rank rule (module docstring): ``{layer: bits per scope}``."""
+    pal, pr = check_palette(bits, props)
+    flat, spans = _flatten(scores)
+    n = flat.numel()
+    order = torch.argsort(flat, stable=True).tolist()
+    cuts = rank_cuts(n, pr)
+    assigned = [0] * n
+    for j, b in enumerate(pal):
+        for i in order[cuts[j]:cuts[j + 1]]:
+            assigned[i] = b
+    return _unflatten(assigned, spans)
+
+
+def allocate_by_quantile(scores: dict[str, torch.Tensor], bits: Sequence[int], props: Sequence[float]
+                         ) -> dict[str, tuple[int, ...]]:
+    """The authors' quantile rule, for comparison only (misses the proportions when scores tie)."""
+    pal, pr = check_palette(bits, props)
+    flat, spans = _flatten(scores)
+    q = torch.tensor(pr, dtype=torch.float64).cumsum(0)[:-1].clamp(0, 1)
+    thr = torch.quantile(flat, q).tolist()
+    out = []
+    for v in flat.tolist():
+        out.append(next((pal[j] for j, t in enumerate(thr) if v <= t), pal[-1]))
+    return _unflatten(out, spans)
+
+
+def allocate_to_budget(scores: dict[str, torch.Tensor], sizes: dict[str, int], bits: Sequence[int],
+                       target: float, tolerance: float = 0.1) -> dict[str, tuple[int, ...]]:
+    """Budget rule (module docstring). ``sizes[layer]`` = weights per scope of that layer."""
+    pal, _ = check_palette(bits)
+    target = float(target)
+    if not math.isfinite(target) or target < pal[0] or target > pal[-1]:
+        raise ValueError(
+            f"target average bits {target} is impossible with the palette {pal}: it must lie between the smallest "
+            f"({pal[0]}) and the largest ({pal[-1]}) palette bit-width"
+        )
+    flat, spans = _flatten(scores)
+    n_per = []
+    for name, a, b in spans:
+        n_per += [int(sizes[name])] * (b - a)
+    total = sum(n_per)
+    budget = target * total
+    level = [0] * len(n_per)
+    used = pal[0] * total
+    r = flat.tolist()
+
+    def gain(i: int) -> float:
+        b0, b1 = pal[level[i]], pal[level[i] + 1]
+        return r[i] * (4.0 ** -b0 - 4.0 ** -b1) / (b1 - b0)
+
+    heap = [(-gain(i), i) for i in range(len(r))] if len(pal) > 1 else []
+    heapq.heapify(heap)
+    skipped = []
+    while heap:
+        _, i = heapq.heappop(heap)
+        cost = (pal[level[i] + 1] - pal[level[i]]) * n_per[i]
+        if used + cost > budget + 1e-9:
+            skipped.append(i)  # does not fit; a smaller scope later may
+            continue
+        used += cost
+        level[i] += 1
+        if level[i] + 1 < len(pal):
+            heapq.heappush(heap, (-gain(i), i))
+    avg = used / total
+    if abs(avg - target) > tolerance + 1e-12:
+        raise ValueError(
+            f"could not meet {target} average bits within {tolerance}: the closest allocation reaches {avg:.3f} "
+            f"(scopes are too coarse for this budget; use scope='channel' or a finer palette)"
+        )
+    return _unflatten([pal[lv] for lv in level], spans)
+
+
+def average_bits(bit_map: dict[str, Sequence[int]], sizes: dict[str, int]) -> float:
+    """Parameter-weighted average bits: ``sum_s n_s b_s / sum_s n_s``."""
+    num = sum(sum(int(b) for b in bs) * sizes[name] for name, bs in bit_map.items())
+    den = sum(len(bs) * sizes[name] for name, bs in bit_map.items())
+    return num / den if den else 0.0

@@ -1,0 +1,217 @@
+"""``FairQuantAllocator``: fairness-aware mixed-precision bit allocation (SPEC section 4, seed 003).
+
+Pipeline: calibration batches -> per-group importance ``I_g`` (:mod:`.importance`) -> cross-group reducer ``R``
+(:mod:`.reducers`) -> scope scores (mean ``|R|`` per output channel or per tensor) -> bits by rank over a palette
+with target proportions, or to a parameter-weighted average-bit budget (:mod:`.allocate`) -> a map that
+:func:`medquant.quantize_` consumes (weights only, symmetric, per-output-channel scales by default).
+
+Example::
+
+    alloc = FairQuantAllocator(bits=(2, 4, 8), proportions=(0.2, 0.4, 0.4))   # or target_bits=4.0
+    alloc.fit(model, calib_loader)          # batches (x, y, group_ids) by default; see medquant.fairquant.batches
+    alloc.average_bits_                     # parameter-weighted
+    quantize_(model, alloc.to_quant_map())  # mixed-precision QuantLinear / QuantConv2d
+    medquant.save(model, "out/", extras={"fairquant": alloc.state()})
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..quant.api import quantize_
+from ..quant.config import QuantConfig
+from .allocate import SCOPES, allocate_by_rank, allocate_to_budget, average_bits, check_palette, scope_scores
+from .batches import GroupsFn, LossFn
+from .importance import METRICS, GroupImportance, compute_group_importance
+from .reducers import REDUCERS, reduce_groups
+
+
+class FairQuantAllocator:
+    """Allocate per-scope weight bit-widths from group-conditioned importance.
+
+    Args:
+        bits: palette of integer bit-widths (1..8), e.g. ``(2, 4, 8)``.
+        proportions: target share of scopes per palette bit (normalised), used when ``target_bits`` is None.
+        target_bits: parameter-weighted average-bit budget; overrides ``proportions`` (met within ``tolerance``).
+        metric: ``"grape"`` (``(dL_g/dw * w)^2``) or ``"gradient"`` (``|dL_g/dw|``).
+        reducer: ``"balanced"`` (default), ``"max"``, ``"mean"`` or ``"cvar"`` (``cvar_alpha`` = 0.1).
+        scope: ``"channel"`` (one bit-width and scale per output channel, default) or ``"tensor"``.
+        max_batches: calibration mini-batches (default 50, as in the paper).
+        groups: the group ids that must appear in the calibration data (optional; a declared group without
+            samples raises). At least two groups must be seen in any case.
+        layers / skip: ``quantize_`` patterns restricting which Linear / Conv2d layers get bits (default: all).
+        seed: seeds torch's global generator before calibration, so a shuffling DataLoader gives the same batches.
+        tolerance: allowed distance of the achieved average from ``target_bits``.
+        progress: tqdm bar over calibration batches.
+
+    Fitted attributes: ``importance_`` (:class:`GroupImportance`), ``reduced_`` (``{layer: R}``), ``scores_``
+    (``{layer: scope scores}``), ``bit_map_`` (``{layer: per-scope bits}``), ``average_bits_``, ``scope_size_``.
+    """
+
+    def __init__(
+        self,
+        bits: Sequence[int] = (2, 4, 8),
+        proportions: Sequence[float] | None = (0.2, 0.4, 0.4),
+        *,
+        target_bits: float | None = None,
+        metric: str = "grape",
+        reducer: str = "balanced",
+        scope: str = "channel",
+        cvar_alpha: float = 0.1,
+        max_batches: int | None = 50,
+        groups: Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+        skip: Sequence[str] | None = None,
+        seed: int | None = 0,
+        tolerance: float = 0.1,
+        progress: bool = True,
+    ) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"unknown importance metric {metric!r}; accepted: {', '.join(METRICS)}")
+        if reducer not in REDUCERS:
+            raise ValueError(f"unknown reducer {reducer!r}; accepted: {', '.join(REDUCERS)}")
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(SCOPES)}")
+        if target_bits is None and proportions is None:
+            raise ValueError("give either proportions (rank mode) or target_bits (budget mode)")
+        pal, props = check_palette(bits, None if target_bits is not None else proportions)
+        if target_bits is not None:
+            t = float(target_bits)
+            if not pal[0] <= t <= pal[-1]:
+                raise ValueError(
+                    f"target_bits={target_bits} is impossible with the palette {pal}: it must lie between the "
+                    f"smallest ({pal[0]}) and the largest ({pal[-1]}) palette bit-width"
+                )
+        if groups is not None and len({int(g) for g in groups}) < 2:
+            raise ValueError(f"groups={list(groups)}: fairness-aware allocation needs at least two groups")
+        self.bits = tuple(pal)
+        self.proportions = tuple(props) if props is not None else None
+        self.target_bits = None if target_bits is None else float(target_bits)
+        self.metric, self.reducer, self.scope = metric, reducer, scope
+        self.cvar_alpha = float(cvar_alpha)
+        self.max_batches = max_batches
+        self.groups = None if groups is None else tuple(int(g) for g in groups)
+        self.layers = None if layers is None else list(layers)
+        self.skip = None if skip is None else list(skip)
+        self.seed = seed
+        self.tolerance = float(tolerance)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, model: nn.Module, batches: Iterable[Any], *, loss_fn: LossFn | None = None,
+            groups_fn: GroupsFn | None = None) -> FairQuantAllocator:
+        """Calibrate on ``batches`` and allocate. ``loss_fn(model, batch)`` returns per-sample losses ``(N,)`` or
+        ``(outputs, targets)``; ``groups_fn(batch)`` returns integer group ids ``(N,)``
+        (defaults: :func:`medquant.fairquant.batches.default_loss` / ``default_groups``)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fit expects an nn.Module, got {type(model).__name__}")
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        imp = compute_group_importance(
+            model, batches, loss_fn=loss_fn, groups_fn=groups_fn, metric=self.metric,
+            max_batches=self.max_batches, layers=self.layers, skip=self.skip, expected_groups=self.groups,
+            progress=self.progress,
+        )
+        return self.fit_importance(imp)
+
+    def fit_importance(self, importance: GroupImportance) -> FairQuantAllocator:
+        """Allocate from precomputed per-group maps (e.g. hand-built ones); weight shapes come from the maps."""
+        self.importance_ = importance
+        self.reduced_ = reduce_groups(importance.maps, self.reducer, self.cvar_alpha)
+        return self.fit_reduced(self.reduced_)
+
+    def fit_reduced(self, reduced: dict[str, torch.Tensor]) -> FairQuantAllocator:
+        """Allocate from one reduced importance map per layer (shapes = the layers' weight shapes)."""
+        self.reduced_ = reduced
+        self.scores_ = scope_scores(reduced, self.scope)
+        self.weight_shape_ = {n: tuple(r.shape) for n, r in reduced.items()}
+        self.scope_size_ = {n: (r[0].numel() if self.scope == "channel" else r.numel()) for n, r in reduced.items()}
+        if self.target_bits is not None:
+            self.bit_map_ = allocate_to_budget(self.scores_, self.scope_size_, self.bits, self.target_bits,
+                                               self.tolerance)
+        else:
+            self.bit_map_ = allocate_by_rank(self.scores_, self.bits, self.proportions)
+        self.average_bits_ = average_bits(self.bit_map_, self.scope_size_)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "bit_map_"):
+            raise RuntimeError("FairQuantAllocator is not fitted: call fit(model, batches) first")
+
+    # ------------------------------------------------------------------ outputs
+    def bit_map(self) -> dict[str, tuple[int, ...]]:
+        """``{module name: bits per output channel}`` (a per-tensor allocation is expanded to every channel)."""
+        self._check_fitted()
+        out = {}
+        for name, bs in self.bit_map_.items():
+            rows = self.weight_shape_[name][0]
+            out[name] = tuple(bs) if self.scope == "channel" else tuple(bs) * rows
+        return out
+
+    def to_quant_map(self, scale_dtype: str = "float16") -> dict[str, QuantConfig]:
+        """The mapping :func:`medquant.quantize_` consumes: symmetric weights, per-output-channel scales and bits
+        (``scope="channel"``), or one bit-width and one scale per tensor (``scope="tensor"``)."""
+        self._check_fitted()
+        out = {}
+        for name, bs in self.bit_map_.items():
+            if self.scope == "channel":
+                out[name] = QuantConfig(bits=max(bs), scope="channel", symmetric=True, channel_bits=tuple(bs),
+                                        scale_dtype=scale_dtype)
+            else:
+                out[name] = QuantConfig(bits=bs[0], scope="tensor", symmetric=True, scale_dtype=scale_dtype)
+        return out
+
+    def apply(self, model: nn.Module, progress: bool = False) -> nn.Module:
+        """``quantize_(model, self.to_quant_map())`` in place; returns the model."""
+        return quantize_(model, self.to_quant_map(), progress=progress)
+
+    def layer_table(self) -> list[dict]:
+        """One row per layer: name, weight shape, scopes per palette bit, average bits."""
+        self._check_fitted()
+        rows = []
+        for name, bs in self.bit_map_.items():
+            counts = {b: sum(1 for x in bs if x == b) for b in self.bits}
+            rows.append({"name": name, "shape": list(self.weight_shape_[name]), "scopes": len(bs),
+                         "counts": counts, "avg_bits": sum(bs) / len(bs)})
+        return rows
+
+    def format_table(self) -> str:
+        rows = self.layer_table()
+        w = max([len(r["name"]) for r in rows] + [5])
+        head = f"{'layer':<{w}}  {'shape':<18}" + "".join(f"{str(b) + 'b':>7}" for b in self.bits) + "  avg bits"
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r['name']:<{w}}  {tuple(r['shape'])!s:<18}"
+                         + "".join(f"{r['counts'][b]:>7}" for b in self.bits) + f"  {r['avg_bits']:8.2f}")
+        lines.append(f"parameter-weighted average bits: {self.average_bits_:.3f}")
+        return "\n".join(lines)
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable settings and allocation (for ``medquant.save(..., extras=...)``)."""
+        self._check_fitted()
+        st = {
+            "bits": list(self.bits), "proportions": None if self.proportions is None else list(self.proportions),
+            "target_bits": self.target_bits, "metric": self.metric, "reducer": self.reducer, "scope": self.scope,
+            "cvar_alpha": self.cvar_alpha, "average_bits": self.average_bits_,
+            "bit_map": {k: list(v) for k, v in self.bit_map_.items()},
+            "weight_shape": {k: list(v) for k, v in self.weight_shape_.items()},
+        }
+        if hasattr(self, "importance_"):
+            st["group_counts"] = {str(g): c for g, c in self.importance_.counts.items()}
+            st["calibration_batches"] = self.importance_.batches
+        return st
+
+    @classmethod
+    def from_state(cls, st: dict[str, Any]) -> FairQuantAllocator:
+        """Rebuild a fitted allocator (allocation only, no importance maps) from :meth:`state`."""
+        a = cls(st["bits"], st["proportions"], target_bits=st["target_bits"], metric=st["metric"],
+                reducer=st["reducer"], scope=st["scope"], cvar_alpha=st["cvar_alpha"], progress=False)
+        a.bit_map_ = {k: tuple(v) for k, v in st["bit_map"].items()}
+        a.weight_shape_ = {k: tuple(v) for k, v in st["weight_shape"].items()}
+        a.scope_size_ = {k: (int(torch.Size(v[1:]).numel()) if a.scope == "channel" else int(torch.Size(v).numel()))
+                         for k, v in a.weight_shape_.items()}
+        a.average_bits_ = average_bits(a.bit_map_, a.scope_size_)
+        return a

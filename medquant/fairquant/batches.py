@@ -1,0 +1,137 @@
+"""How calibration and training batches are read (SPEC section 4).
+
+A *batch* is whatever your data loader yields; FairQuant needs two things from it:
+
+* per-sample losses ``(N,)`` - from ``loss_fn(model, batch)``. The function may return either a 1-D tensor of
+  per-sample losses, or a pair ``(outputs, targets)`` that :func:`per_sample_loss` turns into per-sample
+  cross-entropy (integer targets) or mean binary cross-entropy over labels (float multi-label targets).
+* group ids ``(N,)`` - an integer tensor, one id per sample - from ``groups_fn(batch)``.
+
+Defaults (:func:`default_loss`, :func:`default_groups`) cover the two common layouts:
+
+* a tuple/list ``(inputs, targets, groups)``: ``model(inputs)`` (``model(**inputs)`` when ``inputs`` is a dict);
+* a dict with ``"groups"`` and ``"labels"`` (or ``"targets"``) keys: the remaining keys are the model's keyword
+  inputs (Hugging Face style).
+
+Outputs with a ``.logits`` attribute (Hugging Face) or tuples (first element) are unwrapped.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossFn = Callable[[nn.Module, Any], Any]
+GroupsFn = Callable[[Any], torch.Tensor]
+_TARGET_KEYS = ("labels", "targets")
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and out.logits is not None:
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}; pass loss_fn")
+
+
+def per_sample_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss ``(N,)``: cross-entropy for integer targets ``(N,)``; for float targets of the logits'
+    shape (multi-label), the mean over labels of binary cross-entropy with logits."""
+    logits = _logits(outputs)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point and targets.shape == logits.shape:
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        return bce.reshape(bce.shape[0], -1).mean(1)
+    if targets.dtype.is_floating_point:
+        raise ValueError(
+            f"float targets of shape {tuple(targets.shape)} do not match the logits {tuple(logits.shape)}: use "
+            f"integer class ids (N,) for single-label tasks or 0/1 floats shaped like the logits for multi-label"
+        )
+    if logits.dim() != 2 or targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"cross-entropy needs logits (N, C) and integer targets (N,), got {tuple(logits.shape)} and "
+            f"{tuple(targets.shape)}; pass a loss_fn returning per-sample losses for other outputs"
+        )
+    return F.cross_entropy(logits, targets.long(), reduction="none")
+
+
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Per-sample loss for ``(inputs, targets, groups)`` tuples or dicts with ``labels``/``targets`` + ``groups``."""
+    if isinstance(batch, Mapping):
+        key = next((k for k in _TARGET_KEYS if k in batch), None)
+        if key is None:
+            raise KeyError(f"batch dict has no 'labels' or 'targets' key (keys: {sorted(batch)}); pass loss_fn")
+        inputs = {k: v for k, v in batch.items() if k not in ("groups", key)}
+        return per_sample_loss(model(**inputs), batch[key])
+    if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+        return per_sample_loss(run_model(model, batch[0]), batch[1])
+    raise TypeError(
+        f"default_loss expects (inputs, targets, groups) tuples or dicts with 'labels' and 'groups'; got "
+        f"{type(batch).__name__}. Pass loss_fn(model, batch) -> per-sample losses (N,) or (outputs, targets)"
+    )
+
+
+def default_groups(batch: Any) -> torch.Tensor:
+    """Group ids of a batch: ``batch["groups"]`` for dicts, the last element of tuples/lists."""
+    if isinstance(batch, Mapping):
+        if "groups" not in batch:
+            raise KeyError(f"batch dict has no 'groups' key (keys: {sorted(batch)}); pass groups_fn")
+        return batch["groups"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[-1]
+    raise TypeError(f"cannot find group ids in a batch of type {type(batch).__name__}; pass groups_fn")
+
+
+def check_groups(groups: Any, n: int) -> torch.Tensor:
+    """Validate group ids: an integer tensor with one entry per sample."""
+    if not isinstance(groups, torch.Tensor):
+        groups = torch.as_tensor(groups)
+    if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
+        raise TypeError(f"group ids must be an integer tensor, got dtype {groups.dtype}")
+    groups = groups.reshape(-1)
+    if groups.numel() != n:
+        raise ValueError(f"got {groups.numel()} group ids for a batch of {n} per-sample losses: give one per sample")
+    return groups.long()
+
+
+def batch_losses(model: nn.Module, batch: Any, loss_fn: LossFn | None, groups_fn: GroupsFn | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-sample losses (N,), group ids (N,))`` for one batch, validated."""
+    out = (loss_fn or default_loss)(model, batch)
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError("loss_fn must return per-sample losses (N,) or a pair (outputs, targets)")
+        out = per_sample_loss(*out)
+    if not isinstance(out, torch.Tensor) or out.dim() != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"loss_fn must return per-sample losses of shape (N,), got {shape}")
+    if not torch.isfinite(out).all():
+        raise ValueError("the per-sample losses contain NaN/inf")
+    groups = check_groups((groups_fn or default_groups)(batch), out.shape[0]).to(out.device)
+    return out, groups
+
+
+def group_mean_losses(losses: torch.Tensor, groups: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``{g: mean loss over the batch's samples of group g}`` for every group present (SPEC 4: L_g)."""
+    return {int(g): losses[groups == g].mean() for g in torch.unique(groups).tolist()}
+
+
+def fairness_penalty(losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``max_g L_g - min_g L_g`` over the groups present in the batch (0 with fewer than two groups)."""
+    lg = list(group_mean_losses(losses, groups).values())
+    if len(lg) < 2:
+        return losses.sum() * 0
+    stacked = torch.stack(lg)
+    return stacked.max() - stacked.min()

@@ -1,0 +1,159 @@
+"""Group-conditioned importance of every Linear / Conv2d weight (SPEC section 4, "Importance").
+
+The model is frozen (``eval()``, no parameter update). For each calibration batch the per-sample losses are
+computed once; for each group ``g`` present in the batch, ``L_g`` = mean loss over that group's samples and one
+backward pass (``torch.autograd.grad``) gives ``dL_g/dw`` for every weight ``w``. Scores are summed over batches:
+
+* ``grape``:    ``I_g[w] += (dL_g/dw * w) ** 2``  (first-order Taylor importance, elementwise)
+* ``gradient``: ``I_g[w] += |dL_g/dw|``
+
+The result keeps one full map per group and layer (memory: groups x quantizable weights, float32).
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..quant.api import _quantizable, resolve_configs
+from .batches import GroupsFn, LossFn, batch_losses
+
+METRICS = ("grape", "gradient")
+
+
+@dataclass
+class GroupImportance:
+    """Per-group importance maps: ``maps[g][layer]`` has the layer weight's shape."""
+
+    maps: dict[int, dict[str, torch.Tensor]]
+    counts: dict[int, int]  # calibration samples per group
+    metric: str
+    batches: int
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[int]:
+        return sorted(self.maps)
+
+
+def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None,
+                       skip: Sequence[str] | None = None) -> dict[str, nn.Module]:
+    """The Linear / Conv2d modules FairQuant allocates bits to (``quantize_``'s rules: torch.nn's own classes,
+    not inside ``nn.MultiheadAttention``), optionally restricted by ``quantize_`` patterns ``layers`` / ``skip``.
+    """
+    all_q = _quantizable(model)
+    if layers is not None or skip:
+        plan = resolve_configs(model, {p: 8 for p in layers} if layers is not None else 8, skip=skip)
+        all_q = {n: m for n, m in all_q.items() if n in plan}
+    if not all_q:
+        raise ValueError(
+            f"{type(model).__name__} has no quantizable layers (torch.nn.Linear / nn.Conv2d"
+            + (" left after the layers/skip patterns" if layers is not None or skip else "")
+            + "): FairQuant allocates bits to Linear and Conv2d weights only"
+        )
+    return all_q
+
+
+def compute_group_importance(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: LossFn | None = None,
+    groups_fn: GroupsFn | None = None,
+    metric: str = "grape",
+    max_batches: int | None = 50,
+    layers: Sequence[str] | None = None,
+    skip: Sequence[str] | None = None,
+    expected_groups: Sequence[int] | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> GroupImportance:
+    """Accumulate ``I_g`` over up to ``max_batches`` calibration batches (see the module docstring).
+
+    Args:
+        batches: an iterable of batches (see :mod:`medquant.fairquant.batches` for the accepted layouts).
+        loss_fn: ``loss_fn(model, batch)`` -> per-sample losses ``(N,)`` or ``(outputs, targets)``.
+        groups_fn: ``groups_fn(batch)`` -> integer group ids ``(N,)``.
+        expected_groups: group ids that must all appear (a group without samples raises); ids outside it raise.
+
+    Raises ``ValueError`` for an unknown metric, no quantizable layers, no batches, fewer than two groups, or an
+    expected group without calibration samples.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown importance metric {metric!r}; accepted: {', '.join(METRICS)}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    targets = quantizable_layers(model, layers, skip)
+    names = list(targets)
+    weights = [targets[n].weight for n in names]
+    allowed = None if expected_groups is None else {int(g) for g in expected_groups}
+
+    was_training = model.training
+    flags = {p: p.requires_grad for p in model.parameters()}
+    maps: dict[int, dict[str, torch.Tensor]] = {}
+    counts: dict[int, int] = {}
+    n_batches = 0
+    it = itertools.islice(batches, max_batches) if max_batches is not None else batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=max_batches if max_batches is not None else None, desc="calibration", unit="batch")
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        for batch in it:
+            losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
+            present = torch.unique(groups).tolist()
+            if allowed is not None:
+                extra = sorted(set(present) - allowed)
+                if extra:
+                    raise ValueError(f"batch {n_batches} has group ids {extra} outside the declared groups "
+                                     f"{sorted(allowed)}")
+            for i, g in enumerate(present):
+                sel = groups == g
+                lg = losses[sel].mean()
+                grads = torch.autograd.grad(lg, weights, retain_graph=i < len(present) - 1, allow_unused=True)
+                gm = maps.setdefault(int(g), {})
+                for name, w, gr in zip(names, weights, grads):
+                    if gr is None:
+                        gr = torch.zeros_like(w)
+                    term = (gr * w.detach()).pow(2) if metric == "grape" else gr.abs()
+                    term = term.detach().float()
+                    if name in gm:
+                        gm[name] += term
+                    else:
+                        gm[name] = term.clone()
+                counts[int(g)] = counts.get(int(g), 0) + int(sel.sum())
+            n_batches += 1
+            if on_batch is not None:
+                on_batch(n_batches)
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError("no calibration batches: the data iterable was empty")
+    if allowed is not None:
+        missing = sorted(allowed - set(counts))
+        if missing:
+            raise ValueError(
+                f"group(s) {missing} have no samples in the {n_batches} calibration batch(es); every declared group "
+                f"needs samples (declared: {sorted(allowed)}, seen: {sorted(counts)})"
+            )
+    if len(counts) < 2:
+        raise ValueError(
+            f"calibration saw a single group ({sorted(counts)}); group-conditioned importance needs at least two "
+            f"groups with samples (pass group ids per sample, e.g. sex or age band)"
+        )
+    # groups that were absent from a batch simply got no contribution from it
+    for gm in maps.values():
+        for name, w in zip(names, weights):
+            gm.setdefault(name, torch.zeros_like(w, dtype=torch.float32))
+    return GroupImportance(maps=maps, counts=counts, metric=metric, batches=n_batches, layers=names)

@@ -1,0 +1,164 @@
+"""FQ-QAT: fine-tune with a fixed mixed-precision allocation (SPEC section 4, "FQ-QAT").
+
+While training, every allocated Linear / Conv2d weight is replaced in the forward pass by its fake-quantized
+version (``torch.nn.utils.parametrize``; rows grouped by bit-width, each through
+:func:`medquant.quant.fake_quantize` with a straight-through gradient), so the float weights learn to live on the
+quantization grid of their allocation. The loss per batch is
+
+    mean CE  +  lambda_fair * (max_g L_g - min_g L_g)     (groups present in the batch; SPEC 4)
+
+optimised with AdamW, gradient-norm clipping (1.0). At the end the parametrizations are removed and the model is
+exported with :func:`medquant.quantize_` to real ``QuantLinear`` / ``QuantConv2d`` layers with the same
+allocation: the exported model computes exactly what the fake-quantized model computed.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..quant.api import quantize_, resolve_configs
+from ..quant.config import FLOAT_BITS, QuantConfig
+from ..quant.core import fake_quantize
+from .batches import GroupsFn, LossFn, batch_losses, fairness_penalty
+
+
+class FakeQuantWeight(nn.Module):
+    """Parametrization ``w -> fake_quantize(w)`` row group by row group (per-row ``channel_bits``)."""
+
+    def __init__(self, config: QuantConfig, out_rows: int):
+        super().__init__()
+        self.config = config
+        rb = config.row_bits(out_rows)
+        self.groups = [(int(b), (rb == b)) for b in torch.unique(rb).tolist()]
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if len(self.groups) == 1:
+            return fake_quantize(w, self.config, self.groups[0][0])
+        out = torch.zeros_like(w)
+        for b, mask in self.groups:
+            m = mask.to(w.device).reshape(-1, *([1] * (w.dim() - 1)))
+            if b in FLOAT_BITS:
+                fq = w
+            elif b == 0:
+                continue
+            else:
+                fq = fake_quantize(w, self.config, b)
+            out = torch.where(m, fq, out)
+        return out
+
+
+def attach_fake_quant(model: nn.Module, quant_map: Mapping[str, QuantConfig | int | None]) -> dict[str, QuantConfig]:
+    """Register :class:`FakeQuantWeight` on every module ``quant_map`` resolves (``quantize_`` patterns).
+    Returns the resolved plan. Undo with :func:`detach_fake_quant`."""
+    plan = resolve_configs(model, quant_map)
+    if not plan:
+        raise ValueError("the quantization map selects no Linear / Conv2d layer")
+    for name, cfg in plan.items():
+        mod = model.get_submodule(name)
+        parametrize.register_parametrization(mod, "weight", FakeQuantWeight(cfg, mod.weight.shape[0]))
+    return plan
+
+
+def detach_fake_quant(model: nn.Module) -> None:
+    """Remove the fake-quant parametrizations, keeping the trained float weights."""
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod, "weight") and any(
+                isinstance(p, FakeQuantWeight) for p in mod.parametrizations["weight"]):
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+
+
+@contextmanager
+def fake_quantized(model: nn.Module, quant_map: Mapping[str, QuantConfig | int | None]):
+    """Context manager: the model computes with fake-quantized weights inside the block."""
+    attach_fake_quant(model, quant_map)
+    try:
+        yield model
+    finally:
+        detach_fake_quant(model)
+
+
+@dataclass
+class QATResult:
+    model: nn.Module
+    plan: dict[str, QuantConfig]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fq_qat(
+    model: nn.Module,
+    quant_map: Mapping[str, QuantConfig | int | None],
+    batches: Iterable[Any],
+    *,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    lr: float = 1e-4,
+    weight_decay: float = 0.01,
+    lambda_fair: float = 0.0,
+    grad_clip: float | None = 1.0,
+    loss_fn: LossFn | None = None,
+    groups_fn: GroupsFn | None = None,
+    export: bool = True,
+    progress: bool = True,
+) -> QATResult:
+    """Fine-tune ``model`` with the fixed allocation ``quant_map`` (e.g. ``FairQuantAllocator.to_quant_map()``).
+
+    Args:
+        batches: a re-iterable of training batches (a DataLoader or a list), read once per epoch.
+        lr: AdamW learning rate (the paper's range: 3e-5 .. 3e-4).
+        lambda_fair: weight of ``max_g L_g - min_g L_g`` over the groups in the batch (0 = plain QAT).
+        grad_clip: max global gradient norm (None disables).
+        export: swap the fake-quantized layers for real QuantLinear / QuantConv2d (``quantize_``) at the end.
+
+    Returns a :class:`QATResult` with the (exported) model, the resolved plan and per-step loss history.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if lambda_fair < 0:
+        raise ValueError(f"lambda_fair must be >= 0, got {lambda_fair}")
+    plan = attach_fake_quant(model, quant_map)
+    history: list[dict[str, float]] = []
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        model.train()
+        step = 0
+        for ep in range(epochs):
+            it: Iterable[Any] = batches
+            if max_steps is not None:
+                it = itertools.islice(batches, max(0, max_steps - step))
+            if progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(it, desc=f"FQ-QAT epoch {ep + 1}/{epochs}", unit="batch", leave=False)
+            for batch in it:
+                losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
+                task = losses.mean()
+                fair = fairness_penalty(losses, groups) if lambda_fair > 0 else task.new_zeros(())
+                loss = task + lambda_fair * fair
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                history.append({"step": step, "loss": float(loss.detach()), "task": float(task.detach()),
+                                "fair": float(fair.detach())})
+                step += 1
+            if max_steps is not None and step >= max_steps:
+                break
+        model.eval()
+    finally:
+        detach_fake_quant(model)
+    if export:
+        quantize_(model, plan)
+    return QATResult(model=model, plan=plan, history=history)

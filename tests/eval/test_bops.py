@@ -1,0 +1,57 @@
+"""MACs / BOPs with real token counts and output positions, hand-counted; average bits and stored bytes."""
+import pytest
+import torch
+from torch import nn
+from zoo import ZOO_BY_NAME
+
+import medquant
+from medquant import QuantConfig, quantize_
+from medquant.eval import average_bits, bops, count_macs, proxy_bops, stored_bytes
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.dw(self.conv(x))  # (B, 8, 8, 8)
+        tokens = h.flatten(2).transpose(1, 2)  # (B, 64 tokens, 8)
+        return self.fc(tokens)
+
+
+def test_macs_hand_counted_float_and_mixed():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(1, 3, 16, 16)
+    rows = {r.name: r for r in count_macs(net, x)}
+    assert rows["conv"].macs == 64 * 8 * 3 * 3 * 3  # 8x8 output positions
+    assert rows["dw"].macs == 64 * 8 * (8 // 4) * 3 * 3
+    assert rows["fc"].macs == 64 * 8 * 4  # 64 tokens
+    total_macs = 64 * 8 * 27 + 64 * 8 * 18 + 64 * 32
+    assert bops(net, x) == total_macs * 32 * 32
+    assert bops(net, torch.randn(2, 3, 16, 16), act_bits=8) == 2 * total_macs * 32 * 8
+    quantize_(net, {"conv": QuantConfig(8, scope="channel", symmetric=True, channel_bits=(2,) * 4 + (8,) * 4),
+                    "fc": QuantConfig(4, scope="channel")})
+    want = 64 * 8 * 27 * 5.0 * 32 + 64 * 8 * 18 * 32 * 32 + 64 * 32 * 4 * 32
+    assert bops(net, x) == pytest.approx(want)
+    # the authors' proxy counts one MAC per weight, ignoring the 64 positions / tokens
+    assert proxy_bops(net) == pytest.approx(8 * 27 * 5.0 * 32 + 8 * 18 * 32 * 32 + 32 * 4 * 32)
+    assert average_bits(net) == pytest.approx((8 * 27 * 5 + 8 * 18 * 32 + 32 * 4) / (8 * 27 + 8 * 18 + 32))
+    assert stored_bytes(net) == medquant.model_size(net).total_bytes
+
+
+def test_vit_counts_patch_tokens():
+    entry = ZOO_BY_NAME["vit"]
+    model = entry.build()
+    x = entry.inputs(model)["pixel_values"][:1]  # one 32x32 image, patch 8 -> 16 patches + CLS
+    rows = {r.name: r for r in count_macs(model, pixel_values=x)}
+    cfg = model.config
+    assert rows["vit.embeddings.patch_embeddings.projection"].macs == 16 * cfg.hidden_size * 3 * 8 * 8
+    q = "vit.layers.0.attention.q_proj"
+    assert rows[q].macs == 17 * cfg.hidden_size * cfg.hidden_size
+    assert rows["classifier"].macs == cfg.hidden_size * 4  # the CLS token only
+    # versus the proxy: the query projection is 17 times larger with real token counts
+    assert rows[q].macs == 17 * rows[q].params

@@ -1,0 +1,143 @@
+"""Group fairness metrics against hand-computed examples and fairlearn / scikit-learn (test-only references)."""
+import math
+
+import numpy as np
+import pytest
+
+from medquant.eval import balanced_accuracy, fairness_report, predictions
+
+fairlearn = pytest.importorskip("fairlearn.metrics")
+skm = pytest.importorskip("sklearn.metrics")
+
+
+def test_binary_hand_computed():
+    # group 0: y = 1 1 0 0, pred = 1 0 0 1 -> acc 2/4, TPR 1/2, TNR 1/2, FPR 1/2
+    # group 1: y = 1 1 1 0 0 0, pred = 1 1 1 0 0 1 -> acc 5/6, TPR 3/3, TNR 2/3, FPR 1/3
+    y = [1, 1, 0, 0, 1, 1, 1, 0, 0, 0]
+    p = [1, 0, 0, 1, 1, 1, 1, 0, 0, 1]
+    g = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    r = fairness_report(y, p, g)
+    assert r.task == "binary" and r.classes == [1]
+    assert r.counts == {0: 4, 1: 6}
+    assert r.acc == {0: pytest.approx(0.5), 1: pytest.approx(5 / 6)}
+    assert r.avg_acc == pytest.approx((0.5 + 5 / 6) / 2)
+    assert r.worst_acc == pytest.approx(0.5)
+    assert r.gap == pytest.approx((0.5 + 5 / 6) / 2 - 0.5)
+    assert r.max_min_gap == pytest.approx(5 / 6 - 0.5)
+    assert r.eopp1 == pytest.approx(1 - 0.5)
+    assert r.eopp0 == pytest.approx(2 / 3 - 0.5)
+    assert r.eodd == pytest.approx((1 - 0.5) + (0.5 - 1 / 3))
+    assert r.overall_acc == pytest.approx(7 / 10)
+    # balanced: TPR overall 4/5, TNR 3/5
+    assert r.balanced_acc == pytest.approx((4 / 5 + 3 / 5) / 2)
+
+
+def _fl_rates(y, p, g):
+    mf = fairlearn.MetricFrame(
+        metrics={"tpr": fairlearn.true_positive_rate, "tnr": fairlearn.true_negative_rate,
+                 "fpr": fairlearn.false_positive_rate, "acc": skm.accuracy_score, "n": fairlearn.count,
+                 "bal": skm.balanced_accuracy_score},
+        y_true=y, y_pred=p, sensitive_features=g)
+    return mf.by_group, mf.difference(method="between_groups")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_against_fairlearn(seed):
+    rng = np.random.default_rng(seed)
+    n = 300
+    g = rng.integers(0, 3, n)
+    y = rng.integers(0, 2, n)
+    p = np.where(rng.random(n) < 0.7 + 0.1 * g, y, 1 - y)
+    r = fairness_report(y, p, g)
+    by, diff = _fl_rates(y, p, g)
+    for k in range(3):
+        assert r.counts[k] == by.loc[k, "n"]
+        assert r.acc[k] == pytest.approx(by.loc[k, "acc"])
+        assert r.tpr[1][k] == pytest.approx(by.loc[k, "tpr"])
+        assert r.tnr[1][k] == pytest.approx(by.loc[k, "tnr"])
+        assert r.fpr[1][k] == pytest.approx(by.loc[k, "fpr"])
+        assert r.balanced_acc_group[k] == pytest.approx(by.loc[k, "bal"])
+    assert r.eopp1 == pytest.approx(diff["tpr"])
+    assert r.eopp0 == pytest.approx(diff["tnr"])
+    assert r.eodd == pytest.approx(diff["tpr"] + diff["fpr"])
+    assert r.worst_acc == pytest.approx(by["acc"].min())
+    assert r.avg_acc == pytest.approx(by["acc"].mean())
+    assert r.balanced_acc == pytest.approx(skm.balanced_accuracy_score(y, p))
+    # fairlearn's own equalized-odds difference is max(TPR gap, FPR gap), ours is their sum: both bound it
+    eod = fairlearn.equalized_odds_difference(y, p, sensitive_features=g)
+    assert max(r.eopp1, r.fpr_gap[1]) == pytest.approx(eod)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multiclass_against_fairlearn_one_vs_rest(seed):
+    rng = np.random.default_rng(seed)
+    n, c = 400, 4
+    g = rng.integers(0, 2, n)
+    y = rng.integers(0, c, n)
+    p = np.where(rng.random(n) < 0.6, y, rng.integers(0, c, n))
+    r = fairness_report(y, p, g)
+    assert r.task == "multiclass" and r.classes == list(range(c))
+    tpr_gaps, tnr_gaps, fpr_gaps = [], [], []
+    for k in range(c):
+        by, diff = _fl_rates((y == k).astype(int), (p == k).astype(int), g)
+        for grp in range(2):
+            assert r.tpr[k][grp] == pytest.approx(by.loc[grp, "tpr"])
+            assert r.tnr[k][grp] == pytest.approx(by.loc[grp, "tnr"])
+        tpr_gaps.append(diff["tpr"])
+        tnr_gaps.append(diff["tnr"])
+        fpr_gaps.append(diff["fpr"])
+    assert r.eopp1 == pytest.approx(np.mean(tpr_gaps))
+    assert r.eopp0 == pytest.approx(np.mean(tnr_gaps))
+    assert r.eodd == pytest.approx(np.mean(np.add(tpr_gaps, fpr_gaps)))
+    acc = {grp: skm.accuracy_score(y[g == grp], p[g == grp]) for grp in range(2)}
+    assert r.acc == {k: pytest.approx(v) for k, v in acc.items()}
+    assert r.balanced_acc == pytest.approx(skm.balanced_accuracy_score(y, p))
+    assert balanced_accuracy(y, p) == pytest.approx(skm.balanced_accuracy_score(y, p))
+
+
+def test_multilabel_against_sklearn():
+    rng = np.random.default_rng(3)
+    n, c = 200, 5
+    g = rng.integers(0, 2, n)
+    y = (rng.random((n, c)) < 0.3).astype(int)
+    p = np.where(rng.random((n, c)) < 0.8, y, 1 - y)
+    r = fairness_report(y, p, g)
+    assert r.task == "multilabel" and r.classes == list(range(c))
+    for grp in range(2):
+        sel = g == grp
+        assert r.acc[grp] == pytest.approx(1 - skm.hamming_loss(y[sel], p[sel]))
+    tpr_g, fpr_g = [], []
+    for k in range(c):
+        _by, diff = _fl_rates(y[:, k], p[:, k], g)
+        tpr_g.append(diff["tpr"])
+        fpr_g.append(diff["fpr"])
+    assert r.eopp1 == pytest.approx(np.mean(tpr_g))
+    assert r.eodd == pytest.approx(np.mean(np.add(tpr_g, fpr_g)))
+    want_bal = np.mean([skm.balanced_accuracy_score(y[:, k], p[:, k]) for k in range(c)])
+    assert r.balanced_acc == pytest.approx(want_bal)
+
+
+def test_undefined_rates_are_left_out():
+    # class 2 never occurs in group 1 -> its TPR is undefined there and the class drops out of EOpp1
+    y = [0, 1, 2, 0, 1, 0]
+    p = [0, 1, 1, 0, 0, 0]
+    g = [0, 0, 0, 1, 1, 1]
+    r = fairness_report(y, p, g)
+    assert math.isnan(r.tpr[2][1]) and math.isnan(r.tpr_gap[2])
+    # class 0: TPR 1 and 1 -> 0; class 1: TPR 1 vs 0 -> 1
+    assert r.eopp1 == pytest.approx((0 + 1) / 2)
+
+
+def test_predictions_and_errors():
+    logits = np.array([[0.1, 2.0], [3.0, -1.0]])
+    assert predictions(logits).tolist() == [1, 0]
+    assert predictions(np.array([0.3, -0.2]), task="binary").tolist() == [1, 0]
+    assert predictions(np.array([[0.3, -0.2]]), task="multilabel").tolist() == [[1, 0]]
+    with pytest.raises(ValueError, match="same shape"):
+        fairness_report([0, 1], [0], [0, 1])
+    with pytest.raises(ValueError, match="one group id per sample"):
+        fairness_report([0, 1], [0, 1], [0])
+    with pytest.raises(TypeError, match="integer labels"):
+        fairness_report([0.2, 1.0], [0, 1], [0, 1])
+    with pytest.raises(ValueError, match="unknown task"):
+        fairness_report([0, 1], [0, 1], [0, 1], task="regression")

@@ -1,0 +1,37 @@
+"""``medquant allocate`` end to end on a small stand-in dataset (the real loaders are exercised by the benchmark)."""
+import json
+
+import torch
+
+import medquant
+from medquant.cli import main
+from medquant.fairquant import datasets as ds
+from medquant.fairquant.nets import build
+
+
+def _tiny_data(data_dir=None):
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        x = torch.rand(n, 1, 16, 16, generator=g)
+        y = (x[:, :, 4:12, 4:12].mean((1, 2, 3)) > x.mean((1, 2, 3))).long()
+        return x, y, torch.arange(n) % 2
+
+    return {"train": split(60), "val": split(20), "test": split(30),
+            "info": {"name": "stand-in", "classes": ["a", "b"], "groups": ["F", "M"]}}
+
+
+def test_allocate_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(ds.DATASETS, "nih", _tiny_data)
+    out = tmp_path / "model"
+    rc = main(["allocate", "--epochs", "1", "--calib-batches", "3", "--batch-size", "20", "--target-bits", "4",
+               "--out", str(out), "--json"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "parameter-weighted average bits" in text and "features.0" in text and "FairQuant" in text
+    extras = medquant.load_extras(out)
+    assert abs(extras["fairquant"]["average_bits"] - 4.0) <= 0.1
+    model = medquant.load(out, model=build("cnn", 1, 2, image=16))
+    assert abs(medquant.model_size(model).effective_bits - extras["fairquant"]["average_bits"]) < 1e-9
+    rows = json.loads(text[text.index("[\n"):])
+    assert rows[1]["avg_bits"] == extras["fairquant"]["average_bits"]
