@@ -1,0 +1,229 @@
+"""Knowledge distillation teacher -> student (SPEC section 6, seed 001).
+
+Loss per batch::
+
+    L = alpha * T^2 * KD + (1 - alpha) * task + beta * FM
+
+* ``KD = sum_p m_p KL(softmax(z_t,p / T) || softmax(z_s,p / T)) / sum_p m_p`` over output positions ``p``:
+  one position per example for classification logits ``(B, C)``; every token for token logits ``(B, S, V)``,
+  with ``m_p`` the attention mask (padding excluded). ``T^2`` keeps the gradient scale independent of ``T``
+  (Hinton et al. 2015).
+* ``task``: the student's own loss -- the model's ``.loss`` when the batch carries ``labels``; for causal LMs
+  without labels, next-token cross-entropy on ``input_ids`` with padding masked (``labels = -100``).
+* ``FM`` (optional): feature matching ``mean_pairs MSE(P_k h_s[i_k], h_t[j_k])`` over masked tokens for layer pairs
+  ``(i_k, j_k)`` of ``hidden_states``, with a learned linear projection ``P_k`` (student width -> teacher width;
+  identity-initialised when the widths agree) trained together with the student.
+
+The teacher is put in eval mode, its parameters get ``requires_grad=False`` and it runs under ``torch.no_grad``:
+it receives no gradient and is never changed. Teacher and student may differ in size (a pruned or quantized copy
+of the teacher) as long as their logits have the same last dimension.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["Distiller", "kd_loss"]
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over (unmasked) positions.
+
+    Logits are ``(..., V)``; ``mask`` has the leading shape (1 = count the position).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ; KD needs the same positions and classes")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = temperature
+    log_ps = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_pt = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # per position
+    if mask is None:
+        return t * t * kl.mean()
+    m = mask.to(kl.dtype)
+    if m.shape != kl.shape:
+        raise ValueError(f"mask shape {tuple(m.shape)} does not match the logits positions {tuple(kl.shape)}")
+    denom = m.sum()
+    if denom == 0:
+        raise ValueError("the mask leaves no position to distil")
+    return t * t * (kl * m).sum() / denom
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    lg = getattr(out, "logits", None)
+    if isinstance(lg, torch.Tensor):
+        return lg
+    raise TypeError(f"cannot find logits in a {type(out).__name__}")
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "lm_head") and hasattr(model, "generation_config")
+
+
+class Distiller(nn.Module):
+    """Distil ``teacher`` into ``student``.
+
+    Args:
+        teacher, student: models called as ``model(**batch)`` (dict batches) or ``model(batch)``.
+        alpha: weight of the KD term (``1 - alpha`` on the task loss).
+        temperature: ``T``.
+        feature_pairs: ``[(student_layer, teacher_layer), ...]`` indices into ``hidden_states`` to match.
+        feature_weight: ``beta``.
+        task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
+
+    The module's own parameters are the feature projections: optimise ``distiller.trainable_parameters()``.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
+                 feature_pairs: Sequence[tuple[int, int]] = (), feature_weight: float = 1.0,
+                 student_dim: int | None = None, teacher_dim: int | None = None,
+                 task_loss: Callable[[Any, Any], torch.Tensor] | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if teacher is student:
+            raise ValueError("teacher and student are the same object; distil into a copy (copy.deepcopy)")
+        self.alpha, self.temperature, self.feature_weight = float(alpha), float(temperature), float(feature_weight)
+        self.feature_pairs = [tuple(map(int, p)) for p in feature_pairs]
+        self.task_loss = task_loss
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never in state_dict
+        self.student = student
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.projections = nn.ModuleList()
+        if self.feature_pairs:
+            sd = student_dim or _hidden_size(student)
+            td = teacher_dim or _hidden_size(teacher)
+            for _ in self.feature_pairs:
+                proj = nn.Linear(sd, td, bias=False)
+                if sd == td:
+                    nn.init.eye_(proj.weight)
+                self.projections.append(proj)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student parameters that require grad, plus the feature projections."""
+        return [p for p in self.student.parameters() if p.requires_grad] + list(self.projections.parameters())
+
+    def _call(self, model: nn.Module, batch: Any, **extra: Any) -> Any:
+        if isinstance(batch, dict):
+            return model(**batch, **extra)
+        return model(batch, **extra)
+
+    def _task(self, out: Any, batch: Any, logits: torch.Tensor) -> torch.Tensor:
+        if self.task_loss is not None:
+            return self.task_loss(out, batch)
+        loss = getattr(out, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            return loss
+        if isinstance(batch, dict) and "input_ids" in batch and logits.dim() == 3:
+            labels = batch["input_ids"].clone()
+            if "attention_mask" in batch:
+                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        raise ValueError("no task loss: pass batches with 'labels', token batches with 'input_ids', or task_loss=")
+
+    def forward(self, batch: Any = None, **inputs: Any) -> dict[str, torch.Tensor]:
+        """Losses for one batch: ``{"loss", "kd", "task", "features"}`` (``loss`` is the one to backpropagate).
+
+        Called as ``distiller(batch)`` or ``distiller(**batch)``; the second form is what ``transformers.Trainer``
+        does, so ``Trainer(model=distiller, args=TrainingArguments(..., remove_unused_columns=False), ...)``
+        trains the student (and projections) with the distillation loss (it reads ``outputs["loss"]``).
+        """
+        if batch is None:
+            if not inputs:
+                raise ValueError("Distiller needs a batch")
+            batch = inputs
+        want_hidden = bool(self.feature_pairs)
+        extra = {"output_hidden_states": True} if want_hidden else {}
+        with torch.no_grad():
+            t_out = self._call(self.teacher, batch, **extra)
+        s_out = self._call(self.student, batch, **extra)
+        s_logits, t_logits = _logits(s_out), _logits(t_out).detach()
+        mask = None
+        if isinstance(batch, dict) and "attention_mask" in batch and s_logits.dim() == 3:
+            mask = batch["attention_mask"]
+        kd = kd_loss(s_logits, t_logits, self.temperature, mask)
+        parts: dict[str, torch.Tensor] = {"kd": kd}
+        total = self.alpha * kd
+        if self.alpha < 1.0:
+            task = self._task(s_out, batch, s_logits)
+            parts["task"] = task
+            total = total + (1.0 - self.alpha) * task
+        if want_hidden:
+            fm = self._features(s_out, t_out, mask)
+            parts["features"] = fm
+            total = total + self.feature_weight * fm
+        parts["loss"] = total
+        return parts
+
+    def _features(self, s_out: Any, t_out: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        hs, ht = s_out.hidden_states, t_out.hidden_states
+        losses = []
+        for (i, j), proj in zip(self.feature_pairs, self.projections):
+            if not (-len(hs) <= i < len(hs) and -len(ht) <= j < len(ht)):
+                raise ValueError(f"feature pair ({i}, {j}) out of range: student has {len(hs)} hidden states, "
+                                 f"teacher {len(ht)}")
+            diff = (proj(hs[i].float()) - ht[j].detach().float()).pow(2).mean(-1)
+            if mask is not None and diff.shape == mask.shape:
+                m = mask.to(diff.dtype)
+                losses.append((diff * m).sum() / m.sum().clamp_min(1))
+            else:
+                losses.append(diff.mean())
+        return torch.stack(losses).mean()
+
+    def fit(self, data: Iterable[Any], *, steps: int | None = None, epochs: int = 1, lr: float = 5e-5,
+            optimizer: torch.optim.Optimizer | None = None, grad_clip: float | None = 1.0,
+            progress: bool = True) -> list[float]:
+        """Plain training loop (AdamW by default) with a tqdm bar; returns the per-step losses."""
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("the student has no trainable parameters")
+        opt = optimizer or torch.optim.AdamW(params, lr=lr)
+        self.student.train()
+        losses: list[float] = []
+        total = steps
+        bar = tqdm(total=total, desc="distil", disable=not progress)
+        try:
+            for _ in range(epochs if steps is None else 10**9):
+                for batch in data:
+                    parts = self(batch)
+                    opt.zero_grad(set_to_none=True)
+                    parts["loss"].backward()
+                    if grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                    opt.step()
+                    losses.append(float(parts["loss"]))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                    if steps is not None and len(losses) >= steps:
+                        return losses
+                if steps is not None and not losses:
+                    raise ValueError("the training data is empty")
+            return losses
+        finally:
+            bar.close()
+            self.student.eval()
+
+
+def _hidden_size(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        hs = getattr(cfg, "hidden_size", None)
+        if isinstance(hs, int):
+            return hs
+    raise ValueError("cannot infer the hidden size for feature projections: pass student_dim= / teacher_dim=")

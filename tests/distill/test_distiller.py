@@ -1,0 +1,136 @@
+"""Distiller: KD loss against a hand computation, masking, teacher untouched, training loop, HF Trainer."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from zoo import ZOO_BY_NAME
+
+from medquant.distill import Distiller, kd_loss
+
+
+def _softmax(z):
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _kl_hand(t, s, T):
+    pt, ps = _softmax([v / T for v in t]), _softmax([v / T for v in s])
+    return T * T * sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
+
+
+def test_kd_loss_hand_computation():
+    s = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
+    t = [[3.0, 1.0, 0.0], [0.0, 0.0, 4.0]]
+    for T in (1.0, 2.0, 4.0):
+        got = kd_loss(torch.tensor(s), torch.tensor(t), T)
+        want = (_kl_hand(t[0], s[0], T) + _kl_hand(t[1], s[1], T)) / 2
+        assert float(got) == pytest.approx(want, rel=1e-5)
+    # token logits with padding: masked positions do not count
+    s3, t3 = torch.tensor([s]), torch.tensor([t])
+    got = kd_loss(s3, t3, 2.0, mask=torch.tensor([[1, 0]]))
+    assert float(got) == pytest.approx(_kl_hand(t[0], s[0], 2.0), rel=1e-5)
+    assert float(kd_loss(torch.tensor(t), torch.tensor(t), 3.0)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def _lm_batch(model):
+    e = ZOO_BY_NAME["llama"]
+    b = e.inputs(model)
+    b["attention_mask"][1, -3:] = 0  # padding on the right of sample 1
+    return b
+
+
+def test_causal_lm_loss_parts_and_teacher_untouched():
+    e = ZOO_BY_NAME["llama"]
+    teacher = e.build()
+    student = copy.deepcopy(teacher)
+    from medquant.prune import StructuredPruner
+
+    StructuredPruner(0.5, 0.3, progress=False).prune(student)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    batch = _lm_batch(teacher)
+    d = Distiller(teacher, student, alpha=0.7, temperature=2.0)
+    parts = d(batch)
+    with torch.no_grad():
+        zs, zt = student(**batch).logits, teacher(**batch).logits
+    m = batch["attention_mask"]
+    assert float(parts["kd"]) == pytest.approx(float(kd_loss(zs, zt, 2.0, m)), rel=1e-5)
+    labels = batch["input_ids"].masked_fill(m == 0, -100)
+    ce = torch.nn.functional.cross_entropy(zs[:, :-1].reshape(-1, zs.shape[-1]), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100)
+    assert float(parts["task"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float(parts["loss"]) == pytest.approx(0.7 * float(parts["kd"]) + 0.3 * float(ce), rel=1e-5)
+    losses = d.fit([batch] * 6, steps=6, lr=3e-3, progress=False)
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert not teacher.training
+
+
+def test_feature_matching_different_width():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    e = ZOO_BY_NAME["llama"]
+    teacher = e.build()
+    torch.manual_seed(1)
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    batch = _lm_batch(teacher)
+    d = Distiller(teacher, student, alpha=1.0, feature_pairs=[(1, 2)], feature_weight=0.5)
+    assert d.projections[0].weight.shape == (128, 64)
+    parts = d(batch)
+    with torch.no_grad():
+        hs = student(**batch, output_hidden_states=True).hidden_states[1]
+        ht = teacher(**batch, output_hidden_states=True).hidden_states[2]
+        diff = (d.projections[0](hs) - ht).pow(2).mean(-1)
+        m = batch["attention_mask"].float()
+        want = float((diff * m).sum() / m.sum())
+    assert float(parts["features"]) == pytest.approx(want, rel=1e-4)
+    assert float(parts["loss"]) == pytest.approx(float(parts["kd"]) + 0.5 * want, rel=1e-4)
+    w0 = d.projections[0].weight.clone()
+    d.fit([batch] * 2, steps=2, lr=1e-2, progress=False)
+    assert not torch.equal(w0, d.projections[0].weight)  # projections are learned
+
+
+def test_classification_and_errors():
+    e = ZOO_BY_NAME["vit"]
+    teacher = e.build()
+    student = copy.deepcopy(teacher)
+    x = e.inputs(teacher)
+    x["labels"] = torch.tensor([0, 3])
+    d = Distiller(teacher, student, alpha=0.5, temperature=3.0)
+    parts = d(x)
+    with torch.no_grad():
+        out = student(**x)
+    assert float(parts["task"]) == pytest.approx(float(out.loss), rel=1e-5)
+    assert float(parts["kd"]) == pytest.approx(0.0, abs=1e-6)  # identical copy
+    with pytest.raises(ValueError, match="same object"):
+        Distiller(teacher, teacher)
+    with pytest.raises(ValueError, match="alpha"):
+        Distiller(teacher, student, alpha=1.5)
+
+
+def test_hf_trainer_trains_student(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    e = ZOO_BY_NAME["llama"]
+    teacher = e.build()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    b = e.inputs(teacher)
+    rows = [{"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i]} for i in range(2)]
+    d = Distiller(teacher, student, alpha=0.5)
+    w0 = student.model.layers[0].mlp.up_proj.weight.clone()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                             remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
+                             learning_rate=1e-3, logging_steps=1)
+    Trainer(model=d, args=args, train_dataset=rows).train()
+    assert not torch.equal(w0, student.model.layers[0].mlp.up_proj.weight)
+    assert all(p.grad is None for p in teacher.parameters())
