@@ -39,12 +39,19 @@ def _ref_chunk(images):
     return [reference_metrics(im) for im in images]
 
 
-def _time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+CPU_TIMES: dict = {}
+
+
+def _time(fn, repeats: int, label: str | None = None) -> tuple[float, object]:
+    """Median wall time of ``repeats`` runs; with ``label`` also records this process's median CPU time."""
+    times, cpu, out = [], [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    if label:
+        CPU_TIMES[label] = statistics.median(cpu)
     return statistics.median(times), out
 
 
@@ -108,7 +115,7 @@ def main(argv=None) -> int:
         result["max_abs_diff_vs_skimage_first32"] = dict(
             zip(ComplexityScorer.METRIC_NAMES, np.abs(ours_vals - ref_vals).max(0).tolist()))
 
-        t1, _ = _time(lambda: _ref_chunk(ref_imgs), args.repeats)
+        t1, _ = _time(lambda: _ref_chunk(ref_imgs), args.repeats, "skimage_1proc")
         sk1 = len(ref_imgs) / t1
         with mp.get_context("spawn").Pool(2) as pool:
             pool.map(_ref_chunk, [ref_imgs[:2], ref_imgs[2:4]])  # warm up both workers
@@ -124,7 +131,7 @@ def main(argv=None) -> int:
         cpu = {}
         for th in sorted({1, args.threads}):
             torch.set_num_threads(th)
-            t, _ = _time(lambda: scorer.metrics(x), args.repeats)
+            t, _ = _time(lambda: scorer.metrics(x), args.repeats, f"torch_{th}threads")
             cpu[th] = n / t
             rows.append((f"medquant torch CPU, {th} thread{'s' if th > 1 else ''}", n / t))
         torch.set_num_threads(args.threads)
@@ -133,6 +140,10 @@ def main(argv=None) -> int:
                              **{f"torch_{k}threads": v for k, v in cpu.items()}},
             "speedup_vs_skimage_1proc": cpu[args.threads] / sk1,
             "speedup_vs_skimage_2proc": cpu[args.threads] / sk2,
+            # wall-clock numbers suffer when other jobs share the cores; CPU time of this process is a
+            # contention-robust view of the work per image (single-process pipelines only)
+            "cpu_ms_per_image": {"skimage_1proc": 1e3 * CPU_TIMES["skimage_1proc"] / len(ref_imgs),
+                                 **{f"torch_{k}threads": 1e3 * CPU_TIMES[f"torch_{k}threads"] / n for k in cpu}},
         }
         _write(result, Path(args.out_dir) / "complexity_speed_cpu.json")
 

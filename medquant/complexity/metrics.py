@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -175,6 +176,13 @@ def _diagonal_values_below_centre(nb: dict, r, c, h: int, w: int, sr: int, sc: i
     return b0 * upper + b1 * lower < nb[(0, 0)]
 
 
+def _flat_nonzero(t: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the non-zero entries (numpy's flatnonzero on CPU: several times faster there)."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(t.numpy()))
+    return t.reshape(-1).nonzero().squeeze(1)
+
+
 def lbp_codes(u8: torch.Tensor) -> torch.Tensor:
     """Raw 8-bit LBP codes (bit i set when neighbour i >= centre) of ``u8`` (B, H, W), exactly like skimage.
 
@@ -206,7 +214,7 @@ def lbp_codes(u8: torch.Tensor) -> torch.Tensor:
         s = torch.add(e.mul_(_B_CARD), dd, alpha=_A_DIAG)
         code.add_((s >> 31).add_(1).to(torch.int16) << i)
         tiecode.add_((s == 0).to(torch.int16) << i)
-    idx = tiecode.reshape(-1).nonzero().squeeze(1)
+    idx = _flat_nonzero(tiecode)
     if idx.numel():
         bi, r, c = idx // (h * w), (idx // w) % h, idx % w
         base = bi * ((h + 2) * (w + 2)) + (r + 1) * (w + 2) + (c + 1)  # centre in the padded image
