@@ -1,4 +1,14 @@
-"""Multi-process helpers: block-sharded sequential quantization and rank bookkeeping.
+"""Multi-process helpers: group importance summed across ranks, block-sharded sequential quantization.
+
+**FairQuant importance over several processes** (SPEC section 4, "Importance"). ``I_g[w]`` is a sum over
+calibration batches, so it can be split: every rank iterates the same calibration sequence and keeps batches
+``rank, rank + world, ...`` (of the first ``max_batches``), computes its partial ``I_g`` with
+:func:`medquant.fairquant.importance.compute_group_importance`, and :func:`all_reduce_importance` sums maps, sample
+counts and batch counts over ranks (``torch.distributed.all_reduce``, gloo on CPU / nccl on GPU). Every rank then
+holds the same maps - equal to the single-process ones up to the order of floating-point additions - and
+:func:`fit_allocator_distributed` runs the (deterministic) allocation on them, so every rank computes the
+identical bit allocation. Launch with ``torchrun --nproc_per_node N script.py`` or ``accelerate launch
+--num_processes N script.py``; call ``torch.distributed.init_process_group("gloo" or "nccl")`` first.
 
 ``quantize_shard`` splits the blocks of a model between processes (``torchrun`` / ``accelerate launch`` set
 ``RANK`` and ``WORLD_SIZE``): each process streams only its blocks from the float checkpoint, quantizes them
@@ -39,7 +49,8 @@ from .quant.modules import QuantConv2d, QuantLinear
 from .quant.size import quant_metadata
 from .sequential import CheckpointSource, find_blocks, quantize_sequential
 
-__all__ = ["SHARD_PATTERN", "assemble_shards", "barrier", "quantize_shard", "rank", "shard_blocks", "world_size"]
+__all__ = ["SHARD_PATTERN", "all_reduce_importance", "assemble_shards", "barrier", "distributed_group_importance",
+           "fit_allocator_distributed", "quantize_shard", "rank", "shard_blocks", "world_size"]
 
 SHARD_PATTERN = "medquant-shard-{rank:05d}-of-{world:05d}.safetensors"
 _RECIPE_KEY = "medquant_recipe"
@@ -202,3 +213,72 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
                 m.bit_map.to(torch.int16), m.config.row_bits(m.out_rows)):
             raise ValueError(f"module {name!r}: the stored bit map disagrees with its recipe in the shard")
     return model
+
+
+# ---------------------------------------------------------------------------------------------- FairQuant importance
+def all_reduce_importance(importance, group=None):
+    """Sum a :class:`~medquant.fairquant.importance.GroupImportance` over all ranks (in place on the maps; also
+    returned). Groups seen by only some ranks count as zero maps elsewhere. No-op without a process group."""
+    import torch.distributed as dist
+
+    from .fairquant.importance import GroupImportance
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return importance
+    w = dist.get_world_size(group)
+    layer_lists: list = [None] * w
+    dist.all_gather_object(layer_lists, list(importance.layers), group=group)
+    if any(lst != layer_lists[0] for lst in layer_lists):
+        raise RuntimeError("ranks computed importance for different layers: every rank must hold the same model "
+                           "and the same layers/skip patterns")
+    group_lists: list = [None] * w
+    dist.all_gather_object(group_lists, sorted(importance.maps), group=group)
+    union = sorted(set().union(*map(set, group_lists)))
+    any_map = next(iter(importance.maps.values()))
+    maps = {}
+    for g in union:
+        local = importance.maps.get(g, {})
+        maps[g] = {}
+        for name in importance.layers:
+            t = local.get(name)
+            t = torch.zeros_like(any_map[name]) if t is None else t.contiguous()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            maps[g][name] = t
+    dev = any_map[importance.layers[0]].device
+    counts = torch.tensor([importance.counts.get(g, 0) for g in union] + [importance.batches], dtype=torch.int64,
+                          device=dev)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    c = counts.tolist()
+    return GroupImportance(maps=maps, counts=dict(zip(union, c[:-1])), metric=importance.metric, batches=c[-1],
+                           layers=list(importance.layers))
+
+
+def distributed_group_importance(model: nn.Module, batches, *, max_batches: int | None = 50, group=None, **kwargs):
+    """This rank's share of the first ``max_batches`` calibration batches (``rank, rank + world, ...``), its partial
+    importance (``compute_group_importance(model, share, **kwargs)``), summed over ranks."""
+    import itertools
+
+    from .fairquant.importance import compute_group_importance
+
+    r, w = _check_rank(None, None)
+    share = itertools.islice(batches, r, max_batches, w)
+    local = compute_group_importance(model, share, max_batches=None, **kwargs)
+    return all_reduce_importance(local, group=group)
+
+
+def fit_allocator_distributed(allocator, model: nn.Module, batches, *, loss_fn=None, groups_fn=None, group=None):
+    """``allocator.fit(model, batches)`` with the calibration split across ranks (module docstring); returns the
+    fitted allocator, identical on every rank."""
+    if allocator.seed is not None:
+        torch.manual_seed(allocator.seed)
+    imp = distributed_group_importance(
+        model, batches, max_batches=allocator.max_batches, group=group, loss_fn=loss_fn, groups_fn=groups_fn,
+        metric=allocator.metric, layers=allocator.layers, skip=allocator.skip, expected_groups=None,
+        progress=allocator.progress and rank() == 0)
+    if allocator.groups is not None:
+        missing = sorted(set(allocator.groups) - set(imp.counts))
+        extra = sorted(set(imp.counts) - set(allocator.groups))
+        if missing or extra:
+            raise ValueError(f"calibration groups over all ranks {sorted(imp.counts)} differ from the declared "
+                             f"groups {sorted(allocator.groups)} (missing {missing}, undeclared {extra})")
+    return allocator.fit_importance(imp)
