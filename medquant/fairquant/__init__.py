@@ -1,7 +1,8 @@
 """Fairness-aware mixed-precision quantization (SPEC section 4, seed 003): group-conditioned importance,
-cross-group reducers, budgeted bit allocation (:class:`FairQuantAllocator`) and FQ-QAT fine-tuning."""
+cross-group reducers, budgeted bit allocation (:class:`FairQuantAllocator`) and FQ-QAT fine-tuning, learnable bit-widths (:class:`BAQWrapper`)."""
 from .allocate import allocate_by_quantile, allocate_by_rank, allocate_to_budget, average_bits, scope_scores
 from .allocator import FairQuantAllocator
+from .baq import BAQWeight, BAQWrapper
 from .batches import default_groups, default_loss, fairness_penalty, per_sample_loss
 from .importance import GroupImportance, compute_group_importance, quantizable_layers
 from .qat import FakeQuantWeight, QATResult, attach_fake_quant, detach_fake_quant, fake_quantized, fq_qat
@@ -9,6 +10,8 @@ from .reducers import REDUCERS, reduce_groups
 
 __all__ = [
     "REDUCERS",
+    "BAQWeight",
+    "BAQWrapper",
     "FairQuantAllocator",
     "FakeQuantWeight",
     "GroupImportance",

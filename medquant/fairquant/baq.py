@@ -1,0 +1,273 @@
+"""BAQ: learnable per-scope bit-widths (SPEC section 4, "BAQ"; seed 003).
+
+Every allocated Linear / Conv2d weight gets one logit ``theta`` per scope (output channel, or the whole tensor) and
+is replaced in the forward pass (``torch.nn.utils.parametrize``) by
+
+    b_cont = b_min + (b_max - b_min) * tanh(|theta|)
+    b      = round_STE(b_cont)                       (forward: round; backward: identity)
+    A      = max |w| over the scope (detached)
+    s(b)   = A / (2^(b-1) - 1)                       (rounded to float16 with an STE, as the exported layer stores it)
+    w^     = s(b) * clamp(round_STE(w / s(b)), -q_max(b), q_max(b))
+
+Nothing else is detached, so the task and fairness losses reach ``theta`` (LSQ-style): inside the range
+``dw^/db = (round(w/s) - w/s) * ds/db``, which is non-zero. (The authors' code built ``(wq - w).detach() + w`` and
+its logits received no gradient from the task or fairness loss; see SPEC 4.)
+
+Loss = ``mean CE + lambda_fair * (max_g L_g - min_g L_g) + lambda_bit * R_bits`` with
+``R_bits = sum_s n_s b_cont_s / sum_s n_s`` (the model's parameter-weighted average of the continuous bits) or, with
+``target_bits``, the hinge ``max(R_bits - target_bits, 0)``.
+
+Initialisation: from a static allocation ``b0`` (``init_bits``, e.g. ``FairQuantAllocator.bit_map()``),
+``theta = atanh(clamp((b0 - b_min) / (b_max - b_min), 1e-3, 0.9999))`` (the lower clamp is ours: ``|theta|`` has
+zero gradient at exactly 0, which would freeze scopes started at ``b_min``); otherwise ``theta = 6`` (about
+``b_max``). Defaults: ``lambda_fair = 0.5``, bit range [2, 8], logit lr 3e-3, weight lr 3e-5, no weight decay on
+``theta``. ``lambda_bit`` default 0.05 with the plain average (no target): it is small against the task loss, so
+the bits move down only where the task loss barely changes; for a fixed budget use ``target_bits`` with a large
+``lambda_bit`` (the benchmark uses 1.0 and target 4). After training, ``bits = round(b_cont)`` (optionally projected
+down to the budget: while the average exceeds ``target_bits + tolerance`` the scope with the lowest continuous bits
+above ``b_min`` loses one bit) and :meth:`BAQWrapper.export` calls ``quantize_`` with those bits.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..quant.api import quantize_
+from ..quant.config import QuantConfig
+from ..quant.core import scale_eps
+from .batches import GroupsFn, LossFn, batch_losses, fairness_penalty
+from .importance import quantizable_layers
+
+_EPS16 = scale_eps(torch.float16)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class BAQWeight(nn.Module):
+    """Parametrization ``w -> w^(theta)`` (module docstring). ``theta`` has one entry per scope."""
+
+    def __init__(self, theta: torch.Tensor, b_min: int, b_max: int, per_channel: bool):
+        super().__init__()
+        self.theta = nn.Parameter(theta)
+        self.b_min, self.b_max, self.per_channel = b_min, b_max, per_channel
+
+    def continuous_bits(self) -> torch.Tensor:
+        return self.b_min + (self.b_max - self.b_min) * torch.tanh(self.theta.abs())
+
+    def bits(self) -> torch.Tensor:
+        return _round_ste(self.continuous_bits())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        w2 = w.reshape(w.shape[0], -1)
+        b = self.bits()  # (scopes,)
+        a = w2.detach().abs().amax(1) if self.per_channel else w2.detach().abs().amax().reshape(1)
+        a = a.clamp_min(_EPS16)
+        qmax = torch.pow(2.0, b - 1) - 1  # differentiable in b
+        s = a / qmax
+        s = s + (s.to(torch.float16).float().clamp_min(_EPS16) - s).detach()  # the stored fp16 scale, STE
+        s = s.reshape(-1, 1)
+        qm = qmax.detach().reshape(-1, 1)
+        q = torch.maximum(torch.minimum(_round_ste(w2 / s), qm), -qm)
+        return (s * q).reshape(w.shape).to(w.dtype)
+
+
+class BAQWrapper:
+    """Attach learnable bit-widths to a model's Linear / Conv2d weights, train them with the weights, export.
+
+    Args:
+        model: any model with torch.nn Linear / Conv2d layers (changed in place: parametrizations are attached).
+        bit_range: ``(b_min, b_max)``, integers in 1..8 (default ``(2, 8)``).
+        scope: ``"channel"`` (one bit-width per output channel, default) or ``"tensor"``.
+        init_bits: ``{module name: bits per scope}`` warm start (e.g. ``FairQuantAllocator.bit_map()`` or the
+            allocator itself); ``None`` = ``theta = 6``.
+        lambda_bit, lambda_fair, target_bits: loss weights (module docstring).
+        layers / skip: ``quantize_`` patterns restricting the layers.
+    """
+
+    def __init__(self, model: nn.Module, *, bit_range: tuple[int, int] = (2, 8), scope: str = "channel",
+                 init_bits: Mapping[str, Sequence[int]] | Any | None = None, lambda_bit: float = 0.05,
+                 lambda_fair: float = 0.5, target_bits: float | None = None, layers: Sequence[str] | None = None,
+                 skip: Sequence[str] | None = None) -> None:
+        b_min, b_max = (int(b) for b in bit_range)
+        if not 1 <= b_min < b_max <= 8 or (b_min, b_max) != tuple(bit_range):
+            raise ValueError(f"bit_range must be two integers 1 <= b_min < b_max <= 8, got {tuple(bit_range)}")
+        if b_min == 1:
+            raise ValueError("b_min must be >= 2: the symmetric estimator needs 2^(b-1) - 1 > 0")
+        if scope not in ("channel", "tensor"):
+            raise ValueError(f"unknown scope {scope!r}; accepted: channel, tensor")
+        if lambda_bit < 0 or lambda_fair < 0:
+            raise ValueError("lambda_bit and lambda_fair must be >= 0")
+        if target_bits is not None and not b_min <= target_bits <= b_max:
+            raise ValueError(f"target_bits={target_bits} is impossible in the bit range [{b_min}, {b_max}]")
+        if init_bits is not None and hasattr(init_bits, "bit_map"):
+            init_bits = init_bits.bit_map()
+        self.model = model
+        self.b_min, self.b_max, self.scope = b_min, b_max, scope
+        self.lambda_bit, self.lambda_fair, self.target_bits = float(lambda_bit), float(lambda_fair), target_bits
+        targets = quantizable_layers(model, layers, skip)
+        if init_bits is not None:
+            unknown = sorted(set(init_bits) - set(targets))
+            if unknown:
+                raise ValueError(f"init_bits names modules that are not quantizable layers here: {unknown[:5]}")
+        self.params: dict[str, BAQWeight] = {}
+        self.sizes: dict[str, int] = {}
+        for name, mod in targets.items():
+            rows = mod.weight.shape[0]
+            n_scopes = rows if scope == "channel" else 1
+            if init_bits is not None and name in init_bits:
+                b0 = torch.tensor([float(b) for b in init_bits[name]])
+                if scope == "tensor" and b0.numel() == rows:
+                    b0 = b0.mean().reshape(1)
+                if b0.numel() != n_scopes:
+                    raise ValueError(f"init_bits[{name!r}] has {b0.numel()} entries, expected {n_scopes}")
+                if (b0 < b_min).any() or (b0 > b_max).any():
+                    raise ValueError(f"init_bits[{name!r}] has bits outside [{b_min}, {b_max}]")
+                theta = torch.atanh(((b0 - b_min) / (b_max - b_min)).clamp(1e-3, 0.9999))
+            else:
+                theta = torch.full((n_scopes,), 6.0)
+            p = BAQWeight(theta.to(mod.weight.device), b_min, b_max, scope == "channel")
+            parametrize.register_parametrization(mod, "weight", p)
+            self.params[name] = p
+            self.sizes[name] = mod.weight[0].numel() if scope == "channel" else mod.weight.numel()
+
+    # ------------------------------------------------------------------ parameters and bits
+    def logits(self) -> list[nn.Parameter]:
+        return [p.theta for p in self.params.values()]
+
+    def weights(self) -> list[nn.Parameter]:
+        ids = {id(t) for t in self.logits()}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+
+    def continuous_bits(self) -> dict[str, torch.Tensor]:
+        return {n: p.continuous_bits() for n, p in self.params.items()}
+
+    def bit_rate(self) -> torch.Tensor:
+        """``R_bits``: parameter-weighted mean of the continuous bits over all scopes (differentiable)."""
+        num = sum(p.continuous_bits().sum() * self.sizes[n] for n, p in self.params.items())
+        den = sum(p.theta.numel() * self.sizes[n] for n, p in self.params.items())
+        return num / den
+
+    def bits(self, project: bool = True, tolerance: float = 0.1) -> dict[str, tuple[int, ...]]:
+        """Discrete bits ``round(b_cont)`` per scope; with ``project`` and ``target_bits``, lowered to the budget."""
+        cont = {n: p.continuous_bits().detach() for n, p in self.params.items()}
+        bits = {n: torch.round(c).long() for n, c in cont.items()}
+        if project and self.target_bits is not None:
+            total = sum(b.numel() * self.sizes[n] for n, b in bits.items())
+            used = sum(int(b.sum()) * self.sizes[n] for n, b in bits.items())
+            if used / total > self.target_bits + tolerance:
+                cands = sorted((float(c[i]), n, i) for n, c in cont.items() for i in range(c.numel()))
+                for _ in range(self.b_max - self.b_min):
+                    for _, n, i in cands:
+                        if used / total <= self.target_bits + tolerance:
+                            break
+                        if bits[n][i] > self.b_min:
+                            bits[n][i] -= 1
+                            used -= self.sizes[n]
+        return {n: tuple(int(x) for x in b.tolist()) for n, b in bits.items()}
+
+    def average_bits(self, **kw) -> float:
+        b = self.bits(**kw)
+        return sum(sum(v) * self.sizes[n] for n, v in b.items()) / sum(len(v) * self.sizes[n] for n, v in b.items())
+
+    def bit_map(self, **kw) -> dict[str, tuple[int, ...]]:
+        """``{module name: bits per output channel}`` (per-tensor bits expanded)."""
+        out = {}
+        for n, b in self.bits(**kw).items():
+            rows = self.model.get_submodule(n).parametrizations.weight.original.shape[0]
+            out[n] = b if self.scope == "channel" else b * rows
+        return out
+
+    # ------------------------------------------------------------------ loss and training
+    def loss(self, losses: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        task = losses.mean()
+        fair = fairness_penalty(losses, groups) if self.lambda_fair > 0 else task.new_zeros(())
+        rate = self.bit_rate()
+        reg = rate if self.target_bits is None else torch.relu(rate - self.target_bits)
+        total = task + self.lambda_fair * fair + self.lambda_bit * reg
+        return total, {"loss": float(total.detach()), "task": float(task.detach()), "fair": float(fair.detach()),
+                       "avg_bits_cont": float(rate.detach())}
+
+    def optimizer(self, weight_lr: float = 3e-5, logit_lr: float = 3e-3, weight_decay: float = 0.01):
+        """AdamW with two groups: weights (``weight_decay``) and bit logits (no weight decay)."""
+        return torch.optim.AdamW([
+            {"params": self.weights(), "lr": weight_lr, "weight_decay": weight_decay},
+            {"params": self.logits(), "lr": logit_lr, "weight_decay": 0.0},
+        ])
+
+    def fit(self, batches: Iterable[Any], *, epochs: int = 1, max_steps: int | None = None,
+            weight_lr: float = 3e-5, logit_lr: float = 3e-3, weight_decay: float = 0.01,
+            grad_clip: float | None = 1.0, loss_fn: LossFn | None = None, groups_fn: GroupsFn | None = None,
+            progress: bool = True) -> list[dict[str, float]]:
+        """Train weights and bit logits jointly; returns the per-step history. ``batches`` is re-iterated per epoch."""
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        opt = self.optimizer(weight_lr, logit_lr, weight_decay)
+        params = self.weights() + self.logits()
+        history: list[dict[str, float]] = []
+        self.model.train()
+        step = 0
+        for ep in range(epochs):
+            it: Iterable[Any] = batches
+            if max_steps is not None:
+                it = itertools.islice(batches, max(0, max_steps - step))
+            if progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(it, desc=f"BAQ epoch {ep + 1}/{epochs}", unit="batch", leave=False)
+            for batch in it:
+                losses, groups = batch_losses(self.model, batch, loss_fn, groups_fn)
+                total, parts = self.loss(losses, groups)
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                parts["step"] = step
+                history.append(parts)
+                step += 1
+            if max_steps is not None and step >= max_steps:
+                break
+        self.model.eval()
+        return history
+
+    # ------------------------------------------------------------------ export
+    def quant_map(self, **kw) -> dict[str, QuantConfig]:
+        out = {}
+        for n, b in self.bits(**kw).items():
+            if self.scope == "channel":
+                out[n] = QuantConfig(bits=max(b), scope="channel", symmetric=True, channel_bits=b)
+            else:
+                out[n] = QuantConfig(bits=b[0], scope="tensor", symmetric=True)
+        return out
+
+    def export(self, project: bool = True, tolerance: float = 0.1) -> nn.Module:
+        """Remove the BAQ parametrizations (keeping the trained float weights) and ``quantize_`` the model with the
+        discretised bits; returns the model (ordinary QuantLinear / QuantConv2d, saves and reloads)."""
+        qmap = self.quant_map(project=project, tolerance=tolerance)
+        for n in self.params:
+            parametrize.remove_parametrizations(self.model.get_submodule(n), "weight", leave_parametrized=False)
+        self.params_exported = qmap
+        quantize_(self.model, qmap)
+        self.model.eval()
+        return self.model
+
+
+def finite_difference_bits(param: BAQWeight, loss_at: Any, scope: int) -> float:
+    """``L(b+1) - L(b)`` for one scope, holding every other scope's bits fixed (used by the tests)."""
+    with torch.no_grad():
+        theta0 = param.theta.detach().clone()
+        b = float(torch.round(param.continuous_bits()[scope]))
+        base = float(loss_at())
+        frac = (b + 1 - param.b_min) / (param.b_max - param.b_min)
+        param.theta[scope] = math.atanh(min(frac, 0.9999)) if frac < 1 else 20.0
+        up = float(loss_at())
+        param.theta.copy_(theta0)
+    return up - base

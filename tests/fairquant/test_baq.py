@@ -1,0 +1,124 @@
+"""BAQWrapper: the task loss reaches the bit logits (SPEC 4 warning), lambda_bit lowers bits, export is exact."""
+import pytest
+import torch
+import torch.nn.functional as F
+from fq_helpers import grouped_batches, tiny_mlp
+from torch import nn
+from zoo import tiny_cnn
+
+import medquant
+from medquant.fairquant import FairQuantAllocator
+from medquant.fairquant.baq import BAQWeight, BAQWrapper, finite_difference_bits
+from medquant.quant.api import quantized_modules
+
+
+def _regression(seed):
+    torch.manual_seed(seed)
+    lin = nn.Linear(32, 8, bias=False)
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        y = lin(x) + 0.01 * torch.randn(256, 8)
+    b0 = tuple(int(v) for v in torch.randint(3, 7, (8,)))
+    return lin, x, y, b0
+
+
+def test_task_gradient_reaches_every_logit_and_agrees_with_finite_difference():
+    agree = total = 0
+    for seed in range(8):
+        lin, x, y, b0 = _regression(seed)
+        w = BAQWrapper(lin, init_bits={"": b0}, lambda_bit=0.0, lambda_fair=0.0)
+        p = w.params[""]
+        assert tuple(torch.round(p.continuous_bits()).long().tolist()) == b0  # warm start reproduces b0
+
+        def loss_at():
+            return F.mse_loss(lin(x), y)
+
+        loss_at().backward()
+        g = p.theta.grad.clone()
+        assert (g != 0).all(), f"seed {seed}: some logits got no gradient from the task loss"
+        for s in range(8):
+            fd = finite_difference_bits(p, loss_at, s)
+            agree += int((g[s] > 0) == (fd > 0))
+            total += 1
+    assert agree / total >= 0.8, f"gradient sign agrees with L(b+1) - L(b) in only {agree}/{total} scopes"
+
+
+def test_authors_detached_construction_gives_no_logit_gradient():
+    """Negative control: with (wq - w).detach() + w the logits get no gradient from the task loss."""
+    lin, x, y, b0 = _regression(0)
+    p = BAQWeight(torch.full((8,), 0.5), 2, 8, True)
+    w = lin.weight
+    wq = p(w)
+    w_hat = (wq - w).detach() + w
+    loss = F.mse_loss(x @ w_hat.t(), y)
+    grads = torch.autograd.grad(loss, p.theta, allow_unused=True)[0]
+    assert grads is None or torch.count_nonzero(grads) == 0
+    # ours, same weights and loss: non-zero
+    g2 = torch.autograd.grad(F.mse_loss(x @ p(w).t(), y), p.theta)[0]
+    assert torch.count_nonzero(g2) == 8
+
+
+def _train(lambda_bit, seed=0, steps=40):
+    torch.manual_seed(seed)
+    model = tiny_mlp(seed)
+    data = grouped_batches(n_batches=4, batch=32, seed=seed)
+    teacher = nn.Linear(6, 3)
+    data = [(x, teacher(x).argmax(1), g) for x, _, g in data]
+    w = BAQWrapper(model, init_bits={"fc1": (5,) * 8, "fc2": (5,) * 3}, lambda_bit=lambda_bit)
+    hist = w.fit(data, epochs=steps // 4, logit_lr=3e-2, weight_lr=1e-3, progress=False)
+    return w, hist, data
+
+
+def test_larger_lambda_bit_gives_lower_average_bits():
+    cont, disc = [], []
+    for lb in (0.0, 0.3, 3.0):
+        w, hist, _ = _train(lb)
+        cont.append(float(w.bit_rate().detach()))
+        disc.append(w.average_bits())
+        for h in hist:
+            assert h["loss"] >= h["task"] - 1e-6
+    assert cont[0] > cont[1] > cont[2], cont
+    assert disc[0] >= disc[1] >= disc[2] and disc[0] > disc[2], disc
+
+
+def test_export_bits_equal_discretised_logits_and_weights(tmp_path):
+    model = tiny_cnn()
+    batches = grouped_batches(n_batches=3, batch=8, n_classes=4, image=(3, 16, 16))
+    alloc = FairQuantAllocator(target_bits=4.0, progress=False).fit(model, batches)
+    w = BAQWrapper(model, init_bits=alloc, lambda_bit=1.0, target_bits=4.0)
+    assert w.bit_map() == alloc.bit_map()  # warm start reproduces the static allocation
+    w.fit(batches, epochs=2, logit_lr=5e-2, weight_lr=1e-3, progress=False)
+    raw = {n: tuple(int(b) for b in torch.round(p.continuous_bits()).tolist()) for n, p in w.params.items()}
+    bits = w.bits(project=False)
+    assert bits == raw
+    x = batches[0][0]
+    model.eval()
+    with torch.no_grad():
+        w_baq = {n: model.get_submodule(n).weight.clone() for n in w.params}
+        y_baq = model(x)
+    w.export(project=False)
+    q = quantized_modules(model)
+    assert {n: tuple(m.row_bits().tolist()) for n, m in q.items()} == raw
+    for n, m in q.items():
+        assert torch.equal(m.weight, w_baq[n]), n  # the exported layer computes exactly the BAQ weight
+    torch.testing.assert_close(model(x), y_baq, rtol=1e-5, atol=1e-5)
+    medquant.save(model, tmp_path / "baq")
+    back = medquant.load(tmp_path / "baq", model=tiny_cnn(seed=3))
+    assert torch.equal(back(x), model(x))
+
+
+def test_budget_projection_and_errors():
+    model = tiny_mlp()
+    w = BAQWrapper(model, lambda_bit=0.0, target_bits=3.0)  # theta = 6 -> 8 bits everywhere
+    assert w.average_bits(project=False) == 8.0
+    assert w.average_bits() <= 3.1
+    with pytest.raises(ValueError, match="impossible"):
+        BAQWrapper(tiny_mlp(), target_bits=9)
+    with pytest.raises(ValueError, match="bit_range"):
+        BAQWrapper(tiny_mlp(), bit_range=(4, 2))
+    with pytest.raises(ValueError, match="b_min must be >= 2"):
+        BAQWrapper(tiny_mlp(), bit_range=(1, 8))
+    with pytest.raises(ValueError, match="not quantizable"):
+        BAQWrapper(tiny_mlp(), init_bits={"nope": (4,)})
+    with pytest.raises(ValueError, match="no quantizable layers"):
+        BAQWrapper(nn.Sequential(nn.ReLU()))
