@@ -143,3 +143,16 @@ def test_small_integer_lbp_criterion_is_exact_for_8bit_data():
     d = np.arange(-255, 256)[:, None]
     e = np.arange(-510, 511)[None, :]
     assert np.array_equal(np.sign(577 * d + 239 * e), np.sign(70711 * d + 29289 * e))
+
+
+def test_device_generic_code_paths_on_cpu(monkeypatch, kermany32, ham8):
+    """The branches taken on GPU (single offset bincount, torch nonzero, torch RGB->gray, no chunking) give the
+    same metrics; RGB may differ only at exact .5 gray ties (a few pixels move one gray level)."""
+    from medquant.complexity import metrics as m
+
+    sc = ComplexityScorer()
+    cpu_gray, cpu_rgb = sc.metrics(kermany32[:8]), sc.metrics(ham8[:3])
+    monkeypatch.setattr(m, "FORCE_GENERIC", True)
+    assert torch.equal(sc.metrics(kermany32[:8]), cpu_gray)
+    gen_rgb = sc.metrics(ham8[:3])
+    assert torch.allclose(gen_rgb, cpu_rgb, atol=5e-4)
