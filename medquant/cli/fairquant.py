@@ -1,10 +1,16 @@
-"""``medquant allocate``: fairness-aware mixed-precision bit allocation (FairQuant, SPEC section 4) for a model
+"""``medquant allocate`` and ``medquant baq``.
+
+``medquant allocate``: fairness-aware mixed-precision bit allocation (FairQuant, SPEC section 4) for a model
 and a dataset with patient groups; prints the per-layer bit table, the average bits and the group metrics of the
 float and the mixed-precision model, and saves the mixed-precision model (``medquant.save``; the allocation is in
 the extras under ``"fairquant"``).
 
 The model is a built-in small CNN or ViT trained on the CPU for ``--epochs`` epochs, or one saved earlier with
-``--save-float`` and passed back with ``--float-model``."""
+``--save-float`` and passed back with ``--float-model``.
+
+``medquant baq``: the same data and model, then BAQ (learnable per-channel bit-widths, SPEC section 4) warm-started
+from the FairQuant allocation, trained with the bitrate regulariser and the fairness penalty, exported to an
+ordinary mixed-precision model and saved."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +51,23 @@ def register(sub) -> None:
     p.add_argument("--out", default="fairquant_model", help="output directory (default ./fairquant_model)")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     p.set_defaults(func=run_allocate)
+
+    b = sub.add_parser("baq", help="learnable mixed-precision bit-widths (FairQuant BAQ)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_data_args(b)
+    b.add_argument("--bit-range", type=int, nargs=2, default=[2, 8], metavar=("B_MIN", "B_MAX"))
+    b.add_argument("--target-bits", type=float, default=4.0,
+                   help="average-bit budget: hinge regulariser and final projection (default 4.0; 0 = none)")
+    b.add_argument("--lambda-bit", type=float, default=1.0, help="bitrate regulariser weight (default 1.0)")
+    b.add_argument("--lambda-fair", type=float, default=0.5, help="fairness penalty weight (default 0.5)")
+    b.add_argument("--no-warm-start", action="store_true", help="start every scope at ~b_max instead of FairQuant")
+    b.add_argument("--calib-batches", type=int, default=50)
+    b.add_argument("--baq-epochs", type=int, default=1)
+    b.add_argument("--weight-lr", type=float, default=3e-5)
+    b.add_argument("--logit-lr", type=float, default=3e-3)
+    b.add_argument("--out", default="baq_model", help="output directory (default ./baq_model)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=run_baq)
 
 
 def load_data_and_model(args):
@@ -129,6 +152,49 @@ def run_allocate(args) -> int:
                              "metrics": rows})
     print(f"saved mixed-precision model to {out} (reload: medquant.load('{out}', "
           f"model=medquant.fairquant.nets.build('{args.arch}', ...)))")
+    if args.json:
+        print(json.dumps(rows, default=str, indent=1))
+    return 0
+
+
+def run_baq(args) -> int:
+    import torch
+
+    from .. import save
+    from ..fairquant import BAQWrapper, FairQuantAllocator
+    from ..fairquant.nets import batches
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    data, model = load_data_and_model(args)
+    rows = [_summary("float32", model, data)]
+    x, y, g = data["train"]
+    target = args.target_bits if args.target_bits > 0 else None
+    init = None
+    if not args.no_warm_start:
+        init = FairQuantAllocator(bits=sorted({args.bit_range[0], 4, args.bit_range[1]}),
+                                  target_bits=target if target is not None else 4.0,
+                                  max_batches=args.calib_batches, seed=args.seed)
+        init.fit(model, batches(x, y, g, args.batch_size, seed=args.seed))
+        print(init.format_table())
+    baq = BAQWrapper(model, bit_range=tuple(args.bit_range), init_bits=init, lambda_bit=args.lambda_bit,
+                     lambda_fair=args.lambda_fair, target_bits=target)
+    hist = baq.fit(batches(x, y, g, args.batch_size, seed=args.seed + 1, augment=True), epochs=args.baq_epochs,
+                   weight_lr=args.weight_lr, logit_lr=args.logit_lr)
+    bit_map = baq.bit_map()
+    print(f"BAQ: {len(hist)} steps; continuous average bits {hist[-1]['avg_bits_cont']:.3f}; "
+          f"rounded {baq.average_bits(project=False):.3f}; exported {baq.average_bits():.3f}")
+    baq.export()
+    for name, bs in bit_map.items():
+        counts = {b: bs.count(b) for b in sorted(set(bs))}
+        print(f"  {name:<28} " + ", ".join(f"{b}b x{c}" for b, c in counts.items()))
+    rows.append(_summary("FQ-BAQ", model, data))
+    print_rows(rows, data["info"]["groups"])
+    out = Path(args.out)
+    save(model, out, extras={"baq": {"bit_map": {k: list(v) for k, v in bit_map.items()}, "lambda_bit": args.lambda_bit,
+                                     "lambda_fair": args.lambda_fair, "target_bits": target,
+                                     "bit_range": list(args.bit_range)},
+                             "dataset": data["info"], "arch": args.arch, "metrics": rows})
+    print(f"saved mixed-precision model to {out}")
     if args.json:
         print(json.dumps(rows, default=str, indent=1))
     return 0

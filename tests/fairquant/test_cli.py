@@ -35,3 +35,19 @@ def test_allocate_cli(tmp_path, monkeypatch, capsys):
     assert abs(medquant.model_size(model).effective_bits - extras["fairquant"]["average_bits"]) < 1e-9
     rows = json.loads(text[text.index("[\n"):])
     assert rows[1]["avg_bits"] == extras["fairquant"]["average_bits"]
+
+
+def test_baq_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(ds.DATASETS, "nih", _tiny_data)
+    out = tmp_path / "baq"
+    rc = main(["baq", "--epochs", "1", "--calib-batches", "2", "--batch-size", "20", "--target-bits", "4",
+               "--logit-lr", "0.05", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "BAQ:" in text and "FQ-BAQ" in text
+    extras = medquant.load_extras(out)
+    model = medquant.load(out, model=build("cnn", 1, 2, image=16))
+    bm = extras["baq"]["bit_map"]
+    for name, bits in bm.items():
+        assert model.get_submodule(name).row_bits().tolist() == bits
+    assert medquant.model_size(model).effective_bits <= 4.1
