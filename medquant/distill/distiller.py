@@ -149,16 +149,21 @@ class Distiller(nn.Module):
             batch = inputs
         want_hidden = bool(self.feature_pairs)
         extra = {"output_hidden_states": True} if want_hidden else {}
-        with torch.no_grad():
-            t_out = self._call(self.teacher, batch, **extra)
+        need_teacher = self.alpha > 0 or want_hidden  # alpha = 0: plain fine-tuning (the control), no teacher
+        if need_teacher:
+            with torch.no_grad():
+                t_out = self._call(self.teacher, batch, **extra)
         s_out = self._call(self.student, batch, **extra)
-        s_logits, t_logits = _logits(s_out), _logits(t_out).detach()
+        s_logits = _logits(s_out)
         mask = None
         if isinstance(batch, dict) and "attention_mask" in batch and s_logits.dim() == 3:
             mask = batch["attention_mask"]
-        kd = kd_loss(s_logits, t_logits, self.temperature, mask)
-        parts: dict[str, torch.Tensor] = {"kd": kd}
-        total = self.alpha * kd
+        parts: dict[str, torch.Tensor] = {}
+        total = s_logits.new_zeros((), dtype=torch.float32)
+        if self.alpha > 0:
+            kd = kd_loss(s_logits, _logits(t_out).detach(), self.temperature, mask)
+            parts["kd"] = kd
+            total = total + self.alpha * kd
         if self.alpha < 1.0:
             task = self._task(s_out, batch, s_logits)
             parts["task"] = task
@@ -206,7 +211,7 @@ class Distiller(nn.Module):
                     if grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, grad_clip)
                     opt.step()
-                    losses.append(float(parts["loss"]))
+                    losses.append(float(parts["loss"].detach()))
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
                     if steps is not None and len(losses) >= steps:

@@ -1,0 +1,176 @@
+"""prune -> fine-tune or distil -> quantize as one call (SPEC sections 5 and 6; seeds 001 and 004).
+
+::
+
+    from medquant.pipeline import compress, PruneStage, TrainStage, QuantStage
+    from medquant import QuantConfig
+
+    result = compress(model, calib=calib_batches, train_data=train_batches,
+                      prune=PruneStage(0.3, 0.3, layer_select=True),
+                      train=TrainStage("distil", steps=200),
+                      quantize=QuantStage(QuantConfig(4, group_size=128), method="awq"),
+                      out="compressed/")
+    model = load_compressed("compressed/")
+
+Every stage is optional (``None`` skips it). The distillation teacher is a frozen copy of the model as it was
+*before* pruning; ``TrainStage("finetune")`` trains the same way on the task loss only (``alpha = 0``, no teacher),
+which is the control that shows whether distillation helps. ``QuantStage(method="awq")`` folds activation-aware
+scales (:mod:`medquant.quant.awq`) before quantizing, ``"rtn"`` quantizes plainly. The result is saved with
+:func:`medquant.prune.save_pruned` (per-layer shapes + quantization recipes) and reloaded with
+:func:`load_compressed`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .quant.config import QuantConfig
+
+__all__ = ["CompressResult", "PruneStage", "QuantStage", "TrainStage", "compress", "load_compressed"]
+
+
+@dataclass
+class PruneStage:
+    """:class:`medquant.prune.StructuredPruner` settings; ``layer_select`` uses seed 004's block influence to set
+    per-layer ratios averaging ``head_ratio`` / ``ffn_ratio`` (``spread``), ``drop_blocks`` drops that many of the
+    least influential blocks."""
+
+    head_ratio: float = 0.3
+    ffn_ratio: float = 0.3
+    importance: str = "activation"
+    gqa: str = "query"
+    scope: str | None = None
+    layer_select: bool = False
+    spread: float = 0.5
+    drop_blocks: int = 0
+
+
+@dataclass
+class TrainStage:
+    """``mode``: ``"distil"`` (teacher = the unpruned model) or ``"finetune"`` (task loss only)."""
+
+    mode: str = "distil"
+    steps: int = 100
+    lr: float = 5e-5
+    alpha: float = 0.5
+    temperature: float = 2.0
+    feature_pairs: Sequence[tuple[int, int]] = ()
+    feature_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("distil", "finetune"):
+            raise ValueError(f"TrainStage.mode must be 'distil' or 'finetune', got {self.mode!r}")
+        if self.steps < 1:
+            raise ValueError(f"TrainStage.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class QuantStage:
+    config: QuantConfig
+    method: str = "awq"
+    skip: Sequence[str] = ("@head",)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("awq", "rtn"):
+            raise ValueError(f"QuantStage.method must be 'awq' or 'rtn', got {self.method!r}")
+        if not isinstance(self.config, QuantConfig):
+            raise TypeError(f"QuantStage.config must be a QuantConfig, got {type(self.config).__name__}")
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    plan: Any = None
+    block_influence: list[dict] | None = None
+    train_losses: list[float] = field(default_factory=list)
+    awq_groups: list[Any] | None = None
+    path: str | None = None
+
+
+def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainStage | None = None,
+             quantize: QuantStage | None = None, calib: Iterable[Any] | None = None,
+             train_data: Iterable[Any] | None = None, out: str | os.PathLike | None = None,
+             progress: bool = True) -> CompressResult:
+    """Run the stages in order on ``model`` (modified in place) and optionally save to ``out``."""
+    from .prune import StructuredPruner, allocate_ratios, block_influence, least_influential, save_pruned
+
+    calib = list(calib) if calib is not None else None
+    res = CompressResult(model)
+    teacher = copy.deepcopy(model).eval() if train is not None and train.mode == "distil" else None
+    if prune is not None:
+        heads, ffn, drop = prune.head_ratio, prune.ffn_ratio, []
+        if prune.layer_select or prune.drop_blocks:
+            if calib is None:
+                raise ValueError("layer selection needs calibration data (calib=...)")
+            scores = block_influence(model, calib, scope=prune.scope, progress=progress)
+            res.block_influence = scores
+            if prune.layer_select:
+                heads = allocate_ratios(scores, prune.head_ratio, spread=prune.spread)
+                ffn = allocate_ratios(scores, prune.ffn_ratio, spread=prune.spread)
+            if prune.drop_blocks:
+                drop = least_influential(scores, prune.drop_blocks)
+        pruner = StructuredPruner(heads, ffn, importance=prune.importance, gqa=prune.gqa, scope=prune.scope,
+                                  drop_blocks=drop, progress=progress)
+        res.plan = pruner.prune(model, calib=calib)
+    if train is not None:
+        from .distill import Distiller
+
+        if train_data is None:
+            raise ValueError("the training stage needs train_data=<iterable of batches>")
+        alpha = train.alpha if train.mode == "distil" else 0.0
+        t = teacher if teacher is not None else model  # unused when alpha = 0
+        d = Distiller(t, model, alpha=alpha, temperature=train.temperature,
+                      feature_pairs=train.feature_pairs if train.mode == "distil" else (),
+                      feature_weight=train.feature_weight) if t is not model else _FineTuner(model)
+        res.train_losses = d.fit(train_data, steps=train.steps, lr=train.lr, progress=progress)
+        model.eval()
+    if quantize is not None:
+        from .quant.api import quantize_
+        from .quant.awq import awq_quantize_
+
+        if quantize.method == "awq":
+            if calib is None:
+                raise ValueError("activation-aware quantization needs calibration data (calib=...)")
+            res.awq_groups = awq_quantize_(model, quantize.config, calib, scope=prune.scope if prune else None,
+                                           skip=quantize.skip, progress=progress)
+        else:
+            quantize_(model, quantize.config, skip=list(quantize.skip) if quantize.skip else None)
+    if out is not None:
+        extras = {"pipeline": {
+            "prune": asdict(prune) if prune else None,
+            "train": {**asdict(train), "feature_pairs": [list(p) for p in train.feature_pairs]} if train else None,
+            "quantize": {"config": quantize.config.to_dict(), "method": quantize.method,
+                         "skip": list(quantize.skip)} if quantize else None,
+            "final_train_loss": res.train_losses[-1] if res.train_losses else None,
+        }}
+        res.path = str(save_pruned(model, out, plan=res.plan, extras=extras))
+    return res
+
+
+class _FineTuner:
+    """Task-loss-only training through the same loop as distillation (alpha = 0, no teacher)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from .distill import Distiller
+
+        self._d = Distiller(_NoTeacher(), model, alpha=0.0)
+
+    def fit(self, data, **kw):
+        return self._d.fit(data, **kw)
+
+
+class _NoTeacher(nn.Module):
+    def forward(self, *a, **k):  # pragma: no cover - never called with alpha = 0
+        raise RuntimeError("fine-tuning has no teacher")
+
+
+def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Reload a model saved by :func:`compress` (same as :func:`medquant.prune.load_pruned`)."""
+    from .prune import load_pruned
+
+    return load_pruned(path, model=model)
