@@ -401,7 +401,8 @@ def environment() -> dict:
 
 
 def run_benchmark(datasets=("kermany", "nih"), seeds=(0, 1, 2), arch: str = "cnn", epochs=None, data_dir=None,
-                  n_random: int = 5, epsilon: float = 0.02, site_configs=SITE_CONFIGS, log=print) -> dict:
+                  n_random: int = 5, epsilon: float = 0.02, site_configs=SITE_CONFIGS, log=print,
+                  overhead_repeats: int = 30) -> dict:
     """The whole experiment; returns a JSON-serialisable dict (rows, aggregate, paired, overhead, environment)."""
     from ..complexity import ComplexityScorer
 
@@ -448,7 +449,7 @@ def run_benchmark(datasets=("kermany", "nih"), seeds=(0, 1, 2), arch: str = "cnn
         w8 = quantize_(copy.deepcopy(model), QuantConfig(8, scope="channel"))
         for wname, mdl in (("fp32 weights", model), ("int8 weights", w8)):
             for s in site_configs:
-                o = measure_overhead(mdl, xb, bb, _sites_for(mdl, s))
+                o = measure_overhead(mdl, xb, bb, _sites_for(mdl, s), repeats=overhead_repeats)
                 result["overhead"].append({"dataset": ds, "weights": wname, "sites": s, **o})
                 log(f"[{ds}] overhead {wname}, sites {s}: base {o['base_ms']:.2f} ms, adaptive "
                     f"{o['adaptive_ms']:.2f} ms, ratio {o['overhead_ratio']:+.3f}")

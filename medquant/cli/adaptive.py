@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--random-draws", type=int, default=5, help="random permutations per seed for the control")
     p.add_argument("--epsilon", type=float, default=0.02, help="policy label tolerance (loss units)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--overhead-repeats", type=int, default=30, help="timed forwards for the overhead ratio")
     p.add_argument("--data-dir", default=None, help="default: $MEDQUANT_DATA_DIR or <repo>/../shared/data")
     p.add_argument("--out", default="complexity_adaptive.json", help="JSON result path")
     p.add_argument("--png", default=None, help="plot path (default: --out with .png; 'none' for no plot)")
@@ -36,13 +37,13 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.epochs is not None and args.epochs < 1:
         raise SystemExit("--epochs must be >= 1")
-    if args.random_draws < 1:
-        raise SystemExit("--random-draws must be >= 1")
+    if args.random_draws < 1 or args.overhead_repeats < 1:
+        raise SystemExit("--random-draws and --overhead-repeats must be >= 1")
     if not args.seeds:
         raise SystemExit("give at least one seed")
     result = run_benchmark(datasets=args.datasets, seeds=args.seeds, arch=args.arch, epochs=args.epochs,
                            data_dir=args.data_dir, n_random=args.random_draws, epsilon=args.epsilon,
-                           site_configs=args.sites)
+                           site_configs=args.sites, overhead_repeats=args.overhead_repeats)
     png = None if (args.png or "").lower() == "none" else (args.png or str(Path(args.out).with_suffix(".png")))
     save_result(result, args.out, png)
     print(format_table(result["aggregate"]))
