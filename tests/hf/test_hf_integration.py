@@ -97,12 +97,12 @@ def test_save_pretrained_reloads_with_auto_class(entry, tmp_path):
     assert _without_dtype(cfg_b) == _without_dtype(cfg_a)
     ta, tb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
-    if entry.name in ("llama", "gemma3_vlm", "llava"):  # identical files load identically; check a few anyway
+    if entry.name == "llava":  # identical files load identically; check one anyway
         again = _auto(entry).from_pretrained(tmp_path / "b")
         assert torch.equal(entry.output(again, inputs), expected)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3_text", "llava", "vit"])
+@pytest.mark.parametrize("name", ["llama", "gemma3_text", "llava"])
 def test_quantize_on_load_equals_quantize_(name, tmp_path):
     entry = ZOO_BY_NAME[name]
     float_model = entry.build()

@@ -57,7 +57,7 @@ def test_sequential_from_checkpoint_equals_whole_model(entry, tmp_path):
     assert torch.equal(entry.output(meta, inputs), entry.output(whole, inputs))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_vl", "bert"])
+@pytest.mark.parametrize("name", ["llava"])
 def test_sequential_in_memory_equals_whole_model(name):
     entry = ZOO_BY_NAME[name]
     whole, seq = entry.build(), entry.build()
@@ -67,7 +67,7 @@ def test_sequential_in_memory_equals_whole_model(name):
     _assert_same(whole, seq)
 
 
-@pytest.mark.parametrize("name", ["gemma3_text", "llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["gemma3_text", "qwen2_5_vl"])
 def test_calibration_inputs_are_those_of_the_quantized_model(name):
     """per_block_fn sees each block's true call: kwargs of that block (Gemma 3 sliding/full masks, Qwen2.5-VL
     window/full cu_seqlens) and hidden states produced by the already quantized earlier blocks."""
