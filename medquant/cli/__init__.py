@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo", "complexity", "adaptive", "fairquant", "prune"]
+SUBCOMMANDS = ["demo", "complexity", "adaptive", "fairquant", "prune", "pipeline"]
 
 
 def build_parser() -> argparse.ArgumentParser:

