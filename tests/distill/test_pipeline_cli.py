@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "prune"))
-from _real import REPORTS, minilm_dir  # noqa: E402
+from _real import REPORTS, minilm_dir
 
-from medquant.cli import main  # noqa: E402
-from medquant.pipeline import load_compressed  # noqa: E402
+from medquant.cli import main
+from medquant.pipeline import load_compressed
 
 
 def test_cli_pipeline(tmp_path, capsys):
