@@ -20,8 +20,8 @@ import numpy as np
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
-__all__ = ["default_data_dir", "load_npz_split", "read_index", "load_image_folder", "read_dicom",
-           "dicom_to_array", "load_images", "list_image_files"]
+__all__ = ["default_data_dir", "dicom_to_array", "list_image_files", "load_image", "load_image_folder",
+           "load_images", "load_npz_split", "read_dicom", "read_index"]
 
 
 def default_data_dir() -> Path:
