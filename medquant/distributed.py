@@ -24,7 +24,7 @@ Recipe (2 processes on one machine, CPU or one GPU each)::
 
     # quantize.py
     from accelerate import init_empty_weights
-    from medquant.distributed import quantize_shard, assemble_shards, barrier
+    from medquant.distributed import assemble_shards, barrier, quantize_shard, rank
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     quantize_shard(model, QuantConfig(4), checkpoint="float_ckpt/", out_dir="shards/")
