@@ -46,8 +46,8 @@ REAL_SENTENCES = [
     ("CXR45", "Stable cardiomegaly with vascular prominence without overt edema.",
      {"Cardiomegaly": 1, "Edema": 0, "No Finding": 0}),
     ("CXR101", "Mild stable cardiomegaly and central vascular congestion.", {"Cardiomegaly": 1, "Edema": 1}),
-    ("CXR253", "No change in moderate left pneumothorax with left pleural drainage catheter again seen overlying "
-               "the left upper lung.", {"Pneumothorax": 1, "Support Devices": 1}),
+    ("CXR253", ("No change in moderate left pneumothorax with left pleural drainage catheter again seen overlying "
+               "the left upper lung."), {"Pneumothorax": 1, "Support Devices": 1}),
     ("CXR249", "Interval enlargement of right middle lobe mass, highly suspicious for malignancy.",
      {"Lung Lesion": 1}),
     ("CXR54", "Scattered calcified granulomas are seen without evidence of active granulomatous/tuberculous process.",
