@@ -17,6 +17,7 @@ the average bits there is at most ``budget`` (``lam = 0`` when the plain argmax 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 
@@ -86,6 +87,18 @@ def _per_sample(loss: torch.Tensor, n: int) -> torch.Tensor:
     return loss.detach().double().cpu()
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Training this 5 -> 16 -> K MLP is thousands of tiny ops; with several intra-op threads on a busy CPU the
+    thread hand-offs dominate (measured 5x slower on a loaded 2-core machine). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class LearnedPolicy(nn.Module):
     """Small MLP from the five complexity metrics to a level, trained on :func:`policy_labels` under an
     average-bit budget (module docstring). ``levels(images=None, metrics=None)`` works like a scorer's, so a
@@ -144,6 +157,12 @@ class LearnedPolicy(nn.Module):
             raise ValueError(f"budget={budget} average bits is impossible with widths {sorted(set(self.bit_map.values()))}"
                              f": it must lie in [{lo}, {hi}]")
         y = torch.tensor([width_to_level[b] for b in bits.tolist()], dtype=torch.int64)
+        with _one_thread():
+            self._train(m, y, budget, epochs, lr, penalty, seed, hi)
+        self.fitted.fill_(True)
+        return self
+
+    def _train(self, m, y, budget, epochs, lr, penalty, seed, hi) -> None:
         self.mean.copy_(m.mean(0))
         self.std.copy_(m.std(0).clamp_min(1e-6))
         x = self._features(m)
@@ -167,8 +186,6 @@ class LearnedPolicy(nn.Module):
         self.lam.fill_(0.0)
         if budget is not None:
             self.lam.fill_(self._calibrate(x, float(budget)))
-        self.fitted.fill_(True)
-        return self
 
     @torch.no_grad()
     def _decide(self, x: torch.Tensor, lam: float) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""Learned policy: labels by hand, per-sample losses vs a manual loop, budget, errors; the CLI end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_adaptive_fakequant import independent_fq
+
+from medquant.adaptive import AdaptiveQuantizer, CompactCNN, LearnedPolicy, per_sample_losses, policy_labels
+
+
+def test_policy_labels_by_hand():
+    # 4 samples; losses at 2 / 4 / 8 / 32 bits and at full precision
+    fp = torch.tensor([0.50, 0.20, 1.00, 0.30])
+    losses = {
+        2: torch.tensor([0.505, 0.40, 1.50, 0.29]),
+        4: torch.tensor([0.50, 0.25, 1.20, 0.31]),
+        8: torch.tensor([0.50, 0.205, 1.04, 0.30]),
+        32: torch.tensor([0.50, 0.20, 1.00, 0.30]),
+    }
+    # epsilon 0.01: s0 ok at 2 (0.505 <= 0.51); s1 first ok at 8 (0.205); s2 only 32; s3 ok at 2 (lower loss)
+    assert policy_labels(losses, fp, 0.01).tolist() == [2, 8, 32, 2]
+    # epsilon 0.05: s1 ok at 4 (0.25 <= 0.25), s2 ok at 8 (1.04)
+    assert policy_labels(losses, fp, 0.05).tolist() == [2, 4, 8, 2]
+    # no width qualifies (no float entry in the dict): the highest width
+    assert policy_labels({2: torch.tensor([9.0]), 4: torch.tensor([8.0])}, torch.tensor([1.0]), 0.0).tolist() == [4]
+    with pytest.raises(ValueError, match="epsilon"):
+        policy_labels(losses, fp, -1.0)
+    with pytest.raises(ValueError, match="shape"):
+        policy_labels({2: torch.zeros(3)}, fp, 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        policy_labels({2: torch.tensor([float("nan")] * 4)}, fp, 0.1)
+
+
+def test_per_sample_losses_match_a_manual_loop():
+    torch.manual_seed(0)
+    model = CompactCNN(2, in_channels=1, widths=(8, 8), hidden=8).eval()
+    aq = AdaptiveQuantizer(model, weight_config=None).eval()
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([[1.0, 0], [0, 1], [1, 1], [0, 0], [1, 0]])
+
+    def lossf(logits, t):
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, t, reduction="none")
+
+    with torch.no_grad():
+        aq(x[:2], levels=[0, 1])  # existing stats must survive
+    losses, fp = per_sample_losses(aq, x, y, lossf, bits_list=[2, 4], batch_size=2)
+    assert aq.stats()["samples"] == 2
+    with torch.no_grad(), aq.disabled():
+        e = model.embed(x)
+        want_fp = lossf(model.head(e), y).sum(1)
+        assert torch.allclose(fp, want_fp.double(), atol=1e-6)
+        for b in (2, 4):
+            q = torch.stack([independent_fq(e[i], b) for i in range(5)])
+            assert torch.allclose(losses[b], lossf(model.head(q), y).sum(1).double(), atol=1e-6)
+
+
+def test_learned_policy_learns_and_respects_budget():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(120, 5)).astype(np.float32)
+    # label rule the policy can learn: feature 0 decides the width
+    labels = np.where(m[:, 0] < -0.5, 2, np.where(m[:, 0] < 0.3, 8, 32))
+    pol = LearnedPolicy(hidden=16).fit(m, labels, epochs=200)
+    pred_bits = np.array([{0: 2, 1: 4, 2: 8, 3: 32}[v] for v in pol.levels(metrics=m).tolist()])
+    assert (pred_bits == labels).mean() > 0.9
+    unconstrained = pred_bits.mean()
+    budget = 8.0
+    assert unconstrained > budget  # so the budget binds
+    pol_b = LearnedPolicy(hidden=16).fit(m, labels, budget=budget, epochs=200)
+    bits_b = np.array([{0: 2, 1: 4, 2: 8, 3: 32}[v] for v in pol_b.levels(metrics=m).tolist()])
+    assert bits_b.mean() <= budget + 1e-9
+    assert float(pol_b.lam) > 0
+    # the budget is spent on the samples the labels say need bits: their mean bits exceed the others'
+    assert bits_b[labels == 32].mean() > bits_b[labels == 2].mean()
+
+
+def test_learned_policy_errors():
+    m = np.zeros((4, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match="impossible"):
+        LearnedPolicy().fit(m, [2, 4, 8, 32], budget=1.0)
+    with pytest.raises(ValueError, match="not in the bit map"):
+        LearnedPolicy().fit(m, [2, 4, 8, 6])
+    with pytest.raises(ValueError, match="need metrics \\(N, 5\\)"):
+        LearnedPolicy().fit(np.zeros((4, 3)), [2, 4, 8, 32])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        LearnedPolicy().levels(metrics=m)
+
+
+def test_cli_adaptive_end_to_end(tmp_path, capsys):
+    """``medquant adaptive`` on a tiny MedMNIST-style file: trains, evaluates every method, writes JSON + PNG."""
+    from medquant.cli import main
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
+        x = rng.integers(0, 60, size=(n, 16, 16)).astype(np.uint8)
+        x[y[:, 0] == 1, 4:12, 4:12] += 150  # a learnable bright square
+        return x, y
+
+    arrays = {}
+    for name, n in (("train", 32), ("val", 16), ("test", 16)):
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
+    path = tmp_path / "toy.npz"
+    np.savez(path, **arrays)
+    out = tmp_path / "res.json"
+    threads = torch.get_num_threads()
+    try:  # --threads sets torch's global thread count: restore it for the rest of the session
+        rc = main(["adaptive", "--datasets", str(path), "--seeds", "0", "--epochs", "1", "--random-draws", "2",
+                   "--overhead-repeats", "2", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    res = json.loads(out.read_text())
+    methods = {(r["sites"], r["method"]) for r in res["aggregate"]}
+    for s in ("head", "blocks"):
+        for m in ("fp32", "w8", "uniform-2", "uniform-4", "uniform-8", "adaptive", "random", "reversed", "policy",
+                  "oracle"):
+            assert (s, m) in methods
+    adaptive = next(r for r in res["aggregate"] if r["method"] == "adaptive" and r["sites"] == "head")
+    random = next(r for r in res["aggregate"] if r["method"] == "random" and r["sites"] == "head")
+    assert adaptive["avg_bits"] == pytest.approx(random["avg_bits"])  # the control spends the same bits
+    assert adaptive["n_seeds"] == 1 and len(res["overhead"]) == 4
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "| dataset | sites | method |" in capsys.readouterr().out
