@@ -301,7 +301,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
 
         drop_blocks(model, plan.drop_blocks)
     if _is_hf(model):
-        plan.hf_config_exact = sync_configs(model)
+        stacks = {b.stack for b in touched} | {n.rpartition(".")[0] for n in plan.drop_blocks}
+        plan.hf_config_exact = sync_configs(model, stacks)
     return model
 
 
@@ -367,14 +368,17 @@ def _fits(model: nn.Module, blocks: list[Block], cfg) -> bool:
     return True
 
 
-def sync_configs(model: nn.Module) -> bool:
+def sync_configs(model: nn.Module, stacks: set[str] | None = None) -> bool:
     """Write uniform head / neuron counts into the HF configs where a rebuilt module then matches exactly.
 
-    Returns True when every config describes its blocks exactly (``from_pretrained`` rebuilds the model).
+    Only block lists in ``stacks`` (default: all) are considered; untouched stacks keep their configs. Returns
+    True when every considered config describes its blocks exactly (``from_pretrained`` rebuilds the model).
     """
     groups: dict[int, tuple[Any, list[Block]]] = {}
     exact = True
     for b in find_blocks(model, "all"):
+        if stacks is not None and b.stack not in stacks:
+            continue
         cfg = _config_of(model, b)
         if cfg is None:
             exact = False
