@@ -41,6 +41,13 @@ def run(args) -> int:
         raise SystemExit("--random-draws and --overhead-repeats must be >= 1")
     if not args.seeds:
         raise SystemExit("give at least one seed")
+    from ..adaptive.experiment import load_dataset
+
+    try:  # fail fast on a bad data set name / file, before any training
+        for ds in args.datasets:
+            load_dataset(ds, args.data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"medquant adaptive: {e}") from None
     result = run_benchmark(datasets=args.datasets, seeds=args.seeds, arch=args.arch, epochs=args.epochs,
                            data_dir=args.data_dir, n_random=args.random_draws, epsilon=args.epsilon,
                            site_configs=args.sites, overhead_repeats=args.overhead_repeats)

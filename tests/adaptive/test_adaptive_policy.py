@@ -125,3 +125,10 @@ def test_cli_adaptive_end_to_end(tmp_path, capsys):
     assert adaptive["n_seeds"] == 1 and len(res["overhead"]) == 4
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "| dataset | sites | method |" in capsys.readouterr().out
+
+
+def test_cli_adaptive_bad_dataset(tmp_path):
+    from medquant.cli import main
+
+    with pytest.raises(SystemExit, match="no_such_set.*not found"):
+        main(["adaptive", "--datasets", str(tmp_path / "no_such_set.npz"), "--data-dir", str(tmp_path)])
