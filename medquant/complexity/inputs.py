@@ -11,8 +11,9 @@ Accepted inputs (see :func:`prepare`):
 * a list/tuple of any of the above, possibly of different sizes (grouped by size internally).
 
 Intensities: uint8 / 255; other unsigned or non-negative integers / (2**bits - 1) with ``bits`` = the declared
-``bits_stored`` (default: the dtype width, e.g. 16 for uint16); bool as {0, 1}; floats must be finite and in
-[0, 1]. RGB -> gray with scikit-image's ``rgb2gray`` weights (0.2125, 0.7154, 0.0721), in float64.
+``bits_stored`` (default: the dtype width, e.g. 16 for uint16; a uint8 image with bits_stored < 8 uses it too);
+bool as {0, 1}; floats must be finite and in [0, 1] (``bits_stored`` is ignored for them, so it can be set for
+a mixed list, e.g. 12-bit arrays plus DICOM datasets, which arrive as floats). RGB -> gray with scikit-image's ``rgb2gray`` weights (0.2125, 0.7154, 0.0721), in float64.
 The 8-bit image used by entropy and LBP is ``rint(255 * gray)`` (round half to even, as ``img_as_ubyte``).
 """
 from __future__ import annotations
@@ -114,11 +115,9 @@ def _array_to_bchw(arr, channel_last: bool) -> torch.Tensor:
 
 def _to_unit(t: torch.Tensor, bits_stored: int | None, what: str) -> tuple[torch.Tensor, bool]:
     """Map intensities to [0, 1]. Returns (float tensor, is_uint8)."""
-    if t.dtype == torch.uint8 and bits_stored in (None, 8):
-        return t, True
-    if t.dtype.is_floating_point:
-        if bits_stored is not None:
-            raise ValueError("bits_stored applies to integer images; float images must already be in [0, 1]")
+    if t.dtype == torch.uint8 and (bits_stored is None or bits_stored >= 8):
+        return t, True  # an 8-bit container cannot hold more than 8 bits
+    if t.dtype.is_floating_point:  # bits_stored does not apply: floats are already in [0, 1]
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{what} contains NaN or inf values; clean or mask them first")
         lo, hi = float(t.min()), float(t.max())

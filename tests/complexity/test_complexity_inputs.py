@@ -93,3 +93,15 @@ def test_edge_values_are_fine(sc):
     assert m[0, 0] == 0 and m[1, 0] == 0
     # bool images are {0, 1}: an identity mask has std sqrt(p (1 - p)) with p = 1/16
     assert m[2, 2] == pytest.approx(np.sqrt(1 / 16 * 15 / 16))
+
+
+def test_bits_stored_does_not_break_uint8_float_or_dicom_like_inputs():
+    rng = np.random.default_rng(5)
+    u8 = rng.integers(0, 256, (20, 20)).astype(np.uint8)
+    f = rng.random((20, 20))
+    sc12 = ComplexityScorer(bits_stored=12)
+    plain = ComplexityScorer()
+    assert torch.equal(sc12.metrics([u8, f]), plain.metrics([u8, f]))
+    six = (u8 >> 2).astype(np.uint8)  # 6-bit data in a uint8 container
+    np.testing.assert_allclose(plain.metrics(six, bits_stored=6).numpy()[0],
+                               reference_metrics(six.astype(np.uint16), bits_stored=6), atol=1e-4)
