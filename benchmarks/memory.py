@@ -217,6 +217,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="4 layers x 512 hidden instead of ~1.1B parameters")
     ap.add_argument("--hf", action="store_true", help="also measure transformers quantize-on-load")
     ap.add_argument("--workdir", default=None, help="where the float checkpoint goes (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the float checkpoint already in --workdir")
     ap.add_argument("--out", default=str(RESULTS / "memory_cpu.json"))
     args = ap.parse_args(argv)
     if args.child:
@@ -228,11 +229,18 @@ def main(argv=None) -> int:
     ckpt, shards1, shards2 = work / "float", work / "shards1", work / "shards2"
     common = ["--ckpt", str(ckpt), "--dtype", args.dtype]
     try:
-        t = time.perf_counter()
-        make = _result(_run(["--variant", "make", "--config", json.dumps(config), *common]))
-        print(f"float checkpoint written in {time.perf_counter() - t:.0f} s (peak {make['peak_mb']:.0f} MB)",
-              flush=True)
+        index = ckpt / "model.safetensors.index.json"
+        if args.reuse and index.is_file():
+            make = {"params": json.loads(index.read_text())["metadata"]["total_parameters"], "peak_mb": None}
+            print(f"reusing the float checkpoint in {ckpt}", flush=True)
+        else:
+            t = time.perf_counter()
+            make = _result(_run(["--variant", "make", "--config", json.dumps(config), *common]))
+            print(f"float checkpoint written in {time.perf_counter() - t:.0f} s (peak {make['peak_mb']:.0f} MB)",
+                  flush=True)
         rows = []
+        for d in (shards1, shards2):
+            shutil.rmtree(d, ignore_errors=True)
         for variant in ["whole", "sequential"]:
             r = _result(_run(["--variant", variant, *common]))
             rows.append(r)

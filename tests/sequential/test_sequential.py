@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from zoo import ZOO_BY_NAME, tiny_cnn, zoo_params
 
-from medquant import QuantConfig, quantize_
+from medquant import QuantConfig, QuantLinear, quantize_
 from medquant.quant.api import quantized_modules, resolve_configs
 from medquant.sequential import BlockInputs, CheckpointSource, quantize_sequential
 
@@ -191,3 +191,25 @@ def test_checkpoint_source_reads_what_safetensors_reads(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a safetensors file"):
         CheckpointSource(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(3, group_size=64), QuantConfig(4, scope="channel", symmetric=False)])
+def test_large_layers_quantized_in_row_chunks_are_bit_identical(cfg, monkeypatch):
+    """Layers above the chunk size (here 48 rows: every layer, uneven last chunk) give the one-shot buffers."""
+    import medquant.sequential as seq_mod
+
+    monkeypatch.setattr(seq_mod, "_CHUNK_ROWS", 48)
+    entry = ZOO_BY_NAME["llama"]
+    whole, seq = entry.build(), entry.build()
+    quantize_(whole, cfg)
+    rows_seen = []
+    orig = QuantLinear.from_float.__func__
+
+    def spy(cls, module, config):
+        rows_seen.append(module.out_features)
+        return orig(cls, module, config)
+
+    monkeypatch.setattr(QuantLinear, "from_float", classmethod(spy))
+    quantize_sequential(seq, cfg, device="cpu")
+    assert max(rows_seen) == 48 and 256 - 5 * 48 in rows_seen  # really chunked (lm_head: 5 x 48 + 16 rows)
+    _assert_same(whole, seq)
