@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo", "complexity", "adaptive", "fairquant", "prune", "pipeline"]
+SUBCOMMANDS = ["demo", "complexity", "adaptive", "fairquant", "prune", "pipeline", "qlora"]
 
 
 def build_parser() -> argparse.ArgumentParser:
