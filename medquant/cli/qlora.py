@@ -63,7 +63,8 @@ def _merge(args) -> int:
     else:
         merged = ad.merge()
     io.save(merged, args.out)
-    print(f"merged model{' quantized to %d bits' % args.bits if args.bits else ''} saved to {args.out}")
+    what = f" quantized to {args.bits} bits" if args.bits else ""
+    print(f"merged model{what} saved to {args.out}")
     return 0
 
 
