@@ -9,6 +9,14 @@ from medquant import QuantConfig, quantize_
 from medquant.eval import average_bits, bops, count_macs, proxy_bops, stored_bytes
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():  # tiny tensors: one intra-op thread avoids contention costs on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from medquant.eval import balanced_accuracy, fairness_report, predictions
 
@@ -12,6 +13,14 @@ try:  # test-only references (pip install fairlearn scikit-learn); the hand-comp
 except ImportError:  # pragma: no cover
     fairlearn = skm = None
 needs_ref = pytest.mark.skipif(fairlearn is None, reason="fairlearn / scikit-learn not installed (test-only reference)")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # tiny tensors: one intra-op thread avoids contention costs on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_binary_hand_computed():

@@ -30,7 +30,7 @@ def test_task_gradient_reaches_every_logit_and_agrees_with_finite_difference():
         p = w.params[""]
         assert tuple(torch.round(p.continuous_bits()).long().tolist()) == b0  # warm start reproduces b0
 
-        def loss_at():
+        def loss_at(lin=lin, x=x, y=y):
             return F.mse_loss(lin(x), y)
 
         loss_at().backward()
@@ -45,7 +45,7 @@ def test_task_gradient_reaches_every_logit_and_agrees_with_finite_difference():
 
 def test_authors_detached_construction_gives_no_logit_gradient():
     """Negative control: with (wq - w).detach() + w the logits get no gradient from the task loss."""
-    lin, x, y, b0 = _regression(0)
+    lin, x, y, _ = _regression(0)
     p = BAQWeight(torch.full((8,), 0.5), 2, 8, True)
     w = lin.weight
     wq = p(w)
@@ -58,7 +58,7 @@ def test_authors_detached_construction_gives_no_logit_gradient():
     assert torch.count_nonzero(g2) == 8
 
 
-def _train(lambda_bit, seed=0, steps=40):
+def _train(lambda_bit, seed=0, steps=24):
     torch.manual_seed(seed)
     model = tiny_mlp(seed)
     data = grouped_batches(n_batches=4, batch=32, seed=seed)
