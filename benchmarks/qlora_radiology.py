@@ -120,7 +120,11 @@ def worker(args) -> dict:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    _, tok = load_smollm2()
+    first, tok = load_smollm2()
+    del first  # only the tokenizer is kept; each variant loads its own model below
+    import gc
+
+    gc.collect()
     train = _examples("train", args.train, args.data)
     test = _examples("test", args.test, args.data)
     result: dict = {"variant": args.worker}

@@ -4,7 +4,8 @@ Each variant runs in its own Python process (:func:`run_variant_subprocess`), so
 and allocator state cannot hide in another's numbers. Inside the process:
 
 1. ``rss_start``: resident set size after imports, before the model exists;
-2. the model is loaded (``rss_loaded``) and prepared for the variant (LoRA adapters, NF4 quantization)
+2. the model is loaded and every weight read once (memory-mapped safetensors pages count in RSS only when
+   touched) (``rss_loaded``), then prepared for the variant (LoRA adapters, NF4 quantization)
    (``rss_prepared``);
 3. the peak counters are reset - on CPU by writing ``5`` to ``/proc/self/clear_refs`` (resets ``VmHWM`` to
    the current RSS, Linux >= 4.0), on GPU by ``torch.cuda.reset_peak_memory_stats`` - so loading spikes
@@ -139,6 +140,9 @@ def measure_training(load_model: Callable[[], nn.Module], variant: str, batches:
     gc.collect()
     rss_start = rss_mb()
     model = load_model().to(device)
+    with torch.no_grad():  # touch every weight: memory-mapped checkpoints count in RSS only once read
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.float().sum() if t.is_floating_point() else t.sum()
     gc.collect()
     rss_loaded = rss_mb()
     t0 = time.perf_counter()
