@@ -104,13 +104,46 @@ def main(argv=None) -> int:
     models: dict[str, torch.nn.Module] = {}
     log: dict[str, list[float]] = {}
 
+    ids = prompt_ids(tok, 256)
+    lat_set = None if args.latency_variants == "all" else set(args.latency_variants.split(","))
+
     def record(name, m, extra=None):
         t = time.time()
         rows[name] = {**parameter_report(m), "stored_bytes": model_size(m).total_bytes,
                       "perplexity": perplexity(m, evald), **(extra or {})}
         rows[name]["eval_seconds"] = time.time() - t
+        if lat_set is None or name in lat_set:
+            pre = [time_prefill(m, ids) for _ in range(args.latency_repeats)]
+            dec = [time_decode(m, ids, 16) for _ in range(args.latency_repeats)]
+            rows[name].update(prefill_ms_median=1e3 * statistics.median(pre), prefill_ms_all=[1e3 * x for x in pre],
+                              decode_tok_s_median=statistics.median(dec))
         print(f"{name}: ppl {rows[name]['perplexity']:.3f}, non-emb {rows[name]['non_embedding_params'] / 1e6:.2f}M",
               flush=True)
+        write(partial=True)
+
+    def write(partial: bool) -> None:
+        import transformers
+
+        import medquant
+
+        b, p = rows.get("base", {}).get("perplexity"), rows.get("pruned", {}).get("perplexity")
+        for r in rows.values():
+            r["ppl_gap_recovered"] = (p - r["perplexity"]) / (p - b) if b and p and p != b else None
+        out = {
+            "benchmark": "prune_distill", "complete": not partial, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": 2,
+                         "loadavg_start": load0, "loadavg_now": os.getloadavg()},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "medquant": medquant.__version__, "python": platform.python_version()},
+            "settings": {**vars(args), "quant": qcfg.to_dict(), "head_ratio": 0.3, "ffn_ratio": 0.3,
+                         "train_reports": len(train) * args.batch, "eval_reports": len(test_txt)},
+            "wall_seconds": time.time() - t_start,
+            "variants": rows, "train_losses": log, "block_influence": extra_info.get("scores"),
+            "layer_ratios": extra_info.get("ratios"),
+        }
+        Path(args.out).write_text(json.dumps(out, indent=1))
+
+    extra_info: dict = {}
 
     record("base", base)
     models["base"] = base
@@ -145,6 +178,7 @@ def main(argv=None) -> int:
         models[name] = m
     scores = block_influence(base, calib)
     ratios = allocate_ratios(scores, 0.3, spread=0.5)
+    extra_info.update(scores=scores, ratios=ratios)
     ls = copy.deepcopy(base)
     StructuredPruner(ratios, ratios, importance="activation").prune(ls, calib=calib)
     ls_kd = trained(ls, 0.5, "layersel_kd")
@@ -153,38 +187,7 @@ def main(argv=None) -> int:
     record("layersel_kd_awq3", m)
     models["layersel_kd_awq3"] = m
 
-    ids = prompt_ids(tok, 256)
-    if args.latency_variants != "all":
-        models = {k: v for k, v in models.items() if k in args.latency_variants.split(",")}
-    lat = {k: {"prefill": [], "decode": []} for k in models}
-    for _ in range(args.latency_repeats):
-        for k, mm in models.items():
-            lat[k]["prefill"].append(time_prefill(mm, ids))
-            lat[k]["decode"].append(time_decode(mm, ids, 16))
-    for k in models:
-        rows[k]["prefill_ms_median"] = 1e3 * statistics.median(lat[k]["prefill"])
-        rows[k]["decode_tok_s_median"] = statistics.median(lat[k]["decode"])
-        rows[k]["prefill_ms_all"] = [1e3 * x for x in lat[k]["prefill"]]
-    b = rows["base"]["perplexity"]
-    p = rows["pruned"]["perplexity"]
-    for k, r in rows.items():
-        r["ppl_gap_recovered"] = (p - r["perplexity"]) / (p - b) if p != b else None
-    import transformers
-
-    import medquant
-
-    out = {
-        "benchmark": "prune_distill", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": 2,
-                     "loadavg_start": load0, "loadavg_end": os.getloadavg()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "medquant": medquant.__version__, "python": platform.python_version()},
-        "settings": {**vars(args), "quant": qcfg.to_dict(), "head_ratio": 0.3, "ffn_ratio": 0.3,
-                     "train_reports": len(train) * args.batch, "eval_reports": len(test_txt)},
-        "wall_seconds": time.time() - t_start,
-        "variants": rows, "train_losses": log, "block_influence": scores, "layer_ratios": ratios,
-    }
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write(partial=False)
     print("\n| variant | non-emb params | stored MB | ppl (IU test) | gap recovered | prefill ms | decode tok/s |")
     print("|---|---|---|---|---|---|---|")
     for k, r in rows.items():
