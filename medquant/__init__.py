@@ -1,6 +1,17 @@
-"""medquant: compress medical vision and vision-language models without losing accuracy for any patient group."""
+"""medquant: compress medical vision and vision-language models without losing accuracy for any patient group.
+
+The quantization core (``QuantConfig``, ``quantize_``, ``QuantLinear``, ``save`` / ``load``...) is imported
+eagerly; the larger components (``ComplexityScorer``, ``AdaptiveQuantizer``, ``FairQuantAllocator``,
+``BAQWrapper``, ``StructuredPruner``, ``Distiller``, ``QLoRAAdapter``...) are imported on first use, so
+``import medquant`` stays fast. Importing medquant also registers ``quant_method="medquant"`` with transformers
+(lazily: transformers is not imported until it is used).
+"""
+from importlib import import_module
+
 __version__ = "0.1.0"
 
+from . import hf  # noqa: E402,F401  (registers the transformers quantization method lazily)
+from .io import CheckpointError, load, load_extras, save  # noqa: E402
 from .quant import (  # noqa: E402
     FORMAT_VERSION,
     QuantConfig,
@@ -14,7 +25,41 @@ from .quant import (  # noqa: E402
     quantize,
     quantize_,
 )
-from .io import CheckpointError, load, load_extras, save  # noqa: E402
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "ComplexityScorer": "medquant.complexity",
+    "AdaptiveQuantizer": "medquant.adaptive",
+    "VLMClassifier": "medquant.adaptive",
+    "LearnedPolicy": "medquant.adaptive",
+    "fake_quantize_per_sample": "medquant.adaptive",
+    "FairQuantAllocator": "medquant.fairquant",
+    "BAQWrapper": "medquant.fairquant",
+    "fq_qat": "medquant.fairquant",
+    "StructuredPruner": "medquant.prune",
+    "save_pruned": "medquant.prune",
+    "load_pruned": "medquant.prune",
+    "Distiller": "medquant.distill",
+    "QLoRAAdapter": "medquant.qlora",
+    "MedQuantConfig": "medquant.hf",
+    "save_pretrained": "medquant.hf",
+    "quantize_sequential": "medquant.sequential",
+    "model_roles": "medquant.models",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medquant' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "QuantConfig",
@@ -33,4 +78,5 @@ __all__ = [
     "CheckpointError",
     "FORMAT_VERSION",
     "__version__",
+    *_LAZY,
 ]
