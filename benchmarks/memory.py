@@ -128,10 +128,12 @@ def child(args: argparse.Namespace) -> None:
         model = _skeleton(ckpt)
         assemble_shards(model, args.shards)
     elif args.variant == "hf":
+        import transformers
         from transformers import LlamaForCausalLM
 
         from medquant.hf import MedQuantConfig
 
+        transformers.logging.disable_progress_bar()
         model = LlamaForCausalLM.from_pretrained(str(ckpt), quantization_config=MedQuantConfig(cfg))
     else:
         raise ValueError(args.variant)
