@@ -139,6 +139,9 @@ def worker(args) -> dict:
         rep, model = measure_training(lambda: load_smollm2()[0], args.worker, batches, args.steps, lr,
                                       progress=not args.quiet)
         result["memory"] = rep.as_dict()
+    if args.memory_only:
+        result.update(generate_peak_mb=None, generate_s=None, generations=[])
+        return result
     reset_peak_rss()
     rss_before = rss_mb()
     gens, gen_s = _generate(model, tok, test, args.new_tokens, args.gen_batch, progress=not args.quiet)
@@ -196,7 +199,13 @@ def _report(args, rows, labeler, test, t_all, final):
            f"{'trainMB':>8s} {'vs full':>7s} {'train s':>8s} {'gen s/rep':>9s}")
     if final:
         print(hdr)
-    for v, r in rows.items() if final else ():
+    for v, r in rows.items() if (final and args.memory_only) else ():
+        mem = r["memory"]
+        if mem:
+            print(f"{v:8s} train peak {mem['train_peak_mb']:7.0f} MB ({mem['train_peak_mb'] / full_peak:.2f} x full)"
+                  f"  overhead {mem['train_overhead_mb']:7.0f} MB  train {mem['train_s']:6.1f} s"
+                  if full_peak else f"{v:8s} train peak {mem['train_peak_mb']:7.0f} MB")
+    for v, r in rows.items() if (final and not args.memory_only) else ():
         m, mem = r["metrics"], r.get("memory")
         peak = mem["train_peak_mb"] if mem else float("nan")
         ratio = peak / full_peak if (mem and full_peak) else float("nan")
@@ -244,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="base,full,lora,qlora")
     ap.add_argument("--train", type=int, default=None, help="training reports (default: the whole train split)")
-    ap.add_argument("--test", type=int, default=48, help="test reports generated per variant")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--test", type=int, default=40, help="test reports generated per variant")
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=160)
     ap.add_argument("--new-tokens", type=int, default=40)
@@ -257,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR/iu_xray_reports/...)")
     ap.add_argument("--out", default=str(RESULTS / "qlora_radiology.json"))
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="train and account memory/time only (no generation, no text metrics)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -289,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown variant {v!r}; choose from base, full, lora, qlora")
         t0 = time.perf_counter()
         print(f"[{v}] running ...", flush=True)
-        res = run_variant_subprocess([__file__, "--worker", v, *passthrough])
-        m = text_metrics(res["generations"], refs)
-        res["metrics"] = m.as_dict()
-        res["clinical_f1"] = _clinical_f1(res["generations"], refs)
+        extra = ["--memory-only"] if args.memory_only else []
+        res = run_variant_subprocess([__file__, "--worker", v, *passthrough, *extra])
+        if not args.memory_only:
+            res["metrics"] = text_metrics(res["generations"], refs).as_dict()
+            res["clinical_f1"] = _clinical_f1(res["generations"], refs)
         res["process_s"] = time.perf_counter() - t0
         rows[v] = res
         print(f"[{v}] done in {res['process_s']:.0f} s", flush=True)

@@ -34,8 +34,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDQUANT_CACHE_DIR", Path.home() / ".cache" / "medquant"))
 
 
+def _materialize(model):
+    """Copy every weight into its own memory: transformers may leave tensors as views of one memory-mapped
+    checkpoint, which stays resident as long as any of them (e.g. the embedding) is alive, so weights replaced
+    later (NF4 quantization) would never be released."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for b in model.buffers():
+            b.data = b.data.clone()
+    return model
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, use_cache: bool = True):
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, eval mode, on CPU, without network access."""
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, eval mode, on CPU, without network access.
+
+    Every weight owns its memory (no views of a memory-mapped file), so memory accounting sees freed weights.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,7 +58,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, use_cache: bool = True):
     if use_cache and (cached / "model.safetensors").exists() and (cached / "tokenizer.json").exists():
         model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
         tok = AutoTokenizer.from_pretrained(str(cached))
-        return model.eval(), tok
+        return _materialize(model).eval(), tok
     d = str(smollm2_gguf_dir())
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_NAME, dtype=torch.float32)
