@@ -418,10 +418,17 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     """Parameter and byte counts; each tensor counted once (tied weights once).
 
     ``embedding_params`` are the weights of ``nn.Embedding`` modules (token, position, type); a tied output head
-    shares the token embedding tensor and is counted there. ``non_embedding_params`` is everything else.
+    shares the token embedding tensor and is counted there. ``non_embedding_params`` is everything else. A
+    quantized layer (``QuantLinear`` / ``QuantConv2d``, whose weight is stored in buffers) counts its logical
+    weight elements as parameters; ``bytes`` counts what is stored (parameters and buffers).
     """
+    from ..quant.modules import QuantConv2d, QuantLinear
+
     seen: set[int] = set()
     total = emb = nbytes = 0
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            total += int(m.dequantized_weight().numel())
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for p in list(model.parameters()) + list(model.buffers()):
         if id(p) in seen:

@@ -46,3 +46,15 @@ def test_stages_optional_and_errors():
     with pytest.raises(ValueError, match="'distil' or 'finetune'"):
         TrainStage("kd")
     assert e.output(model, inputs).shape == (2, 12, 256)
+
+
+def test_parameter_report_counts_quantized_weights():
+    from medquant import quantize_
+    from medquant.prune import parameter_report
+
+    model = ZOO_BY_NAME["llama"].build()
+    before = parameter_report(model)
+    quantize_(model, QuantConfig(4, group_size=32), skip=["@head"])
+    after = parameter_report(model)
+    assert after["non_embedding_params"] == before["non_embedding_params"]
+    assert after["bytes"] < before["bytes"] / 2
