@@ -35,14 +35,11 @@ import datetime as _dt
 import json
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPT = ("You are a radiologist. Write the IMPRESSION section of this chest X-ray report, in one or two short "
-          "sentences.\nFINDINGS: {findings}")
 
 
 def _examples(split: str, n: int | None, data: str | None):
@@ -52,70 +49,12 @@ def _examples(split: str, n: int | None, data: str | None):
     return reps[:n] if n else reps
 
 
-def _chat(tok, findings: str, impression: str | None = None):
-    msgs = [{"role": "user", "content": PROMPT.format(findings=findings)}]
-    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return prompt if impression is None else (prompt, impression + tok.eos_token)
-
-
-def _train_batches(tok, reps, batch: int, max_len: int, steps: int, seed: int):
-    import torch
-
-    rows = []
-    for r in reps:
-        prompt, target = _chat(tok, r.findings, r.impression)
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        t = tok(target, add_special_tokens=False)["input_ids"]
-        ids = (p + t)[:max_len]
-        labels = ([-100] * len(p) + t)[:max_len]
-        if any(v != -100 for v in labels):
-            rows.append((ids, labels))
-    rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < steps * batch:
-        perm = list(range(len(rows)))
-        rng.shuffle(perm)
-        order.extend(perm)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    for s in range(steps):
-        chunk = [rows[i] for i in order[s * batch:(s + 1) * batch]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad)
-        lab = torch.full((len(chunk), width), -100)
-        att = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (a, b) in enumerate(chunk):
-            ids[i, :len(a)] = torch.tensor(a)
-            lab[i, :len(b)] = torch.tensor(b)
-            att[i, :len(a)] = 1
-        yield {"input_ids": ids, "attention_mask": att, "labels": lab}
-
-
-def _generate(model, tok, reps, new_tokens: int, gen_batch: int, progress: bool = True) -> tuple[list[str], float]:
-    import torch
-    from tqdm.auto import tqdm
-
-    tok.padding_side = "left"
-    model.eval()
-    if hasattr(model, "config"):
-        model.config.use_cache = True
-    outs: list[str] = []
-    t0 = time.perf_counter()
-    for i in tqdm(range(0, len(reps), gen_batch), desc="generate", disable=not progress, leave=False):
-        prompts = [_chat(tok, r.findings) for r in reps[i:i + gen_batch]]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:]:
-            outs.append(tok.decode(row, skip_special_tokens=True).strip())
-    return outs, time.perf_counter() - t0
-
-
 def worker(args) -> dict:
     """One variant in this process: train (unless base), generate on the test reports, print JSON."""
     import torch
 
     from medquant.qlora.memory import measure_training, peak_rss_mb, reset_peak_rss, rss_mb
+    from medquant.qlora.radiology import generate_impressions, impression_batches
     from medquant.qlora.smollm2 import load_smollm2
 
     torch.manual_seed(args.seed)
@@ -134,7 +73,7 @@ def worker(args) -> dict:
         result["memory"] = None
         result["rss_model_mb"] = rss_mb() - rss0
     else:
-        batches = _train_batches(tok, train, args.batch, args.max_len, args.steps, args.seed)
+        batches = impression_batches(tok, train, args.batch, args.max_len, args.steps, args.seed)
         lr = args.lr_full if args.worker == "full" else args.lr_lora
         rep, model = measure_training(lambda: load_smollm2()[0], args.worker, batches, args.steps, lr,
                                       progress=not args.quiet)
@@ -144,7 +83,7 @@ def worker(args) -> dict:
         return result
     reset_peak_rss()
     rss_before = rss_mb()
-    gens, gen_s = _generate(model, tok, test, args.new_tokens, args.gen_batch, progress=not args.quiet)
+    gens, gen_s = generate_impressions(model, tok, test, args.new_tokens, args.gen_batch, progress=not args.quiet)
     result["generate_peak_mb"] = peak_rss_mb() - rss_before
     result["generate_s"] = gen_s
     result["generations"] = gens
