@@ -29,7 +29,6 @@ above ``b_min`` loses one bit) and :meth:`BAQWrapper.export` calls ``quantize_``
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -41,7 +40,7 @@ from torch.nn.utils import parametrize
 from ..quant.api import quantize_
 from ..quant.config import QuantConfig
 from ..quant.core import scale_eps
-from .batches import GroupsFn, LossFn, batch_losses, fairness_penalty
+from .batches import GroupsFn, LossFn, batch_losses, epoch_batches, fairness_penalty
 from .importance import quantizable_layers
 
 _EPS16 = scale_eps(torch.float16)
@@ -215,13 +214,8 @@ class BAQWrapper:
         self.model.train()
         step = 0
         for ep in range(epochs):
-            it: Iterable[Any] = batches
-            if max_steps is not None:
-                it = itertools.islice(batches, max(0, max_steps - step))
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(it, desc=f"BAQ epoch {ep + 1}/{epochs}", unit="batch", leave=False)
+            it = epoch_batches(batches, epoch=ep, epochs=epochs, step=step, max_steps=max_steps,
+                               progress=progress, label="BAQ")
             for batch in it:
                 losses, groups = batch_losses(self.model, batch, loss_fn, groups_fn)
                 total, parts = self.loss(losses, groups)

@@ -13,7 +13,6 @@ allocation: the exported model computes exactly what the fake-quantized model co
 """
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from torch.nn.utils import parametrize
 from ..quant.api import quantize_, resolve_configs
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import fake_quantize
-from .batches import GroupsFn, LossFn, batch_losses, fairness_penalty
+from .batches import GroupsFn, LossFn, batch_losses, epoch_batches, fairness_penalty
 
 
 class FakeQuantWeight(nn.Module):
@@ -134,13 +133,8 @@ def fq_qat(
         model.train()
         step = 0
         for ep in range(epochs):
-            it: Iterable[Any] = batches
-            if max_steps is not None:
-                it = itertools.islice(batches, max(0, max_steps - step))
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(it, desc=f"FQ-QAT epoch {ep + 1}/{epochs}", unit="batch", leave=False)
+            it = epoch_batches(batches, epoch=ep, epochs=epochs, step=step, max_steps=max_steps,
+                               progress=progress, label="FQ-QAT")
             for batch in it:
                 losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
                 task = losses.mean()
