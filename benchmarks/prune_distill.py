@@ -154,6 +154,8 @@ def main(argv=None) -> int:
 
     def trained(src, alpha, name):
         m = copy.deepcopy(src)
+        for prm in m.parameters():  # copies of the (frozen) teacher must train
+            prm.requires_grad_(True)
         torch.manual_seed(args.seed)
         t = time.time()
         d = Distiller(base, m, alpha=alpha, temperature=2.0)
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
     scores = block_influence(base, calib)
     ratios = allocate_ratios(scores, 0.3, spread=0.5)
     extra_info.update(scores=scores, ratios=ratios)
-    ls = copy.deepcopy(base)
+    ls = copy.deepcopy(base)  # base is the frozen teacher now; trained() re-enables gradients on the copy
     StructuredPruner(ratios, ratios, importance="activation").prune(ls, calib=calib)
     ls_kd = trained(ls, 0.5, "layersel_kd")
     m = copy.deepcopy(ls_kd)
