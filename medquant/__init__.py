@@ -10,9 +10,9 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-from . import hf  # noqa: E402,F401  (registers the transformers quantization method lazily)
-from .io import CheckpointError, load, load_extras, save  # noqa: E402
-from .quant import (  # noqa: E402
+from . import hf  # noqa: F401  (registers the transformers quantization method lazily)
+from .io import CheckpointError, load, load_extras, save
+from .quant import (
     FORMAT_VERSION,
     QuantConfig,
     QuantConv2d,
@@ -62,21 +62,37 @@ def __dir__():
 
 
 __all__ = [
+    "FORMAT_VERSION",
+    "AdaptiveQuantizer",
+    "BAQWrapper",
+    "CheckpointError",
+    "ComplexityScorer",
+    "Distiller",
+    "FairQuantAllocator",
+    "LearnedPolicy",
+    "MedQuantConfig",
+    "QLoRAAdapter",
     "QuantConfig",
-    "QuantLinear",
     "QuantConv2d",
-    "quantize",
+    "QuantLinear",
+    "StructuredPruner",
+    "VLMClassifier",
+    "__version__",
     "dequantize",
-    "fake_quantize",
-    "quantize_",
     "dequantize_",
-    "model_size",
+    "fake_quantize",
+    "fake_quantize_per_sample",
+    "fq_qat",
     "layer_table",
-    "save",
     "load",
     "load_extras",
-    "CheckpointError",
-    "FORMAT_VERSION",
-    "__version__",
-    *_LAZY,
+    "load_pruned",
+    "model_roles",
+    "model_size",
+    "quantize",
+    "quantize_",
+    "quantize_sequential",
+    "save",
+    "save_pretrained",
+    "save_pruned",
 ]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -215,7 +216,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
         setattr(parent, attr, shell.to(device_of.device) if device_of is not None else shell)
     try:
         missing, unexpected = load_model(model, str(directory / meta["weights"]["file"]), strict=False)
-    except Exception as e:  # safetensors raises several types on malformed files
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # malformed or mismatched tensors
         raise CheckpointError(f"could not read {meta['weights']['file']}: {e}") from None
     if strict and (missing or unexpected):
         raise CheckpointError(

@@ -126,7 +126,7 @@ class QuantConfig:
             )
         return torch.tensor(self.channel_bits, dtype=torch.int16)
 
-    def replace(self, **changes: Any) -> "QuantConfig":
+    def replace(self, **changes: Any) -> QuantConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ JSON
@@ -137,7 +137,7 @@ class QuantConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -151,5 +151,5 @@ class QuantConfig:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_json(cls, s: str) -> "QuantConfig":
+    def from_json(cls, s: str) -> QuantConfig:
         return cls.from_dict(json.loads(s))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import QuantConfig, SCALE_DTYPES
+from .config import SCALE_DTYPES, QuantConfig
 from .packing import padded_k
 
 
@@ -224,13 +224,13 @@ def fake_quantize(
 
 
 __all__ = [
+    "SCALE_DTYPES",
     "QTensor",
-    "quantize",
+    "compute_qparams",
     "dequantize",
     "dequantize_codes",
     "fake_quantize",
-    "compute_qparams",
-    "scale_eps",
     "qrange",
-    "SCALE_DTYPES",
+    "quantize",
+    "scale_eps",
 ]

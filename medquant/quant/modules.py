@@ -188,7 +188,7 @@ class QuantLinear(_QuantWeightBase):
             if bias else None
 
     @classmethod
-    def from_float(cls, module: nn.Linear, config: QuantConfig) -> "QuantLinear":
+    def from_float(cls, module: nn.Linear, config: QuantConfig) -> QuantLinear:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"QuantLinear.from_float expects nn.Linear, got {type(module).__name__}")
         w = module.weight
@@ -244,7 +244,7 @@ class QuantConv2d(_QuantWeightBase):
             if bias else None
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, config: QuantConfig) -> "QuantConv2d":
+    def from_float(cls, module: nn.Conv2d, config: QuantConfig) -> QuantConv2d:
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
         if module.padding_mode != "zeros":

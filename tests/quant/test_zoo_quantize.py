@@ -12,7 +12,7 @@ from medquant.models import model_roles
 from medquant.quant.api import quantized_modules
 
 BITS = range(2, 9)
-SCOPES = {"group128": dict(scope="group", group_size=128), "channel": dict(scope="channel")}
+SCOPES = {"group128": {"scope": "group", "group_size": 128}, "channel": {"scope": "channel"}}
 
 
 def _reference_model(float_model, qmodel):
@@ -53,7 +53,7 @@ def test_quantized_output_matches_independent_dequantization(entry, scope):
             # negative control: one wrong scale in one layer must be detected
             name, layer = next(iter(qmods.items()))
             with torch.no_grad():
-                getattr(layer, "scales_4").mul_(1.5)
+                layer.scales_4.mul_(1.5)
                 out_bad = entry.output(q, inputs)
             assert not _close(out_bad, out_ref), f"a wrong scale in {name} went unnoticed"
 
