@@ -99,7 +99,8 @@ class _QuantWeightBase(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this layer computes with, as a dense ``(out_rows, k)`` float tensor."""
-        device = next(iter(self.buffers())).device
+        # a fully pruned layer without bias holds no tensor at all: its weight is zeros on the CPU
+        device = next(iter(self.state_dict().values()), torch.empty(0)).device
         parts = []
         for b in self.bit_groups:
             if 1 <= b <= 8:

@@ -111,3 +111,10 @@ def test_pruned_layer_stores_nothing_but_bias():
     assert q.stored_bytes() == 8 * 4
     x = torch.randn(2, 64)
     assert torch.equal(q(x), q.bias.expand(2, 8))
+
+
+def test_fully_pruned_layer_without_bias_has_a_zero_weight():
+    q = mq.QuantLinear.from_float(nn.Linear(64, 8, bias=False), mq.QuantConfig(0))
+    assert q.stored_bytes() == 0
+    assert torch.equal(q.weight, torch.zeros(8, 64))
+    assert torch.equal(q(torch.randn(3, 64)), torch.zeros(3, 8))
