@@ -38,6 +38,7 @@ from torch import nn
 __all__ = [
     "VARIANTS",
     "MemoryReport",
+    "enable_gradient_checkpointing",
     "measure_training",
     "peak_rss_mb",
     "prepare_variant",
@@ -130,10 +131,31 @@ def prepare_variant(model: nn.Module, variant: str, **lora_kwargs):
     return QLoRAAdapter(model, quantize=(variant == "qlora"), **lora_kwargs).model
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Turn on activation checkpointing of the transformers model inside ``model`` (a PEFT wrapper or the model
+    itself); raises ``TypeError`` for a model without transformers' ``gradient_checkpointing_enable``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(inner, "gradient_checkpointing_enable"):
+        raise TypeError(f"{type(inner).__name__} has no gradient_checkpointing_enable(); gradient checkpointing "
+                        "is supported for transformers models")
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x name; the old one warns
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(inner, "config"):
+        inner.config.use_cache = False
+    return model
+
+
 def measure_training(load_model: Callable[[], nn.Module], variant: str, batches: Iterable[dict],
                      steps: int, lr: float, device: str = "cpu", progress: bool = True,
-                     lora_kwargs: dict | None = None) -> tuple[MemoryReport, nn.Module]:
-    """Load, prepare and train one variant in *this* process, recording memory and time (module doc)."""
+                     lora_kwargs: dict | None = None,
+                     gradient_checkpointing: bool = False) -> tuple[MemoryReport, nn.Module]:
+    """Load, prepare and train one variant in *this* process, recording memory and time (module doc).
+
+    ``gradient_checkpointing=True`` recomputes each decoder layer's activations in the backward pass
+    (transformers' ``gradient_checkpointing_enable`` with ``use_reentrant=False``, the QLoRA paper's setting);
+    compare variants only under the same setting."""
     from .adapter import train_loop
 
     cuda = device.startswith("cuda")
@@ -147,6 +169,8 @@ def measure_training(load_model: Callable[[], nn.Module], variant: str, batches:
     rss_loaded = rss_mb()
     t0 = time.perf_counter()
     model = prepare_variant(model, variant, **(lora_kwargs or {}))
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     prep_s = time.perf_counter() - t0
     gc.collect()
     rss_prep = rss_mb()

@@ -221,3 +221,23 @@ def test_peak_rss_reset_and_measure_training():
     for rep in (rep_full, rep_q):
         assert rep.steps == 2 and rep.hwm_reset and rep.peak_train_mb >= rep.rss_prepared_mb - 1
         assert rep.train_s > 0
+
+
+def test_gradient_checkpointing_same_losses_and_flag():
+    """Checkpointing recomputes activations: the losses (LoRA dropout included) equal the run without it."""
+    from medquant.qlora.memory import enable_gradient_checkpointing
+
+    entry = ZOO_BY_NAME["llama"]
+    ids = entry.inputs(entry.build())["input_ids"]
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    runs = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        rep, model = measure_training(entry.build, "lora", [batch] * 3, steps=3, lr=1e-2, progress=False,
+                                      gradient_checkpointing=ckpt)
+        assert model.get_base_model().is_gradient_checkpointing is ckpt
+        runs[ckpt] = rep.losses
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5, abs=1e-6)
+    assert runs[True][-1] < runs[True][0]  # it trains
+    with pytest.raises(TypeError, match="gradient_checkpointing_enable"):
+        enable_gradient_checkpointing(nn.Linear(2, 2))
