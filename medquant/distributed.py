@@ -49,8 +49,9 @@ from .quant.modules import QuantConv2d, QuantLinear
 from .quant.size import quant_metadata
 from .sequential import CheckpointSource, find_blocks, quantize_sequential
 
-__all__ = ["SHARD_PATTERN", "all_reduce_importance", "assemble_shards", "barrier", "distributed_group_importance",
-           "fit_allocator_distributed", "quantize_shard", "rank", "shard_blocks", "world_size"]
+__all__ = ["SHARD_PATTERN", "all_reduce_gradients", "all_reduce_importance", "assemble_shards", "barrier",
+           "broadcast_parameters", "ddp_like", "distributed_group_importance", "fit_allocator_distributed", "fit_baq_distributed",
+           "global_group_objective", "is_ddp", "quantize_shard", "rank", "shard_blocks", "unwrap", "world_size"]
 
 SHARD_PATTERN = "medquant-shard-{rank:05d}-of-{world:05d}.safetensors"
 _RECIPE_KEY = "medquant_recipe"
@@ -261,9 +262,17 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
     from .fairquant.importance import compute_group_importance
 
     r, w = _check_rank(None, None)
+    if max_batches is not None and max_batches < w:
+        raise ValueError(f"max_batches={max_batches} leaves some of the {w} processes without a calibration batch; "
+                         f"use max_batches >= world size")
     share = itertools.islice(batches, r, max_batches, w)
-    local = compute_group_importance(model, share, max_batches=None, **kwargs)
-    return all_reduce_importance(local, group=group)
+    # one rank may see a single group: the check is on the groups of all ranks together
+    local = compute_group_importance(model, share, max_batches=None, min_groups=1, **kwargs)
+    total = all_reduce_importance(local, group=group)
+    if len(total.counts) < 2:
+        raise ValueError(f"calibration over all {w} processes saw a single group ({sorted(total.counts)}); "
+                         f"group-conditioned importance needs at least two groups with samples")
+    return total
 
 
 def fit_allocator_distributed(allocator, model: nn.Module, batches, *, loss_fn=None, groups_fn=None, group=None):
@@ -282,3 +291,159 @@ def fit_allocator_distributed(allocator, model: nn.Module, batches, *, loss_fn=N
             raise ValueError(f"calibration groups over all ranks {sorted(imp.counts)} differ from the declared "
                              f"groups {sorted(allocator.groups)} (missing {missing}, undeclared {extra})")
     return allocator.fit_importance(imp)
+
+
+# ---------------------------------------------------------------------------------- training across processes
+def _dist_active(group=None) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (``model`` itself otherwise)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def is_ddp(model: nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
+def global_group_objective(losses: torch.Tensor, groups: torch.Tensor, *, lambda_fair: float = 0.0, group=None,
+                           grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean loss and fairness penalty of the *global* batch (the union of every rank's batch), SPEC section 4.
+
+    The global objective is ``F = sum_g S_g / N + lambda_fair * (S_a / n_a - S_b / n_b)`` with ``S_g`` / ``n_g``
+    the loss sum / sample count of group ``g`` over all ranks, ``N = sum_g n_g``, ``a`` / ``b`` the groups with the
+    largest / smallest mean loss (``max_g L_g - min_g L_g``; 0 with fewer than two groups). The detached sums and
+    counts are summed over ranks (one ``all_reduce``), so every rank knows ``N``, ``n_g``, ``a`` and ``b``. The
+    returned *surrogate* keeps this rank's autograd path only::
+
+        J_r = grad_scale * ( sum_{i in r} l_i / N + lambda_fair * (S^r_a / n_a - S^r_b / n_b) )
+
+    ``F`` is linear in the per-rank sums ``S^r_g`` once ``a``, ``b``, ``n`` are fixed, so ``sum_r dJ_r/dw =
+    grad_scale * dF/dw``: with ``grad_scale = world_size`` and the gradients averaged over ranks (what
+    ``DistributedDataParallel`` does) every rank gets exactly the single-process gradient of ``F``; with
+    ``grad_scale = 1`` and summed gradients too. Without a process group (or world size 1) this is the
+    single-process loss. Returns ``(surrogate, F_task, F_fair)`` (the last two detached, identical on all ranks).
+    """
+    import torch.distributed as dist
+
+    if losses.dim() != 1 or groups.shape != losses.shape:
+        raise ValueError(f"need per-sample losses (N,) and group ids (N,), got {tuple(losses.shape)} and "
+                         f"{tuple(groups.shape)}")
+    if groups.numel() and int(groups.min()) < 0:
+        raise ValueError("group ids must be >= 0 for the cross-process reduction")
+    on = _dist_active(group)
+    top = torch.tensor([int(groups.max()) if groups.numel() else -1], dtype=torch.int64, device=losses.device)
+    if on:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    n_ids = int(top) + 1
+    if n_ids == 0:
+        raise ValueError("every rank's batch is empty")
+    sums = losses.new_zeros(n_ids).index_add(0, groups, losses)  # differentiable
+    counts = torch.bincount(groups, minlength=n_ids).to(losses.dtype)
+    packed = torch.cat([sums.detach(), counts])
+    if on:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    s_all, n_all = packed[:n_ids], packed[n_ids:]
+    total_n = n_all.sum()
+    task = (s_all.sum() / total_n).detach()
+    surrogate = sums.sum() / total_n
+    fair = task.new_zeros(())
+    present = torch.nonzero(n_all > 0).flatten()
+    if lambda_fair > 0 and present.numel() >= 2:
+        means = s_all[present] / n_all[present]
+        a, b = present[torch.argmax(means)], present[torch.argmin(means)]
+        fair = (means.max() - means.min()).detach()
+        surrogate = surrogate + lambda_fair * (sums[a] / n_all[a] - sums[b] / n_all[b])
+    return surrogate * grad_scale, task, fair
+
+
+def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0, group=None) -> None:
+    """Copy ``src``'s values of ``params`` to every rank (no-op without a process group)."""
+    import torch.distributed as dist
+
+    if not _dist_active(group):
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=src, group=group)
+
+
+def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True, group=None,
+                         bucket_bytes: int = 25 * 2**20) -> None:
+    """Sum (``average=False``) or average the ``.grad`` of ``params`` over ranks, in buckets of about
+    ``bucket_bytes`` (a missing gradient counts as zeros, so every rank issues the same collectives). No-op
+    without a process group."""
+    import torch.distributed as dist
+
+    if not _dist_active(group):
+        return
+    w = dist.get_world_size(group)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush():
+        if not bucket:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        if average:
+            flat /= w
+        off = 0
+        for q in bucket:
+            q.grad.copy_(flat[off:off + q.numel()].view_as(q.grad))
+            off += q.numel()
+        bucket.clear()
+
+    for p in params:
+        if bucket and (p.grad.dtype != bucket[0].grad.dtype or p.grad.device != bucket[0].grad.device):
+            flush()
+            size = 0
+        bucket.append(p)
+        size += p.grad.numel() * p.grad.element_size()
+        if size >= bucket_bytes:
+            flush()
+            size = 0
+    flush()
+
+
+def fit_baq_distributed(wrapper, batches, **kwargs):
+    """``wrapper.fit(batches, distributed=True, **kwargs)``: BAQ with this rank's share of every global batch.
+
+    ``batches`` are this rank's local batches (e.g. a ``DistributedSampler`` loader, or slice ``r`` of every global
+    batch); step ``t`` of the run is the union over ranks of their ``t``-th batches. Every rank computes the
+    objective of that union (:func:`global_group_objective`: global mean loss, fairness penalty over the global
+    group means, bit-rate term), gradients are averaged over ranks, so every rank takes the single-process step
+    and ends with identical ``theta``, bits and weights (rank 0's initial values are broadcast first)."""
+    return wrapper.fit(batches, distributed=True, **kwargs)
+
+
+def ddp_like(ddp: nn.Module, module: nn.Module) -> nn.Module:
+    """A new ``DistributedDataParallel`` around ``module`` with ``ddp``'s settings (process group, devices,
+    bucket size, unused-parameter detection, buffer sync). Needed after ``torch.nn.utils.parametrize`` changed
+    the wrapped module: a DDP built before no longer sees the parametrized weights' gradients. The old wrapper's
+    hooks stay inert as long as its own forward is not called again."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    kw = {"device_ids": ddp.device_ids, "output_device": ddp.output_device, "dim": ddp.dim,
+          "process_group": ddp.process_group, "bucket_cap_mb": ddp.bucket_bytes_cap / 2**20,
+          "find_unused_parameters": ddp.find_unused_parameters,
+          "gradient_as_bucket_view": ddp.gradient_as_bucket_view, "static_graph": ddp.static_graph}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        kw["forward_sync_buffers"] = ddp.forward_sync_buffers
+    else:  # older torch
+        kw["broadcast_buffers"] = ddp.broadcast_buffers
+    return DistributedDataParallel(module, **kw)

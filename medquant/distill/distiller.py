@@ -82,6 +82,13 @@ class Distiller(nn.Module):
         task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
 
     The module's own parameters are the feature projections: optimise ``distiller.trainable_parameters()``.
+
+    Several processes: pass ``student`` wrapped in ``torch.nn.parallel.DistributedDataParallel`` and give each rank
+    its share of every batch. DDP averages the student's gradients over ranks; :meth:`fit` broadcasts rank 0's
+    feature projections once and averages their gradients too (they live outside the DDP module). The loss is the
+    mean over the rank's own positions, so the averaged gradient is the gradient of the global-batch loss when every
+    rank has the same number of positions (equal batch sizes; for token KD, equal unmasked token counts),
+    otherwise a reweighting of it. ``distiller.student_module`` is the unwrapped student.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
@@ -105,13 +112,18 @@ class Distiller(nn.Module):
             p.requires_grad_(False)
         self.projections = nn.ModuleList()
         if self.feature_pairs:
-            sd = student_dim or _hidden_size(student)
+            sd = student_dim or _hidden_size(_unwrap(student))
             td = teacher_dim or _hidden_size(teacher)
             for _ in self.feature_pairs:
                 proj = nn.Linear(sd, td, bias=False)
                 if sd == td:
                     nn.init.eye_(proj.weight)
                 self.projections.append(proj)
+
+    @property
+    def student_module(self) -> nn.Module:
+        """The student without its ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
+        return _unwrap(self.student)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student parameters that require grad, plus the feature projections."""
@@ -197,17 +209,26 @@ class Distiller(nn.Module):
         params = self.trainable_parameters()
         if not params:
             raise ValueError("the student has no trainable parameters")
+        from ..distributed import all_reduce_gradients, broadcast_parameters, is_ddp, rank
+
+        ddp = is_ddp(self.student)
+        group = self.student.process_group if ddp else None
+        proj = list(self.projections.parameters())
+        if ddp and proj:
+            broadcast_parameters(proj, group=group)
         opt = optimizer or torch.optim.AdamW(params, lr=lr)
         self.student.train()
         losses: list[float] = []
         total = steps
-        bar = tqdm(total=total, desc="distil", disable=not progress)
+        bar = tqdm(total=total, desc="distil", disable=not progress or rank() != 0)
         try:
             for _ in range(epochs if steps is None else 10**9):
                 for batch in data:
                     parts = self(batch)
                     opt.zero_grad(set_to_none=True)
                     parts["loss"].backward()
+                    if ddp and proj:  # DDP syncs the student only
+                        all_reduce_gradients(proj, average=True, group=group)
                     if grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, grad_clip)
                     opt.step()
@@ -222,6 +243,12 @@ class Distiller(nn.Module):
         finally:
             bar.close()
             self.student.eval()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from ..distributed import unwrap
+
+    return unwrap(model)
 
 
 def _hidden_size(model: nn.Module) -> int:

@@ -204,23 +204,61 @@ class BAQWrapper:
     def fit(self, batches: Iterable[Any], *, epochs: int = 1, max_steps: int | None = None,
             weight_lr: float = 3e-5, logit_lr: float = 3e-3, weight_decay: float = 0.01,
             grad_clip: float | None = 1.0, loss_fn: LossFn | None = None, groups_fn: GroupsFn | None = None,
-            progress: bool = True) -> list[dict[str, float]]:
-        """Train weights and bit logits jointly; returns the per-step history. ``batches`` is re-iterated per epoch."""
+            progress: bool = True, distributed: bool = False, group: Any = None) -> list[dict[str, float]]:
+        """Train weights and bit logits jointly; returns the per-step history. ``batches`` is re-iterated per epoch.
+
+        ``distributed=True`` (needs an initialised ``torch.distributed`` process group; see
+        :func:`medquant.distributed.fit_baq_distributed`): ``batches`` are this rank's share, step ``t`` optimises
+        the loss of the union of every rank's ``t``-th batch - global mean loss, fairness penalty over the global
+        group means (:func:`medquant.distributed.global_group_objective`) and the bit-rate term - with gradients
+        averaged over ranks, after broadcasting rank 0's weights and logits. Every rank then takes the
+        single-process step on the global batch and ends with the same ``theta`` and bits. The epoch ends when any
+        rank runs out of batches. Without it, each rank trains on its own data only (the bits differ by rank).
+        """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        from .. import distributed as mqd
+
+        if distributed:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError("distributed=True needs an initialised torch.distributed process group "
+                                   "(torch.distributed.init_process_group, torchrun or accelerate launch)")
+            world = dist.get_world_size(group)
+        elif mqd._dist_active(group):
+            import warnings
+
+            warnings.warn("BAQWrapper.fit runs in a process group of several ranks without distributed=True: each "
+                          "rank trains on its own batches and may end with different bits", stacklevel=2)
         opt = self.optimizer(weight_lr, logit_lr, weight_decay)
         params = self.weights() + self.logits()
+        if distributed:
+            mqd.broadcast_parameters(params, group=group)
         history: list[dict[str, float]] = []
         self.model.train()
         step = 0
         for ep in range(epochs):
-            it = epoch_batches(batches, epoch=ep, epochs=epochs, step=step, max_steps=max_steps,
-                               progress=progress, label="BAQ")
-            for batch in it:
+            it = iter(epoch_batches(batches, epoch=ep, epochs=epochs, step=step, max_steps=max_steps,
+                                    progress=progress and mqd.rank() == 0, label="BAQ"))
+            while True:
+                batch = next(it, None)
+                if distributed:  # stop together when any rank has no batch left
+                    done = torch.tensor([float(batch is None)], device=params[0].device)
+                    dist.all_reduce(done, op=dist.ReduceOp.MAX, group=group)
+                    if done.item() > 0:
+                        break
+                elif batch is None:
+                    break
                 losses, groups = batch_losses(self.model, batch, loss_fn, groups_fn)
-                total, parts = self.loss(losses, groups)
+                if distributed:
+                    total, parts = self._global_loss(losses, groups, group, world)
+                else:
+                    total, parts = self.loss(losses, groups)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
+                if distributed:
+                    mqd.all_reduce_gradients(params, average=True, group=group)
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 opt.step()
@@ -231,6 +269,21 @@ class BAQWrapper:
                 break
         self.model.eval()
         return history
+
+    def _global_loss(self, losses: torch.Tensor, groups: torch.Tensor, group: Any, world: int
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Surrogate whose rank-averaged gradient is the gradient of :meth:`loss` on the union of all ranks'
+        batches (:func:`medquant.distributed.global_group_objective`); the bit-rate term depends on ``theta`` only,
+        identical on every rank, so it enters unscaled."""
+        from ..distributed import global_group_objective
+
+        sur, task, fair = global_group_objective(losses, groups, lambda_fair=self.lambda_fair, group=group,
+                                                 grad_scale=world)
+        rate = self.bit_rate()
+        reg = rate if self.target_bits is None else torch.relu(rate - self.target_bits)
+        value = task + self.lambda_fair * fair + self.lambda_bit * reg.detach()
+        return sur + self.lambda_bit * reg, {"loss": float(value), "task": float(task), "fair": float(fair),
+                                             "avg_bits_cont": float(rate.detach())}
 
     # ------------------------------------------------------------------ export
     def quant_map(self, **kw) -> dict[str, QuantConfig]:

@@ -71,6 +71,7 @@ def compute_group_importance(
     expected_groups: Sequence[int] | None = None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    min_groups: int = 2,
 ) -> GroupImportance:
     """Accumulate ``I_g`` over up to ``max_batches`` calibration batches (see the module docstring).
 
@@ -79,14 +80,19 @@ def compute_group_importance(
         loss_fn: ``loss_fn(model, batch)`` -> per-sample losses ``(N,)`` or ``(outputs, targets)``.
         groups_fn: ``groups_fn(batch)`` -> integer group ids ``(N,)``.
         expected_groups: group ids that must all appear (a group without samples raises); ids outside it raise.
+        min_groups: fewest groups with samples accepted (default 2: group-conditioned importance compares
+            groups). ``1`` is for a partial sum that is reduced over processes afterwards
+            (:func:`medquant.distributed.distributed_group_importance` passes it and checks the global count).
 
-    Raises ``ValueError`` for an unknown metric, no quantizable layers, no batches, fewer than two groups, or an
-    expected group without calibration samples.
+    Raises ``ValueError`` for an unknown metric, no quantizable layers, no batches, fewer than ``min_groups``
+    groups, or an expected group without calibration samples.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown importance metric {metric!r}; accepted: {', '.join(METRICS)}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    if isinstance(min_groups, bool) or min_groups not in (1, 2):
+        raise ValueError(f"min_groups must be 1 (a partial, per-process sum) or 2 (default), got {min_groups!r}")
     targets = quantizable_layers(model, layers, skip)
     names = list(targets)
     weights = [targets[n].weight for n in names]
@@ -147,7 +153,7 @@ def compute_group_importance(
                 f"group(s) {missing} have no samples in the {n_batches} calibration batch(es); every declared group "
                 f"needs samples (declared: {sorted(allowed)}, seen: {sorted(counts)})"
             )
-    if len(counts) < 2:
+    if len(counts) < min_groups:
         raise ValueError(
             f"calibration saw a single group ({sorted(counts)}); group-conditioned importance needs at least two "
             f"groups with samples (pass group ids per sample, e.g. sex or age band)"

@@ -115,6 +115,15 @@ def fq_qat(
         grad_clip: max global gradient norm (None disables).
         export: swap the fake-quantized layers for real QuantLinear / QuantConv2d (``quantize_``) at the end.
 
+    Several processes: pass the model wrapped in ``torch.nn.parallel.DistributedDataParallel`` and this rank's
+    batches. The fake-quant parametrizations go on ``model.module``, which is trained through a new DDP wrapper
+    with the same settings (:func:`medquant.distributed.ddp_like`; the given one would miss the parametrized
+    weights' gradients). The loss is the one of the union of every rank's batch
+    (:func:`medquant.distributed.global_group_objective` with ``grad_scale = world_size``: global mean loss and the
+    fairness penalty over the global group means), and DDP averages the gradients, so every rank takes the
+    single-process step on the global batch. The returned model (exported or not) is the unwrapped
+    ``model.module``.
+
     Returns a :class:`QATResult` with the (exported) model, the resolved plan and per-step loss history.
     """
     if epochs < 1:
@@ -123,7 +132,14 @@ def fq_qat(
         raise ValueError(f"lr must be > 0, got {lr}")
     if lambda_fair < 0:
         raise ValueError(f"lambda_fair must be >= 0, got {lambda_fair}")
-    plan = attach_fake_quant(model, quant_map)
+    from ..distributed import ddp_like, global_group_objective, is_ddp, rank, unwrap
+
+    ddp = is_ddp(model)
+    inner = unwrap(model)
+    world = torch.distributed.get_world_size(model.process_group) if ddp else 1
+    plan = attach_fake_quant(inner, quant_map)
+    if ddp:  # a DDP built before the parametrizations misses their gradients: wrap again, same settings
+        model = ddp_like(model, inner)
     history: list[dict[str, float]] = []
     try:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -134,14 +150,19 @@ def fq_qat(
         step = 0
         for ep in range(epochs):
             it = epoch_batches(batches, epoch=ep, epochs=epochs, step=step, max_steps=max_steps,
-                               progress=progress, label="FQ-QAT")
+                               progress=progress and rank() == 0, label="FQ-QAT")
             for batch in it:
                 losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
-                task = losses.mean()
-                fair = fairness_penalty(losses, groups) if lambda_fair > 0 else task.new_zeros(())
-                loss = task + lambda_fair * fair
+                if ddp:
+                    objective, task, fair = global_group_objective(
+                        losses, groups, lambda_fair=lambda_fair, group=model.process_group, grad_scale=world)
+                    loss = task + lambda_fair * fair
+                else:
+                    task = losses.mean()
+                    fair = fairness_penalty(losses, groups) if lambda_fair > 0 else task.new_zeros(())
+                    objective = loss = task + lambda_fair * fair
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 opt.step()
@@ -152,7 +173,7 @@ def fq_qat(
                 break
         model.eval()
     finally:
-        detach_fake_quant(model)
+        detach_fake_quant(inner)
     if export:
-        quantize_(model, plan)
-    return QATResult(model=model, plan=plan, history=history)
+        quantize_(inner, plan)
+    return QATResult(model=inner, plan=plan, history=history)

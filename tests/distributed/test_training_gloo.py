@@ -1,0 +1,277 @@
+"""Training across 2 gloo processes (CPU) equals single-process training on the concatenated global batches.
+
+One ``torch.multiprocessing.spawn`` runs every distributed case (module fixture); each test compares one case with
+a single-process reference computed here on the same global batches in the same order.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from medquant.distill import Distiller
+from medquant.distributed import (
+    fit_allocator_distributed,
+    fit_baq_distributed,
+    global_group_objective,
+    unwrap,
+)
+from medquant.fairquant.allocator import FairQuantAllocator
+from medquant.fairquant.baq import BAQWrapper
+from medquant.fairquant.batches import fairness_penalty
+from medquant.fairquant.importance import compute_group_importance
+from medquant.fairquant.qat import fq_qat
+
+WORLD = 2
+STEPS = 6
+BATCH = 16  # global batch; each rank gets BATCH // WORLD samples
+
+
+def _mlp(seed: int = 0, hidden: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+
+
+def _global_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Rank 0's half is mostly group 0 (learnable labels), rank 1's half mostly group 1 (random labels): the
+    per-rank group means differ from the global ones, so a rank-local fairness penalty is a different objective."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    half = BATCH // 2
+    for _ in range(STEPS):
+        x = torch.randn(BATCH, 6, generator=g)
+        y = torch.randint(0, 3, (BATCH,), generator=g)
+        grp = torch.cat([(torch.rand(half, generator=g) < 0.2).long(), (torch.rand(half, generator=g) < 0.8).long()])
+        y = torch.where(grp == 0, (x[:, 0] > 0).long(), y)
+        out.append((x, y, grp))
+    return out
+
+
+def _local(batches, r: int):
+    n = BATCH // WORLD
+    return [tuple(t[r * n:(r + 1) * n] for t in b) for b in batches]
+
+
+def _baq(model: nn.Module) -> BAQWrapper:
+    init = {n: (5,) * m.out_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return BAQWrapper(model, init_bits=init, target_bits=3.0, lambda_bit=1.0, lambda_fair=1.0)
+
+
+BAQ_FIT = {"weight_lr": 1e-2, "logit_lr": 0.05, "progress": False}
+QAT_MAP = {"0": 4, "2": 3}
+QAT_FIT = {"lr": 1e-2, "lambda_fair": 1.0, "progress": False}
+
+
+def _baq_state(w: BAQWrapper) -> dict[str, torch.Tensor]:
+    out = {f"theta/{n}": p.theta.detach().clone() for n, p in w.params.items()}
+    out.update({f"w/{i}": p.detach().clone() for i, p in enumerate(w.weights())})
+    return out
+
+
+class _Net(nn.Module):
+    """Student / teacher for the distillation case: ``net(x=..., labels=...)`` -> logits."""
+
+    def __init__(self, hidden: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+
+    def forward(self, x, labels=None):
+        return self.body(x)
+
+
+def _kd_batches(batches):
+    return [{"x": x, "labels": y} for x, y, _ in batches]
+
+
+def _distiller(student: nn.Module) -> Distiller:
+    return Distiller(_Net(32, seed=5), student, alpha=0.5, temperature=2.0,
+                     task_loss=lambda out, batch: F.cross_entropy(out, batch["labels"]))
+
+
+def _one_group_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Even batches hold group 0 only, odd batches group 1 only: with 2 ranks each rank sees a single group."""
+    return [(x, y, torch.full_like(g, i % 2)) for i, (x, y, g) in enumerate(_global_batches())]
+
+
+def _allocator() -> FairQuantAllocator:
+    return FairQuantAllocator(bits=(2, 4, 8), proportions=(0.3, 0.4, 0.3), max_batches=STEPS, progress=False)
+
+
+def _worker(r: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD)
+    try:
+        glob = _global_batches()
+        local = _local(glob, r)
+        res: dict[str, dict[str, torch.Tensor]] = {}
+        bits: dict[str, dict] = {}
+        # BAQ, global objective (the method under test)
+        w = _baq(_mlp(seed=r))  # different initial weights per rank: fit broadcasts rank 0's
+        hist = fit_baq_distributed(w, local, **BAQ_FIT)
+        res["baq"] = _baq_state(w)
+        bits["baq"] = {"bits": w.bits(project=False), "loss": [h["loss"] for h in hist]}
+        # control 1: every rank trains on its own batches
+        w = _baq(_mlp())
+        with pytest.warns(UserWarning, match="without distributed=True"):
+            w.fit(local, **BAQ_FIT)
+        res["baq_local"] = _baq_state(w)
+        bits["baq_local"] = {k: list(v) for k, v in w.bits(project=False).items()}
+        # control 2: gradients averaged (DDP-like) but loss and fairness penalty of the rank's own batch
+        w = _baq(_mlp())
+        w._global_loss = lambda losses, groups, group, world, w=w: w.loss(losses, groups)
+        w.fit(local, distributed=True, **BAQ_FIT)
+        res["baq_naive"] = _baq_state(w)
+        # FQ-QAT on a DDP-wrapped model
+        model = _mlp()
+        qat = fq_qat(DDP(model), QAT_MAP, local, export=False, **QAT_FIT)
+        assert qat.model is model
+        res["qat"] = {k: v.clone() for k, v in model.state_dict().items()}
+        bits["qat"] = {"loss": [h["loss"] for h in qat.history], "fair": [h["fair"] for h in qat.history]}
+        exported = fq_qat(DDP(_mlp()), QAT_MAP, local, **QAT_FIT).model
+        res["qat_export"] = {k: v.clone() for k, v in exported.state_dict().items()}
+        # Distiller with a DDP-wrapped student
+        student = _Net(8, seed=3)
+        d = _distiller(DDP(student))
+        losses = d.fit(_kd_batches(local), lr=1e-2, progress=False)
+        res["kd"] = {k: v.clone() for k, v in student.state_dict().items()}
+        bits["kd"] = {"loss": losses}
+        # FairQuant importance when each rank sees one group
+        alloc = fit_allocator_distributed(_allocator(), _mlp(), _one_group_batches())
+        bits["alloc"] = {k: list(v) for k, v in alloc.bit_map().items()}
+        for k, v in res.items():
+            save_file({n: t.contiguous() for n, t in v.items()}, f"{out}/{k}{r}.safetensors")
+        with open(f"{out}/bits{r}.json", "w") as f:
+            json.dump(bits, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+
+    def get(name: str, r: int):
+        if name == "bits":
+            return json.loads((d / f"bits{r}.json").read_text())
+        return load_file(str(d / f"{name}{r}.safetensors"))
+    return get
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _close(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_global_objective_matches_single_process_loss_and_gradient():
+    """Without a process group the surrogate is the single-process loss; its gradient is that of
+    mean + lambda * (max_g L_g - min_g L_g)."""
+    torch.manual_seed(0)
+    x = torch.randn(10, requires_grad=True)
+    groups = torch.tensor([0, 0, 2, 2, 2, 3, 3, 0, 2, 3])
+    sur, task, fair = global_group_objective(x.exp(), groups, lambda_fair=0.7)
+    (gs,) = torch.autograd.grad(sur, x)
+    ref = x.exp().mean() + 0.7 * fairness_penalty(x.exp(), groups)
+    (gr,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(sur, ref)
+    torch.testing.assert_close(gs, gr)
+    torch.testing.assert_close(task + 0.7 * fair, ref.detach())
+    with pytest.raises(ValueError, match=">= 0"):
+        global_group_objective(x, groups - 1)
+
+
+def test_baq_two_processes_equal_single_process(ranks):
+    single = _baq(_mlp())
+    hist = single.fit(_global_batches(), **BAQ_FIT)
+    ref = _baq_state(single)
+    ref_bits = {k: list(v) for k, v in single.bits(project=False).items()}
+    assert ref_bits != {k: [5] * len(v) for k, v in ref_bits.items()}  # the bits moved from the warm start
+    for r in range(WORLD):
+        _close(ranks("baq", r), ref)
+        got = ranks("bits", r)["baq"]
+        assert got["bits"] == ref_bits
+        assert got["loss"] == pytest.approx([h["loss"] for h in hist], rel=1e-5)
+
+
+def test_baq_controls_without_the_reduction_differ(ranks):
+    single = _baq(_mlp())
+    single.fit(_global_batches(), **BAQ_FIT)
+    ref = _baq_state(single)
+    # rank-local training: the ranks disagree with each other and with the single process
+    a, b = ranks("baq_local", 0), ranks("baq_local", 1)
+    assert _max_diff(a, b) > 1e-3
+    assert min(_max_diff(a, ref), _max_diff(b, ref)) > 1e-3
+    theta = {k: v for k, v in a.items() if k.startswith("theta/")}
+    assert _max_diff(theta, {k: b[k] for k in theta}) > 1e-3
+    # averaged gradients of rank-local fairness penalties: the ranks agree, but not with the global objective
+    bits0, bits1 = ranks("bits", 0)["baq_local"], ranks("bits", 1)["baq_local"]
+    ref_bits = {k: list(v) for k, v in single.bits(project=False).items()}
+    assert bits0 != bits1 or bits0 != ref_bits
+    n0, n1 = ranks("baq_naive", 0), ranks("baq_naive", 1)
+    assert _max_diff(n0, n1) == 0.0
+    assert _max_diff(n0, ref) > 1e-3
+
+
+def test_fq_qat_ddp_equals_single_process(ranks):
+    model = _mlp()
+    qat = fq_qat(model, QAT_MAP, _global_batches(), export=False, **QAT_FIT)
+    ref = model.state_dict()
+    assert _max_diff(ref, _mlp().state_dict()) > 1e-3  # training changed the weights
+    assert max(h["fair"] for h in qat.history) > 0.05  # the fairness term is active
+    for r in range(WORLD):
+        _close(ranks("qat", r), ref)
+        got = ranks("bits", r)["qat"]
+        assert got["loss"] == pytest.approx([h["loss"] for h in qat.history], rel=1e-5)
+    exported = fq_qat(_mlp(), QAT_MAP, _global_batches(), **QAT_FIT).model.state_dict()
+    for r in range(WORLD):
+        e = ranks("qat_export", r)
+        assert set(e) == set(exported)
+        for k in e:  # packed codes: equal; scales: float tolerance
+            if e[k].dtype.is_floating_point:
+                torch.testing.assert_close(e[k], exported[k], rtol=1e-4, atol=1e-5)
+            else:
+                assert torch.equal(e[k], exported[k]), k
+
+
+def test_distiller_ddp_equals_single_process(ranks):
+    student = _Net(8, seed=3)
+    losses = _distiller(student).fit(_kd_batches(_global_batches()), lr=1e-2, progress=False)
+    ref = student.state_dict()
+    assert _max_diff(ref, _Net(8, seed=3).state_dict()) > 1e-3
+    for r in range(WORLD):
+        _close(ranks("kd", r), ref)
+        # each rank logs its own half-batch loss; their mean is the global loss (equal halves)
+    mean = [(a + b) / 2 for a, b in zip(ranks("bits", 0)["kd"]["loss"], ranks("bits", 1)["kd"]["loss"])]
+    assert mean == pytest.approx(losses, rel=1e-5)
+
+
+def test_importance_with_one_group_per_rank_equals_single_process(ranks):
+    single = _allocator().fit(_mlp(), _one_group_batches())
+    ref = {k: list(v) for k, v in single.bit_map().items()}
+    assert len({b for v in ref.values() for b in v}) > 1
+    for r in range(WORLD):
+        assert ranks("bits", r)["alloc"] == ref
+    # a single process that sees one group is still refused, and min_groups only takes 1 or 2
+    with pytest.raises(ValueError, match="single group"):
+        compute_group_importance(_mlp(), _one_group_batches()[::2], progress=False)
+    with pytest.raises(ValueError, match="min_groups"):
+        compute_group_importance(_mlp(), _one_group_batches(), min_groups=3, progress=False)
+
+
+def test_unwrap():
+    m = _mlp()
+    assert unwrap(m) is m
