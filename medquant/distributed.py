@@ -51,7 +51,7 @@ from .sequential import CheckpointSource, find_blocks, quantize_sequential
 
 __all__ = ["SHARD_PATTERN", "all_reduce_gradients", "all_reduce_importance", "assemble_shards", "barrier",
            "broadcast_parameters", "ddp_like", "distributed_group_importance", "fit_allocator_distributed", "fit_baq_distributed",
-           "global_group_objective", "is_ddp", "quantize_shard", "rank", "shard_blocks", "unwrap", "world_size"]
+           "global_group_objective", "is_ddp", "is_fsdp", "quantize_shard", "rank", "shard_blocks", "unwrap", "world_size"]
 
 SHARD_PATTERN = "medquant-shard-{rank:05d}-of-{world:05d}.safetensors"
 _RECIPE_KEY = "medquant_recipe"
@@ -310,9 +310,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_ddp(model: nn.Module) -> bool:
+    """``model`` is a ``torch.nn.parallel.DistributedDataParallel``."""
     from torch.nn.parallel import DistributedDataParallel
 
     return isinstance(model, DistributedDataParallel)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """``model`` was sharded with FSDP2's ``torch.distributed.fsdp.fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def global_group_objective(losses: torch.Tensor, groups: torch.Tensor, *, lambda_fair: float = 0.0, group=None,

@@ -88,7 +88,8 @@ class Distiller(nn.Module):
     feature projections once and averages their gradients too (they live outside the DDP module). The loss is the
     mean over the rank's own positions, so the averaged gradient is the gradient of the global-batch loss when every
     rank has the same number of positions (equal batch sizes; for token KD, equal unmasked token counts),
-    otherwise a reweighting of it. ``distiller.student_module`` is the unwrapped student.
+    otherwise a reweighting of it. ``distiller.student_module`` is the unwrapped student. A student sharded with
+    FSDP2 ``fully_shard`` (on the default process group) is trained the same way (FSDP averages its gradients).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
@@ -209,10 +210,10 @@ class Distiller(nn.Module):
         params = self.trainable_parameters()
         if not params:
             raise ValueError("the student has no trainable parameters")
-        from ..distributed import all_reduce_gradients, broadcast_parameters, is_ddp, rank
+        from ..distributed import all_reduce_gradients, broadcast_parameters, is_ddp, is_fsdp, rank
 
-        ddp = is_ddp(self.student)
-        group = self.student.process_group if ddp else None
+        ddp = is_ddp(self.student) or is_fsdp(self.student)  # data-parallel student (FSDP2: default group)
+        group = self.student.process_group if is_ddp(self.student) else None
         proj = list(self.projections.parameters())
         if ddp and proj:
             broadcast_parameters(proj, group=group)
@@ -227,7 +228,7 @@ class Distiller(nn.Module):
                     parts = self(batch)
                     opt.zero_grad(set_to_none=True)
                     parts["loss"].backward()
-                    if ddp and proj:  # DDP syncs the student only
+                    if ddp and proj:  # DDP / FSDP sync the student only
                         all_reduce_gradients(proj, average=True, group=group)
                     if grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, grad_clip)

@@ -242,13 +242,27 @@ class QLoRAAdapter:
     # ------------------------------------------------------------------------------------------ training
     def train(self, batches: Iterable[dict[str, torch.Tensor]], steps: int | None = None, lr: float = 2e-4,
               weight_decay: float = 0.0, grad_accum: int = 1, max_grad_norm: float | None = 1.0,
-              progress: bool = True, seed: int | None = 0, desc: str = "qlora") -> list[float]:
+              progress: bool = True, seed: int | None = 0, desc: str = "qlora", ddp: bool = False) -> list[float]:
         """Plain AdamW loop over ``batches`` (dicts for ``model(**batch)`` with ``labels``); returns the losses.
 
         ``steps`` limits the number of optimizer steps (default: one pass over ``batches``); each step
         accumulates ``grad_accum`` batches. Shows a tqdm bar unless ``progress=False``.
+
+        ``ddp=True`` (an initialised ``torch.distributed`` process group is needed): trains through
+        ``DistributedDataParallel(self.model)``, so the LoRA gradients are averaged over ranks; give each rank its
+        share of every batch. With equal per-rank token counts this is the single-process step on the union (the
+        model's loss is a mean over the rank's tokens). Every rank must run the same number of steps.
         """
-        return train_loop(self.model, batches, steps=steps, lr=lr, weight_decay=weight_decay,
+        model = self.model
+        if ddp:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise RuntimeError("ddp=True needs an initialised torch.distributed process group (torchrun / "
+                                   "accelerate launch, then torch.distributed.init_process_group)")
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(self.model)
+            progress = progress and torch.distributed.get_rank() == 0
+        return train_loop(model, batches, steps=steps, lr=lr, weight_decay=weight_decay,
                           grad_accum=grad_accum, max_grad_norm=max_grad_norm, progress=progress, seed=seed,
                           desc=desc)
 

@@ -143,6 +143,17 @@ def _worker(r: int, init_file: str, out: str) -> None:
         losses = d.fit(_kd_batches(local), lr=1e-2, progress=False)
         res["kd"] = {k: v.clone() for k, v in student.state_dict().items()}
         bits["kd"] = {"loss": losses}
+        # Distiller with an FSDP2-sharded student (each rank stores half of every weight)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        student = _Net(8, seed=3)
+        for layer in (student.body[0], student.body[2], student):
+            fully_shard(layer, mesh=mesh)
+        assert student.body[0].weight.to_local().shape == (8 // WORLD, 6)
+        _distiller(student).fit(_kd_batches(local), lr=1e-2, progress=False)
+        res["kd_fsdp"] = {k: v.full_tensor() for k, v in student.state_dict().items()}
         # FairQuant importance when each rank sees one group
         alloc = fit_allocator_distributed(_allocator(), _mlp(), _one_group_batches())
         bits["alloc"] = {k: list(v) for k, v in alloc.bit_map().items()}
@@ -257,6 +268,8 @@ def test_distiller_ddp_equals_single_process(ranks):
         # each rank logs its own half-batch loss; their mean is the global loss (equal halves)
     mean = [(a + b) / 2 for a, b in zip(ranks("bits", 0)["kd"]["loss"], ranks("bits", 1)["kd"]["loss"])]
     assert mean == pytest.approx(losses, rel=1e-5)
+    for r in range(WORLD):  # FSDP2 fully_shard on gloo: gathered weights equal the single-process ones
+        _close(ranks("kd_fsdp", r), ref)
 
 
 def test_importance_with_one_group_per_rank_equals_single_process(ranks):
