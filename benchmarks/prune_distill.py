@@ -11,24 +11,32 @@ hash split: training and calibration text from ``train``, perplexity on the firs
 
 Variants (all 30% heads + 30% FFN neurons, activation importance, the same training steps / lr / batches):
 
-* ``base``                 the float model;
+* ``base``                 the float model as shipped;
+* ``base_ft``              the unpruned model fine-tuned on the training reports: the teacher of every
+  distilled row (task-specific distillation: a teacher that has not seen radiology text is a poor target; the
+  reduced run of an earlier version, with the untuned base as teacher, lost to the control);
 * ``pruned``               pruned, no training;
 * ``pruned_ft``            pruned + fine-tuned on the task loss only (the control);
-* ``pruned_kd``            pruned + distilled from the unpruned model (alpha 0.5, T 2);
+* ``pruned_kd``            pruned + distilled from ``base_ft`` (alpha 0.5, T 2: half KD, half task loss);
 * ``pruned_kd_rtn3``       ``pruned_kd`` + 3-bit RTN; ``pruned_kd_awq3`` + 3-bit activation-aware;
 * ``layersel_kd`` / ``layersel_kd_awq3``  seed 004: per-layer ratios from block influence (mean 30%, spread 0.5),
   distilled the same way (equal compression: same mean ratio; non-embedding params reported).
 
 Reported: non-embedding parameters, stored bytes (``medquant.model_size``), CPU latency (prefill 256 tokens,
-decode tokens/s, batch 1, 2 threads, median of ``--latency-repeats``) and held-out perplexity. Peak process
-memory is not measured per variant (all variants share one process). Defaults aim at < 45 minutes on an idle
-2-core CPU; ``--steps 8 --batch 2 --max-len 64 --eval-reports 16 --awq-rows 128`` is the reduced setting.
+decode tokens/s, batch 1, 2 threads, median of ``--latency-repeats``), held-out perplexity, and inference memory:
+``resident_mb`` (bytes of the variant's parameters and buffers as held in memory: float weights stay float32,
+quantized layers stay packed) and ``prefill_peak_mb`` (peak RSS while prefilling 256 tokens minus the RSS just
+before, ``VmHWM`` reset first and glibc's free pages returned with ``malloc_trim(0)``, so reused heap pages
+cannot hide new allocations). Training peak memory is reported by ``benchmarks/qlora_radiology.py``.
+Defaults aim at < 45 minutes on an idle 2-core CPU; ``--steps 8 --batch 2 --max-len 64 --eval-reports 16
+--awq-rows 128`` is the reduced setting.
 Writes ``benchmarks/results/prune_distill.json``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -68,9 +76,21 @@ def perplexity(model, data: list[dict]) -> float:
     return float(torch.tensor(nll / n).exp())
 
 
+def _malloc_trim() -> None:
+    """Give glibc's free heap pages back to the OS (``malloc_trim(0)``), so that memory a later step allocates
+    shows up in RSS instead of silently reusing pages freed earlier; a no-op where glibc is missing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -87,6 +107,7 @@ def main(argv=None) -> int:
     from medquant import QuantConfig, model_size, quantize_
     from medquant.distill import Distiller
     from medquant.prune import StructuredPruner, allocate_ratios, block_influence, parameter_report
+    from medquant.qlora.memory import peak_rss_mb, reset_peak_rss, rss_mb
     from medquant.quant.awq import awq_quantize_
 
     t_start = time.time()
@@ -101,23 +122,32 @@ def main(argv=None) -> int:
     evald = batches(tok, test_txt, 8, args.max_len)
     qcfg = QuantConfig(3, group_size=128)
     rows: dict[str, dict] = {}
-    models: dict[str, torch.nn.Module] = {}
     log: dict[str, list[float]] = {}
 
     ids = prompt_ids(tok, 256)
     lat_set = None if args.latency_variants == "all" else set(args.latency_variants.split(","))
 
+    def prefill_memory(m) -> float:
+        gc.collect()
+        _malloc_trim()
+        before = rss_mb()
+        reset_peak_rss()
+        time_prefill(m, ids)
+        return peak_rss_mb() - before
+
     def record(name, m, extra=None):
         t = time.time()
-        rows[name] = {**parameter_report(m), "stored_bytes": model_size(m).total_bytes,
-                      "perplexity": perplexity(m, evald), **(extra or {})}
+        rep = parameter_report(m)
+        rows[name] = {**rep, "stored_bytes": model_size(m).total_bytes, "resident_mb": rep["bytes"] / 2**20,
+                      "prefill_peak_mb": prefill_memory(m), "perplexity": perplexity(m, evald), **(extra or {})}
         rows[name]["eval_seconds"] = time.time() - t
         if lat_set is None or name in lat_set:
             pre = [time_prefill(m, ids) for _ in range(args.latency_repeats)]
             dec = [time_decode(m, ids, 16) for _ in range(args.latency_repeats)]
             rows[name].update(prefill_ms_median=1e3 * statistics.median(pre), prefill_ms_all=[1e3 * x for x in pre],
                               decode_tok_s_median=statistics.median(dec))
-        print(f"{name}: ppl {rows[name]['perplexity']:.3f}, non-emb {rows[name]['non_embedding_params'] / 1e6:.2f}M",
+        print(f"{name}: ppl {rows[name]['perplexity']:.3f}, non-emb {rows[name]['non_embedding_params'] / 1e6:.2f}M, "
+              f"resident {rows[name]['resident_mb']:.0f} MB, prefill peak +{rows[name]['prefill_peak_mb']:.0f} MB",
               flush=True)
         write(partial=True)
 
@@ -136,7 +166,8 @@ def main(argv=None) -> int:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "medquant": medquant.__version__, "python": platform.python_version()},
             "settings": {**vars(args), "quant": qcfg.to_dict(), "head_ratio": 0.3, "ffn_ratio": 0.3,
-                         "train_reports": len(train) * args.batch, "eval_reports": len(test_txt)},
+                         "train_reports": len(train) * args.batch, "eval_reports": len(test_txt),
+                         "teacher": "base_ft", "kd_alpha": 0.5, "kd_temperature": 2.0},
             "wall_seconds": time.time() - t_start,
             "variants": rows, "train_losses": log, "block_influence": extra_info.get("scores"),
             "layer_ratios": extra_info.get("ratios"),
@@ -145,28 +176,33 @@ def main(argv=None) -> int:
 
     extra_info: dict = {}
 
-    record("base", base)
-    models["base"] = base
-    pruned = copy.deepcopy(base)
-    StructuredPruner(0.3, 0.3, importance="activation").prune(pruned, calib=calib)
-    record("pruned", pruned)
-    models["pruned"] = pruned
-
-    def trained(src, alpha, name):
+    def trained(src, alpha, name, teacher):
         m = copy.deepcopy(src)
-        for prm in m.parameters():  # copies of the (frozen) teacher must train
+        for prm in m.parameters():  # copies of a (frozen) teacher must train
             prm.requires_grad_(True)
         torch.manual_seed(args.seed)
         t = time.time()
-        d = Distiller(base, m, alpha=alpha, temperature=2.0)
+        d = Distiller(teacher, m, alpha=alpha, temperature=2.0)
         log[name] = d.fit(train, steps=args.steps, lr=args.lr)
         m.eval()
         record(name, m, {"train_seconds": time.time() - t})
-        models[name] = m
         return m
 
-    trained(pruned, 0.0, "pruned_ft")
-    kd = trained(pruned, 0.5, "pruned_kd")
+    record("base", base)
+    scores = block_influence(base, calib)  # before any training: the seed-004 layer choice sees the base model
+    ratios = allocate_ratios(scores, 0.3, spread=0.5)
+    extra_info.update(scores=scores, ratios=ratios)
+    pruned = copy.deepcopy(base)
+    StructuredPruner(0.3, 0.3, importance="activation").prune(pruned, calib=calib)
+    ls = copy.deepcopy(base)
+    StructuredPruner(ratios, ratios, importance="activation").prune(ls, calib=calib)
+    teacher = trained(base, 0.0, "base_ft", base)  # alpha 0: the teacher argument is not run
+    del base
+    gc.collect()
+    record("pruned", pruned)
+    trained(pruned, 0.0, "pruned_ft", teacher)
+    kd = trained(pruned, 0.5, "pruned_kd", teacher)
+    del pruned
     for name, method in (("pruned_kd_rtn3", "rtn"), ("pruned_kd_awq3", "awq")):
         m = copy.deepcopy(kd)
         if method == "awq":
@@ -177,27 +213,24 @@ def main(argv=None) -> int:
             quantize_(m, qcfg, skip=["@head"])
             extra = {}
         record(name, m, extra)
-        models[name] = m
-    scores = block_influence(base, calib)
-    ratios = allocate_ratios(scores, 0.3, spread=0.5)
-    extra_info.update(scores=scores, ratios=ratios)
-    ls = copy.deepcopy(base)  # base is the frozen teacher now; trained() re-enables gradients on the copy
-    StructuredPruner(ratios, ratios, importance="activation").prune(ls, calib=calib)
-    ls_kd = trained(ls, 0.5, "layersel_kd")
+        del m
+    del kd
+    ls_kd = trained(ls, 0.5, "layersel_kd", teacher)
+    del ls
     m = copy.deepcopy(ls_kd)
     awq_quantize_(m, qcfg, calib, max_rows=args.awq_rows)
     record("layersel_kd_awq3", m)
-    models["layersel_kd_awq3"] = m
 
     write(partial=False)
-    print("\n| variant | non-emb params | stored MB | ppl (IU test) | gap recovered | prefill ms | decode tok/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| variant | non-emb params | stored MB | resident MB | prefill peak MB | ppl (IU test) | gap recovered "
+          "| prefill ms | decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for k, r in rows.items():
         gap = "-" if r["ppl_gap_recovered"] is None else f"{100 * r['ppl_gap_recovered']:.0f}%"
         pre = f"{r['prefill_ms_median']:.0f}" if "prefill_ms_median" in r else "-"
         dec = f"{r['decode_tok_s_median']:.1f}" if "decode_tok_s_median" in r else "-"
         print(f"| {k} | {r['non_embedding_params'] / 1e6:.2f}M | {r['stored_bytes'] / 2**20:.1f} | "
-              f"{r['perplexity']:.2f} | {gap} | {pre} | {dec} |")
+              f"{r['resident_mb']:.0f} | {r['prefill_peak_mb']:.0f} | {r['perplexity']:.2f} | {gap} | {pre} | {dec} |")
     print(f"wrote {args.out} in {time.time() - t_start:.0f} s (load average {load0[0]:.1f} -> "
           f"{os.getloadavg()[0]:.1f}: timings noisy on a shared machine)")
     return 0

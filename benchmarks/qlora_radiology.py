@@ -7,7 +7,12 @@ Rows (each fine-tuned variant trains and generates in its own subprocess, same d
 * ``full``   - full fine-tuning (AdamW on every parameter, lr ``--lr-full``);
 * ``lora``   - float base + PEFT LoRA (r=16, alpha 16, dropout 0.1, rsLoRA, q/k/v/o + gate/up/down);
 * ``qlora``  - NF4 base (bitsandbytes, double quantization, fp32 compute) + the same LoRA.
-* a distilled / pruned student row is not here yet: the distillation issue adds it.
+* ``pruned`` - the student: 30% of attention heads and FFN neurons removed (:class:`medquant.prune.StructuredPruner`,
+  activation importance on 4 training batches), then fully fine-tuned like ``full`` (same steps and lr), so the
+  row isolates what pruning costs.
+
+Every trained variant uses gradient checkpointing (``--no-grad-checkpointing`` turns it off for all of them), the
+QLoRA paper's setting: activations are recomputed per decoder layer instead of being held for the backward pass.
 
 Metrics on the held-out ``test`` split of :func:`medquant.data.reports.load_iu_reports` (reports with both
 findings and impression; the first ``--test`` of them in id order): BLEU-4, ROUGE-L, METEOR (exact + stem
@@ -74,9 +79,24 @@ def worker(args) -> dict:
         result["rss_model_mb"] = rss_mb() - rss0
     else:
         batches = impression_batches(tok, train, args.batch, args.max_len, args.steps, args.seed)
-        lr = args.lr_full if args.worker == "full" else args.lr_lora
-        rep, model = measure_training(lambda: load_smollm2()[0], args.worker, batches, args.steps, lr,
-                                      progress=not args.quiet)
+        lr = args.lr_lora if args.worker in ("lora", "qlora") else args.lr_full
+
+        def load():
+            return load_smollm2()[0]
+
+        if args.worker == "pruned":  # the student: 30% of heads and FFN neurons removed, then fully fine-tuned
+            from medquant.prune import StructuredPruner, parameter_report
+
+            calib = list(impression_batches(tok, train, args.batch, args.max_len, 4, args.seed + 1))
+
+            def load():
+                m = load_smollm2()[0]
+                StructuredPruner(0.3, 0.3, importance="activation").prune(m, calib=calib)
+                result["params"] = parameter_report(m)
+                return m
+        rep, model = measure_training(load, "full" if args.worker == "pruned" else args.worker, batches,
+                                      args.steps, lr, progress=not args.quiet,
+                                      gradient_checkpointing=not args.no_grad_checkpointing)
         result["memory"] = rep.as_dict()
     if args.memory_only:
         result.update(generate_peak_mb=None, generate_s=None, generations=[])
@@ -180,7 +200,7 @@ def _report(args, rows, labeler, test, t_all, final):
         "qlora_over_full_peak": (rows["qlora"]["memory"]["train_peak_mb"] / full_peak
                                  if full_peak and rows.get("qlora") else None),
         "labeler": labeler,
-        "student_row": "not run: added by the distillation issue",
+        "student_row": "pruned: 30% heads + 30% FFN neurons (activation importance), then full fine-tuning",
         "total_s": time.perf_counter() - t_all,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -190,10 +210,10 @@ def _report(args, rows, labeler, test, t_all, final):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="base,full,lora,qlora")
+    ap.add_argument("--variants", default="base,full,lora,qlora,pruned")
     ap.add_argument("--train", type=int, default=None, help="training reports (default: the whole train split)")
     ap.add_argument("--test", type=int, default=40, help="test reports generated per variant")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=160)
     ap.add_argument("--new-tokens", type=int, default=40)
@@ -205,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR/iu_xray_reports/...)")
     ap.add_argument("--out", default=str(RESULTS / "qlora_radiology.json"))
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--no-grad-checkpointing", action="store_true",
+                    help="train every variant without gradient checkpointing")
     ap.add_argument("--memory-only", action="store_true",
                     help="train and account memory/time only (no generation, no text metrics)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -235,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
-        if v not in ("base", "full", "lora", "qlora"):
-            raise SystemExit(f"unknown variant {v!r}; choose from base, full, lora, qlora")
+        if v not in ("base", "full", "lora", "qlora", "pruned"):
+            raise SystemExit(f"unknown variant {v!r}; choose from base, full, lora, qlora, pruned")
         t0 = time.perf_counter()
         print(f"[{v}] running ...", flush=True)
-        extra = ["--memory-only"] if args.memory_only else []
+        extra = (["--memory-only"] if args.memory_only else []) + (
+            ["--no-grad-checkpointing"] if args.no_grad_checkpointing else [])
         res = run_variant_subprocess([__file__, "--worker", v, *passthrough, *extra])
         if not args.memory_only:
             res["metrics"] = text_metrics(res["generations"], refs).as_dict()
