@@ -207,24 +207,24 @@ class BAQWrapper:
             progress: bool = True, distributed: bool = False, group: Any = None) -> list[dict[str, float]]:
         """Train weights and bit logits jointly; returns the per-step history. ``batches`` is re-iterated per epoch.
 
-        ``distributed=True`` (needs an initialised ``torch.distributed`` process group; see
+        ``distributed=True`` (with an initialised ``torch.distributed`` process group; see
         :func:`medquant.distributed.fit_baq_distributed`): ``batches`` are this rank's share, step ``t`` optimises
         the loss of the union of every rank's ``t``-th batch - global mean loss, fairness penalty over the global
         group means (:func:`medquant.distributed.global_group_objective`) and the bit-rate term - with gradients
         averaged over ranks, after broadcasting rank 0's weights and logits. Every rank then takes the
         single-process step on the global batch and ends with the same ``theta`` and bits. The epoch ends when any
         rank runs out of batches. Without it, each rank trains on its own data only (the bits differ by rank).
+        Without an initialised process group, ``distributed=True`` is the ordinary single-process fit.
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        import torch.distributed as dist
+
         from .. import distributed as mqd
 
+        # without a process group (plain ``python script.py``) distributed=True is the single-process fit
+        distributed = distributed and dist.is_available() and dist.is_initialized()
         if distributed:
-            import torch.distributed as dist
-
-            if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError("distributed=True needs an initialised torch.distributed process group "
-                                   "(torch.distributed.init_process_group, torchrun or accelerate launch)")
             world = dist.get_world_size(group)
         elif mqd._dist_active(group):
             import warnings
