@@ -10,6 +10,14 @@ holds the same maps - equal to the single-process ones up to the order of floati
 identical bit allocation. Launch with ``torchrun --nproc_per_node N script.py`` or ``accelerate launch
 --num_processes N script.py``; call ``torch.distributed.init_process_group("gloo" or "nccl")`` first.
 
+**Training across processes** (BAQ, FQ-QAT, distillation, QLoRA): every rank gets its share of each global batch.
+:func:`global_group_objective` all-reduces per-group loss sums and counts so the mean loss and the fairness
+penalty ``max_g L_g - min_g L_g`` are those of the global batch, while each rank back-propagates only through its
+own samples (a surrogate whose gradients, summed over ranks, are the global gradient). ``BAQWrapper.fit(...,
+distributed=True)`` (:func:`fit_baq_distributed`) uses it with :func:`all_reduce_gradients`; ``fq_qat`` uses it
+with a ``DistributedDataParallel`` model; ``Distiller`` and ``QLoRAAdapter.train(ddp=True)`` rely on DDP (or
+FSDP2 for the distillation student). See docs/large_models.md.
+
 ``quantize_shard`` splits the blocks of a model between processes (``torchrun`` / ``accelerate launch`` set
 ``RANK`` and ``WORLD_SIZE``): each process streams only its blocks from the float checkpoint, quantizes them
 (:func:`medquant.sequential.quantize_sequential`) and writes them to its own safetensors shard, with the recipe

@@ -285,6 +285,13 @@ def test_importance_with_one_group_per_rank_equals_single_process(ranks):
         compute_group_importance(_mlp(), _one_group_batches(), min_groups=3, progress=False)
 
 
+def test_baq_distributed_without_process_group_is_the_plain_fit():
+    a, b = _baq(_mlp()), _baq(_mlp())
+    a.fit(_global_batches()[:2], **BAQ_FIT)
+    fit_baq_distributed(b, _global_batches()[:2], **BAQ_FIT)
+    assert _max_diff(_baq_state(a), _baq_state(b)) == 0.0
+
+
 def test_unwrap():
     m = _mlp()
     assert unwrap(m) is m
