@@ -365,8 +365,10 @@ def global_group_objective(losses: torch.Tensor, groups: torch.Tensor, *, lambda
     n_ids = int(top) + 1
     if n_ids == 0:
         raise ValueError("every rank's batch is empty")
-    sums = losses.new_zeros(n_ids).index_add(0, groups, losses)  # differentiable
-    counts = torch.bincount(groups, minlength=n_ids).to(losses.dtype)
+    # float32 at least (half-precision counts are inexact above 2048); differentiable through index_add
+    acc = torch.promote_types(losses.dtype, torch.float32)
+    sums = torch.zeros(n_ids, dtype=acc, device=losses.device).index_add(0, groups, losses.to(acc))
+    counts = torch.bincount(groups, minlength=n_ids).to(acc)
     packed = torch.cat([sums.detach(), counts])
     if on:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
