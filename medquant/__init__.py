@@ -44,6 +44,8 @@ _LAZY = {
     "MedQuantConfig": "medquant.hf",
     "save_pretrained": "medquant.hf",
     "quantize_sequential": "medquant.sequential",
+    "fit_baq_distributed": "medquant.distributed",
+    "global_group_objective": "medquant.distributed",
     "model_roles": "medquant.models",
 }
 
@@ -82,7 +84,9 @@ __all__ = [
     "dequantize_",
     "fake_quantize",
     "fake_quantize_per_sample",
+    "fit_baq_distributed",
     "fq_qat",
+    "global_group_objective",
     "layer_table",
     "load",
     "load_extras",
