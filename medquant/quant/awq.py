@@ -17,12 +17,17 @@ Where nothing can absorb the scale (post-norm BERT blocks; v -> o under grouped-
 row feeds several heads; fc1 -> fc2 through a non-linear activation) the group is not formed and those linears
 are quantized plainly.
 
-All groups are searched on activations collected once from the float model, then folded; the float model's
-outputs are unchanged by folding (up to float rounding), which the tests check before quantization.
+:func:`awq_quantize_` searches all groups on activations collected once from the float model, then folds; the
+float model's outputs are unchanged by folding (up to float rounding), which the tests check before quantization.
+:func:`awq_quantize_sequential` does the same block by block through :func:`medquant.sequential.quantize_sequential`
+(for models that do not fit on the compute device): each block is searched on the activations of the already
+quantized previous blocks (GPTQ/AWQ convention), folded, quantized and offloaded. Both paths share the per-group
+search (:func:`_search_group`) and the fold.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +39,8 @@ from .api import quantize_
 from .config import QuantConfig
 from .core import fake_quantize
 
-__all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "search_and_fold"]
+__all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
+           "search_and_fold_block"]
 
 _ATTN_NORMS = ("input_layernorm", "layer_norm1", "layernorm_before")
 _FFN_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "layer_norm2", "layernorm_after")
@@ -60,16 +66,17 @@ def _norm_kind(mod: nn.Module) -> str | None:
     return None
 
 
-def awq_groups(model: nn.Module, scope: str | list[str] | None = None) -> list[ScaleGroup]:
-    """Scale groups of the pre-norm transformer blocks in scope (see the module docstring)."""
+def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> dict[str, list[ScaleGroup]]:
+    """Block name -> its scale groups (full module names), blocks in order; blocks without a group left out."""
     from ..prune.arch import find_blocks
 
-    groups: list[ScaleGroup] = []
+    out: dict[str, list[ScaleGroup]] = {}
     for b in find_blocks(model, scope):
         blk = model.get_submodule(b.name)
         kids = dict(blk.named_children())
         attn_norm = next((n for n in _ATTN_NORMS if n in kids and _norm_kind(kids[n])), None)
         ffn_norm = next((n for n in _FFN_NORMS if n in kids and _norm_kind(kids[n])), None)
+        groups: list[ScaleGroup] = []
         if b.attention is not None and attn_norm and attn_norm != ffn_norm:
             a = b.attention
             groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [a.q, a.k, a.v]))
@@ -80,7 +87,14 @@ def awq_groups(model: nn.Module, scope: str | list[str] | None = None) -> list[S
             groups.append(ScaleGroup(f"{b.name}.{ffn_norm}", list(f.inputs)))
             if len(f.inputs) == 2:  # gated: act(gate(x)) * up(x) is linear in up's output
                 groups.append(ScaleGroup(f.inputs[1], [f.output]))
-    return groups
+        if groups:
+            out[b.name] = groups
+    return out
+
+
+def awq_groups(model: nn.Module, scope: str | list[str] | None = None) -> list[ScaleGroup]:
+    """Scale groups of the pre-norm transformer blocks in scope (see the module docstring)."""
+    return [g for gs in _groups_by_block(model, scope).values() for g in gs]
 
 
 def _run(model: nn.Module, batch: Any) -> None:
@@ -116,12 +130,18 @@ def _collect(model: nn.Module, groups: list[ScaleGroup], calib: Iterable[Any], m
             h.remove()
     if n == 0:
         raise ValueError("AWQ needs calibration data: the calibration iterable is empty")
+    return _subsample(xs, max_rows)
+
+
+def _subsample(xs: dict[str, list[torch.Tensor]], max_rows: int) -> dict[str, torch.Tensor]:
+    """Concatenate each group's input rows; keep ``max_rows`` random rows (one seeded generator, groups in
+    order) where there are more."""
     out = {}
     gen = torch.Generator().manual_seed(0)
     for name, parts in xs.items():
         x = torch.cat(parts)
         if x.shape[0] > max_rows:
-            x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
+            x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows].to(x.device)]
         out[name] = x
     return out
 
@@ -132,6 +152,30 @@ def _group_error(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tens
         wq = fake_quantize(w * s, config) / s
         err += float((x @ (w - wq).T).pow(2).sum())
     return err
+
+
+@torch.no_grad()
+def _search_group(root: nn.Module, g: ScaleGroup, x: torch.Tensor, config: QuantConfig, grid: int) -> torch.Tensor:
+    """Grid search of ``alpha`` for one group (module docstring formula) on its input rows ``x``; sets
+    ``g.alpha``, ``g.err_rtn``, ``g.err_awq`` and returns the chosen scales ``s`` (``g``'s names are relative to
+    ``root``)."""
+    ws = [root.get_submodule(n).weight.float() for n in g.linears]
+    a = x.abs().mean(0).clamp_min(1e-8)
+    best = (float("inf"), 0.0, torch.ones_like(a))
+    rtn = None
+    for i in range(grid + 1):
+        alpha = i / grid
+        s = a.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        if alpha == 0:
+            s = torch.ones_like(a)
+        err = _group_error(x, ws, s, config)
+        if alpha == 0:
+            rtn = err
+        if err < best[0]:
+            best = (err, alpha, s)
+    g.alpha, g.err_rtn, g.err_awq = best[1], rtn, best[0]
+    return best[2]
 
 
 @torch.no_grad()
@@ -176,26 +220,8 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
         xs = _collect(model, groups, calib, max_rows, progress)
     finally:
         model.train(was)
-    chosen: list[torch.Tensor] = []
-    for g in tqdm(groups, desc="AWQ scale search", disable=not progress, leave=False):
-        x = xs[g.linears[0]]
-        ws = [model.get_submodule(n).weight.float() for n in g.linears]
-        a = x.abs().mean(0).clamp_min(1e-8)
-        best = (float("inf"), 0.0, torch.ones_like(a))
-        rtn = None
-        for i in range(grid + 1):
-            alpha = i / grid
-            s = a.pow(alpha)
-            s = s / (s.max() * s.min()).sqrt()
-            if alpha == 0:
-                s = torch.ones_like(a)
-            err = _group_error(x, ws, s, config)
-            if alpha == 0:
-                rtn = err
-            if err < best[0]:
-                best = (err, alpha, s)
-        g.alpha, g.err_rtn, g.err_awq = best[1], rtn, best[0]
-        chosen.append(best[2])
+    chosen = [_search_group(model, g, xs[g.linears[0]], config, grid)
+              for g in tqdm(groups, desc="AWQ scale search", disable=not progress, leave=False)]
     for g, s in zip(groups, chosen):
         _fold(model, g, s)
     return groups
@@ -209,3 +235,126 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
     groups = search_and_fold(model, config, calib, scope=scope, grid=grid, max_rows=max_rows, progress=progress)
     quantize_(model, config, skip=list(skip) if skip else None)
     return groups
+
+
+# ---------------------------------------------------------------------------------------------- block by block
+@torch.no_grad()
+def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: Any, groups: Sequence[ScaleGroup], *,
+                          grid: int = 10, max_rows: int = 2048) -> list[ScaleGroup]:
+    """:func:`search_and_fold` for one block on its recorded calls.
+
+    Args:
+        block: the float block (on any device).
+        config: the target :class:`QuantConfig` of the search.
+        inputs: the block's calls, ``block(*inputs.args[i], **inputs.kwargs[i])`` per calibration batch (a
+            :class:`medquant.sequential.BlockInputs`).
+        groups: scale groups with names relative to ``block``; they receive ``alpha``, ``err_rtn``, ``err_awq``.
+
+    The inputs of every group are collected in one pass over the calls (before any folding; folding leaves the
+    block's float function unchanged), then each group's scales are searched and folded, as in the whole-model
+    path. Rows beyond ``max_rows`` are subsampled with a generator seeded 0 per block.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    args, kwargs = list(inputs.args), list(inputs.kwargs)
+    if not args or len(args) != len(kwargs):
+        raise ValueError("AWQ needs calibration data: the block has no recorded calls (inputs.args is empty)")
+    xs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
+    handles = []
+
+    def make(name: str):
+        def hook(mod, a):
+            x = a[0].detach().float()
+            xs[name].append(x.reshape(-1, x.shape[-1]))
+        return hook
+
+    for name in xs:
+        handles.append(block.get_submodule(name).register_forward_pre_hook(make(name)))
+    was = block.training
+    block.eval()
+    try:
+        for a, k in zip(args, kwargs):
+            block(*a, **k)
+    finally:
+        block.train(was)
+        for h in handles:
+            h.remove()
+    x_by = _subsample(xs, max_rows)
+    chosen = [_search_group(block, g, x_by[g.linears[0]], config, grid) for g in groups]
+    for g, s in zip(groups, chosen):
+        _fold(block, g, s)
+    return list(groups)
+
+
+def awq_quantize_sequential(
+    model: nn.Module,
+    config: QuantConfig,
+    calib_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    scope: str | list[str] | None = None,
+    skip: Iterable[str] | None = ("@head",),
+    grid: int = 10,
+    max_rows: int = 2048,
+    device: str | torch.device | None = None,
+    offload_device: str | torch.device | None = "cpu",
+    checkpoint: str | os.PathLike | Any | None = None,
+    progress: bool = True,
+) -> list[ScaleGroup]:
+    """AWQ block by block through :func:`medquant.sequential.quantize_sequential`; the model is quantized in place.
+
+    For each decoder / vision block in forward order: the float block is brought to ``device`` (moved, or read from
+    ``checkpoint`` for a model built under ``accelerate.init_empty_weights()``), the scales of its groups (those of
+    :func:`awq_groups` with this ``scope``) are searched on the block's own calibration inputs and folded
+    (:func:`search_and_fold_block`), its layers are quantized with ``config`` (all Linear layers of the model except
+    ``skip``, as :func:`awq_quantize_`), and it moves to ``offload_device``. Peak device memory: one float block
+    plus its activations.
+
+    Difference from :func:`awq_quantize_`: a block's inputs are the outputs of the already *quantized* previous
+    blocks (GPTQ/AWQ convention: each block is calibrated on what the quantized model feeds it), not of the float
+    model, so the chosen ``alpha`` of later blocks may differ. ``calib_inputs``: keyword dicts for
+    ``model(**batch)`` (one dict or a list). Returns the groups (full names) with ``alpha`` and errors.
+    """
+    from ..sequential import find_blocks as seq_blocks
+    from ..sequential import quantize_sequential
+
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if calib_inputs is None:
+        raise ValueError("AWQ needs calibration data: pass calib_inputs (a dict of model(**batch) keyword "
+                         "arguments, or a list of such dicts)")
+    batches = [calib_inputs] if isinstance(calib_inputs, Mapping) else list(calib_inputs)
+    if not batches:
+        raise ValueError("AWQ needs calibration data: calib_inputs is empty")
+    if not all(isinstance(b, Mapping) for b in batches):
+        raise TypeError("calib_inputs must be a dict of model(**batch) keyword arguments or a list of such dicts, "
+                        f"got a list holding {type(next(b for b in batches if not isinstance(b, Mapping))).__name__}")
+    per_block = _groups_by_block(model, scope)
+    if not per_block:
+        raise ValueError(f"{type(model).__name__}: no foldable (norm/linear -> linears) groups found for AWQ")
+    visited = {n for g in seq_blocks(model) for n in g}
+    missing = [b for b in per_block if b not in visited]
+    if missing:
+        raise ValueError(f"AWQ blocks {missing[:3]} are not among the blocks quantize_sequential visits "
+                         "(vision_layers then language_model_layers); use awq_quantize_ for this model")
+    done: list[ScaleGroup] = []
+
+    def per_block_fn(block: nn.Module, inputs) -> None:
+        groups = per_block.get(inputs.name)
+        if not groups:
+            return
+        n = len(inputs.name) + 1
+        rel = [ScaleGroup(g.prev[n:], [x[n:] for x in g.linears]) for g in groups]
+        search_and_fold_block(block, config, inputs, rel, grid=grid, max_rows=max_rows)
+        for g, r in zip(groups, rel):
+            g.alpha, g.err_rtn, g.err_awq = r.alpha, r.err_rtn, r.err_awq
+        done.extend(groups)
+
+    was = model.training
+    model.eval()
+    try:
+        quantize_sequential(model, config, batches, skip=list(skip) if skip else None, device=device,
+                            offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
+                            progress=progress)
+    finally:
+        model.train(was)
+    return done
