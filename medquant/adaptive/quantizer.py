@@ -4,7 +4,9 @@ Each input image gets a complexity level (from a fitted :class:`medquant.complex
 images, from a learned policy, or passed in); the level selects a bit-width (default ``{0: 2, 1: 4, 2: 8, 3: 32}``)
 and the activation at one or more *sites* of the network is fake-quantized per sample at that width
 (:func:`medquant.adaptive.fakequant.fake_quantize_per_sample`), all samples in one batched forward. The weights
-are quantized once, globally, with :func:`medquant.quantize_` (default int8 per output channel).
+are quantized once, globally, with :func:`medquant.quantize_` (default int8 per output channel), or block by block
+with :func:`medquant.sequential.quantize_sequential` (``weight_sequential=``) for models that do not fit on the
+compute device in floating point: the same plan and bit-identical buffers.
 
 A *site* is a module name plus where its activation is taken:
 
@@ -46,6 +48,35 @@ def _check_bit_map(bit_map: Mapping) -> dict[int, int]:
             raise ValueError(f"bit_map[{k}] = {v!r}: bits must be 1..8 or >= {PASSTHROUGH_BITS} (float)")
         out[k] = v
     return dict(sorted(out.items()))
+
+
+_SEQUENTIAL_KEYS = ("device", "offload_device", "checkpoint", "blocks", "progress")
+
+
+def _check_sequential_opts(opts) -> dict:
+    if not isinstance(opts, Mapping):
+        raise TypeError(f"weight_sequential must be a bool or a dict of quantize_sequential keyword arguments, "
+                        f"got {type(opts).__name__}")
+    bad = sorted(set(opts) - set(_SEQUENTIAL_KEYS))
+    if bad:
+        raise ValueError(f"unknown weight_sequential option(s) {bad}; accepted: {list(_SEQUENTIAL_KEYS)}")
+    return dict(opts)
+
+
+def _sequential_blocks(model: nn.Module) -> list[list[str]] | None:
+    """Blocks for ``quantize_sequential``: those of ``model`` itself, else those of the shallowest submodule that
+    has some (the VLM inside a :class:`VLMClassifier`), with full names; ``None`` when there are none."""
+    from ..sequential import find_blocks
+
+    groups = find_blocks(model)
+    if groups:
+        return groups
+    for name, mod in model.named_modules():
+        if name and hasattr(mod, "config"):
+            groups = find_blocks(mod)
+            if groups:
+                return [[f"{name}.{b}" for b in g] for g in groups]
+    return None
 
 
 def _parse_site(site) -> tuple[str, str]:
@@ -107,6 +138,12 @@ class AdaptiveQuantizer(nn.Module):
         weight_config: ``QuantConfig`` / int / mapping for :func:`medquant.quantize_`, or ``None`` to leave the
             weights in floating point. Default int8 per output channel.
         weight_skip: ``skip`` patterns passed to ``quantize_``.
+        weight_sequential: ``False`` (default) quantizes the weights with ``quantize_``; ``True`` or a dict of
+            keyword arguments (``device``, ``offload_device``, ``checkpoint``, ``blocks``, ``progress``) uses
+            :func:`medquant.sequential.quantize_sequential` instead: one decoder / vision block in floating point
+            on the device at a time, the model may be a meta-device skeleton read from a safetensors
+            ``checkpoint``; same quantized model as ``quantize_``. Without ``blocks`` the blocks are those of
+            the model, or of the Hugging Face model inside it (``VLMClassifier.vlm``).
 
     Call: ``aq(x, levels=lv)``, ``aq(x, bits=b)``, ``aq(x, images=raw)`` or ``aq(x)`` (scorer on ``x``); any other
     positional / keyword arguments go to the model. ``aq.stats()`` reports the average bits actually used.
@@ -120,6 +157,7 @@ class AdaptiveQuantizer(nn.Module):
         scorer=None,
         weight_config="default",
         weight_skip=None,
+        weight_sequential: bool | Mapping = False,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -149,7 +187,17 @@ class AdaptiveQuantizer(nn.Module):
 
             cfg = QuantConfig(8, scope="channel") if isinstance(weight_config, str) and weight_config == "default" \
                 else weight_config
-            quantize_(model, cfg, skip=weight_skip)
+            if weight_sequential is False or weight_sequential is None:
+                quantize_(model, cfg, skip=weight_skip)
+            else:
+                from ..sequential import quantize_sequential
+
+                opts = {} if weight_sequential is True else _check_sequential_opts(weight_sequential)
+                if opts.get("blocks") is None:
+                    opts["blocks"] = _sequential_blocks(model)
+                quantize_sequential(model, cfg, skip=weight_skip, **opts)
+        elif weight_sequential not in (False, None):
+            raise ValueError("weight_sequential needs weight_config (the weights to quantize); it is None")
         self.weight_config = None if weight_config is None else str(weight_config)
         self._bits: torch.Tensor | None = None
         self._enabled = True
