@@ -467,3 +467,120 @@ def ddp_like(ddp: nn.Module, module: nn.Module) -> nn.Module:
     else:  # older torch
         kw["broadcast_buffers"] = ddp.broadcast_buffers
     return DistributedDataParallel(module, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2 helpers
+def has_fsdp(model: nn.Module) -> bool:
+    """``model`` or one of its submodules was sharded with FSDP2's ``fully_shard``."""
+    return any(is_fsdp(m) for m in model.modules())
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters are on the meta device (no memory); buffers are copied (FSDP2
+    does not shard them, and non-persistent ones are absent from state dicts). Take it *before* attaching
+    parametrizations or sharding; :func:`load_full_state` fills it."""
+    import copy
+
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def fsdp_shard(model: nn.Module, units: Iterable[str] = (), *, mesh=None, ignored_params=None):
+    """FSDP2-shard ``model`` in place: ``fully_shard`` on each module named in ``units`` (its own all-gather
+    group), then on ``model``. Rank 0's parameter values are broadcast first (``fully_shard`` keeps each rank's
+    slice of its own local tensor, so ranks built with different weights would mix them). ``mesh``: a 1-D
+    ``DeviceMesh`` (default: every rank, on the device type of the parameters). ``ignored_params`` stay plain,
+    replicated tensors. Returns the mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("FSDP needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group, torchrun or accelerate launch)")
+    if has_fsdp(model):
+        raise ValueError("the model is already sharded with fully_shard: pass the plain (unsharded) model, "
+                         "medquant shards it after attaching its parametrizations")
+    if mesh is None:
+        dev = next(model.parameters()).device.type
+        mesh = init_device_mesh(dev, (dist.get_world_size(),))
+    if mesh.ndim != 1:
+        raise ValueError(f"only a 1-D device mesh (plain FSDP) is supported, got {mesh.ndim}-D")
+    broadcast_parameters(model.parameters(), group=mesh.get_group())
+    kw = {"mesh": mesh}
+    if ignored_params is not None:
+        kw["ignored_params"] = set(ignored_params)
+    for name in units:
+        fully_shard(model.get_submodule(name), **kw)
+    fully_shard(model, **kw)
+    return mesh
+
+
+def _plain_name(key: str) -> str:
+    """``a.parametrizations.weight.original`` -> ``a.weight`` (the name without the parametrization)."""
+    while ".parametrizations." in key or key.startswith("parametrizations."):
+        head, _, tail = key.partition("parametrizations.")
+        attr, _, rest = tail.partition(".")
+        if rest != "original":
+            return ""  # a parameter of the parametrization itself (e.g. BAQ's theta): not a model weight
+        key = head + attr
+    return key
+
+
+def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
+    """Fill the :func:`meta_skeleton` ``skeleton`` with the full (gathered) tensors of the FSDP2-sharded,
+    possibly parametrized ``sharded`` model: ``DTensor.full_tensor()`` one tensor at a time (a collective: every
+    rank must call it), ``...parametrizations.weight.original`` stored as ``...weight``; parameters of the
+    parametrizations (BAQ's ``theta``) are left out. Every rank ends with the full model. Returns ``skeleton``."""
+    from torch.distributed.tensor import DTensor
+
+    want = dict(skeleton.state_dict())
+    full = {}
+    for key, t in sharded.state_dict().items():
+        name = _plain_name(key)
+        if not name:
+            continue
+        if name not in want:
+            raise ValueError(f"{key!r} of the sharded model has no slot {name!r} in the skeleton")
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        full[name] = t.detach().clone()
+    missing = sorted(set(want) - set(full))
+    if missing:
+        raise ValueError(f"the sharded model lacks {missing[:5]}")
+    skeleton.load_state_dict(full, assign=True)
+    for p in skeleton.parameters():
+        if p.device.type == "meta":
+            raise RuntimeError("a parameter of the skeleton is still on the meta device after loading")
+    return skeleton
+
+
+def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, group=None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) over parameters that may mix FSDP2-sharded ``DTensor``s
+    (each element held by one rank: local squared sums are all-reduced) and plain replicated tensors (same
+    gradient on every rank: counted once). Same formula as torch: ``coef = min(1, max_norm / (norm + 1e-6))``."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    dev = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    sharded = torch.zeros((), dtype=torch.float64, device=dev)
+    plain = torch.zeros((), dtype=torch.float64, device=dev)
+    for g in grads:
+        if isinstance(g, DTensor):
+            sharded += g.to_local().double().pow(2).sum()
+        else:
+            plain += g.double().pow(2).sum()
+    if _dist_active(group):
+        dist.all_reduce(sharded, op=dist.ReduceOp.SUM, group=group)
+    total = (sharded + plain).sqrt().float()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    with torch.no_grad():
+        for g in grads:
+            if isinstance(g, DTensor):
+                g.to_local().mul_(coef.to(g.to_local().dtype))
+            else:
+                g.mul_(coef.to(g.dtype))
+    return total

@@ -13,7 +13,7 @@ allocation: the exported model computes exactly what the fake-quantized model co
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +105,8 @@ def fq_qat(
     groups_fn: GroupsFn | None = None,
     export: bool = True,
     progress: bool = True,
+    fsdp: Any = None,
+    fsdp_units: Sequence[str] | None = None,
 ) -> QATResult:
     """Fine-tune ``model`` with the fixed allocation ``quant_map`` (e.g. ``FairQuantAllocator.to_quant_map()``).
 
@@ -124,6 +126,18 @@ def fq_qat(
     single-process step on the global batch. The returned model (exported or not) is the unwrapped
     ``model.module``.
 
+    FSDP2 (the model sharded over the ranks, ``fsdp=True`` or a 1-D ``DeviceMesh``): pass the *plain* model
+    (every rank builds the same one; rank 0's values are broadcast) and this rank's batches. The fake-quant
+    parametrizations are attached first, then every module in ``fsdp_units`` (default: each quantized layer) and
+    the root are ``fully_shard``-ed (:func:`medquant.distributed.fsdp_shard`), so each rank stores a shard of
+    every weight and its optimizer state; the forward all-gathers a layer's full float weight and fake-quantizes
+    it. Same global-batch objective as with DDP (FSDP averages the reduce-scattered gradients); gradient
+    clipping over the shards (:func:`medquant.distributed.clip_grad_norm_`). At the end the trained weights are
+    gathered (``DTensor.full_tensor()``) into a plain copy of the model (taken on the meta device before
+    sharding), exported there; every rank returns that full model. The ``model`` passed in stays sharded and
+    fake-quantized: do not use it afterwards. An already ``fully_shard``-ed model is refused (the
+    parametrizations must be attached before sharding).
+
     Returns a :class:`QATResult` with the (exported) model, the resolved plan and per-step loss history.
     """
     if epochs < 1:
@@ -132,14 +146,30 @@ def fq_qat(
         raise ValueError(f"lr must be > 0, got {lr}")
     if lambda_fair < 0:
         raise ValueError(f"lambda_fair must be >= 0, got {lambda_fair}")
-    from ..distributed import ddp_like, global_group_objective, is_ddp, rank, unwrap
+    from .. import distributed as mqd
 
-    ddp = is_ddp(model)
-    inner = unwrap(model)
-    world = torch.distributed.get_world_size(model.process_group) if ddp else 1
+    if mqd.has_fsdp(model):
+        raise ValueError("fq_qat got a model already sharded with fully_shard: the fake-quant parametrizations "
+                         "must be attached before sharding. Pass the plain model with fsdp=True (or fsdp=mesh); "
+                         "fq_qat attaches them and shards it")
+    ddp = mqd.is_ddp(model)
+    use_fsdp = fsdp is not None and fsdp is not False
+    if use_fsdp and ddp:
+        raise ValueError("fsdp=... needs the plain model, not a DistributedDataParallel wrapper")
+    inner = mqd.unwrap(model)
+    skeleton = mqd.meta_skeleton(inner) if use_fsdp else None
     plan = attach_fake_quant(inner, quant_map)
+    pg = None
+    world = 1
     if ddp:  # a DDP built before the parametrizations misses their gradients: wrap again, same settings
-        model = ddp_like(model, inner)
+        pg = model.process_group
+        world = torch.distributed.get_world_size(pg)
+        model = mqd.ddp_like(model, inner)
+    elif use_fsdp:
+        units = list(plan) if fsdp_units is None else list(fsdp_units)
+        mesh = mqd.fsdp_shard(inner, units, mesh=None if fsdp is True else fsdp)
+        pg, world = mesh.get_group(), mesh.size()
+    distributed = ddp or use_fsdp
     history: list[dict[str, float]] = []
     try:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -150,12 +180,12 @@ def fq_qat(
         step = 0
         for ep in range(epochs):
             it = epoch_batches(batches, epoch=ep, epochs=epochs, step=step, max_steps=max_steps,
-                               progress=progress and rank() == 0, label="FQ-QAT")
+                               progress=progress and mqd.rank() == 0, label="FQ-QAT")
             for batch in it:
                 losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
-                if ddp:
-                    objective, task, fair = global_group_objective(
-                        losses, groups, lambda_fair=lambda_fair, group=model.process_group, grad_scale=world)
+                if distributed:
+                    objective, task, fair = mqd.global_group_objective(
+                        losses, groups, lambda_fair=lambda_fair, group=pg, grad_scale=world)
                     loss = task + lambda_fair * fair
                 else:
                     task = losses.mean()
@@ -163,7 +193,9 @@ def fq_qat(
                     objective = loss = task + lambda_fair * fair
                 opt.zero_grad(set_to_none=True)
                 objective.backward()
-                if grad_clip is not None:
+                if grad_clip is not None and use_fsdp:
+                    mqd.clip_grad_norm_(params, grad_clip, group=pg)
+                elif grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 opt.step()
                 history.append({"step": step, "loss": float(loss.detach()), "task": float(task.detach()),
@@ -173,7 +205,11 @@ def fq_qat(
                 break
         model.eval()
     finally:
-        detach_fake_quant(inner)
+        if not use_fsdp:
+            detach_fake_quant(inner)
+    if use_fsdp:  # gather the trained float weights into a plain copy of the model (collective: all ranks)
+        inner = mqd.load_full_state(skeleton, inner)
+        inner.eval()
     if export:
         quantize_(inner, plan)
     return QATResult(model=inner, plan=plan, history=history)
