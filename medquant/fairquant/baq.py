@@ -108,7 +108,14 @@ class BAQWrapper:
             raise ValueError(f"target_bits={target_bits} is impossible in the bit range [{b_min}, {b_max}]")
         if init_bits is not None and hasattr(init_bits, "bit_map"):
             init_bits = init_bits.bit_map()
+        from ..distributed import has_fsdp
+
+        if has_fsdp(model):
+            raise ValueError("BAQWrapper got a model already sharded with FSDP2 fully_shard: the BAQ "
+                             "parametrizations must be attached before sharding. Pass the plain model and call "
+                             "fit(..., distributed=True, fsdp=True) (or fsdp=mesh), which shards it")
         self.model = model
+        self._skeleton: nn.Module | None = None
         self.b_min, self.b_max, self.scope = b_min, b_max, scope
         self.lambda_bit, self.lambda_fair, self.target_bits = float(lambda_bit), float(lambda_fair), target_bits
         targets = quantizable_layers(model, layers, skip)
@@ -204,7 +211,8 @@ class BAQWrapper:
     def fit(self, batches: Iterable[Any], *, epochs: int = 1, max_steps: int | None = None,
             weight_lr: float = 3e-5, logit_lr: float = 3e-3, weight_decay: float = 0.01,
             grad_clip: float | None = 1.0, loss_fn: LossFn | None = None, groups_fn: GroupsFn | None = None,
-            progress: bool = True, distributed: bool = False, group: Any = None) -> list[dict[str, float]]:
+            progress: bool = True, distributed: bool = False, group: Any = None, fsdp: Any = None,
+            fsdp_units: Sequence[str] | None = None) -> list[dict[str, float]]:
         """Train weights and bit logits jointly; returns the per-step history. ``batches`` is re-iterated per epoch.
 
         ``distributed=True`` (with an initialised ``torch.distributed`` process group; see
@@ -215,6 +223,16 @@ class BAQWrapper:
         single-process step on the global batch and ends with the same ``theta`` and bits. The epoch ends when any
         rank runs out of batches. Without it, each rank trains on its own data only (the bits differ by rank).
         Without an initialised process group, ``distributed=True`` is the ordinary single-process fit.
+
+        ``fsdp=True`` (or a 1-D ``DeviceMesh``; needs ``distributed=True`` and a process group): the model is
+        FSDP2-sharded before training (:func:`medquant.distributed.fsdp_shard`: ``fully_shard`` on every module
+        in ``fsdp_units``, default each BAQ layer, then on the root; rank 0's values broadcast first). Each rank
+        stores a shard of every weight (and its AdamW state); the bit logits ``theta`` are left out of the
+        sharding (``ignored_params``): replicated, their gradients averaged by :func:`all_reduce_gradients`, so
+        ``bits()`` / ``bit_rate()`` read them directly on every rank. Gradient clipping over the shards
+        (:func:`medquant.distributed.clip_grad_norm_`). Call :meth:`export` on every rank afterwards: it gathers
+        the full weights into a plain copy of the model taken before sharding. A second ``fit`` of a sharded
+        wrapper is refused.
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -224,6 +242,27 @@ class BAQWrapper:
 
         # without a process group (plain ``python script.py``) distributed=True is the single-process fit
         distributed = distributed and dist.is_available() and dist.is_initialized()
+        use_fsdp = fsdp is not None and fsdp is not False
+        if self._skeleton is not None:
+            raise RuntimeError("this BAQWrapper's model is already FSDP-sharded by an earlier fit: export() it, "
+                               "or build a new wrapper on a plain model")
+        if use_fsdp:
+            if not distributed:
+                raise ValueError("fsdp needs distributed=True and an initialised torch.distributed process group")
+            if group is not None:
+                raise ValueError("with fsdp, pass the ranks as a DeviceMesh (fsdp=mesh), not group=")
+            # the skeleton is the plain model: take it with the BAQ parametrizations detached, then put the same
+            # BAQWeight objects (same theta) back. (Removing them from a deep copy instead would delete the
+            # ``weight`` property from the parametrized class, which the copy shares with the model.)
+            for n in self.params:
+                parametrize.remove_parametrizations(self.model.get_submodule(n), "weight", leave_parametrized=False)
+            self._skeleton = mqd.meta_skeleton(self.model)
+            for n, p in self.params.items():
+                parametrize.register_parametrization(self.model.get_submodule(n), "weight", p)
+            units = list(self.params) if fsdp_units is None else list(fsdp_units)
+            mesh = mqd.fsdp_shard(self.model, units, mesh=None if fsdp is True else fsdp,
+                                  ignored_params=self.logits())
+            group = mesh.get_group()
         if distributed:
             world = dist.get_world_size(group)
         elif mqd._dist_active(group):
@@ -233,7 +272,7 @@ class BAQWrapper:
                           "rank trains on its own batches and may end with different bits", stacklevel=2)
         opt = self.optimizer(weight_lr, logit_lr, weight_decay)
         params = self.weights() + self.logits()
-        if distributed:
+        if distributed and not use_fsdp:  # fsdp_shard broadcast them before sharding
             mqd.broadcast_parameters(params, group=group)
         history: list[dict[str, float]] = []
         self.model.train()
@@ -257,9 +296,13 @@ class BAQWrapper:
                     total, parts = self.loss(losses, groups)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
-                if distributed:
+                if use_fsdp:  # FSDP averaged the weights' gradients; theta is replicated
+                    mqd.all_reduce_gradients(self.logits(), average=True, group=group)
+                elif distributed:
                     mqd.all_reduce_gradients(params, average=True, group=group)
-                if grad_clip is not None:
+                if grad_clip is not None and use_fsdp:
+                    mqd.clip_grad_norm_(params, grad_clip, group=group)
+                elif grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 opt.step()
                 parts["step"] = step
@@ -297,8 +340,18 @@ class BAQWrapper:
 
     def export(self, project: bool = True, tolerance: float = 0.1) -> nn.Module:
         """Remove the BAQ parametrizations (keeping the trained float weights) and ``quantize_`` the model with the
-        discretised bits; returns the model (ordinary QuantLinear / QuantConv2d, saves and reloads)."""
+        discretised bits; returns the model (ordinary QuantLinear / QuantConv2d, saves and reloads). After an FSDP
+        fit, a collective: every rank gathers the full weights and returns the full exported model."""
         qmap = self.quant_map(project=project, tolerance=tolerance)
+        if self._skeleton is not None:  # FSDP: gather the trained weights into the plain copy (all ranks)
+            from ..distributed import load_full_state
+
+            self.model = load_full_state(self._skeleton, self.model)
+            self._skeleton = None
+            self.params_exported = qmap
+            quantize_(self.model, qmap)
+            self.model.eval()
+            return self.model
         for n in self.params:
             parametrize.remove_parametrizations(self.model.get_submodule(n), "weight", leave_parametrized=False)
         self.params_exported = qmap
