@@ -156,6 +156,9 @@ def fq_qat(
     use_fsdp = fsdp is not None and fsdp is not False
     if use_fsdp and ddp:
         raise ValueError("fsdp=... needs the plain model, not a DistributedDataParallel wrapper")
+    if use_fsdp and not mqd._dist_active():
+        raise RuntimeError("fsdp=... needs an initialised torch.distributed process group of several ranks "
+                           "(torch.distributed.init_process_group, torchrun or accelerate launch)")
     inner = mqd.unwrap(model)
     skeleton = mqd.meta_skeleton(inner) if use_fsdp else None
     plan = attach_fake_quant(inner, quant_map)

@@ -137,6 +137,33 @@ def _worker(r: int, init_file: str, out: str) -> None:
         bits["qat"] = {"loss": [h["loss"] for h in qat.history], "fair": [h["fair"] for h in qat.history]}
         exported = fq_qat(DDP(_mlp()), QAT_MAP, local, **QAT_FIT).model
         res["qat_export"] = {k: v.clone() for k, v in exported.state_dict().items()}
+        # FQ-QAT with FSDP2: the plain model in, sharded inside fq_qat (different initial weights: rank 0's win)
+        model = _mlp(seed=r)
+        qat = fq_qat(model, QAT_MAP, local, export=False, fsdp=True, **QAT_FIT)
+        shard = model[0].parametrizations.weight.original  # the model passed in stays sharded
+        bits["qat_fsdp_shard"] = [list(shard.to_local().shape), list(shard.shape)]
+        res["qat_fsdp"] = {k: v.clone() for k, v in qat.model.state_dict().items()}
+        bits["qat_fsdp"] = {"loss": [h["loss"] for h in qat.history]}
+        res["qat_fsdp_export"] = fq_qat(_mlp(), QAT_MAP, local, fsdp=True, **QAT_FIT).model.state_dict()
+        # BAQ with FSDP2: sharded weights, replicated bit logits
+        m = _mlp(seed=r)
+        w = _baq(m)
+        hist = w.fit(local, distributed=True, fsdp=True, **BAQ_FIT)
+        shard = m[0].parametrizations.weight.original
+        bits["baq_fsdp_shard"] = [list(shard.to_local().shape), list(shard.shape)]
+        bits["baq_fsdp"] = {"bits": w.bits(project=False), "loss": [h["loss"] for h in hist]}
+        res["baq_fsdp_theta"] = {f"theta/{n}": p.theta.detach().clone() for n, p in w.params.items()}
+        res["baq_fsdp_export"] = w.export().state_dict()
+        # an already fully_shard-ed model is refused by fq_qat and BAQWrapper
+        from torch.distributed.fsdp import fully_shard
+
+        errors = []
+        for call in (lambda m: fq_qat(m, QAT_MAP, local, **QAT_FIT), lambda m: _baq(m)):
+            try:
+                call(fully_shard(_mlp()))
+            except ValueError as e:
+                errors.append(str(e))
+        bits["fsdp_errors"] = errors
         # Distiller with a DDP-wrapped student
         student = _Net(8, seed=3)
         d = _distiller(DDP(student))
@@ -256,6 +283,55 @@ def test_fq_qat_ddp_equals_single_process(ranks):
                 torch.testing.assert_close(e[k], exported[k], rtol=1e-4, atol=1e-5)
             else:
                 assert torch.equal(e[k], exported[k]), k
+
+
+def _assert_exported_equal(e: dict, ref: dict) -> None:
+    assert set(e) == set(ref)
+    for k, v in e.items():  # packed codes: equal; scales, biases: float tolerance
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(v, ref[k]), k
+
+
+def test_fq_qat_fsdp_equals_single_process(ranks):
+    model = _mlp()
+    qat = fq_qat(model, QAT_MAP, _global_batches(), export=False, **QAT_FIT)
+    exported = fq_qat(_mlp(), QAT_MAP, _global_batches(), **QAT_FIT).model.state_dict()
+    for r in range(WORLD):
+        # each rank stored half of the 16 rows of layer 0 during training
+        assert ranks("bits", r)["qat_fsdp_shard"] == [[8, 6], [16, 6]]
+        _close(ranks("qat_fsdp", r), model.state_dict())
+        assert ranks("bits", r)["qat_fsdp"]["loss"] == pytest.approx([h["loss"] for h in qat.history], rel=1e-5)
+        _assert_exported_equal(ranks("qat_fsdp_export", r), exported)
+
+
+def test_baq_fsdp_equals_single_process(ranks):
+    single = _baq(_mlp())
+    hist = single.fit(_global_batches(), **BAQ_FIT)
+    theta = {f"theta/{n}": p.theta.detach().clone() for n, p in single.params.items()}
+    ref_bits = {k: list(v) for k, v in single.bits(project=False).items()}
+    exported = single.export().state_dict()
+    for r in range(WORLD):
+        assert ranks("bits", r)["baq_fsdp_shard"] == [[8, 6], [16, 6]]
+        got = ranks("bits", r)["baq_fsdp"]
+        assert got["bits"] == ref_bits
+        assert got["loss"] == pytest.approx([h["loss"] for h in hist], rel=1e-5)
+        _close(ranks("baq_fsdp_theta", r), theta)
+        _assert_exported_equal(ranks("baq_fsdp_export", r), exported)
+
+
+def test_already_sharded_model_is_refused(ranks):
+    for r in range(WORLD):
+        errs = ranks("bits", r)["fsdp_errors"]
+        assert len(errs) == 2 and all("before sharding" in e for e in errs), errs
+
+
+def test_fsdp_without_process_group_is_refused():
+    with pytest.raises(RuntimeError, match="process group"):
+        fq_qat(_mlp(), QAT_MAP, _global_batches()[:1], fsdp=True, **QAT_FIT)
+    with pytest.raises(ValueError, match="distributed=True"):
+        _baq(_mlp()).fit(_global_batches()[:1], fsdp=True, **BAQ_FIT)
 
 
 def test_distiller_ddp_equals_single_process(ranks):
