@@ -28,6 +28,8 @@ from medquant.fairquant.baq import BAQWrapper
 from medquant.fairquant.batches import fairness_penalty
 from medquant.fairquant.importance import compute_group_importance
 from medquant.fairquant.qat import fq_qat
+from medquant.quant.api import quantize_
+from medquant.quant.config import QuantConfig
 
 WORLD = 2
 STEPS = 6
@@ -54,6 +56,18 @@ def _global_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return out
 
 
+def _convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(6, 3))
+
+
+def _conv_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Images (2 x 4 x 4) with the labels and groups of :func:`_global_batches`."""
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(BATCH, 2, 4, 4, generator=g), y, grp) for _, y, grp in _global_batches()]
+
+
 def _local(batches, r: int):
     n = BATCH // WORLD
     return [tuple(t[r * n:(r + 1) * n] for t in b) for b in batches]
@@ -66,6 +80,8 @@ def _baq(model: nn.Module) -> BAQWrapper:
 
 BAQ_FIT = {"weight_lr": 1e-2, "logit_lr": 0.05, "progress": False}
 QAT_MAP = {"0": 4, "2": 3}
+# per-output-channel mixed bits on the conv (rows 0-2 on rank 0's shard, 3-5 on rank 1's)
+CONV_QAT_MAP = {"0": QuantConfig(8, scope="channel", channel_bits=(2, 4, 8, 4, 3, 8)), "4": 4}
 QAT_FIT = {"lr": 1e-2, "lambda_fair": 1.0, "progress": False}
 
 
@@ -145,6 +161,8 @@ def _worker(r: int, init_file: str, out: str) -> None:
         res["qat_fsdp"] = {k: v.clone() for k, v in qat.model.state_dict().items()}
         bits["qat_fsdp"] = {"loss": [h["loss"] for h in qat.history]}
         res["qat_fsdp_export"] = fq_qat(_mlp(), QAT_MAP, local, fsdp=True, **QAT_FIT).model.state_dict()
+        res["qat_fsdp_conv"] = fq_qat(_convnet(seed=r), CONV_QAT_MAP, _local(_conv_batches(), r), fsdp=True,
+                                      **QAT_FIT).model.state_dict()
         # BAQ with FSDP2: sharded weights, replicated bit logits
         m = _mlp(seed=r)
         w = _baq(m)
@@ -304,6 +322,14 @@ def test_fq_qat_fsdp_equals_single_process(ranks):
         _close(ranks("qat_fsdp", r), model.state_dict())
         assert ranks("bits", r)["qat_fsdp"]["loss"] == pytest.approx([h["loss"] for h in qat.history], rel=1e-5)
         _assert_exported_equal(ranks("qat_fsdp_export", r), exported)
+    # Conv2d with mixed per-channel bits
+    conv = fq_qat(_convnet(), CONV_QAT_MAP, _conv_batches(), **QAT_FIT).model
+    assert conv[0].mixed
+    untrained = _convnet()
+    quantize_(untrained, CONV_QAT_MAP)
+    assert _max_diff(untrained.state_dict(), conv.state_dict()) > 1e-3  # training changed the exported model
+    for r in range(WORLD):
+        _assert_exported_equal(ranks("qat_fsdp_conv", r), conv.state_dict())
 
 
 def test_baq_fsdp_equals_single_process(ranks):
