@@ -16,7 +16,10 @@ penalty ``max_g L_g - min_g L_g`` are those of the global batch, while each rank
 own samples (a surrogate whose gradients, summed over ranks, are the global gradient). ``BAQWrapper.fit(...,
 distributed=True)`` (:func:`fit_baq_distributed`) uses it with :func:`all_reduce_gradients`; ``fq_qat`` uses it
 with a ``DistributedDataParallel`` model; ``Distiller`` and ``QLoRAAdapter.train(ddp=True)`` rely on DDP (or
-FSDP2 for the distillation student). See docs/large_models.md.
+FSDP2 for the distillation student). FSDP2 for FQ-QAT and BAQ (``fq_qat(..., fsdp=True)``,
+``BAQWrapper.fit(..., distributed=True, fsdp=True)``): the parametrizations are attached to the plain model, then
+:func:`fsdp_shard` shards it, and :func:`load_full_state` gathers the trained weights into a
+:func:`meta_skeleton` for export. See docs/large_models.md.
 
 ``quantize_shard`` splits the blocks of a model between processes (``torchrun`` / ``accelerate launch`` set
 ``RANK`` and ``WORLD_SIZE``): each process streams only its blocks from the float checkpoint, quantizes them
