@@ -535,7 +535,8 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
     """Fill the :func:`meta_skeleton` ``skeleton`` with the full (gathered) tensors of the FSDP2-sharded,
     possibly parametrized ``sharded`` model: ``DTensor.full_tensor()`` one tensor at a time (a collective: every
     rank must call it), ``...parametrizations.weight.original`` stored as ``...weight``; parameters of the
-    parametrizations (BAQ's ``theta``) are left out. Every rank ends with the full model. Returns ``skeleton``."""
+    parametrizations (BAQ's ``theta``) are left out; tied parameters stay tied. Every rank ends with the full model.
+    Returns ``skeleton``."""
     from torch.distributed.tensor import DTensor
 
     want = dict(skeleton.state_dict())
@@ -551,7 +552,16 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
     missing = sorted(set(want) - set(full))
     if missing:
         raise ValueError(f"the sharded model lacks {missing[:5]}")
+    aliases, first = {}, {}  # tied parameters (e.g. lm_head / embeddings): re-tied after the assigning load
+    for n, p in skeleton.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[n] = first[id(p)]
+        else:
+            first[id(p)] = n
     skeleton.load_state_dict(full, assign=True)
+    for n, src in aliases.items():
+        parent, _, attr = n.rpartition(".")
+        setattr(skeleton.get_submodule(parent) if parent else skeleton, attr, skeleton.get_parameter(src))
     for p in skeleton.parameters():
         if p.device.type == "meta":
             raise RuntimeError("a parameter of the skeleton is still on the meta device after loading")
