@@ -108,11 +108,16 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.dtype = torch.float32,
-                  double_quant: bool = True, quant_type: str = "nf4") -> list[str]:
+                  double_quant: bool = True, quant_type: str = "nf4", cpu_bf16_packing: bool = False) -> list[str]:
     """Replace the named ``nn.Linear`` modules by bitsandbytes ``Linear4bit`` holding their quantized weights.
 
     The weight is wrapped in ``bnb.nn.Params4bit`` and quantized when the module is moved to the weight's
     device (bitsandbytes quantizes on ``.to(device)``, CPU included). Biases stay float and frozen.
+
+    ``cpu_bf16_packing``: on CPUs with AVX512-BF16, bitsandbytes (0.50 here) repacks a ``Linear4bit`` weight at its
+    first inference call (eval mode, no grad) into a CPU kernel layout whose block absmax is rounded to bfloat16
+    and whose matmul runs in bfloat16. That is faster, but the outputs then depend on the CPU model and differ
+    from training-mode outputs. Off by default, so results are the same on every CPU; ``True`` allows it.
     Returns the names replaced.
     """
     bnb = _bnb()
@@ -137,6 +142,8 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
         if mod.bias is not None:
             q.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
         q = q.to(device)
+        if hasattr(q, "support_avx512bf16_for_cpu"):
+            q.support_avx512bf16_for_cpu = bool(q.support_avx512bf16_for_cpu and cpu_bf16_packing)
         _set_module(model, name, q)
         done.append(name)
     return done
@@ -148,9 +155,29 @@ def nf4_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
+def _canonical_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """``(data, quant_state)`` in bitsandbytes' standard layout, undoing its AVX512-BF16 CPU packing (see
+    :func:`nf4_quantize_`) without changing the values: the packed state's bfloat16 absmax is used as it is
+    (bitsandbytes' own inverse re-quantizes it when double quantization was on). The module is not modified."""
+    import copy
+
+    if not getattr(state, "packing_format_for_cpu", False):
+        return data, state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    st = copy.copy(state)  # shallow: the inverse reassigns fields, never mutates the tensors
+    st.original_nested = False  # keep the (bf16) absmax instead of re-quantizing it
+    qweight, st = _convert_weight_packed_for_cpu_inverse(data, st)
+    st.absmax = state.absmax.T.reshape(-1).float()  # packed as (K / blocksize, N); standard: flat, per block
+    st.nested, st.offset, st.state2 = False, None, None
+    st.dtype = getattr(state, "original_dtype", torch.float32)
+    return qweight, st
+
+
 def _dequantized_linear(q: nn.Module, dtype: torch.dtype) -> nn.Linear:
     bnb = _bnb()
-    w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype)
+    data, state = _canonical_4bit(q.weight.data, q.weight.quant_state)
+    w = bnb.functional.dequantize_4bit(data, state).to(dtype)
     lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
@@ -181,6 +208,9 @@ class QLoRAAdapter:
             ``"vision"`` / ``"projector"`` to quantize those too.
         compute_dtype: dtype the NF4 layers dequantize to (float32 or bfloat16).
         double_quant: double quantization of the NF4 block constants.
+        cpu_bf16_packing: let bitsandbytes repack NF4 weights for its AVX512-BF16 CPU kernel at the first
+            inference call (faster on such CPUs, bfloat16 absmax and matmul, CPU-dependent outputs); off by
+            default (see :func:`nf4_quantize_`). :meth:`merge` handles either layout.
 
     Attributes:
         model: the ``peft.PeftModel``; ``targets``: adapted module names; ``quantized``: NF4 module names.
@@ -190,7 +220,8 @@ class QLoRAAdapter:
                  use_rslora: bool = True, target_modules: Sequence[str] = DEFAULT_TARGETS,
                  target_roles: Sequence[str] = ("language",), quantize: bool = True,
                  quantize_roles: Sequence[str] = ("language",), compute_dtype: torch.dtype = torch.float32,
-                 double_quant: bool = True, quant_type: str = "nf4", _peft_model: Any = None) -> None:
+                 double_quant: bool = True, quant_type: str = "nf4", cpu_bf16_packing: bool = False,
+                 _peft_model: Any = None) -> None:
         from peft import LoraConfig, get_peft_model
 
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -203,13 +234,14 @@ class QLoRAAdapter:
                          "use_rslora": bool(use_rslora), "target_modules": list(target_modules),
                          "target_roles": list(target_roles), "quantize": bool(quantize),
                          "quantize_roles": list(quantize_roles), "compute_dtype": str(compute_dtype).split(".")[-1],
-                         "double_quant": bool(double_quant), "quant_type": quant_type}
+                         "double_quant": bool(double_quant), "quant_type": quant_type,
+                         "cpu_bf16_packing": bool(cpu_bf16_packing)}
         self.targets = resolve_targets(model, target_modules, target_roles)
         self.quantized: list[str] = []
         if quantize:
             names = [n for n in _role_modules(model, quantize_roles)
                      if isinstance(model.get_submodule(n), nn.Linear)]
-            self.quantized = nf4_quantize_(model, names, compute_dtype, double_quant, quant_type)
+            self.quantized = nf4_quantize_(model, names, compute_dtype, double_quant, quant_type, cpu_bf16_packing)
         for p in model.parameters():
             p.requires_grad_(False)
         if _peft_model is not None:

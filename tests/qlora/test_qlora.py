@@ -243,3 +243,38 @@ def test_gradient_checkpointing_same_losses_and_flag():
     assert runs[True][-1] < runs[True][0]  # it trains
     with pytest.raises(TypeError, match="gradient_checkpointing_enable"):
         enable_gradient_checkpointing(nn.Linear(2, 2))
+
+
+def test_inference_does_not_repack_by_default_and_merge_reads_the_cpu_packed_layout():
+    """bitsandbytes repacks NF4 weights for its AVX512-BF16 CPU kernel at the first eval call (bf16 absmax), which
+    made outputs CPU-dependent and broke merging; medquant turns that off, and merge() reads the packed layout."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from medquant.qlora.adapter import _dequantized_linear
+
+    entry, ad, inp = _trained_llama()
+    ad.model.eval()
+    qproj = ad.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    before = qproj.weight.data.clone()
+    with torch.no_grad():
+        entry.output(ad.model, inp)
+    assert not qproj.support_avx512bf16_for_cpu
+    assert torch.equal(qproj.weight.data, before)  # layout untouched on every CPU
+    # the packed layout, produced by bitsandbytes' own (pure torch) converter, dequantizes to the same codes with
+    # the block absmax rounded to bfloat16; reference: bitsandbytes' dequantize with that absmax, unpacked
+    st = qproj.weight.quant_state
+    absmax = bnb.functional.dequantize_blockwise(st.absmax, st.state2) + st.offset
+    ref_state = bnb.functional.QuantState(absmax=absmax.bfloat16().float(), shape=st.shape, code=st.code,
+                                          blocksize=st.blocksize, quant_type=st.quant_type, dtype=st.dtype)
+    ref = bnb.functional.dequantize_4bit(qproj.weight.data, ref_state)
+    exact = bnb.functional.dequantize_4bit(qproj.weight.data, st)
+    import copy
+
+    packed = copy.deepcopy(qproj)
+    packed.weight.data, packed.weight.quant_state = _convert_weight_packed_for_cpu(packed.weight.data.clone(),
+                                                                                   copy.deepcopy(st))
+    assert packed.weight.quant_state.packing_format_for_cpu and packed.weight.data.shape != before.shape
+    got = _dequantized_linear(packed, torch.float32).weight
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert not torch.equal(got, exact)  # the bf16 rounding is real, so the test sees the layout, not a copy
+    assert got.shape == exact.shape and (got - exact).abs().max() <= 0.01 * exact.abs().max()
