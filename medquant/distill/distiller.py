@@ -79,6 +79,9 @@ class Distiller(nn.Module):
         temperature: ``T``.
         feature_pairs: ``[(student_layer, teacher_layer), ...]`` indices into ``hidden_states`` to match.
         feature_weight: ``beta``.
+        feature_norm: divide each pair's squared error by the teacher feature's mean square over the same
+            positions (a relative error), so that layers whose residual stream is large (LLMs' outlier
+            dimensions grow with depth) do not dominate the feature term. Default ``False``: plain MSE.
         task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
 
     The module's own parameters are the feature projections: optimise ``distiller.trainable_parameters()``.
@@ -94,7 +97,7 @@ class Distiller(nn.Module):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
                  feature_pairs: Sequence[tuple[int, int]] = (), feature_weight: float = 1.0,
-                 student_dim: int | None = None, teacher_dim: int | None = None,
+                 feature_norm: bool = False, student_dim: int | None = None, teacher_dim: int | None = None,
                  task_loss: Callable[[Any, Any], torch.Tensor] | None = None) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -105,6 +108,7 @@ class Distiller(nn.Module):
             raise ValueError("teacher and student are the same object; distil into a copy (copy.deepcopy)")
         self.alpha, self.temperature, self.feature_weight = float(alpha), float(temperature), float(feature_weight)
         self.feature_pairs = [tuple(map(int, p)) for p in feature_pairs]
+        self.feature_norm = bool(feature_norm)
         self.task_loss = task_loss
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never in state_dict
         self.student = student
@@ -195,12 +199,19 @@ class Distiller(nn.Module):
             if not (-len(hs) <= i < len(hs) and -len(ht) <= j < len(ht)):
                 raise ValueError(f"feature pair ({i}, {j}) out of range: student has {len(hs)} hidden states, "
                                  f"teacher {len(ht)}")
-            diff = (proj(hs[i].float()) - ht[j].detach().float()).pow(2).mean(-1)
+            target = ht[j].detach().float()
+            diff = (proj(hs[i].float()) - target).pow(2).mean(-1)
+            scale = target.pow(2).mean(-1) if self.feature_norm else None
             if mask is not None and diff.shape == mask.shape:
                 m = mask.to(diff.dtype)
-                losses.append((diff * m).sum() / m.sum().clamp_min(1))
+                loss = (diff * m).sum() / m.sum().clamp_min(1)
+                if scale is not None:
+                    loss = loss / ((scale * m).sum() / m.sum().clamp_min(1)).clamp_min(1e-12)
             else:
-                losses.append(diff.mean())
+                loss = diff.mean()
+                if scale is not None:
+                    loss = loss / scale.mean().clamp_min(1e-12)
+            losses.append(loss)
         return torch.stack(losses).mean()
 
     def fit(self, data: Iterable[Any], *, steps: int | None = None, epochs: int = 1, lr: float = 5e-5,

@@ -95,6 +95,15 @@ def test_feature_matching_different_width():
     w0 = d.projections[0].weight.clone()
     d.fit([batch] * 2, steps=2, lr=1e-2, progress=False)
     assert not torch.equal(w0, d.projections[0].weight)  # projections are learned
+    # relative error: the same squared error over the teacher feature's mean square on the unmasked positions
+    dn = Distiller(teacher, student, alpha=1.0, feature_pairs=[(1, 2)], feature_weight=0.5, feature_norm=True)
+    with torch.no_grad():
+        dn.projections[0].weight.copy_(d.projections[0].weight)
+        hs = student(**batch, output_hidden_states=True).hidden_states[1]  # the student has trained since
+        diff = (dn.projections[0](hs) - ht).pow(2).mean(-1)
+        want_n = float((diff * m).sum() / m.sum()) / float((ht.pow(2).mean(-1) * m).sum() / m.sum())
+    assert float(dn(batch)["features"]) == pytest.approx(want_n, rel=1e-5)
+    assert float(dn(batch)["features"]) != pytest.approx(float((diff * m).sum() / m.sum()), rel=1e-5)
 
 
 def test_classification_and_errors():
