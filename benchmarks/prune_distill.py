@@ -22,6 +22,13 @@ Variants (all 30% heads + 30% FFN neurons, activation importance, the same train
 * ``layersel_kd`` / ``layersel_kd_awq3``  seed 004: per-layer ratios from block influence (mean 30%, spread 0.5),
   distilled the same way (equal compression: same mean ratio; non-embedding params reported).
 
+Training noise: 60 steps on a freshly pruned model (loss 7 at the start) is sensitive to the order of the batches
+and even to the CPU's floating-point reduction order (the same script gave the control 10.45 on one machine and
+11.49 on another, with identical base, pruned and teacher perplexities). So the control, the distilled and the
+layer-selected students are also re-trained on ``--order-seeds`` other orders of the *same* training reports (the
+teacher saw exactly these reports, so distillation brings no extra data); ``seed_runs`` / ``seed_summary`` hold
+their held-out perplexities, the paired difference distilled - control, and in how many orders distillation won.
+
 Reported: non-embedding parameters, stored bytes (``medquant.model_size``), CPU latency (prefill 256 tokens,
 decode tokens/s, batch 1, 2 threads, median of ``--latency-repeats``), held-out perplexity, and inference memory:
 ``resident_mb`` (bytes of the variant's parameters and buffers as held in memory: float weights stay float32,
@@ -99,7 +106,10 @@ def main(argv=None) -> int:
     ap.add_argument("--awq-rows", type=int, default=512)
     ap.add_argument("--latency-repeats", type=int, default=3)
     ap.add_argument("--latency-variants", default="all", help="comma list of variants to time, or 'all'")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="picks the training reports and the main run's order")
+    ap.add_argument("--order-seeds", default="1,2",
+                    help="extra training orders (comma list, '' for none) of the same training reports on which the "
+                         "control, the distilled and the layer-selected students are re-trained (perplexity only)")
     ap.add_argument("--out", default=str(RESULTS / "prune_distill.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -118,11 +128,18 @@ def main(argv=None) -> int:
     train_txt = train_txt[args.calib_reports:]
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train_txt), generator=g).tolist()
-    train = batches(tok, [train_txt[i] for i in order[: args.steps * args.batch]], args.batch, args.max_len)
+    train_sub = [train_txt[i] for i in order[: args.steps * args.batch]]
+    train = batches(tok, train_sub, args.batch, args.max_len)
+    order_seeds = [int(x) for x in args.order_seeds.split(",") if x.strip()]
+
+    def reordered(seed: int) -> list[dict]:  # the same training reports in another order (other batches)
+        perm = torch.randperm(len(train_sub), generator=torch.Generator().manual_seed(1000 + seed)).tolist()
+        return batches(tok, [train_sub[i] for i in perm], args.batch, args.max_len)
     evald = batches(tok, test_txt, 8, args.max_len)
     qcfg = QuantConfig(3, group_size=128)
     rows: dict[str, dict] = {}
     log: dict[str, list[float]] = {}
+    seed_runs: dict[str, dict[str, float]] = {}  # variant -> {"main" / "order<seed>": held-out perplexity}
 
     ids = prompt_ids(tok, 256)
     lat_set = None if args.latency_variants == "all" else set(args.latency_variants.split(","))
@@ -169,23 +186,44 @@ def main(argv=None) -> int:
                          "train_reports": len(train) * args.batch, "eval_reports": len(test_txt),
                          "teacher": "base_ft", "kd_alpha": 0.5, "kd_temperature": 2.0},
             "wall_seconds": time.time() - t_start,
-            "variants": rows, "train_losses": log, "block_influence": extra_info.get("scores"),
+            "variants": rows, "seed_runs": seed_runs, "seed_summary": seed_summary(),
+            "train_losses": log, "block_influence": extra_info.get("scores"),
             "layer_ratios": extra_info.get("ratios"),
         }
         Path(args.out).write_text(json.dumps(out, indent=1))
 
     extra_info: dict = {}
 
-    def trained(src, alpha, name, teacher):
+    def seed_summary() -> dict:
+        out = {}
+        for name, runs in seed_runs.items():
+            v = list(runs.values())
+            out[name] = {"n": len(v), "mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else None}
+        ft, kd = seed_runs.get("pruned_ft", {}), seed_runs.get("pruned_kd", {})
+        both = sorted(set(ft) & set(kd))
+        if both:
+            diffs = [kd[k] - ft[k] for k in both]
+            out["kd_minus_ft"] = {"per_seed": dict(zip(both, diffs)), "mean": statistics.mean(diffs),
+                                  "kd_lower_in": sum(d < 0 for d in diffs), "of": len(diffs)}
+        return out
+
+    def trained(src, alpha, name, teacher, data=None, seed=None):
         m = copy.deepcopy(src)
         for prm in m.parameters():  # copies of a (frozen) teacher must train
             prm.requires_grad_(True)
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed if seed is None else seed)
         t = time.time()
         d = Distiller(teacher, m, alpha=alpha, temperature=2.0)
-        log[name] = d.fit(train, steps=args.steps, lr=args.lr)
+        losses = d.fit(train if data is None else data, steps=args.steps, lr=args.lr)
         m.eval()
-        record(name, m, {"train_seconds": time.time() - t})
+        if seed is None:
+            log[name] = losses
+            record(name, m, {"train_seconds": time.time() - t})
+            seed_runs.setdefault(name, {})["main"] = rows[name]["perplexity"]
+        else:  # another order of the same reports: perplexity only
+            seed_runs.setdefault(name, {})[f"order{seed}"] = perplexity(m, evald)
+            print(f"{name} order seed {seed}: ppl {seed_runs[name][f'order{seed}']:.3f}", flush=True)
+            write(partial=True)
         return m
 
     record("base", base)
@@ -202,7 +240,7 @@ def main(argv=None) -> int:
     record("pruned", pruned)
     trained(pruned, 0.0, "pruned_ft", teacher)
     kd = trained(pruned, 0.5, "pruned_kd", teacher)
-    del pruned
+    pruned_copy = pruned  # kept for the other training orders
     for name, method in (("pruned_kd_rtn3", "rtn"), ("pruned_kd_awq3", "awq")):
         m = copy.deepcopy(kd)
         if method == "awq":
@@ -216,10 +254,17 @@ def main(argv=None) -> int:
         del m
     del kd
     ls_kd = trained(ls, 0.5, "layersel_kd", teacher)
-    del ls
+    ls_copy = ls
     m = copy.deepcopy(ls_kd)
     awq_quantize_(m, qcfg, calib, max_rows=args.awq_rows)
     record("layersel_kd_awq3", m)
+    del m, ls_kd
+    for sd in order_seeds:  # the control, the distilled and the layer-selected students on other orders
+        data = reordered(sd)
+        for name, src, alpha in (("pruned_ft", pruned_copy, 0.0), ("pruned_kd", pruned_copy, 0.5),
+                                 ("layersel_kd", ls_copy, 0.5)):
+            trained(src, alpha, name, teacher, data=data, seed=sd)
+            gc.collect()
 
     write(partial=False)
     print("\n| variant | non-emb params | stored MB | resident MB | prefill peak MB | ppl (IU test) | gap recovered "
@@ -231,6 +276,15 @@ def main(argv=None) -> int:
         dec = f"{r['decode_tok_s_median']:.1f}" if "decode_tok_s_median" in r else "-"
         print(f"| {k} | {r['non_embedding_params'] / 1e6:.2f}M | {r['stored_bytes'] / 2**20:.1f} | "
               f"{r['resident_mb']:.0f} | {r['prefill_peak_mb']:.0f} | {r['perplexity']:.2f} | {gap} | {pre} | {dec} |")
+    summ = seed_summary()
+    if any(v["n"] > 1 for k, v in summ.items() if k != "kd_minus_ft"):
+        print("\nheld-out perplexity over training orders (same reports): mean +- std")
+        for k, v in summ.items():
+            if k != "kd_minus_ft" and v["n"] > 1:
+                print(f"  {k}: {v['mean']:.2f} +- {v['std']:.2f} (n={v['n']})")
+        if "kd_minus_ft" in summ:
+            d = summ["kd_minus_ft"]
+            print(f"  distilled - control: mean {d['mean']:+.2f}, distilled lower in {d['kd_lower_in']} of {d['of']}")
     print(f"wrote {args.out} in {time.time() - t_start:.0f} s (load average {load0[0]:.1f} -> "
           f"{os.getloadavg()[0]:.1f}: timings noisy on a shared machine)")
     return 0
