@@ -13,7 +13,6 @@ Run: ``python benchmarks/kd_settings.py [--test]``; writes ``benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_distill import batches, perplexity, texts
+from prune_distill import batches, perplexity, texts, train_student, training_split, versions
 from prune_speed import load_smollm2
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,46 +55,31 @@ def main(argv=None) -> int:
     configs = [parse(c) for c in args.configs.split(";") if c.strip()]
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
-    from medquant.distill import Distiller
     from medquant.prune import StructuredPruner
 
     t0 = time.time()
     base, tok = load_smollm2()
-    train_txt = texts("train")
-    calib = batches(tok, train_txt[:16], 4, args.max_len)  # as prune_distill.py
-    train_txt = train_txt[16:]
-    order = torch.randperm(len(train_txt), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    calib, shuffled = training_split(tok, args.seed, 16, args.max_len)  # as prune_distill.py's defaults
     n_train = args.steps * args.batch
-    if n_train + args.dev_reports > len(train_txt):
-        raise ValueError(f"{n_train} training + {args.dev_reports} dev reports exceed the {len(train_txt)} available")
-    train = batches(tok, [train_txt[i] for i in order[:n_train]], args.batch, args.max_len)
-    dev = batches(tok, [train_txt[i] for i in order[-args.dev_reports:]], 8, args.max_len)
+    if n_train + args.dev_reports > len(shuffled):
+        raise ValueError(f"{n_train} training + {args.dev_reports} dev reports exceed the {len(shuffled)} available")
+    train = batches(tok, shuffled[:n_train], args.batch, args.max_len)
+    dev = batches(tok, shuffled[-args.dev_reports:], 8, args.max_len)
     test = batches(tok, texts("test")[:64], 8, args.max_len) if args.test else None
 
     def fit(src, teacher, alpha, temperature, **kw):
-        m = copy.deepcopy(src)
-        for p in m.parameters():
-            p.requires_grad_(True)
-        torch.manual_seed(args.seed)
-        if kw:
-            n = m.config.num_hidden_layers
+        if kw:  # feature matching: every decoder layer's output
+            n = src.config.num_hidden_layers
             kw = {**kw, "feature_pairs": [(i, i) for i in range(1, n + 1)]}
-        losses = Distiller(teacher, m, alpha=alpha, temperature=temperature, **kw).fit(
-            train, steps=args.steps, lr=args.lr)
-        return m.eval(), losses
+        return train_student(src, teacher, train, alpha=alpha, steps=args.steps, lr=args.lr, seed=args.seed,
+                             temperature=temperature, **kw)
 
     teacher, _ = fit(base, base, 0.0, 2.0)
-    pruned = copy.deepcopy(base)
+    pruned = base  # the teacher trained a copy, so the base itself can be pruned
     StructuredPruner(0.3, 0.3, importance="activation").prune(pruned, calib=calib)
-    del base
-    import transformers
-
-    import medquant
-
     res: dict = {"benchmark": "kd_settings", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                  "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": 2},
-                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                              "medquant": medquant.__version__, "python": platform.python_version()},
+                 "versions": versions(),
                  "settings": vars(args), "teacher": {"dev_ppl": perplexity(teacher, dev)}, "configs": {}}
     if test:
         res["teacher"]["test_ppl"] = perplexity(teacher, test)

@@ -83,6 +83,39 @@ def perplexity(model, data: list[dict]) -> float:
     return float(torch.tensor(nll / n).exp())
 
 
+def training_split(tok, seed: int, calib_reports: int, max_len: int) -> tuple[list[dict], list[str]]:
+    """Calibration batches (the first ``calib_reports`` train reports, batch 4) and the other train reports in the
+    order drawn by ``seed``: training takes them from the front (``kd_settings.py`` its dev split from the back)."""
+    txt = texts("train")
+    calib = batches(tok, txt[:calib_reports], 4, max_len)
+    rest = txt[calib_reports:]
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()
+    return calib, [rest[i] for i in order]
+
+
+def train_student(src, teacher, data: list[dict], *, alpha: float, steps: int, lr: float, seed: int,
+                  temperature: float = 2.0, **distiller_kw):
+    """A trainable copy of ``src`` distilled from ``teacher`` (alpha 0: fine-tuned on the task loss only);
+    returns ``(model in eval mode, per-step losses)``."""
+    from medquant.distill import Distiller
+
+    m = copy.deepcopy(src)
+    for prm in m.parameters():  # copies of a (frozen) teacher must train
+        prm.requires_grad_(True)
+    torch.manual_seed(seed)
+    losses = Distiller(teacher, m, alpha=alpha, temperature=temperature, **distiller_kw).fit(data, steps=steps, lr=lr)
+    return m.eval(), losses
+
+
+def versions() -> dict:
+    import transformers
+
+    import medquant
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "medquant": medquant.__version__,
+            "python": platform.python_version()}
+
+
 def _malloc_trim() -> None:
     """Give glibc's free heap pages back to the OS (``malloc_trim(0)``), so that memory a later step allocates
     shows up in RSS instead of silently reusing pages freed earlier; a no-op where glibc is missing."""
@@ -115,7 +148,6 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     from medquant import QuantConfig, model_size, quantize_
-    from medquant.distill import Distiller
     from medquant.prune import StructuredPruner, allocate_ratios, block_influence, parameter_report
     from medquant.qlora.memory import peak_rss_mb, reset_peak_rss, rss_mb
     from medquant.quant.awq import awq_quantize_
@@ -123,12 +155,9 @@ def main(argv=None) -> int:
     t_start = time.time()
     load0 = os.getloadavg()
     base, tok = load_smollm2()
-    train_txt, test_txt = texts("train"), texts("test")[: args.eval_reports]
-    calib = batches(tok, train_txt[: args.calib_reports], 4, args.max_len)
-    train_txt = train_txt[args.calib_reports:]
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train_txt), generator=g).tolist()
-    train_sub = [train_txt[i] for i in order[: args.steps * args.batch]]
+    test_txt = texts("test")[: args.eval_reports]
+    calib, shuffled = training_split(tok, args.seed, args.calib_reports, args.max_len)
+    train_sub = shuffled[: args.steps * args.batch]
     train = batches(tok, train_sub, args.batch, args.max_len)
     order_seeds = [int(x) for x in args.order_seeds.split(",") if x.strip()]
 
@@ -169,10 +198,6 @@ def main(argv=None) -> int:
         write(partial=True)
 
     def write(partial: bool) -> None:
-        import transformers
-
-        import medquant
-
         b, p = rows.get("base", {}).get("perplexity"), rows.get("pruned", {}).get("perplexity")
         for r in rows.values():
             r["ppl_gap_recovered"] = (p - r["perplexity"]) / (p - b) if b and p and p != b else None
@@ -180,8 +205,7 @@ def main(argv=None) -> int:
             "benchmark": "prune_distill", "complete": not partial, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": 2,
                          "loadavg_start": load0, "loadavg_now": os.getloadavg()},
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "medquant": medquant.__version__, "python": platform.python_version()},
+            "versions": versions(),
             "settings": {**vars(args), "quant": qcfg.to_dict(), "head_ratio": 0.3, "ffn_ratio": 0.3,
                          "train_reports": len(train) * args.batch, "eval_reports": len(test_txt),
                          "teacher": "base_ft", "kd_alpha": 0.5, "kd_temperature": 2.0},
@@ -208,14 +232,9 @@ def main(argv=None) -> int:
         return out
 
     def trained(src, alpha, name, teacher, data=None, seed=None):
-        m = copy.deepcopy(src)
-        for prm in m.parameters():  # copies of a (frozen) teacher must train
-            prm.requires_grad_(True)
-        torch.manual_seed(args.seed if seed is None else seed)
         t = time.time()
-        d = Distiller(teacher, m, alpha=alpha, temperature=2.0)
-        losses = d.fit(train if data is None else data, steps=args.steps, lr=args.lr)
-        m.eval()
+        m, losses = train_student(src, teacher, train if data is None else data, alpha=alpha, steps=args.steps,
+                                  lr=args.lr, seed=args.seed if seed is None else seed)
         if seed is None:
             log[name] = losses
             record(name, m, {"train_seconds": time.time() - t})
@@ -240,7 +259,7 @@ def main(argv=None) -> int:
     record("pruned", pruned)
     trained(pruned, 0.0, "pruned_ft", teacher)
     kd = trained(pruned, 0.5, "pruned_kd", teacher)
-    pruned_copy = pruned  # kept for the other training orders
+    # ``pruned`` and ``ls`` are kept for the other training orders
     for name, method in (("pruned_kd_rtn3", "rtn"), ("pruned_kd_awq3", "awq")):
         m = copy.deepcopy(kd)
         if method == "awq":
@@ -254,15 +273,14 @@ def main(argv=None) -> int:
         del m
     del kd
     ls_kd = trained(ls, 0.5, "layersel_kd", teacher)
-    ls_copy = ls
     m = copy.deepcopy(ls_kd)
     awq_quantize_(m, qcfg, calib, max_rows=args.awq_rows)
     record("layersel_kd_awq3", m)
     del m, ls_kd
     for sd in order_seeds:  # the control, the distilled and the layer-selected students on other orders
         data = reordered(sd)
-        for name, src, alpha in (("pruned_ft", pruned_copy, 0.0), ("pruned_kd", pruned_copy, 0.5),
-                                 ("layersel_kd", ls_copy, 0.5)):
+        for name, src, alpha in (("pruned_ft", pruned, 0.0), ("pruned_kd", pruned, 0.5),
+                                 ("layersel_kd", ls, 0.5)):
             trained(src, alpha, name, teacher, data=data, seed=sd)
             gc.collect()
 

@@ -201,16 +201,9 @@ class Distiller(nn.Module):
                                  f"teacher {len(ht)}")
             target = ht[j].detach().float()
             diff = (proj(hs[i].float()) - target).pow(2).mean(-1)
-            scale = target.pow(2).mean(-1) if self.feature_norm else None
-            if mask is not None and diff.shape == mask.shape:
-                m = mask.to(diff.dtype)
-                loss = (diff * m).sum() / m.sum().clamp_min(1)
-                if scale is not None:
-                    loss = loss / ((scale * m).sum() / m.sum().clamp_min(1)).clamp_min(1e-12)
-            else:
-                loss = diff.mean()
-                if scale is not None:
-                    loss = loss / scale.mean().clamp_min(1e-12)
+            loss = _masked_mean(diff, mask)
+            if self.feature_norm:
+                loss = loss / _masked_mean(target.pow(2).mean(-1), mask).clamp_min(1e-12)
             losses.append(loss)
         return torch.stack(losses).mean()
 
@@ -255,6 +248,14 @@ class Distiller(nn.Module):
         finally:
             bar.close()
             self.student.eval()
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1 (all positions without a mask of ``x``'s shape)."""
+    if mask is None or x.shape != mask.shape:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

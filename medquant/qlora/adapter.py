@@ -24,6 +24,7 @@ again; :meth:`QLoRAAdapter.requantize` instead quantizes the merged model with m
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -159,8 +160,6 @@ def _canonical_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
     """``(data, quant_state)`` in bitsandbytes' standard layout, undoing its AVX512-BF16 CPU packing (see
     :func:`nf4_quantize_`) without changing the values: the packed state's bfloat16 absmax is used as it is
     (bitsandbytes' own inverse re-quantizes it when double quantization was on). The module is not modified."""
-    import copy
-
     if not getattr(state, "packing_format_for_cpu", False):
         return data, state
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse

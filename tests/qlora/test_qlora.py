@@ -1,6 +1,7 @@
 """QLoRAAdapter: NF4 base through bitsandbytes, LoRA through PEFT, on the tiny zoo models (SPEC section 7)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import bitsandbytes as bnb
@@ -268,8 +269,6 @@ def test_inference_does_not_repack_by_default_and_merge_reads_the_cpu_packed_lay
                                           blocksize=st.blocksize, quant_type=st.quant_type, dtype=st.dtype)
     ref = bnb.functional.dequantize_4bit(qproj.weight.data, ref_state)
     exact = bnb.functional.dequantize_4bit(qproj.weight.data, st)
-    import copy
-
     packed = copy.deepcopy(qproj)
     packed.weight.data, packed.weight.quant_state = _convert_weight_packed_for_cpu(packed.weight.data.clone(),
                                                                                    copy.deepcopy(st))
