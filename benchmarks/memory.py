@@ -7,9 +7,9 @@ checkpoint in a fresh subprocess (1 torch thread each) and quantizes every Linea
 ``QuantConfig(4)`` (4-bit, group 128, symmetric):
 
 * ``whole`` (baseline): meta skeleton, every float tensor read into it, then ``medquant.quantize_``;
-* ``sequential``: meta skeleton, ``medquant.sequential.quantize_sequential(..., checkpoint=dir)`` - one float block
+* ``sequential``: meta skeleton, ``medquant.calibrate.sequential.quantize_sequential(..., checkpoint=dir)`` - one float block
   in memory at a time;
-* ``shard x1`` / ``shard x2``: ``medquant.distributed.quantize_shard`` with 1 process, and with 2 processes running
+* ``shard x1`` / ``shard x2``: ``medquant.calibrate.quantize_shard`` with 1 process, and with 2 processes running
   at the same time (each quantizes half of the blocks; rank 0 also the embeddings / norms / lm_head); the shards are
   then put together by ``assemble_shards`` in another process to check the weights;
 * ``hf on-load`` (optional, ``--hf``): ``LlamaForCausalLM.from_pretrained(dir, quantization_config=MedQuantConfig(...))``;
@@ -18,7 +18,7 @@ checkpoint in a fresh subprocess (1 torch thread each) and quantizes every Linea
 Peak memory = the subprocess's peak resident set size (``ru_maxrss``), which includes the interpreter, torch and
 transformers (``baseline``, the resident set after the imports, is reported too). Every variant's quantized state
 dict is hashed (SHA-256 over names, dtypes and bytes) and must equal the ``whole`` one. Checkpoint tensors are
-read with plain file reads (:class:`medquant.sequential.CheckpointSource`) in ``whole``, ``sequential`` and
+read with plain file reads (:class:`medquant.calibrate.sequential.CheckpointSource`) in ``whole``, ``sequential`` and
 ``shard`` alike. The machine may be shared: wall times are noisy; memory is not.
 
     python benchmarks/memory.py                 # ~1.1B params, float32 (4.4 GB checkpoint in a temp dir)
@@ -93,9 +93,9 @@ def child(args: argparse.Namespace) -> None:
     import medquant
     import medquant.distributed
     import medquant.hf.integration
-    import medquant.sequential
+    import medquant.calibrate.sequential
     from medquant import QuantConfig
-    from medquant.sequential import CheckpointSource
+    from medquant.calibrate.sequential import CheckpointSource
 
     baseline = _rss_mb()
     ckpt = Path(args.ckpt)
@@ -113,17 +113,17 @@ def child(args: argparse.Namespace) -> None:
         out["loaded_mb"] = _rss_mb()
         medquant.quantize_(model, cfg)
     elif args.variant == "sequential":
-        from medquant.sequential import quantize_sequential
+        from medquant.calibrate.sequential import quantize_sequential
 
         model = _skeleton(ckpt)
         quantize_sequential(model, cfg, device="cpu", checkpoint=ckpt)
     elif args.variant == "shard":
-        from medquant.distributed import quantize_shard
+        from medquant.calibrate.shards import quantize_shard
 
         model = _skeleton(ckpt)
         quantize_shard(model, cfg, ckpt, args.shards, rank=args.rank, world_size=args.world, device="cpu")
     elif args.variant == "assemble":
-        from medquant.distributed import assemble_shards
+        from medquant.calibrate.shards import assemble_shards
 
         model = _skeleton(ckpt)
         assemble_shards(model, args.shards)

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     from medquant import QuantConfig, model_size, quantize_
     from medquant.prune import StructuredPruner, allocate_ratios, block_influence, parameter_report
     from medquant.qlora.memory import peak_rss_mb, reset_peak_rss, rss_mb
-    from medquant.quant.awq import awq_quantize_
+    from medquant.calibrate.awq import awq_quantize_
 
     t_start = time.time()
     load0 = os.getloadavg()

@@ -43,7 +43,7 @@ _LAZY = {
     "QLoRAAdapter": "medquant.qlora",
     "MedQuantConfig": "medquant.hf",
     "save_pretrained": "medquant.hf",
-    "quantize_sequential": "medquant.sequential",
+    "quantize_sequential": "medquant.calibrate",
     "fit_baq_distributed": "medquant.distributed",
     "global_group_objective": "medquant.distributed",
     "model_roles": "medquant.models",

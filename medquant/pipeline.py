@@ -131,7 +131,7 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
         model.eval()
     if quantize is not None:
         from .quant.api import quantize_
-        from .quant.awq import awq_quantize_
+        from .calibrate.awq import awq_quantize_
 
         if quantize.method == "awq":
             if calib is None:

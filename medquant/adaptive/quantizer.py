@@ -66,7 +66,7 @@ def _check_sequential_opts(opts) -> dict:
 def _sequential_blocks(model: nn.Module) -> list[list[str]] | None:
     """Blocks for ``quantize_sequential``: those of ``model`` itself, else those of the shallowest submodule that
     has some (the VLM inside a :class:`VLMClassifier`), with full names; ``None`` when there are none."""
-    from ..sequential import find_blocks
+    from ..calibrate.sequential import find_blocks
 
     groups = find_blocks(model)
     if groups:
@@ -190,7 +190,7 @@ class AdaptiveQuantizer(nn.Module):
             if weight_sequential is False or weight_sequential is None:
                 quantize_(model, cfg, skip=weight_skip)
             else:
-                from ..sequential import quantize_sequential
+                from ..calibrate.sequential import quantize_sequential
 
                 opts = {} if weight_sequential is True else _check_sequential_opts(weight_sequential)
                 if opts.get("blocks") is None:

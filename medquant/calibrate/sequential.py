@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .quant.api import resolve_configs
-from .quant.config import QuantConfig
-from .quant.modules import QuantConv2d, QuantLinear
+from ..quant.api import resolve_configs
+from ..quant.config import QuantConfig
+from ..quant.modules import QuantConv2d, QuantLinear
 
 __all__ = ["BlockInputs", "CheckpointSource", "find_blocks", "quantize_sequential"]
 
@@ -129,7 +129,7 @@ class CheckpointSource:
 # ---------------------------------------------------------------------------------------------- helpers
 def find_blocks(model: nn.Module) -> list[list[str]]:
     """Block lists in forward order: ``[vision blocks, language blocks]`` (empty lists dropped)."""
-    from .models import language_model_layers, vision_layers
+    from ..models import language_model_layers, vision_layers
 
     groups = [vision_layers(model), language_model_layers(model)]
     return [g for g in groups if g]
@@ -366,7 +366,7 @@ def quantize_sequential(
             quantized (activation-aware scaling, statistics...). It may change the block's float weights.
         progress: tqdm progress bar over blocks.
         process_rest: also process the modules outside the listed blocks (default). ``False`` touches only the
-            listed blocks - how :func:`medquant.distributed.quantize_shard` splits the blocks between processes.
+            listed blocks - how :func:`medquant.calibrate.quantize_shard` splits the blocks between processes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_sequential expects an nn.Module, got {type(model).__name__}")

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import quantize_
-from .config import QuantConfig
-from .core import fake_quantize
+from ..quant.api import quantize_
+from ..quant.config import QuantConfig
+from ..quant.core import fake_quantize
 
 __all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
            "search_and_fold_block"]
@@ -314,8 +314,8 @@ def awq_quantize_sequential(
     model, so the chosen ``alpha`` of later blocks may differ. ``calib_inputs``: keyword dicts for
     ``model(**batch)`` (one dict or a list). Returns the groups (full names) with ``alpha`` and errors.
     """
-    from ..sequential import find_blocks as seq_blocks
-    from ..sequential import quantize_sequential
+    from .sequential import find_blocks as seq_blocks
+    from .sequential import quantize_sequential
 
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")

@@ -18,7 +18,7 @@ from zoo import ZOO_BY_NAME
 
 from medquant import QuantConfig, quantize_
 from medquant.models import language_model_layers
-from medquant.quant.awq import (
+from medquant.calibrate.awq import (
     _fold,
     _search_group,
     awq_groups,
@@ -26,7 +26,7 @@ from medquant.quant.awq import (
     awq_quantize_sequential,
     search_and_fold_block,
 )
-from medquant.sequential import BlockInputs
+from medquant.calibrate.sequential import BlockInputs
 
 CFG3 = QuantConfig(3, group_size=32)
 GRID = 4  # alpha in {0, .25, .5, .75, 1}: a coarser grid keeps the tests fast

@@ -8,7 +8,7 @@ from safetensors.torch import save_model
 from zoo import ZOO_BY_NAME
 
 from medquant import QuantConfig, quantize_
-from medquant.distributed import assemble_shards, quantize_shard, shard_blocks
+from medquant.calibrate.shards import assemble_shards, quantize_shard, shard_blocks
 
 
 def test_shard_blocks_cover_every_block_once():

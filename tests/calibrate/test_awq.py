@@ -9,7 +9,7 @@ import torch
 from zoo import ZOO_BY_NAME
 
 from medquant import QuantConfig, quantize_
-from medquant.quant.awq import awq_groups, awq_quantize_, search_and_fold
+from medquant.calibrate.awq import awq_groups, awq_quantize_, search_and_fold
 
 CFG3 = QuantConfig(3, group_size=32)
 

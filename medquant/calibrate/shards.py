@@ -1,0 +1,187 @@
+"""Block-sharded sequential quantization over several processes.
+
+``quantize_shard`` splits the blocks of a model between processes (``torchrun`` / ``accelerate launch`` set
+``RANK`` and ``WORLD_SIZE``): each process streams only its blocks from the float checkpoint, quantizes them
+(:func:`medquant.sequential.quantize_sequential`) and writes them to its own safetensors shard, with the recipe
+of every quantized layer in the shard's metadata; rank 0 also takes the modules outside the blocks
+(embeddings, norms, ``lm_head``). No process ever holds more than its share of the quantized model plus one
+float block, and no communication is needed. ``assemble_shards`` rebuilds the full quantized model from the
+shards into a meta skeleton; the result is bit-identical to ``quantize_`` of the whole float model.
+
+Recipe (2 processes on one machine, CPU or one GPU each)::
+
+    torchrun --nproc_per_node 2 quantize.py      # or: accelerate launch --num_processes 2 quantize.py
+
+    # quantize.py
+    from accelerate import init_empty_weights
+    from medquant.calibrate import assemble_shards, quantize_shard
+    from medquant.distributed import barrier, rank
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    quantize_shard(model, QuantConfig(4), checkpoint="float_ckpt/", out_dir="shards/")
+    barrier()                                         # no-op without an initialised process group
+    if rank() == 0:
+        with init_empty_weights():
+            full = AutoModelForCausalLM.from_config(config)
+        assemble_shards(full, "shards/")
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..distributed import rank as _rank
+from ..distributed import world_size as _world_size
+from ..quant.config import QuantConfig
+from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.size import quant_metadata
+from .sequential import CheckpointSource, find_blocks, quantize_sequential
+
+__all__ = ["SHARD_PATTERN", "assemble_shards", "quantize_shard", "shard_blocks"]
+
+SHARD_PATTERN = "medquant-shard-{rank:05d}-of-{world:05d}.safetensors"
+_RECIPE_KEY = "medquant_recipe"
+
+
+def shard_blocks(blocks: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """The blocks of ``rank``: contiguous runs of ``ceil(n / world_size)`` blocks (rank 0 the first ones)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank={rank}, "
+                         f"world_size={world_size}")
+    n = len(blocks)
+    per = -(-n // world_size)
+    return list(blocks[rank * per:(rank + 1) * per])
+
+
+def _check_rank(r: int | None, w: int | None) -> tuple[int, int]:
+    r = _rank() if r is None else r
+    w = _world_size() if w is None else w
+    shard_blocks([], r, w)  # validates
+    return r, w
+
+
+def quantize_shard(
+    model: nn.Module,
+    config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
+    checkpoint: str | os.PathLike | CheckpointSource,
+    out_dir: str | os.PathLike,
+    *,
+    skip: Iterable[str] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    device: str | torch.device | None = None,
+    blocks: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Path:
+    """Quantize this process's share of ``model``'s blocks (rank 0: also everything outside the blocks) from the
+    float ``checkpoint`` and write it to ``out_dir/medquant-shard-RRRRR-of-WWWWW.safetensors``. Returns the path.
+
+    ``model`` is a meta skeleton (``accelerate.init_empty_weights()``); ``rank`` / ``world_size`` default to the
+    process group's or ``$RANK`` / ``$WORLD_SIZE``. Blocks are split with :func:`shard_blocks`.
+    """
+    from safetensors.torch import save_file
+
+    r, w = _check_rank(rank, world_size)
+    all_blocks = list(blocks) if blocks is not None else [b for g in find_blocks(model) for b in g]
+    if not all_blocks:
+        raise ValueError(f"found no blocks in {type(model).__name__}: pass blocks=[...]")
+    mine = shard_blocks(all_blocks, r, w)
+    # rank 0 processes the rest; every rank resolves the plan on the full model, so patterns mean the same
+    from ..quant.api import resolve_configs
+
+    plan = resolve_configs(model, config_or_map, skip=skip)
+    if mine:
+        quantize_sequential(model, plan, skip=None, device=device, offload_device="cpu", checkpoint=checkpoint,
+                            blocks=[mine], process_rest=(r == 0), progress=progress)
+    elif r == 0:
+        raise ValueError("rank 0 received no block")
+    prefixes = tuple(b + "." for b in mine)
+    keep_rest = r == 0
+    block_prefixes = tuple(b + "." for b in all_blocks)
+    tensors = {}
+    for k, t in model.state_dict().items():
+        ours = k.startswith(prefixes) or (keep_rest and not k.startswith(block_prefixes))
+        if ours:
+            if t.device.type == "meta":
+                raise RuntimeError(f"{k} is still on the meta device after quantizing shard {r}")
+            tensors[k] = t.detach().to("cpu").contiguous()
+    recipe = {n: e for n, e in quant_metadata(model).items()
+              if (n + ".").startswith(prefixes) or (keep_rest and not (n + ".").startswith(block_prefixes))}
+    for n, m in model.named_modules():
+        if n in recipe:
+            recipe[n]["weight_dtype"] = str(m.weight_dtype).replace("torch.", "")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SHARD_PATTERN.format(rank=r, world=w)
+    tmp = path.with_suffix(".tmp")
+    save_file(_dedup(tensors), str(tmp), metadata={_RECIPE_KEY: json.dumps(recipe), "format": "pt"})
+    os.replace(tmp, path)
+    return path
+
+
+def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: clone tensors that share memory with an earlier one."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[k] = t.clone() if key in seen and t.numel() else t
+        seen.add(key)
+    return out
+
+
+def _shell(entry: dict, name: str) -> nn.Module:
+    cfg = QuantConfig.from_dict(entry["config"])
+    dtype = getattr(torch, entry.get("weight_dtype", entry.get("dtype", "float32")))
+    if entry["type"] == "QuantLinear":
+        return QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], cfg, dtype=dtype)
+    if entry["type"] == "QuantConv2d":
+        pad = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
+        return QuantConv2d(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]),
+                           tuple(entry["stride"]), pad, tuple(entry["dilation"]), entry["groups"], entry["bias"],
+                           cfg, dtype=dtype)
+    raise ValueError(f"shard recipe of {name!r} has unknown type {entry['type']!r}")
+
+
+def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module:
+    """Fill a meta skeleton with the quantized shards written by :func:`quantize_shard` (all ranks). In place."""
+    from safetensors import safe_open
+
+    shard_dir = Path(shard_dir)
+    files = sorted(shard_dir.glob("medquant-shard-*-of-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no medquant shards in {shard_dir}")
+    worlds = {f.name.rsplit("-of-", 1)[1].split(".")[0] for f in files}
+    if len(worlds) != 1 or len(files) != int(worlds.pop()):
+        raise ValueError(f"{shard_dir} holds an incomplete or mixed set of shards: {[f.name for f in files]}")
+    loaded: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            recipe = json.loads((h.metadata() or {}).get(_RECIPE_KEY, "{}"))
+            for name, entry in recipe.items():
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, _shell(entry, name))
+            for key in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                mod_name, _, tname = key.rpartition(".")
+                mod = model.get_submodule(mod_name) if mod_name else model
+                t = h.get_tensor(key)
+                if tname in mod._parameters:
+                    mod._parameters[tname] = nn.Parameter(t, requires_grad=mod._parameters[tname].requires_grad)
+                elif tname in mod._buffers:
+                    mod._buffers[tname] = t
+                else:
+                    raise ValueError(f"shard {f.name} holds {key!r}, which the model has no slot for")
+                loaded.add(key)
+    left = [k for k, t in model.state_dict().items() if t.device.type == "meta" and k not in loaded]
+    if left:
+        raise ValueError(f"the shards do not cover the model: {left[:5]} are missing")
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)) and m.mixed and not torch.equal(
+                m.bit_map.to(torch.int16), m.config.row_bits(m.out_rows)):
+            raise ValueError(f"module {name!r}: the stored bit map disagrees with its recipe in the shard")
+    return model
