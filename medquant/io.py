@@ -28,9 +28,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from . import __version__
+from .kernels.layout import FORMAT_VERSION
 from .quant.config import QuantConfig
 from .quant.modules import QuantConv2d, QuantLinear
-from .quant.packing import FORMAT_VERSION
 from .quant.size import quant_metadata
 
 WEIGHTS_NAME = "model.safetensors"

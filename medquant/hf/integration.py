@@ -33,10 +33,10 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import __version__
+from ..kernels.layout import FORMAT_VERSION
 from ..quant.api import _quantizable, quantize_, quantized_modules, resolve_configs
 from ..quant.config import QuantConfig
 from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
-from ..quant.packing import FORMAT_VERSION
 from ..quant.size import quant_metadata
 from . import QUANT_METHOD, register
 

@@ -1,5 +1,8 @@
 """The packed weight layout: ONE definition, used by the torch reference, the Triton kernels and the files.
 
+A leaf module (it imports only ``torch`` and ``math``): the quantizer (:mod:`medquant.quant.core`), the quantized
+modules, the kernels and the save/load code all read the layout from here.
+
 FORMAT_VERSION = 1
 ==================
 
@@ -27,6 +30,15 @@ A quantized weight matrix ``W`` of shape ``(N, K)`` (``N`` output rows, ``K`` in
   Rows with 0 bits (pruned) store nothing; rows with 16/32 bits store float16/float32 values.
 
 Outputs of the row groups are scattered back to the original row order.
+
+Dequantisation of one row group (:func:`dequantize_codes`), with ``g(j) = j // group_elems`` the group of column
+``j`` (``group_elems = K_pad`` for channel scope, one scale for the whole matrix for tensor scope)::
+
+    asymmetric:            w^[n, j] = (u[n, j] - z[n, g(j)]) * s[n, g(j)]
+    symmetric, b >= 2:     w^[n, j] = (u[n, j] - 2^(b-1)) * s[n, g(j)]
+    symmetric, b == 1:     w^[n, j] = (2 u[n, j] - 1) * s[n, g(j)]
+
+computed in float32 and cast to the requested dtype; the padded columns ``j >= k`` are dropped.
 """
 from __future__ import annotations
 
@@ -102,3 +114,43 @@ def unpack(words: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor
     if k is not None:
         codes = codes[:, :k]
     return codes
+
+
+def expand_params(p: torch.Tensor, scope: str, group_elems: int, n: int, k_pad: int) -> torch.Tensor:
+    """Per-scope parameters (scales or zero points) -> one value per element of an ``(n, k_pad)`` matrix.
+
+    Group scope: ``p`` is ``(n, k_pad / group_elems)`` and column ``j`` takes ``p[:, j // group_elems]``;
+    channel ``(n, 1)`` and tensor ``(1, 1)`` parameters are broadcast.
+    """
+    if scope == "group":
+        return p.repeat_interleave(group_elems, dim=1)
+    return p.expand(n, k_pad)
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    symmetric: bool,
+    scope: str,
+    group_elems: int,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Codes ``(N, K_pad)`` -> float weights ``(N, k)`` following the layout's ``(u - z) * s`` rule.
+
+    ``w^ = (u - z) * s`` (asymmetric), ``(u - 2^(b-1)) * s`` (symmetric), ``(2u - 1) * s`` (1-bit symmetric),
+    with ``s``/``z`` of group ``j // group_elems``; float32 arithmetic, result in ``dtype``, padding dropped.
+    """
+    n, kp = codes.shape
+    sf = expand_params(scales.float(), scope, group_elems, n, kp)
+    u = codes.float()
+    if symmetric:
+        if bits == 1:
+            w = (2 * u - 1) * sf
+        else:
+            w = (u - 2 ** (bits - 1)) * sf
+    else:
+        w = (u - expand_params(zeros.float(), scope, group_elems, n, kp)) * sf
+    return w[:, :k].to(dtype)

@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..quant.core import dequantize_codes
-from ..quant.packing import unpack
 from ._runtime import resolve_backend
+from .layout import dequantize_codes, unpack
 from .reference import (
     check_packed_args,
     fake_quantize_rows_reference,

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.packing import container_bits
 from ._runtime import interpreting
+from .layout import container_bits
 from .reference import check_packed_args
 
 GEMV_MAX_M = 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.packing import container_bits, padded_k, values_per_word
+from .layout import container_bits, padded_k, values_per_word
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: rows with at least this many bits are passed through unchanged by :func:`fake_quantize_rows_reference`

@@ -1,8 +1,19 @@
-"""Quantize / dequantize / fake-quantize (SPEC section 1).
+"""Quantize / dequantize / fake-quantize: scales, zero points and codes of a weight matrix.
 
-All functions work on a 2-D view ``(N, K)`` of a weight (rows = output channels). Codes are unsigned and
-follow the layout in :mod:`medquant.quant.packing`: ``w^ = (u - z) * s`` with ``z = 2^(b-1)`` for symmetric
-rows (1-bit symmetric: ``w^ = (2u - 1) * s``).
+All functions work on a 2-D view ``(N, K)`` of a weight (rows = output channels), padded with zeros to ``K_pad``
+(:func:`medquant.kernels.layout.padded_k`). For bit-width ``b``, per scale group ``G`` (the whole matrix for
+tensor scope, a row for channel scope, ``group_size`` consecutive elements of a row for group scope)::
+
+    asymmetric:           lo = min(min_G w, 0),  hi = max(max_G w, 0)
+                          s = max((hi - lo) / (2^b - 1), eps),   z = clamp(round(-lo / s), 0, 2^b - 1)
+                          u = clamp(round(w / s) + z, 0, 2^b - 1)
+    symmetric, b >= 2:    s = max(max_G |w| / (2^(b-1) - 1), eps)
+                          u = clamp(round(w / s), -(2^(b-1) - 1), 2^(b-1) - 1) + 2^(b-1)
+    symmetric, b == 1:    s = max(mean_G |w|, eps)  (mean over the real, unpadded elements),  u = [w >= 0]
+
+Codes are unsigned and follow the layout in :mod:`medquant.kernels.layout`: ``w^ = (u - z) * s`` with
+``z = 2^(b-1)`` for symmetric rows (1-bit symmetric: ``w^ = (2u - 1) * s``). ``round`` is ``torch.round``
+(half to even).
 
 Scales are computed in float32, rounded to their storage dtype (float16 by default), and the codes are
 computed with the *stored* scale, so ``dequantize(quantize(w))`` is exactly what a saved model computes.
@@ -15,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.layout import dequantize_codes, expand_params, padded_k
 from .config import SCALE_DTYPES, QuantConfig
-from .packing import padded_k
 
 
 def scale_eps(dtype: torch.dtype) -> float:
@@ -78,13 +89,6 @@ def _group_view(wp: torch.Tensor, scope: str, group_size: int) -> torch.Tensor:
     return wp.reshape(1, 1, n * kp)
 
 
-def _expand(p: torch.Tensor, scope: str, group_size: int, n: int, kp: int) -> torch.Tensor:
-    """Per-scope parameter -> one value per element of (N, K_pad)."""
-    if scope == "group":
-        return p.repeat_interleave(group_size, dim=1)
-    return p.expand(n, kp)
-
-
 def compute_qparams(
     w: torch.Tensor, bits: int, symmetric: bool, scope: str, group_size: int, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -134,7 +138,7 @@ def quantize(w: torch.Tensor, config: QuantConfig, bits: int | None = None) -> Q
     n, k = w.shape
     kp = padded_k(k, b, config.group_size if config.scope == "group" else None)
     wf = torch.nn.functional.pad(w.float(), (0, kp - k))
-    sf = _expand(s.float(), config.scope, elems, n, kp)
+    sf = expand_params(s.float(), config.scope, elems, n, kp)
     if sym:
         if b == 1:
             codes = (wf >= 0).to(torch.uint8)
@@ -142,36 +146,11 @@ def quantize(w: torch.Tensor, config: QuantConfig, bits: int | None = None) -> Q
             qmax = 2 ** (b - 1) - 1
             codes = (torch.clamp(torch.round(wf / sf), -qmax, qmax) + 2 ** (b - 1)).to(torch.uint8)
     else:
-        zf = _expand(z.float(), config.scope, elems, n, kp)
+        zf = expand_params(z.float(), config.scope, elems, n, kp)
         codes = torch.clamp(torch.round(wf / sf) + zf, 0, 2**b - 1).to(torch.uint8)
     if kp > k:
         codes[:, k:] = 0  # padding codes are 0 by definition of the layout
     return QTensor(codes, s, z, b, sym, config.scope, elems, k)
-
-
-def dequantize_codes(
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    symmetric: bool,
-    scope: str,
-    group_elems: int,
-    k: int,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Codes ``(N, K_pad)`` -> float weights ``(N, k)`` following the layout's ``(u - z) * s`` rule."""
-    n, kp = codes.shape
-    sf = _expand(scales.float(), scope, group_elems, n, kp)
-    u = codes.float()
-    if symmetric:
-        if bits == 1:
-            w = (2 * u - 1) * sf
-        else:
-            w = (u - 2 ** (bits - 1)) * sf
-    else:
-        w = (u - _expand(zeros.float(), scope, group_elems, n, kp)) * sf
-    return w[:, :k].to(dtype)
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -187,11 +166,11 @@ class _FakeQuantSTE(torch.autograd.Function):
         if mask_outside:
             # elements whose unclamped code would fall outside the range get no gradient
             n, kp = q.codes.shape
-            sf = _expand(q.scales.float(), q.scope, q.group_size, n, kp)[:, : q.k]
+            sf = expand_params(q.scales.float(), q.scope, q.group_size, n, kp)[:, : q.k]
             lo, hi = qrange(q.bits, q.symmetric)
             r = w2.detach().float() / sf
             if not q.symmetric:
-                r = torch.round(r) + _expand(q.zeros.float(), q.scope, q.group_size, n, kp)[:, : q.k]
+                r = torch.round(r) + expand_params(q.zeros.float(), q.scope, q.group_size, n, kp)[:, : q.k]
             else:
                 r = torch.round(r)
             inside = ((r >= lo) & (r <= hi)).reshape(w.shape)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import kernels as _kernels  # noqa: F401  (registers the torch.ops.medquant custom ops)
+from ..kernels.layout import unpack
 from .core import dequantize_codes
-from .packing import unpack
 
 
 def packed_linear_reference(

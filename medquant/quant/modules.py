@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.layout import container_bits, pack, padded_k, unpack
 from .config import FLOAT_BITS, QuantConfig
 from .core import dequantize_codes, quantize
 from .matmul import packed_linear
-from .packing import container_bits, pack, padded_k, unpack
 
 _FLOAT_ROW_DTYPE = {16: torch.float16, 32: torch.float32}
 

@@ -14,8 +14,8 @@ from medquant.fairquant import (
     fairness_penalty,
     fq_qat,
 )
+from medquant.kernels.layout import container_bits
 from medquant.quant.api import quantized_modules
-from medquant.quant.packing import container_bits
 
 
 def _cnn_batches(n=3, batch=8, seed=0):

@@ -8,7 +8,7 @@ from np_reference import np_dequant_layer
 from torch import nn
 
 import medquant as mq
-from medquant.quant.packing import container_bits, padded_k
+from medquant.kernels.layout import container_bits, padded_k
 
 
 def _stack(n_layers=3, dim=1024, dtype=torch.bfloat16):
