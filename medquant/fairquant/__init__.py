@@ -1,6 +1,13 @@
 """Fairness-aware mixed-precision quantization (SPEC section 4, seed 003): group-conditioned importance,
 cross-group reducers, budgeted bit allocation (:class:`FairQuantAllocator`) and FQ-QAT fine-tuning, learnable bit-widths (:class:`BAQWrapper`)."""
-from .allocate import allocate_by_quantile, allocate_by_rank, allocate_to_budget, average_bits, scope_scores
+from .allocation_rules import (
+    ALLOCATION_SCOPES,
+    allocate_by_quantile,
+    allocate_by_rank,
+    allocate_to_budget,
+    bit_map_average_bits,
+    scope_scores,
+)
 from .allocator import FairQuantAllocator
 from .baq import BAQWeight, BAQWrapper
 from .batches import default_groups, default_loss, fairness_penalty, per_sample_loss
@@ -9,6 +16,7 @@ from .qat import FakeQuantWeight, QATResult, attach_fake_quant, detach_fake_quan
 from .reducers import REDUCERS, reduce_groups
 
 __all__ = [
+    "ALLOCATION_SCOPES",
     "REDUCERS",
     "BAQWeight",
     "BAQWrapper",
@@ -20,7 +28,7 @@ __all__ = [
     "allocate_by_rank",
     "allocate_to_budget",
     "attach_fake_quant",
-    "average_bits",
+    "bit_map_average_bits",
     "compute_group_importance",
     "default_groups",
     "default_loss",

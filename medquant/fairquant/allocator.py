@@ -2,7 +2,7 @@
 
 Pipeline: calibration batches -> per-group importance ``I_g`` (:mod:`.importance`) -> cross-group reducer ``R``
 (:mod:`.reducers`) -> scope scores (mean ``|R|`` per output channel or per tensor) -> bits by rank over a palette
-with target proportions, or to a parameter-weighted average-bit budget (:mod:`.allocate`) -> a map that
+with target proportions, or to a parameter-weighted average-bit budget (:mod:`.allocation_rules`) -> a map that
 :func:`medquant.quantize_` consumes (weights only, symmetric, per-output-channel scales by default).
 
 Example::
@@ -23,7 +23,14 @@ from torch import nn
 
 from ..quant.api import quantize_
 from ..quant.config import QuantConfig
-from .allocate import SCOPES, allocate_by_rank, allocate_to_budget, average_bits, check_palette, scope_scores
+from .allocation_rules import (
+    ALLOCATION_SCOPES,
+    allocate_by_rank,
+    allocate_to_budget,
+    bit_map_average_bits,
+    check_palette,
+    scope_scores,
+)
 from .batches import GroupsFn, LossFn
 from .importance import METRICS, GroupImportance, compute_group_importance
 from .reducers import REDUCERS, reduce_groups
@@ -73,8 +80,8 @@ class FairQuantAllocator:
             raise ValueError(f"unknown importance metric {metric!r}; accepted: {', '.join(METRICS)}")
         if reducer not in REDUCERS:
             raise ValueError(f"unknown reducer {reducer!r}; accepted: {', '.join(REDUCERS)}")
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(SCOPES)}")
+        if scope not in ALLOCATION_SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(ALLOCATION_SCOPES)}")
         if target_bits is None and proportions is None:
             raise ValueError("give either proportions (rank mode) or target_bits (budget mode)")
         pal, props = check_palette(bits, None if target_bits is not None else proportions)
@@ -134,7 +141,7 @@ class FairQuantAllocator:
                                                self.tolerance)
         else:
             self.bit_map_ = allocate_by_rank(self.scores_, self.bits, self.proportions)
-        self.average_bits_ = average_bits(self.bit_map_, self.scope_size_)
+        self.average_bits_ = bit_map_average_bits(self.bit_map_, self.scope_size_)
         return self
 
     def _check_fitted(self) -> None:
@@ -213,5 +220,5 @@ class FairQuantAllocator:
         a.weight_shape_ = {k: tuple(v) for k, v in st["weight_shape"].items()}
         a.scope_size_ = {k: (int(torch.Size(v[1:]).numel()) if a.scope == "channel" else int(torch.Size(v).numel()))
                          for k, v in a.weight_shape_.items()}
-        a.average_bits_ = average_bits(a.bit_map_, a.scope_size_)
+        a.average_bits_ = bit_map_average_bits(a.bit_map_, a.scope_size_)
         return a

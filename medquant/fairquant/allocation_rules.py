@@ -1,4 +1,8 @@
-"""Scope scores and bit allocation (SPEC section 4, "Budgeted allocation").
+"""The allocation rules of FairQuant: scope scores, then bits per scope by rank, by quantile or to a budget.
+
+:class:`medquant.fairquant.FairQuantAllocator` calls these on the cross-group importance map ``R`` (one tensor
+per quantizable layer, shaped like its weight); they are plain functions of tensors and numbers.
+
 
 * Scope score = mean ``|R|`` over the scope's elements; scopes are output channels (rows of the weight viewed
   as ``(out, -1)``) or whole tensors.
@@ -21,17 +25,18 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-SCOPES = ("channel", "tensor")
+# the scopes bits are allocated to (not QuantConfig.scope, which also has "group")
+ALLOCATION_SCOPES = ("channel", "tensor")
 
 
 def scope_scores(reduced: dict[str, torch.Tensor], scope: str = "channel") -> dict[str, torch.Tensor]:
     """``{layer: scores}``: one score per output channel (``scope="channel"``) or one per tensor."""
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(SCOPES)}")
+    if scope not in ALLOCATION_SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(ALLOCATION_SCOPES)}")
     out = {}
     for name, r in reduced.items():
         a = r.detach().float().abs().reshape(r.shape[0], -1)
@@ -162,8 +167,11 @@ def allocate_to_budget(scores: dict[str, torch.Tensor], sizes: dict[str, int], b
     return _unflatten([pal[lv] for lv in level], spans)
 
 
-def average_bits(bit_map: dict[str, Sequence[int]], sizes: dict[str, int]) -> float:
-    """Parameter-weighted average bits: ``sum_s n_s b_s / sum_s n_s``."""
+def bit_map_average_bits(bit_map: Mapping[str, Sequence[int]], sizes: Mapping[str, int]) -> float:
+    """Parameter-weighted average bits of a bit map: ``sum_s n_s b_s / sum_s n_s``.
+
+    ``bit_map`` is ``{layer: per-scope bits}`` and ``sizes[layer]`` the number of weights in one of its scopes
+    (:func:`medquant.eval.average_bits` gives the same figure for a quantized model)."""
     num = sum(sum(int(b) for b in bs) * sizes[name] for name, bs in bit_map.items())
     den = sum(len(bs) * sizes[name] for name, bs in bit_map.items())
     return num / den if den else 0.0
