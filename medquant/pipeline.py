@@ -1,4 +1,5 @@
-"""prune -> fine-tune or distil -> quantize as one call (SPEC sections 5 and 6; seeds 001 and 004).
+"""prune -> fine-tune or distil -> quantize as one call (the pipeline of Khan et al., "The Effect of Compression
+Techniques on Large Multimodal Language Models in the Medical Domain", 2025).
 
 ::
 
@@ -15,7 +16,7 @@
 Every stage is optional (``None`` skips it). The distillation teacher is a frozen copy of the model as it was
 *before* pruning; ``TrainStage("finetune")`` trains the same way on the task loss only (``alpha = 0``, no teacher),
 which is the control that shows whether distillation helps. ``QuantStage(method="awq")`` folds activation-aware
-scales (:mod:`medquant.quant.awq`) before quantizing, ``"rtn"`` quantizes plainly. The result is saved with
+scales (:mod:`medquant.calibrate.awq`) before quantizing, ``"rtn"`` quantizes plainly. The result is saved with
 :func:`medquant.prune.save_pruned` (per-layer shapes + quantization recipes) and reloaded with
 :func:`load_compressed`.
 """
@@ -36,7 +37,8 @@ __all__ = ["CompressResult", "PruneStage", "QuantStage", "TrainStage", "compress
 
 @dataclass
 class PruneStage:
-    """:class:`medquant.prune.StructuredPruner` settings; ``layer_select`` uses seed 004's block influence to set
+    """:class:`medquant.prune.StructuredPruner` settings; ``layer_select`` uses block influence
+    (``1 - cos(block input, block output)`` on calibration tokens, :func:`medquant.prune.block_influence`) to set
     per-layer ratios averaging ``head_ratio`` / ``ffn_ratio`` (``spread``), ``drop_blocks`` drops that many of the
     least influential blocks."""
 

@@ -1,9 +1,10 @@
-"""Complexity-adaptive quantization (SPEC section 3, seed 000): per-input activation bit-widths.
+"""Complexity-adaptive quantization: per-input activation bit-widths chosen by image complexity (after
+the report "Complexity-Based Quantization of Gemma 3 on MIMIC-CXR-JPG").
 
 * :class:`AdaptiveQuantizer` - wraps a model; each sample's complexity level picks its activation bits at one or
   more sites, weights quantized globally through ``quantize_``; eval and training (STE); bit accounting.
 * :func:`fake_quantize_per_sample` - the per-sample dynamic fake quantization it uses (torch; Triton on CUDA).
-* :class:`VLMClassifier` - seed 000's multi-label classifier on a Hugging Face VLM; :class:`CompactCNN`,
+* :class:`VLMClassifier` - that report's multi-label classifier on a Hugging Face VLM; :class:`CompactCNN`,
   :class:`SmallViT` - image-only variants with the same head.
 * :class:`LearnedPolicy`, :func:`policy_labels`, :func:`per_sample_losses` - a learned level policy under an
   average-bit budget.

@@ -1,5 +1,6 @@
-"""Seed 000's classification set-up (SPEC section 3): a VLM turned into a multi-label classifier, and compact
-image-only classifiers (CNN, ViT) with the same head, for the adaptive-quantization experiments.
+"""The classification set-up of the report "Complexity-Based Quantization of Gemma 3 on MIMIC-CXR-JPG": a VLM
+turned into a multi-label classifier, and compact image-only classifiers (CNN, ViT) with the same head, for the
+adaptive-quantization experiments.
 
 ``VLMClassifier``::
 
@@ -11,7 +12,7 @@ image-only classifiers (CNN, ViT) with the same head, for the adaptive-quantizat
 trained with ``BCEWithLogitsLoss`` (one logit per label). The vision tower, projector and language model are
 found with :func:`medquant.models.model_roles`; image features come from the model's own
 ``get_image_features`` (so every architecture's pixel conventions are respected) captured at the projector's
-input by a forward pre-hook. The backbone is frozen by default (a feature extractor, as in the seed).
+input by a forward pre-hook. The backbone is frozen by default (a feature extractor, as in that report).
 
 ``CompactCNN`` / ``SmallViT``: image-only classifiers with ``blocks`` (an ``nn.ModuleList``), a pooled
 embedding and the same ``head``; ``default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)`` (the fused-embedding site).
@@ -38,7 +39,7 @@ def _check_n_labels(n_labels) -> int:
 
 
 class VLMClassifier(nn.Module):
-    """Multi-label classifier on top of a Hugging Face vision-language model (seed 000).
+    """Multi-label classifier on top of a Hugging Face vision-language model (the set-up in the module docstring).
 
     Args:
         vlm: a VLM supported by :func:`medquant.models.model_roles` (Gemma 3, LLaVA, Qwen2-VL / 2.5-VL,
@@ -173,7 +174,7 @@ class _Block(nn.Module):
 
 class CompactCNN(nn.Module):
     """Image-only classifier: ``blocks`` (conv3x3-BN-ReLU-maxpool per width), global average pool, the MLP
-    ``head`` of seed 000 (``default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)``: its input is the embedding)."""
+    ``head`` of :class:`VLMClassifier` (``default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)``: its input is the embedding)."""
 
     default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)
 

@@ -1,4 +1,5 @@
-"""Learned bit-width policy (SPEC section 3, "beyond the paper"): complexity features -> level.
+"""Learned bit-width policy: complexity features -> level (an addition to the fixed level -> bits map of the
+complexity-adaptive scheme: the level is predicted, not read off the complexity score).
 
 Labels. For each calibration sample ``i`` and each candidate bit-width ``b`` of the bit map, ``L_b(i)`` is the
 sample's loss when the whole batch runs at ``b`` activation bits; ``L_fp(i)`` its loss with float activations

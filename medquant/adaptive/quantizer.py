@@ -1,17 +1,19 @@
-"""``AdaptiveQuantizer``: per-input activation bit-widths chosen by image complexity (SPEC section 3, seed 000).
+"""``AdaptiveQuantizer``: per-input activation bit-widths chosen by image complexity (after the report
+"Complexity-Based Quantization of Gemma 3 on MIMIC-CXR-JPG").
 
 Each input image gets a complexity level (from a fitted :class:`medquant.complexity.ComplexityScorer` on the raw
 images, from a learned policy, or passed in); the level selects a bit-width (default ``{0: 2, 1: 4, 2: 8, 3: 32}``)
 and the activation at one or more *sites* of the network is fake-quantized per sample at that width
 (:func:`medquant.adaptive.fakequant.fake_quantize_per_sample`), all samples in one batched forward. The weights
 are quantized once, globally, with :func:`medquant.quantize_` (default int8 per output channel), or block by block
-with :func:`medquant.sequential.quantize_sequential` (``weight_sequential=``) for models that do not fit on the
+with :func:`medquant.calibrate.quantize_sequential` (``weight_sequential=``) for models that do not fit on the
 compute device in floating point: the same plan and bit-identical buffers.
 
 A *site* is a module name plus where its activation is taken:
 
 * ``"head"`` or ``("head", "input")`` - the first positional input of the module (a forward pre-hook); the
-  default site is the input of the classification head (seed 000's fused embedding);
+  default site is the input of the classification head (the fused image + text embedding of
+  :class:`medquant.adaptive.VLMClassifier`);
 * ``("blocks.3", "output")`` - the module's output (a forward hook; a tuple output has its first element
   quantized).
 

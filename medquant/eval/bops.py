@@ -1,4 +1,4 @@
-"""Efficiency metrics (SPEC section 4, "Efficiency"): average bits, stored bytes, MACs and BOPs.
+"""Efficiency metrics of a compressed model: average bits, stored bytes, MACs and BOPs.
 
 * ``average_bits(model)`` - parameter-weighted mean nominal bit-width of the Linear / Conv2d weights
   (:func:`medquant.model_size`'s ``effective_bits``; float layers count their dtype's width).

@@ -1,11 +1,12 @@
-"""Group fairness metrics (SPEC section 4, "Metrics"; seed 003).
+"""Group fairness metrics (those of "FairQuant: Fairness-Aware Mixed-Precision Quantization for Medical Image
+Classification", 2025).
 
 Inputs are labels, not scores: ``y_true`` and ``y_pred`` as integer class ids ``(N,)`` (binary or multi-class) or
 0/1 matrices ``(N, C)`` (multi-label), and integer ``groups`` ``(N,)``. Use :func:`predictions` to turn logits into
 labels.
 
 * ``acc_g`` per group (with its sample count ``n_g``); ``AvgAcc`` = unweighted mean of ``acc_g`` over groups;
-  ``WorstAcc`` = min; ``Gap = AvgAcc - WorstAcc`` (SPEC); ``MaxMinGap = max - min`` is reported too.
+  ``WorstAcc`` = min; ``Gap = AvgAcc - WorstAcc``; ``MaxMinGap = max - min`` is reported too.
   Multi-label accuracy is the label-wise (Hamming) accuracy: the mean over samples and labels of ``pred == true``.
 * one-vs-rest rates per class ``c`` and group ``g``: ``TPR = TP/(TP+FN)``, ``TNR = TN/(TN+FP)``,
   ``FPR = FP/(FP+TN) = 1 - TNR``; per class, ``gap = max_g - min_g`` over the groups where the rate is defined

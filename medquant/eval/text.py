@@ -1,4 +1,6 @@
-"""Text-generation metrics of seed 001 (SPEC section 8): BLEU-4, ROUGE-L, METEOR and BERTScore F1.
+"""Text-generation metrics for generated radiology reports: BLEU-4, ROUGE-L, METEOR and BERTScore F1 (the four
+reported by Neto, Amaral and de Albuquerque, "Efficient Optimization of Multimodal Language Models for Processing
+Radiological Data using the ROCO Dataset").
 
 All four use maintained packages and run offline:
 

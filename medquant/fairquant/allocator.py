@@ -1,4 +1,5 @@
-"""``FairQuantAllocator``: fairness-aware mixed-precision bit allocation (SPEC section 4, seed 003).
+"""``FairQuantAllocator``: fairness-aware mixed-precision bit allocation (after "FairQuant: Fairness-Aware
+Mixed-Precision Quantization for Medical Image Classification", 2025).
 
 Pipeline: calibration batches -> per-group importance ``I_g`` (:mod:`.importance`) -> cross-group reducer ``R``
 (:mod:`.reducers`) -> scope scores (mean ``|R|`` per output channel or per tensor) -> bits by rank over a palette

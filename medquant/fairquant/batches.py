@@ -1,4 +1,4 @@
-"""How calibration and training batches are read (SPEC section 4).
+"""How FairQuant reads calibration and training batches: per-sample losses and group ids.
 
 A *batch* is whatever your data loader yields; FairQuant needs two things from it:
 
@@ -125,7 +125,8 @@ def batch_losses(model: nn.Module, batch: Any, loss_fn: LossFn | None, groups_fn
 
 
 def group_mean_losses(losses: torch.Tensor, groups: torch.Tensor) -> dict[int, torch.Tensor]:
-    """``{g: mean loss over the batch's samples of group g}`` for every group present (SPEC 4: L_g)."""
+    """``{g: mean loss over the batch's samples of group g}`` for every group present: the per-group loss ``L_g``
+    of the importance and of the fairness penalty ``max_g L_g - min_g L_g``."""
     return {int(g): losses[groups == g].mean() for g in torch.unique(groups).tolist()}
 
 
