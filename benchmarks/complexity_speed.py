@@ -12,7 +12,7 @@ reference). On CUDA (when available): input already on the GPU, and including th
 Each timing is the median of ``--repeats`` runs (the scikit-image loop runs once per repeat on
 ``--n-ref`` images). Writes JSON to ``benchmarks/results/complexity_speed_{cpu,gpu}.json`` and prints a table.
 
-    python benchmarks/complexity_speed.py [--data-dir DIR] [--n 624] [--n-ref 160] [--repeats 3]
+    python -m benchmarks.complexity_speed [--data-dir DIR] [--n 624] [--n-ref 160] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.common.datasets import use_data_dir
+from benchmarks.common.env import hardware, versions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,8 +66,6 @@ def load_kermany(data_dir: Path, n: int) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    from medquant.data import default_data_dir
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--n", type=int, default=624, help="images for the torch timings (test split has 624)")
@@ -75,26 +76,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-cpu", action="store_true", help="only the GPU part")
     args = ap.parse_args(argv)
 
-    from skimage import __version__ as skv
-
     from medquant.complexity import ComplexityScorer
 
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    data_dir = use_data_dir(args.data_dir)
     images = load_kermany(data_dir, args.n)
     n = len(images)
     ref_imgs = images[: args.n_ref]
     torch.set_num_threads(args.threads)
-    hw = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "skimage": skv,
-        "numpy": np.__version__,
-        "torch_threads": args.threads,
-        "load_average_at_start": list(os.getloadavg()),
-    }
+    hw = {**hardware(platform=platform.platform(), load_average_at_start=list(os.getloadavg())),
+          "versions": versions("skimage")}
     result = {
         "benchmark": "complexity_speed",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

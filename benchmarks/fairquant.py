@@ -1,10 +1,10 @@
-"""FairQuant benchmark (seed 003, SPEC section 4) on real data with patient groups.
+"""FairQuant benchmark on real data with patient groups.
 
 Datasets (``../shared/data`` or ``$MEDQUANT_DATA_DIR``), 64 px inputs:
   * HAM10000, one image per lesion: 7 classes, groups = sex (female / male; the 36 'unknown' are dropped);
     the metadata's stratified split.
   * NIH ChestX-ray14 sample: normal vs abnormal, groups = sex; split by patient_id (seeded 60/20/20).
-Models: SmallCNN and SmallViT (medquant.fairquant.nets) trained on the CPU from scratch.
+Models: SmallCNN and CLSTokenViT (benchmarks.common.nets) trained on the CPU from scratch.
 
 Methods (weights only, symmetric, per-output-channel):
   FP32 | U8, U4 (PTQ) | Random-4 (PTQ: FairQuant's importance values randomly permuted over the scopes, same
@@ -22,8 +22,8 @@ benchmarks/results/. The float model must reach a balanced accuracy of at least 
 the binary NIH task twice chance (1.0) is unreachable, so there the check is reported as failed unless it is met,
 and the substitute bar 0.6 is reported next to it.
 
-    python benchmarks/fairquant.py --quick      # CNN only, one seed, short schedules
-    python benchmarks/fairquant.py              # both models, seeds 0 1 2
+    python -m benchmarks.fairquant --quick      # CNN only, one seed, short schedules
+    python -m benchmarks.fairquant              # both models, seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -31,8 +31,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -42,13 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import medquant
+from benchmarks.common.datasets import load_ham10000_sex, load_nih_sex
+from benchmarks.common.env import hardware, versions
+from benchmarks.common.nets import batches, build, class_weights, predict, train_classifier
 from medquant import QuantConfig, quantize_
 from medquant.eval import fairness_report, model_size_summary
 from medquant.fairquant import FairQuantAllocator, fq_qat
 from medquant.fairquant.baq import BAQWrapper
-from medquant.fairquant.datasets import load_ham10000_sex, load_nih_sex
-from medquant.fairquant.nets import batches, build, class_weights, predict, train_classifier
 
 METHODS = ["FP32", "U8", "U4", "Random-4", "FairQuant", "U4-QAT", "FQ-QAT", "FQ-BAQ"]
 METRICS = ["avg_bits", "bytes", "gbops", "proxy_gbops", "avg_acc", "worst_acc", "gap", "eopp0", "eopp1", "eodd",
@@ -289,10 +287,8 @@ def main(argv=None) -> int:
     plot(summary, png)
     result = {
         "benchmark": "fairquant", "quick": args.quick, "date": datetime.now(timezone.utc).isoformat(),
-        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                     "torch_threads": args.threads, "note": "shared machine, timings noisy"},
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-                     "medquant": medquant.__version__},
+        "hardware": hardware(note="shared machine, timings noisy"),
+        "versions": versions(),
         "settings": {**st, "qat_lr": args.qat_lr, "datasets": args.datasets, "lambda_fair": 0.5,
                      "baq": {"lambda_bit": 1.0, "target_bits": 4.0, "logit_lr": 3e-3, "bit_range": [2, 8]},
                      "palette": [2, 4, 8], "budget": 4.0, "input_px": 64},

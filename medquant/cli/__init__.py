@@ -1,12 +1,16 @@
-"""The ``medquant`` console command. Each subcommand lives in its own module with a ``register(subparsers)``
-function that adds its parser and sets ``func``; add the module name to ``SUBCOMMANDS``."""
+"""The ``medquant`` console command: the library's verbs (``demo``, ``score``, ``prune``, ``pipeline``).
+
+Each subcommand lives in its own module with a ``register(subparsers)`` function that adds its parser and sets
+``func``; add the module name to ``SUBCOMMANDS``. The experiments are not subcommands: they are benchmarks, run from
+the repository root as ``python -m benchmarks.<name>`` (``complexity_adaptive``, ``fairquant``,
+``fairquant_allocate``, ``fairquant_baq``, ``qlora_radiology``, ``qlora_reports``...)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo", "complexity", "adaptive", "fairquant", "prune", "pipeline", "qlora"]
+SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medquant",
         description="Compress medical vision and vision-language models: quantize, allocate bits fairly, "
                     "prune, distil, fine-tune with QLoRA, and measure what it costs.",
+        epilog="Benchmarks and experiments run from a source checkout: python -m benchmarks.<name> --help.",
     )
     from .. import __version__
 

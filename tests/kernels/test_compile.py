@@ -67,7 +67,7 @@ def test_compile_fullgraph_quantlinear_mlp(mixed, backend):
 
 def _tiny_llama() -> nn.Module:
     try:
-        from zoo import ZOO_BY_NAME
+        from medquant.testing.zoo import ZOO_BY_NAME
 
         if "llama" in ZOO_BY_NAME:
             return ZOO_BY_NAME["llama"].build()
@@ -116,8 +116,8 @@ def test_benchmark_script_refuses_to_run_without_cuda():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmark would run")
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
-    res = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=120,
-                         check=False)
+    repo = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--quick"], capture_output=True, text=True,
+                         timeout=120, check=False, cwd=repo)
     assert res.returncode != 0
     assert "needs a CUDA GPU" in res.stderr

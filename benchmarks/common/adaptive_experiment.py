@@ -1,5 +1,5 @@
-"""Seed 000's experiment on real chest X-rays: is complexity-adaptive activation quantization better than the same
-bit budget spent at random? Used by ``benchmarks/complexity_adaptive.py`` and ``medquant adaptive``.
+"""The complexity-adaptive experiment on real chest X-rays: is complexity-adaptive activation quantization better
+than the same bit budget spent at random? Run by ``python -m benchmarks.complexity_adaptive``.
 
 Per data set and seed: train a compact classifier in float (BCE), then evaluate on the test split
 
@@ -16,7 +16,8 @@ Per data set and seed: train a compact classifier in float (BCE), then evaluate 
 * ``oracle``: the adaptive histogram given to test samples ordered by how much their own loss rises at 2 bits -
   it reads the test labels, so it is an upper bound on what any per-sample assignment could gain, not a method.
 
-at two kinds of sites: ``head`` (the input of the MLP head, seed 000's fused embedding) and ``blocks`` (the output
+at two kinds of sites: ``head`` (the input of the MLP head, where a VLM classifier has its fused image-text
+embedding) and ``blocks`` (the output
 of every convolutional block). Activation quantization is simulated (fake quant): it changes accuracy, not speed.
 """
 from __future__ import annotations
@@ -33,9 +34,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .classifier import CompactCNN, SmallViT
-from .policy import LearnedPolicy, per_sample_losses, policy_labels
-from .quantizer import DEFAULT_BIT_MAP, AdaptiveQuantizer, block_output_sites
+from medquant.adaptive import (
+    DEFAULT_BIT_MAP,
+    AdaptiveQuantizer,
+    CompactCNN,
+    LearnedPolicy,
+    SmallViT,
+    block_output_sites,
+    per_sample_losses,
+    policy_labels,
+)
+
+from .datasets import data_dir as _data_dir
+from .datasets import nih_patient_split
+from .env import hardware, versions
 
 DATASETS = ("kermany", "nih", "pneumoniamnist", "breastmnist")
 SITE_CONFIGS = ("head", "blocks")
@@ -67,12 +79,11 @@ def load_dataset(name: str, data_dir=None, split_seed: int = 0) -> dict:
 
     ``kermany``: Kermany 64x64 (train -> 85% train / 15% calibration, stratified; official test).
     ``nih``: NIH ChestX-ray14 sample, 14 labels, split 60/20/20 **by patient_id** (the file's own split puts 30
-    patients in two splits). ``pneumoniamnist`` / ``breastmnist``: MedMNIST train / val (calibration) / test.
+    patients in two splits; :func:`benchmarks.common.datasets.nih_patient_split`, its validation part is the
+    calibration split). ``pneumoniamnist`` / ``breastmnist``: MedMNIST train / val (calibration) / test.
     ``name`` may also be a path to a MedMNIST-style ``.npz``.
     """
-    from ..data import default_data_dir
-
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    root = _data_dir(data_dir)
     files = {
         "kermany": root / "kermany_pediatric_cxr_224" / "kermany_cxr_64.npz",
         "nih": root / "nih_cxr14_sample1000_64" / "nih_cxr14_sample1000_64.npz",
@@ -87,13 +98,9 @@ def load_dataset(name: str, data_dir=None, split_seed: int = 0) -> dict:
     out: dict = {"name": name, "path": str(path)}
     if "multilabel" in d.files:  # NIH sample
         x, y, pid = d["images"], d["multilabel"].astype(np.float32), d["patient_id"]
-        rng = np.random.default_rng(split_seed)
-        pats = rng.permutation(np.unique(pid))
-        n = len(pats)
-        groups = {"train": pats[: int(0.6 * n)], "calib": pats[int(0.6 * n): int(0.8 * n)],
-                  "test": pats[int(0.8 * n):]}
-        for k, ps in groups.items():
-            m = np.isin(pid, ps)
+        split = nih_patient_split(pid, split_seed)
+        for k, part in (("train", "train"), ("calib", "val"), ("test", "test")):
+            m = split == part
             out[k] = (x[m], y[m])
         out["task"] = "multilabel"
     elif "train_images" in d.files:
@@ -115,7 +122,7 @@ def load_dataset(name: str, data_dir=None, split_seed: int = 0) -> dict:
         raise ValueError(f"{path}: expected MedMNIST keys (train_images, ...) or the NIH sample keys")
     for k in ("train", "calib", "test"):
         xi = out[k][0]
-        if xi.ndim == 4 and xi.shape[-1] == 3:  # RGB -> gray (rgb2gray weights, SPEC 2)
+        if xi.ndim == 4 and xi.shape[-1] == 3:  # RGB -> gray: 0.2125 R + 0.7154 G + 0.0721 B (skimage rgb2gray)
             xi = np.round(xi @ np.array([0.2125, 0.7154, 0.0721])).clip(0, 255).astype(np.uint8)
         if xi.ndim != 3 or xi.dtype != np.uint8:
             raise ValueError(f"{path}: expected uint8 (N, H, W) images, got {xi.dtype} {xi.shape}")
@@ -238,7 +245,7 @@ def run_seed(data: dict, seed: int, arch: str, epochs: int, levels_test: torch.T
              metrics_test, levels_calib: torch.Tensor, n_random: int = 5, epsilon: float = 0.02,
              site_configs=SITE_CONFIGS, score_test=None) -> tuple[list[dict], nn.Module, dict]:
     """Train one model and evaluate every method at every site configuration; returns result rows."""
-    from ..quant import QuantConfig, model_size
+    from medquant import QuantConfig, model_size
 
     xtr_u8, ytr = data["train"]
     mean, std = float(xtr_u8.mean() / 255.0), float(xtr_u8.std() / 255.0)
@@ -390,21 +397,15 @@ def plot(agg: list[dict], path) -> None:
 
 
 def environment() -> dict:
-    import sklearn
-    import transformers
-
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "transformers": transformers.__version__, "scikit-learn": sklearn.__version__}
+            "platform": platform.platform(), **hardware(), "versions": versions("sklearn")}
 
 
 def run_benchmark(datasets=("kermany", "nih"), seeds=(0, 1, 2), arch: str = "cnn", epochs=None, data_dir=None,
                   n_random: int = 5, epsilon: float = 0.02, site_configs=SITE_CONFIGS, log=print,
                   overhead_repeats: int = 30) -> dict:
     """The whole experiment; returns a JSON-serialisable dict (rows, aggregate, paired, overhead, environment)."""
-    from ..complexity import ComplexityScorer
+    from medquant.complexity import ComplexityScorer
 
     t_start = time.perf_counter()
     default_epochs = {"kermany": 4, "nih": 12, "pneumoniamnist": 4, "breastmnist": 15}
@@ -444,7 +445,7 @@ def run_benchmark(datasets=("kermany", "nih"), seeds=(0, 1, 2), arch: str = "cnn
         model, ex = first_model
         xb = _to_input(data["test"][0][:32], ex["mean"], ex["std"])
         bb = torch.tensor([DEFAULT_BIT_MAP[int(v)] for v in lv_test[:32]])
-        from ..quant import QuantConfig, quantize_
+        from medquant import QuantConfig, quantize_
 
         w8 = quantize_(copy.deepcopy(model), QuantConfig(8, scope="channel"))
         for wname, mdl in (("fp32 weights", model), ("int8 weights", w8)):

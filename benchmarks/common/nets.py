@@ -1,8 +1,10 @@
-"""Small CPU-trainable classifiers and a training loop for FairQuant's CLI and benchmark.
+"""Small CPU-trainable classifiers and a training loop for the FairQuant benchmarks
+(``python -m benchmarks.fairquant``, ``benchmarks.fairquant_allocate``, ``benchmarks.fairquant_baq``).
 
 * :class:`SmallCNN` - three Conv-BN-ReLU-MaxPool blocks (32/64/128 channels), global average pool, Linear head.
-* :class:`SmallViT` - patch-embedding Conv2d (patch 8), CLS token, learned positions, pre-norm blocks whose
-  attention and MLP are plain ``nn.Linear`` (so ``quantize_`` reaches every projection), Linear head.
+* :class:`CLSTokenViT` - patch-embedding Conv2d (patch 8), CLS token, learned positions, pre-norm blocks whose
+  attention and MLP are plain ``nn.Linear`` (so ``quantize_`` reaches every projection), Linear head on the CLS
+  token. (Not :class:`medquant.adaptive.SmallViT`, which mean-pools its tokens into an MLP head.)
 * :func:`train_classifier` - AdamW, cross-entropy with inverse-square-root class-frequency weights (the sets
   are imbalanced), optional flips as augmentation, tqdm progress.
 """
@@ -48,7 +50,7 @@ class _Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
-class SmallViT(nn.Module):
+class CLSTokenViT(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 2, image: int = 64, patch: int = 8, dim: int = 96,
                  depth: int = 4, heads: int = 4, mlp: int = 192) -> None:
         super().__init__()
@@ -66,14 +68,14 @@ class SmallViT(nn.Module):
         return self.head(self.norm(self.blocks(t))[:, 0])
 
 
-ARCHS = {"cnn": SmallCNN, "vit": SmallViT}
+ARCHS = {"cnn": SmallCNN, "vit": CLSTokenViT}
 
 
 def build(arch: str, in_channels: int, num_classes: int, image: int = 64) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(ARCHS)}")
     if arch == "vit":
-        return SmallViT(in_channels, num_classes, image=image)
+        return CLSTokenViT(in_channels, num_classes, image=image)
     return SmallCNN(in_channels, num_classes)
 
 

