@@ -1,9 +1,17 @@
-"""Shared pytest set-up for medquant's tests."""
+"""Shared pytest set-up for medquant's tests.
 
+``tests`` is a package (run ``python -m pytest tests`` from the repository root): helper modules import as
+``tests.<folder>.<module>`` and the tiny-model zoo as ``medquant.testing.zoo``.
+
+The data sets live outside the repository. ``medquant.data.default_data_dir`` needs ``$MEDQUANT_DATA_DIR`` (or an
+explicit argument); when it is unset, this file points it at the repository's sibling folder ``../shared/data``
+if that exists, so tests that read real data find it (they skip when it is absent).
+"""
 import os
-import sys
+from pathlib import Path
 
-# Make helpers that live in tests/ (``zoo.py``...) importable from tests in sub-folders.
-_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+if not os.environ.get("MEDQUANT_DATA_DIR") and SHARED_DATA.is_dir():
+    os.environ["MEDQUANT_DATA_DIR"] = str(SHARED_DATA)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_adaptive_fakequant import independent_fq
-from zoo import ZOO_BY_NAME, vlm_zoo_params
 
 from medquant.adaptive import AdaptiveQuantizer, CompactCNN, SmallViT, VLMClassifier
+from medquant.testing.zoo import ZOO_BY_NAME, vlm_zoo_params
+from tests.adaptive.test_adaptive_fakequant import independent_fq
 
 IMAGE_KW = ("image_grid_thw", "pixel_attention_mask")
 

@@ -6,8 +6,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_adaptive_fakequant import independent_fq
-from zoo import ZOO_BY_NAME
 
 from medquant import QuantConfig, QuantLinear, quantize_
 from medquant.adaptive import (
@@ -18,6 +16,8 @@ from medquant.adaptive import (
     fake_quantize_per_sample,
 )
 from medquant.complexity import ComplexityScorer
+from medquant.testing.zoo import ZOO_BY_NAME
+from tests.adaptive.test_adaptive_fakequant import independent_fq
 
 
 def _cnn(seed=0, n_labels=3):

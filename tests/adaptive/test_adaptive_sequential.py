@@ -12,12 +12,12 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_model
-from zoo import ZOO_BY_NAME
 
 from medquant import QuantConfig
 from medquant.adaptive import AdaptiveQuantizer, CompactCNN, VLMClassifier
 from medquant.adaptive.quantizer import _sequential_blocks
 from medquant.quant.api import quantized_modules
+from medquant.testing.zoo import ZOO_BY_NAME
 
 IMAGE_KW = ("image_grid_thw", "pixel_attention_mask", "image_sizes")
 

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from zoo import ZOO_BY_NAME
 
 from medquant import QuantConfig, quantize_
 from medquant.calibrate.awq import awq_groups, awq_quantize_, search_and_fold
+from medquant.testing.zoo import ZOO_BY_NAME
 
 CFG3 = QuantConfig(3, group_size=32)
 

@@ -14,10 +14,8 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_model
-from zoo import ZOO_BY_NAME
 
 from medquant import QuantConfig, quantize_
-from medquant.models import language_model_layers
 from medquant.calibrate.awq import (
     _fold,
     _search_group,
@@ -27,6 +25,8 @@ from medquant.calibrate.awq import (
     search_and_fold_block,
 )
 from medquant.calibrate.sequential import BlockInputs
+from medquant.models import language_model_layers
+from medquant.testing.zoo import ZOO_BY_NAME
 
 CFG3 = QuantConfig(3, group_size=32)
 GRID = 4  # alpha in {0, .25, .5, .75, 1}: a coarser grid keeps the tests fast

@@ -11,7 +11,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
-from zoo import ZOO_BY_NAME, tiny_cnn, zoo_params
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn, zoo_params
 
 from medquant import QuantConfig, QuantLinear, quantize_
 from medquant.quant.api import quantized_modules, resolve_configs

@@ -5,10 +5,10 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_model
-from zoo import ZOO_BY_NAME
 
 from medquant import QuantConfig, quantize_
 from medquant.calibrate.shards import assemble_shards, quantize_shard, shard_blocks
+from medquant.testing.zoo import ZOO_BY_NAME
 
 
 def test_shard_blocks_cover_every_block_once():

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from zoo import ZOO_BY_NAME
 
 from medquant.distill import Distiller, kd_loss
+from medquant.testing.zoo import ZOO_BY_NAME
 
 
 def _softmax(z):

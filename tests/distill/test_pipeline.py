@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import ZOO_BY_NAME
 
 from medquant import QuantConfig
 from medquant.pipeline import PruneStage, QuantStage, TrainStage, compress, load_compressed
 from medquant.quant.modules import QuantLinear
+from medquant.testing.zoo import ZOO_BY_NAME
 
 
 @pytest.mark.parametrize("name,heads,train,method", [("llama", 0.5, "distil", "awq"),

@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "prune"))
-from _real import REPORTS, minilm_dir
-
 from medquant.cli import main
 from medquant.pipeline import load_compressed
+from tests.prune.real_models import REPORTS, minilm_dir
 
 
 def test_cli_pipeline(tmp_path, capsys):

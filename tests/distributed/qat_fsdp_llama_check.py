@@ -8,14 +8,13 @@ two halves (the numerics of 2 ranks; gradients equal within 1e-8) already end 7e
 crossing a rounding boundary of the fake quantizer, amplified by Adam); DDP and FSDP land on that same
 two-halves result. At 1e-3 that difference is 1e-6.
 
-    python tests/distributed/qat_fsdp_llama_check.py      # exit status 0 = equal
+    python -m tests.distributed.qat_fsdp_llama_check      # exit status 0 = equal
 
 BAQ (untied only): ``BAQWrapper(..., layers=decoder Linears).fit(distributed=True, fsdp=True)`` sharded by
 decoder block; bits, bit logits and the exported model compared with single-process BAQ.
 """
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 
@@ -24,18 +23,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/ for zoo
-
 STEPS, BATCH, WORLD, SEQ = 3, 4, 2, 8
 QMAP = {"re:.*layers.*": 4}  # every Linear of the decoder blocks; embeddings and lm_head stay float
 
 
 def _model(tied: bool, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
-    from zoo import _text_kwargs
+
+    from medquant.testing.zoo import text_kwargs
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**_text_kwargs(), tie_word_embeddings=tied))
+    return LlamaForCausalLM(LlamaConfig(**text_kwargs(), tie_word_embeddings=tied))
 
 
 def _batches() -> list[dict[str, torch.Tensor]]:

@@ -3,19 +3,16 @@ and bitsandbytes in three processes): QLoRA on an NF4 (bitsandbytes) base, train
 ``QLoRAAdapter.train(..., ddp=True)`` in 2 gloo processes on CPU, each with half of every batch, ends with the
 LoRA weights of single-process training on the whole batches.
 
-    python tests/distributed/qlora_ddp_check.py        # exit status 0 = equal within tolerance
+    python -m tests.distributed.qlora_ddp_check        # exit status 0 = equal within tolerance
 """
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/ for zoo
 
 STEPS, BATCH, WORLD = 3, 4, 2
 
@@ -30,9 +27,8 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 
 
 def _adapter():
-    from zoo import ZOO_BY_NAME
-
     from medquant.qlora import QLoRAAdapter
+    from medquant.testing.zoo import ZOO_BY_NAME
 
     return QLoRAAdapter(ZOO_BY_NAME["llama"].build(), r=4, lora_dropout=0.0)  # NF4 base (quantize=True)
 

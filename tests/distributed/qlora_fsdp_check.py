@@ -3,8 +3,8 @@
 and the root with ``fully_shard`` and runs ``train_loop`` on its half of every batch; the LoRA weights are then
 gathered (``full_tensor``) and compared with single-process training on the whole batches.
 
-    python tests/distributed/qlora_fsdp_check.py                 # prints OK / MISMATCH, or each rank's error
-    python tests/distributed/qlora_fsdp_check.py --ignore-4bit   # keep the NF4 weights out of the sharding
+    python -m tests.distributed.qlora_fsdp_check                 # prints OK / MISMATCH, or each rank's error
+    python -m tests.distributed.qlora_fsdp_check --ignore-4bit   # keep the NF4 weights out of the sharding
                                                                  # (ignored_params: replicated on every rank)
 
 The outcome on this machine (torch 2.13 CPU, bitsandbytes 0.50.2, PEFT 0.21) is recorded in
@@ -21,8 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(__file__))
-from qlora_ddp_check import BATCH, WORLD, _adapter, _batches, _lora
+from tests.distributed.qlora_ddp_check import BATCH, WORLD, _adapter, _batches, _lora
 
 
 def _worker(r: int, d: str, ignore_4bit: bool) -> None:

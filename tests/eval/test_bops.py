@@ -2,11 +2,11 @@
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO_BY_NAME
 
 import medquant
 from medquant import QuantConfig, quantize_
 from medquant.eval import average_bits, bops, count_macs, proxy_bops, stored_bytes
+from medquant.testing.zoo import ZOO_BY_NAME
 
 
 @pytest.fixture(autouse=True)

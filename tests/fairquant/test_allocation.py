@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from fq_helpers import grouped_batches, tiny_mlp
 
 from medquant.fairquant import FairQuantAllocator, allocate_by_quantile, allocate_by_rank, allocate_to_budget
 from medquant.fairquant.importance import GroupImportance
+from tests.fairquant.fq_helpers import grouped_batches, tiny_mlp
 
 
 def _hand_scores(seed=0, sizes=(("l1", 7), ("l2", 13), ("l3", 20))):

@@ -2,14 +2,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from fq_helpers import grouped_batches, tiny_mlp
 from torch import nn
-from zoo import tiny_cnn
 
 import medquant
 from medquant.fairquant import FairQuantAllocator
 from medquant.fairquant.baq import BAQWeight, BAQWrapper, finite_difference_bits
 from medquant.quant.api import quantized_modules
+from medquant.testing.zoo import tiny_cnn
+from tests.fairquant.fq_helpers import grouped_batches, tiny_mlp
 
 
 def _regression(seed):

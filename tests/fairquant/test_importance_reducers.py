@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fq_helpers import grouped_batches, tiny_mlp
 
 from medquant.fairquant import compute_group_importance, reduce_groups
+from tests.fairquant.fq_helpers import grouped_batches, tiny_mlp
 
 
 def _reference_importance(model, batches, metric):

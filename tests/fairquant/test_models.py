@@ -2,8 +2,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from fq_helpers import grouped_batches, tiny_mlp
-from zoo import ZOO_BY_NAME, tiny_cnn
 
 import medquant
 from medquant import QuantConv2d, QuantLinear, quantize_
@@ -16,6 +14,8 @@ from medquant.fairquant import (
 )
 from medquant.kernels.layout import container_bits
 from medquant.quant.api import quantized_modules
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
+from tests.fairquant.fq_helpers import grouped_batches, tiny_mlp
 
 
 def _cnn_batches(n=3, batch=8, seed=0):

@@ -14,13 +14,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from zoo import ZOO_BY_NAME, zoo_params
 
 import medquant.hf
 from medquant import QuantConfig, quantize_
 from medquant.hf import MedQuantConfig, MedQuantHfQuantizer
 from medquant.quant.api import quantized_modules, resolve_configs
 from medquant.quant.modules import QUANT_MODULES
+from medquant.testing.zoo import ZOO_BY_NAME, zoo_params
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from zoo import ZOO_BY_NAME, tiny_cnn
 
 import medquant as mq
 from medquant.io import META_NAME, WEIGHTS_NAME, CheckpointError
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "llava", "qwen2_vl", "idefics3", "vit"])

@@ -5,13 +5,8 @@ modules of this folder, and ``import medquant`` never imports Triton, so setting
 something imported Triton earlier in the session — then the ``kernel_device`` fixture fails loudly).
 """
 import os
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _TESTS not in sys.path:  # for ``import zoo`` (tests/conftest.py does the same)
-    sys.path.insert(0, _TESTS)
 
 import pytest
 import torch

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import bit_equal
+from tests.kernels.kernel_helpers import bit_equal
 
 from medquant.kernels import (
     fake_quantize_rows,

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from kernel_helpers import assert_matches_oracle, dequant_fp64
+from tests.kernels.kernel_helpers import assert_matches_oracle, dequant_fp64
 
 from medquant.kernels import force_backend, packed_linear, select_regime
 from medquant.kernels.packed import packed_linear_triton

@@ -4,7 +4,6 @@ import pytest
 import torch
 import transformers as tf
 from torch import nn
-from zoo import ZOO_BY_NAME, _siglip_vision_kwargs, _text_kwargs, tiny_cnn, vlm_zoo_params, zoo_params
 
 from medquant.models import (
     ROLES,
@@ -16,6 +15,14 @@ from medquant.models import (
     supported_architectures,
     unassigned_modules,
     vision_layers,
+)
+from medquant.testing.zoo import (
+    ZOO_BY_NAME,
+    siglip_vision_kwargs,
+    text_kwargs,
+    tiny_cnn,
+    vlm_zoo_params,
+    zoo_params,
 )
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -245,16 +252,16 @@ def test_older_top_level_layout_is_split_around_nested_head():
 
 
 def _extra_models():
-    vis = _siglip_vision_kwargs()
+    vis = siglip_vision_kwargs()
     return {
-        "MistralForCausalLM": lambda: tf.MistralForCausalLM(tf.MistralConfig(**_text_kwargs(num_key_value_heads=2))),
-        "GemmaForCausalLM": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_text_kwargs(head_dim=32))),
-        "Gemma2ForCausalLM": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_text_kwargs(head_dim=32))),
-        "Qwen3ForCausalLM": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_text_kwargs(head_dim=32))),
-        "LlamaModel": lambda: tf.LlamaModel(tf.LlamaConfig(**_text_kwargs())),
+        "MistralForCausalLM": lambda: tf.MistralForCausalLM(tf.MistralConfig(**text_kwargs(num_key_value_heads=2))),
+        "GemmaForCausalLM": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**text_kwargs(head_dim=32))),
+        "Gemma2ForCausalLM": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**text_kwargs(head_dim=32))),
+        "Qwen3ForCausalLM": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**text_kwargs(head_dim=32))),
+        "LlamaModel": lambda: tf.LlamaModel(tf.LlamaConfig(**text_kwargs())),
         "SmolVLMForConditionalGeneration": lambda: tf.SmolVLMForConditionalGeneration(tf.SmolVLMConfig(
             vision_config=dict(model_type="smolvlm_vision", **vis),
-            text_config=tf.LlamaConfig(**_text_kwargs()), image_token_id=250, scale_factor=2)),
+            text_config=tf.LlamaConfig(**text_kwargs()), image_token_id=250, scale_factor=2)),
         "SiglipModel": lambda: tf.SiglipModel(tf.SiglipConfig(vision_config=vis, text_config={
             "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
             "vocab_size": 256, "max_position_embeddings": 16})),

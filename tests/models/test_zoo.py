@@ -3,7 +3,8 @@
 import pytest
 import torch
 from torch import nn
-from zoo import VLM_ZOO, ZOO, ZOO_BY_NAME, tiny_cnn, vlm_zoo_params, zoo_params
+
+from medquant.testing.zoo import VLM_ZOO, ZOO, ZOO_BY_NAME, tiny_cnn, vlm_zoo_params, zoo_params
 
 EXPECTED_NAMES = {
     "llama", "qwen2", "gemma3_text", "gemma3_vlm", "llava", "qwen2_vl", "qwen2_5_vl",

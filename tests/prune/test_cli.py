@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 
 import torch
-from _real import REPORTS, minilm_dir
 
 from medquant.cli import main
 from medquant.prune import load_pruned
+from tests.prune.real_models import REPORTS, minilm_dir
 
 
 def test_cli_prune_minilm(tmp_path, capsys):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import ZOO_BY_NAME, tiny_cnn
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
 
 from medquant import QuantConfig, quantize_
 from medquant.prune import StructuredPruner

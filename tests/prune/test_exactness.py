@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _reference import removed_from_plan, zeroed_copy
-from zoo import HEAD_DIM, ZOO, tiny_cnn
 
 from medquant.prune import StructuredPruner, parameter_report
+from medquant.testing.zoo import HEAD_DIM, ZOO, tiny_cnn
+from tests.prune._reference import removed_from_plan, zeroed_copy
 
 # VLM towers with fused qkv (Qwen2-VL vision) cannot lose heads: prune their language model only.
 SCOPE = {"qwen2_vl": "language", "qwen2_5_vl": "language"}
@@ -47,7 +47,7 @@ def test_pruned_equals_zeroed_original(entry):
 
 
 def test_gqa_query_mode_keeps_groups_equal_and_kv_heads():
-    from zoo import ZOO_BY_NAME
+    from medquant.testing.zoo import ZOO_BY_NAME
 
     e = ZOO_BY_NAME["qwen2"]
     model = e.build()
@@ -62,7 +62,7 @@ def test_gqa_query_mode_keeps_groups_equal_and_kv_heads():
 
 
 def test_gqa_group_mode_exact_and_shrinks_kv():
-    from zoo import ZOO_BY_NAME
+    from medquant.testing.zoo import ZOO_BY_NAME
 
     e = ZOO_BY_NAME["gemma3_text"]
     model = e.build()
@@ -81,7 +81,7 @@ def test_gqa_group_mode_exact_and_shrinks_kv():
 
 
 def test_per_layer_ratios_exact_and_generate():
-    from zoo import ZOO_BY_NAME
+    from medquant.testing.zoo import ZOO_BY_NAME
 
     e = ZOO_BY_NAME["llama"]
     model = e.build()

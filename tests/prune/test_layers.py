@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import wasserstein_distance
-from zoo import ZOO_BY_NAME
+from medquant.testing.zoo import ZOO_BY_NAME
 
 from medquant.prune import (
     StructuredPruner,
@@ -79,8 +79,8 @@ def test_drop_block_equals_skipping_it(tmp_path, name):
 
 
 def test_layer_selected_pruning_exact():
-    from _reference import removed_from_plan, zeroed_copy
-    from zoo import HEAD_DIM
+    from tests.prune._reference import removed_from_plan, zeroed_copy
+    from medquant.testing.zoo import HEAD_DIM
 
     e = ZOO_BY_NAME["llava"]
     model = e.build()

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
-from _real import REPORTS, load_minilm
-from _reference import removed_from_plan, zeroed_copy
 
 from medquant.prune import StructuredPruner, load_pruned, parameter_report, save_pruned
+from tests.prune._reference import removed_from_plan, zeroed_copy
+from tests.prune.real_models import REPORTS, load_minilm
 
 
 def test_minilm_exact_save_reload(tmp_path):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import ZOO_BY_NAME, tiny_cnn
 
 from medquant import QuantConfig, quantize_
 from medquant.prune import StructuredPruner, load_pruned, save_pruned
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
 
 
 def _out(entry, model, inputs):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from np_reference import np_unpack
 
 from medquant.kernels.layout import container_bits, padded_k
 from medquant.quant import QuantConfig, dequantize, fake_quantize, pack, quantize, unpack
+from tests.quant.np_reference import np_unpack
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

@@ -4,11 +4,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from np_reference import np_dequant_layer
 from torch import nn
 
 import medquant as mq
 from medquant.kernels.layout import container_bits, padded_k
+from tests.quant.np_reference import np_dequant_layer
 
 
 def _stack(n_layers=3, dim=1024, dtype=torch.bfloat16):

@@ -4,12 +4,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-from np_reference import np_dequant_layer
-from zoo import ZOO_BY_NAME, vlm_zoo_params, zoo_params
 
 import medquant as mq
 from medquant.models import model_roles
 from medquant.quant.api import quantized_modules
+from medquant.testing.zoo import ZOO_BY_NAME, vlm_zoo_params, zoo_params
+from tests.quant.np_reference import np_dequant_layer
 
 BITS = range(2, 9)
 SCOPES = {"group128": {"scope": "group", "group_size": 128}, "channel": {"scope": "channel"}}
@@ -120,7 +120,7 @@ def test_pattern_precedence_exact_then_in_order():
 
 
 def test_quantize_plain_cnn_and_dequantize_back():
-    from zoo import tiny_cnn
+    from medquant.testing.zoo import tiny_cnn
 
     model = tiny_cnn()
     x = torch.randn(2, 3, 32, 32)

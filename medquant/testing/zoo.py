@@ -1,4 +1,4 @@
-"""Tiny random-weight model zoo for tests.
+"""Tiny random-weight model zoo: test support for medquant and for code built on it.
 
 Every entry builds a Hugging Face model (or a plain ``nn.Module``) from a config, offline, with
 random weights drawn under ``torch.manual_seed(0)``: hidden size 128, 2 layers, intermediate 256,
@@ -7,7 +7,7 @@ same entry give bit-identical outputs.
 
 Usage in a test::
 
-    from zoo import ZOO, ZOO_BY_NAME, zoo_params
+    from medquant.testing.zoo import ZOO, ZOO_BY_NAME, zoo_params
 
     @zoo_params
     def test_something(entry):
@@ -15,7 +15,9 @@ Usage in a test::
         inputs = entry.inputs(model)
         out = entry.output(model, inputs)
 
-``tests/conftest.py`` puts this folder on ``sys.path`` so tests in sub-folders can ``import zoo``.
+``zoo_params`` / ``vlm_zoo_params`` are ``pytest.mark.parametrize`` marks over the entries (pytest is imported
+only when they are used). :func:`text_kwargs` / :func:`siglip_vision_kwargs` are the tiny text / SigLIP vision
+config arguments the entries use, for tests that build their own variant.
 
 Image tokens per model (all with 32x32 images, patch 8 -> 16 patches):
 
@@ -37,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import torch
 from torch import nn
 
@@ -126,7 +127,7 @@ def _lm_inputs(model: nn.Module, gen: torch.Generator) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _text_kwargs(**over: Any) -> dict[str, Any]:
+def text_kwargs(**over: Any) -> dict[str, Any]:
     kw = {
         "vocab_size": VOCAB,
         "hidden_size": HIDDEN,
@@ -143,7 +144,7 @@ def _text_kwargs(**over: Any) -> dict[str, Any]:
     return kw
 
 
-def _siglip_vision_kwargs(**over: Any) -> dict[str, Any]:
+def siglip_vision_kwargs(**over: Any) -> dict[str, Any]:
     kw = {
         "hidden_size": HIDDEN,
         "intermediate_size": INTER,
@@ -157,7 +158,7 @@ def _siglip_vision_kwargs(**over: Any) -> dict[str, Any]:
 
 
 def _gemma3_text_kwargs() -> dict[str, Any]:
-    return _text_kwargs(
+    return text_kwargs(
         num_key_value_heads=2,
         head_dim=HEAD_DIM,
         query_pre_attn_scalar=HEAD_DIM,
@@ -176,13 +177,13 @@ N_PATCHES = (IMAGE // PATCH) ** 2  # 16
 def _build_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**_text_kwargs()))
+    return LlamaForCausalLM(LlamaConfig(**text_kwargs()))
 
 
 def _build_qwen2() -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(**_text_kwargs(num_key_value_heads=2)))
+    return Qwen2ForCausalLM(Qwen2Config(**text_kwargs(num_key_value_heads=2)))
 
 
 def _build_gemma3_text() -> nn.Module:
@@ -200,7 +201,7 @@ def _build_gemma3_vlm() -> nn.Module:
 
     cfg = Gemma3Config(
         text_config=_gemma3_text_kwargs(),
-        vision_config=dict(model_type="siglip_vision_model", **_siglip_vision_kwargs(vision_use_head=False)),
+        vision_config=dict(model_type="siglip_vision_model", **siglip_vision_kwargs(vision_use_head=False)),
         mm_tokens_per_image=4,
         boi_token_index=BOI_TOKEN,
         eoi_token_index=EOI_TOKEN,
@@ -246,7 +247,7 @@ def _build_llava() -> nn.Module:
     )
     cfg = LlavaConfig(
         vision_config=vis,
-        text_config=LlamaConfig(**_text_kwargs()),
+        text_config=LlamaConfig(**text_kwargs()),
         image_token_index=IMAGE_TOKEN,
         image_seq_length=N_PATCHES,
         vision_feature_select_strategy="default",
@@ -270,8 +271,8 @@ def _build_paligemma() -> nn.Module:
 
     cfg = PaliGemmaConfig(
         vision_config=dict(model_type="siglip_vision_model", projection_dim=HIDDEN,
-                           **_siglip_vision_kwargs(vision_use_head=False)),
-        text_config=GemmaConfig(**_text_kwargs(num_key_value_heads=2, head_dim=HEAD_DIM)),
+                           **siglip_vision_kwargs(vision_use_head=False)),
+        text_config=GemmaConfig(**text_kwargs(num_key_value_heads=2, head_dim=HEAD_DIM)),
         image_token_index=IMAGE_TOKEN,
         projection_dim=HIDDEN,
         hidden_size=HIDDEN,
@@ -292,7 +293,7 @@ def _paligemma_inputs(model: nn.Module, gen: torch.Generator) -> dict[str, Any]:
 
 def _qwen_vl_text_kwargs() -> dict[str, Any]:
     # M-RoPE sections (t, h, w) must sum to head_dim / 2 = 16
-    return _text_kwargs(num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+    return text_kwargs(num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
 
 
 def _build_qwen2_vl() -> nn.Module:
@@ -354,8 +355,8 @@ def _build_idefics3() -> nn.Module:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
 
     cfg = Idefics3Config(
-        vision_config=dict(model_type="idefics3_vision", **_siglip_vision_kwargs()),
-        text_config=LlamaConfig(**_text_kwargs()),
+        vision_config=dict(model_type="idefics3_vision", **siglip_vision_kwargs()),
+        text_config=LlamaConfig(**text_kwargs()),
         image_token_id=IMAGE_TOKEN,
         scale_factor=2,
     )
@@ -379,7 +380,7 @@ def _idefics3_inputs(model: nn.Module, gen: torch.Generator) -> dict[str, Any]:
 def _build_siglip_vision() -> nn.Module:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    return SiglipVisionModel(SiglipVisionConfig(**_siglip_vision_kwargs()))
+    return SiglipVisionModel(SiglipVisionConfig(**siglip_vision_kwargs()))
 
 
 def _image_inputs(model: nn.Module, gen: torch.Generator) -> dict[str, Any]:
@@ -453,8 +454,17 @@ ZOO: list[ZooEntry] = [
 ZOO_BY_NAME: dict[str, ZooEntry] = {e.name: e for e in ZOO}
 VLM_ZOO: list[ZooEntry] = [e for e in ZOO if e.is_vlm]
 
-zoo_params = pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
-vlm_zoo_params = pytest.mark.parametrize("entry", VLM_ZOO, ids=[e.name for e in VLM_ZOO])
+
+
+def __getattr__(name: str):
+    """``zoo_params`` / ``vlm_zoo_params``: pytest parametrize marks over ``ZOO`` / ``VLM_ZOO`` (lazy: pytest is
+    a test dependency, not a dependency of medquant)."""
+    if name in ("zoo_params", "vlm_zoo_params"):
+        import pytest
+
+        entries = ZOO if name == "zoo_params" else VLM_ZOO
+        return pytest.mark.parametrize("entry", entries, ids=[e.name for e in entries])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class TinyCNN(nn.Module):
