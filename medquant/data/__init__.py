@@ -1,6 +1,7 @@
 """Small loaders for the image data sets medquant's tests and benchmarks use; point them at your own copies.
 
-* :func:`default_data_dir` - ``$MEDQUANT_DATA_DIR`` if set, else ``<repo>/../shared/data``.
+* :func:`default_data_dir` - an explicit ``data_dir`` argument, else ``$MEDQUANT_DATA_DIR``; a
+  :class:`DataDirNotSet` error (a ``FileNotFoundError``) naming both when neither is given.
 * :func:`load_npz_split` - MedMNIST-style ``.npz`` files (keys ``{split}_images`` / ``{split}_labels``, or
   ``images`` / ``labels`` / ``split`` arrays as in the NIH sample).
 * :func:`read_index` / :func:`load_image_folder` - a folder of image files listed in an index CSV with a path
@@ -20,16 +21,37 @@ import numpy as np
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
-__all__ = ["default_data_dir", "dicom_to_array", "list_image_files", "load_image", "load_image_folder",
-           "load_images", "load_npz_split", "read_dicom", "read_index"]
+__all__ = [
+    "DataDirNotSet",
+    "default_data_dir",
+    "dicom_to_array",
+    "list_image_files",
+    "load_image",
+    "load_image_folder",
+    "load_images",
+    "load_npz_split",
+    "read_dicom",
+    "read_index",
+]
 
 
-def default_data_dir() -> Path:
-    """``$MEDQUANT_DATA_DIR`` if set, else ``<repository root>/../shared/data``."""
+class DataDirNotSet(FileNotFoundError):
+    """Neither a ``data_dir`` argument nor ``$MEDQUANT_DATA_DIR`` says where the data sets are."""
+
+
+def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data directory: ``data_dir`` if given, else ``$MEDQUANT_DATA_DIR``.
+
+    Raises:
+        DataDirNotSet: neither is given (the message names both).
+    """
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
     env = os.environ.get("MEDQUANT_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
+    raise DataDirNotSet("no data directory: pass data_dir=... (the command line's --data-dir) or set the "
+                        "environment variable MEDQUANT_DATA_DIR to the folder that holds the data sets")
 
 
 def load_npz_split(path, split: str = "test", with_labels: bool = False):

@@ -21,6 +21,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import default_data_dir
+
 __all__ = ["SPLITS", "Report", "default_reports_path", "load_iu_reports", "report_split"]
 
 SPLITS = ("train", "dev", "test")
@@ -65,11 +67,10 @@ def report_split(uid: str) -> str:
     return "test"
 
 
-def default_reports_path() -> Path:
-    """``$MEDQUANT_DATA_DIR/iu_xray_reports/NLMCXR_reports.tgz`` (default data dir ``<repo>/../shared/data``)."""
-    env = os.environ.get("MEDQUANT_DATA_DIR")
-    base = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return base / "iu_xray_reports" / "NLMCXR_reports.tgz"
+def default_reports_path(data_dir: str | os.PathLike | None = None) -> Path:
+    """``<data dir>/iu_xray_reports/NLMCXR_reports.tgz``, the data dir from :func:`medquant.data.default_data_dir`
+    (``data_dir``, else ``$MEDQUANT_DATA_DIR``; :class:`~medquant.data.DataDirNotSet` when neither is given)."""
+    return default_data_dir(data_dir) / "iu_xray_reports" / "NLMCXR_reports.tgz"
 
 
 _WS = re.compile(r"\s+")
@@ -112,7 +113,8 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
         require: section names (``"findings"``, ``"impression"``...) that must be non-empty.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist. ValueError: bad ``split``/``require`` or a malformed XML.
+        FileNotFoundError: ``path`` does not exist (:class:`~medquant.data.DataDirNotSet`: no ``path`` and no
+            ``$MEDQUANT_DATA_DIR``). ValueError: bad ``split``/``require`` or a malformed XML.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")

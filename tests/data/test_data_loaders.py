@@ -10,15 +10,29 @@ import pytest
 
 from medquant import data as mdata
 
-DATA = Path(os.environ.get("MEDQUANT_DATA_DIR") or Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
+DATA = Path(os.environ.get("MEDQUANT_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 
 
-def test_default_data_dir_honours_env(monkeypatch, tmp_path):
+def test_default_data_dir_argument_then_env_else_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MEDQUANT_DATA_DIR", str(tmp_path))
     assert mdata.default_data_dir() == tmp_path
+    assert mdata.default_data_dir(tmp_path / "x") == tmp_path / "x"  # an explicit argument wins
     monkeypatch.delenv("MEDQUANT_DATA_DIR")
-    assert mdata.default_data_dir().parts[-2:] == ("shared", "data")
+    assert mdata.default_data_dir(str(tmp_path)) == tmp_path
+    with pytest.raises(mdata.DataDirNotSet, match="data_dir.*MEDQUANT_DATA_DIR"):
+        mdata.default_data_dir()
+    assert issubclass(mdata.DataDirNotSet, FileNotFoundError)
+
+
+def test_reports_default_path_follows_the_data_dir(monkeypatch, tmp_path):
+    from medquant.data.reports import default_reports_path, load_iu_reports
+
+    monkeypatch.setenv("MEDQUANT_DATA_DIR", str(tmp_path))
+    assert default_reports_path() == tmp_path / "iu_xray_reports" / "NLMCXR_reports.tgz"
+    monkeypatch.delenv("MEDQUANT_DATA_DIR")
+    with pytest.raises(FileNotFoundError, match="MEDQUANT_DATA_DIR"):
+        load_iu_reports()
 
 
 @needs_data
