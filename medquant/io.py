@@ -170,7 +170,9 @@ def _shell_for(entry: dict, name: str) -> nn.Module:
     raise CheckpointError(f"module {name!r} has unknown type {entry['type']!r} in {META_NAME}")
 
 
-def _build_hf(directory: Path, meta: dict) -> nn.Module:
+def build_hf_model(directory: Path, meta: dict) -> nn.Module:
+    """A fresh Hugging Face model (eval mode, initialised weights) of the saved class, built from the saved
+    ``config.json`` of ``directory``; ``meta`` is the checkpoint's metadata (:func:`verify`)."""
     import transformers
     from transformers import AutoConfig
 
@@ -201,7 +203,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
                 f"{directory} holds a plain nn.Module ({meta['model']['class']}); rebuild it in code and pass it: "
                 f"medquant.load(path, model={meta['model']['class']}(...))"
             )
-        model = _build_hf(directory, meta)
+        model = build_hf_model(directory, meta)
     for name, entry in meta["modules"].items():
         try:
             old = model.get_submodule(name)

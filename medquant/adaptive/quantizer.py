@@ -68,14 +68,14 @@ def _check_sequential_opts(opts) -> dict:
 def _sequential_blocks(model: nn.Module) -> list[list[str]] | None:
     """Blocks for ``quantize_sequential``: those of ``model`` itself, else those of the shallowest submodule that
     has some (the VLM inside a :class:`VLMClassifier`), with full names; ``None`` when there are none."""
-    from ..calibrate.sequential import find_blocks
+    from ..models.blocks import block_stacks
 
-    groups = find_blocks(model)
+    groups = block_stacks(model)
     if groups:
         return groups
     for name, mod in model.named_modules():
         if name and hasattr(mod, "config"):
-            groups = find_blocks(mod)
+            groups = block_stacks(mod)
             if groups:
                 return [[f"{name}.{b}" for b in g] for g in groups]
     return None

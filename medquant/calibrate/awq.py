@@ -1,4 +1,4 @@
-"""Activation-aware weight quantization: AWQ-style per-input-channel scales (seed 004, SPEC section 5).
+"""Activation-aware weight quantization: AWQ-style per-input-channel scales.
 
 For a group of linears ``W_1..W_m`` that read the same input ``X`` (q/k/v after the attention norm; gate/up after
 the FFN norm; down after up; o after v), scaling input channel ``j`` of every ``W_i`` by ``s_j`` and dividing the
@@ -19,8 +19,8 @@ are quantized plainly.
 
 :func:`awq_quantize_` searches all groups on activations collected once from the float model, then folds; the
 float model's outputs are unchanged by folding (up to float rounding), which the tests check before quantization.
-:func:`awq_quantize_sequential` does the same block by block through :func:`medquant.sequential.quantize_sequential`
-(for models that do not fit on the compute device): each block is searched on the activations of the already
+:func:`awq_quantize_sequential` does the same block by block through
+:func:`medquant.calibrate.quantize_sequential` (for models that do not fit on the compute device): each block is searched on the activations of the already
 quantized previous blocks (GPTQ/AWQ convention), folded, quantized and offloaded. Both paths share the per-group
 search (:func:`_search_group`) and the fold.
 """
@@ -35,9 +35,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.blocks import block_stacks, transformer_blocks
+from ..models.runner import run_model
 from ..quant.api import quantize_
 from ..quant.config import QuantConfig
 from ..quant.core import fake_quantize
+from .sequential import BlockInputs, quantize_sequential
 
 __all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
            "search_and_fold_block"]
@@ -68,10 +71,8 @@ def _norm_kind(mod: nn.Module) -> str | None:
 
 def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> dict[str, list[ScaleGroup]]:
     """Block name -> its scale groups (full module names), blocks in order; blocks without a group left out."""
-    from ..prune.arch import find_blocks
-
     out: dict[str, list[ScaleGroup]] = {}
-    for b in find_blocks(model, scope):
+    for b in transformer_blocks(model, scope):
         blk = model.get_submodule(b.name)
         kids = dict(blk.named_children())
         attn_norm = next((n for n in _ATTN_NORMS if n in kids and _norm_kind(kids[n])), None)
@@ -97,15 +98,6 @@ def awq_groups(model: nn.Module, scope: str | list[str] | None = None) -> list[S
     return [g for gs in _groups_by_block(model, scope).values() for g in gs]
 
 
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
 @torch.no_grad()
 def _collect(model: nn.Module, groups: list[ScaleGroup], calib: Iterable[Any], max_rows: int,
              progress: bool) -> dict[str, torch.Tensor]:
@@ -123,7 +115,7 @@ def _collect(model: nn.Module, groups: list[ScaleGroup], calib: Iterable[Any], m
     try:
         n = 0
         for batch in tqdm(calib, desc="AWQ calibration", disable=not progress, leave=False):
-            _run(model, batch)
+            run_model(model, batch)
             n += 1
     finally:
         for h in handles:
@@ -239,7 +231,7 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
 
 # ---------------------------------------------------------------------------------------------- block by block
 @torch.no_grad()
-def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: Any, groups: Sequence[ScaleGroup], *,
+def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockInputs, groups: Sequence[ScaleGroup], *,
                           grid: int = 10, max_rows: int = 2048) -> list[ScaleGroup]:
     """:func:`search_and_fold` for one block on its recorded calls.
 
@@ -247,7 +239,7 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: Any, gr
         block: the float block (on any device).
         config: the target :class:`QuantConfig` of the search.
         inputs: the block's calls, ``block(*inputs.args[i], **inputs.kwargs[i])`` per calibration batch (a
-            :class:`medquant.sequential.BlockInputs`).
+            :class:`medquant.calibrate.BlockInputs`).
         groups: scale groups with names relative to ``block``; they receive ``alpha``, ``err_rtn``, ``err_awq``.
 
     The inputs of every group are collected in one pass over the calls (before any folding; folding leaves the
@@ -300,7 +292,7 @@ def awq_quantize_sequential(
     checkpoint: str | os.PathLike | Any | None = None,
     progress: bool = True,
 ) -> list[ScaleGroup]:
-    """AWQ block by block through :func:`medquant.sequential.quantize_sequential`; the model is quantized in place.
+    """AWQ block by block through :func:`medquant.calibrate.quantize_sequential`; the model is quantized in place.
 
     For each decoder / vision block in forward order: the float block is brought to ``device`` (moved, or read from
     ``checkpoint`` for a model built under ``accelerate.init_empty_weights()``), the scales of its groups (those of
@@ -314,9 +306,6 @@ def awq_quantize_sequential(
     model, so the chosen ``alpha`` of later blocks may differ. ``calib_inputs``: keyword dicts for
     ``model(**batch)`` (one dict or a list). Returns the groups (full names) with ``alpha`` and errors.
     """
-    from .sequential import find_blocks as seq_blocks
-    from .sequential import quantize_sequential
-
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if calib_inputs is None:
@@ -331,14 +320,14 @@ def awq_quantize_sequential(
     per_block = _groups_by_block(model, scope)
     if not per_block:
         raise ValueError(f"{type(model).__name__}: no foldable (norm/linear -> linears) groups found for AWQ")
-    visited = {n for g in seq_blocks(model) for n in g}
+    visited = {n for g in block_stacks(model) for n in g}
     missing = [b for b in per_block if b not in visited]
     if missing:
         raise ValueError(f"AWQ blocks {missing[:3]} are not among the blocks quantize_sequential visits "
                          "(vision_layers then language_model_layers); use awq_quantize_ for this model")
     done: list[ScaleGroup] = []
 
-    def per_block_fn(block: nn.Module, inputs) -> None:
+    def per_block_fn(block: nn.Module, inputs: BlockInputs) -> None:
         groups = per_block.get(inputs.name)
         if not groups:
             return

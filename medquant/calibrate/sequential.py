@@ -40,11 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.blocks import block_stacks
 from ..quant.api import resolve_configs
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantConv2d, QuantLinear
 
-__all__ = ["BlockInputs", "CheckpointSource", "find_blocks", "quantize_sequential"]
+__all__ = ["BlockInputs", "CheckpointSource", "quantize_sequential"]
 
 
 # ---------------------------------------------------------------------------------------------- weights on disk
@@ -127,14 +128,6 @@ class CheckpointSource:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def find_blocks(model: nn.Module) -> list[list[str]]:
-    """Block lists in forward order: ``[vision blocks, language blocks]`` (empty lists dropped)."""
-    from ..models import language_model_layers, vision_layers
-
-    groups = [vision_layers(model), language_model_layers(model)]
-    return [g for g in groups if g]
-
-
 def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -361,7 +354,7 @@ def quantize_sequential(
         offload_device: where processed blocks go (default ``"cpu"``; ``None`` keeps them on ``device``).
         checkpoint: safetensors file / directory / :class:`CheckpointSource` holding the float weights of meta
             tensors, under the model's own state-dict names.
-        blocks: block names (one list, or a list of lists in forward order); default :func:`find_blocks`.
+        blocks: block names (one list, or a list of lists in forward order); default :func:`medquant.models.block_stacks`.
         per_block_fn: ``fn(block, BlockInputs)`` called with the float block on ``device`` before its layers are
             quantized (activation-aware scaling, statistics...). It may change the block's float weights.
         progress: tqdm progress bar over blocks.
@@ -389,7 +382,7 @@ def quantize_sequential(
 
     plan = resolve_configs(model, config_or_map, skip=skip)
     if blocks is None:
-        groups = find_blocks(model)
+        groups = block_stacks(model)
     elif blocks and isinstance(blocks[0], str):
         groups = [list(blocks)]
     else:

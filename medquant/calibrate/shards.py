@@ -37,10 +37,11 @@ from torch import nn
 
 from ..distributed import rank as _rank
 from ..distributed import world_size as _world_size
+from ..models.blocks import block_stacks
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantConv2d, QuantLinear
 from ..quant.size import quant_metadata
-from .sequential import CheckpointSource, find_blocks, quantize_sequential
+from .sequential import CheckpointSource, quantize_sequential
 
 __all__ = ["SHARD_PATTERN", "assemble_shards", "quantize_shard", "shard_blocks"]
 
@@ -87,7 +88,7 @@ def quantize_shard(
     from safetensors.torch import save_file
 
     r, w = _check_rank(rank, world_size)
-    all_blocks = list(blocks) if blocks is not None else [b for g in find_blocks(model) for b in g]
+    all_blocks = list(blocks) if blocks is not None else [b for g in block_stacks(model) for b in g]
     if not all_blocks:
         raise ValueError(f"found no blocks in {type(model).__name__}: pass blocks=[...]")
     mine = shard_blocks(all_blocks, r, w)

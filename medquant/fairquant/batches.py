@@ -25,25 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.runner import main_output, run_model
+
 LossFn = Callable[[nn.Module, Any], Any]
 GroupsFn = Callable[[Any], torch.Tensor]
 _TARGET_KEYS = ("labels", "targets")
 
 
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits") and out.logits is not None:
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}; pass loss_fn")
-
-
 def per_sample_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample loss ``(N,)``: cross-entropy for integer targets ``(N,)``; for float targets of the logits'
     shape (multi-label), the mean over labels of binary cross-entropy with logits."""
-    logits = _logits(outputs)
+    logits = main_output(outputs, hidden_state=False)  # the tensor, .logits or the first tuple element
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point and targets.shape == logits.shape:
@@ -62,12 +54,6 @@ def per_sample_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets.long(), reduction="none")
 
 
-def run_model(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
-
-
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """Per-sample loss for ``(inputs, targets, groups)`` tuples or dicts with ``labels``/``targets`` + ``groups``."""
     if isinstance(batch, Mapping):
@@ -77,7 +63,7 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("groups", key)}
         return per_sample_loss(model(**inputs), batch[key])
     if isinstance(batch, (tuple, list)) and len(batch) >= 3:
-        return per_sample_loss(run_model(model, batch[0]), batch[1])
+        return per_sample_loss(run_model(model, batch[0], unpack_sequences=False), batch[1])
     raise TypeError(
         f"default_loss expects (inputs, targets, groups) tuples or dicts with 'labels' and 'groups'; got "
         f"{type(batch).__name__}. Pass loss_fn(model, batch) -> per-sample losses (N,) or (outputs, targets)"

@@ -1,5 +1,8 @@
-"""Model helpers: which parts of a Hugging Face model are vision tower, projector, language model, head."""
+"""Model helpers: which parts of a Hugging Face model are vision tower, projector, language model, head
+(:mod:`.introspect`); its repeated blocks and their attention / FFN linears (:mod:`.blocks`); running a model on
+one batch and reading its main output (:mod:`.runner`)."""
 
+from .blocks import AttentionUnit, Block, FFNUnit, block_stacks, transformer_blocks
 from .introspect import (
     ROLES,
     WEIGHT_MODULE_TYPES,
@@ -12,16 +15,24 @@ from .introspect import (
     unassigned_modules,
     vision_layers,
 )
+from .runner import main_output, run_model
 
 __all__ = [
     "ROLES",
     "WEIGHT_MODULE_TYPES",
+    "AttentionUnit",
+    "Block",
+    "FFNUnit",
     "UnsupportedArchitectureError",
+    "block_stacks",
     "language_model_layers",
+    "main_output",
     "model_roles",
     "modules_in_role",
     "role_of",
+    "run_model",
     "supported_architectures",
+    "transformer_blocks",
     "unassigned_modules",
     "vision_layers",
 ]

@@ -1,4 +1,4 @@
-"""Output-channel pruning of plain CNNs (SPEC section 5).
+"""Output-channel pruning of plain CNNs.
 
 The model is traced with ``torch.fx`` and shapes are propagated on an example input. For every ``nn.Conv2d``
 (``groups == 1``) the pass follows its output through shape-preserving, per-channel operations -- at most one
@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .importance import calibration_loss, run_batch
+from ..models.runner import run_model
+from .importance import calibration_loss
+from .ratios import check_ratio, lowest_indices, n_to_remove
 
 __all__ = ["ChannelGroup", "apply_channels", "channel_groups", "plan_channels"]
 
@@ -159,7 +161,7 @@ def _scores(model: nn.Module, groups: list[ChannelGroup], method: str, calib, lo
         try:
             with torch.no_grad():
                 for batch in tqdm(calib, desc="activation statistics", disable=not progress, leave=False):
-                    run_batch(model, batch)
+                    run_model(model, batch)
         finally:
             for h in handles:
                 h.remove()
@@ -190,8 +192,6 @@ def _scores(model: nn.Module, groups: list[ChannelGroup], method: str, calib, lo
 
 def plan_channels(model: nn.Module, pruner, plan, calib, loss_fn, example_input) -> None:
     """Fill ``plan.channels`` / ``plan.sizes`` for a plain CNN (called by ``StructuredPruner.plan``)."""
-    from .pruner import _check_ratio, _lowest, _n_remove
-
     ex = example_input if example_input is not None else (_first(calib) if calib is not None else None)
     if ex is None:
         raise ValueError("channel pruning needs an example input (example_input=...) or calibration batches to "
@@ -204,7 +204,7 @@ def plan_channels(model: nn.Module, pruner, plan, calib, loss_fn, example_input)
         if bad:
             raise ValueError(f"channel_ratio names convs that cannot be pruned or do not exist: {bad}; prunable: "
                              f"{sorted(names)}")
-        ratios = {k: _check_ratio(v, f"channel_ratio[{k!r}]") for k, v in ratios.items()}
+        ratios = {k: check_ratio(v, f"channel_ratio[{k!r}]") for k, v in ratios.items()}
     else:
         ratios = {g.conv: ratios for g in groups}
     active = [g for g in groups if ratios.get(g.conv, 0) > 0]
@@ -216,10 +216,10 @@ def plan_channels(model: nn.Module, pruner, plan, calib, loss_fn, example_input)
         keep = list(range(g.n_channels))
         r = ratios.get(g.conv, 0)
         if r > 0:
-            k = _n_remove(r, g.n_channels)
+            k = n_to_remove(r, g.n_channels)
             if k >= g.n_channels:
                 raise ValueError(f"{g.conv}: channel ratio {r} would remove all {g.n_channels} channels")
-            drop = set(_lowest(scores[g.conv], k))
+            drop = set(lowest_indices(scores[g.conv], k))
             keep = [c for c in keep if c not in drop]
         plan.channels[g.conv] = keep
     plan.channel_groups = [{"conv": g.conv, "bn": g.bn, "consumers": [list(c) for c in g.consumers],

@@ -1,4 +1,4 @@
-"""Importance of attention heads and FFN neurons (SPEC section 5).
+"""Importance of attention heads and FFN neurons.
 
 For a head ``h`` with channels ``J_h`` (its ``head_dim`` rows of q and columns of the output projection o) and an
 FFN neuron ``j`` (row ``j`` of each input linear, column ``j`` of the output linear):
@@ -17,10 +17,12 @@ FFN neuron ``j`` (row ``j`` of each input linear, column ``j`` of the output lin
 
 A key/value group (grouped-query attention pruned by whole groups) scores the sum of its query heads.
 
-Calibration data is an iterable of batches: a dict (``model(**batch)``), a tensor (``model(batch)``) or a
-tuple/list (``model(*batch)``). The Taylor loss is ``loss_fn(model, batch)`` when given; otherwise the model's
-own ``.loss`` (a causal LM gets ``labels = input_ids``, so the loss is next-token cross-entropy); otherwise, for
-models without a loss, the proxy ``0.5 * mean(output^2)`` of the main output, which is stated in the result.
+Calibration data is an iterable of batches, each run with :func:`medquant.models.run_model`: a dict
+(``model(**batch)``), a tensor (``model(batch)``) or a tuple/list (``model(*batch)``). The Taylor loss is
+``loss_fn(model, batch)`` when given; otherwise the model's own ``.loss`` (a causal LM gets ``labels =
+input_ids``, so the loss is next-token cross-entropy); otherwise, for models without a loss, the proxy
+``0.5 * mean(y^2)`` of the main output ``y`` (:func:`medquant.models.main_output`: the logits, else the last
+hidden state, else the first element of a tuple).
 """
 from __future__ import annotations
 
@@ -31,33 +33,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Block
+from ..models.blocks import Block
+from ..models.runner import main_output, run_model
 
-__all__ = ["METHODS", "block_scores", "calibration_loss", "run_batch"]
+__all__ = ["METHODS", "block_scores", "calibration_loss"]
 
 METHODS = ("magnitude", "taylor", "activation")
-
-
-def run_batch(model: nn.Module, batch: Any, **extra: Any) -> Any:
-    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, ``model(batch)`` otherwise."""
-    if isinstance(batch, dict):
-        return model(**batch, **extra)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch, **extra)
-    return model(batch, **extra)
-
-
-def main_output(out: Any) -> torch.Tensor:
-    """The main tensor of a model output: logits, last hidden state, or the tensor itself."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        val = getattr(out, key, None)
-        if isinstance(val, torch.Tensor):
-            return val
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find the main output tensor in a {type(out).__name__}")
 
 
 def calibration_loss(model: nn.Module, batch: Any,
@@ -72,7 +53,7 @@ def calibration_loss(model: nn.Module, batch: Any,
         if "attention_mask" in batch:
             labels[batch["attention_mask"] == 0] = -100
         extra["labels"] = labels
-    out = run_batch(model, batch, **extra)
+    out = run_model(model, batch, **extra)
     loss = getattr(out, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss
@@ -144,7 +125,7 @@ def _activation(model: nn.Module, blocks: list[Block], calib, progress: bool) ->
         handles.append(_lin(model, name).register_forward_pre_hook(make_hook(name)))
     try:
         for batch in _iter(calib, "activation statistics", progress):
-            run_batch(model, batch)
+            run_model(model, batch)
     finally:
         for h in handles:
             h.remove()

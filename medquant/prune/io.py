@@ -1,4 +1,4 @@
-"""Save and reload pruned models whose layers have different shapes (SPEC section 5).
+"""Save and reload pruned models whose layers have different shapes.
 
 :func:`save_pruned` writes the model with :func:`medquant.save` (safetensors + ``medquant.json`` + HF
 ``config.json``) and records a *shape table* in the JSON extras under ``"prune"``:
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import io as mq_io
-from .arch import find_blocks
+from ..io import CheckpointError, build_hf_model, load, save, verify
+from ..models.blocks import transformer_blocks
 from .surgery import prune_attention, prune_ffn
 
 __all__ = ["load_pruned", "save_pruned", "shape_table"]
@@ -44,7 +44,7 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
     """The per-layer shapes :func:`load_pruned` needs to rebuild ``model``."""
     table: dict[str, Any] = {"version": TABLE_VERSION, "blocks": {}, "modules": {}}
     if _is_hf(model):
-        for b in find_blocks(model, "all"):
+        for b in transformer_blocks(model, "all"):
             e: dict[str, Any] = {}
             if b.attention is not None:
                 a = b.attention
@@ -72,7 +72,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, plan=None,
     ex["prune"] = shape_table(model)
     if plan is not None:
         ex["prune_plan"] = plan.to_dict()
-    return mq_io.save(model, directory, extras=ex)
+    return save(model, directory, extras=ex)
 
 
 def _empty_param(p: torch.Tensor, shape: tuple[int, ...]) -> nn.Parameter:
@@ -84,7 +84,7 @@ def _resize_modules(model: nn.Module, modules: dict[str, dict[str, Any]]) -> Non
         try:
             m = model.get_submodule(name)
         except AttributeError:
-            raise mq_io.CheckpointError(f"the saved model has a layer {name!r} that {type(model).__name__} "
+            raise CheckpointError(f"the saved model has a layer {name!r} that {type(model).__name__} "
                                         "does not have") from None
         if e["type"] == "Conv2d" and isinstance(m, nn.Conv2d):
             w = m.weight
@@ -106,32 +106,32 @@ def _resize_modules(model: nn.Module, modules: dict[str, dict[str, Any]]) -> Non
                 m.bias = _empty_param(m.bias, (e["out"],))
             m.in_features, m.out_features = e["in"], e["out"]
         else:
-            raise mq_io.CheckpointError(f"layer {name!r}: saved as {e['type']}, the model has "
+            raise CheckpointError(f"layer {name!r}: saved as {e['type']}, the model has "
                                         f"{type(m).__name__}")
 
 
 def _resize_blocks(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
-    found = {b.name: b for b in find_blocks(model, "all")}
+    found = {b.name: b for b in transformer_blocks(model, "all")}
     for name, e in blocks.items():
         b = found.get(name)
         if b is None:
-            raise mq_io.CheckpointError(f"the saved model has a block {name!r} that the rebuilt "
+            raise CheckpointError(f"the saved model has a block {name!r} that the rebuilt "
                                         f"{type(model).__name__} does not have")
         if "attention" in e:
             a, s = b.attention, e["attention"]
             if a is None or a.head_dim != s["head_dim"]:
-                raise mq_io.CheckpointError(f"{name}: saved attention (head_dim {s['head_dim']}) does not fit the "
+                raise CheckpointError(f"{name}: saved attention (head_dim {s['head_dim']}) does not fit the "
                                             "rebuilt model")
             g_new = s["n_heads"] // s["n_kv"]
             if s["n_kv"] > a.n_kv or g_new > a.group_size:
-                raise mq_io.CheckpointError(f"{name}: saved {s['n_heads']} heads / {s['n_kv']} key/value heads do not "
+                raise CheckpointError(f"{name}: saved {s['n_heads']} heads / {s['n_kv']} key/value heads do not "
                                             f"fit the rebuilt layer ({a.n_heads} / {a.n_kv})")
             keep = [kv * a.group_size + i for kv in range(s["n_kv"]) for i in range(g_new)]
             prune_attention(model, a, keep, list(range(s["n_kv"])))
         if "ffn" in e:
             f = b.ffn
             if f is None or e["ffn"]["n_neurons"] > f.n_neurons:
-                raise mq_io.CheckpointError(f"{name}: saved FFN does not fit the rebuilt model")
+                raise CheckpointError(f"{name}: saved FFN does not fit the rebuilt model")
             prune_ffn(model, f, range(e["ffn"]["n_neurons"]))
 
 
@@ -143,18 +143,18 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
     instance of the original (unpruned) architecture.
     """
     directory = Path(directory)
-    meta = mq_io.verify(directory)
+    meta = verify(directory)
     table = meta.get("extras", {}).get("prune")
     if not isinstance(table, dict) or table.get("version") != TABLE_VERSION:
-        raise mq_io.CheckpointError(f"{directory} has no pruning shape table (version {TABLE_VERSION}); was it "
+        raise CheckpointError(f"{directory} has no pruning shape table (version {TABLE_VERSION}); was it "
                                     "saved with medquant.prune.save_pruned?")
     if model is None:
         if meta["model"]["kind"] != "hf":
-            raise mq_io.CheckpointError(
+            raise CheckpointError(
                 f"{directory} holds a plain nn.Module ({meta['model']['class']}); pass a fresh float instance: "
                 f"load_pruned(path, model={meta['model']['class']}(...))")
-        model = mq_io._build_hf(directory, meta)
+        model = build_hf_model(directory, meta)
     with torch.no_grad():
         _resize_blocks(model, table.get("blocks", {}))
         _resize_modules(model, table.get("modules", {}))
-    return mq_io.load(directory, model=model, device=device)
+    return load(directory, model=model, device=device)

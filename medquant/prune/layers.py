@@ -1,4 +1,4 @@
-"""Layer selection from activation distributions on calibration data (seed 004, SPEC section 5).
+"""Layer selection from activation distributions on calibration data.
 
 For every block ``l`` with input hidden states ``X`` and output ``Y`` (tokens x hidden) over the calibration data:
 
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import find_blocks
-from .importance import run_batch
+from ..models.blocks import transformer_blocks
+from ..models.runner import run_model
 
 __all__ = ["allocate_ratios", "block_influence", "drop_blocks", "influence_table", "least_influential",
            "plot_influence"]
@@ -39,7 +39,7 @@ def _hidden(x: Any) -> torch.Tensor:
 def block_influence(model: nn.Module, calib: Iterable[Any], scope: str | list[str] | None = None,
                     progress: bool = True) -> list[dict[str, Any]]:
     """Per-block influence scores, in block order: ``[{"block", "index", "cosine", "wasserstein"}, ...]``."""
-    blocks = find_blocks(model, scope)
+    blocks = transformer_blocks(model, scope)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: no transformer blocks in scope {scope!r}")
     acc = {b.name: [0.0, 0.0] for b in blocks}
@@ -68,7 +68,7 @@ def block_influence(model: nn.Module, calib: Iterable[Any], scope: str | list[st
     model.eval()
     try:
         for batch in tqdm(calib, desc="block influence", disable=not progress, leave=False):
-            run_batch(model, batch)
+            run_model(model, batch)
             n += 1
     finally:
         model.train(was_training)

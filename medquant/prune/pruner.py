@@ -1,4 +1,4 @@
-"""``StructuredPruner``: physically remove attention heads, FFN neurons and CNN channels (SPEC section 5).
+"""``StructuredPruner``: physically remove attention heads, FFN neurons and CNN channels.
 
 Usage (three lines on a Hugging Face model)::
 
@@ -6,8 +6,9 @@ Usage (three lines on a Hugging Face model)::
     pruner = StructuredPruner(head_ratio=0.3, ffn_ratio=0.3, importance="activation")
     plan = pruner.prune(model, calib=batches)       # plan + apply, in place; returns the PrunePlan
 
-Counting. A ratio ``r`` of ``n`` structures removes ``floor(r*n + 0.5)`` of them (seed 001: 30% of the heads and
-30% of the FFN neurons of every layer). Grouped-query attention (``n_kv < n_heads``, ``g = n_heads / n_kv`` query
+Counting. A ratio ``r`` of ``n`` structures removes ``floor(r*n + 0.5)`` of them, those with the lowest importance
+scores (:mod:`medquant.prune.ratios`; e.g. ``head_ratio=0.3, ffn_ratio=0.3`` removes 30% of the heads and 30% of
+the FFN neurons of every layer). Grouped-query attention (``n_kv < n_heads``, ``g = n_heads / n_kv`` query
 heads per key/value head) is pruned consistently, in one of two ways (``gqa=``):
 
 * ``"query"`` (default): remove ``floor(r*g + 0.5)`` query heads inside *every* key/value group (the lowest scoring
@@ -18,8 +19,9 @@ heads per key/value head) is pruned consistently, in one of two ways (``gqa=``):
 A removal that would leave a layer with no head / no neuron / no channel raises ``ValueError`` naming the layer.
 
 Per-layer ratios: ``head_ratio`` / ``ffn_ratio`` may be a float (uniform), a sequence with one ratio per block in
-scope (see :func:`medquant.prune.arch.find_blocks`), or a dict ``{block name: ratio}`` (blocks left out keep
-everything). :func:`medquant.prune.layers.allocate_ratios` turns seed 004's block-influence scores into such
+scope (see :func:`medquant.models.transformer_blocks`), or a dict ``{block name: ratio}`` (blocks left out keep
+everything). :func:`medquant.prune.layers.allocate_ratios` turns the block-influence scores of
+:func:`medquant.prune.layers.block_influence` (how much each block changes its input, ``1 - cos(x, y)``) into such
 per-layer ratios, and ``drop_blocks`` removes whole blocks.
 
 Config. After pruning, each Hugging Face config whose blocks all kept the same counts is updated
@@ -31,7 +33,6 @@ False, and :func:`medquant.prune.save_pruned` / :func:`medquant.prune.load_prune
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import Block, find_blocks
+from ..models.blocks import Block, transformer_blocks
 from .importance import METHODS, block_scores
+from .ratios import check_ratio, lowest_indices, n_to_remove
 from .surgery import prune_attention, prune_ffn
 
 __all__ = ["PrunePlan", "StructuredPruner", "parameter_report"]
@@ -90,18 +92,6 @@ class PrunePlan:
         return cls(**d)
 
 
-def _n_remove(ratio: float, n: int) -> int:
-    return math.floor(ratio * n + 0.5)
-
-
-def _check_ratio(r: float, what: str) -> float:
-    if not isinstance(r, (int, float)) or isinstance(r, bool):
-        raise TypeError(f"{what} must be a number in [0, 1) (fraction to remove); got {type(r).__name__} {r!r}")
-    if not math.isfinite(r) or not 0.0 <= r < 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1) (fraction to remove); got {r!r}")
-    return float(r)
-
-
 def _per_block(ratio: Ratio, blocks: list[Block], what: str) -> dict[str, float]:
     if isinstance(ratio, dict):
         names = {b.name for b in blocks}
@@ -109,19 +99,13 @@ def _per_block(ratio: Ratio, blocks: list[Block], what: str) -> dict[str, float]
         if unknown:
             raise ValueError(f"{what}: unknown block names {unknown[:3]}; blocks in scope: "
                              f"{[b.name for b in blocks][:4]}...")
-        return {b.name: _check_ratio(ratio.get(b.name, 0.0), f"{what}[{b.name!r}]") for b in blocks}
+        return {b.name: check_ratio(ratio.get(b.name, 0.0), f"{what}[{b.name!r}]") for b in blocks}
     if isinstance(ratio, (list, tuple)):
         if len(ratio) != len(blocks):
             raise ValueError(f"{what}: got {len(ratio)} per-layer ratios for {len(blocks)} blocks in scope")
-        return {b.name: _check_ratio(r, f"{what}[{i}]") for i, (b, r) in enumerate(zip(blocks, ratio))}
-    r = _check_ratio(ratio, what)
+        return {b.name: check_ratio(r, f"{what}[{i}]") for i, (b, r) in enumerate(zip(blocks, ratio))}
+    r = check_ratio(ratio, what)
     return {b.name: r for b in blocks}
-
-
-def _lowest(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` lowest scores (ties: lower index first)."""
-    order = sorted(range(scores.numel()), key=lambda i: (float(scores[i]), i))
-    return order[:k]
 
 
 def _check_not_quantized(model: nn.Module) -> None:
@@ -157,11 +141,11 @@ class StructuredPruner:
         if gqa not in ("query", "group"):
             raise ValueError(f"gqa must be 'query' or 'group', got {gqa!r}")
         if not isinstance(head_ratio, (dict, list, tuple)):
-            _check_ratio(head_ratio, "head_ratio")
+            check_ratio(head_ratio, "head_ratio")
         if not isinstance(ffn_ratio, (dict, list, tuple)):
-            _check_ratio(ffn_ratio, "ffn_ratio")
+            check_ratio(ffn_ratio, "ffn_ratio")
         if not isinstance(channel_ratio, dict):
-            _check_ratio(channel_ratio, "channel_ratio")
+            check_ratio(channel_ratio, "channel_ratio")
         self.head_ratio, self.ffn_ratio, self.channel_ratio = head_ratio, ffn_ratio, channel_ratio
         self.importance, self.gqa, self.scope = importance, gqa, scope
         self.drop_blocks = list(drop_blocks)
@@ -180,7 +164,7 @@ class StructuredPruner:
         plan = PrunePlan(importance=self.importance)
         if isinstance(calib, Iterable) and not isinstance(calib, (list, tuple)) and calib is not None:
             calib = list(calib)  # iterated more than once
-        blocks = find_blocks(model, self.scope)
+        blocks = transformer_blocks(model, self.scope)
         cnn = not blocks and not _is_hf(model)
         if not blocks and not cnn:
             raise ValueError(f"{type(model).__name__}: no transformer blocks with prunable attention or FFN found "
@@ -190,7 +174,7 @@ class StructuredPruner:
 
             plan_channels(model, self, plan, calib, loss_fn, example_input)
             return plan
-        known = {b.name for b in find_blocks(model, "all")} | {b.name for b in blocks}
+        known = {b.name for b in transformer_blocks(model, "all")} | {b.name for b in blocks}
         for name in self.drop_blocks:
             if name not in known:
                 raise ValueError(f"drop_blocks: {name!r} is not a block of this model; blocks: "
@@ -221,11 +205,11 @@ class StructuredPruner:
                 sizes["neurons"] = f.n_neurons
                 keep = list(range(f.n_neurons))
                 if fr[b.name] > 0:
-                    k = _n_remove(fr[b.name], f.n_neurons)
+                    k = n_to_remove(fr[b.name], f.n_neurons)
                     if k >= f.n_neurons:
                         raise ValueError(f"{b.name}: ffn ratio {fr[b.name]} would remove all {f.n_neurons} FFN "
                                          "neurons; use a smaller ratio or drop the block")
-                    drop = set(_lowest(scores[b.name]["neurons"], k))
+                    drop = set(lowest_indices(scores[b.name]["neurons"], k))
                     keep = [j for j in keep if j not in drop]
                 plan.neurons[b.name] = keep
             plan.sizes[b.name] = sizes
@@ -236,14 +220,14 @@ class StructuredPruner:
         g = a.group_size
         if g == 1 or self.gqa == "group":
             gs = s.reshape(a.n_kv, g).sum(1)
-            k = _n_remove(r, a.n_kv)
+            k = n_to_remove(r, a.n_kv)
             if k >= a.n_kv:
                 raise ValueError(f"{b.name}: head ratio {r} would remove all {a.n_heads} attention heads "
                                  f"({a.n_kv} key/value groups); use a smaller ratio or drop the block")
-            drop = set(_lowest(gs, k))
+            drop = set(lowest_indices(gs, k))
             kk = [i for i in range(a.n_kv) if i not in drop]
             return [h for h in range(a.n_heads) if h // g in kk], kk
-        k = _n_remove(r, g)
+        k = n_to_remove(r, g)
         if k >= g:
             raise ValueError(f"{b.name}: head ratio {r} would remove all {g} query heads of every key/value group "
                              f"(grouped-query attention, {a.n_heads} query / {a.n_kv} key/value heads); use a "
@@ -251,7 +235,7 @@ class StructuredPruner:
         keep: list[int] = []
         for kv in range(a.n_kv):
             members = list(range(kv * g, (kv + 1) * g))
-            drop = {members[i] for i in _lowest(s[members], k)}
+            drop = {members[i] for i in lowest_indices(s[members], k)}
             keep.extend(h for h in members if h not in drop)
         return keep, list(range(a.n_kv))
 
@@ -282,7 +266,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
         from .cnn import apply_channels
 
         apply_channels(model, plan)
-    blocks = {b.name: b for b in find_blocks(model, "all" if _is_hf(model) else scope)}
+    blocks = {b.name: b for b in transformer_blocks(model, "all" if _is_hf(model) else scope)}
     if not _is_hf(model) and not blocks and (plan.heads or plan.neurons):
         raise ValueError("the plan names transformer blocks but the model has none")
     missing = sorted((set(plan.heads) | set(plan.neurons) | set(plan.drop_blocks)) - set(blocks))
@@ -376,7 +360,7 @@ def sync_configs(model: nn.Module, stacks: set[str] | None = None) -> bool:
     """
     groups: dict[int, tuple[Any, list[Block]]] = {}
     exact = True
-    for b in find_blocks(model, "all"):
+    for b in transformer_blocks(model, "all"):
         if stacks is not None and b.stack not in stacks:
             continue
         cfg = _config_of(model, b)

@@ -1,4 +1,4 @@
-"""Physical removal of heads and FFN neurons from ``nn.Linear`` layers (SPEC section 5).
+"""Physical removal of heads and FFN neurons from ``nn.Linear`` layers.
 
 All functions edit the model in place and keep the selected rows / columns in their original order:
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .arch import AttentionUnit, FFNUnit
+from ..models.blocks import AttentionUnit, FFNUnit
 
 __all__ = ["head_rows", "keep_linear", "prune_attention", "prune_ffn"]
 

@@ -6,8 +6,8 @@ import torch
 from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
 
 from medquant import QuantConfig, quantize_
+from medquant.models import transformer_blocks
 from medquant.prune import StructuredPruner
-from medquant.prune.arch import find_blocks
 from medquant.prune.surgery import prune_attention, prune_ffn
 
 
@@ -30,7 +30,7 @@ def test_ratio_leaving_nothing():
 
 def test_surgery_refuses_all_heads_and_inconsistent_groups():
     model = ZOO_BY_NAME["qwen2"].build()
-    b = find_blocks(model)[0]
+    b = transformer_blocks(model)[0]
     with pytest.raises(ValueError, match="refusing to prune all 4 attention heads"):
         prune_attention(model, b.attention, [])
     with pytest.raises(ValueError, match="same number of query heads"):

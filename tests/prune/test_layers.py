@@ -1,4 +1,4 @@
-"""Seed 004 layer selection: block influence scores against an independent computation; ratio allocation;
+"""Layer selection from activations: block influence scores against an independent computation; ratio allocation;
 dropping whole blocks equals skipping them."""
 from __future__ import annotations
 

@@ -1,8 +1,16 @@
-"""Where the prunable structures of a transformer block live (SPEC section 5).
+"""The repeated blocks of a model: which ``nn.ModuleList`` entries they are, and where their attention and
+feed-forward linears live.
 
-:func:`find_blocks` walks the block lists of a model (``language_model_layers`` / ``vision_layers`` from
-:mod:`medquant.models.introspect`, or the shallowest ``nn.ModuleList`` of blocks for other models) and describes
-each block's attention and feed-forward parts by the names of their linear layers:
+One listing serves every caller: sequential (block-by-block) quantization and its shards, AWQ and structured
+pruning.
+
+:func:`block_stacks` lists the block names per stack in forward order: ``[vision blocks, language blocks]``
+(``vision_layers`` then ``language_model_layers`` from :mod:`medquant.models.introspect`; the vision tower runs
+first because its output feeds the language model). A plain ``nn.Module`` (not a Hugging Face model) has no
+roles and gives ``[]``.
+
+:func:`transformer_blocks` describes the blocks of the stacks in a scope by the names of their linear layers,
+and also accepts plain modules (their shallowest non-empty ``nn.ModuleList`` is the stack):
 
 =====================  ==============================================  ==========================================
 family                 attention (q, k, v -> o)                        FFN (in -> out)
@@ -18,17 +26,18 @@ Heads are read from the shapes: ``head_dim`` from the attention module (``head_d
 ``attention_head_size``), ``n_heads = q.out_features / head_dim``, ``n_kv = k.out_features / head_dim``.
 Query head ``h`` reads key/value head ``h // (n_heads / n_kv)`` (``repeat_kv`` in transformers).
 Fused ``qkv`` projections (Qwen2-VL vision blocks) have no separate q/k/v rows: their heads are reported as
-unsupported; their FFNs are still found.
+unsupported (:attr:`Block.fused_attention`); their FFNs are still found.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..models.introspect import _find_layers, language_model_layers, model_roles, vision_layers
+from .introspect import _find_layers, language_model_layers, model_roles, vision_layers
 
-__all__ = ["AttentionUnit", "Block", "FFNUnit", "find_blocks"]
+__all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "transformer_blocks"]
 
 # (q, k, v, o) child paths relative to an attention container
 _ATTN_PATTERNS: tuple[tuple[str, str, str, str], ...] = (
@@ -60,7 +69,7 @@ class AttentionUnit:
 
     @property
     def group_size(self) -> int:
-        """Query heads per key/value head."""
+        """Query heads per key/value head, ``n_heads / n_kv``."""
         return self.n_heads // self.n_kv
 
 
@@ -76,15 +85,45 @@ class FFNUnit:
 
 @dataclass
 class Block:
-    """One transformer block (``name`` as in ``named_modules``) and what can be pruned in it."""
+    """One transformer block (``name`` as in ``named_modules``) and its attention / FFN units."""
 
     name: str
     stack: str            # the ModuleList holding the block
     index: int            # position in that list
-    role: str | None      # "language", "vision" or None
+    role: str | None      # "language", "vision" or None (plain module)
     attention: AttentionUnit | None
     ffn: FFNUnit | None
-    fused_attention: str | None = None   # name of a fused-qkv attention that cannot be head-pruned
+    fused_attention: str | None = None   # name of a fused-qkv attention (no separate q/k/v rows)
+
+
+def _role_stacks(model: nn.Module, roles: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``[(role, block names)]`` for ``roles`` in the given order (``"language"`` / ``"vision"``), empty lists
+    included."""
+    finders = {"language": language_model_layers, "vision": vision_layers}
+    return [(r, finders[r](model)) for r in roles]
+
+
+def block_stacks(model: nn.Module) -> list[list[str]]:
+    """The block names of ``model``, one list per stack, in forward order.
+
+    Returns:
+        ``[vision blocks, language blocks]`` with empty lists dropped, e.g.
+        ``[["model.vision_tower.encoder.layers.0", ...], ["model.language_model.layers.0", ...]]``; ``[]`` for
+        a model without vision or language blocks, and for a plain ``nn.Module`` (no roles).
+    """
+    return [names for _, names in _role_stacks(model, ("vision", "language")) if names]
+
+
+def _wanted_roles(model: nn.Module, scope: str | Sequence[str] | None) -> set[str]:
+    if scope is None:
+        return {"language"} if "language" in model_roles(model) else {"vision"}
+    if scope == "all":
+        return {"language", "vision"}
+    wanted = {scope} if isinstance(scope, str) else set(scope)
+    bad = wanted - {"language", "vision"}
+    if bad:
+        raise ValueError(f"unknown block scope {sorted(bad)}; use 'language', 'vision', 'all' or None")
+    return wanted
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -145,40 +184,29 @@ def _ffn_in(block: nn.Module, bname: str, skip: AttentionUnit | None) -> FFNUnit
     return None
 
 
-def find_blocks(model: nn.Module, scope: str | list[str] | None = None) -> list[Block]:
-    """The transformer blocks of ``model`` in scope, with their attention and FFN units.
+def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = None) -> list[Block]:
+    """The transformer blocks of ``model`` in ``scope``, with their attention and FFN units.
 
     Args:
         model: a Hugging Face model (decoder LM, VLM, ViT/SigLIP/CLIP encoder, BERT) or a plain module with a
             ``nn.ModuleList`` of such blocks.
         scope: ``"language"``, ``"vision"``, ``"all"``, a list of those, or ``None``: the language model for
-            vision-language models and decoder LMs, the vision tower for vision encoders, and every block list
-            for other models.
+            vision-language models and decoder LMs, the vision tower for vision encoders. A plain module (no
+            roles) always gives the blocks of its shallowest non-empty ``nn.ModuleList``, whatever the scope.
 
     Returns:
-        Blocks in order (language first, then vision). Empty when nothing matches.
+        :class:`Block` entries in order, language blocks first, then vision blocks (the stacks of
+        :func:`block_stacks` in scope); blocks with neither an attention, a fused attention nor an FFN are left
+        out. Empty when nothing matches.
     """
-    roles = model_roles(model)
-    lists: list[tuple[str | None, list[str]]] = []
-    wanted: set[str]
-    if scope is None:
-        wanted = {"language"} if "language" in roles else {"vision"}
-    elif scope == "all":
-        wanted = {"language", "vision"}
+    wanted = _wanted_roles(model, scope)
+    stacks: list[tuple[str | None, list[str]]]
+    if model_roles(model):
+        stacks = list(_role_stacks(model, [r for r in ("language", "vision") if r in wanted]))
     else:
-        wanted = {scope} if isinstance(scope, str) else set(scope)
-        bad = wanted - {"language", "vision"}
-        if bad:
-            raise ValueError(f"unknown pruning scope {sorted(bad)}; use 'language', 'vision', 'all' or None")
-    if roles:
-        if "language" in wanted:
-            lists.append(("language", language_model_layers(model)))
-        if "vision" in wanted:
-            lists.append(("vision", vision_layers(model)))
-    else:
-        lists.append((None, _find_layers(model, [""]) or []))
+        stacks = [(None, _find_layers(model, [""]) or [])]
     blocks: list[Block] = []
-    for role, names in lists:
+    for role, names in stacks:
         for i, bname in enumerate(names):
             bmod = model.get_submodule(bname)
             attn, fused = _attention_in(bmod, bname)

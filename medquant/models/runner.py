@@ -1,0 +1,55 @@
+"""Run a model on one batch and read its main output tensor, whatever form the batch and the output take.
+
+Calibration (pruning importance, block influence, AWQ), distillation and FairQuant's losses all feed batches
+as a data loader yields them and read the logits back; they share these two functions.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["main_output", "run_model"]
+
+
+def run_model(model: nn.Module, batch: Any, /, *, unpack_sequences: bool = True, **extra: Any) -> Any:
+    """Call ``model`` on one batch and return what it returns.
+
+    Returns:
+        ``model(**batch, **extra)`` when ``batch`` is a mapping (a dict, a transformers ``BatchEncoding``);
+        ``model(*batch, **extra)`` when it is a tuple or list and ``unpack_sequences`` is true (several
+        positional inputs); ``model(batch, **extra)`` otherwise (a tensor, or a tuple/list passed whole when
+        ``unpack_sequences`` is false). ``extra`` are keyword arguments added to every call (e.g. ``labels=``,
+        ``output_hidden_states=True``).
+    """
+    if isinstance(batch, Mapping):
+        return model(**batch, **extra)
+    if unpack_sequences and isinstance(batch, (tuple, list)):
+        return model(*batch, **extra)
+    return model(batch, **extra)
+
+
+def main_output(out: Any, *, hidden_state: bool = True, first_item: bool = True) -> torch.Tensor:
+    """The main tensor of a model output.
+
+    Returns, in this order: ``out`` itself when it is a tensor; ``out.logits`` when that is a tensor (Hugging Face
+    outputs); ``out.last_hidden_state`` when that is a tensor and ``hidden_state`` is true (encoders without a
+    head); ``out[0]`` when ``out`` is a non-empty tuple or list whose first element is a tensor and ``first_item``
+    is true. Callers that need class or token logits pass ``hidden_state=False``.
+
+    Raises:
+        TypeError: none of these applies.
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    keys = ("logits", "last_hidden_state") if hidden_state else ("logits",)
+    for key in keys:
+        val = getattr(out, key, None)
+        if isinstance(val, torch.Tensor):
+            return val
+    if first_item and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    wanted = " or ".join([f".{k}" for k in keys] + (["the first element of a tuple"] if first_item else []))
+    raise TypeError(f"cannot find the main output tensor ({wanted}) in a {type(out).__name__}")

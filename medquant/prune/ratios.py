@@ -1,0 +1,38 @@
+"""How a removal ratio becomes a count and which structures it removes; shared by the transformer pruner
+(heads, neurons) and the CNN channel pruner.
+
+A ratio ``r`` in ``[0, 1)`` of ``n`` structures removes ``floor(r*n + 0.5)`` of them (round half up), the ones
+with the lowest importance scores (ties: the lower index goes first).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["check_ratio", "lowest_indices", "n_to_remove"]
+
+
+def n_to_remove(ratio: float, n: int) -> int:
+    """The number of structures a ratio removes out of ``n``: ``floor(ratio * n + 0.5)``."""
+    return math.floor(ratio * n + 0.5)
+
+
+def check_ratio(r: float, what: str) -> float:
+    """``r`` as a float after checking it is a number in ``[0, 1)``; ``what`` names it in the error.
+
+    Raises:
+        TypeError: ``r`` is not a number (``bool`` included).
+        ValueError: ``r`` is not finite or lies outside ``[0, 1)``.
+    """
+    if not isinstance(r, (int, float)) or isinstance(r, bool):
+        raise TypeError(f"{what} must be a number in [0, 1) (fraction to remove); got {type(r).__name__} {r!r}")
+    if not math.isfinite(r) or not 0.0 <= r < 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1) (fraction to remove); got {r!r}")
+    return float(r)
+
+
+def lowest_indices(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` lowest entries of the 1-D ``scores``, lowest first (ties: lower index first)."""
+    order = sorted(range(scores.numel()), key=lambda i: (float(scores[i]), i))
+    return order[:k]
