@@ -1,4 +1,4 @@
-"""Turn the image types users have into batches of gray images in [0, 1] (SPEC section 2 conventions).
+"""Turn the image types users have into batches of gray images in [0, 1].
 
 Accepted inputs (see :func:`prepare`):
 
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .metrics import _cpu_path
 
 RGB_WEIGHTS = (0.2125, 0.7154, 0.0721)
 MIN_SIDE = 8
@@ -151,9 +153,7 @@ def _rgb_to_gray(unit: torch.Tensor, is_u8: bool) -> torch.Tensor:
     0.7154 G + 0.0721 B is a multiple of 1e-4) rounds the same way. On GPU a torch float64 weighted sum is
     used; it can round such exact ties the other way (one gray level, a handful of pixels per image).
     """
-    from . import metrics as _m
-
-    if unit.device.type == "cpu" and not _m.FORCE_GENERIC:
+    if _cpu_path(unit):
         arr = unit.permute(0, 2, 3, 1).numpy()
         arr = np.multiply(arr, 1.0 / 255, dtype=np.float64) if is_u8 else np.asarray(arr, dtype=np.float64)
         return torch.from_numpy(np.ascontiguousarray(arr @ np.array(RGB_WEIGHTS, dtype=np.float64)))

@@ -1,4 +1,4 @@
-"""Batched, vectorised torch implementations of the five complexity metrics (SPEC section 2).
+"""Batched, vectorised torch implementations of the five complexity metrics.
 
 All functions take a batch of same-sized images and work on CPU and GPU. The conventions are those of
 scikit-image, which is the reference the tests compare against:
@@ -30,6 +30,12 @@ import torch.nn.functional as F
 # When true, CPU tensors take the device-generic code paths (used by tests to cover the GPU branches on CPU).
 FORCE_GENERIC = False
 
+
+def _cpu_path(t: torch.Tensor) -> bool:
+    """True when ``t`` is on the CPU and :data:`FORCE_GENERIC` is off: take the CPU-specific code path."""
+    return t.device.type == "cpu" and not FORCE_GENERIC
+
+
 METRIC_NAMES = ("entropy", "edge_density", "intensity_std", "fractal_dimension", "lbp_entropy")
 
 # Neighbour offsets of skimage's LBP for P=8, R=1: rp = round(-R sin(2 pi i / P), 5), cp = round(R cos(...), 5).
@@ -53,7 +59,7 @@ def batched_histogram(values: torch.Tensor, n_bins: int) -> torch.Tensor:
     """
     b = values.shape[0]
     flat = values.reshape(b, -1)
-    if values.device.type == "cpu" and not FORCE_GENERIC:
+    if _cpu_path(values):
         if flat.dtype not in (torch.uint8, torch.int64):
             flat = flat.to(torch.int64)
         return torch.stack([torch.bincount(row, minlength=n_bins) for row in flat]) if b else \
@@ -182,7 +188,7 @@ def _diagonal_values_below_centre(nb: dict, wc: tuple, wr: tuple, sr: int, sc: i
 
 def _flat_nonzero(t: torch.Tensor) -> torch.Tensor:
     """Flat indices of the non-zero entries (numpy's flatnonzero on CPU: several times faster there)."""
-    if t.device.type == "cpu" and not FORCE_GENERIC:
+    if _cpu_path(t):
         return torch.from_numpy(np.flatnonzero(t.numpy()))
     return t.reshape(-1).nonzero().squeeze(1)
 
@@ -316,7 +322,7 @@ def compute_metrics(
     """
     if gray.ndim != 3:
         raise ValueError(f"expected a (B, H, W) batch, got shape {tuple(gray.shape)}")
-    if gray.device.type == "cpu" and not FORCE_GENERIC:
+    if _cpu_path(gray):
         return _compute_cpu_chunked(gray, u8, edge_threshold, exact_u8)
     return _compute_batch(gray, u8, edge_threshold, exact_u8)
 

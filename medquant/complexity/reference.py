@@ -1,7 +1,8 @@
 """Per-image reference pipeline built on scikit-image and numpy (no torch).
 
 Used by the tests (as the independent reference the batched torch code must match) and by the speed benchmark
-(as the baseline). It follows SPEC section 2 literally, one image at a time:
+(as the baseline). It computes the metric definitions of :mod:`medquant.complexity.metrics` literally, one image
+at a time:
 
 * gray: ``skimage.color.rgb2gray`` for RGB, ``skimage.util.img_as_float`` for uint8, ``x / (2**bits - 1)`` for
   wider integers, floats as given (must be in [0, 1]);

@@ -1,6 +1,6 @@
 """``ComplexityScorer``: five image-complexity metrics, a calibrated combined score and quantile levels.
 
-Pipeline (SPEC section 2, seed 000):
+Pipeline:
 
 1. ``metrics(images)`` -> (N, 5) float64 raw metrics in :data:`METRIC_NAMES` order (see ``metrics.py``).
 2. ``fit(calibration_images)`` learns, per metric m, an offset o_m and a scale s_m:

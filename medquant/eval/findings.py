@@ -1,5 +1,8 @@
-"""The 14 CheXpert findings: names, the prompt of seed 002's first pipeline, the answer parser, the mapping
-from the IU reports' MeSH terms to the findings, and multi-label precision / recall / F1 (SPEC section 8).
+"""The 14 CheXpert findings: names, the prompt that asks a vision-language model which of them an image shows,
+the mapping from the IU reports' MeSH terms to the findings, and multi-label precision / recall / F1.
+
+The answer to :func:`findings_prompt` is parsed by :func:`medquant.eval.labeler.parse_findings` (the report
+labeler's rules in answer mode).
 
 Label vectors have one entry per :data:`CHEXPERT_FINDINGS` entry, in CheXpert's order. Three-valued vectors
 (from the parser and the labeler) use ``1`` positive, ``0`` negative (mentioned and negated), ``-1``
@@ -34,7 +37,6 @@ __all__ = [
     "mesh_labels",
     "mesh_table_markdown",
     "multilabel_scores",
-    "parse_findings",
 ]
 
 CHEXPERT_FINDINGS: tuple[str, ...] = (
@@ -123,28 +125,12 @@ FINDING_SYNONYMS: dict[str, tuple[str, ...]] = {
 
 
 def findings_prompt(findings: tuple[str, ...] = CHEXPERT_FINDINGS) -> str:
-    """Seed 002's pipeline-1 prompt: list the findings and ask which are present."""
+    """The prompt listing ``findings`` and asking which are present; parse the answer with
+    :func:`medquant.eval.labeler.parse_findings`."""
     listed = "\n".join(f"- {f}" for f in findings)
     return ("You are reading a chest X-ray. From the list below, name every finding that is present in the image. "
             "Answer with the names from the list, separated by commas; say 'No Finding' if none is present, and "
             "write 'possible' before a finding you are unsure of.\n" + listed)
-
-
-def parse_findings(answer: str) -> np.ndarray:
-    """Turn a model's answer to :func:`findings_prompt` into a three-valued 14-vector (see module doc).
-
-    Accepts comma/line/semicolon separated lists, ``"Finding: yes|no|present|absent|possible"`` key-value
-    answers, numbered lists, synonyms and plurals ("effusions", "enlarged heart"), negation ("no pleural
-    effusion", "without pneumothorax", "pneumothorax: absent") and uncertainty ("possible", "cannot exclude",
-    "may represent"). Findings the answer does not mention are ``nan``. ``No Finding`` is set from the
-    12 pathologies when any of them is positive or uncertain; otherwise it is 1 only if the answer says so
-    ("No Finding", "normal", "none").
-    """
-    from .labeler import label_text
-
-    if not isinstance(answer, str):
-        raise TypeError(f"answer must be a str, got {type(answer).__name__}")
-    return label_text(answer, mode="answer")
 
 
 def _heading_qualifiers(term: str) -> tuple[str, list[str]]:

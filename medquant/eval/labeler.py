@@ -1,9 +1,11 @@
-"""Rule-based CheXpert-style report labeler with negation and uncertainty detection (SPEC section 8).
+"""Rule-based CheXpert-style report labeler with negation and uncertainty detection, and the parser of answers
+to :func:`medquant.eval.findings.findings_prompt` built on the same rules.
 
-Seed 002's second pipeline labels a generated free-text report with CheXbert; no labeler model can be had
-offline, so this is a transparent rule-based labeler in the style of the original CheXpert labeler
-(mention extraction, then negation / uncertainty classification, then aggregation). Its rules were written
-on the ``train``/``dev`` reports of :mod:`medquant.data.reports` only; the ``test`` split is held out.
+One way to read findings from a vision-language model is to let it write a free-text report and label
+the report (CheXbert is the usual labeler); no labeler model can be had offline, so this is a transparent
+rule-based labeler in the style of the original CheXpert labeler (mention extraction, then negation /
+uncertainty classification, then aggregation). Its rules were written on the ``train``/``dev`` reports of
+:mod:`medquant.data.reports` only; the ``test`` split is held out.
 
 Steps for one text:
 
@@ -37,7 +39,7 @@ import numpy as np
 
 from .findings import CHEXPERT_FINDINGS, FINDING_SYNONYMS, PATHOLOGIES
 
-__all__ = ["Mention", "label_report", "label_reports", "label_text", "mentions"]
+__all__ = ["Mention", "label_report", "label_reports", "label_text", "mentions", "parse_findings"]
 
 _IDX = {f: i for i, f in enumerate(CHEXPERT_FINDINGS)}
 
@@ -183,3 +185,19 @@ def label_reports(texts: Iterable[str], mode: str = "report") -> np.ndarray:
     """Stack :func:`label_text` over many texts: ``(n, 14)`` float array."""
     rows = [label_text(t, mode) for t in texts]
     return np.stack(rows) if rows else np.zeros((0, len(CHEXPERT_FINDINGS)))
+
+
+def parse_findings(answer: str) -> np.ndarray:
+    """Turn a model's answer to :func:`medquant.eval.findings.findings_prompt` into a three-valued 14-vector:
+    1 positive, 0 negated, -1 uncertain, nan not mentioned (:func:`label_text` in ``"answer"`` mode).
+
+    Accepts comma/line/semicolon separated lists, ``"Finding: yes|no|present|absent|possible"`` key-value
+    answers, numbered lists, synonyms and plurals ("effusions", "enlarged heart"), negation ("no pleural
+    effusion", "without pneumothorax", "pneumothorax: absent") and uncertainty ("possible", "cannot exclude",
+    "may represent"). Findings the answer does not mention are ``nan``. ``No Finding`` is set from the
+    12 pathologies when any of them is positive or uncertain; otherwise it is 1 only if the answer says so
+    ("No Finding", "normal", "none").
+    """
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+    return label_text(answer, mode="answer")

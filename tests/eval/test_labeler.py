@@ -1,4 +1,4 @@
-"""Report labeler, findings-answer parser, MeSH mapping and multi-label F1 (SPEC section 8, seed 002).
+"""Report labeler, findings-answer parser, MeSH mapping and multi-label F1.
 
 Sentences are real IU report sentences (train/dev reports only): each test first checks the sentence is in the
 named report of ../shared/data, then labels it.
@@ -16,9 +16,8 @@ from medquant.eval.findings import (
     findings_prompt,
     mesh_labels,
     multilabel_scores,
-    parse_findings,
 )
-from medquant.eval.labeler import label_report, label_reports, mentions
+from medquant.eval.labeler import label_report, label_reports, mentions, parse_findings
 
 IDX = {f: i for i, f in enumerate(CHEXPERT_FINDINGS)}
 NAN = float("nan")

@@ -1,0 +1,107 @@
+"""The one block finder: block stacks in forward order and the attention / FFN units of each block."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medquant.models import (
+    block_stacks,
+    language_model_layers,
+    model_roles,
+    transformer_blocks,
+    vision_layers,
+)
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn, zoo_params
+
+
+@zoo_params
+def test_stacks_are_vision_then_language(entry):
+    model = entry.build()
+    expected = [g for g in (vision_layers(model), language_model_layers(model)) if g]
+    assert block_stacks(model) == expected
+    assert expected, f"{entry.name}: no blocks found"
+
+
+@zoo_params
+def test_transformer_blocks_lie_in_the_stacks(entry):
+    model = entry.build()
+    stacks = block_stacks(model)
+    listed = [n for g in stacks for n in g]
+    blocks = transformer_blocks(model, "all")
+    assert blocks
+    assert all(b.name in listed for b in blocks)
+    # language blocks first, then vision; each in stack order
+    roles = [b.role for b in blocks]
+    assert roles == sorted(roles, key=lambda r: r != "language")
+    for b in blocks:
+        assert b.stack == b.name.rpartition(".")[0]
+        assert model.get_submodule(b.stack)[b.index] is model.get_submodule(b.name)
+    default = transformer_blocks(model)
+    want = "language" if "language" in model_roles(model) else "vision"
+    assert {b.role for b in default} == {want}
+
+
+def test_units_of_a_gqa_decoder():
+    model = ZOO_BY_NAME["qwen2"].build()
+    b = transformer_blocks(model)[0]
+    a, f = b.attention, b.ffn
+    assert (b.name, b.stack, b.index, b.role) == ("model.layers.0", "model.layers", 0, "language")
+    assert a.q == "model.layers.0.self_attn.q_proj" and a.o == "model.layers.0.self_attn.o_proj"
+    assert (a.n_heads, a.n_kv, a.group_size) == (4, 2, 2)
+    assert a.n_heads * a.head_dim == model.get_submodule(a.q).out_features
+    assert f.inputs == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+    assert f.output == "model.layers.0.mlp.down_proj" and f.n_neurons == 256
+
+
+def test_fused_qkv_attention_is_reported():
+    model = ZOO_BY_NAME["qwen2_vl"].build()
+    vision = transformer_blocks(model, "vision")
+    assert vision and all(b.attention is None and b.fused_attention for b in vision)
+    assert all(b.ffn is not None for b in vision)
+
+
+class _Attn(nn.Module):
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.head_dim = d // heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = _Attn()
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+
+class _Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Block() for _ in range(3))
+
+
+def test_plain_module_uses_its_shallowest_module_list():
+    model = _Plain()
+    blocks = transformer_blocks(model)
+    assert [b.name for b in blocks] == ["layers.0", "layers.1", "layers.2"]
+    assert all(b.role is None for b in blocks)
+    assert blocks[1].ffn.inputs == ("layers.1.mlp.fc1",) and blocks[1].attention.n_heads == 2
+    assert block_stacks(model) == []  # no roles: sequential quantization needs explicit blocks
+    assert transformer_blocks(tiny_cnn()) == [] and block_stacks(tiny_cnn()) == []
+
+
+def test_unknown_scope():
+    with pytest.raises(ValueError, match="unknown block scope"):
+        transformer_blocks(ZOO_BY_NAME["llama"].build(), "text")
+    with pytest.raises(ValueError, match="unknown block scope"):
+        transformer_blocks(_Plain(), ["language", "head"])
+
+
+def test_blocks_are_found_without_running_the_model():
+    model = ZOO_BY_NAME["llama"].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    transformer_blocks(model, "all")
+    block_stacks(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

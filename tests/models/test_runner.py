@@ -1,0 +1,63 @@
+"""One model-on-batch runner: how batches are passed and which output tensor counts as the main one."""
+from __future__ import annotations
+
+from collections import UserDict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from medquant.models import main_output, run_model
+
+
+class _Echo(nn.Module):
+    def forward(self, *args, **kwargs):
+        return args, kwargs
+
+
+def test_run_model_batch_forms():
+    m = _Echo()
+    x, y = torch.ones(2), torch.zeros(2)
+    assert run_model(m, {"a": x}) == ((), {"a": x})
+    assert run_model(m, UserDict({"a": x})) == ((), {"a": x})  # any mapping (a BatchEncoding is one)
+    assert run_model(m, (x, y)) == ((x, y), {})
+    assert run_model(m, [x, y], flag=True) == ((x, y), {"flag": True})
+    assert run_model(m, x) == ((x,), {})
+    args, _ = run_model(m, (x, y), unpack_sequences=False)
+    assert len(args) == 1 and args[0] == (x, y)
+    assert run_model(m, {"a": x}, output_hidden_states=True) == ((), {"a": x, "output_hidden_states": True})
+
+
+def test_main_output_forms():
+    t, h = torch.ones(2, 3), torch.zeros(2, 5)
+    assert main_output(t) is t
+    assert main_output(SimpleNamespace(logits=t, last_hidden_state=h)) is t
+    assert main_output(SimpleNamespace(logits=None, last_hidden_state=h)) is h
+    assert main_output((t, h)) is t and main_output([h]) is h
+    with pytest.raises(TypeError, match="main output tensor"):
+        main_output(SimpleNamespace(last_hidden_state=h), hidden_state=False)
+    with pytest.raises(TypeError, match="main output tensor"):
+        main_output((t,), first_item=False)
+    with pytest.raises(TypeError, match="main output tensor"):
+        main_output(())
+    with pytest.raises(TypeError):
+        main_output({"logits": t})
+
+
+def test_hugging_face_output():
+    from medquant.testing.zoo import ZOO_BY_NAME
+
+    entry = ZOO_BY_NAME["llama"]
+    model = entry.build()
+    inputs = entry.inputs(model)
+    with torch.no_grad():
+        out = run_model(model, inputs)
+        assert torch.equal(main_output(out), model(**inputs).logits)
+    bert = ZOO_BY_NAME["bert"]
+    model = bert.build()
+    with torch.no_grad():
+        out = run_model(model, bert.inputs(model))
+    assert main_output(out) is out.last_hidden_state
+    with pytest.raises(TypeError):
+        main_output(out, hidden_state=False, first_item=False)
