@@ -44,8 +44,8 @@ _LAZY = {
     "MedQuantConfig": "medquant.hf",
     "save_pretrained": "medquant.hf",
     "quantize_sequential": "medquant.calibrate",
-    "fit_baq_distributed": "medquant.distributed",
-    "global_group_objective": "medquant.distributed",
+    "fit_baq_distributed": "medquant.fairquant.distributed",
+    "global_group_objective": "medquant.fairquant.distributed",
     "model_roles": "medquant.models",
 }
 

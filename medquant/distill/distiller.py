@@ -1,4 +1,4 @@
-"""Knowledge distillation teacher -> student (SPEC section 6, seed 001).
+"""Knowledge distillation teacher -> student.
 
 Loss per batch::
 
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..models.runner import main_output, run_model
+from ..distributed import broadcast_parameters, is_ddp, is_fsdp, unwrap
+from ..training import train_steps
 
 __all__ = ["Distiller", "kd_loss"]
 
@@ -57,6 +57,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if denom == 0:
         raise ValueError("the mask leaves no position to distil")
     return t * t * (kl * m).sum() / denom
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    lg = getattr(out, "logits", None)
+    if isinstance(lg, torch.Tensor):
+        return lg
+    raise TypeError(f"cannot find logits in a {type(out).__name__}")
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -127,6 +136,11 @@ class Distiller(nn.Module):
         """Student parameters that require grad, plus the feature projections."""
         return [p for p in self.student.parameters() if p.requires_grad] + list(self.projections.parameters())
 
+    def _call(self, model: nn.Module, batch: Any, **extra: Any) -> Any:
+        if isinstance(batch, dict):
+            return model(**batch, **extra)
+        return model(batch, **extra)
+
     def _task(self, out: Any, batch: Any, logits: torch.Tensor) -> torch.Tensor:
         if self.task_loss is not None:
             return self.task_loss(out, batch)
@@ -157,17 +171,16 @@ class Distiller(nn.Module):
         need_teacher = self.alpha > 0 or want_hidden  # alpha = 0: plain fine-tuning (the control), no teacher
         if need_teacher:
             with torch.no_grad():
-                t_out = run_model(self.teacher, batch, unpack_sequences=False, **extra)
-        s_out = run_model(self.student, batch, unpack_sequences=False, **extra)
-        s_logits = main_output(s_out, hidden_state=False, first_item=False)  # logits only
+                t_out = self._call(self.teacher, batch, **extra)
+        s_out = self._call(self.student, batch, **extra)
+        s_logits = _logits(s_out)
         mask = None
         if isinstance(batch, dict) and "attention_mask" in batch and s_logits.dim() == 3:
             mask = batch["attention_mask"]
         parts: dict[str, torch.Tensor] = {}
         total = s_logits.new_zeros((), dtype=torch.float32)
         if self.alpha > 0:
-            t_logits = main_output(t_out, hidden_state=False, first_item=False)
-            kd = kd_loss(s_logits, t_logits.detach(), self.temperature, mask)
+            kd = kd_loss(s_logits, _logits(t_out).detach(), self.temperature, mask)
             parts["kd"] = kd
             total = total + self.alpha * kd
         if self.alpha < 1.0:
@@ -199,44 +212,32 @@ class Distiller(nn.Module):
     def fit(self, data: Iterable[Any], *, steps: int | None = None, epochs: int = 1, lr: float = 5e-5,
             optimizer: torch.optim.Optimizer | None = None, grad_clip: float | None = 1.0,
             progress: bool = True) -> list[float]:
-        """Plain training loop (AdamW by default) with a tqdm bar; returns the per-step losses."""
+        """Train the student (and projections) on ``L`` (module docstring) with AdamW by default; returns the
+        per-step losses. ``steps`` (repeating passes over ``data`` as needed) overrides ``epochs``; a falsy
+        ``grad_clip`` disables clipping. The loop is :func:`medquant.training.train_steps`."""
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         params = self.trainable_parameters()
         if not params:
             raise ValueError("the student has no trainable parameters")
-        from ..distributed import all_reduce_gradients, broadcast_parameters, is_ddp, is_fsdp, rank
-
         ddp = is_ddp(self.student) or is_fsdp(self.student)  # data-parallel student (FSDP2: default group)
         group = self.student.process_group if is_ddp(self.student) else None
         proj = list(self.projections.parameters())
         if ddp and proj:
             broadcast_parameters(proj, group=group)
         opt = optimizer or torch.optim.AdamW(params, lr=lr)
-        self.student.train()
-        losses: list[float] = []
-        total = steps
-        bar = tqdm(total=total, desc="distil", disable=not progress or rank() != 0)
-        try:
-            for _ in range(epochs if steps is None else 10**9):
-                for batch in data:
-                    parts = self(batch)
-                    opt.zero_grad(set_to_none=True)
-                    parts["loss"].backward()
-                    if ddp and proj:  # DDP / FSDP sync the student only
-                        all_reduce_gradients(proj, average=True, group=group)
-                    if grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    opt.step()
-                    losses.append(float(parts["loss"].detach()))
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                    if steps is not None and len(losses) >= steps:
-                        return losses
-                if steps is not None and not losses:
-                    raise ValueError("the training data is empty")
-            return losses
-        finally:
-            bar.close()
-            self.student.eval()
+
+        def step_loss(batch: Any) -> tuple[torch.Tensor, float]:
+            loss = self(batch)["loss"]
+            return loss, float(loss.detach())
+
+        losses = train_steps(step_loss, data, opt, params, epochs=None if steps is not None else epochs,
+                             max_steps=steps, grad_clip=grad_clip or None,
+                             sync_params=proj if ddp else (),  # DDP / FSDP sync the student only
+                             group=group, model=self.student, progress=progress, desc="distil")
+        if steps is not None and not losses:
+            raise ValueError("the training data is empty")
+        return losses
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -248,8 +249,6 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from ..distributed import unwrap
-
     return unwrap(model)
 
 

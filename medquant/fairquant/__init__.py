@@ -1,5 +1,6 @@
-"""Fairness-aware mixed-precision quantization (SPEC section 4, seed 003): group-conditioned importance,
-cross-group reducers, budgeted bit allocation (:class:`FairQuantAllocator`) and FQ-QAT fine-tuning, learnable bit-widths (:class:`BAQWrapper`)."""
+"""Fairness-aware mixed-precision quantization: group-conditioned importance, cross-group reducers, budgeted bit
+allocation (:class:`FairQuantAllocator`), FQ-QAT fine-tuning, learnable bit-widths (:class:`BAQWrapper`), and
+their multi-process versions (:mod:`medquant.fairquant.distributed`)."""
 from .allocation_rules import (
     ALLOCATION_SCOPES,
     allocate_by_quantile,
@@ -11,6 +12,13 @@ from .allocation_rules import (
 from .allocator import FairQuantAllocator
 from .baq import BAQWeight, BAQWrapper
 from .batches import default_groups, default_loss, fairness_penalty, per_sample_loss
+from .distributed import (
+    all_reduce_importance,
+    distributed_group_importance,
+    fit_allocator_distributed,
+    fit_baq_distributed,
+    global_group_objective,
+)
 from .importance import GroupImportance, compute_group_importance, quantizable_layers
 from .qat import FakeQuantWeight, QATResult, attach_fake_quant, detach_fake_quant, fake_quantized, fq_qat
 from .reducers import REDUCERS, reduce_groups
@@ -24,6 +32,7 @@ __all__ = [
     "FakeQuantWeight",
     "GroupImportance",
     "QATResult",
+    "all_reduce_importance",
     "allocate_by_quantile",
     "allocate_by_rank",
     "allocate_to_budget",
@@ -33,9 +42,13 @@ __all__ = [
     "default_groups",
     "default_loss",
     "detach_fake_quant",
+    "distributed_group_importance",
     "fairness_penalty",
     "fake_quantized",
+    "fit_allocator_distributed",
+    "fit_baq_distributed",
     "fq_qat",
+    "global_group_objective",
     "per_sample_loss",
     "quantizable_layers",
     "reduce_groups",

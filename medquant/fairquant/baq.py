@@ -1,4 +1,4 @@
-"""BAQ: learnable per-scope bit-widths (SPEC section 4, "BAQ"; seed 003).
+"""BAQ: learnable per-scope bit-widths.
 
 Every allocated Linear / Conv2d weight gets one logit ``theta`` per scope (output channel, or the whole tensor) and
 is replaced in the forward pass (``torch.nn.utils.parametrize``) by
@@ -10,10 +10,11 @@ is replaced in the forward pass (``torch.nn.utils.parametrize``) by
     w^     = s(b) * clamp(round_STE(w / s(b)), -q_max(b), q_max(b))
 
 Nothing else is detached, so the task and fairness losses reach ``theta`` (LSQ-style): inside the range
-``dw^/db = (round(w/s) - w/s) * ds/db``, which is non-zero. (The authors' code built ``(wq - w).detach() + w`` and
-its logits received no gradient from the task or fairness loss; see SPEC 4.)
+``dw^/db = (round(w/s) - w/s) * ds/db``, which is non-zero. (The original BAQ code built ``(wq - w).detach() + w``,
+so its logits received no gradient from the task or fairness loss and moved only through weight decay.)
 
-Loss = ``mean CE + lambda_fair * (max_g L_g - min_g L_g) + lambda_bit * R_bits`` with
+Loss = ``mean CE + lambda_fair * (max_g L_g - min_g L_g) + lambda_bit * R_bits`` (``L_g``: mean loss over the
+batch's samples of group ``g``, groups present in the batch) with
 ``R_bits = sum_s n_s b_cont_s / sum_s n_s`` (the model's parameter-weighted average of the continuous bits) or, with
 ``target_bits``, the hinge ``max(R_bits - target_bits, 0)``.
 
@@ -37,10 +38,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import distributed as mqd
 from ..quant.api import quantize_
 from ..quant.config import QuantConfig
 from ..quant.core import scale_eps
-from .batches import GroupsFn, LossFn, batch_losses, epoch_batches, fairness_penalty
+from ..training import train_steps
+from .batches import GroupsFn, LossFn, batch_losses, fairness_penalty
+from .distributed import global_group_objective
 from .importance import quantizable_layers
 
 _EPS16 = scale_eps(torch.float16)
@@ -108,9 +112,7 @@ class BAQWrapper:
             raise ValueError(f"target_bits={target_bits} is impossible in the bit range [{b_min}, {b_max}]")
         if init_bits is not None and hasattr(init_bits, "bit_map"):
             init_bits = init_bits.bit_map()
-        from ..distributed import has_fsdp
-
-        if has_fsdp(model):
+        if mqd.has_fsdp(model):
             raise ValueError("BAQWrapper got a model already sharded with FSDP2 fully_shard: the BAQ "
                              "parametrizations must be attached before sharding. Pass the plain model and call "
                              "fit(..., distributed=True, fsdp=True) (or fsdp=mesh), which shards it")
@@ -216,20 +218,22 @@ class BAQWrapper:
         """Train weights and bit logits jointly; returns the per-step history. ``batches`` is re-iterated per epoch.
 
         ``distributed=True`` (with an initialised ``torch.distributed`` process group; see
-        :func:`medquant.distributed.fit_baq_distributed`): ``batches`` are this rank's share, step ``t`` optimises
-        the loss of the union of every rank's ``t``-th batch - global mean loss, fairness penalty over the global
-        group means (:func:`medquant.distributed.global_group_objective`) and the bit-rate term - with gradients
-        averaged over ranks, after broadcasting rank 0's weights and logits. Every rank then takes the
-        single-process step on the global batch and ends with the same ``theta`` and bits. The epoch ends when any
-        rank runs out of batches. Without it, each rank trains on its own data only (the bits differ by rank).
+        :func:`medquant.fairquant.distributed.fit_baq_distributed`): ``batches`` are this rank's share, step ``t``
+        optimises the loss of the union of every rank's ``t``-th batch - global mean loss, fairness penalty over
+        the global group means (:func:`medquant.fairquant.distributed.global_group_objective`) and the bit-rate
+        term - with gradients averaged over ranks, after broadcasting rank 0's weights and logits. Every rank then
+        takes the single-process step on the global batch and ends with the same ``theta`` and bits. The epoch
+        ends when any rank runs out of batches. Without it, each rank trains on its own data only (the bits differ
+        by rank).
         Without an initialised process group, ``distributed=True`` is the ordinary single-process fit.
 
         ``fsdp=True`` (or a 1-D ``DeviceMesh``; needs ``distributed=True`` and a process group): the model is
         FSDP2-sharded before training (:func:`medquant.distributed.fsdp_shard`: ``fully_shard`` on every module
         in ``fsdp_units``, default each BAQ layer, then on the root; rank 0's values broadcast first). Each rank
         stores a shard of every weight (and its AdamW state); the bit logits ``theta`` are left out of the
-        sharding (``ignored_params``): replicated, their gradients averaged by :func:`all_reduce_gradients`, so
-        ``bits()`` / ``bit_rate()`` read them directly on every rank. Gradient clipping over the shards
+        sharding (``ignored_params``): replicated, their gradients averaged by
+        :func:`medquant.distributed.all_reduce_gradients`, so ``bits()`` / ``bit_rate()`` read them directly on
+        every rank. Gradient clipping over the shards
         (:func:`medquant.distributed.clip_grad_norm_`). Call :meth:`export` on every rank afterwards: it gathers
         the full weights into a plain copy of the model taken before sharding. A second ``fit`` of a sharded
         wrapper is refused.
@@ -237,8 +241,6 @@ class BAQWrapper:
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         import torch.distributed as dist
-
-        from .. import distributed as mqd
 
         # without a process group (plain ``python script.py``) distributed=True is the single-process fit
         distributed = distributed and dist.is_available() and dist.is_initialized()
@@ -265,7 +267,7 @@ class BAQWrapper:
             group = mesh.get_group()
         if distributed:
             world = dist.get_world_size(group)
-        elif mqd._dist_active(group):
+        elif mqd.is_distributed(group):
             import warnings
 
             warnings.warn("BAQWrapper.fit runs in a process group of several ranks without distributed=True: each "
@@ -274,52 +276,29 @@ class BAQWrapper:
         params = self.weights() + self.logits()
         if distributed and not use_fsdp:  # fsdp_shard broadcast them before sharding
             mqd.broadcast_parameters(params, group=group)
-        history: list[dict[str, float]] = []
-        self.model.train()
-        step = 0
-        for ep in range(epochs):
-            it = iter(epoch_batches(batches, epoch=ep, epochs=epochs, step=step, max_steps=max_steps,
-                                    progress=progress and mqd.rank() == 0, label="BAQ"))
-            while True:
-                batch = next(it, None)
-                if distributed:  # stop together when any rank has no batch left
-                    done = torch.tensor([float(batch is None)], device=params[0].device)
-                    dist.all_reduce(done, op=dist.ReduceOp.MAX, group=group)
-                    if done.item() > 0:
-                        break
-                elif batch is None:
-                    break
-                losses, groups = batch_losses(self.model, batch, loss_fn, groups_fn)
-                if distributed:
-                    total, parts = self._global_loss(losses, groups, group, world)
-                else:
-                    total, parts = self.loss(losses, groups)
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if use_fsdp:  # FSDP averaged the weights' gradients; theta is replicated
-                    mqd.all_reduce_gradients(self.logits(), average=True, group=group)
-                elif distributed:
-                    mqd.all_reduce_gradients(params, average=True, group=group)
-                if grad_clip is not None and use_fsdp:
-                    mqd.clip_grad_norm_(params, grad_clip, group=group)
-                elif grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                parts["step"] = step
-                history.append(parts)
-                step += 1
-            if max_steps is not None and step >= max_steps:
-                break
-        self.model.eval()
+
+        def step_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+            losses, groups = batch_losses(self.model, batch, loss_fn, groups_fn)
+            if distributed:
+                return self._global_loss(losses, groups, group, world)
+            return self.loss(losses, groups)
+
+        if use_fsdp:  # FSDP averaged the weights' gradients; theta is replicated
+            sync = self.logits()
+        else:
+            sync = params if distributed else []
+        history = train_steps(step_loss, batches, opt, params, epochs=epochs, max_steps=max_steps,
+                              grad_clip=grad_clip, sharded=use_fsdp, sync_params=sync, group=group,
+                              stop_together=distributed, model=self.model, progress=progress, desc="BAQ")
+        for i, parts in enumerate(history):
+            parts["step"] = i
         return history
 
     def _global_loss(self, losses: torch.Tensor, groups: torch.Tensor, group: Any, world: int
                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """Surrogate whose rank-averaged gradient is the gradient of :meth:`loss` on the union of all ranks'
-        batches (:func:`medquant.distributed.global_group_objective`); the bit-rate term depends on ``theta`` only,
-        identical on every rank, so it enters unscaled."""
-        from ..distributed import global_group_objective
-
+        batches (:func:`medquant.fairquant.distributed.global_group_objective`); the bit-rate term depends on
+        ``theta`` only, identical on every rank, so it enters unscaled."""
         sur, task, fair = global_group_objective(losses, groups, lambda_fair=self.lambda_fair, group=group,
                                                  grad_scale=world)
         rate = self.bit_rate()
@@ -344,9 +323,7 @@ class BAQWrapper:
         fit, a collective: every rank gathers the full weights and returns the full exported model."""
         qmap = self.quant_map(project=project, tolerance=tolerance)
         if self._skeleton is not None:  # FSDP: gather the trained weights into the plain copy (all ranks)
-            from ..distributed import load_full_state
-
-            self.model = load_full_state(self._skeleton, self.model)
+            self.model = mqd.load_full_state(self._skeleton, self.model)
             self._skeleton = None
             self.params_exported = qmap
             quantize_(self.model, qmap)

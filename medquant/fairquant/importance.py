@@ -1,4 +1,4 @@
-"""Group-conditioned importance of every Linear / Conv2d weight (SPEC section 4, "Importance").
+"""Group-conditioned importance of every Linear / Conv2d weight.
 
 The model is frozen (``eval()``, no parameter update). For each calibration batch the per-sample losses are
 computed once; for each group ``g`` present in the batch, ``L_g`` = mean loss over that group's samples and one
@@ -82,7 +82,8 @@ def compute_group_importance(
         expected_groups: group ids that must all appear (a group without samples raises); ids outside it raise.
         min_groups: fewest groups with samples accepted (default 2: group-conditioned importance compares
             groups). ``1`` is for a partial sum that is reduced over processes afterwards
-            (:func:`medquant.distributed.distributed_group_importance` passes it and checks the global count).
+            (:func:`medquant.fairquant.distributed.distributed_group_importance` passes it and checks the global
+            count).
 
     Raises ``ValueError`` for an unknown metric, no quantizable layers, no batches, fewer than ``min_groups``
     groups, or an expected group without calibration samples.

@@ -1,15 +1,22 @@
-"""FQ-QAT: fine-tune with a fixed mixed-precision allocation (SPEC section 4, "FQ-QAT").
+"""FQ-QAT: fine-tune with a fixed mixed-precision allocation.
 
 While training, every allocated Linear / Conv2d weight is replaced in the forward pass by its fake-quantized
 version (``torch.nn.utils.parametrize``; rows grouped by bit-width, each through
 :func:`medquant.quant.fake_quantize` with a straight-through gradient), so the float weights learn to live on the
-quantization grid of their allocation. The loss per batch is
+quantization grid of their allocation: for a row with ``b`` bits, forward
 
-    mean CE  +  lambda_fair * (max_g L_g - min_g L_g)     (groups present in the batch; SPEC 4)
+    w^ = s * (clamp(round(w / s) + z, 0, 2^b - 1) - z)      (asymmetric; symmetric: z = 0, |codes| <= 2^(b-1) - 1)
 
-optimised with AdamW, gradient-norm clipping (1.0). At the end the parametrizations are removed and the model is
-exported with :func:`medquant.quantize_` to real ``QuantLinear`` / ``QuantConv2d`` layers with the same
-allocation: the exported model computes exactly what the fake-quantized model computed.
+with the scale ``s`` and zero point ``z`` of the layer's ``QuantConfig`` (:mod:`medquant.quant.core`), and
+backward ``dw^/dw = 1``. The loss per batch is
+
+    mean_i l_i  +  lambda_fair * (max_g L_g - min_g L_g)
+
+with ``l_i`` the per-sample cross-entropy and ``L_g`` the mean loss over the batch's samples of group ``g`` (groups
+present in the batch), optimised with AdamW and gradient-norm clipping (1.0) by
+:func:`medquant.training.train_steps`. At the end the parametrizations are removed and the model is exported with
+:func:`medquant.quantize_` to real ``QuantLinear`` / ``QuantConv2d`` layers with the same allocation: the exported
+model computes exactly what the fake-quantized model computed.
 """
 from __future__ import annotations
 
@@ -22,10 +29,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import distributed as mqd
 from ..quant.api import quantize_, resolve_configs
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import fake_quantize
-from .batches import GroupsFn, LossFn, batch_losses, epoch_batches, fairness_penalty
+from ..training import train_steps
+from .batches import GroupsFn, LossFn, batch_losses, fairness_penalty
+from .distributed import global_group_objective
 
 
 class FakeQuantWeight(nn.Module):
@@ -121,9 +131,9 @@ def fq_qat(
     batches. The fake-quant parametrizations go on ``model.module``, which is trained through a new DDP wrapper
     with the same settings (:func:`medquant.distributed.ddp_like`; the given one would miss the parametrized
     weights' gradients). The loss is the one of the union of every rank's batch
-    (:func:`medquant.distributed.global_group_objective` with ``grad_scale = world_size``: global mean loss and the
-    fairness penalty over the global group means), and DDP averages the gradients, so every rank takes the
-    single-process step on the global batch. The returned model (exported or not) is the unwrapped
+    (:func:`medquant.fairquant.distributed.global_group_objective` with ``grad_scale = world_size``: global mean
+    loss and the fairness penalty over the global group means), and DDP averages the gradients, so every rank
+    takes the single-process step on the global batch. The returned model (exported or not) is the unwrapped
     ``model.module``.
 
     FSDP2 (the model sharded over the ranks, ``fsdp=True`` or a 1-D ``DeviceMesh``): pass the *plain* model
@@ -146,8 +156,6 @@ def fq_qat(
         raise ValueError(f"lr must be > 0, got {lr}")
     if lambda_fair < 0:
         raise ValueError(f"lambda_fair must be >= 0, got {lambda_fair}")
-    from .. import distributed as mqd
-
     if mqd.has_fsdp(model):
         raise ValueError("fq_qat got a model already sharded with fully_shard: the fake-quant parametrizations "
                          "must be attached before sharding. Pass the plain model with fsdp=True (or fsdp=mesh); "
@@ -156,7 +164,7 @@ def fq_qat(
     use_fsdp = fsdp is not None and fsdp is not False
     if use_fsdp and ddp:
         raise ValueError("fsdp=... needs the plain model, not a DistributedDataParallel wrapper")
-    if use_fsdp and not mqd._dist_active():
+    if use_fsdp and not mqd.is_distributed():
         raise RuntimeError("fsdp=... needs an initialised torch.distributed process group of several ranks "
                            "(torch.distributed.init_process_group, torchrun or accelerate launch)")
     inner = mqd.unwrap(model)
@@ -173,40 +181,29 @@ def fq_qat(
         mesh = mqd.fsdp_shard(inner, units, mesh=None if fsdp is True else fsdp)
         pg, world = mesh.get_group(), mesh.size()
     distributed = ddp or use_fsdp
-    history: list[dict[str, float]] = []
+
+    def step_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
+        if distributed:
+            objective, task, fair = global_group_objective(losses, groups, lambda_fair=lambda_fair, group=pg,
+                                                           grad_scale=world)
+            loss = task + lambda_fair * fair
+        else:
+            task = losses.mean()
+            fair = fairness_penalty(losses, groups) if lambda_fair > 0 else task.new_zeros(())
+            objective = loss = task + lambda_fair * fair
+        return objective, {"loss": float(loss.detach()), "task": float(task.detach()),
+                           "fair": float(fair.detach())}
+
     try:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        model.train()
-        step = 0
-        for ep in range(epochs):
-            it = epoch_batches(batches, epoch=ep, epochs=epochs, step=step, max_steps=max_steps,
-                               progress=progress and mqd.rank() == 0, label="FQ-QAT")
-            for batch in it:
-                losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
-                if distributed:
-                    objective, task, fair = mqd.global_group_objective(
-                        losses, groups, lambda_fair=lambda_fair, group=pg, grad_scale=world)
-                    loss = task + lambda_fair * fair
-                else:
-                    task = losses.mean()
-                    fair = fairness_penalty(losses, groups) if lambda_fair > 0 else task.new_zeros(())
-                    objective = loss = task + lambda_fair * fair
-                opt.zero_grad(set_to_none=True)
-                objective.backward()
-                if grad_clip is not None and use_fsdp:
-                    mqd.clip_grad_norm_(params, grad_clip, group=pg)
-                elif grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                history.append({"step": step, "loss": float(loss.detach()), "task": float(task.detach()),
-                                "fair": float(fair.detach())})
-                step += 1
-            if max_steps is not None and step >= max_steps:
-                break
-        model.eval()
+        records = train_steps(step_loss, batches, opt, params, epochs=epochs, max_steps=max_steps,
+                              grad_clip=grad_clip, sharded=use_fsdp, group=pg, model=model, progress=progress,
+                              desc="FQ-QAT")
+        history = [{"step": i, **r} for i, r in enumerate(records)]
     finally:
         if not use_fsdp:
             detach_fake_quant(inner)

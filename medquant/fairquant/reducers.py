@@ -1,4 +1,4 @@
-"""Cross-group reducers (SPEC section 4): one importance map ``R`` from the per-group maps ``I_g``.
+"""Cross-group reducers: one importance map ``R`` from the per-group maps ``I_g``.
 
 Elementwise over the full maps, before scope aggregation:
 

@@ -1,4 +1,4 @@
-"""QLoRA: a frozen 4-bit NormalFloat (NF4) base model with trainable LoRA adapters (SPEC section 7, seed 001).
+"""QLoRA: a frozen 4-bit NormalFloat (NF4) base model with trainable LoRA adapters.
 
 The two halves come from the ecosystem, not from medquant:
 
@@ -12,7 +12,7 @@ The two halves come from the ecosystem, not from medquant:
   projections (names resolved inside the ``language`` role by :func:`medquant.models.modules_in_role`, so
   the SigLIP/CLIP towers' own ``q_proj``... are never touched). ``W x + (alpha / sqrt(r)) B A x`` with
   rank-stabilised scaling (rsLoRA, ``use_rslora=True``), ``A`` Kaiming-initialised, ``B = 0``, dropout 0.1
-  on the adapter input. Defaults r=16, dropout 0.1, alpha 16 (seed 001 gives r and dropout).
+  on the adapter input. Defaults r=16, dropout 0.1, alpha 16.
 
 Everything else is frozen. :meth:`QLoRAAdapter.merge` builds the deployable float model: each NF4 weight is
 dequantized (``W_deq``) and the adapter folded in, ``W' = W_deq + (alpha/sqrt(r)) B A``, through PEFT's
@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..training import train_steps
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -375,9 +377,8 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
                lr: float = 2e-4, weight_decay: float = 0.0, grad_accum: int = 1,
                max_grad_norm: float | None = 1.0, progress: bool = True, seed: int | None = 0,
                desc: str = "train") -> list[float]:
-    """AdamW over the parameters of ``model`` that require grad; see :meth:`QLoRAAdapter.train`."""
-    from tqdm.auto import tqdm
-
+    """AdamW over the parameters of ``model`` that require grad, ``grad_accum`` batches per step (each loss divided
+    by ``grad_accum``), through :func:`medquant.training.train_steps`; see :meth:`QLoRAAdapter.train`."""
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -386,37 +387,15 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
     if seed is not None:
         torch.manual_seed(seed)
     batches = list(batches) if steps is None else batches
-    total = steps if steps is not None else math.ceil(len(batches) / grad_accum)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    model.train()
-    losses: list[float] = []
-    it = iter(batches)
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
-    for _ in range(total):
-        opt.zero_grad(set_to_none=True)
-        acc = 0.0
-        n = 0
-        for _ in range(grad_accum):
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            out = model(**batch)
-            loss = out.loss
-            if loss is None or not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss}; check labels and learning rate")
-            (loss / grad_accum).backward()
-            acc += float(loss.detach())
-            n += 1
-        if n == 0:
-            break
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        losses.append(acc / n)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+
+    def step_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        loss = model(**batch).loss
+        if loss is None or not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss}; check labels and learning rate")
+        return loss, float(loss.detach())
+
+    losses = train_steps(step_loss, batches, opt, params, max_steps=steps, grad_accum=grad_accum,
+                         grad_clip=max_grad_norm, model=model, progress=progress, desc=desc)
     opt.zero_grad(set_to_none=True)
-    model.eval()
     return losses

@@ -9,8 +9,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medquant.distributed import fit_allocator_distributed, rank, world_size
+from medquant.distributed import rank, world_size
 from medquant.fairquant.allocator import FairQuantAllocator
+from medquant.fairquant.distributed import fit_allocator_distributed
 from medquant.fairquant.importance import compute_group_importance
 
 N_BATCHES = 8

@@ -17,15 +17,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from medquant.distill import Distiller
-from medquant.distributed import (
-    fit_allocator_distributed,
-    fit_baq_distributed,
-    global_group_objective,
-    unwrap,
-)
+from medquant.distributed import unwrap
 from medquant.fairquant.allocator import FairQuantAllocator
 from medquant.fairquant.baq import BAQWrapper
 from medquant.fairquant.batches import fairness_penalty
+from medquant.fairquant.distributed import (
+    fit_allocator_distributed,
+    fit_baq_distributed,
+    global_group_objective,
+)
 from medquant.fairquant.importance import compute_group_importance
 from medquant.fairquant.qat import fq_qat
 from medquant.quant.api import quantize_

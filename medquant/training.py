@@ -1,0 +1,168 @@
+"""The one training loop behind FQ-QAT, BAQ, distillation and QLoRA: :func:`train_steps`.
+
+Each of those workflows only says how a batch becomes a loss; this module owns the rest of a step, in this order::
+
+    for every optimizer step (at most max_steps in all, over `epochs` passes of `batches`):
+        for each of the step's grad_accum batches:
+            objective, record = loss_fn(batch)
+            optimizer.zero_grad(set_to_none=True)            (before the step's first backward only)
+            (objective / grad_accum).backward()              (objective.backward() when grad_accum == 1)
+        average the .grad of sync_params over the ranks     (medquant.distributed.all_reduce_gradients)
+        clip the global gradient norm to grad_clip:
+            coef = min(1, grad_clip / (||g||_2 + 1e-6)),  g *= coef
+            (torch.nn.utils.clip_grad_norm_, or medquant.distributed.clip_grad_norm_ when the parameters are
+            FSDP2 shards: their squared sums are all-reduced, replicated tensors counted once)
+        optimizer.step()
+
+Data parallelism stays with the caller's model (``DistributedDataParallel`` or FSDP2 ``fully_shard`` reduce the
+gradients of what they wrap during ``backward``); the loop adds what they do not cover: gradients of parameters
+outside the wrapper (``sync_params``), clipping over shards, stopping every rank together when one runs out of
+batches (``stop_together``), and a progress bar on rank 0 only. The loop draws no random numbers itself: dropout
+and data shuffling happen in ``loss_fn`` and in iterating ``batches`` (one ``iter(batches)`` per pass).
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed as mqd
+
+__all__ = ["LossStep", "train_steps"]
+
+#: ``loss_fn(batch) -> (objective, record)``: the tensor to back-propagate and what to keep for this batch
+#: (a float, or a dict of floats with a ``"loss"`` entry shown on the progress bar).
+LossStep = Callable[[Any], tuple[torch.Tensor, Any]]
+
+_END = object()
+
+
+def train_steps(
+    loss_fn: LossStep,
+    batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    *,
+    epochs: int | None = 1,
+    max_steps: int | None = None,
+    grad_accum: int = 1,
+    grad_clip: float | None = None,
+    sharded: bool = False,
+    sync_params: Sequence[torch.Tensor] = (),
+    group: Any = None,
+    stop_together: bool = False,
+    model: nn.Module | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[Any]:
+    """Train with ``optimizer`` over ``batches`` (module docstring for the step); returns one record per step.
+
+    Args:
+        loss_fn: ``batch -> (objective, record)``.
+        batches: a re-iterable (a list, a ``DataLoader``) when ``epochs > 1``; read once per pass.
+        params: the trained parameters: gradient clipping runs over them.
+        epochs: passes over ``batches``; ``None`` repeats passes until ``max_steps`` (and ends early when a pass
+            yields no batch).
+        max_steps: cap on optimizer steps over all passes; no batch beyond the last step is read.
+        grad_accum: batches per step; a step's record is the mean of its batches' records (numbers then). A last,
+            incomplete step still divides by ``grad_accum``.
+        grad_clip: max global 2-norm of the gradients of ``params`` (``None``: no clipping).
+        sharded: ``params`` include FSDP2 shards (``DTensor``): clip with
+            :func:`medquant.distributed.clip_grad_norm_` over ``group``.
+        sync_params: parameters whose gradients are averaged over ``group`` after the backward passes (those
+            outside a DDP / FSDP wrapper, or every parameter when the model is not wrapped).
+        stop_together: every rank of ``group`` ends a pass as soon as one rank has no batch left (one
+            ``all_reduce`` per batch; ranks then take the same number of steps).
+        model: put in ``train()`` mode for the loop and in ``eval()`` mode after it (also on error).
+        progress: a tqdm bar (rank 0 only) named ``desc``.
+    """
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if epochs is None and max_steps is None:
+        raise ValueError("epochs=None repeats passes until max_steps: give max_steps")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    records: list[Any] = []
+    bar = None
+    if progress and mqd.rank() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=_total_steps(batches, epochs, max_steps, grad_accum), desc=desc, unit="step", leave=False)
+    flag_device = params[0].device if params else "cpu"
+    if model is not None:
+        model.train()
+    try:
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            it: Iterable[Any] = batches
+            if max_steps is not None:  # never read a batch beyond the last step
+                it = itertools.islice(batches, (max_steps - len(records)) * grad_accum)
+            it = iter(it)
+            steps_before = len(records)
+            exhausted = False
+            while not exhausted:
+                step_records = []
+                for _ in range(grad_accum):
+                    batch = next(it, _END)
+                    end = batch is _END
+                    if stop_together:
+                        end = mqd.any_rank(end, flag_device, group)
+                    if end:
+                        exhausted = True
+                        break
+                    objective, record = loss_fn(batch)
+                    if not step_records:
+                        optimizer.zero_grad(set_to_none=True)
+                    (objective / grad_accum if grad_accum > 1 else objective).backward()
+                    step_records.append(record)
+                if not step_records:
+                    break
+                if sync_params:
+                    mqd.all_reduce_gradients(sync_params, average=True, group=group)
+                if grad_clip is not None and sharded:
+                    mqd.clip_grad_norm_(params, grad_clip, group=group)
+                elif grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+                records.append(step_records[0] if grad_accum == 1 else sum(step_records) / len(step_records))
+                if bar is not None:
+                    bar.update(1)
+                    shown = _shown(records[-1])
+                    if shown is not None:
+                        bar.set_postfix(loss=f"{shown:.3f}")
+            epoch += 1
+            if max_steps is not None and len(records) >= max_steps:
+                break
+            if epochs is None and len(records) == steps_before:
+                break  # a pass without a batch: repeating it would never reach max_steps
+    finally:
+        if bar is not None:
+            bar.close()
+        if model is not None:
+            model.eval()
+    return records
+
+
+def _total_steps(batches: Iterable[Any], epochs: int | None, max_steps: int | None, grad_accum: int) -> int | None:
+    per_epoch = None
+    try:
+        per_epoch = -(-len(batches) // grad_accum)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if per_epoch is None or epochs is None:
+        return max_steps
+    total = per_epoch * epochs
+    return total if max_steps is None else min(total, max_steps)
+
+
+def _shown(record: Any) -> float | None:
+    if isinstance(record, (int, float)):
+        return float(record)
+    if isinstance(record, Mapping) and isinstance(record.get("loss"), (int, float)):
+        return float(record["loss"])
+    return None

@@ -1,0 +1,91 @@
+"""medquant.training.train_steps: step cap over epochs, gradient accumulation, clipping, records."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medquant.distributed import any_rank, is_distributed
+from medquant.training import train_steps
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 1)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(5)]
+
+    def loss_fn(batch):
+        x, y = batch
+        loss = (model(x) - y).pow(2).mean()
+        return loss, float(loss.detach())
+
+    params = list(model.parameters())
+    return model, batches, loss_fn, params, torch.optim.SGD(params, lr=0.1)
+
+
+def _manual(model, batches, params, opt, grad_clip=None):
+    out = []
+    for x, y in batches:
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        out.append(float(loss.detach()))
+    return out
+
+
+def test_equals_a_hand_written_loop_with_clipping():
+    _model, batches, loss_fn, params, opt = _setup()
+    got = train_steps(loss_fn, batches, opt, params, epochs=2, grad_clip=0.05, progress=False)
+    m2, b2, _, p2, o2 = _setup()
+    want = _manual(m2, b2 + b2, p2, o2, grad_clip=0.05)
+    assert got == want
+    assert all(torch.equal(a, b) for a, b in zip(params, p2))
+
+
+def test_max_steps_caps_over_epochs_and_reads_no_extra_batch():
+    _model, batches, loss_fn, params, opt = _setup()
+    seen = []
+
+    def counting(batch):
+        seen.append(batch)
+        return loss_fn(batch)
+
+    out = train_steps(counting, batches, opt, params, epochs=3, max_steps=7, progress=False)
+    assert len(out) == 7 and len(seen) == 7
+    out = train_steps(loss_fn, batches, opt, params, epochs=None, max_steps=12, progress=False)
+    assert len(out) == 12
+    assert train_steps(loss_fn, [], opt, params, epochs=None, max_steps=3, progress=False) == []
+    with pytest.raises(ValueError, match="max_steps"):
+        train_steps(loss_fn, batches, opt, params, epochs=None, progress=False)
+
+
+def test_grad_accum_averages_the_batch_gradients_and_records():
+    _model, batches, loss_fn, params, opt = _setup()
+    out = train_steps(loss_fn, batches, opt, params, grad_accum=2, progress=False)
+    assert len(out) == 3  # 2 + 2 + 1 batches
+    _m2, b2, loss2, p2, o2 = _setup()
+    want = []
+    for i in range(0, 5, 2):
+        o2.zero_grad(set_to_none=True)
+        vals = []
+        for b in b2[i:i + 2]:
+            loss, v = loss2(b)
+            (loss / 2).backward()
+            vals.append(v)
+        o2.step()
+        want.append(sum(vals) / len(vals))
+    assert out == want
+    assert all(torch.equal(a, b) for a, b in zip(params, p2))
+
+
+def test_model_mode_and_single_process_collectives():
+    model, batches, loss_fn, params, opt = _setup()
+    model.train()
+    train_steps(loss_fn, batches, opt, params, model=model, stop_together=True, progress=False)
+    assert not model.training
+    assert not is_distributed()
+    assert any_rank(True) and not any_rank(False)
