@@ -1,31 +1,48 @@
-"""Triton kernels (with plain-torch references) for low-bit fake quantization and packed weight-only matmuls.
+"""Low-bit kernels: the packed layout, the packed-weight bundle, torch references, custom ops, Triton, dispatch.
 
-Public functions (each goes through a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` sees one
-opaque node, and autograd works):
+The bottom layer of medquant: it imports only torch (Triton lazily, when a kernel first runs), never
+``medquant.quant`` or anything above it.
 
-* :func:`packed_linear` — ``y = x @ dequant(W_q)^T`` reading the packed layout (format v1) directly; Triton on
-  CUDA (GEMV / split-K / tiled GEMM chosen by M, see :mod:`medquant.kernels.packed`), torch reference on CPU.
+* :mod:`medquant.kernels.layout` — the packed weight layout (format v1): ``pack``, ``unpack``, ``padded_k``,
+  ``container_bits``, ``dequantize_codes``.
+* :class:`PackedWeight` — one packed row group (codes, scales, zeros, bits, symmetric, scope, group size, k).
+* :func:`packed_linear` — ``y = x @ dequant(W)^T`` reading the packed layout directly; Triton on CUDA
+  (GEMV / split-K / tiled GEMM chosen by M, see :mod:`medquant.kernels.packed`), torch reference on CPU.
 * :func:`fake_quantize_rows` — per-row (per-sample) dynamic fake quantization, each row its own bit-width;
   straight-through backward.
 * :func:`fake_quantize_static` — fake quantization with given per-tensor / per-channel / per-group scales
   (and zero points); straight-through backward.
-* :func:`triton_available`, :func:`force_backend`.
+* :mod:`medquant.kernels.dispatch` — which backend runs (:func:`force_backend`, :func:`triton_available`,
+  :func:`register_backend`, :func:`register_kernel`).
 
-``backend="auto"`` (default) runs Triton for CUDA tensors and the torch reference elsewhere; ``"triton"`` forces
-the kernels (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before Triton is imported — that is how the
-tests run them), ``"torch"`` forces the reference. A forced backend is for eager code (tests, benchmarks).
-
-Triton itself is imported only when a kernel first runs, never by ``import medquant``.
+Each public function goes through a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` sees one
+opaque node, and autograd works. ``backend="auto"`` (default) lets the dispatch registry choose (Triton for CUDA
+tensors, the torch reference elsewhere); ``"triton"`` forces the kernels (on CPU tensors this needs
+``TRITON_INTERPRET=1`` set before Triton is imported — that is how the tests run them), ``"torch"`` forces the
+reference. A forced backend is for eager code (tests, benchmarks).
 """
 from __future__ import annotations
 
 import torch
 
+from . import fakequant as _fakequant  # noqa: F401  (registers the Triton fake-quant kernels)
 from . import ops  # noqa: F401  (registers the medquant:: custom ops)
-from ._runtime import force_backend, interpreting, triton_available
+from .bundle import PackedWeight
+from .dispatch import (
+    backend_names,
+    force_backend,
+    interpreting,
+    register_backend,
+    register_kernel,
+    select_kernel,
+    triton_available,
+)
+from .layout import FORMAT_VERSION
 from .packed import GEMV_MAX_M, SPLITK_MAX_M, select_regime
 from .reference import (
     DEFAULT_ROW_EPS,
+    PASSTHROUGH_BITS,
+    ROW_DTYPES,
     as_bits_tensor,
     check_float,
     fake_quantize_rows_reference,
@@ -42,31 +59,21 @@ def _call(backend: str, fn, *args):
         return fn(*args)
 
 
-def packed_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    symmetric: bool,
-    scope: str,
-    group_elems: int,
-    k: int,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """``x (..., k) @ dequant(qweight)^T -> (..., N)`` in ``x.dtype``, reading the packed layout as stored.
+def packed_linear(x: torch.Tensor, weight: PackedWeight, *, backend: str = "auto") -> torch.Tensor:
+    """``x (..., k) @ dequant(weight)^T -> (..., n)`` in ``x.dtype``, reading the packed layout as stored.
 
-    ``dequant(W)[n, j] = (u[n, j] - z) * s[n, j // group_elems]`` with ``z = 2^(b-1)`` for symmetric rows (1-bit
-    symmetric: ``(2u - 1) * s``); ``scales``/``zeros`` are ``(N, K_pad / group_elems)`` (group scope),
-    ``(N, 1)`` (channel) or ``(1, 1)`` (tensor). Same positional signature as
-    :func:`medquant.quant.matmul.packed_linear`.
+    ``dequant(W)[n, j] = (u[n, j] - z) * s[n, j // group_elems]`` with ``z = 2^(b-1)`` for symmetric rows
+    (1-bit symmetric: ``(2u - 1) * s``); see :class:`PackedWeight` for the shapes. Backward:
+    ``dL/dx = dL/dy @ dequant(W)``. The bundle is spelled out into the positional arguments of
+    ``torch.ops.medquant.packed_linear`` here and only here.
     """
     check_float(x, "x")
+    if not isinstance(weight, PackedWeight):
+        raise TypeError(f"weight must be a medquant.kernels.PackedWeight, got {type(weight).__name__}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    y = _call(backend, torch.ops.medquant.packed_linear, x2, qweight, scales, zeros, int(bits), bool(symmetric),
-              scope, int(group_elems), int(k))
+    y = _call(backend, torch.ops.medquant.packed_linear, x2, weight.qweight, weight.scales, weight.zeros,
+              weight.bits, weight.symmetric, weight.scope, weight.group_elems, weight.k)
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 
@@ -85,10 +92,12 @@ def fake_quantize_rows(
     ``z = clamp(round(-lo / s), 0, 2^b - 1)``, ``out = (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s``.
     Symmetric: ``s = max(absmax_r / (2^(b-1) - 1), eps)``, ``out = clamp(round(x / s), -q_max, q_max) * s``.
     Rows with ``b >= 16`` are returned unchanged. ``bits_per_row``: int tensor or sequence (1..8 asymmetric,
-    2..8 symmetric, or >= 16). Backward: straight-through (``mask_outside=True``: zero where the code was clamped).
-    This is simulated quantization: it changes the values, not the speed.
+    2..8 symmetric, or >= 16). ``eps`` defaults to the smallest normal float32. The arithmetic is float32 for every
+    input dtype (float64 included; the Triton kernels take float16/bfloat16/float32, so float64 runs the torch
+    reference), the result has ``x``'s dtype. Backward: straight-through (``mask_outside=True``: zero where the code
+    was clamped). This is simulated quantization: it changes the values, not the speed.
     """
-    check_float(x, "x")
+    check_float(x, "x", ROW_DTYPES)
     x2 = rows_view(x)
     bits = as_bits_tensor(bits_per_row, x.device)
     out, _ = _call(backend, torch.ops.medquant.fake_quantize_rows, x2.contiguous(), bits, bool(symmetric),
@@ -113,7 +122,7 @@ def fake_quantize_static(
     ``(N, G)`` per group with ``group_size`` (element ``k`` uses group ``k // group_size``).
     Symmetric: ``out = clamp(round(x / s), -q_max, q_max) * s`` (1-bit: ``sign(x) * s``, ``x = 0 -> +s``);
     asymmetric: ``out = (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s``. With the parameters of
-    :func:`medquant.quant.core.compute_qparams` this equals :func:`medquant.quant.core.fake_quantize` bit for bit.
+    the quantizer (``medquant.quant.core.compute_qparams``) this equals its ``fake_quantize`` bit for bit.
     Backward: straight-through (``mask_outside=True``: zero where the code was clamped).
     """
     check_float(x, "x")
@@ -124,8 +133,13 @@ def fake_quantize_static(
 
 
 __all__ = [
+    "DEFAULT_ROW_EPS",
+    "FORMAT_VERSION",
     "GEMV_MAX_M",
+    "PASSTHROUGH_BITS",
     "SPLITK_MAX_M",
+    "PackedWeight",
+    "backend_names",
     "fake_quantize_rows",
     "fake_quantize_rows_reference",
     "fake_quantize_static",
@@ -134,6 +148,9 @@ __all__ = [
     "interpreting",
     "packed_linear",
     "packed_linear_reference",
+    "register_backend",
+    "register_kernel",
+    "select_kernel",
     "select_regime",
     "triton_available",
 ]

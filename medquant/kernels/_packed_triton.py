@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._runtime import interpreting
+from .dispatch import interpreting
 
 MODE_TILE, MODE_WORD, MODE_ELEM = 0, 1, 2
 

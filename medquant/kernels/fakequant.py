@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import interpreting
-from .reference import PASSTHROUGH_BITS, check_row_bits, check_static_args
+from .dispatch import interpreting, on_cuda_triton_dtype, register_kernel
+from .reference import PASSTHROUGH_BITS, check_float, check_row_bits, check_static_args
 
 
 def _np2(v: int) -> int:
@@ -28,6 +28,7 @@ def fake_quantize_rows_triton(
     x2: torch.Tensor, bits: torch.Tensor, symmetric: bool, eps: float, want_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kernel launch for a 2-D ``(R, C)`` input; see :func:`medquant.kernels.fake_quantize_rows`."""
+    check_float(x2, "x")
     check_row_bits(bits, x2.shape[0], symmetric)
     _need_kernel_device(x2)
     from ._fakequant_triton import _fq_rows_kernel
@@ -84,3 +85,7 @@ def fake_quantize_static_triton(
         BLOCK_N=bn, BLOCK_K=bk,
     )
     return y.to(x2.dtype), (mask.view(torch.bool) if mask is not None else None)
+
+
+register_kernel("fake_quantize_rows", "triton", fake_quantize_rows_triton, on_cuda_triton_dtype)
+register_kernel("fake_quantize_static", "triton", fake_quantize_static_triton, on_cuda_triton_dtype)

@@ -8,25 +8,21 @@
                                    -> ``(out, mask)``; STE backward
 =================================  ======================================================================
 
-The body picks the backend when it runs (:func:`medquant.kernels._runtime.resolve_backend`): the Triton kernels
-for CUDA tensors, the torch references elsewhere (CPU), or whatever :func:`force_backend` says. ``torch.compile``
-only sees the op and its fake implementation (shapes and dtypes), so QuantLinear layers trace without graph breaks
-whatever runs inside. ``want_mask=False`` returns an empty mask (shape ``(0,)``) and the backward passes the
-gradient straight through; with ``want_mask=True`` the gradient is zeroed where the clamp cut the value off.
+Each body asks :func:`medquant.kernels.dispatch.run` which backend runs when it runs (the Triton kernels for CUDA
+tensors, the torch references elsewhere, a registered fast path where its predicate accepts the call, or whatever
+:func:`force_backend` says). ``torch.compile`` only sees the op and its fake implementation (shapes and dtypes), so
+QuantLinear layers trace without graph breaks whatever runs inside. The packed-matmul op takes the fields of a
+:class:`~medquant.kernels.bundle.PackedWeight` as positional arguments (the op schema needs tensors and scalars)
+and bundles them again at once. ``want_mask=False`` returns an empty mask (shape ``(0,)``) and the backward passes
+the gradient straight through; with ``want_mask=True`` the gradient is zeroed where the clamp cut the value off.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ._runtime import resolve_backend
-from .layout import dequantize_codes, unpack
-from .reference import (
-    check_packed_args,
-    fake_quantize_rows_reference,
-    fake_quantize_static_reference,
-    packed_linear_reference,
-)
+from .bundle import PackedWeight
+from .dispatch import run
 
 
 # ------------------------------------------------------------------------------------------- packed_linear
@@ -35,13 +31,9 @@ def packed_linear_op(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, symmetric: bool, scope: str,
     group_elems: int, k: int,
 ) -> Tensor:
-    """``x (M, k) @ dequant(qweight)^T -> (M, N)`` in ``x.dtype`` (packed layout, format v1)."""
-    if resolve_backend(x.device) == "triton":
-        from .packed import packed_linear_triton
-
-        return packed_linear_triton(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
-    check_packed_args(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
-    return packed_linear_reference(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+    """``x (M, k) @ dequant(W)^T -> (M, N)`` in ``x.dtype`` for the packed row group ``W`` (format v1)."""
+    weight = PackedWeight(qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+    return run("packed_linear", x, weight)
 
 
 @packed_linear_op.register_fake
@@ -60,12 +52,9 @@ def _packed_linear_setup(ctx, inputs, output):
 
 def _packed_linear_backward(ctx, grad):
     qweight, scales, zeros = ctx.saved_tensors
-    bits, symmetric, scope, group_elems, k = ctx.meta
     gx = None
     if ctx.needs_input_grad[0]:
-        w = dequantize_codes(unpack(qweight, bits), scales, zeros, bits, symmetric, scope, group_elems, k,
-                             dtype=grad.dtype)
-        gx = grad @ w
+        gx = grad @ PackedWeight(qweight, scales, zeros, *ctx.meta).dequantize(grad.dtype)
     return gx, None, None, None, None, None, None, None, None
 
 
@@ -81,13 +70,7 @@ def _empty_mask(x: Tensor) -> Tensor:
 def fake_quantize_rows_op(x: Tensor, bits: Tensor, symmetric: bool, eps: float, want_mask: bool
                           ) -> tuple[Tensor, Tensor]:
     """Per-row dynamic fake quantization of a 2-D ``x``; ``bits`` has one entry per row."""
-    if resolve_backend(x.device) == "triton":
-        from .fakequant import fake_quantize_rows_triton
-
-        out, mask = fake_quantize_rows_triton(x, bits, symmetric, eps, want_mask)
-    else:
-        res = fake_quantize_rows_reference(x, bits, symmetric, eps, return_mask=want_mask)
-        out, mask = res if want_mask else (res, None)
+    out, mask = run("fake_quantize_rows", x, bits, symmetric, eps, want_mask)
     return out, (mask if mask is not None else _empty_mask(x))
 
 
@@ -103,13 +86,7 @@ def fake_quantize_static_op(x: Tensor, scales: Tensor, zeros: Tensor | None, bit
                             group_size: int, want_mask: bool) -> tuple[Tensor, Tensor]:
     """Fake quantization of a 2-D ``x`` with given scales / zeros (``group_size`` 0 = tensor/channel scope)."""
     gs = group_size if group_size > 0 else None
-    if resolve_backend(x.device) == "triton":
-        from .fakequant import fake_quantize_static_triton
-
-        out, mask = fake_quantize_static_triton(x, scales, zeros, bits, symmetric, gs, want_mask)
-    else:
-        res = fake_quantize_static_reference(x, scales, zeros, bits, symmetric, gs, return_mask=want_mask)
-        out, mask = res if want_mask else (res, None)
+    out, mask = run("fake_quantize_static", x, scales, zeros, bits, symmetric, gs, want_mask)
     return out, (mask if mask is not None else _empty_mask(x))
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import interpreting
+from .bundle import PackedWeight
+from .dispatch import interpreting, on_cuda_triton_dtype, register_kernel
 from .layout import container_bits
-from .reference import check_packed_args
+from .reference import check_packed_input
 
 GEMV_MAX_M = 1
 SPLITK_MAX_M = 64
@@ -40,28 +41,30 @@ def _m_bucket(m: int) -> int:
 
 def packed_linear_triton(
     x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    symmetric: bool,
-    scope: str,
-    group_elems: int,
-    k: int,
+    weight: PackedWeight,
     *,
     regime: str | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """``x (M, k) @ dequant(qweight)^T -> (M, N)`` in ``x.dtype`` with the Triton kernels.
+    """``x (M, k) @ dequant(weight)^T -> (M, N)`` in ``x.dtype`` with the Triton kernels.
 
     Reads the packed layout as stored (no repacking). ``regime`` overrides :func:`select_regime` and
     ``config`` the block sizes (both for tests / benchmarks; under the interpreter the configuration is fixed
     to ``INTERPRET_CONFIGS`` unless overridden, on a GPU the kernels are autotuned unless ``config`` is given).
     """
-    check_packed_args(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+    check_packed_input(x, weight)
+    qweight, scales, zeros = weight.qweight, weight.scales, weight.zeros
+    bits, symmetric, scope, group_elems, k = weight.bits, weight.symmetric, weight.scope, weight.group_elems, weight.k
     if x.device.type == "cpu" and not interpreting():
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
-    from . import _packed_triton as kt
+    from ._packed_triton import (  # imports Triton: only when a kernel runs
+        INTERPRET_CONFIGS,
+        _packed_gemv_kernel,
+        _packed_mm_kernel,
+        gemm_tuned,
+        gemv_tuned,
+        splitk_tuned,
+    )
 
     m = x.shape[0]
     n = qweight.shape[0]
@@ -82,19 +85,19 @@ def packed_linear_triton(
     consts = {"BITS": bits, "CB": cb, "ZSYM": (1 << (bits - 1)) if bits > 1 else 0, "SYMMETRIC": bool(symmetric),
                   "CHANNEL": channel, "GROUP": group}
     interp = interpreting()
-    fixed = config if config is not None else (kt.INTERPRET_CONFIGS[regime] if interp else None)
+    fixed = config if config is not None else (INTERPRET_CONFIGS[regime] if interp else None)
 
     if regime == "gemv":
         y32 = torch.zeros(n, device=x.device, dtype=torch.float32)
         args = (x, qweight, scales, zt, y32, n, k, x.stride(1), qweight.stride(0), qweight.stride(1),
                 scales.stride(0), scales.stride(1), zt.stride(0), zt.stride(1))
         if fixed is None:
-            kern = kt.gemv_tuned
+            kern = gemv_tuned
             grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
             kern[grid](*args, **consts)
         else:
             grid = (triton_cdiv(n, fixed["BLOCK_N"]), fixed["SPLIT_K"])
-            kt._packed_gemv_kernel[grid](*args, **consts, **fixed)
+            _packed_gemv_kernel[grid](*args, **consts, **fixed)
         return y32.view(1, n).to(x.dtype)
 
     atomic = regime == "splitk"
@@ -110,7 +113,7 @@ def packed_linear_triton(
             qweight.stride(1), scales.stride(0), scales.stride(1), zt.stride(0), zt.stride(1), y.stride(0),
             y.stride(1))
     if fixed is None:
-        kern = kt.splitk_tuned if atomic else kt.gemm_tuned
+        kern = splitk_tuned if atomic else gemm_tuned
         grid = lambda meta: (
             triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         kern[grid](*args, **consts)
@@ -118,9 +121,16 @@ def packed_linear_triton(
         if not atomic and fixed.get("SPLIT_K", 1) != 1:
             raise ValueError("the gemm regime stores directly and needs SPLIT_K = 1")
         grid = (triton_cdiv(m, fixed["BLOCK_M"]) * triton_cdiv(n, fixed["BLOCK_N"]), fixed["SPLIT_K"])
-        kt._packed_mm_kernel[grid](*args, **consts, **fixed)
+        _packed_mm_kernel[grid](*args, **consts, **fixed)
     return y.to(x.dtype)
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _packed_linear_kernel(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    return packed_linear_triton(x, weight)
+
+
+register_kernel("packed_linear", "triton", _packed_linear_kernel, on_cuda_triton_dtype)

@@ -1,33 +1,42 @@
 """Plain-torch references of every kernel: the CPU path of the custom ops and the oracle of the tests.
 
-Rounding is ``torch.round`` (half to even) on float32 values, exactly as in :mod:`medquant.quant.core`; the
-Triton kernels reproduce it bit for bit with a floor-based formulation.
+Rounding is ``torch.round`` (half to even) on float32 values, exactly as in the quantizer
+(:mod:`medquant.quant.core`); the Triton kernels reproduce it bit for bit with a floor-based formulation.
 
 * :func:`fake_quantize_rows_reference` — per-row (per-sample) dynamic fake quantization, each row its own bits.
 * :func:`fake_quantize_static_reference` — fake quantization with given scales / zero points.
-* :func:`packed_linear_reference` — re-exported from :mod:`medquant.quant.matmul` (unpack, dequantize, matmul).
+* :func:`packed_linear_reference` — ``x @ W^T`` with ``W = weight.dequantize(x.dtype)`` (unpack, ``(u - z) * s``,
+  matmul).
 
 Argument checks shared by the references and the kernels live here too, so both backends reject the same
-inputs with the same messages.
+inputs with the same messages. Importing this module registers the references as the ``"torch"`` backend of the
+three ops in :mod:`medquant.kernels.dispatch`, at the lowest priority: they accept every input and are the answer
+whenever no faster kernel does.
 """
 from __future__ import annotations
 
 import torch
 
-from .layout import container_bits, padded_k, values_per_word
+from .bundle import PackedWeight
+from .dispatch import register_kernel
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: dtypes :func:`fake_quantize_rows_reference` takes (float64 is quantized in float32 arithmetic as well)
+ROW_DTYPES = FLOAT_DTYPES + (torch.float64,)
 #: rows with at least this many bits are passed through unchanged by :func:`fake_quantize_rows_reference`
 PASSTHROUGH_BITS = 16
 DEFAULT_ROW_EPS = float(torch.finfo(torch.float32).tiny)
+#: priority of the reference kernels in the dispatch registry: below every other kernel
+REFERENCE_PRIORITY = -1000
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def check_float(x: torch.Tensor, what: str) -> None:
+def check_float(x: torch.Tensor, what: str, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what} must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        raise TypeError(f"{what} must be {', '.join(names[:-1])} or {names[-1]}, got {x.dtype}")
 
 
 def check_bits_value(bits: int, symmetric: bool, what: str = "bits") -> None:
@@ -37,53 +46,17 @@ def check_bits_value(bits: int, symmetric: bool, what: str = "bits") -> None:
         raise ValueError(f"{what}={bits} out of range: the kernels quantize to 1..8 bits")
 
 
-def check_packed_args(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k) -> None:
-    """Validate the arguments of ``packed_linear`` (shapes follow :mod:`medquant.quant.packing`)."""
+def check_packed_input(x: torch.Tensor, weight: PackedWeight) -> None:
+    """Validate the activations of ``packed_linear`` against a (validated) :class:`PackedWeight`."""
     check_float(x, "x")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    check_bits_value(bits, symmetric)
-    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise TypeError("qweight must be a 2-D int32 tensor of packed codes (rows, K_pad // values_per_word)")
-    if scope not in ("tensor", "channel", "group"):
-        raise ValueError(f"scope={scope!r} is not supported; accepted: tensor, channel, group")
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} input features but the packed weight holds K={k}")
-    n, words = qweight.shape
-    kp = words * values_per_word(bits)
-    want = padded_k(k, bits, group_elems if scope == "group" else None)
-    if kp != want:
-        raise ValueError(f"qweight has {words} words per row = {kp} {container_bits(bits)}-bit slots, but K={k} "
-                         f"packed at {bits} bits needs K_pad={want}: wrong bits, wrong K or wrong group size")
-    if not isinstance(scales, torch.Tensor) or scales.dtype not in FLOAT_DTYPES or scales.dim() != 2:
-        raise TypeError("scales must be a 2-D float16/bfloat16/float32 tensor")
-    if isinstance(group_elems, bool) or not isinstance(group_elems, int) or group_elems <= 0:
-        raise ValueError(f"group_elems must be a positive int, got {group_elems!r}")
-    if scope == "tensor":
-        if tuple(scales.shape) != (1, 1):
-            raise ValueError(f"tensor scope expects (1, 1) scales, got {tuple(scales.shape)}")
-    elif scope == "channel":
-        if tuple(scales.shape) != (n, 1):
-            raise ValueError(f"channel scope expects ({n}, 1) scales, got {tuple(scales.shape)}")
-    else:
-        if kp % group_elems:
-            raise ValueError(f"K_pad={kp} is not a multiple of the group size {group_elems}")
-        if tuple(scales.shape) != (n, kp // group_elems):
-            raise ValueError(f"group scope with {group_elems} elements per group expects scales of shape "
-                             f"({n}, {kp // group_elems}), got {tuple(scales.shape)}")
-    if symmetric:
-        if zeros is not None:
-            raise ValueError("symmetric rows use the implicit zero point 2^(b-1): pass zeros=None")
-    else:
-        if zeros is None:
-            raise ValueError("asymmetric rows need their zero points (zeros is None)")
-        if not isinstance(zeros, torch.Tensor) or zeros.shape != scales.shape:
-            raise ValueError(f"zeros must have the shape of scales {tuple(scales.shape)}")
-        if zeros.dtype not in FLOAT_DTYPES:
-            raise TypeError("zeros must be float16/bfloat16/float32 (integers stored in the scale dtype)")
-    devs = {t.device for t in (x, qweight, scales) + ((zeros,) if zeros is not None else ())}
-    if len(devs) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    if not isinstance(weight, PackedWeight):
+        raise TypeError(f"weight must be a medquant.kernels.PackedWeight, got {type(weight).__name__}")
+    if x.shape[1] != weight.k:
+        raise ValueError(f"x has {x.shape[1]} input features but the packed weight holds K={weight.k}")
+    if x.device != weight.device:
+        raise ValueError(f"all tensors must be on one device, got {sorted({str(x.device), str(weight.device)})}")
 
 
 def rows_view(x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +100,7 @@ def fake_quantize_rows_reference(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-row dynamic fake quantization; row ``r`` of ``x`` (viewed as ``(R, C)``) uses ``b_r`` bits.
 
-    All arithmetic in float32 (``x`` is upcast), result cast back to ``x.dtype``:
+    All arithmetic in float32 (``x`` is converted, also from float64), result cast back to ``x.dtype``:
 
     * asymmetric: ``lo = min(min_r, 0)``, ``hi = max(max_r, 0)``, ``s = max((hi - lo) / (2^b - 1), eps)``,
       ``z = clamp(round(-lo / s), 0, 2^b - 1)``, ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
@@ -141,7 +114,7 @@ def fake_quantize_rows_reference(
     With ``return_mask`` also returns the straight-through mask: True where the unclamped code
     (``round(x/s) + z``, or ``round(x/s)`` when symmetric) lies inside the clamp range.
     """
-    check_float(x, "x")
+    check_float(x, "x", ROW_DTYPES)
     x2 = rows_view(x)
     bits_per_row = as_bits_tensor(bits_per_row, x.device)
     check_row_bits(bits_per_row, x2.shape[0], symmetric)
@@ -256,8 +229,23 @@ def fake_quantize_static_reference(
     return out, ((r >= lo) & (r <= hi)).reshape(x.shape)
 
 
-def packed_linear_reference(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k):
-    """The packed-matmul oracle, :func:`medquant.quant.matmul.packed_linear_reference` (imported lazily)."""
-    from ..quant.matmul import packed_linear_reference as ref
+def packed_linear_reference(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """``x (M, k) @ W^T -> (M, n)`` with ``W = weight.dequantize(x.dtype)``: unpack, ``(u - z) * s``, matmul."""
+    check_packed_input(x, weight)
+    return x @ weight.dequantize(x.dtype).t()
 
-    return ref(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+
+# ---------------------------------------------------------------------------------------------- registration
+def _rows_kernel(x2, bits, symmetric, eps, want_mask):
+    res = fake_quantize_rows_reference(x2, bits, symmetric, eps, return_mask=want_mask)
+    return res if want_mask else (res, None)
+
+
+def _static_kernel(x2, scales, zeros, bits, symmetric, group_size, want_mask):
+    res = fake_quantize_static_reference(x2, scales, zeros, bits, symmetric, group_size, return_mask=want_mask)
+    return res if want_mask else (res, None)
+
+
+register_kernel("packed_linear", "torch", packed_linear_reference, priority=REFERENCE_PRIORITY)
+register_kernel("fake_quantize_rows", "torch", _rows_kernel, priority=REFERENCE_PRIORITY)
+register_kernel("fake_quantize_static", "torch", _static_kernel, priority=REFERENCE_PRIORITY)

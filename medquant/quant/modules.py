@@ -1,6 +1,6 @@
 """``QuantLinear`` and ``QuantConv2d``: packed integer weights + scales (+ zero points), per-row bit-widths.
 
-Storage (see :mod:`medquant.quant.packing` for the layout), for each bit-width ``b`` present in the layer:
+Storage (see :mod:`medquant.kernels.layout` for the layout), for each bit-width ``b`` present in the layer:
 
 * ``qweight_{b}`` int32 packed codes of the rows with ``b`` bits (1..8), ``scales_{b}``, and ``zeros_{b}`` for
   asymmetric rows;
@@ -9,7 +9,8 @@ Storage (see :mod:`medquant.quant.packing` for the layout), for each bit-width `
 * ``bit_map`` (int8, one entry per output row) only when the layer mixes bit-widths.
 
 Row groups are computed in ascending row order and scattered back, so the output order is the original one.
-``forward`` goes through :func:`medquant.quant.matmul.packed_linear`, the single kernel dispatch point.
+``QuantLinear.forward`` hands each packed row group to :func:`medquant.kernels.packed_linear` as a
+:class:`~medquant.kernels.PackedWeight` (:meth:`packed_weight`); the kernel layer decides which backend runs.
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.layout import container_bits, pack, padded_k, unpack
+from ..kernels import PackedWeight, packed_linear
+from ..kernels.layout import container_bits, pack, padded_k
 from .config import FLOAT_BITS, QuantConfig
-from .core import dequantize_codes, quantize
-from .matmul import packed_linear
+from .core import quantize
 
 _FLOAT_ROW_DTYPE = {16: torch.float16, 32: torch.float32}
 
@@ -83,13 +84,13 @@ class _QuantWeightBase(nn.Module):
                     raise ValueError("weights contain NaN/inf values; quantization needs finite weights")
                 getattr(self, f"fweight_{b}").copy_(sub)
 
-    def _group_params(self, b: int) -> tuple:
+    def packed_weight(self, b: int) -> PackedWeight:
+        """The packed row group of the rows with ``b`` bits (1..8), as stored (no copy)."""
         gs = self.config.group_size if self.config.scope == "group" else padded_k(self.k, b, None)
-        zeros = getattr(self, f"zeros_{b}", None)
-        return (
+        return PackedWeight(
             getattr(self, f"qweight_{b}"),
             getattr(self, f"scales_{b}"),
-            zeros,
+            getattr(self, f"zeros_{b}", None),
             b,
             self.config.is_symmetric(b),
             self.config.scope,
@@ -104,8 +105,7 @@ class _QuantWeightBase(nn.Module):
         parts = []
         for b in self.bit_groups:
             if 1 <= b <= 8:
-                qw, s, z, bits, sym, scope, gs, k = self._group_params(b)
-                parts.append(dequantize_codes(unpack(qw, bits), s, z, bits, sym, scope, gs, k, dtype))
+                parts.append(self.packed_weight(b).dequantize(dtype))
             elif b in FLOAT_BITS:
                 parts.append(getattr(self, f"fweight_{b}").to(dtype))
             else:  # pruned
@@ -119,11 +119,11 @@ class _QuantWeightBase(nn.Module):
         return w
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``x2d (M, k) @ W^T`` -> ``(M, out_rows)`` through the packed dispatch point."""
+        """``x2d (M, k) @ W^T`` -> ``(M, out_rows)``: one :func:`medquant.kernels.packed_linear` per row group."""
         outs = []
         for b in self.bit_groups:
             if 1 <= b <= 8:
-                outs.append(packed_linear(x2d, *self._group_params(b)))
+                outs.append(packed_linear(x2d, self.packed_weight(b)))
             elif b in FLOAT_BITS:
                 outs.append(x2d @ getattr(self, f"fweight_{b}").to(x2d.dtype).t())
             else:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.kernels.kernel_helpers import bit_equal
 
 from medquant.kernels import (
     fake_quantize_rows,
@@ -13,6 +12,7 @@ from medquant.kernels import (
 )
 from medquant.quant import QuantConfig
 from medquant.quant.core import compute_qparams, fake_quantize
+from tests.kernels.kernel_helpers import bit_equal
 
 
 def _rows_input(dtype=torch.float32):
@@ -154,8 +154,12 @@ def test_bad_inputs_are_rejected(kernel_device):
         fake_quantize_rows(x, [1, 4, 4, 4], True, backend="torch")
     with pytest.raises(ValueError, match="one entry per row"):
         fake_quantize_rows(x, [2, 4], False, backend="triton")
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        fake_quantize_rows(x.int(), [2, 4, 4, 4], False)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):  # the kernels take no float64
+        fake_quantize_rows(x.double(), [2, 4, 4, 4], False, backend="triton")
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        fake_quantize_rows(x.double(), [2, 4, 4, 4], False)
+        fake_quantize_static(x.double(), torch.ones(4, 1, device=kernel_device), None, 4, True)
     s = torch.ones(4, 1, device=kernel_device)
     with pytest.raises(ValueError, match="zero points"):
         fake_quantize_static(x, s, None, 4, False, backend="triton")
@@ -163,3 +167,15 @@ def test_bad_inputs_are_rejected(kernel_device):
         fake_quantize_static(x, s, None, 0, True, backend="triton")
     with pytest.raises(ValueError, match="group scales"):
         fake_quantize_static(x, s, None, 4, True, group_size=4, backend="triton")
+
+
+def test_rows_float64_is_quantized_in_float32():
+    """float64 rows (the adaptive quantizer accepts them) take the float32 arithmetic and come back as float64;
+    ``"auto"`` runs the torch reference for them, also where the Triton kernels would run."""
+    x = torch.randn(5, 33, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    bits = [1, 3, 8, 16, 32]
+    y = fake_quantize_rows(x, bits, False)
+    assert y.dtype == torch.float64
+    ref = fake_quantize_rows_reference(x.float(), bits, False).double()
+    assert torch.equal(y[:3], ref[:3])
+    assert torch.equal(y[3:], x[3:])  # passthrough keeps the float64 values, not their float32 rounding

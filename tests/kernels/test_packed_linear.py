@@ -1,18 +1,24 @@
 """Packed weight-only matmul: Triton kernels (interpreted on CPU) against an fp64 oracle built from the codes."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 
 import pytest
 import torch
-from tests.kernels.kernel_helpers import assert_matches_oracle, dequant_fp64
 
-from medquant.kernels import force_backend, packed_linear, select_regime
+from medquant.kernels import (
+    PackedWeight,
+    force_backend,
+    packed_linear,
+    packed_linear_reference,
+    select_regime,
+)
 from medquant.kernels.packed import packed_linear_triton
 from medquant.quant import QuantConfig, pack, quantize, unpack
-from medquant.quant.matmul import packed_linear_reference
 from medquant.quant.modules import QuantLinear
+from tests.kernels.kernel_helpers import assert_matches_oracle, dequant_fp64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SCOPES = [("group", 32), ("group", 64), ("group", 128), ("channel", None), ("tensor", None)]
@@ -26,9 +32,14 @@ def make_case(m, n, k, bits, scope, gs, symmetric, dtype, device, seed=0):
     qw = pack(q.codes, bits)
     x = torch.randn(m, k, generator=g).to(dtype)
     w64 = dequant_fp64(q.codes, q.scales, q.zeros, bits, q.symmetric, scope, q.group_size, k)
-    args = [t.to(device) if isinstance(t, torch.Tensor) else t
-            for t in (x, qw, q.scales, q.zeros, bits, q.symmetric, scope, q.group_size, k)]
-    return args, w64
+    weight = PackedWeight(qw.to(device), q.scales.to(device), None if q.zeros is None else q.zeros.to(device),
+                          bits, q.symmetric, scope, q.group_size, k)
+    return x.to(device), weight, w64
+
+
+def _cpu(weight: PackedWeight) -> PackedWeight:
+    return dataclasses.replace(weight, qweight=weight.qweight.cpu(), scales=weight.scales.cpu(),
+                               zeros=None if weight.zeros is None else weight.zeros.cpu())
 
 
 def _grid():
@@ -58,12 +69,11 @@ GRID = _grid()
                          ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-b{c[3]}-{c[4]}{c[5] or ''}-{'sym' if c[6] else 'asym'}-"
                               f"{str(c[7])[6:]}" for c in GRID])
 def test_kernel_matches_fp64_oracle(kernel_device, m, n, k, bits, scope, gs, symmetric, dtype):
-    args, w64 = make_case(m, n, k, bits, scope, gs, symmetric, dtype, kernel_device)
-    y = packed_linear_triton(*args)
-    assert_matches_oracle(y.cpu(), args[0].cpu(), w64, f"{select_regime(m)}")
+    x, weight, w64 = make_case(m, n, k, bits, scope, gs, symmetric, dtype, kernel_device)
+    y = packed_linear_triton(x, weight)
+    assert_matches_oracle(y.cpu(), x.cpu(), w64, f"{select_regime(m)}")
     # the torch reference (the CPU path) satisfies the same bound
-    assert_matches_oracle(packed_linear_reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args]),
-                          args[0].cpu(), w64, "reference")
+    assert_matches_oracle(packed_linear_reference(x.cpu(), _cpu(weight)), x.cpu(), w64, "reference")
 
 
 def test_grid_covers_every_axis():
@@ -76,9 +86,9 @@ def test_grid_covers_every_axis():
 @pytest.mark.parametrize("regime", ["splitk", "gemm"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_regime_every_dtype(kernel_device, regime, dtype):
-    args, w64 = make_case(5, 33, 200, 4, "group", 64, False, dtype, kernel_device, seed=1)
-    y = packed_linear_triton(*args, regime=regime)
-    assert_matches_oracle(y.cpu(), args[0].cpu(), w64, regime)
+    x, weight, w64 = make_case(5, 33, 200, 4, "group", 64, False, dtype, kernel_device, seed=1)
+    y = packed_linear_triton(x, weight, regime=regime)
+    assert_matches_oracle(y.cpu(), x.cpu(), w64, regime)
 
 
 # small blocks force several K tiles per program, splits that start mid-K, and all three scale modes
@@ -98,50 +108,48 @@ SMALL = {"gemv": {"BLOCK_N": 16, "BLOCK_KW": 4, "SPLIT_K": 2},
 ])
 @pytest.mark.parametrize("regime,m", [("gemv", 1), ("splitk", 7), ("gemm", 20)])
 def test_multi_tile_and_scale_modes(kernel_device, bits, scope, gs, k, symmetric, regime, m):
-    args, w64 = make_case(m, 20, k, bits, scope, gs, symmetric, torch.float32, kernel_device, seed=2)
-    y = packed_linear_triton(*args, regime=regime, config=SMALL[regime])
-    assert_matches_oracle(y.cpu(), args[0].cpu(), w64, f"{regime} {bits}b {scope}{gs} sym={symmetric}")
+    x, weight, w64 = make_case(m, 20, k, bits, scope, gs, symmetric, torch.float32, kernel_device, seed=2)
+    y = packed_linear_triton(x, weight, regime=regime, config=SMALL[regime])
+    assert_matches_oracle(y.cpu(), x.cpu(), w64, f"{regime} {bits}b {scope}{gs} sym={symmetric}")
 
 
 def test_one_bit_and_seven_bit(kernel_device):
     for bits, sym in [(1, True), (1, False), (5, True), (7, False)]:
-        args, w64 = make_case(3, 20, 100, bits, "group", 32, sym, torch.float32, kernel_device, seed=3)
-        assert_matches_oracle(packed_linear_triton(*args).cpu(), args[0].cpu(), w64, f"{bits} bits")
+        x, weight, w64 = make_case(3, 20, 100, bits, "group", 32, sym, torch.float32, kernel_device, seed=3)
+        assert_matches_oracle(packed_linear_triton(x, weight).cpu(), x.cpu(), w64, f"{bits} bits")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("scope,gs", [("channel", None), ("group", 32)])
 def test_negative_control_wrong_scale_is_caught(kernel_device, dtype, scope, gs):
     """One perturbed scale must make the comparison fail: the tolerance is tight enough to see it."""
-    args, w64 = make_case(4, 33, 128, 4, scope, gs, True, dtype, kernel_device, seed=4)
-    y = packed_linear_triton(*args)
-    assert_matches_oracle(y.cpu(), args[0].cpu(), w64, "unperturbed")
-    bad = list(args)
-    s = args[2].clone()
+    x, weight, w64 = make_case(4, 33, 128, 4, scope, gs, True, dtype, kernel_device, seed=4)
+    y = packed_linear_triton(x, weight)
+    assert_matches_oracle(y.cpu(), x.cpu(), w64, "unperturbed")
+    s = weight.scales.clone()
     s[5, 1 if scope == "group" else 0] *= 1.5
-    bad[2] = s
-    y_bad = packed_linear_triton(*bad)
+    y_bad = packed_linear_triton(x, dataclasses.replace(weight, scales=s))
     with pytest.raises(AssertionError, match="max"):
-        assert_matches_oracle(y_bad.cpu(), args[0].cpu(), w64, "perturbed scale")
+        assert_matches_oracle(y_bad.cpu(), x.cpu(), w64, "perturbed scale")
 
 
 def test_custom_op_forced_backends_agree(kernel_device):
-    args, w64 = make_case(3, 33, 200, 4, "group", 32, False, torch.float16, kernel_device, seed=5)
-    y_t = packed_linear(*args, backend="triton")
-    y_r = packed_linear(*args, backend="torch")
-    assert_matches_oracle(y_t.cpu(), args[0].cpu(), w64, "op/triton")
-    assert_matches_oracle(y_r.cpu(), args[0].cpu(), w64, "op/torch")
+    x, weight, w64 = make_case(3, 33, 200, 4, "group", 32, False, torch.float16, kernel_device, seed=5)
+    y_t = packed_linear(x, weight, backend="triton")
+    y_r = packed_linear(x, weight, backend="torch")
+    assert_matches_oracle(y_t.cpu(), x.cpu(), w64, "op/triton")
+    assert_matches_oracle(y_r.cpu(), x.cpu(), w64, "op/torch")
     # N-D activations
-    x3 = args[0].reshape(3, 1, 200)
-    y3 = packed_linear(x3, *args[1:], backend="triton")
+    x3 = x.reshape(3, 1, 200)
+    y3 = packed_linear(x3, weight, backend="triton")
     assert y3.shape == (3, 1, 33)
 
 
 def test_backward_through_the_op(kernel_device):
-    args, w64 = make_case(3, 33, 40, 4, "channel", None, True, torch.float32, kernel_device, seed=6)
-    x = args[0].clone().requires_grad_(True)
+    x, weight, w64 = make_case(3, 33, 40, 4, "channel", None, True, torch.float32, kernel_device, seed=6)
+    x = x.clone().requires_grad_(True)
     with force_backend("triton"):
-        y = torch.ops.medquant.packed_linear(x, *args[1:])
+        y = packed_linear(x, weight)
     g = torch.randn_like(y)
     y.backward(g)
     expected = g.double().cpu() @ w64
@@ -185,29 +193,47 @@ def test_saved_layout_is_consumed_without_repacking(kernel_device):
     q2 = q2.to(kernel_device)
     x = torch.randn(1, 70, device=kernel_device)
     for b in q2.bit_groups:
-        qw, s, z, bits, sym, scope, ge, k = q2._group_params(b)
-        assert qw.dtype == torch.int32 and qw.is_contiguous()
-        w64 = dequant_fp64(unpack(qw.cpu(), bits), s.cpu(), None if z is None else z.cpu(), bits, sym, scope, ge, k)
-        y = packed_linear_triton(x, qw, s, z, bits, sym, scope, ge, k)
+        w = q2.packed_weight(b)
+        assert w.qweight is q2.get_buffer(f"qweight_{b}")  # the stored tensor itself, no copy
+        assert w.qweight.dtype == torch.int32 and w.qweight.is_contiguous()
+        w64 = dequant_fp64(unpack(w.qweight.cpu(), w.bits), w.scales.cpu(), None if w.zeros is None else w.zeros.cpu(),
+                           w.bits, w.symmetric, w.scope, w.group_elems, w.k)
+        y = packed_linear_triton(x, w)
         assert_matches_oracle(y.cpu(), x.cpu(), w64, f"saved {b}-bit rows")
 
 
 def test_bad_inputs_are_rejected(kernel_device):
-    args, _ = make_case(2, 8, 64, 4, "group", 32, False, torch.float32, kernel_device)
-    x, qw, s, z, bits, sym, scope, ge, k = args
+    x, weight, _ = make_case(2, 8, 64, 4, "group", 32, False, torch.float32, kernel_device)
+    qw, s, z, bits, sym, scope, ge, k = (weight.qweight, weight.scales, weight.zeros, weight.bits, weight.symmetric,
+                                         weight.scope, weight.group_elems, weight.k)
     with pytest.raises(ValueError, match="K="):
-        packed_linear_triton(x, qw, s, z, 2, sym, scope, ge, k)  # wrong bits -> K_pad mismatch
+        PackedWeight(qw, s, z, 2, sym, scope, ge, k)  # wrong bits -> K_pad mismatch
     with pytest.raises(ValueError, match="input features"):
-        packed_linear_triton(x[:, :60], qw, s, z, bits, sym, scope, ge, k)
+        packed_linear_triton(x[:, :60], weight)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        packed_linear_triton(x.double(), qw, s, z, bits, sym, scope, ge, k)
+        packed_linear_triton(x.double(), weight)
     with pytest.raises(ValueError, match="out of range"):
-        packed_linear_triton(x, qw, s, z, 9, sym, scope, ge, k)
+        PackedWeight(qw, s, z, 9, sym, scope, ge, k)
     with pytest.raises(ValueError, match="zero points"):
-        packed_linear_triton(x, qw, s, None, bits, False, scope, ge, k)
+        PackedWeight(qw, s, None, bits, False, scope, ge, k)
     with pytest.raises(ValueError, match="scales of shape"):
-        packed_linear_triton(x, qw, s[:, :1], z[:, :1], bits, sym, scope, ge, k)
+        PackedWeight(qw, s[:, :1], z[:, :1], bits, sym, scope, ge, k)
     with pytest.raises(TypeError, match="int32"):
-        packed_linear_triton(x, qw.to(torch.int64), s, z, bits, sym, scope, ge, k)
+        PackedWeight(qw.to(torch.int64), s, z, bits, sym, scope, ge, k)
+    with pytest.raises(ValueError, match="group_elems"):
+        PackedWeight(qw, s, z, bits, sym, scope, 0, k)
     with pytest.raises(ValueError, match="regime"):
-        packed_linear_triton(x, qw, s, z, bits, sym, scope, ge, k, regime="gemv")
+        packed_linear_triton(x, weight, regime="gemv")
+    # the same checks on the torch path, and the public function wants the bundle
+    with pytest.raises(ValueError, match="input features"):
+        packed_linear(x[:, :60], weight, backend="torch")
+    with pytest.raises(TypeError, match="PackedWeight"):
+        packed_linear(x, (qw, s, z, bits, sym, scope, ge, k), backend="torch")
+
+
+def test_packed_weight_dequantize_matches_the_oracle():
+    _x, weight, w64 = make_case(2, 9, 100, 3, "group", 32, False, torch.float32, "cpu", seed=8)
+    assert weight.n == 9 and weight.k == 100 and weight.k_pad == 128
+    assert torch.equal(weight.dequantize(torch.float64), w64)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        weight.bits = 4
