@@ -1,0 +1,214 @@
+"""The one place that decides which backend runs a kernel: a small registry consulted by the custom-op bodies.
+
+Two kinds of entries:
+
+* a **backend** (:func:`register_backend`): a name plus ``unavailable(device) -> str | None``, the reason the
+  backend cannot run on ``device`` at all (``None`` = it can). Built in: ``"torch"`` (the plain-torch references,
+  always available) and ``"triton"`` (needs Triton, and a CUDA device or ``TRITON_INTERPRET=1`` for CPU tensors).
+* a **kernel** (:func:`register_kernel`): one backend's implementation of one op (``"packed_linear"``,
+  ``"fake_quantize_rows"``, ``"fake_quantize_static"``), a predicate ``accepts(*args) -> bool`` on the op's
+  arguments (device, dtype, shape, the :class:`~medquant.kernels.bundle.PackedWeight`) and a priority.
+
+Choice (:func:`select_kernel`), given the op and its arguments (the first argument is the activation/input tensor,
+its device is the device of the call):
+
+1. a backend forced with :func:`force_backend` runs if it implements the op and is available on the device
+   (otherwise ``RuntimeError`` with the backend's reason); its implementation validates the arguments itself;
+2. otherwise (``"auto"``) the kernels of the op are tried by decreasing priority (then registration order), and
+   the first whose backend is available and whose predicate accepts the arguments runs. The torch references
+   accept everything at the lowest priority, so there is always an answer; Triton accepts CUDA tensors of
+   float16 / bfloat16 / float32 (not the interpreter: it is for tests).
+
+Implementations have the op's argument list: ``packed_linear(x, weight: PackedWeight) -> y``,
+``fake_quantize_rows(x2, bits, symmetric, eps, want_mask) -> (out, mask | None)``,
+``fake_quantize_static(x2, scales, zeros, bits, symmetric, group_size | None, want_mask) -> (out, mask | None)``.
+A new fast path (e.g. a CPU int4 matmul through aten's ``_weight_int4pack_mm_for_cpu``) registers a backend and a
+kernel from its own module; the quantized modules and the custom ops do not change.
+
+Nothing here imports Triton at import time: ``TRITON_INTERPRET`` is read by Triton when it is first imported (and
+when a kernel is decorated), so ``import medquant`` must leave the import to the first kernel call.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+OPS = ("packed_linear", "fake_quantize_rows", "fake_quantize_static")
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend: ``unavailable(device)`` is the reason it cannot run there, or ``None`` when it can."""
+
+    name: str
+    unavailable: Callable[[torch.device], str | None]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One backend's implementation of one op, chosen under ``"auto"`` when ``accepts(*args)`` holds."""
+
+    op: str
+    backend: str
+    impl: Callable
+    accepts: Callable[..., bool]
+    priority: int
+
+
+_BACKENDS: dict[str, Backend] = {}
+_KERNELS: dict[str, list[Kernel]] = {op: [] for op in OPS}
+_forced: str | None = None
+
+
+def register_backend(name: str, unavailable: Callable[[torch.device], str | None]) -> None:
+    """Add (or replace) a backend. ``unavailable(device)`` returns why it cannot run on ``device``, or None."""
+    if not isinstance(name, str) or not name or name == AUTO:
+        raise ValueError(f"backend name must be a non-empty string other than {AUTO!r}, got {name!r}")
+    _BACKENDS[name] = Backend(name, unavailable)
+
+
+def register_kernel(op: str, backend: str, impl: Callable, accepts: Callable[..., bool] | None = None,
+                    *, priority: int = 0) -> None:
+    """Add ``backend``'s implementation of ``op`` (replacing a previous one of the same backend).
+
+    ``accepts(*args)`` (default: always) says whether ``"auto"`` may choose it for these arguments; kernels with a
+    higher ``priority`` are tried first.
+    """
+    if op not in _KERNELS:
+        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: register_backend({backend!r}, ...) first")
+    kernels = [k for k in _KERNELS[op] if k.backend != backend]
+    kernels.append(Kernel(op, backend, impl, accepts or (lambda *args: True), int(priority)))
+    kernels.sort(key=lambda k: -k.priority)  # stable: registration order among equal priorities
+    _KERNELS[op] = kernels
+
+
+def backend_names() -> tuple[str, ...]:
+    """Names accepted by :func:`force_backend` and the ``backend=`` arguments: ``"auto"`` and every backend."""
+    return (AUTO, *_BACKENDS)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in backend_names():
+        raise ValueError(f"backend={backend!r} is not supported; accepted: {', '.join(backend_names())}")
+    return backend
+
+
+@contextlib.contextmanager
+def force_backend(backend: str) -> Iterator[None]:
+    """Force the body of every medquant custom op to use ``backend`` (e.g. "triton" or "torch") in this block.
+
+    Meant for tests and benchmarks in eager mode (e.g. running the real kernels on CPU tensors under
+    ``TRITON_INTERPRET=1``); ``"auto"`` restores the default choice (see the module docstring).
+    """
+    global _forced
+    check_backend(backend)
+    prev = _forced
+    _forced = None if backend == AUTO else backend
+    try:
+        yield
+    finally:
+        _forced = prev
+
+
+def forced_backend() -> str | None:
+    """The backend forced by the innermost :func:`force_backend` block, or None."""
+    return _forced
+
+
+def select_kernel(op: str, *args) -> Kernel:
+    """The kernel that runs ``op`` on these arguments now (rules in the module docstring)."""
+    device = args[0].device
+    if _forced is not None:
+        for kern in _KERNELS[op]:
+            if kern.backend == _forced:
+                reason = _BACKENDS[_forced].unavailable(device)
+                if reason is not None:
+                    raise RuntimeError(reason)
+                return kern
+        raise RuntimeError(f"backend {_forced!r} has no {op} kernel")
+    for kern in _KERNELS[op]:
+        if _BACKENDS[kern.backend].unavailable(device) is None and kern.accepts(*args):
+            return kern
+    raise RuntimeError(f"no registered backend runs {op} for these arguments (device {device})")
+
+
+def run(op: str, *args):
+    """Run ``op`` with the kernel :func:`select_kernel` chooses."""
+    return select_kernel(op, *args).impl(*args)
+
+
+# ------------------------------------------------------------------------------------------- Triton
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older Triton: the env var is the switch
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001  (a broken install must not break medquant: fall back to torch)
+        return False
+    return True
+
+
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels can run on ``device`` (default: CUDA if present, else the interpreter).
+
+    CUDA tensors need Triton and a CUDA device; CPU tensors need Triton in interpreter mode
+    (``TRITON_INTERPRET=1`` set before Triton was first imported).
+    """
+    if not _triton_importable():
+        return False
+    if device is None:
+        return torch.cuda.is_available() or interpreting()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available()
+    if dev.type == "cpu":
+        return interpreting()
+    return False
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    if triton_available(device):
+        return None
+    if device.type == "cpu":
+        return ("the Triton kernels need a CUDA device; to run them on CPU tensors set TRITON_INTERPRET=1 "
+                "before triton is first imported")
+    return f"Triton kernels are not available for device {device} (is triton installed?)"
+
+
+#: activation dtypes the Triton kernels take
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def on_cuda_triton_dtype(x: torch.Tensor, *rest) -> bool:
+    """The ``accepts`` predicate of the Triton kernels: CUDA tensors of float16 / bfloat16 / float32.
+
+    ``"auto"`` never picks the interpreter for CPU tensors; :func:`force_backend` does.
+    """
+    return x.device.type == "cuda" and x.dtype in TRITON_DTYPES
+
+
+register_backend("torch", lambda device: None)
+register_backend("triton", _triton_unavailable)
