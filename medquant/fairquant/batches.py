@@ -17,8 +17,7 @@ Outputs with a ``.logits`` attribute (Hugging Face) or tuples (first element) ar
 """
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -123,16 +122,3 @@ def fairness_penalty(losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor
         return losses.sum() * 0
     stacked = torch.stack(lg)
     return stacked.max() - stacked.min()
-
-
-def epoch_batches(batches: Iterable[Any], *, epoch: int, epochs: int, step: int, max_steps: int | None,
-                  progress: bool, label: str) -> Iterable[Any]:
-    """One epoch over ``batches``: cut so that at most ``max_steps`` steps are taken in all, with a tqdm bar."""
-    it: Iterable[Any] = batches
-    if max_steps is not None:
-        it = itertools.islice(batches, max(0, max_steps - step))
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"{label} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
-    return it

@@ -1,4 +1,5 @@
-"""BAQWrapper: the task loss reaches the bit logits (SPEC 4 warning), lambda_bit lowers bits, export is exact."""
+"""BAQWrapper: the task loss reaches the bit logits (theta.grad != 0 with lambda_bit = 0, its sign agreeing with
+the finite difference L(b+1) - L(b)), lambda_bit lowers bits, export is exact."""
 import pytest
 import torch
 import torch.nn.functional as F
