@@ -105,7 +105,9 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
     res = CompressResult(model)
     teacher = copy.deepcopy(model).eval() if train is not None and train.mode == "distil" else None
     if prune is not None:
-        heads, ffn, drop = prune.head_ratio, prune.ffn_ratio, []
+        heads: float | dict[str, float] = prune.head_ratio
+        ffn: float | dict[str, float] = prune.ffn_ratio
+        drop: list[str] = []
         if prune.layer_select or prune.drop_blocks:
             if calib is None:
                 raise ValueError("layer selection needs calibration data (calib=...)")

@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ def _weight_bits(m: nn.Module) -> float:
     """Mean nominal bits per weight of a Linear / Conv2d (quantized: row bits; float: dtype width)."""
     if isinstance(m, QUANT_MODULES):
         return float(m.row_bits().float().mean())
-    w = m.weight  # a parametrized (fake-quant) layer still reports its float dtype here
+    w = cast(torch.Tensor, m.weight)  # a parametrized (fake-quant) layer still reports its float dtype here
     return float(w.element_size() * 8)
 
 

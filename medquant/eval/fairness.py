@@ -170,7 +170,10 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
     avg = float(np.mean(list(acc.values())))
     worst = float(min(acc.values()))
     classes, t1, p1 = _ovr_columns(yt, yp, task, n_classes)
-    tpr, tnr, fpr, pos = {}, {}, {}, {}
+    tpr: dict[Any, dict[Any, float]] = {}
+    tnr: dict[Any, dict[Any, float]] = {}
+    fpr: dict[Any, dict[Any, float]] = {}
+    pos: dict[Any, dict[Any, Any]] = {}
     tpr_gap, tnr_gap, fpr_gap = {}, {}, {}
     for j, c in enumerate(classes):
         tpr[c], tnr[c], fpr[c], pos[c] = {}, {}, {}, {}

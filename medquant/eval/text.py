@@ -28,6 +28,7 @@ import importlib.util
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "TextMetrics",
@@ -126,7 +127,7 @@ def minilm_path() -> Path:
     return path
 
 
-_SCORERS: dict[tuple[str, int], object] = {}
+_SCORERS: dict[tuple[str, int], Any] = {}
 
 
 def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike | None = None,

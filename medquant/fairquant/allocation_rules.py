@@ -97,6 +97,7 @@ def allocate_by_rank(scores: dict[str, torch.Tensor], bits: Sequence[int], props
                      ) -> dict[str, tuple[int, ...]]:
     """Rank rule (module docstring): ``{layer: bits per scope}``."""
     pal, pr = check_palette(bits, props)
+    assert pr is not None  # proportions were given
     flat, spans = _flatten(scores)
     n = flat.numel()
     order = torch.argsort(flat, stable=True).tolist()

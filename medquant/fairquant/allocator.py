@@ -141,6 +141,7 @@ class FairQuantAllocator:
             self.bit_map_ = allocate_to_budget(self.scores_, self.scope_size_, self.bits, self.target_bits,
                                                self.tolerance)
         else:
+            assert self.proportions is not None  # rank mode (checked in __init__)
             self.bit_map_ = allocate_by_rank(self.scores_, self.bits, self.proportions)
         self.average_bits_ = bit_map_average_bits(self.bit_map_, self.scope_size_)
         return self
@@ -200,7 +201,7 @@ class FairQuantAllocator:
     def state(self) -> dict[str, Any]:
         """JSON-serialisable settings and allocation (for ``medquant.save(..., extras=...)``)."""
         self._check_fitted()
-        st = {
+        st: dict[str, Any] = {
             "bits": list(self.bits), "proportions": None if self.proportions is None else list(self.proportions),
             "target_bits": self.target_bits, "metric": self.metric, "reducer": self.reducer, "scope": self.scope,
             "cvar_alpha": self.cvar_alpha, "average_bits": self.average_bits_,
