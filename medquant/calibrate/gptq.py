@@ -1,0 +1,727 @@
+"""GPTQ: post-training weight quantization that corrects each layer's rounding error with its input statistics.
+
+GPTQ (Frantar, Ashkboos, Hoefler, Alistarh: "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", 2022) quantizes a layer's weight ``W`` ``(N, K)`` column by column and spreads the
+error of each column over the columns not yet quantized, minimising ``||X W^T - X W^^T||^2`` on calibration
+inputs ``X`` ``(n, K)``. Per layer:
+
+    H = 2 X^T X / n                                   (X: the layer's inputs, flattened over all leading dims)
+    dead inputs (H_jj = 0):  H_jj = 1, W[:, j] = 0
+    H <- H + lambda I,   lambda = damp * mean(diag H)            (damp = 0.01 by default)
+    U = upper Cholesky factor of H^-1                   (H^-1 = U^T U)
+    for each column j in order:
+        q_j = Q(w_j)                                    (the layer's quantizer, column j's scale group)
+        e_j = (w_j - q_j) / U_jj
+        w_k <- w_k - e_j U_jk       for every later column k
+
+The update is applied lazily: inside a block of ``block_size`` columns immediately, to the columns after the block
+once per block (``W[:, after] -= E U[block, after]``), which gives the same result in far fewer operations.
+
+Quantizer ``Q`` (the formulas of :func:`medquant.quant.core.compute_qparams` / :func:`~medquant.quant.core.quantize`,
+so the codes, scales and zero points go into an ordinary :class:`~medquant.QuantLinear` and the packed layout is
+unchanged): for group scope, the scale (and zero point) of each group of ``group_size`` input elements is computed
+from the group's *current* (already error-updated) weights when its first column is reached (static groups: column
+``j`` always belongs to group ``j // group_size``); channel and tensor scope compute their scales from the weights
+(dead columns zeroed) before the loop. Rows are independent in GPTQ (``H`` is shared, the update acts within a
+row), so a layer with per-row bit-widths (``channel_bits``) quantizes each row group with its own bit-width and
+scheme; rows kept in float (16/32 bits) are copied, pruned rows (0 bits) store nothing.
+
+Activation order (``act_order=True``): the columns are processed in the order of decreasing ``H_jj`` (the inputs
+with the most energy first); each column keeps its original scale group, whose parameters are computed when the
+first of its columns is reached; the result is permuted back, so the saved layout is the same as without it.
+
+Convolutions: ``X`` is the im2col matrix of the layer's input (``F.unfold`` with the layer's kernel, stride,
+padding and dilation, one row per output position), whose column order ``(c, kh, kw)`` matches the weight viewed
+as ``(O, I/groups * kh * kw)``; a grouped or depthwise convolution has one Hessian per group of input channels,
+used for the output rows of that group.
+
+A Hessian that is not positive definite after dampening is retried with ten times the dampening (up to
+``10^3 x damp``), then refused with an error naming the layer.
+
+:func:`gptq_quantize_` runs the model on the calibration batches once per stage - a transformer block (the blocks
+of :func:`medquant.models.block_stacks`), or a single layer outside the blocks - in forward order, so each stage's
+Hessians are captured with the earlier stages already quantized (the usual GPTQ order); inside a stage the layers
+see the float block. :func:`gptq_quantize_sequential` does the same block by block through
+:func:`medquant.calibrate.quantize_sequential` (one float block on the compute device at a time).
+
+Each quantized layer records its calibration settings in a ``calibration`` attribute (method ``"gptq"``, calibration
+batches and input rows, dampening requested and used, block size, activation order, seed);
+:func:`calibration_records` collects them for :func:`medquant.save`'s ``extras``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..kernels.layout import pack, padded_k
+from ..models.blocks import block_stacks
+from ..models.runner import run_model
+from ..quant.api import resolve_configs, swap_module
+from ..quant.config import FLOAT_BITS, QuantConfig
+from ..quant.core import QTensor, compute_qparams
+from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from .sequential import BlockInputs, quantize_sequential
+
+__all__ = [
+    "GPTQ_MAX_DAMP_TRIES",
+    "HessianAccumulator",
+    "calibration_records",
+    "conv_patches",
+    "gptq_quantize_",
+    "gptq_quantize_layer",
+    "gptq_quantize_sequential",
+    "gptq_quantize_weight",
+]
+
+GPTQ_MAX_DAMP_TRIES = 4  # dampening damp, 10 damp, 100 damp, 1000 damp, then an error
+
+
+# ---------------------------------------------------------------------------------------------- Hessians
+def _same_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding of ``padding='same'`` (the extra element goes right/bottom)."""
+    out = []
+    for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+        total = d * (k - 1)
+        out += [total // 2, total - total // 2]
+    return tuple(out)
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The im2col rows of ``conv``'s input ``x`` ``(B, C, H, W)``: ``(groups, B * L, C/groups * kh * kw)``.
+
+    Row ``b * L + l`` of group ``g`` holds the input patch that output position ``l`` of sample ``b`` multiplies
+    with the weights of group ``g``, in the order ``(c, kh, kw)`` of ``weight[o].flatten()``.
+    """
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"GPTQ supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+    if isinstance(conv.padding, str):
+        if conv.padding == "same":
+            x = F.pad(x, _same_padding(conv))
+        pad: tuple[int, int] = (0, 0)
+    else:
+        pad = tuple(conv.padding)
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=pad, stride=conv.stride)  # (B, C*k*k, L)
+    b, ck, length = cols.shape
+    g = conv.groups
+    return cols.view(b, g, ck // g, length).permute(1, 0, 3, 2).reshape(g, b * length, ck // g)
+
+
+class HessianAccumulator:
+    """Accumulates ``S = sum_i x_i x_i^T`` over a layer's input rows (float64) and gives ``H = 2 S / n``.
+
+    A Linear's rows are its inputs flattened over all leading dims; a Conv2d's are its im2col patches
+    (:func:`conv_patches`), one ``S`` per group of input channels. ``add`` checks the input (shape, finite
+    values) and raises ``ValueError`` naming the layer.
+    """
+
+    def __init__(self, module: nn.Module, name: str = "") -> None:
+        if isinstance(module, nn.Conv2d):
+            self.groups = module.groups
+            self.k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, nn.Linear):
+            self.groups, self.k = 1, module.in_features
+        else:
+            raise TypeError(f"{name or type(module).__name__}: GPTQ quantizes nn.Linear and nn.Conv2d, got "
+                            f"{type(module).__name__}")
+        self.module = module
+        self.name = name or type(module).__name__
+        self.sum: torch.Tensor | None = None
+        self.rows = 0
+        self.calls = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        m = self.module
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(f"layer {self.name}: GPTQ expects a floating-point input tensor, got "
+                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+        if isinstance(m, nn.Conv2d):
+            if x.dim() == 3:
+                x = x.unsqueeze(0)
+            if x.dim() != 4 or x.shape[1] != m.in_channels:
+                raise ValueError(f"layer {self.name}: calibration input has shape {tuple(x.shape)}, the "
+                                 f"convolution expects (batch, {m.in_channels}, height, width)")
+        elif x.dim() == 0 or x.shape[-1] != self.k:
+            raise ValueError(f"layer {self.name}: calibration input has shape {tuple(x.shape)}, the layer expects "
+                             f"{self.k} features in the last dimension")
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"layer {self.name}: calibration input holds {bad} NaN/inf values (call {self.calls})")
+        if self.sum is None:
+            self.sum = torch.zeros(self.groups, self.k, self.k, dtype=torch.float64, device=x.device)
+        if isinstance(m, nn.Conv2d):
+            # bounded im2col chunks: at most ~2^25 patch elements at a time
+            per_sample = max(1, x[:1].numel() * m.kernel_size[0] * m.kernel_size[1] // max(1, m.stride[0] ** 2))
+            step = max(1, (1 << 25) // per_sample)
+            for i in range(0, x.shape[0], step):
+                p = conv_patches(m, x[i:i + step].float())
+                self.sum += torch.bmm(p.transpose(1, 2), p).double()
+                self.rows += p.shape[1]
+        else:
+            x2 = x.detach().reshape(-1, self.k).float()
+            self.sum[0] += (x2.T @ x2).double()
+            self.rows += x2.shape[0]
+        self.calls += 1
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2 S / n`` as ``(groups, K, K)`` float64 (``groups`` = 1 for a Linear)."""
+        if self.sum is None or self.rows == 0:
+            raise ValueError(f"layer {self.name} received no calibration inputs: the model's forward did not call "
+                             "it on the calibration batches (skip it, or give batches that reach it)")
+        return 2.0 * self.sum / self.rows
+
+
+# ---------------------------------------------------------------------------------------------- one weight matrix
+def _inverse_factor(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (float64) and the dampening used."""
+    mean_diag = float(torch.diagonal(h).mean())
+    if not math.isfinite(mean_diag):
+        raise ValueError(f"layer {name}: the Hessian holds NaN/inf values (calibration inputs too large?)")
+    d = damp
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for _ in range(GPTQ_MAX_DAMP_TRIES):
+        hd = h + (d * mean_diag) * eye
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0 and torch.isfinite(u).all():
+                return u, d
+        d *= 10.0
+    raise ValueError(f"layer {name}: the Hessian is not positive definite even with dampening "
+                     f"{d / 10:g} x mean(diag H) = {d / 10 * mean_diag:.3g} added to its diagonal "
+                     f"({GPTQ_MAX_DAMP_TRIES} tries from damp={damp:g}); the calibration inputs are degenerate")
+
+
+def _params(w: torch.Tensor, bits: int, sym: bool, scope: str, cfg: QuantConfig) -> tuple[torch.Tensor, ...]:
+    """``compute_qparams`` of ``w`` as float32 ``(scale, zero)`` (zero 0 when symmetric)."""
+    s, z, _ = compute_qparams(w.float(), bits, sym, scope, cfg.group_size, cfg.torch_scale_dtype)
+    s = s.float()
+    return s, (z.float() if z is not None else torch.zeros_like(s))
+
+
+def _quantize_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, sym: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``u`` and dequantized values ``(u - z) * s`` of one column (``quantize``'s formulas)."""
+    s = s.to(w.dtype)
+    if sym and bits == 1:
+        u = (w >= 0).to(w.dtype)
+        return u, (2 * u - 1) * s
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        v = torch.clamp(torch.round(w / s), -qmax, qmax)
+        return v + 2 ** (bits - 1), v * s
+    z = z.to(w.dtype)
+    u = torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1)
+    return u, (u - z) * s
+
+
+def _gptq_rows(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor | None, cfg: QuantConfig, bits: int,
+               fixed: tuple[torch.Tensor, torch.Tensor] | None, block_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The GPTQ loop on rows ``w`` ``(n, K)`` (working dtype, dead columns zeroed, columns in processing order).
+
+    ``u``: upper Cholesky factor of the dampened inverse Hessian in processing order; ``perm[j]``: original column
+    of processed column ``j`` (``None``: identity); ``fixed``: channel/tensor scope parameters computed before the
+    loop. Returns codes ``(n, K)`` uint8 in *original* column order, scales and zero points per original group
+    ``(n, n_groups)`` float32 (group scope; for other scopes ``fixed`` is returned), and the GPTQ objective
+    ``sum_j ||e_j||^2 / 2``.
+    """
+    n, k = w.shape
+    sym = cfg.is_symmetric(bits)
+    group = cfg.scope == "group"
+    gs = cfg.group_size
+    n_groups = -(-k // gs)
+    if group:
+        scales = torch.zeros(n, n_groups, dtype=torch.float32, device=w.device)
+        zeros = torch.zeros_like(scales)
+        done = [False] * n_groups
+        inv = torch.empty(k, dtype=torch.long, device=w.device)
+        order = perm if perm is not None else torch.arange(k, device=w.device)
+        inv[order] = torch.arange(k, device=w.device)
+        orig = order.tolist()
+    else:
+        s_fix, z_fix = fixed
+        s_fix = s_fix.expand(n, 1)[:, 0]
+        z_fix = z_fix.expand(n, 1)[:, 0]
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    u = u.to(w.dtype)
+    w = w.clone()
+    loss = 0.0
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err = torch.zeros_like(w1)
+        for t in range(i2 - i1):
+            j = i1 + t
+            if group:
+                g = orig[j] // gs
+                if not done[g]:
+                    pos = inv[g * gs:min((g + 1) * gs, k)]  # processing positions of the group's columns (>= j)
+                    inside = pos < i2
+                    cur = torch.empty(n, pos.numel(), dtype=w.dtype, device=w.device)
+                    cur[:, inside] = w1[:, pos[inside] - i1]
+                    if not bool(inside.all()):
+                        out = pos[~inside]  # after the block: add the block's pending update
+                        cur[:, ~inside] = w[:, out] - err[:, :t] @ u[i1:j][:, out]
+                    scales[:, g], zeros[:, g] = (p[:, 0] for p in _params(cur, bits, sym, "channel", cfg))
+                    done[g] = True
+                s, z = scales[:, g], zeros[:, g]
+            else:
+                s, z = s_fix, z_fix
+            col = w1[:, t]
+            code, q = _quantize_column(col, s, z, bits, sym)
+            codes[:, j] = code.to(torch.uint8)
+            e = (col - q) / u[j, j]
+            loss += float(e.pow(2).sum()) / 2
+            w1[:, t:] -= e[:, None] * u[j, j:i2][None, :]
+            err[:, t] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    if perm is not None:
+        out_codes = torch.empty_like(codes)
+        out_codes[:, perm] = codes
+        codes = out_codes
+    if group:
+        return codes, scales, zeros, loss
+    return codes, fixed[0], fixed[1], loss
+
+
+@dataclass
+class _Prepared:
+    """A Hessian made ready for the loop: factor ``U`` in processing order, the order, dead columns, damp."""
+
+    u: torch.Tensor
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+    damp: float
+
+
+def _prepare(h: torch.Tensor, damp: float, act_order: bool, name: str) -> _Prepared:
+    if h.dim() != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"layer {name}: the Hessian must be a square (K, K) matrix, got {tuple(h.shape)}")
+    if not damp >= 0 or not math.isfinite(damp):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    h = h.double().clone()
+    if not torch.isfinite(h).all():
+        raise ValueError(f"layer {name}: the Hessian holds NaN/inf values (calibration inputs too large?)")
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = None
+    if act_order:
+        perm = torch.argsort(diag, descending=True, stable=True)
+        h = h[perm][:, perm]
+    u, used = _inverse_factor(h, damp, name)
+    return _Prepared(u, perm, dead, used)
+
+
+def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, *, bits: int | None = None,
+                         damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                         dtype: torch.dtype = torch.float32, name: str = "weight") -> tuple[QTensor, dict[str, Any]]:
+    """GPTQ of one weight matrix ``w`` ``(N, K)`` whose rows all have ``bits`` bits (default ``config.bits``,
+    1..8), with the Hessian ``h`` ``(K, K)`` (``2 X^T X / n``, before dampening).
+
+    ``dtype`` is the working precision of the weights and of ``U`` (float32 by default; the Hessian, its
+    dampening and its factorisation are float64). Returns the :class:`~medquant.quant.core.QTensor` (codes,
+    scales, zeros, padded as :func:`medquant.quant.core.quantize` pads them) and ``{"damp", "dead", "loss"}``:
+    the dampening used, the number of dead inputs and the GPTQ objective ``sum_j ||e_j||^2 / 2``.
+    """
+    b = config.bits if bits is None else bits
+    if not 1 <= b <= 8:
+        raise ValueError(f"gptq_quantize_weight needs 1..8 bits, got {b}")
+    if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"layer {name}: weight {tuple(w.shape)} and Hessian {tuple(h.shape)} do not match "
+                         "(expected (N, K) and (K, K))")
+    prep = _prepare(h.to(w.device), damp, act_order, name)
+    q, loss = _quantize_rows(w, prep, config, b, None, block_size, dtype, name)
+    return q, {"damp": prep.damp, "dead": int(prep.dead.sum()), "loss": loss}
+
+
+def _quantize_rows(w: torch.Tensor, prep: _Prepared, cfg: QuantConfig, bits: int,
+                   tensor_params: tuple[torch.Tensor, torch.Tensor] | None, block_size: int, dtype: torch.dtype,
+                   name: str) -> tuple[QTensor, float]:
+    if not torch.isfinite(w).all():
+        raise ValueError(f"layer {name}: weights contain NaN/inf values; quantization needs finite weights")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    sym = cfg.is_symmetric(bits)
+    n, k = w.shape
+    wd = w.detach().to(dtype).clone()
+    wd[:, prep.dead] = 0
+    fixed = None
+    if cfg.scope == "channel":
+        fixed = _params(wd, bits, sym, "channel", cfg)
+    elif cfg.scope == "tensor":
+        fixed = tensor_params if tensor_params is not None else _params(wd, bits, sym, "tensor", cfg)
+    if prep.perm is not None:
+        wd = wd[:, prep.perm]
+    codes, s, z, loss = _gptq_rows(wd, prep.u, prep.perm, cfg, bits, fixed, block_size)
+    # the layout: K padded, padded codes 0, padded groups with the parameters quantize gives an all-zero group
+    gs = cfg.group_size if cfg.scope == "group" else None
+    kp = padded_k(k, bits, gs)
+    codes = F.pad(codes, (0, kp - k))
+    sd = cfg.torch_scale_dtype
+    if cfg.scope == "group":
+        s_full, z_full, elems = compute_qparams(torch.zeros(n, k, device=w.device), bits, sym, "group",
+                                                cfg.group_size, sd)
+        s_full = s_full.clone()
+        s_full[:, :s.shape[1]] = s.to(sd)
+        if z_full is not None:
+            z_full = z_full.clone()
+            z_full[:, :z.shape[1]] = z.to(sd)
+    else:
+        s_full, z_full = s.to(sd), (z.to(sd) if not sym else None)
+        elems = kp
+    return QTensor(codes, s_full, z_full, bits, sym, cfg.scope, elems, k), loss
+
+
+def gptq_quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, *, damp: float = 0.01,
+                        block_size: int = 128, act_order: bool = False, name: str | None = None,
+                        dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The GPTQ-quantized :class:`~medquant.QuantLinear` / :class:`~medquant.QuantConv2d` of a float layer.
+
+    ``hessian``: ``(K, K)`` or ``(groups, K, K)`` (one per group of input channels of a grouped convolution), as
+    :meth:`HessianAccumulator.hessian` gives it. Row groups of ``config.row_bits`` with 1..8 bits are quantized by
+    GPTQ at their own bit-width; 16/32-bit rows are stored in float, 0-bit rows are pruned. The layer's
+    ``calibration`` attribute receives ``{"method": "gptq", "damp": requested, "damp_used": the largest used,
+    "block_size", "act_order", "dead_inputs", "loss"}``.
+    """
+    name = name or type(module).__name__
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"layer {name}: config must be a QuantConfig, got {type(config).__name__}")
+    try:
+        return _gptq_layer(module, hessian, config, damp, block_size, act_order, name, dtype)
+    except ValueError as e:
+        if str(e).startswith("layer "):
+            raise
+        raise ValueError(f"layer {name}: {e}") from None
+
+
+def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, damp: float, block_size: int,
+                act_order: bool, name: str, dtype: torch.dtype) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise ValueError(f"layer {name}: GPTQ supports padding_mode='zeros' only, got {module.padding_mode!r}")
+        groups, n_out = module.groups, module.out_channels
+        w2 = module.weight.detach().reshape(n_out, -1)
+        q = QuantConv2d(module.in_channels, n_out, module.kernel_size, module.stride, module.padding,
+                        module.dilation, groups, module.bias is not None, config, module.weight.device,
+                        module.weight.dtype)
+    elif isinstance(module, nn.Linear):
+        groups, n_out = 1, module.out_features
+        w2 = module.weight.detach()
+        q = QuantLinear(module.in_features, n_out, module.bias is not None, config, module.weight.device,
+                        module.weight.dtype)
+    else:
+        raise TypeError(f"layer {name}: GPTQ quantizes nn.Linear and nn.Conv2d, got {type(module).__name__}")
+    k = w2.shape[1]
+    h = hessian if hessian.dim() == 3 else hessian.unsqueeze(0)
+    if tuple(h.shape) != (groups, k, k):
+        raise ValueError(f"layer {name}: Hessian of shape {tuple(hessian.shape)}, expected {(groups, k, k)}")
+    preps = [_prepare(h[g].to(w2.device), damp, act_order, f"{name} (group {g})" if groups > 1 else name)
+             for g in range(groups)]
+    row_bits = config.row_bits(n_out).to(w2.device)
+    conv_group = torch.arange(n_out, device=w2.device) // (n_out // groups)
+    loss = 0.0
+    with torch.no_grad():
+        for b in sorted(int(x) for x in torch.unique(row_bits).tolist()):
+            rows = torch.nonzero(row_bits == b).flatten()
+            if b in FLOAT_BITS:
+                q.get_buffer(f"fweight_{b}").copy_(w2[rows])
+                continue
+            if not 1 <= b <= 8:
+                continue  # pruned rows store nothing
+            sub = w2[rows]
+            sym = config.is_symmetric(b)
+            tensor_params = None
+            if config.scope == "tensor":  # one scale for all rows of this bit-width, dead columns zeroed per group
+                wz = sub.float().clone()
+                for g in range(groups):
+                    sel = conv_group[rows] == g
+                    wz[sel] = wz[sel] * (~preps[g].dead).float()
+                tensor_params = _params(wz, b, sym, "tensor", config)
+            parts = []
+            for g in range(groups):
+                sel = torch.nonzero(conv_group[rows] == g).flatten()
+                if sel.numel() == 0:
+                    continue
+                qt, lg = _quantize_rows(sub[sel], preps[g], config, b, tensor_params, block_size, dtype, name)
+                loss += lg
+                parts.append((sel, qt))
+            codes = torch.cat([p[1].codes for p in parts])
+            order = torch.cat([p[0] for p in parts])
+            back = torch.empty_like(order)
+            back[order] = torch.arange(order.numel(), device=order.device)
+            q.get_buffer(f"qweight_{b}").copy_(pack(codes[back], b))
+            if config.scope == "tensor":
+                q.get_buffer(f"scales_{b}").copy_(parts[0][1].scales)
+                if not sym:
+                    q.get_buffer(f"zeros_{b}").copy_(parts[0][1].zeros)
+            else:
+                q.get_buffer(f"scales_{b}").copy_(torch.cat([p[1].scales for p in parts])[back])
+                if not sym:
+                    q.get_buffer(f"zeros_{b}").copy_(torch.cat([p[1].zeros for p in parts])[back])
+        if module.bias is not None:
+            q.bias.copy_(module.bias.detach())
+    q.train(module.training)
+    q.calibration = {"method": "gptq", "damp": damp, "damp_used": max(p.damp for p in preps),
+                     "block_size": block_size, "act_order": act_order,
+                     "dead_inputs": int(sum(int(p.dead.sum()) for p in preps)), "loss": loss}
+    return q
+
+
+# ---------------------------------------------------------------------------------------------- whole model
+class _Stop(Exception):
+    pass
+
+
+def _check_args(damp: float, block_size: int, max_samples: int | None) -> None:
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0 or not math.isfinite(damp):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+
+
+def _select(batches: list, max_samples: int | None, seed: int) -> list:
+    """``max_samples`` of the batches drawn without replacement by a generator seeded ``seed``, in their order."""
+    if max_samples is None or len(batches) <= max_samples:
+        return batches
+    idx = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))[:max_samples]
+    return [batches[i] for i in sorted(idx.tolist())]
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[list[str], dict[str, int]]:
+    """Planned layers in the order the first calibration batch calls them, and their call counts."""
+    order: list[str] = []
+    counts = dict.fromkeys(names, 0)
+    handles = []
+
+    def make(n: str):
+        def hook(mod, args, kwargs):
+            if counts[n] == 0:
+                order.append(n)
+            counts[n] += 1
+        return hook
+
+    try:
+        for n in names:
+            handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
+        run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in names if counts[n] == 0], counts
+
+
+def _stages(model: nn.Module, ordered: Sequence[str]) -> list[list[str]]:
+    """Consecutive stages: the planned layers of one transformer block together, any other layer alone."""
+    blocks = [b for stack in block_stacks(model) for b in stack]
+    stages: dict[str, list[str]] = {}
+    for n in ordered:
+        key = next((b for b in blocks if n.startswith(b + ".")), n)
+        stages.setdefault(key, []).append(n)
+    return list(stages.values())
+
+
+def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], early_stop: bool
+             ) -> dict[str, HessianAccumulator]:
+    accs = {n: HessianAccumulator(model.get_submodule(n), n) for n in stage}
+    seen: set[str] = set()
+    handles = []
+
+    def make(n: str):
+        def hook(mod, args, kwargs):
+            accs[n].add(_input_of(args, kwargs).detach())
+            seen.add(n)
+            if early_stop and len(seen) == len(accs):
+                raise _Stop
+        return hook
+
+    try:
+        for n in stage:
+            handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
+        for batch in batches:
+            seen.clear()
+            try:
+                run_model(model, batch)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def calibration_records(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Module name -> the ``calibration`` record of every quantized layer that has one (JSON-serialisable).
+
+    Save them with the checkpoint: ``medquant.save(model, path, extras={"calibration": calibration_records(model)})``
+    (``medquant.load_extras(path)["calibration"]`` reads them back); the layer recipes themselves are unchanged.
+    """
+    return {n: dict(m.calibration) for n, m in model.named_modules()
+            if isinstance(m, QUANT_MODULES) and isinstance(getattr(m, "calibration", None), dict)}
+
+
+@torch.no_grad()
+def gptq_quantize_(
+    model: nn.Module,
+    config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
+    calib: Iterable[Any],
+    *,
+    skip: Iterable[str] | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    max_samples: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Quantize ``model``'s Linear / Conv2d layers in place with GPTQ (see the module docstring).
+
+    Args:
+        model: a float model (Hugging Face or plain ``nn.Module``); it is run in eval mode.
+        config_or_map, skip: which layers get which :class:`~medquant.QuantConfig`, exactly as
+            :func:`medquant.quantize_` (patterns, roles such as ``"@head"``, ``ConfigMap``).
+        calib: calibration batches, each run as :func:`medquant.models.run_model` runs it (a dict of keyword
+            inputs, a tuple of positional inputs or one tensor), already on the model's device.
+        damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 up to 3 times if ``H`` stays singular).
+        block_size: columns per lazy update block.
+        act_order: process columns by decreasing ``H_jj`` (scale groups and layout unchanged).
+        max_samples: use at most this many calibration batches, drawn with ``seed`` (default: all).
+        seed: seed of that draw; GPTQ itself is deterministic.
+        progress: tqdm bar over stages.
+
+    Returns:
+        :func:`calibration_records` of the quantized layers: method ``"gptq"``, ``samples`` (calibration batches),
+        ``rows`` (Hessian input rows), ``damp`` / ``damp_used``, ``block_size``, ``act_order``, ``seed``,
+        ``dead_inputs`` and the GPTQ objective ``loss``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gptq_quantize_ expects an nn.Module, got {type(model).__name__}")
+    _check_args(damp, block_size, max_samples)
+    plan = resolve_configs(model, config_or_map, skip=skip)
+    if not plan:
+        return {}
+    batches = _select(list(calib), max_samples, seed)
+    if not batches:
+        names = list(plan)
+        raise ValueError(f"GPTQ needs calibration data: the calibration set is empty (layers to quantize: "
+                         f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    for n in plan:
+        m = model.get_submodule(n)
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            raise ValueError(f"layer {n}: GPTQ supports padding_mode='zeros' only")
+    was = model.training
+    model.eval()
+    try:
+        ordered, counts = _call_order(model, list(plan), batches[0])
+        stages = _stages(model, ordered)
+        bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
+        for stage in bar:
+            early = all(counts[n] == 1 for n in stage)
+            accs = _capture(model, stage, batches, early)
+            built = []
+            for n in stage:
+                q = gptq_quantize_layer(model.get_submodule(n), accs[n].hessian(), plan[n], damp=damp,
+                                        block_size=block_size, act_order=act_order, name=n)
+                q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
+                built.append((n, q))
+            for n, q in built:
+                swap_module(model, n, q)
+    finally:
+        model.train(was)
+    return calibration_records(model)
+
+
+def gptq_quantize_sequential(
+    model: nn.Module,
+    config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
+    calib_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    skip: Iterable[str] | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    max_samples: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    offload_device: str | torch.device | None = "cpu",
+    checkpoint: str | os.PathLike | Any | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """GPTQ block by block through :func:`medquant.calibrate.quantize_sequential`; the model is quantized in place.
+
+    Each decoder / vision block is brought to ``device`` (moved, or read from ``checkpoint``), the Hessians of its
+    planned layers are captured on the block's own calibration calls - whose hidden states are the outputs of the
+    already quantized earlier blocks - and its layers are replaced by their GPTQ versions; then it moves to
+    ``offload_device``. Peak device memory: one float block, its activations and its Hessians.
+
+    Layers outside the blocks (a patch embedding, a projector, ``lm_head`` unless skipped) are quantized by
+    round-to-nearest, as ``quantize_sequential`` does; :func:`gptq_quantize_` covers them with GPTQ. With every
+    planned layer inside a block, the codes are those of :func:`gptq_quantize_` up to float rounding of the
+    captured activations. ``calib_inputs``: keyword dicts for ``model(**batch)``; other arguments as
+    :func:`gptq_quantize_`. Returns :func:`calibration_records`.
+    """
+    _check_args(damp, block_size, max_samples)
+    if calib_inputs is None:
+        raise ValueError("GPTQ needs calibration data: pass calib_inputs (a dict of model(**batch) keyword "
+                         "arguments, or a list of such dicts)")
+    batches = [calib_inputs] if isinstance(calib_inputs, Mapping) else list(calib_inputs)
+    if not batches:
+        raise ValueError("GPTQ needs calibration data: calib_inputs is empty")
+    batches = _select(batches, max_samples, seed)
+
+    def per_block_fn(block: nn.Module, inputs: BlockInputs) -> None:
+        names = [n for n, c in inputs.configs.items()
+                 if isinstance(block.get_submodule(n), (nn.Linear, nn.Conv2d))]
+        if not names:
+            return
+        accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}") for n in names}
+        handles = []
+
+        def make(n: str):
+            def hook(mod, args, kwargs):
+                accs[n].add(_input_of(args, kwargs).detach())
+            return hook
+
+        try:
+            for n in names:
+                handles.append(block.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
+            inputs.run(block)
+        finally:
+            for h in handles:
+                h.remove()
+        built = []
+        for n in names:
+            full = f"{inputs.name}.{n}"
+            q = gptq_quantize_layer(block.get_submodule(n), accs[n].hessian(), inputs.configs[n], damp=damp,
+                                    block_size=block_size, act_order=act_order, name=full)
+            q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
+            built.append((n, q))
+        for n, q in built:
+            swap_module(block, n, q)
+
+    was = model.training
+    model.eval()
+    try:
+        quantize_sequential(model, config_or_map, batches, skip=list(skip) if skip else None, device=device,
+                            offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
+                            progress=progress)
+    finally:
+        model.train(was)
+    return calibration_records(model)
