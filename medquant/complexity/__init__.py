@@ -8,10 +8,12 @@ uniform LBP codes (P=8, R=1). Each metric is normalised with statistics fitted o
 ``z_m = (x_m - o_m) / s_m``; the score is ``sum_m w_m z_m / sum_m w_m``; levels are quantiles of the
 calibration scores (level 0 = the simplest ``1/n_levels``).
 
-``ComplexityScorer`` is the public entry point; ``metrics`` holds the batched torch kernels, ``reference``
-the per-image scikit-image/numpy pipeline used as the test reference and the benchmark baseline.
+``ComplexityScorer`` is the public entry point; ``metrics`` holds the batched torch kernels;
+``reference_metrics`` / ``reference_metrics_batch`` compute the same five metrics one image at a time with
+scikit-image and numpy (the reference the tests check the torch code against, and the speed baseline).
 """
 from .metrics import METRIC_NAMES
+from .reference import reference_metrics, reference_metrics_batch
 from .scorer import ComplexityScorer
 
-__all__ = ["METRIC_NAMES", "ComplexityScorer"]
+__all__ = ["METRIC_NAMES", "ComplexityScorer", "reference_metrics", "reference_metrics_batch"]

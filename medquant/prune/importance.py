@@ -26,7 +26,7 @@ hidden state, else the first element of a tuple).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ def calibration_loss(model: nn.Module, batch: Any,
     if loss_fn is not None:
         return loss_fn(model, batch)
     extra: dict[str, Any] = {}
-    if (isinstance(batch, dict) and "labels" not in batch and "input_ids" in batch
+    if (isinstance(batch, Mapping) and "labels" not in batch and "input_ids" in batch
             and hasattr(model, "lm_head") and hasattr(model, "generation_config")):
         labels = batch["input_ids"].clone()
         if "attention_mask" in batch:
