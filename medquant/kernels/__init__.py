@@ -34,6 +34,7 @@ from .dispatch import (
     interpreting,
     register_backend,
     register_kernel,
+    unregister_backend,
     select_kernel,
     triton_available,
 )
@@ -153,4 +154,5 @@ __all__ = [
     "select_kernel",
     "select_regime",
     "triton_available",
+    "unregister_backend",
 ]

@@ -1,6 +1,6 @@
 """Triton kernels for ``y = x @ dequant(W_q)^T`` reading the packed layout (format v1) directly.
 
-Imported lazily (it imports Triton). Layout reminder (:mod:`medquant.quant.packing`): row ``n`` of the packed
+Imported lazily (it imports Triton). Layout reminder (:mod:`medquant.kernels.layout`): row ``n`` of the packed
 weight holds ``K_pad / VPW`` int32 words; code ``k`` sits in word ``k // VPW`` at bit ``(k % VPW) * CB``
 (``CB`` = container bits, ``VPW = 32 / CB``); dequantisation is ``w = (u - z) * s`` with ``z = 2^(b-1)`` for
 symmetric rows (1-bit symmetric: ``w = (2u - 1) * s``), ``s``/``z`` taken from group ``k // GROUP`` of the row.

@@ -5,7 +5,7 @@ Two kinds of entries:
 * a **backend** (:func:`register_backend`): a name plus ``unavailable(device) -> str | None``, the reason the
   backend cannot run on ``device`` at all (``None`` = it can). Built in: ``"torch"`` (the plain-torch references,
   always available) and ``"triton"`` (needs Triton, and a CUDA device or ``TRITON_INTERPRET=1`` for CPU tensors).
-* a **kernel** (:func:`register_kernel`): one backend's implementation of one op (``"packed_linear"``,
+* a **kernel** (:func:`register_kernel`; :func:`unregister_backend` removes a backend with its kernels): one backend's implementation of one op (``"packed_linear"``,
   ``"fake_quantize_rows"``, ``"fake_quantize_static"``), a predicate ``accepts(*args) -> bool`` on the op's
   arguments (device, dtype, shape, the :class:`~medquant.kernels.bundle.PackedWeight`) and a priority.
 
@@ -89,6 +89,15 @@ def register_kernel(op: str, backend: str, impl: Callable, accepts: Callable[...
     kernels.append(Kernel(op, backend, impl, accepts or (lambda *args: True), int(priority)))
     kernels.sort(key=lambda k: -k.priority)  # stable: registration order among equal priorities
     _KERNELS[op] = kernels
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend and all its kernels (the built-in ``"torch"`` backend stays: it is the fallback)."""
+    if name == "torch":
+        raise ValueError("the torch reference backend cannot be removed: it is the answer when nothing else runs")
+    _BACKENDS.pop(name, None)
+    for op, kernels in _KERNELS.items():
+        _KERNELS[op] = [k for k in kernels if k.backend != name]
 
 
 def backend_names() -> tuple[str, ...]:

@@ -1,4 +1,9 @@
-"""Per-sample dynamic fake quantization (SPEC section 3) against an independent per-sample computation."""
+"""Per-sample dynamic fake quantization against an independent per-sample computation.
+
+Formula (asymmetric, per sample ``i`` with ``b_i`` bits): ``lo = min(min x, 0)``, ``hi = max(max x, 0)``,
+``s = max((hi - lo) / (2^b - 1), eps)``, ``z = clamp(round(-lo / s), 0, 2^b - 1)``,
+``out = (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s``; ``b >= 16`` passes through.
+"""
 from __future__ import annotations
 
 import pytest

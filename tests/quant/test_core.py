@@ -1,4 +1,5 @@
-"""Quantization primitives against the SPEC formulas, with hypothesis property tests."""
+"""Quantization primitives against the formulas of :mod:`medquant.quant.core` (an independent numpy
+reference), with hypothesis property tests."""
 import math
 
 import numpy as np

@@ -1,0 +1,82 @@
+"""The backend registry: built-in choice, forcing, and a registered fast path taking over without other changes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medquant.kernels import PackedWeight, force_backend, packed_linear, select_kernel
+from medquant.kernels.dispatch import backend_names, register_backend, register_kernel, unregister_backend
+from medquant.quant import QuantConfig, QuantLinear, pack, quantize
+
+
+def _weight(bits=4, k=64, n=8):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    q = quantize(w, QuantConfig(bits, scope="group", group_size=32))
+    return PackedWeight(pack(q.codes, bits), q.scales, q.zeros, bits, q.symmetric, "group", q.group_size, k)
+
+
+def test_auto_runs_the_reference_on_cpu():
+    x = torch.randn(3, 64)
+    w = _weight()
+    assert select_kernel("packed_linear", x, w).backend == "torch"
+    assert select_kernel("fake_quantize_rows", x, torch.tensor([4, 4, 4]), False, 1e-38, False).backend == "torch"
+    assert set(backend_names()) >= {"auto", "torch", "triton"}
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="accepted: auto"), force_backend("cuda_magic"):
+        pass
+
+
+@pytest.fixture
+def fast_path():
+    calls = []
+
+    def int4_linear(x, weight):
+        calls.append(weight.bits)
+        return x @ weight.dequantize(x.dtype).t() + 1.0  # recognisable offset
+
+    register_backend("test_int4", lambda dev: None if dev.type == "cpu" else "CPU only")
+    register_kernel("packed_linear", "test_int4", int4_linear, accepts=lambda x, w: w.bits == 4)
+    yield calls
+    unregister_backend("test_int4")
+
+
+def test_registered_fast_path_is_chosen_where_it_accepts(fast_path):
+    x = torch.randn(2, 64)
+    y4 = packed_linear(x, _weight(4))
+    ref = packed_linear(x, _weight(4), backend="torch")
+    assert fast_path == [4]
+    assert torch.allclose(y4, ref + 1.0)
+    packed_linear(x, _weight(8))  # 8-bit: the predicate declines, the reference runs
+    assert fast_path == [4]
+    # QuantLinear reaches it without any change to the module
+    lin = QuantLinear.from_float(torch.nn.Linear(64, 8), QuantConfig(4, group_size=32))
+    lin(x)
+    assert fast_path == [4, 4]
+    # forcing it runs it whatever the predicate says
+    with force_backend("test_int4"):
+        packed_linear(x, _weight(8))
+    assert fast_path == [4, 4, 8]
+
+
+def test_forced_backend_without_the_op_or_device_fails(fast_path):
+    x = torch.randn(2, 30)
+    with force_backend("test_int4"), pytest.raises(RuntimeError, match="no fake_quantize_rows kernel"):
+        torch.ops.medquant.fake_quantize_rows(x, torch.tensor([4, 4]), False, 1e-38, False)
+    register_backend("test_never", lambda dev: "never available here")
+    register_kernel("fake_quantize_rows", "test_never", lambda *a: None)
+    try:
+        with force_backend("test_never"), pytest.raises(RuntimeError, match="never available here"):
+            torch.ops.medquant.fake_quantize_rows(x, torch.tensor([4, 4]), False, 1e-38, False)
+        # auto skips an unavailable backend
+        out, _ = torch.ops.medquant.fake_quantize_rows(x, torch.tensor([4, 4]), False, 1e-38, False)
+        assert out.shape == x.shape
+    finally:
+        unregister_backend("test_never")
+    assert "test_never" not in backend_names()
+
+
+def test_the_reference_backend_cannot_be_removed():
+    with pytest.raises(ValueError, match="cannot be removed"):
+        unregister_backend("torch")
