@@ -34,9 +34,9 @@ from .dispatch import (
     interpreting,
     register_backend,
     register_kernel,
-    unregister_backend,
     select_kernel,
     triton_available,
+    unregister_backend,
 )
 from .layout import FORMAT_VERSION
 from .packed import GEMV_MAX_M, SPLITK_MAX_M, select_regime
