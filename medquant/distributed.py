@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["all_reduce_gradients", "any_rank", "barrier", "broadcast_parameters", "clip_grad_norm_", "ddp_like",
            "fsdp_shard", "has_fsdp", "is_ddp", "is_distributed", "is_fsdp", "load_full_state", "meta_skeleton",
@@ -70,7 +72,7 @@ def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool
 # ------------------------------------------------------------------------------------------------ data parallel
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (``model`` itself otherwise)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    from torch.nn.parallel import DataParallel
 
     while isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
@@ -79,8 +81,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_ddp(model: nn.Module) -> bool:
     """``model`` is a ``torch.nn.parallel.DistributedDataParallel``."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return isinstance(model, DistributedDataParallel)
 
 
@@ -114,50 +114,50 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
     if not is_distributed(group):
         return
     w = dist.get_world_size(group)
+    grads: list[torch.Tensor] = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    bucket: list[torch.Tensor] = []
+        grads.append(p.grad)
+    bucket: list[torch.Tensor] = []  # gradients
     size = 0
 
     def flush():
         if not bucket:
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         if average:
             flat /= w
         off = 0
-        for q in bucket:
-            q.grad.copy_(flat[off:off + q.numel()].view_as(q.grad))
-            off += q.numel()
+        for g in bucket:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
         bucket.clear()
 
-    for p in params:
-        if bucket and (p.grad.dtype != bucket[0].grad.dtype or p.grad.device != bucket[0].grad.device):
+    for g in grads:
+        if bucket and (g.dtype != bucket[0].dtype or g.device != bucket[0].device):
             flush()
             size = 0
-        bucket.append(p)
-        size += p.grad.numel() * p.grad.element_size()
+        bucket.append(g)
+        size += g.numel() * g.element_size()
         if size >= bucket_bytes:
             flush()
             size = 0
     flush()
 
 
-def ddp_like(ddp: nn.Module, module: nn.Module) -> nn.Module:
+def ddp_like(ddp: DistributedDataParallel, module: nn.Module) -> DistributedDataParallel:
     """A new ``DistributedDataParallel`` around ``module`` with ``ddp``'s settings (process group, devices,
     bucket size, unused-parameter detection, buffer sync). Needed after ``torch.nn.utils.parametrize`` changed
     the wrapped module: a DDP built before no longer sees the parametrized weights' gradients. The old wrapper's
     hooks stay inert as long as its own forward is not called again."""
     import inspect
 
-    from torch.nn.parallel import DistributedDataParallel
-
-    kw = {"device_ids": ddp.device_ids, "output_device": ddp.output_device, "dim": ddp.dim,
-          "process_group": ddp.process_group, "bucket_cap_mb": ddp.bucket_bytes_cap / 2**20,
-          "find_unused_parameters": ddp.find_unused_parameters,
-          "gradient_as_bucket_view": ddp.gradient_as_bucket_view, "static_graph": ddp.static_graph}
+    kw: dict[str, Any] = {"device_ids": ddp.device_ids, "output_device": ddp.output_device, "dim": ddp.dim,
+                          "process_group": ddp.process_group, "bucket_cap_mb": ddp.bucket_bytes_cap / 2**20,
+                          "find_unused_parameters": ddp.find_unused_parameters,
+                          "gradient_as_bucket_view": ddp.gradient_as_bucket_view, "static_graph": ddp.static_graph}
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         kw["forward_sync_buffers"] = ddp.forward_sync_buffers
     else:  # older torch
@@ -245,7 +245,8 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
     missing = sorted(set(want) - set(full))
     if missing:
         raise ValueError(f"the sharded model lacks {missing[:5]}")
-    aliases, first = {}, {}  # tied parameters (e.g. lm_head / embeddings): re-tied after the assigning load
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}  # tied parameters (e.g. lm_head / embeddings): re-tied after the assigning load
     for n, p in skeleton.named_parameters(remove_duplicate=False):
         if id(p) in first:
             aliases[n] = first[id(p)]

@@ -106,7 +106,7 @@ def train_steps(
             steps_before = len(records)
             exhausted = False
             while not exhausted:
-                step_records = []
+                step_records: list[Any] = []
                 for _ in range(grad_accum):
                     batch = next(it, _END)
                     end = batch is _END
