@@ -29,9 +29,8 @@ from torch import nn
 
 from . import __version__
 from .kernels.layout import FORMAT_VERSION
-from .quant.config import QuantConfig
-from .quant.modules import QuantConv2d, QuantLinear
-from .quant.size import quant_metadata
+from .quant.api import swap_module
+from .quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "medquant.json"
@@ -93,7 +92,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
             "medquant_version": __version__,
             "weights": {"file": WEIGHTS_NAME, "sha256": _sha256(wtmp), "bytes": wtmp.stat().st_size},
             "model": {"kind": kind, "class": type(model).__name__, "module": type(model).__module__},
-            "modules": quant_metadata(model),
+            "modules": model_recipe(model),
             "extras": extras or {},
         }
         try:
@@ -154,22 +153,6 @@ def verify(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def _shell_for(entry: dict, name: str) -> nn.Module:
-    try:
-        cfg = QuantConfig.from_dict(entry["config"])
-        dtype = getattr(torch, entry.get("dtype", "float32"))
-        if entry["type"] == "QuantLinear":
-            return QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], cfg, dtype=dtype)
-        if entry["type"] == "QuantConv2d":
-            pad = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
-            return QuantConv2d(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]),
-                               tuple(entry["stride"]), pad, tuple(entry["dilation"]), entry["groups"],
-                               entry["bias"], cfg, dtype=dtype)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"module {name!r} in {META_NAME} has an invalid recipe: {e}") from None
-    raise CheckpointError(f"module {name!r} has unknown type {entry['type']!r} in {META_NAME}")
-
-
 def build_hf_model(directory: Path, meta: dict) -> nn.Module:
     """A fresh Hugging Face model (eval mode, initialised weights) of the saved class, built from the saved
     ``config.json`` of ``directory``; ``meta`` is the checkpoint's metadata (:func:`verify`)."""
@@ -211,11 +194,12 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
             raise CheckpointError(
                 f"the saved model has a quantized module {name!r} that {type(model).__name__} does not have"
             ) from None
-        shell = _shell_for(entry, name)
+        try:
+            shell = layer_from_recipe(entry)
+        except RecipeError as e:
+            raise CheckpointError(f"module {name!r} in {META_NAME} has an invalid recipe: {e}") from None
         device_of = next(iter(old.parameters()), None)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, shell.to(device_of.device) if device_of is not None else shell)
+        swap_module(model, name, shell.to(device_of.device) if device_of is not None else shell)
     try:
         missing, unexpected = load_model(model, str(directory / meta["weights"]["file"]), strict=False)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # malformed or mismatched tensors
@@ -226,8 +210,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
             f"unexpected {sorted(unexpected)[:5]}"
         )
     for name in meta["modules"]:
-        m = model.get_submodule(name)
-        if m.mixed and not torch.equal(m.bit_map.to(torch.int16), m.config.row_bits(m.out_rows)):
+        if not bit_map_matches(model.get_submodule(name)):
             raise CheckpointError(f"module {name!r}: stored bit map disagrees with its recipe in {META_NAME}")
     return model.to(device).eval()
 

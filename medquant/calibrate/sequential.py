@@ -41,9 +41,8 @@ import torch
 from torch import nn
 
 from ..models.blocks import block_stacks
-from ..quant.api import resolve_configs
+from ..quant.api import quantize_module, resolve_configs, swap_module
 from ..quant.config import QuantConfig
-from ..quant.modules import QuantConv2d, QuantLinear
 
 __all__ = ["BlockInputs", "CheckpointSource", "quantize_sequential"]
 
@@ -202,56 +201,20 @@ class _Materializer:
                     self.done[key] = new
 
 
-_CHUNK_ROWS = 4096  # rows quantized at a time in large Linear layers (bounds the float temporaries)
-
-
-def _from_float(mod: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """``QuantLinear/QuantConv2d.from_float(mod, cfg)``; a Linear with more than ``_CHUNK_ROWS`` rows (``lm_head``)
-    is quantized ``_CHUNK_ROWS`` rows at a time and the row blocks of its buffers are concatenated. Bit-identical:
-    with per-channel or per-group scales and one bit-width for every row, each row is quantized on its own
-    (SPEC section 1); per-tensor scales and mixed per-row bit-widths take the one-shot path."""
-    if not isinstance(mod, nn.Linear):
-        return QuantConv2d.from_float(mod, cfg)
-    w = mod.weight.detach()
-    rows = w.shape[0]
-    if rows <= _CHUNK_ROWS or cfg.scope == "tensor" or cfg.channel_bits is not None or not 1 <= cfg.bits <= 8:
-        return QuantLinear.from_float(mod, cfg)
-    parts = []
-    for start in range(0, rows, _CHUNK_ROWS):
-        chunk = w[start:start + _CHUNK_ROWS]
-        with torch.device("meta"):
-            tmp = nn.Linear(mod.in_features, chunk.shape[0], bias=False)
-        tmp.weight = nn.Parameter(chunk, requires_grad=False)
-        parts.append(dict(QuantLinear.from_float(tmp, cfg).named_buffers()))
-    q = QuantLinear(mod.in_features, rows, mod.bias is not None, cfg, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        for name, buf in q.named_buffers():
-            buf.copy_(torch.cat([p[name] for p in parts]))
-        if mod.bias is not None:
-            q.bias.copy_(mod.bias.detach())
-    return q
-
-
 def _quantize_in(module: nn.Module, prefix: str, plan: Mapping[str, QuantConfig]) -> None:
     """Swap the planned Linear / Conv2d layers under ``module`` (full name ``prefix``) for quantized ones."""
     start = prefix + "." if prefix else ""
     for name, cfg in plan.items():
-        if name != prefix and not name.startswith(start):
+        if name == prefix:
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                raise ValueError(f"{name}: a block cannot itself be a single Linear/Conv2d")
             continue
-        rel = name[len(start):] if name != prefix else ""
-        mod = module.get_submodule(rel) if rel else module
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-            continue  # already quantized
-        try:
-            q = _from_float(mod, cfg)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"{name}: {e}") from None
-        q.train(mod.training)
-        if rel:
-            parent_name, _, attr = rel.rpartition(".")
-            setattr(module.get_submodule(parent_name) if parent_name else module, attr, q)
-        else:
-            raise ValueError(f"{name}: a block cannot itself be a single Linear/Conv2d")
+        if not name.startswith(start):
+            continue
+        rel = name[len(start):]
+        mod = module.get_submodule(rel)
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):  # else already quantized
+            swap_module(module, rel, quantize_module(mod, cfg, name=name))
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -477,12 +440,5 @@ def _rest_leaves(model: nn.Module, block_names: Sequence[str]) -> list[str]:
 def _quantize_in_leaf(model: nn.Module, name: str, plan: Mapping[str, QuantConfig]) -> None:
     cfg = plan.get(name)
     mod = model.get_submodule(name)
-    if cfg is None or not isinstance(mod, (nn.Linear, nn.Conv2d)):
-        return
-    try:
-        q = _from_float(mod, cfg)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"{name}: {e}") from None
-    q.train(mod.training)
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
+    if cfg is not None and isinstance(mod, (nn.Linear, nn.Conv2d)):
+        swap_module(model, name, quantize_module(mod, cfg, name=name))

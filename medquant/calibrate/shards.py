@@ -38,9 +38,10 @@ from torch import nn
 from ..distributed import rank as _rank
 from ..distributed import world_size as _world_size
 from ..models.blocks import block_stacks
+from ..quant.api import resolve_configs, swap_module
 from ..quant.config import QuantConfig
-from ..quant.modules import QuantConv2d, QuantLinear
-from ..quant.size import quant_metadata
+from ..quant.modules import QUANT_MODULES
+from ..quant.recipe import bit_map_matches, layer_from_recipe, model_recipe
 from .sequential import CheckpointSource, quantize_sequential
 
 __all__ = ["SHARD_PATTERN", "assemble_shards", "quantize_shard", "shard_blocks"]
@@ -93,8 +94,6 @@ def quantize_shard(
         raise ValueError(f"found no blocks in {type(model).__name__}: pass blocks=[...]")
     mine = shard_blocks(all_blocks, r, w)
     # rank 0 processes the rest; every rank resolves the plan on the full model, so patterns mean the same
-    from ..quant.api import resolve_configs
-
     plan = resolve_configs(model, config_or_map, skip=skip)
     if mine:
         quantize_sequential(model, plan, skip=None, device=device, offload_device="cpu", checkpoint=checkpoint,
@@ -111,11 +110,8 @@ def quantize_shard(
             if t.device.type == "meta":
                 raise RuntimeError(f"{k} is still on the meta device after quantizing shard {r}")
             tensors[k] = t.detach().to("cpu").contiguous()
-    recipe = {n: e for n, e in quant_metadata(model).items()
+    recipe = {n: e for n, e in model_recipe(model, weight_dtype=True).items()
               if (n + ".").startswith(prefixes) or (keep_rest and not (n + ".").startswith(block_prefixes))}
-    for n, m in model.named_modules():
-        if n in recipe:
-            recipe[n]["weight_dtype"] = str(m.weight_dtype).replace("torch.", "")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SHARD_PATTERN.format(rank=r, world=w)
@@ -136,19 +132,6 @@ def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shell(entry: dict, name: str) -> nn.Module:
-    cfg = QuantConfig.from_dict(entry["config"])
-    dtype = getattr(torch, entry.get("weight_dtype", entry.get("dtype", "float32")))
-    if entry["type"] == "QuantLinear":
-        return QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], cfg, dtype=dtype)
-    if entry["type"] == "QuantConv2d":
-        pad = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
-        return QuantConv2d(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]),
-                           tuple(entry["stride"]), pad, tuple(entry["dilation"]), entry["groups"], entry["bias"],
-                           cfg, dtype=dtype)
-    raise ValueError(f"shard recipe of {name!r} has unknown type {entry['type']!r}")
-
-
 def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module:
     """Fill a meta skeleton with the quantized shards written by :func:`quantize_shard` (all ranks). In place."""
     from safetensors import safe_open
@@ -165,8 +148,11 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
         with safe_open(str(f), framework="pt", device="cpu") as h:
             recipe = json.loads((h.metadata() or {}).get(_RECIPE_KEY, "{}"))
             for name, entry in recipe.items():
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, attr, _shell(entry, name))
+                try:
+                    shell = layer_from_recipe(entry)
+                except ValueError as e:
+                    raise ValueError(f"shard {f.name}: the recipe of {name!r} is invalid: {e}") from None
+                swap_module(model, name, shell)
             for key in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 mod_name, _, tname = key.rpartition(".")
                 mod = model.get_submodule(mod_name) if mod_name else model
@@ -182,7 +168,6 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
     if left:
         raise ValueError(f"the shards do not cover the model: {left[:5]} are missing")
     for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)) and m.mixed and not torch.equal(
-                m.bit_map.to(torch.int16), m.config.row_bits(m.out_rows)):
+        if isinstance(m, QUANT_MODULES) and not bit_map_matches(m):
             raise ValueError(f"module {name!r}: the stored bit map disagrees with its recipe in the shard")
     return model

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.api import _quantizable, resolve_configs
+from ..quant.api import quantizable_modules, resolve_configs
 from .batches import GroupsFn, LossFn, batch_losses
 
 METRICS = ("grape", "gradient")
@@ -45,7 +45,7 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None,
     """The Linear / Conv2d modules FairQuant allocates bits to (``quantize_``'s rules: torch.nn's own classes,
     not inside ``nn.MultiheadAttention``), optionally restricted by ``quantize_`` patterns ``layers`` / ``skip``.
     """
-    all_q = _quantizable(model)
+    all_q = quantizable_modules(model)
     if layers is not None or skip:
         plan = resolve_configs(model, {p: 8 for p in layers} if layers is not None else 8, skip=skip)
         all_q = {n: m for n, m in all_q.items() if n in plan}

@@ -1,6 +1,6 @@
 """``MedQuantConfig`` and ``MedQuantHfQuantizer``: medquant as a transformers quantization method.
 
-Two ways in (SPEC section 1 gives the quantization itself; nothing here changes a number):
+Two ways in (the quantization itself is :func:`medquant.quantize_`'s; nothing here changes a number):
 
 * **pre-quantized** - ``config.json`` holds ``quantization_config = {"quant_method": "medquant", "modules": {...},
   "skipped_modules": [...], ...}``, written by :func:`save_pretrained` (or by ``model.save_pretrained`` on a model
@@ -8,8 +8,9 @@ Two ways in (SPEC section 1 gives the quantization itself; nothing here changes 
   dtype and full :class:`~medquant.QuantConfig` (bits, scheme, scope, group size, scale dtype and the per-output-
   channel ``channel_bits`` of mixed-precision layers); ``skipped_modules`` lists the Linear / Conv2d layers left
   in floating point. On load the model skeleton is built on the meta device, each recorded layer is replaced by an
-  empty :class:`~medquant.QuantLinear` / :class:`~medquant.QuantConv2d` of the same recipe, and transformers fills
-  the packed codes, scales and zero points from the safetensors file like any other tensor.
+  empty :class:`~medquant.QuantLinear` / :class:`~medquant.QuantConv2d` of the same recipe
+  (:func:`medquant.quant.recipe.layer_from_recipe`), and transformers fills the packed codes, scales and zero
+  points from the safetensors file like any other tensor.
 * **quantize on load** - ``from_pretrained(float_path, quantization_config=MedQuantConfig(QuantConfig(4)))``
   (or a pattern map + ``skip``, exactly as :func:`medquant.quantize_` takes them). Each planned layer is
   quantized as soon as its float weight is read, so the float model never exists whole in memory; layers whose
@@ -34,10 +35,18 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import __version__
 from ..kernels.layout import FORMAT_VERSION
-from ..quant.api import _quantizable, quantize_, quantized_modules, resolve_configs
+from ..quant.api import (
+    DEFAULT_KEY,
+    ConfigMap,
+    quantizable_modules,
+    quantize_,
+    quantize_module,
+    quantized_modules,
+    swap_module,
+)
 from ..quant.config import QuantConfig
-from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
-from ..quant.size import quant_metadata
+from ..quant.modules import QUANT_MODULES
+from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
 from . import QUANT_METHOD, register
 
 _FLOAT_TYPES = (nn.Linear, nn.Conv2d)
@@ -63,11 +72,7 @@ def _as_config_dict(value: Any, what: str) -> dict | None:
 def recipe_of(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
     """``(modules, skipped_modules)`` of a model: the recipe of every QuantLinear / QuantConv2d (type, shape,
     ``weight_dtype``, QuantConfig dict) and the names of the torch Linear / Conv2d layers still in float."""
-    modules = quant_metadata(model)
-    for name, m in quantized_modules(model).items():
-        modules[name]["weight_dtype"] = str(m.weight_dtype).replace("torch.", "")
-    skipped = sorted(_quantizable(model))
-    return modules, skipped
+    return model_recipe(model, weight_dtype=True), sorted(quantizable_modules(model))
 
 
 class MedQuantConfig(QuantizationConfigMixin):
@@ -146,19 +151,27 @@ class MedQuantConfig(QuantizationConfigMixin):
     def has_plan(self) -> bool:
         return self.config is not None or self.config_map is not None or bool(self.modules)
 
-    def quantize_spec(self) -> QuantConfig | dict[str, QuantConfig | None]:
-        """The ``config_or_map`` argument for :func:`medquant.quantize_` this config stands for."""
+    def quantize_spec(self) -> QuantConfig | ConfigMap:
+        """The ``config_or_map`` argument for :func:`medquant.quantize_` this config stands for, without ``skip``:
+        the one QuantConfig, or a :class:`~medquant.quant.ConfigMap` of the patterns or of the recorded modules
+        (exact names). :meth:`to_config_map` includes ``skip``."""
         if self.config is not None:
             return QuantConfig.from_dict(self.config)
         if self.config_map is not None:
-            return {k: (None if v is None else QuantConfig.from_dict(v)) for k, v in self.config_map.items()}
+            return ConfigMap(self.config_map)
         if self.modules:
-            return {name: QuantConfig.from_dict(e["config"]) for name, e in self.modules.items()}
+            return ConfigMap({name: e["config"] for name, e in self.modules.items()})
         raise ValueError("MedQuantConfig has nothing to quantize with: give a QuantConfig, a pattern map or modules")
+
+    def to_config_map(self) -> ConfigMap:
+        """Everything this config quantizes as one :class:`~medquant.quant.ConfigMap` (one QuantConfig becomes the
+        ``"_default"`` entry; ``skip`` included)."""
+        spec = self.quantize_spec()
+        return ConfigMap(spec if isinstance(spec, ConfigMap) else {DEFAULT_KEY: spec}, skip=self.skip)
 
     def plan(self, model: nn.Module) -> dict[str, QuantConfig]:
         """Module name -> QuantConfig for ``model`` (patterns resolved as by :func:`medquant.quantize_`)."""
-        return resolve_configs(model, self.quantize_spec(), skip=self.skip)
+        return self.to_config_map().resolve(model)
 
     def record(self, model: nn.Module) -> MedQuantConfig:
         """Record the recipe of ``model``'s quantized layers (``modules``) and float layers (``skipped_modules``)."""
@@ -199,27 +212,9 @@ class MedQuantConfig(QuantizationConfigMixin):
 def _shell(entry: Mapping, name: str, device: torch.device | str) -> nn.Module:
     """An empty QuantLinear / QuantConv2d of the recorded recipe (buffers on ``device``, e.g. meta)."""
     try:
-        cfg = QuantConfig.from_dict(entry["config"])
-        dtype = getattr(torch, entry.get("weight_dtype", entry.get("dtype", "float32")))
-        with torch.device("cpu"):  # row bit-widths are computed on the CPU even inside a meta-device context
-            if entry["type"] == "QuantLinear":
-                return QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], cfg,
-                                   device=device, dtype=dtype)
-            if entry["type"] == "QuantConv2d":
-                pad = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
-                return QuantConv2d(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]),
-                                   tuple(entry["stride"]), pad, tuple(entry["dilation"]), entry["groups"],
-                                   entry["bias"], cfg, device=device, dtype=dtype)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return layer_from_recipe(entry, device=device)
+    except RecipeError as e:
         raise ValueError(f"quantization_config.modules[{name!r}] is not a valid medquant recipe: {e}") from None
-    raise ValueError(f"quantization_config.modules[{name!r}] has unknown type {entry['type']!r}; "
-                     "accepted: QuantLinear, QuantConv2d")
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
 
 
 def _check_fits(old: nn.Module, entry: Mapping, name: str) -> None:
@@ -266,7 +261,7 @@ def _finalize(model: nn.Module) -> None:
     for name, m in quantized_modules(model).items():
         if m.mixed:
             rb = m.config.row_bits(m.out_rows)
-            if not torch.equal(m.bit_map.detach().to("cpu", torch.int16), rb):
+            if not bit_map_matches(m):
                 raise ValueError(f"module {name!r}: the stored bit map disagrees with its recipe in "
                                  "quantization_config (the checkpoint was altered or the config edited)")
             dev = m.bit_map.device
@@ -299,14 +294,14 @@ class _QuantizeOnLoad(ConversionOps):
             q = _quantize_weight(old, value, cfg, mod_name)
             _hide_rows(q)
             q._is_hf_initialized = True
-            _set_submodule(model, mod_name, q)
+            swap_module(model, mod_name, q)
             if missing_keys is not None:
                 missing_keys.discard(key)
         return out
 
 
 def _quantize_weight(old: nn.Module, weight: torch.Tensor, cfg: QuantConfig, name: str) -> nn.Module:
-    """``QuantLinear/QuantConv2d.from_float`` of ``old`` with ``weight`` (``old`` may still live on meta)."""
+    """:func:`~medquant.quant.quantize_module` of ``old`` with ``weight`` (``old`` may still live on meta)."""
     weight = weight.detach()
     with torch.device("meta"):
         if isinstance(old, nn.Linear):
@@ -315,10 +310,7 @@ def _quantize_weight(old: nn.Module, weight: torch.Tensor, cfg: QuantConfig, nam
             tmp = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
                             old.dilation, old.groups, bias=False, padding_mode=old.padding_mode)
     tmp.weight = nn.Parameter(weight, requires_grad=False)
-    try:
-        q = (QuantLinear if isinstance(old, nn.Linear) else QuantConv2d).from_float(tmp, cfg)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"{name}: {e}") from None
+    q = quantize_module(tmp, cfg, name=name)
     if old.bias is not None:
         bias = old.bias.detach()
         if bias.device.type == "meta":  # not read yet: transformers sets it on the new module later
@@ -375,11 +367,11 @@ class MedQuantHfQuantizer(HfQuantizer):
                 except AttributeError:
                     raise ValueError(f"quantization_config records a quantized module {name!r} that "
                                      f"{type(model).__name__} does not have") from None
-                _check_fits(old, entry, name)
                 shell = _shell(entry, name, "meta")
+                _check_fits(old, entry, name)
                 shell.train(old.training)
                 _hide_rows(shell)
-                _set_submodule(model, name, shell)
+                swap_module(model, name, shell)
             _untie(model, modules)
         else:
             self._plan = self.quantization_config.plan(model)

@@ -4,6 +4,7 @@ Each adapted Linear computes ``y = W_nf4 x + (alpha / sqrt(r)) * B A dropout(x)`
 ``W_nf4`` the frozen 4-bit NormalFloat base and ``A``, ``B`` trained; :mod:`medquant.qlora.adapter` has the details."""
 from .adapter import (
     DEFAULT_TARGETS,
+    NF4Config,
     QLoRAAdapter,
     nf4_dequantize_,
     nf4_modules,
@@ -12,5 +13,5 @@ from .adapter import (
     train_loop,
 )
 
-__all__ = ["DEFAULT_TARGETS", "QLoRAAdapter", "nf4_dequantize_", "nf4_modules", "nf4_quantize_",
+__all__ = ["DEFAULT_TARGETS", "NF4Config", "QLoRAAdapter", "nf4_dequantize_", "nf4_modules", "nf4_quantize_",
            "resolve_targets", "train_loop"]

@@ -30,16 +30,19 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..quant.api import quantize_module, register_quantize_module_handler, swap_module
 from ..training import train_steps
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "NF4Config",
     "QLoRAAdapter",
     "nf4_dequantize_",
     "nf4_modules",
@@ -104,15 +107,53 @@ def _roles_of(model: nn.Module) -> dict:
     return model_roles(model)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+@dataclass(frozen=True)
+class NF4Config:
+    """bitsandbytes 4-bit weights for ``nn.Linear`` layers (the handler registered for this type with
+    :func:`medquant.quant.register_quantize_module_handler`; :func:`nf4_quantize_` applies it by name).
+
+    Each block of 64 weights ``w`` is stored as 4-bit indices ``i`` into 16 levels ``q_i`` (NF4: quantiles of
+    N(0, 1) normalised to [-1, 1]; FP4: a 4-bit float grid) and the block's absmax ``a``: ``w^ = q_i * a``;
+    ``double_quant`` quantizes the absmax constants to 8 bits in turn. ``compute_dtype`` is the dtype the
+    forward pass dequantizes to. ``cpu_bf16_packing``: see :func:`nf4_quantize_`.
+    """
+
+    compute_dtype: torch.dtype = torch.float32
+    double_quant: bool = True
+    quant_type: str = "nf4"
+    cpu_bf16_packing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype must be torch.float32, bfloat16 or float16, got {self.compute_dtype}")
+
+
+@register_quantize_module_handler(NF4Config, (nn.Linear,))
+def _nf4_linear(mod: nn.Linear, cfg: NF4Config) -> nn.Module:
+    """A bitsandbytes ``Linear4bit`` holding ``mod``'s weight, quantized on the weight's device."""
+    bnb = _bnb()
+    w = mod.weight.detach()
+    device = w.device
+    q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                          compute_dtype=cfg.compute_dtype, compress_statistics=cfg.double_quant,
+                          quant_type=cfg.quant_type, device="meta")
+    q.weight = bnb.nn.Params4bit(w.to(torch.float32 if w.dtype == torch.float64 else w.dtype).cpu().clone(),
+                                 requires_grad=False, compress_statistics=cfg.double_quant,
+                                 quant_type=cfg.quant_type)
+    if mod.bias is not None:
+        q.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
+    q = q.to(device)
+    if hasattr(q, "support_avx512bf16_for_cpu"):
+        q.support_avx512bf16_for_cpu = bool(q.support_avx512bf16_for_cpu and cfg.cpu_bf16_packing)
+    return q
 
 
 def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.dtype = torch.float32,
                   double_quant: bool = True, quant_type: str = "nf4", cpu_bf16_packing: bool = False) -> list[str]:
-    """Replace the named ``nn.Linear`` modules by bitsandbytes ``Linear4bit`` holding their quantized weights.
+    """Replace the named ``nn.Linear`` modules by bitsandbytes ``Linear4bit`` holding their quantized weights
+    (:class:`NF4Config` through :func:`medquant.quant.quantize_module` and :func:`medquant.quant.swap_module`).
 
     The weight is wrapped in ``bnb.nn.Params4bit`` and quantized when the module is moved to the weight's
     device (bitsandbytes quantizes on ``.to(device)``, CPU included). Biases stay float and frozen.
@@ -124,10 +165,7 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
     Returns the names replaced.
     """
     bnb = _bnb()
-    if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"compute_dtype must be torch.float32, bfloat16 or float16, got {compute_dtype}")
+    cfg = NF4Config(compute_dtype, double_quant, quant_type, cpu_bf16_packing)
     done = []
     for name in names:
         mod = model.get_submodule(name)
@@ -135,19 +173,7 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
             continue
         if not isinstance(mod, nn.Linear):
             raise TypeError(f"{name} is {type(mod).__name__}, not nn.Linear; only Linear layers are NF4-quantized")
-        w = mod.weight.detach()
-        device = w.device
-        q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
-                              device="meta")
-        q.weight = bnb.nn.Params4bit(w.to(torch.float32 if w.dtype == torch.float64 else w.dtype).cpu().clone(),
-                                     requires_grad=False, compress_statistics=double_quant, quant_type=quant_type)
-        if mod.bias is not None:
-            q.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-        q = q.to(device)
-        if hasattr(q, "support_avx512bf16_for_cpu"):
-            q.support_avx512bf16_for_cpu = bool(q.support_avx512bf16_for_cpu and cpu_bf16_packing)
-        _set_module(model, name, q)
+        swap_module(model, name, quantize_module(mod, cfg))
         done.append(name)
     return done
 
@@ -191,7 +217,7 @@ def nf4_dequantize_(model: nn.Module, dtype: torch.dtype = torch.float32) -> lis
     """Replace every ``Linear4bit`` in ``model`` by an ``nn.Linear`` holding its dequantized weight."""
     names = nf4_modules(model)
     for name in names:
-        _set_module(model, name, _dequantized_linear(model.get_submodule(name), dtype))
+        swap_module(model, name, _dequantized_linear(model.get_submodule(name), dtype))
     return names
 
 

@@ -1,28 +1,53 @@
 """Quantization primitives: config, packed layout, quantize/dequantize/fake-quantize, quantized modules."""
 from ..kernels.layout import FORMAT_VERSION, container_bits, pack, unpack
-from .api import dequantize_, quantize_, quantized_modules, resolve_configs
+from .api import (
+    DEFAULT_KEY,
+    ConfigMap,
+    as_config_map,
+    dequantize_,
+    quantizable_modules,
+    quantize_,
+    quantize_module,
+    quantized_modules,
+    register_quantize_module_handler,
+    resolve_configs,
+    swap_module,
+)
 from .config import QuantConfig
 from .core import QTensor, dequantize, fake_quantize, quantize
 from .modules import QuantConv2d, QuantLinear
+from .recipe import RecipeError, bit_map_matches, layer_from_recipe, layer_recipe, model_recipe
 from .size import SizeReport, layer_table, model_size
 
 __all__ = [
+    "DEFAULT_KEY",
     "FORMAT_VERSION",
+    "ConfigMap",
     "QTensor",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
+    "RecipeError",
     "SizeReport",
+    "as_config_map",
+    "bit_map_matches",
     "container_bits",
     "dequantize",
     "dequantize_",
     "fake_quantize",
+    "layer_from_recipe",
+    "layer_recipe",
     "layer_table",
+    "model_recipe",
     "model_size",
     "pack",
+    "quantizable_modules",
     "quantize",
     "quantize_",
+    "quantize_module",
     "quantized_modules",
+    "register_quantize_module_handler",
     "resolve_configs",
+    "swap_module",
     "unpack",
 ]

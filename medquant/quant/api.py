@@ -1,24 +1,51 @@
-"""``quantize_``: swap the Linear / Conv2d layers of any model for packed quantized ones, in place.
+"""Which modules get quantized with which config, and the one place a module is swapped for its quantized version.
 
-Patterns (keys of the mapping, entries of ``skip``):
+``quantize_(model, config_or_map, skip=...)`` is built from four public pieces, which the sequential
+quantizer, the transformers loader and QLoRA use as well:
+
+* :func:`quantizable_modules` - the one traversal: the modules a config type can quantize (for
+  :class:`QuantConfig`: torch.nn's own ``Linear`` and ``Conv2d``, not inside ``nn.MultiheadAttention``, which
+  reads ``out_proj.weight`` directly; subclasses from other libraries, e.g. bitsandbytes' ``Linear4bit``, are
+  already quantized or compute differently);
+* :class:`ConfigMap` - which config each of them gets (patterns, default, skip; see below);
+* :func:`quantize_module` - the dispatch: the handler registered for the config's type with
+  :func:`register_quantize_module_handler` turns a float module into its quantized replacement;
+* :func:`swap_module` - the one swap: replaces the module bound to a name.
+
+Patterns (keys of a :class:`ConfigMap` or of a plain mapping, entries of ``skip``):
 
 * ``"model.layers.0.mlp.up_proj"`` - an exact module name: that module, or every module below it when it names
   a container (``"model.vision_tower"`` covers the whole tower);
 * ``"re:<regex>"`` - a regular expression that must match a module's full name (``re.fullmatch``);
 * ``"@vision"``, ``"@projector"``, ``"@language"``, ``"@head"`` - a role of a Hugging Face VLM/LM, resolved by
-  :func:`medquant.models.model_roles` (Gemma 3, LLaVA, Qwen2-VL, PaliGemma, Idefics3, SigLIP, ViT, LLaMA-style).
+  :func:`medquant.models.model_roles` (Gemma 3, LLaVA, Qwen2-VL, PaliGemma, Idefics3, SigLIP, ViT, LLaMA-style);
+* ``"_default"`` - every quantizable module no other pattern matches.
 
-Resolution: exact full-name matches first, then the other patterns in the order given; the first match decides.
-A value of ``None`` (or a config with 16/32 bits) leaves the module in floating point; an ``int`` is shorthand
-for ``QuantConfig(bits=int)``. ``skip`` wins over everything. A pattern that matches no module raises
-``ValueError`` naming the pattern: a skip list that silently misses is worse than an error.
+Precedence, for each quantizable module: (1) a pattern equal to its full name; (2) otherwise the first pattern, in
+insertion order, that matches it (a container name above it, a ``re:`` pattern or a role: these rank by order
+alone); (3) otherwise ``"_default"``; (4) otherwise it stays in floating point. The chosen value ``None`` (or a
+config with 16/32 bits) leaves the module in floating point; an ``int`` is shorthand for ``QuantConfig(bits=int)``.
+``skip`` wins over everything. A pattern that matches no module raises ``ValueError`` naming the pattern (a skip
+list that silently misses is worse than an error), and so does a pattern with a config that matches modules of
+which none is quantizable. A single config (not a mapping) is the map ``{"_default": config}``.
+
+What a :class:`QuantConfig` handler stores, per scale group (the tensor, a row, or ``group_size`` consecutive
+elements of a row) of a row with ``b`` bits: symmetric scales ``s = max|w| / (2^(b-1) - 1)``; asymmetric
+``s = (max' - min') / (2^b - 1)`` with ``min' = min(min w, 0)``, ``max' = max(max w, 0)``, zero point
+``z = round(-min'/s)``; codes ``u = clamp(round(w/s) + z, 0, 2^b - 1)`` (symmetric: ``z = 2^(b-1)``, the signed
+value clamped to ``+-(2^(b-1) - 1)`` first) and the layer computes with ``w^ = (u - z) * s``
+(:mod:`medquant.quant.core` has the 1-bit case and the epsilon of all-zero groups).
 """
 from __future__ import annotations
 
 import difflib
+import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from .config import QuantConfig
@@ -26,27 +53,285 @@ from .modules import QUANT_MODULES, QuantConv2d, QuantLinear
 
 ROLE_PREFIX = "@"
 REGEX_PREFIX = "re:"
+DEFAULT_KEY = "_default"
+_ROLES = ("vision", "projector", "language", "head")
+
+__all__ = [
+    "DEFAULT_KEY",
+    "ConfigMap",
+    "as_config_map",
+    "dequantize_",
+    "quantizable_modules",
+    "quantize_",
+    "quantize_module",
+    "quantized_modules",
+    "register_quantize_module_handler",
+    "resolve_configs",
+    "swap_module",
+]
 
 
-def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Conv2d modules that can be swapped (not inside nn.MultiheadAttention, which reads
-    ``out_proj.weight`` directly)."""
+# ---------------------------------------------------------------------------------------------- handlers
+@dataclass(frozen=True)
+class _Handler:
+    module_types: tuple[type[nn.Module], ...]
+    fn: Callable[[nn.Module, Any], nn.Module]
+
+
+_HANDLERS: dict[type, _Handler] = {}
+
+
+def register_quantize_module_handler(config_type: type, module_types: Iterable[type[nn.Module]] = (nn.Linear,
+                                                                                                  nn.Conv2d)):
+    """Decorator: ``fn(module, config) -> module`` quantizes modules of ``module_types`` for configs of
+    ``config_type`` (or a subclass). Registering a type again replaces its handler. Example::
+
+        @register_quantize_module_handler(MyConfig, (nn.Linear,))
+        def _my_linear(module, config):
+            return MyQuantLinear.from_float(module, config)
+    """
+    if not isinstance(config_type, type):
+        raise TypeError(f"config_type must be a class, got {config_type!r}")
+    types = tuple(module_types)
+    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise TypeError(f"module_types must be nn.Module subclasses, got {module_types!r}")
+
+    def decorator(fn: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
+        _HANDLERS[config_type] = _Handler(types, fn)
+        return fn
+
+    return decorator
+
+
+def _handler(config_type: type) -> _Handler:
+    for cls in config_type.__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise TypeError(f"no quantization handler is registered for {config_type.__name__}; register one with "
+                    "medquant.quant.register_quantize_module_handler")
+
+
+def quantize_module(module: nn.Module, config: Any, *, name: str | None = None) -> nn.Module:
+    """The quantized replacement of ``module`` made by the handler registered for ``type(config)``, in the same
+    train/eval mode. ``module`` itself is not changed. Errors are prefixed with ``name`` when given."""
+    handler = _handler(type(config))
+    if not isinstance(module, handler.module_types):
+        accepted = " or ".join(t.__name__ for t in handler.module_types)
+        raise TypeError(f"{name + ': ' if name else ''}{type(config).__name__} quantizes {accepted} modules, "
+                        f"got {type(module).__name__}")
+    try:
+        q = handler.fn(module, config)
+    except (ValueError, TypeError) as e:
+        if name is None:
+            raise
+        raise type(e)(f"{name}: {e}") from None
+    q.train(module.training)
+    return q
+
+
+_CHUNK_ROWS = 4096  # rows quantized at a time in large Linear layers (bounds the float temporaries)
+
+
+@register_quantize_module_handler(QuantConfig, (nn.Linear, nn.Conv2d))
+def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Module:
+    """``QuantLinear/QuantConv2d.from_float(module, config)``. A Linear with more than ``_CHUNK_ROWS`` rows
+    (``lm_head``) is quantized ``_CHUNK_ROWS`` rows at a time and the row blocks of its buffers concatenated:
+    bit-identical, since with per-channel or per-group scales and one bit-width for every row each row is
+    quantized on its own (per-tensor scales and mixed per-row bit-widths take the one-shot path)."""
+    if not isinstance(module, nn.Linear):
+        return QuantConv2d.from_float(module, config)
+    w = module.weight.detach()
+    rows = w.shape[0]
+    if rows <= _CHUNK_ROWS or config.scope == "tensor" or config.channel_bits is not None \
+            or not 1 <= config.bits <= 8:
+        return QuantLinear.from_float(module, config)
+    parts = []
+    for start in range(0, rows, _CHUNK_ROWS):
+        chunk = w[start:start + _CHUNK_ROWS]
+        with torch.device("meta"):
+            tmp = nn.Linear(module.in_features, chunk.shape[0], bias=False)
+        tmp.weight = nn.Parameter(chunk, requires_grad=False)
+        parts.append(dict(QuantLinear.from_float(tmp, config).named_buffers()))
+    q = QuantLinear(module.in_features, rows, module.bias is not None, config, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        for name, buf in q.named_buffers():
+            buf.copy_(torch.cat([p[name] for p in parts]))
+        if module.bias is not None:
+            q.bias.copy_(module.bias.detach())
+    return q
+
+
+# ---------------------------------------------------------------------------------------------- traversal, swap
+def quantizable_modules(model: nn.Module, config_type: type = QuantConfig) -> dict[str, nn.Module]:
+    """Name -> module, in ``named_modules`` order, of the modules that configs of ``config_type`` quantize: the
+    module types its handler was registered for, torch.nn's own classes only, not inside
+    ``nn.MultiheadAttention``. A module bound to several names is listed once, under its first name."""
+    types = _handler(config_type).module_types
     out = {}
     skip_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, m in model.named_modules():
-        # torch.nn's own classes only: subclasses from other libraries (bitsandbytes' Linear4bit, ...) are
-        # already quantized or compute differently
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and type(m).__module__.startswith("torch.nn"):
+        if isinstance(m, types) and type(m).__module__.startswith("torch.nn"):
             if any(name.startswith(p) for p in skip_prefixes):
                 continue
             out[name] = m
     return out
 
 
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Bind ``new`` to the submodule path ``name`` of ``model`` and return the module it replaces.
+
+    Only that name changes: another name bound to the same module object (a shared module) keeps the old one,
+    and parameters tied to the old module's (a tied ``lm_head``) stay with the old tensors; the transformers
+    integration drops such ties for the modules it quantizes.
+    """
+    if not name:
+        raise ValueError("swap_module needs a submodule name; the root module cannot be swapped")
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if attr not in parent._modules:
+        raise AttributeError(f"{type(model).__name__} has no submodule {name!r}")
+    old = parent._modules[attr]
+    setattr(parent, attr, new)
+    return old
+
+
+# ---------------------------------------------------------------------------------------------- config map
+def _as_config(value: Any, pattern: str) -> QuantConfig | None:
+    if value is None or isinstance(value, QuantConfig):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return QuantConfig(bits=value)
+    if isinstance(value, Mapping):
+        try:
+            return QuantConfig.from_dict(dict(value))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"value for pattern {pattern!r} is not a valid QuantConfig: {e}") from None
+    raise TypeError(
+        f"value for pattern {pattern!r} must be a QuantConfig, an int bit-width or None, got {type(value).__name__}"
+    )
+
+
+def _check_skip(skip: Iterable[str] | None) -> tuple[str, ...]:
+    if skip is None:
+        return ()
+    if isinstance(skip, str):
+        raise TypeError("skip must be a list of patterns, not a single string")
+    out = tuple(skip)
+    for p in out:
+        if not isinstance(p, str) or not p:
+            raise TypeError(f"module patterns must be non-empty strings, got {p!r}")
+    return out
+
+
+class ConfigMap(Mapping):
+    """An immutable per-module config map: ``pattern -> QuantConfig | None`` plus ``skip`` patterns.
+
+    Keys are exact module names, ``"re:<regex>"``, roles (``"@language"``...) and ``"_default"``; values are
+    :class:`QuantConfig` (an ``int`` or a QuantConfig dict is converted), or ``None`` to keep the matched
+    modules in floating point. The precedence is the module docstring's: exact name, then the first matching
+    pattern in insertion order, then ``"_default"``; ``skip`` wins over everything. It is a ``Mapping`` (so it
+    compares equal to a plain dict with the same entries and no ``skip``), hashable, and round-trips through JSON
+    (:meth:`to_dict` / :meth:`from_dict`). :func:`quantize_` accepts it like a plain mapping.
+
+    Example::
+
+        ConfigMap({"@vision": None, "re:.*mlp.*": QuantConfig(2), "_default": QuantConfig(4)}, skip=["@head"])
+    """
+
+    __slots__ = ("_entries", "_skip")
+
+    def __init__(self, entries: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), *,
+                 skip: Iterable[str] | None = None) -> None:
+        extra_skip: tuple[str, ...] = ()
+        if isinstance(entries, ConfigMap):
+            extra_skip = entries.skip
+        pairs = entries.items() if isinstance(entries, Mapping) else entries
+        out: dict[str, QuantConfig | None] = {}
+        for pattern, value in pairs:
+            if not isinstance(pattern, str) or not pattern:
+                raise TypeError(f"module patterns must be non-empty strings, got {pattern!r}")
+            if pattern in out:
+                raise ValueError(f"pattern {pattern!r} is given twice")
+            out[pattern] = _as_config(value, pattern)
+        merged = extra_skip + tuple(p for p in _check_skip(skip) if p not in extra_skip)
+        object.__setattr__(self, "_entries", out)
+        object.__setattr__(self, "_skip", merged)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("ConfigMap is immutable; build a new one (ConfigMap({**old, key: value}, skip=...))")
+
+    # Mapping
+    def __getitem__(self, pattern: str) -> QuantConfig | None:
+        return self._entries[pattern]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ConfigMap):
+            return list(self._entries.items()) == list(other._entries.items()) and self._skip == other._skip
+        if isinstance(other, Mapping):
+            return not self._skip and self._entries == dict(other.items())
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((tuple(self._entries.items()), self._skip))
+
+    def __repr__(self) -> str:
+        skip = f", skip={list(self._skip)!r}" if self._skip else ""
+        return f"ConfigMap({self._entries!r}{skip})"
+
+    @property
+    def skip(self) -> tuple[str, ...]:
+        """Patterns left in floating point whatever else matches them."""
+        return self._skip
+
+    @property
+    def default(self) -> QuantConfig | None:
+        """The ``"_default"`` entry (``None`` when absent: unmatched modules stay in floating point)."""
+        return self._entries.get(DEFAULT_KEY)
+
+    def resolve(self, model: nn.Module) -> dict[str, QuantConfig]:
+        """Module name -> QuantConfig of every module of ``model`` this map quantizes (floating-point modules are
+        absent), in ``named_modules`` order. Raises ``ValueError`` on patterns that match nothing."""
+        return _resolve(model, self)
+
+    # JSON
+    def to_dict(self) -> dict[str, Any]:
+        """``{"map": {pattern: QuantConfig dict | None}, "skip": [patterns]}`` (JSON-serialisable)."""
+        return {"map": {k: (None if v is None else v.to_dict()) for k, v in self._entries.items()},
+                "skip": list(self._skip)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ConfigMap:
+        """Inverse of :meth:`to_dict`."""
+        unknown = set(d) - {"map", "skip"}
+        if unknown or "map" not in d:
+            raise ValueError(f"a ConfigMap dict has the keys 'map' and 'skip', got {sorted(d)}")
+        return cls(d["map"], skip=d.get("skip") or ())
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str) -> ConfigMap:
+        return cls.from_dict(json.loads(s))
+
+
+def as_config_map(config_or_map: QuantConfig | int | Mapping[str, Any] | None, *,
+                  skip: Iterable[str] | None = None) -> ConfigMap:
+    """The :class:`ConfigMap` of what :func:`quantize_` takes: a map as it is, one config (or int bit-width,
+    or ``None``) as ``{"_default": config}``; ``skip`` is added to the map's own."""
+    if isinstance(config_or_map, Mapping):
+        return ConfigMap(config_or_map, skip=skip)
+    return ConfigMap({DEFAULT_KEY: _as_config(config_or_map, "<all>")}, skip=skip)
+
+
 class _Pattern:
     def __init__(self, pattern: str, model: nn.Module, all_names: list[str]):
-        if not isinstance(pattern, str) or not pattern:
-            raise TypeError(f"module patterns must be non-empty strings, got {pattern!r}")
         self.text = pattern
         self.kind = "exact"
         if pattern.startswith(REGEX_PREFIX):
@@ -60,18 +345,16 @@ class _Pattern:
             from ..models import model_roles
 
             role = pattern[len(ROLE_PREFIX):]
+            if role not in _ROLES:
+                raise ValueError(f"unknown role pattern {pattern!r}; accepted: " + ", ".join("@" + r for r in _ROLES))
             roles = model_roles(model)
-            valid = ("vision", "projector", "language", "head")
-            if role not in valid:
-                raise ValueError(f"unknown role pattern {pattern!r}; accepted: " + ", ".join("@" + r for r in valid))
             if role not in roles:
                 raise ValueError(
                     f"pattern {pattern!r}: {type(model).__name__} has no {role} part "
                     f"(it has: {', '.join('@' + r for r in roles) or 'no known roles - use explicit names'})"
                 )
             self.prefixes = list(roles[role])
-        matched = [n for n in all_names if self.matches(n)]
-        if not matched:
+        if not any(self.matches(n) for n in all_names):
             hint = difflib.get_close_matches(pattern, all_names, n=3)
             raise ValueError(
                 f"pattern {pattern!r} matches no module of {type(model).__name__}"
@@ -87,14 +370,25 @@ class _Pattern:
         return any(name == p or name.startswith(p + ".") for p in self.prefixes)
 
 
-def _as_config(value, pattern: str) -> QuantConfig | None:
-    if value is None or isinstance(value, QuantConfig):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return QuantConfig(bits=value)
-    raise TypeError(
-        f"value for pattern {pattern!r} must be a QuantConfig, an int bit-width or None, got {type(value).__name__}"
-    )
+def _resolve(model: nn.Module, cmap: ConfigMap) -> dict[str, QuantConfig]:
+    all_names = [n for n, _ in model.named_modules() if n]
+    targets = quantizable_modules(model, QuantConfig)
+    skip_patterns = [_Pattern(p, model, all_names) for p in cmap.skip]
+    entries = [(_Pattern(p, model, all_names), cfg) for p, cfg in cmap.items() if p != DEFAULT_KEY]
+    for pat, cfg in entries:
+        if cfg is not None and not any(pat.matches(n) for n in targets):
+            raise ValueError(
+                f"pattern {pat.text!r} matches modules but none of them is an nn.Linear or nn.Conv2d to quantize"
+            )
+    has_default = DEFAULT_KEY in cmap
+    plan: dict[str, QuantConfig] = {}
+    for name in targets:
+        exact = [e for e in entries if e[0].kind == "exact" and e[0].text == name]
+        chosen = exact[0] if exact else next((e for e in entries if e[0].matches(name)), None)
+        cfg = chosen[1] if chosen is not None else (cmap.default if has_default else None)
+        if cfg is not None and not cfg.is_float and not any(p.matches(name) for p in skip_patterns):
+            plan[name] = cfg
+    return plan
 
 
 def resolve_configs(
@@ -103,42 +397,13 @@ def resolve_configs(
     *,
     skip: Iterable[str] | None = None,
 ) -> dict[str, QuantConfig]:
-    """Which config each quantizable module gets (modules left in float are absent). Raises on bad patterns."""
-    if isinstance(skip, str):
-        raise TypeError("skip must be a list of patterns, not a single string")
-    all_names = [n for n, _ in model.named_modules() if n]
-    targets = _quantizable(model)
-    skip_patterns = [_Pattern(p, model, all_names) for p in (skip or [])]
-    plan: dict[str, QuantConfig] = {}
-    if isinstance(config_or_map, Mapping):
-        entries = [(_Pattern(p, model, all_names), _as_config(v, p)) for p, v in config_or_map.items()]
-        for pat, cfg in entries:
-            if cfg is not None and not any(pat.matches(n) for n in targets):
-                raise ValueError(
-                    f"pattern {pat.text!r} matches modules but none of them is an nn.Linear or nn.Conv2d to quantize"
-                )
-        for name in targets:
-            exact = [e for e in entries if e[0].kind == "exact" and e[0].text == name]
-            chosen = exact[0] if exact else next((e for e in entries if e[0].matches(name)), None)
-            if chosen is not None and chosen[1] is not None:
-                plan[name] = chosen[1]
-    else:
-        cfg = _as_config(config_or_map, "<all>")
-        if cfg is None:
-            return {}
-        plan = {name: cfg for name in targets}
-    for name in list(plan):
-        if any(p.matches(name) for p in skip_patterns) or plan[name].is_float:
-            del plan[name]
-    return plan
+    """Which config each quantizable module gets (modules left in float are absent). Raises on bad patterns.
+
+    ``config_or_map`` is a :class:`ConfigMap`, a plain mapping of patterns, or one config for every module."""
+    return as_config_map(config_or_map, skip=skip).resolve(model)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
+# ---------------------------------------------------------------------------------------------- quantize_
 def quantize_(
     model: nn.Module,
     config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
@@ -152,6 +417,7 @@ def quantize_(
     Example::
 
         quantize_(vlm, {"@language": QuantConfig(bits=4), "@vision": None}, skip=["@head"])
+        quantize_(vlm, ConfigMap({"@vision": None, "_default": QuantConfig(4)}, skip=["@head"]))
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -168,15 +434,9 @@ def quantize_(
         mod = model.get_submodule(name)
         if filter_fn is not None and not filter_fn(mod, name):
             continue
-        qcls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
-        try:
-            q = qcls.from_float(mod, cfg)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"{name}: {e}") from None
-        q.train(mod.training)
-        built.append((name, q))
+        built.append((name, quantize_module(mod, cfg, name=name)))
     for name, q in built:
-        _set_submodule(model, name, q)
+        swap_module(model, name, q)
     return model
 
 
@@ -188,5 +448,5 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear / QuantConv2d by the float layer it computes with (in place)."""
     for name, m in list(quantized_modules(model).items()):
-        _set_submodule(model, name, m.to_float())
+        swap_module(model, name, m.to_float())
     return model

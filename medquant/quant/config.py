@@ -1,4 +1,4 @@
-"""Quantization configuration (SPEC section 1).
+"""Quantization configuration.
 
 ``QuantConfig`` is a frozen dataclass: it is hashable, compares by value and round-trips through JSON
 (``to_dict`` / ``from_dict``), which is what lets a quantized model be saved with the exact recipe of every

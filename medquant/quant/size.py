@@ -1,8 +1,8 @@
-"""Size accounting: every stored byte, and effective bits (SPEC section 1).
+"""Size accounting: every stored byte, and effective bits.
 
 * ``stored bytes`` counts every tensor a saved model holds (packed codes, scales, zero points, bit maps,
   float rows, biases, norms, embeddings; tied tensors once) plus the JSON metadata recording each quantized
-  module's recipe.
+  module's recipe (:func:`medquant.quant.recipe.model_recipe`).
 * ``effective bits`` is the parameter-weighted mean of the nominal bit-widths of the Linear/Conv2d weights:
   quantized rows count their bits (pruned rows 0), float layers their dtype's width.
 """
@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .modules import QUANT_MODULES
+from .recipe import model_recipe
 
 
 @dataclass
@@ -35,24 +36,6 @@ class SizeReport:
         return d
 
 
-def quant_metadata(model: nn.Module) -> dict:
-    """Per-module recipe of every quantized layer: what a saved model records next to its tensors."""
-    meta = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QUANT_MODULES):
-            entry = {"type": type(m).__name__, "config": m.config.to_dict(), "bias": m.bias is not None}
-            if hasattr(m, "in_features"):
-                entry.update(in_features=m.in_features, out_features=m.out_features)
-            else:
-                entry.update(in_channels=m.in_channels, out_channels=m.out_channels,
-                             kernel_size=list(m.kernel_size), stride=list(m.stride),
-                             padding=m.padding if isinstance(m.padding, str) else list(m.padding),
-                             dilation=list(m.dilation), groups=m.groups)
-            entry["dtype"] = str(m.bias.dtype).replace("torch.", "") if m.bias is not None else "float32"
-            meta[name] = entry
-    return meta
-
-
 def model_size(model: nn.Module) -> SizeReport:
     seen: set[tuple[int, int]] = set()
     tensor_bytes = 0
@@ -62,7 +45,7 @@ def model_size(model: nn.Module) -> SizeReport:
             continue
         seen.add(key)
         tensor_bytes += t.numel() * t.element_size()
-    meta = quant_metadata(model)
+    meta = model_recipe(model)
     meta_bytes = len(json.dumps(meta).encode()) if meta else 0
     lw_bytes = 0
     params = 0

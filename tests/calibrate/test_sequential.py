@@ -11,11 +11,11 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
-from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn, zoo_params
 
 from medquant import QuantConfig, QuantLinear, quantize_
-from medquant.quant.api import quantized_modules, resolve_configs
 from medquant.calibrate.sequential import BlockInputs, CheckpointSource, quantize_sequential
+from medquant.quant.api import quantized_modules, resolve_configs
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn, zoo_params
 
 ROW_PATTERN = (2, 4, 8, 16, 0, 3)
 
@@ -196,12 +196,12 @@ def test_checkpoint_source_reads_what_safetensors_reads(tmp_path):
 @pytest.mark.parametrize("cfg", [QuantConfig(3, group_size=64), QuantConfig(4, scope="channel", symmetric=False)])
 def test_large_layers_quantized_in_row_chunks_are_bit_identical(cfg, monkeypatch):
     """Layers above the chunk size (here 48 rows: every layer, uneven last chunk) give the one-shot buffers."""
-    import medquant.calibrate.sequential as seq_mod
+    import medquant.quant.api as api_mod
 
-    monkeypatch.setattr(seq_mod, "_CHUNK_ROWS", 48)
     entry = ZOO_BY_NAME["llama"]
     whole, seq = entry.build(), entry.build()
     quantize_(whole, cfg)
+    monkeypatch.setattr(api_mod, "_CHUNK_ROWS", 48)
     rows_seen = []
     orig = QuantLinear.from_float.__func__
 

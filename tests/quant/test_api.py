@@ -1,0 +1,149 @@
+"""The traversal, the swap, the handler registry and ConfigMap's precedence of medquant.quant.api."""
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from medquant.quant import (
+    ConfigMap,
+    QuantConfig,
+    QuantLinear,
+    quantizable_modules,
+    quantize_,
+    quantize_module,
+    register_quantize_module_handler,
+    resolve_configs,
+    swap_module,
+)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    enc = nn.Sequential(OrderedDict(a=nn.Linear(32, 32), b=nn.Linear(32, 32)))
+    return nn.Sequential(OrderedDict(enc=enc, act=nn.ReLU(), head=nn.Linear(32, 8)))
+
+
+def _bits(plan: dict) -> dict:
+    return {n: c.bits for n, c in plan.items()}
+
+
+def test_precedence_exact_then_insertion_order_then_default():
+    m = _model()
+    # an exact name beats an earlier pattern
+    assert _bits(resolve_configs(m, ConfigMap({"re:.*": 2, "enc.a": 8}))) == {"enc.a": 8, "enc.b": 2, "head": 2}
+    # a container name, a regex and a role rank by insertion order alone
+    assert _bits(resolve_configs(m, ConfigMap({r"re:enc\..*": 3, "enc": 5}))) == {"enc.a": 3, "enc.b": 3}
+    assert _bits(resolve_configs(m, ConfigMap({"enc": 5, r"re:enc\..*": 3}))) == {"enc.a": 5, "enc.b": 5}
+    # the default takes what nothing else matched; without it that stays float
+    assert _bits(resolve_configs(m, ConfigMap({"enc": 4, "_default": 8}))) == {"enc.a": 4, "enc.b": 4, "head": 8}
+    assert _bits(resolve_configs(m, {"enc": 4})) == {"enc.a": 4, "enc.b": 4}
+    # None keeps float (also against the default); skip wins over everything; 16 bits means float
+    assert _bits(resolve_configs(m, ConfigMap({"enc.a": None, "_default": 4}))) == {"enc.b": 4, "head": 4}
+    assert _bits(resolve_configs(m, ConfigMap({"head": 8, "_default": 4}, skip=["head"]))) == {"enc.a": 4,
+                                                                                             "enc.b": 4}
+    assert _bits(resolve_configs(m, ConfigMap({"enc.b": 16, "_default": 4}))) == {"enc.a": 4, "head": 4}
+
+
+def test_plain_dicts_single_configs_and_config_maps_resolve_alike():
+    m = _model()
+    d = {"re:.*b": QuantConfig(2), "_default": 4}
+    assert resolve_configs(m, d, skip=["head"]) == resolve_configs(m, ConfigMap(d, skip=["head"]))
+    assert resolve_configs(m, QuantConfig(3)) == resolve_configs(m, ConfigMap({"_default": QuantConfig(3)}))
+    assert resolve_configs(m, None) == {}
+    with pytest.raises(ValueError, match="matches no module"):
+        resolve_configs(m, ConfigMap({"enc.c": 4}))
+    with pytest.raises(ValueError, match="matches no module"):
+        resolve_configs(m, ConfigMap({"_default": 4}, skip=["nope"]))
+    with pytest.raises(ValueError, match="none of them is an nn.Linear"):
+        resolve_configs(m, {"act": 4})
+    with pytest.raises(TypeError, match="single string"):
+        ConfigMap({}, skip="head")
+
+
+def test_config_map_is_an_immutable_json_round_tripping_mapping():
+    cm = ConfigMap({"@language": 4, "re:.*mlp.*": QuantConfig(2, scope="channel"), "x": None,
+                    "_default": QuantConfig(8, channel_bits=(2, 4))}, skip=["@head"])
+    assert cm["@language"] == QuantConfig(4) and cm.default == QuantConfig(8, channel_bits=(2, 4))
+    assert list(cm) == ["@language", "re:.*mlp.*", "x", "_default"] and cm.skip == ("@head",)
+    again = ConfigMap.from_json(cm.to_json())
+    assert again == cm and hash(again) == hash(cm)
+    assert ConfigMap({"a": 4}) == {"a": QuantConfig(4)}  # a Mapping: equal to the plain dict it holds
+    assert cm != dict(cm)  # ... but not when it skips something
+    assert ConfigMap(cm, skip=["x"]).skip == ("@head", "x")
+    with pytest.raises(AttributeError, match="immutable"):
+        cm.skip = ()
+    with pytest.raises(TypeError, match="must be a QuantConfig"):
+        ConfigMap({"a": "4"})
+    with pytest.raises(ValueError, match="given twice"):
+        ConfigMap([("a", 4), ("a", 2)])
+
+
+def test_quantize_accepts_a_config_map_like_a_dict():
+    a, b = _model(), _model()
+    quantize_(a, {"enc.a": 2, "re:.*": QuantConfig(4, group_size=32)})
+    quantize_(b, ConfigMap({"enc.a": 2, "_default": QuantConfig(4, group_size=32)}))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_traversal_leaves_multihead_attention_and_foreign_subclasses():
+    class Foreign(nn.Linear):
+        pass
+
+    Foreign.__module__ = "somelib.layers"
+    m = nn.Sequential(OrderedDict(mha=nn.MultiheadAttention(16, 2), lin=nn.Linear(16, 16), foreign=Foreign(4, 4),
+                                  conv=nn.Conv2d(3, 4, 3)))
+    assert list(quantizable_modules(m)) == ["lin", "conv"]
+
+
+def test_swap_module_replaces_one_name_and_returns_the_old_module():
+    m = _model()
+    shared = m.enc.a
+    m.alias = shared  # the same module under a second name
+    new = nn.Identity()
+    assert swap_module(m, "enc.a", new) is shared
+    assert m.enc.a is new and m.alias is shared
+    assert swap_module(m, "enc.a", shared) is new
+    with pytest.raises(AttributeError, match="no submodule"):
+        swap_module(m, "enc.z", new)
+    with pytest.raises(ValueError, match="root"):
+        swap_module(m, "", new)
+
+
+@dataclass(frozen=True)
+class _HalfConfig:
+    scale: float = 0.5
+
+
+class _Scaled(nn.Module):
+    def __init__(self, inner: nn.Linear, scale: float) -> None:
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+@register_quantize_module_handler(_HalfConfig, (nn.Linear,))
+def _scaled_linear(module, config):
+    if config.scale <= 0:
+        raise ValueError("scale must be positive")
+    return _Scaled(module, config.scale)
+
+
+def test_handlers_are_dispatched_by_config_type():
+    lin = nn.Linear(4, 4).eval()
+    q = quantize_module(lin, _HalfConfig())
+    assert isinstance(q, _Scaled) and not q.training  # same train/eval mode as the module it replaces
+    x = torch.randn(2, 4)
+    assert torch.equal(q(x), lin(x) * 0.5)
+    assert isinstance(quantize_module(nn.Linear(64, 8), QuantConfig(4)), QuantLinear)
+    with pytest.raises(TypeError, match="quantizes Linear modules, got Conv2d"):
+        quantize_module(nn.Conv2d(3, 3, 1), _HalfConfig())
+    with pytest.raises(ValueError, match="^layer.x: scale must be positive"):
+        quantize_module(lin, _HalfConfig(-1.0), name="layer.x")
+    with pytest.raises(TypeError, match="no quantization handler"):
+        quantize_module(lin, object())
+    assert list(quantizable_modules(_model(), _HalfConfig)) == ["enc.a", "enc.b", "head"]
