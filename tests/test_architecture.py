@@ -288,12 +288,13 @@ def _private_imports(top: str) -> list[str]:
             for i, part in enumerate(dotted):
                 if not _is_private(part):
                     continue
-                # the package that owns the private name: the one holding the private module, or holding the
-                # module that defines the private name
-                owner_parts = dotted[:i] if i and ".".join(dotted[:i + 1]) in modules else dotted[: max(i - 1, 1)]
-                owner = ".".join(owner_parts)
-                if not _is_package(owner, modules):
-                    owner = ".".join(owner_parts[:-1])
+                # the package that owns the private name: the package holding a private module, the package
+                # whose __init__ defines the name, or the package of the module that defines it
+                prefix = ".".join(dotted[:i])
+                if ".".join(dotted[:i + 1]) in modules or _is_package(prefix, modules):
+                    owner = prefix
+                else:
+                    owner = ".".join(dotted[:i - 1])
                 if importer != owner and not importer.startswith(owner + "."):
                     where = path.relative_to(REPO)
                     bad.append(f"{where}:{line}: imports {'.'.join(dotted)} (private to {owner})")
@@ -333,6 +334,17 @@ def test_no_sys_path_edits_in_tests_or_benchmarks():
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
             bad += [f"{path.relative_to(REPO)}:{line}" for line in _touches_sys_path(tree)]
     assert not bad, "sys.path touched (import the installed package / run with python -m):\n  " + "\n  ".join(bad)
+
+
+def test_the_checker_itself():
+    """Positive controls: relative imports resolve, a cycle is found, a private name's owner is its package."""
+    assert _resolve_relative("medquant.quant.api", False, 2, "kernels.layout") == "medquant.kernels.layout"
+    assert _resolve_relative("medquant.quant", True, 1, "api") == "medquant.quant.api"
+    assert _resolve_relative("medquant.quant.api", False, 1, None) == "medquant.quant"
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _strongly_connected(set(edges), edges) == [["a", "b", "c"]]
+    assert _cycle_path(["a", "b", "c"], edges) == ["a", "b", "c", "a"]
+    assert _component("medquant.quant.core") == "quant" and _component("medquant") == ""
 
 
 def test_sys_path_rule_sees_an_edit():
