@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.api import quantize_
+from ..quant.api import ConfigMap, quantize_
 from ..quant.config import QuantConfig
 from .allocation_rules import (
     ALLOCATION_SCOPES,
@@ -160,9 +160,10 @@ class FairQuantAllocator:
             out[name] = tuple(bs) if self.scope == "channel" else tuple(bs) * rows
         return out
 
-    def to_quant_map(self, scale_dtype: str = "float16") -> dict[str, QuantConfig]:
-        """The mapping :func:`medquant.quantize_` consumes: symmetric weights, per-output-channel scales and bits
-        (``scope="channel"``), or one bit-width and one scale per tensor (``scope="tensor"``)."""
+    def to_quant_map(self, scale_dtype: str = "float16") -> ConfigMap:
+        """The :class:`~medquant.quant.ConfigMap` :func:`medquant.quantize_` consumes (exact layer names):
+        symmetric weights, per-output-channel scales and bits (``scope="channel"``), or one bit-width and one scale
+        per tensor (``scope="tensor"``)."""
         self._check_fitted()
         out = {}
         for name, bs in self.bit_map_.items():
@@ -171,7 +172,7 @@ class FairQuantAllocator:
                                         scale_dtype=scale_dtype)
             else:
                 out[name] = QuantConfig(bits=bs[0], scope="tensor", symmetric=True, scale_dtype=scale_dtype)
-        return out
+        return ConfigMap(out)
 
     def apply(self, model: nn.Module, progress: bool = False) -> nn.Module:
         """``quantize_(model, self.to_quant_map())`` in place; returns the model."""

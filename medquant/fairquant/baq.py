@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import distributed as mqd
-from ..quant.api import quantize_
+from ..quant.api import ConfigMap, quantize_
 from ..quant.config import QuantConfig
 from ..quant.core import scale_eps
 from ..training import train_steps
@@ -308,14 +308,17 @@ class BAQWrapper:
                                              "avg_bits_cont": float(rate.detach())}
 
     # ------------------------------------------------------------------ export
-    def quant_map(self, **kw) -> dict[str, QuantConfig]:
+    def quant_map(self, **kw) -> ConfigMap:
+        """The discretised bits (:meth:`bits`, same keywords) as the :class:`~medquant.quant.ConfigMap`
+        :func:`medquant.quantize_` takes: symmetric weights with per-channel scales and ``channel_bits``
+        (``scope="channel"``) or one scale and bit-width per tensor."""
         out = {}
         for n, b in self.bits(**kw).items():
             if self.scope == "channel":
                 out[n] = QuantConfig(bits=max(b), scope="channel", symmetric=True, channel_bits=b)
             else:
                 out[n] = QuantConfig(bits=b[0], scope="tensor", symmetric=True)
-        return out
+        return ConfigMap(out)
 
     def export(self, project: bool = True, tolerance: float = 0.1) -> nn.Module:
         """Remove the BAQ parametrizations (keeping the trained float weights) and ``quantize_`` the model with the

@@ -7,6 +7,7 @@ import torch
 
 from medquant.fairquant import FairQuantAllocator, allocate_by_quantile, allocate_by_rank, allocate_to_budget
 from medquant.fairquant.importance import GroupImportance
+from medquant.quant import ConfigMap
 from tests.fairquant.fq_helpers import grouped_batches, tiny_mlp
 
 
@@ -158,6 +159,7 @@ def test_per_tensor_scope_and_reducers_from_group_maps():
     assert {k: v[0] for k, v in a.bit_map_.items()} == want
     assert a.bit_map()["a"] == (want["a"],) * 4
     qm = a.to_quant_map()
+    assert isinstance(qm, ConfigMap) and set(qm) == set(shapes) and not qm.skip
     assert qm["a"].scope == "tensor" and qm["a"].symmetric is True and qm["a"].bits == want["a"]
     n = {k: s[0] * s[1] for k, s in shapes.items()}
     assert a.average_bits_ == pytest.approx(sum(want[k] * n[k] for k in n) / sum(n.values()))

@@ -8,7 +8,7 @@ from torch import nn
 import medquant
 from medquant.fairquant import FairQuantAllocator
 from medquant.fairquant.baq import BAQWeight, BAQWrapper, finite_difference_bits
-from medquant.quant.api import quantized_modules
+from medquant.quant.api import ConfigMap, quantized_modules
 from medquant.testing.zoo import tiny_cnn
 from tests.fairquant.fq_helpers import grouped_batches, tiny_mlp
 
@@ -98,6 +98,7 @@ def test_export_bits_equal_discretised_logits_and_weights(tmp_path):
         w_baq = {n: model.get_submodule(n).weight.clone() for n in w.params}
         y_baq = model(x)
     w.export(project=False)
+    assert isinstance(w.params_exported, ConfigMap) and set(w.params_exported) == set(raw)
     q = quantized_modules(model)
     assert {n: tuple(m.row_bits().tolist()) for n, m in q.items()} == raw
     for n, m in q.items():

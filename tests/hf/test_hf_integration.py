@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import medquant.hf
 from medquant import QuantConfig, quantize_
 from medquant.hf import MedQuantConfig, MedQuantHfQuantizer
-from medquant.quant.api import quantized_modules, resolve_configs
+from medquant.quant.api import ConfigMap, quantized_modules, resolve_configs
 from medquant.quant.modules import QUANT_MODULES
 from medquant.testing.zoo import ZOO_BY_NAME, zoo_params
 
@@ -136,6 +136,10 @@ def test_config_json_round_trip_and_validation():
     assert again == cfg
     assert again.quantize_spec() == {"@language": QuantConfig(4), "re:.*mlp.*": QuantConfig(2, scope="channel"),
                                      "@head": None}
+    # the whole spec as one config object: the patterns plus skip; one config becomes the "_default" entry
+    assert again.to_config_map() == ConfigMap(again.quantize_spec(), skip=["@vision"])
+    assert MedQuantConfig(QuantConfig(3), skip=["lm_head"]).to_config_map() == ConfigMap(
+        {"_default": QuantConfig(3)}, skip=["lm_head"])
     with pytest.raises(ValueError, match="unknown MedQuantConfig fields"):
         MedQuantConfig.from_dict({"quant_method": "medquant", "bitz": 4})
     with pytest.raises(ValueError, match="bits=5"[:4]):
