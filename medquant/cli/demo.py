@@ -14,6 +14,8 @@ from torch import nn
 
 
 def _default_data_dir() -> Path:
+    """``$MEDQUANT_DATA_DIR``, else ``../shared/data`` relative to the working directory (a source checkout next
+    to the data); ``run`` falls back to a synthetic task when PneumoniaMNIST is not there."""
     env = os.environ.get("MEDQUANT_DATA_DIR")
     if env:
         return Path(env)
@@ -111,8 +113,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="quantize a tiny CNN trained on chest X-rays and print a size/accuracy table",
                        description=__doc__)
     p.add_argument("--data-dir", default=str(_default_data_dir()),
-                   help="folder holding pneumoniamnist/pneumoniamnist.npz (default: $MEDQUANT_DATA_DIR or "
-                        "../shared/data); without it a synthetic task is used")
+                   help="folder holding pneumoniamnist/pneumoniamnist.npz (default: $MEDQUANT_DATA_DIR, else "
+                        "../shared/data relative to the working directory); without it a synthetic task is used")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="directory to save the int4 model to")

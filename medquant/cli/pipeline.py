@@ -66,7 +66,8 @@ def register(sub) -> None:
     p.add_argument("--heads", type=float, default=0.3)
     p.add_argument("--ffn", type=float, default=0.3)
     p.add_argument("--gqa", choices=["query", "group"], default="query")
-    p.add_argument("--layer-select", action="store_true", help="seed 004 per-layer ratios")
+    p.add_argument("--layer-select", action="store_true",
+                   help="per-layer ratios from block influence (mean = --heads / --ffn)")
     p.add_argument("--train", choices=["distil", "finetune", "none"], default="distil")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=4)

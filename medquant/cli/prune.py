@@ -6,7 +6,7 @@ Example::
     medquant prune path/to/smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out pruned/ --layer-select
 
 Calibration text (for ``activation`` / ``taylor`` importance and ``--layer-select``): ``--calib-text FILE`` (one
-sample per line) or, by default, the IU X-ray train reports from ``$MEDQUANT_DATA_DIR`` (``../shared/data``).
+sample per line) or, by default, the IU X-ray train reports from ``$MEDQUANT_DATA_DIR``.
 The result is saved with :func:`medquant.prune.save_pruned` (reload with :func:`medquant.prune.load_pruned`),
 plus a parameter table; ``--layer-select`` also writes ``block_influence.png`` and per-layer ratios.
 """
@@ -119,7 +119,7 @@ def register(sub) -> None:
     p.add_argument("--scope", choices=["language", "vision", "all"], default=None,
                    help="which blocks (default: the language model, or the tower of a vision encoder)")
     p.add_argument("--layer-select", action="store_true",
-                   help="seed 004: per-layer ratios from block influence (mean = --heads / --ffn)")
+                   help="per-layer ratios from block influence (mean = --heads / --ffn)")
     p.add_argument("--spread", type=float, default=0.5, help="per-layer ratio spread for --layer-select")
     p.add_argument("--drop-blocks", type=int, default=0, help="also drop this many least influential blocks")
     p.add_argument("--calib-text", default=None, help="text file, one calibration sample per line")

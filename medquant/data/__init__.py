@@ -9,49 +9,37 @@
   ``metadata.csv``.
 * :func:`read_dicom` / :func:`dicom_to_array` - DICOM files (needs the optional ``dicom`` extra: pydicom).
 * :func:`load_images` - any of the above from one path (npz file, folder, CSV, DICOM file), for the CLI.
+* :func:`load_iu_reports` - the Indiana University chest X-ray reports (:mod:`medquant.data.reports`).
 """
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .location import DataDirNotSet, default_data_dir
+from .reports import Report, default_reports_path, load_iu_reports, report_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 __all__ = [
     "DataDirNotSet",
+    "Report",
     "default_data_dir",
+    "default_reports_path",
     "dicom_to_array",
     "list_image_files",
     "load_image",
     "load_image_folder",
     "load_images",
+    "load_iu_reports",
     "load_npz_split",
     "read_dicom",
     "read_index",
+    "report_split",
 ]
-
-
-class DataDirNotSet(FileNotFoundError):
-    """Neither a ``data_dir`` argument nor ``$MEDQUANT_DATA_DIR`` says where the data sets are."""
-
-
-def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data directory: ``data_dir`` if given, else ``$MEDQUANT_DATA_DIR``.
-
-    Raises:
-        DataDirNotSet: neither is given (the message names both).
-    """
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("MEDQUANT_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    raise DataDirNotSet("no data directory: pass data_dir=... (the command line's --data-dir) or set the "
-                        "environment variable MEDQUANT_DATA_DIR to the folder that holds the data sets")
 
 
 def load_npz_split(path, split: str = "test", with_labels: bool = False):

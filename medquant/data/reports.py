@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import default_data_dir
+from .location import default_data_dir
 
 __all__ = ["SPLITS", "Report", "default_reports_path", "load_iu_reports", "report_split"]
 
