@@ -137,8 +137,9 @@ class HessianAccumulator:
         self.rows = 0
         self.calls = 0
 
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
+    def check(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (a 3-D Conv2d input made 4-D) after checking its type, shape and values; errors name the
+        layer."""
         m = self.module
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             raise TypeError(f"layer {self.name}: GPTQ expects a floating-point input tensor, got "
@@ -155,6 +156,13 @@ class HessianAccumulator:
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"layer {self.name}: calibration input holds {bad} NaN/inf values (call {self.calls})")
+        return x
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of one input of the layer (checked by :meth:`check`)."""
+        m = self.module
+        x = self.check(x)
         if self.sum is None:
             self.sum = torch.zeros(self.groups, self.k, self.k, dtype=torch.float64, device=x.device)
         if isinstance(m, nn.Conv2d):
@@ -260,6 +268,7 @@ def _gptq_rows(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor | None, cfg:
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
         err = torch.zeros_like(w1)
+        codes1 = torch.zeros_like(w1)
         for t in range(i2 - i1):
             j = i1 + t
             if group:
@@ -279,11 +288,12 @@ def _gptq_rows(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor | None, cfg:
                 s, z = s_fix, z_fix
             col = w1[:, t]
             code, q = _quantize_column(col, s, z, bits, sym)
-            codes[:, j] = code.to(torch.uint8)
+            codes1[:, t] = code
             e = (col - q) / u[j, j]
-            loss += float(e.pow(2).sum()) / 2
             w1[:, t:] -= e[:, None] * u[j, j:i2][None, :]
             err[:, t] = e
+        codes[:, i1:i2] = codes1.to(torch.uint8)
+        loss += float(err.pow(2).sum()) / 2
         w[:, i2:] -= err @ u[i1:i2, i2:]
     if perm is not None:
         out_codes = torch.empty_like(codes)
@@ -509,10 +519,12 @@ def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[lis
     """Planned layers in the order the first calibration batch calls them, and their call counts."""
     order: list[str] = []
     counts = dict.fromkeys(names, 0)
+    checks = {n: HessianAccumulator(model.get_submodule(n), n) for n in names}
     handles = []
 
     def make(n: str):
         def hook(mod, args, kwargs):
+            checks[n].check(_input_of(args, kwargs))
             if counts[n] == 0:
                 order.append(n)
             counts[n] += 1

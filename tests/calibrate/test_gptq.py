@@ -1,0 +1,421 @@
+"""GPTQ: equal to a plain column-by-column float64 implementation; lower output error than round-to-nearest on
+correlated inputs (and no better where the calibration data carries no structure); convolutions through im2col;
+per-row bit-widths; the packed layout, save and load unchanged; clear errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import medquant
+from medquant import QuantConfig, QuantConv2d, QuantLinear, quantize_
+from medquant.calibrate.gptq import (
+    HessianAccumulator,
+    calibration_records,
+    conv_patches,
+    gptq_quantize_,
+    gptq_quantize_layer,
+    gptq_quantize_sequential,
+    gptq_quantize_weight,
+)
+from medquant.quant.core import compute_qparams, dequantize, quantize
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _correlated(n: int, k: int, seed: int = 0, rank: int = 8) -> torch.Tensor:
+    """Activations with a few dominant directions (like real layer inputs), plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, k, generator=g)
+    return torch.randn(n, rank, generator=g) @ basis + 0.05 * torch.randn(n, k, generator=g)
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return 2 * x.T @ x / x.shape[0]
+
+
+def _reference_gptq(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig, bits: int, damp: float,
+                    act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Textbook GPTQ in float64: one column at a time, every later column updated at once (no lazy blocks).
+
+    Returns (codes, dequantized weights), both in the original column order."""
+    w = w.double().clone()
+    h = h.double().clone()
+    n, k = w.shape
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    sym = cfg.is_symmetric(bits)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
+    h = h[order][:, order]
+    h = h + damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    w = w[:, order]
+    codes = torch.zeros(n, k, dtype=torch.long)
+    wq = torch.zeros(n, k, dtype=torch.float64)
+    gs = cfg.group_size if cfg.scope == "group" else k
+
+    def params(cols: torch.Tensor, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z, _ = compute_qparams(cols, bits, sym, scope, cfg.group_size, cfg.torch_scale_dtype)
+        s = s.double().expand(n, -1)[:, 0]
+        return s, (z.double().expand(n, -1)[:, 0] if z is not None else None)
+
+    group_params: dict[int, tuple] = {}
+    if cfg.scope != "group":
+        fixed = params(w, cfg.scope)  # dead columns already zero; the order does not matter for a range
+    for j in range(k):
+        c = int(order[j])
+        if cfg.scope == "group":
+            g = c // gs
+            if g not in group_params:  # from the current (updated) weights of the whole group
+                pos = [int(torch.nonzero(order == cc)) for cc in range(g * gs, min((g + 1) * gs, k))]
+                group_params[g] = params(w[:, pos], "channel")
+            s, z = group_params[g]
+        else:
+            s, z = fixed
+        col = w[:, j]
+        if sym and bits == 1:
+            code = (col >= 0).double()
+            q = (2 * code - 1) * s
+        elif sym:
+            qmax = 2 ** (bits - 1) - 1
+            v = torch.clamp(torch.round(col / s), -qmax, qmax)
+            code, q = v + 2 ** (bits - 1), v * s
+        else:
+            code = torch.clamp(torch.round(col / s) + z, 0, 2**bits - 1)
+            q = (code - z) * s
+        codes[:, c] = code.long()
+        wq[:, c] = q
+        e = (col - q) / u[j, j]
+        w[:, j:] -= e[:, None] * u[j, j:][None, :]
+    return codes, wq
+
+
+CONFIGS = [
+    QuantConfig(4, group_size=32),                      # symmetric, partial last group
+    QuantConfig(3, group_size=16),                      # asymmetric (auto for 3 bits)
+    QuantConfig(4, symmetric=False, scope="channel"),
+    QuantConfig(2, symmetric=True, scope="tensor"),
+    QuantConfig(1, symmetric=True, group_size=32),
+]
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"b{c.bits}-{c.scope}-sym{c.symmetric}")
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("block_size", [128, 24])   # 24: groups straddle lazy blocks
+def test_equals_float64_reference(cfg, act_order, block_size):
+    k, n = 80, 12
+    x = _correlated(400, k, seed=1)
+    x[:, 5] = 0.0                                    # a dead input
+    h = _hessian(x)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(2)) * 0.1
+    qt, info = gptq_quantize_weight(w, h, cfg, damp=0.01, block_size=block_size, act_order=act_order,
+                                    dtype=torch.float64)
+    ref_codes, ref_wq = _reference_gptq(w, h, cfg, cfg.bits, 0.01, act_order)
+    assert info["dead"] == 1 and info["damp"] == 0.01
+    assert torch.equal(qt.codes[:, :k].long(), ref_codes)
+    torch.testing.assert_close(dequantize(qt, torch.float64), ref_wq, rtol=0, atol=1e-6)
+    # the stored object is an ordinary QTensor: same padding and parameter shapes as quantize() gives
+    rtn = quantize(w, cfg)
+    assert qt.codes.shape == rtn.codes.shape and qt.scales.shape == rtn.scales.shape
+    assert qt.scales.dtype == rtn.scales.dtype and qt.group_size == rtn.group_size
+    assert (qt.zeros is None) == (rtn.zeros is None)
+
+
+def test_float32_working_precision_close_to_reference():
+    k, n = 96, 16
+    h = _hessian(_correlated(500, k, seed=3))
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(4)) * 0.1
+    cfg = QuantConfig(4, group_size=32)
+    qt, _ = gptq_quantize_weight(w, h, cfg)
+    ref_codes, _ = _reference_gptq(w, h, cfg, 4, 0.01, False)
+    assert (qt.codes[:, :k].long() == ref_codes).float().mean() > 0.99
+
+
+def test_diagonal_hessian_gives_round_to_nearest():
+    """Uncorrelated inputs: no error is spread (U is diagonal), so GPTQ is exactly quantize()'s rounding."""
+    w = torch.randn(10, 70, generator=torch.Generator().manual_seed(5))
+    h = torch.diag(torch.rand(70, generator=torch.Generator().manual_seed(6)) + 0.5).double()
+    for cfg in CONFIGS:
+        qt, _ = gptq_quantize_weight(w, h, cfg)
+        rtn = quantize(w, cfg)
+        assert torch.equal(qt.codes, rtn.codes) and torch.equal(qt.scales, rtn.scales)
+        if rtn.zeros is not None:
+            assert torch.equal(qt.zeros, rtn.zeros)
+
+
+# ---------------------------------------------------------------------------------------------- error vs RTN
+def _out_err(x, w, wq):
+    return float((x @ (w - wq).T).pow(2).sum())
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(4, group_size=32), QuantConfig(3, scope="channel")],
+                         ids=["w4g32", "w3ch"])
+def test_lower_output_error_than_rtn_and_negative_control(cfg):
+    k, n = 128, 32
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.05
+    x_cal = _correlated(2048, k, seed=8)
+    # held-out rows with the same structure: the same basis (seed 8), fresh coefficients and noise
+    g = torch.Generator().manual_seed(8)
+    basis = torch.randn(8, k, generator=g)
+    x_test = torch.randn(1024, 8, generator=torch.Generator().manual_seed(9)) @ basis \
+        + 0.05 * torch.randn(1024, k, generator=torch.Generator().manual_seed(10))
+    rtn = dequantize(quantize(w, cfg))
+    structured = dequantize(gptq_quantize_weight(w, _hessian(x_cal), cfg)[0])
+    white = dequantize(gptq_quantize_weight(w, _hessian(torch.randn(2048, k)), cfg)[0])
+    e_rtn, e_gptq, e_white = (_out_err(x_test, w, v) for v in (rtn, structured, white))
+    assert e_gptq < 0.6 * e_rtn                       # calibrated on the structure: much better
+    assert e_white > 0.8 * e_rtn                      # negative control: white calibration data cannot help
+    assert e_gptq < 0.6 * e_white
+
+
+# ---------------------------------------------------------------------------------------------- convolutions
+def _direct_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col by explicit loops over output positions (no unfold), (groups, B*L, C/g*kh*kw)."""
+    kh, kw = conv.kernel_size
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    if conv.padding == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+    else:
+        ph, pw = conv.padding
+        x = F.pad(x, (pw, pw, ph, ph))
+    b, c, hh, ww = x.shape
+    oh, ow = (hh - dh * (kh - 1) - 1) // sh + 1, (ww - dw * (kw - 1) - 1) // sw + 1
+    cg = c // conv.groups
+    out = []
+    for g in range(conv.groups):
+        rows = []
+        for bi in range(b):
+            for i in range(oh):
+                for j in range(ow):
+                    patch = x[bi, g * cg:(g + 1) * cg, i * sh:i * sh + dh * (kh - 1) + 1:dh,
+                              j * sw:j * sw + dw * (kw - 1) + 1:dw]
+                    rows.append(patch.reshape(-1))
+        out.append(torch.stack(rows))
+    return torch.stack(out)
+
+
+CONVS = [
+    {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "padding": 1},
+    {"in_channels": 4, "out_channels": 6, "kernel_size": (3, 2), "stride": 2, "padding": (1, 0),
+     "dilation": (1, 2), "groups": 2},
+    {"in_channels": 6, "out_channels": 6, "kernel_size": 3, "padding": "same", "groups": 6},    # depthwise
+    {"in_channels": 4, "out_channels": 8, "kernel_size": 2, "padding": "same"},                 # uneven 'same'
+]
+
+
+@pytest.mark.parametrize("kw", CONVS, ids=["plain", "grouped-strided-dilated", "depthwise-same", "same-even"])
+def test_conv_im2col_hessian(kw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kw)
+    x = torch.randn(3, kw["in_channels"], 7, 6)
+    p = conv_patches(conv, x)
+    torch.testing.assert_close(p, _direct_patches(conv, x))
+    # the patches times the weight rows of each group are the convolution's output
+    y = conv(x) - conv.bias[None, :, None, None]
+    og = conv.out_channels // conv.groups
+    w2 = conv.weight.reshape(conv.out_channels, -1)
+    for g in range(conv.groups):
+        yg = p[g] @ w2[g * og:(g + 1) * og].T                       # (B*L, og)
+        ref = y[:, g * og:(g + 1) * og].permute(0, 2, 3, 1).reshape(-1, og)
+        torch.testing.assert_close(yg, ref, rtol=1e-5, atol=1e-5)
+    acc = HessianAccumulator(conv, "conv")
+    acc.add(x[:2])
+    acc.add(x[2:])
+    d = _direct_patches(conv, x).double()
+    torch.testing.assert_close(acc.hessian(), 2 * d.transpose(1, 2) @ d / d.shape[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_grouped_conv_uses_one_hessian_per_group(groups):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    x = torch.randn(4, 8, 6, 6).cumsum(1)                             # correlated channels
+    acc = HessianAccumulator(conv, "conv")
+    acc.add(x)
+    h = acc.hessian()
+    assert h.shape == (groups, 8 // groups * 9, 8 // groups * 9)
+    cfg = QuantConfig(3, scope="channel")
+    q = gptq_quantize_layer(conv, h, cfg, name="conv")
+    assert isinstance(q, QuantConv2d) and q.groups == groups
+    w2 = conv.weight.detach().reshape(8, -1)
+    og = 8 // groups
+    for g in range(groups):
+        ref, _ = gptq_quantize_weight(w2[g * og:(g + 1) * og], h[g], cfg)
+        torch.testing.assert_close(q.dequantized_weight()[g * og:(g + 1) * og], dequantize(ref))
+    err_g = (q(x) - conv(x)).pow(2).sum()
+    err_r = (QuantConv2d.from_float(conv, cfg)(x) - conv(x)).pow(2).sum()
+    assert err_g < err_r
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def test_mixed_row_bits_quantize_each_row_group_at_its_width():
+    torch.manual_seed(2)
+    bits = (4, 2, 8, 16, 0, 3, 4, 2, 32, 3)
+    lin = nn.Linear(48, len(bits))
+    h = _hessian(_correlated(300, 48, seed=11))
+    cfg = QuantConfig(4, group_size=16, channel_bits=bits)
+    q = gptq_quantize_layer(lin, h, cfg, name="lin")
+    assert isinstance(q, QuantLinear) and q.mixed
+    w = lin.weight.detach()
+    got = q.dequantized_weight()
+    rb = torch.tensor(bits)
+    for b in set(bits):
+        rows = torch.nonzero(rb == b).flatten()
+        if b in (16, 32):
+            torch.testing.assert_close(got[rows], w[rows].to(torch.float16 if b == 16 else torch.float32).float())
+        elif b == 0:
+            assert torch.count_nonzero(got[rows]) == 0
+        else:
+            ref, _ = gptq_quantize_weight(w[rows], h, cfg, bits=b)
+            assert torch.equal(got[rows], dequantize(ref))
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(q(x), x @ got.T + lin.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_dead_input_columns_are_zeroed():
+    lin = nn.Linear(40, 6)
+    x = _correlated(200, 40, seed=12)
+    x[:, [3, 17]] = 0.0
+    acc = HessianAccumulator(lin, "lin")
+    acc.add(x)
+    for cfg in (QuantConfig(4, group_size=8), QuantConfig(3, scope="channel")):
+        q = gptq_quantize_layer(lin, acc.hessian(), cfg, name="lin")
+        w = q.dequantized_weight()
+        assert torch.count_nonzero(w[:, [3, 17]]) == 0 and q.calibration["dead_inputs"] == 2
+        assert torch.isfinite(w).all()
+
+
+# ---------------------------------------------------------------------------------------------- models, save/load
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc1 = nn.Linear(64, 96)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(96, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.fc2(self.act(self.fc1(x))))
+
+
+def _calib(k: int = 64, n: int = 4):
+    return [_correlated(64, k, seed=20 + i).reshape(8, 8, k) for i in range(n)]
+
+
+def test_model_act_order_save_load_bit_exact(tmp_path):
+    model = _MLP()
+    ref = copy.deepcopy(model)
+    cfg = QuantConfig(4, group_size=32)
+    recs = gptq_quantize_(model, cfg, _calib(), skip=["head"], act_order=True, progress=False)
+    assert set(recs) == {"fc1", "fc2"} and isinstance(model.head, nn.Linear)
+    assert all(type(m) is QuantLinear for m in (model.fc1, model.fc2))
+    r = recs["fc1"]
+    assert (r["method"], r["samples"], r["rows"], r["act_order"], r["block_size"], r["seed"]) == \
+        ("gptq", 4, 256, True, 128, 0)
+    # later layers are calibrated on the outputs of the already quantized earlier ones
+    x = torch.cat(_calib())
+    with torch.no_grad():
+        out = model(x)
+    medquant.save(model, tmp_path / "m", extras={"calibration": calibration_records(model)})
+    loaded = medquant.load(tmp_path / "m", model=ref)
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    assert medquant.load_extras(tmp_path / "m")["calibration"]["fc2"] == recs["fc2"]
+
+
+def test_lower_model_error_than_rtn_and_deterministic():
+    cfg = QuantConfig(3, group_size=32)
+    x = torch.cat(_calib(n=6))
+    base = _MLP()
+    with torch.no_grad():
+        y = base(x)
+    rtn = quantize_(_MLP(), cfg)
+    a, b = _MLP(), _MLP()
+    gptq_quantize_(a, cfg, _calib(n=6), progress=False, max_samples=4, seed=1)
+    gptq_quantize_(b, cfg, _calib(n=6), progress=False, max_samples=4, seed=1)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        assert (a(x) - y).pow(2).mean() < (rtn(x) - y).pow(2).mean()
+    assert a.fc1.calibration["samples"] == 4
+
+
+def test_cnn_forward_after_gptq():
+    model = tiny_cnn()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)]
+    recs = gptq_quantize_(model, QuantConfig(4, scope="channel"), calib, skip=["classifier"], progress=False)
+    assert set(recs) == {"features.0", "features.3"}
+    with torch.no_grad():
+        assert torch.isfinite(model(calib[0])).all()
+
+
+@pytest.mark.parametrize("name", ["llama", "siglip_vision"])
+def test_zoo_model_runs_and_sequential_gives_same_codes(name):
+    e = ZOO_BY_NAME[name]
+    model = e.build()
+    inputs = e.inputs(model)
+    cfg = QuantConfig(4, group_size=32)
+    skip = ["@head"] if name == "llama" else None
+    seq = copy.deepcopy(model)
+    recs = gptq_quantize_(model, cfg, [inputs], skip=skip, progress=False)
+    plan = medquant.quant.resolve_configs(e.build(), cfg, skip=skip)
+    assert set(recs) == set(plan)
+    with torch.no_grad():
+        out = e.output(model, inputs)
+    assert out.shape == e.output_shape and torch.isfinite(out).all()
+    if name != "llama":
+        return
+    assert isinstance(model.lm_head, nn.Linear)
+    gptq_quantize_sequential(seq, cfg, [inputs], skip=skip, device="cpu", progress=False)
+    a, b = model.state_dict(), seq.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_inputs_give_clear_errors():
+    cfg = QuantConfig(4, group_size=32)
+    with pytest.raises(ValueError, match="calibration set is empty.*fc1"):
+        gptq_quantize_(_MLP(), cfg, [], progress=False)
+    bad = _calib()
+    bad[1][0, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="layer fc1: .*NaN"):
+        gptq_quantize_(_MLP(), cfg, bad, progress=False)
+    with pytest.raises(ValueError, match="layer fc1: .*expects 64 features"):
+        gptq_quantize_(_MLP(), cfg, [torch.randn(4, 63)], progress=False)
+    with pytest.raises(ValueError, match=r"layer features\.0: .*expects \(batch, 3"):
+        gptq_quantize_(tiny_cnn(), cfg, [torch.randn(2, 4, 8, 8)], progress=False)
+
+    class Unused(_MLP):
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    with pytest.raises(ValueError, match="layer head received no calibration inputs"):
+        gptq_quantize_(Unused(), cfg, _calib(), progress=False)
+    with pytest.raises(ValueError, match="block_size"):
+        gptq_quantize_(_MLP(), cfg, _calib(), block_size=0, progress=False)
+
+
+def test_singular_hessian_retries_then_fails_naming_the_layer():
+    w = torch.randn(4, 16)
+    x = torch.randn(100, 8)
+    h = _hessian(torch.cat([x, x], 1))                                # rank 8 of 16: singular
+    with pytest.raises(ValueError, match="layer proj: the Hessian is not positive definite"):
+        gptq_quantize_weight(w, h, QuantConfig(4, group_size=8), damp=0.0, name="proj")
+    # an indefinite matrix: 1% and 10% dampening are not enough, 100% is
+    a = torch.eye(16, dtype=torch.float64)
+    a[0, 1] = a[1, 0] = 1.5                                           # eigenvalues 2.5 and -0.5
+    _, info = gptq_quantize_weight(w, a, QuantConfig(4, group_size=8), damp=0.01)
+    assert info["damp"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="layer w: weight .* and Hessian"):
+        gptq_quantize_weight(w, torch.eye(8), QuantConfig(4), name="w")
