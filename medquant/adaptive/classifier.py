@@ -20,7 +20,7 @@ embedding and the same ``head``; ``default_adaptive_sites: ClassVar[tuple[str, .
 from __future__ import annotations
 
 import itertools
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -77,13 +77,13 @@ class VLMClassifier(nn.Module):
         if not hasattr(owner, "get_image_features"):
             raise ValueError(f"{type(vlm).__name__} has no get_image_features(); cannot extract image features")
         self._owner_is_inner = owner is not vlm
-        cfg = vlm.config
+        cfg: Any = vlm.config
         vc = getattr(cfg, "vision_config", None)
         tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else getattr(cfg, "text_config", cfg)
         if image_dim is None:
             image_dim = getattr(vc, "embed_dim", None) or getattr(vc, "hidden_size", None)
             layers = getattr(cfg, "vision_feature_layer", None)
-            if isinstance(layers, (list, tuple)):
+            if isinstance(layers, (list, tuple)) and image_dim:
                 image_dim = image_dim * len(layers)
         if text_dim is None:
             text_dim = getattr(tc, "hidden_size", None)
@@ -117,7 +117,7 @@ class VLMClassifier(nn.Module):
         projector = dict(self.vlm.named_modules())[self._projector_name]
         h = projector.register_forward_pre_hook(grab)
         try:
-            owner = self.vlm.model if self._owner_is_inner else self.vlm
+            owner: Any = self.vlm.model if self._owner_is_inner else self.vlm
             owner.get_image_features(pixel_values=pixel_values, **image_kwargs)
         finally:
             h.remove()

@@ -66,8 +66,8 @@ def per_sample_losses(aq: AdaptiveQuantizer, inputs: torch.Tensor, targets: torc
     saved = (dict(aq._count_by_level), dict(aq._bits_by_level), dict(aq._hist))  # not part of the user's stats
     aq.eval()
     bits_list = sorted(set(bits_list or aq.bit_map.values()))
-    out = {b: [] for b in bits_list}
-    fp = []
+    out: dict[int, list[torch.Tensor]] = {b: [] for b in bits_list}
+    fp: list[torch.Tensor] = []
     try:
         for i in range(0, len(inputs), batch_size):
             x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
@@ -111,6 +111,12 @@ class LearnedPolicy(nn.Module):
         hidden: MLP width.
     """
 
+    level_bits: torch.Tensor  # buffers (registered in __init__)
+    mean: torch.Tensor
+    std: torch.Tensor
+    lam: torch.Tensor
+    fitted: torch.Tensor
+
     def __init__(self, bit_map: Mapping[int, int] | None = None, scorer=None, hidden: int = 16):
         super().__init__()
         self.bit_map = _check_bit_map(DEFAULT_BIT_MAP if bit_map is None else bit_map)
@@ -147,7 +153,7 @@ class LearnedPolicy(nn.Module):
         if m.dim() != 2 or m.shape[1] != 5 or bits.shape != (m.shape[0],) or m.shape[0] < 2:
             raise ValueError(f"need metrics (N, 5) and labels (N,) with N >= 2, got {tuple(m.shape)} and "
                              f"{tuple(bits.shape)}")
-        width_to_level = {}
+        width_to_level: dict[int, int] = {}
         for i, lv in enumerate(self.level_list):
             width_to_level.setdefault(self.bit_map[lv], i)
         unknown = sorted(set(bits.tolist()) - set(width_to_level))
