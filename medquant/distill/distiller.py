@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import broadcast_parameters, is_ddp, is_fsdp, unwrap
+from ..models.runner import main_output, run_model
 from ..training import train_steps
 
 __all__ = ["Distiller", "kd_loss"]
@@ -57,15 +58,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if denom == 0:
         raise ValueError("the mask leaves no position to distil")
     return t * t * (kl * m).sum() / denom
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    lg = getattr(out, "logits", None)
-    if isinstance(lg, torch.Tensor):
-        return lg
-    raise TypeError(f"cannot find logits in a {type(out).__name__}")
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -136,11 +128,6 @@ class Distiller(nn.Module):
         """Student parameters that require grad, plus the feature projections."""
         return [p for p in self.student.parameters() if p.requires_grad] + list(self.projections.parameters())
 
-    def _call(self, model: nn.Module, batch: Any, **extra: Any) -> Any:
-        if isinstance(batch, dict):
-            return model(**batch, **extra)
-        return model(batch, **extra)
-
     def _task(self, out: Any, batch: Any, logits: torch.Tensor) -> torch.Tensor:
         if self.task_loss is not None:
             return self.task_loss(out, batch)
@@ -171,16 +158,17 @@ class Distiller(nn.Module):
         need_teacher = self.alpha > 0 or want_hidden  # alpha = 0: plain fine-tuning (the control), no teacher
         if need_teacher:
             with torch.no_grad():
-                t_out = self._call(self.teacher, batch, **extra)
-        s_out = self._call(self.student, batch, **extra)
-        s_logits = _logits(s_out)
+                t_out = run_model(self.teacher, batch, unpack_sequences=False, **extra)
+        s_out = run_model(self.student, batch, unpack_sequences=False, **extra)
+        s_logits = main_output(s_out, hidden_state=False, first_item=False)  # logits only
         mask = None
         if isinstance(batch, dict) and "attention_mask" in batch and s_logits.dim() == 3:
             mask = batch["attention_mask"]
         parts: dict[str, torch.Tensor] = {}
         total = s_logits.new_zeros((), dtype=torch.float32)
         if self.alpha > 0:
-            kd = kd_loss(s_logits, _logits(t_out).detach(), self.temperature, mask)
+            t_logits = main_output(t_out, hidden_state=False, first_item=False)
+            kd = kd_loss(s_logits, t_logits.detach(), self.temperature, mask)
             parts["kd"] = kd
             total = total + self.alpha * kd
         if self.alpha < 1.0:
