@@ -12,6 +12,7 @@ from torch import nn
 
 import medquant
 from medquant import QuantConfig, QuantConv2d, QuantLinear, quantize_
+from medquant.calibrate.awq import search_and_fold
 from medquant.calibrate.gptq import (
     HessianAccumulator,
     calibration_records,
@@ -367,7 +368,7 @@ def test_zoo_model_runs_and_sequential_gives_same_codes(name):
     inputs = e.inputs(model)
     cfg = QuantConfig(4, group_size=32)
     skip = ["@head"] if name == "llama" else None
-    seq = copy.deepcopy(model)
+    seq, awq = copy.deepcopy(model), copy.deepcopy(model)
     recs = gptq_quantize_(model, cfg, [inputs], skip=skip, progress=False)
     plan = medquant.quant.resolve_configs(e.build(), cfg, skip=skip)
     assert set(recs) == set(plan)
@@ -380,6 +381,38 @@ def test_zoo_model_runs_and_sequential_gives_same_codes(name):
     gptq_quantize_sequential(seq, cfg, [inputs], skip=skip, device="cpu", progress=False)
     a, b = model.state_dict(), seq.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # AWQ then GPTQ: the scales are folded into the float model, then GPTQ quantizes once
+    groups = search_and_fold(awq, cfg, [inputs], progress=False)
+    assert gptq_quantize_(awq, cfg, [inputs], skip=skip, progress=False).keys() == recs.keys()
+    assert groups and isinstance(awq.model.layers[0].self_attn.q_proj, QuantLinear)
+    with torch.no_grad():
+        assert torch.isfinite(e.output(awq, inputs)).all()
+
+
+def test_grouped_conv_tensor_scope_shares_one_scale():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+    acc = HessianAccumulator(conv, "conv")
+    acc.add(torch.randn(2, 8, 6, 6).cumsum(1))
+    cfg = QuantConfig(4, scope="tensor")
+    q = gptq_quantize_layer(conv, acc.hessian(), cfg, name="conv")
+    s, _, _ = compute_qparams(conv.weight.detach().reshape(8, -1), 4, True, "tensor", 128, torch.float16)
+    assert q.scales_4.shape == (1, 1) and torch.equal(q.scales_4, s)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    model = _MLP()
+    gpu = copy.deepcopy(model).cuda()
+    cfg = QuantConfig(4, group_size=32)
+    gptq_quantize_(model, cfg, _calib(), progress=False)
+    gptq_quantize_(gpu, cfg, [x.cuda() for x in _calib()], progress=False)
+    a, b = model.state_dict(), gpu.state_dict()
+    for k in a:
+        if "qweight" in k:
+            assert (a[k] == b[k].cpu()).float().mean() > 0.95
+        else:
+            torch.testing.assert_close(b[k].cpu(), a[k], rtol=1e-2, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- errors
