@@ -15,7 +15,7 @@ its device is the device of the call):
 1. a backend forced with :func:`force_backend` runs if it implements the op and is available on the device
    (otherwise ``RuntimeError`` with the backend's reason); its implementation validates the arguments itself;
 2. otherwise (``"auto"``) the kernels of the op are tried by decreasing priority (then registration order), and
-   the first whose backend is available and whose predicate accepts the arguments runs. The torch references
+   the first whose predicate accepts the arguments and whose backend is available runs. The torch references
    accept everything at the lowest priority, so there is always an answer; Triton accepts CUDA tensors of
    float16 / bfloat16 / float32 (not the interpreter: it is for tests).
 
@@ -144,8 +144,8 @@ def select_kernel(op: str, *args) -> Kernel:
                     raise RuntimeError(reason)
                 return kern
         raise RuntimeError(f"backend {_forced!r} has no {op} kernel")
-    for kern in _KERNELS[op]:
-        if _BACKENDS[kern.backend].unavailable(device) is None and kern.accepts(*args):
+    for kern in _KERNELS[op]:  # the predicate first: it is cheap, availability may probe Triton
+        if kern.accepts(*args) and _BACKENDS[kern.backend].unavailable(device) is None:
             return kern
     raise RuntimeError(f"no registered backend runs {op} for these arguments (device {device})")
 
