@@ -8,8 +8,6 @@ eagerly; the larger components (``ComplexityScorer``, ``AdaptiveQuantizer``, ``F
 """
 from importlib import import_module
 
-__version__ = "0.1.0"
-
 from . import hf  # noqa: F401  (registers the transformers quantization method lazily)
 from .io import CheckpointError, load, load_extras, save
 from .quant import (
@@ -25,6 +23,7 @@ from .quant import (
     quantize,
     quantize_,
 )
+from .version import __version__
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {

@@ -27,10 +27,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from . import __version__
 from .kernels.layout import FORMAT_VERSION
 from .quant.api import swap_module
 from .quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
+from .version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "medquant.json"

@@ -1,8 +1,8 @@
 """Sequential (layer-by-layer) post-training quantization for models that do not fit on the compute device.
 
 ``quantize_sequential(model, config_or_map, ...)`` gives exactly the model ``quantize_(model, config_or_map)``
-gives (same plan, same QuantLinear / QuantConv2d, bit-identical buffers: SPEC section 1 round-to-nearest is
-computed per layer, so the order of layers cannot change a code), but holds only one decoder / vision block in
+gives (same plan, same QuantLinear / QuantConv2d, bit-identical buffers: round-to-nearest, ``u = clamp(round(w/s) + z,
+0, 2^b - 1)``, is computed per layer, so the order of layers cannot change a code), but holds only one decoder / vision block in
 floating point on the compute device at a time:
 
 1. the plan is resolved on the skeleton (patterns, roles and ``skip`` exactly as :func:`medquant.quantize_`);

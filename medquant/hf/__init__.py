@@ -18,7 +18,8 @@ import importlib.abc
 import importlib.util
 import sys
 
-QUANT_METHOD = "medquant"
+from .method import QUANT_METHOD
+
 _HOOKED_MODULE = "transformers.quantizers.auto"
 _LAZY = {"MedQuantConfig", "MedQuantHfQuantizer", "save_pretrained", "recipe_of", "attach_quantizer"}
 _registered = False
@@ -33,19 +34,11 @@ def register() -> None:
     if _registered:
         return
     integration = sys.modules.get(__name__ + ".integration")
-    if integration is not None and not hasattr(integration, "MedQuantHfQuantizer"):
-        return  # integration.py is being imported (it imports transformers); it calls register() when done
-    from transformers.quantizers import auto
+    if integration is not None and not hasattr(integration, "register_with_transformers"):
+        return  # integration.py is being imported (it imports transformers); it registers itself when done
+    from .integration import register_with_transformers
 
-    from .integration import MedQuantConfig, MedQuantHfQuantizer
-
-    # another import of medquant (reload, second interpreter state) may have registered already
-    if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not MedQuantConfig:
-        auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
-        auto.register_quantization_config(QUANT_METHOD)(MedQuantConfig)
-    if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not MedQuantHfQuantizer:
-        auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
-        auto.register_quantizer(QUANT_METHOD)(MedQuantHfQuantizer)
+    register_with_transformers()
     _registered = True
 
 

@@ -33,7 +33,6 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .. import __version__
 from ..kernels.layout import FORMAT_VERSION
 from ..quant.api import (
     DEFAULT_KEY,
@@ -47,7 +46,8 @@ from ..quant.api import (
 from ..quant.config import QuantConfig
 from ..quant.modules import QUANT_MODULES
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
-from . import QUANT_METHOD, register
+from ..version import __version__
+from .method import QUANT_METHOD
 
 _FLOAT_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -446,4 +446,19 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     model.save_pretrained(save_directory, **kwargs)
 
 
-register()  # the transformers import above may have run the import hook while this module was incomplete
+def register_with_transformers() -> None:
+    """Put :class:`MedQuantConfig` and :class:`MedQuantHfQuantizer` into transformers' quantization registries
+    under ``"medquant"`` (idempotent; :func:`medquant.hf.register` calls it)."""
+    from transformers.quantizers import auto
+
+    # another import of medquant (reload, second interpreter state) may have registered already
+    if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not MedQuantConfig:
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        auto.register_quantization_config(QUANT_METHOD)(MedQuantConfig)
+    if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not MedQuantHfQuantizer:
+        auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        auto.register_quantizer(QUANT_METHOD)(MedQuantHfQuantizer)
+
+
+register_with_transformers()  # the transformers import above may have run the import hook while this module was
+# incomplete, so medquant.hf.register() returned early
