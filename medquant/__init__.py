@@ -12,6 +12,7 @@ from . import hf  # noqa: F401  (registers the transformers quantization method 
 from .io import CheckpointError, load, load_extras, save
 from .quant import (
     FORMAT_VERSION,
+    ConfigMap,
     QuantConfig,
     QuantConv2d,
     QuantLinear,
@@ -70,6 +71,7 @@ __all__ = [
     "BAQWrapper",
     "CheckpointError",
     "ComplexityScorer",
+    "ConfigMap",
     "Distiller",
     "FairQuantAllocator",
     "LearnedPolicy",
