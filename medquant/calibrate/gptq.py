@@ -35,6 +35,10 @@ padding and dilation, one row per output position), whose column order ``(c, kh,
 as ``(O, I/groups * kh * kw)``; a grouped or depthwise convolution has one Hessian per group of input channels,
 used for the output rows of that group.
 
+Group-balanced Hessian (``groups=`` labels on the calibration batches or their samples): ``H = sum_g w_g 2 X_g^T
+X_g / n_g`` with ``sum_g w_g = 1`` (uniform by default), so that a minority group's inputs count as much as the
+majority's in the objective; with equal group sizes and uniform weights it is the plain ``H``.
+
 A Hessian that is not positive definite after dampening is retried with ten times the dampening (up to
 ``10^3 x damp``), then refused with an error naming the layer.
 
@@ -120,9 +124,14 @@ class HessianAccumulator:
     A Linear's rows are its inputs flattened over all leading dims; a Conv2d's are its im2col patches
     (:func:`conv_patches`), one ``S`` per group of input channels. ``add`` checks the input (shape, finite
     values) and raises ``ValueError`` naming the layer.
+
+    Group-balanced Hessian: with group labels (one per call, or one per sample along the input's first dim), the
+    sums are kept per group ``g`` and ``H = sum_g w_g 2 S_g / n_g`` with ``sum_g w_g = 1`` (``w_g`` uniform over
+    the groups seen, or ``group_weights[g]`` normalised), so a minority group's inputs weigh as much as the
+    majority's. With one group (or no labels) this is the plain ``2 S / n``.
     """
 
-    def __init__(self, module: nn.Module, name: str = "") -> None:
+    def __init__(self, module: nn.Module, name: str = "", group_weights: Mapping[Any, float] | None = None) -> None:
         if isinstance(module, nn.Conv2d):
             self.groups = module.groups
             self.k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
@@ -133,9 +142,15 @@ class HessianAccumulator:
                             f"{type(module).__name__}")
         self.module = module
         self.name = name or type(module).__name__
-        self.sum: torch.Tensor | None = None
-        self.rows = 0
+        self.group_weights = dict(group_weights) if group_weights is not None else None
+        self.sums: dict[Any, torch.Tensor] = {}
+        self.counts: dict[Any, int] = {}
         self.calls = 0
+
+    @property
+    def rows(self) -> int:
+        """Input rows accumulated (all groups)."""
+        return sum(self.counts.values())
 
     def check(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (a 3-D Conv2d input made 4-D) after checking its type, shape and values; errors name the
@@ -159,32 +174,70 @@ class HessianAccumulator:
         return x
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Add the rows of one input of the layer (checked by :meth:`check`)."""
-        m = self.module
+    def add(self, x: torch.Tensor, labels: Any = None) -> None:
+        """Add the rows of one input of the layer (checked by :meth:`check`).
+
+        ``labels``: ``None``, one group label (an int or str) for the whole call, or a sequence / 1-D tensor of
+        labels, one per sample along the input's first dimension.
+        """
         x = self.check(x)
-        if self.sum is None:
-            self.sum = torch.zeros(self.groups, self.k, self.k, dtype=torch.float64, device=x.device)
+        if isinstance(labels, torch.Tensor) and labels.dim() == 0:
+            labels = labels.item()
+        if labels is None or isinstance(labels, (int, str)):
+            self._add_rows(labels, x)
+        else:
+            labs = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+            if x.dim() < 2 or x.shape[0] != len(labs):
+                raise ValueError(f"layer {self.name}: {len(labs)} per-sample group labels for an input of shape "
+                                 f"{tuple(x.shape)} (the batch must be its first dimension; otherwise give one "
+                                 "label per calibration batch)")
+            for key in dict.fromkeys(labs):
+                idx = torch.tensor([i for i, v in enumerate(labs) if v == key], device=x.device)
+                self._add_rows(key, x.index_select(0, idx))
+        self.calls += 1
+
+    def _add_rows(self, key: Any, x: torch.Tensor) -> None:
+        m = self.module
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(self.groups, self.k, self.k, dtype=torch.float64, device=x.device)
+            self.counts[key] = 0
+        acc = self.sums[key]
         if isinstance(m, nn.Conv2d):
             # bounded im2col chunks: at most ~2^25 patch elements at a time
             per_sample = max(1, x[:1].numel() * m.kernel_size[0] * m.kernel_size[1] // max(1, m.stride[0] ** 2))
             step = max(1, (1 << 25) // per_sample)
             for i in range(0, x.shape[0], step):
                 p = conv_patches(m, x[i:i + step].float())
-                self.sum += torch.bmm(p.transpose(1, 2), p).double()
-                self.rows += p.shape[1]
+                acc += torch.bmm(p.transpose(1, 2), p).double()
+                self.counts[key] += p.shape[1]
         else:
             x2 = x.detach().reshape(-1, self.k).float()
-            self.sum[0] += (x2.T @ x2).double()
-            self.rows += x2.shape[0]
-        self.calls += 1
+            acc[0] += (x2.T @ x2).double()
+            self.counts[key] += x2.shape[0]
+
+    def weights(self) -> dict[Any, float]:
+        """The weight ``w_g`` of each group seen (summing to 1)."""
+        keys = [k for k in self.sums if self.counts[k] > 0]
+        if self.group_weights is None:
+            return {k: 1.0 / len(keys) for k in keys}
+        missing = [k for k in keys if k not in self.group_weights]
+        if missing:
+            raise ValueError(f"layer {self.name}: group_weights has no weight for the groups {missing[:3]}")
+        raw = {k: float(self.group_weights[k]) for k in keys}
+        total = sum(raw.values())
+        if not all(v >= 0 and math.isfinite(v) for v in raw.values()) or not total > 0:
+            raise ValueError(f"group_weights must be finite, >= 0 and not all 0, got {raw}")
+        return {k: v / total for k, v in raw.items()}
 
     def hessian(self) -> torch.Tensor:
-        """``H = 2 S / n`` as ``(groups, K, K)`` float64 (``groups`` = 1 for a Linear)."""
-        if self.sum is None or self.rows == 0:
+        """``H`` as ``(groups, K, K)`` float64 (``groups`` = 1 for a Linear; see the class docstring)."""
+        if self.rows == 0:
             raise ValueError(f"layer {self.name} received no calibration inputs: the model's forward did not call "
                              "it on the calibration batches (skip it, or give batches that reach it)")
-        return 2.0 * self.sum / self.rows
+        if len(self.sums) == 1:
+            key = next(iter(self.sums))
+            return 2.0 * self.sums[key] / self.counts[key]
+        return sum(w * 2.0 * self.sums[k] / self.counts[k] for k, w in self.weights().items())
 
 
 # ---------------------------------------------------------------------------------------------- one weight matrix
@@ -503,12 +556,31 @@ def _check_args(damp: float, block_size: int, max_samples: int | None) -> None:
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
 
 
-def _select(batches: list, max_samples: int | None, seed: int) -> list:
-    """``max_samples`` of the batches drawn without replacement by a generator seeded ``seed``, in their order."""
+def _select(batches: list, max_samples: int | None, seed: int) -> list[int]:
+    """Indices of ``max_samples`` of the batches drawn without replacement by a generator seeded ``seed``, in
+    their order (all of them when there are no more)."""
     if max_samples is None or len(batches) <= max_samples:
-        return batches
+        return list(range(len(batches)))
     idx = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))[:max_samples]
-    return [batches[i] for i in sorted(idx.tolist())]
+    return sorted(idx.tolist())
+
+
+def _group_labels(groups: Sequence[Any] | None, n_batches: int) -> list[Any] | None:
+    if groups is None:
+        return None
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence | torch.Tensor):
+        raise TypeError("groups must be a sequence with one entry per calibration batch (a label, or the labels "
+                        f"of the batch's samples), got {type(groups).__name__}")
+    labels = list(groups)
+    if len(labels) != n_batches:
+        raise ValueError(f"groups has {len(labels)} entries for {n_batches} calibration batches; give one per batch")
+    return labels
+
+
+def _group_record(accs: Mapping[str, HessianAccumulator], name: str) -> dict[str, Any]:
+    w = accs[name].weights()
+    return {"group_balanced": True, "group_weights": {str(k): v for k, v in w.items()},
+            "group_rows": {str(k): accs[name].counts[k] for k in w}}
 
 
 def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -550,15 +622,17 @@ def _stages(model: nn.Module, ordered: Sequence[str]) -> list[list[str]]:
     return list(stages.values())
 
 
-def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], early_stop: bool
+def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], early_stop: bool,
+             labels: Sequence[Any] | None, group_weights: Mapping[Any, float] | None
              ) -> dict[str, HessianAccumulator]:
-    accs = {n: HessianAccumulator(model.get_submodule(n), n) for n in stage}
+    accs = {n: HessianAccumulator(model.get_submodule(n), n, group_weights) for n in stage}
     seen: set[str] = set()
+    current: list[Any] = [None]
     handles = []
 
     def make(n: str):
         def hook(mod, args, kwargs):
-            accs[n].add(_input_of(args, kwargs).detach())
+            accs[n].add(_input_of(args, kwargs).detach(), current[0])
             seen.add(n)
             if early_stop and len(seen) == len(accs):
                 raise _Stop
@@ -567,8 +641,9 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
     try:
         for n in stage:
             handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
-        for batch in batches:
+        for i, batch in enumerate(batches):
             seen.clear()
+            current[0] = labels[i] if labels is not None else None
             try:
                 run_model(model, batch)
             except _Stop:
@@ -601,6 +676,8 @@ def gptq_quantize_(
     act_order: bool = False,
     max_samples: int | None = None,
     seed: int = 0,
+    groups: Sequence[Any] | None = None,
+    group_weights: Mapping[Any, float] | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Quantize ``model``'s Linear / Conv2d layers in place with GPTQ (see the module docstring).
@@ -616,12 +693,18 @@ def gptq_quantize_(
         act_order: process columns by decreasing ``H_jj`` (scale groups and layout unchanged).
         max_samples: use at most this many calibration batches, drawn with ``seed`` (default: all).
         seed: seed of that draw; GPTQ itself is deterministic.
+        groups: optional group labels, one entry per calibration batch: a label (int or str) for the whole batch,
+            or a sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's
+            input). Then each layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
+            (:class:`HessianAccumulator`), so a minority group's inputs weigh as much as the majority's.
+        group_weights: ``w_g`` by label (normalised to sum 1 over the groups seen); default uniform.
         progress: tqdm bar over stages.
 
     Returns:
         :func:`calibration_records` of the quantized layers: method ``"gptq"``, ``samples`` (calibration batches),
         ``rows`` (Hessian input rows), ``damp`` / ``damp_used``, ``block_size``, ``act_order``, ``seed``,
-        ``dead_inputs`` and the GPTQ objective ``loss``.
+        ``dead_inputs`` and the GPTQ objective ``loss``; with ``groups`` also ``group_balanced``,
+        ``group_weights`` and ``group_rows`` (by label, as strings).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gptq_quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -629,7 +712,11 @@ def gptq_quantize_(
     plan = resolve_configs(model, config_or_map, skip=skip)
     if not plan:
         return {}
-    batches = _select(list(calib), max_samples, seed)
+    batches = list(calib)
+    labels = _group_labels(groups, len(batches))
+    keep = _select(batches, max_samples, seed)
+    batches = [batches[i] for i in keep]
+    labels = [labels[i] for i in keep] if labels is not None else None
     if not batches:
         names = list(plan)
         raise ValueError(f"GPTQ needs calibration data: the calibration set is empty (layers to quantize: "
@@ -646,12 +733,14 @@ def gptq_quantize_(
         bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
         for stage in bar:
             early = all(counts[n] == 1 for n in stage)
-            accs = _capture(model, stage, batches, early)
+            accs = _capture(model, stage, batches, early, labels, group_weights)
             built = []
             for n in stage:
                 q = gptq_quantize_layer(model.get_submodule(n), accs[n].hessian(), plan[n], damp=damp,
                                         block_size=block_size, act_order=act_order, name=n)
                 q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
+                if labels is not None:
+                    q.calibration.update(_group_record(accs, n))
                 built.append((n, q))
             for n, q in built:
                 swap_module(model, n, q)
@@ -671,6 +760,8 @@ def gptq_quantize_sequential(
     act_order: bool = False,
     max_samples: int | None = None,
     seed: int = 0,
+    groups: Sequence[Any] | None = None,
+    group_weights: Mapping[Any, float] | None = None,
     device: str | torch.device | None = None,
     offload_device: str | torch.device | None = "cpu",
     checkpoint: str | os.PathLike | Any | None = None,
@@ -686,8 +777,8 @@ def gptq_quantize_sequential(
     Layers outside the blocks (a patch embedding, a projector, ``lm_head`` unless skipped) are quantized by
     round-to-nearest, as ``quantize_sequential`` does; :func:`gptq_quantize_` covers them with GPTQ. With every
     planned layer inside a block, the codes are those of :func:`gptq_quantize_` up to float rounding of the
-    captured activations. ``calib_inputs``: keyword dicts for ``model(**batch)``; other arguments as
-    :func:`gptq_quantize_`. Returns :func:`calibration_records`.
+    captured activations. ``calib_inputs``: keyword dicts for ``model(**batch)``; other arguments (``groups``
+    with one entry per dict) as :func:`gptq_quantize_`. Returns :func:`calibration_records`.
     """
     _check_args(damp, block_size, max_samples)
     if calib_inputs is None:
@@ -696,25 +787,31 @@ def gptq_quantize_sequential(
     batches = [calib_inputs] if isinstance(calib_inputs, Mapping) else list(calib_inputs)
     if not batches:
         raise ValueError("GPTQ needs calibration data: calib_inputs is empty")
-    batches = _select(batches, max_samples, seed)
+    labels = _group_labels(groups, len(batches))
+    keep = _select(batches, max_samples, seed)
+    batches = [batches[i] for i in keep]
+    labels = [labels[i] for i in keep] if labels is not None else None
 
     def per_block_fn(block: nn.Module, inputs: BlockInputs) -> None:
         names = [n for n, c in inputs.configs.items()
                  if isinstance(block.get_submodule(n), (nn.Linear, nn.Conv2d))]
         if not names:
             return
-        accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}") for n in names}
+        accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in names}
+        current: list[Any] = [None]
         handles = []
 
         def make(n: str):
             def hook(mod, args, kwargs):
-                accs[n].add(_input_of(args, kwargs).detach())
+                accs[n].add(_input_of(args, kwargs).detach(), current[0])
             return hook
 
         try:
             for n in names:
                 handles.append(block.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
-            inputs.run(block)
+            for i, (a, k) in enumerate(zip(inputs.args, inputs.kwargs)):
+                current[0] = labels[i] if labels is not None else None
+                block(*a, **k)
         finally:
             for h in handles:
                 h.remove()
@@ -724,6 +821,8 @@ def gptq_quantize_sequential(
             q = gptq_quantize_layer(block.get_submodule(n), accs[n].hessian(), inputs.configs[n], damp=damp,
                                     block_size=block_size, act_order=act_order, name=full)
             q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
+            if labels is not None:
+                q.calibration.update(_group_record(accs, n))
             built.append((n, q))
         for n, q in built:
             swap_module(block, n, q)

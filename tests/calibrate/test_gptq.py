@@ -452,3 +452,81 @@ def test_singular_hessian_retries_then_fails_naming_the_layer():
     assert info["damp"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="layer w: weight .* and Hessian"):
         gptq_quantize_weight(w, torch.eye(8), QuantConfig(4), name="w")
+
+
+# ---------------------------------------------------------------------------------------------- group-balanced
+def _structured(n: int, basis: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, basis.shape[0], generator=g) @ basis + 0.05 * torch.randn(n, basis.shape[1], generator=g)
+
+
+def test_group_balanced_hessian_formula():
+    lin = nn.Linear(24, 4)
+    xa, xb, xc = torch.randn(30, 24), torch.randn(5, 24) + 1, torch.randn(11, 24) * 2
+    acc = HessianAccumulator(lin, "lin")
+    acc.add(xa[:20], "a")
+    acc.add(xb, "b")
+    acc.add(torch.stack([xa[20:], xc[:10]], 0).reshape(2, 10, 24)[:, :, :], ["a", "c"])   # per-sample labels
+    acc.add(xc[10:], "c")
+    assert acc.counts == {"a": 30, "b": 5, "c": 11} and acc.rows == 46
+    want = sum(_hessian(x) for x in (xa, xb, xc)) / 3
+    torch.testing.assert_close(acc.hessian()[0], want, rtol=1e-5, atol=1e-5)
+    acc.group_weights = {"a": 2.0, "b": 1.0, "c": 1.0}
+    torch.testing.assert_close(acc.hessian()[0], (2 * _hessian(xa) + _hessian(xb) + _hessian(xc)) / 4,
+                               rtol=1e-5, atol=1e-5)
+    # one group, or equal sizes with uniform weights: the plain Hessian
+    one = HessianAccumulator(lin, "lin")
+    one.add(xa, 0)
+    torch.testing.assert_close(one.hessian()[0], _hessian(xa), rtol=1e-5, atol=1e-5)
+    eq = HessianAccumulator(lin, "lin")
+    eq.add(xa[:15], 0)
+    eq.add(xa[15:], 1)
+    torch.testing.assert_close(eq.hessian()[0], _hessian(xa), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layer lin: 3 per-sample group labels"):
+        acc.add(torch.randn(2, 5, 24), [0, 1, 1])
+    acc.group_weights = {"a": 1.0}
+    with pytest.raises(ValueError, match="no weight for the groups"):
+        acc.hessian()
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(4, group_size=32), QuantConfig(3, scope="channel")], ids=["w4", "w3"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_balanced_lowers_minority_error(cfg, seed):
+    """A 90/10 calibration mix of two input structures: the plain Hessian fits the majority; the balanced one
+    lowers the minority's (and the worst group's) output error on held-out inputs, at some cost to the
+    majority's."""
+    k = 128
+    basis_a = torch.randn(8, k, generator=torch.Generator().manual_seed(100 + seed))
+    basis_b = torch.randn(8, k, generator=torch.Generator().manual_seed(200 + seed))
+    lin = nn.Linear(k, 32)
+    nn.init.normal_(lin.weight, std=0.05, generator=torch.Generator().manual_seed(seed))
+    xa, xb = _structured(900, basis_a, 1), _structured(100, basis_b, 2)
+    plain, bal = HessianAccumulator(lin, "lin"), HessianAccumulator(lin, "lin")
+    plain.add(torch.cat([xa, xb]))
+    bal.add(xa, "majority")
+    bal.add(xb, "minority")
+    tests = (_structured(1000, basis_a, 3), _structured(1000, basis_b, 4))
+    errs = []
+    for acc in (plain, bal):
+        w = gptq_quantize_layer(lin, acc.hessian(), cfg, name="lin").dequantized_weight()
+        errs.append([float((t @ (lin.weight.detach() - w).T).pow(2).mean()) for t in tests])
+    (plain_a, plain_b), (bal_a, bal_b) = errs
+    assert bal_b < 0.8 * plain_b and max(bal_a, bal_b) < max(plain_a, plain_b)
+    assert bal_a > plain_a                           # the honest trade-off: the majority loses a little
+
+
+def test_model_groups_recorded_and_single_group_equals_plain():
+    cfg = QuantConfig(4, group_size=32)
+    calib = _calib()
+    plain, one, two = _MLP(), _MLP(), _MLP()
+    gptq_quantize_(plain, cfg, calib, progress=False)
+    gptq_quantize_(one, cfg, calib, groups=["x"] * 4, progress=False)
+    a, b = plain.state_dict(), one.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    labels = [torch.tensor([0, 0, 0, 0, 0, 0, 0, 1])] * 4                    # per sample: 7 of 8 in group 0
+    recs = gptq_quantize_(two, cfg, calib, groups=labels, group_weights={0: 1.0, 1: 3.0}, progress=False)
+    r = recs["fc2"]
+    assert r["group_balanced"] and r["group_weights"] == {"0": 0.25, "1": 0.75}
+    assert r["group_rows"] == {"0": 4 * 7 * 8, "1": 4 * 8}
+    with pytest.raises(ValueError, match="groups has 3 entries for 4 calibration batches"):
+        gptq_quantize_(_MLP(), cfg, calib, groups=[0, 1, 0], progress=False)
