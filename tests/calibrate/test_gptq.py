@@ -361,26 +361,34 @@ def test_cnn_forward_after_gptq():
         assert torch.isfinite(model(calib[0])).all()
 
 
-@pytest.mark.parametrize("name", ["llama", "siglip_vision"])
+@pytest.mark.parametrize("name", ["llama", "gemma3_vlm", "siglip_vision"])
 def test_zoo_model_runs_and_sequential_gives_same_codes(name):
     e = ZOO_BY_NAME[name]
     model = e.build()
     inputs = e.inputs(model)
     cfg = QuantConfig(4, group_size=32)
-    skip = ["@head"] if name == "llama" else None
+    # the VLM recipe: images and text run through the whole model, the vision tower stays float, the language
+    # blocks get GPTQ, the head stays float
+    cmap = {"@vision": None, "@language": cfg} if name == "gemma3_vlm" else cfg
+    skip = None if name == "siglip_vision" else ["@head"]
     seq, awq = copy.deepcopy(model), copy.deepcopy(model)
-    recs = gptq_quantize_(model, cfg, [inputs], skip=skip, progress=False)
-    plan = medquant.quant.resolve_configs(e.build(), cfg, skip=skip)
+    recs = gptq_quantize_(model, cmap, [inputs], skip=skip, progress=False)
+    plan = medquant.quant.resolve_configs(e.build(), cmap, skip=skip)
     assert set(recs) == set(plan)
     with torch.no_grad():
         out = e.output(model, inputs)
     assert out.shape == e.output_shape and torch.isfinite(out).all()
-    if name != "llama":
+    if name == "siglip_vision":
         return
     assert isinstance(model.lm_head, nn.Linear)
-    gptq_quantize_sequential(seq, cfg, [inputs], skip=skip, device="cpu", progress=False)
+    if name == "gemma3_vlm":
+        assert all(n.startswith("model.language_model.layers.") for n in recs)
+        assert not any(isinstance(m, QuantLinear) for m in model.model.vision_tower.modules())
+    gptq_quantize_sequential(seq, cmap, [inputs], skip=skip, device="cpu", progress=False)
     a, b = model.state_dict(), seq.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if name != "llama":
+        return
     # AWQ then GPTQ: the scales are folded into the float model, then GPTQ quantizes once
     groups = search_and_fold(awq, cfg, [inputs], progress=False)
     assert gptq_quantize_(awq, cfg, [inputs], skip=skip, progress=False).keys() == recs.keys()
