@@ -138,8 +138,9 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
     (``lm_head``) is quantized ``_CHUNK_ROWS`` rows at a time and the row blocks of its buffers concatenated:
     bit-identical, since with per-channel or per-group scales and one bit-width for every row each row is
     quantized on its own (per-tensor scales and mixed per-row bit-widths take the one-shot path)."""
-    if not isinstance(module, nn.Linear):
+    if isinstance(module, nn.Conv2d):
         return QuantConv2d.from_float(module, config)
+    assert isinstance(module, nn.Linear)
     w = module.weight.detach()
     rows = w.shape[0]
     if rows <= _CHUNK_ROWS or config.scope == "tensor" or config.channel_bits is not None \
@@ -156,7 +157,7 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
     with torch.no_grad():
         for name, buf in q.named_buffers():
             buf.copy_(torch.cat([p[name] for p in parts]))
-        if module.bias is not None:
+        if module.bias is not None and q.bias is not None:
             q.bias.copy_(module.bias.detach())
     return q
 
@@ -177,7 +178,7 @@ def quantizable_modules(model: nn.Module, config_type: type = QuantConfig) -> di
     return out
 
 
-def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None:
     """Bind ``new`` to the submodule path ``name`` of ``model`` and return the module it replaces.
 
     Only that name changes: another name bound to the same module object (a shared module) keeps the old one,
@@ -239,6 +240,8 @@ class ConfigMap(Mapping):
     """
 
     __slots__ = ("_entries", "_skip")
+    _entries: dict[str, QuantConfig | None]
+    _skip: tuple[str, ...]
 
     def __init__(self, entries: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), *,
                  skip: Iterable[str] | None = None) -> None:
@@ -448,5 +451,6 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear / QuantConv2d by the float layer it computes with (in place)."""
     for name, m in list(quantized_modules(model).items()):
+        assert isinstance(m, QUANT_MODULES)
         swap_module(model, name, m.to_float())
     return model

@@ -142,9 +142,10 @@ def layer_from_recipe(entry: Mapping[str, Any], *, device: torch.device | str | 
         raise RecipeError(str(e)) from None
 
 
-def bit_map_matches(layer: nn.Module) -> bool:
+def bit_map_matches(layer: QuantLinear | QuantConv2d) -> bool:
     """Whether a loaded layer's stored ``bit_map`` (mixed-precision layers only) equals the per-row bits of its
     recipe's config: the check every reader runs after the tensors are in, against altered files or recipes."""
     if not layer.mixed:
         return True
-    return torch.equal(layer.bit_map.detach().to("cpu", torch.int16), layer.config.row_bits(layer.out_rows))
+    config: QuantConfig = layer.config
+    return torch.equal(layer.get_buffer("bit_map").detach().to("cpu", torch.int16), config.row_bits(layer.out_rows))
