@@ -1,9 +1,10 @@
-"""Calibration workflows: quantization that runs the model on data (activation-aware scaling, GPTQ, block-by-block
-quantization from a checkpoint, block-sharded quantization over several processes).
+"""Calibration workflows: quantization that runs the model on data (activation-aware scaling, GPTQ, learned rounding,
+block-by-block quantization from a checkpoint, block-sharded quantization over several processes).
 
 These sit above :mod:`medquant.quant` (the quantizer, the modules and the one swap) and use it; nothing under
 ``medquant.quant`` imports from here.
 """
+from .adaround import adaround_quantize_, fold_batchnorm_
 from .awq import awq_groups, awq_quantize_, awq_quantize_sequential, search_and_fold, search_and_fold_block
 from .gptq import (
     HessianAccumulator,
@@ -21,11 +22,13 @@ __all__ = [
     "BlockInputs",
     "CheckpointSource",
     "HessianAccumulator",
+    "adaround_quantize_",
     "assemble_shards",
     "awq_groups",
     "awq_quantize_",
     "awq_quantize_sequential",
     "calibration_records",
+    "fold_batchnorm_",
     "gptq_quantize_",
     "gptq_quantize_layer",
     "gptq_quantize_sequential",

@@ -1,0 +1,353 @@
+"""Learned rounding (AdaRound-style): choose, per weight, whether to round down or up so that a block's output is
+reconstructed on calibration data.
+
+AdaRound (Nagel, Amjad, van Baalen, Louizos, Blankevoort: "Up or Down? Adaptive Rounding for Post-Training
+Quantization", 2020), here with block-wise reconstruction (as BRECQ, Li et al. 2021: a block - one layer, or a
+group of layers such as a residual block - is optimised at a time). For a weight ``w`` with scale ``s`` (and zero
+point ``z``) from the layer's quantizer (the formulas of :func:`medquant.quant.core.compute_qparams`, so the packed
+layout is unchanged), the soft-quantized weight is
+
+    h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1),        zeta = 1.1, gamma = -0.1
+    w~   = s * (clamp(floor(w / s) + h(V), -q_max, q_max))                 symmetric (q_max = 2^(b-1) - 1)
+    w~   = s * (clamp(floor(w / s) + h(V) + z, 0, 2^b - 1) - z)            asymmetric
+
+with ``V`` initialised so that ``h(V) = w/s - floor(w/s)`` (``w~ = w`` inside the range). ``V`` of every layer of
+the block is optimised with Adam on
+
+    L = mean (block(x; W~) - block(x; W))^2  +  lambda * sum_layers sum_i (1 - |2 h(V_i) - 1|^beta)
+
+where ``block(x; W)`` is the float block on the same input (its input taken from the model with the earlier blocks
+already quantized), the regulariser is off for the first ``warmup`` fraction of the iterations and ``beta`` then
+decays linearly from 20 to 2, pushing ``h`` to 0 or 1. The final codes round up where ``h(V) >= 0.5``:
+``u = clamp(floor(w/s) + [h >= 0.5] (+ z), ...)``, so each code is the floor or the ceiling of ``w/s``, never
+further from it than RTN's code by more than one step.
+
+:func:`fold_batchnorm_` first folds each BatchNorm2d into the Conv2d that feeds it (``w' = w gamma / sigma``,
+``b' = (b - mu) gamma / sigma + beta``), so the rounding is learned on the weights that will actually be used.
+Activation quantization during the reconstruction is not implemented.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from tqdm.auto import tqdm
+
+from ..kernels.layout import expand_params, pack, padded_k
+from ..models.runner import run_model
+from ..quant.api import resolve_configs, swap_module
+from ..quant.config import QuantConfig
+from ..quant.core import compute_qparams
+from ..quant.modules import QuantConv2d, QuantLinear
+
+__all__ = ["adaround_quantize_", "fold_batchnorm_"]
+
+_ZETA, _GAMMA = 1.1, -0.1
+
+
+# ---------------------------------------------------------------------------------------------- BN folding
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) names where a BatchNorm2d reads only the output of a Conv2d that nothing else reads."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001  (any tracing failure: fall back to adjacent entries of nn.Sequential)
+        pairs = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Sequential):
+                kids = list(mod.named_children())
+                for (a, ma), (b, mb) in itertools.pairwise(kids):
+                    if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d):
+                        pre = f"{name}." if name else ""
+                        pairs.append((pre + a, pre + b))
+        return pairs
+    mods = dict(gm.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
+                and len(src.users) == 1):
+            pairs.append((src.target, node.target))
+    used = [c for c, _ in pairs]
+    return [p for p in pairs if used.count(p[0]) == 1]
+
+
+@torch.no_grad()
+def fold_batchnorm_(model: nn.Module) -> list[tuple[str, str]]:
+    """Fold every BatchNorm2d that directly follows a Conv2d into it (in place; the BN becomes ``nn.Identity``).
+
+    Uses the running statistics (eval-mode BN): ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma /
+    sqrt(var + eps) + beta``; the eval-mode outputs are unchanged. Returns the folded ``(conv, bn)`` names.
+    """
+    pairs = _conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"{bn_name}: cannot fold a BatchNorm2d without running statistics")
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                    bn.bias)
+        conv.weight = nn.Parameter(w.detach(), requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(b.detach(), requires_grad=False)
+        swap_module(model, bn_name, nn.Identity())
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------- one layer
+class _Rounding:
+    """The rounding variables of one layer and its fixed quantization grid."""
+
+    def __init__(self, module: nn.Module, config: QuantConfig, name: str) -> None:
+        if config.channel_bits is not None:
+            raise ValueError(f"layer {name}: learned rounding does not support per-row bit-widths (channel_bits); "
+                             "use gptq_quantize_ or quantize_ for mixed-precision layers")
+        b = config.bits
+        if not 2 <= b <= 8:
+            raise ValueError(f"layer {name}: learned rounding needs 2..8 bits, got {b}")
+        self.module, self.config, self.name, self.bits = module, config, name, b
+        self.sym = config.is_symmetric(b)
+        w = module.weight.detach().reshape(module.weight.shape[0], -1).float()
+        n, k = w.shape
+        s, z, elems = compute_qparams(w, b, self.sym, config.scope, config.group_size, config.torch_scale_dtype)
+        self.scales, self.zeros, self.elems = s, z, elems
+        kp = padded_k(k, b, config.group_size if config.scope == "group" else None)
+        self.s = expand_params(s.float(), config.scope, elems, n, kp)[:, :k]
+        self.z = expand_params(z.float(), config.scope, elems, n, kp)[:, :k] if z is not None else None
+        if self.sym:
+            self.lo, self.hi = -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
+        else:
+            self.lo, self.hi = 0, 2**b - 1
+        self.floor = torch.floor(w / self.s)
+        rest = (w / self.s - self.floor).clamp(1e-4, 1 - 1e-4)
+        self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1))  # h(v) = rest
+        self.shape = module.weight.shape
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+    def weight(self, hard: bool = False) -> torch.Tensor:
+        h = (self.h() >= 0.5).float() if hard else self.h()
+        q = self.floor + h
+        if self.sym:
+            w = torch.clamp(q, self.lo, self.hi) * self.s
+        else:
+            w = (torch.clamp(q + self.z, self.lo, self.hi) - self.z) * self.s
+        return w.reshape(self.shape).to(self.module.weight.dtype)
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def quantized_module(self) -> nn.Module:
+        m, cfg, b = self.module, self.config, self.bits
+        n = m.weight.shape[0]
+        k = self.floor.shape[1]
+        up = (self.h() >= 0.5).float()
+        if self.sym:
+            codes = torch.clamp(self.floor + up, self.lo, self.hi) + 2 ** (b - 1)
+        else:
+            codes = torch.clamp(self.floor + up + self.z, self.lo, self.hi)
+        kp = padded_k(k, b, cfg.group_size if cfg.scope == "group" else None)
+        codes = F.pad(codes.to(torch.uint8), (0, kp - k))
+        w = m.weight
+        if isinstance(m, nn.Conv2d):
+            q = QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                            m.bias is not None, cfg, w.device, w.dtype)
+        else:
+            q = QuantLinear(m.in_features, n, m.bias is not None, cfg, w.device, w.dtype)
+        q.get_buffer(f"qweight_{b}").copy_(pack(codes, b))
+        q.get_buffer(f"scales_{b}").copy_(self.scales)
+        if not self.sym:
+            q.get_buffer(f"zeros_{b}").copy_(self.zeros)
+        if m.bias is not None:
+            q.bias.copy_(m.bias.detach())
+        q.train(m.training)
+        return q
+
+
+# ---------------------------------------------------------------------------------------------- capture
+class _StopForward(Exception):
+    pass
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"a block's output must be a tensor or a tuple starting with one, got {type(out).__name__}")
+
+
+@torch.no_grad()
+def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any]) -> list[tuple[tuple, dict, torch.Tensor]]:
+    """(args, kwargs, float output) of every call of the block on the calibration batches."""
+    block = model.get_submodule(block_name)
+    calls: list[tuple[tuple, dict, torch.Tensor]] = []
+
+    def hook(mod, args, kwargs, out):
+        calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs),
+                      _first_tensor(out).detach()))
+        raise _StopForward
+
+    h = block.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                run_model(model, batch)
+            except _StopForward:
+                pass
+    finally:
+        h.remove()
+    if not calls:
+        raise ValueError(f"block {block_name} received no calibration inputs: the model's forward did not call it")
+    for args, _, _ in calls:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dtype.is_floating_point and not torch.isfinite(a).all():
+                raise ValueError(f"block {block_name}: calibration input holds NaN/inf values")
+    return calls
+
+
+def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over the channel / feature dim (dim 1 of a conv output, the last dim otherwise),
+    averaged over the rest (so the loss does not shrink with the layer's width)."""
+    d = (out - target).pow(2)
+    return d.sum(1).mean() if d.dim() == 4 else d.sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def adaround_quantize_(
+    model: nn.Module,
+    config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
+    calib: Iterable[Any],
+    *,
+    skip: Iterable[str] | None = None,
+    blocks: Sequence[str] | None = None,
+    iters: int = 1000,
+    lr: float = 1e-2,
+    reg: float = 0.01,
+    warmup: float = 0.2,
+    fold_bn: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Quantize ``model``'s Linear / Conv2d layers in place with learned rounding (see the module docstring).
+
+    Args:
+        model: a float model, run in eval mode.
+        config_or_map, skip: which layers get which :class:`~medquant.QuantConfig`, as :func:`medquant.quantize_`
+            (2..8 bits, no per-row bit-widths).
+        calib: calibration batches as :func:`medquant.models.run_model` takes them.
+        blocks: names of modules reconstructed as a whole (e.g. a ResNet's ``"layer1.0"``); their planned layers
+            are optimised jointly. Planned layers outside every block are reconstructed one by one (AdaRound).
+            Blocks must not nest; their order is the forward order.
+        iters, lr: Adam steps (one calibration batch each, in a seeded random order) and learning rate per block.
+        reg, warmup: ``lambda`` of the rounding regulariser and the fraction of steps before it starts.
+        fold_bn: fold BatchNorm2d layers into their convolutions first (:func:`fold_batchnorm_`).
+        seed: seed of the batch order; the result is deterministic for a seed (on the same device).
+
+    Returns:
+        Name -> ``{"method": "adaround", "block", "iters", "lr", "reg", "samples", "seed", "mse_rtn", "mse"}``
+        (``mse``: the block's calibration reconstruction error with the final hard rounding, ``mse_rtn`` with
+        round-to-nearest); each quantized layer also carries it as its ``calibration`` attribute.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    batches = list(calib)
+    if fold_bn:
+        fold_batchnorm_(model)
+    plan = resolve_configs(model, config_or_map, skip=skip)
+    if not plan:
+        return {}
+    if not batches:
+        raise ValueError(f"learned rounding needs calibration data: the calibration set is empty (layers to "
+                         f"quantize: {', '.join(list(plan)[:3])})")
+    blocks = list(blocks or [])
+    for b in blocks:
+        model.get_submodule(b)
+    units: dict[str, list[str]] = {}
+    for n in plan:
+        owner = next((b for b in blocks if n.startswith(b + ".")), n)
+        units.setdefault(owner, []).append(n)
+    # forward order of the units: the first call of each on the first batch
+    order: list[str] = []
+    handles = [model.get_submodule(u).register_forward_pre_hook(
+        lambda mod, args, u=u: order.append(u) if u not in order else None) for u in units]
+    was = model.training
+    model.eval()
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        with torch.no_grad():
+            run_model(model, batches[0])
+        for h in handles:
+            h.remove()
+        handles = []
+        ordered = order + [u for u in units if u not in order]
+        gen = torch.Generator().manual_seed(seed)
+        for unit in tqdm(ordered, desc="learned rounding", disable=not progress, leave=False):
+            calls = _capture_block(model, unit, batches)
+            block = model.get_submodule(unit)
+            prefix = "" if unit in plan else unit + "."
+            layers = {n: _Rounding(model.get_submodule(n), plan[n], n) for n in units[unit]}
+            rel = {n: (n[len(prefix):] if prefix else "") for n in layers}
+            params = [r.v for r in layers.values()]
+            opt = torch.optim.Adam(params, lr=lr)
+
+            def run(hard: bool, call: tuple, layers=layers, rel=rel, block=block) -> torch.Tensor:
+                weights = {(rel[n] + "." if rel[n] else "") + "weight": r.weight(hard) for n, r in layers.items()}
+                return _first_tensor(torch.func.functional_call(block, weights, call[0], call[1]))
+
+            def mse(hard: bool | None, calls=calls, run=run, layers=layers, rel=rel, block=block) -> float:
+                with torch.no_grad():
+                    if hard is None:  # round-to-nearest
+                        saved = {n: r.v.detach().clone() for n, r in layers.items()}
+                        for r in layers.values():
+                            rest = (r.module.weight.detach().reshape(r.floor.shape).float() / r.s - r.floor)
+                            r.v.copy_(torch.where(rest >= 0.5, 10.0, -10.0))
+                        err = sum(float((run(True, c) - c[2]).pow(2).mean()) for c in calls) / len(calls)
+                        for n, r in layers.items():
+                            r.v.copy_(saved[n])
+                        return err
+                    return sum(float((run(hard, c) - c[2]).pow(2).mean()) for c in calls) / len(calls)
+
+            mse_rtn = mse(None)
+            start = int(warmup * iters)
+            for it in range(iters):
+                call = calls[int(torch.randint(len(calls), (1,), generator=gen))]
+                with torch.enable_grad():
+                    out = run(False, call)
+                    loss = _rec_loss(out, call[2])
+                    if it >= start:
+                        frac = (it - start) / max(1, iters - start)
+                        beta = 20 + (2 - 20) * frac
+                        loss = loss + reg * sum(r.regulariser(beta) for r in layers.values())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+            mse_final = mse(True)
+            rec = {"method": "adaround", "block": unit, "iters": iters, "lr": lr, "reg": reg, "samples": len(batches),
+                   "seed": seed, "mse_rtn": mse_rtn, "mse": mse_final}
+            if not math.isfinite(mse_final):
+                raise ValueError(f"block {unit}: learned rounding diverged (reconstruction error {mse_final})")
+            built = []
+            for n, r in layers.items():
+                q = r.quantized_module()
+                q.calibration = dict(rec)
+                records[n] = dict(rec)
+                built.append((n, q))
+            for n, q in built:
+                swap_module(model, n, q)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return records
