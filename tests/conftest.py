@@ -15,3 +15,8 @@ SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 
 if not os.environ.get("MEDQUANT_DATA_DIR") and SHARED_DATA.is_dir():
     os.environ["MEDQUANT_DATA_DIR"] = str(SHARED_DATA)
+
+# The CPU kernels compute in bfloat16 by default where the CPU has native bf16; the tests compare quantized
+# layers with float32 references, so they run with float32 compute unless a test sets another dtype
+# (tests/kernels/test_cpu_backend.py checks the bfloat16 paths).
+os.environ.setdefault("MEDQUANT_CPU_COMPUTE_DTYPE", "float32")

@@ -7,7 +7,8 @@ The bottom layer of medquant: it imports only torch (Triton lazily, when a kerne
   ``container_bits``, ``dequantize_codes``.
 * :class:`PackedWeight` — one packed row group (codes, scales, zeros, bits, symmetric, scope, group size, k).
 * :func:`packed_linear` — ``y = x @ dequant(W)^T`` reading the packed layout directly; Triton on CUDA
-  (GEMV / split-K / tiled GEMM chosen by M, see :mod:`medquant.kernels.packed`), torch reference on CPU.
+  (GEMV / split-K / tiled GEMM chosen by M, see :mod:`medquant.kernels.packed`); on CPU torch's weight-only
+  int4 / int8 kernels or a dense GEMM (:mod:`medquant.kernels.cpu`), the torch reference where neither fits.
 * :func:`fake_quantize_rows` — per-row (per-sample) dynamic fake quantization, each row its own bit-width;
   straight-through backward.
 * :func:`fake_quantize_static` — fake quantization with given per-tensor / per-channel / per-group scales
@@ -28,6 +29,14 @@ import torch
 from . import fakequant as _fakequant  # noqa: F401  (registers the Triton fake-quant kernels)
 from . import ops  # noqa: F401  (registers the medquant:: custom ops)
 from .bundle import PackedWeight
+from .cpu import (  # importing registers the CPU backend
+    clear_cpu_cache,
+    cpu_features,
+    get_cpu_compute_dtype,
+    set_cpu_compute_dtype,
+    set_cpu_dense_min_m,
+    set_layer_compute_dtype,
+)
 from .dispatch import (
     backend_names,
     force_backend,
@@ -141,11 +150,14 @@ __all__ = [
     "SPLITK_MAX_M",
     "PackedWeight",
     "backend_names",
+    "clear_cpu_cache",
+    "cpu_features",
     "fake_quantize_rows",
     "fake_quantize_rows_reference",
     "fake_quantize_static",
     "fake_quantize_static_reference",
     "force_backend",
+    "get_cpu_compute_dtype",
     "interpreting",
     "packed_linear",
     "packed_linear_reference",
@@ -153,6 +165,9 @@ __all__ = [
     "register_kernel",
     "select_kernel",
     "select_regime",
+    "set_cpu_compute_dtype",
+    "set_cpu_dense_min_m",
+    "set_layer_compute_dtype",
     "triton_available",
     "unregister_backend",
 ]

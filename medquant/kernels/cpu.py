@@ -1,0 +1,431 @@
+"""The CPU backend of ``packed_linear``: torch's weight-only int4 / int8 CPU kernels, repacked once per layer.
+
+Registered in :mod:`medquant.kernels.dispatch` as backend ``"cpu"`` (priority above the torch reference), so a
+``QuantLinear`` on CPU runs it with nothing extra to call. What runs, for a row group ``W`` (``n`` rows, ``k``
+inputs, ``b`` bits) and activations ``x`` of ``M`` rows, with ``cd`` the compute dtype (below):
+
+==============================================  ========================================================
+row group                                       path
+==============================================  ========================================================
+``b <= 4``; group scope with a group size that   **int4**: ``aten._weight_int4pack_mm_for_cpu`` for
+is a multiple of 32, or channel / tensor scope;  ``M < dense_min_m`` (``cd`` bfloat16 / float16) or
+``n`` a multiple of 16                           ``M == 1`` (``cd`` float32); otherwise **dense**
+``5 <= b <= 8``, channel or tensor scope         **int8**: ``aten._weight_int8pack_mm`` (same rule on M);
+(8-bit asymmetric only where ``u - z`` fits     otherwise **dense**
+int8 in every row)
+anything else (``n`` not a multiple of 16, a     the torch reference (:func:`packed_linear_reference`),
+group size not a multiple of 32, 5..8-bit        with one warning per layer shape naming it
+group scope)
+==============================================  ========================================================
+
+**dense**: the codes are dequantized to ``cd`` (``(u - z) * s``, once per call) and ``F.linear`` runs; at large
+``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``.
+
+**Mapping onto the int4 kernel.** It computes ``w = (q - 8) * scale + zero`` per group of ``g`` in {32, 64, 128,
+256} elements with codes ``q`` in 0..15. medquant's ``w = (u - z) * s`` maps onto it exactly for every
+``b <= 4`` with ``q = u + o``, ``scale = s``, ``zero = (8 - o - z) * s`` (symmetric: ``z = 2^(b-1)``; 1-bit
+symmetric ``(2u - 1) * s``: ``scale = 2s``, ``z = 1/2``), where the per-group code offset
+``o = clamp(round(8 - z), 0, 16 - 2^b)`` keeps ``q`` in 0..15 and makes ``zero`` 0 (symmetric) or small, so that
+no large ``(q - 8) * scale`` and ``zero`` cancel (their rounding to a bfloat16 compute dtype would not). A medquant group of ``G`` elements (``G`` a multiple of 32) is
+``G / g`` kernel groups with repeated scales, ``g`` the largest of 256/128/64/32 dividing ``G``; channel and tensor
+scales are repeated over groups of 128 (32 when ``k < 128``). K is padded to a multiple of ``g`` inside the
+repack (zero codes, zero scales) and ``x`` is zero-padded to match, so padding contributes nothing.
+
+**Mapping onto the int8 kernel** (``y = x @ (q * scale)^T``, ``q`` int8, one scale per row): ``q = u - z``
+(symmetric ``z = 2^(b-1)``), ``scale = s``, K zero-padded to a multiple of 64 (the kernel returns wrong values
+for bfloat16 activations when K is not a multiple of 16); exact whenever ``u - z`` lies in -128..127, which holds for every
+5..7-bit row and every symmetric 8-bit row.
+
+**Compute dtype.** ``x`` is cast to ``cd`` and the result back to ``x``'s dtype. ``cd`` is, first match:
+the layer's own setting (:func:`set_layer_compute_dtype`, which ``QuantConfig.compute_dtype`` feeds), the
+global :func:`set_cpu_compute_dtype` (initially ``$MEDQUANT_CPU_COMPUTE_DTYPE`` if set), else bfloat16 where the CPU has native bf16 arithmetic (AVX512-BF16 or
+AMX-BF16, see :func:`cpu_features`) and float32 elsewhere. The int4 kernel is run with float32 activations only
+at ``M == 1`` (it is many times slower than ``F.linear`` for larger ``M``). A compute dtype the CPU has no
+native support for (bfloat16 without AVX512-BF16/AMX, float16 without AVX512-FP16) still gives the correct
+result, with a one-time warning.
+
+**Cache.** The repacked weight (the kernel's packed codes plus its scales and zeros per compute dtype) is built
+at the first call on a row group and kept in a weak dictionary keyed by the row group's ``qweight`` tensor: it
+lives exactly as long as the layer's storage, is never part of a ``state_dict``, and is rebuilt when the
+storage changes (``load_state_dict`` copies new codes: the tensor versions change; ``.to()`` makes new
+tensors). In memory a 4-bit layer then holds both forms (medquant's packed codes, which are what ``save``
+writes, and the kernel's; 4 bits per weight each); :func:`clear_cpu_cache` drops the repacked forms.
+2- and 3-bit rows are held in the int4 kernel's layout (4 bits per weight).
+
+Threads follow ``torch.set_num_threads``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .bundle import PackedWeight
+from .dispatch import register_backend, register_kernel
+from .layout import container_bits, unpack
+from .reference import check_packed_input, packed_linear_reference
+
+#: group sizes the aten int4 CPU kernel takes, largest first
+INT4_GROUPS = (256, 128, 64, 32)
+#: the int4 kernel needs the number of rows to be a multiple of this
+INT4_ROW_MULTIPLE = 16
+#: the int8 kernel gives wrong results (or crashes) with bfloat16 activations unless K is a multiple of 16 (torch
+#: 2.13): its K is padded to a multiple of this (zero weights) and x with zeros
+INT8_K_MULTIPLE = 64
+#: priority of the CPU kernels in the dispatch registry (above the reference at -1000, below nothing built in)
+CPU_PRIORITY = 10
+#: compute dtypes the CPU kernels take
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: environment variable read at import: the initial global compute dtype (bfloat16 / float16 / float32 / auto)
+ENV_COMPUTE_DTYPE = "MEDQUANT_CPU_COMPUTE_DTYPE"
+#: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the weight-only kernels
+DEFAULT_DENSE_MIN_M = 32
+
+_compute_dtype: torch.dtype | None = None  # set below from $MEDQUANT_CPU_COMPUTE_DTYPE
+_dense_min_m = DEFAULT_DENSE_MIN_M
+_layer_dtype: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> compute dtype of that layer
+_plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> _Plan
+_warned: set[str] = set()
+
+
+# ------------------------------------------------------------------------------------------- CPU features
+@functools.cache
+def cpu_features() -> dict[str, object]:
+    """The CPU's features that decide the fast paths, read once from ``/proc/cpuinfo`` (Linux; else unknown).
+
+    Keys: ``avx2``, ``avx512f``, ``avx512_bf16``, ``avx512_fp16``, ``avx512_vnni``, ``avx_vnni``, ``amx_bf16``,
+    ``amx_int8`` (bools), ``native_bf16`` (AVX512-BF16 or AMX-BF16), ``capability`` (torch's
+    ``torch.backends.cpu.get_cpu_capability()``, e.g. ``"AVX512"``), ``model`` (the CPU model name or ``""``).
+    """
+    flags: set[str] = set()
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                if flags and model:
+                    break
+    except OSError:
+        pass
+    names = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+    feats: dict[str, object] = {name: name in flags for name in names}
+    feats["native_bf16"] = bool(feats["avx512_bf16"] or feats["amx_bf16"])
+    try:
+        feats["capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001  (older torch)
+        feats["capability"] = ""
+    feats["model"] = model
+    return feats
+
+
+def default_cpu_compute_dtype() -> torch.dtype:
+    """bfloat16 where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16), else float32."""
+    return torch.bfloat16 if cpu_features()["native_bf16"] else torch.float32
+
+
+def _check_compute_dtype(dtype) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of bfloat16, float16, float32 or None, got {dtype!r}")
+    return dtype
+
+
+def set_cpu_compute_dtype(dtype: torch.dtype | str | None) -> None:
+    """Set the activation dtype of the CPU kernels for every layer without its own setting.
+
+    ``None`` restores the default (:func:`default_cpu_compute_dtype`). Accepts a torch dtype or its name.
+    """
+    global _compute_dtype
+    _compute_dtype = _check_compute_dtype(dtype)
+
+
+def _from_env() -> torch.dtype | None:
+    name = os.environ.get(ENV_COMPUTE_DTYPE, "").strip()
+    if not name or name == "auto":
+        return None
+    try:
+        return _check_compute_dtype(name)
+    except ValueError:
+        warnings.warn(f"${ENV_COMPUTE_DTYPE}={name!r} is not bfloat16, float16, float32 or auto: ignored",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
+def get_cpu_compute_dtype() -> torch.dtype:
+    """The compute dtype a layer without its own setting uses now."""
+    return _compute_dtype or default_cpu_compute_dtype()
+
+
+def set_layer_compute_dtype(qweight: torch.Tensor, dtype: torch.dtype | str | None) -> None:
+    """Give the row group stored in ``qweight`` its own compute dtype (``None``: follow the global setting).
+
+    The quantized modules call this for every row group of a layer whose ``QuantConfig.compute_dtype`` is set
+    (again after ``.to()``, which makes new tensors). Kept in a weak dictionary: it dies with the tensor.
+    """
+    dtype = _check_compute_dtype(dtype)
+    if dtype is None:
+        _layer_dtype.pop(qweight, None)
+    else:
+        _layer_dtype[qweight] = dtype
+
+
+_compute_dtype = _from_env()
+
+
+def set_cpu_dense_min_m(m: int | None) -> None:
+    """From how many activation rows ``M`` the dense path runs (``None``: the default, 32)."""
+    global _dense_min_m
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
+        raise ValueError(f"dense_min_m must be an int >= 2 or None, got {m!r}")
+    _dense_min_m = DEFAULT_DENSE_MIN_M if m is None else m
+
+
+def clear_cpu_cache() -> None:
+    """Drop every repacked weight (they are rebuilt at the next call) and forget which warnings were given."""
+    _plans.clear()
+    _warned.clear()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _layer_compute_dtype(weight: PackedWeight) -> torch.dtype:
+    dtype = _layer_dtype.get(weight.qweight) or get_cpu_compute_dtype()
+    feats = cpu_features()
+    if dtype == torch.bfloat16 and not feats["native_bf16"]:
+        _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16 "
+                           "runs correctly but slowly; set_cpu_compute_dtype(torch.float32) is faster here")
+    elif dtype == torch.float16 and not feats["avx512_fp16"]:
+        _warn_once("fp16", "medquant CPU kernels: compute dtype float16 on a CPU without AVX512-FP16 runs "
+                           "correctly but slowly; bfloat16 or float32 is faster here")
+    return dtype
+
+
+# ------------------------------------------------------------------------------------------- repacking
+@dataclass
+class _Plan:
+    """The repacked form of one row group (``kind`` None: no fast kernel takes it, ``reason`` says why)."""
+
+    kind: str | None
+    reason: str = ""
+    group: int = 0  # int4 kernel group
+    k4: int = 0  # K padded to a multiple of ``group`` (int4) or of INT8_K_MULTIPLE (int8)
+    packed: torch.Tensor | None = None  # int4: aten's packed codes; int8: (n, k) int8
+    scale: torch.Tensor | None = None  # int4: (k4 / group, n) float32; int8: (n,) float32
+    zero: torch.Tensor | None = None  # int4: (k4 / group, n) float32
+    by_dtype: dict = field(default_factory=dict)  # compute dtype -> scales(_and_zeros) in that dtype
+    source: tuple = ()  # (scales, zeros, versions) the plan was built from
+
+
+def _version(t: torch.Tensor | None) -> int:
+    if t is None:
+        return -1
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors track no version
+        return -1
+
+
+def _source(weight: PackedWeight) -> tuple:
+    return (weight.scales, weight.zeros,
+            (_version(weight.qweight), _version(weight.scales), _version(weight.zeros)))
+
+
+def _same_source(plan: _Plan, weight: PackedWeight) -> bool:
+    s, z, versions = plan.source
+    return s is weight.scales and z is weight.zeros and versions == (
+        _version(weight.qweight), _version(weight.scales), _version(weight.zeros))
+
+
+def codes_u8(weight: PackedWeight) -> torch.Tensor:
+    """The unsigned codes ``(n, K_pad)`` uint8 of a row group, unpacked byte-wise (little-endian int32 words)."""
+    cb = container_bits(weight.bits)
+    if sys.byteorder != "little":
+        return unpack(weight.qweight, weight.bits)
+    b = weight.qweight.contiguous().view(torch.uint8)
+    n = b.shape[0]
+    if cb == 8:
+        return b
+    if cb == 4:
+        return torch.stack((b & 15, b >> 4), dim=-1).reshape(n, -1)
+    shifts = torch.arange(0, 8, cb, dtype=torch.uint8, device=b.device)
+    return ((b.unsqueeze(-1) >> shifts) & ((1 << cb) - 1)).reshape(n, -1)
+
+
+def _scale_zero(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``(s, z)`` per stored scale such that ``w = (u - z) * s`` (1-bit symmetric: ``2s``, ``1/2``)."""
+    s = weight.scales.float()
+    if weight.symmetric:
+        if weight.bits == 1:
+            return 2 * s, torch.full_like(s, 0.5)
+        return s, torch.full_like(s, float(2 ** (weight.bits - 1)))
+    return s, weight.zeros.float()
+
+
+def _decline(weight: PackedWeight) -> str | None:
+    """Why no CPU kernel takes this row group, or None."""
+    n, k, bits, scope = weight.n, weight.k, weight.bits, weight.scope
+    if n == 0 or k == 0:
+        return "empty weight"
+    if bits <= 4:
+        if n % INT4_ROW_MULTIPLE:
+            return f"the int4 kernel needs a multiple of {INT4_ROW_MULTIPLE} rows, this row group has {n}"
+        if scope == "group" and weight.group_elems % INT4_GROUPS[-1]:
+            return (f"the int4 kernel takes groups of {'/'.join(map(str, INT4_GROUPS[::-1]))} (or multiples of 32), "
+                    f"this layer has group size {weight.group_elems}")
+        return None
+    if scope == "group":
+        return f"no CPU kernel for {bits}-bit group-wise rows (the int8 kernel takes one scale per row)"
+    return None
+
+
+def _describe(weight: PackedWeight) -> str:
+    scope = f"group({weight.group_elems})" if weight.scope == "group" else weight.scope
+    return (f"packed_linear N={weight.n} K={weight.k} bits={weight.bits} "
+            f"{'symmetric' if weight.symmetric else 'asymmetric'} scope={scope}")
+
+
+def _build_plan(weight: PackedWeight) -> _Plan:
+    reason = _decline(weight)
+    if reason is not None:
+        return _Plan(None, reason, source=_source(weight))
+    n, k = weight.n, weight.k
+    u = codes_u8(weight)
+    s, z = _scale_zero(weight)
+    if weight.bits <= 4:
+        if weight.scope == "group":
+            group = next(g for g in INT4_GROUPS if weight.group_elems % g == 0)
+            rep = weight.group_elems // group
+        else:
+            group = 128 if k >= 128 else 32
+            rep = None
+        n_groups = -(-k // group)
+        k4 = n_groups * group
+        # q = u + off with off near 8 - z (q stays in 0..15): zero = (8 - off - z) * s is then 0 or small, so
+        # the kernel's (q - 8) * scale + zero does not cancel two large terms (which bf16 scales would round)
+        off = (8 - z).round().clamp(0, 16 - 2**weight.bits)
+        zero = (8 - off - z) * s
+        if weight.scope == "group":
+            off_k = off.repeat_interleave(weight.group_elems, dim=1)[:, :k]
+        else:
+            off_k = off.expand(n, k)
+        codes = torch.zeros(n, k4, dtype=torch.int32)
+        codes[:, :k] = u[:, :k].to(torch.int32) + off_k.to(torch.int32)
+        if rep is not None:
+            s, zero = s.repeat_interleave(rep, dim=1)[:, :n_groups], zero.repeat_interleave(rep, dim=1)[:, :n_groups]
+        else:
+            s, zero = s.expand(n, n_groups), zero.expand(n, n_groups)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scale = s.t().contiguous()
+        zero = zero.t().contiguous()
+        return _Plan("int4", group=group, k4=k4, packed=packed, scale=scale, zero=zero, source=_source(weight))
+    # 5..8 bits, channel or tensor scope: q = u - z in int8
+    q = u[:, :k].to(torch.int16) - z.expand(n, 1).to(torch.int16)
+    if q.numel() and (int(q.min()) < -128 or int(q.max()) > 127):
+        return _Plan(None, f"{weight.bits}-bit asymmetric codes minus their zero points leave the int8 range",
+                     source=_source(weight))
+    k8 = -(-k // INT8_K_MULTIPLE) * INT8_K_MULTIPLE
+    packed = torch.zeros(n, k8, dtype=torch.int8)
+    packed[:, :k] = q
+    return _Plan("int8", k4=k8, packed=packed, scale=s.expand(n, 1).reshape(n).contiguous(), source=_source(weight))
+
+
+def cpu_plan(weight: PackedWeight) -> _Plan:
+    """The (cached) repacked form of a row group; built at the first call and after its storage changed."""
+    plan = _plans.get(weight.qweight)
+    if plan is None or not _same_source(plan, weight):
+        plan = _build_plan(weight)
+        _plans[weight.qweight] = plan
+        if plan.kind is None:
+            _warn_once(f"decline:{_describe(weight)}",
+                       f"medquant CPU kernels: {_describe(weight)} runs the torch reference path "
+                       f"(dequantize at every call): {plan.reason}")
+    return plan
+
+
+def _params(plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    t = plan.by_dtype.get(dtype)
+    if t is None:
+        if plan.kind == "int4":
+            t = torch.stack((plan.scale, plan.zero), dim=-1).to(dtype).contiguous()
+        else:
+            t = plan.scale.to(dtype)
+        plan.by_dtype[dtype] = t
+    return t
+
+
+# ------------------------------------------------------------------------------------------- the kernel
+def dequantize_fast(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weights ``(n, k)`` in ``dtype``, ``(u - z) * s`` evaluated in ``dtype`` (byte-wise unpack).
+
+    For the dense path: ``u - z`` is an integer below 256 in magnitude, exact in bfloat16/float16/float32; the
+    product with ``s`` is rounded once to ``dtype``.
+    """
+    n, kp = weight.n, weight.k_pad
+    ge = weight.group_elems if weight.scope == "group" else kp
+    u = codes_u8(weight).view(n, kp // ge, ge)
+    w = u.to(dtype)
+    s, z = _scale_zero(weight)
+    s = s.to(dtype).expand(n, kp // ge).unsqueeze(-1)
+    if weight.symmetric and weight.bits == 1:
+        w = w.sub_(0.5)
+    elif weight.symmetric:
+        w = w.sub_(float(2 ** (weight.bits - 1)))
+    else:
+        w = w.sub_(z.to(dtype).expand(n, kp // ge).unsqueeze(-1))
+    w = w.mul_(s).view(n, kp)
+    return w[:, : weight.k]
+
+
+def cpu_packed_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """``x (M, k) @ dequant(W)^T`` on CPU: int4 / int8 weight-only kernels or the dense path (module docstring)."""
+    check_packed_input(x, weight)
+    plan = cpu_plan(weight)
+    if plan.kind is None:
+        return packed_linear_reference(x, weight)
+    cd = _layer_compute_dtype(weight)
+    m = x.shape[0]
+    xc = x.to(cd).contiguous()
+    if m == 0:
+        return x.new_empty(0, weight.n)
+    if m == 1 or (cd != torch.float32 and m < _dense_min_m):
+        if plan.k4 != weight.k:
+            xc = F.pad(xc, (0, plan.k4 - weight.k))
+        if plan.kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, plan.packed, plan.group, _params(plan, cd))
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(xc, plan.packed, _params(plan, cd))
+    elif plan.kind == "int8":
+        y = F.linear(xc, plan.packed[:, : weight.k].to(cd) * _params(plan, cd).unsqueeze(1))
+    else:
+        y = F.linear(xc, dequantize_fast(weight, cd))
+    return y.to(x.dtype)
+
+
+def _accepts(x: torch.Tensor, weight: PackedWeight) -> bool:
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    return cpu_plan(weight).kind is not None
+
+
+def _unavailable(device: torch.device) -> str | None:
+    return None if device.type == "cpu" else f"the CPU kernels run CPU tensors only, not {device}"
+
+
+register_backend("cpu", _unavailable)
+register_kernel("packed_linear", "cpu", cpu_packed_linear, accepts=_accepts, priority=CPU_PRIORITY)
