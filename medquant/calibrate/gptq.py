@@ -271,17 +271,16 @@ def _params(w: torch.Tensor, bits: int, sym: bool, scope: str, cfg: QuantConfig)
 
 def _quantize_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, sym: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``u`` and dequantized values ``(u - z) * s`` of one column (``quantize``'s formulas)."""
-    s = s.to(w.dtype)
+    """Codes ``u`` and dequantized values ``(u - z) * s`` of one column (``quantize``'s formulas; ``s``, ``z`` in
+    ``w``'s dtype)."""
     if sym and bits == 1:
         u = (w >= 0).to(w.dtype)
         return u, (2 * u - 1) * s
     if sym:
         qmax = 2 ** (bits - 1) - 1
-        v = torch.clamp(torch.round(w / s), -qmax, qmax)
+        v = torch.round(w / s).clamp_(-qmax, qmax)
         return v + 2 ** (bits - 1), v * s
-    z = z.to(w.dtype)
-    u = torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1)
+    u = torch.round(w / s).add_(z).clamp_(0, 2**bits - 1)
     return u, (u - z) * s
 
 
@@ -304,7 +303,6 @@ def _gptq_rows(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor | None, cfg:
     if group:
         scales = torch.zeros(n, n_groups, dtype=torch.float32, device=w.device)
         zeros = torch.zeros_like(scales)
-        done = [False] * n_groups
         inv = torch.empty(k, dtype=torch.long, device=w.device)
         order = perm if perm is not None else torch.arange(k, device=w.device)
         inv[order] = torch.arange(k, device=w.device)
@@ -315,18 +313,23 @@ def _gptq_rows(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor | None, cfg:
         z_fix = z_fix.expand(n, 1)[:, 0]
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     u = u.to(w.dtype)
+    diag = torch.diagonal(u).tolist()
     w = w.clone()
     loss = 0.0
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> (s, z) in the working dtype
+    if not group:
+        fixed_w = (s_fix.to(w.dtype), z_fix.to(w.dtype))
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
+        ub = u[i1:i2, i1:i2]
         err = torch.zeros_like(w1)
         codes1 = torch.zeros_like(w1)
         for t in range(i2 - i1):
             j = i1 + t
             if group:
                 g = orig[j] // gs
-                if not done[g]:
+                if g not in cache:
                     pos = inv[g * gs:min((g + 1) * gs, k)]  # processing positions of the group's columns (>= j)
                     inside = pos < i2
                     cur = torch.empty(n, pos.numel(), dtype=w.dtype, device=w.device)
@@ -335,15 +338,16 @@ def _gptq_rows(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor | None, cfg:
                         out = pos[~inside]  # after the block: add the block's pending update
                         cur[:, ~inside] = w[:, out] - err[:, :t] @ u[i1:j][:, out]
                     scales[:, g], zeros[:, g] = (p[:, 0] for p in _params(cur, bits, sym, "channel", cfg))
-                    done[g] = True
-                s, z = scales[:, g], zeros[:, g]
+                    cache[g] = (scales[:, g].to(w.dtype), zeros[:, g].to(w.dtype))
+                s, z = cache[g]
             else:
-                s, z = s_fix, z_fix
+                s, z = fixed_w
             col = w1[:, t]
             code, q = _quantize_column(col, s, z, bits, sym)
             codes1[:, t] = code
-            e = (col - q) / u[j, j]
-            w1[:, t:] -= e[:, None] * u[j, j:i2][None, :]
+            e = (col - q) / diag[j]
+            if t + 1 < i2 - i1:
+                w1[:, t + 1:].addr_(e, ub[t, t + 1:], alpha=-1)
             err[:, t] = e
         codes[:, i1:i2] = codes1.to(torch.uint8)
         loss += float(err.pow(2).sum()) / 2
