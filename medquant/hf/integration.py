@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..io import verify_pretrained, write_checkpoint
 from ..kernels.layout import FORMAT_VERSION
 from ..quant.api import (
     DEFAULT_KEY,
@@ -274,6 +276,22 @@ def _finalize(model: nn.Module) -> None:
             m.bias.requires_grad_(False)
 
 
+def _checkpoint_key_map(model: nn.Module, hf_quantizer: HfQuantizer):
+    """Checkpoint key -> the model's name for it, as transformers renames keys on load (VLMs saved in their legacy
+    layout); ``None`` where this transformers has no renaming machinery."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # pragma: no cover - older transformers: keys are not renamed
+        return None
+    transforms = get_model_conversion_mapping(model, None, hf_quantizer)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = dict.fromkeys(model.state_dict(), True)
+    prefix = getattr(model, "base_model_prefix", None) or None
+    return lambda key: rename_source_key(key, renamings, converters, prefix, state)[0]
+
+
 class _QuantizeOnLoad(ConversionOps):
     """Quantize a planned Linear / Conv2d as soon as its float weight is read, swapping the module in place."""
 
@@ -358,7 +376,11 @@ class MedQuantHfQuantizer(HfQuantizer):
     def get_quantize_ops(self):
         return _QuantizeOnLoad(self)
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        folder = Path(checkpoint_files[0]).parent if checkpoint_files else None
+        if folder is not None:  # the folder's manifest, every recipe against the schema
+            verify_pretrained(folder, self.quantization_config.modules or {}, quantized=self.pre_quantized,
+                              tensors=False)
         if self.pre_quantized:
             modules = self.quantization_config.modules
             for name, entry in modules.items():
@@ -367,12 +389,14 @@ class MedQuantHfQuantizer(HfQuantizer):
                 except AttributeError:
                     raise ValueError(f"quantization_config records a quantized module {name!r} that "
                                      f"{type(model).__name__} does not have") from None
-                shell = _shell(entry, name, "meta")
                 _check_fits(old, entry, name)
+                shell = _shell(entry, name, "meta")
                 shell.train(old.training)
                 _hide_rows(shell)
                 swap_module(model, name, shell)
             _untie(model, modules)
+            if folder is not None:  # every packed buffer in the files, with the recipe's shape and dtype
+                verify_pretrained(folder, modules, files=False, key_map=_checkpoint_key_map(model, self))
         else:
             self._plan = self.quantization_config.plan(model)
         return model
@@ -440,10 +464,15 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
 
     Writes ``config.json`` with ``quantization_config`` (quant_method ``"medquant"``, every quantized module's
     recipe, the float Linear / Conv2d layers) and the safetensors weights, so that after ``import medquant``
-    ``AutoModel...from_pretrained(save_directory)`` rebuilds the identical model.
+    ``AutoModel...from_pretrained(save_directory)`` rebuilds the identical model. Like :func:`medquant.save` the
+    folder is replaced as one unit and gets ``medquant.manifest.json`` (:func:`medquant.io.write_checkpoint`),
+    which ``from_pretrained`` verifies.
     """
     attach_quantizer(model)
-    model.save_pretrained(save_directory, **kwargs)
+    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+        kwargs["repo_id"] = Path(save_directory).name
+    with write_checkpoint(save_directory) as folder:
+        model.save_pretrained(folder, **kwargs)
 
 
 def register_with_transformers() -> None:

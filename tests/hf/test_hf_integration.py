@@ -176,6 +176,9 @@ def test_errors_are_clear(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"]["modules"][name]["config"]["channel_bits"] = list(reversed(cb))
     cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json is truncated or altered"):  # the manifest sees the edit
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    (tmp_path / "q" / "medquant.manifest.json").unlink()  # without it (an older save) the tensors still disagree
     with pytest.raises(ValueError, match="bit map disagrees"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     cfg["quantization_config"]["modules"]["model.layers.7.mlp.up_proj"] = cfg["quantization_config"]["modules"][name]

@@ -1,4 +1,7 @@
-"""save / load: bit-exact round trips, atomic writes, corruption detection, no pickle."""
+"""save / load: bit-exact round trips, atomic writes, corruption detection, no pickle.
+
+Crash safety, the manifest, bounded loads and the schema have their own tests in test_checkpoint_safety.py and
+test_fault_injection.py."""
 import copy
 import json
 
@@ -6,7 +9,7 @@ import pytest
 import torch
 
 import medquant as mq
-from medquant.io import META_NAME, WEIGHTS_NAME, CheckpointError
+from medquant.io import MANIFEST_NAME, META_NAME, WEIGHTS_NAME, CheckpointError, CheckpointWarning
 from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
 
 
@@ -73,7 +76,10 @@ def test_tampered_metadata_is_detected(tmp_path):
     _saved(tmp_path)
     meta_path = tmp_path / META_NAME
     meta_path.write_text(meta_path.read_text()[:50])
-    with pytest.raises(CheckpointError, match="not valid JSON"):
+    with pytest.raises(CheckpointError, match="medquant.json is truncated or altered"):  # the manifest
+        mq.load(tmp_path)
+    (tmp_path / MANIFEST_NAME).unlink()  # as saved by an older medquant: the schema parse
+    with pytest.raises(CheckpointError, match="not valid JSON"), pytest.warns(CheckpointWarning):
         mq.load(tmp_path)
     (tmp_path / META_NAME).unlink()
     with pytest.raises(CheckpointError, match="medquant.json is missing"):
@@ -87,7 +93,10 @@ def test_recipe_disagreeing_with_tensors_is_refused(tmp_path):
     name = next(iter(meta["modules"]))
     meta["modules"][name]["config"]["bits"] = 2  # the recipe no longer matches the stored codes
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="do not fit|invalid recipe|size mismatch|could not read"):
+    with pytest.raises(CheckpointError, match="medquant.json is truncated or altered"):
+        mq.load(tmp_path)
+    (tmp_path / MANIFEST_NAME).unlink()
+    with pytest.raises(CheckpointError, match="needs the tensor .*qweight_2 I32"):
         mq.load(tmp_path)
 
 
@@ -97,6 +106,7 @@ def test_newer_format_version_is_refused(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["format_version"] = 99
     meta_path.write_text(json.dumps(meta))
+    (tmp_path / MANIFEST_NAME).unlink()
     with pytest.raises(CheckpointError, match="format version 99"):
         mq.load(tmp_path)
 
@@ -124,7 +134,7 @@ def test_failed_save_keeps_the_earlier_save(tmp_path, monkeypatch):
 def test_files_are_safetensors_and_json_only(tmp_path):
     _saved(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted([WEIGHTS_NAME, META_NAME, "config.json"])
+    assert names == sorted([WEIGHTS_NAME, META_NAME, "config.json", MANIFEST_NAME])
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:

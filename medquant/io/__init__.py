@@ -1,0 +1,546 @@
+"""Save and load quantized models: safetensors + JSON, crash-safe folder swaps, one manifest, no pickle.
+
+A saved folder holds
+
+* ``model.safetensors`` - every tensor of the model's state dict (packed codes, scales, zeros, bit maps, float
+  tensors; tied tensors stored once; header metadata keys sorted, so the same model gives the same bytes);
+* ``medquant.json`` - format version, the SHA-256 and byte size of ``model.safetensors``, the model class, each
+  quantized module's recipe (bits per row, scheme, scope, shapes; ``weight_dtype`` when it is not the bias dtype,
+  e.g. bfloat16 layers without bias) and optional JSON ``extras`` (e.g. a fitted ComplexityScorer's state);
+* ``config.json`` - for Hugging Face models, their config, so the same class is rebuilt on load;
+* ``medquant.manifest.json`` - the SHA-256 and size of every other file, with a digest of its own
+  (:mod:`medquant.io.manifest`).
+
+**Crash-safe**: a save writes a complete new version of the folder next to it and switches the path to it in one
+atomic step (:mod:`medquant.io.atomic`: the path is a symlink to a versioned sibling folder), so a killed save
+leaves the previous checkpoint, a reader never sees a mix of two saves, concurrent saves to one path are serialised
+(last writer wins), and the orphans of killed saves are removed by the next one. Files in the folder that a save
+does not own (a tokenizer, a README) are carried into the new version.
+
+**Checked loads**: :func:`load` resolves the folder once, checks the manifest (every file's size and SHA-256, and
+the manifest's own digest), parses ``medquant.json`` against one schema (:mod:`medquant.io.schema`), checks every
+shape and dtype a recipe implies against the safetensors header before any tensor is built, reads only plain file
+names inside the folder (no separators, no ``..``, no symlinks), and raises :class:`CheckpointError` naming the
+file, the key and what was expected. Folders saved before the manifest existed still load, with a
+:class:`CheckpointWarning` that only their weights are verified; :func:`upgrade` (``medquant upgrade PATH``)
+rewrites one in the new form.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import stat
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from ..kernels.layout import FORMAT_VERSION
+from ..quant.api import swap_module
+from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
+from ..version import __version__
+from . import atomic
+from .manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    check_plain_name,
+    read_manifest,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
+from .schema import (
+    CheckpointMeta,
+    LayerSpec,
+    SchemaError,
+    TensorInfo,
+    check_against_header,
+    parse_layer,
+    parse_metadata,
+    read_header,
+)
+
+__all__ = ["HF_CONFIG_NAME", "MANIFEST_NAME", "META_NAME", "WEIGHTS_NAME", "CheckpointError", "CheckpointWarning",
+           "build_hf_model", "checkpoint_path", "load", "load_extras", "read_metadata", "save", "upgrade", "verify",
+           "verify_pretrained", "write_checkpoint"]
+
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "medquant.json"
+HF_CONFIG_NAME = "config.json"
+# the files a save owns: replaced or dropped by the next save (everything else in the folder is carried over)
+_OWNED = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|medquant\.json|"
+                    r"config\.json|generation_config\.json|" + re.escape(MANIFEST_NAME))
+_QUANT_TENSOR = re.compile(r"(qweight|scales|zeros|fweight)_\d+|bit_map")
+
+
+class CheckpointError(RuntimeError, ValueError):
+    """A saved medquant model is missing, truncated, altered, malformed or of an unsupported format."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loads, but less of it could be verified than medquant verifies today."""
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def checkpoint_path(directory: Any) -> Path:
+    """The folder path of a save, refusing names that would write somewhere unintended: an empty path (it would
+    mean the current folder), ``.``, the current folder or one above it, a file system root."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"a checkpoint path must be a str or os.PathLike, got {type(directory).__name__}")
+    raw = os.fspath(directory)
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    if not raw.strip():
+        raise ValueError("the checkpoint path is empty; give a folder name (an empty path would write into the "
+                         "current folder)")
+    path = Path(os.path.abspath(raw))
+    cwd = Path(os.getcwd())
+    if path == path.parent or path == cwd or path in cwd.parents:
+        raise ValueError(f"refusing to save into {raw!r} ({path}): it is the current folder, a folder above it or "
+                         "a file system root; give the checkpoint its own folder")
+    return Path(raw)
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors header's ``__metadata__`` with sorted keys, in place (the library writes it from a
+    hash map, in a different order each time); the header keeps its length."""
+    with open(path, "r+b") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little")
+        raw = f.read(n).decode("utf-8")
+        prefix = '{"__metadata__":'
+        if not raw.startswith(prefix):
+            return
+        meta, end = json.JSONDecoder().raw_decode(raw, len(prefix))
+        if not isinstance(meta, dict):
+            return
+        new = json.dumps(dict(sorted(meta.items())), separators=(",", ":"), ensure_ascii=False)
+        if len(new.encode("utf-8")) != len(raw[len(prefix):end].encode("utf-8")):
+            return  # pragma: no cover - never seen: escaping differs; keep the library's bytes
+        f.seek(8 + len(prefix.encode("utf-8")))
+        f.write(new.encode("utf-8"))
+
+
+def _owned(name: str) -> bool:
+    return _OWNED.fullmatch(name) is not None
+
+
+@contextlib.contextmanager
+def write_checkpoint(directory: str | os.PathLike, *, sort_metadata: bool = True) -> Iterator[Path]:
+    """Context manager for every checkpoint writer: yields an empty folder to write the checkpoint's files into;
+    when the block succeeds the manifest is written and ``directory`` is switched to the new folder in one atomic
+    step (see :mod:`medquant.io.atomic`); when it raises, ``directory`` is left as it was. Safetensors files
+    written into the folder get sorted header metadata unless ``sort_metadata=False``."""
+    path = checkpoint_path(directory)
+
+    def finalize(folder: Path) -> None:
+        for p in sorted(folder.glob("*.safetensors")) if sort_metadata else ():
+            if p.is_file() and not p.is_symlink():
+                _sort_safetensors_metadata(p)
+        write_manifest(folder)
+
+    with atomic.replace_directory(path, owned=_owned, finalize=finalize) as folder:
+        yield folder
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _recipes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``model_recipe`` plus ``weight_dtype`` where the reader would otherwise infer another dtype (layers without
+    bias whose weights are not float32): the written bytes of every other layer stay as before."""
+    modules = model_recipe(model)
+    for name, entry in modules.items():
+        m = model.get_submodule(name)
+        wd = str(m.weight_dtype).replace("torch.", "")
+        if wd != entry["dtype"]:
+            entry["weight_dtype"] = wd
+    return modules
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` (quantized or not) to the folder ``directory`` (see the module docstring). Returns the path.
+
+    ``extras`` must be JSON-serialisable; it comes back from :func:`load_extras`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
+    path = checkpoint_path(directory)
+    if extras is not None and not isinstance(extras, dict):
+        raise TypeError(f"extras must be a dict, got {type(extras).__name__}")
+    kind = "hf" if _is_hf(model) else "torch"
+    try:
+        extras_text = json.dumps(extras or {})
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"extras must be JSON-serialisable: {e}") from None
+    with write_checkpoint(path) as folder:
+        wpath = folder / WEIGHTS_NAME
+        save_model(model, str(wpath), metadata={"format": "pt", "medquant_format_version": str(FORMAT_VERSION)})
+        _sort_safetensors_metadata(wpath)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "medquant_version": __version__,
+            "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(wpath), "bytes": wpath.stat().st_size},
+            "model": {"kind": kind, "class": type(model).__name__, "module": type(model).__module__},
+            "modules": _recipes(model),
+            "extras": json.loads(extras_text),
+        }
+        if kind == "hf":
+            _write_text(folder / HF_CONFIG_NAME, model.config.to_json_string())
+        _write_text(folder / META_NAME, json.dumps(meta, indent=1))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class _Opened:
+    root: Path  # the resolved folder every file is read from
+    meta: CheckpointMeta
+    header: dict[str, TensorInfo]
+    manifest: dict[str, Any] | None
+
+
+def _regular(root: Path, name: str) -> Path:
+    """``root/name`` for a plain ``name`` that is a regular file (not a symlink) inside ``root``."""
+    try:
+        check_plain_name(name, "a checkpoint file name")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    p = root / name
+    if not os.path.lexists(p):
+        raise CheckpointError(f"{p} is missing")
+    if not stat.S_ISREG(os.lstat(p).st_mode):
+        raise CheckpointError(f"{p} is not a regular file (symlinks and folders are not read from checkpoints)")
+    return p
+
+
+def _legacy_warning(directory: Path, what: str) -> None:
+    warnings.warn(f"{directory} has no {MANIFEST_NAME} (saved by an older medquant, or by a plain save_pretrained "
+                  f"instead of medquant.hf.save_pretrained): {what}; `medquant upgrade {directory}` adds one",
+                  CheckpointWarning, stacklevel=3)
+
+
+def _open(directory: str | os.PathLike) -> _Opened:
+    path = Path(directory)
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path} does not exist")
+    root = atomic.resolve(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{path} is not a folder; a medquant checkpoint is a folder")
+    try:
+        manifest = read_manifest(root)
+        if manifest is not None:
+            verify_files(root, manifest)
+    except ManifestError as e:  # name the user's path, not the version folder behind it
+        raise CheckpointError(str(e).replace(str(root), str(path))) from None
+    if manifest is None:
+        _legacy_warning(path, "only its weights are verified")
+    if not os.path.lexists(root / META_NAME):
+        raise CheckpointError(f"{path} is not a saved medquant model: {META_NAME} is missing")
+    mpath = _regular(root, META_NAME)
+    try:
+        meta = parse_metadata(mpath.read_bytes(), META_NAME)
+    except SchemaError as e:
+        raise CheckpointError(str(e)) from None
+    wpath = _regular(root, meta.weights.file)
+    size = wpath.stat().st_size
+    if manifest is not None:
+        listed = manifest["files"]
+        for name in (META_NAME, meta.weights.file) + ((HF_CONFIG_NAME,) if meta.model.kind == "hf" else ()):
+            if name not in listed:
+                raise CheckpointError(f"{path}: {name} is not listed in {MANIFEST_NAME}")
+        if listed[meta.weights.file]["sha256"] != meta.weights.sha256 or size != meta.weights.bytes:
+            raise CheckpointError(f"{root / META_NAME}: its weights entry disagrees with {meta.weights.file} and "
+                                  f"{MANIFEST_NAME}")
+    else:
+        if size != meta.weights.bytes:
+            raise CheckpointError(f"{wpath} is truncated or altered: {size} bytes on disk, {meta.weights.bytes} "
+                                  "bytes were saved")
+        if sha256_file(wpath) != meta.weights.sha256:
+            raise CheckpointError(f"{wpath} is corrupted or was modified after saving: SHA-256 mismatch")
+    try:
+        header = read_header(wpath)
+        check_against_header(meta.modules, header, meta.weights.file, META_NAME)
+    except SchemaError as e:
+        raise CheckpointError(str(e)) from None
+    return _Opened(root, meta, header, manifest)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """``medquant.json`` parsed and checked against the schema (no tensor data read, no checksum), as a dict."""
+    root = atomic.resolve(directory)
+    if not os.path.lexists(root / META_NAME):
+        raise CheckpointError(f"{directory} is not a saved medquant model: {META_NAME} is missing")
+    try:
+        return parse_metadata(_regular(root, META_NAME).read_bytes(), META_NAME).raw
+    except SchemaError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def verify(directory: str | os.PathLike) -> dict:
+    """Check a checkpoint without loading it: the manifest (every file) or, for older saves, the weights' size
+    and SHA-256; ``medquant.json`` against the schema; every recipe against the safetensors header. Returns the
+    metadata (``medquant.json`` as a dict)."""
+    return _open(directory).meta.raw
+
+
+def build_hf_model(directory: Path, meta: Mapping) -> nn.Module:
+    """A fresh Hugging Face model (eval mode, initialised weights, the saved dtype) of the saved class, built from
+    the saved ``config.json`` of ``directory``; ``meta`` is the checkpoint's metadata (:func:`verify`)."""
+    import transformers
+    from transformers import AutoConfig
+
+    cls_name = meta["model"]["class"]
+    cls = getattr(transformers, cls_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        raise CheckpointError(
+            f"the saved model is a {cls_name}, which this transformers {transformers.__version__} does not provide"
+        )
+    root = atomic.resolve(directory)
+    _regular(root, HF_CONFIG_NAME)
+    try:
+        config = AutoConfig.from_pretrained(str(root))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{root / HF_CONFIG_NAME} is not a valid transformers config: {e}") from None
+    model = cls._from_config(config)
+    return model.eval()
+
+
+def _fits(old: nn.Module, spec: LayerSpec) -> bool:
+    """Whether the model's layer at a recipe's name is of the recipe's kind. Shapes are the saved ones (checked
+    against the weights' header): a pruned model's layers may still have their unpruned shapes here."""
+    if spec.type == "QuantLinear":
+        return isinstance(old, (nn.Linear, QuantLinear))
+    return isinstance(old, (nn.Conv2d, QuantConv2d))
+
+
+_DTYPE_OF = {v: k for k, v in {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}.items()}
+
+
+def _restore_dtypes(model: nn.Module, header: dict[str, TensorInfo]) -> None:
+    """Floating-point parameters and buffers take the dtype they were saved in (a bfloat16 model comes back
+    bfloat16 even when the instance passed in, or built from the config, is float32)."""
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        info = header.get(name)
+        if info is None or info.dtype not in _DTYPE_OF or not t.is_floating_point():
+            continue
+        dtype = getattr(torch, _DTYPE_OF[info.dtype])
+        if t.dtype != dtype:
+            t.data = t.data.to(dtype)
+
+
+def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, strict: bool) -> nn.Module:
+    opened = _open(path)
+    meta, root = opened.meta, opened.root
+    if model is None:
+        if meta.model.kind != "hf":
+            raise CheckpointError(
+                f"{path} holds a plain nn.Module ({meta.model.class_name}); rebuild it in code and pass it: "
+                f"medquant.load(path, model={meta.model.class_name}(...))"
+            )
+        model = build_hf_model(root, meta.raw)
+    for name, spec in meta.modules.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"the saved model has a quantized module {name!r} that {type(model).__name__} does not have"
+            ) from None
+        if not _fits(old, spec):
+            raise CheckpointError(f"{META_NAME}: module {name!r} records a {spec.type}, which does not fit the "
+                                  f"model's {type(old).__name__} at that name")
+        try:
+            shell = layer_from_recipe(spec.raw)
+        except RecipeError as e:
+            raise CheckpointError(f"module {name!r} in {META_NAME} has an invalid recipe: {e}") from None
+        device_of = next(iter(old.parameters()), None)
+        swap_module(model, name, shell.to(device_of.device) if device_of is not None else shell)
+    state = model.state_dict()
+    for key, info in opened.header.items():  # float tensors: shapes checked before anything is read
+        t = state.get(key)
+        if t is not None and tuple(t.shape) != info.shape:
+            raise CheckpointError(f"{meta.weights.file} holds {key} with shape {list(info.shape)}; "
+                                  f"{type(model).__name__} has {list(t.shape)} there")
+    _restore_dtypes(model, opened.header)
+    try:
+        missing, unexpected = load_model(model, str(root / meta.weights.file), strict=False)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # malformed or mismatched tensors
+        raise CheckpointError(f"could not read {meta.weights.file}: {e}") from None
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"saved tensors do not fit {type(model).__name__}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    for name in meta.modules:
+        if not bit_map_matches(model.get_submodule(name)):
+            raise CheckpointError(f"module {name!r}: stored bit map disagrees with its recipe in {META_NAME}")
+    return model.to(device).eval()
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device: str | torch.device = "cpu",
+         strict: bool = True) -> nn.Module:
+    """Load a model saved by :func:`save`, after checking it whole (see the module docstring).
+
+    Hugging Face models are rebuilt from their saved config into the same class. A plain ``nn.Module`` cannot
+    be rebuilt from a file without code: pass ``model``, a float instance of the same architecture; its
+    layers are replaced by the saved quantized ones and every tensor is loaded into it (in the saved dtype).
+    """
+    path = Path(directory)
+    for attempt in range(3):
+        root = atomic.resolve(path)
+        try:
+            return _load_once(path, model, device, strict)
+        except (CheckpointError, OSError):
+            # a save switched the folder meanwhile and removed the version being read: read the new one
+            if attempt < 2 and os.path.lexists(path) and atomic.resolve(path) != root:
+                continue
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def load_extras(directory: str | os.PathLike) -> dict:
+    """The JSON ``extras`` of a save (the checkpoint is verified first)."""
+    return _open(directory).meta.extras
+
+
+# ------------------------------------------------------------------------------------------- transformers folders
+def _weight_files(root: Path) -> list[str]:
+    index = root / (WEIGHTS_NAME + ".index.json")
+    if os.path.lexists(index):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is malformed: {e}") from None
+        for n in names:
+            try:
+                check_plain_name(n, f"{index.name} weight_map entry")
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+        return names
+    return [WEIGHTS_NAME]
+
+
+def verify_pretrained(directory: str | os.PathLike, modules: Mapping[str, Any], *, quantized: bool = True,
+                      files: bool = True, tensors: bool = True,
+                      key_map: Callable[[str], str] | None = None) -> None:
+    """The checks of :func:`load` for a folder read by transformers' ``from_pretrained``. ``files``: its manifest
+    when it has one (the files transformers reads must be listed and match; other listed files are checked when
+    present). ``quantized`` (a pre-quantized checkpoint): each recipe of ``quantization_config.modules`` against
+    the schema, and with ``tensors`` against the safetensors headers (shapes, dtypes, bits, scheme, scope: every
+    packed buffer present) and no packed tensor in the files for a module the config does not record. ``key_map``
+    turns a checkpoint key into the model's name for it (transformers renames keys of some models on load).
+    Raises :class:`CheckpointError`."""
+    root = atomic.resolve(directory)
+    weight_files = _weight_files(root)
+    if files:
+        try:
+            manifest = read_manifest(root)
+        except ManifestError as e:
+            raise CheckpointError(str(e)) from None
+        if manifest is not None:
+            listed = manifest["files"]
+            index = [WEIGHTS_NAME + ".index.json"] if weight_files != [WEIGHTS_NAME] else []
+            needed = [HF_CONFIG_NAME] + weight_files + index
+            for name in needed:
+                if name not in listed:
+                    raise CheckpointError(f"{Path(directory) / name} is not listed in {MANIFEST_NAME}")
+            present = {n: e for n, e in listed.items() if n in needed or os.path.lexists(root / n)}
+            try:  # the hub cache holds symlinks to blobs: follow them here, transformers reads them anyway
+                verify_files(root, {"files": present}, follow_symlinks=True)
+            except ManifestError as e:
+                raise CheckpointError(str(e).replace(str(root), str(directory))) from None
+        elif quantized:
+            _legacy_warning(Path(directory), "its files are not verified, only the recipes against the tensors")
+    if not quantized:
+        return
+    where = f"{HF_CONFIG_NAME} quantization_config"
+    try:
+        layers = {name: parse_layer(e, name, HF_CONFIG_NAME, "quantization_config.modules")
+                  for name, e in modules.items()}
+        if not tensors:
+            return
+        header: dict[str, TensorInfo] = {}
+        for f in weight_files:
+            p = root / f
+            if not p.is_file():
+                raise CheckpointError(f"{Path(directory) / f} is missing")
+            for key, info in read_header(p).items():
+                header[key_map(key) if key_map is not None else key] = info
+        check_against_header(layers, header, ", ".join(weight_files), where)
+    except SchemaError as e:
+        raise CheckpointError(str(e)) from None
+    for key in header:
+        prefix, _, leaf = key.rpartition(".")
+        if _QUANT_TENSOR.fullmatch(leaf) and prefix not in layers:
+            raise CheckpointError(f"{', '.join(weight_files)} holds the packed tensor {key}, but {where}.modules "
+                                  f"records no module {prefix!r} (the config was edited or belongs to another "
+                                  "checkpoint)")
+
+
+# ------------------------------------------------------------------------------------------------------- upgrade
+def upgrade(directory: str | os.PathLike) -> Path:
+    """Rewrite a checkpoint saved before manifests existed in today's form (same files plus the manifest, behind the
+    crash-safe folder switch), after verifying what it can: the weights' SHA-256 of a ``medquant.save`` folder, the
+    recipes against the tensors of a ``medquant.hf.save_pretrained`` folder. A folder that already has a valid
+    manifest is left as it is. Returns the path."""
+    path = Path(directory)
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path} does not exist")
+    root = atomic.resolve(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{path} is not a folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        if os.path.lexists(root / META_NAME):
+            _open(path)
+        else:
+            if not os.path.lexists(root / HF_CONFIG_NAME):
+                raise CheckpointError(f"{path} is not a medquant checkpoint: it has neither {META_NAME} nor "
+                                      f"{HF_CONFIG_NAME}")
+            try:
+                cfg = json.loads(_regular(root, HF_CONFIG_NAME).read_text(encoding="utf-8"))
+                qc = cfg.get("quantization_config") or {}
+            except (ValueError, AttributeError) as e:
+                raise CheckpointError(f"{root / HF_CONFIG_NAME} is not valid JSON: {e}") from None
+            if not isinstance(qc, dict) or qc.get("quant_method") != "medquant" or not isinstance(
+                    qc.get("modules"), dict):
+                raise CheckpointError(f"{path} is not a medquant checkpoint: no {META_NAME} and no medquant "
+                                      f"quantization_config in {HF_CONFIG_NAME}")
+            verify_pretrained(root, qc["modules"])
+    try:
+        manifest = read_manifest(root)
+    except ManifestError:
+        manifest = None
+    if manifest is not None:
+        return path  # _open / verify_pretrained checked it
+    with write_checkpoint(path, sort_metadata=False) as folder:
+        for dirpath, _dirs, names in os.walk(root):
+            rel = Path(dirpath).relative_to(root)
+            (folder / rel).mkdir(parents=True, exist_ok=True)
+            for n in names:
+                src = Path(dirpath) / n
+                if n == MANIFEST_NAME or src.is_symlink():
+                    continue
+                shutil.copy2(src, folder / rel / n)
+    return path

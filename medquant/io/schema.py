@@ -1,0 +1,362 @@
+"""One schema for what a checkpoint says about itself: ``medquant.json``, layer recipes, safetensors headers.
+
+Every field is read once, here, into frozen dataclasses (:class:`CheckpointMeta`, :class:`LayerSpec`); anything
+else (a missing or unknown key, a wrong type, a number out of range, a key given twice) raises
+:class:`SchemaError` naming the file, the key path and what was expected. :meth:`LayerSpec.expected_tensors` gives
+the name, dtype and shape of every tensor a recipe implies, in plain integers (nothing is allocated), so that
+:func:`check_against_header` can compare a recipe with the safetensors header before a single tensor is built. For
+a layer of ``out`` rows and ``k`` inputs (``k = in_channels / groups * kh * kw`` for convolutions) and each
+bit-width ``b`` with ``n_b`` rows:
+
+* ``b`` in 1..8: ``qweight_b`` int32 ``(n_b, K_b * c_b / 32)`` with ``c_b`` the container width (1, 2, 4 or 8
+  bits) and ``K_b`` = ``k`` rounded up to a multiple of ``32 / c_b`` and of the group size (group scope);
+  ``scales_b`` (and ``zeros_b`` when asymmetric) ``(1 | n_b, K_b / group_size | 1)`` in the scale dtype;
+* ``b`` = 16 / 32: ``fweight_b`` float16 / float32 ``(n_b, k)``; ``b`` = 0: nothing;
+* ``bit_map`` int8 ``(out,)`` when rows have different bit-widths; ``bias`` ``(out,)`` in ``dtype``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..kernels.layout import FORMAT_VERSION, container_bits, padded_k
+from ..quant.config import FLOAT_BITS, QuantConfig
+from .manifest import check_plain_name, no_duplicates
+
+__all__ = ["CheckpointMeta", "LayerSpec", "ModelInfo", "SchemaError", "TensorInfo", "WeightsInfo",
+           "check_against_header", "parse_layer", "parse_metadata", "read_header"]
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32",
+             "int8": "I8", "int16": "I16", "int64": "I64", "uint8": "U8", "bool": "BOOL"}
+ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_DIM = 2**31 - 1
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+_TOP_REQUIRED = ("format_version", "weights", "model", "modules")
+_TOP_OPTIONAL = ("medquant_version", "extras")
+_LINEAR_KEYS = ("in_features", "out_features")
+_CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+_COMMON_KEYS = ("type", "config", "bias", "dtype")
+_CONFIG_KEYS = ("bits", "symmetric", "scope", "group_size", "scale_dtype", "channel_bits")
+
+
+class SchemaError(ValueError):
+    """A checkpoint file does not follow the schema; the message names the file, the key and what was expected."""
+
+
+class _At:
+    """Where a value sits (file and key path), for error messages."""
+
+    def __init__(self, file: str, path: str = "") -> None:
+        self.file, self.path = file, path
+
+    def __truediv__(self, key: Any) -> _At:
+        return _At(self.file, f"{self.path}[{key!r}]" if self.path else repr(key))
+
+    def fail(self, expected: str, got: Any) -> SchemaError:
+        where = f"{self.file}, key {self.path}" if self.path else self.file
+        shown = repr(got)
+        return SchemaError(f"{where}: expected {expected}, got {shown[:80] + '...' if len(shown) > 80 else shown}")
+
+
+def _obj(v: Any, at: _At, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise at.fail("an object", v)
+    missing = [k for k in required if k not in v]
+    if missing:
+        raise at.fail(f"the key(s) {', '.join(missing)} (keys: {', '.join(required + optional)})", sorted(v))
+    unknown = sorted(set(v) - set(required) - set(optional))
+    if unknown:
+        raise at.fail(f"only the keys {', '.join(required + optional)}", unknown)
+    return v
+
+
+def _int(v: Any, at: _At, lo: int = 1, hi: int = MAX_DIM) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise at.fail(f"an integer in {lo}..{hi}", v)
+    return v
+
+
+def _str(v: Any, at: _At, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(v, str) or (choices is not None and v not in choices):
+        raise at.fail("a string" if choices is None else "one of " + ", ".join(map(repr, choices)), v)
+    return v
+
+
+def _pair(v: Any, at: _At, lo: int) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v, v]
+    if not isinstance(v, list) or len(v) != 2:
+        raise at.fail(f"a pair of integers >= {lo}", v)
+    return _int(v[0], at / 0, lo), _int(v[1], at / 1, lo)
+
+
+def _config(v: Any, at: _At, out_rows: int) -> QuantConfig:
+    d = _obj(v, at, _CONFIG_KEYS)
+    bits = d["bits"]
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise (at / "bits").fail("an integer bit-width", bits)
+    if d["symmetric"] is not None and not isinstance(d["symmetric"], bool):
+        raise (at / "symmetric").fail("true, false or null", d["symmetric"])
+    _str(d["scope"], at / "scope", ("tensor", "channel", "group"))
+    _int(d["group_size"], at / "group_size")
+    _str(d["scale_dtype"], at / "scale_dtype", ("float16", "bfloat16", "float32"))
+    cb = d["channel_bits"]
+    if cb is not None:
+        if not isinstance(cb, list) or len(cb) != out_rows:
+            raise (at / "channel_bits").fail(f"null or a list of {out_rows} bit-widths (one per output row)",
+                                             cb if not isinstance(cb, list) else f"a list of {len(cb)}")
+        for i, b in enumerate(cb):
+            if isinstance(b, bool) or not isinstance(b, int):
+                raise (at / "channel_bits" / i).fail("an integer bit-width", b)
+    try:
+        return QuantConfig.from_dict(dict(d))
+    except (TypeError, ValueError) as e:
+        raise at.fail(f"a valid QuantConfig ({e})", d) from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as the safetensors header describes it."""
+
+    dtype: str  # safetensors name: F32, F16, BF16, I32, I8...
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One parsed layer recipe (see :mod:`medquant.quant.recipe` for the keys)."""
+
+    name: str
+    type: str
+    config: QuantConfig
+    bias: bool
+    dtype: str
+    weight_dtype: str | None
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def k(self) -> int:
+        if self.type == "QuantLinear":
+            return self.in_features
+        return self.in_features // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def row_counts(self) -> dict[int, int]:
+        """Bit-width -> number of rows (ascending bit-widths)."""
+        cb = self.config.channel_bits
+        counts = Counter(cb) if cb is not None else Counter({self.config.bits: self.out_features})
+        return dict(sorted(counts.items()))
+
+    def expected_tensors(self) -> dict[str, TensorInfo]:
+        """Tensor name (without the module prefix) -> dtype and shape, as the layer stores them."""
+        cfg, k = self.config, self.k
+        counts = self.row_counts()
+        sd = ST_DTYPES[cfg.scale_dtype]
+        out: dict[str, TensorInfo] = {}
+        for b, nb in counts.items():
+            if 1 <= b <= 8:
+                kp = padded_k(k, b, cfg.group_size if cfg.scope == "group" else None)
+                n_groups = kp // cfg.group_size if cfg.scope == "group" else 1
+                n_scale_rows = 1 if cfg.scope == "tensor" else nb
+                out[f"qweight_{b}"] = TensorInfo("I32", (nb, kp * container_bits(b) // 32))
+                out[f"scales_{b}"] = TensorInfo(sd, (n_scale_rows, n_groups))
+                if not cfg.is_symmetric(b):
+                    out[f"zeros_{b}"] = TensorInfo(sd, (n_scale_rows, n_groups))
+            elif b in FLOAT_BITS:
+                out[f"fweight_{b}"] = TensorInfo("F16" if b == 16 else "F32", (nb, k))
+        if len(counts) > 1:
+            out["bit_map"] = TensorInfo("I8", (self.out_features,))
+        if self.bias:
+            out["bias"] = TensorInfo(ST_DTYPES[self.dtype], (self.out_features,))
+        return out
+
+
+def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow_weight_dtype: bool = True
+                ) -> LayerSpec:
+    """Parse and check one layer recipe; raises :class:`SchemaError`."""
+    at = _At(file, key) / name
+    if not isinstance(name, str) or not name or any(not part for part in name.split(".")):
+        raise _At(file, key).fail("module names (dotted, no empty parts)", name)
+    if not isinstance(entry, dict):
+        raise at.fail("a recipe object", entry)
+    kind = _str(entry.get("type"), at / "type", ("QuantLinear", "QuantConv2d"))
+    shape_keys = _LINEAR_KEYS if kind == "QuantLinear" else _CONV_KEYS
+    d = _obj(entry, at, _COMMON_KEYS + shape_keys, ("weight_dtype",) if allow_weight_dtype else ())
+    if not isinstance(d["bias"], bool):
+        raise (at / "bias").fail("true or false", d["bias"])
+    dtype = _str(d["dtype"], at / "dtype", FLOAT_DTYPES)
+    wd = d.get("weight_dtype")
+    if wd is not None:
+        _str(wd, at / "weight_dtype", FLOAT_DTYPES)
+    if kind == "QuantLinear":
+        fin, fout = _int(d["in_features"], at / "in_features"), _int(d["out_features"], at / "out_features")
+        cfg = _config(d["config"], at / "config", fout)
+        return LayerSpec(name, kind, cfg, d["bias"], dtype, wd, fin, fout, raw=entry)
+    cin, cout = _int(d["in_channels"], at / "in_channels"), _int(d["out_channels"], at / "out_channels")
+    groups = _int(d["groups"], at / "groups")
+    if cin % groups or cout % groups:
+        raise (at / "groups").fail(f"a divisor of in_channels {cin} and out_channels {cout}", groups)
+    ks = _pair(d["kernel_size"], at / "kernel_size", 1)
+    stride = _pair(d["stride"], at / "stride", 1)
+    dilation = _pair(d["dilation"], at / "dilation", 1)
+    pad: tuple[int, int] | str
+    if isinstance(d["padding"], str):
+        pad = _str(d["padding"], at / "padding", ("same", "valid"))
+        if pad == "same" and stride != (1, 1):
+            raise (at / "padding").fail("'valid' or a pair of integers ('same' needs stride 1)", pad)
+    else:
+        pad = _pair(d["padding"], at / "padding", 0)
+    if cin // groups * ks[0] * ks[1] > MAX_DIM:
+        raise (at / "kernel_size").fail(f"a kernel of at most {MAX_DIM} weights per row", list(ks))
+    cfg = _config(d["config"], at / "config", cout)
+    return LayerSpec(name, kind, cfg, d["bias"], dtype, wd, cin, cout, ks, stride, pad, dilation, groups, raw=entry)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    file: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    kind: str  # "hf" | "torch"
+    class_name: str
+    module: str
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """``medquant.json``, parsed (:func:`parse_metadata`)."""
+
+    format_version: int
+    medquant_version: str | None
+    weights: WeightsInfo
+    model: ModelInfo
+    modules: dict[str, LayerSpec]
+    extras: dict[str, Any]
+    raw: dict[str, Any] = field(compare=False, repr=False)
+
+
+def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
+    """Parse ``medquant.json`` (its bytes) against the schema; raises :class:`SchemaError`."""
+    at = _At(file)
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        raw = json.loads(text, object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SchemaError(f"{file} is corrupted (not valid JSON: {e})") from None
+    d = _obj(raw, at, _TOP_REQUIRED, _TOP_OPTIONAL)
+    fv = d["format_version"]
+    if isinstance(fv, bool) or not isinstance(fv, int) or fv < 1:
+        raise (at / "format_version").fail("a positive integer", fv)
+    if fv > FORMAT_VERSION:
+        raise SchemaError(f"{file} has format version {fv}; this medquant reads versions <= {FORMAT_VERSION}")
+    mv = d.get("medquant_version")
+    if mv is not None:
+        _str(mv, at / "medquant_version")
+    w = _obj(d["weights"], at / "weights", ("file", "sha256", "bytes"))
+    try:
+        wfile = check_plain_name(w["file"], "weights.file")
+    except ValueError as e:
+        raise (at / "weights" / "file").fail("a plain file name inside the checkpoint folder", w["file"]) from e
+    sha = _str(w["sha256"], at / "weights" / "sha256")
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise (at / "weights" / "sha256").fail("64 lowercase hex digits", sha)
+    nbytes = _int(w["bytes"], at / "weights" / "bytes", 8, 2**62)
+    m = _obj(d["model"], at / "model", ("kind", "class", "module"))
+    model = ModelInfo(_str(m["kind"], at / "model" / "kind", ("hf", "torch")), _str(m["class"], at / "model" / "class"),
+                      _str(m["module"], at / "model" / "module"))
+    if not model.class_name.isidentifier():
+        raise (at / "model" / "class").fail("a class name", model.class_name)
+    mods = d["modules"]
+    if not isinstance(mods, dict):
+        raise (at / "modules").fail("an object module name -> recipe", mods)
+    modules = {name: parse_layer(entry, name, file) for name, entry in mods.items()}
+    extras = d.get("extras", {})
+    if not isinstance(extras, dict):
+        raise (at / "extras").fail("an object", extras)
+    return CheckpointMeta(fv, mv, WeightsInfo(wfile, sha, nbytes), model, modules, extras, raw)
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """The tensors of a safetensors file from its header alone (8 + header bytes read, nothing allocated from its
+    numbers): every entry checked for a known dtype, non-negative shape and data offsets that lie inside the
+    file and hold exactly ``numel * itemsize`` bytes. Raises :class:`SchemaError`."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SchemaError(f"{path.name} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER):
+            raise SchemaError(f"{path.name}: the header claims {n} bytes, the file holds {size - 8}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SchemaError(f"{path.name}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SchemaError(f"{path.name}: the safetensors header is not an object")
+    data = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        at = _At(path.name, "header") / name
+        e = _obj(e, at, ("dtype", "shape", "data_offsets"))
+        dt = _str(e["dtype"], at / "dtype", tuple(ST_SIZES))
+        if not isinstance(e["shape"], list):
+            raise (at / "shape").fail("a list of sizes", e["shape"])
+        shape = tuple(_int(s, at / "shape" / i, 0, 2**62) for i, s in enumerate(e["shape"]))
+        offs = e["data_offsets"]
+        if not isinstance(offs, list) or len(offs) != 2:
+            raise (at / "data_offsets").fail("[begin, end]", offs)
+        a = _int(offs[0], at / "data_offsets" / 0, 0, data)
+        b = _int(offs[1], at / "data_offsets" / 1, a, data)
+        numel = 1
+        for s in shape:
+            numel *= s
+        if (b - a) != numel * ST_SIZES[dt]:
+            raise (at / "data_offsets").fail(f"{numel * ST_SIZES[dt]} bytes for shape {list(shape)} {dt}", b - a)
+        out[name] = TensorInfo(dt, shape)
+    return out
+
+
+def check_against_header(layers: dict[str, LayerSpec], header: dict[str, TensorInfo], file: str,
+                         recipe_file: str) -> None:
+    """Every tensor each recipe implies is in the header with that dtype and shape, and the header holds no other
+    quantized-layer tensor under a recorded layer's name. Raises :class:`SchemaError` naming layer and tensor."""
+    for name, spec in layers.items():
+        expected = spec.expected_tensors()
+        for t, info in expected.items():
+            got = header.get(f"{name}.{t}")
+            if got is None:
+                raise SchemaError(f"{recipe_file}: module {name!r} ({spec.type}, bits {spec.config.bits}"
+                                  f"{', mixed' if spec.config.channel_bits else ''}) needs the tensor "
+                                  f"{name}.{t} {info.dtype} {list(info.shape)}, which {file} does not hold")
+            if got != info:
+                raise SchemaError(f"{recipe_file}: module {name!r} needs {name}.{t} as {info.dtype} "
+                                  f"{list(info.shape)}; {file} holds {got.dtype} {list(got.shape)} (the recipe and "
+                                  "the tensors disagree)")
+        prefix = name + "."
+        for key in header:
+            if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in expected:
+                raise SchemaError(f"{file} holds {key}, which the recipe of module {name!r} in {recipe_file} does "
+                                  f"not have (expected only {', '.join(sorted(expected)) or 'no tensors'})")
