@@ -31,7 +31,9 @@ from . import ops  # noqa: F401  (registers the medquant:: custom ops)
 from .bundle import PackedWeight
 from .cpu import (  # importing registers the CPU backend
     clear_cpu_cache,
+    cpu_cache_bytes,
     cpu_features,
+    cpu_path,
     get_cpu_compute_dtype,
     set_cpu_compute_dtype,
     set_cpu_dense_min_m,
@@ -151,7 +153,9 @@ __all__ = [
     "PackedWeight",
     "backend_names",
     "clear_cpu_cache",
+    "cpu_cache_bytes",
     "cpu_features",
+    "cpu_path",
     "fake_quantize_rows",
     "fake_quantize_rows_reference",
     "fake_quantize_static",

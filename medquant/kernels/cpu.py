@@ -84,8 +84,11 @@ CPU_PRIORITY = 10
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: environment variable read at import: the initial global compute dtype (bfloat16 / float16 / float32 / auto)
 ENV_COMPUTE_DTYPE = "MEDQUANT_CPU_COMPUTE_DTYPE"
-#: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the weight-only kernels
-DEFAULT_DENSE_MIN_M = 32
+#: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the weight-only kernels. Measured
+#: on a 2-core AVX512/AMX CPU (SmolLM2-135M shapes, 576 x 1536 and 1536 x 576, W4 g128, bf16): the int4 kernel's
+#: time grows linearly with M (about 0.5x / 0.7x / 1.3x of the dense path at M = 32 / 64 / 128); the dense path
+#: is dominated by the dequantization (about 1.3 ms per million weights there), so the crossover is near M = 100.
+DEFAULT_DENSE_MIN_M = 96
 
 _compute_dtype: torch.dtype | None = None  # set below from $MEDQUANT_CPU_COMPUTE_DTYPE
 _dense_min_m = DEFAULT_DENSE_MIN_M
@@ -185,7 +188,7 @@ _compute_dtype = _from_env()
 
 
 def set_cpu_dense_min_m(m: int | None) -> None:
-    """From how many activation rows ``M`` the dense path runs (``None``: the default, 32)."""
+    """From how many activation rows ``M`` the dense path runs (``None``: the default, 96)."""
     global _dense_min_m
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
         raise ValueError(f"dense_min_m must be an int >= 2 or None, got {m!r}")
@@ -196,6 +199,15 @@ def clear_cpu_cache() -> None:
     """Drop every repacked weight (they are rebuilt at the next call) and forget which warnings were given."""
     _plans.clear()
     _warned.clear()
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes held by the repacked weights now cached (codes and scales in every compute dtype built)."""
+    total = 0
+    for plan in list(_plans.values()):
+        tensors = [plan.packed, plan.scale, plan.zero, *plan.by_dtype.values()]  # masters: None once used
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -358,14 +370,20 @@ def cpu_plan(weight: PackedWeight) -> _Plan:
     return plan
 
 
-def _params(plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+def _params(plan: _Plan, weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's scales (and zeros) in ``dtype``; only the dtypes in use are kept (the float32 masters are
+    dropped once one is built and recomputed from the layer's scales if another dtype is asked for later)."""
     t = plan.by_dtype.get(dtype)
     if t is None:
+        if plan.scale is None:
+            fresh = _build_plan(weight)
+            plan.scale, plan.zero = fresh.scale, fresh.zero
         if plan.kind == "int4":
             t = torch.stack((plan.scale, plan.zero), dim=-1).to(dtype).contiguous()
         else:
             t = plan.scale.to(dtype)
         plan.by_dtype[dtype] = t
+        plan.scale = plan.zero = None
     return t
 
 
@@ -392,28 +410,41 @@ def dequantize_fast(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     return w[:, : weight.k]
 
 
+def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
+    if plan.kind is None:
+        return "reference"
+    if m == 1 or (cd != torch.float32 and m < _dense_min_m):
+        return plan.kind
+    return "dense"
+
+
+def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
+    """Which CPU path runs ``x (M, k) @ dequant(weight)^T``: ``"int4"``, ``"int8"``, ``"dense"`` or
+    ``"reference"`` (module docstring). Builds the repacked weight if it is not cached yet."""
+    return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight))
+
+
 def cpu_packed_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     """``x (M, k) @ dequant(W)^T`` on CPU: int4 / int8 weight-only kernels or the dense path (module docstring)."""
     check_packed_input(x, weight)
     plan = cpu_plan(weight)
     if plan.kind is None:
         return packed_linear_reference(x, weight)
-    cd = _layer_compute_dtype(weight)
-    m = x.shape[0]
-    xc = x.to(cd).contiguous()
-    if m == 0:
+    if x.shape[0] == 0:
         return x.new_empty(0, weight.n)
-    if m == 1 or (cd != torch.float32 and m < _dense_min_m):
-        if plan.k4 != weight.k:
-            xc = F.pad(xc, (0, plan.k4 - weight.k))
-        if plan.kind == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, plan.packed, plan.group, _params(plan, cd))
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(xc, plan.packed, _params(plan, cd))
-    elif plan.kind == "int8":
-        y = F.linear(xc, plan.packed[:, : weight.k].to(cd) * _params(plan, cd).unsqueeze(1))
+    cd = _layer_compute_dtype(weight)
+    path = _path(plan, x.shape[0], cd)
+    xc = x.to(cd).contiguous()
+    if path == "dense":
+        w = plan.packed[:, : weight.k].to(cd) * _params(plan, weight, cd).unsqueeze(1) if plan.kind == "int8" \
+            else dequantize_fast(weight, cd)
+        return F.linear(xc, w).to(x.dtype)
+    if plan.k4 != weight.k:
+        xc = F.pad(xc, (0, plan.k4 - weight.k))
+    if path == "int4":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, plan.packed, plan.group, _params(plan, weight, cd))
     else:
-        y = F.linear(xc, dequantize_fast(weight, cd))
+        y = torch.ops.aten._weight_int8pack_mm(xc, plan.packed, _params(plan, weight, cd))
     return y.to(x.dtype)
 
 

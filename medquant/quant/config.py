@@ -34,10 +34,13 @@ INT_BITS = tuple(range(1, 9))
 VALID_BITS = (0,) + INT_BITS + FLOAT_BITS
 SCOPES = ("tensor", "channel", "group")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _check_bits(bits: Any, what: str) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    if isinstance(bits, bool):  # True would silently be 1 bit
+        raise TypeError(f"{what} must be an integer bit-width, got {bits!r}")
+    if not isinstance(bits, int):
         try:
             as_int = int(bits)
         except (TypeError, ValueError):
@@ -67,6 +70,10 @@ class QuantConfig:
         channel_bits: optional per-output-channel bit-widths (mixed precision inside the layer), a tuple with one
             entry per output row; overrides ``bits`` row by row. Rows are grouped by bit-width and each group is
             packed at its own width.
+        compute_dtype: activation dtype of the CPU kernels for this module (``"bfloat16"``, ``"float16"``,
+            ``"float32"``); ``None`` (default) follows ``medquant.kernels.set_cpu_compute_dtype`` (bfloat16 where
+            the CPU has native bf16, else float32). Outputs keep the caller's dtype. Left out of :meth:`to_dict`
+            when ``None``, so recipes without it read and write as before.
     """
 
     bits: int = 4
@@ -75,6 +82,7 @@ class QuantConfig:
     group_size: int = 128
     scale_dtype: str = "float16"
     channel_bits: tuple[int, ...] | None = None
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", _check_bits(self.bits, "bits"))
@@ -97,6 +105,12 @@ class QuantConfig:
                 raise ValueError("channel_bits must have one entry per output channel, got an empty sequence")
             cb = tuple(_check_bits(b, "channel_bits entry") for b in cb)
             object.__setattr__(self, "channel_bits", cb)
+        if self.compute_dtype is not None:
+            name = str(self.compute_dtype).removeprefix("torch.")
+            if name not in COMPUTE_DTYPES:
+                raise ValueError(f"compute_dtype={self.compute_dtype!r} is not supported; accepted: "
+                                 f"{', '.join(COMPUTE_DTYPES)} or None")
+            object.__setattr__(self, "compute_dtype", name)
 
     # ------------------------------------------------------------------ helpers
     def is_symmetric(self, bits: int | None = None) -> bool:
@@ -134,6 +148,8 @@ class QuantConfig:
         d = dataclasses.asdict(self)
         if d["channel_bits"] is not None:
             d["channel_bits"] = list(d["channel_bits"])
+        if d["compute_dtype"] is None:
+            del d["compute_dtype"]  # a run-time choice: recipes without it keep their exact form
         return d
 
     @classmethod

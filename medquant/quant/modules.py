@@ -18,12 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import PackedWeight, packed_linear
+from ..kernels import PackedWeight, packed_linear, set_layer_compute_dtype
 from ..kernels.layout import container_bits, pack, padded_k
 from .config import FLOAT_BITS, QuantConfig
 from .core import quantize
 
 _FLOAT_ROW_DTYPE = {16: torch.float16, 32: torch.float32}
+
+
+def _after_load(module: _QuantWeightBase, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: ``assign=True`` replaced the stored tensors (the CPU kernels' repacked
+    weights are keyed by them and rebuilt at the next call; copied-in codes change the tensor versions)."""
+    module._register_compute_dtype()
 
 
 class _QuantWeightBase(nn.Module):
@@ -61,6 +67,25 @@ class _QuantWeightBase(nn.Module):
                 self.register_buffer(f"fweight_{b}", torch.zeros(nb, k, dtype=_FLOAT_ROW_DTYPE[b], device=device))
         if self.mixed:
             self.register_buffer("bit_map", row_bits.to(torch.int8).to(device))
+        self._register_compute_dtype()
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _register_compute_dtype(self) -> None:
+        """Tell the CPU kernels this layer's ``config.compute_dtype`` (if set), keyed by its stored codes."""
+        if getattr(self.config, "compute_dtype", None) is None:
+            return
+        for b in self.bit_groups:
+            if 1 <= b <= 8:
+                set_layer_compute_dtype(getattr(self, f"qweight_{b}"), self.config.compute_dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._register_compute_dtype()  # .to() / .cpu() made new tensors
+        return out
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._register_compute_dtype()  # copy.deepcopy / pickle made new tensors
 
     # ------------------------------------------------------------------ quantization
     def _rows(self, b: int) -> torch.Tensor | None:

@@ -1,0 +1,354 @@
+"""The CPU backend of ``packed_linear`` (aten int4 / int8 weight-only kernels, dense path) against the reference.
+
+Reference: ``x @ W^T`` with ``W`` the layer's dequantized weight (``(u - z) * s`` in float32), in float64 here.
+Tolerances fit the compute dtype: float32 compute ~1e-5 relative to the output scale, bfloat16 ~1e-2.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import medquant as mq
+from medquant.kernels import (
+    PackedWeight,
+    clear_cpu_cache,
+    cpu_features,
+    cpu_path,
+    force_backend,
+    get_cpu_compute_dtype,
+    packed_linear,
+    select_kernel,
+    set_cpu_compute_dtype,
+    set_cpu_dense_min_m,
+)
+from medquant.kernels.cpu import cpu_plan, default_cpu_compute_dtype
+from medquant.quant import QuantConfig, QuantLinear
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _restore_settings():
+    clear_cpu_cache()
+    yield
+    set_cpu_compute_dtype("float32")  # the suite's setting (tests/conftest.py)
+    set_cpu_dense_min_m(None)
+    clear_cpu_cache()
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _ref(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    y = x.double() @ layer.dequantized_weight(torch.float64).t()
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+def _layer(n: int, k: int, cfg: QuantConfig, seed: int = 0, bias: bool = True) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    return QuantLinear.from_float(lin, cfg)
+
+
+def _paths(layer: QuantLinear, x2: torch.Tensor) -> set[str]:
+    return {cpu_path(x2, layer.packed_weight(b)) for b in layer.bit_groups if 1 <= b <= 8}
+
+
+# ------------------------------------------------------------------------------------------- features
+def test_cpu_features_and_default_dtype():
+    f = cpu_features()
+    for key in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "native_bf16", "capability"):
+        assert key in f
+    assert f["native_bf16"] == (f["avx512_bf16"] or f["amx_bf16"])
+    assert default_cpu_compute_dtype() == (torch.bfloat16 if f["native_bf16"] else torch.float32)
+    set_cpu_compute_dtype(None)
+    assert get_cpu_compute_dtype() == default_cpu_compute_dtype()
+    set_cpu_compute_dtype("float32")
+    assert get_cpu_compute_dtype() == torch.float32
+    with pytest.raises(ValueError, match="compute dtype"):
+        set_cpu_compute_dtype(torch.float64)
+
+
+# ------------------------------------------------------------------------------------------- every path
+CASES = [  # bits, symmetric, scope, group size, expected kernel at small M
+    (4, True, "group", 128, "int4"),
+    (4, False, "group", 64, "int4"),
+    (3, False, "group", 128, "int4"),
+    (3, True, "group", 32, "int4"),
+    (2, False, "group", 128, "int4"),
+    (2, True, "group", 256, "int4"),
+    (1, False, "group", 64, "int4"),
+    (1, True, "group", 128, "int4"),
+    (4, True, "channel", 128, "int4"),
+    (2, False, "tensor", 128, "int4"),
+    (4, True, "group", 96, "int4"),  # a multiple of 32: three kernel groups of 32 per scale
+    (8, True, "channel", 128, "int8"),
+    (6, False, "channel", 128, "int8"),
+    (5, True, "tensor", 128, "int8"),
+    (8, True, "group", 128, "reference"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("bits,sym,scope,gs,kernel", CASES,
+                         ids=[f"{c[0]}b-{'sym' if c[1] else 'asym'}-{c[2]}{c[3]}" for c in CASES])
+def test_paths_match_the_reference(bits, sym, scope, gs, kernel, dtype):
+    set_cpu_compute_dtype(dtype)
+    layer = _layer(48, 576, QuantConfig(bits, symmetric=sym, scope=scope, group_size=gs))  # 576: K padded
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 7, 300):
+        x = torch.randn(m, 576, generator=g)
+        path = _paths(layer, x)
+        if kernel == "reference":
+            assert path == {"reference"}
+        elif m == 1 or (m == 7 and dtype == torch.bfloat16):
+            assert path == {kernel}, (m, path)
+        else:
+            assert path == {"dense"}, (m, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            y = layer(x)
+        assert y.dtype == torch.float32
+        assert _rel_err(y, _ref(layer, x)) < TOL[dtype], (m, path)
+
+
+def test_the_cpu_backend_is_chosen_in_auto_and_can_be_forced_off():
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(2, 256)
+    w = layer.packed_weight(4)
+    assert select_kernel("packed_linear", x, w).backend == "cpu"
+    with force_backend("torch"):
+        ref = layer(x)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compute_dtype_bf16_by_default_where_native_and_outputs_keep_the_callers_dtype():
+    set_cpu_compute_dtype(None)
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(3, 256)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        assert layer(x.to(dt)).dtype == dt
+    if cpu_features()["native_bf16"]:
+        assert get_cpu_compute_dtype() == torch.bfloat16
+        assert _paths(layer, x) == {"int4"}
+        assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]
+
+
+def test_forced_float32_compute_like_a_cpu_without_bf16():
+    """A CPU without native bf16 gets float32 compute: int4 kernel at M = 1 only, the dense path above."""
+    set_cpu_compute_dtype(torch.float32)
+    layer = _layer(64, 256, QuantConfig(3, group_size=64))
+    for m, path in ((1, "int4"), (2, "dense"), (300, "dense")):
+        x = torch.randn(m, 256)
+        assert _paths(layer, x) == {path}
+        assert _rel_err(layer(x), _ref(layer, x)) < 1e-5
+
+
+def test_per_layer_compute_dtype_from_the_config_wins_and_survives_to_and_copy():
+    import copy
+
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 256, QuantConfig(4, group_size=128, compute_dtype="float32"))
+    x = torch.randn(5, 256)
+    assert _paths(layer, x) == {"dense"}  # float32 compute at M = 5
+    assert _rel_err(layer(x), _ref(layer, x)) < 1e-5
+    for other in (layer.to(torch.float32), copy.deepcopy(layer)):
+        assert _paths(other, x) == {"dense"}
+    assert QuantConfig(4).to_dict() == QuantConfig.from_dict(QuantConfig(4).to_dict()).to_dict()
+    assert "compute_dtype" not in QuantConfig(4).to_dict()  # recipes without it keep their form
+    assert QuantConfig.from_dict(layer.config.to_dict()).compute_dtype == "float32"
+    with pytest.raises(ValueError, match="compute_dtype"):
+        QuantConfig(4, compute_dtype="float64")
+
+
+def test_dense_threshold_is_configurable():
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(8, 256)
+    assert _paths(layer, x) == {"int4"}
+    set_cpu_dense_min_m(4)
+    assert _paths(layer, x) == {"dense"}
+    assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------- fallbacks
+def test_rows_not_a_multiple_of_16_run_the_reference_with_one_warning():
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(24, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(3, 256)
+    with pytest.warns(RuntimeWarning, match=r"N=24 K=256 bits=4 .*reference.*multiple of 16"):
+        y = layer(x)
+    assert select_kernel("packed_linear", x, layer.packed_weight(4)).backend == "torch"
+    torch.testing.assert_close(y.double(), _ref(layer, x), rtol=1e-5, atol=1e-5)  # float32 reference
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once only
+        _layer(24, 256, QuantConfig(4, group_size=128), seed=3)(x)  # same shape: not again
+
+
+def test_group_size_the_int4_kernel_cannot_take_runs_the_reference():
+    layer = _layer(32, 256, QuantConfig(4, group_size=16))
+    x = torch.randn(2, 256)
+    with pytest.warns(RuntimeWarning, match="group size 16"):
+        y = layer(x)
+    torch.testing.assert_close(y.double(), _ref(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_asymmetric_8bit_maps_only_where_exact():
+    set_cpu_compute_dtype(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(128, 32)
+    with torch.no_grad():  # all-positive rows: z = 0, codes up to 255 do not fit int8 after u - z
+        lin.weight.copy_(torch.rand(32, 128, generator=g) + 0.1)
+    layer = QuantLinear.from_float(lin, QuantConfig(8, symmetric=False, scope="channel"))
+    x = torch.randn(1, 128)
+    with pytest.warns(RuntimeWarning, match="int8 range"):
+        assert _paths(layer, x) == {"reference"}
+    assert _rel_err(layer(x), _ref(layer, x)) < 1e-5
+
+
+def test_non_contiguous_and_3d_inputs():
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 200, QuantConfig(4, group_size=64))
+    x = torch.randn(200, 6).t()  # (6, 200), not contiguous
+    assert not x.is_contiguous()
+    assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]
+    x3 = torch.randn(2, 3, 200)
+    y3 = layer(x3)
+    assert y3.shape == (2, 3, 64)
+    assert _rel_err(y3.reshape(6, 64), _ref(layer, x3.reshape(6, 200))) < TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------- mixed bits
+@pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_mixed_bit_layer_each_row_group_on_its_own_kernel(dtype):
+    set_cpu_compute_dtype(dtype)
+    # 32 rows of 4 bits, 16 of 2, 16 of 8, 8 of 3 (not a multiple of 16: reference), 4 pruned, 4 float16
+    bits = (4,) * 32 + (2,) * 16 + (8,) * 16 + (3,) * 8 + (0,) * 4 + (16,) * 4
+    perm = torch.randperm(len(bits), generator=torch.Generator().manual_seed(0)).tolist()
+    cfg = QuantConfig(4, scope="channel", channel_bits=tuple(bits[i] for i in perm))
+    layer = _layer(len(bits), 320, cfg)
+    x = torch.randn(1, 320)
+    kinds = {b: cpu_path(x, layer.packed_weight(b)) for b in (2, 3, 4, 8)}
+    assert kinds == {2: "int4", 3: "reference", 4: "int4", 8: "int8"}
+    for m in (1, 5, 300):
+        x = torch.randn(m, 320)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert _rel_err(layer(x), _ref(layer, x)) < TOL[dtype]
+
+
+# ------------------------------------------------------------------------------------------- caching
+def test_repacked_once_and_rebuilt_after_load_state_dict_and_to():
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(1, 256)
+    layer(x)
+    plan = cpu_plan(layer.packed_weight(4))
+    layer(x)
+    assert cpu_plan(layer.packed_weight(4)) is plan  # built once, not per call
+    assert "cpu" not in " ".join(layer.state_dict())  # nothing of it in the state dict
+    assert set(layer.state_dict()) == {"qweight_4", "scales_4", "bias"}
+    other = _layer(64, 256, QuantConfig(4, group_size=128), seed=5)
+    layer.load_state_dict(other.state_dict())
+    assert cpu_plan(layer.packed_weight(4)) is not plan
+    assert _rel_err(layer(x), _ref(other, x)) < TOL[torch.bfloat16]
+    plan2 = cpu_plan(layer.packed_weight(4))
+    layer.to(torch.bfloat16)  # scales become new bfloat16 tensors
+    assert cpu_plan(layer.packed_weight(4)) is not plan2
+    xb = x.to(torch.bfloat16)
+    assert _rel_err(layer(xb), _ref(layer, xb.float())) < TOL[torch.bfloat16]
+
+
+def test_save_load_runs_the_fast_path(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    set_cpu_compute_dtype(torch.bfloat16)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs())).eval()
+    mq.quantize_(model, QuantConfig(4, group_size=64))
+    ids = torch.randint(0, 200, (1, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    mq.save(model, tmp_path / "m")
+    loaded = mq.load(tmp_path / "m").eval()
+    qlayers = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert qlayers
+    assert all(select_kernel("packed_linear", torch.randn(1, q.in_features), q.packed_weight(4)).backend == "cpu"
+               for q in qlayers)
+    with torch.no_grad():
+        after = loaded(ids).logits
+        with force_backend("torch"):
+            ref = loaded(ids).logits
+    torch.testing.assert_close(after, before)  # same codes, same path
+    assert _rel_err(after, ref.double()) < 5e-2
+
+
+def test_quantize_runs_the_fast_path_on_every_layer_of_a_zoo_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    set_cpu_compute_dtype(None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs(num_key_value_heads=2))).eval()
+    mq.quantize_(model, QuantConfig(bits=4, group_size=128))
+    ids = torch.randint(0, 200, (2, 7))
+    used = []
+    for q in (m for m in model.modules() if isinstance(m, QuantLinear)):
+        used.append(cpu_path(torch.randn(1, q.in_features), q.packed_weight(4)))
+    assert set(used) == {"int4"}
+    with torch.no_grad():
+        y = model(ids).logits
+        with force_backend("torch"):
+            ref = model(ids).logits
+    tol = TOL[get_cpu_compute_dtype()] * 3  # a few layers of bf16 rounding
+    assert _rel_err(y, ref.double()) < tol
+
+
+# ------------------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_traces_the_fast_path():
+    set_cpu_compute_dtype(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    for i in (0, 2):
+        model[i] = QuantLinear.from_float(model[i], QuantConfig(4, group_size=64))
+    x = torch.randn(1, 256)
+    assert _paths(model[0], x) == {"int4"}
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = compiled(x)
+    torch.testing.assert_close(out, eager)
+
+
+def test_packed_linear_function_on_a_bundle():
+    set_cpu_compute_dtype(torch.float32)
+    layer = _layer(32, 128, QuantConfig(2, group_size=32))
+    w = layer.packed_weight(2)
+    assert isinstance(w, PackedWeight)
+    x = torch.randn(1, 128)
+    torch.testing.assert_close(packed_linear(x, w), packed_linear(x, w, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+def test_changing_the_compute_dtype_after_first_use():
+    layer = _layer(32, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(1, 256)
+    set_cpu_compute_dtype(torch.bfloat16)
+    assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]
+    set_cpu_compute_dtype(torch.float32)  # the float32 scales are rebuilt from the layer's own
+    assert _rel_err(layer(x), _ref(layer, x)) < 1e-5
+    set_cpu_compute_dtype(torch.bfloat16)
+    assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]
