@@ -1,0 +1,341 @@
+"""CPU inference speed of medquant-quantized causal LMs against float32 / bfloat16 (issue 18, item 6).
+
+Models: SmolLM2-135M-Instruct (:func:`benchmarks.common.smollm2.load_smollm2`) and a ~1.1B LLaMA built from a
+config (hidden 2048, 22 layers, intermediate 5632, 32 query / 4 key-value heads, vocabulary 32000, random
+weights: speed only). Variants: ``float32``, ``bfloat16`` and ``W8`` (8-bit per channel), ``W4g128``,
+``W4g32``, ``W3`` (group 128), ``W2`` (group 128), each with the output head quantized (``+head``) and left in
+float (``skip=["lm_head"]``). Quantization is nothing but ``medquant.quantize_`` with the public config; the
+CPU kernels run with their default compute dtype (bfloat16 where the CPU has native bf16).
+
+Every row runs in its own subprocess (``--worker``), so that its resident memory is its own:
+
+* ``decode_b1`` / ``decode_b8``: greedy decode tokens/s per sequence after a 32-token prompt (64 new tokens,
+  KV cache), batch 1 and batch 8 (``agg_b8`` = 8 x per sequence);
+* ``prefill``: tokens/s of one forward over 256 tokens;
+* ``weights_rss_mb``: resident set after building, quantizing and one warm-up decode step (the CPU kernels'
+  repacked weights included) minus the resident set after importing torch and transformers; ``stored_mb``: the
+  state dict's bytes; ``repacked_mb``: the CPU kernels' cache (:func:`medquant.kernels.cpu_cache_bytes`);
+* ``read_mb_per_token``: bytes of weights a decode step reads (every Linear's stored or repacked form, whichever
+  the kernel reads; the input embedding reads one row); ``limit_tok_s`` = measured memory bandwidth / that.
+
+Repeats (``--repeats``, default 3): medians. The accuracy check (SmolLM2, quantized rows): perplexity of 20
+held-out IU X-ray reports (64 tokens each, teacher-forced) through the fast path and through the torch reference
+path (``force_backend("torch")``) of the same quantized model, relative difference (target < 0.5%), and
+next-token agreement (target >= 99%).
+
+    python -m benchmarks.cpu_inference              # full run (idle machine; ~1 h on 2 cores)
+    python -m benchmarks.cpu_inference --quick      # SmolLM2, 4 variants, 1 repeat, short sequences
+
+Writes ``benchmarks/results/cpu_inference{_quick}.json``, ``.md`` (table) and ``.png``; the JSON records the
+versions, the hardware and :func:`medquant.kernels.cpu_features`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUANT = {  # variant -> QuantConfig kwargs
+    "W8": {"bits": 8, "scope": "channel"},
+    "W4g128": {"bits": 4, "group_size": 128},
+    "W4g32": {"bits": 4, "group_size": 32},
+    "W3": {"bits": 3, "group_size": 128},
+    "W2": {"bits": 2, "group_size": 128},
+}
+LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5632, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
+            "tie_word_embeddings": False}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _trim() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so the resident set counts live memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _bandwidth_gbs(mb: int = 512) -> float:
+    """Read bandwidth (GB/s): the best of 5 sums over a float32 tensor of ``mb`` MB."""
+    import torch
+
+    t = torch.ones(mb * 2**20 // 4)
+    t.sum()
+    best = min(_timed(lambda: t.sum()) for _ in range(5))
+    return t.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------------------------- worker
+def _build(model_name: str):
+    import torch
+
+    if model_name == "smollm2":
+        from benchmarks.common.smollm2 import load_smollm2
+
+        model, tok = load_smollm2()
+        return model, tok
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**(LLAMA_1B if model_name == "llama1b" else
+                         {**LLAMA_1B, "hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1408,
+                          "num_attention_heads": 8, "num_key_value_heads": 2}))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        rot = model.model.rotary_emb  # non-persistent buffers: rebuilt on CPU (to_empty left them empty)
+        model.model.rotary_emb = type(rot)(config=cfg)
+    return model.eval(), None
+
+
+def _read_bytes_per_token(model) -> int:
+    """Weight bytes a decode step reads: every (quantized) linear layer's kernel form, one embedding row."""
+    import torch
+    from torch import nn
+
+    from medquant.kernels import cpu
+    from medquant.quant import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            for b in m.bit_groups:
+                if 1 <= b <= 8:
+                    w = m.packed_weight(b)
+                    plan = cpu.cpu_plan(w)
+                    if plan.kind is None:
+                        total += sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.zeros)
+                                     if t is not None)
+                    else:
+                        total += plan.packed.numel() * plan.packed.element_size()
+                        total += sum(t.numel() * t.element_size() for t in plan.by_dtype.values())
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, nn.Embedding):
+            total += m.weight.shape[1] * m.weight.element_size()
+        elif hasattr(m, "weight") and isinstance(m.weight, torch.Tensor) and m.weight.dim() == 1:
+            total += m.weight.numel() * m.weight.element_size()  # norms
+    return total
+
+
+def _decode(model, ids, steps: int) -> float:
+    from benchmarks.common.lm import time_decode
+
+    return time_decode(model, ids, steps)
+
+
+def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
+    """Teacher-forced next tokens and perplexity: fast path vs the torch reference path of the same model."""
+    import torch
+
+    from benchmarks.common.lm import report_texts
+    from medquant.kernels import force_backend
+
+    texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > n_tokens][:n_prompts]
+    agree = total = 0
+    nll_fast = nll_ref = 0.0
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t, return_tensors="pt")["input_ids"][:, : n_tokens + 1]
+            inp, tgt = ids[:, :-1], ids[:, 1:]
+            fast = model(input_ids=inp).logits.float()
+            with force_backend("torch"):
+                ref = model(input_ids=inp).logits.float()
+            agree += int((fast.argmax(-1) == ref.argmax(-1)).sum())
+            total += tgt.numel()
+            nll_fast += float(torch.nn.functional.cross_entropy(fast[0], tgt[0], reduction="sum"))
+            nll_ref += float(torch.nn.functional.cross_entropy(ref[0], tgt[0], reduction="sum"))
+    import math
+
+    ppl_fast, ppl_ref = math.exp(nll_fast / total), math.exp(nll_ref / total)
+    return {"prompts": len(texts), "tokens": total, "ppl_fast": ppl_fast, "ppl_reference": ppl_ref,
+            "ppl_rel_diff": abs(ppl_fast - ppl_ref) / ppl_ref, "next_token_agreement": agree / total}
+
+
+def worker(spec: dict) -> dict:
+    import torch
+    import transformers  # noqa: F401  (part of the baseline)
+
+    import medquant as mq
+    from medquant.kernels import cpu_cache_bytes, get_cpu_compute_dtype
+
+    torch.set_num_threads(spec["threads"])
+    _trim()
+    rss0 = _rss_bytes()
+    model, tok = _build(spec["model"])
+    variant, head = spec["variant"], spec["head"]
+    if variant == "bfloat16":
+        model = model.to(torch.bfloat16)
+    elif variant != "float32":
+        skip = None if head else ["lm_head"]
+        mq.quantize_(model, mq.QuantConfig(**QUANT[variant]), skip=skip)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (8, spec["prompt"]), generator=gen)
+    with torch.no_grad():  # warm-up: builds the CPU kernels' repacked weights
+        model(input_ids=prompt[:1, :2])
+    _trim()
+    row = {"model": spec["model"], "variant": variant, "head": head,
+           "weights_rss_mb": (_rss_bytes() - rss0) / 2**20,
+           "stored_mb": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20,
+           "repacked_mb": cpu_cache_bytes() / 2**20,
+           "read_mb_per_token": _read_bytes_per_token(model) / 2**20,
+           "compute_dtype": str(get_cpu_compute_dtype()).removeprefix("torch.")}
+    reps = spec["repeats"]
+    from benchmarks.common.lm import time_prefill
+
+    long_ids = torch.randint(0, vocab, (1, spec["prefill"]), generator=gen)
+    time_prefill(model, long_ids[:, :8])
+    row["prefill_tok_s"] = statistics.median(spec["prefill"] / time_prefill(model, long_ids) for _ in range(reps))
+    row["decode_b1_tok_s"] = statistics.median(_decode(model, prompt[:1], spec["new"]) for _ in range(reps))
+    if spec["batch8"]:
+        row["decode_b8_tok_s"] = statistics.median(_decode(model, prompt, spec["new"]) for _ in range(reps))
+        row["decode_b8_agg_tok_s"] = 8 * row["decode_b8_tok_s"]
+    if spec["accuracy"] and tok is not None and variant not in ("float32", "bfloat16"):
+        row["accuracy"] = _accuracy(model, tok, spec["acc_prompts"], spec["acc_tokens"])
+    return row
+
+
+# ------------------------------------------------------------------------------------------- driver
+def _rows(models, variants) -> list[tuple[str, str, bool]]:
+    out = []
+    for m in models:
+        for v in variants:
+            if v in ("float32", "bfloat16"):
+                out.append((m, v, False))
+            else:
+                out.extend([(m, v, True), (m, v, False)])
+    return out
+
+
+def _table(rows: list[dict], bw: float) -> str:
+    header = ("| model | variant | head | decode b1 tok/s | decode b8 agg tok/s | prefill tok/s | weights RSS MB | "
+              "stored MB | repacked MB | read MB/token | limit tok/s | vs fp32 (b1) | vs bf16 (b1) | ppl diff | "
+              "agreement |")
+    lines = [header, "|" + "---|" * 15]
+    base = {(r["model"], r["variant"]): r for r in rows if r["variant"] in ("float32", "bfloat16")}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | {'q' if r['head'] else 'float'} | error: "
+                         f"{r['error'][:80]} |" + " |" * 12)
+            continue
+        f32, b16 = base.get((r["model"], "float32")), base.get((r["model"], "bfloat16"))
+        acc = r.get("accuracy", {})
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {'quantized' if r['head'] else 'float'} | {r['decode_b1_tok_s']:.1f} "
+            f"| {r.get('decode_b8_agg_tok_s', float('nan')):.1f} | {r['prefill_tok_s']:.0f} | "
+            f"{r['weights_rss_mb']:.0f} | {r['stored_mb']:.0f} | {r['repacked_mb']:.0f} | "
+            f"{r['read_mb_per_token']:.1f} | {bw * 1e3 / max(r['read_mb_per_token'], 1e-9) / 1.048576:.0f} | "
+            f"{r['decode_b1_tok_s'] / f32['decode_b1_tok_s'] if f32 and 'decode_b1_tok_s' in f32 else float('nan'):.2f}"
+            f" | {r['decode_b1_tok_s'] / b16['decode_b1_tok_s'] if b16 and 'decode_b1_tok_s' in b16 else float('nan'):.2f}"
+            f" | {acc.get('ppl_rel_diff', float('nan')) * 100:.2f}% | "
+            f"{acc.get('next_token_agreement', float('nan')) * 100:.1f}% |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    models = sorted({r["model"] for r in ok})
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 3.5 * len(models)), squeeze=False)
+    for i, m in enumerate(models):
+        rs = [r for r in ok if r["model"] == m]
+        labels = [r["variant"] + ("+head" if r["head"] else "") for r in rs]
+        axes[i][0].barh(labels, [r["decode_b1_tok_s"] for r in rs])
+        axes[i][0].set_title(f"{m}: decode tok/s (batch 1)")
+        axes[i][1].barh(labels, [r["prefill_tok_s"] for r in rs], color="tab:orange")
+        axes[i][1].set_title(f"{m}: prefill tok/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="SmolLM2 only, 4 variants, 1 repeat, short sequences")
+    p.add_argument("--models", default=None, help="comma list of smollm2, llama1b, llama_small")
+    p.add_argument("--variants", default=None, help="comma list of float32, bfloat16, " + ", ".join(QUANT))
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/cpu_inference[_quick])")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("ROW " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    import torch
+
+    from benchmarks.common.env import hardware, versions
+    from medquant.kernels import cpu_features
+
+    quick = args.quick
+    models = (args.models or ("smollm2" if quick else "smollm2,llama1b")).split(",")
+    variants = (args.variants or ("float32,bfloat16,W8,W4g128" if quick else
+                                  "float32,bfloat16," + ",".join(QUANT))).split(",")
+    threads = args.threads or torch.get_num_threads()
+    spec = {"threads": threads, "repeats": args.repeats or (1 if quick else 3), "prompt": 32,
+            "new": 16 if quick else 64, "prefill": 64 if quick else 256, "batch8": True,
+            "accuracy": not args.no_accuracy, "acc_prompts": 4 if quick else 20, "acc_tokens": 32 if quick else 64}
+    bw = _bandwidth_gbs()
+    rows = []
+    for model, variant, head in _rows(models, variants):
+        s = dict(spec, model=model, variant=variant, head=head)
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_inference", "--worker", json.dumps(s)],
+                              check=False, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+        row = json.loads(found[-1][4:]) if found else {"model": model, "variant": variant, "head": head,
+                                                        "error": (proc.stderr or proc.stdout)[-400:]}
+        row["wall_s"] = time.time() - t0
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    stem = Path(args.out) if args.out else RESULTS / ("cpu_inference_quick" if quick else "cpu_inference")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    result = {"spec": spec, "bandwidth_gbs": bw, "cpu_features": cpu_features(), "hardware": hardware(),
+              "versions": versions(), "rows": rows}
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    table = _table(rows, bw)
+    stem.with_suffix(".md").write_text(f"measured read bandwidth {bw:.1f} GB/s, {threads} threads\n\n{table}\n")
+    _plot(rows, stem.with_suffix(".png"))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
