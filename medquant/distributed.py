@@ -12,7 +12,7 @@ script.py`` (call ``torch.distributed.init_process_group("gloo" or "nccl")`` fir
   (bucketed sum / mean of ``.grad``), :func:`unwrap`, :func:`is_ddp`, :func:`ddp_like`;
 * FSDP2 (``torch.distributed.fsdp.fully_shard``): :func:`is_fsdp`, :func:`has_fsdp`, :func:`fsdp_shard`,
   :func:`clip_grad_norm_` over sharded and replicated gradients, :func:`meta_skeleton` + :func:`load_full_state`
-  to gather the trained full weights into a plain copy of the model. See docs/large_models.md.
+  to gather the trained full weights into a plain copy of the model. See docs/guides/large_models.md.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ gradients, summed over ranks, are the global gradient). ``BAQWrapper.fit(..., di
 with a ``DistributedDataParallel`` model. FSDP2 for FQ-QAT and BAQ (``fq_qat(..., fsdp=True)``,
 ``BAQWrapper.fit(..., distributed=True, fsdp=True)``): the parametrizations are attached to the plain model, then
 :func:`medquant.distributed.fsdp_shard` shards it, and :func:`medquant.distributed.load_full_state` gathers the
-trained weights into a :func:`medquant.distributed.meta_skeleton` for export. See docs/large_models.md.
+trained weights into a :func:`medquant.distributed.meta_skeleton` for export. See docs/guides/large_models.md.
 """
 from __future__ import annotations
 

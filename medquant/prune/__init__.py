@@ -6,7 +6,7 @@ and updates head/neuron counts and configs. ``block_influence`` scores how much 
 (``1 - cos(x, y)`` and the Wasserstein-1 distance of the value distributions divided by ``std(x)``);
 ``allocate_ratios`` / ``least_influential`` turn those scores into per-layer ratios or whole blocks to drop.
 ``save_pruned`` / ``load_pruned`` round-trip models with per-layer shapes. The blocks and their attention / FFN
-units come from :func:`medquant.models.transformer_blocks`. See docs/pruning.md.
+units come from :func:`medquant.models.transformer_blocks`. See docs/guides/pruning.md.
 """
 from ..models.blocks import AttentionUnit, Block, FFNUnit
 from .importance import METHODS as IMPORTANCE_METHODS

@@ -8,7 +8,7 @@ gathered (``full_tensor``) and compared with single-process training on the whol
                                                                  # (ignored_params: replicated on every rank)
 
 The outcome on this machine (torch 2.13 CPU, bitsandbytes 0.50.2, PEFT 0.21) is recorded in
-docs/large_models.md, section 3.
+docs/reference/large_models.md (FSDP2, QLoRA).
 """
 from __future__ import annotations
 
