@@ -134,8 +134,8 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
         res.train_losses = d.fit(train_data, steps=train.steps, lr=train.lr, progress=progress)
         model.eval()
     if quantize is not None:
-        from .quant.api import quantize_
         from .calibrate.awq import awq_quantize_
+        from .quant.api import quantize_
 
         if quantize.method == "awq":
             if calib is None:
