@@ -241,9 +241,9 @@ def _legacy_warning(directory: Path, what: str) -> None:
 
 def _open(directory: str | os.PathLike) -> _Opened:
     path = Path(directory)
-    if not os.path.lexists(path):
-        raise CheckpointError(f"{path} does not exist")
     root = atomic.resolve(path)
+    if not os.path.lexists(root):
+        raise CheckpointError(f"{path} does not exist")
     if not root.is_dir():
         raise CheckpointError(f"{path} is not a folder; a medquant checkpoint is a folder")
     try:
@@ -412,7 +412,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
             return _load_once(path, model, device, strict)
         except (CheckpointError, OSError):
             # a save switched the folder meanwhile and removed the version being read: read the new one
-            if attempt < 2 and os.path.lexists(path) and atomic.resolve(path) != root:
+            if attempt < 2 and atomic.resolve(path) != root:
                 continue
             raise
     raise AssertionError("unreachable")  # pragma: no cover
@@ -505,9 +505,9 @@ def upgrade(directory: str | os.PathLike) -> Path:
     recipes against the tensors of a ``medquant.hf.save_pretrained`` folder. A folder that already has a valid
     manifest is left as it is. Returns the path."""
     path = Path(directory)
-    if not os.path.lexists(path):
-        raise CheckpointError(f"{path} does not exist")
     root = atomic.resolve(path)
+    if not os.path.lexists(root):
+        raise CheckpointError(f"{path} does not exist")
     if not root.is_dir():
         raise CheckpointError(f"{path} is not a folder")
     with warnings.catch_warnings():

@@ -46,7 +46,7 @@ try:  # POSIX
 except ImportError:  # pragma: no cover - Windows: saves are not serialised
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["exchange_paths", "fsync_dir", "fsync_file", "is_version_link", "replace_directory", "resolve"]
+__all__ = ["exchange_paths", "fsync_dir", "fsync_file", "is_version_link", "pending", "replace_directory", "resolve"]
 
 _VERSION, _LINK, _OLD = "v", "link", "old"
 
@@ -95,8 +95,24 @@ def is_version_link(path: Path) -> bool:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """The real folder a reader of ``path`` should read from (the current version folder for a version link)."""
-    return Path(os.path.realpath(path))
+    """The real folder a reader of ``path`` should read from (the current version folder for a version link, the
+    :func:`pending` version while an interrupted switch is unfinished)."""
+    return pending(path) or Path(os.path.realpath(path))
+
+
+def pending(path: str | os.PathLike) -> Path | None:
+    """When ``path`` is absent because a save was killed between the two renames of the fallback switch: the
+    complete new version its temporary link points to (the next save puts it in place); else ``None``."""
+    path = Path(os.path.abspath(path))
+    if os.path.lexists(path) or not path.parent.is_dir():
+        return None
+    pattern = _artifact_re(path.name)
+    for e in sorted(os.listdir(path.parent)):
+        m = pattern.fullmatch(e)
+        p = path.parent / e
+        if m is not None and m.group(1) == _LINK and p.is_symlink() and p.is_dir():
+            return Path(os.path.realpath(p))
+    return None
 
 
 def _renameat2_exchange() -> Callable[[str, str], None] | None:

@@ -4,9 +4,11 @@
 quantizer, the transformers loader and QLoRA use as well:
 
 * :func:`quantizable_modules` - the one traversal: the modules a config type can quantize (for
-  :class:`QuantConfig`: torch.nn's own ``Linear`` and ``Conv2d``, not inside ``nn.MultiheadAttention``, which
-  reads ``out_proj.weight`` directly; subclasses from other libraries, e.g. bitsandbytes' ``Linear4bit``, are
-  already quantized or compute differently);
+  :class:`QuantConfig`: torch.nn's own ``Linear`` and ``Conv2d``, and subclasses that compute exactly as them:
+  the parent's ``forward``, no parameters but ``weight`` / ``bias``, no buffers or children; not inside
+  ``nn.MultiheadAttention``, which reads ``out_proj.weight`` directly; other subclasses, e.g. bitsandbytes'
+  ``Linear4bit``, are already quantized or compute differently: :func:`unquantizable_subclasses` lists them and
+  :func:`quantize_` reports those its config covers);
 * :class:`ConfigMap` - which config each of them gets (patterns, default, skip; see below);
 * :func:`quantize_module` - the dispatch: the handler registered for the config's type with
   :func:`register_quantize_module_handler` turns a float module into its quantized replacement;
@@ -41,6 +43,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +71,7 @@ __all__ = [
     "register_quantize_module_handler",
     "resolve_configs",
     "swap_module",
+    "unquantizable_subclasses",
 ]
 
 
@@ -126,7 +130,28 @@ def quantize_module(module: nn.Module, config: Any, *, name: str | None = None) 
             raise
         raise type(e)(f"{name}: {e}") from None
     q.train(module.training)
+    _warn_subnormal_scales(q, name)
     return q
+
+
+_FP16_TINY = torch.finfo(torch.float16).tiny  # 2^-14: smaller float16 values are subnormal (fewer bits)
+
+
+def _warn_subnormal_scales(q: nn.Module, name: str | None) -> None:
+    """Warn when float16 scales of a quantized layer fall below the smallest normal float16 (weights around
+    1e-5 at 8 bits): such scales keep fewer significant bits; ``scale_dtype="float32"`` or ``"bfloat16"`` keeps
+    them exact."""
+    if not isinstance(q, QUANT_MODULES) or q.config.scale_dtype != "float16":
+        return
+    n = 0
+    for key, buf in q.named_buffers():
+        if key.startswith("scales_") and buf.dtype == torch.float16:
+            a = buf.detach().abs()
+            n += int(((a > 0) & (a < _FP16_TINY)).sum())
+    if n:
+        warnings.warn(f"{name or type(q).__name__}: {n} float16 scale(s) are subnormal (< {_FP16_TINY:.3g}), so the "
+                      "quantized weights lose precision; QuantConfig(scale_dtype='float32') or 'bfloat16' keeps "
+                      "them", RuntimeWarning, stacklevel=3)
 
 
 _CHUNK_ROWS = 4096  # rows quantized at a time in large Linear layers (bounds the float temporaries)
@@ -171,11 +196,31 @@ def quantizable_modules(model: nn.Module, config_type: type = QuantConfig) -> di
     out = {}
     skip_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, m in model.named_modules():
-        if isinstance(m, types) and type(m).__module__.startswith("torch.nn"):
+        if isinstance(m, types) and (type(m).__module__.startswith("torch.nn") or _plain_subclass(m, types)):
             if any(name.startswith(p) for p in skip_prefixes):
                 continue
             out[name] = m
     return out
+
+
+def _plain_subclass(m: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    """A subclass of a torch.nn module type that computes exactly as its parent: it keeps the parent's
+    ``forward`` (and ``_conv_forward``), holds no parameters but ``weight`` / ``bias``, no buffers, no children."""
+    base = next((t for t in types if isinstance(m, t) and t.__module__.startswith("torch.nn")), None)
+    if base is None:
+        return False
+    cls = type(m)
+    same = all(getattr(cls, attr, None) is getattr(base, attr, None) for attr in ("forward", "_conv_forward"))
+    return same and set(m._parameters) <= {"weight", "bias"} and not m._buffers and not m._modules
+
+
+def unquantizable_subclasses(model: nn.Module, config_type: type = QuantConfig) -> dict[str, nn.Module]:
+    """Name -> module of the subclasses of the quantizable types that :func:`quantizable_modules` leaves out
+    (their own ``forward``, extra parameters or children: quantizing them would change what they compute)."""
+    types = _handler(config_type).module_types
+    found = quantizable_modules(model, config_type)
+    return {n: m for n, m in model.named_modules() if isinstance(m, types) and n not in found
+            and not type(m).__module__.startswith("torch.nn")}
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None:
@@ -373,9 +418,11 @@ class _Pattern:
         return any(name == p or name.startswith(p + ".") for p in self.prefixes)
 
 
-def _resolve(model: nn.Module, cmap: ConfigMap) -> dict[str, QuantConfig]:
+def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module] | None = None
+             ) -> dict[str, QuantConfig]:
     all_names = [n for n, _ in model.named_modules() if n]
-    targets = quantizable_modules(model, QuantConfig)
+    if targets is None:
+        targets = quantizable_modules(model, QuantConfig)
     skip_patterns = [_Pattern(p, model, all_names) for p in cmap.skip]
     entries = [(_Pattern(p, model, all_names), cfg) for p, cfg in cmap.items() if p != DEFAULT_KEY]
     for pat, cfg in entries:
@@ -414,8 +461,15 @@ def quantize_(
     skip: Iterable[str] | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     progress: bool = False,
+    requantize: bool = False,
 ) -> nn.Module:
     """Quantize ``model``'s Linear and Conv2d weights in place (see the module docstring for patterns).
+
+    Nothing happens without a word: a layer the map covers that is already quantized raises ``ValueError``
+    unless ``requantize=True`` (then it is quantized again from its dequantized weight, with a warning); a
+    module bound to several names is quantized once and every name gets the one quantized module; subclasses
+    of Linear / Conv2d that compute as their parent are quantized, others the map covers are reported in a
+    warning; a call that quantizes nothing warns.
 
     Example::
 
@@ -424,7 +478,24 @@ def quantize_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
-    plan = resolve_configs(model, config_or_map, skip=skip)
+    already = quantized_modules(model)
+    others = unquantizable_subclasses(model)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    targets = dict(sorted({**quantizable_modules(model), **already, **others}.items(), key=lambda kv: order[kv[0]]))
+    plan = _resolve(model, as_config_map(config_or_map, skip=skip), targets)
+    redo = [n for n in plan if n in already]
+    if redo and not requantize:
+        raise ValueError(f"{len(redo)} layer(s) the config covers are already quantized ({', '.join(redo[:3])}"
+                         f"{', ...' if len(redo) > 3 else ''}): pass requantize=True to quantize them again from "
+                         "their dequantized weights, or skip them")
+    if redo:
+        warnings.warn(f"requantizing {len(redo)} already quantized layer(s) from their dequantized weights "
+                      f"({', '.join(redo[:3])}{', ...' if len(redo) > 3 else ''})", UserWarning, stacklevel=2)
+    reported = [n for n in plan if n in others]
+    if reported:
+        warnings.warn(f"{len(reported)} subclass(es) of Linear / Conv2d with their own forward, parameters or "
+                      f"children are left in floating point: {', '.join(reported[:5])}", UserWarning, stacklevel=2)
+        plan = {n: c for n, c in plan.items() if n not in others}
     items = list(plan.items())
     if progress:
         from tqdm.auto import tqdm
@@ -437,10 +508,20 @@ def quantize_(
         mod = model.get_submodule(name)
         if filter_fn is not None and not filter_fn(mod, name):
             continue
+        if isinstance(mod, QUANT_MODULES):  # requantize=True
+            mod = mod.to_float(mod.weight_dtype)
         built.append((name, quantize_module(mod, cfg, name=name)))
+    if not built:
+        warnings.warn(f"quantize_ quantized nothing in {type(model).__name__}: no nn.Linear / nn.Conv2d matched the "
+                      "config (or all were skipped)", UserWarning, stacklevel=2)
+    aliases: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
     for name, q in built:
-        swap_module(model, name, q)
+        for alias in aliases.get(id(model.get_submodule(name)), [name]):  # a shared module stays one module
+            swap_module(model, alias, q)
     return model
+
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -89,13 +89,17 @@ def test_quantize_accepts_a_config_map_like_a_dict():
 
 
 def test_traversal_leaves_multihead_attention_and_foreign_subclasses():
-    class Foreign(nn.Linear):
+    class Foreign(nn.Linear):  # computes differently: left alone (quantize_ reports it)
+        def forward(self, x):
+            return super().forward(x).relu()
+
+    class Plain(nn.Linear):  # computes exactly as nn.Linear: quantized
         pass
 
-    Foreign.__module__ = "somelib.layers"
+    Foreign.__module__ = Plain.__module__ = "somelib.layers"
     m = nn.Sequential(OrderedDict(mha=nn.MultiheadAttention(16, 2), lin=nn.Linear(16, 16), foreign=Foreign(4, 4),
-                                  conv=nn.Conv2d(3, 4, 3)))
-    assert list(quantizable_modules(m)) == ["lin", "conv"]
+                                  plain=Plain(4, 4), conv=nn.Conv2d(3, 4, 3)))
+    assert list(quantizable_modules(m)) == ["lin", "plain", "conv"]
 
 
 def test_swap_module_replaces_one_name_and_returns_the_old_module():
