@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline"]
+SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline", "checkpoint"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"medquant {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback when a command fails")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
@@ -35,7 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        raise
+    except SystemExit as e:  # a command's own message (raise SystemExit("...")): one line, exit code 2
+        if not isinstance(e.code, str) or args.debug:
+            raise
+        print(f"medquant {args.command}: error: {' '.join(e.code.split())}", file=sys.stderr)
+        return 2
+    except Exception as e:  # one line, exit code 2; --debug for the traceback
+        if args.debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"medquant {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

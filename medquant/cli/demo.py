@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .args import positive_int
+
 
 def _default_data_dir() -> Path:
     """``$MEDQUANT_DATA_DIR``, else ``../shared/data`` relative to the working directory (a source checkout next
@@ -115,7 +117,7 @@ def register(sub) -> None:
     p.add_argument("--data-dir", default=str(_default_data_dir()),
                    help="folder holding pneumoniamnist/pneumoniamnist.npz (default: $MEDQUANT_DATA_DIR, else "
                         "../shared/data relative to the working directory); without it a synthetic task is used")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="directory to save the int4 model to")
     p.add_argument("--json", default=None, help="write the table as JSON to this file")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .args import bit_width, existing_folder, fraction, non_negative_int, positive_int
+
 
 def run(args) -> int:
     from .. import QuantConfig
@@ -60,23 +62,24 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("pipeline", help="prune -> distil/fine-tune -> quantize a HF causal LM and save it",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="Hugging Face model folder (or GGUF folder with --gguf-file)")
+    p.add_argument("model", type=existing_folder,
+                   help="Hugging Face model folder (or GGUF folder with --gguf-file)")
     p.add_argument("--out", required=True)
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--heads", type=float, default=0.3)
-    p.add_argument("--ffn", type=float, default=0.3)
+    p.add_argument("--heads", type=fraction, default=0.3)
+    p.add_argument("--ffn", type=fraction, default=0.3)
     p.add_argument("--gqa", choices=["query", "group"], default="query")
     p.add_argument("--layer-select", action="store_true",
                    help="per-layer ratios from block influence (mean = --heads / --ffn)")
     p.add_argument("--train", choices=["distil", "finetune", "none"], default="distil")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=non_negative_int, default=100)
+    p.add_argument("--batch", type=positive_int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--quant", choices=["awq", "rtn", "none"], default="awq")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--bits", type=bit_width, default=4)
+    p.add_argument("--group-size", type=positive_int, default=128)
     p.add_argument("--text", default=None, help="text file, one sample per line")
     p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--calib-samples", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, default=128)
     p.set_defaults(func=run)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .args import existing_folder, fraction, non_negative_int, positive_int
+
 
 def _load(path: str, gguf_file: str | None):
     import os
@@ -108,11 +110,12 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("prune", help="remove attention heads / FFN neurons / blocks from a HF model folder",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="Hugging Face model folder (config.json + weights, or a GGUF file with --gguf-file)")
+    p.add_argument("model", type=existing_folder,
+                   help="Hugging Face model folder (config.json + weights, or a GGUF file with --gguf-file)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside the model folder")
-    p.add_argument("--heads", type=float, default=0.3, help="fraction of attention heads to remove (default 0.3)")
-    p.add_argument("--ffn", type=float, default=0.3, help="fraction of FFN neurons to remove (default 0.3)")
+    p.add_argument("--heads", type=fraction, default=0.3, help="fraction of attention heads to remove (default 0.3)")
+    p.add_argument("--ffn", type=fraction, default=0.3, help="fraction of FFN neurons to remove (default 0.3)")
     p.add_argument("--importance", choices=["magnitude", "taylor", "activation"], default="activation")
     p.add_argument("--gqa", choices=["query", "group"], default="query",
                    help="grouped-query attention: remove query heads inside every group, or whole groups")
@@ -121,9 +124,10 @@ def register(sub) -> None:
     p.add_argument("--layer-select", action="store_true",
                    help="per-layer ratios from block influence (mean = --heads / --ffn)")
     p.add_argument("--spread", type=float, default=0.5, help="per-layer ratio spread for --layer-select")
-    p.add_argument("--drop-blocks", type=int, default=0, help="also drop this many least influential blocks")
+    p.add_argument("--drop-blocks", type=non_negative_int, default=0,
+                   help="also drop this many least influential blocks")
     p.add_argument("--calib-text", default=None, help="text file, one calibration sample per line")
     p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--calib-samples", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, default=128)
     p.set_defaults(func=run)

@@ -1,0 +1,57 @@
+"""Argument types that refuse bad values while parsing, before any work: argparse reports them in one line and
+exits with code 2."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A fraction in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {v}")
+    return v
+
+
+def bit_width(text: str) -> int:
+    """A quantization bit-width 1..8."""
+    v = positive_int(text)
+    if v > 8:
+        raise argparse.ArgumentTypeError(f"expected a bit-width 1..8, got {v}")
+    return v
+
+
+def existing_folder(text: str) -> str:
+    """A folder that exists (named as missing otherwise, not as a malformed hub repository id)."""
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a folder")
+    return text
