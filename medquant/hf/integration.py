@@ -19,6 +19,12 @@ Two ways in (the quantization itself is :func:`medquant.quantize_`'s; nothing he
 
 Non-persistent row-index buffers of mixed-precision layers are rebuilt from the recipe after loading (transformers
 leaves non-persistent buffers uninitialised), and each stored ``bit_map`` is checked against its recipe.
+
+Checks on load (:func:`medquant.io.verify_pretrained`): the folder's ``medquant.manifest.json`` when it has one
+(written by :func:`save_pretrained`), every recipe of ``modules`` against the schema and the safetensors headers
+(shapes, dtypes, bits, scheme, scope; every packed buffer present, no packed tensor of an unrecorded module) before
+any tensor is read. Saves (:func:`save_pretrained`, and ``model.save_pretrained`` of a model loaded or prepared by
+medquant) replace the folder as one unit with a manifest (:func:`medquant.io.write_checkpoint`).
 """
 from __future__ import annotations
 
@@ -411,6 +417,7 @@ class MedQuantHfQuantizer(HfQuantizer):
         _finalize(model)
         self.quantization_config.record(model)
         model.config.quantization_config = self.quantization_config
+        _bind_save_pretrained(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -456,7 +463,34 @@ def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
         model.hf_quantizer = existing
     existing.get_state_dict_and_metadata(model)
     model.config._is_quantized = True
+    _bind_save_pretrained(model)
     return existing
+
+
+def _crash_safe_save_pretrained(self: nn.Module, save_directory, **kwargs) -> None:
+    """The class's ``save_pretrained`` into a new version of ``save_directory``, switched in atomically with a
+    manifest (:func:`medquant.io.write_checkpoint`)."""
+    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+        kwargs["repo_id"] = Path(save_directory).name
+    with write_checkpoint(save_directory) as folder:
+        type(self).save_pretrained(self, folder, **kwargs)
+
+
+class _SavePretrained:
+    """``model.save_pretrained`` of a medquant-quantized model: the crash-safe one with a manifest (an instance
+    attribute, the class is not touched; copies, deep copies and pickles of the model keep it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, **kwargs) -> None:
+        _crash_safe_save_pretrained(self.model, save_directory, **kwargs)
+
+
+def _bind_save_pretrained(model: nn.Module) -> None:
+    """Re-saving a model loaded (or prepared) by medquant keeps its folder crash-safe and verifiable."""
+    if not isinstance(model.__dict__.get("save_pretrained"), _SavePretrained):
+        model.__dict__["save_pretrained"] = _SavePretrained(model)
 
 
 def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
@@ -469,10 +503,7 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     which ``from_pretrained`` verifies.
     """
     attach_quantizer(model)
-    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
-        kwargs["repo_id"] = Path(save_directory).name
-    with write_checkpoint(save_directory) as folder:
-        model.save_pretrained(folder, **kwargs)
+    _crash_safe_save_pretrained(model, save_directory, **kwargs)
 
 
 def register_with_transformers() -> None:

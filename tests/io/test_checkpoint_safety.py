@@ -436,3 +436,19 @@ def test_from_pretrained_of_a_legacy_folder_checks_recipes_against_tensors(hf_sa
         assert same_state(_from_pretrained(p), hf_saved[1])
     st = load_file(str(p / WEIGHTS_NAME))
     assert any(k.endswith("qweight_4") for k in st)
+
+
+def test_a_loaded_model_saved_again_with_its_own_save_pretrained_stays_verifiable(hf_saved, tmp_path):
+    import copy
+    import pickle
+
+    p = _copy(hf_saved[0], tmp_path / "c")
+    model = _from_pretrained(p)
+    model.save_pretrained(p)  # over the folder it came from: a new version with a fresh manifest
+    assert atomic.is_version_link(p) and MANIFEST_NAME in os.listdir(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
+        assert same_state(_from_pretrained(p), hf_saved[1])
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        other.save_pretrained(tmp_path / "d")
+        assert MANIFEST_NAME in os.listdir(tmp_path / "d")
