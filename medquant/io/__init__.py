@@ -187,6 +187,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
     path = checkpoint_path(directory)
     if extras is not None and not isinstance(extras, dict):
         raise TypeError(f"extras must be a dict, got {type(extras).__name__}")
+    on_meta = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"{len(on_meta)} tensor(s) of the model are on the meta device (not loaded), e.g. "
+                         f"{on_meta[0]}: load or materialise them before saving")
     kind = "hf" if _is_hf(model) else "torch"
     try:
         extras_text = json.dumps(extras or {})

@@ -163,6 +163,11 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
     (``lm_head``) is quantized ``_CHUNK_ROWS`` rows at a time and the row blocks of its buffers concatenated:
     bit-identical, since with per-channel or per-group scales and one bit-width for every row each row is
     quantized on its own (per-tensor scales and mixed per-row bit-widths take the one-shot path)."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        raise ValueError("its weight is on the meta device (not loaded): load or materialise the weights first")
+    if weight.numel() == 0:
+        raise ValueError(f"its weight is empty {tuple(weight.shape)}: there is nothing to quantize")
     if isinstance(module, nn.Conv2d):
         return QuantConv2d.from_float(module, config)
     assert isinstance(module, nn.Linear)

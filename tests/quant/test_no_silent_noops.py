@@ -98,3 +98,20 @@ def test_subnormal_fp16_scales_are_warned_about_and_fp32_scales_keep_them():
     err16 = (q16.weight - lin.weight).abs().mean()
     err32 = (q32.weight - lin.weight).abs().mean()
     assert err32 < err16 / 5  # the fp16 scale rounds to a subnormal step and the largest weights are clipped
+
+
+def test_meta_and_empty_weights_are_named_not_crashed_on():
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="0: its weight is on the meta device"):
+        mq.quantize_(meta, mq.QuantConfig(4, group_size=16))
+    with pytest.raises(ValueError, match="0: its weight is empty \\(0, 4\\)"):
+        mq.quantize_(nn.Sequential(nn.Linear(4, 0)), mq.QuantConfig(4, group_size=16))
+
+
+def test_a_meta_model_is_not_saved(tmp_path):
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="meta device"):
+        mq.save(meta, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
