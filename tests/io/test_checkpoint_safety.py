@@ -452,3 +452,21 @@ def test_a_loaded_model_saved_again_with_its_own_save_pretrained_stays_verifiabl
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         other.save_pretrained(tmp_path / "d")
         assert MANIFEST_NAME in os.listdir(tmp_path / "d")
+
+
+def test_save_pretrained_is_deterministic_and_shards_are_covered(hf_saved, tmp_path):
+    model = hf_saved[1]
+    medquant.hf.save_pretrained(model, tmp_path / "a")
+    medquant.hf.save_pretrained(model, tmp_path / "b")
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) and MANIFEST_NAME in names
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
+    medquant.hf.save_pretrained(model, tmp_path / "s", max_shard_size="40KB")
+    shards = sorted(n for n in os.listdir(tmp_path / "s") if n.startswith("model-"))
+    assert len(shards) > 1 and set(shards) <= set(read_manifest(tmp_path / "s")["files"])
+    assert same_state(_from_pretrained(tmp_path / "s"), model)
+    data = bytearray((tmp_path / "s" / shards[-1]).read_bytes())
+    data[-2] ^= 1
+    (tmp_path / "s" / shards[-1]).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{shards[-1]} is corrupted"):
+        _from_pretrained(tmp_path / "s")
