@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
 
 from medquant import QuantConfig, quantize_
 from medquant.models import transformer_blocks
 from medquant.prune import StructuredPruner
 from medquant.prune.surgery import prune_attention, prune_ffn
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), "0.3"])

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import wasserstein_distance
-from medquant.testing.zoo import ZOO_BY_NAME
 
 from medquant.prune import (
     StructuredPruner,
@@ -18,6 +17,7 @@ from medquant.prune import (
     plot_influence,
     save_pruned,
 )
+from medquant.testing.zoo import ZOO_BY_NAME
 
 
 def test_block_influence_matches_hidden_states(tmp_path):
@@ -79,8 +79,8 @@ def test_drop_block_equals_skipping_it(tmp_path, name):
 
 
 def test_layer_selected_pruning_exact():
-    from tests.prune._reference import removed_from_plan, zeroed_copy
     from medquant.testing.zoo import HEAD_DIM
+    from tests.prune._reference import removed_from_plan, zeroed_copy
 
     e = ZOO_BY_NAME["llava"]
     model = e.build()
