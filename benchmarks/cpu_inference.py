@@ -14,7 +14,9 @@ Every row runs in its own subprocess (``--worker``), so that its resident memory
 * ``prefill``: tokens/s of one forward over 256 tokens;
 * ``weights_rss_mb``: resident set after building, quantizing and one warm-up decode step (the CPU kernels'
   repacked weights included) minus the resident set after importing torch and transformers; ``stored_mb``: the
-  state dict's bytes; ``repacked_mb``: the CPU kernels' cache (:func:`medquant.kernels.cpu_cache_bytes`);
+  state dict's bytes (tied tensors once); ``repacked_mb``: the CPU kernels' cache
+  (:func:`medquant.kernels.cpu_cache_bytes`). Quantized rows quantize the float model in the worker, so their
+  resident set may include memory the allocator kept from the float weights: ``stored_mb + repacked_mb`` is exact;
 * ``read_mb_per_token``: bytes of weights a decode step reads (every Linear's stored or repacked form, whichever
   the kernel reads; the input embedding reads one row); ``limit_tok_s`` = measured memory bandwidth / that.
 
@@ -25,6 +27,10 @@ next-token agreement (target >= 99%).
 
     python -m benchmarks.cpu_inference              # full run (idle machine; ~1 h on 2 cores)
     python -m benchmarks.cpu_inference --quick      # SmolLM2, 4 variants, 1 repeat, short sequences
+    MEDQUANT_CPU_COMPUTE_DTYPE=float32 python -m benchmarks.cpu_inference   # float32 compute (no bf16 CPU)
+
+On a shared, loaded machine pass ``--threads 1``: OpenMP threads spinning on oversubscribed cores slow every row
+down by an order of magnitude.
 
 Writes ``benchmarks/results/cpu_inference{_quick}.json``, ``.md`` (table) and ``.png``; the JSON records the
 versions, the hardware and :func:`medquant.kernels.cpu_features`.
@@ -118,6 +124,17 @@ def _build(model_name: str):
     return model.eval(), None
 
 
+def _unique_bytes(tensors) -> int:
+    """Bytes of distinct storages (tied weights counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
 def _read_bytes_per_token(model) -> int:
     """Weight bytes a decode step reads: every (quantized) linear layer's kernel form, one embedding row."""
     import torch
@@ -207,7 +224,7 @@ def worker(spec: dict) -> dict:
     _trim()
     row = {"model": spec["model"], "variant": variant, "head": head,
            "weights_rss_mb": (_rss_bytes() - rss0) / 2**20,
-           "stored_mb": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20,
+           "stored_mb": _unique_bytes(model.state_dict().values()) / 2**20,
            "repacked_mb": cpu_cache_bytes() / 2**20,
            "read_mb_per_token": _read_bytes_per_token(model) / 2**20,
            "compute_dtype": str(get_cpu_compute_dtype()).removeprefix("torch.")}
@@ -292,6 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--data-dir", default=None, help="data folder with iu_xray_reports (default: $MEDQUANT_DATA_DIR, "
+                   "else ../shared/data)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/cpu_inference[_quick])")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -300,10 +319,12 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    from benchmarks.common.datasets import use_data_dir
     from benchmarks.common.env import hardware, versions
     from medquant.kernels import cpu_features
 
     quick = args.quick
+    use_data_dir(args.data_dir)  # exported to the workers (the accuracy check reads the IU reports)
     models = (args.models or ("smollm2" if quick else "smollm2,llama1b")).split(",")
     variants = (args.variants or ("float32,bfloat16,W8,W4g128" if quick else
                                   "float32,bfloat16," + ",".join(QUANT))).split(",")

@@ -352,3 +352,18 @@ def test_changing_the_compute_dtype_after_first_use():
     assert _rel_err(layer(x), _ref(layer, x)) < 1e-5
     set_cpu_compute_dtype(torch.bfloat16)
     assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]
+
+
+def test_eager_inference_shortcut_and_the_custom_op_agree():
+    """No-grad eager CPU calls skip the custom op; calls needing a gradient go through it: same kernel, same y."""
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        y_fast = layer(x)
+    xg = x.clone().requires_grad_(True)
+    y_op = layer(xg)
+    torch.testing.assert_close(y_op.detach(), y_fast)
+    y_op.sum().backward()
+    torch.testing.assert_close(xg.grad.double(), layer.dequantized_weight(torch.float64).sum(0).expand(3, 256),
+                               rtol=1e-5, atol=1e-5)
