@@ -286,6 +286,7 @@ def _scale_zero(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
         if weight.bits == 1:
             return 2 * s, torch.full_like(s, 0.5)
         return s, torch.full_like(s, float(2 ** (weight.bits - 1)))
+    assert weight.zeros is not None  # asymmetric rows carry zero points (checked by PackedWeight)
     return s, weight.zeros.float()
 
 
@@ -378,7 +379,9 @@ def _params(plan: _Plan, weight: PackedWeight, dtype: torch.dtype) -> torch.Tens
         if plan.scale is None:
             fresh = _build_plan(weight)
             plan.scale, plan.zero = fresh.scale, fresh.zero
+        assert plan.scale is not None
         if plan.kind == "int4":
+            assert plan.zero is not None
             t = torch.stack((plan.scale, plan.zero), dim=-1).to(dtype).contiguous()
         else:
             t = plan.scale.to(dtype)
@@ -435,6 +438,7 @@ def cpu_packed_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     cd = _layer_compute_dtype(weight)
     path = _path(plan, x.shape[0], cd)
     xc = x.to(cd).contiguous()
+    assert plan.packed is not None
     if path == "dense":
         w = plan.packed[:, : weight.k].to(cd) * _params(plan, weight, cd).unsqueeze(1) if plan.kind == "int8" \
             else dequantize_fast(weight, cd)
