@@ -85,10 +85,10 @@ COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: environment variable read at import: the initial global compute dtype (bfloat16 / float16 / float32 / auto)
 ENV_COMPUTE_DTYPE = "MEDQUANT_CPU_COMPUTE_DTYPE"
 #: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the weight-only kernels. Measured
-#: on a 2-core AVX512/AMX CPU (SmolLM2-135M shapes, 576 x 1536 and 1536 x 576, W4 g128, bf16): the int4 kernel's
-#: time grows linearly with M (about 0.5x / 0.7x / 1.3x of the dense path at M = 32 / 64 / 128); the dense path
-#: is dominated by the dequantization (about 1.3 ms per million weights there), so the crossover is near M = 100.
-DEFAULT_DENSE_MIN_M = 96
+#: on an idle 2-core AVX512/AMX CPU, 2 threads, W4 g128, bf16: the int4 kernel's time grows linearly with M
+#: (about 15 us per row per million weights) while the dense path costs about 1 ms per million weights (mostly
+#: the dequantization) plus the GEMM; they cross near M = 70 for 576 x 1536, 1536 x 576 and 5632 x 2048.
+DEFAULT_DENSE_MIN_M = 72
 
 _compute_dtype: torch.dtype | None = None  # set below from $MEDQUANT_CPU_COMPUTE_DTYPE
 _dense_min_m = DEFAULT_DENSE_MIN_M
@@ -188,7 +188,7 @@ _compute_dtype = _from_env()
 
 
 def set_cpu_dense_min_m(m: int | None) -> None:
-    """From how many activation rows ``M`` the dense path runs (``None``: the default, 96)."""
+    """From how many activation rows ``M`` the dense path runs (``None``: the default, 72)."""
     global _dense_min_m
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
         raise ValueError(f"dense_min_m must be an int >= 2 or None, got {m!r}")
