@@ -80,7 +80,8 @@ def _reference(model, config, calib, skip=("@head",)):
             _fold(model, g, s)
         quantize_(model.get_submodule(bn), config)
         out.extend(groups)
-    quantize_(model, config, skip=list(skip))
+    # the rest (embeddings, norms, head): the blocks are quantized already, and quantize_ refuses to redo them
+    quantize_(model, config, skip=list(skip) + list(language_model_layers(model)))
     return out
 
 
