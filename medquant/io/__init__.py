@@ -209,7 +209,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
             "extras": json.loads(extras_text),
         }
         if kind == "hf":
-            _write_text(folder / HF_CONFIG_NAME, model.config.to_json_string())
+            _write_text(folder / HF_CONFIG_NAME, model.config.to_json_string())  # type: ignore[union-attr,operator]
         _write_text(folder / META_NAME, json.dumps(meta, indent=1))
     return path
 
@@ -396,7 +396,7 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
             f"unexpected {sorted(unexpected)[:5]}"
         )
     for name in meta.modules:
-        if not bit_map_matches(model.get_submodule(name)):
+        if not bit_map_matches(model.get_submodule(name)):  # type: ignore[arg-type]
             raise CheckpointError(f"module {name!r}: stored bit map disagrees with its recipe in {META_NAME}")
     return model.to(device).eval()
 

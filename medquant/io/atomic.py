@@ -179,7 +179,8 @@ def _cleanup(path: Path) -> None:
     if not os.path.lexists(path):  # killed between the two renames of the fallback: finish the switch
         for e in entries:
             p = path.parent / e
-            if pattern.fullmatch(e).group(1) == _LINK and p.is_symlink() and p.exists():
+            m = pattern.fullmatch(e)
+            if m is not None and m.group(1) == _LINK and p.is_symlink() and p.exists():
                 os.replace(p, path)
                 fsync_dir(path.parent)
                 break

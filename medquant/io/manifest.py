@@ -127,16 +127,16 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
                             f"reads version {MANIFEST_VERSION})")
     if not isinstance(m["files"], dict):
         raise ManifestError(f"{path}: 'files' must be an object name -> {{bytes, sha256}}")
-    for name, e in m["files"].items():
+    for name, entry in m["files"].items():
         try:
             check_relative_name(name, f"{MANIFEST_NAME} entry")
         except ValueError as err:
             raise ManifestError(str(err)) from None
-        if not isinstance(e, dict) or set(e) != {"bytes", "sha256"} or isinstance(e["bytes"], bool) \
-                or not isinstance(e["bytes"], int) or e["bytes"] < 0 or not isinstance(e["sha256"], str) \
-                or not _HEX64.fullmatch(e["sha256"]):
+        if not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or isinstance(entry["bytes"], bool) \
+                or not isinstance(entry["bytes"], int) or entry["bytes"] < 0 \
+                or not isinstance(entry["sha256"], str) or not _HEX64.fullmatch(entry["sha256"]):
             raise ManifestError(f"{path}: files[{name!r}] must be {{\"bytes\": int >= 0, \"sha256\": 64 hex}}, "
-                                f"got {e!r}")
+                                f"got {entry!r}")
     return m
 
 

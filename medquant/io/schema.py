@@ -316,16 +316,16 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         raise SchemaError(f"{path.name}: the safetensors header is not an object")
     data = size - 8 - n
     out: dict[str, TensorInfo] = {}
-    for name, e in header.items():
+    for name, value in header.items():
         if name == "__metadata__":
             continue
         at = _At(path.name, "header") / name
-        e = _obj(e, at, ("dtype", "shape", "data_offsets"))
-        dt = _str(e["dtype"], at / "dtype", tuple(ST_SIZES))
-        if not isinstance(e["shape"], list):
-            raise (at / "shape").fail("a list of sizes", e["shape"])
-        shape = tuple(_int(s, at / "shape" / i, 0, 2**62) for i, s in enumerate(e["shape"]))
-        offs = e["data_offsets"]
+        entry = _obj(value, at, ("dtype", "shape", "data_offsets"))
+        dt = _str(entry["dtype"], at / "dtype", tuple(ST_SIZES))
+        if not isinstance(entry["shape"], list):
+            raise (at / "shape").fail("a list of sizes", entry["shape"])
+        shape = tuple(_int(s, at / "shape" / i, 0, 2**62) for i, s in enumerate(entry["shape"]))
+        offs = entry["data_offsets"]
         if not isinstance(offs, list) or len(offs) != 2:
             raise (at / "data_offsets").fail("[begin, end]", offs)
         a = _int(offs[0], at / "data_offsets" / 0, 0, data)

@@ -46,7 +46,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -163,7 +163,7 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
     (``lm_head``) is quantized ``_CHUNK_ROWS`` rows at a time and the row blocks of its buffers concatenated:
     bit-identical, since with per-channel or per-group scales and one bit-width for every row each row is
     quantized on its own (per-tensor scales and mixed per-row bit-widths take the one-shot path)."""
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)
     if weight.device.type == "meta":
         raise ValueError("its weight is on the meta device (not loaded): load or materialise the weights first")
     if weight.numel() == 0:

@@ -3,6 +3,7 @@ the recipe and the config, crafted shapes, concurrent saves and readers, a bfloa
 asserts that the previous or the new checkpoint loads bit-exact, never a mix, and never a load that differs
 without a word."""
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -23,7 +24,7 @@ from medquant.quant import quantized_modules
 from medquant.quant.recipe import layer_recipe
 from medquant.testing.zoo import ZOO_BY_NAME
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (the forkserver start method)")
 
 
 def tiny(seed=0):
@@ -56,17 +57,43 @@ def which(loaded, candidates):
     return next((i for i, c in enumerate(candidates) if equal_state(s, c)), None)
 
 
-def _kill_during(fn, delay):
-    pid = os.fork()
-    if pid == 0:  # the child saves until it is killed; it never returns into pytest
-        try:
-            torch.set_num_threads(1)
-            fn()
-        finally:
-            os._exit(0)
+_CONTEXT = None
+
+
+def _context():
+    """Processes forked from a clean single-threaded server that has torch, medquant and this module imported:
+    each start costs milliseconds, and no thread of the test process (tqdm monitors, torch pools) is forked."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["torch", "medquant", "transformers.models.llama.modeling_llama", __name__])
+    return _CONTEXT
+
+
+def _save_forever(models, path, start, hf, no_exchange, ready):
+    """Save the two models to ``path`` in turn until killed (runs in the child)."""
+    torch.set_num_threads(1)
+    if no_exchange:
+        atomic._EXCHANGE = None
+    ready.set()
+    i = start
+    while True:
+        i += 1
+        if hf:
+            medquant.hf.save_pretrained(models[i % 2], path)
+        else:
+            mq.save(models[i % 2], path)
+
+
+def _kill_during(models, path, delay, *, start=0, hf=False, no_exchange=False):
+    ctx = _context()
+    ready = ctx.Event()
+    proc = ctx.Process(target=_save_forever, args=(models, path, start, hf, no_exchange, ready), daemon=True)
+    proc.start()
+    assert ready.wait(120), "the saving process did not start"
     time.sleep(delay)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
 
 
 def test_sigkill_during_saves_leaves_the_old_or_the_new_checkpoint(tmp_path):
@@ -78,7 +105,7 @@ def test_sigkill_during_saves_leaves_the_old_or_the_new_checkpoint(tmp_path):
     mq.save(models[0], legacy)
     legacy_files = {f: (legacy / f).read_bytes() for f in os.listdir(legacy) if f != MANIFEST_NAME}
     t0 = time.perf_counter()
-    mq.save(models[1], tmp_path / "timing")
+    mq.save(models[1], p)
     one_save = time.perf_counter() - t0
     seen = set()
     for run in range(30):
@@ -91,18 +118,7 @@ def test_sigkill_during_saves_leaves_the_old_or_the_new_checkpoint(tmp_path):
             p.mkdir()
             for f, data in legacy_files.items():
                 (p / f).write_bytes(data)
-            if run % 2:
-                atomic._EXCHANGE, saved_exchange = None, atomic._EXCHANGE
-
-        def saves(run=run):
-            i = run
-            while True:
-                i += 1
-                mq.save(models[i % 2], p)
-
-        _kill_during(saves, rng.uniform(0.0, 3 * one_save))
-        if kind == 2 and run % 2:
-            atomic._EXCHANGE = saved_exchange
+        _kill_during(models, p, rng.uniform(0.0, 3 * one_save), start=run, no_exchange=kind == 2 and run % 2 == 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CheckpointWarning)  # the legacy folder, when the kill came first
             got = which(mq.load(p, model=tiny(7)), states)
@@ -133,14 +149,8 @@ def test_sigkill_during_save_pretrained(tmp_path):
     t0 = time.perf_counter()
     medquant.hf.save_pretrained(models[1], p)
     one_save = time.perf_counter() - t0
-    for run in range(6):
-        def saves(run=run):
-            i = run
-            while True:
-                i += 1
-                medquant.hf.save_pretrained(models[i % 2], p)
-
-        _kill_during(saves, rng.uniform(0.0, 2 * one_save))
+    for run in range(4):
+        _kill_during(models, p, rng.uniform(0.0, 2 * one_save), start=run, hf=True)
         with warnings.catch_warnings():
             warnings.simplefilter("error", CheckpointWarning)
             got = which(AutoModelForCausalLM.from_pretrained(p), states)
