@@ -50,6 +50,11 @@ def load_npz_split(path, split: str = "test", with_labels: bool = False):
     a MedMNIST file concatenated in train, val, test order.
     """
     path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+        raise ValueError(f"{path} is not an .npz archive (no zip header): expected a file written by numpy.savez "
+                         "with image arrays")
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
         if split not in (None, "all") and f"{split}_images" in keys:

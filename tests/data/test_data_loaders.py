@@ -142,3 +142,11 @@ def test_read_index_errors(tmp_path):
     with pytest.raises(KeyError, match="path"):
         mdata.read_index(p)
     assert mdata.read_index(p, path_column="file")[0]["file"] == "a.png"
+
+
+def test_npz_that_is_not_an_archive_is_named_as_such(tmp_path):
+    bad = tmp_path / "text.npz"
+    bad.write_text("not an archive")
+    with pytest.raises(ValueError, match="not an .npz archive") as e:
+        mdata.load_npz_split(bad)
+    assert "pickle" not in str(e.value)
