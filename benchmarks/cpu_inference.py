@@ -59,24 +59,14 @@ LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5
             "tie_word_embeddings": False}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _trim() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc), so the resident set counts live memory."""
-    import ctypes
     import gc
 
+    from benchmarks.common.memory import malloc_trim
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim()
 
 
 def _bandwidth_gbs(mb: int = 512) -> float:
@@ -208,7 +198,9 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     _trim()
-    rss0 = _rss_bytes()
+    from benchmarks.common.memory import rss_mb
+
+    rss0 = rss_mb()
     model, tok = _build(spec["model"])
     variant, head = spec["variant"], spec["head"]
     if variant == "bfloat16":
@@ -223,7 +215,7 @@ def worker(spec: dict) -> dict:
         model(input_ids=prompt[:1, :2])
     _trim()
     row = {"model": spec["model"], "variant": variant, "head": head,
-           "weights_rss_mb": (_rss_bytes() - rss0) / 2**20,
+           "weights_rss_mb": rss_mb() - rss0,
            "stored_mb": _unique_bytes(model.state_dict().values()) / 2**20,
            "repacked_mb": cpu_cache_bytes() / 2**20,
            "read_mb_per_token": _read_bytes_per_token(model) / 2**20,
