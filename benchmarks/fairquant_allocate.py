@@ -49,14 +49,15 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    data, model = load_data_and_model(args)
-    groups = data["info"]["groups"]
-    rows = [summary("float32", model, data)]
+    # the allocator checks the palette, proportions and target bits: before any data is read or model trained
     alloc = FairQuantAllocator(
         bits=args.bits, proportions=None if args.target_bits is not None else args.proportions,
         target_bits=args.target_bits, metric=args.metric, reducer=args.reducer, scope=args.scope,
         max_batches=args.calib_batches, seed=args.seed,
     )
+    data, model = load_data_and_model(args)
+    groups = data["info"]["groups"]
+    rows = [summary("float32", model, data)]
     x, y, g = data["train"]
     alloc.fit(model, batches(x, y, g, args.batch_size, seed=args.seed))
     print(alloc.format_table())

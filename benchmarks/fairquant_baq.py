@@ -46,15 +46,20 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    lo, hi = args.bit_range
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo < hi <= 8):
+        raise SystemExit(f"--bit-range must be two integers 1 <= MIN < MAX <= 8, got {lo} {hi}")
+    target = args.target_bits if args.target_bits > 0 else None
+    if target is not None and not lo <= target <= hi:
+        raise SystemExit(f"--target-bits {target} lies outside --bit-range {lo} {hi}")
+    init = None
+    if not args.no_warm_start:  # built first: it checks the palette and the target before any training
+        init = FairQuantAllocator(bits=sorted({lo, 4, hi}), target_bits=target if target is not None else 4.0,
+                                  max_batches=args.calib_batches, seed=args.seed)
     data, model = load_data_and_model(args)
     rows = [summary("float32", model, data)]
     x, y, g = data["train"]
-    target = args.target_bits if args.target_bits > 0 else None
-    init = None
-    if not args.no_warm_start:
-        init = FairQuantAllocator(bits=sorted({args.bit_range[0], 4, args.bit_range[1]}),
-                                  target_bits=target if target is not None else 4.0,
-                                  max_batches=args.calib_batches, seed=args.seed)
+    if init is not None:
         init.fit(model, batches(x, y, g, args.batch_size, seed=args.seed))
         print(init.format_table())
     baq = BAQWrapper(model, bit_range=tuple(args.bit_range), init_bits=init, lambda_bit=args.lambda_bit,

@@ -52,3 +52,19 @@ def test_baq(tmp_path, monkeypatch, capsys):
     for name, bits in bm.items():
         assert model.get_submodule(name).row_bits().tolist() == bits
     assert medquant.model_size(model).effective_bits <= 4.1
+
+
+def _no_data(data_dir=None):
+    raise AssertionError("the data set was read before the arguments were checked")
+
+
+def test_bad_arguments_are_refused_before_any_data_or_training(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setitem(ds.DATASETS, "nih", _no_data)
+    with pytest.raises(ValueError, match="impossible with the palette"):
+        fairquant_allocate.main(["--target-bits", "-1", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="--bit-range must be"):
+        fairquant_baq.main(["--bit-range", "9", "2", "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="outside --bit-range"):
+        fairquant_baq.main(["--bit-range", "2", "6", "--target-bits", "7", "--out", str(tmp_path / "c")])
