@@ -1,4 +1,5 @@
-"""The ``medquant`` console command: the library's verbs (``demo``, ``score``, ``prune``, ``pipeline``).
+"""The ``medquant`` console command: the library's verbs (``demo``, ``score``, ``prune``, ``pipeline``,
+``quantize``, ``info``, ``eval``, ``verify``, ``upgrade``).
 
 Each subcommand lives in its own module with a ``register(subparsers)`` function that adds its parser and sets
 ``func``; add the module name to ``SUBCOMMANDS``. The experiments are not subcommands: they are benchmarks, run from
@@ -10,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline", "checkpoint"]
+SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline", "checkpoint", "quantize", "info", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "check", None):  # checks across arguments, still before any work (exit code 2)
+        args.check(args)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -55,3 +55,22 @@ def existing_folder(text: str) -> str:
     if not p.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: not a folder")
     return text
+
+
+def existing_file(text: str) -> str:
+    """A file that exists (named as missing otherwise)."""
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a file")
+    return text
+
+
+def role_or_name(text: str) -> str:
+    """A ``--skip`` pattern: a role (``@vision``, ``@projector``, ``@language``, ``@head``), ``re:<regex>`` or an
+    exact module name; an unknown role is refused while parsing."""
+    roles = ("@vision", "@projector", "@language", "@head")
+    if text.startswith("@") and text not in roles:
+        raise argparse.ArgumentTypeError(f"unknown role {text!r}; accepted: {', '.join(roles)}")
+    return text

@@ -1,0 +1,46 @@
+"""``medquant eval``: perplexity of a (quantized or float) causal LM folder on a text file.
+
+Example::
+
+    medquant eval out/ --text reports.txt --json
+
+Each non-empty line of the UTF-8 ``--text`` file is one text, tokenized with the folder's tokenizer
+(:func:`medquant.eval.lm.token_batches`, ``--max-length`` tokens, ``--batch-size`` at a time); the number is
+:func:`medquant.eval.perplexity`. A medquant-quantized folder is loaded through ``from_pretrained`` as saved.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .args import existing_file, existing_folder, positive_int
+
+
+def run(args) -> int:
+    from ..eval.lm import perplexity, token_batches
+    from .info import load_hf_folder
+
+    texts = [t.strip() for t in Path(args.text).read_text(encoding="utf-8").splitlines() if t.strip()]
+    if not texts:
+        raise SystemExit(f"--text: {args.text} holds no text")
+    model, tok = load_hf_folder(args.model)
+    if tok is None:
+        raise SystemExit(f"{args.model}: no tokenizer could be loaded from the model folder")
+    batches = token_batches(tok, texts, batch_size=args.batch_size, max_length=args.max_length)
+    ppl = perplexity(model, batches)
+    if args.json:
+        print(json.dumps({"model": args.model, "text": args.text, "texts": len(texts), "perplexity": ppl}))
+    else:
+        print(f"perplexity {ppl:.4f} on {len(texts)} texts of {args.text}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a causal LM folder (quantized or float) on a text file",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("model", metavar="MODEL_DIR", type=existing_folder, help="Hugging Face causal LM folder")
+    p.add_argument("--text", required=True, type=existing_file, help="UTF-8 text file, one text per line")
+    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per text (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="texts per batch (default 8)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)

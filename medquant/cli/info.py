@@ -1,0 +1,106 @@
+"""``medquant info``: the layers, bits, scale scope / group, bytes and roles of a saved medquant checkpoint.
+
+Example::
+
+    medquant info out/            # a per-layer table and totals
+    medquant info out/ --json
+
+Both checkpoint forms are read: :func:`medquant.save` folders (``medquant.json``) and
+:func:`medquant.hf.save_pretrained` folders (``config.json`` with a medquant ``quantization_config``). The model is
+loaded (checked against its manifest) but never run; the numbers are :func:`medquant.quant.size.layer_table` and
+:func:`medquant.quant.size.model_size`, with each quantized layer's recipe (scheme, scope, group size).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .args import existing_folder
+
+
+def load_hf_folder(path: str):
+    """A Hugging Face model folder as saved (float or medquant-quantized; dtypes kept), in eval mode, and its
+    tokenizer (``None`` when there is none; ``pad_token`` = ``eos_token`` when unset)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..hf import register
+
+    register()
+    cfg = AutoConfig.from_pretrained(path)
+    arch = (cfg.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
+    model = cls.from_pretrained(path).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tok = None
+    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_checkpoint(path: str):
+    """The model of a :func:`medquant.save` or :func:`medquant.hf.save_pretrained` folder."""
+    folder = Path(path)
+    if (folder / "medquant.json").is_file():
+        from ..io import load
+
+        return load(folder)
+    cfg_file = folder / "config.json"
+    qcfg = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.is_file() else None
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "medquant":
+        raise SystemExit(f"{path}: not a medquant checkpoint (no medquant.json, no config.json with a medquant "
+                         "quantization_config)")
+    return load_hf_folder(path)[0]
+
+
+def info(model) -> dict:
+    """Per-layer rows (name, type, shape, bits, scheme, scope, group size, bytes, role) and totals."""
+    from ..models.introspect import role_of
+    from ..quant.recipe import model_recipe
+    from ..quant.size import layer_table, model_size
+
+    recipe = model_recipe(model)
+    rows = []
+    for row in layer_table(model):
+        cfg = (recipe.get(row["name"]) or {}).get("config") or {}
+        try:
+            role = role_of(model, row["name"])
+        except (ValueError, KeyError, TypeError):
+            role = None
+        rows.append({**row, "quantized": row["name"] in recipe, "symmetric": cfg.get("symmetric"),
+                     "scope": cfg.get("scope"), "group_size": cfg.get("group_size") if cfg.get("scope") == "group"
+                     else None, "role": role})
+    return {"class": type(model).__name__, "layers": rows, "totals": model_size(model).as_dict(),
+            "layers_quantized": sum(r["quantized"] for r in rows), "layers_total": len(rows)}
+
+
+def run(args) -> int:
+    report = info(load_checkpoint(args.checkpoint))
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print("| layer | type | shape | bits | scope | group | bytes | role |\n|---|---|---|---|---|---|---|---|")
+    for r in report["layers"]:
+        print(f"| {r['name']} | {r['type']} | {r['shape'][0]}x{r['shape'][1]} | {r['bits']} | {r['scope'] or '-'} | "
+              f"{r['group_size'] or '-'} | {r['bytes']:,} | {r['role'] or '-'} |")
+    t = report["totals"]
+    print(f"{report['class']}: {report['layers_quantized']} of {report['layers_total']} Linear/Conv2d layers "
+          f"quantized, average bits {t['effective_bits']:.3f}, Linear/Conv2d weight bytes "
+          f"{t['linear_weight_bytes']:,}, total bytes {t['total_bytes']:,} ({t['total_mb']:.2f} MiB)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="layers, bits, scope/group, bytes and roles of a saved medquant checkpoint",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", metavar="CHECKPOINT", type=existing_folder,
+                   help="a folder saved by medquant.save or medquant.hf.save_pretrained")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)

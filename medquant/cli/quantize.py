@@ -1,0 +1,119 @@
+"""``medquant quantize``: quantize a Hugging Face model folder (RTN, AWQ or GPTQ) and save it loadable by
+``from_pretrained``.
+
+Example::
+
+    medquant quantize path/to/model out/ --bits 4 --group-size 128
+    medquant quantize path/to/model out/ --bits 4 --method gptq --calib reports.txt --skip @vision @head
+
+The folder is loaded with its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise),
+quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`; ``gptq``:
+:func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized with the
+folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens) and saved with
+:func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it). Reload with ``import medquant`` and
+``AutoModelForCausalLM.from_pretrained(OUT_DIR)``. A summary table (layers quantized, average bits, bytes before
+and after) is printed; ``--json`` prints it as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .args import bit_width, existing_file, existing_folder, positive_int, role_or_name
+from .prune import _load
+
+
+def calibration_batches(tok, path: str, samples: int, seq_len: int) -> list[dict]:
+    """``samples`` batches of one ``seq_len``-token sequence each, cut in order from the text of ``path``
+    (paragraphs joined; fewer when the text is short; the last piece may be shorter)."""
+    import torch
+
+    if tok is None:
+        raise SystemExit("--calib needs the model folder's tokenizer; none could be loaded")
+    text = Path(path).read_text(encoding="utf-8")
+    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n") if p.strip()]
+    ids: list[int] = []
+    for p in paragraphs:
+        ids.extend(tok(p, add_special_tokens=True)["input_ids"])
+        if len(ids) >= samples * seq_len:
+            break
+    chunks = [ids[i:i + seq_len] for i in range(0, min(len(ids), samples * seq_len), seq_len)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    if not chunks:
+        raise SystemExit(f"--calib: {path} holds no text to calibrate on")
+    return [{"input_ids": torch.tensor([c]), "attention_mask": torch.ones(1, len(c), dtype=torch.long)}
+            for c in chunks]
+
+
+def _summary(before, after, n_layers: int, method: str) -> dict:
+    return {"method": method, "layers_quantized": n_layers, "average_bits": round(after.effective_bits, 4),
+            "bytes_before": before.total_bytes, "bytes_after": after.total_bytes,
+            "linear_bytes_before": before.linear_weight_bytes, "linear_bytes_after": after.linear_weight_bytes}
+
+
+def run(args) -> int:
+    from .. import QuantConfig, quantize_
+    from ..hf import save_pretrained
+    from ..quant.api import quantized_modules
+    from ..quant.size import model_size
+
+    config = QuantConfig(args.bits, symmetric=True if args.symmetric else None, group_size=args.group_size)
+    model, tok = _load(args.model, None)
+    calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len) if args.calib else None
+    before = model_size(model)
+    skip = list(args.skip) or None
+    progress = not args.json
+    if args.method == "rtn":
+        quantize_(model, config, skip=skip, progress=progress)
+    elif args.method == "awq":
+        from ..calibrate import awq_quantize_
+
+        awq_quantize_(model, config, calib, skip=skip, progress=progress)
+    else:
+        from ..calibrate import gptq_quantize_
+
+        gptq_quantize_(model, config, calib, skip=skip, progress=progress)
+    after = model_size(model)
+    summary = _summary(before, after, len(quantized_modules(model)), args.method)
+    out = Path(args.out)
+    save_pretrained(model, out)
+    if tok is not None:
+        tok.save_pretrained(out)
+    summary["out"] = str(out)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print("| | before | after | change |\n|---|---|---|---|")
+        for label, key in [("bytes", "bytes"), ("Linear/Conv2d weight bytes", "linear_bytes")]:
+            b, a = summary[f"{key}_before"], summary[f"{key}_after"]
+            print(f"| {label} | {b:,} | {a:,} | {100 * (a / b - 1) if b else 0.0:+.1f}% |")
+        print(f"layers quantized: {summary['layers_quantized']} ({args.method}), average bits "
+              f"{summary['average_bits']:.3f} (Linear/Conv2d weights)")
+        print(f"saved to {out} (reload: import medquant; AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a HF model folder (rtn / awq / gptq) and save it",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("model", metavar="MODEL_DIR", type=existing_folder, help="Hugging Face model folder")
+    p.add_argument("out", metavar="OUT_DIR", help="output folder")
+    p.add_argument("--bits", type=bit_width, default=4, help="bit-width 1..8 (default 4)")
+    p.add_argument("--group-size", type=positive_int, default=128, help="input elements per scale (default 128)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="symmetric scheme (default: asymmetric for <= 3 bits, symmetric above)")
+    p.add_argument("--method", choices=["rtn", "awq", "gptq"], default="rtn",
+                   help="rtn (round to nearest, no data), awq or gptq (need --calib)")
+    p.add_argument("--calib", type=existing_file, default=None, help="UTF-8 calibration text file (awq / gptq)")
+    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--skip", nargs="+", type=role_or_name, default=[], metavar="PATTERN",
+                   help="layers left in float: roles (@vision @projector @language @head), re:<regex> or names")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run, check=lambda args: _check(args, p))
+
+
+def _check(args, parser: argparse.ArgumentParser) -> None:
+    if args.method in ("awq", "gptq") and not args.calib:
+        parser.error(f"--method {args.method} needs --calib FILE (calibration text)")
