@@ -27,7 +27,9 @@ def run(args) -> int:
     if tok is None:
         raise SystemExit(f"{args.model}: no tokenizer could be loaded from the model folder")
     batches = token_batches(tok, texts, batch_size=args.batch_size, max_length=args.max_length)
-    ppl = perplexity(model, batches)
+    from tqdm.auto import tqdm
+
+    ppl = perplexity(model, tqdm(batches, desc="perplexity", unit="batch", disable=args.json))
     if args.json:
         print(json.dumps({"model": args.model, "text": args.text, "texts": len(texts), "perplexity": ppl}))
     else:
