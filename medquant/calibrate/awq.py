@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.blocks import block_stacks, transformer_blocks
-from ..models.runner import run_model
+from ..models.runner import eval_mode, run_model
 from ..quant.api import quantize_
 from ..quant.config import QuantConfig
 from ..quant.core import fake_quantize
@@ -206,12 +206,8 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
     groups = awq_groups(model, scope)
     if not groups:
         raise ValueError(f"{type(model).__name__}: no foldable (norm/linear -> linears) groups found for AWQ")
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         xs = _collect(model, groups, calib, max_rows, progress)
-    finally:
-        model.train(was)
     chosen = [_search_group(model, g, xs[g.linears[0]], config, grid)
               for g in tqdm(groups, desc="AWQ scale search", disable=not progress, leave=False)]
     for g, s in zip(groups, chosen):
@@ -338,12 +334,8 @@ def awq_quantize_sequential(
             g.alpha, g.err_rtn, g.err_awq = r.alpha, r.err_rtn, r.err_awq
         done.extend(groups)
 
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         quantize_sequential(model, config, batches, skip=list(skip) if skip else None, device=device,
                             offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
                             progress=progress)
-    finally:
-        model.train(was)
     return done

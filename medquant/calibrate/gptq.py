@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.layout import pack, padded_k
 from ..models.blocks import block_stacks
-from ..models.runner import run_model
+from ..models.runner import eval_mode, run_model
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import QTensor, compute_qparams
@@ -729,9 +729,7 @@ def gptq_quantize_(
         m = model.get_submodule(n)
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             raise ValueError(f"layer {n}: GPTQ supports padding_mode='zeros' only")
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ordered, counts = _call_order(model, list(plan), batches[0])
         stages = _stages(model, ordered)
         bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
@@ -748,8 +746,6 @@ def gptq_quantize_(
                 built.append((n, q))
             for n, q in built:
                 swap_module(model, n, q)
-    finally:
-        model.train(was)
     return calibration_records(model)
 
 
@@ -831,12 +827,8 @@ def gptq_quantize_sequential(
         for n, q in built:
             swap_module(block, n, q)
 
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         quantize_sequential(model, config_or_map, batches, skip=list(skip) if skip else None, device=device,
                             offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
                             progress=progress)
-    finally:
-        model.train(was)
     return calibration_records(model)

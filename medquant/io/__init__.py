@@ -243,13 +243,19 @@ def _legacy_warning(directory: Path, what: str) -> None:
                   CheckpointWarning, stacklevel=3)
 
 
-def _open(directory: str | os.PathLike) -> _Opened:
-    path = Path(directory)
+def _checkpoint_folder(path: Path) -> Path:
+    """The folder ``path`` names now (the version folder behind a checkpoint link); it must exist and be a folder."""
     root = atomic.resolve(path)
     if not os.path.lexists(root):
         raise CheckpointError(f"{path} does not exist")
     if not root.is_dir():
         raise CheckpointError(f"{path} is not a folder; a medquant checkpoint is a folder")
+    return root
+
+
+def _open(directory: str | os.PathLike) -> _Opened:
+    path = Path(directory)
+    root = _checkpoint_folder(path)
     try:
         manifest = read_manifest(root)
         if manifest is not None:
@@ -509,11 +515,7 @@ def upgrade(directory: str | os.PathLike) -> Path:
     recipes against the tensors of a ``medquant.hf.save_pretrained`` folder. A folder that already has a valid
     manifest is left as it is. Returns the path."""
     path = Path(directory)
-    root = atomic.resolve(path)
-    if not os.path.lexists(root):
-        raise CheckpointError(f"{path} does not exist")
-    if not root.is_dir():
-        raise CheckpointError(f"{path} is not a folder")
+    root = _checkpoint_folder(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CheckpointWarning)
         if os.path.lexists(root / META_NAME):

@@ -15,7 +15,7 @@ from .introspect import (
     unassigned_modules,
     vision_layers,
 )
-from .runner import main_output, run_model
+from .runner import eval_mode, main_output, run_model
 
 __all__ = [
     "ROLES",
@@ -25,6 +25,7 @@ __all__ = [
     "FFNUnit",
     "UnsupportedArchitectureError",
     "block_stacks",
+    "eval_mode",
     "language_model_layers",
     "main_output",
     "model_roles",

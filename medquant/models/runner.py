@@ -5,13 +5,14 @@ as a data loader yields them and read the logits back; they share these two func
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["main_output", "run_model"]
+__all__ = ["eval_mode", "main_output", "run_model"]
 
 
 def run_model(model: nn.Module, batch: Any, /, *, unpack_sequences: bool = True, **extra: Any) -> Any:
@@ -53,3 +54,15 @@ def main_output(out: Any, *, hidden_state: bool = True, first_item: bool = True)
         return out[0]
     wanted = " or ".join([f".{k}" for k in keys] + (["the first element of a tuple"] if first_item else []))
     raise TypeError(f"cannot find the main output tensor ({wanted}) in a {type(out).__name__}")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the body with ``model.eval()`` (dropout off, batch norm on its running statistics), then give every
+    submodule back the model's previous mode with ``model.train(was_training)``, also when the body raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -61,3 +61,23 @@ def test_hugging_face_output():
     assert main_output(out) is out.last_hidden_state
     with pytest.raises(TypeError):
         main_output(out, hidden_state=False, first_item=False)
+
+
+def test_eval_mode_restores_each_submodule_mode_also_on_error():
+    import pytest
+    from torch import nn
+
+    from medquant.models import eval_mode
+
+    m = nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2))
+    m.train()
+    with eval_mode(m):
+        assert not m.training and not m[0].training
+    assert m.training and m[0].training
+    with pytest.raises(RuntimeError), eval_mode(m):
+        raise RuntimeError("boom")
+    assert m.training and m[0].training
+    m.eval()
+    with eval_mode(m):
+        pass
+    assert not m.training
