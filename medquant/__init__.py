@@ -49,6 +49,11 @@ _LAZY = {
     "fit_baq_distributed": "medquant.fairquant.distributed",
     "global_group_objective": "medquant.fairquant.distributed",
     "model_roles": "medquant.models",
+    "export": "medquant.deploy",
+    "export_formats": "medquant.deploy",
+    "register_export_format": "medquant.deploy",
+    "ExportReport": "medquant.deploy",
+    "ExportError": "medquant.deploy",
 }
 
 
@@ -73,6 +78,8 @@ __all__ = [
     "ComplexityScorer",
     "ConfigMap",
     "Distiller",
+    "ExportError",
+    "ExportReport",
     "FairQuantAllocator",
     "LearnedPolicy",
     "MedQuantConfig",
@@ -85,6 +92,8 @@ __all__ = [
     "__version__",
     "dequantize",
     "dequantize_",
+    "export",
+    "export_formats",
     "fake_quantize",
     "fake_quantize_per_sample",
     "fit_baq_distributed",
@@ -101,6 +110,7 @@ __all__ = [
     "quantize",
     "quantize_",
     "quantize_sequential",
+    "register_export_format",
     "save",
     "save_pretrained",
     "save_pruned",

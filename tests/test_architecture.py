@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "complexity"),
     ("quant",),
     ("io", "distributed", "training"),
-    ("calibrate", "prune", "fairquant", "distill", "qlora", "eval", "adaptive"),
+    ("calibrate", "deploy", "prune", "fairquant", "distill", "qlora", "eval", "adaptive"),
     ("pipeline",),
     ("hf",),
     ("",),  # the root package medquant/__init__.py: the public facade

@@ -1,0 +1,199 @@
+"""One export dispatcher: ``export(model, path, format=...)`` looks the format up in a registry of backends.
+
+A backend is a function ``backend(model, path, **options) -> ExportReport`` registered under a format name with
+:func:`register_export_format`. Each backend writes a complete folder (or file) at ``path`` that its runtime reads
+without medquant, and returns an :class:`ExportReport`: one :class:`LayerExport` row per weight it wrote, saying
+how the weight got there:
+
+* ``exact repack`` -- the codes and scales are copied bit for bit into the target's own layout;
+* ``exact re-expression`` -- the target type represents the same dequantised weights exactly, in a different
+  parametrisation (e.g. one scale per 128 columns repeated for every block of 32);
+* ``near-exact`` -- a re-parametrisation that rounds (e.g. an offset ``m = -z * s`` stored in float16); the row's
+  ``max_abs_error`` says by how much;
+* ``lossy requantization`` -- the weight was quantized again to a type the target has (only with ``promote=True``),
+  ``max_abs_error`` again says by how much;
+* ``float`` -- kept in floating point (a layer the medquant model kept float, or the target's float type).
+
+A scheme that a format cannot carry is refused with :class:`ExportError`, naming every layer and its scheme,
+never written as a silently different model.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+HOW = ("exact repack", "exact re-expression", "near-exact", "lossy requantization", "float")
+
+
+class ExportError(ValueError):
+    """A model, scheme or option that the chosen export format cannot carry; the message names the layers."""
+
+
+@dataclass
+class LayerExport:
+    """How one weight went into the export.
+
+    Attributes:
+        name: the module (or tensor) name in the medquant model.
+        scheme: medquant's scheme of the weight, e.g. ``"int4 sym g128"`` or ``"float32"``.
+        target: the type in the exported file, e.g. ``"Q4_0"``, ``"pack-quantized int4 group"``, ``"F16"``.
+        how: one of :data:`HOW`.
+        max_abs_error: largest absolute difference between the exported weight (as its runtime dequantises it)
+            and medquant's dequantised weight; 0.0 for exact rows, ``None`` where not measured.
+        note: anything the user should know about this row (a promotion, a transform).
+    """
+
+    name: str
+    scheme: str
+    target: str
+    how: str
+    max_abs_error: float | None = 0.0
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.how not in HOW:
+            raise ValueError(f"LayerExport.how must be one of {HOW}, got {self.how!r}")
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote: the format, the output path, the files, and one :class:`LayerExport` per weight."""
+
+    format: str
+    path: str
+    layers: list[LayerExport] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Number of weights per ``how`` category."""
+        return dict(Counter(row.how for row in self.layers))
+
+    def lossy(self) -> list[LayerExport]:
+        """The rows whose exported weight differs from medquant's (near-exact or requantized)."""
+        return [row for row in self.layers if row.how in ("near-exact", "lossy requantization")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "path": self.path, "files": list(self.files), "notes": list(self.notes),
+                "counts": self.counts(), "layers": [asdict(row) for row in self.layers]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self, max_rows: int | None = 40) -> str:
+        """A plain-text table: one row per weight (the first ``max_rows``), then the counts per category."""
+        head = ("layer", "medquant scheme", "exported as", "how", "max |err|")
+        rows = [(r.name, r.scheme, r.target, r.how,
+                 "-" if r.max_abs_error is None else f"{r.max_abs_error:.3g}") for r in self.layers]
+        shown = rows if max_rows is None else rows[:max_rows]
+        widths = [max([len(h)] + [len(row[i]) for row in shown]) for i, h in enumerate(head)]
+
+        def line(cells: tuple[str, ...]) -> str:
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+        out = [line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in shown]
+        if len(rows) > len(shown):
+            out.append(f"... {len(rows) - len(shown)} more rows")
+        out.append("; ".join(f"{n} {how}" for how, n in self.counts().items()) + f" -> {self.path} ({self.format})")
+        out.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(out)
+
+
+ExportBackend = Callable[..., ExportReport]
+
+
+@dataclass(frozen=True)
+class _Format:
+    name: str
+    backend: ExportBackend
+    description: str
+    requires: tuple[str, ...]
+
+
+_FORMATS: dict[str, _Format] = {}
+# formats whose backend module registers itself on import: name -> module (imported on first use)
+_BUILTIN = {
+    "compressed-tensors": "medquant.deploy.compressed_tensors",
+    "gguf": "medquant.deploy.gguf",
+    "onnx": "medquant.deploy.onnx",
+}
+
+
+def register_export_format(name: str, backend: ExportBackend, *, description: str = "",
+                           requires: tuple[str, ...] = (), replace: bool = False) -> None:
+    """Register ``backend`` under ``name`` for :func:`export`.
+
+    Args:
+        name: the ``format=`` value, e.g. ``"gguf"``.
+        backend: ``backend(model, path, **options) -> ExportReport``.
+        description: one line for :func:`export_formats` and ``medquant export --help``.
+        requires: importable Python packages the backend needs (named in the error when one is missing).
+        replace: allow replacing an existing registration (otherwise a second registration raises).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"export format name must be a non-empty string, got {name!r}")
+    if name in _FORMATS and not replace:
+        raise ValueError(f"export format {name!r} is already registered (pass replace=True to override)")
+    _FORMATS[name] = _Format(name, backend, description, tuple(requires))
+
+
+def _lookup(name: str) -> _Format:
+    if name not in _FORMATS and name in _BUILTIN:
+        import importlib
+
+        importlib.import_module(_BUILTIN[name])
+    if name not in _FORMATS:
+        raise ExportError(f"unknown export format {name!r}; available: {', '.join(export_formats())}")
+    return _FORMATS[name]
+
+
+def export_formats() -> list[str]:
+    """The names :func:`export` accepts (built-in and registered)."""
+    return sorted(set(_FORMATS) | set(_BUILTIN))
+
+
+def format_description(name: str) -> str:
+    """The one-line description a backend registered for ``name``."""
+    return _lookup(name).description
+
+
+def _check_requirements(fmt: _Format) -> None:
+    import importlib.util
+
+    missing = [pkg for pkg in fmt.requires if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise ExportError(f"format={fmt.name!r} needs the package(s) {', '.join(missing)}; install them with "
+                          f"pip install 'medquant[export]'")
+
+
+def export(model: nn.Module, path: str | Path, format: str, **options: Any) -> ExportReport:
+    """Export a (medquant-quantized or float) model to ``path`` in a format that a serving runtime reads.
+
+    Args:
+        model: the model; medquant's quantized layers are written as their codes and scales, float layers as float.
+        path: the output folder (or file, for single-file formats such as ``"gguf"``).
+        format: one of :func:`export_formats`: ``"compressed-tensors"`` (vLLM / SGLang / transformers), ``"gguf"``
+            (llama.cpp / Ollama), ``"onnx"`` (ONNX Runtime).
+        **options: passed to the backend (e.g. ``promote=True`` to requantize schemes the format cannot carry).
+
+    Returns:
+        The backend's :class:`ExportReport` (print ``report.table()`` for the per-layer summary).
+
+    Raises:
+        ExportError: unknown format, a missing optional package, or a scheme the format cannot carry (the message
+            names the layers).
+    """
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"export needs an nn.Module, got {type(model).__name__}")
+    fmt = _lookup(format)
+    _check_requirements(fmt)
+    report = fmt.backend(model, Path(path), **options)
+    if not isinstance(report, ExportReport):
+        raise TypeError(f"export backend {format!r} returned {type(report).__name__}, not an ExportReport")
+    return report
