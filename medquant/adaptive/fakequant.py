@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import DEFAULT_ROW_EPS, PASSTHROUGH_BITS, fake_quantize_rows
+from ..kernels.reference import check_row_bits
 
 ROW_EPS = DEFAULT_ROW_EPS
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,19 +35,17 @@ __all__ = ["FLOAT_DTYPES", "PASSTHROUGH_BITS", "ROW_EPS", "check_bits", "fake_qu
 
 
 def check_bits(bits: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Validate a per-row bit tensor: integers, one per row, each in 1..8 or >= 16. Returns it as int64."""
+    """Validate a per-row bit tensor: integers, one per row, each in 1..8 or >= 16. Returns it as int64.
+
+    The rule is the kernels' per-row check for asymmetric rows (:func:`medquant.kernels.reference.check_row_bits`):
+    activations are quantized per sample with their own min/max, so 1 bit is allowed.
+    """
     if not isinstance(bits, torch.Tensor):
         bits = torch.as_tensor(bits)
-    if bits.dtype.is_floating_point or bits.dtype == torch.bool or bits.is_complex():
+    if bits.is_complex():
         raise TypeError(f"bits must be an integer tensor, got {bits.dtype}")
-    if bits.dim() != 1 or bits.numel() != n_rows:
-        raise ValueError(f"bits must hold one entry per sample ({n_rows}), got shape {tuple(bits.shape)}")
-    b = bits.to(torch.int64)
-    bad = ((b < 1) | (b > 8)) & (b < PASSTHROUGH_BITS)
-    if bool(bad.any()):
-        raise ValueError(f"bit-widths {sorted(set(b[bad].tolist()))} are not accepted: use 1..8 (quantized) "
-                         f"or >= {PASSTHROUGH_BITS} (left in floating point)")
-    return b
+    check_row_bits(bits, n_rows, symmetric=False)
+    return bits.to(torch.int64)
 
 
 def fake_quantize_per_sample(x: torch.Tensor, bits, *, backend: str = "auto") -> torch.Tensor:

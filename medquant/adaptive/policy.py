@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ..models.runner import eval_mode
 from .quantizer import DEFAULT_BIT_MAP, AdaptiveQuantizer, _check_bit_map
 
 
@@ -62,21 +63,19 @@ def per_sample_losses(aq: AdaptiveQuantizer, inputs: torch.Tensor, targets: torc
     """Per-sample losses at each uniform activation width of ``bits_list`` (default the bit map's widths) and
     with float activations. ``loss_fn(logits, targets)`` must return one loss per sample (``reduction="none"``,
     summed over labels if needed). Returns ``(bits -> (N,), fp (N,))``."""
-    was_training = aq.training
     saved = (dict(aq._count_by_level), dict(aq._bits_by_level), dict(aq._hist))  # not part of the user's stats
-    aq.eval()
     bits_list = sorted(set(bits_list or aq.bit_map.values()))
     out: dict[int, list[torch.Tensor]] = {b: [] for b in bits_list}
     fp: list[torch.Tensor] = []
     try:
-        for i in range(0, len(inputs), batch_size):
-            x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
-            n = x.shape[0]
-            fp.append(_per_sample(loss_fn(aq(x, bits=torch.full((n,), 32, dtype=torch.int64)), y), n))
-            for b in bits_list:
-                out[b].append(_per_sample(loss_fn(aq(x, bits=torch.full((n,), b, dtype=torch.int64)), y), n))
+        with eval_mode(aq):
+            for i in range(0, len(inputs), batch_size):
+                x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
+                n = x.shape[0]
+                fp.append(_per_sample(loss_fn(aq(x, bits=torch.full((n,), 32, dtype=torch.int64)), y), n))
+                for b in bits_list:
+                    out[b].append(_per_sample(loss_fn(aq(x, bits=torch.full((n,), b, dtype=torch.int64)), y), n))
     finally:
-        aq.train(was_training)
         aq._count_by_level, aq._bits_by_level, aq._hist = saved
     return {b: torch.cat(v) for b, v in out.items()}, torch.cat(fp)
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.runner import eval_mode
 from ..quant.api import quantizable_modules, resolve_configs
 from .batches import GroupsFn, LossFn, batch_losses
 
@@ -99,7 +100,6 @@ def compute_group_importance(
     weights = [targets[n].weight for n in names]
     allowed = None if expected_groups is None else {int(g) for g in expected_groups}
 
-    was_training = model.training
     flags = {p: p.requires_grad for p in model.parameters()}
     maps: dict[int, dict[str, torch.Tensor]] = {}
     counts: dict[int, int] = {}
@@ -109,42 +109,41 @@ def compute_group_importance(
         from tqdm.auto import tqdm
 
         it = tqdm(it, total=max_batches if max_batches is not None else None, desc="calibration", unit="batch")
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        for batch in it:
-            losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
-            present = torch.unique(groups).tolist()
-            if allowed is not None:
-                extra = sorted(set(present) - allowed)
-                if extra:
-                    raise ValueError(f"batch {n_batches} has group ids {extra} outside the declared groups "
-                                     f"{sorted(allowed)}")
-            for i, g in enumerate(present):
-                sel = groups == g
-                lg = losses[sel].mean()
-                grads = torch.autograd.grad(lg, weights, retain_graph=i < len(present) - 1, allow_unused=True)
-                gm = maps.setdefault(int(g), {})
-                for name, w, gr in zip(names, weights, grads):
-                    if gr is None:
-                        gr = torch.zeros_like(w)
-                    term = (gr * w.detach()).pow(2) if metric == "grape" else gr.abs()
-                    term = term.detach().float()
-                    if name in gm:
-                        gm[name] += term
-                    else:
-                        gm[name] = term.clone()
-                counts[int(g)] = counts.get(int(g), 0) + int(sel.sum())
-            n_batches += 1
-            if on_batch is not None:
-                on_batch(n_batches)
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for w in weights:
+                w.requires_grad_(True)
+            for batch in it:
+                losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
+                present = torch.unique(groups).tolist()
+                if allowed is not None:
+                    extra = sorted(set(present) - allowed)
+                    if extra:
+                        raise ValueError(f"batch {n_batches} has group ids {extra} outside the declared groups "
+                                         f"{sorted(allowed)}")
+                for i, g in enumerate(present):
+                    sel = groups == g
+                    lg = losses[sel].mean()
+                    grads = torch.autograd.grad(lg, weights, retain_graph=i < len(present) - 1, allow_unused=True)
+                    gm = maps.setdefault(int(g), {})
+                    for name, w, gr in zip(names, weights, grads):
+                        if gr is None:
+                            gr = torch.zeros_like(w)
+                        term = (gr * w.detach()).pow(2) if metric == "grape" else gr.abs()
+                        term = term.detach().float()
+                        if name in gm:
+                            gm[name] += term
+                        else:
+                            gm[name] = term.clone()
+                    counts[int(g)] = counts.get(int(g), 0) + int(sel.sum())
+                n_batches += 1
+                if on_batch is not None:
+                    on_batch(n_batches)
+        finally:
+            for p, f in flags.items():
+                p.requires_grad_(f)
     if n_batches == 0:
         raise ValueError("no calibration batches: the data iterable was empty")
     if allowed is not None:
