@@ -1,0 +1,327 @@
+"""What every export backend needs, independent of the target format.
+
+* :func:`quantized_layers` lists a model's medquant-quantized layers (``QuantLinear`` / ``QuantConv2d``) by name;
+  :func:`layer_scheme` describes one as a string (``"int4 asym g128"``, ``"int8 sym channel"``,
+  ``"mixed {3: 10 rows, 4: 22 rows}"``).
+* :func:`check_mixed` refuses layers whose rows carry different bit-widths (no runtime format stores per-row
+  bits) unless ``promote=True``, naming every such layer and its scheme in the :class:`ExportError`.
+* :func:`layer_weight` returns one layer's weight as a single uniform block of codes, scales and zero points
+  (:class:`UniformWeight`): a copy of the stored row group (exact), or, for a mixed layer with ``promote=True``,
+  every row requantized to the layer's largest integer bit-width, with the largest absolute weight change.
+* :func:`float_tensors` returns every other tensor of the model under the name the model's ``state_dict`` gives
+  it (the Hugging Face checkpoint names for a transformers model), tied duplicates dropped.
+* :func:`copy_tokenizer_files` copies the tokenizer / processor files of a source folder
+  (:func:`source_folder`: an explicit folder, or ``model.name_or_path`` when that is a local folder).
+
+Dequantised weight (the layout's rule, which every exporter must reproduce): with ``g(j)`` the scale group of
+column ``j``::
+
+    asymmetric:         w[n, j] = (u[n, j] - z[n, g(j)]) * s[n, g(j)]
+    symmetric, b >= 2:  w[n, j] = (u[n, j] - 2^(b-1)) * s[n, g(j)]
+    symmetric, b == 1:  w[n, j] = (2 u[n, j] - 1) * s[n, g(j)]
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from ..kernels.layout import dequantize_codes
+from ..quant.config import FLOAT_BITS
+from ..quant.core import quantize
+from ..quant.modules import QUANT_MODULES
+from .registry import ExportError
+
+T = TypeVar("T")
+
+#: storage buffers of a quantized layer (its bias is exported as a normal tensor)
+QUANT_BUFFER_PREFIXES = ("qweight_", "scales_", "zeros_", "fweight_", "bit_map", "rows_")
+
+#: tokenizer and processor files that a serving runtime reads next to the weights
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+)
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every medquant-quantized layer, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANT_MODULES)]
+
+
+def is_integer_bits(bits: int) -> bool:
+    return 1 <= bits <= 8
+
+
+def scheme_string(bits: int, symmetric: bool, scope: str, group_size: int) -> str:
+    """``"int4 sym g128"``, ``"int8 asym channel"``, ``"int3 asym tensor"``; ``"float16"``; ``"pruned"``."""
+    if bits in FLOAT_BITS:
+        return f"float{bits}"
+    if bits == 0:
+        return "pruned"
+    where = f"g{group_size}" if scope == "group" else scope
+    return f"int{bits} {'sym' if symmetric else 'asym'} {where}"
+
+
+def row_counts(layer: nn.Module) -> dict[int, int]:
+    """Rows per bit-width of a quantized layer, e.g. ``{3: 10, 4: 22}``."""
+    rb = layer.row_bits()
+    return {b: int((rb == b).sum()) for b in layer.bit_groups}
+
+
+def layer_scheme(layer: nn.Module) -> str:
+    """A quantized layer's scheme as text; a mixed layer lists rows per bit-width: ``"mixed {3: 10 rows, 4: 22
+    rows} asym g128"`` (the scheme words of the layer's largest integer bit-width)."""
+    cfg = layer.config
+    if not layer.mixed:
+        b = layer.bit_groups[0]
+        return scheme_string(b, cfg.is_symmetric(b), cfg.scope, cfg.group_size)
+    rows = ", ".join(f"{b}: {n} rows" for b, n in row_counts(layer).items())
+    ints = [b for b in layer.bit_groups if is_integer_bits(b)]
+    tail = scheme_string(max(ints), cfg.is_symmetric(max(ints)), cfg.scope, cfg.group_size).split(" ", 1)[1] \
+        if ints else ""
+    return f"mixed {{{rows}}}" + (f" {tail}" if tail else "")
+
+
+def is_float_layer(layer: nn.Module) -> bool:
+    """True when a quantized layer holds no integer rows (all rows float or pruned): export it as a float weight."""
+    return not any(is_integer_bits(b) for b in layer.bit_groups)
+
+
+def mixed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The quantized layers whose rows do not all share one bit-width (integer or float)."""
+    return [(name, m) for name, m in quantized_layers(model) if m.mixed]
+
+
+def check_mixed(model: nn.Module, promote: bool, format: str) -> list[str]:
+    """Refuse per-row mixed bit-widths unless ``promote``; return the names of the mixed layers.
+
+    Raises:
+        ExportError: ``promote`` is False and some layers mix bit-widths; the message lists each layer with its
+            rows per bit-width.
+    """
+    mixed = mixed_layers(model)
+    if mixed and not promote:
+        listed = "; ".join(f"{name}: {layer_scheme(m)}" for name, m in mixed)
+        raise ExportError(
+            f"format={format!r} stores one bit-width per layer, but {len(mixed)} layer(s) mix bit-widths row by "
+            f"row: {listed}. Pass promote=True (command line: --promote) to requantize every row of such a layer "
+            f"to the layer's largest integer bit-width (lossy, reported per layer), or quantize with one "
+            f"bit-width per layer")
+    return [name for name, _ in mixed]
+
+
+@dataclass
+class UniformWeight:
+    """One layer's weight as a single block of codes: every row the same bits, scheme, scope and group size.
+
+    Attributes:
+        codes: unsigned codes ``(N, K_pad)`` uint8 (columns ``>= k`` are padding, code 0).
+        scales: float32, ``(N, K_pad / group_size)`` (group), ``(N, 1)`` (channel) or ``(1, 1)`` (tensor); the
+            stored scales converted to float32 (exact).
+        zeros: float32 integer zero points of the scales' shape (asymmetric), or None (symmetric: ``2^(b-1)``).
+        bits, symmetric, scope: the scheme.
+        group_size: K elements per scale (``K_pad`` for channel and tensor scope).
+        k: real input size.
+        how: ``"exact repack"`` (the stored codes) or ``"lossy requantization"`` (a promoted mixed layer).
+        max_abs_error: largest ``|new - stored|`` over the dequantised weight (0.0 when exact).
+        note: what was done (the promotion).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    symmetric: bool
+    scope: str
+    group_size: int
+    k: int
+    how: str = "exact repack"
+    max_abs_error: float = 0.0
+    note: str = ""
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense ``(N, k)`` weight by the layout's rule (module docstring), float32 arithmetic."""
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.bits, self.symmetric, self.scope,
+                                self.group_size, self.k, dtype=dtype)
+
+    def scheme(self) -> str:
+        return scheme_string(self.bits, self.symmetric, self.scope, self.group_size)
+
+
+def _from_packed(layer: nn.Module, b: int) -> UniformWeight:
+    pw = layer.packed_weight(b)
+    zeros = None if pw.zeros is None else pw.zeros.float()
+    return UniformWeight(pw.codes(), pw.scales.float(), zeros, b, pw.symmetric, pw.scope, pw.group_elems, pw.k)
+
+
+@torch.no_grad()
+def layer_weight(layer: nn.Module, promote: bool = False) -> UniformWeight | None:
+    """The layer's weight as one :class:`UniformWeight`, or None for a layer without integer rows (float/pruned).
+
+    A layer with one integer bit-width is returned exactly as stored. A mixed layer raises :class:`ExportError`
+    unless ``promote``; promoted, its largest integer bit-width ``B`` becomes the layer's: rows already at ``B``
+    keep their codes and scales (group/channel scope), every other row (fewer bits, float or pruned) is quantized
+    again at ``B`` bits from its dequantised values, with the layer's scope, group size and the symmetry medquant
+    uses at ``B`` bits; tensor scope has one scale for the whole matrix, so all rows are quantized again.
+    """
+    if not layer.mixed:
+        b = layer.bit_groups[0]
+        return _from_packed(layer, b) if is_integer_bits(b) else None
+    if not promote:
+        raise ExportError(f"layer mixes bit-widths ({layer_scheme(layer)}); pass promote=True to requantize it")
+    ints = [b for b in layer.bit_groups if is_integer_bits(b)]
+    if not ints:
+        return None
+    top = max(ints)
+    cfg = replace(layer.config, bits=top, channel_bits=None)
+    w = layer.dequantized_weight(torch.float32)
+    if cfg.scope == "tensor":
+        q = quantize(w, cfg, top)
+        out = UniformWeight(q.codes, q.scales.float(), None if q.zeros is None else q.zeros.float(), top,
+                            q.symmetric, q.scope, q.group_size, q.k)
+    else:
+        kept = _from_packed(layer, top)
+        rows_top = torch.nonzero(layer.row_bits() == top).flatten()
+        others = torch.nonzero(layer.row_bits() != top).flatten()
+        q = quantize(w.index_select(0, others), cfg, top)
+        n = layer.out_rows
+        codes = torch.zeros(n, kept.codes.shape[1], dtype=torch.uint8)
+        scales = torch.zeros(n, kept.scales.shape[1], dtype=torch.float32)
+        codes.index_copy_(0, rows_top, kept.codes)
+        codes.index_copy_(0, others, q.codes)
+        scales.index_copy_(0, rows_top, kept.scales)
+        scales.index_copy_(0, others, q.scales.float())
+        zeros = None
+        if kept.zeros is not None:
+            zeros = torch.zeros_like(scales)
+            zeros.index_copy_(0, rows_top, kept.zeros)
+            zeros.index_copy_(0, others, q.zeros.float())
+        out = UniformWeight(codes, scales, zeros, top, kept.symmetric, kept.scope, kept.group_size, kept.k)
+    out.how = "lossy requantization"
+    out.max_abs_error = float((out.dequantize(torch.float32) - w).abs().max())
+    out.note = f"promoted from {layer_scheme(layer)} to {top} bits"
+    return out
+
+
+def _is_quant_storage(key: str, quant_names: set[str]) -> bool:
+    prefix, _, leaf = key.rpartition(".")
+    return prefix in quant_names and leaf.startswith(QUANT_BUFFER_PREFIXES)
+
+
+def float_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every tensor of ``model.state_dict()`` except the quantized layers' codes, scales, zero points, float
+    rows and bit maps (their biases stay), as contiguous CPU tensors.
+
+    Returns:
+        ``(tensors, dropped)``: ``dropped`` names the tensors left out because they share storage with an
+        earlier one (tied weights, e.g. an LM head tied to the input embeddings): formats store them once.
+    """
+    quant_names = {name for name, _ in quantized_layers(model)}
+    seen: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, t in model.state_dict(keep_vars=False).items():
+        if _is_quant_storage(key, quant_names):
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.numel() else None
+        if ident is not None and ident in seen:
+            dropped.append(key)
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = t.detach().cpu().contiguous()
+    return tensors, dropped
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """True when the model's output embedding is a float layer sharing its weight with the input embedding."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    if get_out is None or get_in is None:
+        return False
+    try:
+        out, inp = get_out(), get_in()
+    except (AttributeError, NotImplementedError):
+        return False
+    if out is None or inp is None or isinstance(out, QUANT_MODULES):
+        return False
+    w_out, w_in = getattr(out, "weight", None), getattr(inp, "weight", None)
+    return isinstance(w_out, torch.Tensor) and isinstance(w_in, torch.Tensor) and \
+        w_out.untyped_storage().data_ptr() == w_in.untyped_storage().data_ptr()
+
+
+def source_folder(model: nn.Module, source: str | Path | None) -> Path | None:
+    """The folder to copy tokenizer / processor files from: ``source`` if given (must be a folder), else
+    ``model.name_or_path`` when that is a local folder, else None."""
+    if source is not None:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ExportError(f"source={str(source)!r} is not a folder (it should hold the tokenizer / processor "
+                              "files to copy next to the export)")
+        return folder
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name and Path(name).is_dir():
+        return Path(name)
+    return None
+
+
+def copy_tokenizer_files(source: Path | None, dest: Path, skip: Iterable[str] = ()) -> list[str]:
+    """Copy the :data:`TOKENIZER_FILES` present in ``source`` into ``dest``; returns the copied file names."""
+    if source is None:
+        return []
+    skip = set(skip)
+    copied = []
+    for fname in TOKENIZER_FILES:
+        src = source / fname
+        if fname not in skip and src.is_file():
+            shutil.copyfile(src, dest / fname)
+            copied.append(fname)
+    return copied
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "export", enabled: bool = False) -> \
+        Iterator[T]:
+    """``items`` wrapped in a tqdm bar when ``enabled`` (command line), else unchanged."""
+    if not enabled:
+        yield from items
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, total=total, desc=desc, unit="tensor")
+
+
+def parse_size(value: int | str) -> int:
+    """A byte count from an int or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1000"``."""
+    if isinstance(value, bool):
+        raise ExportError(f"size must be an integer number of bytes or a string like '5GB', got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ExportError(f"size must be positive, got {value}")
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1, "": 1}
+    for unit in sorted(units, key=len, reverse=True):
+        number = text[: len(text) - len(unit)] if unit else text
+        if text.endswith(unit):
+            try:
+                size = int(float(number) * units[unit])
+            except ValueError:
+                continue
+            if size <= 0:
+                raise ExportError(f"size must be positive, got {value!r}")
+            return size
+    raise ExportError(f"cannot read the size {value!r}: give bytes (e.g. 1000000) or a number with KB/MB/GB/KiB/MiB/"
+                      "GiB (e.g. '5GB')")
