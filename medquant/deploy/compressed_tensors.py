@@ -1,0 +1,373 @@
+"""``format="compressed-tensors"``: a Hugging Face folder that vLLM, SGLang and transformers load.
+
+The folder holds ``config.json`` (the model's configuration plus a ``quantization_config`` with
+``quant_method: "compressed-tensors"`` and format ``pack-quantized``), safetensors weights (one file, or shards
+of at most ``max_shard_size`` with ``model.safetensors.index.json``), ``generation_config.json`` and the
+tokenizer / processor files of the source folder.
+
+Weights of a quantized ``Linear`` layer with ``N`` rows, ``K`` inputs and ``b`` bits (1..8):
+
+* ``weight_packed`` int32 ``(N, ceil(K * b / 32))``: signed codes ``q = u - 2^(b-1)`` stored as ``q + 2^(b-1)``
+  (so medquant's unsigned code ``u`` itself), packed densely along K: code ``j`` occupies bits
+  ``j*b .. j*b + b - 1`` of the row's bit stream, 32 bits per word, lowest bits first (a 3-bit code may
+  straddle two words). Packed with the compressed-tensors package's own ``pack_to_int32``.
+* ``weight_scale`` ``(N, K / g)`` (group), ``(N, 1)`` (channel) or ``(1,)`` (tensor), float32 by default
+  (medquant's float16 scales widen exactly).
+* ``weight_zero_point`` (asymmetric only): ``zp = z - 2^(b-1)``, int32 packed along N (``(ceil(N * b / 32), K /
+  g)``) for group / channel, int8 ``(1,)`` for tensor.
+* ``weight_shape`` int64 ``[N, K]``.
+
+The runtime's dequantisation ``(q - zp) * s = (u - z) * s`` is medquant's, so every integer scheme is an exact
+repack, except:
+
+* symmetric 1-bit, ``w = (2u - 1) * s``: written as symmetric 2-bit with ``q = 2u - 1`` in {-1, +1} and the same
+  scale (exact re-expression);
+* group scope with ``K`` not a multiple of the group size ``g`` (medquant zero-pads K; the format needs whole
+  groups): written with group size ``gcd(K, g)``, each scale repeated ``g / gcd(K, g)`` times (exact
+  re-expression);
+* per-row mixed bit-widths: refused (the error lists the layers) unless ``promote=True``, which requantizes every
+  row of such a layer to its largest bit-width (lossy, the largest weight change reported per layer);
+* quantized ``Conv2d`` layers (the format packs Linear weights) and layers whose rows are all float or pruned:
+  written as float weights (their dequantised values) and listed in ``ignore``.
+
+Every ``Linear`` the medquant model keeps in floating point (a vision tower, a projector, the LM head) is listed in
+the ``ignore`` list of the configuration and stored as float. With ``verify=True`` (default) each packed layer is
+decompressed with the compressed-tensors package's own decompressor and compared with medquant's dequantised weight;
+the report's ``max_abs_error`` is that measured difference.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..quant.modules import QuantConv2d, QuantLinear
+from .common import (
+    UniformWeight,
+    check_mixed,
+    copy_tokenizer_files,
+    float_tensors,
+    head_is_tied,
+    is_float_layer,
+    layer_scheme,
+    layer_weight,
+    parse_size,
+    progress,
+    quantized_layers,
+    source_folder,
+)
+from .registry import ExportError, ExportReport, LayerExport, register_export_format
+
+FORMAT = "compressed-tensors"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PackedLayer:
+    """One layer in the format: its tensors (local names) and its weight scheme."""
+
+    tensors: dict[str, torch.Tensor]
+    bits: int
+    symmetric: bool
+    strategy: str  # "group", "channel" or "tensor"
+    group_size: int | None
+    how: str
+    note: str
+
+    def scheme_key(self) -> tuple:
+        return (self.bits, self.symmetric, self.strategy, self.group_size)
+
+    def target(self) -> str:
+        where = f"group {self.group_size}" if self.strategy == "group" else self.strategy
+        return f"pack-quantized int{self.bits} {'sym' if self.symmetric else 'asym'} {where}"
+
+
+def pack_layer(uw: UniformWeight, n: int, k: int, scale_dtype: torch.dtype = torch.float32) -> PackedLayer:
+    """The format's tensors for one uniform weight (see the module docstring for the layout)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    bits, sym, how, notes = uw.bits, uw.symmetric, uw.how, [uw.note] if uw.note else []
+    u = uw.codes[:, :k].to(torch.int32)
+    if sym and bits == 1:  # (2u - 1) * s == q * s with q in {-1, +1}: a symmetric 2-bit code
+        q = 2 * u - 1
+        bits = 2
+        if how == "exact repack":
+            how = "exact re-expression"
+        notes.append("symmetric 1-bit written as symmetric 2-bit codes {-1, +1} (same values)")
+    else:
+        q = u - 2 ** (bits - 1)
+    scales, zeros = uw.scales, uw.zeros
+    group_size: int | None = None
+    if uw.scope == "group":
+        g = uw.group_size
+        gk = math.gcd(k, g)
+        if gk != g:
+            scales = scales.repeat_interleave(g // gk, dim=1)
+            zeros = None if zeros is None else zeros.repeat_interleave(g // gk, dim=1)
+            if how == "exact repack":
+                how = "exact re-expression"
+            notes.append(f"K={k} is not a multiple of the group size {g}: group size {gk}, scales repeated")
+        scales, zeros = scales[:, : k // gk], None if zeros is None else zeros[:, : k // gk]
+        group_size = gk
+    elif uw.scope == "tensor":
+        scales, zeros = scales.reshape(1), None if zeros is None else zeros.reshape(1)
+    tensors = {"weight_packed": pack_to_int32(q.to(torch.int8).contiguous(), bits),
+               "weight_scale": scales.to(scale_dtype).contiguous(),
+               "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+    if zeros is not None:
+        zp = (zeros - 2 ** (bits - 1)).to(torch.int8)
+        tensors["weight_zero_point"] = zp.contiguous() if uw.scope == "tensor" else \
+            pack_to_int32(zp, bits, packed_dim=0).contiguous()
+    return PackedLayer(tensors, bits, sym, uw.scope, group_size, how, "; ".join(notes))
+
+
+def quantization_args(layer: PackedLayer):
+    """compressed-tensors' ``QuantizationArgs`` of a packed layer."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=layer.bits, type="int", symmetric=layer.symmetric, strategy=layer.strategy,
+                            group_size=layer.group_size)
+
+
+def decompress_layer(layer: PackedLayer) -> torch.Tensor:
+    """The weight that compressed-tensors' own decompressor reads back from the layer's tensors."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=quantization_args(layer))
+    return PackedQuantizationCompressor.decompress(dict(layer.tensors), scheme)["weight"]
+
+
+def _check_options(model: nn.Module, path: Path, promote: Any, max_shard_size: Any, scale_dtype: Any,
+                   overwrite: Any, source: Any) -> tuple[int, torch.dtype]:
+    for name, value in (("promote", promote), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise ExportError(f"{name} must be True or False, got {value!r}")
+    shard = parse_size(max_shard_size)
+    if scale_dtype not in SCALE_DTYPES:
+        raise ExportError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict") or not hasattr(model, "state_dict"):
+        raise ExportError(f"format={FORMAT!r} writes a Hugging Face folder and needs a transformers model "
+                          f"(with .config); got {type(model).__name__}")
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"{path} exists and is not a folder; the export is a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ExportError(f"{path} is not empty; pass overwrite=True (command line: --overwrite) to replace it")
+    source_folder(model, source)  # checks an explicit source
+    return shard, SCALE_DTYPES[scale_dtype]
+
+
+def _float_rows(model: nn.Module, exported_float: dict[str, str], tensors: dict[str, torch.Tensor]) -> \
+        list[LayerExport]:
+    """Report rows for float Linear / Conv2d / Embedding weights (not quantized by medquant)."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)) or not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            continue
+        key = f"{name}.weight"
+        t = tensors.get(key)
+        note = exported_float.get(name, "")
+        if t is None:
+            note = "tied to the input embeddings (stored once)"
+            dtype = str(m.weight.dtype).replace("torch.", "")
+        else:
+            dtype = str(t.dtype).replace("torch.", "")
+        rows.append(LayerExport(name, dtype, dtype, "float", 0.0, note))
+    return rows
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard: int, show: bool) -> list[str]:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and sizes[-1] + nbytes > max_shard:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][key] = t
+        sizes[-1] += nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in progress(zip(names, shards), total=len(shards), desc="writing", enabled=show):
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes)},
+                 "weight_map": {key: fname for fname, shard in zip(names, shards) for key in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        names.append("model.safetensors.index.json")
+    return names
+
+
+def _save_config(model: nn.Module, folder: Path, tied: bool) -> None:
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.architectures = [type(model).__name__]  # as save_pretrained records it
+    if not tied:  # a quantized or untied head must not be re-tied to the embeddings on load
+        for cfg in (config, getattr(config, "text_config", None), getattr(config, "get_text_config", lambda: None)()):
+            if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+    config.save_pretrained(str(folder))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(str(folder))
+
+
+def _quantization_config(groups: dict[tuple, list[str]], args: dict[tuple, Any], ignore: list[str]):
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    # one scheme: every Linear not ignored; several: each group names its layers
+    config_groups = {}
+    for i, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
+        targets = ["Linear"] if len(groups) == 1 else list(names)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args[key])
+    return QuantizationConfig(config_groups=config_groups, format="pack-quantized",
+                              quantization_status="compressed", ignore=ignore)
+
+
+def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bool = False,
+                              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, scale_dtype: str = "float32",
+                              source: str | Path | None = None, verify: bool = True, overwrite: bool = False,
+                              progress_bar: bool = False) -> ExportReport:
+    """Write ``model`` (a transformers model, medquant-quantized) as a compressed-tensors ``pack-quantized`` folder.
+
+    Args:
+        model: a transformers model whose Linear layers medquant quantized (other layers stay float).
+        path: the output folder (created; must be empty unless ``overwrite``). Written to a temporary folder
+            beside it and moved into place at the end, so a failed export leaves no half-written folder.
+        promote: requantize layers with per-row mixed bit-widths to their largest bit-width (else refused).
+        max_shard_size: largest safetensors file, bytes or ``"5GB"`` / ``"500MB"``; above it the weights are
+            sharded with ``model.safetensors.index.json``.
+        scale_dtype: dtype of ``weight_scale``: ``"float32"`` (default; exact for medquant's float16 / bfloat16
+            scales), ``"float16"`` or ``"bfloat16"`` (exact only when medquant's scales have that dtype).
+        source: folder to copy tokenizer / processor files from (default: ``model.name_or_path`` when it is a
+            local folder).
+        verify: decompress every packed layer with compressed-tensors' own decompressor and report the largest
+            difference from medquant's dequantised weight (raises ``ExportError`` if an exact row differs).
+        overwrite: replace a non-empty ``path``.
+        progress_bar: tqdm bars while packing and writing.
+
+    Returns:
+        The :class:`ExportReport`: one row per Linear / Conv2d / Embedding weight (exact repack, exact
+        re-expression, lossy requantization or float).
+    """
+    path = Path(path)
+    max_shard, sdtype = _check_options(model, path, promote, max_shard_size, scale_dtype, overwrite, source)
+    if not isinstance(verify, bool) or not isinstance(progress_bar, bool):
+        raise ExportError("verify and progress_bar must be True or False")
+    quant = quantized_layers(model)
+    if not quant:
+        raise ExportError(f"{type(model).__name__} has no medquant-quantized layers: quantize it first "
+                          "(medquant.quantize_), or save the float model with save_pretrained")
+    check_mixed(model, promote, FORMAT)
+    tensors, dropped = float_tensors(model)
+    packed_tensors: dict[str, torch.Tensor] = {}
+    rows: list[LayerExport] = []
+    groups: dict[tuple, list[str]] = {}
+    args: dict[tuple, Any] = {}
+    exported_float: dict[str, str] = {}
+    for name, layer in progress(quant, total=len(quant), desc="packing", enabled=progress_bar):
+        scheme = layer_scheme(layer)
+        uw = None if is_float_layer(layer) else layer_weight(layer, promote=promote)
+        if uw is None or isinstance(layer, QuantConv2d):
+            why = "no integer rows" if uw is None else "compressed-tensors packs Linear weights only"
+            w = layer.weight.detach().cpu().contiguous()
+            tensors[f"{name}.weight"] = w
+            exported_float[name] = why
+            rows.append(LayerExport(name, scheme, str(w.dtype).replace("torch.", ""), "float", 0.0,
+                                    f"written as its dequantised float weight ({why})"))
+            continue
+        pl = pack_layer(uw, layer.out_rows, layer.k, sdtype)
+        err: float | None = uw.max_abs_error if uw.how != "exact repack" else 0.0
+        if verify:
+            ref = layer.dequantized_weight(torch.float32).cpu()
+            got = decompress_layer(pl).float()
+            measured = float((got - ref).abs().max()) if ref.numel() else 0.0
+            if pl.how != "lossy requantization" and sdtype == torch.float32 and measured != 0.0:
+                raise ExportError(f"{name}: compressed-tensors decompresses a weight that differs from medquant's "
+                                  f"by {measured:.3g}; this is a bug in the export, nothing was written")
+            err = measured
+        key = pl.scheme_key()
+        groups.setdefault(key, []).append(name)
+        args[key] = quantization_args(pl)
+        for local, t in pl.tensors.items():
+            packed_tensors[f"{name}.{local}"] = t
+        rows.append(LayerExport(name, scheme, pl.target(), pl.how, err, pl.note))
+    if not groups:
+        raise ExportError("no layer could be packed (every quantized layer is float, pruned or a Conv2d); "
+                          "nothing to export in pack-quantized form")
+    # float Linear layers (and quantized layers written as float) are left alone by the runtime
+    packed_names = {n for names in groups.values() for n in names}
+    ignore = [n for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, QuantLinear)) and n not in packed_names]
+    qconfig = _quantization_config(groups, args, ignore)
+    # module order, packed tensors where their layer's float weight would be
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    all_tensors = {**tensors, **packed_tensors}
+    ordered = dict(sorted(all_tensors.items(), key=lambda kv: (order.get(kv[0].rpartition(".")[0], len(order)),
+                                                                 kv[0])))
+    tied = head_is_tied(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _save_config(model, tmp, tied)
+        from compressed_tensors.compressors import ModelCompressor
+
+        ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
+        files = ["config.json"] + (["generation_config.json"] if (tmp / "generation_config.json").exists() else [])
+        files += _write_shards(ordered, tmp, max_shard, progress_bar)
+        files += copy_tokenizer_files(source_folder(model, source), tmp, skip=files)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    rows += _float_rows(model, exported_float, ordered)
+    order_rows = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    rows.sort(key=lambda r: order_rows.get(r.name, len(order_rows)))
+    n_other = sum(1 for key in tensors if key.rpartition(".")[0] not in order_rows or
+                  not isinstance(model.get_submodule(key.rpartition(".")[0]),
+                                 (nn.Linear, nn.Conv2d, nn.Embedding, QuantLinear, QuantConv2d)))
+    notes = [f"{len(groups)} compressed-tensors config group(s): "
+             + "; ".join(f"{args[k].num_bits}-bit {'sym' if args[k].symmetric else 'asym'} {args[k].strategy}"
+                         + (f" {args[k].group_size}" if args[k].group_size else "") + f" ({len(v)} layers)"
+                         for k, v in groups.items()),
+             f"ignore list (float Linear layers): {len(ignore)}",
+             f"{n_other} other tensors (norms, biases, buffers) copied as stored"]
+    if dropped:
+        notes.append(f"stored once (tied): {', '.join(dropped)}")
+    report = ExportReport(FORMAT, str(path), rows, files, notes)
+    counts = Counter(r.how for r in rows)
+    if counts.get("lossy requantization"):
+        report.notes.append(f"{counts['lossy requantization']} layer(s) requantized (promote=True): see max |err|")
+    return report
+
+
+def _backend(model: nn.Module, path: Path, **options: Any) -> ExportReport:
+    allowed = {"promote", "max_shard_size", "scale_dtype", "source", "verify", "overwrite", "progress_bar"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ExportError(f"format={FORMAT!r} does not take option(s) {', '.join(unknown)}; accepted: "
+                          f"{', '.join(sorted(allowed))}")
+    return export_compressed_tensors(model, path, **options)
+
+
+register_export_format(FORMAT, _backend, requires=("compressed_tensors", "safetensors"),
+                       description="Hugging Face folder, pack-quantized int1-8 (vLLM, SGLang, transformers)")
