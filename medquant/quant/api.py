@@ -20,7 +20,10 @@ Patterns (keys of a :class:`ConfigMap` or of a plain mapping, entries of ``skip`
   a container (``"model.vision_tower"`` covers the whole tower);
 * ``"re:<regex>"`` - a regular expression that must match a module's full name (``re.fullmatch``);
 * ``"@vision"``, ``"@projector"``, ``"@language"``, ``"@head"`` - a role of a Hugging Face VLM/LM, resolved by
-  :func:`medquant.models.model_roles` (Gemma 3, LLaVA, Qwen2-VL, PaliGemma, Idefics3, SigLIP, ViT, LLaMA-style);
+  :func:`medquant.models.model_roles` (found from the model's structure; see its guide for the supported list).
+  A role the model lacks, named only to leave modules out (in ``skip``, or mapped to ``None``), is left out
+  with a warning once per model class and pattern, so one recipe serves several architectures; a role to
+  quantize that the model lacks raises;
 * ``"_default"`` - every quantizable module no other pattern matches.
 
 Precedence, for each quantizable module: (1) a pattern equal to its full name; (2) otherwise the first pattern, in
@@ -383,10 +386,14 @@ def as_config_map(config_or_map: QuantConfig | int | Mapping[str, Any] | None, *
     return ConfigMap({DEFAULT_KEY: _as_config(config_or_map, "<all>")}, skip=skip)
 
 
+_NOTED_MISSING_ROLES: set[tuple[str, str]] = set()
+
+
 class _Pattern:
-    def __init__(self, pattern: str, model: nn.Module, all_names: list[str]):
+    def __init__(self, pattern: str, model: nn.Module, all_names: list[str], optional_role: bool = False):
         self.text = pattern
         self.kind = "exact"
+        self.prefixes: list[str] = []
         if pattern.startswith(REGEX_PREFIX):
             self.kind = "regex"
             try:
@@ -401,6 +408,16 @@ class _Pattern:
             if role not in _ROLES:
                 raise ValueError(f"unknown role pattern {pattern!r}; accepted: " + ", ".join("@" + r for r in _ROLES))
             roles = model_roles(model)
+            if role not in roles and optional_role and roles:
+                # a role to leave out that the model lacks (skip=["@head"] on CLIPVisionModel): nothing to leave
+                # out; noted once per model class and pattern so one recipe serves several architectures
+                key = (type(model).__name__, pattern)
+                if key not in _NOTED_MISSING_ROLES:
+                    _NOTED_MISSING_ROLES.add(key)
+                    warnings.warn(f"{pattern!r} left out: {type(model).__name__} has no {role} part (it has: "
+                                  f"{', '.join('@' + r for r in roles)})", UserWarning, stacklevel=4)
+                self.kind = "none"
+                return
             if role not in roles:
                 raise ValueError(
                     f"pattern {pattern!r}: {type(model).__name__} has no {role} part "
@@ -420,6 +437,8 @@ class _Pattern:
             return name == self.text or name.startswith(self.text + ".")
         if self.kind == "regex":
             return self.regex.fullmatch(name) is not None
+        if self.kind == "none":
+            return False
         return any(name == p or name.startswith(p + ".") for p in self.prefixes)
 
 
@@ -428,10 +447,13 @@ def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module]
     all_names = [n for n, _ in model.named_modules() if n]
     if targets is None:
         targets = quantizable_modules(model, QuantConfig)
-    skip_patterns = [_Pattern(p, model, all_names) for p in cmap.skip]
-    entries = [(_Pattern(p, model, all_names), cfg) for p, cfg in cmap.items() if p != DEFAULT_KEY]
+    # a role pattern only leaving modules out (in skip, or mapped to None / a float config) that the model lacks
+    # is noted, not an error; a role to quantize that the model lacks raises
+    skip_patterns = [_Pattern(p, model, all_names, optional_role=True) for p in cmap.skip]
+    entries = [(_Pattern(p, model, all_names, optional_role=cfg is None or cfg.is_float), cfg)
+               for p, cfg in cmap.items() if p != DEFAULT_KEY]
     for pat, cfg in entries:
-        if cfg is not None and not any(pat.matches(n) for n in targets):
+        if cfg is not None and pat.kind != "none" and not any(pat.matches(n) for n in targets):
             raise ValueError(
                 f"pattern {pat.text!r} matches modules but none of them is an nn.Linear or nn.Conv2d to quantize"
             )
