@@ -52,6 +52,7 @@ from ..quant.api import (
     swap_module,
 )
 from ..quant.config import QuantConfig
+from ..quant.experts import expand_recorded_experts, is_experts_module
 from ..quant.modules import QUANT_MODULES
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
 from ..version import __version__
@@ -389,6 +390,7 @@ class MedQuantHfQuantizer(HfQuantizer):
                               tensors=False)
         if self.pre_quantized:
             modules = self.quantization_config.modules
+            expand_recorded_experts(model, modules)  # MoE experts: their per-expert layers become modules
             for name, entry in modules.items():
                 try:
                     old = model.get_submodule(name)
@@ -410,7 +412,8 @@ class MedQuantHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             mods = dict(model.named_modules())
-            leftovers = {n: c for n, c in self._plan.items() if isinstance(mods.get(n), _FLOAT_TYPES)}
+            leftovers = {n: c for n, c in self._plan.items() if isinstance(mods.get(n), _FLOAT_TYPES)
+                         or (n in mods and is_experts_module(mods[n]))}  # MoE experts: quantized once loaded
             _untie(model, self._plan)
             if leftovers:  # weights not read from the checkpoint (tied lm_head, ...)
                 quantize_(model, leftovers)

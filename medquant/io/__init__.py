@@ -46,6 +46,7 @@ from torch import nn
 
 from ..kernels.layout import FORMAT_VERSION
 from ..quant.api import swap_module
+from ..quant.experts import expand_recorded_experts
 from ..quant.modules import QuantConv2d, QuantLinear
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
 from ..version import __version__
@@ -369,6 +370,7 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
                 f"medquant.load(path, model={meta.model.class_name}(...))"
             )
         model = build_hf_model(root, meta.raw)
+    expand_recorded_experts(model, meta.modules)  # MoE experts: their per-expert layers become modules
     for name, spec in meta.modules.items():
         try:
             old = model.get_submodule(name)

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .experts import QuantExperts, is_experts_module, moe_routers, unsupported_experts
 from .modules import QUANT_MODULES, QuantConv2d, QuantLinear
 
 ROLE_PREFIX = "@"
@@ -83,19 +84,26 @@ __all__ = [
 class _Handler:
     module_types: tuple[type[nn.Module], ...]
     fn: Callable[[nn.Module, Any], nn.Module]
+    accepts: Callable[[nn.Module], bool] | None = None
 
 
 _HANDLERS: dict[type, _Handler] = {}
+_EXTRA_HANDLERS: dict[type, dict[tuple[type[nn.Module], ...], _Handler]] = {}
 
 
 def register_quantize_module_handler(config_type: type, module_types: Iterable[type[nn.Module]] = (nn.Linear,
-                                                                                                  nn.Conv2d)):
+                                                                                                  nn.Conv2d),
+                                     *, accepts: Callable[[nn.Module], bool] | None = None):
     """Decorator: ``fn(module, config) -> module`` quantizes modules of ``module_types`` for configs of
     ``config_type`` (or a subclass). Registering a type again replaces its handler. Example::
 
         @register_quantize_module_handler(MyConfig, (nn.Linear,))
         def _my_linear(module, config):
             return MyQuantLinear.from_float(module, config)
+
+    With ``accepts(module) -> bool`` the handler is an *additional* one for the modules of ``module_types``
+    (of any class, e.g. transformers' MoE experts) that ``accepts`` approves; it is tried before the config
+    type's main handler, and registering the same ``module_types`` again replaces it.
     """
     if not isinstance(config_type, type):
         raise TypeError(f"config_type must be a class, got {config_type!r}")
@@ -104,10 +112,22 @@ def register_quantize_module_handler(config_type: type, module_types: Iterable[t
         raise TypeError(f"module_types must be nn.Module subclasses, got {module_types!r}")
 
     def decorator(fn: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
-        _HANDLERS[config_type] = _Handler(types, fn)
+        if accepts is None:
+            _HANDLERS[config_type] = _Handler(types, fn)
+        else:
+            _EXTRA_HANDLERS.setdefault(config_type, {})[types] = _Handler(types, fn, accepts)
         return fn
 
     return decorator
+
+
+def _extra_handler(config_type: type, module: nn.Module) -> _Handler | None:
+    """The additional handler (registered with ``accepts``) of ``config_type`` that takes ``module``, if any."""
+    for cls in config_type.__mro__:
+        for h in _EXTRA_HANDLERS.get(cls, {}).values():
+            if isinstance(module, h.module_types) and h.accepts is not None and h.accepts(module):
+                return h
+    return None
 
 
 def _handler(config_type: type) -> _Handler:
@@ -121,7 +141,7 @@ def _handler(config_type: type) -> _Handler:
 def quantize_module(module: nn.Module, config: Any, *, name: str | None = None) -> nn.Module:
     """The quantized replacement of ``module`` made by the handler registered for ``type(config)``, in the same
     train/eval mode. ``module`` itself is not changed. Errors are prefixed with ``name`` when given."""
-    handler = _handler(type(config))
+    handler = _extra_handler(type(config), module) or _handler(type(config))
     if not isinstance(module, handler.module_types):
         accepted = " or ".join(t.__name__ for t in handler.module_types)
         raise TypeError(f"{name + ': ' if name else ''}{type(config).__name__} quantizes {accepted} modules, "
@@ -195,15 +215,28 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
     return q
 
 
+@register_quantize_module_handler(QuantConfig, (nn.Module,), accepts=is_experts_module)
+def _quantize_experts(module: nn.Module, config: QuantConfig) -> nn.Module:
+    """MoE experts stored as 3-D parameters (transformers 5): :meth:`QuantExperts.from_float`, one QuantLinear
+    per expert and projection (see :mod:`medquant.quant.experts`)."""
+    return QuantExperts.from_float(module, config)
+
+
 # ---------------------------------------------------------------------------------------------- traversal, swap
 def quantizable_modules(model: nn.Module, config_type: type = QuantConfig) -> dict[str, nn.Module]:
     """Name -> module, in ``named_modules`` order, of the modules that configs of ``config_type`` quantize: the
     module types its handler was registered for, torch.nn's own classes only, not inside
-    ``nn.MultiheadAttention``. A module bound to several names is listed once, under its first name."""
+    ``nn.MultiheadAttention``, and the modules an additional handler accepts (MoE experts with 3-D weights;
+    nothing below them is listed). A module bound to several names is listed once, under its first name."""
     types = _handler(config_type).module_types
     out = {}
     skip_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, m in model.named_modules():
+        if name and _extra_handler(config_type, m) is not None:
+            if not any(name.startswith(p) for p in skip_prefixes):
+                out[name] = m
+                skip_prefixes.append(name + ".")
+            continue
         if isinstance(m, types) and (type(m).__module__.startswith("torch.nn") or _plain_subclass(m, types)):
             if any(name.startswith(p) for p in skip_prefixes):
                 continue
@@ -498,6 +531,13 @@ def quantize_(
     of Linear / Conv2d that compute as their parent are quantized, others the map covers are reported in a
     warning; a call that quantizes nothing warns.
 
+    Mixture-of-experts blocks: experts stored as 3-D parameters (transformers 5: Mixtral, Qwen-MoE, Llama 4 ...)
+    are quantized per expert (:class:`~medquant.quant.experts.QuantExperts`; a pattern matches the experts module
+    by its name, e.g. ``...mlp.experts``). Their routers (``gate`` / ``router`` / ``shared_expert_gate``, see
+    :func:`~medquant.quant.experts.moe_routers`) stay in floating point by default, with one warning listing
+    them; a plain ``nn.Linear`` router named exactly in the map is quantized. Expert weights in a layout medquant
+    does not reproduce stay in floating point and are named in a warning.
+
     Example::
 
         quantize_(vlm, {"@language": QuantConfig(bits=4), "@vision": None}, skip=["@head"])
@@ -509,7 +549,20 @@ def quantize_(
     others = unquantizable_subclasses(model)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     targets = dict(sorted({**quantizable_modules(model), **already, **others}.items(), key=lambda kv: order[kv[0]]))
-    plan = _resolve(model, as_config_map(config_or_map, skip=skip), targets)
+    cmap = as_config_map(config_or_map, skip=skip)
+    plan = _resolve(model, cmap, targets)
+    routers = [n for n in moe_routers(model) if n not in cmap]  # float by default; an exact name opts in
+    plan = {n: c for n, c in plan.items() if n not in routers}
+    if routers and plan:
+        warnings.warn(f"{len(routers)} MoE router(s) stay in floating point (their top-k choice of experts is "
+                      "discontinuous in their weights, and they are a tiny fraction of an MoE layer): "
+                      f"{', '.join(routers[:4])}{', ...' if len(routers) > 4 else ''}; name one exactly in the "
+                      "config map to quantize it (plain nn.Linear routers only)", UserWarning, stacklevel=2)
+    odd = unsupported_experts(model)
+    if odd and plan:
+        warnings.warn(f"{len(odd)} module(s) hold MoE expert weights in a layout medquant does not quantize and stay "
+                      f"in floating point: {', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''}", UserWarning,
+                      stacklevel=2)
     redo = [n for n in plan if n in already]
     if redo and not requantize:
         raise ValueError(f"{len(redo)} layer(s) the config covers are already quantized ({', '.join(redo[:3])}"
@@ -557,7 +610,10 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear / QuantConv2d by the float layer it computes with (in place)."""
+    """Replace every QuantLinear / QuantConv2d by the float layer it computes with (in place); quantized MoE
+    experts become the float experts module of their original class again."""
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantExperts)]:
+        swap_module(model, name, m.to_float())
     for name, m in list(quantized_modules(model).items()):
         assert isinstance(m, QUANT_MODULES)
         swap_module(model, name, m.to_float())

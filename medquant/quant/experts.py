@@ -1,0 +1,368 @@
+"""Mixture-of-experts layers whose experts are 3-D parameters, quantized per expert: :class:`QuantExperts`.
+
+transformers 5 stores the experts of an MoE block (Mixtral, Qwen2/Qwen3-MoE, Qwen3-VL-MoE, DeepSeek, GPT-OSS,
+Llama 4 ...) as one module holding stacked weights: ``gate_up_proj`` ``(E, 2I, H)`` (or ``up_proj`` ``(E, I, H)``
+for experts without a gate) and ``down_proj`` ``(E, H, I)``, or the transposed ``(E, H, 2I)`` / ``(E, I, H)`` when
+the class says ``is_transposed`` (GPT-OSS, Aria, Llama 4), optionally with biases ``(E, out)``. Such a module has
+no ``nn.Linear`` to quantize. :class:`QuantExperts` replaces it: for every expert ``e`` one
+:class:`~medquant.QuantLinear` per projection (children ``gate_up.e`` / ``up.e`` and ``down.e``),
+each holding ``W_e`` as a ``(out, in)`` matrix in the packed layout of every other quantized layer (rows = output
+features; for a transposed layout ``W_e`` is the transpose of the stored slice), so save/load, the transformers
+round trip, the kernels and the size accounting treat each expert's matrices as ordinary quantized linears.
+
+Two forward conventions are reproduced exactly (with the dequantized weights ``W^_e`` in place of ``W_e``):
+
+* **routed** (classes decorated with transformers' ``use_experts_implementation``):
+  ``forward(x (T, H), top_k_index (T, k), top_k_weights (T, k))``; for each token ``t`` and slot ``j`` with expert
+  ``e = top_k_index[t, j]`` (``e == E`` is the expert-parallel sentinel and contributes nothing)::
+
+      h = W^gu_e x_t + b^gu_e
+      a = gate(h)   (the class's ``_apply_gate``: act(h[:I]) * h[I:] by default, interleaved for GPT-OSS)
+          or act(h) for experts without a gate
+      y_t += top_k_weights[t, j] * post_norm(W^d_e a + b^d_e)       (post_norm only where the class has one)
+
+* **dense** (Llama 4 text experts): ``forward(x (E*T, H))`` where rows ``e*T .. e*T+T-1`` are the inputs of
+  expert ``e`` (already scaled by the router); ``gate, up = split(W^gu_e x)``, ``y = W^d_e (up * act(gate))``.
+
+The router (``gate`` / ``router``: a ``(E, H)`` weight whose logits pick the top-k experts) is not part of this
+module; :func:`moe_routers` finds the routers and :func:`medquant.quantize_` keeps them in floating point by
+default and says so (a router is ``E x H`` weights, a tiny fraction of an MoE layer, and its top-k decision is
+discontinuous in its weights).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .modules import QuantLinear
+
+__all__ = ["QuantExperts", "expand_recorded_experts", "experts_layout", "is_experts_module", "moe_routers",
+           "unsupported_experts"]
+
+_ROUTED_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+_ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+# child ModuleList of the per-expert layers of each 3-D parameter; not the parameter's own name, which
+# transformers' checkpoint conversions rewrite (``mlp.experts.gate_up_proj`` <-> per-expert ``w1`` / ``w3``)
+_CHILD = {"gate_up_proj": "gate_up", "up_proj": "up", "down_proj": "down"}
+
+
+def _param3(m: nn.Module, name: str) -> torch.Tensor | None:
+    p = m._parameters.get(name)
+    return p if p is not None and p.dim() == 3 else None
+
+
+def experts_layout(m: nn.Module) -> dict[str, Any] | None:
+    """How a float experts module computes, or ``None`` when it is not one this module can quantize.
+
+    Returns ``{"style": "routed" | "dense", "gate": bool, "bias": bool, "transposed": bool, "num_experts": E,
+    "hidden": H, "inter": I, "post_norm": bool}``."""
+    if isinstance(m, QuantExperts):
+        return None
+    down = _param3(m, "down_proj")
+    if down is None:
+        return None
+    if all(isinstance(getattr(m, f, None), bool) for f in _ROUTED_FLAGS):
+        gate = bool(m.has_gate)
+        up = _param3(m, "gate_up_proj" if gate else "up_proj")
+        if up is None:
+            return None
+        transposed, bias = bool(m.is_transposed), bool(m.has_bias)
+        e = up.shape[0]
+        out_up, hid = (up.shape[2], up.shape[1]) if transposed else (up.shape[1], up.shape[2])
+        d_out, d_in = (down.shape[2], down.shape[1]) if transposed else (down.shape[1], down.shape[2])
+        inter = out_up // 2 if gate else out_up
+        if down.shape[0] != e or d_out != hid or d_in != inter or (gate and out_up % 2):
+            return None
+        if bias and (_param2(m, ("gate_up_proj_bias" if gate else "up_proj_bias"), (e, out_up)) is None
+                     or _param2(m, "down_proj_bias", (e, hid)) is None):
+            return None
+        post = bool(getattr(m, "has_post_expert_norm", False))
+        if post and not isinstance(getattr(m, "post_expert_norm", None), nn.Module):
+            return None
+        return {"style": "routed", "gate": gate, "bias": bias, "transposed": transposed, "num_experts": e,
+                "hidden": hid, "inter": inter, "post_norm": post}
+    up = _param3(m, "gate_up_proj")
+    if up is None or set(m._parameters) != {"gate_up_proj", "down_proj"}:
+        return None
+    try:
+        n_args = len(inspect.signature(type(m).forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    e, hid, two_i = up.shape
+    if n_args != 2 or two_i % 2 or tuple(down.shape) != (e, two_i // 2, hid) or not callable(getattr(m, "act_fn", None)):
+        return None
+    return {"style": "dense", "gate": True, "bias": False, "transposed": True, "num_experts": e, "hidden": hid,
+            "inter": two_i // 2, "post_norm": False}
+
+
+def _param2(m: nn.Module, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
+    p = m._parameters.get(name)
+    return p if p is not None and tuple(p.shape) == shape else None
+
+
+def is_experts_module(m: nn.Module) -> bool:
+    """Whether ``m`` is a float experts module with 3-D weights that :class:`QuantExperts` reproduces."""
+    return experts_layout(m) is not None
+
+
+def _looks_like_experts(m: nn.Module) -> bool:
+    """A module holding a 3-D parameter whose first dimension is its ``num_experts`` (or named like experts)."""
+    n = getattr(m, "num_experts", None)
+    for p in m._parameters.values():
+        if p is not None and p.dim() == 3 and (p.shape[0] == n or "expert" in type(m).__name__.lower()):
+            return True
+    return False
+
+
+def unsupported_experts(model: nn.Module) -> list[str]:
+    """Names of modules that hold per-expert 3-D weights in a layout :class:`QuantExperts` does not reproduce
+    (they stay in floating point; :func:`medquant.quantize_` reports them)."""
+    return [n for n, m in model.named_modules()
+            if not isinstance(m, QuantExperts) and _looks_like_experts(m) and not is_experts_module(m)]
+
+
+def moe_routers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module of the routers of the MoE blocks of ``model``: the siblings of an experts module (float or
+    :class:`QuantExperts`) named ``gate`` / ``router`` / ``shared_expert_gate`` that hold a 2-D ``weight`` with
+    ``hidden`` columns."""
+    out: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        lay = m.layout if isinstance(m, QuantExperts) else experts_layout(m)
+        if lay is None:
+            continue
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for child_name, child in parent.named_children():
+            w = getattr(child, "weight", None)
+            if child_name in _ROUTER_NAMES and isinstance(w, torch.Tensor) and w.dim() == 2 \
+                    and w.shape[1] == lay["hidden"]:
+                out[f"{parent_name}.{child_name}" if parent_name else child_name] = child
+    return out
+
+
+def _template(m: nn.Module) -> nn.Module:
+    """A shallow copy of a float experts module with its weights on the meta device (no memory): it keeps the
+    class, the attributes the class's ``_apply_gate`` reads (``act_fn``, ``alpha``, ``limit`` ...) and rebuilds
+    the float module in :meth:`QuantExperts.to_float`."""
+    t = copy.copy(m)
+    t._parameters = {k: (None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                              requires_grad=False))
+                     for k, p in m._parameters.items()}
+    t._buffers = {k: (None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta"))
+                  for k, b in m._buffers.items()}
+    t._modules = {k: v for k, v in m._modules.items() if v is not None and not any(True for _ in v.parameters())}
+    t._forward_hooks, t._forward_pre_hooks = type(t._forward_hooks)(), type(t._forward_pre_hooks)()
+    return t
+
+
+class QuantExperts(nn.Module):
+    """The quantized experts of one MoE block (see the module docstring for what it computes).
+
+    Children: ``gate_up`` (``up`` for experts without a gate) and ``down``, each an
+    ``nn.ModuleList`` of ``E`` :class:`~medquant.QuantLinear` (an entry may be a float ``nn.Linear``: an expert
+    left in floating point computes the same way); ``act_fn`` and ``post_expert_norm`` where the float module has
+    them. Build with :meth:`from_float`; :meth:`to_float` gives back the float module of the original class with the
+    dequantized weights.
+    """
+
+    def __init__(self, float_module: nn.Module, children: dict[str, list[nn.Module]]) -> None:
+        super().__init__()
+        lay = experts_layout(float_module)
+        if lay is None:
+            raise TypeError(f"{type(float_module).__name__} is not an experts module with 3-D weights that "
+                            "QuantExperts reproduces")
+        self.layout = lay
+        self.num_experts = lay["num_experts"]
+        self.source_class = type(float_module).__name__
+        object.__setattr__(self, "_float_template", _template(float_module))
+        self.up_name = "gate_up" if lay["gate"] else "up"
+        for key, mods in children.items():
+            if len(mods) != self.num_experts:
+                raise ValueError(f"{key}: {len(mods)} expert layers for {self.num_experts} experts")
+            self.add_module(key, nn.ModuleList(mods))
+        act = getattr(float_module, "act_fn", None)
+        if isinstance(act, nn.Module):
+            self.act_fn = act
+        if lay["post_norm"]:
+            self.post_expert_norm = float_module.post_expert_norm
+
+    # ------------------------------------------------------------------ building
+    @staticmethod
+    def expert_weights(module: nn.Module) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+        """``{"gate_up_proj" | "up_proj": [(W_e, b_e)], "down_proj": [...]}`` of a float experts module, each
+        ``W_e`` an ``(out, in)`` view (transposed for transposed layouts; no copy)."""
+        lay = experts_layout(module)
+        if lay is None:
+            raise TypeError(f"{type(module).__name__} is not a supported experts module")
+        up_name = "gate_up_proj" if lay["gate"] else "up_proj"
+        out: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        for key in (up_name, "down_proj"):
+            w = module._parameters[key].detach()
+            b = module._parameters[key + "_bias"].detach() if lay["bias"] else None
+            out[key] = [(w[e].t() if lay["transposed"] else w[e], None if b is None else b[e])
+                        for e in range(lay["num_experts"])]
+        return out
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantConfig) -> QuantExperts:
+        """Quantize every expert's matrices of ``module`` with ``config`` (each as a ``(out, in)`` matrix, rows =
+        output features, exactly as :meth:`QuantLinear.from_float` of that matrix)."""
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
+        if config.channel_bits is not None:
+            raise ValueError("per-output-channel bit-widths (channel_bits) are not supported for MoE experts: "
+                             "every expert matrix has its own rows; use one bit-width for the experts")
+        children: dict[str, list[nn.Module]] = {}
+        for pkey, pairs in cls.expert_weights(module).items():
+            key = _CHILD[pkey]
+            layers = []
+            for w, b in pairs:
+                if w.device.type == "meta":
+                    raise ValueError("its weights are on the meta device (not loaded): load them first")
+                with torch.device("meta"):
+                    tmp = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+                tmp.weight = nn.Parameter(w, requires_grad=False)
+                if b is not None:
+                    tmp.bias = nn.Parameter(b, requires_grad=False)
+                layers.append(QuantLinear.from_float(tmp, config))
+            children[key] = layers
+        q = cls(module, children)
+        q.train(module.training)
+        return q
+
+    @classmethod
+    def shell(cls, module: nn.Module, recorded: Iterable[str] = ()) -> QuantExperts:
+        """An empty QuantExperts for ``module`` (a float experts module, possibly on the meta device) whose
+        expert layers are placeholders to be replaced: ``recorded`` names them relative to this module
+        (``"gate_up.3"``); those are weightless ``nn.Linear`` of the right shape (the loader swaps in the
+        recorded quantized layer), the others float ``nn.Linear`` on the module's device, to be loaded."""
+        lay = experts_layout(module)
+        if lay is None:
+            raise TypeError(f"{type(module).__name__} is not a supported experts module")
+        ref = module._parameters["down_proj"]
+        rec = set(recorded)
+        children: dict[str, list[nn.Module]] = {}
+        for key, (n_in, n_out) in (("gate_up" if lay["gate"] else "up",
+                                    (lay["hidden"], lay["inter"] * (2 if lay["gate"] else 1))),
+                                   ("down", (lay["inter"], lay["hidden"]))):
+            layers = []
+            for e in range(lay["num_experts"]):
+                if f"{key}.{e}" in rec:
+                    with torch.device("meta"):
+                        lin = nn.Linear(n_in, n_out, bias=False)
+                    lin.weight = None  # type: ignore[assignment]  # replaced by the recorded layer
+                else:
+                    lin = nn.Linear(n_in, n_out, bias=lay["bias"], device=ref.device, dtype=ref.dtype)
+                layers.append(lin)
+            children[key] = layers
+        return cls(module, children)
+
+    def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The float experts module of the original class, holding the dequantized weights (stacked back into
+        the 3-D layout, transposed where the class stores them transposed)."""
+        lay = self.layout
+        m = copy.copy(self._float_template)
+        m._modules = dict(self._float_template._modules)
+        if lay["post_norm"]:
+            m._modules["post_expert_norm"] = self.post_expert_norm
+        params: dict[str, nn.Parameter | None] = {}
+        for key in ("gate_up_proj" if lay["gate"] else "up_proj", "down_proj"):
+            ref = self._float_template._parameters[key]
+            dt = dtype or ref.dtype
+            ws, bs = [], []
+            for lin in getattr(self, _CHILD[key]):
+                w = lin.dequantized_weight(dt) if isinstance(lin, QuantLinear) else lin.weight.detach().to(dt)
+                ws.append(w.t() if lay["transposed"] else w)
+                if lay["bias"]:
+                    bs.append(lin.bias.detach().to(dt))
+            params[key] = nn.Parameter(torch.stack(ws).contiguous(), requires_grad=False)
+            if lay["bias"]:
+                params[key + "_bias"] = nn.Parameter(torch.stack(bs).contiguous(), requires_grad=False)
+        m._parameters = {k: params.get(k) for k in self._float_template._parameters}
+        return m
+
+    # ------------------------------------------------------------------ compute
+    def _gate(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.layout["gate"]:
+            return self.act_fn(h)
+        return type(self._float_template)._apply_gate(self, h) if hasattr(
+            type(self._float_template), "_apply_gate") else self._default_gate(h)
+
+    def _default_gate(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # attributes of the float class (alpha, limit, config ...) that its _apply_gate reads
+            tmpl = self.__dict__.get("_float_template")
+            if tmpl is not None and not name.startswith("_") and name in tmpl.__dict__:
+                return tmpl.__dict__[name]
+            raise
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = self._gate(getattr(self, self.up_name)[e](x))
+        y = self.down[e](h)
+        if self.layout["post_norm"]:
+            y = self.post_expert_norm(y)
+        return y
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layout["style"] == "dense":
+            x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+            return torch.stack([self._expert(e, x[e]) for e in range(self.num_experts)]).view(
+                -1, self.layout["hidden"])
+        if top_k_index is None or top_k_weights is None:
+            raise TypeError(f"{self.source_class} (quantized) needs hidden_states, top_k_index and top_k_weights")
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            hit = torch.unique(top_k_index[top_k_index < self.num_experts]).tolist()
+        for e in hit:
+            token_idx, pos = torch.where(top_k_index == e)
+            y = self._expert(int(e), hidden_states[token_idx]) * top_k_weights[token_idx, pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        return (f"{self.source_class}, experts={self.num_experts}, hidden={lay['hidden']}, inter={lay['inter']}, "
+                f"style={lay['style']}, transposed={lay['transposed']}, bias={lay['bias']}")
+
+
+def expand_recorded_experts(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Before quantized layers recorded under ``names`` are put into a float ``model`` (loading a checkpoint):
+    replace each float experts module that has recorded expert layers below it (``...experts.gate_up.0``) by
+    a :meth:`QuantExperts.shell`, so every recorded name resolves to a module. Returns the expanded names."""
+    by_parent: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        if len(parts) < 3 or not parts[-1].isdigit():
+            continue
+        parent = ".".join(parts[:-2])
+        try:
+            model.get_submodule(name)
+            continue
+        except AttributeError:
+            pass
+        try:
+            mod = model.get_submodule(parent) if parent else model
+        except AttributeError:
+            continue
+        if is_experts_module(mod):
+            by_parent.setdefault(parent, []).append(".".join(parts[-2:]))
+    for parent, rel in by_parent.items():
+        old = model.get_submodule(parent)
+        new = QuantExperts.shell(old, rel)
+        new.train(old.training)
+        owner_name, _, attr = parent.rpartition(".")
+        setattr(model.get_submodule(owner_name) if owner_name else model, attr, new)
+    return list(by_parent)

@@ -1,0 +1,92 @@
+"""Tiny mixture-of-experts language models (transformers 5 layouts: experts as 3-D parameters).
+
+Each builder returns a seeded (``torch.manual_seed(seed)``), eval-mode float32 causal LM with hidden size 64, 2
+layers, 4 experts of intermediate size 32 (top-2), vocabulary 256, built offline from its config:
+
+==============  ====================================================================================
+mixtral         ``MixtralExperts``: ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``; router ``gate``
+qwen2_moe       ``Qwen2MoeExperts`` + a shared expert (``nn.Linear`` MLP) gated by ``shared_expert_gate``
+qwen3_moe       ``Qwen3MoeExperts`` (per-head q/k norms in attention)
+llama4_text     ``Llama4TextExperts`` (dense style, transposed ``(E, H, 2I)``), ``Llama4Router`` (an
+                ``nn.Linear`` subclass), a shared expert
+gpt_oss         ``GptOssExperts``: transposed, biases, interleaved gate/up with a clamped SwiGLU
+==============  ====================================================================================
+
+Random expert weights are drawn with std 0.02 (transformers leaves some of them at zero or uninitialised).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["MOE_BUILDERS", "build_moe", "moe_inputs"]
+
+_COMMON: dict = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                 "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2))
+
+
+def _qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32, shared_expert_intermediate_size=48))
+
+
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32))
+
+
+def _llama4_text():
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    cfg = Llama4TextConfig(**{**_COMMON, "intermediate_size": 32}, intermediate_size_mlp=48, head_dim=16,
+                           num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1)
+    return Llama4ForCausalLM(cfg)
+
+
+def _gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(**_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                       layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    return GptOssForCausalLM(cfg)
+
+
+MOE_BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "llama4_text": _llama4_text,
+    "gpt_oss": _gpt_oss,
+}
+
+
+def build_moe(name: str, seed: int = 0) -> nn.Module:
+    """The tiny MoE model ``name`` (one of :data:`MOE_BUILDERS`), seeded, eval mode, float32; every 3-D expert
+    weight (and its bias) drawn from ``N(0, 0.02^2)``."""
+    if name not in MOE_BUILDERS:
+        raise KeyError(f"unknown MoE model {name!r}; available: {', '.join(MOE_BUILDERS)}")
+    torch.manual_seed(seed)
+    model = MOE_BUILDERS[name]()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for mod_name, p in model.named_parameters():
+            if ".experts." in f".{mod_name}" or "router" in mod_name or ".gate." in mod_name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.eval()
+
+
+def moe_inputs(batch: int = 2, length: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``input_ids`` ``(batch, length)`` from ``[3, 200)`` and an all-ones ``attention_mask``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (batch, length), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,0 +1,180 @@
+"""MoE experts stored as 3-D parameters (transformers 5) are quantized per expert, and round-trip.
+
+References: the transformers model itself with its expert weights replaced by the dequantized ones (its own
+experts class and forward, so routing, gating, transposition and biases are transformers' code, not ours),
+QuantLinear.from_float of each expert's slice, and transformers' from_pretrained.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import medquant as mq
+from medquant import QuantConfig
+from medquant.hf import save_pretrained
+from medquant.kernels import force_backend
+from medquant.quant import QuantLinear
+from medquant.quant.api import quantizable_modules, quantize_
+from medquant.quant.experts import QuantExperts, experts_layout, moe_routers, unsupported_experts
+from medquant.testing.zoo_moe import MOE_BUILDERS, build_moe, moe_inputs
+
+CFG = QuantConfig(bits=4, group_size=32)
+MODELS = list(MOE_BUILDERS)
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    """name -> (float model, quantized model), built once."""
+    out = {}
+    for name in MODELS:
+        m = build_moe(name)
+        q = copy.deepcopy(m)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(q, CFG)
+        out[name] = (m, q)
+    return out
+
+
+def _experts(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if experts_layout(m) is not None or isinstance(m, QuantExperts)}
+
+
+def _dequantized_reference(float_model: nn.Module, q: nn.Module) -> nn.Module:
+    """The float model (transformers' own experts classes) holding the weights the quantized model computes
+    with: each 3-D expert parameter rebuilt by stacking QuantLinear.dequantized_weight() of every expert, by hand
+    here (transposed back for transposed layouts), and every quantized Linear dequantized."""
+    ref = copy.deepcopy(float_model)
+    qmods = dict(q.named_modules())
+    with torch.no_grad():
+        for name, fm in _experts(ref).items():
+            qe = qmods[name]
+            assert isinstance(qe, QuantExperts)
+            lay = experts_layout(fm)
+            for pname, child in (("gate_up_proj" if lay["gate"] else "up_proj", qe.up_name), ("down_proj", "down")):
+                ws = [lin.dequantized_weight() for lin in getattr(qe, child)]
+                stacked = torch.stack([w.t() for w in ws] if lay["transposed"] else ws)
+                assert stacked.shape == getattr(fm, pname).shape
+                getattr(fm, pname).copy_(stacked)
+        for name, m in qmods.items():
+            if isinstance(m, QuantLinear) and not any(name.startswith(e + ".") for e in _experts(ref)):
+                ref.get_submodule(name).weight.copy_(m.dequantized_weight())
+    return ref
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_match_dequantized_transformers_model(quantized, name):
+    float_model, q = quantized[name]
+    assert sum(isinstance(m, QuantExperts) for m in q.modules()) == float_model.config.num_hidden_layers
+    ref = _dequantized_reference(float_model, q)
+    x = moe_inputs()
+    with torch.no_grad(), force_backend("torch"):
+        got = q(**x).logits
+        want = ref(**x).logits
+        plain = float_model(**x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # 4-bit experts do change the logits (the check above can fail)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_expert_is_its_slice_quantized(quantized, name):
+    float_model, q = quantized[name]
+    fname, fm = next(iter(_experts(float_model).items()))
+    qe = q.get_submodule(fname)
+    lay = experts_layout(fm)
+    e = lay["num_experts"] - 1
+    w = fm.down_proj.detach()[e]
+    w = w.t() if lay["transposed"] else w
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    expected = QuantLinear.from_float(lin, CFG)
+    assert torch.equal(qe.down[e].qweight_4, expected.qweight_4)
+    assert torch.equal(qe.down[e].scales_4, expected.scales_4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_no_expert_weight_left_in_float(quantized, name):
+    """The 92%-float problem: after quantize_ only norms, routers, embeddings and the head are float."""
+    float_model, q = quantized[name]
+    routers = set(moe_routers(q))
+    assert routers  # every model here has routers, kept in float by default
+    total = sum(p.numel() for p in float_model.parameters())
+    float_left = {n: p for n, p in q.named_parameters()
+                  if p.dim() >= 2 and "embed" not in n and "lm_head" not in n
+                  and not any(n.startswith(r + ".") for r in routers)}
+    assert not float_left, sorted(float_left)[:5]
+    experts_params = sum(p.numel() for m in _experts(float_model).values() for p in m.parameters())
+    assert experts_params > 0.3 * total
+    assert not unsupported_experts(float_model)
+
+
+def test_routers_stay_float_and_are_reported():
+    m = build_moe("qwen2_moe")
+    with pytest.warns(UserWarning, match=r"4 MoE router\(s\) stay in floating point"):
+        quantize_(m, CFG)
+    for name in ("model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate"):
+        assert type(m.get_submodule(name)).__name__ != "QuantLinear"
+    m = build_moe("qwen2_moe")  # a plain-Linear router named exactly is quantized
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(m, {"model.layers.0.mlp.shared_expert_gate": CFG, "_default": CFG})
+    assert isinstance(m.get_submodule("model.layers.0.mlp.shared_expert_gate"), QuantLinear)
+    assert not isinstance(m.get_submodule("model.layers.1.mlp.shared_expert_gate"), QuantLinear)
+
+
+def test_patterns_select_experts_and_requantize():
+    m = build_moe("mixtral")
+    assert "model.layers.0.mlp.experts" in quantizable_modules(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(m, {"model.layers.0.mlp.experts": CFG})
+    assert isinstance(m.model.layers[0].mlp.experts, QuantExperts)
+    assert not isinstance(m.model.layers[1].mlp.experts, QuantExperts)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(m, {"model.layers.0.mlp.experts": CFG})
+    with pytest.warns(UserWarning, match="requantizing"):
+        quantize_(m, {"model.layers.0.mlp.experts": QuantConfig(bits=8)}, requantize=True)
+    assert m.model.layers[0].mlp.experts.gate_up[0].config.bits == 8
+
+
+def test_channel_bits_refused_for_experts():
+    m = build_moe("mixtral")
+    with pytest.raises(ValueError, match="channel_bits"):
+        quantize_(m, {"model.layers.0.mlp.experts": QuantConfig(bits=4, channel_bits=[4] * 8)})
+
+
+def test_to_float_gives_back_the_original_class(quantized):
+    float_model, q = quantized["gpt_oss"]
+    name, fm = next(iter(_experts(float_model).items()))
+    back = q.get_submodule(name).to_float()
+    assert type(back) is type(fm)
+    assert back.gate_up_proj.shape == fm.gate_up_proj.shape and back.down_proj_bias.shape == fm.down_proj_bias.shape
+    torch.testing.assert_close(back.gate_up_proj_bias, fm.gate_up_proj_bias)  # biases stay float
+
+
+@pytest.mark.parametrize("name", ["mixtral", "llama4_text", "gpt_oss"])
+def test_save_load_and_transformers_round_trip_bit_exact(quantized, name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, q = quantized[name]
+    x = moe_inputs()
+    with torch.no_grad():
+        want = q(**x).logits
+    state = q.state_dict()
+    mq.save(q, tmp_path / "mq")
+    loaded = mq.load(tmp_path / "mq")
+    save_pretrained(q, tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for back in (loaded, hf):
+        assert sum(isinstance(m, QuantExperts) for m in back.modules()) == q.config.num_hidden_layers
+        got = back.state_dict()
+        assert sorted(got) == sorted(state)
+        assert all(torch.equal(got[k], state[k]) for k in state)
+        with torch.no_grad():
+            assert torch.equal(back(**x).logits, want)
