@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline", "checkpoint", "quantize", "info", "evaluate"]
+SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline", "checkpoint", "quantize", "info", "evaluate", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

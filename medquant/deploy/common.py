@@ -291,15 +291,15 @@ def copy_tokenizer_files(source: Path | None, dest: Path, skip: Iterable[str] = 
     return copied
 
 
-def progress(items: Iterable[T], total: int | None = None, desc: str = "export", enabled: bool = False) -> \
-        Iterator[T]:
+def progress(items: Iterable[T], total: int | None = None, desc: str = "export", enabled: bool = False,
+             unit: str = "layer") -> Iterator[T]:
     """``items`` wrapped in a tqdm bar when ``enabled`` (command line), else unchanged."""
     if not enabled:
         yield from items
         return
     from tqdm.auto import tqdm
 
-    yield from tqdm(items, total=total, desc=desc, unit="tensor")
+    yield from tqdm(items, total=total, desc=desc, unit=unit)
 
 
 def parse_size(value: int | str) -> int:

@@ -204,7 +204,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard: int
         names = ["model.safetensors"]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for fname, shard in progress(zip(names, shards), total=len(shards), desc="writing", enabled=show):
+    for fname, shard in progress(zip(names, shards), total=len(shards), desc="writing", enabled=show, unit="file"):
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes)},

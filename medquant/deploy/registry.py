@@ -147,7 +147,13 @@ def _lookup(name: str) -> _Format:
     if name not in _FORMATS and name in _BUILTIN:
         import importlib
 
-        importlib.import_module(_BUILTIN[name])
+        try:
+            importlib.import_module(_BUILTIN[name])
+        except ModuleNotFoundError as e:
+            if e.name != _BUILTIN[name]:
+                raise
+            raise ExportError(f"export format {name!r} is not available in this installation (its backend module "
+                              f"{_BUILTIN[name]} is missing)") from None
     if name not in _FORMATS:
         raise ExportError(f"unknown export format {name!r}; available: {', '.join(export_formats())}")
     return _FORMATS[name]
@@ -170,6 +176,12 @@ def _check_requirements(fmt: _Format) -> None:
     if missing:
         raise ExportError(f"format={fmt.name!r} needs the package(s) {', '.join(missing)}; install them with "
                           f"pip install 'medquant[export]'")
+
+
+def check_format(name: str) -> None:
+    """Raise :class:`ExportError` now if :func:`export` would refuse ``format=name`` (unknown format, a backend
+    that is not installed, or a missing optional package), so callers can check before loading a model."""
+    _check_requirements(_lookup(name))
 
 
 def export(model: nn.Module, path: str | Path, format: str, **options: Any) -> ExportReport:
