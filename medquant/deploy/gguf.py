@@ -1,0 +1,451 @@
+"""``format="gguf"``: one ``.gguf`` file that llama.cpp and Ollama run (and transformers reads back).
+
+Supported: the language model of LLaMA-style models (``LlamaForCausalLM``, SmolLM2), Qwen2 / Qwen2.5 and Gemma 3
+(``Gemma3ForCausalLM``), also as the language part of a VLM (LLaVA with a Llama language model,
+``Gemma3ForConditionalGeneration``); the vision tower and projector are not written (llama.cpp reads them from a
+separate ``mmproj`` file, which this exporter does not produce).
+
+What is written, in llama.cpp's names (``token_embd``, ``blk.<i>.attn_q`` ... ``output_norm``, ``output``):
+
+* metadata: architecture (``llama`` / ``qwen2`` / ``gemma3``), context length, embedding length, block count,
+  feed-forward length, head counts, head sizes, rope frequency base (and linear / YaRN / Llama 3 scaling, the last
+  as the ``rope_freqs`` tensor ``1 / f_i`` per frequency pair), RMS-norm epsilon, Gemma 3's sliding window and its
+  per-layer pattern, the tokenizer (:mod:`medquant.deploy.gguf_vocab`), the chat template;
+* the transforms of llama.cpp's own converter: LLaMA ``q_proj`` / ``k_proj`` rows permuted from the
+  half-split rope layout of transformers to llama.cpp's interleaved one (per head of ``D`` rows, row
+  ``2i + j`` of the result is row ``i + j * D/2`` of the input, ``i < D/2``, ``j in {0, 1}``), exact since
+  medquant quantizes row by row; Gemma 3 RMS-norm weights stored as ``1 + w`` (llama.cpp multiplies by the stored
+  value, transformers by ``1 + w``);
+* weights: :mod:`medquant.deploy.gguf_blocks` (Q4_0 / Q4_1 / Q8_0, per layer); float matrices as ``F32``
+  (``float_type="F16"`` halves them), 1-D tensors always ``F32``.
+
+Refused with :class:`~medquant.deploy.ExportError` naming the layers: schemes no block type carries (asymmetric
+8-bit, float rows inside a quantized layer, groups not a multiple of 32) unless ``promote=True``, which
+requantizes those layers to ``promote_type`` (default Q8_0, by the ``gguf`` package's quantiser; or ``"F32"``,
+exact but uncompressed) and reports the added error; pruned models whose blocks differ in shape; MoE experts;
+architectures other than the three above.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .common import head_is_tied, layer_scheme, progress, quantized_layers, source_folder
+from .gguf_blocks import QK, choose_target, decode, gguf_type, layer_blocks, requantize, scope_problem
+from .gguf_vocab import add_tokenizer
+from .registry import ExportError, ExportReport, LayerExport, register_export_format
+
+#: transformers ``model_type`` of the language model -> llama.cpp architecture
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+FLOAT_TYPES = ("F32", "F16")
+PROMOTE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
+
+_COMMON = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+BLOCK_NAMES = {
+    "llama": {**_COMMON, "post_attention_layernorm": "ffn_norm"},
+    "qwen2": {**_COMMON, "post_attention_layernorm": "ffn_norm"},
+    "gemma3": {**_COMMON, "post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+}
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
+
+
+def rope_permutation(rows: int, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp's converter gives LLaMA q/k weights: ``perm[i]`` is the source row of row ``i``.
+
+    Per head of ``D = rows / n_head`` rows: result row ``h*D + 2i + j`` = source row ``h*D + i + j*D/2``.
+    """
+    d = rows // n_head
+    idx = torch.arange(rows).reshape(n_head, 2, d // 2)
+    return idx.transpose(1, 2).reshape(rows)
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def language_parts(model: nn.Module) -> tuple[str, Any, nn.Module, str, nn.Module | None, str]:
+    """``(arch, text_config, decoder, decoder_name, head, head_name)`` of a supported model.
+
+    Raises:
+        ExportError: an architecture without a GGUF mapping here, or no decoder / embedding / layers found.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ExportError("format='gguf' needs a transformers model (with .config); got "
+                          f"{type(model).__name__}")
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    mtype = getattr(text_cfg, "model_type", None)
+    arch = ARCHITECTURES.get(mtype or "")
+    if arch is None:
+        raise ExportError(f"format='gguf' supports the language models llama, qwen2 and gemma3 (also inside a "
+                          f"VLM), not model_type={mtype!r} ({type(model).__name__})")
+    for attr in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if (getattr(text_cfg, attr, None) or 0) > 0:
+            raise ExportError(f"format='gguf' does not export mixture-of-experts models ({attr}="
+                              f"{getattr(text_cfg, attr)}); only dense llama / qwen2 / gemma3 language models")
+    for path in ("model.language_model", "language_model", "model"):
+        dec = _get(model, path)
+        if dec is not None and hasattr(dec, "embed_tokens") and hasattr(dec, "layers") and hasattr(dec, "norm"):
+            break
+    else:
+        raise ExportError(f"{type(model).__name__}: no language model with embed_tokens / layers / norm found")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    return arch, text_cfg, dec, names[id(dec)], head, (names.get(id(head), "lm_head") if head is not None else "")
+
+
+def _rope_params(cfg: Any) -> tuple[dict, dict | None]:
+    rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rp = dict(rp)
+    if "full_attention" in rp:
+        return dict(rp["full_attention"] or {}), dict(rp.get("sliding_attention") or {})
+    return rp, None
+
+
+def _head_dim(cfg: Any) -> int:
+    hd = getattr(cfg, "head_dim", None)
+    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+
+
+def _expected_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
+    h, hd = cfg.hidden_size, _head_dim(cfg)
+    nq, nkv, ff = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    return {"attn_q": (nq * hd, h), "attn_k": (nkv * hd, h), "attn_v": (nkv * hd, h), "attn_output": (h, nq * hd),
+            "ffn_gate": (ff, h), "ffn_up": (ff, h), "ffn_down": (h, ff)}
+
+
+def _shape(m: nn.Module) -> tuple[int, int] | None:
+    if hasattr(m, "out_rows") and hasattr(m, "k"):
+        return (int(m.out_rows), int(m.k))
+    w = getattr(m, "weight", None)
+    return tuple(w.shape) if isinstance(w, torch.Tensor) and w.dim() == 2 else None  # type: ignore[return-value]
+
+
+def _write_metadata(writer: Any, arch: str, cfg: Any, name: str, n_vocab: int) -> list[str]:
+    from gguf import RopeScalingType
+
+    notes = []
+    writer.add_name(name)
+    writer.add_context_length(int(cfg.max_position_embeddings))
+    writer.add_embedding_length(int(cfg.hidden_size))
+    writer.add_block_count(int(cfg.num_hidden_layers))
+    writer.add_feed_forward_length(int(cfg.intermediate_size))
+    writer.add_head_count(int(cfg.num_attention_heads))
+    writer.add_head_count_kv(int(cfg.num_key_value_heads))
+    writer.add_key_length(_head_dim(cfg))
+    writer.add_value_length(_head_dim(cfg))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    full, sliding = _rope_params(cfg)
+    theta = full.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if theta is None:
+        raise ExportError(f"the {arch} config has no rope_theta; GGUF needs the rope frequency base")
+    writer.add_rope_freq_base(float(theta))
+    rope_type = (full.get("rope_type") or full.get("type") or "default").lower()
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+    elif rope_type == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(full["original_max_position_embeddings"]))
+    elif rope_type not in ("default", "llama3"):
+        raise ExportError(f"rope_type={rope_type!r} has no GGUF export here; supported: default, linear, yarn, "
+                          "llama3")
+    if arch == "llama":
+        writer.add_vocab_size(n_vocab)
+        writer.add_rope_dimension_count(_head_dim(cfg))
+    if arch == "gemma3":
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            raise ExportError("Gemma 3 with attn_logit_softcapping has no llama.cpp counterpart")
+        if getattr(cfg, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+        layer_types = getattr(cfg, "layer_types", None)
+        window = getattr(cfg, "sliding_window", None)
+        if window and layer_types:
+            writer.add_sliding_window(int(window))
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+            local = (sliding or {}).get("rope_theta", getattr(cfg, "rope_local_base_freq", None))
+            if local is not None:
+                writer.add_rope_freq_base_swa(float(local))
+        scalar = getattr(cfg, "query_pre_attn_scalar", None)
+        if scalar is not None and int(scalar) != _head_dim(cfg):
+            notes.append(f"query_pre_attn_scalar={scalar} differs from head_dim={_head_dim(cfg)}: llama.cpp scales "
+                         "attention by 1/sqrt(head_dim) (except for its 27B model type)")
+    return notes
+
+
+def _llama3_rope_freqs(cfg: Any) -> np.ndarray | None:
+    full, _ = _rope_params(cfg)
+    if (full.get("rope_type") or "").lower() != "llama3":
+        return None
+    base, dim = float(full.get("rope_theta", 10000.0)), _head_dim(cfg)
+    factor = float(full.get("factor", 8.0))
+    low, high = float(full.get("low_freq_factor", 1.0)), float(full.get("high_freq_factor", 4.0))
+    old = float(full.get("original_max_position_embeddings", 8192))
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+class _Plan:
+    """The tensors to write, in order, each ``(gguf_name, hf_name, module_or_tensor, kind)``."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, Any, str]] = []
+
+    def add(self, gguf_name: str, hf_name: str, obj: Any, kind: str) -> None:
+        self.items.append((gguf_name, hf_name, obj, kind))
+
+
+def _plan(arch: str, cfg: Any, dec: nn.Module, dec_name: str, head: nn.Module | None, head_name: str,
+          tied: bool) -> _Plan:
+    plan = _Plan()
+    pre = f"{dec_name}." if dec_name else ""
+    plan.add("token_embd", f"{pre}embed_tokens", dec.embed_tokens, "matrix")
+    covered = {id(dec.embed_tokens), id(dec.norm)}
+    shape_problems, unmapped = [], []
+    want = _expected_shapes(cfg)
+    for i, block in enumerate(dec.layers):
+        for path, gname in BLOCK_NAMES[arch].items():
+            m = _get(block, path)
+            if m is None:
+                raise ExportError(f"{pre}layers.{i}.{path} is missing; the {arch} GGUF layout needs it")
+            covered.add(id(m))
+            hf = f"{pre}layers.{i}.{path}"
+            if gname in want and _shape(m) != want[gname]:
+                shape_problems.append(f"{hf} {_shape(m)} (expected {want[gname]})")
+            plan.add(f"blk.{i}.{gname}", hf, m, "matrix" if gname in want else "norm")
+        for sub_name, sub in block.named_modules():
+            own = any("." not in key for key in sub.state_dict())
+            if own and id(sub) not in covered:
+                unmapped.append(f"{pre}layers.{i}.{sub_name}")
+    if shape_problems:
+        raise ExportError("GGUF stores one shape per tensor kind for all blocks (llama.cpp reads the sizes from the "
+                          "metadata), but these layers differ, as after structured pruning: "
+                          + "; ".join(shape_problems))
+    if unmapped:
+        experts = [u for u in unmapped if "expert" in u]
+        what = "mixture-of-experts layers are not supported" if experts else "they have no llama.cpp counterpart"
+        raise ExportError(f"format='gguf' cannot place these modules ({what}): {', '.join(unmapped[:20])}")
+    plan.add("output_norm", f"{pre}norm", dec.norm, "norm")
+    if head is not None and not tied:
+        plan.add("output", head_name, head, "matrix")
+    return plan
+
+
+def _float_row(name: str, w: torch.Tensor, target: str, note: str = "", scheme: str | None = None
+               ) -> tuple[np.ndarray, LayerExport]:
+    w = w.detach().float().contiguous()
+    if target == "F16":
+        data = w.half().numpy()
+        err = float((torch.from_numpy(data).float() - w).abs().max()) if w.numel() else 0.0
+    else:
+        data = w.numpy()
+        err = 0.0
+    return data, LayerExport(name, scheme or "float32", target, "float", err, note)
+
+
+def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote_type: str = "Q8_0",
+                 float_type: str = "F32", source: str | Path | None = None, tokenizer: bool = True,
+                 tokenizer_pre: str | None = None, name: str | None = None, show_progress: bool = False,
+                 **unknown: Any) -> ExportReport:
+    """Backend of ``export(model, path, format="gguf", ...)`` (module docstring).
+
+    Args:
+        model: a transformers llama / qwen2 / gemma3 causal LM or a LLaVA / Gemma 3 VLM, medquant-quantized or
+            float.
+        path: the ``.gguf`` file to write, or a folder (then ``<folder>/model.gguf``).
+        promote: requantize layers whose scheme no GGUF block type carries (else they are refused).
+        promote_type: the type promoted layers get: ``"Q8_0"`` (default), ``"Q4_0"``, ``"Q4_1"``, ``"F16"`` or
+            ``"F32"`` (exact, uncompressed).
+        float_type: type of float matrices (embeddings, unquantized layers): ``"F32"`` (exact) or ``"F16"``.
+        source: folder with the tokenizer files (default: ``model.name_or_path`` when it is a folder).
+        tokenizer: write the tokenizer (llama.cpp needs it); ``False`` writes weights and config only.
+        tokenizer_pre: llama.cpp's pre-tokenizer name (default: guessed from the model family).
+        name: ``general.name`` (default: the model's ``name_or_path`` or its class name).
+        show_progress: tqdm bar over the tensors.
+    """
+    import gguf
+
+    if unknown:
+        raise ExportError(f"format='gguf' got unknown option(s) {sorted(unknown)}; accepted: promote, "
+                          "promote_type, float_type, source, tokenizer, tokenizer_pre, name, show_progress")
+    if float_type not in FLOAT_TYPES:
+        raise ExportError(f"float_type={float_type!r} is not accepted; use one of {', '.join(FLOAT_TYPES)}")
+    if promote_type not in PROMOTE_TYPES:
+        raise ExportError(f"promote_type={promote_type!r} is not accepted; use one of {', '.join(PROMOTE_TYPES)}")
+    arch, cfg, dec, dec_name, head, head_name = language_parts(model)
+    tied = head is None or head_is_tied(model)
+    plan = _plan(arch, cfg, dec, dec_name, head, head_name, tied)
+
+    # refuse before writing anything: every quantized layer of the plan must have a block type (or promote)
+    quant = {id(m) for _, m in quantized_layers(model)}
+    refused = []
+    for _, hf, m, _kind in plan.items:
+        if id(m) in quant and choose_target(m) is None:
+            refused.append(f"{hf}: {layer_scheme(m)}" + (f" ({scope_problem(m)})" if scope_problem(m) else ""))
+    if refused and not promote:
+        raise ExportError(
+            f"format='gguf' has no block type for {len(refused)} layer(s): {'; '.join(refused)}. GGUF carries "
+            "symmetric 1-8 bit and asymmetric 1-7 bit codes with group sizes that are multiples of 32 (Q4_0 / Q4_1 /"
+            " Q8_0); pass promote=True to requantize these layers to promote_type (lossy, reported per layer)")
+    in_plan = {id(m) for _, _, m, _ in plan.items}
+    outside = [n for n, m in quantized_layers(model) if id(m) not in in_plan]
+
+    path = Path(path)
+    if path.suffix != ".gguf":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "model.gguf"
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    model_name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+    n_vocab = int(dec.embed_tokens.weight.shape[0])
+    report = ExportReport(format="gguf", path=str(path))
+    writer = gguf.GGUFWriter(str(path), arch)
+    try:
+        report.notes.extend(_write_metadata(writer, arch, cfg, model_name, n_vocab))
+        if tokenizer:
+            folder = source_folder(model, source)
+            if folder is None:
+                raise ExportError("format='gguf' writes the tokenizer into the file (llama.cpp needs it): pass "
+                                  "source=<folder with tokenizer.json / tokenizer.model>, or tokenizer=False")
+            report.notes.extend(add_tokenizer(writer, folder, arch, n_vocab, model_name, tokenizer_pre))
+        else:
+            report.notes.append("no tokenizer written (tokenizer=False): llama.cpp cannot run this file as is")
+        types_written: list[str] = []
+        for gname, hf, m, kind in progress(plan.items, total=len(plan.items), desc="gguf", enabled=show_progress):
+            perm = None
+            if arch == "llama" and gname.endswith((".attn_q", ".attn_k")):
+                nh = cfg.num_attention_heads if gname.endswith(".attn_q") else cfg.num_key_value_heads
+                perm = rope_permutation(_shape(m)[0], nh)  # type: ignore[index]
+            rope_note = "rows permuted to llama.cpp's rope layout" if perm is not None else ""
+            if kind == "norm":
+                w = m.weight.detach().float()
+                note = ""
+                if arch == "gemma3":
+                    w, note = w + 1.0, "stored as 1 + w (llama.cpp's Gemma RMS norm)"
+                data, row = _float_row(f"{hf}.weight", w, "F32", note)
+                writer.add_tensor(f"{gname}.weight", data)
+                report.layers.append(row)
+                continue
+            if id(m) in quant:
+                data, row = _quant_tensor(m, hf, perm, promote_type)
+                row.note = "; ".join(x for x in (row.note, rope_note) if x)
+                writer.add_tensor(f"{gname}.weight", data, raw_dtype=gguf_type(row.target))
+                types_written.append(row.target)
+                report.layers.append(row)
+            else:
+                w = m.weight.detach()
+                if perm is not None:
+                    w = w.index_select(0, perm)
+                data, row = _float_row(f"{hf}.weight", w, float_type, rope_note, scheme=str(w.dtype).split(".")[-1])
+                writer.add_tensor(f"{gname}.weight", data)
+                types_written.append(float_type)
+                report.layers.append(row)
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                b = bias.detach().float()
+                if perm is not None:
+                    b = b.index_select(0, perm)
+                data, row = _float_row(f"{hf}.bias", b, "F32", rope_note)
+                writer.add_tensor(f"{gname}.bias", data)
+                report.layers.append(row)
+        freqs = _llama3_rope_freqs(cfg)
+        if freqs is not None:
+            writer.add_tensor("rope_freqs.weight", freqs)
+            report.notes.append("llama3 rope scaling written as the rope_freqs tensor")
+        quant_types = [t for t in types_written if t not in FLOAT_TYPES]
+        main = max(set(quant_types), key=quant_types.count) if quant_types else float_type
+        writer.add_file_type(_FILE_TYPE[main])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+    except BaseException:
+        writer.close()
+        path.unlink(missing_ok=True)
+        raise
+    writer.close()
+    report.files.append(str(path))
+    if tied:
+        report.notes.append("output head tied to token_embd (no output.weight written)")
+    if outside:
+        report.notes.append(f"not exported (outside the language model): {len(outside)} quantized layer(s), e.g. "
+                            f"{outside[0]}; llama.cpp reads a vision tower from a separate mmproj file")
+    return report
+
+
+@torch.no_grad()
+def _quant_tensor(layer: nn.Module, hf: str, perm: torch.Tensor | None, promote_type: str
+                  ) -> tuple[np.ndarray, LayerExport]:
+    """One quantized layer -> GGUF bytes and its report row; the error is measured by decoding the bytes."""
+    ref = layer.dequantized_weight(torch.float32)
+    if perm is not None:
+        ref = ref.index_select(0, perm)
+    scheme = layer_scheme(layer)
+    target = choose_target(layer)
+    if target is None:  # the caller checked promote
+        if promote_type in FLOAT_TYPES:
+            data, row = _float_row(hf, ref, promote_type, scheme=scheme)
+            row.note = f"no GGUF block type carries {scheme}: dequantized to {promote_type}"
+            row.how = "float" if promote_type == "F32" else "lossy requantization"
+            return data, row
+        if layer.k % QK:
+            raise ExportError(f"{hf}: input size {layer.k} is not a multiple of {QK}; promote it with "
+                              "promote_type='F32' or 'F16'")
+        data = requantize(ref, promote_type)
+        err = float((decode(data, promote_type) - ref).abs().max())
+        return data, LayerExport(hf, scheme, promote_type, "lossy requantization", err,
+                                 f"requantized from {scheme} (promote=True)")
+    blocks = layer_blocks(layer, target)
+    if perm is not None:
+        blocks = blocks.permute_rows(perm)
+    data = blocks.pack()
+    err = float((decode(data, target) - ref).abs().max())
+    cfg = layer.config
+    b = layer.bit_groups[0]
+    repack = (not layer.mixed and cfg.scope == "group" and cfg.group_size == QK and cfg.is_symmetric(b)
+              and (b, target) in ((4, "Q4_0"), (8, "Q8_0")))
+    if err == 0.0:
+        how = "exact repack" if repack else "exact re-expression"
+        note = "" if repack else f"re-expressed as {target}"
+    else:
+        how = "near-exact"
+        why = []
+        if not blocks.scales_exact_in_fp16():
+            why.append(f"{cfg.scale_dtype} scales / offsets rounded to GGUF's float16")
+        note = "; ".join(why) or f"{target} arithmetic rounds"
+    return data, LayerExport(hf, scheme, target, how, err, note)
+
+
+register_export_format(
+    "gguf", _export_gguf, requires=("gguf",),
+    description="one .gguf file for llama.cpp / Ollama (llama, qwen2, gemma3 language models; Q4_0/Q4_1/Q8_0)")

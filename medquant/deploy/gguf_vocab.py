@@ -1,0 +1,117 @@
+"""The tokenizer inside a GGUF file, read from a Hugging Face tokenizer folder.
+
+llama.cpp keeps the whole tokenizer in the GGUF metadata: ``tokenizer.ggml.model`` (``"gpt2"`` for byte-level
+BPE, ``"llama"`` for SentencePiece-style tokenizers), ``tokenizer.ggml.pre`` (the pre-tokenizer llama.cpp applies
+before BPE), ``tokenizer.ggml.tokens`` / ``token_type`` (and ``scores`` for SentencePiece), the BPE
+``merges``, the special token ids (bos, eos, unk, pad), whether bos/eos are added, and the chat template.
+
+Byte-level BPE (``tokenizer.json`` with a BPE model and a ByteLevel decoder) is read here: tokens in id order,
+added tokens marked ``CONTROL`` when special and ``USER_DEFINED`` otherwise, every other token ``NORMAL``.
+SentencePiece (``tokenizer.model``) and byte-fallback BPE tokenizers are read by the ``gguf`` package's own
+vocabulary classes. The token list is padded to the model's vocabulary size with unused ``[PAD<i>]`` tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .registry import ExportError
+
+#: llama.cpp pre-tokenizer names for byte-level BPE tokenizers, chosen by model family when not given
+DEFAULT_PRE = {"qwen2": "qwen2"}
+
+
+def guess_pre(arch: str, name: str, n_vocab: int) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer: ``"qwen2"`` for Qwen2, ``"smollm"`` for
+    SmolLM models (name contains "smollm"), ``"llama-bpe"`` for the 128256-token Llama 3 vocabulary, else
+    ``"default"`` (pass ``tokenizer_pre=`` to the export for another model)."""
+    if arch in DEFAULT_PRE:
+        return DEFAULT_PRE[arch]
+    if "smollm" in name.lower().replace(" ", "").replace("-", ""):
+        return "smollm"
+    if n_vocab == 128256:
+        return "llama-bpe"
+    return "default"
+
+
+def _bpe_tokens(folder: Path) -> tuple[list[str], list[int]] | None:
+    """Tokens and token types of a byte-level BPE ``tokenizer.json``, or None for another kind of tokenizer."""
+    from gguf import TokenType
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    model = tj.get("model", {})
+    decoder = tj.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback", False) or decoder.get("type") != "ByteLevel":
+        return None
+    by_id: dict[int, tuple[str, int]] = {i: (t, int(TokenType.NORMAL)) for t, i in model["vocab"].items()}
+    for added in tj.get("added_tokens", []):
+        kind = TokenType.CONTROL if added.get("special", False) else TokenType.USER_DEFINED
+        by_id[int(added["id"])] = (added["content"], int(kind))
+    n = max(by_id) + 1
+    missing = [i for i in range(n) if i not in by_id]
+    if missing:
+        raise ExportError(f"{path}: token ids {missing[:10]} have no token; the GGUF vocabulary needs every id")
+    return [by_id[i][0] for i in range(n)], [by_id[i][1] for i in range(n)]
+
+
+def add_tokenizer(writer: Any, folder: Path, arch: str, n_vocab: int, name: str, pre: str | None) -> list[str]:
+    """Write the tokenizer of ``folder`` into ``writer`` (a ``gguf.GGUFWriter``); returns notes for the report.
+
+    Raises:
+        ExportError: no readable tokenizer in ``folder``, or more tokens than the model's ``n_vocab`` rows.
+    """
+    from gguf import SpecialVocab, TokenType
+    from gguf.vocab import LlamaHfVocab, SentencePieceVocab
+
+    notes = []
+    scores: list[float] | None = None
+    bpe = _bpe_tokens(folder)
+    if bpe is not None:
+        tokens, types = bpe
+        model_kind = "gpt2"
+        pre = pre or guess_pre(arch, name, n_vocab)
+        notes.append(f"tokenizer: byte-level BPE, {len(tokens)} tokens, llama.cpp pre-tokenizer {pre!r}")
+    else:
+        vocab: Any = None
+        errors = []
+        for cls in (SentencePieceVocab, LlamaHfVocab):
+            try:
+                vocab = cls(folder)
+                break
+            except (FileNotFoundError, RuntimeError, TypeError, ImportError) as e:
+                errors.append(f"{cls.__name__}: {e}")
+        if vocab is None:
+            raise ExportError(f"no tokenizer that GGUF can carry in {folder} (looked for a byte-level BPE "
+                              f"tokenizer.json, a SentencePiece tokenizer.model, a byte-fallback BPE tokenizer.json: "
+                              f"{'; '.join(errors)})")
+        tokens, scores, types = [], [], []
+        for text, score, ttype in vocab.all_tokens():
+            tokens.append(text.decode("utf-8") if isinstance(text, bytes) else text)
+            scores.append(float(score))
+            types.append(int(ttype))
+        model_kind = "llama"
+        pre = pre or "default"
+        notes.append(f"tokenizer: SentencePiece-style ({type(vocab).__name__}), {len(tokens)} tokens")
+    if len(tokens) > n_vocab:
+        raise ExportError(f"the tokenizer in {folder} has {len(tokens)} tokens but the model's embedding has only "
+                          f"{n_vocab} rows; give the tokenizer that belongs to this model (source=...)")
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(TokenType.UNUSED))
+        if scores is not None:
+            scores.append(-1000.0)
+    writer.add_tokenizer_model(model_kind)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = SpecialVocab(folder, load_merges=model_kind == "gpt2", n_vocab=n_vocab)
+    special.add_to_gguf(writer, quiet=True)
+    if special.chat_template is None:
+        notes.append("tokenizer: no chat template in the source folder")
+    return notes
