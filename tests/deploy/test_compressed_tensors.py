@@ -1,0 +1,277 @@
+"""format="compressed-tensors", checked with the compressed-tensors package's own decompressor (bit-exact against
+medquant's dequantised weights) and with transformers' compressed-tensors loader (logits of the medquant model)."""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import medquant as mq
+from medquant.deploy import ExportError, export
+from medquant.kernels import force_backend
+from medquant.quant.api import quantized_modules
+from medquant.testing.zoo import ZOO_BY_NAME
+
+pytest.importorskip("compressed_tensors")
+
+FMT = "compressed-tensors"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return ZOO_BY_NAME["llama"].build()
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def _qconfig(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())["quantization_config"]
+
+
+def _ct_decompress(folder, name: str) -> torch.Tensor:
+    """The weight of layer ``name`` as compressed-tensors' pack-quantized decompressor reads it from the files,
+    with the scheme of the config group whose targets name the layer (or "Linear" for a single group)."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    cfg = QuantizationConfig.model_validate(_qconfig(folder))
+    assert cfg.format == "pack-quantized" and name not in cfg.ignore
+    schemes = [g for g in cfg.config_groups.values() if name in g.targets] or \
+        [g for g in cfg.config_groups.values() if g.targets == ["Linear"]]
+    assert len(schemes) == 1
+    tensors = _tensors(folder)
+    local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".weight_")}
+    return PackedQuantizationCompressor.decompress(local, schemes[0])["weight"]
+
+
+# bits, symmetric, scope, group size, how the layers are written
+SCHEMES = [
+    (4, True, "group", 32, "exact repack"),
+    (4, False, "group", 32, "exact repack"),
+    (8, True, "channel", 128, "exact repack"),
+    (2, True, "group", 32, "exact repack"),
+    (3, False, "group", 32, "exact repack"),
+    (3, False, "channel", 128, "exact repack"),
+    (6, False, "group", 64, "exact repack"),
+    (4, False, "tensor", 128, "exact repack"),
+    (8, True, "tensor", 128, "exact repack"),
+    (1, False, "channel", 128, "exact repack"),
+    (1, True, "group", 32, "exact re-expression"),  # (2u - 1) s as symmetric 2-bit codes
+    (4, True, "group", 48, "exact re-expression"),  # K = 128, 256 not multiples of 48: groups of 16
+]
+
+
+@pytest.mark.parametrize("bits,sym,scope,gs,how", SCHEMES,
+                         ids=[f"int{b}-{'sym' if s else 'asym'}-{sc}{g if sc == 'group' else ''}"
+                              for b, s, sc, g, _ in SCHEMES])
+def test_decompressor_reads_medquant_weights_bit_exactly(llama, tmp_path, bits, sym, scope, gs, how):
+    model = mq.quantize_(copy.deepcopy(llama), mq.QuantConfig(bits, symmetric=sym, scope=scope, group_size=gs),
+                         skip=["lm_head"])
+    report = export(model, tmp_path / "ct", format=FMT)
+    folder = tmp_path / "ct"
+    layers = quantized_modules(model)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        got = _ct_decompress(folder, name)
+        assert torch.equal(got.float(), layer.dequantized_weight(torch.float32)), name
+    rows = {r.name: r for r in report.layers}
+    assert {rows[n].how for n in layers} == {how}
+    assert all(rows[n].max_abs_error == 0.0 for n in layers)
+    assert rows["lm_head"].how == "float"
+    q = _qconfig(folder)
+    assert q["quant_method"] == "compressed-tensors" and q["ignore"] == ["lm_head"]
+    (group,) = q["config_groups"].values()
+    assert group["weights"]["num_bits"] == (2 if (bits, sym) == (1, True) else bits)
+    assert group["weights"]["strategy"] == scope and group["weights"]["symmetric"] is sym
+    t = _tensors(folder)
+    assert ("model.layers.0.mlp.up_proj.weight_zero_point" in t) is (not sym)
+    assert t["model.layers.0.mlp.up_proj.weight_shape"].tolist() == [256, 128]
+    assert t["model.layers.0.mlp.up_proj.weight_packed"].dtype == torch.int32
+
+
+LM_CASES = [
+    ("llama", mq.QuantConfig(4, symmetric=True, group_size=32)),
+    ("qwen2", mq.QuantConfig(4, symmetric=False, group_size=32)),
+    ("gemma3_text", mq.QuantConfig(3, symmetric=False, scope="channel")),
+    ("llava", mq.QuantConfig(8, symmetric=True, scope="channel")),
+    ("gemma3_vlm", mq.QuantConfig(4, symmetric=True, group_size=32)),
+]
+
+
+@pytest.mark.parametrize("name,cfg", LM_CASES, ids=[c[0] for c in LM_CASES])
+def test_transformers_reload_gives_the_medquant_logits(tmp_path, name, cfg):
+    import transformers
+    from transformers import CompressedTensorsConfig
+
+    entry = ZOO_BY_NAME[name]
+    model = entry.build()
+    if entry.is_vlm:  # the language model only: vision tower, projector and head stay float
+        mq.quantize_(model, {"@language": cfg, "@vision": None}, skip=["@head"])
+    else:
+        mq.quantize_(model, cfg, skip=["lm_head"])
+    float_before = {k: v.clone() for k, v in model.state_dict().items() if "vision" in k or "projector" in k}
+    inputs = entry.inputs(model)
+    with torch.no_grad(), force_backend("torch"):  # medquant's float32 reference path
+        ref = entry.output(model, inputs)
+    export(model, tmp_path / "ct", format=FMT)
+    kw = {} if cfg.is_symmetric() else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    cls = getattr(transformers, type(model).__name__)
+    loaded = cls.from_pretrained(str(tmp_path / "ct"), **kw).eval()
+    with torch.no_grad():
+        got = entry.output(loaded, inputs)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    sd = loaded.state_dict()
+    for lname, layer in quantized_modules(model).items():  # the weights themselves, bit for bit
+        assert torch.equal(sd[f"{lname}.weight"], layer.dequantized_weight(torch.float32)), lname
+    ignore = set(_qconfig(tmp_path / "ct")["ignore"])
+    quantized = set(quantized_modules(model))
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert ignore == linears  # every float Linear (vision tower, projector, head) ignored, nothing else
+    assert not ignore & quantized
+    if entry.is_vlm:
+        vision = {n for n in linears if "vision" in n}
+        assert vision and vision <= ignore
+        if name == "llava":  # Gemma 3's projector is a plain weight tensor, not a Linear
+            assert {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"} <= ignore
+        for k, v in float_before.items():
+            assert torch.equal(sd[k], v), k
+        assert all(not hasattr(m, "quantization_scheme") or m.quantization_scheme is None
+                   for n, m in loaded.named_modules() if n in vision)
+
+
+def _mixed_llama(llama):
+    model = copy.deepcopy(llama)
+    mixed = mq.QuantConfig(4, symmetric=True, group_size=32, channel_bits=(3,) * 10 + (4,) * 118)
+    mq.quantize_(model, {"model.layers.0.self_attn.q_proj": mixed, "model.layers.1.mlp.up_proj":
+                         mq.QuantConfig(4, symmetric=True, group_size=32, channel_bits=(8,) * 6 + (4,) * 250),
+                         "_default": mq.QuantConfig(4, symmetric=True, group_size=32)}, skip=["lm_head"])
+    return model
+
+
+def test_mixed_row_bits_are_refused_with_the_layers(llama, tmp_path):
+    model = _mixed_llama(llama)
+    with pytest.raises(ExportError) as err:
+        export(model, tmp_path / "ct", format=FMT)
+    msg = str(err.value)
+    assert "model.layers.0.self_attn.q_proj: mixed {3: 10 rows, 4: 118 rows}" in msg
+    assert "model.layers.1.mlp.up_proj: mixed {4: 250 rows, 8: 6 rows}" in msg
+    assert "promote=True" in msg
+    assert not (tmp_path / "ct").exists()
+
+
+def test_promote_requantizes_mixed_layers_and_reports_the_error(llama, tmp_path):
+    model = _mixed_llama(llama)
+    report = export(model, tmp_path / "ct", format=FMT, promote=True)
+    rows = {r.name: r for r in report.layers}
+    for name, top, n_kept in (("model.layers.0.self_attn.q_proj", 4, 118), ("model.layers.1.mlp.up_proj", 8, 6)):
+        row = rows[name]
+        assert row.how == "lossy requantization" and f"to {top} bits" in row.note
+        layer = model.get_submodule(name)
+        ref = layer.dequantized_weight(torch.float32)
+        got = _ct_decompress(tmp_path / "ct", name).float()
+        assert row.max_abs_error == pytest.approx(float((got - ref).abs().max()), abs=0.0) and row.max_abs_error > 0
+        kept = layer.row_bits() == top  # rows already at the layer's largest bit-width keep their values
+        assert int(kept.sum()) == n_kept and torch.equal(got[kept], ref[kept])
+    assert rows["model.layers.0.self_attn.k_proj"].how == "exact repack"
+    q = _qconfig(tmp_path / "ct")
+    assert len(q["config_groups"]) == 2  # 4-bit g32 for most layers, 8-bit g32 for the promoted up_proj
+    eight = [g for g in q["config_groups"].values() if g["weights"]["num_bits"] == 8]
+    assert eight[0]["targets"] == ["model.layers.1.mlp.up_proj"]
+    assert report.lossy() and any("promote" in n for n in report.notes)
+
+
+def test_sharded_export_has_an_index_that_transformers_loads(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = mq.quantize_(copy.deepcopy(llama), mq.QuantConfig(4, symmetric=True, group_size=32), skip=["lm_head"])
+    report = export(model, tmp_path / "ct", format=FMT, max_shard_size="100KB")
+    folder = tmp_path / "ct"
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and not (folder / "model.safetensors").exists()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    on_disk = {k: f.name for f in shards for k in load_file(str(f))}
+    assert index["weight_map"] == on_disk
+    for f in shards:  # a shard holds more than the limit only when one tensor alone is larger
+        sizes = [t.numel() * t.element_size() for t in load_file(str(f)).values()]
+        assert sum(sizes) <= 100_000 or len(sizes) == 1
+    assert "model.safetensors.index.json" in report.files
+    ids = torch.tensor([[2, 5, 9, 33, 7]])
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    with torch.no_grad(), force_backend("torch"):
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_tied_head_is_stored_once_and_a_quantized_head_is_untied(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    entry = ZOO_BY_NAME["gemma3_text"]  # ties lm_head to the embeddings
+    model = mq.quantize_(entry.build(), mq.QuantConfig(8, symmetric=True, scope="channel"), skip=["lm_head"])
+    report = export(model, tmp_path / "tied", format=FMT)
+    assert "lm_head.weight" not in _tensors(tmp_path / "tied")
+    assert any("lm_head.weight" in n for n in report.notes)
+    # quantizing the head breaks the tie: the config must not re-tie it on load
+    model2 = mq.quantize_(entry.build(), mq.QuantConfig(8, symmetric=True, scope="channel"))
+    export(model2, tmp_path / "head", format=FMT)
+    assert json.loads((tmp_path / "head" / "config.json").read_text()).get("tie_word_embeddings") is False
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "head")).eval()
+    with torch.no_grad():  # a symmetric export is decompressed at the first forward
+        loaded(input_ids=torch.tensor([[2, 5, 9]]))
+    assert torch.equal(loaded.lm_head.weight, model2.lm_head.dequantized_weight(torch.float32))
+    assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+
+
+def test_tokenizer_files_are_copied_from_the_source_folder(llama, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    (src / "notes.txt").write_text("not a tokenizer file")
+    model = mq.quantize_(copy.deepcopy(llama), mq.QuantConfig(4, group_size=32), skip=["lm_head"])
+    report = export(model, tmp_path / "ct", format=FMT, source=src)
+    for f in ("tokenizer_config.json", "tokenizer.json"):
+        assert (tmp_path / "ct" / f).read_bytes() == (src / f).read_bytes() and f in report.files
+    assert not (tmp_path / "ct" / "notes.txt").exists()
+    with pytest.raises(ExportError, match="not a folder"):
+        export(model, tmp_path / "ct2", format=FMT, source=src / "notes.txt")
+
+
+def test_bad_inputs_are_refused_before_writing(llama, tmp_path):
+    model = mq.quantize_(copy.deepcopy(llama), mq.QuantConfig(4, group_size=32), skip=["lm_head"])
+    with pytest.raises(ExportError, match="no medquant-quantized layers"):
+        export(copy.deepcopy(llama), tmp_path / "a", format=FMT)
+    with pytest.raises(ExportError, match="transformers model"):
+        export(torch.nn.Sequential(mq.QuantLinear.from_float(torch.nn.Linear(32, 16), mq.QuantConfig(4))),
+               tmp_path / "b", format=FMT)
+    with pytest.raises(ExportError, match="scale_dtype"):
+        export(model, tmp_path / "c", format=FMT, scale_dtype="int8")
+    with pytest.raises(ExportError, match="max_shard_size|size"):
+        export(model, tmp_path / "d", format=FMT, max_shard_size="lots")
+    with pytest.raises(ExportError, match="does not take option"):
+        export(model, tmp_path / "e", format=FMT, bits=4)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="not empty"):
+        export(model, busy, format=FMT)
+    assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+    assert not any((tmp_path / x).exists() for x in "abcde")
+    export(model, busy, format=FMT, overwrite=True)
+    assert (busy / "config.json").is_file() and not (busy / "keep.txt").exists()
