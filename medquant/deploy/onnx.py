@@ -1,0 +1,320 @@
+"""``format="onnx"``: a medquant classifier as an ONNX model that ONNX Runtime runs with integer kernels.
+
+Three lines::
+
+    quantize_(model, QuantConfig(bits=8, scope="channel"))            # weights (8-bit per channel)
+    sim = calibrate_activations(model, calib_batches)                  # static int8 activations; sim == deployed
+    export(sim, "model.onnx", format="onnx", example_inputs=x)         # the file ONNX Runtime loads
+
+``export(model, path, format="onnx", example_inputs=..., calib=...)`` also calibrates in one call.
+
+**Exporter and opset.** The TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) traces the
+simulated model of :mod:`medquant.deploy.onnx_sim`, whose layers carry their own ONNX lowering (an
+``autograd.Function`` with a ``symbolic``): every quantized layer is written as exactly the nodes that compute it,
+with its codes and scales as initializers named after the layer (``<layer>.weight_codes``, ``.weight_scale``,
+``.weight_zero_point``, ``.input_quant.scale``...). The dynamo exporter would need the same lowering as onnxscript
+functions per custom op; the TorchScript one is still shipped by torch 2.13 (with a deprecation warning, which is
+silenced here). The graph is written at opset 21, the first with block-wise ``DequantizeLinear`` and int4/uint4
+tensors; ``com.microsoft.MatMulNBits`` (domain ``com.microsoft``, version 1) carries 4-bit Linear weights.
+
+**What runs as integer kernels.** 8-bit per-channel (or per-tensor) layers are ``DequantizeLinear`` (weights) and
+``QuantizeLinear``/``DequantizeLinear`` pairs (activations) around ``Conv`` / ``Gemm``; ONNX Runtime fuses them at
+session creation into ``QLinearConv``, ``QGemm``, ``QLinearAdd`` (residual additions), uint8 ``MaxPool``
+(:func:`optimized_op_counts` reads the optimized graph). 4-bit group-wise Linear layers run ``MatMulNBits``
+(weight-only, float activations); 4-bit convolutions are block-wise int4 ``DequantizeLinear`` + a float ``Conv``:
+a smaller file, not a faster one.
+
+**Parity.** The simulation is the model that is exported, so the two compute the same function; the integer
+kernels round a value computed in a different float order, which moves a code by one step where the value is
+within float rounding of a boundary. :func:`medquant.deploy.onnx_sim.logits_tolerance` bounds the logits from
+that; :func:`export` runs the written file on ``example_inputs`` (and on them twice over, to check the dynamic
+batch axis) and raises :class:`~medquant.deploy.registry.ExportError` if ONNX Runtime leaves the bound
+(data-dependent control flow traced for one input, an op exported wrongly).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .onnx_sim import (
+    CalibrationError,
+    SimulationInfo,
+    as_args,
+    calibrate_activations,
+    first_tensor,
+    logits_tolerance,
+    prepare,
+)
+from .registry import ExportError, ExportReport, LayerExport, register_export_format
+
+OPSET = 21
+INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
+               "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "DynamicQuantizeMatMul",
+               "MatMulNBits")
+
+__all__ = [
+    "INTEGER_OPS",
+    "OPSET",
+    "CalibrationError",
+    "OnnxClassifier",
+    "calibrate_activations",
+    "check_inputs",
+    "export_onnx",
+    "logits_tolerance",
+    "optimized_op_counts",
+]
+
+
+class _Logits(nn.Module):
+    """The model with its output reduced to one tensor (``.logits`` of a Hugging Face output)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return first_tensor(self.model(*args))
+
+
+def _retype_int4(model, names: list[str]) -> None:
+    """Store the named int8/uint8 initializers (codes in -8..7 / 0..15) as INT4/UINT4 (two per byte)."""
+    import onnx
+    from onnx import numpy_helper
+
+    by_name = {t.name: t for t in model.graph.initializer}
+    for name in names:
+        t = by_name.get(name)
+        if t is None:
+            continue
+        arr = numpy_helper.to_array(t)
+        kind = onnx.TensorProto.INT4 if arr.dtype == np.int8 else onnx.TensorProto.UINT4
+        new = onnx.helper.make_tensor(name, kind, arr.shape, arr.astype(np.int32).reshape(-1).tolist())
+        t.CopyFrom(new)
+
+
+def _initializer_consumers_fix(model) -> None:
+    """The exporter de-duplicates equal constants through Identity nodes; point every consumer of such an Identity
+    at the initializer itself (ONNX Runtime's QDQ fusions need constant scales and zero points)."""
+    inits = {t.name for t in model.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    if not alias:
+        return
+    outputs = {o.name for o in model.graph.output}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias
+                                                  and n.output[0] not in outputs)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _feeds(names: list[str], args: tuple) -> dict[str, np.ndarray]:
+    return {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = None, calib: Any = None,
+                method: str = "minmax", percentile: float = 99.99, promote: bool = False,
+                input_names: list[str] | None = None, output_name: str = "logits", verify: bool = True,
+                **unknown: Any) -> ExportReport:
+    """Write ``model`` as an ONNX file (``path`` ending in ``.onnx``, else ``path/model.onnx``).
+
+    Args:
+        model: a model returned by :func:`calibrate_activations`, or a (quantized) classifier together with
+            ``calib`` (the calibration batches). A model without 8-bit per-channel layers (float, weight-only
+            4-bit) needs no calibration.
+        example_inputs: a tensor or tuple of tensors with the input shapes (any batch size: the batch axis is
+            dynamic); defaults to the first calibration batch.
+        calib, method, percentile, promote: passed to :func:`calibrate_activations`.
+        input_names: the ONNX input names (default ``pixel_values``, then ``input_1``...).
+        output_name: the name of the output tensor.
+        verify: run the file with ONNX Runtime on ``example_inputs`` and on them twice (batch axis) and compare with
+            the simulation (:func:`logits_tolerance`).
+
+    Returns:
+        An :class:`ExportReport` with one row per Conv/Linear layer.
+    """
+    if unknown:
+        raise ExportError(f"format='onnx' got unknown option(s) {sorted(unknown)}; accepted: example_inputs, calib, "
+                          f"method, percentile, promote, input_names, output_name, verify")
+    import onnx
+
+    info: SimulationInfo | None = getattr(model, "medquant_onnx", None)
+    if info is None:
+        if calib is not None:
+            model = calibrate_activations(model, calib, method=method, percentile=percentile, promote=promote)
+        else:
+            if example_inputs is None:
+                raise ExportError("format='onnx' needs example_inputs (or calib batches) to trace the model")
+            sim = prepare(model, as_args(example_inputs, 0), method=method, percentile=percentile, promote=promote)
+            needs = [p.name for p in sim.medquant_onnx.layers if p.kind == "qdq"]
+            if needs:
+                raise ExportError(f"format='onnx' writes static int8 activation scales for {len(needs)} layer(s) "
+                                  f"({', '.join(needs[:5])}{'...' if len(needs) > 5 else ''}): pass calib=<batches> "
+                                  "or a model returned by medquant.deploy.onnx.calibrate_activations")
+            model = sim
+        info = model.medquant_onnx
+    if example_inputs is None:
+        if calib is None:
+            raise ExportError("format='onnx' needs example_inputs (a tensor with the input shape) to trace the model")
+        example_inputs = next(iter(calib))
+    args = as_args(example_inputs, 0)
+    names = list(input_names) if input_names else ["pixel_values"] + [f"input_{i}" for i in range(1, len(args))]
+    if len(names) != len(args):
+        raise ExportError(f"input_names has {len(names)} names for {len(args)} inputs")
+    path = Path(path)
+    file = path if path.suffix == ".onnx" else path / "model.onnx"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = _Logits(model).eval()
+    nbits = any(p.kind == "nbits" for p in info.layers)
+    dyn = {n: {0: "batch"} for n in names}
+    dyn[output_name] = {0: "batch"}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, args, str(file), dynamo=False, opset_version=OPSET, input_names=names,
+                              output_names=[output_name], dynamic_axes=dyn,
+                              custom_opsets={"com.microsoft": 1} if nbits else None,
+                              do_constant_folding=True)
+    except ExportError:
+        raise
+    except Exception as e:  # torch.onnx reports the op it cannot express
+        raise ExportError(f"torch.onnx could not express the model: {type(e).__name__}: {e}".strip()[:2000]) from e
+    proto = onnx.load(str(file))
+    _initializer_consumers_fix(proto)
+    _retype_int4(proto, info.int4_tensors)
+    proto.producer_name = "medquant"
+    meta = {"medquant.calibration": f"{info.method} ({info.batches} batches)",
+            "medquant.folded_batchnorm": ", ".join(f"{b}->{c}" for c, b in info.folded.items())}
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(file))
+    report = ExportReport(format="onnx", path=str(file), files=[str(file)])
+    for plan in info.layers:
+        report.layers.append(LayerExport(plan.name, plan.scheme, plan.container, plan.how, plan.max_abs_error,
+                                         plan.note))
+    report.notes.append(f"opset {OPSET} (TorchScript exporter); activations: "
+                        f"{info.method} calibration on {info.batches} batch(es); BatchNorm folded: {len(info.folded)}")
+    if verify:
+        tol = _verify(model, file, args, names)
+        report.notes.append(f"verified with onnxruntime on the example inputs and a doubled batch: max |diff| "
+                            f"{tol[0]:.3g} <= tolerance {tol[1]:.3g}")
+    return report
+
+
+def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[float, float]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    worst, bound = 0.0, 0.0
+    for batch in (args, tuple(torch.cat([a, a.flip(0)]) for a in args)):
+        with torch.no_grad():
+            want = first_tensor(sim(*batch)).float().numpy()
+        got = sess.run(None, _feeds(names, batch))[0]
+        tol = logits_tolerance(sim)
+        tol = tol if tol is not None else 1e-3 * (1.0 + float(np.abs(want).max()))
+        if got.shape != want.shape:
+            raise ExportError(f"onnxruntime returned shape {got.shape} for inputs of batch {batch[0].shape[0]}, the "
+                              f"model {want.shape}: a shape was traced as a constant (use only the batch axis "
+                              f"dynamically, no data-dependent control flow)")
+        diff = float(np.abs(got - want).max())
+        if diff > tol:
+            raise ExportError(f"onnxruntime's outputs differ from the model by {diff:.4g} (> tolerance {tol:.4g}) "
+                              f"on a batch of {batch[0].shape[0]}: the trace does not represent the model (data-"
+                              f"dependent control flow, or a Python value computed from the input)")
+        worst, bound = max(worst, diff), tol
+    return worst, bound
+
+
+def optimized_op_counts(path: str | Path, optimized_path: str | Path | None = None) -> Counter:
+    """The op types of the graph ONNX Runtime runs after its session-time fusions (level ``ORT_ENABLE_EXTENDED``:
+    the QDQ -> QLinearConv / QGemm / QLinearAdd fusions), counted; compare with :data:`INTEGER_OPS`."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(optimized_path) if optimized_path else str(Path(tmp) / "optimized.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = out
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(out).graph.node)
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(float16)": np.float16}
+
+
+def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Check ``feeds`` against an ``onnxruntime.InferenceSession``'s inputs: names, rank, fixed dimensions and
+    dtype; returns numpy arrays. Raises ``ValueError`` naming the input, the shape it got and the one expected."""
+    expected = {i.name: i for i in session.get_inputs()}
+    missing = sorted(set(expected) - set(feeds))
+    extra = sorted(set(feeds) - set(expected))
+    if missing or extra:
+        raise ValueError(f"inputs {sorted(feeds)} do not match the model's {sorted(expected)}"
+                         + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+    out = {}
+    for name, value in feeds.items():
+        spec = expected[name]
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        shape = ["batch" if not isinstance(d, int) else d for d in spec.shape]
+        if arr.ndim != len(shape) or any(isinstance(d, int) and d != a for d, a in zip(shape, arr.shape)):
+            raise ValueError(f"input {name!r} has shape {tuple(arr.shape)}, the model expects "
+                             f"({', '.join(str(d) for d in shape)})")
+        want = _ORT_TYPES.get(spec.type)
+        if want is not None and arr.dtype != want:
+            if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(want, np.floating):
+                arr = arr.astype(want)
+            else:
+                raise ValueError(f"input {name!r} has dtype {arr.dtype}, the model expects {spec.type}")
+        out[name] = arr
+    return out
+
+
+class OnnxClassifier:
+    """An ONNX Runtime session with checked inputs: ``OnnxClassifier("model.onnx")(images) -> logits``.
+
+    Args:
+        path: the ``.onnx`` file (or the folder holding ``model.onnx``).
+        threads: intra-op threads (None: ONNX Runtime's default).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        p = Path(path)
+        p = p / "model.onnx" if p.is_dir() else p
+        so = ort.SessionOptions()
+        if threads is not None:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *inputs: Any) -> np.ndarray:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"the model takes {len(self.input_names)} input(s) {self.input_names}, got {len(inputs)}")
+        feeds = check_inputs(self.session, dict(zip(self.input_names, inputs)))
+        try:
+            return self.session.run(None, feeds)[0]
+        except Exception as e:  # ORT's own message, with the input named
+            raise ValueError(f"onnxruntime failed on inputs "
+                             f"{ {k: tuple(v.shape) for k, v in feeds.items()} }: {e}") from e
+
+
+def _backend(model: nn.Module, path: Path, **options: Any) -> ExportReport:
+    return export_onnx(model, path, **options)
+
+
+register_export_format("onnx", _backend, description="ONNX Runtime: int8 QDQ (QLinearConv/QGemm), MatMulNBits "
+                       "4-bit, static activation scales", requires=("onnx", "onnxruntime"), replace=True)

@@ -1,0 +1,861 @@
+"""The PyTorch twin of an ONNX Runtime int8 classifier: BatchNorm folding, static activation scales, simulation.
+
+:func:`calibrate_activations` turns a (medquant-quantized) classifier into the model that the ``onnx`` export
+writes, as a PyTorch module whose forward computes what ONNX Runtime computes, so that accuracy measured in
+PyTorch is the accuracy of the deployed model:
+
+1. **BatchNorm folding.** A ``BatchNorm2d`` that reads the output of a convolution is folded into it: with
+   ``f_c = gamma_c / sqrt(var_c + eps)``, the weight row ``c`` becomes ``w_c * f_c`` and the bias
+   ``(b_c - mean_c) * f_c + beta_c``. For a quantized convolution only the scales change (``s' = s * f_c`` in
+   float32); the integer codes are kept bit for bit.
+2. **Weights** as medquant quantized them, in the container ONNX has for them (:func:`layer_plan`):
+   ``w = (u - z) * s`` with ``u``/``z`` medquant's codes and zero points. Symmetric rows store ``q = u - 2^(b-1)``
+   (``2u - 1`` for 1 bit) as int8 with zero point 0, asymmetric rows store ``u`` as uint8 with zero point ``z``.
+3. **Activations** (layers with 8-bit per-channel or per-tensor weights only): a per-tensor uint8 quantization
+   of each such layer's input and output, ``q = saturate(round_half_even(x / s) + z, 0, 255)``,
+   ``x^ = (q - z) * s``, exactly ONNX ``QuantizeLinear`` followed by ``DequantizeLinear``. The scale and zero
+   point come from the calibration batches: ``lo = min(min x, 0)``, ``hi = max(max x, 0)`` (``method="minmax"``; or
+   the mean over batches of the ``p``-th and ``(100 - p)``-th percentiles, ``method="percentile"``),
+   ``s = (hi - lo) / 255`` in float32, ``z = saturate(round(-lo / s))``. Calibration observes the float model
+   (no quantization while observing), as ONNX Runtime's ``quantize_static`` does.
+
+   A ``ReLU`` module that reads a quantized layer's output is fused into the layer (relu, then the output
+   quantization; the calibrated ``lo`` is then 0 and so is ``z``, which lets ONNX Runtime drop the Relu into the
+   integer kernel). A layer whose input is already the quantized output of another layer (also through a
+   ``MaxPool2d``, which commutes with a monotone quantization) reuses that scale instead of requantizing. The
+   layer that produces the model's output keeps a float output (logits are not quantized).
+4. Layers with 4-bit group-wise weights (and every other group-wise scheme) are **weight-only**: float
+   activations, weights dequantized at run time (``MatMulNBits`` for Linear, a block-wise ``DequantizeLinear``
+   and a float Conv for convolutions).
+
+The deployed integer kernels compute ``round(acc * (s_x s_w / s_y)) + z_y`` from an int32 accumulator, the
+simulation ``round((sum of dequantized products + b) / s_y) + z_y`` in float32: the two agree except where the
+value lies within float rounding of a rounding boundary, where a code differs by one step.
+:func:`logits_tolerance` turns that into a bound on the logits.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.modules import QuantConv2d, QuantLinear
+from .common import layer_scheme, layer_weight
+from .registry import ExportError
+
+ACT_QMIN, ACT_QMAX = 0, 255
+METHODS = ("minmax", "percentile")
+NATIVE_BITS = (4, 8)
+
+
+class CalibrationError(ValueError):
+    """Calibration batches that cannot give activation scales (empty, NaN/inf, wrong type); names the input or
+    the layer."""
+
+
+def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``(saturate(round_half_even(x / s) + z, 0, 255) - z) * s`` in float32: ONNX QuantizeLinear (uint8) then
+    DequantizeLinear."""
+    z = zero_point.to(torch.float32)
+    q = torch.clamp(torch.round(x / scale) + z, ACT_QMIN, ACT_QMAX)
+    return (q - z) * scale
+
+
+# ---------------------------------------------------------------------------------------------- ONNX functions
+def _qdq(g, x, scale, zp):
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zp), scale, zp)
+
+
+def _dq_weight(g, codes, scale, zp, mode, gs, k, shape):
+    """Weight DequantizeLinear: per output row (``mode`` 0) or block-wise along K (``mode`` 1, opset 21), the
+    block-wise one sliced back to ``k`` columns and reshaped to ``shape``."""
+    if mode == 0:
+        return g.op("DequantizeLinear", codes, scale, zp, axis_i=0)
+    w = g.op("DequantizeLinear", codes, scale, zp, axis_i=1, block_size_i=gs)
+    kp = codes.type().sizes()[1]
+    if kp != k:
+        w = g.op("Slice", w, g.op("Constant", value_t=torch.tensor([0])), g.op("Constant", value_t=torch.tensor([k])),
+                 g.op("Constant", value_t=torch.tensor([1])))
+    if len(shape) != 2:
+        w = g.op("Reshape", w, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+    return w
+
+
+def _weight_eager(codes, scale, zp, mode, gs, k, shape):
+    if mode == 0:
+        view = (-1,) + (1,) * (codes.dim() - 1)
+        return (codes.to(torch.float32) - zp.to(torch.float32).view(view)) * scale.view(view)
+    w = (codes.to(torch.float32) - zp.to(torch.float32).repeat_interleave(gs, 1)) * scale.repeat_interleave(gs, 1)
+    return w[:, :k].reshape(shape)
+
+
+class _ConvFn(torch.autograd.Function):
+    """``[Q DQ] -> Conv(DQ(W)) -> [Relu] -> [Q DQ]`` (flags: 1 input quant, 2 relu, 4 output quant)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, zp, bias, in_s, in_z, out_s, out_z, stride, pads, dil, groups, mode, gs, k,
+                shape, flags):
+        if flags & 1:
+            x = fake_quantize_activation(x, in_s, in_z)
+        w = _weight_eager(codes, scale, zp, mode, gs, k, shape)
+        pad = (pads[1], pads[3], pads[0], pads[2])
+        if pads[0] == pads[2] and pads[1] == pads[3]:
+            y = F.conv2d(x, w, bias, stride, (pads[0], pads[1]), dil, groups)
+        else:
+            y = F.conv2d(F.pad(x, pad), w, bias, stride, 0, dil, groups)
+        if flags & 2:
+            y = torch.relu(y)
+        if flags & 4:
+            y = fake_quantize_activation(y, out_s, out_z)
+        return y
+
+    @staticmethod
+    def symbolic(g, x, codes, scale, zp, bias, in_s, in_z, out_s, out_z, stride, pads, dil, groups, mode, gs, k,
+                 shape, flags):
+        if flags & 1:
+            x = _qdq(g, x, in_s, in_z)
+        w = _dq_weight(g, codes, scale, zp, mode, gs, k, shape)
+        args = [x, w] if bias is None else [x, w, bias]
+        y = g.op("Conv", *args, strides_i=list(stride), pads_i=list(pads), dilations_i=list(dil), group_i=groups,
+                 kernel_shape_i=list(shape[2:]))
+        if flags & 2:
+            y = g.op("Relu", y)
+        if flags & 4:
+            y = _qdq(g, y, out_s, out_z)
+        return y
+
+
+class _LinearFn(torch.autograd.Function):
+    """``[Q DQ] -> Gemm(x2d, DQ(W), bias, transB=1) -> [Relu] -> [Q DQ]`` on ``x`` flattened to 2-D."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, zp, bias, in_s, in_z, out_s, out_z, mode, gs, k, n, flags):
+        if flags & 1:
+            x = fake_quantize_activation(x, in_s, in_z)
+        y = F.linear(x, _weight_eager(codes, scale, zp, mode, gs, k, (n, k)), bias)
+        if flags & 2:
+            y = torch.relu(y)
+        if flags & 4:
+            y = fake_quantize_activation(y, out_s, out_z)
+        return y
+
+    @staticmethod
+    def symbolic(g, x, codes, scale, zp, bias, in_s, in_z, out_s, out_z, mode, gs, k, n, flags):
+        rank = x.type().dim()
+        lead = None
+        if rank != 2:
+            shape = g.op("Shape", x)
+            lead = g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([0])),
+                        g.op("Constant", value_t=torch.tensor([rank - 1])), g.op("Constant", value_t=torch.tensor([0])))
+            x = g.op("Reshape", x, g.op("Constant", value_t=torch.tensor([-1, k], dtype=torch.int64)))
+        if flags & 1:
+            x = _qdq(g, x, in_s, in_z)
+        w = _dq_weight(g, codes, scale, zp, mode, gs, k, (n, k))
+        args = [x, w] if bias is None else [x, w, bias]
+        y = g.op("Gemm", *args, transB_i=1)
+        if flags & 2:
+            y = g.op("Relu", y)
+        if flags & 4:
+            y = _qdq(g, y, out_s, out_z)
+        if lead is not None:
+            y = g.op("Reshape", y, g.op("Concat", lead, g.op("Constant", value_t=torch.tensor([n])), axis_i=0))
+        return y
+
+
+def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 bytes ``(N, ...)`` holding two 4-bit codes each (even index in the low nibble) -> codes ``(N, k)``."""
+    b = packed.reshape(packed.shape[0], -1).to(torch.int32)
+    return torch.stack([b & 15, b >> 4], -1).reshape(packed.shape[0], -1)[:, :k]
+
+
+class _NBitsFn(torch.autograd.Function):
+    """``com.microsoft.MatMulNBits`` (4 bits, block-wise along K) then the bias."""
+
+    @staticmethod
+    def forward(ctx, x, packed, scale, zp_packed, bias, k, n, block):
+        nb = packed.shape[1]
+        u = unpack_nibbles(packed, nb * block).to(torch.float32)
+        z = torch.full((n, nb), 8.0) if zp_packed is None else unpack_nibbles(zp_packed, nb).to(torch.float32)
+        w = ((u - z.repeat_interleave(block, 1)) * scale.view(n, nb).repeat_interleave(block, 1))[:, :k]
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def symbolic(g, x, packed, scale, zp_packed, bias, k, n, block):
+        args = [x, packed, scale] + ([] if zp_packed is None else [zp_packed])
+        y = g.op("com.microsoft::MatMulNBits", *args, K_i=k, N_i=n, bits_i=4, block_size_i=block,
+                 accuracy_level_i=0)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:
+            y.setType(x.type().with_sizes(list(sizes[:-1]) + [n]))
+        return y if bias is None else g.op("Add", y, bias)
+
+
+# ------------------------------------------------------------------------------------------- quant points
+class ActQuant(nn.Module):
+    """One static per-tensor uint8 activation quantization: buffers ``scale`` (float32) and ``zero_point``
+    (uint8), the calibration statistics, and the mode (``"observe"`` records statistics and passes ``x``
+    through, ``"quantize"`` fake-quantizes)."""
+
+    def __init__(self, where: str, method: str, percentile: float) -> None:
+        super().__init__()
+        self.where, self.method, self.percentile = where, method, percentile
+        self.register_buffer("scale", torch.tensor(1.0, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.uint8))
+        self.mode = "observe"
+        self.batch = -1
+        self._lo: list[float] = []
+        self._hi: list[float] = []
+
+    def observe(self, x: torch.Tensor, batch: int) -> None:
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise CalibrationError(f"calibration batch {batch}: the activation at {self.where} contains {bad} "
+                                   f"NaN/inf values; activation scales need finite activations")
+        v = x.detach().reshape(-1).to(torch.float32)
+        if self.method == "minmax":
+            self._lo.append(float(v.min()))
+            self._hi.append(float(v.max()))
+        else:
+            n = v.numel()
+            lo_k = max(1, min(n, math.floor((100.0 - self.percentile) / 100.0 * n) + 1))
+            hi_k = max(1, min(n, math.ceil(self.percentile / 100.0 * n)))
+            self._lo.append(float(v.kthvalue(lo_k).values))
+            self._hi.append(float(v.kthvalue(hi_k).values))
+
+    def reset(self) -> None:
+        self._lo, self._hi = [], []
+
+    def finish(self) -> None:
+        """``s = (hi - lo) / 255`` (float32), ``z = saturate(round(-lo / s))`` from the recorded statistics."""
+        if not self._lo:
+            raise CalibrationError(f"no calibration data reached {self.where} (is the layer used in forward?)")
+        if self.method == "minmax":
+            lo, hi = min(self._lo), max(self._hi)
+        else:
+            lo, hi = sum(self._lo) / len(self._lo), sum(self._hi) / len(self._hi)
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        s = torch.tensor((hi - lo) / (ACT_QMAX - ACT_QMIN), dtype=torch.float32)
+        if float(s) <= 0.0:
+            s = torch.tensor(1.0, dtype=torch.float32)  # an all-zero activation: any scale is exact
+        z = torch.clamp(torch.round(torch.tensor(-lo, dtype=torch.float32) / s), ACT_QMIN, ACT_QMAX)
+        self.scale.copy_(s)
+        self.zero_point.copy_(z.to(torch.uint8))
+        self.mode = "quantize"
+
+    def extra_repr(self) -> str:
+        return f"{self.where}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}, mode={self.mode}"
+
+
+def _mark(t: torch.Tensor, point: ActQuant | None, relu_owner: nn.Module | None = None) -> None:
+    """Tag a tensor as 'the quantized output of ``point``' (valid while its version is unchanged)."""
+    try:
+        t._mq_point = (point, t._version)
+        t._mq_relu_owner = (relu_owner, t._version)
+    except (AttributeError, RuntimeError):
+        pass
+
+
+def _marked(t: Any, attr: str):
+    tag = getattr(t, attr, None)
+    if tag is None or tag[0] is None or tag[1] != t._version:
+        return None
+    return tag[0]
+
+
+# --------------------------------------------------------------------------------------------- the layers
+@dataclass
+class LayerPlan:
+    """How one layer goes into ONNX: ``kind`` is ``"qdq"`` (8-bit container, per output channel, integer
+    kernels with static activations), ``"nbits"`` (MatMulNBits, 4-bit blocks), ``"blocked"`` (block-wise
+    DequantizeLinear, float op) or ``"float"``."""
+
+    name: str
+    scheme: str
+    kind: str
+    container: str
+    how: str
+    note: str = ""
+    max_abs_error: float | None = 0.0
+
+
+def _is_pow2(v: int) -> bool:
+    return v >= 16 and (v & (v - 1)) == 0
+
+
+class ExportLayer(nn.Module):
+    """A Conv2d or Linear as it is exported (see :func:`calibrate_activations`); ``forward`` is the simulation."""
+
+    def __init__(self, name: str, src: nn.Module, plan: LayerPlan, uw, fold: tuple[torch.Tensor, torch.Tensor]
+                 | None, method: str, percentile: float) -> None:
+        super().__init__()
+        self.name, self.plan = name, plan
+        self.is_conv = isinstance(src, (QuantConv2d, nn.Conv2d))
+        if self.is_conv:
+            self.stride, self.dil, self.groups = tuple(src.stride), tuple(src.dilation), src.groups
+            self.shape = (src.out_channels, src.in_channels // src.groups, *src.kernel_size)
+            self.pads = self._pads(src)
+        n = self.shape[0] if self.is_conv else src.out_features
+        k = math.prod(self.shape[1:]) if self.is_conv else src.in_features
+        self.n, self.k = n, k
+        bias = src.bias.detach().to(torch.float32).clone() if src.bias is not None else None
+        factor = None
+        if fold is not None:
+            factor, shift = fold
+            bias = shift if bias is None else bias * factor + shift
+        self.register_buffer("bias", bias)
+        self.mode, self.gs, self.block = 0, 1, 0
+        if plan.kind == "float":
+            w = (src.weight_4d(torch.float32) if isinstance(src, QuantConv2d) else
+                 src.dequantized_weight(torch.float32) if isinstance(src, QuantLinear) else
+                 src.weight.detach().to(torch.float32)).reshape(n, -1)
+            if factor is not None:
+                w = w * factor[:, None]
+            self.register_buffer("weight", w.reshape(self.shape if self.is_conv else (n, k)).contiguous())
+        else:
+            self._store(uw, factor)
+        self.input_quant: ActQuant | None = None
+        self.output_quant: ActQuant | None = None
+        if plan.kind == "qdq":
+            self.input_quant = ActQuant(f"the input of {name}", method, percentile)
+            self.output_quant = ActQuant(f"the output of {name}", method, percentile)
+        self.fuse_relu = False
+        self.shared_input: str | None = None
+        self.structure = False
+
+    @staticmethod
+    def _pads(src) -> tuple[int, int, int, int]:
+        if isinstance(src.padding, str):
+            if src.padding == "valid":
+                return (0, 0, 0, 0)
+            tot = [d * (kk - 1) for d, kk in zip(src.dilation, src.kernel_size)]
+            return (tot[0] // 2, tot[1] // 2, tot[0] - tot[0] // 2, tot[1] - tot[1] // 2)
+        ph, pw = src.padding
+        return (ph, pw, ph, pw)
+
+    def _store(self, uw, factor) -> None:
+        """Integer codes in ONNX's container: signed ``q = u - 2^(b-1)`` (``2u - 1`` at 1 bit) with zero point 0
+        for symmetric rows, unsigned ``u`` with zero point ``z`` for asymmetric ones."""
+        u = uw.codes.to(torch.int32)
+        if uw.symmetric:
+            q = 2 * u - 1 if uw.bits == 1 else u - 2 ** (uw.bits - 1)
+            zp = torch.zeros_like(uw.scales, dtype=torch.int32)
+            dtype = torch.int8
+        else:
+            q, zp, dtype = u, uw.zeros.round().to(torch.int32), torch.uint8
+        scales = uw.scales.to(torch.float32).expand(uw.n, uw.scales.shape[1]).clone()
+        zp = zp.expand(uw.n, zp.shape[1]).clone()
+        if factor is not None:
+            before = uw.dequantize(torch.float32) * factor[:, None]
+            scales = scales * factor[:, None]
+            kp, g = uw.codes.shape[1], scales.shape[1]
+            zeros = None if uw.zeros is None else uw.zeros.expand(uw.n, g)
+            after = type(uw)(uw.codes, scales, zeros, uw.bits, uw.symmetric, "group", kp // g, uw.k).dequantize()
+            self.plan.max_abs_error = max(self.plan.max_abs_error or 0.0, float((after - before).abs().max()))
+        kind = self.plan.kind
+        if kind == "qdq":
+            if uw.scope == "tensor" or scales.shape[1] == 1:
+                scales, zp = scales[:, :1].reshape(-1), zp[:, :1].reshape(-1)
+            codes = q[:, :self.k]
+            self.register_buffer("weight_codes", codes.reshape(self.shape if self.is_conv else (self.n, self.k))
+                                 .to(dtype).contiguous())
+            self.register_buffer("weight_scale", scales.contiguous())
+            self.register_buffer("weight_zero_point", zp.to(dtype).contiguous())
+        elif kind == "blocked":
+            self.mode, self.gs = 1, uw.group_size
+            self.register_buffer("weight_codes", q.to(dtype).contiguous())
+            self.register_buffer("weight_scale", scales.contiguous())
+            self.register_buffer("weight_zero_point", zp.to(dtype).contiguous())
+        else:  # nbits: medquant's int32 words viewed as bytes are MatMulNBits' blocks (even k in the low nibble)
+            self.block = uw.group_size
+            nb = u.shape[1] // self.block
+            packed = (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+            self.register_buffer("weight_packed", packed.reshape(self.n, nb, self.block // 2).contiguous())
+            self.register_buffer("weight_scale", scales.reshape(-1).contiguous())
+            if uw.symmetric:  # implicit zero point 8 = 2^(4-1), MatMulNBits' default
+                self.register_buffer("weight_zero_point", None)
+            else:
+                zz = zp.to(torch.int32)
+                if nb % 2:
+                    zz = F.pad(zz, (0, 1))
+                self.register_buffer("weight_zero_point", (zz[:, 0::2] | (zz[:, 1::2] << 4)).to(torch.uint8)
+                                     .reshape(-1).contiguous())
+
+    # ---------------------------------------------------------------- forward (simulation and export)
+    def _act(self, q: ActQuant | None):
+        if q is None:
+            return None, None
+        return q.scale, q.zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_conv and x.dim() != 4:
+            raise ValueError(f"{self.name}: Conv2d input must be 4-D (batch, channels, H, W), got {tuple(x.shape)}")
+        if self.structure:
+            return self._structure_forward(x)
+        observe = any(q is not None and q.mode == "observe" for q in (self.input_quant, self.output_quant))
+        if observe and self.input_quant is not None:
+            self.input_quant.observe(x, self.input_quant.batch)
+        flags = 0
+        if self.input_quant is not None and not observe:
+            flags |= 1
+        if self.fuse_relu:
+            flags |= 2
+        if self.output_quant is not None and not observe:
+            flags |= 4
+        in_s, in_z = self._act(self.input_quant)
+        out_s, out_z = self._act(self.output_quant)
+        if self.plan.kind == "nbits":
+            y = _NBitsFn.apply(x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.k,
+                               self.n, self.block)
+        elif self.plan.kind == "float":
+            y = self._float_op(x)
+            if self.fuse_relu:
+                y = torch.relu(y)
+        elif self.is_conv:
+            y = _ConvFn.apply(x, self.weight_codes, self.weight_scale, self.weight_zero_point, self.bias, in_s, in_z,
+                              out_s, out_z, self.stride, self.pads, self.dil, self.groups, self.mode, self.gs, self.k,
+                              self.shape, flags)
+        else:
+            y = _LinearFn.apply(x, self.weight_codes, self.weight_scale, self.weight_zero_point, self.bias, in_s,
+                                in_z, out_s, out_z, self.mode, self.gs, self.k, self.n, flags)
+        if observe and self.output_quant is not None:
+            self.output_quant.observe(y, self.output_quant.batch)
+        if self.output_quant is not None:
+            _mark(y, self.output_quant)
+        if self.fuse_relu:
+            y._mq_relu_done = y._version
+        return y
+
+    def _float_op(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_conv:
+            return F.linear(x, self.weight, self.bias)
+        p = self.pads
+        if p[0] == p[2] and p[1] == p[3]:
+            return F.conv2d(x, self.weight, self.bias, self.stride, (p[0], p[1]), self.dil, self.groups)
+        return F.conv2d(F.pad(x, (p[1], p[3], p[0], p[2])), self.weight, self.bias, self.stride, 0, self.dil,
+                        self.groups)
+
+    def _structure_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The float forward of the structure pass: input sharing and ReLU fusion are decided here."""
+        if self.input_quant is not None:
+            shared = _marked(x, "_mq_point")
+            if shared is not None:
+                self.input_quant = None
+                self.shared_input = shared.where
+        if self.plan.kind == "nbits":
+            y = _NBitsFn.apply(x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.k,
+                               self.n, self.block)
+        elif self.plan.kind == "float":
+            y = self._float_op(x)
+        elif self.is_conv:
+            y = _ConvFn.apply(x, self.weight_codes, self.weight_scale, self.weight_zero_point, self.bias, None, None,
+                              None, None, self.stride, self.pads, self.dil, self.groups, self.mode, self.gs, self.k,
+                              self.shape, 0)
+        else:
+            y = _LinearFn.apply(x, self.weight_codes, self.weight_scale, self.weight_zero_point, self.bias, None,
+                                None, None, None, self.mode, self.gs, self.k, self.n, 0)
+        _mark(y, self.output_quant, self)
+        self._last_out = y
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.name}: {self.plan.scheme} -> {self.plan.kind} ({self.plan.container})"
+                + (", relu fused" if self.fuse_relu else "")
+                + (f", input shares {self.shared_input}" if self.shared_input else ""))
+
+
+class FusableReLU(nn.Module):
+    """``nn.ReLU`` for export: the identity on a tensor that a layer has already passed through its fused ReLU
+    (and output quantization); elsewhere (e.g. after a residual addition) a ReLU followed by its own uint8
+    quantization, so that ONNX Runtime runs the addition as ``QLinearAdd`` and the next layers read uint8."""
+
+    def __init__(self, name: str, inplace: bool = False, method: str = "minmax", percentile: float = 99.99) -> None:
+        super().__init__()
+        self.name, self.inplace = name, inplace
+        self.method, self.percentile = method, percentile
+        self.structure = False
+        self.output_quant: ActQuant | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(x, "_mq_relu_done", None) == x._version:
+            return x
+        if self.structure:
+            owner = _marked(x, "_mq_relu_owner")
+            point = _marked(x, "_mq_point")
+            y = torch.relu(x)
+            if owner is not None:
+                owner.fuse_relu = True
+                owner._last_out = y
+                _mark(y, point)
+            else:
+                if self.output_quant is None:
+                    self.output_quant = ActQuant(f"the output of ReLU {self.name}", self.method, self.percentile)
+                _mark(y, self.output_quant)
+                self._last_out = y
+            return y
+        y = torch.relu_(x) if self.inplace else torch.relu(x)
+        q = self.output_quant
+        if q is not None:
+            if q.mode == "observe":
+                q.observe(y, q.batch)
+            else:
+                y = _QDQFn.apply(y, q.scale, q.zero_point)
+            _mark(y, q)
+        return y
+
+
+class QuantMaxPool2d(nn.MaxPool2d):
+    """``MaxPool2d`` that keeps the quantization of a quantized input: the max of values on a uniform grid is on
+    the grid, so ``fq(maxpool(fq(x))) = maxpool(fq(x))`` exactly; the explicit QuantizeLinear/DequantizeLinear
+    lets ONNX Runtime run the pool (and the next convolution) on uint8."""
+
+    structure = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        point = _marked(x, "_mq_point")
+        if point is not None:
+            if point.mode == "quantize" and not self.structure:
+                y = _QDQFn.apply(y, point.scale, point.zero_point)
+            _mark(y, point)
+        return y
+
+
+class _QDQFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zp):
+        return fake_quantize_activation(x, scale, zp)
+
+    @staticmethod
+    def symbolic(g, x, scale, zp):
+        return _qdq(g, x, scale, zp)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def layer_plan(name: str, layer: nn.Module, promote: bool) -> tuple[LayerPlan, Any]:
+    """Decide how a layer is exported; returns the plan and medquant's weight (:class:`UniformWeight`) or None.
+
+    * 8-bit per-channel / per-tensor -> ``qdq`` (int8 with zero point 0 for symmetric, uint8 with medquant's zero
+      points for asymmetric): integer kernels with static activations.
+    * 4-bit group-wise Linear with a power-of-two group >= 16 -> ``nbits`` (``MatMulNBits``), weight-only.
+    * 4-bit otherwise (convolutions, other groups) -> ``blocked``: int4/uint4 blocks of a DequantizeLinear,
+      weight-only, float op.
+    * 1-3 and 5-7 bits (and per-row mixed layers) only with ``promote=True``: the codes go into the 4- or 8-bit
+      container unchanged (``(u - z) * s`` is representable exactly); mixed rows are requantized to the layer's
+      largest bit-width (:func:`medquant.deploy.common.layer_weight`).
+    """
+    scheme = layer_scheme(layer) if isinstance(layer, (QuantLinear, QuantConv2d)) else "float32"
+    if not isinstance(layer, (QuantLinear, QuantConv2d)):
+        return LayerPlan(name, scheme, "float", "float32", "float"), None
+    uw = layer_weight(layer, promote=promote)
+    if uw is None:
+        return LayerPlan(name, scheme, "float", "float32", "float", note="no integer rows"), None
+    note, how = uw.note, uw.how
+    if uw.bits not in NATIVE_BITS:
+        if not promote:
+            raise ExportError(f"{name}: {scheme} has no ONNX Runtime kernel (4- and 8-bit only)")
+        how = "exact re-expression" if how == "exact repack" else how
+        note = (note + "; " if note else "") + f"{uw.bits}-bit codes stored in a {'4' if uw.bits < 4 else '8'}-bit " \
+            "container (exact)"
+    signed = "int" if uw.symmetric else "uint"
+    linear = isinstance(layer, QuantLinear)
+    if uw.scope in ("channel", "tensor"):
+        return LayerPlan(name, scheme, "qdq", f"{signed}8 per-channel QDQ", how, note, uw.max_abs_error), uw
+    if linear and uw.bits == 4 and _is_pow2(uw.group_size):
+        return LayerPlan(name, scheme, "nbits", f"MatMulNBits 4-bit block {uw.group_size}", how, note,
+                         uw.max_abs_error), uw
+    width = 4 if uw.bits <= 4 else 8
+    return LayerPlan(name, scheme, "blocked", f"{signed}{width} block {uw.group_size} DequantizeLinear (float op)",
+                     how, note, uw.max_abs_error), uw
+
+
+# -------------------------------------------------------------------------------------------- calibration
+@dataclass
+class SimulationInfo:
+    """What :func:`calibrate_activations` built: the plan per layer, the folded BatchNorms, the activation
+    quantization points, the calibration method and number of batches, the layer that produces the output."""
+
+    layers: list[LayerPlan] = field(default_factory=list)
+    folded: dict[str, str] = field(default_factory=dict)
+    method: str = "minmax"
+    percentile: float = 99.99
+    batches: int = 0
+    output_layer: str | None = None
+    int4_tensors: list[str] = field(default_factory=list)
+
+
+def as_args(batch: Any, index: int) -> tuple[torch.Tensor, ...]:
+    """A calibration batch (a tensor, or a tuple/list of tensors) as positional arguments; checked for NaN."""
+    if isinstance(batch, torch.Tensor):
+        args: tuple = (batch,)
+    elif isinstance(batch, (tuple, list)) and batch and all(isinstance(t, torch.Tensor) for t in batch):
+        args = tuple(batch)
+    else:
+        raise CalibrationError(f"calibration batch {index}: expected a tensor or a tuple of tensors (the model's "
+                               f"positional inputs), got {type(batch).__name__}")
+    for i, t in enumerate(args):
+        if t.numel() == 0:
+            raise CalibrationError(f"calibration batch {index}: input {i} is empty (shape {tuple(t.shape)})")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise CalibrationError(f"calibration batch {index}: input {i} contains {bad} NaN/inf values")
+    return args
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The output tensor of a classifier: the tensor itself, ``.logits``, or the first tensor of a tuple/dict."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for t in out:
+            if isinstance(t, torch.Tensor):
+                return t
+    raise ExportError(f"the model returned {type(out).__name__}; the onnx export needs a tensor (or .logits)")
+
+
+def _bn_pairs(model: nn.Module, args: tuple) -> dict[str, str]:
+    """``{conv name: bn name}`` for every BatchNorm2d whose input is a convolution's unchanged output."""
+    convs: dict[int, tuple[str, torch.Tensor, int]] = {}
+    pairs: dict[str, str] = {}
+    calls: dict[str, int] = {}
+    hooks = []
+
+    def conv_hook(name):
+        def hook(mod, inp, out):
+            calls[name] = calls.get(name, 0) + 1
+            convs[id(out)] = (name, out, out._version)
+        return hook
+
+    def bn_hook(name):
+        def hook(mod, inp):
+            calls[name] = calls.get(name, 0) + 1
+            hit = convs.get(id(inp[0]))
+            if hit is not None and hit[1] is inp[0] and hit[2] == inp[0]._version:
+                pairs[hit[0]] = name
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, QuantConv2d)):
+            hooks.append(m.register_forward_hook(conv_hook(name)))
+        elif isinstance(m, nn.BatchNorm2d):
+            hooks.append(m.register_forward_pre_hook(bn_hook(name)))
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {c: b for c, b in pairs.items() if calls.get(c) == 1 and calls.get(b) == 1}
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def prepare(model: nn.Module, example: tuple, *, method: str = "minmax", percentile: float = 99.99,
+            promote: bool = False) -> nn.Module:
+    """The export model before calibration: a copy with BatchNorms folded, every Conv2d / Linear replaced by an
+    :class:`ExportLayer`, ReLUs and MaxPools by their quantization-aware versions, and the structure pass run."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+    sim = copy.deepcopy(model).eval()
+    info = SimulationInfo(method=method, percentile=percentile)
+    pairs = _bn_pairs(sim, example)
+    plans, errors = {}, []
+    for name, m in list(sim.named_modules()):
+        if isinstance(m, (nn.Conv2d, QuantConv2d, nn.Linear, QuantLinear)):
+            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+                errors.append(f"{name}: padding_mode={m.padding_mode!r} (zeros only)")
+                continue
+            try:
+                plans[name] = layer_plan(name, m, promote)
+            except ExportError as e:
+                errors.append(str(e))
+    if errors:
+        raise ExportError("format='onnx' cannot carry these layers: " + "; ".join(errors)
+                          + ". Pass promote=True to store 1-3/5-7-bit codes in 4/8-bit containers (exact) and "
+                          "requantize per-row mixed layers to their largest bit-width (lossy), or quantize them "
+                          "to 4 or 8 bits")
+    for name, (plan, uw) in plans.items():
+        m = sim.get_submodule(name)
+        fold = None
+        if name in pairs:
+            bn = sim.get_submodule(pairs[name])
+            f = (bn.weight.detach().float() if bn.weight is not None else torch.ones(bn.num_features)) / torch.sqrt(
+                bn.running_var.float() + bn.eps)
+            shift = (bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(f)) - \
+                bn.running_mean.float() * f
+            fold = (f, shift)
+            info.folded[name] = pairs[name]
+            _set(sim, pairs[name], nn.Identity())
+            if plan.kind != "float":
+                plan.how = "near-exact" if plan.how == "exact repack" else plan.how
+                plan.note = (plan.note + "; " if plan.note else "") + \
+                    f"BatchNorm {pairs[name]} folded into the scales (codes unchanged)"
+            else:
+                plan.note = f"BatchNorm {pairs[name]} folded"
+        _set(sim, name, ExportLayer(name, m, plan, uw, fold, method, percentile))
+        info.layers.append(plan)
+    has_qdq = any(p.kind == "qdq" for p in info.layers)
+    for name, m in list(sim.named_modules()):
+        if not has_qdq:  # weight-only or float: no activation quantization anywhere
+            break
+        if type(m) is nn.ReLU:
+            _set(sim, name, FusableReLU(name, m.inplace, method, percentile))
+        elif type(m) is nn.MaxPool2d:
+            new = QuantMaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.return_indices, m.ceil_mode)
+            _set(sim, name, new)
+    for name, m in sim.named_modules():
+        if isinstance(m, ExportLayer) and m.plan.kind == "blocked" and m.plan.container.split()[0][-1] == "4":
+            info.int4_tensors += [f"{name}.weight_codes", f"{name}.weight_zero_point"]
+    _structure_pass(sim, example, info)
+    sim.medquant_onnx = info
+    return sim
+
+
+def _structure_pass(sim: nn.Module, example: tuple, info: SimulationInfo) -> None:
+    mods = [m for m in sim.modules() if isinstance(m, (ExportLayer, FusableReLU, QuantMaxPool2d))]
+    for m in mods:
+        m.structure = True
+    try:
+        with torch.no_grad():
+            out = first_tensor(sim(*example))
+    finally:
+        for m in mods:
+            m.structure = False
+    for m in sim.modules():
+        if isinstance(m, FusableReLU) and getattr(m, "_last_out", None) is not None:
+            if m._last_out is out:
+                m.output_quant = None
+            del m._last_out
+    for name, m in sim.named_modules():
+        if isinstance(m, ExportLayer):
+            last = getattr(m, "_last_out", None)
+            if last is not None and last is out:
+                m.output_quant = None
+                info.output_layer = name
+            if hasattr(m, "_last_out"):
+                del m._last_out
+            if m.input_quant is not None and m.shared_input is None:
+                m.input_quant.where = f"the input of {name}"
+            if m.output_quant is not None:
+                m.output_quant.where = f"the output of {name}" + (" (after its ReLU)" if m.fuse_relu else "")
+
+
+def act_points(sim: nn.Module) -> list[ActQuant]:
+    """The activation quantization points of a prepared model, in module order (shared ones once)."""
+    seen, out = set(), []
+    for m in sim.modules():
+        if isinstance(m, ActQuant) and id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: str = "minmax",
+                          percentile: float = 99.99, promote: bool = False, max_batches: int | None = None,
+                          check: bool = True) -> nn.Module:
+    """The model that the ``onnx`` export writes, calibrated, as a PyTorch module (see the module docstring).
+
+    Args:
+        model: a float or medquant-quantized classifier (``quantize_`` with 8-bit per-channel weights gets integer
+            kernels; 4-bit group-wise layers are weight-only). Not modified.
+        batches: the calibration inputs: an iterable of tensors (or tuples of tensors, the model's positional
+            inputs), e.g. a few hundred training images in batches.
+        method: ``"minmax"`` or ``"percentile"`` (the ``percentile``-th and ``(100 - percentile)``-th values,
+            averaged over batches).
+        promote: allow 1-3/5-7-bit and per-row mixed layers (see :func:`layer_plan`).
+        max_batches: use at most this many batches.
+        check: verify that the prepared float path (BatchNorm folded, ReLUs fused) reproduces ``model`` on the
+            first batch before quantizing (raises :class:`ExportError` if not).
+
+    Returns:
+        A new module (the input is not changed) whose forward is the simulation of the deployed model; its
+        ``medquant_onnx`` attribute is a :class:`SimulationInfo`. Pass it to ``medquant.export(..., format="onnx")``.
+
+    Raises:
+        CalibrationError: no batch, a batch that is not tensors, NaN/inf in an input or in an activation (the
+            message names the batch and the input or layer).
+    """
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise CalibrationError("the calibration set is empty: pass at least one batch of inputs (a few hundred "
+                               "representative training images) to compute the activation scales") from None
+    args0 = as_args(first, 0)
+    sim = prepare(model, args0, method=method, percentile=percentile, promote=promote)
+    if check:
+        with torch.no_grad():
+            ref = first_tensor(copy.deepcopy(model).eval()(*args0)).float()
+            got = first_tensor(sim(*args0)).float()
+        # medquant's CPU kernels may compute in bfloat16 (kernels.set_cpu_compute_dtype): a relative 2e-2
+        # separates their rounding from a structural error (a ReLU applied to a tensor also used un-rectified)
+        tol = 2e-2 * float(ref.abs().max()) + 1e-5
+        if ref.shape != got.shape or float((ref - got).abs().max()) > tol:
+            raise ExportError("the prepared ONNX model (BatchNorm folded, ReLU fused into the layer before it) does "
+                              "not reproduce the model in float; a ReLU or BatchNorm reads a tensor that is also "
+                              "used elsewhere. Max difference "
+                              f"{float((ref - got).abs().max()) if ref.shape == got.shape else 'shape mismatch'}")
+    points = act_points(sim)
+    for p in points:
+        p.reset()
+    n = 0
+    with torch.no_grad():
+        for i, batch in enumerate([first] if max_batches == 1 else _chain(first, it, max_batches)):
+            args = as_args(batch, i)
+            for p in points:
+                p.batch = i
+            sim(*args)
+            n += 1
+    for p in points:
+        p.finish()
+    sim.medquant_onnx.batches = n
+    return sim
+
+
+def _chain(first, it, limit):
+    yield first
+    for i, b in enumerate(it, start=1):
+        if limit is not None and i >= limit:
+            return
+        yield b
+
+
+def logits_tolerance(sim: nn.Module) -> float | None:
+    """Largest ``|ORT - simulation|`` of an output, derived from the requantization.
+
+    The integer kernels and the simulation round the same real value, computed in two float orders; they differ
+    only where that value is within float rounding of a rounding boundary, and then by one step. If every code
+    of the output layer's input differs by at most one step ``s_in``, output ``j`` differs by at most
+    ``s_in * sum_i |W_ji|`` (the L1 norm of its weight row). Returns the maximum over ``j`` plus a float32
+    rounding term, or None if the output layer's input is not quantized (weight-only and float models: the two
+    then differ by float rounding only).
+    """
+    info: SimulationInfo = sim.medquant_onnx
+    if info.output_layer is None:
+        return None
+    layer = sim.get_submodule(info.output_layer)
+    point = layer.input_quant
+    if point is None and layer.shared_input is not None:
+        point = next((p for p in act_points(sim) if p.where == layer.shared_input), None)
+    if point is None or point.mode != "quantize":
+        return None
+    w = _weight_eager(layer.weight_codes, layer.weight_scale, layer.weight_zero_point, layer.mode, layer.gs,
+                      layer.k, (layer.n, layer.k)) if layer.plan.kind in ("qdq", "blocked") else None
+    if w is None:
+        return None
+    return float(point.scale) * float(w.reshape(layer.n, -1).abs().sum(1).max()) + 1e-4
