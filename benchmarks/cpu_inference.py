@@ -23,7 +23,9 @@ Every row runs in its own subprocess (``--worker``), so that its resident memory
 Repeats (``--repeats``, default 3): medians. The accuracy check (SmolLM2, quantized rows): perplexity of 20
 held-out IU X-ray reports (64 tokens each, teacher-forced) through the fast path and through the torch reference
 path (``force_backend("torch")``) of the same quantized model, relative difference (target < 0.5%), and
-next-token agreement (target >= 99%).
+next-token agreement (target >= 99%), next to its control: the same dequantized weights run by plain torch in
+bfloat16 (``bf16_control_*``), how far any bf16 execution of that model lands from the float32 reference.
+Every row records ``os.getloadavg()`` before and after it ran (the machine may be shared).
 
     python -m benchmarks.cpu_inference              # full run (idle machine; ~1 h on 2 cores)
     python -m benchmarks.cpu_inference --quick      # SmolLM2, 4 variants, 1 repeat, short sequences
@@ -169,8 +171,9 @@ def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
     from medquant.kernels import force_backend
 
     texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > n_tokens][:n_prompts]
-    agree = total = 0
-    nll_fast = nll_ref = 0.0
+    control = _plain_bf16_copy(model)
+    agree = agree_ctl = total = 0
+    nll_fast = nll_ref = nll_ctl = 0.0
     with torch.no_grad():
         for t in texts:
             ids = tok(t, return_tensors="pt")["input_ids"][:, : n_tokens + 1]
@@ -178,15 +181,39 @@ def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
             fast = model(input_ids=inp).logits.float()
             with force_backend("torch"):
                 ref = model(input_ids=inp).logits.float()
+            ctl = control(input_ids=inp).logits.float()
             agree += int((fast.argmax(-1) == ref.argmax(-1)).sum())
+            agree_ctl += int((ctl.argmax(-1) == ref.argmax(-1)).sum())
             total += tgt.numel()
             nll_fast += float(torch.nn.functional.cross_entropy(fast[0], tgt[0], reduction="sum"))
             nll_ref += float(torch.nn.functional.cross_entropy(ref[0], tgt[0], reduction="sum"))
+            nll_ctl += float(torch.nn.functional.cross_entropy(ctl[0], tgt[0], reduction="sum"))
     import math
 
-    ppl_fast, ppl_ref = math.exp(nll_fast / total), math.exp(nll_ref / total)
+    ppl_fast, ppl_ref, ppl_ctl = (math.exp(v / total) for v in (nll_fast, nll_ref, nll_ctl))
     return {"prompts": len(texts), "tokens": total, "ppl_fast": ppl_fast, "ppl_reference": ppl_ref,
-            "ppl_rel_diff": abs(ppl_fast - ppl_ref) / ppl_ref, "next_token_agreement": agree / total}
+            "ppl_rel_diff": abs(ppl_fast - ppl_ref) / ppl_ref, "next_token_agreement": agree / total,
+            "bf16_control_ppl_rel_diff": abs(ppl_ctl - ppl_ref) / ppl_ref,
+            "bf16_control_agreement": agree_ctl / total}
+
+
+def _plain_bf16_copy(model):
+    """The control of the accuracy check: the same dequantized weights run by plain torch in bfloat16 (every
+    quantized layer replaced by its ``to_float(torch.bfloat16)``). How far *any* bf16 execution of this model
+    lands from the float32 reference: a fast path no further from it than this control adds nothing of its own
+    (a degenerate model, e.g. round-to-nearest W2 of SmolLM2, amplifies bf16 rounding chaotically)."""
+    import copy
+
+    import torch
+
+    from medquant.quant import QuantLinear
+
+    ctl = copy.deepcopy(model)
+    for parent in list(ctl.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantLinear):
+                setattr(parent, name, child.to_float(torch.bfloat16))
+    return ctl.to(torch.bfloat16).eval()
 
 
 def worker(spec: dict) -> dict:
@@ -214,7 +241,7 @@ def worker(spec: dict) -> dict:
     with torch.no_grad():  # warm-up: builds the CPU kernels' repacked weights
         model(input_ids=prompt[:1, :2])
     _trim()
-    row = {"model": spec["model"], "variant": variant, "head": head,
+    row = {"model": spec["model"], "variant": variant, "head": head, "loadavg_before": os.getloadavg(),
            "weights_rss_mb": rss_mb() - rss0,
            "stored_mb": _unique_bytes(model.state_dict().values()) / 2**20,
            "repacked_mb": cpu_cache_bytes() / 2**20,
@@ -232,6 +259,7 @@ def worker(spec: dict) -> dict:
         row["decode_b8_agg_tok_s"] = 8 * row["decode_b8_tok_s"]
     if spec["accuracy"] and tok is not None and variant not in ("float32", "bfloat16"):
         row["accuracy"] = _accuracy(model, tok, spec["acc_prompts"], spec["acc_tokens"])
+    row["loadavg_after"] = os.getloadavg()
     return row
 
 
@@ -250,13 +278,13 @@ def _rows(models, variants) -> list[tuple[str, str, bool]]:
 def _table(rows: list[dict], bw: float) -> str:
     header = ("| model | variant | head | decode b1 tok/s | decode b8 agg tok/s | prefill tok/s | weights RSS MB | "
               "stored MB | repacked MB | read MB/token | limit tok/s | vs fp32 (b1) | vs bf16 (b1) | ppl diff | "
-              "agreement |")
-    lines = [header, "|" + "---|" * 15]
+              "agreement | bf16 control: ppl diff / agreement |")
+    lines = [header, "|" + "---|" * 16]
     base = {(r["model"], r["variant"]): r for r in rows if r["variant"] in ("float32", "bfloat16")}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['variant']} | {'q' if r['head'] else 'float'} | error: "
-                         f"{r['error'][:80]} |" + " |" * 12)
+                         f"{r['error'][:80]} |" + " |" * 13)
             continue
         f32, b16 = base.get((r["model"], "float32")), base.get((r["model"], "bfloat16"))
         acc = r.get("accuracy", {})
@@ -268,7 +296,9 @@ def _table(rows: list[dict], bw: float) -> str:
             f"{r['decode_b1_tok_s'] / f32['decode_b1_tok_s'] if f32 and 'decode_b1_tok_s' in f32 else float('nan'):.2f}"
             f" | {r['decode_b1_tok_s'] / b16['decode_b1_tok_s'] if b16 and 'decode_b1_tok_s' in b16 else float('nan'):.2f}"
             f" | {acc.get('ppl_rel_diff', float('nan')) * 100:.2f}% | "
-            f"{acc.get('next_token_agreement', float('nan')) * 100:.1f}% |")
+            f"{acc.get('next_token_agreement', float('nan')) * 100:.1f}% | "
+            f"{acc.get('bf16_control_ppl_rel_diff', float('nan')) * 100:.2f}% / "
+            f"{acc.get('bf16_control_agreement', float('nan')) * 100:.1f}% |")
     return "\n".join(lines)
 
 

@@ -367,3 +367,43 @@ def test_eager_inference_shortcut_and_the_custom_op_agree():
     y_op.sum().backward()
     torch.testing.assert_close(xg.grad.double(), layer.dequantized_weight(torch.float64).sum(0).expand(3, 256),
                                rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- 2-bit rows
+def _llm_like_weight(n: int, k: int, seed: int) -> torch.Tensor:
+    """A weight shaped like a trained LLM's: heavy-tailed (Student-t, 3 degrees of freedom), row scales spread
+    over two decades, and a few outlier columns (the activations' outlier channels meet their weights)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.distributions.StudentT(3.0).sample((n, k))  # the distribution has no generator argument
+    rows = torch.exp(torch.randn(n, 1, generator=g) * 1.2) * 0.02
+    w = t * rows
+    cols = torch.randperm(k, generator=g)[:4]
+    w[:, cols] *= 8.0
+    return w
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("gs", [32, 128])
+def test_2bit_fast_path_is_as_close_to_the_reference_as_plain_bfloat16(sym, gs):
+    """W2 through the bf16 fast path (int4 kernel at small M, dense at M = 300) against the float64 reference:
+    within the bf16 tolerance and no further from it than a plain bfloat16 matmul of the same dequantized weights
+    (x and W rounded to bf16, the rounding any bf16 execution has). A wrong code offset, zero point or padding
+    of the 2-bit mapping would be off by whole quantization steps (errors of order 1)."""
+    set_cpu_compute_dtype(torch.bfloat16)
+    torch.manual_seed(0)
+    lin = nn.Linear(576, 192, bias=False)  # SmolLM2's hidden size: K = 576 is padded to the kernel group
+    with torch.no_grad():
+        lin.weight.copy_(_llm_like_weight(192, 576, seed=3))
+    layer = QuantLinear.from_float(lin, QuantConfig(2, symmetric=sym, group_size=gs))
+    w = layer.dequantized_weight(torch.float64)
+    g = torch.Generator().manual_seed(4)
+    for m, path in ((1, "int4"), (17, "int4"), (300, "dense")):
+        x = torch.randn(m, 576, generator=g) * torch.exp(torch.randn(576, generator=g))  # outlier channels
+        assert _paths(layer, x) == {path}
+        with torch.no_grad():
+            y = layer(x)
+        ref = x.double() @ w.t()
+        plain_bf16 = (x.bfloat16().double() @ w.bfloat16().double().t())
+        err, floor = _rel_err(y, ref), _rel_err(plain_bf16, ref)
+        assert err < TOL[torch.bfloat16], (m, err)
+        assert err < 3 * floor + 1e-3, (m, err, floor)
