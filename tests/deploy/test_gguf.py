@@ -1,0 +1,259 @@
+"""format="gguf": exports read back by transformers' GGUF loader and by the gguf package's reader.
+
+The references are independent of the exporter: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``
+de-quantizes every tensor with the gguf package and undoes llama.cpp's q/k permutation and Gemma's ``1 + w``;
+its weights must be bit-equal to medquant's dequantized weights where the report says exact (a missed or wrong
+permutation breaks this), within the reported error where it says near-exact. ``GGUFReader`` gives the types.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from gguf import GGUFReader
+
+from medquant.deploy import ExportError, export
+from medquant.deploy.common import quantized_layers
+from medquant.deploy.gguf import language_parts, rope_permutation
+from medquant.quant.api import quantize_
+from medquant.quant.config import QuantConfig
+from medquant.testing.zoo import ZOO_BY_NAME
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+W4 = QuantConfig(bits=4, group_size=32, symmetric=True)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A 256-token byte-level BPE tokenizer (the zoo's vocabulary size) saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alpha = sorted(pre_tokenizers.ByteLevel.alphabet())[:240]
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2}
+    for ch in alpha:
+        vocab[ch] = len(vocab)
+    merges, i = [], 0
+    while len(vocab) < 256:
+        merges.append((alpha[i], alpha[i + 1]))
+        vocab[alpha[i] + alpha[i + 1]] = len(vocab)
+        i += 2
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    d = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(d)
+    return d
+
+
+def _reload(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def _types(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def _loaded_name(name: str, dec_name: str, head_name: str) -> str:
+    """Name of a source tensor in the text-only model transformers builds from the GGUF file."""
+    if name.startswith(head_name + ".") or name == head_name:
+        return "lm_head" + name[len(head_name):]
+    return "model." + name[len(dec_name) + 1:]
+
+
+def _check_roundtrip(model, report, exact_only: bool = True):
+    """Every exported tensor reloaded by transformers equals medquant's weight (bit-equal where exact)."""
+    path = report.files[0]
+    from pathlib import Path
+
+    loaded = _reload(Path(path)).state_dict()
+    _, _, _, dec_name, _, head_name = language_parts(model)
+    quant = dict(quantized_layers(model))
+    src = model.state_dict()
+    assert len(report.layers) > 0
+    for row in report.layers:
+        key = row.name
+        if row.name in quant:
+            want = quant[row.name].dequantized_weight(torch.float32)
+            got = loaded[_loaded_name(row.name, dec_name, head_name) + ".weight"]
+        else:
+            want = src[key].float()
+            got = loaded[_loaded_name(key, dec_name, head_name)]
+        assert got.shape == want.shape, row.name
+        if row.how in ("exact repack", "exact re-expression") or (row.how == "float" and row.target == "F32"
+                                                                   and "1 + w" not in row.note):
+            assert torch.equal(got, want), f"{row.name} ({row.how}) not bit-equal"
+        elif "1 + w" in row.note:  # transformers subtracts the 1 again in float32
+            assert torch.allclose(got, want, rtol=0, atol=1e-6), row.name
+        else:
+            assert row.max_abs_error is not None
+            err = (got - want).abs().max().item()
+            assert err <= row.max_abs_error + 1e-7, f"{row.name}: {err} > reported {row.max_abs_error}"
+            if exact_only:
+                raise AssertionError(f"{row.name} unexpectedly {row.how}")
+    return loaded
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3_text", "llava", "gemma3_vlm"])
+def test_zoo_w4_g32_is_bit_equal_q4_0(name, tok_dir, tmp_path):
+    model = ZOO_BY_NAME[name].build()
+    quantize_(model, W4)
+    report = export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir)
+    quant_rows = [r for r in report.layers if r.target == "Q4_0"]
+    assert quant_rows and all(r.how == "exact repack" and r.max_abs_error == 0.0 for r in quant_rows)
+    types = _types(tmp_path / "m.gguf")
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.ffn_down.weight"] == "Q4_0"
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["token_embd.weight"] == "F32"
+    n_lm = sum(1 for n, _ in quantized_layers(model) if not any(v in n for v in ("vision", "projector")))
+    assert len(quant_rows) == n_lm
+    _check_roundtrip(model, report)
+    if ZOO_BY_NAME[name].is_vlm:
+        assert any("outside the language model" in n for n in report.notes)
+
+
+def test_rope_permutation_matches_llama_cpp_converter():
+    """Row ``2i + j`` of a head comes from row ``i + j * D/2`` (llama.cpp's reshape(n_head, 2, D/2) swap)."""
+    w = torch.arange(2 * 8).reshape(16, 1)
+    perm = rope_permutation(16, 2)
+    expected = w.reshape(2, 2, 4, 1).swapaxes(1, 2).reshape(16, 1)
+    assert torch.equal(w.index_select(0, perm), expected)
+    assert perm.tolist()[:8] == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_per_layer_schemes_types_and_errors(tok_dir, tmp_path):
+    """One export with a different scheme per layer: the type, the category and the values of each."""
+    model = ZOO_BY_NAME["llama"].build()
+    n_rows = model.config.intermediate_size
+    mixed_bits = tuple(2 if i % 3 == 0 else 4 for i in range(model.config.hidden_size))
+    quantize_(model, {
+        "model.layers.0.self_attn.q_proj": QuantConfig(bits=8, group_size=32, symmetric=True),
+        "model.layers.0.self_attn.k_proj": QuantConfig(bits=4, group_size=128, symmetric=True),
+        "model.layers.0.self_attn.v_proj": QuantConfig(bits=2, group_size=64, symmetric=True),
+        "model.layers.0.self_attn.o_proj": QuantConfig(bits=4, group_size=32, symmetric=False),
+        "model.layers.0.mlp.gate_proj": QuantConfig(bits=3, scope="channel", symmetric=True),
+        "model.layers.0.mlp.up_proj": QuantConfig(bits=6, group_size=64, symmetric=True),
+        "model.layers.0.mlp.down_proj": QuantConfig(bits=4, group_size=32, symmetric=True,
+                                                    channel_bits=mixed_bits),
+        "model.layers.1.self_attn.q_proj": QuantConfig(bits=5, group_size=32, symmetric=False),
+        "model.layers.1.mlp.up_proj": QuantConfig(bits=1, group_size=32, symmetric=True),
+        "_default": W4,
+    })
+    assert n_rows > 0
+    report = export(model, tmp_path, format="gguf", source=tok_dir)
+    rows = {r.name: r for r in report.layers}
+    expect = {
+        "model.layers.0.self_attn.q_proj": ("Q8_0", "exact repack"),
+        "model.layers.0.self_attn.k_proj": ("Q4_0", "exact re-expression"),
+        "model.layers.0.self_attn.v_proj": ("Q4_0", "exact re-expression"),
+        "model.layers.0.self_attn.o_proj": ("Q4_1", "near-exact"),
+        "model.layers.0.mlp.gate_proj": ("Q4_0", "exact re-expression"),
+        "model.layers.0.mlp.up_proj": ("Q8_0", "exact re-expression"),
+        "model.layers.0.mlp.down_proj": ("Q4_0", "exact re-expression"),
+        "model.layers.1.self_attn.q_proj": ("Q8_0", "exact re-expression"),
+        "model.layers.1.mlp.up_proj": ("Q4_0", "exact re-expression"),
+        "model.layers.1.mlp.down_proj": ("Q4_0", "exact repack"),
+    }
+    for name, (target, how) in expect.items():
+        assert (rows[name].target, rows[name].how) == (target, how), name
+    o = rows["model.layers.0.self_attn.o_proj"]
+    assert 0.0 < o.max_abs_error < 1e-3  # m = -z * s rounded to float16
+    types = _types(report.files[0])
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_output.weight"] == "Q4_1"
+    assert types["blk.0.ffn_up.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "Q4_0"
+    _check_roundtrip(model, report, exact_only=False)
+
+
+def test_unrepresentable_schemes_are_refused_naming_layers_or_promoted(tok_dir, tmp_path):
+    model = ZOO_BY_NAME["llama"].build()
+    quantize_(model, {
+        "model.layers.0.mlp.up_proj": QuantConfig(bits=8, group_size=32, symmetric=False),
+        "model.layers.1.self_attn.v_proj": QuantConfig(bits=4, group_size=16, symmetric=True),
+        "_default": W4,
+    })
+    with pytest.raises(ExportError) as e:
+        export(model, tmp_path / "x.gguf", format="gguf", source=tok_dir)
+    msg = str(e.value)
+    assert "model.layers.0.mlp.up_proj: int8 asym g32" in msg
+    assert "model.layers.1.self_attn.v_proj: int4 sym g16" in msg and "group size 16" in msg
+    assert "promote=True" in msg and not (tmp_path / "x.gguf").exists()
+
+    report = export(model, tmp_path / "p.gguf", format="gguf", source=tok_dir, promote=True)
+    rows = {r.name: r for r in report.layers}
+    for name in ("model.layers.0.mlp.up_proj", "model.layers.1.self_attn.v_proj"):
+        assert rows[name].how == "lossy requantization" and rows[name].target == "Q8_0"
+        assert rows[name].max_abs_error > 0
+    _check_roundtrip(model, report, exact_only=False)
+
+
+def test_float32_scales_are_near_exact_with_their_error(tok_dir, tmp_path):
+    model = ZOO_BY_NAME["qwen2"].build()
+    quantize_(model, QuantConfig(bits=4, group_size=32, symmetric=True, scale_dtype="float32"))
+    report = export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir)
+    quant_rows = [r for r in report.layers if r.target == "Q4_0"]
+    assert quant_rows and all(r.how == "near-exact" and "float16" in r.note for r in quant_rows)
+    _check_roundtrip(model, report, exact_only=False)
+
+
+def test_gemma3_norms_stored_as_one_plus_w(tok_dir, tmp_path):
+    model = ZOO_BY_NAME["gemma3_text"].build()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.normal_()
+    report = export(model, tmp_path / "g.gguf", format="gguf", source=tok_dir)
+    raw = {t.name: torch.from_numpy(t.data.copy()) for t in GGUFReader(report.files[0]).tensors}
+    w = model.model.layers[1].post_feedforward_layernorm.weight.detach()
+    assert torch.equal(raw["blk.1.post_ffw_norm.weight"], w + 1)
+    assert torch.equal(raw["blk.0.attn_q_norm.weight"], model.model.layers[0].self_attn.q_norm.weight.detach() + 1)
+    fields = GGUFReader(report.files[0]).fields
+    assert fields["general.architecture"].contents() == "gemma3"
+    assert fields["gemma3.attention.sliding_window"].contents() == model.config.sliding_window
+    assert fields["gemma3.attention.sliding_window_pattern"].contents() == [
+        t == "sliding_attention" for t in model.config.layer_types]
+
+
+def test_tokenizer_metadata_reloads_as_the_same_tokenizer(tok_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = ZOO_BY_NAME["llama"].build()
+    report = export(model, tmp_path / "t.gguf", format="gguf", source=tok_dir)
+    src = AutoTokenizer.from_pretrained(tok_dir)
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    text = "abc xyz 0123 hello"
+    assert back(text)["input_ids"] == src(text)["input_ids"]
+    fields = GGUFReader(report.files[0]).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == src.eos_token_id
+    assert fields["tokenizer.chat_template"].contents() == src.chat_template
+    assert fields["llama.context_length"].contents() == model.config.max_position_embeddings
+    assert fields["llama.attention.head_count_kv"].contents() == model.config.num_key_value_heads
+
+
+def test_refusals_name_the_problem(tok_dir, tmp_path):
+    model = ZOO_BY_NAME["llama"].build()
+    with pytest.raises(ExportError, match="source="):
+        export(model, tmp_path / "a.gguf", format="gguf")
+    with pytest.raises(ExportError, match="float_type"):
+        export(model, tmp_path / "a.gguf", format="gguf", source=tok_dir, float_type="Q4_0")
+    with pytest.raises(ExportError, match="unknown option"):
+        export(model, tmp_path / "a.gguf", format="gguf", source=tok_dir, bogus=1)
+    # a structurally pruned block (smaller MLP in layer 1) cannot share the metadata's feed-forward length
+    layer = model.model.layers[1].mlp
+    inter = model.config.intermediate_size // 2
+    layer.gate_proj = torch.nn.Linear(model.config.hidden_size, inter, bias=False)
+    layer.up_proj = torch.nn.Linear(model.config.hidden_size, inter, bias=False)
+    layer.down_proj = torch.nn.Linear(inter, model.config.hidden_size, bias=False)
+    with pytest.raises(ExportError, match=r"model\.layers\.1\.mlp\.gate_proj .*pruning|pruning.*gate_proj"):
+        export(model, tmp_path / "b.gguf", format="gguf", source=tok_dir)
+    bert = ZOO_BY_NAME["bert"].build()
+    with pytest.raises(ExportError, match="llama, qwen2 and gemma3"):
+        export(bert, tmp_path / "c.gguf", format="gguf", source=tok_dir)
