@@ -4,7 +4,7 @@ block-by-block quantization from a checkpoint, block-sharded quantization over s
 These sit above :mod:`medquant.quant` (the quantizer, the modules and the one swap) and use it; nothing under
 ``medquant.quant`` imports from here.
 """
-from .adaround import adaround_quantize_, fold_batchnorm_
+from .adaround import InputQuantizer, adaround_quantize_, attach_input_quantizers, fold_batchnorm_
 from .awq import awq_groups, awq_quantize_, awq_quantize_sequential, search_and_fold, search_and_fold_block
 from .gptq import (
     HessianAccumulator,
@@ -22,8 +22,10 @@ __all__ = [
     "BlockInputs",
     "CheckpointSource",
     "HessianAccumulator",
+    "InputQuantizer",
     "adaround_quantize_",
     "assemble_shards",
+    "attach_input_quantizers",
     "awq_groups",
     "awq_quantize_",
     "awq_quantize_sequential",

@@ -46,7 +46,7 @@ from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
 from ..quant.modules import QuantConv2d, QuantLinear
 
-__all__ = ["adaround_quantize_", "fold_batchnorm_"]
+__all__ = ["InputQuantizer", "adaround_quantize_", "attach_input_quantizers", "fold_batchnorm_"]
 
 _ZETA, _GAMMA = 1.1, -0.1
 
@@ -171,6 +171,82 @@ class _Rounding:
         return q
 
 
+# ---------------------------------------------------------------------------------------------- activations
+class InputQuantizer:
+    """Static per-tensor fake quantization of a module's first tensor input (formulas in the module docstring).
+
+    ``scale`` and ``zero`` are fixed numbers (from :meth:`calibrate`); calling the object fake-quantizes a tensor in
+    its own dtype; :meth:`attach` installs it as a forward pre-hook of a module.
+    """
+
+    def __init__(self, bits: int, symmetric: bool, scale: float, zero: int = 0) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise ValueError(f"activation bits must be an integer in 2..16, got {bits!r}")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"activation scale must be a finite number > 0, got {scale!r}")
+        self.bits, self.symmetric, self.scale, self.zero = bits, bool(symmetric), float(scale), int(zero)
+
+    @classmethod
+    def calibrate(cls, xs: Sequence[torch.Tensor], bits: int, symmetric: bool = False,
+                  name: str = "input") -> InputQuantizer:
+        """The quantizer whose range covers every tensor of ``xs`` (asymmetric: the range always holds 0)."""
+        if not xs:
+            raise ValueError(f"{name}: no calibration inputs to fix the activation scale")
+        lo = min(float(x.detach().min()) for x in xs)
+        hi = max(float(x.detach().max()) for x in xs)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name}: calibration input holds NaN/inf values")
+        if symmetric:
+            s = max(abs(lo), abs(hi)) / (2 ** (bits - 1) - 1)
+            z = 0
+        else:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            s = (hi - lo) / (2**bits - 1)
+            z = int(torch.round(torch.tensor(-lo / s, dtype=torch.float64))) if s > 0 else 0
+        return cls(bits, symmetric, s if s > 0 else 1.0, z)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        r = torch.round(x / self.scale)
+        if self.symmetric:
+            q = 2 ** (self.bits - 1) - 1
+            return torch.clamp(r, -q, q) * self.scale
+        return (torch.clamp(r + self.zero, 0, 2**self.bits - 1) - self.zero) * self.scale
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "symmetric": self.symmetric, "scale": self.scale, "zero": self.zero}
+
+    def _hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(f"{type(mod).__name__}: the input quantizer needs the input tensor as the first "
+                            "positional argument")
+        return (self(args[0]), *args[1:]), kwargs
+
+    def attach(self, module: nn.Module) -> Any:
+        """Install on ``module`` (replacing an input quantizer attached earlier); returns the hook handle."""
+        old = getattr(module, "input_quantizer_handle", None)
+        if old is not None:
+            old.remove()
+        handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        module.input_quantizer = self
+        module.input_quantizer_handle = handle
+        return handle
+
+
+def attach_input_quantizers(model: nn.Module, records: Mapping[str, Mapping[str, Any]]) -> dict[str, InputQuantizer]:
+    """Re-attach the activation quantizers recorded by :func:`adaround_quantize_` (``act_bits``): for each record
+    with an ``"act"`` entry, an :class:`InputQuantizer` with its parameters on the module ``record["block"]``.
+    Returns unit name -> quantizer."""
+    out: dict[str, InputQuantizer] = {}
+    for rec in records.values():
+        act = rec.get("act")
+        if not act or rec["block"] in out:
+            continue
+        aq = InputQuantizer(int(act["bits"]), bool(act["symmetric"]), float(act["scale"]), int(act["zero"]))
+        aq.attach(model.get_submodule(rec["block"]))
+        out[rec["block"]] = aq
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- capture
 class _StopForward(Exception):
     pass
@@ -234,6 +310,8 @@ def adaround_quantize_(
     warmup: float = 0.2,
     fold_bn: bool = True,
     seed: int = 0,
+    act_bits: int | None = None,
+    act_symmetric: bool = False,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Quantize ``model``'s Linear / Conv2d layers in place with learned rounding (see the module docstring).
@@ -250,11 +328,17 @@ def adaround_quantize_(
         reg, warmup: ``lambda`` of the rounding regulariser and the fraction of steps before it starts.
         fold_bn: fold BatchNorm2d layers into their convolutions first (:func:`fold_batchnorm_`).
         seed: seed of the batch order; the result is deterministic for a seed (on the same device).
+        act_bits: quantize each unit's input activations too (e.g. ``8`` for W4A8): a static per-tensor
+            :class:`InputQuantizer` per unit (asymmetric unless ``act_symmetric``), fixed from the unit's
+            calibration inputs, used in the reconstruction and left attached to the unit as a forward pre-hook.
+            ``None`` (default): float activations.
 
     Returns:
         Name -> ``{"method": "adaround", "block", "iters", "lr", "reg", "samples", "seed", "mse_rtn", "mse"}``
         (``mse``: the block's calibration reconstruction error with the final hard rounding, ``mse_rtn`` with
-        round-to-nearest); each quantized layer also carries it as its ``calibration`` attribute.
+        round-to-nearest, both with the quantized input when ``act_bits`` is set); with ``act_bits`` also
+        ``"act": {"bits", "symmetric", "scale", "zero"}`` of the unit's input quantizer. Each quantized layer also
+        carries its record as its ``calibration`` attribute.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -262,6 +346,9 @@ def adaround_quantize_(
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
     if not 0 <= warmup < 1:
         raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)
+                                 or not 2 <= act_bits <= 16):
+        raise ValueError(f"act_bits must be None or an integer in 2..16, got {act_bits!r}")
     batches = list(calib)
     if fold_bn:
         fold_batchnorm_(model)
@@ -296,6 +383,14 @@ def adaround_quantize_(
         for unit in tqdm(ordered, desc="learned rounding", disable=not progress, leave=False):
             calls = _capture_block(model, unit, batches)
             block = model.get_submodule(unit)
+            aq = None
+            if act_bits is not None:
+                firsts = [c[0][0] for c in calls if c[0] and isinstance(c[0][0], torch.Tensor)]
+                if len(firsts) != len(calls):
+                    raise ValueError(f"block {unit}: activation quantization needs the block's input tensor as "
+                                     "its first positional argument")
+                aq = InputQuantizer.calibrate(firsts, act_bits, act_symmetric, f"block {unit}")
+                calls = [((aq(c[0][0]), *c[0][1:]), c[1], c[2]) for c in calls]
             prefix = "" if unit in plan else unit + "."
             layers = {n: _Rounding(model.get_submodule(n), plan[n], n) for n in units[unit]}
             rel = {n: (n[len(prefix):] if prefix else "") for n in layers}
@@ -336,6 +431,8 @@ def adaround_quantize_(
             mse_final = mse(True)
             rec = {"method": "adaround", "block": unit, "iters": iters, "lr": lr, "reg": reg, "samples": len(batches),
                    "seed": seed, "mse_rtn": mse_rtn, "mse": mse_final}
+            if aq is not None:
+                rec["act"] = aq.as_dict()
             if not math.isfinite(mse_final):
                 raise ValueError(f"block {unit}: learned rounding diverged (reconstruction error {mse_final})")
             built = []
@@ -346,6 +443,8 @@ def adaround_quantize_(
                 built.append((n, q))
             for n, q in built:
                 swap_module(model, n, q)
+            if aq is not None:
+                aq.attach(model.get_submodule(unit))
     finally:
         for h in handles:
             h.remove()

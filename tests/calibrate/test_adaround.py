@@ -9,10 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from medquant import QuantConfig, QuantConv2d, quantize_
-from medquant.calibrate.adaround import adaround_quantize_, fold_batchnorm_
+from medquant import QuantConfig, QuantConv2d, QuantLinear, quantize_
+from medquant.calibrate.adaround import (
+    InputQuantizer,
+    adaround_quantize_,
+    attach_input_quantizers,
+    fold_batchnorm_,
+)
 from medquant.quant.core import compute_qparams
-from medquant.testing.zoo import tiny_cnn
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
 
 
 def _cnn():
@@ -101,3 +106,91 @@ def test_errors():
     bad[0][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="features.0: calibration input holds NaN"):
         adaround_quantize_(_cnn(), QuantConfig(4), bad, iters=2, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- W4A8
+def _hand_fake_quant(x, lo, hi, bits=8):
+    """Static asymmetric per-tensor fake quantization written out in plain torch (range always holds 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    s = (hi - lo) / (2**bits - 1)
+    z = float(torch.round(torch.tensor(-lo / s, dtype=torch.float64)))
+    return (torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1) - z) * s, s, z
+
+
+def test_w4a8_input_quantizers_equal_hand_reference_and_beat_rtn():
+    cfg = QuantConfig(4, scope="channel")
+    model = _cnn()
+    fold_batchnorm_(model)
+    folded = copy.deepcopy(model)
+    calib, test = _data(), _data(2, seed=9)
+    recs = adaround_quantize_(model, cfg, calib, skip=["classifier"], iters=60, fold_bn=False, act_bits=8,
+                              progress=False)
+    assert set(recs) == {"features.0", "features.3"}
+    for rec in recs.values():
+        assert rec["act"]["bits"] == 8 and not rec["act"]["symmetric"]
+        assert rec["mse"] < rec["mse_rtn"]           # calibration reconstruction, both with 8-bit inputs
+    # features.0 reads the images themselves: scale and zero point from their min / max, by hand
+    lo, hi = min(float(x.min()) for x in calib), max(float(x.max()) for x in calib)
+    x = test[0]
+    ref, s, z = _hand_fake_quant(x, lo, hi)
+    assert recs["features.0"]["act"]["scale"] == pytest.approx(s, rel=1e-12) and recs["features.0"]["act"]["zero"] == z
+    q0 = model.features[0]
+    w = q0.dequantized_weight().reshape(folded.features[0].weight.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(q0(x), torch.nn.functional.conv2d(ref, w, q0.bias, padding=1), rtol=1e-5,
+                                   atol=1e-5)
+    # features.3: its raw inputs (captured before the quantizer) fix the range; what it computes with is on the grid
+    raw, seen = [], []
+    h1 = model.features[3].register_forward_pre_hook(lambda m, a: raw.append(a[0].detach()), prepend=True)
+    h2 = model.features[3].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        for xb in calib:
+            model(xb)
+    h1.remove()
+    h2.remove()
+    ref3, s3, _ = _hand_fake_quant(torch.cat(raw), min(float(r.min()) for r in raw),
+                                   max(float(r.max()) for r in raw))
+    assert recs["features.3"]["act"]["scale"] == pytest.approx(s3, rel=1e-6)
+    torch.testing.assert_close(torch.cat(seen), ref3, rtol=0, atol=1e-5)
+    # held-out: with the same 8-bit input quantizers on an RTN model, learned rounding reconstructs better
+    rtn = quantize_(copy.deepcopy(folded), cfg, skip=["classifier"])
+    attach_input_quantizers(rtn, recs)
+    with torch.no_grad():
+        ref_out = [folded.features(t) for t in test]
+        err_ada = sum(float((model.features(t) - y).pow(2).mean()) for t, y in zip(test, ref_out))
+        err_rtn = sum(float((rtn.features(t) - y).pow(2).mean()) for t, y in zip(test, ref_out))
+    assert err_ada < err_rtn
+
+
+def test_vit_blocks_with_w4a8():
+    e = ZOO_BY_NAME["vit"]
+    model = e.build().eval()
+    g = torch.Generator().manual_seed(3)
+    calib = [{"pixel_values": torch.randn(4, 3, 32, 32, generator=g)} for _ in range(3)]
+    test = {"pixel_values": torch.randn(4, 3, 32, 32, generator=g)}
+    float_model = copy.deepcopy(model)
+    blocks = [f"vit.layers.{i}" for i in range(len(model.vit.layers))]
+    cfg = QuantConfig(4, group_size=32)
+    recs = adaround_quantize_(model, cfg, calib, skip=["classifier"], blocks=blocks, iters=60, act_bits=8,
+                              progress=False)
+    assert {r["block"] for r in recs.values()} == {*blocks, "vit.embeddings.patch_embeddings.projection"}
+    for r in recs.values():
+        assert r["mse"] < r["mse_rtn"] and r["act"]["bits"] == 8
+    assert all(isinstance(model.get_submodule(n), (QuantLinear, QuantConv2d)) for n in recs)
+    assert isinstance(model.vit.layers[0].input_quantizer, InputQuantizer)
+    rtn = quantize_(copy.deepcopy(float_model), cfg, skip=["classifier"])
+    attach_input_quantizers(rtn, recs)
+    with torch.no_grad():
+        ref = float_model.vit(**test).last_hidden_state
+        err_ada = float((model.vit(**test).last_hidden_state - ref).pow(2).mean())
+        err_rtn = float((rtn.vit(**test).last_hidden_state - ref).pow(2).mean())
+    assert err_ada < err_rtn
+
+
+def test_input_quantizer_errors():
+    with pytest.raises(ValueError, match="act_bits must be None or an integer in 2..16"):
+        adaround_quantize_(_cnn(), QuantConfig(4), _data(1), iters=2, act_bits=1, progress=False)
+    with pytest.raises(ValueError, match="activation scale must be a finite number > 0"):
+        InputQuantizer(8, False, float("nan"))
+    with pytest.raises(ValueError, match="block x: calibration input holds NaN"):
+        InputQuantizer.calibrate([torch.tensor([0.0, float("nan")])], 8, name="block x")
