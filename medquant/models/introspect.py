@@ -61,6 +61,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .structure import UnsupportedArchitectureError, make_disjoint, place_parameters, structural_roles
+from .structure import under as _under
+
 __all__ = [
     "ROLES",
     "UnsupportedArchitectureError",
@@ -70,6 +73,7 @@ __all__ = [
     "role_of",
     "supported_architectures",
     "unassigned_modules",
+    "unassigned_parameters",
     "vision_layers",
 ]
 
@@ -77,10 +81,6 @@ ROLES: tuple[str, ...] = ("vision", "projector", "language", "head")
 
 # Module types that carry the weights a quantizer touches; used by unassigned_modules().
 WEIGHT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class UnsupportedArchitectureError(ValueError):
-    """A Hugging Face model whose architecture medquant cannot split into roles."""
 
 
 @dataclass(frozen=True)
@@ -216,36 +216,7 @@ def _resolve(layout: _Layout, modules: dict[str, nn.Module]) -> dict[str, list[s
             taken.update(paths)
     if any(r not in found for r in layout.required):
         return None
-    return _make_disjoint(found, modules)
-
-
-def _under(name: str, prefix: str) -> bool:
-    """True when module ``name`` is ``prefix`` or lies inside it (``""`` is the root)."""
-    return prefix == "" or name == prefix or name.startswith(prefix + ".")
-
-
-def _children(path: str, modules: dict[str, nn.Module]) -> list[str]:
-    return [(f"{path}.{n}" if path else n) for n, _ in modules[path].named_children()]
-
-
-def _make_disjoint(found: dict[str, list[str]], modules: dict[str, nn.Module]) -> dict[str, list[str]]:
-    """Split any prefix that strictly contains another role's prefix (or is the root) into its children."""
-    out: dict[str, list[str]] = {}
-    for role, paths in found.items():
-        others = [q for r, qs in found.items() if r != role for q in qs]
-        result: list[str] = []
-        stack = list(reversed(paths))
-        while stack:
-            p = stack.pop()
-            inner = [q for q in others if q != p and _under(q, p)]
-            if inner or p == "":
-                kids = [c for c in _children(p, modules) if c not in others]
-                stack.extend(reversed(kids))
-            else:
-                result.append(p)
-        if result:
-            out[role] = result
-    return out
+    return make_disjoint(found, modules)
 
 
 def _layout_error(model: nn.Module, detail: str) -> UnsupportedArchitectureError:
@@ -285,15 +256,11 @@ def model_roles(model: nn.Module) -> dict[str, list[str]]:
             raise _layout_error(hf, f"module tree does not match the expected {layout.name} layout "
                                     f"(needs roles {', '.join(layout.required)})")
     else:
-        roles = None
-        for cand in (_VLM, _CAUSAL_LM):
-            roles = _resolve(cand, modules)
-            if roles is not None and cand is _CAUSAL_LM and _find_layers(hf, roles["language"]) is None:
-                roles = None
-            if roles is not None:
-                break
-        if roles is None:
-            raise _layout_error(hf, "unsupported architecture")
+        roles = structural_roles(hf, modules)
+        if not roles:
+            raise _layout_error(hf, "no role found")
+    if layout is not None:
+        place_parameters(hf, roles, modules)
     return {r: [prefix + p for p in roles[r]] for r in ROLES if r in roles}
 
 
@@ -354,17 +321,44 @@ def language_model_layers(model: nn.Module) -> list[str]:
 
 
 def vision_layers(model: nn.Module) -> list[str]:
-    """Names of the vision tower's encoder blocks, in order; ``[]`` when there is no vision role."""
+    """Names of the vision tower's encoder blocks, in order; ``[]`` when there is no vision role.
+
+    Every block list of the shallowest depth whose blocks are of the first list's class, in module order:
+    Mllama's ``transformer.layers`` then its ``global_transformer.layers``; a VQ image tokenizer beside a
+    ViT tower (Janus) is not a block list of that class.
+    """
     prefixes = model_roles(model).get("vision", [])
-    return (_find_layers(model, prefixes) or []) if prefixes else []
+    first = (_find_layers(model, prefixes) or []) if prefixes else []
+    if not first:
+        return []
+    stack = first[0].rpartition(".")[0]
+    depth, cls = stack.count("."), type(model.get_submodule(first[0]))
+    out: list[str] = []
+    for name, mod in model.named_modules():
+        if (isinstance(mod, nn.ModuleList) and len(mod) and name.count(".") == depth
+                and any(_under(name, p) for p in prefixes) and all(type(b) is cls for b in mod)):
+            out.extend(f"{name}.{i}" for i in range(len(mod)))
+    return out
 
 
 def unassigned_modules(model: nn.Module, types: tuple[type[nn.Module], ...] = WEIGHT_MODULE_TYPES) -> list[str]:
     """Names of modules of ``types`` (Linear / Conv by default) that belong to no role.
 
-    For a plain ``nn.Module`` (no roles) this is every such module.
+    For a plain ``nn.Module`` (no roles) this is every such module. An audio encoder (Phi-4-multimodal's
+    ``audio_embed``) has no role and is listed here; parameters held directly by a container outside every
+    role are listed by :func:`unassigned_parameters`.
     """
     roles = model_roles(model)
     prefixes = [p for ps in roles.values() for p in ps]
     return [n for n, m in model.named_modules()
             if isinstance(m, types) and not any(_under(n, p) for p in prefixes)]
+
+
+def unassigned_parameters(model: nn.Module) -> list[str]:
+    """Names of parameters (from ``model.named_parameters()``) that belong to no role.
+
+    Together with the roles this accounts for every parameter: each one lies under exactly one role prefix
+    or is listed here (every parameter of a plain ``nn.Module``).
+    """
+    prefixes = [p for ps in model_roles(model).values() for p in ps]
+    return [n for n, _ in model.named_parameters() if not any(_under(n, p) for p in prefixes)]

@@ -174,19 +174,39 @@ def test_language_models_have_no_vision_role():
         assert modules_in_role(_model(name), "vision") == []
 
 
-def test_unsupported_hf_architecture_raises():
-    torch.manual_seed(0)
-    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=128, n_layer=1, n_head=4, vocab_size=256, n_positions=32,
-                                            bos_token_id=0, eos_token_id=0))
+def test_hf_model_without_token_embedding_or_image_input_raises():
+    """Nothing to anchor roles on: the error says what was found and how to select modules explicitly."""
+
+    class Regressor(tf.PreTrainedModel):
+        config_class = tf.PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+
+        def forward(self, features):
+            return self.body(features)
+
+    model = Regressor(tf.PretrainedConfig())
     with pytest.raises(UnsupportedArchitectureError) as info:
-        model_roles(gpt2)
+        model_roles(model)
     msg = str(info.value)
-    assert "GPT2LMHeadModel" in msg
-    assert "LlamaForCausalLM" in msg and "Gemma3ForConditionalGeneration" in msg  # lists supported ones
+    assert "Regressor" in msg and "no token embedding" in msg and "body" in msg  # what was found
+    assert "explicit" in msg and "re:" in msg  # how to select modules instead
     assert isinstance(info.value, ValueError)
     for fn in (language_model_layers, vision_layers, unassigned_modules):
         with pytest.raises(UnsupportedArchitectureError):
-            fn(gpt2)
+            fn(model)
+
+
+def test_gpt2_resolves_by_structure():
+    """Not in the table: the token embedding's owner (with the block list ``h``) is language, lm_head is head."""
+    torch.manual_seed(0)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=32,
+                                            bos_token_id=0, eos_token_id=0))
+    assert "GPT2LMHeadModel" not in supported_architectures()
+    assert model_roles(gpt2) == {"language": ["transformer"], "head": ["lm_head"]}
+    assert language_model_layers(gpt2) == ["transformer.h.0", "transformer.h.1"]
 
 
 def test_known_class_with_unexpected_tree_raises():
@@ -281,7 +301,7 @@ EXTRA_EXPECTED = {
     "Qwen3ForCausalLM": {"language", "head"},
     "LlamaModel": {"language"},
     "SmolVLMForConditionalGeneration": {"vision", "projector", "language", "head"},
-    "SiglipModel": {"vision", "language"},
+    "SiglipModel": {"vision", "language", "head"},  # head: logit_scale and logit_bias (parameters)
     "CLIPVisionModel": {"vision"},
     "ViTModel": {"vision", "head"},
     "BertForSequenceClassification": {"language", "head"},

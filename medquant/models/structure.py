@@ -1,0 +1,389 @@
+"""Roles of a Hugging Face model found from its structure, with module names as hints.
+
+Used by :func:`medquant.models.model_roles` for every architecture outside its table of known layouts. The
+steps, cheapest first (no forward pass unless they leave weights undecided):
+
+1. **Anchors.** The *language model* is the module that owns the token embeddings
+   (``model.get_input_embeddings()``, an ``nn.Embedding``; for a dual encoder, the text tower's) and the
+   decoder / encoder stack beside them: the smallest ancestor of the embedding that holds a non-empty
+   ``nn.ModuleList``. The *head* is ``model.get_output_embeddings()`` (``lm_head``) when it lies outside
+   the language model, or a child named ``classifier`` / ``score`` / ``head`` / ``pooler`` /
+   ``generation_head`` / ``visual_projection`` / ``text_projection``.
+2. **Sub-models and names.** Walking the tree from the root, a sub-model (a ``PreTrainedModel``) whose
+   ``config`` is the parent's ``vision_config`` / ``vq_config`` is vision, ``qformer_config`` is projector,
+   ``text_config`` is language, ``audio_config`` is an audio part (no role, reported). Other modules are
+   placed by their attribute name: ``vision_tower``, ``visual``, ``vision_model``, ``vqmodel``,
+   ``img_processor`` ... are vision; ``projector``, ``connector``, ``aligner``, ``merger``, ``qformer``,
+   ``embed_vision``, ``mm_projector``, ``language_projection``, ``image_to_text_projection``,
+   ``visual_embeddings_table``, ``image_newline`` ... are projector. Inside the language model the walk
+   continues (outside its layer list), so a vision tower or projector registered beside ``model.layers``
+   (LLaVA-Med's ``LlavaMistralForCausalLM``, Phi-4-multimodal's ``embed_tokens_extend``, Chameleon's
+   ``vqmodel``) is split out of the language role. Inside a vision tower, children named like a projector
+   (Qwen2-VL / Qwen3-VL ``merger``, ``deepstack_merger_list``) are projector.
+3. **Trace, only when names do not decide.** A multimodal model (a vision / VQ sub-config, or image
+   inputs in its ``forward``) in which step 2 found no vision module, or left weight-bearing modules
+   outside every role, is traced: forward hooks record which modules run in the model's own
+   ``get_image_features`` on one zero image of the vision config's size (real weights, no copy). The
+   first undecided module to run receives the pixels and is vision; undecided modules that run after it
+   are projector. A module that sees the image is never language.
+4. **Parameters held directly by a container** split between roles (LLaVA-OneVision's
+   ``image_newline``, BLIP-2's ``query_tokens``, Phi-4's ``glb_GN``) are placed by their own name, else as
+   projector when the container holds both vision and another role (they lie between the two); the rest
+   (``logit_scale`` of a dual encoder is head) are reported by ``unassigned_parameters``.
+
+A model whose token embeddings or image path cannot be found raises :class:`UnsupportedArchitectureError`
+saying what was found and how to select modules with explicit patterns instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+__all__ = ["UnsupportedArchitectureError", "structural_roles"]
+
+
+class UnsupportedArchitectureError(ValueError):
+    """A Hugging Face model whose architecture medquant cannot split into roles."""
+
+
+# attribute names (last component of a module name), matched as substrings, checked in this order
+_HEAD_NAMES = ("lm_head", "classifier", "score", "head", "pooler", "generation_head", "visual_projection",
+               "text_projection", "logit_scale", "logit_bias", "fc_norm")
+_PROJECTOR_HINTS = ("projector", "connector", "aligner", "merger", "qformer", "query_tokens", "embed_vision",
+                    "mm_proj", "multi_modal", "multimodal_proj", "resampler", "image_newline", "language_projection",
+                    "image_to_text", "img_projection", "generation_embeddings", "visual_embeddings_table",
+                    "vision_proj", "abstractor", "perceiver", "glb_gn", "sub_gn", "latent_query")
+_VISION_HINTS = ("vision", "visual", "vqmodel", "vq_model", "img_processor", "image_encoder", "image_tower",
+                 "pixel", "vit")
+_OTHER_HINTS = ("audio", "speech", "sound")
+_LANGUAGE_HINTS = ("language_model", "text_model", "llm", "text_decoder")
+_OTHER = "_other"  # an audio (or other non-image) encoder: no role, reported as unassigned
+
+# config attributes naming sub-configs, by role
+_CONFIG_ROLES = (("qformer", "projector"), ("vision", "vision"), ("vq", "vision"), ("visual", "vision"),
+                 ("image", "vision"), ("audio", _OTHER), ("speech", _OTHER), ("text", "language"),
+                 ("language", "language"), ("llm", "language"))
+_IMAGE_ARGS = ("pixel_values", "images", "image_pixel_values", "pixel_values_images")
+
+
+def under(name: str, prefix: str) -> bool:
+    """True when module ``name`` is ``prefix`` or lies inside it (``""`` is the root)."""
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def _join(path: str, child: str) -> str:
+    return f"{path}.{child}" if path else child
+
+
+def _children(path: str, modules: dict[str, nn.Module]) -> list[str]:
+    return [_join(path, n) for n, _ in modules[path].named_children()]
+
+
+def make_disjoint(found: dict[str, list[str]], modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Split any prefix that strictly contains another role's prefix (or is the root) into its children."""
+    out: dict[str, list[str]] = {}
+    for role, paths in found.items():
+        others = [q for r, qs in found.items() if r != role for q in qs]
+        result: list[str] = []
+        stack = list(reversed(paths))
+        while stack:
+            p = stack.pop()
+            if p not in modules:  # a parameter name (held directly by a container)
+                result.append(p)
+                continue
+            inner = [q for q in others if q != p and under(q, p)]
+            if inner or p == "":
+                kids = [c for c in _children(p, modules) if c not in others]
+                stack.extend(reversed(kids))
+            else:
+                result.append(p)
+        if result:
+            out[role] = result
+    return out
+
+
+def _name_role(attr: str) -> str | None:
+    low = attr.lower()
+    if low in _HEAD_NAMES:
+        return "head"
+    for hints, role in ((_PROJECTOR_HINTS, "projector"), (_OTHER_HINTS, _OTHER), (_VISION_HINTS, "vision"),
+                        (_LANGUAGE_HINTS, "language")):
+        if any(h in low for h in hints):
+            return role
+    return None
+
+
+def _sub_configs(config) -> dict[str, object]:
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:  # pragma: no cover
+        return {}
+    return {k: v for k, v in vars(config).items() if isinstance(v, PretrainedConfig)}
+
+
+def _config_role(module: nn.Module, sub_configs: dict[str, object]) -> str | None:
+    """Role of a sub-model whose config is one of the root's sub-configs (matched by identity)."""
+    cfg = getattr(module, "config", None)
+    if cfg is None or not hasattr(module, "get_input_embeddings"):  # sub-models only (not rotary embeddings...)
+        return None
+    for key, value in sub_configs.items():
+        if value is cfg:
+            for hint, role in _CONFIG_ROLES:
+                if hint in key:
+                    return role
+    return None
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _token_embedding(model: nn.Module) -> nn.Module | None:
+    try:
+        emb = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError, TypeError):
+        return None
+    return emb if isinstance(emb, nn.Embedding) else None
+
+
+def _language_root(model: nn.Module, modules: dict[str, nn.Module], names: dict[int, str]) -> str | None:
+    """The smallest ancestor of the token embedding that holds a non-empty ModuleList (the decoder stack)."""
+    candidates = [model]
+    emb = _token_embedding(model)
+    if emb is None:  # a dual encoder (CLIPModel): the text tower's own embeddings
+        subs = _sub_configs(getattr(model, "config", None) or object()) if hasattr(model, "config") else {}
+        candidates = [m for n, m in modules.items() if n and _config_role(m, subs) == "language"]
+        emb = next((e for e in map(_token_embedding, candidates) if e is not None), None)
+    if emb is None or id(emb) not in names:
+        return None
+    path = names[id(emb)]
+    while path:
+        path = path.rpartition(".")[0]
+        owner = modules[path]
+        for name, mod in owner.named_modules():
+            if isinstance(mod, nn.ModuleList) and len(mod) > 0 and not under(_join(path, name), names[id(emb)]):
+                return path
+    return None
+
+
+def _head_anchors(model: nn.Module, language: str | None, names: dict[int, str]) -> list[str]:
+    try:
+        out = model.get_output_embeddings()
+    except (NotImplementedError, AttributeError, TypeError):
+        out = None
+    if out is None or id(out) not in names:
+        return []
+    path = names[id(out)]
+    if language is not None and language != "" and under(path, language):
+        return []
+    return [path]
+
+
+def is_multimodal(model: nn.Module) -> bool:
+    """A vision / VQ sub-config, an ``mm_vision_tower`` setting or an image argument of ``forward``."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        if any(role == "vision" for role in (_config_key_role(k) for k in _sub_configs(cfg))):
+            return True
+        if getattr(cfg, "mm_vision_tower", None) or getattr(cfg, "vision_tower", None):
+            return True
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return any(a in params for a in _IMAGE_ARGS)
+
+
+def _config_key_role(key: str) -> str | None:
+    return next((role for hint, role in _CONFIG_ROLES if hint in key), None)
+
+
+def _units(model: nn.Module, modules: dict[str, nn.Module], language: str | None,
+           heads: list[str]) -> dict[str, str]:
+    """``{module path: role}`` for the outermost modules that steps 1-2 place (see the module docstring)."""
+    subs = _sub_configs(model.config) if hasattr(model, "config") else {}
+    anchors = {h: "head" for h in heads}
+    if language is not None:
+        anchors[language] = "language"
+    units: dict[str, str] = dict(anchors)
+
+    def visit(path: str, in_language: bool) -> None:
+        for attr, child in modules[path].named_children():
+            cpath = _join(path, attr)
+            if cpath in anchors:
+                if anchors[cpath] == "language":
+                    visit(cpath, True)
+                continue
+            if in_language and isinstance(child, nn.ModuleList):
+                continue  # the decoder layers: per-layer names (vision experts...) stay language
+            role = _config_role(child, subs) or _name_role(attr)
+            inner = [a for a in anchors if a != cpath and under(a, cpath)]
+            if role == "head" and in_language:
+                role = None  # a text encoder's pooler inside the language model stays language
+            if role is not None and not inner and (role != "head" or _has_weights(child)):
+                units[cpath] = role
+                if role == "vision":
+                    for gattr, _ in child.named_children():
+                        if _name_role(gattr) == "projector":
+                            units[_join(cpath, gattr)] = "projector"
+                continue
+            visit(cpath, in_language)
+
+    if language == "":
+        visit("", True)
+    else:
+        visit("", False)
+    return units
+
+
+def _trace_image_modules(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """Names of the modules that run in ``get_image_features`` on one zero image, in first-call order."""
+    fn = getattr(model, "get_image_features", None)
+    if fn is None:
+        inner = getattr(model, "model", None)
+        fn = getattr(inner, "get_image_features", None)
+    vcfg = getattr(model.config, "vision_config", None)
+    size = getattr(vcfg, "image_size", None)
+    if fn is None or size is None:
+        raise RuntimeError("the model has no get_image_features or no vision_config.image_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    channels = getattr(vcfg, "num_channels", 3)
+    param = next(model.parameters())
+    if param.device.type == "meta":
+        raise RuntimeError("the weights are on the meta device")
+    order: list[str] = []
+    seen: set[str] = set()
+    handles = []
+    for name, mod in modules.items():
+        def hook(_m, _a, name=name):
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        pixels = torch.zeros(1, channels, size, size, dtype=param.dtype, device=param.device)
+        with torch.no_grad():
+            fn(pixel_values=pixels)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _unplaced(units: dict[str, str], modules: dict[str, nn.Module]) -> list[str]:
+    """Outermost weight-bearing modules outside every unit (siblings of the units' containers)."""
+    out = []
+    def walk(path: str) -> None:
+        for attr, child in modules[path].named_children():
+            cpath = _join(path, attr)
+            if any(under(cpath, u) for u in units):
+                continue
+            if any(under(u, cpath) for u in units):
+                walk(cpath)
+            elif _has_weights(child):
+                out.append(cpath)
+    walk("")
+    return out
+
+
+def _error(model: nn.Module, found: dict[str, list[str]], detail: str) -> UnsupportedArchitectureError:
+    top = ", ".join(n for n, _ in model.named_children()) or "<none>"
+    got = "; ".join(f"{r}: {', '.join(ps)}" for r, ps in found.items() if r != _OTHER) or "nothing"
+    return UnsupportedArchitectureError(
+        f"{type(model).__name__}: {detail}. Found {got} (top-level children: {top}). Select modules with explicit "
+        "patterns instead, e.g. quantize_(model, {'re:model\\.layers\\..*': QuantConfig(4)}, "
+        "skip=['model.vision_tower']) - exact module names or 're:<regex>'."
+    )
+
+
+def place_parameters(model: nn.Module, roles: dict[str, list[str]], modules: dict[str, nn.Module]) -> None:
+    """Add parameters held directly by a container outside every role (step 4), in place."""
+    prefixes = [p for ps in roles.values() for p in ps]
+    for pname, _ in model.named_parameters():
+        if any(under(pname, p) for p in prefixes):
+            continue
+        owner, _, attr = pname.rpartition(".")
+        role = _name_role(attr)
+        if role not in ("vision", "projector", "head"):
+            inside = {r for r, ps in roles.items() if any(under(p, owner) for p in ps)}
+            role = "projector" if "vision" in inside and len(inside) > 1 else None
+        if role is not None:
+            roles.setdefault(role, []).append(pname)
+
+
+def structural_roles(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """``{role: prefixes}`` of a Hugging Face model by structure (module docstring); roles may be missing.
+
+    Raises:
+        UnsupportedArchitectureError: no token embedding and no image input (nothing to anchor roles on), or a
+            multimodal model whose vision part neither names nor a trace of ``get_image_features`` locate.
+    """
+    names = {id(m): n for n, m in reversed(list(modules.items()))}
+    language = _language_root(model, modules, names)
+    heads = _head_anchors(model, language, names)
+    multimodal = is_multimodal(model)
+    if language is None:
+        if not multimodal and not _takes_images(model):
+            raise _error(model, {}, "no token embedding with a layer stack and no image input")
+        # a vision encoder / classifier: the whole model is vision, around its head
+        units: dict[str, str] = {"": "vision"}
+        for attr, child in model.named_children():
+            if _name_role(attr) == "head" and _has_weights(child):
+                units[attr] = "head"
+        found: dict[str, list[str]] = {}
+        for p, r in units.items():
+            found.setdefault(r, []).append(p)
+        roles = make_disjoint(found, modules)
+        place_parameters(model, roles, modules)
+        return roles
+    units = _units(model, modules, language, heads)
+    if multimodal:
+        undecided = _unplaced(units, modules)
+        if undecided or "vision" not in units.values():
+            units = _resolve_by_trace(model, modules, units, undecided, language)
+    found = {}
+    for p, r in units.items():
+        found.setdefault(r, []).append(p)
+    roles = make_disjoint(found, modules)
+    roles.pop(_OTHER, None)
+    place_parameters(model, roles, modules)
+    return roles
+
+
+def _takes_images(model: nn.Module) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return any(a in params for a in _IMAGE_ARGS)
+
+
+def _resolve_by_trace(model: nn.Module, modules: dict[str, nn.Module], units: dict[str, str],
+                      undecided: list[str], language: str) -> dict[str, str]:
+    found: dict[str, list[str]] = {}
+    for p, r in units.items():
+        found.setdefault(r, []).append(p)
+    try:
+        order = _trace_image_modules(model, modules)
+    except Exception as e:  # noqa: BLE001 - any failure of the model's own code means: cannot decide
+        if "vision" in units.values():
+            return units  # names found the tower; the undecided modules stay unassigned (reported)
+        raise _error(model, found, "found no vision module by name or sub-config, and tracing "
+                                   f"get_image_features failed ({type(e).__name__}: {e})") from None
+    first_call = {n: i for i, n in enumerate(order)}
+    units = dict(units)
+    # the outermost undecided modules that saw the image, and children of the language model that did
+    ran = [u for u in undecided if u in first_call]
+    lang_inner = [n for n in order if n.rpartition(".")[0] == language and n not in units
+                  and not isinstance(modules[n], nn.ModuleList) and _has_weights(modules[n])]
+    candidates = sorted(ran + lang_inner, key=lambda n: first_call[n])
+    has_vision = "vision" in units.values()
+    for i, n in enumerate(candidates):
+        units[n] = "vision" if (i == 0 and not has_vision) else "projector"
+    if "vision" not in units.values():
+        raise _error(model, found, "no module ran on the image in get_image_features")
+    return units
