@@ -16,22 +16,34 @@ and also accepts plain modules (their shallowest non-empty ``nn.ModuleList`` is 
 family                 attention (q, k, v -> o)                        FFN (in -> out)
 =====================  ==============================================  ==========================================
 LLaMA / Qwen / Gemma   ``self_attn.{q,k,v}_proj`` -> ``self_attn.o_proj``  ``mlp.{gate,up}_proj`` -> ``mlp.down_proj``
+GLM-4V / Phi-3                                                         ``mlp.gate_up_proj`` (fused) -> ``down_proj``
+LFM2                                                                   ``feed_forward.{w1,w3}`` -> ``w2``
 SigLIP / CLIP / Idefics3  ``self_attn.{q,k,v}_proj`` -> ``out_proj``    ``mlp.fc1`` -> ``mlp.fc2``
+BART (Florence-2)      ``self_attn.{q,k,v}_proj`` -> ``out_proj``      ``fc1`` -> ``fc2``
 ViT (transformers 5)   ``attention.{q,k,v}_proj`` -> ``o_proj``        ``mlp.fc1`` -> ``mlp.fc2``
 BERT                   ``attention.self.{query,key,value}``            ``intermediate.dense`` -> ``output.dense``
                        -> ``attention.output.dense``
 =====================  ==============================================  ==========================================
 
 Heads are read from the shapes: ``head_dim`` from the attention module (``head_dim`` or
-``attention_head_size``), ``n_heads = q.out_features / head_dim``, ``n_kv = k.out_features / head_dim``.
-Query head ``h`` reads key/value head ``h // (n_heads / n_kv)`` (``repeat_kv`` in transformers).
-Fused ``qkv`` projections (Qwen2-VL vision blocks) have no separate q/k/v rows: their heads are reported as
-unsupported (:attr:`Block.fused_attention`); their FFNs are still found.
+``attention_head_size``), ``n_heads = o.in_features / head_dim``, ``n_kv = k.out_features / head_dim``; a query
+projection with twice those rows is gated attention (Qwen3.5 / Qwen3-Next: each head's ``2 * head_dim`` rows are
+its query then its output gate, :attr:`AttentionUnit.q_head_rows`). Query head ``h`` reads key/value head
+``h // (n_heads / n_kv)`` (``repeat_kv`` in transformers). Per-head q/k norms (Chameleon: ``q_norm.weight`` of
+shape ``(n_heads, head_dim)``) belong to their heads (:attr:`AttentionUnit.q_norm`); norms over ``head_dim`` only
+(Qwen3, Gemma 3) are shared by every head and need nothing. A fused gate/up projection (``gate_up_proj``, split
+in halves by ``chunk(2)``) gives neuron ``j`` the rows ``j`` and ``I + j`` (:attr:`FFNUnit.chunks` = 2).
+
+What cannot be pruned is said per block in :attr:`Block.unsupported` (``{"heads" | "ffn": reason}``): fused
+``qkv`` projections (Qwen2-VL vision blocks, :attr:`Block.fused_attention`), linear-attention and convolution
+mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), MoE experts stored as 3-D weights (their neurons; a shared
+expert MLP is pruned), cross-attention of encoder-decoder blocks (kept; self-attention heads are pruned).
+Encoder-decoder language models (BART in Florence-2) give two stacks: the encoder's layers and the decoder's.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -48,6 +60,8 @@ _ATTN_PATTERNS: tuple[tuple[str, str, str, str], ...] = (
 # (inputs..., output) relative to an FFN container; BERT's FFN is spread over the block itself
 _FFN_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("gate_proj", "up_proj"), "down_proj"),
+    (("gate_up_proj",), "down_proj"),  # fused: 2 * I rows, gate then up (chunk(2))
+    (("w1", "w3"), "w2"),
     (("fc1",), "fc2"),
     (("intermediate.dense",), "output.dense"),
 )
@@ -66,6 +80,14 @@ class AttentionUnit:
     head_dim: int
     n_heads: int
     n_kv: int
+    q_head_rows: int = 0       # rows of q per head: head_dim, or 2 * head_dim for gated attention (0 = head_dim)
+    q_norm: str | None = None  # per-head norms: weight (n_heads, head_dim) / (n_kv, head_dim)
+    k_norm: str | None = None
+
+    @property
+    def q_rows(self) -> int:
+        """Rows of the query projection per head (``2 * head_dim`` for gated attention)."""
+        return self.q_head_rows or self.head_dim
 
     @property
     def group_size(self) -> int:
@@ -81,6 +103,7 @@ class FFNUnit:
     inputs: tuple[str, ...]
     output: str
     n_neurons: int
+    chunks: int = 1  # each input's rows are ``chunks`` blocks of n_neurons (fused gate_up_proj: 2)
 
 
 @dataclass
@@ -94,13 +117,25 @@ class Block:
     attention: AttentionUnit | None
     ffn: FFNUnit | None
     fused_attention: str | None = None   # name of a fused-qkv attention (no separate q/k/v rows)
+    unsupported: dict[str, str] = field(default_factory=dict)  # "heads" / "ffn" -> why it cannot be pruned
 
 
 def _role_stacks(model: nn.Module, roles: Sequence[str]) -> list[tuple[str, list[str]]]:
     """``[(role, block names)]`` for ``roles`` in the given order (``"language"`` / ``"vision"``), empty lists
-    included."""
+    included; an encoder-decoder language model (``...encoder.layers`` beside ``...decoder.layers``) gives its
+    encoder stack, then its decoder stack."""
     finders = {"language": language_model_layers, "vision": vision_layers}
-    return [(r, finders[r](model)) for r in roles]
+    out: list[tuple[str, list[str]]] = []
+    for r in roles:
+        names = finders[r](model)
+        out.append((r, names))
+        stack = names[0].rpartition(".")[0] if names else ""
+        head, _, tail = stack.rpartition(".")
+        if r == "language" and tail == "layers" and head.endswith("encoder"):
+            dec = _get(model, head[: -len("encoder")] + "decoder.layers")
+            if isinstance(dec, nn.ModuleList) and len(dec) and all(n.startswith(stack + ".") for n in names):
+                out.append((r, [f"{head[: -len('encoder')]}decoder.layers.{i}" for i in range(len(dec))]))
+    return out
 
 
 def block_stacks(model: nn.Module) -> list[list[str]]:
@@ -154,9 +189,19 @@ def _attention_in(block: nn.Module, bname: str) -> tuple[AttentionUnit | None, s
                 continue
             full = f"{bname}.{cname}" if cname else bname
             hfull = f"{full}.{holder_rel}" if holder_rel else full
-            qm, km = mods[0], mods[1]
+            qm, km, om = mods[0], mods[1], mods[3]
+            n_heads = om.in_features // hd
+            if om.in_features % hd or qm.out_features not in (n_heads * hd, 2 * n_heads * hd):
+                continue
+            q_rows = qm.out_features // n_heads
             unit = AttentionUnit(full, hfull, *(f"{full}.{p}" for p in (q, k, v, o)), head_dim=hd,
-                                 n_heads=qm.out_features // hd, n_kv=km.out_features // hd)
+                                 n_heads=n_heads, n_kv=km.out_features // hd,
+                                 q_head_rows=q_rows if q_rows != hd else 0)
+            for attr, n in (("q_norm", n_heads), ("k_norm", unit.n_kv)):
+                norm = getattr(holder, attr, None)
+                w = getattr(norm, "weight", None)
+                if isinstance(w, nn.Parameter) and tuple(w.shape) == (n, hd):
+                    setattr(unit, attr, f"{hfull}.{attr}")
             return unit, None
     for cname, cont in block.named_modules():
         if isinstance(getattr(cont, "qkv", None), nn.Linear):
@@ -167,6 +212,9 @@ def _attention_in(block: nn.Module, bname: str) -> tuple[AttentionUnit | None, s
 def _ffn_in(block: nn.Module, bname: str, skip: AttentionUnit | None) -> FFNUnit | None:
     taken = set() if skip is None else {skip.q, skip.k, skip.v, skip.o}
     for cname, cont in block.named_modules():
+        if any(_is_experts(m) for m in cont.modules()) and not _is_experts(cont):
+            # an MoE container: only a shared expert below it is an FFN of this block
+            continue
         for ins, out in _FFN_PATTERNS:
             in_mods = [_get(cont, p) for p in ins]
             out_mod = _get(cont, out)
@@ -177,11 +225,43 @@ def _ffn_in(block: nn.Module, bname: str, skip: AttentionUnit | None) -> FFNUnit
             oname = f"{full}.{out}"
             if oname in taken or any(n in taken for n in names):
                 continue
-            n = in_mods[0].out_features
-            if any(m.out_features != n for m in in_mods) or out_mod.in_features != n:
+            n = out_mod.in_features
+            chunks = 2 if ins == ("gate_up_proj",) else 1
+            if any(m.out_features != chunks * n for m in in_mods):
                 continue
-            return FFNUnit(full, names, oname, n)
+            return FFNUnit(full, names, oname, n, chunks)
     return None
+
+
+def _is_experts(m: nn.Module) -> bool:
+    """MoE experts stored as 3-D weights (one module for every expert; transformers 5)."""
+    return any(p is not None and p.dim() == 3 for p in m._parameters.values()) and "expert" in type(m).__name__.lower()
+
+
+def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None, ffn: FFNUnit | None
+                 ) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if attn is None:
+        kinds = {type(m).__name__ for m in block.children()}
+        if fused is not None:
+            out["heads"] = f"{fused} uses a fused qkv projection whose heads medquant cannot split"
+        elif hasattr(block, "linear_attn"):
+            out["heads"] = (f"linear attention ({type(block.linear_attn).__name__}): not multi-head softmax "
+                            "attention with separate q/k/v/o projections; its heads are kept")
+        elif any(isinstance(m, nn.Conv1d) for m in block.modules()):
+            out["heads"] = "a convolution mixer, not attention: nothing to prune there"
+        else:
+            out["heads"] = "no separate q/k/v/o attention projections found (children: " + ", ".join(
+                sorted(kinds)[:4]) + ")"
+    elif _get(block, "encoder_attn") is not None:
+        out["heads"] = "cross-attention (encoder_attn) heads are kept; only self-attention heads are pruned"
+    experts = [n for n, m in block.named_modules() if _is_experts(m)]
+    if experts:
+        out["ffn"] = (f"MoE experts {experts[0]} ({type(block.get_submodule(experts[0])).__name__}, 3-D weights): "
+                      "the routed experts' neurons are not pruned" + ("; the shared expert is" if ffn else ""))
+    elif ffn is None:
+        out["ffn"] = "no FFN linears found (gate/up -> down, gate_up -> down, w1/w3 -> w2, fc1 -> fc2)"
+    return out
 
 
 def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = None) -> list[Block]:
@@ -211,7 +291,9 @@ def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = Non
             bmod = model.get_submodule(bname)
             attn, fused = _attention_in(bmod, bname)
             ffn = _ffn_in(bmod, bname, attn)
-            if attn is None and ffn is None and fused is None:
-                continue
-            blocks.append(Block(bname, bname.rpartition(".")[0], i, role, attn, ffn, fused))
+            why = _unsupported(bmod, attn, fused, ffn)
+            if attn is None and ffn is None and fused is None and why["heads"].startswith("no separate") \
+                    and why["ffn"].startswith("no FFN"):
+                continue  # nothing of a transformer block in it
+            blocks.append(Block(bname, bname.rpartition(".")[0], i, role, attn, ffn, fused, why))
     return blocks

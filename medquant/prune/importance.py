@@ -5,7 +5,9 @@ FFN neuron ``j`` (row ``j`` of each input linear, column ``j`` of the output lin
 
 ``magnitude``
     ``||theta_S||_2`` over the structure's weights: ``sqrt(sum_{j in J_h} ||W_q[j,:]||^2 + ||W_o[:,j]||^2)`` for a
-    head, ``sqrt(sum_in ||W_in[j,:]||^2 + ||W_out[:,j]||^2)`` for a neuron. Needs no data.
+    head, ``sqrt(sum_in ||W_in[j,:]||^2 + ||W_out[:,j]||^2)`` for a neuron. Needs no data. A head's q rows are
+    its ``2 * head_dim`` rows in gated attention (query and gate); a neuron's rows of a fused ``gate_up_proj`` are
+    ``j`` and ``I + j``.
 ``taylor``
     First-order Taylor estimate of the loss change when the structure is zeroed (Molchanov et al. 2019):
     ``mean_batches |sum_{theta in S} g_theta * theta|`` with the gradient ``g`` of the calibration loss
@@ -84,6 +86,11 @@ def _head_sum(per_channel: torch.Tensor, head_dim: int) -> torch.Tensor:
     return per_channel.reshape(-1, head_dim).sum(1)
 
 
+def _neuron_sum(per_row: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Per-row values of an FFN input with ``chunks`` blocks of rows (fused gate_up: 2) -> per neuron."""
+    return per_row.reshape(chunks, -1).sum(0)
+
+
 @torch.no_grad()
 def _magnitude(model: nn.Module, blocks: list[Block]) -> dict[str, dict[str, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -91,13 +98,13 @@ def _magnitude(model: nn.Module, blocks: list[Block]) -> dict[str, dict[str, tor
         s: dict[str, torch.Tensor] = {}
         if b.attention is not None:
             a = b.attention
-            ch = _lin(model, a.q).weight.float().pow(2).sum(1) + _lin(model, a.o).weight.float().pow(2).sum(0)
-            s["heads"] = _head_sum(ch, a.head_dim).sqrt()
+            s["heads"] = (_head_sum(_lin(model, a.q).weight.float().pow(2).sum(1), a.q_rows)
+                          + _head_sum(_lin(model, a.o).weight.float().pow(2).sum(0), a.head_dim)).sqrt()
         if b.ffn is not None:
             f = b.ffn
             ch = _lin(model, f.output).weight.float().pow(2).sum(0)
             for n in f.inputs:
-                ch = ch + _lin(model, n).weight.float().pow(2).sum(1)
+                ch = ch + _neuron_sum(_lin(model, n).weight.float().pow(2).sum(1), f.chunks)
             s["neurons"] = ch.sqrt()
         out[b.name] = s
     return out
@@ -186,14 +193,14 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
                     s = acc[b.name]
                     if b.attention is not None:
                         a = b.attention
-                        ch = _rows_gw(_lin(model, a.q)) + _cols_gw(_lin(model, a.o))
-                        v = _head_sum(ch, a.head_dim).abs()
+                        v = (_head_sum(_rows_gw(_lin(model, a.q)), a.q_rows)
+                             + _head_sum(_cols_gw(_lin(model, a.o)), a.head_dim)).abs()
                         s["heads"] = s["heads"] + v if "heads" in s else v
                     if b.ffn is not None:
                         f = b.ffn
                         ch = _cols_gw(_lin(model, f.output))
                         for nm in f.inputs:
-                            ch = ch + _rows_gw(_lin(model, nm))
+                            ch = ch + _neuron_sum(_rows_gw(_lin(model, nm)), f.chunks)
                         s["neurons"] = s["neurons"] + ch.abs() if "neurons" in s else ch.abs()
     finally:
         for p in model.parameters():

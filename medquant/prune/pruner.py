@@ -33,6 +33,8 @@ False, and :func:`medquant.prune.save_pruned` / :func:`medquant.prune.load_prune
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +59,11 @@ class PrunePlan:
     ``heads[block]`` / ``kv_heads[block]`` / ``neurons[block]`` list the *kept* indices (sorted) of the block's
     attention query heads, key/value heads and FFN neurons; ``removed_*`` give the complement. ``channels`` maps
     a CNN producer conv to its kept output channels; ``drop_blocks`` lists blocks removed whole.
+
+    ``skipped[block]`` lists, for each block in scope that the ratios asked to prune but that has a part the
+    pruner cannot handle, the reason (fused qkv, linear attention, convolution mixer, MoE experts stored as 3-D
+    weights, cross-attention kept); ``config_notes`` says why a config was left as it was when the pruned model
+    does not fit it (``hf_config_exact`` False).
     """
 
     heads: dict[str, list[int]] = field(default_factory=dict)
@@ -68,6 +75,8 @@ class PrunePlan:
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # original counts per block / conv
     importance: str = "magnitude"
     hf_config_exact: bool | None = None
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    config_notes: list[str] = field(default_factory=list)
 
     def removed_heads(self, block: str) -> list[int]:
         return sorted(set(range(self.sizes[block]["heads"])) - set(self.heads.get(block, [])))
@@ -85,7 +94,8 @@ class PrunePlan:
         return {"heads": self.heads, "kv_heads": self.kv_heads, "neurons": self.neurons,
                 "channels": self.channels, "drop_blocks": self.drop_blocks,
                 "channel_groups": self.channel_groups, "sizes": self.sizes,
-                "importance": self.importance, "hf_config_exact": self.hf_config_exact}
+                "importance": self.importance, "hf_config_exact": self.hf_config_exact,
+                "skipped": self.skipped, "config_notes": self.config_notes}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
@@ -184,10 +194,27 @@ class StructuredPruner:
         fr = _per_block(self.ffn_ratio, blocks, "ffn_ratio")
         need = [b for b in blocks if b.name not in plan.drop_blocks
                 and ((b.attention is not None and hr[b.name] > 0) or (b.ffn is not None and fr[b.name] > 0))]
-        for b in blocks:
-            if hr[b.name] > 0 and b.attention is None and b.name not in plan.drop_blocks:
-                raise ValueError(f"{b.name}: its attention ({b.fused_attention or 'not found'}) uses a fused qkv "
-                                 "projection whose heads medquant cannot prune; set head_ratio to 0 for it")
+        for b in blocks:  # what the ratios ask for but cannot be done: said per block, never silently left
+            if b.name in plan.drop_blocks:
+                continue
+            why = []
+            if hr[b.name] > 0 and "heads" in b.unsupported:
+                why.append(f"heads: {b.unsupported['heads']}")
+            if fr[b.name] > 0 and "ffn" in b.unsupported:
+                why.append(f"ffn: {b.unsupported['ffn']}")
+            if why:
+                plan.skipped[b.name] = why
+        for part, ratios, has in (("heads", hr, lambda b: b.attention is not None),
+                                  ("ffn", fr, lambda b: b.ffn is not None)):
+            asked = [b for b in blocks if ratios[b.name] > 0 and b.name not in plan.drop_blocks]
+            if asked and not any(has(b) for b in asked):
+                raise ValueError(f"{'head_ratio' if part == 'heads' else 'ffn_ratio'} asks to prune {part} of "
+                                 f"{len(asked)} block(s) in scope {self.scope!r}, but none can be: "
+                                 f"{asked[0].name}: {asked[0].unsupported.get(part, '?')}; set it to 0 for them")
+        if plan.skipped:
+            warnings.warn(f"pruning skips parts of {len(plan.skipped)} block(s) (plan.skipped says why), e.g. "
+                          f"{next(iter(plan.skipped))}: {next(iter(plan.skipped.values()))[0]}", UserWarning,
+                          stacklevel=2)
         scores = block_scores(model, need, self.importance, calib, loss_fn, self.progress) if need else {}
         for b in blocks:
             if b.name in plan.drop_blocks:
@@ -286,7 +313,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
         drop_blocks(model, plan.drop_blocks)
     if _is_hf(model):
         stacks = {b.stack for b in touched} | {n.rpartition(".")[0] for n in plan.drop_blocks}
-        plan.hf_config_exact = sync_configs(model, stacks)
+        plan.hf_config_exact, notes = _sync_configs(model, stacks)
+        plan.config_notes = notes
     return model
 
 
@@ -299,20 +327,30 @@ def _config_of(model: nn.Module, b: Block):
         cfg = getattr(model.get_submodule(name), "config", None)
         if isinstance(cfg, PretrainedConfig):
             return cfg
+    parts = b.name.split(".")  # blocks without a config of their own (LFM2, Qwen3.5): the nearest owner's
+    for cut in range(len(parts) - 1, -1, -1):
+        cfg = getattr(model.get_submodule(".".join(parts[:cut])) if cut else model, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            return cfg
     return None
 
 
 def _build_like(mod: nn.Module, cfg) -> nn.Module | None:
+    """A fresh module of ``mod``'s class from ``cfg`` on the meta device (``cls(cfg, layer_idx)`` when the second
+    parameter is ``layer_idx``, else ``cls(cfg)``), or None when the class is not built from a config."""
     cls = type(mod)
+    try:
+        params = list(inspect.signature(cls.__init__).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+    args: tuple = (cfg,)
+    if len(params) > 1 and params[1] == "layer_idx":
+        args = (cfg, getattr(mod, "layer_idx", 0) or 0)
     with torch.device("meta"):
-        for args in ((cfg, getattr(mod, "layer_idx", 0) or 0), (cfg,)):
-            try:
-                return cls(*args)
-            except TypeError:
-                continue
-            except Exception:  # noqa: BLE001 - the class rejects the config (e.g. hidden size not a multiple of heads)
-                return None
-    return None
+        try:
+            return cls(*args)
+        except Exception:  # noqa: BLE001 - the class rejects the config (e.g. hidden size not a multiple of heads)
+            return None
 
 
 def _shapes(root: nn.Module, names: Sequence[str]) -> list[tuple[int, ...]]:
@@ -335,17 +373,21 @@ def _fits(model: nn.Module, blocks: list[Block], cfg) -> bool:
     except Exception:  # noqa: BLE001 - transformers' validators raise several types; any means "not loadable"
         return False
     for b in blocks:
+        block_fresh: list[nn.Module | None] = []
         for unit, names in ((b.attention, lambda u: (u.q, u.k, u.v, u.o)),
                             (b.ffn, lambda u: (*u.inputs, u.output))):
             if unit is None:
                 continue
-            cont = model.get_submodule(unit.name)
-            fresh = _build_like(cont, cfg)
+            root, fresh = unit.name, _build_like(model.get_submodule(unit.name), cfg)
+            if fresh is None:  # a container not built from the config alone (BART attention): the whole block
+                if not block_fresh:
+                    block_fresh.append(_build_like(model.get_submodule(b.name), cfg))
+                root, fresh = b.name, block_fresh[0]
             if fresh is None:
                 return False
-            rel = [_rel(n, unit.name) for n in names(unit)]
+            rel = [_rel(n, root) for n in names(unit)]
             try:
-                if _shapes(fresh, rel) != _shapes(cont, rel):
+                if _shapes(fresh, rel) != _shapes(model.get_submodule(root), rel):
                     return False
             except AttributeError:
                 return False
@@ -356,42 +398,113 @@ def sync_configs(model: nn.Module, stacks: set[str] | None = None) -> bool:
     """Write uniform head / neuron counts into the HF configs where a rebuilt module then matches exactly.
 
     Only block lists in ``stacks`` (default: all) are considered; untouched stacks keep their configs. Returns
-    True when every considered config describes its blocks exactly (``from_pretrained`` rebuilds the model).
+    True when every considered config describes its blocks exactly and a fresh model built from the (JSON
+    round-tripped) config has every tensor shape of the pruned model, i.e. ``from_pretrained`` loads it. When the
+    config also sizes something pruning did not change (Idefics2's connector MLP is sized by
+    ``text_config.intermediate_size``; Llama 4's routed experts share ``intermediate_size`` with the shared
+    expert), every change is undone and the result is False: :func:`medquant.prune.load_pruned` reloads it.
     """
-    groups: dict[int, tuple[Any, list[Block]]] = {}
+    return _sync_configs(model, stacks)[0]
+
+
+def _count_keys(cfg, stack: str) -> tuple[str, str]:
+    """(heads key, FFN size key) of ``cfg`` for the blocks of ``stack``: ``encoder_attention_heads`` /
+    ``encoder_ffn_dim`` for the encoder (decoder) stack of a BART-style config, else ``num_attention_heads`` /
+    ``intermediate_size``."""
+    part = stack.rpartition(".")[0].rpartition(".")[2]
+    if part in ("encoder", "decoder") and hasattr(cfg, f"{part}_ffn_dim"):
+        return f"{part}_attention_heads", f"{part}_ffn_dim"
+    return "num_attention_heads", "intermediate_size"
+
+
+def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list[str]]:
+    groups: dict[tuple[int, str], tuple[Any, list[Block]]] = {}
     exact = True
-    for b in transformer_blocks(model, "all"):
+    notes: list[str] = []
+    all_blocks = transformer_blocks(model, "all")
+    for b in all_blocks:
         if stacks is not None and b.stack not in stacks:
             continue
         cfg = _config_of(model, b)
         if cfg is None:
             exact = False
+            notes.append(f"{b.stack}: no transformers config owns these blocks")
             continue
-        groups.setdefault(id(cfg), (cfg, []))[1].append(b)
+        groups.setdefault((id(cfg), _count_keys(cfg, b.stack)[1]), (cfg, []))[1].append(b)
+    changed: list[tuple[Any, dict[str, Any]]] = []
     for cfg, blocks in groups.values():
         if _fits(model, blocks, cfg):
             continue
+        heads_key, ffn_key = _count_keys(cfg, blocks[0].stack)
         heads = {(b.attention.n_heads, b.attention.n_kv, b.attention.head_dim) for b in blocks if b.attention}
         neurons = {b.ffn.n_neurons for b in blocks if b.ffn}
         new: dict[str, Any] = {}
         if len(heads) == 1:
             nh, nkv, hd = heads.pop()
-            new.update(num_attention_heads=nh, head_dim=hd)
-            if hasattr(cfg, "num_key_value_heads"):
-                new["num_key_value_heads"] = nkv
-        if len(neurons) == 1 and hasattr(cfg, "intermediate_size"):
-            new["intermediate_size"] = neurons.pop()
+            new[heads_key] = nh
+            if heads_key == "num_attention_heads":
+                new["head_dim"] = hd
+                if hasattr(cfg, "num_key_value_heads"):
+                    new["num_key_value_heads"] = nkv
+        if len(neurons) == 1 and hasattr(cfg, ffn_key):
+            new[ffn_key] = neurons.pop()
+            if getattr(cfg, "block_auto_adjust_ff_dim", False) is True:  # LFM2: size = 2/3 of the config's
+                new["block_auto_adjust_ff_dim"] = False
         old = {k: getattr(cfg, k, _ABSENT) for k in new}
         for k, v in new.items():
             setattr(cfg, k, v)
         if not new or not _fits(model, blocks, cfg):
-            for k, v in old.items():
-                if v is _ABSENT:
-                    delattr(cfg, k)
-                else:
-                    setattr(cfg, k, v)
+            _restore(cfg, old)
             exact = False
-    return exact
+            notes.append(f"{blocks[0].stack}: its config cannot express the pruned blocks (per-layer counts, or a "
+                         "head size derived from hidden_size / heads); reload with medquant.prune.load_pruned")
+        else:
+            changed.append((cfg, old))
+    if changed:
+        ignore = [] if exact else [n + "." for b in all_blocks for n in _unit_modules(b)]
+        bad = _fresh_mismatch(model, ignore)
+        if bad:
+            for cfg, old in reversed(changed):
+                _restore(cfg, old)
+            exact = False
+            notes.append(f"a model built from the updated config differs from the pruned one at {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''} (the config also sizes parts pruning did not change, e.g. "
+                         "a connector sized by text_config.intermediate_size or MoE experts); the config is left as "
+                         "it was: reload with medquant.prune.load_pruned")
+    return exact, notes
+
+
+def _restore(cfg, old: dict[str, Any]) -> None:
+    for k, v in old.items():
+        if v is _ABSENT:
+            delattr(cfg, k)
+        else:
+            setattr(cfg, k, v)
+
+
+def _unit_modules(b: Block) -> list[str]:
+    out: list[str] = []
+    if b.attention is not None:
+        a = b.attention
+        out += [a.q, a.k, a.v, a.o] + [n for n in (a.q_norm, a.k_norm) if n]
+    if b.ffn is not None:
+        out += [*b.ffn.inputs, b.ffn.output]
+    return out
+
+
+def _fresh_mismatch(model: nn.Module, ignore: Sequence[str]) -> list[str]:
+    """State-dict keys whose shape differs between ``model`` and a model of its class built (on the meta device)
+    from its config after a JSON round trip; keys under ``ignore`` prefixes are not compared."""
+    cfg = getattr(model, "config", None)
+    try:
+        cfg = type(cfg).from_dict(cfg.to_dict())
+        with torch.device("meta"):
+            fresh = type(model)._from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure means the config does not rebuild the model
+        return [f"<the config does not build {type(model).__name__}: {type(e).__name__}: {e}>"]
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return [k for k, v in model.state_dict().items()
+            if k in want and want[k] != tuple(v.shape) and not any(k.startswith(p) for p in ignore)]
 
 
 _ABSENT = object()

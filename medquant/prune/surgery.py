@@ -5,8 +5,11 @@ All functions edit the model in place and keep the selected rows / columns in th
 * a head ``h`` owns the rows ``h*d .. h*d+d-1`` of q (and of k, v for its key/value head) and the same columns
   of the output projection o; removing it deletes those rows (weight and bias) and columns. The bias of o is
   per output feature, not per head, and stays.
-* an FFN neuron ``j`` owns row ``j`` (weight and bias) of each input linear (gate/up, fc1, intermediate) and
-  column ``j`` of the output linear (down, fc2).
+* an FFN neuron ``j`` owns row ``j`` (weight and bias) of each input linear (gate/up, w1/w3, fc1, intermediate)
+  and column ``j`` of the output linear (down, w2, fc2); of a fused ``gate_up_proj`` with ``2I`` rows (gate half,
+  then up half) it owns rows ``j`` and ``I + j``.
+* gated attention (Qwen3.5): head ``h`` owns rows ``2hd .. 2hd+2d-1`` of q (its query and its output gate);
+  per-head q/k norms (Chameleon, weight ``(n_heads, d)``) lose the rows of the removed heads.
 
 After a head removal the attention module carries its own counts (``num_heads`` / ``num_attention_heads``,
 ``num_key_value_heads``, ``num_key_value_groups`` = n_heads / n_kv, BERT's ``all_head_size``), which is what the
@@ -87,14 +90,17 @@ def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[
     _check_heads(unit, keep_heads, keep_kv)
     d = unit.head_dim
     q, k, v, o = (model.get_submodule(n) for n in (unit.q, unit.k, unit.v, unit.o))
-    qrows = head_rows(keep_heads, d)
     kvrows = head_rows(keep_kv, d)
     if len(keep_heads) != unit.n_heads:
-        keep_linear(q, rows=qrows)
-        keep_linear(o, cols=qrows)
+        keep_linear(q, rows=head_rows(keep_heads, unit.q_rows))
+        keep_linear(o, cols=head_rows(keep_heads, d))
+        if unit.q_norm is not None:
+            _keep_norm_rows(model.get_submodule(unit.q_norm), keep_heads)
     if len(keep_kv) != unit.n_kv:
         keep_linear(k, rows=kvrows)
         keep_linear(v, rows=kvrows)
+        if unit.k_norm is not None:
+            _keep_norm_rows(model.get_submodule(unit.k_norm), keep_kv)
     nh, nkv = len(keep_heads), len(keep_kv)
     holder = model.get_submodule(unit.holder)
     for attr, val in (("num_heads", nh), ("num_attention_heads", nh), ("num_key_value_heads", nkv),
@@ -103,6 +109,19 @@ def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[
             setattr(holder, attr, val)
     unit.n_heads, unit.n_kv = nh, nkv
     return unit
+
+
+@torch.no_grad()
+def _keep_norm_rows(norm: nn.Module, heads: Sequence[int]) -> None:
+    """Keep the rows ``heads`` of a per-head norm's ``weight`` / ``bias`` ``(n, head_dim)``."""
+    idx = torch.tensor(list(heads), dtype=torch.long)
+    for attr in ("weight", "bias"):
+        p = getattr(norm, attr, None)
+        if isinstance(p, nn.Parameter):
+            setattr(norm, attr, nn.Parameter(p.index_select(0, idx.to(p.device)).clone(),
+                                             requires_grad=p.requires_grad))
+    if isinstance(getattr(norm, "normalized_shape", None), tuple) and len(norm.normalized_shape) == 2:
+        norm.normalized_shape = (len(idx), norm.normalized_shape[1])
 
 
 @torch.no_grad()
@@ -118,8 +137,9 @@ def prune_ffn(model: nn.Module, unit: FFNUnit, keep: Sequence[int]) -> FFNUnit:
     if len(keep) == unit.n_neurons:
         return unit
     idx = torch.tensor(keep, dtype=torch.long)
+    rows = torch.cat([idx + c * unit.n_neurons for c in range(unit.chunks)])
     for name in unit.inputs:
-        keep_linear(model.get_submodule(name), rows=idx)
+        keep_linear(model.get_submodule(name), rows=rows)
     keep_linear(model.get_submodule(unit.output), cols=idx)
     container = model.get_submodule(unit.name)
     if isinstance(getattr(container, "intermediate_size", None), int):
