@@ -22,8 +22,7 @@ from .args import existing_folder
 
 def _size(text: str) -> int:
     """A ``--max-shard-size`` value: bytes or a number with KB/MB/GB/KiB/MiB/GiB."""
-    from ..deploy.common import parse_size
-    from ..deploy.registry import ExportError
+    from ..deploy.registry import ExportError, parse_size
 
     try:
         return parse_size(text if not text.isdigit() else int(text))
@@ -55,7 +54,7 @@ def run(args) -> int:
         options["max_shard_size"] = args.max_shard_size
     if args.format == "compressed-tensors":
         options.update(progress_bar=not args.json, overwrite=args.overwrite,
-                       source=args.source or (args.src if _has_tokenizer(args.src) else None))
+                       source=args.source or args.src)  # the tokenizer / processor files found there
     elif args.overwrite:
         options["overwrite"] = True
     report = export(model, args.out, format=args.format, **options)
@@ -64,12 +63,6 @@ def run(args) -> int:
     else:
         print(report.table(max_rows=None))
     return 0
-
-
-def _has_tokenizer(folder: str) -> bool:
-    from ..deploy.common import TOKENIZER_FILES
-
-    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def _check(args, parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@
   every row requantized to the layer's largest integer bit-width, with the largest absolute weight change.
 * :func:`float_tensors` returns every other tensor of the model under the name the model's ``state_dict`` gives
   it (the Hugging Face checkpoint names for a transformers model), tied duplicates dropped.
+* :func:`parse_size` (from the registry) reads ``max_shard_size``-style byte counts (``"5GB"``).
 * :func:`copy_tokenizer_files` copies the tokenizer / processor files of a source folder
   (:func:`source_folder`: an explicit folder, or ``model.name_or_path`` when that is a local folder).
 
@@ -26,7 +27,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -35,9 +36,11 @@ from ..kernels.layout import dequantize_codes
 from ..quant.config import FLOAT_BITS
 from ..quant.core import quantize
 from ..quant.modules import QUANT_MODULES
-from .registry import ExportError
+from .registry import ExportError, parse_size  # noqa: F401  (parse_size: re-exported for the backends)
 
 T = TypeVar("T")
+#: a ``QuantLinear`` / ``QuantConv2d`` (typed loosely: their row-group buffers are registered by name)
+QuantLayer = Any
 
 #: storage buffers of a quantized layer (its bias is exported as a normal tensor)
 QUANT_BUFFER_PREFIXES = ("qweight_", "scales_", "zeros_", "fweight_", "bit_map", "rows_")
@@ -50,7 +53,7 @@ TOKENIZER_FILES = (
 )
 
 
-def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """``(name, layer)`` of every medquant-quantized layer, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANT_MODULES)]
 
@@ -69,13 +72,13 @@ def scheme_string(bits: int, symmetric: bool, scope: str, group_size: int) -> st
     return f"int{bits} {'sym' if symmetric else 'asym'} {where}"
 
 
-def row_counts(layer: nn.Module) -> dict[int, int]:
+def row_counts(layer: QuantLayer) -> dict[int, int]:
     """Rows per bit-width of a quantized layer, e.g. ``{3: 10, 4: 22}``."""
     rb = layer.row_bits()
     return {b: int((rb == b).sum()) for b in layer.bit_groups}
 
 
-def layer_scheme(layer: nn.Module) -> str:
+def layer_scheme(layer: QuantLayer) -> str:
     """A quantized layer's scheme as text; a mixed layer lists rows per bit-width: ``"mixed {3: 10 rows, 4: 22
     rows} asym g128"`` (the scheme words of the layer's largest integer bit-width)."""
     cfg = layer.config
@@ -89,12 +92,12 @@ def layer_scheme(layer: nn.Module) -> str:
     return f"mixed {{{rows}}}" + (f" {tail}" if tail else "")
 
 
-def is_float_layer(layer: nn.Module) -> bool:
+def is_float_layer(layer: QuantLayer) -> bool:
     """True when a quantized layer holds no integer rows (all rows float or pruned): export it as a float weight."""
     return not any(is_integer_bits(b) for b in layer.bit_groups)
 
 
-def mixed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def mixed_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """The quantized layers whose rows do not all share one bit-width (integer or float)."""
     return [(name, m) for name, m in quantized_layers(model) if m.mixed]
 
@@ -159,14 +162,14 @@ class UniformWeight:
         return scheme_string(self.bits, self.symmetric, self.scope, self.group_size)
 
 
-def _from_packed(layer: nn.Module, b: int) -> UniformWeight:
+def _from_packed(layer: QuantLayer, b: int) -> UniformWeight:
     pw = layer.packed_weight(b)
     zeros = None if pw.zeros is None else pw.zeros.float()
     return UniformWeight(pw.codes(), pw.scales.float(), zeros, b, pw.symmetric, pw.scope, pw.group_elems, pw.k)
 
 
 @torch.no_grad()
-def layer_weight(layer: nn.Module, promote: bool = False) -> UniformWeight | None:
+def layer_weight(layer: QuantLayer, promote: bool = False) -> UniformWeight | None:
     """The layer's weight as one :class:`UniformWeight`, or None for a layer without integer rows (float/pruned).
 
     A layer with one integer bit-width is returned exactly as stored. A mixed layer raises :class:`ExportError`
@@ -206,6 +209,7 @@ def layer_weight(layer: nn.Module, promote: bool = False) -> UniformWeight | Non
         if kept.zeros is not None:
             zeros = torch.zeros_like(scales)
             zeros.index_copy_(0, rows_top, kept.zeros)
+            assert q.zeros is not None  # same symmetry as the kept rows
             zeros.index_copy_(0, others, q.zeros.float())
         out = UniformWeight(codes, scales, zeros, top, kept.symmetric, kept.scope, kept.group_size, kept.k)
     out.how = "lossy requantization"
@@ -300,28 +304,3 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "export",
     from tqdm.auto import tqdm
 
     yield from tqdm(items, total=total, desc=desc, unit=unit)
-
-
-def parse_size(value: int | str) -> int:
-    """A byte count from an int or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1000"``."""
-    if isinstance(value, bool):
-        raise ExportError(f"size must be an integer number of bytes or a string like '5GB', got {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ExportError(f"size must be positive, got {value}")
-        return value
-    text = str(value).strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1, "": 1}
-    for unit in sorted(units, key=len, reverse=True):
-        number = text[: len(text) - len(unit)] if unit else text
-        if text.endswith(unit):
-            try:
-                size = int(float(number) * units[unit])
-            except ValueError:
-                continue
-            if size <= 0:
-                raise ExportError(f"size must be positive, got {value!r}")
-            return size
-    raise ExportError(f"cannot read the size {value!r}: give bytes (e.g. 1000000) or a number with KB/MB/GB/KiB/MiB/"
-                      "GiB (e.g. '5GB')")

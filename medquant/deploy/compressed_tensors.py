@@ -214,7 +214,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard: int
     return names
 
 
-def _save_config(model: nn.Module, folder: Path, tied: bool) -> None:
+def _save_config(model: Any, folder: Path, tied: bool) -> None:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -282,6 +282,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     groups: dict[tuple, list[str]] = {}
     args: dict[tuple, Any] = {}
     exported_float: dict[str, str] = {}
+    layer: Any
     for name, layer in progress(quant, total=len(quant), desc="packing", enabled=progress_bar):
         scheme = layer_scheme(layer)
         uw = None if is_float_layer(layer) else layer_weight(layer, promote=promote)

@@ -184,6 +184,31 @@ def check_format(name: str) -> None:
     _check_requirements(_lookup(name))
 
 
+def parse_size(value: int | str) -> int:
+    """A byte count from an int or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1000"``."""
+    if isinstance(value, bool):
+        raise ExportError(f"size must be an integer number of bytes or a string like '5GB', got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ExportError(f"size must be positive, got {value}")
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1, "": 1}
+    for unit in sorted(units, key=len, reverse=True):
+        number = text[: len(text) - len(unit)] if unit else text
+        if text.endswith(unit):
+            try:
+                size = int(float(number) * units[unit])
+            except ValueError:
+                continue
+            if size <= 0:
+                raise ExportError(f"size must be positive, got {value!r}")
+            return size
+    raise ExportError(f"cannot read the size {value!r}: give bytes (e.g. 1000000) or a number with KB/MB/GB/KiB/MiB/"
+                      "GiB (e.g. '5GB')")
+
+
 def export(model: nn.Module, path: str | Path, format: str, **options: Any) -> ExportReport:
     """Export a (medquant-quantized or float) model to ``path`` in a format that a serving runtime reads.
 

@@ -1,6 +1,7 @@
 """The export dispatcher: unknown formats, duplicate registrations, missing packages, backend contract, reports."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -21,7 +22,9 @@ from medquant.deploy.registry import check_format
 
 @pytest.fixture(autouse=True)
 def _isolated_registry(monkeypatch):
-    """Registrations made by a test disappear after it (the built-in backends re-register on import)."""
+    """Registrations made by a test disappear after it. The compressed-tensors backend registers itself when its
+    module is first imported: import it before copying, so that its registration is not lost with the copy."""
+    importlib.import_module("medquant.deploy.compressed_tensors")
     monkeypatch.setattr(registry, "_FORMATS", dict(registry._FORMATS))
 
 
