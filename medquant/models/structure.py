@@ -290,6 +290,23 @@ def _unplaced(units: dict[str, str], modules: dict[str, nn.Module]) -> list[str]
     return out
 
 
+def _suspects(units: dict[str, str], language: str, modules: dict[str, nn.Module]) -> list[str]:
+    """Children of a language model that holds an image module (LLaVA-Med's layout) and that are neither a
+    placed module, the token embedding, the layer list nor a norm (no matrix): an unnamed projector hides there."""
+    if not any(r in ("vision", "projector") and p != language and under(p, language) for p, r in units.items()):
+        return []
+    emb = _token_embedding(modules[""])
+    out = []
+    for attr, child in modules[language].named_children():
+        cpath = _join(language, attr)
+        if (cpath in units or child is emb or isinstance(child, nn.ModuleList)
+                or any(under(u, cpath) for u in units)):
+            continue
+        if any(p.dim() >= 2 for p in child.parameters()):
+            out.append(cpath)
+    return out
+
+
 def _error(model: nn.Module, found: dict[str, list[str]], detail: str) -> UnsupportedArchitectureError:
     top = ", ".join(n for n, _ in model.named_children()) or "<none>"
     got = "; ".join(f"{r}: {', '.join(ps)}" for r, ps in found.items() if r != _OTHER) or "nothing"
@@ -342,7 +359,7 @@ def structural_roles(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
         return roles
     units = _units(model, modules, language, heads)
     if multimodal:
-        undecided = _unplaced(units, modules)
+        undecided = _unplaced(units, modules) + _suspects(units, language, modules)
         if undecided or "vision" not in units.values():
             units = _resolve_by_trace(model, modules, units, undecided, language)
     found = {}

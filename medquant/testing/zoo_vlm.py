@@ -265,6 +265,8 @@ def _build_phi4mm() -> nn.Module:
         **text_kwargs(num_key_value_heads=2),
         vision_config=dict(_VIT, crop_size=IMAGE, image_token_id=IMAGE_TOKEN),
         audio_config={"hidden_size": HIDDEN, "intermediate_size": INTER, "num_blocks": 1, "num_attention_heads": HEADS,
+                      "ext_pw_out_channel": HIDDEN, "depthwise_separable_out_channel": HIDDEN, "nemo_conv_channels": 32,
+                      "bias_max_distance": 16,
                           "audio_token_id": 249}))
 
 
@@ -541,6 +543,25 @@ VISION_ENCODERS: list[ZooEntry] = [
     ZooEntry("convnext", "convnext", False, _build_convnext, _image_only, _pooled),
     ZooEntry("beit", "beit", False, _build_beit, _image_only, _last_hidden),
 ]
+
+def _blip_image(model: nn.Module, inputs: dict[str, Any]) -> Any:
+    extra = {k: inputs[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in inputs}
+    return model.get_image_features(pixel_values=inputs["pixel_values"], **extra)
+
+
+def _llava_med_image(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    return model.encode_images(inputs["images"])
+
+
+IMAGE_PATH: dict[str, Any] = {
+    "blip2": _blip_image, "instructblip": _blip_image, "kosmos2": _top_image_features,
+    "deepseek_vl": _inner_image_features, "janus": _inner_image_features, "paddleocr_vl": _grid_image_features,
+    "ovis2": _top_image_features, "gemma4": _gemma4_image, "phi4mm": _phi4_image, "chameleon": _chameleon_image,
+    "mllama": _mllama_image, "qwen3_vl": _grid_image_features, "llava_onevision": _onevision_image,
+    "llava_med": _llava_med_image,
+}
+"""Entry name -> ``fn(model, inputs)`` running only the image path (vision tower, then projector) of a multimodal
+entry: the modules that run in it are the ones that see the image."""
 
 EXTRA_ZOO: list[ZooEntry] = VLM_LAYOUTS + VISION_ENCODERS
 EXTRA_ZOO_BY_NAME: dict[str, ZooEntry] = {e.name: e for e in EXTRA_ZOO}
