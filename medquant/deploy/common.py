@@ -3,6 +3,8 @@
 * :func:`quantized_layers` lists a model's medquant-quantized layers (``QuantLinear`` / ``QuantConv2d``) by name;
   :func:`layer_scheme` describes one as a string (``"int4 asym g128"``, ``"int8 sym channel"``,
   ``"mixed {3: 10 rows, 4: 22 rows}"``).
+* :func:`check_native` refuses models holding modules a format has no tensors for (medquant wrappers other
+  than the quantized layers, e.g. quantized MoE experts; parametrized layers).
 * :func:`check_mixed` refuses layers whose rows carry different bit-widths (no runtime format stores per-row
   bits) unless ``promote=True``, naming every such layer and its scheme in the :class:`ExportError`.
 * :func:`layer_weight` returns one layer's weight as a single uniform block of codes, scales and zero points
@@ -118,6 +120,33 @@ def check_mixed(model: nn.Module, promote: bool, format: str) -> list[str]:
             f"to the layer's largest integer bit-width (lossy, reported per layer), or quantize with one "
             f"bit-width per layer")
     return [name for name, _ in mixed]
+
+
+def foreign_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, class)`` of the modules an export cannot write as the model's own layers: medquant modules other
+    than ``QuantLinear`` / ``QuantConv2d`` (e.g. quantized MoE experts, fake-quantization parametrizations) and
+    layers with a ``torch.nn.utils.parametrize`` parametrization (their weight is computed, not stored)."""
+    from torch.nn.utils import parametrize
+
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_MODULES):
+            continue
+        if type(m).__module__.split(".")[0] == "medquant" or parametrize.is_parametrized(m):
+            out.append((name, type(m).__name__))
+    return out
+
+
+def check_native(model: nn.Module, format: str) -> None:
+    """Raise :class:`ExportError` listing :func:`foreign_modules` (the format has no tensors for them)."""
+    found = foreign_modules(model)
+    if found:
+        listed = "; ".join(f"{n or '(model)'}: {c}" for n, c in found[:8]) + (" ..." if len(found) > 8 else "")
+        raise ExportError(
+            f"format={format!r} writes the model's own layers, but {len(found)} module(s) are medquant wrappers or "
+            f"parametrized layers it has no tensors for: {listed}. Remove them first (detach fake quantization, "
+            f"merge adapters, or keep such layers out of quantize_); quantized MoE experts are not supported by "
+            f"this format's export yet")
 
 
 @dataclass

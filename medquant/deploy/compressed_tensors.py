@@ -55,6 +55,7 @@ from ..quant.modules import QuantConv2d, QuantLinear
 from .common import (
     UniformWeight,
     check_mixed,
+    check_native,
     copy_tokenizer_files,
     float_tensors,
     head_is_tied,
@@ -275,6 +276,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     if not quant:
         raise ExportError(f"{type(model).__name__} has no medquant-quantized layers: quantize it first "
                           "(medquant.quantize_), or save the float model with save_pretrained")
+    check_native(model, FORMAT)
     check_mixed(model, promote, FORMAT)
     tensors, dropped = float_tensors(model)
     packed_tensors: dict[str, torch.Tensor] = {}

@@ -266,12 +266,19 @@ def test_bad_inputs_are_refused_before_writing(llama, tmp_path):
         export(model, tmp_path / "d", format=FMT, max_shard_size="lots")
     with pytest.raises(ExportError, match="does not take option"):
         export(model, tmp_path / "e", format=FMT, bits=4)
+    from medquant.fairquant.qat import attach_fake_quant
+
+    fq = copy.deepcopy(model)  # a fake-quantization parametrization: the weight is computed, no tensor to write
+    attach_fake_quant(fq, {"lm_head": mq.QuantConfig(4)})
+    with pytest.raises(ExportError, match=r"lm_head: ParametrizedLinear; lm_head.parametrizations.weight.0: "
+                                          r"FakeQuantWeight"):
+        export(fq, tmp_path / "f", format=FMT)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
     with pytest.raises(ExportError, match="not empty"):
         export(model, busy, format=FMT)
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
-    assert not any((tmp_path / x).exists() for x in "abcde")
+    assert not any((tmp_path / x).exists() for x in "abcdef")
     export(model, busy, format=FMT, overwrite=True)
     assert (busy / "config.json").is_file() and not (busy / "keep.txt").exists()
