@@ -181,7 +181,7 @@ class _NBitsFn(torch.autograd.Function):
     def forward(ctx, x, packed, scale, zp_packed, bias, k, n, block):
         nb = packed.shape[1]
         u = unpack_nibbles(packed, nb * block).to(torch.float32)
-        z = torch.full((n, nb), 8.0) if zp_packed is None else unpack_nibbles(zp_packed, nb).to(torch.float32)
+        z = torch.full((n, nb), 8.0) if zp_packed is None else unpack_nibbles(zp_packed.reshape(n, -1), nb).float()
         w = ((u - z.repeat_interleave(block, 1)) * scale.view(n, nb).repeat_interleave(block, 1))[:, :k]
         return F.linear(x, w, bias)
 
@@ -316,7 +316,7 @@ class ExportLayer(nn.Module):
                  src.weight.detach().to(torch.float32)).reshape(n, -1)
             if factor is not None:
                 w = w * factor[:, None]
-            self.register_buffer("weight", w.reshape(self.shape if self.is_conv else (n, k)).contiguous())
+            self.register_buffer("float_weight", w.reshape(self.shape if self.is_conv else (n, k)).contiguous())
         else:
             self._store(uw, factor)
         self.input_quant: ActQuant | None = None
@@ -386,6 +386,23 @@ class ExportLayer(nn.Module):
                 self.register_buffer("weight_zero_point", (zz[:, 0::2] | (zz[:, 1::2] << 4)).to(torch.uint8)
                                      .reshape(-1).contiguous())
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float32 weight the layer computes with (BatchNorm folded), for code that reads ``layer.weight``."""
+        shape = self.shape if self.is_conv else (self.n, self.k)
+        if self.plan.kind == "float":
+            return self.float_weight
+        if self.plan.kind == "nbits":
+            nb = self.weight_packed.shape[1]
+            u = unpack_nibbles(self.weight_packed, nb * self.block).to(torch.float32)
+            z = torch.full((self.n, nb), 8.0) if self.weight_zero_point is None else \
+                unpack_nibbles(self.weight_zero_point.reshape(self.n, -1), nb).to(torch.float32)
+            w = (u - z.repeat_interleave(self.block, 1)) * self.weight_scale.view(self.n, nb).repeat_interleave(
+                self.block, 1)
+            return w[:, :self.k]
+        return _weight_eager(self.weight_codes, self.weight_scale, self.weight_zero_point, self.mode, self.gs,
+                             self.k, shape)
+
     # ---------------------------------------------------------------- forward (simulation and export)
     def _act(self, q: ActQuant | None):
         if q is None:
@@ -433,11 +450,11 @@ class ExportLayer(nn.Module):
 
     def _float_op(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_conv:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.float_weight, self.bias)
         p = self.pads
         if p[0] == p[2] and p[1] == p[3]:
-            return F.conv2d(x, self.weight, self.bias, self.stride, (p[0], p[1]), self.dil, self.groups)
-        return F.conv2d(F.pad(x, (p[1], p[3], p[0], p[2])), self.weight, self.bias, self.stride, 0, self.dil,
+            return F.conv2d(x, self.float_weight, self.bias, self.stride, (p[0], p[1]), self.dil, self.groups)
+        return F.conv2d(F.pad(x, (p[1], p[3], p[0], p[2])), self.float_weight, self.bias, self.stride, 0, self.dil,
                         self.groups)
 
     def _structure_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -842,8 +859,9 @@ def logits_tolerance(sim: nn.Module) -> float | None:
     only where that value is within float rounding of a rounding boundary, and then by one step. If every code
     of the output layer's input differs by at most one step ``s_in``, output ``j`` differs by at most
     ``s_in * sum_i |W_ji|`` (the L1 norm of its weight row). Returns the maximum over ``j`` plus a float32
-    rounding term, or None if the output layer's input is not quantized (weight-only and float models: the two
-    then differ by float rounding only).
+    rounding term, or None if the output is not produced by a layer with a quantized input (weight-only and float
+    models differ by float rounding only; for other outputs, e.g. a LayerNorm after the last layer, the export's
+    check falls back to 5% of the largest output).
     """
     info: SimulationInfo = sim.medquant_onnx
     if info.output_layer is None:

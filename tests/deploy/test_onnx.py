@@ -1,0 +1,331 @@
+"""format="onnx": weights bit-exact in the file, ONNX Runtime's integer kernels vs medquant's simulation within the
+derived tolerance, integer kernels present in ORT's optimized graph, dynamic batch, errors.
+
+References: onnx.numpy_helper (the initializers as stored), onnxruntime (the deployed outputs and the fused graph),
+plain torch BatchNorm statistics for the folded scales, a hand-built ONNX QuantizeLinear/DequantizeLinear graph
+for the activation rounding.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+from torch import nn
+
+import medquant.deploy as D
+from medquant.data import DataDirNotSet, default_data_dir, load_npz_split
+from medquant.deploy.onnx import (
+    CalibrationError,
+    OnnxClassifier,
+    calibrate_activations,
+    logits_tolerance,
+    optimized_op_counts,
+)
+from medquant.deploy.onnx_sim import fake_quantize_activation
+from medquant.quant.api import quantize_
+from medquant.quant.config import QuantConfig
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
+
+INT8 = QuantConfig(bits=8, scope="channel")
+
+
+def _bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model.eval()
+
+
+def _inits(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def _init_types(path) -> dict[str, int]:
+    return {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}
+
+
+class _Block(nn.Module):
+    """A ResNet basic block (BN, in-place ReLU used twice, residual add, 1x1 downsample)."""
+
+    def __init__(self, cin: int, c: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = nn.Sequential(nn.Conv2d(cin, c, 1, stride, bias=False), nn.BatchNorm2d(c)) if stride > 1 else None
+
+    def forward(self, x):
+        idt = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += idt
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem, self.bn, self.relu = nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(True)
+        self.pool = nn.MaxPool2d(2)
+        self.b1, self.b2 = _Block(32, 32, 1), _Block(32, 64, 2)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.b2(self.b1(self.pool(self.relu(self.bn(self.stem(x))))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _calib(shape, n=3, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *shape, generator=g) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_activation_rounding_matches_onnx_quantize_dequantize():
+    """fake_quantize_activation == ORT QuantizeLinear(uint8) -> DequantizeLinear, ties (half to even) and saturation
+    included."""
+    s, z = np.float32(0.05), np.uint8(131)
+    k = np.arange(-140, 140, dtype=np.float32)
+    x = np.concatenate([(k + 0.5) * s, k * s, np.array([-1e3, 1e3, 0.0], np.float32)]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"],
+                                                                                       ["y"])],
+        "qdq", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [len(x)])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [len(x)])],
+        [numpy_helper.from_array(np.array(s), "s"), numpy_helper.from_array(np.array(z), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"x": x})[0]
+    got = fake_quantize_activation(torch.from_numpy(x), torch.tensor(s), torch.tensor(z)).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cnn_bn_folded_weights_bit_exact_and_integer_kernels(tmp_path):
+    model = _bn_stats(tiny_cnn())
+    quantize_(model, INT8)
+    sim = calibrate_activations(model, _calib((3, 16, 16)))
+    report = D.export(sim, tmp_path / "cnn.onnx", format="onnx", example_inputs=torch.randn(4, 3, 16, 16))
+    inits = _inits(tmp_path / "cnn.onnx")
+    for conv, bn in (("features.0", "features.1"), ("features.3", "features.4")):
+        pw = model.get_submodule(conv).packed_weight(8)
+        codes = inits[f"{conv}.weight_codes"]
+        assert codes.dtype == np.int8 and inits[f"{conv}.weight_zero_point"].dtype == np.int8
+        want = (pw.codes()[:, :pw.k].to(torch.int16) - 128).numpy().reshape(codes.shape)
+        np.testing.assert_array_equal(codes, want)  # medquant's codes, bit for bit
+        assert not inits[f"{conv}.weight_zero_point"].any()
+        b = model.get_submodule(bn)
+        f = b.weight.detach() / torch.sqrt(b.running_var + b.eps)
+        np.testing.assert_array_equal(inits[f"{conv}.weight_scale"], (pw.scales.float()[:, 0] * f).numpy())
+        shift = b.bias.detach() - b.running_mean * f
+        np.testing.assert_allclose(inits[f"{conv}.bias"], shift.numpy(), rtol=0, atol=0)
+    pw = model.classifier.packed_weight(8)  # no BatchNorm: scales copied exactly
+    np.testing.assert_array_equal(inits["classifier.weight_scale"], pw.scales.float()[:, 0].numpy())
+    rows = {r.name: r for r in report.layers}
+    assert rows["classifier"].how == "exact repack" and rows["features.0"].how == "near-exact"
+    ops = optimized_op_counts(tmp_path / "cnn.onnx")
+    assert ops["QLinearConv"] == 2 and ops["Conv"] == 0 and ops["Relu"] == 0, ops
+
+
+def test_ort_matches_simulation_on_real_images(tmp_path):
+    """PneumoniaMNIST test set (624 real chest X-rays): ORT logits within the derived tolerance of the simulation,
+    the same prediction on >= 99% of the images."""
+    try:
+        root = default_data_dir()
+    except DataDirNotSet:
+        pytest.skip("MEDQUANT_DATA_DIR not set")
+    npz = root / "pneumoniamnist" / "pneumoniamnist.npz"
+    if not npz.exists():
+        pytest.skip(f"{npz} absent")
+    images = load_npz_split(npz, "test")
+    x = torch.from_numpy(images).float().div(255.0).sub(0.5).div(0.25).unsqueeze(1)
+    tr_images, tr_labels = load_npz_split(npz, "train", with_labels=True)
+    lab = tr_labels.reshape(-1)
+    pick = np.concatenate([np.flatnonzero(lab == 0)[:256], np.flatnonzero(lab == 1)[:256]])  # balanced
+    train = torch.from_numpy(tr_images[pick]).float().div(255.0).sub(0.5).div(0.25).unsqueeze(1)
+    labels = torch.from_numpy(lab[pick]).long()
+    model = tiny_cnn(num_classes=2, in_channels=1, seed=3).eval()  # eval: BatchNorm as a fixed affine map
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):  # a briefly trained classifier, so that predictions vary between images
+        for idx in torch.randperm(512, generator=gen).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(train[idx]), labels[idx]).backward()
+            opt.step()
+    model.eval()
+    quantize_(model, INT8)
+    sim = calibrate_activations(model, train.split(64))
+    D.export(sim, tmp_path / "m.onnx", format="onnx", example_inputs=x[:2])
+    got = OnnxClassifier(tmp_path / "m.onnx")(x)
+    with torch.no_grad():
+        want = sim(x).numpy()
+        unquantized = model(x).numpy()
+    tol = logits_tolerance(sim)
+    spread = float(want.max() - want.min())
+    assert tol is not None and tol < 0.2 * spread  # the bound is informative
+    assert np.abs(got - want).max() <= tol
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
+    assert 0.1 < want.argmax(1).mean() < 0.9  # both classes predicted: the agreement is not trivial
+    assert np.abs(unquantized - want).mean() > 10 * np.abs(got - want).mean()  # ORT is nearer the sim than float
+
+
+def test_residual_block_qlinearadd_and_dynamic_batch(tmp_path):
+    model = _bn_stats(TinyResNet())
+    quantize_(model, INT8)
+    sim = calibrate_activations(model, _calib((3, 16, 16)), method="percentile", percentile=99.9)
+    D.export(sim, tmp_path / "r.onnx", format="onnx", example_inputs=torch.randn(2, 3, 16, 16))
+    ops = optimized_op_counts(tmp_path / "r.onnx")
+    assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 2 and ops["Conv"] == 0, ops
+    clf = OnnxClassifier(tmp_path / "r.onnx")
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            want = sim(x).numpy()
+        got = clf(x)
+        assert got.shape == (batch, 3)
+        assert np.abs(got - want).max() <= logits_tolerance(sim)
+
+
+def test_hf_vit_int8_qgemm(tmp_path):
+    entry = ZOO_BY_NAME["vit"]
+    model = entry.build()
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    quantize_(model, INT8)
+    g = torch.Generator().manual_seed(0)
+    calib = [entry.inputs_fn(model, g)["pixel_values"] for _ in range(3)]
+    sim = calibrate_activations(model, calib)
+    x = entry.inputs_fn(model, g)["pixel_values"]
+    D.export(sim, tmp_path / "vit", format="onnx", example_inputs=x)
+    ops = optimized_op_counts(tmp_path / "vit" / "model.onnx")
+    assert ops["QGemm"] == n_linear - 1 and ops["QLinearConv"] == 1, ops  # the classifier keeps float logits
+    got = OnnxClassifier(tmp_path / "vit")(torch.cat([x, x, x]))
+    with torch.no_grad():
+        want = sim(torch.cat([x, x, x])).logits.numpy()
+    assert np.abs(got - want).max() <= logits_tolerance(sim)
+
+
+def test_w4_linear_matmulnbits_bytes_are_medquant_words(tmp_path):
+    entry = ZOO_BY_NAME["vit"]
+    model = entry.build()
+    quantize_(model, QuantConfig(bits=4, scope="group", group_size=32))
+    x = entry.inputs_fn(model, torch.Generator().manual_seed(0))["pixel_values"]
+    report = D.export(model, tmp_path / "w4.onnx", format="onnx", example_inputs=x)  # weight-only: no calib
+    inits = _inits(tmp_path / "w4.onnx")
+    name = "vit.layers.0.mlp.fc1" if "vit.layers.0.mlp.fc1.weight_packed" in inits else None
+    name = name or next(k[: -len(".weight_packed")] for k in inits if k.endswith(".weight_packed"))
+    pw = model.get_submodule(name).packed_weight(4)
+    words_as_bytes = pw.qweight.contiguous().view(torch.uint8).numpy()  # little-endian int32 words
+    np.testing.assert_array_equal(inits[f"{name}.weight_packed"].reshape(pw.n, -1), words_as_bytes)
+    np.testing.assert_array_equal(inits[f"{name}.weight_scale"], pw.scales.float().reshape(-1).numpy())
+    assert f"{name}.weight_zero_point" not in inits  # symmetric: MatMulNBits' default zero point 8
+    assert all(r.how == "exact repack" for r in report.layers if r.target.startswith("MatMulNBits"))
+    ops = optimized_op_counts(tmp_path / "w4.onnx")
+    assert ops["MatMulNBits"] >= 8, ops
+    with torch.no_grad():
+        want = model(x).logits.numpy()  # the medquant model itself (weight-only: no activation quantization)
+    got = OnnxClassifier(tmp_path / "w4.onnx")(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_w4_conv_is_blockwise_int4_and_runs_float_conv(tmp_path):
+    model = _bn_stats(tiny_cnn())
+    quantize_(model, QuantConfig(bits=4, scope="group", group_size=16, symmetric=False))
+    x = torch.randn(3, 3, 16, 16)
+    D.export(model, tmp_path / "c4.onnx", format="onnx", example_inputs=x)
+    types = _init_types(tmp_path / "c4.onnx")
+    assert types["features.3.weight_codes"] == onnx.TensorProto.UINT4
+    assert types["features.3.weight_zero_point"] == onnx.TensorProto.UINT4
+    codes = _inits(tmp_path / "c4.onnx")["features.3.weight_codes"]
+    pw = model.get_submodule("features.3").packed_weight(4)
+    np.testing.assert_array_equal(codes.astype(np.int32), pw.codes().numpy().astype(np.int32))
+    ops = optimized_op_counts(tmp_path / "c4.onnx")
+    assert ops["QLinearConv"] == 0 and ops["Conv"] + ops["FusedConv"] == 2, ops
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "c4.onnx")(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_low_bits_refused_unless_promoted(tmp_path):
+    model = tiny_cnn()
+    quantize_(model, QuantConfig(bits=3, scope="channel"))
+    with pytest.raises(D.ExportError, match=r"features\.0: int3.*promote=True"):
+        calibrate_activations(model, _calib((3, 16, 16)))
+    sim = calibrate_activations(model, _calib((3, 16, 16)), promote=True)
+    report = D.export(sim, tmp_path / "p.onnx", format="onnx", example_inputs=torch.randn(2, 3, 16, 16))
+    assert all("3-bit codes stored in a 4-bit" in r.note for r in report.layers)
+    w = _inits(tmp_path / "p.onnx")["classifier.weight_codes"]
+    assert w.min() >= 0 and w.max() <= 7  # asymmetric 3-bit codes, unchanged
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+def test_calibration_errors_name_the_batch_input_or_layer():
+    model = tiny_cnn()
+    quantize_(model, INT8)
+    with pytest.raises(CalibrationError, match="calibration set is empty"):
+        calibrate_activations(model, [])
+    bad = _calib((3, 16, 16))
+    bad[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="calibration batch 1: input 0 contains 1 NaN"):
+        calibrate_activations(model, bad)
+    with pytest.raises(CalibrationError, match="expected a tensor"):
+        calibrate_activations(model, ["not an image"])
+
+    class LogNet(nn.Module):  # NaN produced inside the network, at the classifier's input
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.log(x))
+
+    net = LogNet()
+    quantize_(net, INT8)
+    with pytest.raises(CalibrationError, match="batch 0: the activation at the input of fc contains"):
+        calibrate_activations(net, [torch.randn(8, 4)], check=False)
+
+
+def test_export_errors(tmp_path):
+    model = tiny_cnn()
+    quantize_(model, INT8)
+    with pytest.raises(D.ExportError, match="pass calib="):
+        D.export(model, tmp_path / "a.onnx", format="onnx", example_inputs=torch.randn(2, 3, 16, 16))
+
+    class Branchy(nn.Module):  # data-dependent control flow: the trace keeps one branch
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(x) if float(x.mean()) > 0 else -self.fc(x) * 3.0
+
+    with pytest.raises(D.ExportError, match="does not represent the model"):
+        D.export(Branchy(), tmp_path / "b.onnx", format="onnx", example_inputs=torch.rand(4, 8) + 0.1)
+
+    class Unsupported(nn.Module):
+        def forward(self, x):
+            return torch.cummax(x, 1)[0]
+
+    with pytest.raises(D.ExportError, match="cummax"):
+        D.export(Unsupported(), tmp_path / "c.onnx", format="onnx", example_inputs=torch.randn(2, 5))
+
+
+def test_wrong_input_at_run_time_names_the_input(tmp_path):
+    model = tiny_cnn()
+    quantize_(model, INT8)
+    D.export(model, tmp_path / "m.onnx", format="onnx", calib=_calib((3, 16, 16)))
+    clf = OnnxClassifier(tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"input 'pixel_values' has shape \(2, 1, 16, 16\), the model expects "
+                                         r"\(batch, 3, 16, 16\)"):
+        clf(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="input 'pixel_values' has dtype int64"):
+        clf(np.zeros((2, 3, 16, 16), dtype=np.int64))
+    with pytest.raises(ValueError, match="takes 1 input"):
+        clf(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16))
