@@ -591,6 +591,57 @@ def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
 
 
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        return f"a dict with the keys {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} inputs"
+    if isinstance(batch, torch.Tensor):
+        return "a tensor"
+    return f"a {type(batch).__name__}"
+
+
+def _check_batches(batches: Sequence[Any], layers: str = "") -> None:
+    """Every calibration batch of the same kind as the first (a dict with the same keys, a tuple/list of the same
+    length, or a tensor) and its floating-point tensors finite; errors name the batch (and the key)."""
+    first = _describe(batches[0])
+    for i, b in enumerate(batches):
+        if not isinstance(b, (Mapping, tuple, list, torch.Tensor)):
+            raise TypeError(f"calibration batch {i} is {_describe(b)}; a batch is a dict of keyword inputs, a tuple "
+                            "of positional inputs or one tensor")
+        if _describe(b) != first and not (isinstance(b, torch.Tensor) and isinstance(batches[0], torch.Tensor)):
+            raise ValueError(f"calibration batch {i} is {_describe(b)} but batch 0 is {first}: give every batch "
+                             "the same inputs")
+        items = b.items() if isinstance(b, Mapping) else enumerate(b) if isinstance(b, (tuple, list)) else [(None, b)]
+        for key, v in items:
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+                where = "" if key is None else f" [{key!r}]"
+                ctx = f" (the calibration of layer {layers} needs finite inputs)" if layers else ""
+                raise ValueError(f"calibration batch {i}{where} holds {int((~torch.isfinite(v)).sum())} NaN/inf "
+                                 f"values{ctx}")
+
+
+def _run_batch(model: nn.Module, batch: Any, i: int, what: str) -> None:
+    """``run_model`` on one calibration batch; an error of the model's own forward is re-raised naming the batch
+    and the layers being calibrated (the checks of :class:`HessianAccumulator` pass through unchanged)."""
+    try:
+        run_model(model, batch)
+    except _Stop:
+        raise
+    except ValueError as e:
+        if str(e).startswith("layer "):
+            raise
+        raise ValueError(f"calibration batch {i} ({_describe(batch)}) failed in the model's forward while "
+                         f"calibrating {what}: {e}") from e
+    except (RuntimeError, TypeError, IndexError) as e:
+        raise ValueError(f"calibration batch {i} ({_describe(batch)}) failed in the model's forward while "
+                         f"calibrating {what}: {type(e).__name__}: {e}") from e
+
+
 def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[list[str], dict[str, int]]:
     """Planned layers in the order the first calibration batch calls them, and their call counts."""
     order: list[str] = []
@@ -609,7 +660,7 @@ def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[lis
     try:
         for n in names:
             handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
-        run_model(model, batch)
+        _run_batch(model, batch, 0, _names(names))
     finally:
         for h in handles:
             h.remove()
@@ -649,7 +700,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
             seen.clear()
             current[0] = labels[i] if labels is not None else None
             try:
-                run_model(model, batch)
+                _run_batch(model, batch, i, _names(stage))
             except _Stop:
                 pass
     finally:
@@ -722,9 +773,9 @@ def gptq_quantize_(
     batches = [batches[i] for i in keep]
     labels = [labels[i] for i in keep] if labels is not None else None
     if not batches:
-        names = list(plan)
         raise ValueError(f"GPTQ needs calibration data: the calibration set is empty (layers to quantize: "
-                         f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+                         f"{_names(list(plan))})")
+    _check_batches(batches, _names(list(plan)))
     for n in plan:
         m = model.get_submodule(n)
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
@@ -787,6 +838,11 @@ def gptq_quantize_sequential(
     batches = [calib_inputs] if isinstance(calib_inputs, Mapping) else list(calib_inputs)
     if not batches:
         raise ValueError("GPTQ needs calibration data: calib_inputs is empty")
+    if not all(isinstance(b, Mapping) for b in batches):
+        bad = next(i for i, b in enumerate(batches) if not isinstance(b, Mapping))
+        raise TypeError(f"calib_inputs[{bad}] is {_describe(batches[bad])}; the block-by-block GPTQ takes dicts of "
+                        "model(**batch) keyword arguments")
+    _check_batches(batches)
     labels = _group_labels(groups, len(batches))
     keep = _select(batches, max_samples, seed)
     batches = [batches[i] for i in keep]

@@ -255,8 +255,9 @@ def _recorder(store: dict, name: str, stop: bool, *args, **kwargs):
             raise ValueError(f"block {name} was called without a positional hidden-state argument")
         hs = kwargs.pop("hidden_states")
         args = (hs,)
-    if "past_key_values" in kwargs:
-        kwargs["past_key_values"] = None
+    for k, v in kwargs.items():  # a KV cache (``past_key_values``, or ``cache`` in some VLM forwards) would grow
+        if k in ("past_key_values", "past_key_value", "cache") or hasattr(v, "get_seq_length"):
+            kwargs[k] = None      # with every re-run of a block and change its attention: never record one
     store.setdefault(name, []).append((args, kwargs))
     if stop:
         raise _Stop

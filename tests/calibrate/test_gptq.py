@@ -430,7 +430,8 @@ def test_bad_inputs_give_clear_errors():
         gptq_quantize_(_MLP(), cfg, [], progress=False)
     bad = _calib()
     bad[1][0, 0, 3] = float("nan")
-    with pytest.raises(ValueError, match="layer fc1: .*NaN"):
+    with pytest.raises(ValueError, match=r"calibration batch 1 holds 1 NaN/inf values \(the calibration of layer "
+                                         "fc1, fc2, head needs finite inputs"):
         gptq_quantize_(_MLP(), cfg, bad, progress=False)
     with pytest.raises(ValueError, match="layer fc1: .*expects 64 features"):
         gptq_quantize_(_MLP(), cfg, [torch.randn(4, 63)], progress=False)
@@ -458,6 +459,11 @@ def test_singular_hessian_retries_then_fails_naming_the_layer():
     a[0, 1] = a[1, 0] = 1.5                                           # eigenvalues 2.5 and -0.5
     _, info = gptq_quantize_weight(w, a, QuantConfig(4, group_size=8), damp=0.01)
     assert info["damp"] == pytest.approx(1.0)
+    # strongly indefinite: even 1000 x the requested dampening does not make it positive definite
+    b = torch.eye(16, dtype=torch.float64)
+    b[0, 1] = b[1, 0] = 50.0                                          # eigenvalues 51 and -49, mean diagonal 1
+    with pytest.raises(ValueError, match="layer proj: the Hessian is not positive definite"):
+        gptq_quantize_weight(w, b, QuantConfig(4, group_size=8), damp=0.01, name="proj")
     with pytest.raises(ValueError, match="layer w: weight .* and Hessian"):
         gptq_quantize_weight(w, torch.eye(8), QuantConfig(4), name="w")
 
@@ -538,3 +544,67 @@ def test_model_groups_recorded_and_single_group_equals_plain():
     assert r["group_rows"] == {"0": 4 * 7 * 8, "1": 4 * 8}
     with pytest.raises(ValueError, match="groups has 3 entries for 4 calibration batches"):
         gptq_quantize_(_MLP(), cfg, calib, groups=[0, 1, 0], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- VLMs
+@pytest.mark.parametrize("name", ["gemma3_vlm", "llava"])
+def test_vlm_dict_batches_with_images_calibrate_the_language_blocks(name):
+    e = ZOO_BY_NAME[name]
+    model = e.build()
+    a, b = e.inputs(model), e.inputs(model)
+    other = dict(a, pixel_values=torch.flip(a["pixel_values"], (0, 2)) * 2.0)  # same text, other images
+    cfg = QuantConfig(4, group_size=32)
+    skip = ["@vision", "@projector", "@head"]
+    seq, control = copy.deepcopy(model), copy.deepcopy(model)
+    recs = gptq_quantize_(model, cfg, [a, b], skip=skip, progress=False)
+    assert recs and all(n.startswith("model.language_model.layers.") for n in recs)
+    assert all(r["samples"] == 2 for r in recs.values())
+    vision = model.model.vision_tower
+    projector = model.model.multi_modal_projector
+    assert not any(isinstance(m, QuantLinear) for m in [*vision.modules(), *projector.modules()])
+    with torch.no_grad():
+        out = e.output(model, a)
+    assert out.shape == e.output_shape and torch.isfinite(out).all()
+    # the images reach the language blocks: other pixel values with the same text change the calibrated codes
+    gptq_quantize_(control, cfg, [other, b], skip=skip, progress=False)
+    first = next(iter(recs))
+    assert not torch.equal(model.get_submodule(first).qweight_4, control.get_submodule(first).qweight_4)
+    # block by block: the same dict batches, the same tensors
+    gptq_quantize_sequential(seq, cfg, [a, b], skip=skip, device="cpu", progress=False)
+    sa, sb = model.state_dict(), seq.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_bad_calibration_batches_name_the_batch_or_the_layer():
+    e = ZOO_BY_NAME["llava"]
+    model = e.build()
+    good = e.inputs(model)
+    cfg = QuantConfig(4, group_size=32)
+    skip = ["@vision", "@projector", "@head"]
+    nan = dict(good, pixel_values=good["pixel_values"].clone())
+    nan["pixel_values"][0, 0, 0, :3] = float("nan")
+    with pytest.raises(ValueError, match=r"calibration batch 1 \['pixel_values'\] holds 3 NaN/inf values"):
+        gptq_quantize_(copy.deepcopy(model), cfg, [good, nan], skip=skip, progress=False)
+    with pytest.raises(ValueError, match=r"calibration batch 1 \['pixel_values'\] holds 3 NaN"):
+        gptq_quantize_sequential(copy.deepcopy(model), cfg, [good, nan], skip=skip, device="cpu", progress=False)
+    no_image = {k: v for k, v in good.items() if k != "pixel_values"}
+    with pytest.raises(ValueError, match="calibration batch 1 is a dict with the keys .* but batch 0 is"):
+        gptq_quantize_(copy.deepcopy(model), cfg, [good, no_image], skip=skip, progress=False)
+    wrong = dict(good, pixel_values=good["pixel_values"][:, :2])       # 2 channels for a 3-channel vision tower
+    with pytest.raises(ValueError, match=r"calibration batch 0 \(a dict .*\) failed in the model's forward while "
+                                         r"calibrating model\.language_model\.layers\.0"):
+        gptq_quantize_(copy.deepcopy(model), cfg, [wrong], skip=skip, progress=False)
+    with pytest.raises(ValueError, match="calibration batch 1 is a tuple of 1 inputs but batch 0 is a tensor"):
+        gptq_quantize_(_MLP(), cfg, [torch.randn(4, 64), (torch.randn(4, 64),)], progress=False)
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        gptq_quantize_(copy.deepcopy(model), cfg, [], skip=skip, progress=False)
+    with pytest.raises(ValueError, match="calib_inputs is empty"):
+        gptq_quantize_sequential(copy.deepcopy(model), cfg, [], skip=skip, device="cpu", progress=False)
+    with pytest.raises(TypeError, match=r"calib_inputs\[0\] is a tensor; the block-by-block GPTQ takes dicts"):
+        gptq_quantize_sequential(copy.deepcopy(model), cfg, [torch.ones(2, 3)], skip=skip, progress=False)
+    # NaN produced inside the model (not in the batch): the layer that receives it is named
+    big = _MLP()
+    with torch.no_grad():
+        big.fc1.weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"layer fc2: calibration input holds \d+ NaN/inf values"):
+        gptq_quantize_(big, cfg, _calib(), skip=["fc1"], progress=False)
