@@ -178,3 +178,38 @@ def test_save_load_and_transformers_round_trip_bit_exact(quantized, name, tmp_pa
         assert all(torch.equal(got[k], state[k]) for k in state)
         with torch.no_grad():
             assert torch.equal(back(**x).logits, want)
+
+
+def test_quantize_on_load_matches_quantize_(quantized, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from medquant.hf import MedQuantConfig
+
+    float_model, q = quantized["mixtral"]
+    float_model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=MedQuantConfig(CFG))
+    assert sum(isinstance(m, QuantExperts) for m in loaded.modules()) == 2
+    want, got = q.state_dict(), loaded.state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+class _OddExperts(nn.Module):
+    """Experts in a layout QuantExperts does not know (one fused tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = 2
+        self.weights = nn.Parameter(torch.randn(2, 8, 8))
+
+    def forward(self, x):
+        return x @ self.weights.sum(0)
+
+
+def test_unknown_expert_layout_is_reported():
+    model = nn.Sequential(nn.Linear(8, 8), _OddExperts())
+    assert unsupported_experts(model) == ["1"]
+    with pytest.warns(UserWarning, match="layout medquant does not quantize.*: 1"):
+        quantize_(model, CFG)
+    assert isinstance(model[0], QuantLinear) and isinstance(model[1], _OddExperts)
