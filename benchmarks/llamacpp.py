@@ -352,7 +352,7 @@ def run(quick: bool, threads: int, skip_build: bool) -> dict:
         if cfg is not None:
             quantize_(m, cfg)
         gguf = work / f"smollm2_{label.split()[0].lower()}.gguf"
-        report = export(m, gguf, format="gguf", source=source)
+        report = export(m, gguf, format="gguf", source=source, overwrite=True)
         if cfg is None:
             from benchmarks.common.smollm2 import GGUF_NAME, smollm2_gguf_dir
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import head_is_tied, layer_scheme, progress, quantized_layers, source_folder
+from .common import check_native, head_is_tied, layer_scheme, progress, quantized_layers, source_folder
 from .gguf_blocks import QK, choose_target, decode, gguf_type, layer_blocks, requantize, scope_problem
 from .gguf_vocab import add_tokenizer
 from .registry import ExportError, ExportReport, LayerExport, register_export_format
@@ -276,8 +276,8 @@ def _float_row(name: str, w: torch.Tensor, target: str, note: str = "", scheme: 
 
 def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote_type: str = "Q8_0",
                  float_type: str = "F32", source: str | Path | None = None, tokenizer: bool = True,
-                 tokenizer_pre: str | None = None, name: str | None = None, show_progress: bool = False,
-                 **unknown: Any) -> ExportReport:
+                 tokenizer_pre: str | None = None, name: str | None = None, overwrite: bool = False,
+                 progress_bar: bool = False, **unknown: Any) -> ExportReport:
     """Backend of ``export(model, path, format="gguf", ...)`` (module docstring).
 
     Args:
@@ -292,18 +292,20 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         tokenizer: write the tokenizer (llama.cpp needs it); ``False`` writes weights and config only.
         tokenizer_pre: llama.cpp's pre-tokenizer name (default: guessed from the model family).
         name: ``general.name`` (default: the model's ``name_or_path`` or its class name).
-        show_progress: tqdm bar over the tensors.
+        overwrite: replace an existing file (otherwise an existing ``path`` is refused).
+        progress_bar: tqdm bar over the tensors.
     """
     import gguf
 
     if unknown:
         raise ExportError(f"format='gguf' got unknown option(s) {sorted(unknown)}; accepted: promote, "
-                          "promote_type, float_type, source, tokenizer, tokenizer_pre, name, show_progress")
+                          "promote_type, float_type, source, tokenizer, tokenizer_pre, name, overwrite, progress_bar")
     if float_type not in FLOAT_TYPES:
         raise ExportError(f"float_type={float_type!r} is not accepted; use one of {', '.join(FLOAT_TYPES)}")
     if promote_type not in PROMOTE_TYPES:
         raise ExportError(f"promote_type={promote_type!r} is not accepted; use one of {', '.join(PROMOTE_TYPES)}")
     arch, cfg, dec, dec_name, head, head_name = language_parts(model)
+    check_native(model, "gguf")
     tied = head is None or head_is_tied(model)
     plan = _plan(arch, cfg, dec, dec_name, head, head_name, tied)
 
@@ -327,6 +329,8 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         path = path / "model.gguf"
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} exists; pass overwrite=True (command line: --overwrite) to replace it")
     model_name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
     n_vocab = int(dec.embed_tokens.weight.shape[0])
     report = ExportReport(format="gguf", path=str(path))
@@ -342,7 +346,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         else:
             report.notes.append("no tokenizer written (tokenizer=False): llama.cpp cannot run this file as is")
         types_written: list[str] = []
-        for gname, hf, m, kind in progress(plan.items, total=len(plan.items), desc="gguf", enabled=show_progress):
+        for gname, hf, m, kind in progress(plan.items, total=len(plan.items), desc="gguf", enabled=progress_bar):
             perm = None
             if arch == "llama" and gname.endswith((".attn_q", ".attn_k")):
                 nh = cfg.num_attention_heads if gname.endswith(".attn_q") else cfg.num_key_value_heads

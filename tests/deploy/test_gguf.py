@@ -246,6 +246,10 @@ def test_refusals_name_the_problem(tok_dir, tmp_path):
         export(model, tmp_path / "a.gguf", format="gguf", source=tok_dir, float_type="Q4_0")
     with pytest.raises(ExportError, match="unknown option"):
         export(model, tmp_path / "a.gguf", format="gguf", source=tok_dir, bogus=1)
+    export(model, tmp_path / "a.gguf", format="gguf", source=tok_dir)
+    with pytest.raises(ExportError, match="overwrite=True"):
+        export(model, tmp_path / "a.gguf", format="gguf", source=tok_dir)
+    assert export(model, tmp_path / "a.gguf", format="gguf", source=tok_dir, overwrite=True).files
     # a structurally pruned block (smaller MLP in layer 1) cannot share the metadata's feed-forward length
     layer = model.model.layers[1].mlp
     inter = model.config.intermediate_size // 2
