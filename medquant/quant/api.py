@@ -457,7 +457,8 @@ class _Pattern:
                     f"(it has: {', '.join('@' + r for r in roles) or 'no known roles - use explicit names'})"
                 )
             self.prefixes = list(roles[role])
-        if not any(self.matches(n) for n in all_names):
+        # a role held only by parameters (Siglip2Model's head: logit_scale, logit_bias) has nothing to leave out
+        if not any(self.matches(n) for n in all_names) and not (self.kind == "role" and optional_role):
             hint = difflib.get_close_matches(pattern, all_names, n=3)
             raise ValueError(
                 f"pattern {pattern!r} matches no module of {type(model).__name__}"
