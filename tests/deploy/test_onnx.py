@@ -329,3 +329,23 @@ def test_wrong_input_at_run_time_names_the_input(tmp_path):
         clf(np.zeros((2, 3, 16, 16), dtype=np.int64))
     with pytest.raises(ValueError, match="takes 1 input"):
         clf(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16))
+
+
+def test_per_layer_mixed_precision_and_skipped_layer_kept(tmp_path):
+    """8-bit, 4-bit and a skipped float layer in one network: each layer exported with its own scheme."""
+    model = _bn_stats(TinyResNet())
+    quantize_(model, {"_default": INT8, "b2.conv1": QuantConfig(bits=4, scope="group", group_size=32),
+                      "b1.conv2": None})
+    sim = calibrate_activations(model, _calib((3, 16, 16)))
+    report = D.export(sim, tmp_path / "mix.onnx", format="onnx", example_inputs=torch.randn(2, 3, 16, 16))
+    rows = {r.name: r for r in report.layers}
+    assert rows["b2.conv1"].target.startswith("int4 block 32") and rows["b1.conv2"].how == "float"
+    assert rows["b1.conv1"].target == "int8 per-channel QDQ"
+    types = _init_types(tmp_path / "mix.onnx")
+    assert types["b2.conv1.weight_codes"] == onnx.TensorProto.INT4 and "b1.conv2.weight_codes" not in types
+    ops = optimized_op_counts(tmp_path / "mix.onnx")
+    assert ops["QLinearConv"] == 4, ops  # stem, b1.conv1, b2.conv2, b2.down.0
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        want = sim(x).numpy()
+    assert np.abs(OnnxClassifier(tmp_path / "mix.onnx")(x) - want).max() <= logits_tolerance(sim)
