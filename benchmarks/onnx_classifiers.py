@@ -46,7 +46,7 @@ from benchmarks.common.nets import CLSTokenViT, SmallCNN, train_classifier
 from benchmarks.common.resnet import ResNet18
 from medquant import QuantConfig, quantize_
 from medquant.deploy import export
-from medquant.deploy.onnx import calibrate_activations, optimized_op_counts
+from medquant.deploy.onnx import calibrate_activations, optimized_op_counts, session_options
 
 VARIANTS = ["pytorch_fp32", "ort_fp32", "ort_qs_int8", "mq_int8", "mq_w4"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,10 +82,11 @@ def load_ham(root: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------------- models
 def ort_session(path: Path):
+    """2 intra-op threads; a weight-only export has its int4 weights dequantized once at session creation
+    (``medquant.deploy.onnx.session_options``), the others run as written."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
+    so = session_options(path, THREADS)
     so.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 

@@ -69,6 +69,7 @@ __all__ = [
     "export_onnx",
     "logits_tolerance",
     "optimized_op_counts",
+    "session_options",
 ]
 
 
@@ -301,22 +302,41 @@ def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+def session_options(path: str | Path, threads: int | None = None, dequantize_weights: bool | None = None):
+    """``onnxruntime.SessionOptions`` for an exported file (see :class:`OnnxClassifier` for the arguments)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    if dequantize_weights is None:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        dequantize_weights = not any(n.op_type == "QuantizeLinear" for n in graph.node)
+    if dequantize_weights:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
+
+
 class OnnxClassifier:
     """An ONNX Runtime session with checked inputs: ``OnnxClassifier("model.onnx")(images) -> logits``.
 
     Args:
         path: the ``.onnx`` file (or the folder holding ``model.onnx``).
         threads: intra-op threads (None: ONNX Runtime's default).
+        dequantize_weights: dequantize the block-wise int4/int8 weights of float convolutions once at session
+            creation (session option ``session.disable_quant_qdq``: ONNX Runtime then constant-folds the weight
+            ``DequantizeLinear`` nodes) instead of at every call: float-convolution speed, float weights in memory,
+            the file stays small. None (default): on when the graph quantizes no activations (a weight-only
+            export), where no int8 fusion is lost.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, dequantize_weights: bool | None = None) -> None:
         import onnxruntime as ort
 
         p = Path(path)
         p = p / "model.onnx" if p.is_dir() else p
-        so = ort.SessionOptions()
-        if threads is not None:
-            so.intra_op_num_threads = threads
+        so = session_options(p, threads, dequantize_weights)
         self.session = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 

@@ -24,6 +24,7 @@ from medquant.deploy.onnx import (
     calibrate_activations,
     logits_tolerance,
     optimized_op_counts,
+    session_options,
 )
 from medquant.deploy.onnx_sim import fake_quantize_activation
 from medquant.quant.api import quantize_
@@ -250,7 +251,11 @@ def test_w4_conv_is_blockwise_int4_and_runs_float_conv(tmp_path):
     assert ops["QLinearConv"] == 0 and ops["Conv"] + ops["FusedConv"] == 2, ops
     with torch.no_grad():
         want = model(x).numpy()
-    np.testing.assert_allclose(OnnxClassifier(tmp_path / "c4.onnx")(x), want, rtol=1e-4, atol=1e-4)
+    # weight-only file: the int4 weights are dequantized once at session creation by default, or at every call
+    assert session_options(tmp_path / "c4.onnx").get_session_config_entry("session.disable_quant_qdq") == "1"
+    for dq in (None, False):
+        got = OnnxClassifier(tmp_path / "c4.onnx", dequantize_weights=dq)(x)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_low_bits_refused_unless_promoted(tmp_path):
