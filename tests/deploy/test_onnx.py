@@ -354,3 +354,16 @@ def test_per_layer_mixed_precision_and_skipped_layer_kept(tmp_path):
     with torch.no_grad():
         want = sim(x).numpy()
     assert np.abs(OnnxClassifier(tmp_path / "mix.onnx")(x) - want).max() <= logits_tolerance(sim)
+
+
+def test_asymmetric_int8_is_uint8_with_medquant_zero_points(tmp_path):
+    model = _bn_stats(tiny_cnn())
+    quantize_(model, QuantConfig(bits=8, scope="channel", symmetric=False))
+    D.export(model, tmp_path / "a.onnx", format="onnx", calib=_calib((3, 16, 16)), example_inputs=torch.randn(2, 3,
+                                                                                                             16, 16))
+    inits = _inits(tmp_path / "a.onnx")
+    pw = model.classifier.packed_weight(8)
+    assert inits["classifier.weight_codes"].dtype == np.uint8
+    np.testing.assert_array_equal(inits["classifier.weight_codes"], pw.codes()[:, :pw.k].numpy())
+    np.testing.assert_array_equal(inits["classifier.weight_zero_point"], pw.zeros.float()[:, 0].numpy())
+    assert optimized_op_counts(tmp_path / "a.onnx")["QLinearConv"] == 2
