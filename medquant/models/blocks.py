@@ -36,8 +36,10 @@ in halves by ``chunk(2)``) gives neuron ``j`` the rows ``j`` and ``I + j`` (:att
 
 What cannot be pruned is said per block in :attr:`Block.unsupported` (``{"heads" | "ffn": reason}``): fused
 ``qkv`` projections (Qwen2-VL vision blocks, :attr:`Block.fused_attention`), linear-attention and convolution
-mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), MoE experts stored as 3-D weights (their neurons; a shared
-expert MLP is pruned), cross-attention of encoder-decoder blocks (kept; self-attention heads are pruned).
+mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), cross-attention of encoder-decoder blocks (kept;
+self-attention heads are pruned). MoE experts stored as 3-D weights (one module for all experts, transformers 5)
+are named by :attr:`Block.experts` (:mod:`medquant.prune` removes each expert's neurons); a shared expert MLP
+beside them is the block's FFN.
 Encoder-decoder language models (BART in Florence-2) give two stacks: the encoder's layers and the decoder's.
 """
 from __future__ import annotations
@@ -118,6 +120,7 @@ class Block:
     ffn: FFNUnit | None
     fused_attention: str | None = None   # name of a fused-qkv attention (no separate q/k/v rows)
     unsupported: dict[str, str] = field(default_factory=dict)  # "heads" / "ffn" -> why it cannot be pruned
+    experts: str | None = None  # an MoE experts module with 3-D weights inside the block (its neurons: prune)
 
 
 def _role_stacks(model: nn.Module, roles: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -255,11 +258,7 @@ def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None
                 sorted(kinds)[:4]) + ")"
     elif _get(block, "encoder_attn") is not None:
         out["heads"] = "cross-attention (encoder_attn) heads are kept; only self-attention heads are pruned"
-    experts = [n for n, m in block.named_modules() if _is_experts(m)]
-    if experts:
-        out["ffn"] = (f"MoE experts {experts[0]} ({type(block.get_submodule(experts[0])).__name__}, 3-D weights): "
-                      "the routed experts' neurons are not pruned" + ("; the shared expert is" if ffn else ""))
-    elif ffn is None:
+    if ffn is None and not any(_is_experts(m) for m in block.modules()):
         out["ffn"] = "no FFN linears found (gate/up -> down, gate_up -> down, w1/w3 -> w2, fc1 -> fc2)"
     return out
 
@@ -291,9 +290,10 @@ def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = Non
             bmod = model.get_submodule(bname)
             attn, fused = _attention_in(bmod, bname)
             ffn = _ffn_in(bmod, bname, attn)
-            why = _unsupported(bmod, attn, fused, ffn)
-            if attn is None and ffn is None and fused is None and why["heads"].startswith("no separate") \
-                    and why["ffn"].startswith("no FFN"):
-                continue  # nothing of a transformer block in it
-            blocks.append(Block(bname, bname.rpartition(".")[0], i, role, attn, ffn, fused, why))
+            why = _unsupported(bmod, attn, fused, ffn)  # blocks with nothing of a transformer block are left out
+            experts = next((f"{bname}.{n}" for n, m in bmod.named_modules() if _is_experts(m)), None)
+            if attn is None and ffn is None and fused is None and experts is None and why.get(
+                    "heads", "").startswith("no separate") and why.get("ffn", "").startswith("no FFN"):
+                continue
+            blocks.append(Block(bname, bname.rpartition(".")[0], i, role, attn, ffn, fused, why, experts))
     return blocks

@@ -3,8 +3,8 @@
 :func:`save_pruned` writes the model with :func:`medquant.save` (safetensors + ``medquant.json`` + HF
 ``config.json``) and records a *shape table* in the JSON extras under ``"prune"``:
 
-* ``blocks``: for every transformer block, its attention's ``n_heads`` / ``n_kv`` / ``head_dim`` and its FFN's
-  ``n_neurons``;
+* ``blocks``: for every transformer block, its attention's ``n_heads`` / ``n_kv`` / ``head_dim``, its FFN's
+  ``n_neurons`` and its MoE experts' (3-D weights) ``name`` and ``n_neurons`` per expert;
 * ``modules``: for plain ``nn.Module`` models, the shape of every Conv2d / BatchNorm2d / Linear.
 
 :func:`load_pruned` rebuilds the model from the saved config (Hugging Face) or from a float instance you pass
@@ -27,7 +27,8 @@ from torch import nn
 
 from ..io import CheckpointError, build_hf_model, load, save, verify
 from ..models.blocks import transformer_blocks
-from .surgery import prune_attention, prune_ffn
+from ..quant.experts import experts_layout
+from .surgery import prune_attention, prune_experts, prune_ffn
 
 __all__ = ["load_pruned", "save_pruned", "shape_table"]
 
@@ -51,6 +52,9 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
                 e["attention"] = {"n_heads": a.n_heads, "n_kv": a.n_kv, "head_dim": a.head_dim}
             if b.ffn is not None:
                 e["ffn"] = {"n_neurons": b.ffn.n_neurons}
+            lay = experts_layout(model.get_submodule(b.experts)) if b.experts is not None else None
+            if lay is not None:
+                e["experts"] = {"name": b.experts, "n_neurons": lay["inter"]}
             table["blocks"][b.name] = e
     else:
         for name, m in model.named_modules():
@@ -133,6 +137,12 @@ def _resize_blocks(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
             if f is None or e["ffn"]["n_neurons"] > f.n_neurons:
                 raise CheckpointError(f"{name}: saved FFN does not fit the rebuilt model")
             prune_ffn(model, f, range(e["ffn"]["n_neurons"]))
+        if "experts" in e:
+            x = e["experts"]
+            lay = experts_layout(model.get_submodule(x["name"])) if b.experts == x["name"] else None
+            if lay is None or x["n_neurons"] > lay["inter"]:
+                raise CheckpointError(f"{name}: saved MoE experts {x['name']} do not fit the rebuilt model")
+            prune_experts(model, x["name"], [range(x["n_neurons"])] * lay["num_experts"])
 
 
 def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,

@@ -43,9 +43,10 @@ import torch
 from torch import nn
 
 from ..models.blocks import Block, transformer_blocks
+from ..quant.experts import experts_layout
 from .importance import METHODS, block_scores
 from .ratios import check_ratio, lowest_indices, n_to_remove
-from .surgery import prune_attention, prune_ffn
+from .surgery import expert_neuron_rows, prune_attention, prune_experts, prune_ffn
 
 __all__ = ["PrunePlan", "StructuredPruner", "parameter_report"]
 
@@ -59,6 +60,12 @@ class PrunePlan:
     ``heads[block]`` / ``kv_heads[block]`` / ``neurons[block]`` list the *kept* indices (sorted) of the block's
     attention query heads, key/value heads and FFN neurons; ``removed_*`` give the complement. ``channels`` maps
     a CNN producer conv to its kept output channels; ``drop_blocks`` lists blocks removed whole.
+
+    ``expert_neurons[block]`` lists the kept neurons of every routed expert of the block's MoE experts (3-D
+    weights): each expert keeps its own highest-magnitude neurons, every expert the same number (the stacked weights
+    need one size), ``floor(r*I + 0.5)`` removed of ``I`` and the kept count rounded to a multiple of 8 (for
+    transformers' grouped experts kernels; the shared expert of the block follows the same rule); scored by
+    magnitude whatever ``importance`` is.
 
     ``skipped[block]`` lists, for each block in scope that the ratios asked to prune but that has a part the
     pruner cannot handle, the reason (fused qkv, linear attention, convolution mixer, MoE experts stored as 3-D
@@ -77,6 +84,7 @@ class PrunePlan:
     hf_config_exact: bool | None = None
     skipped: dict[str, list[str]] = field(default_factory=dict)
     config_notes: list[str] = field(default_factory=list)
+    expert_neurons: dict[str, list[list[int]]] = field(default_factory=dict)  # block -> kept neurons per expert
 
     def removed_heads(self, block: str) -> list[int]:
         return sorted(set(range(self.sizes[block]["heads"])) - set(self.heads.get(block, [])))
@@ -95,7 +103,8 @@ class PrunePlan:
                 "channels": self.channels, "drop_blocks": self.drop_blocks,
                 "channel_groups": self.channel_groups, "sizes": self.sizes,
                 "importance": self.importance, "hf_config_exact": self.hf_config_exact,
-                "skipped": self.skipped, "config_notes": self.config_notes}
+                "skipped": self.skipped, "config_notes": self.config_notes,
+                "expert_neurons": self.expert_neurons}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
@@ -202,10 +211,13 @@ class StructuredPruner:
                 why.append(f"heads: {b.unsupported['heads']}")
             if fr[b.name] > 0 and "ffn" in b.unsupported:
                 why.append(f"ffn: {b.unsupported['ffn']}")
+            if fr[b.name] > 0 and b.experts is not None and experts_layout(model.get_submodule(b.experts)) is None:
+                why.append(f"ffn: MoE experts {b.experts} ({type(model.get_submodule(b.experts)).__name__}) are "
+                           "in a layout medquant does not know; their neurons are kept")
             if why:
                 plan.skipped[b.name] = why
         for part, ratios, has in (("heads", hr, lambda b: b.attention is not None),
-                                  ("ffn", fr, lambda b: b.ffn is not None)):
+                                  ("ffn", fr, lambda b: b.ffn is not None or _known_experts(model, b))):
             asked = [b for b in blocks if ratios[b.name] > 0 and b.name not in plan.drop_blocks]
             if asked and not any(has(b) for b in asked):
                 raise ValueError(f"{'head_ratio' if part == 'heads' else 'ffn_ratio'} asks to prune {part} of "
@@ -232,13 +244,27 @@ class StructuredPruner:
                 sizes["neurons"] = f.n_neurons
                 keep = list(range(f.n_neurons))
                 if fr[b.name] > 0:
-                    k = n_to_remove(fr[b.name], f.n_neurons)
+                    k = n_to_remove(fr[b.name], f.n_neurons) if b.experts is None else \
+                        f.n_neurons - _moe_kept(fr[b.name], f.n_neurons)
                     if k >= f.n_neurons:
                         raise ValueError(f"{b.name}: ffn ratio {fr[b.name]} would remove all {f.n_neurons} FFN "
                                          "neurons; use a smaller ratio or drop the block")
                     drop = set(lowest_indices(scores[b.name]["neurons"], k))
                     keep = [j for j in keep if j not in drop]
                 plan.neurons[b.name] = keep
+            if _known_experts(model, b):
+                mod = model.get_submodule(b.experts)
+                lay = experts_layout(mod)
+                sizes.update(experts=lay["num_experts"], expert_neurons=lay["inter"])
+                kept = [list(range(lay["inter"]))] * lay["num_experts"]
+                if fr[b.name] > 0:
+                    k = lay["inter"] - _moe_kept(fr[b.name], lay["inter"])
+                    if k >= lay["inter"]:
+                        raise ValueError(f"{b.name}: ffn ratio {fr[b.name]} would remove all {lay['inter']} neurons "
+                                         "of every expert; use a smaller ratio")
+                    scores_e = _expert_scores(mod, lay)
+                    kept = [sorted(set(range(lay["inter"])) - set(lowest_indices(sc, k))) for sc in scores_e]
+                plan.expert_neurons[b.name] = kept
             plan.sizes[b.name] = sizes
         return plan
 
@@ -280,6 +306,36 @@ class StructuredPruner:
         return plan
 
 
+_MOE_ALIGN = 8
+
+
+def _moe_kept(ratio: float, n: int) -> int:
+    """Neurons kept of ``n`` in an MoE block (experts and shared expert alike): ``n - floor(r*n + 0.5)`` rounded to
+    the nearest multiple of 8 (at least 8) when ``n`` is one: transformers' grouped experts kernels
+    (``torch.nn.functional.grouped_mm``) need 16-byte row strides."""
+    kept = n - n_to_remove(ratio, n)
+    if n % _MOE_ALIGN or n < _MOE_ALIGN:
+        return kept
+    return min(n, max(_MOE_ALIGN, _MOE_ALIGN * round(kept / _MOE_ALIGN)))
+
+
+def _known_experts(model: nn.Module, b: Block) -> bool:
+    return b.experts is not None and experts_layout(model.get_submodule(b.experts)) is not None
+
+
+@torch.no_grad()
+def _expert_scores(mod: nn.Module, lay: dict) -> torch.Tensor:
+    """``(E, I)`` magnitude of every expert's neurons: ``sqrt(sum ||up rows of j||^2 + ||down column j||^2)``."""
+    up = mod._parameters["gate_up_proj" if lay["gate"] else "up_proj"].detach().float()
+    down = mod._parameters["down_proj"].detach().float()
+    if lay["transposed"]:  # (E, in, out) / (E, I, H) -> (E, out, in) / (E, H, I)
+        up, down = up.transpose(1, 2), down.transpose(1, 2)
+    rows = up.pow(2).sum(2)  # (E, out)
+    idx = torch.arange(lay["inter"])
+    pos = expert_neuron_rows(lay, idx, not getattr(mod, "is_concatenated", True)).reshape(-1, lay["inter"])
+    return (rows[:, pos].sum(1) + down.pow(2).sum(1)).sqrt()
+
+
 def _is_hf(model: nn.Module) -> bool:
     from transformers import PreTrainedModel
 
@@ -296,16 +352,19 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
     blocks = {b.name: b for b in transformer_blocks(model, "all" if _is_hf(model) else scope)}
     if not _is_hf(model) and not blocks and (plan.heads or plan.neurons):
         raise ValueError("the plan names transformer blocks but the model has none")
-    missing = sorted((set(plan.heads) | set(plan.neurons) | set(plan.drop_blocks)) - set(blocks))
+    missing = sorted((set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons) | set(plan.drop_blocks))
+                     - set(blocks))
     if missing:
         raise ValueError(f"the plan names blocks this model does not have: {missing[:3]}")
     touched: list[Block] = []
-    for name in sorted(set(plan.heads) | set(plan.neurons)):
+    for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons)):
         b = blocks[name]
         if name in plan.heads and b.attention is not None:
             prune_attention(model, b.attention, plan.heads[name], plan.kv_heads.get(name))
         if name in plan.neurons and b.ffn is not None:
             prune_ffn(model, b.ffn, plan.neurons[name])
+        if name in plan.expert_neurons and b.experts is not None:
+            prune_experts(model, b.experts, plan.expert_neurons[name])
         touched.append(b)
     if plan.drop_blocks:
         from .layers import drop_blocks
@@ -391,6 +450,16 @@ def _fits(model: nn.Module, blocks: list[Block], cfg) -> bool:
                     return False
             except AttributeError:
                 return False
+        if b.experts is not None:  # MoE experts: every stacked weight's shape
+            cur = model.get_submodule(b.experts)
+            fresh = _build_like(cur, cfg)
+            if fresh is None:
+                if not block_fresh:
+                    block_fresh.append(_build_like(model.get_submodule(b.name), cfg))
+                fresh = block_fresh[0].get_submodule(_rel(b.experts, b.name)) if block_fresh[0] is not None else None
+            if fresh is None or {k: tuple(p.shape) for k, p in fresh.named_parameters()} != {
+                    k: tuple(p.shape) for k, p in cur.named_parameters()}:
+                return False
     return True
 
 
@@ -446,6 +515,8 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list
                 new["head_dim"] = hd
                 if hasattr(cfg, "num_key_value_heads"):
                     new["num_key_value_heads"] = nkv
+        if any(b.experts for b in blocks) and isinstance(getattr(cfg, "shared_expert_intermediate_size", None), int):
+            ffn_key = "shared_expert_intermediate_size"  # Qwen-MoE: the block's FFN is its shared expert
         if len(neurons) == 1 and hasattr(cfg, ffn_key):
             new[ffn_key] = neurons.pop()
             if getattr(cfg, "block_auto_adjust_ff_dim", False) is True:  # LFM2: size = 2/3 of the config's
@@ -453,6 +524,20 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list
         old = {k: getattr(cfg, k, _ABSENT) for k in new}
         for k, v in new.items():
             setattr(cfg, k, v)
+        experts = {model.get_submodule(b.experts).down_proj.shape[1 if _transposed(model, b) else 2]
+                   for b in blocks if b.experts is not None and experts_layout(model.get_submodule(b.experts))}
+        if len(experts) == 1:  # the key that sizes the experts: moe_intermediate_size or intermediate_size
+            n_e = experts.pop()
+            for key in ("moe_intermediate_size", "intermediate_size"):
+                if not isinstance(getattr(cfg, key, None), int) or new.get(key, n_e) != n_e:
+                    continue
+                old.setdefault(key, getattr(cfg, key))
+                prev = getattr(cfg, key)
+                setattr(cfg, key, n_e)
+                if _fits(model, blocks, cfg):
+                    new[key] = n_e
+                    break
+                setattr(cfg, key, prev)
         if not new or not _fits(model, blocks, cfg):
             _restore(cfg, old)
             exact = False
@@ -474,6 +559,11 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list
     return exact, notes
 
 
+def _transposed(model: nn.Module, b: Block) -> bool:
+    lay = experts_layout(model.get_submodule(b.experts)) if b.experts else None
+    return bool(lay and lay["transposed"])
+
+
 def _restore(cfg, old: dict[str, Any]) -> None:
     for k, v in old.items():
         if v is _ABSENT:
@@ -489,6 +579,8 @@ def _unit_modules(b: Block) -> list[str]:
         out += [a.q, a.k, a.v, a.o] + [n for n in (a.q_norm, a.k_norm) if n]
     if b.ffn is not None:
         out += [*b.ffn.inputs, b.ffn.output]
+    if b.experts is not None:
+        out.append(b.experts)
     return out
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..models.blocks import AttentionUnit, FFNUnit
 
-__all__ = ["head_rows", "keep_linear", "prune_attention", "prune_ffn"]
+__all__ = ["expert_neuron_rows", "head_rows", "keep_linear", "prune_attention", "prune_experts", "prune_ffn"]
 
 
 def head_rows(heads: Sequence[int], head_dim: int, device=None) -> torch.Tensor:
@@ -146,3 +146,61 @@ def prune_ffn(model: nn.Module, unit: FFNUnit, keep: Sequence[int]) -> FFNUnit:
         container.intermediate_size = len(keep)
     unit.n_neurons = len(keep)
     return unit
+
+
+def expert_neuron_rows(layout: dict, neurons: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Positions along the output dimension of an expert's up (or fused gate/up) projection owned by ``neurons``
+    (``I`` = ``layout["inter"]``): ``j`` and ``I + j`` for a concatenated gate/up (gate half, then up half),
+    ``2j`` and ``2j + 1`` for an interleaved one (GPT-OSS), ``j`` without a gate."""
+    if not layout["gate"]:
+        return neurons
+    if interleaved:
+        return torch.stack([2 * neurons, 2 * neurons + 1], 1).flatten()
+    return torch.cat([neurons, neurons + layout["inter"]])
+
+
+@torch.no_grad()
+def prune_experts(model: nn.Module, name: str, keep: Sequence[Sequence[int]]) -> int:
+    """Keep, for every expert ``e`` of the MoE experts module ``name`` (3-D weights), its neurons ``keep[e]``
+    (sorted, unique, the same count for every expert, as the stacked weights need); returns the new count.
+
+    Neuron ``j`` of expert ``e`` owns the positions :func:`expert_neuron_rows` of ``gate_up_proj[e]`` (or
+    ``up_proj[e]``) along its output dimension (with its bias entries) and position ``j`` of ``down_proj[e]``
+    along its input dimension; transposed layouts (``(E, in, out)``) are indexed on the other axis."""
+    from ..quant.experts import experts_layout
+
+    mod = model.get_submodule(name)
+    lay = experts_layout(mod)
+    if lay is None:
+        raise ValueError(f"{name}: {type(mod).__name__} is not an experts module with 3-D weights medquant knows")
+    e_n, n = lay["num_experts"], lay["inter"]
+    keep = [sorted(int(j) for j in k) for k in keep]
+    counts = {len(k) for k in keep}
+    if len(keep) != e_n or len(counts) != 1 or 0 in counts:
+        raise ValueError(f"{name}: need one non-empty keep list per expert ({e_n}), all of one length; got lengths "
+                         f"{sorted(len(k) for k in keep)}")
+    if any(len(set(k)) != len(k) or k[0] < 0 or k[-1] >= n for k in keep):
+        raise ValueError(f"{name}: expert neuron indices must be unique and in [0, {n})")
+    new_n = counts.pop()
+    if new_n == n:
+        return n
+    interleaved = not getattr(mod, "is_concatenated", True)
+    up_name = "gate_up_proj" if lay["gate"] else "up_proj"
+    up_axis, down_axis = (1, 0) if lay["transposed"] else (0, 1)  # axes of one expert's 2-D slice
+    ups, downs, biases = [], [], []
+    up, down = mod._parameters[up_name], mod._parameters["down_proj"]
+    up_b = mod._parameters.get(up_name + "_bias") if lay["bias"] else None
+    for e, k in enumerate(keep):
+        idx = torch.tensor(k, dtype=torch.long, device=up.device)
+        rows = expert_neuron_rows(lay, idx, interleaved)
+        ups.append(up[e].index_select(up_axis, rows))
+        downs.append(down[e].index_select(down_axis, idx))
+        if up_b is not None:
+            biases.append(up_b[e].index_select(0, rows))
+    for pname, parts, ref in ((up_name, ups, up), ("down_proj", downs, down)) + (
+            ((up_name + "_bias", biases, up_b),) if up_b is not None else ()):
+        setattr(mod, pname, nn.Parameter(torch.stack(parts).contiguous(), requires_grad=ref.requires_grad))
+    for attr in ("intermediate_dim", "intermediate_size", "expert_dim", "moe_intermediate_size"):
+        if getattr(mod, attr, None) == n:
+            setattr(mod, attr, new_n)
+    return new_n

@@ -143,17 +143,44 @@ def test_connector_sized_by_text_config_keeps_the_config():
     assert m.model.connector.modality_projection.down_proj.in_features == 96
 
 
-def test_moe_experts_are_reported_and_shared_expert_pruned(tmp_path):
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "llama4_text", "gpt_oss"])
+def test_moe_experts_pruned_per_expert(name, tmp_path):
+    """Routed experts (3-D weights; GPT-OSS transposed, biased, interleaved) keep their own neurons, all the
+    same count; the result equals the unpruned model with each expert's removed neurons zeroed in down_proj."""
+    m = build_moe(name)
+    original = copy.deepcopy(m)
+    ids = {"input_ids": torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(0))}
+    plan, _ = _prune(m, 0.0, 0.3)
+    assert set(plan.expert_neurons) == {"model.layers.0", "model.layers.1"} and not plan.skipped
+    ref = copy.deepcopy(original)
+    with torch.no_grad():
+        for block, kept in plan.expert_neurons.items():
+            mod = next(x for n, x in ref.named_modules() if n.startswith(block + ".") and n.endswith(".experts"))
+            transposed = name in ("llama4_text", "gpt_oss")  # (E, I, H) there, (E, H, I) otherwise
+            assert len({len(k) for k in kept}) == 1 and len(kept[0]) == 24  # 32 - 10 -> multiple of 8
+            assert len({tuple(k) for k in kept}) > 1  # each expert chooses its own neurons
+            for e, k in enumerate(kept):
+                removed = sorted(set(range(32)) - set(k))
+                if transposed:
+                    mod.down_proj[e][removed, :] = 0
+                else:
+                    mod.down_proj[e][:, removed] = 0
+        for block in plan.neurons:  # a shared expert MLP
+            down = next(x for n, x in ref.named_modules() if n.startswith(block + ".") and n.endswith("down_proj")
+                        and isinstance(x, nn.Linear))
+            down.weight[:, plan.removed_neurons(block)] = 0
+    out = _logits(m, ids)
+    torch.testing.assert_close(out, _logits(ref, ids), rtol=1e-4, atol=1e-5)
+    assert plan.hf_config_exact is True and _fresh_loads(m)
+    m.save_pretrained(tmp_path)
+    assert torch.equal(_logits(type(m).from_pretrained(tmp_path).eval(), ids), out)
+
+
+def test_moe_per_layer_ratios_reload_with_load_pruned(tmp_path):
     m = build_moe("llama4_text")
     ids = {"input_ids": torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(0))}
-    plan, _ = _prune(m, 0.0, 0.3)
-    for b in ("model.layers.0", "model.layers.1"):
-        assert "MoE experts" in plan.skipped[b][0] and "shared expert is" in plan.skipped[b][0]
-        assert len(plan.neurons[b]) == 32 - 10
-    assert m.model.layers[0].feed_forward.experts.down_proj.shape[1] == 32  # routed experts untouched
-    assert plan.hf_config_exact is False and not _fresh_loads(m)
-    assert "feed_forward.experts" in plan.config_notes[-1]
+    plan, _ = _prune(m, 0.0, {"model.layers.0": 0.3})
+    assert len(plan.expert_neurons["model.layers.0"][0]) == 24 and len(plan.expert_neurons["model.layers.1"][0]) == 32
+    assert plan.hf_config_exact is False and not _fresh_loads(m) and plan.config_notes
     save_pruned(m, tmp_path / "p", plan=plan)
     assert torch.equal(_logits(load_pruned(tmp_path / "p"), ids), _logits(m, ids))
-    with pytest.raises(ValueError, match="none can be"):
-        StructuredPruner(0.0, 0.3, progress=False).plan(build_moe("mixtral"))
