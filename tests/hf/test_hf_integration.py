@@ -21,6 +21,7 @@ from medquant.hf import MedQuantConfig, MedQuantHfQuantizer
 from medquant.quant.api import ConfigMap, quantized_modules, resolve_configs
 from medquant.quant.modules import QUANT_MODULES
 from medquant.testing.zoo import ZOO_BY_NAME, zoo_params
+from medquant.testing.zoo_vlm import extra_zoo_params
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -203,3 +204,61 @@ def test_registration_is_idempotent_and_lazy():
         "assert a.AUTO_QUANTIZER_MAPPING['medquant'].__name__ == 'MedQuantHfQuantizer'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------- extra zoo (zoo_vlm)
+def _extra_recipe(entry):
+    if entry.is_vlm:
+        return {"@language": QuantConfig(4, group_size=32), "_default": QuantConfig(8, scope="channel")}, [
+            "@vision", "@head"]
+    return QuantConfig(4, scope="channel"), ["@head", "@projector"]
+
+
+def _generate(entry, model, inputs):
+    """Greedy decoding of 3 tokens: with the image for the Q-Former models (their generate needs it), else from
+    the first 6 text tokens."""
+    if entry.name in ("blip2", "instructblip"):
+        return model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    ids = inputs["input_ids"][:, -6:]
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                          pad_token_id=0)
+
+
+@extra_zoo_params
+def test_extra_zoo_save_pretrained_from_pretrained_and_generate(entry, tmp_path):
+    """The transformers round trip of every extra entry, quantized by roles: the class's own from_pretrained gives
+    back every tensor and the output bit for bit, and greedy generation is unchanged."""
+    model = entry.build()
+    inputs = entry.inputs(model)
+    spec, skip = _extra_recipe(entry)
+    quantize_(model, spec, skip=skip)
+    expected = entry.output(model, inputs)
+    medquant.hf.save_pretrained(model, tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert set(qc["modules"]) == set(quantized_modules(model))
+    reloaded = type(model).from_pretrained(tmp_path / "q")
+    assert type(reloaded) is type(model)
+    _state_equal(model, reloaded)
+    assert torch.equal(entry.output(reloaded, inputs), expected)
+    if entry.is_vlm:
+        with torch.no_grad():
+            assert torch.equal(_generate(entry, reloaded, inputs), _generate(entry, model, inputs))
+
+
+def test_bf16_vlm_keeps_its_dtypes_through_save_pretrained(tmp_path):
+    """Issue 22 item 5 for the transformers round trip: bfloat16 vision / projector / embedding weights, the
+    quantized layers' compute dtype and the logits come back unchanged."""
+    entry = ZOO_BY_NAME["llava"]
+    entry.build().save_pretrained(tmp_path / "float")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "float", dtype=torch.bfloat16)
+    inputs = entry.inputs(model)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    quantize_(model, {"@language": QuantConfig(4)}, skip=["@head"])
+    expected = entry.output(model, inputs)
+    medquant.hf.save_pretrained(model, tmp_path / "q")
+    back = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "q")
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    assert back.model.vision_tower.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    assert all(m.weight_dtype == torch.bfloat16 for m in quantized_modules(back).values())
+    _state_equal(model, back)
+    assert torch.equal(entry.output(back, inputs), expected)
