@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ..kernels.layout import FORMAT_VERSION
+from ..kernels.layout import DENSE_BITS, FORMAT_VERSION
 from ..quant.api import swap_module
 from ..quant.experts import expand_recorded_experts
 from ..quant.modules import QuantConv2d, QuantLinear
@@ -178,10 +178,27 @@ def _recipes(model: nn.Module) -> dict[str, dict[str, Any]]:
     return modules
 
 
+def _dense_layouts(model: nn.Module) -> int:
+    """Re-pack every quantized layer still holding 3/5/6/7-bit rows in 4/8-bit containers (layout 1: loaded from
+    a version-1 file, or built by code that packs version 1) into the dense layout, in place (exact: same codes).
+    Returns the format version the file needs: 2 when a layer stores dense rows, else 1 (the bytes of a file
+    without such rows are those version 1 wrote)."""
+    version = 1
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            if not m.dense and any(b in DENSE_BITS for b in m.bit_groups):
+                m.to_layout(FORMAT_VERSION)
+            if m.stores_dense:
+                version = FORMAT_VERSION
+    return version
+
+
 def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (quantized or not) to the folder ``directory`` (see the module docstring). Returns the path.
 
-    ``extras`` must be JSON-serialisable; it comes back from :func:`load_extras`.
+    ``extras`` must be JSON-serialisable; it comes back from :func:`load_extras`. Layers holding 3/5/6/7-bit rows
+    in version-1 containers are re-packed densely first, in place (format version 2; same codes, same results);
+    ``format_version`` is 2 only when a layer stores dense rows, else 1.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
@@ -197,12 +214,13 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
         extras_text = json.dumps(extras or {})
     except (TypeError, ValueError) as e:
         raise TypeError(f"extras must be JSON-serialisable: {e}") from None
+    version = _dense_layouts(model)
     with write_checkpoint(path) as folder:
         wpath = folder / WEIGHTS_NAME
-        save_model(model, str(wpath), metadata={"format": "pt", "medquant_format_version": str(FORMAT_VERSION)})
+        save_model(model, str(wpath), metadata={"format": "pt", "medquant_format_version": str(version)})
         _sort_safetensors_metadata(wpath)
         meta = {
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "medquant_version": __version__,
             "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(wpath), "bytes": wpath.stat().st_size},
             "model": {"kind": kind, "class": type(model).__name__, "module": type(model).__module__},

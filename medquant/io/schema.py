@@ -9,7 +9,9 @@ a layer of ``out`` rows and ``k`` inputs (``k = in_channels / groups * kh * kw``
 bit-width ``b`` with ``n_b`` rows:
 
 * ``b`` in 1..8: ``qweight_b`` int32 ``(n_b, K_b * c_b / 32)`` with ``c_b`` the container width (1, 2, 4 or 8
-  bits) and ``K_b`` = ``k`` rounded up to a multiple of ``32 / c_b`` and of the group size (group scope);
+  bits) and ``K_b`` = ``k`` rounded up to a multiple of ``32 / c_b`` and of the group size (group scope); in a
+  recipe with ``"layout": 2`` (format version 2) 3/5/6/7-bit rows are dense: ``c_b = b`` and ``K_b`` a multiple
+  of 32 and of the group size;
   ``scales_b`` (and ``zeros_b`` when asymmetric) ``(1 | n_b, K_b / group_size | 1)`` in the scale dtype;
 * ``b`` = 16 / 32: ``fweight_b`` float16 / float32 ``(n_b, k)``; ``b`` = 0: nothing;
 * ``bit_map`` int8 ``(out,)`` when rows have different bit-widths; ``bias`` ``(out,)`` in ``dtype``.
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..kernels.layout import FORMAT_VERSION, container_bits, padded_k
+from ..kernels.layout import FORMAT_VERSION, padded_k, words_per_row
 from ..quant.config import FLOAT_BITS, QuantConfig
 from .manifest import check_plain_name, no_duplicates
 
@@ -146,6 +148,7 @@ class LayerSpec:
     padding: tuple[int, int] | str = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    layout: int = 1  # 2: 3/5/6/7-bit rows stored densely (format version 2)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -168,10 +171,11 @@ class LayerSpec:
         out: dict[str, TensorInfo] = {}
         for b, nb in counts.items():
             if 1 <= b <= 8:
-                kp = padded_k(k, b, cfg.group_size if cfg.scope == "group" else None)
+                dense = self.layout >= 2
+                kp = padded_k(k, b, cfg.group_size if cfg.scope == "group" else None, dense)
                 n_groups = kp // cfg.group_size if cfg.scope == "group" else 1
                 n_scale_rows = 1 if cfg.scope == "tensor" else nb
-                out[f"qweight_{b}"] = TensorInfo("I32", (nb, kp * container_bits(b) // 32))
+                out[f"qweight_{b}"] = TensorInfo("I32", (nb, words_per_row(kp, b, dense)))
                 out[f"scales_{b}"] = TensorInfo(sd, (n_scale_rows, n_groups))
                 if not cfg.is_symmetric(b):
                     out[f"zeros_{b}"] = TensorInfo(sd, (n_scale_rows, n_groups))
@@ -194,9 +198,12 @@ def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow
         raise at.fail("a recipe object", entry)
     kind = _str(entry.get("type"), at / "type", ("QuantLinear", "QuantConv2d"))
     shape_keys = _LINEAR_KEYS if kind == "QuantLinear" else _CONV_KEYS
-    d = _obj(entry, at, _COMMON_KEYS + shape_keys, ("weight_dtype",) if allow_weight_dtype else ())
+    d = _obj(entry, at, _COMMON_KEYS + shape_keys, (("weight_dtype",) if allow_weight_dtype else ()) + ("layout",))
     if not isinstance(d["bias"], bool):
         raise (at / "bias").fail("true or false", d["bias"])
+    layout = d.get("layout", 1)
+    if isinstance(layout, bool) or layout not in (1, 2):
+        raise (at / "layout").fail("1 or 2 (2: dense 3/5/6/7-bit codes, format version 2)", layout)
     dtype = _str(d["dtype"], at / "dtype", FLOAT_DTYPES)
     wd = d.get("weight_dtype")
     if wd is not None:
@@ -204,7 +211,7 @@ def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow
     if kind == "QuantLinear":
         fin, fout = _int(d["in_features"], at / "in_features"), _int(d["out_features"], at / "out_features")
         cfg = _config(d["config"], at / "config", fout)
-        return LayerSpec(name, kind, cfg, d["bias"], dtype, wd, fin, fout, raw=entry)
+        return LayerSpec(name, kind, cfg, d["bias"], dtype, wd, fin, fout, layout=layout, raw=entry)
     cin, cout = _int(d["in_channels"], at / "in_channels"), _int(d["out_channels"], at / "out_channels")
     groups = _int(d["groups"], at / "groups")
     if cin % groups or cout % groups:
@@ -222,7 +229,8 @@ def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow
     if cin // groups * ks[0] * ks[1] > MAX_DIM:
         raise (at / "kernel_size").fail(f"a kernel of at most {MAX_DIM} weights per row", list(ks))
     cfg = _config(d["config"], at / "config", cout)
-    return LayerSpec(name, kind, cfg, d["bias"], dtype, wd, cin, cout, ks, stride, pad, dilation, groups, raw=entry)
+    return LayerSpec(name, kind, cfg, d["bias"], dtype, wd, cin, cout, ks, stride, pad, dilation, groups,
+                     layout=layout, raw=entry)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 The bottom layer of medquant: it imports only torch (Triton lazily, when a kernel first runs), never
 ``medquant.quant`` or anything above it.
 
-* :mod:`medquant.kernels.layout` — the packed weight layout (format v1): ``pack``, ``unpack``, ``padded_k``,
-  ``container_bits``, ``dequantize_codes``.
+* :mod:`medquant.kernels.layout` — the packed weight layout (format v2: v1's containers plus the dense 3/5/6/7-bit
+  bit stream): ``pack``, ``unpack``, ``padded_k``, ``container_bits``, ``storage_bits``, ``dequantize_codes``.
 * :class:`PackedWeight` — one packed row group (codes, scales, zeros, bits, symmetric, scope, group size, k).
 * :func:`packed_linear` — ``y = x @ dequant(W)^T`` reading the packed layout directly; Triton on CUDA
   (GEMV / split-K / tiled GEMM chosen by M, see :mod:`medquant.kernels.packed`); on CPU torch's weight-only
@@ -94,7 +94,7 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, *, backend: str = "auto
         y = dispatch_run("packed_linear", x2, weight)
         return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
     y = _call(backend, torch.ops.medquant.packed_linear, x2, weight.qweight, weight.scales, weight.zeros,
-              weight.bits, weight.symmetric, weight.scope, weight.group_elems, weight.k)
+              weight.bits, weight.symmetric, weight.scope, weight.group_elems, weight.k, weight.dense)
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 

@@ -1,5 +1,8 @@
 """Triton kernels for ``y = x @ dequant(W_q)^T`` reading the packed layout (format v1) directly.
 
+Row groups in the version-2 dense layout (3/5/6/7 bits) are first converted to version-1 containers by
+:func:`_dense_to_container_kernel` (one pass over the codes per call, into a temporary), then multiplied as v1.
+
 Imported lazily (it imports Triton). Layout reminder (:mod:`medquant.kernels.layout`): row ``n`` of the packed
 weight holds ``K_pad / VPW`` int32 words; code ``k`` sits in word ``k // VPW`` at bit ``(k % VPW) * CB``
 (``CB`` = container bits, ``VPW = 32 / CB``); dequantisation is ``w = (u - z) * s`` with ``z = 2^(b-1)`` for
@@ -273,6 +276,35 @@ def _packed_gemv_kernel(
         tl.atomic_add(y_ptr + offs_n, y, mask=n_mask)
     else:
         tl.store(y_ptr + offs_n, y, mask=n_mask)
+
+
+@triton.jit
+def _dense_to_container_kernel(
+    src_ptr, dst_ptr, W_SRC, W_DST, K_PAD, stride_sn, stride_dn,
+    BITS: tl.constexpr, CB: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Version-2 dense ``BITS``-bit codes -> version-1 ``CB``-bit containers, one row per program along axis 0.
+
+    Code ``k`` sits at stream bit ``p = k * BITS``: ``u = ((word[p // 32] | word[p // 32 + 1] << 32) >> p % 32)
+    & (2^BITS - 1)`` (words read as unsigned, in int64), then ``VPW = 32 / CB`` codes are shifted into each
+    container word, the lowest K index in the lowest bits.
+    """
+    VPW: tl.constexpr = 32 // CB
+    row = tl.program_id(0)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_j = tl.arange(0, VPW)
+    k = offs_w[:, None] * VPW + offs_j[None, :]
+    kmask = k < K_PAD
+    p = k * BITS
+    w = p // 32
+    o = (p % 32).to(tl.int64)
+    base = src_ptr + row * stride_sn
+    lo = tl.load(base + w, mask=kmask, other=0).to(tl.int64) & 0xFFFFFFFF
+    hi = tl.load(base + w + 1, mask=kmask & (w + 1 < W_SRC), other=0).to(tl.int64) & 0xFFFFFFFF
+    u = ((lo | (hi << 32)) >> o) & ((1 << BITS) - 1)
+    word = tl.sum(u << (offs_j[None, :] * CB).to(tl.int64), axis=1)
+    word = tl.where(word >= 2147483648, word - 4294967296, word).to(tl.int32)
+    tl.store(dst_ptr + row * stride_dn + offs_w, word, mask=offs_w < W_DST)
 
 
 # ------------------------------------------------------------------------------------------------ configs

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import container_bits, dequantize_codes, padded_k, unpack, values_per_word
+from .layout import DENSE_BITS, dequantize_codes, is_dense, padded_k, storage_bits, unpack, words_per_row
 
 #: dtypes of scales and zero points (zero points are integers stored in the scale dtype)
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,7 +31,8 @@ class PackedWeight:
     """A packed row group: ``n`` rows of ``k`` weights quantized to ``bits`` bits.
 
     Attributes:
-        qweight: int32 words ``(n, K_pad / values_per_word(bits))``, codes packed along K (format v1).
+        qweight: int32 words ``(n, K_pad * storage_bits / 32)``, codes packed along K: the version-1 container
+            layout, or (``dense`` and ``bits`` in 3, 5, 6, 7) the version-2 dense bit stream.
         scales: ``(n, K_pad / group_elems)`` (group scope), ``(n, 1)`` (channel) or ``(1, 1)`` (tensor).
         zeros: zero points of the scales' shape and dtype (asymmetric), or None (symmetric: ``z = 2^(b-1)``).
         bits: 1..8.
@@ -39,6 +40,7 @@ class PackedWeight:
         scope: "tensor", "channel" or "group".
         group_elems: K elements per scale along a row (``K_pad`` for channel and tensor scope).
         k: real number of input elements (columns past ``k`` are padding).
+        dense: the layer uses the version-2 dense layout (only changes 3-, 5-, 6- and 7-bit row groups).
 
     Building one validates shapes, dtypes and devices (``TypeError`` / ``ValueError`` naming the field).
     """
@@ -51,10 +53,16 @@ class PackedWeight:
     scope: str
     group_elems: int
     k: int
+    dense: bool = False
 
     def __post_init__(self) -> None:
         check_packed_weight(self.qweight, self.scales, self.zeros, self.bits, self.symmetric, self.scope,
-                            self.group_elems, self.k)
+                            self.group_elems, self.k, self.dense)
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether the codes are stored as a dense bit stream (version 2) rather than in containers."""
+        return is_dense(self.bits, self.dense)
 
     @property
     def n(self) -> int:
@@ -63,8 +71,8 @@ class PackedWeight:
 
     @property
     def k_pad(self) -> int:
-        """K padded for the layout: ``words per row * values_per_word(bits)``."""
-        return self.qweight.shape[1] * values_per_word(self.bits)
+        """K padded for the layout: ``words per row * 32 / storage_bits``."""
+        return self.qweight.shape[1] * 32 // storage_bits(self.bits, self.dense)
 
     @property
     def device(self) -> torch.device:
@@ -72,7 +80,7 @@ class PackedWeight:
 
     def codes(self) -> torch.Tensor:
         """The unpacked unsigned codes ``(n, K_pad)`` uint8 (padding included)."""
-        return unpack(self.qweight, self.bits)
+        return unpack(self.qweight, self.bits, dense=self.dense)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weights ``(n, k)`` in ``dtype``: ``(u - z) * s`` (class docstring), float32 arithmetic."""
@@ -80,7 +88,7 @@ class PackedWeight:
                                 self.group_elems, self.k, dtype=dtype)
 
 
-def check_packed_weight(qweight, scales, zeros, bits, symmetric, scope, group_elems, k) -> None:
+def check_packed_weight(qweight, scales, zeros, bits, symmetric, scope, group_elems, k, dense=False) -> None:
     """Validate the fields of a :class:`PackedWeight` (shapes follow :mod:`medquant.kernels.layout`)."""
     if not _is_int(bits):
         raise TypeError(f"bits must be an int, got {bits!r}")
@@ -89,7 +97,9 @@ def check_packed_weight(qweight, scales, zeros, bits, symmetric, scope, group_el
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise TypeError("qweight must be a 2-D int32 tensor of packed codes (rows, K_pad // values_per_word)")
+        raise TypeError("qweight must be a 2-D int32 tensor of packed codes (rows, K_pad * storage_bits / 32)")
+    if not isinstance(dense, bool):
+        raise TypeError(f"dense must be a bool, got {dense!r}")
     if scope not in PACKED_SCOPES:
         raise ValueError(f"scope={scope!r} is not supported; accepted: {', '.join(PACKED_SCOPES)}")
     if not _is_int(k) or k < 0:
@@ -97,11 +107,13 @@ def check_packed_weight(qweight, scales, zeros, bits, symmetric, scope, group_el
     if not _is_int(group_elems) or group_elems <= 0:
         raise ValueError(f"group_elems must be a positive int, got {group_elems!r}")
     n, words = qweight.shape
-    kp = words * values_per_word(bits)
-    want = padded_k(k, bits, group_elems if scope == "group" else None)
-    if kp != want:
-        raise ValueError(f"qweight has {words} words per row = {kp} {container_bits(bits)}-bit slots, but K={k} "
-                         f"packed at {bits} bits needs K_pad={want}: wrong bits, wrong K or wrong group size")
+    want = padded_k(k, bits, group_elems if scope == "group" else None, dense)
+    if words != words_per_row(want, bits, dense):
+        form = "dense" if is_dense(bits, dense) else f"{storage_bits(bits)}-bit containers"
+        raise ValueError(f"qweight has {words} words per row, but K={k} packed at {bits} bits ({form}) needs "
+                         f"K_pad={want}, {words_per_row(want, bits, dense)} words: wrong bits, wrong K, wrong group "
+                         f"size or wrong layout (dense {DENSE_BITS} bits is format version 2)")
+    kp = want
     if not isinstance(scales, torch.Tensor) or scales.dtype not in PARAM_DTYPES or scales.dim() != 2:
         raise TypeError("scales must be a 2-D float16/bfloat16/float32 tensor")
     if scope == "tensor":

@@ -265,10 +265,11 @@ def _same_source(plan: _Plan, weight: PackedWeight) -> bool:
 
 
 def codes_u8(weight: PackedWeight) -> torch.Tensor:
-    """The unsigned codes ``(n, K_pad)`` uint8 of a row group, unpacked byte-wise (little-endian int32 words)."""
+    """The unsigned codes ``(n, K_pad)`` uint8 of a row group, unpacked byte-wise (little-endian int32 words;
+    the dense version-2 bit stream of 3/5/6/7-bit rows through :func:`~medquant.kernels.layout.unpack`)."""
+    if weight.is_dense or sys.byteorder != "little":
+        return unpack(weight.qweight, weight.bits, dense=weight.dense)
     cb = container_bits(weight.bits)
-    if sys.byteorder != "little":
-        return unpack(weight.qweight, weight.bits)
     b = weight.qweight.contiguous().view(torch.uint8)
     n = b.shape[0]
     if cb == 8:

@@ -3,8 +3,13 @@
 A leaf module (it imports only ``torch`` and ``math``): the quantizer (:mod:`medquant.quant.core`), the quantized
 modules, the kernels and the save/load code all read the layout from here.
 
-FORMAT_VERSION = 1
-==================
+FORMAT_VERSION = 2 adds the *dense* layout for the widths that do not divide 32 (3, 5, 6 and 7 bits; next section
+but one); everything else is version 1, unchanged. A row group says which it uses (``dense``); a file is
+version 2 only when one of its layers stores a dense row group, so files without one are byte-identical to
+version 1.
+
+FORMAT_VERSION 1 (container layout)
+===================================
 
 A quantized weight matrix ``W`` of shape ``(N, K)`` (``N`` output rows, ``K`` input elements; a Conv2d weight
 ``(O, I, kh, kw)`` is viewed as ``(O, I*kh*kw)``) is stored per *row group*: all rows that share a bit-width
@@ -39,6 +44,26 @@ Dequantisation of one row group (:func:`dequantize_codes`), with ``g(j) = j // g
     symmetric, b == 1:     w^[n, j] = (2 u[n, j] - 1) * s[n, g(j)]
 
 computed in float32 and cast to the requested dtype; the padded columns ``j >= k`` are dropped.
+
+FORMAT_VERSION 2: the dense layout (3, 5, 6, 7 bits)
+====================================================
+
+A row group of ``b`` in :data:`DENSE_BITS` may store its codes *densely*: the codes of a row form one bit
+stream, code ``k`` at stream bits ``[k*b, (k+1)*b)``, the lowest bits first, continuing across word boundaries;
+stream bit ``p`` is bit ``p % 32`` of word ``p // 32``. So every 32 codes fill exactly ``b`` int32 words (a
+*block*), and code ``k`` is::
+
+    p = k * b;  w = p // 32;  o = p % 32
+    u = (word[w] >> o) & (2^b - 1)                                   if o + b <= 32
+    u = ((word[w] >> o) | (word[w + 1] << (32 - o))) & (2^b - 1)     otherwise (words read as unsigned)
+
+This is the bit order of compressed-tensors' ``pack-quantized`` format (``pack_to_int32``: values offset to
+``u = q + 2^(b-1)``, packed along K, ``ceil(K*b/32)`` words per row), so its words are these words.
+Padding: K is zero-padded to ``K_pad``, the next multiple of ``lcm(group_size, 32)`` (group scope) or of 32;
+packed shape ``(n_rows, K_pad * b / 32)``. Scales, zero points and the bit map are as in version 1. For ``K``
+a multiple of 32 the words equal compressed-tensors' exactly; otherwise its words are the first
+``ceil(K*b/32)`` of each row. A 3-bit weight takes 3/32 of a word instead of 4/32, a 5- or 6-bit weight
+5/32 or 6/32 instead of 8/32.
 """
 from __future__ import annotations
 
@@ -46,12 +71,14 @@ import math
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WORD_BITS = 32
+#: widths stored densely (bit stream across words) in a version-2 row group
+DENSE_BITS = (3, 5, 6, 7)
 
 
 def container_bits(bits: int) -> int:
-    """Storage width of a ``bits``-bit code (1, 2, 4 or 8)."""
+    """Version-1 storage width of a ``bits``-bit code (1, 2, 4 or 8)."""
     if bits in (1, 2, 4, 8):
         return bits
     if bits == 3:
@@ -61,56 +88,105 @@ def container_bits(bits: int) -> int:
     raise ValueError(f"no packed container for {bits}-bit codes; packed codes have 1..8 bits")
 
 
+def is_dense(bits: int, dense: bool) -> bool:
+    """Whether a row group of ``bits`` bits of a layer using the dense layout (``dense``) is stored densely."""
+    return bool(dense) and bits in DENSE_BITS
+
+
+def storage_bits(bits: int, dense: bool = False) -> int:
+    """Bits one code takes in memory: ``bits`` when stored densely, else its container width."""
+    return bits if is_dense(bits, dense) else container_bits(bits)
+
+
 def values_per_word(bits: int) -> int:
+    """Codes per int32 word in the version-1 container layout."""
     return WORD_BITS // container_bits(bits)
 
 
-def padded_k(k: int, bits: int, group_size: int | None) -> int:
-    """K padded to a multiple of both the group size (if any) and the values per int32 word (their lcm)."""
-    step = values_per_word(bits)
+def values_per_block(bits: int, dense: bool = False) -> int:
+    """Codes per block of whole words: 32 (in ``bits`` words) when dense, else the codes of one word."""
+    return WORD_BITS if is_dense(bits, dense) else values_per_word(bits)
+
+
+def words_per_row(k_pad: int, bits: int, dense: bool = False) -> int:
+    """int32 words of one packed row of ``k_pad`` codes: ``k_pad * storage_bits / 32``."""
+    return k_pad * storage_bits(bits, dense) // WORD_BITS
+
+
+def padded_k(k: int, bits: int, group_size: int | None, dense: bool = False) -> int:
+    """K padded to a multiple of both the group size (if any) and the codes per block (their lcm)."""
+    step = values_per_block(bits, dense)
     if group_size is not None:
         step = math.lcm(step, group_size)
     return -(-k // step) * step
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 two's complement."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack(codes: torch.Tensor, bits: int, dense: bool = False) -> torch.Tensor:
     """Pack unsigned codes ``(n, K_pad)`` (any integer dtype, values in [0, 2^bits-1]) into int32 words.
 
-    ``K_pad`` must be a multiple of ``values_per_word(bits)``. Returns ``(n, K_pad // vpw)`` int32.
+    ``K_pad`` must be a multiple of ``values_per_block(bits, dense)``. Returns ``(n, words_per_row)`` int32:
+    the version-1 container layout, or the dense bit stream when ``dense`` and ``bits`` is in
+    :data:`DENSE_BITS` (module docstring).
     """
     if codes.dim() != 2:
         raise ValueError(f"pack expects a 2-D (rows, K) tensor of codes, got shape {tuple(codes.shape)}")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise TypeError(f"pack expects integer codes, got {codes.dtype}")
-    cb = container_bits(bits)
-    vpw = WORD_BITS // cb
+    vpb = values_per_block(bits, dense)
     n, kp = codes.shape
-    if kp % vpw:
-        raise ValueError(f"K={kp} is not a multiple of {vpw} values per word for {bits}-bit codes; pad it first")
+    if kp % vpb:
+        raise ValueError(f"K={kp} is not a multiple of {vpb} codes per block for {bits}-bit codes; pad it first")
     c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > (1 << bits) - 1):
         raise ValueError(f"codes out of range for {bits} bits: expected 0..{(1 << bits) - 1}")
-    shifts = torch.arange(vpw, device=codes.device, dtype=torch.int64) * cb
-    words = (c.view(n, kp // vpw, vpw) << shifts).sum(dim=-1)  # < 2^32, exact in int64
-    # map [0, 2^32) onto int32 two's complement
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    if is_dense(bits, dense):
+        blocks = c.view(n, kp // WORD_BITS, WORD_BITS)
+        out = torch.zeros(n, kp // WORD_BITS, bits, dtype=torch.int64, device=codes.device)
+        for i in range(WORD_BITS):  # code i of a block: stream bits [i*b, (i+1)*b)
+            w, o = divmod(i * bits, WORD_BITS)
+            out[:, :, w] += (blocks[:, :, i] << o) & 0xFFFFFFFF
+            if o + bits > WORD_BITS:
+                out[:, :, w + 1] += blocks[:, :, i] >> (WORD_BITS - o)
+        return _to_int32(out.view(n, kp * bits // WORD_BITS))
+    cb = container_bits(bits)
+    shifts = torch.arange(vpb, device=codes.device, dtype=torch.int64) * cb
+    words = (c.view(n, kp // vpb, vpb) << shifts).sum(dim=-1)  # < 2^32, exact in int64
+    return _to_int32(words)
 
 
-def unpack(words: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``(n, W)`` int32 -> ``(n, W * vpw)`` uint8 codes (int16 never needed: b <= 8).
+def unpack(words: torch.Tensor, bits: int, k: int | None = None, dense: bool = False) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``(n, W)`` int32 -> ``(n, K_pad)`` uint8 codes (int16 never needed: b <= 8).
 
     If ``k`` is given the result is cut to the first ``k`` columns (dropping the padding).
     """
     if words.dtype != torch.int32:
         raise TypeError(f"packed words must be int32, got {words.dtype}")
-    cb = container_bits(bits)
-    vpw = WORD_BITS // cb
     n, w = words.shape
-    shifts = torch.arange(vpw, device=words.device, dtype=torch.int32) * cb
-    mask = (1 << cb) - 1
-    codes = (words.unsqueeze(-1) >> shifts) & mask
-    codes = codes.reshape(n, w * vpw).to(torch.uint8)
+    if is_dense(bits, dense):
+        if w % bits:
+            raise ValueError(f"{w} words per row is not a whole number of {bits}-word blocks of dense {bits}-bit "
+                             f"codes")
+        blk = words.view(n, w // bits, bits).to(torch.int64) & 0xFFFFFFFF
+        mask = (1 << bits) - 1
+        cols = []
+        for i in range(WORD_BITS):
+            wi, o = divmod(i * bits, WORD_BITS)
+            v = blk[:, :, wi] >> o
+            if o + bits > WORD_BITS:
+                v = v | (blk[:, :, wi + 1] << (WORD_BITS - o))
+            cols.append(v & mask)
+        codes = torch.stack(cols, dim=-1).reshape(n, w // bits * WORD_BITS).to(torch.uint8)
+    else:
+        cb = container_bits(bits)
+        vpw = WORD_BITS // cb
+        shifts = torch.arange(vpw, device=words.device, dtype=torch.int32) * cb
+        mask = (1 << cb) - 1
+        codes = ((words.unsqueeze(-1) >> shifts) & mask).reshape(n, w * vpw).to(torch.uint8)
     if k is not None:
         codes = codes[:, :k]
     return codes
@@ -152,5 +228,6 @@ def dequantize_codes(
         else:
             w = (u - 2 ** (bits - 1)) * sf
     else:
+        assert zeros is not None, "asymmetric rows need their zero points"
         w = (u - expand_params(zeros.float(), scope, group_elems, n, kp)) * sf
     return w[:, :k].to(dtype)

@@ -1,7 +1,7 @@
 """``torch.library`` custom ops: one opaque node per kernel for ``torch.compile``, with fake (meta) kernels.
 
 =================================  ======================================================================
-``medquant::packed_linear``        ``(x, qweight, scales, zeros?, bits, symmetric, scope, group_elems, k)``
+``medquant::packed_linear``        ``(x, qweight, scales, zeros?, bits, symmetric, scope, group_elems, k, dense)``
                                    -> ``y (M, N)``; backward: ``dL/dx = dL/dy @ dequant(W)``
 ``medquant::fake_quantize_rows``   ``(x, bits, symmetric, eps, want_mask)`` -> ``(out, mask)``; STE backward
 ``medquant::fake_quantize_static`` ``(x, scales, zeros?, bits, symmetric, group_size, want_mask)``
@@ -29,15 +29,16 @@ from .dispatch import run
 @torch.library.custom_op("medquant::packed_linear", mutates_args=())
 def packed_linear_op(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, symmetric: bool, scope: str,
-    group_elems: int, k: int,
+    group_elems: int, k: int, dense: bool = False,
 ) -> Tensor:
-    """``x (M, k) @ dequant(W)^T -> (M, N)`` in ``x.dtype`` for the packed row group ``W`` (format v1)."""
-    weight = PackedWeight(qweight, scales, zeros, bits, symmetric, scope, group_elems, k)
+    """``x (M, k) @ dequant(W)^T -> (M, N)`` in ``x.dtype`` for the packed row group ``W`` (``dense``: the
+    version-2 dense layout of 3/5/6/7-bit codes, else the version-1 containers)."""
+    weight = PackedWeight(qweight, scales, zeros, bits, symmetric, scope, group_elems, k, dense)
     return run("packed_linear", x, weight)
 
 
 @packed_linear_op.register_fake
-def _packed_linear_fake(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k):
+def _packed_linear_fake(x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k, dense=False):
     torch._check(x.dim() == 2, lambda: f"x must be 2-D (M, K), got {x.dim()}-D")
     torch._check(qweight.dim() == 2 and qweight.dtype == torch.int32, lambda: "qweight must be 2-D int32")
     torch._check(x.shape[1] == k, lambda: f"x has {x.shape[1]} features, the packed weight K={k}")
@@ -45,9 +46,9 @@ def _packed_linear_fake(x, qweight, scales, zeros, bits, symmetric, scope, group
 
 
 def _packed_linear_setup(ctx, inputs, output):
-    _x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k = inputs
+    _x, qweight, scales, zeros, bits, symmetric, scope, group_elems, k, dense = inputs
     ctx.save_for_backward(qweight, scales, zeros)
-    ctx.meta = (bits, symmetric, scope, group_elems, k)
+    ctx.meta = (bits, symmetric, scope, group_elems, k, dense)
 
 
 def _packed_linear_backward(ctx, grad):
@@ -55,7 +56,7 @@ def _packed_linear_backward(ctx, grad):
     gx = None
     if ctx.needs_input_grad[0]:
         gx = grad @ PackedWeight(qweight, scales, zeros, *ctx.meta).dequantize(grad.dtype)
-    return gx, None, None, None, None, None, None, None, None
+    return gx, None, None, None, None, None, None, None, None, None
 
 
 packed_linear_op.register_autograd(_packed_linear_backward, setup_context=_packed_linear_setup)

@@ -66,6 +66,9 @@ def packed_linear_triton(
         splitk_tuned,
     )
 
+    if weight.is_dense and qweight.shape[0] and qweight.shape[1]:
+        qweight = dense_to_container_triton(weight)
+
     m = x.shape[0]
     n = qweight.shape[0]
     if m == 0 or n == 0 or k == 0:
@@ -123,6 +126,21 @@ def packed_linear_triton(
         grid = (triton_cdiv(m, fixed["BLOCK_M"]) * triton_cdiv(n, fixed["BLOCK_N"]), fixed["SPLIT_K"])
         _packed_mm_kernel[grid](*args, **consts, **fixed)
     return y.to(x.dtype)
+
+
+def dense_to_container_triton(weight: PackedWeight) -> torch.Tensor:
+    """The codes of a version-2 dense row group re-packed into version-1 containers (a temporary), on the
+    weight's device with the Triton kernel ``_dense_to_container_kernel``: ``(n, K_pad / values_per_word)``."""
+    from ._packed_triton import _dense_to_container_kernel
+
+    n, k_pad, cb = weight.n, weight.k_pad, container_bits(weight.bits)
+    w_dst = k_pad * cb // 32
+    out = torch.empty(n, w_dst, dtype=torch.int32, device=weight.device)
+    src = weight.qweight.contiguous()
+    block_w = 64
+    _dense_to_container_kernel[(n, triton_cdiv(w_dst, block_w))](
+        src, out, src.shape[1], w_dst, k_pad, src.stride(0), out.stride(0), BITS=weight.bits, CB=cb, BLOCK_W=block_w)
+    return out
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -90,16 +90,18 @@ def _group_view(wp: torch.Tensor, scope: str, group_size: int) -> torch.Tensor:
 
 
 def compute_qparams(
-    w: torch.Tensor, bits: int, symmetric: bool, scope: str, group_size: int, scale_dtype: torch.dtype
+    w: torch.Tensor, bits: int, symmetric: bool, scope: str, group_size: int, scale_dtype: torch.dtype,
+    dense: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Scales (and zero points) of ``w`` ``(N, K)``. Returns ``(scales, zeros, group_elems)``.
 
-    ``group_elems`` is the number of K elements sharing one scale (``K_pad`` for channel scope).
+    ``group_elems`` is the number of K elements sharing one scale (``K_pad`` for channel scope). ``dense``: K is
+    padded for the version-2 dense layout (3/5/6/7 bits: a multiple of 32 and of the group size).
     """
     _check_weight(w)
     n, k = w.shape
     gs = group_size if scope == "group" else None
-    kp = padded_k(k, bits, gs)
+    kp = padded_k(k, bits, gs, dense)
     wf = torch.nn.functional.pad(w.float(), (0, kp - k))
     v = _group_view(wf, scope, group_size)
     eps = scale_eps(scale_dtype)
@@ -128,15 +130,18 @@ def compute_qparams(
     return s, zeros, elems
 
 
-def quantize(w: torch.Tensor, config: QuantConfig, bits: int | None = None) -> QTensor:
-    """Quantize a 2-D weight with ``config`` (``bits`` overrides ``config.bits``, e.g. for one row group)."""
+def quantize(w: torch.Tensor, config: QuantConfig, bits: int | None = None, dense: bool = False) -> QTensor:
+    """Quantize a 2-D weight with ``config`` (``bits`` overrides ``config.bits``, e.g. for one row group).
+
+    ``dense``: the codes are padded for the version-2 dense layout (:func:`medquant.kernels.layout.padded_k`).
+    """
     b = config.bits if bits is None else bits
     if not 1 <= b <= 8:
         raise ValueError(f"quantize needs 1..8 bits, got {b} (16/32 stay in float, 0 is pruned)")
     sym = config.is_symmetric(b)
-    s, z, elems = compute_qparams(w, b, sym, config.scope, config.group_size, config.torch_scale_dtype)
+    s, z, elems = compute_qparams(w, b, sym, config.scope, config.group_size, config.torch_scale_dtype, dense)
     n, k = w.shape
-    kp = padded_k(k, b, config.group_size if config.scope == "group" else None)
+    kp = padded_k(k, b, config.group_size if config.scope == "group" else None, dense)
     wf = torch.nn.functional.pad(w.float(), (0, kp - k))
     sf = expand_params(s.float(), config.scope, elems, n, kp)
     if sym:

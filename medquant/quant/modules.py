@@ -3,7 +3,8 @@
 Storage (see :mod:`medquant.kernels.layout` for the layout), for each bit-width ``b`` present in the layer:
 
 * ``qweight_{b}`` int32 packed codes of the rows with ``b`` bits (1..8), ``scales_{b}``, and ``zeros_{b}`` for
-  asymmetric rows;
+  asymmetric rows; 3/5/6/7-bit codes are stored densely (format version 2) when the layer's ``layout_version``
+  is 2 (every layer ``from_float`` builds), in 4/8-bit containers (version 1, files written before) when it is 1;
 * ``fweight_{b}`` for rows kept in floating point (``b`` = 16 -> float16, 32 -> float32);
 * nothing for pruned rows (``b`` = 0): their output is zero (plus bias);
 * ``bit_map`` (int8, one entry per output row) only when the layer mixes bit-widths.
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import PackedWeight, packed_linear, set_layer_compute_dtype
-from ..kernels.layout import container_bits, pack, padded_k
+from ..kernels.layout import DENSE_BITS, FORMAT_VERSION, pack, padded_k, words_per_row
 from .config import FLOAT_BITS, QuantConfig
 from .core import quantize
 
@@ -36,11 +37,14 @@ class _QuantWeightBase(nn.Module):
     """Shared storage and math of quantized weight matrices ``(out_rows, k)``."""
 
     config: QuantConfig
+    layout_version: int
 
-    def _init_storage(self, out_rows: int, k: int, config: QuantConfig, device=None) -> None:
+    def _init_storage(self, out_rows: int, k: int, config: QuantConfig, device=None, layout: int = 1) -> None:
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
+        _check_layout(layout)
         self.config = config
+        self.layout_version = layout
         self.out_rows = out_rows
         self.k = k
         row_bits = config.row_bits(out_rows)
@@ -53,13 +57,13 @@ class _QuantWeightBase(nn.Module):
             if self.mixed:
                 self.register_buffer(f"rows_{b}", rows, persistent=False)
             if 1 <= b <= 8:
-                kp = padded_k(k, b, gs)
+                kp = padded_k(k, b, gs, self.dense)
                 n_groups = kp // config.group_size if config.scope == "group" else 1
                 n_scale_rows = 1 if config.scope == "tensor" else nb
                 sd = config.torch_scale_dtype
                 self.register_buffer(
-                    f"qweight_{b}", torch.zeros(nb, kp * container_bits(b) // 32, dtype=torch.int32, device=device)
-                )
+                    f"qweight_{b}",
+                    torch.zeros(nb, words_per_row(kp, b, self.dense), dtype=torch.int32, device=device))
                 self.register_buffer(f"scales_{b}", torch.ones(n_scale_rows, n_groups, dtype=sd, device=device))
                 if not config.is_symmetric(b):
                     self.register_buffer(f"zeros_{b}", torch.zeros(n_scale_rows, n_groups, dtype=sd, device=device))
@@ -69,6 +73,46 @@ class _QuantWeightBase(nn.Module):
             self.register_buffer("bit_map", row_bits.to(torch.int8).to(device))
         self._register_compute_dtype()
         self.register_load_state_dict_post_hook(_after_load)
+
+    @property
+    def dense(self) -> bool:
+        """Whether 3/5/6/7-bit row groups are stored densely (layout version 2)."""
+        return self.layout_version >= 2
+
+    @property
+    def stores_dense(self) -> bool:
+        """Whether the layer holds a row group in the dense layout (only then is it a version-2 layer)."""
+        return self.dense and any(b in DENSE_BITS for b in self.bit_groups)
+
+    @torch.no_grad()
+    def to_layout(self, version: int) -> _QuantWeightBase:
+        """Re-pack the 3/5/6/7-bit row groups in place into layout ``version`` (1: containers, 2: dense).
+
+        The codes, scales and results are unchanged (exact); only their storage changes. Returns ``self``.
+        """
+        _check_layout(version)
+        if version == self.layout_version:
+            return self
+        gs = self.config.group_size if self.config.scope == "group" else None
+        new_dense = version >= 2
+        for b in self.bit_groups:
+            if b not in DENSE_BITS:
+                continue
+            w = self.packed_weight(b)
+            kp = padded_k(self.k, b, gs, new_dense)
+            codes = torch.nn.functional.pad(w.codes()[:, : self.k], (0, kp - self.k))
+            self._buffers[f"qweight_{b}"] = pack(codes, b, new_dense)
+            if self.config.scope == "group" and kp // self.config.group_size != w.scales.shape[1]:
+                g = kp // self.config.group_size  # group sizes not dividing 32: a padded group more or less
+                for name in (f"scales_{b}", f"zeros_{b}"):
+                    t = self._buffers.get(name)
+                    if t is not None:
+                        fill = 1.0 if name.startswith("scales") else 0.0
+                        extra = max(g - t.shape[1], 0)
+                        self._buffers[name] = torch.cat([t, t.new_full((t.shape[0], extra), fill)], 1)[:, :g]
+        self.layout_version = version
+        self._register_compute_dtype()
+        return self
 
     def _register_compute_dtype(self) -> None:
         """Tell the CPU kernels this layer's ``config.compute_dtype`` (if set), keyed by its stored codes."""
@@ -99,8 +143,8 @@ class _QuantWeightBase(nn.Module):
             rows = self._rows(b)
             sub = w2d if rows is None else w2d.index_select(0, rows)
             if 1 <= b <= 8:
-                q = quantize(sub, self.config, b)
-                getattr(self, f"qweight_{b}").copy_(pack(q.codes, b))
+                q = quantize(sub, self.config, b, self.dense)
+                getattr(self, f"qweight_{b}").copy_(pack(q.codes, b, self.dense))
                 getattr(self, f"scales_{b}").copy_(q.scales)
                 if q.zeros is not None:
                     getattr(self, f"zeros_{b}").copy_(q.zeros)
@@ -111,7 +155,7 @@ class _QuantWeightBase(nn.Module):
 
     def packed_weight(self, b: int) -> PackedWeight:
         """The packed row group of the rows with ``b`` bits (1..8), as stored (no copy)."""
-        gs = self.config.group_size if self.config.scope == "group" else padded_k(self.k, b, None)
+        gs = self.config.group_size if self.config.scope == "group" else padded_k(self.k, b, None, self.dense)
         return PackedWeight(
             getattr(self, f"qweight_{b}"),
             getattr(self, f"scales_{b}"),
@@ -121,6 +165,7 @@ class _QuantWeightBase(nn.Module):
             self.config.scope,
             gs,
             self.k,
+            self.dense,
         )
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -204,21 +249,23 @@ class QuantLinear(_QuantWeightBase):
     """A Linear layer with packed low-bit weights. Build with :meth:`from_float`; go back with :meth:`to_float`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig,
-                 device=None, dtype: torch.dtype = torch.float32) -> None:
+                 device=None, dtype: torch.dtype = torch.float32, layout: int = 1) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.weight_dtype = dtype
-        self._init_storage(out_features, in_features, config, device)
+        self._init_storage(out_features, in_features, config, device, layout)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
 
     @classmethod
-    def from_float(cls, module: nn.Linear, config: QuantConfig) -> QuantLinear:
+    def from_float(cls, module: nn.Linear, config: QuantConfig, layout: int = FORMAT_VERSION) -> QuantLinear:
+        """Quantize ``module`` with ``config``; ``layout`` 2 (default) stores 3/5/6/7-bit codes densely."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"QuantLinear.from_float expects nn.Linear, got {type(module).__name__}")
         w = module.weight
-        q = cls(module.in_features, module.out_features, module.bias is not None, config, w.device, w.dtype)
+        q = cls(module.in_features, module.out_features, module.bias is not None, config, w.device, w.dtype,
+                layout)
         q._quantize_from(w.detach())
         if module.bias is not None:
             q.bias.data.copy_(module.bias.detach())
@@ -255,7 +302,7 @@ class QuantConv2d(_QuantWeightBase):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, config: QuantConfig | None = None,
-                 device=None, dtype: torch.dtype = torch.float32) -> None:
+                 device=None, dtype: torch.dtype = torch.float32, layout: int = 1) -> None:
         super().__init__()
         if config is None:
             raise ValueError("QuantConv2d needs a QuantConfig")
@@ -265,19 +312,19 @@ class QuantConv2d(_QuantWeightBase):
         self.padding = padding if isinstance(padding, str) else pair(padding)
         k = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
         self.weight_dtype = dtype
-        self._init_storage(out_channels, k, config, device)
+        self._init_storage(out_channels, k, config, device, layout)
         self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, config: QuantConfig) -> QuantConv2d:
+    def from_float(cls, module: nn.Conv2d, config: QuantConfig, layout: int = FORMAT_VERSION) -> QuantConv2d:
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
         if module.padding_mode != "zeros":
             raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {module.padding_mode!r}")
         w = module.weight
         q = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                module.dilation, module.groups, module.bias is not None, config, w.device, w.dtype)
+                module.dilation, module.groups, module.bias is not None, config, w.device, w.dtype, layout)
         q._quantize_from(w.detach().reshape(module.out_channels, -1))
         if module.bias is not None:
             q.bias.data.copy_(module.bias.detach())
@@ -308,3 +355,8 @@ class QuantConv2d(_QuantWeightBase):
 
 
 QUANT_MODULES = (QuantLinear, QuantConv2d)
+
+
+def _check_layout(layout) -> None:
+    if isinstance(layout, bool) or layout not in (1, 2):
+        raise ValueError(f"layout must be 1 (3/5/6/7-bit codes in 4/8-bit containers) or 2 (dense), got {layout!r}")

@@ -15,6 +15,9 @@ this order (FORMAT_VERSION 1)::
     dtype         dtype of the bias ("float32" without bias)
     weight_dtype  dtype of the dequantized weight (only with ``weight_dtype=True``; the transformers config and
                   the shards write it, ``medquant.json`` does not)
+    layout        2 when the layer stores 3/5/6/7-bit rows in the dense layout (FORMAT_VERSION 2, see
+                  :mod:`medquant.kernels.layout`); absent otherwise, and an absent key reads as 1 (4/8-bit
+                  containers), so every recipe written before reads as before
 
 The reader builds an *empty shell*: the layer with every buffer allocated at the shapes the recipe implies
 (packed codes, scales, zeros, float rows, bit map) and filled with placeholders, ready for a state dict to be
@@ -72,6 +75,8 @@ def layer_recipe(module: nn.Module, *, weight_dtype: bool = False) -> dict[str, 
     entry["dtype"] = _dtype_name(m.bias.dtype) if m.bias is not None else "float32"
     if weight_dtype:
         entry["weight_dtype"] = _dtype_name(m.weight_dtype)
+    if m.stores_dense:
+        entry["layout"] = 2
     return entry
 
 
@@ -122,18 +127,21 @@ def layer_from_recipe(entry: Mapping[str, Any], *, device: torch.device | str | 
         if not isinstance(bias, bool):
             raise RecipeError(f"'bias' must be true or false, got {bias!r}")
         dtype = _dtype(entry)
+        layout = entry.get("layout", 1)
+        if isinstance(layout, bool) or layout not in (1, 2):
+            raise RecipeError(f"'layout' must be 1 or 2, got {layout!r}")
         # row bit-widths are computed on the CPU even inside a meta-device context (from_pretrained's skeleton)
         with torch.device("cpu"):
             if kind == "QuantLinear":
                 return QuantLinear(_int(entry, "in_features"), _int(entry, "out_features"), bias, cfg,
-                                   device=device, dtype=dtype)
+                                   device=device, dtype=dtype, layout=layout)
             pad = entry["padding"]
             if not isinstance(pad, str):
                 pad = _pair(entry, "padding", 0)
             return QuantConv2d(_int(entry, "in_channels"), _int(entry, "out_channels"),
                                _pair(entry, "kernel_size", 1), _pair(entry, "stride", 1), pad,
                                _pair(entry, "dilation", 1), _int(entry, "groups"), bias, cfg,
-                               device=device, dtype=dtype)
+                               device=device, dtype=dtype, layout=layout)
     except RecipeError:
         raise
     except KeyError as e:

@@ -139,5 +139,33 @@ def test_files_are_safetensors_and_json_only(tmp_path):
 
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
         keys = set(f.keys())
-        assert f.metadata()["medquant_format_version"] == str(mq.FORMAT_VERSION)
+        assert f.metadata()["medquant_format_version"] == "1"  # 4-bit rows only: the version-1 bytes
     assert any(k.endswith("qweight_4") for k in keys)
+    assert json.loads((tmp_path / META_NAME).read_text())["format_version"] == 1
+
+
+def _llama_file_bytes(tmp_path, bits: int) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs())).eval()
+    mq.quantize_(model, mq.QuantConfig(bits, group_size=32), skip=["@head"])
+    path = mq.save(model, tmp_path / f"w{bits}")
+    return (path / WEIGHTS_NAME).stat().st_size
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_3_5_6_bit_models_are_saved_densely_and_are_smaller(tmp_path, bits):
+    """A 3-bit model's file is smaller than the 4-bit one (5/6-bit smaller than 8-bit): dense codes, format 2."""
+    size = _llama_file_bytes(tmp_path, bits)
+    wider = _llama_file_bytes(tmp_path, 4 if bits == 3 else 8)
+    assert size < wider
+    meta = json.loads((tmp_path / f"w{bits}" / META_NAME).read_text())
+    assert meta["format_version"] == 2 and all(e["layout"] == 2 for e in meta["modules"].values())
+    model = mq.load(tmp_path / f"w{bits}")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    q = next(m for m in model.modules() if isinstance(m, mq.QuantLinear))
+    assert q.layout_version == 2 and q.packed_weight(bits).is_dense
+    assert getattr(q, f"qweight_{bits}").shape[1] == q.k * bits // 32

@@ -407,3 +407,25 @@ def test_2bit_fast_path_is_as_close_to_the_reference_as_plain_bfloat16(sym, gs):
         err, floor = _rel_err(y, ref), _rel_err(plain_bf16, ref)
         assert err < TOL[torch.bfloat16], (m, err)
         assert err < 3 * floor + 1e-3, (m, err, floor)
+
+
+# ------------------------------------------------------------------------------------------- dense layout (v2)
+@pytest.mark.parametrize("bits,scope,gs", [(3, "group", 128), (3, "channel", 128), (5, "channel", 128),
+                                           (6, "tensor", 128)])
+def test_dense_layout_runs_the_same_fast_paths_as_containers(bits, scope, gs):
+    """A 3/5/6-bit layer stored densely (format version 2, what ``from_float`` builds) and the same layer
+    re-packed into version-1 containers give identical outputs on every CPU path, and the dense one is smaller."""
+    set_cpu_compute_dtype(torch.bfloat16)
+    dense = _layer(48, 576, QuantConfig(bits, scope=scope, group_size=gs))
+    assert dense.layout_version == 2 and dense.packed_weight(bits).is_dense
+    v1 = _layer(48, 576, QuantConfig(bits, scope=scope, group_size=gs)).to_layout(1)
+    assert not v1.packed_weight(bits).is_dense
+    assert torch.equal(dense.packed_weight(bits).codes(), v1.packed_weight(bits).codes())
+    assert dense.stored_bytes() < v1.stored_bytes()
+    g = torch.Generator().manual_seed(2)
+    for m in (1, 7, 300):
+        x = torch.randn(m, 576, generator=g)
+        assert _paths(dense, x) == _paths(v1, x) != {"reference"}
+        with torch.no_grad():
+            assert torch.equal(dense(x), v1(x))
+        assert _rel_err(dense(x), _ref(dense, x)) < TOL[torch.bfloat16]

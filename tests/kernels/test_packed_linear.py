@@ -237,3 +237,45 @@ def test_packed_weight_dequantize_matches_the_oracle():
     assert torch.equal(weight.dequantize(torch.float64), w64)
     with pytest.raises(dataclasses.FrozenInstanceError):
         weight.bits = 4
+
+
+def make_dense_case(m, n, k, bits, scope, gs, symmetric, dtype, device, seed=0):
+    """A version-2 (dense 3/5/6/7-bit) row group and its fp64 oracle, from the unpacked codes."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g))
+    q = quantize(w, QuantConfig(bits, symmetric=symmetric, scope=scope, group_size=gs or 128), dense=True)
+    assert q.k_pad % 32 == 0
+    qw = pack(q.codes, bits, dense=True)
+    assert qw.shape == (n, q.k_pad * bits // 32)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w64 = dequant_fp64(q.codes, q.scales, q.zeros, bits, q.symmetric, scope, q.group_size, k)
+    weight = PackedWeight(qw.to(device), q.scales.to(device), None if q.zeros is None else q.zeros.to(device),
+                          bits, q.symmetric, scope, q.group_size, k, dense=True)
+    return x.to(device), weight, w64
+
+
+@pytest.mark.parametrize("bits,scope,gs,k,symmetric", [
+    (3, "group", 32, 100, True),
+    (3, "group", 128, 200, False),
+    (3, "channel", None, 75, False),
+    (5, "group", 64, 128, True),
+    (6, "tensor", None, 96, False),
+    (7, "group", 16, 40, False),
+])
+@pytest.mark.parametrize("m", [1, 7, 70])
+def test_dense_layout_through_the_kernels(kernel_device, bits, scope, gs, k, symmetric, m):
+    """Format version 2: the Triton path (dense words -> containers by a Triton kernel, then the v1 kernels), the
+    torch reference and the weight's own dequantization against the fp64 oracle of the unpacked codes."""
+    from medquant.kernels.packed import dense_to_container_triton
+
+    x, weight, w64 = make_dense_case(m, 24, k, bits, scope, gs, symmetric, torch.float32, kernel_device, seed=5)
+    assert torch.equal(dense_to_container_triton(weight).cpu(), pack(weight.codes().cpu(), bits))
+    assert_matches_oracle(packed_linear_triton(x, weight).cpu(), x.cpu(), w64, f"triton {bits}b dense")
+    assert_matches_oracle(packed_linear_reference(x.cpu(), _cpu(weight)), x.cpu(), w64, "reference dense")
+    torch.testing.assert_close(weight.dequantize(torch.float64).cpu(), w64[:, :k], rtol=1e-6, atol=1e-6)
+
+
+def test_dense_flag_is_checked_against_the_word_count():
+    _x, weight, _ = make_dense_case(1, 8, 64, 3, "group", 32, True, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="wrong layout"):
+        dataclasses.replace(weight, dense=False)

@@ -9,8 +9,22 @@ import numpy as np
 CONTAINER = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 
 
-def np_unpack(words: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """int32 words (n, W) -> codes (n, k), lowest K index in the lowest bits."""
+DENSE = (3, 5, 6, 7)  # widths a layout-2 (format version 2) layer stores as one bit stream per row
+
+
+def np_unpack(words: np.ndarray, bits: int, k: int, dense: bool = False) -> np.ndarray:
+    """int32 words (n, W) -> codes (n, k), lowest K index in the lowest bits.
+
+    ``dense`` (3/5/6/7 bits): the row's words form one little-endian bit stream (bit ``p`` of the stream is bit
+    ``p % 32`` of word ``p // 32``) and code ``j`` is stream bits ``j*b .. j*b + b - 1``; read bit by bit here.
+    """
+    if dense and bits in DENSE:
+        w = words.astype(np.int64) & 0xFFFFFFFF
+        n = w.shape[0]
+        stream = ((w[:, :, None] >> np.arange(32)) & 1).reshape(n, -1)  # (n, W*32) bits, stream order
+        n_codes = stream.shape[1] // bits
+        per_code = stream[:, : n_codes * bits].reshape(n, n_codes, bits)
+        return (per_code << np.arange(bits)).sum(-1)[:, :k]
     cb = CONTAINER[bits]
     vpw = 32 // cb
     w = words.astype(np.int64) & 0xFFFFFFFF  # unsigned view
@@ -53,7 +67,7 @@ def np_dequant_layer(layer) -> np.ndarray:
     for b in sorted(set(row_bits.tolist())):
         rows = np.nonzero(row_bits == b)[0]
         if 1 <= b <= 8:
-            codes = np_unpack(sd[f"qweight_{b}"].numpy(), b, k)
+            codes = np_unpack(sd[f"qweight_{b}"].numpy(), b, k, getattr(layer, "layout_version", 1) >= 2)
             sym = cfg.symmetric if cfg.symmetric is not None else b > 3
             zeros = sd[f"zeros_{b}"].float().numpy() if not sym else None
             w[rows] = np_dequant(codes, sd[f"scales_{b}"].float().numpy(), zeros, b, sym, cfg.scope,

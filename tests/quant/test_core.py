@@ -28,6 +28,37 @@ def test_pack_unpack_exact_every_width(bits, rows, words, seed):
     assert np.array_equal(np_unpack(packed.numpy(), bits, words * vpw), codes.numpy())
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+@pytest.mark.parametrize("k", [32, 96, 200])
+def test_dense_words_are_compressed_tensors_pack_quantized_words(bits, k):
+    """Format version 2: the dense words of 3/5/6/7-bit codes equal compressed-tensors' ``pack_to_int32`` (signed
+    values ``q = u - 2^(b-1)``, packed along K) word for word; K not a multiple of 32 is zero-padded here, so its
+    ``ceil(K*b/32)`` words are the first of each row."""
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    g = torch.Generator().manual_seed(bits * 1000 + k)
+    codes = torch.randint(0, 2**bits, (6, k), generator=g, dtype=torch.int32)
+    kp = padded_k(k, bits, None, dense=True)
+    assert kp % 32 == 0 and kp - k < 32
+    ours = pack(torch.nn.functional.pad(codes, (0, kp - k)), bits, dense=True)
+    assert ours.shape == (6, kp * bits // 32)
+    theirs = ct.pack_to_int32((codes - 2 ** (bits - 1)).to(torch.int8), bits)
+    assert torch.equal(ours[:, : theirs.shape[1]], theirs)
+    assert torch.equal(unpack(ours, bits, k, dense=True).to(torch.int32), codes)
+    back = ct.unpack_from_int32(ours[:, : theirs.shape[1]], bits, torch.Size((6, k)))
+    assert torch.equal(back.to(torch.int32) + 2 ** (bits - 1), codes)
+    # the independent bit-by-bit reader agrees
+    assert np.array_equal(np_unpack(ours.numpy(), bits, k, dense=True), codes.numpy())
+
+
+def test_dense_3bit_layout_by_hand():
+    """32 three-bit codes in three words: code i at stream bits 3i..3i+2; code 10 straddles words 0 and 1."""
+    codes = torch.zeros(1, 32, dtype=torch.int32)
+    codes[0, 0], codes[0, 10], codes[0, 31] = 5, 6, 7  # 6 = 0b110: bits 30, 31 of word 0 get 0, 1; bit 0 of word 1: 1
+    w = [int(v) & 0xFFFFFFFF for v in pack(codes, 3, dense=True)[0]]
+    assert w == [5 | (1 << 31), 1, 7 << 29]
+    assert pack(codes, 3).shape == (1, 4) and pack(codes, 4).shape == (1, 4)  # version 1: a 4-bit container
+
+
 def test_layout_lowest_index_in_lowest_bits():
     codes = torch.tensor([[1, 2, 3, 0, 0, 0, 0, 15]], dtype=torch.int32)
     word = pack(codes, 4)[0, 0].item() & 0xFFFFFFFF
