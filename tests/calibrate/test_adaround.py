@@ -171,7 +171,7 @@ def test_vit_blocks_with_w4a8():
     float_model = copy.deepcopy(model)
     blocks = [f"vit.layers.{i}" for i in range(len(model.vit.layers))]
     cfg = QuantConfig(4, group_size=32)
-    recs = adaround_quantize_(model, cfg, calib, skip=["classifier"], blocks=blocks, iters=60, act_bits=8,
+    recs = adaround_quantize_(model, cfg, calib, skip=["classifier"], blocks=blocks, iters=30, act_bits=8,
                               progress=False)
     assert {r["block"] for r in recs.values()} == {*blocks, "vit.embeddings.patch_embeddings.projection"}
     for r in recs.values():
