@@ -110,6 +110,8 @@ def add_tokenizer(writer: Any, folder: Path, arch: str, n_vocab: int, name: str,
     if scores is not None:
         writer.add_token_scores(scores)
     writer.add_token_types(types)
+    if arch == "gemma3" and model_kind == "llama":
+        writer.add_add_space_prefix(False)  # as llama.cpp's converter writes Gemma 3's SentencePiece vocabulary
     special = SpecialVocab(folder, load_merges=model_kind == "gpt2", n_vocab=n_vocab)
     special.add_to_gguf(writer, quiet=True)
     if special.chat_template is None:

@@ -261,3 +261,28 @@ def test_refusals_name_the_problem(tok_dir, tmp_path):
     bert = ZOO_BY_NAME["bert"].build()
     with pytest.raises(ExportError, match="llama, qwen2 and gemma3"):
         export(bert, tmp_path / "c.gguf", format="gguf", source=tok_dir)
+
+
+def test_byte_fallback_bpe_tokenizer_is_written_as_llama_vocabulary(tmp_path):
+    """A SentencePiece-style (byte-fallback BPE) tokenizer.json goes through gguf's LlamaHfVocab: model "llama"."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3}
+    vocab.update({f"<0x{i:02X}>": 4 + i for i in range(200)})
+    for ch in "abcdefghijklmnopqrstuvwxyz\u2581":
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(tmp_path / "spm")
+    model = ZOO_BY_NAME["gemma3_text"].build()
+    report = export(model, tmp_path / "g.gguf", format="gguf", source=tmp_path / "spm")
+    fields = GGUFReader(report.files[0]).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == model.config.vocab_size and tokens[:len(vocab)] == list(vocab)
+    assert len(fields["tokenizer.ggml.scores"].contents()) == model.config.vocab_size
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == 2
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
