@@ -30,6 +30,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+#: formats whose backends take ``source`` (tokenizer / processor folder) and ``progress_bar``
+WITH_SOURCE = ("compressed-tensors", "gguf")
+
+
 def load_source(path: str):
     """The model of a medquant checkpoint or a Hugging Face folder (float or medquant-quantized)."""
     from .info import load_checkpoint, load_hf_folder
@@ -52,10 +56,9 @@ def run(args) -> int:
         options["promote"] = True
     if args.max_shard_size is not None:
         options["max_shard_size"] = args.max_shard_size
-    if args.format == "compressed-tensors":
-        options.update(progress_bar=not args.json, overwrite=args.overwrite,
-                       source=args.source or args.src)  # the tokenizer / processor files found there
-    elif args.overwrite:
+    if args.format in WITH_SOURCE:  # folder formats and GGUF carry the tokenizer / processor files of SRC
+        options.update(progress_bar=not args.json, source=args.source or args.src)
+    if args.overwrite:
         options["overwrite"] = True
     report = export(model, args.out, format=args.format, **options)
     if args.json:
@@ -84,8 +87,8 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             parser.error(f"OUT {args.out} exists; pass --overwrite to replace it")
     if args.max_shard_size is not None and args.format != "compressed-tensors":
         parser.error("--max-shard-size applies to --format compressed-tensors only")
-    if args.source is not None and args.format != "compressed-tensors":
-        parser.error("--source applies to --format compressed-tensors only")
+    if args.source is not None and args.format not in WITH_SOURCE:
+        parser.error(f"--source applies to --format {' / '.join(WITH_SOURCE)} only")
 
 
 def register(sub) -> None:
@@ -104,7 +107,7 @@ def register(sub) -> None:
     p.add_argument("--max-shard-size", type=_size, default=None, metavar="SIZE",
                    help="largest safetensors file, e.g. 5GB or 500MB (compressed-tensors; default 5GB)")
     p.add_argument("--source", type=existing_folder, default=None, metavar="DIR",
-                   help="folder with the tokenizer / processor files to copy (compressed-tensors; default SRC)")
+                   help="folder with the tokenizer / processor files (compressed-tensors, gguf; default SRC)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the export report as JSON (no progress bars)")
     p.set_defaults(func=run, check=lambda args: _check(args, p))

@@ -121,3 +121,27 @@ def test_a_folder_without_a_model_is_one_line_exit_2(tmp_path, capsys):
     assert main(["export", str(tmp_path / "empty"), str(tmp_path / "out"), "--format", "compressed-tensors"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not a model folder" in err
+
+
+def test_other_formats_are_dispatched_through_the_registry(saved, capsys, monkeypatch):
+    import importlib
+
+    from medquant.deploy import ExportReport, LayerExport, register_export_format, registry
+
+    importlib.import_module("medquant.deploy.compressed_tensors")  # registered before the registry is copied
+    monkeypatch.setattr(registry, "_FORMATS", dict(registry._FORMATS))
+    calls = []
+
+    def backend(model, path, **options):
+        calls.append((type(model).__name__, str(path), options))
+        return ExportReport("toy-cli", str(path), [LayerExport("lm_head", "float32", "F32", "float")])
+
+    register_export_format("toy-cli", backend)
+    root, _ = saved
+    assert main(["export", str(root / "src"), str(root / "toy.bin"), "--format", "toy-cli", "--promote",
+                 "--json"]) == 0
+    assert calls == [("LlamaForCausalLM", str(root / "toy.bin"), {"promote": True})]
+    assert json.loads(capsys.readouterr().out)["counts"] == {"float": 1}
+    with pytest.raises(SystemExit):
+        main(["export", str(root / "src"), str(root / "toy2.bin"), "--format", "toy-cli", "--source", str(root)])
+    assert "--source applies to --format compressed-tensors / gguf only" in capsys.readouterr().err
