@@ -226,40 +226,80 @@ class _Plan:
         self.items.append((gguf_name, hf_name, obj, kind))
 
 
+class Dims:
+    """The text config with the sizes the weights actually have: a uniformly pruned model (every block pruned
+    alike) may keep its original head counts / feed-forward size in its config; llama.cpp needs the real ones."""
+
+    def __init__(self, cfg: Any, **sizes: int) -> None:
+        self._cfg = cfg
+        self.__dict__.update(sizes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg, name)
+
+
+def _dims(cfg: Any, shapes: list[dict[str, tuple[int, int] | None]], names: list[str]) -> tuple[Dims, list[str]]:
+    """Sizes from the blocks' weight shapes; all blocks must agree and be consistent (else :class:`ExportError`)."""
+    first = shapes[0]
+    differ = [f"{names[i]}.{kind} {shape[kind]} (block 0: {first[kind]})" for i, shape in enumerate(shapes)
+              for kind in shape if shape[kind] != first[kind]]
+    if differ:
+        raise ExportError("GGUF stores one shape per tensor kind for all blocks (llama.cpp reads the sizes from the "
+                          "metadata), but the blocks differ, as after structured pruning of some layers only: "
+                          + "; ".join(differ[:12]))
+    h, hd = int(cfg.hidden_size), _head_dim(cfg)
+    q, k, v, o = first["attn_q"], first["attn_k"], first["attn_v"], first["attn_output"]
+    gate, up, down = first["ffn_gate"], first["ffn_up"], first["ffn_down"]
+    assert q and k and v and o and gate and up and down
+    n_head, n_kv, n_ff = q[0] // hd, k[0] // hd, gate[0]
+    want = _expected_shapes(Dims(cfg, num_attention_heads=n_head, num_key_value_heads=n_kv, intermediate_size=n_ff,
+                                 head_dim=hd))
+    if q[0] % hd or k[0] % hd or any(first[kind] != want[kind] for kind in want):
+        raise ExportError(f"the attention / MLP weights of block 0 ({first}) do not form whole heads of size {hd} "
+                          f"and a feed-forward of one size over hidden size {h}; GGUF cannot describe them")
+    notes = []
+    stale = {name: (getattr(cfg, name), val) for name, val in (("num_attention_heads", n_head),
+             ("num_key_value_heads", n_kv), ("intermediate_size", n_ff)) if getattr(cfg, name) != val}
+    if stale:
+        notes.append("sizes taken from the weights (uniformly pruned): " + ", ".join(
+            f"{name} {old} -> {new}" for name, (old, new) in stale.items()))
+    return Dims(cfg, num_attention_heads=n_head, num_key_value_heads=n_kv, intermediate_size=n_ff, head_dim=hd), notes
+
+
 def _plan(arch: str, cfg: Any, dec: Any, dec_name: str, head: nn.Module | None, head_name: str,
-          tied: bool) -> _Plan:
+          tied: bool) -> tuple[_Plan, Dims, list[str]]:
     plan = _Plan()
     pre = f"{dec_name}." if dec_name else ""
     plan.add("token_embd", f"{pre}embed_tokens", dec.embed_tokens, "matrix")
     covered = {id(dec.embed_tokens), id(dec.norm)}
-    shape_problems, unmapped = [], []
-    want = _expected_shapes(cfg)
+    unmapped: list[str] = []
+    kinds = _expected_shapes(cfg)
+    shapes: list[dict[str, tuple[int, int] | None]] = []
     for i, block in enumerate(dec.layers):
+        shapes.append({})
         for path, gname in BLOCK_NAMES[arch].items():
             m = _get(block, path)
             if m is None:
                 raise ExportError(f"{pre}layers.{i}.{path} is missing; the {arch} GGUF layout needs it")
             covered.add(id(m))
-            hf = f"{pre}layers.{i}.{path}"
-            if gname in want and _shape(m) != want[gname]:
-                shape_problems.append(f"{hf} {_shape(m)} (expected {want[gname]})")
-            plan.add(f"blk.{i}.{gname}", hf, m, "matrix" if gname in want else "norm")
+            if gname in kinds:
+                shapes[-1][gname] = _shape(m)
+            plan.add(f"blk.{i}.{gname}", f"{pre}layers.{i}.{path}", m, "matrix" if gname in kinds else "norm")
         for sub_name, sub in block.named_modules():
             own = any("." not in key for key in sub.state_dict())
             if own and id(sub) not in covered:
                 unmapped.append(f"{pre}layers.{i}.{sub_name}")
-    if shape_problems:
-        raise ExportError("GGUF stores one shape per tensor kind for all blocks (llama.cpp reads the sizes from the "
-                          "metadata), but these layers differ, as after structured pruning: "
-                          + "; ".join(shape_problems))
     if unmapped:
         experts = [u for u in unmapped if "expert" in u]
         what = "mixture-of-experts layers are not supported" if experts else "they have no llama.cpp counterpart"
         raise ExportError(f"format='gguf' cannot place these modules ({what}): {', '.join(unmapped[:20])}")
+    if not shapes:
+        raise ExportError("the language model has no layers")
+    dims, notes = _dims(cfg, shapes, [f"{pre}layers.{i}" for i in range(len(shapes))])
     plan.add("output_norm", f"{pre}norm", dec.norm, "norm")
     if head is not None and not tied:
         plan.add("output", head_name, head, "matrix")
-    return plan
+    return plan, dims, notes
 
 
 def _float_row(name: str, w: torch.Tensor, target: str, note: str = "", scheme: str | None = None
@@ -307,7 +347,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
     arch, cfg, dec, dec_name, head, head_name = language_parts(model)
     check_native(model, "gguf")
     tied = head is None or head_is_tied(model)
-    plan = _plan(arch, cfg, dec, dec_name, head, head_name, tied)
+    plan, cfg, dim_notes = _plan(arch, cfg, dec, dec_name, head, head_name, tied)
 
     # refuse before writing anything: every quantized layer of the plan must have a block type (or promote)
     quant = {id(m) for _, m in quantized_layers(model)}
@@ -333,7 +373,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         raise ExportError(f"{path} exists; pass overwrite=True (command line: --overwrite) to replace it")
     model_name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
     n_vocab = int(dec.embed_tokens.weight.shape[0])
-    report = ExportReport(format="gguf", path=str(path))
+    report = ExportReport(format="gguf", path=str(path), notes=list(dim_notes))
     writer = gguf.GGUFWriter(str(path), arch)
     try:
         report.notes.extend(_write_metadata(writer, arch, cfg, model_name, n_vocab))

@@ -256,7 +256,7 @@ def test_refusals_name_the_problem(tok_dir, tmp_path):
     layer.gate_proj = torch.nn.Linear(model.config.hidden_size, inter, bias=False)
     layer.up_proj = torch.nn.Linear(model.config.hidden_size, inter, bias=False)
     layer.down_proj = torch.nn.Linear(inter, model.config.hidden_size, bias=False)
-    with pytest.raises(ExportError, match=r"model\.layers\.1\.mlp\.gate_proj .*pruning|pruning.*gate_proj"):
+    with pytest.raises(ExportError, match=r"pruning of some layers.*model\.layers\.1\.ffn_gate \(128, 128\)"):
         export(model, tmp_path / "b.gguf", format="gguf", source=tok_dir)
     bert = ZOO_BY_NAME["bert"].build()
     with pytest.raises(ExportError, match="llama, qwen2 and gemma3"):
@@ -286,3 +286,19 @@ def test_byte_fallback_bpe_tokenizer_is_written_as_llama_vocabulary(tmp_path):
     assert len(fields["tokenizer.ggml.scores"].contents()) == model.config.vocab_size
     assert fields["tokenizer.ggml.bos_token_id"].contents() == 2
     assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
+
+
+def test_uniformly_pruned_blocks_take_their_sizes_from_the_weights(tok_dir, tmp_path):
+    """Every block pruned alike (MLP halved, config left stale): metadata from the weights, reload bit-equal."""
+    model = ZOO_BY_NAME["llama"].build()
+    h, inter = model.config.hidden_size, model.config.intermediate_size // 2
+    for block in model.model.layers:
+        block.mlp.gate_proj = torch.nn.Linear(h, inter, bias=False)
+        block.mlp.up_proj = torch.nn.Linear(h, inter, bias=False)
+        block.mlp.down_proj = torch.nn.Linear(inter, h, bias=False)
+    quantize_(model, W4)
+    report = export(model, tmp_path / "p.gguf", format="gguf", source=tok_dir)
+    assert any(f"intermediate_size {2 * inter} -> {inter}" in n for n in report.notes)
+    fields = GGUFReader(report.files[0]).fields
+    assert fields["llama.feed_forward_length"].contents() == inter
+    _check_roundtrip(model, report)
