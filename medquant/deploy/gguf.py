@@ -22,7 +22,8 @@ What is written, in llama.cpp's names (``token_embd``, ``blk.<i>.attn_q`` ... ``
 Refused with :class:`~medquant.deploy.ExportError` naming the layers: schemes no block type carries (asymmetric
 8-bit, float rows inside a quantized layer, groups not a multiple of 32) unless ``promote=True``, which
 requantizes those layers to ``promote_type`` (default Q8_0, by the ``gguf`` package's quantiser; or ``"F32"``,
-exact but uncompressed) and reports the added error; pruned models whose blocks differ in shape; MoE experts;
+exact but uncompressed) and reports the added error; pruned models whose blocks differ in shape (a model pruned
+alike in every block is written with the head counts and feed-forward size of its weights); MoE experts;
 architectures other than the three above.
 """
 from __future__ import annotations
