@@ -345,9 +345,9 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     rows += _float_rows(model, exported_float, ordered)
     order_rows = {n: i for i, (n, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda r: order_rows.get(r.name, len(order_rows)))
-    n_other = sum(1 for key in tensors if key.rpartition(".")[0] not in order_rows or
-                  not isinstance(model.get_submodule(key.rpartition(".")[0]),
-                                 (nn.Linear, nn.Conv2d, nn.Embedding, QuantLinear, QuantConv2d)))
+    layer_types = (nn.Linear, nn.Conv2d, nn.Embedding, QuantLinear, QuantConv2d)
+    n_other = sum(1 for key in tensors if not key.endswith(".weight") or key[:-7] not in order_rows
+                  or not isinstance(model.get_submodule(key[:-7]), layer_types))
     notes = [f"{len(groups)} compressed-tensors config group(s): "
              + "; ".join(f"{args[k].num_bits}-bit {'sym' if args[k].symmetric else 'asym'} {args[k].strategy}"
                          + (f" {args[k].group_size}" if args[k].group_size else "") + f" ({len(v)} layers)"
@@ -356,11 +356,33 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
              f"{n_other} other tensors (norms, biases, buffers) copied as stored"]
     if dropped:
         notes.append(f"stored once (tied): {', '.join(dropped)}")
+    notes += fused_scheme_notes(rows)
     report = ExportReport(FORMAT, str(path), rows, files, notes)
     counts = Counter(r.how for r in rows)
     if counts.get("lossy requantization"):
         report.notes.append(f"{counts['lossy requantization']} layer(s) requantized (promote=True): see max |err|")
     return report
+
+
+#: sibling projections that vLLM / SGLang fuse into one layer (one scheme for all of them)
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_scheme_notes(rows: list[LayerExport]) -> list[str]:
+    """A note for each group of sibling projections (``q/k/v_proj``, ``gate/up_proj``) written with different
+    schemes (or some float): serving runtimes fuse them into one layer and need one scheme."""
+    target = {r.name: r.target for r in rows}
+    notes = []
+    for names in FUSED:
+        parents = {n.rpartition(".")[0] for n in target if n.rpartition(".")[2] == names[0]}
+        for parent in sorted(parents):
+            members = [f"{parent}.{m}" for m in names if f"{parent}.{m}" in target]
+            kinds = {target[m] for m in members}
+            if len(kinds) > 1:
+                notes.append(f"{parent}: {', '.join(names)} have different schemes ("
+                             + "; ".join(f"{m.rpartition('.')[2]}: {target[m]}" for m in members)
+                             + "); vLLM and SGLang fuse them into one layer and need one scheme")
+    return notes
 
 
 def _backend(model: nn.Module, path: Path, **options: Any) -> ExportReport:

@@ -195,6 +195,9 @@ def test_promote_requantizes_mixed_layers_and_reports_the_error(llama, tmp_path)
     eight = [g for g in q["config_groups"].values() if g["weights"]["num_bits"] == 8]
     assert eight[0]["targets"] == ["model.layers.1.mlp.up_proj"]
     assert report.lossy() and any("promote" in n for n in report.notes)
+    # up_proj (now 8-bit) and gate_proj (4-bit) are fused by vLLM: the report says so
+    assert any(n.startswith("model.layers.1.mlp: gate_proj, up_proj have different schemes") for n in report.notes)
+    assert not any(n.startswith("model.layers.0.mlp:") for n in report.notes)
 
 
 def test_sharded_export_has_an_index_that_transformers_loads(llama, tmp_path):
