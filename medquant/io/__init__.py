@@ -47,7 +47,7 @@ from torch import nn
 from ..kernels.layout import DENSE_BITS, FORMAT_VERSION
 from ..quant.api import swap_module
 from ..quant.experts import expand_recorded_experts
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, tie_quantized_head, tied_to
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
 from ..version import __version__
 from . import atomic
@@ -184,12 +184,15 @@ def _dense_layouts(model: nn.Module) -> int:
     Returns the format version the file needs: 2 when a layer stores dense rows, else 1 (the bytes of a file
     without such rows are those version 1 wrote)."""
     version = 1
-    for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)):
-            if not m.dense and any(b in DENSE_BITS for b in m.bit_groups):
-                m.to_layout(FORMAT_VERSION)
-            if m.stores_dense:
-                version = FORMAT_VERSION
+    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantEmbedding))]
+    ties = [(h, e) for h in layers for e in layers if tied_to(h, e)]
+    for m in layers:
+        if not m.dense and any(b in DENSE_BITS for b in m.bit_groups):
+            m.to_layout(FORMAT_VERSION)
+        if m.stores_dense:
+            version = FORMAT_VERSION
+    for head, emb in ties:  # re-packing made new tensors: share them again
+        tie_quantized_head(head, emb)
     return version
 
 
@@ -359,6 +362,8 @@ def _fits(old: nn.Module, spec: LayerSpec) -> bool:
     against the weights' header): a pruned model's layers may still have their unpruned shapes here."""
     if spec.type == "QuantLinear":
         return isinstance(old, (nn.Linear, QuantLinear))
+    if spec.type == "QuantEmbedding":
+        return isinstance(old, (nn.Embedding, QuantEmbedding))
     return isinstance(old, (nn.Conv2d, QuantConv2d))
 
 
@@ -405,6 +410,17 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
             raise CheckpointError(f"module {name!r} in {META_NAME} has an invalid recipe: {e}") from None
         device_of = next(iter(old.parameters()), None)
         swap_module(model, name, shell.to(device_of.device) if device_of is not None else shell)
+    for name, spec in meta.modules.items():  # tied heads share their embedding's tensors before they are read
+        if spec.tied_to:
+            emb = model.get_submodule(spec.tied_to) if spec.tied_to in meta.modules else None
+            if not isinstance(emb, QuantEmbedding):
+                raise CheckpointError(f"{META_NAME}: module {name!r} is tied to {spec.tied_to!r}, which is not a "
+                                      "quantized embedding of this checkpoint")
+            try:
+                tie_quantized_head(model.get_submodule(name), emb)  # type: ignore[arg-type]
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{META_NAME}: module {name!r} cannot share {spec.tied_to!r}'s tensors: {e}"
+                                      ) from None
     state = model.state_dict()
     for key, info in opened.header.items():  # float tensors: shapes checked before anything is read
         t = state.get(key)

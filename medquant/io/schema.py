@@ -149,11 +149,12 @@ class LayerSpec:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     layout: int = 1  # 2: 3/5/6/7-bit rows stored densely (format version 2)
+    tied_to: str | None = None  # a QuantLinear head sharing this QuantEmbedding's tensors
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def k(self) -> int:
-        if self.type == "QuantLinear":
+        if self.type != "QuantConv2d":
             return self.in_features
         return self.in_features // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
@@ -196,9 +197,17 @@ def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow
         raise _At(file, key).fail("module names (dotted, no empty parts)", name)
     if not isinstance(entry, dict):
         raise at.fail("a recipe object", entry)
-    kind = _str(entry.get("type"), at / "type", ("QuantLinear", "QuantConv2d"))
-    shape_keys = _LINEAR_KEYS if kind == "QuantLinear" else _CONV_KEYS
-    d = _obj(entry, at, _COMMON_KEYS + shape_keys, (("weight_dtype",) if allow_weight_dtype else ()) + ("layout",))
+    kind = _str(entry.get("type"), at / "type", ("QuantLinear", "QuantConv2d", "QuantEmbedding"))
+    shape_keys = _CONV_KEYS if kind == "QuantConv2d" else _LINEAR_KEYS
+    optional = (("weight_dtype",) if allow_weight_dtype else ()) + ("layout",)
+    optional += {"QuantLinear": ("tied_to",), "QuantEmbedding": ("padding_idx",)}.get(kind, ())
+    d = _obj(entry, at, _COMMON_KEYS + shape_keys, optional)
+    tied = d.get("tied_to")
+    if tied is not None:
+        _str(tied, at / "tied_to")
+    pidx = d.get("padding_idx")
+    if pidx is not None and (isinstance(pidx, bool) or not isinstance(pidx, int)):
+        raise (at / "padding_idx").fail("an integer", pidx)
     if not isinstance(d["bias"], bool):
         raise (at / "bias").fail("true or false", d["bias"])
     layout = d.get("layout", 1)
@@ -208,10 +217,12 @@ def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow
     wd = d.get("weight_dtype")
     if wd is not None:
         _str(wd, at / "weight_dtype", FLOAT_DTYPES)
-    if kind == "QuantLinear":
+    if kind != "QuantConv2d":
         fin, fout = _int(d["in_features"], at / "in_features"), _int(d["out_features"], at / "out_features")
         cfg = _config(d["config"], at / "config", fout)
-        return LayerSpec(name, kind, cfg, d["bias"], dtype, wd, fin, fout, layout=layout, raw=entry)
+        if kind == "QuantEmbedding" and (d["bias"] or cfg.channel_bits is not None):
+            raise at.fail("a QuantEmbedding without bias and without channel_bits", entry)
+        return LayerSpec(name, kind, cfg, d["bias"], dtype, wd, fin, fout, layout=layout, tied_to=tied, raw=entry)
     cin, cout = _int(d["in_channels"], at / "in_channels"), _int(d["out_channels"], at / "out_channels")
     groups = _int(d["groups"], at / "groups")
     if cin % groups or cout % groups:
@@ -350,11 +361,18 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
 def check_against_header(layers: dict[str, LayerSpec], header: dict[str, TensorInfo], file: str,
                          recipe_file: str) -> None:
     """Every tensor each recipe implies is in the header with that dtype and shape, and the header holds no other
-    quantized-layer tensor under a recorded layer's name. Raises :class:`SchemaError` naming layer and tensor."""
+    quantized-layer tensor under a recorded layer's name. Raises :class:`SchemaError` naming layer and tensor.
+
+    A head recorded ``tied_to`` an embedding shares its tensors: a shared tensor is stored once, under either name.
+    """
+    alias = {name: spec.tied_to for name, spec in layers.items() if spec.tied_to}
+    alias.update({v: k for k, v in alias.items()})
     for name, spec in layers.items():
         expected = spec.expected_tensors()
         for t, info in expected.items():
             got = header.get(f"{name}.{t}")
+            if got is None and name in alias:
+                got = header.get(f"{alias[name]}.{t}")
             if got is None:
                 raise SchemaError(f"{recipe_file}: module {name!r} ({spec.type}, bits {spec.config.bits}"
                                   f"{', mixed' if spec.config.channel_bits else ''}) needs the tensor "

@@ -213,7 +213,7 @@ class _QuantWeightBase(nn.Module):
         It is recomputed on each access; assigning to it is refused (re-quantize with ``from_float`` instead).
         """
         w = self.dequantized_weight(self.weight_dtype)
-        return w if isinstance(self, QuantLinear) else w.reshape(
+        return w if not isinstance(self, QuantConv2d) else w.reshape(
             self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def __setattr__(self, name, value) -> None:
@@ -355,6 +355,101 @@ class QuantConv2d(_QuantWeightBase):
 
 
 QUANT_MODULES = (QuantLinear, QuantConv2d)
+
+
+class QuantEmbedding(_QuantWeightBase):
+    """An embedding table with packed low-bit rows: ``forward(ids)`` looks up the packed rows of ``ids`` and
+    dequantizes only those, ``e[i, j] = (u[i, j] - z) * s[i, j // group_elems]`` (``z = 2^(b-1)`` when symmetric),
+    in ``weight_dtype``. One bit-width for all rows (per-row bit-widths are refused); storage as
+    :class:`QuantLinear` with ``out_rows = num_embeddings`` and ``k = embedding_dim``, no bias.
+
+    A tied output head (``lm_head.weight is embed_tokens.weight``) becomes a :class:`QuantLinear` holding the
+    *same* buffer tensors (:func:`tie_quantized_head`): one packed copy in memory and in the file.
+    """
+
+    bias = None
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: QuantConfig, padding_idx: int | None = None,
+                 device=None, dtype: torch.dtype = torch.float32, layout: int = 1) -> None:
+        super().__init__()
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
+        if config.channel_bits is not None or not 1 <= config.bits <= 8:
+            raise ValueError("a quantized embedding takes one bit-width of 1..8 for every row (no channel_bits)")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.weight_dtype = dtype
+        self._init_storage(num_embeddings, embedding_dim, config, device, layout)
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, config: QuantConfig, layout: int = FORMAT_VERSION) -> QuantEmbedding:
+        """Quantize an ``nn.Embedding`` (``max_norm`` and sparse gradients are refused: they change the table)."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"QuantEmbedding.from_float expects nn.Embedding, got {type(module).__name__}")
+        if module.max_norm is not None or module.sparse:
+            raise ValueError("QuantEmbedding cannot quantize an nn.Embedding with max_norm or sparse=True")
+        w = module.weight
+        q = cls(module.num_embeddings, module.embedding_dim, config, module.padding_idx, w.device, w.dtype, layout)
+        q._quantize_from(w.detach())
+        return q
+
+    def to_float(self, dtype: torch.dtype | None = None) -> nn.Embedding:
+        dtype = dtype or self.weight_dtype
+        w = self.dequantized_weight(dtype)
+        return nn.Embedding.from_pretrained(w, freeze=False, padding_idx=self.padding_idx)
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized rows ``ids`` (any shape of integer indices) -> ``(*ids.shape, embedding_dim)``."""
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"embedding indices must be integers, got {ids.dtype}")
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < -self.num_embeddings or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"embedding index out of range for {self.num_embeddings} rows")
+        flat = flat.remainder(self.num_embeddings)
+        b = self.bit_groups[0]
+        pw = self.packed_weight(b)
+        scales = pw.scales if self.config.scope == "tensor" else pw.scales.index_select(0, flat)
+        zeros = None if pw.zeros is None else (pw.zeros if self.config.scope == "tensor"
+                                               else pw.zeros.index_select(0, flat))
+        rows = PackedWeight(pw.qweight.index_select(0, flat), scales, zeros, b, pw.symmetric, pw.scope,
+                            pw.group_elems, pw.k, pw.dense)
+        return rows.dequantize(dtype or self.weight_dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lookup(ids)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={c.bits}, scope={c.scope}"
+                + (f"({c.group_size})" if c.scope == "group" else "")
+                + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
+
+
+def tie_quantized_head(head: QuantLinear, embedding: QuantEmbedding) -> None:
+    """Make ``head`` use ``embedding``'s packed tensors (the same tensor objects): a tied output head stored once.
+
+    Needs the same shape, config and layout (``ValueError`` otherwise); ``head``'s own tensors are dropped.
+    """
+    if not isinstance(head, QuantLinear) or not isinstance(embedding, QuantEmbedding):
+        raise TypeError("tie_quantized_head expects a QuantLinear head and a QuantEmbedding")
+    if (head.out_features, head.in_features) != (embedding.num_embeddings, embedding.embedding_dim):
+        raise ValueError(f"head ({head.out_features} x {head.in_features}) and embedding ({embedding.num_embeddings} "
+                         f"x {embedding.embedding_dim}) differ in shape: they cannot share storage")
+    if head.config != embedding.config or head.layout_version != embedding.layout_version or head.bias is not None:
+        raise ValueError("a tied head shares the embedding's storage only with the same QuantConfig and layout and "
+                         "no bias")
+    for name, t in embedding._buffers.items():
+        if name in head._buffers and t is not None:
+            head._buffers[name] = t
+    head._register_compute_dtype()
+
+
+def tied_to(head: nn.Module, embedding: nn.Module) -> bool:
+    """Whether a quantized head and a quantized embedding share their packed tensors."""
+    if not isinstance(head, QuantLinear) or not isinstance(embedding, QuantEmbedding):
+        return False
+    b = embedding.bit_groups[0]
+    return head.bit_groups == embedding.bit_groups and head.get_buffer(f"qweight_{b}") is embedding.get_buffer(
+        f"qweight_{b}")
 
 
 def _check_layout(layout) -> None:

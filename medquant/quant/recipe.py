@@ -15,6 +15,9 @@ this order (FORMAT_VERSION 1)::
     dtype         dtype of the bias ("float32" without bias)
     weight_dtype  dtype of the dequantized weight (only with ``weight_dtype=True``; the transformers config and
                   the shards write it, ``medquant.json`` does not)
+    padding_idx   (QuantEmbedding only, when set) its padding index; a QuantEmbedding records its table
+                  ``(num_embeddings, embedding_dim)`` as ``out_features`` / ``in_features``, ``bias`` false
+    tied_to       (model recipes only) the QuantEmbedding whose packed tensors this QuantLinear head shares
     layout        2 when the layer stores 3/5/6/7-bit rows in the dense layout (FORMAT_VERSION 2, see
                   :mod:`medquant.kernels.layout`); absent otherwise, and an absent key reads as 1 (4/8-bit
                   containers), so every recipe written before reads as before
@@ -41,11 +44,12 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from .modules import QUANT_MODULES, QuantConv2d, QuantEmbedding, QuantLinear, tied_to
 
 __all__ = ["RECIPE_TYPES", "RecipeError", "bit_map_matches", "layer_from_recipe", "layer_recipe", "model_recipe"]
 
-RECIPE_TYPES: dict[str, type[nn.Module]] = {"QuantLinear": QuantLinear, "QuantConv2d": QuantConv2d}
+RECIPE_TYPES: dict[str, type[nn.Module]] = {"QuantLinear": QuantLinear, "QuantConv2d": QuantConv2d,
+                                            "QuantEmbedding": QuantEmbedding}
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _LINEAR_KEYS = ("in_features", "out_features")
 _CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
@@ -60,19 +64,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def layer_recipe(module: nn.Module, *, weight_dtype: bool = False) -> dict[str, Any]:
-    """The recipe of one QuantLinear / QuantConv2d (see the module docstring for its keys)."""
-    if not isinstance(module, QUANT_MODULES):
-        raise TypeError(f"layer_recipe expects a QuantLinear or QuantConv2d, got {type(module).__name__}")
+    """The recipe of one QuantLinear / QuantConv2d / QuantEmbedding (see the module docstring for its keys)."""
+    if not isinstance(module, (*QUANT_MODULES, QuantEmbedding)):
+        raise TypeError(f"layer_recipe expects a QuantLinear, QuantConv2d or QuantEmbedding, got "
+                        f"{type(module).__name__}")
     m = module
     entry: dict[str, Any] = {"type": type(m).__name__, "config": m.config.to_dict(), "bias": m.bias is not None}
-    if isinstance(m, QuantLinear):
+    if isinstance(m, QuantEmbedding):
+        entry.update(in_features=m.embedding_dim, out_features=m.num_embeddings)
+        if m.padding_idx is not None:
+            entry["padding_idx"] = m.padding_idx
+    elif isinstance(m, QuantLinear):
         entry.update(in_features=m.in_features, out_features=m.out_features)
     else:
         entry.update(in_channels=m.in_channels, out_channels=m.out_channels,
                      kernel_size=list(m.kernel_size), stride=list(m.stride),
                      padding=m.padding if isinstance(m.padding, str) else list(m.padding),
                      dilation=list(m.dilation), groups=m.groups)
-    entry["dtype"] = _dtype_name(m.bias.dtype) if m.bias is not None else "float32"
+    entry["dtype"] = _dtype_name(m.bias.dtype) if m.bias is not None else (
+        _dtype_name(m.weight_dtype) if isinstance(m, QuantEmbedding) else "float32")
     if weight_dtype:
         entry["weight_dtype"] = _dtype_name(m.weight_dtype)
     if m.stores_dense:
@@ -81,9 +91,19 @@ def layer_recipe(module: nn.Module, *, weight_dtype: bool = False) -> dict[str, 
 
 
 def model_recipe(model: nn.Module, *, weight_dtype: bool = False) -> dict[str, dict[str, Any]]:
-    """Module name -> :func:`layer_recipe` of every quantized layer of ``model``, in ``named_modules`` order."""
-    return {name: layer_recipe(m, weight_dtype=weight_dtype)
-            for name, m in model.named_modules() if isinstance(m, QUANT_MODULES)}
+    """Module name -> :func:`layer_recipe` of every quantized layer of ``model``, in ``named_modules`` order.
+
+    A QuantLinear head sharing a QuantEmbedding's packed tensors records ``"tied_to": <embedding name>``.
+    """
+    kinds = (*QUANT_MODULES, QuantEmbedding)
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+    out = {name: layer_recipe(m, weight_dtype=weight_dtype) for name, m in named}
+    embeddings = [(name, m) for name, m in named if isinstance(m, QuantEmbedding)]
+    for name, m in named:
+        for ename, emb in embeddings:
+            if tied_to(m, emb):
+                out[name]["tied_to"] = ename
+    return out
 
 
 def _int(entry: Mapping, key: str, minimum: int = 1) -> int:
@@ -132,6 +152,12 @@ def layer_from_recipe(entry: Mapping[str, Any], *, device: torch.device | str | 
             raise RecipeError(f"'layout' must be 1 or 2, got {layout!r}")
         # row bit-widths are computed on the CPU even inside a meta-device context (from_pretrained's skeleton)
         with torch.device("cpu"):
+            if kind == "QuantEmbedding":
+                pidx = entry.get("padding_idx")
+                if pidx is not None and (isinstance(pidx, bool) or not isinstance(pidx, int)):
+                    raise RecipeError(f"'padding_idx' must be an integer, got {pidx!r}")
+                return QuantEmbedding(_int(entry, "out_features"), _int(entry, "in_features"), cfg, pidx,
+                                      device=device, dtype=dtype, layout=layout)
             if kind == "QuantLinear":
                 return QuantLinear(_int(entry, "in_features"), _int(entry, "out_features"), bias, cfg,
                                    device=device, dtype=dtype, layout=layout)

@@ -1,7 +1,8 @@
 """Size accounting: every stored byte, and effective bits.
 
 * ``stored bytes`` counts every tensor a saved model holds (packed codes, scales, zero points, bit maps,
-  float rows, biases, norms, embeddings; tied tensors once) plus the JSON metadata recording each quantized
+  float rows, biases, norms, embeddings; tied tensors once, also a head sharing a quantized embedding's packed
+  tensors; 3/5/6/7-bit codes at their dense size, format version 2) plus the JSON metadata recording each quantized
   module's recipe (:func:`medquant.quant.recipe.model_recipe`).
 * ``effective bits`` is the parameter-weighted mean of the nominal bit-widths of the Linear/Conv2d weights:
   quantized rows count their bits (pruned rows 0), float layers their dtype's width.
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .modules import QUANT_MODULES
+from .modules import QUANT_MODULES, QuantEmbedding
 from .recipe import model_recipe
 
 
@@ -73,10 +74,11 @@ def model_size(model: nn.Module) -> SizeReport:
 
 
 def layer_table(model: nn.Module) -> list[dict]:
-    """One row per Linear/Conv2d (quantized or not): name, shape, bits, stored bytes."""
+    """One row per Linear/Conv2d (quantized or not) and per quantized embedding: name, shape, bits, stored bytes
+    (a head sharing a quantized embedding's tensors shows the shared bytes on both rows)."""
     rows = []
     for name, m in model.named_modules():
-        if isinstance(m, QUANT_MODULES):
+        if isinstance(m, (*QUANT_MODULES, QuantEmbedding)):
             rows.append({"name": name, "type": type(m).__name__, "shape": [m.out_rows, m.k],
                          "bits": m._bits_repr().removeprefix("bits="), "effective_bits": m.effective_bits,
                          "bytes": m.stored_bytes()})

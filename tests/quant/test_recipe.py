@@ -1,5 +1,7 @@
 """One recipe writer, one reader: layer_recipe / layer_from_recipe round-trip every layer kind, and refuse bad
 recipes with a RecipeError that says what is wrong."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -52,7 +54,7 @@ def test_recipe_keys_and_order_are_format_version_1():
     assert layer_recipe(conv)["dtype"] == "float32"
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), lin)
     assert list(model_recipe(model)) == ["2"]
-    with pytest.raises(TypeError, match="QuantLinear or QuantConv2d"):
+    with pytest.raises(TypeError, match="QuantLinear, QuantConv2d or QuantEmbedding"):
         layer_recipe(nn.Linear(2, 2))
 
 
@@ -71,3 +73,21 @@ def test_bad_recipes_raise_recipe_errors():
         with pytest.raises(RecipeError, match=message):
             layer_from_recipe(entry)
     assert issubclass(RecipeError, ValueError)
+
+
+def test_embedding_recipe_round_trip_and_dense_layout_key():
+    from medquant.quant.modules import QuantEmbedding
+
+    torch.manual_seed(0)
+    emb = QuantEmbedding.from_float(nn.Embedding(50, 64, padding_idx=3), QuantConfig(3, group_size=32))
+    entry = layer_recipe(emb)
+    assert entry["type"] == "QuantEmbedding" and entry["padding_idx"] == 3 and entry["layout"] == 2
+    assert (entry["in_features"], entry["out_features"], entry["bias"]) == (64, 50, False)
+    shell = layer_from_recipe(json.loads(json.dumps(entry)))
+    shell.load_state_dict(emb.state_dict())
+    ids = torch.tensor([0, 3, 49])
+    assert torch.equal(shell(ids), emb(ids)) and shell.layout_version == 2
+    v1 = layer_recipe(QuantLinear.from_float(nn.Linear(64, 8), QuantConfig(3, group_size=32), layout=1))
+    assert "layout" not in v1  # version-1 layers write the recipe as before
+    with pytest.raises(RecipeError, match="layout"):
+        layer_from_recipe({**entry, "layout": 3})

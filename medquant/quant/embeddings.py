@@ -1,0 +1,118 @@
+"""Quantized input embeddings and tied output heads stored once: :func:`quantize_embeddings_`.
+
+``quantize_`` quantizes Linear / Conv2d layers (the output head is one of them unless ``skip=["@head"]``); the
+input embedding tables are left in floating point. ``quantize_embeddings_(model, config)`` quantizes them too:
+
+* each embedding ``E`` (an ``nn.Embedding``) becomes a :class:`~medquant.quant.modules.QuantEmbedding`: packed
+  rows with ``config``'s bits / scope / group size; a lookup dequantizes only the looked-up rows,
+  ``e[i, j] = (u[i, j] - z) * s[i, j // group_size]``;
+* an output head *tied* to ``E`` (``head.weight is E.weight``, e.g. SmolLM2 / Llama with
+  ``tie_word_embeddings``) becomes a :class:`~medquant.quant.modules.QuantLinear` holding the **same** packed
+  tensors (one copy in memory; ``medquant.save`` writes it once and ``medquant.load`` ties it again: the head's
+  recipe records ``"tied_to"``). A head that ``quantize_`` already quantized with the same config (its codes equal
+  the embedding's) is tied the same way; one with another config keeps its own tensors (a warning says so).
+
+Two ways to use it on a model with a tied head:
+
+* ``quantize_(model, QuantConfig(bits=4, group_size=128), skip=["@head"])`` then
+  ``quantize_embeddings_(model, QuantConfig(bits=8, scope="channel"))``: the body at 4 bits, the embedding table
+  at 8 bits per row, and the head computing with that same 8-bit table (CPU: the int8 kernel);
+* ``quantize_(model, cfg)`` then ``quantize_embeddings_(model, cfg)`` with the same ``cfg``: the head (already
+  quantized by ``quantize_``) and the table hold equal codes, and are tied (one copy).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .api import swap_module
+from .config import QuantConfig
+from .modules import QuantEmbedding, QuantLinear, tie_quantized_head, tied_to
+
+__all__ = ["quantize_embeddings_"]
+
+
+def _targets(model: nn.Module, names) -> list[str]:
+    if names is not None:
+        if isinstance(names, str):
+            names = [names]
+        out = []
+        for n in names:
+            try:
+                m = model.get_submodule(n)
+            except AttributeError:
+                raise ValueError(f"quantize_embeddings_: {type(model).__name__} has no module {n!r}") from None
+            if not isinstance(m, (nn.Embedding, QuantEmbedding)):
+                raise TypeError(f"quantize_embeddings_: {n!r} is a {type(m).__name__}, not an nn.Embedding")
+            out.append(n)
+        return out
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except NotImplementedError:
+            emb = None
+        if isinstance(emb, (nn.Embedding, QuantEmbedding)):
+            return [n for n, m in model.named_modules() if m is emb][:1]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+
+
+@torch.no_grad()
+def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *, names=None,
+                         tie: bool = True) -> dict[str, list[str]]:
+    """Quantize the input embeddings of ``model`` in place and share their storage with tied output heads.
+
+    Args:
+        config: bits (1..8, one for all rows), scope and group size of the tables; default
+            ``QuantConfig(bits=8, scope="channel")`` (8-bit rows, one scale per row).
+        names: module names of the embeddings to quantize; default the model's input embedding
+            (``get_input_embeddings()`` for Hugging Face models), else every ``nn.Embedding``.
+        tie: share the packed tensors with tied heads (default). ``False`` leaves heads as they are.
+
+    Returns ``{"embeddings": [...], "tied_heads": [...]}`` (module names). Calling it again re-ties heads whose
+    codes equal their embedding's (e.g. after moving the model to another device, which copies each buffer).
+    """
+    config = config if config is not None else QuantConfig(bits=8, scope="channel")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
+    done: dict[str, list[str]] = {"embeddings": [], "tied_heads": []}
+    for name in _targets(model, names):
+        old = model.get_submodule(name)
+        float_weight = old.weight if isinstance(old, nn.Embedding) else None
+        heads = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and float_weight is not None and m.weight is float_weight]
+        if isinstance(old, nn.Embedding):
+            emb = QuantEmbedding.from_float(old, config)
+            swap_module(model, name, emb)
+            done["embeddings"].append(name)
+        else:
+            emb = old
+        if not tie:
+            continue
+        for hname, head in heads:  # float heads tied to the float table: a QuantLinear on the same tensors
+            if head.bias is not None:
+                continue
+            q = QuantLinear(head.in_features, head.out_features, False, emb.config, device=head.weight.device,
+                            dtype=head.weight.dtype, layout=emb.layout_version)
+            tie_quantized_head(q, emb)
+            swap_module(model, hname, q)
+            done["tied_heads"].append(hname)
+        out_get = getattr(model, "get_output_embeddings", None)
+        head = out_get() if callable(out_get) else None
+        tied_cfg = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        if isinstance(head, QuantLinear) and tied_cfg and not tied_to(head, emb):
+            hname = next(n for n, m in model.named_modules() if m is head)
+            same = (head.config == emb.config and head.layout_version == emb.layout_version and head.bias is None
+                    and head.bit_groups == emb.bit_groups
+                    and all(torch.equal(head.get_buffer(k), emb.get_buffer(k)) for k, _ in emb.named_buffers()))
+            if same:
+                tie_quantized_head(head, emb)
+                done["tied_heads"].append(hname)
+            else:
+                warnings.warn(f"quantize_embeddings_: the head {hname!r} is tied to {name!r} in the model config "
+                              f"but was quantized with another config ({head.config} vs {emb.config}); it keeps its "
+                              f"own packed tensors (stored twice). Quantize the model with skip=['@head'] first to "
+                              f"share the embedding's.", RuntimeWarning, stacklevel=2)
+    return done

@@ -1,0 +1,125 @@
+"""Quantized input embeddings and tied heads stored once (``medquant.quant.embeddings``).
+
+Oracles: the independent numpy reader of the packed buffers (``tests.quant.np_reference``), and the float model
+whose embedding table and head are replaced by that dequantized table (plain transformers, plain torch).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import medquant as mq
+from medquant.io import META_NAME, WEIGHTS_NAME
+from medquant.quant.embeddings import quantize_embeddings_
+from medquant.quant.modules import QuantEmbedding, QuantLinear, tied_to
+from tests.quant.np_reference import np_dequant_layer
+
+
+def _tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs(tie_word_embeddings=True))).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def _float_reference(model, table: np.ndarray):
+    """The same model in float with the embedding table and the head replaced by ``table`` (and every other
+    quantized layer dequantized): what the quantized model must compute."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    for parent in list(ref.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantLinear):
+                setattr(parent, name, child.to_float(torch.float32))
+            elif isinstance(child, QuantEmbedding):
+                setattr(parent, name, nn.Embedding.from_pretrained(torch.from_numpy(table).float(),
+                                                                   padding_idx=child.padding_idx))
+    ref.lm_head.weight = ref.model.embed_tokens.weight
+    return ref
+
+
+@pytest.mark.parametrize("bits,scope,gs", [(8, "channel", 128), (4, "group", 32), (3, "group", 32)])
+def test_lookup_dequantizes_exactly_the_looked_up_rows(bits, scope, gs):
+    torch.manual_seed(1)
+    table = nn.Embedding(300, 96, padding_idx=0)
+    q = QuantEmbedding.from_float(table, mq.QuantConfig(bits, scope=scope, group_size=gs))
+    ids = torch.tensor([[0, 5, 299], [7, 7, 42]])
+    w = np_dequant_layer(q)  # independent reader of the packed buffers
+    assert np.allclose(q(ids).numpy(), w[ids.numpy()], atol=1e-6)
+    assert q(ids).dtype == torch.float32 and q.padding_idx == 0
+    assert np.abs(w - table.weight.detach().numpy()).max() < 0.6 * q.get_buffer(f"scales_{bits}").float().max()
+    groups = 96 // gs if scope == "group" else 1
+    params = 2 if bits <= 3 else 1  # asymmetric by default at <= 3 bits: scales and zero points (float16)
+    assert q.stored_bytes() == 300 * 96 * bits // 8 + 300 * groups * 2 * params  # hand count (3 bits dense)
+    with pytest.raises(IndexError):
+        q(torch.tensor([300]))
+    with pytest.raises(ValueError, match="one bit-width"):
+        QuantEmbedding.from_float(table, mq.QuantConfig(4, channel_bits=[4] * 300))
+
+
+def test_tied_head_shares_the_8bit_table_and_is_saved_once(tmp_path):
+    model = _tied_llama()
+    mq.quantize_(model, mq.QuantConfig(4, group_size=32), skip=["@head"])
+    done = quantize_embeddings_(model, mq.QuantConfig(8, scope="channel"))
+    assert done == {"embeddings": ["model.embed_tokens"], "tied_heads": ["lm_head"]}
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear) and tied_to(head, emb)
+    assert head.get_buffer("scales_8") is emb.get_buffer("scales_8")
+    table = np_dequant_layer(emb)
+    ids = torch.randint(1, 100, (2, 9))
+    with torch.no_grad():
+        y = model(ids).logits
+        ref = _float_reference(model, table)(ids).logits
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    # stored once: in memory (size report) and in the file
+    table_bytes = sum(t.numel() * t.element_size() for t in emb.state_dict().values())
+    sd_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert mq.model_size(model).tensor_bytes == sd_bytes - table_bytes
+    path = mq.save(model, tmp_path / "ckpt")
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        keys = set(f.keys())
+    assert len({k for k in keys if k.endswith("qweight_8")}) == 1
+    assert json.loads((path / META_NAME).read_text())["modules"]["lm_head"]["tied_to"] == "model.embed_tokens"
+    again = mq.load(path)
+    assert tied_to(again.lm_head, again.model.embed_tokens)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, y)
+
+
+def test_head_quantized_with_the_same_config_is_tied_and_another_config_warns():
+    cfg = mq.QuantConfig(4, group_size=32)
+    model = _tied_llama()
+    mq.quantize_(model, cfg)  # the head is quantized on its own (a copy of the table's codes)
+    before = mq.model_size(model).tensor_bytes
+    assert quantize_embeddings_(model, cfg)["tied_heads"] == ["lm_head"]
+    assert tied_to(model.lm_head, model.model.embed_tokens)
+    assert mq.model_size(model).tensor_bytes < before  # the float table is gone and the codes are held once
+    other = _tied_llama()
+    mq.quantize_(other, cfg)
+    with pytest.warns(RuntimeWarning, match="keeps its own packed tensors"):
+        assert quantize_embeddings_(other, mq.QuantConfig(8, scope="channel"))["tied_heads"] == []
+    assert not tied_to(other.lm_head, other.model.embed_tokens)
+
+
+def test_untied_embeddings_and_bad_names():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs(tie_word_embeddings=False))).eval()
+    assert quantize_embeddings_(model) == {"embeddings": ["model.embed_tokens"], "tied_heads": []}
+    assert isinstance(model.lm_head, nn.Linear)
+    with pytest.raises(TypeError, match="not an nn.Embedding"):
+        quantize_embeddings_(model, names=["lm_head"])
+    with pytest.raises(ValueError, match="no module"):
+        quantize_embeddings_(model, names=["model.nope"])
