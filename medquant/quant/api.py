@@ -508,10 +508,22 @@ def resolve_configs(
     *,
     skip: Iterable[str] | None = None,
 ) -> dict[str, QuantConfig]:
-    """Which config each quantizable module gets (modules left in float are absent). Raises on bad patterns.
+    """Which config each quantizable Linear / Conv2d gets (modules left in float are absent). Raises on bad
+    patterns.
 
-    ``config_or_map`` is a :class:`ConfigMap`, a plain mapping of patterns, or one config for every module."""
-    return as_config_map(config_or_map, skip=skip).resolve(model)
+    ``config_or_map`` is a :class:`ConfigMap`, a plain mapping of patterns, or one config for every module. This
+    is the plan of the calibrating quantizers (GPTQ, AdaRound, sequential, shards), which work on Linear /
+    Conv2d layers: MoE experts with 3-D weights the map covers are left out with a warning saying so
+    (:func:`quantize_` quantizes them per expert; :meth:`ConfigMap.resolve` includes them)."""
+    plan = as_config_map(config_or_map, skip=skip).resolve(model)
+    experts = [n for n in plan if is_experts_module(model.get_submodule(n))]
+    if experts:
+        warnings.warn(f"{len(experts)} MoE experts module(s) with 3-D weights ({', '.join(experts[:3])}"
+                      f"{', ...' if len(experts) > 3 else ''}) are not quantized by this calibration path (it "
+                      "handles Linear / Conv2d layers); they stay in floating point: quantize them afterwards "
+                      "with medquant.quantize_(model, config), which quantizes experts per expert", UserWarning,
+                      stacklevel=2)
+    return {n: c for n, c in plan.items() if n not in experts}
 
 
 # ---------------------------------------------------------------------------------------------- quantize_

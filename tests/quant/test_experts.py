@@ -213,3 +213,13 @@ def test_unknown_expert_layout_is_reported():
     with pytest.warns(UserWarning, match="layout medquant does not quantize.*: 1"):
         quantize_(model, CFG)
     assert isinstance(model[0], QuantLinear) and isinstance(model[1], _OddExperts)
+
+
+def test_calibration_plans_leave_experts_out_with_a_warning():
+    from medquant.quant.api import resolve_configs
+
+    m = build_moe("qwen3_moe")
+    with pytest.warns(UserWarning, match="2 MoE experts module.*not quantized by this calibration path"):
+        plan = resolve_configs(m, CFG)
+    assert plan and not any(n.endswith(".experts") for n in plan)
+    assert "model.layers.0.self_attn.q_proj" in plan
