@@ -1,0 +1,52 @@
+"""One call for a static KV cache and a compiled decode step on CPU: :func:`static_decode_`.
+
+Each decode step of a Hugging Face causal LM runs the whole model for one token: at SmolLM2's size much of a
+step's time is Python and framework overhead, not arithmetic. Two things attack it:
+
+* a **static KV cache** (``generation_config.cache_implementation = "static"``): the cache is allocated once, at
+  its maximum length, so every decode step has the same shapes;
+* **torch.compile of the decode step**: with fixed shapes, ``generate`` compiles the model's forward once and
+  replays it. transformers does this by itself only on accelerators; on CPU it needs a ``CompileConfig`` flagged
+  for all devices, which this helper sets.
+
+Quantized layers stay opaque ``medquant::packed_linear`` nodes in the compiled graph; their bodies run the same
+CPU kernels (int4 / int8 / dense) as in eager mode. Whether it helps is measured in
+``benchmarks/cpu_inference.py`` (``--static-compile``); see ``docs/guides/cpu_inference.md``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["static_decode_"]
+
+
+def static_decode_(model: nn.Module, *, compile: bool = True, backend: str = "inductor", mode: str = "default",
+                   fullgraph: bool = False, dynamic: bool | None = False) -> nn.Module:
+    """Make ``model.generate`` use a static KV cache and (``compile=True``) a compiled decode step, on any device.
+
+    Sets ``model.generation_config.cache_implementation = "static"`` and, when compiling, a
+    ``transformers.CompileConfig(backend, mode, fullgraph, dynamic)`` that ``generate`` applies on CPU too (the
+    first ``generate`` call compiles; later calls with the same batch size and cache length reuse it).
+    ``mode="default"``: ``"reduce-overhead"`` (transformers' default) uses CUDA graphs, which do nothing on CPU.
+    ``compile=False`` keeps only the static cache. Returns ``model`` (changed in place).
+    """
+    gen = getattr(model, "generation_config", None)
+    if gen is None or not callable(getattr(model, "generate", None)):
+        raise TypeError(f"static_decode_ needs a Hugging Face generative model (with generate and "
+                        f"generation_config), got {type(model).__name__}")
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(f"backend must be a torch.compile backend name such as 'inductor', got {backend!r}")
+    gen.cache_implementation = "static"
+    if not compile:
+        gen.compile_config = None
+        gen.disable_compile = True
+        return model
+    from transformers import CompileConfig
+
+    cfg: Any = CompileConfig(fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode=mode)
+    cfg._compile_all_devices = True  # transformers' switch for compiling generate's forward off accelerators
+    gen.compile_config = cfg
+    gen.disable_compile = False
+    return model
