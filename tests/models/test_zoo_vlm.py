@@ -24,6 +24,7 @@ def test_lists():
 
 @extra_zoo_params
 def test_builds_runs_deterministic_and_sees_the_image(entry):
+    """Tiny, float32, eval mode, finite non-constant output; a rebuild has the same weights."""
     model = entry.build()
     assert type(model).__name__ == EXPECTED_CLASSES[entry.name]
     assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
@@ -31,9 +32,9 @@ def test_builds_runs_deterministic_and_sees_the_image(entry):
     inputs = entry.inputs(model)
     with torch.no_grad():
         out = entry.output(model, inputs)
-        again = entry.output(entry.build(), entry.inputs(model))
     assert torch.isfinite(out).all() and out.std() > 0
-    assert torch.equal(out, again)
+    again = entry.build()  # seeded: the same weights (the outputs then agree; tests/models/test_zoo.py)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     key = "images" if "images" in inputs else "pixel_values"
     with torch.no_grad():
         changed = entry.output(model, dict(inputs, **{key: inputs[key] + 1.0}))
