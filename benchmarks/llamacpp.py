@@ -227,6 +227,25 @@ def llamacpp_speed(exe: str, gguf: Path, prompt: list[int], threads: int, n_gen:
     return out
 
 
+def q8_activations(model):
+    """Forward pre-hooks that round the input of every quantized layer as llama.cpp does before a Q4_0 / Q8_0
+    product (its Q8_0 activation blocks): per 32 values ``d = max|x| / 127``, ``q = roundf(x / d)``, ``x' = q *
+    fp16(d)``. Returns the hook handles (``.remove()`` them)."""
+    import torch
+
+    from medquant.quant import quantized_modules
+
+    def hook(module, args):
+        x = args[0]
+        xb = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32).float()
+        d = xb.abs().amax(-1, keepdim=True) / 127
+        v = torch.where(d > 0, xb / torch.where(d > 0, d, 1), 0)
+        q = torch.sign(v) * torch.floor(v.abs() + 0.5)  # roundf: halves away from zero
+        return (( q * d.half().float()).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+
+    return [m.register_forward_pre_hook(hook) for m in quantized_modules(model).values()]
+
+
 def medquant_eval(model, seqs: list[list[int]]) -> tuple[list, list]:
     """Per sequence: medquant's arg-max next tokens and log-probabilities of the true next tokens, computed by
     its torch reference path (dequantized weights, float32 arithmetic)."""
@@ -381,6 +400,16 @@ def run(quick: bool, threads: int, skip_build: bool) -> dict:
             float_ref = mq_am
         else:
             row["control_agreement_quantized_vs_float"] = _agree(mq_am, float_ref)
+            handles = q8_activations(m)  # explains the gap: llama.cpp's 8-bit activation blocks
+            q8_am, q8_lp = medquant_eval(m, agree_seqs)
+            _, q8_plp = medquant_eval(m, ppl_seqs)
+            for h in handles:
+                h.remove()
+            row["q8_activations"] = {
+                "next_token_agreement_with_llamacpp": _agree(q8_am, lc_am),
+                "max_abs_logprob_diff": max(abs(x - y) for ra, rb in zip(q8_lp, lc_lp) for x, y in zip(ra, rb)),
+                "ppl_medquant": _ppl(q8_plp), "ppl_rel_diff_to_llamacpp": abs(row["ppl_llamacpp"] - _ppl(q8_plp))
+                / _ppl(q8_plp)}
         row["speed_llamacpp"] = llamacpp_speed(exe, gguf, prompt, threads, 64)
         row["speed_medquant_cpu"] = _medquant_speed(m, prompt, 64)
         row["pass"] = row["next_token_agreement"] >= 0.98 and row["ppl_rel_diff"] <= 0.01
