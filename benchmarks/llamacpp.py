@@ -435,15 +435,19 @@ def _paths() -> dict:
 def table(result: dict) -> str:
     if not result.get("build", {}).get("ok"):
         return f"llama.cpp build failed: {result['build'].get('error')}"
-    head = "| variant | GGUF MB | export | agreement | ctrl: quant vs float | ppl medquant | ppl llama.cpp | " \
-           "ppl diff | llama.cpp decode tok/s | medquant decode tok/s | llama.cpp prefill tok/s | " \
-           "medquant prefill tok/s |"
-    lines = [head, "|" + "---|" * 12]
+    head = ("| variant | GGUF MB | export | reload bit-equal | agreement | agreement, Q8 activations | ctrl: quant vs "
+            "float | ppl medquant | ppl llama.cpp | ppl diff | llama.cpp decode tok/s | medquant decode tok/s | "
+            "llama.cpp prefill tok/s | medquant prefill tok/s |")
+    lines = [head, "|" + "---|" * 14]
+    nan = float("nan")
     for r in result["variants"]:
         counts = ", ".join(f"{v} {k}" for k, v in r["export_counts"].items())
+        rel = r.get("transformers_reload_bit_equal")
+        reload = f"{rel['bit_equal']}/{rel['quantized_layers']}" if rel else "-"
+        q8 = r.get("q8_activations", {}).get("next_token_agreement_with_llamacpp", nan)
         lines.append(
-            f"| {r['variant']} | {r['gguf_mb']} | {counts} | {r['next_token_agreement']:.2%} | "
-            f"{r.get('control_agreement_quantized_vs_float', float('nan')):.2%} | {r['ppl_medquant']:.3f} | "
+            f"| {r['variant']} | {r['gguf_mb']} | {counts} | {reload} | {r['next_token_agreement']:.2%} | {q8:.2%} | "
+            f"{r.get('control_agreement_quantized_vs_float', nan):.2%} | {r['ppl_medquant']:.3f} | "
             f"{r['ppl_llamacpp']:.3f} | {r['ppl_rel_diff']:.3%} | {r['speed_llamacpp']['decode_tokens_per_s']:.1f} | "
             f"{r['speed_medquant_cpu']['decode_tokens_per_s']:.1f} | "
             f"{r['speed_llamacpp']['prefill_tokens_per_s']:.0f} | {r['speed_medquant_cpu']['prefill_tokens_per_s']:.0f} |")
