@@ -110,6 +110,11 @@ def test_layout_details():
     attn = m.model.layers[0].self_attn
     assert tuple(attn.q_norm.weight.shape) == (2, HEAD_DIM) and tuple(attn.k_norm.weight.shape) == (2, HEAD_DIM)
     assert plan.hf_config_exact is False and "head size derived" in plan.config_notes[0]
+    m = build_moe("qwen3_moe")  # q_norm / k_norm over head_dim only: shared by every head, left as they are
+    plan, _ = _prune(m, 0.5, 0.0)
+    attn = m.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 2 * HEAD_DIM and tuple(attn.q_norm.weight.shape) == (HEAD_DIM,)
+    assert plan.hf_config_exact is True and _fresh_loads(m)
     m = L.lfm2_vl()
     _prune(m, 0.0, 0.3)
     assert m.config.text_config.block_auto_adjust_ff_dim is False
