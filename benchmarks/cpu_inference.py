@@ -4,8 +4,9 @@ Models: SmolLM2-135M-Instruct (:func:`benchmarks.common.smollm2.load_smollm2`) a
 config (hidden 2048, 22 layers, intermediate 5632, 32 query / 4 key-value heads, vocabulary 32000, random
 weights: speed only). Variants: ``float32``, ``bfloat16`` and ``W8`` (8-bit per channel), ``W4g128``,
 ``W4g32``, ``W3`` (group 128), ``W2`` (group 128), each with the output head quantized (``+head``) and left in
-float (``skip=["lm_head"]``). Quantization is nothing but ``medquant.quantize_`` with the public config; the
-CPU kernels run with their default compute dtype (bfloat16 where the CPU has native bf16).
+float (``skip=["lm_head"]``); ``<variant>+emb`` also quantizes the input embedding with the same config
+(``quantize_embeddings_``; with ``+head`` a tied head shares the table, stored once). Quantization is nothing but
+``medquant.quantize_`` (and ``quantize_embeddings_``) with the public config; the CPU kernels run with their default compute dtype (bfloat16 where the CPU has native bf16).
 
 Every row runs in its own subprocess (``--worker``), so that its resident memory is its own:
 
@@ -216,6 +217,38 @@ def _plain_bf16_copy(model):
     return ctl.to(torch.bfloat16).eval()
 
 
+def _generate_decode_tok_s(model, ids, steps: int, reps: int) -> tuple[float, float]:
+    """Decode tokens/s through ``model.generate`` (greedy): ``steps`` / (time of ``steps + 1`` new tokens - time
+    of 1 new token), so the prompt's prefill cancels; median of ``reps``. Also the first call's seconds (a
+    compiled model compiles there)."""
+    import torch
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    first = run(steps + 1)
+    run(1)
+    rates = [steps / max(run(steps + 1) - run(1), 1e-9) for _ in range(reps)]
+    return statistics.median(rates), first
+
+
+def _static_compile_rows(model, prompt, spec: dict) -> dict:
+    """Eager generate (dynamic cache) against ``static_decode_`` (static cache + compiled decode step)."""
+    from medquant.quant.decode import static_decode_
+
+    steps, reps = spec["new"], spec["repeats"]
+    eager, _ = _generate_decode_tok_s(model, prompt[:1], steps, reps)
+    static_decode_(model, compile=False)
+    static, _ = _generate_decode_tok_s(model, prompt[:1], steps, reps)
+    static_decode_(model)
+    compiled, first = _generate_decode_tok_s(model, prompt[:1], steps, reps)
+    return {"generate_eager_tok_s": eager, "generate_static_tok_s": static, "generate_static_compiled_tok_s": compiled,
+            "compile_first_call_s": first}
+
+
 def worker(spec: dict) -> dict:
     import torch
     import transformers  # noqa: F401  (part of the baseline)
@@ -233,8 +266,15 @@ def worker(spec: dict) -> dict:
     if variant == "bfloat16":
         model = model.to(torch.bfloat16)
     elif variant != "float32":
+        base = variant.removesuffix("+emb")
         skip = None if head else ["lm_head"]
-        mq.quantize_(model, mq.QuantConfig(**QUANT[variant]), skip=skip)
+        if variant.endswith("+emb"):  # embeddings quantized too; a tied head shares the table (stored once)
+            from medquant.quant.embeddings import quantize_embeddings_
+
+            mq.quantize_(model, mq.QuantConfig(**QUANT[base]), skip=["lm_head"])
+            quantize_embeddings_(model, mq.QuantConfig(**QUANT[base]), tie=head)
+        else:
+            mq.quantize_(model, mq.QuantConfig(**QUANT[base]), skip=skip)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (8, spec["prompt"]), generator=gen)
@@ -259,6 +299,11 @@ def worker(spec: dict) -> dict:
         row["decode_b8_agg_tok_s"] = 8 * row["decode_b8_tok_s"]
     if spec["accuracy"] and tok is not None and variant not in ("float32", "bfloat16"):
         row["accuracy"] = _accuracy(model, tok, spec["acc_prompts"], spec["acc_tokens"])
+    if variant in spec.get("static_compile", ()):
+        try:
+            row.update(_static_compile_rows(model, prompt, spec))
+        except Exception as e:  # noqa: BLE001  (recorded in the row: the other measurements stand)
+            row["static_compile_error"] = f"{type(e).__name__}: {e}"[:400]
     row["loadavg_after"] = os.getloadavg()
     return row
 
@@ -331,6 +376,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--static-compile", default="", help="comma list of variants for which to also time generate() "
+                   "eager vs a static KV cache vs static cache + compiled decode step "
+                   "(medquant.quant.decode.static_decode_), e.g. W4g128,float32")
     p.add_argument("--data-dir", default=None, help="data folder with iu_xray_reports (default: $MEDQUANT_DATA_DIR, "
                    "else ../shared/data)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/cpu_inference[_quick])")
@@ -353,7 +401,7 @@ def main(argv=None) -> int:
     threads = args.threads or torch.get_num_threads()
     spec = {"threads": threads, "repeats": args.repeats or (1 if quick else 3), "prompt": 32,
             "new": 16 if quick else 64, "prefill": 64 if quick else 256, "batch8": True,
-            "accuracy": not args.no_accuracy, "acc_prompts": 4 if quick else 20, "acc_tokens": 32 if quick else 64}
+            "accuracy": not args.no_accuracy, "static_compile": [v for v in args.static_compile.split(",") if v], "acc_prompts": 4 if quick else 20, "acc_tokens": 32 if quick else 64}
     bw = _bandwidth_gbs()
     rows = []
     for model, variant, head in _rows(models, variants):
