@@ -306,12 +306,19 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
                 raise ExportError(f"{name}: compressed-tensors decompresses a weight that differs from medquant's "
                                   f"by {measured:.3g}; this is a bug in the export, nothing was written")
             err = measured
+        how, note = pl.how, pl.note
+        if how != "lossy requantization" and sdtype != torch.float32 and (not verify or err):
+            # the runtime dequantises in the scale dtype: exact only with float32 scales
+            how = "near-exact"
+            note = "; ".join(x for x in (note, (f"weight_scale stored as {scale_dtype}: the runtime computes "
+                                         f"(q - zp) * s in {scale_dtype}")) if x)
+            err = err if verify else None
         key = pl.scheme_key()
         groups.setdefault(key, []).append(name)
         args[key] = quantization_args(pl)
         for local, t in pl.tensors.items():
             packed_tensors[f"{name}.{local}"] = t
-        rows.append(LayerExport(name, scheme, pl.target(), pl.how, err, pl.note))
+        rows.append(LayerExport(name, scheme, pl.target(), how, err, note))
     if not groups:
         raise ExportError("no layer could be packed (every quantized layer is float, pruned or a Conv2d); "
                           "nothing to export in pack-quantized form")

@@ -269,6 +269,14 @@ def test_bad_inputs_are_refused_before_writing(llama, tmp_path):
         export(model, tmp_path / "d", format=FMT, max_shard_size="lots")
     with pytest.raises(ExportError, match="does not take option"):
         export(model, tmp_path / "e", format=FMT, bits=4)
+    half = export(model, tmp_path / "half", format=FMT, scale_dtype="float16")  # (q - zp) * s rounds in fp16
+    rows = [r for r in half.layers if r.how != "float"]
+    assert rows and all(r.how in ("near-exact", "exact repack") for r in rows)
+    for r in rows:
+        got = _ct_decompress(tmp_path / "half", r.name).float()
+        err = float((got - model.get_submodule(r.name).dequantized_weight(torch.float32)).abs().max())
+        assert r.max_abs_error == err and (r.how == "near-exact") is (err > 0)
+    assert any(r.how == "near-exact" for r in rows)
     from medquant.fairquant.qat import attach_fake_quant
 
     fq = copy.deepcopy(model)  # a fake-quantization parametrization: the weight is computed, no tensor to write
