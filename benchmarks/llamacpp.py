@@ -317,7 +317,7 @@ def _medquant_speed(model, prompt: list[int], n_gen: int) -> dict:
     return {"prefill_tokens_per_s": len(prompt) / pre, "decode_tokens_per_s": dec, "loadavg": list(os.getloadavg())}
 
 
-def run(quick: bool, threads: int, skip_build: bool) -> dict:
+def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None) -> dict:
     import torch
 
     from benchmarks.common.env import hardware, versions
@@ -414,6 +414,8 @@ def run(quick: bool, threads: int, skip_build: bool) -> dict:
         row["speed_medquant_cpu"] = _medquant_speed(m, prompt, 64)
         row["pass"] = row["next_token_agreement"] >= 0.98 and row["ppl_rel_diff"] <= 0.01
         result["variants"].append(row)
+        if partial is not None:  # a slow shared machine: keep what is measured so far
+            partial.write_text(json.dumps({**result, "partial": True}, indent=2) + "\n")
         print(f"{label}: agreement {row['next_token_agreement']:.4f}, ppl medquant {row['ppl_medquant']:.4f} "
               f"llama.cpp {row['ppl_llamacpp']:.4f}", flush=True)
         del m
@@ -469,9 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         print(json.dumps(build_llamacpp(), indent=2))
         return 0
-    result = run(args.quick, args.threads, args.skip_build)
     RESULTS.mkdir(exist_ok=True)
     stem = "llamacpp_quick" if args.quick else "llamacpp"
+    result = run(args.quick, args.threads, args.skip_build, partial=RESULTS / f"{stem}.json.tmp")
+    (RESULTS / f"{stem}.json.tmp").unlink(missing_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = table(result)
     (RESULTS / f"{stem}.md").write_text(text + "\n")
