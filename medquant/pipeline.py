@@ -73,6 +73,19 @@ class TrainStage:
 
 @dataclass
 class QuantStage:
+    """The quantization stage of :func:`compress`.
+
+    Attributes:
+        config: the weight quantization (bits, scope, group size...).
+        method: ``"awq"`` (activation-aware scales folded into the previous op, then round-to-nearest; needs
+            ``calib``) or ``"rtn"`` (round-to-nearest).
+        skip: module patterns left in float (default the LM head).
+
+    Raises:
+        ValueError: an unknown ``method``.
+        TypeError: ``config`` is not a ``QuantConfig``.
+    """
+
     config: QuantConfig
     method: str = "awq"
     skip: Sequence[str] = ("@head",)
@@ -86,6 +99,17 @@ class QuantStage:
 
 @dataclass
 class CompressResult:
+    """What :func:`compress` returns.
+
+    Attributes:
+        model: the compressed model (the input model, modified in place).
+        plan: the pruning plan (``None`` without a prune stage).
+        block_influence: per-block influence scores when layer selection ran.
+        train_losses: the loss of every training step.
+        awq_groups: the activation-aware scale groups that were folded (``method="awq"``).
+        path: where the result was saved (``out``), else ``None``.
+    """
+
     model: nn.Module
     plan: Any = None
     block_influence: list[dict] | None = None
@@ -98,7 +122,24 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
              quantize: QuantStage | None = None, calib: Iterable[Any] | None = None,
              train_data: Iterable[Any] | None = None, out: str | os.PathLike | None = None,
              progress: bool = True) -> CompressResult:
-    """Run the stages in order on ``model`` (modified in place) and optionally save to ``out``."""
+    """Run the stages in order on ``model`` (modified in place) and optionally save to ``out``.
+
+    Args:
+        model: the model to compress (a transformers causal LM or VLM; modified in place).
+        prune: the pruning stage, or None.
+        train: the fine-tuning / distillation stage, or None.
+        quantize: the quantization stage, or None.
+        calib: calibration batches (needed by pruning importance, layer selection and AWQ).
+        train_data: training batches (dicts with ``labels``) for the training stage.
+        out: a folder to save the result to (:func:`medquant.prune.save_pruned`), or None.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`CompressResult`.
+
+    Raises:
+        ValueError: a stage that needs ``calib`` or ``train_data`` without it.
+    """
     from .prune import StructuredPruner, allocate_ratios, block_influence, least_influential, save_pruned
 
     calib = list(calib) if calib is not None else None
@@ -174,7 +215,16 @@ class _NoTeacher(nn.Module):
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Reload a model saved by :func:`compress` (same as :func:`medquant.prune.load_pruned`)."""
+    """Reload a model saved by :func:`compress` (same as :func:`medquant.prune.load_pruned`).
+
+    Args:
+        path: the folder written by :func:`compress`.
+        model: a float instance of the architecture for plain ``nn.Module`` models (transformers models are rebuilt
+            from their saved config).
+
+    Returns:
+        The compressed model.
+    """
     from .prune import load_pruned
 
     return load_pruned(path, model=model)

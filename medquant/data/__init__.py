@@ -48,6 +48,18 @@ def load_npz_split(path, split: str = "test", with_labels: bool = False):
     Supports MedMNIST keys (``test_images``, ``test_labels``) and flat files with ``images``/``labels`` and a
     per-image ``split`` array. ``split=None`` or ``"all"`` loads every image of a flat file, or every split of
     a MedMNIST file concatenated in train, val, test order.
+
+    Args:
+        path: the ``.npz`` file.
+        split: ``"train"``, ``"val"``, ``"test"``, or None / ``"all"``.
+        with_labels: also return the labels (None when the file has none).
+
+    Returns:
+        The images, or ``(images, labels)``.
+
+    Raises:
+        ValueError: the file is not an ``.npz`` archive.
+        KeyError: the split or the image array is missing.
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -82,7 +94,19 @@ def load_npz_split(path, split: str = "test", with_labels: bool = False):
 
 
 def read_index(csv_path, split: str | None = None, path_column: str = "path") -> list[dict]:
-    """Rows of an index CSV (dicts), optionally only those whose ``split`` column equals ``split``."""
+    """Rows of an index CSV (dicts), optionally only those whose ``split`` column equals ``split``.
+
+    Args:
+        csv_path: the CSV file.
+        split: keep only rows of this split (None: all rows).
+        path_column: the column holding the image paths.
+
+    Returns:
+        The rows as dicts.
+
+    Raises:
+        KeyError: the CSV has no ``path_column`` column, or no ``split`` column when ``split`` is given.
+    """
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     if rows and path_column not in rows[0]:
@@ -95,7 +119,14 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path") ->
 
 
 def load_image(path) -> np.ndarray:
-    """One image file as a numpy array (uint8/uint16, gray (H, W) or RGB (H, W, 3)); DICOM via pydicom."""
+    """One image file as a numpy array (uint8/uint16, gray (H, W) or RGB (H, W, 3)); DICOM via pydicom.
+
+    Args:
+        path: an image file (PNG, JPEG, TIFF...) or a DICOM file (``.dcm``).
+
+    Returns:
+        The pixel array (DICOM: float64 in [0, 1], see :func:`dicom_to_array`).
+    """
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return dicom_to_array(read_dicom(path))[0]
@@ -115,6 +146,20 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
 
     With ``index_csv=None`` every image file under ``root`` is loaded (sorted). ``gray=True`` keeps only the
     first channel of RGB files whose three channels are identical (grayscale content stored as RGB).
+
+    Args:
+        root: the folder.
+        index_csv: name of the index CSV inside ``root`` (None: scan the folder).
+        split: keep only this split of the index.
+        limit: load at most this many images.
+        path_column: the index column holding the paths.
+        gray: keep one channel of grayscale content stored as RGB.
+
+    Returns:
+        ``(images, rows)``: the arrays and the index rows (or ``{"path": ...}`` per scanned file).
+
+    Raises:
+        FileNotFoundError: ``split`` is given but the index CSV does not exist.
     """
     root = Path(root)
     if index_csv is not None and (root / index_csv).exists():
@@ -138,6 +183,14 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
 
 
 def list_image_files(root) -> list[Path]:
+    """Image and DICOM files under ``root`` (recursively), sorted.
+
+    Args:
+        root: a folder.
+
+    Returns:
+        Paths whose suffix is one of ``IMAGE_SUFFIXES`` or ``DICOM_SUFFIXES`` (case-insensitive).
+    """
     root = Path(root)
     return sorted(p for p in root.rglob("*") if p.is_file()
                   and p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
@@ -145,7 +198,17 @@ def list_image_files(root) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------------ DICOM
 def read_dicom(path):
-    """Read a DICOM file with pydicom (optional dependency: ``pip install medquant[dicom]``)."""
+    """Read a DICOM file with pydicom (optional dependency: ``pip install medquant[dicom]``).
+
+    Args:
+        path: the DICOM file.
+
+    Returns:
+        The pydicom dataset.
+
+    Raises:
+        ImportError: pydicom is not installed.
+    """
     try:
         import pydicom
     except ImportError as e:  # pragma: no cover
@@ -163,6 +226,15 @@ def dicom_to_array(ds) -> tuple[np.ndarray, None]:
     is inverted, 1 - x. For a linear rescale with positive slope this equals (v - v_min) / (v_max - v_min),
     i.e. the bit depth is honoured (12-bit data is divided by 4095, not 65535). Multi-frame data and colour
     (RGB) DICOM are rejected.
+
+    Args:
+        ds: a pydicom dataset.
+
+    Returns:
+        ``(image, None)``.
+
+    Raises:
+        ValueError: multi-frame or colour data, or a degenerate intensity range.
     """
     arr = np.asarray(ds.pixel_array)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -187,7 +259,20 @@ def dicom_to_array(ds) -> tuple[np.ndarray, None]:
 # ------------------------------------------------------------------------------------------------ any path
 def load_images(path, split: str | None = None, limit: int | None = None, key: str | None = None):
     """Load images from an npz file, an image folder (with or without ``index.csv``), an index CSV, or a
-    single image / DICOM file. Returns (list or array of images, list of names)."""
+    single image / DICOM file. Returns (list or array of images, list of names).
+
+    Args:
+        path: an ``.npz`` file, a folder, an index CSV or one image / DICOM file.
+        split: the split to load (npz and indexed folders / CSVs).
+        limit: load at most this many images.
+        key: for an ``.npz``, the array to read instead of the split's images.
+
+    Returns:
+        ``(images, names)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
     path = Path(path)
     if path.is_dir():
         images, rows = load_image_folder(path, split=split, limit=limit, gray=True)

@@ -16,6 +16,12 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
     Raises:
         DataDirNotSet: neither is given (the message names both).
+
+    Args:
+        data_dir: an explicit folder, or None.
+
+    Returns:
+        The folder as a ``Path``.
     """
     if data_dir is not None:
         return Path(data_dir).expanduser()

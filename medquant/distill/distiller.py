@@ -39,6 +39,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over (unmasked) positions.
 
     Logits are ``(..., V)``; ``mask`` has the leading shape (1 = count the position).
+
+    Args:
+        student_logits: the student's logits.
+        teacher_logits: the teacher's logits, same shape.
+        temperature: the softmax temperature ``T``.
+        mask: optional 0/1 mask over the leading dimensions.
+
+    Returns:
+        The scalar loss.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "

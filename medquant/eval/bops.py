@@ -29,10 +29,26 @@ from ..quant.size import model_size
 
 
 def average_bits(model: nn.Module) -> float:
+    """Effective weight bits per parameter of ``model`` (scales included), as :func:`medquant.quant.model_size`.
+
+    Args:
+        model: any model, quantized or not.
+
+    Returns:
+        ``model_size(model).effective_bits``.
+    """
     return model_size(model).effective_bits
 
 
 def stored_bytes(model: nn.Module) -> int:
+    """Bytes ``model`` takes when saved: every tensor and the metadata, as :func:`medquant.quant.model_size`.
+
+    Args:
+        model: any model, quantized or not.
+
+    Returns:
+        ``model_size(model).total_bytes``.
+    """
     return model_size(model).total_bytes
 
 
@@ -50,6 +66,16 @@ def _is_layer(m: nn.Module) -> bool:
 
 @dataclass
 class LayerCost:
+    """One Linear / Conv2d layer's cost in a forward pass (a row of :func:`count_macs`).
+
+    Attributes:
+        name: the module name.
+        kind: the module class name (``"Linear"``, ``"Conv2d"``, ``"QuantLinear"``...).
+        macs: multiply-accumulates in the forward pass on the given input.
+        weight_bits: mean nominal bits per weight (row bits for quantized layers, the dtype width otherwise).
+        params: weight parameters.
+    """
+
     name: str
     kind: str
     macs: int

@@ -48,7 +48,16 @@ def _as_np(x: Any, name: str) -> np.ndarray:
 
 def predictions(logits: Any, task: str = "multiclass", threshold: float = 0.0) -> np.ndarray:
     """Labels from logits: argmax over the last axis (binary/multi-class with ``(N, C)`` logits), or
-    ``logit > threshold`` (binary ``(N,)`` logits and multi-label ``(N, C)``)."""
+    ``logit > threshold`` (binary ``(N,)`` logits and multi-label ``(N, C)``).
+
+    Args:
+        logits: ``(N, C)`` or ``(N,)`` scores (tensor or array).
+        task: ``"binary"``, ``"multiclass"`` or ``"multilabel"``.
+        threshold: decision threshold on the logit for ``(N,)`` binary and multi-label logits.
+
+    Returns:
+        Integer labels: ``(N,)`` or, for multi-label, ``(N, C)`` 0/1.
+    """
     try:
         import torch
 
@@ -76,6 +85,27 @@ def _rate(num: int, den: int) -> float:
 
 @dataclass
 class FairnessReport:
+    """Per-group and fairness metrics of one set of predictions (built by :func:`fairness_report`).
+
+    Attributes:
+        task: ``"binary"``, ``"multiclass"`` or ``"multilabel"``.
+        groups: the group ids present, sorted.
+        counts: samples per group.
+        acc: accuracy per group.
+        balanced_acc_group: balanced accuracy (mean per-class recall) per group.
+        avg_acc: mean of the per-group accuracies.
+        worst_acc: lowest per-group accuracy.
+        gap: ``avg_acc - worst_acc``.
+        max_min_gap: highest minus lowest per-group accuracy.
+        overall_acc: accuracy over all samples.
+        balanced_acc: balanced accuracy over all samples.
+        eopp0: mean over classes of the TNR gap (``max_g - min_g`` over the groups).
+        eopp1: mean over classes of the TPR gap.
+        eodd: mean over classes of (TPR gap + FPR gap).
+        classes: the classes scored.
+        tpr: true-positive rate, class -> group -> rate (also ``tnr``, ``fpr``; ``positives`` counts).
+    """
+
     task: str
     groups: list[int]
     counts: dict[int, int]  # samples per group
@@ -141,7 +171,21 @@ def _balanced(y_true: np.ndarray, y_pred: np.ndarray, task: str) -> float:
 def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = None,
                     n_classes: int | None = None) -> FairnessReport:
     """All group metrics of the module docstring. ``task`` is inferred when None (2-D labels: multi-label;
-    only 0/1: binary; else multi-class)."""
+    only 0/1: binary; else multi-class).
+
+    Args:
+        y_true: true labels, ``(N,)`` (binary / multi-class) or ``(N, C)`` 0/1 (multi-label).
+        y_pred: predicted labels of the same shape (e.g. from :func:`predictions`).
+        groups: integer group id of every sample, ``(N,)``.
+        task: ``"binary"``, ``"multiclass"``, ``"multilabel"`` or None (inferred).
+        n_classes: number of classes (default: inferred from the labels).
+
+    Returns:
+        A :class:`FairnessReport`.
+
+    Raises:
+        ValueError: lengths that differ, an unknown task, or labels that do not fit the task.
+    """
     yt, yp, g = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred"), _as_np(groups, "groups")
     if yt.shape != yp.shape:
         raise ValueError(f"y_true {yt.shape} and y_pred {yp.shape} must have the same shape")

@@ -205,6 +205,19 @@ def multilabel_scores(y_true: np.ndarray, y_pred: np.ndarray, names: tuple[str, 
     ``P = TP/(TP+FP)``, ``R = TP/(TP+FN)``, ``F1 = 2PR/(P+R)`` (0 where undefined, as scikit-learn's
     ``zero_division=0``); micro pools TP/FP/FN over the selected columns, macro averages the per-column F1.
     ``columns`` selects a subset (e.g. the five most frequent findings).
+
+    Args:
+        y_true: ``(n, k)`` 0/1 reference labels.
+        y_pred: ``(n, k)`` 0/1 predicted labels.
+        names: column names (default the first ``k`` CheXpert findings).
+        columns: indices of the columns to score (default all).
+
+    Returns:
+        A :class:`MultilabelScores` (per-column precision, recall, F1, support; micro and macro F1).
+
+    Raises:
+        ValueError: the matrices are not 2-D of one shape, hold values other than 0/1, or ``names`` has the
+            wrong length.
     """
     t = np.asarray(y_true)
     p = np.asarray(y_pred)

@@ -177,12 +177,28 @@ def label_text(text: str, mode: str = "report") -> np.ndarray:
 
 
 def label_report(text: str) -> np.ndarray:
-    """:func:`label_text` in report mode."""
+    """:func:`label_text` in report mode.
+
+    Args:
+        text: a free-text radiology report (or its impression).
+
+    Returns:
+        ``(14,)`` float array in :data:`CHEXPERT_FINDINGS` order: 1 present, 0 absent, -1 uncertain, nan not
+        mentioned.
+    """
     return label_text(text, mode="report")
 
 
 def label_reports(texts: Iterable[str], mode: str = "report") -> np.ndarray:
-    """Stack :func:`label_text` over many texts: ``(n, 14)`` float array."""
+    """Stack :func:`label_text` over many texts: ``(n, 14)`` float array.
+
+    Args:
+        texts: the texts.
+        mode: ``"report"`` (free reports) or ``"answer"`` (answers to the findings prompt).
+
+    Returns:
+        ``(n, 14)`` float array, one :func:`label_text` row per text.
+    """
     rows = [label_text(t, mode) for t in texts]
     return np.stack(rows) if rows else np.zeros((0, len(CHEXPERT_FINDINGS)))
 

@@ -21,7 +21,21 @@ __all__ = ["perplexity", "token_batches"]
 def token_batches(tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 128,
                   drop_last: bool = False) -> list[dict[str, torch.Tensor]]:
     """``texts`` tokenized in order, ``batch_size`` at a time, padded and truncated to ``max_length`` tokens
-    (``tokenizer(..., padding=True, truncation=True)``); ``drop_last`` leaves out a final smaller batch."""
+    (``tokenizer(..., padding=True, truncation=True)``); ``drop_last`` leaves out a final smaller batch.
+
+    Args:
+        tokenizer: a transformers tokenizer with a pad token.
+        texts: the texts.
+        batch_size: texts per batch.
+        max_length: tokens per text at most.
+        drop_last: leave out a final batch smaller than ``batch_size``.
+
+    Returns:
+        A list of dicts with ``input_ids`` and ``attention_mask`` tensors.
+
+    Raises:
+        ValueError: ``batch_size`` < 1.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stop = len(texts) - batch_size + 1 if drop_last else len(texts)
@@ -38,6 +52,13 @@ def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]
 
     Raises:
         ValueError: the batches hold no token to predict.
+
+    Args:
+        model: a causal language model.
+        batches: token batches.
+
+    Returns:
+        ``exp`` of the mean next-token cross-entropy over every predicted (unpadded) token.
     """
     nll, count = 0.0, 0
     for b in batches:

@@ -179,7 +179,21 @@ class TextMetrics:
 
 
 def text_metrics(hyps: list[str], refs: list[str], bertscore: bool = True) -> TextMetrics:
-    """BLEU-4, ROUGE-L, METEOR and (unless ``bertscore=False``, then ``nan``) BERTScore F1 of paired texts."""
+    """BLEU-4, ROUGE-L, METEOR and (unless ``bertscore=False``, then ``nan``) BERTScore F1 of paired texts.
+
+    Args:
+        hyps: generated texts.
+        refs: reference texts, one per generated text.
+        bertscore: compute BERTScore (needs the ``eval`` extra and a local model).
+
+    Returns:
+        A :class:`TextMetrics` with every score in [0, 1].
+
+    Raises:
+        ValueError: ``hyps`` and ``refs`` differ in length, or are empty.
+        TypeError: an entry is not a string.
+        ModuleNotFoundError: BERTScore without its local encoder package.
+    """
     hyps, refs = _check_pairs(hyps, refs)
     bs = bertscore_f1(hyps, refs) if bertscore else float("nan")
     return TextMetrics(bleu4(hyps, refs), rouge_l(hyps, refs), meteor(hyps, refs), bs, meteor_variant(), len(hyps))

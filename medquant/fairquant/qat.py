@@ -95,6 +95,15 @@ def fake_quantized(model: nn.Module, quant_map: Mapping[str, QuantConfig | int |
 
 @dataclass
 class QATResult:
+    """What :func:`fq_qat` returns.
+
+    Attributes:
+        model: the fine-tuned model: exported ``QuantLinear`` / ``QuantConv2d`` layers (``export=True``) or the
+            model with its fake-quantization parametrizations still attached (``export=False``).
+        plan: the per-layer configurations that were trained with (layer name -> ``QuantConfig``).
+        history: one dict per optimiser step: ``step`` and the losses the training step recorded.
+    """
+
     model: nn.Module
     plan: dict[str, QuantConfig]
     history: list[dict[str, float]] = field(default_factory=list)

@@ -504,6 +504,11 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     ``AutoModel...from_pretrained(save_directory)`` rebuilds the identical model. Like :func:`medquant.save` the
     folder is replaced as one unit and gets ``medquant.manifest.json`` (:func:`medquant.io.write_checkpoint`),
     which ``from_pretrained`` verifies.
+
+    Args:
+        model: a transformers model quantized with medquant (or a float one).
+        save_directory: the output folder.
+        **kwargs: passed to transformers' ``save_pretrained`` (e.g. ``max_shard_size``).
     """
     attach_quantizer(model)
     _crash_safe_save_pretrained(model, save_directory, **kwargs)
