@@ -147,6 +147,11 @@ class VLMClassifier(nn.Module):
         return (hs * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
     def fused_embedding(self, pixel_values, input_ids=None, attention_mask=None, **image_kwargs) -> torch.Tensor:
+        """Projected image features concatenated with projected text features (zeros without ``input_ids``).
+
+        Raises:
+            ValueError: a different number of images and text rows.
+        """
         fi = self.image_proj(self.image_features(pixel_values, **image_kwargs).float())
         if input_ids is None:
             ft = torch.zeros_like(fi)
@@ -157,6 +162,7 @@ class VLMClassifier(nn.Module):
         return torch.cat([fi, ft], dim=-1)
 
     def forward(self, pixel_values, input_ids=None, attention_mask=None, **image_kwargs) -> torch.Tensor:
+        """Logits ``(N, n_labels)`` from the fused embedding (see :meth:`fused_embedding`)."""
         return self.head(self.fused_embedding(pixel_values, input_ids, attention_mask, **image_kwargs))
 
 
@@ -189,11 +195,13 @@ class CompactCNN(nn.Module):
         self.n_labels = n_labels
 
     def embed(self, x):
+        """The pooled feature vector ``(N, features)`` of images ``x``."""
         for b in self.blocks:
             x = b(x)
         return self.pool(x).flatten(1)
 
     def forward(self, x):
+        """Logits ``(N, n_labels)`` of images ``x``."""
         return self.head(self.embed(x))
 
 
@@ -240,6 +248,11 @@ class SmallViT(nn.Module):
         self.n_labels = n_labels
 
     def embed(self, x):
+        """The mean of the final token features ``(N, dim)`` of images ``x``.
+
+        Raises:
+            ValueError: images of another size than the model was built for.
+        """
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(f"SmallViT was built for {self.image_size}x{self.image_size} images, got "
                              f"{tuple(x.shape[-2:])}")
@@ -249,4 +262,5 @@ class SmallViT(nn.Module):
         return self.norm(x).mean(dim=1)
 
     def forward(self, x):
+        """Logits ``(N, n_labels)`` of images ``x``."""
         return self.head(self.embed(x))

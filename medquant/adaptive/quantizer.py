@@ -310,6 +310,22 @@ class AdaptiveQuantizer(nn.Module):
         return self.levels_to_bits(levels), torch.as_tensor(levels).to(torch.int64).cpu()
 
     def forward(self, *args, levels=None, bits=None, images=None, **kwargs):
+        """Run the wrapped model with each sample's activations quantized at its own bit-width.
+
+        Args:
+            *args: the model's positional inputs (the first one is scored when neither ``levels``, ``bits`` nor
+                ``images`` is given).
+            levels: complexity level per sample (mapped through ``bit_map``).
+            bits: bit-width per sample (1..8 quantized, >= 16 float).
+            images: raw images for the scorer, when the model's input is not what should be scored.
+            **kwargs: the model's keyword inputs.
+
+        Returns:
+            The wrapped model's output.
+
+        Raises:
+            ValueError: no way to get bits (no levels, bits, images or scorer), or bits / levels that do not fit.
+        """
         b, lv = self.resolve_bits(args, levels, bits, images)
         dev = next((t.device for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
         prev = self._bits
@@ -323,6 +339,7 @@ class AdaptiveQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ accounting
     def reset_stats(self) -> None:
+        """Forget the per-level sample and bit counts that :meth:`stats` reports."""
         self._count_by_level: dict[int, int] = {}
         self._bits_by_level: dict[int, int] = {}
         self._hist: dict[int, int] = {}

@@ -180,12 +180,14 @@ class MultilabelScores:
     macro_f1: float
 
     def as_dict(self) -> dict:
+        """JSON-ready scores: ``per_finding`` (precision, recall, F1, support) and the micro / macro values."""
         per = {n: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                for n, p, r, f, s in zip(self.names, self.precision, self.recall, self.f1, self.support)}
         return {"per_finding": per, "micro_precision": self.micro_precision, "micro_recall": self.micro_recall,
                 "micro_f1": self.micro_f1, "macro_f1": self.macro_f1}
 
     def table(self) -> str:
+        """The scores as a text table, one line per finding."""
         lines = [f"{'finding':28s} {'P':>6s} {'R':>6s} {'F1':>6s} {'n':>5s}"]
         for n, p, r, f, s in zip(self.names, self.precision, self.recall, self.f1, self.support):
             lines.append(f"{n:28s} {p:6.3f} {r:6.3f} {f:6.3f} {int(s):5d}")

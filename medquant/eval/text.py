@@ -175,6 +175,7 @@ class TextMetrics:
     n: int
 
     def as_dict(self) -> dict:
+        """The four scores as a dict."""
         return asdict(self)
 
 

@@ -189,6 +189,7 @@ class FairQuantAllocator:
         return rows
 
     def format_table(self) -> str:
+        """The allocation as text: one line per layer (shape, channels at each palette width, average bits)."""
         rows = self.layer_table()
         w = max([len(r["name"]) for r in rows] + [5])
         head = f"{'layer':<{w}}  {'shape':<18}" + "".join(f"{str(b) + 'b':>7}" for b in self.bits) + "  avg bits"

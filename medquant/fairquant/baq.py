@@ -63,12 +63,22 @@ class BAQWeight(nn.Module):
         self.b_min, self.b_max, self.per_channel = b_min, b_max, per_channel
 
     def continuous_bits(self) -> torch.Tensor:
+        """``b_cont = b_min + (b_max - b_min) * tanh(|theta|)`` per scope (differentiable in ``theta``)."""
         return self.b_min + (self.b_max - self.b_min) * torch.tanh(self.theta.abs())
 
     def bits(self) -> torch.Tensor:
+        """``round(b_cont)`` per scope, with a straight-through gradient to ``theta``."""
         return _round_ste(self.continuous_bits())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight fake-quantized at the current bits of each scope (symmetric, scale from the absolute max).
+
+        Args:
+            w: the float weight, ``(O, ...)``.
+
+        Returns:
+            The fake-quantized weight, same shape.
+        """
         w2 = w.reshape(w.shape[0], -1)
         b = self.bits()  # (scopes,)
         a = w2.detach().abs().amax(1) if self.per_channel else w2.detach().abs().amax().reshape(1)
@@ -148,13 +158,16 @@ class BAQWrapper:
 
     # ------------------------------------------------------------------ parameters and bits
     def logits(self) -> list[nn.Parameter]:
+        """The bit logits ``theta`` of every wrapped layer."""
         return [p.theta for p in self.params.values()]
 
     def weights(self) -> list[nn.Parameter]:
+        """The model's trainable parameters other than the bit logits."""
         ids = {id(t) for t in self.logits()}
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
 
     def continuous_bits(self) -> dict[str, torch.Tensor]:
+        """Layer name -> continuous bits per scope (see :meth:`BAQWeight.continuous_bits`)."""
         return {n: p.continuous_bits() for n, p in self.params.items()}
 
     def bit_rate(self) -> torch.Tensor:
@@ -182,6 +195,7 @@ class BAQWrapper:
         return {n: tuple(int(x) for x in b.tolist()) for n, b in bits.items()}
 
     def average_bits(self, **kw) -> float:
+        """Parameter-weighted mean of the discrete bits of :meth:`bits` (same keyword arguments)."""
         b = self.bits(**kw)
         return sum(sum(v) * self.sizes[n] for n, v in b.items()) / sum(len(v) * self.sizes[n] for n, v in b.items())
 
@@ -195,6 +209,16 @@ class BAQWrapper:
 
     # ------------------------------------------------------------------ loss and training
     def loss(self, losses: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """BAQ's objective: ``mean(loss) + lambda_fair * fairness penalty + lambda_bit * R``, where ``R`` is the
+        bit rate (:meth:`bit_rate`) or, with ``target_bits``, ``relu(bit rate - target_bits)``.
+
+        Args:
+            losses: per-sample task losses ``(N,)``.
+            groups: per-sample group ids ``(N,)``.
+
+        Returns:
+            ``(total loss, {"loss", "task", "fair", "avg_bits_cont"} as floats)``.
+        """
         task = losses.mean()
         fair = fairness_penalty(losses, groups) if self.lambda_fair > 0 else task.new_zeros(())
         rate = self.bit_rate()

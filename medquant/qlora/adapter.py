@@ -288,6 +288,7 @@ class QLoRAAdapter:
         return s["lora_alpha"] / (math.sqrt(s["r"]) if s["use_rslora"] else s["r"])
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every parameter that trains (the LoRA matrices)."""
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def num_parameters(self) -> tuple[int, int]:
