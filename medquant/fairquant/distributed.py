@@ -122,7 +122,20 @@ def global_group_objective(losses: torch.Tensor, groups: torch.Tensor, *, lambda
     grad_scale * dF/dw``: with ``grad_scale = world_size`` and the gradients averaged over ranks (what
     ``DistributedDataParallel`` does) every rank gets exactly the single-process gradient of ``F``; with
     ``grad_scale = 1`` and summed gradients too. Without a process group (or world size 1) this is the
-    single-process loss. Returns ``(surrogate, F_task, F_fair)`` (the last two detached, identical on all ranks).
+    single-process loss.
+
+    Args:
+        losses: this rank's per-sample losses ``(N_r,)``.
+        groups: this rank's group ids ``(N_r,)``, integers >= 0.
+        lambda_fair: weight of the fairness penalty.
+        group: the process group (default the world; None without ``torch.distributed``).
+        grad_scale: factor on the surrogate (``world_size`` when DDP averages the gradients).
+
+    Returns:
+        ``(surrogate, F_task, F_fair)``; the last two detached and identical on all ranks.
+
+    Raises:
+        ValueError: losses and group ids of different shapes or not 1-D, or a negative group id.
     """
     if losses.dim() != 1 or groups.shape != losses.shape:
         raise ValueError(f"need per-sample losses (N,) and group ids (N,), got {tuple(losses.shape)} and "
@@ -164,5 +177,14 @@ def fit_baq_distributed(wrapper, batches, **kwargs):
     batch); step ``t`` of the run is the union over ranks of their ``t``-th batches. Every rank computes the
     objective of that union (:func:`global_group_objective`: global mean loss, fairness penalty over the global
     group means, bit-rate term), gradients are averaged over ranks, so every rank takes the single-process step
-    and ends with identical ``theta``, bits and weights (rank 0's initial values are broadcast first)."""
+    and ends with identical ``theta``, bits and weights (rank 0's initial values are broadcast first).
+
+    Args:
+        wrapper: a :class:`medquant.fairquant.BAQWrapper`.
+        batches: this rank's batches.
+        **kwargs: passed to ``BAQWrapper.fit`` (epochs, learning rates...).
+
+    Returns:
+        What ``BAQWrapper.fit`` returns (the per-step history).
+    """
     return wrapper.fit(batches, distributed=True, **kwargs)

@@ -158,7 +158,13 @@ def fq_qat(
     fake-quantized: do not use it afterwards. An already ``fully_shard``-ed model is refused (the
     parametrizations must be attached before sharding).
 
-    Returns a :class:`QATResult` with the (exported) model, the resolved plan and per-step loss history.
+    Returns:
+        A :class:`QATResult` with the (exported) model, the resolved plan and the per-step loss history.
+
+    Raises:
+        ValueError: a map that selects no layer, ``epochs`` < 1, ``lr`` <= 0, ``lambda_fair`` < 0, a model without
+            trainable parameters, an already sharded model, or a DDP wrapper together with ``fsdp``.
+        RuntimeError: ``fsdp`` without an initialised process group of several ranks.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
