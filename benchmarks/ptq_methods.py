@@ -305,6 +305,11 @@ def _bootstrap(y, g, probs: dict, n_boot: int, seed: int = 0) -> dict:
                               for b in range(n_boot)])
             row[k] = {"diff": point, "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
                       "per_seed": [met(method, s, None)[k] for s in seeds]}
+        # agreement with the float model's predicted class (what "keeps the float model's predictions" means)
+        agree = [(probs[method][s].argmax(1) == probs["float"][s].argmax(1)) for s in seeds]
+        boots = np.array([np.mean([a[idxs[b]].mean() for a in agree]) for b in range(n_boot)])
+        row["agree_with_float"] = {"mean": float(np.mean([a.mean() for a in agree])),
+                                   "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
         out[method] = row
     out["float"] = {k: {"mean": float(np.mean([met("float", s, None)[k] for s in seeds])),
                         "per_seed": [met("float", s, None)[k] for s in seeds]} for k in keys}
@@ -528,20 +533,22 @@ def _markdown(lm: dict | None, cnn: dict | None, targets: dict) -> str:
     if cnn:
         lines += [("Image classifiers: difference to float in points (mean over seeds) with paired bootstrap 95% "
                   "intervals."), "",
-                  "| model | bits | method | accuracy | AUC | worst-group accuracy | s per run |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | bits | method | accuracy | AUC | worst-group accuracy | agrees with float | s per run |",
+                  "|---|---|---|---|---|---|---|---|"]
         for key, e in cnn["models"].items():
             for b, res in e["results"].items():
                 f = res["float"]
                 wf = f"{100 * f['worst_acc']['mean']:.1f}" if "worst_acc" in f else "-"
                 lines.append(f"| {key} | {b} | float | {100 * f['acc']['mean']:.1f} | "
-                             f"{100 * f['auc']['mean']:.1f} | {wf} | |")
+                             f"{100 * f['auc']['mean']:.1f} | {wf} | | |")
                 for m, r in res.items():
                     if m == "float":
                         continue
                     secs = np.mean([t["seconds"] for t in e["timing"].get(f"{b} {m}", [])] or [float("nan")])
+                    ag = r.get("agree_with_float")
+                    ag_s = f"{100 * ag['mean']:.1f}%" if ag else "not recorded"
                     lines.append(f"| {key} | {b} | {m} | {_fmt_ci(r['acc'])} | {_fmt_ci(r['auc'])} | "
-                                 f"{_fmt_ci(r['worst_acc']) if 'worst_acc' in r else '-'} | {secs:.1f} |")
+                                 f"{_fmt_ci(r['worst_acc']) if 'worst_acc' in r else '-'} | {ag_s} | {secs:.1f} |")
         if cnn.get("missing"):
             lines += ["", f"Not run: {', '.join(cnn['missing'])}."]
         lines.append("")
