@@ -37,7 +37,7 @@ from torch import nn
 from ..kernels.layout import dequantize_codes
 from ..quant.config import FLOAT_BITS
 from ..quant.core import quantize
-from ..quant.modules import QUANT_MODULES
+from ..quant.modules import QUANT_MODULES, QuantEmbedding
 from .registry import ExportError, parse_size  # noqa: F401  (parse_size: re-exported for the backends)
 
 T = TypeVar("T")
@@ -122,24 +122,33 @@ def check_mixed(model: nn.Module, promote: bool, format: str) -> list[str]:
     return [name for name, _ in mixed]
 
 
-def foreign_modules(model: nn.Module) -> list[tuple[str, str]]:
+def quantized_embeddings(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """``(name, table)`` of every ``QuantEmbedding`` (packed embedding rows, :func:`medquant.quantize_embeddings_`);
+    ``table.dequantized_weight(dtype)`` is the ``(num_embeddings, embedding_dim)`` table it looks rows up in."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantEmbedding)]
+
+
+def foreign_modules(model: nn.Module, allow: tuple[type, ...] = ()) -> list[tuple[str, str]]:
     """``(name, class)`` of the modules an export cannot write as the model's own layers: medquant modules other
-    than ``QuantLinear`` / ``QuantConv2d`` (e.g. quantized MoE experts, fake-quantization parametrizations) and
-    layers with a ``torch.nn.utils.parametrize`` parametrization (their weight is computed, not stored)."""
+    than ``QuantLinear`` / ``QuantConv2d`` and the classes in ``allow`` (e.g. quantized MoE experts, fake-quantization
+    parametrizations, ``QuantEmbedding`` unless allowed) and layers with a ``torch.nn.utils.parametrize``
+    parametrization (their weight is computed, not stored)."""
     from torch.nn.utils import parametrize
 
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, QUANT_MODULES):
+        if isinstance(m, QUANT_MODULES + tuple(allow)):
             continue
         if type(m).__module__.split(".")[0] == "medquant" or parametrize.is_parametrized(m):
             out.append((name, type(m).__name__))
     return out
 
 
-def check_native(model: nn.Module, format: str) -> None:
-    """Raise :class:`ExportError` listing :func:`foreign_modules` (the format has no tensors for them)."""
-    found = foreign_modules(model)
+def check_native(model: nn.Module, format: str, allow: tuple[type, ...] = ()) -> None:
+    """Raise :class:`ExportError` listing :func:`foreign_modules` (the format has no tensors for them); a backend
+    that writes some other medquant module itself (e.g. ``QuantEmbedding`` as a float table) passes it in
+    ``allow``."""
+    found = foreign_modules(model, allow)
     if found:
         listed = "; ".join(f"{n or '(model)'}: {c}" for n, c in found[:8]) + (" ..." if len(found) > 8 else "")
         raise ExportError(
@@ -253,14 +262,14 @@ def _is_quant_storage(key: str, quant_names: set[str]) -> bool:
 
 
 def float_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Every tensor of ``model.state_dict()`` except the quantized layers' codes, scales, zero points, float
-    rows and bit maps (their biases stay), as contiguous CPU tensors.
+    """Every tensor of ``model.state_dict()`` except the quantized layers' (and quantized embeddings') codes, scales,
+    zero points, float rows and bit maps (their biases stay), as contiguous CPU tensors.
 
     Returns:
         ``(tensors, dropped)``: ``dropped`` names the tensors left out because they share storage with an
         earlier one (tied weights, e.g. an LM head tied to the input embeddings): formats store them once.
     """
-    quant_names = {name for name, _ in quantized_layers(model)}
+    quant_names = {name for name, _ in quantized_layers(model) + quantized_embeddings(model)}
     seen: dict[tuple, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     dropped: list[str] = []

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from .common import (
     UniformWeight,
     check_mixed,
@@ -64,6 +64,7 @@ from .common import (
     layer_weight,
     parse_size,
     progress,
+    quantized_embeddings,
     quantized_layers,
     source_folder,
 )
@@ -175,7 +176,8 @@ def _float_rows(model: nn.Module, exported_float: dict[str, str], tensors: dict[
     """Report rows for float Linear / Conv2d / Embedding weights (not quantized by medquant)."""
     rows = []
     for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)) or not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        if isinstance(m, (QuantLinear, QuantConv2d, QuantEmbedding)) or \
+                not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
             continue
         key = f"{name}.weight"
         t = tensors.get(key)
@@ -276,7 +278,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     if not quant:
         raise ExportError(f"{type(model).__name__} has no medquant-quantized layers: quantize it first "
                           "(medquant.quantize_), or save the float model with save_pretrained")
-    check_native(model, FORMAT)
+    check_native(model, FORMAT, allow=(QuantEmbedding,))
     check_mixed(model, promote, FORMAT)
     tensors, dropped = float_tensors(model)
     packed_tensors: dict[str, torch.Tensor] = {}
@@ -284,6 +286,13 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     groups: dict[tuple, list[str]] = {}
     args: dict[tuple, Any] = {}
     exported_float: dict[str, str] = {}
+    for name, table in quantized_embeddings(model):  # serving runtimes read float embedding tables
+        w = table.dequantized_weight(table.weight_dtype).detach().cpu().contiguous()
+        tensors[f"{name}.weight"] = w
+        exported_float[name] = "a quantized embedding"
+        rows.append(LayerExport(name, layer_scheme(table), str(w.dtype).replace("torch.", ""), "float", 0.0,
+                                "quantized embedding written as its dequantised table (same values; runtimes "
+                                "read float embeddings)"))
     layer: Any
     for name, layer in progress(quant, total=len(quant), desc="packing", enabled=progress_bar):
         scheme = layer_scheme(layer)
@@ -352,7 +361,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     rows += _float_rows(model, exported_float, ordered)
     order_rows = {n: i for i, (n, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda r: order_rows.get(r.name, len(order_rows)))
-    layer_types = (nn.Linear, nn.Conv2d, nn.Embedding, QuantLinear, QuantConv2d)
+    layer_types = (nn.Linear, nn.Conv2d, nn.Embedding, QuantLinear, QuantConv2d, QuantEmbedding)
     n_other = sum(1 for key in tensors if not key.endswith(".weight") or key[:-7] not in order_rows
                   or not isinstance(model.get_submodule(key[:-7]), layer_types))
     notes = [f"{len(groups)} compressed-tensors config group(s): "

@@ -293,3 +293,31 @@ def test_bad_inputs_are_refused_before_writing(llama, tmp_path):
     assert not any((tmp_path / x).exists() for x in "abcdef")
     export(model, busy, format=FMT, overwrite=True)
     assert (busy / "config.json").is_file() and not (busy / "keep.txt").exists()
+
+
+def test_quantized_embeddings_and_a_head_sharing_their_codes(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from medquant.quant.embeddings import quantize_embeddings_
+    from medquant.testing.zoo import text_kwargs
+
+    entry = ZOO_BY_NAME["llama"]  # a LLaMA whose head is tied to the embeddings: quantized, they share codes
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs(tie_word_embeddings=True))).eval()
+    cfg = mq.QuantConfig(4, symmetric=True, group_size=32)
+    mq.quantize_(model, cfg)
+    assert quantize_embeddings_(model, cfg)["tied_heads"] == ["lm_head"]
+    inputs = entry.inputs(model)
+    with torch.no_grad(), force_backend("torch"):
+        ref = entry.output(model, inputs)
+    report = export(model, tmp_path / "ct", format=FMT)
+    rows = {r.name: r for r in report.layers}
+    assert rows["model.embed_tokens"].how == "float" and "quantized embedding" in rows["model.embed_tokens"].note
+    assert rows["lm_head"].how == "exact repack"
+    t = _tensors(tmp_path / "ct")
+    assert torch.equal(t["model.embed_tokens.weight"], model.model.embed_tokens.dequantized_weight(torch.float32))
+    assert "lm_head.weight_packed" in t
+    assert json.loads((tmp_path / "ct" / "config.json").read_text()).get("tie_word_embeddings") is False
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(entry.output(loaded, inputs), ref, rtol=1e-5, atol=1e-5)
