@@ -62,7 +62,19 @@ def per_sample_losses(aq: AdaptiveQuantizer, inputs: torch.Tensor, targets: torc
                       batch_size: int = 256) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Per-sample losses at each uniform activation width of ``bits_list`` (default the bit map's widths) and
     with float activations. ``loss_fn(logits, targets)`` must return one loss per sample (``reduction="none"``,
-    summed over labels if needed). Returns ``(bits -> (N,), fp (N,))``."""
+    summed over labels if needed). Returns ``(bits -> (N,), fp (N,))``.
+
+    Args:
+        aq: the :class:`AdaptiveQuantizer` wrapping the model.
+        inputs: the inputs ``(N, ...)``.
+        targets: the targets.
+        loss_fn: per-sample loss of ``(logits, targets)``.
+        bits_list: the widths to try (default the bit map's quantized widths).
+        batch_size: samples per forward pass.
+
+    Returns:
+        ``(losses by width, float losses)``.
+    """
     saved = (dict(aq._count_by_level), dict(aq._bits_by_level), dict(aq._hist))  # not part of the user's stats
     bits_list = sorted(set(bits_list or aq.bit_map.values()))
     out: dict[int, list[torch.Tensor]] = {b: [] for b in bits_list}

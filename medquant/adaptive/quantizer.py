@@ -91,7 +91,17 @@ def _parse_site(site) -> tuple[str, str]:
 
 def default_sites(model: nn.Module) -> list[tuple[str, str]]:
     """The input of the classification head: ``model.default_adaptive_sites`` when the model declares it, the
-    ``head`` role of a Hugging Face model, or a top-level child named ``head`` / ``classifier`` / ``fc``."""
+    ``head`` role of a Hugging Face model, or a top-level child named ``head`` / ``classifier`` / ``fc``.
+
+    Args:
+        model: the model.
+
+    Returns:
+        ``[(head name, "input")]`` (or the model's declared sites).
+
+    Raises:
+        ValueError: no classification head can be found (pass ``sites=`` explicitly).
+    """
     declared = getattr(model, "default_adaptive_sites", None)
     if declared:
         return [_parse_site(s) for s in declared]
@@ -113,7 +123,18 @@ def default_sites(model: nn.Module) -> list[tuple[str, str]]:
 
 def block_output_sites(model: nn.Module, prefix: str | None = None) -> list[tuple[str, str]]:
     """``(name, "output")`` for every block of ``model.blocks`` (or the ``nn.ModuleList`` named ``prefix``), or
-    the vision layers of a Hugging Face vision model (:func:`medquant.models.vision_layers`)."""
+    the vision layers of a Hugging Face vision model (:func:`medquant.models.vision_layers`).
+
+    Args:
+        model: the model.
+        prefix: name of the ``nn.ModuleList`` / ``nn.Sequential`` of blocks (default ``blocks`` or the vision layers).
+
+    Returns:
+        The sites.
+
+    Raises:
+        ValueError: ``prefix`` does not name a list of blocks.
+    """
     mods = dict(model.named_modules())
     if prefix is None and isinstance(mods.get("blocks"), nn.ModuleList):
         prefix = "blocks"

@@ -58,7 +58,14 @@ class Report:
 
 
 def report_split(uid: str) -> str:
-    """Fixed split of a report id: SHA-256 hash fraction ``u``; train ``u<0.6``, dev ``u<0.8``, else test."""
+    """Fixed split of a report id: SHA-256 hash fraction ``u``; train ``u<0.6``, dev ``u<0.8``, else test.
+
+    Args:
+        uid: the report id (e.g. ``"CXR1234"``).
+
+    Returns:
+        ``"train"``, ``"dev"`` or ``"test"``.
+    """
     u = int(hashlib.sha256(uid.encode("utf-8")).hexdigest()[:8], 16) / 2**32
     if u < _SPLIT_EDGES[0]:
         return "train"
@@ -69,7 +76,17 @@ def report_split(uid: str) -> str:
 
 def default_reports_path(data_dir: str | os.PathLike | None = None) -> Path:
     """``<data dir>/iu_xray_reports/NLMCXR_reports.tgz``, the data dir from :func:`medquant.data.default_data_dir`
-    (``data_dir``, else ``$MEDQUANT_DATA_DIR``; :class:`~medquant.data.DataDirNotSet` when neither is given)."""
+    (``data_dir``, else ``$MEDQUANT_DATA_DIR``; :class:`~medquant.data.DataDirNotSet` when neither is given).
+
+    Args:
+        data_dir: the data directory, or None.
+
+    Returns:
+        The path (not checked for existence).
+
+    Raises:
+        DataDirNotSet: no ``data_dir`` and no ``$MEDQUANT_DATA_DIR``.
+    """
     return default_data_dir(data_dir) / "iu_xray_reports" / "NLMCXR_reports.tgz"
 
 

@@ -84,7 +84,16 @@ class LayerCost:
 
 
 def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
-    """Per-layer MACs of one forward pass on the given input (module docstring). Runs under ``no_grad``."""
+    """Per-layer MACs of one forward pass on the given input (module docstring). Runs under ``no_grad``.
+
+    Args:
+        model: the model.
+        *args: the forward inputs.
+        **kwargs: the forward keyword inputs.
+
+    Returns:
+        One :class:`LayerCost` per Linear / Conv2d layer that ran.
+    """
     rows: dict[str, LayerCost] = {}
     hooks = []
 
@@ -118,12 +127,30 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
 
 
 def bops(model: nn.Module, *args: Any, act_bits: int = 32, **kwargs: Any) -> float:
-    """``sum_layers MACs * weight bits * act_bits`` for one forward pass on the given input."""
+    """``sum_layers MACs * weight bits * act_bits`` for one forward pass on the given input.
+
+    Args:
+        model: the model (quantized layers count their row bits, float layers their dtype width).
+        *args: the forward inputs.
+        act_bits: activation bits.
+        **kwargs: the forward keyword inputs.
+
+    Returns:
+        The bit operations of one forward pass.
+    """
     return float(sum(r.macs * r.weight_bits * act_bits for r in count_macs(model, *args, **kwargs)))
 
 
 def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
-    """The authors' proxy ``sum_layers params * weight bits * act_bits`` (ignores tokens / output positions)."""
+    """The authors' proxy ``sum_layers params * weight bits * act_bits`` (ignores tokens / output positions).
+
+    Args:
+        model: the model.
+        act_bits: activation bits.
+
+    Returns:
+        The proxy bit operations.
+    """
     total = 0.0
     for m in model.modules():
         if isinstance(m, QUANT_MODULES):
@@ -134,7 +161,16 @@ def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
 
 
 def model_size_summary(model: nn.Module, sample: Any, act_bits: int = 32) -> dict[str, float]:
-    """``{"avg_bits", "bytes", "bops", "proxy_bops"}`` for one forward pass on ``sample`` (one input)."""
+    """``{"avg_bits", "bytes", "bops", "proxy_bops"}`` for one forward pass on ``sample`` (one input).
+
+    Args:
+        model: the model.
+        sample: one forward input, passed as ``model(sample)``.
+        act_bits: activation bits.
+
+    Returns:
+        The four numbers as a dict.
+    """
     rep = model_size(model)
     return {"avg_bits": rep.effective_bits, "bytes": rep.total_bytes, "bops": bops(model, sample, act_bits=act_bits),
             "proxy_bops": proxy_bops(model, act_bits)}

@@ -254,7 +254,16 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
 
 
 def balanced_accuracy(y_true: Any, y_pred: Any, task: str | None = None) -> float:
-    """Balanced accuracy (module docstring)."""
+    """Balanced accuracy (module docstring).
+
+    Args:
+        y_true: true labels.
+        y_pred: predicted labels.
+        task: as in :func:`fairness_report` (None: inferred).
+
+    Returns:
+        The mean per-class recall (multi-label: mean over labels of the mean of TPR and TNR).
+    """
     yt, yp = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred")
     if yt.shape != yp.shape:
         raise ValueError(f"y_true {yt.shape} and y_pred {yp.shape} must have the same shape")

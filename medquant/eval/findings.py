@@ -139,7 +139,14 @@ def _heading_qualifiers(term: str) -> tuple[str, list[str]]:
 
 
 def mesh_labels(terms: tuple[str, ...] | list[str]) -> np.ndarray | None:
-    """Binary 14-vector from IU MeSH ``<major>`` terms through :data:`MESH_MAP`; ``None`` for "No Indexing"."""
+    """Binary 14-vector from IU MeSH ``<major>`` terms through :data:`MESH_MAP`; ``None`` for "No Indexing".
+
+    Args:
+        terms: the report's MeSH major terms.
+
+    Returns:
+        ``(14,)`` 0/1 array in CHEXPERT_FINDINGS order, or None.
+    """
     terms = list(terms)
     if not terms or any(t.strip().lower() == "no indexing" for t in terms):
         return None
@@ -155,7 +162,18 @@ def mesh_labels(terms: tuple[str, ...] | list[str]) -> np.ndarray | None:
 
 
 def binarize(labels: np.ndarray, uncertain: str = "positive") -> np.ndarray:
-    """Three-valued labels (1, 0, -1, nan) -> 0/1 ints: nan and 0 -> 0, 1 -> 1, -1 -> 1 or 0 per ``uncertain``."""
+    """Three-valued labels (1, 0, -1, nan) -> 0/1 ints: nan and 0 -> 0, 1 -> 1, -1 -> 1 or 0 per ``uncertain``.
+
+    Args:
+        labels: array of 1 / 0 / -1 / nan.
+        uncertain: ``"positive"`` (-1 counts as present) or ``"negative"``.
+
+    Returns:
+        Integer 0/1 array of the same shape.
+
+    Raises:
+        ValueError: an unknown ``uncertain`` policy.
+    """
     if uncertain not in ("positive", "negative"):
         raise ValueError(f"uncertain must be 'positive' or 'negative', got {uncertain!r}")
     a = np.asarray(labels, dtype=np.float64)

@@ -158,7 +158,15 @@ def mentions(text: str, mode: str = "report") -> list[Mention]:
 
 
 def label_text(text: str, mode: str = "report") -> np.ndarray:
-    """Three-valued 14-vector (1, 0, -1, nan) for a report (``mode="report"``) or a findings answer."""
+    """Three-valued 14-vector (1, 0, -1, nan) for a report (``mode="report"``) or a findings answer.
+
+    Args:
+        text: the report or answer.
+        mode: ``"report"`` or ``"answer"``.
+
+    Returns:
+        ``(14,)`` float array in CHEXPERT_FINDINGS order.
+    """
     vec = np.full(len(CHEXPERT_FINDINGS), np.nan)
     rank = {1: 3, -1: 2, 0: 1}
     for m in mentions(text, mode):

@@ -80,7 +80,14 @@ def _as_config_dict(value: Any, what: str) -> dict | None:
 
 def recipe_of(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
     """``(modules, skipped_modules)`` of a model: the recipe of every QuantLinear / QuantConv2d (type, shape,
-    ``weight_dtype``, QuantConfig dict) and the names of the torch Linear / Conv2d layers still in float."""
+    ``weight_dtype``, QuantConfig dict) and the names of the torch Linear / Conv2d layers still in float.
+
+    Args:
+        model: a model quantized with medquant.
+
+    Returns:
+        ``(modules, skipped_modules)``.
+    """
     return model_recipe(model, weight_dtype=True), sorted(quantizable_modules(model))
 
 
@@ -448,7 +455,14 @@ class MedQuantHfQuantizer(HfQuantizer):
 
 def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
     """Make a model quantized with :func:`medquant.quantize_` look like one loaded by ``from_pretrained``:
-    ``model.hf_quantizer`` and ``model.config.quantization_config`` (recording every module's recipe)."""
+    ``model.hf_quantizer`` and ``model.config.quantization_config`` (recording every module's recipe).
+
+    Args:
+        model: a transformers model quantized in place with medquant.
+
+    Returns:
+        The attached :class:`MedQuantHfQuantizer`.
+    """
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
