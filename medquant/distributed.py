@@ -51,7 +51,14 @@ def barrier() -> None:
 
 def is_distributed(group=None) -> bool:
     """A ``torch.distributed`` process group is initialised and ``group`` (default: the world) has more than
-    one rank, i.e. the collectives below actually communicate."""
+    one rank, i.e. the collectives below actually communicate.
+
+    Args:
+        group: the process group (default the world).
+
+    Returns:
+        Whether collectives communicate.
+    """
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
@@ -59,7 +66,16 @@ def is_distributed(group=None) -> bool:
 
 def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool:
     """``flag`` or-ed over every rank of ``group`` (one ``all_reduce`` of a one-element tensor on ``device``;
-    ``flag`` itself without a process group). Lets every rank stop a loop together when one runs out of data."""
+    ``flag`` itself without a process group). Lets every rank stop a loop together when one runs out of data.
+
+    Args:
+        flag: this rank's flag.
+        device: device of the reduced tensor (the backend's: ``cuda`` for NCCL).
+        group: the process group (default the world).
+
+    Returns:
+        True when any rank passed True.
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -71,7 +87,14 @@ def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool
 
 # ------------------------------------------------------------------------------------------------ data parallel
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (``model`` itself otherwise)."""
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (``model`` itself otherwise).
+
+    Args:
+        model: a model, possibly wrapped.
+
+    Returns:
+        The inner module.
+    """
     from torch.nn.parallel import DataParallel
 
     while isinstance(model, (DistributedDataParallel, DataParallel)):
@@ -80,12 +103,26 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_ddp(model: nn.Module) -> bool:
-    """``model`` is a ``torch.nn.parallel.DistributedDataParallel``."""
+    """``model`` is a ``torch.nn.parallel.DistributedDataParallel``.
+
+    Args:
+        model: the model.
+
+    Returns:
+        Whether it is a DDP wrapper.
+    """
     return isinstance(model, DistributedDataParallel)
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    """``model`` was sharded with FSDP2's ``torch.distributed.fsdp.fully_shard``."""
+    """``model`` was sharded with FSDP2's ``torch.distributed.fsdp.fully_shard``.
+
+    Args:
+        model: the model.
+
+    Returns:
+        Whether the model itself is FSDP2-sharded.
+    """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
@@ -94,7 +131,13 @@ def is_fsdp(model: nn.Module) -> bool:
 
 
 def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0, group=None) -> None:
-    """Copy ``src``'s values of ``params`` to every rank (no-op without a process group)."""
+    """Copy ``src``'s values of ``params`` to every rank (no-op without a process group).
+
+    Args:
+        params: the tensors to overwrite in place.
+        src: the rank whose values win.
+        group: the process group (default the world).
+    """
     import torch.distributed as dist
 
     if not is_distributed(group):
@@ -108,7 +151,14 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
                          bucket_bytes: int = 25 * 2**20) -> None:
     """Sum (``average=False``) or average the ``.grad`` of ``params`` over ranks, in buckets of about
     ``bucket_bytes`` (a missing gradient counts as zeros, so every rank issues the same collectives). No-op
-    without a process group."""
+    without a process group.
+
+    Args:
+        params: the parameters whose gradients to reduce.
+        average: divide the sum by the world size.
+        group: the process group (default the world).
+        bucket_bytes: bytes per collective at most.
+    """
     import torch.distributed as dist
 
     if not is_distributed(group):
@@ -151,7 +201,15 @@ def ddp_like(ddp: DistributedDataParallel, module: nn.Module) -> DistributedData
     """A new ``DistributedDataParallel`` around ``module`` with ``ddp``'s settings (process group, devices,
     bucket size, unused-parameter detection, buffer sync). Needed after ``torch.nn.utils.parametrize`` changed
     the wrapped module: a DDP built before no longer sees the parametrized weights' gradients. The old wrapper's
-    hooks stay inert as long as its own forward is not called again."""
+    hooks stay inert as long as its own forward is not called again.
+
+    Args:
+        ddp: the existing wrapper.
+        module: the module to wrap.
+
+    Returns:
+        The new wrapper.
+    """
     import inspect
 
     kw: dict[str, Any] = {"device_ids": ddp.device_ids, "output_device": ddp.output_device, "dim": ddp.dim,
@@ -167,14 +225,28 @@ def ddp_like(ddp: DistributedDataParallel, module: nn.Module) -> DistributedData
 
 # ------------------------------------------------------------------------------------------------ FSDP2 helpers
 def has_fsdp(model: nn.Module) -> bool:
-    """``model`` or one of its submodules was sharded with FSDP2's ``fully_shard``."""
+    """``model`` or one of its submodules was sharded with FSDP2's ``fully_shard``.
+
+    Args:
+        model: the model.
+
+    Returns:
+        Whether any module of ``model`` is FSDP2-sharded.
+    """
     return any(is_fsdp(m) for m in model.modules())
 
 
 def meta_skeleton(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters are on the meta device (no memory); buffers are copied (FSDP2
     does not shard them, and non-persistent ones are absent from state dicts). Take it *before* attaching
-    parametrizations or sharding; :func:`load_full_state` fills it."""
+    parametrizations or sharding; :func:`load_full_state` fills it.
+
+    Args:
+        model: the model to copy.
+
+    Returns:
+        The meta-device copy.
+    """
     import copy
 
     memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
@@ -187,7 +259,17 @@ def fsdp_shard(model: nn.Module, units: Iterable[str] = (), *, mesh=None, ignore
     group), then on ``model``. Rank 0's parameter values are broadcast first (``fully_shard`` keeps each rank's
     slice of its own local tensor, so ranks built with different weights would mix them). ``mesh``: a 1-D
     ``DeviceMesh`` (default: every rank, on the device type of the parameters). ``ignored_params`` stay plain,
-    replicated tensors. Returns the mesh."""
+    replicated tensors. Returns the mesh.
+
+    Args:
+        model: the model (sharded in place).
+        units: names of the submodules to shard as their own units.
+        mesh: a 1-D ``DeviceMesh``, or None.
+        ignored_params: parameters left unsharded.
+
+    Returns:
+        The device mesh used.
+    """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -229,7 +311,15 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
     possibly parametrized ``sharded`` model: ``DTensor.full_tensor()`` one tensor at a time (a collective: every
     rank must call it), ``...parametrizations.weight.original`` stored as ``...weight``; parameters of the
     parametrizations (BAQ's ``theta``) are left out; tied parameters stay tied. Every rank ends with the full model.
-    Returns ``skeleton``."""
+    Returns ``skeleton``.
+
+    Args:
+        skeleton: the meta-device copy from :func:`meta_skeleton`.
+        sharded: the trained, sharded model.
+
+    Returns:
+        ``skeleton``, filled.
+    """
     from torch.distributed.tensor import DTensor
 
     want = dict(skeleton.state_dict())
@@ -265,7 +355,16 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
 def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, group=None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm) over parameters that may mix FSDP2-sharded ``DTensor``s
     (each element held by one rank: local squared sums are all-reduced) and plain replicated tensors (same
-    gradient on every rank: counted once). Same formula as torch: ``coef = min(1, max_norm / (norm + 1e-6))``."""
+    gradient on every rank: counted once). Same formula as torch: ``coef = min(1, max_norm / (norm + 1e-6))``.
+
+    Args:
+        params: the parameters whose gradients to clip in place.
+        max_norm: the largest total 2-norm.
+        group: the process group of the sharded tensors (default the world).
+
+    Returns:
+        The total norm before clipping.
+    """
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 

@@ -95,7 +95,17 @@ def box_counting_dimension_numpy(mask: np.ndarray) -> float:
 
 def reference_metrics(image: np.ndarray, edge_threshold: float = 0.1, bits_stored: int | None = None,
                       fd_loop: bool = False) -> np.ndarray:
-    """The five metrics of one image with scikit-image / numpy -> float64 array (5,)."""
+    """The five metrics of one image with scikit-image / numpy -> float64 array (5,).
+
+    Args:
+        image: a gray or RGB image (uint8 / uint16 / float in [0, 1]).
+        edge_threshold: Sobel magnitude above which a pixel is an edge.
+        bits_stored: bit depth of integer images (default from the dtype).
+        fd_loop: compute the fractal dimension with an explicit loop (slower; a cross-check).
+
+    Returns:
+        entropy, edge density, intensity std, fractal dimension, LBP entropy.
+    """
     from skimage.feature import local_binary_pattern
     from skimage.filters import sobel
     from skimage.measure import shannon_entropy
@@ -116,6 +126,15 @@ def reference_metrics(image: np.ndarray, edge_threshold: float = 0.1, bits_store
 
 
 def reference_metrics_batch(images, edge_threshold: float = 0.1, bits_stored: int | None = None) -> np.ndarray:
-    """:func:`reference_metrics` over an iterable of images -> (N, 5)."""
+    """:func:`reference_metrics` over an iterable of images -> (N, 5).
+
+    Args:
+        images: the images.
+        edge_threshold: as in :func:`reference_metrics`.
+        bits_stored: as in :func:`reference_metrics`.
+
+    Returns:
+        ``(N, 5)`` float64 array.
+    """
     rows = [reference_metrics(im, edge_threshold, bits_stored) for im in images]
     return np.stack(rows) if rows else np.zeros((0, 5))

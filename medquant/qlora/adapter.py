@@ -78,6 +78,17 @@ def resolve_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
     A target starting with ``re:`` is a regular expression matched (``re.fullmatch``) against the full name
     instead. Raises ``ValueError`` when the model has none of the roles (a plain ``nn.Module``: pass
     ``roles=()`` and regex targets) or when a target matches nothing.
+
+    Args:
+        model: the model.
+        targets: last name components, or ``re:<regex>`` full-name patterns.
+        roles: the model roles to search (``medquant.models.model_roles``).
+
+    Returns:
+        The full module names, target by target (each in model order, without repeats).
+
+    Raises:
+        ValueError: see above.
     """
     if roles:
         in_roles = set(_role_modules(model, roles))
@@ -163,6 +174,17 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
     and whose matmul runs in bfloat16. That is faster, but the outputs then depend on the CPU model and differ
     from training-mode outputs. Off by default, so results are the same on every CPU; ``True`` allows it.
     Returns the names replaced.
+
+    Args:
+        model: the model (modified in place).
+        names: full names of the ``nn.Linear`` modules to quantize.
+        compute_dtype: dtype the NF4 layers dequantize to for their matmul.
+        double_quant: quantize the block constants too (bitsandbytes double quantization).
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        cpu_bf16_packing: see above.
+
+    Returns:
+        The names of the quantized modules.
     """
     bnb = _bnb()
     cfg = NF4Config(compute_dtype, double_quant, quant_type, cpu_bf16_packing)
@@ -179,7 +201,14 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
 
 
 def nf4_modules(model: nn.Module) -> list[str]:
-    """Names of the bitsandbytes ``Linear4bit`` modules in ``model``."""
+    """Names of the bitsandbytes ``Linear4bit`` modules in ``model``.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The module names.
+    """
     bnb = _bnb()
     return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
 
@@ -214,7 +243,15 @@ def _dequantized_linear(q: nn.Module, dtype: torch.dtype) -> nn.Linear:
 
 
 def nf4_dequantize_(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Replace every ``Linear4bit`` in ``model`` by an ``nn.Linear`` holding its dequantized weight."""
+    """Replace every ``Linear4bit`` in ``model`` by an ``nn.Linear`` holding its dequantized weight.
+
+    Args:
+        model: the model (modified in place).
+        dtype: dtype of the float weights.
+
+    Returns:
+        The names of the replaced modules.
+    """
     names = nf4_modules(model)
     for name in names:
         swap_module(model, name, _dequantized_linear(model.get_submodule(name), dtype))
@@ -405,7 +442,23 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
                max_grad_norm: float | None = 1.0, progress: bool = True, seed: int | None = 0,
                desc: str = "train") -> list[float]:
     """AdamW over the parameters of ``model`` that require grad, ``grad_accum`` batches per step (each loss divided
-    by ``grad_accum``), through :func:`medquant.training.train_steps`; see :meth:`QLoRAAdapter.train`."""
+    by ``grad_accum``), through :func:`medquant.training.train_steps`; see :meth:`QLoRAAdapter.train`.
+
+    Args:
+        model: the model (its trainable parameters are optimised).
+        batches: dicts of model inputs with ``labels``.
+        steps: optimiser steps (default: one pass over ``batches``).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        grad_accum: batches per optimiser step.
+        max_grad_norm: gradient clipping (None: none).
+        progress: show a progress bar.
+        seed: seed set before training (None: leave the generator alone).
+        desc: the progress bar's label.
+
+    Returns:
+        The loss of every optimiser step.
+    """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     params = [p for p in model.parameters() if p.requires_grad]
