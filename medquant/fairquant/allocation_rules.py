@@ -34,7 +34,15 @@ ALLOCATION_SCOPES = ("channel", "tensor")
 
 
 def scope_scores(reduced: dict[str, torch.Tensor], scope: str = "channel") -> dict[str, torch.Tensor]:
-    """``{layer: scores}``: one score per output channel (``scope="channel"``) or one per tensor."""
+    """``{layer: scores}``: one score per output channel (``scope="channel"``) or one per tensor.
+
+    Args:
+        reduced: layer -> cross-group importance ``R`` (same shape as the weight).
+        scope: ``"channel"`` or ``"tensor"``.
+
+    Returns:
+        ``{layer: scores}``.
+    """
     if scope not in ALLOCATION_SCOPES:
         raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(ALLOCATION_SCOPES)}")
     out = {}
@@ -95,7 +103,16 @@ def rank_cuts(n: int, props: Sequence[float]) -> list[int]:
 
 def allocate_by_rank(scores: dict[str, torch.Tensor], bits: Sequence[int], props: Sequence[float]
                      ) -> dict[str, tuple[int, ...]]:
-    """Rank rule (module docstring): ``{layer: bits per scope}``."""
+    """Rank rule (module docstring): ``{layer: bits per scope}``.
+
+    Args:
+        scores: layer -> one score per scope.
+        bits: the palette, lowest first.
+        props: the fraction of scopes for each palette width.
+
+    Returns:
+        ``{layer: bits per scope}``.
+    """
     pal, pr = check_palette(bits, props)
     assert pr is not None  # proportions were given
     flat, spans = _flatten(scores)
@@ -111,7 +128,16 @@ def allocate_by_rank(scores: dict[str, torch.Tensor], bits: Sequence[int], props
 
 def allocate_by_quantile(scores: dict[str, torch.Tensor], bits: Sequence[int], props: Sequence[float]
                          ) -> dict[str, tuple[int, ...]]:
-    """The authors' quantile rule, for comparison only (misses the proportions when scores tie)."""
+    """The authors' quantile rule, for comparison only (misses the proportions when scores tie).
+
+    Args:
+        scores: layer -> one score per scope.
+        bits: the palette, lowest first.
+        props: the fraction of scopes for each palette width.
+
+    Returns:
+        ``{layer: bits per scope}``.
+    """
     pal, pr = check_palette(bits, props)
     flat, spans = _flatten(scores)
     q = torch.tensor(pr, dtype=torch.float64).cumsum(0)[:-1].clamp(0, 1)
@@ -124,7 +150,21 @@ def allocate_by_quantile(scores: dict[str, torch.Tensor], bits: Sequence[int], p
 
 def allocate_to_budget(scores: dict[str, torch.Tensor], sizes: dict[str, int], bits: Sequence[int],
                        target: float, tolerance: float = 0.1) -> dict[str, tuple[int, ...]]:
-    """Budget rule (module docstring). ``sizes[layer]`` = weights per scope of that layer."""
+    """Budget rule (module docstring). ``sizes[layer]`` = weights per scope of that layer.
+
+    Args:
+        scores: layer -> one score per scope.
+        sizes: layer -> weights per scope.
+        bits: the palette.
+        target: the parameter-weighted average bits to reach.
+        tolerance: largest allowed ``|average - target|``.
+
+    Returns:
+        ``{layer: bits per scope}``.
+
+    Raises:
+        ValueError: no allocation of the palette lands within ``tolerance`` of ``target``.
+    """
     pal, _ = check_palette(bits)
     target = float(target)
     if not math.isfinite(target) or target < pal[0] or target > pal[-1]:
@@ -172,7 +212,15 @@ def bit_map_average_bits(bit_map: Mapping[str, Sequence[int]], sizes: Mapping[st
     """Parameter-weighted average bits of a bit map: ``sum_s n_s b_s / sum_s n_s``.
 
     ``bit_map`` is ``{layer: per-scope bits}`` and ``sizes[layer]`` the number of weights in one of its scopes
-    (:func:`medquant.eval.average_bits` gives the same figure for a quantized model)."""
+    (:func:`medquant.eval.average_bits` gives the same figure for a quantized model).
+
+    Args:
+        bit_map: layer -> bits per scope.
+        sizes: layer -> weights per scope.
+
+    Returns:
+        The average bits.
+    """
     num = sum(sum(int(b) for b in bs) * sizes[name] for name, bs in bit_map.items())
     den = sum(len(bs) * sizes[name] for name, bs in bit_map.items())
     return num / den if den else 0.0

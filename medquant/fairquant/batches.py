@@ -33,7 +33,15 @@ _TARGET_KEYS = ("labels", "targets")
 
 def per_sample_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample loss ``(N,)``: cross-entropy for integer targets ``(N,)``; for float targets of the logits'
-    shape (multi-label), the mean over labels of binary cross-entropy with logits."""
+    shape (multi-label), the mean over labels of binary cross-entropy with logits.
+
+    Args:
+        outputs: the model's output (``.logits``, a tuple, or the logits tensor).
+        targets: the targets.
+
+    Returns:
+        ``(N,)`` losses.
+    """
     logits = main_output(outputs, hidden_state=False)  # the tensor, .logits or the first tuple element
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
@@ -54,7 +62,15 @@ def per_sample_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Per-sample loss for ``(inputs, targets, groups)`` tuples or dicts with ``labels``/``targets`` + ``groups``."""
+    """Per-sample loss for ``(inputs, targets, groups)`` tuples or dicts with ``labels``/``targets`` + ``groups``.
+
+    Args:
+        model: the model (called as ``model(inputs)`` or ``model(**inputs)``).
+        batch: the batch.
+
+    Returns:
+        Per-sample losses ``(N,)`` (see :func:`per_sample_loss`).
+    """
     if isinstance(batch, Mapping):
         key = next((k for k in _TARGET_KEYS if k in batch), None)
         if key is None:
@@ -70,7 +86,14 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def default_groups(batch: Any) -> torch.Tensor:
-    """Group ids of a batch: ``batch["groups"]`` for dicts, the last element of tuples/lists."""
+    """Group ids of a batch: ``batch["groups"]`` for dicts, the last element of tuples/lists.
+
+    Args:
+        batch: a dict or a tuple / list batch.
+
+    Returns:
+        The group ids ``(N,)``.
+    """
     if isinstance(batch, Mapping):
         if "groups" not in batch:
             raise KeyError(f"batch dict has no 'groups' key (keys: {sorted(batch)}); pass groups_fn")
@@ -116,7 +139,15 @@ def group_mean_losses(losses: torch.Tensor, groups: torch.Tensor) -> dict[int, t
 
 
 def fairness_penalty(losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """``max_g L_g - min_g L_g`` over the groups present in the batch (0 with fewer than two groups)."""
+    """``max_g L_g - min_g L_g`` over the groups present in the batch (0 with fewer than two groups).
+
+    Args:
+        losses: per-sample losses ``(N,)``.
+        groups: per-sample group ids ``(N,)``.
+
+    Returns:
+        The scalar penalty (differentiable in ``losses``).
+    """
     lg = list(group_mean_losses(losses, groups).values())
     if len(lg) < 2:
         return losses.sum() * 0

@@ -38,7 +38,15 @@ __all__ = ["all_reduce_importance", "distributed_group_importance", "fit_allocat
 
 def all_reduce_importance(importance, group=None):
     """Sum a :class:`~medquant.fairquant.importance.GroupImportance` over all ranks (in place on the maps; also
-    returned). Groups seen by only some ranks count as zero maps elsewhere. No-op without a process group."""
+    returned). Groups seen by only some ranks count as zero maps elsewhere. No-op without a process group.
+
+    Args:
+        importance: this rank's :class:`~medquant.fairquant.importance.GroupImportance`.
+        group: the process group (default the world).
+
+    Returns:
+        ``importance``, summed.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return importance
     w = dist.get_world_size(group)
@@ -71,7 +79,18 @@ def all_reduce_importance(importance, group=None):
 
 def distributed_group_importance(model: nn.Module, batches, *, max_batches: int | None = 50, group=None, **kwargs):
     """This rank's share of the first ``max_batches`` calibration batches (``rank, rank + world, ...``), its partial
-    importance (``compute_group_importance(model, share, **kwargs)``), summed over ranks."""
+    importance (``compute_group_importance(model, share, **kwargs)``), summed over ranks.
+
+    Args:
+        model: the model (identical on every rank).
+        batches: the calibration batches (the same on every rank).
+        max_batches: use at most this many.
+        group: the process group (default the world).
+        **kwargs: passed to ``compute_group_importance``.
+
+    Returns:
+        The global :class:`~medquant.fairquant.importance.GroupImportance`.
+    """
     r, w = rank(), world_size()
     if w < 1 or not 0 <= r < w:
         raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank={r}, world_size={w}")
@@ -90,7 +109,19 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
 
 def fit_allocator_distributed(allocator, model: nn.Module, batches, *, loss_fn=None, groups_fn=None, group=None):
     """``allocator.fit(model, batches)`` with the calibration split across ranks (module docstring); returns the
-    fitted allocator, identical on every rank."""
+    fitted allocator, identical on every rank.
+
+    Args:
+        allocator: a :class:`medquant.fairquant.FairQuantAllocator`.
+        model: the model.
+        batches: the calibration batches (the same on every rank).
+        loss_fn: per-sample loss function (default cross-entropy).
+        groups_fn: group ids of a batch (default :func:`~medquant.fairquant.batches.default_groups`).
+        group: the process group (default the world).
+
+    Returns:
+        The fitted allocator.
+    """
     if allocator.seed is not None:
         torch.manual_seed(allocator.seed)
     imp = distributed_group_importance(

@@ -45,6 +45,14 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None,
                        skip: Sequence[str] | None = None) -> dict[str, nn.Module]:
     """The Linear / Conv2d modules FairQuant allocates bits to (``quantize_``'s rules: torch.nn's own classes,
     not inside ``nn.MultiheadAttention``), optionally restricted by ``quantize_`` patterns ``layers`` / ``skip``.
+
+    Args:
+        model: the model.
+        layers: patterns of the layers to keep (None: all).
+        skip: patterns of layers to leave out.
+
+    Returns:
+        Name -> module.
     """
     all_q = quantizable_modules(model)
     if layers is not None or skip:

@@ -66,7 +66,15 @@ class FakeQuantWeight(nn.Module):
 
 def attach_fake_quant(model: nn.Module, quant_map: Mapping[str, QuantConfig | int | None]) -> dict[str, QuantConfig]:
     """Register :class:`FakeQuantWeight` on every module ``quant_map`` resolves (``quantize_`` patterns).
-    Returns the resolved plan. Undo with :func:`detach_fake_quant`."""
+    Returns the resolved plan. Undo with :func:`detach_fake_quant`.
+
+    Args:
+        model: the model (parametrized in place).
+        quant_map: ``quantize_`` patterns -> configuration, bits, or None.
+
+    Returns:
+        Layer name -> ``QuantConfig`` that is fake-quantized.
+    """
     plan = resolve_configs(model, quant_map)
     if not plan:
         raise ValueError("the quantization map selects no Linear / Conv2d layer")
@@ -77,7 +85,11 @@ def attach_fake_quant(model: nn.Module, quant_map: Mapping[str, QuantConfig | in
 
 
 def detach_fake_quant(model: nn.Module) -> None:
-    """Remove the fake-quant parametrizations, keeping the trained float weights."""
+    """Remove the fake-quant parametrizations, keeping the trained float weights.
+
+    Args:
+        model: the model.
+    """
     for mod in model.modules():
         if parametrize.is_parametrized(mod, "weight") and any(
                 isinstance(p, FakeQuantWeight) for p in mod.parametrizations["weight"]):
@@ -86,7 +98,12 @@ def detach_fake_quant(model: nn.Module) -> None:
 
 @contextmanager
 def fake_quantized(model: nn.Module, quant_map: Mapping[str, QuantConfig | int | None]):
-    """Context manager: the model computes with fake-quantized weights inside the block."""
+    """Context manager: the model computes with fake-quantized weights inside the block.
+
+    Args:
+        model: the model.
+        quant_map: as in :func:`attach_fake_quant`.
+    """
     attach_fake_quant(model, quant_map)
     try:
         yield model

@@ -21,7 +21,19 @@ SHARE_FLOOR = 1e-8
 
 def reduce_groups(maps: dict[int, dict[str, torch.Tensor]], reducer: str = "balanced",
                   alpha: float = 0.1) -> dict[str, torch.Tensor]:
-    """``{layer: R}`` from ``{group: {layer: I_g}}`` (see the module docstring for the formulas)."""
+    """``{layer: R}`` from ``{group: {layer: I_g}}`` (see the module docstring for the formulas).
+
+    Args:
+        maps: group -> layer -> importance map.
+        reducer: one of ``REDUCERS``.
+        alpha: the CVaR parameter ``a`` (module docstring).
+
+    Returns:
+        Layer -> reduced importance.
+
+    Raises:
+        ValueError: an unknown reducer, no maps, or ``alpha`` outside [0, 1).
+    """
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r}; accepted: {', '.join(REDUCERS)}")
     if not maps:
