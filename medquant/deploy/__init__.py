@@ -12,11 +12,13 @@ from .registry import (
     ExportError,
     ExportReport,
     LayerExport,
+    check_format,
     export,
     export_formats,
     format_description,
+    parse_size,
     register_export_format,
 )
 
-__all__ = ["HOW", "ExportBackend", "ExportError", "ExportReport", "LayerExport", "export", "export_formats",
-           "format_description", "register_export_format"]
+__all__ = ["HOW", "ExportBackend", "ExportError", "ExportReport", "LayerExport", "check_format", "export",
+           "export_formats", "format_description", "parse_size", "register_export_format"]
