@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,27 +37,22 @@ SMOKE = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Start every example at once (they are mostly single-threaded: on 2 cores this halves the wall time) and
-    collect ``script -> (returncode, stdout, stderr, folder)``."""
+    """Run every example, two at a time (they are mostly single-threaded: on 2 cores this halves the wall time
+    while keeping memory to two processes), and collect ``script -> (returncode, stdout, stderr, folder)``."""
     if not _data_dir().is_dir():
         pytest.skip(f"the real data is not at {_data_dir()} (set MEDQUANT_DATA_DIR)")
     env = {**os.environ, "MEDQUANT_DATA_DIR": str(_data_dir()), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    procs = {}
-    for script, args in SMOKE.items():
-        tmp = tmp_path_factory.mktemp(script.removesuffix(".py"))
-        cmd = [sys.executable, str(EXAMPLES / script), "--smoke", *(a.format(tmp=tmp) for a in args)]
-        procs[script] = (subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True), tmp)
-    out = {}
-    for script, (proc, tmp) in procs.items():
-        try:
-            stdout, stderr = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-        out[script] = (proc.returncode, stdout, stderr, tmp)
-    return out
+
+    def run(script: str, tmp: Path) -> tuple[int, str, str, Path]:
+        cmd = [sys.executable, str(EXAMPLES / script), "--smoke", *(a.format(tmp=tmp) for a in SMOKE[script])]
+        proc = subprocess.run(cmd, check=False, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+        return proc.returncode, proc.stdout, proc.stderr, tmp
+
+    folders = {script: tmp_path_factory.mktemp(script.removesuffix(".py")) for script in SMOKE}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {script: pool.submit(run, script, folders[script]) for script in SMOKE}
+        return {script: f.result() for script, f in futures.items()}
 
 
 def _run(runs, script: str) -> tuple[str, Path]:
