@@ -185,7 +185,8 @@ def _dense_layouts(model: nn.Module) -> int:
     without such rows are those version 1 wrote)."""
     version = 1
     layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantEmbedding))]
-    ties = [(h, e) for h in layers for e in layers if tied_to(h, e)]
+    ties = [(h, e) for h in layers for e in layers
+            if isinstance(h, QuantLinear) and isinstance(e, QuantEmbedding) and tied_to(h, e)]
     for m in layers:
         if not m.dense and any(b in DENSE_BITS for b in m.bit_groups):
             m.to_layout(FORMAT_VERSION)

@@ -54,6 +54,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..kernels.layout import FORMAT_VERSION
 from .config import QuantConfig
 from .experts import QuantExperts, is_experts_module, moe_routers, unsupported_experts
 from .modules import QUANT_MODULES, QuantConv2d, QuantLinear
@@ -206,7 +207,8 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
             tmp = nn.Linear(module.in_features, chunk.shape[0], bias=False)
         tmp.weight = nn.Parameter(chunk, requires_grad=False)
         parts.append(dict(QuantLinear.from_float(tmp, config).named_buffers()))
-    q = QuantLinear(module.in_features, rows, module.bias is not None, config, device=w.device, dtype=w.dtype)
+    q = QuantLinear(module.in_features, rows, module.bias is not None, config, device=w.device, dtype=w.dtype,
+                    layout=FORMAT_VERSION)  # the parts' layout: from_float stores 3/5/6/7 bits densely
     with torch.no_grad():
         for name, buf in q.named_buffers():
             buf.copy_(torch.cat([p[name] for p in parts]))

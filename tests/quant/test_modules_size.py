@@ -118,3 +118,17 @@ def test_fully_pruned_layer_without_bias_has_a_zero_weight():
     assert q.stored_bytes() == 0
     assert torch.equal(q.weight, torch.zeros(8, 64))
     assert torch.equal(q(torch.randn(3, 64)), torch.zeros(3, 8))
+
+
+def test_large_linear_quantized_in_row_chunks_keeps_the_dense_3bit_layout():
+    """quantize_ quantizes a Linear of more than 4096 rows (an LM head) in row chunks: the assembled layer has the
+    chunks' dense layout (format version 2) and equals a one-shot from_float bit for bit."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 4100, bias=False)
+    cfg = mq.QuantConfig(3, group_size=32)
+    ref = mq.QuantLinear.from_float(lin, cfg)
+    model = mq.quantize_(nn.Sequential(lin), cfg)
+    q = model[0]
+    assert q.layout_version == 2 and q.get_buffer("qweight_3").shape == (4100, 64 * 3 // 32)
+    for name, buf in ref.named_buffers():
+        assert torch.equal(q.get_buffer(name), buf), name
