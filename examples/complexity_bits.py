@@ -22,7 +22,7 @@ import numpy as np
 from medquant import ComplexityScorer
 from medquant.adaptive import DEFAULT_BIT_MAP
 from medquant.complexity import METRIC_NAMES
-from medquant.data import default_data_dir, load_images
+from medquant.data import default_data_dir, load_image, load_images, read_index
 
 
 def main() -> None:
@@ -40,10 +40,16 @@ def main() -> None:
     if args.folder:
         images, names = load_images(args.folder, limit=args.limit)
         calibration, _ = load_images(args.fit_on or args.folder, limit=args.limit)
-    else:
+    else:  # an evenly spaced subset of each split (the index lists all normal X-rays first)
         root = default_data_dir(args.data_dir) / "kermany_pediatric_cxr_224"
-        images, names = load_images(root, split="test", limit=args.limit)
-        calibration, _ = load_images(root, split="train", limit=args.limit)
+
+        def spaced(split: str) -> list[dict]:
+            rows = read_index(root / "index.csv", split=split)
+            return rows[::max(1, len(rows) // args.limit)][:args.limit]
+
+        test_rows = spaced("test")
+        images, names = [load_image(root / r["path"]) for r in test_rows], [r["path"] for r in test_rows]
+        calibration = [load_image(root / r["path"]) for r in spaced("train")]
 
     # calibrate the normalisation and the level thresholds, then score (batched in torch; uint8 or [0, 1] input)
     scorer = ComplexityScorer(n_levels=4).fit(calibration)
