@@ -659,7 +659,10 @@ def report(args) -> dict:
             missing += [f"{p}: {m}" for m in d.get("missing", [])]
             if not d.get("finished"):
                 missing.append(f"{p}: run did not finish (partial results)")
-    out = {"benchmark": "ptq_methods", "date": _now(), "quick": args.quick, "lm": lm, "cnn": cnn,
+    note = ("read each row's calibration and the parts' protocol before comparing with the issue's protocol (128 x "
+            "512 calibration tokens, 64 test reports, 224 px Kermany); runs on a loaded machine were reduced and "
+            "split over processes (see docs/results/ptq.md)")
+    out = {"benchmark": "ptq_methods", "date": _now(), "quick": args.quick, "protocol_note": note, "lm": lm, "cnn": cnn,
            "targets": targets, "missing": missing, "hardware": env.hardware(note=SHARED_NOTE),
            "versions": env.versions("gguf", "scipy")}
     _write(RESULTS / f"ptq_methods{sfx}.json", out)
