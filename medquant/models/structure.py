@@ -19,10 +19,16 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
    continues (outside its layer list), so a vision tower or projector registered beside ``model.layers``
    (LLaVA-Med's ``LlavaMistralForCausalLM``, Phi-4-multimodal's ``embed_tokens_extend``, Chameleon's
    ``vqmodel``) is split out of the language role. Inside a vision tower, children named like a projector
-   (Qwen2-VL / Qwen3-VL ``merger``, ``deepstack_merger_list``) are projector.
+   (Qwen2-VL / Qwen3-VL ``merger``, ``deepstack_merger_list``) are projector. Weak hints (``patch_embed``,
+   ``pixel``) count outside the language model and on its direct children only, so an unnamed tower's own
+   patch embedding never splits it; a head-named module inside the language model is projector when it names
+   the image (GIT's ``visual_projection``), else language; the ``encoder`` of a model whose main input is
+   ``pixel_values`` (``VisionEncoderDecoderModel``) is vision, and a ``decoder`` beside the language model (an
+   encoder-decoder VLM such as T5Gemma 2) is language.
 3. **Trace, only when names do not decide.** A multimodal model (a vision / VQ sub-config, or image
-   inputs in its ``forward``) in which step 2 found no vision module, or left weight-bearing modules
-   outside every role, is traced: forward hooks record which modules run in the model's own
+   inputs in its ``forward``) in which step 2 found no vision module although its config declares one, left
+   weight-bearing modules outside every role, or holds an unnamed module with a weight matrix beside the
+   layers of a language model that contains an image module, is traced: forward hooks record which modules run in the model's own
    ``get_image_features`` on one zero image of the vision config's size (real weights, no copy). The
    first undecided module to run receives the pixels and is vision; undecided modules that run after it
    are projector. A module that sees the image is never language.
@@ -51,13 +57,15 @@ class UnsupportedArchitectureError(ValueError):
 
 # attribute names (last component of a module name), matched as substrings, checked in this order
 _HEAD_NAMES = ("lm_head", "classifier", "score", "head", "pooler", "generation_head", "visual_projection",
-               "text_projection", "logit_scale", "logit_bias", "fc_norm")
+               "text_projection", "logit_scale", "logit_bias", "fc_norm", "cls")
 _PROJECTOR_HINTS = ("projector", "connector", "aligner", "merger", "qformer", "query_tokens", "embed_vision",
                     "mm_proj", "multi_modal", "multimodal_proj", "resampler", "image_newline", "language_projection",
                     "image_to_text", "img_projection", "generation_embeddings", "visual_embeddings_table",
                     "vision_proj", "abstractor", "perceiver", "glb_gn", "sub_gn", "latent_query")
-_VISION_HINTS = ("vision", "visual", "vqmodel", "vq_model", "img_processor", "image_encoder", "image_tower",
-                 "pixel", "vit")
+_VISION_HINTS = ("vision", "visual", "vqmodel", "vq_model", "img_processor", "image_encoder", "image_tower", "vit")
+# hints that also name parts of a tower: trusted outside the language model and on its direct children only
+# (UDOP's patch_embed), never deeper (an unnamed tower's own patch embedding must not split it)
+_WEAK_VISION_HINTS = ("patch_embed", "pixel")
 _OTHER_HINTS = ("audio", "speech", "sound")
 _LANGUAGE_HINTS = ("language_model", "text_model", "llm", "text_decoder")
 _OTHER = "_other"  # an audio (or other non-image) encoder: no role, reported as unassigned
@@ -105,11 +113,12 @@ def make_disjoint(found: dict[str, list[str]], modules: dict[str, nn.Module]) ->
     return out
 
 
-def _name_role(attr: str) -> str | None:
+def _name_role(attr: str, weak: bool = True) -> str | None:
     low = attr.lower()
-    if low in _HEAD_NAMES:
+    if low in _HEAD_NAMES or low == "fc" or "classifier" in low or low.endswith("_head"):
         return "head"
-    for hints, role in ((_PROJECTOR_HINTS, "projector"), (_OTHER_HINTS, _OTHER), (_VISION_HINTS, "vision"),
+    vision = _VISION_HINTS + _WEAK_VISION_HINTS if weak else _VISION_HINTS
+    for hints, role in ((_PROJECTOR_HINTS, "projector"), (_OTHER_HINTS, _OTHER), (vision, "vision"),
                         (_LANGUAGE_HINTS, "language")):
         if any(h in low for h in hints):
             return role
@@ -125,7 +134,8 @@ def _sub_configs(config) -> dict[str, object]:
 
 
 def _config_role(module: nn.Module, sub_configs: dict[str, object]) -> str | None:
-    """Role of a sub-model whose config is one of the root's sub-configs (matched by identity)."""
+    """Role of a sub-model whose config is one of the root's sub-configs (matched by identity); the ``encoder``
+    of a model whose main input is the image (``VisionEncoderDecoderModel``) is vision (key ``"image:encoder"``)."""
     cfg = getattr(module, "config", None)
     if cfg is None or not hasattr(module, "get_input_embeddings"):  # sub-models only (not rotary embeddings...)
         return None
@@ -197,6 +207,15 @@ def is_multimodal(model: nn.Module) -> bool:
     return any(a in params for a in _IMAGE_ARGS)
 
 
+def _declares_vision(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
+    if any(_config_key_role(k) == "vision" for k in _sub_configs(cfg)):
+        return True
+    return bool(getattr(cfg, "mm_vision_tower", None) is not None or getattr(cfg, "vision_tower", None))
+
+
 def _config_key_role(key: str) -> str | None:
     return next((role for hint, role in _CONFIG_ROLES if hint in key), None)
 
@@ -205,12 +224,14 @@ def _units(model: nn.Module, modules: dict[str, nn.Module], language: str | None
            heads: list[str]) -> dict[str, str]:
     """``{module path: role}`` for the outermost modules that steps 1-2 place (see the module docstring)."""
     subs = _sub_configs(model.config) if hasattr(model, "config") else {}
+    if getattr(model, "main_input_name", "") == "pixel_values" and "encoder" in subs:
+        subs["image:encoder"] = subs.pop("encoder")
     anchors = {h: "head" for h in heads}
     if language is not None:
         anchors[language] = "language"
     units: dict[str, str] = dict(anchors)
 
-    def visit(path: str, in_language: bool) -> None:
+    def visit(path: str, in_language: bool, depth: int = 0) -> None:
         for attr, child in modules[path].named_children():
             cpath = _join(path, attr)
             if cpath in anchors:
@@ -219,10 +240,15 @@ def _units(model: nn.Module, modules: dict[str, nn.Module], language: str | None
                 continue
             if in_language and isinstance(child, nn.ModuleList):
                 continue  # the decoder layers: per-layer names (vision experts...) stay language
-            role = _config_role(child, subs) or _name_role(attr)
-            inner = [a for a in anchors if a != cpath and under(a, cpath)]
+            role = _config_role(child, subs) or _name_role(attr, weak=not in_language or depth == 0)
+            # recurse into a module holding an anchor of another role, or the language anchor (its head beside it)
+            inner = [a for a in anchors if a != cpath and under(a, cpath) and (anchors[a] != role or role == "language")]
             if role == "head" and in_language:
-                role = None  # a text encoder's pooler inside the language model stays language
+                # GIT's visual_projection inside the language model maps image features: projector; a text
+                # encoder's pooler stays language
+                role = "projector" if any(h in attr.lower() for h in ("visual", "vision", "image")) else None
+            if role == "language" and in_language:
+                role = None  # an encoder / decoder sub-model of the language model (Florence-2's BART) is part of it
             if role is not None and not inner and (role != "head" or _has_weights(child)):
                 units[cpath] = role
                 if role == "vision":
@@ -230,7 +256,7 @@ def _units(model: nn.Module, modules: dict[str, nn.Module], language: str | None
                         if _name_role(gattr) == "projector":
                             units[_join(cpath, gattr)] = "projector"
                 continue
-            visit(cpath, in_language)
+            visit(cpath, in_language, depth + 1 if in_language else 0)
 
     if language == "":
         visit("", True)
@@ -360,11 +386,18 @@ def structural_roles(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
     units = _units(model, modules, language, heads)
     if multimodal:
         undecided = _unplaced(units, modules) + _suspects(units, language, modules)
-        if undecided or "vision" not in units.values():
+        # a second text stack outside the language model (the decoder of an encoder-decoder VLM: T5Gemma 2)
+        for u in [u for u in undecided if u.rpartition(".")[2] in ("decoder", "text_decoder")]:
+            units[u] = "language"
+            undecided.remove(u)
+        # no tower found: an error only when the config declares one (a multimodal class built text-only,
+        # e.g. Gemma 4 without vision_config, has none)
+        if undecided or ("vision" not in units.values() and _declares_vision(model)):
             units = _resolve_by_trace(model, modules, units, undecided, language)
     found = {}
     for p, r in units.items():
-        found.setdefault(r, []).append(p)
+        if not any(q != p and under(p, q) and units[q] == r for q in units):  # the outermost of one role
+            found.setdefault(r, []).append(p)
     roles = make_disjoint(found, modules)
     roles.pop(_OTHER, None)
     place_parameters(model, roles, modules)
