@@ -219,3 +219,27 @@ def test_undecidable_multimodal_model_raises_with_what_was_found():
     assert "no vision module" in msg and "get_image_features" in msg
     assert "language: model" in msg  # what was found
     assert "explicit" in msg and "skip=" in msg  # how to proceed
+
+
+# ---------------------------------------------------------------------------------------------- meta-device builds
+# default configs, built on the meta device (no weights: roles are structural); expected roles written by hand
+META = {
+    "GitForCausalLM": ("git", {"vision": ["git.image_encoder"], "projector": ["git.visual_projection"],
+                               "language": ["git.embeddings", "git.encoder"], "head": ["output"]}),
+    "Gemma4ForConditionalGeneration": ("gemma4", {"language": ["model.language_model"], "head": ["lm_head"]}),
+    "UdopForConditionalGeneration": ("udop", {"vision": ["patch_embed"], "language": ["shared", "encoder", "decoder"],
+                                              "head": ["lm_head"]}),
+    "VisionEncoderDecoderModel": ("vision-encoder-decoder", {"vision": ["encoder"], "language": ["decoder.bert"],
+                                                             "head": ["decoder.cls"]}),
+}
+
+
+@pytest.mark.parametrize("cls_name", sorted(META))
+def test_layouts_found_on_the_meta_device(cls_name):
+    """GIT's visual_projection inside the language model is projector; Gemma 4 built without a vision config has
+    no vision role (and no error); UDOP's patch_embed is vision; VisionEncoderDecoder's encoder is vision."""
+    model_type, expected = META[cls_name]
+    with torch.device("meta"):
+        model = getattr(tf, cls_name)(tf.CONFIG_MAPPING[model_type]())
+    assert model_roles(model) == expected
+    assert unassigned_modules(model) == []
