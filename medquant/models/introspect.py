@@ -27,23 +27,24 @@ Roles (:data:`ROLES`):
 
 Detection
 ---------
-Architectures are looked up by class name in a table of *layouts*; each layout lists candidate attribute
-paths per role, covering both transformers 5 names (``model.vision_tower``, ``model.language_model``)
-and the older top-level names (``vision_tower``, ``language_model``), so neighbouring transformers
-versions resolve too. A Hugging Face model whose class is not in the table is tried against the
-vision-language and causal-LM layouts (structural fallback: it must have a vision tower *and* a
-language model, or a ``model.layers`` decoder *and* an ``lm_head``); if neither fits,
-:class:`UnsupportedArchitectureError` is raised. A plain ``nn.Module`` (not a transformers
-``PreTrainedModel``) gives ``{}``: callers then select layers with explicit patterns. A PEFT-wrapped
-model (``PeftModel``) is unwrapped and its names keep the ``base_model.model.`` prefix.
+Architectures are looked up by class name in a table of *layouts* (fast path; each layout lists candidate
+attribute paths per role, transformers 5 and older top-level names). Every other Hugging Face model is split by
+its structure, names serving as hints (:mod:`medquant.models.structure`): the language model owns the token
+embeddings and its layer list, the head is ``get_output_embeddings()``, vision and projector come from sub-model
+configs and attribute names (also inside the language model: LLaVA-Med's ``model.vision_tower``), and a
+``get_image_features`` trace with forward hooks decides only what names leave undecided; a module that sees the
+image is never ``language``. When nothing anchors the roles, :class:`UnsupportedArchitectureError` says what was
+found and how to use explicit patterns. A plain ``nn.Module`` (not a transformers ``PreTrainedModel``) gives
+``{}``: callers then select layers with explicit patterns. A PEFT-wrapped model (``PeftModel``) is unwrapped and
+its names keep the ``base_model.model.`` prefix.
 
 Roles are disjoint: when the prefix of one role contains the prefix of another (Qwen2-VL's merger sits
 inside ``model.visual``; a stand-alone encoder's pooling head sits inside the root), the outer one is
 replaced by those of its children that do not overlap, so no module name lies under two roles.
-A container module split this way (e.g. ``model.visual``) itself belongs to no role, and parameters
-registered directly on such a container (e.g. ``SiglipModel.logit_scale``) belong to none either;
-:func:`unassigned_modules` lists weight-bearing modules outside every role (none for the supported
-architectures).
+Parameters held directly by such a split container are placed by name (``image_newline``, ``query_tokens``:
+projector; ``logit_scale`` / ``logit_bias``: head) and then appear as parameter names among the role's prefixes;
+:func:`unassigned_modules` lists weight-bearing modules outside every role (an audio encoder) and
+:func:`unassigned_parameters` every parameter outside every role.
 
 Caveats the caller should know:
 
