@@ -417,6 +417,13 @@ class QuantEmbedding(_QuantWeightBase):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids)
 
+    def _apply(self, fn, *args, **kwargs):
+        probe = fn(torch.empty(0, dtype=self.weight_dtype))  # .to(bfloat16) / .half(): lookups follow the cast
+        out = super()._apply(fn, *args, **kwargs)
+        if probe.is_floating_point():
+            self.weight_dtype = probe.dtype
+        return out
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={c.bits}, scope={c.scope}"

@@ -123,3 +123,12 @@ def test_untied_embeddings_and_bad_names():
         quantize_embeddings_(model, names=["lm_head"])
     with pytest.raises(ValueError, match="no module"):
         quantize_embeddings_(model, names=["model.nope"])
+
+
+def test_lookups_follow_a_dtype_cast_of_the_model():
+    q = QuantEmbedding.from_float(nn.Embedding(40, 32), mq.QuantConfig(4, group_size=32))
+    ids = torch.tensor([[1, 2]])
+    ref = q(ids)
+    q.to(torch.bfloat16)
+    assert q(ids).dtype == torch.bfloat16 and q.weight_dtype == torch.bfloat16
+    torch.testing.assert_close(q(ids).float(), ref, rtol=1e-2, atol=1e-2)  # scales rounded to bf16
