@@ -1,7 +1,7 @@
 """``medquant demo``: train a small CNN on real chest X-rays (PneumoniaMNIST) until it is a fair baseline, quantize
 it at 8, 4, 3 and 2 bits, and show what that costs: size, test accuracy with bootstrap 95% intervals, the
 difference to the float model with its own interval, agreement with the float model's predictions, and a PNG of
-accuracy and size against bits. About 100 s of CPU time: under 2 minutes on an idle 2-core CPU."""
+accuracy and size against bits. About 20 seconds on an idle 2-core CPU."""
 from __future__ import annotations
 
 import copy
@@ -219,7 +219,7 @@ def _explain(rows: list[Row], n_test: int, n_resamples: int, majority: float,
                      "the interval; with one training run that can still be chance (another --seed shows it).")
     for r, (fixed, broke) in zip(rows[1:], flips):
         if r.diff > 0 and fixed + broke:
-            lines.append(f"{r.weights.split()[0]} changed {fixed + broke} predictions ({fixed} became right, {broke} "
+            lines.append(f"{r.weights.split()[0]} changed {fixed + broke} prediction(s) ({fixed} became right, {broke} "
                          "became wrong): rounding moved the decision boundary, it did not teach the model anything.")
     return lines
 
