@@ -13,6 +13,7 @@ from .introspect import (
     role_of,
     supported_architectures,
     unassigned_modules,
+    unassigned_parameters,
     vision_layers,
 )
 from .runner import eval_mode, main_output, run_model
@@ -35,5 +36,6 @@ __all__ = [
     "supported_architectures",
     "transformer_blocks",
     "unassigned_modules",
+    "unassigned_parameters",
     "vision_layers",
 ]
