@@ -219,20 +219,26 @@ def _plain_bf16_copy(model):
 
 
 def _generate_decode_tok_s(model, ids, steps: int, reps: int) -> tuple[float, float]:
-    """Decode tokens/s through ``model.generate`` (greedy): ``steps`` / (time of ``steps + 1`` new tokens - time
-    of 1 new token), so the prompt's prefill cancels; median of ``reps``. Also the first call's seconds (a
-    compiled model compiles there)."""
+    """Decode tokens/s through ``model.generate`` (greedy, always ``steps + 1`` new tokens, so a static cache keeps
+    one length and a compiled step is never recompiled): ``steps`` / (generate time - the time of one plain
+    forward over the prompt, the prefill), median of ``reps``. Also the first call's seconds (a compiled model
+    compiles there)."""
     import torch
 
-    def run(n: int) -> float:
+    def run() -> float:
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, pad_token_id=0)
         return time.perf_counter() - t
 
-    first = run(steps + 1)
-    run(1)
-    rates = [steps / max(run(steps + 1) - run(1), 1e-9) for _ in range(reps)]
+    def prefill() -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids)
+        return time.perf_counter() - t
+
+    first = run()
+    rates = [steps / max(run() - prefill(), 1e-9) for _ in range(reps)]
     return statistics.median(rates), first
 
 
