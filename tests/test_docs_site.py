@@ -139,3 +139,17 @@ def test_plots_page_shows_every_benchmark_plot(tmp_path):
     assert "[a](a.md)" in page.split("## two")[0] and "[a](a.md)" not in page.split("## two")[1]
     assert hooks._ROLE.sub(r"\1", "see :func:<code>f</code> and :class:<code>C</code>") == \
         "see <code>f</code> and <code>C</code>"
+
+
+def test_links_to_benchmark_results_point_at_the_published_copy():
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", REPO / "mkdocs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    name = next(p.name for p in sorted((REPO / "benchmarks" / "results").glob("*.json")))
+    text = f"[data](../../benchmarks/results/{name}) and [other](../benchmarks/results/{name})"
+    out = hooks.rewrite_result_links(text, "guides/page.md")
+    # the repository-relative link from docs/guides/ is rewritten; a link that does not reach the repository root
+    # (one ../ too few) and a missing file are left alone
+    assert out == f"[data](../results/files/{name}) and [other](../benchmarks/results/{name})"
+    missing = "[x](../../benchmarks/results/no_such_file.json)"
+    assert hooks.rewrite_result_links(missing, "guides/page.md") == missing
