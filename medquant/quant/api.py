@@ -627,8 +627,8 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear / QuantConv2d by the float layer it computes with (in place); quantized MoE
     experts become the float experts module of their original class again."""
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantExperts)]:
-        swap_module(model, name, m.to_float())
+    for name, experts in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantExperts)]:
+        swap_module(model, name, experts.to_float())
     for name, m in list(quantized_modules(model).items()):
         assert isinstance(m, QUANT_MODULES)
         swap_module(model, name, m.to_float())
