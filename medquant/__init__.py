@@ -15,6 +15,8 @@ from .quant import (
     ConfigMap,
     QuantConfig,
     QuantConv2d,
+    QuantEmbedding,
+    QuantExperts,
     QuantLinear,
     dequantize,
     dequantize_,
@@ -23,6 +25,8 @@ from .quant import (
     model_size,
     quantize,
     quantize_,
+    quantize_embeddings_,
+    static_decode_,
 )
 from .version import __version__
 
@@ -87,6 +91,8 @@ __all__ = [
     "QLoRAAdapter",
     "QuantConfig",
     "QuantConv2d",
+    "QuantEmbedding",
+    "QuantExperts",
     "QuantLinear",
     "StructuredPruner",
     "VLMClassifier",
@@ -111,9 +117,11 @@ __all__ = [
     "model_size",
     "quantize",
     "quantize_",
+    "quantize_embeddings_",
     "quantize_sequential",
     "register_export_format",
     "save",
     "save_pretrained",
     "save_pruned",
+    "static_decode_",
 ]

@@ -192,7 +192,9 @@ class MedQuantConfig(QuantizationConfigMixin):
     def record(self, model: nn.Module) -> MedQuantConfig:
         """Record the recipe of ``model``'s quantized layers (``modules``) and float layers (``skipped_modules``)."""
         self.modules, self.skipped_modules = recipe_of(model)
-        self.format_version = FORMAT_VERSION
+        # version 2 only when a layer stores dense (3/5/6/7-bit) rows: other files are byte for byte version 1
+        dense = any(getattr(m, "stores_dense", False) for m in model.modules())
+        self.format_version = FORMAT_VERSION if dense else 1
         self.medquant_version = __version__
         return self
 

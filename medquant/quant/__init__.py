@@ -15,7 +15,10 @@ from .api import (
 )
 from .config import QuantConfig
 from .core import QTensor, dequantize, fake_quantize, quantize
-from .modules import QuantConv2d, QuantLinear
+from .decode import static_decode_
+from .embeddings import quantize_embeddings_
+from .experts import QuantExperts, moe_routers, unsupported_experts
+from .modules import QuantConv2d, QuantEmbedding, QuantLinear
 from .recipe import RecipeError, bit_map_matches, layer_from_recipe, layer_recipe, model_recipe
 from .size import SizeReport, layer_table, model_size
 
@@ -26,6 +29,8 @@ __all__ = [
     "QTensor",
     "QuantConfig",
     "QuantConv2d",
+    "QuantEmbedding",
+    "QuantExperts",
     "QuantLinear",
     "RecipeError",
     "SizeReport",
@@ -40,14 +45,18 @@ __all__ = [
     "layer_table",
     "model_recipe",
     "model_size",
+    "moe_routers",
     "pack",
     "quantizable_modules",
     "quantize",
     "quantize_",
+    "quantize_embeddings_",
     "quantize_module",
     "quantized_modules",
     "register_quantize_module_handler",
     "resolve_configs",
+    "static_decode_",
     "swap_module",
     "unpack",
+    "unsupported_experts",
 ]

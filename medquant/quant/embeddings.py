@@ -34,6 +34,15 @@ from .modules import QuantEmbedding, QuantLinear, tie_quantized_head, tied_to
 __all__ = ["quantize_embeddings_"]
 
 
+def _check_plain(name: str, m: nn.Module) -> None:
+    """Refuse ``nn.Embedding`` subclasses: their forward may change the lookup (Gemma 3's scaled word embedding
+    multiplies every row by ``embed_scale``), which a ``QuantEmbedding`` would silently drop."""
+    if isinstance(m, nn.Embedding) and type(m) is not nn.Embedding:
+        raise TypeError(f"quantize_embeddings_: {name!r} is a {type(m).__name__}, a subclass of nn.Embedding whose "
+                        "forward may change the lookup (e.g. a scale); only plain nn.Embedding tables are "
+                        "quantized: leave it float or pass names= of plain tables")
+
+
 def _targets(model: nn.Module, names) -> list[str]:
     if names is not None:
         if isinstance(names, str):
@@ -46,6 +55,7 @@ def _targets(model: nn.Module, names) -> list[str]:
                 raise ValueError(f"quantize_embeddings_: {type(model).__name__} has no module {n!r}") from None
             if not isinstance(m, (nn.Embedding, QuantEmbedding)):
                 raise TypeError(f"quantize_embeddings_: {n!r} is a {type(m).__name__}, not an nn.Embedding")
+            _check_plain(n, m)
             out.append(n)
         return out
     get = getattr(model, "get_input_embeddings", None)
@@ -55,8 +65,11 @@ def _targets(model: nn.Module, names) -> list[str]:
         except NotImplementedError:
             emb = None
         if isinstance(emb, (nn.Embedding, QuantEmbedding)):
-            return [n for n, m in model.named_modules() if m is emb][:1]
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+            found = [n for n, m in model.named_modules() if m is emb][:1]
+            for n in found:
+                _check_plain(n, emb)
+            return found
+    return [n for n, m in model.named_modules() if type(m) is nn.Embedding]
 
 
 @torch.no_grad()

@@ -132,3 +132,18 @@ def test_lookups_follow_a_dtype_cast_of_the_model():
     q.to(torch.bfloat16)
     assert q(ids).dtype == torch.bfloat16 and q.weight_dtype == torch.bfloat16
     torch.testing.assert_close(q(ids).float(), ref, rtol=1e-2, atol=1e-2)  # scales rounded to bf16
+
+
+def test_scaled_embedding_subclass_is_refused_not_silently_unscaled():
+    """Gemma 3's word embedding multiplies every looked-up row by embed_scale: a QuantEmbedding in its place would
+    drop the scale, so the subclass is refused with a message naming it; a plain table still quantizes."""
+    from medquant.quant.embeddings import quantize_embeddings_
+    from medquant.testing.zoo import ZOO_BY_NAME
+
+    gemma = ZOO_BY_NAME["gemma3_text"].build()
+    assert type(gemma.get_input_embeddings()) is not torch.nn.Embedding
+    with pytest.raises(TypeError, match="subclass of nn.Embedding"):
+        quantize_embeddings_(gemma)
+    llama = ZOO_BY_NAME["llama"].build()
+    quantize_embeddings_(llama)
+    assert type(llama.get_input_embeddings()).__name__ == "QuantEmbedding"
