@@ -231,6 +231,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
             "modules": _recipes(model),
             "extras": json.loads(extras_text),
         }
+        bufs = _buffer_dtypes(model)
+        if bufs:
+            meta["buffer_dtypes"] = bufs
         if kind == "hf":
             _write_text(folder / HF_CONFIG_NAME, model.config.to_json_string())  # type: ignore[union-attr,operator]
         _write_text(folder / META_NAME, json.dumps(meta, indent=1))
@@ -371,6 +374,24 @@ def _fits(old: nn.Module, spec: LayerSpec) -> bool:
 _DTYPE_OF = {v: k for k, v in {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}.items()}
 
 
+def _buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """Floating buffers the weights file does not hold (non-persistent, e.g. rotary ``inv_freq``) whose dtype is
+    not float32 (a model cast with ``.to(torch.bfloat16)``): name -> dtype name, so ``load`` restores them."""
+    stored = set(model.state_dict())
+    return {n: str(b.dtype).replace("torch.", "") for n, b in model.named_buffers()
+            if n not in stored and b.is_floating_point() and b.dtype != torch.float32}
+
+
+def _restore_buffer_dtypes(model: nn.Module, buffer_dtypes: Mapping[str, str]) -> None:
+    for name, dt in buffer_dtypes.items():
+        try:
+            t = model.get_buffer(name)
+        except AttributeError:
+            continue  # a buffer the rebuilt model does not have: nothing to restore
+        if t.is_floating_point():
+            t.data = t.data.to(getattr(torch, dt))
+
+
 def _restore_dtypes(model: nn.Module, header: dict[str, TensorInfo]) -> None:
     """Floating-point parameters and buffers take the dtype they were saved in (a bfloat16 model comes back
     bfloat16 even when the instance passed in, or built from the config, is float32)."""
@@ -429,6 +450,7 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
             raise CheckpointError(f"{meta.weights.file} holds {key} with shape {list(info.shape)}; "
                                   f"{type(model).__name__} has {list(t.shape)} there")
     _restore_dtypes(model, opened.header)
+    _restore_buffer_dtypes(model, meta.buffer_dtypes)
     try:
         missing, unexpected = load_model(model, str(root / meta.weights.file), strict=False)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # malformed or mismatched tensors

@@ -40,8 +40,10 @@ ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_DIM = 2**31 - 1
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
+#: dtypes a non-persistent floating buffer may be restored to
+BUFFER_DTYPES = ("float16", "bfloat16", "float64")
 _TOP_REQUIRED = ("format_version", "weights", "model", "modules")
-_TOP_OPTIONAL = ("medquant_version", "extras")
+_TOP_OPTIONAL = ("medquant_version", "extras", "buffer_dtypes")
 _LINEAR_KEYS = ("in_features", "out_features")
 _CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 _COMMON_KEYS = ("type", "config", "bias", "dtype")
@@ -269,6 +271,9 @@ class CheckpointMeta:
     modules: dict[str, LayerSpec]
     extras: dict[str, Any]
     raw: dict[str, Any] = field(compare=False, repr=False)
+    #: floating buffers that are not in the weights file (non-persistent, e.g. rotary ``inv_freq``) and were not
+    #: float32 when saved: name -> dtype name, restored on load
+    buffer_dtypes: dict[str, str] = field(default_factory=dict)
 
 
 def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
@@ -310,7 +315,12 @@ def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
     extras = d.get("extras", {})
     if not isinstance(extras, dict):
         raise (at / "extras").fail("an object", extras)
-    return CheckpointMeta(fv, mv, WeightsInfo(wfile, sha, nbytes), model, modules, extras, raw)
+    bufs = d.get("buffer_dtypes", {})
+    if not isinstance(bufs, dict):
+        raise (at / "buffer_dtypes").fail("an object buffer name -> dtype name", bufs)
+    for name, dt in bufs.items():
+        _str(dt, at / "buffer_dtypes" / name, BUFFER_DTYPES)
+    return CheckpointMeta(fv, mv, WeightsInfo(wfile, sha, nbytes), model, modules, extras, raw, dict(bufs))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:

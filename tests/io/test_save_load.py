@@ -169,3 +169,24 @@ def test_3_5_6_bit_models_are_saved_densely_and_are_smaller(tmp_path, bits):
     q = next(m for m in model.modules() if isinstance(m, mq.QuantLinear))
     assert q.layout_version == 2 and q.packed_weight(bits).is_dense
     assert getattr(q, f"qweight_{bits}").shape[1] == q.k * bits // 32
+
+
+def test_model_cast_to_bfloat16_reloads_with_its_non_persistent_buffers_in_bfloat16(tmp_path):
+    """A model cast with ``.to(torch.bfloat16)`` has bf16 rotary ``inv_freq`` buffers that the weights file does
+    not hold; ``medquant.json`` records their dtype and ``load`` restores it, so the logits are bit-identical
+    (without it the rebuilt float32 buffers change them)."""
+    model = ZOO_BY_NAME["llama"].build().to(torch.bfloat16).eval()
+    mq.quantize_(model, mq.QuantConfig(bits=4, group_size=32), skip=["@head"])
+    ids = torch.arange(12).reshape(1, 12) % model.config.vocab_size
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    mq.save(model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "medquant.json").read_text())
+    assert meta["buffer_dtypes"] and set(meta["buffer_dtypes"].values()) == {"bfloat16"}
+    back = mq.load(tmp_path / "ck").eval()
+    for name, b in back.named_buffers():
+        if name in meta["buffer_dtypes"]:
+            assert b.dtype == torch.bfloat16, name
+    with torch.no_grad():
+        got = back(input_ids=ids).logits
+    assert got.dtype == want.dtype and torch.equal(got, want)
