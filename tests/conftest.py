@@ -20,3 +20,8 @@ if not os.environ.get("MEDQUANT_DATA_DIR") and SHARED_DATA.is_dir():
 # layers with float32 references, so they run with float32 compute unless a test sets another dtype
 # (tests/kernels/test_cpu_backend.py checks the bfloat16 paths).
 os.environ.setdefault("MEDQUANT_CPU_COMPUTE_DTYPE", "float32")
+
+# The kernel tests run the Triton kernels in the CPU interpreter, which Triton reads when it is first imported.
+# Some test modules import packages that import Triton at collection time (compressed-tensors does), before
+# tests/kernels/conftest.py is collected, so the switch is set here, in the first conftest pytest imports.
+os.environ.setdefault("TRITON_INTERPRET", "1")

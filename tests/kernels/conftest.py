@@ -1,8 +1,8 @@
 """Kernel tests run the real Triton kernels on CPU through the Triton interpreter.
 
-``TRITON_INTERPRET`` must be set before Triton is first imported; this conftest is imported before the test
-modules of this folder, and ``import medquant`` never imports Triton, so setting it here is enough (unless
-something imported Triton earlier in the session — then the ``kernel_device`` fixture fails loudly).
+``TRITON_INTERPRET`` must be set before Triton is first imported. ``tests/conftest.py`` sets it (other packages,
+e.g. compressed-tensors, import Triton while their test modules are collected); it is set here too for runs of
+this folder alone. If something imported Triton before either, the ``kernel_device`` fixture fails loudly.
 """
 import os
 
