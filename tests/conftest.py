@@ -10,6 +10,8 @@ if that exists, so tests that read real data find it (they skip when it is absen
 import os
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 
@@ -25,3 +27,16 @@ os.environ.setdefault("MEDQUANT_CPU_COMPUTE_DTYPE", "float32")
 # Some test modules import packages that import Triton at collection time (compressed-tensors does), before
 # tests/kernels/conftest.py is collected, so the switch is set here, in the first conftest pytest imports.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one intra-op torch thread, restored afterwards: on tiny tensors the OpenMP threads only add
+    start-up and contention costs (a learned-rounding test ran ~15x slower with two threads on a shared 2-core
+    machine). Folders and modules opt in with ``pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch  # here, not at the top: the environment above is set before anything imports torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

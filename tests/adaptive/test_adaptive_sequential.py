@@ -21,14 +21,8 @@ from medquant.testing.zoo import ZOO_BY_NAME
 
 IMAGE_KW = ("image_grid_thw", "pixel_attention_mask", "image_sizes")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: intra-op threads only add overhead on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _classifier(entry):

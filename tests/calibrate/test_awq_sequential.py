@@ -31,14 +31,8 @@ from medquant.testing.zoo import ZOO_BY_NAME
 CFG3 = QuantConfig(3, group_size=32)
 GRID = 4  # alpha in {0, .25, .5, .75, 1}: a coarser grid keeps the tests fast
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (30x slower on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: intra-op threads only add overhead on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _with_outlier_channels(model, norms=("input_layernorm", "post_attention_layernorm")):
