@@ -95,6 +95,24 @@ def _weight_eager(codes, scale, zp, mode, gs, k, shape):
     return w[:, :k].reshape(shape)
 
 
+def _epilogue(y: torch.Tensor, flags: int, out_s, out_z) -> torch.Tensor:
+    """The fused tail of a simulated layer: ReLU when ``flags & 2``, then the output Q/DQ when ``flags & 4``."""
+    if flags & 2:
+        y = torch.relu(y)
+    if flags & 4:
+        y = fake_quantize_activation(y, out_s, out_z)
+    return y
+
+
+def _epilogue_onnx(g, y, flags: int, out_s, out_z):
+    """:func:`_epilogue` as ONNX nodes: ``Relu``, then a QuantizeLinear / DequantizeLinear pair."""
+    if flags & 2:
+        y = g.op("Relu", y)
+    if flags & 4:
+        y = _qdq(g, y, out_s, out_z)
+    return y
+
+
 class _ConvFn(torch.autograd.Function):
     """``[Q DQ] -> Conv(DQ(W)) -> [Relu] -> [Q DQ]`` (flags: 1 input quant, 2 relu, 4 output quant)."""
 
@@ -109,10 +127,7 @@ class _ConvFn(torch.autograd.Function):
             y = F.conv2d(x, w, bias, stride, (pads[0], pads[1]), dil, groups)
         else:
             y = F.conv2d(F.pad(x, pad), w, bias, stride, 0, dil, groups)
-        if flags & 2:
-            y = torch.relu(y)
-        if flags & 4:
-            y = fake_quantize_activation(y, out_s, out_z)
+        y = _epilogue(y, flags, out_s, out_z)
         return y
 
     @staticmethod
@@ -124,10 +139,7 @@ class _ConvFn(torch.autograd.Function):
         args = [x, w] if bias is None else [x, w, bias]
         y = g.op("Conv", *args, strides_i=list(stride), pads_i=list(pads), dilations_i=list(dil), group_i=groups,
                  kernel_shape_i=list(shape[2:]))
-        if flags & 2:
-            y = g.op("Relu", y)
-        if flags & 4:
-            y = _qdq(g, y, out_s, out_z)
+        y = _epilogue_onnx(g, y, flags, out_s, out_z)
         return y
 
 
@@ -139,10 +151,7 @@ class _LinearFn(torch.autograd.Function):
         if flags & 1:
             x = fake_quantize_activation(x, in_s, in_z)
         y = F.linear(x, _weight_eager(codes, scale, zp, mode, gs, k, (n, k)), bias)
-        if flags & 2:
-            y = torch.relu(y)
-        if flags & 4:
-            y = fake_quantize_activation(y, out_s, out_z)
+        y = _epilogue(y, flags, out_s, out_z)
         return y
 
     @staticmethod
@@ -159,10 +168,7 @@ class _LinearFn(torch.autograd.Function):
         w = _dq_weight(g, codes, scale, zp, mode, gs, k, (n, k))
         args = [x, w] if bias is None else [x, w, bias]
         y = g.op("Gemm", *args, transB_i=1)
-        if flags & 2:
-            y = g.op("Relu", y)
-        if flags & 4:
-            y = _qdq(g, y, out_s, out_z)
+        y = _epilogue_onnx(g, y, flags, out_s, out_z)
         if lead is not None:
             y = g.op("Reshape", y, g.op("Concat", lead, g.op("Constant", value_t=torch.tensor([n])), axis_i=0))
         return y
