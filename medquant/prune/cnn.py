@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..models.runner import run_model
+from ..models.runner import eval_mode, run_model
 from .importance import calibration_loss
 from .ratios import check_ratio, lowest_indices, n_to_remove
 
@@ -132,8 +132,6 @@ def _first(calib):
 
 
 def _scores(model: nn.Module, groups: list[ChannelGroup], method: str, calib, loss_fn, progress: bool):
-    from tqdm.auto import tqdm
-
     out: dict[str, torch.Tensor] = {}
     if method == "magnitude":
         with torch.no_grad():
@@ -146,27 +144,39 @@ def _scores(model: nn.Module, groups: list[ChannelGroup], method: str, calib, lo
         return out
     if calib is None:
         raise ValueError(f"{method} importance needs calibration data: pass calib=<iterable of batches>")
-    was = model.training
-    model.eval()
-    if method == "activation":
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        handles = []
-        for g in groups:
-            def hook(m, a, y, key=g.conv):
-                y = y.detach().float()
-                sums[key] = sums.get(key, 0) + y.pow(2).transpose(0, 1).reshape(y.shape[1], -1).sum(1)
-                counts[key] = counts.get(key, 0) + y.numel() // y.shape[1]
-            handles.append(model.get_submodule(g.bn or g.conv).register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                for batch in tqdm(calib, desc="activation statistics", disable=not progress, leave=False):
-                    run_model(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was)
-        return {k: (sums[k] / counts[k]).sqrt() for k in sums}
+    with eval_mode(model):
+        if method == "activation":
+            return _activation_scores(model, groups, calib, progress)
+        return _taylor_scores(model, groups, calib, loss_fn, progress)
+
+
+def _activation_scores(model: nn.Module, groups: list[ChannelGroup], calib, progress: bool
+                       ) -> dict[str, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for g in groups:
+        def hook(m, a, y, key=g.conv):
+            y = y.detach().float()
+            sums[key] = sums.get(key, 0) + y.pow(2).transpose(0, 1).reshape(y.shape[1], -1).sum(1)
+            counts[key] = counts.get(key, 0) + y.numel() // y.shape[1]
+        handles.append(model.get_submodule(g.bn or g.conv).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in tqdm(calib, desc="activation statistics", disable=not progress, leave=False):
+                run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (sums[k] / counts[k]).sqrt() for k in sums}
+
+
+def _taylor_scores(model: nn.Module, groups: list[ChannelGroup], calib, loss_fn, progress: bool
+                   ) -> dict[str, torch.Tensor]:
+    from tqdm.auto import tqdm
+
     acc: dict[str, torch.Tensor] = {}
     n = 0
     try:
@@ -186,7 +196,6 @@ def _scores(model: nn.Module, groups: list[ChannelGroup], method: str, calib, lo
                     acc[g.conv] = acc.get(g.conv, 0) + s.abs().float()
     finally:
         model.zero_grad(set_to_none=True)
-        model.train(was)
     return {k: v / n for k, v in acc.items()}
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.blocks import Block
-from ..models.runner import main_output, run_model
+from ..models.runner import eval_mode, main_output, run_model
 
 __all__ = ["METHODS", "block_scores", "calibration_loss"]
 
@@ -217,15 +217,11 @@ def block_scores(model: nn.Module, blocks: list[Block], method: str = "magnitude
     """Per-block importance: ``{block: {"heads": (n_heads,), "neurons": (n_neurons,)}}`` (float32, CPU)."""
     if method not in METHODS:
         raise ValueError(f"unknown importance {method!r}; use one of {', '.join(METHODS)}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if method == "magnitude":
             res = _magnitude(model, blocks)
         elif method == "activation":
             res = _activation(model, blocks, calib, progress)
         else:
             res = _taylor(model, blocks, calib, loss_fn, progress)
-    finally:
-        model.train(was_training)
     return {k: {kk: vv.detach().cpu() for kk, vv in v.items()} for k, v in res.items()}

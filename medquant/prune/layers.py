@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.blocks import transformer_blocks
-from ..models.runner import run_model
+from ..models.runner import eval_mode, run_model
 
 __all__ = ["allocate_ratios", "block_influence", "drop_blocks", "influence_table", "least_influential",
            "plot_influence"]
@@ -64,14 +64,12 @@ def block_influence(model: nn.Module, calib: Iterable[Any], scope: str | list[st
     for b in blocks:
         handles.append(model.get_submodule(b.name).register_forward_hook(make_hook(b.name), with_kwargs=True))
     n = 0
-    was_training = model.training
-    model.eval()
     try:
-        for batch in tqdm(calib, desc="block influence", disable=not progress, leave=False):
-            run_model(model, batch)
-            n += 1
+        with eval_mode(model):
+            for batch in tqdm(calib, desc="block influence", disable=not progress, leave=False):
+                run_model(model, batch)
+                n += 1
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     if n == 0:
