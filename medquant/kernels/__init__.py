@@ -49,6 +49,8 @@ from .dispatch import (
     triton_available,
     unregister_backend,
 )
+from .dispatch import generation as dispatch_generation
+from .dispatch import prepare as dispatch_prepare
 from .dispatch import run as dispatch_run
 from .layout import FORMAT_VERSION
 from .packed import GEMV_MAX_M, SPLITK_MAX_M, select_regime
@@ -58,6 +60,7 @@ from .reference import (
     ROW_DTYPES,
     as_bits_tensor,
     check_float,
+    check_packed_input,
     fake_quantize_rows_reference,
     fake_quantize_static_reference,
     packed_linear_reference,
@@ -72,6 +75,20 @@ def _call(backend: str, fn, *args):
         return fn(*args)
 
 
+def eager_inference(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may skip the custom op: a plain CPU tensor, no gradient needed, not traced by
+    ``torch.compile`` / export (then the op's body runs directly, with the same kernel choice and result).
+
+    Args:
+        x: the activations of the call.
+
+    Returns:
+        True for eager CPU inference.
+    """
+    return (type(x) is torch.Tensor and x.device.type == "cpu"
+            and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling())
+
+
 def packed_linear(x: torch.Tensor, weight: PackedWeight, *, backend: str = "auto") -> torch.Tensor:
     """``x (..., k) @ dequant(weight)^T -> (..., n)`` in ``x.dtype``, reading the packed layout as stored.
 
@@ -80,22 +97,58 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, *, backend: str = "auto
     ``dL/dx = dL/dy @ dequant(W)``. The bundle is spelled out into the positional arguments of
     ``torch.ops.medquant.packed_linear`` here and only here.
 
-    Eager CPU inference (a plain CPU tensor, no gradient needed, not traced by ``torch.compile``/export) calls
-    the op's body (:func:`medquant.kernels.dispatch.run`) directly: the same kernel choice and result, without
-    the custom op's per-call Python overhead (tens of microseconds, comparable to a decode step's matmul).
+    Eager CPU inference (:func:`eager_inference`) calls the op's body (:func:`medquant.kernels.dispatch.run`)
+    directly: the same kernel choice and result, without the custom op's per-call Python overhead (tens of
+    microseconds, comparable to a decode step's matmul).
+
+    Args:
+        x: activations ``(..., k)``, a float tensor on the weight's device.
+        weight: the packed row group.
+        backend: ``"auto"`` (the dispatch registry chooses), or a backend name to force (tests, benchmarks).
+
+    Returns:
+        ``(..., n)`` in ``x.dtype``.
+
+    Raises:
+        TypeError: ``weight`` is not a :class:`PackedWeight`, or ``x`` is not a float tensor.
+        ValueError: ``x``'s last dimension is not ``k`` or the devices differ.
     """
     check_float(x, "x")
     if not isinstance(weight, PackedWeight):
         raise TypeError(f"weight must be a medquant.kernels.PackedWeight, got {type(weight).__name__}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    if (backend == "auto" and type(x2) is torch.Tensor and x2.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x2.requires_grad) and not torch.compiler.is_compiling()):
+    if backend == "auto" and eager_inference(x2):
         y = dispatch_run("packed_linear", x2, weight)
         return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
     y = _call(backend, torch.ops.medquant.packed_linear, x2, weight.qweight, weight.scales, weight.zeros,
               weight.bits, weight.symmetric, weight.scope, weight.group_elems, weight.k, weight.dense)
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
+
+
+def prepare_packed_linear(x: torch.Tensor, weight: PackedWeight):
+    """A callable ``fn(x2d)`` equal to ``packed_linear(x2d, weight)`` for eager inference on 2-D inputs like ``x``,
+    with the kernel chosen and the weight's repacked form, compute dtype and checks bound once.
+
+    Valid while :func:`medquant.kernels.dispatch.generation` is unchanged and ``weight``'s tensors are not
+    modified (the quantized modules keep one per row group and rebuild it when either changes).
+
+    Args:
+        x: an example input ``(M, k)`` (its device and kind decide the kernel, like a real call).
+        weight: the packed row group.
+
+    Returns:
+        ``fn(x2d) -> (M, n)`` in ``x2d.dtype``.
+
+    Raises:
+        TypeError: ``weight`` is not a :class:`PackedWeight`, or ``x`` is not a float tensor.
+        ValueError: ``x`` is not ``(M, k)`` or the devices differ.
+    """
+    check_float(x, "x")
+    if not isinstance(weight, PackedWeight):
+        raise TypeError(f"weight must be a medquant.kernels.PackedWeight, got {type(weight).__name__}")
+    check_packed_input(x, weight)
+    return dispatch_prepare("packed_linear", x, weight)
 
 
 def fake_quantize_rows(
@@ -165,6 +218,8 @@ __all__ = [
     "cpu_cache_bytes",
     "cpu_features",
     "cpu_path",
+    "dispatch_generation",
+    "eager_inference",
     "fake_quantize_rows",
     "fake_quantize_rows_reference",
     "fake_quantize_static",
@@ -174,6 +229,7 @@ __all__ = [
     "interpreting",
     "packed_linear",
     "packed_linear_reference",
+    "prepare_packed_linear",
     "register_backend",
     "register_kernel",
     "select_kernel",

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .bundle import PackedWeight
-from .dispatch import register_backend, register_kernel
+from .dispatch import bump_generation, register_backend, register_kernel
 from .layout import container_bits, unpack
 from .reference import check_packed_input, packed_linear_reference
 
@@ -152,6 +152,7 @@ def set_cpu_compute_dtype(dtype: torch.dtype | str | None) -> None:
     """
     global _compute_dtype
     _compute_dtype = _check_compute_dtype(dtype)
+    bump_generation()
 
 
 def _from_env() -> torch.dtype | None:
@@ -179,9 +180,11 @@ def set_layer_compute_dtype(qweight: torch.Tensor, dtype: torch.dtype | str | No
     """
     dtype = _check_compute_dtype(dtype)
     if dtype is None:
-        _layer_dtype.pop(qweight, None)
-    else:
+        if _layer_dtype.pop(qweight, None) is not None:
+            bump_generation()
+    elif _layer_dtype.get(qweight) != dtype:
         _layer_dtype[qweight] = dtype
+        bump_generation()
 
 
 _compute_dtype = _from_env()
@@ -193,12 +196,14 @@ def set_cpu_dense_min_m(m: int | None) -> None:
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
         raise ValueError(f"dense_min_m must be an int >= 2 or None, got {m!r}")
     _dense_min_m = DEFAULT_DENSE_MIN_M if m is None else m
+    bump_generation()
 
 
 def clear_cpu_cache() -> None:
     """Drop every repacked weight (they are rebuilt at the next call) and forget which warnings were given."""
     _plans.clear()
     _warned.clear()
+    bump_generation()
 
 
 def cpu_cache_bytes() -> int:
@@ -314,6 +319,12 @@ def _describe(weight: PackedWeight) -> str:
             f"{'symmetric' if weight.symmetric else 'asymmetric'} scope={scope}")
 
 
+def _int4_group(k: int, candidates: list[int]) -> int:
+    """The int4 kernel group: the largest candidate dividing ``k`` (no padding of ``x`` at every call), else the
+    largest candidate (``K`` is then padded)."""
+    return next((g for g in candidates if k % g == 0), candidates[0])
+
+
 def _build_plan(weight: PackedWeight) -> _Plan:
     reason = _decline(weight)
     if reason is not None:
@@ -323,10 +334,10 @@ def _build_plan(weight: PackedWeight) -> _Plan:
     s, z = _scale_zero(weight)
     if weight.bits <= 4:
         if weight.scope == "group":
-            group = next(g for g in INT4_GROUPS if weight.group_elems % g == 0)
+            group = _int4_group(k, [g for g in INT4_GROUPS if weight.group_elems % g == 0])
             rep = weight.group_elems // group
         else:
-            group = 128 if k >= 128 else 32
+            group = _int4_group(k, [128, 64, 32] if k >= 128 else [32])
             rep = None
         n_groups = -(-k // group)
         k4 = n_groups * group
@@ -428,29 +439,57 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
     return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight))
 
 
+def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
+    """``fn(x)`` running ``x (M, k) @ dequant(W)^T`` on ``plan`` (kind int4 / int8) in compute dtype ``cd``, with
+    everything that depends only on the weight bound once (the hot path of a decode step: one cast in, the
+    kernel, one cast out)."""
+    assert plan.packed is not None and plan.kind is not None
+    packed, group, k, n, pad = plan.packed, plan.group, weight.k, weight.n, plan.k4 - weight.k
+    params = _params(plan, weight, cd)
+    fp32 = cd == torch.float32
+    dense_min_m = _dense_min_m
+    int4 = plan.kind == "int4"
+    op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+    op8 = torch.ops.aten._weight_int8pack_mm.default
+
+    def dense(xc: torch.Tensor) -> torch.Tensor:
+        w = dequantize_fast(weight, cd) if int4 else packed[:, :k].to(cd) * params.unsqueeze(1)
+        return F.linear(xc, w)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != k or not x.is_floating_point():
+            raise ValueError(f"x must be a 2-D float tensor (M, {k}), got {tuple(x.shape)} {x.dtype}")
+        m = x.shape[0]
+        if m == 0:
+            return x.new_empty(0, n)
+        xc = x.to(cd)
+        if not xc.is_contiguous():
+            xc = xc.contiguous()
+        if m != 1 and (fp32 or m >= dense_min_m):
+            return dense(xc).to(x.dtype)
+        if pad:
+            xc = F.pad(xc, (0, pad))
+        y = op4(xc, packed, group, params) if int4 else op8(xc, packed, params)
+        return y.to(x.dtype)
+
+    return run
+
+
 def cpu_packed_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     """``x (M, k) @ dequant(W)^T`` on CPU: int4 / int8 weight-only kernels or the dense path (module docstring)."""
     check_packed_input(x, weight)
     plan = cpu_plan(weight)
     if plan.kind is None:
         return packed_linear_reference(x, weight)
-    if x.shape[0] == 0:
-        return x.new_empty(0, weight.n)
-    cd = _layer_compute_dtype(weight)
-    path = _path(plan, x.shape[0], cd)
-    xc = x.to(cd).contiguous()
-    assert plan.packed is not None
-    if path == "dense":
-        w = plan.packed[:, : weight.k].to(cd) * _params(plan, weight, cd).unsqueeze(1) if plan.kind == "int8" \
-            else dequantize_fast(weight, cd)
-        return F.linear(xc, w).to(x.dtype)
-    if plan.k4 != weight.k:
-        xc = F.pad(xc, (0, plan.k4 - weight.k))
-    if path == "int4":
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, plan.packed, plan.group, _params(plan, weight, cd))
-    else:
-        y = torch.ops.aten._weight_int8pack_mm(xc, plan.packed, _params(plan, weight, cd))
-    return y.to(x.dtype)
+    return _runner(plan, weight, _layer_compute_dtype(weight))(x)
+
+
+def _prepare(weight: PackedWeight):
+    """The prepared form of :func:`cpu_packed_linear` for one row group (``None``: no fast kernel takes it)."""
+    plan = cpu_plan(weight)
+    if plan.kind is None:
+        return None
+    return _runner(plan, weight, _layer_compute_dtype(weight))
 
 
 def _accepts(x: torch.Tensor, weight: PackedWeight) -> bool:
@@ -464,4 +503,5 @@ def _unavailable(device: torch.device) -> str | None:
 
 
 register_backend("cpu", _unavailable)
-register_kernel("packed_linear", "cpu", cpu_packed_linear, accepts=_accepts, priority=CPU_PRIORITY)
+register_kernel("packed_linear", "cpu", cpu_packed_linear, accepts=_accepts, priority=CPU_PRIORITY,
+                prepare=_prepare)

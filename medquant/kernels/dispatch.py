@@ -53,18 +53,37 @@ class Backend:
 
 @dataclass(frozen=True)
 class Kernel:
-    """One backend's implementation of one op, chosen under ``"auto"`` when ``accepts(*args)`` holds."""
+    """One backend's implementation of one op, chosen under ``"auto"`` when ``accepts(*args)`` holds.
+
+    ``prepare(*args[1:])`` (optional) returns a callable ``fn(x)`` equal to ``impl(x, *args[1:])`` with the work
+    that depends only on the other arguments (repacking, dtype choice, validation) done once: see :func:`prepare`.
+    """
 
     op: str
     backend: str
     impl: Callable
     accepts: Callable[..., bool]
     priority: int
+    prepare: Callable[..., Callable | None] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
 _KERNELS: dict[str, list[Kernel]] = {op: [] for op in OPS}
 _forced: str | None = None
+_generation = 0
+
+
+def generation() -> int:
+    """A counter that changes whenever a kernel choice may change: a backend or kernel (un)registered, a backend
+    forced or released, a backend's own setting changed (:func:`bump_generation`). A callable from
+    :func:`prepare` stays valid while it is unchanged (and the tensors it was prepared for are unchanged)."""
+    return _generation
+
+
+def bump_generation() -> None:
+    """Invalidate every prepared callable (call it when a setting that a kernel's choice reads changes)."""
+    global _generation
+    _generation += 1
 
 
 def register_backend(name: str, unavailable: Callable[[torch.device], str | None]) -> None:
@@ -72,23 +91,35 @@ def register_backend(name: str, unavailable: Callable[[torch.device], str | None
     if not isinstance(name, str) or not name or name == AUTO:
         raise ValueError(f"backend name must be a non-empty string other than {AUTO!r}, got {name!r}")
     _BACKENDS[name] = Backend(name, unavailable)
+    bump_generation()
 
 
 def register_kernel(op: str, backend: str, impl: Callable, accepts: Callable[..., bool] | None = None,
-                    *, priority: int = 0) -> None:
+                    *, priority: int = 0, prepare: Callable[..., Callable | None] | None = None) -> None:
     """Add ``backend``'s implementation of ``op`` (replacing a previous one of the same backend).
 
-    ``accepts(*args)`` (default: always) says whether ``"auto"`` may choose it for these arguments; kernels with a
-    higher ``priority`` are tried first.
+    Args:
+        op: one of :data:`OPS`.
+        backend: a name given to :func:`register_backend` before.
+        impl: the implementation, with the op's argument list.
+        accepts: ``accepts(*args) -> bool`` (default: always): whether ``"auto"`` may choose it for these
+            arguments; kernels with a higher ``priority`` are tried first.
+        priority: order among the kernels of ``op`` (higher first; the torch references sit at -1000).
+        prepare: optional ``prepare(*args[1:]) -> fn | None`` giving ``fn(x) == impl(x, *args[1:])`` with the
+            per-weight work done once (:func:`prepare`); ``None`` from it means "call ``impl``".
+
+    Raises:
+        ValueError: an unknown op or backend.
     """
     if op not in _KERNELS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: register_backend({backend!r}, ...) first")
     kernels = [k for k in _KERNELS[op] if k.backend != backend]
-    kernels.append(Kernel(op, backend, impl, accepts or (lambda *args: True), int(priority)))
+    kernels.append(Kernel(op, backend, impl, accepts or (lambda *args: True), int(priority), prepare))
     kernels.sort(key=lambda k: -k.priority)  # stable: registration order among equal priorities
     _KERNELS[op] = kernels
+    bump_generation()
 
 
 def unregister_backend(name: str) -> None:
@@ -98,6 +129,7 @@ def unregister_backend(name: str) -> None:
     _BACKENDS.pop(name, None)
     for op, kernels in _KERNELS.items():
         _KERNELS[op] = [k for k in kernels if k.backend != name]
+    bump_generation()
 
 
 def backend_names() -> tuple[str, ...]:
@@ -122,10 +154,12 @@ def force_backend(backend: str) -> Iterator[None]:
     check_backend(backend)
     prev = _forced
     _forced = None if backend == AUTO else backend
+    bump_generation()
     try:
         yield
     finally:
         _forced = prev
+        bump_generation()
 
 
 def forced_backend() -> str | None:
@@ -153,6 +187,34 @@ def select_kernel(op: str, *args) -> Kernel:
 def run(op: str, *args):
     """Run ``op`` with the kernel :func:`select_kernel` chooses."""
     return select_kernel(op, *args).impl(*args)
+
+
+def prepare(op: str, *args) -> Callable:
+    """A callable ``fn(x)`` that runs ``op`` on a new first argument with the other arguments fixed.
+
+    ``fn(x)`` equals ``run(op, x, *args[1:])`` for any ``x`` of the device, dtype and kind of ``args[0]`` (the
+    kernel is chosen once, for ``args``), as long as :func:`generation` is unchanged and the tensors in
+    ``args[1:]`` are not modified. For hot loops (a decode step calls the same layers hundreds of times): the
+    kernel's ``prepare`` does its per-weight work (repacking, dtype choice, validation) once.
+
+    Args:
+        op: one of :data:`OPS`.
+        *args: the op's arguments; ``args[0]`` is an example of the input that will be passed to ``fn``.
+
+    Returns:
+        ``fn(x) -> the op's result``.
+
+    Raises:
+        RuntimeError: no backend runs ``op`` for these arguments (as :func:`select_kernel`).
+    """
+    kern = select_kernel(op, *args)
+    rest = args[1:]
+    if kern.prepare is not None:
+        fn = kern.prepare(*rest)
+        if fn is not None:
+            return fn
+    impl = kern.impl
+    return lambda x: impl(x, *rest)
 
 
 # ------------------------------------------------------------------------------------------- Triton

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import PackedWeight, packed_linear, set_layer_compute_dtype
+from ..kernels import (
+    PackedWeight,
+    dispatch_generation,
+    eager_inference,
+    packed_linear,
+    prepare_packed_linear,
+    set_layer_compute_dtype,
+)
 from ..kernels.layout import DENSE_BITS, FORMAT_VERSION, pack, padded_k, words_per_row
 from .config import FLOAT_BITS, QuantConfig
 from .core import quantize
@@ -31,6 +38,20 @@ def _after_load(module: _QuantWeightBase, incompatible_keys) -> None:
     """``load_state_dict`` post-hook: ``assign=True`` replaced the stored tensors (the CPU kernels' repacked
     weights are keyed by them and rebuilt at the next call; copied-in codes change the tensor versions)."""
     module._register_compute_dtype()
+    module.__dict__.pop(_PREPARED, None)
+
+
+#: attribute holding a layer's prepared eager-inference matmul (never saved, copied or pickled)
+_PREPARED = "_prepared_matmul"
+
+
+def _tensor_version(t: torch.Tensor | None) -> int:
+    if t is None:
+        return -1
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors track no version (and cannot be modified outside inference mode)
+        return -1
 
 
 class _QuantWeightBase(nn.Module):
@@ -124,8 +145,14 @@ class _QuantWeightBase(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
+        self.__dict__.pop(_PREPARED, None)
         self._register_compute_dtype()  # .to() / .cpu() made new tensors
         return out
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop(_PREPARED, None)  # bound to this layer's tensors: a copy prepares its own
+        return state
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
@@ -188,8 +215,27 @@ class _QuantWeightBase(nn.Module):
             w.index_copy_(0, self._rows(b), p)
         return w
 
+    def _prepared(self, b: int, x2d: torch.Tensor):
+        """The prepared matmul of row group ``b`` (:func:`medquant.kernels.prepare_packed_linear`), rebuilt when
+        the kernel choice may have changed (dispatch generation) or the stored tensors changed (identity or
+        in-place version)."""
+        qw, sc, zr = (self._buffers.get(f"{name}_{b}") for name in ("qweight", "scales", "zeros"))
+        key = (dispatch_generation(), _tensor_version(qw), _tensor_version(sc), _tensor_version(zr))
+        cached = self.__dict__.get(_PREPARED)
+        if cached is not None and cached[0] == b and cached[1] == key and cached[2] is qw and cached[3] is sc \
+                and cached[4] is zr:
+            return cached[5]
+        fn = prepare_packed_linear(x2d, self.packed_weight(b))
+        self.__dict__[_PREPARED] = (b, key, qw, sc, zr, fn)
+        return fn
+
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``x2d (M, k) @ W^T`` -> ``(M, out_rows)``: one :func:`medquant.kernels.packed_linear` per row group."""
+        """``x2d (M, k) @ W^T`` -> ``(M, out_rows)``: one :func:`medquant.kernels.packed_linear` per row group.
+
+        Eager CPU inference on a layer with one packed bit-width runs its prepared matmul (:meth:`_prepared`):
+        the same kernels and result without re-validating and re-dispatching at every call."""
+        if not self.mixed and 1 <= self.bit_groups[0] <= 8 and eager_inference(x2d) and x2d.is_floating_point():
+            return self._prepared(self.bit_groups[0], x2d)(x2d)
         outs = []
         for b in self.bit_groups:
             if 1 <= b <= 8:

@@ -429,3 +429,76 @@ def test_dense_layout_runs_the_same_fast_paths_as_containers(bits, scope, gs):
         with torch.no_grad():
             assert torch.equal(dense(x), v1(x))
         assert _rel_err(dense(x), _ref(dense, x)) < TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------- prepared matmul
+def _prepared_fn(layer: QuantLinear):
+    from medquant.quant.modules import _PREPARED
+
+    entry = layer.__dict__.get(_PREPARED)
+    return None if entry is None else entry[-1]
+
+
+def test_prepared_matmul_equals_the_dispatched_one_and_is_built_once():
+    """Eager no-grad calls run the layer's prepared matmul: bit-equal to ``packed_linear`` through the registry,
+    built at the first call and reused, for the int4 kernel (M = 1), and the dense path (M = 300)."""
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 576, QuantConfig(4, group_size=128))  # K = 576: kernel groups of 64, x not padded
+    assert cpu_plan(layer.packed_weight(4)).group == 64 and cpu_plan(layer.packed_weight(4)).k4 == 576
+    for m in (1, 5, 300):
+        x = torch.randn(m, 576)
+        with torch.no_grad():
+            y = layer(x)
+            fn = _prepared_fn(layer)
+            assert fn is not None
+            y2 = layer(x)
+            assert _prepared_fn(layer) is fn  # reused
+            direct = packed_linear(x, layer.packed_weight(4), backend="cpu") + layer.bias
+        torch.testing.assert_close(y, direct, rtol=0, atol=0)
+        torch.testing.assert_close(y2, y, rtol=0, atol=0)
+        assert _rel_err(y, _ref(layer, x)) < TOL[torch.bfloat16]
+
+
+def test_prepared_matmul_follows_new_codes_settings_and_forced_backends():
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(32, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        layer(x)
+        other = _layer(32, 256, QuantConfig(4, group_size=128), seed=7)
+        layer.load_state_dict(other.state_dict())  # copied in place: same tensors, new versions
+        assert _rel_err(layer(x), _ref(other, x)) < TOL[torch.bfloat16]
+        layer.qweight_4.zero_()  # an in-place edit is seen too
+        zeroed = _ref(layer, x)
+        assert _rel_err(layer(x), zeroed) < TOL[torch.bfloat16]
+        set_cpu_compute_dtype(torch.float32)  # a setting change rebuilds it: float32 compute is exact to 1e-5
+        assert _rel_err(layer(x), zeroed) < 1e-5
+        with force_backend("torch"):
+            torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().t() + layer.bias)
+
+
+def test_prepared_matmul_is_not_shared_by_copies():
+    import copy
+    import pickle
+
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(32, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        layer(x)
+        twin = copy.deepcopy(layer)
+        assert _prepared_fn(twin) is None
+        pickle.dumps(layer)  # a closure in the state would not pickle
+        other = _layer(32, 256, QuantConfig(4, group_size=128), seed=3)
+        twin.load_state_dict(other.state_dict())
+        assert _rel_err(twin(x), _ref(other, x)) < TOL[torch.bfloat16]
+        assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]  # the original kept its weights
+        assert float((twin(x) - layer(x)).abs().max()) > 0
+
+
+def test_prepared_matmul_rejects_a_wrong_input():
+    layer = _layer(32, 256, QuantConfig(4, group_size=128))
+    with torch.no_grad():
+        layer(torch.randn(1, 256))
+        with pytest.raises(ValueError, match="256"):
+            layer(torch.randn(1, 255))
