@@ -5,14 +5,17 @@ config (hidden 2048, 22 layers, intermediate 5632, 32 query / 4 key-value heads,
 weights: speed only). Variants: ``float32``, ``bfloat16`` and ``W8`` (8-bit per channel), ``W4g128``,
 ``W4g32``, ``W3`` (group 128), ``W2`` (group 128), each with the output head quantized (``+head``) and left in
 float (``skip=["lm_head"]``); ``<variant>+emb`` also quantizes the input embedding with the same config
-(``quantize_embeddings_``; with ``+head`` a tied head shares the table, stored once). Quantization is nothing but
+(``quantize_embeddings_``; with ``+head`` a tied head shares the table, stored once); ``<variant>@bf16`` casts the
+float model to bfloat16 first (``model.to(torch.bfloat16)``, then ``quantize_``: activations, norms and attention
+run in bfloat16 like the ``bfloat16`` row, with no cast around each quantized layer). Quantization is nothing but
 ``medquant.quantize_`` (and ``quantize_embeddings_``) with the public config; the CPU kernels run with their default compute dtype (bfloat16 where the CPU has native bf16).
 
 Every row runs in its own subprocess (``--worker``), so that its resident memory is its own:
 
 * ``decode_b1`` / ``decode_b8``: greedy decode tokens/s per sequence after a 32-token prompt (64 new tokens,
   KV cache), batch 1 and batch 8 (``agg_b8`` = 8 x per sequence);
-* ``prefill``: tokens/s of one forward over 256 tokens;
+* ``prefill``: tokens/s of one forward over 256 tokens, logits at every position; ``prefill_gen``: the same with
+  ``logits_to_keep=1``, as ``generate`` prefills a prompt (the output head then runs for the last position only);
 * ``weights_rss_mb``: resident set after building, quantizing and one warm-up decode step (the CPU kernels'
   repacked weights included) minus the resident set after importing torch and transformers; ``stored_mb``: the
   state dict's bytes (tied tensors once); ``repacked_mb``: the CPU kernels' cache
@@ -273,9 +276,12 @@ def worker(spec: dict) -> dict:
     if variant == "bfloat16":
         model = model.to(torch.bfloat16)
     elif variant != "float32":
-        base = variant.removesuffix("+emb")
+        base = variant.removesuffix("@bf16")
+        if base != variant:
+            model = model.to(torch.bfloat16)
+        base = base.removesuffix("+emb")
         skip = None if head else ["lm_head"]
-        if variant.endswith("+emb"):  # embeddings quantized too; a tied head shares the table (stored once)
+        if variant.removesuffix("@bf16").endswith("+emb"):  # embeddings quantized too; a tied head shares the table (stored once)
             from medquant.quant.embeddings import quantize_embeddings_
 
             mq.quantize_(model, mq.QuantConfig(**QUANT[base]), skip=["lm_head"])
@@ -289,6 +295,7 @@ def worker(spec: dict) -> dict:
         model(input_ids=prompt[:1, :2])
     _trim()
     row = {"model": spec["model"], "variant": variant, "head": head, "loadavg_before": os.getloadavg(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "weights_rss_mb": rss_mb() - rss0,
            "stored_mb": _unique_bytes(model.state_dict().values()) / 2**20,
            "repacked_mb": cpu_cache_bytes() / 2**20,
@@ -300,6 +307,8 @@ def worker(spec: dict) -> dict:
     long_ids = torch.randint(0, vocab, (1, spec["prefill"]), generator=gen)
     time_prefill(model, long_ids[:, :8])
     row["prefill_tok_s"] = statistics.median(spec["prefill"] / time_prefill(model, long_ids) for _ in range(reps))
+    row["prefill_gen_tok_s"] = statistics.median(spec["prefill"] / time_prefill(model, long_ids, logits_to_keep=1)
+                                                 for _ in range(reps))
     row["decode_b1_tok_s"] = statistics.median(_decode(model, prompt[:1], spec["new"]) for _ in range(reps))
     if spec["batch8"]:
         row["decode_b8_tok_s"] = statistics.median(_decode(model, prompt, spec["new"]) for _ in range(reps))
@@ -331,29 +340,35 @@ def _rows(models, variants) -> list[tuple[str, str, bool]]:
 
 
 def _table(rows: list[dict], bw: float) -> str:
-    header = ("| model | variant | head | decode b1 tok/s | decode b8 agg tok/s | prefill tok/s | weights RSS MB | "
-              "stored MB | repacked MB | read MB/token | limit tok/s | vs fp32 (b1) | vs bf16 (b1) | ppl diff | "
-              "agreement | bf16 control: ppl diff / agreement |")
-    lines = [header, "|" + "---|" * 16]
+    cols = ["model", "variant", "head", "decode b1 tok/s", "decode b8 agg tok/s", "prefill tok/s",
+            "prefill (gen) tok/s", "weights RSS MB", "stored MB", "repacked MB", "read MB/token", "limit tok/s",
+            "decode vs fp32", "decode vs bf16", "prefill vs bf16", "prefill (gen) vs bf16", "RSS vs fp32",
+            "ppl diff", "agreement", "bf16 control: ppl diff / agreement"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = {(r["model"], r["variant"]): r for r in rows if r["variant"] in ("float32", "bfloat16")}
+    nan = float("nan")
+
+    def ratio(r: dict, ref: dict | None, key: str) -> float:
+        return r[key] / ref[key] if ref and key in ref and key in r and ref[key] else nan
+
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | {'q' if r['head'] else 'float'} | error: "
-                         f"{r['error'][:80]} |" + " |" * 13)
+            lines.append(f"| {r['model']} | {r['variant']} | {'quantized' if r['head'] else 'float'} | error: "
+                         f"{r['error'][:80]} |" + " |" * (len(cols) - 4))
             continue
         f32, b16 = base.get((r["model"], "float32")), base.get((r["model"], "bfloat16"))
         acc = r.get("accuracy", {})
         lines.append(
             f"| {r['model']} | {r['variant']} | {'quantized' if r['head'] else 'float'} | {r['decode_b1_tok_s']:.1f} "
-            f"| {r.get('decode_b8_agg_tok_s', float('nan')):.1f} | {r['prefill_tok_s']:.0f} | "
-            f"{r['weights_rss_mb']:.0f} | {r['stored_mb']:.0f} | {r['repacked_mb']:.0f} | "
+            f"| {r.get('decode_b8_agg_tok_s', nan):.1f} | {r['prefill_tok_s']:.0f} | {r.get('prefill_gen_tok_s', nan):.0f}"
+            f" | {r['weights_rss_mb']:.0f} | {r['stored_mb']:.0f} | {r['repacked_mb']:.0f} | "
             f"{r['read_mb_per_token']:.1f} | {bw * 1e3 / max(r['read_mb_per_token'], 1e-9) / 1.048576:.0f} | "
-            f"{r['decode_b1_tok_s'] / f32['decode_b1_tok_s'] if f32 and 'decode_b1_tok_s' in f32 else float('nan'):.2f}"
-            f" | {r['decode_b1_tok_s'] / b16['decode_b1_tok_s'] if b16 and 'decode_b1_tok_s' in b16 else float('nan'):.2f}"
-            f" | {acc.get('ppl_rel_diff', float('nan')) * 100:.2f}% | "
-            f"{acc.get('next_token_agreement', float('nan')) * 100:.1f}% | "
-            f"{acc.get('bf16_control_ppl_rel_diff', float('nan')) * 100:.2f}% / "
-            f"{acc.get('bf16_control_agreement', float('nan')) * 100:.1f}% |")
+            f"{ratio(r, f32, 'decode_b1_tok_s'):.2f} | {ratio(r, b16, 'decode_b1_tok_s'):.2f} | "
+            f"{ratio(r, b16, 'prefill_tok_s'):.2f} | {ratio(r, b16, 'prefill_gen_tok_s'):.2f} | "
+            f"{ratio(r, f32, 'weights_rss_mb'):.2f} | "
+            f"{acc.get('ppl_rel_diff', nan) * 100:.2f}% | {acc.get('next_token_agreement', nan) * 100:.1f}% | "
+            f"{acc.get('bf16_control_ppl_rel_diff', nan) * 100:.2f}% / "
+            f"{acc.get('bf16_control_agreement', nan) * 100:.1f}% |")
     return "\n".join(lines)
 
 
@@ -382,7 +397,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, 4 variants, 1 repeat, short sequences")
     p.add_argument("--models", default=None, help="comma list of smollm2, llama1b, llama_small")
-    p.add_argument("--variants", default=None, help="comma list of float32, bfloat16, " + ", ".join(QUANT))
+    p.add_argument("--variants", default=None, help="comma list of float32, bfloat16, " + ", ".join(QUANT)
+                   + "; a quantized variant may end in +emb (embeddings quantized too) and/or @bf16 (model cast to "
+                   "bfloat16 before quantizing)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--no-accuracy", action="store_true")
@@ -407,7 +424,7 @@ def main(argv=None) -> int:
     use_data_dir(args.data_dir)  # exported to the workers (the accuracy check reads the IU reports)
     models = (args.models or ("smollm2" if quick else "smollm2,llama1b")).split(",")
     variants = (args.variants or ("float32,bfloat16,W8,W4g128" if quick else
-                                  "float32,bfloat16," + ",".join(QUANT))).split(",")
+                                  "float32,bfloat16," + ",".join(QUANT) + ",W4g128@bf16,W4g128+emb")).split(",")
     threads = args.threads or torch.get_num_threads()
     spec = {"threads": threads, "repeats": args.repeats or (1 if quick else 3), "prompt": 32,
             "new": 16 if quick else 64, "prefill": 64 if quick else 256, "batch8": True,

@@ -63,10 +63,12 @@ def prompt_ids(tok, n_tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def time_prefill(model, ids: torch.Tensor) -> float:
-    """Seconds of one forward over ``ids``."""
+def time_prefill(model, ids: torch.Tensor, logits_to_keep: int | None = None) -> float:
+    """Seconds of one forward over ``ids`` (``logits_to_keep=1``: the output head runs on the last position only,
+    as ``generate`` does when it prefills a prompt)."""
+    kwargs = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
     t = time.perf_counter()
-    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     return time.perf_counter() - t
 
 
