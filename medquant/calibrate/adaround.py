@@ -14,20 +14,28 @@ layout is unchanged), the soft-quantized weight is
 with ``V`` initialised so that ``h(V) = w/s - floor(w/s)`` (``w~ = w`` inside the range). ``V`` of every layer of
 the block is optimised with Adam on
 
-    L = mean (block(x; W~) - block(x; W))^2  +  lambda * sum_layers sum_i (1 - |2 h(V_i) - 1|^beta)
+    L = mean (block(x~; W~) - block(x; W))^2  +  lambda * sum_layers sum_i (1 - |2 h(V_i) - 1|^beta)
 
-where ``block(x; W)`` is the float block on the same input (its input taken from the model with the earlier blocks
-already quantized), the regulariser is off for the first ``warmup`` fraction of the iterations and ``beta`` then
-decays linearly from 20 to 2, pushing ``h`` to 0 or 1. The final codes round up where ``h(V) >= 0.5``:
-``u = clamp(floor(w/s) + [h >= 0.5] (+ z), ...)``, so each code is the floor or the ceiling of ``w/s``, never
-further from it than RTN's code by more than one step.
+where ``x~`` is the block's input in the model with the earlier blocks already quantized and ``block(x; W)`` is
+the *float model's* output of the block on the float model's own input (``target="float"``, the asymmetric
+reconstruction of AdaRound / BRECQ: the rounding of a block also compensates the error its quantized input
+carries). ``target="input"`` uses the float block on the quantized input instead, ``block(x~; W)``, which only
+asks each block not to add error of its own; measured on a small trained CNN, errors then pile up from block to
+block and learned rounding ended up worse than RTN, so it is not the default. The regulariser is off for the first
+``warmup`` fraction of the iterations and ``beta`` then decays linearly from 20 to 2, pushing ``h`` to 0 or 1. The
+final codes round up where ``h(V) >= 0.5``: ``u = clamp(floor(w/s) + [h >= 0.5] (+ z), ...)``, so each code is
+the floor or the ceiling of ``w/s``, never further from it than RTN's code by more than one step. If the hard
+rounding reconstructs a block's target worse than round-to-nearest on the calibration data (possible with very few
+iterations), the block keeps round-to-nearest and its record says so (``"fallback": "rtn"``).
 
 :func:`fold_batchnorm_` first folds each BatchNorm2d into the Conv2d that feeds it (``w' = w gamma / sigma``,
 ``b' = (b - mu) gamma / sigma + beta``), so the rounding is learned on the weights that will actually be used.
-Activation quantization during the reconstruction is not implemented.
+With ``act_bits`` each block's input is also fake-quantized (static per-tensor, :class:`InputQuantizer`) during the
+reconstruction and afterwards (W4A8 and the like).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +48,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from tqdm.auto import tqdm
 
 from ..kernels.layout import expand_params, pack, padded_k
-from ..models.runner import run_model
+from ..models.runner import eval_mode, run_model
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
@@ -297,6 +305,42 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+def _check_args(iters: int, warmup: float, act_bits: int | None, target: str) -> None:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)
+                                 or not 2 <= act_bits <= 16):
+        raise ValueError(f"act_bits must be None or an integer in 2..16, got {act_bits!r}")
+    if target not in ("float", "input"):
+        raise ValueError(f"target must be 'float' (the float model's block outputs) or 'input' (the float block "
+                         f"on the quantized input), got {target!r}")
+
+
+def _forward_order(model: nn.Module, units: Iterable[str], batch: Any) -> list[str]:
+    """The units in the order of their first call on one batch (units never called last, in the given order)."""
+    units = list(units)
+    order: list[str] = []
+    handles = [model.get_submodule(u).register_forward_pre_hook(
+        lambda mod, args, u=u: order.append(u) if u not in order else None) for u in units]
+    try:
+        with torch.no_grad():
+            run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [u for u in units if u not in order]
+
+
+def _rtn_(layers: Mapping[str, _Rounding]) -> None:
+    """Set every rounding variable to round-to-nearest (``h`` exactly 0 or 1)."""
+    with torch.no_grad():
+        for r in layers.values():
+            rest = r.module.weight.detach().reshape(r.floor.shape).float() / r.s - r.floor
+            r.v.copy_(torch.where(rest >= 0.5, 10.0, -10.0))
+
+
 def adaround_quantize_(
     model: nn.Module,
     config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
@@ -312,43 +356,55 @@ def adaround_quantize_(
     seed: int = 0,
     act_bits: int | None = None,
     act_symmetric: bool = False,
+    target: str = "float",
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Quantize ``model``'s Linear / Conv2d layers in place with learned rounding (see the module docstring).
 
     Args:
-        model: a float model, run in eval mode.
-        config_or_map, skip: which layers get which :class:`~medquant.QuantConfig`, as :func:`medquant.quantize_`
+        model: a float model, run in eval mode (its previous mode is restored at the end).
+        config_or_map: which layers get which :class:`~medquant.QuantConfig`, as :func:`medquant.quantize_`
             (2..8 bits, no per-row bit-widths).
         calib: calibration batches as :func:`medquant.models.run_model` takes them.
+        skip: layer names or role patterns left in float, as :func:`medquant.quantize_`.
         blocks: names of modules reconstructed as a whole (e.g. a ResNet's ``"layer1.0"``); their planned layers
             are optimised jointly. Planned layers outside every block are reconstructed one by one (AdaRound).
-            Blocks must not nest; their order is the forward order.
-        iters, lr: Adam steps (one calibration batch each, in a seeded random order) and learning rate per block.
-        reg, warmup: ``lambda`` of the rounding regulariser and the fraction of steps before it starts.
+            Blocks must not nest.
+        iters: Adam steps per block, one calibration batch each, in a seeded random order.
+        lr: Adam's learning rate.
+        reg: ``lambda``, the weight of the rounding regulariser.
+        warmup: the fraction of the steps before the regulariser starts (reconstruction only).
         fold_bn: fold BatchNorm2d layers into their convolutions first (:func:`fold_batchnorm_`).
         seed: seed of the batch order; the result is deterministic for a seed (on the same device).
         act_bits: quantize each unit's input activations too (e.g. ``8`` for W4A8): a static per-tensor
             :class:`InputQuantizer` per unit (asymmetric unless ``act_symmetric``), fixed from the unit's
             calibration inputs, used in the reconstruction and left attached to the unit as a forward pre-hook.
             ``None`` (default): float activations.
+        act_symmetric: symmetric activation quantizers (with ``act_bits``).
+        target: ``"float"`` (default): each block reconstructs the float model's output of that block (a float
+            copy of the model is kept during the call); ``"input"``: the float block's output on the same,
+            quantized input (see the module docstring).
+        progress: show a tqdm progress bar over the blocks.
 
     Returns:
-        Name -> ``{"method": "adaround", "block", "iters", "lr", "reg", "samples", "seed", "mse_rtn", "mse"}``
-        (``mse``: the block's calibration reconstruction error with the final hard rounding, ``mse_rtn`` with
-        round-to-nearest, both with the quantized input when ``act_bits`` is set); with ``act_bits`` also
-        ``"act": {"bits", "symmetric", "scale", "zero"}`` of the unit's input quantizer. Each quantized layer also
-        carries its record as its ``calibration`` attribute.
+        Name -> ``{"method": "adaround", "block", "iters", "lr", "reg", "warmup", "target", "samples", "seed",
+        "mse_rtn", "mse", "mse_learned", "fallback"}``: ``mse_learned`` is the block's calibration reconstruction
+        error (mean squared difference to the target) with the learned hard rounding, ``mse_rtn`` with
+        round-to-nearest, ``mse`` that of the rounding kept (``fallback`` is ``"rtn"`` when round-to-nearest was
+        kept because it was better, else ``None``); with ``act_bits`` also ``"act": {"bits", "symmetric", "scale",
+        "zero"}`` of the unit's input quantizer. Each quantized layer also carries its record as its
+        ``calibration`` attribute.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; a block's output is neither a tensor nor a tuple starting
+            with one.
+        ValueError: bad ``iters`` / ``warmup`` / ``act_bits`` / ``target``; an empty calibration set; a layer
+            with per-row bit-widths or bits outside 2..8; a block that the calibration batches never reach; NaN
+            or inf in a block's calibration input; a reconstruction that diverged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be a positive integer, got {iters!r}")
-    if not 0 <= warmup < 1:
-        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
-    if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)
-                                 or not 2 <= act_bits <= 16):
-        raise ValueError(f"act_bits must be None or an integer in 2..16, got {act_bits!r}")
+    _check_args(iters, warmup, act_bits, target)
     batches = list(calib)
     if fold_bn:
         fold_batchnorm_(model)
@@ -365,88 +421,91 @@ def adaround_quantize_(
     for n in plan:
         owner = next((b for b in blocks if n.startswith(b + ".")), n)
         units.setdefault(owner, []).append(n)
-    # forward order of the units: the first call of each on the first batch
-    order: list[str] = []
-    handles = [model.get_submodule(u).register_forward_pre_hook(
-        lambda mod, args, u=u: order.append(u) if u not in order else None) for u in units]
-    was = model.training
-    model.eval()
     records: dict[str, dict[str, Any]] = {}
-    try:
-        with torch.no_grad():
-            run_model(model, batches[0])
-        for h in handles:
-            h.remove()
-        handles = []
-        ordered = order + [u for u in units if u not in order]
+    with eval_mode(model):
+        reference = copy.deepcopy(model) if target == "float" else None
+        ordered = _forward_order(model, units, batches[0])
         gen = torch.Generator().manual_seed(seed)
         for unit in tqdm(ordered, desc="learned rounding", disable=not progress, leave=False):
             calls = _capture_block(model, unit, batches)
-            block = model.get_submodule(unit)
-            aq = None
-            if act_bits is not None:
-                firsts = [c[0][0] for c in calls if c[0] and isinstance(c[0][0], torch.Tensor)]
-                if len(firsts) != len(calls):
-                    raise ValueError(f"block {unit}: activation quantization needs the block's input tensor as "
-                                     "its first positional argument")
-                aq = InputQuantizer.calibrate(firsts, act_bits, act_symmetric, f"block {unit}")
-                calls = [((aq(c[0][0]), *c[0][1:]), c[1], c[2]) for c in calls]
-            prefix = "" if unit in plan else unit + "."
-            layers = {n: _Rounding(model.get_submodule(n), plan[n], n) for n in units[unit]}
-            rel = {n: (n[len(prefix):] if prefix else "") for n in layers}
-            params = [r.v for r in layers.values()]
-            opt = torch.optim.Adam(params, lr=lr)
+            if reference is not None:  # the float model's outputs of this block (its own, float inputs)
+                ref_calls = _capture_block(reference, unit, batches)
+                if len(ref_calls) != len(calls):
+                    raise ValueError(f"block {unit}: called {len(calls)} times by the quantized model but "
+                                     f"{len(ref_calls)} times by the float model on the same batches")
+                calls = [(a, kw, r[2]) for (a, kw, _), r in zip(calls, ref_calls)]
+            records.update(_reconstruct(model, unit, units[unit], plan, calls, len(batches), gen, iters=iters,
+                                        lr=lr, reg=reg, warmup=warmup, seed=seed, act_bits=act_bits,
+                                        act_symmetric=act_symmetric, target=target))
+    return records
 
-            def run(hard: bool, call: tuple, layers=layers, rel=rel, block=block) -> torch.Tensor:
-                weights = {(rel[n] + "." if rel[n] else "") + "weight": r.weight(hard) for n, r in layers.items()}
-                return _first_tensor(torch.func.functional_call(block, weights, call[0], call[1]))
 
-            def mse(hard: bool | None, calls=calls, run=run, layers=layers, rel=rel, block=block) -> float:
-                with torch.no_grad():
-                    if hard is None:  # round-to-nearest
-                        saved = {n: r.v.detach().clone() for n, r in layers.items()}
-                        for r in layers.values():
-                            rest = (r.module.weight.detach().reshape(r.floor.shape).float() / r.s - r.floor)
-                            r.v.copy_(torch.where(rest >= 0.5, 10.0, -10.0))
-                        err = sum(float((run(True, c) - c[2]).pow(2).mean()) for c in calls) / len(calls)
-                        for n, r in layers.items():
-                            r.v.copy_(saved[n])
-                        return err
-                    return sum(float((run(hard, c) - c[2]).pow(2).mean()) for c in calls) / len(calls)
+def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mapping[str, QuantConfig],
+                 calls: list[tuple[tuple, dict, torch.Tensor]], samples: int, gen: torch.Generator, *, iters: int,
+                 lr: float, reg: float, warmup: float, seed: int, act_bits: int | None, act_symmetric: bool,
+                 target: str) -> dict[str, dict[str, Any]]:
+    """Learn the rounding of one unit's layers on ``calls`` ((args, kwargs, target output)), swap in the
+    quantized layers and return their records."""
+    block = model.get_submodule(unit)
+    aq = None
+    if act_bits is not None:
+        firsts = [c[0][0] for c in calls if c[0] and isinstance(c[0][0], torch.Tensor)]
+        if len(firsts) != len(calls):
+            raise ValueError(f"block {unit}: activation quantization needs the block's input tensor as its first "
+                             "positional argument")
+        aq = InputQuantizer.calibrate(firsts, act_bits, act_symmetric, f"block {unit}")
+        calls = [((aq(c[0][0]), *c[0][1:]), c[1], c[2]) for c in calls]
+    prefix = "" if unit in plan else unit + "."
+    layers = {n: _Rounding(model.get_submodule(n), plan[n], n) for n in names}
+    rel = {n: (n[len(prefix):] if prefix else "") for n in layers}
+    opt = torch.optim.Adam([r.v for r in layers.values()], lr=lr)
 
-            mse_rtn = mse(None)
-            start = int(warmup * iters)
-            for it in range(iters):
-                call = calls[int(torch.randint(len(calls), (1,), generator=gen))]
-                with torch.enable_grad():
-                    out = run(False, call)
-                    loss = _rec_loss(out, call[2])
-                    if it >= start:
-                        frac = (it - start) / max(1, iters - start)
-                        beta = 20 + (2 - 20) * frac
-                        loss = loss + reg * sum(r.regulariser(beta) for r in layers.values())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-            mse_final = mse(True)
-            rec = {"method": "adaround", "block": unit, "iters": iters, "lr": lr, "reg": reg, "samples": len(batches),
-                   "seed": seed, "mse_rtn": mse_rtn, "mse": mse_final}
-            if aq is not None:
-                rec["act"] = aq.as_dict()
-            if not math.isfinite(mse_final):
-                raise ValueError(f"block {unit}: learned rounding diverged (reconstruction error {mse_final})")
-            built = []
-            for n, r in layers.items():
-                q = r.quantized_module()
-                q.calibration = dict(rec)
-                records[n] = dict(rec)
-                built.append((n, q))
-            for n, q in built:
-                swap_module(model, n, q)
-            if aq is not None:
-                aq.attach(model.get_submodule(unit))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    def run(hard: bool, call: tuple) -> torch.Tensor:
+        weights = {(rel[n] + "." if rel[n] else "") + "weight": r.weight(hard) for n, r in layers.items()}
+        return _first_tensor(torch.func.functional_call(block, weights, call[0], call[1]))
+
+    def mse() -> float:
+        with torch.no_grad():
+            return sum(float((run(True, c) - c[2]).pow(2).mean()) for c in calls) / len(calls)
+
+    learned = {n: r.v.detach().clone() for n, r in layers.items()}
+    _rtn_(layers)
+    mse_rtn = mse()
+    with torch.no_grad():
+        for n, r in layers.items():
+            r.v.copy_(learned[n])
+    start = int(warmup * iters)
+    for it in range(iters):
+        call = calls[int(torch.randint(len(calls), (1,), generator=gen))]
+        with torch.enable_grad():
+            loss = _rec_loss(run(False, call), call[2])
+            if it >= start:
+                beta = 20 + (2 - 20) * (it - start) / max(1, iters - start)
+                loss = loss + reg * sum(r.regulariser(beta) for r in layers.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+    mse_learned = mse()
+    if not math.isfinite(mse_learned):
+        raise ValueError(f"block {unit}: learned rounding diverged (reconstruction error {mse_learned})")
+    fallback = None
+    if mse_learned > mse_rtn:
+        _rtn_(layers)
+        fallback = "rtn"
+    rec = {"method": "adaround", "block": unit, "iters": iters, "lr": lr, "reg": reg, "warmup": warmup,
+           "target": target, "samples": samples, "seed": seed, "mse_rtn": mse_rtn,
+           "mse": mse_rtn if fallback else mse_learned, "mse_learned": mse_learned, "fallback": fallback}
+    if aq is not None:
+        rec["act"] = aq.as_dict()
+    records: dict[str, dict[str, Any]] = {}
+    built = []
+    for n, r in layers.items():
+        q = r.quantized_module()
+        q.calibration = dict(rec)
+        records[n] = dict(rec)
+        built.append((n, q))
+    for n, q in built:
+        swap_module(model, n, q)
+    if aq is not None:  # on the module now in the model (a single-layer unit was just swapped)
+        aq.attach(model.get_submodule(unit))
     return records
