@@ -19,7 +19,9 @@ split of 624 images, no group labels) and a CNN and a small ViT on HAM10000 (64 
 (256 training images, batches of 32). BatchNorm is folded into the convolutions for every method; the head stays
 float; every other Conv2d / Linear gets W4 or W3 per-channel (symmetric at 4 bits, asymmetric at 3). Methods:
 RTN, GPTQ (act_order), group-balanced GPTQ (HAM10000 only: per-sample sex labels, uniform group weights), learned
-rounding (``adaround_quantize_``; the ViT's transformer blocks reconstructed as blocks). Metrics on the test split:
+rounding (``adaround_quantize_``, ``--adaround-iters`` steps per block, each block reconstructing the float model's
+output of that block; the ViT's transformer blocks reconstructed as blocks; the JSON keeps each block's calibration
+error with RTN and with the learned rounding). ``--bits`` chooses the widths (default 4 and 3). Metrics on the test split:
 accuracy, AUC (macro one-vs-rest for 7 classes), worst-group accuracy (HAM10000), each as the mean over the seeds
 of (method - float) with a paired bootstrap 95% interval (the same resampled test indices for float and method and
 for every seed).
@@ -32,8 +34,8 @@ stopped run leaves partial results (``missing`` lists what did not run). ``--par
 On a loaded machine the work can be split over processes: ``--configs`` / ``--methods`` (LM) and ``--models``
 (image classifiers) choose a subset, each subset writes its own ``ptq_methods_{lm,cnn}_<subset>.json`` and
 ``--part report`` merges every such file (ratios to float and gap closed are computed after the merge, so float and
-RTN may come from other processes of the same protocol; files whose calibration differs are listed under
-``protocol_differs``).
+RTN may come from other processes of the same protocol; each row names its calibration). The per-process files of
+an earlier, reduced run are kept in ``benchmarks/results/ptq_methods_reduced/`` (not merged).
 """
 from __future__ import annotations
 
@@ -171,7 +173,7 @@ def run_lm(args) -> dict:
                           "block_size": 128},
                  "awq": {"calibration_sequences": min(4, cinfo["sequences"]), "grid": 10, "max_rows": 2048},
                  "hardware": env.hardware(note=SHARED_NOTE), "versions": env.versions("gguf"),
-                 "configs": {c: {} for c in configs},
+                 "torch_threads": torch.get_num_threads(), "configs": {c: {} for c in configs},
                  "missing": [f"{c} / {m}" for c in configs for m in methods if m != "float"]
                  + (["float"] if "float" in methods else [])}
     print(f"calibration: {cinfo['sequences']} x {cinfo['seq_len']} tokens; test: {tinfo['reports']} reports")
@@ -372,13 +374,14 @@ def run_cnn(args) -> dict:
     out_path = RESULTS / (f"ptq_methods_cnn{_tag([f'{d}/{a}' for d, a in models], [f'{d}/{a}' for d, a in CNN_MODELS])}"
                           f"{'_quick' if args.quick else ''}.json")
     seeds = args.seeds[:1] if args.quick else args.seeds
-    bits_list = [4] if args.quick else [4, 3]
+    bits_list = [4] if args.quick else args.bits
     epochs = {("kermany", "cnn"): args.epochs_kermany, ("ham10000", "cnn"): args.epochs_ham_cnn,
               ("ham10000", "vit"): args.epochs_ham_vit}
     if args.quick:
         epochs = {k: 1 for k in epochs}
     iters = 50 if args.quick else args.adaround_iters
     res: dict = {"part": "cnn", "date": _now(), "hardware": env.hardware(note=SHARED_NOTE),
+                 "torch_threads": torch.get_num_threads(),
                  "versions": env.versions("scipy"),
                  "protocol": {"image_size": args.size, "seeds": seeds, "bits": bits_list, "scope": "channel",
                               "symmetric": "4 bits symmetric, 3 bits asymmetric (QuantConfig default)",
@@ -387,7 +390,10 @@ def run_cnn(args) -> dict:
                               "gptq": "gptq_quantize_, act_order=True, damp 0.01",
                               "gb_gptq": "gptq_quantize_ with per-sample sex labels, uniform group weights",
                               "learned_rounding": f"adaround_quantize_, {iters} iterations per block, lr 1e-2, "
-                                                  "reg 0.01, warm-up 0.2; ViT blocks reconstructed as blocks",
+                                                  "reg 0.01, warm-up 0.2, target: the float model's block "
+                                                  "outputs (asymmetric reconstruction), RTN kept for a block "
+                                                  "whose learned rounding reconstructs worse; ViT blocks "
+                                                  "reconstructed as blocks",
                               "epochs": {f"{d}/{a}": e for (d, a), e in epochs.items()},
                               "bootstrap": f"{args.n_boot} paired resamples of the test set",
                               "reduced_from_issue": "64 px instead of 224 px for Kermany and a few CPU epochs: the "
@@ -429,6 +435,7 @@ def run_cnn(args) -> dict:
                     if method == "GB-GPTQ" and groups is None:
                         continue
                     q = copy.deepcopy(model)
+                    recs = None
                     with _Measure() as me:
                         if method == "RTN":
                             quantize_(q, cfg, skip=[head])
@@ -438,10 +445,15 @@ def run_cnn(args) -> dict:
                             gptq_quantize_(q, cfg, calib, skip=[head], act_order=True, groups=groups,
                                            progress=False)
                         else:
-                            adaround_quantize_(q, cfg, calib, skip=[head], blocks=blocks, iters=iters,
-                                               fold_bn=False, seed=seed, progress=args.progress)
+                            recs = adaround_quantize_(q, cfg, calib, skip=[head], blocks=blocks, iters=iters,
+                                                      fold_bn=False, seed=seed, progress=args.progress)
                     pm[bits].setdefault(method, []).append(_probs(q, xte))
                     entry["timing"].setdefault(f"W{bits} {method}", []).append(me.as_dict())
+                    if recs:  # per block: calibration reconstruction error of RTN and of the learned rounding
+                        blocks_seen = {r["block"]: r for r in recs.values()}
+                        entry.setdefault("learned_rounding_blocks", {}).setdefault(f"W{bits}", []).append(
+                            {b: {"mse_rtn": r["mse_rtn"], "mse_learned": r["mse_learned"], "fallback": r["fallback"]}
+                             for b, r in blocks_seen.items()})
                     acc = float((pm[bits][method][-1].argmax(1) == y_np).mean())
                     print(f"{key:<14} seed {seed} W{bits} {method:<17} acc {acc:.3f} (float "
                           f"{float((pf.argmax(1) == y_np).mean()):.3f})  {me.seconds:6.1f} s", flush=True)
@@ -696,6 +708,8 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs-ham-vit", type=int, default=8)
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--adaround-iters", type=int, default=300)
+    ap.add_argument("--bits", type=int, nargs="+", choices=[4, 3], default=[4, 3],
+                    help="weight bit-widths of the image classifiers (default 4 3)")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
