@@ -18,8 +18,16 @@
    not tell a correct export from a merely quantized one).
 4. Decode / prefill tokens per second of llama.cpp next to medquant's own CPU path (its default compute dtype).
 
-llama.cpp's CPU kernels quantize activations to 8 bits for Q4_0 / Q8_0 matrix products, so small differences
-from medquant's float32 activations are expected; the KV cache is kept in float32 for the accuracy runs.
+llama.cpp's CPU kernels round the input of every Q4_0 / Q8_0 matrix product to 8-bit blocks (``Q8_0``: 32 values,
+one float16 scale), which medquant's float32 reference does not; SmolLM2's next-token choice is a near tie at many
+report positions, so that rounding alone moves the arg-max. The controls that show this, next to the comparison:
+
+* full logits from both sides: agreement restricted to positions where medquant's top-2 logit margin exceeds 0.25 /
+  0.5 / 1 logit, and the mean / largest absolute logit difference;
+* rounding-only controls on the float model (same weights): medquant cast to bfloat16, and medquant with the inputs
+  of every linear layer rounded to float16 or to llama.cpp's ``Q8_0`` blocks;
+* per quantized variant: medquant with llama.cpp's ``Q8_0`` input rounding (agreement with medquant, with llama.cpp,
+  and its perplexity), and llama.cpp with its default float16 KV cache (the accuracy runs keep it in float32).
 Writes ``benchmarks/results/llamacpp[_quick].json`` and ``.md``; if the build fails, the JSON says why.
 The machine is shared: the load average is recorded next to every timing.
 """
@@ -82,10 +90,17 @@ static int decode(llama_context * ctx, const std::vector<llama_token> & t, int p
 }
 
 int main(int argc, char ** argv) {
-    if (argc < 5) { fprintf(stderr, "usage: mq_eval eval|bench MODEL TOKENS THREADS [N_GEN]\n"); return 1; }
+    if (argc < 5) {
+        fprintf(stderr, "usage: mq_eval eval MODEL TOKENS THREADS [LOGITS_OUT|-] [f32|f16]\n"
+                        "       mq_eval bench MODEL TOKENS THREADS [N_GEN]\n");
+        return 1;
+    }
     std::string mode = argv[1];
     int threads = atoi(argv[4]);
-    int n_gen = argc > 5 ? atoi(argv[5]) : 64;
+    int n_gen = (mode == "bench" && argc > 5) ? atoi(argv[5]) : 64;
+    // eval: optional file receiving every position's full logits (float32, row after row), and the KV cache type
+    std::string logits_out = (mode == "eval" && argc > 5) ? argv[5] : "-";
+    bool kv_f16 = mode == "eval" && argc > 6 && std::string(argv[6]) == "f16";
     llama_log_set(quiet, nullptr);
     llama_backend_init();
     llama_model_params mp = llama_model_default_params();
@@ -97,12 +112,14 @@ int main(int argc, char ** argv) {
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = 1024; cp.n_batch = 1024; cp.n_ubatch = 1024;
     cp.n_threads = threads; cp.n_threads_batch = threads;
-    if (mode == "eval") { cp.type_k = GGML_TYPE_F32; cp.type_v = GGML_TYPE_F32;
+    if (mode == "eval") { cp.type_k = kv_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32; cp.type_v = cp.type_k;
                           cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED; }
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) { fprintf(stderr, "cannot create a context\n"); return 3; }
     auto seqs = read_tokens(argv[3]);
     if (mode == "eval") {
+        FILE * lf = logits_out == "-" ? nullptr : fopen(logits_out.c_str(), "wb");
+        if (logits_out != "-" && !lf) { fprintf(stderr, "cannot write %s\n", logits_out.c_str()); return 5; }
         for (size_t s = 0; s < seqs.size(); ++s) {
             const auto & t = seqs[s];
             llama_memory_clear(llama_get_memory(ctx), true);
@@ -115,7 +132,9 @@ int main(int argc, char ** argv) {
                 for (int v = 0; v < n_vocab; ++v) se += std::exp((double) lg[v] - mx);
                 printf("%zu %zu %d %.9g\n", s, i, am, (double) lg[t[i + 1]] - mx - std::log(se));
             }
+            if (lf) for (size_t i = 0; i < t.size(); ++i) fwrite(llama_get_logits_ith(ctx, (int) i), 4, n_vocab, lf);
         }
+        if (lf) fclose(lf);
     } else {
         const auto & t = seqs[0];
         llama_memory_clear(llama_get_memory(ctx), true);
@@ -187,8 +206,8 @@ def build_llamacpp(jobs: int = 2, timeout: float = 7200) -> dict:
               "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON"], log, timeout)
         _run(["nice", "-n", "10", "cmake", "--build", str(build), "-j", str(jobs), "--target", "llama"], log,
              timeout)
-    if not exe.exists():
-        cpp = root / "mq_eval.cpp"
+    cpp = root / "mq_eval.cpp"
+    if not exe.exists() or not cpp.is_file() or cpp.read_text() != EVAL_SRC:  # (re)build when the source changed
         cpp.write_text(EVAL_SRC)
         _run(["g++", "-O2", "-std=c++17", str(cpp), "-I", str(src / "include"), "-I", str(src / "ggml" / "include"),
               "-L", str(build / "bin"), "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{build / 'bin'}", "-o",
@@ -197,10 +216,10 @@ def build_llamacpp(jobs: int = 2, timeout: float = 7200) -> dict:
     return out
 
 
-def _mq_eval(exe: str, mode: str, gguf: Path, seqs: list[list[int]], threads: int, n_gen: int = 64) -> str:
+def _mq_eval(exe: str, mode: str, gguf: Path, seqs: list[list[int]], threads: int, *extra: str) -> str:
     tok_file = gguf.with_suffix(".tokens.txt")
     tok_file.write_text("\n".join(" ".join(map(str, s)) for s in seqs) + "\n")
-    proc = subprocess.run([exe, mode, str(gguf), str(tok_file), str(threads), str(n_gen)], capture_output=True,
+    proc = subprocess.run([exe, mode, str(gguf), str(tok_file), str(threads), *extra], capture_output=True,
                           text=True, timeout=3600, check=False)
     if proc.returncode:
         raise RuntimeError(f"mq_eval {mode} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -218,6 +237,22 @@ def llamacpp_eval(exe: str, gguf: Path, seqs: list[list[int]], threads: int) -> 
     return argmax, logp
 
 
+def llamacpp_logits(exe: str, gguf: Path, seqs: list[list[int]], threads: int, kv: str = "f32") -> list:
+    """Per sequence: llama.cpp's full logits (numpy float32, one row per position), KV cache in ``kv``."""
+    import numpy as np
+
+    out_file = gguf.with_suffix(".logits.bin")
+    _mq_eval(exe, "eval", gguf, seqs, threads, str(out_file), kv)
+    flat = np.fromfile(out_file, dtype=np.float32)
+    out_file.unlink()
+    n_vocab = flat.size // sum(len(s) for s in seqs)
+    rows, at = [], 0
+    for s in seqs:
+        rows.append(flat[at * n_vocab:(at + len(s)) * n_vocab].reshape(len(s), n_vocab))
+        at += len(s)
+    return rows
+
+
 def llamacpp_speed(exe: str, gguf: Path, prompt: list[int], threads: int, n_gen: int) -> dict:
     out = {}
     for line in _mq_eval(exe, "bench", gguf, [prompt], threads, n_gen).splitlines():
@@ -227,40 +262,99 @@ def llamacpp_speed(exe: str, gguf: Path, prompt: list[int], threads: int, n_gen:
     return out
 
 
-def q8_activations(model):
-    """Forward pre-hooks that round the input of every quantized layer as llama.cpp does before a Q4_0 / Q8_0
-    product (its Q8_0 activation blocks): per 32 values ``d = max|x| / 127``, ``q = roundf(x / d)``, ``x' = q *
-    fp16(d)``. Returns the hook handles (``.remove()`` them)."""
+def q8_0_round(x):
+    """``x`` rounded as llama.cpp's CPU back-end rounds the activations of a Q4_0 / Q8_0 product (its ``Q8_0``
+    blocks): per 32 values along the last axis, ``a = max|x|``, ``q = round(x * 127 / a)`` (to nearest, ties to
+    even, as its AVX code), ``x' = q * fp16(a / 127)``."""
+    import torch
+
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32).float()
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / torch.where(amax > 0, amax, 1), 0)
+    return (torch.round(xb * inv) * (amax / 127).half().float()).reshape(x.shape).to(x.dtype)
+
+
+def round_inputs(modules, fn) -> list:
+    """Forward pre-hooks replacing the first input of each module by ``fn(input)``; returns the handles (call
+    ``.remove()`` on each)."""
+    return [m.register_forward_pre_hook(lambda mod, args: (fn(args[0]),) + tuple(args[1:])) for m in modules]
+
+
+def linear_modules(model) -> list:
+    """Every ``nn.Linear`` and every medquant quantized layer of ``model`` (the layers llama.cpp multiplies)."""
     import torch
 
     from medquant.quant import quantized_modules
 
-    def hook(module, args):
-        x = args[0]
-        xb = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32).float()
-        d = xb.abs().amax(-1, keepdim=True) / 127
-        v = torch.where(d > 0, xb / torch.where(d > 0, d, 1), 0)
-        q = torch.sign(v) * torch.floor(v.abs() + 0.5)  # roundf: halves away from zero
-        return (( q * d.half().float()).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
-
-    return [m.register_forward_pre_hook(hook) for m in quantized_modules(model).values()]
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)] + list(quantized_modules(model).values())
 
 
-def medquant_eval(model, seqs: list[list[int]]) -> tuple[list, list]:
-    """Per sequence: medquant's arg-max next tokens and log-probabilities of the true next tokens, computed by
-    its torch reference path (dequantized weights, float32 arithmetic)."""
+def medquant_logits(model, seqs: list[list[int]], modules=None, fn=None) -> list:
+    """Per sequence: medquant's full logits (numpy float32) by its torch reference path (dequantized weights),
+    optionally with the inputs of ``modules`` rounded by ``fn``."""
     import torch
 
     from medquant.kernels import force_backend
 
+    handles = round_inputs(modules, fn) if fn is not None else []
+    out = []
+    try:
+        with torch.no_grad(), force_backend("torch"):
+            for s in seqs:
+                out.append(model(input_ids=torch.tensor([s])).logits[0].float().numpy())
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+MARGINS = (0.25, 0.5, 1.0)
+
+
+def compare_logits(ref: list, other: list) -> dict:
+    """Teacher-forced comparison of two models' logits on the same sequences (the last position of each is
+    dropped: it predicts nothing): next-token agreement, agreement restricted to positions where ``ref``'s top-2
+    logit margin exceeds each of ``MARGINS`` (with the fraction of positions kept), and the mean / largest
+    absolute logit difference."""
+    import numpy as np
+
+    a = np.concatenate([x[:-1] for x in ref]).astype(np.float64)
+    b = np.concatenate([x[:-1] for x in other]).astype(np.float64)
+    am, bm = a.argmax(1), b.argmax(1)
+    top2 = np.sort(a, 1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    diff = np.abs(a - b)
+    out = {"positions": len(am), "next_token_agreement": float((am == bm).mean()),
+           "mean_abs_logit_diff": float(diff.mean()), "max_abs_logit_diff": float(diff.max()),
+           "ref_top2_margin_of_disagreements_max": float(margin[am != bm].max()) if (am != bm).any() else None}
+    for t in MARGINS:
+        keep = margin > t
+        out[f"agreement_where_margin_gt_{t}"] = float((am[keep] == bm[keep]).mean())
+        out[f"fraction_margin_gt_{t}"] = float(keep.mean())
+    return out
+
+
+def medquant_eval(model, seqs: list[list[int]], modules=None, fn=None) -> tuple[list, list]:
+    """Per sequence: medquant's arg-max next tokens and log-probabilities of the true next tokens, computed by
+    its torch reference path (dequantized weights, float32 arithmetic), optionally with the inputs of
+    ``modules`` rounded by ``fn``."""
+    import torch
+
+    from medquant.kernels import force_backend
+
+    handles = round_inputs(modules, fn) if fn is not None else []
     argmax, logp = [], []
-    with torch.no_grad(), force_backend("torch"):
-        for s in seqs:
-            ids = torch.tensor([s])
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            lp = torch.log_softmax(logits, -1)
-            argmax.append(logits.argmax(-1).tolist())
-            logp.append(lp.gather(1, ids[0, 1:, None])[:, 0].tolist())
+    try:
+        with torch.no_grad(), force_backend("torch"):
+            for s in seqs:
+                ids = torch.tensor([s])
+                logits = model(input_ids=ids).logits[0, :-1].float()
+                lp = torch.log_softmax(logits, -1)
+                argmax.append(logits.argmax(-1).tolist())
+                logp.append(lp.gather(1, ids[0, 1:, None])[:, 0].tolist())
+    finally:
+        for h in handles:
+            h.remove()
     return argmax, logp
 
 
@@ -295,9 +389,17 @@ def tokenizer_check(exported: Path, original: Path) -> dict:
     return out
 
 
-def _agree(a: list, b: list, n: int | None = None) -> float:
-    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra[:n] if n else ra, rb[:n] if n else rb)]
-    return sum(x == y for x, y in pairs) / len(pairs)
+def _true_logp(logits: list, seqs: list[list[int]]):
+    """Log-probabilities (float64) of the true next tokens, all sequences concatenated."""
+    import numpy as np
+
+    out = []
+    for lg, s in zip(logits, seqs):
+        x = lg[:-1].astype(np.float64)
+        mx = x.max(1, keepdims=True)
+        lse = mx[:, 0] + np.log(np.exp(x - mx).sum(1))
+        out.append(x[np.arange(len(s) - 1), s[1:]] - lse)
+    return np.concatenate(out)
 
 
 def _ppl(logp: list) -> float:
@@ -324,6 +426,7 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
     from benchmarks.common.lm import report_texts
     from benchmarks.common.smollm2 import load_smollm2
     from medquant.deploy import export
+    from medquant.quant import quantized_modules
     from medquant.quant.api import quantize_
     from medquant.quant.config import QuantConfig
 
@@ -362,8 +465,8 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
 
     source = folder or cache_dir() / "smollm2-135m-instruct-float"
     float_ref = None
-    variants = [("float32 (control)", None), ("W4 g32 sym", QuantConfig(bits=4, group_size=32, symmetric=True)),
-                ("W8 g32 sym", QuantConfig(bits=8, group_size=32, symmetric=True))]
+    variants = [("float32 (control)", None), ("W8 g32 sym", QuantConfig(bits=8, group_size=32, symmetric=True)),
+                ("W4 g32 sym", QuantConfig(bits=4, group_size=32, symmetric=True))]
     from medquant.kernels import get_cpu_compute_dtype
 
     result["medquant_paths"] = {
@@ -388,28 +491,41 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
                          (r.max_abs_error or 0.0) for r in report.layers), "export_s": round(time.time() - t0, 1)}
         if cfg is not None:
             row["transformers_reload_bit_equal"] = transformers_reload_check(m, gguf)
-        mq_am, mq_lp = medquant_eval(m, agree_seqs)
-        lc_am, lc_lp = llamacpp_eval(exe, gguf, agree_seqs, threads)
-        row["next_token_agreement"] = _agree(mq_am, lc_am)
-        row["max_abs_logprob_diff"] = max(abs(x - y) for ra, rb in zip(mq_lp, lc_lp) for x, y in zip(ra, rb))
+        mq_lg = medquant_logits(m, agree_seqs)
+        lc_lg = llamacpp_logits(exe, gguf, agree_seqs, threads)
+        cmp = compare_logits(mq_lg, lc_lg)
+        row["next_token_agreement"] = cmp["next_token_agreement"]
+        row["llamacpp_vs_medquant"] = cmp
+        row["max_abs_logprob_diff"] = float(abs(_true_logp(mq_lg, agree_seqs) - _true_logp(lc_lg, agree_seqs)).max())
+        row["llamacpp_kv_f16_vs_medquant"] = compare_logits(
+            mq_lg, llamacpp_logits(exe, gguf, agree_seqs, threads, kv="f16"))  # llama.cpp's default KV cache
         _, mq_plp = medquant_eval(m, ppl_seqs)
         _, lc_plp = llamacpp_eval(exe, gguf, ppl_seqs, threads)
         row["ppl_medquant"], row["ppl_llamacpp"] = _ppl(mq_plp), _ppl(lc_plp)
         row["ppl_rel_diff"] = abs(row["ppl_llamacpp"] - row["ppl_medquant"]) / row["ppl_medquant"]
         if cfg is None:
-            float_ref = mq_am
+            float_ref = mq_lg
+            # how tie-sensitive the model is: the same weights, only the float rounding changed
+            mb = copy.deepcopy(m).to(torch.bfloat16)
+            row["rounding_controls"] = {
+                "medquant model cast to bfloat16": compare_logits(mq_lg, medquant_logits(mb, agree_seqs)),
+                "linear inputs rounded to float16": compare_logits(
+                    mq_lg, medquant_logits(m, agree_seqs, linear_modules(m), lambda x: x.half().to(x.dtype))),
+                "linear inputs rounded to Q8_0 blocks (llama.cpp's activation rounding)": compare_logits(
+                    mq_lg, medquant_logits(m, agree_seqs, linear_modules(m), q8_0_round))}
+            del mb
         else:
-            row["control_agreement_quantized_vs_float"] = _agree(mq_am, float_ref)
-            handles = q8_activations(m)  # explains the gap: llama.cpp's 8-bit activation blocks
-            q8_am, q8_lp = medquant_eval(m, agree_seqs)
-            _, q8_plp = medquant_eval(m, ppl_seqs)
-            for h in handles:
-                h.remove()
+            row["control_agreement_quantized_vs_float"] = compare_logits(float_ref, mq_lg)["next_token_agreement"]
+            layers = list(quantized_modules(m).values())  # the products llama.cpp runs in Q8_0 x Q4_0 / Q8_0
+            q8_lg = medquant_logits(m, agree_seqs, layers, q8_0_round)
+            _, q8_plp = medquant_eval(m, ppl_seqs, layers, q8_0_round)
             row["q8_activations"] = {
-                "next_token_agreement_with_llamacpp": _agree(q8_am, lc_am),
-                "max_abs_logprob_diff": max(abs(x - y) for ra, rb in zip(q8_lp, lc_lp) for x, y in zip(ra, rb)),
-                "ppl_medquant": _ppl(q8_plp), "ppl_rel_diff_to_llamacpp": abs(row["ppl_llamacpp"] - _ppl(q8_plp))
-                / _ppl(q8_plp)}
+                "medquant_q8_vs_medquant": compare_logits(mq_lg, q8_lg),
+                "llamacpp_vs_medquant_q8": compare_logits(q8_lg, lc_lg),
+                "next_token_agreement_with_llamacpp": compare_logits(q8_lg, lc_lg)["next_token_agreement"],
+                "ppl_medquant": _ppl(q8_plp),
+                "ppl_rel_diff_to_llamacpp": abs(row["ppl_llamacpp"] - _ppl(q8_plp)) / _ppl(q8_plp),
+                "ppl_rel_change_from_rounding": (_ppl(q8_plp) - row["ppl_medquant"]) / row["ppl_medquant"]}
         row["speed_llamacpp"] = llamacpp_speed(exe, gguf, prompt, threads, 64)
         row["speed_medquant_cpu"] = _medquant_speed(m, prompt, 64)
         row["pass"] = row["next_token_agreement"] >= 0.98 and row["ppl_rel_diff"] <= 0.01
@@ -423,7 +539,31 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
     quant = [r for r in result["variants"] if "control" not in r["variant"]]
     result["verdict"] = ("pass" if all(r["pass"] for r in quant) else "FAIL") + \
         ": llama.cpp next-token agreement >= 98% and perplexity within 1% of medquant's float32-compute model"
+    result["diagnosis"] = diagnosis(result["variants"])
     return result
+
+
+def diagnosis(rows: list[dict]) -> str:
+    """One paragraph putting the llama.cpp-vs-medquant figures next to the rounding-only controls."""
+    ctrl = next((r.get("rounding_controls") for r in rows if r.get("rounding_controls")), {})
+    parts = []
+    for r in rows:
+        c = r["llamacpp_vs_medquant"]
+        q8 = r.get("q8_activations")
+        text = (f"{r['variant']}: llama.cpp agrees with medquant on {c['next_token_agreement']:.1%} of next tokens, "
+                f"{c['agreement_where_margin_gt_0.5']:.1%} where medquant's top-2 margin exceeds 0.5 logits "
+                f"({c['fraction_margin_gt_0.5']:.0%} of positions); mean abs logit difference "
+                f"{c['mean_abs_logit_diff']:.3g}")
+        if q8:
+            own = q8["medquant_q8_vs_medquant"]
+            text += (f"; medquant itself with llama.cpp's Q8_0 activation rounding: {own['next_token_agreement']:.1%}"
+                     f" agreement, mean abs logit difference {own['mean_abs_logit_diff']:.3g}, perplexity "
+                     f"{q8['ppl_rel_change_from_rounding']:+.2%} (llama.cpp {r['ppl_llamacpp'] / r['ppl_medquant'] - 1:+.2%})")
+        parts.append(text)
+    if ctrl:
+        parts.append("same float weights, rounding changed only: " + "; ".join(
+            f"{k} {v['next_token_agreement']:.1%}" for k, v in ctrl.items()))
+    return ". ".join(parts) + "."
 
 
 def _paths() -> dict:
@@ -437,24 +577,41 @@ def _paths() -> dict:
 def table(result: dict) -> str:
     if not result.get("build", {}).get("ok"):
         return f"llama.cpp build failed: {result['build'].get('error')}"
-    head = ("| variant | GGUF MB | export | reload bit-equal | agreement | agreement, Q8 activations | ctrl: quant vs "
-            "float | ppl medquant | ppl llama.cpp | ppl diff | llama.cpp decode tok/s | medquant decode tok/s | "
-            "llama.cpp prefill tok/s | medquant prefill tok/s |")
-    lines = [head, "|" + "---|" * 14]
     nan = float("nan")
+    head = ("| variant | GGUF MB | export | reload bit-equal | agreement | agreement, margin > 0.5 (share) | mean "
+            "abs logit diff | rounding only: medquant Q8_0-act vs medquant | llama.cpp vs medquant Q8_0-act | ctrl: "
+            "quant vs float | ppl medquant | ppl medquant Q8_0-act | ppl llama.cpp | ppl diff | llama.cpp decode "
+            "tok/s | medquant decode tok/s | llama.cpp prefill tok/s | medquant prefill tok/s |")
+    lines = [head, "|" + "---|" * 18]
     for r in result["variants"]:
         counts = ", ".join(f"{v} {k}" for k, v in r["export_counts"].items())
         rel = r.get("transformers_reload_bit_equal")
         reload = f"{rel['bit_equal']}/{rel['quantized_layers']}" if rel else "-"
-        q8 = r.get("q8_activations", {}).get("next_token_agreement_with_llamacpp", nan)
+        c = r["llamacpp_vs_medquant"]
+        q8 = r.get("q8_activations", {})
+        own = q8.get("medquant_q8_vs_medquant", {})
+        emu = q8.get("llamacpp_vs_medquant_q8", {})
         lines.append(
-            f"| {r['variant']} | {r['gguf_mb']} | {counts} | {reload} | {r['next_token_agreement']:.2%} | {q8:.2%} | "
+            f"| {r['variant']} | {r['gguf_mb']} | {counts} | {reload} | {r['next_token_agreement']:.2%} | "
+            f"{c['agreement_where_margin_gt_0.5']:.2%} ({c['fraction_margin_gt_0.5']:.0%}) | "
+            f"{c['mean_abs_logit_diff']:.3g} | "
+            f"{own.get('next_token_agreement', nan):.2%}, {own.get('mean_abs_logit_diff', nan):.3g} | "
+            f"{emu.get('next_token_agreement', nan):.2%}, {emu.get('mean_abs_logit_diff', nan):.3g} | "
             f"{r.get('control_agreement_quantized_vs_float', nan):.2%} | {r['ppl_medquant']:.3f} | "
-            f"{r['ppl_llamacpp']:.3f} | {r['ppl_rel_diff']:.3%} | {r['speed_llamacpp']['decode_tokens_per_s']:.1f} | "
-            f"{r['speed_medquant_cpu']['decode_tokens_per_s']:.1f} | "
+            f"{q8.get('ppl_medquant', nan):.3f} | {r['ppl_llamacpp']:.3f} | {r['ppl_rel_diff']:.3%} | "
+            f"{r['speed_llamacpp']['decode_tokens_per_s']:.1f} | {r['speed_medquant_cpu']['decode_tokens_per_s']:.1f} | "
             f"{r['speed_llamacpp']['prefill_tokens_per_s']:.0f} | {r['speed_medquant_cpu']['prefill_tokens_per_s']:.0f} |")
+    ctrl = next((r.get("rounding_controls") for r in result["variants"] if r.get("rounding_controls")), None)
+    if ctrl:
+        lines += ["", "Rounding-only controls on the float model (same weights; agreement with medquant float32):", "",
+                  "| change | agreement | agreement, margin > 0.5 | mean abs logit diff | max abs logit diff |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['next_token_agreement']:.2%} | {v['agreement_where_margin_gt_0.5']:.2%} | "
+                  f"{v['mean_abs_logit_diff']:.3g} | {v['max_abs_logit_diff']:.3g} |" for k, v in ctrl.items()]
     lines.append(f"\n{result['verdict']}; threads {result['threads']}; load average at start "
                  f"{result['loadavg_start'][0]:.1f}, at end {result['loadavg_end'][0]:.1f} (shared machine)")
+    if result.get("diagnosis"):
+        lines.append(f"\n{result['diagnosis']}")
     return "\n".join(lines)
 
 
