@@ -43,6 +43,11 @@ class PackedWeight:
         dense: the layer uses the version-2 dense layout (only changes 3-, 5-, 6- and 7-bit row groups).
 
     Building one validates shapes, dtypes and devices (``TypeError`` / ``ValueError`` naming the field).
+
+    Raises:
+        TypeError: a field of the wrong type (``qweight`` not a 2-D int32 tensor, ``bits`` not an int...).
+        ValueError: a value out of range or shapes that do not agree with ``bits``, ``scope``, ``group_elems``
+            and ``k`` (the message names the field).
     """
 
     qweight: torch.Tensor
@@ -76,14 +81,26 @@ class PackedWeight:
 
     @property
     def device(self) -> torch.device:
+        """The device of the packed words (scales and zero points are on the same one)."""
         return self.qweight.device
 
     def codes(self) -> torch.Tensor:
-        """The unpacked unsigned codes ``(n, K_pad)`` uint8 (padding included)."""
+        """The unpacked unsigned codes ``(n, K_pad)`` uint8 (padding included).
+
+        Returns:
+            ``(n, K_pad)`` uint8 codes ``u`` in ``[0, 2^bits - 1]``.
+        """
         return unpack(self.qweight, self.bits, dense=self.dense)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense weights ``(n, k)`` in ``dtype``: ``(u - z) * s`` (class docstring), float32 arithmetic."""
+        """The dense weights ``(n, k)`` in ``dtype``: ``(u - z) * s`` (class docstring), float32 arithmetic.
+
+        Args:
+            dtype: floating dtype of the result (the arithmetic is float32 whatever it is).
+
+        Returns:
+            ``(n, k)`` weights, padding columns dropped.
+        """
         return dequantize_codes(self.codes(), self.scales, self.zeros, self.bits, self.symmetric, self.scope,
                                 self.group_elems, self.k, dtype=dtype)
 

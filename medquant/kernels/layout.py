@@ -78,7 +78,17 @@ DENSE_BITS = (3, 5, 6, 7)
 
 
 def container_bits(bits: int) -> int:
-    """Version-1 storage width of a ``bits``-bit code (1, 2, 4 or 8)."""
+    """Version-1 storage width of a ``bits``-bit code (1, 2, 4 or 8).
+
+    Args:
+        bits: code width, 1..8. 1, 2, 4 and 8 fill a 32-bit word exactly; 3 is stored in 4 bits and 5..7 in 8.
+
+    Returns:
+        The container width in bits: 1, 2, 4 or 8.
+
+    Raises:
+        ValueError: ``bits`` is outside 1..8.
+    """
     if bits in (1, 2, 4, 8):
         return bits
     if bits == 3:
@@ -129,9 +139,23 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 def pack(codes: torch.Tensor, bits: int, dense: bool = False) -> torch.Tensor:
     """Pack unsigned codes ``(n, K_pad)`` (any integer dtype, values in [0, 2^bits-1]) into int32 words.
 
-    ``K_pad`` must be a multiple of ``values_per_block(bits, dense)``. Returns ``(n, words_per_row)`` int32:
-    the version-1 container layout, or the dense bit stream when ``dense`` and ``bits`` is in
-    :data:`DENSE_BITS` (module docstring).
+    Container layout: code ``j`` of a row sits in word ``j // v`` at bit offset ``(j % v) * c``, with
+    ``c = container_bits(bits)`` and ``v = 32 / c``. Dense layout: each block of 32 codes is one stream of
+    ``32 * bits`` bits over ``bits`` words, code ``i`` at stream bits ``[i*bits, (i+1)*bits)``.
+
+    Args:
+        codes: ``(n, K_pad)`` integer tensor, values in ``[0, 2^bits - 1]``; ``K_pad`` a multiple of
+            ``values_per_block(bits, dense)`` (pad with :func:`padded_k` first).
+        bits: code width, 1..8.
+        dense: use the dense bit stream when ``bits`` is in :data:`DENSE_BITS` (3, 5, 6, 7); ignored for
+            other widths, which the container layout already stores without waste.
+
+    Returns:
+        ``(n, K_pad * storage_bits(bits, dense) / 32)`` int32 words (the unsigned 32-bit pattern viewed as int32).
+
+    Raises:
+        ValueError: ``codes`` is not 2-D, ``K_pad`` is not a whole number of blocks, or a code is out of range.
+        TypeError: ``codes`` is floating point or boolean.
     """
     if codes.dim() != 2:
         raise ValueError(f"pack expects a 2-D (rows, K) tensor of codes, got shape {tuple(codes.shape)}")
@@ -162,7 +186,18 @@ def pack(codes: torch.Tensor, bits: int, dense: bool = False) -> torch.Tensor:
 def unpack(words: torch.Tensor, bits: int, k: int | None = None, dense: bool = False) -> torch.Tensor:
     """Inverse of :func:`pack`: ``(n, W)`` int32 -> ``(n, K_pad)`` uint8 codes (int16 never needed: b <= 8).
 
-    If ``k`` is given the result is cut to the first ``k`` columns (dropping the padding).
+    Args:
+        words: ``(n, W)`` int32 words written by :func:`pack` with the same ``bits`` and ``dense``.
+        bits: code width, 1..8.
+        k: keep the first ``k`` columns (drops the padding); ``None`` keeps all ``K_pad``.
+        dense: the words hold the dense bit stream (see :func:`pack`).
+
+    Returns:
+        ``(n, k or K_pad)`` uint8 codes.
+
+    Raises:
+        TypeError: ``words`` is not int32.
+        ValueError: dense words whose row is not a whole number of ``bits``-word blocks.
     """
     if words.dtype != torch.int32:
         raise TypeError(f"packed words must be int32, got {words.dtype}")

@@ -26,7 +26,15 @@ REGIMES = ("gemv", "splitk", "gemm")
 
 
 def select_regime(m: int) -> str:
-    """Kernel regime for ``m`` activation rows (see the module table)."""
+    """Kernel regime for ``m`` activation rows (see the module table).
+
+    Args:
+        m: rows of the activation (batch x tokens).
+
+    Returns:
+        ``"gemv"`` for ``m <= GEMV_MAX_M`` (one row per program, decode), ``"splitk"`` for
+        ``m <= SPLITK_MAX_M`` (K split over programs, small batches), else ``"gemm"`` (tiled matmul).
+    """
     if m <= GEMV_MAX_M:
         return "gemv"
     if m <= SPLITK_MAX_M:

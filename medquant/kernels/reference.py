@@ -113,6 +113,23 @@ def fake_quantize_rows_reference(
     it is the same clamp-after-divide rule as :func:`medquant.quant.core.compute_qparams` with float32 scales.
     With ``return_mask`` also returns the straight-through mask: True where the unclamped code
     (``round(x/s) + z``, or ``round(x/s)`` when symmetric) lies inside the clamp range.
+
+    Args:
+        x: float16 / bfloat16 / float32 / float64 tensor, viewed as ``(R, C)`` with ``R = x.shape[0]``
+            (activations: one row per sample or token).
+        bits_per_row: ``(R,)`` integer bit-widths (or one int for every row): 1..8 asymmetric, 2..8 symmetric,
+            ``>= 16`` leaves the row unchanged.
+        symmetric: zero point 0 and codes in ``[-q_max, q_max]`` (else an affine grid over ``[lo, hi]``).
+        eps: lower bound of the scale; the default is the smallest normal float32.
+        return_mask: also return the straight-through mask.
+
+    Returns:
+        The fake-quantized tensor (shape and dtype of ``x``), or ``(out, mask)`` with a boolean mask of the
+        same shape when ``return_mask``.
+
+    Raises:
+        ValueError: a bit-width outside the accepted range or a ``bits_per_row`` of the wrong length.
+        TypeError: ``x`` is not a supported floating dtype.
     """
     check_float(x, "x", ROW_DTYPES)
     x2 = rows_view(x)
@@ -196,6 +213,22 @@ def fake_quantize_static_reference(
     Given the parameters of :func:`medquant.quant.core.compute_qparams` this is bit-identical to
     :func:`medquant.quant.core.fake_quantize`. The mask (``return_mask``) is True where the unclamped code lies
     inside the clamp range.
+
+    Args:
+        x: float tensor viewed as ``(N, K)`` (rows = output channels; a conv weight is flattened per channel).
+        scales: ``(1, 1)``, ``(N, 1)`` or ``(N, ceil(K / group_size))`` positive scales.
+        zeros: zero points of the same shape (codes, in ``[0, 2^bits - 1]``); ``None`` when ``symmetric``.
+        bits: code width, 1..8.
+        symmetric: codes in ``[-q_max, q_max]`` with ``q_max = 2^(bits-1) - 1`` (1 bit: the sign), no zero point.
+        group_size: elements per group along K for group scales; ``None`` for tensor / channel scales.
+        return_mask: also return the straight-through mask.
+
+    Returns:
+        The fake-quantized tensor (shape and dtype of ``x``), or ``(out, mask)`` when ``return_mask``.
+
+    Raises:
+        ValueError: parameter shapes that do not match ``x`` and ``group_size``, ``zeros`` missing for an
+            asymmetric grid, or ``bits`` out of range.
     """
     x2 = rows_view(x)
     check_static_args(x2, scales, zeros, bits, symmetric, group_size)
@@ -230,7 +263,20 @@ def fake_quantize_static_reference(
 
 
 def packed_linear_reference(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """``x (M, k) @ W^T -> (M, n)`` with ``W = weight.dequantize(x.dtype)``: unpack, ``(u - z) * s``, matmul."""
+    """``x (M, k) @ W^T -> (M, n)`` with ``W = weight.dequantize(x.dtype)``: unpack, ``(u - z) * s``, matmul.
+
+    The reference every packed-linear backend is tested against.
+
+    Args:
+        x: ``(M, k)`` float input (``k = weight.k``, the unpadded in-features).
+        weight: the packed weight (``n`` rows of ``k`` codes, its scales and zero points).
+
+    Returns:
+        ``(M, n)`` output in ``x.dtype`` (no bias: the caller adds it).
+
+    Raises:
+        ValueError: ``x`` is not 2-D or its last dimension is not ``weight.k``.
+    """
     check_packed_input(x, weight)
     return x @ weight.dequantize(x.dtype).t()
 

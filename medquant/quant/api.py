@@ -95,8 +95,10 @@ _EXTRA_HANDLERS: dict[type, dict[tuple[type[nn.Module], ...], _Handler]] = {}
 def register_quantize_module_handler(config_type: type, module_types: Iterable[type[nn.Module]] = (nn.Linear,
                                                                                                   nn.Conv2d),
                                      *, accepts: Callable[[nn.Module], bool] | None = None):
-    """Decorator: ``fn(module, config) -> module`` quantizes modules of ``module_types`` for configs of
-    ``config_type`` (or a subclass). Registering a type again replaces its handler. Example::
+    """Decorator registering ``fn(module, config) -> module`` as the quantizer of a config type.
+
+    ``fn`` quantizes modules of ``module_types`` for configs of ``config_type`` (or a subclass). Registering a
+    type again replaces its handler. Example::
 
         @register_quantize_module_handler(MyConfig, (nn.Linear,))
         def _my_linear(module, config):
@@ -105,6 +107,18 @@ def register_quantize_module_handler(config_type: type, module_types: Iterable[t
     With ``accepts(module) -> bool`` the handler is an *additional* one for the modules of ``module_types``
     (of any class, e.g. transformers' MoE experts) that ``accepts`` approves; it is tried before the config
     type's main handler, and registering the same ``module_types`` again replaces it.
+
+    Args:
+        config_type: the config class the handler serves (``quantize_`` picks the handler by ``type(config)``).
+        module_types: module classes the handler quantizes; :func:`quantizable_modules` lists the modules of
+            these types.
+        accepts: optional predicate making this an additional handler for the modules it approves.
+
+    Returns:
+        The decorator; it registers ``fn`` and returns it unchanged.
+
+    Raises:
+        TypeError: ``config_type`` is not a class, or ``module_types`` is empty or holds non-``nn.Module`` types.
     """
     if not isinstance(config_type, type):
         raise TypeError(f"config_type must be a class, got {config_type!r}")
@@ -140,8 +154,24 @@ def _handler(config_type: type) -> _Handler:
 
 
 def quantize_module(module: nn.Module, config: Any, *, name: str | None = None) -> nn.Module:
-    """The quantized replacement of ``module`` made by the handler registered for ``type(config)``, in the same
-    train/eval mode. ``module`` itself is not changed. Errors are prefixed with ``name`` when given."""
+    """The quantized replacement of ``module`` made by the handler registered for ``type(config)``.
+
+    The replacement is in the same train / eval mode; ``module`` itself is not changed. A warning names layers
+    whose scales underflow to subnormal numbers in the scale dtype.
+
+    Args:
+        module: the float module (e.g. ``nn.Linear``, ``nn.Conv2d``, an MoE experts module).
+        config: its config (:class:`QuantConfig` or a registered config type).
+        name: the module's name in its model; prefixes error messages when given.
+
+    Returns:
+        The new quantized module.
+
+    Raises:
+        TypeError: no handler for ``type(config)``, or the handler does not take modules of ``type(module)``.
+        ValueError: the handler refuses the module (meta or empty weight, NaN weights, a ``channel_bits`` of
+            the wrong length...); with ``name``, the message starts with it.
+    """
     handler = _extra_handler(type(config), module) or _handler(type(config))
     if not isinstance(module, handler.module_types):
         accepted = " or ".join(t.__name__ for t in handler.module_types)
@@ -226,10 +256,21 @@ def _quantize_experts(module: nn.Module, config: QuantConfig) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- traversal, swap
 def quantizable_modules(model: nn.Module, config_type: type = QuantConfig) -> dict[str, nn.Module]:
-    """Name -> module, in ``named_modules`` order, of the modules that configs of ``config_type`` quantize: the
-    module types its handler was registered for, torch.nn's own classes only, not inside
-    ``nn.MultiheadAttention``, and the modules an additional handler accepts (MoE experts with 3-D weights;
-    nothing below them is listed). A module bound to several names is listed once, under its first name."""
+    """Name -> module, in ``named_modules`` order, of the modules that configs of ``config_type`` quantize.
+
+    These are the module types its handler was registered for (torch.nn's own classes, and subclasses that
+    compute exactly as their parent), not inside ``nn.MultiheadAttention``, plus the modules an additional
+    handler accepts (MoE experts with 3-D weights; nothing below them is listed). A module bound to several
+    names is listed once, under its first name.
+
+    Args:
+        model: the model to search.
+        config_type: the config class whose handler decides (default :class:`QuantConfig`: Linear, Conv2d and
+            MoE experts).
+
+    Returns:
+        ``{module name: module}``.
+    """
     types = _handler(config_type).module_types
     out = {}
     skip_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
@@ -272,6 +313,18 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None
     Only that name changes: another name bound to the same module object (a shared module) keeps the old one,
     and parameters tied to the old module's (a tied ``lm_head``) stay with the old tensors; the transformers
     integration drops such ties for the modules it quantizes.
+
+    Args:
+        model: the root module.
+        name: dotted submodule path (``"model.layers.0.mlp.up_proj"``); not empty.
+        new: the module to bind there.
+
+    Returns:
+        The module that was bound to ``name`` before.
+
+    Raises:
+        ValueError: ``name`` is empty (the root cannot be swapped).
+        AttributeError: ``model`` has no submodule ``name``.
     """
     if not name:
         raise ValueError("swap_module needs a submodule name; the root module cannot be swapped")
@@ -325,6 +378,17 @@ class ConfigMap(Mapping):
     Example::
 
         ConfigMap({"@vision": None, "re:.*mlp.*": QuantConfig(2), "_default": QuantConfig(4)}, skip=["@head"])
+
+    Args:
+        entries: ``pattern -> config`` as a mapping or ``(pattern, config)`` pairs; a config is a
+            :class:`QuantConfig`, an ``int`` bit-width, a QuantConfig dict, or ``None`` (keep float). A
+            ``ConfigMap`` passed here keeps its own ``skip`` patterns.
+        skip: patterns (names, ``"re:..."``, roles) left in float whatever else matches them.
+
+    Raises:
+        TypeError: a pattern that is not a non-empty string, a value that is not a config, or ``skip`` given as
+            one string instead of a list.
+        ValueError: a pattern given twice, or a config dict with invalid fields.
     """
 
     __slots__ = ("_entries", "_skip")
@@ -386,36 +450,81 @@ class ConfigMap(Mapping):
         return self._entries.get(DEFAULT_KEY)
 
     def resolve(self, model: nn.Module) -> dict[str, QuantConfig]:
-        """Module name -> QuantConfig of every module of ``model`` this map quantizes (floating-point modules are
-        absent), in ``named_modules`` order. Raises ``ValueError`` on patterns that match nothing."""
+        """Module name -> QuantConfig of every module of ``model`` this map quantizes, in ``named_modules`` order.
+
+        Args:
+            model: the model whose quantizable modules (:func:`quantizable_modules`) the patterns are matched
+                against.
+
+        Returns:
+            ``{module name: QuantConfig}``; modules that stay in floating point are absent.
+
+        Raises:
+            ValueError: a pattern that matches nothing, an invalid regular expression or an unknown role.
+        """
         return _resolve(model, self)
 
     # JSON
     def to_dict(self) -> dict[str, Any]:
-        """``{"map": {pattern: QuantConfig dict | None}, "skip": [patterns]}`` (JSON-serialisable)."""
+        """The map as plain JSON-ready data.
+
+        Returns:
+            ``{"map": {pattern: QuantConfig dict | None}, "skip": [patterns]}``, read back by :meth:`from_dict`.
+        """
         return {"map": {k: (None if v is None else v.to_dict()) for k, v in self._entries.items()},
                 "skip": list(self._skip)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ConfigMap:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Args:
+            d: ``{"map": {...}, "skip": [...]}`` (``skip`` optional).
+
+        Returns:
+            The ``ConfigMap``, equal to the one that was written.
+
+        Raises:
+            ValueError: ``d`` has no ``"map"`` key or keys other than ``"map"`` and ``"skip"``.
+        """
         unknown = set(d) - {"map", "skip"}
         if unknown or "map" not in d:
             raise ValueError(f"a ConfigMap dict has the keys 'map' and 'skip', got {sorted(d)}")
         return cls(d["map"], skip=d.get("skip") or ())
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text.
+
+        Returns:
+            One-line JSON object text.
+        """
         return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, s: str) -> ConfigMap:
+        """The map that JSON text of :meth:`to_json` describes.
+
+        Args:
+            s: JSON object text.
+
+        Returns:
+            The ``ConfigMap`` (see :meth:`from_dict`).
+        """
         return cls.from_dict(json.loads(s))
 
 
 def as_config_map(config_or_map: QuantConfig | int | Mapping[str, Any] | None, *,
                   skip: Iterable[str] | None = None) -> ConfigMap:
-    """The :class:`ConfigMap` of what :func:`quantize_` takes: a map as it is, one config (or int bit-width,
-    or ``None``) as ``{"_default": config}``; ``skip`` is added to the map's own."""
+    """The :class:`ConfigMap` of what :func:`quantize_` takes.
+
+    Args:
+        config_or_map: a map (kept as it is), or one config / int bit-width / ``None`` for every module
+            (becomes ``{"_default": config}``).
+        skip: patterns added to the map's own ``skip``.
+
+    Returns:
+        The ``ConfigMap``.
+    """
     if isinstance(config_or_map, Mapping):
         return ConfigMap(config_or_map, skip=skip)
     return ConfigMap({DEFAULT_KEY: _as_config(config_or_map, "<all>")}, skip=skip)
@@ -510,13 +619,24 @@ def resolve_configs(
     *,
     skip: Iterable[str] | None = None,
 ) -> dict[str, QuantConfig]:
-    """Which config each quantizable Linear / Conv2d gets (modules left in float are absent). Raises on bad
-    patterns.
+    """Which config each quantizable Linear / Conv2d gets (modules left in float are absent).
 
-    ``config_or_map`` is a :class:`ConfigMap`, a plain mapping of patterns, or one config for every module. This
-    is the plan of the calibrating quantizers (GPTQ, AdaRound, sequential, shards), which work on Linear /
+    This is the plan of the calibrating quantizers (GPTQ, AdaRound, sequential, shards), which work on Linear /
     Conv2d layers: MoE experts with 3-D weights the map covers are left out with a warning saying so
-    (:func:`quantize_` quantizes them per expert; :meth:`ConfigMap.resolve` includes them)."""
+    (:func:`quantize_` quantizes them per expert; :meth:`ConfigMap.resolve` includes them).
+
+    Args:
+        model: the model.
+        config_or_map: a :class:`ConfigMap`, a plain mapping of patterns, or one config (or int bit-width) for
+            every module.
+        skip: extra patterns left in float.
+
+    Returns:
+        ``{module name: QuantConfig}`` in ``named_modules`` order.
+
+    Raises:
+        ValueError: a pattern that matches nothing, an invalid regular expression or an unknown role.
+    """
     plan = as_config_map(config_or_map, skip=skip).resolve(model)
     experts = [n for n in plan if is_experts_module(model.get_submodule(n))]
     if experts:
@@ -557,6 +677,24 @@ def quantize_(
 
         quantize_(vlm, {"@language": QuantConfig(bits=4), "@vision": None}, skip=["@head"])
         quantize_(vlm, ConfigMap({"@vision": None, "_default": QuantConfig(4)}, skip=["@head"]))
+
+    Args:
+        model: the model, changed in place.
+        config_or_map: one :class:`QuantConfig` (or int bit-width) for every quantizable module, or a mapping /
+            :class:`ConfigMap` from patterns (exact names, ``"re:<regex>"``, roles ``"@vision"``,
+            ``"@projector"``, ``"@language"``, ``"@head"``, and ``"_default"``) to a config or ``None`` (float).
+        skip: patterns left in floating point whatever else matches them (e.g. ``["@head"]``).
+        filter_fn: optional ``filter_fn(module, name) -> bool``; modules for which it is False stay float.
+        progress: show a tqdm bar over the layers.
+        requantize: quantize already quantized layers again from their dequantized weights (with a warning).
+
+    Returns:
+        ``model`` itself (quantized in place), for chaining.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or a config of the wrong type.
+        ValueError: already quantized layers are covered and ``requantize`` is False, a pattern matches nothing,
+            or a layer cannot be quantized (the message names it); the model is then left unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -620,13 +758,29 @@ def quantize_(
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Name -> QuantLinear / QuantConv2d module."""
+    """Name -> QuantLinear / QuantConv2d module.
+
+    Args:
+        model: the model to search.
+
+    Returns:
+        ``{module name: quantized module}`` in ``named_modules`` order (MoE ``QuantExperts`` are not listed).
+    """
     return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)}
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear / QuantConv2d by the float layer it computes with (in place); quantized MoE
-    experts become the float experts module of their original class again."""
+    """Replace every QuantLinear / QuantConv2d by the float layer it computes with (in place).
+
+    Quantized MoE experts become the float experts module of their original class again. The float weights
+    are the dequantized ones (``(u - z) * s``), so the model computes what the quantized one did.
+
+    Args:
+        model: the model, changed in place.
+
+    Returns:
+        ``model`` itself.
+    """
     for name, experts in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantExperts)]:
         swap_module(model, name, experts.to_float())
     for name, m in list(quantized_modules(model).items()):

@@ -74,6 +74,11 @@ class QuantConfig:
             ``"float32"``); ``None`` (default) follows ``medquant.kernels.set_cpu_compute_dtype`` (bfloat16 where
             the CPU has native bf16, else float32). Outputs keep the caller's dtype. Left out of :meth:`to_dict`
             when ``None``, so recipes without it read and write as before.
+
+    Raises:
+        TypeError: ``bits`` (or a ``channel_bits`` entry) is not an integer, or ``symmetric`` is not a bool / None.
+        ValueError: a bit-width outside {0, 1..8, 16, 32}, an unknown ``scope``, ``scale_dtype`` or
+            ``compute_dtype``, a non-positive ``group_size``, or an empty ``channel_bits``.
     """
 
     bits: int = 4
@@ -114,12 +119,20 @@ class QuantConfig:
 
     # ------------------------------------------------------------------ helpers
     def is_symmetric(self, bits: int | None = None) -> bool:
-        """Scheme used for rows of ``bits`` bits (default: ``self.bits``)."""
+        """Scheme used for rows of ``bits`` bits (default: ``self.bits``).
+
+        Args:
+            bits: the row's bit-width; ``None`` means ``self.bits``.
+
+        Returns:
+            ``self.symmetric`` when it is set, else ``bits > 3`` (asymmetric at 1..3 bits, symmetric above).
+        """
         b = self.bits if bits is None else bits
         return self.symmetric if self.symmetric is not None else b > 3
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
+        """``scale_dtype`` as a torch dtype (``torch.float16``, ``torch.bfloat16`` or ``torch.float32``)."""
         return SCALE_DTYPES[self.scale_dtype]
 
     @property
@@ -130,7 +143,17 @@ class QuantConfig:
         return self.bits in FLOAT_BITS
 
     def row_bits(self, out_features: int) -> torch.Tensor:
-        """Per-row bit-widths as an int tensor of length ``out_features``."""
+        """Per-row bit-widths as an int tensor of length ``out_features``.
+
+        Args:
+            out_features: output channels (rows) of the module the config is applied to.
+
+        Returns:
+            ``(out_features,)`` int16 tensor: ``channel_bits`` when given, else ``bits`` repeated.
+
+        Raises:
+            ValueError: ``channel_bits`` does not have exactly ``out_features`` entries.
+        """
         if self.channel_bits is None:
             return torch.full((out_features,), self.bits, dtype=torch.int16)
         if len(self.channel_bits) != out_features:
@@ -141,10 +164,24 @@ class QuantConfig:
         return torch.tensor(self.channel_bits, dtype=torch.int16)
 
     def replace(self, **changes: Any) -> QuantConfig:
+        """A copy with some fields changed, validated like a new config (``dataclasses.replace``).
+
+        Args:
+            **changes: field name -> new value, e.g. ``bits=3`` or ``group_size=64``.
+
+        Returns:
+            The new ``QuantConfig``; ``self`` is unchanged (frozen).
+        """
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (``channel_bits`` as a list; ``compute_dtype`` left out when None).
+
+        Returns:
+            ``{"bits": ..., "symmetric": ..., "scope": ..., "group_size": ..., "scale_dtype": ...,
+            "channel_bits": ...}``, which :meth:`from_dict` reads back to an equal config.
+        """
         d = dataclasses.asdict(self)
         if d["channel_bits"] is not None:
             d["channel_bits"] = list(d["channel_bits"])
@@ -154,6 +191,18 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """The config a dict of :meth:`to_dict` describes; missing fields take their defaults.
+
+        Args:
+            d: field name -> value (``channel_bits`` may be a list).
+
+        Returns:
+            The validated ``QuantConfig``.
+
+        Raises:
+            ValueError: ``d`` has keys that are not fields (the message lists the accepted ones), or a value
+                the constructor rejects.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -164,8 +213,21 @@ class QuantConfig:
         return cls(**d)
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string.
+
+        Returns:
+            One-line JSON object text.
+        """
         return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, s: str) -> QuantConfig:
+        """The config a JSON string of :meth:`to_json` describes.
+
+        Args:
+            s: JSON object text.
+
+        Returns:
+            The validated ``QuantConfig`` (see :meth:`from_dict`).
+        """
         return cls.from_dict(json.loads(s))

@@ -49,7 +49,22 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
 
 @dataclass
 class QTensor:
-    """Unpacked quantized rows: codes ``(N, K_pad)`` uint8 plus their quantization parameters."""
+    """Unpacked quantized rows: codes ``(N, K_pad)`` uint8 plus their quantization parameters.
+
+    Dequantized, element ``(n, j)`` is ``(codes[n, j] - z) * s`` with the scale / zero point of group
+    ``j // group_size`` (symmetric: ``z = 2^(bits-1)``; 1-bit symmetric: ``(2u - 1) * s``).
+
+    Attributes:
+        codes: ``(N, K_pad)`` uint8 unsigned codes in ``[0, 2^bits - 1]``; padding columns (``>= k``) are 0.
+        scales: ``(N, K_pad / group_size)`` for group scope, ``(N, 1)`` for channel, ``(1, 1)`` for tensor scope,
+            in the config's scale dtype.
+        zeros: zero points (integer codes stored in the scale dtype) of the scales' shape; ``None`` when symmetric.
+        bits: code width, 1..8.
+        symmetric: the scheme the codes were made with.
+        scope: ``"tensor"``, ``"channel"`` or ``"group"``.
+        group_size: elements per scale along K (``K_pad`` for channel and tensor scope).
+        k: real in-features (columns past ``k`` are padding).
+    """
 
     codes: torch.Tensor
     scales: torch.Tensor  # (N, n_groups) or (1, 1) for tensor scope
@@ -62,6 +77,7 @@ class QTensor:
 
     @property
     def k_pad(self) -> int:
+        """Padded K: columns of ``codes`` (a multiple of the group size and of the codes per packed block)."""
         return self.codes.shape[1]
 
 
@@ -131,9 +147,26 @@ def compute_qparams(
 
 
 def quantize(w: torch.Tensor, config: QuantConfig, bits: int | None = None, dense: bool = False) -> QTensor:
-    """Quantize a 2-D weight with ``config`` (``bits`` overrides ``config.bits``, e.g. for one row group).
+    """Quantize a 2-D weight to codes, scales and zero points with ``config``.
 
-    ``dense``: the codes are padded for the version-2 dense layout (:func:`medquant.kernels.layout.padded_k`).
+    Symmetric (``q_max = 2^(b-1) - 1``): ``s = max(absmax, eps) / q_max``, code ``clamp(round(w/s), -q_max, q_max)
+    + 2^(b-1)``. Asymmetric: ``s = max(max' - min', eps) / (2^b - 1)`` over the range widened to include 0,
+    ``z = clamp(round(-min'/s), 0, 2^b - 1)``, code ``clamp(round(w/s) + z, 0, 2^b - 1)``. Statistics are taken
+    per tensor, output row or group of ``group_size`` inputs (``config.scope``); K is zero-padded first.
+
+    Args:
+        w: ``(N, K)`` float weight (rows = output channels).
+        config: scheme, scope, group size and scale dtype (``config.channel_bits`` is not read here: the caller
+            quantizes each row group separately).
+        bits: bit-width for this call, 1..8; ``None`` uses ``config.bits`` (a row group of a mixed layer passes
+            its own).
+        dense: pad K for the version-2 dense layout (:func:`medquant.kernels.layout.padded_k`).
+
+    Returns:
+        The :class:`QTensor` (codes ``(N, K_pad)`` and their parameters).
+
+    Raises:
+        ValueError: the bit-width is not 1..8 (16 / 32 stay float and 0 is pruned: nothing to quantize).
     """
     b = config.bits if bits is None else bits
     if not 1 <= b <= 8:
@@ -159,6 +192,15 @@ def quantize(w: torch.Tensor, config: QuantConfig, bits: int | None = None, dens
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float weight back from a quantized tensor: ``w^ = (u - z) * s`` per element, padding dropped.
+
+    Args:
+        q: the quantized rows (from :func:`quantize`).
+        dtype: floating dtype of the result (float32 arithmetic).
+
+    Returns:
+        ``(N, q.k)`` weight.
+    """
     return dequantize_codes(q.codes, q.scales, q.zeros, q.bits, q.symmetric, q.scope, q.group_size, q.k, dtype)
 
 
@@ -198,6 +240,17 @@ def fake_quantize(
 
     Forward returns exactly ``dequantize(quantize(w))``. Backward passes the gradient through unchanged, or,
     with ``mask_outside=True``, zeroes it for elements that the clamp cut off.
+
+    Args:
+        w: weight (2-D, or a conv weight ``(O, I, kh, kw)`` quantized per output channel as ``(O, I*kh*kw)``).
+        config: scheme, scope, group size and scale dtype.
+        bits: bit-width, ``None`` = ``config.bits``; 16 / 32 return ``w`` unchanged and 0 returns zeros
+            (pruned), keeping the graph.
+        mask_outside: straight-through estimator that zeroes the gradient of clamped elements (the code
+            ``round(w/s) (+ z)`` outside ``[q_min, q_max]``).
+
+    Returns:
+        The fake-quantized weight, shape and dtype of ``w``.
     """
     b = config.bits if bits is None else bits
     if b in (16, 32):

@@ -77,15 +77,25 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
                          tie: bool = True) -> dict[str, list[str]]:
     """Quantize the input embeddings of ``model`` in place and share their storage with tied output heads.
 
+    Calling it again re-ties heads whose codes equal their embedding's (e.g. after moving the model to another
+    device, which copies each buffer).
+
     Args:
+        model: the model, changed in place.
         config: bits (1..8, one for all rows), scope and group size of the tables; default
             ``QuantConfig(bits=8, scope="channel")`` (8-bit rows, one scale per row).
         names: module names of the embeddings to quantize; default the model's input embedding
             (``get_input_embeddings()`` for Hugging Face models), else every ``nn.Embedding``.
         tie: share the packed tensors with tied heads (default). ``False`` leaves heads as they are.
 
-    Returns ``{"embeddings": [...], "tied_heads": [...]}`` (module names). Calling it again re-ties heads whose
-    codes equal their embedding's (e.g. after moving the model to another device, which copies each buffer).
+    Returns:
+        ``{"embeddings": [...], "tied_heads": [...]}``: the module names quantized and the heads now sharing
+        their tensors.
+
+    Raises:
+        TypeError: ``config`` is not a ``QuantConfig``; a named module is not an ``nn.Embedding``, or is a
+            subclass of it (its own forward, e.g. Gemma 3's scaled embedding, would be lost).
+        ValueError: ``model`` has no module of a given name.
     """
     config = config if config is not None else QuantConfig(bits=8, scope="channel")
     if not isinstance(config, QuantConfig):

@@ -64,7 +64,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def layer_recipe(module: nn.Module, *, weight_dtype: bool = False) -> dict[str, Any]:
-    """The recipe of one QuantLinear / QuantConv2d / QuantEmbedding (see the module docstring for its keys)."""
+    """The recipe of one QuantLinear / QuantConv2d / QuantEmbedding (see the module docstring for its keys).
+
+    Args:
+        module: the quantized layer.
+        weight_dtype: also record the dtype of the dequantized weight (``"weight_dtype"``), as the transformers
+            config and the shards do.
+
+    Returns:
+        The JSON-ready recipe dict (``type``, ``config``, ``bias``, shapes, ``dtype``, optional ``weight_dtype``
+        and ``layout``).
+
+    Raises:
+        TypeError: ``module`` is not a QuantLinear, QuantConv2d or QuantEmbedding.
+    """
     if not isinstance(module, (*QUANT_MODULES, QuantEmbedding)):
         raise TypeError(f"layer_recipe expects a QuantLinear, QuantConv2d or QuantEmbedding, got "
                         f"{type(module).__name__}")
@@ -94,6 +107,13 @@ def model_recipe(model: nn.Module, *, weight_dtype: bool = False) -> dict[str, d
     """Module name -> :func:`layer_recipe` of every quantized layer of ``model``, in ``named_modules`` order.
 
     A QuantLinear head sharing a QuantEmbedding's packed tensors records ``"tied_to": <embedding name>``.
+
+    Args:
+        model: the (partly) quantized model.
+        weight_dtype: record each layer's dequantized-weight dtype too (see :func:`layer_recipe`).
+
+    Returns:
+        ``{module name: recipe}``; empty when nothing is quantized.
     """
     kinds = (*QUANT_MODULES, QuantEmbedding)
     named = [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
@@ -131,9 +151,22 @@ def _dtype(entry: Mapping) -> torch.dtype:
 
 
 def layer_from_recipe(entry: Mapping[str, Any], *, device: torch.device | str | None = None) -> nn.Module:
-    """An empty QuantLinear / QuantConv2d of the recipe ``entry`` (buffers on ``device``; ``"meta"`` allocates
-    nothing). Its dtype is ``weight_dtype`` when recorded, else ``dtype``. Raises :class:`RecipeError` (a
-    ``ValueError``) naming the problem when the recipe is malformed."""
+    """An empty QuantLinear / QuantConv2d / QuantEmbedding of the recipe ``entry``, ready for its state dict.
+
+    Its buffers have the shapes the recipe implies and hold placeholders; its dtype is ``dtype`` (the loaders
+    cast to ``weight_dtype`` when recorded).
+
+    Args:
+        entry: one recipe, as :func:`layer_recipe` writes it.
+        device: where to allocate the buffers; ``"meta"`` allocates nothing; ``None`` is the default device.
+
+    Returns:
+        The layer shell.
+
+    Raises:
+        RecipeError: (a ``ValueError``) the recipe is not a dict, has an unknown ``type``, misses a field or
+            holds an invalid value; the message names the field.
+    """
     if not isinstance(entry, Mapping):
         raise RecipeError(f"a recipe must be a dict, got {type(entry).__name__}")
     kind = entry.get("type")
@@ -177,8 +210,17 @@ def layer_from_recipe(entry: Mapping[str, Any], *, device: torch.device | str | 
 
 
 def bit_map_matches(layer: QuantLinear | QuantConv2d) -> bool:
-    """Whether a loaded layer's stored ``bit_map`` (mixed-precision layers only) equals the per-row bits of its
-    recipe's config: the check every reader runs after the tensors are in, against altered files or recipes."""
+    """Whether a loaded layer's stored ``bit_map`` equals the per-row bits of its recipe's config.
+
+    The check every reader runs after the tensors are in, against altered files or recipes; only
+    mixed-precision layers store a ``bit_map``.
+
+    Args:
+        layer: a layer built by :func:`layer_from_recipe` with its state dict loaded.
+
+    Returns:
+        True when the layer is not mixed or its ``bit_map`` equals ``config.row_bits(out_rows)``.
+    """
     if not layer.mixed:
         return True
     config: QuantConfig = layer.config

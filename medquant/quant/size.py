@@ -20,6 +20,19 @@ from .recipe import model_recipe
 
 @dataclass
 class SizeReport:
+    """What a model takes when saved: stored bytes and effective bits (see the module docstring).
+
+    Attributes:
+        total_bytes: ``tensor_bytes + metadata_bytes``, what :func:`medquant.save` writes apart from file headers.
+        tensor_bytes: bytes of every tensor of the state dict (packed codes, scales, zero points, bit maps, float
+            rows, biases, norms, embeddings), tied tensors counted once.
+        metadata_bytes: bytes of the JSON recipes of the quantized modules (0 for a float model).
+        linear_weight_bytes: bytes of the Linear / Conv2d weights, packed or float, biases excluded.
+        linear_params: number of Linear / Conv2d weight elements.
+        effective_bits: ``sum(bits_i * params_i) / sum(params_i)`` over the Linear / Conv2d weights (float layers
+            count their dtype's width, pruned rows 0).
+    """
+
     total_bytes: int  # every stored tensor byte + metadata
     tensor_bytes: int
     metadata_bytes: int
@@ -29,15 +42,30 @@ class SizeReport:
 
     @property
     def total_mb(self) -> float:
+        """``total_bytes / 2^20`` (MiB)."""
         return self.total_bytes / 2**20
 
     def as_dict(self) -> dict:
+        """The fields and ``total_mb`` as a JSON-ready dict.
+
+        Returns:
+            ``{"total_bytes": ..., ..., "effective_bits": ..., "total_mb": ...}``.
+        """
         d = asdict(self)
         d["total_mb"] = self.total_mb
         return d
 
 
 def model_size(model: nn.Module) -> SizeReport:
+    """Stored bytes and effective bits of a model (a :class:`SizeReport`).
+
+    Args:
+        model: any ``nn.Module``, quantized by medquant or not (a float model reports its float bytes and dtype
+            width).
+
+    Returns:
+        The :class:`SizeReport`.
+    """
     seen: set[tuple[int, int]] = set()
     tensor_bytes = 0
     for t in model.state_dict().values():
@@ -74,8 +102,17 @@ def model_size(model: nn.Module) -> SizeReport:
 
 
 def layer_table(model: nn.Module) -> list[dict]:
-    """One row per Linear/Conv2d (quantized or not) and per quantized embedding: name, shape, bits, stored bytes
-    (a head sharing a quantized embedding's tensors shows the shared bytes on both rows)."""
+    """One row per Linear/Conv2d (quantized or not) and per quantized embedding: name, shape, bits, stored bytes.
+
+    A head sharing a quantized embedding's tensors shows the shared bytes on both rows.
+
+    Args:
+        model: the model.
+
+    Returns:
+        A list of dicts with the keys ``name``, ``type``, ``shape`` (``[rows, K]``), ``bits`` (e.g. ``"4"``, or
+        ``"{2: 12 rows, 4: 52 rows}"`` for mixed rows), ``effective_bits`` and ``bytes``, in ``named_modules`` order.
+    """
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, (*QUANT_MODULES, QuantEmbedding)):
