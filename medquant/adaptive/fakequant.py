@@ -34,16 +34,32 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 __all__ = ["FLOAT_DTYPES", "PASSTHROUGH_BITS", "ROW_EPS", "check_bits", "fake_quantize_per_sample"]
 
 
-def check_bits(bits: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Validate a per-row bit tensor: integers, one per row, each in 1..8 or >= 16. Returns it as int64.
-
-    The rule is the kernels' per-row check for asymmetric rows (:func:`medquant.kernels.reference.check_row_bits`):
-    activations are quantized per sample with their own min/max, so 1 bit is allowed.
-    """
+def _as_bits(bits) -> torch.Tensor:
     if not isinstance(bits, torch.Tensor):
         bits = torch.as_tensor(bits)
     if bits.is_complex():
         raise TypeError(f"bits must be an integer tensor, got {bits.dtype}")
+    return bits
+
+
+def check_bits(bits: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Validate a per-row bit tensor: integers, one per row, each in 1..8 or >= 16.
+
+    The rule is the kernels' per-row check for asymmetric rows (:func:`medquant.kernels.reference.check_row_bits`):
+    activations are quantized per sample with their own min/max, so 1 bit is allowed.
+
+    Args:
+        bits: a tensor (or anything ``torch.as_tensor`` takes) of per-row bit-widths.
+        n_rows: how many rows (samples) the bits are for.
+
+    Returns:
+        ``bits`` as an int64 tensor.
+
+    Raises:
+        TypeError: ``bits`` is not an integer tensor (floating point, complex or bool).
+        ValueError: ``bits`` is not 1-D with ``n_rows`` entries, or an entry is outside 1..8 and below 16.
+    """
+    bits = _as_bits(bits)
     check_row_bits(bits, n_rows, symmetric=False)
     return bits.to(torch.int64)
 
@@ -51,14 +67,24 @@ def check_bits(bits: torch.Tensor, n_rows: int) -> torch.Tensor:
 def fake_quantize_per_sample(x: torch.Tensor, bits, *, backend: str = "auto") -> torch.Tensor:
     """Fake-quantize each sample of ``x`` (dim 0 = batch) with its own bit-width; straight-through gradient.
 
+    The bits are checked once: by the kernel op (:func:`medquant.kernels.fake_quantize_rows`, which runs
+    :func:`medquant.kernels.reference.check_row_bits`), or here by :func:`check_bits` when the op is skipped
+    (an empty ``x``, or every sample passing through); the errors are the same either way.
+
     Args:
         x: float tensor ``(B, ...)``; every sample is flattened to one vector for its min/max.
         bits: ``B`` integers (tensor or sequence), each 1..8 or >= 16 (passthrough).
         backend: ``"auto"`` (the kernel layer's choice: Triton for CUDA tensors when available, torch otherwise)
             or ``"torch"`` (the torch reference).
 
-    Returns a tensor of ``x``'s shape and dtype (``x`` itself when every sample passes through).
-    Formula: module docstring.
+    Returns:
+        A tensor of ``x``'s shape and dtype (``x`` itself when every sample passes through). Formula: module
+        docstring.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor, or ``bits`` is not an integer tensor / sequence.
+        ValueError: ``x`` has no batch dimension, ``backend`` is unknown, or ``bits`` does not hold one entry
+            per sample, each 1..8 or >= 16.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -68,8 +94,8 @@ def fake_quantize_per_sample(x: torch.Tensor, bits, *, backend: str = "auto") ->
         raise ValueError("x must have a batch dimension (dim 0)")
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
-    b = check_bits(bits if isinstance(bits, torch.Tensor) else torch.as_tensor(list(bits)), x.shape[0])
-    b = b.to(x.device)
-    if x.numel() == 0 or bool((b >= PASSTHROUGH_BITS).all()):
+    b = _as_bits(bits if isinstance(bits, torch.Tensor) else torch.as_tensor(list(bits))).to(x.device)
+    if x.numel() == 0 or bool((b >= PASSTHROUGH_BITS).all()):  # the op does not run: check here
+        check_bits(b, x.shape[0])
         return x
-    return fake_quantize_rows(x, b, False, eps=ROW_EPS, backend=backend)
+    return fake_quantize_rows(x, b, False, eps=ROW_EPS, backend=backend)  # the op checks the bits

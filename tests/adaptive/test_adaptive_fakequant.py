@@ -6,6 +6,8 @@ Formula (asymmetric, per sample ``i`` with ``b_i`` bits): ``lo = min(min x, 0)``
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -93,3 +95,47 @@ def test_bad_input():
         fake_quantize_per_sample(torch.ones(2, 3, dtype=torch.int32), [2, 2])
     with pytest.raises(ValueError, match="batch"):
         fake_quantize_per_sample(torch.tensor(1.0), [2])
+
+
+def _count_row_checks(monkeypatch) -> list[int]:
+    """Count calls of the kernels' per-row bit check, through every binding the fake-quant path can reach."""
+    import medquant.adaptive.fakequant as afq
+    import medquant.kernels.fakequant as kfq
+    import medquant.kernels.reference as ref
+
+    calls = [0]
+    original = ref.check_row_bits
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    for module in (ref, kfq, afq):
+        monkeypatch.setattr(module, "check_row_bits", counting)
+    return calls
+
+
+@pytest.mark.parametrize("x, bits", [
+    (torch.randn(3, 5), [2, 4, 8]),          # the kernel op runs and checks
+    (torch.randn(3, 5), [16, 32, 16]),       # every sample passes through: the op is skipped, checked here
+    (torch.randn(3, 0), [2, 4, 8]),          # empty samples: the op is skipped, checked here
+])
+def test_bits_are_checked_exactly_once(monkeypatch, x, bits):
+    calls = _count_row_checks(monkeypatch)
+    fake_quantize_per_sample(x, bits, backend="torch")
+    assert calls[0] == 1
+
+
+@pytest.mark.parametrize("bits", [[0, 4, 4], [9, 4, 4], [4, 4], torch.tensor([2.0, 4.0, 4.0]),
+                                  torch.tensor([16.0, 16.0, 16.0]), torch.tensor([True, True, True]),
+                                  torch.tensor([[4, 4, 4]]), torch.tensor([4, 4, 4], dtype=torch.complex64)])
+@pytest.mark.parametrize("width", [5, 0])
+def test_errors_are_those_of_check_bits(bits, width):
+    """Whichever place runs the one check (the op, or check_bits when the op is skipped), the error is the one
+    check_bits gives for the same bits."""
+    from medquant.adaptive.fakequant import check_bits
+
+    with pytest.raises((TypeError, ValueError)) as expected:
+        check_bits(torch.as_tensor(bits), 3)
+    with pytest.raises(expected.type, match=re.escape(str(expected.value))):
+        fake_quantize_per_sample(torch.randn(3, width), bits)
