@@ -10,7 +10,10 @@ registered the moment ``transformers.quantizers.auto`` is imported (which ``from
 at once when it already is. :func:`register` does it explicitly and is idempotent.
 
 The heavy names (:class:`MedQuantConfig`, :class:`MedQuantHfQuantizer`, :func:`save_pretrained`,
-:func:`recipe_of`) are imported on first attribute access.
+:func:`recipe_of`) are imported on first attribute access. Inside: :mod:`medquant.hf.config` (the
+``quantization_config`` class, :class:`MedQuantConfig`), :mod:`medquant.hf.integration` (the transformers quantizer
+that swaps layers while loading, and the workflow: :func:`save_pretrained`, :func:`attach_quantizer`),
+:mod:`medquant.hf.method` (the method name).
 """
 from __future__ import annotations
 
@@ -43,7 +46,11 @@ def register() -> None:
 
 
 def is_registered() -> bool:
-    """Whether transformers currently knows the ``"medquant"`` method (does not import transformers)."""
+    """Whether transformers currently knows the ``"medquant"`` method (does not import transformers).
+
+    Returns:
+        ``True`` once ``transformers.quantizers.auto`` is imported and holds the medquant quantizer.
+    """
     auto = sys.modules.get(_HOOKED_MODULE)
     return auto is not None and QUANT_METHOD in getattr(auto, "AUTO_QUANTIZER_MAPPING", {})
 

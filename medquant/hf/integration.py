@@ -1,4 +1,6 @@
-"""``MedQuantConfig`` and ``MedQuantHfQuantizer``: medquant as a transformers quantization method.
+"""``MedQuantHfQuantizer``, :func:`save_pretrained`, :func:`attach_quantizer`: medquant as a transformers
+quantization method (its ``quantization_config``, :class:`~medquant.hf.config.MedQuantConfig`, is in
+:mod:`medquant.hf.config`).
 
 Two ways in (the quantization itself is :func:`medquant.quantize_`'s; nothing here changes a number):
 
@@ -28,202 +30,28 @@ medquant) replace the folder as one unit with a manifest (:func:`medquant.io.wri
 """
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..io import verify_pretrained, write_checkpoint
-from ..kernels.layout import FORMAT_VERSION
-from ..quant.api import (
-    DEFAULT_KEY,
-    ConfigMap,
-    quantizable_modules,
-    quantize_,
-    quantize_module,
-    quantized_modules,
-    swap_module,
-)
+from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
 from ..quant.config import QuantConfig
 from ..quant.experts import expand_recorded_experts, is_experts_module
 from ..quant.modules import QUANT_MODULES
-from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
-from ..version import __version__
+from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe
+from .config import MedQuantConfig, recipe_of
 from .method import QUANT_METHOD
 
+# MedQuantConfig and recipe_of live in medquant.hf.config; they stay importable from here
+__all__ = ["MedQuantConfig", "MedQuantHfQuantizer", "attach_quantizer", "recipe_of", "register_with_transformers",
+           "save_pretrained"]
+
 _FLOAT_TYPES = (nn.Linear, nn.Conv2d)
-
-
-def _as_config_dict(value: Any, what: str) -> dict | None:
-    """QuantConfig | int | QuantConfig-dict | None -> validated QuantConfig dict (or None = keep float)."""
-    if value is None:
-        return None
-    if isinstance(value, QuantConfig):
-        return value.to_dict()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return QuantConfig(bits=value).to_dict()
-    if isinstance(value, Mapping):
-        try:
-            return QuantConfig.from_dict(dict(value)).to_dict()
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{what}: not a valid QuantConfig: {e}") from None
-    raise TypeError(f"{what} must be a medquant.QuantConfig, an int bit-width, a QuantConfig dict or None, "
-                    f"got {type(value).__name__}")
-
-
-def recipe_of(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
-    """``(modules, skipped_modules)`` of a model: the recipe of every QuantLinear / QuantConv2d (type, shape,
-    ``weight_dtype``, QuantConfig dict) and the names of the torch Linear / Conv2d layers still in float.
-
-    Args:
-        model: a model quantized with medquant.
-
-    Returns:
-        ``(modules, skipped_modules)``.
-    """
-    return model_recipe(model, weight_dtype=True), sorted(quantizable_modules(model))
-
-
-class MedQuantConfig(QuantizationConfigMixin):
-    """transformers ``quantization_config`` of medquant models.
-
-    Args:
-        config_or_map: what :func:`medquant.quantize_` takes - a :class:`~medquant.QuantConfig` (or int bit-width)
-            for every Linear / Conv2d, or a mapping ``pattern -> QuantConfig | int | None`` (exact names,
-            ``"re:<regex>"``, roles ``"@vision"`` / ``"@projector"`` / ``"@language"`` / ``"@head"``).
-        skip: patterns to keep in floating point (wins over everything).
-        modules: per-module recipe of an already quantized model (written by :func:`save_pretrained`); when
-            quantizing on load with only ``modules`` given, exactly those modules get exactly those configs.
-        skipped_modules: Linear / Conv2d names left in float in a saved model (recorded for the reader).
-
-    JSON form (``to_dict``): ``quant_method``, ``format_version``, ``medquant_version``, ``config`` (a QuantConfig
-    dict) or ``config_map`` (pattern -> QuantConfig dict / null), ``skip``, ``modules``, ``skipped_modules``.
-    """
-
-    def __init__(
-        self,
-        config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None] | None = None,
-        skip: Iterable[str] | None = None,
-        *,
-        config: QuantConfig | int | Mapping | None = None,
-        config_map: Mapping[str, Any] | None = None,
-        modules: Mapping[str, Mapping] | None = None,
-        skipped_modules: Iterable[str] | None = None,
-        format_version: int = FORMAT_VERSION,
-        medquant_version: str | None = None,
-        quant_method: str = QUANT_METHOD,
-        **unknown: Any,
-    ) -> None:
-        if unknown:
-            raise ValueError(f"unknown MedQuantConfig fields {sorted(unknown)}; accepted: config_or_map, skip, "
-                             "config, config_map, modules, skipped_modules, format_version, medquant_version")
-        if quant_method != QUANT_METHOD:
-            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
-        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
-            raise ValueError(f"quantization_config has format version {format_version!r}; this medquant "
-                             f"{__version__} reads versions <= {FORMAT_VERSION}")
-        if config_or_map is not None:
-            if config is not None or config_map is not None:
-                raise ValueError("give config_or_map, or config / config_map, not both")
-            if isinstance(config_or_map, Mapping) and not isinstance(config_or_map, QuantConfig):
-                config_map = config_or_map
-            else:
-                config = config_or_map
-        if config is not None and config_map is not None:
-            raise ValueError("give either config (one QuantConfig for every layer) or config_map (patterns), "
-                             "not both")
-        if isinstance(skip, str):
-            raise TypeError("skip must be a list of patterns, not a single string")
-        self.quant_method = QUANT_METHOD
-        self.format_version = format_version
-        self.medquant_version = medquant_version or __version__
-        self.config = _as_config_dict(config, "config")
-        self.config_map = None
-        if config_map is not None:
-            if not isinstance(config_map, Mapping):
-                raise TypeError(f"config_map must be a mapping pattern -> QuantConfig, got {type(config_map).__name__}")
-            self.config_map = {str(k): _as_config_dict(v, f"config_map[{k!r}]") for k, v in config_map.items()}
-        self.skip = list(skip) if skip is not None else None
-        self.modules = None
-        if modules is not None:
-            self.modules = {}
-            for name, entry in modules.items():
-                if not isinstance(entry, Mapping) or "config" not in entry or "type" not in entry:
-                    raise ValueError(f"modules[{name!r}] must be a recipe dict with 'type' and 'config', got {entry!r}")
-                e = copy.deepcopy(dict(entry))
-                e["config"] = _as_config_dict(e["config"], f"modules[{name!r}].config")
-                self.modules[str(name)] = e
-        self.skipped_modules = sorted(skipped_modules) if skipped_modules is not None else None
-
-    # ------------------------------------------------------------------ helpers
-    @property
-    def has_plan(self) -> bool:
-        return self.config is not None or self.config_map is not None or bool(self.modules)
-
-    def quantize_spec(self) -> QuantConfig | ConfigMap:
-        """The ``config_or_map`` argument for :func:`medquant.quantize_` this config stands for, without ``skip``:
-        the one QuantConfig, or a :class:`~medquant.quant.ConfigMap` of the patterns or of the recorded modules
-        (exact names). :meth:`to_config_map` includes ``skip``."""
-        if self.config is not None:
-            return QuantConfig.from_dict(self.config)
-        if self.config_map is not None:
-            return ConfigMap(self.config_map)
-        if self.modules:
-            return ConfigMap({name: e["config"] for name, e in self.modules.items()})
-        raise ValueError("MedQuantConfig has nothing to quantize with: give a QuantConfig, a pattern map or modules")
-
-    def to_config_map(self) -> ConfigMap:
-        """Everything this config quantizes as one :class:`~medquant.quant.ConfigMap` (one QuantConfig becomes the
-        ``"_default"`` entry; ``skip`` included)."""
-        spec = self.quantize_spec()
-        return ConfigMap(spec if isinstance(spec, ConfigMap) else {DEFAULT_KEY: spec}, skip=self.skip)
-
-    def plan(self, model: nn.Module) -> dict[str, QuantConfig]:
-        """Module name -> QuantConfig for ``model`` (patterns resolved as by :func:`medquant.quantize_`)."""
-        return self.to_config_map().resolve(model)
-
-    def record(self, model: nn.Module) -> MedQuantConfig:
-        """Record the recipe of ``model``'s quantized layers (``modules``) and float layers (``skipped_modules``)."""
-        self.modules, self.skipped_modules = recipe_of(model)
-        # version 2 only when a layer stores dense (3/5/6/7-bit) rows: other files are byte for byte version 1
-        dense = any(getattr(m, "stores_dense", False) for m in model.modules())
-        self.format_version = FORMAT_VERSION if dense else 1
-        self.medquant_version = __version__
-        return self
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> MedQuantConfig:
-        return cls().record(model)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "quant_method": self.quant_method,
-            "format_version": self.format_version,
-            "medquant_version": self.medquant_version,
-            "config": copy.deepcopy(self.config),
-            "config_map": copy.deepcopy(self.config_map),
-            "skip": list(self.skip) if self.skip is not None else None,
-            "modules": copy.deepcopy(self.modules),
-            "skipped_modules": list(self.skipped_modules) if self.skipped_modules is not None else None,
-        }
-
-    def __iter__(self):
-        yield from self.to_dict().items()
-
-    def to_json_string(self, use_diff: bool = True) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, MedQuantConfig) and self.to_dict() == other.to_dict()
-
-    __hash__ = None  # mutable
 
 
 # ---------------------------------------------------------------------------------------------- module surgery
@@ -355,7 +183,15 @@ def _quantize_weight(old: nn.Module, weight: torch.Tensor, cfg: QuantConfig, nam
 
 
 class MedQuantHfQuantizer(HfQuantizer):
-    """transformers quantizer of the ``"medquant"`` method (see the module docstring)."""
+    """transformers quantizer of the ``"medquant"`` method (see the module docstring).
+
+    Args:
+        quantization_config: the :class:`MedQuantConfig` (or its dict, as read from ``config.json``).
+        **kwargs: passed to transformers' ``HfQuantizer`` (e.g. ``pre_quantized``).
+
+    Raises:
+        TypeError: ``quantization_config`` is neither a MedQuantConfig nor a mapping.
+    """
 
     requires_calibration = False
 
@@ -456,14 +292,20 @@ class MedQuantHfQuantizer(HfQuantizer):
 
 
 def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
-    """Make a model quantized with :func:`medquant.quantize_` look like one loaded by ``from_pretrained``:
-    ``model.hf_quantizer`` and ``model.config.quantization_config`` (recording every module's recipe).
+    """Make a model quantized with :func:`medquant.quantize_` look like one loaded by ``from_pretrained``.
+
+    Sets ``model.hf_quantizer`` and ``model.config.quantization_config`` (recording every module's recipe) and makes
+    ``model.save_pretrained`` crash-safe with a manifest.
 
     Args:
         model: a transformers model quantized in place with medquant.
 
     Returns:
         The attached :class:`MedQuantHfQuantizer`.
+
+    Raises:
+        TypeError: ``model`` is not a transformers ``PreTrainedModel``.
+        ValueError: the model is quantized by another transformers method, or has no medquant-quantized layer.
     """
     from transformers import PreTrainedModel
 

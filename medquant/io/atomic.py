@@ -101,8 +101,10 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def pending(path: str | os.PathLike) -> Path | None:
-    """When ``path`` is absent because a save was killed between the two renames of the fallback switch: the
-    complete new version its temporary link points to (the next save puts it in place); else ``None``."""
+    """When ``path`` is absent because a save was killed between the two renames of the fallback switch.
+
+    The complete new version its temporary link points to (the next save puts it in place); else ``None``.
+    """
     path = Path(os.path.abspath(path))
     if os.path.lexists(path) or not path.parent.is_dir():
         return None
@@ -233,10 +235,13 @@ def _target(path: Path) -> Path:
 @contextlib.contextmanager
 def replace_directory(path: str | os.PathLike, *, owned: Callable[[str], bool] = lambda name: False,
                       finalize: Callable[[Path], None] | None = None) -> Iterator[Path]:
-    """Context manager: yields an empty new version folder; when the block ends without an exception, the files in
-    the old version that ``owned(name)`` does not claim are carried over, ``finalize(folder)`` runs (it writes
-    the manifest), everything is fsynced and ``path`` is switched to the new version atomically (see the module
-    docstring). On an exception the new version is removed and ``path`` is untouched."""
+    """Context manager.
+
+    Yields an empty new version folder; when the block ends without an exception, the files in the old version
+    that ``owned(name)`` does not claim are carried over, ``finalize(folder)`` runs (it writes the manifest),
+    everything is fsynced and ``path`` is switched to the new version atomically (see the module docstring).
+    On an exception the new version is removed and ``path`` is untouched.
+    """
     path = _target(Path(os.path.abspath(path)))
     if os.path.lexists(path) and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a folder; a checkpoint is saved as a folder")

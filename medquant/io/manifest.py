@@ -46,8 +46,10 @@ def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def check_plain_name(name: Any, what: str) -> str:
-    """``name`` must be a plain file name inside the checkpoint folder: no separators, not ``.``/``..``, not
-    absolute, not empty."""
+    """``name`` must be a plain file name inside the checkpoint folder.
+
+    No separators, not ``.``/``..``, not absolute, not empty.
+    """
     if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in _BAD_CHARS) \
             or os.path.isabs(name):
         raise ValueError(f"{what} must be a plain file name inside the checkpoint folder (no separators, no '..', "
@@ -141,8 +143,11 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def verify_files(root: str | os.PathLike, manifest: dict[str, Any], *, follow_symlinks: bool = False) -> None:
-    """Check every file the manifest lists: a regular file (not a symlink, unless ``follow_symlinks``) inside
-    ``root``, of the listed size and SHA-256. Raises :class:`ManifestError` naming the first file that differs."""
+    """Check every file the manifest lists.
+
+    A regular file (not a symlink, unless ``follow_symlinks``) inside ``root``, of the listed size and
+    SHA-256. Raises :class:`ManifestError` naming the first file that differs.
+    """
     root = Path(root)
     real_root = os.path.realpath(root)
     for name, e in manifest["files"].items():

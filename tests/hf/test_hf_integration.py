@@ -153,6 +153,23 @@ def test_config_json_round_trip_and_validation():
         MedQuantConfig(4, skip="lm_head")
 
 
+def test_recorded_format_version_is_the_one_save_writes():
+    """MedQuantConfig.record and medquant.save decide the format version with the same helper
+    (medquant.io.format_version_of): 1 for 3-bit rows still in version-1 containers, 2 once they are dense."""
+    from torch import nn
+
+    from medquant import QuantLinear
+    from medquant.io import dense_layouts, format_version_of
+
+    torch.manual_seed(0)
+    net = nn.Sequential(QuantLinear.from_float(nn.Linear(32, 8), QuantConfig(3), layout=1), nn.Linear(8, 2))
+    assert MedQuantConfig.from_model(net).format_version == format_version_of(net) == 1
+    dense_layouts(net)
+    cfg = MedQuantConfig.from_model(net)
+    assert cfg.format_version == format_version_of(net) == 2
+    assert cfg.modules["0"]["layout"] == 2 and cfg.skipped_modules == ["1"]
+
+
 def test_errors_are_clear(tmp_path):
     entry = ZOO_BY_NAME["llama"]
     model = entry.build()

@@ -129,7 +129,7 @@ def test_a_failed_save_changes_nothing_and_leaves_nothing(tmp_path, monkeypatch)
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("medquant.io.save_model", boom)
+    monkeypatch.setattr("medquant.io.checkpoint.save_model", boom)
     with pytest.raises(OSError, match="disk full"):
         mq.save(quantized(1), p)
     assert (os.readlink(p), siblings(p)) == before

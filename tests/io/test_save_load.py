@@ -123,7 +123,7 @@ def test_failed_save_keeps_the_earlier_save(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("medquant.io.save_model", boom)
+    monkeypatch.setattr("medquant.io.checkpoint.save_model", boom)
     with pytest.raises(OSError, match="disk full"):
         mq.save(other, tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -190,3 +190,27 @@ def test_model_cast_to_bfloat16_reloads_with_its_non_persistent_buffers_in_bfloa
     with torch.no_grad():
         got = back(input_ids=ids).logits
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_format_version_of_and_dense_layouts():
+    """3-bit rows in version-1 containers need format 1 as stored; dense_layouts re-packs them (same codes, same
+    outputs), after which the model needs format 2. 4-bit rows never need version 2."""
+    from torch import nn
+
+    from medquant.io import dense_layouts, format_version_of
+
+    torch.manual_seed(0)
+    net = nn.Sequential(mq.QuantLinear.from_float(nn.Linear(64, 8), mq.QuantConfig(4), layout=1),
+                        mq.QuantLinear.from_float(nn.Linear(8, 8), mq.QuantConfig(3), layout=1))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        before = net(x)
+    codes = net[1].packed_weight(3).codes()
+    assert format_version_of(net) == 1 and not net[1].stores_dense
+    assert dense_layouts(net) == 2 == format_version_of(net)
+    assert net[1].stores_dense and not net[0].stores_dense
+    assert torch.equal(net[1].packed_weight(3).codes(), codes)
+    with torch.no_grad():
+        assert torch.equal(net(x), before)
+    four = nn.Sequential(mq.QuantLinear.from_float(nn.Linear(64, 8), mq.QuantConfig(4)))
+    assert dense_layouts(four) == 1 == format_version_of(four) == format_version_of(nn.Linear(2, 2))

@@ -1,0 +1,240 @@
+"""``MedQuantConfig``: the transformers ``quantization_config`` of medquant models (``quant_method="medquant"``).
+
+It holds either a plan (what :func:`medquant.quantize_` takes: one :class:`~medquant.QuantConfig`, or a pattern map
+plus ``skip``) to quantize a float checkpoint while loading, or the record of an already quantized model: every
+quantized layer's recipe (``modules``), the float Linear / Conv2d layers (``skipped_modules``) and the saved-format
+version (:func:`medquant.io.format_version_of`). It round-trips through ``config.json`` (``to_dict`` /
+``from_dict``). Importing this module imports ``transformers.utils.quantization_config`` only (not the quantizer
+registry); :mod:`medquant.hf.integration` holds the quantizer that uses it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..io import format_version_of
+from ..kernels.layout import FORMAT_VERSION
+from ..quant.api import DEFAULT_KEY, ConfigMap, quantizable_modules
+from ..quant.config import QuantConfig
+from ..quant.recipe import model_recipe
+from ..version import __version__
+from .method import QUANT_METHOD
+
+__all__ = ["MedQuantConfig", "recipe_of"]
+
+
+def _as_config_dict(value: Any, what: str) -> dict | None:
+    """QuantConfig | int | QuantConfig-dict | None -> validated QuantConfig dict (or None = keep float)."""
+    if value is None:
+        return None
+    if isinstance(value, QuantConfig):
+        return value.to_dict()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return QuantConfig(bits=value).to_dict()
+    if isinstance(value, Mapping):
+        try:
+            return QuantConfig.from_dict(dict(value)).to_dict()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what}: not a valid QuantConfig: {e}") from None
+    raise TypeError(f"{what} must be a medquant.QuantConfig, an int bit-width, a QuantConfig dict or None, "
+                    f"got {type(value).__name__}")
+
+
+def recipe_of(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
+    """``(modules, skipped_modules)`` of a model: its quantized layers' recipes and its float Linear / Conv2d layers.
+
+    ``modules`` maps each quantized layer's name to its recipe (type, shape, ``weight_dtype``, QuantConfig dict:
+    :func:`medquant.quant.recipe.layer_recipe`); ``skipped_modules`` lists the torch Linear / Conv2d layers still
+    in float.
+
+    Args:
+        model: a model quantized with medquant.
+
+    Returns:
+        ``(modules, skipped_modules)``.
+    """
+    return model_recipe(model, weight_dtype=True), sorted(quantizable_modules(model))
+
+
+class MedQuantConfig(QuantizationConfigMixin):
+    """transformers ``quantization_config`` of medquant models.
+
+    JSON form (``to_dict``): ``quant_method``, ``format_version``, ``medquant_version``, ``config`` (a QuantConfig
+    dict) or ``config_map`` (pattern -> QuantConfig dict / null), ``skip``, ``modules``, ``skipped_modules``.
+
+    Args:
+        config_or_map: what :func:`medquant.quantize_` takes - a :class:`~medquant.QuantConfig` (or int bit-width)
+            for every Linear / Conv2d, or a mapping ``pattern -> QuantConfig | int | None`` (exact names,
+            ``"re:<regex>"``, roles ``"@vision"`` / ``"@projector"`` / ``"@language"`` / ``"@head"``).
+        skip: patterns to keep in floating point (wins over everything).
+        config: the one QuantConfig (or its dict), as read from JSON; alternative to ``config_or_map``.
+        config_map: the pattern map, as read from JSON; alternative to ``config_or_map``.
+        modules: per-module recipe of an already quantized model (written by :func:`save_pretrained`); when
+            quantizing on load with only ``modules`` given, exactly those modules get exactly those configs.
+        skipped_modules: Linear / Conv2d names left in float in a saved model (recorded for the reader).
+        format_version: the saved-format version of the recorded model (at most this medquant's).
+        medquant_version: the medquant version that wrote it (default: this one).
+        quant_method: must be ``"medquant"``.
+        **unknown: refused (a clear error instead of an ignored field).
+
+    Raises:
+        ValueError: unknown fields, another ``quant_method``, a newer ``format_version``, both a config and a map,
+            an invalid QuantConfig, or a ``modules`` entry that is not a recipe.
+        TypeError: ``skip`` is a single string, or ``config_map`` / a config is of the wrong type.
+    """
+
+    def __init__(
+        self,
+        config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None] | None = None,
+        skip: Iterable[str] | None = None,
+        *,
+        config: QuantConfig | int | Mapping | None = None,
+        config_map: Mapping[str, Any] | None = None,
+        modules: Mapping[str, Mapping] | None = None,
+        skipped_modules: Iterable[str] | None = None,
+        format_version: int = FORMAT_VERSION,
+        medquant_version: str | None = None,
+        quant_method: str = QUANT_METHOD,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise ValueError(f"unknown MedQuantConfig fields {sorted(unknown)}; accepted: config_or_map, skip, "
+                             "config, config_map, modules, skipped_modules, format_version, medquant_version")
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+            raise ValueError(f"quantization_config has format version {format_version!r}; this medquant "
+                             f"{__version__} reads versions <= {FORMAT_VERSION}")
+        if config_or_map is not None:
+            if config is not None or config_map is not None:
+                raise ValueError("give config_or_map, or config / config_map, not both")
+            if isinstance(config_or_map, Mapping) and not isinstance(config_or_map, QuantConfig):
+                config_map = config_or_map
+            else:
+                config = config_or_map
+        if config is not None and config_map is not None:
+            raise ValueError("give either config (one QuantConfig for every layer) or config_map (patterns), "
+                             "not both")
+        if isinstance(skip, str):
+            raise TypeError("skip must be a list of patterns, not a single string")
+        self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # transformers types it as its enum
+        self.format_version = format_version
+        self.medquant_version = medquant_version or __version__
+        self.config = _as_config_dict(config, "config")
+        self.config_map = None
+        if config_map is not None:
+            if not isinstance(config_map, Mapping):
+                raise TypeError(f"config_map must be a mapping pattern -> QuantConfig, got {type(config_map).__name__}")
+            self.config_map = {str(k): _as_config_dict(v, f"config_map[{k!r}]") for k, v in config_map.items()}
+        self.skip = list(skip) if skip is not None else None
+        self.modules = None
+        if modules is not None:
+            self.modules = {}
+            for name, entry in modules.items():
+                if not isinstance(entry, Mapping) or "config" not in entry or "type" not in entry:
+                    raise ValueError(f"modules[{name!r}] must be a recipe dict with 'type' and 'config', got {entry!r}")
+                e = copy.deepcopy(dict(entry))
+                e["config"] = _as_config_dict(e["config"], f"modules[{name!r}].config")
+                self.modules[str(name)] = e
+        self.skipped_modules = sorted(skipped_modules) if skipped_modules is not None else None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def has_plan(self) -> bool:
+        """Whether the config says what to quantize (a config, a pattern map or recorded modules)."""
+        return self.config is not None or self.config_map is not None or bool(self.modules)
+
+    def quantize_spec(self) -> QuantConfig | ConfigMap:
+        """The ``config_or_map`` argument for :func:`medquant.quantize_` this config stands for, without ``skip``.
+
+        Returns:
+            The one QuantConfig, or a :class:`~medquant.quant.ConfigMap` of the patterns or of the recorded modules
+            (exact names). :meth:`to_config_map` includes ``skip``.
+
+        Raises:
+            ValueError: the config has nothing to quantize with.
+        """
+        if self.config is not None:
+            return QuantConfig.from_dict(self.config)
+        if self.config_map is not None:
+            return ConfigMap(self.config_map)
+        if self.modules:
+            return ConfigMap({name: e["config"] for name, e in self.modules.items()})
+        raise ValueError("MedQuantConfig has nothing to quantize with: give a QuantConfig, a pattern map or modules")
+
+    def to_config_map(self) -> ConfigMap:
+        """Everything this config quantizes as one :class:`~medquant.quant.ConfigMap`.
+
+        Returns:
+            The map: one QuantConfig becomes the ``"_default"`` entry; ``skip`` is included.
+        """
+        spec = self.quantize_spec()
+        return ConfigMap(spec if isinstance(spec, ConfigMap) else {DEFAULT_KEY: spec}, skip=self.skip)
+
+    def plan(self, model: nn.Module) -> dict[str, QuantConfig]:
+        """Module name -> QuantConfig for ``model``, the patterns resolved as by :func:`medquant.quantize_`.
+
+        Args:
+            model: the (float) model to plan for.
+
+        Returns:
+            The plan.
+        """
+        return self.to_config_map().resolve(model)
+
+    def record(self, model: nn.Module) -> MedQuantConfig:
+        """Record a quantized model in this config: its recipes, its float layers and the format version it needs.
+
+        Sets ``modules`` and ``skipped_modules`` (:func:`recipe_of`), ``format_version``
+        (:func:`medquant.io.format_version_of`: 2 only when a layer stores dense rows) and ``medquant_version``.
+
+        Args:
+            model: a model quantized with medquant.
+
+        Returns:
+            ``self``.
+        """
+        self.modules, self.skipped_modules = recipe_of(model)
+        self.format_version = format_version_of(model)  # 2 only when a layer stores dense rows
+        self.medquant_version = __version__
+        return self
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> MedQuantConfig:
+        """A config recording ``model`` (:meth:`record` on an empty config).
+
+        Args:
+            model: a model quantized with medquant.
+
+        Returns:
+            The config.
+        """
+        return cls().record(model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "format_version": self.format_version,
+            "medquant_version": self.medquant_version,
+            "config": copy.deepcopy(self.config),
+            "config_map": copy.deepcopy(self.config_map),
+            "skip": list(self.skip) if self.skip is not None else None,
+            "modules": copy.deepcopy(self.modules),
+            "skipped_modules": list(self.skipped_modules) if self.skipped_modules is not None else None,
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MedQuantConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
