@@ -24,22 +24,22 @@ again; :meth:`QLoRAAdapter.requantize` instead quantizes the merged model with m
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..quant.api import quantize_module, register_quantize_module_handler, swap_module
 from ..training import train_steps
+from .config import DEFAULT_TARGETS, NF4Config
+from .nf4 import _bnb, _dequantized_linear, nf4_dequantize_, nf4_modules, nf4_quantize_
 
+# NF4Config / DEFAULT_TARGETS (config.py) and the nf4_* functions (nf4.py) stay importable from here
 __all__ = [
     "DEFAULT_TARGETS",
     "NF4Config",
@@ -48,18 +48,10 @@ __all__ = [
     "nf4_modules",
     "nf4_quantize_",
     "resolve_targets",
+    "train_loop",
 ]
 
-DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _CONFIG_FILE = "medquant_qlora.json"
-
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
-        raise ImportError("QLoRA needs bitsandbytes (pip install bitsandbytes>=0.45)") from exc
-    return bnb
 
 
 def _role_modules(model: nn.Module, roles: Sequence[str]) -> list[str]:
@@ -118,166 +110,36 @@ def _roles_of(model: nn.Module) -> dict:
     return model_roles(model)
 
 
-@dataclass(frozen=True)
-class NF4Config:
-    """bitsandbytes 4-bit weights for ``nn.Linear`` layers (the handler registered for this type with
-    :func:`medquant.quant.register_quantize_module_handler`; :func:`nf4_quantize_` applies it by name).
-
-    Each block of 64 weights ``w`` is stored as 4-bit indices ``i`` into 16 levels ``q_i`` (NF4: quantiles of
-    N(0, 1) normalised to [-1, 1]; FP4: a 4-bit float grid) and the block's absmax ``a``: ``w^ = q_i * a``;
-    ``double_quant`` quantizes the absmax constants to 8 bits in turn. ``compute_dtype`` is the dtype the
-    forward pass dequantizes to. ``cpu_bf16_packing``: see :func:`nf4_quantize_`.
-    """
-
-    compute_dtype: torch.dtype = torch.float32
-    double_quant: bool = True
-    quant_type: str = "nf4"
-    cpu_bf16_packing: bool = False
-
-    def __post_init__(self) -> None:
-        if self.quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
-        if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"compute_dtype must be torch.float32, bfloat16 or float16, got {self.compute_dtype}")
-
-
-@register_quantize_module_handler(NF4Config, (nn.Linear,))
-def _nf4_linear(mod: nn.Linear, cfg: NF4Config) -> nn.Module:
-    """A bitsandbytes ``Linear4bit`` holding ``mod``'s weight, quantized on the weight's device."""
-    bnb = _bnb()
-    w = mod.weight.detach()
-    device = w.device
-    q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                          compute_dtype=cfg.compute_dtype, compress_statistics=cfg.double_quant,
-                          quant_type=cfg.quant_type, device="meta")
-    q.weight = bnb.nn.Params4bit(w.to(torch.float32 if w.dtype == torch.float64 else w.dtype).cpu().clone(),
-                                 requires_grad=False, compress_statistics=cfg.double_quant,
-                                 quant_type=cfg.quant_type)
-    if mod.bias is not None:
-        q.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-    q = q.to(device)
-    if hasattr(q, "support_avx512bf16_for_cpu"):
-        q.support_avx512bf16_for_cpu = bool(q.support_avx512bf16_for_cpu and cfg.cpu_bf16_packing)
-    return q
-
-
-def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.dtype = torch.float32,
-                  double_quant: bool = True, quant_type: str = "nf4", cpu_bf16_packing: bool = False) -> list[str]:
-    """Replace the named ``nn.Linear`` modules by bitsandbytes ``Linear4bit`` holding their quantized weights
-    (:class:`NF4Config` through :func:`medquant.quant.quantize_module` and :func:`medquant.quant.swap_module`).
-
-    The weight is wrapped in ``bnb.nn.Params4bit`` and quantized when the module is moved to the weight's
-    device (bitsandbytes quantizes on ``.to(device)``, CPU included). Biases stay float and frozen.
-
-    ``cpu_bf16_packing``: on CPUs with AVX512-BF16, bitsandbytes (0.50 here) repacks a ``Linear4bit`` weight at its
-    first inference call (eval mode, no grad) into a CPU kernel layout whose block absmax is rounded to bfloat16
-    and whose matmul runs in bfloat16. That is faster, but the outputs then depend on the CPU model and differ
-    from training-mode outputs. Off by default, so results are the same on every CPU; ``True`` allows it.
-    Returns the names replaced.
-
-    Args:
-        model: the model (modified in place).
-        names: full names of the ``nn.Linear`` modules to quantize.
-        compute_dtype: dtype the NF4 layers dequantize to for their matmul.
-        double_quant: quantize the block constants too (bitsandbytes double quantization).
-        quant_type: ``"nf4"`` or ``"fp4"``.
-        cpu_bf16_packing: see above.
-
-    Returns:
-        The names of the quantized modules.
-    """
-    bnb = _bnb()
-    cfg = NF4Config(compute_dtype, double_quant, quant_type, cpu_bf16_packing)
-    done = []
-    for name in names:
-        mod = model.get_submodule(name)
-        if isinstance(mod, bnb.nn.Linear4bit):
-            continue
-        if not isinstance(mod, nn.Linear):
-            raise TypeError(f"{name} is {type(mod).__name__}, not nn.Linear; only Linear layers are NF4-quantized")
-        swap_module(model, name, quantize_module(mod, cfg))
-        done.append(name)
-    return done
-
-
-def nf4_modules(model: nn.Module) -> list[str]:
-    """Names of the bitsandbytes ``Linear4bit`` modules in ``model``.
-
-    Args:
-        model: the model.
-
-    Returns:
-        The module names.
-    """
-    bnb = _bnb()
-    return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
-def _canonical_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-    """``(data, quant_state)`` in bitsandbytes' standard layout, undoing its AVX512-BF16 CPU packing (see
-    :func:`nf4_quantize_`) without changing the values: the packed state's bfloat16 absmax is used as it is
-    (bitsandbytes' own inverse re-quantizes it when double quantization was on). The module is not modified."""
-    if not getattr(state, "packing_format_for_cpu", False):
-        return data, state
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    st = copy.copy(state)  # shallow: the inverse reassigns fields, never mutates the tensors
-    st.original_nested = False  # keep the (bf16) absmax instead of re-quantizing it
-    qweight, st = _convert_weight_packed_for_cpu_inverse(data, st)
-    st.absmax = state.absmax.T.reshape(-1).float()  # packed as (K / blocksize, N); standard: flat, per block
-    st.nested, st.offset, st.state2 = False, None, None
-    st.dtype = getattr(state, "original_dtype", torch.float32)
-    return qweight, st
-
-
-def _dequantized_linear(q: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    bnb = _bnb()
-    data, state = _canonical_4bit(q.weight.data, q.weight.quant_state)
-    w = bnb.functional.dequantize_4bit(data, state).to(dtype)
-    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        if q.bias is not None:
-            lin.bias.copy_(q.bias.to(dtype))
-    return lin
-
-
-def nf4_dequantize_(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Replace every ``Linear4bit`` in ``model`` by an ``nn.Linear`` holding its dequantized weight.
-
-    Args:
-        model: the model (modified in place).
-        dtype: dtype of the float weights.
-
-    Returns:
-        The names of the replaced modules.
-    """
-    names = nf4_modules(model)
-    for name in names:
-        swap_module(model, name, _dequantized_linear(model.get_submodule(name), dtype))
-    return names
-
-
 class QLoRAAdapter:
     """Wrap a Hugging Face model for (Q)LoRA fine-tuning. The model is modified in place.
 
     Args:
         model: a transformers model (any zoo architecture, or a real LM such as SmolLM2).
-        r, lora_alpha, lora_dropout, use_rslora: PEFT LoRA settings (defaults r=16, alpha=16, dropout 0.1,
-            rsLoRA: scaling ``alpha / sqrt(r)``).
+        r: the LoRA rank (default 16).
+        lora_alpha: the LoRA ``alpha`` (default 16).
+        lora_dropout: dropout on the adapter input (default 0.1).
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (default) instead of ``alpha / r``.
         target_modules: last name components (or ``re:`` patterns) of the Linear layers to adapt, resolved
             inside ``target_roles`` (default the language model's q/k/v/o and gate/up/down projections).
+        target_roles: the model roles the targets are looked for in (default ``("language",)``).
         quantize: ``True`` -> NF4 base (QLoRA); ``False`` -> float base (plain LoRA).
         quantize_roles: roles whose ``nn.Linear`` layers become NF4 (default ``("language",)``); add
             ``"vision"`` / ``"projector"`` to quantize those too.
         compute_dtype: dtype the NF4 layers dequantize to (float32 or bfloat16).
         double_quant: double quantization of the NF4 block constants.
+        quant_type: ``"nf4"`` (default) or ``"fp4"``.
         cpu_bf16_packing: let bitsandbytes repack NF4 weights for its AVX512-BF16 CPU kernel at the first
             inference call (faster on such CPUs, bfloat16 absmax and matmul, CPU-dependent outputs); off by
             default (see :func:`nf4_quantize_`). :meth:`merge` handles either layout.
+        _peft_model: internal (:meth:`load`): builds the PEFT model from the prepared base instead of
+            ``get_peft_model``.
 
     Attributes:
         model: the ``peft.PeftModel``; ``targets``: adapted module names; ``quantized``: NF4 module names.
+
+    Raises:
+        ValueError: ``r`` is not a positive int, ``lora_dropout`` outside [0, 1), ``lora_alpha`` not positive and
+            finite, or a target matches no Linear (:func:`resolve_targets`).
     """
 
     def __init__(self, model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropout: float = 0.1,
@@ -325,11 +187,19 @@ class QLoRAAdapter:
         return s["lora_alpha"] / (math.sqrt(s["r"]) if s["use_rslora"] else s["r"])
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` of every parameter that trains (the LoRA matrices)."""
+        """The parameters that train (the LoRA matrices).
+
+        Returns:
+            ``(name, parameter)`` pairs.
+        """
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def num_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts (NF4 weights counted by stored elements x 2)."""
+        """Parameter counts of the adapted model (NF4 weights counted by stored elements x 2).
+
+        Returns:
+            ``(trainable, total)``.
+        """
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
         total = 0
         for p in self.model.parameters():
@@ -340,15 +210,31 @@ class QLoRAAdapter:
     def train(self, batches: Iterable[dict[str, torch.Tensor]], steps: int | None = None, lr: float = 2e-4,
               weight_decay: float = 0.0, grad_accum: int = 1, max_grad_norm: float | None = 1.0,
               progress: bool = True, seed: int | None = 0, desc: str = "qlora", ddp: bool = False) -> list[float]:
-        """Plain AdamW loop over ``batches`` (dicts for ``model(**batch)`` with ``labels``); returns the losses.
+        """Plain AdamW loop over ``batches`` (dicts for ``model(**batch)`` with ``labels``).
 
-        ``steps`` limits the number of optimizer steps (default: one pass over ``batches``); each step
-        accumulates ``grad_accum`` batches. Shows a tqdm bar unless ``progress=False``.
+        Each step accumulates ``grad_accum`` batches (see :func:`train_loop`). ``ddp=True`` (an initialised
+        ``torch.distributed`` process group is needed): trains through ``DistributedDataParallel(self.model)``, so the
+        LoRA gradients are averaged over ranks; give each rank its share of every batch. With equal per-rank token counts
+        this is the single-process step on the union (the model's loss is a mean over the rank's tokens). Every rank must
+        run the same number of steps.
 
-        ``ddp=True`` (an initialised ``torch.distributed`` process group is needed): trains through
-        ``DistributedDataParallel(self.model)``, so the LoRA gradients are averaged over ranks; give each rank its
-        share of every batch. With equal per-rank token counts this is the single-process step on the union (the
-        model's loss is a mean over the rank's tokens). Every rank must run the same number of steps.
+        Args:
+            batches: the batches.
+            steps: optimiser steps (default: one pass over ``batches``).
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            grad_accum: batches per optimiser step.
+            max_grad_norm: gradient clipping (None: none).
+            progress: show a tqdm bar (rank 0 only under DDP).
+            seed: seed set before training (None: leave the generator alone).
+            desc: the progress bar's label.
+            ddp: train through ``DistributedDataParallel``.
+
+        Returns:
+            The loss of every optimiser step.
+
+        Raises:
+            RuntimeError: ``ddp=True`` without an initialised process group.
         """
         model = self.model
         if ddp:
@@ -364,7 +250,16 @@ class QLoRAAdapter:
                           desc=desc)
 
     def trainer(self, train_dataset: Any, output_dir: str | os.PathLike, **training_args: Any):
-        """A ``transformers.Trainer`` over the PEFT model (CPU unless CUDA is present, no reporting)."""
+        """A ``transformers.Trainer`` over the PEFT model (CPU unless CUDA is present, no reporting).
+
+        Args:
+            train_dataset: the training data set for the ``Trainer``.
+            output_dir: the ``Trainer``'s output folder.
+            **training_args: ``TrainingArguments`` overriding the defaults (batch size 2, lr 2e-4, one epoch).
+
+        Returns:
+            The ``Trainer``.
+        """
         from transformers import Trainer, TrainingArguments
 
         defaults = {"per_device_train_batch_size": 2, "learning_rate": 2e-4, "num_train_epochs": 1,
@@ -376,8 +271,17 @@ class QLoRAAdapter:
 
     # ------------------------------------------------------------------------------------------ save / load
     def save(self, directory: str | os.PathLike) -> Path:
-        """Save the adapter weights (PEFT ``save_pretrained``: ``adapter_model.safetensors`` +
-        ``adapter_config.json``) and the QLoRA settings (``medquant_qlora.json``). The base is not saved."""
+        """Save the adapter weights and the QLoRA settings (the base model is not saved).
+
+        PEFT ``save_pretrained`` writes ``adapter_model.safetensors`` and ``adapter_config.json``; the settings, targets
+        and NF4 module names go to ``medquant_qlora.json``.
+
+        Args:
+            directory: the output folder (created if needed).
+
+        Returns:
+            The folder path.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(d))
@@ -389,8 +293,22 @@ class QLoRAAdapter:
 
     @classmethod
     def load(cls, model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> QLoRAAdapter:
-        """Re-create the adapter on a fresh float ``model`` of the same architecture from :meth:`save`'s folder:
-        the base is NF4-quantized with the saved settings, then PEFT loads the adapter weights."""
+        """Re-create the adapter on a fresh float ``model`` of the same architecture from :meth:`save`'s folder.
+
+        The base is NF4-quantized with the saved settings, then PEFT loads the adapter weights.
+
+        Args:
+            model: a float model of the architecture the adapter was trained on (modified in place).
+            directory: the folder :meth:`save` wrote.
+            is_trainable: load the adapter weights trainable (to continue training).
+
+        Returns:
+            The adapter.
+
+        Raises:
+            FileNotFoundError: the folder has no ``medquant_qlora.json``.
+            ValueError: an unsupported settings format, or the model's target modules differ from the saved ones.
+        """
         from peft import PeftModel
 
         d = Path(directory)
@@ -410,9 +328,15 @@ class QLoRAAdapter:
 
     # ------------------------------------------------------------------------------------------ deployment
     def merge(self, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """Deployable float model: dequantize the NF4 base, fold the adapters in (PEFT ``merge_and_unload``).
+        """Deployable float model: dequantize the NF4 base and fold the adapters in (PEFT ``merge_and_unload``).
 
-        The adapter object is consumed (its PEFT model is unloaded). See the module doc on exactness.
+        The adapter object is consumed (its PEFT model is unloaded). See the module docstring on exactness.
+
+        Args:
+            dtype: the dtype of the merged float weights.
+
+        Returns:
+            The merged model (no gradients, ``use_cache`` on).
         """
         from peft.tuners.lora import LoraLayer
 
@@ -429,7 +353,15 @@ class QLoRAAdapter:
         return merged
 
     def requantize(self, config_or_map: Any, skip: Sequence[str] | None = None) -> nn.Module:
-        """:meth:`merge`, then quantize the merged model with medquant's :func:`medquant.quant.quantize_`."""
+        """:meth:`merge`, then quantize the merged model with :func:`medquant.quant.quantize_`.
+
+        Args:
+            config_or_map: what :func:`medquant.quantize_` takes (a ``QuantConfig``, bit-width or pattern map).
+            skip: patterns to keep in floating point.
+
+        Returns:
+            The merged, quantized model.
+        """
         from ..quant import quantize_
 
         merged = self.merge()
@@ -441,8 +373,10 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
                lr: float = 2e-4, weight_decay: float = 0.0, grad_accum: int = 1,
                max_grad_norm: float | None = 1.0, progress: bool = True, seed: int | None = 0,
                desc: str = "train") -> list[float]:
-    """AdamW over the parameters of ``model`` that require grad, ``grad_accum`` batches per step (each loss divided
-    by ``grad_accum``), through :func:`medquant.training.train_steps`; see :meth:`QLoRAAdapter.train`.
+    """AdamW over the parameters of ``model`` that require grad, ``grad_accum`` batches per step.
+
+    Each loss is divided by ``grad_accum``; the loop is :func:`medquant.training.train_steps` (see
+    :meth:`QLoRAAdapter.train`).
 
     Args:
         model: the model (its trainable parameters are optimised).
@@ -458,6 +392,10 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
 
     Returns:
         The loss of every optimiser step.
+
+    Raises:
+        ValueError: ``grad_accum < 1`` or no trainable parameters.
+        FloatingPointError: a loss is missing or not finite.
     """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")

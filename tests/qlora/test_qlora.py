@@ -209,7 +209,7 @@ def test_inference_does_not_repack_by_default_and_merge_reads_the_cpu_packed_lay
     made outputs CPU-dependent and broke merging; medquant turns that off, and merge() reads the packed layout."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from medquant.qlora.adapter import _dequantized_linear
+    from medquant.qlora.nf4 import _dequantized_linear
 
     entry, ad, inp = _trained_llama()
     ad.model.eval()
