@@ -9,9 +9,12 @@ step's time is Python and framework overhead, not arithmetic. Two things attack 
   replays it. transformers does this by itself only on accelerators; on CPU it needs a ``CompileConfig`` flagged
   for all devices, which this helper sets.
 
-Quantized layers stay opaque ``medquant::packed_linear`` nodes in the compiled graph; their bodies run the same
-CPU kernels (int4 / int8 / dense) as in eager mode. Whether it helps is measured in
-``benchmarks/cpu_inference.py`` (``--static-compile``); see ``docs/guides/cpu_inference.md``.
+Quantized layers on CPU are bound to their kernels (:meth:`~medquant.quant.QuantLinear.bind_cpu_kernels`,
+``bind_kernels=True``): the compiled graph calls aten's int4 / int8 weight-only matmul (or the dense path)
+directly, with the repacked weights captured when the step is compiled. Otherwise they stay opaque
+``medquant::packed_linear`` nodes whose Python bodies run at every call (which makes the compiled step slower
+than eager decoding on a small model). Whether it helps is measured in ``benchmarks/cpu_inference.py``
+(``--static-compile``); see ``docs/guides/cpu_inference.md``.
 """
 from __future__ import annotations
 
@@ -22,23 +25,48 @@ from torch import nn
 __all__ = ["static_decode_"]
 
 
-def static_decode_(model: nn.Module, *, compile: bool = True, backend: str = "inductor", mode: str = "default",
-                   fullgraph: bool = False, dynamic: bool | None = False) -> nn.Module:
+def static_decode_(model: nn.Module, *, compile: bool = True, backend: Any = "inductor", mode: str = "default",
+                   fullgraph: bool = False, dynamic: bool | None = False, bind_kernels: bool = True) -> nn.Module:
     """Make ``model.generate`` use a static KV cache and (``compile=True``) a compiled decode step, on any device.
 
     Sets ``model.generation_config.cache_implementation = "static"`` and, when compiling, a
     ``transformers.CompileConfig(backend, mode, fullgraph, dynamic)`` that ``generate`` applies on CPU too (the
     first ``generate`` call compiles; later calls with the same batch size and cache length reuse it).
-    ``mode="default"``: ``"reduce-overhead"`` (transformers' default) uses CUDA graphs, which do nothing on CPU.
-    ``compile=False`` keeps only the static cache. Returns ``model`` (changed in place).
+
+    Args:
+        model: a Hugging Face generative model (``generate`` and ``generation_config``), quantized or not.
+        compile: compile the decode step; ``False`` keeps only the static cache.
+        backend: the ``torch.compile`` backend name (``"inductor"``; ``"aot_eager"`` traces without code
+            generation) or a backend callable.
+        mode: the compile mode; ``"default"``, since ``"reduce-overhead"`` (transformers' default) uses CUDA
+            graphs, which do nothing on CPU.
+        fullgraph: refuse graph breaks.
+        dynamic: dynamic shapes (``False``: one graph per batch size and cache length).
+        bind_kernels: bind every quantized CPU layer to its kernel (:meth:`~medquant.quant.QuantLinear.
+            bind_cpu_kernels`) so the compiled step calls it directly; the step then holds the repacked weights
+            as they are now (re-run ``static_decode_`` after changing weights in place).
+
+    Returns:
+        ``model``, changed in place.
+
+    Raises:
+        TypeError: ``model`` has no ``generate`` / ``generation_config``.
+        ValueError: ``backend`` is neither a non-empty name nor callable.
     """
     gen = getattr(model, "generation_config", None)
     if gen is None or not callable(getattr(model, "generate", None)):
         raise TypeError(f"static_decode_ needs a Hugging Face generative model (with generate and "
                         f"generation_config), got {type(model).__name__}")
-    if not isinstance(backend, str) or not backend:
-        raise ValueError(f"backend must be a torch.compile backend name such as 'inductor', got {backend!r}")
+    if not (callable(backend) or (isinstance(backend, str) and backend)):
+        raise ValueError(f"backend must be a torch.compile backend name such as 'inductor' (or a backend "
+                         f"callable), got {backend!r}")
     gen.cache_implementation = "static"
+    if compile and bind_kernels:
+        from .modules import QuantLinear
+
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.bind_cpu_kernels()
     if not compile:
         gen.compile_config = None
         gen.disable_compile = True

@@ -39,10 +39,14 @@ def _after_load(module: _QuantWeightBase, incompatible_keys) -> None:
     weights are keyed by them and rebuilt at the next call; copied-in codes change the tensor versions)."""
     module._register_compute_dtype()
     module.__dict__.pop(_PREPARED, None)
+    module.__dict__.pop(_BOUND, None)
 
 
 #: attribute holding a layer's prepared eager-inference matmul (never saved, copied or pickled)
 _PREPARED = "_prepared_matmul"
+#: attribute holding the prepared matmul that ``torch.compile`` traces instead of the custom op
+#: (:meth:`_QuantWeightBase.bind_cpu_kernels`; dropped like ``_PREPARED``)
+_BOUND = "_bound_matmul"
 
 
 def _tensor_version(t: torch.Tensor | None) -> int:
@@ -146,12 +150,14 @@ class _QuantWeightBase(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self.__dict__.pop(_PREPARED, None)
+        self.__dict__.pop(_BOUND, None)
         self._register_compute_dtype()  # .to() / .cpu() made new tensors
         return out
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop(_PREPARED, None)  # bound to this layer's tensors: a copy prepares its own
+        state.pop(_BOUND, None)
         return state
 
     def __setstate__(self, state) -> None:
@@ -229,12 +235,49 @@ class _QuantWeightBase(nn.Module):
         self.__dict__[_PREPARED] = (b, key, qw, sc, zr, fn)
         return fn
 
+    def bind_cpu_kernels(self) -> bool:
+        """Let ``torch.compile`` trace this layer's CPU kernel call itself (e.g. aten's int4 weight-only matmul)
+        instead of the opaque ``medquant::packed_linear`` op, for inference of a compiled model on CPU.
+
+        The compiled graph then calls the kernel directly (no Python per layer and step), and it holds the
+        repacked weight as it is now: :meth:`load_state_dict`, ``.to()`` and copies drop the binding (the next
+        compiled call traces again, through the custom op), but an in-place edit of the stored tensors
+        (``layer.qweight_4.zero_()``) is not seen by a graph already compiled; call ``torch._dynamo.reset()``
+        after such an edit. Layers with mixed bit-widths, float or pruned rows, on other devices, or that no
+        CPU kernel takes stay on the custom op. Used by :func:`medquant.quant.decode.static_decode_`.
+
+        Returns:
+            True when the layer is bound, False when it stays on the custom op.
+        """
+        self.__dict__.pop(_BOUND, None)
+        b = self.bit_groups[0]
+        if self.mixed or not 1 <= b <= 8:
+            return False
+        qw = self._buffers[f"qweight_{b}"]
+        if qw.device.type != "cpu":
+            return False
+        w = self.packed_weight(b)
+        probe = torch.zeros(1, self.k, dtype=self.weight_dtype if self.weight_dtype.is_floating_point
+                            else torch.float32)
+        from ..kernels import select_kernel
+
+        if select_kernel("packed_linear", probe, w).backend != "cpu":
+            return False
+        self.__dict__[_BOUND] = prepare_packed_linear(probe, w)
+        return True
+
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d (M, k) @ W^T`` -> ``(M, out_rows)``: one :func:`medquant.kernels.packed_linear` per row group.
 
         Eager CPU inference on a layer with one packed bit-width runs its prepared matmul (:meth:`_prepared`):
-        the same kernels and result without re-validating and re-dispatching at every call."""
-        if not self.mixed and 1 <= self.bit_groups[0] <= 8 and eager_inference(x2d) and x2d.is_floating_point():
+        the same kernels and result without re-validating and re-dispatching at every call. Under
+        ``torch.compile``, a layer bound with :meth:`bind_cpu_kernels` traces its kernel call directly
+        (inference only: a call that needs a gradient goes through the custom op and its backward)."""
+        if torch.compiler.is_compiling():
+            bound = self.__dict__.get(_BOUND)
+            if bound is not None and x2d.device.type == "cpu" and not (x2d.requires_grad and torch.is_grad_enabled()):
+                return bound(x2d)
+        elif not self.mixed and 1 <= self.bit_groups[0] <= 8 and eager_inference(x2d) and x2d.is_floating_point():
             return self._prepared(self.bit_groups[0], x2d)(x2d)
         outs = []
         for b in self.bit_groups:

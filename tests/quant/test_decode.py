@@ -45,3 +45,39 @@ def test_static_cache_only_and_bad_input():
         static_decode_(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend"):
         static_decode_(model, backend="")
+
+
+def test_bound_cpu_kernels_compile_to_the_eager_tokens_and_are_dropped_on_load():
+    """``static_decode_`` binds each quantized layer to its CPU kernel: the compiled graph calls it directly (no
+    medquant::packed_linear node), the greedy tokens equal eager decoding, and load_state_dict drops the binding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.quant import QuantLinear
+    from medquant.quant.modules import _BOUND
+    from medquant.testing.zoo import text_kwargs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs())).eval()
+    mq.quantize_(model, mq.QuantConfig(4, group_size=32))
+    qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    ids = torch.randint(1, 100, (1, 6))
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=3, do_sample=False)
+        static_decode_(model, backend=backend, fullgraph=True)
+        assert all(_BOUND in m.__dict__ for m in qlayers)
+        compiled = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(compiled, eager)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("_weight_int4pack_mm" in t for t in targets), targets
+    assert not any("medquant" in t for t in targets)
+    qlayers[0].load_state_dict(qlayers[0].state_dict())
+    assert _BOUND not in qlayers[0].__dict__
+    assert qlayers[1].bind_cpu_kernels() and _BOUND in qlayers[1].__dict__
+    torch._dynamo.reset()
