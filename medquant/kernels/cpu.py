@@ -464,6 +464,9 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             return x.new_empty(0, n)
         xc = x.to(cd)
         if not xc.is_contiguous():
+            _warn_once("contiguous", "medquant CPU kernels: a non-contiguous input is copied to a contiguous one "
+                                     "before the kernel (correct, one extra copy per call); pass contiguous "
+                                     "activations to avoid it")
             xc = xc.contiguous()
         if m != 1 and (fp32 or m >= dense_min_m):
             return dense(xc).to(x.dtype)
