@@ -27,9 +27,11 @@ group scope)
 symmetric ``(2u - 1) * s``: ``scale = 2s``, ``z = 1/2``), where the per-group code offset
 ``o = clamp(round(8 - z), 0, 16 - 2^b)`` keeps ``q`` in 0..15 and makes ``zero`` 0 (symmetric) or small, so that
 no large ``(q - 8) * scale`` and ``zero`` cancel (their rounding to a bfloat16 compute dtype would not). A medquant group of ``G`` elements (``G`` a multiple of 32) is
-``G / g`` kernel groups with repeated scales, ``g`` the largest of 256/128/64/32 dividing ``G``; channel and tensor
-scales are repeated over groups of 128 (32 when ``k < 128``). K is padded to a multiple of ``g`` inside the
-repack (zero codes, zero scales) and ``x`` is zero-padded to match, so padding contributes nothing.
+``G / g`` kernel groups with repeated scales, ``g`` the largest of 256/128/64/32 dividing both ``G`` and ``k``
+(then ``x`` needs no padding), else the largest dividing ``G``; channel and tensor scales are repeated over groups
+of 128/64/32 chosen likewise (32 when ``k < 128``). Only where ``g`` does not divide ``k`` is K padded to a
+multiple of ``g`` inside the repack (zero codes, zero scales) and ``x`` zero-padded to match at each call, so
+padding contributes nothing.
 
 **Mapping onto the int8 kernel** (``y = x @ (q * scale)^T``, ``q`` int8, one scale per row): ``q = u - z``
 (symmetric ``z = 2^(b-1)``), ``scale = s``, K zero-padded to a multiple of 64 (the kernel returns wrong values
