@@ -328,14 +328,14 @@ def worker(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def _rows(models, variants) -> list[tuple[str, str, bool]]:
+def _rows(models, variants, heads: str = "both") -> list[tuple[str, str, bool]]:
     out = []
     for m in models:
         for v in variants:
             if v in ("float32", "bfloat16"):
                 out.append((m, v, False))
             else:
-                out.extend([(m, v, True), (m, v, False)])
+                out.extend((m, v, h) for h in (True, False) if heads == "both" or h == (heads == "quantized"))
     return out
 
 
@@ -401,6 +401,8 @@ def main(argv=None) -> int:
                    + "; a quantized variant may end in +emb (embeddings quantized too) and/or @bf16 (model cast to "
                    "bfloat16 before quantizing)")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--heads", choices=("both", "quantized", "float"), default="both",
+                   help="quantized rows with the output head quantized, float, or both (default)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--static-compile", default="", help="comma list of variants for which to also time generate() "
@@ -431,7 +433,7 @@ def main(argv=None) -> int:
             "accuracy": not args.no_accuracy, "static_compile": [v for v in args.static_compile.split(",") if v], "acc_prompts": 4 if quick else 20, "acc_tokens": 32 if quick else 64}
     bw = _bandwidth_gbs()
     rows = []
-    for model, variant, head in _rows(models, variants):
+    for model, variant, head in _rows(models, variants, args.heads):
         s = dict(spec, model=model, variant=variant, head=head)
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_inference", "--worker", json.dumps(s)],
