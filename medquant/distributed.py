@@ -30,14 +30,22 @@ __all__ = ["all_reduce_gradients", "any_rank", "barrier", "broadcast_parameters"
 
 
 def rank() -> int:
-    """This process's rank: the initialised torch.distributed group's, else ``$RANK``, else 0."""
+    """This process's rank: the initialised torch.distributed group's, else ``$RANK``, else 0.
+
+    Returns:
+        The rank, 0-based (0 in a single process).
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    """Number of processes: the initialised group's, else ``$WORLD_SIZE``, else 1."""
+    """Number of processes: the initialised group's, else ``$WORLD_SIZE``, else 1.
+
+    Returns:
+        The world size, at least 1.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -50,8 +58,7 @@ def barrier() -> None:
 
 
 def is_distributed(group=None) -> bool:
-    """A ``torch.distributed`` process group is initialised and ``group`` (default: the world) has more than
-    one rank, i.e. the collectives below actually communicate.
+    """Whether collectives communicate: a process group is initialised and ``group`` has more than one rank.
 
     Args:
         group: the process group (default the world).
@@ -65,8 +72,10 @@ def is_distributed(group=None) -> bool:
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool:
-    """``flag`` or-ed over every rank of ``group`` (one ``all_reduce`` of a one-element tensor on ``device``;
-    ``flag`` itself without a process group). Lets every rank stop a loop together when one runs out of data.
+    """``flag`` or-ed over every rank of ``group``; ``flag`` itself without a process group.
+
+    One ``all_reduce`` (MAX) of a one-element tensor on ``device``. Lets every rank stop a loop together when
+    one runs out of data.
 
     Args:
         flag: this rank's flag.
@@ -149,9 +158,10 @@ def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0, group=Non
 
 def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True, group=None,
                          bucket_bytes: int = 25 * 2**20) -> None:
-    """Sum (``average=False``) or average the ``.grad`` of ``params`` over ranks, in buckets of about
-    ``bucket_bytes`` (a missing gradient counts as zeros, so every rank issues the same collectives). No-op
-    without a process group.
+    """Sum (``average=False``) or average the ``.grad`` of ``params`` over ranks, in place.
+
+    Gradients are flattened into buckets of about ``bucket_bytes`` (one ``all_reduce`` each); a missing gradient
+    counts as zeros, so every rank issues the same collectives. No-op without a process group.
 
     Args:
         params: the parameters whose gradients to reduce.
@@ -198,8 +208,10 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
 
 
 def ddp_like(ddp: DistributedDataParallel, module: nn.Module) -> DistributedDataParallel:
-    """A new ``DistributedDataParallel`` around ``module`` with ``ddp``'s settings (process group, devices,
-    bucket size, unused-parameter detection, buffer sync). Needed after ``torch.nn.utils.parametrize`` changed
+    """A new ``DistributedDataParallel`` around ``module`` with ``ddp``'s settings.
+
+    The settings copied: process group, devices, bucket size, unused-parameter detection, buffer sync. Needed
+    after ``torch.nn.utils.parametrize`` changed
     the wrapped module: a DDP built before no longer sees the parametrized weights' gradients. The old wrapper's
     hooks stay inert as long as its own forward is not called again.
 
@@ -237,8 +249,10 @@ def has_fsdp(model: nn.Module) -> bool:
 
 
 def meta_skeleton(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters are on the meta device (no memory); buffers are copied (FSDP2
-    does not shard them, and non-persistent ones are absent from state dicts). Take it *before* attaching
+    """A deep copy of ``model`` whose parameters are on the meta device (no memory).
+
+    Buffers are copied (FSDP2 does not shard them, and non-persistent ones are absent from state dicts). Take it
+    *before* attaching
     parametrizations or sharding; :func:`load_full_state` fills it.
 
     Args:
@@ -255,8 +269,9 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
 
 
 def fsdp_shard(model: nn.Module, units: Iterable[str] = (), *, mesh=None, ignored_params=None):
-    """FSDP2-shard ``model`` in place: ``fully_shard`` on each module named in ``units`` (its own all-gather
-    group), then on ``model``. Rank 0's parameter values are broadcast first (``fully_shard`` keeps each rank's
+    """FSDP2-shard ``model`` in place: ``fully_shard`` on each module named in ``units``, then on ``model``.
+
+    Each unit is its own all-gather group. Rank 0's parameter values are broadcast first (``fully_shard`` keeps each rank's
     slice of its own local tensor, so ranks built with different weights would mix them). ``mesh``: a 1-D
     ``DeviceMesh`` (default: every rank, on the device type of the parameters). ``ignored_params`` stay plain,
     replicated tensors. Returns the mesh.
@@ -269,6 +284,10 @@ def fsdp_shard(model: nn.Module, units: Iterable[str] = (), *, mesh=None, ignore
 
     Returns:
         The device mesh used.
+
+    Raises:
+        RuntimeError: no initialised process group.
+        ValueError: ``model`` is already sharded, or ``mesh`` is not 1-D.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -307,8 +326,9 @@ def _plain_name(key: str) -> str:
 
 
 def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
-    """Fill the :func:`meta_skeleton` ``skeleton`` with the full (gathered) tensors of the FSDP2-sharded,
-    possibly parametrized ``sharded`` model: ``DTensor.full_tensor()`` one tensor at a time (a collective: every
+    """Fill the :func:`meta_skeleton` ``skeleton`` with the full (gathered) tensors of the sharded model.
+
+    ``sharded`` is FSDP2-sharded and possibly parametrized: ``DTensor.full_tensor()`` one tensor at a time (a collective: every
     rank must call it), ``...parametrizations.weight.original`` stored as ``...weight``; parameters of the
     parametrizations (BAQ's ``theta``) are left out; tied parameters stay tied. Every rank ends with the full model.
     Returns ``skeleton``.
@@ -319,6 +339,10 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
 
     Returns:
         ``skeleton``, filled.
+
+    Raises:
+        ValueError: the two models do not have the same tensors (a name of one missing from the other).
+        RuntimeError: a skeleton parameter is still on the meta device after loading.
     """
     from torch.distributed.tensor import DTensor
 
@@ -353,8 +377,9 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
 
 
 def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, group=None) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (2-norm) over parameters that may mix FSDP2-sharded ``DTensor``s
-    (each element held by one rank: local squared sums are all-reduced) and plain replicated tensors (same
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) over FSDP2-sharded ``DTensor`` and replicated parameters.
+
+    The parameters may mix sharded ``DTensor``s (each element held by one rank: local squared sums are all-reduced) and plain replicated tensors (same
     gradient on every rank: counted once). Same formula as torch: ``coef = min(1, max_norm / (norm + 1e-6))``.
 
     Args:

@@ -37,10 +37,26 @@ __all__ = ["CompressResult", "PruneStage", "QuantStage", "TrainStage", "compress
 
 @dataclass
 class PruneStage:
-    """:class:`medquant.prune.StructuredPruner` settings; ``layer_select`` uses block influence
-    (``1 - cos(block input, block output)`` on calibration tokens, :func:`medquant.prune.block_influence`) to set
-    per-layer ratios averaging ``head_ratio`` / ``ffn_ratio`` (``spread``), ``drop_blocks`` drops that many of the
-    least influential blocks."""
+    """The pruning stage of :func:`compress`: :class:`medquant.prune.StructuredPruner` settings.
+
+    ``layer_select`` uses block influence (``1 - cos(block input, block output)`` on calibration tokens,
+    :func:`medquant.prune.block_influence`) to set per-layer ratios averaging ``head_ratio`` / ``ffn_ratio``;
+    ``drop_blocks`` drops that many of the least influential blocks.
+
+    Attributes:
+        head_ratio: fraction of attention heads removed per block (average over blocks with ``layer_select``),
+            in ``[0, 1)``.
+        ffn_ratio: fraction of FFN neurons removed per block, in ``[0, 1)``.
+        importance: ``"magnitude"``, ``"taylor"`` or ``"activation"`` (activation statistics on ``calib``).
+        gqa: grouped-query attention: ``"query"`` removes query heads only, ``"group"`` whole key/value groups.
+        scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
+            ``"vision"`` or ``"all"``.
+        layer_select: per-layer ratios from block influence instead of one ratio for every block.
+        spread: with ``L`` blocks, the block of influence rank ``k`` (0 = least influential) gets
+            ``ratio * (1 + spread * (1 - 2k / (L - 1)))``; 0 is uniform, at most 1
+            (:func:`medquant.prune.allocate_ratios`).
+        drop_blocks: number of whole blocks removed (the least influential ones).
+    """
 
     head_ratio: float = 0.3
     ffn_ratio: float = 0.3
@@ -54,7 +70,24 @@ class PruneStage:
 
 @dataclass
 class TrainStage:
-    """``mode``: ``"distil"`` (teacher = the unpruned model) or ``"finetune"`` (task loss only)."""
+    """The training stage of :func:`compress`: distillation from the unpruned model, or plain fine-tuning.
+
+    The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * task + feature_weight * features``
+    (:class:`medquant.distill.Distiller`); ``"finetune"`` uses the task loss alone.
+
+    Attributes:
+        mode: ``"distil"`` (teacher = a frozen copy of the model before pruning) or ``"finetune"``.
+        steps: optimizer steps (AdamW), at least 1; batches of ``train_data`` are cycled.
+        lr: learning rate.
+        alpha: weight of the distillation term, in ``[0, 1]``.
+        temperature: softmax temperature ``T`` of the distillation term.
+        feature_pairs: ``(student layer, teacher layer)`` indices into ``hidden_states`` whose features are
+            matched (MSE through a learned projection when the widths differ).
+        feature_weight: weight of the feature-matching term.
+
+    Raises:
+        ValueError: an unknown ``mode`` or ``steps < 1``.
+    """
 
     mode: str = "distil"
     steps: int = 100

@@ -61,8 +61,10 @@ def train_steps(
     """Train with ``optimizer`` over ``batches`` (module docstring for the step); returns one record per step.
 
     Args:
-        loss_fn: ``batch -> (objective, record)``.
+        loss_fn: ``batch -> (objective, record)``; ``objective`` is the scalar tensor that is back-propagated
+            (divided by ``grad_accum``), ``record`` what the step reports (a float, a dict of floats...).
         batches: a re-iterable (a list, a ``DataLoader``) when ``epochs > 1``; read once per pass.
+        optimizer: the optimizer over (at least) ``params``; ``step()`` and ``zero_grad()`` once per step.
         params: the trained parameters: gradient clipping runs over them.
         epochs: passes over ``batches``; ``None`` repeats passes until ``max_steps`` (and ends early when a pass
             yields no batch).
@@ -74,10 +76,19 @@ def train_steps(
             :func:`medquant.distributed.clip_grad_norm_` over ``group``.
         sync_params: parameters whose gradients are averaged over ``group`` after the backward passes (those
             outside a DDP / FSDP wrapper, or every parameter when the model is not wrapped).
+        group: the process group of ``sync_params``, ``sharded`` clipping and ``stop_together`` (default the
+            world).
         stop_together: every rank of ``group`` ends a pass as soon as one rank has no batch left (one
             ``all_reduce`` per batch; ranks then take the same number of steps).
         model: put in ``train()`` mode for the loop and in ``eval()`` mode after it (also on error).
         progress: a tqdm bar (rank 0 only) named ``desc``.
+        desc: the bar's label.
+
+    Returns:
+        The steps' records, in order (one per optimizer step).
+
+    Raises:
+        ValueError: ``epochs < 1``, ``grad_accum < 1``, ``max_steps < 0``, or ``epochs=None`` without ``max_steps``.
     """
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")

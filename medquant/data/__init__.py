@@ -258,8 +258,10 @@ def dicom_to_array(ds) -> tuple[np.ndarray, None]:
 
 # ------------------------------------------------------------------------------------------------ any path
 def load_images(path, split: str | None = None, limit: int | None = None, key: str | None = None):
-    """Load images from an npz file, an image folder (with or without ``index.csv``), an index CSV, or a
-    single image / DICOM file. Returns (list or array of images, list of names).
+    """Load images from an npz file, an image folder, an index CSV, or a single image / DICOM file.
+
+    A folder may have an ``index.csv`` (path, label, split columns) or not (every image below it); folder and
+    file images are read as grayscale ``uint8`` arrays.
 
     Args:
         path: an ``.npz`` file, a folder, an index CSV or one image / DICOM file.
@@ -268,7 +270,8 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         key: for an ``.npz``, the array to read instead of the split's images.
 
     Returns:
-        ``(images, names)``.
+        ``(images, names)``: a list of 2-D arrays (or one ``(N, H, W)`` array from an npz) and one name per
+        image (its relative path, or its index).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.

@@ -35,8 +35,11 @@ class Report:
 
     Attributes:
         uid: report id (``"CXR3029"``).
-        comparison, indication, findings, impression: section texts (``""`` when absent). De-identified
-            words appear as ``"XXXX"`` as in the source.
+        comparison: the COMPARISON section (earlier studies compared with; ``""`` when absent). De-identified
+            words appear as ``"XXXX"`` as in the source, in every section.
+        indication: the INDICATION section (why the study was ordered).
+        findings: the FINDINGS section (what the radiologist saw).
+        impression: the IMPRESSION section (the conclusion).
         mesh_major: the annotators' MeSH terms (``"Cardiomegaly/mild"``, ``"normal"``...).
         mesh_automatic: the automatically extracted MeSH terms.
         split: ``"train"``, ``"dev"`` or ``"test"`` (see :func:`report_split`).
@@ -75,8 +78,9 @@ def report_split(uid: str) -> str:
 
 
 def default_reports_path(data_dir: str | os.PathLike | None = None) -> Path:
-    """``<data dir>/iu_xray_reports/NLMCXR_reports.tgz``, the data dir from :func:`medquant.data.default_data_dir`
-    (``data_dir``, else ``$MEDQUANT_DATA_DIR``; :class:`~medquant.data.DataDirNotSet` when neither is given).
+    """``<data dir>/iu_xray_reports/NLMCXR_reports.tgz``, the default location of the IU reports.
+
+    The data dir comes from :func:`medquant.data.default_data_dir`: ``data_dir``, else ``$MEDQUANT_DATA_DIR``.
 
     Args:
         data_dir: the data directory, or None.
@@ -129,9 +133,13 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
         split: keep only ``"train"``, ``"dev"`` or ``"test"`` reports; ``None`` keeps all.
         require: section names (``"findings"``, ``"impression"``...) that must be non-empty.
 
+    Returns:
+        The :class:`Report` list (3,955 reports in the full archive before filtering), sorted by numeric id.
+
     Raises:
         FileNotFoundError: ``path`` does not exist (:class:`~medquant.data.DataDirNotSet`: no ``path`` and no
-            ``$MEDQUANT_DATA_DIR``). ValueError: bad ``split``/``require`` or a malformed XML.
+            ``$MEDQUANT_DATA_DIR``).
+        ValueError: bad ``split`` / ``require``, or a malformed XML file.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")

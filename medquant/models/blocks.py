@@ -71,7 +71,23 @@ _FFN_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
 
 @dataclass
 class AttentionUnit:
-    """One multi-head attention: full module names of its projections and the module carrying head counts."""
+    """One multi-head attention: full module names of its projections and the module carrying head counts.
+
+    Attributes:
+        name: the attention container (e.g. ``model.layers.0.self_attn``).
+        holder: the module whose attributes describe the heads (``...self_attn``, or BERT's ``...self``).
+        q: full name of the query projection (``n_heads * q_rows`` output rows).
+        k: full name of the key projection (``n_kv * head_dim`` rows).
+        v: full name of the value projection (``n_kv * head_dim`` rows).
+        o: full name of the output projection (``n_heads * head_dim`` input columns).
+        head_dim: features per head.
+        n_heads: query heads.
+        n_kv: key / value heads (``n_heads`` without grouped-query attention; ``n_heads % n_kv == 0``).
+        q_head_rows: rows of q per head when not ``head_dim`` (``2 * head_dim`` for gated attention); 0 means
+            ``head_dim``.
+        q_norm: per-head query norm (weight ``(head_dim,)`` or ``(n_heads, head_dim)``), if any.
+        k_norm: per-head key norm, if any.
+    """
 
     name: str          # the attention container (e.g. ``model.layers.0.self_attn``)
     holder: str        # module whose attributes describe the heads (``...self_attn`` or BERT's ``...self``)
@@ -99,7 +115,17 @@ class AttentionUnit:
 
 @dataclass
 class FFNUnit:
-    """One feed-forward network: the linears producing the hidden neurons and the one consuming them."""
+    """One feed-forward network: the linears producing the hidden neurons and the one consuming them.
+
+    Attributes:
+        name: the FFN container (e.g. ``model.layers.0.mlp``).
+        inputs: full names of the projections producing the neurons (``gate_proj`` and ``up_proj``, or ``fc1``);
+            neuron ``i`` is row ``i`` of each (of each chunk).
+        output: full name of the projection consuming them (``down_proj`` / ``fc2``): neuron ``i`` is its
+            input column ``i``.
+        n_neurons: hidden width.
+        chunks: each input's rows are ``chunks`` blocks of ``n_neurons`` (a fused ``gate_up_proj``: 2).
+    """
 
     name: str
     inputs: tuple[str, ...]
@@ -110,7 +136,20 @@ class FFNUnit:
 
 @dataclass
 class Block:
-    """One transformer block (``name`` as in ``named_modules``) and its attention / FFN units."""
+    """One transformer block (``name`` as in ``named_modules``) and its attention / FFN units.
+
+    Attributes:
+        name: the block's module name (``model.layers.3``).
+        stack: the ``ModuleList`` holding the block (``model.layers``).
+        index: its position in that list.
+        role: ``"language"``, ``"vision"`` or ``None`` (a plain module without roles).
+        attention: the attention unit, or ``None`` when the block has none medquant can read.
+        ffn: the FFN unit, or ``None``.
+        fused_attention: name of a fused-qkv attention (no separate q / k / v rows), if any.
+        unsupported: ``"heads"`` / ``"ffn"`` -> why that part cannot be pruned.
+        experts: an MoE experts module with 3-D weights inside the block, if any (its neurons are pruned per
+            expert).
+    """
 
     name: str
     stack: str            # the ModuleList holding the block
@@ -143,6 +182,9 @@ def _role_stacks(model: nn.Module, roles: Sequence[str]) -> list[tuple[str, list
 
 def block_stacks(model: nn.Module) -> list[list[str]]:
     """The block names of ``model``, one list per stack, in forward order.
+
+    Args:
+        model: a Hugging Face model of a supported architecture (roles found by :func:`model_roles`).
 
     Returns:
         ``[vision blocks, language blocks]`` with empty lists dropped, e.g.

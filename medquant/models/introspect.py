@@ -181,7 +181,11 @@ for _layout, _names in [
 
 
 def supported_architectures() -> list[str]:
-    """Class names with a known layout (others may still resolve through the structural fallback)."""
+    """Class names with a known layout (others may still resolve through the structural fallback).
+
+    Returns:
+        Sorted Hugging Face model class names (``"Gemma3ForConditionalGeneration"``, ``"LlamaForCausalLM"``...).
+    """
     return sorted(_TABLE)
 
 
@@ -273,7 +277,16 @@ def _check_role(role: str) -> None:
 def modules_in_role(model: nn.Module, role: str) -> list[str]:
     """All module names (from ``model.named_modules()``) inside ``role``, the prefix modules included.
 
-    Returns ``[]`` when the model has no such role (or is a plain ``nn.Module``).
+    Args:
+        model: the model.
+        role: ``"vision"``, ``"projector"``, ``"language"`` or ``"head"``.
+
+    Returns:
+        Module names in ``named_modules`` order; ``[]`` when the model has no such role (or is a plain
+        ``nn.Module``).
+
+    Raises:
+        ValueError: ``role`` is not one of the four roles.
     """
     _check_role(role)
     prefixes = model_roles(model).get(role, [])
@@ -288,6 +301,13 @@ def role_of(model: nn.Module, module_name: str) -> str | None:
     ``None`` for names outside every role: the root, containers split between roles (e.g. Qwen2-VL's
     ``model.visual``), and everything in a plain ``nn.Module``. The name is matched by prefix and is not
     checked against the model.
+
+    Args:
+        model: the model.
+        module_name: a dotted module or parameter name (``"model.vision_tower.encoder.layers.0.mlp.fc1"``).
+
+    Returns:
+        ``"vision"``, ``"projector"``, ``"language"``, ``"head"`` or ``None``.
     """
     for role, prefixes in model_roles(model).items():
         if any(_under(module_name, p) for p in prefixes):
@@ -314,8 +334,12 @@ def _find_layers(model: nn.Module, prefixes: list[str]) -> list[str] | None:
 def language_model_layers(model: nn.Module) -> list[str]:
     """Names of the language model's blocks (entries of its layer ``ModuleList``), in order.
 
-    E.g. ``["model.language_model.layers.0", "model.language_model.layers.1"]``. ``[]`` when the model
-    has no language role.
+    Args:
+        model: the model.
+
+    Returns:
+        E.g. ``["model.language_model.layers.0", "model.language_model.layers.1"]``; ``[]`` when the model
+        has no language role.
     """
     prefixes = model_roles(model).get("language", [])
     return (_find_layers(model, prefixes) or []) if prefixes else []
@@ -327,6 +351,12 @@ def vision_layers(model: nn.Module) -> list[str]:
     Every block list of the shallowest depth whose blocks are of the first list's class, in module order:
     Mllama's ``transformer.layers`` then its ``global_transformer.layers``; a VQ image tokenizer beside a
     ViT tower (Janus) is not a block list of that class.
+
+    Args:
+        model: the model.
+
+    Returns:
+        Block names such as ``"model.vision_tower.vision_model.encoder.layers.0"``; ``[]`` without a vision role.
     """
     prefixes = model_roles(model).get("vision", [])
     first = (_find_layers(model, prefixes) or []) if prefixes else []
@@ -348,6 +378,13 @@ def unassigned_modules(model: nn.Module, types: tuple[type[nn.Module], ...] = WE
     For a plain ``nn.Module`` (no roles) this is every such module. An audio encoder (Phi-4-multimodal's
     ``audio_embed``) has no role and is listed here; parameters held directly by a container outside every
     role are listed by :func:`unassigned_parameters`.
+
+    Args:
+        model: the model.
+        types: the module classes to look for (default Linear and Conv layers).
+
+    Returns:
+        Module names in ``named_modules`` order.
     """
     roles = model_roles(model)
     prefixes = [p for ps in roles.values() for p in ps]
@@ -360,6 +397,12 @@ def unassigned_parameters(model: nn.Module) -> list[str]:
 
     Together with the roles this accounts for every parameter: each one lies under exactly one role prefix
     or is listed here (every parameter of a plain ``nn.Module``).
+
+    Args:
+        model: the model.
+
+    Returns:
+        Parameter names in ``named_parameters`` order.
     """
     prefixes = [p for ps in model_roles(model).values() for p in ps]
     return [n for n, _ in model.named_parameters() if not any(_under(n, p) for p in prefixes)]

@@ -18,6 +18,12 @@ __all__ = ["eval_mode", "main_output", "run_model"]
 def run_model(model: nn.Module, batch: Any, /, *, unpack_sequences: bool = True, **extra: Any) -> Any:
     """Call ``model`` on one batch and return what it returns.
 
+    Args:
+        model: the model.
+        batch: a mapping of keyword inputs, a tuple / list of positional inputs, or one input (a tensor).
+        unpack_sequences: spread a tuple / list over positional arguments (false: pass it as one argument).
+        **extra: keyword arguments added to every call.
+
     Returns:
         ``model(**batch, **extra)`` when ``batch`` is a mapping (a dict, a transformers ``BatchEncoding``);
         ``model(*batch, **extra)`` when it is a tuple or list and ``unpack_sequences`` is true (several
@@ -40,6 +46,14 @@ def main_output(out: Any, *, hidden_state: bool = True, first_item: bool = True)
     head); ``out[0]`` when ``out`` is a non-empty tuple or list whose first element is a tensor and ``first_item``
     is true. Callers that need class or token logits pass ``hidden_state=False``.
 
+    Args:
+        out: what a model returned.
+        hidden_state: accept ``out.last_hidden_state`` when there are no logits.
+        first_item: accept the first element of a tuple / list.
+
+    Returns:
+        The main output tensor.
+
     Raises:
         TypeError: none of these applies.
     """
@@ -58,8 +72,17 @@ def main_output(out: Any, *, hidden_state: bool = True, first_item: bool = True)
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the body with ``model.eval()`` (dropout off, batch norm on its running statistics), then give every
-    submodule back the model's previous mode with ``model.train(was_training)``, also when the body raises."""
+    """Context manager running its body with ``model.eval()``, then restoring the previous mode.
+
+    In eval mode dropout is off and batch norm uses its running statistics; afterwards every submodule gets the
+    model's previous mode back with ``model.train(was_training)``, also when the body raises.
+
+    Args:
+        model: the model.
+
+    Yields:
+        ``model`` itself, in eval mode.
+    """
     was_training = model.training
     model.eval()
     try:

@@ -89,18 +89,38 @@ class ZooEntry:
     notes: str = ""
 
     def build(self) -> nn.Module:
-        """Build the model with seed 0, in eval mode and float32."""
+        """Build the model with seed 0, in eval mode and float32.
+
+        Returns:
+            A fresh model (random weights, the same for every call).
+        """
         torch.manual_seed(0)
         model = self.build_fn()
         return model.float().eval()
 
     def inputs(self, model: nn.Module) -> dict[str, Any]:
-        """Seeded dummy inputs (batch 2) for ``model(**inputs)``."""
+        """Seeded dummy inputs (batch 2) for ``model(**inputs)``.
+
+        Args:
+            model: the model :meth:`build` returned (its config sizes the inputs: image size, image tokens).
+
+        Returns:
+            Keyword inputs (``input_ids``, ``attention_mask``, ``pixel_values``... as the architecture needs),
+            the same for every call.
+        """
         gen = torch.Generator().manual_seed(1234)
         return self.inputs_fn(model, gen)
 
     def output(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """Run the model and return its main output (logits / last hidden state)."""
+        """Run the model and return its main output (logits / last hidden state).
+
+        Args:
+            model: the model.
+            inputs: the keyword inputs of :meth:`inputs`.
+
+        Returns:
+            The output tensor (of shape ``output_shape``).
+        """
         if self.output_fn is not None:
             return self.output_fn(model, inputs)
         return model(**inputs).logits
@@ -128,6 +148,16 @@ def _lm_inputs(model: nn.Module, gen: torch.Generator) -> dict[str, Any]:
 
 
 def text_kwargs(**over: Any) -> dict[str, Any]:
+    """Config keyword arguments of the zoo's tiny text decoders (2 layers, hidden 128, FFN 256, 4 heads, vocab 256).
+
+    Args:
+        **over: entries that replace or add to the defaults (e.g. ``vocab_size=tok.vocab_size``).
+
+    Returns:
+        ``vocab_size``, ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
+        ``num_key_value_heads``, ``max_position_embeddings`` and the pad / bos / eos ids, for a transformers
+        config class such as ``LlamaConfig(**text_kwargs())``.
+    """
     kw = {
         "vocab_size": VOCAB,
         "hidden_size": HIDDEN,
@@ -145,6 +175,15 @@ def text_kwargs(**over: Any) -> dict[str, Any]:
 
 
 def siglip_vision_kwargs(**over: Any) -> dict[str, Any]:
+    """Config keyword arguments of the zoo's tiny SigLIP-style vision towers (2 layers, hidden 128, 32 px images, 8 px patches).
+
+    Args:
+        **over: entries that replace or add to the defaults.
+
+    Returns:
+        ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``, ``image_size``
+        and ``patch_size``, for e.g. ``SiglipVisionConfig(**siglip_vision_kwargs())``.
+    """
     kw = {
         "hidden_size": HIDDEN,
         "intermediate_size": INTER,
@@ -468,7 +507,12 @@ def __getattr__(name: str):
 
 
 class TinyCNN(nn.Module):
-    """Plain ``nn.Module`` CNN (Conv2d+BN+ReLU x2, global pool, Linear); channels multiples of 32."""
+    """Plain ``nn.Module`` CNN (Conv2d+BN+ReLU x2, global pool, Linear); channels multiples of 32.
+
+    Args:
+        num_classes: outputs of the final Linear.
+        in_channels: input image channels (3 for RGB, 1 for grayscale).
+    """
 
     def __init__(self, num_classes: int = 4, in_channels: int = 3) -> None:
         super().__init__()
@@ -488,6 +532,15 @@ class TinyCNN(nn.Module):
 
 
 def tiny_cnn(num_classes: int = 4, in_channels: int = 3, seed: int = 0) -> TinyCNN:
-    """A seeded :class:`TinyCNN` in eval mode (input: ``(B, in_channels, H, W)``)."""
+    """A seeded :class:`TinyCNN` in eval mode (input: ``(B, in_channels, H, W)``).
+
+    Args:
+        num_classes: outputs of the final Linear.
+        in_channels: input image channels.
+        seed: ``torch.manual_seed`` before the weights are drawn.
+
+    Returns:
+        The model; ``model(x)`` gives ``(B, num_classes)`` logits.
+    """
     torch.manual_seed(seed)
     return TinyCNN(num_classes, in_channels).eval()
