@@ -5,19 +5,159 @@ Example::
     medquant export out/ served/ --format compressed-tensors     # vLLM / SGLang / transformers folder
     vllm serve served/
     medquant export out/ model.gguf --format gguf                 # llama.cpp / Ollama
-    medquant export out/ model.onnx --format onnx --json          # ONNX Runtime; the report as JSON
+    medquant export out/ model.onnx --format onnx --calib calib.npy          # ONNX Runtime, int8 activations
+    medquant export out/ model.onnx --format onnx --calib images/ --image-size 224 --calib-method percentile
+    medquant export out/ model.onnx --format onnx --input-shape 1,3,224,224  # float / weight-only: no calibration
 
 ``SRC`` is a :func:`medquant.save` folder (``medquant.json``) or a Hugging Face folder (``config.json``; saved by
 :func:`medquant.hf.save_pretrained` or ``medquant quantize``). The export is :func:`medquant.deploy.export`; the
 printed table says for each weight how it went into the file: exact repack, exact re-expression, near-exact,
 lossy requantization (only with ``--promote``) or float.
+
+``--format onnx`` traces the model on an example input: ``--input-shape`` (random values of that shape) or the
+first calibration batch. A model with 8-bit per-channel layers runs them as integer kernels with static int8
+activation scales, calibrated on ``--calib``: a ``.npy`` / ``.npz`` / ``.safetensors`` array of samples
+(``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, H, W)``; ``--calib-key`` picks one array of several) or an image
+folder (resized to ``--image-size``). Integer pixels are scaled to ``[0, 1]`` and normalized with
+``--mean`` / ``--std`` (default: ``image_mean`` / ``image_std`` of SRC's ``preprocessor_config.json`` when it
+has them); floating arrays are used as given. See :func:`medquant.deploy.onnx.load_calibration_batches`.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .args import existing_folder
+from .args import existing_folder, positive_int
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """An ``--input-shape`` value: comma-separated positive integers, batch first (``1,3,224,224``).
+
+    Args:
+        text: the argument.
+
+    Returns:
+        The shape as a tuple.
+
+    Raises:
+        argparse.ArgumentTypeError: not at least two positive integers.
+    """
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    if len(parts) < 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, batch first, like "
+                                         f"1,3,224,224; got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406; got {text!r}") \
+            from None
+    return values
+
+
+def _calib_source(text: str) -> str:
+    from ..deploy.onnx import CALIB_SUFFIXES
+
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    if p.is_file() and p.suffix.lower() not in CALIB_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text}: expected a {' / '.join(CALIB_SUFFIXES)} file or an image folder")
+    return text
+
+
+def _percentile(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (50, 100], got {text!r}") from None
+    if not 50.0 < v <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (50, 100], got {v}")
+    return v
+
+
+#: the options that apply to --format onnx only (dest, flag)
+ONNX_OPTIONS = (("input_shape", "--input-shape"), ("calib", "--calib"), ("calib_method", "--calib-method"),
+                ("percentile", "--percentile"), ("image_size", "--image-size"), ("calib_key", "--calib-key"),
+                ("calib_samples", "--calib-samples"), ("calib_batch_size", "--calib-batch-size"),
+                ("mean", "--mean"), ("std", "--std"))
+
+
+def _preprocessor_norm(src: str) -> tuple[list[float] | None, list[float] | None]:
+    """``image_mean`` / ``image_std`` of ``SRC/preprocessor_config.json`` (a Hugging Face image processor)."""
+    import json
+
+    cfg = Path(src) / "preprocessor_config.json"
+    if not cfg.is_file():
+        return None, None
+    data = json.loads(cfg.read_text())
+    if data.get("do_normalize") is False:
+        return None, None
+    mean, std = data.get("image_mean"), data.get("image_std")
+    return (list(mean) if isinstance(mean, list) else None), (list(std) if isinstance(std, list) else None)
+
+
+def onnx_options(args) -> tuple[dict, list[str]]:
+    """The ``format="onnx"`` options of a parsed command line: calibration batches, method, example inputs.
+
+    Args:
+        args: the parsed ``medquant export`` arguments.
+
+    Returns:
+        ``(options, notes)``: keyword arguments for :func:`medquant.deploy.export` and lines for the report.
+
+    Raises:
+        SystemExit: the calibration data cannot be read or do not fit ``--input-shape`` (the message names the
+            argument).
+    """
+    import torch
+
+    from ..deploy.onnx import CalibrationError, load_calibration_batches
+
+    options: dict = {}
+    notes: list[str] = []
+    shape = args.input_shape
+    size = (args.image_size, args.image_size) if args.image_size else (tuple(shape[2:]) if shape and
+                                                                        len(shape) == 4 else None)
+    channels = shape[1] if shape and len(shape) == 4 else None
+    if args.calib:
+        mean, std = args.mean, args.std
+        if mean is None and std is None:
+            mean, std = _preprocessor_norm(args.src)
+            if mean is not None or std is not None:
+                notes.append(f"calibration pixels normalized with SRC's preprocessor_config.json: mean {mean}, "
+                             f"std {std}")
+        common = {"batch_size": args.calib_batch_size or 32, "limit": args.calib_samples or 256,
+                  "image_size": size, "channels": channels, "key": args.calib_key}
+        try:
+            try:
+                batches = load_calibration_batches(args.calib, mean=mean, std=std, **common)
+            except CalibrationError as e:
+                if not (notes and "floating point" in str(e)):
+                    raise
+                batches = load_calibration_batches(args.calib, **common)  # preprocessed floats: no normalization
+                notes.pop()
+        except (CalibrationError, OSError, ValueError) as e:
+            raise SystemExit(f"--calib {args.calib}: {e}") from None
+        if shape is not None and tuple(batches[0].shape[1:]) != tuple(shape[1:]):
+            raise SystemExit(f"--calib {args.calib}: samples of shape {tuple(batches[0].shape[1:])} do not fit "
+                             f"--input-shape {','.join(map(str, shape))}")
+        n = sum(len(b) for b in batches)
+        method = args.calib_method or "minmax"
+        options.update(calib=batches, method=method)
+        if method == "percentile":
+            options["percentile"] = args.percentile if args.percentile is not None else 99.99
+        notes.append(f"calibration: {n} samples of shape {tuple(batches[0].shape[1:])} from {args.calib}, "
+                     f"{method}")
+    if shape is not None:
+        g = torch.Generator().manual_seed(0)
+        options["example_inputs"] = torch.randn(*shape, generator=g)
+    elif args.calib:
+        options["example_inputs"] = options["calib"][0][:2]
+    return options, notes
 
 
 def _size(text: str) -> int:
@@ -60,7 +200,22 @@ def run(args) -> int:
         options.update(progress_bar=not args.json, source=args.source or args.src)
     if args.overwrite:
         options["overwrite"] = True
-    report = export(model, args.out, format=args.format, **options)
+    notes: list[str] = []
+    if args.format == "onnx":
+        from ..deploy.onnx import CalibrationRequired
+
+        extra, notes = onnx_options(args)
+        options.update(extra)
+        try:
+            report = export(model, args.out, format=args.format, **options)
+        except CalibrationRequired as e:
+            names = ", ".join(e.layers[:5]) + ("..." if len(e.layers) > 5 else "")
+            raise SystemExit(f"--format onnx: {len(e.layers)} layer(s) ({names}) have 8-bit weights that run with "
+                             "static int8 activation scales: pass --calib FILE (calibration samples: .npy / .npz / "
+                             ".safetensors, or an image folder with --image-size)") from None
+    else:
+        report = export(model, args.out, format=args.format, **options)
+    report.notes.extend(notes)
     if args.json:
         print(report.to_json())
     else:
@@ -89,6 +244,31 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--max-shard-size applies to --format compressed-tensors only")
     if args.source is not None and args.format not in WITH_SOURCE:
         parser.error(f"--source applies to --format {' / '.join(WITH_SOURCE)} only")
+    if args.format != "onnx":
+        given = [flag for dest, flag in ONNX_OPTIONS if getattr(args, dest) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --format onnx only")
+        return
+    if args.input_shape is None and args.calib is None:
+        parser.error("--format onnx traces the model on an example input: pass --input-shape (e.g. 1,3,224,224) "
+                     "or --calib FILE")
+    if args.input_shape is not None and args.image_size is not None and (
+            len(args.input_shape) != 4 or tuple(args.input_shape[2:]) != (args.image_size, args.image_size)):
+        parser.error(f"--image-size {args.image_size} contradicts --input-shape "
+                     f"{','.join(map(str, args.input_shape))}")
+    if args.calib is None:
+        extra = [flag for dest, flag in ONNX_OPTIONS[2:] if getattr(args, dest) is not None]
+        if extra:
+            parser.error(f"{', '.join(extra)} need{'s' if len(extra) == 1 else ''} --calib FILE")
+        return
+    folder = Path(args.calib).is_dir()
+    if folder and args.image_size is None and (args.input_shape is None or len(args.input_shape) != 4):
+        parser.error(f"--calib {args.calib} is an image folder: pass --image-size N (the model's input size) or a "
+                     "4-D --input-shape")
+    if args.calib_key is not None and (folder or Path(args.calib).suffix.lower() == ".npy"):
+        parser.error("--calib-key applies to .npz / .safetensors calibration files only")
+    if args.percentile is not None and args.calib_method != "percentile":
+        parser.error("--percentile needs --calib-method percentile")
 
 
 def register(sub) -> None:
@@ -110,4 +290,29 @@ def register(sub) -> None:
                    help="folder with the tokenizer / processor files (compressed-tensors, gguf; default SRC)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the export report as JSON (no progress bars)")
+    onnx = p.add_argument_group("--format onnx")
+    onnx.add_argument("--input-shape", type=input_shape, default=None, metavar="N,C,H,W",
+                      help="example input shape, batch first, e.g. 1,3,224,224 (the batch axis is dynamic in the "
+                           "file; default: the first calibration batch)")
+    onnx.add_argument("--calib", type=_calib_source, default=None, metavar="FILE",
+                      help="calibration samples for the static int8 activation scales of 8-bit layers: a .npy / "
+                           ".npz / .safetensors array (N,C,H,W | N,H,W,C | N,H,W) or an image folder")
+    onnx.add_argument("--calib-method", choices=("minmax", "percentile"), default=None,
+                      help="activation range: min/max over the batches (default) or averaged percentiles")
+    onnx.add_argument("--percentile", type=_percentile, default=None, metavar="P",
+                      help="with --calib-method percentile: the P-th / (100-P)-th values (default 99.99)")
+    onnx.add_argument("--image-size", type=positive_int, default=None, metavar="N",
+                      help="resize calibration images to N x N (required for an image folder without a 4-D "
+                           "--input-shape)")
+    onnx.add_argument("--calib-key", default=None, metavar="KEY",
+                      help="the array of an .npz / .safetensors file that holds several")
+    onnx.add_argument("--calib-samples", type=positive_int, default=None, metavar="N",
+                      help="use the first N samples (default 256)")
+    onnx.add_argument("--calib-batch-size", type=positive_int, default=None, metavar="N",
+                      help="samples per calibration batch (default 32)")
+    onnx.add_argument("--mean", type=_floats, default=None, metavar="M[,M,M]",
+                      help="per-channel mean subtracted from integer pixels scaled to [0, 1] (default: SRC's "
+                           "preprocessor_config.json image_mean, else none)")
+    onnx.add_argument("--std", type=_floats, default=None, metavar="S[,S,S]",
+                      help="per-channel std dividing them (default: SRC's preprocessor_config.json image_std)")
     p.set_defaults(func=run, check=lambda args: _check(args, p))

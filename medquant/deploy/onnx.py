@@ -63,14 +63,25 @@ __all__ = [
     "INTEGER_OPS",
     "OPSET",
     "CalibrationError",
+    "CalibrationRequired",
     "OnnxClassifier",
     "calibrate_activations",
     "check_inputs",
     "export_onnx",
+    "load_calibration_batches",
     "logits_tolerance",
     "optimized_op_counts",
     "session_options",
 ]
+
+
+class CalibrationRequired(ExportError):
+    """The model has layers that run with static int8 activations (8-bit per-channel weights) and no calibration
+    batches were given; ``layers`` names them."""
+
+    def __init__(self, message: str, layers: list[str]) -> None:
+        super().__init__(message)
+        self.layers = layers
 
 
 class _Logits(nn.Module):
@@ -169,9 +180,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             sim = prepare(model, as_args(example_inputs, 0), method=method, percentile=percentile, promote=promote)
             needs = [p.name for p in sim.medquant_onnx.layers if p.kind == "qdq"]
             if needs:
-                raise ExportError(f"format='onnx' writes static int8 activation scales for {len(needs)} layer(s) "
-                                  f"({', '.join(needs[:5])}{'...' if len(needs) > 5 else ''}): pass calib=<batches> "
-                                  "or a model returned by medquant.deploy.onnx.calibrate_activations")
+                raise CalibrationRequired(
+                    f"format='onnx' writes static int8 activation scales for {len(needs)} layer(s) "
+                    f"({', '.join(needs[:5])}{'...' if len(needs) > 5 else ''}): pass calib=<batches> "
+                    "or a model returned by medquant.deploy.onnx.calibrate_activations", needs)
             model = sim
         info = model.medquant_onnx
     if example_inputs is None:
@@ -269,6 +281,153 @@ def optimized_op_counts(path: str | Path, optimized_path: str | Path | None = No
         so.optimized_model_filepath = out
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return Counter(n.op_type for n in onnx.load(out).graph.node)
+
+
+CALIB_SUFFIXES = (".npy", ".npz", ".safetensors")
+
+
+def _read_calibration_arrays(path: Path, key: str | None) -> list[np.ndarray]:
+    """The samples of a calibration file or folder, as one array per sample or one stacked array."""
+    if path.is_dir():
+        if key is not None:
+            raise CalibrationError(f"{path}: a key ({key!r}) applies to .npz / .safetensors files, not folders")
+        from ..data import load_images
+
+        images, _ = load_images(path)
+        return list(images)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        if key is not None:
+            raise CalibrationError(f"{path}: a .npy file holds one array; a key ({key!r}) applies to .npz / "
+                                   ".safetensors files")
+        return [np.load(path, allow_pickle=False)]
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    elif suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(path))
+    else:
+        raise CalibrationError(f"{path}: expected a {', '.join(CALIB_SUFFIXES)} file or an image folder")
+    if key is not None:
+        if key not in arrays:
+            raise CalibrationError(f"{path} has no array {key!r}; it has {sorted(arrays)}")
+        return [arrays[key]]
+    if len(arrays) != 1:
+        raise CalibrationError(f"{path} holds {len(arrays)} arrays {sorted(arrays)}: name the one with the "
+                               "calibration images (key)")
+    return [next(iter(arrays.values()))]
+
+
+def _chw(a: np.ndarray, where: str, stacked: bool) -> np.ndarray:
+    """One sample ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (``stacked``: ``(N, ...)`` of those) as ``CHW``."""
+    lead = 1 if stacked else 0
+    rank = a.ndim - lead
+    if rank == 2:
+        return np.expand_dims(a, lead)
+    if rank == 3:
+        c_first, c_last = a.shape[lead], a.shape[-1]
+        if c_first not in (1, 3, 4) and c_last in (1, 3, 4):  # channels last (H, W, C)
+            return np.moveaxis(a, -1, lead)
+        return a
+    raise CalibrationError(f"{where}: expected images (H, W), (H, W, C) or (C, H, W)"
+                           f"{' stacked as (N, ...)' if stacked else ''}, got shape {tuple(a.shape)}")
+
+
+def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: int | None = 256,
+                             image_size: int | tuple[int, int] | None = None, channels: int | None = None,
+                             key: str | None = None, mean: list[float] | None = None,
+                             std: list[float] | None = None) -> list[torch.Tensor]:
+    """Calibration batches for :func:`calibrate_activations` from a file or an image folder.
+
+    Sources: a ``.npy`` array, one array of an ``.npz`` or ``.safetensors`` file (the only one, or ``key``), each
+    holding samples stacked as ``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, H, W)``; or a folder of images / DICOM
+    files (``index.csv`` honoured, see :func:`medquant.data.load_images`). Integer data are pixels: scaled to
+    ``[0, 1]`` by the type's maximum (255 for uint8, 65535 for uint16), then normalized ``(x - mean) / std`` per
+    channel when ``mean`` / ``std`` are given; a gray image is repeated to 3 channels and an RGB one averaged to 1
+    when ``channels`` asks for it. Floating data are taken as already preprocessed (no scaling, normalization or
+    channel conversion). Samples are resized (bilinear, antialiased) to ``image_size``.
+
+    Args:
+        path: the file or folder.
+        batch_size: samples per batch.
+        limit: use at most this many samples (the first ones; None: all).
+        image_size: the model's input size, ``S`` or ``(H, W)``; required when the samples differ in size.
+        channels: the model's input channels (None: as the data have them).
+        key: the array of an ``.npz`` / ``.safetensors`` file holding several.
+        mean: per-channel (or one) means for integer pixel data.
+        std: per-channel (or one) standard deviations for integer pixel data.
+
+    Returns:
+        A list of float32 tensors ``(B, C, H, W)``.
+
+    Raises:
+        CalibrationError: an unsupported file, a missing or ambiguous array, an empty set, a shape that is not
+            images, samples of different sizes without ``image_size``, NaN/inf values, ``mean`` / ``std`` for
+            floating data or of the wrong length (the message names the file and the sample).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    import torch.nn.functional as F
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise CalibrationError(f"batch_size and limit must be >= 1, got {batch_size} and {limit}")
+    raw = _read_calibration_arrays(path, key)
+    stacked = not path.is_dir()
+    samples: list[np.ndarray] = []
+    if stacked:
+        arr = _chw(raw[0], str(path), True)
+        samples = list(arr[:limit] if limit is not None else arr)
+    else:
+        samples = [_chw(a, f"{path} image {i}", False) for i, a in enumerate(raw[:limit] if limit else raw)]
+    if not samples:
+        raise CalibrationError(f"{path}: no calibration samples (an empty array or a folder without images)")
+    integer = np.issubdtype(samples[0].dtype, np.integer) or samples[0].dtype == np.bool_
+    if not integer and (mean is not None or std is not None):
+        raise CalibrationError(f"{path}: the samples are floating point (taken as preprocessed); mean / std "
+                               "apply to integer pixel data only")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size) if image_size else None
+    if size is None and len({s.shape[1:] for s in samples}) > 1:
+        shapes = sorted({s.shape[1:] for s in samples})[:3]
+        raise CalibrationError(f"{path}: the images differ in size ({', '.join(map(str, shapes))}...): give the "
+                               "model's input size (image_size)")
+    out = []
+    for i, s in enumerate(samples):
+        x = torch.from_numpy(np.ascontiguousarray(s)).to(torch.float32)
+        if integer:
+            top = float(np.iinfo(s.dtype).max) if s.dtype != np.bool_ else 1.0
+            x = x / top
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"{path}: sample {i} contains {int((~torch.isfinite(x)).sum())} NaN/inf values")
+        if channels is not None and x.shape[0] != channels:
+            if integer and x.shape[0] == 1:
+                x = x.expand(channels, -1, -1)
+            elif integer and channels == 1 and x.shape[0] in (3, 4):
+                x = x[:3].mean(0, keepdim=True)
+            else:
+                raise CalibrationError(
+                    f"{path}: sample {i} has {x.shape[0]} channel(s), the model takes {channels}"
+                    + ("" if integer else " (floating samples are taken as preprocessed: channels are not converted)"))
+        if size is not None and tuple(x.shape[1:]) != size:
+            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        out.append(x)
+    c = out[0].shape[0]
+    if any(o.shape[0] != c for o in out):
+        raise CalibrationError(f"{path}: the samples differ in channels; give the model's channels")
+    for name, v in (("mean", mean), ("std", std)):
+        if v is not None and len(v) not in (1, c):
+            raise CalibrationError(f"{name} has {len(v)} values for {c}-channel images (give 1 or {c})")
+    if std is not None and any(float(t) == 0.0 for t in std):
+        raise CalibrationError("std must not contain 0")
+    x = torch.stack(out)
+    if integer and mean is not None:
+        x = x - torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    if integer and std is not None:
+        x = x / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return list(x.split(batch_size))
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,

@@ -1,0 +1,73 @@
+"""medquant.deploy.onnx.load_calibration_batches: the layouts, scalings and conversions it documents, against values
+computed by hand with numpy; the errors name the file and the sample."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from medquant.deploy.onnx import CalibrationError, load_calibration_batches
+
+
+def test_channels_last_uint8_scaled_normalized_and_batched(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)  # (N, H, W, C)
+    np.save(tmp_path / "c.npy", x)
+    batches = load_calibration_batches(tmp_path / "c.npy", batch_size=2, mean=[0.5, 0.4, 0.3], std=[0.2])
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 6, 7), (2, 3, 6, 7), (1, 3, 6, 7)]
+    want = (x.transpose(0, 3, 1, 2).astype(np.float32) / 255 - np.array([0.5, 0.4, 0.3], np.float32)[:, None, None]) \
+        / np.float32(0.2)
+    np.testing.assert_allclose(torch.cat(batches).numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_uint16_gray_repeated_to_three_channels_and_limit(tmp_path):
+    x = np.arange(4 * 3 * 3, dtype=np.uint16).reshape(4, 3, 3) * 1000  # (N, H, W)
+    save_file({"images": x}, str(tmp_path / "g.safetensors"))
+    (b,) = load_calibration_batches(tmp_path / "g.safetensors", limit=3, channels=3)
+    assert b.shape == (3, 3, 3, 3)
+    np.testing.assert_allclose(b[:, 1].numpy(), x[:3].astype(np.float32) / 65535, rtol=1e-6)
+    assert torch.equal(b[:, 0], b[:, 2])
+
+
+def test_float_arrays_are_used_as_given_and_resized(tmp_path):
+    x = np.random.default_rng(1).standard_normal((3, 2, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "f.npz", calib=x, other=x[:1])
+    (b,) = load_calibration_batches(tmp_path / "f.npz", key="calib")
+    np.testing.assert_array_equal(b.numpy(), x)
+    (r,) = load_calibration_batches(tmp_path / "f.npz", key="calib", image_size=4)
+    # antialiased bilinear = PIL's bilinear resampling (a triangle filter widened by the scale factor)
+    from PIL import Image
+
+    want = np.stack([[np.asarray(Image.fromarray(ch).resize((4, 4), Image.BILINEAR)) for ch in im]
+                     for im in x])
+    np.testing.assert_allclose(r.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,kwargs,message", [
+    (lambda p: np.save(p / "a.npy", np.zeros((2, 3, 4, 4), np.float32)), {"mean": [0.5]}, "floating point"),
+    (lambda p: np.save(p / "a.npy", np.zeros((2, 3, 4, 4), np.float32)), {"channels": 1}, "not converted"),
+    (lambda p: np.save(p / "a.npy", np.zeros((2, 2, 3, 4, 4), np.uint8)), {}, "got shape (2, 2, 3, 4, 4)"),
+    (lambda p: np.save(p / "a.npy", np.zeros((0, 3, 4, 4), np.uint8)), {}, "no calibration samples"),
+    (lambda p: np.save(p / "a.npy", np.full((2, 3, 4, 4), np.inf, np.float32)), {}, "sample 0 contains 48 NaN/inf"),
+    (lambda p: np.save(p / "a.npy", np.zeros((2, 3, 4, 4), np.uint8)), {"std": [1.0, 0.0, 1.0]}, "std must not"),
+    (lambda p: np.save(p / "a.npy", np.zeros((2, 3, 4, 4), np.uint8)), {"mean": [0.1, 0.2]}, "mean has 2 values"),
+])
+def test_errors_name_the_problem(tmp_path, make, kwargs, message):
+    make(tmp_path)
+    with pytest.raises(CalibrationError) as e:
+        load_calibration_batches(tmp_path / "a.npy", **kwargs)
+    assert message in str(e.value)
+
+
+def test_folder_of_different_sizes_needs_image_size(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((6, 6), 255, np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(CalibrationError, match="differ in size"):
+        load_calibration_batches(tmp_path)
+    (b,) = load_calibration_batches(tmp_path, image_size=4)
+    assert b.shape == (2, 1, 4, 4) and float(b[0].max()) == 0.0 and float(b[1].min()) == pytest.approx(1.0)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_calibration_batches(tmp_path / "missing.npy")
