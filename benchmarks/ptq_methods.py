@@ -162,7 +162,7 @@ def run_lm(args) -> dict:
 
     configs = list(LM_CONFIGS)[:1] if args.quick else (args.configs or list(LM_CONFIGS))
     methods = args.methods or ["float", *LM_METHODS]
-    tag = _tag(configs, list(LM_CONFIGS)) + _tag(methods, ["float", *LM_METHODS])
+    tag = _tag(configs, list(LM_CONFIGS)) + _tag(methods, ["float", *LM_METHODS]) + (f"_{args.tag}" if args.tag else "")
     out_path = RESULTS / f"ptq_methods_lm{tag}{'_quick' if args.quick else ''}.json"
     float_model, tok = load_smollm2()
     calib, cinfo = _lm_calibration(tok, args.calib_seqs, args.seq_len, 4)
@@ -621,6 +621,23 @@ def _plot(lm: dict | None, cnn: dict | None, path: Path) -> None:
     plt.close(fig)
 
 
+def _calib_tokens(row: dict) -> int:
+    a, _, b = str(row.get("calibration", "0 x 0")).partition(" x ")
+    return int(a) * int(b) if a.isdigit() and b.isdigit() else 0
+
+
+def _merge_rows(dest: dict, rows: dict) -> None:
+    """Add one file's rows of a configuration: a method measured with two calibration sizes keeps the larger one
+    under its plain name and the other as ``"<method> (<sequences> x <tokens>)"``."""
+    for m, r in rows.items():
+        if m in dest and dest[m].get("calibration") != r.get("calibration"):
+            keep, other = (dest[m], r) if _calib_tokens(dest[m]) >= _calib_tokens(r) else (r, dest[m])
+            dest[m] = keep
+            dest[f"{m} ({other['calibration']})"] = other
+        else:
+            dest[m] = r
+
+
 def report(args) -> dict:
     sfx = "_quick" if args.quick else ""
     parts: dict = {"lm": None, "cnn": None}
@@ -642,7 +659,7 @@ def report(args) -> dict:
             merged = parts[p]
             for name, rows in d[key].items():
                 if p == "lm":
-                    merged[key].setdefault(name, {}).update(rows)
+                    _merge_rows(merged[key].setdefault(name, {}), rows)
                 else:
                     merged[key][name] = rows
             if p == "lm" and d.get("float") and not merged.get("float"):
@@ -697,6 +714,8 @@ def main(argv=None) -> None:
                     help="LM methods of this process (default all, float included)")
     ap.add_argument("--models", nargs="+", choices=[f"{d}/{a}" for d, a in CNN_MODELS], default=None,
                     help="image models of this process (default all)")
+    ap.add_argument("--tag", default="", help="extra suffix of this process's LM JSON file name (two processes "
+                    "with the same configs and methods, e.g. two calibration sizes)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--calib-seqs", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
