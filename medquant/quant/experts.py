@@ -121,16 +121,33 @@ def _looks_like_experts(m: nn.Module) -> bool:
 
 
 def unsupported_experts(model: nn.Module) -> list[str]:
-    """Names of modules that hold per-expert 3-D weights in a layout :class:`QuantExperts` does not reproduce
-    (they stay in floating point; :func:`medquant.quantize_` reports them)."""
+    """Names of modules that hold per-expert 3-D weights in a layout :class:`QuantExperts` does not reproduce.
+
+    They stay in floating point; :func:`medquant.quantize_` reports them in a warning.
+
+    Args:
+        model: the model to search.
+
+    Returns:
+        Module names in ``named_modules`` order (empty for a model without such modules).
+    """
     return [n for n, m in model.named_modules()
             if not isinstance(m, QuantExperts) and _looks_like_experts(m) and not is_experts_module(m)]
 
 
 def moe_routers(model: nn.Module) -> dict[str, nn.Module]:
-    """Name -> module of the routers of the MoE blocks of ``model``: the siblings of an experts module (float or
-    :class:`QuantExperts`) named ``gate`` / ``router`` / ``shared_expert_gate`` that hold a 2-D ``weight`` with
-    ``hidden`` columns."""
+    """Name -> module of the routers of the MoE blocks of ``model``.
+
+    A router is a sibling of an experts module (float or :class:`QuantExperts`) named ``gate`` / ``router`` /
+    ``shared_expert_gate`` that holds a 2-D ``weight`` with ``hidden`` columns.
+
+    Args:
+        model: the model to search.
+
+    Returns:
+        ``{module name: router module}``; :func:`medquant.quantize_` keeps these in floating point unless named
+        exactly in its config map.
+    """
     out: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         lay = m.layout if isinstance(m, QuantExperts) else experts_layout(m)
@@ -169,6 +186,15 @@ class QuantExperts(nn.Module):
     left in floating point computes the same way); ``act_fn`` and ``post_expert_norm`` where the float module has
     them. Build with :meth:`from_float`; :meth:`to_float` gives back the float module of the original class with the
     dequantized weights.
+
+    Args:
+        float_module: the float experts module (3-D weights; possibly on the meta device) whose layout and
+            activation are reproduced.
+        children: ``{"gate_up" | "up": [E layers], "down": [E layers]}``, one ``(out, in)`` layer per expert.
+
+    Raises:
+        TypeError: ``float_module`` is not an experts module in a layout QuantExperts reproduces.
+        ValueError: a child list does not hold one layer per expert.
     """
 
     def __init__(self, float_module: nn.Module, children: dict[str, list[nn.Module]]) -> None:
@@ -195,8 +221,18 @@ class QuantExperts(nn.Module):
     # ------------------------------------------------------------------ building
     @staticmethod
     def expert_weights(module: nn.Module) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
-        """``{"gate_up_proj" | "up_proj": [(W_e, b_e)], "down_proj": [...]}`` of a float experts module, each
-        ``W_e`` an ``(out, in)`` view (transposed for transposed layouts; no copy)."""
+        """The per-expert ``(W_e, b_e)`` matrices of a float experts module, as ``(out, in)`` views (no copy).
+
+        Args:
+            module: the float experts module.
+
+        Returns:
+            ``{"gate_up_proj" | "up_proj": [(W_e, b_e)], "down_proj": [...]}``, one pair per expert (``W_e``
+            transposed for transposed layouts; ``b_e`` None without biases).
+
+        Raises:
+            TypeError: ``module`` is not a supported experts module.
+        """
         lay = experts_layout(module)
         if lay is None:
             raise TypeError(f"{type(module).__name__} is not a supported experts module")
@@ -211,8 +247,22 @@ class QuantExperts(nn.Module):
 
     @classmethod
     def from_float(cls, module: nn.Module, config: QuantConfig) -> QuantExperts:
-        """Quantize every expert's matrices of ``module`` with ``config`` (each as a ``(out, in)`` matrix, rows =
-        output features, exactly as :meth:`QuantLinear.from_float` of that matrix)."""
+        """Quantize every expert's matrices of ``module`` with ``config``.
+
+        Each matrix is quantized as an ``(out, in)`` matrix, rows = output features, exactly as
+        :meth:`QuantLinear.from_float` of that matrix.
+
+        Args:
+            module: the float experts module (weights loaded).
+            config: one config for every expert matrix (``channel_bits`` not allowed).
+
+        Returns:
+            The new ``QuantExperts`` in ``module``'s train / eval mode.
+
+        Raises:
+            TypeError: ``config`` is not a ``QuantConfig``, or ``module`` is not a supported experts module.
+            ValueError: ``config.channel_bits`` is set, or the weights are on the meta device.
+        """
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
         if config.channel_bits is not None:
@@ -238,10 +288,20 @@ class QuantExperts(nn.Module):
 
     @classmethod
     def shell(cls, module: nn.Module, recorded: Iterable[str] = ()) -> QuantExperts:
-        """An empty QuantExperts for ``module`` (a float experts module, possibly on the meta device) whose
-        expert layers are placeholders to be replaced: ``recorded`` names them relative to this module
-        (``"gate_up.3"``); those are weightless ``nn.Linear`` of the right shape (the loader swaps in the
-        recorded quantized layer), the others float ``nn.Linear`` on the module's device, to be loaded."""
+        """An empty QuantExperts for ``module`` whose expert layers are placeholders for a loader to replace.
+
+        Args:
+            module: a float experts module, possibly on the meta device.
+            recorded: the expert layers saved quantized, named relative to this module (``"gate_up.3"``): they
+                become weightless ``nn.Linear`` of the right shape (the loader swaps in the recorded quantized
+                layer); the others are float ``nn.Linear`` on the module's device, to be loaded.
+
+        Returns:
+            The shell.
+
+        Raises:
+            TypeError: ``module`` is not a supported experts module.
+        """
         lay = experts_layout(module)
         if lay is None:
             raise TypeError(f"{type(module).__name__} is not a supported experts module")
@@ -264,8 +324,17 @@ class QuantExperts(nn.Module):
         return cls(module, children)
 
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The float experts module of the original class, holding the dequantized weights (stacked back into
-        the 3-D layout, transposed where the class stores them transposed)."""
+        """The float experts module of the original class, holding the dequantized weights.
+
+        The per-expert ``(u - z) * s`` matrices are stacked back into the 3-D layout, transposed where the class
+        stores them transposed.
+
+        Args:
+            dtype: dtype of the float weights; ``None`` keeps the original module's.
+
+        Returns:
+            A new module of the original class (``source_class``).
+        """
         lay = self.layout
         m = copy.copy(self._float_template)
         m._modules = dict(self._float_template._modules)
