@@ -76,8 +76,10 @@ def _call(backend: str, fn, *args):
 
 
 def eager_inference(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` may skip the custom op: a plain CPU tensor, no gradient needed, not traced by
-    ``torch.compile`` / export (then the op's body runs directly, with the same kernel choice and result).
+    """Whether a call on ``x`` may skip the custom op and run its body directly (same kernel choice and result).
+
+    That is the case for a plain CPU tensor that needs no gradient and is not traced by ``torch.compile`` /
+    export.
 
     Args:
         x: the activations of the call.
@@ -127,8 +129,9 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, *, backend: str = "auto
 
 
 def prepare_packed_linear(x: torch.Tensor, weight: PackedWeight):
-    """A callable ``fn(x2d)`` equal to ``packed_linear(x2d, weight)`` for eager inference on 2-D inputs like ``x``,
-    with the kernel chosen and the weight's repacked form, compute dtype and checks bound once.
+    """A callable ``fn(x2d)`` equal to ``packed_linear(x2d, weight)`` for eager inference on 2-D inputs like ``x``.
+
+    The kernel choice, the weight's repacked form, the compute dtype and the checks are bound once.
 
     Valid while :func:`medquant.kernels.dispatch.generation` is unchanged and ``weight``'s tensors are not
     modified (the quantized modules keep one per row group and rebuild it when either changes).
@@ -170,6 +173,21 @@ def fake_quantize_rows(
     input dtype (float64 included; the Triton kernels take float16/bfloat16/float32, so float64 runs the torch
     reference), the result has ``x``'s dtype. Backward: straight-through (``mask_outside=True``: zero where the code
     was clamped). This is simulated quantization: it changes the values, not the speed.
+
+    Args:
+        x: float16 / bfloat16 / float32 / float64 tensor; rows are ``x.shape[0]`` (samples or tokens).
+        bits_per_row: one bit-width per row (int tensor or sequence), or one int for all rows.
+        symmetric: symmetric grid (zero point 0) instead of the asymmetric one.
+        mask_outside: zero the gradient where the code was clamped.
+        eps: lower bound of the scale.
+        backend: ``"auto"`` or a backend name to force (:func:`backend_names`).
+
+    Returns:
+        The fake-quantized tensor, shape and dtype of ``x``.
+
+    Raises:
+        TypeError: ``x`` is not a supported float tensor, or ``bits_per_row`` not integers.
+        ValueError: a bit-width out of range, a ``bits_per_row`` of the wrong length, or an unknown backend.
     """
     check_float(x, "x", ROW_DTYPES)
     x2 = rows_view(x)
@@ -198,6 +216,24 @@ def fake_quantize_static(
     asymmetric: ``out = (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s``. With the parameters of
     the quantizer (``medquant.quant.core.compute_qparams``) this equals its ``fake_quantize`` bit for bit.
     Backward: straight-through (``mask_outside=True``: zero where the code was clamped).
+
+    Args:
+        x: float tensor viewed as ``(N, K)`` (rows = output channels).
+        scales: positive scales of shape ``(1, 1)``, ``(N, 1)`` or ``(N, G)``.
+        zeros: zero points of the same shape (asymmetric), or None (symmetric).
+        bits: code width, 1..8.
+        symmetric: the scheme.
+        group_size: elements per group along K for ``(N, G)`` scales; None otherwise.
+        mask_outside: zero the gradient where the code was clamped.
+        backend: ``"auto"`` or a backend name to force.
+
+    Returns:
+        The fake-quantized tensor, shape and dtype of ``x``.
+
+    Raises:
+        TypeError: ``x`` is not a float tensor.
+        ValueError: parameter shapes that do not match ``x`` / ``group_size``, ``bits`` out of range, or an
+            unknown backend.
     """
     check_float(x, "x")
     x2 = rows_view(x)

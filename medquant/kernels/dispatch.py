@@ -74,9 +74,15 @@ _generation = 0
 
 
 def generation() -> int:
-    """A counter that changes whenever a kernel choice may change: a backend or kernel (un)registered, a backend
-    forced or released, a backend's own setting changed (:func:`bump_generation`). A callable from
-    :func:`prepare` stays valid while it is unchanged (and the tensors it was prepared for are unchanged)."""
+    """A counter that changes whenever a kernel choice may change.
+
+    It changes when a backend or kernel is (un)registered, a backend forced or released, or a backend's own
+    setting changed (:func:`bump_generation`). A callable from :func:`prepare` stays valid while it is unchanged
+    (and the tensors it was prepared for are unchanged).
+
+    Returns:
+        The current value (an int; compare for equality only).
+    """
     return _generation
 
 
@@ -87,7 +93,16 @@ def bump_generation() -> None:
 
 
 def register_backend(name: str, unavailable: Callable[[torch.device], str | None]) -> None:
-    """Add (or replace) a backend. ``unavailable(device)`` returns why it cannot run on ``device``, or None."""
+    """Add (or replace) a backend.
+
+    Args:
+        name: the backend name (``force_backend(name)``, ``backend=name``); not empty, not ``"auto"``.
+        unavailable: ``unavailable(device)`` returns why the backend cannot run on ``device`` (a sentence), or
+            None when it can.
+
+    Raises:
+        ValueError: an empty name or ``"auto"``.
+    """
     if not isinstance(name, str) or not name or name == AUTO:
         raise ValueError(f"backend name must be a non-empty string other than {AUTO!r}, got {name!r}")
     _BACKENDS[name] = Backend(name, unavailable)
@@ -123,7 +138,14 @@ def register_kernel(op: str, backend: str, impl: Callable, accepts: Callable[...
 
 
 def unregister_backend(name: str) -> None:
-    """Remove a backend and all its kernels (the built-in ``"torch"`` backend stays: it is the fallback)."""
+    """Remove a backend and all its kernels (the built-in ``"torch"`` backend stays: it is the fallback).
+
+    Args:
+        name: the backend name; an unknown name is ignored.
+
+    Raises:
+        ValueError: ``name`` is ``"torch"``.
+    """
     if name == "torch":
         raise ValueError("the torch reference backend cannot be removed: it is the answer when nothing else runs")
     _BACKENDS.pop(name, None)
@@ -133,7 +155,11 @@ def unregister_backend(name: str) -> None:
 
 
 def backend_names() -> tuple[str, ...]:
-    """Names accepted by :func:`force_backend` and the ``backend=`` arguments: ``"auto"`` and every backend."""
+    """Names accepted by :func:`force_backend` and the ``backend=`` arguments: ``"auto"`` and every backend.
+
+    Returns:
+        ``("auto", "torch", ...)`` in registration order.
+    """
     return (AUTO, *_BACKENDS)
 
 
@@ -149,6 +175,15 @@ def force_backend(backend: str) -> Iterator[None]:
 
     Meant for tests and benchmarks in eager mode (e.g. running the real kernels on CPU tensors under
     ``TRITON_INTERPRET=1``); ``"auto"`` restores the default choice (see the module docstring).
+
+    Args:
+        backend: one of :func:`backend_names`.
+
+    Yields:
+        Nothing; the previous choice is restored when the block ends (also on error).
+
+    Raises:
+        ValueError: ``backend`` is not one of :func:`backend_names`.
     """
     global _forced
     check_backend(backend)
@@ -168,7 +203,19 @@ def forced_backend() -> str | None:
 
 
 def select_kernel(op: str, *args) -> Kernel:
-    """The kernel that runs ``op`` on these arguments now (rules in the module docstring)."""
+    """The kernel that runs ``op`` on these arguments now (rules in the module docstring).
+
+    Args:
+        op: one of :data:`OPS`.
+        *args: the op's arguments; ``args[0]``'s device decides availability.
+
+    Returns:
+        The forced backend's kernel, else the first registered kernel (highest priority) that accepts the
+        arguments and whose backend is available on the device.
+
+    Raises:
+        RuntimeError: the forced backend is unavailable or has no kernel for ``op``, or no backend runs it.
+    """
     device = args[0].device
     if _forced is not None:
         for kern in _KERNELS[op]:
@@ -219,7 +266,12 @@ def prepare(op: str, *args) -> Callable:
 
 # ------------------------------------------------------------------------------------------- Triton
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Returns:
+        Triton is installed and its interpreter is on (``triton.knobs.runtime.interpret``, or the environment
+        variable for older Triton).
+    """
     if importlib.util.find_spec("triton") is None:
         return False
     try:
@@ -247,6 +299,12 @@ def triton_available(device: torch.device | str | None = None) -> bool:
 
     CUDA tensors need Triton and a CUDA device; CPU tensors need Triton in interpreter mode
     (``TRITON_INTERPRET=1`` set before Triton was first imported).
+
+    Args:
+        device: the device of the tensors, or None.
+
+    Returns:
+        Whether Triton is importable and can run there (False for other device types).
     """
     if not _triton_importable():
         return False
