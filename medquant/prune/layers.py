@@ -38,7 +38,26 @@ def _hidden(x: Any) -> torch.Tensor:
 @torch.no_grad()
 def block_influence(model: nn.Module, calib: Iterable[Any], scope: str | list[str] | None = None,
                     progress: bool = True) -> list[dict[str, Any]]:
-    """Per-block influence scores, in block order: ``[{"block", "index", "cosine", "wasserstein"}, ...]``."""
+    """Per-block influence scores, in block order: ``[{"block", "index", "cosine", "wasserstein"}, ...]``.
+
+    For block input ``x`` and output ``y`` (hidden states, flattened over tokens): ``cosine`` is the mean over
+    tokens of ``1 - cos(x_t, y_t)``, ``wasserstein`` is ``W1(x, y) / std(x)`` of the value distributions (sorted
+    values, subsampled); both are averaged over the calibration batches. A block that changes its input little
+    has low influence.
+
+    Args:
+        model: the model (a Hugging Face LM / VLM / encoder or a plain module with a block list).
+        calib: calibration batches, run as :func:`medquant.models.run_model` runs them.
+        scope: which blocks (see :func:`medquant.models.transformer_blocks`).
+        progress: tqdm bar over batches.
+
+    Returns:
+        One dict per block: ``block`` (name), ``index``, ``cosine``, ``wasserstein``.
+
+    Raises:
+        ValueError: no block in scope, or empty calibration data.
+        RuntimeError: a block whose input / output hidden states cannot be read (different shapes).
+    """
     blocks = transformer_blocks(model, scope)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: no transformer blocks in scope {scope!r}")
@@ -86,6 +105,19 @@ def allocate_ratios(scores: Sequence[dict[str, Any]], mean_ratio: float, spread:
     ``mean_ratio * (1 + spread * (1 - 2k/(L-1)))``, i.e. ``(1 + spread)`` times the mean for the least influential
     block down to ``(1 - spread)`` times for the most influential; the mean over blocks is ``mean_ratio`` unless
     clipping to ``[0, max_ratio]`` bites.
+
+    Args:
+        scores: the output of :func:`block_influence` (``{"block", "index", "cosine", "wasserstein"}`` per block).
+        mean_ratio: the average fraction removed, in ``[0, 1)``.
+        spread: in ``[0, 1]``; 0 gives every block ``mean_ratio``.
+        metric: ``"cosine"`` or ``"wasserstein"``.
+        max_ratio: upper clip of a block's ratio.
+
+    Returns:
+        ``{block name: ratio}``.
+
+    Raises:
+        ValueError: ``mean_ratio``, ``spread`` or ``metric`` out of range.
     """
     if not 0 <= mean_ratio < 1:
         raise ValueError(f"mean_ratio must be in [0, 1), got {mean_ratio}")
@@ -103,15 +135,40 @@ def allocate_ratios(scores: Sequence[dict[str, Any]], mean_ratio: float, spread:
 
 
 def least_influential(scores: Sequence[dict[str, Any]], k: int, metric: str = "cosine") -> list[str]:
-    """Names of the ``k`` blocks with the lowest ``metric`` (candidates for dropping whole)."""
+    """Names of the ``k`` blocks with the lowest ``metric`` (candidates for dropping whole).
+
+    Args:
+        scores: the output of :func:`block_influence` (``{"block", "index", "cosine", "wasserstein"}`` per block).
+        k: how many, ``0 <= k < len(scores)`` (at least one block stays).
+        metric: ``"cosine"`` or ``"wasserstein"``; ties go to the earlier block.
+
+    Returns:
+        ``k`` block names, least influential first.
+
+    Raises:
+        ValueError: ``k`` out of range.
+    """
     if not 0 <= k < len(scores):
         raise ValueError(f"can drop 0..{len(scores) - 1} of {len(scores)} blocks, not {k}")
     return [s["block"] for s in sorted(scores, key=lambda s: (s[metric], s["index"]))[:k]]
 
 
 def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
-    """Remove whole blocks in place; later blocks are renumbered (``layer_idx``, so KV caches line up) and the
-    owning config's ``num_hidden_layers`` / ``layer_types`` follow."""
+    """Remove whole blocks in place; later blocks are renumbered and the owning config follows.
+
+    Later blocks get new ``layer_idx`` values (so KV caches line up); the owning config's ``num_hidden_layers``
+    and ``layer_types`` are updated.
+
+    Args:
+        model: the model, changed in place.
+        names: block names (entries of a block ``ModuleList``, e.g. ``"model.layers.7"``).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: a name that is not an entry of a block list, or dropping every block of a list.
+    """
     by_stack: dict[str, list[int]] = {}
     for name in names:
         stack, _, idx = name.rpartition(".")
@@ -154,7 +211,15 @@ def _owner_config(model: nn.Module, stack_name: str):
 
 
 def influence_table(scores: Sequence[dict[str, Any]], ratios: dict[str, float] | None = None) -> str:
-    """Markdown table of the scores (and per-block ratios when given)."""
+    """Markdown table of the scores (and per-block ratios when given).
+
+    Args:
+        scores: the output of :func:`block_influence` (``{"block", "index", "cosine", "wasserstein"}`` per block).
+        ratios: optional ``{block name: ratio}`` (e.g. from :func:`allocate_ratios`), shown as a fourth column.
+
+    Returns:
+        The table text: ``| block | 1 - cos | W1 / std | [ratio |]``, one row per block.
+    """
     head = "| block | 1 - cos | W1 / std |" + (" ratio |" if ratios else "")
     lines = [head, "|" + "---|" * (4 if ratios else 3)]
     for s in scores:
@@ -166,7 +231,16 @@ def influence_table(scores: Sequence[dict[str, Any]], ratios: dict[str, float] |
 
 
 def plot_influence(scores: Sequence[dict[str, Any]], path: str | Path, title: str = "block influence") -> Path:
-    """Bar chart (PNG) of both influence scores per block."""
+    """Bar chart (PNG) of both influence scores per block.
+
+    Args:
+        scores: the output of :func:`block_influence` (``{"block", "index", "cosine", "wasserstein"}`` per block).
+        path: the PNG to write (parent folders are created).
+        title: the chart title.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
