@@ -42,7 +42,15 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def shape_table(model: nn.Module) -> dict[str, Any]:
-    """The per-layer shapes :func:`load_pruned` needs to rebuild ``model``."""
+    """The per-layer shapes :func:`load_pruned` needs to rebuild ``model``.
+
+    Args:
+        model: the pruned model (Hugging Face: per block; plain module: per Conv2d / BatchNorm2d / Linear).
+
+    Returns:
+        ``{"version", "blocks": {block: {"attention": {n_heads, n_kv, head_dim}, "ffn": {n_neurons},
+        "experts": {...}}}, "modules": {name: {"type", "in", "out"} | {"type", "n"}}}`` (JSON-ready).
+    """
     table: dict[str, Any] = {"version": TABLE_VERSION, "blocks": {}, "modules": {}}
     if _is_hf(model):
         for b in transformer_blocks(model, "all"):
@@ -69,7 +77,20 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
 
 def save_pruned(model: nn.Module, directory: str | os.PathLike, *, plan=None,
                 extras: dict[str, Any] | None = None) -> Path:
-    """Save a pruned (and possibly quantized) model with its shape table; returns the directory."""
+    """Save a pruned (and possibly quantized) model with its shape table (:func:`medquant.save` underneath).
+
+    Args:
+        model: the pruned model.
+        directory: the output folder.
+        plan: the :class:`PrunePlan` that was applied, recorded as ``extras["prune_plan"]`` (optional).
+        extras: more JSON extras to store (the key ``"prune"`` is reserved).
+
+    Returns:
+        The directory written.
+
+    Raises:
+        ValueError: ``extras`` uses the reserved key ``"prune"``.
+    """
     ex = dict(extras or {})
     if "prune" in ex:
         raise ValueError("extras key 'prune' is reserved for the shape table")
@@ -151,6 +172,19 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
 
     Hugging Face models are rebuilt from the saved config; a plain ``nn.Module`` needs ``model``, a fresh float
     instance of the original (unpruned) architecture.
+
+    Args:
+        directory: the folder :func:`save_pruned` wrote.
+        model: for a plain ``nn.Module``, a fresh instance of the unpruned architecture (resized in place);
+            None for Hugging Face models.
+        device: where the loaded tensors go.
+
+    Returns:
+        The pruned (and quantized, if it was) model with the saved weights.
+
+    Raises:
+        CheckpointError: the folder fails verification, has no shape table, holds a plain module and no
+            ``model`` was given, or the saved shapes do not fit the rebuilt model.
     """
     directory = Path(directory)
     meta = verify(directory)
