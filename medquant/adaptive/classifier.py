@@ -41,6 +41,10 @@ def _check_n_labels(n_labels) -> int:
 class VLMClassifier(nn.Module):
     """Multi-label classifier on top of a Hugging Face vision-language model (the set-up in the module docstring).
 
+    ``forward(pixel_values, input_ids=None, attention_mask=None, **image_kwargs)``: ``image_kwargs`` are passed
+    to ``get_image_features`` (``image_grid_thw`` for Qwen2-VL, ``pixel_attention_mask`` for Idefics3).
+    Without ``input_ids`` the text half of the fused embedding is zero (image-only use).
+
     Args:
         vlm: a VLM supported by :func:`medquant.models.model_roles` (Gemma 3, LLaVA, Qwen2-VL / 2.5-VL,
             PaliGemma, Idefics3 / SmolVLM).
@@ -48,13 +52,16 @@ class VLMClassifier(nn.Module):
         text_layer: which hidden state of the language model gives the text features: ``k`` = after ``k``
             decoder layers (0 = token embeddings), negative counts from the end (default -1 = last).
         fuse_dim: size of each projected modality feature; the fused embedding has ``2 * fuse_dim``.
-        hidden: width of the MLP head. ``dropout``: head dropout.
+        hidden: width of the MLP head.
+        dropout: head dropout.
         freeze_backbone: freeze the VLM's parameters (default True).
-        image_dim / text_dim: feature sizes when they cannot be read from the config.
+        image_dim: the vision feature size when it cannot be read from the config.
+        text_dim: the text feature size when it cannot be read from the config.
 
-    ``forward(pixel_values, input_ids=None, attention_mask=None, **image_kwargs)``: ``image_kwargs`` are passed
-    to ``get_image_features`` (``image_grid_thw`` for Qwen2-VL, ``pixel_attention_mask`` for Idefics3).
-    Without ``input_ids`` the text half of the fused embedding is zero (image-only use).
+    Raises:
+        ValueError: the model is no VLM medquant knows, has no ``get_image_features``, its feature sizes cannot be
+            read (and were not given), ``text_layer`` is out of range, or ``n_labels`` is not positive.
+        TypeError: ``text_layer`` is not an int.
     """
 
     default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)
@@ -108,7 +115,19 @@ class VLMClassifier(nn.Module):
 
     # ------------------------------------------------------------------ features
     def image_features(self, pixel_values: torch.Tensor, **image_kwargs) -> torch.Tensor:
-        """Pooled vision-tower features ``(B, image_dim)``: the projector's input, mean over image tokens."""
+        """Pooled vision-tower features: the projector's input, mean over image tokens.
+
+        Args:
+            pixel_values: the processor's pixel values.
+            **image_kwargs: passed to ``get_image_features`` (e.g. ``image_grid_thw``).
+
+        Returns:
+            A tensor ``(B, image_dim)``.
+
+        Raises:
+            RuntimeError: the projector did not run.
+            ValueError: features of an unexpected shape or size.
+        """
         captured = {}
 
         def grab(module, args):
@@ -137,7 +156,15 @@ class VLMClassifier(nn.Module):
         return pooled
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Masked mean of the language model's ``hidden_states[text_layer]`` over the text tokens."""
+        """Masked mean of the language model's ``hidden_states[text_layer]`` over the text tokens.
+
+        Args:
+            input_ids: token ids ``(B, T)``.
+            attention_mask: 1 for the tokens to average (default: all).
+
+        Returns:
+            A tensor ``(B, text_dim)``.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         lm = dict(self.vlm.named_modules())[self._language_name]
@@ -148,6 +175,15 @@ class VLMClassifier(nn.Module):
 
     def fused_embedding(self, pixel_values, input_ids=None, attention_mask=None, **image_kwargs) -> torch.Tensor:
         """Projected image features concatenated with projected text features (zeros without ``input_ids``).
+
+        Args:
+            pixel_values: the processor's pixel values.
+            input_ids: token ids, or None for image-only use.
+            attention_mask: the tokens' mask.
+            **image_kwargs: passed to ``get_image_features``.
+
+        Returns:
+            A tensor ``(B, 2 * fuse_dim)``.
 
         Raises:
             ValueError: a different number of images and text rows.
@@ -179,8 +215,18 @@ class _Block(nn.Module):
 
 
 class CompactCNN(nn.Module):
-    """Image-only classifier: ``blocks`` (conv3x3-BN-ReLU-maxpool per width), global average pool, the MLP
-    ``head`` of :class:`VLMClassifier` (``default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)``: its input is the embedding)."""
+    """Image-only classifier: conv blocks, global average pool and the MLP head of :class:`VLMClassifier`.
+
+    ``blocks`` (conv3x3-BN-ReLU-maxpool per width), global average pool, the MLP ``head``
+    (``default_adaptive_sites = ("head",)``: its input is the embedding).
+
+    Args:
+        n_labels: number of labels (one logit each).
+        in_channels: image channels.
+        widths: the output channels of the conv blocks.
+        hidden: width of the MLP head.
+        dropout: head dropout.
+    """
 
     default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)
 
@@ -195,7 +241,14 @@ class CompactCNN(nn.Module):
         self.n_labels = n_labels
 
     def embed(self, x):
-        """The pooled feature vector ``(N, features)`` of images ``x``."""
+        """The pooled feature vector of images ``x``.
+
+        Args:
+            x: images ``(N, in_channels, H, W)``.
+
+        Returns:
+            A tensor ``(N, widths[-1])``.
+        """
         for b in self.blocks:
             x = b(x)
         return self.pool(x).flatten(1)
@@ -227,8 +280,25 @@ class _ViTBlock(nn.Module):
 
 
 class SmallViT(nn.Module):
-    """Image-only ViT: conv patch embedding, learned positions, ``blocks`` of pre-norm attention + MLP (plain
-    ``nn.Linear`` projections, so ``quantize_`` reaches all of them), mean-pooled tokens, the MLP ``head``."""
+    """Image-only ViT with the MLP head of :class:`VLMClassifier`.
+
+    Conv patch embedding, learned positions, ``blocks`` of pre-norm attention + MLP (plain ``nn.Linear``
+    projections, so ``quantize_`` reaches all of them), mean-pooled tokens, the MLP ``head``.
+
+    Args:
+        n_labels: number of labels (one logit each).
+        image_size: the (square) image side the model takes.
+        patch: the patch side.
+        in_channels: image channels.
+        dim: the token width.
+        depth: the number of blocks.
+        heads: attention heads per block.
+        hidden: width of the MLP head.
+        dropout: head dropout.
+
+    Raises:
+        ValueError: ``image_size`` is not a multiple of ``patch``, or ``dim`` of ``heads``.
+    """
 
     default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)
 
@@ -248,7 +318,13 @@ class SmallViT(nn.Module):
         self.n_labels = n_labels
 
     def embed(self, x):
-        """The mean of the final token features ``(N, dim)`` of images ``x``.
+        """The mean of the final token features of images ``x``.
+
+        Args:
+            x: images ``(N, in_channels, image_size, image_size)``.
+
+        Returns:
+            A tensor ``(N, dim)``.
 
         Raises:
             ValueError: images of another size than the model was built for.

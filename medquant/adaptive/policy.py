@@ -31,13 +31,21 @@ from .quantizer import DEFAULT_BIT_MAP, AdaptiveQuantizer, _check_bit_map
 
 def policy_labels(loss_by_bits: Mapping[int, torch.Tensor], full_precision_loss: torch.Tensor,
                   epsilon: float) -> torch.Tensor:
-    """Per-sample label: the lowest bit-width whose loss is within ``epsilon`` of full precision (module doc).
+    """Per-sample label: the lowest bit-width whose loss is within ``epsilon`` of full precision.
+
+    ``label_i = min{b : loss_b[i] <= fp[i] + epsilon}``, the highest width when none qualifies.
 
     Args:
         loss_by_bits: bits -> per-sample losses ``(N,)``.
         full_precision_loss: ``(N,)`` per-sample losses with float activations.
         epsilon: tolerance (>= 0), in the loss's units.
-    Returns ``(N,)`` int64 bit-widths.
+
+    Returns:
+        ``(N,)`` int64 bit-widths.
+
+    Raises:
+        ValueError: ``loss_by_bits`` is empty, ``epsilon`` negative or not finite, loss vectors of another shape
+            than ``full_precision_loss``, or losses that are NaN or infinite.
     """
     if not loss_by_bits:
         raise ValueError("loss_by_bits is empty")
@@ -60,20 +68,21 @@ def policy_labels(loss_by_bits: Mapping[int, torch.Tensor], full_precision_loss:
 def per_sample_losses(aq: AdaptiveQuantizer, inputs: torch.Tensor, targets: torch.Tensor,
                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], bits_list=None,
                       batch_size: int = 256) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Per-sample losses at each uniform activation width of ``bits_list`` (default the bit map's widths) and
-    with float activations. ``loss_fn(logits, targets)`` must return one loss per sample (``reduction="none"``,
-    summed over labels if needed). Returns ``(bits -> (N,), fp (N,))``.
+    """Per-sample losses at each uniform activation width of ``bits_list``, and with float activations.
+
+    ``loss_fn(logits, targets)`` must return one loss per sample (``reduction="none"``, summed over labels if
+    needed). The quantizer's statistics (:meth:`AdaptiveQuantizer.stats`) are left as they were.
 
     Args:
         aq: the :class:`AdaptiveQuantizer` wrapping the model.
         inputs: the inputs ``(N, ...)``.
         targets: the targets.
         loss_fn: per-sample loss of ``(logits, targets)``.
-        bits_list: the widths to try (default the bit map's quantized widths).
+        bits_list: the widths to try (default the bit map's widths).
         batch_size: samples per forward pass.
 
     Returns:
-        ``(losses by width, float losses)``.
+        ``(bits -> (N,) losses, float-activation losses (N,))``.
     """
     saved = (dict(aq._count_by_level), dict(aq._bits_by_level), dict(aq._hist))  # not part of the user's stats
     bits_list = sorted(set(bits_list or aq.bit_map.values()))
@@ -112,9 +121,11 @@ def _one_thread():
 
 
 class LearnedPolicy(nn.Module):
-    """Small MLP from the five complexity metrics to a level, trained on :func:`policy_labels` under an
-    average-bit budget (module docstring). ``levels(images=None, metrics=None)`` works like a scorer's, so a
-    fitted policy can be handed to :class:`AdaptiveQuantizer` as ``scorer=``.
+    """Small MLP from the five complexity metrics to a level, trained on :func:`policy_labels` under a budget.
+
+    ``levels(images=None, metrics=None)`` works like a scorer's, so a fitted policy can be handed to
+    :class:`AdaptiveQuantizer` as ``scorer=``. The average-bit budget is met by a penalty while training and a
+    bisected offset ``lambda`` on the level scores after it (module docstring).
 
     Args:
         bit_map: level -> bits (the same map the quantizer uses).
@@ -143,6 +154,7 @@ class LearnedPolicy(nn.Module):
 
     @property
     def n_levels(self) -> int:
+        """Number of levels (the entries of the bit map)."""
         return len(self.level_list)
 
     def _features(self, metrics) -> torch.Tensor:
@@ -155,9 +167,23 @@ class LearnedPolicy(nn.Module):
 
     def fit(self, metrics, labels_bits, budget: float | None = None, epochs: int = 300, lr: float = 0.03,
             penalty: float = 1.0, seed: int = 0) -> LearnedPolicy:
-        """Train on raw metrics ``(N, 5)`` and per-sample label bit-widths ``(N,)`` (from :func:`policy_labels`).
+        """Train on raw metrics and per-sample label bit-widths (from :func:`policy_labels`).
 
-        ``budget``: target average bits (between the smallest and the largest width of the bit map), or None.
+        Args:
+            metrics: raw complexity metrics ``(N, 5)``, N >= 2.
+            labels_bits: the label bit-width of every sample ``(N,)``, each a width of the bit map.
+            budget: target average bits (between the smallest and the largest width of the bit map), or None.
+            epochs: full-batch Adam steps.
+            lr: Adam learning rate.
+            penalty: weight of the budget penalty ``relu(E[bits] - budget) / max bits``.
+            seed: seed of the MLP's initial weights.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: shapes other than ``(N, 5)`` and ``(N,)`` with N >= 2, label widths not in the bit map, or a
+                budget outside the bit map's range.
         """
         m = torch.as_tensor(metrics, dtype=torch.float32)
         bits = torch.as_tensor(labels_bits, dtype=torch.int64)
@@ -227,7 +253,19 @@ class LearnedPolicy(nn.Module):
 
     @torch.no_grad()
     def levels(self, images=None, metrics=None) -> torch.Tensor:
-        """Predicted level ``(N,)`` int64 from raw metrics, or from images through ``scorer.metrics``."""
+        """Predicted level of each sample, from raw metrics or from images through ``scorer.metrics``.
+
+        Args:
+            images: images for the scorer.
+            metrics: raw metrics ``(N, 5)`` instead of images.
+
+        Returns:
+            An int64 tensor ``(N,)`` of levels of the bit map.
+
+        Raises:
+            RuntimeError: the policy is not fitted.
+            ValueError: neither images nor metrics, or images without a scorer.
+        """
         if not bool(self.fitted):
             raise RuntimeError("LearnedPolicy is not fitted: call fit(metrics, labels_bits, budget=...) first")
         if metrics is None:

@@ -90,8 +90,10 @@ def _parse_site(site) -> tuple[str, str]:
 
 
 def default_sites(model: nn.Module) -> list[tuple[str, str]]:
-    """The input of the classification head: ``model.default_adaptive_sites`` when the model declares it, the
-    ``head`` role of a Hugging Face model, or a top-level child named ``head`` / ``classifier`` / ``fc``.
+    """The input of the classification head.
+
+    ``model.default_adaptive_sites`` when the model declares it, the ``head`` role of a Hugging Face model, or
+    a top-level child named ``head`` / ``classifier`` / ``fc``.
 
     Args:
         model: the model.
@@ -122,8 +124,10 @@ def default_sites(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def block_output_sites(model: nn.Module, prefix: str | None = None) -> list[tuple[str, str]]:
-    """``(name, "output")`` for every block of ``model.blocks`` (or the ``nn.ModuleList`` named ``prefix``), or
-    the vision layers of a Hugging Face vision model (:func:`medquant.models.vision_layers`).
+    """``(name, "output")`` for every block of ``model.blocks``, of the list ``prefix``, or of the vision layers.
+
+    Without ``blocks`` or ``prefix``, the vision layers of a Hugging Face vision model
+    (:func:`medquant.models.vision_layers`).
 
     Args:
         model: the model.
@@ -170,6 +174,11 @@ class AdaptiveQuantizer(nn.Module):
 
     Call: ``aq(x, levels=lv)``, ``aq(x, bits=b)``, ``aq(x, images=raw)`` or ``aq(x)`` (scorer on ``x``); any other
     positional / keyword arguments go to the model. ``aq.stats()`` reports the average bits actually used.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``weight_sequential`` is neither a bool nor a dict.
+        ValueError: a scorer level missing from the bit map, no site, an unknown or duplicate site, unknown
+            ``weight_sequential`` options, or ``weight_sequential`` without ``weight_config``.
     """
 
     def __init__(
@@ -264,7 +273,11 @@ class AdaptiveQuantizer(nn.Module):
         return hook
 
     def remove(self) -> nn.Module:
-        """Remove the hooks and return the (weight-quantized) model."""
+        """Remove the hooks and return the (weight-quantized) model.
+
+        Returns:
+            The wrapped model, without the activation-quantization hooks.
+        """
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -272,7 +285,18 @@ class AdaptiveQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ levels -> bits
     def levels_to_bits(self, levels) -> torch.Tensor:
-        """Map levels (B,) to bit-widths (B,) int64 through ``bit_map``; unknown levels raise."""
+        """Map levels to bit-widths through ``bit_map``.
+
+        Args:
+            levels: one integer level per sample ``(B,)``.
+
+        Returns:
+            An int64 tensor ``(B,)`` of bit-widths.
+
+        Raises:
+            TypeError: levels that are not integers.
+            ValueError: levels that are not 1-D, or a level the bit map does not have.
+        """
         lv = torch.as_tensor(levels)
         if lv.dtype.is_floating_point or lv.dtype == torch.bool:
             if lv.dtype == torch.bool or not bool(torch.all(lv == lv.round())):
@@ -292,7 +316,14 @@ class AdaptiveQuantizer(nn.Module):
 
     @contextlib.contextmanager
     def bits_context(self, bits) -> Iterator[None]:
-        """Set the per-sample bits for model calls made by other code (e.g. a generation loop)."""
+        """Set the per-sample bits for model calls made by other code (e.g. a generation loop).
+
+        Args:
+            bits: one bit-width per sample (1..8 or >= 16).
+
+        Yields:
+            Nothing; inside the block every site quantizes with ``bits``.
+        """
         prev = self._bits
         self._bits = check_bits(torch.as_tensor(bits), int(torch.as_tensor(bits).numel()))
         try:
@@ -302,7 +333,11 @@ class AdaptiveQuantizer(nn.Module):
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
-        """Run the model with the activation quantization off (weights stay quantized)."""
+        """Run the model with the activation quantization off (weights stay quantized).
+
+        Yields:
+            Nothing; inside the block the sites pass activations through.
+        """
         prev = self._enabled
         self._enabled = False
         try:
@@ -312,7 +347,21 @@ class AdaptiveQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def resolve_bits(self, args=(), levels=None, bits=None, images=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-sample (bits, levels) for one call; see the class docstring for the precedence."""
+        """Per-sample bits and levels for one call; see the class docstring for the precedence.
+
+        Args:
+            args: the positional model inputs (the first one is scored when nothing else is given).
+            levels: one level per sample.
+            bits: one bit-width per sample.
+            images: raw images for the scorer.
+
+        Returns:
+            ``(bits, levels)``: int64 ``(B,)`` bit-widths, and the levels (None when ``bits`` were given).
+
+        Raises:
+            ValueError: more than one of ``levels`` / ``bits`` / ``images``, bits that are not 1-D, or no levels
+                and no scorer or images to score.
+        """
         given = sum(v is not None for v in (levels, bits, images))
         if given > 1:
             raise ValueError("pass only one of levels=, bits= and images=")
@@ -380,6 +429,9 @@ class AdaptiveQuantizer(nn.Module):
         ``average_bits`` = sum over processed samples of their bit-width / number of samples (a float row counts
         at its nominal 16/32); ``per_level[l] = {"samples", "average_bits"}`` (calls with ``levels``); ``histogram``
         = bits -> samples. Samples are counted once per forward call, whatever the number of sites.
+
+        Returns:
+            ``{"samples", "average_bits", "per_level", "histogram"}``.
         """
         n = sum(self._hist.values())
         total = sum(b * c for b, c in self._hist.items())

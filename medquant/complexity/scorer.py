@@ -32,7 +32,11 @@ _EPS_SPREAD = 1e-12
 
 
 class ComplexityScorer(nn.Module):
-    """Image complexity scorer.
+    """Image complexity scorer: five metrics per image, a calibrated weighted score, and quantile levels.
+
+    The score of metrics ``x`` is ``sum_m w_m (x_m - o_m) / s_m / sum_m w_m`` with the offsets ``o`` and
+    spreads ``s`` fitted on calibration images (min / max, or two quantiles); level ``k`` of ``n_levels`` holds
+    the scores between the ``k/n`` and ``(k+1)/n`` quantiles of the calibration scores (level 0 = the simplest).
 
     Args:
         n_levels: number of complexity levels (>= 1; default 4, quartiles).
@@ -42,6 +46,11 @@ class ComplexityScorer(nn.Module):
         normalisation: ``"minmax"`` (default) or ``"quantile"``.
         quantiles: (low, high) for ``"quantile"`` normalisation.
         bits_stored: default bit depth for integer images wider than 8 bits (e.g. 12); per-call override.
+
+    Raises:
+        ValueError: ``n_levels`` is not a positive int, ``normalisation`` unknown, ``quantiles`` not
+            ``0 <= low < high <= 1``, ``edge_threshold`` negative or not finite, or ``weights`` of the wrong length,
+            with unknown names, negative, not finite or all zero.
 
     Example::
 
@@ -105,28 +114,45 @@ class ComplexityScorer(nn.Module):
 
     @property
     def n_levels(self) -> int:
+        """Number of complexity levels (``len(thresholds) + 1``)."""
         return int(self.thresholds.numel()) + 1
 
     @property
     def device(self) -> torch.device:
+        """The device of the scorer's buffers (where metrics are computed)."""
         return self.thresholds.device
 
     @property
     def is_fitted(self) -> bool:
+        """Whether :meth:`fit` (or ``load_state_dict`` of a fitted state) has run."""
         return bool(self.fitted)
 
     def set_weights(self, weights) -> ComplexityScorer:
-        """Change the metric weights (takes effect on the next ``score``; re-``fit`` to update thresholds)."""
+        """Change the metric weights (takes effect on the next ``score``; re-``fit`` to update the thresholds).
+
+        Args:
+            weights: 5 non-negative numbers in :data:`METRIC_NAMES` order, or a mapping name -> weight.
+
+        Returns:
+            ``self``.
+        """
         self.metric_weights = self._parse_weights(weights).to(self.device)
         return self
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()
     def metrics(self, images, bits_stored: int | None = None, as_dict: bool = False):
-        """The five raw metrics per image -> float64 tensor (N, 5) on the scorer's device.
+        """The five raw metrics of each image, on the scorer's device.
 
-        ``images``: see :mod:`medquant.complexity.inputs`. With ``as_dict=True`` returns name -> (N,) tensor.
-        An empty list gives an empty (0, 5) tensor.
+        Args:
+            images: what :mod:`medquant.complexity.inputs` accepts (tensors, arrays, PIL / DICOM images,
+                lists of them).
+            bits_stored: bit depth of integer images wider than 8 bits (default: the scorer's ``bits_stored``).
+            as_dict: return ``name -> (N,)`` instead of one tensor.
+
+        Returns:
+            A float64 tensor ``(N, 5)`` in :data:`METRIC_NAMES` order (an empty input gives ``(0, 5)``), or
+            the dict.
         """
         bits = bits_stored if bits_stored is not None else self.bits_stored
         n, groups = prepare(images, bits_stored=bits, device=self.device)
@@ -156,7 +182,16 @@ class ComplexityScorer(nn.Module):
     def fit(self, calibration_images=None, metrics=None) -> ComplexityScorer:
         """Learn the per-metric normalisation and the level thresholds from a calibration set.
 
-        Pass images, or precomputed raw ``metrics=`` (N, 5). Needs at least one image. Returns ``self``.
+        Args:
+            calibration_images: the calibration images (as for :meth:`metrics`).
+            metrics: instead of images, their precomputed raw metrics ``(N, 5)``.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: no calibration image, neither images nor metrics, or metrics of the wrong shape or not
+                finite.
         """
         m = self._as_metric_tensor(calibration_images, metrics)
         if m.shape[0] == 0:
@@ -190,13 +225,32 @@ class ComplexityScorer(nn.Module):
 
     @torch.no_grad()
     def score(self, images=None, metrics=None) -> torch.Tensor:
-        """Combined complexity score (N,) float64: weighted mean of the normalised metrics."""
+        """Combined complexity score: the weighted mean of the normalised metrics (see the class docstring).
+
+        Args:
+            images: the images (as for :meth:`metrics`).
+            metrics: instead of images, their raw metrics ``(N, 5)``.
+
+        Returns:
+            A float64 tensor ``(N,)``.
+        """
         self._check_fitted()
         return self._score_from_metrics(self._as_metric_tensor(images, metrics))
 
     @torch.no_grad()
     def levels_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """Level (N,) int64 in [0, n_levels) of precomputed scores: #{k : score > t_k}."""
+        """Level of precomputed scores: ``#{k : score > t_k}`` for the fitted thresholds ``t``.
+
+        Args:
+            scores: combined scores (:meth:`score`), any shape.
+
+        Returns:
+            An int64 tensor of the same shape, values in ``[0, n_levels)``.
+
+        Raises:
+            RuntimeError: the scorer is not fitted.
+            ValueError: a score is NaN or infinite.
+        """
         self._check_fitted()
         s = torch.as_tensor(scores, dtype=torch.float64, device=self.device)
         if not bool(torch.isfinite(s).all()):
@@ -207,7 +261,15 @@ class ComplexityScorer(nn.Module):
 
     @torch.no_grad()
     def levels(self, images=None, metrics=None) -> torch.Tensor:
-        """Complexity level (N,) int64 in [0, n_levels); 0 = simplest."""
+        """Complexity level of each image; 0 = simplest.
+
+        Args:
+            images: the images (as for :meth:`metrics`).
+            metrics: instead of images, their raw metrics ``(N, 5)``.
+
+        Returns:
+            An int64 tensor ``(N,)`` with values in ``[0, n_levels)``.
+        """
         return self.levels_from_scores(self.score(images, metrics))
 
     def forward(self, images) -> torch.Tensor:

@@ -38,7 +38,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
             mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over (unmasked) positions.
 
-    Logits are ``(..., V)``; ``mask`` has the leading shape (1 = count the position).
+    Logits are ``(..., V)``; ``mask`` has the leading shape (1 = count the position). The ``T^2`` factor keeps the
+    gradient's scale independent of ``T`` (Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural
+    Network", 2015).
 
     Args:
         student_logits: the student's logits.
@@ -48,6 +50,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
     Returns:
         The scalar loss.
+
+    Raises:
+        ValueError: the logits' shapes differ, ``temperature <= 0``, the mask's shape is not the positions', or the
+            mask leaves no position.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -74,18 +80,7 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 class Distiller(nn.Module):
-    """Distil ``teacher`` into ``student``.
-
-    Args:
-        teacher, student: models called as ``model(**batch)`` (dict batches) or ``model(batch)``.
-        alpha: weight of the KD term (``1 - alpha`` on the task loss).
-        temperature: ``T``.
-        feature_pairs: ``[(student_layer, teacher_layer), ...]`` indices into ``hidden_states`` to match.
-        feature_weight: ``beta``.
-        feature_norm: divide each pair's squared error by the teacher feature's mean square over the same
-            positions (a relative error), so that layers whose residual stream is large (LLMs' outlier
-            dimensions grow with depth) do not dominate the feature term. Default ``False``: plain MSE.
-        task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
+    """Distil ``teacher`` into ``student``: ``L = alpha * kd + (1 - alpha) * task + beta * features``.
 
     The module's own parameters are the feature projections: optimise ``distiller.trainable_parameters()``.
 
@@ -96,6 +91,24 @@ class Distiller(nn.Module):
     rank has the same number of positions (equal batch sizes; for token KD, equal unmasked token counts),
     otherwise a reweighting of it. ``distiller.student_module`` is the unwrapped student. A student sharded with
     FSDP2 ``fully_shard`` (on the default process group) is trained the same way (FSDP averages its gradients).
+
+    Args:
+        teacher: the frozen teacher, called as ``model(**batch)`` (dict batches) or ``model(batch)``; it is put in
+            eval mode with ``requires_grad=False`` and is not a submodule (never trained, not in ``state_dict``).
+        student: the model to train, called the same way.
+        alpha: weight of the KD term (``1 - alpha`` on the task loss).
+        temperature: ``T`` of :func:`kd_loss`.
+        feature_pairs: ``[(student_layer, teacher_layer), ...]`` indices into ``hidden_states`` to match.
+        feature_weight: ``beta``.
+        feature_norm: divide each pair's squared error by the teacher feature's mean square over the same
+            positions (a relative error), so that layers whose residual stream is large (LLMs' outlier
+            dimensions grow with depth) do not dominate the feature term. Default ``False``: plain MSE.
+        student_dim: the student's hidden size for the feature projections (default: read from its config).
+        teacher_dim: the teacher's hidden size (default: read from its config).
+        task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
+
+    Raises:
+        ValueError: ``alpha`` outside [0, 1], ``temperature <= 0``, or ``teacher is student``.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
@@ -134,7 +147,11 @@ class Distiller(nn.Module):
         return _unwrap(self.student)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Student parameters that require grad, plus the feature projections."""
+        """The parameters :meth:`fit` trains.
+
+        Returns:
+            The student's parameters that require grad, then the feature projections' parameters.
+        """
         return [p for p in self.student.parameters() if p.requires_grad] + list(self.projections.parameters())
 
     def _task(self, out: Any, batch: Any, logits: torch.Tensor) -> torch.Tensor:
@@ -209,9 +226,25 @@ class Distiller(nn.Module):
     def fit(self, data: Iterable[Any], *, steps: int | None = None, epochs: int = 1, lr: float = 5e-5,
             optimizer: torch.optim.Optimizer | None = None, grad_clip: float | None = 1.0,
             progress: bool = True) -> list[float]:
-        """Train the student (and projections) on ``L`` (module docstring) with AdamW by default; returns the
-        per-step losses. ``steps`` (repeating passes over ``data`` as needed) overrides ``epochs``; a falsy
-        ``grad_clip`` disables clipping. The loop is :func:`medquant.training.train_steps`."""
+        """Train the student (and the projections) on ``L`` (module docstring) with AdamW by default.
+
+        The loop is :func:`medquant.training.train_steps`.
+
+        Args:
+            data: the batches (an iterable; re-iterated for several epochs or when ``steps`` needs more passes).
+            steps: optimiser steps, repeating passes over ``data`` as needed; overrides ``epochs``.
+            epochs: passes over ``data`` when ``steps`` is None.
+            lr: the AdamW learning rate (when no ``optimizer`` is given).
+            optimizer: an optimiser over :meth:`trainable_parameters` to use instead of AdamW.
+            grad_clip: the gradient-norm clip; a falsy value disables clipping.
+            progress: show a progress bar.
+
+        Returns:
+            The per-step losses.
+
+        Raises:
+            ValueError: ``steps < 1``, nothing to train, or ``data`` is empty.
+        """
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         params = self.trainable_parameters()

@@ -93,6 +93,9 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
 
     Returns:
         One :class:`LayerCost` per Linear / Conv2d layer that ran.
+
+    Raises:
+        ValueError: the model has no Linear / Conv2d layer.
     """
     rows: dict[str, LayerCost] = {}
     hooks = []

@@ -47,8 +47,10 @@ def _as_np(x: Any, name: str) -> np.ndarray:
 
 
 def predictions(logits: Any, task: str = "multiclass", threshold: float = 0.0) -> np.ndarray:
-    """Labels from logits: argmax over the last axis (binary/multi-class with ``(N, C)`` logits), or
-    ``logit > threshold`` (binary ``(N,)`` logits and multi-label ``(N, C)``).
+    """Labels from logits.
+
+    Argmax over the last axis (binary/multi-class with ``(N, C)`` logits), or ``logit > threshold`` (binary
+    ``(N,)`` logits and multi-label ``(N, C)``).
 
     Args:
         logits: ``(N, C)`` or ``(N,)`` scores (tensor or array).
@@ -57,6 +59,9 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float = 0.0) -
 
     Returns:
         Integer labels: ``(N,)`` or, for multi-label, ``(N, C)`` 0/1.
+
+    Raises:
+        ValueError: an unknown ``task``.
     """
     try:
         import torch
@@ -104,6 +109,14 @@ class FairnessReport:
         eodd: mean over classes of (TPR gap + FPR gap).
         classes: the classes scored.
         tpr: true-positive rate, class -> group -> rate (also ``tnr``, ``fpr``; ``positives`` counts).
+
+    Attributes:
+        tnr: true-negative rate, class -> group -> rate.
+        fpr: false-positive rate, class -> group -> rate.
+        positives: positive samples, class -> group -> count.
+        tpr_gap: per class, the highest minus the lowest per-group TPR.
+        tnr_gap: per class, the highest minus the lowest per-group TNR.
+        fpr_gap: per class, the highest minus the lowest per-group FPR.
     """
 
     task: str
@@ -130,6 +143,11 @@ class FairnessReport:
     fpr_gap: dict[int, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (group and class ids as string keys).
+
+        Returns:
+            The dict.
+        """
         d = asdict(self)
         # JSON keys must be strings
         for k in ("counts", "acc", "balanced_acc_group", "tpr_gap", "tnr_gap", "fpr_gap"):
@@ -170,8 +188,9 @@ def _balanced(y_true: np.ndarray, y_pred: np.ndarray, task: str) -> float:
 
 def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = None,
                     n_classes: int | None = None) -> FairnessReport:
-    """All group metrics of the module docstring. ``task`` is inferred when None (2-D labels: multi-label;
-    only 0/1: binary; else multi-class).
+    """All group metrics of the module docstring.
+
+    ``task`` is inferred when None (2-D labels: multi-label; only 0/1: binary; else multi-class).
 
     Args:
         y_true: true labels, ``(N,)`` (binary / multi-class) or ``(N, C)`` 0/1 (multi-label).
@@ -263,6 +282,10 @@ def balanced_accuracy(y_true: Any, y_pred: Any, task: str | None = None) -> floa
 
     Returns:
         The mean per-class recall (multi-label: mean over labels of the mean of TPR and TNR).
+
+    Raises:
+        ValueError: ``y_true`` and ``y_pred`` differ in shape.
+        TypeError: labels that are not integers.
     """
     yt, yp = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred")
     if yt.shape != yp.shape:

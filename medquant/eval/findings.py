@@ -125,8 +125,10 @@ FINDING_SYNONYMS: dict[str, tuple[str, ...]] = {
 
 
 def findings_prompt(findings: tuple[str, ...] = CHEXPERT_FINDINGS) -> str:
-    """The prompt listing ``findings`` and asking which are present; parse the answer with
-    :func:`medquant.eval.labeler.parse_findings`."""
+    """The prompt listing ``findings`` and asking which are present.
+
+    Parse the answer with :func:`medquant.eval.labeler.parse_findings`.
+    """
     listed = "\n".join(f"- {f}" for f in findings)
     return ("You are reading a chest X-ray. From the list below, name every finding that is present in the image. "
             "Answer with the names from the list, separated by commas; say 'No Finding' if none is present, and "
@@ -185,7 +187,19 @@ def binarize(labels: np.ndarray, uncertain: str = "positive") -> np.ndarray:
 
 @dataclass
 class MultilabelScores:
-    """Per-finding precision/recall/F1/support plus micro and macro averages."""
+    """Per-finding precision / recall / F1 / support plus micro and macro averages (:func:`multilabel_scores`).
+
+    Attributes:
+        names: the findings, in column order.
+        precision: per finding, ``TP / (TP + FP)`` (0 when nothing was predicted).
+        recall: per finding, ``TP / (TP + FN)`` (0 when there is no positive).
+        f1: per finding, the harmonic mean of precision and recall.
+        support: per finding, the number of positive samples.
+        micro_precision: precision of the pooled counts of every finding.
+        micro_recall: recall of the pooled counts.
+        micro_f1: F1 of the pooled counts.
+        macro_f1: the mean of the per-finding F1.
+    """
 
     names: tuple[str, ...]
     precision: np.ndarray
@@ -198,14 +212,22 @@ class MultilabelScores:
     macro_f1: float
 
     def as_dict(self) -> dict:
-        """JSON-ready scores: ``per_finding`` (precision, recall, F1, support) and the micro / macro values."""
+        """JSON-ready scores.
+
+        Returns:
+            ``per_finding`` (precision, recall, F1, support per finding) and the micro / macro values.
+        """
         per = {n: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                for n, p, r, f, s in zip(self.names, self.precision, self.recall, self.f1, self.support)}
         return {"per_finding": per, "micro_precision": self.micro_precision, "micro_recall": self.micro_recall,
                 "micro_f1": self.micro_f1, "macro_f1": self.macro_f1}
 
     def table(self) -> str:
-        """The scores as a text table, one line per finding."""
+        """The scores as a text table, one line per finding, then the micro and macro lines.
+
+        Returns:
+            The table.
+        """
         lines = [f"{'finding':28s} {'P':>6s} {'R':>6s} {'F1':>6s} {'n':>5s}"]
         for n, p, r, f, s in zip(self.names, self.precision, self.recall, self.f1, self.support):
             lines.append(f"{n:28s} {p:6.3f} {r:6.3f} {f:6.3f} {int(s):5d}")

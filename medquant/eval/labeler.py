@@ -212,7 +212,8 @@ def label_reports(texts: Iterable[str], mode: str = "report") -> np.ndarray:
 
 
 def parse_findings(answer: str) -> np.ndarray:
-    """Turn a model's answer to :func:`medquant.eval.findings.findings_prompt` into a three-valued 14-vector:
+    """Turn a model's answer to :func:`medquant.eval.findings.findings_prompt` into a three-valued 14-vector.
+
     1 positive, 0 negated, -1 uncertain, nan not mentioned (:func:`label_text` in ``"answer"`` mode).
 
     Accepts comma/line/semicolon separated lists, ``"Finding: yes|no|present|absent|possible"`` key-value

@@ -20,8 +20,10 @@ __all__ = ["perplexity", "token_batches"]
 
 def token_batches(tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 128,
                   drop_last: bool = False) -> list[dict[str, torch.Tensor]]:
-    """``texts`` tokenized in order, ``batch_size`` at a time, padded and truncated to ``max_length`` tokens
-    (``tokenizer(..., padding=True, truncation=True)``); ``drop_last`` leaves out a final smaller batch.
+    """``texts`` tokenized in order, ``batch_size`` at a time, padded and truncated to ``max_length`` tokens.
+
+    Each batch is ``tokenizer(..., padding=True, truncation=True)`` of the next ``batch_size`` texts; ``drop_last``
+    leaves out a final smaller batch.
 
     Args:
         tokenizer: a transformers tokenizer with a pad token.
@@ -46,12 +48,11 @@ def token_batches(tokenizer, texts: Sequence[str], batch_size: int = 8, max_leng
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-    """Token-weighted perplexity (module doc) of ``model`` on ``batches`` (dicts with ``input_ids`` and
-    ``attention_mask``, e.g. from :func:`token_batches`); the model is called as ``model(**batch)`` and must return
-    ``.logits`` (a transformers causal LM) or the logits tensor itself.
+    """Token-weighted perplexity (module docstring) of ``model`` on ``batches``.
 
-    Raises:
-        ValueError: the batches hold no token to predict.
+    The batches are dicts with ``input_ids`` and ``attention_mask`` (e.g. from :func:`token_batches`); the model
+    is called as ``model(**batch)`` and must return ``.logits`` (a transformers causal LM) or the logits tensor
+    itself.
 
     Args:
         model: a causal language model.
@@ -59,6 +60,9 @@ def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]
 
     Returns:
         ``exp`` of the mean next-token cross-entropy over every predicted (unpadded) token.
+
+    Raises:
+        ValueError: the batches hold no token to predict.
     """
     nll, count = 0.0, 0
     for b in batches:

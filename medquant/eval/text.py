@@ -165,7 +165,16 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
 
 @dataclass(frozen=True)
 class TextMetrics:
-    """The four seed-001 metrics for one system (0-1 scales) and how METEOR was computed."""
+    """The four report-generation metrics of one system (0-1 scales) and how METEOR was computed.
+
+    Attributes:
+        bleu4: corpus BLEU-4 (:func:`bleu4`).
+        rouge_l: mean ROUGE-L F-measure (:func:`rouge_l`).
+        meteor: mean METEOR (:func:`meteor`).
+        bertscore_f1: mean BERTScore F1 (:func:`bertscore_f1`), NaN when not computed.
+        meteor_variant: which METEOR ran (:func:`meteor_variant`).
+        n: the number of hypothesis / reference pairs.
+    """
 
     bleu4: float
     rouge_l: float
@@ -175,7 +184,12 @@ class TextMetrics:
     n: int
 
     def as_dict(self) -> dict:
-        """The four scores as a dict."""
+        """The fields as a dict.
+
+        Returns:
+            The dict of the six fields (``bleu4``, ``rouge_l``, ``meteor``, ``bertscore_f1``, ``meteor_variant``,
+            ``n``).
+        """
         return asdict(self)
 
 

@@ -42,6 +42,9 @@ def scope_scores(reduced: dict[str, torch.Tensor], scope: str = "channel") -> di
 
     Returns:
         ``{layer: scores}``.
+
+    Raises:
+        ValueError: an unknown ``scope``.
     """
     if scope not in ALLOCATION_SCOPES:
         raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(ALLOCATION_SCOPES)}")

@@ -40,23 +40,33 @@ from .reducers import REDUCERS, reduce_groups
 class FairQuantAllocator:
     """Allocate per-scope weight bit-widths from group-conditioned importance.
 
+    Importance per group ``g`` is ``I_g = E[(dL_g/dw * w)^2]`` (``"grape"``) or ``E[|dL_g/dw|]`` (``"gradient"``);
+    the reducer combines the groups' maps into one map ``R`` per layer; each scope (output channel or tensor) is
+    scored from ``R`` and the palette bits are given by rank (``proportions``) or to meet ``target_bits``.
+
+    Fitted attributes: ``importance_`` (:class:`GroupImportance`), ``reduced_`` (``{layer: R}``), ``scores_``
+    (``{layer: scope scores}``), ``bit_map_`` (``{layer: per-scope bits}``), ``average_bits_``, ``scope_size_``.
+
     Args:
         bits: palette of integer bit-widths (1..8), e.g. ``(2, 4, 8)``.
         proportions: target share of scopes per palette bit (normalised), used when ``target_bits`` is None.
         target_bits: parameter-weighted average-bit budget; overrides ``proportions`` (met within ``tolerance``).
         metric: ``"grape"`` (``(dL_g/dw * w)^2``) or ``"gradient"`` (``|dL_g/dw|``).
-        reducer: ``"balanced"`` (default), ``"max"``, ``"mean"`` or ``"cvar"`` (``cvar_alpha`` = 0.1).
+        reducer: ``"balanced"`` (default), ``"max"``, ``"mean"`` or ``"cvar"``.
         scope: ``"channel"`` (one bit-width and scale per output channel, default) or ``"tensor"``.
+        cvar_alpha: the tail share of the ``"cvar"`` reducer (default 0.1).
         max_batches: calibration mini-batches (default 50, as in the paper).
         groups: the group ids that must appear in the calibration data (optional; a declared group without
             samples raises). At least two groups must be seen in any case.
-        layers / skip: ``quantize_`` patterns restricting which Linear / Conv2d layers get bits (default: all).
+        layers: ``quantize_`` patterns of the Linear / Conv2d layers that get bits (default: all).
+        skip: ``quantize_`` patterns of layers left out.
         seed: seeds torch's global generator before calibration, so a shuffling DataLoader gives the same batches.
         tolerance: allowed distance of the achieved average from ``target_bits``.
         progress: tqdm bar over calibration batches.
 
-    Fitted attributes: ``importance_`` (:class:`GroupImportance`), ``reduced_`` (``{layer: R}``), ``scores_``
-    (``{layer: scope scores}``), ``bit_map_`` (``{layer: per-scope bits}``), ``average_bits_``, ``scope_size_``.
+    Raises:
+        ValueError: an unknown metric, reducer or scope, neither proportions nor a target, an invalid palette, a
+            target outside the palette's range, or fewer than two declared groups.
     """
 
     def __init__(
@@ -111,9 +121,22 @@ class FairQuantAllocator:
     # ------------------------------------------------------------------ fitting
     def fit(self, model: nn.Module, batches: Iterable[Any], *, loss_fn: LossFn | None = None,
             groups_fn: GroupsFn | None = None) -> FairQuantAllocator:
-        """Calibrate on ``batches`` and allocate. ``loss_fn(model, batch)`` returns per-sample losses ``(N,)`` or
-        ``(outputs, targets)``; ``groups_fn(batch)`` returns integer group ids ``(N,)``
-        (defaults: :func:`medquant.fairquant.batches.default_loss` / ``default_groups``)."""
+        """Calibrate on ``batches`` and allocate.
+
+        Args:
+            model: the float model.
+            batches: calibration batches.
+            loss_fn: ``loss_fn(model, batch)`` returns per-sample losses ``(N,)`` or ``(outputs, targets)``
+                (default :func:`medquant.fairquant.batches.default_loss`).
+            groups_fn: ``groups_fn(batch)`` returns integer group ids ``(N,)`` (default
+                :func:`medquant.fairquant.batches.default_groups`).
+
+        Returns:
+            ``self``, fitted.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(f"fit expects an nn.Module, got {type(model).__name__}")
         if self.seed is not None:
@@ -126,13 +149,27 @@ class FairQuantAllocator:
         return self.fit_importance(imp)
 
     def fit_importance(self, importance: GroupImportance) -> FairQuantAllocator:
-        """Allocate from precomputed per-group maps (e.g. hand-built ones); weight shapes come from the maps."""
+        """Allocate from precomputed per-group maps (e.g. hand-built ones); weight shapes come from the maps.
+
+        Args:
+            importance: the per-group importance maps.
+
+        Returns:
+            ``self``, fitted.
+        """
         self.importance_ = importance
         self.reduced_ = reduce_groups(importance.maps, self.reducer, self.cvar_alpha)
         return self.fit_reduced(self.reduced_)
 
     def fit_reduced(self, reduced: dict[str, torch.Tensor]) -> FairQuantAllocator:
-        """Allocate from one reduced importance map per layer (shapes = the layers' weight shapes)."""
+        """Allocate from one reduced importance map per layer (shapes = the layers' weight shapes).
+
+        Args:
+            reduced: ``{layer name: R}``.
+
+        Returns:
+            ``self``, fitted.
+        """
         self.reduced_ = reduced
         self.scores_ = scope_scores(reduced, self.scope)
         self.weight_shape_ = {n: tuple(r.shape) for n, r in reduced.items()}
@@ -152,7 +189,11 @@ class FairQuantAllocator:
 
     # ------------------------------------------------------------------ outputs
     def bit_map(self) -> dict[str, tuple[int, ...]]:
-        """``{module name: bits per output channel}`` (a per-tensor allocation is expanded to every channel)."""
+        """``{module name: bits per output channel}`` (a per-tensor allocation is expanded to every channel).
+
+        Returns:
+            The bit map.
+        """
         self._check_fitted()
         out = {}
         for name, bs in self.bit_map_.items():
@@ -161,9 +202,17 @@ class FairQuantAllocator:
         return out
 
     def to_quant_map(self, scale_dtype: str = "float16") -> ConfigMap:
-        """The :class:`~medquant.quant.ConfigMap` :func:`medquant.quantize_` consumes (exact layer names):
-        symmetric weights, per-output-channel scales and bits (``scope="channel"``), or one bit-width and one scale
-        per tensor (``scope="tensor"``)."""
+        """The :class:`~medquant.quant.ConfigMap` :func:`medquant.quantize_` consumes (exact layer names).
+
+        Symmetric weights, per-output-channel scales and bits (``scope="channel"``), or one bit-width and one
+        scale per tensor (``scope="tensor"``).
+
+        Args:
+            scale_dtype: the dtype the scales are stored in.
+
+        Returns:
+            The config map.
+        """
         self._check_fitted()
         out = {}
         for name, bs in self.bit_map_.items():
@@ -175,11 +224,23 @@ class FairQuantAllocator:
         return ConfigMap(out)
 
     def apply(self, model: nn.Module, progress: bool = False) -> nn.Module:
-        """``quantize_(model, self.to_quant_map())`` in place; returns the model."""
+        """``quantize_(model, self.to_quant_map())`` in place.
+
+        Args:
+            model: the model the allocator was fitted on.
+            progress: show a progress bar while quantizing.
+
+        Returns:
+            The quantized model.
+        """
         return quantize_(model, self.to_quant_map(), progress=progress)
 
     def layer_table(self) -> list[dict]:
-        """One row per layer: name, weight shape, scopes per palette bit, average bits."""
+        """One row per layer: name, weight shape, scopes per palette bit, average bits.
+
+        Returns:
+            The rows as dicts (``name``, ``shape``, ``scopes``, ``counts``, ``avg_bits``).
+        """
         self._check_fitted()
         rows = []
         for name, bs in self.bit_map_.items():
@@ -189,7 +250,11 @@ class FairQuantAllocator:
         return rows
 
     def format_table(self) -> str:
-        """The allocation as text: one line per layer (shape, channels at each palette width, average bits)."""
+        """The allocation as text: one line per layer (shape, channels at each palette width, average bits).
+
+        Returns:
+            The table, with the parameter-weighted average on its last line.
+        """
         rows = self.layer_table()
         w = max([len(r["name"]) for r in rows] + [5])
         head = f"{'layer':<{w}}  {'shape':<18}" + "".join(f"{str(b) + 'b':>7}" for b in self.bits) + "  avg bits"
@@ -201,7 +266,11 @@ class FairQuantAllocator:
         return "\n".join(lines)
 
     def state(self) -> dict[str, Any]:
-        """JSON-serialisable settings and allocation (for ``medquant.save(..., extras=...)``)."""
+        """JSON-serialisable settings and allocation (for ``medquant.save(..., extras=...)``).
+
+        Returns:
+            The state dict; :meth:`from_state` reads it.
+        """
         self._check_fitted()
         st: dict[str, Any] = {
             "bits": list(self.bits), "proportions": None if self.proportions is None else list(self.proportions),
@@ -217,7 +286,14 @@ class FairQuantAllocator:
 
     @classmethod
     def from_state(cls, st: dict[str, Any]) -> FairQuantAllocator:
-        """Rebuild a fitted allocator (allocation only, no importance maps) from :meth:`state`."""
+        """Rebuild a fitted allocator (allocation only, no importance maps) from :meth:`state`.
+
+        Args:
+            st: what :meth:`state` returned.
+
+        Returns:
+            The fitted allocator.
+        """
         a = cls(st["bits"], st["proportions"], target_bits=st["target_bits"], metric=st["metric"],
                 reducer=st["reducer"], scope=st["scope"], cvar_alpha=st["cvar_alpha"], progress=False)
         a.bit_map_ = {k: tuple(v) for k, v in st["bit_map"].items()}

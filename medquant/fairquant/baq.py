@@ -55,7 +55,14 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class BAQWeight(nn.Module):
-    """Parametrization ``w -> w^(theta)`` (module docstring). ``theta`` has one entry per scope."""
+    """Parametrization ``w -> w^(theta)`` (module docstring): ``theta`` has one entry per scope.
+
+    Args:
+        theta: the initial bit logits, one per scope (output channel or tensor).
+        b_min: the lowest bit-width.
+        b_max: the highest bit-width.
+        per_channel: one scale per output channel (else one per tensor).
+    """
 
     def __init__(self, theta: torch.Tensor, b_min: int, b_max: int, per_channel: bool):
         super().__init__()
@@ -63,11 +70,19 @@ class BAQWeight(nn.Module):
         self.b_min, self.b_max, self.per_channel = b_min, b_max, per_channel
 
     def continuous_bits(self) -> torch.Tensor:
-        """``b_cont = b_min + (b_max - b_min) * tanh(|theta|)`` per scope (differentiable in ``theta``)."""
+        """``b_cont = b_min + (b_max - b_min) * tanh(|theta|)`` per scope (differentiable in ``theta``).
+
+        Returns:
+            A tensor with one value per scope.
+        """
         return self.b_min + (self.b_max - self.b_min) * torch.tanh(self.theta.abs())
 
     def bits(self) -> torch.Tensor:
-        """``round(b_cont)`` per scope, with a straight-through gradient to ``theta``."""
+        """``round(b_cont)`` per scope, with a straight-through gradient to ``theta``.
+
+        Returns:
+            A float tensor of integer values, one per scope.
+        """
         return _round_ste(self.continuous_bits())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -103,6 +118,11 @@ class BAQWrapper:
             allocator itself); ``None`` = ``theta = 6``.
         lambda_bit, lambda_fair, target_bits: loss weights (module docstring).
         layers / skip: ``quantize_`` patterns restricting the layers.
+
+    Raises:
+        ValueError: a ``bit_range`` outside ``2 <= b_min < b_max <= 8``, an unknown scope, negative lambdas, a
+            target outside the bit range, a model already sharded with FSDP2, or ``init_bits`` for unknown layers,
+            of the wrong length or outside the bit range.
     """
 
     def __init__(self, model: nn.Module, *, bit_range: tuple[int, int] = (2, 8), scope: str = "channel",
@@ -158,26 +178,53 @@ class BAQWrapper:
 
     # ------------------------------------------------------------------ parameters and bits
     def logits(self) -> list[nn.Parameter]:
-        """The bit logits ``theta`` of every wrapped layer."""
+        """The bit logits ``theta`` of every wrapped layer.
+
+        Returns:
+            The parameters, one per layer.
+        """
         return [p.theta for p in self.params.values()]
 
     def weights(self) -> list[nn.Parameter]:
-        """The model's trainable parameters other than the bit logits."""
+        """The model's trainable parameters other than the bit logits.
+
+        Returns:
+            The parameters.
+        """
         ids = {id(t) for t in self.logits()}
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
 
     def continuous_bits(self) -> dict[str, torch.Tensor]:
-        """Layer name -> continuous bits per scope (see :meth:`BAQWeight.continuous_bits`)."""
+        """Layer name -> continuous bits per scope (see :meth:`BAQWeight.continuous_bits`).
+
+        Returns:
+            The detached tensors.
+        """
         return {n: p.continuous_bits() for n, p in self.params.items()}
 
     def bit_rate(self) -> torch.Tensor:
-        """``R_bits``: parameter-weighted mean of the continuous bits over all scopes (differentiable)."""
+        """``R_bits``: parameter-weighted mean of the continuous bits over all scopes (differentiable).
+
+        Returns:
+            A scalar tensor.
+        """
         num = sum(p.continuous_bits().sum() * self.sizes[n] for n, p in self.params.items())
         den = sum(p.theta.numel() * self.sizes[n] for n, p in self.params.items())
         return num / den
 
     def bits(self, project: bool = True, tolerance: float = 0.1) -> dict[str, tuple[int, ...]]:
-        """Discrete bits ``round(b_cont)`` per scope; with ``project`` and ``target_bits``, lowered to the budget."""
+        """Discrete bits ``round(b_cont)`` per scope; with ``project`` and ``target_bits``, lowered to the budget.
+
+        The projection lowers the scopes with the lowest continuous bits first, one bit at a time, until the
+        parameter-weighted average is within ``tolerance`` of ``target_bits``.
+
+        Args:
+            project: lower the bits to the budget when ``target_bits`` is set.
+            tolerance: allowed distance above ``target_bits``.
+
+        Returns:
+            ``{layer name: bits per scope}``.
+        """
         cont = {n: p.continuous_bits().detach() for n, p in self.params.items()}
         bits = {n: torch.round(c).long() for n, c in cont.items()}
         if project and self.target_bits is not None:
@@ -195,12 +242,26 @@ class BAQWrapper:
         return {n: tuple(int(x) for x in b.tolist()) for n, b in bits.items()}
 
     def average_bits(self, **kw) -> float:
-        """Parameter-weighted mean of the discrete bits of :meth:`bits` (same keyword arguments)."""
+        """Parameter-weighted mean of the discrete bits of :meth:`bits`.
+
+        Args:
+            **kw: the keyword arguments of :meth:`bits`.
+
+        Returns:
+            The average.
+        """
         b = self.bits(**kw)
         return sum(sum(v) * self.sizes[n] for n, v in b.items()) / sum(len(v) * self.sizes[n] for n, v in b.items())
 
     def bit_map(self, **kw) -> dict[str, tuple[int, ...]]:
-        """``{module name: bits per output channel}`` (per-tensor bits expanded)."""
+        """``{module name: bits per output channel}`` (per-tensor bits expanded).
+
+        Args:
+            **kw: the keyword arguments of :meth:`bits`.
+
+        Returns:
+            The bit map.
+        """
         out = {}
         for n, b in self.bits(**kw).items():
             rows = self.model.get_submodule(n).parametrizations.weight.original.shape[0]
@@ -209,8 +270,10 @@ class BAQWrapper:
 
     # ------------------------------------------------------------------ loss and training
     def loss(self, losses: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """BAQ's objective: ``mean(loss) + lambda_fair * fairness penalty + lambda_bit * R``, where ``R`` is the
-        bit rate (:meth:`bit_rate`) or, with ``target_bits``, ``relu(bit rate - target_bits)``.
+        """BAQ's objective.
+
+        ``mean(loss) + lambda_fair * fairness penalty + lambda_bit * R``, where ``R`` is the bit rate
+        (:meth:`bit_rate`) or, with ``target_bits``, ``relu(bit rate - target_bits)``.
 
         Args:
             losses: per-sample task losses ``(N,)``.
@@ -228,7 +291,16 @@ class BAQWrapper:
                        "avg_bits_cont": float(rate.detach())}
 
     def optimizer(self, weight_lr: float = 3e-5, logit_lr: float = 3e-3, weight_decay: float = 0.01):
-        """AdamW with two groups: weights (``weight_decay``) and bit logits (no weight decay)."""
+        """AdamW with two groups: weights (``weight_decay``) and bit logits (no weight decay).
+
+        Args:
+            weight_lr: learning rate of the weights.
+            logit_lr: learning rate of the bit logits.
+            weight_decay: weight decay of the weights.
+
+        Returns:
+            The optimiser.
+        """
         return torch.optim.AdamW([
             {"params": self.weights(), "lr": weight_lr, "weight_decay": weight_decay},
             {"params": self.logits(), "lr": logit_lr, "weight_decay": 0.0},
@@ -261,6 +333,30 @@ class BAQWrapper:
         (:func:`medquant.distributed.clip_grad_norm_`). Call :meth:`export` on every rank afterwards: it gathers
         the full weights into a plain copy of the model taken before sharding. A second ``fit`` of a sharded
         wrapper is refused.
+
+        Args:
+            batches: this rank's calibration / training batches (re-iterated per epoch).
+            epochs: passes over ``batches``.
+            max_steps: stop after this many optimiser steps (None: all epochs).
+            weight_lr: AdamW learning rate of the weights.
+            logit_lr: AdamW learning rate of the bit logits.
+            weight_decay: AdamW weight decay of the weights (none on the logits).
+            grad_clip: gradient-norm clip (None: none).
+            loss_fn: per-sample losses of ``(model, batch)`` (default
+                :func:`medquant.fairquant.batches.default_loss`).
+            groups_fn: group ids of a batch (default :func:`medquant.fairquant.batches.default_groups`).
+            progress: show a progress bar.
+            distributed: optimise the global objective over the ranks (see above).
+            group: the process group (default: the world).
+            fsdp: ``True`` or a 1-D ``DeviceMesh``: shard the model with FSDP2 first (see above).
+            fsdp_units: the module names ``fully_shard`` wraps (default each BAQ layer).
+
+        Returns:
+            One dict per step: ``loss``, ``task``, ``fair``, ``avg_bits_cont``.
+
+        Raises:
+            ValueError: ``epochs < 1``, ``fsdp`` without a distributed run, or ``fsdp`` together with ``group``.
+            RuntimeError: the wrapper's model was already sharded by an earlier fit.
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -333,9 +429,17 @@ class BAQWrapper:
 
     # ------------------------------------------------------------------ export
     def quant_map(self, **kw) -> ConfigMap:
-        """The discretised bits (:meth:`bits`, same keywords) as the :class:`~medquant.quant.ConfigMap`
-        :func:`medquant.quantize_` takes: symmetric weights with per-channel scales and ``channel_bits``
-        (``scope="channel"``) or one scale and bit-width per tensor."""
+        """The discretised bits (:meth:`bits`) as the :class:`~medquant.quant.ConfigMap` ``quantize_`` takes.
+
+        Symmetric weights with per-channel scales and ``channel_bits`` (``scope="channel"``) or one scale and
+        bit-width per tensor (:func:`medquant.quantize_`).
+
+        Args:
+            **kw: the keyword arguments of :meth:`bits`.
+
+        Returns:
+            The config map.
+        """
         out = {}
         for n, b in self.bits(**kw).items():
             if self.scope == "channel":
@@ -345,9 +449,18 @@ class BAQWrapper:
         return ConfigMap(out)
 
     def export(self, project: bool = True, tolerance: float = 0.1) -> nn.Module:
-        """Remove the BAQ parametrizations (keeping the trained float weights) and ``quantize_`` the model with the
-        discretised bits; returns the model (ordinary QuantLinear / QuantConv2d, saves and reloads). After an FSDP
-        fit, a collective: every rank gathers the full weights and returns the full exported model."""
+        """Remove the BAQ parametrizations (keeping the trained weights) and ``quantize_`` with the discrete bits.
+
+        The result has ordinary QuantLinear / QuantConv2d layers (it saves and reloads). After an FSDP fit this is a
+        collective: every rank gathers the full weights and returns the full exported model.
+
+        Args:
+            project: lower the bits to ``target_bits`` (see :meth:`bits`).
+            tolerance: allowed distance above ``target_bits``.
+
+        Returns:
+            The quantized model, in eval mode.
+        """
         qmap = self.quant_map(project=project, tolerance=tolerance)
         if self._skeleton is not None:  # FSDP: gather the trained weights into the plain copy (all ranks)
             self.model = mqd.load_full_state(self._skeleton, self.model)

@@ -32,8 +32,10 @@ _TARGET_KEYS = ("labels", "targets")
 
 
 def per_sample_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss ``(N,)``: cross-entropy for integer targets ``(N,)``; for float targets of the logits'
-    shape (multi-label), the mean over labels of binary cross-entropy with logits.
+    """Per-sample loss ``(N,)``.
+
+    Cross-entropy for integer targets ``(N,)``; for float targets of the logits' shape (multi-label), the mean
+    over labels of binary cross-entropy with logits.
 
     Args:
         outputs: the model's output (``.logits``, a tuple, or the logits tensor).
@@ -41,6 +43,10 @@ def per_sample_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(N,)`` losses.
+
+    Raises:
+        TypeError: ``targets`` is not a tensor.
+        ValueError: float targets not shaped like the logits, or logits / integer targets not ``(N, C)`` / ``(N,)``.
     """
     logits = main_output(outputs, hidden_state=False)  # the tensor, .logits or the first tuple element
     if not isinstance(targets, torch.Tensor):
@@ -70,6 +76,10 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
     Returns:
         Per-sample losses ``(N,)`` (see :func:`per_sample_loss`).
+
+    Raises:
+        KeyError: a dict batch without ``labels`` / ``targets``.
+        TypeError: a batch that is neither a dict nor a tuple / list.
     """
     if isinstance(batch, Mapping):
         key = next((k for k in _TARGET_KEYS if k in batch), None)
@@ -93,6 +103,10 @@ def default_groups(batch: Any) -> torch.Tensor:
 
     Returns:
         The group ids ``(N,)``.
+
+    Raises:
+        KeyError: a dict batch without ``groups``.
+        TypeError: a batch that is neither a dict nor a tuple / list.
     """
     if isinstance(batch, Mapping):
         if "groups" not in batch:

@@ -37,8 +37,9 @@ __all__ = ["all_reduce_importance", "distributed_group_importance", "fit_allocat
 
 
 def all_reduce_importance(importance, group=None):
-    """Sum a :class:`~medquant.fairquant.importance.GroupImportance` over all ranks (in place on the maps; also
-    returned). Groups seen by only some ranks count as zero maps elsewhere. No-op without a process group.
+    """Sum a :class:`~medquant.fairquant.importance.GroupImportance` over all ranks (in place on the maps).
+
+    Groups seen by only some ranks count as zero maps elsewhere. No-op without a process group.
 
     Args:
         importance: this rank's :class:`~medquant.fairquant.importance.GroupImportance`.
@@ -46,6 +47,9 @@ def all_reduce_importance(importance, group=None):
 
     Returns:
         ``importance``, summed.
+
+    Raises:
+        RuntimeError: the ranks computed importance for different layers.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return importance
@@ -78,8 +82,10 @@ def all_reduce_importance(importance, group=None):
 
 
 def distributed_group_importance(model: nn.Module, batches, *, max_batches: int | None = 50, group=None, **kwargs):
-    """This rank's share of the first ``max_batches`` calibration batches (``rank, rank + world, ...``), its partial
-    importance (``compute_group_importance(model, share, **kwargs)``), summed over ranks.
+    """Group importance of the first ``max_batches`` calibration batches, computed across ranks and summed.
+
+    Each rank takes its share of the batches (``rank, rank + world, ...``) and computes its partial importance
+    (``compute_group_importance(model, share, **kwargs)``); the partial maps are summed over the ranks.
 
     Args:
         model: the model (identical on every rank).
@@ -90,6 +96,10 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
 
     Returns:
         The global :class:`~medquant.fairquant.importance.GroupImportance`.
+
+    Raises:
+        ValueError: an invalid rank / world size, ``max_batches`` below the number of processes, or a single group
+            over all ranks.
     """
     r, w = rank(), world_size()
     if w < 1 or not 0 <= r < w:
@@ -108,8 +118,9 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
 
 
 def fit_allocator_distributed(allocator, model: nn.Module, batches, *, loss_fn=None, groups_fn=None, group=None):
-    """``allocator.fit(model, batches)`` with the calibration split across ranks (module docstring); returns the
-    fitted allocator, identical on every rank.
+    """``allocator.fit(model, batches)`` with the calibration split across ranks (module docstring).
+
+    The fitted allocator is identical on every rank.
 
     Args:
         allocator: a :class:`medquant.fairquant.FairQuantAllocator`.
@@ -121,6 +132,9 @@ def fit_allocator_distributed(allocator, model: nn.Module, batches, *, loss_fn=N
 
     Returns:
         The fitted allocator.
+
+    Raises:
+        ValueError: the groups seen over all ranks differ from the allocator's declared groups.
     """
     if allocator.seed is not None:
         torch.manual_seed(allocator.seed)

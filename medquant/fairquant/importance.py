@@ -28,7 +28,15 @@ METRICS = ("grape", "gradient")
 
 @dataclass
 class GroupImportance:
-    """Per-group importance maps: ``maps[g][layer]`` has the layer weight's shape."""
+    """Per-group importance maps: ``maps[g][layer]`` has the layer weight's shape.
+
+    Attributes:
+        maps: group id -> layer name -> accumulated importance ``I_g``.
+        counts: calibration samples per group.
+        metric: ``"grape"`` or ``"gradient"``.
+        batches: the number of calibration batches.
+        layers: the layer names, in model order.
+    """
 
     maps: dict[int, dict[str, torch.Tensor]]
     counts: dict[int, int]  # calibration samples per group
@@ -38,13 +46,16 @@ class GroupImportance:
 
     @property
     def groups(self) -> list[int]:
+        """The group ids, sorted."""
         return sorted(self.maps)
 
 
 def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None,
                        skip: Sequence[str] | None = None) -> dict[str, nn.Module]:
-    """The Linear / Conv2d modules FairQuant allocates bits to (``quantize_``'s rules: torch.nn's own classes,
-    not inside ``nn.MultiheadAttention``), optionally restricted by ``quantize_`` patterns ``layers`` / ``skip``.
+    """The Linear / Conv2d modules FairQuant allocates bits to, optionally restricted by ``layers`` / ``skip``.
+
+    The modules are those ``quantize_`` quantizes (torch.nn's own classes, not inside ``nn.MultiheadAttention``);
+    ``layers`` / ``skip`` are ``quantize_`` patterns.
 
     Args:
         model: the model.
@@ -53,6 +64,9 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None,
 
     Returns:
         Name -> module.
+
+    Raises:
+        ValueError: no such layer is left.
     """
     all_q = quantizable_modules(model)
     if layers is not None or skip:
@@ -85,17 +99,28 @@ def compute_group_importance(
     """Accumulate ``I_g`` over up to ``max_batches`` calibration batches (see the module docstring).
 
     Args:
+        model: the float model (its parameters' ``requires_grad`` flags are restored afterwards).
         batches: an iterable of batches (see :mod:`medquant.fairquant.batches` for the accepted layouts).
         loss_fn: ``loss_fn(model, batch)`` -> per-sample losses ``(N,)`` or ``(outputs, targets)``.
         groups_fn: ``groups_fn(batch)`` -> integer group ids ``(N,)``.
+        metric: ``"grape"`` (``(dL_g/dw * w)^2``) or ``"gradient"`` (``|dL_g/dw|``).
+        max_batches: use at most this many batches (None: all).
+        layers: ``quantize_`` patterns of the layers to score (None: every quantizable layer).
+        skip: ``quantize_`` patterns of layers to leave out.
         expected_groups: group ids that must all appear (a group without samples raises); ids outside it raise.
+        progress: show a progress bar.
+        on_batch: called with the batch index after each batch.
         min_groups: fewest groups with samples accepted (default 2: group-conditioned importance compares
             groups). ``1`` is for a partial sum that is reduced over processes afterwards
             (:func:`medquant.fairquant.distributed.distributed_group_importance` passes it and checks the global
             count).
 
-    Raises ``ValueError`` for an unknown metric, no quantizable layers, no batches, fewer than ``min_groups``
-    groups, or an expected group without calibration samples.
+    Returns:
+        The :class:`GroupImportance`.
+
+    Raises:
+        ValueError: an unknown metric, ``max_batches < 1``, an invalid ``min_groups``, no quantizable layers, no
+            batches, fewer than ``min_groups`` groups, or an expected group without calibration samples.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown importance metric {metric!r}; accepted: {', '.join(METRICS)}")

@@ -39,7 +39,12 @@ from .distributed import global_group_objective
 
 
 class FakeQuantWeight(nn.Module):
-    """Parametrization ``w -> fake_quantize(w)`` row group by row group (per-row ``channel_bits``)."""
+    """Parametrization ``w -> fake_quantize(w)`` row group by row group (per-row ``channel_bits``).
+
+    Args:
+        config: the layer's ``QuantConfig`` (its ``row_bits`` give each output channel's bits).
+        out_rows: the number of output channels of the weight.
+    """
 
     def __init__(self, config: QuantConfig, out_rows: int):
         super().__init__()
@@ -66,6 +71,7 @@ class FakeQuantWeight(nn.Module):
 
 def attach_fake_quant(model: nn.Module, quant_map: Mapping[str, QuantConfig | int | None]) -> dict[str, QuantConfig]:
     """Register :class:`FakeQuantWeight` on every module ``quant_map`` resolves (``quantize_`` patterns).
+
     Returns the resolved plan. Undo with :func:`detach_fake_quant`.
 
     Args:
@@ -74,6 +80,9 @@ def attach_fake_quant(model: nn.Module, quant_map: Mapping[str, QuantConfig | in
 
     Returns:
         Layer name -> ``QuantConfig`` that is fake-quantized.
+
+    Raises:
+        ValueError: the map selects no Linear / Conv2d layer.
     """
     plan = resolve_configs(model, quant_map)
     if not plan:
@@ -103,6 +112,9 @@ def fake_quantized(model: nn.Module, quant_map: Mapping[str, QuantConfig | int |
     Args:
         model: the model.
         quant_map: as in :func:`attach_fake_quant`.
+
+    Yields:
+        ``model``, parametrized; the parametrizations are removed when the block ends.
     """
     attach_fake_quant(model, quant_map)
     try:
@@ -148,11 +160,22 @@ def fq_qat(
     """Fine-tune ``model`` with the fixed allocation ``quant_map`` (e.g. ``FairQuantAllocator.to_quant_map()``).
 
     Args:
+        model: the float model (or its DDP wrapper; see below).
+        quant_map: ``quantize_`` patterns -> ``QuantConfig`` / bits / None, the fixed allocation.
         batches: a re-iterable of training batches (a DataLoader or a list), read once per epoch.
+        epochs: passes over ``batches``.
+        max_steps: stop after this many optimiser steps (None: all epochs).
         lr: AdamW learning rate (the paper's range: 3e-5 .. 3e-4).
+        weight_decay: AdamW weight decay.
         lambda_fair: weight of ``max_g L_g - min_g L_g`` over the groups in the batch (0 = plain QAT).
         grad_clip: max global gradient norm (None disables).
+        loss_fn: per-sample losses of ``(model, batch)`` (default
+            :func:`medquant.fairquant.batches.default_loss`).
+        groups_fn: group ids of a batch (default :func:`medquant.fairquant.batches.default_groups`).
         export: swap the fake-quantized layers for real QuantLinear / QuantConv2d (``quantize_``) at the end.
+        progress: show a progress bar.
+        fsdp: ``True`` or a 1-D ``DeviceMesh``: shard the model with FSDP2 (see below).
+        fsdp_units: the module names ``fully_shard`` wraps (default each quantized layer).
 
     Several processes: pass the model wrapped in ``torch.nn.parallel.DistributedDataParallel`` and this rank's
     batches. The fake-quant parametrizations go on ``model.module``, which is trained through a new DDP wrapper
