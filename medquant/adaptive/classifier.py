@@ -198,7 +198,17 @@ class VLMClassifier(nn.Module):
         return torch.cat([fi, ft], dim=-1)
 
     def forward(self, pixel_values, input_ids=None, attention_mask=None, **image_kwargs) -> torch.Tensor:
-        """Logits ``(N, n_labels)`` from the fused embedding (see :meth:`fused_embedding`)."""
+        """Logits ``(N, n_labels)`` from the fused embedding (see :meth:`fused_embedding`).
+
+        Args:
+            pixel_values: the processor's pixel values.
+            input_ids: token ids, or None for image-only use.
+            attention_mask: the tokens' mask.
+            **image_kwargs: passed to ``get_image_features``.
+
+        Returns:
+            Logits ``(N, n_labels)``.
+        """
         return self.head(self.fused_embedding(pixel_values, input_ids, attention_mask, **image_kwargs))
 
 
@@ -254,7 +264,14 @@ class CompactCNN(nn.Module):
         return self.pool(x).flatten(1)
 
     def forward(self, x):
-        """Logits ``(N, n_labels)`` of images ``x``."""
+        """Logits ``(N, n_labels)`` of images ``x``.
+
+        Args:
+            x: images ``(N, in_channels, H, W)``.
+
+        Returns:
+            Logits ``(N, n_labels)``.
+        """
         return self.head(self.embed(x))
 
 
@@ -338,5 +355,12 @@ class SmallViT(nn.Module):
         return self.norm(x).mean(dim=1)
 
     def forward(self, x):
-        """Logits ``(N, n_labels)`` of images ``x``."""
+        """Logits ``(N, n_labels)`` of images ``x``.
+
+        Args:
+            x: images ``(N, in_channels, image_size, image_size)``.
+
+        Returns:
+            Logits ``(N, n_labels)``.
+        """
         return self.head(self.embed(x))

@@ -209,6 +209,18 @@ def prepare(images, bits_stored: int | None = None, device=None) -> tuple[int, l
     """Convert ``images`` to size groups. Returns (number of images, groups).
 
     An empty list gives (0, []). Every image is validated (shape, size >= 8x8, finite, range).
+
+    Args:
+        images: what the scorer accepts (see the module docstring).
+        bits_stored: bit depth of integer images wider than 8 bits (default: the dtype's width).
+        device: where the tensors go.
+
+    Returns:
+        ``(number of images, groups)``: one :class:`Group` per image size.
+
+    Raises:
+        TypeError: a nested list or an input of an unsupported type.
+        ValueError: an image of the wrong shape, smaller than 8x8, not finite or out of range.
     """
     dev = torch.device(device) if device is not None else None
     if isinstance(images, (list, tuple)):

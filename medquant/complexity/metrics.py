@@ -56,6 +56,13 @@ def batched_histogram(values: torch.Tensor, n_bins: int) -> torch.Tensor:
 
     On CPU one ``bincount`` per image (uint8 input needs no widening); on GPU a single ``bincount`` over
     ``code + n_bins * image_index``.
+
+    Args:
+        values: integer codes ``(B, ...)`` in ``[0, n_bins)``.
+        n_bins: the number of bins.
+
+    Returns:
+        ``(B, n_bins)`` int64 counts.
     """
     b = values.shape[0]
     flat = values.reshape(b, -1)
@@ -76,6 +83,12 @@ def sobel_sq_magnitude(v: torch.Tensor) -> torch.Tensor:
     ``Gx' = [1, 0, -1] (x) [1, 2, 1]`` applied with the 'reflect' border of ``scipy.ndimage`` (for a one-pixel
     border this repeats the edge pixel). skimage's magnitude on an image ``v / c`` is
     ``sqrt(S / 2) / (4 c)``, so ``magnitude > t  <=>  S > 2 (4 c t)^2``.
+
+    Args:
+        v: float32 images ``(B, H, W)``.
+
+    Returns:
+        ``S``, ``(B, H, W)``.
     """
     p = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
     sv = p[:, :-2, :] + 2.0 * p[:, 1:-1, :] + p[:, 2:, :]  # smooth along rows -> (B, H, W+2)
@@ -86,7 +99,15 @@ def sobel_sq_magnitude(v: torch.Tensor) -> torch.Tensor:
 
 
 def box_sizes(h: int, w: int) -> list[int]:
-    """Box sizes 2, 4, 8, ... up to min(h, w) / 2."""
+    """Box sizes 2, 4, 8, ... up to ``min(h, w) / 2``.
+
+    Args:
+        h: image height.
+        w: image width.
+
+    Returns:
+        The sizes.
+    """
     sizes, s = [], 2
     while s <= min(h, w) / 2:
         sizes.append(s)
@@ -99,6 +120,12 @@ def box_counts(mask: torch.Tensor) -> tuple[list[int], torch.Tensor]:
 
     Computed hierarchically: the occupancy map of boxes of side 2s is the 2x2 "any" of the map for side s
     (cropped to an even size), which covers exactly the whole 2s-boxes of the image. Returns (sizes, (B, K)).
+
+    Args:
+        mask: boolean masks ``(B, H, W)``.
+
+    Returns:
+        ``(sizes, counts (B, K))``.
     """
     b, h, w = mask.shape
     sizes = box_sizes(h, w)
@@ -120,6 +147,12 @@ def box_counting_dimension(mask: torch.Tensor) -> torch.Tensor:
 
     D = least-squares slope of log N(s) against log(1/s) over the sizes s of :func:`box_sizes` with N(s) > 0;
     0 when fewer than two sizes remain (so an empty mask gives 0).
+
+    Args:
+        mask: boolean masks ``(B, H, W)``.
+
+    Returns:
+        ``(B,)`` float64 dimensions.
     """
     sizes, counts = box_counts(mask)
     b = mask.shape[0]
@@ -207,6 +240,12 @@ def lbp_codes(u8: torch.Tensor) -> torch.Tensor:
     are computed with integer arithmetic. s = 0 exactly when d = e = 0; there skimage's result depends on
     float64 rounding (in flat regions the interpolated value lands one ulp above or below x), so those pixels
     (a few percent on chest X-rays) are gathered and recomputed in float64 with skimage's operation order.
+
+    Args:
+        u8: uint8 images ``(B, H, W)``.
+
+    Returns:
+        ``(B, H, W)`` codes 0..255.
     """
     b, h, w = u8.shape
     dev = u8.device
@@ -258,13 +297,27 @@ def lbp_codes(u8: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_lbp(u8: torch.Tensor) -> torch.Tensor:
-    """Uniform LBP codes 0..9 of ``u8`` (B, H, W), as ``local_binary_pattern(u8, 8, 1, "uniform")``."""
+    """Uniform LBP codes 0..9 of ``u8`` (B, H, W), as ``local_binary_pattern(u8, 8, 1, "uniform")``.
+
+    Args:
+        u8: uint8 images ``(B, H, W)``.
+
+    Returns:
+        ``(B, H, W)`` codes 0..9.
+    """
     lut = torch.tensor(UNIFORM_LUT, dtype=torch.uint8, device=u8.device)
     return lut[lbp_codes(u8).to(torch.int64)]
 
 
 def lbp_entropy(u8: torch.Tensor) -> torch.Tensor:
-    """Entropy (bits) of the 10-bin uniform-LBP histogram of each image of ``u8`` (B, H, W)."""
+    """Entropy (bits) of the 10-bin uniform-LBP histogram of each image of ``u8`` (B, H, W).
+
+    Args:
+        u8: uint8 images ``(B, H, W)``.
+
+    Returns:
+        ``(B,)`` float64 entropies.
+    """
     raw = batched_histogram(lbp_codes(u8), 256).to(torch.float64)  # (B, 256)
     lut = torch.tensor(UNIFORM_LUT, dtype=torch.int64, device=u8.device)
     mapping = F.one_hot(lut, 10).to(torch.float64)  # (256, 10)
@@ -319,6 +372,18 @@ def compute_metrics(
     ``gray`` (B, H, W) float32 in [0, 1]; ``u8`` its 8-bit quantisation. When ``exact_u8`` is true the caller
     guarantees ``gray == u8 / 255`` (8-bit input); the Sobel magnitude and the std are then computed in exact
     integer arithmetic from ``u8`` (same values, fewer rounding errors, faster).
+
+    Args:
+        gray: float32 images ``(B, H, W)`` in [0, 1].
+        u8: their 8-bit quantisation.
+        edge_threshold: the Sobel magnitude threshold of the edge mask.
+        exact_u8: ``gray == u8 / 255`` holds (see above).
+
+    Returns:
+        ``(B, 5)`` float64 metrics.
+
+    Raises:
+        ValueError: ``gray`` is not ``(B, H, W)``.
     """
     if gray.ndim != 3:
         raise ValueError(f"expected a (B, H, W) batch, got shape {tuple(gray.shape)}")

@@ -24,7 +24,15 @@ METRIC_NAMES = ("entropy", "edge_density", "intensity_std", "fractal_dimension",
 
 
 def to_gray_float(image: np.ndarray, bits_stored: int | None = None) -> np.ndarray:
-    """(H, W) or (H, W, 3) array -> float64 gray image in [0, 1]."""
+    """(H, W) or (H, W, 3) array -> float64 gray image in [0, 1].
+
+    Args:
+        image: a gray ``(H, W)`` or RGB ``(H, W, 3)`` image.
+        bits_stored: bit depth of integer images (default from the dtype).
+
+    Returns:
+        ``(H, W)`` float64 in [0, 1].
+    """
     from skimage.color import rgb2gray
     from skimage.util import img_as_float
 
@@ -42,6 +50,15 @@ def to_gray_float(image: np.ndarray, bits_stored: int | None = None) -> np.ndarr
 
 
 def to_gray_float_channels(image: np.ndarray, bits_stored: int | None) -> np.ndarray:
+    """An image's values scaled to [0, 1] channel by channel (integers by ``2^bits - 1``; floats unchanged).
+
+    Args:
+        image: the image.
+        bits_stored: bit depth of integer images (default from the dtype).
+
+    Returns:
+        A float64 array of the image's shape.
+    """
     if image.dtype.kind in "ui":
         bits = bits_stored or 8 * image.dtype.itemsize
         return image.astype(np.float64) / (2**bits - 1)
@@ -49,6 +66,15 @@ def to_gray_float_channels(image: np.ndarray, bits_stored: int | None) -> np.nda
 
 
 def box_sizes(h: int, w: int) -> list[int]:
+    """Box sizes 2, 4, 8, ... up to ``min(h, w) / 2`` (the same as the torch code's).
+
+    Args:
+        h: image height.
+        w: image width.
+
+    Returns:
+        The sizes.
+    """
     sizes, s = [], 2
     while s <= min(h, w) / 2:
         sizes.append(s)
@@ -65,7 +91,14 @@ def _slope(sizes, counts) -> float:
 
 
 def box_counting_dimension_loop(mask: np.ndarray) -> float:
-    """Plain loop over every whole box (top-left tiling) of every size; slope via ``np.polyfit``."""
+    """Plain loop over every whole box (top-left tiling) of every size; slope via ``np.polyfit``.
+
+    Args:
+        mask: a boolean ``(H, W)`` mask.
+
+    Returns:
+        The dimension (0 when fewer than two box sizes are occupied).
+    """
     mask = np.asarray(mask, dtype=bool)
     h, w = mask.shape
     sizes = box_sizes(h, w)
@@ -81,7 +114,14 @@ def box_counting_dimension_loop(mask: np.ndarray) -> float:
 
 
 def box_counting_dimension_numpy(mask: np.ndarray) -> float:
-    """Same as :func:`box_counting_dimension_loop`, vectorised per size with a reshape."""
+    """Same as :func:`box_counting_dimension_loop`, vectorised per size with a reshape.
+
+    Args:
+        mask: a boolean ``(H, W)`` mask.
+
+    Returns:
+        The dimension.
+    """
     mask = np.asarray(mask, dtype=bool)
     h, w = mask.shape
     sizes = box_sizes(h, w)

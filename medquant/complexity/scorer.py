@@ -273,7 +273,14 @@ class ComplexityScorer(nn.Module):
         return self.levels_from_scores(self.score(images, metrics))
 
     def forward(self, images) -> torch.Tensor:
-        """Same as :meth:`levels`."""
+        """Same as :meth:`levels`.
+
+        Args:
+            images: the images (as for :meth:`metrics`).
+
+        Returns:
+            An int64 tensor ``(N,)`` of levels.
+        """
         return self.levels(images)
 
     # ------------------------------------------------------------------ state

@@ -174,6 +174,16 @@ class Distiller(nn.Module):
         Called as ``distiller(batch)`` or ``distiller(**batch)``; the second form is what ``transformers.Trainer``
         does, so ``Trainer(model=distiller, args=TrainingArguments(..., remove_unused_columns=False), ...)``
         trains the student (and projections) with the distillation loss (it reads ``outputs["loss"]``).
+
+        Args:
+            batch: the batch (dict or tensors), or None when given as keyword arguments.
+            **inputs: the batch as keyword arguments.
+
+        Returns:
+            ``{"loss", "kd", "task", "features"}`` scalar tensors.
+
+        Raises:
+            ValueError: no batch.
         """
         if batch is None:
             if not inputs:

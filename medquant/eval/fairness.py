@@ -79,6 +79,14 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float = 0.0) -
 
 
 def infer_task(y_true: np.ndarray) -> str:
+    """The task of a label array: 2-D labels are multi-label, 0/1 labels binary, others multi-class.
+
+    Args:
+        y_true: the true labels.
+
+    Returns:
+        ``"multilabel"``, ``"binary"`` or ``"multiclass"``.
+    """
     if y_true.ndim == 2:
         return "multilabel"
     return "binary" if set(np.unique(y_true).tolist()) <= {0, 1} else "multiclass"

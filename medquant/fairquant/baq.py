@@ -478,7 +478,16 @@ class BAQWrapper:
 
 
 def finite_difference_bits(param: BAQWeight, loss_at: Any, scope: int) -> float:
-    """``L(b+1) - L(b)`` for one scope, holding every other scope's bits fixed (used by the tests)."""
+    """``L(b+1) - L(b)`` for one scope, holding every other scope's bits fixed (used by the tests).
+
+    Args:
+        param: the layer's :class:`BAQWeight` (restored afterwards).
+        loss_at: a callable returning the loss at the current bits.
+        scope: the scope whose bit-width is raised by one.
+
+    Returns:
+        The loss difference.
+    """
     with torch.no_grad():
         theta0 = param.theta.detach().clone()
         b = float(torch.round(param.continuous_bits()[scope]))

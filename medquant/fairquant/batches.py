@@ -118,7 +118,19 @@ def default_groups(batch: Any) -> torch.Tensor:
 
 
 def check_groups(groups: Any, n: int) -> torch.Tensor:
-    """Validate group ids: an integer tensor with one entry per sample."""
+    """Validate group ids: an integer tensor with one entry per sample.
+
+    Args:
+        groups: the group ids.
+        n: the number of samples.
+
+    Returns:
+        The ids as int64.
+
+    Raises:
+        TypeError: the ids are not an integer tensor.
+        ValueError: not one id per sample.
+    """
     if not isinstance(groups, torch.Tensor):
         groups = torch.as_tensor(groups)
     if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
@@ -131,7 +143,20 @@ def check_groups(groups: Any, n: int) -> torch.Tensor:
 
 def batch_losses(model: nn.Module, batch: Any, loss_fn: LossFn | None, groups_fn: GroupsFn | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per-sample losses (N,), group ids (N,))`` for one batch, validated."""
+    """``(per-sample losses (N,), group ids (N,))`` for one batch, validated.
+
+    Args:
+        model: the model.
+        batch: the batch.
+        loss_fn: ``loss_fn(model, batch)`` -> per-sample losses or ``(outputs, targets)`` (None: :func:`default_loss`).
+        groups_fn: ``groups_fn(batch)`` -> group ids (None: :func:`default_groups`).
+
+    Returns:
+        ``(losses, groups)``.
+
+    Raises:
+        ValueError: the losses are not ``(N,)`` or contain NaN / inf, or ``loss_fn`` returned something else.
+    """
     out = (loss_fn or default_loss)(model, batch)
     if isinstance(out, (tuple, list)):
         if len(out) != 2:
@@ -147,8 +172,17 @@ def batch_losses(model: nn.Module, batch: Any, loss_fn: LossFn | None, groups_fn
 
 
 def group_mean_losses(losses: torch.Tensor, groups: torch.Tensor) -> dict[int, torch.Tensor]:
-    """``{g: mean loss over the batch's samples of group g}`` for every group present: the per-group loss ``L_g``
-    of the importance and of the fairness penalty ``max_g L_g - min_g L_g``."""
+    """``{g: mean loss over the batch's samples of group g}`` for every group present.
+
+    This is the per-group loss ``L_g`` of the importance and of the fairness penalty ``max_g L_g - min_g L_g``.
+
+    Args:
+        losses: per-sample losses ``(N,)``.
+        groups: group ids ``(N,)``.
+
+    Returns:
+        Group id -> mean loss (a differentiable scalar tensor).
+    """
     return {int(g): losses[groups == g].mean() for g in torch.unique(groups).tolist()}
 
 

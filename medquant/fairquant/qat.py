@@ -53,7 +53,14 @@ class FakeQuantWeight(nn.Module):
         self.groups = [(int(b), (rb == b)) for b in torch.unique(rb).tolist()]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        """``w`` fake-quantized at the fixed bits of each output channel (straight-through gradient)."""
+        """``w`` fake-quantized at the fixed bits of each output channel (straight-through gradient).
+
+        Args:
+            w: the float weight ``(O, ...)``.
+
+        Returns:
+            The fake-quantized weight, same shape and dtype.
+        """
         if len(self.groups) == 1:
             return fake_quantize(w, self.config, self.groups[0][0])
         out = torch.zeros_like(w)

@@ -217,6 +217,11 @@ class MedQuantConfig(QuantizationConfigMixin):
         return cls().record(model)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form written to ``config.json`` (see the class docstring).
+
+        Returns:
+            A dict of deep copies (changing it does not change the config).
+        """
         return {
             "quant_method": self.quant_method,
             "format_version": self.format_version,
@@ -232,6 +237,14 @@ class MedQuantConfig(QuantizationConfigMixin):
         yield from self.to_dict().items()
 
     def to_json_string(self, use_diff: bool = True) -> str:
+        """The JSON form as text, keys sorted (the same config gives the same text).
+
+        Args:
+            use_diff: accepted for transformers' signature; every field is written.
+
+        Returns:
+            The JSON text with a final newline.
+        """
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def __eq__(self, other: object) -> bool:

@@ -373,8 +373,10 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
 
 
 def register_with_transformers() -> None:
-    """Put :class:`MedQuantConfig` and :class:`MedQuantHfQuantizer` into transformers' quantization registries
-    under ``"medquant"`` (idempotent; :func:`medquant.hf.register` calls it)."""
+    """Put :class:`MedQuantConfig` and :class:`MedQuantHfQuantizer` into transformers' quantization registries.
+
+    They are registered under ``"medquant"`` (idempotent; :func:`medquant.hf.register` calls it).
+    """
     from transformers.quantizers import auto
 
     # another import of medquant (reload, second interpreter state) may have registered already

@@ -64,6 +64,11 @@ def lock_path(path: Path) -> Path:
 
 
 def fsync_file(path: str | os.PathLike) -> None:
+    """fsync a file (its data and metadata reach the disk).
+
+    Args:
+        path: the file.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -72,7 +77,11 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a folder (its entries: names created, renamed or removed). A no-op where folders cannot be opened."""
+    """fsync a folder (its entries: names created, renamed or removed). A no-op where folders cannot be opened.
+
+    Args:
+        path: the folder.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:  # pragma: no cover
@@ -86,7 +95,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def is_version_link(path: Path) -> bool:
-    """Whether ``path`` is a symlink made by this scheme: its target is a ``.{name}.mq-v-*`` sibling."""
+    """Whether ``path`` is a symlink made by this scheme: its target is a ``.{name}.mq-v-*`` sibling.
+
+    Args:
+        path: the path to test.
+
+    Returns:
+        ``True`` for such a version link.
+    """
     if not path.is_symlink():
         return False
     target = os.readlink(path)
@@ -95,15 +111,30 @@ def is_version_link(path: Path) -> bool:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """The real folder a reader of ``path`` should read from (the current version folder for a version link, the
-    :func:`pending` version while an interrupted switch is unfinished)."""
+    """The real folder a reader of ``path`` should read from.
+
+    That is the current version folder for a version link, or the :func:`pending` version while an interrupted
+    switch is unfinished.
+
+    Args:
+        path: the checkpoint path.
+
+    Returns:
+        The folder to read.
+    """
     return pending(path) or Path(os.path.realpath(path))
 
 
 def pending(path: str | os.PathLike) -> Path | None:
-    """When ``path`` is absent because a save was killed between the two renames of the fallback switch.
+    """The complete new version of ``path`` left by a save killed between the two renames of the fallback switch.
 
-    The complete new version its temporary link points to (the next save puts it in place); else ``None``.
+    Such a save leaves ``path`` absent and a temporary link to the new version (the next save puts it in place).
+
+    Args:
+        path: the checkpoint path.
+
+    Returns:
+        The new version folder, or ``None`` when ``path`` exists or no such link is found.
     """
     path = Path(os.path.abspath(path))
     if os.path.lexists(path) or not path.parent.is_dir():
@@ -139,7 +170,15 @@ _EXCHANGE = _renameat2_exchange()
 
 
 def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``). False where not available or refused."""
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Args:
+        a: the first path.
+        b: the second path.
+
+    Returns:
+        ``True`` when swapped; ``False`` where the call is not available or refused (then nothing changed).
+    """
     if _EXCHANGE is None:
         return False
     try:
@@ -235,12 +274,23 @@ def _target(path: Path) -> Path:
 @contextlib.contextmanager
 def replace_directory(path: str | os.PathLike, *, owned: Callable[[str], bool] = lambda name: False,
                       finalize: Callable[[Path], None] | None = None) -> Iterator[Path]:
-    """Context manager.
+    """Context manager: yields an empty new version folder and switches ``path`` to it when the block succeeds.
 
-    Yields an empty new version folder; when the block ends without an exception, the files in the old version
-    that ``owned(name)`` does not claim are carried over, ``finalize(folder)`` runs (it writes the manifest),
-    everything is fsynced and ``path`` is switched to the new version atomically (see the module docstring).
-    On an exception the new version is removed and ``path`` is untouched.
+    When the block ends without an exception, the files in the old version that ``owned(name)`` does not claim are
+    carried over, ``finalize(folder)`` runs (it writes the manifest), everything is fsynced and ``path`` is switched
+    to the new version atomically (see the module docstring). On an exception the new version is removed and
+    ``path`` is untouched. Concurrent calls on one path are serialised by a lock file.
+
+    Args:
+        path: the checkpoint path.
+        owned: which file names of the old version the new one replaces (the rest are carried over).
+        finalize: called with the new folder before the switch.
+
+    Yields:
+        The new, empty version folder.
+
+    Raises:
+        NotADirectoryError: ``path`` exists and is not a folder.
     """
     path = _target(Path(os.path.abspath(path)))
     if os.path.lexists(path) and not path.is_dir():

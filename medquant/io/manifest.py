@@ -36,7 +36,17 @@ class ManifestError(ValueError):
 
 
 def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads(object_pairs_hook=...)``: refuse objects with a key given twice (the last one would win)."""
+    """``json.loads(object_pairs_hook=...)``: refuse objects with a key given twice (the last one would win).
+
+    Args:
+        pairs: the ``(key, value)`` pairs of one JSON object, in order.
+
+    Returns:
+        The object as a dict.
+
+    Raises:
+        ValueError: a key is given twice.
+    """
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
@@ -48,7 +58,17 @@ def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def check_plain_name(name: Any, what: str) -> str:
     """``name`` must be a plain file name inside the checkpoint folder.
 
-    No separators, not ``.``/``..``, not absolute, not empty.
+    No separators, not ``.`` / ``..``, not absolute, not empty.
+
+    Args:
+        name: the name to check.
+        what: what the name is, for the error message.
+
+    Returns:
+        ``name``.
+
+    Raises:
+        ValueError: ``name`` is not a plain file name.
     """
     if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in _BAD_CHARS) \
             or os.path.isabs(name):
@@ -58,7 +78,18 @@ def check_plain_name(name: Any, what: str) -> str:
 
 
 def check_relative_name(name: Any, what: str) -> str:
-    """A ``/``-separated path of plain names (manifest entries of files in sub-folders)."""
+    """A ``/``-separated path of plain names (manifest entries of files in sub-folders).
+
+    Args:
+        name: the name to check.
+        what: what the name is, for the error message.
+
+    Returns:
+        ``name``.
+
+    Raises:
+        ValueError: ``name`` is empty, not a string, or a part of it is not a plain name.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"{what} must be a relative file name, got {name!r}")
     for part in name.split("/"):
@@ -67,6 +98,14 @@ def check_relative_name(name: Any, what: str) -> str:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -92,7 +131,14 @@ def _list_files(root: Path) -> list[str]:
 
 
 def write_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    """Hash every regular file under ``root`` and write ``root/medquant.manifest.json``; returns the manifest."""
+    """Hash every regular file under ``root`` and write ``root/medquant.manifest.json`` (fsynced).
+
+    Args:
+        root: the checkpoint folder (symlinks and the manifest itself are not listed).
+
+    Returns:
+        The manifest written.
+    """
     root = Path(root)
     files = {}
     for name in _list_files(root):
@@ -108,7 +154,18 @@ def write_manifest(root: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
-    """The parsed and self-checked manifest of ``root``, or ``None`` when the folder has none."""
+    """The parsed and self-checked manifest of ``root``, or ``None`` when the folder has none.
+
+    Args:
+        root: the checkpoint folder.
+
+    Returns:
+        The manifest (its digest, entries and version checked), or ``None``.
+
+    Raises:
+        ManifestError: the manifest is not a regular file, not valid JSON, edited (digest mismatch), of an
+            unsupported version, or has malformed entries.
+    """
     path = Path(root) / MANIFEST_NAME
     if not os.path.lexists(path):
         return None
@@ -143,10 +200,16 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def verify_files(root: str | os.PathLike, manifest: dict[str, Any], *, follow_symlinks: bool = False) -> None:
-    """Check every file the manifest lists.
+    """Check every file the manifest lists: a regular file inside ``root`` of the listed size and SHA-256.
 
-    A regular file (not a symlink, unless ``follow_symlinks``) inside ``root``, of the listed size and
-    SHA-256. Raises :class:`ManifestError` naming the first file that differs.
+    Args:
+        root: the checkpoint folder.
+        manifest: the manifest (:func:`read_manifest`).
+        follow_symlinks: accept symlinks to regular files (the Hugging Face hub cache holds symlinks to blobs).
+
+    Raises:
+        ManifestError: naming the first file that is missing, not a regular file, outside ``root``, or of another
+            size or SHA-256.
     """
     root = Path(root)
     real_root = os.path.realpath(root)

@@ -127,7 +127,12 @@ def _config(v: Any, at: _At, out_rows: int) -> QuantConfig:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """A tensor as the safetensors header describes it."""
+    """A tensor as the safetensors header describes it.
+
+    Attributes:
+        dtype: the safetensors dtype name (``F32``, ``F16``, ``BF16``, ``I32``, ``I8``...).
+        shape: the shape.
+    """
 
     dtype: str  # safetensors name: F32, F16, BF16, I32, I8...
     shape: tuple[int, ...]
@@ -135,7 +140,26 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One parsed layer recipe (see :mod:`medquant.quant.recipe` for the keys)."""
+    """One parsed layer recipe (see :mod:`medquant.quant.recipe` for the keys).
+
+    Attributes:
+        name: the module name.
+        type: ``QuantLinear``, ``QuantConv2d`` or ``QuantEmbedding``.
+        config: the layer's ``QuantConfig``.
+        bias: whether the layer has a bias.
+        dtype: the bias dtype (or the weight dtype of layers without bias).
+        weight_dtype: the dtype of the dequantized weight when it differs from ``dtype``.
+        in_features: input features (input channels of a convolution; embedding width).
+        out_features: output features (output channels; vocabulary size).
+        kernel_size: a convolution's kernel size.
+        stride: a convolution's stride.
+        padding: a convolution's padding (pair or ``"same"`` / ``"valid"``).
+        dilation: a convolution's dilation.
+        groups: a convolution's groups.
+        layout: 1 (4/8-bit containers) or 2 (3/5/6/7-bit rows stored densely, format version 2).
+        tied_to: the QuantEmbedding whose tensors a QuantLinear head shares.
+        raw: the recipe as read.
+    """
 
     name: str
     type: str
@@ -156,18 +180,27 @@ class LayerSpec:
 
     @property
     def k(self) -> int:
+        """Columns of the weight matrix: ``in_features`` (convolutions: ``in / groups * kh * kw``)."""
         if self.type != "QuantConv2d":
             return self.in_features
         return self.in_features // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
     def row_counts(self) -> dict[int, int]:
-        """Bit-width -> number of rows (ascending bit-widths)."""
+        """Bit-width -> number of rows (ascending bit-widths).
+
+        Returns:
+            The counts.
+        """
         cb = self.config.channel_bits
         counts = Counter(cb) if cb is not None else Counter({self.config.bits: self.out_features})
         return dict(sorted(counts.items()))
 
     def expected_tensors(self) -> dict[str, TensorInfo]:
-        """Tensor name (without the module prefix) -> dtype and shape, as the layer stores them."""
+        """Tensor name (without the module prefix) -> dtype and shape, as the layer stores them.
+
+        Returns:
+            The expected tensors (packed codes, scales, zero points, float rows, bit map, bias).
+        """
         cfg, k = self.config, self.k
         counts = self.row_counts()
         sd = ST_DTYPES[cfg.scale_dtype]
@@ -193,7 +226,21 @@ class LayerSpec:
 
 def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow_weight_dtype: bool = True
                 ) -> LayerSpec:
-    """Parse and check one layer recipe; raises :class:`SchemaError`."""
+    """Parse and check one layer recipe.
+
+    Args:
+        entry: the recipe (a JSON object).
+        name: the module name.
+        file: the file it comes from (for messages).
+        key: the key path of the recipes in that file (for messages).
+        allow_weight_dtype: accept a ``weight_dtype`` key.
+
+    Returns:
+        The :class:`LayerSpec`.
+
+    Raises:
+        SchemaError: a missing, unknown or ill-typed key, or values that do not fit together.
+    """
     at = _At(file, key) / name
     if not isinstance(name, str) or not name or any(not part for part in name.split(".")):
         raise _At(file, key).fail("module names (dotted, no empty parts)", name)
@@ -248,6 +295,13 @@ def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow
 
 @dataclass(frozen=True)
 class WeightsInfo:
+    """The weights file ``medquant.json`` records.
+
+    Attributes:
+        file: the file name (a plain name inside the folder).
+        sha256: its SHA-256.
+        bytes: its size.
+    """
     file: str
     sha256: str
     bytes: int
@@ -255,6 +309,13 @@ class WeightsInfo:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """The model class ``medquant.json`` records.
+
+    Attributes:
+        kind: ``"hf"`` (a transformers model, rebuilt from ``config.json``) or ``"torch"``.
+        class_name: the class name.
+        module: the class's module.
+    """
     kind: str  # "hf" | "torch"
     class_name: str
     module: str
@@ -262,7 +323,19 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class CheckpointMeta:
-    """``medquant.json``, parsed (:func:`parse_metadata`)."""
+    """``medquant.json``, parsed (:func:`parse_metadata`).
+
+    Attributes:
+        format_version: the saved-format version (1 or 2).
+        medquant_version: the medquant version that wrote it.
+        weights: the weights file.
+        model: the model class.
+        modules: module name -> its parsed recipe.
+        extras: the user's JSON extras.
+        raw: the file's JSON as read.
+        buffer_dtypes: floating buffers that are not in the weights file (non-persistent, e.g. rotary ``inv_freq``)
+            and were not float32 when saved: name -> dtype name, restored on load.
+    """
 
     format_version: int
     medquant_version: str | None
@@ -277,7 +350,18 @@ class CheckpointMeta:
 
 
 def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
-    """Parse ``medquant.json`` (its bytes) against the schema; raises :class:`SchemaError`."""
+    """Parse ``medquant.json`` (its bytes) against the schema.
+
+    Args:
+        text: the file's bytes (or text).
+        file: the file name, for messages.
+
+    Returns:
+        The :class:`CheckpointMeta`.
+
+    Raises:
+        SchemaError: the file is not valid JSON, has a key twice, misses or mistypes a key, or has a newer format.
+    """
     at = _At(file)
     try:
         if isinstance(text, bytes):
@@ -324,9 +408,21 @@ def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
 
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """The tensors of a safetensors file from its header alone (8 + header bytes read, nothing allocated from its
-    numbers): every entry checked for a known dtype, non-negative shape and data offsets that lie inside the
-    file and hold exactly ``numel * itemsize`` bytes. Raises :class:`SchemaError`."""
+    """The tensors of a safetensors file from its header alone (8 + header bytes read, nothing allocated from it).
+
+    Every entry is checked for a known dtype, a non-negative shape and data offsets that lie inside the file and hold
+    exactly ``numel * itemsize`` bytes.
+
+    Args:
+        path: the safetensors file.
+
+    Returns:
+        Tensor name -> :class:`TensorInfo`.
+
+    Raises:
+        SchemaError: the file is too short, its header is not valid JSON or claims more bytes than the file has, or an
+            entry is malformed.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -370,10 +466,19 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
 
 def check_against_header(layers: dict[str, LayerSpec], header: dict[str, TensorInfo], file: str,
                          recipe_file: str) -> None:
-    """Every tensor each recipe implies is in the header with that dtype and shape, and the header holds no other
-    quantized-layer tensor under a recorded layer's name. Raises :class:`SchemaError` naming layer and tensor.
+    """Every tensor each recipe implies is in the header with that dtype and shape, and no other.
 
-    A head recorded ``tied_to`` an embedding shares its tensors: a shared tensor is stored once, under either name.
+    The header may hold no other quantized-layer tensor under a recorded layer's name. A head recorded ``tied_to``
+    an embedding shares its tensors: a shared tensor is stored once, under either name.
+
+    Args:
+        layers: module name -> parsed recipe.
+        header: the safetensors header (:func:`read_header`).
+        file: the weights file(s), for messages.
+        recipe_file: the file the recipes come from, for messages.
+
+    Raises:
+        SchemaError: naming the layer and the tensor that is missing, of another dtype or shape, or unexpected.
     """
     alias = {name: spec.tied_to for name, spec in layers.items() if spec.tied_to}
     alias.update({v: k for k, v in alias.items()})
