@@ -335,7 +335,21 @@ class _QuantWeightBase(nn.Module):
 
 
 class QuantLinear(_QuantWeightBase):
-    """A Linear layer with packed low-bit weights. Build with :meth:`from_float`; go back with :meth:`to_float`."""
+    """A Linear layer with packed low-bit weights. Build with :meth:`from_float`; go back with :meth:`to_float`.
+
+    ``y = x W^T + b`` with ``W[n, j] = (u[n, j] - z) * s`` (codes ``u`` unpacked per row group of one bit-width,
+    scale ``s`` and zero point ``z`` of the element's group). The constructor allocates an empty layer (the
+    loaders fill it from a state dict).
+
+    Args:
+        in_features: input features ``K``.
+        out_features: output features (rows).
+        bias: whether the layer has a (float) bias.
+        config: the quantization of the weight (bits or per-row ``channel_bits``, scheme, scope, group size).
+        device: where to allocate the buffers.
+        dtype: dtype of the dequantized weight and of the bias.
+        layout: 1 or 2 (see :meth:`from_float`).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig,
                  device=None, dtype: torch.dtype = torch.float32, layout: int = 1) -> None:
@@ -349,7 +363,21 @@ class QuantLinear(_QuantWeightBase):
 
     @classmethod
     def from_float(cls, module: nn.Linear, config: QuantConfig, layout: int = FORMAT_VERSION) -> QuantLinear:
-        """Quantize ``module`` with ``config``; ``layout`` 2 (default) stores 3/5/6/7-bit codes densely."""
+        """Quantize ``module`` with ``config``; ``layout`` 2 (default) stores 3/5/6/7-bit codes densely.
+
+        Args:
+            module: the float ``nn.Linear`` (not changed).
+            config: the quantization.
+            layout: 2 (default, :data:`FORMAT_VERSION`) stores 3/5/6/7-bit codes densely; 1 keeps the
+                4/8-bit containers of format version 1.
+
+        Returns:
+            The new ``QuantLinear`` on the module's device, dequantizing to the module's dtype.
+
+        Raises:
+            TypeError: ``module`` is not an ``nn.Linear``.
+            ValueError: NaN / inf weights, or ``channel_bits`` of the wrong length.
+        """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"QuantLinear.from_float expects nn.Linear, got {type(module).__name__}")
         w = module.weight
@@ -361,6 +389,14 @@ class QuantLinear(_QuantWeightBase):
         return q
 
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """The ``nn.Linear`` this layer computes with: dequantized weight, same bias.
+
+        Args:
+            dtype: dtype of the float layer; None is the bias's dtype (float32 without bias).
+
+        Returns:
+            A new ``nn.Linear``.
+        """
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         w = self.dequantized_weight(dtype)
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=dtype)
@@ -386,8 +422,28 @@ class QuantLinear(_QuantWeightBase):
 
 
 class QuantConv2d(_QuantWeightBase):
-    """A Conv2d layer with packed low-bit weights; the weight ``(O, I/groups, kh, kw)`` is quantized as the
-    matrix ``(O, I/groups*kh*kw)``. Forward dequantizes and runs ``F.conv2d`` (the torch reference path)."""
+    """A Conv2d layer with packed low-bit weights, each output channel's kernel quantized as one matrix row.
+
+    The weight ``(O, I/groups, kh, kw)`` is quantized as the matrix ``(O, I/groups*kh*kw)``. Forward dequantizes
+    and runs ``F.conv2d`` (the torch reference path). The constructor allocates an empty layer.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (rows).
+        kernel_size: ``kh`` or ``(kh, kw)``.
+        stride: as ``nn.Conv2d``.
+        padding: as ``nn.Conv2d`` (an int, a pair, or ``"same"`` / ``"valid"``; zero padding only).
+        dilation: as ``nn.Conv2d``.
+        groups: as ``nn.Conv2d``.
+        bias: whether the layer has a bias.
+        config: the quantization (required).
+        device: where to allocate the buffers.
+        dtype: dtype of the dequantized weight and of the bias.
+        layout: 1 or 2 (see :meth:`QuantLinear.from_float`).
+
+    Raises:
+        ValueError: no ``config``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, config: QuantConfig | None = None,
@@ -407,6 +463,22 @@ class QuantConv2d(_QuantWeightBase):
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, config: QuantConfig, layout: int = FORMAT_VERSION) -> QuantConv2d:
+        """Quantize ``module`` with ``config`` (its weight viewed as ``(O, I/groups*kh*kw)``).
+
+        Args:
+            module: the float ``nn.Conv2d`` (not changed).
+            config: the quantization.
+            layout: 2 (default, :data:`FORMAT_VERSION`) stores 3/5/6/7-bit codes densely; 1 keeps the
+                4/8-bit containers of format version 1.
+
+        Returns:
+            The new ``QuantConv2d``.
+
+        Raises:
+            TypeError: ``module`` is not an ``nn.Conv2d``.
+            ValueError: a padding mode other than ``"zeros"``, NaN / inf weights, or ``channel_bits`` of the
+                wrong length.
+        """
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
         if module.padding_mode != "zeros":
@@ -420,10 +492,26 @@ class QuantConv2d(_QuantWeightBase):
         return q
 
     def weight_4d(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight in the convolution's shape.
+
+        Args:
+            dtype: floating dtype of the result.
+
+        Returns:
+            ``(O, I/groups, kh, kw)`` weight.
+        """
         return self.dequantized_weight(dtype).reshape(
             self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Conv2d:
+        """The ``nn.Conv2d`` this layer computes with: dequantized weight, same bias and geometry.
+
+        Args:
+            dtype: dtype of the float layer; None is the bias's dtype (float32 without bias).
+
+        Returns:
+            A new ``nn.Conv2d``.
+        """
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         w = self.weight_4d(dtype)
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -447,13 +535,27 @@ QUANT_MODULES = (QuantLinear, QuantConv2d)
 
 
 class QuantEmbedding(_QuantWeightBase):
-    """An embedding table with packed low-bit rows: ``forward(ids)`` looks up the packed rows of ``ids`` and
-    dequantizes only those, ``e[i, j] = (u[i, j] - z) * s[i, j // group_elems]`` (``z = 2^(b-1)`` when symmetric),
-    in ``weight_dtype``. One bit-width for all rows (per-row bit-widths are refused); storage as
+    """An embedding table with packed low-bit rows; ``forward(ids)`` dequantizes only the rows of ``ids``.
+
+    ``e[i, j] = (u[i, j] - z) * s[i, j // group_elems]`` (``z = 2^(b-1)`` when symmetric), in ``weight_dtype``.
+    One bit-width for all rows (per-row bit-widths are refused); storage as
     :class:`QuantLinear` with ``out_rows = num_embeddings`` and ``k = embedding_dim``, no bias.
 
     A tied output head (``lm_head.weight is embed_tokens.weight``) becomes a :class:`QuantLinear` holding the
     *same* buffer tensors (:func:`tie_quantized_head`): one packed copy in memory and in the file.
+
+    Args:
+        num_embeddings: rows of the table (vocabulary size).
+        embedding_dim: features per row.
+        config: one bit-width of 1..8 for every row, scheme, scope and group size.
+        padding_idx: as ``nn.Embedding`` (recorded and given back by :meth:`to_float`).
+        device: where to allocate the buffers.
+        dtype: dtype of the looked-up rows.
+        layout: 1 or 2 (see :meth:`QuantLinear.from_float`).
+
+    Raises:
+        TypeError: ``config`` is not a ``QuantConfig``.
+        ValueError: ``channel_bits`` given, or bits outside 1..8.
     """
 
     bias = None
@@ -471,7 +573,21 @@ class QuantEmbedding(_QuantWeightBase):
 
     @classmethod
     def from_float(cls, module: nn.Embedding, config: QuantConfig, layout: int = FORMAT_VERSION) -> QuantEmbedding:
-        """Quantize an ``nn.Embedding`` (``max_norm`` and sparse gradients are refused: they change the table)."""
+        """Quantize an ``nn.Embedding`` (``max_norm`` and sparse gradients are refused: they change the table).
+
+        Args:
+            module: the float ``nn.Embedding`` (not changed).
+            config: the quantization (one bit-width for all rows).
+            layout: 2 (default, :data:`FORMAT_VERSION`) stores 3/5/6/7-bit codes densely; 1 keeps the
+                4/8-bit containers of format version 1.
+
+        Returns:
+            The new ``QuantEmbedding``.
+
+        Raises:
+            TypeError: ``module`` is not an ``nn.Embedding``.
+            ValueError: ``max_norm`` or ``sparse=True``, or a config the table cannot take.
+        """
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"QuantEmbedding.from_float expects nn.Embedding, got {type(module).__name__}")
         if module.max_norm is not None or module.sparse:
@@ -482,12 +598,32 @@ class QuantEmbedding(_QuantWeightBase):
         return q
 
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Embedding:
+        """The ``nn.Embedding`` holding the dequantized table.
+
+        Args:
+            dtype: dtype of the table; None is ``weight_dtype``.
+
+        Returns:
+            A new trainable ``nn.Embedding`` with the same ``padding_idx``.
+        """
         dtype = dtype or self.weight_dtype
         w = self.dequantized_weight(dtype)
         return nn.Embedding.from_pretrained(w, freeze=False, padding_idx=self.padding_idx)
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dequantized rows ``ids`` (any shape of integer indices) -> ``(*ids.shape, embedding_dim)``."""
+        """The dequantized rows ``ids`` (any shape of integer indices) -> ``(*ids.shape, embedding_dim)``.
+
+        Args:
+            ids: integer indices in ``[-num_embeddings, num_embeddings)`` (negative ones count from the end).
+            dtype: dtype of the result; None is ``weight_dtype``.
+
+        Returns:
+            ``(*ids.shape, embedding_dim)`` rows.
+
+        Raises:
+            TypeError: floating-point or boolean ``ids``.
+            IndexError: an index out of range.
+        """
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise TypeError(f"embedding indices must be integers, got {ids.dtype}")
         flat = ids.reshape(-1)
