@@ -107,6 +107,9 @@ def cpu_features() -> dict[str, object]:
     Keys: ``avx2``, ``avx512f``, ``avx512_bf16``, ``avx512_fp16``, ``avx512_vnni``, ``avx_vnni``, ``amx_bf16``,
     ``amx_int8`` (bools), ``native_bf16`` (AVX512-BF16 or AMX-BF16), ``capability`` (torch's
     ``torch.backends.cpu.get_cpu_capability()``, e.g. ``"AVX512"``), ``model`` (the CPU model name or ``""``).
+
+    Returns:
+        The feature dict (cached after the first call).
     """
     flags: set[str] = set()
     model = ""
@@ -151,6 +154,12 @@ def set_cpu_compute_dtype(dtype: torch.dtype | str | None) -> None:
     """Set the activation dtype of the CPU kernels for every layer without its own setting.
 
     ``None`` restores the default (:func:`default_cpu_compute_dtype`). Accepts a torch dtype or its name.
+
+    Args:
+        dtype: ``torch.bfloat16``, ``torch.float16``, ``torch.float32`` (or ``"bfloat16"``...), or None.
+
+    Raises:
+        ValueError: any other dtype.
     """
     global _compute_dtype
     _compute_dtype = _check_compute_dtype(dtype)
@@ -170,7 +179,12 @@ def _from_env() -> torch.dtype | None:
 
 
 def get_cpu_compute_dtype() -> torch.dtype:
-    """The compute dtype a layer without its own setting uses now."""
+    """The compute dtype a layer without its own setting uses now.
+
+    Returns:
+        The dtype set by :func:`set_cpu_compute_dtype` (or ``$MEDQUANT_CPU_COMPUTE_DTYPE``), else
+        :func:`default_cpu_compute_dtype`.
+    """
     return _compute_dtype or default_cpu_compute_dtype()
 
 
@@ -179,6 +193,13 @@ def set_layer_compute_dtype(qweight: torch.Tensor, dtype: torch.dtype | str | No
 
     The quantized modules call this for every row group of a layer whose ``QuantConfig.compute_dtype`` is set
     (again after ``.to()``, which makes new tensors). Kept in a weak dictionary: it dies with the tensor.
+
+    Args:
+        qweight: the row group's packed int32 words (the key).
+        dtype: ``bfloat16`` / ``float16`` / ``float32`` (dtype or name), or None.
+
+    Raises:
+        ValueError: any other dtype.
     """
     dtype = _check_compute_dtype(dtype)
     if dtype is None:
@@ -193,7 +214,17 @@ _compute_dtype = _from_env()
 
 
 def set_cpu_dense_min_m(m: int | None) -> None:
-    """From how many activation rows ``M`` the dense path runs (``None``: the default, 72)."""
+    """From how many activation rows ``M`` the dense path runs (``None``: the default, 72).
+
+    Below it the int4 / int8 kernels run on the packed codes; from it on the weight is dequantized once per call
+    and a dense matmul runs (faster for large ``M``).
+
+    Args:
+        m: an int >= 2, or None for the default.
+
+    Raises:
+        ValueError: anything else.
+    """
     global _dense_min_m
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
         raise ValueError(f"dense_min_m must be an int >= 2 or None, got {m!r}")
@@ -209,7 +240,11 @@ def clear_cpu_cache() -> None:
 
 
 def cpu_cache_bytes() -> int:
-    """Bytes held by the repacked weights now cached (codes and scales in every compute dtype built)."""
+    """Bytes held by the repacked weights now cached (codes and scales in every compute dtype built).
+
+    Returns:
+        The byte count (0 after :func:`clear_cpu_cache`).
+    """
     total = 0
     for plan in list(_plans.values()):
         tensors = [plan.packed, plan.scale, plan.zero, *plan.by_dtype.values()]  # masters: None once used
@@ -436,8 +471,17 @@ def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
 
 
 def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
-    """Which CPU path runs ``x (M, k) @ dequant(weight)^T``: ``"int4"``, ``"int8"``, ``"dense"`` or
-    ``"reference"`` (module docstring). Builds the repacked weight if it is not cached yet."""
+    """Which CPU path runs ``x (M, k) @ dequant(weight)^T`` (module docstring).
+
+    Builds the repacked weight if it is not cached yet.
+
+    Args:
+        x: an example input ``(M, k)`` (only ``M`` matters).
+        weight: the packed row group.
+
+    Returns:
+        ``"int4"``, ``"int8"``, ``"dense"`` or ``"reference"``.
+    """
     return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight))
 
 
