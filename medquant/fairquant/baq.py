@@ -116,8 +116,11 @@ class BAQWrapper:
         scope: ``"channel"`` (one bit-width per output channel, default) or ``"tensor"``.
         init_bits: ``{module name: bits per scope}`` warm start (e.g. ``FairQuantAllocator.bit_map()`` or the
             allocator itself); ``None`` = ``theta = 6``.
-        lambda_bit, lambda_fair, target_bits: loss weights (module docstring).
-        layers / skip: ``quantize_`` patterns restricting the layers.
+        lambda_bit: weight of the bit-rate term (module docstring).
+        lambda_fair: weight of the fairness penalty (module docstring).
+        target_bits: average-bit budget: the bit term becomes ``relu(bit rate - target_bits)``; None: the rate.
+        layers: ``quantize_`` patterns of the layers that get learnable bits (default: all).
+        skip: ``quantize_`` patterns of layers left out.
 
     Raises:
         ValueError: a ``bit_range`` outside ``2 <= b_min < b_max <= 8``, an unknown scope, negative lambdas, a
