@@ -92,7 +92,17 @@ def fold_batchnorm_(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every BatchNorm2d that directly follows a Conv2d into it (in place; the BN becomes ``nn.Identity``).
 
     Uses the running statistics (eval-mode BN): ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma /
-    sqrt(var + eps) + beta``; the eval-mode outputs are unchanged. Returns the folded ``(conv, bn)`` names.
+    sqrt(var + eps) + beta``; the eval-mode outputs are unchanged.
+
+    Args:
+        model: the model, changed in place (traced with ``torch.fx``; if tracing fails, adjacent Conv2d /
+            BatchNorm2d entries of ``nn.Sequential`` containers are folded).
+
+    Returns:
+        The folded ``(conv name, bn name)`` pairs.
+
+    Raises:
+        ValueError: a BatchNorm2d to fold has no running statistics.
     """
     pairs = _conv_bn_pairs(model)
     for conv_name, bn_name in pairs:
@@ -185,6 +195,16 @@ class InputQuantizer:
 
     ``scale`` and ``zero`` are fixed numbers (from :meth:`calibrate`); calling the object fake-quantizes a tensor in
     its own dtype; :meth:`attach` installs it as a forward pre-hook of a module.
+
+    Args:
+        bits: activation bit-width, 2..16.
+        symmetric: codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` without zero point, else ``[0, 2^b - 1]`` with
+            ``zero``.
+        scale: the step ``s`` (> 0, finite): ``x^ = (clamp(round(x/s) + z, 0, 2^b - 1) - z) * s``.
+        zero: the zero point ``z`` (asymmetric).
+
+    Raises:
+        ValueError: ``bits`` outside 2..16 or a scale that is not a finite positive number.
     """
 
     def __init__(self, bits: int, symmetric: bool, scale: float, zero: int = 0) -> None:
@@ -197,7 +217,23 @@ class InputQuantizer:
     @classmethod
     def calibrate(cls, xs: Sequence[torch.Tensor], bits: int, symmetric: bool = False,
                   name: str = "input") -> InputQuantizer:
-        """The quantizer whose range covers every tensor of ``xs`` (asymmetric: the range always holds 0)."""
+        """The quantizer whose range covers every tensor of ``xs`` (asymmetric: the range always holds 0).
+
+        Symmetric: ``s = max(|lo|, |hi|) / (2^(b-1) - 1)``; asymmetric: ``s = (max(hi, 0) - min(lo, 0)) /
+        (2^b - 1)``, ``z = round(-min(lo, 0) / s)``, with ``lo`` / ``hi`` the extremes over ``xs``.
+
+        Args:
+            xs: calibration inputs of the module.
+            bits: activation bit-width, 2..16.
+            symmetric: the scheme.
+            name: the module's name in error messages.
+
+        Returns:
+            The :class:`InputQuantizer`.
+
+        Raises:
+            ValueError: ``xs`` is empty or holds NaN / inf.
+        """
         if not xs:
             raise ValueError(f"{name}: no calibration inputs to fix the activation scale")
         lo = min(float(x.detach().min()) for x in xs)
@@ -221,6 +257,7 @@ class InputQuantizer:
         return (torch.clamp(r + self.zero, 0, 2**self.bits - 1) - self.zero) * self.scale
 
     def as_dict(self) -> dict[str, Any]:
+        """``{"bits", "symmetric", "scale", "zero"}``, the record :func:`attach_input_quantizers` reads."""
         return {"bits": self.bits, "symmetric": self.symmetric, "scale": self.scale, "zero": self.zero}
 
     def _hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -230,7 +267,14 @@ class InputQuantizer:
         return (self(args[0]), *args[1:]), kwargs
 
     def attach(self, module: nn.Module) -> Any:
-        """Install on ``module`` (replacing an input quantizer attached earlier); returns the hook handle."""
+        """Install on ``module`` as a forward pre-hook, replacing an input quantizer attached earlier.
+
+        Args:
+            module: the module whose first positional input is fake-quantized from now on.
+
+        Returns:
+            The hook handle (``handle.remove()`` detaches it); also kept as ``module.input_quantizer_handle``.
+        """
         old = getattr(module, "input_quantizer_handle", None)
         if old is not None:
             old.remove()
@@ -241,9 +285,18 @@ class InputQuantizer:
 
 
 def attach_input_quantizers(model: nn.Module, records: Mapping[str, Mapping[str, Any]]) -> dict[str, InputQuantizer]:
-    """Re-attach the activation quantizers recorded by :func:`adaround_quantize_` (``act_bits``): for each record
-    with an ``"act"`` entry, an :class:`InputQuantizer` with its parameters on the module ``record["block"]``.
-    Returns unit name -> quantizer."""
+    """Re-attach the activation quantizers recorded by :func:`adaround_quantize_` (``act_bits``).
+
+    For each record with an ``"act"`` entry, an :class:`InputQuantizer` with its parameters is attached to the
+    module ``record["block"]`` (once per unit).
+
+    Args:
+        model: the loaded model.
+        records: the calibration records (``medquant.load_extras(path)["calibration"]``).
+
+    Returns:
+        ``{unit name: quantizer}``.
+    """
     out: dict[str, InputQuantizer] = {}
     for rec in records.values():
         act = rec.get("act")

@@ -94,7 +94,17 @@ def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> 
 
 
 def awq_groups(model: nn.Module, scope: str | list[str] | None = None) -> list[ScaleGroup]:
-    """Scale groups of the pre-norm transformer blocks in scope (see the module docstring)."""
+    """Scale groups of the pre-norm transformer blocks in scope (see the module docstring).
+
+    Args:
+        model: the float model.
+        scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
+            ``"vision"``, ``"all"``, or a list of roles.
+
+    Returns:
+        The :class:`ScaleGroup` list (full module names; ``alpha`` and errors not yet set); empty when nothing
+        can absorb the scales (e.g. post-norm blocks).
+    """
     return [g for gs in _groups_by_block(model, scope).values() for g in gs]
 
 
@@ -198,8 +208,23 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
                     progress: bool = True) -> list[ScaleGroup]:
     """Search per-group scales for ``config`` and fold them into the float model (outputs unchanged).
 
-    Returns the groups with the chosen ``alpha`` and the calibration output errors of RTN and of the scaled
-    weights (``err_rtn`` / ``err_awq``, summed squared errors of the group's linear outputs).
+    Args:
+        model: the float model, changed in place (scales folded; its float outputs stay the same).
+        config: the target :class:`QuantConfig` the scales are searched for.
+        calib: calibration batches, run as :func:`medquant.models.run_model` runs them.
+        scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
+            ``"vision"``, ``"all"``, or a list of roles.
+        grid: ``alpha`` is searched over ``{0, 1/grid, ..., 1}``.
+        max_rows: input rows per group kept for the search (a seeded subsample beyond it).
+        progress: tqdm bars.
+
+    Returns:
+        The groups with the chosen ``alpha`` and the calibration output errors of RTN and of the scaled
+        weights (``err_rtn`` / ``err_awq``, summed squared errors of the group's linear outputs).
+
+    Raises:
+        TypeError: ``config`` is not a ``QuantConfig``.
+        ValueError: no foldable group in scope.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -218,7 +243,22 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
 def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *,
                   scope: str | list[str] | None = None, skip: Iterable[str] | None = ("@head",),
                   grid: int = 10, max_rows: int = 2048, progress: bool = True) -> list[ScaleGroup]:
-    """:func:`search_and_fold` then :func:`medquant.quantize_` every Linear (except ``skip``) with ``config``."""
+    """:func:`search_and_fold` then :func:`medquant.quantize_` every Linear (except ``skip``) with ``config``.
+
+    Args:
+        model: the float model, quantized in place.
+        config: the quantization of every Linear.
+        calib: calibration batches, run as :func:`medquant.models.run_model` runs them.
+        scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
+            ``"vision"``, ``"all"``, or a list of roles.
+        skip: patterns left in float (default the LM head).
+        grid: ``alpha`` grid size (see :func:`search_and_fold`).
+        max_rows: input rows per group kept for the search.
+        progress: tqdm bars.
+
+    Returns:
+        The scale groups with their ``alpha`` and errors (see :func:`search_and_fold`).
+    """
     calib = list(calib)
     groups = search_and_fold(model, config, calib, scope=scope, grid=grid, max_rows=max_rows, progress=progress)
     quantize_(model, config, skip=list(skip) if skip else None)
@@ -237,6 +277,15 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
         inputs: the block's calls, ``block(*inputs.args[i], **inputs.kwargs[i])`` per calibration batch (a
             :class:`medquant.calibrate.BlockInputs`).
         groups: scale groups with names relative to ``block``; they receive ``alpha``, ``err_rtn``, ``err_awq``.
+        grid: ``alpha`` grid size (see :func:`search_and_fold`).
+        max_rows: input rows per group kept for the search.
+
+    Returns:
+        ``groups`` (as a list), updated.
+
+    Raises:
+        TypeError: ``config`` is not a ``QuantConfig``.
+        ValueError: ``inputs`` holds no recorded call.
 
     The inputs of every group are collected in one pass over the calls (before any folding; folding leaves the
     block's float function unchanged), then each group's scales are searched and folded, as in the whole-model
@@ -299,8 +348,29 @@ def awq_quantize_sequential(
 
     Difference from :func:`awq_quantize_`: a block's inputs are the outputs of the already *quantized* previous
     blocks (GPTQ/AWQ convention: each block is calibrated on what the quantized model feeds it), not of the float
-    model, so the chosen ``alpha`` of later blocks may differ. ``calib_inputs``: keyword dicts for
-    ``model(**batch)`` (one dict or a list). Returns the groups (full names) with ``alpha`` and errors.
+    model, so the chosen ``alpha`` of later blocks may differ.
+
+    Args:
+        model: the float model (or a meta skeleton with ``checkpoint``), quantized in place.
+        config: the quantization of every Linear.
+        calib_inputs: keyword dicts for ``model(**batch)`` (one dict or a list).
+        scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
+            ``"vision"``, ``"all"``, or a list of roles.
+        skip: patterns left in float (default the LM head).
+        grid: ``alpha`` grid size (see :func:`search_and_fold`).
+        max_rows: input rows per group kept for the search.
+        device: compute device of one block (default CUDA when available, else CPU).
+        offload_device: where processed blocks go (``None`` keeps them on ``device``).
+        checkpoint: safetensors source of the float weights of a meta-device model.
+        progress: tqdm bar over blocks.
+
+    Returns:
+        The groups (full names) with ``alpha`` and errors.
+
+    Raises:
+        TypeError: ``config`` is not a ``QuantConfig``, or ``calib_inputs`` holds something other than dicts.
+        ValueError: no or empty calibration data, no foldable group, or groups in blocks the sequential pass
+            does not visit.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")

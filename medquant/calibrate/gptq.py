@@ -129,6 +129,14 @@ class HessianAccumulator:
     sums are kept per group ``g`` and ``H = sum_g w_g 2 S_g / n_g`` with ``sum_g w_g = 1`` (``w_g`` uniform over
     the groups seen, or ``group_weights[g]`` normalised), so a minority group's inputs weigh as much as the
     majority's. With one group (or no labels) this is the plain ``2 S / n``.
+
+    Args:
+        module: the float ``nn.Linear`` or ``nn.Conv2d`` whose inputs are accumulated.
+        name: the layer's name, used in error messages (default its class name).
+        group_weights: ``w_g`` by group label (normalised over the groups seen); ``None`` is uniform.
+
+    Raises:
+        TypeError: ``module`` is neither ``nn.Linear`` nor ``nn.Conv2d``.
     """
 
     def __init__(self, module: nn.Module, name: str = "", group_weights: Mapping[Any, float] | None = None) -> None:
@@ -153,8 +161,18 @@ class HessianAccumulator:
         return sum(self.counts.values())
 
     def check(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (a 3-D Conv2d input made 4-D) after checking its type, shape and values; errors name the
-        layer."""
+        """``x`` after checking its type, shape and values (a 3-D Conv2d input is made 4-D).
+
+        Args:
+            x: one input of the layer (``(..., K)`` for a Linear, ``(B, C, H, W)`` or ``(C, H, W)`` for a Conv2d).
+
+        Returns:
+            ``x``, 4-D for a convolution.
+
+        Raises:
+            TypeError: ``x`` is not a floating-point tensor.
+            ValueError: its shape does not fit the layer, or it holds NaN / inf (the message names the layer).
+        """
         m = self.module
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             raise TypeError(f"layer {self.name}: GPTQ expects a floating-point input tensor, got "
@@ -175,10 +193,16 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, labels: Any = None) -> None:
-        """Add the rows of one input of the layer (checked by :meth:`check`).
+        """Add the rows of one input of the layer (checked by :meth:`check`): ``S_g += X^T X``, ``n_g += rows``.
 
-        ``labels``: ``None``, one group label (an int or str) for the whole call, or a sequence / 1-D tensor of
-        labels, one per sample along the input's first dimension.
+        Args:
+            x: one input of the layer.
+            labels: ``None``, one group label (an int or str) for the whole call, or a sequence / 1-D tensor of
+                labels, one per sample along the input's first dimension.
+
+        Raises:
+            ValueError: per-sample labels whose count is not the input's first dimension (and the errors of
+                :meth:`check`).
         """
         x = self.check(x)
         if isinstance(labels, torch.Tensor) and labels.dim() == 0:
@@ -216,7 +240,15 @@ class HessianAccumulator:
             self.counts[key] += x2.shape[0]
 
     def weights(self) -> dict[Any, float]:
-        """The weight ``w_g`` of each group seen (summing to 1)."""
+        """The weight ``w_g`` of each group seen (summing to 1).
+
+        Returns:
+            ``{label: w_g}``: uniform ``1 / G``, or ``group_weights`` normalised over the groups seen.
+
+        Raises:
+            ValueError: ``group_weights`` lacks a group that was seen, or its weights are negative, not finite or
+                all zero.
+        """
         keys = [k for k in self.sums if self.counts[k] > 0]
         if self.group_weights is None:
             return {k: 1.0 / len(keys) for k in keys}
@@ -230,7 +262,14 @@ class HessianAccumulator:
         return {k: v / total for k, v in raw.items()}
 
     def hessian(self) -> torch.Tensor:
-        """``H`` as ``(groups, K, K)`` float64 (``groups`` = 1 for a Linear; see the class docstring)."""
+        """``H`` as ``(groups, K, K)`` float64 (``groups`` = 1 for a Linear; see the class docstring).
+
+        Returns:
+            ``2 S / n``, or the group-balanced ``sum_g w_g 2 S_g / n_g``, before dampening.
+
+        Raises:
+            ValueError: no input was added (the forward never reached the layer), or invalid ``group_weights``.
+        """
         if self.rows == 0:
             raise ValueError(f"layer {self.name} received no calibration inputs: the model's forward did not call "
                              "it on the calibration batches (skip it, or give batches that reach it)")
@@ -393,13 +432,27 @@ def _prepare(h: torch.Tensor, damp: float, act_order: bool, name: str) -> _Prepa
 def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, *, bits: int | None = None,
                          damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                          dtype: torch.dtype = torch.float32, name: str = "weight") -> tuple[QTensor, dict[str, Any]]:
-    """GPTQ of one weight matrix ``w`` ``(N, K)`` whose rows all have ``bits`` bits (default ``config.bits``,
-    1..8), with the Hessian ``h`` ``(K, K)`` (``2 X^T X / n``, before dampening).
+    """GPTQ of one weight matrix ``w`` ``(N, K)`` whose rows all have the same bit-width.
 
-    ``dtype`` is the working precision of the weights and of ``U`` (float32 by default; the Hessian, its
-    dampening and its factorisation are float64). Returns the :class:`~medquant.quant.core.QTensor` (codes,
-    scales, zeros, padded as :func:`medquant.quant.core.quantize` pads them) and ``{"damp", "dead", "loss"}``:
-    the dampening used, the number of dead inputs and the GPTQ objective ``sum_j ||e_j||^2 / 2``.
+    Args:
+        w: ``(N, K)`` float weight.
+        h: ``(K, K)`` Hessian ``2 X^T X / n`` before dampening.
+        config: scheme, scope, group size and scale dtype.
+        bits: 1..8; ``None`` uses ``config.bits``.
+        damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 while ``H`` is not positive definite).
+        block_size: columns per lazy update block.
+        act_order: process columns by decreasing ``H_jj``.
+        dtype: working precision of the weights and of ``U`` (the Hessian, its dampening and its factorisation
+            are float64).
+        name: the layer's name in error messages.
+
+    Returns:
+        ``(q, info)``: the :class:`~medquant.quant.core.QTensor` (codes, scales, zeros, padded as
+        :func:`medquant.quant.core.quantize` pads them) and ``{"damp", "dead", "loss"}``: the dampening used, the
+        number of dead inputs and the GPTQ objective ``sum_j ||e_j||^2 / 2``.
+
+    Raises:
+        ValueError: ``bits`` outside 1..8, shapes that do not match, or a Hessian that stays singular.
     """
     b = config.bits if bits is None else bits
     if not 1 <= b <= 8:
@@ -460,6 +513,24 @@ def gptq_quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantC
     GPTQ at their own bit-width; 16/32-bit rows are stored in float, 0-bit rows are pruned. The layer's
     ``calibration`` attribute receives ``{"method": "gptq", "damp": requested, "damp_used": the largest used,
     "block_size", "act_order", "dead_inputs", "loss"}``.
+
+    Args:
+        module: the float ``nn.Linear`` / ``nn.Conv2d``.
+        hessian: ``(K, K)`` or ``(groups, K, K)``.
+        config: the layer's config (``channel_bits`` allowed).
+        damp: relative dampening ``damp * mean(diag H)``.
+        block_size: columns per lazy update block.
+        act_order: process columns by decreasing ``H_jj``.
+        name: the layer's name in error messages (default its class name).
+        dtype: working precision of the weight updates.
+
+    Returns:
+        The new quantized layer (``module`` is not changed).
+
+    Raises:
+        TypeError: ``config`` is not a ``QuantConfig``.
+        ValueError: shapes that do not match or a Hessian that stays singular; the message starts with
+            ``layer <name>``.
     """
     name = name or type(module).__name__
     if not isinstance(config, QuantConfig):
@@ -714,6 +785,12 @@ def calibration_records(model: nn.Module) -> dict[str, dict[str, Any]]:
 
     Save them with the checkpoint: ``medquant.save(model, path, extras={"calibration": calibration_records(model)})``
     (``medquant.load_extras(path)["calibration"]`` reads them back); the layer recipes themselves are unchanged.
+
+    Args:
+        model: a model quantized by GPTQ, AWQ or AdaRound (or partly).
+
+    Returns:
+        ``{module name: record}``; empty when no layer was calibrated.
     """
     return {n: dict(m.calibration) for n, m in model.named_modules()
             if isinstance(m, QUANT_MODULES) and isinstance(getattr(m, "calibration", None), dict)}
@@ -739,8 +816,9 @@ def gptq_quantize_(
 
     Args:
         model: a float model (Hugging Face or plain ``nn.Module``); it is run in eval mode.
-        config_or_map, skip: which layers get which :class:`~medquant.QuantConfig`, exactly as
-            :func:`medquant.quantize_` (patterns, roles such as ``"@head"``, ``ConfigMap``).
+        config_or_map: which layers get which :class:`~medquant.QuantConfig`, exactly as
+            :func:`medquant.quantize_` (one config, patterns, roles, ``ConfigMap``).
+        skip: patterns left in float (e.g. ``["@head"]``).
         calib: calibration batches, each run as :func:`medquant.models.run_model` runs it (a dict of keyword
             inputs, a tuple of positional inputs or one tensor), already on the model's device.
         damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 up to 3 times if ``H`` stays singular).
@@ -760,6 +838,12 @@ def gptq_quantize_(
         ``rows`` (Hessian input rows), ``damp`` / ``damp_used``, ``block_size``, ``act_order``, ``seed``,
         ``dead_inputs`` and the GPTQ objective ``loss``; with ``groups`` also ``group_balanced``,
         ``group_weights`` and ``group_rows`` (by label, as strings).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: invalid ``damp`` / ``block_size`` / ``max_samples``, an empty calibration set, batches that
+            do not run, a convolution with non-zero padding mode, a layer never reached, or a Hessian that stays
+            singular (messages name the layer).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gptq_quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -828,8 +912,32 @@ def gptq_quantize_sequential(
     Layers outside the blocks (a patch embedding, a projector, ``lm_head`` unless skipped) are quantized by
     round-to-nearest, as ``quantize_sequential`` does; :func:`gptq_quantize_` covers them with GPTQ. With every
     planned layer inside a block, the codes are those of :func:`gptq_quantize_` up to float rounding of the
-    captured activations. ``calib_inputs``: keyword dicts for ``model(**batch)``; other arguments (``groups``
-    with one entry per dict) as :func:`gptq_quantize_`. Returns :func:`calibration_records`.
+    captured activations.
+
+    Args:
+        model: the float model, quantized in place (blocks may stay on ``offload_device``).
+        config_or_map: configs by pattern, as :func:`medquant.quantize_`.
+        calib_inputs: one dict, or a list of dicts, of ``model(**batch)`` keyword arguments.
+        skip: patterns left in float.
+        damp: relative dampening (see :func:`gptq_quantize_`).
+        block_size: columns per lazy update block.
+        act_order: process columns by decreasing ``H_jj``.
+        max_samples: use at most this many calibration dicts, drawn with ``seed``.
+        seed: seed of that draw.
+        groups: group labels, one entry per dict (see :func:`gptq_quantize_`).
+        group_weights: ``w_g`` by label; default uniform.
+        device: the compute device of one block (default the model's).
+        offload_device: where each block goes after it is quantized (``None``: stays on ``device``).
+        checkpoint: a Hugging Face folder / safetensors source the float blocks are read from one at a time
+            (the model is then a meta-device skeleton), or ``None``.
+        progress: tqdm bar over blocks.
+
+    Returns:
+        :func:`calibration_records` of the quantized layers.
+
+    Raises:
+        ValueError: no or empty calibration data, invalid arguments, a Hessian that stays singular.
+        TypeError: a calibration entry that is not a dict.
     """
     _check_args(damp, block_size, max_samples)
     if calib_inputs is None:

@@ -54,12 +54,21 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 class CheckpointSource:
-    """Float tensors by name from safetensors: a ``.safetensors`` file, a directory holding ``model.safetensors``
-    or a sharded ``model.safetensors.index.json``.
+    """Float tensors by name from a safetensors checkpoint, read one at a time.
+
+    The source is a ``.safetensors`` file, a directory holding ``model.safetensors``, or a directory with a
+    sharded ``model.safetensors.index.json``.
 
     Each tensor is read with plain file reads into its own buffer (no memory map), so the process holds exactly
     the tensors it keeps: reading a checkpoint block by block does not leave the pages of blocks already
     processed resident (a memory-mapped file would count every page it touched in the resident set).
+
+    Args:
+        path: the file or directory.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or a directory holds no ``model.safetensors`` (index).
+        ValueError: a file whose safetensors header is corrupted or which is truncated.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -103,12 +112,29 @@ class CheckpointSource:
         return 8 + n, header
 
     def keys(self) -> set[str]:
+        """The tensor names of the checkpoint (all shards).
+
+        Returns:
+            The set of names, as in the model's state dict.
+        """
         return set(self._entries)
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
     def get(self, key: str) -> torch.Tensor:
+        """Read one tensor from disk into its own CPU buffer.
+
+        Args:
+            key: the tensor's name.
+
+        Returns:
+            The tensor, with the stored dtype and shape.
+
+        Raises:
+            KeyError: no tensor of that name.
+            ValueError: a dtype this reader does not support, or the file ends before the tensor's data.
+        """
         f, data_start, info = self._entries[key]
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
@@ -224,6 +250,12 @@ class BlockInputs:
 
     ``block(*args[i], **kwargs[i])`` reproduces the call the model makes; ``hidden_states[i]`` is ``args[i][0]``.
     ``configs`` maps the block's planned layers (names relative to the block) to their QuantConfig.
+
+    Attributes:
+        name: the block's module name in the model (``model.layers.3``).
+        args: positional arguments of each recorded call (the hidden states first).
+        kwargs: keyword arguments of each recorded call (attention mask, position embeddings...).
+        configs: planned layer name (relative to the block) -> its ``QuantConfig``.
     """
 
     name: str
@@ -233,11 +265,19 @@ class BlockInputs:
 
     @property
     def hidden_states(self) -> list[torch.Tensor]:
+        """The block's input hidden states, one per calibration batch (``args[i][0]``)."""
         return [a[0] for a in self.args]
 
     @torch.no_grad()
     def run(self, block: nn.Module) -> list[torch.Tensor]:
-        """The block's outputs (hidden states) on every calibration batch."""
+        """The block's outputs (hidden states) on every calibration batch.
+
+        Args:
+            block: the block module (float or partly quantized), on the device of the recorded inputs.
+
+        Returns:
+            One output tensor per calibration batch (the first element when the block returns a tuple).
+        """
         outs = []
         for a, k in zip(self.args, self.kwargs):
             o = block(*a, **k)
@@ -307,13 +347,13 @@ def quantize_sequential(
     progress: bool = False,
     process_rest: bool = True,
 ) -> nn.Module:
-    """Quantize ``model`` block by block (in place); returns it. Same result as ``quantize_(model, config_or_map,
-    skip=skip)``.
+    """Quantize ``model`` block by block (in place); same result as ``quantize_(model, config_or_map, skip=skip)``.
 
     Args:
         model: float model, with real weights or built on the meta device (then give ``checkpoint``).
-        config_or_map, skip: as :func:`medquant.quantize_`.
+        config_or_map: one config or configs by pattern, as :func:`medquant.quantize_`.
         calib_inputs: keyword inputs of ``model(**batch)`` (one dict or a list); needed with ``per_block_fn``.
+        skip: patterns left in float, as :func:`medquant.quantize_`.
         device: compute device (default CUDA when available, else CPU).
         offload_device: where processed blocks go (default ``"cpu"``; ``None`` keeps them on ``device``).
         checkpoint: safetensors file / directory / :class:`CheckpointSource` holding the float weights of meta
@@ -324,6 +364,14 @@ def quantize_sequential(
         progress: tqdm progress bar over blocks.
         process_rest: also process the modules outside the listed blocks (default). ``False`` touches only the
             listed blocks - how :func:`medquant.calibrate.quantize_shard` splits the blocks between processes.
+
+    Returns:
+        ``model``, quantized (the blocks on ``offload_device``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``calib_inputs`` is not a dict / non-empty list of dicts.
+        ValueError: ``per_block_fn`` without ``calib_inputs`` or with ``process_rest=False``, a block name that
+            is not a module of the model, or no blocks found.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_sequential expects an nn.Module, got {type(model).__name__}")

@@ -51,7 +51,20 @@ _RECIPE_KEY = "medquant_recipe"
 
 
 def shard_blocks(blocks: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """The blocks of ``rank``: contiguous runs of ``ceil(n / world_size)`` blocks (rank 0 the first ones)."""
+    """The blocks of ``rank``: contiguous runs of ``ceil(n / world_size)`` blocks (rank 0 the first ones).
+
+    Args:
+        blocks: every block name, in forward order.
+        rank: this process's rank, in ``[0, world_size)``.
+        world_size: number of processes, at least 1.
+
+    Returns:
+        ``blocks[rank * p:(rank + 1) * p]`` with ``p = ceil(len(blocks) / world_size)`` (empty for the last ranks
+        when there are fewer blocks than processes).
+
+    Raises:
+        ValueError: ``world_size < 1`` or ``rank`` outside ``[0, world_size)``.
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank={rank}, "
                          f"world_size={world_size}")
@@ -80,11 +93,29 @@ def quantize_shard(
     blocks: Sequence[str] | None = None,
     progress: bool = False,
 ) -> Path:
-    """Quantize this process's share of ``model``'s blocks (rank 0: also everything outside the blocks) from the
-    float ``checkpoint`` and write it to ``out_dir/medquant-shard-RRRRR-of-WWWWW.safetensors``. Returns the path.
+    """Quantize this process's share of ``model``'s blocks from the float ``checkpoint`` and write it to a shard.
 
-    ``model`` is a meta skeleton (``accelerate.init_empty_weights()``); ``rank`` / ``world_size`` default to the
-    process group's or ``$RANK`` / ``$WORLD_SIZE``. Blocks are split with :func:`shard_blocks`.
+    Rank 0 also quantizes everything outside the blocks. The shard is
+    ``out_dir/medquant-shard-RRRRR-of-WWWWW.safetensors``, with the layer recipes in its metadata; blocks are
+    split with :func:`shard_blocks`.
+
+    Args:
+        model: a meta skeleton (built under ``accelerate.init_empty_weights()``).
+        config_or_map: one config or configs by pattern, as :func:`medquant.quantize_`.
+        checkpoint: the float weights (safetensors file / folder / :class:`CheckpointSource`).
+        out_dir: the folder every rank writes its shard to.
+        skip: patterns left in float.
+        rank: this process's rank (default the process group's, else ``$RANK``).
+        world_size: number of processes (default the process group's, else ``$WORLD_SIZE``).
+        device: compute device of one block.
+        blocks: the block names to split (default :func:`medquant.models.block_stacks`).
+        progress: tqdm bar over blocks.
+
+    Returns:
+        The path of the shard written.
+
+    Raises:
+        ValueError: an invalid rank / world size, or no blocks found.
     """
     from safetensors.torch import save_file
 
@@ -133,7 +164,20 @@ def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module:
-    """Fill a meta skeleton with the quantized shards written by :func:`quantize_shard` (all ranks). In place."""
+    """Fill a meta skeleton with the quantized shards written by :func:`quantize_shard` (all ranks), in place.
+
+    Args:
+        model: the meta skeleton (the same architecture the shards were made from).
+        shard_dir: the folder holding every rank's ``medquant-shard-*-of-*.safetensors``.
+
+    Returns:
+        ``model``, with the quantized layers and all other tensors loaded.
+
+    Raises:
+        FileNotFoundError: no shard in ``shard_dir``.
+        ValueError: an incomplete or mixed set of shards, an invalid recipe, a tensor the model has no slot for,
+            tensors still missing after every shard, or a stored bit map that disagrees with its recipe.
+    """
     from safetensors import safe_open
 
     shard_dir = Path(shard_dir)
