@@ -267,8 +267,18 @@ def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[
 
 
 def optimized_op_counts(path: str | Path, optimized_path: str | Path | None = None) -> Counter:
-    """The op types of the graph ONNX Runtime runs after its session-time fusions (level ``ORT_ENABLE_EXTENDED``:
-    the QDQ -> QLinearConv / QGemm / QLinearAdd fusions), counted; compare with :data:`INTEGER_OPS`."""
+    """The op types of the graph ONNX Runtime runs after its session-time fusions, counted.
+
+    The level is ``ORT_ENABLE_EXTENDED`` (the QDQ -> QLinearConv / QGemm / QLinearAdd fusions); compare the counts
+    with :data:`INTEGER_OPS` to see whether the integer kernels run.
+
+    Args:
+        path: the exported ``.onnx`` file.
+        optimized_path: where to keep the optimized graph (default a temporary file, deleted).
+
+    Returns:
+        ``Counter`` of op type -> number of nodes.
+    """
     import tempfile
 
     import onnx
@@ -435,8 +445,19 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor
 
 
 def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Check ``feeds`` against an ``onnxruntime.InferenceSession``'s inputs: names, rank, fixed dimensions and
-    dtype; returns numpy arrays. Raises ``ValueError`` naming the input, the shape it got and the one expected."""
+    """Check ``feeds`` against an ``onnxruntime.InferenceSession``'s inputs: names, rank, fixed dimensions, dtype.
+
+    Args:
+        session: the ``onnxruntime.InferenceSession``.
+        feeds: input name -> tensor or array; floating inputs are cast to the model's float type.
+
+    Returns:
+        Input name -> numpy array, ready for ``session.run``.
+
+    Raises:
+        ValueError: missing or unexpected names, a shape or a non-float dtype the model does not take (naming the
+            input, what it got and what is expected).
+    """
     expected = {i.name: i for i in session.get_inputs()}
     missing = sorted(set(expected) - set(feeds))
     extra = sorted(set(feeds) - set(expected))
@@ -462,7 +483,17 @@ def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def session_options(path: str | Path, threads: int | None = None, dequantize_weights: bool | None = None):
-    """``onnxruntime.SessionOptions`` for an exported file (see :class:`OnnxClassifier` for the arguments)."""
+    """``onnxruntime.SessionOptions`` for an exported file.
+
+    Args:
+        path: the ``.onnx`` file (read without external data to inspect the graph).
+        threads: intra-op threads (None: ONNX Runtime's default).
+        dequantize_weights: set ``session.disable_quant_qdq`` so the weight ``DequantizeLinear`` nodes are
+            constant-folded once; None: on when the graph quantizes no activations (see :class:`OnnxClassifier`).
+
+    Returns:
+        The ``SessionOptions``.
+    """
     import onnx
     import onnxruntime as ort
 

@@ -55,8 +55,10 @@ NATIVE_BITS = (4, 8)
 
 
 class CalibrationError(ValueError):
-    """Calibration batches that cannot give activation scales (empty, NaN/inf, wrong type); names the input or
-    the layer."""
+    """Calibration batches that cannot give activation scales (empty, NaN/inf, wrong type).
+
+    The message names the batch and the input or layer.
+    """
 
 
 def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -800,6 +802,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: s
             inputs), e.g. a few hundred training images in batches.
         method: ``"minmax"`` or ``"percentile"`` (the ``percentile``-th and ``(100 - percentile)``-th values,
             averaged over batches).
+        percentile: the upper percentile of ``method="percentile"``, in ``(50, 100]`` (default 99.99).
         promote: allow 1-3/5-7-bit and per-row mixed layers (see :func:`layer_plan`).
         max_batches: use at most this many batches.
         check: verify that the prepared float path (BatchNorm folded, ReLUs fused) reproduces ``model`` on the
@@ -868,6 +871,12 @@ def logits_tolerance(sim: nn.Module) -> float | None:
     rounding term, or None if the output is not produced by a layer with a quantized input (weight-only and float
     models differ by float rounding only; for other outputs, e.g. a LayerNorm after the last layer, the export's
     check falls back to 5% of the largest output).
+
+    Args:
+        sim: the module :func:`calibrate_activations` returned.
+
+    Returns:
+        ``s_in * max_j sum_i |W_ji| + 1e-4``, or ``None`` (see above).
     """
     info: SimulationInfo = sim.medquant_onnx
     if info.output_layer is None:

@@ -47,6 +47,9 @@ class LayerExport:
         max_abs_error: largest absolute difference between the exported weight (as its runtime dequantises it)
             and medquant's dequantised weight; 0.0 for exact rows, ``None`` where not measured.
         note: anything the user should know about this row (a promotion, a transform).
+
+    Raises:
+        ValueError: ``how`` is not one of :data:`HOW`.
     """
 
     name: str
@@ -63,7 +66,15 @@ class LayerExport:
 
 @dataclass
 class ExportReport:
-    """What an export wrote: the format, the output path, the files, and one :class:`LayerExport` per weight."""
+    """What an export wrote: the format, the output path, the files, and one :class:`LayerExport` per weight.
+
+    Attributes:
+        format: the format name (``"compressed-tensors"``, ``"gguf"``, ``"onnx"``...).
+        path: the folder or file written.
+        layers: one row per weight, in the order written.
+        files: the files written (relative to ``path`` for a folder).
+        notes: remarks on the whole export (options applied, what the runtime needs).
+    """
 
     format: str
     path: str
@@ -72,22 +83,48 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        """Number of weights per ``how`` category."""
+        """Number of weights per ``how`` category.
+
+        Returns:
+            ``{how: count}``, e.g. ``{"exact repack": 30, "float": 2}``.
+        """
         return dict(Counter(row.how for row in self.layers))
 
     def lossy(self) -> list[LayerExport]:
-        """The rows whose exported weight differs from medquant's (near-exact or requantized)."""
+        """The rows whose exported weight differs from medquant's (near-exact or requantized).
+
+        Returns:
+            Those :class:`LayerExport` rows (empty when the export is exact); their ``max_abs_error`` says by how
+            much.
+        """
         return [row for row in self.layers if row.how in ("near-exact", "lossy requantization")]
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data.
+
+        Returns:
+            ``{"format", "path", "files", "notes", "counts", "layers": [row dicts]}``.
+        """
         return {"format": self.format, "path": self.path, "files": list(self.files), "notes": list(self.notes),
                 "counts": self.counts(), "layers": [asdict(row) for row in self.layers]}
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as indented JSON text.
+
+        Returns:
+            The JSON text.
+        """
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self, max_rows: int | None = 40) -> str:
-        """A plain-text table: one row per weight (the first ``max_rows``), then the counts per category."""
+        """A plain-text table: one row per weight (the first ``max_rows``), then the counts per category.
+
+        Args:
+            max_rows: rows shown before "... N more rows"; ``None`` shows all.
+
+        Returns:
+            The table, the counts line and the notes, newline-separated.
+        """
         head = ("layer", "medquant scheme", "exported as", "how", "max |err|")
         rows = [(r.name, r.scheme, r.target, r.how,
                  "-" if r.max_abs_error is None else f"{r.max_abs_error:.3g}") for r in self.layers]
@@ -135,6 +172,9 @@ def register_export_format(name: str, backend: ExportBackend, *, description: st
         description: one line for :func:`export_formats` and ``medquant export --help``.
         requires: importable Python packages the backend needs (named in the error when one is missing).
         replace: allow replacing an existing registration (otherwise a second registration raises).
+
+    Raises:
+        ValueError: an empty name, or a name already registered without ``replace=True``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"export format name must be a non-empty string, got {name!r}")
@@ -160,12 +200,26 @@ def _lookup(name: str) -> _Format:
 
 
 def export_formats() -> list[str]:
-    """The names :func:`export` accepts (built-in and registered)."""
+    """The names :func:`export` accepts (built-in and registered).
+
+    Returns:
+        Sorted format names, e.g. ``["compressed-tensors", "gguf", "onnx"]``.
+    """
     return sorted(set(_FORMATS) | set(_BUILTIN))
 
 
 def format_description(name: str) -> str:
-    """The one-line description a backend registered for ``name``."""
+    """The one-line description a backend registered for ``name``.
+
+    Args:
+        name: a format name (a built-in backend is imported on first use).
+
+    Returns:
+        The description given to :func:`register_export_format` (may be empty).
+
+    Raises:
+        ExportError: an unknown format, or a built-in backend missing from this installation.
+    """
     return _lookup(name).description
 
 
@@ -179,13 +233,34 @@ def _check_requirements(fmt: _Format) -> None:
 
 
 def check_format(name: str) -> None:
-    """Raise :class:`ExportError` now if :func:`export` would refuse ``format=name`` (unknown format, a backend
-    that is not installed, or a missing optional package), so callers can check before loading a model."""
+    """Raise :class:`ExportError` now if :func:`export` would refuse ``format=name``.
+
+    Callers check this before loading a model.
+
+    Args:
+        name: the format name.
+
+    Raises:
+        ExportError: an unknown format, a backend that is not installed, or a missing optional package.
+    """
     _check_requirements(_lookup(name))
 
 
 def parse_size(value: int | str) -> int:
-    """A byte count from an int or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1000"``."""
+    """A byte count from an int or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1000"``.
+
+    Decimal units are powers of 1000 (``KB``, ``MB``, ``GB``, ``TB``; ``K``, ``M``, ``G``), binary units powers
+    of 1024 (``KiB``, ``MiB``, ``GiB``, ``TiB``); case and spaces are ignored.
+
+    Args:
+        value: a positive int, or a number with an optional unit.
+
+    Returns:
+        The size in bytes, > 0.
+
+    Raises:
+        ExportError: a bool, a non-positive size, or text that is not a number with a known unit.
+    """
     if isinstance(value, bool):
         raise ExportError(f"size must be an integer number of bytes or a string like '5GB', got {value!r}")
     if isinstance(value, int):
