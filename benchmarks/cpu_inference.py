@@ -284,8 +284,10 @@ def worker(spec: dict) -> dict:
         if variant.removesuffix("@bf16").endswith("+emb"):  # embeddings quantized too; a tied head shares the table (stored once)
             from medquant.quant.embeddings import quantize_embeddings_
 
-            mq.quantize_(model, mq.QuantConfig(**QUANT[base]), skip=["lm_head"])
-            quantize_embeddings_(model, mq.QuantConfig(**QUANT[base]), tie=head)
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            # an untied head (the 1.1B model) is quantized as its own layer; a tied one shares the table's codes
+            mq.quantize_(model, mq.QuantConfig(**QUANT[base]), skip=["lm_head"] if tied or not head else None)
+            quantize_embeddings_(model, mq.QuantConfig(**QUANT[base]), tie=head and tied)
         else:
             mq.quantize_(model, mq.QuantConfig(**QUANT[base]), skip=skip)
     vocab = model.config.vocab_size

@@ -1,6 +1,6 @@
 """The packed weight layout: ONE definition, used by the torch reference, the Triton kernels and the files.
 
-A leaf module (it imports only ``torch`` and ``math``): the quantizer (:mod:`medquant.quant.core`), the quantized
+A leaf module (it imports only ``torch``, ``math`` and ``sys``): the quantizer (:mod:`medquant.quant.core`), the quantized
 modules, the kernels and the save/load code all read the layout from here.
 
 FORMAT_VERSION = 2 adds the *dense* layout for the widths that do not divide 32 (3, 5, 6 and 7 bits; next section
@@ -68,6 +68,7 @@ a multiple of 32 the words equal compressed-tensors' exactly; otherwise its word
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -183,6 +184,37 @@ def pack(codes: torch.Tensor, bits: int, dense: bool = False) -> torch.Tensor:
     return _to_int32(words)
 
 
+def _unpack_dense(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The dense bit stream of ``(n, W)`` words -> ``(n, W * 32 / bits)`` uint8 codes.
+
+    Code ``i`` of a row occupies bits ``[i * b, (i + 1) * b)`` of the row's stream, lowest bits first, continuing
+    across words. On a little-endian machine the words' bytes are that stream in order, so every 8 codes are
+    ``b`` consecutive bytes: they are joined into one integer ``v`` (int32 for b = 3, int64 above) and code ``j``
+    of the 8 is ``(v >> (j * b)) & (2^b - 1)``. A big-endian machine takes the word-wise route.
+    """
+    n, w = words.shape
+    mask = (1 << bits) - 1
+    if sys.byteorder == "little":
+        by = words.contiguous().view(torch.uint8).view(n, -1, bits)  # (n, K/8, b) bytes per 8 codes
+        wide = torch.int32 if bits * 8 <= 31 else torch.int64
+        v = by[:, :, 0].to(wide)
+        for t in range(1, bits):
+            v = v | (by[:, :, t].to(wide) << (8 * t))
+        codes = torch.empty(n, v.shape[1], 8, dtype=torch.uint8, device=words.device)
+        for j in range(8):
+            codes[:, :, j] = (v >> (j * bits)) & mask
+        return codes.view(n, -1)
+    blk = words.view(n, w // bits, bits).to(torch.int64) & 0xFFFFFFFF
+    cols = []
+    for i in range(WORD_BITS):
+        wi, o = divmod(i * bits, WORD_BITS)
+        val = blk[:, :, wi] >> o
+        if o + bits > WORD_BITS:
+            val = val | (blk[:, :, wi + 1] << (WORD_BITS - o))
+        cols.append(val & mask)
+    return torch.stack(cols, dim=-1).reshape(n, w // bits * WORD_BITS).to(torch.uint8)
+
+
 def unpack(words: torch.Tensor, bits: int, k: int | None = None, dense: bool = False) -> torch.Tensor:
     """Inverse of :func:`pack`: ``(n, W)`` int32 -> ``(n, K_pad)`` uint8 codes (int16 never needed: b <= 8).
 
@@ -206,16 +238,7 @@ def unpack(words: torch.Tensor, bits: int, k: int | None = None, dense: bool = F
         if w % bits:
             raise ValueError(f"{w} words per row is not a whole number of {bits}-word blocks of dense {bits}-bit "
                              f"codes")
-        blk = words.view(n, w // bits, bits).to(torch.int64) & 0xFFFFFFFF
-        mask = (1 << bits) - 1
-        cols = []
-        for i in range(WORD_BITS):
-            wi, o = divmod(i * bits, WORD_BITS)
-            v = blk[:, :, wi] >> o
-            if o + bits > WORD_BITS:
-                v = v | (blk[:, :, wi + 1] << (WORD_BITS - o))
-            cols.append(v & mask)
-        codes = torch.stack(cols, dim=-1).reshape(n, w // bits * WORD_BITS).to(torch.uint8)
+        codes = _unpack_dense(words, bits)
     else:
         cb = container_bits(bits)
         vpw = WORD_BITS // cb
