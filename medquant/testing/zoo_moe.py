@@ -13,15 +13,23 @@ gpt_oss         ``GptOssExperts``: transposed, biases, interleaved gate/up with 
 ==============  ====================================================================================
 
 Random expert weights are drawn with std 0.02 (transformers leaves some of them at zero or uninitialised).
+
+:data:`MOE_ZOO` holds the same models as :class:`~medquant.testing.zoo.ZooEntry` objects (inputs: 8 tokens per
+sample, batch 2; output: the logits), so a test can run them through the same code as the other zoos;
+``moe_zoo_params`` parametrizes a pytest test over them.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["MOE_BUILDERS", "build_moe", "moe_inputs"]
+from .zoo import ZooEntry
+
+__all__ = ["MOE_BUILDERS", "MOE_ZOO", "MOE_ZOO_BY_NAME", "build_moe", "moe_inputs"]
 
 _COMMON: dict = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -71,8 +79,19 @@ MOE_BUILDERS: dict[str, Callable[[], nn.Module]] = {
 
 
 def build_moe(name: str, seed: int = 0) -> nn.Module:
-    """The tiny MoE model ``name`` (one of :data:`MOE_BUILDERS`), seeded, eval mode, float32; every 3-D expert
-    weight (and its bias) drawn from ``N(0, 0.02^2)``."""
+    """The tiny MoE model ``name``, seeded, in eval mode, float32.
+
+    Args:
+        name: one of :data:`MOE_BUILDERS`.
+        seed: ``torch.manual_seed`` for the build; the expert and router weights (and biases) are then drawn
+            from ``N(0, 0.02^2)`` with a generator seeded ``seed + 1``.
+
+    Returns:
+        The causal LM (``...ForCausalLM``).
+
+    Raises:
+        KeyError: ``name`` is not a known MoE model.
+    """
     if name not in MOE_BUILDERS:
         raise KeyError(f"unknown MoE model {name!r}; available: {', '.join(MOE_BUILDERS)}")
     torch.manual_seed(seed)
@@ -86,7 +105,42 @@ def build_moe(name: str, seed: int = 0) -> nn.Module:
 
 
 def moe_inputs(batch: int = 2, length: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``input_ids`` ``(batch, length)`` from ``[3, 200)`` and an all-ones ``attention_mask``."""
+    """Token inputs for the MoE models.
+
+    Args:
+        batch: number of sequences.
+        length: tokens per sequence.
+        seed: seed of the generator that draws the token ids.
+
+    Returns:
+        ``input_ids`` ``(batch, length)`` drawn from ``[3, 200)`` and an all-ones ``attention_mask``.
+    """
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 200, (batch, length), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _zoo_inputs(model: nn.Module, gen: torch.Generator) -> dict[str, Any]:
+    ids = torch.randint(3, 200, (2, 8), generator=gen)
+    ids[:, 0] = _COMMON["bos_token_id"]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+_NOTES = {"mixtral": "3-D experts (E, 2I, H) / (E, H, I), router gate", "qwen2_moe": "shared expert + its gate",
+          "qwen3_moe": "per-head-dim q/k norms", "llama4_text": "transposed experts, Llama4Router, shared expert",
+          "gpt_oss": "transposed, biased, interleaved gate/up experts; sliding + full attention"}
+MOE_ZOO: list[ZooEntry] = [
+    ZooEntry(name, name, False, functools.partial(build_moe, name), _zoo_inputs, output_shape=(2, 8, 256),
+             notes=_NOTES[name])
+    for name in MOE_BUILDERS
+]
+MOE_ZOO_BY_NAME: dict[str, ZooEntry] = {e.name: e for e in MOE_ZOO}
+
+
+def __getattr__(name: str):
+    """``moe_zoo_params``: a ``pytest.mark.parametrize`` mark over :data:`MOE_ZOO` (lazy pytest import)."""
+    if name == "moe_zoo_params":
+        import pytest
+
+        return pytest.mark.parametrize("entry", MOE_ZOO, ids=[e.name for e in MOE_ZOO])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
