@@ -1,13 +1,16 @@
 """More tiny models: the vision-language layouts and medical vision encoders beyond :mod:`medquant.testing.zoo`.
 
 Same conventions as the zoo (seed 0, hidden 128, 2 layers, vocabulary 256, 32x32 images with 8x8 patches,
-batch 2); the entries are :class:`~medquant.testing.zoo.ZooEntry` objects listed in :data:`VLM_LAYOUTS`
-(multimodal models) and :data:`VISION_ENCODERS`, and :data:`EXTRA_ZOO` is both.
+batch 2; GLM-4V, LFM2-VL, Idefics2, Florence-2 and Qwen3.5, the layouts pruning treats specially, have a text
+model of hidden 64 with 4 heads of 16, 2 key-value heads and intermediate size 96, and one vision layer); the
+entries are :class:`~medquant.testing.zoo.ZooEntry` objects listed in :data:`VLM_LAYOUTS` (multimodal models)
+and :data:`VISION_ENCODERS`, and :data:`EXTRA_ZOO` is both.
 
 Main output of a multimodal entry: the image features of the model's own image path (vision tower, then
 projector) flattened, followed by the logits of a text-only forward flattened; BLIP-2, InstructBLIP and
 Kosmos-2 take the image in every forward, so their output is the logits of an image + text forward. A vision
-encoder's output is its last hidden state (ConvNeXt: its pooled output).
+encoder's output is its last hidden state (ConvNeXt: its pooled output). Florence-2's text logits come from
+its encoder-decoder with the first 5 tokens as decoder input.
 
 =====================  ======================================================================================
 entry                  layout (roles)
@@ -30,6 +33,14 @@ qwen3_vl               model.visual; ``merger`` and ``deepstack_merger_list`` ar
 llava_onevision        ``model.image_newline`` (a parameter) is projector
 llava_med              LLaVA-Med's own ``LlavaMistralForCausalLM`` layout: ``model.vision_tower`` and
                        ``model.mm_projector`` beside ``model.layers`` (:func:`llava_med_class`)
+glm4v                  model.visual (``merger`` projector) / model.language_model with fused ``gate_up_proj``
+lfm2_vl                model.vision_tower (SigLIP 2 NaFlex) / model.multi_modal_projector / model.language_model
+                       (``w1/w3 -> w2`` FFNs, an attention and a convolution layer)
+idefics2               model.vision_model / model.connector (perceiver, MLP sized by the text config) /
+                       model.text_model
+florence2              model.vision_tower (DaViT) / model.multi_modal_projector / model.language_model (BART
+                       encoder-decoder)
+qwen3_5                model.visual / model.language_model (a linear-attention and a gated attention layer)
 =====================  ======================================================================================
 """
 
@@ -42,7 +53,10 @@ from torch import nn
 
 from .zoo import (
     BATCH,
+    BOI_TOKEN,
     BOS_ID,
+    EOI_TOKEN,
+    EOS_ID,
     HEADS,
     HIDDEN,
     IMAGE,
@@ -50,6 +64,7 @@ from .zoo import (
     INTER,
     LAYERS,
     N_PATCHES,
+    PAD_ID,
     PATCH,
     VIDEO_TOKEN,
     VISION_END,
@@ -336,6 +351,102 @@ def _onevision_image(model: nn.Module, inputs: dict[str, Any]) -> Any:
     return model.get_image_features(pixel_values=px, image_sizes=torch.tensor([[IMAGE, IMAGE]] * BATCH))
 
 
+# ---------------------------------------------------------------------------------------------- pruning layouts
+# smaller text decoder (hidden 64, 4 heads of 16 / 2 key-value heads, intermediate 96): the layouts that pruning
+# treats specially (fused gate_up, w1/w3/w2, linear attention, connectors sized by the text config, BART decoder)
+_SMALL_TEXT = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": LAYERS,
+               "num_attention_heads": HEADS, "num_key_value_heads": 2, "max_position_embeddings": 128,
+               "pad_token_id": 0}
+_SMALL_MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+_SMALL_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "patch_size": PATCH}
+_QWEN_IDS = {"image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN}
+
+
+def _auto_build(cls_name: str, model_type: str, **kw: Any) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig
+
+    return getattr(transformers, cls_name)(AutoConfig.for_model(model_type, **kw))
+
+
+def _build_glm4v() -> nn.Module:
+    return _auto_build("Glm4vForConditionalGeneration", "glm4v", text_config=dict(_SMALL_TEXT, rope_parameters=_SMALL_MROPE),
+                       vision_config=dict(_SMALL_VISION, depth=1, out_hidden_size=64, image_size=IMAGE,
+                                          temporal_patch_size=2, spatial_merge_size=2),
+                       **_QWEN_IDS, image_start_token_id=VISION_START, image_end_token_id=VISION_END,
+                       video_start_token_id=BOI_TOKEN, video_end_token_id=EOI_TOKEN)
+
+
+def _build_lfm2_vl() -> nn.Module:
+    return _auto_build("Lfm2VlForConditionalGeneration", "lfm2_vl",
+                       text_config=dict(_SMALL_TEXT, layer_types=["full_attention", "conv"],
+                                        block_auto_adjust_ff_dim=True),
+                       vision_config=dict(_SMALL_VISION, num_hidden_layers=1, num_patches=N_PATCHES),
+                       projector_hidden_size=64, image_token_id=IMAGE_TOKEN)
+
+
+def _naflex_inputs(model: nn.Module, gen: torch.Generator) -> dict[str, Any]:
+    g = IMAGE // PATCH
+    out = _text_and_image(model, gen)
+    out["pixel_values"] = _pixels(gen, BATCH, g * g, 3 * PATCH * PATCH)
+    out["pixel_attention_mask"] = torch.ones(BATCH, g * g, dtype=torch.long)
+    out["spatial_shapes"] = torch.tensor([[g, g]] * BATCH)
+    return out
+
+
+def _naflex_image(model: nn.Module, inputs: dict[str, Any]) -> Any:
+    return model.model.get_image_features(pixel_values=inputs["pixel_values"], spatial_shapes=inputs["spatial_shapes"],
+                                          pixel_attention_mask=inputs["pixel_attention_mask"])
+
+
+def _build_idefics2() -> nn.Module:
+    return _auto_build("Idefics2ForConditionalGeneration", "idefics2", text_config=dict(_SMALL_TEXT, model_type="mistral"),
+                       vision_config=dict(_SMALL_VISION, num_hidden_layers=1, image_size=IMAGE),
+                       perceiver_config={"hidden_size": 64, "resampler_n_latents": 4, "resampler_depth": 1,
+                                         "resampler_n_heads": 2, "resampler_head_dim": 16, "num_key_value_heads": 1},
+                       image_token_id=IMAGE_TOKEN)
+
+
+def _idefics2_inputs(model: nn.Module, gen: torch.Generator) -> dict[str, Any]:
+    out = _text_and_image(model, gen)
+    out["pixel_values"] = out["pixel_values"][:, None]  # (batch, images, 3, H, W)
+    return out
+
+
+def _build_florence2() -> nn.Module:
+    return _auto_build("Florence2ForConditionalGeneration", "florence2",
+                       text_config={"vocab_size": VOCAB, "d_model": 64, "encoder_layers": 1, "decoder_layers": LAYERS,
+                                    "encoder_attention_heads": HEADS, "decoder_attention_heads": HEADS,
+                                    "encoder_ffn_dim": 96, "decoder_ffn_dim": 96, "max_position_embeddings": 64,
+                                    "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+                                    "decoder_start_token_id": EOS_ID, "forced_eos_token_id": None},
+                       vision_config={"embed_dim": [16, 32], "depths": [1, 1], "num_heads": [2, 2], "num_groups": [2, 2],
+                                      "patch_size": [7, 3], "patch_stride": [4, 2], "patch_padding": [3, 1],
+                                      "patch_prenorm": [False, True], "projection_dim": 64},
+                       image_token_id=IMAGE_TOKEN)
+
+
+def _seq2seq_text_logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                 decoder_input_ids=inputs["input_ids"][:, :5]).logits
+
+
+def _florence2_output(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    feats = _first_tensor(_inner_image_features(model, inputs))
+    return torch.cat([feats.flatten(), _seq2seq_text_logits(model, inputs).flatten().to(torch.float32)])
+
+
+def _build_qwen3_5() -> nn.Module:
+    return _auto_build("Qwen3_5ForConditionalGeneration", "qwen3_5",
+                       text_config=dict(_SMALL_TEXT, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                                        linear_value_head_dim=8,
+                                        rope_parameters=dict(_SMALL_MROPE, partial_rotary_factor=0.5)),
+                       vision_config=dict(_SMALL_VISION, depth=1, out_hidden_size=64, temporal_patch_size=2,
+                                          spatial_merge_size=2),
+                       **_QWEN_IDS, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+
+
 # ---------------------------------------------------------------------------------------------- LLaVA-Med layout
 _LLAVA_MED_CLS: dict[str, type] = {}
 
@@ -530,6 +641,16 @@ VLM_LAYOUTS: list[ZooEntry] = [
          "anyres: base image + one crop"),
     _vlm("llava_med", _build_llava_med, _llava_med_inputs, _full_logits,
          "LLaVA-Med's LlavaMistralForCausalLM layout; images= argument; 16 image tokens"),
+    _vlm("glm4v", _build_glm4v, _qwen_like_inputs, _with_image(_grid_image_features),
+         "hidden 64; fused gate_up_proj FFNs; flattened patches + image_grid_thw"),
+    _vlm("lfm2_vl", _build_lfm2_vl, _naflex_inputs, _with_image(_naflex_image),
+         "hidden 64; w1/w3 -> w2 FFNs, an attention and a convolution layer; SigLIP 2 NaFlex tower"),
+    _vlm("idefics2", _build_idefics2, _idefics2_inputs, _with_image(_inner_image_features),
+         "hidden 64; perceiver connector sized by text_config.intermediate_size; 5-D pixel_values"),
+    _vlm("florence2", _build_florence2, _text_and_image, _florence2_output,
+         "hidden 64; DaViT tower, BART encoder-decoder language model; text logits from 5 decoder tokens"),
+    _vlm("qwen3_5", _build_qwen3_5, _qwen_like_inputs, _with_image(_grid_image_features),
+         "hidden 64; a linear-attention (gated delta rule) and a gated full-attention layer"),
 ]
 
 VISION_ENCODERS: list[ZooEntry] = [
@@ -558,7 +679,8 @@ IMAGE_PATH: dict[str, Any] = {
     "deepseek_vl": _inner_image_features, "janus": _inner_image_features, "paddleocr_vl": _grid_image_features,
     "ovis2": _top_image_features, "gemma4": _gemma4_image, "phi4mm": _phi4_image, "chameleon": _chameleon_image,
     "mllama": _mllama_image, "qwen3_vl": _grid_image_features, "llava_onevision": _onevision_image,
-    "llava_med": _llava_med_image,
+    "llava_med": _llava_med_image, "glm4v": _grid_image_features, "lfm2_vl": _naflex_image,
+    "idefics2": _inner_image_features, "florence2": _inner_image_features, "qwen3_5": _grid_image_features,
 }
 """Entry name -> ``fn(model, inputs)`` running only the image path (vision tower, then projector) of a multimodal
 entry: the modules that run in it are the ones that see the image."""

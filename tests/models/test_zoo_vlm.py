@@ -11,6 +11,9 @@ EXPECTED_CLASSES = {
     "phi4mm": "Phi4MultimodalForCausalLM", "chameleon": "ChameleonForConditionalGeneration",
     "mllama": "MllamaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration", "llava_med": "LlavaMistralForCausalLM",
+    "glm4v": "Glm4vForConditionalGeneration", "lfm2_vl": "Lfm2VlForConditionalGeneration",
+    "idefics2": "Idefics2ForConditionalGeneration", "florence2": "Florence2ForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "dinov2": "Dinov2Model", "clip": "CLIPModel", "clip_vision": "CLIPVisionModel", "siglip2": "Siglip2Model",
     "swin": "SwinModel", "convnext": "ConvNextModel", "beit": "BeitModel",
 }

@@ -21,16 +21,16 @@ from medquant.testing.zoo_moe import build_moe
 
 from . import _layouts as L
 
-HEAD_DIM = 16  # hidden 64 / 4 heads in every model here
+HEAD_DIM = 16  # hidden 64 / 4 heads in every model here but Chameleon (the zoo's: 128 / 4)
 
-# model -> (builder, attention output projection, FFN output projection), paths relative to a block
+# model -> (builder, attention output projection, FFN output projection, head size), paths relative to a block
 CASES = {
-    "glm4v": (L.glm4v, "self_attn.o_proj", "mlp.down_proj"),
-    "lfm2_vl": (L.lfm2_vl, "self_attn.out_proj", "feed_forward.w2"),
-    "chameleon": (L.chameleon, "self_attn.o_proj", "mlp.down_proj"),
-    "qwen3_5": (L.qwen3_5, "self_attn.o_proj", "mlp.down_proj"),
-    "idefics2": (L.idefics2, "self_attn.o_proj", "mlp.down_proj"),
-    "florence2": (L.florence2, "self_attn.out_proj", "fc2"),
+    "glm4v": (L.glm4v, "self_attn.o_proj", "mlp.down_proj", HEAD_DIM),
+    "lfm2_vl": (L.lfm2_vl, "self_attn.out_proj", "feed_forward.w2", HEAD_DIM),
+    "chameleon": (L.chameleon, "self_attn.o_proj", "mlp.down_proj", 32),
+    "qwen3_5": (L.qwen3_5, "self_attn.o_proj", "mlp.down_proj", HEAD_DIM),
+    "idefics2": (L.idefics2, "self_attn.o_proj", "mlp.down_proj", HEAD_DIM),
+    "florence2": (L.florence2, "self_attn.out_proj", "fc2", HEAD_DIM),
 }
 
 
@@ -40,12 +40,12 @@ def _logits(model: nn.Module, inputs) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _zeroed(model: nn.Module, plan, o_path: str, down_path: str) -> nn.Module:
+def _zeroed(model: nn.Module, plan, o_path: str, down_path: str, head_dim: int) -> nn.Module:
     ref = copy.deepcopy(model)
     for block in plan.heads:
         o = ref.get_submodule(f"{block}.{o_path}")
         for h in plan.removed_heads(block):
-            o.weight[:, h * HEAD_DIM:(h + 1) * HEAD_DIM] = 0
+            o.weight[:, h * head_dim:(h + 1) * head_dim] = 0
     for block in plan.neurons:
         down = ref.get_submodule(f"{block}.{down_path}")
         down.weight[:, plan.removed_neurons(block)] = 0
@@ -72,7 +72,7 @@ def _prune(model, head_ratio, ffn_ratio):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_pruned_equals_zeroed_reference_and_config_claim_holds(name, tmp_path):
-    build, o_path, down_path = CASES[name]
+    build, o_path, down_path, head_dim = CASES[name]
     model = build()
     inputs = L.text_inputs(model)
     original = copy.deepcopy(model)
@@ -81,7 +81,7 @@ def test_pruned_equals_zeroed_reference_and_config_claim_holds(name, tmp_path):
     pruned_heads = [b for b, keep in plan.heads.items() if len(keep) < plan.sizes[b]["heads"]]
     assert pruned_ffn and pruned_heads  # every layout prunes something of both kinds
     out = _logits(model, inputs)
-    torch.testing.assert_close(out, _logits(_zeroed(original, plan, o_path, down_path), inputs), rtol=1e-4,
+    torch.testing.assert_close(out, _logits(_zeroed(original, plan, o_path, down_path, head_dim), inputs), rtol=1e-4,
                                atol=1e-5)
     assert plan.hf_config_exact is _fresh_loads(model)
     assert plan.hf_config_exact or plan.config_notes  # a config left as it was says why
@@ -108,7 +108,7 @@ def test_layout_details():
     m = L.chameleon()  # per-head norms follow their heads
     plan, _ = _prune(m, 0.5, 0.0)
     attn = m.model.layers[0].self_attn
-    assert tuple(attn.q_norm.weight.shape) == (2, HEAD_DIM) and tuple(attn.k_norm.weight.shape) == (2, HEAD_DIM)
+    assert tuple(attn.q_norm.weight.shape) == (2, 32) and tuple(attn.k_norm.weight.shape) == (2, 32)
     assert plan.hf_config_exact is False and "head size derived" in plan.config_notes[0]
     m = build_moe("qwen3_moe")  # q_norm / k_norm over head_dim only: shared by every head, left as they are
     plan, _ = _prune(m, 0.5, 0.0)
