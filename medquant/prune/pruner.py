@@ -33,6 +33,7 @@ False, and :func:`medquant.prune.save_pruned` / :func:`medquant.prune.load_prune
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -43,10 +44,11 @@ import torch
 from torch import nn
 
 from ..models.blocks import Block, transformer_blocks
+from ..models.introspect import language_model_layers, model_roles, vision_layers
 from ..quant.experts import experts_layout
 from .importance import METHODS, block_scores
 from .ratios import check_ratio, lowest_indices, n_to_remove
-from .surgery import expert_neuron_rows, prune_attention, prune_experts, prune_ffn
+from .surgery import expert_neuron_rows, head_tables, prune_attention, prune_experts, prune_ffn
 
 __all__ = ["PrunePlan", "StructuredPruner", "parameter_report"]
 
@@ -68,9 +70,11 @@ class PrunePlan:
     magnitude whatever ``importance`` is.
 
     ``skipped[block]`` lists, for each block in scope that the ratios asked to prune but that has a part the
-    pruner cannot handle, the reason (fused qkv, linear attention, convolution mixer, MoE experts stored as 3-D
-    weights, cross-attention kept); ``config_notes`` says why a config was left as it was when the pruned model
-    does not fit it (``hf_config_exact`` False).
+    pruner cannot handle, the reason (fused qkv, linear attention, convolution mixer, MoE experts in an unknown
+    layout, cross-attention kept, a norm over all heads or all FFN neurons at once, a per-head parameter it does
+    not know, a stage of several blocks, a layer of the model's block list without a prunable attention or FFN:
+    :func:`checked_block`, :func:`unprunable_layers`); ``config_notes`` says why a config was left as it was when
+    the pruned model does not fit it (``hf_config_exact`` False).
     """
 
     heads: dict[str, list[int]] = field(default_factory=dict)
@@ -183,7 +187,7 @@ class StructuredPruner:
         plan = PrunePlan(importance=self.importance)
         if isinstance(calib, Iterable) and not isinstance(calib, (list, tuple)) and calib is not None:
             calib = list(calib)  # iterated more than once
-        blocks = transformer_blocks(model, self.scope)
+        blocks = [checked_block(model, b) for b in transformer_blocks(model, self.scope)]
         cnn = not blocks and not _is_hf(model)
         if not blocks and not cnn:
             raise ValueError(f"{type(model).__name__}: no transformer blocks with prunable attention or FFN found "
@@ -216,6 +220,8 @@ class StructuredPruner:
                            "in a layout medquant does not know; their neurons are kept")
             if why:
                 plan.skipped[b.name] = why
+        if _asks(self.head_ratio) or _asks(self.ffn_ratio):
+            plan.skipped.update(unprunable_layers(model, self.scope, blocks))
         for part, ratios, has in (("heads", hr, lambda b: b.attention is not None),
                                   ("ffn", fr, lambda b: b.ffn is not None or _known_experts(model, b))):
             asked = [b for b in blocks if ratios[b.name] > 0 and b.name not in plan.drop_blocks]
@@ -336,6 +342,161 @@ def _expert_scores(mod: nn.Module, lay: dict) -> torch.Tensor:
     return (rows[:, pos].sum(1) + down.pow(2).sum(1)).sqrt()
 
 
+def _asks(ratio: Ratio) -> bool:
+    if isinstance(ratio, dict):
+        return any(r > 0 for r in ratio.values())
+    if isinstance(ratio, (list, tuple)):
+        return any(r > 0 for r in ratio)
+    return ratio > 0
+
+
+def _norm_over(container: nn.Module, widths: set[int], exclude: set[str]) -> str | None:
+    """The name of a direct child of ``container`` that normalises a whole width in ``widths`` at once (a 1-D
+    ``weight`` of that size, no linear inside), or None."""
+    for name, child in container.named_children():
+        w = getattr(child, "weight", None)
+        if (name in exclude or isinstance(child, nn.Linear) or not isinstance(w, torch.Tensor) or w.dim() != 1
+                or w.numel() not in widths or any(isinstance(m, nn.Linear) for m in child.modules())):
+            continue
+        return name
+    return None
+
+
+def checked_block(model: nn.Module, b: Block) -> Block:
+    """``b`` with the units whose pruning would not be exact taken out and said in ``unsupported``.
+
+    A norm over all heads together inside the attention (Kosmos-2's ``inner_attn_ln`` before the output
+    projection, a ``q_norm`` / ``k_norm`` over the full projected width as in OLMo 2) computes its mean and
+    variance over every head, so removing heads changes what the kept heads produce; likewise a norm over all FFN
+    neurons (Kosmos-2's ``ffn_layernorm`` between ``fc1`` and ``fc2``). Per-head norms (weight ``(n_heads, d)``
+    or ``(d,)``), relative position bias tables with one column per head and attention sinks are pruned exactly
+    and stay. Any
+    other parameter of the attention with one entry per head keeps the heads, and so does a layer that holds
+    several attention modules of the same kind (a stage of several blocks, e.g. a Swin stage of depth 2): only
+    its first block would be seen.
+
+    Args:
+        model: the model holding the block.
+        b: a block of :func:`medquant.models.transformer_blocks`.
+
+    Returns:
+        ``b`` itself when nothing is in the way, else a copy with ``attention`` / ``ffn`` set to None and the
+        reason under ``unsupported["heads"]`` / ``unsupported["ffn"]``.
+    """
+    attention, ffn, why = b.attention, b.ffn, dict(b.unsupported)
+    if attention is not None:
+        a = attention
+        widths = {model.get_submodule(a.o).in_features, model.get_submodule(a.q).out_features,
+                  model.get_submodule(a.k).out_features}
+        own = {n.rpartition(".")[2] for n in (a.q, a.k, a.v, a.o, a.q_norm, a.k_norm) if n}
+        for cname in dict.fromkeys((a.name, a.holder)):
+            hit = _norm_over(model.get_submodule(cname), widths, own)
+            if hit is not None:
+                attention = None
+                why["heads"] = (f"{cname}.{hit} normalises all heads together (a norm of width "
+                                f"{model.get_submodule(cname + '.' + hit).weight.numel()}): removing heads would "
+                                "change the kept heads' output; its heads are kept")
+                break
+        per_head = _unknown_per_head(model, a)
+        if attention is not None and per_head:
+            attention = None
+            why["heads"] = (f"{per_head} has one entry per head in a form medquant does not prune; its heads are "
+                            "kept")
+    twins = _attention_twins(model, b)
+    if twins:
+        attention = ffn = None
+        why["heads"] = why["ffn"] = (f"this layer holds {len(twins)} attention modules of the same kind "
+                                     f"({', '.join(twins[:3])}): a stage of several blocks, which medquant does not "
+                                     "prune one by one; its heads and neurons are kept")
+    if ffn is not None:
+        own = {n.rpartition(".")[2] for n in (*ffn.inputs, ffn.output)}
+        hit = _norm_over(model.get_submodule(ffn.name), {ffn.n_neurons}, own) if ffn.name != b.name else None
+        if hit is not None:
+            why["ffn"] = (f"{ffn.name}.{hit} normalises all {ffn.n_neurons} FFN neurons together: removing neurons "
+                          "would change the kept ones' output; its neurons are kept")
+            ffn = None
+    if attention is b.attention and ffn is b.ffn:
+        return b
+    return dataclasses.replace(b, attention=attention, ffn=ffn, unsupported=why)
+
+
+def _unknown_per_head(model: nn.Module, a) -> str | None:
+    """A parameter inside the attention container ``a.name`` (outside its projections, per-head norms and
+    relative position tables) with a dimension of ``n_heads`` (or ``n_kv``) entries, or None."""
+    if a.n_heads < 2:
+        return None
+    cont = model.get_submodule(a.name)
+    known = [n for n in (a.q, a.k, a.v, a.o, a.q_norm, a.k_norm) if n]
+    known += [f"{a.name}.{n}.relative_position_bias_table" if n else f"{a.name}.relative_position_bias_table"
+              for n, _ in head_tables(cont, a.n_heads)]
+    sinks = cont._parameters.get("sinks")
+    if isinstance(sinks, nn.Parameter) and tuple(sinks.shape) == (a.n_heads,):
+        known.append(f"{a.name}.sinks")
+    for pname, p in cont.named_parameters():
+        full = f"{a.name}.{pname}"
+        if any(full == k or full.startswith(k + ".") for k in known):
+            continue
+        if any(d in (a.n_heads, a.n_kv) for d in p.shape):
+            return full
+    return None
+
+
+def _attention_twins(model: nn.Module, b: Block) -> list[str]:
+    """Names of the modules inside block ``b`` of the same class as its attention container, when there is more
+    than one (cross-attention such as ``encoder_attn`` aside): the block is a stage of several blocks."""
+    if b.attention is None:
+        return []
+    cls = type(model.get_submodule(b.attention.name))
+    twins = [f"{b.name}.{n}" for n, m in model.get_submodule(b.name).named_modules()
+             if type(m) is cls and not any(k in n for k in ("encoder_attn", "cross"))]
+    return twins if len(twins) > 1 else []
+
+
+def unprunable_layers(model: nn.Module, scope: str | Sequence[str] | None, blocks: Sequence[Block]
+                      ) -> dict[str, list[str]]:
+    """Layers of the model's block lists in ``scope`` that are not among ``blocks``, each with the reason.
+
+    :func:`medquant.models.transformer_blocks` leaves out a layer in which it finds neither an attention nor an
+    FFN it can prune (Gemma 4's vision layers, whose projections are wrapped in clipping modules; a
+    convolutional stage); pruning reports them in ``plan.skipped`` instead of leaving them silently.
+
+    Args:
+        model: a model with roles (for a plain ``nn.Module`` the result is empty).
+        scope: the pruner's scope (``None``, ``"language"``, ``"vision"``, ``"all"`` or a list of those).
+        blocks: the blocks found in that scope.
+
+    Returns:
+        ``{layer name: [reason]}`` in layer order.
+    """
+    roles = model_roles(model)
+    if not roles:
+        return {}
+    if scope is None:
+        wanted = {"language"} if "language" in roles else {"vision"}
+    elif scope == "all":
+        wanted = {"language", "vision"}
+    else:
+        wanted = {scope} if isinstance(scope, str) else set(scope)
+    names = (language_model_layers(model) if "language" in wanted else []) + (
+        vision_layers(model) if "vision" in wanted else [])
+    found = {b.name for b in blocks}
+    out: dict[str, list[str]] = {}
+    for name in names:
+        if name in found:
+            continue
+        layer = model.get_submodule(name)
+        wrapped = sorted({type(m).__name__ for n, m in layer.named_modules()
+                          if n.rpartition(".")[2] in _PROJECTION_NAMES and not isinstance(m, nn.Linear)})
+        kinds = ", ".join(sorted({type(m).__name__ for m in layer.children()})[:4]) or type(layer).__name__
+        detail = (f"its projections are {', '.join(wrapped)} modules, not nn.Linear" if wrapped
+                  else f"children: {kinds}")
+        out[name] = [f"no attention or FFN that medquant can prune in this layer ({detail}); it is kept whole"]
+    return out
+
+
+_PROJECTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
+
+
 def _is_hf(model: nn.Module) -> bool:
     from transformers import PreTrainedModel
 
@@ -349,7 +510,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
         from .cnn import apply_channels
 
         apply_channels(model, plan)
-    blocks = {b.name: b for b in transformer_blocks(model, "all" if _is_hf(model) else scope)}
+    blocks = {b.name: checked_block(model, b) for b in transformer_blocks(model, "all" if _is_hf(model) else scope)}
     if not _is_hf(model) and not blocks and (plan.heads or plan.neurons):
         raise ValueError("the plan names transformer blocks but the model has none")
     missing = sorted((set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons) | set(plan.drop_blocks))

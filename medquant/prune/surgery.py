@@ -9,7 +9,9 @@ All functions edit the model in place and keep the selected rows / columns in th
   and column ``j`` of the output linear (down, w2, fc2); of a fused ``gate_up_proj`` with ``2I`` rows (gate half,
   then up half) it owns rows ``j`` and ``I + j``.
 * gated attention (Qwen3.5): head ``h`` owns rows ``2hd .. 2hd+2d-1`` of q (its query and its output gate);
-  per-head q/k norms (Chameleon, weight ``(n_heads, d)``) lose the rows of the removed heads.
+  per-head q/k norms (Chameleon, weight ``(n_heads, d)``) lose the rows of the removed heads; relative position
+  bias tables with one column per head (Swin, BEiT: ``(positions, n_heads)``) lose their columns, and attention
+  sinks (GPT-OSS: ``sinks`` of shape ``(n_heads,)``) their entries.
 
 After a head removal the attention module carries its own counts (``num_heads`` / ``num_attention_heads``,
 ``num_key_value_heads``, ``num_key_value_groups`` = n_heads / n_kv, BERT's ``all_head_size``), which is what the
@@ -96,6 +98,13 @@ def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[
         keep_linear(o, cols=head_rows(keep_heads, d))
         if unit.q_norm is not None:
             _keep_norm_rows(model.get_submodule(unit.q_norm), keep_heads)
+        for _, table in head_tables(model.get_submodule(unit.name), unit.n_heads):
+            _keep_table_columns(table, keep_heads)
+        cont = model.get_submodule(unit.name)
+        sinks = cont._parameters.get("sinks")
+        if isinstance(sinks, nn.Parameter) and tuple(sinks.shape) == (unit.n_heads,):  # GPT-OSS: one per head
+            cont.sinks = nn.Parameter(sinks[torch.tensor(keep_heads, device=sinks.device)].clone(),
+                                      requires_grad=sinks.requires_grad)
     if len(keep_kv) != unit.n_kv:
         keep_linear(k, rows=kvrows)
         keep_linear(v, rows=kvrows)
@@ -109,6 +118,36 @@ def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[
             setattr(holder, attr, val)
     unit.n_heads, unit.n_kv = nh, nkv
     return unit
+
+
+def head_tables(attention: nn.Module, n_heads: int) -> list[tuple[str, nn.Module]]:
+    """The relative position bias tables inside ``attention`` with one column per head.
+
+    Swin's and BEiT's window attention add ``table[index]`` (a ``relative_position_bias_table`` parameter of shape
+    ``(positions, n_heads)``) to the scores of each head: removing head ``h`` removes column ``h``.
+
+    Args:
+        attention: an attention container.
+        n_heads: its number of query heads.
+
+    Returns:
+        ``[(name of the module holding the table, that module)]``, names relative to ``attention``.
+    """
+    out = []
+    for name, mod in attention.named_modules():
+        t = mod._parameters.get("relative_position_bias_table")
+        if isinstance(t, nn.Parameter) and t.dim() == 2 and t.shape[1] == n_heads:
+            out.append((name, mod))
+    return out
+
+
+@torch.no_grad()
+def _keep_table_columns(mod: nn.Module, heads: Sequence[int]) -> None:
+    t = mod.relative_position_bias_table
+    idx = torch.tensor(list(heads), dtype=torch.long, device=t.device)
+    mod.relative_position_bias_table = nn.Parameter(t.index_select(1, idx).clone(), requires_grad=t.requires_grad)
+    if isinstance(getattr(mod, "num_heads", None), int):
+        mod.num_heads = len(idx)
 
 
 @torch.no_grad()
