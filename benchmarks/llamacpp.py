@@ -238,7 +238,21 @@ def llamacpp_eval(exe: str, gguf: Path, seqs: list[list[int]], threads: int) -> 
 
 
 def llamacpp_logits(exe: str, gguf: Path, seqs: list[list[int]], threads: int, kv: str = "f32") -> list:
-    """Per sequence: llama.cpp's full logits (numpy float32, one row per position), KV cache in ``kv``."""
+    """Per sequence: llama.cpp's full logits, teacher-forced.
+
+    Args:
+        exe: the ``mq_eval`` executable.
+        gguf: the GGUF file.
+        seqs: token-id sequences (each run from position 0 with an empty cache).
+        threads: llama.cpp threads.
+        kv: KV cache type, ``"f32"`` or ``"f16"`` (llama.cpp's default).
+
+    Returns:
+        One numpy float32 array ``(len(seq), n_vocab)`` per sequence.
+
+    Raises:
+        RuntimeError: ``mq_eval`` failed.
+    """
     import numpy as np
 
     out_file = gguf.with_suffix(".logits.bin")
@@ -265,7 +279,14 @@ def llamacpp_speed(exe: str, gguf: Path, prompt: list[int], threads: int, n_gen:
 def q8_0_round(x):
     """``x`` rounded as llama.cpp's CPU back-end rounds the activations of a Q4_0 / Q8_0 product (its ``Q8_0``
     blocks): per 32 values along the last axis, ``a = max|x|``, ``q = round(x * 127 / a)`` (to nearest, ties to
-    even, as its AVX code), ``x' = q * fp16(a / 127)``."""
+    even, as its AVX code), ``x' = q * fp16(a / 127)``.
+
+    Args:
+        x: a tensor whose last dimension is a multiple of 32.
+
+    Returns:
+        The rounded tensor, same shape and dtype.
+    """
     import torch
 
     xb = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32).float()
@@ -275,13 +296,27 @@ def q8_0_round(x):
 
 
 def round_inputs(modules, fn) -> list:
-    """Forward pre-hooks replacing the first input of each module by ``fn(input)``; returns the handles (call
-    ``.remove()`` on each)."""
+    """Forward pre-hooks replacing the first input of each module by ``fn(input)``.
+
+    Args:
+        modules: the modules whose input is rounded.
+        fn: tensor -> tensor.
+
+    Returns:
+        The hook handles (call ``.remove()`` on each).
+    """
     return [m.register_forward_pre_hook(lambda mod, args: (fn(args[0]),) + tuple(args[1:])) for m in modules]
 
 
 def linear_modules(model) -> list:
-    """Every ``nn.Linear`` and every medquant quantized layer of ``model`` (the layers llama.cpp multiplies)."""
+    """The matrix-product layers of a model.
+
+    Args:
+        model: a float or medquant-quantized model.
+
+    Returns:
+        Every ``nn.Linear`` and every medquant quantized layer of ``model``.
+    """
     import torch
 
     from medquant.quant import quantized_modules
@@ -290,8 +325,17 @@ def linear_modules(model) -> list:
 
 
 def medquant_logits(model, seqs: list[list[int]], modules=None, fn=None) -> list:
-    """Per sequence: medquant's full logits (numpy float32) by its torch reference path (dequantized weights),
-    optionally with the inputs of ``modules`` rounded by ``fn``."""
+    """Per sequence: medquant's full logits by its torch reference path (dequantized weights).
+
+    Args:
+        model: the medquant (or float) model.
+        seqs: token-id sequences.
+        modules: layers whose inputs ``fn`` rounds (with ``fn``).
+        fn: tensor -> tensor, or ``None`` for no rounding.
+
+    Returns:
+        One numpy float32 array ``(len(seq), n_vocab)`` per sequence.
+    """
     import torch
 
     from medquant.kernels import force_backend
@@ -315,7 +359,15 @@ def compare_logits(ref: list, other: list) -> dict:
     """Teacher-forced comparison of two models' logits on the same sequences (the last position of each is
     dropped: it predicts nothing): next-token agreement, agreement restricted to positions where ``ref``'s top-2
     logit margin exceeds each of ``MARGINS`` (with the fraction of positions kept), and the mean / largest
-    absolute logit difference."""
+    absolute logit difference.
+
+    Args:
+        ref: per sequence, the reference logits (its margins select the positions).
+        other: per sequence, the compared logits, same shapes.
+
+    Returns:
+        A dict of the figures above (JSON-ready floats).
+    """
     import numpy as np
 
     a = np.concatenate([x[:-1] for x in ref]).astype(np.float64)
@@ -544,7 +596,14 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
 
 
 def diagnosis(rows: list[dict]) -> str:
-    """One paragraph putting the llama.cpp-vs-medquant figures next to the rounding-only controls."""
+    """One paragraph putting the llama.cpp-vs-medquant figures next to the rounding-only controls.
+
+    Args:
+        rows: the benchmark's per-variant result rows.
+
+    Returns:
+        The paragraph.
+    """
     ctrl = next((r.get("rounding_controls") for r in rows if r.get("rounding_controls")), {})
     parts = []
     for r in rows:

@@ -152,8 +152,23 @@ def build_probe() -> str:
 
 def probe_run(exe: str, gguf: Path, seqs: list[list[int]], out: Path, dump: list[str] = (),
               repack: bool = True) -> list:
-    """Run ``mq_probe``: per sequence the full logits (numpy, one row per position); tensors in ``dump`` of the
-    first sequence are left in ``out`` as ``<name>.bin`` (float32)."""
+    """Run ``mq_probe`` on a GGUF file, teacher-forced.
+
+    Args:
+        exe: the ``mq_probe`` executable.
+        gguf: the GGUF file.
+        seqs: token-id sequences.
+        out: folder for the logits and the dumped tensors.
+        dump: names of graph tensors (``attn_out-0``...) of the first sequence to leave in ``out`` as
+            ``<name>.bin`` (float32, first dimension fastest).
+        repack: use llama.cpp's repacked CPU kernels (its default).
+
+    Returns:
+        Per sequence, the full logits (numpy float32, one row per position).
+
+    Raises:
+        RuntimeError: ``mq_probe`` failed.
+    """
     import numpy as np
 
     out.mkdir(parents=True, exist_ok=True)
@@ -176,8 +191,18 @@ def probe_run(exe: str, gguf: Path, seqs: list[list[int]], out: Path, dump: list
 
 
 def capture(model, ids: list[int], layers, fn=None) -> dict:
-    """medquant's tensors under llama.cpp's names for one sequence (numpy float32), optionally with the inputs of
-    ``layers`` rounded by ``fn``."""
+    """medquant's intermediate tensors under llama.cpp's names for one sequence.
+
+    Args:
+        model: the medquant model (LLaMA layout).
+        ids: the token ids.
+        layers: layers whose inputs ``fn`` rounds.
+        fn: tensor -> tensor, or ``None`` for no rounding.
+
+    Returns:
+        Name (``attn_norm-i``, ``attn_out-i``, ``ffn_norm-i``, ``l_out-i``, ``result_norm``, ``result_output``) ->
+        numpy float32 array ``(positions, width)``.
+    """
     import torch
 
     from medquant.kernels import force_backend
@@ -213,7 +238,18 @@ def _rel(a, b) -> float:
 
 
 def probe_variant(exe: str, model, bits: int, seqs: list[list[int]], source: Path) -> dict:
-    """The three probes for one bit-width (symmetric, group 32); see the module docstring."""
+    """The three probes for one bit-width (symmetric, group 32); see the module docstring.
+
+    Args:
+        exe: the ``mq_probe`` executable.
+        model: the float SmolLM2 model (copied, then quantized).
+        bits: 4 (Q4_0) or 8 (Q8_0).
+        seqs: token-id sequences (tensors are taken from the first).
+        source: folder with the tokenizer files for the export.
+
+    Returns:
+        ``products_layer0``, ``layers_report0``, ``llamacpp_repacked_vs_plain_kernels``, ``llamacpp_vs_medquant``.
+    """
     import numpy as np
     import torch
 
