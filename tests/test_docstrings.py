@@ -1,23 +1,25 @@
-"""Every public name of the API reference has a Google-style docstring: a one-line summary; an ``Args:`` section
-naming every parameter (self / cls / ``*args`` / ``**kwargs`` excepted); a ``Returns:`` (or ``Yields:``) section
-when it returns something; a ``Raises:`` section when its own body has a ``raise`` statement.
+"""Every public name of the API reference has a Google-style docstring: a one-line summary; an ``Args:``
+section naming every parameter (self / cls / ``*args`` / ``**kwargs`` excepted); a ``Returns:`` (or
+``Yields:``) section when it returns something; a ``Raises:`` section when its own body has a ``raise``
+statement.
 
-The names are those the API reference renders (tests/test_docs_site.py): each ``:::`` directive of docs/api/*.md,
-a module directive standing for its ``__all__``, plus the public methods and properties that a public class
-defines itself (except the hooks it implements for a base class from outside medquant, such as ``forward`` and
-``extra_repr`` of ``torch.nn.Module``: the base class documents their contract). For a class, the class docstring (or its ``__init__`` / ``__post_init__``'s) documents the
-constructor's parameters, under ``Args:`` (or ``Attributes:`` for dataclass fields), and what the constructor
-raises. Properties need only the summary.
+The names are those the API reference renders (tests/test_docs_site.py): each ``:::`` directive of
+docs/api/*.md, a module directive standing for its ``__all__``, plus the public methods and properties that a
+public class defines itself (except the hooks it implements for a base class from outside medquant, such as
+``forward`` and ``extra_repr`` of ``torch.nn.Module``: the base class documents their contract). For a class,
+the class docstring (or its ``__init__`` / ``__post_init__``'s) documents the constructor's parameters, under
+``Args:`` (or ``Attributes:`` for dataclass fields), and what the constructor raises. Properties need only the
+summary.
 
 The rules are deliberately mechanical:
 
-* returns something: the return annotation is present and is not ``None`` (``-> None``, ``-> NoReturn``); without
-  an annotation, the body's own ``return`` statements (nested functions excluded) return a value;
+* returns something: the return annotation is present and is not ``None`` (``-> None``, ``-> NoReturn``);
+  without an annotation, the body's own ``return`` statements (nested functions excluded) return a value;
 * yields: the body's own statements contain ``yield`` (then ``Yields:`` or ``Returns:``);
 * raises: the body's own statements contain ``raise X`` (a bare re-raise inside ``except`` does not count).
 
-``UNDOCUMENTED`` lists the names that still lack sections, so that the test passes while that work is under way;
-it may only shrink: a listed name that now passes fails the test until it is removed from the list.
+``UNDOCUMENTED`` lists the names that still lack sections, so that the test passes while that work is under
+way; it may only shrink: a listed name that now passes fails the test until it is removed from the list.
 """
 from __future__ import annotations
 
@@ -33,187 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 API = REPO / "docs" / "api"
 DIRECTIVE = re.compile(r"^::: *([\w.]+)(?P<options>(?:\n[ \t]+.*)*)", re.MULTILINE)
 MEMBERS = re.compile(r"members:\s*\[([^\]]*)\]")
-SECTION = re.compile(r"^(?P<indent>[ \t]*)(?P<name>Args|Arguments|Parameters|Attributes|Returns|Yields|Raises):[ \t]*$")
+SECTION = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<name>Args|Arguments|Parameters|Attributes|Returns|Yields|Raises):[ \t]*$")
 ENTRY = re.compile(r"^[ \t]*\**(?P<name>\w+)[ \t]*(\([^)]*\))?[ \t]*:")
 SKIP_PARAMS = {"self", "cls"}
 
-# public paths (package.name, package.Class.method) that do not pass yet; the list only shrinks (see the module docstring)
+# public paths (package.name, package.Class.method) that do not pass yet; it only shrinks (module docstring)
 UNDOCUMENTED: set[str] = {
-    "medquant.adaptive.AdaptiveQuantizer",
-    "medquant.adaptive.AdaptiveQuantizer.bits_context",
-    "medquant.adaptive.AdaptiveQuantizer.disabled",
-    "medquant.adaptive.AdaptiveQuantizer.levels_to_bits",
-    "medquant.adaptive.AdaptiveQuantizer.remove",
-    "medquant.adaptive.AdaptiveQuantizer.resolve_bits",
-    "medquant.adaptive.AdaptiveQuantizer.stats",
-    "medquant.adaptive.CompactCNN",
-    "medquant.adaptive.CompactCNN.embed",
-    "medquant.adaptive.LearnedPolicy",
-    "medquant.adaptive.LearnedPolicy.fit",
-    "medquant.adaptive.LearnedPolicy.levels",
-    "medquant.adaptive.LearnedPolicy.n_levels",
-    "medquant.adaptive.SmallViT",
-    "medquant.adaptive.SmallViT.embed",
-    "medquant.adaptive.VLMClassifier",
-    "medquant.adaptive.VLMClassifier.fused_embedding",
-    "medquant.adaptive.VLMClassifier.image_features",
-    "medquant.adaptive.VLMClassifier.text_features",
-    "medquant.adaptive.block_output_sites",
-    "medquant.adaptive.default_sites",
-    "medquant.adaptive.per_sample_losses",
-    "medquant.adaptive.policy_labels",
-    "medquant.calibrate.BlockInputs",
-    "medquant.calibrate.BlockInputs.hidden_states",
-    "medquant.calibrate.BlockInputs.run",
-    "medquant.calibrate.CheckpointSource",
-    "medquant.calibrate.CheckpointSource.get",
-    "medquant.calibrate.CheckpointSource.keys",
-    "medquant.calibrate.HessianAccumulator",
-    "medquant.calibrate.HessianAccumulator.add",
-    "medquant.calibrate.HessianAccumulator.check",
-    "medquant.calibrate.HessianAccumulator.hessian",
-    "medquant.calibrate.HessianAccumulator.weights",
-    "medquant.calibrate.InputQuantizer",
-    "medquant.calibrate.InputQuantizer.as_dict",
-    "medquant.calibrate.InputQuantizer.attach",
-    "medquant.calibrate.InputQuantizer.calibrate",
-    "medquant.calibrate.assemble_shards",
-    "medquant.calibrate.attach_input_quantizers",
-    "medquant.calibrate.awq_groups",
-    "medquant.calibrate.awq_quantize_",
-    "medquant.calibrate.awq_quantize_sequential",
-    "medquant.calibrate.calibration_records",
-    "medquant.calibrate.fold_batchnorm_",
-    "medquant.calibrate.gptq_quantize_",
-    "medquant.calibrate.gptq_quantize_layer",
-    "medquant.calibrate.gptq_quantize_sequential",
-    "medquant.calibrate.gptq_quantize_weight",
-    "medquant.calibrate.quantize_sequential",
-    "medquant.calibrate.quantize_shard",
-    "medquant.calibrate.search_and_fold",
-    "medquant.calibrate.search_and_fold_block",
-    "medquant.calibrate.shard_blocks",
-    "medquant.data.Report",
-    "medquant.data.default_reports_path",
-    "medquant.data.load_images",
-    "medquant.data.load_iu_reports",
-    "medquant.deploy.CalibrationError",
-    "medquant.deploy.ExportReport",
-    "medquant.deploy.ExportReport.counts",
-    "medquant.deploy.ExportReport.lossy",
-    "medquant.deploy.ExportReport.table",
-    "medquant.deploy.ExportReport.to_dict",
-    "medquant.deploy.ExportReport.to_json",
-    "medquant.deploy.LayerExport",
-    "medquant.deploy.calibrate_activations",
-    "medquant.deploy.check_format",
-    "medquant.deploy.check_inputs",
-    "medquant.deploy.export_formats",
-    "medquant.deploy.format_description",
-    "medquant.deploy.logits_tolerance",
-    "medquant.deploy.optimized_op_counts",
-    "medquant.deploy.parse_size",
-    "medquant.deploy.register_export_format",
-    "medquant.deploy.session_options",
-    "medquant.distributed.all_reduce_gradients",
-    "medquant.distributed.any_rank",
-    "medquant.distributed.clip_grad_norm_",
-    "medquant.distributed.ddp_like",
-    "medquant.distributed.fsdp_shard",
-    "medquant.distributed.is_distributed",
-    "medquant.distributed.load_full_state",
-    "medquant.distributed.meta_skeleton",
-    "medquant.distributed.rank",
-    "medquant.distributed.world_size",
-    "medquant.eval.FairnessReport",
-    "medquant.eval.FairnessReport.as_dict",
-    "medquant.eval.MultilabelScores",
-    "medquant.eval.MultilabelScores.as_dict",
-    "medquant.eval.MultilabelScores.table",
-    "medquant.eval.TextMetrics",
-    "medquant.eval.TextMetrics.as_dict",
-    "medquant.eval.count_macs",
-    "medquant.eval.fairness_report",
-    "medquant.eval.perplexity",
-    "medquant.eval.predictions",
-    "medquant.eval.token_batches",
-    "medquant.fairquant.BAQWeight",
-    "medquant.fairquant.BAQWeight.bits",
-    "medquant.fairquant.BAQWeight.continuous_bits",
-    "medquant.fairquant.BAQWrapper",
-    "medquant.fairquant.BAQWrapper.average_bits",
-    "medquant.fairquant.BAQWrapper.bit_map",
-    "medquant.fairquant.BAQWrapper.bit_rate",
-    "medquant.fairquant.BAQWrapper.bits",
-    "medquant.fairquant.BAQWrapper.continuous_bits",
-    "medquant.fairquant.BAQWrapper.export",
-    "medquant.fairquant.BAQWrapper.fit",
-    "medquant.fairquant.BAQWrapper.logits",
-    "medquant.fairquant.BAQWrapper.loss",
-    "medquant.fairquant.BAQWrapper.optimizer",
-    "medquant.fairquant.BAQWrapper.quant_map",
-    "medquant.fairquant.BAQWrapper.weights",
-    "medquant.fairquant.FairQuantAllocator",
-    "medquant.fairquant.FairQuantAllocator.apply",
-    "medquant.fairquant.FairQuantAllocator.bit_map",
-    "medquant.fairquant.FairQuantAllocator.fit",
-    "medquant.fairquant.FairQuantAllocator.fit_importance",
-    "medquant.fairquant.FairQuantAllocator.fit_reduced",
-    "medquant.fairquant.FairQuantAllocator.format_table",
-    "medquant.fairquant.FairQuantAllocator.from_state",
-    "medquant.fairquant.FairQuantAllocator.layer_table",
-    "medquant.fairquant.FairQuantAllocator.state",
-    "medquant.fairquant.FairQuantAllocator.to_quant_map",
-    "medquant.fairquant.FakeQuantWeight",
-    "medquant.fairquant.GroupImportance",
-    "medquant.fairquant.GroupImportance.groups",
-    "medquant.fairquant.all_reduce_importance",
-    "medquant.fairquant.attach_fake_quant",
-    "medquant.fairquant.compute_group_importance",
-    "medquant.fairquant.default_groups",
-    "medquant.fairquant.default_loss",
-    "medquant.fairquant.distributed_group_importance",
-    "medquant.fairquant.fake_quantized",
-    "medquant.fairquant.fit_allocator_distributed",
-    "medquant.fairquant.fq_qat",
-    "medquant.fairquant.per_sample_loss",
-    "medquant.fairquant.quantizable_layers",
-    "medquant.fairquant.scope_scores",
-    "medquant.kernels.backend_names",
-    "medquant.kernels.cpu_cache_bytes",
-    "medquant.kernels.cpu_features",
-    "medquant.kernels.cpu_path",
-    "medquant.kernels.dispatch_generation",
-    "medquant.kernels.eager_inference",
-    "medquant.kernels.fake_quantize_rows",
-    "medquant.kernels.fake_quantize_static",
-    "medquant.kernels.force_backend",
-    "medquant.kernels.get_cpu_compute_dtype",
-    "medquant.kernels.interpreting",
-    "medquant.kernels.prepare_packed_linear",
-    "medquant.kernels.register_backend",
-    "medquant.kernels.select_kernel",
-    "medquant.kernels.set_cpu_compute_dtype",
-    "medquant.kernels.set_cpu_dense_min_m",
-    "medquant.kernels.set_layer_compute_dtype",
-    "medquant.kernels.triton_available",
-    "medquant.kernels.unregister_backend",
-    "medquant.models.AttentionUnit",
-    "medquant.models.Block",
-    "medquant.models.FFNUnit",
-    "medquant.models.block_stacks",
-    "medquant.models.eval_mode",
-    "medquant.models.language_model_layers",
-    "medquant.models.main_output",
-    "medquant.models.modules_in_role",
-    "medquant.models.role_of",
-    "medquant.models.run_model",
-    "medquant.models.supported_architectures",
-    "medquant.models.unassigned_modules",
-    "medquant.models.unassigned_parameters",
-    "medquant.models.vision_layers",
-    "medquant.pipeline.PruneStage",
-    "medquant.pipeline.TrainStage",
     "medquant.prune.PrunePlan",
     "medquant.prune.PrunePlan.from_dict",
     "medquant.prune.PrunePlan.removed_channels",
@@ -225,43 +53,8 @@ UNDOCUMENTED: set[str] = {
     "medquant.prune.StructuredPruner.apply",
     "medquant.prune.StructuredPruner.plan",
     "medquant.prune.StructuredPruner.prune",
-    "medquant.prune.allocate_ratios",
     "medquant.prune.apply_plan",
-    "medquant.prune.block_influence",
-    "medquant.prune.drop_blocks",
-    "medquant.prune.influence_table",
-    "medquant.prune.least_influential",
-    "medquant.prune.load_pruned",
     "medquant.prune.parameter_report",
-    "medquant.prune.plot_influence",
-    "medquant.prune.save_pruned",
-    "medquant.prune.shape_table",
-    "medquant.quant.QuantConv2d",
-    "medquant.quant.QuantConv2d.from_float",
-    "medquant.quant.QuantConv2d.to_float",
-    "medquant.quant.QuantConv2d.weight_4d",
-    "medquant.quant.QuantEmbedding",
-    "medquant.quant.QuantEmbedding.from_float",
-    "medquant.quant.QuantEmbedding.lookup",
-    "medquant.quant.QuantEmbedding.to_float",
-    "medquant.quant.QuantExperts",
-    "medquant.quant.QuantExperts.expert_weights",
-    "medquant.quant.QuantExperts.from_float",
-    "medquant.quant.QuantExperts.shell",
-    "medquant.quant.QuantExperts.to_float",
-    "medquant.quant.QuantLinear",
-    "medquant.quant.QuantLinear.from_float",
-    "medquant.quant.QuantLinear.to_float",
-    "medquant.quant.moe_routers",
-    "medquant.quant.unsupported_experts",
-    "medquant.testing.TinyCNN",
-    "medquant.testing.ZooEntry.build",
-    "medquant.testing.ZooEntry.inputs",
-    "medquant.testing.ZooEntry.output",
-    "medquant.testing.siglip_vision_kwargs",
-    "medquant.testing.text_kwargs",
-    "medquant.testing.tiny_cnn",
-    "medquant.training.train_steps",
 }
 
 
@@ -293,8 +86,8 @@ def _overrides_foreign(cls, name: str) -> bool:
 
 def documented_objects() -> dict[str, object]:
     """``"package.name" -> object`` for every callable the API reference renders (functions, classes and
-    the public methods / properties those classes define themselves, as ``package.Class.method``), keyed by the
-    public path the reference shows (stable when the code moves between private modules)."""
+    the public methods / properties those classes define themselves, as ``package.Class.method``), keyed by
+    the public path the reference shows (stable when the code moves between private modules)."""
     found: dict[str, object] = {}
     seen: set[int] = set()
 
@@ -346,7 +139,8 @@ def sections(doc: str) -> dict[str, list[str]]:
         if not m:
             i += 1
             continue
-        name = {"Arguments": "Args", "Parameters": "Args", "Yields": "Returns"}.get(m.group("name"), m.group("name"))
+        name = m.group("name")
+        name = {"Arguments": "Args", "Parameters": "Args", "Yields": "Returns"}.get(name, name)
         depth = len(m.group("indent"))
         i += 1
         body: list[str] = []
@@ -406,7 +200,9 @@ def _parameters(func) -> list[str]:
 
 
 def _returns_value(func) -> bool:
-    annotation = inspect.signature(func).return_annotation if _parameters_ok(func) else inspect.Signature.empty
+    if not _parameters_ok(func):
+        return body_facts(func)["returns"]
+    annotation = inspect.signature(func).return_annotation
     if annotation is inspect.Signature.empty:
         return body_facts(func)["returns"]
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", repr(annotation))
@@ -518,7 +314,9 @@ def test_the_rules_catch_what_is_missing():
     full = scale.__doc__
     scale.__doc__ = full.replace("            bits (int): the bit-width, 2..8.\n", "")
     assert problems(scale) == ["Args: does not name ['bits']"]
-    scale.__doc__ = full.split("        Returns:")[0] + full.split("The scale max|w| / (2^(bits-1) - 1).\n")[1]
+    returns = "        Returns:\n            The scale max|w| / (2^(bits-1) - 1).\n\n"
+    assert returns in full
+    scale.__doc__ = full.replace(returns, "")
     assert problems(scale) == ["no Returns: / Yields: section"]
     scale.__doc__ = full.split("        Raises:")[0]
     assert problems(scale) == ["no Raises: section (the body raises)"]

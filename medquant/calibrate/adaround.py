@@ -257,7 +257,11 @@ class InputQuantizer:
         return (torch.clamp(r + self.zero, 0, 2**self.bits - 1) - self.zero) * self.scale
 
     def as_dict(self) -> dict[str, Any]:
-        """``{"bits", "symmetric", "scale", "zero"}``, the record :func:`attach_input_quantizers` reads."""
+        """The quantizer's parameters as a JSON-ready dict.
+
+        Returns:
+            ``{"bits", "symmetric", "scale", "zero"}``, the record :func:`attach_input_quantizers` reads.
+        """
         return {"bits": self.bits, "symmetric": self.symmetric, "scale": self.scale, "zero": self.zero}
 
     def _hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
