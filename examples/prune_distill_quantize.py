@@ -85,13 +85,13 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--prune", type=float, default=0.3, help="fraction of heads and FFN neurons removed per block")
-    p.add_argument("--steps", type=int, default=150, help="distillation steps")
+    p.add_argument("--steps", type=int, default=40, help="distillation steps (batches of 8 reports)")
     p.add_argument("--out", help="save the compressed model here")
     p.add_argument("--smoke", action="store_true", help="tiny random LLaMA, a few reports (CI)")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="medquant CPU kernels")  # small layers use the reference path
     torch.manual_seed(0)
-    n_train, n_calib, n_test, length = (16, 8, 8, 64) if args.smoke else (800, 64, 200, 128)
+    n_train, n_calib, n_test, length = (16, 8, 8, 64) if args.smoke else (8 * args.steps, 64, 100, 128)
     if args.smoke:
         args.steps, args.group_size = 4, 32
     model, tok = tiny_llama() if args.smoke else load_smollm2()

@@ -118,8 +118,8 @@ def labeler_f1(generated: list[str], references: list[str]):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="folder with iu_xray_reports/ (default: $MEDQUANT_DATA_DIR)")
-    p.add_argument("--steps", type=int, default=120, help="training steps (batches of 8)")
-    p.add_argument("--test", type=int, default=48, help="test reports to generate impressions for")
+    p.add_argument("--steps", type=int, default=60, help="training steps (batches of 8)")
+    p.add_argument("--test", type=int, default=32, help="test reports to generate impressions for")
     p.add_argument("--out", help="save the LoRA adapter here (QLoRAAdapter.load(fresh_model, dir) reloads it)")
     p.add_argument("--smoke", action="store_true", help="tiny random LLaMA, a few reports (CI)")
     args = p.parse_args()
