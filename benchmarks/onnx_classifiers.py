@@ -14,7 +14,8 @@ Variants of each network (same weights, same calibration batches):
 Two parts, runnable separately (``--speed-only`` / ``--accuracy-only``, each writing its own JSON) or together:
 
 * **Speed** on random weights (speed does not depend on the weight values): ResNet-18 at 224 px (3 channels) and
-  the three evaluated networks at their evaluation shape (ResNet-18 64 px gray, SmallCNN and the CLS-token ViT at
+  the three evaluated networks (those named by ``--archs``; ResNet-18 224 px comes with ``resnet18``) at their
+  evaluation shape (ResNet-18 64 px gray, SmallCNN and the CLS-token ViT at
   64 px RGB). images/s at batch 1 and 32, 2 intra-op threads; blocks of calls interleaved over rounds (see
   :func:`speed`); the ONNX Runtime profiler's kernel time per op type of ``ort_qs_int8`` and ``mq_int8`` (what runs
   as an integer kernel in each, and where the time goes); ORT's optimized op counts of every file.
@@ -30,7 +31,7 @@ epochs (full run: ResNet-18 one epoch over the 5,216 Kermany training images, ab
 machine; SmallCNN and ViT two epochs over the HAM10000 training split); ``--epochs`` changes them. ``--quick``
 trains on 1,024-image subsets and times fewer rounds.
 
-    python -m benchmarks.onnx_classifiers --speed-only            # idle machine: about 5 min
+    python -m benchmarks.onnx_classifiers --speed-only            # idle machine: about 5 min (all four nets)
     python -m benchmarks.onnx_classifiers --accuracy-only         # about 1 h niced on the shared machine
     python -m benchmarks.onnx_classifiers --quick
 """
@@ -556,7 +557,7 @@ def main(argv=None) -> int:
         folder = Path(tmp)
         if mode in ("speed", "both"):
             result["speed"] = {}
-            nets = [n for n, spec in SPEED_NETS.items() if spec[0] in archs or n == "resnet18_224"]
+            nets = [n for n, spec in SPEED_NETS.items() if spec[0] in archs]
             for name in nets:
                 result["speed"][name] = run_speed(name, st, folder)
                 print(f"speed {name} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
