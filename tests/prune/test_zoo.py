@@ -27,10 +27,11 @@ ENTRIES = EXTRA_ZOO + MOE_ZOO
 # what pruning cannot do on a layout, by entry: the reason it must give for those layers (and every layer it
 # names); the zoo's ConvNeXt has no transformer block at all and is refused
 REASONS = {
-    "blip2": "fused qkv", "instructblip": "fused qkv", "glm4v": "fused qkv", "qwen3_vl": "fused qkv",
-    "qwen3_5": "linear attention", "lfm2_vl": "convolution mixer", "janus": "no separate q/k/v/o",
-    "phi4mm": "no separate q/k/v/o", "kosmos2": "normalises all", "florence2": "cross-attention",
-    "gemma4": "not nn.Linear", "chameleon": "no attention or FFN",
+    "blip2": ("fused qkv",), "instructblip": ("fused qkv",), "glm4v": ("fused qkv",), "qwen3_vl": ("fused qkv",),
+    "qwen3_5": ("linear attention", "fused qkv"), "lfm2_vl": ("convolution mixer",),
+    "janus": ("no separate q/k/v/o",), "phi4mm": ("no separate q/k/v/o",), "kosmos2": ("normalises all",),
+    "florence2": ("cross-attention", "no attention or FFN"), "gemma4": ("not nn.Linear",),
+    "chameleon": ("no attention or FFN",),
 }
 
 
@@ -92,10 +93,10 @@ def test_pruned_equals_zeroed_reference_reloads_and_reports_every_layer(entry, t
     assert silent == []
     assert all(why and all(isinstance(w, str) and w for w in why) for why in plan.skipped.values())
     assert bool(plan.skipped) == bool(notes)
-    if entry.name in REASONS:
-        assert plan.skipped and all(any(REASONS[entry.name] in w for w in why) or name not in layers
-                                    for name, why in plan.skipped.items())
-        assert any(REASONS[entry.name] in w for why in plan.skipped.values() for w in why)
+    if entry.name in REASONS:  # each expected reason is given, and every skipped layer has one of them
+        expected = REASONS[entry.name]
+        assert all(any(r in w for r in expected for w in why) for why in plan.skipped.values())
+        assert all(any(r in w for why in plan.skipped.values() for w in why) for r in expected)
     else:
         assert plan.skipped == {}
 
@@ -135,7 +136,7 @@ def test_swin_relative_position_tables_follow_their_heads_and_stages_are_not_hal
     plan, notes = _prune(model)
     table = model.encoder.layers[0].blocks[0].attention.relative_position_bias.relative_position_bias_table
     kept = plan.heads["encoder.layers.0"]
-    assert kept == [1] and tuple(table.shape) == (49, 1)
+    assert len(kept) == 1 and tuple(table.shape) == (49, 1)
     torch.testing.assert_close(table, original.encoder.layers[0].blocks[0].attention.relative_position_bias
                                .relative_position_bias_table[:, kept])
     # stage 2 holds two blocks: pruning only its first would be silent, so the stage is kept and reported
