@@ -25,6 +25,7 @@ import torch
 import medquant as mq
 from medquant.data import default_data_dir, load_iu_reports
 from medquant.eval import perplexity, token_batches
+from medquant.kernels import set_cpu_compute_dtype
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -99,6 +100,9 @@ def main() -> None:
                               split="test", require=("findings",))
     texts = [r.findings for r in reports[:4 if args.smoke else 64]]
     batches = token_batches(tok, texts, batch_size=8, max_length=128)
+    # medquant's CPU kernels compute in bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX), the reloaded
+    # model in float32: compare the same arithmetic, so that any difference left is the export's
+    set_cpu_compute_dtype(torch.float32)
     ppl_medquant = perplexity(model, batches)
     if args.format == "compressed-tensors":
         # plain transformers reads the folder (its compressed-tensors integration decompresses the weights)
@@ -109,8 +113,10 @@ def main() -> None:
         with torch.no_grad():
             a = model(**batches[0]).logits
             b = served(**batches[0]).logits
+        same = float((a.argmax(-1) == b.argmax(-1)).float().mean())
         print(f"perplexity on {len(texts)} real report findings: medquant {ppl_medquant:.3f}, reloaded export "
-              f"{ppl_served:.3f}; largest logit difference {float((a - b).abs().max()):.2e}")
+              f"{ppl_served:.3f}; largest logit difference {float((a - b).abs().max()):.2e} (mean "
+              f"{float((a - b).abs().mean()):.2e}, same top-1 token at {same:.1%} of positions; float32 both)")
         print(f"serve it: vllm serve {out}   (or AutoModelForCausalLM.from_pretrained('{out}'))")
     else:
         print(f"perplexity of the medquant model on {len(texts)} report findings: {ppl_medquant:.3f}; files: "
