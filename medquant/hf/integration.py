@@ -30,6 +30,7 @@ medquant) replace the folder as one unit with a manifest (:func:`medquant.io.wri
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from ..io import verify_pretrained, write_checkpoint
 from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
 from ..quant.config import QuantConfig
 from ..quant.experts import expand_recorded_experts, is_experts_module
-from ..quant.modules import QUANT_MODULES
+from ..quant.modules import QUANT_MODULES, QuantEmbedding, QuantLinear, tie_quantized_head, tied_to
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe
 from .config import MedQuantConfig, recipe_of
 from .method import QUANT_METHOD
@@ -67,6 +68,9 @@ def _check_fits(old: nn.Module, entry: Mapping, name: str) -> None:
     if entry["type"] == "QuantLinear":
         ok = isinstance(old, nn.Linear) and (old.in_features, old.out_features) == (
             entry["in_features"], entry["out_features"])
+    elif entry["type"] == "QuantEmbedding":  # a subclass (e.g. a scaled embedding) computes more than a lookup
+        ok = type(old) is nn.Embedding and (old.num_embeddings, old.embedding_dim) == (
+            entry["out_features"], entry["in_features"])
     else:
         ok = isinstance(old, nn.Conv2d) and (old.in_channels, old.out_channels) == (
             entry["in_channels"], entry["out_channels"])
@@ -84,6 +88,37 @@ def _untie(model: nn.Module, names: Iterable[str]) -> None:
     for target, source in list(tied.items()):
         if target in keys or source in keys:
             tied.pop(target)
+
+
+def _tied_heads(model: nn.Module) -> dict[str, str]:
+    """``{head name: embedding name}`` for every quantized head sharing a quantized embedding's packed tensors."""
+    mods = dict(model.named_modules())
+    embs = {n: m for n, m in mods.items() if isinstance(m, QuantEmbedding)}
+    return {hn: en for hn, h in mods.items() if isinstance(h, QuantLinear)
+            for en, e in embs.items() if tied_to(h, e)}
+
+
+def _shared_buffer_keys(model: nn.Module, heads: Mapping[str, str]) -> dict[str, str]:
+    """``{head buffer key: embedding buffer key}`` of the tensors a tied head shares with its embedding."""
+    out = {}
+    for hn, en in heads.items():
+        head, emb = model.get_submodule(hn), model.get_submodule(en)
+        for b, t in head._buffers.items():
+            if t is not None and emb._buffers.get(b) is t:
+                out[f"{hn}.{b}"] = f"{en}.{b}"
+    return out
+
+
+def _retie_heads(model: nn.Module, modules: Mapping[str, Mapping]) -> None:
+    """Tie again every head whose recipe records ``tied_to`` (its tensors were stored once, under the embedding)."""
+    for name, entry in modules.items():
+        target = entry.get("tied_to") if isinstance(entry, Mapping) else None
+        if target:
+            head, emb = model.get_submodule(name), model.get_submodule(target)
+            if not (isinstance(head, QuantLinear) and isinstance(emb, QuantEmbedding)):
+                raise ValueError(f"quantization_config ties {name!r} to {target!r}, but they are "
+                                 f"{type(head).__name__} and {type(emb).__name__}, not a quantized head and embedding")
+            tie_quantized_head(head, emb)
 
 
 def _hide_rows(m: nn.Module) -> None:
@@ -248,6 +283,10 @@ class MedQuantHfQuantizer(HfQuantizer):
                 _hide_rows(shell)
                 swap_module(model, name, shell)
             _untie(model, modules)
+            tied = [n for n, e in modules.items() if isinstance(e, Mapping) and e.get("tied_to")]
+            if tied:  # stored once, under the embedding: not "missing", tied again after loading
+                ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+                model._keys_to_ignore_on_load_missing = ignore | {rf"^{re.escape(n)}\." for n in tied}
             if folder is not None:  # every packed buffer in the files, with the recipe's shape and dtype
                 verify_pretrained(folder, modules, files=False, key_map=_checkpoint_key_map(model, self))
         else:
@@ -255,6 +294,8 @@ class MedQuantHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            _retie_heads(model, self.quantization_config.modules or {})
         if not self.pre_quantized:
             mods = dict(model.named_modules())
             leftovers = {n: c for n, c in self._plan.items() if isinstance(mods.get(n), _FLOAT_TYPES)
@@ -328,13 +369,27 @@ def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
     return existing
 
 
+_MISSING = object()
+
+
 def _crash_safe_save_pretrained(self: nn.Module, save_directory, **kwargs) -> None:
     """The class's ``save_pretrained`` into a new version of ``save_directory``, switched in atomically with a
     manifest (:func:`medquant.io.write_checkpoint`)."""
     if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
         kwargs["repo_id"] = Path(save_directory).name
-    with write_checkpoint(save_directory) as folder:
-        type(self).save_pretrained(self, folder, **kwargs)
+    shared = _shared_buffer_keys(self, _tied_heads(self))
+    declared = self.__dict__.get("_tied_weights_keys", _MISSING)
+    if shared:  # a tied quantized head: transformers saves shared tensors once when they are declared tied
+        self._tied_weights_keys = {**(getattr(self, "_tied_weights_keys", None) or {}), **shared}
+    try:
+        with write_checkpoint(save_directory) as folder:
+            type(self).save_pretrained(self, folder, **kwargs)
+    finally:
+        if shared:
+            if declared is _MISSING:
+                del self._tied_weights_keys
+            else:
+                self._tied_weights_keys = declared
 
 
 class _SavePretrained:
