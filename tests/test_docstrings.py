@@ -41,21 +41,7 @@ ENTRY = re.compile(r"^[ \t]*\**(?P<name>\w+)[ \t]*(\([^)]*\))?[ \t]*:")
 SKIP_PARAMS = {"self", "cls"}
 
 # public paths (package.name, package.Class.method) that do not pass yet; it only shrinks (module docstring)
-UNDOCUMENTED: set[str] = {
-    "medquant.prune.PrunePlan",
-    "medquant.prune.PrunePlan.from_dict",
-    "medquant.prune.PrunePlan.removed_channels",
-    "medquant.prune.PrunePlan.removed_heads",
-    "medquant.prune.PrunePlan.removed_kv_heads",
-    "medquant.prune.PrunePlan.removed_neurons",
-    "medquant.prune.PrunePlan.to_dict",
-    "medquant.prune.StructuredPruner",
-    "medquant.prune.StructuredPruner.apply",
-    "medquant.prune.StructuredPruner.plan",
-    "medquant.prune.StructuredPruner.prune",
-    "medquant.prune.apply_plan",
-    "medquant.prune.parameter_report",
-}
+UNDOCUMENTED: set[str] = set()
 
 
 # ----------------------------------------------------------------------------------------------- public names

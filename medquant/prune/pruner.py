@@ -75,6 +75,21 @@ class PrunePlan:
     not know, a stage of several blocks, a layer of the model's block list without a prunable attention or FFN:
     :func:`checked_block`, :func:`unprunable_layers`); ``config_notes`` says why a config was left as it was when
     the pruned model does not fit it (``hf_config_exact`` False).
+
+    Attributes:
+        heads: block name -> kept query-head indices.
+        kv_heads: block name -> kept key/value-head indices (grouped-query attention).
+        neurons: block name -> kept FFN neuron indices.
+        channels: producer conv name -> kept output channels (plain CNNs).
+        drop_blocks: names of blocks removed whole.
+        channel_groups: for CNNs, each producer conv with its BatchNorm and consumer layers.
+        sizes: original counts per block / conv (``heads``, ``kv_heads``, ``neurons``, ``channels``).
+        importance: the score that chose the kept indices (``"magnitude"``, ``"taylor"``, ``"activation"``).
+        hf_config_exact: after :func:`apply_plan`, whether a fresh model built from the updated config loads
+            the pruned weights (``None`` before applying or for non-Hugging Face models).
+        skipped: block name -> reasons it was left unpruned.
+        config_notes: why a config was left as it was.
+        expert_neurons: block name -> kept neurons of each routed expert.
     """
 
     heads: dict[str, list[int]] = field(default_factory=dict)
@@ -91,18 +106,55 @@ class PrunePlan:
     expert_neurons: dict[str, list[list[int]]] = field(default_factory=dict)  # block -> kept neurons per expert
 
     def removed_heads(self, block: str) -> list[int]:
+        """Query heads removed from ``block`` (the complement of ``heads[block]``).
+
+        Args:
+            block: a block name of the plan.
+
+        Returns:
+            Sorted head indices.
+        """
         return sorted(set(range(self.sizes[block]["heads"])) - set(self.heads.get(block, [])))
 
     def removed_kv_heads(self, block: str) -> list[int]:
+        """Key/value heads removed from ``block`` (the complement of ``kv_heads[block]``).
+
+        Args:
+            block: a block name of the plan.
+
+        Returns:
+            Sorted key/value head indices.
+        """
         return sorted(set(range(self.sizes[block]["kv_heads"])) - set(self.kv_heads.get(block, [])))
 
     def removed_neurons(self, block: str) -> list[int]:
+        """FFN neurons removed from ``block`` (the complement of ``neurons[block]``).
+
+        Args:
+            block: a block name of the plan.
+
+        Returns:
+            Sorted neuron indices.
+        """
         return sorted(set(range(self.sizes[block]["neurons"])) - set(self.neurons.get(block, [])))
 
     def removed_channels(self, conv: str) -> list[int]:
+        """Output channels removed from the producer conv ``conv`` (the complement of ``channels[conv]``).
+
+        Args:
+            conv: a producer conv name of the plan.
+
+        Returns:
+            Sorted channel indices.
+        """
         return sorted(set(range(self.sizes[conv]["channels"])) - set(self.channels.get(conv, [])))
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as a JSON-serialisable dict (every field; :meth:`from_dict` reads it back).
+
+        Returns:
+            ``{field name: value}``.
+        """
         return {"heads": self.heads, "kv_heads": self.kv_heads, "neurons": self.neurons,
                 "channels": self.channels, "drop_blocks": self.drop_blocks,
                 "channel_groups": self.channel_groups, "sizes": self.sizes,
@@ -112,6 +164,14 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
+        """The plan written by :meth:`to_dict`.
+
+        Args:
+            d: the dict (JSON-decoded); unknown keys raise ``TypeError`` from the dataclass constructor.
+
+        Returns:
+            The plan.
+        """
         return cls(**d)
 
 
@@ -154,6 +214,9 @@ class StructuredPruner:
             ``"vision"`` or ``"all"``.
         drop_blocks: names of whole blocks to remove (see :func:`medquant.prune.layers.least_influential`).
         progress: show tqdm bars during calibration.
+
+    Raises:
+        ValueError: an unknown ``importance`` or ``gqa``, or a ratio outside [0, 1).
     """
 
     def __init__(self, head_ratio: Ratio = 0.0, ffn_ratio: Ratio = 0.0, *, channel_ratio: float | dict = 0.0,
@@ -180,8 +243,19 @@ class StructuredPruner:
              example_input: Any = None) -> PrunePlan:
         """Score the structures and choose what to remove; the model is not changed.
 
-        ``calib``: calibration batches (needed for ``taylor`` / ``activation``; for a CNN the first batch also
-        serves as the example input that traces shapes). ``loss_fn(model, batch)`` overrides the Taylor loss.
+        Args:
+            model: the float model (a quantized one is refused: prune first, then quantize).
+            calib: calibration batches (needed for ``taylor`` / ``activation``; for a CNN the first batch also
+                serves as the example input that traces shapes).
+            loss_fn: ``loss_fn(model, batch)`` overrides the Taylor loss.
+            example_input: the input that traces a CNN's shapes when ``calib`` is not given.
+
+        Returns:
+            The :class:`PrunePlan`.
+
+        Raises:
+            ValueError: the model is quantized, or has no transformer block with prunable attention or FFN in
+                scope and is not a plain CNN.
         """
         _check_not_quantized(model)
         plan = PrunePlan(importance=self.importance)
@@ -300,13 +374,31 @@ class StructuredPruner:
 
     # ------------------------------------------------------------------------------------------ applying
     def apply(self, model: nn.Module, plan: PrunePlan) -> nn.Module:
-        """Physically remove what ``plan`` says, in place; updates configs (see the module docstring)."""
+        """Physically remove what ``plan`` says, in place; updates configs (see the module docstring).
+
+        Args:
+            model: the model the plan was made for.
+            plan: the plan (:meth:`plan`, or :meth:`PrunePlan.from_dict`).
+
+        Returns:
+            ``model``, pruned.
+        """
         return apply_plan(model, plan, scope=self.scope)
 
     def prune(self, model: nn.Module, calib: Iterable[Any] | None = None,
               loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
               example_input: Any = None) -> PrunePlan:
-        """:meth:`plan` then :meth:`apply`; returns the plan (with ``hf_config_exact`` filled in)."""
+        """:meth:`plan` then :meth:`apply`.
+
+        Args:
+            model: the float model, pruned in place.
+            calib: calibration batches (as :meth:`plan`).
+            loss_fn: overrides the Taylor loss (as :meth:`plan`).
+            example_input: traces a CNN's shapes (as :meth:`plan`).
+
+        Returns:
+            The plan, with ``hf_config_exact`` filled in.
+        """
         plan = self.plan(model, calib, loss_fn, example_input)
         self.apply(model, plan)
         return plan
@@ -504,7 +596,19 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None = "all") -> nn.Module:
-    """Apply ``plan`` to ``model`` in place (see :class:`StructuredPruner`)."""
+    """Apply ``plan`` to ``model`` in place (see :class:`StructuredPruner`).
+
+    Args:
+        model: the float model the plan was made for.
+        plan: what to remove; its ``hf_config_exact`` and ``config_notes`` are filled in here.
+        scope: the block scope used to find the blocks of a non-Hugging Face model (``"all"`` by default).
+
+    Returns:
+        ``model``, pruned.
+
+    Raises:
+        ValueError: the model is quantized, or the plan names blocks the model does not have.
+    """
     _check_not_quantized(model)
     if plan.channels:
         from .cnn import apply_channels
@@ -771,6 +875,12 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     shares the token embedding tensor and is counted there. ``non_embedding_params`` is everything else. A
     quantized layer (``QuantLinear`` / ``QuantConv2d``, whose weight is stored in buffers) counts its logical
     weight elements as parameters; ``bytes`` counts what is stored (parameters and buffers).
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``{"params", "embedding_params", "non_embedding_params", "bytes"}`` counts.
     """
     from ..quant.modules import QuantConv2d, QuantLinear
 
