@@ -369,6 +369,23 @@ def vision_layers(model: nn.Module) -> list[str]:
         if (isinstance(mod, nn.ModuleList) and len(mod) and name.count(".") == depth
                 and any(_under(name, p) for p in prefixes) and all(type(b) is cls for b in mod)):
             out.extend(f"{name}.{i}" for i in range(len(mod)))
+    if not any(isinstance(m, nn.Linear) for n in out for m in model.get_submodule(n).modules()):
+        out.extend(_linear_block_lists(model, prefixes, set(out)))
+    return out
+
+
+def _linear_block_lists(model: nn.Module, prefixes: list[str], seen: set[str]) -> list[str]:
+    """The entries of the innermost block lists under ``prefixes`` whose blocks hold Linear layers: the
+    transformer blocks of a tower whose shallowest list holds only convolutional stages (Florence-2's DaViT keeps
+    its patch-embedding convs in one list and its attention blocks in a list of lists)."""
+    out: list[str] = []
+    for name, mod in model.named_modules():
+        if (isinstance(mod, nn.ModuleList) and len(mod) and any(_under(name, p) for p in prefixes)
+                and not any(_under(name, s) for s in seen)
+                and not any(isinstance(b, nn.ModuleList) for b in mod)
+                and all(any(isinstance(m, nn.Linear) for m in b.modules()) for b in mod)
+                and not any(_under(name, o) for o in out)):
+            out.extend(f"{name}.{i}" for i in range(len(mod)))
     return out
 
 

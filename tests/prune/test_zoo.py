@@ -30,7 +30,7 @@ REASONS = {
     "blip2": ("fused qkv",), "instructblip": ("fused qkv",), "glm4v": ("fused qkv",), "qwen3_vl": ("fused qkv",),
     "qwen3_5": ("linear attention", "fused qkv"), "lfm2_vl": ("convolution mixer",),
     "janus": ("no separate q/k/v/o",), "phi4mm": ("no separate q/k/v/o",), "kosmos2": ("normalises all",),
-    "florence2": ("cross-attention", "no attention or FFN"), "gemma4": ("not nn.Linear",),
+    "florence2": ("cross-attention", "no attention or FFN", "fused qkv"), "gemma4": ("not nn.Linear",),
     "chameleon": ("no attention or FFN",),
 }
 
