@@ -49,7 +49,10 @@ def test_roles_wrap_save_load_and_transformers_round_trip(entry, tmp_path):
         warnings.simplefilter("always")
         mq.quantize_(model, mq.QuantConfig(4, group_size=32), skip=SKIP)
     notes = [str(w.message) for w in caught]
-    assert any("'@vision' left out" in s for s in notes) and any("'@projector' left out" in s for s in notes)
+    # the missing roles are left out without an error; their note is given once per model class and pattern (an
+    # earlier test in the same process may have given it; the note itself: tests/quant/test_zoo_quantize.py)
+    left_out = [s for s in notes if "left out" in s]
+    assert all(("'@vision'" in s or "'@projector'" in s) and type(model).__name__ in s for s in left_out)
     assert any("router(s) stay in floating point" in s for s in notes)  # the routers' default, reported
     assert all(isinstance(model.get_submodule(n), QuantExperts) for n in experts)
     assert type(model.get_submodule("lm_head")) is nn.Linear  # @head skipped
