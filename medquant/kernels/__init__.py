@@ -38,6 +38,7 @@ from .cpu import (  # importing registers the CPU backend
     set_cpu_compute_dtype,
     set_cpu_dense_min_m,
     set_layer_compute_dtype,
+    tensor_version,
 )
 from .dispatch import (
     backend_names,
@@ -273,6 +274,7 @@ __all__ = [
     "set_cpu_compute_dtype",
     "set_cpu_dense_min_m",
     "set_layer_compute_dtype",
+    "tensor_version",
     "triton_available",
     "unregister_backend",
 ]

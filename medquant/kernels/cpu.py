@@ -286,7 +286,17 @@ class _Plan:
     source: tuple = ()  # (scales, zeros, versions) the plan was built from
 
 
-def _version(t: torch.Tensor | None) -> int:
+def tensor_version(t: torch.Tensor | None) -> int:
+    """``t``'s in-place version counter, or -1 for ``None`` and for inference tensors (they track none).
+
+    A cache built from a tensor compares it to see whether the tensor was modified in place since.
+
+    Args:
+        t: a tensor or ``None``.
+
+    Returns:
+        The version, or -1.
+    """
     if t is None:
         return -1
     try:
@@ -297,13 +307,13 @@ def _version(t: torch.Tensor | None) -> int:
 
 def _source(weight: PackedWeight) -> tuple:
     return (weight.scales, weight.zeros,
-            (_version(weight.qweight), _version(weight.scales), _version(weight.zeros)))
+            (tensor_version(weight.qweight), tensor_version(weight.scales), tensor_version(weight.zeros)))
 
 
 def _same_source(plan: _Plan, weight: PackedWeight) -> bool:
     s, z, versions = plan.source
     return s is weight.scales and z is weight.zeros and versions == (
-        _version(weight.qweight), _version(weight.scales), _version(weight.zeros))
+        tensor_version(weight.qweight), tensor_version(weight.scales), tensor_version(weight.zeros))
 
 
 def codes_u8(weight: PackedWeight) -> torch.Tensor:
@@ -492,8 +502,6 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     assert plan.packed is not None and plan.kind is not None
     packed, group, k, n, pad = plan.packed, plan.group, weight.k, weight.n, plan.k4 - weight.k
     params = _params(plan, weight, cd)
-    fp32 = cd == torch.float32
-    dense_min_m = _dense_min_m
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     op8 = torch.ops.aten._weight_int8pack_mm.default
@@ -514,7 +522,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
                                      "before the kernel (correct, one extra copy per call); pass contiguous "
                                      "activations to avoid it")
             xc = xc.contiguous()
-        if m != 1 and (fp32 or m >= dense_min_m):
+        if _path(plan, m, cd) == "dense":
             return dense(xc).to(x.dtype)
         if pad:
             xc = F.pad(xc, (0, pad))

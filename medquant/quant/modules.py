@@ -25,7 +25,9 @@ from ..kernels import (
     eager_inference,
     packed_linear,
     prepare_packed_linear,
+    select_kernel,
     set_layer_compute_dtype,
+    tensor_version,
 )
 from ..kernels.layout import DENSE_BITS, FORMAT_VERSION, pack, padded_k, words_per_row
 from .config import FLOAT_BITS, QuantConfig
@@ -47,15 +49,6 @@ _PREPARED = "_prepared_matmul"
 #: attribute holding the prepared matmul that ``torch.compile`` traces instead of the custom op
 #: (:meth:`_QuantWeightBase.bind_cpu_kernels`; dropped like ``_PREPARED``)
 _BOUND = "_bound_matmul"
-
-
-def _tensor_version(t: torch.Tensor | None) -> int:
-    if t is None:
-        return -1
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors track no version (and cannot be modified outside inference mode)
-        return -1
 
 
 class _QuantWeightBase(nn.Module):
@@ -226,7 +219,7 @@ class _QuantWeightBase(nn.Module):
         the kernel choice may have changed (dispatch generation) or the stored tensors changed (identity or
         in-place version)."""
         qw, sc, zr = (self._buffers.get(f"{name}_{b}") for name in ("qweight", "scales", "zeros"))
-        key = (dispatch_generation(), _tensor_version(qw), _tensor_version(sc), _tensor_version(zr))
+        key = (dispatch_generation(), tensor_version(qw), tensor_version(sc), tensor_version(zr))
         cached = self.__dict__.get(_PREPARED)
         if cached is not None and cached[0] == b and cached[1] == key and cached[2] is qw and cached[3] is sc \
                 and cached[4] is zr:
@@ -259,8 +252,6 @@ class _QuantWeightBase(nn.Module):
         w = self.packed_weight(b)
         probe = torch.zeros(1, self.k, dtype=self.weight_dtype if self.weight_dtype.is_floating_point
                             else torch.float32)
-        from ..kernels import select_kernel
-
         if select_kernel("packed_linear", probe, w).backend != "cpu":
             return False
         self.__dict__[_BOUND] = prepare_packed_linear(probe, w)
