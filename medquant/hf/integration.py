@@ -43,7 +43,7 @@ from ..io import verify_pretrained, write_checkpoint
 from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
 from ..quant.config import QuantConfig
 from ..quant.experts import expand_recorded_experts, is_experts_module
-from ..quant.modules import QUANT_MODULES, QuantEmbedding, QuantLinear, tie_quantized_head, tied_to
+from ..quant.modules import QUANT_MODULES, QuantEmbedding, QuantLinear, tie_quantized_head, tied_heads
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe
 from .config import MedQuantConfig, recipe_of
 from .method import QUANT_METHOD
@@ -88,14 +88,6 @@ def _untie(model: nn.Module, names: Iterable[str]) -> None:
     for target, source in list(tied.items()):
         if target in keys or source in keys:
             tied.pop(target)
-
-
-def _tied_heads(model: nn.Module) -> dict[str, str]:
-    """``{head name: embedding name}`` for every quantized head sharing a quantized embedding's packed tensors."""
-    mods = dict(model.named_modules())
-    embs = {n: m for n, m in mods.items() if isinstance(m, QuantEmbedding)}
-    return {hn: en for hn, h in mods.items() if isinstance(h, QuantLinear)
-            for en, e in embs.items() if tied_to(h, e)}
 
 
 def _shared_buffer_keys(model: nn.Module, heads: Mapping[str, str]) -> dict[str, str]:
@@ -377,7 +369,7 @@ def _crash_safe_save_pretrained(self: nn.Module, save_directory, **kwargs) -> No
     manifest (:func:`medquant.io.write_checkpoint`)."""
     if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
         kwargs["repo_id"] = Path(save_directory).name
-    shared = _shared_buffer_keys(self, _tied_heads(self))
+    shared = _shared_buffer_keys(self, tied_heads(self))
     declared = self.__dict__.get("_tied_weights_keys", _MISSING)
     if shared:  # a tied quantized head: transformers saves shared tensors once when they are declared tied
         self._tied_weights_keys = {**(getattr(self, "_tied_weights_keys", None) or {}), **shared}

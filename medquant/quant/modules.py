@@ -675,6 +675,20 @@ def tied_to(head: nn.Module, embedding: nn.Module) -> bool:
         f"qweight_{b}")
 
 
+def tied_heads(model: nn.Module) -> dict[str, str]:
+    """``{head name: embedding name}`` for every quantized head sharing a quantized embedding's packed tensors.
+
+    Args:
+        model: any module.
+
+    Returns:
+        The tied pairs, in ``named_modules`` order of the heads.
+    """
+    named = list(model.named_modules())
+    embeddings = [(n, m) for n, m in named if isinstance(m, QuantEmbedding)]
+    return {hn: en for hn, h in named if isinstance(h, QuantLinear) for en, e in embeddings if tied_to(h, e)}
+
+
 def _check_layout(layout) -> None:
     if isinstance(layout, bool) or layout not in (1, 2):
         raise ValueError(f"layout must be 1 (3/5/6/7-bit codes in 4/8-bit containers) or 2 (dense), got {layout!r}")

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .modules import QUANT_MODULES, QuantConv2d, QuantEmbedding, QuantLinear, tied_to
+from .modules import QUANT_MODULES, QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
 
 __all__ = ["RECIPE_TYPES", "RecipeError", "bit_map_matches", "layer_from_recipe", "layer_recipe", "model_recipe"]
 
@@ -118,11 +118,8 @@ def model_recipe(model: nn.Module, *, weight_dtype: bool = False) -> dict[str, d
     kinds = (*QUANT_MODULES, QuantEmbedding)
     named = [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
     out = {name: layer_recipe(m, weight_dtype=weight_dtype) for name, m in named}
-    embeddings = [(name, m) for name, m in named if isinstance(m, QuantEmbedding)]
-    for name, m in named:
-        for ename, emb in embeddings:
-            if tied_to(m, emb):
-                out[name]["tied_to"] = ename
+    for name, ename in tied_heads(model).items():
+        out[name]["tied_to"] = ename
     return out
 
 
