@@ -15,6 +15,13 @@
   are dropped unless ``keep_unknown``, then group 2), the metadata's stratified split (one lesion per image, so no
   leakage). Decoding ~6k JPEGs takes a few seconds; the resized arrays are cached in ``cache_dir``
   (default ``~/.cache/medquant``) outside the repository.
+* :func:`load_kermany_224` - the Kermany pediatric chest X-rays (``kermany_pediatric_cxr_224``, index.csv:
+  path, split, label, md5) at their stored 224x224, gray **uint8** ``(N, 1, 224, 224)`` tensors and int64 labels
+  (0 normal, 1 pneumonia), splits train (5,216) / test (624). The JPEGs are RGB with three equal channels; the
+  gray value is that channel (an image whose channels differ is refused). Decoded once and cached as an
+  uncompressed ``kermany_224.npz`` (about 0.3 GB) in ``cache_dir``, reused while its paths and md5 column equal
+  the index's; ``verify_md5=True`` also hashes every file against the index. Kept as uint8 (5,840 images are
+  1.2 GB as float32): convert and normalise per batch.
 
 The two FairQuant loaders return ``{"train" | "val" | "test": (x float32 (N, C, H, W) in [0, 1], y int64 (N,),
 groups int64 (N,))}`` plus metadata under ``"info"``.
@@ -136,6 +143,92 @@ def load_ham10000_sex(data_dir=None, size: int = 64, keep_unknown: bool = False,
     out["info"] = {"name": "HAM10000 (7 classes)", "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
                    "groups": ["female", "male"] + (["unknown"] if keep_unknown else []),
                    "split": "metadata split (stratified 70/10/20, seed 0)", "path": str(root)}
+    return out
+
+
+KERMANY_SIZE = 224
+
+
+def _kermany_gray(path: Path) -> np.ndarray:
+    """One Kermany JPEG as gray uint8 (224, 224): the shared channel of its RGB (or its single L channel)."""
+    from medquant.data import load_image
+
+    im = load_image(path)
+    if im.ndim == 3:
+        if not (np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(im[..., 0], im[..., 2])):
+            raise ValueError(f"{path}: the three colour channels differ; the Kermany loader expects grayscale "
+                             "content (stored as L or as RGB with equal channels)")
+        im = im[..., 0]
+    if im.shape != (KERMANY_SIZE, KERMANY_SIZE) or im.dtype != np.uint8:
+        raise ValueError(f"{path}: {im.dtype} image of shape {im.shape}; expected uint8 "
+                         f"{KERMANY_SIZE}x{KERMANY_SIZE}")
+    return im
+
+
+def load_kermany_224(data_dir=None, cache_dir=None, verify_md5: bool = False, progress: bool = True) -> dict:
+    """Kermany chest X-rays at 224 px as gray uint8: ``{split: (x uint8 (N, 1, 224, 224), y int64 (N,))}`` for
+    every split of ``index.csv`` (train, test), plus ``"info"``; see the module doc.
+
+    Raises:
+        FileNotFoundError: no ``kermany_pediatric_cxr_224/index.csv`` under the data directory.
+        ValueError: a file's md5 differs from the index (``verify_md5``), an image is not 224x224 uint8
+            grayscale, or the index lacks a column (path, split, label) or has a label other than 0 / 1.
+    """
+    from medquant.data import read_index
+
+    root = _dir(data_dir) / "kermany_pediatric_cxr_224"
+    index = root / "index.csv"
+    if not index.is_file():
+        raise FileNotFoundError(f"Kermany index not found at {index}; pass data_dir or set MEDQUANT_DATA_DIR")
+    rows = read_index(index)
+    missing = {"path", "split", "label"} - set(rows[0] if rows else ())
+    if missing:
+        raise ValueError(f"{index}: missing column(s) {sorted(missing)}; expected path, split, label[, md5]")
+    paths = np.array([r["path"] for r in rows])
+    md5 = np.array([r.get("md5", "") for r in rows])
+    bad = sorted({r["label"] for r in rows} - {"0", "1"})
+    if bad:
+        raise ValueError(f"{index}: labels {bad}; expected 0 (normal) or 1 (pneumonia)")
+    if verify_md5:
+        import hashlib
+
+        for p, h in zip(paths, md5):
+            got = hashlib.md5((root / p).read_bytes()).hexdigest()
+            if got != h:
+                raise ValueError(f"{root / p}: md5 {got} differs from the index's {h!r}")
+    cache = _cache_dir(cache_dir) / "kermany_224.npz"
+    images = None
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            if np.array_equal(z["path"], paths) and np.array_equal(z["md5"], md5):
+                images = z["images"]
+    if images is None:
+        it = paths
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(paths, desc="Kermany 224px", unit="img")
+        images = np.empty((len(paths), 1, KERMANY_SIZE, KERMANY_SIZE), np.uint8)
+        for i, p in enumerate(it):
+            images[i, 0] = _kermany_gray(root / p)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, images=images, path=paths, md5=md5)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    label = np.array([int(r["label"]) for r in rows], np.int64)
+    split = np.array([r["split"] for r in rows])
+    out: dict = {}
+    for s in dict.fromkeys(split):
+        idx = np.flatnonzero(split == s)
+        contiguous = idx[-1] - idx[0] + 1 == len(idx)  # a slice is a view: no copy of the images
+        sel = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
+        out[str(s)] = (torch.from_numpy(images[sel]), torch.from_numpy(label[sel]))
+    out["info"] = {"name": "Kermany pediatric chest X-rays (normal vs pneumonia), 224 px gray",
+                   "classes": ["normal", "pneumonia"], "splits": {s: len(out[s][1]) for s in out},
+                   "path": str(root), "md5_verified": verify_md5}
     return out
 
 
