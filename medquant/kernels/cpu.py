@@ -19,7 +19,9 @@ group scope)
 ==============================================  ========================================================
 
 **dense**: the codes are dequantized to ``cd`` (``(u - z) * s``, once per call) and ``F.linear`` runs; at large
-``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``.
+``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``. For ``b <= 4``
+rows the dequantization is one pass of a small C kernel (:mod:`medquant.kernels.native`, compiled on first use;
+eager torch ops, bit-identical, where it is unavailable or ``$MEDQUANT_NATIVE=0``).
 
 **Mapping onto the int4 kernel.** It computes ``w = (q - 8) * scale + zero`` per group of ``g`` in {32, 64, 128,
 256} elements with codes ``q`` in 0..15. medquant's ``w = (u - z) * s`` maps onto it exactly for every
@@ -71,6 +73,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .bundle import PackedWeight
 from .dispatch import bump_generation, register_backend, register_kernel
 from .layout import container_bits, unpack
+from .native import dequantize_native
 from .reference import check_packed_input, packed_linear_reference
 
 #: group sizes the aten int4 CPU kernel takes, largest first
@@ -451,10 +454,27 @@ def _params(plan: _Plan, weight: PackedWeight, dtype: torch.dtype) -> torch.Tens
 
 # ------------------------------------------------------------------------------------------- the kernel
 def dequantize_fast(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weights ``(n, k)`` in ``dtype``, ``(u - z) * s`` evaluated in ``dtype`` (byte-wise unpack).
+    """The dense weights ``(n, k)`` in ``dtype`` for the dense path: ``w = round(round(u - z) * s)``, both steps
+    evaluated in float32 and rounded to ``dtype`` (``s``, ``z`` first rounded to ``dtype``).
 
-    For the dense path: ``u - z`` is an integer below 256 in magnitude, exact in bfloat16/float16/float32; the
-    product with ``s`` is rounded once to ``dtype``.
+    Runs the native one-pass kernel (:func:`medquant.kernels.native.dequantize_native`: built on first use,
+    ``$MEDQUANT_NATIVE=0`` disables it) when it is available and the call is not being traced, else
+    :func:`dequantize_eager`; the two are bit-identical.
+    """
+    if weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        s, z = _scale_zero(weight)
+        w = dequantize_native(weight, dtype, s, z)
+        if w is not None:
+            return w
+    return dequantize_eager(weight, dtype)
+
+
+def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weights ``(n, k)`` in ``dtype``, ``(u - z) * s`` evaluated in ``dtype`` by eager torch ops
+    (byte-wise unpack); the fallback of :func:`dequantize_fast`.
+
+    ``u - z`` is an integer below 256 in magnitude for the usual integer zero points, exact in
+    bfloat16/float16/float32; the product with ``s`` is then rounded once to ``dtype``.
     """
     n, kp = weight.n, weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp

@@ -1,0 +1,369 @@
+"""A small native kernel for the CPU dense path: packed codes -> dense weights in one pass.
+
+The dense path of :mod:`medquant.kernels.cpu` (large ``M``, prefill) dequantizes a row group to the compute
+dtype ``T`` and runs ``F.linear``. :func:`dequantize_native` does the dequantization in one C pass over the
+packed codes (``csrc/dequant.c``) instead of several eager torch passes: for column ``j`` of row ``r``, with
+``g = j // group_elems`` (one group per row for channel / tensor scope),
+
+    d = round_T(u[r, j] - z[r, g]),    w[r, j] = round_T(d * s[r, g])
+
+both evaluated in float32 and rounded to nearest even, exactly as torch evaluates ``u.to(T)``, ``sub_(z)``,
+``mul_(s)`` (the eager code): the result is bit-identical to it. ``T`` is bfloat16, float32 or float16 (the
+last only where the C compiler has ``_Float16``). Every layout is read: 1/2/4/8-bit containers (3-bit codes in
+4-bit containers, 5..7-bit in 8-bit ones) and the dense 3/5/6/7-bit bit stream.
+
+**Build on first use.** The library is compiled at the first call with the system C compiler (``$CC``, else
+``cc`` / ``gcc`` on ``PATH``; flags ``-O3 -march=native -fopenmp``, retried without ``-march=native``, then
+without OpenMP, when the compiler refuses them) into a cache folder, ``$MEDQUANT_CACHE_DIR/native`` if set,
+else ``$XDG_CACHE_HOME/medquant/native`` (default ``~/.cache/medquant/native``), falling back to the system
+temporary folder when that is not writable. A build lives in a folder named by a hash of the source, the
+compiler's version, the flags and the CPU (model and instruction flags: ``-march=native`` code must not run on
+another CPU sharing the cache), written under a temporary name and renamed into place, so concurrent processes
+never see a half-written library. Next to it is the library's SHA-256; a library whose hash does not match is
+never loaded (it is rebuilt once), and a loaded library must report the build key it was compiled with.
+
+**Fallback.** Without a compiler, on a failed build, on a big-endian machine, under ``torch.compile`` tracing,
+or when ``$MEDQUANT_NATIVE=0``, :func:`dequantize_native` returns ``None`` and the caller runs the eager torch
+code (same result, slower). A failure is reported once (``RuntimeWarning``); :func:`native_status` says whether
+the kernel is active and why not. Nothing here raises into an import or a forward pass.
+
+**Threads.** Rows are split over ``torch.get_num_threads()`` threads with OpenMP. Loaded into a process that
+already runs torch, the library binds to the OpenMP runtime torch loaded (same ``libgomp.so.1``), so it shares
+torch's thread pool rather than starting a second one.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bundle import PackedWeight
+from .layout import container_bits
+
+#: environment variable: ``0`` / ``false`` / ``off`` / ``no`` disables the native kernel (eager code runs)
+ENV_NATIVE = "MEDQUANT_NATIVE"
+#: environment variable: root of medquant's cache folders (the library is built under ``<root>/native``)
+ENV_CACHE_DIR = "MEDQUANT_CACHE_DIR"
+#: the C source, shipped inside the package
+SOURCE = Path(__file__).resolve().parent / "csrc" / "dequant.c"
+#: version of the C function's arguments; the library reports it (``mq_abi``)
+ABI = 1
+#: file name of the built library inside its build folder
+LIB_NAME = "libmqdequant.so"
+#: flag sets tried in order until one compiles (common flags first)
+_COMMON = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=default"]
+FLAG_SETS = (
+    _COMMON + ["-march=native", "-fopenmp"],
+    _COMMON + ["-fopenmp"],
+    _COMMON + ["-march=native"],
+    _COMMON,
+)
+#: the C function's output dtype codes
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_OFF = {"0", "false", "off", "no"}
+_BUILD_TIMEOUT_S = 180
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _State:
+    tried: bool = False
+    lib: ctypes.CDLL | None = None
+    reason: str = ""
+    path: str | None = None
+    openmp: bool = False
+    float16: bool = False
+    flags: tuple[str, ...] = ()
+
+
+_state = _State()
+_lock = threading.Lock()
+_reported: set[str] = set()
+
+
+def _report_once(key: str, msg: str) -> None:
+    if key not in _reported:
+        _reported.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _disabled() -> bool:
+    return os.environ.get(ENV_NATIVE, "").strip().lower() in _OFF
+
+
+def cache_dir() -> Path:
+    """The folder the native library is built in: ``$MEDQUANT_CACHE_DIR/native``, else
+    ``$XDG_CACHE_HOME/medquant/native``, else ``~/.cache/medquant/native``."""
+    root = os.environ.get(ENV_CACHE_DIR, "").strip()
+    if root:
+        return Path(root).expanduser() / "native"
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "medquant" / "native"
+
+
+def _compiler() -> list[str] | None:
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shlex.split(cc)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    return None
+
+
+def _cpu_id() -> str:
+    """Model name and instruction flags of the CPU (what ``-march=native`` compiles for)."""
+    model = flags = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "Hardware", "CPU part") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return f"{platform.machine()}|{model}|{flags or platform.processor()}"
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _compiler_version(cc: list[str]) -> str:
+    """The compiler's ``--version`` banner (raises OSError / subprocess errors when it cannot run)."""
+    res = _run([*cc, "--version"], timeout=60)
+    if res.returncode != 0:
+        raise OSError(f"`{' '.join(cc)} --version` failed: {(res.stderr or res.stdout).strip()[:200]}")
+    return res.stdout.strip()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build_key(source: bytes, version: str, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in (source, version.encode(), " ".join(flags).encode(), _cpu_id().encode(), str(ABI).encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+class _Foreign(Exception):
+    """A library at our path loaded but is not the one we built (the process keeps it mapped: not reloaded)."""
+
+
+def _load(path: Path, key: str) -> ctypes.CDLL:
+    """Load a built library after checking its SHA-256 against the file written beside it at build time and,
+    once loaded, the build key and ABI it reports (ValueError / OSError when anything is off)."""
+    digest = path.with_name(path.name + ".sha256")
+    if not digest.is_file() or digest.read_text().strip() != _sha256(path):
+        raise ValueError(f"{path} does not match its recorded SHA-256 (corrupted or replaced)")
+    lib = ctypes.CDLL(str(path))
+    for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant"):
+        if not hasattr(lib, name):
+            raise _Foreign(f"{path} lacks the symbol {name}: not medquant's library")
+    lib.mq_build_key.restype = ctypes.c_char_p
+    lib.mq_build_key.argtypes = []
+    for name in ("mq_abi", "mq_has_f16", "mq_openmp"):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = []
+    got = (lib.mq_build_key() or b"").decode(errors="replace")
+    if got != key or lib.mq_abi() != ABI:
+        raise _Foreign(f"{path} reports build key {got!r} / ABI {lib.mq_abi()}, expected {key!r} / {ABI}")
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.mq_dequant.restype = ctypes.c_int
+    lib.mq_dequant.argtypes = [vp, i64, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, vp, vp,
+                               ctypes.c_int, vp, i64, ctypes.c_int]
+    return lib
+
+
+def _compile(cc: list[str], flags: list[str], key: str, out_dir: Path) -> None:
+    """Compile into a fresh temporary folder beside ``out_dir`` and rename it into place (atomic: another
+    process either sees the finished folder or none; when it won the race, its folder is kept)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        lib = tmp / LIB_NAME
+        cmd = [*cc, *flags, f'-DMQ_BUILD_KEY="{key}"', "-o", str(lib), str(SOURCE)]
+        log.debug("medquant native: %s", " ".join(cmd))
+        res = _run(cmd, timeout=_BUILD_TIMEOUT_S)
+        if res.returncode != 0 or not lib.is_file():
+            raise OSError(f"compiling failed ({' '.join(flags)}): {(res.stderr or res.stdout).strip()[-400:]}")
+        lib.with_name(LIB_NAME + ".sha256").write_text(_sha256(lib) + "\n")
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not (out_dir / LIB_NAME).is_file():  # not a lost race: a stale entry in the way
+                shutil.rmtree(out_dir, ignore_errors=True)
+                os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writable_roots() -> list[Path]:
+    roots = [cache_dir()]
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    roots.append(Path(tempfile.gettempdir()) / f"medquant-{uid}" / "native")
+    return roots
+
+
+def _try_build() -> None:
+    """Find (or build) and load the library; fills ``_state`` (``lib`` or ``reason``). Never raises."""
+    if sys.byteorder != "little":
+        _state.reason = "big-endian machine (the kernel reads the int32 words as little-endian bytes)"
+        return
+    if not SOURCE.is_file():
+        _state.reason = f"the C source {SOURCE} is missing from the installation"
+        return
+    cc = _compiler()
+    if cc is None:
+        _state.reason = "no C compiler found ($CC unset and no cc / gcc / clang on PATH)"
+        return
+    try:
+        version = _compiler_version(cc)
+    except (OSError, subprocess.SubprocessError) as exc:
+        _state.reason = f"the C compiler {' '.join(cc)!r} cannot run: {exc}"
+        return
+    source = SOURCE.read_bytes()
+    errors: list[str] = []
+    for flags in FLAG_SETS:
+        key = _build_key(source, version, list(flags))
+        for root in _writable_roots():
+            out_dir = root / f"dequant-{key}"
+            path = out_dir / LIB_NAME
+            for attempt in range(2):  # a cached library that fails its checks is rebuilt once
+                try:
+                    if not path.is_file():
+                        _compile(cc, list(flags), key, out_dir)
+                    lib = _load(path, key)
+                except _Foreign as exc:  # loaded, but not ours: decline now, rebuilt by the next process
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                    _state.reason = f"declined a foreign library (removed; rebuilt at the next start): {exc}"
+                    return
+                except ValueError as exc:  # corrupted / replaced (checked before loading): remove, rebuild
+                    errors.append(str(exc))
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                    continue
+                except (OSError, subprocess.SubprocessError) as exc:
+                    errors.append(str(exc))
+                    if path.is_file() and attempt == 0:
+                        shutil.rmtree(out_dir, ignore_errors=True)  # e.g. an unloadable file
+                        continue
+                    break
+                _state.lib, _state.path, _state.flags = lib, str(path), tuple(flags)
+                _state.openmp, _state.float16 = bool(lib.mq_openmp()), bool(lib.mq_has_f16())
+                _state.reason = ""
+                log.debug("medquant native: loaded %s", path)
+                return
+            if errors and "compiling failed" in errors[-1]:
+                break  # these flags do not compile: another cache folder will not help
+    _state.reason = "building the native kernel failed: " + " | ".join(errors[-3:])
+
+
+def _library() -> ctypes.CDLL | None:
+    if not _state.tried:
+        with _lock:
+            if not _state.tried:
+                try:
+                    _try_build()
+                except Exception as exc:  # noqa: BLE001  (never break a forward pass)
+                    _state.lib, _state.reason = None, f"unexpected error while building: {exc!r}"
+                _state.tried = True
+                if _state.lib is None:
+                    _report_once("build", "medquant native dequantization kernel unavailable, the CPU dense path "
+                                          f"runs the eager torch code (same result, slower): {_state.reason}")
+    return _state.lib
+
+
+def reset_native() -> None:
+    """Forget the loaded library and the reported failures: the next call looks for (or builds) it again,
+    e.g. after changing ``$CC`` or ``$MEDQUANT_CACHE_DIR`` (a library already loaded stays mapped)."""
+    global _state
+    with _lock:
+        _state = _State()
+        _reported.clear()
+
+
+def native_status(build: bool = True) -> dict[str, object]:
+    """Whether the native dequantization kernel is active, and why not.
+
+    Args:
+        build: find or build the library now if that was not tried yet (else report what is known).
+
+    Returns:
+        ``{"active": bool, "reason": str ("" when active), "library": path or None, "openmp": bool,
+        "float16": bool, "flags": [compiler flags], "cache_dir": str}``.
+    """
+    if _disabled():
+        active, reason = False, f"disabled by ${ENV_NATIVE}={os.environ.get(ENV_NATIVE)}"
+    else:
+        if build:
+            _library()
+        active = _state.lib is not None
+        reason = "" if active else (_state.reason or "not built yet")
+    return {"active": active, "reason": reason, "library": _state.path, "openmp": _state.openmp,
+            "float16": _state.float16, "flags": list(_state.flags), "cache_dir": str(cache_dir())}
+
+
+def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
+                      zero: torch.Tensor) -> torch.Tensor | None:
+    """The dense weights ``(n, k)`` in ``dtype``: ``w = round(round(u - zero) * scale)`` (module docstring),
+    or None when the native kernel is unavailable or does not take this call (the caller then runs eager torch).
+
+    Args:
+        weight: the packed row group (CPU tensors).
+        dtype: bfloat16, float32 or float16.
+        scale: float32 scales ``s`` of ``weight.scales``' shape such that ``w = (u - z) * s``.
+        zero: float32 zero points ``z`` of the same shape (symmetric rows: ``2^(b-1)``).
+
+    Returns:
+        A new contiguous ``(n, k)`` tensor bit-identical to the eager evaluation in ``dtype``, or None.
+    """
+    if _disabled() or dtype not in _DTYPE_CODE or torch.compiler.is_compiling():
+        return None
+    if weight.device.type != "cpu" or scale.device.type != "cpu" or zero.device.type != "cpu":
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    if dtype == torch.float16 and not _state.float16:
+        _report_once("f16", "medquant native dequantization kernel: the C compiler has no _Float16, float16 "
+                            "compute runs the eager torch code")
+        return None
+    n, kp, k = weight.n, weight.k_pad, weight.k
+    ge = weight.group_elems if weight.scope == "group" else kp
+    ng = kp // ge
+    dense = weight.is_dense
+    bits = weight.bits if dense else container_bits(weight.bits)
+    qw = weight.qweight.contiguous()
+    s = scale.to(dtype).float().expand(n, ng).contiguous()
+    z = zero.to(dtype).float().expand(n, ng).contiguous()
+    out = torch.empty(n, k, dtype=dtype)
+    if n == 0 or k == 0:
+        return out
+    rc = lib.mq_dequant(qw.data_ptr(), n, qw.shape[1] * 4, bits, int(dense), k, kp, ge, ng, s.data_ptr(),
+                        z.data_ptr(), _DTYPE_CODE[dtype], out.data_ptr(), k, max(1, torch.get_num_threads()))
+    if rc != 0:
+        _report_once(f"rc{rc}:{bits}:{dense}", f"medquant native dequantization kernel declined a row group "
+                                               f"(bits={weight.bits}, dense={dense}, code {rc}): eager torch runs it")
+        return None
+    return out
