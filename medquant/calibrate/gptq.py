@@ -173,6 +173,13 @@ class HessianAccumulator:
             TypeError: ``x`` is not a floating-point tensor.
             ValueError: its shape does not fit the layer, or it holds NaN / inf (the message names the layer).
         """
+        x = self._check_shape(x)
+        if not torch.isfinite(x).all():
+            raise self._not_finite(x)
+        return x
+
+    def _check_shape(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after checking its type and shape (not its values; see :meth:`check`)."""
         m = self.module
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             raise TypeError(f"layer {self.name}: GPTQ expects a floating-point input tensor, got "
@@ -186,14 +193,30 @@ class HessianAccumulator:
         elif x.dim() == 0 or x.shape[-1] != self.k:
             raise ValueError(f"layer {self.name}: calibration input has shape {tuple(x.shape)}, the layer expects "
                              f"{self.k} features in the last dimension")
-        if not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(f"layer {self.name}: calibration input holds {bad} NaN/inf values (call {self.calls})")
         return x
+
+    def _not_finite(self, x: torch.Tensor) -> ValueError:
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            return ValueError(f"layer {self.name}: calibration input holds {bad} NaN/inf values (call {self.calls})")
+        return ValueError(f"layer {self.name}: calibration input too large (max |x| = {float(x.abs().max()):.3g}): "
+                          f"its sums of squares overflow float32 (call {self.calls})")
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        """``X^T X`` of rows ``x2`` (float32), checked: a NaN / inf in column ``j`` of ``X`` (or a sum of squares
+        that overflows) makes ``(X^T X)_jj`` non-finite, so the K diagonal entries check every input value."""
+        p = x2.T @ x2
+        if not bool(torch.isfinite(torch.diagonal(p)).all()):
+            raise self._not_finite(x2)
+        return p
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, labels: Any = None) -> None:
-        """Add the rows of one input of the layer (checked by :meth:`check`): ``S_g += X^T X``, ``n_g += rows``.
+        """Add the rows of one input of the layer: ``S_g += X^T X``, ``n_g += rows``.
+
+        ``x`` is checked as :meth:`check` checks it; a Linear's input values through the diagonal of each
+        ``X^T X`` (a NaN or inf anywhere in column ``j`` makes ``(X^T X)_jj`` NaN or inf), without a pass over
+        ``x`` of its own.
 
         Args:
             x: one input of the layer.
@@ -204,40 +227,89 @@ class HessianAccumulator:
             ValueError: per-sample labels whose count is not the input's first dimension (and the errors of
                 :meth:`check`).
         """
+        if isinstance(self.module, nn.Linear):
+            self.add_products(self.products(x, labels))
+            return
         x = self.check(x)
+        for key, xs in self._split(x, labels):
+            self._add_conv_rows(key, xs)
+        self.calls += 1
+
+    def _split(self, x: torch.Tensor, labels: Any) -> list[tuple[Any, torch.Tensor]]:
+        """``[(group label, rows of x)]`` of one call (one entry without per-sample labels)."""
         if isinstance(labels, torch.Tensor) and labels.dim() == 0:
             labels = labels.item()
         if labels is None or isinstance(labels, (int, str)):
-            self._add_rows(labels, x)
-        else:
-            labs = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
-            if x.dim() < 2 or x.shape[0] != len(labs):
-                raise ValueError(f"layer {self.name}: {len(labs)} per-sample group labels for an input of shape "
-                                 f"{tuple(x.shape)} (the batch must be its first dimension; otherwise give one "
-                                 "label per calibration batch)")
-            for key in dict.fromkeys(labs):
-                idx = torch.tensor([i for i, v in enumerate(labs) if v == key], device=x.device)
-                self._add_rows(key, x.index_select(0, idx))
+            return [(labels, x)]
+        labs = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+        if x.dim() < 2 or x.shape[0] != len(labs):
+            raise ValueError(f"layer {self.name}: {len(labs)} per-sample group labels for an input of shape "
+                             f"{tuple(x.shape)} (the batch must be its first dimension; otherwise give one "
+                             "label per calibration batch)")
+        out = []
+        for key in dict.fromkeys(labs):
+            idx = torch.tensor([i for i, v in enumerate(labs) if v == key], device=x.device)
+            out.append((key, x.index_select(0, idx)))
+        return out
+
+    @torch.no_grad()
+    def products(self, x: torch.Tensor, labels: Any = None) -> list[tuple[Any, torch.Tensor, int]]:
+        """The contributions of one input of a Linear layer, ``[(group label, X_g^T X_g as float64, rows)]``,
+        without adding them (:meth:`add_products` adds them; :meth:`add` is both).
+
+        Layers that read the same input tensor (a transformer's q/k/v projections, gate/up) add the same products:
+        the GPTQ runners compute them once per calibration call and add them to each layer's own float64 sums, so
+        the Hessians are those of separate accumulation, bit for bit.
+
+        Args:
+            x: one input of the layer (checked as :meth:`add` checks it).
+            labels: as :meth:`add`.
+
+        Returns:
+            One entry per group label of the call: its label, ``(X^T X).double()`` ``(1, K, K)`` (the product in
+            float32, as :meth:`add` forms it) and its row count.
+
+        Raises:
+            TypeError: the layer is a convolution (its im2col sums are added chunk by chunk by :meth:`add`).
+            ValueError: the errors of :meth:`add`.
+        """
+        if not isinstance(self.module, nn.Linear):
+            raise TypeError(f"layer {self.name}: products() is for nn.Linear layers; use add() for convolutions")
+        x = self._check_shape(x)
+        out = []
+        for key, xs in self._split(x, labels):
+            x2 = xs.detach().reshape(-1, self.k).float()
+            out.append((key, self._product(x2).double().unsqueeze(0), x2.shape[0]))
+        return out
+
+    def add_products(self, products: Sequence[tuple[Any, torch.Tensor, int]]) -> None:
+        """Add the output of :meth:`products` (of this layer or of another layer with the same input features):
+        ``S_g += P_g``, ``n_g += rows``; counts one call.
+
+        Args:
+            products: ``[(group label, (1, K, K) float64, rows)]``.
+        """
+        for key, p, rows in products:
+            if key not in self.sums:
+                self.sums[key] = torch.zeros(self.groups, self.k, self.k, dtype=torch.float64, device=p.device)
+                self.counts[key] = 0
+            self.sums[key] += p
+            self.counts[key] += rows
         self.calls += 1
 
-    def _add_rows(self, key: Any, x: torch.Tensor) -> None:
+    def _add_conv_rows(self, key: Any, x: torch.Tensor) -> None:
         m = self.module
         if key not in self.sums:
             self.sums[key] = torch.zeros(self.groups, self.k, self.k, dtype=torch.float64, device=x.device)
             self.counts[key] = 0
         acc = self.sums[key]
-        if isinstance(m, nn.Conv2d):
-            # bounded im2col chunks: at most ~2^25 patch elements at a time
-            per_sample = max(1, x[:1].numel() * m.kernel_size[0] * m.kernel_size[1] // max(1, m.stride[0] ** 2))
-            step = max(1, (1 << 25) // per_sample)
-            for i in range(0, x.shape[0], step):
-                p = conv_patches(m, x[i:i + step].float())
-                acc += torch.bmm(p.transpose(1, 2), p).double()
-                self.counts[key] += p.shape[1]
-        else:
-            x2 = x.detach().reshape(-1, self.k).float()
-            acc[0] += (x2.T @ x2).double()
-            self.counts[key] += x2.shape[0]
+        # bounded im2col chunks: at most ~2^25 patch elements at a time
+        per_sample = max(1, x[:1].numel() * m.kernel_size[0] * m.kernel_size[1] // max(1, m.stride[0] ** 2))
+        step = max(1, (1 << 25) // per_sample)
+        for i in range(0, x.shape[0], step):
+            p = conv_patches(m, x[i:i + step].float())
+            acc += torch.bmm(p.transpose(1, 2), p).double()
+            self.counts[key] += p.shape[1]
 
     def weights(self) -> dict[Any, float]:
         """The weight ``w_g`` of each group seen (summing to 1).
@@ -277,6 +349,41 @@ class HessianAccumulator:
             key = next(iter(self.sums))
             return 2.0 * self.sums[key] / self.counts[key]
         return sum(w * 2.0 * self.sums[k] / self.counts[k] for k, w in self.weights().items())
+
+
+class _SharedInputs:
+    """The products of the last Linear input seen in one calibration call, reused by the next layers that read the
+    same tensor (a transformer's q/k/v projections, gate/up): the same tensor object at the same in-place version,
+    with the same group labels and feature count. Anything else (a convolution, an inference tensor without a
+    version counter, another tensor) is accumulated on its own. :meth:`clear` at every calibration call."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.key: tuple = ()
+        self.products: list[tuple[Any, torch.Tensor, int]] = []
+
+    def clear(self) -> None:
+        self.x, self.key, self.products = None, (), []
+
+    def add(self, acc: HessianAccumulator, x: Any, labels: Any) -> None:
+        if not isinstance(acc.module, nn.Linear) or not isinstance(x, torch.Tensor):
+            acc.add(x.detach() if isinstance(x, torch.Tensor) else x, labels)
+            return
+        key = (_version(x), acc.k, id(labels))
+        if self.x is x and key[0] >= 0 and key == self.key:
+            acc.add_products(self.products)
+            return
+        products = acc.products(x.detach(), labels)
+        acc.add_products(products)
+        self.x, self.key, self.products = x, key, products
+
+
+def _version(x: torch.Tensor) -> int:
+    """``x``'s in-place version counter, or -1 (an inference tensor keeps none)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return -1
 
 
 # ---------------------------------------------------------------------------------------------- one weight matrix
@@ -756,9 +863,11 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
     current: list[Any] = [None]
     handles = []
 
+    shared = _SharedInputs()
+
     def make(n: str):
         def hook(mod, args, kwargs):
-            accs[n].add(_input_of(args, kwargs).detach(), current[0])
+            shared.add(accs[n], _input_of(args, kwargs), current[0])
             seen.add(n)
             if early_stop and len(seen) == len(accs):
                 raise _Stop
@@ -769,6 +878,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
             handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
         for i, batch in enumerate(batches):
             seen.clear()
+            shared.clear()
             current[0] = labels[i] if labels is not None else None
             try:
                 _run_batch(model, batch, i, _names(stage))
@@ -777,7 +887,50 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
     finally:
         for h in handles:
             h.remove()
+        shared.clear()
     return accs
+
+
+def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, HessianAccumulator],
+                   labels: Sequence[Any] | None) -> None:
+    """Accumulate the Hessians of ``accs``' layers on the block's calibration calls.
+
+    Layers reading the same input tensor share its ``X^T X`` (:class:`_SharedInputs`). When the first call
+    reaches every layer exactly once, the later calls stop right after the last of them has its input (the rest of
+    the block - the last layer's own matmul, the residual - is not needed for the Hessians)."""
+    shared = _SharedInputs()
+    calls = dict.fromkeys(accs, 0)
+    seen: set[str] = set()
+    early = [False]
+    current: list[Any] = [None]
+    handles = []
+
+    def make(n: str):
+        def hook(mod, args, kwargs):
+            shared.add(accs[n], _input_of(args, kwargs), current[0])
+            calls[n] += 1
+            seen.add(n)
+            if early[0] and len(seen) == len(accs):
+                raise _Stop
+        return hook
+
+    try:
+        for n in accs:
+            handles.append(block.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
+        for i, (a, k) in enumerate(zip(inputs.args, inputs.kwargs)):
+            seen.clear()
+            shared.clear()
+            current[0] = labels[i] if labels is not None else None
+            try:
+                block(*a, **k)
+            except _Stop:
+                pass
+            if i == 0:
+                early[0] = all(c == 1 for c in calls.values())
+    finally:
+        for h in handles:
+            h.remove()
+        shared.clear()
 
 
 def calibration_records(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -962,23 +1115,7 @@ def gptq_quantize_sequential(
         if not names:
             return
         accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in names}
-        current: list[Any] = [None]
-        handles = []
-
-        def make(n: str):
-            def hook(mod, args, kwargs):
-                accs[n].add(_input_of(args, kwargs).detach(), current[0])
-            return hook
-
-        try:
-            for n in names:
-                handles.append(block.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
-            for i, (a, k) in enumerate(zip(inputs.args, inputs.kwargs)):
-                current[0] = labels[i] if labels is not None else None
-                block(*a, **k)
-        finally:
-            for h in handles:
-                h.remove()
+        _capture_block(block, inputs, accs, labels)
         built = []
         for n in names:
             full = f"{inputs.name}.{n}"

@@ -448,8 +448,8 @@ def quantize_sequential(
                                      {k[len(start):]: v for k, v in plan.items() if k.startswith(start)})
                 per_block_fn(block, inputs)
             _quantize_in(block, name, plan)
-            if calibrate:  # the next block is calibrated on what the quantized block outputs
-                hidden = inputs.run(block)
+            if calibrate and name != group[-1]:  # the next block is calibrated on what the quantized block
+                hidden = inputs.run(block)               # outputs (the next group's inputs are captured anew)
             block.to(offload)
             done.append(name)
             if bar is not None:
