@@ -19,6 +19,7 @@ from torch import nn
 
 from medquant.kernels import PackedWeight, clear_cpu_cache, cpu_path, set_cpu_compute_dtype
 from medquant.kernels import cpu as cpu_mod
+from medquant.kernels import native as native_mod
 from medquant.kernels.cpu import dequantize_eager, dequantize_fast
 from medquant.kernels.layout import pack, padded_k
 from medquant.kernels.native import dequantize_native, native_status, reset_native
@@ -134,6 +135,23 @@ def test_rounding_of_a_non_integer_zero_point(native):
                      .to(w.zeros.dtype), bits=4, symmetric=False, scope="group", group_elems=64, k=256)
     for dtype in DTYPES:
         _assert_bit_equal(_native(w, dtype), dequantize_eager(w, dtype), f"fractional zero points {dtype}")
+
+
+def test_portable_build_is_bit_identical_too(native, monkeypatch, tmp_path):
+    """Built without -march=native (plain x86-64 / the compiler's default target: no AVX512 paths), as on a
+    compiler that refuses the flag: the portable loops give the same bits."""
+    monkeypatch.setattr(native_mod, "FLAG_SETS", (native_mod.FLAG_SETS[1],))
+    monkeypatch.setenv("MEDQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    reset_native()
+    status = native_status()
+    assert status["active"] and "-march=native" not in status["flags"], status
+    for bits, sym, scope in ((3, False, "group"), (5, True, "channel"), (6, False, "group"), (7, True, "group"),
+                             (4, False, "group"), (2, True, "tensor"), (8, False, "channel")):
+        w = _weights(19, 200, QuantConfig(bits=bits, symmetric=sym, scope=scope, group_size=64), seed=bits)
+        for form in [w] + ([_as_containers(w)] if w.is_dense else []):
+            for dtype in DTYPES:
+                _assert_bit_equal(_native(form, dtype), dequantize_eager(form, dtype),
+                                  f"portable {bits}-bit {scope} dense={form.is_dense} {dtype}")
 
 
 def test_threads_do_not_change_the_result(native):

@@ -81,16 +81,58 @@ static inline uint16_t bf16_bits(float f) {
 
 static inline float bf16_round(float f) { return u2f((uint32_t)bf16_bits(f) << 16); }
 
+/* Dense bit stream: 8 codes of `bits` bits fill `bits` bytes (read as one little-endian integer). */
+static inline __attribute__((always_inline)) void unpack_dense(const uint8_t *restrict b, const int bits,
+                                                               int64_t nc, uint8_t *restrict u) {
+    const uint64_t mask = (1u << bits) - 1u;
+    for (int64_t t = 0; t < nc / 8; ++t) {
+        const uint8_t *p = b + t * bits;
+        uint64_t v = 0;
+        for (int i = 0; i < bits; ++i) v |= (uint64_t)p[i] << (8 * i);
+        for (int i = 0; i < 8; ++i) u[8 * t + i] = (uint8_t)((v >> (bits * i)) & mask);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+/* The same with AVX512-VBMI, 64 codes per step: qword lane L gets the `bits` bytes of codes 8L..8L+7 (vpermb),
+ * byte i of the lane the 8 bits from bit i * bits on (vpmultishiftqb), masked to `bits` bits. */
+static void unpack_dense_vbmi(const uint8_t *restrict b, int bits, int64_t nc, uint8_t *restrict u) {
+    uint8_t perm[64], ctrl[64];
+    for (int lane = 0; lane < 8; ++lane)
+        for (int i = 0; i < 8; ++i) {
+            perm[8 * lane + i] = (uint8_t)(lane * bits + i);
+            ctrl[8 * lane + i] = (uint8_t)(i * bits);
+        }
+    const __m512i vp = _mm512_loadu_si512((const void *)perm), vc = _mm512_loadu_si512((const void *)ctrl);
+    const __m512i vm = _mm512_set1_epi8((char)((1 << bits) - 1));
+    const __mmask64 lm = ((__mmask64)1 << (8 * bits)) - 1; /* the 8 * bits bytes of 64 codes: no over-read */
+    int64_t t = 0;
+    for (; t + 64 <= nc; t += 64) {
+        __m512i x = _mm512_maskz_loadu_epi8(lm, b + t / 8 * bits);
+        x = _mm512_multishift_epi64_epi8(vc, _mm512_permutexvar_epi8(vp, x));
+        _mm512_storeu_si512((void *)(u + t), _mm512_and_si512(x, vm));
+    }
+    if (t < nc) unpack_dense(b + t / 8 * bits, bits, nc - t, u + t);
+}
+#define MQ_HAVE_VBMI 1
+#else
+#define MQ_HAVE_VBMI 0
+#endif
+
 /* The first nc codes of a row (nc a multiple of 8, at most K_pad) into u[0..nc). Not used for 8-bit
  * containers (the bytes are the codes). */
 static void unpack_row(const uint8_t *restrict b, int bits, int dense, int64_t nc, uint8_t *restrict u) {
     if (dense) {
-        const uint64_t mask = (1u << bits) - 1u;
-        for (int64_t t = 0; t < nc / 8; ++t) {
-            const uint8_t *p = b + t * bits;
-            uint64_t v = 0;
-            for (int i = 0; i < bits; ++i) v |= (uint64_t)p[i] << (8 * i);
-            for (int i = 0; i < 8; ++i) u[8 * t + i] = (uint8_t)((v >> (bits * i)) & mask);
+#if MQ_HAVE_VBMI
+        unpack_dense_vbmi(b, bits, nc, u);
+        return;
+#endif
+        switch (bits) { /* constant widths: the loops unroll */
+        case 3: unpack_dense(b, 3, nc, u); break;
+        case 5: unpack_dense(b, 5, nc, u); break;
+        case 6: unpack_dense(b, 6, nc, u); break;
+        default: unpack_dense(b, 7, nc, u); break;
         }
         return;
     }
@@ -124,6 +166,12 @@ static void dq_bf16(const uint8_t *restrict u, int64_t n, float zf, float sf, ui
     for (int64_t j = 0; j < n; ++j) o[j] = bf16_bits(bf16_round((float)u[j] - zf) * sf);
 }
 
+/* zf an integer of magnitude <= 256: u - zf (|.| <= 256, an integer) is exact in bfloat16 and float16, so
+ * its rounding is the identity and is skipped */
+static void dq_bf16_int(const uint8_t *restrict u, int64_t n, float zf, float sf, uint16_t *restrict o) {
+    for (int64_t j = 0; j < n; ++j) o[j] = bf16_bits(((float)u[j] - zf) * sf);
+}
+
 #if MQ_HAVE_F16
 static void dq_f16(const uint8_t *restrict u, int64_t n, float zf, float sf, _Float16 *restrict o) {
     for (int64_t j = 0; j < n; ++j) {
@@ -131,7 +179,13 @@ static void dq_f16(const uint8_t *restrict u, int64_t n, float zf, float sf, _Fl
         o[j] = (_Float16)(d * sf);
     }
 }
+
+static void dq_f16_int(const uint8_t *restrict u, int64_t n, float zf, float sf, _Float16 *restrict o) {
+    for (int64_t j = 0; j < n; ++j) o[j] = (_Float16)(((float)u[j] - zf) * sf);
+}
 #endif
+
+static inline int small_int(float z) { return z >= -256.0f && z <= 256.0f && z == (float)(int)z; }
 
 /*
  * q: n rows of row_bytes bytes; s, z: (n, ng) float32; out: n rows of out_stride elements of type out_dtype
@@ -180,13 +234,14 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
                 if (c0 >= k) break;
                 const int64_t c1 = c0 + ge < k ? c0 + ge : k;
                 const float sf = s[r * ng + g], zf = z[r * ng + g];
+                const int zi = small_int(zf);
                 if (out_dtype == MQ_BF16)
-                    dq_bf16(u + c0, c1 - c0, zf, sf, (uint16_t *)out + r * out_stride + c0);
+                    (zi ? dq_bf16_int : dq_bf16)(u + c0, c1 - c0, zf, sf, (uint16_t *)out + r * out_stride + c0);
                 else if (out_dtype == MQ_F32)
                     dq_f32(u + c0, c1 - c0, zf, sf, (float *)out + r * out_stride + c0);
 #if MQ_HAVE_F16
                 else
-                    dq_f16(u + c0, c1 - c0, zf, sf, (_Float16 *)out + r * out_stride + c0);
+                    (zi ? dq_f16_int : dq_f16)(u + c0, c1 - c0, zf, sf, (_Float16 *)out + r * out_stride + c0);
 #endif
             }
         }
