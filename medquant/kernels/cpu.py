@@ -73,7 +73,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .bundle import PackedWeight
 from .dispatch import bump_generation, register_backend, register_kernel
 from .layout import container_bits, unpack
-from .native import dequantize_native
+from .native import dequantize_native, native_dequantizer
 from .reference import check_packed_input, packed_linear_reference
 
 #: group sizes the aten int4 CPU kernel takes, largest first
@@ -526,9 +526,18 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     op8 = torch.ops.aten._weight_int8pack_mm.default
 
+    native: list = []  # [the native dequantizer or None], made at the first dense call (not while tracing)
+
     def dense(xc: torch.Tensor) -> torch.Tensor:
-        w = dequantize_fast(weight, cd) if int4 else packed[:, :k].to(cd) * params.unsqueeze(1)
-        return F.linear(xc, w)
+        if not int4:
+            return F.linear(xc, packed[:, :k].to(cd) * params.unsqueeze(1))
+        w = None
+        if not torch.compiler.is_compiling():
+            if not native:
+                native.append(native_dequantizer(weight, cd, *_scale_zero(weight)))
+            if native[0] is not None:
+                w = native[0]()
+        return F.linear(xc, dequantize_eager(weight, cd) if w is None else w)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != k or not x.is_floating_point():

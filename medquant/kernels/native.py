@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,10 +325,14 @@ def native_status(build: bool = True) -> dict[str, object]:
             "float16": _state.float16, "flags": list(_state.flags), "cache_dir": str(cache_dir())}
 
 
-def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
-                      zero: torch.Tensor) -> torch.Tensor | None:
-    """The dense weights ``(n, k)`` in ``dtype``: ``w = round(round(u - zero) * scale)`` (module docstring),
-    or None when the native kernel is unavailable or does not take this call (the caller then runs eager torch).
+def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
+                       zero: torch.Tensor) -> Callable[[], torch.Tensor | None] | None:
+    """A function returning the dense weights ``(n, k)`` in ``dtype`` at each call (:func:`dequantize_native`),
+    with everything that depends only on the weight (scales and zero points rounded to ``dtype``, the layout's
+    arguments) prepared once; None when the native kernel cannot take this row group.
+
+    The function returns None (eager torch then runs) when ``$MEDQUANT_NATIVE=0`` is set or when the C function
+    declines the call. It holds the weight's tensors as they are now: build a new one after changing them.
 
     Args:
         weight: the packed row group (CPU tensors).
@@ -336,7 +341,7 @@ def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Ten
         zero: float32 zero points ``z`` of the same shape (symmetric rows: ``2^(b-1)``).
 
     Returns:
-        A new contiguous ``(n, k)`` tensor bit-identical to the eager evaluation in ``dtype``, or None.
+        The function, or None.
     """
     if _disabled() or dtype not in _DTYPE_CODE or torch.compiler.is_compiling():
         return None
@@ -357,13 +362,40 @@ def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Ten
     qw = weight.qweight.contiguous()
     s = scale.to(dtype).float().expand(n, ng).contiguous()
     z = zero.to(dtype).float().expand(n, ng).contiguous()
-    out = torch.empty(n, k, dtype=dtype)
-    if n == 0 or k == 0:
+    code, fn = _DTYPE_CODE[dtype], lib.mq_dequant
+    head = (qw.data_ptr(), n, qw.shape[1] * 4, bits, int(dense), k, kp, ge, ng, s.data_ptr(), z.data_ptr(), code)
+
+    def run() -> torch.Tensor | None:
+        _keep = (qw, s, z)  # the pointers in ``head`` stay valid while this function lives
+        out = torch.empty(n, k, dtype=dtype)
+        if n == 0 or k == 0:
+            return out
+        if _disabled():
+            return None
+        rc = fn(*head, out.data_ptr(), k, max(1, torch.get_num_threads()))
+        if rc != 0:
+            _report_once(f"rc{rc}:{bits}:{dense}", f"medquant native dequantization kernel declined a row group "
+                                                   f"(bits={weight.bits}, dense={dense}, code {rc}): eager torch "
+                                                   "runs it")
+            return None
         return out
-    rc = lib.mq_dequant(qw.data_ptr(), n, qw.shape[1] * 4, bits, int(dense), k, kp, ge, ng, s.data_ptr(),
-                        z.data_ptr(), _DTYPE_CODE[dtype], out.data_ptr(), k, max(1, torch.get_num_threads()))
-    if rc != 0:
-        _report_once(f"rc{rc}:{bits}:{dense}", f"medquant native dequantization kernel declined a row group "
-                                               f"(bits={weight.bits}, dense={dense}, code {rc}): eager torch runs it")
-        return None
-    return out
+
+    return run
+
+
+def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
+                      zero: torch.Tensor) -> torch.Tensor | None:
+    """The dense weights ``(n, k)`` in ``dtype``: ``w = round(round(u - zero) * scale)`` (module docstring),
+    or None when the native kernel is unavailable or does not take this call (the caller then runs eager torch).
+
+    Args:
+        weight: the packed row group (CPU tensors).
+        dtype: bfloat16, float32 or float16.
+        scale: float32 scales ``s`` of ``weight.scales``' shape such that ``w = (u - z) * s``.
+        zero: float32 zero points ``z`` of the same shape (symmetric rows: ``2^(b-1)``).
+
+    Returns:
+        A new contiguous ``(n, k)`` tensor bit-identical to the eager evaluation in ``dtype``, or None.
+    """
+    fn = native_dequantizer(weight, dtype, scale, zero)
+    return None if fn is None else fn()

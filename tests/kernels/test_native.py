@@ -182,19 +182,28 @@ def test_quantlinear_prefill_equals_eager_path(native, monkeypatch):
     calls = []
 
     def spy(*args, **kwargs):
-        out = dequantize_native(*args, **kwargs)
-        calls.append(out is not None)
-        return out
+        fn = native_mod.native_dequantizer(*args, **kwargs)
+        if fn is None:  # declined (disabled below)
+            calls.append(False)
+            return None
 
-    monkeypatch.setattr(cpu_mod, "dequantize_native", spy)
+        def run():
+            out = fn()
+            calls.append(out is not None)
+            return out
+        return run
+
+    monkeypatch.setattr(cpu_mod, "native_dequantizer", spy)
     with torch.no_grad():
         y_native = layer(x)
         assert calls and all(calls), "the dense path did not run the native kernel"
         monkeypatch.setenv("MEDQUANT_NATIVE", "0")
+        y_eager = layer(x)  # the prepared call sees the switch at its next call
+        assert calls[-1] is False  # disabled: declined, the eager code ran
         clear_cpu_cache()
-        y_eager = layer(x)
-    assert calls[-1] is False  # disabled: declined, the eager code ran
-    assert torch.equal(y_native, y_eager)
+        y_rebuilt = layer(x)
+        assert calls[-1] is False
+    assert torch.equal(y_native, y_eager) and torch.equal(y_native, y_rebuilt)
     ref = x.double() @ layer.dequantized_weight(torch.float64).t() + layer.bias.double()
     assert float((y_native.double() - ref).abs().max() / ref.abs().max()) < 2e-2
 
