@@ -639,11 +639,36 @@ def gptq_quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantC
         ValueError: shapes that do not match or a Hessian that stays singular; the message starts with
             ``layer <name>``.
     """
+    return _quantize_layer(module, hessian, config, damp, block_size, act_order, name, dtype, None)
+
+
+class _Factors:
+    """The prepared Hessians (dampened inverse factor, order, dead inputs) of the last layer quantized, reused by
+    the next layer when its Hessian is the same tensor value (layers that shared their inputs: q/k/v, gate/up) and
+    the dampening and order are the same - the factorisation is deterministic, so the result is unchanged."""
+
+    def __init__(self) -> None:
+        self.key: tuple = ()
+        self.h: torch.Tensor | None = None
+        self.preps: list[_Prepared] = []
+
+    def get(self, h: torch.Tensor, damp: float, act_order: bool) -> list[_Prepared] | None:
+        key = (damp, act_order, h.shape, h.dtype, h.device)
+        if self.h is not None and key == self.key and torch.equal(h, self.h):
+            return self.preps
+        return None
+
+    def put(self, h: torch.Tensor, damp: float, act_order: bool, preps: list[_Prepared]) -> None:
+        self.key, self.h, self.preps = (damp, act_order, h.shape, h.dtype, h.device), h, preps
+
+
+def _quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, damp: float, block_size: int,
+                    act_order: bool, name: str | None, dtype: torch.dtype, factors: _Factors | None) -> nn.Module:
     name = name or type(module).__name__
     if not isinstance(config, QuantConfig):
         raise TypeError(f"layer {name}: config must be a QuantConfig, got {type(config).__name__}")
     try:
-        return _gptq_layer(module, hessian, config, damp, block_size, act_order, name, dtype)
+        return _gptq_layer(module, hessian, config, damp, block_size, act_order, name, dtype, factors)
     except ValueError as e:
         if str(e).startswith("layer "):
             raise
@@ -651,7 +676,7 @@ def gptq_quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantC
 
 
 def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, damp: float, block_size: int,
-                act_order: bool, name: str, dtype: torch.dtype) -> nn.Module:
+                act_order: bool, name: str, dtype: torch.dtype, factors: _Factors | None = None) -> nn.Module:
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros":
             raise ValueError(f"layer {name}: GPTQ supports padding_mode='zeros' only, got {module.padding_mode!r}")
@@ -671,8 +696,12 @@ def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, d
     h = hessian if hessian.dim() == 3 else hessian.unsqueeze(0)
     if tuple(h.shape) != (groups, k, k):
         raise ValueError(f"layer {name}: Hessian of shape {tuple(hessian.shape)}, expected {(groups, k, k)}")
-    preps = [_prepare(h[g].to(w2.device), damp, act_order, f"{name} (group {g})" if groups > 1 else name)
-             for g in range(groups)]
+    preps = factors.get(h, damp, act_order) if factors is not None else None
+    if preps is None:
+        preps = [_prepare(h[g].to(w2.device), damp, act_order, f"{name} (group {g})" if groups > 1 else name)
+                 for g in range(groups)]
+        if factors is not None:
+            factors.put(h, damp, act_order, preps)
     row_bits = config.row_bits(n_out).to(w2.device)
     conv_group = torch.arange(n_out, device=w2.device) // (n_out // groups)
     loss = 0.0
@@ -1025,9 +1054,10 @@ def gptq_quantize_(
             early = all(counts[n] == 1 for n in stage)
             accs = _capture(model, stage, batches, early, labels, group_weights)
             built = []
+            factors = _Factors()
             for n in stage:
-                q = gptq_quantize_layer(model.get_submodule(n), accs[n].hessian(), plan[n], damp=damp,
-                                        block_size=block_size, act_order=act_order, name=n)
+                q = _quantize_layer(model.get_submodule(n), accs[n].hessian(), plan[n], damp, block_size, act_order,
+                                    n, torch.float32, factors)
                 q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
                 if labels is not None:
                     q.calibration.update(_group_record(accs, n))
@@ -1117,10 +1147,11 @@ def gptq_quantize_sequential(
         accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in names}
         _capture_block(block, inputs, accs, labels)
         built = []
+        factors = _Factors()
         for n in names:
             full = f"{inputs.name}.{n}"
-            q = gptq_quantize_layer(block.get_submodule(n), accs[n].hessian(), inputs.configs[n], damp=damp,
-                                    block_size=block_size, act_order=act_order, name=full)
+            q = _quantize_layer(block.get_submodule(n), accs[n].hessian(), inputs.configs[n], damp, block_size,
+                                act_order, full, torch.float32, factors)
             q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
             if labels is not None:
                 q.calibration.update(_group_record(accs, n))

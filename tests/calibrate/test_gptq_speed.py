@@ -1,6 +1,7 @@
 """GPTQ's calibration shortcuts change nothing: layers reading the same input tensor share one ``X^T X`` per call
-(q/k/v, gate/up), the float capture pass of a block stops after its last planned layer, and a Linear's inputs are
-checked through the diagonal of ``X^T X`` - against separate accumulation over full forwards and plain torch."""
+(q/k/v, gate/up) and then one factorisation of their equal Hessians, the float capture pass of a block stops after
+its last planned layer, and a Linear's inputs are checked through the diagonal of ``X^T X`` - against separate
+accumulation over full forwards, separate factorisations and plain torch."""
 from __future__ import annotations
 
 import copy
@@ -67,15 +68,26 @@ def test_shared_products_and_early_stop_give_the_same_hessians_and_codes(monkeyp
     down_calls = [0]
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: down_calls.__setitem__(0, down_calls[0] + 1))
 
+    prepared = [0]
+    prepare = gptq._prepare
+
+    def count_prepare(*args):
+        prepared[0] += 1
+        return prepare(*args)
+
+    monkeypatch.setattr(gptq, "_prepare", count_prepare)
     hs_fast, n_fast = _recording(monkeypatch)
     gptq_quantize_sequential(model, cfg, batches, skip=["@head"], device="cpu", progress=False)
-    fast_products = n_fast[0]
+    fast_products, fast_prepared = n_fast[0], prepared[0]
+    prepared[0] = 0
     hs_plain, n_plain = _recording(monkeypatch)
     monkeypatch.setattr(gptq, "_capture_block", _separate_capture)
+    monkeypatch.setattr(gptq._Factors, "get", lambda self, *a: None)  # every layer factorises its own Hessian
     gptq_quantize_sequential(plain, cfg, batches, skip=["@head"], device="cpu", progress=False)
 
-    # q/k/v read one tensor, gate/up another: 4 products per block and call instead of 7
+    # q/k/v read one tensor, gate/up another: 4 products and 4 factorisations per block and call instead of 7
     assert fast_products == 4 * n_blocks * len(batches) and n_plain[0] == 7 * n_blocks * len(batches)
+    assert fast_prepared == 4 * n_blocks and prepared[0] == 7 * n_blocks
     assert down_calls[0] == 1  # the float block ran its last layer on the first call only
     assert hs_fast.keys() == hs_plain.keys() and len(hs_fast) == 7 * n_blocks
     for name in hs_plain:
