@@ -39,6 +39,13 @@
 #define MQ_BF16 1
 #define MQ_F16 2
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MQ_HAVE_LUT 1
+#else
+#define MQ_HAVE_LUT 0
+#endif
+
 #if defined(__FLT16_MAX__)
 #define MQ_HAVE_F16 1
 #else
@@ -187,6 +194,47 @@ static void dq_f16_int(const uint8_t *restrict u, int64_t n, float zf, float sf,
 
 static inline int small_int(float z) { return z >= -256.0f && z <= 256.0f && z == (float)(int)z; }
 
+#if MQ_HAVE_LUT
+/* Table look-up form of dq_bf16 / dq_bf16_int for codes below 32 (AVX512BW): the group's outputs for all 32
+ * possible codes are computed with the same float32 operations and rounding (16 lanes at a time), then each
+ * code selects its output with one vpermw per 32 columns. */
+static inline __m512i bf16_vec(__m512 v) { /* u32 lanes holding bf16_bits(v) */
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+static inline __m512 bf16_round_vec(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_vec(v), 16)); }
+
+static inline __m512i table_bf16(float zf, float sf, int zi) {
+    const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 hi = _mm512_add_ps(lo, _mm512_set1_ps(16.0f));
+    const __m512 z = _mm512_set1_ps(zf), s = _mm512_set1_ps(sf);
+    __m512 d0 = _mm512_sub_ps(lo, z), d1 = _mm512_sub_ps(hi, z);
+    if (!zi) {
+        d0 = bf16_round_vec(d0);
+        d1 = bf16_round_vec(d1);
+    }
+    const __m256i t0 = _mm512_cvtepi32_epi16(bf16_vec(_mm512_mul_ps(d0, s)));
+    const __m256i t1 = _mm512_cvtepi32_epi16(bf16_vec(_mm512_mul_ps(d1, s)));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(t0), t1, 1);
+}
+
+static void lut_bf16(const uint8_t *restrict u, int64_t n, __m512i tab, uint16_t *restrict o) {
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        const __m512i idx = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(u + j)));
+        _mm512_storeu_si512((void *)(o + j), _mm512_permutexvar_epi16(idx, tab));
+    }
+    if (j < n) {
+        uint16_t t[32];
+        _mm512_storeu_si512((void *)t, tab);
+        for (; j < n; ++j) o[j] = t[u[j] & 31u];
+    }
+}
+#endif
+
 /*
  * q: n rows of row_bytes bytes; s, z: (n, ng) float32; out: n rows of out_stride elements of type out_dtype
  * (MQ_F32 / MQ_BF16 / MQ_F16), columns [0, k) written. Returns 0, or a negative number for arguments it does
@@ -205,6 +253,8 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
     const int direct = !dense && bits == 8;
     /* codes unpacked per row: k rounded up to 8 (<= K_pad for every layout unpacked here) */
     const int64_t nc = (k + 7) / 8 * 8;
+    const int lut = MQ_HAVE_LUT && out_dtype == MQ_BF16 && bits <= 5; /* codes below 32 */
+    (void)lut;
     int failed = 0;
 
 #ifdef _OPENMP
@@ -235,6 +285,12 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
                 const int64_t c1 = c0 + ge < k ? c0 + ge : k;
                 const float sf = s[r * ng + g], zf = z[r * ng + g];
                 const int zi = small_int(zf);
+#if MQ_HAVE_LUT
+                if (lut) {
+                    lut_bf16(u + c0, c1 - c0, table_bf16(zf, sf, zi), (uint16_t *)out + r * out_stride + c0);
+                    continue;
+                }
+#endif
                 if (out_dtype == MQ_BF16)
                     (zi ? dq_bf16_int : dq_bf16)(u + c0, c1 - c0, zf, sf, (uint16_t *)out + r * out_stride + c0);
                 else if (out_dtype == MQ_F32)
