@@ -19,8 +19,13 @@
  * s and z: float32 (n, ng), one value per row and group of ge columns (the caller expands channel / tensor
  * scales: ng = 1, ge = K_pad), already rounded to T as the eager code does.
  *
+ * Per row: the codes are unpacked to bytes (dense 3/5/6/7-bit streams with vpermb + vpmultishiftqb where the
+ * CPU has AVX512-VBMI), then each group is dequantized: bfloat16 output of codes below 32 by a 32-entry table
+ * and vpermw (AVX512BW), everything else by the arithmetic loops below, which the compiler vectorises. All
+ * forms compute the same float32 operations, so every build gives the same bits.
+ *
  * Rows are split over threads with OpenMP (the process's OpenMP runtime: torch's, when torch is loaded).
- * Built by medquant/kernels/native.py with -O3 -march=native; the inner loops vectorise.
+ * Built by medquant/kernels/native.py with -O3 -march=native (also without it: portable loops only).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -130,11 +135,15 @@ static void unpack_dense_vbmi(const uint8_t *restrict b, int bits, int64_t nc, u
 /* The first nc codes of a row (nc a multiple of 8, at most K_pad) into u[0..nc). Not used for 8-bit
  * containers (the bytes are the codes). */
 static void unpack_row(const uint8_t *restrict b, int bits, int dense, int64_t nc, uint8_t *restrict u) {
-    if (dense) {
 #if MQ_HAVE_VBMI
+    /* a row of 1- or 2-bit containers is also a stream of 1- or 2-bit codes, lowest bits first (4-bit
+     * containers: the compiler's vectorised loop below was measured faster) */
+    if (dense || bits <= 2) {
         unpack_dense_vbmi(b, bits, nc, u);
         return;
+    }
 #endif
+    if (dense) {
         switch (bits) { /* constant widths: the loops unroll */
         case 3: unpack_dense(b, 3, nc, u); break;
         case 5: unpack_dense(b, 5, nc, u); break;
