@@ -10,7 +10,10 @@ Methods: float; RTN (``medquant.quantize_``); AWQ (``search_and_fold`` on the fi
 search uses at most 2048 input rows per group - then RTN); GPTQ (``gptq_quantize_sequential``, act_order, damp
 0.01); AWQ+GPTQ (the same AWQ fold, then GPTQ quantizes once). Gap closed =
 ``1 - log(ppl_method / ppl_float) / log(ppl_RTN / ppl_float)``. Time and peak resident memory above the float
-model per method (``VmHWM`` reset before each method).
+model per method (``VmHWM`` reset before each method), with CPU seconds, torch threads and the load average; GPTQ
+rows also record the calibration tokens actually used. The issue's time target (GPTQ of SmolLM2 with 128 x 512
+tokens in < 10 min) is one run on an otherwise idle machine:
+``python -m benchmarks.ptq_methods --part lm --configs "W4 g128 sym" --methods GPTQ --threads 2 --no-progress``.
 
 **Image classifiers** (``--part cnn``): a CNN on Kermany (64 px grayscale, normal vs pneumonia, official test
 split of 624 images, no group labels) and a CNN and a small ViT on HAM10000 (64 px RGB, 7 classes, groups = sex)
