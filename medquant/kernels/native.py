@@ -13,19 +13,23 @@ last only where the C compiler has ``_Float16``). Every layout is read: 1/2/4/8-
 4-bit containers, 5..7-bit in 8-bit ones) and the dense 3/5/6/7-bit bit stream.
 
 **Build on first use.** The library is compiled at the first call with the system C compiler (``$CC``, else
-``cc`` / ``gcc`` on ``PATH``; flags ``-O3 -march=native -fopenmp``, retried without ``-march=native``, then
+``cc`` / ``gcc`` / ``clang`` on ``PATH``; flags ``-O3 -march=native -fopenmp``, retried without ``-march=native``, then
 without OpenMP, when the compiler refuses them) into a cache folder, ``$MEDQUANT_CACHE_DIR/native`` if set,
 else ``$XDG_CACHE_HOME/medquant/native`` (default ``~/.cache/medquant/native``), falling back to the system
 temporary folder when that is not writable. A build lives in a folder named by a hash of the source, the
 compiler's version, the flags and the CPU (model and instruction flags: ``-march=native`` code must not run on
 another CPU sharing the cache), written under a temporary name and renamed into place, so concurrent processes
 never see a half-written library. Next to it is the library's SHA-256; a library whose hash does not match is
-never loaded (it is rebuilt once), and a loaded library must report the build key it was compiled with.
+never loaded (it is rebuilt once), and a loaded library must report the build key it was compiled with (else it
+is declined for this process and removed).
 
 **Fallback.** Without a compiler, on a failed build, on a big-endian machine, under ``torch.compile`` tracing,
 or when ``$MEDQUANT_NATIVE=0``, :func:`dequantize_native` returns ``None`` and the caller runs the eager torch
 code (same result, slower). A failure is reported once (``RuntimeWarning``); :func:`native_status` says whether
 the kernel is active and why not. Nothing here raises into an import or a forward pass.
+
+:func:`native_dequantizer` binds one row group's arguments once (the CPU backend's prepared call keeps it), so
+a call costs the C function alone.
 
 **Threads.** Rows are split over ``torch.get_num_threads()`` threads with OpenMP. Loaded into a process that
 already runs torch, the library binds to the OpenMP runtime torch loaded (same ``libgomp.so.1``), so it shares
