@@ -81,6 +81,8 @@ SPEED_NETS = {"resnet18_224": ("resnet18", 3, 2, 224), "cnn_64": ("cnn", 3, 7, 6
 #: ResNet-18's training budget in optimizer steps (batch ``resnet_batch``, class-balanced); see the module doc
 RESNET_STEPS = 240
 RESNET_STEPS_QUICK = 40
+#: the Kermany input normalisation (:func:`kermany_input`)
+KERMANY_NORM = "fixed"
 
 
 def settings(quick: bool) -> dict:
@@ -88,10 +90,10 @@ def settings(quick: bool) -> dict:
     fewer timing rounds."""
     if quick:
         return {"train_subset": 1024, "epochs": {"cnn": 2, "vit": 2}, "resnet_steps": RESNET_STEPS_QUICK,
-                "resnet_batch": 32, "resnet_pixels": 112, "test_limit": None, "calib": 8, "boot": 300,
+                "resnet_batch": 32, "resnet_pixels": 112, "kermany_norm": KERMANY_NORM, "test_limit": None, "calib": 8, "boot": 300,
                 "rounds": 3, "block_s": 0.05, "profile_runs": 5}
     return {"train_subset": None, "epochs": {"cnn": 2, "vit": 2}, "resnet_steps": RESNET_STEPS,
-            "resnet_batch": 32, "resnet_pixels": 224, "test_limit": None, "calib": 16, "boot": 1000,
+            "resnet_batch": 32, "resnet_pixels": 224, "kermany_norm": KERMANY_NORM, "test_limit": None, "calib": 16, "boot": 1000,
             "rounds": 10, "block_s": 0.25, "profile_runs": 10}
 
 
@@ -99,30 +101,41 @@ def settings(quick: bool) -> dict:
 KERMANY_MEAN, KERMANY_STD = 0.5, 0.25
 
 
-def kermany_input(xb: torch.Tensor, pixels: int = 224) -> torch.Tensor:
-    """uint8 gray (B, 1, 224, 224) -> float32 ``(x / 255 - 0.5) / 0.25``, area-resized to ``pixels`` when smaller
-    (``--quick``); one batch at a time, so the 5,840 images stay uint8 in memory."""
-    x = xb.float().div_(255.0).sub_(KERMANY_MEAN).div_(KERMANY_STD)
+KERMANY_NORMS = ("fixed", "image")
+
+
+def kermany_input(xb: torch.Tensor, pixels: int = 224, norm: str = "fixed") -> torch.Tensor:
+    """uint8 gray (B, 1, 224, 224) -> float32, area-resized to ``pixels`` when smaller (``--quick``); one batch at
+    a time, so the 5,840 images stay uint8 in memory. ``norm="fixed"``: ``(x / 255 - 0.5) / 0.25``;
+    ``"image"``: each image standardised by its own mean and standard deviation (``(u - mean(u)) / max(std(u),
+    1e-3)`` with ``u = x / 255`` after resizing; removes exposure and contrast differences between X-rays)."""
+    if norm not in KERMANY_NORMS:
+        raise ValueError(f"norm {norm!r}: expected one of {KERMANY_NORMS}")
+    x = xb.float().div_(255.0)
     if x.shape[-1] != pixels:
         x = F.interpolate(x, size=(pixels, pixels), mode="area")
-    return x
+    if norm == "image":
+        mean = x.mean((1, 2, 3), keepdim=True)
+        return (x - mean) / x.std((1, 2, 3), keepdim=True).clamp_min(1e-3)
+    return x.sub_(KERMANY_MEAN).div_(KERMANY_STD)
 
 
 def _identity(xb: torch.Tensor) -> torch.Tensor:
     return xb
 
 
-def load_kermany(root: Path, pixels: int = 224) -> dict:
+def load_kermany(root: Path, pixels: int = 224, norm: str = "fixed") -> dict:
     """Kermany from the 224 px JPEGs (:func:`benchmarks.common.datasets.load_kermany_224`, cached uint8); groups =
     classes. ``prep`` turns a uint8 batch into the network's float input."""
     d = load_kermany_224(root)
     out = {s: (d[s][0], d[s][1], d[s][1].clone()) for s in ("train", "test")}  # groups = classes
-    out["prep"] = functools.partial(kermany_input, pixels=pixels)
+    out["prep"] = functools.partial(kermany_input, pixels=pixels, norm=norm)
     out["pixels"] = pixels
     out["info"] = {"name": f"kermany_cxr_{pixels}", "classes": 2, "groups": "class (normal / pneumonia)",
                    "source": "kermany_pediatric_cxr_224 JPEGs, 224 px gray uint8"
                              + ("" if pixels == 224 else f", area-resized to {pixels} px per batch"),
-                   "normalisation": f"(x / 255 - {KERMANY_MEAN}) / {KERMANY_STD}"}
+                   "normalisation": (f"(x / 255 - {KERMANY_MEAN}) / {KERMANY_STD}" if norm == "fixed" else
+                                     "per image: (u - mean(u)) / std(u), u = x / 255")}
     return out
 
 
@@ -400,6 +413,13 @@ def bootstrap(correct_a: np.ndarray, correct_f: np.ndarray, groups: np.ndarray, 
     return {"acc_diff_ci95": ci(da), "worst_group_diff_ci95": ci(dw)}
 
 
+def binary_auc(score: np.ndarray, y: np.ndarray) -> float:
+    """ROC AUC of ``score`` for label 1 against label 0: the probability that a random positive scores above a
+    random negative, ties counting one half (all pairs compared)."""
+    pos, neg = score[y == 1][:, None], score[y == 0][None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
 def accuracy(variants: dict, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, boot: int, prep=_identity,
              classes: int | None = None) -> dict:
     yn, gn = y.numpy(), g.numpy()
@@ -415,6 +435,8 @@ def accuracy(variants: dict, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, 
                "group_counts": {int(k): int((gn == k).sum()) for k in np.unique(gn)},
                "balanced_acc": float(np.mean(recall)), "per_class_recall": recall,
                "predicted_class_counts": np.bincount(logits[name].argmax(1), minlength=classes).tolist()}
+        if classes == 2:
+            row["auc"] = binary_auc(logits[name][:, 1] - logits[name][:, 0], yn)
         if name != "pytorch_fp32":
             row.update(bootstrap(c, correct["pytorch_fp32"], gn, boot))
             row["agree_with_float"] = float((logits[name].argmax(1) == logits["pytorch_fp32"].argmax(1)).mean())
@@ -504,12 +526,15 @@ def run_trained(arch: str, data: dict, st: dict, folder: Path) -> dict:
     calib = [prep(x_all[i]) for i in idx.split(32)]
     x_te, y_te, g_te = subset(data["test"], st.get("test_limit"))
     variants = build_variants(model, calib, prep(x_te[:2]), folder / f"{arch}_{info['name']}")
+    export_s, export_cpu_s = time.time() - t0, time.process_time() - c0
+    t0, c0 = time.time(), time.process_time()
     acc = accuracy(variants, x_te, y_te, g_te, st["boot"], prep, info["classes"])
     majority = int(torch.bincount(y_all, minlength=info["classes"]).argmax())
     return {"arch": arch, "dataset": info, "resolution": pixels, "train_images": n_train, "epochs": epochs,
             "training": training, "train_s": train_s, "train_cpu_s": train_cpu_s,
             "loadavg_1m_after_training": os.getloadavg()[0],
-            "export_and_eval_s": time.time() - t0, "export_and_eval_cpu_s": time.process_time() - c0,
+            "calibrate_export_s": export_s, "calibrate_export_cpu_s": export_cpu_s,
+            "eval_s": time.time() - t0, "eval_cpu_s": time.process_time() - c0,
             "test_images": len(y_te), "majority_class_acc": float((y_te == majority).float().mean()),
             "accuracy": acc, "size": sizes(variants),
             "ort_ops": {k: v.get("ops") for k, v in variants.items() if v.get("ops")},
@@ -609,7 +634,8 @@ def table(result: dict) -> str:
             lines.append(f"  {v:13s} {a['acc']:.3f} / {a['worst_group_acc']:.3f}{ci}"
                          + (f"   {size / 1e6:6.2f} MB" if size else ""))
         f = t["accuracy"]["pytorch_fp32"]
-        lines.append(f"  float baseline: balanced acc {f['balanced_acc']:.3f}, per-class recall "
+        auc = f" AUC {f['auc']:.3f}," if "auc" in f else ""
+        lines.append(f"  float baseline:{auc} balanced acc {f['balanced_acc']:.3f}, per-class recall "
                      f"{[round(r, 3) for r in f['per_class_recall']]}, constant majority-class classifier acc "
                      f"{t['majority_class_acc']:.3f}")
         a = t["accuracy"]["mq_int8"]
@@ -700,6 +726,9 @@ def main(argv=None) -> int:
                         f"--quick {RESNET_STEPS_QUICK})")
     p.add_argument("--resnet-pixels", type=int, default=None, choices=(56, 112, 224),
                    help="ResNet-18 training / evaluation resolution (default 224, --quick 112)")
+    p.add_argument("--kermany-norm", choices=KERMANY_NORMS, default=None,
+                   help=f"Kermany input normalisation: fixed (x/255 - 0.5) / 0.25 or per-image standardisation "
+                        f"(default {KERMANY_NORM})")
     p.add_argument("--test-limit", type=int, default=None,
                    help="debugging only: evaluate on a seeded subset of this many test images per data set")
     p.add_argument("--out", default=None, help="output stem under benchmarks/results/")
@@ -710,6 +739,8 @@ def main(argv=None) -> int:
         st["epochs"] = _epochs(args.epochs, st["epochs"])
     except ValueError as e:
         p.error(str(e))
+    if args.kermany_norm:
+        st["kermany_norm"] = args.kermany_norm
     for key in ("resnet_steps", "resnet_pixels", "test_limit"):
         value = getattr(args, key)
         if value is not None:
@@ -765,7 +796,7 @@ def main(argv=None) -> int:
             result["accuracy"] = []
             ham = load_ham(root) if ("cnn" in archs or "vit" in archs) else None
             for arch in archs:
-                data = load_kermany(root, st["resnet_pixels"]) if arch == "resnet18" else ham
+                data = load_kermany(root, st["resnet_pixels"], st["kermany_norm"]) if arch == "resnet18" else ham
                 result["accuracy"].append(run_trained(arch, data, st, folder))
                 print(f"accuracy {arch} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
                 write(False)

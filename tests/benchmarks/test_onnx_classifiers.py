@@ -1,6 +1,7 @@
 """benchmarks.onnx_classifiers helpers: class-balanced batches, the uint8 -> float input, the baseline control."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,14 @@ def test_kermany_input_normalises_uint8_and_area_resizes_like_average_pooling():
     assert out.dtype == torch.float32 and out.shape == (3, 1, 112, 112)
     torch.testing.assert_close(out.double(), F.avg_pool2d(ref, 2), atol=1e-5, rtol=0)
     assert x.dtype == torch.uint8  # the stored images are not modified
+    img = oc.kermany_input(x, pixels=112, norm="image").double()
+    u = F.avg_pool2d(x.double() / 255, 2)
+    ref = (u - u.mean((1, 2, 3), keepdim=True)) / u.std((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(img, ref, atol=1e-4, rtol=0)
+    flat = torch.full((1, 1, 224, 224), 7, dtype=torch.uint8)  # a constant image: no division by zero
+    assert torch.isfinite(oc.kermany_input(flat, norm="image")).all()
+    with pytest.raises(ValueError, match="expected one of"):
+        oc.kermany_input(x, norm="minmax")
 
 
 def _run(name, acc, worst, balanced, classes):
@@ -52,3 +61,11 @@ def test_epochs_option_sends_resnet18_to_steps():
         oc._epochs("resnet18=1", {"cnn": 2, "vit": 2})
     with pytest.raises(ValueError, match="arch=N"):
         oc._epochs("cnn=0", {"cnn": 2, "vit": 2})
+
+
+def test_binary_auc_counts_ordered_pairs_and_half_ties():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    s = np.array([0.1, 0.5, 0.5, 0.9, 0.2, 0.05])
+    # positives 0.5, 0.9, 0.05 against negatives 0.1, 0.5, 0.2: wins 2 + 3 + 0, one tie -> (5 + 0.5) / 9
+    assert oc.binary_auc(s, y) == pytest.approx(5.5 / 9)
+    assert oc.binary_auc(-s, y) == pytest.approx(1 - 5.5 / 9)
