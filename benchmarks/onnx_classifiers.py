@@ -37,7 +37,8 @@ epoch-equivalents, with shifts, flips and contrast jitter (:func:`train_resnet`)
 where the CPU has bf16 instructions, every evaluation in float32. The 5,840 images stay uint8 in memory (0.3 GB;
 float32 would be 1.2 GB) and each batch is normalised as it is used. SmallCNN and ViT: two epochs over the
 HAM10000 training split (``benchmarks.common.nets.train_classifier``). ``--resnet-steps`` and
-``--epochs cnn=N,vit=N`` change the budgets. ``--quick``: ResNet-18 40 steps at 112 px (the 224 px images area-resized per batch), HAM10000 subsets
+``--epochs cnn=N,vit=N`` change the budgets; ``--kermany-norm image`` standardises each X-ray by its own mean
+and standard deviation instead of the fixed ``(x / 255 - 0.5) / 0.25``. ``--quick``: ResNet-18 40 steps at 112 px (the 224 px images area-resized per batch), HAM10000 subsets
 of 1,024 images, fewer timing rounds; ``--test-limit N`` evaluates on N test images (debugging only).
 
     python -m benchmarks.onnx_classifiers --speed-only            # idle machine: about 5 min
