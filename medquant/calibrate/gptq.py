@@ -254,8 +254,9 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def products(self, x: torch.Tensor, labels: Any = None) -> list[tuple[Any, torch.Tensor, int]]:
-        """The contributions of one input of a Linear layer, ``[(group label, X_g^T X_g as float64, rows)]``,
-        without adding them (:meth:`add_products` adds them; :meth:`add` is both).
+        """The contributions ``[(group label, X_g^T X_g as float64, rows)]`` of one input, not yet added.
+
+        For a Linear layer: :meth:`add_products` adds them; :meth:`add` is both.
 
         Layers that read the same input tensor (a transformer's q/k/v projections, gate/up) add the same products:
         the GPTQ runners compute them once per calibration call and add them to each layer's own float64 sums, so
@@ -283,8 +284,9 @@ class HessianAccumulator:
         return out
 
     def add_products(self, products: Sequence[tuple[Any, torch.Tensor, int]]) -> None:
-        """Add the output of :meth:`products` (of this layer or of another layer with the same input features):
-        ``S_g += P_g``, ``n_g += rows``; counts one call.
+        """Add the output of :meth:`products`: ``S_g += P_g``, ``n_g += rows``; counts one call.
+
+        The products may come from this layer or from another layer with the same input features.
 
         Args:
             products: ``[(group label, (1, K, K) float64, rows)]``.
