@@ -269,7 +269,7 @@ def llamacpp_logits(exe: str, gguf: Path, seqs: list[list[int]], threads: int, k
 
 def llamacpp_speed(exe: str, gguf: Path, prompt: list[int], threads: int, n_gen: int) -> dict:
     out = {}
-    for line in _mq_eval(exe, "bench", gguf, [prompt], threads, n_gen).splitlines():
+    for line in _mq_eval(exe, "bench", gguf, [prompt], threads, str(n_gen)).splitlines():
         k, v = line.split()
         out[k] = float(v)
     out["loadavg"] = list(os.getloadavg())
