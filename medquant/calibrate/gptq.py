@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kernels import tensor_version
 from ..kernels.layout import pack, padded_k
 from ..models.blocks import block_stacks
 from ..models.runner import eval_mode, run_model
@@ -371,21 +372,13 @@ class _SharedInputs:
         if not isinstance(acc.module, nn.Linear) or not isinstance(x, torch.Tensor):
             acc.add(x.detach() if isinstance(x, torch.Tensor) else x, labels)
             return
-        key = (_version(x), acc.k, id(labels))
+        key = (tensor_version(x), acc.k, id(labels))
         if self.x is x and key[0] >= 0 and key == self.key:
             acc.add_products(self.products)
             return
         products = acc.products(x.detach(), labels)
         acc.add_products(products)
         self.x, self.key, self.products = x, key, products
-
-
-def _version(x: torch.Tensor) -> int:
-    """``x``'s in-place version counter, or -1 (an inference tensor keeps none)."""
-    try:
-        return x._version
-    except RuntimeError:
-        return -1
 
 
 # ---------------------------------------------------------------------------------------------- one weight matrix
