@@ -26,6 +26,13 @@ from the group's *current* (already error-updated) weights when its first column
 row), so a layer with per-row bit-widths (``channel_bits``) quantizes each row group with its own bit-width and
 scheme; rows kept in float (16/32 bits) are copied, pruned rows (0 bits) store nothing.
 
+Range search (``clip_search=True``): instead of the full range, each scale group (each row, for channel scope) takes
+the shrunk range ``p * [min w, max w]`` (asymmetric) or ``p * max |w|`` (symmetric) with ``p`` the value among
+``1, 0.99, ..., 0.21`` (``CLIP_GRID`` steps of ``1 / CLIP_GRID``, down to ``1 - CLIP_MAX_SHRINK``) that minimises
+``sum |w - Q_p(w)|^2.4`` over the group's current weights (the GPTQ authors' grid and norm; the scale is rounded to
+the storage dtype before the codes are chosen, so the stored parameters are the ones searched). A shrunk range clips
+the few largest weights of a group and refines the step for all the others. Tensor scope keeps the full range.
+
 Activation order (``act_order=True``): the columns are processed in the order of decreasing ``H_jj`` (the inputs
 with the most energy first); each column keeps its original scale group, whose parameters are computed when the
 first of its columns is reached; the result is permuted back, so the saved layout is the same as without it.
@@ -71,7 +78,7 @@ from ..models.blocks import block_stacks
 from ..models.runner import eval_mode, run_model
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import FLOAT_BITS, QuantConfig
-from ..quant.core import QTensor, compute_qparams
+from ..quant.core import QTensor, compute_qparams, scale_eps
 from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
 from .sequential import BlockInputs, quantize_sequential
 
@@ -87,6 +94,9 @@ __all__ = [
 ]
 
 GPTQ_MAX_DAMP_TRIES = 4  # dampening damp, 10 damp, 100 damp, 1000 damp, then an error
+CLIP_GRID = 100  # range search: shrink factors 1 - i / CLIP_GRID ...
+CLIP_MAX_SHRINK = 0.8  # ... for i < CLIP_MAX_SHRINK * CLIP_GRID
+CLIP_NORM = 2.4  # the error norm the range search minimises
 
 
 # ---------------------------------------------------------------------------------------------- Hessians
@@ -403,11 +413,49 @@ def _inverse_factor(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tens
                      f"({GPTQ_MAX_DAMP_TRIES} tries from damp={damp:g}); the calibration inputs are degenerate")
 
 
-def _params(w: torch.Tensor, bits: int, sym: bool, scope: str, cfg: QuantConfig) -> tuple[torch.Tensor, ...]:
-    """``compute_qparams`` of ``w`` as float32 ``(scale, zero)`` (zero 0 when symmetric)."""
+def _params(w: torch.Tensor, bits: int, sym: bool, scope: str, cfg: QuantConfig, search: bool = False
+            ) -> tuple[torch.Tensor, ...]:
+    """``compute_qparams`` of ``w`` as float32 ``(scale, zero)`` (zero 0 when symmetric); ``search`` (channel
+    scope, ``w`` one group's columns): the range-searched parameters per row instead."""
+    if search and scope == "channel" and not (sym and bits == 1):
+        return _search_params(w.float(), bits, sym, cfg.torch_scale_dtype)
     s, z, _ = compute_qparams(w.float(), bits, sym, scope, cfg.group_size, cfg.torch_scale_dtype)
     s = s.float()
     return s, (z.float() if z is not None else torch.zeros_like(s))
+
+
+def _search_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w`` ``(n, m)`` (float32): the ``(scale, zero)`` ``(n, 1)`` of the shrunk range ``p * range``
+    minimising ``sum |w - Q_p(w)|^CLIP_NORM``, ``p = 1 - i / CLIP_GRID`` (``i = 0`` first, so ties keep the full
+    range). Scales are rounded to ``scale_dtype`` before the codes are chosen (``compute_qparams``' formulas)."""
+    eps = scale_eps(scale_dtype)
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        amax = w.abs().amax(1, keepdim=True)
+    else:
+        qmax = 2**bits - 1
+        lo = w.amin(1, keepdim=True).clamp_max(0)
+        hi = w.amax(1, keepdim=True).clamp_min(0)
+    best_err = torch.full((w.shape[0], 1), math.inf, device=w.device)
+    best_s = torch.zeros_like(best_err)
+    best_z = torch.zeros_like(best_err)
+    for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+        p = 1 - i / CLIP_GRID
+        if sym:
+            s = (p * amax / qmax).clamp_min(eps).to(scale_dtype).float()
+            z = torch.zeros_like(s)
+            q = torch.round(w / s).clamp_(-qmax, qmax).mul_(s)
+        else:
+            s = (p * (hi - lo) / qmax).clamp_min(eps).to(scale_dtype).float()
+            z = torch.clamp(torch.round(-p * lo / s), 0, qmax)
+            q = torch.round(w / s).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
+        err = (q - w).abs_().pow_(CLIP_NORM).sum(1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
 
 
 def _quantize_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, sym: bool
@@ -426,13 +474,13 @@ def _quantize_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: in
 
 
 def _gptq_rows(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor | None, cfg: QuantConfig, bits: int,
-               fixed: tuple[torch.Tensor, torch.Tensor] | None, block_size: int
+               fixed: tuple[torch.Tensor, torch.Tensor] | None, block_size: int, search: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """The GPTQ loop on rows ``w`` ``(n, K)`` (working dtype, dead columns zeroed, columns in processing order).
 
     ``u``: upper Cholesky factor of the dampened inverse Hessian in processing order; ``perm[j]``: original column
     of processed column ``j`` (``None``: identity); ``fixed``: channel/tensor scope parameters computed before the
-    loop. Returns codes ``(n, K)`` uint8 in *original* column order, scales and zero points per original group
+    loop; ``search``: range-searched group parameters. Returns codes ``(n, K)`` uint8 in *original* column order, scales and zero points per original group
     ``(n, n_groups)`` float32 (group scope; for other scopes ``fixed`` is returned), and the GPTQ objective
     ``sum_j ||e_j||^2 / 2``.
     """
@@ -478,7 +526,7 @@ def _gptq_rows(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor | None, cfg:
                     if not bool(inside.all()):
                         out = pos[~inside]  # after the block: add the block's pending update
                         cur[:, ~inside] = w[:, out] - err[:, :t] @ u[i1:j][:, out]
-                    scales[:, g], zeros[:, g] = (p[:, 0] for p in _params(cur, bits, sym, "channel", cfg))
+                    scales[:, g], zeros[:, g] = (p[:, 0] for p in _params(cur, bits, sym, "channel", cfg, search))
                     cache[g] = (scales[:, g].to(w.dtype), zeros[:, g].to(w.dtype))
                 s, z = cache[g]
             else:
@@ -533,7 +581,8 @@ def _prepare(h: torch.Tensor, damp: float, act_order: bool, name: str) -> _Prepa
 
 def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, *, bits: int | None = None,
                          damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                         dtype: torch.dtype = torch.float32, name: str = "weight") -> tuple[QTensor, dict[str, Any]]:
+                         dtype: torch.dtype = torch.float32, name: str = "weight", clip_search: bool = False
+                         ) -> tuple[QTensor, dict[str, Any]]:
     """GPTQ of one weight matrix ``w`` ``(N, K)`` whose rows all have the same bit-width.
 
     Args:
@@ -547,6 +596,8 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, 
         dtype: working precision of the weights and of ``U`` (the Hessian, its dampening and its factorisation
             are float64).
         name: the layer's name in error messages.
+        clip_search: search each group's range (``p * range`` minimising ``sum |w - Q(w)|^2.4``; see the module
+            docstring) instead of using the full range.
 
     Returns:
         ``(q, info)``: the :class:`~medquant.quant.core.QTensor` (codes, scales, zeros, padded as
@@ -563,13 +614,13 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, 
         raise ValueError(f"layer {name}: weight {tuple(w.shape)} and Hessian {tuple(h.shape)} do not match "
                          "(expected (N, K) and (K, K))")
     prep = _prepare(h.to(w.device), damp, act_order, name)
-    q, loss = _quantize_rows(w, prep, config, b, None, block_size, dtype, name)
+    q, loss = _quantize_rows(w, prep, config, b, None, block_size, dtype, name, clip_search)
     return q, {"damp": prep.damp, "dead": int(prep.dead.sum()), "loss": loss}
 
 
 def _quantize_rows(w: torch.Tensor, prep: _Prepared, cfg: QuantConfig, bits: int,
                    tensor_params: tuple[torch.Tensor, torch.Tensor] | None, block_size: int, dtype: torch.dtype,
-                   name: str) -> tuple[QTensor, float]:
+                   name: str, search: bool = False) -> tuple[QTensor, float]:
     if not torch.isfinite(w).all():
         raise ValueError(f"layer {name}: weights contain NaN/inf values; quantization needs finite weights")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -580,12 +631,12 @@ def _quantize_rows(w: torch.Tensor, prep: _Prepared, cfg: QuantConfig, bits: int
     wd[:, prep.dead] = 0
     fixed = None
     if cfg.scope == "channel":
-        fixed = _params(wd, bits, sym, "channel", cfg)
+        fixed = _params(wd, bits, sym, "channel", cfg, search)
     elif cfg.scope == "tensor":
         fixed = tensor_params if tensor_params is not None else _params(wd, bits, sym, "tensor", cfg)
     if prep.perm is not None:
         wd = wd[:, prep.perm]
-    codes, s, z, loss = _gptq_rows(wd, prep.u, prep.perm, cfg, bits, fixed, block_size)
+    codes, s, z, loss = _gptq_rows(wd, prep.u, prep.perm, cfg, bits, fixed, block_size, search)
     # the layout: K padded, padded codes 0, padded groups with the parameters quantize gives an all-zero group
     gs = cfg.group_size if cfg.scope == "group" else None
     kp = padded_k(k, bits, gs)
@@ -607,14 +658,14 @@ def _quantize_rows(w: torch.Tensor, prep: _Prepared, cfg: QuantConfig, bits: int
 
 def gptq_quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, *, damp: float = 0.01,
                         block_size: int = 128, act_order: bool = False, name: str | None = None,
-                        dtype: torch.dtype = torch.float32) -> nn.Module:
+                        dtype: torch.dtype = torch.float32, clip_search: bool = False) -> nn.Module:
     """The GPTQ-quantized :class:`~medquant.QuantLinear` / :class:`~medquant.QuantConv2d` of a float layer.
 
     ``hessian``: ``(K, K)`` or ``(groups, K, K)`` (one per group of input channels of a grouped convolution), as
     :meth:`HessianAccumulator.hessian` gives it. Row groups of ``config.row_bits`` with 1..8 bits are quantized by
     GPTQ at their own bit-width; 16/32-bit rows are stored in float, 0-bit rows are pruned. The layer's
     ``calibration`` attribute receives ``{"method": "gptq", "damp": requested, "damp_used": the largest used,
-    "block_size", "act_order", "dead_inputs", "loss"}``.
+    "block_size", "act_order", "clip_search", "dead_inputs", "loss"}``.
 
     Args:
         module: the float ``nn.Linear`` / ``nn.Conv2d``.
@@ -625,6 +676,7 @@ def gptq_quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantC
         act_order: process columns by decreasing ``H_jj``.
         name: the layer's name in error messages (default its class name).
         dtype: working precision of the weight updates.
+        clip_search: range-searched scales (see the module docstring).
 
     Returns:
         The new quantized layer (``module`` is not changed).
@@ -634,7 +686,7 @@ def gptq_quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantC
         ValueError: shapes that do not match or a Hessian that stays singular; the message starts with
             ``layer <name>``.
     """
-    return _quantize_layer(module, hessian, config, damp, block_size, act_order, name, dtype, None)
+    return _quantize_layer(module, hessian, config, damp, block_size, act_order, name, dtype, None, clip_search)
 
 
 class _Factors:
@@ -658,12 +710,13 @@ class _Factors:
 
 
 def _quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, damp: float, block_size: int,
-                    act_order: bool, name: str | None, dtype: torch.dtype, factors: _Factors | None) -> nn.Module:
+                    act_order: bool, name: str | None, dtype: torch.dtype, factors: _Factors | None,
+                    clip_search: bool = False) -> nn.Module:
     name = name or type(module).__name__
     if not isinstance(config, QuantConfig):
         raise TypeError(f"layer {name}: config must be a QuantConfig, got {type(config).__name__}")
     try:
-        return _gptq_layer(module, hessian, config, damp, block_size, act_order, name, dtype, factors)
+        return _gptq_layer(module, hessian, config, damp, block_size, act_order, name, dtype, factors, clip_search)
     except ValueError as e:
         if str(e).startswith("layer "):
             raise
@@ -671,7 +724,8 @@ def _quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfi
 
 
 def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, damp: float, block_size: int,
-                act_order: bool, name: str, dtype: torch.dtype, factors: _Factors | None = None) -> nn.Module:
+                act_order: bool, name: str, dtype: torch.dtype, factors: _Factors | None = None,
+                clip_search: bool = False) -> nn.Module:
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros":
             raise ValueError(f"layer {name}: GPTQ supports padding_mode='zeros' only, got {module.padding_mode!r}")
@@ -722,7 +776,8 @@ def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, d
                 sel = torch.nonzero(conv_group[rows] == g).flatten()
                 if sel.numel() == 0:
                     continue
-                qt, lg = _quantize_rows(sub[sel], preps[g], config, b, tensor_params, block_size, dtype, name)
+                qt, lg = _quantize_rows(sub[sel], preps[g], config, b, tensor_params, block_size, dtype, name,
+                                        clip_search)
                 loss += lg
                 parts.append((sel, qt))
             codes = torch.cat([p[1].codes for p in parts])
@@ -742,7 +797,7 @@ def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, d
             q.bias.copy_(module.bias.detach())
     q.train(module.training)
     q.calibration = {"method": "gptq", "damp": damp, "damp_used": max(p.damp for p in preps),
-                     "block_size": block_size, "act_order": act_order,
+                     "block_size": block_size, "act_order": act_order, "clip_search": clip_search,
                      "dead_inputs": int(sum(int(p.dead.sum()) for p in preps)), "loss": loss}
     return q
 
@@ -983,6 +1038,7 @@ def gptq_quantize_(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    clip_search: bool = False,
     max_samples: int | None = None,
     seed: int = 0,
     groups: Sequence[Any] | None = None,
@@ -1001,6 +1057,8 @@ def gptq_quantize_(
         damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 up to 3 times if ``H`` stays singular).
         block_size: columns per lazy update block.
         act_order: process columns by decreasing ``H_jj`` (scale groups and layout unchanged).
+        clip_search: each scale group takes the shrunk range ``p * range`` that minimises
+            ``sum |w - Q(w)|^2.4`` over its current weights (module docstring) instead of the full range.
         max_samples: use at most this many calibration batches, drawn with ``seed`` (default: all).
         seed: seed of that draw; GPTQ itself is deterministic.
         groups: optional group labels, one entry per calibration batch: a label (int or str) for the whole batch,
@@ -1012,7 +1070,8 @@ def gptq_quantize_(
 
     Returns:
         :func:`calibration_records` of the quantized layers: method ``"gptq"``, ``samples`` (calibration batches),
-        ``rows`` (Hessian input rows), ``damp`` / ``damp_used``, ``block_size``, ``act_order``, ``seed``,
+        ``rows`` (Hessian input rows), ``damp`` / ``damp_used``, ``block_size``, ``act_order``, ``clip_search``,
+        ``seed``,
         ``dead_inputs`` and the GPTQ objective ``loss``; with ``groups`` also ``group_balanced``,
         ``group_weights`` and ``group_rows`` (by label, as strings).
 
@@ -1052,7 +1111,7 @@ def gptq_quantize_(
             factors = _Factors()
             for n in stage:
                 q = _quantize_layer(model.get_submodule(n), accs[n].hessian(), plan[n], damp, block_size, act_order,
-                                    n, torch.float32, factors)
+                                    n, torch.float32, factors, clip_search)
                 q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
                 if labels is not None:
                     q.calibration.update(_group_record(accs, n))
@@ -1071,6 +1130,7 @@ def gptq_quantize_sequential(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    clip_search: bool = False,
     max_samples: int | None = None,
     seed: int = 0,
     groups: Sequence[Any] | None = None,
@@ -1100,6 +1160,7 @@ def gptq_quantize_sequential(
         damp: relative dampening (see :func:`gptq_quantize_`).
         block_size: columns per lazy update block.
         act_order: process columns by decreasing ``H_jj``.
+        clip_search: range-searched scales (see :func:`gptq_quantize_`).
         max_samples: use at most this many calibration dicts, drawn with ``seed``.
         seed: seed of that draw.
         groups: group labels, one entry per dict (see :func:`gptq_quantize_`).
@@ -1146,7 +1207,7 @@ def gptq_quantize_sequential(
         for n in names:
             full = f"{inputs.name}.{n}"
             q = _quantize_layer(block.get_submodule(n), accs[n].hessian(), inputs.configs[n], damp, block_size,
-                                act_order, full, torch.float32, factors)
+                                act_order, full, torch.float32, factors, clip_search)
             q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
             if labels is not None:
                 q.calibration.update(_group_record(accs, n))
