@@ -13,15 +13,20 @@ is a multiple of 32, or channel / tensor scope;  ``M < dense_min_m`` (``cd`` bfl
 ``5 <= b <= 8``, channel or tensor scope         **int8**: ``aten._weight_int8pack_mm`` (same rule on M);
 (8-bit asymmetric only where ``u - z`` fits     otherwise **dense**
 int8 in every row)
-anything else (``n`` not a multiple of 16, a     the torch reference (:func:`packed_linear_reference`),
-group size not a multiple of 32, 5..8-bit        with one warning per layer shape naming it
-group scope)
+``5 <= b <= 8``, group scope (e.g. W8 g32, the   **dense** at every ``M`` (no weight-only kernel takes
+layout of llama.cpp's Q8_0); 8-bit asymmetric   several scales per row), one warning per layer shape
+rows whose ``u - z`` leaves int8
+``b <= 4`` with ``n`` not a multiple of 16 or a  the torch reference (:func:`packed_linear_reference`),
+group size not a multiple of 32                 with one warning per layer shape naming it
 ==============================================  ========================================================
 
 **dense**: the codes are dequantized to ``cd`` (``(u - z) * s``, once per call) and ``F.linear`` runs; at large
-``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``. For ``b <= 4``
-rows the dequantization is one pass of a small C kernel (:mod:`medquant.kernels.native`, compiled on first use;
-eager torch ops, bit-identical, where it is unavailable or ``$MEDQUANT_NATIVE=0``).
+``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``. Except for
+int8-kernel rows (whose repacked int8 codes are cast), the dequantization is one pass of a small C kernel
+(:mod:`medquant.kernels.native`, compiled on first use; eager torch ops, bit-identical, where it is unavailable or
+``$MEDQUANT_NATIVE=0``). At ``M = 1`` the dense path reads the packed codes and writes and reads a dense
+weight in ``cd`` (for 8-bit rows and a bfloat16 ``cd``: 1 + 2 + 2 bytes per weight, against 4 for the float32
+reference path's ``F.linear`` plus its own dequantization).
 
 **Mapping onto the int4 kernel.** It computes ``w = (q - 8) * scale + zero`` per group of ``g`` in {32, 64, 128,
 256} elements with codes ``q`` in 0..15. medquant's ``w = (u - z) * s`` maps onto it exactly for every
@@ -358,8 +363,13 @@ def _decline(weight: PackedWeight) -> str | None:
             return (f"the int4 kernel takes groups of {'/'.join(map(str, INT4_GROUPS[::-1]))} (or multiples of 32), "
                     f"this layer has group size {weight.group_elems}")
         return None
-    if scope == "group":
-        return f"no CPU kernel for {bits}-bit group-wise rows (the int8 kernel takes one scale per row)"
+    return None
+
+
+def _dense_only(weight: PackedWeight) -> str | None:
+    """Why a 5..8-bit row group runs the dense path at every ``M`` (no weight-only kernel takes it), or None."""
+    if weight.scope == "group":
+        return f"no weight-only CPU kernel for {weight.bits}-bit group-wise rows (the int8 kernel takes one scale per row)"
     return None
 
 
@@ -409,10 +419,13 @@ def _build_plan(weight: PackedWeight) -> _Plan:
         scale = s.t().contiguous()
         zero = zero.t().contiguous()
         return _Plan("int4", group=group, k4=k4, packed=packed, scale=scale, zero=zero, source=_source(weight))
+    dense = _dense_only(weight)
+    if dense is not None:
+        return _Plan("dense", dense, source=_source(weight))
     # 5..8 bits, channel or tensor scope: q = u - z in int8
     q = u[:, :k].to(torch.int16) - z.expand(n, 1).to(torch.int16)
     if q.numel() and (int(q.min()) < -128 or int(q.max()) > 127):
-        return _Plan(None, f"{weight.bits}-bit asymmetric codes minus their zero points leave the int8 range",
+        return _Plan("dense", f"{weight.bits}-bit asymmetric codes minus their zero points leave the int8 range",
                      source=_source(weight))
     k8 = -(-k // INT8_K_MULTIPLE) * INT8_K_MULTIPLE
     packed = torch.zeros(n, k8, dtype=torch.int8)
@@ -430,6 +443,10 @@ def cpu_plan(weight: PackedWeight) -> _Plan:
             _warn_once(f"decline:{_describe(weight)}",
                        f"medquant CPU kernels: {_describe(weight)} runs the torch reference path "
                        f"(dequantize at every call): {plan.reason}")
+        elif plan.kind == "dense":
+            _warn_once(f"dense:{_describe(weight)}",
+                       f"medquant CPU kernels: {_describe(weight)} runs the dense path at every M (dequantize to "
+                       f"the compute dtype at every call, then a dense matmul): {plan.reason}")
     return plan
 
 
@@ -495,6 +512,8 @@ def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
     if plan.kind is None:
         return "reference"
+    if plan.kind == "dense":
+        return "dense"
     if m == 1 or (cd != torch.float32 and m < _dense_min_m):
         return plan.kind
     return "dense"
@@ -516,12 +535,13 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
 
 
 def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
-    """``fn(x)`` running ``x (M, k) @ dequant(W)^T`` on ``plan`` (kind int4 / int8) in compute dtype ``cd``, with
-    everything that depends only on the weight bound once (the hot path of a decode step: one cast in, the
-    kernel, one cast out)."""
-    assert plan.packed is not None and plan.kind is not None
+    """``fn(x)`` running ``x (M, k) @ dequant(W)^T`` on ``plan`` (kind int4 / int8 / dense) in compute dtype
+    ``cd``, with everything that depends only on the weight bound once (the hot path of a decode step: one cast
+    in, the kernel, one cast out)."""
+    assert plan.kind is not None
     packed, group, k, n, pad = plan.packed, plan.group, weight.k, weight.n, plan.k4 - weight.k
-    params = _params(plan, weight, cd)
+    int8 = plan.kind == "int8"
+    params = _params(plan, weight, cd) if plan.kind != "dense" else None
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     op8 = torch.ops.aten._weight_int8pack_mm.default
@@ -529,7 +549,8 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     native: list = []  # [the native dequantizer or None], made at the first dense call (not while tracing)
 
     def dense(xc: torch.Tensor) -> torch.Tensor:
-        if not int4:
+        if int8:
+            assert packed is not None and params is not None
             return F.linear(xc, packed[:, :k].to(cd) * params.unsqueeze(1))
         w = None
         if not torch.compiler.is_compiling():
@@ -555,6 +576,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             return dense(xc).to(x.dtype)
         if pad:
             xc = F.pad(xc, (0, pad))
+        assert packed is not None and params is not None
         y = op4(xc, packed, group, params) if int4 else op8(xc, packed, params)
         return y.to(x.dtype)
 
