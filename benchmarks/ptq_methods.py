@@ -18,19 +18,22 @@ rows also record the calibration tokens actually used. The issue's time target (
 tokens in < 10 min) is one run on an otherwise idle machine:
 ``python -m benchmarks.ptq_methods --part lm --configs "W4 g128 sym" --methods GPTQ --threads 2 --no-progress``.
 
-**Image classifiers** (``--part cnn``): a CNN on Kermany (64 px grayscale, normal vs pneumonia, official test
-split of 624 images, no group labels) and a CNN and a small ViT on HAM10000 (64 px RGB, 7 classes, groups = sex)
-(``benchmarks.common.nets``: SmallCNN, CLSTokenViT; the float models are trained here on the CPU and cached in
-``$MEDQUANT_CACHE_DIR/ptq_methods``). Each seed trains its own float model and draws its own calibration set
-(256 training images, batches of 32). BatchNorm is folded into the convolutions for every method; the head stays
-float; every other Conv2d / Linear gets W4 or W3 per-channel (symmetric at 4 bits, asymmetric at 3). Methods:
-RTN, GPTQ (act_order), group-balanced GPTQ (HAM10000 only: per-sample sex labels, uniform group weights), learned
-rounding (``adaround_quantize_``, ``--adaround-iters`` steps per block, each block reconstructing the float model's
-output of that block; the ViT's transformer blocks reconstructed as blocks; the JSON keeps each block's calibration
-error with RTN and with the learned rounding). ``--bits`` chooses the widths (default 4 and 3). Metrics on the test split:
-accuracy, AUC (macro one-vs-rest for 7 classes), worst-group accuracy (HAM10000), each as the mean over the seeds
-of (method - float) with a paired bootstrap 95% interval (the same resampled test indices for float and method and
-for every seed).
+**Image classifiers** (``--part cnn``): a ResNet-18 on Kermany (the 224 px grayscale JPEGs, normal vs pneumonia,
+official test split of 624 images; no demographic labels, so the groups are the two classes and worst-group
+accuracy is the worst class's recall), and a CNN and a small ViT on HAM10000 (64 px RGB, 7 classes, groups = sex)
+(``benchmarks.common.resnet.ResNet18`` trained by ``benchmarks.onnx_classifiers.train_resnet`` for
+``--resnet-steps`` class-balanced batches of 32; ``benchmarks.common.nets``: SmallCNN, CLSTokenViT; the float
+models are trained here on the CPU and cached in ``$MEDQUANT_CACHE_DIR/ptq_methods``). Each seed trains its own
+float model and draws its own calibration set (256 training images, batches of 32; at 224 px batches of
+``--calib-batch-224``). BatchNorm is folded into the convolutions for every method; the head stays float; every
+other Conv2d / Linear, the first convolution included, gets W4 or W3 per-channel (symmetric at 4 bits, asymmetric
+at 3). Methods: RTN, GPTQ (act_order), group-balanced GPTQ (HAM10000: per-sample sex labels, uniform group weights),
+learned rounding (``adaround_quantize_``, ``--adaround-iters`` steps per block, one calibration batch per step,
+each block reconstructing the float model's output of that block; the ViT's transformer blocks and ResNet-18's
+residual blocks reconstructed as blocks; the JSON keeps each block's calibration error with RTN and with the
+learned rounding). ``--bits`` chooses the widths (default 4 and 3). Metrics on the test split: accuracy, AUC (macro
+one-vs-rest for 7 classes), worst-group accuracy, each as the mean over the seeds of (method - float) with a paired
+bootstrap 95% interval (the same resampled test indices for float and method and for every seed).
 
 **Control**: RTN is the baseline every calibrated method must beat; AWQ is the other calibrated method; the float
 model in the same run is the reference. Each part writes its JSON after every finished configuration or model, so a
@@ -72,9 +75,13 @@ LM_METHODS = ("RTN", "RTN+RS", "AWQ", "GPTQ", "GPTQ+RS", "AWQ+GPTQ", "AWQ+GPTQ+R
 #: the calibrated GPTQ-family methods the LM targets are checked on
 LM_GPTQ_METHODS = ("GPTQ", "GPTQ+RS", "AWQ+GPTQ", "AWQ+GPTQ+RS")
 CNN_METHODS = ("RTN", "GPTQ", "GB-GPTQ", "learned rounding")
-CNN_MODELS = (("kermany", "cnn"), ("ham10000", "cnn"), ("ham10000", "vit"))
-SHARED_NOTE = ("machine shared with ~9 other sessions (2 CPU cores): times are upper bounds and vary with the "
-               "load average recorded next to them")
+CNN_MODELS = (("kermany", "resnet18"), ("ham10000", "cnn"), ("ham10000", "vit"))
+#: Kermany's image size (the 224 px JPEGs read at full size) and ResNet-18 residual blocks, each reconstructed as
+#: a block by the learned rounding
+KERMANY_PIXELS = 224
+RESNET_BLOCKS = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))
+SHARED_NOTE = ("2 CPU cores that other sessions may share: times are upper bounds when the load average recorded "
+               "next to them exceeds this run's own threads")
 
 
 def _now() -> str:
@@ -349,48 +356,60 @@ def _bootstrap(y, g, probs: dict, n_boot: int, seed: int = 0) -> dict:
 
 def _cnn_data(dataset: str, size: int):
     root = data_dir()
-    if dataset == "kermany":
-        if size != 64:
-            raise ValueError("the Kermany part reads kermany_cxr_64.npz (64 px); --size must be 64")
-        with np.load(root / "kermany_pediatric_cxr_224" / "kermany_cxr_64.npz", allow_pickle=False) as z:
-            xtr, ytr = z["train_images"], z["train_labels"].reshape(-1)
-            xte, yte = z["test_images"], z["test_labels"].reshape(-1)
+    if dataset == "kermany":  # 224 px JPEGs, uint8 in memory; groups = classes (no demographic labels)
+        from benchmarks.onnx_classifiers import load_kermany
 
-        def t(x):
-            return torch.from_numpy(x).float().div_(255).unsqueeze(1)
-
-        return {"train": (t(xtr), torch.from_numpy(ytr.astype(np.int64)), None),
-                "test": (t(xte), torch.from_numpy(yte.astype(np.int64)), None),
-                "classes": 2, "groups": None, "name": "Kermany pediatric CXR 64 px (normal/pneumonia)"}
+        d = load_kermany(root, pixels=KERMANY_PIXELS)
+        prep = d["prep"]
+        xtr, ytr, _ = d["train"]
+        xte, yte, _ = d["test"]
+        test = torch.cat([prep(xte[i:i + 64]) for i in range(0, len(xte), 64)])
+        return {"train": (xtr, ytr, ytr.clone()), "test": (test, yte, yte.clone()), "prep": prep,
+                "classes": 2, "groups": ["normal", "pneumonia"], "demographic": False, "size": KERMANY_PIXELS,
+                "name": f"Kermany pediatric CXR {KERMANY_PIXELS} px (normal/pneumonia), groups = classes"}
     from benchmarks.common.datasets import load_ham10000_sex
 
     d = load_ham10000_sex(size=size, progress=False)
-    return {"train": d["train"], "test": d["test"], "classes": 7, "groups": d["info"]["groups"],
-            "name": f"HAM10000 {size} px (7 classes), groups sex"}
+    return {"train": d["train"], "test": d["test"], "classes": 7, "groups": d["info"]["groups"], "size": size,
+            "demographic": True,
+            "prep": None, "name": f"HAM10000 {size} px (7 classes), groups sex"}
 
 
-def _float_model(dataset, arch, data, seed, epochs, size):
+def _float_model(dataset, arch, data, seed, epochs, args):
     from safetensors.torch import load_file, save_file
 
     from benchmarks.common.nets import build, train_classifier
 
     x, y, _ = data["train"]
+    size = data["size"]
     torch.manual_seed(seed)
-    model = build(arch, x.shape[1], data["classes"], image=size)
-    path = _cache() / f"{dataset}_{arch}_{size}px_e{epochs}_s{seed}.safetensors"
+    if arch == "resnet18":
+        from benchmarks.common.resnet import ResNet18
+
+        model = ResNet18(x.shape[1], data["classes"])
+        path = _cache() / f"{dataset}_{arch}_{size}px_steps{args.resnet_steps}_s{seed}.safetensors"
+    else:
+        model = build(arch, x.shape[1], data["classes"], image=size)
+        path = _cache() / f"{dataset}_{arch}_{size}px_e{epochs}_s{seed}.safetensors"
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         return model.eval(), True, 0.0
     t0 = time.perf_counter()
-    train_classifier(model, x, y, epochs=epochs, seed=seed, num_classes=data["classes"],
-                     desc=f"train {dataset} {arch} s{seed}")
+    if arch == "resnet18":
+        from benchmarks.onnx_classifiers import train_resnet
+
+        train_resnet(model, x, y, data["prep"], steps=args.resnet_steps, classes=data["classes"], seed=seed,
+                     progress=args.progress)
+    else:
+        train_classifier(model, x, y, epochs=epochs, seed=seed, num_classes=data["classes"],
+                         desc=f"train {dataset} {arch} s{seed}")
     dt = time.perf_counter() - t0
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model.eval(), False, dt
 
 
 @torch.no_grad()
-def _probs(model, x, bs=256) -> np.ndarray:
+def _probs(model, x, bs=64) -> np.ndarray:
     model.eval()
     return torch.cat([model(x[i:i + bs]).softmax(1) for i in range(0, len(x), bs)]).numpy()
 
@@ -404,17 +423,28 @@ def run_cnn(args) -> dict:
                           f"{'_quick' if args.quick else ''}.json")
     seeds = args.seeds[:1] if args.quick else args.seeds
     bits_list = [4] if args.quick else args.bits
-    epochs = {("kermany", "cnn"): args.epochs_kermany, ("ham10000", "cnn"): args.epochs_ham_cnn,
+    epochs = {("kermany", "resnet18"): None, ("ham10000", "cnn"): args.epochs_ham_cnn,
               ("ham10000", "vit"): args.epochs_ham_vit}
     if args.quick:
         epochs = {k: 1 for k in epochs}
+        args.resnet_steps = min(args.resnet_steps, 20)
     iters = 50 if args.quick else args.adaround_iters
     res: dict = {"part": "cnn", "date": _now(), "hardware": env.hardware(note=SHARED_NOTE),
                  "torch_threads": torch.get_num_threads(),
                  "versions": env.versions("scipy"),
-                 "protocol": {"image_size": args.size, "seeds": seeds, "bits": bits_list, "scope": "channel",
+                 "protocol": {"image_size": {"kermany": KERMANY_PIXELS, "ham10000": args.size}, "seeds": seeds, "bits": bits_list, "scope": "channel",
                               "symmetric": "4 bits symmetric, 3 bits asymmetric (QuantConfig default)",
-                              "calibration": f"{args.calib_images} training images per seed, batches of 32",
+                              "calibration": f"{args.calib_images} training images per seed, batches of 32 "
+                                             f"(Kermany 224 px: batches of {args.calib_batch_224}; GPTQ sees "
+                                             "every image, learned rounding one batch per step)",
+                              "kermany": f"ResNet-18 (1 channel) trained from scratch at {KERMANY_PIXELS} px with "
+                                         "benchmarks.onnx_classifiers.train_resnet (class-balanced batches of 32, "
+                                         f"{args.resnet_steps} steps, AdamW one-cycle, bf16 autocast); groups = "
+                                         "the two classes (the data has no demographic labels), so worst-group "
+                                         "accuracy is the worst class's recall and group-balanced GPTQ is not "
+                                         "run; "
+                                         "learned rounding reconstructs the 8 residual blocks as blocks and the "
+                                         "stem convolution alone",
                               "head": "float", "bn": "folded into the convolutions for every method",
                               "gptq": "gptq_quantize_, act_order=True, damp 0.01",
                               "gb_gptq": "gptq_quantize_ with per-sample sex labels, uniform group weights",
@@ -423,11 +453,11 @@ def run_cnn(args) -> dict:
                                                   "outputs (asymmetric reconstruction), RTN kept for a block "
                                                   "whose learned rounding reconstructs worse; ViT blocks "
                                                   "reconstructed as blocks",
-                              "epochs": {f"{d}/{a}": e for (d, a), e in epochs.items()},
+                              "epochs": {f"{d}/{a}": e for (d, a), e in epochs.items() if e is not None},
                               "bootstrap": f"{args.n_boot} paired resamples of the test set",
-                              "reduced_from_issue": "64 px instead of 224 px for Kermany and a few CPU epochs: the "
-                                                    "float models are small CPU-trained networks, not ImageNet-"
-                                                    "pretrained ones (2 shared CPU cores)"},
+                              "reduced_from_issue": "the float models are networks trained here on 2 CPU cores "
+                                                    "for a few epochs (ResNet-18: about 1.5 epochs), not "
+                                                    "ImageNet-pretrained ones"},
                  "models": {}, "missing": [f"{d}/{a}" for d, a in models],
                  "note": "results are over the seeds listed in each model's seeds_done"}
     _write(out_path, res)
@@ -438,7 +468,7 @@ def run_cnn(args) -> dict:
             if dataset not in datas:
                 datas[dataset] = _cnn_data(dataset, args.size)
             data = datas[dataset]
-            head = "classifier" if arch == "cnn" else "head"
+            head = {"cnn": "classifier", "vit": "head", "resnet18": "fc"}[arch]
             xte, yte, gte = data["test"]
             y_np = yte.numpy()
             g_np = gte.numpy() if data["groups"] is not None else None
@@ -447,22 +477,25 @@ def run_cnn(args) -> dict:
                 "data": data["name"], "test_images": len(yte), "train_images": len(data["train"][1]),
                 "float_training": [], "timing": {}, "results": {}})
             pm = probs.setdefault(key, {b: {"float": []} for b in bits_list})
-            model, cached, dt = _float_model(dataset, arch, data, seed, epochs[(dataset, arch)], args.size)
+            model, cached, dt = _float_model(dataset, arch, data, seed, epochs[(dataset, arch)], args)
             entry["float_training"].append({"seed": seed, "cached": cached, "seconds": round(dt, 1)})
             fold_batchnorm_(model)
             gen = torch.Generator().manual_seed(1000 + seed)
             x, _, g = data["train"]
             idx = torch.randperm(len(x), generator=gen)[:args.calib_images]
-            calib = [x[idx[i:i + 32]] for i in range(0, len(idx), 32)]
-            groups = [g[idx[i:i + 32]] for i in range(0, len(idx), 32)] if data["groups"] is not None else None
+            cb = args.calib_batch_224 if arch == "resnet18" else 32
+            prep = data["prep"] or (lambda t: t)
+            calib = [prep(x[idx[i:i + cb]]) for i in range(0, len(idx), cb)]
+            groups = [g[idx[i:i + cb]] for i in range(0, len(idx), cb)] if data["groups"] is not None else None
             pf = _probs(model, xte)
-            blocks = [f"blocks.{i}" for i in range(len(model.blocks))] if arch == "vit" else None
+            blocks = ([f"blocks.{i}" for i in range(len(model.blocks))] if arch == "vit"
+                      else list(RESNET_BLOCKS) if arch == "resnet18" else None)
             for bits in bits_list:
                 pm[bits]["float"].append(pf)
                 cfg = QuantConfig(bits, scope="channel")
                 for method in CNN_METHODS:
-                    if method == "GB-GPTQ" and groups is None:
-                        continue
+                    if method == "GB-GPTQ" and not data["demographic"]:
+                        continue  # group-balanced GPTQ is about patient groups; Kermany's groups are its classes
                     q = copy.deepcopy(model)
                     recs = None
                     with _Measure() as me:
@@ -755,7 +788,9 @@ def main(argv=None) -> None:
     ap.add_argument("--test-reports", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--epochs-kermany", type=int, default=3)
+    ap.add_argument("--resnet-steps", type=int, default=240, help="Kermany ResNet-18 training steps of 32 images")
+    ap.add_argument("--calib-batch-224", type=int, default=16,
+                    help="calibration batch size at 224 px (learned rounding takes one batch per step)")
     ap.add_argument("--epochs-ham-cnn", type=int, default=6)
     ap.add_argument("--epochs-ham-vit", type=int, default=8)
     ap.add_argument("--calib-images", type=int, default=256)
