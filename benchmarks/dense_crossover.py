@@ -1,0 +1,204 @@
+"""Where the CPU dense path overtakes the weight-only kernels: the ``M`` behind ``DEFAULT_DENSE_MIN_M``.
+
+On CPU a quantized layer with bfloat16 compute runs, for ``M`` activation rows, either a weight-only kernel on the
+packed codes (``int4``: ``aten._weight_int4pack_mm_for_cpu``; ``int8``: ``aten._weight_int8pack_mm``), whose time
+grows about linearly with ``M``, or the *dense* path (dequantize the weight once per call with the native kernel,
+then ``F.linear``), whose cost is mostly fixed per call. ``medquant.kernels.cpu`` switches to the dense path from
+``M = DEFAULT_DENSE_MIN_M`` on (``set_cpu_dense_min_m`` changes it). This times, per layer shape and bit-width, the
+whole ``QuantLinear`` call at each ``M`` of ``--ms`` with the path forced each way (``set_cpu_dense_min_m`` to a
+huge value: the kernel; to 2: dense), variants interleaved, ``--repeats`` times, minima of wall time (the machine
+may be shared; the load averages are recorded).
+
+The crossover of a row is the smallest swept ``M`` from which the dense path is faster at every larger swept
+``M`` (``None`` when the kernel wins everywhere, the first ``M`` when dense wins everywhere). The suggested default
+is the median crossover over the shapes of a bit-width, rounded up to the sweep.
+
+Shapes (N x K): SmolLM2-135M's 576x576, 192x576, 1536x576, 576x1536 and a 1.1B LLaMA-style model's 2048x2048,
+256x2048, 5632x2048, 2048x5632. Bit-widths: 4 (group 128, the int4 kernel) and 8 (per channel, the int8 kernel).
+Random weights (speed does not depend on the values), seed 0.
+
+Run: ``python -m benchmarks.dense_crossover [--quick] [--repeats 7]``; prints a table and writes
+``benchmarks/results/dense_crossover.{json,md,png}`` (``dense_crossover_quick.*`` with ``--quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.common.env import hardware, versions
+from medquant.kernels import clear_cpu_cache, cpu_path, set_cpu_compute_dtype, set_cpu_dense_min_m
+from medquant.kernels.cpu import DEFAULT_DENSE_MIN_M
+from medquant.quant import QuantConfig, QuantLinear
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 0
+SHAPES = {"smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+          "llama1b": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]}
+MS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192)
+CONFIGS = {4: {"bits": 4, "group_size": 128}, 8: {"bits": 8, "scope": "channel"}}
+NEVER = 10 ** 9
+
+
+def crossover(ms: list[int], kernel_ms: list[float], dense_ms: list[float]) -> int | None:
+    """The smallest ``M`` of ``ms`` (ascending) from which ``dense_ms < kernel_ms`` at that ``M`` and every larger
+    one; ``None`` when the kernel is at least as fast at the largest ``M``.
+
+    Raises:
+        ValueError: lists of different lengths, or ``ms`` not strictly ascending.
+    """
+    if not len(ms) == len(kernel_ms) == len(dense_ms):
+        raise ValueError(f"ms, kernel_ms and dense_ms must have one entry per M, got {len(ms)}, {len(kernel_ms)}, "
+                         f"{len(dense_ms)}")
+    if any(b <= a for a, b in itertools.pairwise(ms)):
+        raise ValueError(f"ms must be strictly ascending, got {ms}")
+    found = None
+    for m, tk, td in reversed(list(zip(ms, kernel_ms, dense_ms))):
+        if td < tk:
+            found = m
+        else:
+            break
+    return found
+
+
+def suggest(crossovers: list[int | None], ms: list[int]) -> int | None:
+    """Median of the crossovers (a row where the kernel always won counts as above the sweep), rounded up to the
+    next swept ``M``; ``None`` when the median row's kernel always won."""
+    vals = sorted(ms[-1] * 2 if c is None else c for c in crossovers)
+    if not vals:
+        return None
+    med = statistics.median(vals)
+    return next((m for m in ms if m >= med), None)
+
+
+def measure(n: int, k: int, bits: int, ms: list[int], repeats: int, gen: torch.Generator) -> dict:
+    lin = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+    layer = QuantLinear.from_float(lin, QuantConfig(**CONFIGS[bits], compute_dtype="bfloat16"))
+    xs = {m: torch.randn(m, k, generator=gen).to(torch.bfloat16) for m in ms}
+    w = layer.packed_weight(bits)
+    set_cpu_dense_min_m(NEVER)
+    kind = cpu_path(xs[ms[-1]], w)
+    times: dict[str, dict[int, list[float]]] = {"kernel": {m: [] for m in ms}, "dense": {m: [] for m in ms}}
+    settings = {"kernel": NEVER, "dense": 2}
+    with torch.no_grad():
+        for name, dm in settings.items():  # warm-up: repack, native build, first allocations
+            set_cpu_dense_min_m(dm)
+            for m in ms:
+                layer(xs[m])
+        for _ in range(repeats):
+            for m in ms:
+                for name, dm in settings.items():
+                    set_cpu_dense_min_m(dm)
+                    t = time.perf_counter()
+                    layer(xs[m])
+                    times[name][m].append(time.perf_counter() - t)
+    set_cpu_dense_min_m(None)
+    kern = [min(times["kernel"][m]) * 1e3 for m in ms]
+    dense = [min(times["dense"][m]) * 1e3 for m in ms]
+    return {"n": n, "k": k, "bits": bits, "config": CONFIGS[bits], "kernel": kind, "ms": list(ms),
+            "kernel_min_ms": kern, "dense_min_ms": dense,
+            "kernel_median_ms": [statistics.median(times["kernel"][m]) * 1e3 for m in ms],
+            "dense_median_ms": [statistics.median(times["dense"][m]) * 1e3 for m in ms],
+            "crossover": crossover(list(ms), kern, dense)}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits_list = sorted({r["bits"] for r in rows})
+    fig, axes = plt.subplots(1, len(bits_list), figsize=(6 * len(bits_list), 4), squeeze=False)
+    for ax, bits in zip(axes[0], bits_list):
+        for r in (r for r in rows if r["bits"] == bits):
+            ratio = [d / kt for d, kt in zip(r["dense_min_ms"], r["kernel_min_ms"])]
+            ax.plot(r["ms"], ratio, marker="o", ms=3, label=f"{r['n']}x{r['k']}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axvline(DEFAULT_DENSE_MIN_M, color="grey", ls="--", lw=1, label=f"default {DEFAULT_DENSE_MIN_M}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("M (activation rows)")
+        ax.set_ylabel("dense time / kernel time (< 1: dense faster)")
+        ax.set_title(f"W{bits}: dense path vs weight-only kernel, bf16")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    ms = result["ms"]
+    lines = [f"# Dense path vs weight-only kernel (benchmarks/dense_crossover.py, {result['date']})", "",
+             (f"Minimum wall ms of {result['repeats']} interleaved repeats, bfloat16 compute, "
+             f"{result['threads']} threads, load average {result['loadavg_before'][0]:.2f} before / "
+             f"{result['loadavg_after'][0]:.2f} after. Cell: dense time / kernel time (< 1: dense faster)."), "",
+             "| shape | W | kernel | " + " | ".join(f"M={m}" for m in ms) + " | crossover |",
+             "|---|---|---|" + "---|" * len(ms) + "---|"]
+    for r in result["rows"]:
+        cells = [f"{d / kt:.2f}" for d, kt in zip(r["dense_min_ms"], r["kernel_min_ms"])]
+        lines.append(f"| {r['n']}x{r['k']} | {r['bits']} | {r['kernel']} | " + " | ".join(cells)
+                     + f" | {r['crossover']} |")
+    lines += ["", f"Current default `DEFAULT_DENSE_MIN_M` = {result['current_default']}; suggested from this run "
+              "(median crossover per bit-width, rounded up to the sweep): "
+              + ", ".join(f"W{b}: {v}" for b, v in result["suggested"].items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two SmolLM2 shapes, W4, M up to 96, 2 repeats")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    set_cpu_compute_dtype("bfloat16")
+    clear_cpu_cache()
+    shapes, bits_list, ms, repeats = SHAPES["smollm2"] + SHAPES["llama1b"], [4, 8], list(MS), args.repeats
+    if args.quick:
+        shapes, bits_list, ms, repeats = SHAPES["smollm2"][:2], [4], [m for m in MS if m <= 96], 2
+    load_before = list(os.getloadavg())
+    rows = []
+    for bits in bits_list:
+        for n, k in shapes:
+            rows.append(measure(n, k, bits, ms, repeats, gen))
+            clear_cpu_cache()
+            r = rows[-1]
+            print(f"{n:>5}x{k:<5} W{bits} {r['kernel']:<5} crossover {r['crossover']}  dense/kernel "
+                  + " ".join(f"{m}:{d / kt:.2f}" for m, d, kt in zip(ms, r["dense_min_ms"], r["kernel_min_ms"])),
+                  flush=True)
+    load_after = list(os.getloadavg())
+    result = {
+        "benchmark": "dense_crossover", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": SEED, "quick": args.quick, "repeats": repeats, "ms": ms, "compute_dtype": "bfloat16",
+        "threads": torch.get_num_threads(), "current_default": DEFAULT_DENSE_MIN_M,
+        "suggested": {str(b): suggest([r["crossover"] for r in rows if r["bits"] == b], ms) for b in bits_list},
+        "note": "ratios within this run only; minima of wall time (the machine may be shared)",
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "hardware": hardware(), "versions": versions(), "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stem = "dense_crossover_quick" if args.quick else "dense_crossover"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (RESULTS / f"{stem}.md").write_text(md)
+    plot(rows, RESULTS / f"{stem}.png")
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""benchmarks.dense_crossover: the crossover rule, the suggested default, one measured row."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import dense_crossover as dc
+from medquant.kernels import cpu as kcpu
+
+
+def test_crossover_is_the_first_m_of_the_final_run_where_dense_wins():
+    ms = [2, 4, 8, 16, 32]
+    assert dc.crossover(ms, [1, 2, 6, 8, 16], [5, 5, 5, 5, 5]) == 8  # dense wins from 8 on
+    assert dc.crossover(ms, [1, 2, 6, 4, 16], [5, 5, 5, 5, 5]) == 32  # a kernel win at 16 resets the run
+    assert dc.crossover(ms, [1, 2, 4, 8, 16], [9, 9, 9, 9, 20]) is None  # the kernel wins at the largest M
+    assert dc.crossover(ms, [9, 9, 9, 9, 9], [1, 1, 1, 1, 1]) == 2  # dense everywhere
+    assert dc.crossover(ms, [1, 2, 4, 8, 5], [5, 5, 5, 5, 5]) is None  # a tie is not a dense win
+    with pytest.raises(ValueError, match="one entry per M"):
+        dc.crossover(ms, [1, 2], [1, 2])
+    with pytest.raises(ValueError, match="strictly ascending"):
+        dc.crossover([4, 2], [1, 2], [1, 2])
+
+
+def test_suggest_takes_the_median_rounded_up_to_the_sweep_and_counts_never_as_above_it():
+    ms = [8, 16, 32, 64, 128]
+    assert dc.suggest([16, 32, 64], ms) == 32
+    assert dc.suggest([16, 24], ms) == 32  # median 20 -> next swept M
+    assert dc.suggest([16, None, None], ms) is None  # the median row never crossed
+    assert dc.suggest([], ms) is None
+
+
+def test_measure_times_both_paths_and_restores_the_default():
+    before = kcpu._dense_min_m
+    row = dc.measure(64, 256, 4, [2, 8], 1, torch.Generator().manual_seed(0))
+    assert row["kernel"] == "int4"
+    assert len(row["kernel_min_ms"]) == len(row["dense_min_ms"]) == 2
+    assert all(t > 0 for t in row["kernel_min_ms"] + row["dense_min_ms"])
+    assert kcpu._dense_min_m == before == kcpu.DEFAULT_DENSE_MIN_M
