@@ -1,10 +1,10 @@
-"""Where the CPU dense path overtakes the weight-only kernels: the ``M`` behind ``DEFAULT_DENSE_MIN_M``.
+"""Where the CPU dense path overtakes the weight-only kernels: the ``M`` behind the dense-path thresholds.
 
 On CPU a quantized layer with bfloat16 compute runs, for ``M`` activation rows, either a weight-only kernel on the
 packed codes (``int4``: ``aten._weight_int4pack_mm_for_cpu``; ``int8``: ``aten._weight_int8pack_mm``), whose time
 grows about linearly with ``M``, or the *dense* path (dequantize the weight once per call with the native kernel,
 then ``F.linear``), whose cost is mostly fixed per call. ``medquant.kernels.cpu`` switches to the dense path from
-``M = DEFAULT_DENSE_MIN_M`` on (``set_cpu_dense_min_m`` changes it). This times, per layer shape and bit-width, the
+``M = DEFAULT_DENSE_MIN_M_INT4`` (int4) / ``DEFAULT_DENSE_MIN_M`` (int8) on (``set_cpu_dense_min_m`` changes both). This times, per layer shape and bit-width, the
 whole ``QuantLinear`` call at each ``M`` of ``--ms`` with the path forced each way (``set_cpu_dense_min_m`` to a
 huge value: the kernel; to 2: dense), variants interleaved, ``--repeats`` times, minima of wall time (the machine
 may be shared; the load averages are recorded).
@@ -36,7 +36,7 @@ from torch import nn
 
 from benchmarks.common.env import hardware, versions
 from medquant.kernels import clear_cpu_cache, cpu_path, set_cpu_compute_dtype, set_cpu_dense_min_m
-from medquant.kernels.cpu import DEFAULT_DENSE_MIN_M
+from medquant.kernels.cpu import dense_min_m
 from medquant.quant import QuantConfig, QuantLinear
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -125,7 +125,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ratio = [d / kt for d, kt in zip(r["dense_min_ms"], r["kernel_min_ms"])]
             ax.plot(r["ms"], ratio, marker="o", ms=3, label=f"{r['n']}x{r['k']}")
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.axvline(DEFAULT_DENSE_MIN_M, color="grey", ls="--", lw=1, label=f"default {DEFAULT_DENSE_MIN_M}")
+        default = dense_min_m("int4" if bits <= 4 else "int8")
+        ax.axvline(default, color="grey", ls="--", lw=1, label=f"default {default}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("M (activation rows)")
@@ -149,7 +150,7 @@ def markdown(result: dict) -> str:
         cells = [f"{d / kt:.2f}" for d, kt in zip(r["dense_min_ms"], r["kernel_min_ms"])]
         lines.append(f"| {r['n']}x{r['k']} | {r['bits']} | {r['kernel']} | " + " | ".join(cells)
                      + f" | {r['crossover']} |")
-    lines += ["", f"Current default `DEFAULT_DENSE_MIN_M` = {result['current_default']}; suggested from this run "
+    lines += ["", f"Defaults when this ran (per bit-width): {result['current_default']}; suggested from this run "
               "(median crossover per bit-width, rounded up to the sweep): "
               + ", ".join(f"W{b}: {v}" for b, v in result["suggested"].items()), ""]
     return "\n".join(lines)
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "dense_crossover", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": SEED, "quick": args.quick, "repeats": repeats, "ms": ms, "compute_dtype": "bfloat16",
-        "threads": torch.get_num_threads(), "current_default": DEFAULT_DENSE_MIN_M,
+        "threads": torch.get_num_threads(),
+        "current_default": {str(b): dense_min_m("int4" if b <= 4 else "int8") for b in bits_list},
         "suggested": {str(b): suggest([r["crossover"] for r in rows if r["bits"] == b], ms) for b in bits_list},
         "note": "ratios within this run only; minima of wall time (the machine may be shared)",
         "loadavg_before": load_before, "loadavg_after": load_after,

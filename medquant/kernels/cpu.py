@@ -94,14 +94,19 @@ CPU_PRIORITY = 10
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: environment variable read at import: the initial global compute dtype (bfloat16 / float16 / float32 / auto)
 ENV_COMPUTE_DTYPE = "MEDQUANT_CPU_COMPUTE_DTYPE"
-#: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the weight-only kernels. Measured
-#: on an idle 2-core AVX512/AMX CPU, 2 threads, W4 g128, bf16: the int4 kernel's time grows linearly with M
-#: (about 15 us per row per million weights) while the dense path costs about 1 ms per million weights (mostly
-#: the dequantization) plus the GEMM; they cross near M = 70 for 576 x 1536, 1536 x 576 and 5632 x 2048.
+#: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the int8 weight-only kernel, and
+#: (``DEFAULT_DENSE_MIN_M_INT4``) the int4 kernel. Measured by ``benchmarks/dense_crossover.py`` on an idle 2-core
+#: AVX512-BF16 CPU, 2 threads, bf16 compute, with the native dequantization feeding the dense path: the kernels'
+#: time grows about linearly with M while the dense path's is mostly fixed per call. For 4-bit g128 the two cross
+#: at M = 24-32 on layers of >= 0.5M weights and at 64-96 on SmolLM2's 576x576 / 192x576 (median 32); for 8-bit
+#: per-channel rows at M = 32-192 (median 72). Summed over one decoder layer's seven projections, switching 4-bit
+#: rows at 32 instead of 72 cuts the layer's time at M = 64 by 22% (SmolLM2 shapes) and 34% (1.1B LLaMA shapes);
+#: switching 8-bit rows at 32 would make them up to 57% slower at M = 32.
 DEFAULT_DENSE_MIN_M = 72
+DEFAULT_DENSE_MIN_M_INT4 = 32
 
 _compute_dtype: torch.dtype | None = None  # set below from $MEDQUANT_CPU_COMPUTE_DTYPE
-_dense_min_m = DEFAULT_DENSE_MIN_M
+_dense_min_m: int | None = None  # None: the per-kernel defaults above
 _layer_dtype: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> compute dtype of that layer
 _plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> _Plan
 _warned: set[str] = set()
@@ -222,13 +227,14 @@ _compute_dtype = _from_env()
 
 
 def set_cpu_dense_min_m(m: int | None) -> None:
-    """From how many activation rows ``M`` the dense path runs (``None``: the default, 72).
+    """From how many activation rows ``M`` the dense path runs, for the int4 and the int8 kernel alike.
 
     Below it the int4 / int8 kernels run on the packed codes; from it on the weight is dequantized once per call
-    and a dense matmul runs (faster for large ``M``).
+    and a dense matmul runs (faster for large ``M``). ``None`` restores the measured per-kernel defaults
+    (``DEFAULT_DENSE_MIN_M_INT4`` = 32 for the int4 kernel, ``DEFAULT_DENSE_MIN_M`` = 72 for the int8 kernel).
 
     Args:
-        m: an int >= 2, or None for the default.
+        m: an int >= 2, or None for the defaults.
 
     Raises:
         ValueError: anything else.
@@ -236,8 +242,26 @@ def set_cpu_dense_min_m(m: int | None) -> None:
     global _dense_min_m
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
         raise ValueError(f"dense_min_m must be an int >= 2 or None, got {m!r}")
-    _dense_min_m = DEFAULT_DENSE_MIN_M if m is None else m
+    _dense_min_m = m
     bump_generation()
+
+
+def dense_min_m(kind: str) -> int:
+    """The ``M`` from which the dense path replaces the weight-only kernel ``kind`` (``"int4"`` or ``"int8"``).
+
+    The value of :func:`set_cpu_dense_min_m` when one was set, else that kernel's default.
+
+    Args:
+        kind: ``"int4"`` or ``"int8"``.
+
+    Raises:
+        ValueError: another ``kind``.
+    """
+    if kind not in ("int4", "int8"):
+        raise ValueError(f"kind must be 'int4' or 'int8', got {kind!r}")
+    if _dense_min_m is not None:
+        return _dense_min_m
+    return DEFAULT_DENSE_MIN_M_INT4 if kind == "int4" else DEFAULT_DENSE_MIN_M
 
 
 def clear_cpu_cache() -> None:
@@ -514,7 +538,7 @@ def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
         return "reference"
     if plan.kind == "dense":
         return "dense"
-    if m == 1 or (cd != torch.float32 and m < _dense_min_m):
+    if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
         return plan.kind
     return "dense"
 

@@ -24,7 +24,13 @@ from medquant.kernels import (
     set_cpu_compute_dtype,
     set_cpu_dense_min_m,
 )
-from medquant.kernels.cpu import cpu_plan, default_cpu_compute_dtype
+from medquant.kernels.cpu import (
+    DEFAULT_DENSE_MIN_M,
+    DEFAULT_DENSE_MIN_M_INT4,
+    cpu_plan,
+    default_cpu_compute_dtype,
+    dense_min_m,
+)
 from medquant.quant import QuantConfig, QuantLinear
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -178,6 +184,25 @@ def test_dense_threshold_is_configurable():
     set_cpu_dense_min_m(4)
     assert _paths(layer, x) == {"dense"}
     assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]
+
+
+
+def test_dense_threshold_defaults_differ_per_kernel_and_one_setting_moves_both():
+    set_cpu_compute_dtype(torch.bfloat16)
+    w4 = _layer(64, 256, QuantConfig(4, group_size=128))
+    w8 = _layer(64, 256, QuantConfig(8, scope="channel"))
+    assert (dense_min_m("int4"), dense_min_m("int8")) == (DEFAULT_DENSE_MIN_M_INT4, DEFAULT_DENSE_MIN_M) == (32, 72)
+    for m, p4, p8 in ((31, "int4", "int8"), (32, "dense", "int8"), (71, "dense", "int8"), (72, "dense", "dense")):
+        x = torch.randn(m, 256)
+        assert (_paths(w4, x), _paths(w8, x)) == ({p4}, {p8}), m
+    set_cpu_dense_min_m(100)
+    x = torch.randn(80, 256)
+    assert (_paths(w4, x), _paths(w8, x)) == ({"int4"}, {"int8"})
+    assert dense_min_m("int4") == dense_min_m("int8") == 100
+    set_cpu_dense_min_m(None)
+    assert dense_min_m("int4") == 32
+    with pytest.raises(ValueError, match="'int4' or 'int8'"):
+        dense_min_m("dense")
 
 
 # ------------------------------------------------------------------------------------------- fallbacks
