@@ -419,8 +419,15 @@ def run_cnn(args) -> dict:
     from medquant.calibrate import adaround_quantize_, fold_batchnorm_, gptq_quantize_
 
     models = [tuple(m.split("/")) for m in args.models] if args.models else list(CNN_MODELS)
+    share = args.calib_female_share
+    if share is not None and not 0 < share < 1:
+        raise ValueError(f"--calib-female-share must lie strictly between 0 and 1, got {share}")
+    if share is not None and any(d != "ham10000" for d, _ in models):
+        raise ValueError("--calib-female-share needs group labels: use it with --models ham10000/cnn ham10000/vit only")
+    suffix = "" if share is None else f" (calibration {share:.0%} female)"
     out_path = RESULTS / (f"ptq_methods_cnn{_tag([f'{d}/{a}' for d, a in models], [f'{d}/{a}' for d, a in CNN_MODELS])}"
-                          f"{'_quick' if args.quick else ''}.json")
+                          f"{'' if share is None else f'_female{round(100 * share)}'}"
+                          f"{_tag(args.cnn_methods, list(CNN_METHODS))}{'_quick' if args.quick else ''}.json")
     seeds = args.seeds[:1] if args.quick else args.seeds
     bits_list = [4] if args.quick else args.bits
     epochs = {("kermany", "resnet18"): None, ("ham10000", "cnn"): args.epochs_ham_cnn,
@@ -437,6 +444,11 @@ def run_cnn(args) -> dict:
                               "calibration": f"{args.calib_images} training images per seed, batches of 32 "
                                              f"(Kermany 224 px: batches of {args.calib_batch_224}; GPTQ sees "
                                              "every image, learned rounding one batch per step)",
+                              "calibration_groups": ("a random draw" if share is None else
+                                                     f"{share:.0%} female / {1 - share:.0%} male images, each "
+                                                     "drawn at random within its sex (an imbalanced calibration set, "
+                                                     "where group balancing could matter)"),
+                              "methods": list(args.cnn_methods),
                               "kermany": f"ResNet-18 (1 channel) trained from scratch at {KERMANY_PIXELS} px with "
                                          "benchmarks.onnx_classifiers.train_resnet (class-balanced batches of 32, "
                                          f"{args.resnet_steps} steps, AdamW one-cycle, bf16 autocast); groups = "
@@ -458,7 +470,7 @@ def run_cnn(args) -> dict:
                               "reduced_from_issue": "the float models are networks trained here on 2 CPU cores "
                                                     "for a few epochs (ResNet-18: about 1.5 epochs), not "
                                                     "ImageNet-pretrained ones"},
-                 "models": {}, "missing": [f"{d}/{a}" for d, a in models],
+                 "models": {}, "missing": [f"{d}/{a}{suffix}" for d, a in models],
                  "note": "results are over the seeds listed in each model's seeds_done"}
     _write(out_path, res)
     datas: dict = {}
@@ -472,7 +484,7 @@ def run_cnn(args) -> dict:
             xte, yte, gte = data["test"]
             y_np = yte.numpy()
             g_np = gte.numpy() if data["groups"] is not None else None
-            key = f"{dataset}/{arch}"
+            key = f"{dataset}/{arch}{suffix}"
             entry = res["models"].setdefault(key, {
                 "data": data["name"], "test_images": len(yte), "train_images": len(data["train"][1]),
                 "float_training": [], "timing": {}, "results": {}})
@@ -483,6 +495,11 @@ def run_cnn(args) -> dict:
             gen = torch.Generator().manual_seed(1000 + seed)
             x, _, g = data["train"]
             idx = torch.randperm(len(x), generator=gen)[:args.calib_images]
+            if share is not None:  # group 0 = female (load_ham10000_sex)
+                perm = torch.randperm(len(x), generator=gen)
+                n_f = round(args.calib_images * share)
+                idx = torch.cat([perm[g[perm] == 0][:n_f], perm[g[perm] == 1][:args.calib_images - n_f]])
+                idx = idx[torch.randperm(len(idx), generator=gen)]
             cb = args.calib_batch_224 if arch == "resnet18" else 32
             prep = data["prep"] or (lambda t: t)
             calib = [prep(x[idx[i:i + cb]]) for i in range(0, len(idx), cb)]
@@ -493,7 +510,7 @@ def run_cnn(args) -> dict:
             for bits in bits_list:
                 pm[bits]["float"].append(pf)
                 cfg = QuantConfig(bits, scope="channel")
-                for method in CNN_METHODS:
+                for method in args.cnn_methods:
                     if method == "GB-GPTQ" and not data["demographic"]:
                         continue  # group-balanced GPTQ is about patient groups; Kermany's groups are its classes
                     q = copy.deepcopy(model)
@@ -797,6 +814,11 @@ def main(argv=None) -> None:
     ap.add_argument("--adaround-iters", type=int, default=300)
     ap.add_argument("--bits", type=int, nargs="+", choices=[4, 3], default=[4, 3],
                     help="weight bit-widths of the image classifiers (default 4 3)")
+    ap.add_argument("--cnn-methods", nargs="+", choices=list(CNN_METHODS), default=list(CNN_METHODS),
+                    help="image-classifier methods to run (default all); a subset is tagged in the file name")
+    ap.add_argument("--calib-female-share", type=float, default=None,
+                    help="HAM10000 only: draw the calibration images with this share of female patients (e.g. 0.1) "
+                         "instead of at random; the models are keyed '<model> (calibration N%% female)'")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
