@@ -66,8 +66,7 @@ import torch.nn.functional as F
 
 from benchmarks.common.datasets import data_dir, load_ham10000_sex, load_kermany_224
 from benchmarks.common.env import hardware, versions
-from benchmarks.common.nets import CLSTokenViT, SmallCNN, train_classifier
-from benchmarks.common.resnet import ResNet18
+from benchmarks.common.nets import build, train_classifier
 from medquant import QuantConfig, quantize_
 from medquant.deploy import export
 from medquant.deploy.onnx import calibrate_activations, optimized_op_counts, session_options
@@ -238,11 +237,6 @@ def train_resnet(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, prep,
 
 
 # --------------------------------------------------------------------------------------------------- models
-def build_net(arch: str, channels: int, classes: int, pixels: int) -> torch.nn.Module:
-    return {"resnet18": lambda: ResNet18(channels, classes), "cnn": lambda: SmallCNN(channels, classes),
-            "vit": lambda: CLSTokenViT(channels, classes, image=pixels)}[arch]()
-
-
 def ort_session(path: Path):
     """2 intra-op threads; a weight-only export has its int4 weights dequantized once at session creation
     (``medquant.deploy.onnx.session_options``), the others run as written."""
@@ -490,7 +484,7 @@ def run_speed(name: str, st: dict, folder: Path) -> dict:
     """Speed, sizes, op counts and kernel profiles of one network with random weights."""
     arch, channels, classes, pixels = SPEED_NETS[name]
     torch.manual_seed(0)
-    model = _random_bn(build_net(arch, channels, classes, pixels), 1)
+    model = _random_bn(build(arch, channels, classes, image=pixels), 1)
     g = torch.Generator().manual_seed(2)
     calib = [torch.randn(8, channels, pixels, pixels, generator=g) for _ in range(4)]
     variants = build_variants(model, calib, calib[0][:2], folder / f"speed_{name}", control=True)
@@ -509,7 +503,7 @@ def run_trained(arch: str, data: dict, st: dict, folder: Path) -> dict:
     torch.manual_seed(0)
     info, prep, pixels = data["info"], data["prep"], data["pixels"]
     x_all, y_all, _ = data["train"]
-    model = build_net(arch, x_all.shape[1], info["classes"], pixels)
+    model = build(arch, x_all.shape[1], info["classes"], image=pixels)
     t0, c0 = time.time(), time.process_time()
     if arch == "resnet18":
         training = train_resnet(model, x_all, y_all, prep, steps=st["resnet_steps"], classes=info["classes"],

@@ -383,14 +383,9 @@ def _float_model(dataset, arch, data, seed, epochs, args):
     x, y, _ = data["train"]
     size = data["size"]
     torch.manual_seed(seed)
-    if arch == "resnet18":
-        from benchmarks.common.resnet import ResNet18
-
-        model = ResNet18(x.shape[1], data["classes"])
-        path = _cache() / f"{dataset}_{arch}_{size}px_steps{args.resnet_steps}_s{seed}.safetensors"
-    else:
-        model = build(arch, x.shape[1], data["classes"], image=size)
-        path = _cache() / f"{dataset}_{arch}_{size}px_e{epochs}_s{seed}.safetensors"
+    model = build(arch, x.shape[1], data["classes"], image=size)
+    budget = f"steps{args.resnet_steps}" if arch == "resnet18" else f"e{epochs}"
+    path = _cache() / f"{dataset}_{arch}_{size}px_{budget}_s{seed}.safetensors"
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         return model.eval(), True, 0.0

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .resnet import ResNet18
+
 
 class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 32) -> None:
@@ -68,15 +70,16 @@ class CLSTokenViT(nn.Module):
         return self.head(self.norm(self.blocks(t))[:, 0])
 
 
-ARCHS = {"cnn": SmallCNN, "vit": CLSTokenViT}
+ARCHS = {"cnn": SmallCNN, "vit": CLSTokenViT, "resnet18": ResNet18}
 
 
 def build(arch: str, in_channels: int, num_classes: int, image: int = 64) -> nn.Module:
+    """A fresh ``arch`` network (``"cnn"``, ``"vit"`` or ``"resnet18"``); ``image`` is the ViT's input size."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(ARCHS)}")
     if arch == "vit":
         return CLSTokenViT(in_channels, num_classes, image=image)
-    return SmallCNN(in_channels, num_classes)
+    return ARCHS[arch](in_channels, num_classes)
 
 
 def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -186,7 +186,6 @@ def test_dense_threshold_is_configurable():
     assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]
 
 
-
 def test_dense_threshold_defaults_differ_per_kernel_and_one_setting_moves_both():
     set_cpu_compute_dtype(torch.bfloat16)
     w4 = _layer(64, 256, QuantConfig(4, group_size=128))
