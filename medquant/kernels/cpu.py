@@ -21,10 +21,12 @@ group size not a multiple of 32                 with one warning per layer shape
 ==============================================  ========================================================
 
 **dense**: the codes are dequantized to ``cd`` (``(u - z) * s``, once per call) and ``F.linear`` runs; at large
-``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``. Except for
-int8-kernel rows (whose repacked int8 codes are cast), the dequantization is one pass of a small C kernel
-(:mod:`medquant.kernels.native`, compiled on first use; eager torch ops, bit-identical, where it is unavailable or
-``$MEDQUANT_NATIVE=0``). At ``M = 1`` the dense path reads the packed codes and writes and reads a dense
+``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``. The
+dequantization is one pass of a small C kernel over medquant's packed codes (:mod:`medquant.kernels.native`,
+compiled on first use; eager torch ops, bit-identical, where it is unavailable or ``$MEDQUANT_NATIVE=0``). A
+weight whose dense form exceeds ``DENSE_CHUNK_MIN_BYTES`` (32 MB: an output head) is dequantized about
+``DENSE_CHUNK_BYTES`` (8 MB) of rows at a time into one buffer, each slice's GEMM writing its columns of the
+output, so no head-sized temporary is mapped and page-faulted at every call. At ``M = 1`` the dense path reads the packed codes and writes and reads a dense
 weight in ``cd`` (for 8-bit rows and a bfloat16 ``cd``: 1 + 2 + 2 bytes per weight, against 4 for the float32
 reference path's ``F.linear`` plus its own dequantization).
 
@@ -104,6 +106,14 @@ ENV_COMPUTE_DTYPE = "MEDQUANT_CPU_COMPUTE_DTYPE"
 #: switching 8-bit rows at 32 would make them up to 57% slower at M = 32.
 DEFAULT_DENSE_MIN_M = 72
 DEFAULT_DENSE_MIN_M_INT4 = 32
+#: the dense path dequantizes a weight whose dense form in the compute dtype exceeds DENSE_CHUNK_MIN_BYTES a
+#: slice of rows at a time (about DENSE_CHUNK_BYTES each, a multiple of 16 rows) into one buffer, each slice's
+#: GEMM writing its columns of the output. Measured (bf16, 2 threads, idle AVX512-BF16 CPU): a 49152 x 576 4-bit
+#: head at M = 256 took 62 ms dequantized whole (a 56 MB tensor, freshly mapped and page-faulted at every call:
+#: above glibc's 32 MB mmap threshold) against 48 ms in 8 MB slices and 41 ms for the bf16 GEMM alone; at M = 32,
+#: 33 ms against 12 ms. Weights below the threshold gain little (within +-10%) and are dequantized whole.
+DENSE_CHUNK_MIN_BYTES = 32 << 20
+DENSE_CHUNK_BYTES = 8 << 20
 
 _compute_dtype: torch.dtype | None = None  # set below from $MEDQUANT_CPU_COMPUTE_DTYPE
 _dense_min_m: int | None = None  # None: the per-kernel defaults above
@@ -571,18 +581,40 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     op8 = torch.ops.aten._weight_int8pack_mm.default
 
     native: list = []  # [the native dequantizer or None], made at the first dense call (not while tracing)
+    esize = torch.empty(0, dtype=cd).element_size()
+    chunk_rows = n if n * k * esize <= DENSE_CHUNK_MIN_BYTES else \
+        max(INT4_ROW_MULTIPLE, DENSE_CHUNK_BYTES // max(1, k * esize) // INT4_ROW_MULTIPLE * INT4_ROW_MULTIPLE)
+
+    def chunked(xc: torch.Tensor, nd) -> torch.Tensor | None:
+        """``xc @ W^T`` with ``W`` dequantized ``chunk_rows`` rows at a time into one reusable buffer."""
+        y = xc.new_empty(xc.shape[0], n)
+        buf = xc.new_empty(min(chunk_rows, n), k)
+        for r0 in range(0, n, chunk_rows):
+            r1 = min(n, r0 + chunk_rows)
+            b = buf[: r1 - r0]
+            if not nd.into(r0, r1, b):
+                return None
+            torch.mm(xc, b.t(), out=y[:, r0:r1])
+        return y
 
     def dense(xc: torch.Tensor) -> torch.Tensor:
-        if int8:
-            assert packed is not None and params is not None
-            return F.linear(xc, packed[:, :k].to(cd) * params.unsqueeze(1))
-        w = None
         if not torch.compiler.is_compiling():
             if not native:
                 native.append(native_dequantizer(weight, cd, *_scale_zero(weight)))
-            if native[0] is not None:
-                w = native[0]()
-        return F.linear(xc, dequantize_eager(weight, cd) if w is None else w)
+            nd = native[0]
+            if nd is not None:
+                if chunk_rows < n:
+                    y = chunked(xc, nd)
+                    if y is not None:
+                        return y
+                else:
+                    w = nd()
+                    if w is not None:
+                        return F.linear(xc, w)
+        if int8:
+            assert packed is not None and params is not None
+            return F.linear(xc, packed[:, :k].to(cd) * params.unsqueeze(1))
+        return F.linear(xc, dequantize_eager(weight, cd))
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != k or not x.is_floating_point():

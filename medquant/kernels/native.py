@@ -29,7 +29,7 @@ code (same result, slower). A failure is reported once (``RuntimeWarning``); :fu
 the kernel is active and why not. Nothing here raises into an import or a forward pass.
 
 :func:`native_dequantizer` binds one row group's arguments once (the CPU backend's prepared call keeps it), so
-a call costs the C function alone.
+a call costs the C function alone; :meth:`NativeDequantizer.into` fills a range of rows into a caller's buffer.
 
 **Threads.** Rows are split over ``torch.get_num_threads()`` threads with OpenMP. Loaded into a process that
 already runs torch, the library binds to the OpenMP runtime torch loaded (same ``libgomp.so.1``), so it shares
@@ -49,7 +49,6 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,14 +328,71 @@ def native_status(build: bool = True) -> dict[str, object]:
             "float16": _state.float16, "flags": list(_state.flags), "cache_dir": str(cache_dir())}
 
 
-def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
-                       zero: torch.Tensor) -> Callable[[], torch.Tensor | None] | None:
-    """A function returning the dense weights ``(n, k)`` in ``dtype`` at each call (:func:`dequantize_native`),
-    with everything that depends only on the weight (scales and zero points rounded to ``dtype``, the layout's
-    arguments) prepared once; None when the native kernel cannot take this row group.
+class NativeDequantizer:
+    """One row group's native dequantization, its arguments bound once (:func:`native_dequantizer`).
 
-    The function returns None (eager torch then runs) when ``$MEDQUANT_NATIVE=0`` is set or when the C function
-    declines the call. It holds the weight's tensors as they are now: build a new one after changing them.
+    Calling it returns the dense weights ``(n, k)`` in ``dtype`` (a new tensor), or None when the C function
+    declines or ``$MEDQUANT_NATIVE=0`` is set (eager torch then runs). :meth:`into` writes a range of rows into
+    a buffer the caller owns, for a dense path that dequantizes a large weight a slice at a time.
+    """
+
+    def __init__(self, fn, weight: PackedWeight, dtype: torch.dtype, qw: torch.Tensor, s: torch.Tensor,
+                 z: torch.Tensor, bits: int, dense: bool, ge: int, ng: int) -> None:
+        self._fn, self._weight, self.dtype = fn, weight, dtype
+        self._qw, self._s, self._z = qw, s, z  # the pointers passed to C stay valid while this object lives
+        self.n, self.k = weight.n, weight.k
+        self._row_bytes = qw.shape[1] * 4
+        self._args = (bits, int(dense), weight.k, weight.k_pad, ge, ng)
+        self._code = _DTYPE_CODE[dtype]
+        self._bits, self._dense = bits, dense
+
+    def into(self, r0: int, r1: int, out: torch.Tensor) -> bool:
+        """Write rows ``r0 .. r1 - 1`` of the dense weights into ``out`` (``(r1 - r0, k)`` rows, contiguous
+        inner dimension, ``self.dtype``, CPU).
+
+        Returns:
+            True when written; False when the C function declined (reported once) or ``$MEDQUANT_NATIVE=0``
+            is set: ``out`` is then not valid and the caller runs eager torch.
+
+        Raises:
+            ValueError: a row range outside ``0 .. n`` or an ``out`` of the wrong shape, dtype or layout.
+        """
+        if not 0 <= r0 <= r1 <= self.n:
+            raise ValueError(f"row range {r0}..{r1} outside 0..{self.n}")
+        if out.dtype != self.dtype or out.device.type != "cpu" or out.dim() != 2 or \
+                tuple(out.shape) != (r1 - r0, self.k) or (r1 > r0 and self.k and out.stride(1) != 1):
+            raise ValueError(f"out must be a CPU {self.dtype} tensor of shape {(r1 - r0, self.k)} with unit "
+                             f"column stride, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+        if r1 == r0 or self.k == 0:
+            return True
+        if _disabled():
+            return False
+        bits, dense, k, kp, ge, ng = self._args
+        rc = self._fn(self._qw.data_ptr() + r0 * self._row_bytes, r1 - r0, self._row_bytes, bits, dense, k, kp,
+                      ge, ng, self._s.data_ptr() + r0 * ng * 4, self._z.data_ptr() + r0 * ng * 4, self._code,
+                      out.data_ptr(), out.stride(0), max(1, torch.get_num_threads()))
+        if rc != 0:
+            _report_once(f"rc{rc}:{self._bits}:{self._dense}",
+                         f"medquant native dequantization kernel declined a row group (bits={self._weight.bits}, "
+                         f"dense={self._dense}, code {rc}): eager torch runs it")
+            return False
+        return True
+
+    def __call__(self) -> torch.Tensor | None:
+        out = torch.empty(self.n, self.k, dtype=self.dtype)
+        return out if self.into(0, self.n, out) else None
+
+
+def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
+                       zero: torch.Tensor) -> NativeDequantizer | None:
+    """The native dequantization of one row group with everything that depends only on the weight (scales and
+    zero points rounded to ``dtype``, the layout's arguments) prepared once; None when the native kernel cannot
+    take this row group.
+
+    Calling the result returns the dense weights ``(n, k)`` in ``dtype`` (:func:`dequantize_native`), or None
+    (eager torch then runs) when ``$MEDQUANT_NATIVE=0`` is set or the C function declines the call;
+    :meth:`NativeDequantizer.into` writes a range of rows into a buffer. It holds the weight's tensors as they
+    are now: build a new one after changing them.
 
     Args:
         weight: the packed row group (CPU tensors).
@@ -345,7 +401,7 @@ def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Te
         zero: float32 zero points ``z`` of the same shape (symmetric rows: ``2^(b-1)``).
 
     Returns:
-        The function, or None.
+        The :class:`NativeDequantizer`, or None.
     """
     if _disabled() or dtype not in _DTYPE_CODE or torch.compiler.is_compiling():
         return None
@@ -358,7 +414,7 @@ def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Te
         _report_once("f16", "medquant native dequantization kernel: the C compiler has no _Float16, float16 "
                             "compute runs the eager torch code")
         return None
-    n, kp, k = weight.n, weight.k_pad, weight.k
+    n, kp = weight.n, weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp
     ng = kp // ge
     dense = weight.is_dense
@@ -366,25 +422,7 @@ def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Te
     qw = weight.qweight.contiguous()
     s = scale.to(dtype).float().expand(n, ng).contiguous()
     z = zero.to(dtype).float().expand(n, ng).contiguous()
-    code, fn = _DTYPE_CODE[dtype], lib.mq_dequant
-    head = (qw.data_ptr(), n, qw.shape[1] * 4, bits, int(dense), k, kp, ge, ng, s.data_ptr(), z.data_ptr(), code)
-
-    def run() -> torch.Tensor | None:
-        _keep = (qw, s, z)  # the pointers in ``head`` stay valid while this function lives
-        out = torch.empty(n, k, dtype=dtype)
-        if n == 0 or k == 0:
-            return out
-        if _disabled():
-            return None
-        rc = fn(*head, out.data_ptr(), k, max(1, torch.get_num_threads()))
-        if rc != 0:
-            _report_once(f"rc{rc}:{bits}:{dense}", f"medquant native dequantization kernel declined a row group "
-                                                   f"(bits={weight.bits}, dense={dense}, code {rc}): eager torch "
-                                                   "runs it")
-            return None
-        return out
-
-    return run
+    return NativeDequantizer(lib.mq_dequant, weight, dtype, qw, s, z, bits, dense, ge, ng)
 
 
 def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
