@@ -24,6 +24,11 @@ Every row runs in its own subprocess (``--worker``), so that its resident memory
 * ``read_mb_per_token``: bytes of weights a decode step reads (every Linear's stored or repacked form, whichever
   the kernel reads; the input embedding reads one row); ``limit_tok_s`` = measured memory bandwidth / that.
 
+``--prefill-ab W8,W4g128,...`` replaces the row table by a paired prefill measurement: one process holds the
+bfloat16 model and one quantized variant at a time and times their 256-token prefills alternately
+(``--ab-rounds`` rounds, the order swapped every round), so a shared machine's drift hits both sides of each pair
+(:func:`prefill_ab`; writes ``cpu_inference_prefill_ab.{json,md}`` unless ``--out`` says otherwise).
+
 Repeats (``--repeats``, default 3): medians. The accuracy check (SmolLM2, quantized rows): perplexity of 20
 held-out IU X-ray reports (64 tokens each, teacher-forced) through the fast path and through the torch reference
 path (``force_backend("torch")``) of the same quantized model, relative difference (target < 0.5%), and
@@ -259,20 +264,14 @@ def _static_compile_rows(model, prompt, spec: dict) -> dict:
             "compile_first_call_s": first}
 
 
-def worker(spec: dict) -> dict:
+def _make(model_name: str, variant: str, head: bool):
+    """The model of one row: built (:func:`_build`), cast and quantized as ``variant`` says (module docstring);
+    ``head``: the output head quantized too. Returns ``(model, tokenizer or None)``."""
     import torch
-    import transformers  # noqa: F401  (part of the baseline)
 
     import medquant as mq
-    from medquant.kernels import cpu_cache_bytes, get_cpu_compute_dtype
 
-    torch.set_num_threads(spec["threads"])
-    _trim()
-    from benchmarks.common.memory import rss_mb
-
-    rss0 = rss_mb()
-    model, tok = _build(spec["model"])
-    variant, head = spec["variant"], spec["head"]
+    model, tok = _build(model_name)
     if variant == "bfloat16":
         model = model.to(torch.bfloat16)
     elif variant != "float32":
@@ -290,6 +289,67 @@ def worker(spec: dict) -> dict:
             quantize_embeddings_(model, mq.QuantConfig(**QUANT[base]), tie=head and tied)
         else:
             mq.quantize_(model, mq.QuantConfig(**QUANT[base]), skip=skip)
+    return model.eval(), tok
+
+
+def prefill_ab(spec: dict) -> dict:
+    """Paired prefill timing in one process: the bfloat16 model against each quantized variant, alternating.
+
+    Each round times one 256-token forward of both models, the order swapped every round, so slow drifts of a
+    shared machine hit both sides of a pair alike; the ratio of a round is bfloat16 seconds / variant seconds
+    (above 1: the variant is faster). Reported per variant, for logits at every position (``all``) and with
+    ``logits_to_keep=1`` (``gen``): the median of the rounds' ratios, the ratio of the two sides' minima and
+    every round's seconds."""
+    import gc
+
+    import torch
+
+    from benchmarks.common.lm import time_prefill
+
+    torch.set_num_threads(spec["threads"])
+    base, _ = _make(spec["model"], "bfloat16", False)
+    ids = torch.randint(0, base.config.vocab_size, (1, spec["prefill"]), generator=torch.Generator().manual_seed(0))
+    out: dict = {"model": spec["model"], "rounds": spec["rounds"], "prefill": spec["prefill"],
+                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "loadavg_before": os.getloadavg(),
+                 "variants": {}}
+    for variant, head in spec["ab_variants"]:
+        qm, _ = _make(spec["model"], variant, head)
+        res: dict = {"variant": variant, "head": head}
+        with torch.no_grad():
+            for mode, keep in (("all", None), ("gen", 1)):
+                for m in (base, qm, base, qm):  # warm-up: kernels prepared, allocator settled
+                    time_prefill(m, ids, keep)
+                pairs = []
+                for r in range(spec["rounds"]):
+                    order = (base, qm) if r % 2 == 0 else (qm, base)
+                    t = {id(m): time_prefill(m, ids, keep) for m in order}
+                    pairs.append((t[id(base)], t[id(qm)]))
+                ratios = [b / q for b, q in pairs]
+                res[mode] = {"ratio_median": statistics.median(ratios),
+                             "ratio_of_minima": min(b for b, _ in pairs) / min(q for _, q in pairs),
+                             "bf16_s": [b for b, _ in pairs], "variant_s": [q for _, q in pairs]}
+        out["variants"][f"{variant}{'+head' if head else ''}"] = res
+        print(json.dumps({variant: {k: res[k]["ratio_median"] for k in ("all", "gen")}}), file=sys.stderr, flush=True)
+        del qm
+        gc.collect()
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
+def worker(spec: dict) -> dict:
+    import torch
+    import transformers  # noqa: F401  (part of the baseline)
+
+    import medquant  # noqa: F401  (imported before the baseline is taken, as in every row)
+    from medquant.kernels import cpu_cache_bytes, get_cpu_compute_dtype
+
+    torch.set_num_threads(spec["threads"])
+    _trim()
+    from benchmarks.common.memory import rss_mb
+
+    rss0 = rss_mb()
+    model, tok = _make(spec["model"], spec["variant"], spec["head"])
+    variant, head = spec["variant"], spec["head"]
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (8, spec["prompt"]), generator=gen)
@@ -413,11 +473,19 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="data folder with iu_xray_reports (default: $MEDQUANT_DATA_DIR, "
                    "else ../shared/data)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/cpu_inference[_quick])")
+    p.add_argument("--prefill-ab", default="", help="comma list of quantized variants: instead of the row table, "
+                   "time the 256-token prefill of each against the bfloat16 model in one process, alternating "
+                   "(paired rounds; writes <out>.json/.md, default stem cpu_inference_prefill_ab)")
+    p.add_argument("--ab-rounds", type=int, default=7, help="paired rounds per variant and mode (--prefill-ab)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print("ROW " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        result = prefill_ab(spec) if spec.get("mode") == "prefill_ab" else worker(spec)
+        print("ROW " + json.dumps(result), flush=True)
         return 0
+    if args.prefill_ab:
+        return _main_prefill_ab(args)
     import torch
 
     from benchmarks.common.datasets import use_data_dir
@@ -457,6 +525,48 @@ def main(argv=None) -> int:
     _plot(rows, stem.with_suffix(".png"))
     print(table)
     return 0
+
+
+def _main_prefill_ab(args) -> int:
+    """``--prefill-ab``: one subprocess per model runs :func:`prefill_ab`; table + JSON."""
+    import torch
+
+    from benchmarks.common.env import hardware, versions
+    from medquant.kernels import cpu_features
+
+    models = (args.models or "smollm2").split(",")
+    variants = [v for v in args.prefill_ab.split(",") if v]
+    heads = [True, False] if args.heads == "both" else [args.heads == "quantized"]
+    threads = args.threads or torch.get_num_threads()
+    results = []
+    for model in models:
+        spec = {"mode": "prefill_ab", "model": model, "threads": threads, "rounds": args.ab_rounds,
+                "prefill": 256, "ab_variants": [(v, h) for v in variants for h in heads]}
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_inference", "--worker", json.dumps(spec)],
+                              check=False, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+        results.append(json.loads(found[-1][4:]) if found else
+                       {"model": model, "error": (proc.stderr or proc.stdout)[-600:]})
+    stem = Path(args.out) if args.out else RESULTS / "cpu_inference_prefill_ab"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    lines = [("| model | variant | prefill vs bf16 (all logits): median of paired ratios | ratio of minima | "
+             "generate-style (logits_to_keep=1): median | ratio of minima | rounds |"), "|---|---|---|---|---|---|---|"]
+    for res in results:
+        if "error" in res:
+            lines.append(f"| {res['model']} | error: {res['error'][-120:]} | | | | | |")
+            continue
+        for name, v in res["variants"].items():
+            lines.append(f"| {res['model']} | {name} | {v['all']['ratio_median']:.2f} | {v['all']['ratio_of_minima']:.2f}"
+                         f" | {v['gen']['ratio_median']:.2f} | {v['gen']['ratio_of_minima']:.2f} | {res['rounds']} |")
+    table = "\n".join(lines)
+    out = {"benchmark": "cpu_inference --prefill-ab", "threads": threads, "cpu_features": cpu_features(),
+           "hardware": hardware(), "versions": versions(), "results": results}
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(f"{threads} threads, 256-token prefill, bfloat16 model vs each variant "
+                                       f"alternating in one process\n\n{table}\n")
+    print(table)
+    return 0 if all("error" not in r for r in results) else 1
 
 
 if __name__ == "__main__":
