@@ -455,6 +455,15 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _run_worker(spec: dict, on_error: dict) -> dict:
+    """Run ``--worker spec`` in a fresh Python process and return the result it printed (its ``ROW`` line), or
+    ``on_error`` with the tail of its output under ``"error"`` when it printed none."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_inference", "--worker", json.dumps(spec)],
+                          check=False, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+    return json.loads(found[-1][4:]) if found else {**on_error, "error": (proc.stderr or proc.stdout)[-600:]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, 4 variants, 1 repeat, short sequences")
@@ -506,12 +515,7 @@ def main(argv=None) -> int:
     for model, variant, head in _rows(models, variants, args.heads):
         s = dict(spec, model=model, variant=variant, head=head)
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_inference", "--worker", json.dumps(s)],
-                              check=False, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-        row = json.loads(found[-1][4:]) if found else {"model": model, "variant": variant, "head": head,
-                                                        "error": (proc.stderr or proc.stdout)[-400:]}
+        row = _run_worker(s, {"model": model, "variant": variant, "head": head})
         row["wall_s"] = time.time() - t0
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -542,12 +546,7 @@ def _main_prefill_ab(args) -> int:
     for model in models:
         spec = {"mode": "prefill_ab", "model": model, "threads": threads, "rounds": args.ab_rounds,
                 "prefill": 256, "ab_variants": [(v, h) for v in variants for h in heads]}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_inference", "--worker", json.dumps(spec)],
-                              check=False, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-        results.append(json.loads(found[-1][4:]) if found else
-                       {"model": model, "error": (proc.stderr or proc.stdout)[-600:]})
+        results.append(_run_worker(spec, {"model": model}))
     stem = Path(args.out) if args.out else RESULTS / "cpu_inference_prefill_ab"
     stem.parent.mkdir(parents=True, exist_ok=True)
     lines = [("| model | variant | prefill vs bf16 (all logits): median of paired ratios | ratio of minima | "

@@ -48,6 +48,11 @@ CONFIGS = {4: {"bits": 4, "group_size": 128}, 8: {"bits": 8, "scope": "channel"}
 NEVER = 10 ** 9
 
 
+def _kind(bits: int) -> str:
+    """The weight-only kernel that takes rows of ``bits`` bits here: ``"int4"`` (<= 4) or ``"int8"``."""
+    return "int4" if bits <= 4 else "int8"
+
+
 def crossover(ms: list[int], kernel_ms: list[float], dense_ms: list[float]) -> int | None:
     """The smallest ``M`` of ``ms`` (ascending) from which ``dense_ms < kernel_ms`` at that ``M`` and every larger
     one; ``None`` when the kernel is at least as fast at the largest ``M``.
@@ -125,7 +130,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ratio = [d / kt for d, kt in zip(r["dense_min_ms"], r["kernel_min_ms"])]
             ax.plot(r["ms"], ratio, marker="o", ms=3, label=f"{r['n']}x{r['k']}")
         ax.axhline(1.0, color="k", lw=0.8)
-        default = dense_min_m("int4" if bits <= 4 else "int8")
+        default = dense_min_m(_kind(bits))
         ax.axvline(default, color="grey", ls="--", lw=1, label=f"default {default}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "dense_crossover", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": SEED, "quick": args.quick, "repeats": repeats, "ms": ms, "compute_dtype": "bfloat16",
         "threads": torch.get_num_threads(),
-        "current_default": {str(b): dense_min_m("int4" if b <= 4 else "int8") for b in bits_list},
+        "current_default": {str(b): dense_min_m(_kind(b)) for b in bits_list},
         "suggested": {str(b): suggest([r["crossover"] for r in rows if r["bits"] == b], ms) for b in bits_list},
         "note": "ratios within this run only; minima of wall time (the machine may be shared)",
         "loadavg_before": load_before, "loadavg_after": load_after,

@@ -574,7 +574,6 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     in, the kernel, one cast out)."""
     assert plan.kind is not None
     packed, group, k, n, pad = plan.packed, plan.group, weight.k, weight.n, plan.k4 - weight.k
-    int8 = plan.kind == "int8"
     params = _params(plan, weight, cd) if plan.kind != "dense" else None
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -611,9 +610,6 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
                     w = nd()
                     if w is not None:
                         return F.linear(xc, w)
-        if int8:
-            assert packed is not None and params is not None
-            return F.linear(xc, packed[:, :k].to(cd) * params.unsqueeze(1))
         return F.linear(xc, dequantize_eager(weight, cd))
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -344,7 +344,6 @@ class NativeDequantizer:
         self._row_bytes = qw.shape[1] * 4
         self._args = (bits, int(dense), weight.k, weight.k_pad, ge, ng)
         self._code = _DTYPE_CODE[dtype]
-        self._bits, self._dense = bits, dense
 
     def into(self, r0: int, r1: int, out: torch.Tensor) -> bool:
         """Write rows ``r0 .. r1 - 1`` of the dense weights into ``out`` (``(r1 - r0, k)`` rows, contiguous
@@ -372,9 +371,9 @@ class NativeDequantizer:
                       ge, ng, self._s.data_ptr() + r0 * ng * 4, self._z.data_ptr() + r0 * ng * 4, self._code,
                       out.data_ptr(), out.stride(0), max(1, torch.get_num_threads()))
         if rc != 0:
-            _report_once(f"rc{rc}:{self._bits}:{self._dense}",
+            _report_once(f"rc{rc}:{bits}:{bool(dense)}",
                          f"medquant native dequantization kernel declined a row group (bits={self._weight.bits}, "
-                         f"dense={self._dense}, code {rc}): eager torch runs it")
+                         f"dense={bool(dense)}, code {rc}): eager torch runs it")
             return False
         return True
 
