@@ -151,12 +151,13 @@ def _read_bytes_per_token(model) -> int:
                 if 1 <= b <= 8:
                     w = m.packed_weight(b)
                     plan = cpu.cpu_plan(w)
-                    if plan.kind is None:
-                        total += sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.zeros)
-                                     if t is not None)
-                    else:
-                        total += plan.packed.numel() * plan.packed.element_size()
-                        total += sum(t.numel() * t.element_size() for t in plan.by_dtype.values())
+                    if plan.gemv is not None:  # native4: the layer's own codes and float32 scales, zeros
+                        read = (w.qweight, plan.gemv.s, plan.gemv.z)
+                    elif plan.packed is None:  # reference / dense: the layer's own tensors
+                        read = (w.qweight, w.scales, w.zeros)
+                    else:  # the int4 / int8 kernel's repacked form
+                        read = (plan.packed, *plan.by_dtype.values())
+                    total += sum(t.numel() * t.element_size() for t in read if t is not None)
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
         elif isinstance(m, nn.Embedding):

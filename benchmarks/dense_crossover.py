@@ -14,11 +14,14 @@ The crossover of a row is the smallest swept ``M`` from which the dense path is 
 is the median crossover over the shapes of a bit-width, rounded up to the sweep.
 
 Shapes (N x K): SmolLM2-135M's 576x576, 192x576, 1536x576, 576x1536 and a 1.1B LLaMA-style model's 2048x2048,
-256x2048, 5632x2048, 2048x5632. Bit-widths: 4 (group 128, the int4 kernel) and 8 (per channel, the int8 kernel).
+256x2048, 5632x2048, 2048x5632. Bit-widths: 4 (group 128: medquant's native kernel ``native4`` and/or aten's
+``int4``, ``--int4-kernel``) and 8 (per channel, the int8 kernel). With ``--int4-kernel both`` each 4-bit shape
+is measured on both kernels in the same run, so their times compare directly (``M = 1`` is the decode step).
 Random weights (speed does not depend on the values), seed 0.
 
-Run: ``python -m benchmarks.dense_crossover [--quick] [--repeats 7]``; prints a table and writes
-``benchmarks/results/dense_crossover.{json,md,png}`` (``dense_crossover_quick.*`` with ``--quick``).
+Run: ``python -m benchmarks.dense_crossover [--quick] [--repeats 7] [--bits 4,8] [--int4-kernel both]
+[--out STEM]``; prints a table and writes ``benchmarks/results/<STEM>.{json,md,png}`` (default
+``dense_crossover``, ``dense_crossover_quick`` with ``--quick``).
 """
 from __future__ import annotations
 
@@ -35,7 +38,13 @@ import torch
 from torch import nn
 
 from benchmarks.common.env import hardware, versions
-from medquant.kernels import clear_cpu_cache, cpu_path, set_cpu_compute_dtype, set_cpu_dense_min_m
+from medquant.kernels import (
+    clear_cpu_cache,
+    cpu_path,
+    set_cpu_compute_dtype,
+    set_cpu_dense_min_m,
+    set_cpu_int4_kernel,
+)
 from medquant.kernels.cpu import dense_min_m
 from medquant.quant import QuantConfig, QuantLinear
 
@@ -43,7 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
 SHAPES = {"smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
           "llama1b": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]}
-MS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192)
+MS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192)
 CONFIGS = {4: {"bits": 4, "group_size": 128}, 8: {"bits": 8, "scope": "channel"}}
 NEVER = 10 ** 9
 
@@ -84,7 +93,9 @@ def suggest(crossovers: list[int | None], ms: list[int]) -> int | None:
     return next((m for m in ms if m >= med), None)
 
 
-def measure(n: int, k: int, bits: int, ms: list[int], repeats: int, gen: torch.Generator) -> dict:
+def measure(n: int, k: int, bits: int, ms: list[int], repeats: int, gen: torch.Generator,
+            int4_kernel: str = "auto") -> dict:
+    set_cpu_int4_kernel(int4_kernel)
     lin = nn.Linear(k, n, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
@@ -108,6 +119,7 @@ def measure(n: int, k: int, bits: int, ms: list[int], repeats: int, gen: torch.G
                     layer(xs[m])
                     times[name][m].append(time.perf_counter() - t)
     set_cpu_dense_min_m(None)
+    set_cpu_int4_kernel(None)
     kern = [min(times["kernel"][m]) * 1e3 for m in ms]
     dense = [min(times["dense"][m]) * 1e3 for m in ms]
     return {"n": n, "k": k, "bits": bits, "config": CONFIGS[bits], "kernel": kind, "ms": list(ms),
@@ -128,7 +140,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, bits in zip(axes[0], bits_list):
         for r in (r for r in rows if r["bits"] == bits):
             ratio = [d / kt for d, kt in zip(r["dense_min_ms"], r["kernel_min_ms"])]
-            ax.plot(r["ms"], ratio, marker="o", ms=3, label=f"{r['n']}x{r['k']}")
+            ax.plot(r["ms"], ratio, marker="o", ms=3, ls="-" if r["kernel"] != "int4" or bits != 4 else ":",
+                    label=f"{r['n']}x{r['k']} {r['kernel']}")
         ax.axhline(1.0, color="k", lw=0.8)
         default = dense_min_m(_kind(bits))
         ax.axvline(default, color="grey", ls="--", lw=1, label=f"default {default}")
@@ -156,9 +169,25 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['n']}x{r['k']} | {r['bits']} | {r['kernel']} | " + " | ".join(cells)
                      + f" | {r['crossover']} |")
     lines += ["", f"Defaults when this ran (per bit-width): {result['current_default']}; suggested from this run "
-              "(median crossover per bit-width, rounded up to the sweep): "
-              + ", ".join(f"W{b}: {v}" for b, v in result["suggested"].items()), ""]
+              "(median crossover per bit-width and kernel, rounded up to the sweep): "
+              + ", ".join(f"{key}: {v}" for key, v in result["suggested"].items()), ""]
+    pairs = _kernel_pairs(result["rows"])
+    if pairs:
+        lines += ["## native4 vs int4 (4-bit rows, same run)", "",
+                  "Cell: native4 ms / int4 ms, minimum wall time (< 1: the native kernel is faster).", "",
+                  "| shape | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
+        for (n, k), (nat, a4) in pairs.items():
+            lines.append(f"| {n}x{k} | " + " | ".join(f"{x / y:.2f}" for x, y in
+                                                      zip(nat["kernel_min_ms"], a4["kernel_min_ms"])) + " |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _kernel_pairs(rows: list[dict]) -> dict:
+    """(n, k) -> (native4 row, int4 row) for the 4-bit shapes measured on both kernels."""
+    by = {(r["n"], r["k"], r["kernel"]): r for r in rows if r["bits"] <= 4}
+    return {(n, k): (by[(n, k, "native4")], by[(n, k, "int4")]) for (n, k, kind) in by
+            if kind == "native4" and (n, k, "int4") in by}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -166,39 +195,50 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="two SmolLM2 shapes, W4, M up to 96, 2 repeats")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--bits", default="4,8", help="comma list of 4 and/or 8")
+    ap.add_argument("--int4-kernel", choices=("auto", "aten", "both"), default="both",
+                    help="kernel(s) for the 4-bit rows: medquant's native one where it runs (auto), aten's int4, "
+                         "or both in the same run (default)")
+    ap.add_argument("--out", default=None, help="output stem in benchmarks/results")
     args = ap.parse_args(argv)
+    wanted = sorted({int(b) for b in args.bits.split(",")})
+    if not set(wanted) <= {4, 8}:
+        ap.error(f"--bits takes 4 and/or 8, got {args.bits!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
     set_cpu_compute_dtype("bfloat16")
     clear_cpu_cache()
-    shapes, bits_list, ms, repeats = SHAPES["smollm2"] + SHAPES["llama1b"], [4, 8], list(MS), args.repeats
+    shapes, bits_list, ms, repeats = SHAPES["smollm2"] + SHAPES["llama1b"], wanted, list(MS), args.repeats
     if args.quick:
         shapes, bits_list, ms, repeats = SHAPES["smollm2"][:2], [4], [m for m in MS if m <= 96], 2
+    kernels4 = ["auto", "aten"] if args.int4_kernel == "both" else [args.int4_kernel]
     load_before = list(os.getloadavg())
     rows = []
     for bits in bits_list:
         for n, k in shapes:
-            rows.append(measure(n, k, bits, ms, repeats, gen))
-            clear_cpu_cache()
-            r = rows[-1]
-            print(f"{n:>5}x{k:<5} W{bits} {r['kernel']:<5} crossover {r['crossover']}  dense/kernel "
-                  + " ".join(f"{m}:{d / kt:.2f}" for m, d, kt in zip(ms, r["dense_min_ms"], r["kernel_min_ms"])),
-                  flush=True)
+            for choice in (kernels4 if bits <= 4 else ["auto"]):
+                rows.append(measure(n, k, bits, ms, repeats, gen, choice))
+                clear_cpu_cache()
+                r = rows[-1]
+                print(f"{n:>5}x{k:<5} W{bits} {r['kernel']:<7} crossover {r['crossover']}  dense/kernel "
+                      + " ".join(f"{m}:{d / kt:.2f}" for m, d, kt in
+                                 zip(ms, r["dense_min_ms"], r["kernel_min_ms"])), flush=True)
     load_after = list(os.getloadavg())
     result = {
         "benchmark": "dense_crossover", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": SEED, "quick": args.quick, "repeats": repeats, "ms": ms, "compute_dtype": "bfloat16",
         "threads": torch.get_num_threads(),
         "current_default": {str(b): dense_min_m(_kind(b)) for b in bits_list},
-        "suggested": {str(b): suggest([r["crossover"] for r in rows if r["bits"] == b], ms) for b in bits_list},
+        "suggested": {f"W{r['bits']} {r['kernel']}": suggest([q["crossover"] for q in rows if q["bits"] == r["bits"]
+                                                            and q["kernel"] == r["kernel"]], ms) for r in rows},
         "note": "ratios within this run only; minima of wall time (the machine may be shared)",
         "loadavg_before": load_before, "loadavg_after": load_after,
         "hardware": hardware(), "versions": versions(), "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = "dense_crossover_quick" if args.quick else "dense_crossover"
+    stem = args.out or ("dense_crossover_quick" if args.quick else "dense_crossover")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
     (RESULTS / f"{stem}.md").write_text(md)

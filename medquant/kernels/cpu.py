@@ -1,4 +1,5 @@
-"""The CPU backend of ``packed_linear``: torch's weight-only int4 / int8 CPU kernels, repacked once per layer.
+"""The CPU backend of ``packed_linear``: medquant's native 4-bit kernel and torch's weight-only int4 / int8 CPU
+kernels.
 
 Registered in :mod:`medquant.kernels.dispatch` as backend ``"cpu"`` (priority above the torch reference), so a
 ``QuantLinear`` on CPU runs it with nothing extra to call. What runs, for a row group ``W`` (``n`` rows, ``k``
@@ -7,18 +8,37 @@ inputs, ``b`` bits) and activations ``x`` of ``M`` rows, with ``cd`` the compute
 ==============================================  ========================================================
 row group                                       path
 ==============================================  ========================================================
-``b <= 4``; group scope with a group size that   **int4**: ``aten._weight_int4pack_mm_for_cpu`` for
-is a multiple of 32, or channel / tensor scope;  ``M < dense_min_m`` (``cd`` bfloat16 / float16) or
-``n`` a multiple of 16                           ``M == 1`` (``cd`` float32); otherwise **dense**
+codes in 4-bit containers (4-bit rows, 3-bit     **native4**: medquant's own kernel
+rows of the version-1 layout); group scope      (:func:`medquant.kernels.native.native_gemv4`) on the
+with a group size that is a multiple of 32, or  layer's packed codes, for ``M < dense_min_m`` in every
+channel / tensor scope; any ``n`` and ``k``;    ``cd``; otherwise **dense**. Needs the native library
+a CPU with AVX512F + AVX512BW                   built with AVX512 (else the int4 row below applies)
+``b <= 4`` otherwise (2-bit and 1-bit            **int4**: ``aten._weight_int4pack_mm_for_cpu`` for
+containers, the dense 3-bit layout, or          ``M < dense_min_m`` (``cd`` bfloat16 / float16) or
+``set_cpu_int4_kernel("aten")``); group size a  ``M == 1`` (``cd`` float32); otherwise **dense**
+multiple of 32, or channel / tensor scope;
+``n`` a multiple of 16
 ``5 <= b <= 8``, channel or tensor scope         **int8**: ``aten._weight_int8pack_mm`` (same rule on M);
 (8-bit asymmetric only where ``u - z`` fits     otherwise **dense**
 int8 in every row)
 ``5 <= b <= 8``, group scope (e.g. W8 g32, the   **dense** at every ``M`` (no weight-only kernel takes
 layout of llama.cpp's Q8_0); 8-bit asymmetric   several scales per row), one warning per layer shape
 rows whose ``u - z`` leaves int8
-``b <= 4`` with ``n`` not a multiple of 16 or a  the torch reference (:func:`packed_linear_reference`),
-group size not a multiple of 32                 with one warning per layer shape naming it
+anything else (a group size not a multiple of   the torch reference (:func:`packed_linear_reference`),
+32; ``n`` not a multiple of 16 off the native   with one warning per layer shape naming it
+kernel)
 ==============================================  ========================================================
+
+**native4** computes, for row ``r`` of ``W`` and row ``i`` of ``x``, with ``x~`` the input rounded to ``cd``,
+
+    y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
+
+which is ``x~ @ ((u - z) * s)^T`` with every product exact and float32 sums, and returns float32 (cast to
+``x``'s dtype): unlike the int4 kernel, neither its scales nor its output are rounded to ``cd``. It reads
+medquant's packed codes in place, so a 4-bit layer holds one form of its weight in memory (plus float32 copies
+of scales and zero points that are not float32 already: 8 bytes per group). With ``cd`` bfloat16 and
+AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``); otherwise float32 FMA. Under ``torch.compile`` it
+runs as the operator ``medquant::gemv4``.
 
 **dense**: the codes are dequantized to ``cd`` (``(u - z) * s``, once per call) and ``F.linear`` runs; at large
 ``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``. The
@@ -55,13 +75,15 @@ at ``M == 1`` (it is many times slower than ``F.linear`` for larger ``M``). A co
 native support for (bfloat16 without AVX512-BF16/AMX, float16 without AVX512-FP16) still gives the correct
 result, with a one-time warning.
 
-**Cache.** The repacked weight (the kernel's packed codes plus its scales and zeros per compute dtype) is built
-at the first call on a row group and kept in a weak dictionary keyed by the row group's ``qweight`` tensor: it
-lives exactly as long as the layer's storage, is never part of a ``state_dict``, and is rebuilt when the
-storage changes (``load_state_dict`` copies new codes: the tensor versions change; ``.to()`` makes new
-tensors). In memory a 4-bit layer then holds both forms (medquant's packed codes, which are what ``save``
-writes, and the kernel's; 4 bits per weight each); :func:`clear_cpu_cache` drops the repacked forms.
-2- and 3-bit rows are held in the int4 kernel's layout (4 bits per weight).
+**Cache.** The plan of a row group (native4: the bound kernel and its float32 scales; int4 / int8: the kernel's
+repacked codes plus its scales and zeros per compute dtype) is built at the first call on a row group and kept
+in a weak dictionary keyed by the row group's ``qweight`` tensor: it lives exactly as long as the layer's
+storage, is never part of a ``state_dict``, and is rebuilt when the storage changes (``load_state_dict`` copies
+new codes: the tensor versions change; ``.to()`` makes new tensors). A row group on the int4 kernel holds both
+forms in memory (medquant's packed codes, which are what ``save`` writes, and the kernel's; 4 bits per weight
+each, so 2-bit rows and dense 3-bit rows cost 4 more bits per weight at run time); one on native4 holds only
+medquant's. :func:`clear_cpu_cache` drops the plans; :func:`set_cpu_int4_kernel` chooses between native4 and
+the int4 kernel for rows both take.
 
 Threads follow ``torch.set_num_threads``.
 """
@@ -80,7 +102,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .bundle import PackedWeight
 from .dispatch import bump_generation, register_backend, register_kernel
 from .layout import container_bits, unpack
-from .native import dequantize_native, native_dequantizer
+from .native import NativeGemv4, dequantize_native, native_dequantizer, native_gemv4
 from .reference import check_packed_input, packed_linear_reference
 
 #: group sizes the aten int4 CPU kernel takes, largest first
@@ -96,6 +118,11 @@ CPU_PRIORITY = 10
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: environment variable read at import: the initial global compute dtype (bfloat16 / float16 / float32 / auto)
 ENV_COMPUTE_DTYPE = "MEDQUANT_CPU_COMPUTE_DTYPE"
+#: environment variable read at import: the initial kernel for rows of <= 4 bits (auto / aten)
+ENV_INT4_KERNEL = "MEDQUANT_CPU_INT4_KERNEL"
+#: kernels for rows of <= 4 bits: "auto" (medquant's native kernel where it takes the row group, else aten's
+#: int4 kernel) or "aten" (aten's int4 kernel wherever it takes the row group)
+INT4_KERNELS = ("auto", "aten")
 #: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the int8 weight-only kernel, and
 #: (``DEFAULT_DENSE_MIN_M_INT4``) the int4 kernel. Measured by ``benchmarks/dense_crossover.py`` on an idle 2-core
 #: AVX512-BF16 CPU, 2 threads, bf16 compute, with the native dequantization feeding the dense path: the kernels'
@@ -117,6 +144,7 @@ DENSE_CHUNK_BYTES = 8 << 20
 
 _compute_dtype: torch.dtype | None = None  # set below from $MEDQUANT_CPU_COMPUTE_DTYPE
 _dense_min_m: int | None = None  # None: the per-kernel defaults above
+_int4_kernel = "auto"  # set below from $MEDQUANT_CPU_INT4_KERNEL
 _layer_dtype: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> compute dtype of that layer
 _plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> _Plan
 _warned: set[str] = set()
@@ -274,6 +302,53 @@ def dense_min_m(kind: str) -> int:
     return DEFAULT_DENSE_MIN_M_INT4 if kind == "int4" else DEFAULT_DENSE_MIN_M
 
 
+def set_cpu_int4_kernel(kind: str | None) -> None:
+    """Choose the CPU kernel for rows of <= 4 bits.
+
+    ``"auto"`` (the default): medquant's native kernel where it takes the row group, aten's int4 kernel elsewhere;
+    ``"aten"``: aten's int4 kernel, with its repacked copy of the weight, wherever it takes the row group (module
+    docstring). Row groups already planned are planned again at their next call.
+
+    Args:
+        kind: ``"auto"``, ``"aten"``, or None (``"auto"``).
+
+    Raises:
+        ValueError: any other value.
+    """
+    global _int4_kernel
+    kind = "auto" if kind is None else kind
+    if kind not in INT4_KERNELS:
+        raise ValueError(f"the 4-bit CPU kernel must be one of {', '.join(map(repr, INT4_KERNELS))} or None, "
+                         f"got {kind!r}")
+    if kind != _int4_kernel:
+        _int4_kernel = kind
+        _plans.clear()
+        bump_generation()
+
+
+def get_cpu_int4_kernel() -> str:
+    """The kernel choice for rows of <= 4 bits now (:func:`set_cpu_int4_kernel`).
+
+    Returns:
+        ``"auto"`` or ``"aten"``.
+    """
+    return _int4_kernel
+
+
+def _int4_kernel_from_env() -> str:
+    name = os.environ.get(ENV_INT4_KERNEL, "").strip().lower()
+    if not name:
+        return "auto"
+    if name not in INT4_KERNELS:
+        warnings.warn(f"${ENV_INT4_KERNEL}={name!r} is not {' or '.join(INT4_KERNELS)}: ignored", RuntimeWarning,
+                      stacklevel=2)
+        return "auto"
+    return name
+
+
+_int4_kernel = _int4_kernel_from_env()
+
+
 def clear_cpu_cache() -> None:
     """Drop every repacked weight (they are rebuilt at the next call) and forget which warnings were given."""
     _plans.clear()
@@ -291,6 +366,8 @@ def cpu_cache_bytes() -> int:
     for plan in list(_plans.values()):
         tensors = [plan.packed, plan.scale, plan.zero, *plan.by_dtype.values()]  # masters: None once used
         total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        if plan.gemv is not None:
+            total += plan.gemv.extra_bytes()
     return total
 
 
@@ -326,6 +403,7 @@ class _Plan:
     zero: torch.Tensor | None = None  # int4: (k4 / group, n) float32
     by_dtype: dict = field(default_factory=dict)  # compute dtype -> scales(_and_zeros) in that dtype
     source: tuple = ()  # (scales, zeros, versions) the plan was built from
+    gemv: NativeGemv4 | None = None  # native4: the bound native kernel (reads the layer's codes in place)
 
 
 def tensor_version(t: torch.Tensor | None) -> int:
@@ -420,6 +498,10 @@ def _int4_group(k: int, candidates: list[int]) -> int:
 
 
 def _build_plan(weight: PackedWeight) -> _Plan:
+    if weight.bits <= 4 and weight.n and weight.k and _int4_kernel == "auto":
+        gemv = native_gemv4(weight, *_scale_zero(weight))
+        if gemv is not None:
+            return _Plan("native4", source=_source(weight), gemv=gemv)
     reason = _decline(weight)
     if reason is not None:
         return _Plan(None, reason, source=_source(weight))
@@ -548,6 +630,8 @@ def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
         return "reference"
     if plan.kind == "dense":
         return "dense"
+    if plan.kind == "native4":
+        return "native4" if m < dense_min_m("int4") else "dense"
     if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
         return plan.kind
     return "dense"
@@ -563,7 +647,7 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
         weight: the packed row group.
 
     Returns:
-        ``"int4"``, ``"int8"``, ``"dense"`` or ``"reference"``.
+        ``"native4"``, ``"int4"``, ``"int8"``, ``"dense"`` or ``"reference"``.
     """
     return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight))
 
@@ -574,7 +658,9 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     in, the kernel, one cast out)."""
     assert plan.kind is not None
     packed, group, k, n, pad = plan.packed, plan.group, weight.k, weight.n, plan.k4 - weight.k
-    params = _params(plan, weight, cd) if plan.kind != "dense" else None
+    params = _params(plan, weight, cd) if plan.kind in ("int4", "int8") else None
+    gemv = plan.gemv
+    round_bf16 = cd == torch.bfloat16
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     op8 = torch.ops.aten._weight_int8pack_mm.default
@@ -618,6 +704,21 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         m = x.shape[0]
         if m == 0:
             return x.new_empty(0, n)
+        if gemv is not None and _path(plan, m, cd) == "native4":
+            # the kernel reads float32 or bfloat16 x and rounds it to bfloat16 itself (round_bf16); a float16
+            # compute dtype rounds here and passes float32 (exact)
+            xk = x if x.dtype in (torch.float32, torch.bfloat16) and cd != torch.float16 else x.to(cd)
+            if xk.dtype == torch.float16:
+                xk = xk.float()
+            if k > 1 and xk.stride(1) != 1:
+                _warn_once("contiguous", "medquant CPU kernels: a non-contiguous input is copied to a contiguous "
+                                         "one before the kernel (correct, one extra copy per call); pass "
+                                         "contiguous activations to avoid it")
+                xk = xk.contiguous()
+            y = gemv(xk, round_bf16)
+            if y is not None:
+                return y.to(x.dtype)
+            return dense(x.to(cd).contiguous()).to(x.dtype)
         xc = x.to(cd)
         if not xc.is_contiguous():
             _warn_once("contiguous", "medquant CPU kernels: a non-contiguous input is copied to a contiguous one "

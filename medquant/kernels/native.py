@@ -63,8 +63,8 @@ ENV_NATIVE = "MEDQUANT_NATIVE"
 ENV_CACHE_DIR = "MEDQUANT_CACHE_DIR"
 #: the C source, shipped inside the package
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dequant.c"
-#: version of the C function's arguments; the library reports it (``mq_abi``)
-ABI = 1
+#: version of the C functions' arguments; the library reports it (``mq_abi``)
+ABI = 2
 #: file name of the built library inside its build folder
 LIB_NAME = "libmqdequant.so"
 #: flag sets tried in order until one compiles (common flags first)
@@ -91,6 +91,7 @@ class _State:
     path: str | None = None
     openmp: bool = False
     float16: bool = False
+    gemv: int = 0  # mq_gemv4_caps(): bit 0 the 4-bit matmul is compiled in, bit 1 it uses AVX512-BF16
     flags: tuple[str, ...] = ()
 
 
@@ -182,12 +183,12 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     if not digest.is_file() or digest.read_text().strip() != _sha256(path):
         raise ValueError(f"{path} does not match its recorded SHA-256 (corrupted or replaced)")
     lib = ctypes.CDLL(str(path))
-    for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant"):
+    for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant", "mq_gemv4", "mq_gemv4_caps"):
         if not hasattr(lib, name):
             raise _Foreign(f"{path} lacks the symbol {name}: not medquant's library")
     lib.mq_build_key.restype = ctypes.c_char_p
     lib.mq_build_key.argtypes = []
-    for name in ("mq_abi", "mq_has_f16", "mq_openmp"):
+    for name in ("mq_abi", "mq_has_f16", "mq_openmp", "mq_gemv4_caps"):
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = []
     got = (lib.mq_build_key() or b"").decode(errors="replace")
@@ -197,6 +198,9 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     lib.mq_dequant.restype = ctypes.c_int
     lib.mq_dequant.argtypes = [vp, i64, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, vp, vp,
                                ctypes.c_int, vp, i64, ctypes.c_int]
+    lib.mq_gemv4.restype = ctypes.c_int
+    lib.mq_gemv4.argtypes = [vp, i64, i64, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int, i64, i64, vp, i64,
+                             ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -275,6 +279,7 @@ def _try_build() -> None:
                     break
                 _state.lib, _state.path, _state.flags = lib, str(path), tuple(flags)
                 _state.openmp, _state.float16 = bool(lib.mq_openmp()), bool(lib.mq_has_f16())
+                _state.gemv = int(lib.mq_gemv4_caps())
                 _state.reason = ""
                 log.debug("medquant native: loaded %s", path)
                 return
@@ -315,7 +320,9 @@ def native_status(build: bool = True) -> dict[str, object]:
 
     Returns:
         ``{"active": bool, "reason": str ("" when active), "library": path or None, "openmp": bool,
-        "float16": bool, "flags": [compiler flags], "cache_dir": str}``.
+        "float16": bool, "gemv4": bool (the 4-bit weight-only matmul is compiled in: AVX512F + BW),
+        "gemv4_bf16": bool (it multiplies bfloat16 pairs with AVX512-BF16), "flags": [compiler flags],
+        "cache_dir": str}``.
     """
     if _disabled():
         active, reason = False, f"disabled by ${ENV_NATIVE}={os.environ.get(ENV_NATIVE)}"
@@ -325,7 +332,9 @@ def native_status(build: bool = True) -> dict[str, object]:
         active = _state.lib is not None
         reason = "" if active else (_state.reason or "not built yet")
     return {"active": active, "reason": reason, "library": _state.path, "openmp": _state.openmp,
-            "float16": _state.float16, "flags": list(_state.flags), "cache_dir": str(cache_dir())}
+            "float16": _state.float16, "gemv4": bool(active and _state.gemv & 1),
+            "gemv4_bf16": bool(active and _state.gemv & 2), "flags": list(_state.flags),
+            "cache_dir": str(cache_dir())}
 
 
 class NativeDequantizer:
@@ -440,3 +449,120 @@ def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Ten
     """
     fn = native_dequantizer(weight, dtype, scale, zero)
     return None if fn is None else fn()
+
+
+# ------------------------------------------------------------------------------ 4-bit weight-only matmul
+def _gemv4_call(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int,
+                ge: int, round_bf16: bool, y: torch.Tensor) -> int:
+    lib = _state.lib
+    if lib is None:
+        return -3
+    n, ng = qweight.shape[0], s.shape[1]
+    return lib.mq_gemv4(qweight.data_ptr(), n, qweight.shape[1] * 4, k, kp, ge, ng, s.data_ptr(), z.data_ptr(),
+                        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.stride(0), y.data_ptr(),
+                        y.stride(0), int(round_bf16), max(1, torch.get_num_threads()))
+
+
+@torch.library.custom_op("medquant::gemv4", mutates_args=())
+def gemv4_op(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int,
+             round_bf16: bool) -> torch.Tensor:
+    """``y (M, n) float32 = x~ @ ((u - z) * s)^T`` by the native 4-bit kernel, as a torch operator (what
+    ``torch.compile`` traces; eager calls go to :class:`NativeGemv4` directly). ``x``: ``(M, k)`` float32 or
+    bfloat16 with unit column stride; ``qweight``: the row group's int32 words (4-bit containers); ``s``, ``z``:
+    float32 ``(n, ng)``. Raises RuntimeError when the kernel declines (it never returns a wrong result)."""
+    y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+    rc = _gemv4_call(x, qweight, s, z, k, kp, ge, round_bf16, y)
+    if rc != 0:
+        raise RuntimeError(f"medquant native 4-bit matmul declined the call (code {rc})")
+    return y
+
+
+@gemv4_op.register_fake
+def _gemv4_fake(x, qweight, s, z, k, kp, ge, round_bf16):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+
+class NativeGemv4:
+    """One row group's native 4-bit weight-only matmul, its arguments bound once (:func:`native_gemv4`).
+
+    ``gemv(x, round_bf16)`` returns ``y (M, n)`` float32 with
+
+        y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
+
+    which is ``x~ @ ((u - z) * s)^T`` with exact products and float32 sums, ``x~`` being ``x`` rounded to
+    bfloat16 (``round_bf16``) or ``x`` itself; None when ``$MEDQUANT_NATIVE=0`` is set or the C function
+    declines (reported once): the caller then runs another path. It reads medquant's packed codes in place
+    (no copy of the weight), plus float32 copies of the scales and zero points, ``8 * n * ng`` bytes.
+    """
+
+    def __init__(self, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor, ge: int) -> None:
+        self._weight = weight
+        self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
+        self.n, self.k, self.kp, self.ge = weight.n, weight.k, weight.k_pad, ge
+
+    def extra_bytes(self) -> int:
+        """Bytes this object holds beyond the layer's own tensors (its scale and zero copies)."""
+        own = {t.untyped_storage().data_ptr() for t in (self._weight.scales, self._weight.zeros) if t is not None}
+        return sum(t.numel() * t.element_size() for t in (self.s, self.z) if t.untyped_storage().data_ptr() not in own)
+
+    def __call__(self, x: torch.Tensor, round_bf16: bool) -> torch.Tensor | None:
+        if x.dim() != 2 or x.shape[1] != self.k or x.dtype not in (torch.float32, torch.bfloat16) or \
+                x.device.type != "cpu" or (self.k > 1 and x.stride(1) != 1):
+            raise ValueError(f"x must be a CPU float32 / bfloat16 tensor (M, {self.k}) with unit column stride, "
+                             f"got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
+        if torch.compiler.is_compiling():
+            return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, round_bf16)
+        if _disabled():
+            return None
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        rc = _gemv4_call(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, round_bf16, y)
+        if rc != 0:
+            _report_once(f"gemv{rc}", f"medquant native 4-bit matmul declined a call ({_describe(self._weight)}, "
+                                      f"code {rc}): the dense path runs it")
+            return None
+        return y
+
+
+def _describe(weight: PackedWeight) -> str:
+    scope = f"group({weight.group_elems})" if weight.scope == "group" else weight.scope
+    return f"N={weight.n} K={weight.k} bits={weight.bits} scope={scope}"
+
+
+def gemv4_decline(weight: PackedWeight) -> str | None:
+    """Why the native 4-bit matmul cannot take this row group (None: it can, once the library is built with
+    the kernel compiled in: :func:`native_gemv4`)."""
+    if weight.is_dense or container_bits(weight.bits) != 4:
+        return (f"{weight.bits}-bit rows are stored {'densely' if weight.is_dense else 'in '}"
+                f"{'' if weight.is_dense else str(container_bits(weight.bits)) + '-bit containers'}; "
+                "the native kernel reads 4-bit containers")
+    if weight.device.type != "cpu":
+        return f"the native kernel runs CPU tensors only, not {weight.device}"
+    if weight.scope == "group" and weight.group_elems % 32:
+        return f"the native kernel takes groups of a multiple of 32 columns, not {weight.group_elems}"
+    return None
+
+
+def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) -> NativeGemv4 | None:
+    """The native 4-bit weight-only matmul of one row group (codes in 4-bit containers: 3- and 4-bit rows of
+    the version-1 layout), or None when it cannot run here: ``$MEDQUANT_NATIVE=0``, no library, a library built
+    without AVX512F + BW, a layout it does not read (:func:`gemv4_decline`).
+
+    Args:
+        weight: the packed row group.
+        scale: float32 ``s`` of ``weight.scales``' shape with ``w = (u - z) * s``.
+        zero: float32 ``z`` of the same shape.
+
+    Returns:
+        The bound :class:`NativeGemv4`, or None.
+    """
+    if _disabled() or gemv4_decline(weight) is not None:
+        return None
+    lib = _library()
+    if lib is None or not _state.gemv & 1:
+        return None
+    n, kp = weight.n, weight.k_pad
+    ge = weight.group_elems if weight.scope == "group" else kp
+    ng = kp // ge
+    s = scale.float().expand(n, ng).contiguous()
+    z = zero.float().expand(n, ng).contiguous()
+    return NativeGemv4(weight, weight.qweight.contiguous(), s, z, ge)

@@ -29,10 +29,20 @@ def test_suggest_takes_the_median_rounded_up_to_the_sweep_and_counts_never_as_ab
     assert dc.suggest([], ms) is None
 
 
-def test_measure_times_both_paths_and_restores_the_default():
+def test_measure_times_both_paths_on_either_4bit_kernel_and_restores_the_defaults():
+    from medquant.kernels.native import native_status
+
     before = kcpu._dense_min_m
-    row = dc.measure(64, 256, 4, [2, 8], 1, torch.Generator().manual_seed(0))
-    assert row["kernel"] == "int4"
-    assert len(row["kernel_min_ms"]) == len(row["dense_min_ms"]) == 2
-    assert all(t > 0 for t in row["kernel_min_ms"] + row["dense_min_ms"])
+    rows = [dc.measure(64, 256, 4, [1, 2, 8], 1, torch.Generator().manual_seed(0), kind) for kind in ("auto", "aten")]
+    assert [r["kernel"] for r in rows] == ["native4" if native_status()["gemv4"] else "int4", "int4"]
+    for row in rows:
+        assert len(row["kernel_min_ms"]) == len(row["dense_min_ms"]) == 3
+        assert all(t > 0 for t in row["kernel_min_ms"] + row["dense_min_ms"])
     assert kcpu._dense_min_m is before is None  # the per-kernel defaults again
+    assert kcpu.get_cpu_int4_kernel() == "auto"
+    pairs = dc._kernel_pairs(rows)
+    assert list(pairs) == ([(64, 256)] if rows[0]["kernel"] == "native4" else [])
+    result = {"date": "d", "repeats": 1, "threads": 1, "loadavg_before": [0.0], "loadavg_after": [0.0],
+              "ms": [1, 2, 8], "rows": rows, "current_default": {"4": 32}, "suggested": {"W4 int4": None}}
+    md = dc.markdown(result)
+    assert ("native4 vs int4" in md) == bool(pairs)

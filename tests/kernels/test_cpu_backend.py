@@ -2,6 +2,10 @@
 
 Reference: ``x @ W^T`` with ``W`` the layer's dequantized weight (``(u - z) * s`` in float32), in float64 here.
 Tolerances fit the compute dtype: float32 compute ~1e-5 relative to the output scale, bfloat16 ~1e-2.
+
+These tests pin rows of <= 4 bits to aten's int4 kernel (``set_cpu_int4_kernel("aten")``), except where a test
+is parametrized over both kernels; medquant's native 4-bit kernel (the default where the CPU has AVX512) has
+its own tests in ``test_native_gemv.py``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from medquant.kernels import (
     select_kernel,
     set_cpu_compute_dtype,
     set_cpu_dense_min_m,
+    set_cpu_int4_kernel,
 )
 from medquant.kernels.cpu import (
     DEFAULT_DENSE_MIN_M,
@@ -39,10 +44,20 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 @pytest.fixture(autouse=True)
 def _restore_settings():
     clear_cpu_cache()
+    set_cpu_int4_kernel("aten")
     yield
     set_cpu_compute_dtype("float32")  # the suite's setting (tests/conftest.py)
     set_cpu_dense_min_m(None)
+    set_cpu_int4_kernel(None)
     clear_cpu_cache()
+
+
+def _native_takes(layer: QuantLinear, bits: int) -> bool:
+    """Whether medquant's native 4-bit kernel runs this row group under ``set_cpu_int4_kernel("auto")`` here:
+    4-bit containers (not the dense 3-bit layout) and a library built with AVX512F + BW."""
+    from medquant.kernels.native import gemv4_decline, native_status
+
+    return bool(native_status()["gemv4"]) and gemv4_decline(layer.packed_weight(bits)) is None
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -106,17 +121,21 @@ CASES = [  # bits, symmetric, scope, group size, expected kernel at small M
 
 
 @pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+@pytest.mark.parametrize("int4_kernel", ["aten", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("bits,sym,scope,gs,kernel", CASES,
                          ids=[f"{c[0]}b-{'sym' if c[1] else 'asym'}-{c[2]}{c[3]}" for c in CASES])
-def test_paths_match_the_reference(bits, sym, scope, gs, kernel, dtype):
+def test_paths_match_the_reference(bits, sym, scope, gs, kernel, dtype, int4_kernel):
     set_cpu_compute_dtype(dtype)
+    set_cpu_int4_kernel(int4_kernel)
     layer = _layer(48, 576, QuantConfig(bits, symmetric=sym, scope=scope, group_size=gs))  # 576: K padded
+    if int4_kernel == "auto" and bits <= 4 and _native_takes(layer, bits):
+        kernel = "native4"  # runs every M below the dense threshold, in float32 compute too
     g = torch.Generator().manual_seed(1)
     for m in (1, 7, 300):
         x = torch.randn(m, 576, generator=g)
         path = _paths(layer, x)
-        if kernel in ("reference", "dense") or m == 1 or (m == 7 and dtype == torch.bfloat16):
+        if kernel in ("reference", "dense") or m == 1 or (m == 7 and (dtype == torch.bfloat16 or kernel == "native4")):
             assert path == {kernel}, (m, path)
         else:
             assert path == {"dense"}, (m, path)

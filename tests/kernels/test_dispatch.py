@@ -9,9 +9,10 @@ from medquant.kernels.dispatch import backend_names, register_backend, register_
 from medquant.quant import QuantConfig, QuantLinear, pack, quantize
 
 
-def _weight(bits=4, k=64, n=8):
+def _weight(bits=4, k=64, n=8, group_size=16):
+    """Groups of 16 columns: no CPU kernel takes them (the torch reference runs)."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
-    q = quantize(w, QuantConfig(bits, scope="group", group_size=32))
+    q = quantize(w, QuantConfig(bits, scope="group", group_size=group_size))
     return PackedWeight(pack(q.codes, bits), q.scales, q.zeros, bits, q.symmetric, "group", q.group_size, k)
 
 
@@ -37,7 +38,8 @@ def fast_path():
         return x @ weight.dequantize(x.dtype).t() + 1.0  # recognisable offset
 
     register_backend("test_int4", lambda dev: None if dev.type == "cpu" else "CPU only")
-    register_kernel("packed_linear", "test_int4", int4_linear, accepts=lambda x, w: w.bits == 4)
+    # above the built-in CPU backend (priority 10), which takes these 4-bit layers too
+    register_kernel("packed_linear", "test_int4", int4_linear, accepts=lambda x, w: w.bits == 4, priority=100)
     yield calls
     unregister_backend("test_int4")
 

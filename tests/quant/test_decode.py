@@ -48,8 +48,9 @@ def test_static_cache_only_and_bad_input():
 
 
 def test_bound_cpu_kernels_compile_to_the_eager_tokens_and_are_dropped_on_load():
-    """``static_decode_`` binds each quantized layer to its CPU kernel: the compiled graph calls it directly (no
-    medquant::packed_linear node), the greedy tokens equal eager decoding, and load_state_dict drops the binding."""
+    """``static_decode_`` binds each quantized layer to its CPU kernel: the compiled graph calls it directly (the
+    native kernel's medquant::gemv4 operator, or aten's int4 op; no medquant::packed_linear node), the greedy
+    tokens equal eager decoding, and load_state_dict drops the binding."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from medquant.quant import QuantLinear
@@ -75,8 +76,11 @@ def test_bound_cpu_kernels_compile_to_the_eager_tokens_and_are_dropped_on_load()
         compiled = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(compiled, eager)
     targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert any("_weight_int4pack_mm" in t for t in targets), targets
-    assert not any("medquant" in t for t in targets)
+    from medquant.kernels.native import native_status
+
+    kernel = "medquant.gemv4" if native_status()["gemv4"] else "_weight_int4pack_mm"  # native4 / aten int4
+    assert any(kernel in t for t in targets), targets
+    assert not any("packed_linear" in t for t in targets)
     qlayers[0].load_state_dict(qlayers[0].state_dict())
     assert _BOUND not in qlayers[0].__dict__
     assert qlayers[1].bind_cpu_kernels() and _BOUND in qlayers[1].__dict__

@@ -38,7 +38,7 @@
 #define MQ_BUILD_KEY "unset"
 #endif
 
-#define MQ_ABI 1
+#define MQ_ABI 2
 
 #define MQ_F32 0
 #define MQ_BF16 1
@@ -313,4 +313,217 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
         free(buf);
     }
     return failed ? -4 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Weight-only matmul on 4-bit containers (decode and small batches: the CPU backend's "native4" path).
+ *
+ *     y[i, r] = sum_g s[r, g] * ( sum_{j in g} u[r, j] x~[i, j]  -  z[r, g] * sum_{j in g} x~[i, j] )
+ *
+ * for i < m rows of x and r < n rows of the weight, which equals sum_j x~[i, j] (u[r, j] - z[r, g]) s[r, g]:
+ * the integer codes are multiplied exactly and the zero point enters once per group through the group sums of
+ * x. x~ is x rounded to bfloat16 (round_bf16 == 1) or x itself. With round_bf16 and AVX512-BF16 the products
+ * are bfloat16 pairs summed in float32 by vdpbf16ps (codes 0..15 turned into bfloat16 by a 16-entry table);
+ * otherwise the codes are widened to float32 and multiplied by float32 FMA (exact products either way: a code
+ * has 4 bits, x~ at most 24). Sums are float32 and so is y: the output is not rounded to the activation dtype.
+ *
+ * q: n rows of row_bytes bytes, two codes per byte (column 2t in the low nibble of byte t), kp codes per row
+ * (kp even; codes beyond k multiply zeros). s, z: float32 (n, ng), group g covering columns [g ge, (g + 1) ge);
+ * ge a multiple of 32 unless ng == 1 (channel / tensor scope: one group of kp columns). x: (m, xstride), float32
+ * (xdtype 0) or bfloat16 bits (xdtype 1). y: (m, ys) float32.
+ *
+ * Blocks of 64 columns: 32 bytes widened to 16-bit lanes, the low nibbles (even columns) and the high nibbles
+ * (odd columns) each give 32 codes; x is permuted once per call to match (per block: its 32 even columns, then
+ * its 32 odd ones). Columns j..j+31 of a block land in accumulator lanes 0..7, columns j+32..j+63 in lanes 8..15,
+ * so a block whose two halves lie in different groups (ge = 32, 96, ...) is scaled lane-wise. Up to 8 rows of x
+ * share each decoded block. Rows of the weight are split over threads (OpenMP), 16 at a time.
+ *
+ * Returns 0, or (nothing written): -1 bad sizes, -2 bad group layout, -3 kernel not compiled in, -4 no memory.
+ * mq_gemv4_caps(): bit 0 the kernel is compiled in (AVX512F + BW), bit 1 it multiplies bfloat16 pairs with
+ * vdpbf16ps (AVX512-BF16).
+ * --------------------------------------------------------------------------------------------------------- */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define MQ_GEMV_F32 1
+#else
+#define MQ_GEMV_F32 0
+#endif
+#if MQ_GEMV_F32 && defined(__AVX512BF16__)
+#define MQ_GEMV_BF16 1
+#else
+#define MQ_GEMV_BF16 0
+#endif
+
+int mq_gemv4_caps(void) { return MQ_GEMV_F32 | (MQ_GEMV_BF16 << 1); }
+
+#if MQ_GEMV_F32
+#define MQ_GEMV_RB 16 /* weight rows per thread task */
+
+/* does block b+1 start a new (group of half 0, group of half 1) pair, or is b the last block */
+static inline int flush_after(const int32_t *gix, int64_t b, int64_t nblk) {
+    return b + 1 == nblk || gix[2 * b + 2] != gix[2 * b] || gix[2 * b + 3] != gix[2 * b + 1];
+}
+
+/* rows r0..r1 of the weight against rows m0..m0+mb of x (x~ permuted per block: xp, row stride xps, as float32
+ * (xf) or bfloat16 bits (xb)); xs: (m, ng) group sums of x~ */
+static inline __attribute__((always_inline)) void gemv4_rows(
+    const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const float *s,
+    const float *z, const float *xf, const uint16_t *xb, int64_t xps, const float *xs, const int32_t *gix,
+    const int mb, int64_t m0, float *y, int64_t ys) {
+    const __m512i mask4 = _mm512_set1_epi16(0x0F);
+#if MQ_GEMV_BF16
+    /* bfloat16 bits of 0..15, twice (vpermw reads the low 5 bits of each index) */
+    const __m512i tab = _mm512_set_epi16(
+        0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040,
+        0x4000, 0x3F80, 0x0000, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0,
+        0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
+#endif
+    const int64_t nblk = (kp + 63) / 64, full = kp / 64;
+    const __mmask32 tail = (__mmask32)((1u << ((kp % 64) / 2)) - 1u);
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t *row = q + r * row_bytes;
+        const float *sr = s + r * ng;
+        __m512 tot[8], acc[8], acc2[8];
+        for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nblk; ++b) {
+            const __m256i raw = (b < full) ? _mm256_loadu_si256((const void *)(row + b * 32))
+                                           : _mm256_maskz_loadu_epi8(tail, row + b * 32);
+            const __m512i w = _mm512_cvtepu8_epi16(raw);
+            const __m512i lo = _mm512_and_si512(w, mask4), hi = _mm512_srli_epi16(w, 4);
+            if (xb != NULL) {
+#if MQ_GEMV_BF16
+                const __m512i lob = _mm512_permutexvar_epi16(lo, tab), hib = _mm512_permutexvar_epi16(hi, tab);
+                for (int i = 0; i < mb; ++i) {
+                    const uint16_t *xi = xb + (m0 + i) * xps + b * 64;
+                    acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)lob, (__m512bh)_mm512_load_si512((const void *)xi));
+                    acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)hib,
+                                              (__m512bh)_mm512_load_si512((const void *)(xi + 32)));
+                }
+#endif
+            } else {
+                const __m512 la = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
+                const __m512 lb = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
+                const __m512 ha = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
+                const __m512 hb = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
+                for (int i = 0; i < mb; ++i) {
+                    const float *xi = xf + (m0 + i) * xps + b * 64;
+                    acc[i] = _mm512_fmadd_ps(la, _mm512_load_ps(xi), acc[i]);       /* half 0, even columns */
+                    acc[i] = _mm512_fmadd_ps(ha, _mm512_load_ps(xi + 32), acc[i]);  /* half 0, odd columns */
+                    acc2[i] = _mm512_fmadd_ps(lb, _mm512_load_ps(xi + 16), acc2[i]); /* half 1, even */
+                    acc2[i] = _mm512_fmadd_ps(hb, _mm512_load_ps(xi + 48), acc2[i]); /* half 1, odd */
+                }
+            }
+            if (flush_after(gix, b, nblk)) {
+                const float s0 = sr[gix[2 * b]], s1 = sr[gix[2 * b + 1]];
+                if (xb != NULL) {
+                    const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+                    for (int i = 0; i < mb; ++i) {
+                        tot[i] = _mm512_fmadd_ps(acc[i], sv, tot[i]);
+                        acc[i] = _mm512_setzero_ps();
+                    }
+                } else {
+                    const __m512 sv0 = _mm512_set1_ps(s0), sv1 = _mm512_set1_ps(s1);
+                    for (int i = 0; i < mb; ++i) {
+                        tot[i] = _mm512_fmadd_ps(acc[i], sv0, tot[i]);
+                        tot[i] = _mm512_fmadd_ps(acc2[i], sv1, tot[i]);
+                        acc[i] = acc2[i] = _mm512_setzero_ps();
+                    }
+                }
+            }
+        }
+        const float *zr = z + r * ng;
+        for (int i = 0; i < mb; ++i) {
+            const float *xsi = xs + (m0 + i) * ng;
+            __m512 c = _mm512_setzero_ps();
+            int64_t g = 0;
+            for (; g + 16 <= ng; g += 16)
+                c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(sr + g), _mm512_loadu_ps(zr + g)),
+                                    _mm512_loadu_ps(xsi + g), c);
+            if (g < ng) {
+                const __mmask16 mk = (__mmask16)((1u << (ng - g)) - 1u);
+                c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + g), _mm512_maskz_loadu_ps(mk, zr + g)),
+                                    _mm512_maskz_loadu_ps(mk, xsi + g), c);
+            }
+            y[(m0 + i) * ys + r] = _mm512_reduce_add_ps(tot[i]) - _mm512_reduce_add_ps(c);
+        }
+    }
+}
+#endif
+
+int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
+             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, float *y,
+             int64_t ys, int round_bf16, int nthreads) {
+    if (n < 0 || m < 0 || k < 0 || k > kp || kp % 2 || row_bytes * 2 < kp || ge <= 0 || ng <= 0 ||
+        ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n || (xdtype != 0 && xdtype != 1))
+        return -1;
+    if (ng > 1 && ge % 32) return -2;
+#if MQ_GEMV_F32
+    const int bf16 = round_bf16 && MQ_GEMV_BF16; /* products of bfloat16 pairs (else float32 FMA) */
+    if (n == 0 || m == 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    const int64_t nblk = (kp + 63) / 64, xps = nblk * 64;
+    const size_t esz = bf16 ? 2 : 4;
+    void *xp = aligned_alloc(64, (size_t)(m * xps) * esz);
+    float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
+    float *row = (float *)malloc((size_t)xps * sizeof(float));
+    int32_t *gix = (int32_t *)malloc((size_t)(2 * nblk) * sizeof(int32_t));
+    if (!xp || !xs || !row || !gix) {
+        free(xp), free(xs), free(row), free(gix);
+        return -4;
+    }
+    for (int64_t b = 0; b < nblk; ++b)
+        for (int h = 0; h < 2; ++h) {
+            const int64_t g = (b * 64 + 32 * h) / ge;
+            gix[2 * b + h] = (int32_t)(g < ng ? g : ng - 1);
+        }
+    for (int64_t i = 0; i < m; ++i) {
+        /* x~ of row i (zero beyond k), its group sums, then the permuted copy */
+        for (int64_t j = 0; j < xps; ++j) {
+            float v = 0.0f;
+            if (j < k) v = xdtype ? u2f((uint32_t)((const uint16_t *)x)[i * xstride + j] << 16)
+                                  : ((const float *)x)[i * xstride + j];
+            row[j] = round_bf16 ? bf16_round(v) : v;
+        }
+        for (int64_t g = 0; g < ng; ++g) {
+            float a = 0.0f;
+            const int64_t j1 = (g + 1) * ge < k ? (g + 1) * ge : k;
+            for (int64_t j = g * ge; j < j1; ++j) a += row[j];
+            xs[i * ng + g] = a;
+        }
+        for (int64_t j = 0; j < xps; j += 64)
+            for (int t = 0; t < 32; ++t) {
+                if (bf16) {
+                    ((uint16_t *)xp)[i * xps + j + t] = (uint16_t)(f2u(row[j + 2 * t]) >> 16);
+                    ((uint16_t *)xp)[i * xps + j + 32 + t] = (uint16_t)(f2u(row[j + 2 * t + 1]) >> 16);
+                } else {
+                    ((float *)xp)[i * xps + j + t] = row[j + 2 * t];
+                    ((float *)xp)[i * xps + j + 32 + t] = row[j + 2 * t + 1];
+                }
+            }
+    }
+    const float *xf = bf16 ? NULL : (const float *)xp;
+    const uint16_t *xbp = bf16 ? (const uint16_t *)xp : NULL;
+    const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
+#endif
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t r0 = t * MQ_GEMV_RB, r1 = r0 + MQ_GEMV_RB < n ? r0 + MQ_GEMV_RB : n;
+        int64_t m0 = 0;
+        for (; m0 + 8 <= m; m0 += 8) gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 8, m0, y, ys);
+        if (m - m0 >= 4) {
+            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 4, m0, y, ys);
+            m0 += 4;
+        }
+        if (m - m0 >= 2) {
+            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 2, m0, y, ys);
+            m0 += 2;
+        }
+        if (m - m0 >= 1) gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 1, m0, y, ys);
+    }
+    free(xp), free(xs), free(row), free(gix);
+    return 0;
+#else
+    (void)q, (void)row_bytes, (void)s, (void)z, (void)x, (void)y, (void)round_bf16, (void)nthreads;
+    return -3;
+#endif
 }

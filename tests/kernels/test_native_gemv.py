@@ -1,0 +1,341 @@
+"""medquant's native 4-bit weight-only matmul (the CPU backend's ``native4`` path) against independent references.
+
+Reference: ``x~ @ W^T`` in float64, ``W`` the layer's dequantized weight (``(u - z) * s``) and ``x~`` the input
+rounded to the compute dtype. The kernel multiplies the integer codes exactly and sums in float32, and its output
+is float32, so it matches that reference to ~1e-6 (at most 1e-5) relative in every compute dtype; where the caller's dtype is
+bfloat16 the output is rounded to it (bf16 tolerance). The other oracles: aten's int4 kernel and the torch
+reference path on the same layer, transformers' own model (logits), a float64 matmul.
+
+On a CPU whose library has no AVX512 kernel (``native_status()["gemv4"]`` false) the same tests assert the
+fallback instead: the rows run aten's int4 kernel (or the reference) and give the same results.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import medquant as mq
+from medquant.kernels import (
+    clear_cpu_cache,
+    cpu_cache_bytes,
+    cpu_path,
+    force_backend,
+    set_cpu_compute_dtype,
+    set_cpu_dense_min_m,
+    set_cpu_int4_kernel,
+)
+from medquant.kernels.cpu import cpu_plan
+from medquant.kernels.native import gemv4_decline, native_gemv4, native_status
+from medquant.quant import QuantConfig, QuantLinear
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    clear_cpu_cache()
+    set_cpu_int4_kernel("auto")
+    yield
+    set_cpu_compute_dtype("float32")  # the suite's setting (tests/conftest.py)
+    set_cpu_dense_min_m(None)
+    set_cpu_int4_kernel(None)
+    clear_cpu_cache()
+
+
+def _available() -> bool:
+    return bool(native_status()["gemv4"])
+
+
+def _small_path() -> str:
+    """The path 4-bit rows take below the dense threshold here."""
+    return "native4" if _available() else "int4"
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _layer(n: int, k: int, cfg: QuantConfig, seed: int = 0, bias: bool = False) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g)))
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    return QuantLinear.from_float(lin, cfg)
+
+
+def _ref(layer: QuantLinear, x: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    y = x.to(cd).double() @ layer.dequantized_weight(torch.float64).t()
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+CONFIGS = {  # id -> (config, layout version)
+    "4sym-g128": (QuantConfig(4, group_size=128), 2),
+    "4asym-g32": (QuantConfig(4, symmetric=False, group_size=32), 2),
+    "4sym-g96": (QuantConfig(4, group_size=96), 2),  # a block of 64 columns straddles two groups
+    "3asym-g64-v1": (QuantConfig(3, symmetric=False, group_size=64), 1),  # 3-bit codes in 4-bit containers
+    "4sym-channel": (QuantConfig(4, scope="channel"), 2),
+    "4asym-tensor": (QuantConfig(4, symmetric=False, scope="tensor"), 2),
+}
+
+
+@pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+@pytest.mark.parametrize("cd", [torch.bfloat16, torch.float32, torch.float16], ids=["bf16", "fp32", "fp16"])
+@pytest.mark.parametrize("n,k", [(48, 576), (97, 200), (1, 40)])  # K padded (200, 40); N odd; one row
+@pytest.mark.parametrize("cfg_id", list(CONFIGS))
+def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
+    cfg, version = CONFIGS[cfg_id]
+    if cfg.scope == "group" and k % cfg.group_size and k < cfg.group_size:
+        cfg = QuantConfig(cfg.bits, symmetric=cfg.symmetric, group_size=32)
+    set_cpu_compute_dtype(cd)
+    layer = _layer(n, k, cfg, bias=True)
+    if version == 1:
+        layer = layer.to_layout(1)
+    w = layer.packed_weight(cfg.bits)
+    native = _available() and gemv4_decline(w) is None
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 5, 8, 13, 31):
+        x = torch.randn(m, k, generator=g)
+        path = cpu_path(x, w)
+        if native:
+            assert path == "native4", (m, path)
+        with torch.no_grad():
+            y = layer(x)
+            yb = layer(x.bfloat16())
+        assert y.dtype == torch.float32 and yb.dtype == torch.bfloat16
+        ref = _ref(layer, x, cd)
+        if native:  # exact products, float32 sums and a float32 output
+            assert _rel_err(y, ref) < 1e-5, (m, _rel_err(y, ref))
+        else:
+            assert _rel_err(y, ref) < (1e-5 if cd == torch.float32 else 2e-2)
+        assert _rel_err(yb, _ref(layer, x.bfloat16().float(), cd)) < 1e-2
+
+
+def test_native4_is_closer_to_the_reference_than_aten_int4_and_agrees_with_it():
+    """Same layer, same bf16 activations: aten's kernel rounds its scales and its output to bfloat16, the
+    native one neither; both stay within the bf16 tolerance of the float64 reference."""
+    if not _available():
+        pytest.skip("needs the native 4-bit kernel (AVX512F + BW); the fallback is tested elsewhere")
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 576, QuantConfig(4, group_size=128))
+    x = torch.randn(4, 576)
+    ref = _ref(layer, x, torch.bfloat16)
+    with torch.no_grad():
+        y_native = layer(x)
+        set_cpu_int4_kernel("aten")
+        assert cpu_path(x, layer.packed_weight(4)) == "int4"
+        y_aten = layer(x)
+    e_native, e_aten = _rel_err(y_native, ref), _rel_err(y_aten, ref)
+    assert e_native < 1e-5 and e_aten < 2e-2
+    assert e_native < e_aten / 10
+    assert _rel_err(y_native, y_aten.double()) < 2e-2
+
+
+def test_native4_holds_no_repacked_copy_of_the_weight():
+    """The memory point of the native kernel: aten's int4 kernel keeps its own packed copy (4 bits per weight
+    beside medquant's codes); the native one reads the layer's codes in place and holds only float32 copies of
+    the scales (and zero points) that are not float32 already."""
+    set_cpu_compute_dtype(torch.bfloat16)
+    n, k = 256, 1024
+    layer = _layer(n, k, QuantConfig(4, group_size=128))  # float16 scales: copied to float32 once
+    x = torch.randn(1, k)
+    with torch.no_grad():
+        layer(x)
+    native_bytes = cpu_cache_bytes()
+    set_cpu_int4_kernel("aten")
+    with torch.no_grad():
+        layer(x)
+    aten_bytes = cpu_cache_bytes()
+    assert aten_bytes >= n * k // 2  # the repacked 4-bit codes
+    if _available():
+        groups = n * (k // 128)
+        assert native_bytes == groups * 4 * 2  # float32 scales and zero points, nothing else
+    else:
+        assert native_bytes == aten_bytes
+
+
+def test_dense_threshold_applies_to_the_native_kernel():
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    w = layer.packed_weight(4)
+    small = _small_path()
+    assert [cpu_path(torch.randn(m, 256), w) for m in (1, 31, 32)] == [small, small, "dense"]
+    set_cpu_dense_min_m(100)
+    assert cpu_path(torch.randn(80, 256), w) == small
+    x = torch.randn(80, 256)
+    with torch.no_grad():
+        assert _rel_err(layer(x), _ref(layer, x, torch.bfloat16)) < 2e-2
+
+
+def test_float32_compute_runs_the_native_kernel_at_small_m_and_is_exact():
+    """A CPU without bf16 (simulated: float32 compute dtype) keeps the native kernel below the dense threshold
+    (aten's int4 kernel is used with float32 activations at M = 1 only)."""
+    set_cpu_compute_dtype(torch.float32)
+    layer = _layer(64, 256, QuantConfig(4, group_size=64))
+    for m in (1, 7, 300):
+        x = torch.randn(m, 256)
+        expect = ("native4" if m < 32 else "dense") if _available() else ("int4" if m == 1 else "dense")
+        assert cpu_path(x, layer.packed_weight(4)) == expect
+        with torch.no_grad():
+            assert _rel_err(layer(x), _ref(layer, x, torch.float32)) < 1e-5
+
+
+def test_native_disabled_falls_back_correctly(monkeypatch):
+    """``$MEDQUANT_NATIVE=0`` before planning: aten's int4 kernel; set after a plan was built: the call runs
+    the dense path (no wrong result either way)."""
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(2, 256)
+    ref = _ref(layer, x, torch.bfloat16)
+    with torch.no_grad():
+        y0 = layer(x)
+        monkeypatch.setenv("MEDQUANT_NATIVE", "0")
+        y1 = layer(x)  # plan already native4 (where available): dense path now
+        clear_cpu_cache()
+        assert cpu_path(x, layer.packed_weight(4)) == "int4"
+        y2 = layer(x)
+    for y in (y0, y1, y2):
+        assert _rel_err(y, ref) < 2e-2
+
+
+def test_row_strided_input_runs_without_a_copy_and_a_transposed_one_is_copied_with_a_warning():
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 200, QuantConfig(4, group_size=64))
+    big = torch.randn(6, 400)
+    x = big[:, :200]  # rows 400 apart, unit column stride: the kernel reads it in place
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            y = layer(x)
+    assert _rel_err(y, _ref(layer, x, torch.bfloat16)) < 1e-2
+    xt = torch.randn(200, 6).t()
+    with pytest.warns(RuntimeWarning, match="non-contiguous"), torch.no_grad():
+        yt = layer(xt)
+    assert _rel_err(yt, _ref(layer, xt, torch.bfloat16)) < 1e-2
+
+
+def test_bad_input_to_the_bound_kernel_is_refused():
+    if not _available():
+        pytest.skip("needs the native 4-bit kernel")
+    layer = _layer(32, 64, QuantConfig(4, group_size=32))
+    from medquant.kernels.cpu import _scale_zero
+
+    w = layer.packed_weight(4)
+    gemv = native_gemv4(w, *_scale_zero(w))
+    assert gemv is not None
+    for bad in (torch.randn(2, 63), torch.randn(2, 64, dtype=torch.float64), torch.randn(64, 2).t(),
+                torch.randn(64)):
+        with pytest.raises(ValueError, match="unit column stride"):
+            gemv(bad, True)
+    assert gemv4_decline(_layer(32, 64, QuantConfig(4, group_size=16)).packed_weight(4)) is not None
+    assert gemv4_decline(_layer(32, 64, QuantConfig(2, group_size=32)).packed_weight(2)) is not None
+    assert gemv4_decline(_layer(32, 64, QuantConfig(3, group_size=32)).packed_weight(3)) is not None  # dense
+
+
+@pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+def test_mixed_bit_layer_4bit_rows_native_others_on_their_kernels():
+    set_cpu_compute_dtype(torch.bfloat16)
+    bits = (4,) * 32 + (2,) * 16 + (8,) * 16 + (3,) * 8 + (0,) * 4 + (16,) * 4
+    perm = torch.randperm(len(bits), generator=torch.Generator().manual_seed(0)).tolist()
+    cfg = QuantConfig(4, scope="channel", channel_bits=tuple(bits[i] for i in perm))
+    layer = _layer(len(bits), 320, cfg, bias=True)
+    x = torch.randn(1, 320)
+    kinds = {b: cpu_path(x, layer.packed_weight(b)) for b in (2, 3, 4, 8)}
+    assert kinds == {2: "int4", 3: "reference", 4: _small_path(), 8: "int8"}
+    for m in (1, 5, 300):
+        x = torch.randn(m, 320)
+        with torch.no_grad():
+            assert _rel_err(layer(x), _ref(layer, x, torch.bfloat16)) < 2e-2
+
+
+def _llama(tied: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**text_kwargs(tie_word_embeddings=tied))).eval()
+
+
+@pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+def test_quantized_llama_runs_native4_everywhere_and_survives_save_load(tmp_path):
+    """Every 4-bit layer (the head included) on the native kernel; save -> load gives the same codes, the same
+    path and bit-identical logits; the file holds medquant's codes (no kernel copy); logits agree with the
+    torch reference path of the same model."""
+    from safetensors import safe_open
+
+    from medquant.io import WEIGHTS_NAME
+
+    set_cpu_compute_dtype(torch.bfloat16)
+    model = _llama()
+    mq.quantize_(model, QuantConfig(4, group_size=64))
+    qlayers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert "lm_head" in qlayers
+    assert {cpu_path(torch.randn(1, q.in_features), q.packed_weight(4)) for q in qlayers.values()} == \
+        {_small_path()}
+    ids = torch.randint(0, 200, (1, 9))
+    with torch.no_grad():
+        model(ids)  # prefill (M = 9: the small-M kernel)
+        before = model(ids[:, :1]).logits
+        with force_backend("torch"):
+            ref = model(ids[:, :1]).logits
+    assert _rel_err(before, ref.double()) < 5e-2
+    path = mq.save(model, tmp_path / "m")
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("qweight_4")}  # noqa: SIM118
+    for name, q in qlayers.items():
+        assert sizes[f"{name}.qweight_4"] == list(q.qweight_4.shape)  # medquant's packed words, 8 codes each
+        assert q.qweight_4.shape[1] * 8 == -(-q.in_features // 8) * 8
+    loaded = mq.load(path).eval()
+    for name, q in loaded.named_modules():
+        if isinstance(q, QuantLinear):
+            assert torch.equal(q.qweight_4, qlayers[name].qweight_4)
+            assert cpu_path(torch.randn(1, q.in_features), q.packed_weight(4)) == _small_path()
+    with torch.no_grad():
+        after = loaded(ids[:, :1]).logits
+    assert torch.equal(after, before)
+
+
+@pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+def test_tied_quantized_head_runs_native4_on_the_shared_codes():
+    from medquant.quant.embeddings import quantize_embeddings_
+    from medquant.quant.modules import tied_to
+
+    set_cpu_compute_dtype(torch.bfloat16)
+    model = _llama(tied=True)
+    cfg = QuantConfig(4, group_size=32)
+    mq.quantize_(model, cfg)
+    assert quantize_embeddings_(model, cfg)["tied_heads"] == ["lm_head"]
+    head, emb = model.lm_head, model.model.embed_tokens
+    assert tied_to(head, emb)
+    w = head.packed_weight(4)
+    assert cpu_path(torch.randn(1, head.in_features), w) == _small_path()
+    if _available():
+        assert cpu_plan(w).gemv.qweight.data_ptr() == emb.get_buffer("qweight_4").data_ptr()  # read in place
+    h = torch.randn(3, head.in_features)
+    with torch.no_grad():
+        y = head(h)
+    tol = 1e-5 if _available() else 2e-2
+    assert _rel_err(y, _ref(head, h, torch.bfloat16)) < tol
+
+
+def test_torch_compile_traces_the_native_kernel():
+    """Under ``torch.compile`` the kernel runs as the ``medquant::gemv4`` operator (its fake implementation
+    gives the shapes): full graph, same output as eager."""
+    set_cpu_compute_dtype(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    for i in (0, 2):
+        model[i] = QuantLinear.from_float(model[i], QuantConfig(4, group_size=64))
+    x = torch.randn(3, 256)
+    assert cpu_path(x, model[0].packed_weight(4)) == _small_path()
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(out, eager)
+    if _available():
+        gemv = cpu_plan(model[0].packed_weight(4)).gemv
+        y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, True)
+        torch.testing.assert_close(y_op, gemv(x, True), rtol=0, atol=0)
