@@ -661,6 +661,9 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     params = _params(plan, weight, cd) if plan.kind in ("int4", "int8") else None
     gemv = plan.gemv
     round_bf16 = cd == torch.bfloat16
+    # native4 below this M (a settings change bumps the dispatch generation: prepared runners are rebuilt)
+    native_below = dense_min_m("int4") if gemv is not None else 0
+    native_dtypes = (torch.float32, torch.bfloat16) if cd != torch.float16 else ()
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     op8 = torch.ops.aten._weight_int8pack_mm.default
@@ -704,10 +707,10 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         m = x.shape[0]
         if m == 0:
             return x.new_empty(0, n)
-        if gemv is not None and _path(plan, m, cd) == "native4":
+        if m < native_below:
             # the kernel reads float32 or bfloat16 x and rounds it to bfloat16 itself (round_bf16); a float16
             # compute dtype rounds here and passes float32 (exact)
-            xk = x if x.dtype in (torch.float32, torch.bfloat16) and cd != torch.float16 else x.to(cd)
+            xk = x if x.dtype in native_dtypes else x.to(cd)
             if xk.dtype == torch.float16:
                 xk = xk.float()
             if k > 1 and xk.stride(1) != 1:

@@ -1,4 +1,5 @@
-"""A small native kernel for the CPU dense path: packed codes -> dense weights in one pass.
+"""Small native kernels for the CPU backend: packed codes -> dense weights in one pass (the dense path), and a
+4-bit weight-only matmul on the packed codes (the ``native4`` path, :func:`native_gemv4`).
 
 The dense path of :mod:`medquant.kernels.cpu` (large ``M``, prefill) dequantizes a row group to the compute
 dtype ``T`` and runs ``F.linear``. :func:`dequantize_native` does the dequantization in one C pass over the
@@ -30,6 +31,16 @@ the kernel is active and why not. Nothing here raises into an import or a forwar
 
 :func:`native_dequantizer` binds one row group's arguments once (the CPU backend's prepared call keeps it), so
 a call costs the C function alone; :meth:`NativeDequantizer.into` fills a range of rows into a caller's buffer.
+
+**4-bit matmul.** :func:`native_gemv4` binds a row group whose codes sit in 4-bit containers; calling it computes
+
+    y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
+
+(``x~``: the input rounded to bfloat16, or the input itself) with exact products and float32 sums, reading the
+codes in place. It is compiled only with AVX512F + AVX512BW (``-march=native`` on such a CPU; it multiplies
+bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to float32);
+:func:`native_status` reports ``gemv4`` / ``gemv4_bf16``. The operator ``medquant::gemv4`` wraps it for
+``torch.compile``.
 
 **Threads.** Rows are split over ``torch.get_num_threads()`` threads with OpenMP. Loaded into a process that
 already runs torch, the library binds to the OpenMP runtime torch loaded (same ``libgomp.so.1``), so it shares
@@ -199,8 +210,8 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     lib.mq_dequant.argtypes = [vp, i64, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, vp, vp,
                                ctypes.c_int, vp, i64, ctypes.c_int]
     lib.mq_gemv4.restype = ctypes.c_int
-    lib.mq_gemv4.argtypes = [vp, i64, i64, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int, i64, i64, vp, i64,
-                             ctypes.c_int, ctypes.c_int]
+    lib.mq_gemv4.argtypes = [vp, i64, i64, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int, i64, i64, vp,
+                             ctypes.c_int, i64, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -460,7 +471,8 @@ def _gemv4_call(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torc
     n, ng = qweight.shape[0], s.shape[1]
     return lib.mq_gemv4(qweight.data_ptr(), n, qweight.shape[1] * 4, k, kp, ge, ng, s.data_ptr(), z.data_ptr(),
                         x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.stride(0), y.data_ptr(),
-                        y.stride(0), int(round_bf16), max(1, torch.get_num_threads()))
+                        int(y.dtype == torch.bfloat16), y.stride(0), int(round_bf16),
+                        max(1, torch.get_num_threads()))
 
 
 @torch.library.custom_op("medquant::gemv4", mutates_args=())
@@ -485,28 +497,39 @@ def _gemv4_fake(x, qweight, s, z, k, kp, ge, round_bf16):
 class NativeGemv4:
     """One row group's native 4-bit weight-only matmul, its arguments bound once (:func:`native_gemv4`).
 
-    ``gemv(x, round_bf16)`` returns ``y (M, n)`` float32 with
+    ``gemv(x, round_bf16)`` returns ``y (M, n)`` with
 
         y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
 
     which is ``x~ @ ((u - z) * s)^T`` with exact products and float32 sums, ``x~`` being ``x`` rounded to
-    bfloat16 (``round_bf16``) or ``x`` itself; None when ``$MEDQUANT_NATIVE=0`` is set or the C function
-    declines (reported once): the caller then runs another path. It reads medquant's packed codes in place
-    (no copy of the weight), plus float32 copies of the scales and zero points, ``8 * n * ng`` bytes.
+    bfloat16 (``round_bf16``) or ``x`` itself; ``y`` is float32, or bfloat16 (the float32 sum rounded once)
+    for a bfloat16 ``x``. None when ``$MEDQUANT_NATIVE=0`` is set or the C function declines (reported once):
+    the caller then runs another path. It reads medquant's packed codes in place (no copy of the weight), plus
+    float32 copies of the scales and zero points, ``8 * n * ng`` bytes.
     """
 
-    def __init__(self, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor, ge: int) -> None:
-        self._weight = weight
+    def __init__(self, fn, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                 ge: int) -> None:
+        self._fn, self._weight = fn, weight
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
         self.n, self.k, self.kp, self.ge = weight.n, weight.k, weight.k_pad, ge
+        # everything but x and y, in the C function's order (a decode step calls this once per layer)
+        self._head = (qw.data_ptr(), self.n, qw.shape[1] * 4, self.k, self.kp, ge, s.shape[1], s.data_ptr(),
+                      z.data_ptr())
 
     def extra_bytes(self) -> int:
-        """Bytes this object holds beyond the layer's own tensors (its scale and zero copies)."""
+        """Bytes this object holds beyond the layer's own tensors (its scale and zero copies).
+
+        Returns:
+            The byte count.
+        """
         own = {t.untyped_storage().data_ptr() for t in (self._weight.scales, self._weight.zeros) if t is not None}
-        return sum(t.numel() * t.element_size() for t in (self.s, self.z) if t.untyped_storage().data_ptr() not in own)
+        return sum(t.numel() * t.element_size() for t in (self.s, self.z)
+                   if t.untyped_storage().data_ptr() not in own)
 
     def __call__(self, x: torch.Tensor, round_bf16: bool) -> torch.Tensor | None:
-        if x.dim() != 2 or x.shape[1] != self.k or x.dtype not in (torch.float32, torch.bfloat16) or \
+        bf16 = x.dtype == torch.bfloat16
+        if x.dim() != 2 or x.shape[1] != self.k or not (bf16 or x.dtype == torch.float32) or \
                 x.device.type != "cpu" or (self.k > 1 and x.stride(1) != 1):
             raise ValueError(f"x must be a CPU float32 / bfloat16 tensor (M, {self.k}) with unit column stride, "
                              f"got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
@@ -514,8 +537,10 @@ class NativeGemv4:
             return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, round_bf16)
         if _disabled():
             return None
-        y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
-        rc = _gemv4_call(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, round_bf16, y)
+        m = x.shape[0]
+        y = torch.empty(m, self.n, dtype=x.dtype)
+        rc = self._fn(*self._head, x.data_ptr(), int(bf16), m, x.stride(0), y.data_ptr(), int(bf16), self.n,
+                      int(round_bf16), torch.get_num_threads())
         if rc != 0:
             _report_once(f"gemv{rc}", f"medquant native 4-bit matmul declined a call ({_describe(self._weight)}, "
                                       f"code {rc}): the dense path runs it")
@@ -565,4 +590,4 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) 
     ng = kp // ge
     s = scale.float().expand(n, ng).contiguous()
     z = zero.float().expand(n, ng).contiguous()
-    return NativeGemv4(weight, weight.qweight.contiguous(), s, z, ge)
+    return NativeGemv4(lib.mq_gemv4, weight, weight.qweight.contiguous(), s, z, ge)

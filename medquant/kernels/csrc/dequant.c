@@ -330,7 +330,8 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * q: n rows of row_bytes bytes, two codes per byte (column 2t in the low nibble of byte t), kp codes per row
  * (kp even; codes beyond k multiply zeros). s, z: float32 (n, ng), group g covering columns [g ge, (g + 1) ge);
  * ge a multiple of 32 unless ng == 1 (channel / tensor scope: one group of kp columns). x: (m, xstride), float32
- * (xdtype 0) or bfloat16 bits (xdtype 1). y: (m, ys) float32.
+ * (xdtype 0) or bfloat16 bits (xdtype 1). y: (m, ys), float32 (ydtype 0) or bfloat16 (ydtype 1: the float32 sum
+ * rounded to nearest even).
  *
  * Blocks of 64 columns: 32 bytes widened to 16-bit lanes, the low nibbles (even columns) and the high nibbles
  * (odd columns) each give 32 codes; x is permuted once per call to match (per block: its 32 even columns, then
@@ -368,7 +369,7 @@ static inline int flush_after(const int32_t *gix, int64_t b, int64_t nblk) {
 static inline __attribute__((always_inline)) void gemv4_rows(
     const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const float *s,
     const float *z, const float *xf, const uint16_t *xb, int64_t xps, const float *xs, const int32_t *gix,
-    const int mb, int64_t m0, float *y, int64_t ys) {
+    const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const __m512i mask4 = _mm512_set1_epi16(0x0F);
 #if MQ_GEMV_BF16
     /* bfloat16 bits of 0..15, twice (vpermw reads the low 5 bits of each index) */
@@ -443,17 +444,22 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                 c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + g), _mm512_maskz_loadu_ps(mk, zr + g)),
                                     _mm512_maskz_loadu_ps(mk, xsi + g), c);
             }
-            y[(m0 + i) * ys + r] = _mm512_reduce_add_ps(tot[i]) - _mm512_reduce_add_ps(c);
+            const float v = _mm512_reduce_add_ps(tot[i]) - _mm512_reduce_add_ps(c);
+            if (ydtype)
+                ((uint16_t *)y)[(m0 + i) * ys + r] = bf16_bits(v);
+            else
+                ((float *)y)[(m0 + i) * ys + r] = v;
         }
     }
 }
 #endif
 
 int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
-             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, float *y,
-             int64_t ys, int round_bf16, int nthreads) {
+             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
+             int ydtype, int64_t ys, int round_bf16, int nthreads) {
     if (n < 0 || m < 0 || k < 0 || k > kp || kp % 2 || row_bytes * 2 < kp || ge <= 0 || ng <= 0 ||
-        ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n || (xdtype != 0 && xdtype != 1))
+        ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n || (xdtype != 0 && xdtype != 1) ||
+        (ydtype != 0 && ydtype != 1))
         return -1;
     if (ng > 1 && ge % 32) return -2;
 #if MQ_GEMV_F32
@@ -509,16 +515,17 @@ int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t 
     for (int64_t t = 0; t < tasks; ++t) {
         const int64_t r0 = t * MQ_GEMV_RB, r1 = r0 + MQ_GEMV_RB < n ? r0 + MQ_GEMV_RB : n;
         int64_t m0 = 0;
-        for (; m0 + 8 <= m; m0 += 8) gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 8, m0, y, ys);
+        for (; m0 + 8 <= m; m0 += 8)
+            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 8, m0, y, ydtype, ys);
         if (m - m0 >= 4) {
-            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 4, m0, y, ys);
+            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 4, m0, y, ydtype, ys);
             m0 += 4;
         }
         if (m - m0 >= 2) {
-            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 2, m0, y, ys);
+            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 2, m0, y, ydtype, ys);
             m0 += 2;
         }
-        if (m - m0 >= 1) gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 1, m0, y, ys);
+        if (m - m0 >= 1) gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 1, m0, y, ydtype, ys);
     }
     free(xp), free(xs), free(row), free(gix);
     return 0;
