@@ -702,15 +702,17 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         return F.linear(xc, dequantize_eager(weight, cd))
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        # a decode step calls this once per layer with the caches cold from the previous layer's weights, where
+        # every Python-level torch call costs microseconds: no-op casts and repeated checks are skipped
         if x.dim() != 2 or x.shape[1] != k or not x.is_floating_point():
             raise ValueError(f"x must be a 2-D float tensor (M, {k}), got {tuple(x.shape)} {x.dtype}")
-        m = x.shape[0]
+        m, dt = x.shape[0], x.dtype
         if m == 0:
             return x.new_empty(0, n)
         if m < native_below:
             # the kernel reads float32 or bfloat16 x and rounds it to bfloat16 itself (round_bf16); a float16
             # compute dtype rounds here and passes float32 (exact)
-            xk = x if x.dtype in native_dtypes else x.to(cd)
+            xk = x if dt in native_dtypes else x.to(cd)
             if xk.dtype == torch.float16:
                 xk = xk.float()
             if k > 1 and xk.stride(1) != 1:
@@ -718,23 +720,24 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
                                          "one before the kernel (correct, one extra copy per call); pass "
                                          "contiguous activations to avoid it")
                 xk = xk.contiguous()
-            y = gemv(xk, round_bf16)
+            y = gemv.run(xk, round_bf16)
             if y is not None:
-                return y.to(x.dtype)
-            return dense(x.to(cd).contiguous()).to(x.dtype)
-        xc = x.to(cd)
+                return y if y.dtype == dt else y.to(dt)
+            return dense(x.to(cd).contiguous()).to(dt)
+        xc = x if dt == cd else x.to(cd)
         if not xc.is_contiguous():
             _warn_once("contiguous", "medquant CPU kernels: a non-contiguous input is copied to a contiguous one "
                                      "before the kernel (correct, one extra copy per call); pass contiguous "
                                      "activations to avoid it")
             xc = xc.contiguous()
         if _path(plan, m, cd) == "dense":
-            return dense(xc).to(x.dtype)
-        if pad:
-            xc = F.pad(xc, (0, pad))
-        assert packed is not None and params is not None
-        y = op4(xc, packed, group, params) if int4 else op8(xc, packed, params)
-        return y.to(x.dtype)
+            y = dense(xc)
+        else:
+            if pad:
+                xc = F.pad(xc, (0, pad))
+            assert packed is not None and params is not None
+            y = op4(xc, packed, group, params) if int4 else op8(xc, packed, params)
+        return y if y.dtype == dt else y.to(dt)
 
     return run
 

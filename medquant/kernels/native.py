@@ -503,8 +503,8 @@ class NativeGemv4:
 
     which is ``x~ @ ((u - z) * s)^T`` with exact products and float32 sums, ``x~`` being ``x`` rounded to
     bfloat16 (``round_bf16``) or ``x`` itself; ``y`` is float32, or bfloat16 (the float32 sum rounded once)
-    for a bfloat16 ``x``. None when ``$MEDQUANT_NATIVE=0`` is set or the C function declines (reported once):
-    the caller then runs another path. It reads medquant's packed codes in place (no copy of the weight), plus
+    for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
+    ``$MEDQUANT_NATIVE`` is read when it is built (:func:`native_gemv4`), not at each call. It reads medquant's packed codes in place (no copy of the weight), plus
     float32 copies of the scales and zero points, ``8 * n * ng`` bytes.
     """
 
@@ -528,19 +528,33 @@ class NativeGemv4:
                    if t.untyped_storage().data_ptr() not in own)
 
     def __call__(self, x: torch.Tensor, round_bf16: bool) -> torch.Tensor | None:
-        bf16 = x.dtype == torch.bfloat16
-        if x.dim() != 2 or x.shape[1] != self.k or not (bf16 or x.dtype == torch.float32) or \
+        """``y`` for ``x`` (class docstring), after checking ``x``.
+
+        Args:
+            x: ``(M, k)`` CPU float32 or bfloat16 tensor with unit column stride.
+            round_bf16: round ``x`` to bfloat16 first (a bfloat16 compute dtype).
+
+        Returns:
+            ``y (M, n)``, or None when the C function declined.
+
+        Raises:
+            ValueError: ``x`` of another shape, dtype, device or layout.
+        """
+        if x.dim() != 2 or x.shape[1] != self.k or x.dtype not in (torch.float32, torch.bfloat16) or \
                 x.device.type != "cpu" or (self.k > 1 and x.stride(1) != 1):
             raise ValueError(f"x must be a CPU float32 / bfloat16 tensor (M, {self.k}) with unit column stride, "
                              f"got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
+        return self.run(x, round_bf16)
+
+    def run(self, x: torch.Tensor, round_bf16: bool) -> torch.Tensor | None:
+        """:meth:`__call__` without the checks, for a caller that has made them (the CPU backend's runner)."""
         if torch.compiler.is_compiling():
             return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, round_bf16)
-        if _disabled():
-            return None
         m = x.shape[0]
+        bf16 = x.dtype == torch.bfloat16
         y = torch.empty(m, self.n, dtype=x.dtype)
-        rc = self._fn(*self._head, x.data_ptr(), int(bf16), m, x.stride(0), y.data_ptr(), int(bf16), self.n,
-                      int(round_bf16), torch.get_num_threads())
+        rc = self._fn(*self._head, x.data_ptr(), bf16, m, x.stride(0), y.data_ptr(), bf16, self.n,
+                      round_bf16, torch.get_num_threads())
         if rc != 0:
             _report_once(f"gemv{rc}", f"medquant native 4-bit matmul declined a call ({_describe(self._weight)}, "
                                       f"code {rc}): the dense path runs it")

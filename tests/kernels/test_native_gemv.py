@@ -183,21 +183,24 @@ def test_float32_compute_runs_the_native_kernel_at_small_m_and_is_exact():
 
 
 def test_native_disabled_falls_back_correctly(monkeypatch):
-    """``$MEDQUANT_NATIVE=0`` before planning: aten's int4 kernel; set after a plan was built: the call runs
-    the dense path (no wrong result either way)."""
+    """``$MEDQUANT_NATIVE=0`` is read when a row group is planned: after ``clear_cpu_cache()`` the rows run aten's
+    int4 kernel, and the dense path dequantizes with eager torch; the results stay correct."""
     set_cpu_compute_dtype(torch.bfloat16)
     layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    ref_small = _ref(layer, torch.ones(1, 256), torch.bfloat16)
     x = torch.randn(2, 256)
     ref = _ref(layer, x, torch.bfloat16)
     with torch.no_grad():
         y0 = layer(x)
         monkeypatch.setenv("MEDQUANT_NATIVE", "0")
-        y1 = layer(x)  # plan already native4 (where available): dense path now
         clear_cpu_cache()
         assert cpu_path(x, layer.packed_weight(4)) == "int4"
-        y2 = layer(x)
-    for y in (y0, y1, y2):
-        assert _rel_err(y, ref) < 2e-2
+        y1 = layer(x)
+        y2 = layer(torch.ones(1, 256))
+        y3 = layer(torch.randn(40, 256))  # dense path, eager dequantization
+    assert y3.shape == (40, 64)
+    for y, r in ((y0, ref), (y1, ref), (y2, ref_small)):
+        assert _rel_err(y, r) < 2e-2
 
 
 def test_row_strided_input_runs_without_a_copy_and_a_transposed_one_is_copied_with_a_warning():

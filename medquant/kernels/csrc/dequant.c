@@ -358,6 +358,9 @@ int mq_gemv4_caps(void) { return MQ_GEMV_F32 | (MQ_GEMV_BF16 << 1); }
 
 #if MQ_GEMV_F32
 #define MQ_GEMV_RB 16 /* weight rows per thread task */
+#ifndef MQ_GEMV_PREFETCH
+#define MQ_GEMV_PREFETCH 2048 /* bytes of codes prefetched ahead of the ones being read (10-20% faster from DRAM) */
+#endif
 
 /* does block b+1 start a new (group of half 0, group of half 1) pair, or is b the last block */
 static inline int flush_after(const int32_t *gix, int64_t b, int64_t nblk) {
@@ -388,6 +391,10 @@ static inline __attribute__((always_inline)) void gemv4_rows(
         for (int64_t b = 0; b < nblk; ++b) {
             const __m256i raw = (b < full) ? _mm256_loadu_si256((const void *)(row + b * 32))
                                            : _mm256_maskz_loadu_epi8(tail, row + b * 32);
+#if MQ_GEMV_PREFETCH > 0
+            /* this thread's rows are contiguous: fetch ahead across row ends (a hint, never faults) */
+            _mm_prefetch((const char *)(row + b * 32 + MQ_GEMV_PREFETCH), _MM_HINT_T0);
+#endif
             const __m512i w = _mm512_cvtepu8_epi16(raw);
             const __m512i lo = _mm512_and_si512(w, mask4), hi = _mm512_srli_epi16(w, 4);
             if (xb != NULL) {
