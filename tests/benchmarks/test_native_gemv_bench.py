@@ -1,0 +1,28 @@
+"""benchmarks.native_gemv: one measured row per kernel and the table built from it."""
+from __future__ import annotations
+
+import torch
+
+from benchmarks import native_gemv as ng
+from medquant.kernels import get_cpu_int4_kernel
+from medquant.kernels.native import native_status
+
+
+def test_measure_times_each_kernel_warm_and_cold_and_restores_the_setting():
+    flush = torch.zeros(1 << 16, dtype=torch.uint8)
+    row = ng.measure(64, 256, 2, torch.Generator().manual_seed(0), flush)
+    want = ["int4", "native4"] if native_status()["gemv4"] else ["int4"]
+    assert row["kernels"] == want
+    assert row["codes_bytes"] == 64 * 256 // 2
+    for kind in want:
+        for mode in ("warm", "cold"):
+            for m in ng.MS:
+                assert row[f"{kind}_{mode}_m{m}_us"] > 0
+    assert get_cpu_int4_kernel() == "auto"
+    result = {"date": "d", "threads": 1, "repeats": 2, "loadavg_before": [0.0], "loadavg_after": [0.0],
+              "bandwidth_gbs": 10.0, "rows": [row]}
+    md = ng.markdown(result)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| 64x256 |")]
+    assert len(lines) == (len(ng.MS) if len(want) == 2 else 0)
+    if lines:  # the limit column: 8192 bytes at 10 GB/s = 0.8 us, printed rounded
+        assert lines[0].rstrip().endswith("| 1 |")
