@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import statistics
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common.env import hardware, versions
+from benchmarks.common.env import hardware, save_results, versions
 from medquant.kernels import (
     clear_cpu_cache,
     cpu_path,
@@ -237,13 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_before": load_before, "loadavg_after": load_after,
         "hardware": hardware(), "versions": versions(), "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
     stem = args.out or ("dense_crossover_quick" if args.quick else "dense_crossover")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (RESULTS / f"{stem}.md").write_text(md)
+    save_results(RESULTS, stem, result, markdown(result))
     plot(rows, RESULTS / f"{stem}.png")
-    print(md)
     return result
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common.env import hardware, versions
+from benchmarks.common.env import hardware, save_results, versions
 from benchmarks.common.lm import time_decode
 from benchmarks.cpu_inference import _make
 from medquant.kernels import clear_cpu_cache, set_cpu_int4_kernel
@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
               "seed": SEED, "rounds": args.rounds, "steps": args.steps, "threads": torch.get_num_threads(),
               "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()), "hardware": hardware(),
               "versions": versions(), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (RESULTS / f"{args.out}.md").write_text(md)
-    print(md)
+    save_results(RESULTS, args.out, result, markdown(result))
     return result
 
 

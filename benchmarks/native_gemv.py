@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common.env import hardware, versions
+from benchmarks.common.env import hardware, save_results, versions
 from medquant.kernels import (
     clear_cpu_cache,
     cpu_path,
@@ -137,11 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
               "bandwidth_gbs": args.bandwidth, "loadavg_before": load_before,
               "loadavg_after": list(os.getloadavg()), "hardware": hardware(), "versions": versions(),
               "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (RESULTS / f"{args.out}.md").write_text(md)
-    print(md)
+    save_results(RESULTS, args.out, result, markdown(result))
     return result
 
 

@@ -75,3 +75,16 @@ def hardware(**fields) -> dict:
            else None, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     out.update(fields)
     return out
+
+
+def save_results(results_dir, stem: str, result: dict, markdown: str) -> None:
+    """Write ``<stem>.json`` (the result, indented) and ``<stem>.md`` (the table) into ``results_dir``, created if
+    missing, and print the table."""
+    import json
+    from pathlib import Path
+
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)

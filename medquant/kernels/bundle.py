@@ -84,6 +84,16 @@ class PackedWeight:
         """The device of the packed words (scales and zero points are on the same one)."""
         return self.qweight.device
 
+    def describe(self) -> str:
+        """One line naming the row group's shape and layout (what the kernels' warnings print).
+
+        Returns:
+            ``"packed_linear N=.. K=.. bits=.. symmetric|asymmetric scope=group(G)|channel|tensor"``.
+        """
+        scope = f"group({self.group_elems})" if self.scope == "group" else self.scope
+        return (f"packed_linear N={self.n} K={self.k} bits={self.bits} "
+                f"{'symmetric' if self.symmetric else 'asymmetric'} scope={scope}")
+
     def codes(self) -> torch.Tensor:
         """The unpacked unsigned codes ``(n, K_pad)`` uint8 (padding included).
 

@@ -485,12 +485,6 @@ def _dense_only(weight: PackedWeight) -> str | None:
     return None
 
 
-def _describe(weight: PackedWeight) -> str:
-    scope = f"group({weight.group_elems})" if weight.scope == "group" else weight.scope
-    return (f"packed_linear N={weight.n} K={weight.k} bits={weight.bits} "
-            f"{'symmetric' if weight.symmetric else 'asymmetric'} scope={scope}")
-
-
 def _int4_group(k: int, candidates: list[int]) -> int:
     """The int4 kernel group: the largest candidate dividing ``k`` (no padding of ``x`` at every call), else the
     largest candidate (``K`` is then padded)."""
@@ -556,12 +550,12 @@ def cpu_plan(weight: PackedWeight) -> _Plan:
         plan = _build_plan(weight)
         _plans[weight.qweight] = plan
         if plan.kind is None:
-            _warn_once(f"decline:{_describe(weight)}",
-                       f"medquant CPU kernels: {_describe(weight)} runs the torch reference path "
+            _warn_once(f"decline:{weight.describe()}",
+                       f"medquant CPU kernels: {weight.describe()} runs the torch reference path "
                        f"(dequantize at every call): {plan.reason}")
         elif plan.kind == "dense":
-            _warn_once(f"dense:{_describe(weight)}",
-                       f"medquant CPU kernels: {_describe(weight)} runs the dense path at every M (dequantize to "
+            _warn_once(f"dense:{weight.describe()}",
+                       f"medquant CPU kernels: {weight.describe()} runs the dense path at every M (dequantize to "
                        f"the compute dtype at every call, then a dense matmul): {plan.reason}")
     return plan
 
@@ -652,6 +646,13 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
     return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight))
 
 
+def _contiguous(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of an input a kernel cannot read as it is, with a one-time warning."""
+    _warn_once("contiguous", "medquant CPU kernels: a non-contiguous input is copied to a contiguous one before "
+                             "the kernel (correct, one extra copy per call); pass contiguous activations to avoid it")
+    return x.contiguous()
+
+
 def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     """``fn(x)`` running ``x (M, k) @ dequant(W)^T`` on ``plan`` (kind int4 / int8 / dense) in compute dtype
     ``cd``, with everything that depends only on the weight bound once (the hot path of a decode step: one cast
@@ -716,20 +717,14 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             if xk.dtype == torch.float16:
                 xk = xk.float()
             if k > 1 and xk.stride(1) != 1:
-                _warn_once("contiguous", "medquant CPU kernels: a non-contiguous input is copied to a contiguous "
-                                         "one before the kernel (correct, one extra copy per call); pass "
-                                         "contiguous activations to avoid it")
-                xk = xk.contiguous()
+                xk = _contiguous(xk)
             y = gemv.run(xk, round_bf16)
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
             return dense(x.to(cd).contiguous()).to(dt)
         xc = x if dt == cd else x.to(cd)
         if not xc.is_contiguous():
-            _warn_once("contiguous", "medquant CPU kernels: a non-contiguous input is copied to a contiguous one "
-                                     "before the kernel (correct, one extra copy per call); pass contiguous "
-                                     "activations to avoid it")
-            xc = xc.contiguous()
+            xc = _contiguous(xc)
         if _path(plan, m, cd) == "dense":
             y = dense(xc)
         else:

@@ -463,16 +463,17 @@ def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Ten
 
 
 # ------------------------------------------------------------------------------ 4-bit weight-only matmul
-def _gemv4_call(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int,
-                ge: int, round_bf16: bool, y: torch.Tensor) -> int:
-    lib = _state.lib
-    if lib is None:
-        return -3
-    n, ng = qweight.shape[0], s.shape[1]
-    return lib.mq_gemv4(qweight.data_ptr(), n, qweight.shape[1] * 4, k, kp, ge, ng, s.data_ptr(), z.data_ptr(),
-                        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.stride(0), y.data_ptr(),
-                        int(y.dtype == torch.bfloat16), y.stride(0), int(round_bf16),
-                        max(1, torch.get_num_threads()))
+def _gemv4_head(qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int) -> tuple:
+    """``mq_gemv4``'s arguments that depend only on the weight, in its order."""
+    return (qweight.data_ptr(), qweight.shape[0], qweight.shape[1] * 4, k, kp, ge, s.shape[1], s.data_ptr(),
+            z.data_ptr())
+
+
+def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, round_bf16: bool) -> int:
+    """Run ``mq_gemv4`` for ``x`` into ``y`` (float32 or bfloat16, ``(M, n)``); its return code."""
+    bf16 = x.dtype == torch.bfloat16
+    return fn(*head, x.data_ptr(), bf16, x.shape[0], x.stride(0), y.data_ptr(), y.dtype == torch.bfloat16,
+              y.stride(0), round_bf16, torch.get_num_threads())
 
 
 @torch.library.custom_op("medquant::gemv4", mutates_args=())
@@ -483,7 +484,8 @@ def gemv4_op(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.T
     bfloat16 with unit column stride; ``qweight``: the row group's int32 words (4-bit containers); ``s``, ``z``:
     float32 ``(n, ng)``. Raises RuntimeError when the kernel declines (it never returns a wrong result)."""
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
-    rc = _gemv4_call(x, qweight, s, z, k, kp, ge, round_bf16, y)
+    lib = _state.lib
+    rc = -3 if lib is None else _gemv4_into(lib.mq_gemv4, _gemv4_head(qweight, s, z, k, kp, ge), x, y, round_bf16)
     if rc != 0:
         raise RuntimeError(f"medquant native 4-bit matmul declined the call (code {rc})")
     return y
@@ -513,9 +515,7 @@ class NativeGemv4:
         self._fn, self._weight = fn, weight
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
         self.n, self.k, self.kp, self.ge = weight.n, weight.k, weight.k_pad, ge
-        # everything but x and y, in the C function's order (a decode step calls this once per layer)
-        self._head = (qw.data_ptr(), self.n, qw.shape[1] * 4, self.k, self.kp, ge, s.shape[1], s.data_ptr(),
-                      z.data_ptr())
+        self._head = _gemv4_head(qw, s, z, self.k, self.kp, ge)  # bound once: a decode step calls this per layer
 
     def extra_bytes(self) -> int:
         """Bytes this object holds beyond the layer's own tensors (its scale and zero copies).
@@ -550,21 +550,13 @@ class NativeGemv4:
         """:meth:`__call__` without the checks, for a caller that has made them (the CPU backend's runner)."""
         if torch.compiler.is_compiling():
             return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, round_bf16)
-        m = x.shape[0]
-        bf16 = x.dtype == torch.bfloat16
-        y = torch.empty(m, self.n, dtype=x.dtype)
-        rc = self._fn(*self._head, x.data_ptr(), bf16, m, x.stride(0), y.data_ptr(), bf16, self.n,
-                      round_bf16, torch.get_num_threads())
+        y = torch.empty(x.shape[0], self.n, dtype=x.dtype)
+        rc = _gemv4_into(self._fn, self._head, x, y, round_bf16)
         if rc != 0:
-            _report_once(f"gemv{rc}", f"medquant native 4-bit matmul declined a call ({_describe(self._weight)}, "
+            _report_once(f"gemv{rc}", f"medquant native 4-bit matmul declined a call ({self._weight.describe()}, "
                                       f"code {rc}): the dense path runs it")
             return None
         return y
-
-
-def _describe(weight: PackedWeight) -> str:
-    scope = f"group({weight.group_elems})" if weight.scope == "group" else weight.scope
-    return f"N={weight.n} K={weight.k} bits={weight.bits} scope={scope}"
 
 
 def gemv4_decline(weight: PackedWeight) -> str | None:

@@ -24,3 +24,22 @@ def kernel_device() -> str:
         return "cuda"
     pytest.fail("TRITON_INTERPRET=1 was not honoured (triton was imported before tests/kernels/conftest.py?) "
                 "and there is no CUDA device: the Triton kernels cannot run")
+
+
+@pytest.fixture
+def cpu_settings():
+    """The CPU backend's plans cleared before the test, and after it the suite's settings back (float32 compute,
+    as ``tests/conftest.py`` sets; default dense threshold and 4-bit kernel) with the plans cleared again."""
+    from medquant.kernels import (
+        clear_cpu_cache,
+        set_cpu_compute_dtype,
+        set_cpu_dense_min_m,
+        set_cpu_int4_kernel,
+    )
+
+    clear_cpu_cache()
+    yield
+    set_cpu_compute_dtype("float32")
+    set_cpu_dense_min_m(None)
+    set_cpu_int4_kernel(None)
+    clear_cpu_cache()

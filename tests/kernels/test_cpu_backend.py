@@ -18,7 +18,6 @@ from torch import nn
 import medquant as mq
 from medquant.kernels import (
     PackedWeight,
-    clear_cpu_cache,
     cpu_features,
     cpu_path,
     force_backend,
@@ -42,14 +41,8 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
-def _restore_settings():
-    clear_cpu_cache()
+def _restore_settings(cpu_settings):
     set_cpu_int4_kernel("aten")
-    yield
-    set_cpu_compute_dtype("float32")  # the suite's setting (tests/conftest.py)
-    set_cpu_dense_min_m(None)
-    set_cpu_int4_kernel(None)
-    clear_cpu_cache()
 
 
 def _native_takes(layer: QuantLinear, bits: int) -> bool:

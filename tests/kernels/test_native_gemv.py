@@ -33,14 +33,8 @@ from medquant.quant import QuantConfig, QuantLinear
 
 
 @pytest.fixture(autouse=True)
-def _restore():
-    clear_cpu_cache()
+def _restore(cpu_settings):
     set_cpu_int4_kernel("auto")
-    yield
-    set_cpu_compute_dtype("float32")  # the suite's setting (tests/conftest.py)
-    set_cpu_dense_min_m(None)
-    set_cpu_int4_kernel(None)
-    clear_cpu_cache()
 
 
 def _available() -> bool:
