@@ -32,7 +32,9 @@ bfloat16 model and one quantized variant at a time and times their 256-token pre
 Repeats (``--repeats``, default 3): medians. The accuracy check (SmolLM2, quantized rows): perplexity of 20
 held-out IU X-ray reports (64 tokens each, teacher-forced) through the fast path and through the torch reference
 path (``force_backend("torch")``) of the same quantized model, relative difference (target < 0.5%), and
-next-token agreement (target >= 99%), next to its control: the same dequantized weights run by plain torch in
+next-token agreement (target >= 99%), each for two fast paths: the prefill path (one forward over the 64
+positions, ``M = 64``: the dense path) and the decode path (``decode_path_*``: the same positions fed one at a
+time through the KV cache, ``M = 1``: what ``generate`` runs for every new token); next to the control: the same dequantized weights run by plain torch in
 bfloat16 (``bf16_control_*``), how far any bf16 execution of that model lands from the float32 reference.
 Every row records ``os.getloadavg()`` before and after it ran (the machine may be shared).
 
@@ -173,8 +175,24 @@ def _decode(model, ids, steps: int) -> float:
     return time_decode(model, ids, steps)
 
 
+def _decode_path_logits(model, inp):
+    """Teacher-forced logits ``(T, vocab)`` of ``inp (1, T)`` computed one position at a time through the KV
+    cache: every quantized layer runs at ``M = 1``, the path ``generate`` takes for each new token."""
+    import torch
+    from transformers import DynamicCache
+
+    cache, out = DynamicCache(), []
+    for j in range(inp.shape[1]):
+        o = model(input_ids=inp[:, j:j + 1], past_key_values=cache, use_cache=True)
+        cache = o.past_key_values
+        out.append(o.logits[0, -1].float())
+    return torch.stack(out)
+
+
 def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
-    """Teacher-forced next tokens and perplexity: fast path vs the torch reference path of the same model."""
+    """Teacher-forced next tokens and perplexity: fast path vs the torch reference path of the same model, for
+    the prefill path (one forward over the 64 positions: ``M = 64``, the dense path) and for the decode path
+    (the same positions one at a time through the KV cache: ``M = 1``, the weight-only kernels)."""
     import torch
 
     from benchmarks.common.lm import report_texts
@@ -182,8 +200,8 @@ def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
 
     texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > n_tokens][:n_prompts]
     control = _plain_bf16_copy(model)
-    agree = agree_ctl = total = 0
-    nll_fast = nll_ref = nll_ctl = 0.0
+    agree = agree_ctl = agree_dec = total = 0
+    nll_fast = nll_ref = nll_ctl = nll_dec = 0.0
     with torch.no_grad():
         for t in texts:
             ids = tok(t, return_tensors="pt")["input_ids"][:, : n_tokens + 1]
@@ -192,7 +210,10 @@ def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
             with force_backend("torch"):
                 ref = model(input_ids=inp).logits.float()
             ctl = control(input_ids=inp).logits.float()
+            dec = _decode_path_logits(model, inp)
             agree += int((fast.argmax(-1) == ref.argmax(-1)).sum())
+            agree_dec += int((dec.argmax(-1) == ref[0].argmax(-1)).sum())
+            nll_dec += float(torch.nn.functional.cross_entropy(dec, tgt[0], reduction="sum"))
             agree_ctl += int((ctl.argmax(-1) == ref.argmax(-1)).sum())
             total += tgt.numel()
             nll_fast += float(torch.nn.functional.cross_entropy(fast[0], tgt[0], reduction="sum"))
@@ -200,9 +221,11 @@ def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
             nll_ctl += float(torch.nn.functional.cross_entropy(ctl[0], tgt[0], reduction="sum"))
     import math
 
-    ppl_fast, ppl_ref, ppl_ctl = (math.exp(v / total) for v in (nll_fast, nll_ref, nll_ctl))
+    ppl_fast, ppl_ref, ppl_ctl, ppl_dec = (math.exp(v / total) for v in (nll_fast, nll_ref, nll_ctl, nll_dec))
     return {"prompts": len(texts), "tokens": total, "ppl_fast": ppl_fast, "ppl_reference": ppl_ref,
             "ppl_rel_diff": abs(ppl_fast - ppl_ref) / ppl_ref, "next_token_agreement": agree / total,
+            "decode_path_ppl": ppl_dec, "decode_path_ppl_rel_diff": abs(ppl_dec - ppl_ref) / ppl_ref,
+            "decode_path_next_token_agreement": agree_dec / total,
             "bf16_control_ppl_rel_diff": abs(ppl_ctl - ppl_ref) / ppl_ref,
             "bf16_control_agreement": agree_ctl / total}
 
@@ -406,7 +429,7 @@ def _table(rows: list[dict], bw: float) -> str:
     cols = ["model", "variant", "head", "decode b1 tok/s", "decode b8 agg tok/s", "prefill tok/s",
             "prefill (gen) tok/s", "weights RSS MB", "stored MB", "repacked MB", "read MB/token", "limit tok/s",
             "decode vs fp32", "decode vs bf16", "prefill vs bf16", "prefill (gen) vs bf16", "RSS vs fp32",
-            "ppl diff", "agreement", "bf16 control: ppl diff / agreement"]
+            "ppl diff", "agreement", "decode path: ppl diff / agreement", "bf16 control: ppl diff / agreement"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = {(r["model"], r["variant"]): r for r in rows if r["variant"] in ("float32", "bfloat16")}
     nan = float("nan")
@@ -430,6 +453,8 @@ def _table(rows: list[dict], bw: float) -> str:
             f"{ratio(r, b16, 'prefill_tok_s'):.2f} | {ratio(r, b16, 'prefill_gen_tok_s'):.2f} | "
             f"{ratio(r, f32, 'weights_rss_mb'):.2f} | "
             f"{acc.get('ppl_rel_diff', nan) * 100:.2f}% | {acc.get('next_token_agreement', nan) * 100:.1f}% | "
+            f"{acc.get('decode_path_ppl_rel_diff', nan) * 100:.2f}% / "
+            f"{acc.get('decode_path_next_token_agreement', nan) * 100:.1f}% | "
             f"{acc.get('bf16_control_ppl_rel_diff', nan) * 100:.2f}% / "
             f"{acc.get('bf16_control_agreement', nan) * 100:.1f}% |")
     return "\n".join(lines)

@@ -7,8 +7,13 @@ order swapped every round (``clear_cpu_cache()`` before each: the other kernel's
 single-token steps after a 32-token prompt (``benchmarks.common.lm.time_decode``, 4 warm-up steps). The ratio of
 each round is native4 tok/s / int4 tok/s; medians over rounds.
 
-Run: ``python -m benchmarks.int4_kernel_decode_ab [--models smollm2] [--variants W4g128,W4g128@bf16]
-[--rounds 6] [--steps 48] [--out int4_kernel_decode_ab]``; writes ``benchmarks/results/<out>.{json,md}``.
+``--ab activations`` pairs native4's two ways of taking bfloat16-compute activations instead
+(``set_cpu_native4_activations("split")``, the default, against ``"round"``): the ratio is split / round, what
+the float32-exact activations cost in decode speed.
+
+Run: ``python -m benchmarks.int4_kernel_decode_ab [--ab kernel|activations] [--models smollm2]
+[--variants W4g128,W4g128@bf16] [--rounds 6] [--steps 48] [--out int4_kernel_decode_ab]``; writes
+``benchmarks/results/<out>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -24,39 +29,46 @@ import torch
 from benchmarks.common.env import hardware, save_results, versions
 from benchmarks.common.lm import time_decode
 from benchmarks.cpu_inference import _make
-from medquant.kernels import clear_cpu_cache, set_cpu_int4_kernel
+from medquant.kernels import clear_cpu_cache, set_cpu_int4_kernel, set_cpu_native4_activations
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
+#: what is paired -> (the setting, its two values (a, b), their labels in the results); ratio = a / b
+ABS = {"kernel": (set_cpu_int4_kernel, ("auto", "aten"), ("native4", "int4")),
+       "activations": (set_cpu_native4_activations, ("split", "round"), ("split", "round"))}
 
 
-def pair(model, ids: torch.Tensor, rounds: int, steps: int) -> dict:
-    """tok/s per round for each kernel choice, alternating; ratios native4 / int4 per round."""
-    tok_s: dict[str, list[float]] = {"auto": [], "aten": []}
+def pair(model, ids: torch.Tensor, rounds: int, steps: int, ab: str = "kernel") -> dict:
+    """tok/s per round for each of the two settings of ``ab`` (:data:`ABS`), alternating, the order swapped every
+    round; ratios a / b per round (kernel: native4 / int4; activations: split / round); the setting is restored
+    to its default afterwards."""
+    setter, (a, b), (la, lb) = ABS[ab]
+    tok_s: dict[str, list[float]] = {a: [], b: []}
     with torch.no_grad():
         for rnd in range(rounds):
-            for choice in (("auto", "aten") if rnd % 2 == 0 else ("aten", "auto")):
-                set_cpu_int4_kernel(choice)
+            for choice in ((a, b) if rnd % 2 == 0 else (b, a)):
+                setter(choice)
                 clear_cpu_cache()
                 time_decode(model, ids, 4)  # plans, prepared calls
                 tok_s[choice].append(time_decode(model, ids, steps))
-    set_cpu_int4_kernel(None)
+    setter(None)
     clear_cpu_cache()
-    ratios = [a / b for a, b in zip(tok_s["auto"], tok_s["aten"])]
-    return {"native4_tok_s": tok_s["auto"], "int4_tok_s": tok_s["aten"], "ratios": ratios,
+    ratios = [x / y for x, y in zip(tok_s[a], tok_s[b])]
+    return {"ab": ab, "labels": [la, lb], f"{la}_tok_s": tok_s[a], f"{lb}_tok_s": tok_s[b], "ratios": ratios,
             "median_ratio": statistics.median(ratios),
-            "native4_median": statistics.median(tok_s["auto"]), "int4_median": statistics.median(tok_s["aten"])}
+            f"{la}_median": statistics.median(tok_s[a]), f"{lb}_median": statistics.median(tok_s[b])}
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Decode, native4 vs int4, paired (benchmarks/int4_kernel_decode_ab.py, {result['date']})", "",
+    la, lb = result["rows"][0].get("labels", ["native4", "int4"]) if result["rows"] else ("native4", "int4")
+    lines = [f"# Decode, {la} vs {lb}, paired (benchmarks/int4_kernel_decode_ab.py, {result['date']})", "",
              (f"{result['rounds']} alternating rounds of {result['steps']} greedy steps after a 32-token prompt, "
               f"batch 1, {result['threads']} threads, head quantized; load average "
               f"{result['loadavg_before'][0]:.2f} before / {result['loadavg_after'][0]:.2f} after."), "",
-             "| model | variant | native4 tok/s (median) | int4 tok/s (median) | median of paired ratios | ratios |",
+             f"| model | variant | {la} tok/s (median) | {lb} tok/s (median) | median of paired ratios | ratios |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['variant']} | {r['native4_median']:.1f} | {r['int4_median']:.1f} | "
+        lines.append(f"| {r['model']} | {r['variant']} | {r[la + '_median']:.1f} | {r[lb + '_median']:.1f} | "
                      f"{r['median_ratio']:.3f} | {', '.join(f'{x:.2f}' for x in r['ratios'])} |")
     lines.append("")
     return "\n".join(lines)
@@ -64,6 +76,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ab", choices=sorted(ABS), default="kernel", help="what to pair (module docstring)")
     ap.add_argument("--models", default="smollm2")
     ap.add_argument("--variants", default="W4g128,W4g128@bf16")
     ap.add_argument("--rounds", type=int, default=6)
@@ -80,11 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in args.variants.split(","):
             model, _ = _make(model_name, variant, True)
             ids = torch.randint(100, 1000, (1, 32), generator=torch.Generator().manual_seed(SEED))
-            rows.append({"model": model_name, "variant": variant, **pair(model, ids, args.rounds, args.steps)})
+            rows.append({"model": model_name, "variant": variant, **pair(model, ids, args.rounds, args.steps, args.ab)})
             print(json.dumps(rows[-1]), flush=True)
             del model
     result = {"benchmark": "int4_kernel_decode_ab", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "seed": SEED, "rounds": args.rounds, "steps": args.steps, "threads": torch.get_num_threads(),
+              "seed": SEED, "ab": args.ab, "rounds": args.rounds, "steps": args.steps, "threads": torch.get_num_threads(),
               "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()), "hardware": hardware(),
               "versions": versions(), "rows": rows}
     save_results(RESULTS, args.out, result, markdown(result))

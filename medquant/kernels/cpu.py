@@ -123,6 +123,11 @@ ENV_INT4_KERNEL = "MEDQUANT_CPU_INT4_KERNEL"
 #: kernels for rows of <= 4 bits: "auto" (medquant's native kernel where it takes the row group, else aten's
 #: int4 kernel) or "aten" (aten's int4 kernel wherever it takes the row group)
 INT4_KERNELS = ("auto", "aten")
+#: environment variable read at import: how native4 takes bfloat16-compute activations (split / round)
+ENV_NATIVE4_ACTIVATIONS = "MEDQUANT_CPU_NATIVE4_ACTIVATIONS"
+#: how native4 multiplies activations with a bfloat16 compute dtype: "split" (x = hi + lo, two bfloat16 halves,
+#: x to a relative 2^-17: the float32 reference's result to about 1e-6) or "round" (x rounded to bfloat16)
+NATIVE4_ACTIVATIONS = ("split", "round")
 #: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the int8 weight-only kernel, and
 #: (``DEFAULT_DENSE_MIN_M_INT4``) the int4 kernel. Measured by ``benchmarks/dense_crossover.py`` on an idle 2-core
 #: AVX512-BF16 CPU, 2 threads, bf16 compute, with the native dequantization feeding the dense path: the kernels'
@@ -145,6 +150,7 @@ DENSE_CHUNK_BYTES = 8 << 20
 _compute_dtype: torch.dtype | None = None  # set below from $MEDQUANT_CPU_COMPUTE_DTYPE
 _dense_min_m: int | None = None  # None: the per-kernel defaults above
 _int4_kernel = "auto"  # set below from $MEDQUANT_CPU_INT4_KERNEL
+_native4_activations = "split"  # set below from $MEDQUANT_CPU_NATIVE4_ACTIVATIONS
 _layer_dtype: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> compute dtype of that layer
 _plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> _Plan
 _warned: set[str] = set()
@@ -347,6 +353,56 @@ def _int4_kernel_from_env() -> str:
 
 
 _int4_kernel = _int4_kernel_from_env()
+
+
+def set_cpu_native4_activations(mode: str | None) -> None:
+    """How the native 4-bit kernel takes activations when the compute dtype is bfloat16.
+
+    ``"split"`` (the default): ``x = hi + lo`` with ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the
+    codes with ``vdpbf16ps``, so ``x`` enters to a relative ``2^-17`` and the result matches the float32 reference
+    to about ``1e-6`` (no bfloat16 rounding of activations, weights or output), for about 5-15% more time per
+    call on large layers (measured in ``benchmarks/results/native_gemv_activations.json``). ``"round"``: ``x``
+    rounded to bfloat16 (one product per code; the layer's output then differs from the float32 reference by
+    about ``2^-9`` relative). Float32 compute is exact either way; the dense path (``M >= dense_min_m``) and the
+    aten kernels always round to the compute dtype.
+
+    Args:
+        mode: ``"split"``, ``"round"``, or None (``"split"``).
+
+    Raises:
+        ValueError: any other value.
+    """
+    global _native4_activations
+    mode = "split" if mode is None else mode
+    if mode not in NATIVE4_ACTIVATIONS:
+        raise ValueError(f"native4 activations must be one of {', '.join(map(repr, NATIVE4_ACTIVATIONS))} or None, "
+                         f"got {mode!r}")
+    if mode != _native4_activations:
+        _native4_activations = mode
+        bump_generation()
+
+
+def get_cpu_native4_activations() -> str:
+    """How native4 takes bfloat16-compute activations now (:func:`set_cpu_native4_activations`).
+
+    Returns:
+        ``"split"`` or ``"round"``.
+    """
+    return _native4_activations
+
+
+def _native4_activations_from_env() -> str:
+    name = os.environ.get(ENV_NATIVE4_ACTIVATIONS, "").strip().lower()
+    if not name:
+        return "split"
+    if name not in NATIVE4_ACTIVATIONS:
+        warnings.warn(f"${ENV_NATIVE4_ACTIVATIONS}={name!r} is not {' or '.join(NATIVE4_ACTIVATIONS)}: ignored",
+                      RuntimeWarning, stacklevel=2)
+        return "split"
+    return name
+
+
+_native4_activations = _native4_activations_from_env()
 
 
 def clear_cpu_cache() -> None:
@@ -581,8 +637,8 @@ def _params(plan: _Plan, weight: PackedWeight, dtype: torch.dtype) -> torch.Tens
 
 # ------------------------------------------------------------------------------------------- the kernel
 def dequantize_fast(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weights ``(n, k)`` in ``dtype`` for the dense path: ``w = round(round(u - z) * s)``, both steps
-    evaluated in float32 and rounded to ``dtype`` (``s``, ``z`` first rounded to ``dtype``).
+    """The dense weights ``(n, k)`` in ``dtype`` for the dense path: ``w = round((u - z) * s)``, evaluated in
+    float32 and rounded once to ``dtype``: the reference path's float32 weight cast to ``dtype``.
 
     Runs the native one-pass kernel (:func:`medquant.kernels.native.dequantize_native`: built on first use,
     ``$MEDQUANT_NATIVE=0`` disables it) when it is available and the call is not being traced, else
@@ -597,26 +653,24 @@ def dequantize_fast(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weights ``(n, k)`` in ``dtype``, ``(u - z) * s`` evaluated in ``dtype`` by eager torch ops
-    (byte-wise unpack); the fallback of :func:`dequantize_fast`.
-
-    ``u - z`` is an integer below 256 in magnitude for the usual integer zero points, exact in
-    bfloat16/float16/float32; the product with ``s`` is then rounded once to ``dtype``.
+    """The dense weights ``(n, k)`` in ``dtype``, ``(u - z) * s`` evaluated in float32 by eager torch ops
+    (byte-wise unpack) and rounded once to ``dtype``; the fallback of :func:`dequantize_fast`, bit-identical to
+    it and to the reference path's float32 weight cast to ``dtype``.
     """
     n, kp = weight.n, weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp
     u = codes_u8(weight).view(n, kp // ge, ge)
-    w = u.to(dtype)
+    w = u.float()
     s, z = _scale_zero(weight)
-    s = s.to(dtype).expand(n, kp // ge).unsqueeze(-1)
+    s = s.float().expand(n, kp // ge).unsqueeze(-1)
     if weight.symmetric and weight.bits == 1:
         w = w.sub_(0.5)
     elif weight.symmetric:
         w = w.sub_(float(2 ** (weight.bits - 1)))
     else:
-        w = w.sub_(z.to(dtype).expand(n, kp // ge).unsqueeze(-1))
-    w = w.mul_(s).view(n, kp)
-    return w[:, : weight.k]
+        w = w.sub_(z.float().expand(n, kp // ge).unsqueeze(-1))
+    w = w.mul_(s).view(n, kp)[:, : weight.k]
+    return w if dtype == torch.float32 else w.to(dtype)
 
 
 def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
@@ -661,7 +715,8 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     packed, group, k, n, pad = plan.packed, plan.group, weight.k, weight.n, plan.k4 - weight.k
     params = _params(plan, weight, cd) if plan.kind in ("int4", "int8") else None
     gemv = plan.gemv
-    round_bf16 = cd == torch.bfloat16
+    # native4's x mode: 2 split into two bfloat16 halves, 1 rounded to bfloat16, 0 as it is (float32 FMA)
+    xmode = (2 if _native4_activations == "split" else 1) if cd == torch.bfloat16 else 0
     # native4 below this M (a settings change bumps the dispatch generation: prepared runners are rebuilt)
     native_below = dense_min_m("int4") if gemv is not None else 0
     native_dtypes = (torch.float32, torch.bfloat16) if cd != torch.float16 else ()
@@ -711,14 +766,14 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         if m == 0:
             return x.new_empty(0, n)
         if m < native_below:
-            # the kernel reads float32 or bfloat16 x and rounds it to bfloat16 itself (round_bf16); a float16
-            # compute dtype rounds here and passes float32 (exact)
+            # the kernel reads float32 or bfloat16 x and splits or rounds it itself (xmode); a float16 compute
+            # dtype rounds here and passes float32 (exact); a bfloat16 x is its own hi half (no lo half to multiply)
             xk = x if dt in native_dtypes else x.to(cd)
             if xk.dtype == torch.float16:
                 xk = xk.float()
             if k > 1 and xk.stride(1) != 1:
                 xk = _contiguous(xk)
-            y = gemv.run(xk, round_bf16)
+            y = gemv.run(xk, 1 if xmode == 2 and xk.dtype == torch.bfloat16 else xmode)
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
             return dense(x.to(cd).contiguous()).to(dt)

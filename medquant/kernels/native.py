@@ -6,10 +6,12 @@ dtype ``T`` and runs ``F.linear``. :func:`dequantize_native` does the dequantiza
 packed codes (``csrc/dequant.c``) instead of several eager torch passes: for column ``j`` of row ``r``, with
 ``g = j // group_elems`` (one group per row for channel / tensor scope),
 
-    d = round_T(u[r, j] - z[r, g]),    w[r, j] = round_T(d * s[r, g])
+    w[r, j] = round_T((u[r, j] - z[r, g]) * s[r, g])
 
-both evaluated in float32 and rounded to nearest even, exactly as torch evaluates ``u.to(T)``, ``sub_(z)``,
-``mul_(s)`` (the eager code): the result is bit-identical to it. ``T`` is bfloat16, float32 or float16 (the
+with the subtraction and the product in float32 (``s``, ``z`` the float32 scales and zero points) and one
+rounding to nearest even at the end: exactly the float32 dequantization of the reference path
+(:meth:`PackedWeight.dequantize`) cast to ``T``, so ``w`` is the reference's weight to the precision of ``T``
+and bit-identical to the eager code. ``T`` is bfloat16, float32 or float16 (the
 last only where the C compiler has ``_Float16``). Every layout is read: 1/2/4/8-bit containers (3-bit codes in
 4-bit containers, 5..7-bit in 8-bit ones) and the dense 3/5/6/7-bit bit stream.
 
@@ -404,8 +406,8 @@ class NativeDequantizer:
 
 def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
                        zero: torch.Tensor) -> NativeDequantizer | None:
-    """The native dequantization of one row group with everything that depends only on the weight (scales and
-    zero points rounded to ``dtype``, the layout's arguments) prepared once; None when the native kernel cannot
+    """The native dequantization of one row group with everything that depends only on the weight (float32
+    scales and zero points, the layout's arguments) prepared once; None when the native kernel cannot
     take this row group.
 
     Calling the result returns the dense weights ``(n, k)`` in ``dtype`` (:func:`dequantize_native`), or None
@@ -439,14 +441,14 @@ def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Te
     dense = weight.is_dense
     bits = weight.bits if dense else container_bits(weight.bits)
     qw = weight.qweight.contiguous()
-    s = scale.to(dtype).float().expand(n, ng).contiguous()
-    z = zero.to(dtype).float().expand(n, ng).contiguous()
+    s = scale.float().expand(n, ng).contiguous()
+    z = zero.float().expand(n, ng).contiguous()
     return NativeDequantizer(lib.mq_dequant, weight, dtype, qw, s, z, bits, dense, ge, ng)
 
 
 def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
                       zero: torch.Tensor) -> torch.Tensor | None:
-    """The dense weights ``(n, k)`` in ``dtype``: ``w = round(round(u - zero) * scale)`` (module docstring),
+    """The dense weights ``(n, k)`` in ``dtype``: ``w = round((u - zero) * scale)`` (module docstring),
     or None when the native kernel is unavailable or does not take this call (the caller then runs eager torch).
 
     Args:
@@ -469,42 +471,45 @@ def _gemv4_head(qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int,
             z.data_ptr())
 
 
-def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, round_bf16: bool) -> int:
+def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, xmode: int) -> int:
     """Run ``mq_gemv4`` for ``x`` into ``y`` (float32 or bfloat16, ``(M, n)``); its return code."""
     bf16 = x.dtype == torch.bfloat16
     return fn(*head, x.data_ptr(), bf16, x.shape[0], x.stride(0), y.data_ptr(), y.dtype == torch.bfloat16,
-              y.stride(0), round_bf16, torch.get_num_threads())
+              y.stride(0), int(xmode), torch.get_num_threads())
 
 
 @torch.library.custom_op("medquant::gemv4", mutates_args=())
 def gemv4_op(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int,
-             round_bf16: bool) -> torch.Tensor:
+             xmode: int) -> torch.Tensor:
     """``y (M, n) float32 = x~ @ ((u - z) * s)^T`` by the native 4-bit kernel, as a torch operator (what
     ``torch.compile`` traces; eager calls go to :class:`NativeGemv4` directly). ``x``: ``(M, k)`` float32 or
     bfloat16 with unit column stride; ``qweight``: the row group's int32 words (4-bit containers); ``s``, ``z``:
-    float32 ``(n, ng)``. Raises RuntimeError when the kernel declines (it never returns a wrong result)."""
+    float32 ``(n, ng)``; ``xmode``: what ``x~`` is (:class:`NativeGemv4`). Raises RuntimeError when the kernel declines (it never returns a wrong result)."""
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
     lib = _state.lib
-    rc = -3 if lib is None else _gemv4_into(lib.mq_gemv4, _gemv4_head(qweight, s, z, k, kp, ge), x, y, round_bf16)
+    rc = -3 if lib is None else _gemv4_into(lib.mq_gemv4, _gemv4_head(qweight, s, z, k, kp, ge), x, y, xmode)
     if rc != 0:
         raise RuntimeError(f"medquant native 4-bit matmul declined the call (code {rc})")
     return y
 
 
 @gemv4_op.register_fake
-def _gemv4_fake(x, qweight, s, z, k, kp, ge, round_bf16):
+def _gemv4_fake(x, qweight, s, z, k, kp, ge, xmode):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
 class NativeGemv4:
     """One row group's native 4-bit weight-only matmul, its arguments bound once (:func:`native_gemv4`).
 
-    ``gemv(x, round_bf16)`` returns ``y (M, n)`` with
+    ``gemv(x, xmode)`` returns ``y (M, n)`` with
 
         y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
 
-    which is ``x~ @ ((u - z) * s)^T`` with exact products and float32 sums, ``x~`` being ``x`` rounded to
-    bfloat16 (``round_bf16``) or ``x`` itself; ``y`` is float32, or bfloat16 (the float32 sum rounded once)
+    which is ``x~ @ ((u - z) * s)^T`` with exact products and float32 sums. ``x~`` by ``xmode``: 0, ``x`` itself
+    (codes widened to float32, FMA); 1, ``x`` rounded to bfloat16 (``vdpbf16ps`` with AVX512-BF16); 2 (split),
+    ``hi + lo`` with ``hi = bf16(x)``, ``lo = bf16(x - hi)``, two ``vdpbf16ps`` products per code, ``x`` to a
+    relative ``2^-17`` (without AVX512-BF16, modes 1 and 2 run the float32 FMA form, mode 2 then with ``x~ =
+    x``). ``y`` is float32, or bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
     ``$MEDQUANT_NATIVE`` is read when it is built (:func:`native_gemv4`), not at each call. It reads medquant's packed codes in place (no copy of the weight), plus
     float32 copies of the scales and zero points, ``8 * n * ng`` bytes.
@@ -527,12 +532,12 @@ class NativeGemv4:
         return sum(t.numel() * t.element_size() for t in (self.s, self.z)
                    if t.untyped_storage().data_ptr() not in own)
 
-    def __call__(self, x: torch.Tensor, round_bf16: bool) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, xmode: int) -> torch.Tensor | None:
         """``y`` for ``x`` (class docstring), after checking ``x``.
 
         Args:
             x: ``(M, k)`` CPU float32 or bfloat16 tensor with unit column stride.
-            round_bf16: round ``x`` to bfloat16 first (a bfloat16 compute dtype).
+            xmode: 0, 1 or 2 (class docstring; a bool: 1 for True).
 
         Returns:
             ``y (M, n)``, or None when the C function declined.
@@ -544,14 +549,16 @@ class NativeGemv4:
                 x.device.type != "cpu" or (self.k > 1 and x.stride(1) != 1):
             raise ValueError(f"x must be a CPU float32 / bfloat16 tensor (M, {self.k}) with unit column stride, "
                              f"got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
-        return self.run(x, round_bf16)
+        if xmode not in (0, 1, 2):
+            raise ValueError(f"xmode must be 0 (x as it is), 1 (rounded to bfloat16) or 2 (split), got {xmode!r}")
+        return self.run(x, xmode)
 
-    def run(self, x: torch.Tensor, round_bf16: bool) -> torch.Tensor | None:
+    def run(self, x: torch.Tensor, xmode: int) -> torch.Tensor | None:
         """:meth:`__call__` without the checks, for a caller that has made them (the CPU backend's runner)."""
         if torch.compiler.is_compiling():
-            return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, round_bf16)
+            return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, int(xmode))
         y = torch.empty(x.shape[0], self.n, dtype=x.dtype)
-        rc = _gemv4_into(self._fn, self._head, x, y, round_bf16)
+        rc = _gemv4_into(self._fn, self._head, x, y, xmode)
         if rc != 0:
             _report_once(f"gemv{rc}", f"medquant native 4-bit matmul declined a call ({self._weight.describe()}, "
                                       f"code {rc}): the dense path runs it")

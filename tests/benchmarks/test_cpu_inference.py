@@ -35,3 +35,18 @@ def test_prefill_ab_pairs_rounds_and_reports_their_ratios():
         assert len(b) == len(q) == 3 and min(b) > 0 and min(q) > 0
         assert v[mode]["ratio_median"] == statistics.median(x / y for x, y in zip(b, q))
         assert v[mode]["ratio_of_minima"] == min(b) / min(q)
+
+
+def test_decode_path_logits_are_the_teacher_forced_forward_one_position_at_a_time():
+    """The accuracy check's decode path: positions fed one at a time through the KV cache give the logits of one
+    forward over all of them (same weights, the torch reference path for both: only the cache differs)."""
+    from medquant.kernels import force_backend
+
+    m, _ = ci._make("llama_small", "W4g128", True)
+    ids = torch.randint(0, m.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), force_backend("torch"):
+        full = m(input_ids=ids).logits[0].float()
+        steps = ci._decode_path_logits(m, ids)
+    assert steps.shape == full.shape
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(steps.argmax(-1), full.argmax(-1))

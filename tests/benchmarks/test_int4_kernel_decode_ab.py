@@ -24,3 +24,17 @@ def test_pair_alternates_the_kernels_and_restores_the_default():
     result = {"date": "d", "rounds": 2, "steps": 2, "threads": 1, "loadavg_before": [0.0], "loadavg_after": [0.0],
               "rows": [{"model": "llama_small", "variant": "W4g128", **row}]}
     assert "| llama_small | W4g128 |" in ab.markdown(result)
+
+
+def test_pair_of_native4_activation_modes_restores_the_default():
+    from medquant.kernels import get_cpu_native4_activations
+
+    model, _ = _make("llama_small", "W4g128", True)
+    ids = torch.randint(100, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    row = ab.pair(model, ids, rounds=2, steps=2, ab="activations")
+    assert row["labels"] == ["split", "round"]
+    assert row["ratios"] == [a / b for a, b in zip(row["split_tok_s"], row["round_tok_s"])]
+    assert get_cpu_native4_activations() == "split"
+    result = {"date": "d", "rounds": 2, "steps": 2, "threads": 1, "loadavg_before": [0.0], "loadavg_after": [0.0],
+              "rows": [{"model": "llama_small", "variant": "W4g128", **row}]}
+    assert "split tok/s (median)" in ab.markdown(result)

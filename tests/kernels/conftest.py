@@ -29,12 +29,13 @@ def kernel_device() -> str:
 @pytest.fixture
 def cpu_settings():
     """The CPU backend's plans cleared before the test, and after it the suite's settings back (float32 compute,
-    as ``tests/conftest.py`` sets; default dense threshold and 4-bit kernel) with the plans cleared again."""
+    as ``tests/conftest.py`` sets; default dense threshold, 4-bit kernel and native4 activations) with the plans cleared again."""
     from medquant.kernels import (
         clear_cpu_cache,
         set_cpu_compute_dtype,
         set_cpu_dense_min_m,
         set_cpu_int4_kernel,
+        set_cpu_native4_activations,
     )
 
     clear_cpu_cache()
@@ -42,4 +43,5 @@ def cpu_settings():
     set_cpu_compute_dtype("float32")
     set_cpu_dense_min_m(None)
     set_cpu_int4_kernel(None)
+    set_cpu_native4_activations(None)
     clear_cpu_cache()

@@ -107,7 +107,8 @@ def test_bit_identical_to_eager(native, bits, symmetric, scope, group):
                 got = _native(form, dtype)
                 what = f"{bits}-bit sym={symmetric} {scope}({group}) dense={form.is_dense} ({n}, {k}) {dtype}"
                 _assert_bit_equal(got, dequantize_eager(form, dtype), what)
-                torch.testing.assert_close(got.float(), ref32, rtol=2 ** -7, atol=1e-6, msg=what)
+                # one rounding: the reference's float32 weight cast to dtype, bit for bit
+                _assert_bit_equal(got, ref32.to(dtype), what + " vs the reference cast once")
 
 
 def test_hand_computed_values(native):
@@ -128,13 +129,15 @@ def test_hand_computed_values(native):
 
 
 def test_rounding_of_a_non_integer_zero_point(native):
-    """Zero points stored as arbitrary floats: u - z is rounded to bfloat16 before the product, as eager does."""
+    """Zero points stored as arbitrary floats: ``(u - z) * s`` in float32, rounded once, as eager and the
+    reference's float32 dequantization (cast to the dtype) do."""
     w = _weights(32, 256, QuantConfig(bits=4, symmetric=False, group_size=64), seed=3)
     g = torch.Generator().manual_seed(1)
     w = PackedWeight(qweight=w.qweight, scales=w.scales, zeros=(torch.rand(w.zeros.shape, generator=g) * 15.3)
                      .to(w.zeros.dtype), bits=4, symmetric=False, scope="group", group_elems=64, k=256)
     for dtype in DTYPES:
         _assert_bit_equal(_native(w, dtype), dequantize_eager(w, dtype), f"fractional zero points {dtype}")
+        _assert_bit_equal(_native(w, dtype), w.dequantize(torch.float32).to(dtype), f"vs reference {dtype}")
 
 
 def test_portable_build_is_bit_identical_too(native, monkeypatch, tmp_path):

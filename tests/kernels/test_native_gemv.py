@@ -1,9 +1,11 @@
 """medquant's native 4-bit weight-only matmul (the CPU backend's ``native4`` path) against independent references.
 
 Reference: ``x~ @ W^T`` in float64, ``W`` the layer's dequantized weight (``(u - z) * s``) and ``x~`` the input
-rounded to the compute dtype. The kernel multiplies the integer codes exactly and sums in float32, and its output
-is float32, so it matches that reference to ~1e-6 (at most 1e-5) relative in every compute dtype; where the caller's dtype is
-bfloat16 the output is rounded to it (bf16 tolerance). The other oracles: aten's int4 kernel and the torch
+as the kernel takes it: rounded to the compute dtype, except a float32 input with a bfloat16 compute dtype and
+``set_cpu_native4_activations("split")`` (the default), which enters as ``hi + lo``, two bfloat16 halves, i.e.
+to a relative 2^-17 (reference: ``x`` itself). The kernel multiplies the integer codes exactly and sums in
+float32, and its output is float32, so it matches that reference to ~1e-6 (at most 1e-5) relative in every
+compute dtype; where the caller's dtype is bfloat16 the output is rounded to it (bf16 tolerance). The other oracles: aten's int4 kernel and the torch
 reference path on the same layer, transformers' own model (logits), a float64 matmul.
 
 On a CPU whose library has no AVX512 kernel (``native_status()["gemv4"]`` false) the same tests assert the
@@ -26,6 +28,7 @@ from medquant.kernels import (
     set_cpu_compute_dtype,
     set_cpu_dense_min_m,
     set_cpu_int4_kernel,
+    set_cpu_native4_activations,
 )
 from medquant.kernels.cpu import cpu_plan
 from medquant.kernels.native import gemv4_decline, native_gemv4, native_status
@@ -89,33 +92,40 @@ def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
         layer = layer.to_layout(1)
     w = layer.packed_weight(cfg.bits)
     native = _available() and gemv4_decline(w) is None
-    g = torch.Generator().manual_seed(1)
-    for m in (1, 5, 8, 13, 31):
-        x = torch.randn(m, k, generator=g)
-        path = cpu_path(x, w)
-        if native:
-            assert path == "native4", (m, path)
-        with torch.no_grad():
-            y = layer(x)
-            yb = layer(x.bfloat16())
-        assert y.dtype == torch.float32 and yb.dtype == torch.bfloat16
-        ref = _ref(layer, x, cd)
-        if native:  # exact products, float32 sums and a float32 output
-            assert _rel_err(y, ref) < 1e-5, (m, _rel_err(y, ref))
-        else:
-            assert _rel_err(y, ref) < (1e-5 if cd == torch.float32 else 2e-2)
-        assert _rel_err(yb, _ref(layer, x.bfloat16().float(), cd)) < 1e-2
+    for act in ("split", "round") if cd == torch.bfloat16 else ("split",):
+        set_cpu_native4_activations(act)
+        # what x enters as: float32 itself where split (bf16 compute), else rounded to the compute dtype
+        x_cd = torch.float32 if cd == torch.bfloat16 and act == "split" else cd
+        g = torch.Generator().manual_seed(1)
+        for m in (1, 5, 8, 13, 31):
+            x = torch.randn(m, k, generator=g)
+            path = cpu_path(x, w)
+            if native:
+                assert path == "native4", (m, path)
+            with torch.no_grad():
+                y = layer(x)
+                yb = layer(x.bfloat16())
+            assert y.dtype == torch.float32 and yb.dtype == torch.bfloat16
+            if native:  # exact products, float32 sums and a float32 output
+                err = _rel_err(y, _ref(layer, x, x_cd))
+                assert err < 1e-5, (act, m, err)
+                if x_cd != cd:  # and measurably closer than with x rounded to bfloat16 (it is not rounded)
+                    assert _rel_err(y, _ref(layer, x, cd)) > 1e-4, (act, m)
+            else:
+                assert _rel_err(y, _ref(layer, x, cd)) < (1e-5 if cd == torch.float32 else 2e-2)
+            assert _rel_err(yb, _ref(layer, x.bfloat16().float(), cd)) < 1e-2
 
 
 def test_native4_is_closer_to_the_reference_than_aten_int4_and_agrees_with_it():
-    """Same layer, same bf16 activations: aten's kernel rounds its scales and its output to bfloat16, the
-    native one neither; both stay within the bf16 tolerance of the float64 reference."""
+    """Same layer, bfloat16 compute: aten's kernel rounds the activations, its scales and its output to
+    bfloat16, the native one none of them (split activations, the default); both stay within the bf16 tolerance of
+    the float64 reference of the float32 input."""
     if not _available():
         pytest.skip("needs the native 4-bit kernel (AVX512F + BW); the fallback is tested elsewhere")
     set_cpu_compute_dtype(torch.bfloat16)
     layer = _layer(64, 576, QuantConfig(4, group_size=128))
     x = torch.randn(4, 576)
-    ref = _ref(layer, x, torch.bfloat16)
+    ref = _ref(layer, x, torch.float32)
     with torch.no_grad():
         y_native = layer(x)
         set_cpu_int4_kernel("aten")
@@ -225,7 +235,9 @@ def test_bad_input_to_the_bound_kernel_is_refused():
     for bad in (torch.randn(2, 63), torch.randn(2, 64, dtype=torch.float64), torch.randn(64, 2).t(),
                 torch.randn(64)):
         with pytest.raises(ValueError, match="unit column stride"):
-            gemv(bad, True)
+            gemv(bad, 1)
+    with pytest.raises(ValueError, match="xmode"):
+        gemv(torch.randn(2, 64), 3)
     assert gemv4_decline(_layer(32, 64, QuantConfig(4, group_size=16)).packed_weight(4)) is not None
     assert gemv4_decline(_layer(32, 64, QuantConfig(2, group_size=32)).packed_weight(2)) is not None
     assert gemv4_decline(_layer(32, 64, QuantConfig(3, group_size=32)).packed_weight(3)) is not None  # dense
@@ -314,8 +326,10 @@ def test_tied_quantized_head_runs_native4_on_the_shared_codes():
     h = torch.randn(3, head.in_features)
     with torch.no_grad():
         y = head(h)
-    tol = 1e-5 if _available() else 2e-2
-    assert _rel_err(y, _ref(head, h, torch.bfloat16)) < tol
+    if _available():  # split activations: the float32 input's reference
+        assert _rel_err(y, _ref(head, h, torch.float32)) < 1e-5
+    else:
+        assert _rel_err(y, _ref(head, h, torch.bfloat16)) < 2e-2
 
 
 def test_torch_compile_traces_the_native_kernel():
@@ -334,5 +348,62 @@ def test_torch_compile_traces_the_native_kernel():
     torch.testing.assert_close(out, eager)
     if _available():
         gemv = cpu_plan(model[0].packed_weight(4)).gemv
-        y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, True)
-        torch.testing.assert_close(y_op, gemv(x, True), rtol=0, atol=0)
+        for xmode in (0, 1, 2):
+            y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, xmode)
+            torch.testing.assert_close(y_op, gemv(x, xmode), rtol=0, atol=0)
+
+
+def test_split_activations_against_float64_and_rounded_ones_at_the_kernel():
+    """The three activation modes of the bound kernel, on one layer, against float64 references: 0 (x as it is)
+    and 2 (split into two bfloat16 halves) within 1e-5 of ``x @ W^T``; 1 (rounded) within 1e-5 of
+    ``bf16(x) @ W^T`` and about 2^-9 off ``x @ W^T``; a bfloat16 x gives the same result in modes 1 and 2 (its lo
+    half is zero)."""
+    if not _available():
+        pytest.skip("needs the native 4-bit kernel")
+    from medquant.kernels.cpu import _scale_zero
+
+    layer = _layer(80, 640, QuantConfig(4, symmetric=False, group_size=64), seed=5)
+    w = layer.packed_weight(4)
+    gemv = native_gemv4(w, *_scale_zero(w))
+    x = torch.randn(3, 640, generator=torch.Generator().manual_seed(2)) * 4
+    wd = layer.dequantized_weight(torch.float64)
+    exact, rounded = x.double() @ wd.t(), x.bfloat16().double() @ wd.t()
+    assert _rel_err(gemv(x, 0), exact) < 1e-5
+    assert _rel_err(gemv(x, 2), exact) < 1e-5
+    assert _rel_err(gemv(x, 1), rounded) < 1e-5
+    assert _rel_err(gemv(x, 1), exact) > 1e-4
+    xb = x.bfloat16()
+    torch.testing.assert_close(gemv(xb, 2), gemv(xb, 1), rtol=0, atol=0)
+
+
+def test_native4_activations_setting():
+    """``set_cpu_native4_activations`` switches prepared layers (a settings change rebuilds them), refuses other
+    values, and ``$MEDQUANT_CPU_NATIVE4_ACTIVATIONS`` is read at import."""
+    import subprocess
+    import sys
+
+    from medquant.kernels import get_cpu_native4_activations
+
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 256, QuantConfig(4, group_size=64))
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        assert get_cpu_native4_activations() == "split"
+        y_split = layer(x)
+        set_cpu_native4_activations("round")
+        assert get_cpu_native4_activations() == "round"
+        y_round = layer(x)
+        set_cpu_native4_activations(None)
+        y_again = layer(x)
+    if _available():
+        assert _rel_err(y_split, _ref(layer, x, torch.float32)) < 1e-5
+        assert _rel_err(y_round, _ref(layer, x, torch.bfloat16)) < 1e-5
+        torch.testing.assert_close(y_again, y_split, rtol=0, atol=0)
+    for bad in ("exact", "", 2):
+        with pytest.raises(ValueError, match="native4 activations"):
+            set_cpu_native4_activations(bad)  # type: ignore[arg-type]
+    code = "import medquant.kernels as k; print(k.get_cpu_native4_activations())"
+    for env, want in (("round", "round"), ("ROUND", "round"), ("bogus", "split")):
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "MEDQUANT_CPU_NATIVE4_ACTIVATIONS": env})
+        assert out.stdout.strip() == want, (env, out.stdout, out.stderr)

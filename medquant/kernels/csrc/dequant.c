@@ -178,33 +178,20 @@ static void dq_f32(const uint8_t *restrict u, int64_t n, float zf, float sf, flo
     for (int64_t j = 0; j < n; ++j) o[j] = ((float)u[j] - zf) * sf;
 }
 
+/* w = round((u - zf) * sf): u - zf and the product in float32, one rounding to the output type (the same
+ * arithmetic as dequantizing in float32 and casting the result) */
 static void dq_bf16(const uint8_t *restrict u, int64_t n, float zf, float sf, uint16_t *restrict o) {
-    for (int64_t j = 0; j < n; ++j) o[j] = bf16_bits(bf16_round((float)u[j] - zf) * sf);
-}
-
-/* zf an integer of magnitude <= 256: u - zf (|.| <= 256, an integer) is exact in bfloat16 and float16, so
- * its rounding is the identity and is skipped */
-static void dq_bf16_int(const uint8_t *restrict u, int64_t n, float zf, float sf, uint16_t *restrict o) {
     for (int64_t j = 0; j < n; ++j) o[j] = bf16_bits(((float)u[j] - zf) * sf);
 }
 
 #if MQ_HAVE_F16
 static void dq_f16(const uint8_t *restrict u, int64_t n, float zf, float sf, _Float16 *restrict o) {
-    for (int64_t j = 0; j < n; ++j) {
-        float d = (float)(_Float16)((float)u[j] - zf);
-        o[j] = (_Float16)(d * sf);
-    }
-}
-
-static void dq_f16_int(const uint8_t *restrict u, int64_t n, float zf, float sf, _Float16 *restrict o) {
     for (int64_t j = 0; j < n; ++j) o[j] = (_Float16)(((float)u[j] - zf) * sf);
 }
 #endif
 
-static inline int small_int(float z) { return z >= -256.0f && z <= 256.0f && z == (float)(int)z; }
-
 #if MQ_HAVE_LUT
-/* Table look-up form of dq_bf16 / dq_bf16_int for codes below 32 (AVX512BW): the group's outputs for all 32
+/* Table look-up form of dq_bf16 for codes below 32 (AVX512BW): the group's outputs for all 32
  * possible codes are computed with the same float32 operations and rounding (16 lanes at a time), then each
  * code selects its output with one vpermw per 32 columns. */
 static inline __m512i bf16_vec(__m512 v) { /* u32 lanes holding bf16_bits(v) */
@@ -214,17 +201,11 @@ static inline __m512i bf16_vec(__m512 v) { /* u32 lanes holding bf16_bits(v) */
     return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
 }
 
-static inline __m512 bf16_round_vec(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_vec(v), 16)); }
-
-static inline __m512i table_bf16(float zf, float sf, int zi) {
+static inline __m512i table_bf16(float zf, float sf) {
     const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 hi = _mm512_add_ps(lo, _mm512_set1_ps(16.0f));
     const __m512 z = _mm512_set1_ps(zf), s = _mm512_set1_ps(sf);
-    __m512 d0 = _mm512_sub_ps(lo, z), d1 = _mm512_sub_ps(hi, z);
-    if (!zi) {
-        d0 = bf16_round_vec(d0);
-        d1 = bf16_round_vec(d1);
-    }
+    const __m512 d0 = _mm512_sub_ps(lo, z), d1 = _mm512_sub_ps(hi, z);
     const __m256i t0 = _mm512_cvtepi32_epi16(bf16_vec(_mm512_mul_ps(d0, s)));
     const __m256i t1 = _mm512_cvtepi32_epi16(bf16_vec(_mm512_mul_ps(d1, s)));
     return _mm512_inserti64x4(_mm512_castsi256_si512(t0), t1, 1);
@@ -293,20 +274,19 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
                 if (c0 >= k) break;
                 const int64_t c1 = c0 + ge < k ? c0 + ge : k;
                 const float sf = s[r * ng + g], zf = z[r * ng + g];
-                const int zi = small_int(zf);
 #if MQ_HAVE_LUT
                 if (lut) {
-                    lut_bf16(u + c0, c1 - c0, table_bf16(zf, sf, zi), (uint16_t *)out + r * out_stride + c0);
+                    lut_bf16(u + c0, c1 - c0, table_bf16(zf, sf), (uint16_t *)out + r * out_stride + c0);
                     continue;
                 }
 #endif
                 if (out_dtype == MQ_BF16)
-                    (zi ? dq_bf16_int : dq_bf16)(u + c0, c1 - c0, zf, sf, (uint16_t *)out + r * out_stride + c0);
+                    dq_bf16(u + c0, c1 - c0, zf, sf, (uint16_t *)out + r * out_stride + c0);
                 else if (out_dtype == MQ_F32)
                     dq_f32(u + c0, c1 - c0, zf, sf, (float *)out + r * out_stride + c0);
 #if MQ_HAVE_F16
                 else
-                    (zi ? dq_f16_int : dq_f16)(u + c0, c1 - c0, zf, sf, (_Float16 *)out + r * out_stride + c0);
+                    dq_f16(u + c0, c1 - c0, zf, sf, (_Float16 *)out + r * out_stride + c0);
 #endif
             }
         }
@@ -322,10 +302,13 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  *
  * for i < m rows of x and r < n rows of the weight, which equals sum_j x~[i, j] (u[r, j] - z[r, g]) s[r, g]:
  * the integer codes are multiplied exactly and the zero point enters once per group through the group sums of
- * x. x~ is x rounded to bfloat16 (round_bf16 == 1) or x itself. With round_bf16 and AVX512-BF16 the products
- * are bfloat16 pairs summed in float32 by vdpbf16ps (codes 0..15 turned into bfloat16 by a 16-entry table);
- * otherwise the codes are widened to float32 and multiplied by float32 FMA (exact products either way: a code
- * has 4 bits, x~ at most 24). Sums are float32 and so is y: the output is not rounded to the activation dtype.
+ * x. xmode says what x~ is: 1, x rounded to bfloat16; 2 (split), hi + lo with hi = bf16(x) and
+ * lo = bf16(x - hi), which is x to a relative 2^-17 (x's float32 value has 24 significant bits, hi + lo
+ * 16 or more); 0, x itself. With xmode 1 or 2 and AVX512-BF16 the products are bfloat16 pairs summed in
+ * float32 by vdpbf16ps (codes 0..15 turned into bfloat16 by a 16-entry table; split: one product with hi and
+ * one with lo per code); otherwise the codes are widened to float32 and multiplied by float32 FMA (x~ = x:
+ * split on a CPU without AVX512-BF16 is exact). Products are exact either way (a code has 4 bits, x~ at most
+ * 24). Sums are float32 and so is y: the output is not rounded to the activation dtype.
  *
  * q: n rows of row_bytes bytes, two codes per byte (column 2t in the low nibble of byte t), kp codes per row
  * (kp even; codes beyond k multiply zeros). s, z: float32 (n, ng), group g covering columns [g ge, (g + 1) ge);
@@ -371,7 +354,8 @@ static inline int flush_after(const int32_t *gix, int64_t b, int64_t nblk) {
  * (xf) or bfloat16 bits (xb)); xs: (m, ng) group sums of x~ */
 static inline __attribute__((always_inline)) void gemv4_rows(
     const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const float *s,
-    const float *z, const float *xf, const uint16_t *xb, int64_t xps, const float *xs, const int32_t *gix,
+    const float *z, const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps, const float *xs,
+    const int32_t *gix,
     const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const __m512i mask4 = _mm512_set1_epi16(0x0F);
 #if MQ_GEMV_BF16
@@ -406,6 +390,14 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                     acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)hib,
                                               (__m512bh)_mm512_load_si512((const void *)(xi + 32)));
                 }
+                if (xl != NULL) /* the low halves of split x: x~ = hi + lo */
+                    for (int i = 0; i < mb; ++i) {
+                        const uint16_t *xi = xl + (m0 + i) * xps + b * 64;
+                        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)lob,
+                                                  (__m512bh)_mm512_load_si512((const void *)xi));
+                        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)hib,
+                                                  (__m512bh)_mm512_load_si512((const void *)(xi + 32)));
+                    }
 #endif
             } else {
                 const __m512 la = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
@@ -463,21 +455,22 @@ static inline __attribute__((always_inline)) void gemv4_rows(
 
 int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
              const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
-             int ydtype, int64_t ys, int round_bf16, int nthreads) {
+             int ydtype, int64_t ys, int xmode, int nthreads) {
     if (n < 0 || m < 0 || k < 0 || k > kp || kp % 2 || row_bytes * 2 < kp || ge <= 0 || ng <= 0 ||
         ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n || (xdtype != 0 && xdtype != 1) ||
-        (ydtype != 0 && ydtype != 1))
+        (ydtype != 0 && ydtype != 1) || xmode < 0 || xmode > 2)
         return -1;
     if (ng > 1 && ge % 32) return -2;
 #if MQ_GEMV_F32
-    const int bf16 = round_bf16 && MQ_GEMV_BF16; /* products of bfloat16 pairs (else float32 FMA) */
+    const int bf16 = xmode && MQ_GEMV_BF16; /* products of bfloat16 pairs (else float32 FMA) */
+    const int split = bf16 && xmode == 2;    /* x~ = hi + lo, two bfloat16 products per weight */
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
     const int64_t nblk = (kp + 63) / 64, xps = nblk * 64;
-    const size_t esz = bf16 ? 2 : 4;
+    const size_t esz = bf16 && !split ? 2 : 4; /* split: the hi and the lo halves, 2 bytes each */
     void *xp = aligned_alloc(64, (size_t)(m * xps) * esz);
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
-    float *row = (float *)malloc((size_t)xps * sizeof(float));
+    float *row = (float *)malloc((size_t)xps * sizeof(float) * (split ? 2 : 1)), *rowl = row + xps;
     int32_t *gix = (int32_t *)malloc((size_t)(2 * nblk) * sizeof(int32_t));
     if (!xp || !xs || !row || !gix) {
         free(xp), free(xs), free(row), free(gix);
@@ -494,19 +487,30 @@ int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t 
             float v = 0.0f;
             if (j < k) v = xdtype ? u2f((uint32_t)((const uint16_t *)x)[i * xstride + j] << 16)
                                   : ((const float *)x)[i * xstride + j];
-            row[j] = round_bf16 ? bf16_round(v) : v;
+            if (split) { /* v = hi + lo, both bfloat16 values (v - hi is exact in float32) */
+                const float hi = bf16_round(v);
+                rowl[j] = bf16_round(v - hi);
+                v = hi;
+            } else if (xmode == 1) {
+                v = bf16_round(v);
+            }
+            row[j] = v;
         }
         for (int64_t g = 0; g < ng; ++g) {
             float a = 0.0f;
             const int64_t j1 = (g + 1) * ge < k ? (g + 1) * ge : k;
-            for (int64_t j = g * ge; j < j1; ++j) a += row[j];
+            for (int64_t j = g * ge; j < j1; ++j) a += split ? row[j] + rowl[j] : row[j]; /* hi + lo: exact */
             xs[i * ng + g] = a;
         }
         for (int64_t j = 0; j < xps; j += 64)
             for (int t = 0; t < 32; ++t) {
                 if (bf16) {
-                    ((uint16_t *)xp)[i * xps + j + t] = (uint16_t)(f2u(row[j + 2 * t]) >> 16);
-                    ((uint16_t *)xp)[i * xps + j + 32 + t] = (uint16_t)(f2u(row[j + 2 * t + 1]) >> 16);
+                    for (int h = 0; h < 2; ++h) { /* bfloat16 values: their top 16 bits */
+                        ((uint16_t *)xp)[i * xps + j + 32 * h + t] = (uint16_t)(f2u(row[j + 2 * t + h]) >> 16);
+                        if (split)
+                            ((uint16_t *)xp)[(m + i) * xps + j + 32 * h + t] =
+                                (uint16_t)(f2u(rowl[j + 2 * t + h]) >> 16);
+                    }
                 } else {
                     ((float *)xp)[i * xps + j + t] = row[j + 2 * t];
                     ((float *)xp)[i * xps + j + 32 + t] = row[j + 2 * t + 1];
@@ -515,6 +519,7 @@ int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t 
     }
     const float *xf = bf16 ? NULL : (const float *)xp;
     const uint16_t *xbp = bf16 ? (const uint16_t *)xp : NULL;
+    const uint16_t *xlp = split ? (const uint16_t *)xp + m * xps : NULL;
     const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
@@ -523,21 +528,21 @@ int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t 
         const int64_t r0 = t * MQ_GEMV_RB, r1 = r0 + MQ_GEMV_RB < n ? r0 + MQ_GEMV_RB : n;
         int64_t m0 = 0;
         for (; m0 + 8 <= m; m0 += 8)
-            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 8, m0, y, ydtype, ys);
+            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, 8, m0, y, ydtype, ys);
         if (m - m0 >= 4) {
-            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 4, m0, y, ydtype, ys);
+            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, 4, m0, y, ydtype, ys);
             m0 += 4;
         }
         if (m - m0 >= 2) {
-            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 2, m0, y, ydtype, ys);
+            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, 2, m0, y, ydtype, ys);
             m0 += 2;
         }
-        if (m - m0 >= 1) gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xps, xs, gix, 1, m0, y, ydtype, ys);
+        if (m - m0 >= 1) gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, 1, m0, y, ydtype, ys);
     }
     free(xp), free(xs), free(row), free(gix);
     return 0;
 #else
-    (void)q, (void)row_bytes, (void)s, (void)z, (void)x, (void)y, (void)round_bf16, (void)nthreads;
+    (void)q, (void)row_bytes, (void)s, (void)z, (void)x, (void)y, (void)xmode, (void)nthreads;
     return -3;
 #endif
 }
