@@ -10,37 +10,45 @@ row group                                       path
 ==============================================  ========================================================
 codes in 4-bit containers (4-bit rows, 3-bit     **native4**: medquant's own kernel
 rows of the version-1 layout); group scope      (:func:`medquant.kernels.native.native_gemv4`) on the
-with a group size that is a multiple of 32, or  layer's packed codes, for ``M < dense_min_m`` in every
-channel / tensor scope; any ``n`` and ``k``;    ``cd``; otherwise **dense**. Needs the native library
-a CPU with AVX512F + AVX512BW                   built with AVX512 (else the int4 row below applies)
+with a group size that is a multiple of 32, or  layer's packed codes, for ``M < dense_min_m("int4")``
+channel / tensor scope; any ``n`` and ``k``;    in every ``cd``; otherwise **dense**. Needs the native
+a CPU with AVX512F + AVX512BW                   library built with AVX512 (else the int4 row applies)
+codes in 8-bit containers (8-bit rows, 5..7-bit  **native8**: the same kernel on 8-bit codes, same
+rows of the version-1 layout); the same scope,  rule on ``M`` (else the int8 / dense rows apply)
+group and CPU conditions
 ``b <= 4`` otherwise (2-bit and 1-bit            **int4**: ``aten._weight_int4pack_mm_for_cpu`` for
 containers, the dense 3-bit layout, or          ``M < dense_min_m`` (``cd`` bfloat16 / float16) or
 ``set_cpu_int4_kernel("aten")``); group size a  ``M == 1`` (``cd`` float32); otherwise **dense**
 multiple of 32, or channel / tensor scope;
 ``n`` a multiple of 16
-``5 <= b <= 8``, channel or tensor scope         **int8**: ``aten._weight_int8pack_mm`` (same rule on M);
-(8-bit asymmetric only where ``u - z`` fits     otherwise **dense**
-int8 in every row)
-``5 <= b <= 8``, group scope (e.g. W8 g32, the   **dense** at every ``M`` (no weight-only kernel takes
-layout of llama.cpp's Q8_0); 8-bit asymmetric   several scales per row), one warning per layer shape
+``5 <= b <= 8`` otherwise (the dense 5/6/7-bit   **int8**: ``aten._weight_int8pack_mm`` (same rule on M);
+layout, or ``"aten"``), channel or tensor       otherwise **dense**
+scope (8-bit asymmetric only where ``u - z``
+fits int8 in every row)
+``5 <= b <= 8`` off native8, group scope (e.g.   **dense** at every ``M`` (no aten weight-only kernel takes
+W8 g32 under ``"aten"``); 8-bit asymmetric      several scales per row), one warning per layer shape
 rows whose ``u - z`` leaves int8
 anything else (a group size not a multiple of   the torch reference (:func:`packed_linear_reference`),
 32; ``n`` not a multiple of 16 off the native   with one warning per layer shape naming it
 kernel)
 ==============================================  ========================================================
 
-**native4** computes, for row ``r`` of ``W`` and row ``i`` of ``x``, with ``x~`` the input rounded to ``cd``,
+**native4** computes, for row ``r`` of ``W`` and row ``i`` of ``x``, with ``x~`` the input as the kernel takes
+it (``cd`` float32: ``x``; float16: ``x`` rounded to float16; bfloat16: ``hi + lo``, ``hi = bf16(x)``,
+``lo = bf16(x - hi)``, i.e. ``x`` to a relative ``2^-17``, or with :func:`set_cpu_native4_activations` ``"round"``
+``bf16(x)``),
 
     y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
 
 which is ``x~ @ ((u - z) * s)^T`` with every product exact and float32 sums, and returns float32 (cast to
-``x``'s dtype): unlike the int4 kernel, neither its scales nor its output are rounded to ``cd``. It reads
-medquant's packed codes in place, so a 4-bit layer holds one form of its weight in memory (plus float32 copies
+``x``'s dtype): unlike the int4 / int8 kernels, neither its scales nor its output are rounded to ``cd``. It reads
+medquant's packed codes in place, so a 4- or 8-bit layer holds one form of its weight in memory (plus float32 copies
 of scales and zero points that are not float32 already: 8 bytes per group). With ``cd`` bfloat16 and
-AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``); otherwise float32 FMA. Under ``torch.compile`` it
-runs as the operator ``medquant::gemv4``.
+AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``, two per code when split); otherwise float32 FMA.
+Under ``torch.compile`` it runs as the operator ``medquant::gemv4``.
 
-**dense**: the codes are dequantized to ``cd`` (``(u - z) * s``, once per call) and ``F.linear`` runs; at large
+**dense**: the codes are dequantized to ``cd`` (``(u - z) * s`` in float32, rounded once to ``cd``: the
+reference's float32 weight cast to ``cd``; once per call) and ``F.linear`` runs; at large
 ``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``. The
 dequantization is one pass of a small C kernel over medquant's packed codes (:mod:`medquant.kernels.native`,
 compiled on first use; eager torch ops, bit-identical, where it is unavailable or ``$MEDQUANT_NATIVE=0``). A
@@ -309,10 +317,11 @@ def dense_min_m(kind: str) -> int:
 
 
 def set_cpu_int4_kernel(kind: str | None) -> None:
-    """Choose the CPU kernel for rows of <= 4 bits.
+    """Choose between medquant's native weight-only kernels and aten's.
 
-    ``"auto"`` (the default): medquant's native kernel where it takes the row group, aten's int4 kernel elsewhere;
-    ``"aten"``: aten's int4 kernel, with its repacked copy of the weight, wherever it takes the row group (module
+    ``"auto"`` (the default): medquant's native kernel (native4 / native8) where it takes the row group, aten's
+    int4 / int8 kernel elsewhere; ``"aten"``: aten's int4 kernel for rows of <= 4 bits and its int8 kernel for
+    5..8-bit rows, each with its repacked copy of the weight, wherever it takes the row group (module
     docstring). Row groups already planned are planned again at their next call.
 
     Args:
@@ -548,10 +557,10 @@ def _int4_group(k: int, candidates: list[int]) -> int:
 
 
 def _build_plan(weight: PackedWeight) -> _Plan:
-    if weight.bits <= 4 and weight.n and weight.k and _int4_kernel == "auto":
+    if weight.n and weight.k and _int4_kernel == "auto":
         gemv = native_gemv4(weight, *_scale_zero(weight))
         if gemv is not None:
-            return _Plan("native4", source=_source(weight), gemv=gemv)
+            return _Plan(f"native{gemv.bits}", source=_source(weight), gemv=gemv)
     reason = _decline(weight)
     if reason is not None:
         return _Plan(None, reason, source=_source(weight))
@@ -678,8 +687,8 @@ def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
         return "reference"
     if plan.kind == "dense":
         return "dense"
-    if plan.kind == "native4":
-        return "native4" if m < dense_min_m("int4") else "dense"
+    if plan.kind in ("native4", "native8"):
+        return plan.kind if m < dense_min_m("int4") else "dense"
     if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
         return plan.kind
     return "dense"
@@ -695,7 +704,7 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
         weight: the packed row group.
 
     Returns:
-        ``"native4"``, ``"int4"``, ``"int8"``, ``"dense"`` or ``"reference"``.
+        ``"native4"``, ``"native8"``, ``"int4"``, ``"int8"``, ``"dense"`` or ``"reference"``.
     """
     return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight))
 

@@ -34,12 +34,13 @@ the kernel is active and why not. Nothing here raises into an import or a forwar
 :func:`native_dequantizer` binds one row group's arguments once (the CPU backend's prepared call keeps it), so
 a call costs the C function alone; :meth:`NativeDequantizer.into` fills a range of rows into a caller's buffer.
 
-**4-bit matmul.** :func:`native_gemv4` binds a row group whose codes sit in 4-bit containers; calling it computes
+**4- and 8-bit matmul.** :func:`native_gemv4` binds a row group whose codes sit in 4-bit containers (C function
+``mq_gemv4``) or 8-bit containers (``mq_gemv8``); calling it computes
 
     y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
 
-(``x~``: the input rounded to bfloat16, or the input itself) with exact products and float32 sums, reading the
-codes in place. It is compiled only with AVX512F + AVX512BW (``-march=native`` on such a CPU; it multiplies
+(``x~``: the input itself, rounded to bfloat16, or split into two bfloat16 halves: :class:`NativeGemv4`) with
+exact products and float32 sums, reading the codes in place. It is compiled only with AVX512F + AVX512BW (``-march=native`` on such a CPU; it multiplies
 bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to float32);
 :func:`native_status` reports ``gemv4`` / ``gemv4_bf16``. The operator ``medquant::gemv4`` wraps it for
 ``torch.compile``.
@@ -196,7 +197,8 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     if not digest.is_file() or digest.read_text().strip() != _sha256(path):
         raise ValueError(f"{path} does not match its recorded SHA-256 (corrupted or replaced)")
     lib = ctypes.CDLL(str(path))
-    for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant", "mq_gemv4", "mq_gemv4_caps"):
+    for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant", "mq_gemv4", "mq_gemv8",
+                 "mq_gemv4_caps"):
         if not hasattr(lib, name):
             raise _Foreign(f"{path} lacks the symbol {name}: not medquant's library")
     lib.mq_build_key.restype = ctypes.c_char_p
@@ -211,9 +213,10 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     lib.mq_dequant.restype = ctypes.c_int
     lib.mq_dequant.argtypes = [vp, i64, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, vp, vp,
                                ctypes.c_int, vp, i64, ctypes.c_int]
-    lib.mq_gemv4.restype = ctypes.c_int
-    lib.mq_gemv4.argtypes = [vp, i64, i64, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int, i64, i64, vp,
-                             ctypes.c_int, i64, ctypes.c_int, ctypes.c_int]
+    for fn in (lib.mq_gemv4, lib.mq_gemv8):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [vp, i64, i64, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int, i64, i64, vp, ctypes.c_int, i64,
+                       ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -333,7 +336,7 @@ def native_status(build: bool = True) -> dict[str, object]:
 
     Returns:
         ``{"active": bool, "reason": str ("" when active), "library": path or None, "openmp": bool,
-        "float16": bool, "gemv4": bool (the 4-bit weight-only matmul is compiled in: AVX512F + BW),
+        "float16": bool, "gemv4": bool (the 4- and 8-bit weight-only matmuls are compiled in: AVX512F + BW),
         "gemv4_bf16": bool (it multiplies bfloat16 pairs with AVX512-BF16), "flags": [compiler flags],
         "cache_dir": str}``.
     """
@@ -480,26 +483,29 @@ def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, xmode: int) -
 
 @torch.library.custom_op("medquant::gemv4", mutates_args=())
 def gemv4_op(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int,
-             xmode: int) -> torch.Tensor:
-    """``y (M, n) float32 = x~ @ ((u - z) * s)^T`` by the native 4-bit kernel, as a torch operator (what
+             xmode: int, bits: int) -> torch.Tensor:
+    """``y (M, n) float32 = x~ @ ((u - z) * s)^T`` by the native kernel, as a torch operator (what
     ``torch.compile`` traces; eager calls go to :class:`NativeGemv4` directly). ``x``: ``(M, k)`` float32 or
-    bfloat16 with unit column stride; ``qweight``: the row group's int32 words (4-bit containers); ``s``, ``z``:
-    float32 ``(n, ng)``; ``xmode``: what ``x~`` is (:class:`NativeGemv4`). Raises RuntimeError when the kernel declines (it never returns a wrong result)."""
+    bfloat16 with unit column stride; ``qweight``: the row group's int32 words (``bits``-bit containers, 4 or
+    8); ``s``, ``z``: float32 ``(n, ng)``; ``xmode``: what ``x~`` is (:class:`NativeGemv4`). Raises
+    RuntimeError when the kernel declines (it never returns a wrong result)."""
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
     lib = _state.lib
-    rc = -3 if lib is None else _gemv4_into(lib.mq_gemv4, _gemv4_head(qweight, s, z, k, kp, ge), x, y, xmode)
+    fn = None if lib is None else (lib.mq_gemv4 if bits == 4 else lib.mq_gemv8 if bits == 8 else None)
+    rc = -3 if fn is None else _gemv4_into(fn, _gemv4_head(qweight, s, z, k, kp, ge), x, y, xmode)
     if rc != 0:
-        raise RuntimeError(f"medquant native 4-bit matmul declined the call (code {rc})")
+        raise RuntimeError(f"medquant native {bits}-bit matmul declined the call (code {rc})")
     return y
 
 
 @gemv4_op.register_fake
-def _gemv4_fake(x, qweight, s, z, k, kp, ge, xmode):
+def _gemv4_fake(x, qweight, s, z, k, kp, ge, xmode, bits):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
 class NativeGemv4:
-    """One row group's native 4-bit weight-only matmul, its arguments bound once (:func:`native_gemv4`).
+    """One row group's native weight-only matmul (codes in 4-bit containers: ``native4``; in 8-bit containers:
+    ``native8``), its arguments bound once (:func:`native_gemv4`).
 
     ``gemv(x, xmode)`` returns ``y (M, n)`` with
 
@@ -518,6 +524,7 @@ class NativeGemv4:
     def __init__(self, fn, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                  ge: int) -> None:
         self._fn, self._weight = fn, weight
+        self.bits = container_bits(weight.bits)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
         self.n, self.k, self.kp, self.ge = weight.n, weight.k, weight.k_pad, ge
         self._head = _gemv4_head(qw, s, z, self.k, self.kp, ge)  # bound once: a decode step calls this per layer
@@ -556,23 +563,23 @@ class NativeGemv4:
     def run(self, x: torch.Tensor, xmode: int) -> torch.Tensor | None:
         """:meth:`__call__` without the checks, for a caller that has made them (the CPU backend's runner)."""
         if torch.compiler.is_compiling():
-            return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, int(xmode))
+            return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, int(xmode), self.bits)
         y = torch.empty(x.shape[0], self.n, dtype=x.dtype)
         rc = _gemv4_into(self._fn, self._head, x, y, xmode)
         if rc != 0:
-            _report_once(f"gemv{rc}", f"medquant native 4-bit matmul declined a call ({self._weight.describe()}, "
+            _report_once(f"gemv{rc}", f"medquant native {self.bits}-bit matmul declined a call ({self._weight.describe()}, "
                                       f"code {rc}): the dense path runs it")
             return None
         return y
 
 
 def gemv4_decline(weight: PackedWeight) -> str | None:
-    """Why the native 4-bit matmul cannot take this row group (None: it can, once the library is built with
-    the kernel compiled in: :func:`native_gemv4`)."""
-    if weight.is_dense or container_bits(weight.bits) != 4:
+    """Why the native weight-only matmul cannot take this row group (None: it can, once the library is built
+    with the kernel compiled in: :func:`native_gemv4`)."""
+    if weight.is_dense or container_bits(weight.bits) not in (4, 8):
         return (f"{weight.bits}-bit rows are stored {'densely' if weight.is_dense else 'in '}"
                 f"{'' if weight.is_dense else str(container_bits(weight.bits)) + '-bit containers'}; "
-                "the native kernel reads 4-bit containers")
+                "the native kernel reads 4- and 8-bit containers")
     if weight.device.type != "cpu":
         return f"the native kernel runs CPU tensors only, not {weight.device}"
     if weight.scope == "group" and weight.group_elems % 32:
@@ -581,8 +588,8 @@ def gemv4_decline(weight: PackedWeight) -> str | None:
 
 
 def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) -> NativeGemv4 | None:
-    """The native 4-bit weight-only matmul of one row group (codes in 4-bit containers: 3- and 4-bit rows of
-    the version-1 layout), or None when it cannot run here: ``$MEDQUANT_NATIVE=0``, no library, a library built
+    """The native weight-only matmul of one row group whose codes sit in 4-bit containers (3- and 4-bit rows of
+    the version-1 layout) or 8-bit containers (8-bit rows; 5..7-bit rows of the version-1 layout), or None when it cannot run here: ``$MEDQUANT_NATIVE=0``, no library, a library built
     without AVX512F + BW, a layout it does not read (:func:`gemv4_decline`).
 
     Args:
@@ -603,4 +610,5 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) 
     ng = kp // ge
     s = scale.float().expand(n, ng).contiguous()
     z = zero.float().expand(n, ng).contiguous()
-    return NativeGemv4(lib.mq_gemv4, weight, weight.qweight.contiguous(), s, z, ge)
+    fn = lib.mq_gemv4 if container_bits(weight.bits) == 4 else lib.mq_gemv8
+    return NativeGemv4(fn, weight, weight.qweight.contiguous(), s, z, ge)

@@ -3,9 +3,9 @@
 Reference: ``x @ W^T`` with ``W`` the layer's dequantized weight (``(u - z) * s`` in float32), in float64 here.
 Tolerances fit the compute dtype: float32 compute ~1e-5 relative to the output scale, bfloat16 ~1e-2.
 
-These tests pin rows of <= 4 bits to aten's int4 kernel (``set_cpu_int4_kernel("aten")``), except where a test
-is parametrized over both kernels; medquant's native 4-bit kernel (the default where the CPU has AVX512) has
-its own tests in ``test_native_gemv.py``.
+These tests pin rows to aten's int4 / int8 kernels (``set_cpu_int4_kernel("aten")``), except where a test is
+parametrized over both choices; medquant's native 4- and 8-bit kernels (the default where the CPU has AVX512)
+have their own tests in ``test_native_gemv.py``.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def _restore_settings(cpu_settings):
 
 
 def _native_takes(layer: QuantLinear, bits: int) -> bool:
-    """Whether medquant's native 4-bit kernel runs this row group under ``set_cpu_int4_kernel("auto")`` here:
-    4-bit containers (not the dense 3-bit layout) and a library built with AVX512F + BW."""
+    """Whether medquant's native kernel runs this row group under ``set_cpu_int4_kernel("auto")`` here: 4- or
+    8-bit containers (not the dense 3/5/6/7-bit layout) and a library built with AVX512F + BW."""
     from medquant.kernels.native import gemv4_decline, native_status
 
     return bool(native_status()["gemv4"]) and gemv4_decline(layer.packed_weight(bits)) is None
@@ -122,13 +122,15 @@ def test_paths_match_the_reference(bits, sym, scope, gs, kernel, dtype, int4_ker
     set_cpu_compute_dtype(dtype)
     set_cpu_int4_kernel(int4_kernel)
     layer = _layer(48, 576, QuantConfig(bits, symmetric=sym, scope=scope, group_size=gs))  # 576: K padded
-    if int4_kernel == "auto" and bits <= 4 and _native_takes(layer, bits):
-        kernel = "native4"  # runs every M below the dense threshold, in float32 compute too
+    if int4_kernel == "auto" and _native_takes(layer, bits):
+        # runs every M below the dense threshold, in float32 compute too
+        kernel = "native4" if bits <= 4 else "native8"
     g = torch.Generator().manual_seed(1)
     for m in (1, 7, 300):
         x = torch.randn(m, 576, generator=g)
         path = _paths(layer, x)
-        if kernel in ("reference", "dense") or m == 1 or (m == 7 and (dtype == torch.bfloat16 or kernel == "native4")):
+        if kernel in ("reference", "dense") or m == 1 or \
+                (m == 7 and (dtype == torch.bfloat16 or kernel.startswith("native"))):
             assert path == {kernel}, (m, path)
         else:
             assert path == {"dense"}, (m, path)

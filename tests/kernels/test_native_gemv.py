@@ -75,6 +75,9 @@ CONFIGS = {  # id -> (config, layout version)
     "3asym-g64-v1": (QuantConfig(3, symmetric=False, group_size=64), 1),  # 3-bit codes in 4-bit containers
     "4sym-channel": (QuantConfig(4, scope="channel"), 2),
     "4asym-tensor": (QuantConfig(4, symmetric=False, scope="tensor"), 2),
+    "8sym-channel": (QuantConfig(8, scope="channel"), 2),  # 8-bit containers: native8
+    "8asym-g32": (QuantConfig(8, symmetric=False, group_size=32), 2),  # llama.cpp's Q8_0 layout, asymmetric
+    "6asym-g64-v1": (QuantConfig(6, symmetric=False, group_size=64), 1),  # 6-bit codes in 8-bit containers
 }
 
 
@@ -92,6 +95,7 @@ def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
         layer = layer.to_layout(1)
     w = layer.packed_weight(cfg.bits)
     native = _available() and gemv4_decline(w) is None
+    kind = "native4" if cfg.bits <= 4 else "native8"
     for act in ("split", "round") if cd == torch.bfloat16 else ("split",):
         set_cpu_native4_activations(act)
         # what x enters as: float32 itself where split (bf16 compute), else rounded to the compute dtype
@@ -101,7 +105,7 @@ def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
             x = torch.randn(m, k, generator=g)
             path = cpu_path(x, w)
             if native:
-                assert path == "native4", (m, path)
+                assert path == kind, (m, path)
             with torch.no_grad():
                 y = layer(x)
                 yb = layer(x.bfloat16())
@@ -252,7 +256,7 @@ def test_mixed_bit_layer_4bit_rows_native_others_on_their_kernels():
     layer = _layer(len(bits), 320, cfg, bias=True)
     x = torch.randn(1, 320)
     kinds = {b: cpu_path(x, layer.packed_weight(b)) for b in (2, 3, 4, 8)}
-    assert kinds == {2: "int4", 3: "reference", 4: _small_path(), 8: "int8"}
+    assert kinds == {2: "int4", 3: "reference", 4: _small_path(), 8: "native8" if _available() else "int8"}
     for m in (1, 5, 300):
         x = torch.randn(m, 320)
         with torch.no_grad():
@@ -349,7 +353,7 @@ def test_torch_compile_traces_the_native_kernel():
     if _available():
         gemv = cpu_plan(model[0].packed_weight(4)).gemv
         for xmode in (0, 1, 2):
-            y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, xmode)
+            y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, xmode, 4)
             torch.testing.assert_close(y_op, gemv(x, xmode), rtol=0, atol=0)
 
 
@@ -407,3 +411,30 @@ def test_native4_activations_setting():
         out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True,
                              env={**__import__("os").environ, "MEDQUANT_CPU_NATIVE4_ACTIVATIONS": env})
         assert out.stdout.strip() == want, (env, out.stdout, out.stderr)
+
+
+def test_native8_holds_no_repacked_copy_and_matches_the_int8_kernel():
+    """8-bit rows: aten's int8 kernel keeps an int8 copy of the weight (1 byte per weight beside medquant's
+    codes); native8 reads the codes in place. Both agree within the bf16 tolerance, native8 within 1e-5 of the
+    float64 reference of the float32 input (split activations)."""
+    set_cpu_compute_dtype(torch.bfloat16)
+    n, k = 128, 512
+    layer = _layer(n, k, QuantConfig(8, scope="channel"))
+    x = torch.randn(2, k)
+    with torch.no_grad():
+        y_native = layer(x)
+    native_bytes = cpu_cache_bytes()
+    set_cpu_int4_kernel("aten")
+    assert cpu_path(x, layer.packed_weight(8)) == "int8"
+    with torch.no_grad():
+        y_aten = layer(x)
+    assert cpu_cache_bytes() >= n * k  # the int8 copy
+    assert _rel_err(y_aten, _ref(layer, x, torch.float32)) < 2e-2
+    if _available():
+        assert native_bytes == n * 4 * 2  # float32 scales and zero points of one group per row
+        assert _rel_err(y_native, _ref(layer, x, torch.float32)) < 1e-5
+        set_cpu_int4_kernel("auto")
+        gemv = cpu_plan(layer.packed_weight(8)).gemv
+        assert gemv is not None and gemv.bits == 8
+        y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, 2, 8)
+        torch.testing.assert_close(y_op, gemv(x, 2), rtol=0, atol=0)

@@ -350,6 +350,31 @@ static inline int flush_after(const int32_t *gix, int64_t b, int64_t nblk) {
     return b + 1 == nblk || gix[2 * b + 2] != gix[2 * b] || gix[2 * b + 3] != gix[2 * b + 1];
 }
 
+/* y[i, r] for rows m0..m0+mb of x: the lanes of tot summed, minus sum_g s z (group sum of x~) */
+static inline __attribute__((always_inline)) void finish_row(
+    const __m512 *tot, int64_t r, int64_t ng, const float *s, const float *z, const float *xs, const int mb,
+    int64_t m0, void *y, int ydtype, int64_t ys) {
+    const float *sr = s + r * ng, *zr = z + r * ng;
+    for (int i = 0; i < mb; ++i) {
+        const float *xsi = xs + (m0 + i) * ng;
+        __m512 c = _mm512_setzero_ps();
+        int64_t g = 0;
+        for (; g + 16 <= ng; g += 16)
+            c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(sr + g), _mm512_loadu_ps(zr + g)),
+                                _mm512_loadu_ps(xsi + g), c);
+        if (g < ng) {
+            const __mmask16 mk = (__mmask16)((1u << (ng - g)) - 1u);
+            c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + g), _mm512_maskz_loadu_ps(mk, zr + g)),
+                                _mm512_maskz_loadu_ps(mk, xsi + g), c);
+        }
+        const float v = _mm512_reduce_add_ps(tot[i]) - _mm512_reduce_add_ps(c);
+        if (ydtype)
+            ((uint16_t *)y)[(m0 + i) * ys + r] = bf16_bits(v);
+        else
+            ((float *)y)[(m0 + i) * ys + r] = v;
+    }
+}
+
 /* rows r0..r1 of the weight against rows m0..m0+mb of x (x~ permuted per block: xp, row stride xps, as float32
  * (xf) or bfloat16 bits (xb)); xs: (m, ng) group sums of x~ */
 static inline __attribute__((always_inline)) void gemv4_rows(
@@ -430,33 +455,69 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                 }
             }
         }
-        const float *zr = z + r * ng;
-        for (int i = 0; i < mb; ++i) {
-            const float *xsi = xs + (m0 + i) * ng;
-            __m512 c = _mm512_setzero_ps();
-            int64_t g = 0;
-            for (; g + 16 <= ng; g += 16)
-                c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(sr + g), _mm512_loadu_ps(zr + g)),
-                                    _mm512_loadu_ps(xsi + g), c);
-            if (g < ng) {
-                const __mmask16 mk = (__mmask16)((1u << (ng - g)) - 1u);
-                c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + g), _mm512_maskz_loadu_ps(mk, zr + g)),
-                                    _mm512_maskz_loadu_ps(mk, xsi + g), c);
+        finish_row(tot, r, ng, s, z, xs, mb, m0, y, ydtype, ys);
+    }
+}
+
+/* 8-bit containers (one code per byte, in column order): blocks of 32 columns, each inside one group (groups are
+ * multiples of 32), x~ in column order; the codes (0..255, exact in bfloat16) are widened to float32 and, for
+ * vdpbf16ps, packed to bfloat16 pairs (vcvtne2ps2bf16). gix[2b] = gix[2b + 1] is block b's group. */
+static inline __attribute__((always_inline)) void gemv8_rows(
+    const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const float *s,
+    const float *z, const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps, const float *xs,
+    const int32_t *gix, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
+    const int64_t nblk = (kp + 31) / 32, full = kp / 32;
+    const __mmask32 tail = (__mmask32)((1ull << (kp % 32)) - 1u);
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t *row = q + r * row_bytes;
+        const float *sr = s + r * ng;
+        __m512 tot[8], acc[8];
+        for (int i = 0; i < mb; ++i) tot[i] = acc[i] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nblk; ++b) {
+            const __m256i raw = (b < full) ? _mm256_loadu_si256((const void *)(row + b * 32))
+                                           : _mm256_maskz_loadu_epi8(tail, row + b * 32);
+#if MQ_GEMV_PREFETCH > 0
+            _mm_prefetch((const char *)(row + b * 32 + MQ_GEMV_PREFETCH), _MM_HINT_T0);
+#endif
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(raw)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(raw, 1)));
+            if (xb != NULL) {
+#if MQ_GEMV_BF16
+                const __m512bh wb = _mm512_cvtne2ps_pbh(hi, lo); /* columns 0..15 from lo, 16..31 from hi */
+                for (int i = 0; i < mb; ++i)
+                    acc[i] = _mm512_dpbf16_ps(acc[i], wb, (__m512bh)_mm512_load_si512(
+                                                          (const void *)(xb + (m0 + i) * xps + b * 32)));
+                if (xl != NULL)
+                    for (int i = 0; i < mb; ++i)
+                        acc[i] = _mm512_dpbf16_ps(acc[i], wb, (__m512bh)_mm512_load_si512(
+                                                              (const void *)(xl + (m0 + i) * xps + b * 32)));
+#endif
+            } else {
+                for (int i = 0; i < mb; ++i) {
+                    const float *xi = xf + (m0 + i) * xps + b * 32;
+                    acc[i] = _mm512_fmadd_ps(lo, _mm512_load_ps(xi), acc[i]);
+                    acc[i] = _mm512_fmadd_ps(hi, _mm512_load_ps(xi + 16), acc[i]);
+                }
             }
-            const float v = _mm512_reduce_add_ps(tot[i]) - _mm512_reduce_add_ps(c);
-            if (ydtype)
-                ((uint16_t *)y)[(m0 + i) * ys + r] = bf16_bits(v);
-            else
-                ((float *)y)[(m0 + i) * ys + r] = v;
+            if (flush_after(gix, b, nblk)) {
+                const __m512 sv = _mm512_set1_ps(sr[gix[2 * b]]);
+                for (int i = 0; i < mb; ++i) {
+                    tot[i] = _mm512_fmadd_ps(acc[i], sv, tot[i]);
+                    acc[i] = _mm512_setzero_ps();
+                }
+            }
         }
+        finish_row(tot, r, ng, s, z, xs, mb, m0, y, ydtype, ys);
     }
 }
 #endif
 
-int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
-             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
-             int ydtype, int64_t ys, int xmode, int nthreads) {
-    if (n < 0 || m < 0 || k < 0 || k > kp || kp % 2 || row_bytes * 2 < kp || ge <= 0 || ng <= 0 ||
+/* the 4-bit (bits 4) and 8-bit (bits 8) kernels: checks, x~ prepared once per call, rows split over threads */
+static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge,
+                    int64_t ng, const float *s, const float *z, const void *x, int xdtype, int64_t m,
+                    int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
+    const int per_byte = 8 / bits; /* codes per byte */
+    if (n < 0 || m < 0 || k < 0 || k > kp || kp % per_byte || row_bytes * per_byte < kp || ge <= 0 || ng <= 0 ||
         ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n || (xdtype != 0 && xdtype != 1) ||
         (ydtype != 0 && ydtype != 1) || xmode < 0 || xmode > 2)
         return -1;
@@ -466,7 +527,8 @@ int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t 
     const int split = bf16 && xmode == 2;    /* x~ = hi + lo, two bfloat16 products per weight */
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
-    const int64_t nblk = (kp + 63) / 64, xps = nblk * 64;
+    /* blocks of 64 columns (4-bit: even then odd columns) or 32 (8-bit: column order) */
+    const int64_t bw = bits == 4 ? 64 : 32, nblk = (kp + bw - 1) / bw, xps = nblk * bw;
     const size_t esz = bf16 && !split ? 2 : 4; /* split: the hi and the lo halves, 2 bytes each */
     void *xp = aligned_alloc(64, (size_t)(m * xps) * esz);
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
@@ -478,11 +540,11 @@ int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t 
     }
     for (int64_t b = 0; b < nblk; ++b)
         for (int h = 0; h < 2; ++h) {
-            const int64_t g = (b * 64 + 32 * h) / ge;
+            const int64_t g = (bits == 4 ? b * 64 + 32 * h : b * 32) / ge;
             gix[2 * b + h] = (int32_t)(g < ng ? g : ng - 1);
         }
     for (int64_t i = 0; i < m; ++i) {
-        /* x~ of row i (zero beyond k), its group sums, then the permuted copy */
+        /* x~ of row i (zero beyond k), its group sums, then the kernel's copy (4-bit: permuted per block) */
         for (int64_t j = 0; j < xps; ++j) {
             float v = 0.0f;
             if (j < k) v = xdtype ? u2f((uint32_t)((const uint16_t *)x)[i * xstride + j] << 16)
@@ -502,47 +564,64 @@ int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t 
             for (int64_t j = g * ge; j < j1; ++j) a += split ? row[j] + rowl[j] : row[j]; /* hi + lo: exact */
             xs[i * ng + g] = a;
         }
-        for (int64_t j = 0; j < xps; j += 64)
-            for (int t = 0; t < 32; ++t) {
-                if (bf16) {
-                    for (int h = 0; h < 2; ++h) { /* bfloat16 values: their top 16 bits */
-                        ((uint16_t *)xp)[i * xps + j + 32 * h + t] = (uint16_t)(f2u(row[j + 2 * t + h]) >> 16);
-                        if (split)
-                            ((uint16_t *)xp)[(m + i) * xps + j + 32 * h + t] =
-                                (uint16_t)(f2u(rowl[j + 2 * t + h]) >> 16);
-                    }
-                } else {
-                    ((float *)xp)[i * xps + j + t] = row[j + 2 * t];
-                    ((float *)xp)[i * xps + j + 32 + t] = row[j + 2 * t + 1];
-                }
+        for (int64_t d = 0; d < xps; ++d) {
+            /* destination d of the copy takes column src: 4-bit blocks hold their 32 even columns, then the odd */
+            const int64_t j = d / 64 * 64, t = d % 64;
+            const int64_t src = bits == 4 ? j + 2 * (t % 32) + t / 32 : d;
+            if (bf16) { /* bfloat16 values: their top 16 bits */
+                ((uint16_t *)xp)[i * xps + d] = (uint16_t)(f2u(row[src]) >> 16);
+                if (split) ((uint16_t *)xp)[(m + i) * xps + d] = (uint16_t)(f2u(rowl[src]) >> 16);
+            } else {
+                ((float *)xp)[i * xps + d] = row[src];
             }
+        }
     }
     const float *xf = bf16 ? NULL : (const float *)xp;
     const uint16_t *xbp = bf16 ? (const uint16_t *)xp : NULL;
     const uint16_t *xlp = split ? (const uint16_t *)xp + m * xps : NULL;
     const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
+#define MQ_GEMV_ROWS(MB)                                                                                          \
+    do {                                                                                                          \
+        if (bits == 4)                                                                                            \
+            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys);   \
+        else                                                                                                      \
+            gemv8_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys);   \
+    } while (0)
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
 #endif
     for (int64_t t = 0; t < tasks; ++t) {
         const int64_t r0 = t * MQ_GEMV_RB, r1 = r0 + MQ_GEMV_RB < n ? r0 + MQ_GEMV_RB : n;
         int64_t m0 = 0;
-        for (; m0 + 8 <= m; m0 += 8)
-            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, 8, m0, y, ydtype, ys);
+        for (; m0 + 8 <= m; m0 += 8) MQ_GEMV_ROWS(8);
         if (m - m0 >= 4) {
-            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, 4, m0, y, ydtype, ys);
+            MQ_GEMV_ROWS(4);
             m0 += 4;
         }
         if (m - m0 >= 2) {
-            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, 2, m0, y, ydtype, ys);
+            MQ_GEMV_ROWS(2);
             m0 += 2;
         }
-        if (m - m0 >= 1) gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, 1, m0, y, ydtype, ys);
+        if (m - m0 >= 1) MQ_GEMV_ROWS(1);
     }
+#undef MQ_GEMV_ROWS
     free(xp), free(xs), free(row), free(gix);
     return 0;
 #else
     (void)q, (void)row_bytes, (void)s, (void)z, (void)x, (void)y, (void)xmode, (void)nthreads;
     return -3;
 #endif
+}
+
+int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
+             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
+             int ydtype, int64_t ys, int xmode, int nthreads) {
+    return gemv_run(4, q, n, row_bytes, k, kp, ge, ng, s, z, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
+}
+
+/* mq_gemv4's computation on 8-bit containers (codes 0..255, one per byte): the same arguments and returns */
+int mq_gemv8(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
+             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
+             int ydtype, int64_t ys, int xmode, int nthreads) {
+    return gemv_run(8, q, n, row_bytes, k, kp, ge, ng, s, z, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
 }

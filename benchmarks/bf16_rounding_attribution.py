@@ -1,0 +1,185 @@
+"""Which bfloat16 rounding moves a quantized model's next tokens: activations, weights or outputs of its linears.
+
+The CPU backend computes quantized layers in a compute dtype (bfloat16 by default). Against the float32 reference
+path of the same quantized model (``force_backend("torch")``: ``x @ ((u - z) * s)^T`` in float32), a bfloat16
+execution can round three things per layer: its input ``x``, its dequantized weight ``W`` and its output ``y``.
+This benchmark runs SmolLM2-135M quantized as ``benchmarks.cpu_inference`` makes it (head quantized) with every
+``QuantLinear`` replaced by a float32 emulation that rounds a chosen subset of ``{x, W, y}`` to bfloat16 and keeps
+everything else in float32 (``W`` is the layer's exact float32 dequantized weight, rounded once where ``W`` is in
+the subset), and reports, over held-out IU X-ray reports (teacher-forced, one forward over ``--tokens``
+positions), the next-token agreement with the reference and the relative perplexity difference:
+
+* ``exact`` (nothing rounded): the control of the emulation itself; it must give 100% and 0.00%;
+* ``x``, ``W``, ``y`` alone, ``x+W`` (what a GEMM with float32 output would do), ``x+W+y`` (a bfloat16 GEMM);
+* ``fast prefill path``: the model through the CPU backend as it runs (one forward: the dense path at this
+  ``M``); ``fast decode path``: the same positions one at a time through the KV cache (``M = 1``: native4 with
+  its default split activations, or the weight-only kernel the row group takes).
+
+What it decides: whether a next-token agreement of 99% with the float32 reference is reachable while any one of
+the three is rounded to bfloat16 (if ``x`` alone or ``W`` alone already flips more than 1% of the tokens, no kernel
+that rounds it can reach 99%, however it sums).
+
+Run: ``python -m benchmarks.bf16_rounding_attribution [--variants W4g128,W4g32,W3] [--prompts 20] [--tokens 64]
+[--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common.env import hardware, save_results, versions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 0
+#: the emulated roundings, in table order: label -> the subset of {"x", "w", "y"} rounded to bfloat16
+MODES = {"exact": "", "x": "x", "W": "w", "y": "y", "x+W": "xw", "x+W+y": "xwy"}
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+class RoundedLinear(nn.Module):
+    """``y = x @ W^T + b`` in float32 with ``x``, ``W``, ``y`` each rounded to bfloat16 when :attr:`mode` holds
+    ``"x"``, ``"w"``, ``"y"``; ``W`` is the quantized layer's exact float32 weight (``to_float``)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        lin = layer.to_float(torch.float32)
+        self.weight = lin.weight.detach().float()
+        self.weight_bf16 = _bf16(self.weight)
+        self.bias = None if lin.bias is None else lin.bias.detach().float()
+        self.mode = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xx = _bf16(x) if "x" in self.mode else x.float()
+        y = F.linear(xx, self.weight_bf16 if "w" in self.mode else self.weight)
+        if "y" in self.mode:
+            y = _bf16(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+def emulation(model: nn.Module) -> tuple[nn.Module, list[RoundedLinear]]:
+    """A copy of ``model`` with every ``QuantLinear`` replaced by a :class:`RoundedLinear`, and those layers."""
+    from medquant.quant import QuantLinear
+
+    emu = copy.deepcopy(model)
+    layers = []
+    for parent in list(emu.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantLinear):
+                r = RoundedLinear(child)
+                setattr(parent, name, r)
+                layers.append(r)
+    return emu.eval(), layers
+
+
+def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool = True) -> dict:
+    """Agreement and perplexity difference of each mode (module docstring) against the reference path.
+
+    Args:
+        model: a quantized causal LM (``QuantLinear`` layers).
+        sequences: ``(1, T + 1)`` token ids each (inputs ``[:, :-1]``, targets ``[:, 1:]``).
+        decode_path: also run the fast decode path (one position at a time through the KV cache).
+
+    Returns:
+        ``{label: {"agreement", "ppl", "ppl_rel_diff"}}`` plus ``"reference_ppl"`` and ``"tokens"``.
+    """
+    from benchmarks.cpu_inference import _decode_path_logits
+    from medquant.kernels import force_backend
+
+    emu, layers = emulation(model)
+    labels = list(MODES) + ["fast prefill path"] + (["fast decode path"] if decode_path else [])
+    agree = dict.fromkeys(labels, 0)
+    nll = dict.fromkeys(labels, 0.0)
+    nll_ref, total = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:
+            inp, tgt = ids[:, :-1], ids[:, 1:]
+            with force_backend("torch"):
+                ref = model(input_ids=inp).logits[0].float()
+            nll_ref += float(F.cross_entropy(ref, tgt[0], reduction="sum"))
+            total += tgt.numel()
+            for label in labels:
+                if label in MODES:
+                    for layer in layers:
+                        layer.mode = MODES[label]
+                    lo = emu(input_ids=inp).logits[0].float()
+                elif label == "fast prefill path":
+                    lo = model(input_ids=inp).logits[0].float()
+                else:
+                    lo = _decode_path_logits(model, inp)
+                agree[label] += int((lo.argmax(-1) == ref.argmax(-1)).sum())
+                nll[label] += float(F.cross_entropy(lo, tgt[0], reduction="sum"))
+    ppl_ref = math.exp(nll_ref / total)
+    out: dict = {"reference_ppl": ppl_ref, "tokens": total}
+    for label in labels:
+        ppl = math.exp(nll[label] / total)
+        out[label] = {"agreement": agree[label] / total, "ppl": ppl, "ppl_rel_diff": abs(ppl - ppl_ref) / ppl_ref}
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    labels = [k for k in rows[0]["modes"] if k not in ("reference_ppl", "tokens")] if rows else []
+    lines = [f"# bfloat16 rounding attribution (benchmarks/bf16_rounding_attribution.py, {result['date']})", "",
+             (f"SmolLM2-135M, head quantized, {result['prompts']} held-out IU X-ray reports x {result['tokens']} "
+              "teacher-forced positions; next-token agreement with the float32 reference path / perplexity "
+              "difference from it. x, W, y: the linears' input, weight, output rounded to bfloat16 in a float32 "
+              "emulation; the fast paths are the CPU backend as it runs."), "",
+             "| variant | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for r in rows:
+        cells = [f"{r['modes'][k]['agreement'] * 100:.1f}% / {r['modes'][k]['ppl_rel_diff'] * 100:.2f}%"
+                 for k in labels]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="W4g128,W4g32,W3")
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="bf16_rounding_attribution")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from benchmarks.common.lm import report_texts
+    from benchmarks.cpu_inference import _make
+    from medquant.kernels import cpu_features, get_cpu_compute_dtype, get_cpu_native4_activations
+
+    torch.manual_seed(SEED)
+    load_before = list(os.getloadavg())
+    rows = []
+    for variant in args.variants.split(","):
+        model, tok = _make("smollm2", variant, True)
+        texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > args.tokens][: args.prompts]
+        seqs = [tok(t, return_tensors="pt")["input_ids"][:, : args.tokens + 1] for t in texts]
+        rows.append({"variant": variant, "modes": attribute(model, seqs)})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+    result = {"benchmark": "bf16_rounding_attribution", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "seed": SEED, "prompts": args.prompts, "tokens": args.tokens, "threads": torch.get_num_threads(),
+              "compute_dtype": str(get_cpu_compute_dtype()).removeprefix("torch."),
+              "native4_activations": get_cpu_native4_activations(), "cpu_features": cpu_features(),
+              "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()), "hardware": hardware(),
+              "versions": versions(), "rows": rows}
+    save_results(RESULTS, args.out, result, markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
