@@ -167,7 +167,7 @@ def markdown(result: dict) -> str:
         cells = [f"{d / kt:.2f}" for d, kt in zip(r["dense_min_ms"], r["kernel_min_ms"])]
         lines.append(f"| {r['n']}x{r['k']} | {r['bits']} | {r['kernel']} | " + " | ".join(cells)
                      + f" | {r['crossover']} |")
-    lines += ["", f"Defaults when this ran (per bit-width): {result['current_default']}; suggested from this run "
+    lines += ["", f"Defaults when this ran (per bit-width and kernel): {result['current_default']}; suggested from this run "
               "(median crossover per bit-width and kernel, rounded up to the sweep): "
               + ", ".join(f"{key}: {v}" for key, v in result["suggested"].items()), ""]
     pairs = _kernel_pairs(result["rows"])
@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "dense_crossover", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": SEED, "quick": args.quick, "repeats": repeats, "ms": ms, "compute_dtype": "bfloat16",
         "threads": torch.get_num_threads(),
-        "current_default": {str(b): dense_min_m(_kind(b)) for b in bits_list},
+        # the threshold in force per kernel (native4 / native8 follow the int4 one)
+        "current_default": {f"W{r['bits']} {r['kernel']}": dense_min_m("int8" if r["kernel"] == "int8" else "int4")
+                            for r in rows},
         "suggested": {f"W{r['bits']} {r['kernel']}": suggest([q["crossover"] for q in rows if q["bits"] == r["bits"]
                                                             and q["kernel"] == r["kernel"]], ms) for r in rows},
         "note": "ratios within this run only; minima of wall time (the machine may be shared)",

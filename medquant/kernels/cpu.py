@@ -279,11 +279,12 @@ _compute_dtype = _from_env()
 
 
 def set_cpu_dense_min_m(m: int | None) -> None:
-    """From how many activation rows ``M`` the dense path runs, for the int4 and the int8 kernel alike.
+    """From how many activation rows ``M`` the dense path runs, for every weight-only kernel alike.
 
-    Below it the int4 / int8 kernels run on the packed codes; from it on the weight is dequantized once per call
+    Below it the weight-only kernels run on the packed codes; from it on the weight is dequantized once per call
     and a dense matmul runs (faster for large ``M``). ``None`` restores the measured per-kernel defaults
-    (``DEFAULT_DENSE_MIN_M_INT4`` = 32 for the int4 kernel, ``DEFAULT_DENSE_MIN_M`` = 72 for the int8 kernel).
+    (``DEFAULT_DENSE_MIN_M_INT4`` = 32 for native4, native8 and the int4 kernel, ``DEFAULT_DENSE_MIN_M`` = 72
+    for the int8 kernel).
 
     Args:
         m: an int >= 2, or None for the defaults.
