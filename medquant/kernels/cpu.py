@@ -126,14 +126,14 @@ CPU_PRIORITY = 10
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: environment variable read at import: the initial global compute dtype (bfloat16 / float16 / float32 / auto)
 ENV_COMPUTE_DTYPE = "MEDQUANT_CPU_COMPUTE_DTYPE"
-#: environment variable read at import: the initial kernel for rows of <= 4 bits (auto / aten)
+#: environment variable read at import: the initial weight-only kernel choice (auto / aten)
 ENV_INT4_KERNEL = "MEDQUANT_CPU_INT4_KERNEL"
-#: kernels for rows of <= 4 bits: "auto" (medquant's native kernel where it takes the row group, else aten's
-#: int4 kernel) or "aten" (aten's int4 kernel wherever it takes the row group)
+#: weight-only kernel choices: "auto" (medquant's native kernels where they take the row group, else aten's int4 /
+#: int8 kernels) or "aten" (aten's int4 / int8 kernels wherever they take the row group)
 INT4_KERNELS = ("auto", "aten")
-#: environment variable read at import: how native4 takes bfloat16-compute activations (split / round)
+#: environment variable read at import: how native4 / native8 take bfloat16-compute activations (split / round)
 ENV_NATIVE4_ACTIVATIONS = "MEDQUANT_CPU_NATIVE4_ACTIVATIONS"
-#: how native4 multiplies activations with a bfloat16 compute dtype: "split" (x = hi + lo, two bfloat16 halves,
+#: how native4 / native8 multiply activations with a bfloat16 compute dtype: "split" (x = hi + lo, two bfloat16 halves,
 #: x to a relative 2^-17: the float32 reference's result to about 1e-6) or "round" (x rounded to bfloat16)
 NATIVE4_ACTIVATIONS = ("split", "round")
 #: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the int8 weight-only kernel, and
@@ -366,12 +366,14 @@ _int4_kernel = _int4_kernel_from_env()
 
 
 def set_cpu_native4_activations(mode: str | None) -> None:
-    """How the native 4-bit kernel takes activations when the compute dtype is bfloat16.
+    """How the native kernels (native4 and native8) take activations when the compute dtype is bfloat16.
 
     ``"split"`` (the default): ``x = hi + lo`` with ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the
     codes with ``vdpbf16ps``, so ``x`` enters to a relative ``2^-17`` and the result matches the float32 reference
-    to about ``1e-6`` (no bfloat16 rounding of activations, weights or output), for about 5-15% more time per
-    call on large layers (measured in ``benchmarks/results/native_gemv_activations.json``). ``"round"``: ``x``
+    to about ``1e-6`` (no bfloat16 rounding of activations, weights or output). In decode it cost about 4% per
+    token on SmolLM2-135M and nothing measurable on a 1.1B model, in paired rounds
+    (``benchmarks/results/native4_activations_decode_ab*.json``). A bfloat16 input is already exact and is not
+    split. ``"round"``: ``x``
     rounded to bfloat16 (one product per code; the layer's output then differs from the float32 reference by
     about ``2^-9`` relative). Float32 compute is exact either way; the dense path (``M >= dense_min_m``) and the
     aten kernels always round to the compute dtype.
