@@ -29,14 +29,13 @@ import copy
 import json
 import math
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common.env import hardware, save_results, versions
+from benchmarks.common.env import run_record, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -171,12 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"variant": variant, "modes": attribute(model, seqs)})
         print(json.dumps(rows[-1]), flush=True)
         del model
-    result = {"benchmark": "bf16_rounding_attribution", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "seed": SEED, "prompts": args.prompts, "tokens": args.tokens, "threads": torch.get_num_threads(),
-              "compute_dtype": str(get_cpu_compute_dtype()).removeprefix("torch."),
-              "native4_activations": get_cpu_native4_activations(), "cpu_features": cpu_features(),
-              "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()), "hardware": hardware(),
-              "versions": versions(), "rows": rows}
+    result = run_record("bf16_rounding_attribution", SEED, load_before, rows, prompts=args.prompts,
+                        tokens=args.tokens, compute_dtype=str(get_cpu_compute_dtype()).removeprefix("torch."),
+                        native4_activations=get_cpu_native4_activations(), cpu_features=cpu_features())
     save_results(RESULTS, args.out, result, markdown(result))
     return result
 

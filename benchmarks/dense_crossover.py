@@ -30,13 +30,12 @@ import itertools
 import os
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common.env import hardware, save_results, versions
+from benchmarks.common.env import run_record, save_results
 from medquant.kernels import (
     clear_cpu_cache,
     cpu_path,
@@ -224,20 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{n:>5}x{k:<5} W{bits} {r['kernel']:<7} crossover {r['crossover']}  dense/kernel "
                       + " ".join(f"{m}:{d / kt:.2f}" for m, d, kt in
                                  zip(ms, r["dense_min_ms"], r["kernel_min_ms"])), flush=True)
-    load_after = list(os.getloadavg())
-    result = {
-        "benchmark": "dense_crossover", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seed": SEED, "quick": args.quick, "repeats": repeats, "ms": ms, "compute_dtype": "bfloat16",
-        "threads": torch.get_num_threads(),
+    result = run_record(
+        "dense_crossover", SEED, load_before, rows, quick=args.quick, repeats=repeats, ms=ms, compute_dtype="bfloat16",
         # the threshold in force per kernel (native4 / native8 follow the int4 one)
-        "current_default": {f"W{r['bits']} {r['kernel']}": dense_min_m("int8" if r["kernel"] == "int8" else "int4")
-                            for r in rows},
-        "suggested": {f"W{r['bits']} {r['kernel']}": suggest([q["crossover"] for q in rows if q["bits"] == r["bits"]
-                                                            and q["kernel"] == r["kernel"]], ms) for r in rows},
-        "note": "ratios within this run only; minima of wall time (the machine may be shared)",
-        "loadavg_before": load_before, "loadavg_after": load_after,
-        "hardware": hardware(), "versions": versions(), "rows": rows,
-    }
+        current_default={f"W{r['bits']} {r['kernel']}": dense_min_m("int8" if r["kernel"] == "int8" else "int4")
+                         for r in rows},
+        suggested={f"W{r['bits']} {r['kernel']}": suggest([q["crossover"] for q in rows if q["bits"] == r["bits"]
+                                                         and q["kernel"] == r["kernel"]], ms) for r in rows},
+        note="ratios within this run only; minima of wall time (the machine may be shared)")
     stem = args.out or ("dense_crossover_quick" if args.quick else "dense_crossover")
     save_results(RESULTS, stem, result, markdown(result))
     plot(rows, RESULTS / f"{stem}.png")

@@ -21,12 +21,11 @@ import argparse
 import json
 import os
 import statistics
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from benchmarks.common.env import hardware, save_results, versions
+from benchmarks.common.env import run_record, save_results
 from benchmarks.common.lm import time_decode
 from benchmarks.cpu_inference import _make
 from medquant.kernels import clear_cpu_cache, set_cpu_int4_kernel, set_cpu_native4_activations
@@ -96,10 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"model": model_name, "variant": variant, **pair(model, ids, args.rounds, args.steps, args.ab)})
             print(json.dumps(rows[-1]), flush=True)
             del model
-    result = {"benchmark": "int4_kernel_decode_ab", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "seed": SEED, "ab": args.ab, "rounds": args.rounds, "steps": args.steps, "threads": torch.get_num_threads(),
-              "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()), "hardware": hardware(),
-              "versions": versions(), "rows": rows}
+    result = run_record("int4_kernel_decode_ab", SEED, load_before, rows, ab=args.ab, rounds=args.rounds,
+                        steps=args.steps)
     save_results(RESULTS, args.out, result, markdown(result))
     return result
 

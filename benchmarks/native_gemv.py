@@ -23,13 +23,12 @@ import json
 import os
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common.env import hardware, save_results, versions
+from benchmarks.common.env import run_record, save_results
 from medquant.kernels import (
     clear_cpu_cache,
     cpu_path,
@@ -131,12 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(measure(n, k, args.repeats, gen, flush))
         clear_cpu_cache()
         print(json.dumps(rows[-1]), flush=True)
-    result = {"benchmark": "native_gemv", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "seed": SEED, "repeats": args.repeats, "threads": torch.get_num_threads(), "ms": list(MS),
-              "compute_dtype": "bfloat16", "config": {"bits": 4, "group_size": 128},
-              "bandwidth_gbs": args.bandwidth, "loadavg_before": load_before,
-              "loadavg_after": list(os.getloadavg()), "hardware": hardware(), "versions": versions(),
-              "rows": rows}
+    result = run_record("native_gemv", SEED, load_before, rows, repeats=args.repeats, ms=list(MS),
+                        compute_dtype="bfloat16", config={"bits": 4, "group_size": 128}, bandwidth_gbs=args.bandwidth)
     save_results(RESULTS, args.out, result, markdown(result))
     return result
 

@@ -77,6 +77,19 @@ def hardware(**fields) -> dict:
     return out
 
 
+def run_record(benchmark: str, seed: int, loadavg_before: list, rows: list, **fields) -> dict:
+    """The JSON record of one benchmark run: its name, the UTC date now, ``seed``, torch's thread count, then
+    ``fields`` as given, the load averages before the run and now, :func:`hardware`, :func:`versions` and
+    ``rows`` last."""
+    from datetime import datetime, timezone
+
+    import torch
+
+    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+            "threads": torch.get_num_threads(), **fields, "loadavg_before": loadavg_before,
+            "loadavg_after": list(os.getloadavg()), "hardware": hardware(), "versions": versions(), "rows": rows}
+
+
 def save_results(results_dir, stem: str, result: dict, markdown: str) -> None:
     """Write ``<stem>.json`` (the result, indented) and ``<stem>.md`` (the table) into ``results_dir``, created if
     missing, and print the table."""

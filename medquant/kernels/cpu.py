@@ -332,10 +332,7 @@ def set_cpu_int4_kernel(kind: str | None) -> None:
         ValueError: any other value.
     """
     global _int4_kernel
-    kind = "auto" if kind is None else kind
-    if kind not in INT4_KERNELS:
-        raise ValueError(f"the 4-bit CPU kernel must be one of {', '.join(map(repr, INT4_KERNELS))} or None, "
-                         f"got {kind!r}")
+    kind = _choice(kind, INT4_KERNELS, "the 4-bit CPU kernel")
     if kind != _int4_kernel:
         _int4_kernel = kind
         _plans.clear()
@@ -351,18 +348,27 @@ def get_cpu_int4_kernel() -> str:
     return _int4_kernel
 
 
-def _int4_kernel_from_env() -> str:
-    name = os.environ.get(ENV_INT4_KERNEL, "").strip().lower()
+def _choice(value: str | None, choices: tuple[str, ...], what: str) -> str:
+    """``value``, or ``choices[0]`` (the default) for None; ValueError naming ``what`` for anything else."""
+    value = choices[0] if value is None else value
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))} or None, got {value!r}")
+    return value
+
+
+def _env_choice(var: str, choices: tuple[str, ...]) -> str:
+    """``$var`` (case-insensitive) when it is one of ``choices``; ``choices[0]`` (the default) when unset, and with
+    a warning when it is anything else."""
+    name = os.environ.get(var, "").strip().lower()
     if not name:
-        return "auto"
-    if name not in INT4_KERNELS:
-        warnings.warn(f"${ENV_INT4_KERNEL}={name!r} is not {' or '.join(INT4_KERNELS)}: ignored", RuntimeWarning,
-                      stacklevel=2)
-        return "auto"
+        return choices[0]
+    if name not in choices:
+        warnings.warn(f"${var}={name!r} is not {' or '.join(choices)}: ignored", RuntimeWarning, stacklevel=3)
+        return choices[0]
     return name
 
 
-_int4_kernel = _int4_kernel_from_env()
+_int4_kernel = _env_choice(ENV_INT4_KERNEL, INT4_KERNELS)
 
 
 def set_cpu_native4_activations(mode: str | None) -> None:
@@ -385,10 +391,7 @@ def set_cpu_native4_activations(mode: str | None) -> None:
         ValueError: any other value.
     """
     global _native4_activations
-    mode = "split" if mode is None else mode
-    if mode not in NATIVE4_ACTIVATIONS:
-        raise ValueError(f"native4 activations must be one of {', '.join(map(repr, NATIVE4_ACTIVATIONS))} or None, "
-                         f"got {mode!r}")
+    mode = _choice(mode, NATIVE4_ACTIVATIONS, "native4 activations")
     if mode != _native4_activations:
         _native4_activations = mode
         bump_generation()
@@ -403,18 +406,7 @@ def get_cpu_native4_activations() -> str:
     return _native4_activations
 
 
-def _native4_activations_from_env() -> str:
-    name = os.environ.get(ENV_NATIVE4_ACTIVATIONS, "").strip().lower()
-    if not name:
-        return "split"
-    if name not in NATIVE4_ACTIVATIONS:
-        warnings.warn(f"${ENV_NATIVE4_ACTIVATIONS}={name!r} is not {' or '.join(NATIVE4_ACTIVATIONS)}: ignored",
-                      RuntimeWarning, stacklevel=2)
-        return "split"
-    return name
-
-
-_native4_activations = _native4_activations_from_env()
+_native4_activations = _env_choice(ENV_NATIVE4_ACTIVATIONS, NATIVE4_ACTIVATIONS)
 
 
 def clear_cpu_cache() -> None:

@@ -481,6 +481,11 @@ def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, xmode: int) -
               y.stride(0), int(xmode), torch.get_num_threads())
 
 
+def _gemv_fn(lib, bits: int):
+    """The C function of the native matmul for ``bits``-bit containers (``mq_gemv4`` / ``mq_gemv8``), or None."""
+    return None if lib is None else {4: lib.mq_gemv4, 8: lib.mq_gemv8}.get(bits)
+
+
 @torch.library.custom_op("medquant::gemv4", mutates_args=())
 def gemv4_op(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int,
              xmode: int, bits: int) -> torch.Tensor:
@@ -490,8 +495,7 @@ def gemv4_op(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.T
     8); ``s``, ``z``: float32 ``(n, ng)``; ``xmode``: what ``x~`` is (:class:`NativeGemv4`). Raises
     RuntimeError when the kernel declines (it never returns a wrong result)."""
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
-    lib = _state.lib
-    fn = None if lib is None else (lib.mq_gemv4 if bits == 4 else lib.mq_gemv8 if bits == 8 else None)
+    fn = _gemv_fn(_state.lib, bits)
     rc = -3 if fn is None else _gemv4_into(fn, _gemv4_head(qweight, s, z, k, kp, ge), x, y, xmode)
     if rc != 0:
         raise RuntimeError(f"medquant native {bits}-bit matmul declined the call (code {rc})")
@@ -610,5 +614,4 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) 
     ng = kp // ge
     s = scale.float().expand(n, ng).contiguous()
     z = zero.float().expand(n, ng).contiguous()
-    fn = lib.mq_gemv4 if container_bits(weight.bits) == 4 else lib.mq_gemv8
-    return NativeGemv4(fn, weight, weight.qweight.contiguous(), s, z, ge)
+    return NativeGemv4(_gemv_fn(lib, container_bits(weight.bits)), weight, weight.qweight.contiguous(), s, z, ge)

@@ -375,6 +375,17 @@ static inline __attribute__((always_inline)) void finish_row(
     }
 }
 
+/* bytes [32 b, 32 b + 32) of a weight row (the first bytes of the tail mask when b is past the full blocks), and
+ * a prefetch MQ_GEMV_PREFETCH bytes ahead: a thread's rows are contiguous, so it fetches across row ends (a hint,
+ * never faults) */
+static inline __attribute__((always_inline)) __m256i load_codes(const uint8_t *row, int64_t b, int64_t full,
+                                                                __mmask32 tail) {
+#if MQ_GEMV_PREFETCH > 0
+    _mm_prefetch((const char *)(row + b * 32 + MQ_GEMV_PREFETCH), _MM_HINT_T0);
+#endif
+    return (b < full) ? _mm256_loadu_si256((const void *)(row + b * 32)) : _mm256_maskz_loadu_epi8(tail, row + b * 32);
+}
+
 /* rows r0..r1 of the weight against rows m0..m0+mb of x (x~ permuted per block: xp, row stride xps, as float32
  * (xf) or bfloat16 bits (xb)); xs: (m, ng) group sums of x~ */
 static inline __attribute__((always_inline)) void gemv4_rows(
@@ -398,12 +409,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
         __m512 tot[8], acc[8], acc2[8];
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; ++b) {
-            const __m256i raw = (b < full) ? _mm256_loadu_si256((const void *)(row + b * 32))
-                                           : _mm256_maskz_loadu_epi8(tail, row + b * 32);
-#if MQ_GEMV_PREFETCH > 0
-            /* this thread's rows are contiguous: fetch ahead across row ends (a hint, never faults) */
-            _mm_prefetch((const char *)(row + b * 32 + MQ_GEMV_PREFETCH), _MM_HINT_T0);
-#endif
+            const __m256i raw = load_codes(row, b, full, tail);
             const __m512i w = _mm512_cvtepu8_epi16(raw);
             const __m512i lo = _mm512_and_si512(w, mask4), hi = _mm512_srli_epi16(w, 4);
             if (xb != NULL) {
@@ -474,11 +480,7 @@ static inline __attribute__((always_inline)) void gemv8_rows(
         __m512 tot[8], acc[8];
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; ++b) {
-            const __m256i raw = (b < full) ? _mm256_loadu_si256((const void *)(row + b * 32))
-                                           : _mm256_maskz_loadu_epi8(tail, row + b * 32);
-#if MQ_GEMV_PREFETCH > 0
-            _mm_prefetch((const char *)(row + b * 32 + MQ_GEMV_PREFETCH), _MM_HINT_T0);
-#endif
+            const __m256i raw = load_codes(row, b, full, tail);
             const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(raw)));
             const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(raw, 1)));
             if (xb != NULL) {
