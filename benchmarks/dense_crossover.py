@@ -55,9 +55,9 @@ CONFIGS = {4: {"bits": 4, "group_size": 128}, 8: {"bits": 8, "scope": "channel"}
 NEVER = 10 ** 9
 
 
-def _kind(bits: int) -> str:
-    """The weight-only kernel that takes rows of ``bits`` bits here: ``"int4"`` (<= 4) or ``"int8"``."""
-    return "int4" if bits <= 4 else "int8"
+def _threshold(kernel: str) -> int:
+    """The dense threshold in force for a row measured on ``kernel`` (native4 / native8 follow the int4 one)."""
+    return dense_min_m("int8" if kernel == "int8" else "int4")
 
 
 def crossover(ms: list[int], kernel_ms: list[float], dense_ms: list[float]) -> int | None:
@@ -141,8 +141,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(r["ms"], ratio, marker="o", ms=3, ls="-" if r["kernel"] != "int4" or bits != 4 else ":",
                     label=f"{r['n']}x{r['k']} {r['kernel']}")
         ax.axhline(1.0, color="k", lw=0.8)
-        default = dense_min_m(_kind(bits))
-        ax.axvline(default, color="grey", ls="--", lw=1, label=f"default {default}")
+        for default in sorted({_threshold(r["kernel"]) for r in rows if r["bits"] == bits}):
+            ax.axvline(default, color="grey", ls="--", lw=1, label=f"default {default}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("M (activation rows)")
@@ -225,9 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  zip(ms, r["dense_min_ms"], r["kernel_min_ms"])), flush=True)
     result = run_record(
         "dense_crossover", SEED, load_before, rows, quick=args.quick, repeats=repeats, ms=ms, compute_dtype="bfloat16",
-        # the threshold in force per kernel (native4 / native8 follow the int4 one)
-        current_default={f"W{r['bits']} {r['kernel']}": dense_min_m("int8" if r["kernel"] == "int8" else "int4")
-                         for r in rows},
+        current_default={f"W{r['bits']} {r['kernel']}": _threshold(r["kernel"]) for r in rows},
         suggested={f"W{r['bits']} {r['kernel']}": suggest([q["crossover"] for q in rows if q["bits"] == r["bits"]
                                                          and q["kernel"] == r["kernel"]], ms) for r in rows},
         note="ratios within this run only; minima of wall time (the machine may be shared)")
