@@ -1,11 +1,13 @@
-"""Decode speed of one quantized model on medquant's native 4-bit kernel against aten's int4 kernel, paired.
+"""Decode speed of one quantized model on medquant's native kernel against aten's int4 / int8 kernel, paired.
 
 Single-process rows of ``benchmarks/cpu_inference.py`` move by 15-25% between runs on this shared 2-core machine,
 more than the difference between the two 4-bit kernels. This holds one model (``cpu_inference``'s variants, head
-quantized) and decodes with ``set_cpu_int4_kernel("auto")`` (native4) and ``"aten"`` (int4) alternately, the
+quantized) and decodes with ``set_cpu_int4_kernel("auto")`` (native: native4 for W4, native3 for the dense W3
+layout, native2 for W2, native8 for W8) and ``"aten"`` (aten's int4 kernel for <= 4 bits, int8 for W8) alternately, the
 order swapped every round (``clear_cpu_cache()`` before each: the other kernel's plans are dropped), greedy
 single-token steps after a 32-token prompt (``benchmarks.common.lm.time_decode``, 4 warm-up steps). The ratio of
-each round is native4 tok/s / int4 tok/s; medians over rounds.
+each round is native tok/s / aten tok/s (labels ``native`` / ``aten``; results written before the stream widths
+were added say ``native4`` / ``int4``); medians over rounds.
 
 ``--ab activations`` pairs native4's two ways of taking bfloat16-compute activations instead
 (``set_cpu_native4_activations("split")``, the default, against ``"round"``): the ratio is split / round, what
@@ -33,13 +35,13 @@ from medquant.kernels import clear_cpu_cache, set_cpu_int4_kernel, set_cpu_nativ
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
 #: what is paired -> (the setting, its two values (a, b), their labels in the results); ratio = a / b
-ABS = {"kernel": (set_cpu_int4_kernel, ("auto", "aten"), ("native4", "int4")),
+ABS = {"kernel": (set_cpu_int4_kernel, ("auto", "aten"), ("native", "aten")),
        "activations": (set_cpu_native4_activations, ("split", "round"), ("split", "round"))}
 
 
 def pair(model, ids: torch.Tensor, rounds: int, steps: int, ab: str = "kernel") -> dict:
     """tok/s per round for each of the two settings of ``ab`` (:data:`ABS`), alternating, the order swapped every
-    round; ratios a / b per round (kernel: native4 / int4; activations: split / round); the setting is restored
+    round; ratios a / b per round (kernel: native / aten; activations: split / round); the setting is restored
     to its default afterwards."""
     setter, (a, b), (la, lb) = ABS[ab]
     tok_s: dict[str, list[float]] = {a: [], b: []}

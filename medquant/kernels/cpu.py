@@ -16,18 +16,20 @@ a CPU with AVX512F + AVX512BW                   library built with AVX512 (else 
 codes in 8-bit containers (8-bit rows, 5..7-bit  **native8**: the same kernel on 8-bit codes, same
 rows of the version-1 layout); the same scope,  rule on ``M`` (else the int8 / dense rows apply)
 group and CPU conditions
-``b <= 4`` otherwise (2-bit and 1-bit            **int4**: ``aten._weight_int4pack_mm_for_cpu`` for
-containers, the dense 3-bit layout, or          ``M < dense_min_m`` (``cd`` bfloat16 / float16) or
-``set_cpu_int4_kernel("aten")``); group size a  ``M == 1`` (``cd`` float32); otherwise **dense**
-multiple of 32, or channel / tensor scope;
-``n`` a multiple of 16
-``5 <= b <= 8`` otherwise (the dense 5/6/7-bit   **int8**: ``aten._weight_int8pack_mm`` (same rule on M);
-layout, or ``"aten"``), channel or tensor       otherwise **dense**
+the dense 3/5/6/7-bit layout, 1- and 2-bit       **native3** / **native5..7** / **native2** /
+containers; the same scope and group             **native1**: the same kernel on the stored bit
+conditions; a CPU with AVX512-VBMI too           stream, read in place; same rule on ``M``
+``b <= 4`` otherwise (no AVX512, no VBMI for     **int4**: ``aten._weight_int4pack_mm_for_cpu`` for
+the stream layouts, or ``"aten"``); group        ``M < dense_min_m`` (``cd`` bfloat16 / float16) or
+size a multiple of 32, or channel / tensor       ``M == 1`` (``cd`` float32); otherwise **dense**
+scope; ``n`` a multiple of 16
+``5 <= b <= 8`` otherwise (no AVX512 / VBMI,     **int8**: ``aten._weight_int8pack_mm`` (same rule on M);
+or ``"aten"``), channel or tensor                otherwise **dense**
 scope (8-bit asymmetric only where ``u - z``
 fits int8 in every row)
-``5 <= b <= 8`` off native8, group scope (e.g.   **dense** at every ``M`` (no aten weight-only kernel takes
-W8 g32 under ``"aten"``); 8-bit asymmetric      several scales per row), one warning per layer shape
-rows whose ``u - z`` leaves int8
+``5 <= b <= 8`` off the native kernels, group    **dense** at every ``M`` (no aten weight-only kernel takes
+scope (e.g. W8 g32 under ``"aten"``); 8-bit      several scales per row), one warning per layer shape
+asymmetric rows whose ``u - z`` leaves int8
 anything else (a group size not a multiple of   the torch reference (:func:`packed_linear_reference`),
 32; ``n`` not a multiple of 16 off the native   with one warning per layer shape naming it
 kernel)
@@ -89,8 +91,8 @@ in a weak dictionary keyed by the row group's ``qweight`` tensor: it lives exact
 storage, is never part of a ``state_dict``, and is rebuilt when the storage changes (``load_state_dict`` copies
 new codes: the tensor versions change; ``.to()`` makes new tensors). A row group on the int4 kernel holds both
 forms in memory (medquant's packed codes, which are what ``save`` writes, and the kernel's; 4 bits per weight
-each, so 2-bit rows and dense 3-bit rows cost 4 more bits per weight at run time); one on native4 holds only
-medquant's. :func:`clear_cpu_cache` drops the plans; :func:`set_cpu_int4_kernel` chooses between native4 and
+each, so 2-bit rows and dense 3-bit rows cost 4 more bits per weight at run time); one on a native kernel
+(native4, native8, or a stream width such as native3) holds only medquant's. :func:`clear_cpu_cache` drops the plans; :func:`set_cpu_int4_kernel` chooses between native4 and
 the int4 kernel for rows both take.
 
 Threads follow ``torch.set_num_threads``.
@@ -682,7 +684,7 @@ def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
         return "reference"
     if plan.kind == "dense":
         return "dense"
-    if plan.kind in ("native4", "native8"):
+    if plan.kind.startswith("native"):
         return plan.kind if m < dense_min_m("int4") else "dense"
     if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
         return plan.kind
@@ -699,7 +701,8 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
         weight: the packed row group.
 
     Returns:
-        ``"native4"``, ``"native8"``, ``"int4"``, ``"int8"``, ``"dense"`` or ``"reference"``.
+        ``"native<b>"`` (``b`` the stored width: ``"native4"``, ``"native8"``, ``"native3"`` for the dense 3-bit
+        layout, ...), ``"int4"``, ``"int8"``, ``"dense"`` or ``"reference"``.
     """
     return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight))
 

@@ -1,5 +1,5 @@
 """Small native kernels for the CPU backend: packed codes -> dense weights in one pass (the dense path), and a
-4-bit weight-only matmul on the packed codes (the ``native4`` path, :func:`native_gemv4`).
+weight-only matmul on the packed codes (the ``native4`` / ``native8`` / ``native<b>`` paths, :func:`native_gemv4`).
 
 The dense path of :mod:`medquant.kernels.cpu` (large ``M``, prefill) dequantizes a row group to the compute
 dtype ``T`` and runs ``F.linear``. :func:`dequantize_native` does the dequantization in one C pass over the
@@ -34,15 +34,17 @@ the kernel is active and why not. Nothing here raises into an import or a forwar
 :func:`native_dequantizer` binds one row group's arguments once (the CPU backend's prepared call keeps it), so
 a call costs the C function alone; :meth:`NativeDequantizer.into` fills a range of rows into a caller's buffer.
 
-**4- and 8-bit matmul.** :func:`native_gemv4` binds a row group whose codes sit in 4-bit containers (C function
-``mq_gemv4``) or 8-bit containers (``mq_gemv8``); calling it computes
+**Weight-only matmul.** :func:`native_gemv4` binds a row group whose codes sit in 4-bit containers (C function
+``mq_gemv4``), 8-bit containers (``mq_gemv8``), or a stream of ``b``-bit codes (``mq_gemvs``: the dense 3/5/6/7-bit
+layout, 1- and 2-bit containers, read at their stored width; the library needs AVX512-VBMI for these); calling it
+computes
 
     y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
 
 (``x~``: the input itself, rounded to bfloat16, or split into two bfloat16 halves: :class:`NativeGemv4`) with
 exact products and float32 sums, reading the codes in place. It is compiled only with AVX512F + AVX512BW (``-march=native`` on such a CPU; it multiplies
 bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to float32);
-:func:`native_status` reports ``gemv4`` / ``gemv4_bf16``. The operator ``medquant::gemv4`` wraps it for
+:func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream``. The operator ``medquant::gemv4`` wraps it for
 ``torch.compile``.
 
 **Threads.** Rows are split over ``torch.get_num_threads()`` threads with OpenMP. Loaded into a process that
@@ -52,6 +54,7 @@ torch's thread pool rather than starting a second one.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -69,7 +72,7 @@ from pathlib import Path
 import torch
 
 from .bundle import PackedWeight
-from .layout import container_bits
+from .layout import container_bits, storage_bits
 
 #: environment variable: ``0`` / ``false`` / ``off`` / ``no`` disables the native kernel (eager code runs)
 ENV_NATIVE = "MEDQUANT_NATIVE"
@@ -78,7 +81,7 @@ ENV_CACHE_DIR = "MEDQUANT_CACHE_DIR"
 #: the C source, shipped inside the package
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dequant.c"
 #: version of the C functions' arguments; the library reports it (``mq_abi``)
-ABI = 2
+ABI = 3
 #: file name of the built library inside its build folder
 LIB_NAME = "libmqdequant.so"
 #: flag sets tried in order until one compiles (common flags first)
@@ -105,7 +108,7 @@ class _State:
     path: str | None = None
     openmp: bool = False
     float16: bool = False
-    gemv: int = 0  # mq_gemv4_caps(): bit 0 the 4-bit matmul is compiled in, bit 1 it uses AVX512-BF16
+    gemv: int = 0  # mq_gemv4_caps(): bit 0 the matmul is compiled in, bit 1 it uses AVX512-BF16, bit 2 other widths
     flags: tuple[str, ...] = ()
 
 
@@ -198,7 +201,7 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
         raise ValueError(f"{path} does not match its recorded SHA-256 (corrupted or replaced)")
     lib = ctypes.CDLL(str(path))
     for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant", "mq_gemv4", "mq_gemv8",
-                 "mq_gemv4_caps"):
+                 "mq_gemvs", "mq_gemv4_caps"):
         if not hasattr(lib, name):
             raise _Foreign(f"{path} lacks the symbol {name}: not medquant's library")
     lib.mq_build_key.restype = ctypes.c_char_p
@@ -213,10 +216,11 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     lib.mq_dequant.restype = ctypes.c_int
     lib.mq_dequant.argtypes = [vp, i64, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, vp, vp,
                                ctypes.c_int, vp, i64, ctypes.c_int]
-    for fn in (lib.mq_gemv4, lib.mq_gemv8):
-        fn.restype = ctypes.c_int
-        fn.argtypes = [vp, i64, i64, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int, i64, i64, vp, ctypes.c_int, i64,
+    gemv_args: list = [vp, i64, i64, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int, i64, i64, vp, ctypes.c_int, i64,
                        ctypes.c_int, ctypes.c_int]
+    for fn in (lib.mq_gemv4, lib.mq_gemv8, lib.mq_gemvs):
+        fn.restype = ctypes.c_int
+        fn.argtypes = gemv_args if fn is not lib.mq_gemvs else [ctypes.c_int, *gemv_args]
     return lib
 
 
@@ -337,7 +341,8 @@ def native_status(build: bool = True) -> dict[str, object]:
     Returns:
         ``{"active": bool, "reason": str ("" when active), "library": path or None, "openmp": bool,
         "float16": bool, "gemv4": bool (the 4- and 8-bit weight-only matmuls are compiled in: AVX512F + BW),
-        "gemv4_bf16": bool (it multiplies bfloat16 pairs with AVX512-BF16), "flags": [compiler flags],
+        "gemv4_bf16": bool (it multiplies bfloat16 pairs with AVX512-BF16), "gemv_stream": bool (it also reads the
+        dense 3/5/6/7-bit layout and 1- and 2-bit containers: AVX512-VBMI + VL), "flags": [compiler flags],
         "cache_dir": str}``.
     """
     if _disabled():
@@ -349,7 +354,8 @@ def native_status(build: bool = True) -> dict[str, object]:
         reason = "" if active else (_state.reason or "not built yet")
     return {"active": active, "reason": reason, "library": _state.path, "openmp": _state.openmp,
             "float16": _state.float16, "gemv4": bool(active and _state.gemv & 1),
-            "gemv4_bf16": bool(active and _state.gemv & 2), "flags": list(_state.flags),
+            "gemv4_bf16": bool(active and _state.gemv & 2), "gemv_stream": bool(active and _state.gemv & 4),
+            "flags": list(_state.flags),
             "cache_dir": str(cache_dir())}
 
 
@@ -482,8 +488,14 @@ def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, xmode: int) -
 
 
 def _gemv_fn(lib, bits: int):
-    """The C function of the native matmul for ``bits``-bit containers (``mq_gemv4`` / ``mq_gemv8``), or None."""
-    return None if lib is None else {4: lib.mq_gemv4, 8: lib.mq_gemv8}.get(bits)
+    """The C function of the native matmul for codes stored in ``bits`` bits (``mq_gemv4`` for 4-bit containers,
+    ``mq_gemv8`` for 8-bit ones, ``mq_gemvs`` with ``bits`` bound for the other widths, where the library has
+    them), or None."""
+    if lib is None:
+        return None
+    if bits in (4, 8):
+        return lib.mq_gemv4 if bits == 4 else lib.mq_gemv8
+    return functools.partial(lib.mq_gemvs, bits) if _state.gemv & 4 and 1 <= bits <= 7 else None
 
 
 @torch.library.custom_op("medquant::gemv4", mutates_args=())
@@ -508,8 +520,9 @@ def _gemv4_fake(x, qweight, s, z, k, kp, ge, xmode, bits):
 
 
 class NativeGemv4:
-    """One row group's native weight-only matmul (codes in 4-bit containers: ``native4``; in 8-bit containers:
-    ``native8``), its arguments bound once (:func:`native_gemv4`).
+    """One row group's native weight-only matmul, its arguments bound once (:func:`native_gemv4`): codes in 4-bit
+    containers (``native4``), in 8-bit containers (``native8``), or a stream of ``b``-bit codes (``native<b>``:
+    the dense 3/5/6/7-bit layout, 1- and 2-bit containers). ``bits`` is the width the codes take in storage.
 
     ``gemv(x, xmode)`` returns ``y (M, n)`` with
 
@@ -528,7 +541,7 @@ class NativeGemv4:
     def __init__(self, fn, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                  ge: int) -> None:
         self._fn, self._weight = fn, weight
-        self.bits = container_bits(weight.bits)
+        self.bits = storage_bits(weight.bits, weight.dense)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
         self.n, self.k, self.kp, self.ge = weight.n, weight.k, weight.k_pad, ge
         self._head = _gemv4_head(qw, s, z, self.k, self.kp, ge)  # bound once: a decode step calls this per layer
@@ -579,11 +592,12 @@ class NativeGemv4:
 
 def gemv4_decline(weight: PackedWeight) -> str | None:
     """Why the native weight-only matmul cannot take this row group (None: it can, once the library is built
-    with the kernel compiled in: :func:`native_gemv4`)."""
-    if weight.is_dense or container_bits(weight.bits) not in (4, 8):
-        return (f"{weight.bits}-bit rows are stored {'densely' if weight.is_dense else 'in '}"
-                f"{'' if weight.is_dense else str(container_bits(weight.bits)) + '-bit containers'}; "
-                "the native kernel reads 4- and 8-bit containers")
+    with the kernel compiled in: :func:`native_gemv4`; a library already loaded without the stream widths, i.e.
+    built without AVX512-VBMI, declines every layout but 4- and 8-bit containers)."""
+    width = storage_bits(weight.bits, weight.dense)
+    if width not in (4, 8) and _state.lib is not None and not _state.gemv & 4:
+        return (f"{weight.bits}-bit rows stored in {width} bits per code need the library's stream kernel "
+                "(AVX512-VBMI), which this build lacks; it reads 4- and 8-bit containers")
     if weight.device.type != "cpu":
         return f"the native kernel runs CPU tensors only, not {weight.device}"
     if weight.scope == "group" and weight.group_elems % 32:
@@ -592,9 +606,12 @@ def gemv4_decline(weight: PackedWeight) -> str | None:
 
 
 def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) -> NativeGemv4 | None:
-    """The native weight-only matmul of one row group whose codes sit in 4-bit containers (3- and 4-bit rows of
-    the version-1 layout) or 8-bit containers (8-bit rows; 5..7-bit rows of the version-1 layout), or None when it cannot run here: ``$MEDQUANT_NATIVE=0``, no library, a library built
-    without AVX512F + BW, a layout it does not read (:func:`gemv4_decline`).
+    """The native weight-only matmul of one row group, or None when it cannot run here: ``$MEDQUANT_NATIVE=0``, no
+    library, a library built without AVX512F + BW, a layout it does not read (:func:`gemv4_decline`).
+
+    It reads every layout: 4-bit containers (4-bit rows, 3-bit rows of the version-1 layout), 8-bit containers
+    (8-bit rows, 5..7-bit rows of the version-1 layout) and, where the library has AVX512-VBMI, the dense
+    3/5/6/7-bit bit stream of the version-2 layout and 1- and 2-bit containers, each in place at its stored width.
 
     Args:
         weight: the packed row group.
@@ -609,9 +626,12 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) 
     lib = _library()
     if lib is None or not _state.gemv & 1:
         return None
+    fn = _gemv_fn(lib, storage_bits(weight.bits, weight.dense))
+    if fn is None:
+        return None
     n, kp = weight.n, weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp
     ng = kp // ge
     s = scale.float().expand(n, ng).contiguous()
     z = zero.float().expand(n, ng).contiguous()
-    return NativeGemv4(_gemv_fn(lib, container_bits(weight.bits)), weight, weight.qweight.contiguous(), s, z, ge)
+    return NativeGemv4(fn, weight, weight.qweight.contiguous(), s, z, ge)

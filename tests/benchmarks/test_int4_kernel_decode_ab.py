@@ -14,9 +14,10 @@ def test_pair_alternates_the_kernels_and_restores_the_default():
     model, _ = _make("llama_small", "W4g128", True)
     ids = torch.randint(100, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
     row = ab.pair(model, ids, rounds=2, steps=2)
-    assert len(row["native4_tok_s"]) == len(row["int4_tok_s"]) == len(row["ratios"]) == 2
-    assert all(t > 0 for t in row["native4_tok_s"] + row["int4_tok_s"])
-    assert row["ratios"] == [a / b for a, b in zip(row["native4_tok_s"], row["int4_tok_s"])]
+    assert row["labels"] == ["native", "aten"]
+    assert len(row["native_tok_s"]) == len(row["aten_tok_s"]) == len(row["ratios"]) == 2
+    assert all(t > 0 for t in row["native_tok_s"] + row["aten_tok_s"])
+    assert row["ratios"] == [a / b for a, b in zip(row["native_tok_s"], row["aten_tok_s"])]
     assert get_cpu_int4_kernel() == "auto"
     q = next(m for m in model.modules() if isinstance(m, QuantLinear))
     want = "native4" if native_status()["gemv4"] else "int4"

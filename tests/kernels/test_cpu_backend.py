@@ -35,6 +35,7 @@ from medquant.kernels.cpu import (
     default_cpu_compute_dtype,
     dense_min_m,
 )
+from medquant.kernels.layout import storage_bits
 from medquant.quant import QuantConfig, QuantLinear
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -46,8 +47,9 @@ def _restore_settings(cpu_settings):
 
 
 def _native_takes(layer: QuantLinear, bits: int) -> bool:
-    """Whether medquant's native kernel runs this row group under ``set_cpu_int4_kernel("auto")`` here: 4- or
-    8-bit containers (not the dense 3/5/6/7-bit layout) and a library built with AVX512F + BW."""
+    """Whether medquant's native kernel runs this row group under ``set_cpu_int4_kernel("auto")`` here: a library
+    built with AVX512F + BW, and for layouts other than 4- and 8-bit containers (the dense 3/5/6/7-bit layout,
+    1- and 2-bit containers) AVX512-VBMI too."""
     from medquant.kernels.native import gemv4_decline, native_status
 
     return bool(native_status()["gemv4"]) and gemv4_decline(layer.packed_weight(bits)) is None
@@ -124,7 +126,8 @@ def test_paths_match_the_reference(bits, sym, scope, gs, kernel, dtype, int4_ker
     layer = _layer(48, 576, QuantConfig(bits, symmetric=sym, scope=scope, group_size=gs))  # 576: K padded
     if int4_kernel == "auto" and _native_takes(layer, bits):
         # runs every M below the dense threshold, in float32 compute too
-        kernel = "native4" if bits <= 4 else "native8"
+        w = layer.packed_weight(bits)
+        kernel = f"native{storage_bits(bits, w.dense)}"
     g = torch.Generator().manual_seed(1)
     for m in (1, 7, 300):
         x = torch.randn(m, 576, generator=g)

@@ -31,6 +31,7 @@ from medquant.kernels import (
     set_cpu_native4_activations,
 )
 from medquant.kernels.cpu import cpu_plan
+from medquant.kernels.layout import storage_bits
 from medquant.kernels.native import gemv4_decline, native_gemv4, native_status
 from medquant.quant import QuantConfig, QuantLinear
 
@@ -78,6 +79,15 @@ CONFIGS = {  # id -> (config, layout version)
     "8sym-channel": (QuantConfig(8, scope="channel"), 2),  # 8-bit containers: native8
     "8asym-g32": (QuantConfig(8, symmetric=False, group_size=32), 2),  # llama.cpp's Q8_0 layout, asymmetric
     "6asym-g64-v1": (QuantConfig(6, symmetric=False, group_size=64), 1),  # 6-bit codes in 8-bit containers
+    # streams (native<b>): the dense version-2 layout and 1- / 2-bit containers, read in place at their width
+    "3sym-g128": (QuantConfig(3, group_size=128), 2),  # dense 3-bit: 32 codes in 3 words
+    "3asym-g32": (QuantConfig(3, symmetric=False, group_size=32), 2),
+    "5sym-channel": (QuantConfig(5, scope="channel"), 2),  # dense 5-bit
+    "6asym-g64": (QuantConfig(6, symmetric=False, group_size=64), 2),  # dense 6-bit (codes >= 32: widened form)
+    "7sym-g96": (QuantConfig(7, group_size=96), 2),  # dense 7-bit, groups of three blocks
+    "2asym-g64": (QuantConfig(2, symmetric=False, group_size=64), 2),  # 2-bit containers (K_pad % 32 may be 16)
+    "2sym-tensor": (QuantConfig(2, scope="tensor"), 2),
+    "1sym-g32": (QuantConfig(1, group_size=32), 2),  # 1-bit symmetric: (2u - 1) s
 }
 
 
@@ -95,7 +105,8 @@ def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
         layer = layer.to_layout(1)
     w = layer.packed_weight(cfg.bits)
     native = _available() and gemv4_decline(w) is None
-    kind = "native4" if cfg.bits <= 4 else "native8"
+    kind = f"native{storage_bits(cfg.bits, w.dense)}"
+    assert native or not _available() or (kind not in ("native4", "native8") and not native_status()["gemv_stream"])
     for act in ("split", "round") if cd == torch.bfloat16 else ("split",):
         set_cpu_native4_activations(act)
         # what x enters as: float32 itself where split (bf16 compute), else rounded to the compute dtype
@@ -243,8 +254,13 @@ def test_bad_input_to_the_bound_kernel_is_refused():
     with pytest.raises(ValueError, match="xmode"):
         gemv(torch.randn(2, 64), 3)
     assert gemv4_decline(_layer(32, 64, QuantConfig(4, group_size=16)).packed_weight(4)) is not None
-    assert gemv4_decline(_layer(32, 64, QuantConfig(2, group_size=32)).packed_weight(2)) is not None
-    assert gemv4_decline(_layer(32, 64, QuantConfig(3, group_size=32)).packed_weight(3)) is not None  # dense
+    # 2-bit containers and the dense 3-bit layout: taken where the library has the stream kernel (AVX512-VBMI)
+    stream = bool(native_status()["gemv_stream"])
+    for b in (2, 3):
+        reason = gemv4_decline(_layer(32, 64, QuantConfig(b, group_size=32)).packed_weight(b))
+        assert (reason is None) == stream, reason
+        if not stream:
+            assert "AVX512-VBMI" in reason
 
 
 @pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
@@ -256,7 +272,10 @@ def test_mixed_bit_layer_4bit_rows_native_others_on_their_kernels():
     layer = _layer(len(bits), 320, cfg, bias=True)
     x = torch.randn(1, 320)
     kinds = {b: cpu_path(x, layer.packed_weight(b)) for b in (2, 3, 4, 8)}
-    assert kinds == {2: "int4", 3: "reference", 4: _small_path(), 8: "native8" if _available() else "int8"}
+    # the 8 dense 3-bit rows: no aten kernel takes 8 rows (a multiple of 16), the native stream kernel takes any
+    stream = _available() and bool(native_status()["gemv_stream"])
+    assert kinds == {2: "native2" if stream else "int4", 3: "native3" if stream else "reference", 4: _small_path(),
+                     8: "native8" if _available() else "int8"}
     for m in (1, 5, 300):
         x = torch.randn(m, 320)
         with torch.no_grad():
@@ -438,3 +457,70 @@ def test_native8_holds_no_repacked_copy_and_matches_the_int8_kernel():
         assert gemv is not None and gemv.bits == 8
         y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, 2, 8)
         torch.testing.assert_close(y_op, gemv(x, 2), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+@pytest.mark.parametrize("bits", [3, 2])
+def test_stream_layouts_run_in_place_and_match_the_int4_kernel(bits):
+    """Dense 3-bit rows (version 2: 32 codes in 3 words) and 2-bit containers: with the stream kernel (AVX512-VBMI)
+    native<b> reads the stored codes in place, holding only float32 scale / zero copies, where aten's int4 kernel
+    keeps a 4-bit copy of every weight beside them (7 or 6 bits per weight at run time instead of 3 or 2). Both
+    agree within the bf16 tolerance, the native one within 1e-5 of the float64 reference of the float32 input
+    (split activations); the operator form gives the same bits as the bound kernel."""
+    if not (_available() and native_status()["gemv_stream"]):
+        pytest.skip("needs the native stream kernel (AVX512F + BW + VBMI); the int4 fallback is tested elsewhere")
+    set_cpu_compute_dtype(torch.bfloat16)
+    n, k = 96, 576
+    layer = _layer(n, k, QuantConfig(bits, symmetric=False, group_size=64))
+    w = layer.packed_weight(bits)
+    assert w.is_dense == (bits == 3)
+    x = torch.randn(3, k)
+    assert cpu_path(x, w) == f"native{bits}"
+    with torch.no_grad():
+        y_native = layer(x)
+    native_bytes = cpu_cache_bytes()
+    assert native_bytes == n * (k // 64) * 4 * 2  # float32 scales and zero points, nothing else
+    gemv = cpu_plan(w).gemv
+    assert gemv is not None and gemv.bits == bits and gemv.qweight.data_ptr() == w.qweight.data_ptr()
+    for xmode in (0, 1, 2):
+        y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, xmode, bits)
+        torch.testing.assert_close(y_op, gemv(x, xmode), rtol=0, atol=0)
+    set_cpu_int4_kernel("aten")
+    assert cpu_path(x, w) == "int4"
+    with torch.no_grad():
+        y_aten = layer(x)
+    assert cpu_cache_bytes() >= n * k // 2  # the kernel's 4-bit copy
+    ref = _ref(layer, x, torch.float32)
+    assert _rel_err(y_native, ref) < 1e-5
+    assert _rel_err(y_aten, ref) < 2e-2
+    assert _rel_err(y_native, y_aten.double()) < 2e-2
+
+
+@pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+def test_dense_3bit_llama_runs_native3_and_survives_save_load(tmp_path):
+    """A 3-bit model in the dense layout: every layer on native3 (where the library has the stream kernel), the
+    file keeps the dense words (3 per 32 codes), and the loaded model takes the same path with bit-identical
+    logits; the decode step agrees with the torch reference path of the same model."""
+    set_cpu_compute_dtype(torch.bfloat16)
+    model = _llama()
+    mq.quantize_(model, QuantConfig(3, group_size=64))
+    stream = _available() and bool(native_status()["gemv_stream"])
+    want = "native3" if stream else "int4"
+    qlayers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for q in qlayers.values():
+        w = q.packed_weight(3)
+        assert w.dense and w.qweight.shape[1] * 32 == w.k_pad * 3
+        assert cpu_path(torch.randn(1, q.in_features), w) == want
+    ids = torch.randint(0, 200, (1, 5))
+    with torch.no_grad():
+        before = model(ids[:, :1]).logits
+        with force_backend("torch"):
+            ref = model(ids[:, :1]).logits
+    assert _rel_err(before, ref.double()) < (1e-4 if stream else 5e-2)
+    loaded = mq.load(mq.save(model, tmp_path / "m")).eval()
+    for name, q in loaded.named_modules():
+        if isinstance(q, QuantLinear):
+            assert torch.equal(q.qweight_3, qlayers[name].qweight_3)
+            assert cpu_path(torch.randn(1, q.in_features), q.packed_weight(3)) == want
+    with torch.no_grad():
+        assert torch.equal(loaded(ids[:, :1]).logits, before)

@@ -38,7 +38,7 @@
 #define MQ_BUILD_KEY "unset"
 #endif
 
-#define MQ_ABI 2
+#define MQ_ABI 3
 
 #define MQ_F32 0
 #define MQ_BF16 1
@@ -296,7 +296,8 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
 }
 
 /* ---------------------------------------------------------------------------------------------------------
- * Weight-only matmul on 4-bit containers (decode and small batches: the CPU backend's "native4" path).
+ * Weight-only matmul on the packed codes (decode and small batches: the CPU backend's "native<b>" paths): 4-bit
+ * containers (mq_gemv4), 8-bit containers (mq_gemv8), other widths as a bit stream (mq_gemvs, below).
  *
  *     y[i, r] = sum_g s[r, g] * ( sum_{j in g} u[r, j] x~[i, j]  -  z[r, g] * sum_{j in g} x~[i, j] )
  *
@@ -320,11 +321,12 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * (odd columns) each give 32 codes; x is permuted once per call to match (per block: its 32 even columns, then
  * its 32 odd ones). Columns j..j+31 of a block land in accumulator lanes 0..7, columns j+32..j+63 in lanes 8..15,
  * so a block whose two halves lie in different groups (ge = 32, 96, ...) is scaled lane-wise. Up to 8 rows of x
- * share each decoded block. Rows of the weight are split over threads (OpenMP), 16 at a time.
+ * share each decoded block. Rows of the weight are split over threads (OpenMP), 16 at a time. The other widths:
+ * gemvs_rows below (blocks of 32 columns in column order).
  *
  * Returns 0, or (nothing written): -1 bad sizes, -2 bad group layout, -3 kernel not compiled in, -4 no memory.
  * mq_gemv4_caps(): bit 0 the kernel is compiled in (AVX512F + BW), bit 1 it multiplies bfloat16 pairs with
- * vdpbf16ps (AVX512-BF16).
+ * vdpbf16ps (AVX512-BF16), bit 2 it reads the stream widths (AVX512-VBMI + VL).
  * --------------------------------------------------------------------------------------------------------- */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define MQ_GEMV_F32 1
@@ -337,7 +339,13 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
 #define MQ_GEMV_BF16 0
 #endif
 
-int mq_gemv4_caps(void) { return MQ_GEMV_F32 | (MQ_GEMV_BF16 << 1); }
+#if MQ_GEMV_F32 && defined(__AVX512VBMI__) && defined(__AVX512VL__)
+#define MQ_GEMV_STREAM 1 /* codes narrower than a byte, other than 4-bit containers, unpacked with AVX512-VBMI */
+#else
+#define MQ_GEMV_STREAM 0
+#endif
+
+int mq_gemv4_caps(void) { return MQ_GEMV_F32 | (MQ_GEMV_BF16 << 1) | (MQ_GEMV_STREAM << 2); }
 
 #if MQ_GEMV_F32
 #define MQ_GEMV_RB 16 /* weight rows per thread task */
@@ -465,47 +473,111 @@ static inline __attribute__((always_inline)) void gemv4_rows(
     }
 }
 
-/* 8-bit containers (one code per byte, in column order): blocks of 32 columns, each inside one group (groups are
- * multiples of 32), x~ in column order; the codes (0..255, exact in bfloat16) are widened to float32 and, for
- * vdpbf16ps, packed to bfloat16 pairs (vcvtne2ps2bf16). gix[2b] = gix[2b + 1] is block b's group. */
-static inline __attribute__((always_inline)) void gemv8_rows(
-    const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const float *s,
-    const float *z, const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps, const float *xs,
-    const int32_t *gix, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
+/* Stream rows (every layout but 4-bit containers: 8-bit containers, one code per byte; the dense 3/5/6/7-bit bit
+ * stream; 1- and 2-bit containers, which are 1- and 2-bit streams, lowest bits first): blocks of 32 columns, each
+ * inside one group (groups are multiples of 32), x~ in column order, element e of a block's vectors column e.
+ * Block b is the cb * 4 bytes from byte cb * 4 * b. With AVX512-VBMI, codes of fewer than 8 bits are unpacked in
+ * registers:
+ *   - cb <= 5 with bfloat16 products: qword lane L takes the 8 bytes from the one holding code 4L's first bit
+ *     (vpermb), the low byte of its 16-bit lane i the 8 bits from code 4L + i's first bit (vpmultishiftqb); vpermw
+ *     reads that byte's low 5 bits as the index into a 32-entry table whose entry i is bfloat16(i mod 2^cb), which
+ *     drops the bits above the code without a mask;
+ *   - otherwise: qword lane L takes the cb bytes of codes 8L..8L+7 (vpermb), byte i of the lane the 8 bits from
+ *     bit i cb (vpmultishiftqb), masked to cb bits; the codes (0..255, exact in bfloat16) are widened to float32
+ *     and, for bfloat16 products, packed to bfloat16 pairs (vcvtne2ps2bf16).
+ * gix[2b] = gix[2b + 1] is block b's group. cb is a compile-time constant at every call (specialised bodies). */
+static inline __attribute__((always_inline)) void gemvs_rows(
+    const int cb, const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng,
+    const float *s, const float *z, const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps,
+    const float *xs, const int32_t *gix, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const int64_t nblk = (kp + 31) / 32, full = kp / 32;
-    const __mmask32 tail = (__mmask32)((1ull << (kp % 32)) - 1u);
+    const int64_t tail_bytes = ((kp % 32) * cb + 7) / 8;
+    const __mmask32 tail = (__mmask32)((1ull << tail_bytes) - 1u);
+#if MQ_GEMV_STREAM
+    uint8_t perm[32], ctrl[32], wperm[64], wctrl[64];
+    uint16_t tab16[32];
+    for (int lane = 0; lane < 4; ++lane)
+        for (int i = 0; i < 8; ++i) {
+            perm[8 * lane + i] = (uint8_t)(lane * cb + i);
+            ctrl[8 * lane + i] = (uint8_t)(i * cb);
+        }
+    for (int lane = 0; lane < 8; ++lane) { /* qword lane L: codes 4L..4L+3 (the word form) */
+        const int first = 4 * lane * cb / 8; /* the byte holding the lane's first code bit */
+        for (int i = 0; i < 8; ++i) wperm[8 * lane + i] = (uint8_t)(first + i); /* past the block: zero, unused */
+        for (int i = 0; i < 4; ++i) {
+            wctrl[8 * lane + 2 * i] = (uint8_t)((4 * lane + i) * cb - 8 * first);
+            wctrl[8 * lane + 2 * i + 1] = 0;
+        }
+    }
+    for (int e = 0; e < 32; ++e) tab16[e] = (uint16_t)(f2u((float)(e & ((1 << cb) - 1))) >> 16); /* exact */
+    const __m256i vperm = _mm256_loadu_si256((const void *)perm), vctrl = _mm256_loadu_si256((const void *)ctrl);
+    const __m512i vwperm = _mm512_loadu_si512((const void *)wperm), vwctrl = _mm512_loadu_si512((const void *)wctrl);
+    const __m256i vmask = _mm256_set1_epi8((char)((1 << cb) - 1));
+    const __m512i tab = _mm512_loadu_si512((const void *)tab16);
+    const __mmask32 blk = (__mmask32)((1ull << (4 * cb)) - 1u);
+    const int64_t safe = row_bytes >= 32 ? (row_bytes - 32) / (4 * cb) + 1 : 0; /* blocks b with 4 cb b + 32 <= row_bytes */
+    const int words = cb <= 5 && xb != NULL; /* the 16-bit lane form (above) */
+#else
+    (void)tail_bytes;
+#endif
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t *row = q + r * row_bytes;
         const float *sr = s + r * ng;
-        __m512 tot[8], acc[8];
-        for (int i = 0; i < mb; ++i) tot[i] = acc[i] = _mm512_setzero_ps();
+        __m512 tot[8], acc[8], acc2[8];
+        for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; ++b) {
-            const __m256i raw = load_codes(row, b, full, tail);
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(raw)));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(raw, 1)));
+            __m256i raw = _mm256_setzero_si256();
+            __m512bh wb;
+            if (cb == 8) {
+                raw = load_codes(row, b, full, tail);
+            } else {
+#if MQ_GEMV_STREAM
+                const uint8_t *p = row + b * 4 * cb;
+#if MQ_GEMV_PREFETCH > 0
+                _mm_prefetch((const char *)(p + MQ_GEMV_PREFETCH), _MM_HINT_T0);
+#endif
+                /* a plain 32-byte load while it stays inside the row (a masked load is slower), else masked */
+                const __m256i v32 = b < safe ? _mm256_loadu_si256((const void *)p)
+                                             : _mm256_maskz_loadu_epi8(b < full ? blk : tail, p);
+                if (words) {
+                    const __m512i v = _mm512_zextsi256_si512(v32);
+                    wb = (__m512bh)_mm512_permutexvar_epi16(
+                        _mm512_multishift_epi64_epi8(vwctrl, _mm512_permutexvar_epi8(vwperm, v)), tab);
+                } else {
+                    raw = _mm256_and_si256(_mm256_multishift_epi64_epi8(vctrl, _mm256_permutexvar_epi8(vperm, v32)),
+                                           vmask);
+                }
+#endif /* without VBMI gemv_run declines every cb but 4 and 8 */
+            }
             if (xb != NULL) {
 #if MQ_GEMV_BF16
-                const __m512bh wb = _mm512_cvtne2ps_pbh(hi, lo); /* columns 0..15 from lo, 16..31 from hi */
+#if MQ_GEMV_STREAM
+                if (!words)
+#endif
+                    wb = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(raw, 1))),
+                                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(raw))));
                 for (int i = 0; i < mb; ++i)
                     acc[i] = _mm512_dpbf16_ps(acc[i], wb, (__m512bh)_mm512_load_si512(
                                                           (const void *)(xb + (m0 + i) * xps + b * 32)));
                 if (xl != NULL)
                     for (int i = 0; i < mb; ++i)
-                        acc[i] = _mm512_dpbf16_ps(acc[i], wb, (__m512bh)_mm512_load_si512(
+                        acc2[i] = _mm512_dpbf16_ps(acc2[i], wb, (__m512bh)_mm512_load_si512(
                                                               (const void *)(xl + (m0 + i) * xps + b * 32)));
 #endif
             } else {
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(raw)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(raw, 1)));
                 for (int i = 0; i < mb; ++i) {
                     const float *xi = xf + (m0 + i) * xps + b * 32;
                     acc[i] = _mm512_fmadd_ps(lo, _mm512_load_ps(xi), acc[i]);
-                    acc[i] = _mm512_fmadd_ps(hi, _mm512_load_ps(xi + 16), acc[i]);
+                    acc2[i] = _mm512_fmadd_ps(hi, _mm512_load_ps(xi + 16), acc2[i]);
                 }
             }
             if (flush_after(gix, b, nblk)) {
                 const __m512 sv = _mm512_set1_ps(sr[gix[2 * b]]);
                 for (int i = 0; i < mb; ++i) {
-                    tot[i] = _mm512_fmadd_ps(acc[i], sv, tot[i]);
-                    acc[i] = _mm512_setzero_ps();
+                    tot[i] = _mm512_fmadd_ps(_mm512_add_ps(acc[i], acc2[i]), sv, tot[i]);
+                    acc[i] = acc2[i] = _mm512_setzero_ps();
                 }
             }
         }
@@ -514,22 +586,24 @@ static inline __attribute__((always_inline)) void gemv8_rows(
 }
 #endif
 
-/* the 4-bit (bits 4) and 8-bit (bits 8) kernels: checks, x~ prepared once per call, rows split over threads */
+/* the kernels of every width: bits 4 (4-bit containers, gemv4_rows), else a stream of bits-bit codes (gemvs_rows:
+ * 8-bit containers, the dense 3/5/6/7-bit layout, 1- and 2-bit containers); checks, x~ prepared once per call,
+ * rows split over threads */
 static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge,
                     int64_t ng, const float *s, const float *z, const void *x, int xdtype, int64_t m,
                     int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
-    const int per_byte = 8 / bits; /* codes per byte */
-    if (n < 0 || m < 0 || k < 0 || k > kp || kp % per_byte || row_bytes * per_byte < kp || ge <= 0 || ng <= 0 ||
-        ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n || (xdtype != 0 && xdtype != 1) ||
-        (ydtype != 0 && ydtype != 1) || xmode < 0 || xmode > 2)
+    if (bits < 1 || bits > 8 || n < 0 || m < 0 || k < 0 || k > kp || (kp * bits) % 8 || row_bytes * 8 < kp * bits ||
+        ge <= 0 || ng <= 0 || ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n ||
+        (xdtype != 0 && xdtype != 1) || (ydtype != 0 && ydtype != 1) || xmode < 0 || xmode > 2)
         return -1;
     if (ng > 1 && ge % 32) return -2;
 #if MQ_GEMV_F32
+    if (bits != 4 && bits != 8 && !MQ_GEMV_STREAM) return -3;
     const int bf16 = xmode && MQ_GEMV_BF16; /* products of bfloat16 pairs (else float32 FMA) */
     const int split = bf16 && xmode == 2;    /* x~ = hi + lo, two bfloat16 products per weight */
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
-    /* blocks of 64 columns (4-bit: even then odd columns) or 32 (8-bit: column order) */
+    /* blocks of 64 columns (4-bit: even then odd columns) or 32 (streams: column order) */
     const int64_t bw = bits == 4 ? 64 : 32, nblk = (kp + bw - 1) / bw, xps = nblk * bw;
     const size_t esz = bf16 && !split ? 2 : 4; /* split: the hi and the lo halves, 2 bytes each */
     void *xp = aligned_alloc(64, (size_t)(m * xps) * esz);
@@ -582,12 +656,20 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     const uint16_t *xbp = bf16 ? (const uint16_t *)xp : NULL;
     const uint16_t *xlp = split ? (const uint16_t *)xp + m * xps : NULL;
     const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
+#define MQ_GEMVS(CB, MB) gemvs_rows(CB, q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys)
 #define MQ_GEMV_ROWS(MB)                                                                                          \
     do {                                                                                                          \
-        if (bits == 4)                                                                                            \
-            gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys);   \
-        else                                                                                                      \
-            gemv8_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys);   \
+        switch (bits) { /* constant widths: each body is specialised */                                          \
+        case 4: gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys); \
+                break;                                                                                            \
+        case 8: MQ_GEMVS(8, MB); break;                                                                           \
+        case 1: MQ_GEMVS(1, MB); break;                                                                           \
+        case 2: MQ_GEMVS(2, MB); break;                                                                           \
+        case 3: MQ_GEMVS(3, MB); break;                                                                           \
+        case 5: MQ_GEMVS(5, MB); break;                                                                           \
+        case 6: MQ_GEMVS(6, MB); break;                                                                           \
+        default: MQ_GEMVS(7, MB); break;                                                                          \
+        }                                                                                                         \
     } while (0)
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
@@ -607,6 +689,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
         if (m - m0 >= 1) MQ_GEMV_ROWS(1);
     }
 #undef MQ_GEMV_ROWS
+#undef MQ_GEMVS
     free(xp), free(xs), free(row), free(gix);
     return 0;
 #else
@@ -626,4 +709,14 @@ int mq_gemv8(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t 
              const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
              int ydtype, int64_t ys, int xmode, int nthreads) {
     return gemv_run(8, q, n, row_bytes, k, kp, ge, ng, s, z, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
+}
+
+/* mq_gemv4's computation on a stream of bits-bit codes, lowest bits first (bits 1..8 but 4: the dense 3/5/6/7-bit
+ * layout, 1- and 2-bit containers, 8-bit containers): the same arguments after bits, the same returns (-3 also for
+ * a width other than 4 or 8 in a build without AVX512-VBMI, mq_gemv4_caps() bit 2) */
+int mq_gemvs(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
+             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
+             int ydtype, int64_t ys, int xmode, int nthreads) {
+    if (bits == 4) return -1;
+    return gemv_run(bits, q, n, row_bytes, k, kp, ge, ng, s, z, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
 }
