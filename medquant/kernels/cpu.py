@@ -44,8 +44,9 @@ it (``cd`` float32: ``x``; float16: ``x`` rounded to float16; bfloat16: ``hi + l
 
 which is ``x~ @ ((u - z) * s)^T`` with every product exact and float32 sums, and returns float32 (cast to
 ``x``'s dtype): unlike the int4 / int8 kernels, neither its scales nor its output are rounded to ``cd``. It reads
-medquant's packed codes in place, so a 4- or 8-bit layer holds one form of its weight in memory (plus float32 copies
-of scales and zero points that are not float32 already: 8 bytes per group). With ``cd`` bfloat16 and
+medquant's packed codes in place, so a layer holds one form of its weight in memory; float16 and float32 scales
+and zero points are read in place too (bfloat16 ones are copied to float32; a symmetric zero point is one value).
+With ``cd`` bfloat16 and
 AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``, two per code when split); otherwise float32 FMA.
 Under ``torch.compile`` it runs as the operator ``medquant::gemv4``.
 
@@ -555,7 +556,7 @@ def _int4_group(k: int, candidates: list[int]) -> int:
 
 def _build_plan(weight: PackedWeight) -> _Plan:
     if weight.n and weight.k and _int4_kernel == "auto":
-        gemv = native_gemv4(weight, *_scale_zero(weight))
+        gemv = native_gemv4(weight)
         if gemv is not None:
             return _Plan(f"native{gemv.bits}", source=_source(weight), gemv=gemv)
     reason = _decline(weight)
@@ -651,8 +652,7 @@ def dequantize_fast(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     :func:`dequantize_eager`; the two are bit-identical.
     """
     if weight.device.type == "cpu" and not torch.compiler.is_compiling():
-        s, z = _scale_zero(weight)
-        w = dequantize_native(weight, dtype, s, z)
+        w = dequantize_native(weight, dtype)
         if w is not None:
             return w
     return dequantize_eager(weight, dtype)
@@ -751,7 +751,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     def dense(xc: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             if not native:
-                native.append(native_dequantizer(weight, cd, *_scale_zero(weight)))
+                native.append(native_dequantizer(weight, cd))
             nd = native[0]
             if nd is not None:
                 if chunk_rows < n:

@@ -81,7 +81,7 @@ ENV_CACHE_DIR = "MEDQUANT_CACHE_DIR"
 #: the C source, shipped inside the package
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dequant.c"
 #: version of the C functions' arguments; the library reports it (``mq_abi``)
-ABI = 3
+ABI = 4
 #: file name of the built library inside its build folder
 LIB_NAME = "libmqdequant.so"
 #: flag sets tried in order until one compiles (common flags first)
@@ -214,10 +214,10 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
         raise _Foreign(f"{path} reports build key {got!r} / ABI {lib.mq_abi()}, expected {key!r} / {ABI}")
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.mq_dequant.restype = ctypes.c_int
-    lib.mq_dequant.argtypes = [vp, i64, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, vp, vp,
+    lib.mq_dequant.argtypes = [vp, i64, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, vp, vp, ctypes.c_int,
                                ctypes.c_int, vp, i64, ctypes.c_int]
-    gemv_args: list = [vp, i64, i64, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int, i64, i64, vp, ctypes.c_int, i64,
-                       ctypes.c_int, ctypes.c_int]
+    gemv_args: list = [vp, i64, i64, i64, i64, i64, i64, vp, vp, ctypes.c_int, vp, ctypes.c_int, i64, i64, vp,
+                       ctypes.c_int, i64, ctypes.c_int, ctypes.c_int]
     for fn in (lib.mq_gemv4, lib.mq_gemv8, lib.mq_gemvs):
         fn.restype = ctypes.c_int
         fn.argtypes = gemv_args if fn is not lib.mq_gemvs else [ctypes.c_int, *gemv_args]
@@ -359,6 +359,53 @@ def native_status(build: bool = True) -> dict[str, object]:
             "cache_dir": str(cache_dir())}
 
 
+def _in_place(t: torch.Tensor, n: int, ng: int) -> torch.Tensor:
+    """``t`` itself where the kernels can read it as stored (float32 or float16, ``(n, ng)``, contiguous), else a
+    float32 ``(n, ng)`` copy."""
+    if t.dtype in (torch.float32, torch.float16) and tuple(t.shape) == (n, ng) and t.is_contiguous():
+        return t
+    return t.float().expand(n, ng).contiguous()
+
+
+def kernel_params(weight: PackedWeight, ng: int, scale: torch.Tensor | None = None,
+                  zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales and zero points the native kernels read for a row group, with ``w = (u - z) * s``.
+
+    Without ``scale`` / ``zero``: the layer's own tensors in place where they are float32 or float16 ``(n, ng)``
+    (group and channel scope; float16 values are widened exactly inside the kernels), else float32 copies; the
+    zero point of symmetric rows is one float32 value ``2^(b-1)`` (1-bit symmetric rows: ``s`` doubled, a float32
+    copy, and ``z = 1/2``), so a symmetric row group holds no per-group copy at all. With them: float32 ``(n, ng)``
+    copies of the given values.
+
+    Args:
+        weight: the packed row group.
+        ng: scales per row (``k_pad / group_elems``; 1 for channel / tensor scope).
+        scale: float32 ``s`` of ``weight.scales``' shape, or None.
+        zero: float32 ``z`` of the same shape, or None.
+
+    Returns:
+        ``(s, z)``: ``s`` ``(n, ng)`` float32 or float16; ``z`` ``(n, ng)`` float32 or float16, or one value.
+    """
+    n = weight.n
+    if scale is not None and zero is not None:
+        return scale.float().expand(n, ng).contiguous(), zero.float().expand(n, ng).contiguous()
+    if weight.symmetric:
+        if weight.bits == 1:
+            s = (2 * weight.scales.float()).expand(n, ng).contiguous()
+            return s, torch.full((1,), 0.5)
+        return _in_place(weight.scales, n, ng), torch.full((1,), float(2 ** (weight.bits - 1)))
+    assert weight.zeros is not None  # asymmetric rows carry zero points (checked by PackedWeight)
+    s = _in_place(weight.scales, n, ng)
+    z = _in_place(weight.zeros, n, ng)
+    return s, z
+
+
+def param_flags(s: torch.Tensor, z: torch.Tensor) -> int:
+    """The C kernels' ``sz`` argument for scales ``s`` and zero points ``z``: bit 0, ``s`` is float16; bit 1, ``z``
+    is float16; bit 2, ``z`` is one value for every row and group."""
+    return int(s.dtype == torch.float16) | int(z.dtype == torch.float16) << 1 | int(z.numel() == 1) << 2
+
+
 class NativeDequantizer:
     """One row group's native dequantization, its arguments bound once (:func:`native_dequantizer`).
 
@@ -371,6 +418,7 @@ class NativeDequantizer:
                  z: torch.Tensor, bits: int, dense: bool, ge: int, ng: int) -> None:
         self._fn, self._weight, self.dtype = fn, weight, dtype
         self._qw, self._s, self._z = qw, s, z  # the pointers passed to C stay valid while this object lives
+        self._sz = param_flags(s, z)
         self.n, self.k = weight.n, weight.k
         self._row_bytes = qw.shape[1] * 4
         self._args = (bits, int(dense), weight.k, weight.k_pad, ge, ng)
@@ -398,8 +446,10 @@ class NativeDequantizer:
         if _disabled():
             return False
         bits, dense, k, kp, ge, ng = self._args
+        s, z, sz = self._s, self._z, self._sz
         rc = self._fn(self._qw.data_ptr() + r0 * self._row_bytes, r1 - r0, self._row_bytes, bits, dense, k, kp,
-                      ge, ng, self._s.data_ptr() + r0 * ng * 4, self._z.data_ptr() + r0 * ng * 4, self._code,
+                      ge, ng, s.data_ptr() + r0 * ng * s.element_size(),
+                      z.data_ptr() + (0 if sz & 4 else r0 * ng * z.element_size()), sz, self._code,
                       out.data_ptr(), out.stride(0), max(1, torch.get_num_threads()))
         if rc != 0:
             _report_once(f"rc{rc}:{bits}:{bool(dense)}",
@@ -413,11 +463,10 @@ class NativeDequantizer:
         return out if self.into(0, self.n, out) else None
 
 
-def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
-                       zero: torch.Tensor) -> NativeDequantizer | None:
-    """The native dequantization of one row group with everything that depends only on the weight (float32
-    scales and zero points, the layout's arguments) prepared once; None when the native kernel cannot
-    take this row group.
+def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor | None = None,
+                       zero: torch.Tensor | None = None) -> NativeDequantizer | None:
+    """The native dequantization of one row group with everything that depends only on the weight (scales and
+    zero points, the layout's arguments) prepared once; None when the native kernel cannot take this row group.
 
     Calling the result returns the dense weights ``(n, k)`` in ``dtype`` (:func:`dequantize_native`), or None
     (eager torch then runs) when ``$MEDQUANT_NATIVE=0`` is set or the C function declines the call;
@@ -427,15 +476,16 @@ def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Te
     Args:
         weight: the packed row group (CPU tensors).
         dtype: bfloat16, float32 or float16.
-        scale: float32 scales ``s`` of ``weight.scales``' shape such that ``w = (u - z) * s``.
-        zero: float32 zero points ``z`` of the same shape (symmetric rows: ``2^(b-1)``).
+        scale: float32 scales ``s`` of ``weight.scales``' shape such that ``w = (u - z) * s``, or None (the
+            default): the layer's own scales and zero points are read in place (:func:`kernel_params`).
+        zero: float32 zero points ``z`` of the same shape (symmetric rows: ``2^(b-1)``); None with ``scale``.
 
     Returns:
         The :class:`NativeDequantizer`, or None.
     """
     if _disabled() or dtype not in _DTYPE_CODE or torch.compiler.is_compiling():
         return None
-    if weight.device.type != "cpu" or scale.device.type != "cpu" or zero.device.type != "cpu":
+    if weight.device.type != "cpu" or any(t is not None and t.device.type != "cpu" for t in (scale, zero)):
         return None
     lib = _library()
     if lib is None:
@@ -444,19 +494,18 @@ def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Te
         _report_once("f16", "medquant native dequantization kernel: the C compiler has no _Float16, float16 "
                             "compute runs the eager torch code")
         return None
-    n, kp = weight.n, weight.k_pad
+    kp = weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp
     ng = kp // ge
     dense = weight.is_dense
     bits = weight.bits if dense else container_bits(weight.bits)
     qw = weight.qweight.contiguous()
-    s = scale.float().expand(n, ng).contiguous()
-    z = zero.float().expand(n, ng).contiguous()
+    s, z = kernel_params(weight, ng, scale, zero)
     return NativeDequantizer(lib.mq_dequant, weight, dtype, qw, s, z, bits, dense, ge, ng)
 
 
-def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor,
-                      zero: torch.Tensor) -> torch.Tensor | None:
+def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Tensor | None = None,
+                      zero: torch.Tensor | None = None) -> torch.Tensor | None:
     """The dense weights ``(n, k)`` in ``dtype``: ``w = round((u - zero) * scale)`` (module docstring),
     or None when the native kernel is unavailable or does not take this call (the caller then runs eager torch).
 
@@ -477,7 +526,7 @@ def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Ten
 def _gemv4_head(qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int) -> tuple:
     """``mq_gemv4``'s arguments that depend only on the weight, in its order."""
     return (qweight.data_ptr(), qweight.shape[0], qweight.shape[1] * 4, k, kp, ge, s.shape[1], s.data_ptr(),
-            z.data_ptr())
+            z.data_ptr(), param_flags(s, z))
 
 
 def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, xmode: int) -> int:
@@ -534,8 +583,9 @@ class NativeGemv4:
     relative ``2^-17`` (without AVX512-BF16, modes 1 and 2 run the float32 FMA form, mode 2 then with ``x~ =
     x``). ``y`` is float32, or bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
-    ``$MEDQUANT_NATIVE`` is read when it is built (:func:`native_gemv4`), not at each call. It reads medquant's packed codes in place (no copy of the weight), plus
-    float32 copies of the scales and zero points, ``8 * n * ng`` bytes.
+    ``$MEDQUANT_NATIVE`` is read when it is built (:func:`native_gemv4`), not at each call. It reads medquant's
+    packed codes in place (no copy of the weight), and the scales and zero points too where they are float16 or
+    float32 (:func:`kernel_params`; bfloat16 ones are copied to float32, 4 bytes per value).
     """
 
     def __init__(self, fn, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
@@ -605,7 +655,8 @@ def gemv4_decline(weight: PackedWeight) -> str | None:
     return None
 
 
-def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) -> NativeGemv4 | None:
+def native_gemv4(weight: PackedWeight, scale: torch.Tensor | None = None,
+                 zero: torch.Tensor | None = None) -> NativeGemv4 | None:
     """The native weight-only matmul of one row group, or None when it cannot run here: ``$MEDQUANT_NATIVE=0``, no
     library, a library built without AVX512F + BW, a layout it does not read (:func:`gemv4_decline`).
 
@@ -615,8 +666,9 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) 
 
     Args:
         weight: the packed row group.
-        scale: float32 ``s`` of ``weight.scales``' shape with ``w = (u - z) * s``.
-        zero: float32 ``z`` of the same shape.
+        scale: float32 ``s`` of ``weight.scales``' shape with ``w = (u - z) * s``, or None (the default): the
+            layer's own scales and zero points are read in place (:func:`kernel_params`).
+        zero: float32 ``z`` of the same shape; None with ``scale``.
 
     Returns:
         The bound :class:`NativeGemv4`, or None.
@@ -629,9 +681,7 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor, zero: torch.Tensor) 
     fn = _gemv_fn(lib, storage_bits(weight.bits, weight.dense))
     if fn is None:
         return None
-    n, kp = weight.n, weight.k_pad
+    kp = weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp
-    ng = kp // ge
-    s = scale.float().expand(n, ng).contiguous()
-    z = zero.float().expand(n, ng).contiguous()
+    s, z = kernel_params(weight, kp // ge, scale, zero)
     return NativeGemv4(fn, weight, weight.qweight.contiguous(), s, z, ge)

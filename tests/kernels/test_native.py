@@ -62,9 +62,15 @@ def _assert_bit_equal(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 def _native(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The native dequantization twice: from float32 copies of the scales / zero points (``_scale_zero``) and
+    from the layer's own tensors read in place (float16 widened inside the kernel; symmetric: one zero point);
+    the two must be bit-identical."""
     s, z = cpu_mod._scale_zero(w)
     out = dequantize_native(w, dtype, s, z)
     assert out is not None, f"the native kernel declined {w.bits}-bit {w.scope} dense={w.dense} {dtype}"
+    in_place = dequantize_native(w, dtype)
+    assert in_place is not None
+    _assert_bit_equal(in_place, out, f"{w.bits}-bit {w.scope} {dtype}: in-place params vs float32 copies")
     return out
 
 

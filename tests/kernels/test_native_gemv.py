@@ -154,23 +154,25 @@ def test_native4_is_closer_to_the_reference_than_aten_int4_and_agrees_with_it():
 
 def test_native4_holds_no_repacked_copy_of_the_weight():
     """The memory point of the native kernel: aten's int4 kernel keeps its own packed copy (4 bits per weight
-    beside medquant's codes); the native one reads the layer's codes in place and holds only float32 copies of
-    the scales (and zero points) that are not float32 already."""
+    beside medquant's codes); the native one reads the layer's codes and its float16 scales in place, and holds
+    only the symmetric zero point 2^(b-1), one float32 value."""
     set_cpu_compute_dtype(torch.bfloat16)
     n, k = 256, 1024
-    layer = _layer(n, k, QuantConfig(4, group_size=128))  # float16 scales: copied to float32 once
+    layer = _layer(n, k, QuantConfig(4, group_size=128))  # float16 scales: read in place
     x = torch.randn(1, k)
     with torch.no_grad():
         layer(x)
     native_bytes = cpu_cache_bytes()
+    gemv = cpu_plan(layer.packed_weight(4)).gemv
     set_cpu_int4_kernel("aten")
     with torch.no_grad():
         layer(x)
     aten_bytes = cpu_cache_bytes()
     assert aten_bytes >= n * k // 2  # the repacked 4-bit codes
     if _available():
-        groups = n * (k // 128)
-        assert native_bytes == groups * 4 * 2  # float32 scales and zero points, nothing else
+        assert native_bytes == 4  # the one float32 zero point
+        assert gemv is not None and gemv.s.data_ptr() == layer.packed_weight(4).scales.data_ptr()
+        assert gemv.z.numel() == 1
     else:
         assert native_bytes == aten_bytes
 
@@ -450,7 +452,7 @@ def test_native8_holds_no_repacked_copy_and_matches_the_int8_kernel():
     assert cpu_cache_bytes() >= n * k  # the int8 copy
     assert _rel_err(y_aten, _ref(layer, x, torch.float32)) < 2e-2
     if _available():
-        assert native_bytes == n * 4 * 2  # float32 scales and zero points of one group per row
+        assert native_bytes == 4  # the scales are read in place (float16), the zero point is one float32 value
         assert _rel_err(y_native, _ref(layer, x, torch.float32)) < 1e-5
         set_cpu_int4_kernel("auto")
         gemv = cpu_plan(layer.packed_weight(8)).gemv
@@ -463,7 +465,7 @@ def test_native8_holds_no_repacked_copy_and_matches_the_int8_kernel():
 @pytest.mark.parametrize("bits", [3, 2])
 def test_stream_layouts_run_in_place_and_match_the_int4_kernel(bits):
     """Dense 3-bit rows (version 2: 32 codes in 3 words) and 2-bit containers: with the stream kernel (AVX512-VBMI)
-    native<b> reads the stored codes in place, holding only float32 scale / zero copies, where aten's int4 kernel
+    native<b> reads the stored codes, scales and zero points in place (nothing held), where aten's int4 kernel
     keeps a 4-bit copy of every weight beside them (7 or 6 bits per weight at run time instead of 3 or 2). Both
     agree within the bf16 tolerance, the native one within 1e-5 of the float64 reference of the float32 input
     (split activations); the operator form gives the same bits as the bound kernel."""
@@ -479,7 +481,7 @@ def test_stream_layouts_run_in_place_and_match_the_int4_kernel(bits):
     with torch.no_grad():
         y_native = layer(x)
     native_bytes = cpu_cache_bytes()
-    assert native_bytes == n * (k // 64) * 4 * 2  # float32 scales and zero points, nothing else
+    assert native_bytes == 0  # float16 scales and zero points read in place
     gemv = cpu_plan(w).gemv
     assert gemv is not None and gemv.bits == bits and gemv.qweight.data_ptr() == w.qweight.data_ptr()
     for xmode in (0, 1, 2):
@@ -524,3 +526,38 @@ def test_dense_3bit_llama_runs_native3_and_survives_save_load(tmp_path):
             assert cpu_path(torch.randn(1, q.in_features), q.packed_weight(3)) == want
     with torch.no_grad():
         assert torch.equal(loaded(ids[:, :1]).logits, before)
+
+
+@pytest.mark.parametrize("cfg,in_place", [
+    (QuantConfig(4, group_size=64), (True, "one")),  # float16 scales read in place; z = 8, one value
+    (QuantConfig(4, symmetric=False, group_size=64), (True, True)),  # float16 scales and zero points in place
+    (QuantConfig(8, scope="channel", scale_dtype="float32"), (True, "one")),  # float32 (n, 1) scales
+    (QuantConfig(4, group_size=64, scale_dtype="bfloat16"), (False, "one")),  # bfloat16: widened to a float32 copy
+    (QuantConfig(4, scope="tensor"), (False, "one")),  # one scale for the tensor: expanded to (n, 1)
+    (QuantConfig(1, symmetric=True, group_size=32), (False, "one")),  # 1-bit symmetric: (2u - 1) s, a doubled float32 copy
+], ids=["sym-f16", "asym-f16", "chan-f32", "bf16", "tensor", "1bit"])
+def test_kernel_params_read_the_layer_in_place_where_they_can(cfg, in_place):
+    """What the native kernels read for ``w = (u - z) * s``: the layer's own scales / zero points where they are
+    float16 or float32 ``(n, ng)``, a float32 copy otherwise, one value for a symmetric zero point; the results
+    are bit-identical to running from float32 copies of everything."""
+    from medquant.kernels.cpu import _scale_zero
+    from medquant.kernels.native import kernel_params, param_flags
+
+    layer = _layer(48, 256, cfg)
+    w = layer.packed_weight(cfg.bits)
+    ng = w.k_pad // (w.group_elems if w.scope == "group" else w.k_pad)
+    s, z = kernel_params(w, ng)
+    s_ref, z_ref = _scale_zero(w)
+    assert (s.data_ptr() == w.scales.data_ptr()) == in_place[0]
+    if in_place[1] == "one":
+        assert z.numel() == 1 and param_flags(s, z) & 4
+    else:
+        assert z.data_ptr() == w.zeros.data_ptr() and z.dtype == torch.float16 and param_flags(s, z) & 2
+    assert torch.equal(s.float().expand(48, ng), s_ref.float().expand(48, ng))
+    assert torch.equal(z.float().expand(48, ng), z_ref.float().expand(48, ng))
+    if not _available():
+        return
+    x = torch.randn(3, 256)
+    a, b = native_gemv4(w), native_gemv4(w, s_ref, z_ref)
+    for xmode in (0, 1, 2):
+        torch.testing.assert_close(a(x, xmode), b(x, xmode), rtol=0, atol=0)

@@ -38,7 +38,7 @@
 #define MQ_BUILD_KEY "unset"
 #endif
 
-#define MQ_ABI 3
+#define MQ_ABI 4
 
 #define MQ_F32 0
 #define MQ_BF16 1
@@ -92,6 +92,31 @@ static inline uint16_t bf16_bits(float f) {
 }
 
 static inline float bf16_round(float f) { return u2f((uint32_t)bf16_bits(f) << 16); }
+
+/* float16 bits -> float32 (exact: every float16 value is a float32 value), portable */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1Fu) return u2f(sign | 0x7F800000u | (m << 13)); /* inf / NaN */
+    if (e != 0) return u2f(sign | ((e + 112u) << 23) | (m << 13)); /* normal: rebias 15 -> 127 */
+    const float v = (float)m * (1.0f / 16777216.0f); /* subnormal: m * 2^-24, exact */
+    return sign ? -v : v;
+}
+
+/* Scales and zero points of a row group, (n, ng) each, as the caller stores them: sz bit 0, s is float16 (else
+ * float32); bit 1, z is float16; bit 2, z is one value for every row and group (symmetric rows: 2^(b-1)). */
+typedef struct {
+    const void *s, *z;
+    int sz;
+} mq_params;
+
+static inline float param_s(const mq_params *p, int64_t i) {
+    return (p->sz & 1) ? f16_to_f32(((const uint16_t *)p->s)[i]) : ((const float *)p->s)[i];
+}
+
+static inline float param_z(const mq_params *p, int64_t i) {
+    if (p->sz & 4) i = 0;
+    return (p->sz & 2) ? f16_to_f32(((const uint16_t *)p->z)[i]) : ((const float *)p->z)[i];
+}
 
 /* Dense bit stream: 8 codes of `bits` bits fill `bits` bytes (read as one little-endian integer). */
 static inline __attribute__((always_inline)) void unpack_dense(const uint8_t *restrict b, const int bits,
@@ -226,14 +251,17 @@ static void lut_bf16(const uint8_t *restrict u, int64_t n, __m512i tab, uint16_t
 #endif
 
 /*
- * q: n rows of row_bytes bytes; s, z: (n, ng) float32; out: n rows of out_stride elements of type out_dtype
+ * q: n rows of row_bytes bytes; s, z: (n, ng) float32 or float16 (sz: mq_params); out: n rows of out_stride
+ * elements of type out_dtype
  * (MQ_F32 / MQ_BF16 / MQ_F16), columns [0, k) written. Returns 0, or a negative number for arguments it does
  * not take (nothing written then).
  */
 int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int dense, int64_t k, int64_t kp,
-               int64_t ge, int64_t ng, const float *s, const float *z, int out_dtype, void *out,
+               int64_t ge, int64_t ng, const void *s, const void *z, int sz, int out_dtype, void *out,
                int64_t out_stride, int nthreads) {
-    if (n < 0 || k < 0 || k > kp || ge <= 0 || ng <= 0 || ge * ng < kp || out_stride < k) return -1;
+    if (n < 0 || k < 0 || k > kp || ge <= 0 || ng <= 0 || ge * ng < kp || out_stride < k || sz < 0 || sz > 7)
+        return -1;
+    const mq_params prm = {s, z, sz};
     if (dense ? (bits < 3 || bits > 7 || kp % 8 || row_bytes * 8 != kp * bits)
               : ((bits != 1 && bits != 2 && bits != 4 && bits != 8) || kp % (32 / bits) ||
                  row_bytes * 8 != kp * bits))
@@ -273,7 +301,7 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
                 const int64_t c0 = g * ge;
                 if (c0 >= k) break;
                 const int64_t c1 = c0 + ge < k ? c0 + ge : k;
-                const float sf = s[r * ng + g], zf = z[r * ng + g];
+                const float sf = param_s(&prm, r * ng + g), zf = param_z(&prm, r * ng + g);
 #if MQ_HAVE_LUT
                 if (lut) {
                     lut_bf16(u + c0, c1 - c0, table_bf16(zf, sf), (uint16_t *)out + r * out_stride + c0);
@@ -360,20 +388,22 @@ static inline int flush_after(const int32_t *gix, int64_t b, int64_t nblk) {
 
 /* y[i, r] for rows m0..m0+mb of x: the lanes of tot summed, minus sum_g s z (group sum of x~) */
 static inline __attribute__((always_inline)) void finish_row(
-    const __m512 *tot, int64_t r, int64_t ng, const float *s, const float *z, const float *xs, const int mb,
+    const __m512 *tot, int64_t r, int64_t ng, const mq_params *prm, const float *xs, const int mb,
     int64_t m0, void *y, int ydtype, int64_t ys) {
-    const float *sr = s + r * ng, *zr = z + r * ng;
+    const int64_t base = r * ng;
+    const int sf16 = prm->sz & 1, zf16 = (prm->sz >> 1) & 1, zc = (prm->sz >> 2) & 1;
+    const __m512 zc_v = _mm512_set1_ps(zc ? param_z(prm, 0) : 0.0f);
     for (int i = 0; i < mb; ++i) {
         const float *xsi = xs + (m0 + i) * ng;
         __m512 c = _mm512_setzero_ps();
-        int64_t g = 0;
-        for (; g + 16 <= ng; g += 16)
-            c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(sr + g), _mm512_loadu_ps(zr + g)),
-                                _mm512_loadu_ps(xsi + g), c);
-        if (g < ng) {
-            const __mmask16 mk = (__mmask16)((1u << (ng - g)) - 1u);
-            c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + g), _mm512_maskz_loadu_ps(mk, zr + g)),
-                                _mm512_maskz_loadu_ps(mk, xsi + g), c);
+        for (int64_t g = 0; g < ng; g += 16) {
+            const __mmask16 mk = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1u);
+            const __m512 sv = sf16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)prm->s + base + g))
+                                   : _mm512_maskz_loadu_ps(mk, (const float *)prm->s + base + g);
+            const __m512 zv = zc ? zc_v
+                                 : zf16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)prm->z + base + g))
+                                        : _mm512_maskz_loadu_ps(mk, (const float *)prm->z + base + g);
+            c = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_maskz_loadu_ps(mk, xsi + g), c);
         }
         const float v = _mm512_reduce_add_ps(tot[i]) - _mm512_reduce_add_ps(c);
         if (ydtype)
@@ -397,9 +427,8 @@ static inline __attribute__((always_inline)) __m256i load_codes(const uint8_t *r
 /* rows r0..r1 of the weight against rows m0..m0+mb of x (x~ permuted per block: xp, row stride xps, as float32
  * (xf) or bfloat16 bits (xb)); xs: (m, ng) group sums of x~ */
 static inline __attribute__((always_inline)) void gemv4_rows(
-    const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const float *s,
-    const float *z, const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps, const float *xs,
-    const int32_t *gix,
+    const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const mq_params *prm,
+    const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps, const float *xs, const int32_t *gix,
     const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const __m512i mask4 = _mm512_set1_epi16(0x0F);
 #if MQ_GEMV_BF16
@@ -413,7 +442,6 @@ static inline __attribute__((always_inline)) void gemv4_rows(
     const __mmask32 tail = (__mmask32)((1u << ((kp % 64) / 2)) - 1u);
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t *row = q + r * row_bytes;
-        const float *sr = s + r * ng;
         __m512 tot[8], acc[8], acc2[8];
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; ++b) {
@@ -452,7 +480,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                 }
             }
             if (flush_after(gix, b, nblk)) {
-                const float s0 = sr[gix[2 * b]], s1 = sr[gix[2 * b + 1]];
+                const float s0 = param_s(prm, r * ng + gix[2 * b]), s1 = param_s(prm, r * ng + gix[2 * b + 1]);
                 if (xb != NULL) {
                     const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
                     for (int i = 0; i < mb; ++i) {
@@ -469,7 +497,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                 }
             }
         }
-        finish_row(tot, r, ng, s, z, xs, mb, m0, y, ydtype, ys);
+        finish_row(tot, r, ng, prm, xs, mb, m0, y, ydtype, ys);
     }
 }
 
@@ -488,8 +516,8 @@ static inline __attribute__((always_inline)) void gemv4_rows(
  * gix[2b] = gix[2b + 1] is block b's group. cb is a compile-time constant at every call (specialised bodies). */
 static inline __attribute__((always_inline)) void gemvs_rows(
     const int cb, const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng,
-    const float *s, const float *z, const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps,
-    const float *xs, const int32_t *gix, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
+    const mq_params *prm, const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps, const float *xs,
+    const int32_t *gix, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const int64_t nblk = (kp + 31) / 32, full = kp / 32;
     const int64_t tail_bytes = ((kp % 32) * cb + 7) / 8;
     const __mmask32 tail = (__mmask32)((1ull << tail_bytes) - 1u);
@@ -522,7 +550,6 @@ static inline __attribute__((always_inline)) void gemvs_rows(
 #endif
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t *row = q + r * row_bytes;
-        const float *sr = s + r * ng;
         __m512 tot[8], acc[8], acc2[8];
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; ++b) {
@@ -574,14 +601,14 @@ static inline __attribute__((always_inline)) void gemvs_rows(
                 }
             }
             if (flush_after(gix, b, nblk)) {
-                const __m512 sv = _mm512_set1_ps(sr[gix[2 * b]]);
+                const __m512 sv = _mm512_set1_ps(param_s(prm, r * ng + gix[2 * b]));
                 for (int i = 0; i < mb; ++i) {
                     tot[i] = _mm512_fmadd_ps(_mm512_add_ps(acc[i], acc2[i]), sv, tot[i]);
                     acc[i] = acc2[i] = _mm512_setzero_ps();
                 }
             }
         }
-        finish_row(tot, r, ng, s, z, xs, mb, m0, y, ydtype, ys);
+        finish_row(tot, r, ng, prm, xs, mb, m0, y, ydtype, ys);
     }
 }
 #endif
@@ -590,12 +617,13 @@ static inline __attribute__((always_inline)) void gemvs_rows(
  * 8-bit containers, the dense 3/5/6/7-bit layout, 1- and 2-bit containers); checks, x~ prepared once per call,
  * rows split over threads */
 static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge,
-                    int64_t ng, const float *s, const float *z, const void *x, int xdtype, int64_t m,
+                    int64_t ng, const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m,
                     int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
     if (bits < 1 || bits > 8 || n < 0 || m < 0 || k < 0 || k > kp || (kp * bits) % 8 || row_bytes * 8 < kp * bits ||
         ge <= 0 || ng <= 0 || ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n ||
-        (xdtype != 0 && xdtype != 1) || (ydtype != 0 && ydtype != 1) || xmode < 0 || xmode > 2)
+        (xdtype != 0 && xdtype != 1) || (ydtype != 0 && ydtype != 1) || xmode < 0 || xmode > 2 || sz < 0 || sz > 7)
         return -1;
+    const mq_params prm = {s, z, sz};
     if (ng > 1 && ge % 32) return -2;
 #if MQ_GEMV_F32
     if (bits != 4 && bits != 8 && !MQ_GEMV_STREAM) return -3;
@@ -656,11 +684,11 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     const uint16_t *xbp = bf16 ? (const uint16_t *)xp : NULL;
     const uint16_t *xlp = split ? (const uint16_t *)xp + m * xps : NULL;
     const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
-#define MQ_GEMVS(CB, MB) gemvs_rows(CB, q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys)
+#define MQ_GEMVS(CB, MB) gemvs_rows(CB, q, r0, r1, row_bytes, kp, ng, &prm, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys)
 #define MQ_GEMV_ROWS(MB)                                                                                          \
     do {                                                                                                          \
         switch (bits) { /* constant widths: each body is specialised */                                          \
-        case 4: gemv4_rows(q, r0, r1, row_bytes, kp, ng, s, z, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys); \
+        case 4: gemv4_rows(q, r0, r1, row_bytes, kp, ng, &prm, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys); \
                 break;                                                                                            \
         case 8: MQ_GEMVS(8, MB); break;                                                                           \
         case 1: MQ_GEMVS(1, MB); break;                                                                           \
@@ -693,30 +721,30 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     free(xp), free(xs), free(row), free(gix);
     return 0;
 #else
-    (void)q, (void)row_bytes, (void)s, (void)z, (void)x, (void)y, (void)xmode, (void)nthreads;
+    (void)prm, (void)q, (void)row_bytes, (void)x, (void)y, (void)xmode, (void)nthreads;
     return -3;
 #endif
 }
 
 int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
-             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
+             const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
              int ydtype, int64_t ys, int xmode, int nthreads) {
-    return gemv_run(4, q, n, row_bytes, k, kp, ge, ng, s, z, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
+    return gemv_run(4, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
 }
 
 /* mq_gemv4's computation on 8-bit containers (codes 0..255, one per byte): the same arguments and returns */
 int mq_gemv8(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
-             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
+             const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
              int ydtype, int64_t ys, int xmode, int nthreads) {
-    return gemv_run(8, q, n, row_bytes, k, kp, ge, ng, s, z, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
+    return gemv_run(8, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
 }
 
 /* mq_gemv4's computation on a stream of bits-bit codes, lowest bits first (bits 1..8 but 4: the dense 3/5/6/7-bit
  * layout, 1- and 2-bit containers, 8-bit containers): the same arguments after bits, the same returns (-3 also for
  * a width other than 4 or 8 in a build without AVX512-VBMI, mq_gemv4_caps() bit 2) */
 int mq_gemvs(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
-             const float *s, const float *z, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
+             const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
              int ydtype, int64_t ys, int xmode, int nthreads) {
     if (bits == 4) return -1;
-    return gemv_run(bits, q, n, row_bytes, k, kp, ge, ng, s, z, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
+    return gemv_run(bits, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
 }
