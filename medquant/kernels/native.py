@@ -552,8 +552,9 @@ def gemv4_op(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.T
              xmode: int, bits: int) -> torch.Tensor:
     """``y (M, n) float32 = x~ @ ((u - z) * s)^T`` by the native kernel, as a torch operator (what
     ``torch.compile`` traces; eager calls go to :class:`NativeGemv4` directly). ``x``: ``(M, k)`` float32 or
-    bfloat16 with unit column stride; ``qweight``: the row group's int32 words (``bits``-bit containers, 4 or
-    8); ``s``, ``z``: float32 ``(n, ng)``; ``xmode``: what ``x~`` is (:class:`NativeGemv4`). Raises
+    bfloat16 with unit column stride; ``qweight``: the row group's int32 words (``bits`` the stored width: 4- or
+    8-bit containers, or a stream width); ``s``: float32 or float16 ``(n, ng)``; ``z``: the same, or one value
+    for every row and group (:func:`kernel_params`); ``xmode``: what ``x~`` is (:class:`NativeGemv4`). Raises
     RuntimeError when the kernel declines (it never returns a wrong result)."""
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
     fn = _gemv_fn(_state.lib, bits)

@@ -386,24 +386,33 @@ static inline int flush_after(const int32_t *gix, int64_t b, int64_t nblk) {
     return b + 1 == nblk || gix[2 * b + 2] != gix[2 * b] || gix[2 * b + 3] != gix[2 * b + 1];
 }
 
-/* y[i, r] for rows m0..m0+mb of x: the lanes of tot summed, minus sum_g s z (group sum of x~) */
+/* dst[0..cnt) = the float16 values src[0..cnt) as float32 (exact); returns dst */
+static float *widen_f16(float *dst, const uint16_t *src, int64_t cnt) {
+    int64_t i = 0;
+    for (; i + 16 <= cnt; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(src + i))));
+    if (i < cnt) {
+        const __mmask16 mk = (__mmask16)((1u << (cnt - i)) - 1u);
+        _mm512_mask_storeu_ps(dst + i, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, src + i)));
+    }
+    return dst;
+}
+
+/* y[i, r] for rows m0..m0+mb of x: the lanes of tot summed, minus sum_g s z (group sum of x~); sr, zr: the row's
+ * float32 scales and zero points (ng each) */
 static inline __attribute__((always_inline)) void finish_row(
-    const __m512 *tot, int64_t r, int64_t ng, const mq_params *prm, const float *xs, const int mb,
+    const __m512 *tot, int64_t r, int64_t ng, const float *sr, const float *zr, const float *xs, const int mb,
     int64_t m0, void *y, int ydtype, int64_t ys) {
-    const int64_t base = r * ng;
-    const int sf16 = prm->sz & 1, zf16 = (prm->sz >> 1) & 1, zc = (prm->sz >> 2) & 1;
-    const __m512 zc_v = _mm512_set1_ps(zc ? param_z(prm, 0) : 0.0f);
     for (int i = 0; i < mb; ++i) {
         const float *xsi = xs + (m0 + i) * ng;
         __m512 c = _mm512_setzero_ps();
-        for (int64_t g = 0; g < ng; g += 16) {
-            const __mmask16 mk = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1u);
-            const __m512 sv = sf16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)prm->s + base + g))
-                                   : _mm512_maskz_loadu_ps(mk, (const float *)prm->s + base + g);
-            const __m512 zv = zc ? zc_v
-                                 : zf16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)prm->z + base + g))
-                                        : _mm512_maskz_loadu_ps(mk, (const float *)prm->z + base + g);
-            c = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_maskz_loadu_ps(mk, xsi + g), c);
+        int64_t g = 0;
+        for (; g + 16 <= ng; g += 16)
+            c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(sr + g), _mm512_loadu_ps(zr + g)),
+                                _mm512_loadu_ps(xsi + g), c);
+        if (g < ng) {
+            const __mmask16 mk = (__mmask16)((1u << (ng - g)) - 1u);
+            c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + g), _mm512_maskz_loadu_ps(mk, zr + g)),
+                                _mm512_maskz_loadu_ps(mk, xsi + g), c);
         }
         const float v = _mm512_reduce_add_ps(tot[i]) - _mm512_reduce_add_ps(c);
         if (ydtype)
@@ -427,7 +436,8 @@ static inline __attribute__((always_inline)) __m256i load_codes(const uint8_t *r
 /* rows r0..r1 of the weight against rows m0..m0+mb of x (x~ permuted per block: xp, row stride xps, as float32
  * (xf) or bfloat16 bits (xb)); xs: (m, ng) group sums of x~ */
 static inline __attribute__((always_inline)) void gemv4_rows(
-    const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const mq_params *prm,
+    const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const float *st,
+    const float *zt, int64_t zs,
     const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps, const float *xs, const int32_t *gix,
     const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const __m512i mask4 = _mm512_set1_epi16(0x0F);
@@ -442,6 +452,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
     const __mmask32 tail = (__mmask32)((1u << ((kp % 64) / 2)) - 1u);
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t *row = q + r * row_bytes;
+        const float *sr = st + (r - r0) * ng, *zr = zt + (r - r0) * zs;
         __m512 tot[8], acc[8], acc2[8];
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; ++b) {
@@ -480,7 +491,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                 }
             }
             if (flush_after(gix, b, nblk)) {
-                const float s0 = param_s(prm, r * ng + gix[2 * b]), s1 = param_s(prm, r * ng + gix[2 * b + 1]);
+                const float s0 = sr[gix[2 * b]], s1 = sr[gix[2 * b + 1]];
                 if (xb != NULL) {
                     const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
                     for (int i = 0; i < mb; ++i) {
@@ -497,7 +508,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                 }
             }
         }
-        finish_row(tot, r, ng, prm, xs, mb, m0, y, ydtype, ys);
+        finish_row(tot, r, ng, sr, zr, xs, mb, m0, y, ydtype, ys);
     }
 }
 
@@ -516,7 +527,8 @@ static inline __attribute__((always_inline)) void gemv4_rows(
  * gix[2b] = gix[2b + 1] is block b's group. cb is a compile-time constant at every call (specialised bodies). */
 static inline __attribute__((always_inline)) void gemvs_rows(
     const int cb, const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng,
-    const mq_params *prm, const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps, const float *xs,
+    const float *st, const float *zt, int64_t zs, const float *xf, const uint16_t *xb, const uint16_t *xl,
+    int64_t xps, const float *xs,
     const int32_t *gix, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const int64_t nblk = (kp + 31) / 32, full = kp / 32;
     const int64_t tail_bytes = ((kp % 32) * cb + 7) / 8;
@@ -550,6 +562,7 @@ static inline __attribute__((always_inline)) void gemvs_rows(
 #endif
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t *row = q + r * row_bytes;
+        const float *sr = st + (r - r0) * ng, *zr = zt + (r - r0) * zs;
         __m512 tot[8], acc[8], acc2[8];
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; ++b) {
@@ -601,14 +614,14 @@ static inline __attribute__((always_inline)) void gemvs_rows(
                 }
             }
             if (flush_after(gix, b, nblk)) {
-                const __m512 sv = _mm512_set1_ps(param_s(prm, r * ng + gix[2 * b]));
+                const __m512 sv = _mm512_set1_ps(sr[gix[2 * b]]);
                 for (int i = 0; i < mb; ++i) {
                     tot[i] = _mm512_fmadd_ps(_mm512_add_ps(acc[i], acc2[i]), sv, tot[i]);
                     acc[i] = acc2[i] = _mm512_setzero_ps();
                 }
             }
         }
-        finish_row(tot, r, ng, prm, xs, mb, m0, y, ydtype, ys);
+        finish_row(tot, r, ng, sr, zr, xs, mb, m0, y, ydtype, ys);
     }
 }
 #endif
@@ -623,7 +636,6 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
         ge <= 0 || ng <= 0 || ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n ||
         (xdtype != 0 && xdtype != 1) || (ydtype != 0 && ydtype != 1) || xmode < 0 || xmode > 2 || sz < 0 || sz > 7)
         return -1;
-    const mq_params prm = {s, z, sz};
     if (ng > 1 && ge % 32) return -2;
 #if MQ_GEMV_F32
     if (bits != 4 && bits != 8 && !MQ_GEMV_STREAM) return -3;
@@ -638,9 +650,20 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
     float *row = (float *)malloc((size_t)xps * sizeof(float) * (split ? 2 : 1)), *rowl = row + xps;
     int32_t *gix = (int32_t *)malloc((size_t)(2 * nblk) * sizeof(int32_t));
-    if (!xp || !xs || !row || !gix) {
-        free(xp), free(xs), free(row), free(gix);
+    /* float16 scales / zero points are widened per task of MQ_GEMV_RB rows into a per-thread float32 buffer (the
+     * hot loops then read float32 as stored float32 ones are read: in place); a constant zero point is one row of
+     * ng copies, read with row stride 0 */
+    const int s16 = sz & 1, z16 = (sz & 2) && !(sz & 4), zone = (sz >> 2) & 1;
+    const int64_t pb = MQ_GEMV_RB * ng; /* floats per buffer */
+    float *pbuf = (s16 || z16 || zone) ? (float *)malloc((size_t)(nthreads * 2 * pb + ng) * sizeof(float)) : NULL;
+    if (!xp || !xs || !row || !gix || ((s16 || z16 || zone) && !pbuf)) {
+        free(xp), free(xs), free(row), free(gix), free(pbuf);
         return -4;
+    }
+    float *zrow = pbuf != NULL ? pbuf + nthreads * 2 * pb : NULL;
+    if (zone) {
+        const float zc = (sz & 2) ? f16_to_f32(*(const uint16_t *)z) : *(const float *)z;
+        for (int64_t g = 0; g < ng; ++g) zrow[g] = zc;
     }
     for (int64_t b = 0; b < nblk; ++b)
         for (int h = 0; h < 2; ++h) {
@@ -684,11 +707,11 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     const uint16_t *xbp = bf16 ? (const uint16_t *)xp : NULL;
     const uint16_t *xlp = split ? (const uint16_t *)xp + m * xps : NULL;
     const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
-#define MQ_GEMVS(CB, MB) gemvs_rows(CB, q, r0, r1, row_bytes, kp, ng, &prm, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys)
+#define MQ_GEMVS(CB, MB) gemvs_rows(CB, q, r0, r1, row_bytes, kp, ng, st, zt, zs, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys)
 #define MQ_GEMV_ROWS(MB)                                                                                          \
     do {                                                                                                          \
         switch (bits) { /* constant widths: each body is specialised */                                          \
-        case 4: gemv4_rows(q, r0, r1, row_bytes, kp, ng, &prm, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys); \
+        case 4: gemv4_rows(q, r0, r1, row_bytes, kp, ng, st, zt, zs, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys); \
                 break;                                                                                            \
         case 8: MQ_GEMVS(8, MB); break;                                                                           \
         case 1: MQ_GEMVS(1, MB); break;                                                                           \
@@ -704,6 +727,18 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
 #endif
     for (int64_t t = 0; t < tasks; ++t) {
         const int64_t r0 = t * MQ_GEMV_RB, r1 = r0 + MQ_GEMV_RB < n ? r0 + MQ_GEMV_RB : n;
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num();
+#else
+        const int tid = 0;
+#endif
+        float *sb = pbuf != NULL ? pbuf + tid * 2 * pb : NULL;
+        const float *st = s16 ? widen_f16(sb, (const uint16_t *)s + r0 * ng, (r1 - r0) * ng)
+                              : (const float *)s + r0 * ng;
+        const float *zt = zone ? zrow
+                               : z16 ? widen_f16(sb + pb, (const uint16_t *)z + r0 * ng, (r1 - r0) * ng)
+                                     : (const float *)z + r0 * ng;
+        const int64_t zs = zone ? 0 : ng;
         int64_t m0 = 0;
         for (; m0 + 8 <= m; m0 += 8) MQ_GEMV_ROWS(8);
         if (m - m0 >= 4) {
@@ -718,10 +753,10 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     }
 #undef MQ_GEMV_ROWS
 #undef MQ_GEMVS
-    free(xp), free(xs), free(row), free(gix);
+    free(xp), free(xs), free(row), free(gix), free(pbuf);
     return 0;
 #else
-    (void)prm, (void)q, (void)row_bytes, (void)x, (void)y, (void)xmode, (void)nthreads;
+    (void)q, (void)row_bytes, (void)s, (void)z, (void)sz, (void)x, (void)y, (void)xmode, (void)nthreads;
     return -3;
 #endif
 }
