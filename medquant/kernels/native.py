@@ -372,7 +372,8 @@ def kernel_params(weight: PackedWeight, ng: int, scale: torch.Tensor | None = No
     """The scales and zero points the native kernels read for a row group, with ``w = (u - z) * s``.
 
     Without ``scale`` / ``zero``: the layer's own tensors in place where they are float32 or float16 ``(n, ng)``
-    (group and channel scope; float16 values are widened exactly inside the kernels), else float32 copies; the
+    (group and channel scope; the matmul widens float16 values exactly per call, 16 weight rows at a time, into a
+    per-thread buffer, and the dequantizer as it reads them), else float32 copies; the
     zero point of symmetric rows is one float32 value ``2^(b-1)`` (1-bit symmetric rows: ``s`` doubled, a float32
     copy, and ``z = 1/2``), so a symmetric row group holds no per-group copy at all. With them: float32 ``(n, ng)``
     copies of the given values.

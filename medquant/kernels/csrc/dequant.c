@@ -340,7 +340,9 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * 24). Sums are float32 and so is y: the output is not rounded to the activation dtype.
  *
  * q: n rows of row_bytes bytes, two codes per byte (column 2t in the low nibble of byte t), kp codes per row
- * (kp even; codes beyond k multiply zeros). s, z: float32 (n, ng), group g covering columns [g ge, (g + 1) ge);
+ * (kp even; codes beyond k multiply zeros). s, z: (n, ng) float32, or float16 per sz (mq_params; widened per
+ * task of MQ_GEMV_RB rows into a per-thread float32 buffer, outside the hot loops), group g covering columns
+ * [g ge, (g + 1) ge);
  * ge a multiple of 32 unless ng == 1 (channel / tensor scope: one group of kp columns). x: (m, xstride), float32
  * (xdtype 0) or bfloat16 bits (xdtype 1). y: (m, ys), float32 (ydtype 0) or bfloat16 (ydtype 1: the float32 sum
  * rounded to nearest even).
