@@ -15,7 +15,8 @@ is the median crossover over the shapes of a bit-width, rounded up to the sweep.
 
 Shapes (N x K): SmolLM2-135M's 576x576, 192x576, 1536x576, 576x1536 and a 1.1B LLaMA-style model's 2048x2048,
 256x2048, 5632x2048, 2048x5632. Bit-widths: 4 (group 128: medquant's native kernel ``native4`` and/or aten's
-``int4``, ``--int4-kernel``) and 8 (per channel, the int8 kernel). With ``--int4-kernel both`` each 4-bit shape
+``int4``, ``--int4-kernel``), 3 (group 128, the dense layout: ``native3`` and/or ``int4``) and 8 (per channel:
+``native8``). With ``--int4-kernel both`` each 4-bit shape
 is measured on both kernels in the same run, so their times compare directly (``M = 1`` is the decode step).
 Random weights (speed does not depend on the values), seed 0.
 
@@ -51,7 +52,7 @@ SEED = 0
 SHAPES = {"smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
           "llama1b": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]}
 MS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192)
-CONFIGS = {4: {"bits": 4, "group_size": 128}, 8: {"bits": 8, "scope": "channel"}}
+CONFIGS = {3: {"bits": 3, "group_size": 128}, 4: {"bits": 4, "group_size": 128}, 8: {"bits": 8, "scope": "channel"}}
 NEVER = 10 ** 9
 
 
@@ -171,21 +172,22 @@ def markdown(result: dict) -> str:
               + ", ".join(f"{key}: {v}" for key, v in result["suggested"].items()), ""]
     pairs = _kernel_pairs(result["rows"])
     if pairs:
-        lines += ["## native4 vs int4 (4-bit rows, same run)", "",
-                  "Cell: native4 ms / int4 ms, minimum wall time (< 1: the native kernel is faster).", "",
-                  "| shape | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
-        for (n, k), (nat, a4) in pairs.items():
-            lines.append(f"| {n}x{k} | " + " | ".join(f"{x / y:.2f}" for x, y in
-                                                      zip(nat["kernel_min_ms"], a4["kernel_min_ms"])) + " |")
+        lines += ["## native vs int4 (3- and 4-bit rows, same run)", "",
+                  "Cell: native ms / int4 ms, minimum wall time (< 1: the native kernel is faster).", "",
+                  "| shape | W | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|---|" + "---|" * len(ms)]
+        for (b, n, k), (nat, a4) in pairs.items():
+            lines.append(f"| {n}x{k} | {b} | " + " | ".join(f"{x / y:.2f}" for x, y in
+                                                             zip(nat["kernel_min_ms"], a4["kernel_min_ms"])) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
 def _kernel_pairs(rows: list[dict]) -> dict:
-    """(n, k) -> (native4 row, int4 row) for the 4-bit shapes measured on both kernels."""
-    by = {(r["n"], r["k"], r["kernel"]): r for r in rows if r["bits"] <= 4}
-    return {(n, k): (by[(n, k, "native4")], by[(n, k, "int4")]) for (n, k, kind) in by
-            if kind == "native4" and (n, k, "int4") in by}
+    """(bits, n, k) -> (native row, int4 row) for the 3- and 4-bit shapes measured on both kernels (native4 for
+    4-bit containers, native3 for the dense 3-bit layout)."""
+    by = {(r["bits"], r["n"], r["k"], r["kernel"]): r for r in rows if r["bits"] <= 4}
+    return {(b, n, k): (row, by[(b, n, k, "int4")]) for (b, n, k, kind), row in by.items()
+            if kind.startswith("native") and (b, n, k, "int4") in by}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -193,15 +195,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="two SmolLM2 shapes, W4, M up to 96, 2 repeats")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--bits", default="4,8", help="comma list of 4 and/or 8")
+    ap.add_argument("--bits", default="4,8", help="comma list of 3, 4 and/or 8 (3: the dense 3-bit layout, group 128)")
     ap.add_argument("--int4-kernel", choices=("auto", "aten", "both"), default="both",
                     help="kernel(s) for the 4-bit rows: medquant's native one where it runs (auto), aten's int4, "
                          "or both in the same run (default)")
     ap.add_argument("--out", default=None, help="output stem in benchmarks/results")
     args = ap.parse_args(argv)
     wanted = sorted({int(b) for b in args.bits.split(",")})
-    if not set(wanted) <= {4, 8}:
-        ap.error(f"--bits takes 4 and/or 8, got {args.bits!r}")
+    if not set(wanted) <= set(CONFIGS):
+        ap.error(f"--bits takes 3, 4 and/or 8, got {args.bits!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)

@@ -41,8 +41,19 @@ def test_measure_times_both_paths_on_either_4bit_kernel_and_restores_the_default
     assert kcpu._dense_min_m is before is None  # the per-kernel defaults again
     assert kcpu.get_cpu_int4_kernel() == "auto"
     pairs = dc._kernel_pairs(rows)
-    assert list(pairs) == ([(64, 256)] if rows[0]["kernel"] == "native4" else [])
+    assert list(pairs) == ([(4, 64, 256)] if rows[0]["kernel"] == "native4" else [])
     result = {"date": "d", "repeats": 1, "threads": 1, "loadavg_before": [0.0], "loadavg_after": [0.0],
               "ms": [1, 2, 8], "rows": rows, "current_default": {"4": 32}, "suggested": {"W4 int4": None}}
     md = dc.markdown(result)
-    assert ("native4 vs int4" in md) == bool(pairs)
+    assert ("native vs int4" in md) == bool(pairs)
+
+
+def test_dense_3bit_rows_pair_native3_with_int4():
+    from medquant.kernels.native import native_status
+
+    rows = [dc.measure(64, 256, 3, [1, 4], 1, torch.Generator().manual_seed(0), kind) for kind in ("auto", "aten")]
+    stream = bool(native_status()["gemv4"] and native_status()["gemv_stream"])
+    assert [r["kernel"] for r in rows] == ["native3" if stream else "int4", "int4"]
+    assert list(dc._kernel_pairs(rows)) == ([(3, 64, 256)] if stream else [])
+    with pytest.raises(SystemExit):
+        dc.main(["--bits", "5"])
