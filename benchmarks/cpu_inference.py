@@ -182,10 +182,11 @@ def _decode_path_logits(model, inp):
     import torch
     from transformers import DynamicCache
 
+    from benchmarks.common.lm import cached_step
+
     cache, out = DynamicCache(), []
     for j in range(inp.shape[1]):
-        o = model(input_ids=inp[:, j:j + 1], past_key_values=cache, use_cache=True)
-        cache = o.past_key_values
+        o, cache = cached_step(model, inp[:, j:j + 1], cache)
         out.append(o.logits[0, -1].float())
     return torch.stack(out)
 

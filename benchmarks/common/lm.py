@@ -4,20 +4,25 @@
 * :func:`training_split` - calibration batches and the rest of the training reports in a seeded order;
 * :func:`train_student` - a copy of a model distilled from (or, with ``alpha=0``, fine-tuned beside) a teacher;
 * :func:`prompt_ids`, :func:`time_prefill`, :func:`time_decode` - a fixed prompt of real report text and CPU
-  latency of one prefill and of greedy decoding with the KV cache.
+  latency of one prefill and of greedy decoding with the KV cache;
+* :func:`cached_step` - one forward with a KV cache, in the keyword the installed transformers takes (``cache``
+  from 5.x, ``past_key_values`` before; the old name is deprecated there), returning the output and its cache.
 
 Perplexity and token batches are library API: :func:`medquant.eval.perplexity`, :func:`medquant.eval.token_batches`.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import time
 
 import torch
 
 from medquant.eval import token_batches
 
-__all__ = ["prompt_ids", "report_texts", "time_decode", "time_prefill", "train_student", "training_split"]
+__all__ = ["cached_step", "prompt_ids", "report_texts", "time_decode", "time_prefill", "train_student",
+           "training_split"]
 
 
 def report_texts(split: str, n: int | None = None) -> list[str]:
@@ -72,13 +77,27 @@ def time_prefill(model, ids: torch.Tensor, logits_to_keep: int | None = None) ->
     return time.perf_counter() - t
 
 
+@functools.cache
+def _cache_keyword(forward_type: type) -> str:
+    """``"cache"`` where the model class's forward takes it (transformers 5.x), else ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(forward_type.forward).parameters else "past_key_values"
+
+
+def cached_step(model, ids: torch.Tensor, cache=None):
+    """One forward of ``ids`` with the KV cache ``cache`` (None: a fresh one), passed under the keyword the
+    installed transformers takes; returns ``(output, cache after the step)``."""
+    out = model(input_ids=ids, use_cache=True, **({} if cache is None else {_cache_keyword(type(model)): cache}))
+    new = out.get("cache")
+    return out, (new if new is not None else out.get("past_key_values"))
+
+
 @torch.no_grad()
 def time_decode(model, ids: torch.Tensor, steps: int) -> float:
     """Tokens per second over ``steps`` greedy single-token steps after prefilling ``ids``."""
-    out = model(input_ids=ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    out, past = cached_step(model, ids)
+    nxt = out.logits[:, -1:].argmax(-1)
     t = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out, past = cached_step(model, nxt, past)
+        nxt = out.logits[:, -1:].argmax(-1)
     return steps / (time.perf_counter() - t)

@@ -50,3 +50,25 @@ def test_decode_path_logits_are_the_teacher_forced_forward_one_position_at_a_tim
     assert steps.shape == full.shape
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
     assert torch.equal(steps.argmax(-1), full.argmax(-1))
+
+
+def test_cached_step_uses_the_installed_cache_keyword_without_deprecation_warnings():
+    """``cached_step`` passes the KV cache under the keyword the installed transformers takes, so no deprecation
+    warning is raised, and continuing from its cache gives the logits of the full forward."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.common.lm import cached_step
+    from medquant.testing.zoo import text_kwargs
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**text_kwargs())).eval()
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, cache = cached_step(m, ids[:, :5])
+        step, cache2 = cached_step(m, ids[:, 5:], cache)
+        full = m(input_ids=ids).logits
+    assert cache2 is not None
+    torch.testing.assert_close(step.logits[0, -1], full[0, -1], rtol=1e-4, atol=1e-4)
