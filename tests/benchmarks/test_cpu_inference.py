@@ -67,8 +67,8 @@ def test_cached_step_uses_the_installed_cache_keyword_without_deprecation_warnin
     ids = torch.randint(0, 100, (1, 6))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
-        out, cache = cached_step(m, ids[:, :5])
+        first, cache = cached_step(m, ids[:, :5])
         step, cache2 = cached_step(m, ids[:, 5:], cache)
         full = m(input_ids=ids).logits
-    assert cache2 is not None
+    assert cache2 is not None and first.logits.shape[1] == 5
     torch.testing.assert_close(step.logits[0, -1], full[0, -1], rtol=1e-4, atol=1e-4)
