@@ -96,7 +96,12 @@ typedef long long long_u __attribute__((aligned(1), may_alias));
 
 static inline float bf16_round(float f) { return u2f((uint32_t)bf16_bits(f) << 16); }
 
-/* float16 bits -> float32 (exact: every float16 value is a float32 value), portable */
+/* float16 bits -> float32 (exact: every float16 value is a float32 value): F16C's vcvtph2ps where the build has it,
+ * else portable bit manipulation */
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+#else
 static inline float f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
     if (e == 0x1Fu) return u2f(sign | 0x7F800000u | (m << 13)); /* inf / NaN */
@@ -104,6 +109,7 @@ static inline float f16_to_f32(uint16_t h) {
     const float v = (float)m * (1.0f / 16777216.0f); /* subnormal: m * 2^-24, exact */
     return sign ? -v : v;
 }
+#endif
 
 /* Scales and zero points of a row group, (n, ng) each, as the caller stores them: sz bit 0, s is float16 (else
  * float32); bit 1, z is float16; bit 2, z is one value for every row and group (symmetric rows: 2^(b-1)). */
