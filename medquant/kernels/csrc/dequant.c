@@ -697,7 +697,8 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     }
     float *zrow = pbuf != NULL ? pbuf + nthreads * 2 * pb : NULL;
     if (zone) {
-        const float zc = (sz & 2) ? f16_to_f32(*(const uint16_t *)z) : *(const float *)z;
+        const mq_params prm = {s, z, sz};
+        const float zc = param_z(&prm, 0);
         for (int64_t g = 0; g < ng; ++g) zrow[g] = zc;
     }
     for (int64_t b = 0; b < nblk; ++b)
