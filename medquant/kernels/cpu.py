@@ -139,6 +139,12 @@ ENV_NATIVE4_ACTIVATIONS = "MEDQUANT_CPU_NATIVE4_ACTIVATIONS"
 #: how native4 / native8 multiply activations with a bfloat16 compute dtype: "split" (x = hi + lo, two bfloat16 halves,
 #: x to a relative 2^-17: the float32 reference's result to about 1e-6) or "round" (x rounded to bfloat16)
 NATIVE4_ACTIVATIONS = ("split", "round")
+#: environment variable read at import: what runs rows on the native kernels from dense_min_m on (gemm / dense)
+ENV_PREFILL_KERNEL = "MEDQUANT_CPU_PREFILL_KERNEL"
+#: large-M choices for row groups on a native kernel with a bfloat16 compute dtype: "gemm" (medquant's blocked
+#: integer matmul on the packed codes, ``NativeGemv4.gemm``: x as 16-bit integers per block, exact codes, float32
+#: sums and output) or "dense" (dequantize to bfloat16 and torch's bfloat16 GEMM: weights and output rounded)
+PREFILL_KERNELS = ("gemm", "dense")
 #: default ``M`` from which the dense path (dequantize + ``F.linear``) replaces the int8 weight-only kernel, and
 #: (``DEFAULT_DENSE_MIN_M_INT4``) the int4 kernel. Measured by ``benchmarks/dense_crossover.py`` on an idle 2-core
 #: AVX512-BF16 CPU, 2 threads, bf16 compute, with the native dequantization feeding the dense path: the kernels'
@@ -162,6 +168,7 @@ _compute_dtype: torch.dtype | None = None  # set below from $MEDQUANT_CPU_COMPUT
 _dense_min_m: int | None = None  # None: the per-kernel defaults above
 _int4_kernel = "auto"  # set below from $MEDQUANT_CPU_INT4_KERNEL
 _native4_activations = "split"  # set below from $MEDQUANT_CPU_NATIVE4_ACTIVATIONS
+_prefill_kernel = "gemm"  # set below from $MEDQUANT_CPU_PREFILL_KERNEL
 _layer_dtype: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> compute dtype of that layer
 _plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> _Plan
 _warned: set[str] = set()
@@ -410,6 +417,44 @@ def get_cpu_native4_activations() -> str:
 
 
 _native4_activations = _env_choice(ENV_NATIVE4_ACTIVATIONS, NATIVE4_ACTIVATIONS)
+
+
+def set_cpu_prefill_kernel(kind: str | None) -> None:
+    """What runs ``M >= dense_min_m`` rows (prefill) of row groups on a native kernel when the compute dtype is
+    bfloat16.
+
+    ``"gemm"`` (the default): medquant's blocked integer matmul on the packed codes
+    (:meth:`medquant.kernels.native.NativeGemv4.gemm`): ``x`` as 16-bit integers per block of columns (``x`` to
+    ``2^-16`` of the block's largest magnitude), the codes exact, integer sums within a block, float32 across
+    blocks and a float32 output: no bfloat16 rounding of weights or outputs, so a prefill agrees with the float32
+    reference path as a decode step does. Needs AVX512-VNNI (``native_status()["gemm"]``); elsewhere, and under
+    ``torch.compile`` tracing, the dense path runs. ``"dense"``: the weight dequantized to bfloat16 and torch's
+    bfloat16 GEMM (weights and outputs rounded to bfloat16: about ``2^-9`` relative per output).
+    Float32 and float16 compute dtypes always take the dense path at large ``M``.
+
+    Args:
+        kind: ``"gemm"``, ``"dense"``, or None (``"gemm"``).
+
+    Raises:
+        ValueError: any other value.
+    """
+    global _prefill_kernel
+    kind = _choice(kind, PREFILL_KERNELS, "the CPU prefill kernel")
+    if kind != _prefill_kernel:
+        _prefill_kernel = kind
+        bump_generation()
+
+
+def get_cpu_prefill_kernel() -> str:
+    """The large-``M`` choice now (:func:`set_cpu_prefill_kernel`).
+
+    Returns:
+        ``"gemm"`` or ``"dense"``.
+    """
+    return _prefill_kernel
+
+
+_prefill_kernel = _env_choice(ENV_PREFILL_KERNEL, PREFILL_KERNELS)
 
 
 def clear_cpu_cache() -> None:
@@ -685,10 +730,18 @@ def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
     if plan.kind == "dense":
         return "dense"
     if plan.kind.startswith("native"):
-        return plan.kind if m < dense_min_m("int4") else "dense"
+        if m < dense_min_m("int4"):
+            return plan.kind
+        return "gemm" if _gemm_runs(plan, cd) else "dense"
     if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
         return plan.kind
     return "dense"
+
+
+def _gemm_runs(plan: _Plan, cd: torch.dtype) -> bool:
+    """Whether a large-``M`` call on this plan runs the native blocked matmul (:func:`set_cpu_prefill_kernel`)."""
+    return (_prefill_kernel == "gemm" and cd == torch.bfloat16 and plan.gemv is not None and plan.gemv.has_gemm
+            and not torch.compiler.is_compiling())
 
 
 def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
@@ -702,7 +755,8 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
 
     Returns:
         ``"native<b>"`` (``b`` the stored width: ``"native4"``, ``"native8"``, ``"native3"`` for the dense 3-bit
-        layout, ...), ``"int4"``, ``"int8"``, ``"dense"`` or ``"reference"``.
+        layout, ...), ``"gemm"`` (the native blocked matmul at large ``M``), ``"int4"``, ``"int8"``, ``"dense"`` or
+        ``"reference"``.
     """
     return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight))
 
@@ -727,6 +781,8 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     # native4 below this M (a settings change bumps the dispatch generation: prepared runners are rebuilt)
     native_below = dense_min_m("int4") if gemv is not None else 0
     native_dtypes = (torch.float32, torch.bfloat16) if cd != torch.float16 else ()
+    # large M on the native blocked matmul (a settings change rebuilds this runner; traced calls take the dense path)
+    gemm = _prefill_kernel == "gemm" and cd == torch.bfloat16 and gemv is not None and gemv.has_gemm
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     op8 = torch.ops.aten._weight_int8pack_mm.default
@@ -784,10 +840,20 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
             return dense(x.to(cd).contiguous()).to(dt)
+        if gemm and not torch.compiler.is_compiling():
+            # float32 or bfloat16 x as it is (the kernel makes its integers from it); float32 out, bfloat16 for
+            # a bfloat16 x (rounded once)
+            xk = x if dt in (torch.float32, torch.bfloat16) else x.float()
+            if k > 1 and xk.stride(1) != 1:
+                xk = _contiguous(xk)
+            assert gemv is not None
+            y = gemv.gemm(xk)
+            if y is not None:
+                return y if y.dtype == dt else y.to(dt)
         xc = x if dt == cd else x.to(cd)
         if not xc.is_contiguous():
             xc = _contiguous(xc)
-        if _path(plan, m, cd) == "dense":
+        if _path(plan, m, cd) in ("dense", "gemm"):
             y = dense(xc)
         else:
             if pad:

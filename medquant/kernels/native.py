@@ -81,7 +81,7 @@ ENV_CACHE_DIR = "MEDQUANT_CACHE_DIR"
 #: the C source, shipped inside the package
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dequant.c"
 #: version of the C functions' arguments; the library reports it (``mq_abi``)
-ABI = 4
+ABI = 5
 #: file name of the built library inside its build folder
 LIB_NAME = "libmqdequant.so"
 #: flag sets tried in order until one compiles (common flags first)
@@ -201,7 +201,7 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
         raise ValueError(f"{path} does not match its recorded SHA-256 (corrupted or replaced)")
     lib = ctypes.CDLL(str(path))
     for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant", "mq_gemv4", "mq_gemv8",
-                 "mq_gemvs", "mq_gemv4_caps"):
+                 "mq_gemvs", "mq_gemm", "mq_gemv4_caps"):
         if not hasattr(lib, name):
             raise _Foreign(f"{path} lacks the symbol {name}: not medquant's library")
     lib.mq_build_key.restype = ctypes.c_char_p
@@ -221,6 +221,8 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     for fn in (lib.mq_gemv4, lib.mq_gemv8, lib.mq_gemvs):
         fn.restype = ctypes.c_int
         fn.argtypes = gemv_args if fn is not lib.mq_gemvs else [ctypes.c_int, *gemv_args]
+    lib.mq_gemm.restype = ctypes.c_int
+    lib.mq_gemm.argtypes = [ctypes.c_int, *gemv_args[:-2], ctypes.c_int]  # no xmode
     return lib
 
 
@@ -342,7 +344,8 @@ def native_status(build: bool = True) -> dict[str, object]:
         ``{"active": bool, "reason": str ("" when active), "library": path or None, "openmp": bool,
         "float16": bool, "gemv4": bool (the 4- and 8-bit weight-only matmuls are compiled in: AVX512F + BW),
         "gemv4_bf16": bool (it multiplies bfloat16 pairs with AVX512-BF16), "gemv_stream": bool (it also reads the
-        dense 3/5/6/7-bit layout and 1- and 2-bit containers: AVX512-VBMI + VL), "flags": [compiler flags],
+        dense 3/5/6/7-bit layout and 1- and 2-bit containers: AVX512-VBMI + VL), "gemm": bool (the blocked matmul
+        for many rows, :meth:`NativeGemv4.gemm`, is compiled in: AVX512-VNNI), "flags": [compiler flags],
         "cache_dir": str}``.
     """
     if _disabled():
@@ -355,7 +358,7 @@ def native_status(build: bool = True) -> dict[str, object]:
     return {"active": active, "reason": reason, "library": _state.path, "openmp": _state.openmp,
             "float16": _state.float16, "gemv4": bool(active and _state.gemv & 1),
             "gemv4_bf16": bool(active and _state.gemv & 2), "gemv_stream": bool(active and _state.gemv & 4),
-            "flags": list(_state.flags),
+            "gemm": bool(active and _state.gemv & 8), "flags": list(_state.flags),
             "cache_dir": str(cache_dir())}
 
 
@@ -570,6 +573,17 @@ def _gemv4_fake(x, qweight, s, z, k, kp, ge, xmode, bits):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
+def _gemm_fn(lib, bits: int):
+    """``mq_gemm`` with ``bits`` bound where the library has it (AVX512-VNNI), else None."""
+    return functools.partial(lib.mq_gemm, bits) if lib is not None and _state.gemv & 8 else None
+
+
+def _gemm_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Run ``mq_gemm`` for ``x`` into ``y`` (float32 or bfloat16, ``(M, n)``); its return code."""
+    return fn(*head, x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.stride(0), y.data_ptr(),
+              y.dtype == torch.bfloat16, y.stride(0), torch.get_num_threads())
+
+
 class NativeGemv4:
     """One row group's native weight-only matmul, its arguments bound once (:func:`native_gemv4`): codes in 4-bit
     containers (``native4``), in 8-bit containers (``native8``), or a stream of ``b``-bit codes (``native<b>``:
@@ -591,8 +605,8 @@ class NativeGemv4:
     """
 
     def __init__(self, fn, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
-                 ge: int) -> None:
-        self._fn, self._weight = fn, weight
+                 ge: int, gemm_fn=None) -> None:
+        self._fn, self._gemm, self._weight = fn, gemm_fn, weight
         self.bits = storage_bits(weight.bits, weight.dense)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
         self.n, self.k, self.kp, self.ge = weight.n, weight.k, weight.k_pad, ge
@@ -641,6 +655,46 @@ class NativeGemv4:
             return None
         return y
 
+    @property
+    def has_gemm(self) -> bool:
+        """Whether :meth:`gemm` can run here (the library has ``mq_gemm``: AVX512-VNNI)."""
+        return self._gemm is not None
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``y (M, n)`` for many rows of ``x`` (prefill) by the blocked integer kernel ``mq_gemm``:
+
+            x~[i, j] = t[i, c] * round_half_even(x[i, j] / t[i, c]),  t[i, c] = max_{j in c} |x[i, j]| / 32767
+
+        per block ``c`` of columns (the weight's group, or 128 / 64 / 32 columns of it; 128 for channel / tensor
+        scope), i.e. ``x`` to ``2^-16`` of its block's largest magnitude as 16-bit integers, and
+
+            y[i, r] = sum_c t[i, c] s[r, g(c)] * sum_{j in c} v[i, j] u[r, j]  -  sum_g s[r, g] z[r, g] X[i, g]
+
+        (``X[i, g] = sum_{j in g} x~[i, j]``): ``x~ @ ((u - z) * s)^T`` with exact integer products and sums within a
+        block (``vpdpwssd``), float32 across blocks. Neither the weights nor the output are rounded to bfloat16,
+        unlike the dense path's bfloat16 GEMM on dequantized weights. ``y`` is float32, or bfloat16 for a bfloat16
+        ``x`` (the float32 sum rounded once). The checks of :meth:`__call__` are the caller's (the CPU backend's
+        runner makes them).
+
+        Args:
+            x: ``(M, k)`` CPU float32 or bfloat16 tensor with unit column stride.
+
+        Returns:
+            ``y``, or None where the kernel declines: no ``mq_gemm`` in this build, or an ``x`` with a value that is
+            not finite or a block whose largest magnitude is below ``2^-100`` (the caller's dense path then runs
+            it and propagates such values as torch does).
+        """
+        if self._gemm is None or torch.compiler.is_compiling():  # traced: the dense path (module docstring)
+            return None
+        y = torch.empty(x.shape[0], self.n, dtype=x.dtype)
+        rc = _gemm_into(self._gemm, self._head, x, y)
+        if rc != 0:
+            if rc != -5:  # -5: x not finite (or tiny): the dense path, silently, as torch would compute it
+                _report_once(f"gemm{rc}", f"medquant native {self.bits}-bit blocked matmul declined a call "
+                                          f"({self._weight.describe()}, code {rc}): the dense path runs it")
+            return None
+        return y
+
 
 def gemv4_decline(weight: PackedWeight) -> str | None:
     """Why the native weight-only matmul cannot take this row group (None: it can, once the library is built
@@ -686,4 +740,5 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor | None = None,
     kp = weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp
     s, z = kernel_params(weight, kp // ge, scale, zero)
-    return NativeGemv4(fn, weight, weight.qweight.contiguous(), s, z, ge)
+    return NativeGemv4(fn, weight, weight.qweight.contiguous(), s, z, ge,
+                       gemm_fn=_gemm_fn(lib, storage_bits(weight.bits, weight.dense)))

@@ -36,6 +36,7 @@ def cpu_settings():
         set_cpu_dense_min_m,
         set_cpu_int4_kernel,
         set_cpu_native4_activations,
+        set_cpu_prefill_kernel,
     )
 
     clear_cpu_cache()
@@ -44,4 +45,5 @@ def cpu_settings():
     set_cpu_dense_min_m(None)
     set_cpu_int4_kernel(None)
     set_cpu_native4_activations(None)
+    set_cpu_prefill_kernel(None)
     clear_cpu_cache()

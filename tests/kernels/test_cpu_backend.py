@@ -36,6 +36,7 @@ from medquant.kernels.cpu import (
     dense_min_m,
 )
 from medquant.kernels.layout import storage_bits
+from medquant.kernels.native import native_status
 from medquant.quant import QuantConfig, QuantLinear
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -50,7 +51,7 @@ def _native_takes(layer: QuantLinear, bits: int) -> bool:
     """Whether medquant's native kernel runs this row group under ``set_cpu_int4_kernel("auto")`` here: a library
     built with AVX512F + BW, and for layouts other than 4- and 8-bit containers (the dense 3/5/6/7-bit layout,
     1- and 2-bit containers) AVX512-VBMI too."""
-    from medquant.kernels.native import gemv4_decline, native_status
+    from medquant.kernels.native import gemv4_decline
 
     return bool(native_status()["gemv4"]) and gemv4_decline(layer.packed_weight(bits)) is None
 
@@ -135,6 +136,8 @@ def test_paths_match_the_reference(bits, sym, scope, gs, kernel, dtype, int4_ker
         if kernel in ("reference", "dense") or m == 1 or \
                 (m == 7 and (dtype == torch.bfloat16 or kernel.startswith("native"))):
             assert path == {kernel}, (m, path)
+        elif kernel.startswith("native") and dtype == torch.bfloat16 and native_status()["gemm"]:
+            assert path == {"gemm"}, (m, path)  # the native blocked matmul (set_cpu_prefill_kernel)
         else:
             assert path == {"dense"}, (m, path)
         with warnings.catch_warnings():

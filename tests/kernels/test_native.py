@@ -17,7 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from medquant.kernels import PackedWeight, clear_cpu_cache, cpu_path, set_cpu_compute_dtype
+from medquant.kernels import (
+    PackedWeight,
+    clear_cpu_cache,
+    cpu_path,
+    set_cpu_compute_dtype,
+    set_cpu_prefill_kernel,
+)
 from medquant.kernels import cpu as cpu_mod
 from medquant.kernels import native as native_mod
 from medquant.kernels.cpu import dequantize_eager, dequantize_fast
@@ -37,6 +43,7 @@ def _fresh(monkeypatch):
     yield
     reset_native()  # the next test finds the default library again (its cache folder is unchanged)
     set_cpu_compute_dtype("float32")  # the suite's setting (tests/conftest.py)
+    set_cpu_prefill_kernel(None)
     clear_cpu_cache()
 
 
@@ -181,6 +188,7 @@ def test_quantlinear_prefill_equals_eager_path(native, monkeypatch):
     """A QuantLinear forward at M = 300 (dense path, bfloat16 compute) through the native kernel equals the
     same forward with the native kernel disabled, and the float64 reference to bfloat16 accuracy."""
     set_cpu_compute_dtype("bfloat16")
+    set_cpu_prefill_kernel("dense")  # the dense path (the native blocked matmul: test_native_gemm.py)
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(200, 48)
     with torch.no_grad():
@@ -275,7 +283,8 @@ def test_foreign_cached_library_is_declined(native, monkeypatch, tmp_path):
                    "int mq_abi(void) { return 1; }\nint mq_has_f16(void) { return 0; }\n"
                    "int mq_openmp(void) { return 0; }\nint mq_dequant(void) { return 0; }\n"
                    "int mq_gemv4(void) { return 0; }\nint mq_gemv8(void) { return 0; }\n"
-                   "int mq_gemvs(void) { return 0; }\nint mq_gemv4_caps(void) { return 0; }\n")
+                   "int mq_gemvs(void) { return 0; }\nint mq_gemm(void) { return 0; }\n"
+                   "int mq_gemv4_caps(void) { return 0; }\n")
     lib = build / "libmqdequant.so"
     subprocess.run([shutil.which("cc") or shutil.which("gcc") or "clang", "-shared", "-fPIC", "-o", str(lib),
                     str(src)], check=True, capture_output=True)
@@ -334,6 +343,7 @@ def test_dense_path_in_row_slices(native, monkeypatch, cfg, bits):
         lin.weight.copy_(torch.randn(80, 192, generator=g))
     layer = QuantLinear.from_float(lin, cfg)
     set_cpu_compute_dtype(torch.bfloat16)
+    set_cpu_prefill_kernel("dense")
     x = torch.randn(300, 192, generator=g)
     assert cpu_path(x, layer.packed_weight(bits)) == "dense"
     with torch.no_grad():

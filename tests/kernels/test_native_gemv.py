@@ -29,6 +29,7 @@ from medquant.kernels import (
     set_cpu_dense_min_m,
     set_cpu_int4_kernel,
     set_cpu_native4_activations,
+    set_cpu_prefill_kernel,
 )
 from medquant.kernels.cpu import cpu_plan
 from medquant.kernels.layout import storage_bits
@@ -182,7 +183,10 @@ def test_dense_threshold_applies_to_the_native_kernel():
     layer = _layer(64, 256, QuantConfig(4, group_size=128))
     w = layer.packed_weight(4)
     small = _small_path()
-    assert [cpu_path(torch.randn(m, 256), w) for m in (1, 31, 32)] == [small, small, "dense"]
+    large = "gemm" if native_status()["gemm"] else "dense"  # the native blocked matmul (set_cpu_prefill_kernel)
+    assert [cpu_path(torch.randn(m, 256), w) for m in (1, 31, 32)] == [small, small, large]
+    set_cpu_prefill_kernel("dense")
+    assert cpu_path(torch.randn(32, 256), w) == "dense"
     set_cpu_dense_min_m(100)
     assert cpu_path(torch.randn(80, 256), w) == small
     x = torch.randn(80, 256)

@@ -27,6 +27,7 @@
  * Rows are split over threads with OpenMP (the process's OpenMP runtime: torch's, when torch is loaded).
  * Built by medquant/kernels/native.py with -O3 -march=native (also without it: portable loops only).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,7 +39,7 @@
 #define MQ_BUILD_KEY "unset"
 #endif
 
-#define MQ_ABI 4
+#define MQ_ABI 5
 
 #define MQ_F32 0
 #define MQ_BF16 1
@@ -378,13 +379,22 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
 #define MQ_GEMV_BF16 0
 #endif
 
+#if MQ_GEMV_F32 && defined(__AVX512VNNI__)
+#define MQ_GEMM_CAP 1 /* mq_gemm (int16 products by vpdpwssd) */
+#else
+#define MQ_GEMM_CAP 0
+#endif
+
 #if MQ_GEMV_F32 && defined(__AVX512VBMI__) && defined(__AVX512VL__)
 #define MQ_GEMV_STREAM 1 /* codes narrower than a byte, other than 4-bit containers, unpacked with AVX512-VBMI */
 #else
 #define MQ_GEMV_STREAM 0
 #endif
 
-int mq_gemv4_caps(void) { return MQ_GEMV_F32 | (MQ_GEMV_BF16 << 1) | (MQ_GEMV_STREAM << 2); }
+/* bit 3: mq_gemm is compiled in (AVX512-VNNI) */
+int mq_gemv4_caps(void) {
+    return MQ_GEMV_F32 | (MQ_GEMV_BF16 << 1) | (MQ_GEMV_STREAM << 2) | (MQ_GEMM_CAP << 3);
+}
 
 #if MQ_GEMV_F32
 #define MQ_GEMV_RB 16 /* weight rows per thread task */
@@ -818,4 +828,303 @@ int mq_gemvs(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k
              int ydtype, int64_t ys, int xmode, int nthreads) {
     if (bits == 4) return -1;
     return gemv_run(bits, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Weight-only matmul for many rows of x (prefill: the CPU backend's "gemm" path). x is taken as 16-bit integers
+ * per block of columns: for row i and block c (columns [c B, (c + 1) B), B the group, or 128 for channel / tensor
+ * scope, or a divisor of the group of 128 / 64 / 32 columns so that sums stay within int32),
+ *
+ *     t[i, c] = max_{j in c} |x[i, j]| / 32767,   v[i, j] = round_half_even(x[i, j] / t[i, c]),
+ *     x~[i, j] = t[i, c] * v[i, j]      (|v| <= 32767: x to 2^-16 of its block's largest magnitude)
+ *
+ * and
+ *
+ *     y[i, r] = sum_c t[i, c] s[r, g(c)] * (sum_{j in c} v[i, j] u[r, j])  -  sum_g s[r, g] z[r, g] X[i, g]
+ *
+ * with X[i, g] = sum_{j in g} x~[i, j]: x~ @ ((u - z) * s)^T. The integer sums are exact (vpdpwssd: pairs of
+ * int16 products summed into int32; |v u| sums over a block of at most 128 columns stay below 2^31 for 8-bit
+ * codes); each block's sum is converted to float32 once, scaled, and summed in float32. Neither the weights nor
+ * the outputs are rounded to bfloat16, unlike a dense bfloat16 GEMM on dequantized weights: y is float32
+ * (ydtype 0), or bfloat16 (ydtype 1, the float32 sum rounded once). Blocked for reuse:
+ *   - panels of MQ_GEMM_NR = 32 weight rows, one per thread task: the rows' codes unpacked once into int16 pairs
+ *     laid out [kp / 2][32] (word [p][c]: codes 2p and 2p + 1 of row c, the low half first); the panel's scales
+ *     and s * z transposed to [ng][32];
+ *   - tiles of up to MQ_GEMM_MR rows of x: 2 * MQ_GEMM_MR int32 accumulators of 16 lanes (lane c = weight row
+ *     c); each step loads the panel's two vectors of pair p and broadcasts each x row's pair p.
+ * Arguments and returns as mq_gemvs but for xmode (absent: x enters as above) and bits 1..8 (4 and 8: containers,
+ * others a stream of bits-bit codes, lowest bits first); -3 when the build lacks AVX512-VNNI (mq_gemv4_caps() bit
+ * 3), -5 (nothing written) when x has a value that is not finite (the caller's dense path then runs it).
+ * --------------------------------------------------------------------------------------------------------- */
+#if MQ_GEMM_CAP
+#define MQ_GEMM 1
+#define MQ_GEMM_NR 32
+
+/* r[0..16) as a 16 x 16 matrix of 32-bit words, transposed in place: at each scale b = 8, 4, 2, 1 the
+ * off-diagonal b x b blocks of every 2b x 2b block are swapped (rows i and i + b, i / b even, merged by two
+ * vpermt2d each); tix: the two index vectors of each scale */
+#define MQ_T2(I, B, LO, HI)                                                                                       \
+    {                                                                                                             \
+        const __m512i a_ = r[I], c_ = r[(I) + (B)];                                                               \
+        r[I] = _mm512_permutex2var_epi32(a_, LO, c_);                                                             \
+        r[(I) + (B)] = _mm512_permutex2var_epi32(a_, HI, c_);                                                     \
+    }
+static inline __attribute__((always_inline)) void transpose16(__m512i *r, const int32_t (*tix)[16]) {
+    __m512i lo = _mm512_loadu_si512((const void *)tix[0]), hi = _mm512_loadu_si512((const void *)tix[1]);
+    MQ_T2(0, 8, lo, hi) MQ_T2(1, 8, lo, hi) MQ_T2(2, 8, lo, hi) MQ_T2(3, 8, lo, hi)
+    MQ_T2(4, 8, lo, hi) MQ_T2(5, 8, lo, hi) MQ_T2(6, 8, lo, hi) MQ_T2(7, 8, lo, hi)
+    lo = _mm512_loadu_si512((const void *)tix[2]), hi = _mm512_loadu_si512((const void *)tix[3]);
+    MQ_T2(0, 4, lo, hi) MQ_T2(1, 4, lo, hi) MQ_T2(2, 4, lo, hi) MQ_T2(3, 4, lo, hi)
+    MQ_T2(8, 4, lo, hi) MQ_T2(9, 4, lo, hi) MQ_T2(10, 4, lo, hi) MQ_T2(11, 4, lo, hi)
+    lo = _mm512_loadu_si512((const void *)tix[4]), hi = _mm512_loadu_si512((const void *)tix[5]);
+    MQ_T2(0, 2, lo, hi) MQ_T2(1, 2, lo, hi) MQ_T2(4, 2, lo, hi) MQ_T2(5, 2, lo, hi)
+    MQ_T2(8, 2, lo, hi) MQ_T2(9, 2, lo, hi) MQ_T2(12, 2, lo, hi) MQ_T2(13, 2, lo, hi)
+    lo = _mm512_loadu_si512((const void *)tix[6]), hi = _mm512_loadu_si512((const void *)tix[7]);
+    MQ_T2(0, 1, lo, hi) MQ_T2(2, 1, lo, hi) MQ_T2(4, 1, lo, hi) MQ_T2(6, 1, lo, hi)
+    MQ_T2(8, 1, lo, hi) MQ_T2(10, 1, lo, hi) MQ_T2(12, 1, lo, hi) MQ_T2(14, 1, lo, hi)
+}
+#undef MQ_T2
+
+/* one tile of x (tile-major int16 pairs: word [p][i] is pair p of the tile's row i; tt: [block][MQ_GEMM_MR]
+ * float32 scales t) against one panel; ct: the float32 tile (MQ_GEMM_MR x 32), sum over blocks of
+ * t s (codes . v). Always MQ_GEMM_MR rows (a last tile's missing rows are zeros, computed and not stored): one
+ * body whose 2 * MQ_GEMM_MR accumulators are named variables, so they stay in registers. */
+#define MQ_GEMM_MR 12
+static __attribute__((noinline)) void gemm_tile(const uint32_t *restrict P, const float *restrict sT, int64_t np, int64_t bp, int64_t nb,
+                      int64_t gpb, const uint32_t *restrict xt, const float *restrict tt, float *restrict ct) {
+    for (int i = 0; i < 2 * MQ_GEMM_MR; ++i) _mm512_store_ps(ct + i * 16, _mm512_setzero_ps());
+    __m512i acc[2 * MQ_GEMM_MR]; /* a block's integer sums: acc[2 i], acc[2 i + 1] the row i's two halves */
+    for (int64_t c = 0; c < nb; ++c) {
+        const int64_t p0 = c * bp, p1 = p0 + bp < np ? p0 + bp : np;
+        const uint32_t *pp = P + p0 * 32, *xp = xt + p0 * MQ_GEMM_MR;
+        int64_t cnt = p1 - p0;
+        /* the block in assembly: GCC 12 spills 24 accumulators of such a loop written with intrinsics to the
+         * stack (measured: 0.6x the speed); here they are zmm0..zmm23 throughout. Per pair: the panel's two
+         * vectors (zmm30, zmm31), then per row its x pair broadcast (zmm29) and two vpdpwssd. */
+#define MQ_Z(i) "vpxord %%zmm" #i ", %%zmm" #i ", %%zmm" #i "\n\t"
+#define MQ_R(i, a, b)                                                                                             \
+    "vpbroadcastd " #i "*4(%[X]), %%zmm29\n\t"                                                                    \
+    "vpdpwssd %%zmm30, %%zmm29, %%zmm" #a "\n\t"                                                                  \
+    "vpdpwssd %%zmm31, %%zmm29, %%zmm" #b "\n\t"
+#define MQ_S(i) "vmovdqa64 %%zmm" #i ", " #i "*64(%[A])\n\t"
+        __asm__ volatile(
+            MQ_Z(0) MQ_Z(1) MQ_Z(2) MQ_Z(3) MQ_Z(4) MQ_Z(5) MQ_Z(6) MQ_Z(7) MQ_Z(8) MQ_Z(9) MQ_Z(10) MQ_Z(11)
+            MQ_Z(12) MQ_Z(13) MQ_Z(14) MQ_Z(15) MQ_Z(16) MQ_Z(17) MQ_Z(18) MQ_Z(19) MQ_Z(20) MQ_Z(21) MQ_Z(22) MQ_Z(23)
+            "1:\n\t"
+            "vmovdqa64 (%[P]), %%zmm30\n\t"
+            "vmovdqa64 64(%[P]), %%zmm31\n\t"
+            MQ_R(0, 0, 1) MQ_R(1, 2, 3) MQ_R(2, 4, 5) MQ_R(3, 6, 7) MQ_R(4, 8, 9) MQ_R(5, 10, 11)
+            MQ_R(6, 12, 13) MQ_R(7, 14, 15) MQ_R(8, 16, 17) MQ_R(9, 18, 19) MQ_R(10, 20, 21) MQ_R(11, 22, 23)
+            "addq $128, %[P]\n\t"
+            "addq $48, %[X]\n\t"
+            "decq %[n]\n\t"
+            "jnz 1b\n\t"
+            MQ_S(0) MQ_S(1) MQ_S(2) MQ_S(3) MQ_S(4) MQ_S(5) MQ_S(6) MQ_S(7) MQ_S(8) MQ_S(9) MQ_S(10) MQ_S(11)
+            MQ_S(12) MQ_S(13) MQ_S(14) MQ_S(15) MQ_S(16) MQ_S(17) MQ_S(18) MQ_S(19) MQ_S(20) MQ_S(21) MQ_S(22) MQ_S(23)
+            : [P] "+r"(pp), [X] "+r"(xp), [n] "+r"(cnt)
+            : [A] "r"(acc)
+            : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+              "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
+              "xmm23", "xmm29", "xmm30", "xmm31", "cc", "memory");
+#undef MQ_Z
+#undef MQ_R
+#undef MQ_S
+        const int64_t g = c / gpb; /* the weight group of block c */
+        const __m512 s0 = _mm512_load_ps(sT + g * 32), s1 = _mm512_load_ps(sT + g * 32 + 16);
+        const float *tc = tt + c * MQ_GEMM_MR;
+        for (int i = 0; i < MQ_GEMM_MR; ++i) {
+            const __m512 ti = _mm512_set1_ps(tc[i]);
+            _mm512_store_ps(ct + i * 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[2 * i]), _mm512_mul_ps(s0, ti),
+                                                         _mm512_load_ps(ct + i * 32)));
+            _mm512_store_ps(ct + i * 32 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[2 * i + 1]),
+                                                              _mm512_mul_ps(s1, ti), _mm512_load_ps(ct + i * 32 + 16)));
+        }
+    }
+}
+#else
+#define MQ_GEMM 0
+#endif
+
+static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge,
+                    int64_t ng, const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m,
+                    int64_t xstride, void *y, int ydtype, int64_t ys, int nthreads) {
+    const int dense = bits == 3 || bits > 4;
+    if (bits < 1 || bits > 8 || n < 0 || m < 0 || k < 0 || k > kp || row_bytes * 8 < kp * bits ||
+        (bits != 8 && kp % 8) || ge <= 0 || ng <= 0 || ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) ||
+        xstride < k || ys < n || (xdtype != 0 && xdtype != 1) || (ydtype != 0 && ydtype != 1) || sz < 0 || sz > 7)
+        return -1;
+    if (ng > 1 && ge % 32) return -2;
+#if MQ_GEMM
+    if (n == 0 || m == 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    const mq_params prm = {s, z, sz};
+    /* columns per block: the group, or 128 / 64 / 32 of it (integer sums below 2^31); 128 for one group */
+    const int64_t B = ng == 1 ? 128 : ge % 128 == 0 ? 128 : ge % 64 == 0 ? 64 : 32;
+    const int64_t np = (kp + 1) / 2, bp = B / 2, nb = (np + bp - 1) / bp; /* pairs, per block, blocks */
+    const int64_t gpb = ng == 1 ? nb : ge / B;                            /* blocks per group */
+    const int64_t tiles = (m + MQ_GEMM_MR - 1) / MQ_GEMM_MR;
+    const int64_t tw = np * MQ_GEMM_MR; /* words per tile of x */
+    uint32_t *xt = (uint32_t *)aligned_alloc(64, (size_t)(tiles * tw + 16) * 4);
+    float *tt = (float *)malloc((size_t)(tiles * nb * MQ_GEMM_MR) * sizeof(float));
+    float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
+    if (!xt || !tt || !xs) {
+        free(xt), free(tt), free(xs);
+        return -4;
+    }
+    /* x as int16 per block (tile-major pairs; zero beyond k and in a last tile's missing rows), the scales t,
+     * and the group sums X of x~ */
+    int bad = 0;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && m > 1) reduction(| : bad)
+#endif
+    for (int64_t i = 0; i < tiles * MQ_GEMM_MR; ++i) {
+        uint32_t *h = xt + i / MQ_GEMM_MR * tw + i % MQ_GEMM_MR;
+        float *ti = tt + i / MQ_GEMM_MR * nb * MQ_GEMM_MR + i % MQ_GEMM_MR;
+        float *xsi = i < m ? xs + i * ng : NULL;
+        if (xsi)
+            for (int64_t g = 0; g < ng; ++g) xsi[g] = 0.0f;
+        int16_t v16[128] __attribute__((aligned(64)));
+        const int64_t nv_row = i < m ? k : 0; /* columns of this row that hold x (the rest are zeros) */
+        for (int64_t c = 0; c < nb; ++c) {
+            const int64_t j0 = c * B, j1 = j0 + B < 2 * np ? j0 + B : 2 * np;
+            const int64_t nv = nv_row <= j0 ? 0 : nv_row - j0 < j1 - j0 ? nv_row - j0 : j1 - j0;
+            __m512 row[8] = {0}, mx = _mm512_setzero_ps();
+            __mmask16 odd = 0;
+            for (int v = 0; v < 8 && 16 * v < j1 - j0; ++v) {
+                const int64_t left = nv - 16 * v;
+                const __mmask16 mk = (__mmask16)(left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1u);
+                const int64_t at = i * xstride + j0 + 16 * v;
+                row[v] = xdtype ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + at)), 16))
+                                : _mm512_maskz_loadu_ps(mk, (const float *)x + at);
+                odd |= _mm512_fpclass_ps_mask(row[v], 0x99); /* NaN or infinity */
+                mx = _mm512_max_ps(mx, _mm512_abs_ps(row[v]));
+            }
+            const float amax = _mm512_reduce_max_ps(mx);
+            /* below 2^-100 the reciprocal could overflow: such a block (and a non-finite x) goes to the dense path */
+            if (odd || (amax > 0.0f && amax < 0x1p-100f)) bad = 1;
+            const float t = amax / 32767.0f, inv = amax > 0.0f && !bad ? 32767.0f / amax : 0.0f;
+            ti[c * MQ_GEMM_MR] = t;
+            __m512i isum = _mm512_setzero_si512();
+            const __m512 iv = _mm512_set1_ps(inv);
+            for (int v = 0; v < 8 && 16 * v < j1 - j0; ++v) {
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(row[v], iv)); /* round half to even */
+                isum = _mm512_add_epi32(isum, q);
+                _mm256_store_si256((__m256i *)(v16 + 16 * v), _mm512_cvtsepi32_epi16(q));
+            }
+            const uint32_t *w16 = (const uint32_t *)v16;
+            for (int64_t pp = 0; pp < (j1 - j0) / 2; ++pp) h[(j0 / 2 + pp) * MQ_GEMM_MR] = w16[pp];
+            if (xsi) xsi[ng > 1 ? c / gpb : 0] += t * (float)_mm512_reduce_add_epi32(isum);
+        }
+    }
+    if (bad) {
+        free(xt), free(tt), free(xs);
+        return -5;
+    }
+    const int64_t panels = (n + MQ_GEMM_NR - 1) / MQ_GEMM_NR;
+    const int64_t ur = (2 * np + 31) / 32 * 32; /* bytes per unpacked row: whole blocks of 16 pairs */
+    int32_t tix[8][16];                         /* transpose16's permutations */
+    for (int b = 8, t = 0; b >= 1; b /= 2, ++t)
+        for (int e = 0; e < 16; ++e) {
+            const int src = (e / b) % 2 ? 16 : 0, base = e / (2 * b) * 2 * b + e % b;
+            tix[2 * t][e] = src + base;
+            tix[2 * t + 1][e] = src + base + b;
+        }
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && panels > 1)
+#endif
+    {
+        uint8_t *u = (uint8_t *)malloc((size_t)(MQ_GEMM_NR * ur));
+        uint32_t *P = (uint32_t *)aligned_alloc(64, (size_t)(np * MQ_GEMM_NR) * 4 + 64);
+        float *sT = (float *)aligned_alloc(64, (size_t)(2 * ng * MQ_GEMM_NR) * 4 + 64), *szT = sT + ng * MQ_GEMM_NR;
+        float *ct = (float *)aligned_alloc(64, (size_t)(MQ_GEMM_MR * MQ_GEMM_NR) * 4);
+        const int ok = u && P && sT && ct;
+        if (!ok) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t t = 0; t < panels; ++t) {
+            if (!ok) continue;
+            const int64_t n0 = t * MQ_GEMM_NR, nr = n - n0 < MQ_GEMM_NR ? n - n0 : MQ_GEMM_NR;
+            for (int c = 0; c < MQ_GEMM_NR; ++c) { /* the rows' codes, one row of ur bytes each (zeros past kp) */
+                const int64_t r = n0 + c;
+                uint8_t *uc = u + c * ur;
+                if (c < nr) {
+                    const uint8_t *row = q + r * row_bytes;
+                    if (bits == 8) memcpy(uc, row, (size_t)kp);
+                    else unpack_row(row, bits, dense, kp, uc);
+                    memset(uc + kp, 0, (size_t)(ur - kp));
+                    for (int64_t g = 0; g < ng; ++g) {
+                        const float sf = param_s(&prm, r * ng + g);
+                        sT[g * MQ_GEMM_NR + c] = sf;
+                        szT[g * MQ_GEMM_NR + c] = sf * param_z(&prm, r * ng + g);
+                    }
+                } else {
+                    memset(uc, 0, (size_t)ur);
+                    for (int64_t g = 0; g < ng; ++g) sT[g * MQ_GEMM_NR + c] = szT[g * MQ_GEMM_NR + c] = 0.0f;
+                }
+            }
+            /* the panel: blocks of 16 rows x 16 pairs, each row's codes widened to int16 (16 pairs = 16 words),
+             * transposed in registers so that vector j holds pair p + j of the 16 rows */
+            for (int64_t p = 0; p < np; p += 16)
+                for (int h = 0; h < MQ_GEMM_NR / 16; ++h) {
+                    __m512i rw[16];
+#pragma GCC unroll 16
+                    for (int i = 0; i < 16; ++i)
+                        rw[i] = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const void *)(u + (16 * h + i) * ur + 2 * p)));
+                    transpose16(rw, tix);
+                    const int64_t left = np - p;
+#pragma GCC unroll 16
+                    for (int j = 0; j < 16; ++j)
+                        if (j < left) _mm512_store_si512((void *)(P + (p + j) * MQ_GEMM_NR + 16 * h), rw[j]);
+                }
+            const __mmask16 k0 = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1u);
+            const __mmask16 k1 = (__mmask16)(nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (1u << (nr - 16)) - 1u);
+            for (int64_t m0 = 0; m0 < m; m0 += MQ_GEMM_MR) {
+                const int mb = m - m0 < MQ_GEMM_MR ? (int)(m - m0) : MQ_GEMM_MR;
+                const uint32_t *xti = xt + m0 / MQ_GEMM_MR * tw;
+                const float *tti = tt + m0 / MQ_GEMM_MR * nb * MQ_GEMM_MR;
+                gemm_tile(P, sT, np, bp, nb, gpb, xti, tti, ct);
+                for (int i = 0; i < mb; ++i) {
+                    const float *xsi = xs + (m0 + i) * ng;
+                    __m512 v0 = _mm512_load_ps(ct + i * 32), v1 = _mm512_load_ps(ct + i * 32 + 16);
+                    for (int64_t g = 0; g < ng; ++g) {
+                        const __m512 xg = _mm512_set1_ps(-xsi[g]);
+                        v0 = _mm512_fmadd_ps(xg, _mm512_load_ps(szT + g * 32), v0);
+                        v1 = _mm512_fmadd_ps(xg, _mm512_load_ps(szT + g * 32 + 16), v1);
+                    }
+                    if (ydtype) {
+                        float tmp[32];
+                        _mm512_storeu_ps(tmp, v0), _mm512_storeu_ps(tmp + 16, v1);
+                        uint16_t *yr = (uint16_t *)y + (m0 + i) * ys + n0;
+                        for (int64_t c = 0; c < nr; ++c) yr[c] = bf16_bits(tmp[c]);
+                    } else {
+                        float *yr = (float *)y + (m0 + i) * ys + n0;
+                        _mm512_mask_storeu_ps(yr, k0, v0);
+                        if (k1) _mm512_mask_storeu_ps(yr + 16, k1, v1);
+                    }
+                }
+            }
+        }
+        free(u), free(P), free(sT), free(ct);
+    }
+    free(xt), free(tt), free(xs);
+    return failed ? -4 : 0;
+#else
+    (void)dense, (void)q, (void)s, (void)z, (void)x, (void)y, (void)nthreads;
+    return -3;
+#endif
+}
+
+/* The blocked form for many rows of x (above): mq_gemvs's arguments but xmode (bits 1..8, 4 and 8 included) */
+int mq_gemm(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
+            const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
+            int ydtype, int64_t ys, int nthreads) {
+    return gemm_run(bits, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, nthreads);
 }

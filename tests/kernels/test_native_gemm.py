@@ -1,0 +1,236 @@
+"""medquant's native blocked matmul for many rows (the CPU backend's ``gemm`` path, prefill) against independent
+references.
+
+What it computes (``NativeGemv4.gemm``): ``x`` as 16-bit integers per block of columns ``c``,
+``x~ = t * round_half_even(x / t)`` with ``t = max_{j in c} |x_j| / 32767``, times the exact dequantized weight,
+integer sums within a block and float32 across blocks, a float32 output. The references: a float64 matmul of the
+float32 input and the layer's dequantized weight (``(u - z) * s`` in float64), with the error bound that
+quantization of ``x`` implies, ``|y - ref| <= sum_c t_c / 2 * sum_{j in c} |w_j|`` (checked with the row's largest
+``t``) plus float32 summation; inputs that are integers with a block maximum of 32767 (then ``x~ = x`` and ``y``
+must match to float32 rounding); the dense path and the torch reference path of the same layer.
+
+On a CPU whose library lacks the kernel (``native_status()["gemm"]`` false: no AVX512-VNNI) the same layers take
+the dense path, which these tests then assert instead.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medquant.kernels import (
+    cpu_path,
+    force_backend,
+    get_cpu_prefill_kernel,
+    set_cpu_compute_dtype,
+    set_cpu_dense_min_m,
+    set_cpu_prefill_kernel,
+)
+from medquant.kernels.cpu import cpu_plan
+from medquant.kernels.native import native_status
+from medquant.quant import QuantConfig, QuantLinear
+
+
+@pytest.fixture(autouse=True)
+def _restore(cpu_settings):
+    set_cpu_compute_dtype(torch.bfloat16)
+
+
+def _available() -> bool:
+    return bool(native_status()["gemm"])
+
+
+def _large_path() -> str:
+    return "gemm" if _available() else "dense"
+
+
+def _layer(n: int, k: int, cfg: QuantConfig, seed: int = 0) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g)))
+        lin.bias.copy_(torch.randn(n, generator=g))
+    return QuantLinear.from_float(lin, cfg)
+
+
+def _check_bound(y: torch.Tensor, x: torch.Tensor, layer: QuantLinear, bits: int) -> None:
+    """``y`` within the error that 16-bit quantization of ``x`` per block (largest block maximum of the row) and
+    float32 sums allow, around the float64 reference of the float32 input."""
+    w = layer.dequantized_weight(torch.float64)
+    ref = x.double() @ w.t() + layer.bias.double()
+    t = x.double().abs().amax(1, keepdim=True) / 32767
+    # float32 sums: the code sums and the zero-point term are summed apart (sum u x~ s - z s sum x~), so their
+    # rounding scales with |u s| <= |w| + |z s|, not |w| alone (they cancel where u is near z)
+    pw = layer.packed_weight(bits)
+    n, k = w.shape
+    ng = pw.scales.shape[1]
+    sc = pw.scales.double().expand(n, ng)
+    zc = pw.zeros.double().expand(n, ng) if pw.zeros is not None else torch.full((n, ng), 2.0 ** (pw.bits - 1))
+    per = pw.k_pad // ng
+    zs = (zc * sc).abs().repeat_interleave(per, 1)[:, :k]
+    bound = t / 2 * w.abs().sum(1) + 2e-6 * (x.double().abs() @ (w.abs() + zs).t()) + 1e-30
+    excess = ((y.double() - ref).abs() / bound).max()
+    assert excess <= 1.0, float(excess)
+
+
+CONFIGS = {
+    "4sym-g128": QuantConfig(4, group_size=128),
+    "4asym-g32": QuantConfig(4, symmetric=False, group_size=32),
+    "4sym-g96": QuantConfig(4, group_size=96),  # blocks of 32 columns (96 is no multiple of 64)
+    "4asym-tensor": QuantConfig(4, symmetric=False, scope="tensor"),
+    "3sym-g128": QuantConfig(3, group_size=128),  # the dense 3-bit stream
+    "3asym-g64-v1": QuantConfig(3, symmetric=False, group_size=64),  # 3-bit codes in 4-bit containers (layout 1)
+    "5sym-channel": QuantConfig(5, scope="channel"),
+    "6asym-g64": QuantConfig(6, symmetric=False, group_size=64),
+    "7sym-g96": QuantConfig(7, group_size=96),
+    "8sym-channel": QuantConfig(8, scope="channel"),
+    "8asym-g32": QuantConfig(8, symmetric=False, group_size=32),
+    "8sym-g512": QuantConfig(8, group_size=512),  # groups wider than a block: 128-column blocks inside
+    "2asym-g64": QuantConfig(2, symmetric=False, group_size=64),
+    "1sym-g32": QuantConfig(1, group_size=32),  # z = 1/2: the zero-point term is not an integer
+}
+
+
+@pytest.mark.parametrize("n,k", [(48, 576), (97, 200), (1, 40), (33, 1088)])  # padded K; N not a multiple of 32
+@pytest.mark.parametrize("cfg_id", list(CONFIGS))
+def test_gemm_matches_the_float64_reference_within_its_bound(cfg_id, n, k):
+    cfg = CONFIGS[cfg_id]
+    if cfg.scope == "group" and k < cfg.group_size:
+        cfg = QuantConfig(cfg.bits, symmetric=cfg.symmetric, group_size=32)
+    layer = _layer(n, k, cfg)
+    if cfg_id.endswith("-v1"):
+        layer = layer.to_layout(1)
+    w = layer.packed_weight(cfg.bits)
+    g = torch.Generator().manual_seed(1)
+    for m in (32, 45, 300):  # 45, 300: a last tile of 9 / 0 rows of 12
+        x = torch.randn(m, k, generator=g) * torch.exp(2 * torch.randn(1, k, generator=g))  # outlier columns
+        path = cpu_path(x, w)
+        native = cpu_plan(w).gemv is not None
+        assert path == (_large_path() if native else "dense"), (m, path)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.dtype == torch.float32
+        if path == "gemm":
+            _check_bound(y, x, layer, cfg.bits)
+        else:  # the dense path: bfloat16 weights and output
+            ref = x.double() @ layer.dequantized_weight(torch.float64).t() + layer.bias.double()
+            assert float((y.double() - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(4, group_size=128), QuantConfig(8, scope="channel"),
+                                 QuantConfig(3, symmetric=False, group_size=32)], ids=["4-g128", "8-ch", "3a-g32"])
+def test_integer_inputs_at_full_scale_are_exact(cfg):
+    """Inputs that are integers with a block maximum of 32767 are their own 16-bit form (t = 1): the integer
+    products and sums are then exact and ``y`` is the float64 reference to float32 rounding, the largest
+    product sums included (32767 x 255 x 128 for 8-bit codes stays within int32)."""
+    if not _available():
+        pytest.skip("needs the native blocked matmul (AVX512-VNNI); the dense path is tested above")
+    n, k, m = 40, 512, 36
+    layer = _layer(n, k, cfg)
+    with torch.no_grad():  # a row of the weight at the largest code, so the block sums reach their bound
+        layer.bias.zero_()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-32767, 32768, (m, k), generator=g).float()
+    block = 128 if cfg.scope == "channel" or cfg.group_size % 128 == 0 else 32
+    x.view(m, k // block, block)[:, :, 0] = 32767.0  # every block's maximum is 32767
+    x[0] = 32767.0  # a row at full scale everywhere
+    w = layer.dequantized_weight(torch.float64)
+    assert cpu_path(x, layer.packed_weight(cfg.bits)) == "gemm"
+    with torch.no_grad():
+        y = layer(x)
+    ref = x.double() @ w.t()
+    err = ((y.double() - ref).abs() / (x.double().abs() @ w.abs().t())).max()
+    assert err < 1e-6, float(err)
+
+
+def test_gemm_is_closer_to_the_reference_than_the_dense_bf16_path():
+    """The point of the kernel: the dense path rounds the weights and the output to bfloat16 (~2^-9 relative),
+    the gemm path neither: on the same layer and input it is much closer to the float64 reference."""
+    if not _available():
+        pytest.skip("needs the native blocked matmul (AVX512-VNNI)")
+    layer = _layer(256, 576, QuantConfig(4, group_size=128))
+    x = torch.randn(64, 576)
+    ref = x.double() @ layer.dequantized_weight(torch.float64).t() + layer.bias.double()
+    with torch.no_grad():
+        y_gemm = layer(x)
+        set_cpu_prefill_kernel("dense")
+        assert cpu_path(x, layer.packed_weight(4)) == "dense"
+        y_dense = layer(x)
+
+    def err(y):
+        return float((y.double() - ref).abs().max() / ref.abs().max())
+    assert err(y_gemm) < 1e-4 and err(y_dense) < 2e-2
+    assert err(y_gemm) < err(y_dense) / 20
+
+
+def test_bfloat16_inputs_return_bfloat16_and_float16_inputs_work():
+    layer = _layer(64, 256, QuantConfig(4, group_size=64))
+    x = torch.randn(40, 256)
+    ref = x.double() @ layer.dequantized_weight(torch.float64).t() + layer.bias.double()
+    with torch.no_grad():
+        for dt in (torch.bfloat16, torch.float16):
+            y = layer(x.to(dt))
+            assert y.dtype == dt
+            assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+def test_inputs_that_are_not_finite_or_tiny_take_the_dense_path():
+    """A NaN / infinity in x, or a block whose largest magnitude is below 2^-100 (its 16-bit scale would
+    overflow): the kernel declines and the dense path computes the call, so the result is what torch gives."""
+    layer = _layer(48, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(40, 256)
+    x[3, 5] = float("nan")
+    x[7, 200] = float("inf")
+    x[9] = torch.randn(256) * 1e-35
+    with torch.no_grad():
+        y = layer(x)
+        set_cpu_prefill_kernel("dense")
+        y_dense = layer(x)
+    torch.testing.assert_close(y, y_dense, equal_nan=True)
+    assert torch.isnan(y[3]).all() and torch.isfinite(y[0]).all()
+    ref9 = x[9].double() @ layer.dequantized_weight(torch.float64).t() + layer.bias.double()
+    assert float((y[9].double() - ref9).abs().max() / ref9.abs().max()) < 2e-2
+
+
+def test_gemm_agrees_with_the_decode_kernel_and_the_torch_reference():
+    """The same rows through the gemm path (M >= 32), the native decode kernel (M < 32, split activations) and
+    the torch reference path agree to the gemm's 16-bit input precision."""
+    layer = _layer(96, 384, QuantConfig(3, group_size=128))
+    x = torch.randn(40, 384)
+    with torch.no_grad():
+        y = layer(x)
+        y_small = torch.cat([layer(x[i:i + 8]) for i in range(0, 40, 8)])
+        with force_backend("torch"):
+            y_ref = layer(x)
+    scale = y_ref.abs().max()
+    tol = 1e-4 if _available() else 2e-2
+    assert float((y - y_ref).abs().max() / scale) < tol
+    assert float((y_small - y_ref).abs().max() / scale) < 1e-5
+
+
+def test_the_setting_and_the_threshold():
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    w = layer.packed_weight(4)
+    assert get_cpu_prefill_kernel() == "gemm"
+    assert cpu_path(torch.randn(32, 256), w) == _large_path()
+    set_cpu_dense_min_m(64)
+    assert cpu_path(torch.randn(48, 256), w).startswith("native")
+    assert cpu_path(torch.randn(64, 256), w) == _large_path()
+    set_cpu_prefill_kernel("dense")
+    assert cpu_path(torch.randn(64, 256), w) == "dense"
+    set_cpu_compute_dtype(torch.float32)  # float32 compute: the dense float32 GEMM at large M, whatever the setting
+    set_cpu_prefill_kernel("gemm")
+    assert cpu_path(torch.randn(64, 256), w) == "dense"
+    with pytest.raises(ValueError, match="prefill kernel"):
+        set_cpu_prefill_kernel("fast")
+
+
+def test_compiled_model_traces_the_dense_path_and_matches():
+    """Under ``torch.compile`` the large-M call is traced on the dense path (no graph break), and matches the
+    eager gemm call to bfloat16 accuracy."""
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    x = torch.randn(40, 256)
+    with torch.no_grad():
+        y_eager = layer(x)
+        y_comp = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    assert float((y_comp - y_eager).abs().max() / y_eager.abs().max()) < 2e-2
