@@ -6,7 +6,8 @@ grows about linearly with ``M``, or the *dense* path (dequantize the weight once
 then ``F.linear``), whose cost is mostly fixed per call. ``medquant.kernels.cpu`` switches to the dense path from
 ``M = DEFAULT_DENSE_MIN_M_INT4`` (int4) / ``DEFAULT_DENSE_MIN_M`` (int8) on (``set_cpu_dense_min_m`` changes both). This times, per layer shape and bit-width, the
 whole ``QuantLinear`` call at each ``M`` of ``--ms`` with the path forced each way (``set_cpu_dense_min_m`` to a
-huge value: the kernel; to 2: dense), variants interleaved, ``--repeats`` times, minima of wall time (the machine
+huge value: the kernel; to 2: dense), variants interleaved (which goes first alternates per repeat: the second
+call finds the weights the first one read in cache), ``--repeats`` times, minima of wall time (the machine
 may be shared; the load averages are recorded).
 
 The crossover of a row is the smallest swept ``M`` from which the dense path is faster at every larger swept
@@ -20,8 +21,12 @@ Shapes (N x K): SmolLM2-135M's 576x576, 192x576, 1536x576, 576x1536 and a 1.1B L
 is measured on both kernels in the same run, so their times compare directly (``M = 1`` is the decode step).
 Random weights (speed does not depend on the values), seed 0.
 
+For row groups on medquant's native kernels with a bfloat16 compute dtype, what runs from the threshold on is
+medquant's blocked integer matmul (``gemm``, ``set_cpu_prefill_kernel``) rather than the dense path, unless
+``--prefill-kernel dense``; each row records which (``large_path``), and the "dense" columns then time it.
+
 Run: ``python -m benchmarks.dense_crossover [--quick] [--repeats 7] [--bits 4,8] [--int4-kernel both]
-[--out STEM]``; prints a table and writes ``benchmarks/results/<STEM>.{json,md,png}`` (default
+[--prefill-kernel gemm] [--out STEM]``; prints a table and writes ``benchmarks/results/<STEM>.{json,md,png}`` (default
 ``dense_crossover``, ``dense_crossover_quick`` with ``--quick``).
 """
 from __future__ import annotations
@@ -43,6 +48,7 @@ from medquant.kernels import (
     set_cpu_compute_dtype,
     set_cpu_dense_min_m,
     set_cpu_int4_kernel,
+    set_cpu_prefill_kernel,
 )
 from medquant.kernels.cpu import dense_min_m
 from medquant.quant import QuantConfig, QuantLinear
@@ -103,6 +109,8 @@ def measure(n: int, k: int, bits: int, ms: list[int], repeats: int, gen: torch.G
     w = layer.packed_weight(bits)
     set_cpu_dense_min_m(NEVER)
     kind = cpu_path(xs[ms[-1]], w)
+    set_cpu_dense_min_m(2)
+    large = cpu_path(xs[ms[-1]], w)  # what runs from the threshold on: "dense", or "gemm" for native row groups
     times: dict[str, dict[int, list[float]]] = {"kernel": {m: [] for m in ms}, "dense": {m: [] for m in ms}}
     settings = {"kernel": NEVER, "dense": 2}
     with torch.no_grad():
@@ -110,9 +118,9 @@ def measure(n: int, k: int, bits: int, ms: list[int], repeats: int, gen: torch.G
             set_cpu_dense_min_m(dm)
             for m in ms:
                 layer(xs[m])
-        for _ in range(repeats):
-            for m in ms:
-                for name, dm in settings.items():
+        for rep in range(repeats):
+            for m in ms:  # the order alternates per repeat: the second call finds the first's weights in cache
+                for name, dm in (list(settings.items()) if rep % 2 == 0 else list(settings.items())[::-1]):
                     set_cpu_dense_min_m(dm)
                     t = time.perf_counter()
                     layer(xs[m])
@@ -121,7 +129,7 @@ def measure(n: int, k: int, bits: int, ms: list[int], repeats: int, gen: torch.G
     set_cpu_int4_kernel(None)
     kern = [min(times["kernel"][m]) * 1e3 for m in ms]
     dense = [min(times["dense"][m]) * 1e3 for m in ms]
-    return {"n": n, "k": k, "bits": bits, "config": CONFIGS[bits], "kernel": kind, "ms": list(ms),
+    return {"n": n, "k": k, "bits": bits, "config": CONFIGS[bits], "kernel": kind, "large_path": large, "ms": list(ms),
             "kernel_min_ms": kern, "dense_min_ms": dense,
             "kernel_median_ms": [statistics.median(times["kernel"][m]) * 1e3 for m in ms],
             "dense_median_ms": [statistics.median(times["dense"][m]) * 1e3 for m in ms],
@@ -160,12 +168,15 @@ def markdown(result: dict) -> str:
     lines = [f"# Dense path vs weight-only kernel (benchmarks/dense_crossover.py, {result['date']})", "",
              (f"Minimum wall ms of {result['repeats']} interleaved repeats, bfloat16 compute, "
              f"{result['threads']} threads, load average {result['loadavg_before'][0]:.2f} before / "
-             f"{result['loadavg_after'][0]:.2f} after. Cell: dense time / kernel time (< 1: dense faster)."), "",
-             "| shape | W | kernel | " + " | ".join(f"M={m}" for m in ms) + " | crossover |",
-             "|---|---|---|" + "---|" * len(ms) + "---|"]
+             f"{result['loadavg_after'][0]:.2f} after. Cell: large-M path time / kernel time (< 1: the large-M path "
+             "is faster); the large-M path is the dense one, or medquant's blocked matmul (gemm) for native rows "
+             f"(prefill kernel setting: {result.get('prefill_kernel', 'dense')})."), "",
+             "| shape | W | kernel | large-M path | " + " | ".join(f"M={m}" for m in ms) + " | crossover |",
+             "|---|---|---|---|" + "---|" * len(ms) + "---|"]
     for r in result["rows"]:
         cells = [f"{d / kt:.2f}" for d, kt in zip(r["dense_min_ms"], r["kernel_min_ms"])]
-        lines.append(f"| {r['n']}x{r['k']} | {r['bits']} | {r['kernel']} | " + " | ".join(cells)
+        lines.append(f"| {r['n']}x{r['k']} | {r['bits']} | {r['kernel']} | {r.get('large_path', 'dense')} | "
+                     + " | ".join(cells)
                      + f" | {r['crossover']} |")
     lines += ["", f"Defaults when this ran (per bit-width and kernel): {result['current_default']}; suggested from this run "
               "(median crossover per bit-width and kernel, rounded up to the sweep): "
@@ -199,8 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--int4-kernel", choices=("auto", "aten", "both"), default="both",
                     help="kernel(s) for the 4-bit rows: medquant's native one where it runs (auto), aten's int4, "
                          "or both in the same run (default)")
+    ap.add_argument("--prefill-kernel", choices=("gemm", "dense"), default="gemm",
+                    help="what the native kernels' rows run from the threshold on (set_cpu_prefill_kernel): "
+                         "medquant's blocked matmul (default) or the dense bfloat16 path")
     ap.add_argument("--out", default=None, help="output stem in benchmarks/results")
     args = ap.parse_args(argv)
+    set_cpu_prefill_kernel(args.prefill_kernel)
     wanted = sorted({int(b) for b in args.bits.split(",")})
     if not set(wanted) <= set(CONFIGS):
         ap.error(f"--bits takes 3, 4 and/or 8, got {args.bits!r}")
@@ -222,11 +237,13 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(measure(n, k, bits, ms, repeats, gen, choice))
                 clear_cpu_cache()
                 r = rows[-1]
-                print(f"{n:>5}x{k:<5} W{bits} {r['kernel']:<7} crossover {r['crossover']}  dense/kernel "
+                print(f"{n:>5}x{k:<5} W{bits} {r['kernel']:<7} vs {r['large_path']:<5} crossover {r['crossover']}  "
+                      "large/kernel "
                       + " ".join(f"{m}:{d / kt:.2f}" for m, d, kt in
                                  zip(ms, r["dense_min_ms"], r["kernel_min_ms"])), flush=True)
     result = run_record(
         "dense_crossover", SEED, load_before, rows, quick=args.quick, repeats=repeats, ms=ms, compute_dtype="bfloat16",
+        prefill_kernel=args.prefill_kernel,
         current_default={f"W{r['bits']} {r['kernel']}": _threshold(r["kernel"]) for r in rows},
         suggested={f"W{r['bits']} {r['kernel']}": suggest([q["crossover"] for q in rows if q["bits"] == r["bits"]
                                                          and q["kernel"] == r["kernel"]], ms) for r in rows},

@@ -11,8 +11,9 @@ row group                                       path
 codes in 4-bit containers (4-bit rows, 3-bit     **native4**: medquant's own kernel
 rows of the version-1 layout); group scope      (:func:`medquant.kernels.native.native_gemv4`) on the
 with a group size that is a multiple of 32, or  layer's packed codes, for ``M < dense_min_m("int4")``
-channel / tensor scope; any ``n`` and ``k``;    in every ``cd``; otherwise **dense**. Needs the native
-a CPU with AVX512F + AVX512BW                   library built with AVX512 (else the int4 row applies)
+channel / tensor scope; any ``n`` and ``k``;    in every ``cd``; otherwise **gemm** (``cd`` bfloat16, a
+a CPU with AVX512F + AVX512BW                   CPU with AVX512-VNNI) or **dense**. Needs the native
+                                                library built with AVX512 (else the int4 row applies)
 codes in 8-bit containers (8-bit rows, 5..7-bit  **native8**: the same kernel on 8-bit codes, same
 rows of the version-1 layout); the same scope,  rule on ``M`` (else the int8 / dense rows apply)
 group and CPU conditions
@@ -49,6 +50,26 @@ and zero points are read in place too (bfloat16 ones are copied to float32; a sy
 With ``cd`` bfloat16 and
 AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``, two per code when split); otherwise float32 FMA.
 Under ``torch.compile`` it runs as the operator ``medquant::gemv4``.
+
+**gemm** (prefill: native row groups from ``dense_min_m("gemm")`` = 16 rows on, in place of the native kernel and
+of the dense path, ``cd`` bfloat16, :func:`set_cpu_prefill_kernel` ``"gemm"``, the default): medquant's blocked matmul on the packed codes
+(:meth:`medquant.kernels.native.NativeGemv4.gemm`). ``x`` enters as 16-bit integers per block ``c`` of columns
+(the group, or 128 / 64 / 32 columns of it; 128 for channel / tensor scope),
+
+    t[i, c] = max_{j in c} |x[i, j]| / 32767,   v[i, j] = round_half_even(x[i, j] / t[i, c])
+
+so ``x~ = t v`` is ``x`` to ``2^-16`` of its block's largest magnitude; the integer products ``v u`` are summed
+exactly within a block (``vpdpwssd``), then scaled by ``t s`` and summed in float32, the zero point entering
+through the group sums of ``x~`` as in native4. The output is float32 (bfloat16 for a bfloat16 ``x``, rounded
+once). The dense path instead rounds the weights and each output to bfloat16 (``2^-9`` relative): on SmolLM2-135M
+that alone moved 3-5% of teacher-forced next tokens away from the float32 reference path (the output head's
+rounding most), where the gemm path agrees on 99.9-100% (``benchmarks/results/cpu_inference*.json``). It
+reads the codes of every layout (a panel of 32 weight rows is widened to 16-bit integers once per call and
+reused by every row of ``x``) and holds nothing between calls. Under ``torch.compile`` tracing, for float32 /
+float16 compute, with :func:`set_cpu_prefill_kernel` ``"dense"``, or where the library lacks it
+(``native_status()["gemm"]``: AVX512-VNNI), the dense path runs; an ``x`` with a value that is not finite (or a
+block whose largest magnitude is below ``2^-100``) is handed to the dense path too, which propagates it as torch
+does.
 
 **dense**: the codes are dequantized to ``cd`` (``(u - z) * s`` in float32, rounded once to ``cd``: the
 reference's float32 weight cast to ``cd``; once per call) and ``F.linear`` runs; at large
@@ -155,6 +176,12 @@ PREFILL_KERNELS = ("gemm", "dense")
 #: switching 8-bit rows at 32 would make them up to 57% slower at M = 32.
 DEFAULT_DENSE_MIN_M = 72
 DEFAULT_DENSE_MIN_M_INT4 = 32
+#: default ``M`` from which native row groups run medquant's blocked matmul (``gemm``: bfloat16 compute,
+#: set_cpu_prefill_kernel "gemm") instead of the native weight-only kernel. Measured by
+#: ``benchmarks/dense_crossover.py`` (``dense_crossover_gemm.json``, same machine, order alternated per repeat):
+#: the two cross at M = 8-24 over the eight SmolLM2 / 1.1B shapes and 3-, 4- and 8-bit rows (median 16); at M = 24
+#: the gemm takes 0.48-0.73x the kernel's time, at M = 8 0.87-1.34x.
+DEFAULT_GEMM_MIN_M = 16
 #: the dense path dequantizes a weight whose dense form in the compute dtype exceeds DENSE_CHUNK_MIN_BYTES a
 #: slice of rows at a time (about DENSE_CHUNK_BYTES each, a multiple of 16 rows) into one buffer, each slice's
 #: GEMM writing its columns of the output. Measured (bf16, 2 threads, idle AVX512-BF16 CPU): a 49152 x 576 4-bit
@@ -294,7 +321,7 @@ def set_cpu_dense_min_m(m: int | None) -> None:
     Below it the weight-only kernels run on the packed codes; from it on the weight is dequantized once per call
     and a dense matmul runs (faster for large ``M``). ``None`` restores the measured per-kernel defaults
     (``DEFAULT_DENSE_MIN_M_INT4`` = 32 for native4, native8 and the int4 kernel, ``DEFAULT_DENSE_MIN_M`` = 72
-    for the int8 kernel).
+    for the int8 kernel, ``DEFAULT_GEMM_MIN_M`` = 16 where native row groups switch to the blocked matmul).
 
     Args:
         m: an int >= 2, or None for the defaults.
@@ -310,21 +337,22 @@ def set_cpu_dense_min_m(m: int | None) -> None:
 
 
 def dense_min_m(kind: str) -> int:
-    """The ``M`` from which the dense path replaces the weight-only kernel ``kind`` (``"int4"`` or ``"int8"``).
+    """The ``M`` from which the dense path replaces the weight-only kernel ``kind`` (``"int4"`` or ``"int8"``; for
+    ``"gemm"``: from which native row groups run the blocked matmul, :func:`set_cpu_prefill_kernel`).
 
     The value of :func:`set_cpu_dense_min_m` when one was set, else that kernel's default.
 
     Args:
-        kind: ``"int4"`` or ``"int8"``.
+        kind: ``"int4"``, ``"int8"`` or ``"gemm"``.
 
     Raises:
         ValueError: another ``kind``.
     """
-    if kind not in ("int4", "int8"):
-        raise ValueError(f"kind must be 'int4' or 'int8', got {kind!r}")
+    if kind not in ("int4", "int8", "gemm"):
+        raise ValueError(f"kind must be 'int4', 'int8' or 'gemm', got {kind!r}")
     if _dense_min_m is not None:
         return _dense_min_m
-    return DEFAULT_DENSE_MIN_M_INT4 if kind == "int4" else DEFAULT_DENSE_MIN_M
+    return {"int4": DEFAULT_DENSE_MIN_M_INT4, "int8": DEFAULT_DENSE_MIN_M, "gemm": DEFAULT_GEMM_MIN_M}[kind]
 
 
 def set_cpu_int4_kernel(kind: str | None) -> None:
@@ -730,18 +758,19 @@ def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
     if plan.kind == "dense":
         return "dense"
     if plan.kind.startswith("native"):
-        if m < dense_min_m("int4"):
+        gemm = _gemm_enabled(plan, cd)
+        if m < dense_min_m("gemm" if gemm else "int4"):
             return plan.kind
-        return "gemm" if _gemm_runs(plan, cd) else "dense"
+        return "gemm" if gemm and not torch.compiler.is_compiling() else "dense"
     if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
         return plan.kind
     return "dense"
 
 
-def _gemm_runs(plan: _Plan, cd: torch.dtype) -> bool:
-    """Whether a large-``M`` call on this plan runs the native blocked matmul (:func:`set_cpu_prefill_kernel`)."""
-    return (_prefill_kernel == "gemm" and cd == torch.bfloat16 and plan.gemv is not None and plan.gemv.has_gemm
-            and not torch.compiler.is_compiling())
+def _gemm_enabled(plan: _Plan, cd: torch.dtype) -> bool:
+    """Whether large-``M`` calls on this plan run the native blocked matmul (:func:`set_cpu_prefill_kernel`; a
+    call being traced by ``torch.compile`` takes the dense path all the same)."""
+    return _prefill_kernel == "gemm" and cd == torch.bfloat16 and plan.gemv is not None and plan.gemv.has_gemm
 
 
 def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
@@ -778,11 +807,11 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     gemv = plan.gemv
     # native4's x mode: 2 split into two bfloat16 halves, 1 rounded to bfloat16, 0 as it is (float32 FMA)
     xmode = (2 if _native4_activations == "split" else 1) if cd == torch.bfloat16 else 0
-    # native4 below this M (a settings change bumps the dispatch generation: prepared runners are rebuilt)
-    native_below = dense_min_m("int4") if gemv is not None else 0
-    native_dtypes = (torch.float32, torch.bfloat16) if cd != torch.float16 else ()
     # large M on the native blocked matmul (a settings change rebuilds this runner; traced calls take the dense path)
-    gemm = _prefill_kernel == "gemm" and cd == torch.bfloat16 and gemv is not None and gemv.has_gemm
+    gemm = _gemm_enabled(plan, cd)
+    # native4 below this M (a settings change bumps the dispatch generation: prepared runners are rebuilt)
+    native_below = dense_min_m("gemm" if gemm else "int4") if gemv is not None else 0
+    native_dtypes = (torch.float32, torch.bfloat16) if cd != torch.float16 else ()
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     op8 = torch.ops.aten._weight_int8pack_mm.default

@@ -47,6 +47,12 @@ bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to f
 :func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream``. The operator ``medquant::gemv4`` wraps it for
 ``torch.compile``.
 
+**Blocked matmul for many rows.** :meth:`NativeGemv4.gemm` (C function ``mq_gemm``, compiled with AVX512-VNNI;
+:func:`native_status` reports ``gemm``) computes the same product for the CPU backend's prefill calls with ``x``
+as 16-bit integers per block of columns (``x~ = t * round(x / t)``, ``t`` the block's largest magnitude / 32767):
+integer products and sums within a block, float32 across blocks, a float32 output. A panel of 32 weight rows is
+unpacked and widened to 16-bit pairs once per call and reused by every row of ``x``.
+
 **Threads.** Rows are split over ``torch.get_num_threads()`` threads with OpenMP. Loaded into a process that
 already runs torch, the library binds to the OpenMP runtime torch loaded (same ``libgomp.so.1``), so it shares
 torch's thread pool rather than starting a second one.

@@ -220,7 +220,8 @@ def test_dense_threshold_defaults_differ_per_kernel_and_one_setting_moves_both()
     assert dense_min_m("int4") == dense_min_m("int8") == 100
     set_cpu_dense_min_m(None)
     assert dense_min_m("int4") == 32
-    with pytest.raises(ValueError, match="'int4' or 'int8'"):
+    assert dense_min_m("gemm") == 16  # native row groups switch to the blocked matmul from here (bf16 compute)
+    with pytest.raises(ValueError, match="'int4', 'int8' or 'gemm'"):
         dense_min_m("dense")
 
 
