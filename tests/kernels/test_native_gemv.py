@@ -142,7 +142,7 @@ def test_native4_is_closer_to_the_reference_than_aten_int4_and_agrees_with_it():
         pytest.skip("needs the native 4-bit kernel (AVX512F + BW); the fallback is tested elsewhere")
     set_cpu_compute_dtype(torch.bfloat16)
     layer = _layer(64, 576, QuantConfig(4, group_size=128))
-    x = torch.randn(4, 576)
+    x = torch.randn(4, 576, generator=torch.Generator().manual_seed(3))  # not the global RNG: order-independent
     ref = _ref(layer, x, torch.float32)
     with torch.no_grad():
         y_native = layer(x)
@@ -150,7 +150,7 @@ def test_native4_is_closer_to_the_reference_than_aten_int4_and_agrees_with_it():
         assert cpu_path(x, layer.packed_weight(4)) == "int4"
         y_aten = layer(x)
     e_native, e_aten = _rel_err(y_native, ref), _rel_err(y_aten, ref)
-    assert e_native < 1e-5 and e_aten < 2e-2
+    assert e_native < 2e-5 and e_aten < 2e-2  # split x: a relative 2^-17 per element, float32 sums
     assert e_native < e_aten / 10
     assert _rel_err(y_native, y_aten.double()) < 2e-2
 
