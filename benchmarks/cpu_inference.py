@@ -535,7 +535,7 @@ def main(argv=None) -> int:
 
     from benchmarks.common.datasets import use_data_dir
     from benchmarks.common.env import hardware, versions
-    from medquant.kernels import cpu_features
+    from medquant.kernels import cpu_features, get_cpu_prefill_kernel
 
     quick = args.quick
     use_data_dir(args.data_dir)  # exported to the workers (the accuracy check reads the IU reports)
@@ -545,6 +545,7 @@ def main(argv=None) -> int:
     threads = args.threads or torch.get_num_threads()
     spec = {"threads": threads, "repeats": args.repeats or (1 if quick else 3), "prompt": 32,
             "new": 16 if quick else 64, "prefill": 64 if quick else 256, "batch8": True,
+            "prefill_kernel": get_cpu_prefill_kernel(),
             "accuracy": not args.no_accuracy, "static_compile": [v for v in args.static_compile.split(",") if v], "acc_prompts": 4 if quick else 20, "acc_tokens": 32 if quick else 64}
     bw = _bandwidth_gbs()
     rows = []
