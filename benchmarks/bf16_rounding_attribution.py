@@ -10,9 +10,12 @@ the subset), and reports, over held-out IU X-ray reports (teacher-forced, one fo
 positions), the next-token agreement with the reference and the relative perplexity difference:
 
 * ``exact`` (nothing rounded): the control of the emulation itself; it must give 100% and 0.00%;
-* ``x``, ``W``, ``y`` alone, ``x+W`` (what a GEMM with float32 output would do), ``x+W+y`` (a bfloat16 GEMM);
-* ``fast prefill path``: the model through the CPU backend as it runs (one forward: the dense path at this
-  ``M``); ``fast decode path``: the same positions one at a time through the KV cache (``M = 1``: native4 with
+* ``x``, ``W``, ``y`` alone, ``y@head`` / ``y@body`` (only the output head's logits, only the other linears'
+  outputs), ``x+W`` (what a GEMM with float32 output would do), ``x+W+y`` (a bfloat16 GEMM);
+* ``x16``: ``x`` as 16-bit integers per block of columns (``t * round(x / t)``, ``t`` the block's largest magnitude
+  / 32767; blocks as the gemm path takes them), the weight exact, a float32 output: the gemm path's arithmetic;
+* ``fast prefill path``: the model through the CPU backend as it runs (one forward: at this ``M`` the gemm path
+  where it runs, else the dense one; the JSON records ``prefill_kernel``); ``fast decode path``: the same positions one at a time through the KV cache (``M = 1``: native4 with
   its default split activations, or the weight-only kernel the row group takes).
 
 What it decides: whether a next-token agreement of 99% with the float32 reference is reachable while any one of
@@ -39,8 +42,22 @@ from benchmarks.common.env import run_record, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
-#: the emulated roundings, in table order: label -> the subset of {"x", "w", "y"} rounded to bfloat16
-MODES = {"exact": "", "x": "x", "W": "w", "y": "y", "x+W": "xw", "x+W+y": "xwy"}
+#: the emulated roundings, in table order: label -> the subset of {"x", "w", "y"} rounded to bfloat16, "q": x as
+#: 16-bit integers per block (what the CPU backend's gemm path takes), and "@head" / "@body": only in the output
+#: head / only in the other linears
+MODES = {"exact": "", "x": "x", "W": "w", "y": "y", "y@head": "y@head", "y@body": "y@body", "x+W": "xw",
+         "x+W+y": "xwy", "x16": "q"}
+
+
+def _int16_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` as the gemm path takes it: per row and block of ``block`` columns, ``t = max |x| / 32767`` and
+    ``t * round_half_even(x / t)`` (a zero block stays zero)."""
+    k = x.shape[-1]
+    pad = (-k) % block
+    xp = F.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, block)
+    t = xp.abs().amax(-1, keepdim=True) / 32767
+    v = torch.where(t > 0, torch.round(xp / torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(xp))
+    return (v * t).reshape(*x.shape[:-1], -1)[..., :k]
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
@@ -51,8 +68,12 @@ class RoundedLinear(nn.Module):
     """``y = x @ W^T + b`` in float32 with ``x``, ``W``, ``y`` each rounded to bfloat16 when :attr:`mode` holds
     ``"x"``, ``"w"``, ``"y"``; ``W`` is the quantized layer's exact float32 weight (``to_float``)."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, name: str = "") -> None:
         super().__init__()
+        self.head = name == "lm_head"
+        cfg = layer.config  # the gemm path's block: the group, or 128 / 64 / 32 columns of it; 128 for one scale per row
+        gs = cfg.group_size if cfg.scope == "group" else 128
+        self.block = 128 if gs % 128 == 0 else 64 if gs % 64 == 0 else 32
         lin = layer.to_float(torch.float32)
         self.weight = lin.weight.detach().float()
         self.weight_bf16 = _bf16(self.weight)
@@ -60,9 +81,12 @@ class RoundedLinear(nn.Module):
         self.mode = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xx = _bf16(x) if "x" in self.mode else x.float()
-        y = F.linear(xx, self.weight_bf16 if "w" in self.mode else self.weight)
-        if "y" in self.mode:
+        mode, _, where = self.mode.partition("@")
+        if where and (where == "head") != self.head:
+            mode = ""
+        xx = _bf16(x) if "x" in mode else _int16_blocks(x, self.block) if "q" in mode else x.float()
+        y = F.linear(xx, self.weight_bf16 if "w" in mode else self.weight)
+        if "y" in mode:
             y = _bf16(y)
         if self.bias is not None:
             y = y + self.bias
@@ -78,7 +102,7 @@ def emulation(model: nn.Module) -> tuple[nn.Module, list[RoundedLinear]]:
     for parent in list(emu.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, QuantLinear):
-                r = RoundedLinear(child)
+                r = RoundedLinear(child, name)
                 setattr(parent, name, r)
                 layers.append(r)
     return emu.eval(), layers
@@ -158,7 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     from benchmarks.common.lm import report_texts
     from benchmarks.cpu_inference import _make
-    from medquant.kernels import cpu_features, get_cpu_compute_dtype, get_cpu_native4_activations
+    from medquant.kernels import (
+        cpu_features,
+        get_cpu_compute_dtype,
+        get_cpu_native4_activations,
+        get_cpu_prefill_kernel,
+    )
 
     torch.manual_seed(SEED)
     load_before = list(os.getloadavg())
@@ -172,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         del model
     result = run_record("bf16_rounding_attribution", SEED, load_before, rows, prompts=args.prompts,
                         tokens=args.tokens, compute_dtype=str(get_cpu_compute_dtype()).removeprefix("torch."),
-                        native4_activations=get_cpu_native4_activations(), cpu_features=cpu_features())
+                        native4_activations=get_cpu_native4_activations(), prefill_kernel=get_cpu_prefill_kernel(),
+                        cpu_features=cpu_features())
     save_results(RESULTS, args.out, result, markdown(result))
     return result
 

@@ -573,7 +573,7 @@ def _main_prefill_ab(args) -> int:
     import torch
 
     from benchmarks.common.env import hardware, versions
-    from medquant.kernels import cpu_features
+    from medquant.kernels import cpu_features, get_cpu_prefill_kernel
 
     models = (args.models or "smollm2").split(",")
     variants = [v for v in args.prefill_ab.split(",") if v]
@@ -596,11 +596,13 @@ def _main_prefill_ab(args) -> int:
             lines.append(f"| {res['model']} | {name} | {v['all']['ratio_median']:.2f} | {v['all']['ratio_of_minima']:.2f}"
                          f" | {v['gen']['ratio_median']:.2f} | {v['gen']['ratio_of_minima']:.2f} | {res['rounds']} |")
     table = "\n".join(lines)
-    out = {"benchmark": "cpu_inference --prefill-ab", "threads": threads, "cpu_features": cpu_features(),
+    out = {"benchmark": "cpu_inference --prefill-ab", "threads": threads, "prefill_kernel": get_cpu_prefill_kernel(),
+           "cpu_features": cpu_features(),
            "hardware": hardware(), "versions": versions(), "results": results}
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     stem.with_suffix(".md").write_text(f"{threads} threads, 256-token prefill, bfloat16 model vs each variant "
-                                       f"alternating in one process\n\n{table}\n")
+                                       f"alternating in one process, prefill kernel {get_cpu_prefill_kernel()}"
+                                       f"\n\n{table}\n")
     print(table)
     return 0 if all("error" not in r for r in results) else 1
 
