@@ -893,20 +893,31 @@ static inline __attribute__((always_inline)) void transpose16(__m512i *r, const 
 static __attribute__((noinline)) void gemm_tile(const uint32_t *restrict P, const float *restrict sT, int64_t np, int64_t bp, int64_t nb,
                       int64_t gpb, const uint32_t *restrict xt, const float *restrict tt, float *restrict ct) {
     for (int i = 0; i < 2 * MQ_GEMM_MR; ++i) _mm512_store_ps(ct + i * 16, _mm512_setzero_ps());
-    __m512i acc[2 * MQ_GEMM_MR]; /* a block's integer sums: acc[2 i], acc[2 i + 1] the row i's two halves */
     for (int64_t c = 0; c < nb; ++c) {
         const int64_t p0 = c * bp, p1 = p0 + bp < np ? p0 + bp : np;
         const uint32_t *pp = P + p0 * 32, *xp = xt + p0 * MQ_GEMM_MR;
+        const float *sg = sT + c / gpb * 32, *tc = tt + c * MQ_GEMM_MR; /* block c's weight group and row scales */
         int64_t cnt = p1 - p0;
         /* the block in assembly: GCC 12 spills 24 accumulators of such a loop written with intrinsics to the
          * stack (measured: 0.6x the speed); here they are zmm0..zmm23 throughout. Per pair: the panel's two
-         * vectors (zmm30, zmm31), then per row its x pair broadcast (zmm29) and two vpdpwssd. */
+         * vectors (zmm30, zmm31), then per row its x pair broadcast (zmm29) and two vpdpwssd. At the end, per
+         * row i: the integer sums to float32, times s * t_i, added to the float32 tile ct (fused multiply-add:
+         * ct + sum * (s t_i), one rounding). */
 #define MQ_Z(i) "vpxord %%zmm" #i ", %%zmm" #i ", %%zmm" #i "\n\t"
 #define MQ_R(i, a, b)                                                                                             \
     "vpbroadcastd " #i "*4(%[X]), %%zmm29\n\t"                                                                    \
     "vpdpwssd %%zmm30, %%zmm29, %%zmm" #a "\n\t"                                                                  \
     "vpdpwssd %%zmm31, %%zmm29, %%zmm" #b "\n\t"
-#define MQ_S(i) "vmovdqa64 %%zmm" #i ", " #i "*64(%[A])\n\t"
+#define MQ_F(i, a, b)                                                                                             \
+    "vbroadcastss " #i "*4(%[T]), %%zmm29\n\t"                                                                    \
+    "vmulps (%[S]), %%zmm29, %%zmm30\n\t"                                                                         \
+    "vmulps 64(%[S]), %%zmm29, %%zmm31\n\t"                                                                       \
+    "vcvtdq2ps %%zmm" #a ", %%zmm" #a "\n\t"                                                                      \
+    "vcvtdq2ps %%zmm" #b ", %%zmm" #b "\n\t"                                                                      \
+    "vfmadd213ps " #i "*128(%[C]), %%zmm30, %%zmm" #a "\n\t"                                                      \
+    "vfmadd213ps " #i "*128+64(%[C]), %%zmm31, %%zmm" #b "\n\t"                                                   \
+    "vmovaps %%zmm" #a ", " #i "*128(%[C])\n\t"                                                                   \
+    "vmovaps %%zmm" #b ", " #i "*128+64(%[C])\n\t"
         __asm__ volatile(
             MQ_Z(0) MQ_Z(1) MQ_Z(2) MQ_Z(3) MQ_Z(4) MQ_Z(5) MQ_Z(6) MQ_Z(7) MQ_Z(8) MQ_Z(9) MQ_Z(10) MQ_Z(11)
             MQ_Z(12) MQ_Z(13) MQ_Z(14) MQ_Z(15) MQ_Z(16) MQ_Z(17) MQ_Z(18) MQ_Z(19) MQ_Z(20) MQ_Z(21) MQ_Z(22) MQ_Z(23)
@@ -919,26 +930,16 @@ static __attribute__((noinline)) void gemm_tile(const uint32_t *restrict P, cons
             "addq $48, %[X]\n\t"
             "decq %[n]\n\t"
             "jnz 1b\n\t"
-            MQ_S(0) MQ_S(1) MQ_S(2) MQ_S(3) MQ_S(4) MQ_S(5) MQ_S(6) MQ_S(7) MQ_S(8) MQ_S(9) MQ_S(10) MQ_S(11)
-            MQ_S(12) MQ_S(13) MQ_S(14) MQ_S(15) MQ_S(16) MQ_S(17) MQ_S(18) MQ_S(19) MQ_S(20) MQ_S(21) MQ_S(22) MQ_S(23)
+            MQ_F(0, 0, 1) MQ_F(1, 2, 3) MQ_F(2, 4, 5) MQ_F(3, 6, 7) MQ_F(4, 8, 9) MQ_F(5, 10, 11)
+            MQ_F(6, 12, 13) MQ_F(7, 14, 15) MQ_F(8, 16, 17) MQ_F(9, 18, 19) MQ_F(10, 20, 21) MQ_F(11, 22, 23)
             : [P] "+r"(pp), [X] "+r"(xp), [n] "+r"(cnt)
-            : [A] "r"(acc)
+            : [S] "r"(sg), [T] "r"(tc), [C] "r"(ct)
             : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
               "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
               "xmm23", "xmm29", "xmm30", "xmm31", "cc", "memory");
 #undef MQ_Z
 #undef MQ_R
-#undef MQ_S
-        const int64_t g = c / gpb; /* the weight group of block c */
-        const __m512 s0 = _mm512_load_ps(sT + g * 32), s1 = _mm512_load_ps(sT + g * 32 + 16);
-        const float *tc = tt + c * MQ_GEMM_MR;
-        for (int i = 0; i < MQ_GEMM_MR; ++i) {
-            const __m512 ti = _mm512_set1_ps(tc[i]);
-            _mm512_store_ps(ct + i * 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[2 * i]), _mm512_mul_ps(s0, ti),
-                                                         _mm512_load_ps(ct + i * 32)));
-            _mm512_store_ps(ct + i * 32 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[2 * i + 1]),
-                                                              _mm512_mul_ps(s1, ti), _mm512_load_ps(ct + i * 32 + 16)));
-        }
+#undef MQ_F
     }
 }
 #else
