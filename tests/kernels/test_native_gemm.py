@@ -234,3 +234,18 @@ def test_compiled_model_traces_the_dense_path_and_matches():
         y_eager = layer(x)
         y_comp = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     assert float((y_comp - y_eager).abs().max() / y_eager.abs().max()) < 2e-2
+
+
+def test_the_environment_variable_is_read_at_import():
+    """``$MEDQUANT_CPU_PREFILL_KERNEL`` sets the initial choice (case-insensitive); another value is ignored with
+    a warning naming it."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import medquant.kernels as k; print(k.get_cpu_prefill_kernel())"
+    for env, want in (("dense", "dense"), ("DENSE", "dense"), ("gemm", "gemm"), ("fast", "gemm")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "MEDQUANT_CPU_PREFILL_KERNEL": env})
+        assert out.stdout.strip() == want, (env, out.stdout, out.stderr)
+        assert ("MEDQUANT_CPU_PREFILL_KERNEL" in out.stderr) == (env == "fast"), out.stderr
