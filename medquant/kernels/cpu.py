@@ -448,10 +448,9 @@ _native4_activations = _env_choice(ENV_NATIVE4_ACTIVATIONS, NATIVE4_ACTIVATIONS)
 
 
 def set_cpu_prefill_kernel(kind: str | None) -> None:
-    """What runs ``M >= dense_min_m`` rows (prefill) of row groups on a native kernel when the compute dtype is
-    bfloat16.
+    """Choose what runs many rows (prefill) of native row groups in bfloat16 compute: the blocked matmul or dense.
 
-    ``"gemm"`` (the default): medquant's blocked integer matmul on the packed codes
+    From ``dense_min_m("gemm")`` rows on (16 by default). ``"gemm"`` (the default): medquant's blocked integer matmul on the packed codes
     (:meth:`medquant.kernels.native.NativeGemv4.gemm`): ``x`` as 16-bit integers per block of columns (``x`` to
     ``2^-16`` of the block's largest magnitude), the codes exact, integer sums within a block, float32 across
     blocks and a float32 output: no bfloat16 rounding of weights or outputs, so a prefill agrees with the float32
