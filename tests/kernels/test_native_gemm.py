@@ -249,3 +249,14 @@ def test_the_environment_variable_is_read_at_import():
                              env={**os.environ, "MEDQUANT_CPU_PREFILL_KERNEL": env})
         assert out.stdout.strip() == want, (env, out.stdout, out.stderr)
         assert ("MEDQUANT_CPU_PREFILL_KERNEL" in out.stderr) == (env == "fast"), out.stderr
+
+
+def test_rows_with_a_longer_stride_read_in_place():
+    """``x`` whose rows are longer than ``k`` in memory (a column slice: unit column stride, row stride > k) is
+    read in place and gives the contiguous copy's result bit for bit."""
+    layer = _layer(40, 192, QuantConfig(4, group_size=64))
+    big = torch.randn(33, 256)
+    x = big[:, 16:208]
+    assert x.stride() == (256, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=0, atol=0)
