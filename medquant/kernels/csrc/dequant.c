@@ -1040,7 +1040,8 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
         uint32_t *P = (uint32_t *)aligned_alloc(64, (size_t)(np * MQ_GEMM_NR) * 4 + 64);
         float *sT = (float *)aligned_alloc(64, (size_t)(2 * ng * MQ_GEMM_NR) * 4 + 64), *szT = sT + ng * MQ_GEMM_NR;
         float *ct = (float *)aligned_alloc(64, (size_t)(MQ_GEMM_MR * MQ_GEMM_NR) * 4);
-        const int ok = u && P && sT && ct;
+        int16_t *zi = (int16_t *)malloc((size_t)(MQ_GEMM_NR * ng) * sizeof(int16_t)); /* integer zero points */
+        const int ok = u && P && sT && ct && zi;
         if (!ok) {
 #ifdef _OPENMP
 #pragma omp atomic write
@@ -1053,6 +1054,11 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
         for (int64_t t = 0; t < panels; ++t) {
             if (!ok) continue;
             const int64_t n0 = t * MQ_GEMM_NR, nr = n - n0 < MQ_GEMM_NR ? n - n0 : MQ_GEMM_NR;
+            /* fold: every zero point of the panel is an integer in 0..255 (symmetric rows: 2^(b-1); asymmetric rows
+             * as medquant quantizes them), so the panel holds u - z exactly (-255..255 in int16) and the zero-point
+             * term needs no float32 correction; else (1-bit symmetric z = 1/2, other zero points) the panel holds
+             * u and the term sum_g s z X is subtracted at the end */
+            int fold = 1;
             for (int c = 0; c < MQ_GEMM_NR; ++c) { /* the rows' codes, one row of ur bytes each (zeros past kp) */
                 const int64_t r = n0 + c;
                 uint8_t *uc = u + c * ur;
@@ -1062,13 +1068,18 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
                     else unpack_row(row, bits, dense, kp, uc);
                     memset(uc + kp, 0, (size_t)(ur - kp));
                     for (int64_t g = 0; g < ng; ++g) {
-                        const float sf = param_s(&prm, r * ng + g);
+                        const float sf = param_s(&prm, r * ng + g), zf = param_z(&prm, r * ng + g);
                         sT[g * MQ_GEMM_NR + c] = sf;
-                        szT[g * MQ_GEMM_NR + c] = sf * param_z(&prm, r * ng + g);
+                        szT[g * MQ_GEMM_NR + c] = sf * zf;
+                        if (zf >= 0.0f && zf <= 255.0f && zf == nearbyintf(zf)) zi[c * ng + g] = (int16_t)zf;
+                        else fold = 0;
                     }
                 } else {
                     memset(uc, 0, (size_t)ur);
-                    for (int64_t g = 0; g < ng; ++g) sT[g * MQ_GEMM_NR + c] = szT[g * MQ_GEMM_NR + c] = 0.0f;
+                    for (int64_t g = 0; g < ng; ++g) {
+                        sT[g * MQ_GEMM_NR + c] = szT[g * MQ_GEMM_NR + c] = 0.0f;
+                        zi[c * ng + g] = 0;
+                    }
                 }
             }
             /* the panel: blocks of 16 rows x 16 pairs, each row's codes widened to int16 (16 pairs = 16 words),
@@ -1079,6 +1090,12 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
 #pragma GCC unroll 16
                     for (int i = 0; i < 16; ++i)
                         rw[i] = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const void *)(u + (16 * h + i) * ur + 2 * p)));
+                    if (fold) { /* the 32 columns from 2p lie in one group (groups are multiples of 32) */
+                        const int64_t g = ng > 1 ? 2 * p / ge : 0;
+#pragma GCC unroll 16
+                        for (int i = 0; i < 16; ++i)
+                            rw[i] = _mm512_sub_epi16(rw[i], _mm512_set1_epi16(zi[(16 * h + i) * ng + g]));
+                    }
                     transpose16(rw, tix);
                     const int64_t left = np - p;
 #pragma GCC unroll 16
@@ -1095,7 +1112,7 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
                 for (int i = 0; i < mb; ++i) {
                     const float *xsi = xs + (m0 + i) * ng;
                     __m512 v0 = _mm512_load_ps(ct + i * 32), v1 = _mm512_load_ps(ct + i * 32 + 16);
-                    for (int64_t g = 0; g < ng; ++g) {
+                    for (int64_t g = 0; g < (fold ? 0 : ng); ++g) {
                         const __m512 xg = _mm512_set1_ps(-xsi[g]);
                         v0 = _mm512_fmadd_ps(xg, _mm512_load_ps(szT + g * 32), v0);
                         v1 = _mm512_fmadd_ps(xg, _mm512_load_ps(szT + g * 32 + 16), v1);
@@ -1113,7 +1130,7 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
                 }
             }
         }
-        free(u), free(P), free(sT), free(ct);
+        free(u), free(P), free(sT), free(ct), free(zi);
     }
     free(xt), free(tt), free(xs);
     return failed ? -4 : 0;
