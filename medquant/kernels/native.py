@@ -677,7 +677,9 @@ class NativeGemv4:
             y[i, r] = sum_c t[i, c] s[r, g(c)] * sum_{j in c} v[i, j] u[r, j]  -  sum_g s[r, g] z[r, g] X[i, g]
 
         (``X[i, g] = sum_{j in g} x~[i, j]``): ``x~ @ ((u - z) * s)^T`` with exact integer products and sums within a
-        block (``vpdpwssd``), float32 across blocks. Neither the weights nor the output are rounded to bfloat16,
+        block (``vpdpwssd``), float32 across blocks. Where every zero point of a panel of 32 weight rows is an
+        integer in 0..255 (symmetric rows, medquant's asymmetric rows) the panel holds ``u - z`` and the ``X`` term
+        drops out. Neither the weights nor the output are rounded to bfloat16,
         unlike the dense path's bfloat16 GEMM on dequantized weights. ``y`` is float32, or bfloat16 for a bfloat16
         ``x`` (the float32 sum rounded once). The checks of :meth:`__call__` are the caller's (the CPU backend's
         runner makes them).

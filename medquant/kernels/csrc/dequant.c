@@ -842,7 +842,9 @@ int mq_gemvs(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k
  *
  *     y[i, r] = sum_c t[i, c] s[r, g(c)] * (sum_{j in c} v[i, j] u[r, j])  -  sum_g s[r, g] z[r, g] X[i, g]
  *
- * with X[i, g] = sum_{j in g} x~[i, j]: x~ @ ((u - z) * s)^T. The integer sums are exact (vpdpwssd: pairs of
+ * with X[i, g] = sum_{j in g} x~[i, j]: x~ @ ((u - z) * s)^T (where every zero point of a panel is an integer in
+ * 0..255, the panel holds u - z instead of u and the X term is dropped: the same sum, with one rounding less). The
+ * integer sums are exact (vpdpwssd: pairs of
  * int16 products summed into int32; |v u| sums over a block of at most 128 columns stay below 2^31 for 8-bit
  * codes); each block's sum is converted to float32 once, scaled, and summed in float32. Neither the weights nor
  * the outputs are rounded to bfloat16, unlike a dense bfloat16 GEMM on dequantized weights: y is float32
