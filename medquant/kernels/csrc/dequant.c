@@ -674,14 +674,22 @@ static inline __attribute__((always_inline)) void gemvs_rows(
 /* the kernels of every width: bits 4 (4-bit containers, gemv4_rows), else a stream of bits-bit codes (gemvs_rows:
  * 8-bit containers, the dense 3/5/6/7-bit layout, 1- and 2-bit containers); checks, x~ prepared once per call,
  * rows split over threads */
+/* the checks the weight-only matmuls (gemv_run, gemm_run) share: 0, -1 bad sizes or codes, -2 bad group layout */
+static int matmul_args(int bits, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng, int sz,
+                       int xdtype, int64_t m, int64_t xstride, int ydtype, int64_t ys) {
+    if (bits < 1 || bits > 8 || n < 0 || m < 0 || k < 0 || k > kp || (kp * bits) % 8 || row_bytes * 8 < kp * bits ||
+        ge <= 0 || ng <= 0 || ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n ||
+        (xdtype != 0 && xdtype != 1) || (ydtype != 0 && ydtype != 1) || sz < 0 || sz > 7)
+        return -1;
+    return ng > 1 && ge % 32 ? -2 : 0;
+}
+
 static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge,
                     int64_t ng, const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m,
                     int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
-    if (bits < 1 || bits > 8 || n < 0 || m < 0 || k < 0 || k > kp || (kp * bits) % 8 || row_bytes * 8 < kp * bits ||
-        ge <= 0 || ng <= 0 || ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) || xstride < k || ys < n ||
-        (xdtype != 0 && xdtype != 1) || (ydtype != 0 && ydtype != 1) || xmode < 0 || xmode > 2 || sz < 0 || sz > 7)
-        return -1;
-    if (ng > 1 && ge % 32) return -2;
+    if (xmode < 0 || xmode > 2) return -1;
+    const int rc = matmul_args(bits, n, row_bytes, k, kp, ge, ng, sz, xdtype, m, xstride, ydtype, ys);
+    if (rc) return rc;
 #if MQ_GEMV_F32
     if (bits != 4 && bits != 8 && !MQ_GEMV_STREAM) return -3;
     const int bf16 = xmode && MQ_GEMV_BF16; /* products of bfloat16 pairs (else float32 FMA) */
@@ -889,8 +897,8 @@ static inline __attribute__((always_inline)) void transpose16(__m512i *r, const 
 
 /* one tile of x (tile-major int16 pairs: word [p][i] is pair p of the tile's row i; tt: [block][MQ_GEMM_MR]
  * float32 scales t) against one panel; ct: the float32 tile (MQ_GEMM_MR x 32), sum over blocks of
- * t s (codes . v). Always MQ_GEMM_MR rows (a last tile's missing rows are zeros, computed and not stored): one
- * body whose 2 * MQ_GEMM_MR accumulators are named variables, so they stay in registers. */
+ * t s (codes . v). Always MQ_GEMM_MR rows (a last tile's missing rows are zeros, computed and not stored), each
+ * block one assembly body that keeps the 2 * MQ_GEMM_MR accumulators in registers. */
 #define MQ_GEMM_MR 12
 static __attribute__((noinline)) void gemm_tile(const uint32_t *restrict P, const float *restrict sT, int64_t np, int64_t bp, int64_t nb,
                       int64_t gpb, const uint32_t *restrict xt, const float *restrict tt, float *restrict ct) {
@@ -952,11 +960,9 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
                     int64_t ng, const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m,
                     int64_t xstride, void *y, int ydtype, int64_t ys, int nthreads) {
     const int dense = bits == 3 || bits > 4;
-    if (bits < 1 || bits > 8 || n < 0 || m < 0 || k < 0 || k > kp || row_bytes * 8 < kp * bits ||
-        (bits != 8 && kp % 8) || ge <= 0 || ng <= 0 || ge * ng < kp || (ng - 1) * ge >= (kp > 0 ? kp : 1) ||
-        xstride < k || ys < n || (xdtype != 0 && xdtype != 1) || (ydtype != 0 && ydtype != 1) || sz < 0 || sz > 7)
-        return -1;
-    if (ng > 1 && ge % 32) return -2;
+    if (bits != 8 && kp % 8) return -1; /* unpack_row takes whole bytes of codes */
+    const int rc = matmul_args(bits, n, row_bytes, k, kp, ge, ng, sz, xdtype, m, xstride, ydtype, ys);
+    if (rc) return rc;
 #if MQ_GEMM
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
