@@ -539,11 +539,12 @@ def _gemv4_head(qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int,
             z.data_ptr(), param_flags(s, z))
 
 
-def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, xmode: int) -> int:
-    """Run ``mq_gemv4`` for ``x`` into ``y`` (float32 or bfloat16, ``(M, n)``); its return code."""
+def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, *xmode: int) -> int:
+    """Run ``mq_gemv4`` (or its siblings; ``mq_gemm``, which takes no ``xmode``: none given) for ``x`` into ``y``
+    (float32 or bfloat16, ``(M, n)``); its return code."""
     bf16 = x.dtype == torch.bfloat16
     return fn(*head, x.data_ptr(), bf16, x.shape[0], x.stride(0), y.data_ptr(), y.dtype == torch.bfloat16,
-              y.stride(0), int(xmode), torch.get_num_threads())
+              y.stride(0), *xmode, torch.get_num_threads())
 
 
 def _gemv_fn(lib, bits: int):
@@ -582,12 +583,6 @@ def _gemv4_fake(x, qweight, s, z, k, kp, ge, xmode, bits):
 def _gemm_fn(lib, bits: int):
     """``mq_gemm`` with ``bits`` bound where the library has it (AVX512-VNNI), else None."""
     return functools.partial(lib.mq_gemm, bits) if lib is not None and _state.gemv & 8 else None
-
-
-def _gemm_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Run ``mq_gemm`` for ``x`` into ``y`` (float32 or bfloat16, ``(M, n)``); its return code."""
-    return fn(*head, x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.stride(0), y.data_ptr(),
-              y.dtype == torch.bfloat16, y.stride(0), torch.get_num_threads())
 
 
 class NativeGemv4:
@@ -695,7 +690,7 @@ class NativeGemv4:
         if self._gemm is None or torch.compiler.is_compiling():  # traced: the dense path (module docstring)
             return None
         y = torch.empty(x.shape[0], self.n, dtype=x.dtype)
-        rc = _gemm_into(self._gemm, self._head, x, y)
+        rc = _gemv4_into(self._gemm, self._head, x, y)
         if rc != 0:
             if rc != -5:  # -5: x not finite (or tiny): the dense path, silently, as torch would compute it
                 _report_once(f"gemm{rc}", f"medquant native {self.bits}-bit blocked matmul declined a call "
