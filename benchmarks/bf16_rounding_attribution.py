@@ -14,6 +14,10 @@ positions), the next-token agreement with the reference and the relative perplex
   outputs), ``x+W`` (what a GEMM with float32 output would do), ``x+W+y`` (a bfloat16 GEMM);
 * ``x16``: ``x`` as 16-bit integers per block of columns (``t * round(x / t)``, ``t`` the block's largest magnitude
   / 32767; blocks as the gemm path takes them), the weight exact, a float32 output: the gemm path's arithmetic;
+  ``x18`` / ``x20``: the same with 18- / 20-bit integers (``t`` = largest magnitude / (2^(b-1) - 1)): how much
+  finer than the gemm's 16 bits a model needs; ``x hi+lo``: ``x`` as the sum of two bfloat16 numbers
+  (``hi = bf16(x)``, ``lo = bf16(x - hi)``: 16 significant bits of every element, relative to the element rather
+  than to its block), what the native decode kernels take;
 * ``fast prefill path``: the model through the CPU backend as it runs (one forward: at this ``M`` the gemm path
   where it runs, else the dense one; the JSON records ``prefill_kernel``); ``fast decode path``: the same positions one at a time through the KV cache (``M = 1``: native4 with
   its default split activations, or the weight-only kernel the row group takes).
@@ -42,22 +46,29 @@ from benchmarks.common.env import run_record, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
-#: the emulated roundings, in table order: label -> the subset of {"x", "w", "y"} rounded to bfloat16, "q": x as
-#: 16-bit integers per block (what the CPU backend's gemm path takes), and "@head" / "@body": only in the output
-#: head / only in the other linears
+#: the emulated roundings, in table order: label -> the subset of {"x", "w", "y"} rounded to bfloat16, "q<b>": x as
+#: b-bit integers per block (16: what the CPU backend's gemm path takes), "s": x as two bfloat16 halves (the native
+#: decode kernels' activations), and "@head" / "@body": only in the output head / only in the other linears
 MODES = {"exact": "", "x": "x", "W": "w", "y": "y", "y@head": "y@head", "y@body": "y@body", "x+W": "xw",
-         "x+W+y": "xwy", "x16": "q"}
+         "x+W+y": "xwy", "x16": "q16", "x18": "q18", "x20": "q20", "x hi+lo": "s"}
 
 
-def _int16_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``x`` as the gemm path takes it: per row and block of ``block`` columns, ``t = max |x| / 32767`` and
-    ``t * round_half_even(x / t)`` (a zero block stays zero)."""
+def _int_blocks(x: torch.Tensor, block: int, bits: int = 16) -> torch.Tensor:
+    """``x`` as ``bits``-bit integers per row and block of ``block`` columns (``bits = 16``: the gemm path's
+    input): ``t = max |x| / (2^(bits-1) - 1)`` and ``t * round_half_even(x / t)`` in float64 (a zero block stays
+    zero), returned in float32."""
     k = x.shape[-1]
     pad = (-k) % block
-    xp = F.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, block)
-    t = xp.abs().amax(-1, keepdim=True) / 32767
+    xp = F.pad(x.double(), (0, pad)).reshape(*x.shape[:-1], -1, block)
+    t = xp.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
     v = torch.where(t > 0, torch.round(xp / torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(xp))
-    return (v * t).reshape(*x.shape[:-1], -1)[..., :k]
+    return (v * t).reshape(*x.shape[:-1], -1)[..., :k].float()
+
+
+def _split_bf16(x: torch.Tensor) -> torch.Tensor:
+    """``hi + lo`` with ``hi = bf16(x)``, ``lo = bf16(x - hi)``, in float32."""
+    hi = _bf16(x)
+    return hi + _bf16(x.float() - hi)
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +95,14 @@ class RoundedLinear(nn.Module):
         mode, _, where = self.mode.partition("@")
         if where and (where == "head") != self.head:
             mode = ""
-        xx = _bf16(x) if "x" in mode else _int16_blocks(x, self.block) if "q" in mode else x.float()
+        if "x" in mode:
+            xx = _bf16(x)
+        elif mode.startswith("q"):
+            xx = _int_blocks(x, self.block, int(mode[1:]))
+        elif mode == "s":
+            xx = _split_bf16(x)
+        else:
+            xx = x.float()
         y = F.linear(xx, self.weight_bf16 if "w" in mode else self.weight)
         if "y" in mode:
             y = _bf16(y)

@@ -27,6 +27,24 @@ def test_rounded_linear_against_the_reference_layer():
         r.mode = "y"
         y = r(x)
         assert torch.equal(y, y.bfloat16().float()) and not torch.equal(y, ref)
+        # x as b-bit integers per block of columns, computed here one block at a time in float64
+        for bits in (16, 18, 20):
+            r.mode = f"q{bits}"
+            xq = torch.empty_like(x, dtype=torch.float64)
+            for c0 in range(0, x.shape[1], r.block):
+                blk = x[:, c0:c0 + r.block].double()
+                t = blk.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+                xq[:, c0:c0 + r.block] = torch.round(blk / t) * t
+                assert (blk / t).abs().max() <= 2 ** (bits - 1) - 1 + 1e-9
+            torch.testing.assert_close(r(x), xq.float() @ r.weight.t(), rtol=1e-5, atol=1e-6)
+        err = {b: float((bra._int_blocks(x, r.block, b) - x).abs().max()) for b in (16, 18, 20)}
+        assert err[20] < err[18] / 3 < err[16] / 9 and err[16] > 0
+        # two bfloat16 halves: 16 significant bits of each element
+        r.mode = "s"
+        hi = x.bfloat16().float()
+        xs = hi + (x - hi).bfloat16().float()
+        assert (xs - x).abs().le(x.abs() * 2.0 ** -16).all() and not torch.equal(xs, hi)
+        torch.testing.assert_close(r(x), xs @ r.weight.t(), rtol=1e-5, atol=1e-6)
 
 
 def test_attribution_control_is_exact_and_rounding_moves_the_logits():
