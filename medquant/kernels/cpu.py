@@ -51,8 +51,9 @@ With ``cd`` bfloat16 and
 AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``, two per code when split); otherwise float32 FMA.
 Under ``torch.compile`` it runs as the operator ``medquant::gemv4``.
 
-**gemm** (prefill: native row groups from ``dense_min_m("gemm")`` = 16 rows on, in place of the native kernel and
-of the dense path, ``cd`` bfloat16, :func:`set_cpu_prefill_kernel` ``"gemm"``, the default): medquant's blocked matmul on the packed codes
+**gemm** (prefill: native row groups from ``dense_min_m("gemm")`` = 16 rows on, and from
+``dense_min_m("gemm_split")`` = 8 for float32 ``x`` that native4 would split into two halves (a batch of 8
+decoding sequences), in place of the native kernel and of the dense path, ``cd`` bfloat16, :func:`set_cpu_prefill_kernel` ``"gemm"``, the default): medquant's blocked matmul on the packed codes
 (:meth:`medquant.kernels.native.NativeGemv4.gemm`). ``x`` enters as 16-bit integers per block ``c`` of columns
 (the group, or 128 / 64 / 32 columns of it; 128 for channel / tensor scope),
 
@@ -182,6 +183,11 @@ DEFAULT_DENSE_MIN_M_INT4 = 32
 #: the two cross at M = 8-24 over the eight SmolLM2 / 1.1B shapes and 3-, 4- and 8-bit rows (median 16); at M = 24
 #: the gemm takes 0.48-0.73x the kernel's time, at M = 8 0.87-1.34x.
 DEFAULT_GEMM_MIN_M = 16
+#: the same for float32 ``x`` while native4 splits activations into two bfloat16 halves (its default): the native
+#: kernel then multiplies every weight twice, the gemm once. Measured in-process (2 threads, 4- and 8-bit rows,
+#: 5632 x 2048, 2048 x 5632 and 1536 x 576): at M = 8 the gemm took 0.40-0.70x the native kernel's time
+#: (5632 x 2048 W4 g128: 1.28 ms against 3.22), at M = 4 1.3-2.1x; a batch of 8 sequences decodes at M = 8.
+DEFAULT_GEMM_MIN_M_SPLIT = 8
 #: the dense path dequantizes a weight whose dense form in the compute dtype exceeds DENSE_CHUNK_MIN_BYTES a
 #: slice of rows at a time (about DENSE_CHUNK_BYTES each, a multiple of 16 rows) into one buffer, each slice's
 #: GEMM writing its columns of the output. Measured (bf16, 2 threads, idle AVX512-BF16 CPU): a 49152 x 576 4-bit
@@ -321,7 +327,8 @@ def set_cpu_dense_min_m(m: int | None) -> None:
     Below it the weight-only kernels run on the packed codes; from it on the weight is dequantized once per call
     and a dense matmul runs (faster for large ``M``). ``None`` restores the measured per-kernel defaults
     (``DEFAULT_DENSE_MIN_M_INT4`` = 32 for native4, native8 and the int4 kernel, ``DEFAULT_DENSE_MIN_M`` = 72
-    for the int8 kernel, ``DEFAULT_GEMM_MIN_M`` = 16 where native row groups switch to the blocked matmul).
+    for the int8 kernel, ``DEFAULT_GEMM_MIN_M`` = 16 where native row groups switch to the blocked matmul,
+    ``DEFAULT_GEMM_MIN_M_SPLIT`` = 8 for float32 inputs with split activations).
 
     Args:
         m: an int >= 2, or None for the defaults.
@@ -338,21 +345,23 @@ def set_cpu_dense_min_m(m: int | None) -> None:
 
 def dense_min_m(kind: str) -> int:
     """The ``M`` from which the dense path replaces the weight-only kernel ``kind`` (``"int4"`` or ``"int8"``; for
-    ``"gemm"``: from which native row groups run the blocked matmul, :func:`set_cpu_prefill_kernel`).
+    ``"gemm"``: from which native row groups run the blocked matmul, :func:`set_cpu_prefill_kernel`; for
+    ``"gemm_split"``: the same for float32 inputs that native4 would split into two bfloat16 halves).
 
     The value of :func:`set_cpu_dense_min_m` when one was set, else that kernel's default.
 
     Args:
-        kind: ``"int4"``, ``"int8"`` or ``"gemm"``.
+        kind: ``"int4"``, ``"int8"``, ``"gemm"`` or ``"gemm_split"``.
 
     Raises:
         ValueError: another ``kind``.
     """
-    if kind not in ("int4", "int8", "gemm"):
-        raise ValueError(f"kind must be 'int4', 'int8' or 'gemm', got {kind!r}")
+    if kind not in ("int4", "int8", "gemm", "gemm_split"):
+        raise ValueError(f"kind must be 'int4', 'int8', 'gemm' or 'gemm_split', got {kind!r}")
     if _dense_min_m is not None:
         return _dense_min_m
-    return {"int4": DEFAULT_DENSE_MIN_M_INT4, "int8": DEFAULT_DENSE_MIN_M, "gemm": DEFAULT_GEMM_MIN_M}[kind]
+    return {"int4": DEFAULT_DENSE_MIN_M_INT4, "int8": DEFAULT_DENSE_MIN_M, "gemm": DEFAULT_GEMM_MIN_M,
+            "gemm_split": DEFAULT_GEMM_MIN_M_SPLIT}[kind]
 
 
 def set_cpu_int4_kernel(kind: str | None) -> None:
@@ -450,7 +459,8 @@ _native4_activations = _env_choice(ENV_NATIVE4_ACTIVATIONS, NATIVE4_ACTIVATIONS)
 def set_cpu_prefill_kernel(kind: str | None) -> None:
     """Choose what runs many rows (prefill) of native row groups in bfloat16 compute: the blocked matmul or dense.
 
-    From ``dense_min_m("gemm")`` rows on (16 by default). ``"gemm"`` (the default): medquant's blocked integer matmul on the packed codes
+    From ``dense_min_m("gemm")`` rows on (16 by default; 8, ``dense_min_m("gemm_split")``, for float32 ``x`` with
+    the default split activations, which cost the native kernel two products per weight). ``"gemm"`` (the default): medquant's blocked integer matmul on the packed codes
     (:meth:`medquant.kernels.native.NativeGemv4.gemm`): ``x`` as 16-bit integers per block of columns (``x`` to
     ``2^-16`` of the block's largest magnitude), the codes exact, integer sums within a block, float32 across
     blocks and a float32 output: no bfloat16 rounding of weights or outputs, so a prefill agrees with the float32
@@ -751,14 +761,24 @@ def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     return w if dtype == torch.float32 else w.to(dtype)
 
 
-def _path(plan: _Plan, m: int, cd: torch.dtype) -> str:
+def _native_below(gemm: bool, split: bool) -> int:
+    """The ``M`` below which a native row group runs its weight-only kernel: ``gemm``, whether large ``M`` runs the
+    blocked matmul; ``split``, whether the native kernel would split ``x`` into two bfloat16 halves (float32 ``x``,
+    the default activations), which moves the switch down to ``dense_min_m("gemm_split")`` where the blocked
+    matmul runs (not while ``torch.compile`` traces: the traced large-``M`` path is the dense one)."""
+    if not gemm:
+        return dense_min_m("int4")
+    return dense_min_m("gemm_split" if split and not torch.compiler.is_compiling() else "gemm")
+
+
+def _path(plan: _Plan, m: int, cd: torch.dtype, split: bool = False) -> str:
     if plan.kind is None:
         return "reference"
     if plan.kind == "dense":
         return "dense"
     if plan.kind.startswith("native"):
         gemm = _gemm_enabled(plan, cd)
-        if m < dense_min_m("gemm" if gemm else "int4"):
+        if m < _native_below(gemm, split):
             return plan.kind
         return "gemm" if gemm and not torch.compiler.is_compiling() else "dense"
     if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
@@ -786,7 +806,8 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
         layout, ...), ``"gemm"`` (the native blocked matmul at large ``M``), ``"int4"``, ``"int8"``, ``"dense"`` or
         ``"reference"``.
     """
-    return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight))
+    return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight),
+                 x.dtype == torch.float32 and _native4_activations == "split")
 
 
 def _contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -809,7 +830,9 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     # large M on the native blocked matmul (a settings change rebuilds this runner; traced calls take the dense path)
     gemm = _gemm_enabled(plan, cd)
     # native4 below this M (a settings change bumps the dispatch generation: prepared runners are rebuilt)
-    native_below = dense_min_m("gemm" if gemm else "int4") if gemv is not None else 0
+    native_below = _native_below(gemm, False) if gemv is not None else 0
+    # float32 x that native4 would split into two halves switches earlier (DEFAULT_GEMM_MIN_M_SPLIT)
+    split_below = _native_below(gemm, True) if gemv is not None and xmode == 2 else native_below
     native_dtypes = (torch.float32, torch.bfloat16) if cd != torch.float16 else ()
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -856,7 +879,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         m, dt = x.shape[0], x.dtype
         if m == 0:
             return x.new_empty(0, n)
-        if m < native_below:
+        if m < split_below or (m < native_below and (dt != torch.float32 or torch.compiler.is_compiling())):
             # the kernel reads float32 or bfloat16 x and splits or rounds it itself (xmode); a float16 compute
             # dtype rounds here and passes float32 (exact); a bfloat16 x is its own hi half (no lo half to multiply)
             xk = x if dt in native_dtypes else x.to(cd)

@@ -24,9 +24,10 @@ from medquant.kernels import (
     get_cpu_prefill_kernel,
     set_cpu_compute_dtype,
     set_cpu_dense_min_m,
+    set_cpu_native4_activations,
     set_cpu_prefill_kernel,
 )
-from medquant.kernels.cpu import cpu_plan
+from medquant.kernels.cpu import cpu_plan, dense_min_m
 from medquant.kernels.native import native_status
 from medquant.quant import QuantConfig, QuantLinear
 
@@ -193,13 +194,13 @@ def test_inputs_that_are_not_finite_or_tiny_take_the_dense_path():
 
 
 def test_gemm_agrees_with_the_decode_kernel_and_the_torch_reference():
-    """The same rows through the gemm path (M >= 32), the native decode kernel (M < 32, split activations) and
-    the torch reference path agree to the gemm's 16-bit input precision."""
+    """The same rows through the gemm path (M = 40), the native decode kernel (M = 4: below the gemm's switch for
+    float32 x, split activations) and the torch reference path agree to the gemm's 16-bit input precision."""
     layer = _layer(96, 384, QuantConfig(3, group_size=128))
     x = torch.randn(40, 384)
     with torch.no_grad():
         y = layer(x)
-        y_small = torch.cat([layer(x[i:i + 8]) for i in range(0, 40, 8)])
+        y_small = torch.cat([layer(x[i:i + 4]) for i in range(0, 40, 4)])
         with force_backend("torch"):
             y_ref = layer(x)
     scale = y_ref.abs().max()
@@ -223,6 +224,36 @@ def test_the_setting_and_the_threshold():
     assert cpu_path(torch.randn(64, 256), w) == "dense"
     with pytest.raises(ValueError, match="prefill kernel"):
         set_cpu_prefill_kernel("fast")
+
+
+def test_float32_batches_switch_to_the_gemm_at_8_rows():
+    """float32 x, which native4 would split into two bfloat16 halves (two products per weight), runs the gemm from
+    ``dense_min_m("gemm_split")`` = 8 rows (a batch of 8 decoding sequences); bfloat16 x (one half), and float32 x
+    with rounded activations, keep the native kernel up to 16 rows. ``set_cpu_dense_min_m`` moves both."""
+    layer = _layer(64, 256, QuantConfig(4, group_size=128))
+    w = layer.packed_weight(4)
+    assert (dense_min_m("gemm_split"), dense_min_m("gemm")) == (8, 16)
+    big = "gemm" if _available() else "native4"  # without the gemm, native row groups keep their kernel to 32 rows
+    for m, f32, b16 in ((7, "native4", "native4"), (8, big, "native4"), (15, big, "native4"), (16, big, big)):
+        assert cpu_path(torch.randn(m, 256), w) == f32, m
+        assert cpu_path(torch.randn(m, 256, dtype=torch.bfloat16), w) == b16, m
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        with force_backend("torch"):
+            y_ref = layer(x)
+        y = layer(x)
+        assert y.dtype == torch.float32
+        assert float((y - y_ref).abs().max() / y_ref.abs().max()) < (1e-4 if _available() else 2e-2)
+        if _available():  # the gemm ran: its 16-bit inputs, not the split kernel's 2^-17 (this row is not exact)
+            set_cpu_dense_min_m(9)
+            y_native = layer(x)
+            assert cpu_path(x, w) == "native4" and not torch.equal(y, y_native)
+            set_cpu_dense_min_m(None)
+    set_cpu_native4_activations("round")  # one bfloat16 half: no second product to save
+    assert cpu_path(torch.randn(8, 256), w) == "native4"
+    set_cpu_native4_activations(None)
+    set_cpu_dense_min_m(12)
+    assert cpu_path(torch.randn(11, 256), w) == "native4" and cpu_path(torch.randn(12, 256), w) == _large_path()
 
 
 def test_compiled_model_traces_the_dense_path_and_matches():

@@ -113,9 +113,10 @@ def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
         # what x enters as: float32 itself where split (bf16 compute), else rounded to the compute dtype
         x_cd = torch.float32 if cd == torch.bfloat16 and act == "split" else cd
         g = torch.Generator().manual_seed(1)
-        # just below the switch: the blocked matmul takes bf16-compute rows from 16 on (test_native_gemm.py)
-        top = 15 if cd == torch.bfloat16 and native_status()["gemm"] else 31
-        for m in (1, 5, 8, 13, top):
+        # just below the switch: the blocked matmul takes bf16-compute rows from 16 on, float32 rows that would be
+        # split from 8 on (test_native_gemm.py)
+        top = (7 if act == "split" else 15) if cd == torch.bfloat16 and native_status()["gemm"] else 31
+        for m in [m for m in (1, 5, 8, 13) if m < top] + [top]:
             x = torch.randn(m, k, generator=g)
             path = cpu_path(x, w)
             if native:
@@ -185,8 +186,11 @@ def test_dense_threshold_applies_to_the_native_kernel():
     layer = _layer(64, 256, QuantConfig(4, group_size=128))
     w = layer.packed_weight(4)
     small = _small_path()
-    if native_status()["gemm"]:  # the native blocked matmul takes over from 16 rows (set_cpu_prefill_kernel)
-        assert [cpu_path(torch.randn(m, 256), w) for m in (1, 15, 16, 31)] == [small, small, "gemm", "gemm"]
+    if native_status()["gemm"]:  # the native blocked matmul takes over from 16 rows (set_cpu_prefill_kernel),
+        # from 8 for float32 rows the kernel would split into two halves
+        assert [cpu_path(torch.randn(m, 256, dtype=torch.bfloat16), w) for m in (1, 15, 16, 31)] == \
+            [small, small, "gemm", "gemm"]
+        assert [cpu_path(torch.randn(m, 256), w) for m in (1, 7, 8, 31)] == [small, small, "gemm", "gemm"]
     set_cpu_prefill_kernel("dense")
     assert [cpu_path(torch.randn(m, 256), w) for m in (1, 31, 32)] == [small, small, "dense"]
     set_cpu_dense_min_m(100)
