@@ -764,11 +764,11 @@ def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 def _native_below(gemm: bool, split: bool) -> int:
     """The ``M`` below which a native row group runs its weight-only kernel: ``gemm``, whether large ``M`` runs the
     blocked matmul; ``split``, whether the native kernel would split ``x`` into two bfloat16 halves (float32 ``x``,
-    the default activations), which moves the switch down to ``dense_min_m("gemm_split")`` where the blocked
-    matmul runs (not while ``torch.compile`` traces: the traced large-``M`` path is the dense one)."""
+    the default activations), which moves the switch down to ``dense_min_m("gemm_split")``. The callers pass
+    ``split`` False while ``torch.compile`` traces (the traced large-``M`` path is the dense one), at call time."""
     if not gemm:
         return dense_min_m("int4")
-    return dense_min_m("gemm_split" if split and not torch.compiler.is_compiling() else "gemm")
+    return dense_min_m("gemm_split" if split else "gemm")
 
 
 def _path(plan: _Plan, m: int, cd: torch.dtype, split: bool = False) -> str:
@@ -778,7 +778,7 @@ def _path(plan: _Plan, m: int, cd: torch.dtype, split: bool = False) -> str:
         return "dense"
     if plan.kind.startswith("native"):
         gemm = _gemm_enabled(plan, cd)
-        if m < _native_below(gemm, split):
+        if m < _native_below(gemm, split and not torch.compiler.is_compiling()):
             return plan.kind
         return "gemm" if gemm and not torch.compiler.is_compiling() else "dense"
     if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
@@ -831,7 +831,8 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     gemm = _gemm_enabled(plan, cd)
     # native4 below this M (a settings change bumps the dispatch generation: prepared runners are rebuilt)
     native_below = _native_below(gemm, False) if gemv is not None else 0
-    # float32 x that native4 would split into two halves switches earlier (DEFAULT_GEMM_MIN_M_SPLIT)
+    # float32 x that native4 would split into two halves switches earlier (DEFAULT_GEMM_MIN_M_SPLIT); a traced call
+    # keeps native_below (checked per call in run: this runner may be built while tracing and reused eagerly)
     split_below = _native_below(gemm, True) if gemv is not None and xmode == 2 else native_below
     native_dtypes = (torch.float32, torch.bfloat16) if cd != torch.float16 else ()
     int4 = plan.kind == "int4"
