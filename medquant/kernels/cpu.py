@@ -872,6 +872,19 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
                         return F.linear(xc, w)
         return F.linear(xc, dequantize_eager(weight, cd))
 
+    def decode(x: torch.Tensor) -> torch.Tensor | None:
+        """``y (..., n)`` for a contiguous float32 / bfloat16 ``x (..., k)`` of fewer rows than the native
+        kernel's switch, straight into the kernel (no reshape, no re-checks: the caller has made eager_inference's
+        checks), or None where ``run`` must take it (other rows, dtypes or layouts, or a declined call)."""
+        dt = x.dtype
+        if (dt is not torch.float32 and dt is not torch.bfloat16) or x.shape[-1] != k or not x.is_contiguous():
+            return None
+        m = x.numel() // k if k else 0
+        if m == 0 or m >= (split_below if dt is torch.float32 else native_below):
+            return None
+        y = torch.empty((*x.shape[:-1], n), dtype=dt)
+        return y if gemv.into(x, m, y, 1 if xmode == 2 and dt is torch.bfloat16 else xmode) else None
+
     def run(x: torch.Tensor) -> torch.Tensor:
         # a decode step calls this once per layer with the caches cold from the previous layer's weights, where
         # every Python-level torch call costs microseconds: no-op casts and repeated checks are skipped
@@ -914,6 +927,8 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             y = op4(xc, packed, group, params) if int4 else op8(xc, packed, params)
         return y if y.dtype == dt else y.to(dt)
 
+    if gemv is not None and native_dtypes:
+        run.decode = decode  # type: ignore[attr-defined]
     return run
 
 

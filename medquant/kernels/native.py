@@ -60,7 +60,6 @@ torch's thread pool rather than starting a second one.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -87,7 +86,7 @@ ENV_CACHE_DIR = "MEDQUANT_CACHE_DIR"
 #: the C source, shipped inside the package
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dequant.c"
 #: version of the C functions' arguments; the library reports it (``mq_abi``)
-ABI = 5
+ABI = 6
 #: file name of the built library inside its build folder
 LIB_NAME = "libmqdequant.so"
 #: flag sets tried in order until one compiles (common flags first)
@@ -207,7 +206,7 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
         raise ValueError(f"{path} does not match its recorded SHA-256 (corrupted or replaced)")
     lib = ctypes.CDLL(str(path))
     for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant", "mq_gemv4", "mq_gemv8",
-                 "mq_gemvs", "mq_gemm", "mq_gemv4_caps"):
+                 "mq_gemvs", "mq_gemm", "mq_gemv4_caps", "mq_call"):
         if not hasattr(lib, name):
             raise _Foreign(f"{path} lacks the symbol {name}: not medquant's library")
     lib.mq_build_key.restype = ctypes.c_char_p
@@ -229,6 +228,8 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
         fn.argtypes = gemv_args if fn is not lib.mq_gemvs else [ctypes.c_int, *gemv_args]
     lib.mq_gemm.restype = ctypes.c_int
     lib.mq_gemm.argtypes = [ctypes.c_int, *gemv_args[:-2], ctypes.c_int]  # no xmode
+    lib.mq_call.restype = ctypes.c_int
+    lib.mq_call.argtypes = [vp, vp, i64, i64, vp, i64, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -533,56 +534,69 @@ def dequantize_native(weight: PackedWeight, dtype: torch.dtype, scale: torch.Ten
 
 
 # ------------------------------------------------------------------------------ 4-bit weight-only matmul
-def _gemv4_head(qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int) -> tuple:
-    """``mq_gemv4``'s arguments that depend only on the weight, in its order."""
-    return (qweight.data_ptr(), qweight.shape[0], qweight.shape[1] * 4, k, kp, ge, s.shape[1], s.data_ptr(),
-            z.data_ptr(), param_flags(s, z))
+_HEAD = ctypes.c_int64 * 11
+_X_BF16, _Y_BF16, _GEMM = 1, 2, 16  # mq_call's flags; xmode in bits 2-3
 
 
-def _gemv4_into(fn, head: tuple, x: torch.Tensor, y: torch.Tensor, *xmode: int) -> int:
-    """Run ``mq_gemv4`` (or its siblings; ``mq_gemm``, which takes no ``xmode``: none given) for ``x`` into ``y``
-    (float32 or bfloat16, ``(M, n)``); its return code."""
-    bf16 = x.dtype == torch.bfloat16
-    return fn(*head, x.data_ptr(), bf16, x.shape[0], x.stride(0), y.data_ptr(), y.dtype == torch.bfloat16,
-              y.stride(0), *xmode, torch.get_num_threads())
+def _matmul_head(qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int, bits: int):
+    """``mq_call``'s weight arguments (one int64 array: codes, sizes, groups, scales, zero points, stored width)."""
+    return _HEAD(qweight.data_ptr(), qweight.shape[0], qweight.shape[1] * 4, k, kp, ge, s.shape[1], s.data_ptr(),
+                 z.data_ptr(), param_flags(s, z), bits)
 
 
-def _gemv_fn(lib, bits: int):
-    """The C function of the native matmul for codes stored in ``bits`` bits (``mq_gemv4`` for 4-bit containers,
-    ``mq_gemv8`` for 8-bit ones, ``mq_gemvs`` with ``bits`` bound for the other widths, where the library has
-    them), or None."""
-    if lib is None:
-        return None
-    if bits in (4, 8):
-        return lib.mq_gemv4 if bits == 4 else lib.mq_gemv8
-    return functools.partial(lib.mq_gemvs, bits) if _state.gemv & 4 and 1 <= bits <= 7 else None
+def _matmul_into(call, head, x: torch.Tensor, y: torch.Tensor, flags: int) -> int:
+    """Run ``mq_call`` (``flags``: xmode << 2, or the blocked form) for ``x (M, k)`` into ``y`` (float32 or
+    bfloat16, ``(M, n)``); its return code."""
+    if x.dtype == torch.bfloat16:
+        flags |= _X_BF16
+    if y.dtype == torch.bfloat16:
+        flags |= _Y_BF16
+    return call(head, x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr(), y.stride(0), flags,
+                torch.get_num_threads())
 
 
-@torch.library.custom_op("medquant::gemv4", mutates_args=())
-def gemv4_op(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int,
-             xmode: int, bits: int) -> torch.Tensor:
-    """``y (M, n) float32 = x~ @ ((u - z) * s)^T`` by the native kernel, as a torch operator (what
-    ``torch.compile`` traces; eager calls go to :class:`NativeGemv4` directly). ``x``: ``(M, k)`` float32 or
-    bfloat16 with unit column stride; ``qweight``: the row group's int32 words (``bits`` the stored width: 4- or
-    8-bit containers, or a stream width); ``s``: float32 or float16 ``(n, ng)``; ``z``: the same, or one value
-    for every row and group (:func:`kernel_params`); ``xmode``: what ``x~`` is (:class:`NativeGemv4`). Raises
-    RuntimeError when the kernel declines (it never returns a wrong result)."""
+def _gemv_takes(lib, bits: int) -> bool:
+    """Whether the library's native matmul reads codes stored in ``bits`` bits: 4- and 8-bit containers always,
+    the other widths 1..7 where it was built with the stream kernel (AVX512-VBMI)."""
+    return lib is not None and (bits in (4, 8) or (bool(_state.gemv & 4) and 1 <= bits <= 7))
+
+
+# ``medquant::gemv4`` is registered with the low-level ``torch.library.Library`` API (a CPU kernel and a fake one)
+# rather than ``torch.library.custom_op``: a compiled decode step calls it once per layer and token, and the
+# dispatcher reaches a Library-registered Python kernel in about 3 us against about 15 us through custom_op's
+# wrappers (measured on this project's 2-core CPU; 211 calls per SmolLM2 token). It never needs a gradient (the
+# CPU backend traces it for inference only).
+_OPS = torch.library.Library("medquant", "FRAGMENT")  # kept alive: deleting it would deregister the operator
+_OPS.define("gemv4(Tensor x, Tensor qweight, Tensor s, Tensor z, int k, int kp, int ge, int xmode, int bits) "
+            "-> Tensor")
+
+
+def _gemv4_cpu(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, kp: int, ge: int,
+               xmode: int, bits: int) -> torch.Tensor:
+    """``y (M, n) float32 = x~ @ ((u - z) * s)^T`` by the native kernel: the CPU kernel of the operator
+    ``medquant::gemv4`` (what ``torch.compile`` traces; eager calls go to :class:`NativeGemv4` directly). ``x``:
+    ``(M, k)`` float32 or bfloat16 with unit column stride; ``qweight``: the row group's int32 words (``bits`` the
+    stored width: 4- or 8-bit containers, or a stream width); ``s``: float32 or float16 ``(n, ng)``; ``z``: the
+    same, or one value for every row and group (:func:`kernel_params`); ``xmode``: what ``x~`` is
+    (:class:`NativeGemv4`). Raises RuntimeError when the kernel declines (it never returns a wrong result)."""
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
-    fn = _gemv_fn(_state.lib, bits)
-    rc = -3 if fn is None else _gemv4_into(fn, _gemv4_head(qweight, s, z, k, kp, ge), x, y, xmode)
+    lib = _state.lib
+    rc = -3 if not _gemv_takes(lib, bits) else \
+        _matmul_into(lib.mq_call, _matmul_head(qweight, s, z, k, kp, ge, bits), x, y, xmode << 2)
     if rc != 0:
         raise RuntimeError(f"medquant native {bits}-bit matmul declined the call (code {rc})")
     return y
 
 
-@gemv4_op.register_fake
+_OPS.impl("gemv4", _gemv4_cpu, "CPU")
+
+
+@torch.library.register_fake("medquant::gemv4", lib=_OPS)
 def _gemv4_fake(x, qweight, s, z, k, kp, ge, xmode, bits):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
-def _gemm_fn(lib, bits: int):
-    """``mq_gemm`` with ``bits`` bound where the library has it (AVX512-VNNI), else None."""
-    return functools.partial(lib.mq_gemm, bits) if lib is not None and _state.gemv & 8 else None
+gemv4_op = torch.ops.medquant.gemv4.default
 
 
 class NativeGemv4:
@@ -605,13 +619,16 @@ class NativeGemv4:
     float32 (:func:`kernel_params`; bfloat16 ones are copied to float32, 4 bytes per value).
     """
 
-    def __init__(self, fn, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
-                 ge: int, gemm_fn=None) -> None:
-        self._fn, self._gemm, self._weight = fn, gemm_fn, weight
+    def __init__(self, call, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                 ge: int, gemm: bool = False) -> None:
+        self._call, self._gemm, self._weight = call, gemm, weight
         self.bits = storage_bits(weight.bits, weight.dense)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
         self.n, self.k, self.kp, self.ge = weight.n, weight.k, weight.k_pad, ge
-        self._head = _gemv4_head(qw, s, z, self.k, self.kp, ge)  # bound once: a decode step calls this per layer
+        # bound once (a decode step calls this per layer): the weight's arguments of mq_call, held here with
+        # their address passed as an integer (ctypes converts no array per call)
+        self._head = _matmul_head(qw, s, z, self.k, self.kp, ge, self.bits)
+        self._haddr = ctypes.addressof(self._head)
 
     def extra_bytes(self) -> int:
         """Bytes this object holds beyond the layer's own tensors (its scale and zero copies).
@@ -649,17 +666,25 @@ class NativeGemv4:
         if torch.compiler.is_compiling():
             return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, int(xmode), self.bits)
         y = torch.empty(x.shape[0], self.n, dtype=x.dtype)
-        rc = _gemv4_into(self._fn, self._head, x, y, xmode)
+        rc = _matmul_into(self._call, self._haddr, x, y, xmode << 2)
         if rc != 0:
             _report_once(f"gemv{rc}", f"medquant native {self.bits}-bit matmul declined a call ({self._weight.describe()}, "
                                       f"code {rc}): the dense path runs it")
             return None
         return y
 
+    def into(self, x: torch.Tensor, m: int, y: torch.Tensor, xmode: int) -> bool:
+        """:meth:`run` for a contiguous ``x`` of any shape holding ``m`` rows of ``k`` values, into a contiguous
+        ``y`` of the same dtype holding ``m`` rows of ``n`` (the caller has checked both): a decode step's call,
+        without reshapes. False when the C function declined (``y`` is then not written)."""
+        flags = xmode << 2 | (_X_BF16 | _Y_BF16 if x.dtype == torch.bfloat16 else 0)
+        return self._call(self._haddr, x.data_ptr(), m, self.k, y.data_ptr(), self.n, flags,
+                          torch.get_num_threads()) == 0
+
     @property
     def has_gemm(self) -> bool:
         """Whether :meth:`gemm` can run here (the library has ``mq_gemm``: AVX512-VNNI)."""
-        return self._gemm is not None
+        return self._gemm
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor | None:
         """``y (M, n)`` for many rows of ``x`` (prefill) by the blocked integer kernel ``mq_gemm``:
@@ -687,10 +712,10 @@ class NativeGemv4:
             not finite or a block whose largest magnitude is below ``2^-100`` (the caller's dense path then runs
             it and propagates such values as torch does).
         """
-        if self._gemm is None or torch.compiler.is_compiling():  # traced: the dense path (module docstring)
+        if not self._gemm or torch.compiler.is_compiling():  # traced: the dense path (module docstring)
             return None
         y = torch.empty(x.shape[0], self.n, dtype=x.dtype)
-        rc = _gemv4_into(self._gemm, self._head, x, y)
+        rc = _matmul_into(self._call, self._haddr, x, y, _GEMM)
         if rc != 0:
             if rc != -5:  # -5: x not finite (or tiny): the dense path, silently, as torch would compute it
                 _report_once(f"gemm{rc}", f"medquant native {self.bits}-bit blocked matmul declined a call "
@@ -737,11 +762,10 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor | None = None,
     lib = _library()
     if lib is None or not _state.gemv & 1:
         return None
-    fn = _gemv_fn(lib, storage_bits(weight.bits, weight.dense))
-    if fn is None:
+    if not _gemv_takes(lib, storage_bits(weight.bits, weight.dense)):
         return None
     kp = weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp
     s, z = kernel_params(weight, kp // ge, scale, zero)
-    return NativeGemv4(fn, weight, weight.qweight.contiguous(), s, z, ge,
-                       gemm_fn=_gemm_fn(lib, storage_bits(weight.bits, weight.dense)))
+    # mq_gemm is compiled in with AVX512-VNNI (gemv bit 3)
+    return NativeGemv4(lib.mq_call, weight, weight.qweight.contiguous(), s, z, ge, gemm=bool(_state.gemv & 8))

@@ -49,6 +49,8 @@ _PREPARED = "_prepared_matmul"
 #: attribute holding the prepared matmul that ``torch.compile`` traces instead of the custom op
 #: (:meth:`_QuantWeightBase.bind_cpu_kernels`; dropped like ``_PREPARED``)
 _BOUND = "_bound_matmul"
+#: the buffer names of row group ``b``: ``(qweight_b, scales_b, zeros_b)``
+_ROW_GROUP_NAMES = {b: (f"qweight_{b}", f"scales_{b}", f"zeros_{b}") for b in range(1, 9)}
 
 
 class _QuantWeightBase(nn.Module):
@@ -225,8 +227,25 @@ class _QuantWeightBase(nn.Module):
                 and cached[4] is zr:
             return cached[5]
         fn = prepare_packed_linear(x2d, self.packed_weight(b))
-        self.__dict__[_PREPARED] = (b, key, qw, sc, zr, fn)
+        self.__dict__[_PREPARED] = (b, key, qw, sc, zr, fn, getattr(fn, "decode", None))
         return fn
+
+    def _decode_lane(self, x: torch.Tensor):
+        """The prepared matmul's decode lane (``fn.decode``: ``x (..., k) -> y (..., n)`` or None), where the layer
+        was prepared before (the first eager call prepares it), this is eager CPU inference on ``x`` and the
+        preparation is still valid (:meth:`_prepared`'s checks); else None."""
+        cached = self.__dict__.get(_PREPARED)
+        if cached is None or cached[6] is None or not eager_inference(x):
+            return None
+        b, key, qw, sc, zr = cached[:5]
+        buf = self._buffers
+        names = _ROW_GROUP_NAMES[b]
+        if buf.get(names[0]) is not qw or buf.get(names[1]) is not sc or buf.get(names[2]) is not zr \
+                or self.mixed or self.bit_groups[0] != b:
+            return None
+        if key != (dispatch_generation(), tensor_version(qw), tensor_version(sc), tensor_version(zr)):
+            return None
+        return cached[6]
 
     def bind_cpu_kernels(self) -> bool:
         """Let ``torch.compile`` trace this layer's CPU kernel call itself (e.g. aten's int4 weight-only matmul)
@@ -398,6 +417,13 @@ class QuantLinear(_QuantWeightBase):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # eager CPU decode: the prepared kernel's decode lane, straight from x's own shape (a decode step calls
+        # this hundreds of times per token, where each Python-level check and reshape costs about a microsecond)
+        lane = self._decode_lane(x)
+        if lane is not None:
+            y = lane(x)
+            if y is not None:
+                return y if self.bias is None else y + self.bias.to(y.dtype)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         lead = x.shape[:-1]

@@ -488,7 +488,7 @@ def _prepared_fn(layer: QuantLinear):
     from medquant.quant.modules import _PREPARED
 
     entry = layer.__dict__.get(_PREPARED)
-    return None if entry is None else entry[-1]
+    return None if entry is None else entry[5]
 
 
 def test_prepared_matmul_equals_the_dispatched_one_and_is_built_once():
@@ -546,6 +546,40 @@ def test_prepared_matmul_is_not_shared_by_copies():
         assert _rel_err(twin(x), _ref(other, x)) < TOL[torch.bfloat16]
         assert _rel_err(layer(x), _ref(layer, x)) < TOL[torch.bfloat16]  # the original kept its weights
         assert float((twin(x) - layer(x)).abs().max()) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_lane_equals_the_prepared_matmul(dtype):
+    """Eager calls with few rows, once the layer is prepared, take the decode lane (the native kernel straight from
+    ``x``'s own shape, no reshape): bit-equal to the prepared matmul on the same rows as 2-D, bias added, shape
+    and dtype kept. The lane declines what ``run`` must take (rows at the gemm / dense switch, a non-contiguous
+    or float16 ``x``), is not used for a call that needs a gradient, and is dropped by an in-place edit."""
+    set_cpu_int4_kernel("auto")
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(48, 320, QuantConfig(4, group_size=64))
+    x = torch.randn(2, 3, 320, dtype=dtype)
+    with torch.no_grad():
+        y_first = layer(x)  # prepares the layer (general path)
+        lane = layer._decode_lane(x)
+        assert (lane is not None) == _native_takes(layer, 4)
+        y = layer(x)
+        ref2d = _prepared_fn(layer)(x.reshape(6, 320)).reshape(2, 3, 48) + layer.bias.to(dtype)
+        assert y.shape == (2, 3, 48) and y.dtype == dtype
+        torch.testing.assert_close(y, ref2d, rtol=0, atol=0)
+        torch.testing.assert_close(y, y_first, rtol=0, atol=0)
+        assert _rel_err(y.reshape(6, 48), _ref(layer, x.reshape(6, 320))) < TOL[torch.bfloat16]
+        if lane is not None:
+            assert lane(torch.randn(300, 320, dtype=dtype)) is None  # the gemm / dense switch: run takes it
+            assert lane(x.transpose(0, 1)) is None  # not contiguous
+            assert lane(x.to(torch.float16)) is None
+            assert lane(torch.randn(1, 319, dtype=dtype)) is None  # run raises for it
+        layer.qweight_4.zero_()  # an in-place edit: the lane is dropped until the layer is prepared again
+        assert layer._decode_lane(x) is None
+        zeroed = _ref(layer, x.reshape(6, 320))  # codes 0: w = -z s
+        assert _rel_err(layer(x).reshape(6, 48), zeroed) < TOL[torch.bfloat16]
+        assert (layer._decode_lane(x) is not None) == (lane is not None)  # prepared again: a new lane
+    xg = x.clone().requires_grad_()
+    assert layer._decode_lane(xg) is None  # a gradient: the custom op and its backward
 
 
 def test_prepared_matmul_rejects_a_wrong_input():

@@ -39,7 +39,7 @@
 #define MQ_BUILD_KEY "unset"
 #endif
 
-#define MQ_ABI 5
+#define MQ_ABI 6
 
 #define MQ_F32 0
 #define MQ_BF16 1
@@ -474,8 +474,10 @@ static inline __attribute__((always_inline)) void gemv4_rows(
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t *row = q + r * row_bytes;
         const float *sr = st + (r - r0) * ng, *zr = zt + (r - r0) * zs;
-        __m512 tot[8], acc[8], acc2[8];
-        for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = _mm512_setzero_ps();
+        /* bfloat16 products: with few rows of x, each row's products go to up to four accumulators (even / odd
+         * columns, hi / lo halves of split x) so consecutive vdpbf16ps do not wait on each other's results */
+        __m512 tot[8], acc[8], acc2[8], acc3[8], acc4[8];
+        for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; ++b) {
             const __m256i raw = load_codes(row, b, full, tail);
             const __m512i w = _mm512_cvtepu8_epi16(raw);
@@ -486,16 +488,28 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                 for (int i = 0; i < mb; ++i) {
                     const uint16_t *xi = xb + (m0 + i) * xps + b * 64;
                     acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)lob, (__m512bh)_mm512_load_si512((const void *)xi));
-                    acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)hib,
-                                              (__m512bh)_mm512_load_si512((const void *)(xi + 32)));
+                    if (mb <= 4)
+                        acc2[i] = _mm512_dpbf16_ps(acc2[i], (__m512bh)hib,
+                                                   (__m512bh)_mm512_load_si512((const void *)(xi + 32)));
+                    else
+                        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)hib,
+                                                  (__m512bh)_mm512_load_si512((const void *)(xi + 32)));
                 }
                 if (xl != NULL) /* the low halves of split x: x~ = hi + lo */
                     for (int i = 0; i < mb; ++i) {
                         const uint16_t *xi = xl + (m0 + i) * xps + b * 64;
-                        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)lob,
-                                                  (__m512bh)_mm512_load_si512((const void *)xi));
-                        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)hib,
-                                                  (__m512bh)_mm512_load_si512((const void *)(xi + 32)));
+                        const __m512bh l0 = (__m512bh)_mm512_load_si512((const void *)xi);
+                        const __m512bh l1 = (__m512bh)_mm512_load_si512((const void *)(xi + 32));
+                        if (mb <= 2) {
+                            acc3[i] = _mm512_dpbf16_ps(acc3[i], (__m512bh)lob, l0);
+                            acc4[i] = _mm512_dpbf16_ps(acc4[i], (__m512bh)hib, l1);
+                        } else if (mb <= 4) {
+                            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)lob, l0);
+                            acc2[i] = _mm512_dpbf16_ps(acc2[i], (__m512bh)hib, l1);
+                        } else {
+                            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)lob, l0);
+                            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)hib, l1);
+                        }
                     }
 #endif
             } else {
@@ -516,8 +530,12 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                 if (xb != NULL) {
                     const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
                     for (int i = 0; i < mb; ++i) {
-                        tot[i] = _mm512_fmadd_ps(acc[i], sv, tot[i]);
-                        acc[i] = _mm512_setzero_ps();
+                        const __m512 a = mb > 4 ? acc[i]
+                                       : mb > 2 ? _mm512_add_ps(acc[i], acc2[i])
+                                                : _mm512_add_ps(_mm512_add_ps(acc[i], acc2[i]),
+                                                                _mm512_add_ps(acc3[i], acc4[i]));
+                        tot[i] = _mm512_fmadd_ps(a, sv, tot[i]);
+                        acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm512_setzero_ps();
                     }
                 } else {
                     const __m512 sv0 = _mm512_set1_ps(s0), sv1 = _mm512_set1_ps(s1);
@@ -1153,4 +1171,22 @@ int mq_gemm(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k,
             const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
             int ydtype, int64_t ys, int nthreads) {
     return gemm_run(bits, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, nthreads);
+}
+
+/* One entry point for both matmuls with the weight's arguments in one array, so that a caller binding them once
+ * passes 8 arguments per call instead of 19 (a decode step makes one call per layer, where marshalling each
+ * argument from Python costs about 0.1 us):
+ *   h[0] q, h[1] n, h[2] row_bytes, h[3] k, h[4] kp, h[5] ge, h[6] ng, h[7] s, h[8] z, h[9] sz, h[10] bits
+ * (pointers as integers); flags: bit 0 xdtype, bit 1 ydtype, bits 2-3 xmode (mq_gemv4), bit 4 the blocked form
+ * (mq_gemm: xmode ignored). The same returns as the function called. */
+int mq_call(const int64_t *h, const void *x, int64_t m, int64_t xstride, void *y, int64_t ys, int flags,
+            int nthreads) {
+    const int bits = (int)h[10], xdtype = flags & 1, ydtype = (flags >> 1) & 1, xmode = (flags >> 2) & 3;
+    const uint8_t *q = (const uint8_t *)(intptr_t)h[0];
+    const void *s = (const void *)(intptr_t)h[7], *z = (const void *)(intptr_t)h[8];
+    if (flags & 16)
+        return gemm_run(bits, q, h[1], h[2], h[3], h[4], h[5], h[6], s, z, (int)h[9], x, xdtype, m, xstride, y,
+                        ydtype, ys, nthreads);
+    return gemv_run(bits, q, h[1], h[2], h[3], h[4], h[5], h[6], s, z, (int)h[9], x, xdtype, m, xstride, y, ydtype,
+                    ys, xmode, nthreads);
 }
