@@ -581,7 +581,7 @@ def _gemv4_cpu(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch
     (:class:`NativeGemv4`). Raises RuntimeError when the kernel declines (it never returns a wrong result)."""
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
     lib = _state.lib
-    rc = -3 if not _gemv_takes(lib, bits) else \
+    rc = -3 if lib is None or not _gemv_takes(lib, bits) else \
         _matmul_into(lib.mq_call, _matmul_head(qweight, s, z, k, kp, ge, bits), x, y, xmode << 2)
     if rc != 0:
         raise RuntimeError(f"medquant native {bits}-bit matmul declined the call (code {rc})")
