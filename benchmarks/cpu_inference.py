@@ -28,6 +28,9 @@ Every row runs in its own subprocess (``--worker``), so that its resident memory
 bfloat16 model and one quantized variant at a time and times their 256-token prefills alternately
 (``--ab-rounds`` rounds, the order swapped every round), so a shared machine's drift hits both sides of each pair
 (:func:`prefill_ab`; writes ``cpu_inference_prefill_ab.{json,md}`` unless ``--out`` says otherwise).
+``--decode-ab W4g128,...`` does the same for batch-1 decode: the float32 and bfloat16 models and one quantized
+variant at a time decode 64 tokens each in turn, the order rotated every round (:func:`decode_ab`; writes
+``cpu_inference_decode_ab.{json,md}``).
 
 Repeats (``--repeats``, default 3): medians. The accuracy check (SmolLM2, quantized rows): perplexity of 20
 held-out IU X-ray reports (64 tokens each, teacher-forced) through the fast path and through the torch reference
@@ -370,6 +373,51 @@ def prefill_ab(spec: dict) -> dict:
     return out
 
 
+def decode_ab(spec: dict) -> dict:
+    """Paired batch-1 decode in one process: the float32 and bfloat16 models and each quantized variant in turn.
+
+    Each round decodes ``spec["new"]`` tokens after a ``spec["prompt"]``-token prompt (KV cache, greedy) with the
+    three models, the order rotated every round, so a shared machine's drift reaches all three within seconds. A
+    round's ratios are the variant's tokens/s over each baseline's (above 1: the variant is faster). Reported per
+    variant and baseline: the median of the rounds' ratios, the ratio of the best rounds, and every round's
+    tokens/s."""
+    import gc
+
+    import torch
+
+    from benchmarks.common.lm import time_decode
+
+    torch.set_num_threads(spec["threads"])
+    bases = {name: _make(spec["model"], name, False)[0] for name in ("float32", "bfloat16")}
+    vocab = bases["float32"].config.vocab_size
+    ids = torch.randint(0, vocab, (1, spec["prompt"]), generator=torch.Generator().manual_seed(0))
+    out: dict = {"model": spec["model"], "rounds": spec["rounds"], "prompt": spec["prompt"], "new": spec["new"],
+                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "loadavg_before": os.getloadavg(),
+                 "variants": {}}
+    for variant, head in spec["ab_variants"]:
+        qm, _ = _make(spec["model"], variant, head)
+        models = {**bases, "variant": qm}
+        names = list(models)
+        rates: dict = {name: [] for name in names}
+        with torch.no_grad():
+            for m in models.values():  # warm-up: kernels prepared, allocator settled
+                time_decode(m, ids, 8)
+            for r in range(spec["rounds"]):
+                for name in names[r % 3:] + names[:r % 3]:
+                    rates[name].append(time_decode(models[name], ids, spec["new"]))
+        res: dict = {"variant": variant, "head": head, "tok_s": rates}
+        for base in bases:
+            ratios = [q / b for q, b in zip(rates["variant"], rates[base])]
+            res[f"vs_{base}"] = {"ratio_median": statistics.median(ratios),
+                                 "ratio_of_maxima": max(rates["variant"]) / max(rates[base])}
+        out["variants"][f"{variant}{'+head' if head else ''}"] = res
+        print(json.dumps({variant: {b: res[f"vs_{b}"]["ratio_median"] for b in bases}}), file=sys.stderr, flush=True)
+        del qm, models
+        gc.collect()
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
 def worker(spec: dict) -> dict:
     import torch
     import transformers  # noqa: F401  (part of the baseline)
@@ -521,16 +569,21 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-ab", default="", help="comma list of quantized variants: instead of the row table, "
                    "time the 256-token prefill of each against the bfloat16 model in one process, alternating "
                    "(paired rounds; writes <out>.json/.md, default stem cpu_inference_prefill_ab)")
-    p.add_argument("--ab-rounds", type=int, default=7, help="paired rounds per variant and mode (--prefill-ab)")
+    p.add_argument("--decode-ab", default="", help="comma list of quantized variants: instead of the row table, "
+                   "time batch-1 decode of each against the float32 and bfloat16 models in one process, in turn "
+                   "(paired rounds; writes <out>.json/.md, default stem cpu_inference_decode_ab)")
+    p.add_argument("--ab-rounds", type=int, default=7, help="paired rounds per variant (and prefill mode) "
+                   "(--prefill-ab, --decode-ab)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        result = prefill_ab(spec) if spec.get("mode") == "prefill_ab" else worker(spec)
+        mode = spec.get("mode")
+        result = prefill_ab(spec) if mode == "prefill_ab" else decode_ab(spec) if mode == "decode_ab" else worker(spec)
         print("ROW " + json.dumps(result), flush=True)
         return 0
-    if args.prefill_ab:
-        return _main_prefill_ab(args)
+    if args.prefill_ab or args.decode_ab:
+        return _main_ab(args, "prefill_ab" if args.prefill_ab else "decode_ab")
     import torch
 
     from benchmarks.common.datasets import use_data_dir
@@ -568,40 +621,56 @@ def main(argv=None) -> int:
     return 0
 
 
-def _main_prefill_ab(args) -> int:
-    """``--prefill-ab``: one subprocess per model runs :func:`prefill_ab`; table + JSON."""
+def _main_ab(args, mode: str) -> int:
+    """``--prefill-ab`` / ``--decode-ab`` (``mode`` ``"prefill_ab"`` / ``"decode_ab"``): one subprocess per model
+    runs :func:`prefill_ab` or :func:`decode_ab`; table + JSON."""
     import torch
 
     from benchmarks.common.env import hardware, versions
     from medquant.kernels import cpu_features, get_cpu_prefill_kernel
 
+    prefill = mode == "prefill_ab"
     models = (args.models or "smollm2").split(",")
-    variants = [v for v in args.prefill_ab.split(",") if v]
+    variants = [v for v in (args.prefill_ab if prefill else args.decode_ab).split(",") if v]
     heads = [True, False] if args.heads == "both" else [args.heads == "quantized"]
     threads = args.threads or torch.get_num_threads()
     results = []
     for model in models:
-        spec = {"mode": "prefill_ab", "model": model, "threads": threads, "rounds": args.ab_rounds,
-                "prefill": 256, "ab_variants": [(v, h) for v in variants for h in heads]}
+        spec = {"mode": mode, "model": model, "threads": threads, "rounds": args.ab_rounds,
+                "prefill": 256, "prompt": 32, "new": 64, "ab_variants": [(v, h) for v in variants for h in heads]}
         results.append(_run_worker(spec, {"model": model}))
-    stem = Path(args.out) if args.out else RESULTS / "cpu_inference_prefill_ab"
+    stem = Path(args.out) if args.out else RESULTS / f"cpu_inference_{mode}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    lines = [("| model | variant | prefill vs bf16 (all logits): median of paired ratios | ratio of minima | "
-             "generate-style (logits_to_keep=1): median | ratio of minima | rounds |"), "|---|---|---|---|---|---|---|"]
+    if prefill:
+        cols = ("all", "gen")
+        lines = [("| model | variant | prefill vs bf16 (all logits): median of paired ratios | ratio of minima | "
+                  "generate-style (logits_to_keep=1): median | ratio of minima | rounds |"),
+                 "|---|---|---|---|---|---|---|"]
+        title = "256-token prefill, bfloat16 model vs each variant alternating in one process"
+    else:
+        cols = ("vs_float32", "vs_bfloat16")
+        lines = [("| model | variant | decode vs float32: median of paired ratios | ratio of best rounds | "
+                 "decode vs bfloat16: median | ratio of best rounds | variant tok/s (median) | rounds |"),
+                 "|---|---|---|---|---|---|---|---|"]
+        title = "batch-1 decode (64 new tokens after 32), float32, bfloat16 and each variant in turn in one process"
     for res in results:
         if "error" in res:
-            lines.append(f"| {res['model']} | error: {res['error'][-120:]} | | | | | |")
+            lines.append(f"| {res['model']} | error: {res['error'][-120:]} |" + " |" * (len(cols) * 2 + 1))
             continue
         for name, v in res["variants"].items():
-            lines.append(f"| {res['model']} | {name} | {v['all']['ratio_median']:.2f} | {v['all']['ratio_of_minima']:.2f}"
-                         f" | {v['gen']['ratio_median']:.2f} | {v['gen']['ratio_of_minima']:.2f} | {res['rounds']} |")
+            cells = []
+            for c in cols:
+                second = v[c]["ratio_of_minima"] if prefill else v[c]["ratio_of_maxima"]
+                cells += [f"{v[c]['ratio_median']:.2f}", f"{second:.2f}"]
+            if not prefill:
+                cells.append(f"{statistics.median(v['tok_s']['variant']):.1f}")
+            lines.append(f"| {res['model']} | {name} | " + " | ".join(cells) + f" | {res['rounds']} |")
     table = "\n".join(lines)
-    out = {"benchmark": "cpu_inference --prefill-ab", "threads": threads, "prefill_kernel": get_cpu_prefill_kernel(),
-           "cpu_features": cpu_features(),
+    out = {"benchmark": f"cpu_inference --{mode.replace('_', '-')}", "threads": threads,
+           "prefill_kernel": get_cpu_prefill_kernel(), "cpu_features": cpu_features(),
            "hardware": hardware(), "versions": versions(), "results": results}
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(f"{threads} threads, 256-token prefill, bfloat16 model vs each variant "
-                                       f"alternating in one process, prefill kernel {get_cpu_prefill_kernel()}"
+    stem.with_suffix(".md").write_text(f"{threads} threads, {title}, prefill kernel {get_cpu_prefill_kernel()}"
                                        f"\n\n{table}\n")
     print(table)
     return 0 if all("error" not in r for r in results) else 1

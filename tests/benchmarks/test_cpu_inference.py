@@ -37,6 +37,20 @@ def test_prefill_ab_pairs_rounds_and_reports_their_ratios():
         assert v[mode]["ratio_of_minima"] == min(b) / min(q)
 
 
+def test_decode_ab_rotates_three_models_and_reports_ratios_against_both_baselines():
+    spec = {"model": "llama_small", "threads": 1, "rounds": 3, "prompt": 4, "new": 3,
+            "ab_variants": [("W4g128", True)]}
+    res = ci.decode_ab(spec)
+    v = res["variants"]["W4g128+head"]
+    assert v["variant"] == "W4g128" and v["head"] is True
+    rates = v["tok_s"]
+    assert set(rates) == {"float32", "bfloat16", "variant"} and all(len(r) == 3 and min(r) > 0 for r in rates.values())
+    for base in ("float32", "bfloat16"):
+        assert v[f"vs_{base}"]["ratio_median"] == statistics.median(
+            q / b for q, b in zip(rates["variant"], rates[base]))
+        assert v[f"vs_{base}"]["ratio_of_maxima"] == max(rates["variant"]) / max(rates[base])
+
+
 def test_decode_path_logits_are_the_teacher_forced_forward_one_position_at_a_time():
     """The accuracy check's decode path: positions fed one at a time through the KV cache give the logits of one
     forward over all of them (same weights, the torch reference path for both: only the cache differs)."""
