@@ -216,16 +216,30 @@ class _QuantWeightBase(nn.Module):
             w.index_copy_(0, self._rows(b), p)
         return w
 
+    def _valid_prepared(self, b: int) -> tuple | None:
+        """The cached preparation ``(b, key, qweight, scales, zeros, fn, fn.decode)`` of row group ``b`` while it
+        is still valid: same stored tensors (identity) at the same in-place versions, same dispatch generation
+        (nothing changed the kernel choice); else None."""
+        cached = self.__dict__.get(_PREPARED)
+        if cached is None or cached[0] != b:
+            return None
+        buf, names = self._buffers, _ROW_GROUP_NAMES[b]
+        qw, sc, zr = cached[2:5]
+        if buf.get(names[0]) is not qw or buf.get(names[1]) is not sc or buf.get(names[2]) is not zr:
+            return None
+        if cached[1] != (dispatch_generation(), tensor_version(qw), tensor_version(sc), tensor_version(zr)):
+            return None
+        return cached
+
     def _prepared(self, b: int, x2d: torch.Tensor):
         """The prepared matmul of row group ``b`` (:func:`medquant.kernels.prepare_packed_linear`), rebuilt when
         the kernel choice may have changed (dispatch generation) or the stored tensors changed (identity or
-        in-place version)."""
-        qw, sc, zr = (self._buffers.get(f"{name}_{b}") for name in ("qweight", "scales", "zeros"))
-        key = (dispatch_generation(), tensor_version(qw), tensor_version(sc), tensor_version(zr))
-        cached = self.__dict__.get(_PREPARED)
-        if cached is not None and cached[0] == b and cached[1] == key and cached[2] is qw and cached[3] is sc \
-                and cached[4] is zr:
+        in-place version): :meth:`_valid_prepared`."""
+        cached = self._valid_prepared(b)
+        if cached is not None:
             return cached[5]
+        qw, sc, zr = (self._buffers.get(name) for name in _ROW_GROUP_NAMES[b])
+        key = (dispatch_generation(), tensor_version(qw), tensor_version(sc), tensor_version(zr))
         fn = prepare_packed_linear(x2d, self.packed_weight(b))
         self.__dict__[_PREPARED] = (b, key, qw, sc, zr, fn, getattr(fn, "decode", None))
         return fn
@@ -233,19 +247,11 @@ class _QuantWeightBase(nn.Module):
     def _decode_lane(self, x: torch.Tensor):
         """The prepared matmul's decode lane (``fn.decode``: ``x (..., k) -> y (..., n)`` or None), where the layer
         was prepared before (the first eager call prepares it), this is eager CPU inference on ``x`` and the
-        preparation is still valid (:meth:`_prepared`'s checks); else None."""
-        cached = self.__dict__.get(_PREPARED)
-        if cached is None or cached[6] is None or not eager_inference(x):
+        preparation is still valid (:meth:`_valid_prepared`); else None."""
+        if self.mixed or not eager_inference(x):
             return None
-        b, key, qw, sc, zr = cached[:5]
-        buf = self._buffers
-        names = _ROW_GROUP_NAMES[b]
-        if buf.get(names[0]) is not qw or buf.get(names[1]) is not sc or buf.get(names[2]) is not zr \
-                or self.mixed or self.bit_groups[0] != b:
-            return None
-        if key != (dispatch_generation(), tensor_version(qw), tensor_version(sc), tensor_version(zr)):
-            return None
-        return cached[6]
+        cached = self._valid_prepared(self.bit_groups[0])
+        return None if cached is None else cached[6]
 
     def bind_cpu_kernels(self) -> bool:
         """Let ``torch.compile`` trace this layer's CPU kernel call itself (e.g. aten's int4 weight-only matmul)
