@@ -827,6 +827,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     gemv = plan.gemv
     # native4's x mode: 2 split into two bfloat16 halves, 1 rounded to bfloat16, 0 as it is (float32 FMA)
     xmode = (2 if _native4_activations == "split" else 1) if cd == torch.bfloat16 else 0
+    xmode_bf16 = 1 if xmode == 2 else xmode  # a bfloat16 x is its own hi half: no lo half to multiply
     # large M on the native blocked matmul (a settings change rebuilds this runner; traced calls take the dense path)
     gemm = _gemm_enabled(plan, cd)
     # native4 below this M (a settings change bumps the dispatch generation: prepared runners are rebuilt)
@@ -883,7 +884,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         if m == 0 or m >= (split_below if dt is torch.float32 else native_below):
             return None
         y = torch.empty((*x.shape[:-1], n), dtype=dt)
-        return y if gemv.into(x, m, y, 1 if xmode == 2 and dt is torch.bfloat16 else xmode) else None
+        return y if gemv.into(x, m, y, xmode_bf16 if dt is torch.bfloat16 else xmode) else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # a decode step calls this once per layer with the caches cold from the previous layer's weights, where
@@ -901,7 +902,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
                 xk = xk.float()
             if k > 1 and xk.stride(1) != 1:
                 xk = _contiguous(xk)
-            y = gemv.run(xk, 1 if xmode == 2 and xk.dtype == torch.bfloat16 else xmode)
+            y = gemv.run(xk, xmode_bf16 if xk.dtype == torch.bfloat16 else xmode)
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
             return dense(x.to(cd).contiguous()).to(dt)
