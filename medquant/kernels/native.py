@@ -34,10 +34,10 @@ the kernel is active and why not. Nothing here raises into an import or a forwar
 :func:`native_dequantizer` binds one row group's arguments once (the CPU backend's prepared call keeps it), so
 a call costs the C function alone; :meth:`NativeDequantizer.into` fills a range of rows into a caller's buffer.
 
-**Weight-only matmul.** :func:`native_gemv4` binds a row group whose codes sit in 4-bit containers (C function
-``mq_gemv4``), 8-bit containers (``mq_gemv8``), or a stream of ``b``-bit codes (``mq_gemvs``: the dense 3/5/6/7-bit
-layout, 1- and 2-bit containers, read at their stored width; the library needs AVX512-VBMI for these); calling it
-computes
+**Weight-only matmul.** :func:`native_gemv4` binds a row group whose codes sit in 4-bit containers, 8-bit
+containers, or a stream of ``b``-bit codes (the dense 3/5/6/7-bit layout, 1- and 2-bit containers, read at their
+stored width; the library needs AVX512-VBMI for these), all through the C function ``mq_call`` (the weight's
+arguments bound once in an array); calling it computes
 
     y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
 
@@ -47,7 +47,7 @@ bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to f
 :func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream``. The operator ``medquant::gemv4`` wraps it for
 ``torch.compile``.
 
-**Blocked matmul for many rows.** :meth:`NativeGemv4.gemm` (C function ``mq_gemm``, compiled with AVX512-VNNI;
+**Blocked matmul for many rows.** :meth:`NativeGemv4.gemm` (``mq_call``'s blocked form, compiled with AVX512-VNNI;
 :func:`native_status` reports ``gemm``) computes the same product for the CPU backend's prefill calls with ``x``
 as 16-bit integers per block of columns (``x~ = t * round(x / t)``, ``t`` the block's largest magnitude / 32767):
 integer products and sums within a block, float32 across blocks, a float32 output. A panel of 32 weight rows is
@@ -205,8 +205,7 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     if not digest.is_file() or digest.read_text().strip() != _sha256(path):
         raise ValueError(f"{path} does not match its recorded SHA-256 (corrupted or replaced)")
     lib = ctypes.CDLL(str(path))
-    for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant", "mq_gemv4", "mq_gemv8",
-                 "mq_gemvs", "mq_gemm", "mq_gemv4_caps", "mq_call"):
+    for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant", "mq_gemv4_caps", "mq_call"):
         if not hasattr(lib, name):
             raise _Foreign(f"{path} lacks the symbol {name}: not medquant's library")
     lib.mq_build_key.restype = ctypes.c_char_p
@@ -221,13 +220,6 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     lib.mq_dequant.restype = ctypes.c_int
     lib.mq_dequant.argtypes = [vp, i64, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, vp, vp, ctypes.c_int,
                                ctypes.c_int, vp, i64, ctypes.c_int]
-    gemv_args: list = [vp, i64, i64, i64, i64, i64, i64, vp, vp, ctypes.c_int, vp, ctypes.c_int, i64, i64, vp,
-                       ctypes.c_int, i64, ctypes.c_int, ctypes.c_int]
-    for fn in (lib.mq_gemv4, lib.mq_gemv8, lib.mq_gemvs):
-        fn.restype = ctypes.c_int
-        fn.argtypes = gemv_args if fn is not lib.mq_gemvs else [ctypes.c_int, *gemv_args]
-    lib.mq_gemm.restype = ctypes.c_int
-    lib.mq_gemm.argtypes = [ctypes.c_int, *gemv_args[:-2], ctypes.c_int]  # no xmode
     lib.mq_call.restype = ctypes.c_int
     lib.mq_call.argtypes = [vp, vp, i64, i64, vp, i64, ctypes.c_int, ctypes.c_int]
     return lib
@@ -544,21 +536,22 @@ def _matmul_head(qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int
                  z.data_ptr(), param_flags(s, z), bits)
 
 
-def _matmul_into(call, head, x: torch.Tensor, y: torch.Tensor, flags: int) -> int:
+def _matmul_into(call, head, x: torch.Tensor, y: torch.Tensor, flags: int, rows: tuple | None = None) -> int:
     """Run ``mq_call`` (``flags``: xmode << 2, or the blocked form) for ``x (M, k)`` into ``y`` (float32 or
-    bfloat16, ``(M, n)``); its return code."""
+    bfloat16, ``(M, n)``); its return code. ``rows``: ``(M, x's row stride, y's row stride)`` for tensors of
+    another shape holding ``M`` rows (default: from ``x`` and ``y`` as 2-D)."""
     if x.dtype == torch.bfloat16:
         flags |= _X_BF16
     if y.dtype == torch.bfloat16:
         flags |= _Y_BF16
-    return call(head, x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr(), y.stride(0), flags,
-                torch.get_num_threads())
+    m, xs, ys = rows if rows is not None else (x.shape[0], x.stride(0), y.stride(0))
+    return call(head, x.data_ptr(), m, xs, y.data_ptr(), ys, flags, torch.get_num_threads())
 
 
-def _gemv_takes(lib, bits: int) -> bool:
-    """Whether the library's native matmul reads codes stored in ``bits`` bits: 4- and 8-bit containers always,
-    the other widths 1..7 where it was built with the stream kernel (AVX512-VBMI)."""
-    return lib is not None and (bits in (4, 8) or (bool(_state.gemv & 4) and 1 <= bits <= 7))
+def _gemv_takes(bits: int) -> bool:
+    """Whether the loaded library's native matmul reads codes stored in ``bits`` bits: 4- and 8-bit containers
+    always, the other widths 1..7 where it was built with the stream kernel (AVX512-VBMI)."""
+    return bits in (4, 8) or (bool(_state.gemv & 4) and 1 <= bits <= 7)
 
 
 # ``medquant::gemv4`` is registered with the low-level ``torch.library.Library`` API (a CPU kernel and a fake one)
@@ -581,7 +574,7 @@ def _gemv4_cpu(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch
     (:class:`NativeGemv4`). Raises RuntimeError when the kernel declines (it never returns a wrong result)."""
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
     lib = _state.lib
-    rc = -3 if lib is None or not _gemv_takes(lib, bits) else \
+    rc = -3 if lib is None or not _gemv_takes(bits) else \
         _matmul_into(lib.mq_call, _matmul_head(qweight, s, z, k, kp, ge, bits), x, y, xmode << 2)
     if rc != 0:
         raise RuntimeError(f"medquant native {bits}-bit matmul declined the call (code {rc})")
@@ -677,17 +670,15 @@ class NativeGemv4:
         """:meth:`run` for a contiguous ``x`` of any shape holding ``m`` rows of ``k`` values, into a contiguous
         ``y`` of the same dtype holding ``m`` rows of ``n`` (the caller has checked both): a decode step's call,
         without reshapes. False when the C function declined (``y`` is then not written)."""
-        flags = xmode << 2 | (_X_BF16 | _Y_BF16 if x.dtype == torch.bfloat16 else 0)
-        return self._call(self._haddr, x.data_ptr(), m, self.k, y.data_ptr(), self.n, flags,
-                          torch.get_num_threads()) == 0
+        return _matmul_into(self._call, self._haddr, x, y, xmode << 2, (m, self.k, self.n)) == 0
 
     @property
     def has_gemm(self) -> bool:
-        """Whether :meth:`gemm` can run here (the library has ``mq_gemm``: AVX512-VNNI)."""
+        """Whether :meth:`gemm` can run here (the library has the blocked matmul: AVX512-VNNI)."""
         return self._gemm
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``y (M, n)`` for many rows of ``x`` (prefill) by the blocked integer kernel ``mq_gemm``:
+        """``y (M, n)`` for many rows of ``x`` (prefill) by the blocked integer kernel (``mq_call``'s blocked form):
 
             x~[i, j] = t[i, c] * round_half_even(x[i, j] / t[i, c]),  t[i, c] = max_{j in c} |x[i, j]| / 32767
 
@@ -708,7 +699,7 @@ class NativeGemv4:
             x: ``(M, k)`` CPU float32 or bfloat16 tensor with unit column stride.
 
         Returns:
-            ``y``, or None where the kernel declines: no ``mq_gemm`` in this build, or an ``x`` with a value that is
+            ``y``, or None where the kernel declines: no blocked matmul in this build, or an ``x`` with a value that is
             not finite or a block whose largest magnitude is below ``2^-100`` (the caller's dense path then runs
             it and propagates such values as torch does).
         """
@@ -762,10 +753,10 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor | None = None,
     lib = _library()
     if lib is None or not _state.gemv & 1:
         return None
-    if not _gemv_takes(lib, storage_bits(weight.bits, weight.dense)):
+    if not _gemv_takes(storage_bits(weight.bits, weight.dense)):
         return None
     kp = weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp
     s, z = kernel_params(weight, kp // ge, scale, zero)
-    # mq_gemm is compiled in with AVX512-VNNI (gemv bit 3)
+    # the blocked matmul is compiled in with AVX512-VNNI (gemv bit 3)
     return NativeGemv4(lib.mq_call, weight, weight.qweight.contiguous(), s, z, ge, gemm=bool(_state.gemv & 8))

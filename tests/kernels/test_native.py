@@ -282,8 +282,6 @@ def test_foreign_cached_library_is_declined(native, monkeypatch, tmp_path):
     src.write_text('const char *mq_build_key(void) { return "someone-else"; }\n'
                    "int mq_abi(void) { return 1; }\nint mq_has_f16(void) { return 0; }\n"
                    "int mq_openmp(void) { return 0; }\nint mq_dequant(void) { return 0; }\n"
-                   "int mq_gemv4(void) { return 0; }\nint mq_gemv8(void) { return 0; }\n"
-                   "int mq_gemvs(void) { return 0; }\nint mq_gemm(void) { return 0; }\n"
                    "int mq_gemv4_caps(void) { return 0; }\nint mq_call(void) { return 0; }\n")
     lib = build / "libmqdequant.so"
     subprocess.run([shutil.which("cc") or shutil.which("gcc") or "clang", "-shared", "-fPIC", "-o", str(lib),

@@ -334,8 +334,9 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
 }
 
 /* ---------------------------------------------------------------------------------------------------------
- * Weight-only matmul on the packed codes (decode and small batches: the CPU backend's "native<b>" paths): 4-bit
- * containers (mq_gemv4), 8-bit containers (mq_gemv8), other widths as a bit stream (mq_gemvs, below).
+ * Weight-only matmul on the packed codes (decode and small batches: the CPU backend's "native<b>" paths), gemv_run
+ * (called through mq_call, at the end of this file): 4-bit containers, 8-bit containers, other widths as a bit
+ * stream (gemvs_rows, below).
  *
  *     y[i, r] = sum_g s[r, g] * ( sum_{j in g} u[r, j] x~[i, j]  -  z[r, g] * sum_{j in g} x~[i, j] )
  *
@@ -380,7 +381,7 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
 #endif
 
 #if MQ_GEMV_F32 && defined(__AVX512VNNI__)
-#define MQ_GEMM_CAP 1 /* mq_gemm (int16 products by vpdpwssd) */
+#define MQ_GEMM_CAP 1 /* gemm_run (int16 products by vpdpwssd) */
 #else
 #define MQ_GEMM_CAP 0
 #endif
@@ -391,7 +392,7 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
 #define MQ_GEMV_STREAM 0
 #endif
 
-/* bit 3: mq_gemm is compiled in (AVX512-VNNI) */
+/* bit 3: the blocked matmul (gemm_run, mq_call's flag 16) is compiled in (AVX512-VNNI) */
 int mq_gemv4_caps(void) {
     return MQ_GEMV_F32 | (MQ_GEMV_BF16 << 1) | (MQ_GEMV_STREAM << 2) | (MQ_GEMM_CAP << 3);
 }
@@ -833,29 +834,6 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
 #endif
 }
 
-int mq_gemv4(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
-             const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
-             int ydtype, int64_t ys, int xmode, int nthreads) {
-    return gemv_run(4, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
-}
-
-/* mq_gemv4's computation on 8-bit containers (codes 0..255, one per byte): the same arguments and returns */
-int mq_gemv8(const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
-             const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
-             int ydtype, int64_t ys, int xmode, int nthreads) {
-    return gemv_run(8, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
-}
-
-/* mq_gemv4's computation on a stream of bits-bit codes, lowest bits first (bits 1..8 but 4: the dense 3/5/6/7-bit
- * layout, 1- and 2-bit containers, 8-bit containers): the same arguments after bits, the same returns (-3 also for
- * a width other than 4 or 8 in a build without AVX512-VBMI, mq_gemv4_caps() bit 2) */
-int mq_gemvs(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
-             const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
-             int ydtype, int64_t ys, int xmode, int nthreads) {
-    if (bits == 4) return -1;
-    return gemv_run(bits, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, xmode, nthreads);
-}
-
 /* ---------------------------------------------------------------------------------------------------------
  * Weight-only matmul for many rows of x (prefill: the CPU backend's "gemm" path). x is taken as 16-bit integers
  * per block of columns: for row i and block c (columns [c B, (c + 1) B), B the group, or 128 for channel / tensor
@@ -880,7 +858,7 @@ int mq_gemvs(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k
  *     and s * z transposed to [ng][32];
  *   - tiles of up to MQ_GEMM_MR rows of x: 2 * MQ_GEMM_MR int32 accumulators of 16 lanes (lane c = weight row
  *     c); each step loads the panel's two vectors of pair p and broadcasts each x row's pair p.
- * Arguments and returns as mq_gemvs but for xmode (absent: x enters as above) and bits 1..8 (4 and 8: containers,
+ * Arguments and returns as gemv_run but for xmode (absent: x enters as above) and bits 1..8 (4 and 8: containers,
  * others a stream of bits-bit codes, lowest bits first); -3 when the build lacks AVX512-VNNI (mq_gemv4_caps() bit
  * 3), -5 (nothing written) when x has a value that is not finite (the caller's dense path then runs it).
  * --------------------------------------------------------------------------------------------------------- */
@@ -1166,19 +1144,14 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
 #endif
 }
 
-/* The blocked form for many rows of x (above): mq_gemvs's arguments but xmode (bits 1..8, 4 and 8 included) */
-int mq_gemm(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge, int64_t ng,
-            const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m, int64_t xstride, void *y,
-            int ydtype, int64_t ys, int nthreads) {
-    return gemm_run(bits, q, n, row_bytes, k, kp, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, nthreads);
-}
-
 /* One entry point for both matmuls with the weight's arguments in one array, so that a caller binding them once
  * passes 8 arguments per call instead of 19 (a decode step makes one call per layer, where marshalling each
  * argument from Python costs about 0.1 us):
  *   h[0] q, h[1] n, h[2] row_bytes, h[3] k, h[4] kp, h[5] ge, h[6] ng, h[7] s, h[8] z, h[9] sz, h[10] bits
- * (pointers as integers); flags: bit 0 xdtype, bit 1 ydtype, bits 2-3 xmode (mq_gemv4), bit 4 the blocked form
- * (mq_gemm: xmode ignored). The same returns as the function called. */
+ * (pointers as integers); h[10] 1..8, the width codes are stored in (4 and 8: containers, others a bit stream);
+ * flags: bit 0 xdtype, bit 1 ydtype, bits 2-3 xmode (gemv_run), bit 4 the blocked form (gemm_run: xmode ignored).
+ * The same returns as the function called (-3 also for a stream width in a build without AVX512-VBMI,
+ * mq_gemv4_caps() bit 2). */
 int mq_call(const int64_t *h, const void *x, int64_t m, int64_t xstride, void *y, int64_t ys, int flags,
             int nthreads) {
     const int bits = (int)h[10], xdtype = flags & 1, ydtype = (flags >> 1) & 1, xmode = (flags >> 2) & 3;
