@@ -373,6 +373,25 @@ def prefill_ab(spec: dict) -> dict:
     return out
 
 
+def _rotated_rounds(timers: dict, rounds: int) -> dict:
+    """``{name: [tokens/s per round]}``: every timer once per round, the order rotated by one every round (a shared
+    machine's drift then reaches all of them alike)."""
+    names = list(timers)
+    rates: dict = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            rates[name].append(timers[name]())
+    return rates
+
+
+def _ratios(rates: dict, variant: str, bases) -> dict:
+    """Per baseline: the median over rounds of ``variant``'s tokens/s over the baseline's, and the ratio of their
+    best rounds."""
+    return {f"vs_{base}": {"ratio_median": statistics.median(q / b for q, b in zip(rates[variant], rates[base])),
+                           "ratio_of_maxima": max(rates[variant]) / max(rates[base])} for base in bases}
+
+
 def decode_ab(spec: dict) -> dict:
     """Paired batch-1 decode in one process: the float32 and bfloat16 models and each quantized variant in turn.
 
@@ -397,22 +416,75 @@ def decode_ab(spec: dict) -> dict:
     for variant, head in spec["ab_variants"]:
         qm, _ = _make(spec["model"], variant, head)
         models = {**bases, "variant": qm}
-        names = list(models)
-        rates: dict = {name: [] for name in names}
         with torch.no_grad():
             for m in models.values():  # warm-up: kernels prepared, allocator settled
                 time_decode(m, ids, 8)
-            for r in range(spec["rounds"]):
-                for name in names[r % 3:] + names[:r % 3]:
-                    rates[name].append(time_decode(models[name], ids, spec["new"]))
-        res: dict = {"variant": variant, "head": head, "tok_s": rates}
-        for base in bases:
-            ratios = [q / b for q, b in zip(rates["variant"], rates[base])]
-            res[f"vs_{base}"] = {"ratio_median": statistics.median(ratios),
-                                 "ratio_of_maxima": max(rates["variant"]) / max(rates[base])}
+            rates = _rotated_rounds({name: (lambda m=m: time_decode(m, ids, spec["new"]))
+                                     for name, m in models.items()}, spec["rounds"])
+        res: dict = {"variant": variant, "head": head, "tok_s": rates, **_ratios(rates, "variant", bases)}
         out["variants"][f"{variant}{'+head' if head else ''}"] = res
         print(json.dumps({variant: {b: res[f"vs_{b}"]["ratio_median"] for b in bases}}), file=sys.stderr, flush=True)
         del qm, models
+        gc.collect()
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
+def compile_ab(spec: dict) -> dict:
+    """Paired batch-1 decode through ``generate``: eager against the documented recipe, a static KV cache and a
+    compiled decode step (:func:`medquant.quant.decode.static_decode_`), in one process.
+
+    Per quantized variant, each round times ``generate`` (``spec["new"]`` tokens after a ``spec["prompt"]``-token
+    prompt, greedy; tokens/s of the decode steps: :func:`_generate_decode_tok_s`) of: the float32 and bfloat16
+    models (eager), the bfloat16 model with the same recipe (the control: does compiling help the float model as
+    much?), the variant eager, the variant compiled, and the variant compiled with the guards skipped
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: what evaluating the compiled step's guards costs;
+    not a recommended setting), the order rotated every round. Reported: every round's tokens/s, and for the
+    variant eager and compiled the median of per-round ratios against each baseline; the first compiled call's
+    seconds (compilation)."""
+    import gc
+
+    import torch
+
+    from medquant.quant.decode import static_decode_
+
+    torch.set_num_threads(spec["threads"])
+    new, rounds = spec["new"], spec["rounds"]
+    bases = {name: _make(spec["model"], name, False)[0] for name in ("float32", "bfloat16")}
+    backend = spec.get("backend", "inductor")  # the tests pass "eager" (Dynamo's trace without code generation)
+    bf16_compiled = static_decode_(_make(spec["model"], "bfloat16", False)[0], backend=backend)
+    vocab = bases["float32"].config.vocab_size
+    ids = torch.randint(0, vocab, (1, spec["prompt"]), generator=torch.Generator().manual_seed(0))
+
+    def rate(model, skip_guards: bool = False) -> float:
+        if not skip_guards:
+            return _generate_decode_tok_s(model, ids, new, 1)[0]
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return _generate_decode_tok_s(model, ids, new, 1)[0]
+
+    out: dict = {"model": spec["model"], "rounds": rounds, "prompt": spec["prompt"], "new": new,
+                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "loadavg_before": os.getloadavg(),
+                 "bfloat16_compile_first_call_s": _generate_decode_tok_s(bf16_compiled, ids, new, 1)[1],
+                 "variants": {}}
+    baselines = ("float32", "bfloat16", "bfloat16_compiled")
+    for variant, head in spec["ab_variants"]:
+        models = {**bases, "bfloat16_compiled": bf16_compiled, "eager": _make(spec["model"], variant, head)[0],
+                  "compiled": static_decode_(_make(spec["model"], variant, head)[0], backend=backend)}
+        with torch.no_grad():
+            first = _generate_decode_tok_s(models["compiled"], ids, new, 1)[1]  # compiles
+            for m in models.values():  # warm-up: kernels prepared, allocator settled
+                rate(m)
+            timers = {name: (lambda m=m: rate(m)) for name, m in models.items()}
+            timers["compiled_skip_guards"] = lambda m=models["compiled"]: rate(m, True)
+            rates = _rotated_rounds(timers, rounds)
+        res: dict = {"variant": variant, "head": head, "tok_s": rates, "compile_first_call_s": first,
+                     "eager": _ratios(rates, "eager", baselines),
+                     "compiled": _ratios(rates, "compiled", (*baselines, "eager")),
+                     "compiled_skip_guards": _ratios(rates, "compiled_skip_guards", ("compiled",))}
+        out["variants"][f"{variant}{'+head' if head else ''}"] = res
+        print(json.dumps({variant: {k: res["compiled"][k]["ratio_median"] for k in res["compiled"]}}),
+              file=sys.stderr, flush=True)
+        del models, timers
         gc.collect()
     out["loadavg_after"] = os.getloadavg()
     return out
@@ -572,18 +644,23 @@ def main(argv=None) -> int:
     p.add_argument("--decode-ab", default="", help="comma list of quantized variants: instead of the row table, "
                    "time batch-1 decode of each against the float32 and bfloat16 models in one process, in turn "
                    "(paired rounds; writes <out>.json/.md, default stem cpu_inference_decode_ab)")
+    p.add_argument("--compile-ab", default="", help="comma list of quantized variants: instead of the row table, "
+                   "time batch-1 decode through generate, eager against a static cache + compiled decode step "
+                   "(static_decode_), with float32, bfloat16 and compiled bfloat16 baselines, in one process "
+                   "(paired rounds; writes <out>.json/.md, default stem cpu_inference_compile_ab)")
     p.add_argument("--ab-rounds", type=int, default=7, help="paired rounds per variant (and prefill mode) "
-                   "(--prefill-ab, --decode-ab)")
+                   "(--prefill-ab, --decode-ab, --compile-ab)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
         mode = spec.get("mode")
-        result = prefill_ab(spec) if mode == "prefill_ab" else decode_ab(spec) if mode == "decode_ab" else worker(spec)
-        print("ROW " + json.dumps(result), flush=True)
+        run = {"prefill_ab": prefill_ab, "decode_ab": decode_ab, "compile_ab": compile_ab}.get(mode, worker)
+        print("ROW " + json.dumps(run(spec)), flush=True)
         return 0
-    if args.prefill_ab or args.decode_ab:
-        return _main_ab(args, "prefill_ab" if args.prefill_ab else "decode_ab")
+    for mode in ("prefill_ab", "decode_ab", "compile_ab"):
+        if getattr(args, mode):
+            return _main_ab(args, mode)
     import torch
 
     from benchmarks.common.datasets import use_data_dir
@@ -621,9 +698,30 @@ def main(argv=None) -> int:
     return 0
 
 
+def _compile_ab_table(results: list[dict]) -> str:
+    """The ``--compile-ab`` table: medians of paired ratios (module docstring of :func:`compile_ab`)."""
+    lines = [("| model | variant | compiled vs float32 | vs bfloat16 | vs compiled bfloat16 | vs the variant eager | "
+              "eager vs float32 | eager vs bfloat16 | tok/s: float32 / bfloat16 / bf16 compiled / eager / compiled / "
+              "compiled, guards skipped | rounds |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        if "error" in res:
+            lines.append(f"| {res['model']} | error: {res['error'][-120:]} |" + " |" * 8)
+            continue
+        for name, v in res["variants"].items():
+            c, e = v["compiled"], v["eager"]
+            cells = [f"{c[f'vs_{b}']['ratio_median']:.2f}" for b in ("float32", "bfloat16", "bfloat16_compiled",
+                                                                      "eager")]
+            cells += [f"{e[f'vs_{b}']['ratio_median']:.2f}" for b in ("float32", "bfloat16")]
+            cells.append(" / ".join(f"{statistics.median(v['tok_s'][k]):.1f}" for k in (
+                "float32", "bfloat16", "bfloat16_compiled", "eager", "compiled", "compiled_skip_guards")))
+            lines.append(f"| {res['model']} | {name} | " + " | ".join(cells) + f" | {res['rounds']} |")
+    return "\n".join(lines)
+
+
 def _main_ab(args, mode: str) -> int:
-    """``--prefill-ab`` / ``--decode-ab`` (``mode`` ``"prefill_ab"`` / ``"decode_ab"``): one subprocess per model
-    runs :func:`prefill_ab` or :func:`decode_ab`; table + JSON."""
+    """``--prefill-ab`` / ``--decode-ab`` / ``--compile-ab`` (``mode`` ``"prefill_ab"`` / ``"decode_ab"`` /
+    ``"compile_ab"``): one subprocess per model runs :func:`prefill_ab`, :func:`decode_ab` or :func:`compile_ab`;
+    table + JSON."""
     import torch
 
     from benchmarks.common.env import hardware, versions
@@ -631,7 +729,7 @@ def _main_ab(args, mode: str) -> int:
 
     prefill = mode == "prefill_ab"
     models = (args.models or "smollm2").split(",")
-    variants = [v for v in (args.prefill_ab if prefill else args.decode_ab).split(",") if v]
+    variants = [v for v in getattr(args, mode).split(",") if v]
     heads = [True, False] if args.heads == "both" else [args.heads == "quantized"]
     threads = args.threads or torch.get_num_threads()
     results = []
@@ -641,7 +739,11 @@ def _main_ab(args, mode: str) -> int:
         results.append(_run_worker(spec, {"model": model}))
     stem = Path(args.out) if args.out else RESULTS / f"cpu_inference_{mode}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    if prefill:
+    if mode == "compile_ab":
+        table = _compile_ab_table(results)
+        title = ("batch-1 decode through generate (64 new tokens after 32): eager vs static cache + compiled step, "
+                 "with float32, bfloat16 and compiled bfloat16 baselines, in turn in one process")
+    elif prefill:
         cols = ("all", "gen")
         lines = [("| model | variant | prefill vs bf16 (all logits): median of paired ratios | ratio of minima | "
                   "generate-style (logits_to_keep=1): median | ratio of minima | rounds |"),
@@ -653,19 +755,20 @@ def _main_ab(args, mode: str) -> int:
                  "decode vs bfloat16: median | ratio of best rounds | variant tok/s (median) | rounds |"),
                  "|---|---|---|---|---|---|---|---|"]
         title = "batch-1 decode (64 new tokens after 32), float32, bfloat16 and each variant in turn in one process"
-    for res in results:
-        if "error" in res:
-            lines.append(f"| {res['model']} | error: {res['error'][-120:]} |" + " |" * (len(cols) * 2 + 1))
-            continue
-        for name, v in res["variants"].items():
-            cells = []
-            for c in cols:
-                second = v[c]["ratio_of_minima"] if prefill else v[c]["ratio_of_maxima"]
-                cells += [f"{v[c]['ratio_median']:.2f}", f"{second:.2f}"]
-            if not prefill:
-                cells.append(f"{statistics.median(v['tok_s']['variant']):.1f}")
-            lines.append(f"| {res['model']} | {name} | " + " | ".join(cells) + f" | {res['rounds']} |")
-    table = "\n".join(lines)
+    if mode != "compile_ab":
+        for res in results:
+            if "error" in res:
+                lines.append(f"| {res['model']} | error: {res['error'][-120:]} |" + " |" * (len(cols) * 2 + 1))
+                continue
+            for name, v in res["variants"].items():
+                cells = []
+                for c in cols:
+                    second = v[c]["ratio_of_minima"] if prefill else v[c]["ratio_of_maxima"]
+                    cells += [f"{v[c]['ratio_median']:.2f}", f"{second:.2f}"]
+                if not prefill:
+                    cells.append(f"{statistics.median(v['tok_s']['variant']):.1f}")
+                lines.append(f"| {res['model']} | {name} | " + " | ".join(cells) + f" | {res['rounds']} |")
+        table = "\n".join(lines)
     out = {"benchmark": f"cpu_inference --{mode.replace('_', '-')}", "threads": threads,
            "prefill_kernel": get_cpu_prefill_kernel(), "cpu_features": cpu_features(),
            "hardware": hardware(), "versions": versions(), "results": results}

@@ -135,7 +135,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .bundle import PackedWeight
 from .dispatch import bump_generation, register_backend, register_kernel
 from .layout import container_bits, unpack
-from .native import NativeGemv4, dequantize_native, native_dequantizer, native_gemv4
+from .native import NativeGemv4, dequantize_native, gemv4_bound_op, native_dequantizer, native_gemv4
 from .reference import check_packed_input, packed_linear_reference
 
 #: group sizes the aten int4 CPU kernel takes, largest first
@@ -930,7 +930,43 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
 
     if gemv is not None and native_dtypes:
         run.decode = decode  # type: ignore[attr-defined]
+        # a compiled graph's call below the switch: the native kernel by handle (_traced_lane)
+        lane = (gemv.handle, k, n, native_below, xmode, xmode_bf16)
+
+        def traced(x: torch.Tensor) -> torch.Tensor | None:
+            return _traced_lane(lane, x)
+
+        run.traced = traced  # type: ignore[attr-defined]
     return run
+
+
+def _traced_lane(lane: tuple, x: torch.Tensor) -> torch.Tensor | None:
+    """Under ``torch.compile``: ``y (..., n)`` for ``x (..., k)`` as one ``medquant::gemv4_bound`` call (the native
+    kernel bound once, called by its handle: the graph takes no weight tensors, so it guards and checks none at
+    each call), or None where the prepared matmul must run it (as many rows as the native kernel's switch or
+    more, which the traced dense path takes; a dtype the kernel does not read; a gradient).
+
+    Args:
+        lane: ``(handle, k, n, rows below which the native kernel runs, xmode for float32 x, xmode for bfloat16
+            x)``.
+        x: the activations.
+
+    Returns:
+        ``y`` in ``x``'s dtype (the kernel's float32 sums, rounded once for bfloat16), or None.
+    """
+    handle, k, n, below, xmode, xmode_bf16 = lane
+    dt = x.dtype
+    if x.device.type != "cpu" or dt not in (torch.float32, torch.bfloat16) or x.shape[-1] != k or \
+            (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    m = x.numel() // k if k else 0
+    if m == 0 or m >= below:
+        return None
+    x2 = x.reshape(m, k)
+    if k > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = gemv4_bound_op(x2, handle, n, xmode_bf16 if dt == torch.bfloat16 else xmode)
+    return (y if dt == torch.float32 else y.to(dt)).reshape(*x.shape[:-1], n)
 
 
 def cpu_packed_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -71,6 +72,7 @@ import sys
 import tempfile
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -591,6 +593,43 @@ def _gemv4_fake(x, qweight, s, z, k, kp, ge, xmode, bits):
 
 gemv4_op = torch.ops.medquant.gemv4.default
 
+# ``medquant::gemv4_bound`` calls a matmul bound once (:class:`NativeGemv4`) by its handle, an integer: a compiled
+# decode step then holds no weight tensors. Each tensor a graph takes costs a guard at every call (shape, stride,
+# dtype) and a size assertion in the generated code; SmolLM2's 211 layers x (codes, scales, zero points) made
+# about a fifth of a compiled step's time. The handle is never an address: an unknown one raises.
+_OPS.define("gemv4_bound(Tensor x, int handle, int n, int xmode) -> Tensor")
+#: the bound matmuls by handle, held weakly: a matmul its layer no longer holds goes away, and a graph still
+#: calling it gets an error, not another layer's weights
+_BOUND: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
+
+
+def _gemv4_bound_cpu(x: torch.Tensor, handle: int, n: int, xmode: int) -> torch.Tensor:
+    """``y (M, n) float32`` of the bound matmul ``handle`` (:attr:`NativeGemv4.handle`) for ``x (M, k)``, float32 or
+    bfloat16 with unit column stride: the CPU kernel of ``medquant::gemv4_bound``. Raises RuntimeError for an
+    unknown handle, a wrong ``n`` or ``x``, or a call the kernel declines (never a wrong result)."""
+    gemv = _BOUND.get(handle)
+    if gemv is None or gemv.n != n or x.dim() != 2 or x.shape[1] != gemv.k or (gemv.k > 1 and x.stride(1) != 1):
+        raise RuntimeError(f"medquant::gemv4_bound: no bound matmul {handle} of {n} rows taking x "
+                           f"{tuple(x.shape)} strides {x.stride()} (its layer was re-bound, reloaded or freed since this graph was "
+                           "compiled); call torch._dynamo.reset() and compile again")
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    rc = _matmul_into(gemv._call, gemv._haddr, x, y, xmode << 2)
+    if rc != 0:
+        raise RuntimeError(f"medquant native {gemv.bits}-bit matmul declined the call (code {rc})")
+    return y
+
+
+_OPS.impl("gemv4_bound", _gemv4_bound_cpu, "CPU")
+
+
+@torch.library.register_fake("medquant::gemv4_bound", lib=_OPS)
+def _gemv4_bound_fake(x, handle, n, xmode):
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
+
+gemv4_bound_op = torch.ops.medquant.gemv4_bound.default
+
 
 class NativeGemv4:
     """One row group's native weight-only matmul, its arguments bound once (:func:`native_gemv4`): codes in 4-bit
@@ -622,6 +661,9 @@ class NativeGemv4:
         # their address passed as an integer (ctypes converts no array per call)
         self._head = _matmul_head(qw, s, z, self.k, self.kp, ge, self.bits)
         self._haddr = ctypes.addressof(self._head)
+        # what a compiled graph calls it by (medquant::gemv4_bound): unique in this process, never reused
+        self.handle = next(_HANDLES)
+        _BOUND[self.handle] = self
 
     def extra_bytes(self) -> int:
         """Bytes this object holds beyond the layer's own tensors (its scale and zero copies).

@@ -40,8 +40,7 @@ def _after_load(module: _QuantWeightBase, incompatible_keys) -> None:
     """``load_state_dict`` post-hook: ``assign=True`` replaced the stored tensors (the CPU kernels' repacked
     weights are keyed by them and rebuilt at the next call; copied-in codes change the tensor versions)."""
     module._register_compute_dtype()
-    module.__dict__.pop(_PREPARED, None)
-    module.__dict__.pop(_BOUND, None)
+    _drop_prepared(module.__dict__)
 
 
 #: attribute holding a layer's prepared eager-inference matmul (never saved, copied or pickled)
@@ -49,8 +48,17 @@ _PREPARED = "_prepared_matmul"
 #: attribute holding the prepared matmul that ``torch.compile`` traces instead of the custom op
 #: (:meth:`_QuantWeightBase.bind_cpu_kernels`; dropped like ``_PREPARED``)
 _BOUND = "_bound_matmul"
+#: attribute holding the bound matmul's traced lane (``fn.traced``: the native kernel called by handle), read
+#: first by a compiled ``forward``
+_BOUND_LANE = "_bound_lane"
 #: the buffer names of row group ``b``: ``(qweight_b, scales_b, zeros_b)``
 _ROW_GROUP_NAMES = {b: (f"qweight_{b}", f"scales_{b}", f"zeros_{b}") for b in range(1, 9)}
+
+
+def _drop_prepared(d: dict) -> None:
+    """Drop the prepared and bound matmuls from a layer's ``__dict__`` (or a copy of it)."""
+    for name in (_PREPARED, _BOUND, _BOUND_LANE):
+        d.pop(name, None)
 
 
 class _QuantWeightBase(nn.Module):
@@ -144,15 +152,13 @@ class _QuantWeightBase(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        self.__dict__.pop(_PREPARED, None)
-        self.__dict__.pop(_BOUND, None)
+        _drop_prepared(self.__dict__)
         self._register_compute_dtype()  # .to() / .cpu() made new tensors
         return out
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop(_PREPARED, None)  # bound to this layer's tensors: a copy prepares its own
-        state.pop(_BOUND, None)
+        _drop_prepared(state)  # bound to this layer's tensors: a copy prepares its own
         return state
 
     def __setstate__(self, state) -> None:
@@ -268,6 +274,7 @@ class _QuantWeightBase(nn.Module):
             True when the layer is bound, False when it stays on the custom op.
         """
         self.__dict__.pop(_BOUND, None)
+        self.__dict__.pop(_BOUND_LANE, None)
         b = self.bit_groups[0]
         if self.mixed or not 1 <= b <= 8:
             return False
@@ -279,7 +286,11 @@ class _QuantWeightBase(nn.Module):
                             else torch.float32)
         if select_kernel("packed_linear", probe, w).backend != "cpu":
             return False
-        self.__dict__[_BOUND] = prepare_packed_linear(probe, w)
+        fn = prepare_packed_linear(probe, w)
+        self.__dict__[_BOUND] = fn
+        lane = getattr(fn, "traced", None)
+        if lane is not None:
+            self.__dict__[_BOUND_LANE] = lane
         return True
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -423,6 +434,13 @@ class QuantLinear(_QuantWeightBase):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # a bound layer's native kernel by handle, with as few reads of this layer's state as can be: a
+            # compiled graph checks (guards) every attribute it read, at every call
+            lane = self.__dict__.get(_BOUND_LANE)
+            y = None if lane is None else lane(x)
+            if y is not None:
+                return y if self.bias is None else y + self.bias.to(y.dtype)
         # eager CPU decode: the prepared kernel's decode lane, straight from x's own shape (a decode step calls
         # this hundreds of times per token, where each Python-level check and reshape costs about a microsecond)
         lane = self._decode_lane(x)

@@ -51,6 +51,36 @@ def test_decode_ab_rotates_three_models_and_reports_ratios_against_both_baseline
         assert v[f"vs_{base}"]["ratio_of_maxima"] == max(rates["variant"]) / max(rates[base])
 
 
+def test_compile_ab_times_six_decodes_per_round_and_reports_paired_ratios():
+    """``--compile-ab``: every round times the float32, bfloat16 and compiled bfloat16 baselines and the variant
+    eager, compiled and compiled with its guards skipped; the ratios are medians of per-round ratios; Dynamo
+    compiled graphs for both compiled models."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    spec = {"model": "llama_small", "threads": 1, "rounds": 2, "prompt": 4, "new": 3, "backend": "eager",
+            "ab_variants": [("W4g128", True)]}
+    res = ci.compile_ab(spec)
+    v = res["variants"]["W4g128+head"]
+    rates = v["tok_s"]
+    assert set(rates) == {"float32", "bfloat16", "bfloat16_compiled", "eager", "compiled", "compiled_skip_guards"}
+    assert all(len(r) == 2 and min(r) > 0 for r in rates.values())
+    for key, bases in (("eager", ("float32", "bfloat16", "bfloat16_compiled")),
+                       ("compiled", ("float32", "bfloat16", "bfloat16_compiled", "eager")),
+                       ("compiled_skip_guards", ("compiled",))):
+        assert set(v[key]) == {f"vs_{b}" for b in bases}
+        for b in bases:
+            assert v[key][f"vs_{b}"]["ratio_median"] == statistics.median(
+                q / r for q, r in zip(rates[key], rates[b]))
+    assert v["compile_first_call_s"] > 0
+    assert counters["stats"]["unique_graphs"] >= 2
+    table = ci._compile_ab_table([res])
+    assert "| llama_small | W4g128+head |" in table and table.count("\n") == 2
+    torch._dynamo.reset()
+
+
 def test_decode_path_logits_are_the_teacher_forced_forward_one_position_at_a_time():
     """The accuracy check's decode path: positions fed one at a time through the KV cache give the logits of one
     forward over all of them (same weights, the torch reference path for both: only the cache differs)."""

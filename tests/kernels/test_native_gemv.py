@@ -388,6 +388,43 @@ def test_torch_compile_traces_the_native_kernel():
             torch.testing.assert_close(y_op, gemv(x, xmode), rtol=0, atol=0)
 
 
+def test_bound_operator_calls_the_bound_matmul_by_handle_and_refuses_a_stale_or_wrong_one():
+    """``medquant::gemv4_bound`` (what a compiled decode step calls): bit-equal to the bound matmul it names, in
+    every activation mode, and for a bfloat16 ``x`` once its float32 output is rounded; an unknown handle, a wrong row count, a wrong ``k``, a
+    non-unit column stride and a matmul that no longer exists raise instead of computing."""
+    if not _available():
+        pytest.skip("needs the native 4-bit kernel")
+    import gc
+
+    from medquant.kernels.cpu import _scale_zero
+
+    layer = _layer(48, 192, QuantConfig(4, symmetric=False, group_size=64), seed=3)
+    w = layer.packed_weight(4)
+    gemv = native_gemv4(w, *_scale_zero(w))
+    x = torch.randn(2, 192, generator=torch.Generator().manual_seed(1))
+    op = torch.ops.medquant.gemv4_bound
+    for xmode in (0, 1, 2):
+        torch.testing.assert_close(op(x, gemv.handle, 48, xmode), gemv(x, xmode), rtol=0, atol=0)
+    xb = x.bfloat16()
+    # float32 sums; rounded once to bfloat16 they are what the bound matmul returns for a bfloat16 x
+    torch.testing.assert_close(op(xb, gemv.handle, 48, 1).bfloat16(), gemv(xb, 1), rtol=0, atol=0)
+    other = native_gemv4(w, *_scale_zero(w))
+    assert other.handle != gemv.handle
+    with pytest.raises(RuntimeError, match="no bound matmul"):
+        op(x, gemv.handle, 47, 2)
+    with pytest.raises(RuntimeError, match="no bound matmul"):
+        op(x[:, :96].contiguous(), gemv.handle, 48, 2)
+    with pytest.raises(RuntimeError, match="no bound matmul"):
+        op(torch.randn(192, 2).t(), gemv.handle, 48, 2)
+    with pytest.raises(RuntimeError, match="no bound matmul"):
+        op(x, max(gemv.handle, other.handle) + 10**6, 48, 2)
+    handle = gemv.handle
+    del gemv
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no bound matmul"):
+        op(x, handle, 48, 2)
+
+
 def test_split_activations_against_float64_and_rounded_ones_at_the_kernel():
     """The three activation modes of the bound kernel, on one layer, against float64 references: 0 (x as it is)
     and 2 (split into two bfloat16 halves) within 1e-5 of ``x @ W^T``; 1 (rounded) within 1e-5 of

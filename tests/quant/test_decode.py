@@ -47,10 +47,12 @@ def test_static_cache_only_and_bad_input():
         static_decode_(model, backend="")
 
 
-def test_bound_cpu_kernels_compile_to_the_eager_tokens_and_are_dropped_on_load():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bound_cpu_kernels_compile_to_the_eager_tokens_and_are_dropped_on_load(dtype):
     """``static_decode_`` binds each quantized layer to its CPU kernel: the compiled graph calls it directly (the
-    native kernel's medquant::gemv4 operator, or aten's int4 op; no medquant::packed_linear node), the greedy
-    tokens equal eager decoding, and load_state_dict drops the binding."""
+    native kernel by handle, ``medquant::gemv4_bound``, with none of the layers' tensors among the graph's inputs;
+    or aten's int4 op; no medquant::packed_linear node), the greedy tokens equal eager decoding (a float32 and a
+    bfloat16 model), and load_state_dict drops the binding."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from medquant.quant import QuantLinear
@@ -58,14 +60,16 @@ def test_bound_cpu_kernels_compile_to_the_eager_tokens_and_are_dropped_on_load()
     from medquant.testing.zoo import text_kwargs
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**text_kwargs())).eval()
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs())).eval().to(dtype)
     mq.quantize_(model, mq.QuantConfig(4, group_size=32))
     qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     ids = torch.randint(1, 100, (1, 6))
     graphs: list[torch.fx.GraphModule] = []
+    inputs: list[torch.Tensor] = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
+        inputs.extend(t for t in example_inputs if isinstance(t, torch.Tensor))
         return gm.forward
 
     torch._dynamo.reset()
@@ -78,8 +82,11 @@ def test_bound_cpu_kernels_compile_to_the_eager_tokens_and_are_dropped_on_load()
     targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     from medquant.kernels.native import native_status
 
-    kernel = "medquant.gemv4" if native_status()["gemv4"] else "_weight_int4pack_mm"  # native4 / aten int4
+    kernel = "medquant.gemv4_bound" if native_status()["gemv4"] else "_weight_int4pack_mm"  # native4 / aten int4
     assert any(kernel in t for t in targets), targets
+    if native_status()["gemv4"]:  # called by handle: no layer's codes, scales or zero points enter the graph
+        stored = {t.untyped_storage().data_ptr() for m in qlayers for t in m.buffers()}
+        assert not stored & {t.untyped_storage().data_ptr() for t in inputs}
     assert not any("packed_linear" in t for t in targets)
     qlayers[0].load_state_dict(qlayers[0].state_dict())
     assert _BOUND not in qlayers[0].__dict__
