@@ -49,7 +49,9 @@ medquant's packed codes in place, so a layer holds one form of its weight in mem
 and zero points are read in place too (bfloat16 ones are copied to float32; a symmetric zero point is one value).
 With ``cd`` bfloat16 and
 AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``, two per code when split); otherwise float32 FMA.
-Under ``torch.compile`` it runs as the operator ``medquant::gemv4``.
+Under ``torch.compile`` it runs as the operator ``medquant::gemv4``, or, in a layer bound for a compiled decode step
+(``QuantLinear.bind_cpu_kernels``), as ``medquant::gemv4_bound``: the bound matmul called by its handle, so that
+the graph takes none of the layer's tensors.
 
 **gemm** (prefill: native row groups from ``dense_min_m("gemm")`` = 16 rows on, and from
 ``dense_min_m("gemm_split")`` = 8 for float32 ``x`` that native4 would split into two halves (a batch of 8

@@ -44,8 +44,9 @@ arguments bound once in an array); calling it computes
 (``x~``: the input itself, rounded to bfloat16, or split into two bfloat16 halves: :class:`NativeGemv4`) with
 exact products and float32 sums, reading the codes in place. It is compiled only with AVX512F + AVX512BW (``-march=native`` on such a CPU; it multiplies
 bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to float32);
-:func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream``. The operator ``medquant::gemv4`` wraps it for
-``torch.compile``.
+:func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream``. Two operators wrap it for
+``torch.compile``: ``medquant::gemv4`` (the weight's tensors as arguments) and ``medquant::gemv4_bound`` (a bound
+matmul named by its handle, an integer: what a compiled decode step calls, holding no weight tensors).
 
 **Blocked matmul for many rows.** :meth:`NativeGemv4.gemm` (``mq_call``'s blocked form, compiled with AVX512-VNNI;
 :func:`native_status` reports ``gemm``) computes the same product for the CPU backend's prefill calls with ``x``
