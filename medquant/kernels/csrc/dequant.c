@@ -688,6 +688,86 @@ static inline __attribute__((always_inline)) void gemvs_rows(
         finish_row(tot, r, ng, sr, zr, xs, mb, m0, y, ydtype, ys);
     }
 }
+
+/* float32 lanes rounded to bfloat16 values, as bf16_round lane-wise (round to nearest even; NaN -> 0x7FC0) */
+static inline __m512 bf16_round_v(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd),
+                                 _mm512_set1_epi32((int)0xFFFF0000u));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                  _mm512_set1_epi32(0x7F800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC00000));
+    return _mm512_castsi512_ps(r);
+}
+
+/* 16 float32 lanes holding bfloat16 values -> their 16-bit patterns, stored at o */
+static inline void store_bf16_v(uint16_t *o, __m512 v) {
+    _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+
+/* The kernels' copy of x (gemv_run's scalar loop in vector form, for ng == 1 or groups of a multiple of 16
+ * columns): per row, x~ (x itself, rounded to bfloat16, or split into hi + lo), its group sums xs, and the copy
+ * the kernels read (4-bit: per block of 64 columns its 32 even columns, then its 32 odd ones; streams: column
+ * order) as float32 or bfloat16 bits; zeros beyond k. */
+static void prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t k, int bits, int64_t bw,
+                   int64_t nblk, int64_t xps, int bf16, int split, int xmode, int64_t ge, int64_t ng, void *xp,
+                   float *xs) {
+    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    const int nv = (int)(bw / 16);
+    for (int64_t i = 0; i < m; ++i) {
+        float *xsi = xs + i * ng;
+        for (int64_t g = 0; g < ng; ++g) xsi[g] = 0.0f;
+        __m512 gacc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nblk; ++b) {
+            __m512 hv[4], lv[4];
+            for (int v = 0; v < nv; ++v) {
+                const int64_t j0 = b * bw + 16 * v, left = k - j0;
+                const __mmask16 mk = (__mmask16)(left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1u);
+                __m512 val = xdtype ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                          _mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + i * xstride + j0)), 16))
+                                    : _mm512_maskz_loadu_ps(mk, (const float *)x + i * xstride + j0);
+                __m512 lo = _mm512_setzero_ps();
+                if (split) { /* v = hi + lo, both bfloat16 values (v - hi is exact in float32) */
+                    const __m512 hi = bf16_round_v(val);
+                    lo = bf16_round_v(_mm512_sub_ps(val, hi));
+                    val = hi;
+                } else if (xmode == 1) {
+                    val = bf16_round_v(val);
+                }
+                hv[v] = val, lv[v] = lo;
+                if (left > 0) { /* the group sums of x~ (hi + lo: exact), flushed at each group's last chunk */
+                    gacc = _mm512_add_ps(gacc, split ? _mm512_add_ps(val, lo) : val);
+                    const int64_t g = ng > 1 ? j0 / ge : 0;
+                    if (left <= 16 || (ng > 1 && (j0 + 16) / ge != g)) {
+                        xsi[g] += _mm512_reduce_add_ps(gacc);
+                        gacc = _mm512_setzero_ps();
+                    }
+                }
+            }
+            if (bits == 4) { /* per 64 columns: the 32 even ones, then the 32 odd ones */
+                const __m512 e0 = _mm512_permutex2var_ps(hv[0], ev, hv[1]), e1 = _mm512_permutex2var_ps(hv[2], ev, hv[3]);
+                const __m512 o0 = _mm512_permutex2var_ps(hv[0], od, hv[1]), o1 = _mm512_permutex2var_ps(hv[2], od, hv[3]);
+                hv[0] = e0, hv[1] = e1, hv[2] = o0, hv[3] = o1;
+                if (split) {
+                    const __m512 f0 = _mm512_permutex2var_ps(lv[0], ev, lv[1]), f1 = _mm512_permutex2var_ps(lv[2], ev, lv[3]);
+                    const __m512 p0 = _mm512_permutex2var_ps(lv[0], od, lv[1]), p1 = _mm512_permutex2var_ps(lv[2], od, lv[3]);
+                    lv[0] = f0, lv[1] = f1, lv[2] = p0, lv[3] = p1;
+                }
+            }
+            for (int v = 0; v < nv; ++v) {
+                const int64_t d = i * xps + b * bw + 16 * v;
+                if (bf16) {
+                    store_bf16_v((uint16_t *)xp + d, hv[v]);
+                    if (split) store_bf16_v((uint16_t *)xp + m * xps + d, lv[v]);
+                } else {
+                    _mm512_storeu_ps((float *)xp + d, hv[v]);
+                }
+            }
+        }
+    }
+}
 #endif
 
 /* the kernels of every width: bits 4 (4-bit containers, gemv4_rows), else a stream of bits-bit codes (gemvs_rows:
@@ -720,7 +800,6 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     const size_t esz = bf16 && !split ? 2 : 4; /* split: the hi and the lo halves, 2 bytes each */
     void *xp = aligned_alloc(64, (size_t)(m * xps) * esz);
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
-    float *row = (float *)malloc((size_t)xps * sizeof(float) * (split ? 2 : 1)), *rowl = row + xps;
     int32_t *gix = (int32_t *)malloc((size_t)(2 * nblk) * sizeof(int32_t));
     /* float16 scales / zero points are widened per task of MQ_GEMV_RB rows into a per-thread float32 buffer (the
      * hot loops then read float32 as stored float32 ones are read: in place); a constant zero point is one row of
@@ -728,8 +807,8 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     const int s16 = sz & 1, z16 = (sz & 2) && !(sz & 4), zone = (sz >> 2) & 1;
     const int64_t pb = MQ_GEMV_RB * ng; /* floats per buffer */
     float *pbuf = (s16 || z16 || zone) ? (float *)malloc((size_t)(nthreads * 2 * pb + ng) * sizeof(float)) : NULL;
-    if (!xp || !xs || !row || !gix || ((s16 || z16 || zone) && !pbuf)) {
-        free(xp), free(xs), free(row), free(gix), free(pbuf);
+    if (!xp || !xs || !gix || ((s16 || z16 || zone) && !pbuf)) {
+        free(xp), free(xs), free(gix), free(pbuf);
         return -4;
     }
     float *zrow = pbuf != NULL ? pbuf + nthreads * 2 * pb : NULL;
@@ -743,39 +822,8 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
             const int64_t g = (bits == 4 ? b * 64 + 32 * h : b * 32) / ge;
             gix[2 * b + h] = (int32_t)(g < ng ? g : ng - 1);
         }
-    for (int64_t i = 0; i < m; ++i) {
-        /* x~ of row i (zero beyond k), its group sums, then the kernel's copy (4-bit: permuted per block) */
-        for (int64_t j = 0; j < xps; ++j) {
-            float v = 0.0f;
-            if (j < k) v = xdtype ? u2f((uint32_t)((const uint16_t *)x)[i * xstride + j] << 16)
-                                  : ((const float *)x)[i * xstride + j];
-            if (split) { /* v = hi + lo, both bfloat16 values (v - hi is exact in float32) */
-                const float hi = bf16_round(v);
-                rowl[j] = bf16_round(v - hi);
-                v = hi;
-            } else if (xmode == 1) {
-                v = bf16_round(v);
-            }
-            row[j] = v;
-        }
-        for (int64_t g = 0; g < ng; ++g) {
-            float a = 0.0f;
-            const int64_t j1 = (g + 1) * ge < k ? (g + 1) * ge : k;
-            for (int64_t j = g * ge; j < j1; ++j) a += split ? row[j] + rowl[j] : row[j]; /* hi + lo: exact */
-            xs[i * ng + g] = a;
-        }
-        for (int64_t d = 0; d < xps; ++d) {
-            /* destination d of the copy takes column src: 4-bit blocks hold their 32 even columns, then the odd */
-            const int64_t j = d / 64 * 64, t = d % 64;
-            const int64_t src = bits == 4 ? j + 2 * (t % 32) + t / 32 : d;
-            if (bf16) { /* bfloat16 values: their top 16 bits */
-                ((uint16_t *)xp)[i * xps + d] = (uint16_t)(f2u(row[src]) >> 16);
-                if (split) ((uint16_t *)xp)[(m + i) * xps + d] = (uint16_t)(f2u(rowl[src]) >> 16);
-            } else {
-                ((float *)xp)[i * xps + d] = row[src];
-            }
-        }
-    }
+    /* x~ (zero beyond k), its group sums, and the kernels' copy (groups are multiples of 32: matmul_args) */
+    prep_x(x, xdtype, m, xstride, k, bits, bw, nblk, xps, bf16, split, xmode, ge, ng, xp, xs);
     const float *xf = bf16 ? NULL : (const float *)xp;
     const uint16_t *xbp = bf16 ? (const uint16_t *)xp : NULL;
     const uint16_t *xlp = split ? (const uint16_t *)xp + m * xps : NULL;
@@ -826,7 +874,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     }
 #undef MQ_GEMV_ROWS
 #undef MQ_GEMVS
-    free(xp), free(xs), free(row), free(gix), free(pbuf);
+    free(xp), free(xs), free(gix), free(pbuf);
     return 0;
 #else
     (void)q, (void)row_bytes, (void)s, (void)z, (void)sz, (void)x, (void)y, (void)xmode, (void)nthreads;
