@@ -706,10 +706,10 @@ static inline void store_bf16_v(uint16_t *o, __m512 v) {
     _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
 }
 
-/* The kernels' copy of x (gemv_run's scalar loop in vector form, for ng == 1 or groups of a multiple of 16
- * columns): per row, x~ (x itself, rounded to bfloat16, or split into hi + lo), its group sums xs, and the copy
- * the kernels read (4-bit: per block of 64 columns its 32 even columns, then its 32 odd ones; streams: column
- * order) as float32 or bfloat16 bits; zeros beyond k. */
+/* The kernels' copy of x, 16 columns at a time (ng == 1, or groups of a multiple of 16 columns, so that each 16
+ * lie in one group): per row, x~ (x itself, rounded to bfloat16, or split into hi + lo), its group sums xs, and
+ * the copy the kernels read (4-bit: per block of 64 columns its 32 even columns, then its 32 odd ones; streams:
+ * column order) as float32 or bfloat16 bits; zeros beyond k. */
 static void prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t k, int bits, int64_t bw,
                    int64_t nblk, int64_t xps, int bf16, int split, int xmode, int64_t ge, int64_t ng, void *xp,
                    float *xs) {
