@@ -18,6 +18,9 @@ positions), the next-token agreement with the reference and the relative perplex
   finer than the gemm's 16 bits a model needs; ``x hi+lo``: ``x`` as the sum of two bfloat16 numbers
   (``hi = bf16(x)``, ``lo = bf16(x - hi)``: 16 significant bits of every element, relative to the element rather
   than to its block), what the native decode kernels take;
+* with ``--where``: ``x16 per 64 / 32 / 16 columns`` (16-bit integers per smaller block), and ``x exact in <kind>``
+  (``x`` exact in one kind of layer: down_proj, q/k/v, o_proj, gate/up, the head; 16-bit blocks elsewhere): whether
+  finer activations are needed in a few layers only, or smaller blocks would do;
 * ``fast prefill path``: the model through the CPU backend as it runs (one forward: at this ``M`` the gemm path
   where it runs, else the dense one; the JSON records ``prefill_kernel``); ``fast decode path``: the same positions one at a time through the KV cache (``M = 1``: native4 with
   its default split activations, or the weight-only kernel the row group takes).
@@ -27,7 +30,7 @@ the three is rounded to bfloat16 (if ``x`` alone or ``W`` alone already flips mo
 that rounds it can reach 99%, however it sums).
 
 Run: ``python -m benchmarks.bf16_rounding_attribution [--variants W4g128,W4g32,W3] [--prompts 20] [--tokens 64]
-[--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
+[--where] [--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -51,6 +54,13 @@ SEED = 0
 #: decode kernels' activations), and "@head" / "@body": only in the output head / only in the other linears
 MODES = {"exact": "", "x": "x", "W": "w", "y": "y", "y@head": "y@head", "y@body": "y@body", "x+W": "xw",
          "x+W+y": "xwy", "x16": "q16", "x18": "q18", "x20": "q20", "x hi+lo": "s"}
+#: ``--where``: where a model needs its activations finer than the gemm's 16 bits per block. "q16b<B>": 16-bit
+#: integers per block of B columns (B dividing the gemm's block); "exact in <layers>": x exact in the layers of
+#: those names, 16-bit integers per block (the gemm's arithmetic) in the others
+_WHERE_LAYERS = {"down_proj": ("down_proj",), "q/k/v": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                 "gate/up": ("gate_proj", "up_proj"), "head": ("lm_head",)}
+WHERE_MODES = {"x16 per 64 columns": "q16b64", "x16 per 32 columns": "q16b32", "x16 per 16 columns": "q16b16",
+               **{f"x exact in {k}": "e:" + ",".join(v) for k, v in _WHERE_LAYERS.items()}}
 
 
 def _int_blocks(x: torch.Tensor, block: int, bits: int = 16) -> torch.Tensor:
@@ -81,6 +91,7 @@ class RoundedLinear(nn.Module):
 
     def __init__(self, layer: nn.Module, name: str = "") -> None:
         super().__init__()
+        self.name = name
         self.head = name == "lm_head"
         cfg = layer.config  # the gemm path's block: the group, or 128 / 64 / 32 columns of it; 128 for one scale per row
         gs = cfg.group_size if cfg.scope == "group" else 128
@@ -95,10 +106,13 @@ class RoundedLinear(nn.Module):
         mode, _, where = self.mode.partition("@")
         if where and (where == "head") != self.head:
             mode = ""
+        if mode.startswith("e:"):  # exact in the named layers, the gemm's 16-bit blocks elsewhere
+            mode = "" if self.name in mode[2:].split(",") else "q16"
         if "x" in mode:
             xx = _bf16(x)
         elif mode.startswith("q"):
-            xx = _int_blocks(x, self.block, int(mode[1:]))
+            bits, _, block = mode[1:].partition("b")
+            xx = _int_blocks(x, int(block) if block else self.block, int(bits))
         elif mode == "s":
             xx = _split_bf16(x)
         else:
@@ -126,13 +140,15 @@ def emulation(model: nn.Module) -> tuple[nn.Module, list[RoundedLinear]]:
     return emu.eval(), layers
 
 
-def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool = True) -> dict:
+def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool = True,
+              where: bool = False) -> dict:
     """Agreement and perplexity difference of each mode (module docstring) against the reference path.
 
     Args:
         model: a quantized causal LM (``QuantLinear`` layers).
         sequences: ``(1, T + 1)`` token ids each (inputs ``[:, :-1]``, targets ``[:, 1:]``).
         decode_path: also run the fast decode path (one position at a time through the KV cache).
+        where: also the modes of :data:`WHERE_MODES`.
 
     Returns:
         ``{label: {"agreement", "ppl", "ppl_rel_diff"}}`` plus ``"reference_ppl"`` and ``"tokens"``.
@@ -141,7 +157,8 @@ def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool
     from medquant.kernels import force_backend
 
     emu, layers = emulation(model)
-    labels = list(MODES) + ["fast prefill path"] + (["fast decode path"] if decode_path else [])
+    modes = {**MODES, **(WHERE_MODES if where else {})}
+    labels = list(modes) + ["fast prefill path"] + (["fast decode path"] if decode_path else [])
     agree = dict.fromkeys(labels, 0)
     nll = dict.fromkeys(labels, 0.0)
     nll_ref, total = 0.0, 0
@@ -153,9 +170,9 @@ def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool
             nll_ref += float(F.cross_entropy(ref, tgt[0], reduction="sum"))
             total += tgt.numel()
             for label in labels:
-                if label in MODES:
+                if label in modes:
                     for layer in layers:
-                        layer.mode = MODES[label]
+                        layer.mode = modes[label]
                     lo = emu(input_ids=inp).logits[0].float()
                 elif label == "fast prefill path":
                     lo = model(input_ids=inp).logits[0].float()
@@ -194,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--where", action="store_true", help="also: 16-bit blocks of 64 / 32 / 16 columns, and x exact "
+                    "in one kind of layer at a time (where a model needs finer activations than the gemm's)")
     ap.add_argument("--out", default="bf16_rounding_attribution")
     args = ap.parse_args(argv)
     if args.threads:
@@ -214,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, tok = _make("smollm2", variant, True)
         texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > args.tokens][: args.prompts]
         seqs = [tok(t, return_tensors="pt")["input_ids"][:, : args.tokens + 1] for t in texts]
-        rows.append({"variant": variant, "modes": attribute(model, seqs)})
+        rows.append({"variant": variant, "modes": attribute(model, seqs, where=args.where)})
         print(json.dumps(rows[-1]), flush=True)
         del model
     result = run_record("bf16_rounding_attribution", SEED, load_before, rows, prompts=args.prompts,

@@ -37,6 +37,16 @@ def test_rounded_linear_against_the_reference_layer():
                 xq[:, c0:c0 + r.block] = torch.round(blk / t) * t
                 assert (blk / t).abs().max() <= 2 ** (bits - 1) - 1 + 1e-9
             torch.testing.assert_close(r(x), xq.float() @ r.weight.t(), rtol=1e-5, atol=1e-6)
+        # smaller blocks (--where): the same arithmetic per 16 columns
+        r.mode = "q16b16"
+        torch.testing.assert_close(r(x), bra._int_blocks(x, 16, 16) @ r.weight.t(), rtol=1e-5, atol=1e-6)
+        assert r.block != 16 and not torch.equal(bra._int_blocks(x, 16, 16), bra._int_blocks(x, r.block, 16))
+        # x exact in the named layers only, the gemm's 16-bit blocks in the others
+        r.name = "down_proj"
+        r.mode = "e:down_proj"
+        torch.testing.assert_close(r(x), x @ r.weight.t(), rtol=1e-5, atol=1e-6)
+        r.mode = "e:q_proj,k_proj"
+        torch.testing.assert_close(r(x), bra._int_blocks(x, r.block, 16) @ r.weight.t(), rtol=1e-5, atol=1e-6)
         err = {b: float((bra._int_blocks(x, r.block, b) - x).abs().max()) for b in (16, 18, 20)}
         assert err[20] < err[18] / 3 < err[16] / 9 and err[16] > 0
         # two bfloat16 halves: 16 significant bits of each element
