@@ -95,8 +95,6 @@ static inline uint16_t bf16_bits(float f) {
 /* an unaligned, aliasing 64-bit load (the stream kernel's broadcasts) */
 typedef long long long_u __attribute__((aligned(1), may_alias));
 
-static inline float bf16_round(float f) { return u2f((uint32_t)bf16_bits(f) << 16); }
-
 /* float16 bits -> float32 (exact: every float16 value is a float32 value): F16C's vcvtph2ps where the build has it,
  * else portable bit manipulation */
 #if defined(__F16C__)
@@ -689,7 +687,8 @@ static inline __attribute__((always_inline)) void gemvs_rows(
     }
 }
 
-/* float32 lanes rounded to bfloat16 values, as bf16_round lane-wise (round to nearest even; NaN -> 0x7FC0) */
+/* float32 lanes rounded to bfloat16 values: bf16_bits lane-wise, widened back (round to nearest even; NaN ->
+ * 0x7FC0) */
 static inline __m512 bf16_round_v(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
