@@ -10,11 +10,12 @@ step's time is Python and framework overhead, not arithmetic. Two things attack 
   for all devices, which this helper sets.
 
 Quantized layers on CPU are bound to their kernels (:meth:`~medquant.quant.QuantLinear.bind_cpu_kernels`,
-``bind_kernels=True``): the compiled graph calls aten's int4 / int8 weight-only matmul (or the dense path)
-directly, with the repacked weights captured when the step is compiled. Otherwise they stay opaque
+``bind_kernels=True``): the compiled graph calls medquant's native kernel by handle (``medquant::gemv4_bound``: the
+graph takes none of the layer's tensors, so it checks none at each step), or aten's int4 / int8 weight-only matmul,
+or the dense path, directly, with the bound weights captured when the step is compiled. Otherwise they stay opaque
 ``medquant::packed_linear`` nodes whose Python bodies run at every call (which makes the compiled step slower
 than eager decoding on a small model). Whether it helps is measured in ``benchmarks/cpu_inference.py``
-(``--static-compile``); see ``docs/guides/cpu_inference.md``.
+(``--compile-ab``: paired, through ``generate``); see ``docs/guides/cpu_inference.md``.
 """
 from __future__ import annotations
 

@@ -260,11 +260,13 @@ class _QuantWeightBase(nn.Module):
         return None if cached is None else cached[6]
 
     def bind_cpu_kernels(self) -> bool:
-        """Let ``torch.compile`` trace this layer's CPU kernel call itself (e.g. aten's int4 weight-only matmul)
+        """Let ``torch.compile`` trace this layer's CPU kernel call itself (medquant's native kernel by handle,
+        ``medquant::gemv4_bound``, below the native kernel's switch; else e.g. aten's int4 weight-only matmul)
         instead of the opaque ``medquant::packed_linear`` op, for inference of a compiled model on CPU.
 
-        The compiled graph then calls the kernel directly (no Python per layer and step), and it holds the
-        repacked weight as it is now: :meth:`load_state_dict`, ``.to()`` and copies drop the binding (the next
+        The compiled graph then calls the kernel directly (no Python of this layer per step: a bound layer's
+        compiled ``forward`` reads one attribute first, since the graph checks every attribute it read at every
+        call), and it holds the bound weight as it is now: :meth:`load_state_dict`, ``.to()`` and copies drop the binding (the next
         compiled call traces again, through the custom op), but an in-place edit of the stored tensors
         (``layer.qweight_4.zero_()``) is not seen by a graph already compiled; call ``torch._dynamo.reset()``
         after such an edit. Layers with mixed bit-widths, float or pruned rows, on other devices, or that no
