@@ -449,6 +449,9 @@ def compile_ab(spec: dict) -> dict:
     from medquant.quant.decode import static_decode_
 
     torch.set_num_threads(spec["threads"])
+    # one compiled graph per model shares each code object's cache: past the recompile limit (8) Dynamo would run
+    # the later models eagerly, silently
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(spec["ab_variants"]) + 8)
     new, rounds = spec["new"], spec["rounds"]
     bases = {name: _make(spec["model"], name, False)[0] for name in ("float32", "bfloat16")}
     backend = spec.get("backend", "inductor")  # the tests pass "eager" (Dynamo's trace without code generation)
