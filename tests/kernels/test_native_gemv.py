@@ -388,6 +388,34 @@ def test_torch_compile_traces_the_native_kernel():
             torch.testing.assert_close(y_op, gemv(x, xmode), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cfg,k", [(QuantConfig(4, symmetric=False, group_size=128), 640),
+                                   (QuantConfig(4, group_size=256), 300),
+                                   (QuantConfig(4, symmetric=False, scope="channel"), 200),
+                                   (QuantConfig(4, group_size=64), 256)],
+                         ids=["asym-g128", "sym-g256-padded", "asym-channel-tail", "g64-no-quad"])
+def test_quad_form_of_the_4bit_kernel_against_float64(cfg, k):
+    """4-bit rows with bfloat16 products read whole 128-column blocks inside one group four codes per 16-bit lane
+    (the quad form; a row's last partial block, and groups of 64, take the 64-column form): every row count the
+    kernel blocks by (1, 2, 3, 5, 9), split and rounded activations, float32 and bfloat16 ``x``, against
+    ``x~ @ W^T`` in float64."""
+    if not _available() or not native_status()["gemv4_bf16"]:
+        pytest.skip("needs the native kernel with bfloat16 products")
+    from medquant.kernels.cpu import _scale_zero
+
+    layer = _layer(40, k, cfg, seed=7)
+    w = layer.packed_weight(4)
+    gemv = native_gemv4(w, *_scale_zero(w))
+    wd = layer.dequantized_weight(torch.float64)
+    for m in (1, 2, 3, 5, 9):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
+        xb = x.bfloat16()
+        assert _rel_err(gemv(x, 2), x.double() @ wd.t()) < 1e-5  # split: x to 2^-17
+        assert _rel_err(gemv(x, 1), xb.double() @ wd.t()) < 1e-5  # rounded to bfloat16 first
+        ref_b = xb.double() @ wd.t()
+        assert _rel_err(gemv(xb, 1).double(), ref_b) < 8e-3  # bfloat16 x: the output rounded once to bfloat16
+        assert _rel_err(gemv(xb, 1).double(), ref_b.float().bfloat16().double()) < 8e-3
+
+
 def test_bound_operator_calls_the_bound_matmul_by_handle_and_refuses_a_stale_or_wrong_one():
     """``medquant::gemv4_bound`` (what a compiled decode step calls): bit-equal to the bound matmul it names, in
     every activation mode, and for a bfloat16 ``x`` once its float32 output is rounded; an unknown handle, a wrong row count, a wrong ``k``, a
