@@ -391,13 +391,16 @@ def test_torch_compile_traces_the_native_kernel():
 @pytest.mark.parametrize("cfg,k", [(QuantConfig(4, symmetric=False, group_size=128), 640),
                                    (QuantConfig(4, group_size=256), 300),
                                    (QuantConfig(4, symmetric=False, scope="channel"), 200),
-                                   (QuantConfig(4, group_size=64), 256)],
-                         ids=["asym-g128", "sym-g256-padded", "asym-channel-tail", "g64-no-quad"])
+                                   (QuantConfig(4, group_size=64), 320),
+                                   (QuantConfig(4, symmetric=False, group_size=32), 416),
+                                   (QuantConfig(4, group_size=96), 384)],
+                         ids=["asym-g128", "sym-g256-padded", "asym-channel-tail", "g64", "asym-g32-tail",
+                              "g96-no-quad"])
 def test_quad_form_of_the_4bit_kernel_against_float64(cfg, k):
-    """4-bit rows with bfloat16 products read whole 128-column blocks inside one group four codes per 16-bit lane
-    (the quad form; a row's last partial block, and groups of 64, take the 64-column form): every row count the
-    kernel blocks by (1, 2, 3, 5, 9), split and rounded activations, float32 and bfloat16 ``x``, against
-    ``x~ @ W^T`` in float64."""
+    """4-bit rows with bfloat16 products read whole 128-column blocks four codes per 16-bit lane (the quad form:
+    groups of a multiple of 128, of 64 or of 32 columns, or one per row; a row's last partial block, and other
+    group sizes, take the 64-column form): every row count the kernel blocks by (1, 2, 3, 5, 9), split and
+    rounded activations, float32 and bfloat16 ``x``, against ``x~ @ W^T`` in float64."""
     if not _available() or not native_status()["gemv4_bf16"]:
         pytest.skip("needs the native kernel with bfloat16 products")
     from medquant.kernels.cpu import _scale_zero

@@ -360,8 +360,9 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * (odd columns) each give 32 codes; x is permuted once per call to match (per block: its 32 even columns, then
  * its 32 odd ones). Columns j..j+31 of a block land in accumulator lanes 0..7, columns j+32..j+63 in lanes 8..15,
  * so a block whose two halves lie in different groups (ge = 32, 96, ...) is scaled lane-wise. The quad form, with
- * bfloat16 products where a group holds whole blocks of 128 columns (ge a multiple of 128, or one group; q128 such
- * blocks from the row's start): 64 bytes read as 32 16-bit lanes, lane e holding the codes of columns 4e..4e+3;
+ * bfloat16 products, for whole blocks of 128 columns (q128 from the row's start) where ge is a multiple of 128, 64
+ * or 32, or one group covers the row (accumulator lane e then sums columns 8e..8e+7 of the block, so its four
+ * quarters are scaled by their groups): 64 bytes read as 32 16-bit lanes, lane e holding the codes of columns 4e..4e+3;
  * vpermw reads the low 5 bits of each lane (shifted by 0, 4, 8, 12) as the index into the table, whose 32 entries
  * repeat the 16 values (so the bit above the nibble needs no mask): four vectors of 32 bfloat16 codes per 128
  * columns, against x permuted to match (columns 4e, then 4e + 1, 4e + 2, 4e + 3). It saves the widening and the
@@ -485,7 +486,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; b += b < 2 * q128 ? 2 : 1) {
 #if MQ_GEMV_BF16
-            if (b < 2 * q128) { /* 128 columns in one group, bfloat16 products (the quad form, above) */
+            if (b < 2 * q128) { /* 128 columns, bfloat16 products (the quad form, above) */
                 const uint8_t *p = row + b * 32;
 #if MQ_GEMV_PREFETCH > 0
                 _mm_prefetch((const char *)(p + MQ_GEMV_PREFETCH), _MM_HINT_T0);
@@ -520,7 +521,13 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                         }
                     }
                 if (flush_after(gix, b + 1, nblk)) {
-                    const __m512 sv = _mm512_set1_ps(sr[gix[2 * b + 2]]); /* one group: gix[2b..2b+3] agree */
+                    /* lanes 4h..4h+3 sum columns 32h..32h+31 of the unit (lane e of a product: columns 8e..8e+7):
+                     * the group of half h % 2 of block b + h / 2 */
+                    const __m512 sv = _mm512_set_ps(
+                        sr[gix[2 * b + 3]], sr[gix[2 * b + 3]], sr[gix[2 * b + 3]], sr[gix[2 * b + 3]],
+                        sr[gix[2 * b + 2]], sr[gix[2 * b + 2]], sr[gix[2 * b + 2]], sr[gix[2 * b + 2]],
+                        sr[gix[2 * b + 1]], sr[gix[2 * b + 1]], sr[gix[2 * b + 1]], sr[gix[2 * b + 1]],
+                        sr[gix[2 * b]], sr[gix[2 * b]], sr[gix[2 * b]], sr[gix[2 * b]]);
                     for (int i = 0; i < mb; ++i) {
                         const __m512 a = mb > 4 ? acc[i]
                                        : mb > 2 ? _mm512_add_ps(acc[i], acc2[i])
@@ -898,8 +905,10 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
             const int64_t g = (bits == 4 ? b * 64 + 32 * h : b * 32) / ge;
             gix[2 * b + h] = (int32_t)(g < ng ? g : ng - 1);
         }
-    /* 4-bit codes with bfloat16 products: full blocks of 128 columns inside one group take the quad form */
-    const int64_t q128 = bits == 4 && bf16 && (ng == 1 || ge % 128 == 0) ? kp / 128 : 0;
+    /* 4-bit codes with bfloat16 products: full blocks of 128 columns take the quad form where its flushes stay
+     * exact: blocks inside one group (flushed where the group ends), or groups of 32 / 64 columns (every two
+     * consecutive 64-column blocks differ, so every unit is flushed, its lanes scaled per 32 columns) */
+    const int64_t q128 = bits == 4 && bf16 && (ng == 1 || ge % 128 == 0 || ge == 64 || ge == 32) ? kp / 128 : 0;
     /* x~ (zero beyond k), its group sums, and the kernels' copy (groups are multiples of 32: matmul_args) */
     prep_x(x, xdtype, m, xstride, k, bits, bw, nblk, xps, bf16, split, xmode, ge, ng, q128, xp, xs);
     const float *xf = bf16 ? NULL : (const float *)xp;
