@@ -460,6 +460,19 @@ static inline __attribute__((always_inline)) __m256i load_codes(const uint8_t *r
     return (b < full) ? _mm256_loadu_si256((const void *)(row + b * 32)) : _mm256_maskz_loadu_epi8(tail, row + b * 32);
 }
 
+/* the bfloat16 products' accumulators of mb rows of x (as many of acc..acc4 as gemv4_rows uses for mb: four for
+ * mb <= 2, two for mb <= 4, else one) summed, scaled lane-wise by sv into tot, and cleared */
+static inline __attribute__((always_inline)) void flush_bf16(__m512 *tot, __m512 *acc, __m512 *acc2, __m512 *acc3,
+                                                             __m512 *acc4, const int mb, const __m512 sv) {
+    for (int i = 0; i < mb; ++i) {
+        const __m512 a = mb > 4 ? acc[i]
+                       : mb > 2 ? _mm512_add_ps(acc[i], acc2[i])
+                                : _mm512_add_ps(_mm512_add_ps(acc[i], acc2[i]), _mm512_add_ps(acc3[i], acc4[i]));
+        tot[i] = _mm512_fmadd_ps(a, sv, tot[i]);
+        acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm512_setzero_ps();
+    }
+}
+
 /* rows r0..r1 of the weight against rows m0..m0+mb of x (x~ permuted per block: xp, row stride xps, as float32
  * (xf) or bfloat16 bits (xb)); xs: (m, ng) group sums of x~ */
 static inline __attribute__((always_inline)) void gemv4_rows(
@@ -528,14 +541,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                         sr[gix[2 * b + 2]], sr[gix[2 * b + 2]], sr[gix[2 * b + 2]], sr[gix[2 * b + 2]],
                         sr[gix[2 * b + 1]], sr[gix[2 * b + 1]], sr[gix[2 * b + 1]], sr[gix[2 * b + 1]],
                         sr[gix[2 * b]], sr[gix[2 * b]], sr[gix[2 * b]], sr[gix[2 * b]]);
-                    for (int i = 0; i < mb; ++i) {
-                        const __m512 a = mb > 4 ? acc[i]
-                                       : mb > 2 ? _mm512_add_ps(acc[i], acc2[i])
-                                                : _mm512_add_ps(_mm512_add_ps(acc[i], acc2[i]),
-                                                                _mm512_add_ps(acc3[i], acc4[i]));
-                        tot[i] = _mm512_fmadd_ps(a, sv, tot[i]);
-                        acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm512_setzero_ps();
-                    }
+                    flush_bf16(tot, acc, acc2, acc3, acc4, mb, sv);
                 }
                 continue;
             }
@@ -590,14 +596,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                 const float s0 = sr[gix[2 * b]], s1 = sr[gix[2 * b + 1]];
                 if (xb != NULL) {
                     const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
-                    for (int i = 0; i < mb; ++i) {
-                        const __m512 a = mb > 4 ? acc[i]
-                                       : mb > 2 ? _mm512_add_ps(acc[i], acc2[i])
-                                                : _mm512_add_ps(_mm512_add_ps(acc[i], acc2[i]),
-                                                                _mm512_add_ps(acc3[i], acc4[i]));
-                        tot[i] = _mm512_fmadd_ps(a, sv, tot[i]);
-                        acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm512_setzero_ps();
-                    }
+                    flush_bf16(tot, acc, acc2, acc3, acc4, mb, sv);
                 } else {
                     const __m512 sv0 = _mm512_set1_ps(s0), sv1 = _mm512_set1_ps(s1);
                     for (int i = 0; i < mb; ++i) {
