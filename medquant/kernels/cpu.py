@@ -68,8 +68,10 @@ once). The dense path instead rounds the weights and each output to bfloat16 (``
 that alone moved 3-5% of teacher-forced next tokens away from the float32 reference path (the output head's
 rounding most), where the gemm path agrees on 99.9-100% (``benchmarks/results/cpu_inference*.json``). It
 reads the codes of every layout (a panel of 32 weight rows is widened to 16-bit integers once per call and
-reused by every row of ``x``) and holds nothing between calls. Under ``torch.compile`` tracing, for float32 /
-float16 compute, with :func:`set_cpu_prefill_kernel` ``"dense"``, or where the library lacks it
+reused by every row of ``x``) and holds nothing between calls. Under ``torch.compile`` a bound layer calls it
+by handle (``medquant::gemv4_bound`` with ``xmode`` :data:`~medquant.kernels.native.GEMM_XMODE`: a compiled
+prefill gives the eager logits; a not-finite ``x`` gets the float32 reference product there). Traced in an
+unbound layer, for float32 / float16 compute, with :func:`set_cpu_prefill_kernel` ``"dense"``, or where the library lacks it
 (``native_status()["gemm"]``: AVX512-VNNI), the dense path runs; an ``x`` with a value that is not finite (or a
 block whose largest magnitude is below ``2^-100``) is handed to the dense path too, which propagates it as torch
 does.
@@ -137,7 +139,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .bundle import PackedWeight
 from .dispatch import bump_generation, register_backend, register_kernel
 from .layout import container_bits, unpack
-from .native import NativeGemv4, dequantize_native, gemv4_bound_op, native_dequantizer, native_gemv4
+from .native import (
+    GEMM_XMODE,
+    NativeGemv4,
+    dequantize_native,
+    gemv4_bound_op,
+    native_dequantizer,
+    native_gemv4,
+)
 from .reference import check_packed_input, packed_linear_reference
 
 #: group sizes the aten int4 CPU kernel takes, largest first
@@ -466,8 +475,9 @@ def set_cpu_prefill_kernel(kind: str | None) -> None:
     (:meth:`medquant.kernels.native.NativeGemv4.gemm`): ``x`` as 16-bit integers per block of columns (``x`` to
     ``2^-16`` of the block's largest magnitude), the codes exact, integer sums within a block, float32 across
     blocks and a float32 output: no bfloat16 rounding of weights or outputs, so a prefill agrees with the float32
-    reference path as a decode step does. Needs AVX512-VNNI (``native_status()["gemm"]``); elsewhere, and under
-    ``torch.compile`` tracing, the dense path runs. ``"dense"``: the weight dequantized to bfloat16 and torch's
+    reference path as a decode step does. Needs AVX512-VNNI (``native_status()["gemm"]``); elsewhere the dense path runs.
+    Under ``torch.compile`` a layer bound to its kernels (``QuantLinear.bind_cpu_kernels``) calls it by handle
+    (``medquant::gemv4_bound``); an unbound layer's traced call takes the dense path. ``"dense"``: the weight dequantized to bfloat16 and torch's
     bfloat16 GEMM (weights and outputs rounded to bfloat16: about ``2^-9`` relative per output).
     Float32 and float16 compute dtypes always take the dense path at large ``M``.
 
@@ -767,7 +777,8 @@ def _native_below(gemm: bool, split: bool) -> int:
     """The ``M`` below which a native row group runs its weight-only kernel: ``gemm``, whether large ``M`` runs the
     blocked matmul; ``split``, whether the native kernel would split ``x`` into two bfloat16 halves (float32 ``x``,
     the default activations), which moves the switch down to ``dense_min_m("gemm_split")``. The callers pass
-    ``split`` False while ``torch.compile`` traces (the traced large-``M`` path is the dense one), at call time."""
+    ``split`` False while ``torch.compile`` traces (a traced large-``M`` call of the prepared matmul takes the
+    dense path; a bound layer's compiled call is decided by :func:`_traced_lane`), at call time."""
     if not gemm:
         return dense_min_m("int4")
     return dense_min_m("gemm_split" if split else "gemm")
@@ -789,8 +800,9 @@ def _path(plan: _Plan, m: int, cd: torch.dtype, split: bool = False) -> str:
 
 
 def _gemm_enabled(plan: _Plan, cd: torch.dtype) -> bool:
-    """Whether large-``M`` calls on this plan run the native blocked matmul (:func:`set_cpu_prefill_kernel`; a
-    call being traced by ``torch.compile`` takes the dense path all the same)."""
+    """Whether large-``M`` calls on this plan run the native blocked matmul (:func:`set_cpu_prefill_kernel`; the
+    prepared matmul traced by ``torch.compile`` takes the dense path all the same, a bound layer's traced lane the
+    blocked matmul by handle)."""
     return _prefill_kernel == "gemm" and cd == torch.bfloat16 and plan.gemv is not None and plan.gemv.has_gemm
 
 
@@ -932,8 +944,9 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
 
     if gemv is not None and native_dtypes:
         run.decode = decode  # type: ignore[attr-defined]
-        # a compiled graph's call below the switch: the native kernel by handle (_traced_lane)
-        lane = (gemv.handle, k, n, native_below, xmode, xmode_bf16)
+        # a compiled graph's call: the native kernel by handle (_traced_lane), below the switch the weight-only
+        # form, from it the blocked one where eager calls run it (else the traced dense path)
+        lane = (gemv.handle, k, n, split_below, native_below, gemm, xmode, xmode_bf16)
 
         def traced(x: torch.Tensor) -> torch.Tensor | None:
             return _traced_lane(lane, x)
@@ -945,29 +958,37 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
 def _traced_lane(lane: tuple, x: torch.Tensor) -> torch.Tensor | None:
     """Under ``torch.compile``: ``y (..., n)`` for ``x (..., k)`` as one ``medquant::gemv4_bound`` call (the native
     kernel bound once, called by its handle: the graph takes no weight tensors, so it guards and checks none at
-    each call), or None where the prepared matmul must run it (as many rows as the native kernel's switch or
-    more, which the traced dense path takes; a dtype the kernel does not read; a gradient).
+    each call), choosing by ``M`` as an eager call does: below the native switch the weight-only kernel, from it
+    the blocked matmul (:data:`~medquant.kernels.native.GEMM_XMODE`) where the prefill kernel is ``"gemm"``, so
+    a compiled prefill gives the eager result. None where the prepared matmul must run it (the traced dense path:
+    large ``M`` without the blocked matmul; a dtype the kernel does not read; a gradient).
 
     Args:
-        lane: ``(handle, k, n, rows below which the native kernel runs, xmode for float32 x, xmode for bfloat16
-            x)``.
+        lane: ``(handle, k, n, rows below which float32 x runs the weight-only kernel, the same for bfloat16 x,
+            whether large M runs the blocked matmul, xmode for float32 x, xmode for bfloat16 x)``.
         x: the activations.
 
     Returns:
         ``y`` in ``x``'s dtype (the kernel's float32 sums, rounded once for bfloat16), or None.
     """
-    handle, k, n, below, xmode, xmode_bf16 = lane
+    handle, k, n, below_f32, below_bf16, gemm, xmode, xmode_bf16 = lane
     dt = x.dtype
     if x.device.type != "cpu" or dt not in (torch.float32, torch.bfloat16) or x.shape[-1] != k or \
             (x.requires_grad and torch.is_grad_enabled()):
         return None
     m = x.numel() // k if k else 0
-    if m == 0 or m >= below:
+    if m == 0:
+        return None
+    if m < (below_f32 if dt == torch.float32 else below_bf16):
+        mode = xmode if dt == torch.float32 else xmode_bf16
+    elif gemm:
+        mode = GEMM_XMODE
+    else:
         return None
     x2 = x.reshape(m, k)
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y = gemv4_bound_op(x2, handle, n, xmode_bf16 if dt == torch.bfloat16 else xmode)
+    y = gemv4_bound_op(x2, handle, n, mode)
     return (y if dt == torch.float32 else y.to(dt)).reshape(*x.shape[:-1], n)
 
 

@@ -597,8 +597,12 @@ gemv4_op = torch.ops.medquant.gemv4.default
 # ``medquant::gemv4_bound`` calls a matmul bound once (:class:`NativeGemv4`) by its handle, an integer: a compiled
 # decode step then holds no weight tensors. Each tensor a graph takes costs a guard at every call (shape, stride,
 # dtype) and a size assertion in the generated code; SmolLM2's 211 layers x (codes, scales, zero points) made
-# about a fifth of a compiled step's time. The handle is never an address: an unknown one raises.
+# about a fifth of a compiled step's time. The handle is never an address: an unknown one raises. xmode
+# GEMM_XMODE runs the blocked matmul (NativeGemv4.gemm), so a compiled prefill computes what an eager one does.
 _OPS.define("gemv4_bound(Tensor x, int handle, int n, int xmode) -> Tensor")
+#: the ``xmode`` of ``medquant::gemv4_bound`` that runs the bound matmul's blocked form (:meth:`NativeGemv4.gemm`;
+#: ``mq_call``'s flag 16 is ``4 << 2``) instead of the weight-only kernel (xmodes 0, 1, 2)
+GEMM_XMODE = 4
 #: the bound matmuls by handle, held weakly: a matmul its layer no longer holds goes away, and a graph still
 #: calling it gets an error, not another layer's weights
 _BOUND: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -607,15 +611,24 @@ _HANDLES = itertools.count(1)
 
 def _gemv4_bound_cpu(x: torch.Tensor, handle: int, n: int, xmode: int) -> torch.Tensor:
     """``y (M, n) float32`` of the bound matmul ``handle`` (:attr:`NativeGemv4.handle`) for ``x (M, k)``, float32 or
-    bfloat16 with unit column stride: the CPU kernel of ``medquant::gemv4_bound``. Raises RuntimeError for an
-    unknown handle, a wrong ``n`` or ``x``, or a call the kernel declines (never a wrong result)."""
+    bfloat16 with unit column stride: the CPU kernel of ``medquant::gemv4_bound``. ``xmode`` 0 / 1 / 2: the
+    weight-only kernel (:class:`NativeGemv4`); :data:`GEMM_XMODE`: the blocked matmul (:meth:`NativeGemv4.gemm`;
+    an ``x`` it declines, one with a value that is not finite, is multiplied in float32 with the dequantized
+    weight, as the reference path does). Raises RuntimeError for an unknown handle, a wrong ``n`` or ``x``, the
+    blocked form on a build without it, or a call the kernel declines (never a wrong result)."""
     gemv = _BOUND.get(handle)
     if gemv is None or gemv.n != n or x.dim() != 2 or x.shape[1] != gemv.k or (gemv.k > 1 and x.stride(1) != 1):
         raise RuntimeError(f"medquant::gemv4_bound: no bound matmul {handle} of {n} rows taking x "
                            f"{tuple(x.shape)} strides {x.stride()} (its layer was re-bound, reloaded or freed since this graph was "
                            "compiled); call torch._dynamo.reset() and compile again")
+    if xmode == GEMM_XMODE and not gemv.has_gemm:
+        raise RuntimeError("medquant::gemv4_bound: this build has no blocked matmul (AVX512-VNNI)")
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     rc = _matmul_into(gemv._call, gemv._haddr, x, y, xmode << 2)
+    if rc == -5 and xmode == GEMM_XMODE:  # x not finite (or a block below 2^-100): torch's float32 product
+        from .reference import packed_linear_reference
+
+        return packed_linear_reference(x.float(), gemv._weight)
     if rc != 0:
         raise RuntimeError(f"medquant native {gemv.bits}-bit matmul declined the call (code {rc})")
     return y

@@ -327,3 +327,40 @@ def test_a_quantized_model_prefills_on_the_gemm_path_like_the_reference_and_afte
     loaded = mq.load(tmp_path / "ckpt")
     after = check(loaded)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("dtype", "tokens"), [(torch.float32, 40), (torch.float32, 10), (torch.bfloat16, 40)])
+def test_a_compiled_prefill_of_bound_layers_gives_the_eager_logits(dtype, tokens):
+    """A compiled forward over many tokens (a prefill) of a model whose layers are bound to their CPU kernels
+    (bfloat16 compute) runs what an eager forward runs: the blocked matmul by handle (``medquant::gemv4_bound`` in
+    its gemm mode) where eager calls take it (float32 ``x`` from 8 rows, bfloat16 ``x`` from 16), not a traced
+    bfloat16 dequantize + GEMM; the logits are bit-equal to eager's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import medquant as mq
+    from medquant.kernels.native import GEMM_XMODE
+    from medquant.testing.zoo import text_kwargs
+
+    if not _available():
+        pytest.skip("needs the native blocked matmul (AVX512-VNNI)")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs())).eval().to(dtype)
+    mq.quantize_(model, QuantConfig(4, group_size=32))
+    ids = torch.randint(1, 100, (1, tokens))
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        assert all(m.bind_cpu_kernels() for m in model.modules() if isinstance(m, QuantLinear))
+        compiled = torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids).logits
+    assert torch.equal(compiled, eager)
+    calls = [n for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    bound = [n for n in calls if "gemv4_bound" in str(n.target)]
+    assert len(bound) == sum(isinstance(m, QuantLinear) for m in model.modules()), {str(n.target) for n in calls}
+    assert all(n.args[3] == GEMM_XMODE for n in bound)
+    torch._dynamo.reset()

@@ -456,6 +456,39 @@ def test_bound_operator_calls_the_bound_matmul_by_handle_and_refuses_a_stale_or_
         op(x, handle, 48, 2)
 
 
+def test_bound_operator_runs_the_blocked_matmul_in_its_gemm_mode():
+    """``medquant::gemv4_bound`` with ``GEMM_XMODE`` (what a compiled prefill calls): bit-equal to the bound
+    matmul's blocked form for float32 ``x`` and, once rounded, for bfloat16 ``x``; an ``x`` with a value that is
+    not finite gets the float32 reference product (the blocked form declines it); a bound matmul without the
+    blocked form raises."""
+    from medquant.kernels.native import GEMM_XMODE, native_status
+
+    if not _available() or not native_status()["gemm"]:
+        pytest.skip("needs the native blocked matmul (AVX512-VNNI)")
+    from medquant.kernels.cpu import _scale_zero
+    from medquant.kernels.reference import packed_linear_reference
+
+    layer = _layer(48, 192, QuantConfig(4, symmetric=False, group_size=64), seed=3)
+    w = layer.packed_weight(4)
+    gemv = native_gemv4(w, *_scale_zero(w))
+    x = torch.randn(40, 192, generator=torch.Generator().manual_seed(1))
+    op = torch.ops.medquant.gemv4_bound
+    y = op(x, gemv.handle, 48, GEMM_XMODE)
+    torch.testing.assert_close(y, gemv.gemm(x), rtol=0, atol=0)
+    assert _rel_err(y, x.double() @ layer.dequantized_weight(torch.float64).t()) < 1e-4  # x to 2^-16 per block
+    assert not torch.equal(y, gemv(x, 2))  # another arithmetic than the weight-only kernel's
+    xb = x.bfloat16()
+    torch.testing.assert_close(op(xb, gemv.handle, 48, GEMM_XMODE).bfloat16(), gemv.gemm(xb), rtol=0, atol=0)
+    xn = x.clone()
+    xn[3, 7], xn[5, 0] = float("nan"), float("inf")
+    assert gemv.gemm(xn) is None
+    torch.testing.assert_close(op(xn, gemv.handle, 48, GEMM_XMODE), packed_linear_reference(xn, w),
+                               rtol=0, atol=0, equal_nan=True)
+    gemv._gemm = False
+    with pytest.raises(RuntimeError, match="no blocked matmul"):
+        op(x, gemv.handle, 48, GEMM_XMODE)
+
+
 def test_split_activations_against_float64_and_rounded_ones_at_the_kernel():
     """The three activation modes of the bound kernel, on one layer, against float64 references: 0 (x as it is)
     and 2 (split into two bfloat16 halves) within 1e-5 of ``x @ W^T``; 1 (rounded) within 1e-5 of
