@@ -3,7 +3,8 @@
 The CPU backend computes quantized layers in a compute dtype (bfloat16 by default). Against the float32 reference
 path of the same quantized model (``force_backend("torch")``: ``x @ ((u - z) * s)^T`` in float32), a bfloat16
 execution can round three things per layer: its input ``x``, its dequantized weight ``W`` and its output ``y``.
-This benchmark runs SmolLM2-135M quantized as ``benchmarks.cpu_inference`` makes it (head quantized) with every
+This benchmark runs SmolLM2-135M quantized as ``benchmarks.cpu_inference`` makes it (head quantized unless
+``--head float``; variants such as ``W2g32+gptq`` calibrated by GPTQ) with every
 ``QuantLinear`` replaced by a float32 emulation that rounds a chosen subset of ``{x, W, y}`` to bfloat16 and keeps
 everything else in float32 (``W`` is the layer's exact float32 dequantized weight, rounded once where ``W`` is in
 the subset), and reports, over held-out IU X-ray reports (teacher-forced, one forward over ``--tokens``
@@ -29,8 +30,13 @@ What it decides: whether a next-token agreement of 99% with the float32 referenc
 the three is rounded to bfloat16 (if ``x`` alone or ``W`` alone already flips more than 1% of the tokens, no kernel
 that rounds it can reach 99%, however it sums).
 
-Run: ``python -m benchmarks.bf16_rounding_attribution [--variants W4g128,W4g32,W3] [--prompts 20] [--tokens 64]
-[--where] [--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
+What a degenerate model does to it: round-to-nearest W2 of SmolLM2 (perplexity ~5e8) turns a 2^-9 rounding of
+``x`` into a different next token at half the positions, so its agreement measures chaos rather than a kernel's
+error. The control is a W2 model that predicts something (GPTQ, groups of 32, float head: ``--variants
+W2g32+gptq --head float``): whether the fast paths keep 99% there.
+
+Run: ``python -m benchmarks.bf16_rounding_attribution [--variants W4g128,W4g32,W3] [--head quantized|float]
+[--prompts 20] [--tokens 64] [--where] [--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -192,15 +198,15 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     labels = [k for k in rows[0]["modes"] if k not in ("reference_ppl", "tokens")] if rows else []
     lines = [f"# bfloat16 rounding attribution (benchmarks/bf16_rounding_attribution.py, {result['date']})", "",
-             (f"SmolLM2-135M, head quantized, {result['prompts']} held-out IU X-ray reports x {result['tokens']} "
+             (f"SmolLM2-135M, head {result.get('head', 'quantized')}, {result['prompts']} held-out IU X-ray reports x {result['tokens']} "
               "teacher-forced positions; next-token agreement with the float32 reference path / perplexity "
               "difference from it. x, W, y: the linears' input, weight, output rounded to bfloat16 in a float32 "
               "emulation; the fast paths are the CPU backend as it runs."), "",
-             "| variant | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+             "| variant | reference perplexity | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for r in rows:
         cells = [f"{r['modes'][k]['agreement'] * 100:.1f}% / {r['modes'][k]['ppl_rel_diff'] * 100:.2f}%"
                  for k in labels]
-        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['variant']} | {r['modes']['reference_ppl']:.4g} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
 
@@ -213,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--where", action="store_true", help="also: 16-bit blocks of 64 / 32 / 16 columns, and x exact "
                     "in one kind of layer at a time (where a model needs finer activations than the gemm's)")
+    ap.add_argument("--head", choices=("quantized", "float"), default="quantized",
+                    help="quantize the output head with the variant's config (default) or leave it in float")
     ap.add_argument("--out", default="bf16_rounding_attribution")
     args = ap.parse_args(argv)
     if args.threads:
@@ -230,14 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = list(os.getloadavg())
     rows = []
     for variant in args.variants.split(","):
-        model, tok = _make("smollm2", variant, True)
+        model, tok = _make("smollm2", variant, args.head == "quantized")
         texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > args.tokens][: args.prompts]
         seqs = [tok(t, return_tensors="pt")["input_ids"][:, : args.tokens + 1] for t in texts]
         rows.append({"variant": variant, "modes": attribute(model, seqs, where=args.where)})
         print(json.dumps(rows[-1]), flush=True)
         del model
     result = run_record("bf16_rounding_attribution", SEED, load_before, rows, prompts=args.prompts,
-                        tokens=args.tokens, compute_dtype=str(get_cpu_compute_dtype()).removeprefix("torch."),
+                        tokens=args.tokens, head=args.head, compute_dtype=str(get_cpu_compute_dtype()).removeprefix("torch."),
                         native4_activations=get_cpu_native4_activations(), prefill_kernel=get_cpu_prefill_kernel(),
                         cpu_features=cpu_features())
     save_results(RESULTS, args.out, result, markdown(result))

@@ -7,7 +7,9 @@ weights: speed only). Variants: ``float32``, ``bfloat16`` and ``W8`` (8-bit per 
 float (``skip=["lm_head"]``); ``<variant>+emb`` also quantizes the input embedding with the same config
 (``quantize_embeddings_``; with ``+head`` a tied head shares the table, stored once); ``<variant>@bf16`` casts the
 float model to bfloat16 first (``model.to(torch.bfloat16)``, then ``quantize_``: activations, norms and attention
-run in bfloat16 like the ``bfloat16`` row, with no cast around each quantized layer). Quantization is nothing but
+run in bfloat16 like the ``bfloat16`` row, with no cast around each quantized layer); ``<variant>+gptq``
+(named only, as ``W2g32``: 2-bit, group 32) calibrates by GPTQ (:data:`GPTQ_CALIBRATION`) instead of rounding to
+nearest, for the accuracy controls of ``benchmarks.bf16_rounding_attribution``. Quantization is nothing but
 ``medquant.quantize_`` (and ``quantize_embeddings_``) with the public config; the CPU kernels run with their default compute dtype (bfloat16 where the CPU has native bf16).
 
 Every row runs in its own subprocess (``--worker``), so that its resident memory is its own:
@@ -71,6 +73,10 @@ QUANT = {  # variant -> QuantConfig kwargs
     "W3": {"bits": 3, "group_size": 128},
     "W2": {"bits": 2, "group_size": 128},
 }
+#: variants built only when named (not in the full run's default list)
+EXTRA_QUANT = {"W2g32": {"bits": 2, "group_size": 32}}
+#: ``<variant>+gptq``: calibration for GPTQ instead of round-to-nearest (training reports, never the test ones)
+GPTQ_CALIBRATION = {"sequences": 32, "seq_len": 512, "batch": 4, "act_order": True}
 LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5632, "num_attention_heads": 32,
             "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
             "tie_word_embeddings": False}
@@ -317,16 +323,43 @@ def _make(model_name: str, variant: str, head: bool):
             model = model.to(torch.bfloat16)
         base = base.removesuffix("+emb")
         skip = None if head else ["lm_head"]
+        if base.endswith("+gptq"):
+            if base != variant:
+                raise ValueError(f"{variant!r}: +gptq is not combined with +emb or @bf16")
+            _gptq(model, tok, mq.QuantConfig(**_quant_kwargs(base.removesuffix("+gptq"))), skip)
+            return model.eval(), tok
         if variant.removesuffix("@bf16").endswith("+emb"):  # embeddings quantized too; a tied head shares the table (stored once)
             from medquant.quant.embeddings import quantize_embeddings_
 
             tied = bool(getattr(model.config, "tie_word_embeddings", False))
             # an untied head (the 1.1B model) is quantized as its own layer; a tied one shares the table's codes
-            mq.quantize_(model, mq.QuantConfig(**QUANT[base]), skip=["lm_head"] if tied or not head else None)
-            quantize_embeddings_(model, mq.QuantConfig(**QUANT[base]), tie=head and tied)
+            mq.quantize_(model, mq.QuantConfig(**_quant_kwargs(base)), skip=["lm_head"] if tied or not head else None)
+            quantize_embeddings_(model, mq.QuantConfig(**_quant_kwargs(base)), tie=head and tied)
         else:
-            mq.quantize_(model, mq.QuantConfig(**QUANT[base]), skip=skip)
+            mq.quantize_(model, mq.QuantConfig(**_quant_kwargs(base)), skip=skip)
     return model.eval(), tok
+
+
+def _quant_kwargs(base: str) -> dict:
+    """The ``QuantConfig`` keyword arguments of a variant name without suffixes (``QUANT`` / ``EXTRA_QUANT``)."""
+    try:
+        return {**QUANT, **EXTRA_QUANT}[base]
+    except KeyError:
+        raise ValueError(f"unknown variant {base!r}; known: " + ", ".join({**QUANT, **EXTRA_QUANT})) from None
+
+
+def _gptq(model, tok, cfg, skip) -> None:
+    """GPTQ in place (``gptq_quantize_sequential``, act_order, damp 0.01; layers outside the decoder blocks, the
+    head among them unless skipped, by round-to-nearest) on :data:`GPTQ_CALIBRATION`'s sequences of concatenated
+    IU training reports."""
+    from benchmarks.ptq_methods import _lm_calibration
+    from medquant.calibrate import gptq_quantize_sequential
+
+    if tok is None:
+        raise ValueError("+gptq needs a tokenizer for its calibration text (SmolLM2 only)")
+    c = GPTQ_CALIBRATION
+    calib, _ = _lm_calibration(tok, c["sequences"], c["seq_len"], c["batch"])
+    gptq_quantize_sequential(model, cfg, calib, skip=skip, act_order=c["act_order"], device="cpu", progress=True)
 
 
 def prefill_ab(spec: dict) -> dict:

@@ -68,4 +68,8 @@ def test_attribution_control_is_exact_and_rounding_moves_the_logits():
     for label in ("fast prefill path", "fast decode path"):
         assert 0.0 <= res[label]["agreement"] <= 1.0 and res[label]["ppl"] > 0
     table = bra.markdown({"date": "d", "prompts": 2, "tokens": 16, "rows": [{"variant": "W4g128", "modes": res}]})
-    assert "| W4g128 | 100.0% / 0.00% |" in table
+    assert f"| W4g128 | {res['reference_ppl']:.4g} | 100.0% / 0.00% |" in table
+    assert "head quantized" in table
+    table = bra.markdown({"date": "d", "prompts": 2, "tokens": 16, "head": "float",
+                          "rows": [{"variant": "W4g128", "modes": res}]})
+    assert "SmolLM2-135M, head float," in table

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
 import torch
 
 from benchmarks import cpu_inference as ci
@@ -23,6 +24,37 @@ def test_make_quantizes_what_the_variant_names():
     assert m.model.norm.weight.dtype == torch.bfloat16
     m, _ = ci._make("llama_small", "bfloat16", False)
     assert m.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_gptq_variant_calibrates_instead_of_rounding_and_bad_names_are_refused(monkeypatch):
+    from benchmarks import ptq_methods
+
+    ids = torch.randint(0, 32000, (4, 48), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def calibration(tok, n_seqs, seq_len, batch):
+        seen.append((n_seqs, seq_len, batch))
+        return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], {}
+
+    build = ci._build
+    monkeypatch.setattr(ptq_methods, "_lm_calibration", calibration)
+    monkeypatch.setattr(ci, "_build", lambda name: (build(name)[0], object()))  # a tokenizer stand-in
+    g, _ = ci._make("llama_small", "W2g32+gptq", False)
+    r, _ = ci._make("llama_small", "W2g32", False)
+    c = ci.GPTQ_CALIBRATION
+    assert seen == [(c["sequences"], c["seq_len"], c["batch"])]
+    lg, lr = g.model.layers[1].mlp.up_proj, r.model.layers[1].mlp.up_proj
+    assert lg.bit_groups == [2] and lg.config.group_size == 32 and lr.config.group_size == 32
+    assert not isinstance(g.lm_head, QuantLinear)  # --head float
+    wg, wr = lg.to_float(torch.float32).weight, lr.to_float(torch.float32).weight
+    assert not torch.equal(wg, wr)  # calibrated codes, not round-to-nearest's
+    monkeypatch.setattr(ci, "_build", build)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        ci._make("llama_small", "W2g32+gptq", True)
+    with pytest.raises(ValueError, match="not combined"):
+        ci._make("llama_small", "W2g32+gptq+emb", True)
+    with pytest.raises(ValueError, match="unknown variant 'W5'"):
+        ci._make("llama_small", "W5", True)
 
 
 def test_prefill_ab_pairs_rounds_and_reports_their_ratios():
