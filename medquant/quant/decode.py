@@ -11,7 +11,8 @@ step's time is Python and framework overhead, not arithmetic. Two things attack 
 
 Quantized layers on CPU are bound to their kernels (:meth:`~medquant.quant.QuantLinear.bind_cpu_kernels`,
 ``bind_kernels=True``): the compiled graph calls medquant's native kernel by handle (``medquant::gemv4_bound``: the
-graph takes none of the layer's tensors, so it checks none at each step), or aten's int4 / int8 weight-only matmul,
+graph takes none of the layer's tensors, so it checks none at each step; the weight-only kernel for a decode step,
+the blocked matmul for a prompt-sized call, as eager calls choose), or aten's int4 / int8 weight-only matmul,
 or the dense path, directly, with the bound weights captured when the step is compiled. Otherwise they stay opaque
 ``medquant::packed_linear`` nodes whose Python bodies run at every call (which makes the compiled step slower
 than eager decoding on a small model). Whether it helps is measured in ``benchmarks/cpu_inference.py``
