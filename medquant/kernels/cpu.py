@@ -71,8 +71,8 @@ reads the codes of every layout (a panel of 32 weight rows is widened to 16-bit 
 reused by every row of ``x``) and holds nothing between calls. Under ``torch.compile`` a bound layer calls it
 by handle (``medquant::gemv4_bound`` with ``xmode`` :data:`~medquant.kernels.native.GEMM_XMODE`: a compiled
 prefill gives the eager logits; a not-finite ``x`` gets the float32 reference product there). Traced in an
-unbound layer, for float32 / float16 compute, with :func:`set_cpu_prefill_kernel` ``"dense"``, or where the library lacks it
-(``native_status()["gemm"]``: AVX512-VNNI), the dense path runs; an ``x`` with a value that is not finite (or a
+unbound layer, for float32 / float16 compute, with :func:`set_cpu_prefill_kernel` ``"dense"``, or where the
+library lacks it (``native_status()["gemm"]``: AVX512-VNNI), the dense path runs; an ``x`` with a value that is not finite (or a
 block whose largest magnitude is below ``2^-100``) is handed to the dense path too, which propagates it as torch
 does.
 
@@ -475,10 +475,11 @@ def set_cpu_prefill_kernel(kind: str | None) -> None:
     (:meth:`medquant.kernels.native.NativeGemv4.gemm`): ``x`` as 16-bit integers per block of columns (``x`` to
     ``2^-16`` of the block's largest magnitude), the codes exact, integer sums within a block, float32 across
     blocks and a float32 output: no bfloat16 rounding of weights or outputs, so a prefill agrees with the float32
-    reference path as a decode step does. Needs AVX512-VNNI (``native_status()["gemm"]``); elsewhere the dense path runs.
-    Under ``torch.compile`` a layer bound to its kernels (``QuantLinear.bind_cpu_kernels``) calls it by handle
-    (``medquant::gemv4_bound``); an unbound layer's traced call takes the dense path. ``"dense"``: the weight dequantized to bfloat16 and torch's
-    bfloat16 GEMM (weights and outputs rounded to bfloat16: about ``2^-9`` relative per output).
+    reference path as a decode step does. Needs AVX512-VNNI (``native_status()["gemm"]``); elsewhere the dense
+    path runs. Under ``torch.compile`` a layer bound to its kernels (``QuantLinear.bind_cpu_kernels``) calls it by
+    handle (``medquant::gemv4_bound``); an unbound layer's traced call takes the dense path. ``"dense"``: the
+    weight dequantized to bfloat16 and torch's bfloat16 GEMM (weights and outputs rounded to bfloat16: about
+    ``2^-9`` relative per output).
     Float32 and float16 compute dtypes always take the dense path at large ``M``.
 
     Args:

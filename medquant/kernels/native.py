@@ -621,6 +621,8 @@ def _gemv4_bound_cpu(x: torch.Tensor, handle: int, n: int, xmode: int) -> torch.
         raise RuntimeError(f"medquant::gemv4_bound: no bound matmul {handle} of {n} rows taking x "
                            f"{tuple(x.shape)} strides {x.stride()} (its layer was re-bound, reloaded or freed since this graph was "
                            "compiled); call torch._dynamo.reset() and compile again")
+    if xmode not in (0, 1, 2, GEMM_XMODE):
+        raise RuntimeError(f"medquant::gemv4_bound: xmode must be 0, 1, 2 or {GEMM_XMODE} (GEMM_XMODE), got {xmode}")
     if xmode == GEMM_XMODE and not gemv.has_gemm:
         raise RuntimeError("medquant::gemv4_bound: this build has no blocked matmul (AVX512-VNNI)")
     y = torch.empty(x.shape[0], n, dtype=torch.float32)

@@ -484,6 +484,9 @@ def test_bound_operator_runs_the_blocked_matmul_in_its_gemm_mode():
     assert gemv.gemm(xn) is None
     torch.testing.assert_close(op(xn, gemv.handle, 48, GEMM_XMODE), packed_linear_reference(xn, w),
                                rtol=0, atol=0, equal_nan=True)
+    for bad in (3, 5, -1):
+        with pytest.raises(RuntimeError, match="xmode must be"):
+            op(x, gemv.handle, 48, bad)
     gemv._gemm = False
     with pytest.raises(RuntimeError, match="no blocked matmul"):
         op(x, gemv.handle, 48, GEMM_XMODE)
