@@ -138,7 +138,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .bundle import PackedWeight
 from .dispatch import bump_generation, register_backend, register_kernel
-from .layout import container_bits, unpack
+from .layout import container_bits, symmetric_params, unpack
 from .native import (
     GEMM_XMODE,
     NativeGemv4,
@@ -614,9 +614,8 @@ def _scale_zero(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 ``(s, z)`` per stored scale such that ``w = (u - z) * s`` (1-bit symmetric: ``2s``, ``1/2``)."""
     s = weight.scales.float()
     if weight.symmetric:
-        if weight.bits == 1:
-            return 2 * s, torch.full_like(s, 0.5)
-        return s, torch.full_like(s, float(2 ** (weight.bits - 1)))
+        a, z = symmetric_params(weight.bits)
+        return (a * s if a != 1.0 else s), torch.full_like(s, z)
     assert weight.zeros is not None  # asymmetric rows carry zero points (checked by PackedWeight)
     return s, weight.zeros.float()
 
@@ -764,10 +763,8 @@ def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     w = u.float()
     s, z = _scale_zero(weight)
     s = s.float().expand(n, kp // ge).unsqueeze(-1)
-    if weight.symmetric and weight.bits == 1:
-        w = w.sub_(0.5)
-    elif weight.symmetric:
-        w = w.sub_(float(2 ** (weight.bits - 1)))
+    if weight.symmetric:
+        w = w.sub_(symmetric_params(weight.bits)[1])
     else:
         w = w.sub_(z.float().expand(n, kp // ge).unsqueeze(-1))
     w = w.mul_(s).view(n, kp)[:, : weight.k]

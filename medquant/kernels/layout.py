@@ -250,6 +250,13 @@ def unpack(words: torch.Tensor, bits: int, k: int | None = None, dense: bool = F
     return codes
 
 
+def symmetric_params(bits: int) -> tuple[float, float]:
+    """``(a, z)`` of a symmetric ``bits``-bit row: its weights are ``w = (u - z) * (a s)`` with ``z = 2^(b-1)``,
+    ``a = 1``; 1-bit rows ``(2u - 1) * s`` = ``(u - 1/2) * (2 s)``: ``z = 1/2``, ``a = 2`` (both exact in float32).
+    The one statement of the symmetric zero point that the reference and every CPU kernel read."""
+    return (2.0, 0.5) if bits == 1 else (1.0, float(2 ** (bits - 1)))
+
+
 def expand_params(p: torch.Tensor, scope: str, group_elems: int, n: int, k_pad: int) -> torch.Tensor:
     """Per-scope parameters (scales or zero points) -> one value per element of an ``(n, k_pad)`` matrix.
 
@@ -281,10 +288,8 @@ def dequantize_codes(
     sf = expand_params(scales.float(), scope, group_elems, n, kp)
     u = codes.float()
     if symmetric:
-        if bits == 1:
-            w = (2 * u - 1) * sf
-        else:
-            w = (u - 2 ** (bits - 1)) * sf
+        a, z = symmetric_params(bits)
+        w = (u - z) * (a * sf)
     else:
         assert zeros is not None, "asymmetric rows need their zero points"
         w = (u - expand_params(zeros.float(), scope, group_elems, n, kp)) * sf

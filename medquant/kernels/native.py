@@ -80,7 +80,7 @@ from pathlib import Path
 import torch
 
 from .bundle import PackedWeight
-from .layout import container_bits, storage_bits
+from .layout import container_bits, storage_bits, symmetric_params
 
 #: environment variable: ``0`` / ``false`` / ``off`` / ``no`` disables the native kernel (eager code runs)
 ENV_NATIVE = "MEDQUANT_NATIVE"
@@ -396,10 +396,9 @@ def kernel_params(weight: PackedWeight, ng: int, scale: torch.Tensor | None = No
     if scale is not None and zero is not None:
         return scale.float().expand(n, ng).contiguous(), zero.float().expand(n, ng).contiguous()
     if weight.symmetric:
-        if weight.bits == 1:
-            s = (2 * weight.scales.float()).expand(n, ng).contiguous()
-            return s, torch.full((1,), 0.5)
-        return _in_place(weight.scales, n, ng), torch.full((1,), float(2 ** (weight.bits - 1)))
+        a, zs = symmetric_params(weight.bits)
+        s = _in_place(weight.scales, n, ng) if a == 1.0 else (a * weight.scales.float()).expand(n, ng).contiguous()
+        return s, torch.full((1,), zs)
     assert weight.zeros is not None  # asymmetric rows carry zero points (checked by PackedWeight)
     s = _in_place(weight.scales, n, ng)
     z = _in_place(weight.zeros, n, ng)
