@@ -472,9 +472,10 @@ def compile_ab(spec: dict) -> dict:
     models (eager), the bfloat16 model with the same recipe (the control: does compiling help the float model as
     much?), the variant eager, the variant compiled, and the variant compiled with the guards skipped
     (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: what evaluating the compiled step's guards costs;
-    not a recommended setting), the order rotated every round. Reported: every round's tokens/s, and for the
-    variant eager and compiled the median of per-round ratios against each baseline; the first compiled call's
-    seconds (compilation)."""
+    not a recommended setting), and with ``spec["cpp_wrapper"]`` the variant compiled with inductor's C++ wrapper
+    (``static_decode_(..., options={"cpp_wrapper": True})``), the order rotated every round. Reported: every
+    round's tokens/s, and for the variant eager and compiled the median of per-round ratios against each
+    baseline; the first compiled call's seconds (compilation)."""
     import gc
 
     import torch
@@ -506,8 +507,13 @@ def compile_ab(spec: dict) -> dict:
     for variant, head in spec["ab_variants"]:
         models = {**bases, "bfloat16_compiled": bf16_compiled, "eager": _make(spec["model"], variant, head)[0],
                   "compiled": static_decode_(_make(spec["model"], variant, head)[0], backend=backend)}
+        if spec.get("cpp_wrapper"):
+            models["compiled_cpp"] = static_decode_(_make(spec["model"], variant, head)[0], backend=backend,
+                                                    options={"cpp_wrapper": True})
         with torch.no_grad():
             first = _generate_decode_tok_s(models["compiled"], ids, new, 1)[1]  # compiles
+            first_cpp = _generate_decode_tok_s(models["compiled_cpp"], ids, new, 1)[1] if "compiled_cpp" in models \
+                else None
             for m in models.values():  # warm-up: kernels prepared, allocator settled
                 rate(m)
             timers = {name: (lambda m=m: rate(m)) for name, m in models.items()}
@@ -517,6 +523,9 @@ def compile_ab(spec: dict) -> dict:
                      "eager": _ratios(rates, "eager", baselines),
                      "compiled": _ratios(rates, "compiled", (*baselines, "eager")),
                      "compiled_skip_guards": _ratios(rates, "compiled_skip_guards", ("compiled",))}
+        if first_cpp is not None:
+            res["compiled_cpp"] = _ratios(rates, "compiled_cpp", (*baselines, "eager", "compiled"))
+            res["compile_cpp_first_call_s"] = first_cpp
         out["variants"][f"{variant}{'+head' if head else ''}"] = res
         print(json.dumps({variant: {k: res["compiled"][k]["ratio_median"] for k in res["compiled"]}}),
               file=sys.stderr, flush=True)
@@ -684,6 +693,8 @@ def main(argv=None) -> int:
                    "time batch-1 decode through generate, eager against a static cache + compiled decode step "
                    "(static_decode_), with float32, bfloat16 and compiled bfloat16 baselines, in one process "
                    "(paired rounds; writes <out>.json/.md, default stem cpu_inference_compile_ab)")
+    p.add_argument("--cpp-wrapper", action="store_true", help="--compile-ab: also the variant compiled with "
+                   "inductor's C++ wrapper (static_decode_(..., options={'cpp_wrapper': True}))")
     p.add_argument("--ab-rounds", type=int, default=7, help="paired rounds per variant (and prefill mode) "
                    "(--prefill-ab, --decode-ab, --compile-ab)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -751,6 +762,18 @@ def _compile_ab_table(results: list[dict]) -> str:
             cells.append(" / ".join(f"{statistics.median(v['tok_s'][k]):.1f}" for k in (
                 "float32", "bfloat16", "bfloat16_compiled", "eager", "compiled", "compiled_skip_guards")))
             lines.append(f"| {res['model']} | {name} | " + " | ".join(cells) + f" | {res['rounds']} |")
+    cpp = [(res["model"], name, v) for res in results if "error" not in res for name, v in res["variants"].items()
+           if "compiled_cpp" in v]
+    if cpp:
+        lines += ["", ("| model | variant | C++ wrapper vs compiled (Python wrapper) | vs float32 | vs bfloat16 | "
+                       "vs the variant eager | tok/s median (best) | first call s: C++ / Python wrapper |"),
+                  "|---|---|---|---|---|---|---|---|"]
+        for model, name, v in cpp:
+            c = v["compiled_cpp"]
+            cells = [f"{c[f'vs_{b}']['ratio_median']:.2f}" for b in ("compiled", "float32", "bfloat16", "eager")]
+            cells.append(f"{statistics.median(v['tok_s']['compiled_cpp']):.1f} ({max(v['tok_s']['compiled_cpp']):.1f})")
+            cells.append(f"{v['compile_cpp_first_call_s']:.0f} / {v['compile_first_call_s']:.0f}")
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -771,7 +794,8 @@ def _main_ab(args, mode: str) -> int:
     results = []
     for model in models:
         spec = {"mode": mode, "model": model, "threads": threads, "rounds": args.ab_rounds,
-                "prefill": 256, "prompt": 32, "new": 64, "ab_variants": [(v, h) for v in variants for h in heads]}
+                "prefill": 256, "prompt": 32, "new": 64, "ab_variants": [(v, h) for v in variants for h in heads],
+                "cpp_wrapper": bool(getattr(args, "cpp_wrapper", False))}
         results.append(_run_worker(spec, {"model": model}))
     stem = Path(args.out) if args.out else RESULTS / f"cpu_inference_{mode}"
     stem.parent.mkdir(parents=True, exist_ok=True)

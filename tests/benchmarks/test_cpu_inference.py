@@ -93,23 +93,28 @@ def test_compile_ab_times_six_decodes_per_round_and_reports_paired_ratios():
     torch._dynamo.reset()
     counters.clear()
     spec = {"model": "llama_small", "threads": 1, "rounds": 2, "prompt": 4, "new": 3, "backend": "eager",
-            "ab_variants": [("W4g128", True)]}
+            "ab_variants": [("W4g128", True)], "cpp_wrapper": True}  # (the eager backend ignores the option)
     res = ci.compile_ab(spec)
     v = res["variants"]["W4g128+head"]
     rates = v["tok_s"]
-    assert set(rates) == {"float32", "bfloat16", "bfloat16_compiled", "eager", "compiled", "compiled_skip_guards"}
+    assert set(rates) == {"float32", "bfloat16", "bfloat16_compiled", "eager", "compiled", "compiled_skip_guards",
+                          "compiled_cpp"}
     assert all(len(r) == 2 and min(r) > 0 for r in rates.values())
     for key, bases in (("eager", ("float32", "bfloat16", "bfloat16_compiled")),
                        ("compiled", ("float32", "bfloat16", "bfloat16_compiled", "eager")),
-                       ("compiled_skip_guards", ("compiled",))):
+                       ("compiled_skip_guards", ("compiled",)),
+                       ("compiled_cpp", ("float32", "bfloat16", "bfloat16_compiled", "eager", "compiled"))):
         assert set(v[key]) == {f"vs_{b}" for b in bases}
         for b in bases:
             assert v[key][f"vs_{b}"]["ratio_median"] == statistics.median(
                 q / r for q, r in zip(rates[key], rates[b]))
-    assert v["compile_first_call_s"] > 0
-    assert counters["stats"]["unique_graphs"] >= 2
+    assert v["compile_first_call_s"] > 0 and v["compile_cpp_first_call_s"] > 0
+    assert counters["stats"]["unique_graphs"] >= 3
     table = ci._compile_ab_table([res])
-    assert "| llama_small | W4g128+head |" in table and table.count("\n") == 2
+    assert table.count("| llama_small | W4g128+head |") == 2 and table.count("\n") == 6
+    assert f"| {v['compiled_cpp']['vs_compiled']['ratio_median']:.2f} |" in table.split("C++ wrapper")[1]
+    del v["compiled_cpp"]
+    assert ci._compile_ab_table([res]).count("\n") == 2  # without the C++ wrapper: no second table
     torch._dynamo.reset()
 
 

@@ -45,6 +45,17 @@ def test_static_cache_only_and_bad_input():
         static_decode_(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend"):
         static_decode_(model, backend="")
+    static_decode_(model, options={"cpp_wrapper": True})
+    cfg = model.generation_config.compile_config
+    assert cfg.options == {"cpp_wrapper": True} and cfg.mode is None  # torch.compile takes options or a mode
+    assert cfg.to_dict()["options"] == {"cpp_wrapper": True} and not model.generation_config.disable_compile
+    static_decode_(model)
+    assert model.generation_config.compile_config.options is None
+    assert model.generation_config.compile_config.mode == "default"
+    with pytest.raises(TypeError, match="options must be a dict"):
+        static_decode_(model, options="cpp_wrapper")
+    with pytest.raises(ValueError, match="cannot both be given"):
+        static_decode_(model, mode="max-autotune", options={"cpp_wrapper": True})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
