@@ -7,9 +7,9 @@ weights: speed only). Variants: ``float32``, ``bfloat16`` and ``W8`` (8-bit per 
 float (``skip=["lm_head"]``); ``<variant>+emb`` also quantizes the input embedding with the same config
 (``quantize_embeddings_``; with ``+head`` a tied head shares the table, stored once); ``<variant>@bf16`` casts the
 float model to bfloat16 first (``model.to(torch.bfloat16)``, then ``quantize_``: activations, norms and attention
-run in bfloat16 like the ``bfloat16`` row, with no cast around each quantized layer); ``<variant>+gptq``
-(named only, as ``W2g32``: 2-bit, group 32) calibrates by GPTQ (:data:`GPTQ_CALIBRATION`) instead of rounding to
-nearest, for the accuracy controls of ``benchmarks.bf16_rounding_attribution``. Quantization is nothing but
+run in bfloat16 like the ``bfloat16`` row, with no cast around each quantized layer). For the accuracy controls
+of ``benchmarks.bf16_rounding_attribution``, built only when named: ``W2g32`` (2-bit, group 32), and
+``<variant>+gptq``, calibrated by GPTQ (:data:`GPTQ_CALIBRATION`) instead of rounded to nearest. Quantization is nothing but
 ``medquant.quantize_`` (and ``quantize_embeddings_``) with the public config; the CPU kernels run with their default compute dtype (bfloat16 where the CPU has native bf16).
 
 Every row runs in its own subprocess (``--worker``), so that its resident memory is its own:
