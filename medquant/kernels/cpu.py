@@ -72,9 +72,9 @@ reused by every row of ``x``) and holds nothing between calls. Under ``torch.com
 by handle (``medquant::gemv4_bound`` with ``xmode`` :data:`~medquant.kernels.native.GEMM_XMODE`: a compiled
 prefill gives the eager logits; a not-finite ``x`` gets the float32 reference product there). Traced in an
 unbound layer, for float32 / float16 compute, with :func:`set_cpu_prefill_kernel` ``"dense"``, or where the
-library lacks it (``native_status()["gemm"]``: AVX512-VNNI), the dense path runs; an ``x`` with a value that is not finite (or a
-block whose largest magnitude is below ``2^-100``) is handed to the dense path too, which propagates it as torch
-does.
+library lacks it (``native_status()["gemm"]``: AVX512-VNNI), the dense path runs; an ``x`` with a value that is
+not finite (or a block whose largest magnitude is below ``2^-100``) is handed to the dense path too, which
+propagates it as torch does.
 
 **dense**: the codes are dequantized to ``cd`` (``(u - z) * s`` in float32, rounded once to ``cd``: the
 reference's float32 weight cast to ``cd``; once per call) and ``F.linear`` runs; at large

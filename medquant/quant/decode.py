@@ -51,9 +51,9 @@ def static_decode_(model: nn.Module, *, compile: bool = True, backend: Any = "in
             as they are now (re-run ``static_decode_`` after changing weights in place).
         options: the backend's options, e.g. ``{"cpp_wrapper": True}``: inductor emits the step's wrapper (the code
             that calls each generated kernel and operator in turn) in C++ instead of Python. Measured on SmolLM2 W4
-            g128 (2 threads, paired through ``generate``): about 1.1x the default compiled step's tokens/s, same
-            tokens, for a first call about 6x as long (78 s against 12 s); see ``benchmarks/cpu_inference.py
-            --compile-ab ... --cpp-wrapper``. ``None``: the backend's defaults.
+            g128 (2 threads, 7 paired rounds through ``generate``): 1.06x the default compiled step's tokens/s
+            (1.02x on a ~1.1B model), same tokens, for a first call about twice as long (72 s against 33 s); see
+            ``benchmarks/cpu_inference.py --compile-ab ... --cpp-wrapper``. ``None``: the backend's defaults.
 
     Returns:
         ``model``, changed in place.

@@ -419,6 +419,16 @@ def test_quad_form_of_the_4bit_kernel_against_float64(cfg, k):
         assert _rel_err(gemv(xb, 1).double(), ref_b.float().bfloat16().double()) < 8e-3
 
 
+def _bound_layer(rows: int):
+    """The bound-operator tests' layer (48 x 192, W4 asymmetric g64), its row group, its bound matmul and ``rows``
+    rows of ``x``."""
+    from medquant.kernels.cpu import _scale_zero
+
+    layer = _layer(48, 192, QuantConfig(4, symmetric=False, group_size=64), seed=3)
+    w = layer.packed_weight(4)
+    return layer, w, native_gemv4(w, *_scale_zero(w)), torch.randn(rows, 192, generator=torch.Generator().manual_seed(1))
+
+
 def test_bound_operator_calls_the_bound_matmul_by_handle_and_refuses_a_stale_or_wrong_one():
     """``medquant::gemv4_bound`` (what a compiled decode step calls): bit-equal to the bound matmul it names, in
     every activation mode, and for a bfloat16 ``x`` once its float32 output is rounded; an unknown handle, a wrong row count, a wrong ``k``, a
@@ -429,10 +439,7 @@ def test_bound_operator_calls_the_bound_matmul_by_handle_and_refuses_a_stale_or_
 
     from medquant.kernels.cpu import _scale_zero
 
-    layer = _layer(48, 192, QuantConfig(4, symmetric=False, group_size=64), seed=3)
-    w = layer.packed_weight(4)
-    gemv = native_gemv4(w, *_scale_zero(w))
-    x = torch.randn(2, 192, generator=torch.Generator().manual_seed(1))
+    _, w, gemv, x = _bound_layer(2)
     op = torch.ops.medquant.gemv4_bound
     for xmode in (0, 1, 2):
         torch.testing.assert_close(op(x, gemv.handle, 48, xmode), gemv(x, xmode), rtol=0, atol=0)
@@ -465,13 +472,9 @@ def test_bound_operator_runs_the_blocked_matmul_in_its_gemm_mode():
 
     if not _available() or not native_status()["gemm"]:
         pytest.skip("needs the native blocked matmul (AVX512-VNNI)")
-    from medquant.kernels.cpu import _scale_zero
     from medquant.kernels.reference import packed_linear_reference
 
-    layer = _layer(48, 192, QuantConfig(4, symmetric=False, group_size=64), seed=3)
-    w = layer.packed_weight(4)
-    gemv = native_gemv4(w, *_scale_zero(w))
-    x = torch.randn(40, 192, generator=torch.Generator().manual_seed(1))
+    layer, w, gemv, x = _bound_layer(40)
     op = torch.ops.medquant.gemv4_bound
     y = op(x, gemv.handle, 48, GEMM_XMODE)
     torch.testing.assert_close(y, gemv.gemm(x), rtol=0, atol=0)
