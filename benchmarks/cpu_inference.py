@@ -38,10 +38,12 @@ Repeats (``--repeats``, default 3): medians. The accuracy check (SmolLM2, quanti
 held-out IU X-ray reports (64 tokens each, teacher-forced) through the fast path and through the torch reference
 path (``force_backend("torch")``) of the same quantized model, relative difference (target < 0.5%), and
 next-token agreement (target >= 99%), each for two fast paths: the prefill path (one forward over the 64
-positions, ``M = 64``: the dense path) and the decode path (``decode_path_*``: the same positions fed one at a
+positions, ``M = 64``: the blocked matmul, else the dense path) and the decode path (``decode_path_*``: the same positions fed one at a
 time through the KV cache, ``M = 1``: what ``generate`` runs for every new token; for a model cast to bfloat16 the
 reference path then runs one position at a time too, since its attention rounds differently with a cache); next to
-the control: the same dequantized weights run by plain torch in bfloat16 (``bf16_control_*``), how far any bf16 execution of that model lands from the float32 reference.
+the control: the same dequantized weights run by plain torch in bfloat16 (``bf16_control_*``), how far any bf16
+execution of that model lands from the float32 reference. A model cast to bfloat16 is also judged by its float32
+copy (``float32_copy``: agreement of the fast paths and of its bfloat16 reference path with it).
 Every row records ``os.getloadavg()`` before and after it ran (the machine may be shared).
 
     python -m benchmarks.cpu_inference              # full run (idle machine; ~1 h on 2 cores)
