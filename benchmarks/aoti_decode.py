@@ -27,7 +27,6 @@ Run: ``python -m benchmarks.aoti_decode [--rounds 5] [--prompt 32] [--new 64] [-
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import tempfile
@@ -36,15 +35,6 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
-
-
-def _quantized(base, variant: str):
-    import medquant as mq
-    from benchmarks.cpu_inference import _quant_kwargs
-
-    m = copy.deepcopy(base)
-    mq.quantize_(m, mq.QuantConfig(**_quant_kwargs(variant)))
-    return m.eval()
 
 
 def aot_step(model, max_cache_len: int, package: Path):
@@ -124,18 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.common.env import run_record, save_results
-    from benchmarks.common.smollm2 import load_smollm2
-    from benchmarks.cpu_inference import _generate_decode_tok_s, _rotated_rounds
+    from benchmarks.cpu_inference import _generate_decode_tok_s, _make, _ratios, _rotated_rounds
     from medquant.quant.decode import static_decode_
 
     torch.set_num_threads(args.threads)
     load0 = list(os.getloadavg())
-    base, _ = load_smollm2(torch.float32)
-    ids = torch.randint(0, base.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(SEED))
+    aot_model = _make("smollm2", args.variant, True)[0]  # the variant with the head quantized
+    ids = torch.randint(0, aot_model.config.vocab_size, (1, args.prompt),
+                        generator=torch.Generator().manual_seed(SEED))
     with tempfile.TemporaryDirectory() as tmp:
-        load, export_s, compile_s = aot_step(_quantized(base, args.variant), args.prompt + args.new + 1,
-                                             Path(tmp) / "step.pt2")
-        compiled = static_decode_(_quantized(base, args.variant))
+        load, export_s, compile_s = aot_step(aot_model, args.prompt + args.new + 1, Path(tmp) / "step.pt2")
+        compiled = static_decode_(_make("smollm2", args.variant, True)[0])
         with torch.no_grad():
             _, first = _generate_decode_tok_s(compiled, ids, args.new, 1)
             ref = compiled.generate(ids, max_new_tokens=args.new + 1, min_new_tokens=args.new + 1, do_sample=False,
@@ -150,16 +139,16 @@ def main(argv: list[str] | None = None) -> int:
                 timers["llamacpp_q4_0"] = lambda: llamacpp_speed(exe, gguf, ids[0].tolist(), args.threads,
                                                                  args.new)["decode_tokens_per_s"]
             rates = _rotated_rounds(timers, args.rounds)
+    q4 = ("llamacpp_q4_0",) if "llamacpp_q4_0" in rates else ()
+    aot_vs, compiled_vs = _ratios(rates, "aot", ("compiled", *q4)), _ratios(rates, "compiled", q4)
     row = {"variant": args.variant, "aot_tok_s": rates["aot"], "compiled_tok_s": rates["compiled"],
-           "aot_vs_compiled_median": statistics.median(a / c for a, c in zip(rates["aot"], rates["compiled"])),
+           "aot_vs_compiled_median": aot_vs["vs_compiled"]["ratio_median"],
            "same_tokens": toks == ref, "tokens_agreeing": sum(a == b for a, b in zip(toks, ref)), "tokens": len(ref),
            "export_s": export_s, "aot_compile_s": compile_s, "compiled_first_call_s": first}
-    if "llamacpp_q4_0" in rates:
+    if q4:
         row["llamacpp_q4_0_tok_s"] = rates["llamacpp_q4_0"]
-        row["aot_vs_llamacpp_q4_0_median"] = statistics.median(
-            a / q for a, q in zip(rates["aot"], rates["llamacpp_q4_0"]))
-        row["compiled_vs_llamacpp_q4_0_median"] = statistics.median(
-            c / q for c, q in zip(rates["compiled"], rates["llamacpp_q4_0"]))
+        row["aot_vs_llamacpp_q4_0_median"] = aot_vs["vs_llamacpp_q4_0"]["ratio_median"]
+        row["compiled_vs_llamacpp_q4_0_median"] = compiled_vs["vs_llamacpp_q4_0"]["ratio_median"]
     result = run_record("aoti_decode", SEED, load0, [row], prompt=args.prompt, new=args.new, rounds=args.rounds)
     save_results(RESULTS, args.out, result, markdown(result))
     return 0
