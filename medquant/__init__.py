@@ -12,12 +12,14 @@ from . import hf  # noqa: F401  (registers the transformers quantization method 
 from .io import CheckpointError, load, load_extras, save
 from .quant import (
     FORMAT_VERSION,
+    AOTDecoder,
     ConfigMap,
     QuantConfig,
     QuantConv2d,
     QuantEmbedding,
     QuantExperts,
     QuantLinear,
+    compile_decoder,
     dequantize,
     dequantize_,
     fake_quantize,
@@ -77,6 +79,7 @@ def __dir__():
 
 __all__ = [
     "FORMAT_VERSION",
+    "AOTDecoder",
     "AdaptiveQuantizer",
     "BAQWrapper",
     "CheckpointError",
@@ -98,6 +101,7 @@ __all__ = [
     "VLMClassifier",
     "__version__",
     "calibrate_activations",
+    "compile_decoder",
     "dequantize",
     "dequantize_",
     "export",

@@ -1,5 +1,6 @@
 """Quantization primitives: config, packed layout, quantize/dequantize/fake-quantize, quantized modules."""
 from ..kernels.layout import FORMAT_VERSION, container_bits, pack, unpack
+from .aot import AOTDecoder, compile_decoder
 from .api import (
     DEFAULT_KEY,
     ConfigMap,
@@ -25,6 +26,7 @@ from .size import SizeReport, layer_table, model_size
 __all__ = [
     "DEFAULT_KEY",
     "FORMAT_VERSION",
+    "AOTDecoder",
     "ConfigMap",
     "QTensor",
     "QuantConfig",
@@ -36,6 +38,7 @@ __all__ = [
     "SizeReport",
     "as_config_map",
     "bit_map_matches",
+    "compile_decoder",
     "container_bits",
     "dequantize",
     "dequantize_",

@@ -1,0 +1,383 @@
+"""A causal LM's decode compiled ahead of time for CPU: :func:`compile_decoder` and :class:`AOTDecoder`.
+
+:func:`~medquant.quant.decode.static_decode_` compiles ``generate``'s decode step with ``torch.compile``: each
+token still pays for Dynamo's guards, the generated wrapper's Python and ``generate``'s own per-token work, which
+on a small model is as much time as the arithmetic. This module takes the other route PyTorch offers: the model's
+forward is exported once (``torch.export``) and compiled by AOTInductor into a shared library
+(``torch._inductor.aoti_compile_and_package``) called from a short Python loop.
+
+Two programs are compiled, both over the same static KV cache:
+
+* a **prompt program** of ``chunk`` tokens (``C``): the prompt goes through it ``C`` tokens at a time, so its
+  matmuls run the blocked (prefill) kernels; it returns the logits of one position only (the last real token);
+* a **step program** of one token, called once per generated token.
+
+The cache is not inside the programs: it is a list of ``(batch, kv_heads, max_len, head_dim)`` key and value
+tensors per layer, allocated once by the decoder and passed to both programs, which write the new positions in
+place. A position ``p`` attends only to positions ``<= p``, so a new sequence needs no clearing: it overwrites the
+cache from position 0 (:meth:`AOTDecoder.reset` only moves the position).
+
+Feeding ``n`` tokens at position ``pos`` (:meth:`AOTDecoder.feed`): ``n // C`` full chunks, then the remainder
+``r``: as one chunk padded with token 0 when ``r > C // 8`` and the padded chunk fits in the cache
+(``pos + C <= max_len``; the padding's cache entries lie beyond the last real position and are overwritten
+before any query can see them), else ``r`` one-token steps. A single token always takes the step program.
+
+Quantized layers are bound to their CPU kernels first (:meth:`~medquant.quant.QuantLinear.bind_cpu_kernels`): the
+programs call ``medquant::gemv4_bound`` by handle, so they hold no quantized weights; the model's other tensors
+(embeddings, norms, float layers) are handed to the programs as *user-managed constants*: the programs read the
+model's own tensors, nothing is copied. Consequences, stated plainly:
+
+* the programs belong to this process: a handle is an integer valid only where the layer was bound, so the
+  compiled packages cannot be saved and loaded elsewhere (they live in a temporary folder the decoder removes);
+* the decoder computes with the weights as they were when it was compiled (bound matmuls hold the repacked
+  weights; the constants are the tensors the model held then): compile again after changing weights;
+* one batch size and one maximum length per decoder (rows of a batch share their length: a ``(B, P)`` prompt, no
+  padding mask); models whose static cache is not full attention in every layer (sliding windows, shared KV) are
+  refused: :func:`~medquant.quant.decode.static_decode_` serves them;
+* compiling takes time: about 40 s per program for SmolLM2-135M on two cores (g++ must be installed, as for the
+  native kernels).
+
+Measured in ``benchmarks/aoti_decode.py`` (paired with ``static_decode_`` and llama.cpp; see
+``docs/guides/cpu_inference.md``).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["AOTDecoder", "compile_decoder"]
+
+
+class _CacheStep(nn.Module):
+    """The model's forward over a static KV cache given as inputs: ``(input_ids (B, n), start (1,), keep (1,),
+    keys [L], values [L]) -> logits (B, 1, V)`` of position ``keep`` of the ``n`` tokens written at positions
+    ``start .. start + n - 1`` (the cache tensors are written in place)."""
+
+    def __init__(self, model: nn.Module, cache: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._cache = cache
+
+    def forward(self, input_ids: torch.Tensor, start: torch.Tensor, keep: torch.Tensor,
+                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        for layer, k, v in zip(self._cache.layers, keys, values):
+            layer.keys, layer.values = k, v
+            layer.cumulative_length = start.reshape(()).clone()  # the layer advances it in place
+        out = self.model(input_ids=input_ids, attention_mask=None, cache=self._cache, use_cache=True,
+                         logits_to_keep=keep)
+        return out.logits
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"compile_decoder needs a Hugging Face causal LM (with .config), got {type(model).__name__}")
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _static_cache(model: nn.Module, batch_size: int, max_len: int) -> Any:
+    """A transformers ``StaticCache`` of ``max_len`` positions, its tensors allocated by one eager forward of
+    ``batch_size`` dummy tokens (so their shapes and dtype are the model's own, whatever its head layout)."""
+    from transformers.cache_utils import StaticCache, StaticLayer
+
+    cache = StaticCache(max_cache_len=max_len, config=_text_config(model))
+    odd = [(i, type(layer).__name__) for i, layer in enumerate(cache.layers) if type(layer) is not StaticLayer]
+    if odd:
+        raise ValueError(f"compile_decoder supports models whose static cache is full attention in every layer; "
+                         f"layer {odd[0][0]} is a {odd[0][1]} ({len(odd)} such layers): use static_decode_ for this "
+                         "model")
+    with torch.no_grad():
+        model(input_ids=torch.zeros(batch_size, 1, dtype=torch.long), attention_mask=None, cache=cache,
+              use_cache=True, logits_to_keep=1)
+    if not all(getattr(layer, "is_initialized", False) for layer in cache.layers):
+        raise ValueError("compile_decoder: the model's forward did not write every layer's cache")
+    return cache
+
+
+def _bind(model: nn.Module) -> tuple[int, int]:
+    """Bind every quantized CPU layer to its kernel: ``(bound, quantized layers)``."""
+    from .modules import QuantLinear
+
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return sum(bool(m.bind_cpu_kernels()) for m in quantized), len(quantized)
+
+
+def _check_ids(ids: Any, batch_size: int, what: str) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or \
+            ids.shape[0] != batch_size or ids.shape[1] < 1 or ids.device.type != "cpu":
+        desc = (f"{type(ids).__name__}" if not isinstance(ids, torch.Tensor)
+                else f"{ids.dtype} {tuple(ids.shape)} on {ids.device}")
+        raise ValueError(f"{what} must be a CPU integer tensor (batch {batch_size}, tokens >= 1) as the decoder was "
+                         f"compiled for batch_size={batch_size}, got {desc}")
+    return ids.long()
+
+
+class AOTDecoder:
+    """A causal LM's prompt and decode steps compiled ahead of time, over a static KV cache it owns.
+
+    Built by :func:`compile_decoder` (module docstring: what runs, what it holds, its limits).
+
+    Args:
+        model: the model the programs were compiled from (they read its tensors: the decoder keeps it alive).
+        keys: the cache's key tensor of each layer, ``(batch_size, kv heads, max_len, head dim)``.
+        values: the same for values.
+        programs: the loaded programs, ``"prompt"`` and ``"step"``.
+        keep_alive: the constant maps handed to the programs (held while they run).
+        batch_size: the batch the programs were compiled for.
+        max_len: cache positions: prompt plus generated tokens of one sequence, at most.
+        chunk: tokens per call of the prompt program.
+        bound_layers: quantized layers bound to a native kernel (their weights are not in the programs).
+        export_s: seconds spent exporting both programs.
+        compile_s: seconds spent compiling and loading them.
+        folder: the temporary folder of the compiled packages (removed by :meth:`close`).
+
+    Attributes:
+        position: the next cache position to write (0 after :meth:`reset`).
+    """
+
+    def __init__(self, model: nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 programs: dict[str, Any], keep_alive: list[Any],
+                 batch_size: int, max_len: int, chunk: int, bound_layers: int, export_s: float,
+                 compile_s: float, folder: tempfile.TemporaryDirectory) -> None:
+        self.model = model  # the programs read its tensors (user-managed constants): keep it alive
+        self._keys, self._values = keys, values  # the cache: (batch, kv heads, max_len, head dim) per layer
+        self._programs = programs
+        self._keep_alive = keep_alive
+        self._folder = folder
+        self.batch_size, self.max_len, self.chunk = batch_size, max_len, chunk
+        self.bound_layers, self.export_s, self.compile_s = bound_layers, export_s, compile_s
+        self.position = 0
+
+    def reset(self) -> None:
+        """Start a new sequence: the next token is written at position 0.
+
+        Old entries need no clearing: a position attends only to positions up to itself, all rewritten before it.
+        """
+        self.position = 0
+
+    def _call(self, name: str, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        # contiguous: a compiled program reads its inputs with the strides it was compiled for (it does not
+        # check them), and a slice of a (batch > 1, n) prompt has another row stride
+        out = self._programs[name](ids.contiguous(), torch.tensor([self.position]), torch.tensor([keep]),
+                                   self._keys, self._values)
+        return out[:, -1]
+
+    def feed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Append ``input_ids (batch, n)`` at the current position; ``logits (batch, vocab)`` of the last one.
+
+        Full chunks of ``chunk`` tokens take the prompt program; the remainder ``r`` takes one padded chunk when
+        ``r > chunk // 8`` and it fits in the cache, else ``r`` one-token steps (module docstring).
+
+        Args:
+            input_ids: ``(batch_size, n)`` CPU integer tokens, ``n >= 1``.
+
+        Returns:
+            The logits ``(batch_size, vocab)`` after the last of them, in the model's dtype.
+
+        Raises:
+            ValueError: ``input_ids`` not a CPU integer ``(batch_size, n >= 1)`` tensor, or more tokens than the
+                cache has positions left.
+        """
+        ids = _check_ids(input_ids, self.batch_size, "input_ids")
+        n, c = ids.shape[1], self.chunk
+        if self.position + n > self.max_len:
+            raise ValueError(f"{n} tokens at position {self.position} exceed the decoder's max_len={self.max_len}: "
+                             "compile it with a larger max_len, or reset() for a new sequence")
+        done, logits = 0, None
+        with torch.no_grad():
+            while n - done >= c > 1:
+                logits = self._call("prompt", ids[:, done:done + c], c - 1)
+                self.position += c
+                done += c
+            r = n - done
+            if c > 1 and r > max(c // 8, 1) and self.position + c <= self.max_len:
+                padded = torch.zeros(self.batch_size, c, dtype=torch.long)
+                padded[:, :r] = ids[:, done:]
+                logits = self._call("prompt", padded, r - 1)
+                self.position += r
+            else:
+                for j in range(done, n):
+                    logits = self._call("step", ids[:, j:j + 1], 0)
+                    self.position += 1
+        assert logits is not None
+        return logits
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`reset`, then :meth:`feed` ``input_ids``.
+
+        Args:
+            input_ids: ``(batch_size, P)`` CPU integer prompt tokens.
+
+        Returns:
+            The logits ``(batch_size, vocab)`` after the prompt.
+
+        Raises:
+            ValueError: as :meth:`feed`.
+        """
+        self.reset()
+        return self.feed(input_ids)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``input_ids`` followed by up to ``max_new_tokens`` generated tokens, as ``generate`` returns them.
+
+        Greedy (``argmax`` of the logits), or with ``do_sample`` drawn from ``softmax(logits / temperature)``
+        restricted to the ``top_k`` largest logits when given. A row that produced an end token (``eos_token_id``)
+        continues with ``pad_token_id``; generation stops once every row has one (as ``generate`` does).
+
+        Args:
+            input_ids: ``(batch_size, P)`` prompt tokens; a new sequence (the cache restarts at position 0).
+            max_new_tokens: tokens to generate, ``P + max_new_tokens <= max_len``.
+            eos_token_id: end token(s), or None.
+            pad_token_id: the token of finished rows (default: the first end token).
+            do_sample: sample instead of taking the argmax.
+            temperature: the logits' divisor when sampling, ``> 0``.
+            top_k: sample among this many largest logits (``>= 1``; applies to sampling only), or None.
+            generator: the random generator of the draws, or None.
+
+        Returns:
+            ``(batch_size, P + generated)`` int64 tensor.
+
+        Raises:
+            ValueError: bad ``input_ids``, ``max_new_tokens`` below 1 or past ``max_len``, bad sampling values.
+        """
+        ids = _check_ids(input_ids, self.batch_size, "input_ids")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if ids.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(f"a {ids.shape[1]}-token prompt plus max_new_tokens={max_new_tokens} exceeds the "
+                             f"decoder's max_len={self.max_len}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                           dtype=torch.long)
+        pad = torch.tensor(int(eos[0]) if pad_token_id is None and eos.numel() else (pad_token_id or 0))
+        logits = self.prefill(ids)
+        out = [ids]
+        done = torch.zeros(self.batch_size, dtype=torch.bool)
+        with torch.no_grad():
+            for i in range(max_new_tokens):
+                nxt = _pick(logits, do_sample, temperature, top_k, generator)
+                if eos.numel():
+                    nxt = torch.where(done, pad, nxt)
+                    done |= torch.isin(nxt, eos)
+                out.append(nxt[:, None])
+                if i + 1 == max_new_tokens or (eos.numel() and bool(done.all())):
+                    break
+                logits = self._call("step", out[-1], 0)
+                self.position += 1
+        return torch.cat(out, dim=1)
+
+    def close(self) -> None:
+        """Drop the programs and remove their folder (the decoder is unusable afterwards)."""
+        self._programs.clear()
+        self._keep_alive.clear()
+        self._folder.cleanup()
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+          generator: torch.Generator | None) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    scaled = logits.float() / temperature
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chunk: int | None = None,
+                    progress: bool = True) -> AOTDecoder:
+    """Compile ``model``'s prompt and decode steps ahead of time for CPU (module docstring) and return the decoder.
+
+    ``decoder.generate(ids, max_new_tokens)`` then gives what greedy ``model.generate`` gives (the same
+    quantized kernels, prompt through the blocked matmul, tokens through the weight-only kernel).
+
+    Args:
+        model: a Hugging Face causal LM on CPU, quantized (``quantize_``) or not, in float32 or bfloat16; its
+            quantized layers are bound to their kernels here.
+        max_len: cache positions (prompt plus generated tokens), ``>= 1``.
+        batch_size: rows per call, ``>= 1``.
+        chunk: tokens per call of the prompt program (``1 <= chunk <= max_len``; 1 compiles the step program
+            only); None: ``min(64, max_len)``.
+        progress: show a progress bar over the export and compile stages.
+
+    Returns:
+        The :class:`AOTDecoder`.
+
+    Raises:
+        TypeError: ``model`` is not a Hugging Face model (no ``config``).
+        ValueError: bad ``max_len`` / ``batch_size`` / ``chunk``; a model not on CPU; a cache that is not full
+            attention in every layer.
+    """
+    _text_config(model)
+    for name, value in (("max_len", max_len), ("batch_size", batch_size), ("chunk", chunk)):
+        if (value is not None or name != "chunk") and (not isinstance(value, int) or isinstance(value, bool)
+                                                       or value < 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if chunk is None:
+        chunk = min(64, max_len)
+    if chunk > max_len:
+        raise ValueError(f"chunk ({chunk}) must not exceed max_len ({max_len})")
+    devices = {t.device.type for t in model.parameters()}
+    if devices != {"cpu"}:
+        raise ValueError(f"compile_decoder compiles for CPU; the model's parameters are on {sorted(devices)}")
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    try:
+        bound, quantized = _bind(model)
+        if bound < quantized:
+            warnings.warn(f"compile_decoder: {quantized - bound} of {quantized} quantized layers have no native "
+                          "kernel on this CPU; they run their traced path (correct, slower, their weights held "
+                          "by the programs)", stacklevel=2)
+        cache = _static_cache(model, batch_size, max_len)
+        step = _CacheStep(model, cache)
+        # taken before exporting: the export's tracing leaves its own tensors on the cache object's layers
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        folder = tempfile.TemporaryDirectory(prefix="medquant-aot-")
+        programs: dict[str, Any] = {}
+        keep_alive: list[Any] = []
+        export_s = compile_s = 0.0
+        shapes = [("prompt", chunk)] if chunk > 1 else []
+        shapes.append(("step", 1))
+        bar = tqdm(total=2 * len(shapes), desc="compile_decoder", disable=not progress)
+        for name, n in shapes:
+            bar.set_postfix_str(f"export {name}")
+            t = time.perf_counter()
+            with torch.no_grad():
+                ep = torch.export.export(step, (torch.zeros(batch_size, n, dtype=torch.long), torch.tensor([0]),
+                                                torch.tensor([n - 1]), keys, values), strict=False)
+            export_s += time.perf_counter() - t
+            bar.update()
+            bar.set_postfix_str(f"compile {name}")
+            t = time.perf_counter()
+            path = torch._inductor.aoti_compile_and_package(
+                ep, package_path=str(Path(folder.name) / f"{name}.pt2"),
+                inductor_configs={"aot_inductor.package_constants_in_so": False})
+            program = torch._inductor.aoti_load_package(path)
+            held = {**ep.state_dict, **ep.constants}
+            constants = {fqn: held[fqn] for fqn in program.get_constant_fqns()}
+            keep_alive.append(constants)
+            program.load_constants(constants, check_full_update=True, user_managed=True)
+            compile_s += time.perf_counter() - t
+            bar.update()
+            programs[name] = program
+        bar.close()
+    finally:
+        model.train(was_training)
+    if chunk == 1:
+        programs["prompt"] = programs["step"]
+    return AOTDecoder(model, keys, values, programs, keep_alive, batch_size, max_len, chunk, bound, export_s, compile_s,
+                      folder)

@@ -1,0 +1,142 @@
+"""``compile_decoder``: the AOTInductor-compiled prompt and step programs give ``generate``'s tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import medquant as mq
+from medquant.kernels.native import native_status
+from medquant.quant.aot import compile_decoder
+
+
+def _llama(seed: int = 0, **over):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**text_kwargs(**over))).eval()
+
+
+def _quantized():
+    model = _llama()
+    mq.quantize_(model, mq.QuantConfig(4, group_size=32))  # head included
+    return model
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    """A W4 g32 tiny LLaMA (head quantized), batch 2, 40 positions, prompt chunks of 8 tokens."""
+    model = _quantized()
+    dec = compile_decoder(model, 40, batch_size=2, chunk=8, progress=False)
+    yield dec
+    dec.close()
+
+
+def _ids(batch: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.slow
+def test_compiled_decoder_generates_what_generate_does(decoder):
+    """Against transformers' own ``generate`` on an independently built copy of the same quantized model: a prompt
+    of a full chunk plus a padded one (13 = 8 + 5), then one of a chunk plus a one-token step (9 = 8 + 1), then a
+    short one through the padded chunk alone, all through the same cache (a new sequence needs no clearing)."""
+    ref = _quantized()
+    for n, new, seed in ((13, 9, 1), (9, 12, 2), (3, 6, 3)):
+        ids = _ids(2, n, seed)
+        with torch.no_grad():
+            expected = ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert torch.equal(decoder.generate(ids, new), expected), (n, new)
+        assert decoder.position == n + new - 1  # the last token is returned, not fed
+    if native_status().get("gemv4"):
+        assert decoder.bound_layers == 15  # 2 layers x 7 linears + the head: no quantized weight in the programs
+
+
+@pytest.mark.slow
+def test_feed_continues_a_sequence_and_the_programs_read_the_models_own_tensors(decoder):
+    ref = _quantized()
+    ids = _ids(2, 21, 4)
+    with torch.no_grad():
+        full = ref(ids).logits[:, -1].float()
+    decoder.prefill(ids[:, :10])
+    last = decoder.feed(ids[:, 10:21])  # at an unaligned position: one chunk of 8, then 3 through a padded chunk
+    assert decoder.position == 21
+    torch.testing.assert_close(last.float(), full, rtol=2e-2, atol=2e-2)
+    assert (last.argmax(-1) == full.argmax(-1)).all()
+    # user-managed constants: every tensor the programs read is the model's own storage, nothing copied
+    own = {t.data_ptr() for t in (*decoder.model.parameters(), *decoder.model.buffers())}
+    held = [t for constants in decoder._keep_alive for t in constants.values()]
+    assert held and all(t.data_ptr() in own for t in held)
+    if native_status().get("gemv4"):
+        assert not any("qweight" in name or "packed" in name for c in decoder._keep_alive for name in c)
+
+
+@pytest.mark.slow
+def test_end_tokens_sampling_and_bad_input(decoder):
+    ref = _quantized()
+    ids = _ids(2, 5, 5)
+    with torch.no_grad():
+        greedy = ref.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    eos = [int(greedy[0, 7]), int(greedy[1, 9])]  # row 0 ends at its 3rd new token, row 1 at its 5th
+    with torch.no_grad():
+        expected = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+    got = decoder.generate(ids, 8, eos_token_id=eos)
+    assert got.shape[1] < 13 and torch.equal(got, expected)  # stopped once both rows ended, padded as generate
+    # sampling from the single largest logit is greedy decoding
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(decoder.generate(ids, 8, do_sample=True, top_k=1, generator=g), greedy)
+    with pytest.raises(ValueError, match="batch_size=2"):
+        decoder.generate(ids[:1], 4)
+    with pytest.raises(ValueError, match="max_len=40"):
+        decoder.generate(ids, 36)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        decoder.generate(ids, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        decoder.generate(ids, 2, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        decoder.generate(ids, 2, top_k=0)
+    with pytest.raises(ValueError, match="CPU integer tensor"):
+        decoder.feed(ids.float())
+    decoder.prefill(_ids(2, 38, 6))
+    with pytest.raises(ValueError, match="exceed"):
+        decoder.feed(_ids(2, 3, 7))
+
+
+@pytest.mark.slow
+def test_a_float_bfloat16_model_with_only_the_step_program():
+    """Nothing to bind (a float model: its weights are constants the programs read in place); ``chunk=1`` compiles
+    the one-token program only and feeds the prompt through it; bfloat16 weights and cache."""
+    model = _llama(1).to(torch.bfloat16)
+    ref = _llama(1).to(torch.bfloat16)
+    dec = compile_decoder(model, 16, chunk=1, progress=False)
+    try:
+        assert dec.bound_layers == 0 and dec._keys[0].dtype == torch.bfloat16
+        ids = _ids(1, 4, 8)
+        with torch.no_grad():
+            expected = ref.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(dec.generate(ids, 6), expected)
+    finally:
+        dec.close()
+
+
+def test_compile_decoder_refuses_what_it_cannot_compile():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    model = _llama()
+    with pytest.raises(TypeError, match="Hugging Face causal LM"):
+        compile_decoder(nn.Linear(2, 2), 8)
+    for kwargs, match in (({"max_len": 0}, "max_len"), ({"max_len": 8, "chunk": 9}, "must not exceed"),
+                          ({"max_len": 8, "batch_size": 0}, "batch_size"), ({"max_len": 8, "chunk": True}, "chunk")):
+        with pytest.raises(ValueError, match=match):
+            compile_decoder(model, **kwargs)
+    window = MistralForCausalLM(MistralConfig(**text_kwargs(sliding_window=8))).eval()
+    with pytest.raises(ValueError, match="StaticSlidingWindowLayer"):
+        compile_decoder(window, 16, progress=False)
+    assert not window.training
+    meta = _llama().to("meta")
+    with pytest.raises(ValueError, match="compiles for CPU"):
+        compile_decoder(meta, 8)
