@@ -1,36 +1,32 @@
-"""benchmarks.aoti_decode: the decode step exported and compiled by AOTInductor gives ``generate``'s tokens."""
+"""benchmarks.aoti_decode: one round of the script on a small random LLaMA, through the public API only."""
 from __future__ import annotations
 
+import json
+
 import pytest
-import torch
 
 from benchmarks import aoti_decode as ad
-from benchmarks import cpu_inference as ci
-from medquant.kernels.native import native_status
 
 
 @pytest.mark.slow
-def test_aot_step_decodes_the_tokens_generate_does(tmp_path):
-    """The trial's claim rests on this: the AOT package (quantized layers bound to the native kernels, the graph
-    calling them by handle) decodes greedily exactly the tokens ``generate`` picks for the same quantized model,
-    prompt fed one token at a time into the package's own static cache."""
-    if not native_status().get("gemv4"):
-        pytest.skip("no native weight-only kernel on this CPU: nothing to bind")
-    m, _ = ci._make("llama_small", "W4g128", True)
-    ref_model, _ = ci._make("llama_small", "W4g128", True)
-    ids = torch.randint(0, m.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = ref_model.generate(ids, max_new_tokens=9, min_new_tokens=9, do_sample=False,
-                                 pad_token_id=0)[0, 6:].tolist()
-    load, export_s, compile_s = ad.aot_step(m, 6 + 8 + 1, tmp_path / "step.pt2")
-    assert (tmp_path / "step.pt2").is_file() and export_s > 0 and compile_s > 0
-    with torch.no_grad():
-        rate, toks = ad.aot_greedy(load(), ids, 8)
-        again = ad.aot_greedy(load(), ids, 8)[1]  # a fresh load starts from an empty cache
-    assert toks == ref and again == ref and rate > 0
+def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, monkeypatch):
+    """The script's record: per contender prefill and decode rates, the AOT decoder's per-round ratios to
+    ``static_decode_``'s, and its greedy tokens checked against ``generate``'s (a 10-token prompt through chunks of
+    4: two full ones and a remainder of 2 through one-token steps)."""
+    monkeypatch.setattr(ad, "RESULTS", tmp_path)
+    assert ad.main(["--model", "llama_small", "--rounds", "1", "--prompt", "10", "--new", "4", "--chunk", "4",
+                    "--out", "t"]) == 0
+    row = json.loads((tmp_path / "t.json").read_text())["rows"][0]
+    assert row["same_tokens"] and row["tokens"] == 5 and row["tokens_agreeing"] == 5
+    for name in ("aot", "compiled"):
+        for metric in ("decode", "prefill"):
+            assert len(row[f"{name}_{metric}_tok_s"]) == 1 and row[f"{name}_{metric}_tok_s"][0] > 0
+    for metric in ("decode", "prefill"):
+        expected = row[f"aot_{metric}_tok_s"][0] / row[f"compiled_{metric}_tok_s"][0]
+        assert row["aot_vs_compiled"][metric] == pytest.approx(expected)
+    assert "compile_decoder (AOTInductor)" in (tmp_path / "t.md").read_text()
 
 
-def test_aot_step_refuses_a_model_with_nothing_to_bind(tmp_path):
-    m, _ = ci._make("llama_small", "float32", False)
-    with pytest.raises(RuntimeError, match="no quantized layer could be bound"):
-        ad.aot_step(m, 8, tmp_path / "step.pt2")
+def test_llamacpp_comparison_needs_smollm2():
+    with pytest.raises(SystemExit):
+        ad.main(["--model", "llama_small", "--llamacpp"])
