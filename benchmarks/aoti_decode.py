@@ -10,6 +10,9 @@ and a one-token step, quantized layers bound to their native kernels. Per round,
 * ``compiled``: the same quantized model with ``static_decode_`` (``torch.compile`` of the decode step) through
   ``generate`` (decode tokens/s, :func:`benchmarks.cpu_inference._generate_decode_tok_s`); prefill: one eager
   forward over the prompt keeping the last position's logits (what ``generate`` runs first);
+* ``aot_python_op`` (``--python-op-control``): the same decoder compiled with ``$MEDQUANT_NATIVE_OP=0``, its
+  quantized layers called through the Python kernel of ``medquant::gemv4_bound`` instead of the C++ operator
+  (:mod:`medquant.kernels.native_op`): the control for what the C++ operator adds;
 * ``llamacpp_q4_0`` (``--llamacpp``): llama.cpp's Q4_0 file of the same model (medquant's W4 g32 symmetric export,
   as ``benchmarks.llamacpp`` writes it), prefill and decode after the same prompt: the stretch goal is 0.5x its
   decode rate.
@@ -18,7 +21,7 @@ The order rotates every round; ratios are medians of per-round ratios. The check
 wrong: the AOT decoder's greedy tokens against ``generate``'s for the same model (recorded, with how many agree).
 
 Run: ``python -m benchmarks.aoti_decode [--model smollm2] [--rounds 5] [--prompt 128] [--new 64] [--chunk 64]
-[--threads 2] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
+[--threads 2] [--python-op-control] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
 """
 from __future__ import annotations
 
@@ -59,8 +62,10 @@ def eager_prefill_tok_s(model, ids) -> float:
 
 def markdown(result: dict) -> str:
     r = result["rows"][0]
-    names = {"aot": "compile_decoder (AOTInductor), prefill + feed", "compiled": "static_decode_ (torch.compile), "
-             "generate; prefill: eager forward", "llamacpp_q4_0": "llama.cpp Q4_0 (medquant's W4 g32 sym export)"}
+    names = {"aot": "compile_decoder (AOTInductor), prefill + feed",
+             "aot_python_op": "the same, layers through the Python kernel (MEDQUANT_NATIVE_OP=0)",
+             "compiled": "static_decode_ (torch.compile), generate; prefill: eager forward",
+             "llamacpp_q4_0": "llama.cpp Q4_0 (medquant's W4 g32 sym export)"}
     lines = []
     for key, label in names.items():
         if f"{key}_decode_tok_s" not in r:
@@ -91,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="aoti_decode")
+    p.add_argument("--python-op-control", action="store_true",
+                   help="also the same decoder with its layers on the Python kernel (MEDQUANT_NATIVE_OP=0)")
     p.add_argument("--llamacpp", action="store_true",
                    help="also llama.cpp's Q4_0 export of SmolLM2 in every round (needs `python -m benchmarks.llamacpp"
                         " --speed-only` run before: its build and smollm2_w4.gguf)")
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common.env import run_record, save_results
     from benchmarks.cpu_inference import _generate_decode_tok_s, _make, _ratios, _rotated_rounds
+    from medquant.kernels.native_op import native_op_status
     from medquant.quant.aot import compile_decoder
     from medquant.quant.decode import static_decode_
 
@@ -115,9 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         ref = compiled.generate(ids, max_new_tokens=args.new + 1, min_new_tokens=args.new + 1, do_sample=False,
                                 pad_token_id=0)[0, args.prompt:].tolist()
     toks = aot_round(decoder, ids, args.new)[1]
+    row_extra: dict = {"native_op": native_op_status()["active"]}
     timers = {"aot": lambda: aot_round(decoder, ids, args.new)[0],
               "compiled": lambda: {"decode": _generate_decode_tok_s(compiled, ids, args.new, 1)[0],
                                    "prefill": eager_prefill_tok_s(compiled, ids)}}
+    if args.python_op_control:
+        os.environ["MEDQUANT_NATIVE_OP"] = "0"  # read when the layers are bound (inside compile_decoder)
+        try:
+            control = compile_decoder(_make(args.model, args.variant, True)[0], args.prompt + args.new + 1,
+                                      chunk=args.chunk)
+        finally:
+            del os.environ["MEDQUANT_NATIVE_OP"]
+        row_extra["python_op_control_same_tokens"] = aot_round(control, ids, args.new)[1] == ref
+        timers["aot_python_op"] = lambda: aot_round(control, ids, args.new)[0]
     if args.llamacpp:
         from benchmarks.llamacpp import _paths, cache_root, llamacpp_speed
 
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 _ratios(rates, "compiled", ["llamacpp_q4_0"])["vs_llamacpp_q4_0"]["ratio_median"]
     row.update({"same_tokens": toks == ref, "tokens_agreeing": sum(a == b for a, b in zip(toks, ref)),
                 "tokens": len(ref), "export_s": decoder.export_s, "compile_s": decoder.compile_s,
-                "bound_layers": decoder.bound_layers, "compiled_first_call_s": first})
+                "bound_layers": decoder.bound_layers, "compiled_first_call_s": first, **row_extra})
     decoder.close()
     result = run_record("aoti_decode", SEED, load0, [row], prompt=args.prompt, new=args.new, rounds=args.rounds)
     save_results(RESULTS, args.out, result, markdown(result))

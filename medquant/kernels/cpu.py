@@ -147,6 +147,7 @@ from .native import (
     native_dequantizer,
     native_gemv4,
 )
+from .native_op import traced_bound_op
 from .reference import check_packed_input, packed_linear_reference
 
 #: group sizes the aten int4 CPU kernel takes, largest first
@@ -946,14 +947,20 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         # form, from it the blocked one where eager calls run it (else the traced dense path)
         lane = (gemv.handle, k, n, split_below, native_below, gemm, xmode, xmode_bf16)
 
-        def traced(x: torch.Tensor) -> torch.Tensor | None:
-            return _traced_lane(lane, x)
+        def traced_with(op):
+            def traced(x: torch.Tensor) -> torch.Tensor | None:
+                return _traced_lane(lane, x, op)
 
-        run.traced = traced  # type: ignore[attr-defined]
+            return traced
+
+        run.traced = traced_with(gemv4_bound_op)  # type: ignore[attr-defined]
+        # what binding calls (QuantLinear.bind_cpu_kernels): the lane on the C++ operator where it builds
+        # (medquant.kernels.native_op; the op is chosen here, eagerly, so a traced call reads a constant)
+        run.bind_native = lambda: traced_with(traced_bound_op(gemv.handle))  # type: ignore[attr-defined]
     return run
 
 
-def _traced_lane(lane: tuple, x: torch.Tensor) -> torch.Tensor | None:
+def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op) -> torch.Tensor | None:
     """Under ``torch.compile``: ``y (..., n)`` for ``x (..., k)`` as one ``medquant::gemv4_bound`` call (the native
     kernel bound once, called by its handle: the graph takes no weight tensors, so it guards and checks none at
     each call), choosing by ``M`` as an eager call does: below the native switch the weight-only kernel, from it
@@ -965,6 +972,8 @@ def _traced_lane(lane: tuple, x: torch.Tensor) -> torch.Tensor | None:
         lane: ``(handle, k, n, rows below which float32 x runs the weight-only kernel, the same for bfloat16 x,
             whether large M runs the blocked matmul, xmode for float32 x, xmode for bfloat16 x)``.
         x: the activations.
+        op: ``medquant::gemv4_bound`` (its Python kernel) or ``medquant::gemv4_bound_native`` (the same product
+            in C++, :mod:`medquant.kernels.native_op`).
 
     Returns:
         ``y`` in ``x``'s dtype (the kernel's float32 sums, rounded once for bfloat16), or None.
@@ -986,7 +995,7 @@ def _traced_lane(lane: tuple, x: torch.Tensor) -> torch.Tensor | None:
     x2 = x.reshape(m, k)
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y = gemv4_bound_op(x2, handle, n, mode)
+    y = op(x2, handle, n, mode)
     return (y if dt == torch.float32 else y.to(dt)).reshape(*x.shape[:-1], n)
 
 

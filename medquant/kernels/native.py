@@ -228,23 +228,26 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     return lib
 
 
-def _compile(cc: list[str], flags: list[str], key: str, out_dir: Path) -> None:
-    """Compile into a fresh temporary folder beside ``out_dir`` and rename it into place (atomic: another
-    process either sees the finished folder or none; when it won the race, its folder is kept)."""
+def _compile(cc: list[str], flags: list[str], key: str, out_dir: Path, source: Path = SOURCE,
+             lib_name: str = LIB_NAME, key_macro: str = "MQ_BUILD_KEY", link: tuple[str, ...] = ()) -> None:
+    """Compile ``source`` (default: the native library's C source) into ``lib_name`` in a fresh temporary folder
+    beside ``out_dir`` and rename it into place (atomic: another process either sees the finished folder or none;
+    when it won the race, its folder is kept). ``key`` is compiled in as the macro ``key_macro``; ``link``: flags
+    after the source (libraries)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        lib = tmp / LIB_NAME
-        cmd = [*cc, *flags, f'-DMQ_BUILD_KEY="{key}"', "-o", str(lib), str(SOURCE)]
+        lib = tmp / lib_name
+        cmd = [*cc, *flags, f'-D{key_macro}="{key}"', "-o", str(lib), str(source), *link]
         log.debug("medquant native: %s", " ".join(cmd))
         res = _run(cmd, timeout=_BUILD_TIMEOUT_S)
         if res.returncode != 0 or not lib.is_file():
             raise OSError(f"compiling failed ({' '.join(flags)}): {(res.stderr or res.stdout).strip()[-400:]}")
-        lib.with_name(LIB_NAME + ".sha256").write_text(_sha256(lib) + "\n")
+        lib.with_name(lib_name + ".sha256").write_text(_sha256(lib) + "\n")
         try:
             os.rename(tmp, out_dir)
         except OSError:
-            if not (out_dir / LIB_NAME).is_file():  # not a lost race: a stale entry in the way
+            if not (out_dir / lib_name).is_file():  # not a lost race: a stale entry in the way
                 shutil.rmtree(out_dir, ignore_errors=True)
                 os.rename(tmp, out_dir)
     finally:

@@ -292,7 +292,9 @@ class _QuantWeightBase(nn.Module):
         self.__dict__[_BOUND] = fn
         lane = getattr(fn, "traced", None)
         if lane is not None:
-            self.__dict__[_BOUND_LANE] = lane
+            # the C++ operator where it builds (the Python kernel otherwise): medquant.kernels.native_op
+            bind_native = getattr(fn, "bind_native", None)
+            self.__dict__[_BOUND_LANE] = bind_native() if bind_native is not None else lane
         return True
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:

@@ -12,18 +12,20 @@ from benchmarks import aoti_decode as ad
 def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, monkeypatch):
     """The script's record: per contender prefill and decode rates, the AOT decoder's per-round ratios to
     ``static_decode_``'s, and its greedy tokens checked against ``generate``'s (a 10-token prompt through chunks of
-    4: two full ones and a remainder of 2 through one-token steps)."""
+    4: two full ones and a remainder of 2 through one-token steps), and the control on the Python kernel."""
     monkeypatch.setattr(ad, "RESULTS", tmp_path)
     assert ad.main(["--model", "llama_small", "--rounds", "1", "--prompt", "10", "--new", "4", "--chunk", "4",
-                    "--out", "t"]) == 0
+                    "--python-op-control", "--out", "t"]) == 0
     row = json.loads((tmp_path / "t.json").read_text())["rows"][0]
     assert row["same_tokens"] and row["tokens"] == 5 and row["tokens_agreeing"] == 5
-    for name in ("aot", "compiled"):
+    assert row["python_op_control_same_tokens"]  # the control decodes the same tokens through the Python kernel
+    for name in ("aot", "aot_python_op", "compiled"):
         for metric in ("decode", "prefill"):
             assert len(row[f"{name}_{metric}_tok_s"]) == 1 and row[f"{name}_{metric}_tok_s"][0] > 0
     for metric in ("decode", "prefill"):
-        expected = row[f"aot_{metric}_tok_s"][0] / row[f"compiled_{metric}_tok_s"][0]
-        assert row["aot_vs_compiled"][metric] == pytest.approx(expected)
+        for base in ("compiled", "aot_python_op"):
+            expected = row[f"aot_{metric}_tok_s"][0] / row[f"{base}_{metric}_tok_s"][0]
+            assert row[f"aot_vs_{base}"][metric] == pytest.approx(expected)
     assert "compile_decoder (AOTInductor)" in (tmp_path / "t.md").read_text()
 
 
