@@ -61,6 +61,7 @@ torch's thread pool rather than starting a second one.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -671,6 +672,12 @@ class NativeGemv4:
 
     def __init__(self, call, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                  ge: int, gemm: bool = False) -> None:
+        # the codes are held through an alias (same storage, another tensor object): the CPU backend caches this
+        # object under the layer's own codes tensor as a weak key, and a strong reference back to that tensor
+        # would keep the cache entry, the codes and this object alive after the layer is freed
+        if qw is weight.qweight:
+            qw = qw.detach()
+        weight = dataclasses.replace(weight, qweight=qw if weight.qweight.is_contiguous() else weight.qweight.detach())
         self._call, self._gemm, self._weight = call, gemm, weight
         self.bits = storage_bits(weight.bits, weight.dense)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives

@@ -92,3 +92,28 @@ def test_switched_off_layers_bind_to_the_python_kernel(monkeypatch):
     assert not native_op.native_op_status()["active"]
     monkeypatch.delenv(native_op.ENV_NATIVE_OP)
     assert native_op.traced_bound_op(handle) is torch.ops.medquant.gemv4_bound_native.default
+
+
+def test_a_freed_model_frees_its_kernels_plans_and_handles():
+    """Freeing a quantized model frees what the CPU backend built for it: the cached plans (keyed weakly by the
+    layers' codes; the native matmul holds the codes through an alias, not the key), the bound matmuls and their
+    entries in the C++ table. Before the alias, every layer that ever ran stayed in memory with its codes."""
+    from medquant.kernels import cpu
+    from medquant.kernels.native import _BOUND
+
+    def run_and_free():
+        model = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Linear(96, 48))
+        mq.quantize_(model, mq.QuantConfig(4, group_size=32))
+        with torch.no_grad():
+            model(torch.randn(1, 96))
+            model(torch.randn(40, 96))
+        for layer in model:
+            assert layer.bind_cpu_kernels()
+            native_op.traced_bound_op(max(_BOUND))
+
+    gc.collect()
+    counts = len(cpu._plans), len(_BOUND), native_op.native_op_status()["bound"]
+    for _ in range(3):
+        run_and_free()
+        gc.collect()
+    assert (len(cpu._plans), len(_BOUND), native_op.native_op_status()["bound"]) == counts
