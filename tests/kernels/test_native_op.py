@@ -24,18 +24,25 @@ def _bound_layer(bits: int, n: int = 48, k: int = 96, group: int = 32):
     return layer, handle
 
 
-def test_the_cpp_kernel_is_built_and_bound_layers_use_it():
+@pytest.fixture
+def cpp():
+    """The C++ operator, built: a machine without a C++ compiler skips (the Python kernel runs there); any
+    other failure to build fails."""
     status = native_op.native_op_status()
     if "no C++ compiler" in str(status["reason"]):
         pytest.skip(status["reason"])
     assert status["active"], status["reason"]
+    return torch.ops.medquant.gemv4_bound_native.default
+
+
+def test_the_cpp_kernel_is_built_and_bound_layers_use_it(cpp):
     _layer, handle = _bound_layer(4)
-    assert native_op.traced_bound_op(handle) is torch.ops.medquant.gemv4_bound_native.default
+    assert native_op.traced_bound_op(handle) is cpp
     assert native_op.native_op_status()["bound"] >= 1
 
 
 @pytest.mark.parametrize("bits", [4, 8, 3])
-def test_same_product_as_the_python_kernel_in_every_mode(bits):
+def test_same_product_as_the_python_kernel_in_every_mode(bits, cpp):
     """Against the Python kernel of ``medquant::gemv4_bound`` (itself tested against the dequantized reference):
     float32 and bfloat16 ``x``, one row and twenty, the weight-only modes and the blocked form."""
     _layer, handle = _bound_layer(bits)
@@ -50,7 +57,7 @@ def test_same_product_as_the_python_kernel_in_every_mode(bits):
                 assert torch.equal(op(x, handle, 48, mode), gemv4_bound_op(x, handle, 48, mode)), (m, dtype, mode)
 
 
-def test_what_it_does_not_take_goes_to_the_python_kernel():
+def test_what_it_does_not_take_goes_to_the_python_kernel(cpp):
     _layer, handle = _bound_layer(4)
     op = native_op.traced_bound_op(handle)
     with pytest.raises(RuntimeError, match="no bound matmul"):
@@ -66,7 +73,7 @@ def test_what_it_does_not_take_goes_to_the_python_kernel():
                                    rtol=0, atol=0, equal_nan=True)
 
 
-def test_a_freed_matmul_leaves_the_cpp_table():
+def test_a_freed_matmul_leaves_the_cpp_table(cpp):
     """A handle whose matmul was freed is removed from the C++ table with it (weakref.finalize): a graph still
     calling it gets the Python kernel's error, never freed memory."""
     from medquant.kernels.native import native_gemv4
@@ -75,6 +82,7 @@ def test_a_freed_matmul_leaves_the_cpp_table():
     gemv = native_gemv4(layer.packed_weight(4))  # a matmul of its own (a layer's stays cached with its codes)
     handle = gemv.handle
     op = native_op.traced_bound_op(handle)
+    assert op is cpp
     before = native_op.native_op_status()["bound"]
     x = torch.randn(1, 96)
     assert torch.equal(op(x, handle, 48, 0), gemv4_bound_op(x, handle, 48, 0))
@@ -85,13 +93,13 @@ def test_a_freed_matmul_leaves_the_cpp_table():
         op(x, handle, 48, 0)
 
 
-def test_switched_off_layers_bind_to_the_python_kernel(monkeypatch):
+def test_switched_off_layers_bind_to_the_python_kernel(monkeypatch, cpp):
     monkeypatch.setenv(native_op.ENV_NATIVE_OP, "0")
     _layer, handle = _bound_layer(4)
     assert native_op.traced_bound_op(handle) is gemv4_bound_op
     assert not native_op.native_op_status()["active"]
     monkeypatch.delenv(native_op.ENV_NATIVE_OP)
-    assert native_op.traced_bound_op(handle) is torch.ops.medquant.gemv4_bound_native.default
+    assert native_op.traced_bound_op(handle) is cpp
 
 
 def test_a_freed_model_frees_its_kernels_plans_and_handles():
