@@ -144,6 +144,7 @@ class AOTDecoder:
 
     Attributes:
         position: the next cache position to write (0 after :meth:`reset`).
+        vocab_size: rows of the input embedding table (token ids must lie below it).
         step_lengths: the cache lengths the step program was compiled for (ascending, the last ``max_len``): a
             token at position ``p`` runs the shortest one above ``p`` and attends over that many positions.
     """
@@ -163,7 +164,19 @@ class AOTDecoder:
         self._folder = folder
         self.batch_size, self.max_len, self.chunk = batch_size, max_len, chunk
         self.bound_layers, self.export_s, self.compile_s = bound_layers, export_s, compile_s
+        table: Any = getattr(model, "get_input_embeddings", lambda: None)()
+        rows = getattr(table, "num_embeddings", None)  # nn.Embedding and QuantEmbedding
+        self.vocab_size = int(rows if rows is not None else _text_config(model).vocab_size)
         self.position = 0
+
+    def _ids(self, input_ids: Any) -> torch.Tensor:
+        # the programs index the embedding table without checking: an id outside it must not reach them
+        ids = _check_ids(input_ids, self.batch_size, "input_ids")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"input_ids must be token ids in 0..{self.vocab_size - 1} (the embedding table's rows), "
+                             f"got values in {lo}..{hi}")
+        return ids
 
     def reset(self) -> None:
         """Start a new sequence: the next token is written at position 0.
@@ -197,10 +210,10 @@ class AOTDecoder:
             The logits ``(batch_size, vocab)`` after the last of them, in the model's dtype.
 
         Raises:
-            ValueError: ``input_ids`` not a CPU integer ``(batch_size, n >= 1)`` tensor, or more tokens than the
-                cache has positions left.
+            ValueError: ``input_ids`` not a CPU integer ``(batch_size, n >= 1)`` tensor of ids below
+                :attr:`vocab_size`, or more tokens than the cache has positions left.
         """
-        ids = _check_ids(input_ids, self.batch_size, "input_ids")
+        ids = self._ids(input_ids)
         n, c = ids.shape[1], self.chunk
         if self.position + n > self.max_len:
             raise ValueError(f"{n} tokens at position {self.position} exceed the decoder's max_len={self.max_len}: "
@@ -264,7 +277,7 @@ class AOTDecoder:
         Raises:
             ValueError: bad ``input_ids``, ``max_new_tokens`` below 1 or past ``max_len``, bad sampling values.
         """
-        ids = _check_ids(input_ids, self.batch_size, "input_ids")
+        ids = self._ids(input_ids)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if ids.shape[1] + max_new_tokens > self.max_len:

@@ -101,6 +101,10 @@ def test_end_tokens_sampling_and_bad_input(decoder):
         decoder.generate(ids, 2, top_k=0)
     with pytest.raises(ValueError, match="CPU integer tensor"):
         decoder.feed(ids.float())
+    with pytest.raises(ValueError, match=r"token ids in 0\.\.255"):
+        decoder.feed(ids + 256)  # the programs index the embedding table without checking
+    with pytest.raises(ValueError, match="token ids"):
+        decoder.generate(torch.full_like(ids, -1), 2)
     decoder.prefill(_ids(2, 38, 6))
     with pytest.raises(ValueError, match="exceed"):
         decoder.feed(_ids(2, 3, 7))
