@@ -20,11 +20,12 @@ and a one-token step, quantized layers bound to their native kernels. Per round,
 The order rotates every round; ratios are medians of per-round ratios. The check that could prove the route
 wrong: the AOT decoder's greedy tokens against ``generate``'s for the same model (recorded, with how many agree).
 
-``--step-lengths-ab MAX_LEN`` measures instead what the step program's cache lengths do for a long cache: three
-decoders of the same model, ``max_len = MAX_LEN`` with the default step lengths (256, 512, ... below it), the same
-with the step program compiled for ``MAX_LEN`` only (every token attends over ``MAX_LEN`` positions: the control),
-and ``max_len`` just long enough for the sequence (the limit), decoding the same tokens in rotated rounds; writes
-``aoti_decode_step_lengths.{json,md}``.
+``--cache-lengths-ab MAX_LEN`` measures instead what the programs' cache lengths do for a long cache: three
+decoders of the same model, ``max_len = MAX_LEN`` with the default cache lengths (256, 512, ... below it), the same
+with the programs compiled for ``MAX_LEN`` only (every call attends over ``MAX_LEN`` positions: the control), and
+``max_len`` just long enough for the sequence (the limit), prefilling and decoding the same tokens in rotated
+rounds; writes ``aoti_decode_cache_lengths.{json,md}``. (``aoti_decode_step_lengths.{json,md}``: the same
+measurement when only the step program had several lengths, decode only.)
 
 Run: ``python -m benchmarks.aoti_decode [--model smollm2] [--rounds 5] [--prompt 128] [--new 64] [--chunk 64]
 [--threads 2] [--python-op-control] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
@@ -66,8 +67,8 @@ def eager_prefill_tok_s(model, ids) -> float:
     return ids.shape[1] / (time.perf_counter() - t)
 
 
-def step_lengths_ab(args) -> int:
-    """``--step-lengths-ab``: decode tokens/s of three decoders (module docstring), rotated rounds."""
+def cache_lengths_ab(args) -> int:
+    """``--cache-lengths-ab``: prefill and decode tokens/s of three decoders (module docstring), rotated rounds."""
     import torch
 
     from benchmarks.common.env import run_record, save_results
@@ -78,38 +79,48 @@ def step_lengths_ab(args) -> int:
     load0 = list(os.getloadavg())
     model = _make(args.model, args.variant, True)[0]
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(SEED))
-    need = args.prompt + args.new + 1
-    decoders = {"long": compile_decoder(model, args.step_lengths_ab, chunk=args.chunk),
-                "long_max_len_only": compile_decoder(model, args.step_lengths_ab, chunk=args.chunk, step_lengths=()),
+    need, long = args.prompt + args.new + 1, args.cache_lengths_ab
+    decoders = {"long": compile_decoder(model, long, chunk=args.chunk),
+                "long_max_len_only": compile_decoder(model, long, chunk=args.chunk, cache_lengths=()),
                 "short": compile_decoder(model, need, chunk=args.chunk)}
     tokens = {name: aot_round(dec, ids, args.new)[1] for name, dec in decoders.items()}
-    rates = _rotated_rounds({name: (lambda d=dec: aot_round(d, ids, args.new)[0]["decode"])
-                             for name, dec in decoders.items()}, args.rounds)
-    ratios = _ratios(rates, "long", ["long_max_len_only", "short"])
-    row = {"model": args.model, "variant": args.variant, "max_len": args.step_lengths_ab, "short_max_len": need,
-           "step_lengths": decoders["long"].step_lengths, **{f"{k}_decode_tok_s": v for k, v in rates.items()},
-           "long_vs_long_max_len_only": ratios["vs_long_max_len_only"]["ratio_median"],
-           "long_vs_short": ratios["vs_short"]["ratio_median"],
-           "same_tokens": tokens["long"] == tokens["long_max_len_only"] == tokens["short"],
-           "compile_s": {k: d.compile_s for k, d in decoders.items()}}
+    rounds = _rotated_rounds({name: (lambda d=dec: aot_round(d, ids, args.new)[0])
+                              for name, dec in decoders.items()}, args.rounds)
+    row: dict = {"model": args.model, "variant": args.variant, "max_len": long, "short_max_len": need,
+                 "cache_lengths": decoders["long"].cache_lengths,
+                 "same_tokens": tokens["long"] == tokens["long_max_len_only"] == tokens["short"],
+                 "compile_s": {k: d.compile_s for k, d in decoders.items()}}
+    med: dict = {}
+    for metric in ("decode", "prefill"):
+        rates = {name: [r[metric] for r in rounds[name]] for name in rounds}
+        ratios = _ratios(rates, "long", ["long_max_len_only", "short"])
+        for name, values in rates.items():
+            row[f"{name}_{metric}_tok_s"] = values
+            med[name, metric] = statistics.median(values)
+        for base in ("long_max_len_only", "short"):
+            row[f"long_vs_{base}_{metric}"] = ratios[f"vs_{base}"]["ratio_median"]
     for dec in decoders.values():
         dec.close()
-    result = run_record("aoti_decode_step_lengths", SEED, load0, [row], prompt=args.prompt, new=args.new,
+    result = run_record("aoti_decode_cache_lengths", SEED, load0, [row], prompt=args.prompt, new=args.new,
                         rounds=args.rounds)
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    lines = [(f"| max_len {long}, default cache lengths | {row['cache_lengths']} | {med['long', 'decode']:.1f} | "
+              f"{med['long', 'prefill']:.0f} | | |"),
+             (f"| max_len {long}, programs for max_len only (control) | [{long}] | "
+              f"{med['long_max_len_only', 'decode']:.1f} | {med['long_max_len_only', 'prefill']:.0f} | "
+              f"{row['long_vs_long_max_len_only_decode']:.2f}x | {row['long_vs_long_max_len_only_prefill']:.2f}x |"),
+             (f"| max_len {need} (the sequence's length: the limit) | [{need}] | {med['short', 'decode']:.1f} | "
+              f"{med['short', 'prefill']:.0f} | {row['long_vs_short_decode']:.2f}x | "
+              f"{row['long_vs_short_prefill']:.2f}x |")]
     md = "\n".join([
-        (f"# compile_decoder step lengths, a {row['max_len']}-position cache (benchmarks/aoti_decode.py, "
-        f"{result['date']})"), "",
-        (f"{args.model} {args.variant} (head quantized), {result['threads']} threads, {args.prompt}-token prompt, "
-        f"{args.new} greedy tokens (positions {args.prompt}-{need - 2}), {args.rounds} rounds, order rotated."), "",
-        "| decoder | step lengths | decode tok/s median | default / this |", "|---|---|---|---|",
-        f"| max_len {row['max_len']}, default step lengths | {row['step_lengths']} | {med['long']:.1f} | |",
-        (f"| max_len {row['max_len']}, step program for max_len only (control) | [{row['max_len']}] | "
-        f"{med['long_max_len_only']:.1f} | {row['long_vs_long_max_len_only']:.2f}x |"),
-        (f"| max_len {need} (the sequence's length: the limit) | [{need}] | {med['short']:.1f} | "
-        f"{row['long_vs_short']:.2f}x |"), "",
+        (f"# compile_decoder cache lengths, a {long}-position cache (benchmarks/aoti_decode.py, "
+         f"{result['date']})"), "",
+        (f"{args.model} {args.variant} (head quantized), {result['threads']} threads, {args.prompt}-token prompt "
+         f"(chunks of {args.chunk}), {args.new} greedy tokens, {args.rounds} rounds, order rotated; ratios: medians "
+         "of per-round ratios."), "",
+        ("| decoder | cache lengths | decode tok/s | prefill tok/s | default / this, decode | "
+         "default / this, prefill |"), "|---|---|---|---|---|---|", *lines, "",
         f"Same greedy tokens from all three: {row['same_tokens']}.", ""])
-    save_results(RESULTS, f"{args.out}_step_lengths", result, md)
+    save_results(RESULTS, f"{args.out}_cache_lengths", result, md)
     return 0
 
 
@@ -154,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llamacpp", action="store_true",
                    help="also llama.cpp's Q4_0 export of SmolLM2 in every round (needs `python -m benchmarks.llamacpp"
                         " --speed-only` run before: its build and smollm2_w4.gguf)")
-    p.add_argument("--step-lengths-ab", type=int, default=0, metavar="MAX_LEN",
-                   help="compare a MAX_LEN cache with and without the default step lengths (and a short cache)")
+    p.add_argument("--cache-lengths-ab", type=int, default=0, metavar="MAX_LEN",
+                   help="compare a MAX_LEN cache with and without the default cache lengths (and a short cache)")
     args = p.parse_args(argv)
-    if args.step_lengths_ab:
-        return step_lengths_ab(args)
+    if args.cache_lengths_ab:
+        return cache_lengths_ab(args)
     if args.llamacpp and args.model != "smollm2":
         p.error("--llamacpp compares SmolLM2 only (the model llama.cpp's export was made from)")
     import torch

@@ -10,9 +10,11 @@ Two programs are compiled, both over the same static KV cache:
 
 * a **prompt program** of ``chunk`` tokens (``C``): the prompt goes through it ``C`` tokens at a time, so its
   matmuls run the blocked (prefill) kernels; it returns the logits of one position only (the last real token);
-* a **step program** of one token, called once per generated token, compiled for several cache lengths
-  (``step_lengths``: by default 256, 512, 1024, ... below ``max_len``, and ``max_len``): a token at position
-  ``p`` runs the shortest length above ``p`` and its attention reads that many positions, not ``max_len``.
+* a **step program** of one token, called once per generated token.
+
+Both are compiled for several cache lengths (``cache_lengths``: by default 256, 512, 1024, ... below
+``max_len``, and ``max_len``): a call writing up to position ``p`` runs the shortest length above ``p``, and its
+attention reads that many positions, not ``max_len`` (a static cache is otherwise read whole at every call).
 
 The cache is not inside the programs: it is a list of ``(batch, kv_heads, max_len, head_dim)`` key and value
 tensors per layer, allocated once by the decoder and passed to both programs, which write the new positions in
@@ -131,8 +133,8 @@ class AOTDecoder:
         model: the model the programs were compiled from (they read its tensors: the decoder keeps it alive).
         keys: the cache's key tensor of each layer, ``(batch_size, kv heads, max_len, head dim)``.
         values: the same for values.
-        programs: the loaded programs by ``(kind, cache length)``: ``("prompt", max_len)`` and
-            ``("step", L)`` for each of :attr:`step_lengths`.
+        programs: the loaded programs by ``(kind, cache length)``: ``("prompt", L)`` and ``("step", L)`` for
+            each of :attr:`cache_lengths` (no prompt program for a length below ``chunk``).
         keep_alive: the constant maps handed to the programs (held while they run).
         batch_size: the batch the programs were compiled for.
         max_len: cache positions: prompt plus generated tokens of one sequence, at most.
@@ -145,8 +147,8 @@ class AOTDecoder:
     Attributes:
         position: the next cache position to write (0 after :meth:`reset`).
         vocab_size: rows of the input embedding table (token ids must lie below it).
-        step_lengths: the cache lengths the step program was compiled for (ascending, the last ``max_len``): a
-            token at position ``p`` runs the shortest one above ``p`` and attends over that many positions.
+        cache_lengths: the cache lengths the programs were compiled for (ascending, the last ``max_len``): a call
+            writing up to position ``p`` runs the shortest one above ``p`` and attends over that many positions.
     """
 
     def __init__(self, model: nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor],
@@ -156,10 +158,12 @@ class AOTDecoder:
         self.model = model  # the programs read its tensors (user-managed constants): keep it alive
         self._keys, self._values = keys, values  # the cache: (batch, kv heads, max_len, head dim) per layer
         self._programs = programs  # (kind, cache length) -> program
-        self.step_lengths = sorted(length for kind, length in programs if kind == "step")
-        # the first ``length`` positions of every layer's cache: what the step program of that length reads
+        self._lengths = {kind: sorted(length for name, length in programs if name == kind)
+                         for kind in ("prompt", "step")}
+        self.cache_lengths = self._lengths["step"]
+        # the first ``length`` positions of every layer's cache: what the programs of that length read
         self._views = {length: ([k[:, :, :length] for k in keys], [v[:, :, :length] for v in values])
-                       for length in self.step_lengths}
+                       for length in self.cache_lengths}
         self._keep_alive = keep_alive
         self._folder = folder
         self.batch_size, self.max_len, self.chunk = batch_size, max_len, chunk
@@ -186,11 +190,9 @@ class AOTDecoder:
         self.position = 0
 
     def _call(self, name: str, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        if name == "step":
-            length = self.step_lengths[bisect.bisect_right(self.step_lengths, self.position)]
-            keys, values = self._views[length]
-        else:
-            length, keys, values = self.max_len, self._keys, self._values
+        lengths = self._lengths[name]  # the shortest length holding every position this call writes
+        length = lengths[bisect.bisect_left(lengths, self.position + ids.shape[1])]
+        keys, values = self._views[length]
         # contiguous: a compiled program reads its inputs with the strides it was compiled for (it does not
         # check them), and a slice of a (batch > 1, n) prompt has another row stride
         out = self._programs[name, length](ids.contiguous(), torch.tensor([self.position]), torch.tensor([keep]),
@@ -324,23 +326,23 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int 
     return torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _step_lengths(step_lengths: Sequence[int] | None, max_len: int) -> list[int]:
-    """The step program's cache lengths, ascending, ``max_len`` last (``compile_decoder``'s ``step_lengths``)."""
-    if step_lengths is None:
+def _cache_lengths(cache_lengths: Sequence[int] | None, max_len: int) -> list[int]:
+    """The programs' cache lengths, ascending, ``max_len`` last (``compile_decoder``'s ``cache_lengths``)."""
+    if cache_lengths is None:
         out, length = [], 256
         while length < max_len:
             out.append(length)
             length *= 2
         return [*out, max_len]
-    lengths = list(step_lengths)
+    lengths = list(cache_lengths)
     bad = [x for x in lengths if not isinstance(x, int) or isinstance(x, bool) or not 1 <= x <= max_len]
     if bad:
-        raise ValueError(f"step_lengths must be ints in 1..max_len={max_len}, got {bad}")
+        raise ValueError(f"cache_lengths must be ints in 1..max_len={max_len}, got {bad}")
     return sorted({*lengths, max_len})
 
 
 def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chunk: int | None = None,
-                    step_lengths: Sequence[int] | None = None, progress: bool = True) -> AOTDecoder:
+                    cache_lengths: Sequence[int] | None = None, progress: bool = True) -> AOTDecoder:
     """Compile ``model``'s prompt and decode steps ahead of time for CPU (module docstring) and return the decoder.
 
     ``decoder.generate(ids, max_new_tokens)`` then gives what greedy ``model.generate`` gives (the same
@@ -353,11 +355,12 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
         batch_size: rows per call, ``>= 1``.
         chunk: tokens per call of the prompt program (``1 <= chunk <= max_len``; 1 compiles the step program
             only); None: ``min(64, max_len)``.
-        step_lengths: cache lengths to compile the step program for, each ``<= max_len`` (``max_len`` is always
-            added): a token at position ``p`` runs the shortest length above ``p``, so its attention reads that
-            many positions instead of ``max_len`` (attention over the whole static cache made SmolLM2 decode at
-            49 tok/s with ``max_len=2048`` against 135 with 256, same positions used). None: 256, 512, 1024, ...
-            below ``max_len``; ``()``: ``max_len`` only. Each length is one more program to compile.
+        cache_lengths: cache lengths to compile both programs for, each ``<= max_len`` (``max_len`` is always
+            added): a call writing up to position ``p`` runs the shortest length above ``p``, so its attention
+            reads that many positions instead of ``max_len`` (attention over the whole static cache made SmolLM2
+            decode at 48 tok/s and prefill at 427 with ``max_len=2048``, against 120 and 960 with a cache as long
+            as the sequence). None: 256, 512, 1024, ... below ``max_len``; ``()``: ``max_len`` only. Each length
+            is two more programs to compile (one where it is below ``chunk``).
         progress: show a progress bar over the export and compile stages.
 
     Returns:
@@ -365,7 +368,7 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
 
     Raises:
         TypeError: ``model`` is not a Hugging Face model (no ``config``).
-        ValueError: bad ``max_len`` / ``batch_size`` / ``chunk`` / ``step_lengths``; a model not on CPU; a cache
+        ValueError: bad ``max_len`` / ``batch_size`` / ``chunk`` / ``cache_lengths``; a model not on CPU; a cache
             that is not full attention in every layer.
     """
     _text_config(model)
@@ -377,7 +380,7 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
         chunk = min(64, max_len)
     if chunk > max_len:
         raise ValueError(f"chunk ({chunk}) must not exceed max_len ({max_len})")
-    lengths = _step_lengths(step_lengths, max_len)
+    lengths = _cache_lengths(cache_lengths, max_len)
     devices = {t.device.type for t in model.parameters()}
     if devices != {"cpu"}:
         raise ValueError(f"compile_decoder compiles for CPU; the model's parameters are on {sorted(devices)}")
@@ -399,7 +402,7 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
         programs: dict[tuple[str, int], Any] = {}
         keep_alive: list[Any] = []
         export_s = compile_s = 0.0
-        shapes = [("prompt", chunk, max_len)] if chunk > 1 else []
+        shapes = [("prompt", chunk, length) for length in lengths if 1 < chunk <= length]
         shapes += [("step", 1, length) for length in lengths]
         bar = tqdm(total=2 * len(shapes), desc="compile_decoder", disable=not progress)
         for name, n, length in shapes:

@@ -35,14 +35,16 @@ def test_llamacpp_comparison_needs_smollm2():
 
 
 @pytest.mark.slow
-def test_step_lengths_ab_records_three_decoders_and_their_tokens(tmp_path, monkeypatch):
-    """``--step-lengths-ab``: a 300-position cache with the default step lengths (256, 300), the control with the
-    step program for 300 only, and a cache as long as the sequence; the same greedy tokens from all three."""
+def test_cache_lengths_ab_records_three_decoders_and_their_tokens(tmp_path, monkeypatch):
+    """``--cache-lengths-ab``: a 300-position cache with the default cache lengths (256, 300), the control with the
+    programs for 300 only, and a cache as long as the sequence; prefill and decode per round, ratios, and the same
+    greedy tokens from all three."""
     monkeypatch.setattr(ad, "RESULTS", tmp_path)
-    assert ad.main(["--model", "llama_small", "--step-lengths-ab", "300", "--rounds", "1", "--prompt", "10",
+    assert ad.main(["--model", "llama_small", "--cache-lengths-ab", "300", "--rounds", "1", "--prompt", "10",
                     "--new", "4", "--chunk", "1", "--out", "t"]) == 0
-    row = json.loads((tmp_path / "t_step_lengths.json").read_text())["rows"][0]
-    assert row["step_lengths"] == [256, 300] and row["short_max_len"] == 15 and row["same_tokens"]
+    row = json.loads((tmp_path / "t_cache_lengths.json").read_text())["rows"][0]
+    assert row["cache_lengths"] == [256, 300] and row["short_max_len"] == 15 and row["same_tokens"]
     for name in ("long", "long_max_len_only", "short"):
-        assert len(row[f"{name}_decode_tok_s"]) == 1 and row[f"{name}_decode_tok_s"][0] > 0
-    assert row["long_vs_short"] == pytest.approx(row["long_decode_tok_s"][0] / row["short_decode_tok_s"][0])
+        for metric in ("decode", "prefill"):
+            assert len(row[f"{name}_{metric}_tok_s"]) == 1 and row[f"{name}_{metric}_tok_s"][0] > 0
+    assert row["long_vs_short_decode"] == pytest.approx(row["long_decode_tok_s"][0] / row["short_decode_tok_s"][0])

@@ -27,11 +27,12 @@ def _quantized():
 
 @pytest.fixture(scope="module")
 def decoder():
-    """A W4 g32 tiny LLaMA (head quantized), batch 2, 40 positions, prompt chunks of 8 tokens, step programs
-    for cache lengths 12, 24 and 40 (sequences below cross from one to the next)."""
+    """A W4 g32 tiny LLaMA (head quantized), batch 2, 40 positions, prompt chunks of 8 tokens, programs for
+    cache lengths 12, 24 and 40 (sequences below cross from one to the next)."""
     model = _quantized()
-    dec = compile_decoder(model, 40, batch_size=2, chunk=8, step_lengths=(24, 12), progress=False)
-    assert dec.step_lengths == [12, 24, 40]
+    dec = compile_decoder(model, 40, batch_size=2, chunk=8, cache_lengths=(24, 12), progress=False)
+    assert dec.cache_lengths == [12, 24, 40] and sorted(dec._programs) == [
+        ("prompt", 12), ("prompt", 24), ("prompt", 40), ("step", 12), ("step", 24), ("step", 40)]
     yield dec
     dec.close()
 
@@ -139,12 +140,12 @@ def test_compile_decoder_refuses_what_it_cannot_compile():
                           ({"max_len": 8, "batch_size": 0}, "batch_size"), ({"max_len": 8, "chunk": True}, "chunk")):
         with pytest.raises(ValueError, match=match):
             compile_decoder(model, **kwargs)
-    with pytest.raises(ValueError, match="step_lengths"):
-        compile_decoder(model, 16, step_lengths=(8, 17))
-    from medquant.quant.aot import _step_lengths
+    with pytest.raises(ValueError, match="cache_lengths"):
+        compile_decoder(model, 16, cache_lengths=(8, 17))
+    from medquant.quant.aot import _cache_lengths
 
-    assert _step_lengths(None, 2048) == [256, 512, 1024, 2048] and _step_lengths(None, 100) == [100]
-    assert _step_lengths((), 300) == [300] and _step_lengths((64, 300, 64), 300) == [64, 300]
+    assert _cache_lengths(None, 2048) == [256, 512, 1024, 2048] and _cache_lengths(None, 100) == [100]
+    assert _cache_lengths((), 300) == [300] and _cache_lengths((64, 300, 64), 300) == [64, 300]
     window = MistralForCausalLM(MistralConfig(**text_kwargs(sliding_window=8))).eval()
     with pytest.raises(ValueError, match="StaticSlidingWindowLayer"):
         compile_decoder(window, 16, progress=False)
