@@ -27,7 +27,8 @@ Feeding ``n`` tokens at position ``pos`` (:meth:`AOTDecoder.feed`): ``n // C`` f
 before any query can see them), else ``r`` one-token steps. A single token always takes the step program.
 
 Quantized layers are bound to their CPU kernels first (:meth:`~medquant.quant.QuantLinear.bind_cpu_kernels`): the
-programs call ``medquant::gemv4_bound`` by handle, so they hold no quantized weights; the model's other tensors
+programs call ``medquant::gemv4_bound_native`` (the bound matmul in C++, :mod:`medquant.kernels.native_op`;
+``medquant::gemv4_bound``'s Python kernel where it cannot be built) by handle, so they hold no quantized weights; the model's other tensors
 (embeddings, norms, float layers) are handed to the programs as *user-managed constants*: the programs read the
 model's own tensors, nothing is copied. Consequences, stated plainly:
 
@@ -38,8 +39,8 @@ model's own tensors, nothing is copied. Consequences, stated plainly:
 * one batch size and one maximum length per decoder (rows of a batch share their length: a ``(B, P)`` prompt, no
   padding mask); models whose static cache is not full attention in every layer (sliding windows, shared KV) are
   refused: :func:`~medquant.quant.decode.static_decode_` serves them;
-* compiling takes time: about 40 s per program for SmolLM2-135M on two cores (g++ must be installed, as for the
-  native kernels).
+* compiling takes time: about 30 s per program for SmolLM2-135M on two cores, two programs per cache length
+  (``max_len=2048``: 8 programs, ~270 s; g++ must be installed, as for the native kernels).
 
 Measured in ``benchmarks/aoti_decode.py`` (paired with ``static_decode_`` and llama.cpp; see
 ``docs/guides/cpu_inference.md``).
