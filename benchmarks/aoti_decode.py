@@ -28,7 +28,7 @@ rounds; writes ``aoti_decode_cache_lengths.{json,md}``. (``aoti_decode_step_leng
 measurement when only the step program had several lengths, decode only.)
 
 Run: ``python -m benchmarks.aoti_decode [--model smollm2] [--rounds 5] [--prompt 128] [--new 64] [--chunk 64]
-[--threads 2] [--python-op-control] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
+[--threads 2] [--batch 1] [--python-op-control] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
 """
 from __future__ import annotations
 
@@ -43,18 +43,28 @@ SEED = 0
 
 
 def aot_round(decoder, ids, new: int) -> tuple[dict, list[int]]:
-    """One prompt and ``new`` greedy tokens through ``decoder``: ``({"prefill": tok/s, "decode": tok/s}, the
-    ``new + 1`` tokens chosen: one after the prompt, one after each fed token)``."""
+    """One prompt ``(B, P)`` and ``new`` greedy tokens through ``decoder``: ``({"prefill": tok/s, "decode":
+    tok/s}, the ``new + 1`` tokens chosen per row, row after row)``; rates count every row's tokens."""
     t = time.perf_counter()
     logits = decoder.prefill(ids)
     prefill_s = time.perf_counter() - t
     nxt = logits.argmax(-1, keepdim=True)
-    out = [int(nxt[0, 0])]
+    steps = [nxt]
     t = time.perf_counter()
     for _ in range(new):
         nxt = decoder.feed(nxt).argmax(-1, keepdim=True)
-        out.append(int(nxt[0, 0]))
-    return {"prefill": ids.shape[1] / prefill_s, "decode": new / (time.perf_counter() - t)}, out
+        steps.append(nxt)
+    decode_s = time.perf_counter() - t
+    b = ids.shape[0]
+    return ({"prefill": b * ids.shape[1] / prefill_s, "decode": b * new / decode_s},
+            torch_cat_rows(steps))
+
+
+def torch_cat_rows(steps) -> list[int]:
+    """Per-step ``(B, 1)`` token tensors as one list, row after row."""
+    import torch
+
+    return torch.cat(steps, dim=1).reshape(-1).tolist()
 
 
 def eager_prefill_tok_s(model, ids) -> float:
@@ -64,7 +74,7 @@ def eager_prefill_tok_s(model, ids) -> float:
     t = time.perf_counter()
     with torch.no_grad():
         model(input_ids=ids, logits_to_keep=1)
-    return ids.shape[1] / (time.perf_counter() - t)
+    return ids.numel() / (time.perf_counter() - t)
 
 
 def cache_lengths_ab(args) -> int:
@@ -138,8 +148,9 @@ def markdown(result: dict) -> str:
         vs = r.get(f"aot_vs_{key}", {})
         lines.append(f"| {label} | {statistics.median(dec):.1f} ({max(dec):.1f}) | {statistics.median(pre):.0f} | "
                      + (f"{vs['decode']:.2f}x | {vs['prefill']:.2f}x |" if vs else "| |"))
-    head = (f"{r['model']} {r['variant']} (head quantized), {result['threads']} threads, {result['prompt']}-token "
-            f"prompt, {result['new']} greedy tokens, prompt chunk {r['chunk']}, {result['rounds']} rounds, order "
+    head = (f"{r['model']} {r['variant']} (head quantized), {result['threads']} threads, batch "
+            f"{result.get('batch', 1)} (rates count every row), {result['prompt']}-token prompt, {result['new']} "
+            "greedy tokens, prompt chunk {r['chunk']}, {result['rounds']} rounds, order "
             "rotated; ratios: medians of per-round ratios.")
     tail = (f"AOT greedy tokens equal generate's: {r['same_tokens']} ({r['tokens_agreeing']}/{r['tokens']}); "
             f"export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s (both programs); static_decode_'s first "
@@ -159,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1, help="rows per sequence batch (llama.cpp's rows: batch 1 only)")
     p.add_argument("--out", default="aoti_decode")
     p.add_argument("--python-op-control", action="store_true",
                    help="also the same decoder with its layers on the Python kernel (MEDQUANT_NATIVE_OP=0)")
@@ -172,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return cache_lengths_ab(args)
     if args.llamacpp and args.model != "smollm2":
         p.error("--llamacpp compares SmolLM2 only (the model llama.cpp's export was made from)")
+    if args.llamacpp and args.batch != 1:
+        p.error("--llamacpp measures batch 1 only (llama.cpp's bench decodes one sequence)")
     import torch
 
     from benchmarks.common.env import run_record, save_results
@@ -183,23 +197,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load0 = list(os.getloadavg())
     model = _make(args.model, args.variant, True)[0]  # the variant with the head quantized
-    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(SEED))
-    decoder = compile_decoder(model, args.prompt + args.new + 1, chunk=args.chunk)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt),
+                        generator=torch.Generator().manual_seed(SEED))
+    decoder = compile_decoder(model, args.prompt + args.new + 1, batch_size=args.batch, chunk=args.chunk)
     compiled = static_decode_(_make(args.model, args.variant, True)[0])
     with torch.no_grad():
         _, first = _generate_decode_tok_s(compiled, ids, args.new, 1)
         ref = compiled.generate(ids, max_new_tokens=args.new + 1, min_new_tokens=args.new + 1, do_sample=False,
-                                pad_token_id=0)[0, args.prompt:].tolist()
+                                pad_token_id=0)[:, args.prompt:].reshape(-1).tolist()
     toks = aot_round(decoder, ids, args.new)[1]
     row_extra: dict = {"native_op": native_op_status()["active"]}
     timers = {"aot": lambda: aot_round(decoder, ids, args.new)[0],
-              "compiled": lambda: {"decode": _generate_decode_tok_s(compiled, ids, args.new, 1)[0],
+              "compiled": lambda: {"decode": args.batch * _generate_decode_tok_s(compiled, ids, args.new, 1)[0],
                                    "prefill": eager_prefill_tok_s(compiled, ids)}}
     if args.python_op_control:
         os.environ["MEDQUANT_NATIVE_OP"] = "0"  # read when the layers are bound (inside compile_decoder)
         try:
             control = compile_decoder(_make(args.model, args.variant, True)[0], args.prompt + args.new + 1,
-                                      chunk=args.chunk)
+                                      batch_size=args.batch, chunk=args.chunk)
         finally:
             del os.environ["MEDQUANT_NATIVE_OP"]
         row_extra["python_op_control_same_tokens"] = aot_round(control, ids, args.new)[1] == ref
@@ -229,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": len(ref), "export_s": decoder.export_s, "compile_s": decoder.compile_s,
                 "bound_layers": decoder.bound_layers, "compiled_first_call_s": first, **row_extra})
     decoder.close()
-    result = run_record("aoti_decode", SEED, load0, [row], prompt=args.prompt, new=args.new, rounds=args.rounds)
+    result = run_record("aoti_decode", SEED, load0, [row], prompt=args.prompt, new=args.new, rounds=args.rounds,
+                        batch=args.batch)
     save_results(RESULTS, args.out, result, markdown(result))
     return 0
 

@@ -12,12 +12,14 @@ from benchmarks import aoti_decode as ad
 def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, monkeypatch):
     """The script's record: per contender prefill and decode rates, the AOT decoder's per-round ratios to
     ``static_decode_``'s, and its greedy tokens checked against ``generate``'s (a 10-token prompt through chunks of
-    4: two full ones and a remainder of 2 through one-token steps), and the control on the Python kernel."""
+    4: two full ones and a remainder of 2 through one-token steps; batch 2, every row checked), and the control on
+    the Python kernel."""
     monkeypatch.setattr(ad, "RESULTS", tmp_path)
     assert ad.main(["--model", "llama_small", "--rounds", "1", "--prompt", "10", "--new", "4", "--chunk", "4",
-                    "--python-op-control", "--out", "t"]) == 0
-    row = json.loads((tmp_path / "t.json").read_text())["rows"][0]
-    assert row["same_tokens"] and row["tokens"] == 5 and row["tokens_agreeing"] == 5
+                    "--batch", "2", "--python-op-control", "--out", "t"]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    row = result["rows"][0]
+    assert result["batch"] == 2 and row["same_tokens"] and row["tokens"] == 10 and row["tokens_agreeing"] == 10
     assert row["python_op_control_same_tokens"]  # the control decodes the same tokens through the Python kernel
     for name in ("aot", "aot_python_op", "compiled"):
         for metric in ("decode", "prefill"):
@@ -29,9 +31,11 @@ def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, mon
     assert "compile_decoder (AOTInductor)" in (tmp_path / "t.md").read_text()
 
 
-def test_llamacpp_comparison_needs_smollm2():
+def test_llamacpp_comparison_needs_smollm2_at_batch_1():
     with pytest.raises(SystemExit):
         ad.main(["--model", "llama_small", "--llamacpp"])
+    with pytest.raises(SystemExit):
+        ad.main(["--llamacpp", "--batch", "2"])
 
 
 @pytest.mark.slow
