@@ -150,7 +150,7 @@ def markdown(result: dict) -> str:
                      + (f"{vs['decode']:.2f}x | {vs['prefill']:.2f}x |" if vs else "| |"))
     head = (f"{r['model']} {r['variant']} (head quantized), {result['threads']} threads, batch "
             f"{result.get('batch', 1)} (rates count every row), {result['prompt']}-token prompt, {result['new']} "
-            "greedy tokens, prompt chunk {r['chunk']}, {result['rounds']} rounds, order "
+            f"greedy tokens, prompt chunk {r['chunk']}, {result['rounds']} rounds, order "
             "rotated; ratios: medians of per-round ratios.")
     tail = (f"AOT greedy tokens equal generate's: {r['same_tokens']} ({r['tokens_agreeing']}/{r['tokens']}); "
             f"export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s (both programs); static_decode_'s first "

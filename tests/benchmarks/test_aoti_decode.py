@@ -28,7 +28,8 @@ def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, mon
         for base in ("compiled", "aot_python_op"):
             expected = row[f"aot_{metric}_tok_s"][0] / row[f"{base}_{metric}_tok_s"][0]
             assert row[f"aot_vs_{base}"][metric] == pytest.approx(expected)
-    assert "compile_decoder (AOTInductor)" in (tmp_path / "t.md").read_text()
+    md = (tmp_path / "t.md").read_text()
+    assert "compile_decoder (AOTInductor)" in md and "batch 2" in md and "prompt chunk 4, 1 rounds" in md
 
 
 def test_llamacpp_comparison_needs_smollm2_at_batch_1():
