@@ -947,16 +947,17 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         # form, from it the blocked one where eager calls run it (else the traced dense path)
         lane = (gemv.handle, k, n, split_below, native_below, gemm, xmode, xmode_bf16)
 
-        def traced_with(op):
+        def bind_traced():
+            # called by binding (QuantLinear.bind_cpu_kernels): the operator is chosen here, eagerly (the C++ one
+            # where it builds, medquant.kernels.native_op; else the Python one), so a traced call reads a constant
+            op = traced_bound_op(gemv.handle)
+
             def traced(x: torch.Tensor) -> torch.Tensor | None:
                 return _traced_lane(lane, x, op)
 
             return traced
 
-        run.traced = traced_with(gemv4_bound_op)  # type: ignore[attr-defined]
-        # what binding calls (QuantLinear.bind_cpu_kernels): the lane on the C++ operator where it builds
-        # (medquant.kernels.native_op; the op is chosen here, eagerly, so a traced call reads a constant)
-        run.bind_native = lambda: traced_with(traced_bound_op(gemv.handle))  # type: ignore[attr-defined]
+        run.bind_traced = bind_traced  # type: ignore[attr-defined]
     return run
 
 

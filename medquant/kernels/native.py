@@ -147,11 +147,12 @@ def cache_dir() -> Path:
     return base / "medquant" / "native"
 
 
-def _compiler() -> list[str] | None:
-    cc = os.environ.get("CC", "").strip()
+def _compiler(env: str = "CC", names: tuple[str, ...] = ("cc", "gcc", "clang")) -> list[str] | None:
+    """The compiler command: ``$env`` split as a shell would, else the first of ``names`` on ``PATH``."""
+    cc = os.environ.get(env, "").strip()
     if cc:
         return shlex.split(cc)
-    for name in ("cc", "gcc", "clang"):
+    for name in names:
         found = shutil.which(name)
         if found:
             return [found]
@@ -190,12 +191,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _build_key(source: bytes, version: str, flags: list[str]) -> str:
+def _hash_parts(*parts: bytes) -> str:
+    """A build key: the first 24 hex digits of the SHA-256 of ``parts``, each followed by a zero byte."""
     h = hashlib.sha256()
-    for part in (source, version.encode(), " ".join(flags).encode(), _cpu_id().encode(), str(ABI).encode()):
+    for part in parts:
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:24]
+
+
+def _build_key(source: bytes, version: str, flags: list[str]) -> str:
+    return _hash_parts(source, version.encode(), " ".join(flags).encode(), _cpu_id().encode(), str(ABI).encode())
 
 
 class _Foreign(Exception):
@@ -675,9 +681,10 @@ class NativeGemv4:
         # the codes are held through an alias (same storage, another tensor object): the CPU backend caches this
         # object under the layer's own codes tensor as a weak key, and a strong reference back to that tensor
         # would keep the cache entry, the codes and this object alive after the layer is freed
+        alias = weight.qweight.detach()
         if qw is weight.qweight:
-            qw = qw.detach()
-        weight = dataclasses.replace(weight, qweight=qw if weight.qweight.is_contiguous() else weight.qweight.detach())
+            qw = alias
+        weight = dataclasses.replace(weight, qweight=alias)
         self._call, self._gemm, self._weight = call, gemm, weight
         self.bits = storage_bits(weight.bits, weight.dense)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives

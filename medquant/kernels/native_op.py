@@ -33,9 +33,7 @@ binding: ``bind_cpu_kernels``, ``static_decode_``, ``compile_decoder``).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shlex
 import shutil
 import subprocess
 import threading
@@ -61,18 +59,7 @@ _fake_lib: torch.library.Library | None = None
 
 
 def _disabled() -> bool:
-    return os.environ.get(ENV_NATIVE_OP, "").strip().lower() in {"0", "false", "off", "no"}
-
-
-def _cxx() -> list[str] | None:
-    cxx = os.environ.get("CXX", "").strip()
-    if cxx:
-        return shlex.split(cxx)
-    for name in ("c++", "g++", "clang++"):
-        found = shutil.which(name)
-        if found:
-            return [found]
-    return None
+    return os.environ.get(ENV_NATIVE_OP, "").strip().lower() in native._OFF
 
 
 def _torch_flags() -> tuple[list[str], list[str]]:
@@ -84,12 +71,8 @@ def _torch_flags() -> tuple[list[str], list[str]]:
 
 
 def _key(source: bytes, version: str, flags: list[str]) -> str:
-    h = hashlib.sha256()
-    for part in (source, version.encode(), " ".join(flags).encode(), torch.__version__.encode(),
-                 str(torch.version.git_version).encode()):
-        h.update(part)
-        h.update(b"\0")
-    return h.hexdigest()[:24]
+    return native._hash_parts(source, version.encode(), " ".join(flags).encode(), torch.__version__.encode(),
+                              str(torch.version.git_version).encode())
 
 
 def _load(path: Path, key: str) -> None:
@@ -114,7 +97,7 @@ def _build() -> None:
     if not SOURCE.is_file():
         _state["reason"] = f"the C++ source {SOURCE} is missing from the installation"
         return
-    cxx = _cxx()
+    cxx = native._compiler("CXX", ("c++", "g++", "clang++"))
     if cxx is None:
         _state["reason"] = "no C++ compiler found ($CXX unset and no c++ / g++ / clang++ on PATH)"
         return

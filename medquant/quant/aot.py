@@ -406,10 +406,13 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
         shapes = [("prompt", chunk, length) for length in lengths if 1 < chunk <= length]
         shapes += [("step", 1, length) for length in lengths]
         bar = tqdm(total=2 * len(shapes), desc="compile_decoder", disable=not progress)
+        caches = {max_len: cache}  # one cache object per length, shared by its prompt and step programs
         for name, n, length in shapes:
             # a program of cache length L reads the first L positions of the cache (views with the full cache's
             # strides, which the program is compiled for) under a cache object of that length (its mask sizes)
-            step = _CacheStep(model, cache if length == max_len else _static_cache(model, batch_size, length))
+            if length not in caches:
+                caches[length] = _static_cache(model, batch_size, length)
+            step = _CacheStep(model, caches[length])
             bar.set_postfix_str(f"export {name} {length}")
             t = time.perf_counter()
             with torch.no_grad():

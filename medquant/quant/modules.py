@@ -48,7 +48,7 @@ _PREPARED = "_prepared_matmul"
 #: attribute holding the prepared matmul that ``torch.compile`` traces instead of the custom op
 #: (:meth:`_QuantWeightBase.bind_cpu_kernels`; dropped like ``_PREPARED``)
 _BOUND = "_bound_matmul"
-#: attribute holding the bound matmul's traced lane (``fn.traced``: the native kernel called by handle), read
+#: attribute holding the bound matmul's traced lane (``fn.bind_traced()``: the native kernel called by handle), read
 #: first by a compiled ``forward``
 _BOUND_LANE = "_bound_lane"
 #: the buffer names of row group ``b``: ``(qweight_b, scales_b, zeros_b)``
@@ -290,11 +290,9 @@ class _QuantWeightBase(nn.Module):
             return False
         fn = prepare_packed_linear(probe, w)
         self.__dict__[_BOUND] = fn
-        lane = getattr(fn, "traced", None)
-        if lane is not None:
-            # the C++ operator where it builds (the Python kernel otherwise): medquant.kernels.native_op
-            bind_native = getattr(fn, "bind_native", None)
-            self.__dict__[_BOUND_LANE] = bind_native() if bind_native is not None else lane
+        bind_traced = getattr(fn, "bind_traced", None)  # native row groups: the kernel called by handle
+        if bind_traced is not None:
+            self.__dict__[_BOUND_LANE] = bind_traced()
         return True
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
