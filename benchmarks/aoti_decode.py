@@ -67,6 +67,11 @@ def torch_cat_rows(steps) -> list[int]:
     return torch.cat(steps, dim=1).reshape(-1).tolist()
 
 
+def metric_rates(rounds: dict, metric: str) -> dict:
+    """``{contender: [tok/s per round]}`` of one metric (``"decode"`` / ``"prefill"``) from rounds of dicts."""
+    return {name: [r[metric] for r in rounds[name]] for name in rounds}
+
+
 def eager_prefill_tok_s(model, ids) -> float:
     """Tokens/s of one forward over the prompt keeping the last position's logits (``generate``'s prefill)."""
     import torch
@@ -102,7 +107,7 @@ def cache_lengths_ab(args) -> int:
                  "compile_s": {k: d.compile_s for k, d in decoders.items()}}
     med: dict = {}
     for metric in ("decode", "prefill"):
-        rates = {name: [r[metric] for r in rounds[name]] for name in rounds}
+        rates = metric_rates(rounds, metric)
         ratios = _ratios(rates, "long", ["long_max_len_only", "short"])
         for name, values in rates.items():
             row[f"{name}_{metric}_tok_s"] = values
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = _rotated_rounds(timers, args.rounds)
     row: dict = {"model": args.model, "variant": args.variant, "chunk": args.chunk}
     for metric in ("decode", "prefill"):
-        rates = {name: [r[metric] for r in rounds[name]] for name in rounds}
+        rates = metric_rates(rounds, metric)
         for name, values in rates.items():
             row[f"{name}_{metric}_tok_s"] = values
         for base, ratio in _ratios(rates, "aot", [n for n in rates if n != "aot"]).items():
