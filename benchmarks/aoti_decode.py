@@ -13,6 +13,9 @@ and a one-token step, quantized layers bound to their native kernels. Per round,
 * ``aot_python_op`` (``--python-op-control``): the same decoder compiled with ``$MEDQUANT_NATIVE_OP=0``, its
   quantized layers called through the Python kernel of ``medquant::gemv4_bound`` instead of the C++ operator
   (:mod:`medquant.kernels.native_op`): the control for what the C++ operator adds;
+* ``aot_loaded`` (``--save-load``): the decoder saved (``AOTDecoder.save``) and loaded (``load_decoder``) with
+  another copy of the model: the loaded programs read that copy's tensors and call its layers by the handles
+  they are handed at load, and must run as fast as the compiled ones (the save and load times are recorded);
 * ``llamacpp_q4_0`` (``--llamacpp``): llama.cpp's Q4_0 file of the same model (medquant's W4 g32 symmetric export,
   as ``benchmarks.llamacpp`` writes it), prefill and decode after the same prompt: the stretch goal is 0.5x its
   decode rate.
@@ -28,13 +31,14 @@ rounds; writes ``aoti_decode_cache_lengths.{json,md}``. (``aoti_decode_step_leng
 measurement when only the step program had several lengths, decode only.)
 
 Run: ``python -m benchmarks.aoti_decode [--model smollm2] [--rounds 5] [--prompt 128] [--new 64] [--chunk 64]
-[--threads 2] [--batch 1] [--python-op-control] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
+[--threads 2] [--batch 1] [--python-op-control] [--save-load] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -143,6 +147,7 @@ def markdown(result: dict) -> str:
     r = result["rows"][0]
     names = {"aot": "compile_decoder (AOTInductor), prefill + feed",
              "aot_python_op": "the same, layers through the Python kernel (MEDQUANT_NATIVE_OP=0)",
+             "aot_loaded": "the same decoder saved and loaded (load_decoder) with another copy of the model",
              "compiled": "static_decode_ (torch.compile), generate; prefill: eager forward",
              "llamacpp_q4_0": "llama.cpp Q4_0 (medquant's W4 g32 sym export)"}
     lines = []
@@ -159,7 +164,9 @@ def markdown(result: dict) -> str:
             "rotated; ratios: medians of per-round ratios.")
     tail = (f"AOT greedy tokens equal generate's: {r['same_tokens']} ({r['tokens_agreeing']}/{r['tokens']}); "
             f"export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s (both programs); static_decode_'s first "
-            f"generate {r['compiled_first_call_s']:.1f} s.")
+            f"generate {r['compiled_first_call_s']:.1f} s."
+            + (f" Saved in {r['save_s']:.1f} s, loaded in {r['load_s']:.1f} s (no compiling), its tokens equal: "
+               f"{r['loaded_same_tokens']}." if "load_s" in r else ""))
     return "\n".join([(f"# compile_decoder vs static_decode_ and llama.cpp (benchmarks/aoti_decode.py, "
                       f"{result['date']})"), "", head, "",
                       ("| decoder | decode tok/s median (best) | prefill tok/s median | AOT / this, decode | "
@@ -182,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llamacpp", action="store_true",
                    help="also llama.cpp's Q4_0 export of SmolLM2 in every round (needs `python -m benchmarks.llamacpp"
                         " --speed-only` run before: its build and smollm2_w4.gguf)")
+    p.add_argument("--save-load", action="store_true",
+                   help="also the decoder saved (AOTDecoder.save) and loaded (load_decoder) with another copy of the "
+                        "model, in every round; records the save and load times")
     p.add_argument("--cache-lengths-ab", type=int, default=0, metavar="MAX_LEN",
                    help="compare a MAX_LEN cache with and without the default cache lengths (and a short cache)")
     args = p.parse_args(argv)
@@ -224,6 +234,17 @@ def main(argv: list[str] | None = None) -> int:
             del os.environ["MEDQUANT_NATIVE_OP"]
         row_extra["python_op_control_same_tokens"] = aot_round(control, ids, args.new)[1] == ref
         timers["aot_python_op"] = lambda: aot_round(control, ids, args.new)[0]
+    if args.save_load:
+        from medquant.quant.aot import load_decoder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            folder = decoder.save(Path(tmp) / "decoder")
+            row_extra["save_s"] = time.perf_counter() - t
+            loaded = load_decoder(folder, _make(args.model, args.variant, True)[0], progress=False)
+        row_extra["load_s"] = loaded.compile_s  # a loaded decoder's compile_s is its loading time
+        row_extra["loaded_same_tokens"] = aot_round(loaded, ids, args.new)[1] == ref
+        timers["aot_loaded"] = lambda: aot_round(loaded, ids, args.new)[0]
     if args.llamacpp:
         from benchmarks.llamacpp import _paths, cache_root, llamacpp_speed
 

@@ -951,17 +951,30 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             # called by binding (QuantLinear.bind_cpu_kernels): the operator is chosen here, eagerly (the C++ one
             # where it builds, medquant.kernels.native_op; else the Python one), so a traced call reads a constant
             op = traced_bound_op(gemv.handle)
+            op_by = traced_bound_op(gemv.handle, by_tensor=True)
 
             def traced(x: torch.Tensor) -> torch.Tensor | None:
                 return _traced_lane(lane, x, op)
 
+            def by_tensor(handle_of):
+                # the lane of a program compiled ahead of time (medquant.quant.aot): the handle is read, when the
+                # program is traced, from the tensor handle_of() returns (one the program is handed at load)
+                def traced_by(x: torch.Tensor) -> torch.Tensor | None:
+                    return _traced_lane(lane, x, op_by, handle_of())
+
+                return traced_by
+
+            # what medquant.quant.aot records of the lane: its handle, its choices, the operator a program calls
+            traced.handle, traced.lane, traced.op_name = gemv.handle, lane, op_by.name()  # type: ignore[attr-defined]
+            traced.by_tensor = by_tensor  # type: ignore[attr-defined]
             return traced
 
         run.bind_traced = bind_traced  # type: ignore[attr-defined]
     return run
 
 
-def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op) -> torch.Tensor | None:
+def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op,
+                 handle: torch.Tensor | None = None) -> torch.Tensor | None:
     """Under ``torch.compile``: ``y (..., n)`` for ``x (..., k)`` as one ``medquant::gemv4_bound`` call (the native
     kernel bound once, called by its handle: the graph takes no weight tensors, so it guards and checks none at
     each call), choosing by ``M`` as an eager call does: below the native switch the weight-only kernel, from it
@@ -974,12 +987,14 @@ def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op) -> torch.Tenso
             whether large M runs the blocked matmul, xmode for float32 x, xmode for bfloat16 x)``.
         x: the activations.
         op: ``medquant::gemv4_bound`` (its Python kernel) or ``medquant::gemv4_bound_native`` (the same product
-            in C++, :mod:`medquant.kernels.native_op`).
+            in C++, :mod:`medquant.kernels.native_op`); with ``handle``, their ``_by`` forms.
+        handle: None (the lane's handle, an integer, is passed), or a one-element int64 tensor holding the handle
+            (passed in its place: a program compiled ahead of time, :mod:`medquant.quant.aot`).
 
     Returns:
         ``y`` in ``x``'s dtype (the kernel's float32 sums, rounded once for bfloat16), or None.
     """
-    handle, k, n, below_f32, below_bf16, gemm, xmode, xmode_bf16 = lane
+    _, k, n, below_f32, below_bf16, gemm, xmode, xmode_bf16 = lane
     dt = x.dtype
     if x.device.type != "cpu" or dt not in (torch.float32, torch.bfloat16) or x.shape[-1] != k or \
             (x.requires_grad and torch.is_grad_enabled()):
@@ -996,7 +1011,7 @@ def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op) -> torch.Tenso
     x2 = x.reshape(m, k)
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y = op(x2, handle, n, mode)
+    y = op(x2, lane[0] if handle is None else handle, n, mode)
     return (y if dt == torch.float32 else y.to(dt)).reshape(*x.shape[:-1], n)
 
 

@@ -655,6 +655,39 @@ def _gemv4_bound_fake(x, handle, n, xmode):
 
 gemv4_bound_op = torch.ops.medquant.gemv4_bound.default
 
+# ``medquant::gemv4_bound_by`` is the same call with the handle held in a one-element int64 tensor: a program
+# compiled ahead of time (medquant.quant.aot) reads it from a tensor it is handed at load, so the program is not
+# tied to the handles of the process that compiled it.
+_OPS.define("gemv4_bound_by(Tensor x, Tensor handle, int n, int xmode) -> Tensor")
+
+
+def handle_value(handle: torch.Tensor) -> int:
+    """The handle held by ``handle``, a one-element int64 CPU tensor (``medquant::gemv4_bound_by``).
+
+    Raises:
+        RuntimeError: ``handle`` is not a one-element int64 CPU tensor.
+    """
+    if handle.device.type != "cpu" or handle.dtype != torch.int64 or handle.numel() != 1:
+        raise RuntimeError("medquant::gemv4_bound_by: the handle must be a one-element int64 CPU tensor, got "
+                           f"{handle.dtype} {tuple(handle.shape)} on {handle.device}")
+    return int(handle.reshape(()))
+
+
+def _gemv4_bound_by_cpu(x: torch.Tensor, handle: torch.Tensor, n: int, xmode: int) -> torch.Tensor:
+    """:func:`_gemv4_bound_cpu` with the handle read from a one-element int64 tensor."""
+    return _gemv4_bound_cpu(x, handle_value(handle), n, xmode)
+
+
+_OPS.impl("gemv4_bound_by", _gemv4_bound_by_cpu, "CPU")
+
+
+@torch.library.register_fake("medquant::gemv4_bound_by", lib=_OPS)
+def _gemv4_bound_by_fake(x, handle, n, xmode):
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
+
+gemv4_bound_by_op = torch.ops.medquant.gemv4_bound_by.default
+
 
 class NativeGemv4:
     """One row group's native weight-only matmul, its arguments bound once (:func:`native_gemv4`): codes in 4-bit

@@ -141,6 +141,10 @@ def _register_fake() -> None:
     def _fake(x, handle, n, xmode):
         return x.new_empty(x.shape[0], n, dtype=torch.float32)
 
+    @torch.library.register_fake("medquant::gemv4_bound_by_native", lib=_fake_lib)
+    def _fake_by(x, handle, n, xmode):
+        return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
 
 def _operator():
     if not _state["tried"]:
@@ -165,22 +169,28 @@ def _unbind(handle: int) -> None:
         pass
 
 
-def traced_bound_op(handle: int):
+def traced_bound_op(handle: int, *, by_tensor: bool = False):
     """The operator a traced graph calls for the bound matmul ``handle``: ``medquant::gemv4_bound_native`` with the
     handle entered in its table (built and loaded on first use), else ``medquant::gemv4_bound``.
 
     Args:
         handle: :attr:`medquant.kernels.native.NativeGemv4.handle` of a live bound matmul.
+        by_tensor: the operator taking the handle in a one-element int64 tensor instead
+            (``medquant::gemv4_bound_by_native``, else ``medquant::gemv4_bound_by``): what programs compiled ahead
+            of time call, so they can be loaded by another process (:mod:`medquant.quant.aot`).
 
     Returns:
         The operator overload, called as ``op(x, handle, n, xmode)``.
     """
+    python_op = native.gemv4_bound_by_op if by_tensor else native.gemv4_bound_op
     if _disabled():  # read at each binding: a layer bound while it is off keeps the Python kernel
-        return native.gemv4_bound_op
+        return python_op
     op = _operator()
     gemv = native._BOUND.get(handle)
     if op is None or gemv is None:
-        return native.gemv4_bound_op
+        return python_op
+    if by_tensor:
+        op = torch.ops.medquant.gemv4_bound_by_native.default
     if handle not in _bound:
         with _lock:
             if handle not in _bound:

@@ -1,6 +1,6 @@
 """Quantization primitives: config, packed layout, quantize/dequantize/fake-quantize, quantized modules."""
 from ..kernels.layout import FORMAT_VERSION, container_bits, pack, unpack
-from .aot import AOTDecoder, compile_decoder
+from .aot import AOTDecoder, compile_decoder, load_decoder
 from .api import (
     DEFAULT_KEY,
     ConfigMap,
@@ -46,6 +46,7 @@ __all__ = [
     "layer_from_recipe",
     "layer_recipe",
     "layer_table",
+    "load_decoder",
     "model_recipe",
     "model_size",
     "moe_routers",

@@ -48,6 +48,11 @@ Measured in ``benchmarks/aoti_decode.py`` (paired with ``static_decode_`` and ll
 from __future__ import annotations
 
 import bisect
+import contextlib
+import hashlib
+import json
+import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -58,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AOTDecoder", "compile_decoder"]
+__all__ = ["AOTDecoder", "compile_decoder", "load_decoder"]
 
 
 class _CacheStep(nn.Module):
@@ -66,9 +71,10 @@ class _CacheStep(nn.Module):
     keys [L], values [L]) -> logits (B, 1, V)`` of position ``keep`` of the ``n`` tokens written at positions
     ``start .. start + n - 1`` (the cache tensors are written in place)."""
 
-    def __init__(self, model: nn.Module, cache: Any) -> None:
+    def __init__(self, model: nn.Module, cache: Any, handles: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.handles = handles  # the bound layers' handles, tensors the programs read (constants handed at load)
         self._cache = cache
 
     def forward(self, input_ids: torch.Tensor, start: torch.Tensor, keep: torch.Tensor,
@@ -107,12 +113,71 @@ def _static_cache(model: nn.Module, batch_size: int, max_len: int) -> Any:
     return cache
 
 
-def _bind(model: nn.Module) -> tuple[int, int]:
-    """Bind every quantized CPU layer to its kernel: ``(bound, quantized layers)``."""
-    from .modules import QuantLinear
+class _Handles(nn.Module):
+    """The handles of the bound layers, one one-element int64 buffer each (``h0``, ``h1``, ...; not saved in a
+    state dict): the programs read a layer's handle from its buffer, handed to them when they are loaded, so a
+    program is not tied to the handles of the process that compiled it."""
 
-    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    return sum(bool(m.bind_cpu_kernels()) for m in quantized), len(quantized)
+    def __init__(self, handles: Sequence[int]) -> None:
+        super().__init__()
+        for j, h in enumerate(handles):
+            self.register_buffer(f"h{j}", torch.tensor([h], dtype=torch.int64), persistent=False)
+
+
+def _bind(model: nn.Module) -> tuple[dict[str, Any], int, int]:
+    """Bind every quantized CPU layer to its kernel: ``({name: traced lane} of the layers bound to a native kernel
+    called by handle, in module order; layers bound; quantized layers)``."""
+    from .modules import _BOUND_LANE, QuantLinear
+
+    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    lanes, bound = {}, 0
+    for name, m in quantized:
+        if m.bind_cpu_kernels():
+            bound += 1
+            lane = m.__dict__.get(_BOUND_LANE)
+            if lane is not None and hasattr(lane, "by_tensor"):
+                lanes[name] = lane
+    return lanes, bound, len(quantized)
+
+
+@contextlib.contextmanager
+def _lanes_by_tensor(model: nn.Module, lanes: dict[str, Any], handles: _Handles):
+    """While tracing: each bound layer's lane reads its handle from its buffer of ``handles`` (``h<j>``, ``j`` its
+    place in ``lanes``) instead of holding it as an integer; the integer lanes come back afterwards."""
+    from .modules import _BOUND_LANE
+
+    modules = [model.get_submodule(name) for name in lanes]
+    try:
+        for j, (m, lane) in enumerate(zip(modules, lanes.values())):
+            # read through the module when traced: the exporter then sees the buffer, not a captured tensor
+            m.__dict__[_BOUND_LANE] = lane.by_tensor(lambda j=j: getattr(handles, f"h{j}"))
+        yield
+    finally:
+        for m, lane in zip(modules, lanes.values()):
+            m.__dict__[_BOUND_LANE] = lane
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by name, tied ones under each of their names (as the exporter names
+    a program's constants)."""
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
+
+
+def _tensor_spec(t: torch.Tensor) -> list:
+    """``[dtype, shape, strides]``: what a program assumes of a constant (it reads it with these strides, unchecked)."""
+    return [str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride())]
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of ``model`` (name, dtype, shape and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, t in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def _check_ids(ids: Any, batch_size: int, what: str) -> torch.Tensor:
@@ -141,9 +206,13 @@ class AOTDecoder:
         max_len: cache positions: prompt plus generated tokens of one sequence, at most.
         chunk: tokens per call of the prompt program.
         bound_layers: quantized layers bound to a native kernel (their weights are not in the programs).
-        export_s: seconds spent exporting both programs.
-        compile_s: seconds spent compiling and loading them.
-        folder: the temporary folder of the compiled packages (removed by :meth:`close`).
+        export_s: seconds spent exporting the programs (0 for a loaded decoder).
+        compile_s: seconds spent compiling and loading them (loading only, for a loaded decoder).
+        folder: the temporary folder of the compiled packages (removed by :meth:`close`), None for a loaded decoder.
+        files: the package file of each program.
+        spec: what :meth:`save` records of the programs: ``lanes`` (each bound layer's kernel choices), ``ops``
+            (the operators they call), ``constants`` (dtype, shape, strides of each tensor they read) and
+            ``foreign`` (constants that are not the model's tensors: a decoder with any cannot be saved).
 
     Attributes:
         position: the next cache position to write (0 after :meth:`reset`).
@@ -155,7 +224,8 @@ class AOTDecoder:
     def __init__(self, model: nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor],
                  programs: dict[tuple[str, int], Any], keep_alive: list[Any],
                  batch_size: int, max_len: int, chunk: int, bound_layers: int, export_s: float,
-                 compile_s: float, folder: tempfile.TemporaryDirectory) -> None:
+                 compile_s: float, folder: tempfile.TemporaryDirectory | None, *,
+                 files: dict[tuple[str, int], Path], spec: dict[str, Any]) -> None:
         self.model = model  # the programs read its tensors (user-managed constants): keep it alive
         self._keys, self._values = keys, values  # the cache: (batch, kv heads, max_len, head dim) per layer
         self._programs = programs  # (kind, cache length) -> program
@@ -167,6 +237,7 @@ class AOTDecoder:
                        for length in self.cache_lengths}
         self._keep_alive = keep_alive
         self._folder = folder
+        self._files, self._spec = files, spec
         self.batch_size, self.max_len, self.chunk = batch_size, max_len, chunk
         self.bound_layers, self.export_s, self.compile_s = bound_layers, export_s, compile_s
         table: Any = getattr(model, "get_input_embeddings", lambda: None)()
@@ -309,11 +380,88 @@ class AOTDecoder:
                 self.position += 1
         return torch.cat(out, dim=1)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the compiled programs to the folder ``path`` (created; it must not exist or be empty), to be loaded
+        by :func:`load_decoder` with the same model in this or another process, without compiling again.
+
+        The folder holds the program packages (``prompt-<length>.pt2``, ``step-<length>.pt2``) and ``decoder.json``:
+        the packages' SHA-256, the versions and CPU they were compiled for (torch, medquant, the vector instruction
+        set of the generated code), the sizes (batch, ``max_len``, chunk, cache lengths, the cache's tensors), each
+        bound layer's name and kernel choices, the dtype, shape and strides of every model tensor the programs read,
+        and a SHA-256 of the model's parameters and buffers as they are now. No weights are written: the programs
+        read the model they are loaded with.
+
+        Args:
+            path: a folder that does not exist yet, or an empty one.
+
+        Returns:
+            The folder.
+
+        Raises:
+            ValueError: the folder is not empty, the decoder was closed, or the programs hold tensors that are not
+                the model's (layers without a native kernel on this CPU: compiled in, not loadable elsewhere).
+        """
+        if not self._programs:
+            raise ValueError("this decoder was closed; nothing to save")
+        if self._spec["foreign"]:
+            raise ValueError(f"this decoder's programs hold {len(self._spec['foreign'])} tensors that are not the "
+                             f"model's (e.g. {self._spec['foreign'][0]!r}: a quantized layer without a native kernel "
+                             "on this CPU is compiled in with its weights), so they cannot be loaded with a model; "
+                             "save the model and compile again where it is to run")
+        folder = Path(path)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise ValueError(f"{folder} exists and is not an empty folder: save a decoder into a new folder")
+        config = _text_config(self.model)
+        programs = []
+        folder.mkdir(parents=True, exist_ok=True)
+        for (kind, length), src in sorted(self._files.items()):
+            dst = folder / f"{kind}-{length}.pt2"
+            shutil.copyfile(src, dst)
+            programs.append({"kind": kind, "length": length, "file": dst.name, "sha256": _file_sha256(dst)})
+        manifest = {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **_build_facts(),
+            "model": {"class": type(self.model).__name__, "model_type": getattr(config, "model_type", None),
+                      "sha256": _fingerprint(self.model)},
+            "batch_size": self.batch_size, "max_len": self.max_len, "chunk": self.chunk,
+            "cache": {"keys": [_tensor_spec(k) for k in self._keys], "values": [_tensor_spec(v) for v in self._values]},
+            "programs": programs, "lanes": self._spec["lanes"], "ops": self._spec["ops"],
+            "constants": self._spec["constants"],
+        }
+        tmp = folder / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, folder / MANIFEST)  # the manifest last: a folder without it was not saved whole
+        return folder
+
     def close(self) -> None:
-        """Drop the programs and remove their folder (the decoder is unusable afterwards)."""
+        """Drop the programs and remove their temporary folder (the decoder is unusable afterwards; a saved copy
+        stays where it was saved)."""
         self._programs.clear()
         self._keep_alive.clear()
-        self._folder.cleanup()
+        if self._folder is not None:
+            self._folder.cleanup()
+
+
+#: the manifest of a saved decoder (:meth:`AOTDecoder.save`), its format name and version
+MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION = "decoder.json", "medquant.aot_decoder", 1
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _build_facts() -> dict[str, str]:
+    """What the generated code depends on besides the model: torch's build, medquant's operators, the CPU's vector
+    instruction set the code was generated for."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    from ..version import __version__
+
+    return {"torch": torch.__version__, "torch_git": str(torch.version.git_version), "medquant": __version__,
+            "vec_isa": str(pick_vec_isa())}
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
@@ -390,18 +538,21 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
     was_training = model.training
     model.eval()
     try:
-        bound, quantized = _bind(model)
-        if bound < quantized:
-            warnings.warn(f"compile_decoder: {quantized - bound} of {quantized} quantized layers have no native "
+        lanes, _, quantized = _bind(model)
+        if len(lanes) < quantized:
+            warnings.warn(f"compile_decoder: {quantized - len(lanes)} of {quantized} quantized layers have no native "
                           "kernel on this CPU; they run their traced path (correct, slower, their weights held "
-                          "by the programs)", stacklevel=2)
+                          "by the programs, which then cannot be saved)", stacklevel=2)
+        handles = _Handles([lane.handle for lane in lanes.values()])
         cache = _static_cache(model, batch_size, max_len)
         # taken before exporting: the export's tracing leaves its own tensors on the cache object's layers
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
         folder = tempfile.TemporaryDirectory(prefix="medquant-aot-")
         programs: dict[tuple[str, int], Any] = {}
-        keep_alive: list[Any] = []
+        files: dict[tuple[str, int], Path] = {}
+        keep_alive: list[Any] = [handles]
+        foreign: set[str] = set()  # constants that are neither the model's tensors nor the handles
         export_s = compile_s = 0.0
         shapes = [("prompt", chunk, length) for length in lengths if 1 < chunk <= length]
         shapes += [("step", 1, length) for length in lengths]
@@ -412,10 +563,11 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
             # strides, which the program is compiled for) under a cache object of that length (its mask sizes)
             if length not in caches:
                 caches[length] = _static_cache(model, batch_size, length)
-            step = _CacheStep(model, caches[length])
+            step = _CacheStep(model, caches[length], handles)
+            own = _module_tensors(step)
             bar.set_postfix_str(f"export {name} {length}")
             t = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), _lanes_by_tensor(model, lanes, handles):
                 ep = torch.export.export(step, (torch.zeros(batch_size, n, dtype=torch.long), torch.tensor([0]),
                                                 torch.tensor([n - 1]), [k[:, :, :length] for k in keys],
                                                 [v[:, :, :length] for v in values]), strict=False)
@@ -423,19 +575,161 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
             bar.update()
             bar.set_postfix_str(f"compile {name} {length}")
             t = time.perf_counter()
-            path = torch._inductor.aoti_compile_and_package(
+            path = Path(torch._inductor.aoti_compile_and_package(
                 ep, package_path=str(Path(folder.name) / f"{name}-{length}.pt2"),
-                inductor_configs={"aot_inductor.package_constants_in_so": False})
-            program = torch._inductor.aoti_load_package(path)
+                # always_keep_tensor_constants: tensors of up to 8 values (the handles, a small model's rotary
+                # frequencies) are otherwise written into the code as literals, not read from the tensors handed
+                # at load
+                inductor_configs={"aot_inductor.package_constants_in_so": False,
+                                  "always_keep_tensor_constants": True}))
+            program = torch._inductor.aoti_load_package(str(path))
             held = {**ep.state_dict, **ep.constants}
             constants = {fqn: held[fqn] for fqn in program.get_constant_fqns()}
+            foreign.update(fqn for fqn, t in constants.items() if own.get(fqn) is not t)
+            # a handle the program does not read from its tensor is in its code: it would call this process's layer
+            foreign.update(f"handles.{b}" for b, _ in handles.named_buffers() if f"handles.{b}" not in constants)
             keep_alive.append(constants)
             program.load_constants(constants, check_full_update=True, user_managed=True)
             compile_s += time.perf_counter() - t
             bar.update()
-            programs[name, length] = program
+            programs[name, length], files[name, length] = program, path
         bar.close()
     finally:
         model.train(was_training)
-    return AOTDecoder(model, keys, values, programs, keep_alive, batch_size, max_len, chunk, bound, export_s, compile_s,
-                      folder)
+    spec = {"lanes": {name: list(lane.lane[1:]) for name, lane in lanes.items()},
+            "ops": sorted({lane.op_name for lane in lanes.values()}),
+            "constants": {fqn: _tensor_spec(t) for constants in keep_alive[1:] for fqn, t in constants.items()},
+            "foreign": sorted(foreign)}
+    return AOTDecoder(model, keys, values, programs, keep_alive, batch_size, max_len, chunk, len(lanes), export_s,
+                      compile_s, folder, files=files, spec=spec)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no saved decoder ({MANIFEST} is missing; AOTDecoder.save writes it)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable decoder manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not a medquant decoder manifest (format {MANIFEST_FORMAT!r})")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path} has manifest version {manifest.get('version')!r}; this medquant reads version "
+                         f"{MANIFEST_VERSION}: compile the decoder again")
+    return manifest
+
+
+def _refuse(what: str, saved: Any, here: Any, remedy: str) -> None:
+    if saved != here:
+        raise ValueError(f"the saved decoder was compiled for {what} {saved!r}, here it is {here!r}: {remedy}")
+
+
+def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = True,
+                 progress: bool = True) -> AOTDecoder:
+    """Load a decoder saved by :meth:`AOTDecoder.save` for ``model``, without compiling.
+
+    The programs read ``model``'s own tensors (user-managed constants, as when compiled) and call its quantized
+    layers by the handles they get here (bound now, the programs read them from tensors handed at load), so a
+    decoder compiled in one process runs in another. Everything the generated code assumes is checked first, and
+    anything that differs is refused with what differs: the packages' SHA-256; torch's version and build, medquant's
+    version and the CPU's vector instruction set (generated code is specific to them); the model's class and
+    type; every bound layer (the same names, in the same order, with the same kernel choices: bit-width layout,
+    sizes and the activation forms, which also depend on ``$MEDQUANT_*`` settings); every tensor the programs read
+    (present, with the same dtype, shape and strides, which the programs do not check themselves); the C++
+    operator the programs call, when they were compiled with it. With ``check_weights`` the model's parameters and
+    buffers must also be the saved ones, byte for byte (their SHA-256): a decoder then always runs the model it was
+    saved with; pass False to run these programs with another model of the same structure (e.g. the same
+    architecture quantized the same way, with other weights): it computes with that model's weights.
+
+    Args:
+        path: the folder :meth:`AOTDecoder.save` wrote.
+        model: the model, on CPU, quantized as when compiled (e.g. ``medquant.load`` of the saved checkpoint); its
+            quantized layers are bound to their kernels here.
+        check_weights: require the model's tensors to be the ones it had when the decoder was saved.
+        progress: show a progress bar over the loading of the programs.
+
+    Returns:
+        The :class:`AOTDecoder` (its cache new, at position 0).
+
+    Raises:
+        FileNotFoundError: no ``decoder.json`` in ``path``, or a program file missing.
+        TypeError: ``model`` is not a Hugging Face model.
+        ValueError: any of the checks above.
+    """
+    folder = Path(path)
+    manifest = _read_manifest(folder)
+    facts = _build_facts()
+    for key, remedy in (("torch", "install the torch it was compiled with, or compile it again"),
+                        ("torch_git", "install the torch build it was compiled with, or compile it again"),
+                        ("medquant", "compile it again with this medquant"),
+                        ("vec_isa", "the generated code needs that instruction set: compile it on this machine")):
+        _refuse(key.replace("_", " "), manifest.get(key), facts[key], remedy)
+    files = {}
+    for prog in manifest["programs"]:
+        file = folder / prog["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}, a program of the saved decoder, is missing")
+        if _file_sha256(file) != prog["sha256"]:
+            raise ValueError(f"{file} does not match its recorded SHA-256 (corrupted or replaced): save it again")
+        files[prog["kind"], int(prog["length"])] = file
+    config = _text_config(model)
+    _refuse("model class", manifest["model"]["class"], type(model).__name__, "load it with that model")
+    _refuse("model type", manifest["model"]["model_type"], getattr(config, "model_type", None),
+            "load it with that model")
+    devices = {t.device.type for t in model.parameters()}
+    if devices != {"cpu"}:
+        raise ValueError(f"load_decoder runs on CPU; the model's parameters are on {sorted(devices)}")
+    if check_weights and _fingerprint(model) != manifest["model"]["sha256"]:
+        raise ValueError("the model's parameters and buffers are not the ones the decoder was saved with (their "
+                         "SHA-256 differs): load the saved model, or pass check_weights=False to run these programs "
+                         "with this model's own weights (its structure is still checked)")
+    lanes, _, _ = _bind(model)
+    saved = manifest["lanes"]
+    if list(lanes) != list(saved):
+        missing = [n for n in saved if n not in lanes] or [n for n in lanes if n not in saved]
+        raise ValueError(f"the model's bound quantized layers differ from the saved decoder's ({len(lanes)} here, "
+                         f"{len(saved)} saved; e.g. {missing[:1]}): load it with the model it was compiled from")
+    for name, lane in lanes.items():
+        _refuse(f"layer {name!r} with kernel choices (k, n, rows switches, blocked matmul, activation forms)",
+                saved[name], json.loads(json.dumps(list(lane.lane[1:]))),
+                "quantize the model as when it was compiled, with the same $MEDQUANT_* settings")
+    native_ops = [op for op in manifest["ops"] if op.endswith("_native")]
+    if native_ops and not hasattr(torch.ops.medquant, "gemv4_bound_by_native"):
+        from ..kernels.native_op import native_op_status
+
+        raise ValueError(f"the saved programs call the C++ operator {native_ops[0]}, unavailable here "
+                         f"({native_op_status()['reason']}): compile the decoder again in this environment")
+    handles = _Handles([lane.handle for lane in lanes.values()])
+    tensors = _module_tensors(_CacheStep(model, None, handles))
+    for fqn, spec in manifest["constants"].items():
+        if fqn not in tensors:
+            raise ValueError(f"the programs read {fqn!r}, which the model does not have: load it with the model it "
+                             "was compiled from")
+        _refuse(f"tensor {fqn!r} as [dtype, shape, strides]", spec, _tensor_spec(tensors[fqn]),
+                "load it with the model it was compiled from, in the same dtype and layout")
+    from tqdm.auto import tqdm
+
+    programs: dict[tuple[str, int], Any] = {}
+    keep_alive: list[Any] = [handles]
+    t = time.perf_counter()
+    for key, file in tqdm(sorted(files.items()), desc="load_decoder", disable=not progress):
+        program = torch._inductor.aoti_load_package(str(file))
+        constants = {}
+        for fqn in program.get_constant_fqns():
+            if fqn not in manifest["constants"]:
+                raise ValueError(f"{file} reads {fqn!r}, which its manifest does not list: save the decoder again")
+            constants[fqn] = tensors[fqn]
+        program.load_constants(constants, check_full_update=True, user_managed=True)
+        keep_alive.append(constants)
+        programs[key] = program
+    load_s = time.perf_counter() - t
+
+    def empty(spec: list) -> torch.Tensor:
+        return torch.empty_strided(spec[1], spec[2], dtype=getattr(torch, spec[0])).zero_()
+
+    keys = [empty(spec) for spec in manifest["cache"]["keys"]]
+    values = [empty(spec) for spec in manifest["cache"]["values"]]
+    spec = {"lanes": saved, "ops": manifest["ops"], "constants": manifest["constants"], "foreign": []}
+    return AOTDecoder(model, keys, values, programs, keep_alive, int(manifest["batch_size"]), int(manifest["max_len"]),
+                      int(manifest["chunk"]), len(lanes), 0.0, load_s, None, files=files, spec=spec)

@@ -73,6 +73,26 @@ def test_what_it_does_not_take_goes_to_the_python_kernel(cpp):
                                    rtol=0, atol=0, equal_nan=True)
 
 
+def test_the_handle_read_from_a_tensor(cpp):
+    """``medquant::gemv4_bound_by_native`` / ``gemv4_bound_by`` (what programs compiled ahead of time call): the
+    handle in a one-element int64 tensor gives the integer handle's product; a wrong handle tensor is refused."""
+    from medquant.kernels.native import gemv4_bound_by_op
+
+    _layer, handle = _bound_layer(4)
+    by = native_op.traced_bound_op(handle, by_tensor=True)
+    assert by is torch.ops.medquant.gemv4_bound_by_native.default
+    x = torch.randn(3, 96)
+    expected = gemv4_bound_op(x, handle, 48, 2)
+    for h in (torch.tensor([handle]), torch.tensor([0, handle, 0])[1:2], torch.tensor(handle)):
+        assert torch.equal(by(x, h, 48, 2), expected) and torch.equal(gemv4_bound_by_op(x, h, 48, 2), expected)
+    for bad in (torch.tensor([handle, handle]), torch.tensor([float(handle)]), torch.tensor([handle], dtype=torch.int32)):
+        for op in (by, gemv4_bound_by_op):
+            with pytest.raises(RuntimeError, match="one-element int64 CPU tensor"):
+                op(x, bad, 48, 2)
+    with pytest.raises(RuntimeError, match="no bound matmul"):
+        by(x, torch.tensor([10**9]), 48, 2)
+
+
 def test_a_freed_matmul_leaves_the_cpp_table(cpp):
     """A handle whose matmul was freed is removed from the C++ table with it (weakref.finalize): a graph still
     calling it gets the Python kernel's error, never freed memory."""
@@ -83,6 +103,7 @@ def test_a_freed_matmul_leaves_the_cpp_table(cpp):
     handle = gemv.handle
     op = native_op.traced_bound_op(handle)
     assert op is cpp
+    gc.collect()  # matmuls of models freed before this test leave the table now, not in the count below
     before = native_op.native_op_status()["bound"]
     x = torch.randn(1, 96)
     assert torch.equal(op(x, handle, 48, 0), gemv4_bound_op(x, handle, 48, 0))

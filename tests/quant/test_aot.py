@@ -1,6 +1,11 @@
 """``compile_decoder``: the AOTInductor-compiled prompt and step programs give ``generate``'s tokens."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -69,11 +74,15 @@ def test_feed_continues_a_sequence_and_the_programs_read_the_models_own_tensors(
     torch.testing.assert_close(last.float(), full, rtol=2e-2, atol=2e-2)
     assert (last.argmax(-1) == full.argmax(-1)).all()
     # user-managed constants: every tensor the programs read is the model's own storage, nothing copied
+    # (and the bound layers' handles, tensors of the decoder's own that the programs read them from)
     own = {t.data_ptr() for t in (*decoder.model.parameters(), *decoder.model.buffers())}
-    held = [t for constants in decoder._keep_alive for t in constants.values()]
+    handles = decoder._keep_alive[0]
+    held = [t for constants in decoder._keep_alive[1:] for name, t in constants.items()
+            if not name.startswith("handles.")]
     assert held and all(t.data_ptr() in own for t in held)
+    assert len(list(handles.buffers())) == decoder.bound_layers
     if native_status().get("gemv4"):
-        assert not any("qweight" in name or "packed" in name for c in decoder._keep_alive for name in c)
+        assert not any("qweight" in name or "packed" in name for c in decoder._keep_alive[1:] for name in c)
 
 
 @pytest.mark.slow
@@ -111,8 +120,107 @@ def test_end_tokens_sampling_and_bad_input(decoder):
         decoder.feed(_ids(2, 3, 7))
 
 
+def _handles(dec) -> list[int]:
+    return [int(t) for t in dec._keep_alive[0].buffers()]
+
+
 @pytest.mark.slow
-def test_a_float_bfloat16_model_with_only_the_step_program():
+def test_a_saved_decoder_loads_in_a_fresh_process_and_gives_the_same_tokens(decoder, tmp_path):
+    """Saved, then loaded in a new Python process with an independently built copy of the model: the same tokens,
+    through handles that are not the saved ones. That process first binds a model with *other* weights, so programs
+    that still called the saved handles would reach that model (other tokens) or no layer at all (an error)."""
+    folder = decoder.save(tmp_path / "dec")
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder.json", "prompt-12.pt2", "prompt-24.pt2",
+                                                        "prompt-40.pt2", "step-12.pt2", "step-24.pt2", "step-40.pt2"]
+    ids = _ids(2, 13, 1)
+    expected = decoder.generate(ids, 9)
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import medquant as mq
+from medquant.quant.aot import _bind
+from test_aot import _handles, _ids, _llama, _quantized
+other = _llama(7)
+mq.quantize_(other, mq.QuantConfig(4, group_size=32))
+_bind(other)
+dec = mq.load_decoder({str(folder)!r}, _quantized(), progress=False)
+print(json.dumps({{"tokens": dec.generate(_ids(2, 13, 1), 9).tolist(), "handles": _handles(dec)}}))
+"""
+    run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == expected.tolist()
+    if native_status().get("gemv4"):
+        assert len(got["handles"]) == 15 and got["handles"] != _handles(decoder)
+
+
+@pytest.mark.slow
+def test_a_loaded_decoder_runs_the_model_it_is_given_and_checks_it(decoder, tmp_path):
+    """In this process, next to the decoder it was saved from: with the saved model's copy the same tokens; with a
+    model of other weights, refused unless ``check_weights=False``, and then that model's own ``generate`` tokens
+    (the programs read the model and call its layers, nothing of the saved one); anything the generated code
+    assumes and does not check (structure, strides, versions, files) is refused."""
+    folder = decoder.save(tmp_path / "dec")
+    ids = _ids(2, 9, 11)
+    same = mq.load_decoder(folder, _quantized(), progress=False)
+    assert torch.equal(same.generate(ids, 10), decoder.generate(ids, 10))
+    other = _llama(3)
+    mq.quantize_(other, mq.QuantConfig(4, group_size=32))
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        mq.load_decoder(folder, other, progress=False)
+    loaded = mq.load_decoder(folder, other, check_weights=False, progress=False)
+    with torch.no_grad():
+        expected = other.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    got = loaded.generate(ids, 10)
+    assert torch.equal(got, expected) and not torch.equal(got, decoder.generate(ids, 10))
+    if native_status().get("gemv4"):
+        assert len({*_handles(loaded), *_handles(same), *_handles(decoder)}) == 45  # each its own handles
+    # the structure: a float model (no bound layers); layers bound to other kernel choices (the other of the
+    # float32 / bfloat16 compute dtypes: programs compiled for one would run the other's activation form)
+    with pytest.raises(ValueError, match="bound quantized layers differ"):
+        mq.load_decoder(folder, _llama(), check_weights=False, progress=False)
+    if native_status().get("gemv4"):
+        lane = json.loads((folder / "decoder.json").read_text())["lanes"]["model.layers.0.mlp.up_proj"]
+        other_dtype = "float32" if lane[-2] else "bfloat16"  # xmode 0: float32 compute
+        recast = _llama()
+        mq.quantize_(recast, mq.QuantConfig(4, group_size=32, compute_dtype=other_dtype))
+        with pytest.raises(ValueError, match=r"kernel choices .*here it is"):
+            mq.load_decoder(folder, recast, check_weights=False, progress=False)
+    # a tensor read with other strides (the programs would read it wrongly, unchecked)
+    strided = _quantized()
+    norm = strided.model.norm
+    norm.weight = nn.Parameter(torch.stack([norm.weight.detach()] * 2, 1)[:, 0])
+    with pytest.raises(ValueError, match=r"'model\.model\.norm\.weight' as \[dtype, shape, strides\]"):
+        mq.load_decoder(folder, strided, check_weights=False, progress=False)
+    with pytest.raises(TypeError, match="Hugging Face"):
+        mq.load_decoder(folder, nn.Linear(2, 2), progress=False)
+    # the files and the build
+    manifest = json.loads((folder / "decoder.json").read_text())
+    for key, value, match in (("torch", "0.0.1", "install the torch"), ("vec_isa", "sse", "instruction set"),
+                              ("version", 99, "manifest version")):
+        (folder / "decoder.json").write_text(json.dumps({**manifest, key: value}))
+        with pytest.raises(ValueError, match=match):
+            mq.load_decoder(folder, _quantized(), progress=False)
+    (folder / "decoder.json").write_text(json.dumps(manifest))
+    step = folder / "step-12.pt2"
+    data = bytearray(step.read_bytes())
+    data[len(data) // 2] ^= 1
+    step.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        mq.load_decoder(folder, _quantized(), progress=False)
+    step.unlink()
+    with pytest.raises(FileNotFoundError, match="step-12.pt2"):
+        mq.load_decoder(folder, _quantized(), progress=False)
+    with pytest.raises(FileNotFoundError, match="decoder.json"):
+        mq.load_decoder(tmp_path, _quantized(), progress=False)
+    with pytest.raises(ValueError, match="not an empty folder"):
+        decoder.save(folder)
+    for dec in (same, loaded):
+        dec.close()
+
+
+@pytest.mark.slow
+def test_a_float_bfloat16_model_with_only_the_step_program(tmp_path):
     """Nothing to bind (a float model: its weights are constants the programs read in place); ``chunk=1`` compiles
     the one-token program only and feeds the prompt through it; bfloat16 weights and cache."""
     model = _llama(1).to(torch.bfloat16)
@@ -124,6 +232,10 @@ def test_a_float_bfloat16_model_with_only_the_step_program():
         with torch.no_grad():
             expected = ref.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(dec.generate(ids, 6), expected)
+        # saved and loaded: no handles, a bfloat16 cache
+        loaded = mq.load_decoder(dec.save(tmp_path / "dec"), ref, check_weights=True, progress=False)
+        assert loaded._keys[0].dtype == torch.bfloat16 and loaded.cache_lengths == [16]
+        assert torch.equal(loaded.generate(ids, 6), expected)
     finally:
         dec.close()
 

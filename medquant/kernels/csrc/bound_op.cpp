@@ -6,6 +6,10 @@
 // (AOTInductor) reaches the Python kernel through its proxy executor and the interpreter at every call, about
 // 5 us each, 211 calls per SmolLM2 token; this kernel is reached without Python.
 //
+// medquant::gemv4_bound_by_native is the same call with the handle in a one-element int64 tensor: a program
+// compiled ahead of time is handed the tensors of the process that loads it, so it is not tied to the handles of
+// the process that compiled it.
+//
 // Handles are bound here by medquant.kernels.native_op (native_bind: the mq_call address and the bound
 // weight's argument array, which the Python object NativeGemv4 owns) and unbound when that object is freed
 // (native_unbind). Anything this kernel does not handle itself -- an unknown handle, another shape, dtype or
@@ -75,6 +79,22 @@ at::Tensor gemv4_bound_native(const at::Tensor& x, int64_t handle, int64_t n, in
   return y;
 }
 
+at::Tensor python_by_kernel(const at::Tensor& x, const at::Tensor& handle, int64_t n, int64_t xmode) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("medquant::gemv4_bound_by", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  return op.call(x, handle, n, xmode);
+}
+
+// The handle read from a one-element int64 CPU tensor (what a program compiled ahead of time is handed at load,
+// medquant.quant.aot); anything else goes to the Python operator medquant::gemv4_bound_by, which raises.
+at::Tensor gemv4_bound_by_native(const at::Tensor& x, const at::Tensor& handle, int64_t n, int64_t xmode) {
+  if (!handle.device().is_cpu() || handle.scalar_type() != at::kLong || handle.numel() != 1) {
+    return python_by_kernel(x, handle, n, xmode);
+  }
+  return gemv4_bound_native(x, *handle.const_data_ptr<int64_t>(), n, xmode);
+}
+
 void native_bind(int64_t handle, int64_t call, int64_t head, int64_t n, int64_t k) {
   TORCH_CHECK(call != 0 && head != 0 && n > 0 && k >= 0, "medquant::native_bind: bad arguments for handle ",
               handle);
@@ -98,10 +118,14 @@ std::string native_op_key() { return MQ_OP_KEY; }
 
 TORCH_LIBRARY_FRAGMENT(medquant, m) {
   m.def("gemv4_bound_native(Tensor x, int handle, int n, int xmode) -> Tensor");
+  m.def("gemv4_bound_by_native(Tensor x, Tensor handle, int n, int xmode) -> Tensor");
   m.def("native_bind(int handle, int call, int head, int n, int k) -> ()", &native_bind);
   m.def("native_unbind(int handle) -> ()", &native_unbind);
   m.def("native_bound_count() -> int", &native_bound_count);
   m.def("native_op_key() -> str", &native_op_key);
 }
 
-TORCH_LIBRARY_IMPL(medquant, CPU, m) { m.impl("gemv4_bound_native", &gemv4_bound_native); }
+TORCH_LIBRARY_IMPL(medquant, CPU, m) {
+  m.impl("gemv4_bound_native", &gemv4_bound_native);
+  m.impl("gemv4_bound_by_native", &gemv4_bound_by_native);
+}
