@@ -16,6 +16,8 @@ and a one-token step, quantized layers bound to their native kernels. Per round,
 * ``aot_loaded`` (``--save-load``): the decoder saved (``AOTDecoder.save``) and loaded (``load_decoder``) with
   another copy of the model: the loaded programs read that copy's tensors and call its layers by the handles
   they are handed at load, and must run as fast as the compiled ones (the save and load times are recorded);
+* ``aot_int_handle`` (``--int-handle-control``): the decoder compiled as before saving existed, each layer's
+  handle an integer written into the generated code: the control for what reading the handles from tensors costs;
 * ``llamacpp_q4_0`` (``--llamacpp``): llama.cpp's Q4_0 file of the same model (medquant's W4 g32 symmetric export,
   as ``benchmarks.llamacpp`` writes it), prefill and decode after the same prompt: the stretch goal is 0.5x its
   decode rate.
@@ -31,7 +33,7 @@ rounds; writes ``aoti_decode_cache_lengths.{json,md}``. (``aoti_decode_step_leng
 measurement when only the step program had several lengths, decode only.)
 
 Run: ``python -m benchmarks.aoti_decode [--model smollm2] [--rounds 5] [--prompt 128] [--new 64] [--chunk 64]
-[--threads 2] [--batch 1] [--python-op-control] [--save-load] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
+[--threads 2] [--batch 1] [--python-op-control] [--save-load] [--int-handle-control] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
 """
 from __future__ import annotations
 
@@ -148,6 +150,7 @@ def markdown(result: dict) -> str:
     names = {"aot": "compile_decoder (AOTInductor), prefill + feed",
              "aot_python_op": "the same, layers through the Python kernel (MEDQUANT_NATIVE_OP=0)",
              "aot_loaded": "the same decoder saved and loaded (load_decoder) with another copy of the model",
+             "aot_int_handle": "the same, handles written into the code as integers (as before saving existed)",
              "compiled": "static_decode_ (torch.compile), generate; prefill: eager forward",
              "llamacpp_q4_0": "llama.cpp Q4_0 (medquant's W4 g32 sym export)"}
     lines = []
@@ -165,7 +168,7 @@ def markdown(result: dict) -> str:
     tail = (f"AOT greedy tokens equal generate's: {r['same_tokens']} ({r['tokens_agreeing']}/{r['tokens']}); "
             f"export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s (both programs); static_decode_'s first "
             f"generate {r['compiled_first_call_s']:.1f} s."
-            + (f" Saved in {r['save_s']:.1f} s, loaded in {r['load_s']:.1f} s (no compiling), its tokens equal: "
+            + (f" Saved in {r['save_s']:.2f} s, loaded in {r['load_s']:.2f} s (no compiling), its tokens equal: "
                f"{r['loaded_same_tokens']}." if "load_s" in r else ""))
     return "\n".join([(f"# compile_decoder vs static_decode_ and llama.cpp (benchmarks/aoti_decode.py, "
                       f"{result['date']})"), "", head, "",
@@ -192,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-load", action="store_true",
                    help="also the decoder saved (AOTDecoder.save) and loaded (load_decoder) with another copy of the "
                         "model, in every round; records the save and load times")
+    p.add_argument("--int-handle-control", action="store_true",
+                   help="also the decoder compiled with each handle an integer in the code (not loadable elsewhere): "
+                        "what reading the handles from tensors costs")
     p.add_argument("--cache-lengths-ab", type=int, default=0, metavar="MAX_LEN",
                    help="compare a MAX_LEN cache with and without the default cache lengths (and a short cache)")
     args = p.parse_args(argv)
@@ -241,10 +247,24 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             folder = decoder.save(Path(tmp) / "decoder")
             row_extra["save_s"] = time.perf_counter() - t
-            loaded = load_decoder(folder, _make(args.model, args.variant, True)[0], progress=False)
-        row_extra["load_s"] = loaded.compile_s  # a loaded decoder's compile_s is its loading time
+            copy = _make(args.model, args.variant, True)[0]
+            t = time.perf_counter()  # the whole call: checks (SHA-256 of files and weights), binding, loading
+            loaded = load_decoder(folder, copy, progress=False)
+            row_extra["load_s"] = time.perf_counter() - t
         row_extra["loaded_same_tokens"] = aot_round(loaded, ids, args.new)[1] == ref
         timers["aot_loaded"] = lambda: aot_round(loaded, ids, args.new)[0]
+    if args.int_handle_control:
+        import contextlib
+        from unittest import mock
+
+        from medquant.quant import aot
+
+        # the programs as compiled before they could be saved: each handle an integer written into the code
+        with mock.patch.object(aot, "_lanes_by_tensor", lambda *a: contextlib.nullcontext()):
+            baked = compile_decoder(_make(args.model, args.variant, True)[0], args.prompt + args.new + 1,
+                                    batch_size=args.batch, chunk=args.chunk)
+        row_extra["int_handle_control_same_tokens"] = aot_round(baked, ids, args.new)[1] == ref
+        timers["aot_int_handle"] = lambda: aot_round(baked, ids, args.new)[0]
     if args.llamacpp:
         from benchmarks.llamacpp import _paths, cache_root, llamacpp_speed
 

@@ -11,7 +11,10 @@ native library's ``mq_call`` directly,
 
     y (M, n) float32 = mq_call(bound weight arguments, x (M, k), flags = xmode << 2 | [x is bfloat16])
 
-bit for bit what the Python kernel computes (tested). Whatever it does not handle itself (an unknown handle,
+bit for bit what the Python kernel computes (tested); ``medquant::gemv4_bound_by_native(x, handle, n, xmode)``
+is the same with ``handle`` a one-element int64 tensor (its Python form ``medquant::gemv4_bound_by``): what
+programs compiled ahead of time call, handed the handle tensors at load (:mod:`medquant.quant.aot`). Whatever it
+does not handle itself (an unknown handle,
 another shape, dtype or layout, a call the native library declines) it hands to ``medquant::gemv4_bound``, so
 errors and fallbacks are the Python kernel's.
 

@@ -27,13 +27,21 @@ Feeding ``n`` tokens at position ``pos`` (:meth:`AOTDecoder.feed`): ``n // C`` f
 before any query can see them), else ``r`` one-token steps. A single token always takes the step program.
 
 Quantized layers are bound to their CPU kernels first (:meth:`~medquant.quant.QuantLinear.bind_cpu_kernels`): the
-programs call ``medquant::gemv4_bound_native`` (the bound matmul in C++, :mod:`medquant.kernels.native_op`;
-``medquant::gemv4_bound``'s Python kernel where it cannot be built) by handle, so they hold no quantized weights; the model's other tensors
+programs call ``medquant::gemv4_bound_by_native`` (the bound matmul in C++, :mod:`medquant.kernels.native_op`;
+``medquant::gemv4_bound_by``'s Python kernel where it cannot be built) with each layer's handle read from a
+one-element int64 tensor, so they hold no quantized weights; those tensors and the model's other tensors
 (embeddings, norms, float layers) are handed to the programs as *user-managed constants*: the programs read the
-model's own tensors, nothing is copied. Consequences, stated plainly:
+model's own tensors, nothing is copied (compiled with ``always_keep_tensor_constants``: Inductor otherwise writes
+tensors of up to 8 values, such as the handles, into the code as literals). Consequences, stated plainly:
 
-* the programs belong to this process: a handle is an integer valid only where the layer was bound, so the
-  compiled packages cannot be saved and loaded elsewhere (they live in a temporary folder the decoder removes);
+* **saved and loaded.** :meth:`AOTDecoder.save` writes the packages and a manifest; :func:`load_decoder` loads
+  them for a model in this or another process without compiling, binding its layers (new handles, handed to the
+  programs in their tensors) and handing its tensors over. What the generated code assumes and does not check is
+  checked at load and refused when it differs: the packages' SHA-256, torch's version and build, medquant's
+  version, the vector instruction set of the generated code, the model's class, every bound layer's name and
+  kernel choices, every tensor's dtype, shape and strides, and (unless ``check_weights=False``) the SHA-256 of
+  the model's parameters and buffers. A decoder whose programs hold tensors that are not the model's (layers
+  without a native kernel on this CPU, compiled in with their weights) cannot be saved;
 * the decoder computes with the weights as they were when it was compiled (bound matmuls hold the repacked
   weights; the constants are the tensors the model held then): compile again after changing weights;
 * one batch size and one maximum length per decoder (rows of a batch share their length: a ``(B, P)`` prompt, no

@@ -126,12 +126,14 @@ def _handles(dec) -> list[int]:
 
 @pytest.mark.slow
 def test_a_saved_decoder_loads_in_a_fresh_process_and_gives_the_same_tokens(decoder, tmp_path):
-    """Saved, then loaded in a new Python process with an independently built copy of the model: the same tokens,
-    through handles that are not the saved ones. That process first binds a model with *other* weights, so programs
+    """Saved, then loaded in a new Python process with the model loaded from its checkpoint (``medquant.save`` /
+    ``load``; its weights checked against the saved decoder's record): the same tokens, through handles that are not
+    the saved ones. That process first binds a model with *other* weights, so programs
     that still called the saved handles would reach that model (other tokens) or no layer at all (an error)."""
     folder = decoder.save(tmp_path / "dec")
     assert sorted(p.name for p in folder.iterdir()) == ["decoder.json", "prompt-12.pt2", "prompt-24.pt2",
                                                         "prompt-40.pt2", "step-12.pt2", "step-24.pt2", "step-40.pt2"]
+    mq.save(decoder.model, tmp_path / "model")  # the weights travel in the model's own checkpoint
     ids = _ids(2, 13, 1)
     expected = decoder.generate(ids, 9)
     script = f"""
@@ -139,11 +141,11 @@ import json, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import medquant as mq
 from medquant.quant.aot import _bind
-from test_aot import _handles, _ids, _llama, _quantized
+from test_aot import _handles, _ids, _llama
 other = _llama(7)
 mq.quantize_(other, mq.QuantConfig(4, group_size=32))
 _bind(other)
-dec = mq.load_decoder({str(folder)!r}, _quantized(), progress=False)
+dec = mq.load_decoder({str(folder)!r}, mq.load({str(tmp_path / "model")!r}), progress=False)  # weights checked
 print(json.dumps({{"tokens": dec.generate(_ids(2, 13, 1), 9).tolist(), "handles": _handles(dec)}}))
 """
     run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
