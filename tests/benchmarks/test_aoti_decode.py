@@ -13,20 +13,22 @@ def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, mon
     """The script's record: per contender prefill and decode rates, the AOT decoder's per-round ratios to
     ``static_decode_``'s, and its greedy tokens checked against ``generate``'s (a 10-token prompt through chunks of
     4: two full ones and a remainder of 2 through one-token steps; batch 2, every row checked), the control on
-    the Python kernel, and the decoder saved and loaded with another copy of the model."""
+    the Python kernel, the decoder saved and loaded with another copy of the model, and the one with its handles
+    written into the code."""
     monkeypatch.setattr(ad, "RESULTS", tmp_path)
     assert ad.main(["--model", "llama_small", "--rounds", "1", "--prompt", "10", "--new", "4", "--chunk", "4",
-                    "--batch", "2", "--python-op-control", "--save-load", "--out", "t"]) == 0
+                    "--batch", "2", "--python-op-control", "--save-load", "--int-handle-control", "--out", "t"]) == 0
     result = json.loads((tmp_path / "t.json").read_text())
     row = result["rows"][0]
     assert result["batch"] == 2 and row["same_tokens"] and row["tokens"] == 10 and row["tokens_agreeing"] == 10
     assert row["python_op_control_same_tokens"]  # the control decodes the same tokens through the Python kernel
     assert row["loaded_same_tokens"] and row["load_s"] > 0 and row["save_s"] > 0  # saved, loaded, same tokens
-    for name in ("aot", "aot_python_op", "aot_loaded", "compiled"):
+    assert row["int_handle_control_same_tokens"]  # the control with handles written into the code
+    for name in ("aot", "aot_python_op", "aot_loaded", "aot_int_handle", "compiled"):
         for metric in ("decode", "prefill"):
             assert len(row[f"{name}_{metric}_tok_s"]) == 1 and row[f"{name}_{metric}_tok_s"][0] > 0
     for metric in ("decode", "prefill"):
-        for base in ("compiled", "aot_python_op", "aot_loaded"):
+        for base in ("compiled", "aot_python_op", "aot_loaded", "aot_int_handle"):
             expected = row[f"aot_{metric}_tok_s"][0] / row[f"{base}_{metric}_tok_s"][0]
             assert row[f"aot_vs_{base}"][metric] == pytest.approx(expected)
     md = (tmp_path / "t.md").read_text()
