@@ -695,9 +695,14 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
     lanes, _, _ = _bind(model)
     saved = manifest["lanes"]
     if list(lanes) != list(saved):
+        from ..kernels.native import native_status
+
         missing = [n for n in saved if n not in lanes] or [n for n in lanes if n not in saved]
+        status = native_status()
+        why = "" if status.get("gemv4") else f" (the native kernels are not active here: {status.get('reason')})"
         raise ValueError(f"the model's bound quantized layers differ from the saved decoder's ({len(lanes)} here, "
-                         f"{len(saved)} saved; e.g. {missing[:1]}): load it with the model it was compiled from")
+                         f"{len(saved)} saved; e.g. {missing[:1]}){why}: load it with the model it was compiled "
+                         "from, where it was compiled")
     for name, lane in lanes.items():
         _refuse(f"layer {name!r} with kernel choices (k, n, rows switches, blocked matmul, activation forms)",
                 saved[name], json.loads(json.dumps(list(lane.lane[1:]))),
