@@ -1,5 +1,5 @@
 """The ``medquant`` console command: the library's verbs (``demo``, ``score``, ``prune``, ``pipeline``,
-``quantize``, ``info``, ``eval``, ``verify``, ``upgrade``).
+``quantize``, ``info``, ``eval``, ``verify``, ``upgrade``, ``export``, ``compile-decoder``, ``generate``).
 
 Each subcommand lives in its own module with a ``register(subparsers)`` function that adds its parser and sets
 ``func``; add the module name to ``SUBCOMMANDS``. The experiments are not subcommands: they are benchmarks, run from
@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline", "checkpoint", "quantize", "info", "evaluate", "export"]
+SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline", "checkpoint", "quantize", "info", "evaluate", "export",
+               "decode"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -389,10 +389,10 @@ class AOTDecoder:
         return torch.cat(out, dim=1)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the compiled programs to the folder ``path`` (created; it must not exist or be empty), to be loaded
-        by :func:`load_decoder` with the same model in this or another process, without compiling again.
+        """Write the compiled programs to the folder ``path``, for :func:`load_decoder` to load without compiling.
 
-        The folder holds the program packages (``prompt-<length>.pt2``, ``step-<length>.pt2``) and ``decoder.json``:
+        ``path`` is created; it must not exist or be empty. The decoder is then loaded with the same model, in this
+        or another process. The folder holds the program packages (``prompt-<length>.pt2``, ``step-<length>.pt2``) and ``decoder.json``:
         the packages' SHA-256, the versions and CPU they were compiled for (torch, medquant, the vector instruction
         set of the generated code), the sizes (batch, ``max_len``, chunk, cache lengths, the cache's tensors), each
         bound layer's name and kernel choices, the dtype, shape and strides of every model tensor the programs read,
@@ -441,8 +441,9 @@ class AOTDecoder:
         return folder
 
     def close(self) -> None:
-        """Drop the programs and remove their temporary folder (the decoder is unusable afterwards; a saved copy
-        stays where it was saved)."""
+        """Drop the programs and remove their temporary folder; the decoder is unusable afterwards.
+
+        A saved copy stays where it was saved."""
         self._programs.clear()
         self._keep_alive.clear()
         if self._folder is not None:

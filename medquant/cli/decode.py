@@ -1,0 +1,155 @@
+"""``medquant compile-decoder`` / ``generate``: a causal LM's decode compiled ahead of time once, then served.
+
+Example::
+
+    medquant quantize smollm2/ q4/ --bits 4 --group-size 128
+    medquant compile-decoder q4/ q4-decoder/ --max-len 512          # once: ~70 s for SmolLM2 on 2 cores
+    medquant generate q4/ --decoder q4-decoder/ --prompt "Findings:" --max-new-tokens 64
+
+``compile-decoder`` loads the model folder (float or medquant-quantized, as saved), compiles its prompt and step
+programs with :func:`medquant.compile_decoder` and saves them (:meth:`medquant.quant.aot.AOTDecoder.save`).
+``generate`` loads the folder and its tokenizer, loads the saved decoder for it (:func:`medquant.load_decoder`,
+which checks the model's weights and layout against the saved record), or compiles one when given ``--max-len``
+instead, and generates from each ``--prompt`` (one per row of the decoder's batch; rows share their length, so the
+prompts must tokenize to the same number of tokens): greedy, or sampled with ``--temperature`` (and ``--top-k``),
+stopping at the tokenizer's end token. It prints the texts, with the prefill and decode rates.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from .args import existing_folder, positive_int
+
+
+def _load(folder: str):
+    from .info import load_hf_folder
+
+    model, tok = load_hf_folder(folder)
+    if not hasattr(model, "generate"):
+        raise SystemExit(f"{folder}: not a causal LM folder (its model class {type(model).__name__} does not "
+                         "generate)")
+    return model, tok
+
+
+def run_compile(args) -> int:
+    from ..quant.aot import compile_decoder
+
+    model, _ = _load(args.model)
+    t = time.perf_counter()
+    decoder = compile_decoder(model, args.max_len, batch_size=args.batch_size, chunk=args.chunk,
+                              cache_lengths=args.cache_lengths, progress=not args.json)
+    compile_s = time.perf_counter() - t
+    try:
+        folder = decoder.save(args.out)
+    finally:
+        decoder.close()
+    summary = {"model": args.model, "decoder": str(folder), "max_len": decoder.max_len, "batch_size":
+               decoder.batch_size, "chunk": decoder.chunk, "cache_lengths": decoder.cache_lengths,
+               "bound_layers": decoder.bound_layers, "compile_s": round(compile_s, 2)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"compiled {args.model} in {compile_s:.1f} s ({decoder.bound_layers} quantized layers bound; cache "
+              f"lengths {decoder.cache_lengths}, batch {decoder.batch_size}, prompt chunk {decoder.chunk}) and "
+              f"saved the decoder to {folder}")
+    return 0
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from ..quant.aot import compile_decoder, load_decoder
+
+    model, tok = _load(args.model)
+    if tok is None:
+        raise SystemExit(f"{args.model}: no tokenizer could be loaded from the model folder")
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
+    if any(not r for r in rows):
+        raise SystemExit("--prompt: a prompt tokenized to no tokens")
+    if len({len(r) for r in rows}) > 1:
+        raise SystemExit(f"--prompt: the prompts tokenize to {[len(r) for r in rows]} tokens; the rows of a batch "
+                         "share their length (no padding mask): give prompts of the same token count")
+    if args.max_len is not None and len(rows[0]) + args.max_new_tokens > args.max_len:
+        raise SystemExit(f"--max-new-tokens: a {len(rows[0])}-token prompt plus {args.max_new_tokens} tokens exceeds "
+                         f"--max-len {args.max_len}")
+    t = time.perf_counter()
+    if args.decoder:
+        decoder = load_decoder(args.decoder, model, progress=not args.json)
+    else:
+        decoder = compile_decoder(model, args.max_len, batch_size=len(rows), progress=not args.json)
+    ready_s = time.perf_counter() - t
+    if decoder.batch_size != len(rows):
+        raise SystemExit(f"--prompt: {len(rows)} prompts given, the decoder was compiled for batch "
+                         f"{decoder.batch_size}: give {decoder.batch_size}")
+    ids = torch.tensor(rows)
+    if ids.shape[1] + args.max_new_tokens > decoder.max_len:
+        raise SystemExit(f"--max-new-tokens: a {ids.shape[1]}-token prompt plus {args.max_new_tokens} tokens exceeds "
+                         f"the decoder's max_len {decoder.max_len}")
+    generator = torch.Generator().manual_seed(args.seed)
+    t = time.perf_counter()
+    decoder.prefill(ids)
+    prefill_s = time.perf_counter() - t
+    t = time.perf_counter()
+    out = decoder.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
+                           top_k=args.top_k, generator=generator)
+    total_s = time.perf_counter() - t  # generate prefills again: its decode time is the rest
+    new = out[:, ids.shape[1]:]
+    decode_s = max(total_s - prefill_s, 1e-9)
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    decoder.close()
+    summary = {"model": args.model, "texts": texts, "prompt_tokens": int(ids.shape[1]),
+               "new_tokens": int(new.shape[1]), "tokens": new.tolist(),
+               "prefill_tok_s": round(ids.numel() / prefill_s, 1),
+               # the first new token comes from the prefill's logits; each later one is a step
+               "decode_tok_s": round((new.shape[1] - 1) * new.shape[0] / decode_s, 1) if new.shape[1] > 1 else None,
+               ("load_s" if args.decoder else "compile_s"): round(ready_s, 2)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for prompt, text in zip(args.prompt, texts):
+            print(f"{prompt}{text}")
+        rate = f", decode {summary['decode_tok_s']} tok/s" if summary["decode_tok_s"] else ""
+        print(f"[prefill {summary['prefill_tok_s']} tok/s{rate}; decoder "
+              f"{'loaded' if args.decoder else 'compiled'} in {ready_s:.1f} s]")
+    return 0
+
+
+def _check_generate(args, parser) -> None:
+    if (args.decoder is None) == (args.max_len is None):
+        parser.error("give either --decoder DIR (a decoder saved by compile-decoder) or --max-len N (compile one now)")
+    if args.temperature is not None and not args.temperature > 0:
+        parser.error(f"--temperature: expected a value > 0, got {args.temperature}")
+    if args.top_k is not None and args.temperature is None:
+        parser.error("--top-k applies to sampling: give --temperature too")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compile-decoder", help="compile a causal LM's decode ahead of time for CPU and save it",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("model", metavar="MODEL_DIR", type=existing_folder,
+                   help="Hugging Face causal LM folder (float or medquant-quantized)")
+    p.add_argument("out", metavar="OUT_DIR", help="folder to save the decoder into (new or empty)")
+    p.add_argument("--max-len", type=positive_int, required=True, help="cache positions: prompt + new tokens")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="rows per call (default 1)")
+    p.add_argument("--chunk", type=positive_int, default=None,
+                   help="tokens per call of the prompt program (default min(64, max-len); 1: step program only)")
+    p.add_argument("--cache-lengths", type=positive_int, nargs="*", default=None, metavar="N",
+                   help="cache lengths to compile for (default 256, 512, ... below --max-len; none: --max-len only)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_compile)
+
+    p = sub.add_parser("generate", help="generate text with a compiled decoder (saved, or compiled now)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("model", metavar="MODEL_DIR", type=existing_folder, help="the causal LM folder, with its tokenizer")
+    p.add_argument("--decoder", type=existing_folder, default=None, metavar="DIR",
+                   help="a decoder saved by compile-decoder for this model")
+    p.add_argument("--max-len", type=positive_int, default=None, help="compile a decoder now, of this many positions")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for each row of the batch)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_generate, check=lambda args: _check_generate(args, p))

@@ -1,0 +1,92 @@
+"""``medquant compile-decoder`` / ``generate`` on a tiny quantized LLaMA folder (MiniLM's real tokenizer): the saved
+decoder, loaded by ``generate`` in the same command line a user runs, gives the tokens of transformers' own
+``generate`` on the folder reloaded with ``from_pretrained``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medquant.cli import main
+from medquant.kernels.native import native_status
+from tests.prune.real_models import minilm_dir
+
+PROMPT = "no acute cardiopulmonary"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A W4 g32 folder (``medquant quantize``) and a decoder compiled for it (``medquant compile-decoder``: the
+    step program only, 24 positions)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    root = tmp_path_factory.mktemp("decode")
+    LlamaForCausalLM(cfg).save_pretrained(root / "src")
+    tok.save_pretrained(root / "src")
+    assert main(["quantize", str(root / "src"), str(root / "q4"), "--bits", "4", "--group-size", "32",
+                 "--json"]) == 0
+    return root
+
+
+def _reference(folder, n_new: int) -> tuple[list[int], list[int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return ids, out[0, len(ids):].tolist()
+
+
+@pytest.mark.slow
+def test_compile_then_generate_gives_transformers_tokens(folders, capsys):
+    q4, dec = folders / "q4", folders / "q4-decoder"
+    assert main(["compile-decoder", str(q4), str(dec), "--max-len", "24", "--chunk", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["cache_lengths"] == [24] and summary["bound_layers"] == (15 if native_status().get("gemv4") else 0)
+    assert (dec / "decoder.json").is_file() and (dec / "step-24.pt2").is_file()
+    ids, expected = _reference(q4, 8)
+    assert main(["generate", str(q4), "--decoder", str(dec), "--prompt", PROMPT, "--max-new-tokens", "8",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["prompt_tokens"] == len(ids) and result["tokens"] == [expected]
+    from transformers import AutoTokenizer
+
+    assert result["texts"] == [AutoTokenizer.from_pretrained(q4).decode(expected, skip_special_tokens=True)]
+    assert result["load_s"] >= 0 and result["prefill_tok_s"] > 0
+    # the plain output: the prompt followed by its continuation, then the rates
+    assert main(["generate", str(q4), "--decoder", str(dec), "--prompt", PROMPT, "--max-new-tokens", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == PROMPT + result["texts"][0] and "decoder loaded" in lines[-1]
+    # a decoder saved for the quantized folder refuses the float one (other layers, other weights)
+    assert main(["generate", str(folders / "src"), "--decoder", str(dec), "--prompt", PROMPT]) == 2
+    assert "differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{src}", "--prompt", "x"], "give either --decoder DIR"),
+    (["generate", "{src}", "--prompt", "x", "--max-len", "8", "--decoder", "{src}"], "give either --decoder DIR"),
+    (["generate", "{src}", "--prompt", "x", "--max-len", "8", "--temperature", "0"], "--temperature: expected"),
+    (["generate", "{src}", "--prompt", "x", "--max-len", "8", "--top-k", "3"], "--top-k applies to sampling"),
+    (["generate", "{src}", "--prompt", "no acute", "--prompt", "no acute cardiopulmonary", "--max-len", "8"],
+     "share their length"),
+    (["generate", "{src}", "--prompt", "no acute cardiopulmonary", "--max-len", "8", "--max-new-tokens", "8"],
+     "exceeds --max-len 8"),
+    (["generate", "{src}", "--decoder", "{src}", "--prompt", "x"], "holds no saved decoder"),
+    (["compile-decoder", "/no/such/model", "out", "--max-len", "8"], "/no/such/model: no such folder"),
+])
+def test_bad_input_is_one_line_naming_it(folders, capsys, argv, message):
+    argv = [a.replace("{src}", str(folders / "src")) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
