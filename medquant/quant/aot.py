@@ -392,8 +392,8 @@ class AOTDecoder:
         """Write the compiled programs to the folder ``path``, for :func:`load_decoder` to load without compiling.
 
         ``path`` is created; it must not exist or be empty. The decoder is then loaded with the same model, in this
-        or another process. The folder holds the program packages (``prompt-<length>.pt2``, ``step-<length>.pt2``) and ``decoder.json``:
-        the packages' SHA-256, the versions and CPU they were compiled for (torch, medquant, the vector instruction
+        or another process. The folder holds the program packages (``prompt-<length>.pt2``, ``step-<length>.pt2``)
+        and ``decoder.json``: the packages' SHA-256, the versions and CPU they were compiled for (torch, medquant, the vector instruction
         set of the generated code), the sizes (batch, ``max_len``, chunk, cache lengths, the cache's tensors), each
         bound layer's name and kernel choices, the dtype, shape and strides of every model tensor the programs read,
         and a SHA-256 of the model's parameters and buffers as they are now. No weights are written: the programs
@@ -643,8 +643,9 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
     decoder compiled in one process runs in another. Everything the generated code assumes is checked first, and
     anything that differs is refused with what differs: the packages' SHA-256; torch's version and build, medquant's
     version and the CPU's vector instruction set (generated code is specific to them); the model's class and
-    type; every bound layer (the same names, in the same order, with the same kernel choices: bit-width layout,
-    sizes and the activation forms, which also depend on ``$MEDQUANT_*`` settings); every tensor the programs read
+    type; every bound layer (the same names, in the same order, with the same kernel choices: sizes, the row
+    counts where the kernels switch, the blocked matmul and the activation forms, which follow the compute dtype
+    and the ``$MEDQUANT_*`` settings); every tensor the programs read
     (present, with the same dtype, shape and strides, which the programs do not check themselves); the C++
     operator the programs call, when they were compiled with it. With ``check_weights`` the model's parameters and
     buffers must also be the saved ones, byte for byte (their SHA-256): a decoder then always runs the model it was
