@@ -11,8 +11,8 @@ programs with :func:`medquant.compile_decoder` and saves them (:meth:`medquant.q
 ``generate`` loads the folder and its tokenizer, loads the saved decoder for it (:func:`medquant.load_decoder`,
 which checks the model's weights and layout against the saved record), or compiles one when given ``--max-len``
 instead, and generates from each ``--prompt`` (one per row of the decoder's batch; rows share their length, so the
-prompts must tokenize to the same number of tokens): greedy, or sampled with ``--temperature`` (and ``--top-k``),
-stopping at the tokenizer's end token. It prints the texts, with the prefill and decode rates.
+prompts must tokenize to the same number of tokens): greedy, or sampled with ``--temperature`` (and ``--top-k``,
+``--top-p``), with an optional ``--repetition-penalty``, stopping at the tokenizer's end token. It prints the texts, with the prefill and decode rates.
 """
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def run_generate(args) -> int:
     t = time.perf_counter()
     out = decoder.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                            do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
-                           top_k=args.top_k, generator=generator)
+                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                           generator=generator)
     total_s = time.perf_counter() - t  # generate prefills again: its decode time is the rest
     new = out[:, ids.shape[1]:]
     decode_s = max(total_s - prefill_s, 1e-9)
@@ -121,8 +122,13 @@ def _check_generate(args, parser) -> None:
         parser.error("give either --decoder DIR (a decoder saved by compile-decoder) or --max-len N (compile one now)")
     if args.temperature is not None and not args.temperature > 0:
         parser.error(f"--temperature: expected a value > 0, got {args.temperature}")
-    if args.top_k is not None and args.temperature is None:
-        parser.error("--top-k applies to sampling: give --temperature too")
+    for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)):
+        if value is not None and args.temperature is None:
+            parser.error(f"{flag} applies to sampling: give --temperature too")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p: expected a value in (0, 1], got {args.top_p}")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        parser.error(f"--repetition-penalty: expected a value > 0, got {args.repetition_penalty}")
 
 
 def register(sub) -> None:
@@ -150,6 +156,10 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens holding this probability (0 < p <= 1)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 makes tokens already in the text less likely (greedy and sampling; e.g. 1.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_generate, check=lambda args: _check_generate(args, p))

@@ -336,12 +336,21 @@ class AOTDecoder:
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """``input_ids`` followed by up to ``max_new_tokens`` generated tokens, as ``generate`` returns them.
 
-        Greedy (``argmax`` of the logits), or with ``do_sample`` drawn from ``softmax(logits / temperature)``
-        restricted to the ``top_k`` largest logits when given. A row that produced an end token (``eos_token_id``)
-        continues with ``pad_token_id``; generation stops once every row has one (as ``generate`` does).
+        Each token is picked from the last logits ``l`` (in float32) of its row, processed in ``generate``'s order:
+
+        * ``repetition_penalty`` ``r`` (when given and not 1): for every token ``t`` already in the row (prompt
+          included), ``l[t] = l[t] * r`` where ``l[t] < 0``, else ``l[t] / r``;
+        * greedy: the argmax. With ``do_sample``: ``l / temperature``; then only the ``top_k`` largest kept (the
+          others ``-inf``); then ``top_p``: with the tokens sorted by ascending ``l``, those whose cumulative
+          softmax probability is ``<= 1 - top_p`` are dropped (the most likely token always stays); then one
+          draw from ``softmax(l)``.
+
+        A row that produced an end token (``eos_token_id``) continues with ``pad_token_id``; generation stops once
+        every row has one (as ``generate`` does).
 
         Args:
             input_ids: ``(batch_size, P)`` prompt tokens; a new sequence (the cache restarts at position 0).
@@ -351,6 +360,9 @@ class AOTDecoder:
             do_sample: sample instead of taking the argmax.
             temperature: the logits' divisor when sampling, ``> 0``.
             top_k: sample among this many largest logits (``>= 1``; applies to sampling only), or None.
+            top_p: sample among the most likely tokens holding this probability, ``0 < top_p <= 1`` (applies to
+                sampling only), or None.
+            repetition_penalty: ``> 0``; above 1 makes tokens already in the row less likely (greedy and sampling).
             generator: the random generator of the draws, or None.
 
         Returns:
@@ -365,28 +377,29 @@ class AOTDecoder:
         if ids.shape[1] + max_new_tokens > self.max_len:
             raise ValueError(f"a {ids.shape[1]}-token prompt plus max_new_tokens={max_new_tokens} exceeds the "
                              f"decoder's max_len={self.max_len}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        pick = _Picker(do_sample, temperature, top_k, top_p, repetition_penalty, generator)
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            dtype=torch.long)
         pad = torch.tensor(int(eos[0]) if pad_token_id is None and eos.numel() else (pad_token_id or 0))
         logits = self.prefill(ids)
-        out = [ids]
+        p = ids.shape[1]
+        seq = torch.empty(self.batch_size, p + max_new_tokens, dtype=torch.long)  # prompt + tokens so far
+        seq[:, :p] = ids
         done = torch.zeros(self.batch_size, dtype=torch.bool)
+        n = p
         with torch.no_grad():
             for i in range(max_new_tokens):
-                nxt = _pick(logits, do_sample, temperature, top_k, generator)
+                nxt = pick(logits, seq[:, :n])
                 if eos.numel():
                     nxt = torch.where(done, pad, nxt)
                     done |= torch.isin(nxt, eos)
-                out.append(nxt[:, None])
+                seq[:, n] = nxt
+                n += 1
                 if i + 1 == max_new_tokens or (eos.numel() and bool(done.all())):
                     break
-                logits = self._call("step", out[-1], 0)
+                logits = self._call("step", seq[:, n - 1:n], 0)
                 self.position += 1
-        return torch.cat(out, dim=1)
+        return seq[:, :n].clone()
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the compiled programs to the folder ``path``, for :func:`load_decoder` to load without compiling.
@@ -473,15 +486,50 @@ def _build_facts() -> dict[str, str]:
             "vec_isa": str(pick_vec_isa())}
 
 
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-          generator: torch.Generator | None) -> torch.Tensor:
-    if not do_sample:
-        return logits.argmax(-1)
-    scaled = logits.float() / temperature
-    if top_k is not None and top_k < scaled.shape[-1]:
-        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
+class _Picker:
+    """The next token of each row from its last logits (:meth:`AOTDecoder.generate`: what is computed, in
+    ``generate``'s order); checks the sampling values when built."""
+
+    def __init__(self, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+                 repetition_penalty: float | None, generator: torch.Generator | None) -> None:
+        if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        if repetition_penalty is not None and (not isinstance(repetition_penalty, (int, float))
+                                               or not repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0 or None, got {repetition_penalty!r}")
+        self.do_sample, self.temperature, self.top_k, self.generator = do_sample, float(temperature), top_k, generator
+        self.top_p = None if top_p is None or top_p >= 1 else float(top_p)
+        self.penalty = None if repetition_penalty in (None, 1, 1.0) else float(repetition_penalty)
+
+    def scores(self, logits: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """The processed float32 logits ``(batch, vocab)`` the token is picked from (``-inf``: excluded)."""
+        scores = logits.float()
+        if self.penalty is not None:
+            seen = scores.gather(1, seq)
+            scores = scores.scatter(1, seq, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
+        if not self.do_sample:
+            return scores
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None:
+            ascending, order = scores.sort(dim=-1)
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            drop[:, -1] = False  # the most likely token always stays
+            scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        return scores
+
+    def __call__(self, logits: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        scores = self.scores(logits, seq)
+        if not self.do_sample:
+            return scores.argmax(-1)
+        return torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[:, 0]
 
 
 def _cache_lengths(cache_lengths: Sequence[int] | None, max_len: int) -> list[int]:

@@ -33,7 +33,7 @@ def folders(tmp_path_factory):
     return root
 
 
-def _reference(folder, n_new: int) -> tuple[list[int], list[int]]:
+def _reference(folder, n_new: int, **kwargs) -> tuple[list[int], list[int]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
@@ -41,7 +41,8 @@ def _reference(folder, n_new: int) -> tuple[list[int], list[int]]:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                             **kwargs)
     return ids, out[0, len(ids):].tolist()
 
 
@@ -61,6 +62,11 @@ def test_compile_then_generate_gives_transformers_tokens(folders, capsys):
 
     assert result["texts"] == [AutoTokenizer.from_pretrained(q4).decode(expected, skip_special_tokens=True)]
     assert result["load_s"] >= 0 and result["prefill_tok_s"] > 0
+    # a repetition penalty, as transformers applies it
+    ids, expected = _reference(q4, 8, repetition_penalty=1.4)
+    assert main(["generate", str(q4), "--decoder", str(dec), "--prompt", PROMPT, "--max-new-tokens", "8",
+                 "--repetition-penalty", "1.4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == [expected]
     # the plain output: the prompt followed by its continuation, then the rates
     assert main(["generate", str(q4), "--decoder", str(dec), "--prompt", PROMPT, "--max-new-tokens", "8"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -75,6 +81,11 @@ def test_compile_then_generate_gives_transformers_tokens(folders, capsys):
     (["generate", "{src}", "--prompt", "x", "--max-len", "8", "--decoder", "{src}"], "give either --decoder DIR"),
     (["generate", "{src}", "--prompt", "x", "--max-len", "8", "--temperature", "0"], "--temperature: expected"),
     (["generate", "{src}", "--prompt", "x", "--max-len", "8", "--top-k", "3"], "--top-k applies to sampling"),
+    (["generate", "{src}", "--prompt", "x", "--max-len", "8", "--top-p", "0.5"], "--top-p applies to sampling"),
+    (["generate", "{src}", "--prompt", "x", "--max-len", "8", "--temperature", "1", "--top-p", "0"],
+     "--top-p: expected a value in (0, 1]"),
+    (["generate", "{src}", "--prompt", "x", "--max-len", "8", "--repetition-penalty", "0"],
+     "--repetition-penalty: expected"),
     (["generate", "{src}", "--prompt", "no acute", "--prompt", "no acute cardiopulmonary", "--max-len", "8"],
      "share their length"),
     (["generate", "{src}", "--prompt", "no acute cardiopulmonary", "--max-len", "8", "--max-new-tokens", "8"],

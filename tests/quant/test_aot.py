@@ -109,6 +109,16 @@ def test_end_tokens_sampling_and_bad_input(decoder):
         decoder.generate(ids, 2, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="top_k"):
         decoder.generate(ids, 2, top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        decoder.generate(ids, 2, do_sample=True, top_p=0.0)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        decoder.generate(ids, 2, repetition_penalty=0.0)
+    # a repetition penalty changes greedy decoding as it does generate's
+    with torch.no_grad():
+        penalized = ref.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+                                 repetition_penalty=1.5)
+    assert torch.equal(decoder.generate(ids, 8, repetition_penalty=1.5), penalized)
+    assert not torch.equal(penalized, greedy)
     with pytest.raises(ValueError, match="CPU integer tensor"):
         decoder.feed(ids.float())
     with pytest.raises(ValueError, match=r"token ids in 0\.\.255"):
@@ -118,6 +128,39 @@ def test_end_tokens_sampling_and_bad_input(decoder):
     decoder.prefill(_ids(2, 38, 6))
     with pytest.raises(ValueError, match="exceed"):
         decoder.feed(_ids(2, 3, 7))
+
+
+@pytest.mark.parametrize("sample, temperature, top_k, top_p, penalty", [
+    (False, 1.0, None, None, 1.3), (True, 0.7, 10, 0.8, 1.2), (True, 1.0, None, 0.3, None), (True, 1.5, 5, None, 0.8),
+    (True, 1.0, None, 0.999, None)])
+def test_token_picking_processes_logits_as_transformers_does(sample, temperature, top_k, top_p, penalty):
+    """The logits a token is picked from, against transformers' own processors in ``generate``'s order (repetition
+    penalty, then temperature, top-k, top-p when sampling): equal, ``-inf`` where a token is excluded."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from medquant.quant.aot import _Picker
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 50, generator=g) * 3
+    seq = torch.randint(0, 50, (3, 7), generator=g)
+    hf = LogitsProcessorList()
+    if penalty is not None:
+        hf.append(RepetitionPenaltyLogitsProcessor(penalty))
+    if sample:
+        hf += [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        hf += [TopKLogitsWarper(top_k)] if top_k else []
+        hf += [TopPLogitsWarper(top_p)] if top_p else []
+    expected = hf(seq, logits.clone())
+    got = _Picker(sample, temperature, top_k, top_p, penalty, None).scores(logits, seq)
+    assert torch.equal(got, expected)
+    if sample and (top_k or top_p):
+        assert torch.isinf(got).any()  # something was excluded: the comparison covers the filters
 
 
 def _handles(dec) -> list[int]:
