@@ -87,24 +87,21 @@ def run_generate(args) -> int:
         raise SystemExit(f"--max-new-tokens: a {ids.shape[1]}-token prompt plus {args.max_new_tokens} tokens exceeds "
                          f"the decoder's max_len {decoder.max_len}")
     generator = torch.Generator().manual_seed(args.seed)
-    t = time.perf_counter()
-    decoder.prefill(ids)
-    prefill_s = time.perf_counter() - t
-    t = time.perf_counter()
     out = decoder.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                            do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                            generator=generator)
-    total_s = time.perf_counter() - t  # generate prefills again: its decode time is the rest
+    timing = decoder.last_timing
+    assert timing is not None
     new = out[:, ids.shape[1]:]
-    decode_s = max(total_s - prefill_s, 1e-9)
     texts = tok.batch_decode(new, skip_special_tokens=True)
     decoder.close()
     summary = {"model": args.model, "texts": texts, "prompt_tokens": int(ids.shape[1]),
                "new_tokens": int(new.shape[1]), "tokens": new.tolist(),
-               "prefill_tok_s": round(ids.numel() / prefill_s, 1),
+               "prefill_tok_s": round(ids.numel() / timing["prefill_s"], 1),
                # the first new token comes from the prefill's logits; each later one is a step
-               "decode_tok_s": round((new.shape[1] - 1) * new.shape[0] / decode_s, 1) if new.shape[1] > 1 else None,
+               "decode_tok_s": round(timing["steps"] * new.shape[0] / timing["decode_s"], 1) if timing["steps"]
+               else None,
                ("load_s" if args.decoder else "compile_s"): round(ready_s, 2)}
     if args.json:
         print(json.dumps(summary))

@@ -224,6 +224,8 @@ class AOTDecoder:
 
     Attributes:
         position: the next cache position to write (0 after :meth:`reset`).
+        last_timing: of the last :meth:`generate`: ``{"prefill_s": seconds of the prompt, "decode_s": seconds of
+            the rest, "steps": one-token steps run}`` (None before any).
         vocab_size: rows of the input embedding table (token ids must lie below it).
         cache_lengths: the cache lengths the programs were compiled for (ascending, the last ``max_len``): a call
             writing up to position ``p`` runs the shortest one above ``p`` and attends over that many positions.
@@ -252,6 +254,7 @@ class AOTDecoder:
         rows = getattr(table, "num_embeddings", None)  # nn.Embedding and QuantEmbedding
         self.vocab_size = int(rows if rows is not None else _text_config(model).vocab_size)
         self.position = 0
+        self.last_timing: dict[str, float] | None = None
 
     def _ids(self, input_ids: Any) -> torch.Tensor:
         # the programs index the embedding table without checking: an id outside it must not reach them
@@ -381,7 +384,9 @@ class AOTDecoder:
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            dtype=torch.long)
         pad = torch.tensor(int(eos[0]) if pad_token_id is None and eos.numel() else (pad_token_id or 0))
+        t0 = time.perf_counter()
         logits = self.prefill(ids)
+        t1 = time.perf_counter()
         p = ids.shape[1]
         seq = torch.empty(self.batch_size, p + max_new_tokens, dtype=torch.long)  # prompt + tokens so far
         seq[:, :p] = ids
@@ -399,6 +404,7 @@ class AOTDecoder:
                     break
                 logits = self._call("step", seq[:, n - 1:n], 0)
                 self.position += 1
+        self.last_timing = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "steps": n - p - 1}
         return seq[:, :n].clone()
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -58,6 +58,8 @@ def test_compiled_decoder_generates_what_generate_does(decoder):
             expected = ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         assert torch.equal(decoder.generate(ids, new), expected), (n, new)
         assert decoder.position == n + new - 1  # the last token is returned, not fed
+        timing = decoder.last_timing
+        assert timing is not None and timing["steps"] == new - 1 and timing["prefill_s"] > 0 < timing["decode_s"]
     if native_status().get("gemv4"):
         assert decoder.bound_layers == 15  # 2 layers x 7 linears + the head: no quantized weight in the programs
 
