@@ -10,8 +10,8 @@ Example::
 programs with :func:`medquant.compile_decoder` and saves them (:meth:`medquant.quant.aot.AOTDecoder.save`).
 ``generate`` loads the folder and its tokenizer, loads the saved decoder for it (:func:`medquant.load_decoder`,
 which checks the model's weights and layout against the saved record), or compiles one when given ``--max-len``
-instead, and generates from each ``--prompt`` (one per row of the decoder's batch; rows share their length, so the
-prompts must tokenize to the same number of tokens): greedy, or sampled with ``--temperature`` (and ``--top-k``,
+instead, and generates from each ``--prompt`` (one per row of the decoder's batch; shorter prompts are padded on
+the left with the tokenizer's pad token and masked, as ``generate`` takes a batch): greedy, or sampled with ``--temperature`` (and ``--top-k``,
 ``--top-p``), with an optional ``--repetition-penalty``, stopping at the tokenizer's end token. It prints the texts, with the prefill and decode rates.
 """
 from __future__ import annotations
@@ -67,11 +67,9 @@ def run_generate(args) -> int:
     rows = [tok(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
     if any(not r for r in rows):
         raise SystemExit("--prompt: a prompt tokenized to no tokens")
-    if len({len(r) for r in rows}) > 1:
-        raise SystemExit(f"--prompt: the prompts tokenize to {[len(r) for r in rows]} tokens; the rows of a batch "
-                         "share their length (no padding mask): give prompts of the same token count")
-    if args.max_len is not None and len(rows[0]) + args.max_new_tokens > args.max_len:
-        raise SystemExit(f"--max-new-tokens: a {len(rows[0])}-token prompt plus {args.max_new_tokens} tokens exceeds "
+    width = max(len(r) for r in rows)
+    if args.max_len is not None and width + args.max_new_tokens > args.max_len:
+        raise SystemExit(f"--max-new-tokens: a {width}-token prompt plus {args.max_new_tokens} tokens exceeds "
                          f"--max-len {args.max_len}")
     t = time.perf_counter()
     if args.decoder:
@@ -82,7 +80,10 @@ def run_generate(args) -> int:
     if decoder.batch_size != len(rows):
         raise SystemExit(f"--prompt: {len(rows)} prompts given, the decoder was compiled for batch "
                          f"{decoder.batch_size}: give {decoder.batch_size}")
-    ids = torch.tensor(rows)
+    # shorter prompts padded on the left, as generate takes a batch
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     if ids.shape[1] + args.max_new_tokens > decoder.max_len:
         raise SystemExit(f"--max-new-tokens: a {ids.shape[1]}-token prompt plus {args.max_new_tokens} tokens exceeds "
                          f"the decoder's max_len {decoder.max_len}")
@@ -90,7 +91,7 @@ def run_generate(args) -> int:
     out = decoder.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                            do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                           generator=generator)
+                           generator=generator, attention_mask=mask)
     timing = decoder.last_timing
     assert timing is not None
     new = out[:, ids.shape[1]:]
@@ -98,7 +99,7 @@ def run_generate(args) -> int:
     decoder.close()
     summary = {"model": args.model, "texts": texts, "prompt_tokens": int(ids.shape[1]),
                "new_tokens": int(new.shape[1]), "tokens": new.tolist(),
-               "prefill_tok_s": round(ids.numel() / timing["prefill_s"], 1),
+               "prefill_tok_s": round(int(mask.sum()) / timing["prefill_s"], 1),
                # the first new token comes from the prefill's logits; each later one is a step
                "decode_tok_s": round(timing["steps"] * new.shape[0] / timing["decode_s"], 1) if timing["steps"]
                else None,

@@ -960,7 +960,9 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
                 # the lane of a program compiled ahead of time (medquant.quant.aot): the handle is read, when the
                 # program is traced, from the tensor handle_of() returns (one the program is handed at load)
                 def traced_by(x: torch.Tensor) -> torch.Tensor | None:
-                    return _traced_lane(lane, x, op_by, handle_of())
+                    # every M on the bound kernel (the weight-only form where the blocked one is not built): the
+                    # traced dense path would put this layer's weights into the program as constants of its own
+                    return _traced_lane(lane, x, op_by, handle_of(), every_m=True)
 
                 return traced_by
 
@@ -973,8 +975,8 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     return run
 
 
-def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op,
-                 handle: torch.Tensor | None = None) -> torch.Tensor | None:
+def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op, handle: torch.Tensor | None = None,
+                 every_m: bool = False) -> torch.Tensor | None:
     """Under ``torch.compile``: ``y (..., n)`` for ``x (..., k)`` as one ``medquant::gemv4_bound`` call (the native
     kernel bound once, called by its handle: the graph takes no weight tensors, so it guards and checks none at
     each call), choosing by ``M`` as an eager call does: below the native switch the weight-only kernel, from it
@@ -990,6 +992,8 @@ def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op,
             in C++, :mod:`medquant.kernels.native_op`); with ``handle``, their ``_by`` forms.
         handle: None (the lane's handle, an integer, is passed), or a one-element int64 tensor holding the handle
             (passed in its place: a program compiled ahead of time, :mod:`medquant.quant.aot`).
+        every_m: run the weight-only form at and above the switch too when there is no blocked matmul (a program
+            compiled ahead of time holds no weights: the traced dense path would compile them in).
 
     Returns:
         ``y`` in ``x``'s dtype (the kernel's float32 sums, rounded once for bfloat16), or None.
@@ -1006,6 +1010,8 @@ def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op,
         mode = xmode if dt == torch.float32 else xmode_bf16
     elif gemm:
         mode = GEMM_XMODE
+    elif every_m:
+        mode = xmode if dt == torch.float32 else xmode_bf16
     else:
         return None
     x2 = x.reshape(m, k)

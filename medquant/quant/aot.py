@@ -31,8 +31,8 @@ programs call ``medquant::gemv4_bound_by_native`` (the bound matmul in C++, :mod
 ``medquant::gemv4_bound_by``'s Python kernel where it cannot be built) with each layer's handle read from a
 one-element int64 tensor, so they hold no quantized weights; those tensors and the model's other tensors
 (embeddings, norms, float layers) are handed to the programs as *user-managed constants*: the programs read the
-model's own tensors, nothing is copied (compiled with ``always_keep_tensor_constants``: Inductor otherwise writes
-tensors of up to 8 values, such as the handles, into the code as literals). Consequences, stated plainly:
+model's own tensors, nothing is copied (the handle tensors are ``(1, 1)``: Inductor writes a one-dimensional
+constant of up to 8 values into the code as a literal). Consequences, stated plainly:
 
 * **saved and loaded.** :meth:`AOTDecoder.save` writes the packages and a manifest; :func:`load_decoder` loads
   them for a model in this or another process without compiling, binding its layers (new handles, handed to the
@@ -44,8 +44,9 @@ tensors of up to 8 values, such as the handles, into the code as literals). Cons
   without a native kernel on this CPU, compiled in with their weights) cannot be saved;
 * the decoder computes with the weights as they were when it was compiled (bound matmuls hold the repacked
   weights; the constants are the tensors the model held then): compile again after changing weights;
-* one batch size and one maximum length per decoder (rows of a batch share their length: a ``(B, P)`` prompt, no
-  padding mask); models whose static cache is not full attention in every layer (sliding windows, shared KV) are
+* one batch size and one maximum length per decoder; prompts of different lengths are padded on the left with an
+  ``attention_mask`` (as for ``generate``: both programs take the cache's mask and the tokens' rotary positions as
+  inputs, a padding position is never attended to and does not count in the positions after it); models whose static cache is not full attention in every layer (sliding windows, shared KV) are
   refused: :func:`~medquant.quant.decode.static_decode_` serves them;
 * compiling takes time: about 30 s per program for SmolLM2-135M on two cores, two programs per cache length
   (``max_len=2048``: 8 programs, ~270 s; g++ must be installed, as for the native kernels).
@@ -76,8 +77,9 @@ __all__ = ["AOTDecoder", "compile_decoder", "load_decoder"]
 
 class _CacheStep(nn.Module):
     """The model's forward over a static KV cache given as inputs: ``(input_ids (B, n), start (1,), keep (1,),
-    keys [L], values [L]) -> logits (B, 1, V)`` of position ``keep`` of the ``n`` tokens written at positions
-    ``start .. start + n - 1`` (the cache tensors are written in place)."""
+    mask (B, cache length), positions (B, n), keys [L], values [L]) -> logits (B, 1, V)`` of position ``keep`` of
+    the ``n`` tokens written at cache positions ``start .. start + n - 1`` (the cache tensors are written in
+    place), attending to the cache positions whose ``mask`` is 1, with rotary positions ``positions``."""
 
     def __init__(self, model: nn.Module, cache: Any, handles: nn.Module) -> None:
         super().__init__()
@@ -85,13 +87,13 @@ class _CacheStep(nn.Module):
         self.handles = handles  # the bound layers' handles, tensors the programs read (constants handed at load)
         self._cache = cache
 
-    def forward(self, input_ids: torch.Tensor, start: torch.Tensor, keep: torch.Tensor,
-                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor,
+                positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         for layer, k, v in zip(self._cache.layers, keys, values):
             layer.keys, layer.values = k, v
             layer.cumulative_length = start.reshape(()).clone()  # the layer advances it in place
-        out = self.model(input_ids=input_ids, attention_mask=None, cache=self._cache, use_cache=True,
-                         logits_to_keep=keep)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=self._cache,
+                         use_cache=True, logits_to_keep=keep)
         return out.logits
 
 
@@ -129,7 +131,9 @@ class _Handles(nn.Module):
     def __init__(self, handles: Sequence[int]) -> None:
         super().__init__()
         for j, h in enumerate(handles):
-            self.register_buffer(f"h{j}", torch.tensor([h], dtype=torch.int64), persistent=False)
+            # (1, 1), not (1,): Inductor writes a constant of at most 8 values in one dimension into the generated
+            # code as a literal, and a handle must be read from the tensor handed at load
+            self.register_buffer(f"h{j}", torch.tensor([[h]], dtype=torch.int64), persistent=False)
 
 
 def _bind(model: nn.Module) -> tuple[dict[str, Any], int, int]:
@@ -255,6 +259,10 @@ class AOTDecoder:
         self.vocab_size = int(rows if rows is not None else _text_config(model).vocab_size)
         self.position = 0
         self.last_timing: dict[str, float] | None = None
+        # which cache positions each row attends to (0: padding), and how many real tokens each row has so far
+        # (the rotary position of its next token)
+        self._mask = torch.ones(batch_size, max_len, dtype=torch.long)
+        self._seen = torch.zeros(batch_size, dtype=torch.long)
 
     def _ids(self, input_ids: Any) -> torch.Tensor:
         # the programs index the embedding table without checking: an id outside it must not reach them
@@ -268,37 +276,74 @@ class AOTDecoder:
     def reset(self) -> None:
         """Start a new sequence: the next token is written at position 0.
 
-        Old entries need no clearing: a position attends only to positions up to itself, all rewritten before it.
+        Old entries need no clearing: a position attends only to positions up to itself, all rewritten (cache and
+        mask) before it.
         """
         self.position = 0
+        self._seen.zero_()
 
-    def _call(self, name: str, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    def _call(self, name: str, ids: torch.Tensor, keep: int, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Run program ``name`` on ``ids (B, n)`` at :attr:`position`; ``real (B, n)``: 1 for a token, 0 for padding
+        (None: all tokens). Position ``pos + j`` of a row gets that row's mask value and the rotary position ``seen +
+        (real tokens before it)`` (a padding token: 1, as ``generate`` gives it); the logits of token ``keep``."""
+        n, pos = ids.shape[1], self.position
         lengths = self._lengths[name]  # the shortest length holding every position this call writes
-        length = lengths[bisect.bisect_left(lengths, self.position + ids.shape[1])]
+        length = lengths[bisect.bisect_left(lengths, pos + n)]
         keys, values = self._views[length]
+        if real is None:
+            self._mask[:, pos:pos + n] = 1
+            positions = self._seen[:, None] + torch.arange(n)
+            self._seen += n
+        else:
+            self._mask[:, pos:pos + n] = real
+            positions = (self._seen[:, None] + real.cumsum(-1) - 1).masked_fill(real == 0, 1)
+            self._seen += real.sum(-1)
         # contiguous: a compiled program reads its inputs with the strides it was compiled for (it does not
         # check them), and a slice of a (batch > 1, n) prompt has another row stride
-        out = self._programs[name, length](ids.contiguous(), torch.tensor([self.position]), torch.tensor([keep]),
-                                           keys, values)
+        out = self._programs[name, length](ids.contiguous(), torch.tensor([pos]), torch.tensor([keep]),
+                                           self._mask[:, :length], positions.contiguous(), keys, values)
         return out[:, -1]
 
-    def feed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _real(self, attention_mask: Any, ids: torch.Tensor) -> torch.Tensor | None:
+        """``attention_mask`` checked: None, or a ``(batch, n)`` int64 tensor of 0 / 1 whose last column is 1."""
+        if attention_mask is None:
+            return None
+        m = attention_mask
+        if not isinstance(m, torch.Tensor) or m.shape != ids.shape or m.device.type != "cpu" or \
+                m.dtype.is_floating_point or m.is_complex():
+            desc = type(m).__name__ if not isinstance(m, torch.Tensor) else f"{m.dtype} {tuple(m.shape)} on {m.device}"
+            raise ValueError(f"attention_mask must be a CPU integer or bool tensor shaped like input_ids "
+                             f"{tuple(ids.shape)}, got {desc}")
+        m = m.long()
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+        if not bool(m[:, -1].all()):
+            raise ValueError("attention_mask: every row's last token must be real (pad on the left, as for "
+                             "generate): the logits returned are the last position's")
+        return None if bool(m.all()) else m
+
+    def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``input_ids (batch, n)`` at the current position; ``logits (batch, vocab)`` of the last one.
 
         Full chunks of ``chunk`` tokens take the prompt program; the remainder ``r`` takes one padded chunk when
-        ``r > chunk // 8`` and it fits in the cache, else ``r`` one-token steps (module docstring).
+        ``r > chunk // 8`` and it fits in the cache, else ``r`` one-token steps (module docstring). With
+        ``attention_mask``, rows padded on the left: a padding position is never attended to and does not count
+        in the rotary positions of the tokens after it (as ``generate`` treats a left-padded batch).
 
         Args:
             input_ids: ``(batch_size, n)`` CPU integer tokens, ``n >= 1``.
+            attention_mask: ``(batch_size, n)``, 1 for a token, 0 for padding, every row's last entry 1; None: all
+                tokens.
 
         Returns:
             The logits ``(batch_size, vocab)`` after the last of them, in the model's dtype.
 
         Raises:
             ValueError: ``input_ids`` not a CPU integer ``(batch_size, n >= 1)`` tensor of ids below
-                :attr:`vocab_size`, or more tokens than the cache has positions left.
+                :attr:`vocab_size`, more tokens than the cache has positions left, or a bad ``attention_mask``.
         """
         ids = self._ids(input_ids)
+        real = self._real(attention_mask, ids)
         n, c = ids.shape[1], self.chunk
         if self.position + n > self.max_len:
             raise ValueError(f"{n} tokens at position {self.position} exceed the decoder's max_len={self.max_len}: "
@@ -306,27 +351,31 @@ class AOTDecoder:
         done, logits = 0, None
         with torch.no_grad():
             while n - done >= c > 1:
-                logits = self._call("prompt", ids[:, done:done + c], c - 1)
+                logits = self._call("prompt", ids[:, done:done + c], c - 1,
+                                    None if real is None else real[:, done:done + c])
                 self.position += c
                 done += c
             r = n - done
             if c > 1 and r > max(c // 8, 1) and self.position + c <= self.max_len:
                 padded = torch.zeros(self.batch_size, c, dtype=torch.long)
                 padded[:, :r] = ids[:, done:]
-                logits = self._call("prompt", padded, r - 1)
+                tail = torch.zeros(self.batch_size, c, dtype=torch.long)  # the chunk's padding: not attended to
+                tail[:, :r] = 1 if real is None else real[:, done:]
+                logits = self._call("prompt", padded, r - 1, tail)
                 self.position += r
             else:
                 for j in range(done, n):
-                    logits = self._call("step", ids[:, j:j + 1], 0)
+                    logits = self._call("step", ids[:, j:j + 1], 0, None if real is None else real[:, j:j + 1])
                     self.position += 1
         assert logits is not None
         return logits
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`reset`, then :meth:`feed` ``input_ids``.
 
         Args:
             input_ids: ``(batch_size, P)`` CPU integer prompt tokens.
+            attention_mask: as for :meth:`feed` (prompts of different lengths, padded on the left).
 
         Returns:
             The logits ``(batch_size, vocab)`` after the prompt.
@@ -335,12 +384,12 @@ class AOTDecoder:
             ValueError: as :meth:`feed`.
         """
         self.reset()
-        return self.feed(input_ids)
+        return self.feed(input_ids, attention_mask)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids`` followed by up to ``max_new_tokens`` generated tokens, as ``generate`` returns them.
 
         Each token is picked from the last logits ``l`` (in float32) of its row, processed in ``generate``'s order:
@@ -367,6 +416,8 @@ class AOTDecoder:
                 sampling only), or None.
             repetition_penalty: ``> 0``; above 1 makes tokens already in the row less likely (greedy and sampling).
             generator: the random generator of the draws, or None.
+            attention_mask: ``(batch_size, P)``, 1 for a prompt token, 0 for padding: prompts of different lengths
+                padded on the left, as for ``generate`` (:meth:`feed`); None: every prompt token is real.
 
         Returns:
             ``(batch_size, P + generated)`` int64 tensor.
@@ -385,7 +436,7 @@ class AOTDecoder:
                            dtype=torch.long)
         pad = torch.tensor(int(eos[0]) if pad_token_id is None and eos.numel() else (pad_token_id or 0))
         t0 = time.perf_counter()
-        logits = self.prefill(ids)
+        logits = self.prefill(ids, attention_mask)
         t1 = time.perf_counter()
         p = ids.shape[1]
         seq = torch.empty(self.batch_size, p + max_new_tokens, dtype=torch.long)  # prompt + tokens so far
@@ -611,6 +662,7 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
         # taken before exporting: the export's tracing leaves its own tensors on the cache object's layers
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
+        mask = torch.ones(batch_size, max_len, dtype=torch.long)  # as the decoder holds it (its views' strides)
         folder = tempfile.TemporaryDirectory(prefix="medquant-aot-")
         programs: dict[tuple[str, int], Any] = {}
         files: dict[tuple[str, int], Path] = {}
@@ -632,21 +684,24 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
             t = time.perf_counter()
             with torch.no_grad(), _lanes_by_tensor(model, lanes, handles):
                 ep = torch.export.export(step, (torch.zeros(batch_size, n, dtype=torch.long), torch.tensor([0]),
-                                                torch.tensor([n - 1]), [k[:, :, :length] for k in keys],
-                                                [v[:, :, :length] for v in values]), strict=False)
+                                                torch.tensor([n - 1]), mask[:, :length],
+                                                torch.zeros(batch_size, n, dtype=torch.long),
+                                                [k[:, :, :length] for k in keys], [v[:, :, :length] for v in values]),
+                                         strict=False)
             export_s += time.perf_counter() - t
             bar.update()
             bar.set_postfix_str(f"compile {name} {length}")
             t = time.perf_counter()
             path = Path(torch._inductor.aoti_compile_and_package(
                 ep, package_path=str(Path(folder.name) / f"{name}-{length}.pt2"),
-                # always_keep_tensor_constants: tensors of up to 8 values (the handles, a small model's rotary
-                # frequencies) are otherwise written into the code as literals, not read from the tensors handed
-                # at load
-                inductor_configs={"aot_inductor.package_constants_in_so": False,
-                                  "always_keep_tensor_constants": True}))
+                inductor_configs={"aot_inductor.package_constants_in_so": False}))
             program = torch._inductor.aoti_load_package(str(path))
             held = {**ep.state_dict, **ep.constants}
+            made = [fqn for fqn in program.get_constant_fqns() if fqn not in held]
+            if made:  # computed by the compiler from tensors it held (e.g. weights it folded): nothing to hand over
+                raise RuntimeError(f"compile_decoder: the compiled {name} program holds tensors the compiler made "
+                                   f"({made[:3]}), which cannot be handed to it; a layer of this model is traced "
+                                   "through a path that compiles its weights in")
             constants = {fqn: held[fqn] for fqn in program.get_constant_fqns()}
             foreign.update(fqn for fqn, t in constants.items() if own.get(fqn) is not t)
             # a handle the program does not read from its tensor is in its code: it would call this process's layer

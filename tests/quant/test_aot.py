@@ -65,6 +65,35 @@ def test_compiled_decoder_generates_what_generate_does(decoder):
 
 
 @pytest.mark.slow
+def test_prompts_of_different_lengths_padded_on_the_left_give_generates_tokens(decoder):
+    """A batch of two prompts of different lengths, the shorter padded on the left (``attention_mask``), against
+    ``generate`` given the same batch and mask: through a full chunk and a padded one (11 = 8 + 3), and through a
+    chunk and a one-token step (9 = 8 + 1), a row with 6 and 2 padding positions."""
+    ref = _quantized()
+    for n, pad, new, seed in ((11, 4, 8, 21), (9, 6, 7, 22), (11, 2, 6, 23)):
+        ids = _ids(2, n, seed)
+        mask = torch.ones(2, n, dtype=torch.long)
+        mask[0, :pad] = 0
+        ids[0, :pad] = 0  # the pad token
+        with torch.no_grad():
+            expected = ref.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                    do_sample=False, pad_token_id=0)
+        got = decoder.generate(ids, new, attention_mask=mask)
+        assert torch.equal(got, expected), (n, pad)
+        # the padded row is not the same row unpadded-and-shifted by accident: its own prompt alone agrees
+        with torch.no_grad():
+            alone = ref.generate(ids[:1, pad:], max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 pad_token_id=0)
+        assert torch.equal(got[0, pad:], alone[0])
+    ids = _ids(2, 5, 24)
+    for bad, match in ((torch.ones(2, 4, dtype=torch.long), "shaped like input_ids"),
+                       (torch.ones(2, 5), "integer or bool"), (torch.full((2, 5), 2), "0 \\(padding\\) and 1"),
+                       (torch.tensor([[1, 1, 1, 1, 0], [1] * 5]), "pad on the left")):
+        with pytest.raises(ValueError, match=match):
+            decoder.generate(ids, 2, attention_mask=bad)
+
+
+@pytest.mark.slow
 def test_feed_continues_a_sequence_and_the_programs_read_the_models_own_tensors(decoder):
     ref = _quantized()
     ids = _ids(2, 21, 4)
