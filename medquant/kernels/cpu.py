@@ -1006,12 +1006,10 @@ def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op, handle: torch.
     m = x.numel() // k if k else 0
     if m == 0:
         return None
-    if m < (below_f32 if dt == torch.float32 else below_bf16):
+    if m < (below_f32 if dt == torch.float32 else below_bf16) or (every_m and not gemm):
         mode = xmode if dt == torch.float32 else xmode_bf16
     elif gemm:
         mode = GEMM_XMODE
-    elif every_m:
-        mode = xmode if dt == torch.float32 else xmode_bf16
     else:
         return None
     x2 = x.reshape(m, k)

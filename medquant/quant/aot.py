@@ -192,13 +192,16 @@ def _fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _describe(x: Any) -> str:
+    """What an argument is, for an error message: a tensor's dtype, shape and device, else its type."""
+    return f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def _check_ids(ids: Any, batch_size: int, what: str) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or \
             ids.shape[0] != batch_size or ids.shape[1] < 1 or ids.device.type != "cpu":
-        desc = (f"{type(ids).__name__}" if not isinstance(ids, torch.Tensor)
-                else f"{ids.dtype} {tuple(ids.shape)} on {ids.device}")
         raise ValueError(f"{what} must be a CPU integer tensor (batch {batch_size}, tokens >= 1) as the decoder was "
-                         f"compiled for batch_size={batch_size}, got {desc}")
+                         f"compiled for batch_size={batch_size}, got {_describe(ids)}")
     return ids.long()
 
 
@@ -311,9 +314,8 @@ class AOTDecoder:
         m = attention_mask
         if not isinstance(m, torch.Tensor) or m.shape != ids.shape or m.device.type != "cpu" or \
                 m.dtype.is_floating_point or m.is_complex():
-            desc = type(m).__name__ if not isinstance(m, torch.Tensor) else f"{m.dtype} {tuple(m.shape)} on {m.device}"
             raise ValueError(f"attention_mask must be a CPU integer or bool tensor shaped like input_ids "
-                             f"{tuple(ids.shape)}, got {desc}")
+                             f"{tuple(ids.shape)}, got {_describe(m)}")
         m = m.long()
         if not bool(((m == 0) | (m == 1)).all()):
             raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")

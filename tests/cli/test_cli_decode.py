@@ -10,7 +10,7 @@ import torch
 
 from medquant.cli import main
 from medquant.kernels.native import native_status
-from tests.prune.real_models import minilm_dir
+from tests.cli.tiny_folder import tiny_llama_folder
 
 PROMPT = "no acute cardiopulmonary"
 
@@ -19,15 +19,8 @@ PROMPT = "no acute cardiopulmonary"
 def folders(tmp_path_factory):
     """A W4 g32 folder (``medquant quantize``) and a decoder compiled for it (``medquant compile-decoder``: the
     step program only, 24 positions)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
     root = tmp_path_factory.mktemp("decode")
-    LlamaForCausalLM(cfg).save_pretrained(root / "src")
-    tok.save_pretrained(root / "src")
+    tiny_llama_folder(root / "src")
     assert main(["quantize", str(root / "src"), str(root / "q4"), "--bits", "4", "--group-size", "32",
                  "--json"]) == 0
     return root

@@ -15,22 +15,16 @@ from medquant.cli.quantize import calibration_batches
 from medquant.eval.lm import perplexity, token_batches
 from medquant.quant.api import quantized_modules
 from medquant.quant.size import model_size
-from tests.prune.real_models import REPORTS, minilm_dir
+from tests.cli.tiny_folder import tiny_llama_folder
+from tests.prune.real_models import REPORTS
 
 IDS = torch.tensor([[101, 2053, 11325, 1997, 2023, 102]])
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
     root = tmp_path_factory.mktemp("cli")
-    LlamaForCausalLM(cfg).save_pretrained(root / "src")
-    tok.save_pretrained(root / "src")
+    tiny_llama_folder(root / "src")
     (root / "calib.txt").write_text("\n\n".join(REPORTS * 4), encoding="utf-8")
     return root
 

@@ -211,18 +211,19 @@ def test_a_saved_decoder_loads_in_a_fresh_process_and_gives_the_same_tokens(deco
     ids = _ids(2, 13, 1)
     expected = decoder.generate(ids, 9)
     script = f"""
-import json, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import json
 import medquant as mq
 from medquant.quant.aot import _bind
-from test_aot import _handles, _ids, _llama
+from tests.quant.test_aot import _handles, _ids, _llama
 other = _llama(7)
 mq.quantize_(other, mq.QuantConfig(4, group_size=32))
 _bind(other)
 dec = mq.load_decoder({str(folder)!r}, mq.load({str(tmp_path / "model")!r}), progress=False)  # weights checked
 print(json.dumps({{"tokens": dec.generate(_ids(2, 13, 1), 9).tolist(), "handles": _handles(dec)}}))
 """
-    run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
+    # run from the repository root, where this module imports as tests.quant.test_aot
+    run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["tokens"] == expected.tolist()
