@@ -38,6 +38,7 @@ PKG = REPO / "medquant"
 
 # Bottom first. Components on one line share a rank: they may import each other (but not in a cycle).
 LAYERS: list[tuple[str, ...]] = [
+    ("digest",),
     ("kernels", "data", "version"),
     ("models", "complexity"),
     ("quant",),

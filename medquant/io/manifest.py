@@ -22,6 +22,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from medquant.digest import sha256_file
+
 __all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "ManifestError", "check_plain_name", "check_relative_name",
            "no_duplicates", "read_manifest", "sha256_file", "verify_files", "write_manifest"]
 
@@ -95,22 +97,6 @@ def check_relative_name(name: Any, what: str) -> str:
     for part in name.split("/"):
         check_plain_name(part, what)
     return name
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file, read in 1 MiB chunks.
-
-    Args:
-        path: the file.
-
-    Returns:
-        The hex digest.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _canonical(body: dict[str, Any]) -> bytes:

@@ -80,6 +80,8 @@ from pathlib import Path
 
 import torch
 
+from medquant.digest import sha256_file
+
 from .bundle import PackedWeight
 from .layout import container_bits, storage_bits, symmetric_params
 
@@ -187,10 +189,6 @@ def _compiler_version(cc: list[str]) -> str:
     return res.stdout.strip()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _hash_parts(*parts: bytes) -> str:
     """A build key: the first 24 hex digits of the SHA-256 of ``parts``, each followed by a zero byte."""
     h = hashlib.sha256()
@@ -212,7 +210,7 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     """Load a built library after checking its SHA-256 against the file written beside it at build time and,
     once loaded, the build key and ABI it reports (ValueError / OSError when anything is off)."""
     digest = path.with_name(path.name + ".sha256")
-    if not digest.is_file() or digest.read_text().strip() != _sha256(path):
+    if not digest.is_file() or digest.read_text().strip() != sha256_file(path):
         raise ValueError(f"{path} does not match its recorded SHA-256 (corrupted or replaced)")
     lib = ctypes.CDLL(str(path))
     for name in ("mq_build_key", "mq_abi", "mq_has_f16", "mq_openmp", "mq_dequant", "mq_gemv4_caps", "mq_call"):
@@ -250,7 +248,7 @@ def _compile(cc: list[str], flags: list[str], key: str, out_dir: Path, source: P
         res = _run(cmd, timeout=_BUILD_TIMEOUT_S)
         if res.returncode != 0 or not lib.is_file():
             raise OSError(f"compiling failed ({' '.join(flags)}): {(res.stderr or res.stdout).strip()[-400:]}")
-        lib.with_name(lib_name + ".sha256").write_text(_sha256(lib) + "\n")
+        lib.with_name(lib_name + ".sha256").write_text(sha256_file(lib) + "\n")
         try:
             os.rename(tmp, out_dir)
         except OSError:

@@ -72,6 +72,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medquant.digest import sha256_file
+
 __all__ = ["AOTDecoder", "compile_decoder", "load_decoder"]
 
 
@@ -497,7 +499,7 @@ class AOTDecoder:
         for (kind, length), src in sorted(self._files.items()):
             dst = folder / f"{kind}-{length}.pt2"
             shutil.copyfile(src, dst)
-            programs.append({"kind": kind, "length": length, "file": dst.name, "sha256": _file_sha256(dst)})
+            programs.append({"kind": kind, "length": length, "file": dst.name, "sha256": sha256_file(dst)})
         manifest = {
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **_build_facts(),
             "model": {"class": type(self.model).__name__, "model_type": getattr(config, "model_type", None),
@@ -524,14 +526,6 @@ class AOTDecoder:
 
 #: the manifest of a saved decoder (:meth:`AOTDecoder.save`), its format name and version
 MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION = "decoder.json", "medquant.aot_decoder", 1
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _build_facts() -> dict[str, str]:
@@ -791,7 +785,7 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
         file = folder / prog["file"]
         if not file.is_file():
             raise FileNotFoundError(f"{file}, a program of the saved decoder, is missing")
-        if _file_sha256(file) != prog["sha256"]:
+        if sha256_file(file) != prog["sha256"]:
             raise ValueError(f"{file} does not match its recorded SHA-256 (corrupted or replaced): save it again")
         files[prog["kind"], int(prog["length"])] = file
     config = _text_config(model)
