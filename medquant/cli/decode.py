@@ -59,8 +59,18 @@ def run_compile(args) -> int:
 def run_generate(args) -> int:
     import torch
 
-    from ..quant.aot import compile_decoder, load_decoder
+    from ..quant.aot import compile_decoder, load_decoder, read_decoder_manifest
 
+    max_len = args.max_len
+    if args.decoder:  # what the saved programs take, checked before loading anything
+        try:
+            saved = read_decoder_manifest(args.decoder)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SystemExit(f"--decoder: {exc}") from None
+        max_len = saved["max_len"]
+        if saved["batch_size"] != len(args.prompt):
+            raise SystemExit(f"--prompt: {len(args.prompt)} prompts given, the decoder in {args.decoder} was "
+                             f"compiled for batch {saved['batch_size']}: give {saved['batch_size']}")
     model, tok = _load(args.model)
     if tok is None:
         raise SystemExit(f"{args.model}: no tokenizer could be loaded from the model folder")
@@ -68,25 +78,19 @@ def run_generate(args) -> int:
     if any(not r for r in rows):
         raise SystemExit("--prompt: a prompt tokenized to no tokens")
     width = max(len(r) for r in rows)
-    if args.max_len is not None and width + args.max_new_tokens > args.max_len:
+    if width + args.max_new_tokens > max_len:
         raise SystemExit(f"--max-new-tokens: a {width}-token prompt plus {args.max_new_tokens} tokens exceeds "
-                         f"--max-len {args.max_len}")
+                         + (f"the decoder's max_len {max_len}" if args.decoder else f"--max-len {max_len}"))
     t = time.perf_counter()
     if args.decoder:
         decoder = load_decoder(args.decoder, model, progress=not args.json)
     else:
         decoder = compile_decoder(model, args.max_len, batch_size=len(rows), progress=not args.json)
     ready_s = time.perf_counter() - t
-    if decoder.batch_size != len(rows):
-        raise SystemExit(f"--prompt: {len(rows)} prompts given, the decoder was compiled for batch "
-                         f"{decoder.batch_size}: give {decoder.batch_size}")
     # shorter prompts padded on the left, as generate takes a batch
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    if ids.shape[1] + args.max_new_tokens > decoder.max_len:
-        raise SystemExit(f"--max-new-tokens: a {ids.shape[1]}-token prompt plus {args.max_new_tokens} tokens exceeds "
-                         f"the decoder's max_len {decoder.max_len}")
     generator = torch.Generator().manual_seed(args.seed)
     out = decoder.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                            do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
@@ -113,6 +117,14 @@ def run_generate(args) -> int:
         print(f"[prefill {summary['prefill_tok_s']} tok/s{rate}; decoder "
               f"{'loaded' if args.decoder else 'compiled'} in {ready_s:.1f} s]")
     return 0
+
+
+def _check_compile(args, parser) -> None:
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        parser.error(f"OUT_DIR: {out} exists and is not an empty folder: give a new or empty folder")
 
 
 def _check_generate(args, parser) -> None:
@@ -142,7 +154,7 @@ def register(sub) -> None:
     p.add_argument("--cache-lengths", type=positive_int, nargs="*", default=None, metavar="N",
                    help="cache lengths to compile for (default 256, 512, ... below --max-len; none: --max-len only)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run_compile)
+    p.set_defaults(func=run_compile, check=lambda args: _check_compile(args, p))
 
     p = sub.add_parser("generate", help="generate text with a compiled decoder (saved, or compiled now)",
                        description=__doc__.split("\n\n")[0])

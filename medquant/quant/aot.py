@@ -74,7 +74,7 @@ from torch import nn
 
 from medquant.digest import sha256_file
 
-__all__ = ["AOTDecoder", "compile_decoder", "load_decoder"]
+__all__ = ["AOTDecoder", "compile_decoder", "load_decoder", "read_decoder_manifest"]
 
 
 class _CacheStep(nn.Module):
@@ -732,6 +732,27 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{path} has manifest version {manifest.get('version')!r}; this medquant reads version "
                          f"{MANIFEST_VERSION}: compile the decoder again")
     return manifest
+
+
+def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The record a saved decoder's folder holds (``decoder.json``), read without loading a model or a program.
+
+    For checks that should come before the cost of loading: the sizes the programs were compiled for
+    (``batch_size``, ``max_len``, ``chunk``, the ``programs`` with their cache lengths), the model's class and type,
+    and the versions and CPU they were compiled for. :func:`load_decoder` checks all of it against the model and this
+    process.
+
+    Args:
+        path: a folder written by :meth:`AOTDecoder.save`.
+
+    Returns:
+        The manifest as a dict (format ``medquant.aot_decoder``, version 1).
+
+    Raises:
+        FileNotFoundError: no ``decoder.json`` in ``path``.
+        ValueError: the file is not a readable decoder manifest, or of another manifest version.
+    """
+    return _read_manifest(Path(path))
 
 
 def _refuse(what: str, saved: Any, here: Any, remedy: str) -> None:

@@ -67,6 +67,13 @@ def test_compile_then_generate_gives_transformers_tokens(folders, capsys):
     # a decoder saved for the quantized folder refuses the float one (other layers, other weights)
     assert main(["generate", str(folders / "src"), "--decoder", str(dec), "--prompt", PROMPT]) == 2
     assert "differ" in capsys.readouterr().err
+    # the saved sizes are checked from decoder.json before the model is loaded: an empty model folder is not reached
+    empty = folders / "empty"
+    empty.mkdir()
+    assert main(["generate", str(empty), "--decoder", str(dec), "--prompt", PROMPT, "--prompt", PROMPT]) == 2
+    assert "2 prompts given, the decoder in" in capsys.readouterr().err
+    assert main(["generate", str(q4), "--decoder", str(dec), "--prompt", PROMPT, "--max-new-tokens", "24"]) == 2
+    assert "exceeds the decoder's max_len 24" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -106,6 +113,7 @@ def test_prompts_of_different_lengths_are_padded_on_the_left_as_generate_takes_t
      "exceeds --max-len 8"),
     (["generate", "{src}", "--decoder", "{src}", "--prompt", "x"], "holds no saved decoder"),
     (["compile-decoder", "/no/such/model", "out", "--max-len", "8"], "/no/such/model: no such folder"),
+    (["compile-decoder", "{src}", "{src}", "--max-len", "8"], "exists and is not an empty folder"),
 ])
 def test_bad_input_is_one_line_naming_it(folders, capsys, argv, message):
     argv = [a.replace("{src}", str(folders / "src")) for a in argv]
