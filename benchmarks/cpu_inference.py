@@ -68,6 +68,12 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the seed of the random weights (the ~1.1B model), the prompts and the token ids timed
+SEED = 0
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
 QUANT = {  # variant -> QuantConfig kwargs
     "W8": {"bits": 8, "scope": "channel"},
     "W4g128": {"bits": 4, "group_size": 128},
@@ -127,7 +133,7 @@ def _build(model_name: str):
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -407,7 +413,7 @@ def prefill_ab(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     base, _ = _make(spec["model"], "bfloat16", False)
-    ids = torch.randint(0, base.config.vocab_size, (1, spec["prefill"]), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, base.config.vocab_size, (1, spec["prefill"]), generator=torch.Generator().manual_seed(SEED))
     out: dict = {"model": spec["model"], "rounds": spec["rounds"], "prefill": spec["prefill"],
                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "loadavg_before": os.getloadavg(),
                  "variants": {}}
@@ -471,7 +477,7 @@ def decode_ab(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     bases = {name: _make(spec["model"], name, False)[0] for name in ("float32", "bfloat16")}
     vocab = bases["float32"].config.vocab_size
-    ids = torch.randint(0, vocab, (1, spec["prompt"]), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (1, spec["prompt"]), generator=torch.Generator().manual_seed(SEED))
     out: dict = {"model": spec["model"], "rounds": spec["rounds"], "prompt": spec["prompt"], "new": spec["new"],
                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "loadavg_before": os.getloadavg(),
                  "variants": {}}
@@ -520,7 +526,7 @@ def compile_ab(spec: dict) -> dict:
     backend = spec.get("backend", "inductor")  # the tests pass "eager" (Dynamo's trace without code generation)
     bf16_compiled = static_decode_(_make(spec["model"], "bfloat16", False)[0], backend=backend)
     vocab = bases["float32"].config.vocab_size
-    ids = torch.randint(0, vocab, (1, spec["prompt"]), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (1, spec["prompt"]), generator=torch.Generator().manual_seed(SEED))
 
     def rate(model, skip_guards: bool = False) -> float:
         if not skip_guards:
@@ -579,7 +585,7 @@ def worker(spec: dict) -> dict:
     model, tok = _make(spec["model"], spec["variant"], spec["head"])
     variant, head = spec["variant"], spec["head"]
     vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(SEED)
     prompt = torch.randint(0, vocab, (8, spec["prompt"]), generator=gen)
     with torch.no_grad():  # warm-up: builds the CPU kernels' repacked weights
         model(input_ids=prompt[:1, :2])
@@ -774,8 +780,8 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     stem = Path(args.out) if args.out else RESULTS / ("cpu_inference_quick" if quick else "cpu_inference")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    result = {"spec": spec, "bandwidth_gbs": bw, "cpu_features": cpu_features(), "hardware": hardware(),
-              "versions": versions(), "rows": rows}
+    result = {"benchmark": "cpu_inference", "date": _utc_now(), "seed": SEED, "spec": spec, "bandwidth_gbs": bw,
+              "cpu_features": cpu_features(), "hardware": hardware(), "versions": versions(), "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     table = _table(rows, bw)
     stem.with_suffix(".md").write_text(f"measured read bandwidth {bw:.1f} GB/s, {threads} threads\n\n{table}\n")
@@ -868,7 +874,7 @@ def _main_ab(args, mode: str) -> int:
                     cells.append(f"{statistics.median(v['tok_s']['variant']):.1f}")
                 lines.append(f"| {res['model']} | {name} | " + " | ".join(cells) + f" | {res['rounds']} |")
         table = "\n".join(lines)
-    out = {"benchmark": f"cpu_inference --{mode.replace('_', '-')}", "threads": threads,
+    out = {"benchmark": f"cpu_inference --{mode.replace('_', '-')}", "date": _utc_now(), "seed": SEED, "threads": threads,
            "prefill_kernel": get_cpu_prefill_kernel(), "cpu_features": cpu_features(),
            "hardware": hardware(), "versions": versions(), "results": results}
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
