@@ -123,7 +123,7 @@ def cache_lengths_ab(args) -> int:
     for dec in decoders.values():
         dec.close()
     result = run_record("aoti_decode_cache_lengths", SEED, load0, [row], prompt=args.prompt, new=args.new,
-                        rounds=args.rounds)
+                        rounds=args.rounds, **_backend())
     lines = [(f"| max_len {long}, default cache lengths | {row['cache_lengths']} | {med['long', 'decode']:.1f} | "
               f"{med['long', 'prefill']:.0f} | | |"),
              (f"| max_len {long}, programs for max_len only (control) | [{long}] | "
@@ -164,7 +164,9 @@ def markdown(result: dict) -> str:
     head = (f"{r['model']} {r['variant']} (head quantized), {result['threads']} threads, batch "
             f"{result.get('batch', 1)} (rates count every row), {result['prompt']}-token prompt, {result['new']} "
             f"greedy tokens, prompt chunk {r['chunk']}, {result['rounds']} rounds, order "
-            "rotated; ratios: medians of per-round ratios.")
+            "rotated; ratios: medians of per-round ratios."
+            + (f" Compute dtype {result['compute_dtype']}, prefill kernel {result['prefill_kernel']}."
+               if "compute_dtype" in result else ""))
     tail = (f"AOT greedy tokens equal generate's: {r['same_tokens']} ({r['tokens_agreeing']}/{r['tokens']}); "
             f"export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s (both programs); static_decode_'s first "
             f"generate {r['compiled_first_call_s']:.1f} s."
@@ -174,6 +176,14 @@ def markdown(result: dict) -> str:
                       f"{result['date']})"), "", head, "",
                       ("| decoder | decode tok/s median (best) | prefill tok/s median | AOT / this, decode | "
                       "AOT / this, prefill |"), "|---|---|---|---|---|", *lines, "", tail, ""])
+
+
+def _backend() -> dict:
+    """The CPU backend's settings the programs were compiled under (recorded with every run)."""
+    from medquant.kernels import get_cpu_compute_dtype, get_cpu_prefill_kernel
+
+    return {"compute_dtype": str(get_cpu_compute_dtype()).removeprefix("torch."),
+            "prefill_kernel": get_cpu_prefill_kernel()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +210,15 @@ def main(argv: list[str] | None = None) -> int:
                         "what reading the handles from tensors costs")
     p.add_argument("--cache-lengths-ab", type=int, default=0, metavar="MAX_LEN",
                    help="compare a MAX_LEN cache with and without the default cache lengths (and a short cache)")
+    p.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default=None,
+                   help="the CPU backend's compute dtype (default: the library's choice for this CPU); float32 "
+                        "also stands for CPUs without the blocked matmul (its prompt chunks run the weight-only "
+                        "kernel)")
     args = p.parse_args(argv)
+    if args.compute_dtype:
+        from medquant.kernels import set_cpu_compute_dtype
+
+        set_cpu_compute_dtype(args.compute_dtype)
     if args.cache_lengths_ab:
         return cache_lengths_ab(args)
     if args.llamacpp and args.model != "smollm2":
@@ -291,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bound_layers": decoder.bound_layers, "compiled_first_call_s": first, **row_extra})
     decoder.close()
     result = run_record("aoti_decode", SEED, load0, [row], prompt=args.prompt, new=args.new, rounds=args.rounds,
-                        batch=args.batch)
+                        batch=args.batch, **_backend())
     save_results(RESULTS, args.out, result, markdown(result))
     return 0
 

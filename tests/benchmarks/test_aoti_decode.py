@@ -15,11 +15,19 @@ def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, mon
     4: two full ones and a remainder of 2 through one-token steps; batch 2, every row checked), the control on
     the Python kernel, the decoder saved and loaded with another copy of the model, and the one with its handles
     written into the code."""
+    from medquant.kernels import get_cpu_compute_dtype, set_cpu_compute_dtype
+
     monkeypatch.setattr(ad, "RESULTS", tmp_path)
-    assert ad.main(["--model", "llama_small", "--rounds", "1", "--prompt", "10", "--new", "4", "--chunk", "4",
-                    "--batch", "2", "--python-op-control", "--save-load", "--int-handle-control", "--out", "t"]) == 0
+    before = get_cpu_compute_dtype()
+    try:  # float32 compute: no blocked matmul, the prompt chunks run the weight-only kernel (AOT lanes, every M)
+        assert ad.main(["--model", "llama_small", "--rounds", "1", "--prompt", "10", "--new", "4", "--chunk", "4",
+                        "--batch", "2", "--python-op-control", "--save-load", "--int-handle-control", "--out", "t",
+                        "--compute-dtype", "float32"]) == 0
+    finally:
+        set_cpu_compute_dtype(before)
     result = json.loads((tmp_path / "t.json").read_text())
     row = result["rows"][0]
+    assert result["compute_dtype"] == "float32" and result["prefill_kernel"] in ("gemm", "dense")
     assert result["batch"] == 2 and row["same_tokens"] and row["tokens"] == 10 and row["tokens_agreeing"] == 10
     assert row["python_op_control_same_tokens"]  # the control decodes the same tokens through the Python kernel
     assert row["loaded_same_tokens"] and row["load_s"] > 0 and row["save_s"] > 0  # saved, loaded, same tokens
@@ -34,6 +42,7 @@ def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, mon
     md = (tmp_path / "t.md").read_text()
     assert "compile_decoder (AOTInductor)" in md and "batch 2" in md and "prompt chunk 4, 1 rounds" in md
     assert "saved and loaded (load_decoder)" in md and "its tokens equal: True" in md
+    assert "Compute dtype float32" in md
 
 
 def test_llamacpp_comparison_needs_smollm2_at_batch_1():
