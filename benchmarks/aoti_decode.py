@@ -165,7 +165,8 @@ def markdown(result: dict) -> str:
             f"{result.get('batch', 1)} (rates count every row), {result['prompt']}-token prompt, {result['new']} "
             f"greedy tokens, prompt chunk {r['chunk']}, {result['rounds']} rounds, order "
             "rotated; ratios: medians of per-round ratios."
-            + (f" Compute dtype {result['compute_dtype']}, prefill kernel {result['prefill_kernel']}."
+            + (f" Compute dtype {result['compute_dtype']}; large-M calls on the blocked matmul: "
+               f"{'yes' if result['blocked_matmul'] else 'no (weight-only kernel in the programs)'}."
                if "compute_dtype" in result else ""))
     tail = (f"AOT greedy tokens equal generate's: {r['same_tokens']} ({r['tokens_agreeing']}/{r['tokens']}); "
             f"export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s (both programs); static_decode_'s first "
@@ -180,10 +181,17 @@ def markdown(result: dict) -> str:
 
 def _backend() -> dict:
     """The CPU backend's settings the programs were compiled under (recorded with every run)."""
-    from medquant.kernels import get_cpu_compute_dtype, get_cpu_prefill_kernel
+    import torch
 
-    return {"compute_dtype": str(get_cpu_compute_dtype()).removeprefix("torch."),
-            "prefill_kernel": get_cpu_prefill_kernel()}
+    from medquant.kernels import get_cpu_compute_dtype, get_cpu_prefill_kernel
+    from medquant.kernels.native import native_status
+
+    cd = get_cpu_compute_dtype()
+    # the blocked matmul runs large-M calls only with bfloat16 compute, where the setting asks for it and the
+    # native build has it (AVX512-VNNI)
+    blocked = get_cpu_prefill_kernel() == "gemm" and cd == torch.bfloat16 and bool(native_status().get("gemm"))
+    return {"compute_dtype": str(cd).removeprefix("torch."), "prefill_kernel": get_cpu_prefill_kernel(),
+            "blocked_matmul": blocked}
 
 
 def main(argv: list[str] | None = None) -> int:

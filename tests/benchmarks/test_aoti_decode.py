@@ -27,7 +27,7 @@ def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, mon
         set_cpu_compute_dtype(before)
     result = json.loads((tmp_path / "t.json").read_text())
     row = result["rows"][0]
-    assert result["compute_dtype"] == "float32" and result["prefill_kernel"] in ("gemm", "dense")
+    assert result["compute_dtype"] == "float32" and result["blocked_matmul"] is False  # bfloat16 compute only
     assert result["batch"] == 2 and row["same_tokens"] and row["tokens"] == 10 and row["tokens_agreeing"] == 10
     assert row["python_op_control_same_tokens"]  # the control decodes the same tokens through the Python kernel
     assert row["loaded_same_tokens"] and row["load_s"] > 0 and row["save_s"] > 0  # saved, loaded, same tokens
@@ -42,7 +42,7 @@ def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, mon
     md = (tmp_path / "t.md").read_text()
     assert "compile_decoder (AOTInductor)" in md and "batch 2" in md and "prompt chunk 4, 1 rounds" in md
     assert "saved and loaded (load_decoder)" in md and "its tokens equal: True" in md
-    assert "Compute dtype float32" in md
+    assert "Compute dtype float32; large-M calls on the blocked matmul: no" in md
 
 
 def test_llamacpp_comparison_needs_smollm2_at_batch_1():
