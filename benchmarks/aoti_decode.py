@@ -166,7 +166,8 @@ def markdown(result: dict) -> str:
             f"greedy tokens, prompt chunk {r['chunk']}, {result['rounds']} rounds, order "
             "rotated; ratios: medians of per-round ratios."
             + (f" Compute dtype {result['compute_dtype']}; large-M calls on the blocked matmul: "
-               f"{'yes' if result['blocked_matmul'] else 'no (weight-only kernel in the programs)'}."
+               f"{'yes' if result['blocked_matmul'] else 'no (weight-only kernel in the programs)'}; the C++ "
+               f"operator: {'yes' if result['native_op'] else 'NO, the Python kernel: ' + result['native_op_reason']}."
                if "compute_dtype" in result else ""))
     tail = (f"AOT greedy tokens equal generate's: {r['same_tokens']} ({r['tokens_agreeing']}/{r['tokens']}); "
             f"export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s (both programs); static_decode_'s first "
@@ -185,13 +186,15 @@ def _backend() -> dict:
 
     from medquant.kernels import get_cpu_compute_dtype, get_cpu_prefill_kernel
     from medquant.kernels.native import native_status
+    from medquant.kernels.native_op import native_op_status
 
     cd = get_cpu_compute_dtype()
     # the blocked matmul runs large-M calls only with bfloat16 compute, where the setting asks for it and the
     # native build has it (AVX512-VNNI)
     blocked = get_cpu_prefill_kernel() == "gemm" and cd == torch.bfloat16 and bool(native_status().get("gemm"))
+    status = native_op_status()  # the programs call it; where it is not built they call the Python kernel
     return {"compute_dtype": str(cd).removeprefix("torch."), "prefill_kernel": get_cpu_prefill_kernel(),
-            "blocked_matmul": blocked}
+            "blocked_matmul": blocked, "native_op": status["active"], "native_op_reason": status["reason"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from medquant.digest import sha256_file
+
 from . import native
 
 #: set to 0 / false / off / no to keep compiled graphs on the Python kernel
@@ -80,7 +82,7 @@ def _key(source: bytes, version: str, flags: list[str]) -> str:
 
 def _load(path: Path, key: str) -> None:
     digest = path.with_name(path.name + ".sha256")
-    if not digest.is_file() or digest.read_text().strip() != native._sha256(path):
+    if not digest.is_file() or digest.read_text().strip() != sha256_file(path):
         raise ValueError(f"{path} does not match its recorded SHA-256 (corrupted or replaced)")
     torch.ops.load_library(str(path))
     got = torch.ops.medquant.native_op_key()
