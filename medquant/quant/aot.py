@@ -731,7 +731,18 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{path} has manifest version {manifest.get('version')!r}; this medquant reads version "
                          f"{MANIFEST_VERSION}: compile the decoder again")
+    for key, kind in _MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, int) and value < 1):
+            raise ValueError(f"{path}: field {key!r} is {value!r}, expected a {_KIND_NAMES[kind]} (the file was "
+                             "edited or cut short: save the decoder again)")
     return manifest
+
+
+#: the manifest's fields the loader reads, and their JSON types (sizes are positive integers)
+_MANIFEST_FIELDS = {"batch_size": int, "max_len": int, "chunk": int, "programs": list, "model": dict, "cache": dict,
+                    "lanes": dict, "ops": list, "constants": dict}
+_KIND_NAMES = {int: "positive integer", list: "list", dict: "mapping"}
 
 
 def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:

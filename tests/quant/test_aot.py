@@ -278,6 +278,20 @@ def test_a_loaded_decoder_runs_the_model_it_is_given_and_checks_it(decoder, tmp_
         (folder / "decoder.json").write_text(json.dumps({**manifest, key: value}))
         with pytest.raises(ValueError, match=match):
             mq.load_decoder(folder, _quantized(), progress=False)
+    # a field cut out or of another type: refused by name, before any program is read
+    from medquant.quant.aot import read_decoder_manifest
+
+    (folder / "decoder.json").write_text(json.dumps(manifest))
+    assert read_decoder_manifest(folder)["batch_size"] == manifest["batch_size"]
+    for key, value in (("batch_size", None), ("max_len", 0), ("chunk", True), ("lanes", [])):
+        edited = {k: v for k, v in manifest.items() if k != key or value is not None}
+        if value is not None:
+            edited[key] = value
+        (folder / "decoder.json").write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=f"field '{key}' is"):
+            read_decoder_manifest(folder)
+        with pytest.raises(ValueError, match=f"field '{key}' is"):
+            mq.load_decoder(folder, _quantized(), progress=False)
     (folder / "decoder.json").write_text(json.dumps(manifest))
     step = folder / "step-12.pt2"
     data = bytearray(step.read_bytes())
