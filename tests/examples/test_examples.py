@@ -32,6 +32,7 @@ SMOKE = {
     "prune_distill_quantize.py": ["--out", "{tmp}/pdq"],
     "qlora_reports.py": ["--out", "{tmp}/adapter"],
     "export_for_serving.py": ["--out", "{tmp}/served"],
+    "fast_cpu_decode.py": ["--out", "{tmp}/decode"],
 }
 
 
@@ -124,3 +125,23 @@ def test_export_for_serving(runs):
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     diff = float(re.search(r"largest logit difference ([0-9.e+-]+)", out).group(1))
     assert diff < 0.05
+
+
+def test_fast_cpu_decode(runs):
+    """The saved model and decoder, loaded here (``medquant.load``, ``load_decoder``, which checks the model's
+    weights against the saved record), continue a prompt as transformers' ``generate`` does on the loaded model."""
+    import torch
+
+    import medquant as mq
+    from medquant.quant import QuantLinear
+
+    out, tmp_path = _run(runs, "fast_cpu_decode.py")
+    assert "| W4 g32, compile_decoder | 8 |" in out and "saved decoder loaded" in out
+    model = mq.load(tmp_path / "decode" / "model")
+    assert isinstance(model.lm_head, QuantLinear)  # the head quantized too
+    decoder = mq.load_decoder(tmp_path / "decode" / "decoder", model, progress=False)
+    ids = torch.randint(1, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(decoder.generate(ids, 6), expected)
+    decoder.close()
