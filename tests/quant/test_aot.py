@@ -356,3 +356,32 @@ def test_compile_decoder_refuses_what_it_cannot_compile():
     meta = _llama().to("meta")
     with pytest.raises(ValueError, match="compiles for CPU"):
         compile_decoder(meta, 8)
+
+
+@pytest.mark.parametrize("n, heads, kv_heads", [(1, 8, 2), (3, 6, 3), (1, 4, 4)])
+def test_step_attention_equals_transformers_eager_attention(n, heads, kv_heads):
+    """The step programs' attention (grouped queries against the cache's own heads) against transformers' eager
+    attention (keys and values repeated per query head), with an additive mask hiding some positions."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from medquant.quant.aot import _grouped_attention
+
+    g = torch.Generator().manual_seed(n + heads)
+    b, d, length = 2, 16, 11
+    q = torch.randn(b, heads, n, d, generator=g)
+    k, v = torch.randn(b, kv_heads, length, d, generator=g), torch.randn(b, kv_heads, length, d, generator=g)
+    mask = torch.zeros(b, 1, n, length)
+    mask[0, :, :, :4] = torch.finfo(torch.float32).min  # row 0: the first 4 positions are padding
+    mask[:, :, :, -2:] = torch.finfo(torch.float32).min  # the last 2: not written yet
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
+    ref, _ = eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
+    got, weights = _grouped_attention(module, q, k, v, mask, scaling=d ** -0.5)
+    assert weights is None and got.shape == ref.shape == (b, n, heads, d)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_models_attention_setting_is_restored_after_compiling(decoder):
+    assert decoder.model.config._attn_implementation == "sdpa"  # the step programs were exported with their own
