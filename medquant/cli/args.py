@@ -55,6 +55,14 @@ def existing_folder(text: str) -> str:
     return text
 
 
+def new_or_empty_folder(text: str) -> str:
+    """A folder to write into: one that does not exist yet, or an empty one (never files overwritten)."""
+    p = Path(text)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not an empty folder: give a new or empty folder")
+    return text
+
+
 def existing_file(text: str) -> str:
     """A file that exists (named as missing otherwise)."""
     p = Path(text)

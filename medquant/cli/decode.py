@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 
-from .args import existing_folder, positive_int
+from .args import existing_folder, new_or_empty_folder, positive_int
 
 
 def _load(folder: str):
@@ -119,14 +119,6 @@ def run_generate(args) -> int:
     return 0
 
 
-def _check_compile(args, parser) -> None:
-    from pathlib import Path
-
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        parser.error(f"OUT_DIR: {out} exists and is not an empty folder: give a new or empty folder")
-
-
 def _check_generate(args, parser) -> None:
     if (args.decoder is None) == (args.max_len is None):
         parser.error("give either --decoder DIR (a decoder saved by compile-decoder) or --max-len N (compile one now)")
@@ -146,7 +138,8 @@ def register(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL_DIR", type=existing_folder,
                    help="Hugging Face causal LM folder (float or medquant-quantized)")
-    p.add_argument("out", metavar="OUT_DIR", help="folder to save the decoder into (new or empty)")
+    p.add_argument("out", metavar="OUT_DIR", type=new_or_empty_folder,
+                   help="folder to save the decoder into (new or empty)")
     p.add_argument("--max-len", type=positive_int, required=True, help="cache positions: prompt + new tokens")
     p.add_argument("--batch-size", type=positive_int, default=1, help="rows per call (default 1)")
     p.add_argument("--chunk", type=positive_int, default=None,
@@ -154,7 +147,7 @@ def register(sub) -> None:
     p.add_argument("--cache-lengths", type=positive_int, nargs="*", default=None, metavar="N",
                    help="cache lengths to compile for (default 256, 512, ... below --max-len; none: --max-len only)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run_compile, check=lambda args: _check_compile(args, p))
+    p.set_defaults(func=run_compile)
 
     p = sub.add_parser("generate", help="generate text with a compiled decoder (saved, or compiled now)",
                        description=__doc__.split("\n\n")[0])
