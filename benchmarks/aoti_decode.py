@@ -240,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common.env import run_record, save_results
     from benchmarks.cpu_inference import _generate_decode_tok_s, _make, _ratios, _rotated_rounds
-    from medquant.kernels.native_op import native_op_status
     from medquant.quant.aot import compile_decoder
     from medquant.quant.decode import static_decode_
 
@@ -256,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = compiled.generate(ids, max_new_tokens=args.new + 1, min_new_tokens=args.new + 1, do_sample=False,
                                 pad_token_id=0)[:, args.prompt:].reshape(-1).tolist()
     toks = aot_round(decoder, ids, args.new)[1]
-    row_extra: dict = {"native_op": native_op_status()["active"]}
+    row_extra: dict = {}  # whether the C++ operator ran: the record's "native_op" (_backend)
     timers = {"aot": lambda: aot_round(decoder, ids, args.new)[0],
               "compiled": lambda: {"decode": args.batch * _generate_decode_tok_s(compiled, ids, args.new, 1)[0],
                                    "prefill": eager_prefill_tok_s(compiled, ids)}}

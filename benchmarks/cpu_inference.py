@@ -70,10 +70,6 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the seed of the random weights (the ~1.1B model), the prompts and the token ids timed
 SEED = 0
-
-
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
 QUANT = {  # variant -> QuantConfig kwargs
     "W8": {"bits": 8, "scope": "channel"},
     "W4g128": {"bits": 4, "group_size": 128},
@@ -756,7 +752,7 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.common.datasets import use_data_dir
-    from benchmarks.common.env import hardware, versions
+    from benchmarks.common.env import hardware, utc_now, versions
     from medquant.kernels import cpu_features, get_cpu_prefill_kernel
 
     quick = args.quick
@@ -780,7 +776,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     stem = Path(args.out) if args.out else RESULTS / ("cpu_inference_quick" if quick else "cpu_inference")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "cpu_inference", "date": _utc_now(), "seed": SEED, "spec": spec, "bandwidth_gbs": bw,
+    result = {"benchmark": "cpu_inference", "date": utc_now(), "seed": SEED, "spec": spec, "bandwidth_gbs": bw,
               "cpu_features": cpu_features(), "hardware": hardware(), "versions": versions(), "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     table = _table(rows, bw)
@@ -828,7 +824,7 @@ def _main_ab(args, mode: str) -> int:
     table + JSON."""
     import torch
 
-    from benchmarks.common.env import hardware, versions
+    from benchmarks.common.env import hardware, utc_now, versions
     from medquant.kernels import cpu_features, get_cpu_prefill_kernel
 
     prefill = mode == "prefill_ab"
@@ -874,7 +870,7 @@ def _main_ab(args, mode: str) -> int:
                     cells.append(f"{statistics.median(v['tok_s']['variant']):.1f}")
                 lines.append(f"| {res['model']} | {name} | " + " | ".join(cells) + f" | {res['rounds']} |")
         table = "\n".join(lines)
-    out = {"benchmark": f"cpu_inference --{mode.replace('_', '-')}", "date": _utc_now(), "seed": SEED, "threads": threads,
+    out = {"benchmark": f"cpu_inference --{mode.replace('_', '-')}", "date": utc_now(), "seed": SEED, "threads": threads,
            "prefill_kernel": get_cpu_prefill_kernel(), "cpu_features": cpu_features(),
            "hardware": hardware(), "versions": versions(), "results": results}
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")

@@ -5,6 +5,7 @@
 * :func:`hardware` - machine, processor, CPU model and the matrix-instruction flags from ``/proc/cpuinfo``
   (AVX2, AVX512F, AVX512-BF16, AVX512-VNNI / AVX-VNNI, AMX-BF16 / AMX-INT8 / AMX-TILE), CPU count, torch threads,
   load average and CUDA device (if any), plus caller-supplied fields.
+* :func:`utc_now` - a record's date; :func:`run_record` / :func:`save_results` - the record of a run and its files.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import importlib
 import os
 import platform
 
-__all__ = ["CPU_FLAGS", "cpu_info", "hardware", "versions"]
+__all__ = ["CPU_FLAGS", "cpu_info", "hardware", "utc_now", "versions"]
 
 # /proc/cpuinfo flag -> the name recorded (the instructions that decide which CPU kernels are fast)
 CPU_FLAGS = {
@@ -77,15 +78,20 @@ def hardware(**fields) -> dict:
     return out
 
 
+def utc_now() -> str:
+    """The UTC date and time now, to the second, ISO 8601 (``2026-12-04T23:28:48+00:00``): a record's ``date``."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def run_record(benchmark: str, seed: int, loadavg_before: list, rows: list, **fields) -> dict:
     """The JSON record of one benchmark run: its name, the UTC date now, ``seed``, torch's thread count, then
     ``fields`` as given, the load averages before the run and now, :func:`hardware`, :func:`versions` and
     ``rows`` last."""
-    from datetime import datetime, timezone
-
     import torch
 
-    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+    return {"benchmark": benchmark, "date": utc_now(), "seed": seed,
             "threads": torch.get_num_threads(), **fields, "loadavg_before": loadavg_before,
             "loadavg_after": list(os.getloadavg()), "hardware": hardware(), "versions": versions(), "rows": rows}
 
