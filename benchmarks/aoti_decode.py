@@ -13,6 +13,9 @@ and a one-token step, quantized layers bound to their native kernels. Per round,
 * ``aot_python_op`` (``--python-op-control``): the same decoder compiled with ``$MEDQUANT_NATIVE_OP=0``, its
   quantized layers called through the Python kernel of ``medquant::gemv4_bound`` instead of the C++ operator
   (:mod:`medquant.kernels.native_op`): the control for what the C++ operator adds;
+* ``aot_split`` (``--split-control``): the same decoder compiled with ``set_cpu_native4_activations("split")``
+  (float32 activations as two bfloat16 halves, two products per code) instead of the default ``"int16"`` (16-bit
+  integers per 32 columns, one integer product per code): the control for what the integer form saves;
 * ``aot_loaded`` (``--save-load``): the decoder saved (``AOTDecoder.save``) and loaded (``load_decoder``) with
   another copy of the model: the loaded programs read that copy's tensors and call its layers by the handles
   they are handed at load, and must run as fast as the compiled ones (the save and load times are recorded);
@@ -33,7 +36,7 @@ rounds; writes ``aoti_decode_cache_lengths.{json,md}``. (``aoti_decode_step_leng
 measurement when only the step program had several lengths, decode only.)
 
 Run: ``python -m benchmarks.aoti_decode [--model smollm2] [--rounds 5] [--prompt 128] [--new 64] [--chunk 64]
-[--threads 2] [--batch 1] [--python-op-control] [--save-load] [--int-handle-control] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
+[--threads 2] [--batch 1] [--python-op-control] [--split-control] [--save-load] [--int-handle-control] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
 """
 from __future__ import annotations
 
@@ -149,6 +152,7 @@ def markdown(result: dict) -> str:
     r = result["rows"][0]
     names = {"aot": "compile_decoder (AOTInductor), prefill + feed",
              "aot_python_op": "the same, layers through the Python kernel (MEDQUANT_NATIVE_OP=0)",
+             "aot_split": "the same, activations split into two bfloat16 halves (native4 activations \"split\")",
              "aot_loaded": "the same decoder saved and loaded (load_decoder) with another copy of the model",
              "aot_int_handle": "the same, handles written into the code as integers (as before saving existed)",
              "compiled": "static_decode_ (torch.compile), generate; prefill: eager forward",
@@ -184,7 +188,7 @@ def _backend() -> dict:
     """The CPU backend's settings the programs were compiled under (recorded with every run)."""
     import torch
 
-    from medquant.kernels import get_cpu_compute_dtype, get_cpu_prefill_kernel
+    from medquant.kernels import get_cpu_compute_dtype, get_cpu_native4_activations, get_cpu_prefill_kernel
     from medquant.kernels.native import native_status
     from medquant.kernels.native_op import native_op_status
 
@@ -194,6 +198,7 @@ def _backend() -> dict:
     blocked = get_cpu_prefill_kernel() == "gemm" and cd == torch.bfloat16 and bool(native_status().get("gemm"))
     status = native_op_status()  # the programs call it; where it is not built they call the Python kernel
     return {"compute_dtype": str(cd).removeprefix("torch."), "prefill_kernel": get_cpu_prefill_kernel(),
+            "native4_activations": get_cpu_native4_activations(),
             "blocked_matmul": blocked, "native_op": status["active"], "native_op_reason": status["reason"]}
 
 
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="aoti_decode")
     p.add_argument("--python-op-control", action="store_true",
                    help="also the same decoder with its layers on the Python kernel (MEDQUANT_NATIVE_OP=0)")
+    p.add_argument("--split-control", action="store_true",
+                   help="also the same decoder compiled with split activations (set_cpu_native4_activations('split'))")
     p.add_argument("--llamacpp", action="store_true",
                    help="also llama.cpp's Q4_0 export of SmolLM2 in every round (needs `python -m benchmarks.llamacpp"
                         " --speed-only` run before: its build and smollm2_w4.gguf)")
@@ -268,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
             del os.environ["MEDQUANT_NATIVE_OP"]
         row_extra["python_op_control_same_tokens"] = aot_round(control, ids, args.new)[1] == ref
         timers["aot_python_op"] = lambda: aot_round(control, ids, args.new)[0]
+    if args.split_control:
+        from medquant.kernels import set_cpu_native4_activations
+
+        set_cpu_native4_activations("split")  # read when the layers' kernels are bound (inside compile_decoder)
+        try:
+            split = compile_decoder(_make(args.model, args.variant, True)[0], args.prompt + args.new + 1,
+                                    batch_size=args.batch, chunk=args.chunk)
+        finally:
+            set_cpu_native4_activations(None)
+        row_extra["split_control_same_tokens"] = aot_round(split, ids, args.new)[1] == ref
+        timers["aot_split"] = lambda: aot_round(split, ids, args.new)[0]
     if args.save_load:
         from medquant.quant.aot import load_decoder
 

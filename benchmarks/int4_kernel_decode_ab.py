@@ -9,11 +9,12 @@ single-token steps after a 32-token prompt (``benchmarks.common.lm.time_decode``
 each round is native tok/s / aten tok/s (labels ``native`` / ``aten``; results written before the stream widths
 were added say ``native4`` / ``int4``); medians over rounds.
 
-``--ab activations`` pairs native4's two ways of taking bfloat16-compute activations instead
-(``set_cpu_native4_activations("split")``, the default, against ``"round"``): the ratio is split / round, what
-the float32-exact activations cost in decode speed.
+``--ab activations`` pairs two of native4's ways of taking bfloat16-compute float32 activations instead
+(``set_cpu_native4_activations("split")`` against ``"round"``): the ratio is split / round, what the float32-exact
+activations cost in decode speed. ``--ab int16`` pairs ``"int16"`` (the default: 16-bit integers per 32 columns
+where the quad form covers the row) against ``"split"``: the ratio is int16 / split, what the integer form saves.
 
-Run: ``python -m benchmarks.int4_kernel_decode_ab [--ab kernel|activations] [--models smollm2]
+Run: ``python -m benchmarks.int4_kernel_decode_ab [--ab kernel|activations|int16] [--models smollm2]
 [--variants W4g128,W4g128@bf16] [--rounds 6] [--steps 48] [--out int4_kernel_decode_ab]``; writes
 ``benchmarks/results/<out>.{json,md}``.
 """
@@ -36,12 +37,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
 #: what is paired -> (the setting, its two values (a, b), their labels in the results); ratio = a / b
 ABS = {"kernel": (set_cpu_int4_kernel, ("auto", "aten"), ("native", "aten")),
-       "activations": (set_cpu_native4_activations, ("split", "round"), ("split", "round"))}
+       "activations": (set_cpu_native4_activations, ("split", "round"), ("split", "round")),
+       "int16": (set_cpu_native4_activations, ("int16", "split"), ("int16", "split"))}
 
 
 def pair(model, ids: torch.Tensor, rounds: int, steps: int, ab: str = "kernel") -> dict:
     """tok/s per round for each of the two settings of ``ab`` (:data:`ABS`), alternating, the order swapped every
-    round; ratios a / b per round (kernel: native / aten; activations: split / round); the setting is restored
+    round; ratios a / b per round (kernel: native / aten; activations: split / round; int16: int16 / split); the
+    setting is restored
     to its default afterwards."""
     setter, (a, b), (la, lb) = ABS[ab]
     tok_s: dict[str, list[float]] = {a: [], b: []}

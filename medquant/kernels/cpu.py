@@ -37,9 +37,11 @@ kernel)
 ==============================================  ========================================================
 
 **native4** computes, for row ``r`` of ``W`` and row ``i`` of ``x``, with ``x~`` the input as the kernel takes
-it (``cd`` float32: ``x``; float16: ``x`` rounded to float16; bfloat16: ``hi + lo``, ``hi = bf16(x)``,
-``lo = bf16(x - hi)``, i.e. ``x`` to a relative ``2^-17``, or with :func:`set_cpu_native4_activations` ``"round"``
-``bf16(x)``),
+it (``cd`` float32: ``x``; float16: ``x`` rounded to float16; bfloat16 with a float32 ``x``, by
+:func:`set_cpu_native4_activations`: ``"int16"``, the default, where the kernel's quad form covers the row,
+``t * round_half_even(x / t)`` with ``t`` the largest magnitude of each 32 columns over 32767, i.e. ``x`` to
+``2^-16`` of that magnitude; elsewhere and with ``"split"``, ``hi + lo``, ``hi = bf16(x)``, ``lo = bf16(x - hi)``,
+i.e. ``x`` to a relative ``2^-17``; with ``"round"`` ``bf16(x)``; a bfloat16 ``x`` as it is),
 
     y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
 
@@ -48,14 +50,16 @@ which is ``x~ @ ((u - z) * s)^T`` with every product exact and float32 sums, and
 medquant's packed codes in place, so a layer holds one form of its weight in memory; float16 and float32 scales
 and zero points are read in place too (bfloat16 ones are copied to float32; a symmetric zero point is one value).
 With ``cd`` bfloat16 and
-AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``, two per code when split); otherwise float32 FMA.
+AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``, two per code when split), or int16 pairs
+(``vpdpwssd``, AVX512-VNNI) for ``"int16"``; otherwise float32 FMA.
 Under ``torch.compile`` it runs as the operator ``medquant::gemv4``, or, in a layer bound for a compiled decode step
 (``QuantLinear.bind_cpu_kernels``), as ``medquant::gemv4_bound``: the bound matmul called by its handle, so that
 the graph takes none of the layer's tensors.
 
 **gemm** (prefill: native row groups from ``dense_min_m("gemm")`` = 16 rows on, and from
 ``dense_min_m("gemm_split")`` = 8 for float32 ``x`` that native4 would split into two halves (a batch of 8
-decoding sequences), in place of the native kernel and of the dense path, ``cd`` bfloat16, :func:`set_cpu_prefill_kernel` ``"gemm"``, the default): medquant's blocked matmul on the packed codes
+decoding sequences), from ``dense_min_m("gemm_int16")`` = 12 for float32 ``x`` that native4 takes as 16-bit
+integers, in place of the native kernel and of the dense path, ``cd`` bfloat16, :func:`set_cpu_prefill_kernel` ``"gemm"``, the default): medquant's blocked matmul on the packed codes
 (:meth:`medquant.kernels.native.NativeGemv4.gemm`). ``x`` enters as 16-bit integers per block ``c`` of columns
 (the group, or 128 / 64 / 32 columns of it; 128 for channel / tensor scope),
 
@@ -170,9 +174,11 @@ ENV_INT4_KERNEL = "MEDQUANT_CPU_INT4_KERNEL"
 INT4_KERNELS = ("auto", "aten")
 #: environment variable read at import: how native4 / native8 take bfloat16-compute activations (split / round)
 ENV_NATIVE4_ACTIVATIONS = "MEDQUANT_CPU_NATIVE4_ACTIVATIONS"
-#: how native4 / native8 multiply activations with a bfloat16 compute dtype: "split" (x = hi + lo, two bfloat16 halves,
-#: x to a relative 2^-17: the float32 reference's result to about 1e-6) or "round" (x rounded to bfloat16)
-NATIVE4_ACTIVATIONS = ("split", "round")
+#: how native4 / native8 multiply activations with a bfloat16 compute dtype: "int16" (the default: float32 x as 16-bit
+#: integers per 32 columns, one integer product per code, where native4's quad form covers the row; elsewhere
+#: "split"), "split" (x = hi + lo, two bfloat16 halves, x to a relative 2^-17: the float32 reference's result to
+#: about 1e-6) or "round" (x rounded to bfloat16)
+NATIVE4_ACTIVATIONS = ("int16", "split", "round")
 #: environment variable read at import: what runs rows on the native kernels from dense_min_m on (gemm / dense)
 ENV_PREFILL_KERNEL = "MEDQUANT_CPU_PREFILL_KERNEL"
 #: large-M choices for row groups on a native kernel with a bfloat16 compute dtype: "gemm" (medquant's blocked
@@ -200,6 +206,11 @@ DEFAULT_GEMM_MIN_M = 16
 #: 5632 x 2048, 2048 x 5632 and 1536 x 576): at M = 8 the gemm took 0.40-0.70x the native kernel's time
 #: (5632 x 2048 W4 g128: 1.28 ms against 3.22), at M = 4 1.3-2.1x; a batch of 8 sequences decodes at M = 8.
 DEFAULT_GEMM_MIN_M_SPLIT = 8
+#: the same for float32 ``x`` that native4 takes as 16-bit integers (activations "int16", its default, where the
+#: quad form covers the row): one integer product per code. Measured in-process (2 threads, W4 g128, the six
+#: SmolLM2 / 1.1B shapes): at M = 8 the weight-only kernel took 0.55-0.96x the gemm's time, at M = 12 0.83-1.47x
+#: (median 1.3x), at M = 16 1.18-1.31x.
+DEFAULT_GEMM_MIN_M_INT16 = 12
 #: the dense path dequantizes a weight whose dense form in the compute dtype exceeds DENSE_CHUNK_MIN_BYTES a
 #: slice of rows at a time (about DENSE_CHUNK_BYTES each, a multiple of 16 rows) into one buffer, each slice's
 #: GEMM writing its columns of the output. Measured (bf16, 2 threads, idle AVX512-BF16 CPU): a 49152 x 576 4-bit
@@ -212,7 +223,7 @@ DENSE_CHUNK_BYTES = 8 << 20
 _compute_dtype: torch.dtype | None = None  # set below from $MEDQUANT_CPU_COMPUTE_DTYPE
 _dense_min_m: int | None = None  # None: the per-kernel defaults above
 _int4_kernel = "auto"  # set below from $MEDQUANT_CPU_INT4_KERNEL
-_native4_activations = "split"  # set below from $MEDQUANT_CPU_NATIVE4_ACTIVATIONS
+_native4_activations = "int16"  # set below from $MEDQUANT_CPU_NATIVE4_ACTIVATIONS
 _prefill_kernel = "gemm"  # set below from $MEDQUANT_CPU_PREFILL_KERNEL
 _layer_dtype: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> compute dtype of that layer
 _plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> _Plan
@@ -340,7 +351,8 @@ def set_cpu_dense_min_m(m: int | None) -> None:
     and a dense matmul runs (faster for large ``M``). ``None`` restores the measured per-kernel defaults
     (``DEFAULT_DENSE_MIN_M_INT4`` = 32 for native4, native8 and the int4 kernel, ``DEFAULT_DENSE_MIN_M`` = 72
     for the int8 kernel, ``DEFAULT_GEMM_MIN_M`` = 16 where native row groups switch to the blocked matmul,
-    ``DEFAULT_GEMM_MIN_M_SPLIT`` = 8 for float32 inputs with split activations).
+    ``DEFAULT_GEMM_MIN_M_SPLIT`` = 8 for float32 inputs with split activations, ``DEFAULT_GEMM_MIN_M_INT16`` = 12
+    for float32 inputs native4 takes as 16-bit integers).
 
     Args:
         m: an int >= 2, or None for the defaults.
@@ -358,22 +370,22 @@ def set_cpu_dense_min_m(m: int | None) -> None:
 def dense_min_m(kind: str) -> int:
     """The ``M`` from which the dense path replaces the weight-only kernel ``kind`` (``"int4"`` or ``"int8"``; for
     ``"gemm"``: from which native row groups run the blocked matmul, :func:`set_cpu_prefill_kernel`; for
-    ``"gemm_split"``: the same for float32 inputs that native4 would split into two bfloat16 halves).
+    ``"gemm_split"``: the same for float32 inputs that native4 would split into two bfloat16 halves; for
+    ``"gemm_int16"``: the same for float32 inputs that native4 takes as 16-bit integers).
 
     The value of :func:`set_cpu_dense_min_m` when one was set, else that kernel's default.
 
     Args:
-        kind: ``"int4"``, ``"int8"``, ``"gemm"`` or ``"gemm_split"``.
+        kind: ``"int4"``, ``"int8"``, ``"gemm"``, ``"gemm_split"`` or ``"gemm_int16"``.
 
     Raises:
         ValueError: another ``kind``.
     """
-    if kind not in ("int4", "int8", "gemm", "gemm_split"):
-        raise ValueError(f"kind must be 'int4', 'int8', 'gemm' or 'gemm_split', got {kind!r}")
-    if _dense_min_m is not None:
-        return _dense_min_m
-    return {"int4": DEFAULT_DENSE_MIN_M_INT4, "int8": DEFAULT_DENSE_MIN_M, "gemm": DEFAULT_GEMM_MIN_M,
-            "gemm_split": DEFAULT_GEMM_MIN_M_SPLIT}[kind]
+    defaults = {"int4": DEFAULT_DENSE_MIN_M_INT4, "int8": DEFAULT_DENSE_MIN_M, "gemm": DEFAULT_GEMM_MIN_M,
+                "gemm_split": DEFAULT_GEMM_MIN_M_SPLIT, "gemm_int16": DEFAULT_GEMM_MIN_M_INT16}
+    if kind not in defaults:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, defaults))}, got {kind!r}")
+    return defaults[kind] if _dense_min_m is None else _dense_min_m
 
 
 def set_cpu_int4_kernel(kind: str | None) -> None:
@@ -433,18 +445,27 @@ _int4_kernel = _env_choice(ENV_INT4_KERNEL, INT4_KERNELS)
 def set_cpu_native4_activations(mode: str | None) -> None:
     """How the native kernels (native4 and native8) take activations when the compute dtype is bfloat16.
 
-    ``"split"`` (the default): ``x = hi + lo`` with ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the
-    codes with ``vdpbf16ps``, so ``x`` enters to a relative ``2^-17`` and the result matches the float32 reference
-    to about ``1e-6`` (no bfloat16 rounding of activations, weights or output). In decode it cost about 4% per
-    token on SmolLM2-135M and nothing measurable on a 1.1B model, in paired rounds
-    (``benchmarks/results/native4_activations_decode_ab*.json``). A bfloat16 input is already exact and is not
-    split. ``"round"``: ``x``
-    rounded to bfloat16 (one product per code; the layer's output then differs from the float32 reference by
-    about ``2^-9`` relative). Float32 compute is exact either way; the dense path (``M >= dense_min_m``) and the
-    aten kernels always round to the compute dtype.
+    ``"int16"`` (the default): where native4's quad form covers the row (4-bit containers, ``k_pad`` a multiple
+    of 128, groups of 32, 64 or a multiple of 128 columns, or one per row; the library built with AVX512-VNNI:
+    :attr:`~medquant.kernels.native.NativeGemv4.int16_form`), a float32 ``x`` enters as 16-bit integers per 32
+    columns ``c``,
+
+        t[i, c] = max_{j in c} |x[i, j]| / 32767,   x~[i, j] = t[i, c] * round_half_even(x[i, j] / t[i, c])
+
+    (``x`` to ``2^-16`` of its 32 columns' largest magnitude), multiplied by the codes exactly (``vpdpwssd``, one
+    integer product per code), each 32 columns' sum scaled by ``t s`` in float32: the blocked matmul's
+    precision (at most its blocks' size), 15-23% faster per call than ``"split"`` on SmolLM2's and the 1.1B
+    model's layers at ``M = 1`` (2 threads). Elsewhere (8-bit containers, the bit streams, other row lengths, an
+    ``x`` with a value that is not finite) it is ``"split"``. ``"split"``: ``x = hi + lo`` with
+    ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the codes with ``vdpbf16ps``, so ``x`` enters to a
+    relative ``2^-17`` and the result matches the float32 reference to about ``1e-6`` (no bfloat16 rounding of
+    activations, weights or output). ``"round"``: ``x`` rounded to bfloat16 (one product per code; the layer's
+    output then differs from the float32 reference by about ``2^-9`` relative). A bfloat16 input is exact as it
+    is and is multiplied as bfloat16 in every mode. Float32 compute is exact in every mode; the dense path
+    (``M >= dense_min_m``) and the aten kernels always round to the compute dtype.
 
     Args:
-        mode: ``"split"``, ``"round"``, or None (``"split"``).
+        mode: ``"int16"``, ``"split"``, ``"round"``, or None (``"int16"``).
 
     Raises:
         ValueError: any other value.
@@ -460,7 +481,7 @@ def get_cpu_native4_activations() -> str:
     """How native4 takes bfloat16-compute activations now (:func:`set_cpu_native4_activations`).
 
     Returns:
-        ``"split"`` or ``"round"``.
+        ``"int16"``, ``"split"`` or ``"round"``.
     """
     return _native4_activations
 
@@ -471,8 +492,9 @@ _native4_activations = _env_choice(ENV_NATIVE4_ACTIVATIONS, NATIVE4_ACTIVATIONS)
 def set_cpu_prefill_kernel(kind: str | None) -> None:
     """Choose what runs many rows (prefill) of native row groups in bfloat16 compute: the blocked matmul or dense.
 
-    From ``dense_min_m("gemm")`` rows on (16 by default; 8, ``dense_min_m("gemm_split")``, for float32 ``x`` with
-    the default split activations, which cost the native kernel two products per weight). ``"gemm"`` (the default): medquant's blocked integer matmul on the packed codes
+    From ``dense_min_m("gemm")`` rows on (16 by default; for float32 ``x`` 12, ``dense_min_m("gemm_int16")``, where
+    native4 takes it as 16-bit integers, and 8, ``dense_min_m("gemm_split")``, where it splits it, which costs the
+    native kernel two products per weight). ``"gemm"`` (the default): medquant's blocked integer matmul on the packed codes
     (:meth:`medquant.kernels.native.NativeGemv4.gemm`): ``x`` as 16-bit integers per block of columns (``x`` to
     ``2^-16`` of the block's largest magnitude), the codes exact, integer sums within a block, float32 across
     blocks and a float32 output: no bfloat16 rounding of weights or outputs, so a prefill agrees with the float32
@@ -772,25 +794,38 @@ def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     return w if dtype == torch.float32 else w.to(dtype)
 
 
-def _native_below(gemm: bool, split: bool) -> int:
+def _native_below(gemm: bool, form: str = "") -> int:
     """The ``M`` below which a native row group runs its weight-only kernel: ``gemm``, whether large ``M`` runs the
-    blocked matmul; ``split``, whether the native kernel would split ``x`` into two bfloat16 halves (float32 ``x``,
-    the default activations), which moves the switch down to ``dense_min_m("gemm_split")``. The callers pass
-    ``split`` False while ``torch.compile`` traces (a traced large-``M`` call of the prepared matmul takes the
-    dense path; a bound layer's compiled call is decided by :func:`_traced_lane`), at call time."""
+    blocked matmul; ``form``, how the native kernel takes float32 ``x`` (:func:`_f32_form`): ``"split"`` (two
+    bfloat16 halves) moves the switch down to ``dense_min_m("gemm_split")``, ``"int16"`` to
+    ``dense_min_m("gemm_int16")``. The callers pass ``""`` while ``torch.compile`` traces (a traced large-``M``
+    call of the prepared matmul takes the dense path; a bound layer's compiled call is decided by
+    :func:`_traced_lane`), at call time."""
     if not gemm:
         return dense_min_m("int4")
-    return dense_min_m("gemm_split" if split else "gemm")
+    return dense_min_m({"split": "gemm_split", "int16": "gemm_int16"}.get(form, "gemm"))
 
 
-def _path(plan: _Plan, m: int, cd: torch.dtype, split: bool = False) -> str:
+def _f32_form(plan: _Plan) -> str:
+    """How a native row group's kernel takes float32 ``x`` with a bfloat16 compute dtype
+    (:func:`set_cpu_native4_activations`): ``"int16"`` (where the activations are ``"int16"`` and the kernel has the
+    form: :attr:`~medquant.kernels.native.NativeGemv4.int16_form`), ``"split"`` (the activations ``"split"``, or
+    ``"int16"`` where the form is missing) or ``""`` (``"round"``)."""
+    if _native4_activations == "round":
+        return ""
+    if _native4_activations == "int16" and plan.gemv is not None and plan.gemv.int16_form:
+        return "int16"
+    return "split"
+
+
+def _path(plan: _Plan, m: int, cd: torch.dtype, form: str = "") -> str:
     if plan.kind is None:
         return "reference"
     if plan.kind == "dense":
         return "dense"
     if plan.kind.startswith("native"):
         gemm = _gemm_enabled(plan, cd)
-        if m < _native_below(gemm, split and not torch.compiler.is_compiling()):
+        if m < _native_below(gemm, "" if torch.compiler.is_compiling() else form):
             return plan.kind
         return "gemm" if gemm and not torch.compiler.is_compiling() else "dense"
     if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
@@ -819,8 +854,8 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
         layout, ...), ``"gemm"`` (the native blocked matmul at large ``M``), ``"int4"``, ``"int8"``, ``"dense"`` or
         ``"reference"``.
     """
-    return _path(cpu_plan(weight), x.shape[0], _layer_compute_dtype(weight),
-                 x.dtype == torch.float32 and _native4_activations == "split")
+    plan = cpu_plan(weight)
+    return _path(plan, x.shape[0], _layer_compute_dtype(weight), _f32_form(plan) if x.dtype == torch.float32 else "")
 
 
 def _contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -838,16 +873,19 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     packed, group, k, n, pad = plan.packed, plan.group, weight.k, weight.n, plan.k4 - weight.k
     params = _params(plan, weight, cd) if plan.kind in ("int4", "int8") else None
     gemv = plan.gemv
-    # native4's x mode: 2 split into two bfloat16 halves, 1 rounded to bfloat16, 0 as it is (float32 FMA)
-    xmode = (2 if _native4_activations == "split" else 1) if cd == torch.bfloat16 else 0
-    xmode_bf16 = 1 if xmode == 2 else xmode  # a bfloat16 x is its own hi half: no lo half to multiply
+    # native4's x mode: 3 as 16-bit integers, 2 split into two bfloat16 halves, 1 rounded to bfloat16, 0 as it is
+    # (float32 FMA)
+    form = _f32_form(plan) if cd == torch.bfloat16 else ""
+    xmode = {"int16": 3, "split": 2}.get(form, 1) if cd == torch.bfloat16 else 0
+    xmode_bf16 = 1 if xmode >= 2 else xmode  # a bfloat16 x is exact as it is: one bfloat16 product per code
     # large M on the native blocked matmul (a settings change rebuilds this runner; traced calls take the dense path)
     gemm = _gemm_enabled(plan, cd)
     # native4 below this M (a settings change bumps the dispatch generation: prepared runners are rebuilt)
-    native_below = _native_below(gemm, False) if gemv is not None else 0
-    # float32 x that native4 would split into two halves switches earlier (DEFAULT_GEMM_MIN_M_SPLIT); a traced call
-    # keeps native_below (checked per call in run: this runner may be built while tracing and reused eagerly)
-    split_below = _native_below(gemm, True) if gemv is not None and xmode == 2 else native_below
+    native_below = _native_below(gemm) if gemv is not None else 0
+    # float32 x that native4 splits into two halves or takes as integers switches earlier (DEFAULT_GEMM_MIN_M_SPLIT,
+    # _INT16); a traced call keeps native_below (checked per call in run: this runner may be built while tracing and
+    # reused eagerly)
+    split_below = _native_below(gemm, form) if gemv is not None and xmode >= 2 else native_below
     native_dtypes = (torch.float32, torch.bfloat16) if cd != torch.float16 else ()
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default

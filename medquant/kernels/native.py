@@ -92,7 +92,7 @@ ENV_CACHE_DIR = "MEDQUANT_CACHE_DIR"
 #: the C source, shipped inside the package
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dequant.c"
 #: version of the C functions' arguments; the library reports it (``mq_abi``)
-ABI = 6
+ABI = 7
 #: file name of the built library inside its build folder
 LIB_NAME = "libmqdequant.so"
 #: flag sets tried in order until one compiles (common flags first)
@@ -608,7 +608,7 @@ gemv4_op = torch.ops.medquant.gemv4.default
 # GEMM_XMODE runs the blocked matmul (NativeGemv4.gemm), so a compiled prefill computes what an eager one does.
 _OPS.define("gemv4_bound(Tensor x, int handle, int n, int xmode) -> Tensor")
 #: the ``xmode`` of ``medquant::gemv4_bound`` that runs the bound matmul's blocked form (:meth:`NativeGemv4.gemm`;
-#: ``mq_call``'s flag 16 is ``4 << 2``) instead of the weight-only kernel (xmodes 0, 1, 2)
+#: ``mq_call``'s flag 16 is ``4 << 2``) instead of the weight-only kernel (xmodes 0, 1, 2, 3)
 GEMM_XMODE = 4
 #: the bound matmuls by handle, held weakly: a matmul its layer no longer holds goes away, and a graph still
 #: calling it gets an error, not another layer's weights
@@ -618,7 +618,7 @@ _HANDLES = itertools.count(1)
 
 def _gemv4_bound_cpu(x: torch.Tensor, handle: int, n: int, xmode: int) -> torch.Tensor:
     """``y (M, n) float32`` of the bound matmul ``handle`` (:attr:`NativeGemv4.handle`) for ``x (M, k)``, float32 or
-    bfloat16 with unit column stride: the CPU kernel of ``medquant::gemv4_bound``. ``xmode`` 0 / 1 / 2: the
+    bfloat16 with unit column stride: the CPU kernel of ``medquant::gemv4_bound``. ``xmode`` 0 / 1 / 2 / 3: the
     weight-only kernel (:class:`NativeGemv4`); :data:`GEMM_XMODE`: the blocked matmul (:meth:`NativeGemv4.gemm`;
     an ``x`` it declines, one with a value that is not finite, is multiplied in float32 with the dequantized
     weight, as the reference path does). Raises RuntimeError for an unknown handle, a wrong ``n`` or ``x``, the
@@ -628,8 +628,8 @@ def _gemv4_bound_cpu(x: torch.Tensor, handle: int, n: int, xmode: int) -> torch.
         raise RuntimeError(f"medquant::gemv4_bound: no bound matmul {handle} of {n} rows taking x "
                            f"{tuple(x.shape)} strides {x.stride()} (its layer was re-bound, reloaded or freed since this graph was "
                            "compiled); call torch._dynamo.reset() and compile again")
-    if xmode not in (0, 1, 2, GEMM_XMODE):
-        raise RuntimeError(f"medquant::gemv4_bound: xmode must be 0, 1, 2 or {GEMM_XMODE} (GEMM_XMODE), got {xmode}")
+    if xmode not in (0, 1, 2, 3, GEMM_XMODE):
+        raise RuntimeError(f"medquant::gemv4_bound: xmode must be 0, 1, 2, 3 or {GEMM_XMODE} (GEMM_XMODE), got {xmode}")
     if xmode == GEMM_XMODE and not gemv.has_gemm:
         raise RuntimeError("medquant::gemv4_bound: this build has no blocked matmul (AVX512-VNNI)")
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
@@ -700,7 +700,11 @@ class NativeGemv4:
     (codes widened to float32, FMA); 1, ``x`` rounded to bfloat16 (``vdpbf16ps`` with AVX512-BF16); 2 (split),
     ``hi + lo`` with ``hi = bf16(x)``, ``lo = bf16(x - hi)``, two ``vdpbf16ps`` products per code, ``x`` to a
     relative ``2^-17`` (without AVX512-BF16, modes 1 and 2 run the float32 FMA form, mode 2 then with ``x~ =
-    x``). ``y`` is float32, or bfloat16 (the float32 sum rounded once)
+    x``); 3 (int16, where :attr:`int16_form`; else as 2), per 32 columns ``c`` of a 128-column unit
+    ``t[i, c] = max_{j in c} |x[i, j]| / 32767`` and ``x~ = t * round_half_even(x / t)``, the integer products
+    summed exactly per unit (``vpdpwssd``), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value that is
+    not finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2). ``y`` is float32, or
+    bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
     ``$MEDQUANT_NATIVE`` is read when it is built (:func:`native_gemv4`), not at each call. It reads medquant's
     packed codes in place (no copy of the weight), and the scales and zero points too where they are float16 or
@@ -743,7 +747,7 @@ class NativeGemv4:
 
         Args:
             x: ``(M, k)`` CPU float32 or bfloat16 tensor with unit column stride.
-            xmode: 0, 1 or 2 (class docstring; a bool: 1 for True).
+            xmode: 0, 1, 2 or 3 (class docstring; a bool: 1 for True).
 
         Returns:
             ``y (M, n)``, or None when the C function declined.
@@ -755,8 +759,9 @@ class NativeGemv4:
                 x.device.type != "cpu" or (self.k > 1 and x.stride(1) != 1):
             raise ValueError(f"x must be a CPU float32 / bfloat16 tensor (M, {self.k}) with unit column stride, "
                              f"got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
-        if xmode not in (0, 1, 2):
-            raise ValueError(f"xmode must be 0 (x as it is), 1 (rounded to bfloat16) or 2 (split), got {xmode!r}")
+        if xmode not in (0, 1, 2, 3):
+            raise ValueError(f"xmode must be 0 (x as it is), 1 (rounded to bfloat16), 2 (split) or 3 (int16), "
+                             f"got {xmode!r}")
         return self.run(x, xmode)
 
     def run(self, x: torch.Tensor, xmode: int) -> torch.Tensor | None:
@@ -776,6 +781,15 @@ class NativeGemv4:
         ``y`` of the same dtype holding ``m`` rows of ``n`` (the caller has checked both): a decode step's call,
         without reshapes. False when the C function declined (``y`` is then not written)."""
         return _matmul_into(self._call, self._haddr, x, y, xmode << 2, (m, self.k, self.n)) == 0
+
+    @property
+    def int16_form(self) -> bool:
+        """Whether ``xmode`` 3 runs as such here (else as 2, split): 4-bit containers whose quad form covers the
+        row (``k_pad`` a multiple of 128; groups of 32, 64 or a multiple of 128 columns, or one per row) and a
+        library with ``vpdpwssd`` (AVX512-VNNI, as :attr:`has_gemm`)."""
+        ng = self.kp // self.ge
+        return self._gemm and self.bits == 4 and self.kp % 128 == 0 and (
+            ng == 1 or self.ge % 128 == 0 or self.ge in (32, 64))
 
     @property
     def has_gemm(self) -> bool:

@@ -21,7 +21,8 @@ def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, mon
     before = get_cpu_compute_dtype()
     try:  # float32 compute: no blocked matmul, the prompt chunks run the weight-only kernel (AOT lanes, every M)
         assert ad.main(["--model", "llama_small", "--rounds", "1", "--prompt", "10", "--new", "4", "--chunk", "4",
-                        "--batch", "2", "--python-op-control", "--save-load", "--int-handle-control", "--out", "t",
+                        "--batch", "2", "--python-op-control", "--save-load", "--int-handle-control", "--split-control",
+                        "--out", "t",
                         "--compute-dtype", "float32"]) == 0
     finally:
         set_cpu_compute_dtype(before)
@@ -32,16 +33,17 @@ def test_one_round_records_paired_rates_ratios_and_the_token_check(tmp_path, mon
     assert row["python_op_control_same_tokens"]  # the control decodes the same tokens through the Python kernel
     assert row["loaded_same_tokens"] and row["load_s"] > 0 and row["save_s"] > 0  # saved, loaded, same tokens
     assert row["int_handle_control_same_tokens"]  # the control with handles written into the code
-    for name in ("aot", "aot_python_op", "aot_loaded", "aot_int_handle", "compiled"):
+    assert row["split_control_same_tokens"] and result["native4_activations"] == "int16"  # the default, restored
+    for name in ("aot", "aot_python_op", "aot_loaded", "aot_int_handle", "aot_split", "compiled"):
         for metric in ("decode", "prefill"):
             assert len(row[f"{name}_{metric}_tok_s"]) == 1 and row[f"{name}_{metric}_tok_s"][0] > 0
     for metric in ("decode", "prefill"):
-        for base in ("compiled", "aot_python_op", "aot_loaded", "aot_int_handle"):
+        for base in ("compiled", "aot_python_op", "aot_loaded", "aot_int_handle", "aot_split"):
             expected = row[f"aot_{metric}_tok_s"][0] / row[f"{base}_{metric}_tok_s"][0]
             assert row[f"aot_vs_{base}"][metric] == pytest.approx(expected)
     md = (tmp_path / "t.md").read_text()
     assert "compile_decoder (AOTInductor)" in md and "batch 2" in md and "prompt chunk 4, 1 rounds" in md
-    assert "saved and loaded (load_decoder)" in md and "its tokens equal: True" in md
+    assert "saved and loaded (load_decoder)" in md and "its tokens equal: True" in md and "split into two" in md
     assert "Compute dtype float32; large-M calls on the blocked matmul: no" in md
 
 

@@ -35,7 +35,10 @@ def test_pair_of_native4_activation_modes_restores_the_default():
     row = ab.pair(model, ids, rounds=2, steps=2, ab="activations")
     assert row["labels"] == ["split", "round"]
     assert row["ratios"] == [a / b for a, b in zip(row["split_tok_s"], row["round_tok_s"])]
-    assert get_cpu_native4_activations() == "split"
+    assert get_cpu_native4_activations() == "int16"
+    row16 = ab.pair(model, ids, rounds=2, steps=2, ab="int16")
+    assert row16["labels"] == ["int16", "split"] and len(row16["int16_tok_s"]) == 2
+    assert get_cpu_native4_activations() == "int16"
     result = {"date": "d", "rounds": 2, "steps": 2, "threads": 1, "loadavg_before": [0.0], "loadavg_after": [0.0],
               "rows": [{"model": "llama_small", "variant": "W4g128", **row}]}
     assert "split tok/s (median)" in ab.markdown(result)

@@ -221,7 +221,8 @@ def test_dense_threshold_defaults_differ_per_kernel_and_one_setting_moves_both()
     set_cpu_dense_min_m(None)
     assert dense_min_m("int4") == 32
     assert dense_min_m("gemm") == 16  # native row groups switch to the blocked matmul from here (bf16 compute)
-    with pytest.raises(ValueError, match="'int4', 'int8', 'gemm' or 'gemm_split'"):
+    assert (dense_min_m("gemm_split"), dense_min_m("gemm_int16")) == (8, 12)  # float32 x, split / int16
+    with pytest.raises(ValueError, match="'int4', 'int8', 'gemm', 'gemm_split', 'gemm_int16'"):
         dense_min_m("dense")
 
 

@@ -226,18 +226,27 @@ def test_the_setting_and_the_threshold():
         set_cpu_prefill_kernel("fast")
 
 
-def test_float32_batches_switch_to_the_gemm_at_8_rows():
-    """float32 x, which native4 would split into two bfloat16 halves (two products per weight), runs the gemm from
-    ``dense_min_m("gemm_split")`` = 8 rows (a batch of 8 decoding sequences); bfloat16 x (one half), and float32 x
-    with rounded activations, keep the native kernel up to 16 rows. ``set_cpu_dense_min_m`` moves both."""
+def test_float32_batches_switch_to_the_gemm_at_8_or_12_rows():
+    """float32 x runs the gemm from fewer rows than bfloat16 x: native4 takes it as 16-bit integers where its quad
+    form covers the row (activations "int16", the default: one integer product per weight), from
+    ``dense_min_m("gemm_int16")`` = 12 rows, or splits it into two bfloat16 halves (two products per weight:
+    "split", or a row the quad form does not cover), from ``dense_min_m("gemm_split")`` = 8 (a batch of 8
+    decoding sequences); bfloat16 x (one half), and float32 x with rounded activations, keep the native kernel up to
+    16 rows. ``set_cpu_dense_min_m`` moves them all."""
     layer = _layer(64, 256, QuantConfig(4, group_size=128))
     w = layer.packed_weight(4)
-    assert (dense_min_m("gemm_split"), dense_min_m("gemm")) == (8, 16)
+    assert (dense_min_m("gemm_split"), dense_min_m("gemm_int16"), dense_min_m("gemm")) == (8, 12, 16)
     big = "gemm" if _available() else "native4"  # without the gemm, native row groups keep their kernel to 32 rows
-    for m, f32, b16 in ((7, "native4", "native4"), (8, big, "native4"), (15, big, "native4"), (16, big, big)):
+    for m, f32, b16 in ((7, "native4", "native4"), (11, "native4", "native4"), (12, big, "native4"),
+                        (15, big, "native4"), (16, big, big)):
         assert cpu_path(torch.randn(m, 256), w) == f32, m
         assert cpu_path(torch.randn(m, 256, dtype=torch.bfloat16), w) == b16, m
+    # a row of 192 columns (k_pad not a multiple of 128, groups of 64): no quad form, split from 8 rows
+    w192 = _layer(64, 192, QuantConfig(4, group_size=64)).packed_weight(4)
+    assert cpu_path(torch.randn(7, 192), w192) == "native4" and cpu_path(torch.randn(8, 192), w192) == big
+    set_cpu_native4_activations("split")
     x = torch.randn(8, 256)
+    assert cpu_path(x, w) == big
     with torch.no_grad():
         with force_backend("torch"):
             y_ref = layer(x)
@@ -250,10 +259,11 @@ def test_float32_batches_switch_to_the_gemm_at_8_rows():
             assert cpu_path(x, w) == "native4" and not torch.equal(y, y_native)
             set_cpu_dense_min_m(None)
     set_cpu_native4_activations("round")  # one bfloat16 half: no second product to save
-    assert cpu_path(torch.randn(8, 256), w) == "native4"
+    assert cpu_path(torch.randn(8, 256), w) == "native4" and cpu_path(torch.randn(15, 256), w) == "native4"
     set_cpu_native4_activations(None)
     set_cpu_dense_min_m(12)
     assert cpu_path(torch.randn(11, 256), w) == "native4" and cpu_path(torch.randn(12, 256), w) == _large_path()
+    assert cpu_path(torch.randn(11, 192), w192) == "native4"
 
 
 def test_compiled_model_traces_the_dense_path_and_matches():
@@ -329,11 +339,11 @@ def test_a_quantized_model_prefills_on_the_gemm_path_like_the_reference_and_afte
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("dtype", "tokens"), [(torch.float32, 40), (torch.float32, 10), (torch.bfloat16, 40)])
+@pytest.mark.parametrize(("dtype", "tokens"), [(torch.float32, 40), (torch.float32, 12), (torch.bfloat16, 40)])
 def test_a_compiled_prefill_of_bound_layers_gives_the_eager_logits(dtype, tokens):
     """A compiled forward over many tokens (a prefill) of a model whose layers are bound to their CPU kernels
     (bfloat16 compute) runs what an eager forward runs: the blocked matmul by handle (``medquant::gemv4_bound`` in
-    its gemm mode) where eager calls take it (float32 ``x`` from 8 rows, bfloat16 ``x`` from 16), not a traced
+    its gemm mode) where eager calls take it (float32 ``x`` from 8 or 12 rows, bfloat16 ``x`` from 16), not a traced
     bfloat16 dequantize + GEMM; the logits are bit-equal to eager's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

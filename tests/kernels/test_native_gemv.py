@@ -1,11 +1,13 @@
 """medquant's native 4-bit weight-only matmul (the CPU backend's ``native4`` path) against independent references.
 
 Reference: ``x~ @ W^T`` in float64, ``W`` the layer's dequantized weight (``(u - z) * s``) and ``x~`` the input
-as the kernel takes it: rounded to the compute dtype, except a float32 input with a bfloat16 compute dtype and
-``set_cpu_native4_activations("split")`` (the default), which enters as ``hi + lo``, two bfloat16 halves, i.e.
-to a relative 2^-17 (reference: ``x`` itself). The kernel multiplies the integer codes exactly and sums in
-float32, and its output is float32, so it matches that reference to ~1e-6 (at most 1e-5) relative in every
-compute dtype; where the caller's dtype is bfloat16 the output is rounded to it (bf16 tolerance). The other oracles: aten's int4 kernel and the torch
+as the kernel takes it: rounded to the compute dtype, except a float32 input with a bfloat16 compute dtype, which
+enters with ``set_cpu_native4_activations("int16")`` (the default) where native4's quad form covers the row as
+16-bit integers per 32 columns (reference: ``t * round_half_even(x / t)``, ``t`` the 32 columns' largest
+magnitude / 32767, computed here in float32 with torch), and elsewhere or with ``"split"`` as ``hi + lo``, two
+bfloat16 halves, i.e. to a relative 2^-17 (reference: ``x`` itself). The kernel multiplies the integer codes
+exactly and sums in float32, and its output is float32, so it matches that reference to ~1e-6 (at most 1e-5)
+relative in every compute dtype; where the caller's dtype is bfloat16 the output is rounded to it (bf16 tolerance). The other oracles: aten's int4 kernel and the torch
 reference path on the same layer, transformers' own model (logits), a float64 matmul.
 
 On a CPU whose library has no AVX512 kernel (``native_status()["gemv4"]`` false) the same tests assert the
@@ -65,8 +67,22 @@ def _layer(n: int, k: int, cfg: QuantConfig, seed: int = 0, bias: bool = False) 
     return QuantLinear.from_float(lin, cfg)
 
 
-def _ref(layer: QuantLinear, x: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
-    y = x.to(cd).double() @ layer.dequantized_weight(torch.float64).t()
+def _x_int16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the int16 activations take it: per row and 32 columns (zeros past ``k`` to whole 32),
+    ``t = max |x| / 32767`` and ``t * round_half_even(x * (32767 / max |x|))``, in float32 as the kernel rounds."""
+    m, k = x.shape
+    xp = torch.nn.functional.pad(x.float(), (0, -k % 32)).view(m, -1, 32)
+    amax = xp.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros(()))
+    v = torch.round(xp * inv)  # half to even, of the float32 product
+    return (v * (amax / 32767.0)).view(m, -1)[:, :k]
+
+
+def _ref(layer: QuantLinear, x: torch.Tensor, cd: torch.dtype | str) -> torch.Tensor:
+    """``x~ @ W^T + b`` in float64, ``x~`` as the kernel takes ``x``: rounded to ``cd``, or ``"int16"``
+    (:func:`_x_int16`)."""
+    xt = _x_int16(x) if cd == "int16" else x.to(cd)
+    y = xt.double() @ layer.dequantized_weight(torch.float64).t()
     return y + layer.bias.double() if layer.bias is not None else y
 
 
@@ -108,14 +124,17 @@ def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
     native = _available() and gemv4_decline(w) is None
     kind = f"native{storage_bits(cfg.bits, w.dense)}"
     assert native or not _available() or (kind not in ("native4", "native8") and not native_status()["gemv_stream"])
-    for act in ("split", "round") if cd == torch.bfloat16 else ("split",):
+    int16 = native and cpu_plan(w).gemv is not None and cpu_plan(w).gemv.int16_form
+    for act in ("int16", "split", "round") if cd == torch.bfloat16 else ("int16",):
         set_cpu_native4_activations(act)
-        # what x enters as: float32 itself where split (bf16 compute), else rounded to the compute dtype
-        x_cd = torch.float32 if cd == torch.bfloat16 and act == "split" else cd
+        # what x enters as (bf16 compute): 16-bit integers where int16 and the quad form covers the row, float32
+        # itself where split; else rounded to the compute dtype
+        form = "" if cd != torch.bfloat16 or act == "round" else "int16" if act == "int16" and int16 else "split"
+        x_cd = {"int16": "int16", "split": torch.float32}.get(form, cd)
         g = torch.Generator().manual_seed(1)
-        # just below the switch: the blocked matmul takes bf16-compute rows from 16 on, float32 rows that would be
-        # split from 8 on (test_native_gemm.py)
-        top = (7 if act == "split" else 15) if cd == torch.bfloat16 and native_status()["gemm"] else 31
+        # just below the switch: the blocked matmul takes bf16-compute rows from 16 on, float32 rows taken as int16
+        # from 12 on, split ones from 8 on (test_native_gemm.py)
+        top = {"int16": 11, "split": 7}.get(form, 15) if cd == torch.bfloat16 and native_status()["gemm"] else 31
         for m in [m for m in (1, 5, 8, 13) if m < top] + [top]:
             x = torch.randn(m, k, generator=g)
             path = cpu_path(x, w)
@@ -187,10 +206,10 @@ def test_dense_threshold_applies_to_the_native_kernel():
     w = layer.packed_weight(4)
     small = _small_path()
     if native_status()["gemm"]:  # the native blocked matmul takes over from 16 rows (set_cpu_prefill_kernel),
-        # from 8 for float32 rows the kernel would split into two halves
+        # from 12 for float32 rows the kernel takes as 16-bit integers (from 8 for ones it would split)
         assert [cpu_path(torch.randn(m, 256, dtype=torch.bfloat16), w) for m in (1, 15, 16, 31)] == \
             [small, small, "gemm", "gemm"]
-        assert [cpu_path(torch.randn(m, 256), w) for m in (1, 7, 8, 31)] == [small, small, "gemm", "gemm"]
+        assert [cpu_path(torch.randn(m, 256), w) for m in (1, 11, 12, 31)] == [small, small, "gemm", "gemm"]
     set_cpu_prefill_kernel("dense")
     assert [cpu_path(torch.randn(m, 256), w) for m in (1, 31, 32)] == [small, small, "dense"]
     set_cpu_dense_min_m(100)
@@ -264,7 +283,7 @@ def test_bad_input_to_the_bound_kernel_is_refused():
         with pytest.raises(ValueError, match="unit column stride"):
             gemv(bad, 1)
     with pytest.raises(ValueError, match="xmode"):
-        gemv(torch.randn(2, 64), 3)
+        gemv(torch.randn(2, 64), 5)
     assert gemv4_decline(_layer(32, 64, QuantConfig(4, group_size=16)).packed_weight(4)) is not None
     # 2-bit containers and the dense 3-bit layout: taken where the library has the stream kernel (AVX512-VBMI)
     stream = bool(native_status()["gemv_stream"])
@@ -361,8 +380,8 @@ def test_tied_quantized_head_runs_native4_on_the_shared_codes():
     h = torch.randn(3, head.in_features)
     with torch.no_grad():
         y = head(h)
-    if _available():  # split activations: the float32 input's reference
-        assert _rel_err(y, _ref(head, h, torch.float32)) < 1e-5
+    if _available():  # int16 activations (the head's 128 columns: the quad form), else split: float32 x itself
+        assert _rel_err(y, _ref(head, h, "int16" if cpu_plan(w).gemv.int16_form else torch.float32)) < 1e-5
     else:
         assert _rel_err(y, _ref(head, h, torch.bfloat16)) < 2e-2
 
@@ -487,7 +506,7 @@ def test_bound_operator_runs_the_blocked_matmul_in_its_gemm_mode():
     assert gemv.gemm(xn) is None
     torch.testing.assert_close(op(xn, gemv.handle, 48, GEMM_XMODE), packed_linear_reference(xn, w),
                                rtol=0, atol=0, equal_nan=True)
-    for bad in (3, 5, -1):
+    for bad in (5, 6, -1):
         with pytest.raises(RuntimeError, match="xmode must be"):
             op(x, gemv.handle, 48, bad)
     gemv._gemm = False
@@ -518,6 +537,53 @@ def test_split_activations_against_float64_and_rounded_ones_at_the_kernel():
     torch.testing.assert_close(gemv(xb, 2), gemv(xb, 1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("k", "cfg", "form"), [
+    (512, QuantConfig(4, group_size=128), True),
+    (500, QuantConfig(4, symmetric=False, group_size=128), True),  # k padded to 512: zeros in the last unit
+    (512, QuantConfig(4, symmetric=False, group_size=32), True),  # each unit's four quarters in their own groups
+    (256, QuantConfig(4, group_size=64), True),
+    (512, QuantConfig(4, group_size=256), True),  # a group over two units: each unit its own t
+    (512, QuantConfig(4, scope="channel"), True),
+    (384, QuantConfig(4, symmetric=False, scope="tensor"), True),
+    (576, QuantConfig(4, group_size=32), False),  # k_pad 576: a last unit of 64 columns, split instead
+    (512, QuantConfig(8, scope="channel"), False),  # 8-bit containers: split
+])
+def test_int16_activations_match_their_float64_reference(k, cfg, form):
+    """xmode 3 against an independent emulation (:func:`_x_int16`, torch): per 32 columns ``t = max |x| / 32767``
+    and ``x~ = t * round_half_even(x / t)``; rows of every count the kernel blocks (1, 2, 4, 8 and their sums),
+    a large value in one 32-column block, a zero row; where the quad form does not cover the row (``int16_form``
+    false) it is the split result bit for bit. An ``x`` with a value that is not finite, or 32 columns below
+    ``2^-100``, is split instead (the reference: ``x`` itself); the bound operator (``medquant::gemv4_bound``) in
+    xmode 3 gives the same bits."""
+    from medquant.kernels.native import gemv4_bound_op
+
+    if not _available():
+        pytest.skip("needs the native kernel (AVX512F + BW)")
+    layer = _layer(48, k, cfg)
+    gemv = native_gemv4(layer.packed_weight(cfg.bits))
+    assert gemv is not None and gemv.int16_form == (form and native_status()["gemm"])
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 2, 3, 4, 7, 8, 11, 15):
+        x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
+        x[0, min(5, k - 1)] = 60.0
+        if m > 2:
+            x[2] = 0.0
+        y3, y2 = gemv(x, 3), gemv(x, 2)
+        if gemv.int16_form:
+            assert _rel_err(y3, _ref(layer, x, "int16")) < 1e-5, m
+            assert not torch.equal(y3, y2)
+            torch.testing.assert_close(gemv4_bound_op(x, gemv.handle, 48, 3), y3, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(y3, y2, rtol=0, atol=0)
+        assert _rel_err(y2, _ref(layer, x, torch.float32)) < 1e-5, m
+    x = torch.randn(3, k, generator=g)
+    for bad in (float("nan"), float("inf"), 2.0 ** -110):
+        xb = x.clone()
+        xb[1, :32] = 0.0
+        xb[1, 7] = bad  # a NaN / infinity, or 32 columns whose largest magnitude is below 2^-100: split
+        torch.testing.assert_close(gemv(xb, 3), gemv(xb, 2), rtol=0, atol=0, equal_nan=True)
+
+
 def test_native4_activations_setting():
     """``set_cpu_native4_activations`` switches prepared layers (a settings change rebuilds them), refuses other
     values, and ``$MEDQUANT_CPU_NATIVE4_ACTIVATIONS`` is read at import."""
@@ -529,8 +595,11 @@ def test_native4_activations_setting():
     set_cpu_compute_dtype(torch.bfloat16)
     layer = _layer(64, 256, QuantConfig(4, group_size=64))
     x = torch.randn(2, 256)
+    x[0, 3] = 40.0  # one large value: int16 then holds its 32 columns to 40 / 32767, split each to 2^-17
     with torch.no_grad():
-        assert get_cpu_native4_activations() == "split"
+        assert get_cpu_native4_activations() == "int16"
+        y_int16 = layer(x)
+        set_cpu_native4_activations("split")
         y_split = layer(x)
         set_cpu_native4_activations("round")
         assert get_cpu_native4_activations() == "round"
@@ -538,14 +607,17 @@ def test_native4_activations_setting():
         set_cpu_native4_activations(None)
         y_again = layer(x)
     if _available():
+        assert cpu_plan(layer.packed_weight(4)).gemv.int16_form
+        assert _rel_err(y_int16, _ref(layer, x, "int16")) < 1e-5
         assert _rel_err(y_split, _ref(layer, x, torch.float32)) < 1e-5
         assert _rel_err(y_round, _ref(layer, x, torch.bfloat16)) < 1e-5
-        torch.testing.assert_close(y_again, y_split, rtol=0, atol=0)
+        assert _rel_err(y_int16, _ref(layer, x, torch.float32)) > 1e-7  # not the split result: another x~
+        torch.testing.assert_close(y_again, y_int16, rtol=0, atol=0)
     for bad in ("exact", "", 2):
         with pytest.raises(ValueError, match="native4 activations"):
             set_cpu_native4_activations(bad)  # type: ignore[arg-type]
     code = "import medquant.kernels as k; print(k.get_cpu_native4_activations())"
-    for env, want in (("round", "round"), ("ROUND", "round"), ("bogus", "split")):
+    for env, want in (("round", "round"), ("SPLIT", "split"), ("bogus", "int16")):
         out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True,
                              env={**__import__("os").environ, "MEDQUANT_CPU_NATIVE4_ACTIVATIONS": env})
         assert out.stdout.strip() == want, (env, out.stdout, out.stderr)

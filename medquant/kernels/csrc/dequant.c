@@ -39,7 +39,7 @@
 #define MQ_BUILD_KEY "unset"
 #endif
 
-#define MQ_ABI 6
+#define MQ_ABI 7
 
 #define MQ_F32 0
 #define MQ_BF16 1
@@ -342,7 +342,12 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * the integer codes are multiplied exactly and the zero point enters once per group through the group sums of
  * x. xmode says what x~ is: 1, x rounded to bfloat16; 2 (split), hi + lo with hi = bf16(x) and
  * lo = bf16(x - hi), which is x to a relative 2^-17 (x's float32 value has 24 significant bits, hi + lo
- * 16 or more); 0, x itself. With xmode 1 or 2 and AVX512-BF16 the products are bfloat16 pairs summed in
+ * 16 or more); 3 (int16, 4-bit containers whose rows are whole units of the quad form, below, with
+ * AVX512-VNNI; else as 2): per 32 columns c of each 128-column unit, t = max_{j in c} |x[j]| / 32767 and
+ * x~ = t * round_half_even(x / t), the int16 values multiplied by the codes with vpdpwssd, the unit's integer
+ * sums (at most 8 * 32767 * 15 per lane) converted to float32 once and scaled by t s lane-wise (an x with a value
+ * that is not finite, or 32 columns below 2^-100, runs as 2); 0, x itself. With xmode 1 or 2 and AVX512-BF16 the
+ * products are bfloat16 pairs summed in
  * float32 by vdpbf16ps (codes 0..15 turned into bfloat16 by a 16-entry table; split: one product with hi and
  * one with lo per code); otherwise the codes are widened to float32 and multiplied by float32 FMA (x~ = x:
  * split on a CPU without AVX512-BF16 is exact). Products are exact either way (a code has 4 bits, x~ at most
@@ -479,7 +484,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
     const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng, const float *st,
     const float *zt, int64_t zs,
     const float *xf, const uint16_t *xb, const uint16_t *xl, int64_t xps, const float *xs, const int32_t *gix,
-    const int64_t q128, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
+    const float *xq, const int64_t q128, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const __m512i mask4 = _mm512_set1_epi16(0x0F);
 #if MQ_GEMV_BF16
     /* bfloat16 bits of 0..15, twice (vpermw reads the low 5 bits of each index) */
@@ -498,6 +503,34 @@ static inline __attribute__((always_inline)) void gemv4_rows(
         __m512 tot[8], acc[8], acc2[8], acc3[8], acc4[8];
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; b += b < 2 * q128 ? 2 : 1) {
+#if MQ_GEMM_CAP
+            if (xq != NULL) { /* the quad form's 128 columns with x as 16-bit integers (xmode 3, above) */
+                const uint8_t *p = row + b * 32;
+#if MQ_GEMV_PREFETCH > 0
+                _mm_prefetch((const char *)(p + MQ_GEMV_PREFETCH), _MM_HINT_T0);
+#endif
+                const __m512i w = _mm512_loadu_si512((const void *)p);
+                const __m512i c0 = _mm512_and_si512(w, mask4), c1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask4);
+                const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(w, 8), mask4), c3 = _mm512_srli_epi16(w, 12);
+                const __m512 sv = _mm512_set_ps(
+                    sr[gix[2 * b + 3]], sr[gix[2 * b + 3]], sr[gix[2 * b + 3]], sr[gix[2 * b + 3]],
+                    sr[gix[2 * b + 2]], sr[gix[2 * b + 2]], sr[gix[2 * b + 2]], sr[gix[2 * b + 2]],
+                    sr[gix[2 * b + 1]], sr[gix[2 * b + 1]], sr[gix[2 * b + 1]], sr[gix[2 * b + 1]],
+                    sr[gix[2 * b]], sr[gix[2 * b]], sr[gix[2 * b]], sr[gix[2 * b]]);
+                for (int i = 0; i < mb; ++i) {
+                    const uint16_t *xi = xb + (m0 + i) * xps + b * 64;
+                    __m512i e0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), c0, _mm512_load_si512((const void *)xi));
+                    __m512i e1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), c1,
+                                                     _mm512_load_si512((const void *)(xi + 32)));
+                    e0 = _mm512_dpwssd_epi32(e0, c2, _mm512_load_si512((const void *)(xi + 64)));
+                    e1 = _mm512_dpwssd_epi32(e1, c3, _mm512_load_si512((const void *)(xi + 96)));
+                    /* the unit's integer sums (at most 8 * 32767 * 15 per lane) once to float32, times s t */
+                    tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(e0, e1)),
+                                             _mm512_mul_ps(sv, _mm512_loadu_ps(xq + ((m0 + i) * q128 + b / 2) * 16)), tot[i]);
+                }
+                continue;
+            }
+#endif
 #if MQ_GEMV_BF16
             if (b < 2 * q128) { /* 128 columns, bfloat16 products (the quad form, above) */
                 const uint8_t *p = row + b * 32;
@@ -785,13 +818,24 @@ static inline void quad_order(__m512 *h) {
     for (int j = 0; j < 8; ++j) h[j] = out[j];
 }
 
+/* 16 columns of row i of x from column j0 as float32 (zeros from column k on) */
+static inline __m512 load_x16(const void *x, int xdtype, int64_t i, int64_t xstride, int64_t j0, int64_t k) {
+    const int64_t left = k - j0;
+    const __mmask16 mk = (__mmask16)(left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1u);
+    return xdtype ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + i * xstride + j0)), 16))
+                  : _mm512_maskz_loadu_ps(mk, (const float *)x + i * xstride + j0);
+}
+
 /* The kernels' copy of x, 16 columns at a time (ng == 1, or groups of a multiple of 16 columns, so that each 16
- * lie in one group): per row, x~ (x itself, rounded to bfloat16, or split into hi + lo), its group sums xs, and
- * the copy the kernels read (4-bit: per block of 64 columns its 32 even columns, then its 32 odd ones; streams:
- * column order) as float32 or bfloat16 bits; zeros beyond k. */
-static void prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t k, int bits, int64_t bw,
-                   int64_t nblk, int64_t xps, int bf16, int split, int xmode, int64_t ge, int64_t ng, int64_t q128,
-                   void *xp, float *xs) {
+ * lie in one group): per row, x~ (x itself, rounded to bfloat16, split into hi + lo, or with ix as 16-bit
+ * integers v per 128-column unit, x~ = t v, their scales t in xq[(m, q128)]), its group sums xs, and the copy the
+ * kernels read (4-bit: per block of 64 columns its 32 even columns, then its 32 odd ones, or per unit of 128 the
+ * quad order; streams: column order) as float32, bfloat16 bits or int16; zeros beyond k. Returns 0, or with ix
+ * -5 (a value of x not finite, or a unit's largest magnitude below 2^-100: the caller splits instead). */
+static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t k, int bits, int64_t bw,
+                  int64_t nblk, int64_t xps, int bf16, int split, int xmode, int ix, int64_t ge, int64_t ng,
+                  int64_t q128, void *xp, float *xs, float *xq) {
     const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
     for (int64_t i = 0; i < m; ++i) {
@@ -801,23 +845,41 @@ static void prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_
         for (int64_t b = 0; b < nblk; b += b < 2 * q128 ? 2 : 1) {
             const int quad = b < 2 * q128, nv = quad ? 8 : (int)(bw / 16); /* 16-column chunks of this unit */
             __m512 hv[8], lv[8];
+            float tq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, iq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (ix) { /* per 32 columns c: t = their largest magnitude / 32767, v = round_half_even(x / t) */
+                for (int h = 0; h < 4; ++h) {
+                    const __m512 a = load_x16(x, xdtype, i, xstride, b * bw + 32 * h, k);
+                    const __m512 c = load_x16(x, xdtype, i, xstride, b * bw + 32 * h + 16, k);
+                    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+                    /* NaN or infinity, or a reciprocal that could overflow */
+                    if (_mm512_fpclass_ps_mask(a, 0x99) || _mm512_fpclass_ps_mask(c, 0x99) ||
+                        (amax > 0.0f && amax < 0x1p-100f))
+                        return -5;
+                    tq[h] = amax / 32767.0f, iq[h] = amax > 0.0f ? 32767.0f / amax : 0.0f;
+                }
+                /* lanes 4h..4h+3 of the quad form's products sum columns 32h..32h+31: their t, lane-wise */
+                _mm512_storeu_ps(xq + (i * q128 + b / 2) * 16,
+                                 _mm512_set_ps(tq[3], tq[3], tq[3], tq[3], tq[2], tq[2], tq[2], tq[2], tq[1], tq[1],
+                                               tq[1], tq[1], tq[0], tq[0], tq[0], tq[0]));
+            }
             for (int v = 0; v < nv; ++v) {
                 const int64_t j0 = b * bw + 16 * v, left = k - j0;
-                const __mmask16 mk = (__mmask16)(left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1u);
-                __m512 val = xdtype ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                          _mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + i * xstride + j0)), 16))
-                                    : _mm512_maskz_loadu_ps(mk, (const float *)x + i * xstride + j0);
-                __m512 lo = _mm512_setzero_ps();
-                if (split) { /* v = hi + lo, both bfloat16 values (v - hi is exact in float32) */
+                __m512 val = load_x16(x, xdtype, i, xstride, j0, k), lo = _mm512_setzero_ps(), sum;
+                if (ix) { /* v as float32 (exact integers), x~ = t v */
+                    val = _mm512_cvtepi32_ps(_mm512_cvtps_epi32(_mm512_mul_ps(val, _mm512_set1_ps(iq[v / 2]))));
+                    sum = _mm512_mul_ps(val, _mm512_set1_ps(tq[v / 2]));
+                } else if (split) { /* v = hi + lo, both bfloat16 values (v - hi is exact in float32) */
                     const __m512 hi = bf16_round_v(val);
                     lo = bf16_round_v(_mm512_sub_ps(val, hi));
                     val = hi;
-                } else if (xmode == 1) {
-                    val = bf16_round_v(val);
+                    sum = _mm512_add_ps(val, lo);
+                } else {
+                    if (xmode == 1) val = bf16_round_v(val);
+                    sum = val;
                 }
                 hv[v] = val, lv[v] = lo;
                 if (left > 0) { /* the group sums of x~ (hi + lo: exact), flushed at each group's last chunk */
-                    gacc = _mm512_add_ps(gacc, split ? _mm512_add_ps(val, lo) : val);
+                    gacc = _mm512_add_ps(gacc, sum);
                     const int64_t g = ng > 1 ? j0 / ge : 0;
                     if (left <= 16 || (ng > 1 && (j0 + 16) / ge != g)) {
                         xsi[g] += _mm512_reduce_add_ps(gacc);
@@ -840,7 +902,9 @@ static void prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_
             }
             for (int v = 0; v < nv; ++v) {
                 const int64_t d = i * xps + b * bw + 16 * v;
-                if (bf16) {
+                if (ix) {
+                    _mm256_storeu_si256((__m256i *)((int16_t *)xp + d), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(hv[v])));
+                } else if (bf16) {
                     store_bf16_v((uint16_t *)xp + d, hv[v]);
                     if (split) store_bf16_v((uint16_t *)xp + m * xps + d, lv[v]);
                 } else {
@@ -849,6 +913,7 @@ static void prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_
             }
         }
     }
+    return 0;
 }
 #endif
 
@@ -868,20 +933,24 @@ static int matmul_args(int bits, int64_t n, int64_t row_bytes, int64_t k, int64_
 static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge,
                     int64_t ng, const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m,
                     int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
-    if (xmode < 0 || xmode > 2) return -1;
+    if (xmode < 0 || xmode > 3) return -1;
     const int rc = matmul_args(bits, n, row_bytes, k, kp, ge, ng, sz, xdtype, m, xstride, ydtype, ys);
     if (rc) return rc;
 #if MQ_GEMV_F32
     if (bits != 4 && bits != 8 && !MQ_GEMV_STREAM) return -3;
-    const int bf16 = xmode && MQ_GEMV_BF16; /* products of bfloat16 pairs (else float32 FMA) */
-    const int split = bf16 && xmode == 2;    /* x~ = hi + lo, two bfloat16 products per weight */
+    /* xmode 3: x as 16-bit integers per 128 columns where the quad form covers the whole row and vpdpwssd is
+     * compiled in (else, and for an x it cannot scale, split) */
+    const int quad_groups = ng == 1 || ge % 128 == 0 || ge == 64 || ge == 32;
+    int ix = xmode == 3 && MQ_GEMM_CAP && bits == 4 && kp % 128 == 0 && quad_groups;
+    if (xmode == 3 && !ix) xmode = 2;
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
     /* blocks of 64 columns (4-bit: even then odd columns) or 32 (streams: column order) */
     const int64_t bw = bits == 4 ? 64 : 32, nblk = (kp + bw - 1) / bw, xps = nblk * bw;
-    const size_t esz = bf16 && !split ? 2 : 4; /* split: the hi and the lo halves, 2 bytes each */
-    void *xp = aligned_alloc(64, (size_t)(m * xps) * esz);
+    /* 4 bytes per column of x: float32, the hi and lo bfloat16 halves of split x, or less (bfloat16, int16) */
+    void *xp = aligned_alloc(64, (size_t)(m * xps) * 4);
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
+    float *xq = ix ? (float *)malloc((size_t)(m * (kp / 128) * 16) * sizeof(float)) : NULL;
     int32_t *gix = (int32_t *)malloc((size_t)(2 * nblk) * sizeof(int32_t));
     /* float16 scales / zero points are widened per task of MQ_GEMV_RB rows into a per-thread float32 buffer (the
      * hot loops then read float32 as stored float32 ones are read: in place); a constant zero point is one row of
@@ -889,8 +958,8 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     const int s16 = sz & 1, z16 = (sz & 2) && !(sz & 4), zone = (sz >> 2) & 1;
     const int64_t pb = MQ_GEMV_RB * ng; /* floats per buffer */
     float *pbuf = (s16 || z16 || zone) ? (float *)malloc((size_t)(nthreads * 2 * pb + ng) * sizeof(float)) : NULL;
-    if (!xp || !xs || !gix || ((s16 || z16 || zone) && !pbuf)) {
-        free(xp), free(xs), free(gix), free(pbuf);
+    if (!xp || !xs || !gix || (ix && !xq) || ((s16 || z16 || zone) && !pbuf)) {
+        free(xp), free(xs), free(xq), free(gix), free(pbuf);
         return -4;
     }
     float *zrow = pbuf != NULL ? pbuf + nthreads * 2 * pb : NULL;
@@ -904,12 +973,22 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
             const int64_t g = (bits == 4 ? b * 64 + 32 * h : b * 32) / ge;
             gix[2 * b + h] = (int32_t)(g < ng ? g : ng - 1);
         }
-    /* 4-bit codes with bfloat16 products: full blocks of 128 columns take the quad form where its flushes stay
-     * exact: blocks inside one group (flushed where the group ends), or groups of 32 / 64 columns (every two
-     * consecutive 64-column blocks differ, so every unit is flushed, its lanes scaled per 32 columns) */
-    const int64_t q128 = bits == 4 && bf16 && (ng == 1 || ge % 128 == 0 || ge == 64 || ge == 32) ? kp / 128 : 0;
-    /* x~ (zero beyond k), its group sums, and the kernels' copy (groups are multiples of 32: matmul_args) */
-    prep_x(x, xdtype, m, xstride, k, bits, bw, nblk, xps, bf16, split, xmode, ge, ng, q128, xp, xs);
+    int bf16, split;
+    int64_t q128;
+    for (;;) {
+        bf16 = ix || (xmode && MQ_GEMV_BF16); /* 16-bit x~: bfloat16 pairs (vdpbf16ps) or int16 (vpdpwssd) */
+        split = !ix && bf16 && xmode == 2;    /* x~ = hi + lo, two bfloat16 products per weight */
+        /* 4-bit codes with 16-bit products: full blocks of 128 columns take the quad form where its flushes stay
+         * exact: blocks inside one group (flushed where the group ends), or groups of 32 / 64 columns (every two
+         * consecutive 64-column blocks differ, so every unit is flushed, its lanes scaled per 32 columns); with
+         * int16 x every unit is flushed (its own t) */
+        q128 = bits == 4 && bf16 && quad_groups ? kp / 128 : 0;
+        /* x~ (zero beyond k), its group sums, and the kernels' copy (groups are multiples of 32: matmul_args) */
+        if (!prep_x(x, xdtype, m, xstride, k, bits, bw, nblk, xps, bf16, split, xmode, ix, ge, ng, q128, xp, xs, xq))
+            break;
+        ix = 0, xmode = 2; /* x that 16-bit integers cannot hold: split */
+    }
+    const float *xqp = ix ? xq : NULL;
     const float *xf = bf16 ? NULL : (const float *)xp;
     const uint16_t *xbp = bf16 ? (const uint16_t *)xp : NULL;
     const uint16_t *xlp = split ? (const uint16_t *)xp + m * xps : NULL;
@@ -918,7 +997,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
 #define MQ_GEMV_ROWS(MB)                                                                                          \
     do {                                                                                                          \
         switch (bits) { /* constant widths: each body is specialised */                                          \
-        case 4: gemv4_rows(q, r0, r1, row_bytes, kp, ng, st, zt, zs, xf, xbp, xlp, xps, xs, gix, q128, MB, m0, y, ydtype, ys); \
+        case 4: gemv4_rows(q, r0, r1, row_bytes, kp, ng, st, zt, zs, xf, xbp, xlp, xps, xs, gix, xqp, q128, MB, m0, y, ydtype, ys); \
                 break;                                                                                            \
         case 8: MQ_GEMVS(8, MB); break;                                                                           \
         case 1: MQ_GEMVS(1, MB); break;                                                                           \
@@ -960,7 +1039,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     }
 #undef MQ_GEMV_ROWS
 #undef MQ_GEMVS
-    free(xp), free(xs), free(gix), free(pbuf);
+    free(xp), free(xs), free(xq), free(gix), free(pbuf);
     return 0;
 #else
     (void)q, (void)row_bytes, (void)s, (void)z, (void)sz, (void)x, (void)y, (void)xmode, (void)nthreads;
