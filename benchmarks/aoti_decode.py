@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-control", action="store_true",
                    help="also the same decoder compiled with split activations (set_cpu_native4_activations('split'))")
     p.add_argument("--llamacpp", action="store_true",
-                   help="also llama.cpp's Q4_0 export of SmolLM2 in every round (needs `python -m benchmarks.llamacpp"
-                        " --speed-only` run before: its build and smollm2_w4.gguf)")
+                   help="also llama.cpp's Q4_0 export of SmolLM2 in every round (llama.cpp is built and the file "
+                        "exported first where benchmarks.llamacpp has not left them)")
     p.add_argument("--save-load", action="store_true",
                    help="also the decoder saved (AOTDecoder.save) and loaded (load_decoder) with another copy of the "
                         "model, in every round; records the save and load times")
@@ -251,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     from medquant.quant.decode import static_decode_
 
     torch.set_num_threads(args.threads)
+    if args.llamacpp:  # before anything is compiled: builds llama.cpp and exports its file where missing
+        from benchmarks.llamacpp import llamacpp_speed, smollm2_q4_0
+
+        exe, gguf = smollm2_q4_0()
     load0 = list(os.getloadavg())
     model = _make(args.model, args.variant, True)[0]  # the variant with the head quantized
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt),
@@ -312,10 +316,6 @@ def main(argv: list[str] | None = None) -> int:
         row_extra["int_handle_control_same_tokens"] = aot_round(baked, ids, args.new)[1] == ref
         timers["aot_int_handle"] = lambda: aot_round(baked, ids, args.new)[0]
     if args.llamacpp:
-        from benchmarks.llamacpp import _paths, cache_root, llamacpp_speed
-
-        exe, gguf = _paths()["exe"], cache_root() / "exports" / "smollm2_w4.gguf"
-
         def llamacpp() -> dict:
             out = llamacpp_speed(exe, gguf, ids[0].tolist(), args.threads, args.new)
             return {"decode": out["decode_tokens_per_s"], "prefill": out["prefill_tokens_per_s"]}

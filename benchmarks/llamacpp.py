@@ -752,6 +752,29 @@ def diagnosis(rows: list[dict]) -> str:
     return ". ".join(parts) + "."
 
 
+def smollm2_q4_0() -> tuple[str, Path]:
+    """``mq_eval`` and SmolLM2's W4 g32 symmetric GGUF (llama.cpp's Q4_0), for other benchmarks' llama.cpp rows.
+
+    Builds llama.cpp if it is not built yet (:func:`build_llamacpp`) and exports the GGUF from the float model into
+    ``cache_root() / "exports"`` if it is absent there (what this module's runs leave there), so a fresh machine
+    needs no earlier ``python -m benchmarks.llamacpp`` run. Returns ``(exe, gguf)``."""
+    exe = build_llamacpp()["exe"]
+    gguf = cache_root() / "exports" / "smollm2_w4.gguf"
+    if not gguf.is_file():
+        import torch
+
+        from benchmarks.common.smollm2 import cache_dir, load_smollm2
+        from medquant.deploy import export
+        from medquant.quant.api import quantize_
+        from medquant.quant.config import QuantConfig
+
+        model = load_smollm2(torch.float32)[0]
+        quantize_(model, QuantConfig(bits=4, group_size=32, symmetric=True))
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        export(model, gguf, format="gguf", source=cache_dir() / "smollm2-135m-instruct-float", overwrite=True)
+    return exe, gguf
+
+
 def _paths() -> dict:
     root = cache_root()
     exe = next(root.glob("build-*/bin/mq_eval"), None)
