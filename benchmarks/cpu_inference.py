@@ -697,6 +697,15 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _out_stem(out: str | None, default: str) -> Path:
+    """Where ``--out`` writes: a bare name (no folder) under ``benchmarks/results/``, as the other benchmarks'
+    ``--out``; a path with a folder as given; ``default`` under ``benchmarks/results/`` when ``out`` is empty."""
+    if not out:
+        return RESULTS / default
+    path = Path(out)
+    return RESULTS / path if path.parent == Path() else path
+
+
 def _run_worker(spec: dict, on_error: dict) -> dict:
     """Run ``--worker spec`` in a fresh Python process and return the result it printed (its ``ROW`` line), or
     ``on_error`` with the tail of its output under ``"error"`` when it printed none."""
@@ -723,7 +732,8 @@ def main(argv=None) -> int:
                    "(medquant.quant.decode.static_decode_), e.g. W4g128,float32")
     p.add_argument("--data-dir", default=None, help="data folder with iu_xray_reports (default: $MEDQUANT_DATA_DIR, "
                    "else ../shared/data)")
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/cpu_inference[_quick])")
+    p.add_argument("--out", default=None, help="output stem: a bare name goes under benchmarks/results/, a path as "
+                   "given (default benchmarks/results/cpu_inference[_quick])")
     p.add_argument("--prefill-ab", default="", help="comma list of quantized variants: instead of the row table, "
                    "time the 256-token prefill of each against the bfloat16 model in one process, alternating "
                    "(paired rounds; writes <out>.json/.md, default stem cpu_inference_prefill_ab)")
@@ -774,7 +784,7 @@ def main(argv=None) -> int:
         row["wall_s"] = time.time() - t0
         rows.append(row)
         print(json.dumps(row), flush=True)
-    stem = Path(args.out) if args.out else RESULTS / ("cpu_inference_quick" if quick else "cpu_inference")
+    stem = _out_stem(args.out, "cpu_inference_quick" if quick else "cpu_inference")
     stem.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "cpu_inference", "date": utc_now(), "seed": SEED, "spec": spec, "bandwidth_gbs": bw,
               "cpu_features": cpu_features(), "hardware": hardware(), "versions": versions(), "rows": rows}
@@ -838,7 +848,7 @@ def _main_ab(args, mode: str) -> int:
                 "prefill": 256, "prompt": 32, "new": 64, "ab_variants": [(v, h) for v in variants for h in heads],
                 "cpp_wrapper": bool(getattr(args, "cpp_wrapper", False))}
         results.append(_run_worker(spec, {"model": model}))
-    stem = Path(args.out) if args.out else RESULTS / f"cpu_inference_{mode}"
+    stem = _out_stem(args.out, f"cpu_inference_{mode}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     if mode == "compile_ab":
         table = _compile_ab_table(results)

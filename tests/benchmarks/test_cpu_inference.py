@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +191,13 @@ def test_accuracy_of_a_bfloat16_model_is_also_judged_by_its_float32_copy(monkeyp
     assert ci._copy32_cell(f32) == (f"{100 * hits['fast'] / 24:.1f}% / {100 * f32['decode_path_agreement']:.1f}% / "
                                     f"{100 * hits['reference'] / 24:.1f}%") and ci._copy32_cell(None) == "-"
     assert "float32_copy" not in ci._accuracy(ci._make("llama_small", "W4g128", True)[0], tok, 1, 8)
+
+
+def test_out_names_a_results_file_unless_it_is_a_path(tmp_path):
+    # a bare --out stem lands in benchmarks/results/, like the other benchmarks' --out (it used to land in the
+    # working directory); a path with a folder is used as given; no --out: the mode's default name there
+    assert ci._out_stem("cpu_inference_x", "d") == ci.RESULTS / "cpu_inference_x"
+    assert ci._out_stem(str(tmp_path / "x"), "d") == tmp_path / "x"
+    assert ci._out_stem("sub/x", "d") == Path("sub/x")
+    assert ci._out_stem(None, "cpu_inference_decode_ab") == ci.RESULTS / "cpu_inference_decode_ab"
+    assert ci.RESULTS.name == "results" and ci.RESULTS.parent.name == "benchmarks"
