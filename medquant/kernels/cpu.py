@@ -445,8 +445,9 @@ _int4_kernel = _env_choice(ENV_INT4_KERNEL, INT4_KERNELS)
 def set_cpu_native4_activations(mode: str | None) -> None:
     """How the native kernels (native4 and native8) take activations when the compute dtype is bfloat16.
 
-    ``"int16"`` (the default): where native4's quad form covers the row (4-bit containers, ``k_pad`` a multiple
-    of 128, groups of 32, 64 or a multiple of 128 columns, or one per row; the library built with AVX512-VNNI:
+    ``"int16"`` (the default): where native4's quad form covers the row but for at most a last block of 64
+    columns (4-bit containers, ``k_pad`` a multiple of 64, groups of 32, 64 or a multiple of 128 columns, or one
+    per row; the library built with AVX512-VNNI:
     :attr:`~medquant.kernels.native.NativeGemv4.int16_form`), a float32 ``x`` enters as 16-bit integers per 32
     columns ``c``,
 

@@ -700,9 +700,9 @@ class NativeGemv4:
     (codes widened to float32, FMA); 1, ``x`` rounded to bfloat16 (``vdpbf16ps`` with AVX512-BF16); 2 (split),
     ``hi + lo`` with ``hi = bf16(x)``, ``lo = bf16(x - hi)``, two ``vdpbf16ps`` products per code, ``x`` to a
     relative ``2^-17`` (without AVX512-BF16, modes 1 and 2 run the float32 FMA form, mode 2 then with ``x~ =
-    x``); 3 (int16, where :attr:`int16_form`; else as 2), per 32 columns ``c`` of a 128-column unit
+    x``); 3 (int16, where :attr:`int16_form`; else as 2), per 32 columns ``c``
     ``t[i, c] = max_{j in c} |x[i, j]| / 32767`` and ``x~ = t * round_half_even(x / t)``, the integer products
-    summed exactly per unit (``vpdpwssd``), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value that is
+    summed exactly per unit of 128 columns, or per last block of 64 (``vpdpwssd``), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value that is
     not finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2). ``y`` is float32, or
     bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
@@ -785,10 +785,11 @@ class NativeGemv4:
     @property
     def int16_form(self) -> bool:
         """Whether ``xmode`` 3 runs as such here (else as 2, split): 4-bit containers whose quad form covers the
-        row (``k_pad`` a multiple of 128; groups of 32, 64 or a multiple of 128 columns, or one per row) and a
-        library with ``vpdpwssd`` (AVX512-VNNI, as :attr:`has_gemm`)."""
+        row but for at most a last block of 64 columns (``k_pad`` a multiple of 64; groups of 32, 64 or a
+        multiple of 128 columns, or one per row) and a library with ``vpdpwssd`` (AVX512-VNNI, as
+        :attr:`has_gemm`)."""
         ng = self.kp // self.ge
-        return self._gemm and self.bits == 4 and self.kp % 128 == 0 and (
+        return self._gemm and self.bits == 4 and self.kp % 64 == 0 and (
             ng == 1 or self.ge % 128 == 0 or self.ge in (32, 64))
 
     @property

@@ -241,9 +241,12 @@ def test_float32_batches_switch_to_the_gemm_at_8_or_12_rows():
                         (15, big, "native4"), (16, big, big)):
         assert cpu_path(torch.randn(m, 256), w) == f32, m
         assert cpu_path(torch.randn(m, 256, dtype=torch.bfloat16), w) == b16, m
-    # a row of 192 columns (k_pad not a multiple of 128, groups of 64): no quad form, split from 8 rows
+    # a row of 224 columns (groups of 32: a last block of 32 columns, which the int16 form does not take): split,
+    # from 8 rows; a row of 192 (a last block of 64 columns, which it takes) from 12
+    w224 = _layer(64, 224, QuantConfig(4, group_size=32)).packed_weight(4)
+    assert cpu_path(torch.randn(7, 224), w224) == "native4" and cpu_path(torch.randn(8, 224), w224) == big
     w192 = _layer(64, 192, QuantConfig(4, group_size=64)).packed_weight(4)
-    assert cpu_path(torch.randn(7, 192), w192) == "native4" and cpu_path(torch.randn(8, 192), w192) == big
+    assert cpu_path(torch.randn(11, 192), w192) == "native4" and cpu_path(torch.randn(12, 192), w192) == big
     set_cpu_native4_activations("split")
     x = torch.randn(8, 256)
     assert cpu_path(x, w) == big
@@ -263,7 +266,7 @@ def test_float32_batches_switch_to_the_gemm_at_8_or_12_rows():
     set_cpu_native4_activations(None)
     set_cpu_dense_min_m(12)
     assert cpu_path(torch.randn(11, 256), w) == "native4" and cpu_path(torch.randn(12, 256), w) == _large_path()
-    assert cpu_path(torch.randn(11, 192), w192) == "native4"
+    assert cpu_path(torch.randn(11, 224), w224) == "native4"
 
 
 def test_compiled_model_traces_the_dense_path_and_matches():

@@ -545,7 +545,10 @@ def test_split_activations_against_float64_and_rounded_ones_at_the_kernel():
     (512, QuantConfig(4, group_size=256), True),  # a group over two units: each unit its own t
     (512, QuantConfig(4, scope="channel"), True),
     (384, QuantConfig(4, symmetric=False, scope="tensor"), True),
-    (576, QuantConfig(4, group_size=32), False),  # k_pad 576: a last unit of 64 columns, split instead
+    (576, QuantConfig(4, group_size=32), True),  # k_pad 576: 4 units and a last block of 64 columns
+    (320, QuantConfig(4, symmetric=False, group_size=64), True),  # the last 64 columns one group of their own
+    (576, QuantConfig(4, scope="channel"), True),  # one group over the units and the last block
+    (600, QuantConfig(4, group_size=32), False),  # k_pad 608: a last block of 32 columns, split instead
     (512, QuantConfig(8, scope="channel"), False),  # 8-bit containers: split
 ])
 def test_int16_activations_match_their_float64_reference(k, cfg, form):

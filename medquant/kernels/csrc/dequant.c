@@ -342,8 +342,8 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * the integer codes are multiplied exactly and the zero point enters once per group through the group sums of
  * x. xmode says what x~ is: 1, x rounded to bfloat16; 2 (split), hi + lo with hi = bf16(x) and
  * lo = bf16(x - hi), which is x to a relative 2^-17 (x's float32 value has 24 significant bits, hi + lo
- * 16 or more); 3 (int16, 4-bit containers whose rows are whole units of the quad form, below, with
- * AVX512-VNNI; else as 2): per 32 columns c of each 128-column unit, t = max_{j in c} |x[j]| / 32767 and
+ * 16 or more); 3 (int16, 4-bit containers whose rows are whole units of the quad form, below, but for at most
+ * a last block of 64 columns, with AVX512-VNNI; else as 2): per 32 columns c, t = max_{j in c} |x[j]| / 32767 and
  * x~ = t * round_half_even(x / t), the int16 values multiplied by the codes with vpdpwssd, the unit's integer
  * sums (at most 8 * 32767 * 15 per lane) converted to float32 once and scaled by t s lane-wise (an x with a value
  * that is not finite, or 32 columns below 2^-100, runs as 2); 0, x itself. With xmode 1 or 2 and AVX512-BF16 the
@@ -504,6 +504,19 @@ static inline __attribute__((always_inline)) void gemv4_rows(
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; b += b < 2 * q128 ? 2 : 1) {
 #if MQ_GEMM_CAP
+            if (xq != NULL && b >= 2 * q128) { /* a last block of 64 columns with x as 16-bit integers */
+                const __m512i w = _mm512_cvtepu8_epi16(load_codes(row, b, full, tail));
+                const __m512i lo = _mm512_and_si512(w, mask4), hi = _mm512_srli_epi16(w, 4);
+                const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(sr[gix[2 * b]]), _mm256_set1_ps(sr[gix[2 * b + 1]]), 1);
+                for (int i = 0; i < mb; ++i) { /* lane e: columns 4e..4e+3 (2 even and 2 odd ones) */
+                    const uint16_t *xi = xb + (m0 + i) * xps + b * 64;
+                    __m512i e = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)xi));
+                    e = _mm512_dpwssd_epi32(e, hi, _mm512_load_si512((const void *)(xi + 32)));
+                    tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e),
+                                             _mm512_mul_ps(sv, _mm512_loadu_ps(xq + ((m0 + i) * ((nblk + 1) / 2) + b / 2) * 16)), tot[i]);
+                }
+                continue;
+            }
             if (xq != NULL) { /* the quad form's 128 columns with x as 16-bit integers (xmode 3, above) */
                 const uint8_t *p = row + b * 32;
 #if MQ_GEMV_PREFETCH > 0
@@ -526,7 +539,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                     e1 = _mm512_dpwssd_epi32(e1, c3, _mm512_load_si512((const void *)(xi + 96)));
                     /* the unit's integer sums (at most 8 * 32767 * 15 per lane) once to float32, times s t */
                     tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(e0, e1)),
-                                             _mm512_mul_ps(sv, _mm512_loadu_ps(xq + ((m0 + i) * q128 + b / 2) * 16)), tot[i]);
+                                             _mm512_mul_ps(sv, _mm512_loadu_ps(xq + ((m0 + i) * ((nblk + 1) / 2) + b / 2) * 16)), tot[i]);
                 }
                 continue;
             }
@@ -847,7 +860,7 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
             __m512 hv[8], lv[8];
             float tq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, iq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             if (ix) { /* per 32 columns c: t = their largest magnitude / 32767, v = round_half_even(x / t) */
-                for (int h = 0; h < 4; ++h) {
+                for (int h = 0; h < (quad ? 4 : 2); ++h) {
                     const __m512 a = load_x16(x, xdtype, i, xstride, b * bw + 32 * h, k);
                     const __m512 c = load_x16(x, xdtype, i, xstride, b * bw + 32 * h + 16, k);
                     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
@@ -857,10 +870,12 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
                         return -5;
                     tq[h] = amax / 32767.0f, iq[h] = amax > 0.0f ? 32767.0f / amax : 0.0f;
                 }
-                /* lanes 4h..4h+3 of the quad form's products sum columns 32h..32h+31: their t, lane-wise */
-                _mm512_storeu_ps(xq + (i * q128 + b / 2) * 16,
-                                 _mm512_set_ps(tq[3], tq[3], tq[3], tq[3], tq[2], tq[2], tq[2], tq[2], tq[1], tq[1],
-                                               tq[1], tq[1], tq[0], tq[0], tq[0], tq[0]));
+                /* lanes 4h..4h+3 of the quad form's products sum columns 32h..32h+31: their t, lane-wise; a last
+                 * block of 64 columns (even columns, then odd): lanes 0..7 sum columns 0..31, 8..15 the rest */
+                _mm512_storeu_ps(xq + (i * ((nblk + 1) / 2) + b / 2) * 16,
+                                 quad ? _mm512_set_ps(tq[3], tq[3], tq[3], tq[3], tq[2], tq[2], tq[2], tq[2], tq[1],
+                                                      tq[1], tq[1], tq[1], tq[0], tq[0], tq[0], tq[0])
+                                      : _mm512_insertf32x8(_mm512_set1_ps(tq[0]), _mm256_set1_ps(tq[1]), 1));
             }
             for (int v = 0; v < nv; ++v) {
                 const int64_t j0 = b * bw + 16 * v, left = k - j0;
@@ -938,10 +953,10 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     if (rc) return rc;
 #if MQ_GEMV_F32
     if (bits != 4 && bits != 8 && !MQ_GEMV_STREAM) return -3;
-    /* xmode 3: x as 16-bit integers per 128 columns where the quad form covers the whole row and vpdpwssd is
-     * compiled in (else, and for an x it cannot scale, split) */
+    /* xmode 3: x as 16-bit integers per 32 columns where the quad form covers the row but for a last block of 64
+     * columns and vpdpwssd is compiled in (else, and for an x it cannot scale, split) */
     const int quad_groups = ng == 1 || ge % 128 == 0 || ge == 64 || ge == 32;
-    int ix = xmode == 3 && MQ_GEMM_CAP && bits == 4 && kp % 128 == 0 && quad_groups;
+    int ix = xmode == 3 && MQ_GEMM_CAP && bits == 4 && kp % 64 == 0 && quad_groups;
     if (xmode == 3 && !ix) xmode = 2;
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
@@ -950,7 +965,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     /* 4 bytes per column of x: float32, the hi and lo bfloat16 halves of split x, or less (bfloat16, int16) */
     void *xp = aligned_alloc(64, (size_t)(m * xps) * 4);
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
-    float *xq = ix ? (float *)malloc((size_t)(m * (kp / 128) * 16) * sizeof(float)) : NULL;
+    float *xq = ix ? (float *)malloc((size_t)(m * ((kp + 127) / 128) * 16) * sizeof(float)) : NULL;
     int32_t *gix = (int32_t *)malloc((size_t)(2 * nblk) * sizeof(int32_t));
     /* float16 scales / zero points are widened per task of MQ_GEMV_RB rows into a per-thread float32 buffer (the
      * hot loops then read float32 as stored float32 ones are read: in place); a constant zero point is one row of
