@@ -38,9 +38,10 @@ kernel)
 
 **native4** computes, for row ``r`` of ``W`` and row ``i`` of ``x``, with ``x~`` the input as the kernel takes
 it (``cd`` float32: ``x``; float16: ``x`` rounded to float16; bfloat16 with a float32 ``x``, by
-:func:`set_cpu_native4_activations`: ``"int16"``, the default, where the kernel's quad form covers the row,
-``t * round_half_even(x / t)`` with ``t`` the largest magnitude of each 32 columns over 32767, i.e. ``x`` to
-``2^-16`` of that magnitude; elsewhere and with ``"split"``, ``hi + lo``, ``hi = bf16(x)``, ``lo = bf16(x - hi)``,
+:func:`set_cpu_native4_activations`: ``"int16"``, the default, on a CPU with AVX512-VNNI
+(:attr:`~medquant.kernels.native.NativeGemv4.int16_form`), ``t * round_half_even(x / t)`` with ``t`` the largest
+magnitude of each 32 columns over 32767, i.e. ``x`` to ``2^-16`` of that magnitude; elsewhere and with
+``"split"``, ``hi + lo``, ``hi = bf16(x)``, ``lo = bf16(x - hi)``,
 i.e. ``x`` to a relative ``2^-17``; with ``"round"`` ``bf16(x)``; a bfloat16 ``x`` as it is),
 
     y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
@@ -58,8 +59,9 @@ the graph takes none of the layer's tensors.
 
 **gemm** (prefill: native row groups from ``dense_min_m("gemm")`` = 16 rows on, and from
 ``dense_min_m("gemm_split")`` = 8 for float32 ``x`` that native4 would split into two halves (a batch of 8
-decoding sequences), from ``dense_min_m("gemm_int16")`` = 12 for float32 ``x`` that native4 takes as 16-bit
-integers, in place of the native kernel and of the dense path, ``cd`` bfloat16, :func:`set_cpu_prefill_kernel` ``"gemm"``, the default): medquant's blocked matmul on the packed codes
+decoding sequences) or takes as 16-bit integers per block of 32 columns (8-bit containers, the stream widths),
+from ``dense_min_m("gemm_int16")`` = 12 for float32 ``x`` that native4's 4-bit form takes as 16-bit integers,
+in place of the native kernel and of the dense path, ``cd`` bfloat16, :func:`set_cpu_prefill_kernel` ``"gemm"``, the default): medquant's blocked matmul on the packed codes
 (:meth:`medquant.kernels.native.NativeGemv4.gemm`). ``x`` enters as 16-bit integers per block ``c`` of columns
 (the group, or 128 / 64 / 32 columns of it; 128 for channel / tensor scope),
 
@@ -175,7 +177,7 @@ INT4_KERNELS = ("auto", "aten")
 #: environment variable read at import: how native4 / native8 take bfloat16-compute activations (split / round)
 ENV_NATIVE4_ACTIVATIONS = "MEDQUANT_CPU_NATIVE4_ACTIVATIONS"
 #: how native4 / native8 multiply activations with a bfloat16 compute dtype: "int16" (the default: float32 x as 16-bit
-#: integers per 32 columns, one integer product per code, where native4's quad form covers the row; elsewhere
+#: integers per 32 columns, one integer product per code, with AVX512-VNNI where the kernel has the form; elsewhere
 #: "split"), "split" (x = hi + lo, two bfloat16 halves, x to a relative 2^-17: the float32 reference's result to
 #: about 1e-6) or "round" (x rounded to bfloat16)
 NATIVE4_ACTIVATIONS = ("int16", "split", "round")
@@ -204,7 +206,11 @@ DEFAULT_GEMM_MIN_M = 16
 #: the same for float32 ``x`` while native4 splits activations into two bfloat16 halves (its default): the native
 #: kernel then multiplies every weight twice, the gemm once. Measured in-process (2 threads, 4- and 8-bit rows,
 #: 5632 x 2048, 2048 x 5632 and 1536 x 576): at M = 8 the gemm took 0.40-0.70x the native kernel's time
-#: (5632 x 2048 W4 g128: 1.28 ms against 3.22), at M = 4 1.3-2.1x; a batch of 8 sequences decodes at M = 8.
+#: (5632 x 2048 W4 g128: 1.28 ms against 3.22), at M = 4 1.3-2.1x; a batch of 8 sequences decodes at M = 8. It is
+#: also the switch for float32 x that 8-bit containers and the stream widths take as 16-bit integers per block of
+#: 32 columns (each block's integer sum converted and scaled on its own): measured in-process (2 threads, W8 per
+#: channel, W3 and W2 g128, the six SmolLM2 / 1.1B shapes), the weight-only kernel took 0.95-1.26x the gemm's time
+#: at M = 8, 1.44-1.90x at M = 12.
 DEFAULT_GEMM_MIN_M_SPLIT = 8
 #: the same for float32 ``x`` that native4 takes as 16-bit integers (activations "int16", its default, where the
 #: quad form covers the row): one integer product per code. Measured in-process (2 threads, W4 g128, the six
@@ -445,9 +451,9 @@ _int4_kernel = _env_choice(ENV_INT4_KERNEL, INT4_KERNELS)
 def set_cpu_native4_activations(mode: str | None) -> None:
     """How the native kernels (native4 and native8) take activations when the compute dtype is bfloat16.
 
-    ``"int16"`` (the default): where native4's quad form covers the row but for at most a last block of 64
-    columns (4-bit containers, ``k_pad`` a multiple of 64, groups of 32, 64 or a multiple of 128 columns, or one
-    per row; the library built with AVX512-VNNI:
+    ``"int16"`` (the default): with the library built with AVX512-VNNI, on 8-bit containers, the stream widths,
+    and 4-bit containers where native4's quad form covers the row but for at most a last block of 64 columns
+    (``k_pad`` a multiple of 64, groups of 32, 64 or a multiple of 128 columns, or one per row:
     :attr:`~medquant.kernels.native.NativeGemv4.int16_form`), a float32 ``x`` enters as 16-bit integers per 32
     columns ``c``,
 
@@ -455,9 +461,10 @@ def set_cpu_native4_activations(mode: str | None) -> None:
 
     (``x`` to ``2^-16`` of its 32 columns' largest magnitude), multiplied by the codes exactly (``vpdpwssd``, one
     integer product per code), each 32 columns' sum scaled by ``t s`` in float32: the blocked matmul's
-    precision (at most its blocks' size), 15-23% faster per call than ``"split"`` on SmolLM2's and the 1.1B
-    model's layers at ``M = 1`` (2 threads). Elsewhere (8-bit containers, the bit streams, other row lengths, an
-    ``x`` with a value that is not finite) it is ``"split"``. ``"split"``: ``x = hi + lo`` with
+    precision (at most its blocks' size). Per call at ``M = 1`` (2 threads, SmolLM2's and the 1.1B model's layers)
+    than ``"split"``: 15-23% faster on 4-bit rows, 11-31% on 8-bit rows, 5-16% on 3- and 2-bit streams.
+    Elsewhere (4-bit rows ending in a block of 32 columns, or with other group sizes; an ``x`` with a value that
+    is not finite) it is ``"split"``. ``"split"``: ``x = hi + lo`` with
     ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the codes with ``vdpbf16ps``, so ``x`` enters to a
     relative ``2^-17`` and the result matches the float32 reference to about ``1e-6`` (no bfloat16 rounding of
     activations, weights or output). ``"round"``: ``x`` rounded to bfloat16 (one product per code; the layer's
@@ -798,24 +805,26 @@ def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 def _native_below(gemm: bool, form: str = "") -> int:
     """The ``M`` below which a native row group runs its weight-only kernel: ``gemm``, whether large ``M`` runs the
     blocked matmul; ``form``, how the native kernel takes float32 ``x`` (:func:`_f32_form`): ``"split"`` (two
-    bfloat16 halves) moves the switch down to ``dense_min_m("gemm_split")``, ``"int16"`` to
-    ``dense_min_m("gemm_int16")``. The callers pass ``""`` while ``torch.compile`` traces (a traced large-``M``
+    bfloat16 halves) and ``"int16_blocks"`` move the switch down to ``dense_min_m("gemm_split")``, ``"int16"``
+    to ``dense_min_m("gemm_int16")``. The callers pass ``""`` while ``torch.compile`` traces (a traced large-``M``
     call of the prepared matmul takes the dense path; a bound layer's compiled call is decided by
     :func:`_traced_lane`), at call time."""
     if not gemm:
         return dense_min_m("int4")
-    return dense_min_m({"split": "gemm_split", "int16": "gemm_int16"}.get(form, "gemm"))
+    return dense_min_m({"split": "gemm_split", "int16_blocks": "gemm_split", "int16": "gemm_int16"}.get(form, "gemm"))
 
 
 def _f32_form(plan: _Plan) -> str:
     """How a native row group's kernel takes float32 ``x`` with a bfloat16 compute dtype
     (:func:`set_cpu_native4_activations`): ``"int16"`` (where the activations are ``"int16"`` and the kernel has the
-    form: :attr:`~medquant.kernels.native.NativeGemv4.int16_form`), ``"split"`` (the activations ``"split"``, or
-    ``"int16"`` where the form is missing) or ``""`` (``"round"``)."""
+    form: :attr:`~medquant.kernels.native.NativeGemv4.int16_form`, on 4-bit containers), ``"int16_blocks"`` (the
+    same on 8-bit containers and the stream widths: blocks of 32 columns, whose per-block scaling makes the gemm
+    the faster from 8 rows, as for split ``x``), ``"split"`` (the activations ``"split"``, or ``"int16"`` where the
+    form is missing) or ``""`` (``"round"``)."""
     if _native4_activations == "round":
         return ""
     if _native4_activations == "int16" and plan.gemv is not None and plan.gemv.int16_form:
-        return "int16"
+        return "int16" if plan.gemv.bits == 4 else "int16_blocks"
     return "split"
 
 
@@ -877,7 +886,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     # native4's x mode: 3 as 16-bit integers, 2 split into two bfloat16 halves, 1 rounded to bfloat16, 0 as it is
     # (float32 FMA)
     form = _f32_form(plan) if cd == torch.bfloat16 else ""
-    xmode = {"int16": 3, "split": 2}.get(form, 1) if cd == torch.bfloat16 else 0
+    xmode = {"int16": 3, "int16_blocks": 3, "split": 2}.get(form, 1) if cd == torch.bfloat16 else 0
     xmode_bf16 = 1 if xmode >= 2 else xmode  # a bfloat16 x is exact as it is: one bfloat16 product per code
     # large M on the native blocked matmul (a settings change rebuilds this runner; traced calls take the dense path)
     gemm = _gemm_enabled(plan, cd)

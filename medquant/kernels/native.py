@@ -784,13 +784,15 @@ class NativeGemv4:
 
     @property
     def int16_form(self) -> bool:
-        """Whether ``xmode`` 3 runs as such here (else as 2, split): 4-bit containers whose quad form covers the
-        row but for at most a last block of 64 columns (``k_pad`` a multiple of 64; groups of 32, 64 or a
-        multiple of 128 columns, or one per row) and a library with ``vpdpwssd`` (AVX512-VNNI, as
-        :attr:`has_gemm`)."""
+        """Whether ``xmode`` 3 runs as such here (else as 2, split): a library with ``vpdpwssd`` (AVX512-VNNI, as
+        :attr:`has_gemm`), and either a width other than 4 (8-bit containers and the stream widths: blocks of 32
+        columns, one ``t`` each) or 4-bit containers whose quad form covers the row but for at most a last block
+        of 64 columns (``k_pad`` a multiple of 64; groups of 32, 64 or a multiple of 128 columns, or one per
+        row)."""
+        if self.bits != 4:
+            return self._gemm
         ng = self.kp // self.ge
-        return self._gemm and self.bits == 4 and self.kp % 64 == 0 and (
-            ng == 1 or self.ge % 128 == 0 or self.ge in (32, 64))
+        return self._gemm and self.kp % 64 == 0 and (ng == 1 or self.ge % 128 == 0 or self.ge in (32, 64))
 
     @property
     def has_gemm(self) -> bool:

@@ -127,14 +127,16 @@ def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
     int16 = native and cpu_plan(w).gemv is not None and cpu_plan(w).gemv.int16_form
     for act in ("int16", "split", "round") if cd == torch.bfloat16 else ("int16",):
         set_cpu_native4_activations(act)
-        # what x enters as (bf16 compute): 16-bit integers where int16 and the quad form covers the row, float32
-        # itself where split; else rounded to the compute dtype
+        # what x enters as (bf16 compute): 16-bit integers where int16 and the kernel has the form (8-bit and stream
+        # rows; 4-bit rows the quad form covers), float32 itself where split; else rounded to the compute dtype
         form = "" if cd != torch.bfloat16 or act == "round" else "int16" if act == "int16" and int16 else "split"
         x_cd = {"int16": "int16", "split": torch.float32}.get(form, cd)
         g = torch.Generator().manual_seed(1)
         # just below the switch: the blocked matmul takes bf16-compute rows from 16 on, float32 rows taken as int16
-        # from 12 on, split ones from 8 on (test_native_gemm.py)
-        top = {"int16": 11, "split": 7}.get(form, 15) if cd == torch.bfloat16 and native_status()["gemm"] else 31
+        # from 12 on by 4-bit containers (8 by the others: per-block scaling), split ones from 8 on
+        # (test_native_gemm.py)
+        top = ({"int16": 11 if kind == "native4" else 7, "split": 7}.get(form, 15)
+               if cd == torch.bfloat16 and native_status()["gemm"] else 31)
         for m in [m for m in (1, 5, 8, 13) if m < top] + [top]:
             x = torch.randn(m, k, generator=g)
             path = cpu_path(x, w)
@@ -549,7 +551,15 @@ def test_split_activations_against_float64_and_rounded_ones_at_the_kernel():
     (320, QuantConfig(4, symmetric=False, group_size=64), True),  # the last 64 columns one group of their own
     (576, QuantConfig(4, scope="channel"), True),  # one group over the units and the last block
     (600, QuantConfig(4, group_size=32), False),  # k_pad 608: a last block of 32 columns, split instead
-    (512, QuantConfig(8, scope="channel"), False),  # 8-bit containers: split
+    # 8-bit containers and the stream widths: blocks of 32 columns in column order, one t each
+    (512, QuantConfig(8, scope="channel"), True),
+    (600, QuantConfig(8, symmetric=False, group_size=32), True),  # k_pad 608: a last block of 32
+    (576, QuantConfig(3, group_size=64), True),  # dense 3-bit (the word form: codes by table)
+    (500, QuantConfig(5, symmetric=False, scope="channel"), True),  # dense 5-bit, k padded
+    (256, QuantConfig(6, symmetric=False, group_size=64), True),  # dense 6-bit (the widened form)
+    (288, QuantConfig(7, group_size=96), True),  # dense 7-bit, groups of three blocks
+    (200, QuantConfig(2, symmetric=False, group_size=32), True),  # 2-bit containers
+    (320, QuantConfig(1, group_size=32), True),  # 1-bit symmetric: (2u - 1) s
 ])
 def test_int16_activations_match_their_float64_reference(k, cfg, form):
     """xmode 3 against an independent emulation (:func:`_x_int16`, torch): per 32 columns ``t = max |x| / 32767``
@@ -564,6 +574,8 @@ def test_int16_activations_match_their_float64_reference(k, cfg, form):
         pytest.skip("needs the native kernel (AVX512F + BW)")
     layer = _layer(48, k, cfg)
     gemv = native_gemv4(layer.packed_weight(cfg.bits))
+    if gemv is None and cfg.bits not in (4, 8):
+        pytest.skip("the stream widths need AVX512-VBMI")
     assert gemv is not None and gemv.int16_form == (form and native_status()["gemm"])
     g = torch.Generator().manual_seed(3)
     for m in (1, 2, 3, 4, 7, 8, 11, 15):
@@ -629,7 +641,7 @@ def test_native4_activations_setting():
 def test_native8_holds_no_repacked_copy_and_matches_the_int8_kernel():
     """8-bit rows: aten's int8 kernel keeps an int8 copy of the weight (1 byte per weight beside medquant's
     codes); native8 reads the codes in place. Both agree within the bf16 tolerance, native8 within 1e-5 of the
-    float64 reference of the float32 input (split activations)."""
+    float64 reference of the input as it takes it (16-bit integers per 32 columns, the default activations)."""
     set_cpu_compute_dtype(torch.bfloat16)
     n, k = 128, 512
     layer = _layer(n, k, QuantConfig(8, scope="channel"))
@@ -645,12 +657,13 @@ def test_native8_holds_no_repacked_copy_and_matches_the_int8_kernel():
     assert _rel_err(y_aten, _ref(layer, x, torch.float32)) < 2e-2
     if _available():
         assert native_bytes == 4  # the scales are read in place (float16), the zero point is one float32 value
-        assert _rel_err(y_native, _ref(layer, x, torch.float32)) < 1e-5
+        assert _rel_err(y_native, _ref(layer, x, "int16")) < 1e-5
         set_cpu_int4_kernel("auto")
         gemv = cpu_plan(layer.packed_weight(8)).gemv
         assert gemv is not None and gemv.bits == 8
-        y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, 2, 8)
-        torch.testing.assert_close(y_op, gemv(x, 2), rtol=0, atol=0)
+        for xmode in (2, 3):
+            y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, xmode, 8)
+            torch.testing.assert_close(y_op, gemv(x, xmode), rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
@@ -659,8 +672,9 @@ def test_stream_layouts_run_in_place_and_match_the_int4_kernel(bits):
     """Dense 3-bit rows (version 2: 32 codes in 3 words) and 2-bit containers: with the stream kernel (AVX512-VBMI)
     native<b> reads the stored codes, scales and zero points in place (nothing held), where aten's int4 kernel
     keeps a 4-bit copy of every weight beside them (7 or 6 bits per weight at run time instead of 3 or 2). Both
-    agree within the bf16 tolerance, the native one within 1e-5 of the float64 reference of the float32 input
-    (split activations); the operator form gives the same bits as the bound kernel."""
+    agree within the bf16 tolerance, the native one within 1e-5 of the float64 reference of the input as it takes
+    it (16-bit integers per 32 columns, the default activations); the operator form gives the same bits as the
+    bound kernel."""
     if not (_available() and native_status()["gemv_stream"]):
         pytest.skip("needs the native stream kernel (AVX512F + BW + VBMI); the int4 fallback is tested elsewhere")
     set_cpu_compute_dtype(torch.bfloat16)
@@ -676,7 +690,7 @@ def test_stream_layouts_run_in_place_and_match_the_int4_kernel(bits):
     assert native_bytes == 0  # float16 scales and zero points read in place
     gemv = cpu_plan(w).gemv
     assert gemv is not None and gemv.bits == bits and gemv.qweight.data_ptr() == w.qweight.data_ptr()
-    for xmode in (0, 1, 2):
+    for xmode in (0, 1, 2, 3):
         y_op = torch.ops.medquant.gemv4(x, gemv.qweight, gemv.s, gemv.z, gemv.k, gemv.kp, gemv.ge, xmode, bits)
         torch.testing.assert_close(y_op, gemv(x, xmode), rtol=0, atol=0)
     set_cpu_int4_kernel("aten")
@@ -685,7 +699,7 @@ def test_stream_layouts_run_in_place_and_match_the_int4_kernel(bits):
         y_aten = layer(x)
     assert cpu_cache_bytes() >= n * k // 2  # the kernel's 4-bit copy
     ref = _ref(layer, x, torch.float32)
-    assert _rel_err(y_native, ref) < 1e-5
+    assert _rel_err(y_native, _ref(layer, x, "int16")) < 1e-5
     assert _rel_err(y_aten, ref) < 2e-2
     assert _rel_err(y_native, y_aten.double()) < 2e-2
 

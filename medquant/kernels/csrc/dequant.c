@@ -342,10 +342,11 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * the integer codes are multiplied exactly and the zero point enters once per group through the group sums of
  * x. xmode says what x~ is: 1, x rounded to bfloat16; 2 (split), hi + lo with hi = bf16(x) and
  * lo = bf16(x - hi), which is x to a relative 2^-17 (x's float32 value has 24 significant bits, hi + lo
- * 16 or more); 3 (int16, 4-bit containers whose rows are whole units of the quad form, below, but for at most
- * a last block of 64 columns, with AVX512-VNNI; else as 2): per 32 columns c, t = max_{j in c} |x[j]| / 32767 and
- * x~ = t * round_half_even(x / t), the int16 values multiplied by the codes with vpdpwssd, the unit's integer
- * sums (at most 8 * 32767 * 15 per lane) converted to float32 once and scaled by t s lane-wise (an x with a value
+ * 16 or more); 3 (int16, with AVX512-VNNI: 8-bit containers and the streams, and 4-bit containers whose rows
+ * are whole units of the quad form, below, but for at most a last block of 64 columns; else as 2): per 32 columns
+ * c, t = max_{j in c} |x[j]| / 32767 and x~ = t * round_half_even(x / t), the int16 values multiplied by the codes
+ * with vpdpwssd, the integer sums of a unit (at most 8 * 32767 * 15 per lane) or of a stream block (at most
+ * 32 * 255 * 32767) converted to float32 once and scaled by t s lane-wise (an x with a value
  * that is not finite, or 32 columns below 2^-100, runs as 2); 0, x itself. With xmode 1 or 2 and AVX512-BF16 the
  * products are bfloat16 pairs summed in
  * float32 by vdpbf16ps (codes 0..15 turned into bfloat16 by a 16-entry table; split: one product with hi and
@@ -671,12 +672,14 @@ static inline __attribute__((always_inline)) void gemv4_rows(
  *   - otherwise: qword lane L takes the cb bytes of codes 8L..8L+7 (vpermb), byte i of the lane the 8 bits from
  *     bit i cb (vpmultishiftqb), masked to cb bits; the codes (0..255, exact in bfloat16) are widened to float32
  *     and, for bfloat16 products, packed to bfloat16 pairs (vcvtne2ps2bf16).
+ * With int16 x (xq: t per row and block) the table holds i mod 2^cb as 16-bit integers, or the bytes are widened
+ * to 16 bits, and each block's vpdpwssd sum is converted to float32 and scaled by s t on its own.
  * gix[2b] = gix[2b + 1] is block b's group. cb is a compile-time constant at every call (specialised bodies). */
 static inline __attribute__((always_inline)) void gemvs_rows(
     const int cb, const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t kp, int64_t ng,
     const float *st, const float *zt, int64_t zs, const float *xf, const uint16_t *xb, const uint16_t *xl,
     int64_t xps, const float *xs,
-    const int32_t *gix, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
+    const int32_t *gix, const float *xq, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const int64_t nblk = (kp + 31) / 32, full = kp / 32;
     const int64_t tail_bytes = ((kp % 32) * cb + 7) / 8;
     const __mmask32 tail = (__mmask32)((1ull << tail_bytes) - 1u);
@@ -713,7 +716,8 @@ static inline __attribute__((always_inline)) void gemvs_rows(
             }
         }
     const __m512i vbctrl = _mm512_loadu_si512((const void *)bctrl);
-    for (int e = 0; e < 32; ++e) tab16[e] = (uint16_t)(f2u((float)(e & ((1 << cb) - 1))) >> 16); /* exact */
+    for (int e = 0; e < 32; ++e) /* the code as bfloat16 (exact), or as a 16-bit integer for int16 x (xmode 3) */
+        tab16[e] = xq != NULL ? (uint16_t)(e & ((1 << cb) - 1)) : (uint16_t)(f2u((float)(e & ((1 << cb) - 1))) >> 16);
     const __m256i vperm = _mm256_loadu_si256((const void *)perm), vctrl = _mm256_loadu_si256((const void *)ctrl);
     const __m512i vwperm = _mm512_loadu_si512((const void *)wperm), vwctrl = _mm512_loadu_si512((const void *)wctrl);
     const __m256i vmask = _mm256_set1_epi8((char)((1 << cb) - 1));
@@ -758,6 +762,22 @@ static inline __attribute__((always_inline)) void gemvs_rows(
                 }
 #endif /* without VBMI gemv_run declines every cb but 4 and 8 */
             }
+#if MQ_GEMM_CAP
+            if (xq != NULL) { /* x as 16-bit integers per block (xmode 3): codes as int16 pairs, vpdpwssd */
+#if MQ_GEMV_STREAM
+                const __m512i wi = words ? (__m512i)wb : _mm512_cvtepu8_epi16(raw);
+#else
+                const __m512i wi = _mm512_cvtepu8_epi16(raw);
+#endif
+                const float sb = sr[gix[2 * b]];
+                for (int i = 0; i < mb; ++i) { /* the block's integer sum (at most 32 * 255 * 32767) times s t */
+                    const __m512i e = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wi, _mm512_load_si512(
+                                                              (const void *)(xb + (m0 + i) * xps + b * 32)));
+                    tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(sb * xq[(m0 + i) * nblk + b]), tot[i]);
+                }
+                continue;
+            }
+#endif
             if (xb != NULL) {
 #if MQ_GEMV_BF16
 #if MQ_GEMV_STREAM
@@ -860,7 +880,7 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
             __m512 hv[8], lv[8];
             float tq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, iq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             if (ix) { /* per 32 columns c: t = their largest magnitude / 32767, v = round_half_even(x / t) */
-                for (int h = 0; h < (quad ? 4 : 2); ++h) {
+                for (int h = 0; h < (quad ? 4 : (int)(bw / 32)); ++h) {
                     const __m512 a = load_x16(x, xdtype, i, xstride, b * bw + 32 * h, k);
                     const __m512 c = load_x16(x, xdtype, i, xstride, b * bw + 32 * h + 16, k);
                     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
@@ -872,10 +892,13 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
                 }
                 /* lanes 4h..4h+3 of the quad form's products sum columns 32h..32h+31: their t, lane-wise; a last
                  * block of 64 columns (even columns, then odd): lanes 0..7 sum columns 0..31, 8..15 the rest */
-                _mm512_storeu_ps(xq + (i * ((nblk + 1) / 2) + b / 2) * 16,
-                                 quad ? _mm512_set_ps(tq[3], tq[3], tq[3], tq[3], tq[2], tq[2], tq[2], tq[2], tq[1],
-                                                      tq[1], tq[1], tq[1], tq[0], tq[0], tq[0], tq[0])
-                                      : _mm512_insertf32x8(_mm512_set1_ps(tq[0]), _mm256_set1_ps(tq[1]), 1));
+                if (bits != 4) /* a stream block: 32 columns, one t */
+                    xq[i * nblk + b] = tq[0];
+                else
+                    _mm512_storeu_ps(xq + (i * ((nblk + 1) / 2) + b / 2) * 16,
+                                     quad ? _mm512_set_ps(tq[3], tq[3], tq[3], tq[3], tq[2], tq[2], tq[2], tq[2], tq[1],
+                                                          tq[1], tq[1], tq[1], tq[0], tq[0], tq[0], tq[0])
+                                          : _mm512_insertf32x8(_mm512_set1_ps(tq[0]), _mm256_set1_ps(tq[1]), 1));
             }
             for (int v = 0; v < nv; ++v) {
                 const int64_t j0 = b * bw + 16 * v, left = k - j0;
@@ -956,7 +979,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     /* xmode 3: x as 16-bit integers per 32 columns where the quad form covers the row but for a last block of 64
      * columns and vpdpwssd is compiled in (else, and for an x it cannot scale, split) */
     const int quad_groups = ng == 1 || ge % 128 == 0 || ge == 64 || ge == 32;
-    int ix = xmode == 3 && MQ_GEMM_CAP && bits == 4 && kp % 64 == 0 && quad_groups;
+    int ix = xmode == 3 && MQ_GEMM_CAP && (bits != 4 || (kp % 64 == 0 && quad_groups));
     if (xmode == 3 && !ix) xmode = 2;
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
@@ -965,7 +988,9 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     /* 4 bytes per column of x: float32, the hi and lo bfloat16 halves of split x, or less (bfloat16, int16) */
     void *xp = aligned_alloc(64, (size_t)(m * xps) * 4);
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
-    float *xq = ix ? (float *)malloc((size_t)(m * ((kp + 127) / 128) * 16) * sizeof(float)) : NULL;
+    /* t per 32 columns: 4-bit, 16 lanes per 128-column unit or last block of 64; streams, one per block of 32 */
+    float *xq = ix ? (float *)malloc((size_t)(m * (bits == 4 ? (kp + 127) / 128 * 16 : (kp + 31) / 32)) * sizeof(float))
+                   : NULL;
     int32_t *gix = (int32_t *)malloc((size_t)(2 * nblk) * sizeof(int32_t));
     /* float16 scales / zero points are widened per task of MQ_GEMV_RB rows into a per-thread float32 buffer (the
      * hot loops then read float32 as stored float32 ones are read: in place); a constant zero point is one row of
@@ -1008,7 +1033,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     const uint16_t *xbp = bf16 ? (const uint16_t *)xp : NULL;
     const uint16_t *xlp = split ? (const uint16_t *)xp + m * xps : NULL;
     const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
-#define MQ_GEMVS(CB, MB) gemvs_rows(CB, q, r0, r1, row_bytes, kp, ng, st, zt, zs, xf, xbp, xlp, xps, xs, gix, MB, m0, y, ydtype, ys)
+#define MQ_GEMVS(CB, MB) gemvs_rows(CB, q, r0, r1, row_bytes, kp, ng, st, zt, zs, xf, xbp, xlp, xps, xs, gix, xqp, MB, m0, y, ydtype, ys)
 #define MQ_GEMV_ROWS(MB)                                                                                          \
     do {                                                                                                          \
         switch (bits) { /* constant widths: each body is specialised */                                          \
