@@ -217,6 +217,12 @@ DEFAULT_GEMM_MIN_M_SPLIT = 8
 #: SmolLM2 / 1.1B shapes): at M = 8 the weight-only kernel took 0.55-0.96x the gemm's time, at M = 12 0.83-1.47x
 #: (median 1.3x), at M = 16 1.18-1.31x.
 DEFAULT_GEMM_MIN_M_INT16 = 12
+#: the narrowest codes whose layers take float32 x as 16-bit integers under the default activations "int16"; 1- and
+#: 2-bit layers split it. Measured on SmolLM2 (20 IU reports x 64 teacher-forced tokens, decode path against the
+#: same model's float32 reference): W8, W4 and W3 keep 99.9-100.0% of next tokens with int16 x, the
+#: round-to-nearest W2 g128 model 97.4% (96.9% with a float head) against 99.9% split: a model quantized to 2 bits
+#: is chaotic enough (perplexity 5.5e8) that x to 2^-16 of each 32 columns' largest magnitude moves its arg-max.
+NATIVE_INT16_MIN_BITS = 3
 #: the dense path dequantizes a weight whose dense form in the compute dtype exceeds DENSE_CHUNK_MIN_BYTES a
 #: slice of rows at a time (about DENSE_CHUNK_BYTES each, a multiple of 16 rows) into one buffer, each slice's
 #: GEMM writing its columns of the output. Measured (bf16, 2 threads, idle AVX512-BF16 CPU): a 49152 x 576 4-bit
@@ -451,8 +457,9 @@ _int4_kernel = _env_choice(ENV_INT4_KERNEL, INT4_KERNELS)
 def set_cpu_native4_activations(mode: str | None) -> None:
     """How the native kernels (native4 and native8) take activations when the compute dtype is bfloat16.
 
-    ``"int16"`` (the default): with the library built with AVX512-VNNI, on 8-bit containers, the stream widths,
-    and 4-bit containers where native4's quad form covers the row but for at most a last block of 64 columns
+    ``"int16"`` (the default): with the library built with AVX512-VNNI, on layers of 3 bits or more
+    (``NATIVE_INT16_MIN_BITS``: 1- and 2-bit models are chaotic enough to lose next tokens to it), on 8-bit
+    containers, the dense 3/5/6/7-bit streams, and 4-bit containers where native4's quad form covers the row but for at most a last block of 64 columns
     (``k_pad`` a multiple of 64, groups of 32, 64 or a multiple of 128 columns, or one per row:
     :attr:`~medquant.kernels.native.NativeGemv4.int16_form`), a float32 ``x`` enters as 16-bit integers per 32
     columns ``c``,
@@ -463,8 +470,8 @@ def set_cpu_native4_activations(mode: str | None) -> None:
     integer product per code), each 32 columns' sum scaled by ``t s`` in float32: the blocked matmul's
     precision (at most its blocks' size). Per call at ``M = 1`` (2 threads, SmolLM2's and the 1.1B model's layers)
     than ``"split"``: 15-23% faster on 4-bit rows, 11-31% on 8-bit rows, 5-16% on 3- and 2-bit streams.
-    Elsewhere (4-bit rows ending in a block of 32 columns, or with other group sizes; an ``x`` with a value that
-    is not finite) it is ``"split"``. ``"split"``: ``x = hi + lo`` with
+    Elsewhere (1- and 2-bit layers; 4-bit rows ending in a block of 32 columns, or with other group sizes; an
+    ``x`` with a value that is not finite) it is ``"split"``. ``"split"``: ``x = hi + lo`` with
     ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the codes with ``vdpbf16ps``, so ``x`` enters to a
     relative ``2^-17`` and the result matches the float32 reference to about ``1e-6`` (no bfloat16 rounding of
     activations, weights or output). ``"round"``: ``x`` rounded to bfloat16 (one product per code; the layer's
@@ -820,11 +827,13 @@ def _f32_form(plan: _Plan) -> str:
     form: :attr:`~medquant.kernels.native.NativeGemv4.int16_form`, on 4-bit containers), ``"int16_blocks"`` (the
     same on 8-bit containers and the stream widths: blocks of 32 columns, whose per-block scaling makes the gemm
     the faster from 8 rows, as for split ``x``), ``"split"`` (the activations ``"split"``, or ``"int16"`` where the
-    form is missing) or ``""`` (``"round"``)."""
+    form is missing or the codes are narrower than ``NATIVE_INT16_MIN_BITS``) or ``""`` (``"round"``)."""
     if _native4_activations == "round":
         return ""
-    if _native4_activations == "int16" and plan.gemv is not None and plan.gemv.int16_form:
-        return "int16" if plan.gemv.bits == 4 else "int16_blocks"
+    gemv = plan.gemv
+    if (_native4_activations == "int16" and gemv is not None and gemv.int16_form
+            and gemv.code_bits >= NATIVE_INT16_MIN_BITS):
+        return "int16" if gemv.bits == 4 else "int16_blocks"
     return "split"
 
 

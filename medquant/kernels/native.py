@@ -722,6 +722,7 @@ class NativeGemv4:
         weight = dataclasses.replace(weight, qweight=alias)
         self._call, self._gemm, self._weight = call, gemm, weight
         self.bits = storage_bits(weight.bits, weight.dense)
+        self.code_bits = weight.bits  # the codes' width (bits is what holds them: 4 for 3-bit codes in layout 1)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
         self.n, self.k, self.kp, self.ge = weight.n, weight.k, weight.k_pad, ge
         # bound once (a decode step calls this per layer): the weight's arguments of mq_call, held here with

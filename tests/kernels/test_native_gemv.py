@@ -33,7 +33,7 @@ from medquant.kernels import (
     set_cpu_native4_activations,
     set_cpu_prefill_kernel,
 )
-from medquant.kernels.cpu import cpu_plan
+from medquant.kernels.cpu import NATIVE_INT16_MIN_BITS, cpu_plan
 from medquant.kernels.layout import storage_bits
 from medquant.kernels.native import gemv4_decline, native_gemv4, native_status
 from medquant.quant import QuantConfig, QuantLinear
@@ -124,7 +124,9 @@ def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
     native = _available() and gemv4_decline(w) is None
     kind = f"native{storage_bits(cfg.bits, w.dense)}"
     assert native or not _available() or (kind not in ("native4", "native8") and not native_status()["gemv_stream"])
-    int16 = native and cpu_plan(w).gemv is not None and cpu_plan(w).gemv.int16_form
+    gemv = cpu_plan(w).gemv if native else None
+    # 1- and 2-bit layers split float32 x (their models lose next tokens to 16-bit integer x)
+    int16 = gemv is not None and gemv.int16_form and cfg.bits >= NATIVE_INT16_MIN_BITS
     for act in ("int16", "split", "round") if cd == torch.bfloat16 else ("int16",):
         set_cpu_native4_activations(act)
         # what x enters as (bf16 compute): 16-bit integers where int16 and the kernel has the form (8-bit and stream
@@ -599,6 +601,25 @@ def test_int16_activations_match_their_float64_reference(k, cfg, form):
         torch.testing.assert_close(gemv(xb, 3), gemv(xb, 2), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("bits", [3, 2])
+def test_two_bit_layers_split_float32_activations_under_the_default(bits):
+    """The default activations ("int16") take float32 x as 16-bit integers from ``NATIVE_INT16_MIN_BITS`` = 3 bits
+    on and split it below (a 2-bit model loses next tokens to 16-bit x): a layer's output is then the kernel's
+    xmode 3 or xmode 2 result bit for bit, and the two differ."""
+    if not (native_status()["gemm"] and native_status()["gemv_stream"]):
+        pytest.skip("needs the native stream kernel and vpdpwssd (AVX512-VNNI)")
+    set_cpu_compute_dtype(torch.bfloat16)
+    layer = _layer(64, 256, QuantConfig(bits, symmetric=False, group_size=64))
+    gemv = cpu_plan(layer.packed_weight(bits)).gemv
+    assert gemv is not None and gemv.int16_form and gemv.code_bits == bits
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = layer(x)
+    y3, y2 = gemv(x, 3), gemv(x, 2)
+    assert not torch.equal(y3, y2)
+    torch.testing.assert_close(y, y3 if bits >= NATIVE_INT16_MIN_BITS else y2, rtol=0, atol=0)
+
+
 def test_native4_activations_setting():
     """``set_cpu_native4_activations`` switches prepared layers (a settings change rebuilds them), refuses other
     values, and ``$MEDQUANT_CPU_NATIVE4_ACTIVATIONS`` is read at import."""
@@ -673,8 +694,8 @@ def test_stream_layouts_run_in_place_and_match_the_int4_kernel(bits):
     native<b> reads the stored codes, scales and zero points in place (nothing held), where aten's int4 kernel
     keeps a 4-bit copy of every weight beside them (7 or 6 bits per weight at run time instead of 3 or 2). Both
     agree within the bf16 tolerance, the native one within 1e-5 of the float64 reference of the input as it takes
-    it (16-bit integers per 32 columns, the default activations); the operator form gives the same bits as the
-    bound kernel."""
+    it (3-bit: 16-bit integers per 32 columns, the default activations; 2-bit: split); the operator form gives the
+    same bits as the bound kernel."""
     if not (_available() and native_status()["gemv_stream"]):
         pytest.skip("needs the native stream kernel (AVX512F + BW + VBMI); the int4 fallback is tested elsewhere")
     set_cpu_compute_dtype(torch.bfloat16)
@@ -699,7 +720,8 @@ def test_stream_layouts_run_in_place_and_match_the_int4_kernel(bits):
         y_aten = layer(x)
     assert cpu_cache_bytes() >= n * k // 2  # the kernel's 4-bit copy
     ref = _ref(layer, x, torch.float32)
-    assert _rel_err(y_native, _ref(layer, x, "int16")) < 1e-5
+    # 16-bit integer x from NATIVE_INT16_MIN_BITS (3) bits on, split x (float32's precision) below
+    assert _rel_err(y_native, _ref(layer, x, "int16" if bits >= NATIVE_INT16_MIN_BITS else torch.float32)) < 1e-5
     assert _rel_err(y_aten, ref) < 2e-2
     assert _rel_err(y_native, y_aten.double()) < 2e-2
 
