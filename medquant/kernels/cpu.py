@@ -174,7 +174,7 @@ ENV_INT4_KERNEL = "MEDQUANT_CPU_INT4_KERNEL"
 #: weight-only kernel choices: "auto" (medquant's native kernels where they take the row group, else aten's int4 /
 #: int8 kernels) or "aten" (aten's int4 / int8 kernels wherever they take the row group)
 INT4_KERNELS = ("auto", "aten")
-#: environment variable read at import: how native4 / native8 take bfloat16-compute activations (split / round)
+#: environment variable read at import: how native4 / native8 take bfloat16-compute activations (int16 / split / round)
 ENV_NATIVE4_ACTIVATIONS = "MEDQUANT_CPU_NATIVE4_ACTIVATIONS"
 #: how native4 / native8 multiply activations with a bfloat16 compute dtype: "int16" (the default: float32 x as 16-bit
 #: integers per 32 columns, one integer product per code, with AVX512-VNNI where the kernel has the form; elsewhere
@@ -459,8 +459,9 @@ def set_cpu_native4_activations(mode: str | None) -> None:
 
     ``"int16"`` (the default): with the library built with AVX512-VNNI, on layers of 3 bits or more
     (``NATIVE_INT16_MIN_BITS``: 1- and 2-bit models are chaotic enough to lose next tokens to it), on 8-bit
-    containers, the dense 3/5/6/7-bit streams, and 4-bit containers where native4's quad form covers the row but for at most a last block of 64 columns
-    (``k_pad`` a multiple of 64, groups of 32, 64 or a multiple of 128 columns, or one per row:
+    containers, the dense 3/5/6/7-bit streams, and 4-bit containers where native4's quad form covers the row but
+    for at most a last block of 64 columns (``k_pad`` a multiple of 64, groups of 32, 64 or a multiple of 128
+    columns, or one per row:
     :attr:`~medquant.kernels.native.NativeGemv4.int16_form`), a float32 ``x`` enters as 16-bit integers per 32
     columns ``c``,
 

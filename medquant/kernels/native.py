@@ -702,8 +702,9 @@ class NativeGemv4:
     relative ``2^-17`` (without AVX512-BF16, modes 1 and 2 run the float32 FMA form, mode 2 then with ``x~ =
     x``); 3 (int16, where :attr:`int16_form`; else as 2), per 32 columns ``c``
     ``t[i, c] = max_{j in c} |x[i, j]| / 32767`` and ``x~ = t * round_half_even(x / t)``, the integer products
-    summed exactly per unit of 128 columns, or per last block of 64 (``vpdpwssd``), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value that is
-    not finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2). ``y`` is float32, or
+    summed exactly (``vpdpwssd``; per 128-column unit of the quad form or a last block of 64 columns, per block of
+    32 columns on 8-bit and stream rows), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value that is not
+    finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2). ``y`` is float32, or
     bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
     ``$MEDQUANT_NATIVE`` is read when it is built (:func:`native_gemv4`), not at each call. It reads medquant's
