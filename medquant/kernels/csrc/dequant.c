@@ -479,6 +479,13 @@ static inline __attribute__((always_inline)) void flush_bf16(__m512 *tot, __m512
     }
 }
 
+/* where row i's scales t of int16 x (xmode 3) for block b start in xq (rows of nblk blocks): 4-bit containers, 16
+ * lanes per 128-column unit or last block of 64 columns; the other widths, one per block of 32 columns. Row m's
+ * start is the size of xq for m rows. */
+static inline int64_t xq_at(int bits, int64_t i, int64_t nblk, int64_t b) {
+    return bits == 4 ? (i * ((nblk + 1) / 2) + b / 2) * 16 : i * nblk + b;
+}
+
 /* rows r0..r1 of the weight against rows m0..m0+mb of x (x~ permuted per block: xp, row stride xps, as float32
  * (xf) or bfloat16 bits (xb)); xs: (m, ng) group sums of x~ */
 static inline __attribute__((always_inline)) void gemv4_rows(
@@ -514,7 +521,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                     __m512i e = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)xi));
                     e = _mm512_dpwssd_epi32(e, hi, _mm512_load_si512((const void *)(xi + 32)));
                     tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e),
-                                             _mm512_mul_ps(sv, _mm512_loadu_ps(xq + ((m0 + i) * ((nblk + 1) / 2) + b / 2) * 16)), tot[i]);
+                                             _mm512_mul_ps(sv, _mm512_loadu_ps(xq + xq_at(4, m0 + i, nblk, b))), tot[i]);
                 }
                 continue;
             }
@@ -540,7 +547,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
                     e1 = _mm512_dpwssd_epi32(e1, c3, _mm512_load_si512((const void *)(xi + 96)));
                     /* the unit's integer sums (at most 8 * 32767 * 15 per lane) once to float32, times s t */
                     tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(e0, e1)),
-                                             _mm512_mul_ps(sv, _mm512_loadu_ps(xq + ((m0 + i) * ((nblk + 1) / 2) + b / 2) * 16)), tot[i]);
+                                             _mm512_mul_ps(sv, _mm512_loadu_ps(xq + xq_at(4, m0 + i, nblk, b))), tot[i]);
                 }
                 continue;
             }
@@ -773,7 +780,7 @@ static inline __attribute__((always_inline)) void gemvs_rows(
                 for (int i = 0; i < mb; ++i) { /* the block's integer sum (at most 32 * 255 * 32767) times s t */
                     const __m512i e = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wi, _mm512_load_si512(
                                                               (const void *)(xb + (m0 + i) * xps + b * 32)));
-                    tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(sb * xq[(m0 + i) * nblk + b]), tot[i]);
+                    tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(sb * xq[xq_at(cb, m0 + i, nblk, b)]), tot[i]);
                 }
                 continue;
             }
@@ -862,10 +869,10 @@ static inline __m512 load_x16(const void *x, int xdtype, int64_t i, int64_t xstr
 
 /* The kernels' copy of x, 16 columns at a time (ng == 1, or groups of a multiple of 16 columns, so that each 16
  * lie in one group): per row, x~ (x itself, rounded to bfloat16, split into hi + lo, or with ix as 16-bit
- * integers v per 128-column unit, x~ = t v, their scales t in xq[(m, q128)]), its group sums xs, and the copy the
+ * integers v per 32 columns, x~ = t v, their scales t in xq at xq_at), its group sums xs, and the copy the
  * kernels read (4-bit: per block of 64 columns its 32 even columns, then its 32 odd ones, or per unit of 128 the
  * quad order; streams: column order) as float32, bfloat16 bits or int16; zeros beyond k. Returns 0, or with ix
- * -5 (a value of x not finite, or a unit's largest magnitude below 2^-100: the caller splits instead). */
+ * -5 (a value of x not finite, or 32 columns' largest magnitude below 2^-100: the caller splits instead). */
 static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t k, int bits, int64_t bw,
                   int64_t nblk, int64_t xps, int bf16, int split, int xmode, int ix, int64_t ge, int64_t ng,
                   int64_t q128, void *xp, float *xs, float *xq) {
@@ -893,9 +900,9 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
                 /* lanes 4h..4h+3 of the quad form's products sum columns 32h..32h+31: their t, lane-wise; a last
                  * block of 64 columns (even columns, then odd): lanes 0..7 sum columns 0..31, 8..15 the rest */
                 if (bits != 4) /* a stream block: 32 columns, one t */
-                    xq[i * nblk + b] = tq[0];
+                    xq[xq_at(bits, i, nblk, b)] = tq[0];
                 else
-                    _mm512_storeu_ps(xq + (i * ((nblk + 1) / 2) + b / 2) * 16,
+                    _mm512_storeu_ps(xq + xq_at(bits, i, nblk, b),
                                      quad ? _mm512_set_ps(tq[3], tq[3], tq[3], tq[3], tq[2], tq[2], tq[2], tq[2], tq[1],
                                                           tq[1], tq[1], tq[1], tq[0], tq[0], tq[0], tq[0])
                                           : _mm512_insertf32x8(_mm512_set1_ps(tq[0]), _mm256_set1_ps(tq[1]), 1));
@@ -988,9 +995,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     /* 4 bytes per column of x: float32, the hi and lo bfloat16 halves of split x, or less (bfloat16, int16) */
     void *xp = aligned_alloc(64, (size_t)(m * xps) * 4);
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
-    /* t per 32 columns: 4-bit, 16 lanes per 128-column unit or last block of 64; streams, one per block of 32 */
-    float *xq = ix ? (float *)malloc((size_t)(m * (bits == 4 ? (kp + 127) / 128 * 16 : (kp + 31) / 32)) * sizeof(float))
-                   : NULL;
+    float *xq = ix ? (float *)malloc((size_t)xq_at(bits, m, nblk, 0) * sizeof(float)) : NULL; /* t per 32 columns */
     int32_t *gix = (int32_t *)malloc((size_t)(2 * nblk) * sizeof(int32_t));
     /* float16 scales / zero points are widened per task of MQ_GEMV_RB rows into a per-thread float32 buffer (the
      * hot loops then read float32 as stored float32 ones are read: in place); a constant zero point is one row of
