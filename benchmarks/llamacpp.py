@@ -484,7 +484,6 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
     from medquant.deploy import export
     from medquant.quant import quantized_modules
     from medquant.quant.api import quantize_
-    from medquant.quant.config import QuantConfig
 
     torch.set_num_threads(threads)
     result: dict = {
@@ -514,15 +513,12 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
                       "perplexity": f"{len(ppl_seqs)} IU test reports, <= {ppl_len} tokens each "
                                     f"({sum(len(s) - 1 for s in ppl_seqs)} predicted tokens)",
                       "speed": f"prefill {len(prompt)} tokens, then 64 greedy tokens"}
-    work = cache_root() / "exports"
-    work.mkdir(parents=True, exist_ok=True)
     folder = Path(model.name_or_path) if Path(str(model.name_or_path)).is_dir() else None
     from benchmarks.common.smollm2 import cache_dir
 
     source = folder or cache_dir() / "smollm2-135m-instruct-float"
     float_ref = None
-    variants = [("float32 (control)", None), ("W8 g32 sym", QuantConfig(bits=8, group_size=32, symmetric=True)),
-                ("W4 g32 sym", QuantConfig(bits=4, group_size=32, symmetric=True))]
+    variants = _variants()
     from medquant.kernels import get_cpu_compute_dtype
 
     result["medquant_paths"] = {
@@ -536,7 +532,7 @@ def run(quick: bool, threads: int, skip_build: bool, partial: Path | None = None
         m = copy.deepcopy(model)
         if cfg is not None:
             quantize_(m, cfg)
-        gguf = work / f"smollm2_{label.split()[0].lower()}.gguf"
+        gguf = _export_path(label)
         report = export(m, gguf, format="gguf", source=source, overwrite=True)
         if cfg is None:
             from benchmarks.common.smollm2 import GGUF_NAME, smollm2_gguf_dir
@@ -658,7 +654,6 @@ def run_speed(threads: int, repeats: int, compiled: bool = False) -> dict:
     from medquant.deploy import export
     from medquant.kernels import get_cpu_compute_dtype
     from medquant.quant.api import quantize_
-    from medquant.quant.config import QuantConfig
     from medquant.quant.decode import static_decode_
 
     torch.set_num_threads(threads)
@@ -675,16 +670,13 @@ def run_speed(threads: int, repeats: int, compiled: bool = False) -> dict:
     if compiled:
         result["medquant_compiled_path"] = ("static_decode_(model): static KV cache + compiled decode step, timed "
                                             "through generate (decode tokens/s = 64 / (generate - one prefill))")
-    work = cache_root() / "exports"
-    work.mkdir(parents=True, exist_ok=True)
-    variants = [("float32 (control)", None), ("W8 g32 sym", QuantConfig(bits=8, group_size=32, symmetric=True)),
-                ("W4 g32 sym", QuantConfig(bits=4, group_size=32, symmetric=True))]
+    variants = _variants()
     timers: dict = {}
     for label, cfg in tqdm(variants, desc="export + prepare"):
         m = copy.deepcopy(model)
         if cfg is not None:
             quantize_(m, cfg)
-        gguf = work / f"smollm2_{label.split()[0].lower()}.gguf"
+        gguf = _export_path(label)
         export(m, gguf, format="gguf", source=cache_dir() / "smollm2-135m-instruct-float", overwrite=True)
         timers[(label, "llamacpp")] = lambda g=gguf: llamacpp_speed(exe, g, prompt, threads, 64)
         timers[(label, "medquant")] = lambda m=m: _medquant_speed(m, prompt, 64)
@@ -752,6 +744,23 @@ def diagnosis(rows: list[dict]) -> str:
     return ". ".join(parts) + "."
 
 
+def _variants() -> list:
+    """The exported variants, ``(label, QuantConfig or None)``: the float32 control, W8 and W4 g32 symmetric (the
+    layouts of llama.cpp's Q8_0 and Q4_0)."""
+    from medquant.quant.config import QuantConfig
+
+    return [("float32 (control)", None), ("W8 g32 sym", QuantConfig(bits=8, group_size=32, symmetric=True)),
+            ("W4 g32 sym", QuantConfig(bits=4, group_size=32, symmetric=True))]
+
+
+def _export_path(label: str) -> Path:
+    """Where a variant's GGUF is written (``smollm2_<first word of the label>.gguf`` under ``cache_root() /
+    "exports"``, created here)."""
+    work = cache_root() / "exports"
+    work.mkdir(parents=True, exist_ok=True)
+    return work / f"smollm2_{label.split()[0].lower()}.gguf"
+
+
 def smollm2_q4_0() -> tuple[str, Path]:
     """``mq_eval`` and SmolLM2's W4 g32 symmetric GGUF (llama.cpp's Q4_0), for other benchmarks' llama.cpp rows.
 
@@ -759,18 +768,17 @@ def smollm2_q4_0() -> tuple[str, Path]:
     ``cache_root() / "exports"`` if it is absent there (what this module's runs leave there), so a fresh machine
     needs no earlier ``python -m benchmarks.llamacpp`` run. Returns ``(exe, gguf)``."""
     exe = build_llamacpp()["exe"]
-    gguf = cache_root() / "exports" / "smollm2_w4.gguf"
+    label, cfg = _variants()[2]
+    gguf = _export_path(label)
     if not gguf.is_file():
         import torch
 
         from benchmarks.common.smollm2 import cache_dir, load_smollm2
         from medquant.deploy import export
         from medquant.quant.api import quantize_
-        from medquant.quant.config import QuantConfig
 
         model = load_smollm2(torch.float32)[0]
-        quantize_(model, QuantConfig(bits=4, group_size=32, symmetric=True))
-        gguf.parent.mkdir(parents=True, exist_ok=True)
+        quantize_(model, cfg)
         export(model, gguf, format="gguf", source=cache_dir() / "smollm2-135m-instruct-float", overwrite=True)
     return exe, gguf
 
