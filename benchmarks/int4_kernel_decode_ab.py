@@ -12,7 +12,7 @@ were added say ``native4`` / ``int4``); medians over rounds.
 ``--ab activations`` pairs two of native4's ways of taking bfloat16-compute float32 activations instead
 (``set_cpu_native4_activations("split")`` against ``"round"``): the ratio is split / round, what the float32-exact
 activations cost in decode speed. ``--ab int16`` pairs ``"int16"`` (the default: 16-bit integers per 32 columns
-where the quad form covers the row) against ``"split"``: the ratio is int16 / split, what the integer form saves.
+where the kernel has the form, in layers of 3 bits or more) against ``"split"``: the ratio is int16 / split, what the integer form saves.
 
 Run: ``python -m benchmarks.int4_kernel_decode_ab [--ab kernel|activations|int16] [--models smollm2]
 [--variants W4g128,W4g128@bf16] [--rounds 6] [--steps 48] [--out int4_kernel_decode_ab]``; writes

@@ -905,7 +905,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     # float32 x that native4 splits into two halves or takes as integers switches earlier (DEFAULT_GEMM_MIN_M_SPLIT,
     # _INT16); a traced call keeps native_below (checked per call in run: this runner may be built while tracing and
     # reused eagerly)
-    split_below = _native_below(gemm, form) if gemv is not None and xmode >= 2 else native_below
+    f32_below = _native_below(gemm, form) if gemv is not None and xmode >= 2 else native_below
     native_dtypes = (torch.float32, torch.bfloat16) if cd != torch.float16 else ()
     int4 = plan.kind == "int4"
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -952,7 +952,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         if (dt is not torch.float32 and dt is not torch.bfloat16) or x.shape[-1] != k or not x.is_contiguous():
             return None
         m = x.numel() // k if k else 0
-        if m == 0 or m >= (split_below if dt is torch.float32 else native_below):
+        if m == 0 or m >= (f32_below if dt is torch.float32 else native_below):
             return None
         y = torch.empty((*x.shape[:-1], n), dtype=dt)
         return y if gemv.into(x, m, y, xmode_bf16 if dt is torch.bfloat16 else xmode) else None
@@ -965,7 +965,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         m, dt = x.shape[0], x.dtype
         if m == 0:
             return x.new_empty(0, n)
-        if m < split_below or (m < native_below and (dt != torch.float32 or torch.compiler.is_compiling())):
+        if m < f32_below or (m < native_below and (dt != torch.float32 or torch.compiler.is_compiling())):
             # the kernel reads float32 or bfloat16 x and splits or rounds it itself (xmode); a float16 compute
             # dtype rounds here and passes float32 (exact); a bfloat16 x is its own hi half (no lo half to multiply)
             xk = x if dt in native_dtypes else x.to(cd)
@@ -1003,7 +1003,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         run.decode = decode  # type: ignore[attr-defined]
         # a compiled graph's call: the native kernel by handle (_traced_lane), below the switch the weight-only
         # form, from it the blocked one where eager calls run it (else the traced dense path)
-        lane = (gemv.handle, k, n, split_below, native_below, gemm, xmode, xmode_bf16)
+        lane = (gemv.handle, k, n, f32_below, native_below, gemm, xmode, xmode_bf16)
 
         def bind_traced():
             # called by binding (QuantLinear.bind_cpu_kernels): the operator is chosen here, eagerly (the C++ one
