@@ -212,8 +212,8 @@ DEFAULT_GEMM_MIN_M = 16
 #: channel, W3 and W2 g128, the six SmolLM2 / 1.1B shapes), the weight-only kernel took 0.95-1.26x the gemm's time
 #: at M = 8, 1.44-1.90x at M = 12.
 DEFAULT_GEMM_MIN_M_SPLIT = 8
-#: the same for float32 ``x`` that native4 takes as 16-bit integers (activations "int16", its default, where the
-#: quad form covers the row): one integer product per code. Measured in-process (2 threads, W4 g128, the six
+#: the same for float32 ``x`` that native4 takes as 16-bit integers (activations "int16", its default): one
+#: integer product per code. Measured in-process (2 threads, W4 g128, the six
 #: SmolLM2 / 1.1B shapes): at M = 8 the weight-only kernel took 0.55-0.96x the gemm's time, at M = 12 0.83-1.47x
 #: (median 1.3x), at M = 16 1.18-1.31x.
 DEFAULT_GEMM_MIN_M_INT16 = 12
@@ -458,12 +458,9 @@ def set_cpu_native4_activations(mode: str | None) -> None:
     """How the native kernels (native4 and native8) take activations when the compute dtype is bfloat16.
 
     ``"int16"`` (the default): with the library built with AVX512-VNNI, on layers of 3 bits or more
-    (``NATIVE_INT16_MIN_BITS``: 1- and 2-bit models are chaotic enough to lose next tokens to it), on 8-bit
-    containers, the dense 3/5/6/7-bit streams, and 4-bit containers where native4's quad form covers the row but
-    for at most a last block of 64 columns (``k_pad`` a multiple of 64, groups of 32, 64 or a multiple of 128
-    columns, or one per row:
-    :attr:`~medquant.kernels.native.NativeGemv4.int16_form`), a float32 ``x`` enters as 16-bit integers per 32
-    columns ``c``,
+    (``NATIVE_INT16_MIN_BITS``: 1- and 2-bit models are chaotic enough to lose next tokens to it), in every
+    container and group layout (:attr:`~medquant.kernels.native.NativeGemv4.int16_form`), a float32 ``x`` enters
+    as 16-bit integers per 32 columns ``c``,
 
         t[i, c] = max_{j in c} |x[i, j]| / 32767,   x~[i, j] = t[i, c] * round_half_even(x[i, j] / t[i, c])
 
@@ -471,8 +468,8 @@ def set_cpu_native4_activations(mode: str | None) -> None:
     integer product per code), each 32 columns' sum scaled by ``t s`` in float32: the blocked matmul's
     precision (at most its blocks' size). Per call at ``M = 1`` (2 threads, SmolLM2's and the 1.1B model's layers)
     than ``"split"``: 15-23% faster on 4-bit rows, 11-31% on 8-bit rows, 5-16% on 3- and 2-bit streams.
-    Elsewhere (1- and 2-bit layers; 4-bit rows ending in a block of 32 columns, or with other group sizes; an
-    ``x`` with a value that is not finite) it is ``"split"``. ``"split"``: ``x = hi + lo`` with
+    Elsewhere (1- and 2-bit layers; a library built without AVX512-VNNI; an ``x`` with a value that is not
+    finite, or 32 columns whose largest magnitude is below ``2^-100``) it is ``"split"``. ``"split"``: ``x = hi + lo`` with
     ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the codes with ``vdpbf16ps``, so ``x`` enters to a
     relative ``2^-17`` and the result matches the float32 reference to about ``1e-6`` (no bfloat16 rounding of
     activations, weights or output). ``"round"``: ``x`` rounded to bfloat16 (one product per code; the layer's

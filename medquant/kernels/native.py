@@ -702,8 +702,8 @@ class NativeGemv4:
     relative ``2^-17`` (without AVX512-BF16, modes 1 and 2 run the float32 FMA form, mode 2 then with ``x~ =
     x``); 3 (int16, where :attr:`int16_form`; else as 2), per 32 columns ``c``
     ``t[i, c] = max_{j in c} |x[i, j]| / 32767`` and ``x~ = t * round_half_even(x / t)``, the integer products
-    summed exactly (``vpdpwssd``; per 128-column unit of the quad form or a last block of 64 columns, per block of
-    32 columns on 8-bit and stream rows), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value that is not
+    summed exactly (``vpdpwssd``; per 128-column unit of the quad form or block of 64 columns after the units, per
+    block of 32 columns on 8-bit and stream rows), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value that is not
     finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2). ``y`` is float32, or
     bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
@@ -787,14 +787,11 @@ class NativeGemv4:
     @property
     def int16_form(self) -> bool:
         """Whether ``xmode`` 3 runs as such here (else as 2, split): a library with ``vpdpwssd`` (AVX512-VNNI, as
-        :attr:`has_gemm`), and either a width other than 4 (8-bit containers and the stream widths: blocks of 32
-        columns, one ``t`` each) or 4-bit containers whose quad form covers the row but for at most a last block
-        of 64 columns (``k_pad`` a multiple of 64; groups of 32, 64 or a multiple of 128 columns, or one per
-        row)."""
-        if self.bits != 4:
-            return self._gemm
-        ng = self.kp // self.ge
-        return self._gemm and self.kp % 64 == 0 and (ng == 1 or self.ge % 128 == 0 or self.ge in (32, 64))
+        :attr:`has_gemm`). Every width and group layout then has it: 8-bit containers and the stream widths per
+        block of 32 columns (one ``t`` each); 4-bit containers per 128-column unit of the quad form (each quarter
+        scaled by its own ``t`` and group scale, so any group of a multiple of 32 columns) and per block of 64
+        columns after the units (a last block of fewer columns holds zero codes and zero ``x`` beyond ``k_pad``)."""
+        return self._gemm
 
     @property
     def has_gemm(self) -> bool:

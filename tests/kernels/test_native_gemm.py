@@ -232,11 +232,10 @@ def test_the_setting_and_the_threshold():
 
 
 def test_float32_batches_switch_to_the_gemm_at_8_or_12_rows():
-    """float32 x runs the gemm from fewer rows than bfloat16 x: native4 takes it as 16-bit integers where its quad
-    form covers the row (activations "int16", the default: one integer product per weight), from
+    """float32 x runs the gemm from fewer rows than bfloat16 x: native4 takes it as 16-bit integers (activations
+    "int16", the default, where the library has vpdpwssd: one integer product per weight), from
     ``dense_min_m("gemm_int16")`` = 12 rows, or splits it into two bfloat16 halves (two products per weight:
-    "split", or a row the quad form does not cover), from ``dense_min_m("gemm_split")`` = 8 (a batch of 8
-    decoding sequences); bfloat16 x (one half), and float32 x with rounded activations, keep the native kernel up to
+    "split"), from ``dense_min_m("gemm_split")`` = 8 (a batch of 8 decoding sequences); bfloat16 x (one half), and float32 x with rounded activations, keep the native kernel up to
     16 rows. ``set_cpu_dense_min_m`` moves them all."""
     layer = _layer(64, 256, QuantConfig(4, group_size=128))
     w = layer.packed_weight(4)
@@ -246,12 +245,14 @@ def test_float32_batches_switch_to_the_gemm_at_8_or_12_rows():
                         (15, big, "native4"), (16, big, big)):
         assert cpu_path(torch.randn(m, 256), w) == f32, m
         assert cpu_path(torch.randn(m, 256, dtype=torch.bfloat16), w) == b16, m
-    # a row of 224 columns (groups of 32: a last block of 32 columns, which the int16 form does not take): split,
-    # from 8 rows; a row of 192 (a last block of 64 columns, which it takes) from 12
-    w224 = _layer(64, 224, QuantConfig(4, group_size=32)).packed_weight(4)
-    assert cpu_path(torch.randn(7, 224), w224) == "native4" and cpu_path(torch.randn(8, 224), w224) == big
-    w192 = _layer(64, 192, QuantConfig(4, group_size=64)).packed_weight(4)
-    assert cpu_path(torch.randn(11, 192), w192) == "native4" and cpu_path(torch.randn(12, 192), w192) == big
+    # rows the quad form does not end on take the int16 form too, from 12 rows where it runs (else split, from 8):
+    # 224 columns (groups of 32: a unit, then blocks of 64 and 32 columns), 192 (a unit and a block of 64), groups
+    # of 96 (a unit's quarters in two groups)
+    f32_top = 12 if _available() else 8
+    for k, cfg in ((224, QuantConfig(4, group_size=32)), (192, QuantConfig(4, group_size=64)),
+                   (288, QuantConfig(4, group_size=96))):
+        wk = _layer(64, k, cfg).packed_weight(4)
+        assert cpu_path(torch.randn(f32_top - 1, k), wk) == "native4" and cpu_path(torch.randn(f32_top, k), wk) == big
     if _available():  # 8-bit containers take float32 x as 16-bit integers per 32 columns: the switch of split x
         w8 = _layer(64, 256, QuantConfig(8, scope="channel")).packed_weight(8)
         assert cpu_path(torch.randn(7, 256), w8) == "native8" and cpu_path(torch.randn(8, 256), w8) == "gemm"
@@ -274,6 +275,7 @@ def test_float32_batches_switch_to_the_gemm_at_8_or_12_rows():
     set_cpu_native4_activations(None)
     set_cpu_dense_min_m(12)
     assert cpu_path(torch.randn(11, 256), w) == "native4" and cpu_path(torch.randn(12, 256), w) == _large_path()
+    w224 = _layer(64, 224, QuantConfig(4, group_size=32)).packed_weight(4)
     assert cpu_path(torch.randn(11, 224), w224) == "native4"
 
 

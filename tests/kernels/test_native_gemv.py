@@ -2,7 +2,7 @@
 
 Reference: ``x~ @ W^T`` in float64, ``W`` the layer's dequantized weight (``(u - z) * s``) and ``x~`` the input
 as the kernel takes it: rounded to the compute dtype, except a float32 input with a bfloat16 compute dtype, which
-enters with ``set_cpu_native4_activations("int16")`` (the default) where native4's quad form covers the row as
+enters with ``set_cpu_native4_activations("int16")`` (the default) where the library has AVX512-VNNI as
 16-bit integers per 32 columns (reference: ``t * round_half_even(x / t)``, ``t`` the 32 columns' largest
 magnitude / 32767, computed here in float32 with torch), and elsewhere or with ``"split"`` as ``hi + lo``, two
 bfloat16 halves, i.e. to a relative 2^-17 (reference: ``x`` itself). The kernel multiplies the integer codes
@@ -129,8 +129,8 @@ def test_native4_matches_the_float64_reference(cfg_id, n, k, cd):
     int16 = gemv is not None and gemv.int16_form and cfg.bits >= NATIVE_INT16_MIN_BITS
     for act in ("int16", "split", "round") if cd == torch.bfloat16 else ("int16",):
         set_cpu_native4_activations(act)
-        # what x enters as (bf16 compute): 16-bit integers where int16 and the kernel has the form (8-bit and stream
-        # rows; 4-bit rows the quad form covers), float32 itself where split; else rounded to the compute dtype
+        # what x enters as (bf16 compute): 16-bit integers where int16 and the kernel has the form (every layout
+        # where the library has vpdpwssd), float32 itself where split; else rounded to the compute dtype
         form = "" if cd != torch.bfloat16 or act == "round" else "int16" if act == "int16" and int16 else "split"
         x_cd = {"int16": "int16", "split": torch.float32}.get(form, cd)
         g = torch.Generator().manual_seed(1)
@@ -552,7 +552,11 @@ def test_split_activations_against_float64_and_rounded_ones_at_the_kernel():
     (576, QuantConfig(4, group_size=32), True),  # k_pad 576: 4 units and a last block of 64 columns
     (320, QuantConfig(4, symmetric=False, group_size=64), True),  # the last 64 columns one group of their own
     (576, QuantConfig(4, scope="channel"), True),  # one group over the units and the last block
-    (600, QuantConfig(4, group_size=32), False),  # k_pad 608: a last block of 32 columns, split instead
+    (600, QuantConfig(4, group_size=32), True),  # k_pad 608: a block of 64 columns after the units, then 32
+    (672, QuantConfig(4, symmetric=False, group_size=96), True),  # groups of 96: quarters of a unit in two groups
+    (480, QuantConfig(4, group_size=160), True),  # groups of 160: a unit's quarters and the last block straddle
+    (200, QuantConfig(4, scope="channel"), True),  # k_pad 200: a last block of 8 columns
+    (40, QuantConfig(4, symmetric=False, scope="tensor"), True),  # no unit, one short block
     # 8-bit containers and the stream widths: blocks of 32 columns in column order, one t each
     (512, QuantConfig(8, scope="channel"), True),
     (600, QuantConfig(8, symmetric=False, group_size=32), True),  # k_pad 608: a last block of 32
@@ -566,8 +570,9 @@ def test_split_activations_against_float64_and_rounded_ones_at_the_kernel():
 def test_int16_activations_match_their_float64_reference(k, cfg, form):
     """xmode 3 against an independent emulation (:func:`_x_int16`, torch): per 32 columns ``t = max |x| / 32767``
     and ``x~ = t * round_half_even(x / t)``; rows of every count the kernel blocks (1, 2, 4, 8 and their sums),
-    a large value in one 32-column block, a zero row; where the quad form does not cover the row (``int16_form``
-    false) it is the split result bit for bit. An ``x`` with a value that is not finite, or 32 columns below
+    a large value in one 32-column block, a zero row; every 4-bit group layout (units of the quad form, blocks of
+    64 columns after them, a last block of fewer columns, groups that are no divisor or multiple of 128) has the
+    form where the library has ``vpdpwssd``, else (``int16_form`` false) it is the split result bit for bit. An ``x`` with a value that is not finite, or 32 columns below
     ``2^-100``, is split instead (the reference: ``x`` itself); the bound operator (``medquant::gemv4_bound``) in
     xmode 3 gives the same bits."""
     from medquant.kernels.native import gemv4_bound_op

@@ -342,8 +342,7 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * the integer codes are multiplied exactly and the zero point enters once per group through the group sums of
  * x. xmode says what x~ is: 1, x rounded to bfloat16; 2 (split), hi + lo with hi = bf16(x) and
  * lo = bf16(x - hi), which is x to a relative 2^-17 (x's float32 value has 24 significant bits, hi + lo
- * 16 or more); 3 (int16, with AVX512-VNNI: 8-bit containers and the streams, and 4-bit containers whose rows
- * are whole units of the quad form, below, but for at most a last block of 64 columns; else as 2): per 32 columns
+ * 16 or more); 3 (int16, with AVX512-VNNI, every width and group layout; else as 2): per 32 columns
  * c, t = max_{j in c} |x[j]| / 32767 and x~ = t * round_half_even(x / t), the int16 values multiplied by the codes
  * with vpdpwssd, the integer sums of a unit (at most 8 * 32767 * 15 per lane) or of a stream block (at most
  * 32 * 255 * 32767) converted to float32 once and scaled by t s lane-wise (an x with a value
@@ -480,10 +479,11 @@ static inline __attribute__((always_inline)) void flush_bf16(__m512 *tot, __m512
 }
 
 /* where row i's scales t of int16 x (xmode 3) for block b start in xq (rows of nblk blocks): 4-bit containers, 16
- * lanes per 128-column unit or last block of 64 columns; the other widths, one per block of 32 columns. Row m's
- * start is the size of xq for m rows. */
+ * lanes per block of 64 columns (a 128-column unit of the quad form uses its first block's, so a row ending in two
+ * blocks after its units, 64 and at most 64 columns, has a slot for each); the other widths, one per block of 32
+ * columns. Row m's start is the size of xq for m rows. */
 static inline int64_t xq_at(int bits, int64_t i, int64_t nblk, int64_t b) {
-    return bits == 4 ? (i * ((nblk + 1) / 2) + b / 2) * 16 : i * nblk + b;
+    return bits == 4 ? (i * nblk + b) * 16 : i * nblk + b;
 }
 
 /* rows r0..r1 of the weight against rows m0..m0+mb of x (x~ permuted per block: xp, row stride xps, as float32
@@ -512,7 +512,7 @@ static inline __attribute__((always_inline)) void gemv4_rows(
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblk; b += b < 2 * q128 ? 2 : 1) {
 #if MQ_GEMM_CAP
-            if (xq != NULL && b >= 2 * q128) { /* a last block of 64 columns with x as 16-bit integers */
+            if (xq != NULL && b >= 2 * q128) { /* a block of 64 columns after the units, x as 16-bit integers */
                 const __m512i w = _mm512_cvtepu8_epi16(load_codes(row, b, full, tail));
                 const __m512i lo = _mm512_and_si512(w, mask4), hi = _mm512_srli_epi16(w, 4);
                 const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(sr[gix[2 * b]]), _mm256_set1_ps(sr[gix[2 * b + 1]]), 1);
@@ -897,8 +897,9 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
                         return -5;
                     tq[h] = amax / 32767.0f, iq[h] = amax > 0.0f ? 32767.0f / amax : 0.0f;
                 }
-                /* lanes 4h..4h+3 of the quad form's products sum columns 32h..32h+31: their t, lane-wise; a last
-                 * block of 64 columns (even columns, then odd): lanes 0..7 sum columns 0..31, 8..15 the rest */
+                /* lanes 4h..4h+3 of the quad form's products sum columns 32h..32h+31: their t, lane-wise; a
+                 * block of 64 columns after the units (even columns, then odd): lanes 0..7 sum columns 0..31, 8..15
+                 * the rest (t 0 where they lie beyond k: zero x, zero codes) */
                 if (bits != 4) /* a stream block: 32 columns, one t */
                     xq[xq_at(bits, i, nblk, b)] = tq[0];
                 else
@@ -983,10 +984,12 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     if (rc) return rc;
 #if MQ_GEMV_F32
     if (bits != 4 && bits != 8 && !MQ_GEMV_STREAM) return -3;
-    /* xmode 3: x as 16-bit integers per 32 columns where the quad form covers the row but for a last block of 64
-     * columns and vpdpwssd is compiled in (else, and for an x it cannot scale, split) */
+    /* xmode 3: x as 16-bit integers per 32 columns where vpdpwssd is compiled in (else, and for an x it cannot
+     * scale, split). Every group layout: each 32 columns' integer sum is scaled by its own t and group scale (4-bit
+     * containers: the quad form's quarters, a 64-column block's halves; a last block of 32 columns or fewer has
+     * zero codes and zero x beyond kp, its missing half a t of 0) */
     const int quad_groups = ng == 1 || ge % 128 == 0 || ge == 64 || ge == 32;
-    int ix = xmode == 3 && MQ_GEMM_CAP && (bits != 4 || (kp % 64 == 0 && quad_groups));
+    int ix = xmode == 3 && MQ_GEMM_CAP;
     if (xmode == 3 && !ix) xmode = 2;
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
@@ -1026,8 +1029,8 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
         /* 4-bit codes with 16-bit products: full blocks of 128 columns take the quad form where its flushes stay
          * exact: blocks inside one group (flushed where the group ends), or groups of 32 / 64 columns (every two
          * consecutive 64-column blocks differ, so every unit is flushed, its lanes scaled per 32 columns); with
-         * int16 x every unit is flushed (its own t) */
-        q128 = bits == 4 && bf16 && quad_groups ? kp / 128 : 0;
+         * int16 x every unit is flushed (its own t), its quarters scaled by their groups: any group layout */
+        q128 = bits == 4 && bf16 && (quad_groups || ix) ? kp / 128 : 0;
         /* x~ (zero beyond k), its group sums, and the kernels' copy (groups are multiples of 32: matmul_args) */
         if (!prep_x(x, xdtype, m, xstride, k, bits, bw, nblk, xps, bf16, split, xmode, ix, ge, ng, q128, xp, xs, xq))
             break;
