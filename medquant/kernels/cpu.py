@@ -807,6 +807,13 @@ def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     return w if dtype == torch.float32 else w.to(dtype)
 
 
+#: how a native row group's kernel takes float32 ``x`` with a bfloat16 compute dtype (:func:`_f32_form`) -> the
+#: kernel's ``xmode`` (1 rounded to bfloat16, 2 split, 3 16-bit integers) and the :func:`dense_min_m` kind of its
+#: switch to the gemm
+_F32_FORMS = {"": (1, "gemm"), "split": (2, "gemm_split"), "int16": (3, "gemm_int16"),
+              "int16_blocks": (3, "gemm_split")}
+
+
 def _native_below(gemm: bool, form: str = "") -> int:
     """The ``M`` below which a native row group runs its weight-only kernel: ``gemm``, whether large ``M`` runs the
     blocked matmul; ``form``, how the native kernel takes float32 ``x`` (:func:`_f32_form`): ``"split"`` (two
@@ -816,16 +823,17 @@ def _native_below(gemm: bool, form: str = "") -> int:
     :func:`_traced_lane`), at call time."""
     if not gemm:
         return dense_min_m("int4")
-    return dense_min_m({"split": "gemm_split", "int16_blocks": "gemm_split", "int16": "gemm_int16"}.get(form, "gemm"))
+    return dense_min_m(_F32_FORMS[form][1])
 
 
 def _f32_form(plan: _Plan) -> str:
     """How a native row group's kernel takes float32 ``x`` with a bfloat16 compute dtype
     (:func:`set_cpu_native4_activations`): ``"int16"`` (where the activations are ``"int16"`` and the kernel has the
-    form: :attr:`~medquant.kernels.native.NativeGemv4.int16_form`, on 4-bit containers), ``"int16_blocks"`` (the
+    form: :attr:`~medquant.kernels.native.NativeGemv4.int16_form`, and the codes are at least
+    ``NATIVE_INT16_MIN_BITS`` wide, on 4-bit containers), ``"int16_blocks"`` (the
     same on 8-bit containers and the stream widths: blocks of 32 columns, whose per-block scaling makes the gemm
     the faster from 8 rows, as for split ``x``), ``"split"`` (the activations ``"split"``, or ``"int16"`` where the
-    form is missing or the codes are narrower than ``NATIVE_INT16_MIN_BITS``) or ``""`` (``"round"``)."""
+    form is missing or the codes are narrower) or ``""`` (``"round"``): a key of ``_F32_FORMS``."""
     if _native4_activations == "round":
         return ""
     gemv = plan.gemv
@@ -893,7 +901,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     # native4's x mode: 3 as 16-bit integers, 2 split into two bfloat16 halves, 1 rounded to bfloat16, 0 as it is
     # (float32 FMA)
     form = _f32_form(plan) if cd == torch.bfloat16 else ""
-    xmode = {"int16": 3, "int16_blocks": 3, "split": 2}.get(form, 1) if cd == torch.bfloat16 else 0
+    xmode = _F32_FORMS[form][0] if cd == torch.bfloat16 else 0
     xmode_bf16 = 1 if xmode >= 2 else xmode  # a bfloat16 x is exact as it is: one bfloat16 product per code
     # large M on the native blocked matmul (a settings change rebuilds this runner; traced calls take the dense path)
     gemm = _gemm_enabled(plan, cd)
