@@ -26,3 +26,29 @@ def test_measure_times_each_kernel_warm_and_cold_and_restores_the_setting():
     assert len(lines) == (len(ng.MS) if len(want) == 2 else 0)
     if lines:  # the limit column: 8192 bytes at 10 GB/s = 0.8 us, printed rounded
         assert lines[0].rstrip().endswith("| 1 |")
+
+
+def test_measure_activations_times_int16_against_split_and_restores_the_setting():
+    """The ``--activations`` row: one W4 layer ending in a block of 32 columns (608 = 4 units + 64 + 32), both
+    prepared matmuls timed at each ``M``; the two outputs differ exactly where the library has the int16 form
+    (vpdpwssd), and the activations setting is back to its default."""
+    from medquant.kernels import get_cpu_native4_activations, set_cpu_compute_dtype
+
+    set_cpu_compute_dtype("bfloat16")
+    try:
+        row = ng.measure_activations(64, 600, 32, 2, torch.Generator().manual_seed(0))
+    finally:
+        set_cpu_compute_dtype(None)
+    assert row["k_pad"] == 608 and row["group"] == 32
+    assert get_cpu_native4_activations() == "int16"
+    native = native_status()["gemv4"]
+    assert row["int16_path"] == row["split_path"] == ("native4" if native else "int4")
+    assert row["differs"] == (native and bool(native_status()["gemm"]))
+    for m in ng.ACT_MS:
+        assert row[f"int16_m{m}_us"] > 0 and row[f"split_m{m}_us"] > 0
+    result = {"date": "d", "threads": 1, "repeats": 2, "loadavg_before": [0.0], "loadavg_after": [0.0],
+              "rows": [{**row, "before": False}]}
+    lines = [ln for ln in ng.markdown_activations(result).splitlines() if ln.startswith("| 64x600 g32 | 608 | no |")]
+    assert len(lines) == len(ng.ACT_MS)
+    r = row["int16_m1_us"] / row["split_m1_us"]
+    assert lines[0].rstrip().endswith(f"| {r:.2f} |")
