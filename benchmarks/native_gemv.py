@@ -40,6 +40,7 @@ from benchmarks.common.env import run_record, save_results
 from medquant.kernels import (
     clear_cpu_cache,
     cpu_path,
+    get_cpu_compute_dtype,
     prepare_packed_linear,
     set_cpu_compute_dtype,
     set_cpu_int4_kernel,
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _main_activations(args) -> dict:
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
+    before = get_cpu_compute_dtype()
     set_cpu_compute_dtype("bfloat16")
     clear_cpu_cache()
     load_before = list(os.getloadavg())
@@ -212,7 +214,7 @@ def _main_activations(args) -> dict:
         rows.append({**measure_activations(n, k, group, args.repeats, gen), "before": before})
         clear_cpu_cache()
         print(json.dumps(rows[-1]), flush=True)
-    set_cpu_compute_dtype(None)
+    set_cpu_compute_dtype(before)
     result = run_record("native_gemv_activations", SEED, load_before, rows, repeats=args.repeats, ms=list(ACT_MS),
                         compute_dtype="bfloat16", x_dtype="float32", bits=4)
     save_results(RESULTS, args.out or "native_gemv_activations", result, markdown_activations(result))

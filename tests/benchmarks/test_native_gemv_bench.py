@@ -32,13 +32,14 @@ def test_measure_activations_times_int16_against_split_and_restores_the_setting(
     """The ``--activations`` row: one W4 layer ending in a block of 32 columns (608 = 4 units + 64 + 32), both
     prepared matmuls timed at each ``M``; the two outputs differ exactly where the library has the int16 form
     (vpdpwssd), and the activations setting is back to its default."""
-    from medquant.kernels import get_cpu_native4_activations, set_cpu_compute_dtype
+    from medquant.kernels import get_cpu_compute_dtype, get_cpu_native4_activations, set_cpu_compute_dtype
 
+    before = get_cpu_compute_dtype()  # the suite's (float32, from $MEDQUANT_CPU_COMPUTE_DTYPE), not the default
     set_cpu_compute_dtype("bfloat16")
     try:
         row = ng.measure_activations(64, 600, 32, 2, torch.Generator().manual_seed(0))
     finally:
-        set_cpu_compute_dtype(None)
+        set_cpu_compute_dtype(before)
     assert row["k_pad"] == 608 and row["group"] == 32
     assert get_cpu_native4_activations() == "int16"
     native = native_status()["gemv4"]
