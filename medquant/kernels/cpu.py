@@ -152,6 +152,7 @@ from .native import (
     gemv4_bound_op,
     native_dequantizer,
     native_gemv4,
+    native_status,
 )
 from .native_op import traced_bound_op
 from .reference import check_packed_input, packed_linear_reference
@@ -575,8 +576,14 @@ def _layer_compute_dtype(weight: PackedWeight) -> torch.dtype:
     dtype = _layer_dtype.get(weight.qweight) or get_cpu_compute_dtype()
     feats = cpu_features()
     if dtype == torch.bfloat16 and not feats["native_bf16"]:
-        _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16 "
-                           "runs correctly but slowly; set_cpu_compute_dtype(torch.float32) is faster here")
+        if native_status()["gemm"]:  # AVX512-VNNI: the integer forms need no bfloat16 arithmetic
+            _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16: "
+                               "layers on medquant's native kernels take float32 inputs as 16-bit integers "
+                               "(AVX512-VNNI: fast here, to 2^-16 of each block's largest magnitude); bfloat16 "
+                               "inputs and layers off those kernels compute bfloat16 in software (correct, slow)")
+        else:
+            _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16 "
+                               "runs correctly but slowly; set_cpu_compute_dtype(torch.float32) is faster here")
     elif dtype == torch.float16 and not feats["avx512_fp16"]:
         _warn_once("fp16", "medquant CPU kernels: compute dtype float16 on a CPU without AVX512-FP16 runs "
                            "correctly but slowly; bfloat16 or float32 is faster here")

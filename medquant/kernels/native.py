@@ -20,7 +20,7 @@ last only where the C compiler has ``_Float16``). Every layout is read: 1/2/4/8-
 without OpenMP, when the compiler refuses them) into a cache folder, ``$MEDQUANT_CACHE_DIR/native`` if set,
 else ``$XDG_CACHE_HOME/medquant/native`` (default ``~/.cache/medquant/native``), falling back to the system
 temporary folder when that is not writable. A build lives in a folder named by a hash of the source, the
-compiler's version, the flags and the CPU (model and instruction flags: ``-march=native`` code must not run on
+compiler's version, the flags (options given in ``$CC`` included) and the CPU (model and instruction flags: ``-march=native`` code must not run on
 another CPU sharing the cache), written under a temporary name and renamed into place, so concurrent processes
 never see a half-written library. Next to it is the library's SHA-256; a library whose hash does not match is
 never loaded (it is rebuilt once), and a loaded library must report the build key it was compiled with (else it
@@ -286,7 +286,8 @@ def _try_build() -> None:
     source = SOURCE.read_bytes()
     errors: list[str] = []
     for flags in FLAG_SETS:
-        key = _build_key(source, version, list(flags))
+        # options given with $CC ("gcc -mno-avx512bf16") change the code as flags do: part of the key
+        key = _build_key(source, version, [*cc[1:], *flags])
         for root in _writable_roots():
             out_dir = root / f"dequant-{key}"
             path = out_dir / LIB_NAME

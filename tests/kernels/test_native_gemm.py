@@ -387,3 +387,90 @@ def test_a_compiled_prefill_of_bound_layers_gives_the_eager_logits(dtype, tokens
     assert len(bound) == sum(isinstance(m, QuantLinear) for m in model.modules()), {str(n.target) for n in calls}
     assert all(n.args[3] == GEMM_XMODE for n in bound)
     torch._dynamo.reset()
+
+
+_NO_BF16_CHILD = r'''
+import warnings
+import torch
+from torch import nn
+import medquant.kernels.cpu as cpu
+from medquant.kernels import cpu_path, set_cpu_compute_dtype
+from medquant.kernels.native import native_status
+from medquant.quant import QuantConfig, QuantLinear
+
+st = native_status()
+assert st["active"] and st["gemm"] and not st["gemv4_bf16"], st  # VNNI compiled in, bfloat16 products not
+real = cpu.cpu_features()
+cpu.cpu_features = lambda: {**real, "avx512_bf16": False, "amx_bf16": False, "native_bf16": False}
+set_cpu_compute_dtype(torch.bfloat16)
+g = torch.Generator().manual_seed(0)
+
+
+def layer(n, k, cfg):
+    lin = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+    return QuantLinear.from_float(lin, cfg)
+
+
+def x16(x, block):  # x as 16-bit integers per block: t * round_half_even(x / t), t = max |x| / 32767
+    m, k = x.shape
+    xp = torch.nn.functional.pad(x, (0, -k % block)).view(m, -1, block)
+    amax = xp.abs().amax(-1, keepdim=True)
+    v = torch.round(xp * torch.where(amax > 0, 32767.0 / amax, torch.zeros(())))
+    return (v * (amax / 32767.0)).view(m, -1)[:, :k]
+
+
+def rel(y, ref):
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
+w4 = layer(64, 576, QuantConfig(4, group_size=128))
+w2 = layer(64, 576, QuantConfig(2, group_size=64))
+d4, d2 = w4.dequantized_weight(torch.float64), w2.dequantized_weight(torch.float64)
+with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    warnings.simplefilter("always")
+    x1, x40 = torch.randn(1, 576, generator=g), torch.randn(40, 576, generator=g)
+    assert cpu_path(x1, w4.packed_weight(4)) == "native4" and cpu_path(x40, w4.packed_weight(4)) == "gemm"
+    # decode: x as 16-bit integers per 32 columns (vpdpwssd); prefill: the gemm, per 128 columns (the group)
+    assert rel(w4(x1), x16(x1, 32).double() @ d4.t()) < 1e-5
+    assert rel(w4(x40), x16(x40, 128).double() @ d4.t()) < 1e-5
+    # a 2-bit layer splits x: without bfloat16 products, the float32 FMA form on x itself
+    assert rel(w2(x1), x1.double() @ d2.t()) < 1e-5
+    # a bfloat16 x: the FMA form on its (exact) values, the float32 sum rounded to bfloat16 once
+    xb = x1.bfloat16()
+    yb = w4(xb)
+    assert yb.dtype == torch.bfloat16 and rel(yb.float(), xb.double() @ d4.t()) < 8e-3
+msgs = [str(w.message) for w in caught if "compute dtype bfloat16" in str(w.message)]
+assert len(msgs) == 1 and "16-bit integers" in msgs[0] and "AVX512-VNNI" in msgs[0], msgs
+print(st["library"])
+print("ok")
+'''
+
+
+def test_a_cpu_with_vnni_but_no_bfloat16_runs_the_integer_forms(tmp_path):
+    """A CPU with AVX512-VNNI but without AVX512-BF16 (Cascade Lake, Ice Lake), simulated in a child process: the
+    library built with ``-mno-avx512bf16`` (in its own cache folder) and ``cpu_features`` reporting no bfloat16.
+    With a bfloat16 compute dtype a float32 input still takes the integer forms, which need no bfloat16
+    arithmetic: 16-bit integers per 32 columns at ``M = 1``, the gemm at ``M = 40``, each equal to the float64
+    emulation of its ``x~``; a 2-bit layer's split ``x`` and a bfloat16 ``x`` run the float32 FMA form (exact
+    products); the one warning says so instead of calling bfloat16 slow."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not _available():
+        pytest.skip("needs a library with AVX512-VNNI (the integer forms)")
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None:  # the library was built, so there is one; gcc and clang both take -mno-avx512bf16
+        pytest.skip("needs a C compiler")
+    env = {**os.environ, "CC": f"{cc} -mno-avx512bf16", "MEDQUANT_CACHE_DIR": str(tmp_path),
+           "MEDQUANT_CPU_COMPUTE_DTYPE": "bfloat16"}
+    out = subprocess.run([sys.executable, "-c", _NO_BF16_CHILD], env=env, capture_output=True, text=True, check=False,
+                         timeout=900)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-4000:]
+    # the options given in $CC are part of the build key: this build is not the default one under another name
+    child_lib = Path(out.stdout.strip().splitlines()[-2])
+    assert child_lib.parent.name != Path(native_status()["library"]).parent.name
