@@ -21,8 +21,16 @@ before 5 December 2026: the control) and rows ending in a block of 32 columns or
 rows it covers since). Each row's two prepared matmuls alternate call by call at ``M = 1`` and 4 (warm); the ratio
 is int16 / split (< 1: int16 faster), and ``differs`` says whether the two outputs differ (the int16 form ran).
 
-Run: ``python -m benchmarks.native_gemv [--repeats 25] [--activations] [--out native_gemv]``; prints a table and
-writes ``benchmarks/results/<out>.{json,md}`` (``--activations``: default stem ``native_gemv_activations``).
+``--compute`` pairs the compute dtypes instead, on float32 activations and W4 g128 layers of SmolLM2 and the 1.1B
+model (:data:`COMPUTE_SHAPES`) at ``M`` = 1, 4 and 256: ``set_cpu_compute_dtype("float32")`` (native4 on ``x``
+itself, codes widened to float32 for FMA; the dense float32 GEMM at large ``M``) against ``"bfloat16"`` (the
+integer forms: ``x`` as 16-bit integers, and the gemm at large ``M``). Those need AVX512-VNNI and no bfloat16
+arithmetic, so the ratio float32 / bfloat16 is what a CPU with AVX512-VNNI but without AVX512-BF16 (whose default
+compute dtype is float32) gains by choosing bfloat16, as far as this CPU's timing of the same instructions tells.
+
+Run: ``python -m benchmarks.native_gemv [--repeats 25] [--activations | --compute] [--out native_gemv]``; prints a
+table and writes ``benchmarks/results/<out>.{json,md}`` (default stems ``native_gemv_activations``,
+``native_gemv_compute`` for those modes).
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ from medquant.kernels import (
     clear_cpu_cache,
     cpu_path,
     get_cpu_compute_dtype,
+    get_cpu_native4_activations,
     prepare_packed_linear,
     set_cpu_compute_dtype,
     set_cpu_int4_kernel,
@@ -58,6 +67,9 @@ FLUSH_BYTES = 64 << 20
 ACT_LAYERS = [(1536, 576, 32, True), (5632, 2048, 128, True), (576, 1536, 96, False), (1536, 608, 32, False),
               (1536, 672, 96, False), (5632, 2080, 32, False), (2048, 1920, 160, False)]
 ACT_MS = (1, 4)
+#: --compute: W4 g128 layers (SmolLM2's and the 1.1B model's) and the M of decode, a small batch and prefill
+COMPUTE_SHAPES = [(1536, 576), (576, 1536), (5632, 2048), (2048, 5632)]
+COMPUTE_MS = (1, 4, 256)
 
 
 def _prepared(n: int, k: int, gen: torch.Generator) -> dict:
@@ -99,34 +111,84 @@ def measure(n: int, k: int, repeats: int, gen: torch.Generator, flush: torch.Ten
     return row
 
 
-def measure_activations(n: int, k: int, group: int, repeats: int, gen: torch.Generator) -> dict:
-    """Median microseconds per call of one W4 layer's prepared matmul on float32 ``x`` with int16 and with split
-    activations (each built while its setting is in force), alternating, at each ``M`` of :data:`ACT_MS`."""
+def _w4(n: int, k: int, group: int, gen: torch.Generator):
+    """One W4 layer's packed row group (random weights)."""
     lin = nn.Linear(k, n, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
-    w = QuantLinear.from_float(lin, QuantConfig(4, group_size=group)).packed_weight(4)
-    row: dict = {"n": n, "k": k, "group": group, "k_pad": w.k_pad}
+    return QuantLinear.from_float(lin, QuantConfig(4, group_size=group)).packed_weight(4)
+
+
+def _pair(w, setting: tuple, values: tuple[str, str], ms: tuple[int, ...], repeats: int,
+          gen: torch.Generator) -> dict:
+    """Median microseconds per call of ``w``'s prepared matmul on float32 ``x`` built under each of two values of
+    a setting (``setting``: its setter and getter; the closure keeps what it was built with), alternating, at each
+    ``M`` of ``ms``; each value's path at every ``M`` and whether the two outputs differ at ``M = 1``. The
+    setting is restored after."""
+    setter, getter = setting
+    before = getter()
+    row: dict = {}
     fns = {}
-    x1 = torch.randn(1, k, generator=gen)
-    for mode in ("int16", "split"):
-        set_cpu_native4_activations(mode)
-        fns[mode] = prepare_packed_linear(x1, w)
-        row[f"{mode}_path"] = cpu_path(x1, w)
-    set_cpu_native4_activations(None)
+    try:
+        for m in ms:
+            xm = torch.randn(m, w.k, generator=gen)
+            for v in values:
+                setter(v)
+                fns[v, m] = prepare_packed_linear(xm, w)
+                row[f"{v}_path_m{m}"] = cpu_path(xm, w)
+    finally:
+        setter(before)
     with torch.no_grad():
-        row["differs"] = not torch.equal(fns["int16"](x1), fns["split"](x1))
-        for m in ACT_MS:
-            x = torch.randn(m, k, generator=gen)
-            times: dict[str, list[float]] = {mode: [] for mode in fns}
+        x1 = torch.randn(1, w.k, generator=gen)
+        row["differs"] = not torch.equal(fns[values[0], 1](x1), fns[values[1], 1](x1))
+        for m in ms:
+            x = torch.randn(m, w.k, generator=gen)
+            times: dict[str, list[float]] = {v: [] for v in values}
             for _ in range(repeats):
-                for mode, fn in fns.items():
+                for v in values:
                     t = time.perf_counter()
-                    fn(x)
-                    times[mode].append(time.perf_counter() - t)
-            for mode, ts in times.items():
-                row[f"{mode}_m{m}_us"] = statistics.median(ts) * 1e6
+                    fns[v, m](x)
+                    times[v].append(time.perf_counter() - t)
+            for v, ts in times.items():
+                row[f"{v}_m{m}_us"] = statistics.median(ts) * 1e6
     return row
+
+
+def measure_activations(n: int, k: int, group: int, repeats: int, gen: torch.Generator) -> dict:
+    """Median microseconds per call of one W4 layer's prepared matmul on float32 ``x`` with int16 and with split
+    activations (each built while its setting is in force), alternating, at each ``M`` of :data:`ACT_MS`."""
+    w = _w4(n, k, group, gen)
+    row = _pair(w, (set_cpu_native4_activations, get_cpu_native4_activations), ("int16", "split"), ACT_MS, repeats,
+                gen)
+    return {"n": n, "k": k, "group": group, "k_pad": w.k_pad, **row,
+            "int16_path": row["int16_path_m1"], "split_path": row["split_path_m1"]}
+
+
+def measure_compute(n: int, k: int, repeats: int, gen: torch.Generator) -> dict:
+    """Median microseconds per call of one W4 g128 layer's prepared matmul on float32 ``x`` under the float32 and
+    the bfloat16 compute dtype (the integer forms for float32 ``x``: 16-bit integers at small ``M``, the gemm at
+    large), alternating, at each ``M`` of :data:`COMPUTE_MS`."""
+    w = _w4(n, k, 128, gen)
+    return {"n": n, "k": k, "group": 128,
+            **_pair(w, (set_cpu_compute_dtype, get_cpu_compute_dtype), ("float32", "bfloat16"), COMPUTE_MS,
+                    repeats, gen)}
+
+
+def markdown_compute(result: dict) -> str:
+    lines = [(f"# native4: float32 against bfloat16 compute on float32 activations (benchmarks/native_gemv.py "
+              f"--compute, {result['date']})"), "",
+             (f"W4 g128, float32 x, {result['threads']} threads, median of {result['repeats']} alternating calls in "
+              f"microseconds (warm); load average {result['loadavg_before'][0]:.2f} before / "
+              f"{result['loadavg_after'][0]:.2f} after. Ratio: float32 / bfloat16 (> 1: the bfloat16 compute "
+              "dtype's integer forms faster). The integer forms need AVX512-VNNI, not AVX512-BF16."), "",
+             "| layer | M | float32 path | us | bfloat16 path | us | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        for m in COMPUTE_MS:
+            a, b = r[f"float32_m{m}_us"], r[f"bfloat16_m{m}_us"]
+            lines.append(f"| {r['n']}x{r['k']} | {m} | {r[f'float32_path_m{m}']} | {a:.0f} | "
+                         f"{r[f'bfloat16_path_m{m}']} | {b:.0f} | {a / b:.2f} |")
+    lines.append("")
+    return "\n".join(lines)
 
 
 def markdown_activations(result: dict) -> str:
@@ -177,13 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shapes", default=None, help="comma list NxK (default: all)")
     ap.add_argument("--activations", action="store_true",
                     help="int16 against split float32 activations on W4 layers of several groups (module docstring)")
+    ap.add_argument("--compute", action="store_true",
+                    help="float32 against bfloat16 compute on float32 activations, W4 g128 (module docstring)")
     ap.add_argument("--out", default=None, help="output stem in benchmarks/results (default native_gemv, "
-                                                 "native_gemv_activations with --activations)")
+                                                 "native_gemv_activations / native_gemv_compute with those modes)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.activations:
-        return _main_activations(args)
+    if args.activations or args.compute:
+        return _main_pairs(args)
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
@@ -202,22 +266,31 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _main_activations(args) -> dict:
+def _main_pairs(args) -> dict:
+    """``--activations`` or ``--compute``: every layer of the mode measured in pairs, the settings restored."""
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    before = get_cpu_compute_dtype()
+    cd_before = get_cpu_compute_dtype()
     set_cpu_compute_dtype("bfloat16")
     clear_cpu_cache()
     load_before = list(os.getloadavg())
     rows = []
-    for n, k, group, before in ACT_LAYERS:
-        rows.append({**measure_activations(n, k, group, args.repeats, gen), "before": before})
+    jobs = ([(measure_activations, (n, k, g), {"before": b}) for n, k, g, b in ACT_LAYERS] if args.activations
+            else [(measure_compute, (n, k), {}) for n, k in COMPUTE_SHAPES])
+    for fn, shape, extra in jobs:
+        set_cpu_compute_dtype("bfloat16")
+        rows.append({**fn(*shape, args.repeats, gen), **extra})
         clear_cpu_cache()
         print(json.dumps(rows[-1]), flush=True)
-    set_cpu_compute_dtype(before)
-    result = run_record("native_gemv_activations", SEED, load_before, rows, repeats=args.repeats, ms=list(ACT_MS),
-                        compute_dtype="bfloat16", x_dtype="float32", bits=4)
-    save_results(RESULTS, args.out or "native_gemv_activations", result, markdown_activations(result))
+    set_cpu_compute_dtype(cd_before)
+    if args.activations:
+        result = run_record("native_gemv_activations", SEED, load_before, rows, repeats=args.repeats,
+                            ms=list(ACT_MS), compute_dtype="bfloat16", x_dtype="float32", bits=4)
+        save_results(RESULTS, args.out or "native_gemv_activations", result, markdown_activations(result))
+    else:
+        result = run_record("native_gemv_compute", SEED, load_before, rows, repeats=args.repeats,
+                            ms=list(COMPUTE_MS), x_dtype="float32", bits=4, group_size=128)
+        save_results(RESULTS, args.out or "native_gemv_compute", result, markdown_compute(result))
     return result
 
 

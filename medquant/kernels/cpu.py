@@ -579,8 +579,8 @@ def _layer_compute_dtype(weight: PackedWeight) -> torch.dtype:
         if native_status()["gemm"]:  # AVX512-VNNI: the integer forms need no bfloat16 arithmetic
             _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16: "
                                "layers on medquant's native kernels take float32 inputs as 16-bit integers "
-                               "(AVX512-VNNI: fast here, to 2^-16 of each block's largest magnitude); bfloat16 "
-                               "inputs and layers off those kernels compute bfloat16 in software (correct, slow)")
+                               "(AVX512-VNNI: fast here, to 2^-16 of each block's largest magnitude) or run float32 "
+                               "FMA; layers off those kernels compute bfloat16 in software (correct, slow)")
         else:
             _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16 "
                                "runs correctly but slowly; set_cpu_compute_dtype(torch.float32) is faster here")

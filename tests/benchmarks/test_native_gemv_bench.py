@@ -53,3 +53,28 @@ def test_measure_activations_times_int16_against_split_and_restores_the_setting(
     assert len(lines) == len(ng.ACT_MS)
     r = row["int16_m1_us"] / row["split_m1_us"]
     assert lines[0].rstrip().endswith(f"| {r:.2f} |")
+
+
+def test_measure_compute_pairs_the_compute_dtypes_and_restores_the_setting():
+    """The ``--compute`` row: float32 compute runs native4 on ``x`` itself at small ``M`` and the dense path at 256
+    rows; bfloat16 compute the integer forms (native4 with 16-bit x, the gemm at 256) where the library has them;
+    the compute dtype the suite had is back afterwards."""
+    from medquant.kernels import get_cpu_compute_dtype
+
+    before = get_cpu_compute_dtype()
+    row = ng.measure_compute(64, 256, 2, torch.Generator().manual_seed(0))
+    assert get_cpu_compute_dtype() == before
+    native, gemm = native_status()["gemv4"], native_status()["gemm"]
+    if native:
+        assert row["float32_path_m1"] == row["bfloat16_path_m1"] == "native4"
+        assert row["float32_path_m256"] == "dense"
+        assert row["bfloat16_path_m256"] == ("gemm" if gemm else "dense")
+        assert row["differs"] == bool(gemm)  # 16-bit x against x itself
+    for m in ng.COMPUTE_MS:
+        assert row[f"float32_m{m}_us"] > 0 and row[f"bfloat16_m{m}_us"] > 0
+    result = {"date": "d", "threads": 1, "repeats": 2, "loadavg_before": [0.0], "loadavg_after": [0.0],
+              "rows": [row]}
+    lines = [ln for ln in ng.markdown_compute(result).splitlines() if ln.startswith("| 64x256 |")]
+    assert len(lines) == len(ng.COMPUTE_MS)
+    r = row["float32_m256_us"] / row["bfloat16_m256_us"]
+    assert lines[-1].rstrip().endswith(f"| {r:.2f} |")
