@@ -470,10 +470,10 @@ def set_cpu_native4_activations(mode: str | None) -> None:
     precision (at most its blocks' size). Per call at ``M = 1`` (2 threads, SmolLM2's and the 1.1B model's layers)
     than ``"split"``: 15-23% faster on 4-bit rows, 11-31% on 8-bit rows, 5-16% on 3- and 2-bit streams.
     Elsewhere (1- and 2-bit layers; a library built without AVX512-VNNI; an ``x`` with a value that is not
-    finite, or 32 columns whose largest magnitude is below ``2^-100``) it is ``"split"``. ``"split"``: ``x = hi + lo`` with
-    ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the codes with ``vdpbf16ps``, so ``x`` enters to a
-    relative ``2^-17`` and the result matches the float32 reference to about ``1e-6`` (no bfloat16 rounding of
-    activations, weights or output). ``"round"``: ``x`` rounded to bfloat16 (one product per code; the layer's
+    finite, or 32 columns whose largest magnitude is below ``2^-100``) it is ``"split"``. ``"split"``:
+    ``x = hi + lo`` with ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the codes with
+    ``vdpbf16ps``, so ``x`` enters to a relative ``2^-17`` and the result matches the float32 reference to about
+    ``1e-6`` (no bfloat16 rounding of activations, weights or output). ``"round"``: ``x`` rounded to bfloat16 (one product per code; the layer's
     output then differs from the float32 reference by about ``2^-9`` relative). A bfloat16 input is exact as it
     is and is multiplied as bfloat16 in every mode. Float32 compute is exact in every mode; the dense path
     (``M >= dense_min_m``) and the aten kernels always round to the compute dtype.

@@ -20,11 +20,11 @@ last only where the C compiler has ``_Float16``). Every layout is read: 1/2/4/8-
 without OpenMP, when the compiler refuses them) into a cache folder, ``$MEDQUANT_CACHE_DIR/native`` if set,
 else ``$XDG_CACHE_HOME/medquant/native`` (default ``~/.cache/medquant/native``), falling back to the system
 temporary folder when that is not writable. A build lives in a folder named by a hash of the source, the
-compiler's version, the flags (options given in ``$CC`` included) and the CPU (model and instruction flags: ``-march=native`` code must not run on
-another CPU sharing the cache), written under a temporary name and renamed into place, so concurrent processes
-never see a half-written library. Next to it is the library's SHA-256; a library whose hash does not match is
-never loaded (it is rebuilt once), and a loaded library must report the build key it was compiled with (else it
-is declined for this process and removed).
+compiler's version, the flags (options given in ``$CC`` included) and the CPU (model and instruction flags:
+``-march=native`` code must not run on another CPU sharing the cache), written under a temporary name and
+renamed into place, so concurrent processes never see a half-written library. Next to it is the library's
+SHA-256; a library whose hash does not match is never loaded (it is rebuilt once), and a loaded library must
+report the build key it was compiled with (else it is declined for this process and removed).
 
 **Fallback.** Without a compiler, on a failed build, on a big-endian machine, under ``torch.compile`` tracing,
 or when ``$MEDQUANT_NATIVE=0``, :func:`dequantize_native` returns ``None`` and the caller runs the eager torch
@@ -704,8 +704,8 @@ class NativeGemv4:
     x``); 3 (int16, where :attr:`int16_form`; else as 2), per 32 columns ``c``
     ``t[i, c] = max_{j in c} |x[i, j]| / 32767`` and ``x~ = t * round_half_even(x / t)``, the integer products
     summed exactly (``vpdpwssd``; per 128-column unit of the quad form or block of 64 columns after the units, per
-    block of 32 columns on 8-bit and stream rows), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value that is not
-    finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2). ``y`` is float32, or
+    block of 32 columns on 8-bit and stream rows), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value
+    that is not finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2). ``y`` is float32, or
     bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
     ``$MEDQUANT_NATIVE`` is read when it is built (:func:`native_gemv4`), not at each call. It reads medquant's
