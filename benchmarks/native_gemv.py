@@ -174,38 +174,46 @@ def measure_compute(n: int, k: int, repeats: int, gen: torch.Generator) -> dict:
                     repeats, gen)}
 
 
-def markdown_compute(result: dict) -> str:
-    lines = [(f"# native4: float32 against bfloat16 compute on float32 activations (benchmarks/native_gemv.py "
-              f"--compute, {result['date']})"), "",
-             (f"W4 g128, float32 x, {result['threads']} threads, median of {result['repeats']} alternating calls in "
+def _pairs_markdown(result: dict, title: str, setup: str, note: str, columns: list[str], ms: tuple[int, ...],
+                    cells) -> str:
+    """The table of a pair mode: ``# title``, the run's settings (``setup``, threads, repeats, load averages) and
+    ``note``, then one line per row of ``result`` and ``M`` of ``ms`` holding ``cells(row, m)``."""
+    lines = [title, "",
+             (f"{setup}, {result['threads']} threads, median of {result['repeats']} alternating calls in "
               f"microseconds (warm); load average {result['loadavg_before'][0]:.2f} before / "
-              f"{result['loadavg_after'][0]:.2f} after. Ratio: float32 / bfloat16 (> 1: the bfloat16 compute "
-              "dtype's integer forms faster). The integer forms need AVX512-VNNI, not AVX512-BF16."), "",
-             "| layer | M | float32 path | us | bfloat16 path | us | ratio |", "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        for m in COMPUTE_MS:
-            a, b = r[f"float32_m{m}_us"], r[f"bfloat16_m{m}_us"]
-            lines.append(f"| {r['n']}x{r['k']} | {m} | {r[f'float32_path_m{m}']} | {a:.0f} | "
-                         f"{r[f'bfloat16_path_m{m}']} | {b:.0f} | {a / b:.2f} |")
+              f"{result['loadavg_after'][0]:.2f} after. {note}"), "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cells(r, m)) + " |" for r in result["rows"] for m in ms]
     lines.append("")
     return "\n".join(lines)
+
+
+def markdown_compute(result: dict) -> str:
+    def cells(r: dict, m: int) -> list[str]:
+        a, b = r[f"float32_m{m}_us"], r[f"bfloat16_m{m}_us"]
+        return [f"{r['n']}x{r['k']}", str(m), r[f"float32_path_m{m}"], f"{a:.0f}", r[f"bfloat16_path_m{m}"],
+                f"{b:.0f}", f"{a / b:.2f}"]
+
+    return _pairs_markdown(
+        result, (f"# native4: float32 against bfloat16 compute on float32 activations (benchmarks/native_gemv.py "
+                 f"--compute, {result['date']})"),
+        "W4 g128, float32 x", ("Ratio: float32 / bfloat16 (> 1: the bfloat16 compute dtype's integer forms faster). "
+                               "The integer forms need AVX512-VNNI, not AVX512-BF16."),
+        ["layer", "M", "float32 path", "us", "bfloat16 path", "us", "ratio"], COMPUTE_MS, cells)
 
 
 def markdown_activations(result: dict) -> str:
-    lines = [(f"# native4: float32 activations as 16-bit integers against split (benchmarks/native_gemv.py "
-              f"--activations, {result['date']})"), "",
-             (f"W4, bfloat16 compute, float32 x, {result['threads']} threads, median of {result['repeats']} "
-              f"alternating calls in microseconds (warm); load average {result['loadavg_before'][0]:.2f} before / "
-              f"{result['loadavg_after'][0]:.2f} after. Ratio: int16 / split (< 1: int16 faster). \"before\": "
-              "whether the int16 form took the row before 5 December 2026 (the control rows)."), "",
-             "| layer | k_pad | before | differs | M | int16 | split | ratio |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        for m in ACT_MS:
-            a, b = r[f"int16_m{m}_us"], r[f"split_m{m}_us"]
-            lines.append(f"| {r['n']}x{r['k']} g{r['group']} | {r['k_pad']} | {'yes' if r['before'] else 'no'} | "
-                         f"{'yes' if r['differs'] else 'no'} | {m} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
-    lines.append("")
-    return "\n".join(lines)
+    def cells(r: dict, m: int) -> list[str]:
+        a, b = r[f"int16_m{m}_us"], r[f"split_m{m}_us"]
+        return [f"{r['n']}x{r['k']} g{r['group']}", str(r["k_pad"]), "yes" if r["before"] else "no",
+                "yes" if r["differs"] else "no", str(m), f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}"]
+
+    return _pairs_markdown(
+        result, (f"# native4: float32 activations as 16-bit integers against split (benchmarks/native_gemv.py "
+                 f"--activations, {result['date']})"),
+        "W4, bfloat16 compute, float32 x", ("Ratio: int16 / split (< 1: int16 faster). \"before\": whether the int16 "
+                                            "form took the row before 5 December 2026 (the control rows)."),
+        ["layer", "k_pad", "before", "differs", "M", "int16", "split", "ratio"], ACT_MS, cells)
 
 
 def markdown(result: dict) -> str:
