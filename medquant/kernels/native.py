@@ -294,7 +294,7 @@ def _try_build() -> None:
             for attempt in range(2):  # a cached library that fails its checks is rebuilt once
                 try:
                     if not path.is_file():
-                        _compile(cc, list(flags), key, out_dir)
+                        _compile(cc, list(flags), key, out_dir, source=SOURCE)
                     lib = _load(path, key)
                 except _Foreign as exc:  # loaded, but not ours: decline now, rebuilt by the next process
                     shutil.rmtree(out_dir, ignore_errors=True)
