@@ -22,6 +22,13 @@ positions), the next-token agreement with the reference and the relative perplex
 * with ``--where``: ``x16 per 64 / 32 / 16 columns`` (16-bit integers per smaller block), and ``x exact in <kind>``
   (``x`` exact in one kind of layer: down_proj, q/k/v, o_proj, gate/up, the head; 16-bit blocks elsewhere): whether
   finer activations are needed in a few layers only, or smaller blocks would do;
+* with ``--outliers``: could the gemm keep 16-bit integers and reach 99% by treating large columns apart?
+  ``x16, columns scaled by 2^-e (e <= E)``: per call, each column whose largest magnitude over the call's rows is
+  ``2^e`` times (``e`` an integer, ``0 <= e <= E``) the median of its block's column maxima is divided by ``2^e``
+  before the 16-bit blocks and multiplied back after (exact powers of two: what an integer kernel could fold into
+  the weight codes as shifts, ``E = 3 / 5 / 7`` bounded by its int32 sums); ``x16, the K largest columns exact``:
+  the ``K`` columns of largest magnitude over the call's rows kept exact (computed apart in float, as LLM.int8
+  does), 16-bit blocks for the rest (``K = 8 / 32 / 64``);
 * ``fast prefill path``: the model through the CPU backend as it runs (one forward: at this ``M`` the gemm path
   where it runs, else the dense one; the JSON records ``prefill_kernel``); ``fast decode path``: the same positions one at a time through the KV cache (``M = 1``: native4 with
   its default split activations, or the weight-only kernel the row group takes).
@@ -36,7 +43,7 @@ error. The control is a W2 model that predicts something (GPTQ, groups of 32, fl
 W2g32+gptq --head float``): whether the fast paths keep 99% there.
 
 Run: ``python -m benchmarks.bf16_rounding_attribution [--variants W4g128,W4g32,W3] [--head quantized|float]
-[--prompts 20] [--tokens 64] [--where] [--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
+[--prompts 20] [--tokens 64] [--where] [--outliers] [--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -68,6 +75,11 @@ _WHERE_LAYERS = {"down_proj": ("down_proj",), "q/k/v": ("q_proj", "k_proj", "v_p
 WHERE_MODES = {"x16 per 64 columns": "q16b64", "x16 per 32 columns": "q16b32", "x16 per 16 columns": "q16b16",
                **{f"x exact in {k}": "e:" + ",".join(v) for k, v in _WHERE_LAYERS.items()}}
 
+#: ``--outliers``: 16-bit blocks with large columns treated apart. "c<E>": columns scaled by powers of two, at most
+#: 2^-E; "o<K>": the K largest columns exact
+OUTLIER_MODES = {**{f"x16, columns scaled by 2^-e (e <= {e})": f"c{e}" for e in (3, 5, 7)},
+                 **{f"x16, the {k} largest columns exact": f"o{k}" for k in (8, 32, 64)}}
+
 
 def _int_blocks(x: torch.Tensor, block: int, bits: int = 16) -> torch.Tensor:
     """``x`` as ``bits``-bit integers per row and block of ``block`` columns (``bits = 16``: the gemm path's
@@ -79,6 +91,31 @@ def _int_blocks(x: torch.Tensor, block: int, bits: int = 16) -> torch.Tensor:
     t = xp.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
     v = torch.where(t > 0, torch.round(xp / torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(xp))
     return (v * t).reshape(*x.shape[:-1], -1)[..., :k].float()
+
+
+def _scaled_columns(x: torch.Tensor, block: int, cap: int) -> torch.Tensor:
+    """``x`` through 16-bit blocks after dividing column ``j`` by ``2^e_j`` and multiplying back after:
+    ``e_j = clamp(floor(log2(cmax_j / median_block(cmax))), 0, cap)`` with ``cmax_j`` the largest ``|x[:, j]|`` over
+    every row of the call (one exponent per column and call, as a kernel would fold into the weight codes)."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).double()
+    cmax = F.pad(rows.abs().amax(0), (0, (-k) % block)).reshape(-1, block)
+    ref = cmax.median(-1, keepdim=True).values
+    ok = (cmax > 0) & (ref > 0)
+    e = torch.where(ok, torch.floor(torch.log2(torch.where(ok, cmax / ref, torch.ones_like(cmax)))), 0.0)
+    scale = torch.exp2(e.clamp(0, cap)).reshape(-1)[:k]
+    return (_int_blocks(rows / scale, block, 16).double() * scale).float().reshape(x.shape)
+
+
+def _outlier_columns(x: torch.Tensor, block: int, count: int) -> torch.Tensor:
+    """``x`` with its ``count`` columns of largest magnitude over the call's rows exact and the others through
+    16-bit blocks (computed with those columns zeroed: they do not set the blocks' scales)."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).float()
+    keep = torch.zeros(k, dtype=torch.bool)
+    keep[rows.abs().amax(0).topk(min(count, k)).indices] = True
+    rest = _int_blocks(torch.where(keep, 0.0, rows), block, 16)
+    return torch.where(keep, rows, rest).reshape(x.shape)
 
 
 def _split_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +158,10 @@ class RoundedLinear(nn.Module):
             xx = _int_blocks(x, int(block) if block else self.block, int(bits))
         elif mode == "s":
             xx = _split_bf16(x)
+        elif mode.startswith("c"):
+            xx = _scaled_columns(x, self.block, int(mode[1:]))
+        elif mode.startswith("o"):
+            xx = _outlier_columns(x, self.block, int(mode[1:]))
         else:
             xx = x.float()
         y = F.linear(xx, self.weight_bf16 if "w" in mode else self.weight)
@@ -147,7 +188,7 @@ def emulation(model: nn.Module) -> tuple[nn.Module, list[RoundedLinear]]:
 
 
 def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool = True,
-              where: bool = False) -> dict:
+              where: bool = False, outliers: bool = False) -> dict:
     """Agreement and perplexity difference of each mode (module docstring) against the reference path.
 
     Args:
@@ -155,6 +196,7 @@ def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool
         sequences: ``(1, T + 1)`` token ids each (inputs ``[:, :-1]``, targets ``[:, 1:]``).
         decode_path: also run the fast decode path (one position at a time through the KV cache).
         where: also the modes of :data:`WHERE_MODES`.
+        outliers: also the modes of :data:`OUTLIER_MODES`.
 
     Returns:
         ``{label: {"agreement", "ppl", "ppl_rel_diff"}}`` plus ``"reference_ppl"`` and ``"tokens"``.
@@ -163,7 +205,7 @@ def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool
     from medquant.kernels import force_backend
 
     emu, layers = emulation(model)
-    modes = {**MODES, **(WHERE_MODES if where else {})}
+    modes = {**MODES, **(WHERE_MODES if where else {}), **(OUTLIER_MODES if outliers else {})}
     labels = list(modes) + ["fast prefill path"] + (["fast decode path"] if decode_path else [])
     agree = dict.fromkeys(labels, 0)
     nll = dict.fromkeys(labels, 0.0)
@@ -219,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--where", action="store_true", help="also: 16-bit blocks of 64 / 32 / 16 columns, and x exact "
                     "in one kind of layer at a time (where a model needs finer activations than the gemm's)")
+    ap.add_argument("--outliers", action="store_true", help="also: 16-bit blocks with large columns scaled by "
+                    "powers of two, or kept exact (whether outlier handling reaches what finer integers do)")
     ap.add_argument("--head", choices=("quantized", "float"), default="quantized",
                     help="quantize the output head with the variant's config (default) or leave it in float")
     ap.add_argument("--out", default="bf16_rounding_attribution")
@@ -241,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, tok = _make("smollm2", variant, args.head == "quantized")
         texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > args.tokens][: args.prompts]
         seqs = [tok(t, return_tensors="pt")["input_ids"][:, : args.tokens + 1] for t in texts]
-        rows.append({"variant": variant, "modes": attribute(model, seqs, where=args.where)})
+        rows.append({"variant": variant, "modes": attribute(model, seqs, where=args.where, outliers=args.outliers)})
         print(json.dumps(rows[-1]), flush=True)
         del model
     result = run_record("bf16_rounding_attribution", SEED, load_before, rows, prompts=args.prompts,

@@ -2,6 +2,8 @@
 rounding does what it names, and the attribution table is built from the measured rows."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from benchmarks import bf16_rounding_attribution as bra
@@ -73,3 +75,56 @@ def test_attribution_control_is_exact_and_rounding_moves_the_logits():
     table = bra.markdown({"date": "d", "prompts": 2, "tokens": 16, "head": "float",
                           "rows": [{"variant": "W4g128", "modes": res}]})
     assert "SmolLM2-135M, head float," in table
+
+
+def _blocks16(x: torch.Tensor, block: int) -> torch.Tensor:
+    """16-bit integers per row and block, one block at a time in float64 (the test's own reference)."""
+    out = torch.empty_like(x, dtype=torch.float64)
+    for c0 in range(0, x.shape[1], block):
+        blk = x[:, c0:c0 + block].double()
+        t = blk.abs().amax(1, keepdim=True) / 32767
+        out[:, c0:c0 + block] = torch.where(t > 0, torch.round(blk / torch.where(t > 0, t, 1.0)) * t, 0.0)
+    return out
+
+
+def test_outlier_modes_scale_large_columns_by_powers_of_two_or_keep_them_exact():
+    """--outliers: a column 1000x its block's others is divided by 2^3 (cap 3) or 2^7 (cap 7) before the 16-bit
+    blocks, so the block's other columns come out finer by that factor; "o<K>" keeps the K largest columns exact
+    and the others' blocks are scaled without them."""
+    model, _ = _make("llama_small", "W4g128", True)
+    q = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    r = bra.RoundedLinear(q)
+    b = r.block
+    x = torch.randn(6, q.in_features, generator=torch.Generator().manual_seed(2))
+    x[:, 3] *= 1000.0  # one large column in the first block: its max over rows / the block median ~ 1000 > 2^7
+    plain = (_blocks16(x, b) - x.double()).abs()
+    for cap in (3, 7):
+        r.mode = f"c{cap}"
+        scale = torch.ones(x.shape[1], dtype=torch.float64)
+        for c0 in range(0, x.shape[1], b):  # per block: the lower median of the column maxima over the rows
+            cm = x[:, c0:c0 + b].abs().amax(0).double().tolist()
+            med = sorted(cm)[(len(cm) - 1) // 2]
+            for j, v in enumerate(cm):
+                scale[c0 + j] = 2.0 ** min(cap, max(0, math.floor(math.log2(v / med))))
+        assert scale[3] == 2.0 ** cap
+        want = _blocks16((x.double() / scale).float(), b) * scale
+        got = bra._scaled_columns(x, b, cap)
+        torch.testing.assert_close(got.double(), want, rtol=1e-7, atol=1e-6)  # float32 t * v
+        with torch.no_grad():
+            torch.testing.assert_close(r(x), got @ r.weight.t(), rtol=1e-5, atol=1e-6)
+        err = (got.double() - x.double()).abs()
+        others = [j for j in range(b) if j != 3]
+        assert err[:, others].max() < plain[:, others].max() / (2 ** cap / 2)  # finer by about 2^cap
+    r.mode = "o8"
+    got = bra._outlier_columns(x, b, 8)
+    top = x.abs().amax(0).topk(8).indices
+    assert 3 in top.tolist() and torch.equal(got[:, top], x[:, top])
+    xz = x.clone()
+    xz[:, top] = 0.0
+    rest = [j for j in range(x.shape[1]) if j not in top.tolist()]
+    torch.testing.assert_close(got[:, rest].double(), _blocks16(xz, b)[:, rest], rtol=0, atol=1e-6)
+    assert (got[:, rest].double() - x[:, rest].double()).abs().max() < plain[:, rest].max() / 100
+    with torch.no_grad():
+        torch.testing.assert_close(r(x), got @ r.weight.t(), rtol=1e-5, atol=1e-6)
+    res = bra.attribute(model, [torch.randint(0, model.config.vocab_size, (1, 9))], decode_path=False, outliers=True)
+    assert set(bra.OUTLIER_MODES) <= set(res)

@@ -1171,7 +1171,7 @@ static __attribute__((noinline)) void gemm_tile(const uint32_t *restrict P, cons
          * the 16 lanes ({1to16}: no separate broadcast instruction; 0.95-1.01x the time at M = 256 on the
          * 1.1B model's shapes, paired, the same output bits). At the end, per row i: the integer sums to float32, times s * t_i,
          * added to the float32 tile ct (fused multiply-add: ct + sum * (s t_i), one rounding). 14 rows per tile
-         * (28 accumulators) measured 1.00-1.09x the time of 12. */
+         * (28 accumulators) measured 0.97-1.03x the time of 12: not kept. */
 #define MQ_Z(i) "vpxord %%zmm" #i ", %%zmm" #i ", %%zmm" #i "\n\t"
 #define MQ_R(i, a, b)                                                                                             \
     "vpdpwssd " #i "*4(%[X])%{1to16%}, %%zmm30, %%zmm" #a "\n\t"                                                 \
