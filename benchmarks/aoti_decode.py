@@ -35,6 +35,13 @@ with the programs compiled for ``MAX_LEN`` only (every call attends over ``MAX_L
 rounds; writes ``aoti_decode_cache_lengths.{json,md}``. (``aoti_decode_step_lengths.{json,md}``: the same
 measurement when only the step program had several lengths, decode only.)
 
+``--chunk-ab 64,128,256`` measures what the prompt program's length (``chunk``) does: one decoder per chunk (the
+same model and ``max_len``), and per round each decoder prefills prompts of every length in ``--chunk-ab-prompts``
+(default 40, 128, 512 tokens: shorter than a chunk, one or two chunks, several) and then decodes ``--new`` tokens
+after the longest, the order rotated; prefill tokens/s per prompt length, decode tokens/s (the control: the step
+program does not depend on the chunk), ratios against the first chunk given (medians of per-round ratios), and
+whether every decoder chose the same greedy tokens; writes ``<out>_chunks.{json,md}``.
+
 Run: ``python -m benchmarks.aoti_decode [--model smollm2] [--rounds 5] [--prompt 128] [--new 64] [--chunk 64]
 [--threads 2] [--batch 1] [--python-op-control] [--split-control] [--save-load] [--int-handle-control] [--llamacpp]``; writes ``benchmarks/results/aoti_decode.{json,md}`` (``--out`` another stem).
 """
@@ -148,6 +155,78 @@ def cache_lengths_ab(args) -> int:
     return 0
 
 
+def chunk_ab(args) -> int:
+    """``--chunk-ab``: prefill tokens/s per prompt length and decode tokens/s of one decoder per prompt-program
+    length (module docstring), rotated rounds."""
+    import torch
+
+    from benchmarks.common.env import run_record, save_results
+    from benchmarks.cpu_inference import _make, _ratios, _rotated_rounds
+    from medquant.quant.aot import compile_decoder
+
+    try:
+        chunks = [int(c) for c in args.chunk_ab.split(",")]
+        prompts = [int(n) for n in args.chunk_ab_prompts.split(",")]
+    except ValueError:
+        raise SystemExit(f"--chunk-ab {args.chunk_ab!r} / --chunk-ab-prompts {args.chunk_ab_prompts!r}: expected "
+                         "comma lists of integers, e.g. 64,128") from None
+    if len(chunks) < 2 or min(chunks + prompts) < 1:
+        raise SystemExit("--chunk-ab needs two or more chunk lengths >= 1, and prompt lengths >= 1")
+    torch.set_num_threads(args.threads)
+    load0 = list(os.getloadavg())
+    model = _make(args.model, args.variant, True)[0]
+    gen = torch.Generator().manual_seed(SEED)
+    ids = {n: torch.randint(0, model.config.vocab_size, (1, n), generator=gen) for n in prompts}
+    longest = ids[max(prompts)]
+    max_len = max(prompts) + args.new + 1
+    decoders = {c: compile_decoder(model, max_len, chunk=c) for c in chunks}
+
+    def one_round(dec) -> dict:
+        rates = {}
+        for n, x in ids.items():
+            t = time.perf_counter()
+            dec.prefill(x)
+            rates[f"prefill_{n}"] = n / (time.perf_counter() - t)
+        rates["decode"] = aot_round(dec, longest, args.new)[0]["decode"]
+        return rates
+
+    tokens = {c: aot_round(dec, longest, args.new)[1] for c, dec in decoders.items()}
+    rounds = _rotated_rounds({c: (lambda d=dec: one_round(d)) for c, dec in decoders.items()}, args.rounds)
+    metrics = [f"prefill_{n}" for n in prompts] + ["decode"]
+    base = chunks[0]
+    row: dict = {"model": args.model, "variant": args.variant, "max_len": max_len, "chunks": chunks,
+                 "prompts": prompts, "same_tokens": all(t == tokens[base] for t in tokens.values()),
+                 "compile_s": {str(c): d.compile_s for c, d in decoders.items()}}
+    for metric in metrics:
+        rates = {c: [r[metric] for r in rounds[c]] for c in chunks}
+        for c in chunks:
+            row[f"chunk{c}_{metric}_tok_s"] = rates[c]
+            if c != base:  # this chunk's tokens/s over the first chunk's (above 1: this chunk faster)
+                row[f"chunk{c}_vs_chunk{base}_{metric}"] = _ratios(rates, c, [base])[f"vs_{base}"]["ratio_median"]
+    for dec in decoders.values():
+        dec.close()
+    result = run_record("aoti_decode_chunks", SEED, load0, [row], new=args.new, rounds=args.rounds, **_backend())
+    lines = []
+    for c in chunks:
+        cells = []
+        for metric in metrics:
+            med = statistics.median(row[f"chunk{c}_{metric}_tok_s"])
+            ratio = row.get(f"chunk{c}_vs_chunk{base}_{metric}")
+            cells.append(f"{med:.0f}" if metric != "decode" else f"{med:.1f}")
+            cells[-1] += f" ({ratio:.2f}x)" if ratio is not None else ""
+        lines.append(f"| {c}{' (first: the baseline)' if c == base else ''} | " + " | ".join(cells) + " |")
+    md = "\n".join([
+        f"# compile_decoder prompt-program lengths (benchmarks/aoti_decode.py --chunk-ab, {result['date']})", "",
+        (f"{args.model} {args.variant} (head quantized), {result['threads']} threads, max_len {max_len}, "
+         f"{args.rounds} rounds, order rotated; tokens/s, in brackets the median of per-round ratios against chunk "
+         f"{base}. Decode: {args.new} greedy tokens after the {max(prompts)}-token prompt."), "",
+        "| chunk | " + " | ".join(f"prefill {n} tokens" for n in prompts) + " | decode |",
+        "|---|" + "---|" * len(metrics), *lines, "",
+        f"Same greedy tokens from every decoder: {row['same_tokens']}.", ""])
+    save_results(RESULTS, f"{args.out}_chunks", result, md)
+    return 0
+
+
 def markdown(result: dict) -> str:
     r = result["rows"][0]
     names = {"aot": "compile_decoder (AOTInductor), prefill + feed",
@@ -228,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                         "what reading the handles from tensors costs")
     p.add_argument("--cache-lengths-ab", type=int, default=0, metavar="MAX_LEN",
                    help="compare a MAX_LEN cache with and without the default cache lengths (and a short cache)")
+    p.add_argument("--chunk-ab", default="", metavar="C1,C2,...",
+                   help="compare decoders whose prompt programs take these many tokens (the first: the baseline)")
+    p.add_argument("--chunk-ab-prompts", default="40,128,512", help="prompt lengths for --chunk-ab")
     p.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default=None,
                    help="the CPU backend's compute dtype (default: the library's choice for this CPU); float32 "
                         "also stands for CPUs without the blocked matmul (its prompt chunks run the weight-only "
@@ -239,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         set_cpu_compute_dtype(args.compute_dtype)
     if args.cache_lengths_ab:
         return cache_lengths_ab(args)
+    if args.chunk_ab:
+        return chunk_ab(args)
     if args.llamacpp and args.model != "smollm2":
         p.error("--llamacpp compares SmolLM2 only (the model llama.cpp's export was made from)")
     if args.llamacpp and args.batch != 1:

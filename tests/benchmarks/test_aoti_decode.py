@@ -68,3 +68,23 @@ def test_cache_lengths_ab_records_three_decoders_and_their_tokens(tmp_path, monk
         for metric in ("decode", "prefill"):
             assert len(row[f"{name}_{metric}_tok_s"]) == 1 and row[f"{name}_{metric}_tok_s"][0] > 0
     assert row["long_vs_short_decode"] == pytest.approx(row["long_decode_tok_s"][0] / row["short_decode_tok_s"][0])
+
+
+def test_chunk_ab_records_each_chunk_per_prompt_length_and_the_tokens(tmp_path, monkeypatch):
+    """``--chunk-ab 1,4``: one decoder per prompt-program length; per round each prefills every prompt length and
+    decodes after the longest; ratios against the first chunk are medians of per-round ratios; every decoder
+    chooses the same greedy tokens (one-token steps against chunks of 4 compute the same sequence)."""
+    monkeypatch.setattr(ad, "RESULTS", tmp_path)
+    assert ad.main(["--model", "llama_small", "--chunk-ab", "1,4", "--chunk-ab-prompts", "3,9", "--rounds", "2",
+                    "--new", "3", "--out", "t"]) == 0
+    result = json.loads((tmp_path / "t_chunks.json").read_text())
+    row = result["rows"][0]
+    assert row["chunks"] == [1, 4] and row["prompts"] == [3, 9] and row["max_len"] == 13 and row["same_tokens"]
+    for metric in ("prefill_3", "prefill_9", "decode"):
+        a, b = row[f"chunk1_{metric}_tok_s"], row[f"chunk4_{metric}_tok_s"]
+        assert len(a) == len(b) == 2 and min(a + b) > 0
+        assert row[f"chunk4_vs_chunk1_{metric}"] == pytest.approx((b[0] / a[0] + b[1] / a[1]) / 2)
+    md = (tmp_path / "t_chunks.md").read_text()
+    assert "| chunk | prefill 3 tokens | prefill 9 tokens | decode |" in md and "| 1 (first: the baseline) |" in md
+    with pytest.raises(SystemExit, match="two or more"):
+        ad.main(["--model", "llama_small", "--chunk-ab", "4", "--out", "t"])
