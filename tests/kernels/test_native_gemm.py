@@ -103,7 +103,7 @@ def test_gemm_matches_the_float64_reference_within_its_bound(cfg_id, n, k):
         layer = layer.to_layout(1)
     w = layer.packed_weight(cfg.bits)
     g = torch.Generator().manual_seed(1)
-    for m in (32, 45, 300):  # 45, 300: a last tile of 9 / 0 rows of 12
+    for m in (32, 40, 45, 300):  # a last tile of 8 / 4 / 9 / 0 rows of 12 (the 8-, 4-, 12-row bodies)
         x = torch.randn(m, k, generator=g) * torch.exp(2 * torch.randn(1, k, generator=g))  # outlier columns
         path = cpu_path(x, w)
         native = cpu_plan(w).gemv is not None

@@ -1154,24 +1154,19 @@ static inline __attribute__((always_inline)) void transpose16(__m512i *r, const 
 
 /* one tile of x (tile-major int16 pairs: word [p][i] is pair p of the tile's row i; tt: [block][MQ_GEMM_MR]
  * float32 scales t) against one panel; ct: the float32 tile (MQ_GEMM_MR x 32), sum over blocks of
- * t s (codes . v). Always MQ_GEMM_MR rows (a last tile's missing rows are zeros, computed and not stored), each
- * block one assembly body that keeps the 2 * MQ_GEMM_MR accumulators in registers. */
+ * t s (codes . v). Each block is one assembly body that keeps its accumulators in registers: 12 rows
+ * (gemm_tile12: 24 accumulators), and for a last tile of at most 8 or 4 rows the same body over those rows only
+ * (gemm_tile8, gemm_tile4), so that the rows a tile lacks are not computed (a last tile's missing rows are zeros,
+ * computed by a larger body and not stored). */
 #define MQ_GEMM_MR 12
-static __attribute__((noinline)) void gemm_tile(const uint32_t *restrict P, const float *restrict sT, int64_t np, int64_t bp, int64_t nb,
-                      int64_t gpb, const uint32_t *restrict xt, const float *restrict tt, float *restrict ct) {
-    for (int i = 0; i < 2 * MQ_GEMM_MR; ++i) _mm512_store_ps(ct + i * 16, _mm512_setzero_ps());
-    for (int64_t c = 0; c < nb; ++c) {
-        const int64_t p0 = c * bp, p1 = p0 + bp < np ? p0 + bp : np;
-        const uint32_t *pp = P + p0 * 32, *xp = xt + p0 * MQ_GEMM_MR;
-        const float *sg = sT + c / gpb * 32, *tc = tt + c * MQ_GEMM_MR; /* block c's weight group and row scales */
-        int64_t cnt = p1 - p0;
-        /* the block in assembly: GCC 12 spills 24 accumulators of such a loop written with intrinsics to the
-         * stack (measured: 0.6x the speed); here they are zmm0..zmm23 throughout. Per pair: the panel's two
-         * vectors (zmm30, zmm31), then per row two vpdpwssd that read the row's x pair from memory broadcast to
-         * the 16 lanes ({1to16}: no separate broadcast instruction; 0.95-1.01x the time at M = 256 on the
-         * 1.1B model's shapes, paired, the same output bits). At the end, per row i: the integer sums to float32, times s * t_i,
-         * added to the float32 tile ct (fused multiply-add: ct + sum * (s t_i), one rounding). 14 rows per tile
-         * (28 accumulators) measured 0.97-1.03x the time of 12: not kept. */
+/* the block in assembly: GCC 12 spills 24 accumulators of such a loop written with intrinsics to the stack
+ * (measured: 0.6x the speed); here they are zmm0..zmm(2R-1) throughout. Per pair: the panel's two vectors (zmm30,
+ * zmm31), then per row two vpdpwssd that read the row's x pair from memory broadcast to the 16 lanes ({1to16}: no
+ * separate broadcast instruction; 0.95-1.01x the time at M = 256 on the 1.1B model's shapes, paired, the same
+ * output bits). The x pointer advances by a whole tile's pair (MQ_GEMM_MR words) whatever R is. At the end, per
+ * row i: the integer sums to float32, times s * t_i, added to the float32 tile ct (fused multiply-add:
+ * ct + sum * (s t_i), one rounding). 14 rows per tile (28 accumulators) measured 0.97-1.03x the time of 12: not
+ * kept. */
 #define MQ_Z(i) "vpxord %%zmm" #i ", %%zmm" #i ", %%zmm" #i "\n\t"
 #define MQ_R(i, a, b)                                                                                             \
     "vpdpwssd " #i "*4(%[X])%{1to16%}, %%zmm30, %%zmm" #a "\n\t"                                                 \
@@ -1186,30 +1181,56 @@ static __attribute__((noinline)) void gemm_tile(const uint32_t *restrict P, cons
     "vfmadd213ps " #i "*128+64(%[C]), %%zmm31, %%zmm" #b "\n\t"                                                   \
     "vmovaps %%zmm" #a ", " #i "*128(%[C])\n\t"                                                                   \
     "vmovaps %%zmm" #b ", " #i "*128+64(%[C])\n\t"
-        __asm__ volatile(
-            MQ_Z(0) MQ_Z(1) MQ_Z(2) MQ_Z(3) MQ_Z(4) MQ_Z(5) MQ_Z(6) MQ_Z(7) MQ_Z(8) MQ_Z(9) MQ_Z(10) MQ_Z(11)
-            MQ_Z(12) MQ_Z(13) MQ_Z(14) MQ_Z(15) MQ_Z(16) MQ_Z(17) MQ_Z(18) MQ_Z(19) MQ_Z(20) MQ_Z(21) MQ_Z(22) MQ_Z(23)
-            "1:\n\t"
-            "vmovdqa64 (%[P]), %%zmm30\n\t"
-            "vmovdqa64 64(%[P]), %%zmm31\n\t"
-            MQ_R(0, 0, 1) MQ_R(1, 2, 3) MQ_R(2, 4, 5) MQ_R(3, 6, 7) MQ_R(4, 8, 9) MQ_R(5, 10, 11)
-            MQ_R(6, 12, 13) MQ_R(7, 14, 15) MQ_R(8, 16, 17) MQ_R(9, 18, 19) MQ_R(10, 20, 21) MQ_R(11, 22, 23)
-            "addq $128, %[P]\n\t"
-            "addq $48, %[X]\n\t"
-            "decq %[n]\n\t"
-            "jnz 1b\n\t"
-            MQ_F(0, 0, 1) MQ_F(1, 2, 3) MQ_F(2, 4, 5) MQ_F(3, 6, 7) MQ_F(4, 8, 9) MQ_F(5, 10, 11)
-            MQ_F(6, 12, 13) MQ_F(7, 14, 15) MQ_F(8, 16, 17) MQ_F(9, 18, 19) MQ_F(10, 20, 21) MQ_F(11, 22, 23)
-            : [P] "+r"(pp), [X] "+r"(xp), [n] "+r"(cnt)
-            : [S] "r"(sg), [T] "r"(tc), [C] "r"(ct)
-            : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
-              "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
-              "xmm23", "xmm29", "xmm30", "xmm31", "cc", "memory");
+#define MQ_Z4 MQ_Z(0) MQ_Z(1) MQ_Z(2) MQ_Z(3) MQ_Z(4) MQ_Z(5) MQ_Z(6) MQ_Z(7)
+#define MQ_Z8 MQ_Z4 MQ_Z(8) MQ_Z(9) MQ_Z(10) MQ_Z(11) MQ_Z(12) MQ_Z(13) MQ_Z(14) MQ_Z(15)
+#define MQ_Z12 MQ_Z8 MQ_Z(16) MQ_Z(17) MQ_Z(18) MQ_Z(19) MQ_Z(20) MQ_Z(21) MQ_Z(22) MQ_Z(23)
+#define MQ_R4 MQ_R(0, 0, 1) MQ_R(1, 2, 3) MQ_R(2, 4, 5) MQ_R(3, 6, 7)
+#define MQ_R8 MQ_R4 MQ_R(4, 8, 9) MQ_R(5, 10, 11) MQ_R(6, 12, 13) MQ_R(7, 14, 15)
+#define MQ_R12 MQ_R8 MQ_R(8, 16, 17) MQ_R(9, 18, 19) MQ_R(10, 20, 21) MQ_R(11, 22, 23)
+#define MQ_F4 MQ_F(0, 0, 1) MQ_F(1, 2, 3) MQ_F(2, 4, 5) MQ_F(3, 6, 7)
+#define MQ_F8 MQ_F4 MQ_F(4, 8, 9) MQ_F(5, 10, 11) MQ_F(6, 12, 13) MQ_F(7, 14, 15)
+#define MQ_F12 MQ_F8 MQ_F(8, 16, 17) MQ_F(9, 18, 19) MQ_F(10, 20, 21) MQ_F(11, 22, 23)
+#define MQ_GEMM_TILE(NAME, ROWS, Z, R, F)                                                                         \
+    static __attribute__((noinline)) void NAME(const uint32_t *restrict P, const float *restrict sT, int64_t np,   \
+                                               int64_t bp, int64_t nb, int64_t gpb, const uint32_t *restrict xt,  \
+                                               const float *restrict tt, float *restrict ct) {                     \
+        for (int i = 0; i < 2 * (ROWS); ++i) _mm512_store_ps(ct + i * 16, _mm512_setzero_ps());                    \
+        for (int64_t c = 0; c < nb; ++c) {                                                                         \
+            const int64_t p0 = c * bp, p1 = p0 + bp < np ? p0 + bp : np;                                           \
+            const uint32_t *pp = P + p0 * 32, *xp = xt + p0 * MQ_GEMM_MR;                                          \
+            /* block c's weight group and row scales */                                                            \
+            const float *sg = sT + c / gpb * 32, *tc = tt + c * MQ_GEMM_MR;                                        \
+            int64_t cnt = p1 - p0;                                                                                 \
+            __asm__ volatile(Z "1:\n\t"                                                                            \
+                               "vmovdqa64 (%[P]), %%zmm30\n\t"                                                     \
+                               "vmovdqa64 64(%[P]), %%zmm31\n\t" R "addq $128, %[P]\n\t"                           \
+                               "addq $48, %[X]\n\t"                                                                \
+                               "decq %[n]\n\t"                                                                     \
+                               "jnz 1b\n\t" F                                                                      \
+                             : [P] "+r"(pp), [X] "+r"(xp), [n] "+r"(cnt)                                           \
+                             : [S] "r"(sg), [T] "r"(tc), [C] "r"(ct)                                               \
+                             : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",     \
+                               "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",    \
+                               "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm29", "xmm30", "xmm31", "cc",       \
+                               "memory");                                                                          \
+        }                                                                                                          \
+    }
+MQ_GEMM_TILE(gemm_tile12, 12, MQ_Z12, MQ_R12, MQ_F12)
+MQ_GEMM_TILE(gemm_tile8, 8, MQ_Z8, MQ_R8, MQ_F8)
+MQ_GEMM_TILE(gemm_tile4, 4, MQ_Z4, MQ_R4, MQ_F4)
+#undef MQ_GEMM_TILE
 #undef MQ_Z
 #undef MQ_R
 #undef MQ_F
-    }
-}
+#undef MQ_Z4
+#undef MQ_Z8
+#undef MQ_Z12
+#undef MQ_R4
+#undef MQ_R8
+#undef MQ_R12
+#undef MQ_F4
+#undef MQ_F8
+#undef MQ_F12
 #else
 #define MQ_GEMM 0
 #endif
@@ -1374,7 +1395,9 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
                 const int mb = m - m0 < MQ_GEMM_MR ? (int)(m - m0) : MQ_GEMM_MR;
                 const uint32_t *xti = xt + m0 / MQ_GEMM_MR * tw;
                 const float *tti = tt + m0 / MQ_GEMM_MR * nb * MQ_GEMM_MR;
-                gemm_tile(P, sT, np, bp, nb, gpb, xti, tti, ct);
+                if (mb > 8) gemm_tile12(P, sT, np, bp, nb, gpb, xti, tti, ct);
+                else if (mb > 4) gemm_tile8(P, sT, np, bp, nb, gpb, xti, tti, ct);
+                else gemm_tile4(P, sT, np, bp, nb, gpb, xti, tti, ct);
                 for (int i = 0; i < mb; ++i) {
                     const float *xsi = xs + (m0 + i) * ng;
                     __m512 v0 = _mm512_load_ps(ct + i * 32), v1 = _mm512_load_ps(ct + i * 32 + 16);
