@@ -669,8 +669,8 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1, chun
         batch_size: rows per call, ``>= 1``.
         chunk: tokens per call of the prompt program (``1 <= chunk <= max_len``; 1 compiles the step program
             only); None: ``min(64, max_len)``. A prompt shorter than ``chunk`` is padded to it, a longer one runs
-            in fewer, larger calls: 128 or 256 prefill prompts of a few hundred tokens 1.1-1.25x faster than 64,
-            and 40-token prompts at 0.58x / 0.31x (measured on SmolLM2 and a 1.1B model, 2 threads).
+            in fewer, larger calls: 128 or 256 prefilled prompts of a few hundred tokens up to 1.25x faster than 64,
+            and 40-token prompts at 0.58x / 0.31x (SmolLM2 and a 1.1B model, 2 threads).
         cache_lengths: cache lengths to compile both programs for, each ``<= max_len`` (``max_len`` is always
             added): a call writing up to position ``p`` runs the shortest length above ``p``, so its attention
             reads that many positions instead of ``max_len`` (attention over the whole static cache made SmolLM2
