@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from benchmarks import aoti_decode as ad
 
@@ -70,13 +71,47 @@ def test_cache_lengths_ab_records_three_decoders_and_their_tokens(tmp_path, monk
     assert row["long_vs_short_decode"] == pytest.approx(row["long_decode_tok_s"][0] / row["short_decode_tok_s"][0])
 
 
+class _EagerDecoder:
+    """A stand-in for ``compile_decoder``'s decoder (the compiled programs are tested in tests/quant): the eager
+    model over the whole sequence, so that the benchmark's own bookkeeping is tested without compiling."""
+
+    def __init__(self, model, max_len: int, chunk: int) -> None:
+        self.model, self.max_len, self.chunk, self.compile_s, self.seq = model, max_len, chunk, 0.0, None
+
+    def prefill(self, ids):
+        self.seq = ids
+        return self._last()
+
+    def feed(self, ids):
+        self.seq = torch.cat([self.seq, ids], dim=1)
+        return self._last()
+
+    def _last(self):
+        with torch.no_grad():
+            return self.model(input_ids=self.seq).logits[:, -1]
+
+    def close(self) -> None:
+        pass
+
+
 def test_chunk_ab_records_each_chunk_per_prompt_length_and_the_tokens(tmp_path, monkeypatch):
-    """``--chunk-ab 1,4``: one decoder per prompt-program length; per round each prefills every prompt length and
-    decodes after the longest; ratios against the first chunk are medians of per-round ratios; every decoder
-    chooses the same greedy tokens (one-token steps against chunks of 4 compute the same sequence)."""
+    """``--chunk-ab 1,4``: one decoder per prompt-program length, all for the same ``max_len`` (the longest prompt
+    plus the new tokens and one); per round each prefills every prompt length and decodes after the longest;
+    ratios against the first chunk are medians of per-round ratios; the table and the token check."""
+    from medquant.quant import aot
+
+    built = []
+
+    def fake(model, max_len, *, chunk=None, **kw):
+        built.append(_EagerDecoder(model, max_len, chunk))
+        return built[-1]
+
+    monkeypatch.setattr(aot, "compile_decoder", fake)
     monkeypatch.setattr(ad, "RESULTS", tmp_path)
     assert ad.main(["--model", "llama_small", "--chunk-ab", "1,4", "--chunk-ab-prompts", "3,9", "--rounds", "2",
                     "--new", "3", "--out", "t"]) == 0
+    assert [(d.max_len, d.chunk) for d in built] == [(13, 1), (13, 4)]
+    assert built[0].seq.shape == (1, 9 + 3)  # the last round: the longest prompt, then 3 fed tokens
     result = json.loads((tmp_path / "t_chunks.json").read_text())
     row = result["rows"][0]
     assert row["chunks"] == [1, 4] and row["prompts"] == [3, 9] and row["max_len"] == 13 and row["same_tokens"]
