@@ -279,7 +279,6 @@ def _main_pairs(args) -> dict:
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
     cd_before = get_cpu_compute_dtype()
-    set_cpu_compute_dtype("bfloat16")
     clear_cpu_cache()
     load_before = list(os.getloadavg())
     rows = []

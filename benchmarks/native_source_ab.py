@@ -131,15 +131,13 @@ def run_pairs(base: bytes, head: bytes, shapes: list[tuple[int, int]], groups: l
         b = [run["rows"][key] for run in runs["base"]]
         h = [run["rows"][key] for run in runs["head"]]
         ratios = [hh["ms"] / bb["ms"] for bb, hh in zip(b, h)]
-        dense = [v["dense_ms"] for v in b + h]
+        base_ms, head_ms = statistics.median(v["ms"] for v in b), statistics.median(v["ms"] for v in h)
+        dense_ms = statistics.median(v["dense_ms"] for v in b + h)
         rows.append({
-            "layer": key, "path": h[0]["path"], "base_ms": statistics.median(v["ms"] for v in b),
-            "head_ms": statistics.median(v["ms"] for v in h), "dense_bf16_ms": statistics.median(dense),
+            "layer": key, "path": h[0]["path"], "base_ms": base_ms, "head_ms": head_ms, "dense_bf16_ms": dense_ms,
             "head_over_base": statistics.median(ratios), "head_over_base_min": min(ratios),
-            "head_over_base_max": max(ratios),
-            "head_over_dense": statistics.median(v["ms"] for v in h) / statistics.median(dense),
-            "base_over_dense": statistics.median(v["ms"] for v in b) / statistics.median(dense),
-            "identical": len({v["sha256"] for v in b + h}) == 1})
+            "head_over_base_max": max(ratios), "head_over_dense": head_ms / dense_ms,
+            "base_over_dense": base_ms / dense_ms, "identical": len({v["sha256"] for v in b + h}) == 1})
     return rows
 
 

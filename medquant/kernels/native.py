@@ -233,12 +233,14 @@ def _load(path: Path, key: str) -> ctypes.CDLL:
     return lib
 
 
-def _compile(cc: list[str], flags: list[str], key: str, out_dir: Path, source: Path = SOURCE,
+def _compile(cc: list[str], flags: list[str], key: str, out_dir: Path, source: Path | None = None,
              lib_name: str = LIB_NAME, key_macro: str = "MQ_BUILD_KEY", link: tuple[str, ...] = ()) -> None:
-    """Compile ``source`` (default: the native library's C source) into ``lib_name`` in a fresh temporary folder
+    """Compile ``source`` (None: the native library's C source, :data:`SOURCE` as it is at the call, so that the
+    build key read from it and the code compiled agree) into ``lib_name`` in a fresh temporary folder
     beside ``out_dir`` and rename it into place (atomic: another process either sees the finished folder or none;
     when it won the race, its folder is kept). ``key`` is compiled in as the macro ``key_macro``; ``link``: flags
     after the source (libraries)."""
+    source = SOURCE if source is None else source
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -294,7 +296,7 @@ def _try_build() -> None:
             for attempt in range(2):  # a cached library that fails its checks is rebuilt once
                 try:
                     if not path.is_file():
-                        _compile(cc, list(flags), key, out_dir, source=SOURCE)
+                        _compile(cc, list(flags), key, out_dir)
                     lib = _load(path, key)
                 except _Foreign as exc:  # loaded, but not ours: decline now, rebuilt by the next process
                     shutil.rmtree(out_dir, ignore_errors=True)
