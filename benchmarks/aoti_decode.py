@@ -36,7 +36,7 @@ rounds; writes ``aoti_decode_cache_lengths.{json,md}``. (``aoti_decode_step_leng
 measurement when only the step program had several lengths, decode only.)
 
 ``--chunk-ab 64,128,256`` measures what the prompt program's length (``chunk``) does: one decoder per chunk (the
-same model and ``max_len``), and per round each decoder prefills prompts of every length in ``--chunk-ab-prompts``
+same model and ``max_len``; an entry ``64+256`` is one decoder with prompt programs of both lengths), and per round each decoder prefills prompts of every length in ``--chunk-ab-prompts``
 (default 40, 128, 512 tokens: shorter than a chunk, one or two chunks, several) and then decodes ``--new`` tokens
 after the longest, the order rotated; prefill tokens/s per prompt length, decode tokens/s (the control: the step
 program does not depend on the chunk), ratios against the first chunk given (medians of per-round ratios), and
@@ -165,12 +165,14 @@ def chunk_ab(args) -> int:
     from medquant.quant.aot import compile_decoder
 
     try:
-        chunks = [int(c) for c in args.chunk_ab.split(",")]
+        chunks = args.chunk_ab.split(",")  # a decoder each: "64", or "64+256" (prompt programs of both lengths)
+        lengths = {c: tuple(int(x) for x in c.split("+")) for c in chunks}
         prompts = [int(n) for n in args.chunk_ab_prompts.split(",")]
     except ValueError:
         raise SystemExit(f"--chunk-ab {args.chunk_ab!r} / --chunk-ab-prompts {args.chunk_ab_prompts!r}: expected "
-                         "comma lists of integers, e.g. 64,128") from None
-    if len(chunks) < 2 or min(chunks + prompts) < 1:
+                         "comma lists of integers (a chunk entry may join several with +), e.g. 64,256,64+256") \
+            from None
+    if len(chunks) < 2 or min(min(x) for x in lengths.values()) < 1 or min(prompts) < 1:
         raise SystemExit("--chunk-ab needs two or more chunk lengths >= 1, and prompt lengths >= 1")
     torch.set_num_threads(args.threads)
     load0 = list(os.getloadavg())
@@ -179,7 +181,8 @@ def chunk_ab(args) -> int:
     ids = {n: torch.randint(0, model.config.vocab_size, (1, n), generator=gen) for n in prompts}
     longest = ids[max(prompts)]
     max_len = max(prompts) + args.new + 1
-    decoders = {c: compile_decoder(model, max_len, chunk=c) for c in chunks}
+    decoders = {c: compile_decoder(model, max_len, chunk=lengths[c] if len(lengths[c]) > 1 else lengths[c][0])
+                for c in chunks}
 
     def one_round(dec) -> dict:
         rates = {}
@@ -308,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-lengths-ab", type=int, default=0, metavar="MAX_LEN",
                    help="compare a MAX_LEN cache with and without the default cache lengths (and a short cache)")
     p.add_argument("--chunk-ab", default="", metavar="C1,C2,...",
-                   help="compare decoders whose prompt programs take these many tokens (the first: the baseline)")
+                   help="compare decoders whose prompt programs take these many tokens (the first: the baseline; "
+                        "64+256: one decoder with programs of both lengths)")
     p.add_argument("--chunk-ab-prompts", default="40,128,512", help="prompt lengths for --chunk-ab")
     p.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default=None,
                    help="the CPU backend's compute dtype (default: the library's choice for this CPU); float32 "

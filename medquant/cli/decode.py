@@ -45,13 +45,14 @@ def run_compile(args) -> int:
     finally:
         decoder.close()
     summary = {"model": args.model, "decoder": str(folder), "max_len": decoder.max_len, "batch_size":
-               decoder.batch_size, "chunk": decoder.chunk, "cache_lengths": decoder.cache_lengths,
+               decoder.batch_size, "chunks": list(decoder.chunks), "cache_lengths": decoder.cache_lengths,
                "bound_layers": decoder.bound_layers, "compile_s": round(compile_s, 2)}
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"compiled {args.model} in {compile_s:.1f} s ({decoder.bound_layers} quantized layers bound; cache "
-              f"lengths {decoder.cache_lengths}, batch {decoder.batch_size}, prompt chunk {decoder.chunk}) and "
+              f"lengths {decoder.cache_lengths}, batch {decoder.batch_size}, prompt chunks "
+              f"{list(decoder.chunks) or 'none'}) and "
               f"saved the decoder to {folder}")
     return 0
 
@@ -142,8 +143,10 @@ def register(sub) -> None:
                    help="folder to save the decoder into (new or empty)")
     p.add_argument("--max-len", type=positive_int, required=True, help="cache positions: prompt + new tokens")
     p.add_argument("--batch-size", type=positive_int, default=1, help="rows per call (default 1)")
-    p.add_argument("--chunk", type=positive_int, default=None,
-                   help="tokens per call of the prompt program (default min(64, max-len); 1: step program only)")
+    p.add_argument("--chunk", type=positive_int, nargs="+", default=None, metavar="N",
+                   help="tokens per call of the prompt program, or several lengths, one program each (e.g. 64 256: "
+                        "long prompts in calls of 256, short ones padded to 64; default min(64, max-len); 1: step "
+                        "program only)")
     p.add_argument("--cache-lengths", type=positive_int, nargs="*", default=None, metavar="N",
                    help="cache lengths to compile for (default 256, 512, ... below --max-len; none: --max-len only)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -108,13 +108,14 @@ def test_chunk_ab_records_each_chunk_per_prompt_length_and_the_tokens(tmp_path, 
 
     monkeypatch.setattr(aot, "compile_decoder", fake)
     monkeypatch.setattr(ad, "RESULTS", tmp_path)
-    assert ad.main(["--model", "llama_small", "--chunk-ab", "1,4", "--chunk-ab-prompts", "3,9", "--rounds", "2",
+    assert ad.main(["--model", "llama_small", "--chunk-ab", "1,4,2+4", "--chunk-ab-prompts", "3,9", "--rounds", "2",
                     "--new", "3", "--out", "t"]) == 0
-    assert [(d.max_len, d.chunk) for d in built] == [(13, 1), (13, 4)]
+    assert [(d.max_len, d.chunk) for d in built] == [(13, 1), (13, 4), (13, (2, 4))]
     assert built[0].seq.shape == (1, 9 + 3)  # the last round: the longest prompt, then 3 fed tokens
     result = json.loads((tmp_path / "t_chunks.json").read_text())
     row = result["rows"][0]
-    assert row["chunks"] == [1, 4] and row["prompts"] == [3, 9] and row["max_len"] == 13 and row["same_tokens"]
+    assert row["chunks"] == ["1", "4", "2+4"] and row["prompts"] == [3, 9] and row["max_len"] == 13
+    assert row["same_tokens"] and len(row["chunk2+4_prefill_9_tok_s"]) == 2
     for metric in ("prefill_3", "prefill_9", "decode"):
         a, b = row[f"chunk1_{metric}_tok_s"], row[f"chunk4_{metric}_tok_s"]
         assert len(a) == len(b) == 2 and min(a + b) > 0
@@ -123,3 +124,5 @@ def test_chunk_ab_records_each_chunk_per_prompt_length_and_the_tokens(tmp_path, 
     assert "| chunk | prefill 3 tokens | prefill 9 tokens | decode |" in md and "| 1 (first: the baseline) |" in md
     with pytest.raises(SystemExit, match="two or more"):
         ad.main(["--model", "llama_small", "--chunk-ab", "4", "--out", "t"])
+    with pytest.raises(SystemExit, match="comma lists of integers"):
+        ad.main(["--model", "llama_small", "--chunk-ab", "4,4+x", "--out", "t"])

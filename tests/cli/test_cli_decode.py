@@ -44,7 +44,7 @@ def test_compile_then_generate_gives_transformers_tokens(folders, capsys):
     q4, dec = folders / "q4", folders / "q4-decoder"
     assert main(["compile-decoder", str(q4), str(dec), "--max-len", "24", "--chunk", "1", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["cache_lengths"] == [24] and summary["bound_layers"] == (15 if native_status().get("gemv4") else 0)
+    assert summary["cache_lengths"] == [24] and summary["chunks"] == [] and summary["bound_layers"] == (15 if native_status().get("gemv4") else 0)
     assert (dec / "decoder.json").is_file() and (dec / "step-24.pt2").is_file()
     ids, expected = _reference(q4, 8)
     assert main(["generate", str(q4), "--decoder", str(dec), "--prompt", PROMPT, "--max-new-tokens", "8",

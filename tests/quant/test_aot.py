@@ -32,14 +32,34 @@ def _quantized():
 
 @pytest.fixture(scope="module")
 def decoder():
-    """A W4 g32 tiny LLaMA (head quantized), batch 2, 40 positions, prompt chunks of 8 tokens, programs for
-    cache lengths 12, 24 and 40 (sequences below cross from one to the next)."""
+    """A W4 g32 tiny LLaMA (head quantized), batch 2, 40 positions, prompt programs of 8 and 4 tokens, programs for
+    cache lengths 12 and 40 (sequences below cross from one to the other)."""
     model = _quantized()
-    dec = compile_decoder(model, 40, batch_size=2, chunk=8, cache_lengths=(24, 12), progress=False)
-    assert dec.cache_lengths == [12, 24, 40] and sorted(dec._programs) == [
-        ("prompt", 12), ("prompt", 24), ("prompt", 40), ("step", 12), ("step", 24), ("step", 40)]
+    dec = compile_decoder(model, 40, batch_size=2, chunk=[8, 4], cache_lengths=(12,), progress=False)
+    assert dec.cache_lengths == [12, 40] and dec.chunks == (4, 8) and dec.chunk == 8
+    assert sorted(dec._programs) == [(1, 12), (1, 40), (4, 12), (4, 40), (8, 12), (8, 40)]
     yield dec
     dec.close()
+
+
+class _Calls:
+    """Records the program ``(tokens per call, cache length)`` of each call a decoder makes."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder, self.calls = decoder, []
+        self.saved = dict(decoder._programs)
+
+    def __enter__(self):
+        def wrap(key, program):
+            def call(*args):
+                self.calls.append(key)
+                return program(*args)
+            return call
+        self.decoder._programs.update({key: wrap(key, p) for key, p in self.saved.items()})
+        return self.calls
+
+    def __exit__(self, *exc) -> None:
+        self.decoder._programs.update(self.saved)
 
 
 def _ids(batch: int, n: int, seed: int) -> torch.Tensor:
@@ -49,14 +69,19 @@ def _ids(batch: int, n: int, seed: int) -> torch.Tensor:
 @pytest.mark.slow
 def test_compiled_decoder_generates_what_generate_does(decoder):
     """Against transformers' own ``generate`` on an independently built copy of the same quantized model: a prompt
-    of a full chunk plus a padded one (13 = 8 + 5), then one of a chunk plus a one-token step (9 = 8 + 1), then a
-    short one through the padded chunk alone, all through the same cache (a new sequence needs no clearing)."""
+    of full chunks of both lengths and a one-token step (13 = 8 + 4 + 1), one of a long chunk and a short padded
+    one (11 = 8 + 3), then a short one through the padded chunk alone, all through the same cache (a new sequence
+    needs no clearing); each call through the program of its tokens and the shortest cache length holding them."""
     ref = _quantized()
-    for n, new, seed in ((13, 9, 1), (9, 12, 2), (3, 6, 3)):
+    plans = {13: [(8, 12), (4, 12), (1, 40)], 11: [(8, 12), (4, 12)], 3: [(4, 12)]}
+    for n, new, seed in ((13, 9, 1), (11, 12, 2), (3, 6, 3)):
         ids = _ids(2, n, seed)
         with torch.no_grad():
             expected = ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        assert torch.equal(decoder.generate(ids, new), expected), (n, new)
+        with _Calls(decoder) as calls:
+            assert torch.equal(decoder.generate(ids, new), expected), (n, new)
+        assert calls[:len(plans[n])] == plans[n] and all(call[0] == 1 for call in calls[len(plans[n]):])
+        assert len(calls) == len(plans[n]) + new - 1
         assert decoder.position == n + new - 1  # the last token is returned, not fed
         timing = decoder.last_timing
         assert timing is not None and timing["steps"] == new - 1 and timing["prefill_s"] > 0 < timing["decode_s"]
@@ -205,8 +230,8 @@ def test_a_saved_decoder_loads_in_a_fresh_process_and_gives_the_same_tokens(deco
     the saved ones. That process first binds a model with *other* weights, so programs
     that still called the saved handles would reach that model (other tokens) or no layer at all (an error)."""
     folder = decoder.save(tmp_path / "dec")
-    assert sorted(p.name for p in folder.iterdir()) == ["decoder.json", "prompt-12.pt2", "prompt-24.pt2",
-                                                        "prompt-40.pt2", "step-12.pt2", "step-24.pt2", "step-40.pt2"]
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder.json", "prompt4-12.pt2", "prompt4-40.pt2",
+                                                        "prompt8-12.pt2", "prompt8-40.pt2", "step-12.pt2", "step-40.pt2"]
     mq.save(decoder.model, tmp_path / "model")  # the weights travel in the model's own checkpoint
     ids = _ids(2, 13, 1)
     expected = decoder.generate(ids, 9)
@@ -283,7 +308,7 @@ def test_a_loaded_decoder_runs_the_model_it_is_given_and_checks_it(decoder, tmp_
 
     (folder / "decoder.json").write_text(json.dumps(manifest))
     assert read_decoder_manifest(folder)["batch_size"] == manifest["batch_size"]
-    for key, value in (("batch_size", None), ("max_len", 0), ("chunk", True), ("lanes", [])):
+    for key, value in (("batch_size", None), ("max_len", 0), ("chunks", True), ("lanes", [])):
         edited = {k: v for k, v in manifest.items() if k != key or value is not None}
         if value is not None:
             edited[key] = value
@@ -292,6 +317,12 @@ def test_a_loaded_decoder_runs_the_model_it_is_given_and_checks_it(decoder, tmp_
             read_decoder_manifest(folder)
         with pytest.raises(ValueError, match=f"field '{key}' is"):
             mq.load_decoder(folder, _quantized(), progress=False)
+    # chunks that do not match the programs, or a program entry cut short
+    for edit, match in (({"chunks": [4]}, "do not match the programs"), ({"chunks": [4, 8, 1]}, "do not match"),
+                        ({"programs": [{"tokens": 1, "length": 12}]}, "a program entry is")):
+        (folder / "decoder.json").write_text(json.dumps({**manifest, **edit}))
+        with pytest.raises(ValueError, match=match):
+            read_decoder_manifest(folder)
     (folder / "decoder.json").write_text(json.dumps(manifest))
     step = folder / "step-12.pt2"
     data = bytearray(step.read_bytes())
@@ -340,9 +371,15 @@ def test_compile_decoder_refuses_what_it_cannot_compile():
     with pytest.raises(TypeError, match="Hugging Face causal LM"):
         compile_decoder(nn.Linear(2, 2), 8)
     for kwargs, match in (({"max_len": 0}, "max_len"), ({"max_len": 8, "chunk": 9}, "must not exceed"),
-                          ({"max_len": 8, "batch_size": 0}, "batch_size"), ({"max_len": 8, "chunk": True}, "chunk")):
+                          ({"max_len": 8, "batch_size": 0}, "batch_size"), ({"max_len": 8, "chunk": True}, "chunk"),
+                          ({"max_len": 8, "chunk": (2, 9)}, "must not exceed"), ({"max_len": 8, "chunk": []}, "chunk"),
+                          ({"max_len": 8, "chunk": (4, 0)}, "chunk"), ({"max_len": 8, "chunk": "8"}, "chunk")):
         with pytest.raises(ValueError, match=match):
             compile_decoder(model, **kwargs)
+    from medquant.quant.aot import _chunks
+
+    assert _chunks(None, 1) == () and _chunks(None, 40) == (40,) and _chunks(None, 300) == (64,)
+    assert _chunks(1, 8) == () and _chunks((256, 1, 64, 64), 300) == (64, 256)
     with pytest.raises(ValueError, match="cache_lengths"):
         compile_decoder(model, 16, cache_lengths=(8, 17))
     from medquant.quant.aot import _cache_lengths
