@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.common.args import shapes as parse_shapes
 from benchmarks.common.env import run_record, save_results
 from medquant.kernels import (
     clear_cpu_cache,
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--bandwidth", type=float, default=None, help="measured read bandwidth, GB/s")
-    ap.add_argument("--shapes", default=None, help="comma list NxK (default: all)")
+    ap.add_argument("--shapes", default=None, help="comma list NxK (default: all; with --compute: its four)")
     ap.add_argument("--activations", action="store_true",
                     help="int16 against split float32 activations on W4 layers of several groups (module docstring)")
     ap.add_argument("--compute", action="store_true",
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.activations or args.compute:
         return _main_pairs(args)
-    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes, SHAPES)
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
     set_cpu_compute_dtype("bfloat16")
@@ -282,8 +283,10 @@ def _main_pairs(args) -> dict:
     clear_cpu_cache()
     load_before = list(os.getloadavg())
     rows = []
+    if args.activations and args.shapes:
+        raise SystemExit("--shapes does not apply to --activations (its layers come with their group sizes)")
     jobs = ([(measure_activations, (n, k, g), {"before": b}) for n, k, g, b in ACT_LAYERS] if args.activations
-            else [(measure_compute, (n, k), {}) for n, k in COMPUTE_SHAPES])
+            else [(measure_compute, (n, k), {}) for n, k in parse_shapes(args.shapes, COMPUTE_SHAPES)])
     for fn, shape, extra in jobs:
         set_cpu_compute_dtype("bfloat16")
         rows.append({**fn(*shape, args.repeats, gen), **extra})

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common.args import shapes as parse_shapes
 from benchmarks.common.env import run_record, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -158,15 +159,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _shapes(text: str | None) -> list[tuple[int, int]]:
-    if not text:
-        return SHAPES
-    try:
-        return [(int(a), int(b)) for a, b in (s.lower().split("x") for s in text.split(","))]
-    except ValueError:
-        raise SystemExit(f"--shapes {text!r}: expected a comma list of NxK, e.g. 2048x2048,5632x2048") from None
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:  # a child: source path and the JSON spec
@@ -193,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     head_spec = args.head or str(REPO / SOURCE_PATH)
     groups = [int(g) for g in args.groups.split(",")]
     load_before = list(os.getloadavg())
-    rows = run_pairs(source_text(args.base), source_text(head_spec), _shapes(args.shapes), groups, args.bits,
+    rows = run_pairs(source_text(args.base), source_text(head_spec), parse_shapes(args.shapes, SHAPES), groups, args.bits,
                      args.m, args.rounds, args.repeats, args.threads)
     result = run_record("native_source_ab", SEED, load_before, rows, base=args.base,
                         head=args.head or "working tree", bits=args.bits, m=args.m, rounds=args.rounds,
