@@ -57,6 +57,33 @@ def test_pairs_build_each_source_and_compare_outputs_bit_for_bit():
     assert same[0]["identical"] is True
 
 
+def test_a_pass_over_a_sequence_of_layers_reports_its_weight_bytes_and_rate():
+    """``sequence``: one row per group, a pass over every layer in order, each its own weights; its bytes are the
+    layers' buffers (codes, scales, zero points), the rates bytes over each source's time, the same outputs."""
+    src = native.SOURCE.read_bytes()
+    rows = ab.run_pairs(src, src, [], [32], bits=4, m=1, rounds=1, repeats=2, threads=1,
+                        sequence=[(64, 256), (32, 256), (64, 256)])
+    assert [r["layer"] for r in rows] == ["pass of 3 layers g32"] and rows[0]["identical"]
+    r = rows[0]
+    from torch import nn
+
+    from medquant.quant import QuantConfig, QuantLinear
+
+    expected = sum(t.numel() * t.element_size() for n in (64, 32, 64)
+                   for t in QuantLinear.from_float(nn.Linear(256, n, bias=False), QuantConfig(4, group_size=32))
+                   .buffers())
+    assert r["bytes"] == expected
+    assert r["base_gbs"] == pytest.approx(expected / r["base_ms"] / 1e6)
+    md = ab.markdown({"base": "a", "head": "b", "bits": 4, "m": 1, "rounds": 1, "repeats": 2, "threads": 1,
+                      "loadavg_before": [0.0], "loadavg_after": [0.0], "date": "d", "rows": rows,
+                      "read_bandwidth_gbs": 30.0})
+    assert "pass of 3 layers g32: 0 MB of weights" in md and "read bandwidth (a float32 sum) 30.0 GB/s" in md
+    # head_env reaches the head's children only: with the native kernels switched off there, the head fails
+    with pytest.raises(RuntimeError, match="the head child failed"):
+        ab.run_pairs(src, src, [], [32], bits=4, m=1, rounds=1, repeats=1, threads=1, sequence=[(64, 256)],
+                     head_env={native.ENV_NATIVE: "0"})
+
+
 def test_child_on_a_source_that_does_not_build_fails_clearly(tmp_path, monkeypatch):
     """A source that does not compile fails its child, named (own cache folder: no build is found under its key,
     so the child compiles exactly the bytes it was given)."""
