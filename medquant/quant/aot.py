@@ -356,9 +356,10 @@ class AOTDecoder:
         self._seen.zero_()
 
     def _call(self, ids: torch.Tensor, keep: int, real: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the program of ``n`` tokens on ``ids (B, n)`` at :attr:`position`; ``real (B, n)``: 1 for a token, 0 for padding
-        (None: all tokens). Position ``pos + j`` of a row gets that row's mask value and the rotary position ``seen +
-        (real tokens before it)`` (a padding token: 1, as ``generate`` gives it); the logits of token ``keep``."""
+        """Run the program of ``n`` tokens on ``ids (B, n)`` at :attr:`position`; ``real (B, n)``: 1 for a token, 0
+        for padding (None: all tokens). Position ``pos + j`` of a row gets that row's mask value and the rotary
+        position ``seen + (real tokens before it)`` (a padding token: 1, as ``generate`` gives it); the logits of
+        token ``keep``."""
         n, pos = ids.shape[1], self.position
         lengths = self._lengths[n]  # the shortest length holding every position this call writes
         length = lengths[bisect.bisect_left(lengths, pos + n)]
@@ -374,7 +375,7 @@ class AOTDecoder:
         # contiguous: a compiled program reads its inputs with the strides it was compiled for (it does not
         # check them), and a slice of a (batch > 1, n) prompt has another row stride
         out = self._programs[n, length](ids.contiguous(), torch.tensor([pos]), torch.tensor([keep]),
-                                           self._mask[:, :length], positions.contiguous(), keys, values)
+                                        self._mask[:, :length], positions.contiguous(), keys, values)
         return out[:, -1]
 
     def _real(self, attention_mask: Any, ids: torch.Tensor) -> torch.Tensor | None:
