@@ -55,28 +55,14 @@ def test_llamacpp_comparison_needs_smollm2_at_batch_1():
         ad.main(["--llamacpp", "--batch", "2"])
 
 
-@pytest.mark.slow
-def test_cache_lengths_ab_records_three_decoders_and_their_tokens(tmp_path, monkeypatch):
-    """``--cache-lengths-ab``: a 300-position cache with the default cache lengths (256, 300), the control with the
-    programs for 300 only, and a cache as long as the sequence; prefill and decode per round, ratios, and the same
-    greedy tokens from all three."""
-    monkeypatch.setattr(ad, "RESULTS", tmp_path)
-    assert ad.main(["--model", "llama_small", "--cache-lengths-ab", "300", "--rounds", "1", "--prompt", "10",
-                    "--new", "4", "--chunk", "1", "--out", "t"]) == 0
-    row = json.loads((tmp_path / "t_cache_lengths.json").read_text())["rows"][0]
-    assert row["cache_lengths"] == [256, 300] and row["short_max_len"] == 15 and row["same_tokens"]
-    for name in ("long", "long_max_len_only", "short"):
-        for metric in ("decode", "prefill"):
-            assert len(row[f"{name}_{metric}_tok_s"]) == 1 and row[f"{name}_{metric}_tok_s"][0] > 0
-    assert row["long_vs_short_decode"] == pytest.approx(row["long_decode_tok_s"][0] / row["short_decode_tok_s"][0])
-
-
 class _EagerDecoder:
     """A stand-in for ``compile_decoder``'s decoder (the compiled programs are tested in tests/quant): the eager
     model over the whole sequence, so that the benchmark's own bookkeeping is tested without compiling."""
 
-    def __init__(self, model, max_len: int, chunk: int) -> None:
+    def __init__(self, model, max_len: int, chunk: int, cache_lengths=None, shift: int = 0) -> None:
         self.model, self.max_len, self.chunk, self.compile_s, self.seq = model, max_len, chunk, 0.0, None
+        self.cache_lengths = [max_len] if cache_lengths == () else cache_lengths
+        self.shift = shift  # > 0: the greedy token moves by that many ids (a decoder that disagrees)
 
     def prefill(self, ids):
         self.seq = ids
@@ -88,7 +74,7 @@ class _EagerDecoder:
 
     def _last(self):
         with torch.no_grad():
-            return self.model(input_ids=self.seq).logits[:, -1]
+            return self.model(input_ids=self.seq).logits[:, -1].roll(self.shift, dims=-1)
 
     def close(self) -> None:
         pass
@@ -126,3 +112,37 @@ def test_chunk_ab_records_each_chunk_per_prompt_length_and_the_tokens(tmp_path, 
         ad.main(["--model", "llama_small", "--chunk-ab", "4", "--out", "t"])
     with pytest.raises(SystemExit, match="comma lists of integers"):
         ad.main(["--model", "llama_small", "--chunk-ab", "4,4+x", "--out", "t"])
+
+
+@pytest.mark.parametrize("disagree", [False, True])
+def test_cache_lengths_ab_records_three_decoders_and_their_tokens(tmp_path, monkeypatch, disagree):
+    """``--cache-lengths-ab 300``: a 300-position cache with the default cache lengths, the control with the
+    programs for 300 only (``cache_lengths=()``), and a cache as long as the sequence; prefill and decode per
+    round, ratios of medians, and whether all three chose the same greedy tokens (a decoder that chooses others is
+    reported as such)."""
+    from medquant.quant import aot
+
+    built = []
+
+    def fake(model, max_len, *, chunk=None, cache_lengths=None, **kw):
+        lengths = [256, max_len] if cache_lengths is None else cache_lengths
+        built.append(_EagerDecoder(model, max_len, chunk, lengths, shift=int(disagree and max_len == 15)))
+        return built[-1]
+
+    monkeypatch.setattr(aot, "compile_decoder", fake)
+    monkeypatch.setattr(ad, "RESULTS", tmp_path)
+    assert ad.main(["--model", "llama_small", "--cache-lengths-ab", "300", "--rounds", "2", "--prompt", "10",
+                    "--new", "4", "--chunk", "1", "--out", "t"]) == 0
+    assert [(d.max_len, d.chunk, d.cache_lengths) for d in built] == [(300, 1, [256, 300]), (300, 1, [300]),
+                                                                      (15, 1, [256, 15])]
+    row = json.loads((tmp_path / "t_cache_lengths.json").read_text())["rows"][0]
+    assert row["cache_lengths"] == [256, 300] and row["short_max_len"] == 15 and row["max_len"] == 300
+    assert row["same_tokens"] is (not disagree)
+    for name in ("long", "long_max_len_only", "short"):
+        for metric in ("decode", "prefill"):
+            assert len(row[f"{name}_{metric}_tok_s"]) == 2 and min(row[f"{name}_{metric}_tok_s"]) > 0
+    long, short = row["long_decode_tok_s"], row["short_decode_tok_s"]
+    assert row["long_vs_short_decode"] == pytest.approx((long[0] / short[0] + long[1] / short[1]) / 2)
+    md = (tmp_path / "t_cache_lengths.md").read_text()
+    assert "| max_len 300, programs for max_len only (control) | [300] |" in md
+    assert f"Same greedy tokens from all three: {not disagree}." in md
