@@ -482,7 +482,8 @@ class AOTDecoder:
         Args:
             input_ids: ``(batch_size, P)`` prompt tokens; a new sequence (the cache restarts at position 0).
             max_new_tokens: tokens to generate, ``P + max_new_tokens <= max_len``.
-            eos_token_id: end token(s), or None.
+            eos_token_id: end token(s), or None: no end token, every row runs ``max_new_tokens`` (the model's
+                ``generation_config`` is not read, unlike ``generate``: pass its ``eos_token_id`` to stop there).
             pad_token_id: the token of finished rows (default: the first end token).
             do_sample: sample instead of taking the argmax.
             temperature: the logits' divisor when sampling, ``> 0``.
