@@ -72,7 +72,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -626,7 +626,7 @@ class _Picker:
                  repetition_penalty: float | None, generator: torch.Generator | None) -> None:
         if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        if top_k is not None and not (_is_int(top_k) and top_k >= 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
         if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
@@ -664,6 +664,11 @@ class _Picker:
         return torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[:, 0]
 
 
+def _is_int(value: object) -> TypeGuard[int]:
+    """An ``int`` and not a ``bool`` (JSON and Python both let ``True`` pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _cache_lengths(cache_lengths: Sequence[int] | None, max_len: int) -> list[int]:
     """The programs' cache lengths, ascending, ``max_len`` last (``compile_decoder``'s ``cache_lengths``)."""
     if cache_lengths is None:
@@ -673,7 +678,7 @@ def _cache_lengths(cache_lengths: Sequence[int] | None, max_len: int) -> list[in
             length *= 2
         return [*out, max_len]
     lengths = list(cache_lengths)
-    bad = [x for x in lengths if not isinstance(x, int) or isinstance(x, bool) or not 1 <= x <= max_len]
+    bad = [x for x in lengths if not (_is_int(x) and 1 <= x <= max_len)]
     if bad:
         raise ValueError(f"cache_lengths must be ints in 1..max_len={max_len}, got {bad}")
     return sorted({*lengths, max_len})
@@ -684,9 +689,9 @@ def _chunks(chunk: int | Sequence[int] | None, max_len: int) -> tuple[int, ...]:
     the step program, compiled anyway)."""
     if chunk is None:
         return (min(64, max_len),) if max_len > 1 else ()
-    values = [chunk] if isinstance(chunk, int) and not isinstance(chunk, bool) else chunk
+    values = [chunk] if _is_int(chunk) else chunk
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values or any(
-            not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in values):
+            not (_is_int(c) and c >= 1) for c in values):
         raise ValueError(f"chunk must be an int >= 1 or a non-empty sequence of them, got {chunk!r}")
     long = [c for c in values if c > max_len]
     if long:
@@ -731,7 +736,7 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
     """
     _text_config(model)
     for name, value in (("max_len", max_len), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not (_is_int(value) and value >= 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     chunks = _chunks(chunk, max_len)
     lengths = _cache_lengths(cache_lengths, max_len)
@@ -858,15 +863,13 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{file}: field {key!r} is {value!r}, expected a {_KIND_NAMES[kind]} (the file was "
                              "edited or cut short: save the decoder again)")
     for prog in manifest["programs"]:
-        if not isinstance(prog, dict) or any(
-                not isinstance(prog.get(k), int) or isinstance(prog.get(k), bool) or prog[k] < 1
-                for k in ("tokens", "length")) or any(not isinstance(prog.get(k), str) for k in ("file", "sha256")):
+        if not isinstance(prog, dict) or any(not (_is_int(prog.get(k)) and prog[k] >= 1)
+                                             for k in ("tokens", "length")) or any(not isinstance(prog.get(k), str) for k in ("file", "sha256")):
             raise ValueError(f"{file}: a program entry is {prog!r}, expected tokens and length (positive integers), "
                              "file and sha256 (strings) (the file was edited or cut short: save the decoder again)")
     chunks, max_len = manifest["chunks"], manifest["max_len"]
     tokens = {prog["tokens"] for prog in manifest["programs"]}
-    if any(not isinstance(c, int) or isinstance(c, bool) or not 1 < c <= max_len for c in chunks) or \
-            tokens != {1, *chunks}:
+    if any(not (_is_int(c) and 1 < c <= max_len) for c in chunks) or tokens != {1, *chunks}:
         raise ValueError(f"{file}: chunks {chunks!r} do not match the programs' tokens per call {sorted(tokens)} "
                          f"(each chunk in 2..max_len={max_len} with its prompt programs, and the step programs of 1 "
                          "token): the file was edited; save the decoder again")
