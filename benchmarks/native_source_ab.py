@@ -80,10 +80,8 @@ def child(source: str, shapes: list[tuple[int, int]], groups: list[int], bits: i
     (the layers' shapes in call order) one pass over them per group (module docstring). Returns ``{"build":
     native_status(), "rows": {key: {"ms", "dense_ms", "path", "sha256"}}}`` (a pass's row also ``"bytes"``)."""
     import torch.nn.functional as F
-    from torch import nn
 
     from medquant.kernels import cpu_path, native, prepare_packed_linear, set_cpu_compute_dtype
-    from medquant.quant import QuantConfig, QuantLinear
 
     if threads:
         torch.set_num_threads(threads)
@@ -100,13 +98,8 @@ def child(source: str, shapes: list[tuple[int, int]], groups: list[int], bits: i
     for n, k in shapes:
         for group in groups:
             gen = torch.Generator().manual_seed(SEED)
-            lin = nn.Linear(k, n, bias=False)
-            with torch.no_grad():
-                lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
-            layer = QuantLinear.from_float(lin, QuantConfig(bits, group_size=group))
-            w = layer.packed_weight(bits)
+            _, w, wd = _layer(n, k, group, bits, gen)
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-            wd = layer.to_float(torch.float32).weight.detach().to(torch.bfloat16)
             fn = prepare_packed_linear(x, w)
             times, dense = [], []
             with torch.no_grad():
@@ -125,26 +118,34 @@ def child(source: str, shapes: list[tuple[int, int]], groups: list[int], bits: i
     return {"build": {key: status[key] for key in ("library", "gemm", "flags")}, "rows": rows}
 
 
+def _layer(n: int, k: int, group: int, bits: int, gen: torch.Generator):
+    """A random ``n x k`` layer (weights ``0.02 * N(0, 1)`` drawn from ``gen``) quantized to ``bits`` in groups of
+    ``group``: ``(QuantLinear, its packed weight, its dequantized weight in bfloat16)`` (the dense control's)."""
+    from torch import nn
+
+    from medquant.quant import QuantConfig, QuantLinear
+
+    lin = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+    layer = QuantLinear.from_float(lin, QuantConfig(bits, group_size=group))
+    return layer, layer.packed_weight(bits), layer.to_float(torch.float32).weight.detach().to(torch.bfloat16)
+
+
 def _pass(sequence: list[tuple[int, int]], group: int, bits: int, m: int, repeats: int) -> dict:
     """One pass over layers of the shapes ``sequence`` (each its own weights), timed ``repeats`` times after a
     warm pass, against the same pass of bfloat16 ``F.linear`` on the dequantized weights."""
     import torch.nn.functional as F
-    from torch import nn
 
     from medquant.kernels import cpu_path, prepare_packed_linear
-    from medquant.quant import QuantConfig, QuantLinear
 
     gen = torch.Generator().manual_seed(SEED)
     xs = {k: torch.randn(m, k, generator=gen).to(torch.bfloat16) for k in sorted({k for _, k in sequence})}
     calls, dense, paths, nbytes = [], [], set(), 0
     for n, k in sequence:
-        lin = nn.Linear(k, n, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
-        layer = QuantLinear.from_float(lin, QuantConfig(bits, group_size=group))
-        w = layer.packed_weight(bits)
+        layer, w, wd = _layer(n, k, group, bits, gen)
         calls.append((prepare_packed_linear(xs[k], w), xs[k]))
-        dense.append((layer.to_float(torch.float32).weight.detach().to(torch.bfloat16), xs[k]))
+        dense.append((wd, xs[k]))
         paths.add(cpu_path(xs[k], w))
         nbytes += sum(t.numel() * t.element_size() for t in layer.buffers())
     digest = hashlib.sha256()
