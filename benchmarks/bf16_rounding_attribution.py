@@ -29,6 +29,12 @@ positions), the next-token agreement with the reference and the relative perplex
   the weight codes as shifts, ``E = 3 / 5 / 7`` bounded by its int32 sums); ``x16, the K largest columns exact``:
   the ``K`` columns of largest magnitude over the call's rows kept exact (computed apart in float, as LLM.int8
   does), 16-bit blocks for the rest (``K = 8 / 32 / 64``);
+* with ``--float-noise``: how far the float32 reference itself is from exact arithmetic, the floor under any
+  kernel's agreement: ``linears in float64`` (every quantized layer's product ``x @ W^T`` exact in float64,
+  rounded once to float32), ``K summed in two halves`` (each product as the float32 sum of its two halves of
+  ``K``: only the order of the float32 additions changes), ``whole model in float64`` (every operation of the
+  model in float64, the quantized layers' exact weights), and ``reference path, 1 thread`` (the reference path
+  again with one thread, when more are set: the BLAS may split its sums by thread);
 * ``fast prefill path``: the model through the CPU backend as it runs (one forward: at this ``M`` the gemm path
   where it runs, else the dense one; the JSON records ``prefill_kernel``); ``fast decode path``: the same positions one at a time through the KV cache (``M = 1``: native4 with
   its default split activations, or the weight-only kernel the row group takes).
@@ -43,7 +49,7 @@ error. The control is a W2 model that predicts something (GPTQ, groups of 32, fl
 W2g32+gptq --head float``): whether the fast paths keep 99% there.
 
 Run: ``python -m benchmarks.bf16_rounding_attribution [--variants W4g128,W4g32,W3] [--head quantized|float]
-[--prompts 20] [--tokens 64] [--where] [--outliers] [--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
+[--prompts 20] [--tokens 64] [--where] [--outliers] [--float-noise] [--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -79,6 +85,13 @@ WHERE_MODES = {"x16 per 64 columns": "q16b64", "x16 per 32 columns": "q16b32", "
 #: 2^-E; "o<K>": the K largest columns exact
 OUTLIER_MODES = {**{f"x16, columns scaled by 2^-e (e <= {e})": f"c{e}" for e in (3, 5, 7)},
                  **{f"x16, the {k} largest columns exact": f"o{k}" for k in (8, 32, 64)}}
+
+#: ``--float-noise``: the float32 reference's own distance from exact arithmetic. "f64": the layer's product in
+#: float64; "h2": the float32 sum of the products of K's two halves. The two whole-model controls (the model in
+#: float64, the reference path at one thread) are labels of :func:`attribute` rather than layer modes
+FLOAT_MODES = {"linears in float64": "f64", "K summed in two halves": "h2"}
+WHOLE_FLOAT64 = "whole model in float64"
+ONE_THREAD = "reference path, 1 thread"
 
 
 def _int_blocks(x: torch.Tensor, block: int, bits: int = 16) -> torch.Tensor:
@@ -162,9 +175,16 @@ class RoundedLinear(nn.Module):
             xx = _scaled_columns(x, self.block, int(mode[1:]))
         elif mode.startswith("o"):
             xx = _outlier_columns(x, self.block, int(mode[1:]))
+        elif mode == "f64":
+            y = F.linear(x.double(), self.weight.double(), None if self.bias is None else self.bias.double())
+            return y.to(x.dtype)
         else:
             xx = x.float()
-        y = F.linear(xx, self.weight_bf16 if "w" in mode else self.weight)
+        if mode == "h2":
+            h = xx.shape[-1] // 2
+            y = F.linear(xx[..., :h], self.weight[:, :h]) + F.linear(xx[..., h:], self.weight[:, h:])
+        else:
+            y = F.linear(xx, self.weight_bf16 if "w" in mode else self.weight)
         if "y" in mode:
             y = _bf16(y)
         if self.bias is not None:
@@ -188,7 +208,7 @@ def emulation(model: nn.Module) -> tuple[nn.Module, list[RoundedLinear]]:
 
 
 def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool = True,
-              where: bool = False, outliers: bool = False) -> dict:
+              where: bool = False, outliers: bool = False, float_noise: bool = False) -> dict:
     """Agreement and perplexity difference of each mode (module docstring) against the reference path.
 
     Args:
@@ -197,6 +217,8 @@ def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool
         decode_path: also run the fast decode path (one position at a time through the KV cache).
         where: also the modes of :data:`WHERE_MODES`.
         outliers: also the modes of :data:`OUTLIER_MODES`.
+        float_noise: also the modes of :data:`FLOAT_MODES`, the model in float64 (:data:`WHOLE_FLOAT64`) and,
+            when more than one thread is set, the reference path at one thread (:data:`ONE_THREAD`).
 
     Returns:
         ``{label: {"agreement", "ppl", "ppl_rel_diff"}}`` plus ``"reference_ppl"`` and ``"tokens"``.
@@ -205,8 +227,17 @@ def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool
     from medquant.kernels import force_backend
 
     emu, layers = emulation(model)
-    modes = {**MODES, **(WHERE_MODES if where else {}), **(OUTLIER_MODES if outliers else {})}
-    labels = list(modes) + ["fast prefill path"] + (["fast decode path"] if decode_path else [])
+    modes = {**MODES, **(WHERE_MODES if where else {}), **(OUTLIER_MODES if outliers else {}),
+             **(FLOAT_MODES if float_noise else {})}
+    controls = []
+    if float_noise:
+        emu64, layers64 = emulation(model)
+        emu64 = emu64.double()
+        for layer in layers64:
+            layer.mode = "f64"
+        threads = torch.get_num_threads()
+        controls = [WHOLE_FLOAT64] + ([ONE_THREAD] if threads > 1 else [])
+    labels = list(modes) + controls + ["fast prefill path"] + (["fast decode path"] if decode_path else [])
     agree = dict.fromkeys(labels, 0)
     nll = dict.fromkeys(labels, 0.0)
     nll_ref, total = 0.0, 0
@@ -222,6 +253,15 @@ def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool
                     for layer in layers:
                         layer.mode = modes[label]
                     lo = emu(input_ids=inp).logits[0].float()
+                elif label == WHOLE_FLOAT64:
+                    lo = emu64(input_ids=inp).logits[0].float()
+                elif label == ONE_THREAD:
+                    torch.set_num_threads(1)
+                    try:
+                        with force_backend("torch"):
+                            lo = model(input_ids=inp).logits[0].float()
+                    finally:
+                        torch.set_num_threads(threads)
                 elif label == "fast prefill path":
                     lo = model(input_ids=inp).logits[0].float()
                 else:
@@ -263,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "in one kind of layer at a time (where a model needs finer activations than the gemm's)")
     ap.add_argument("--outliers", action="store_true", help="also: 16-bit blocks with large columns scaled by "
                     "powers of two, or kept exact (whether outlier handling reaches what finer integers do)")
+    ap.add_argument("--float-noise", action="store_true", help="also: the float32 reference against float64 "
+                    "arithmetic and other float32 summation orders (the floor under any kernel's agreement)")
     ap.add_argument("--head", choices=("quantized", "float"), default="quantized",
                     help="quantize the output head with the variant's config (default) or leave it in float")
     ap.add_argument("--out", default="bf16_rounding_attribution")
@@ -285,7 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
         model, tok = _make("smollm2", variant, args.head == "quantized")
         texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > args.tokens][: args.prompts]
         seqs = [tok(t, return_tensors="pt")["input_ids"][:, : args.tokens + 1] for t in texts]
-        rows.append({"variant": variant, "modes": attribute(model, seqs, where=args.where, outliers=args.outliers)})
+        rows.append({"variant": variant, "modes": attribute(model, seqs, where=args.where, outliers=args.outliers,
+                                                               float_noise=args.float_noise)})
         print(json.dumps(rows[-1]), flush=True)
         del model
     result = run_record("bf16_rounding_attribution", SEED, load_before, rows, prompts=args.prompts,

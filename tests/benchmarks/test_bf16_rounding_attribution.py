@@ -128,3 +128,32 @@ def test_outlier_modes_scale_large_columns_by_powers_of_two_or_keep_them_exact()
         torch.testing.assert_close(r(x), got @ r.weight.t(), rtol=1e-5, atol=1e-6)
     res = bra.attribute(model, [torch.randint(0, model.config.vocab_size, (1, 9))], decode_path=False, outliers=True)
     assert set(bra.OUTLIER_MODES) <= set(res)
+
+
+def test_float_noise_modes_and_controls():
+    """--float-noise: "f64" is the layer's product in float64 rounded once, "h2" the float32 sum of K's two
+    halves (a different order, not a different product); the whole-model float64 and one-thread controls are
+    rows of the result, and the thread count is restored after the one-thread control."""
+    model, _ = _make("llama_small", "W4g128", True)
+    q = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    r = bra.RoundedLinear(q)
+    x = torch.randn(5, q.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        r.mode = "f64"
+        assert torch.equal(r(x), (x.double() @ r.weight.double().t()).float())
+        assert r(x.double()).dtype == torch.float64
+        r.mode = "h2"
+        h = q.in_features // 2
+        assert torch.equal(r(x), x[:, :h] @ r.weight[:, :h].t() + x[:, h:] @ r.weight[:, h:].t())
+        torch.testing.assert_close(r(x), x @ r.weight.t(), rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seqs = [torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))]
+        res = bra.attribute(model, seqs, decode_path=False, float_noise=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    for label in (*bra.FLOAT_MODES, bra.WHOLE_FLOAT64, bra.ONE_THREAD):
+        # float32 against float64 or another summation order: no next token of a tiny model moves
+        assert res[label]["agreement"] == 1.0 and res[label]["ppl_rel_diff"] < 1e-4, label
