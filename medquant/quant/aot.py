@@ -602,9 +602,14 @@ class AOTDecoder:
 MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION = "decoder.json", "medquant.aot_decoder", 2
 
 
+def _program_name(n: int) -> str:
+    """The name of the program of ``n`` tokens per call: ``step`` (one token) or ``prompt<n>``."""
+    return "step" if n == 1 else f"prompt{n}"
+
+
 def _program_file(n: int, length: int) -> str:
     """The package file of the program of ``n`` tokens per call and cache length ``length``."""
-    return f"step-{length}.pt2" if n == 1 else f"prompt{n}-{length}.pt2"
+    return f"{_program_name(n)}-{length}.pt2"
 
 
 def _build_facts() -> dict[str, str]:
@@ -765,11 +770,12 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
         keep_alive: list[Any] = [handles]
         foreign: set[str] = set()  # constants that are neither the model's tensors nor the handles
         export_s = compile_s = 0.0
-        shapes = [(f"prompt{c}", c, length) for c in chunks for length in lengths if c <= length]
-        shapes += [("step", 1, length) for length in lengths]
+        shapes = [(c, length) for c in chunks for length in lengths if c <= length]
+        shapes += [(1, length) for length in lengths]
         bar = tqdm(total=2 * len(shapes), desc="compile_decoder", disable=not progress)
         caches = {max_len: cache}  # one cache object per length, shared by its prompt and step programs
-        for name, n, length in shapes:
+        for n, length in shapes:
+            name = _program_name(n)
             # a program of cache length L reads the first L positions of the cache (views with the full cache's
             # strides, which the program is compiled for) under a cache object of that length (its mask sizes)
             if length not in caches:
