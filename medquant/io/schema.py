@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..kernels.layout import FORMAT_VERSION, padded_k, words_per_row
-from ..quant.config import FLOAT_BITS, QuantConfig
+from ..quant.config import COMPUTE_DTYPES, FLOAT_BITS, QuantConfig
 from .manifest import check_plain_name, no_duplicates
 
 __all__ = ["CheckpointMeta", "LayerSpec", "ModelInfo", "SchemaError", "TensorInfo", "WeightsInfo",
@@ -48,6 +48,7 @@ _LINEAR_KEYS = ("in_features", "out_features")
 _CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 _COMMON_KEYS = ("type", "config", "bias", "dtype")
 _CONFIG_KEYS = ("bits", "symmetric", "scope", "group_size", "scale_dtype", "channel_bits")
+_CONFIG_OPTIONAL = ("compute_dtype",)  # written only when set (QuantConfig.to_dict)
 
 
 class SchemaError(ValueError):
@@ -102,7 +103,7 @@ def _pair(v: Any, at: _At, lo: int) -> tuple[int, int]:
 
 
 def _config(v: Any, at: _At, out_rows: int) -> QuantConfig:
-    d = _obj(v, at, _CONFIG_KEYS)
+    d = _obj(v, at, _CONFIG_KEYS, _CONFIG_OPTIONAL)
     bits = d["bits"]
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise (at / "bits").fail("an integer bit-width", bits)
@@ -111,6 +112,8 @@ def _config(v: Any, at: _At, out_rows: int) -> QuantConfig:
     _str(d["scope"], at / "scope", ("tensor", "channel", "group"))
     _int(d["group_size"], at / "group_size")
     _str(d["scale_dtype"], at / "scale_dtype", ("float16", "bfloat16", "float32"))
+    if "compute_dtype" in d:
+        _str(d["compute_dtype"], at / "compute_dtype", COMPUTE_DTYPES)
     cb = d["channel_bits"]
     if cb is not None:
         if not isinstance(cb, list) or len(cb) != out_rows:

@@ -7,7 +7,8 @@ and the shards of :func:`medquant.calibrate.quantize_shard` record for every qua
 this order (FORMAT_VERSION 1)::
 
     type          "QuantLinear" | "QuantConv2d"
-    config        QuantConfig.to_dict(): bits, symmetric, scope, group_size, scale_dtype, channel_bits
+    config        QuantConfig.to_dict(): bits, symmetric, scope, group_size, scale_dtype, channel_bits, and
+                  compute_dtype when the config sets one (the CPU kernels' activation dtype, kept by a load)
     bias          whether the layer has a bias
     in_features, out_features                                    (QuantLinear)
     in_channels, out_channels, kernel_size, stride, padding,     (QuantConv2d; lists, padding may be a string)

@@ -314,6 +314,8 @@ def test_symlinked_files_are_not_read(tmp_path):
     (lambda m: m["modules"]["0"].update(padding=[1, -1]), "padding"),
     (lambda m: m["modules"]["3"].update(dtype="float36"), "dtype"),
     (lambda m: m["modules"]["3"]["config"].update(channel_bits=[4] * 3), "16 bit-widths"),
+    (lambda m: m["modules"]["3"]["config"].update(compute_dtype="float64"), "compute_dtype.*'bfloat16'"),
+    (lambda m: m["modules"]["3"]["config"].update(compute_dtype=None), "compute_dtype.*'float32'"),
     (lambda m: m["weights"].update(bytes="12"), "bytes"),
     (lambda m: m["weights"].update(sha256=None), "sha256"),
     (lambda m: m["model"].update(kind="pickle"), "kind"),
