@@ -130,7 +130,8 @@ def _hide_rows(m: nn.Module) -> None:
 
 
 def _finalize(model: nn.Module) -> None:
-    """Rebuild the row indices of mixed layers, check bit maps against recipes, freeze biases."""
+    """Rebuild the row indices of mixed layers, check bit maps against recipes, freeze biases, and hand each layer's
+    compute dtype to the CPU kernels (transformers replaced the tensors they were keyed by)."""
     for name, m in quantized_modules(model).items():
         if m.mixed:
             rb = m.config.row_bits(m.out_rows)
@@ -145,6 +146,7 @@ def _finalize(model: nn.Module) -> None:
                 m.register_buffer(key, torch.nonzero(rb == b).flatten().to(dev), persistent=False)
         if m.bias is not None:
             m.bias.requires_grad_(False)
+        m.refresh_kernels()
 
 
 def _checkpoint_key_map(model: nn.Module, hf_quantizer: HfQuantizer):

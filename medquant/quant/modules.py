@@ -39,8 +39,7 @@ _FLOAT_ROW_DTYPE = {16: torch.float16, 32: torch.float32}
 def _after_load(module: _QuantWeightBase, incompatible_keys) -> None:
     """``load_state_dict`` post-hook: ``assign=True`` replaced the stored tensors (the CPU kernels' repacked
     weights are keyed by them and rebuilt at the next call; copied-in codes change the tensor versions)."""
-    module._register_compute_dtype()
-    _drop_prepared(module.__dict__)
+    module.refresh_kernels()
 
 
 #: attribute holding a layer's prepared eager-inference matmul (never saved, copied or pickled)
@@ -141,6 +140,17 @@ class _QuantWeightBase(nn.Module):
         self.layout_version = version
         self._register_compute_dtype()
         return self
+
+    def refresh_kernels(self) -> None:
+        """Re-key the CPU kernels' settings to this layer's current tensors and drop its prepared kernels.
+
+        The kernels know a layer's ``config.compute_dtype`` and its repacked weights by its stored tensors; a
+        loader that replaces those tensors without ``load_state_dict`` (transformers' ``from_pretrained`` does)
+        calls this afterwards, or the layer would run with the global compute dtype instead of its own.
+        ``load_state_dict``, ``.to()`` and copies do it themselves.
+        """
+        self._register_compute_dtype()
+        _drop_prepared(self.__dict__)
 
     def _register_compute_dtype(self) -> None:
         """Tell the CPU kernels this layer's ``config.compute_dtype`` (if set), keyed by its stored codes."""

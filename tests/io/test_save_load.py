@@ -215,3 +215,47 @@ def test_format_version_of_and_dense_layouts():
         assert torch.equal(net(x), before)
     four = nn.Sequential(mq.QuantLinear.from_float(nn.Linear(64, 8), mq.QuantConfig(4)))
     assert dense_layouts(four) == 1 == format_version_of(four) == format_version_of(nn.Linear(2, 2))
+
+
+def test_a_layer_compute_dtype_survives_every_loader(tmp_path):
+    """``QuantConfig.compute_dtype`` is recorded with the layer: ``mq.load``, transformers' ``from_pretrained`` and
+    ``assemble_shards`` give back layers computing with it, not with the global compute dtype (the last two replace
+    the layer tensors the CPU kernels know the setting by)."""
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_model
+
+    import medquant.hf
+    from medquant.calibrate.shards import assemble_shards, quantize_shard
+    from medquant.quant.api import quantized_modules
+
+    entry = ZOO_BY_NAME["llama"]
+    other = "float16"  # the default is bfloat16 (native bf16) or float32: results differ from either
+    mapping = {"re:.*": mq.QuantConfig(4, group_size=32, compute_dtype=other)}
+    model = mq.quantize_(entry.build(), mapping)
+    inputs = entry.inputs(model)
+    with torch.no_grad():
+        out = entry.output(model, inputs)
+        assert not torch.equal(out, entry.output(mq.quantize_(entry.build(), mq.QuantConfig(4, group_size=32)),
+                                                 inputs))  # the setting shows in the results
+    mq.save(model, tmp_path / "mq")
+    medquant.hf.save_pretrained(model, tmp_path / "hf")
+    assert json.loads((tmp_path / "mq" / META_NAME).read_text())["modules"]["lm_head"]["config"]["compute_dtype"] \
+        == other
+    save_model(entry.build(), str(tmp_path / "float.safetensors"))
+    for rank in range(2):
+        with init_empty_weights():
+            part = entry.build()
+        quantize_shard(part, mapping, tmp_path / "float.safetensors", tmp_path / "shards", rank=rank, world_size=2,
+                       device="cpu")
+    with init_empty_weights():
+        sharded = assemble_shards(entry.build(), tmp_path / "shards")
+    loaded = {"mq.load": mq.load(tmp_path / "mq"),
+              "from_pretrained": transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+              "assemble_shards": sharded}
+    for how, again in loaded.items():
+        layers = quantized_modules(again)
+        assert len(layers) == len(quantized_modules(model)), how
+        assert {m.config.compute_dtype for m in layers.values()} == {other}, how
+        with torch.no_grad():
+            assert torch.equal(entry.output(again, inputs), out), how
