@@ -50,6 +50,8 @@ _BOUND = "_bound_matmul"
 #: attribute holding the bound matmul's traced lane (``fn.bind_traced()``: the native kernel called by handle), read
 #: first by a compiled ``forward``
 _BOUND_LANE = "_bound_lane"
+#: the floating buffers of the stored format (a dtype cast of the layer leaves their dtype)
+_STORED_FLOAT_PREFIXES = ("scales_", "zeros_", "fweight_")
 #: the buffer names of row group ``b``: ``(qweight_b, scales_b, zeros_b)``
 _ROW_GROUP_NAMES = {b: (f"qweight_{b}", f"scales_{b}", f"zeros_{b}") for b in range(1, 9)}
 
@@ -115,7 +117,9 @@ class _QuantWeightBase(nn.Module):
     def to_layout(self, version: int) -> _QuantWeightBase:
         """Re-pack the 3/5/6/7-bit row groups in place into layout ``version`` (1: containers, 2: dense).
 
-        The codes, scales and results are unchanged (exact); only their storage changes. Returns ``self``.
+        The codes and scales are unchanged (exact); only their storage changes. The CPU kernels of the two layouts
+        differ (e.g. ``native3`` for dense 3-bit rows, ``native4`` for their 4-bit containers) and may round
+        differently in the last float32 bits of a sum. Returns ``self``.
         """
         _check_layout(version)
         if version == self.layout_version:
@@ -161,7 +165,20 @@ class _QuantWeightBase(nn.Module):
                 set_layer_compute_dtype(getattr(self, f"qweight_{b}"), self.config.compute_dtype)
 
     def _apply(self, fn, *args, **kwargs):
+        """``.to()`` / ``.cpu()`` / ``.half()``...: the device moves every tensor; a dtype cast changes the
+        dequantized weight's dtype (``weight_dtype``, hence ``.weight`` and lookups) and the bias, never the stored
+        format: scales, zero points and float rows keep the dtypes their config implies (a cast of those would
+        round them, and a checkpoint would no longer match its recipe)."""
+        stored = {n: t for n, t in self._buffers.items()
+                  if t is not None and t.is_floating_point() and n.startswith(_STORED_FLOAT_PREFIXES)}
+        probe = fn(torch.empty(0, dtype=self.weight_dtype))
         out = super()._apply(fn, *args, **kwargs)
+        for name, old in stored.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)  # the moved tensor, in its own dtype
+        if probe.is_floating_point():
+            self.weight_dtype = probe.dtype
         _drop_prepared(self.__dict__)
         self._register_compute_dtype()  # .to() / .cpu() made new tensors
         return out
@@ -431,12 +448,12 @@ class QuantLinear(_QuantWeightBase):
         """The ``nn.Linear`` this layer computes with: dequantized weight, same bias.
 
         Args:
-            dtype: dtype of the float layer; None is the bias's dtype (float32 without bias).
+            dtype: dtype of the float layer; None is ``weight_dtype`` (the layer's, which follows ``.to(dtype)``).
 
         Returns:
             A new ``nn.Linear``.
         """
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        dtype = dtype or self.weight_dtype
         w = self.dequantized_weight(dtype)
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
@@ -560,12 +577,12 @@ class QuantConv2d(_QuantWeightBase):
         """The ``nn.Conv2d`` this layer computes with: dequantized weight, same bias and geometry.
 
         Args:
-            dtype: dtype of the float layer; None is the bias's dtype (float32 without bias).
+            dtype: dtype of the float layer; None is ``weight_dtype`` (the layer's, which follows ``.to(dtype)``).
 
         Returns:
             A new ``nn.Conv2d``.
         """
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        dtype = dtype or self.weight_dtype
         w = self.weight_4d(dtype)
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, device=w.device, dtype=dtype)
@@ -694,13 +711,6 @@ class QuantEmbedding(_QuantWeightBase):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids)
-
-    def _apply(self, fn, *args, **kwargs):
-        probe = fn(torch.empty(0, dtype=self.weight_dtype))  # .to(bfloat16) / .half(): lookups follow the cast
-        out = super()._apply(fn, *args, **kwargs)
-        if probe.is_floating_point():
-            self.weight_dtype = probe.dtype
-        return out
 
     def extra_repr(self) -> str:
         c = self.config

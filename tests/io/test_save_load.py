@@ -259,3 +259,41 @@ def test_a_layer_compute_dtype_survives_every_loader(tmp_path):
         assert {m.config.compute_dtype for m in layers.values()} == {other}, how
         with torch.no_grad():
             assert torch.equal(entry.output(again, inputs), out), how
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_cast_changes_the_weight_dtype_not_the_stored_format(tmp_path, dtype):
+    """``model.to(dtype)`` casts biases and the dequantized weight's dtype; scales, zero points and float rows keep
+    the dtypes their config names. Before, they were cast too: the model then saved but could not be loaded
+    (recipe and tensors disagreed), and the scales were rounded."""
+    entry = ZOO_BY_NAME["llama"]
+    model = entry.build()
+    rows = model.model.layers[0].mlp.up_proj.out_features
+    mixed = tuple((3, 16, 32, 8)[i % 4] for i in range(rows))  # float16 and float32 rows among packed ones
+    mq.quantize_(model, {"re:.*up_proj": mq.QuantConfig(4, scope="channel", symmetric=False, channel_bits=mixed),
+                         "re:.*": mq.QuantConfig(4, group_size=32, scale_dtype="float32")})
+    up = model.model.layers[0].mlp.up_proj
+    stored = {k: v.clone() for k, v in model.state_dict().items()
+              if k.rpartition(".")[2].startswith(("scales_", "zeros_", "fweight_"))}
+    assert {v.dtype for v in stored.values()} == {torch.float16, torch.float32}
+    w_before = up.dequantized_weight(torch.float32)
+    model.to(dtype)
+    sd = model.state_dict()
+    for k, v in stored.items():
+        assert sd[k].dtype == v.dtype and torch.equal(sd[k], v), k
+    assert up.weight.dtype == dtype and up.to_float().weight.dtype == dtype
+    assert torch.equal(up.float().dequantized_weight(torch.float32), w_before)  # nothing was rounded
+    model.to(dtype)
+    inputs = entry.inputs(model)
+    with torch.no_grad():
+        out = entry.output(model, inputs)
+    mq.save(model, tmp_path / "ck")
+    again = mq.load(tmp_path / "ck")
+    assert same_dtypes_and_values(again, model)
+    with torch.no_grad():
+        assert torch.equal(entry.output(again, inputs), out)
+
+
+def same_dtypes_and_values(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)

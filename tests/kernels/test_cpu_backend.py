@@ -317,9 +317,13 @@ def test_repacked_once_and_rebuilt_after_load_state_dict_and_to():
     assert cpu_plan(layer.packed_weight(4)) is not plan
     assert _rel_err(layer(x), _ref(other, x)) < TOL[torch.bfloat16]
     plan2 = cpu_plan(layer.packed_weight(4))
-    layer.to(torch.bfloat16)  # scales become new bfloat16 tensors
-    assert cpu_plan(layer.packed_weight(4)) is not plan2
+    layer.to(torch.bfloat16)  # a cast keeps the stored tensors (only outputs change dtype): and so the plan
+    assert layer.scales_4.dtype == torch.float16 and cpu_plan(layer.packed_weight(4)) is plan2
     xb = x.to(torch.bfloat16)
+    assert _rel_err(layer(xb), _ref(layer, xb.float())) < TOL[torch.bfloat16]
+    with torch.no_grad():
+        layer.scales_4.mul_(2)  # changed in place: rebuilt
+    assert cpu_plan(layer.packed_weight(4)) is not plan2
     assert _rel_err(layer(xb), _ref(layer, xb.float())) < TOL[torch.bfloat16]
 
 

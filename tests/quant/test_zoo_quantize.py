@@ -249,3 +249,21 @@ def test_bf16_vlm_keeps_vision_and_embedding_dtype_through_save_and_load(tmp_pat
     for n, b in model.named_buffers():
         assert dict(back.named_buffers())[n].dtype == b.dtype, n
     assert torch.equal(entry.output(back, inputs), expected)
+
+
+@pytest.mark.parametrize("name", ["vit", "llava"])
+def test_a_quantized_model_cast_to_bfloat16_runs_in_bfloat16(name):
+    """Transformers' vision embeddings cast the pixels to ``patch_embedding.weight.dtype``: a quantized layer's
+    weight dtype follows ``.to(dtype)`` (it stayed float32, and the bfloat16 model failed with mixed dtypes)."""
+    entry = ZOO_BY_NAME[name]
+    model = mq.quantize_(entry.build(), mq.QuantConfig(8, scope="channel"))
+    inputs = entry.inputs(model)
+    with torch.no_grad():
+        ref = entry.output(model, inputs)
+        model.to(torch.bfloat16)
+        out = entry.output(model, inputs)
+    layers = quantized_modules(model)
+    assert any(isinstance(m, mq.QuantConv2d) for m in layers.values())
+    assert {m.weight.dtype for m in layers.values()} == {torch.bfloat16}
+    assert out.dtype == torch.bfloat16
+    assert float((out.float() - ref).norm() / ref.norm()) < 3e-2  # bfloat16 activations and float parts
