@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from tqdm.auto import tqdm
 
-from ..kernels.layout import expand_params, pack, padded_k
+from ..kernels.layout import FORMAT_VERSION, expand_params, pack, padded_k
 from ..models.runner import eval_mode, run_model
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import QuantConfig
@@ -185,6 +185,7 @@ class _Rounding:
             q.get_buffer(f"zeros_{b}").copy_(self.zeros)
         if m.bias is not None:
             q.bias.copy_(m.bias.detach())
+        q.to_layout(FORMAT_VERSION)  # packed as version 1 above: 3/5/6/7-bit rows dense, as from_float stores them
         q.train(m.training)
         return q
 

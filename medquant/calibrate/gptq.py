@@ -73,7 +73,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..kernels import tensor_version
-from ..kernels.layout import pack, padded_k
+from ..kernels.layout import FORMAT_VERSION, pack, padded_k
 from ..models.blocks import block_stacks
 from ..models.runner import eval_mode, run_model
 from ..quant.api import resolve_configs, swap_module
@@ -795,6 +795,7 @@ def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, d
                     q.get_buffer(f"zeros_{b}").copy_(torch.cat([p[1].zeros for p in parts])[back])
         if module.bias is not None:
             q.bias.copy_(module.bias.detach())
+    q.to_layout(FORMAT_VERSION)  # packed as version 1 above: 3/5/6/7-bit rows dense, as from_float stores them
     q.train(module.training)
     q.calibration = {"method": "gptq", "damp": damp, "damp_used": max(p.damp for p in preps),
                      "block_size": block_size, "act_order": act_order, "clip_search": clip_search,

@@ -204,8 +204,9 @@ def format_version_of(model: nn.Module) -> int:
 def dense_layouts(model: nn.Module) -> int:
     """Re-pack, in place, every quantized layer whose 3/5/6/7-bit rows sit in 4/8-bit containers into the dense layout.
 
-    Such layers were loaded from a version-1 file or built by code that packs version 1; the re-pack is exact (the
-    same codes, scales and results). A quantized head tied to a quantized embedding is tied again afterwards.
+    Such layers were loaded from a version-1 file or built with ``layout=1``; the re-pack is exact (the same codes
+    and scales), and as the dense rows run their own CPU kernels the layer's outputs may move in the last float32
+    bits. A quantized head tied to a quantized embedding is tied again afterwards.
 
     Args:
         model: the model to re-pack (changed in place).
@@ -228,7 +229,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
     """Save ``model`` (quantized or not) to the folder ``directory`` (see :mod:`medquant.io`).
 
     Layers holding 3/5/6/7-bit rows in version-1 containers are re-packed densely first, in place
-    (:func:`dense_layouts`: format version 2, the same codes and results); ``format_version`` is 2 only when a layer
+    (:func:`dense_layouts`: format version 2, the same codes and scales); ``format_version`` is 2 only when a layer
     stores dense rows, else 1. The folder is replaced as one unit (:func:`write_checkpoint`).
 
     Args:

@@ -137,6 +137,15 @@ def test_learned_rounding_on_a_trained_cnn_beats_rtn_block_by_block_and_end_to_e
     assert lerr["ada"] < lerr["rtn"], lerr
 
 
+def test_3_bit_layers_are_stored_densely_like_quantize_():
+    model = _cnn()
+    adaround_quantize_(model, QuantConfig(3, scope="channel"), _data(1), skip=["classifier"], iters=2, progress=False)
+    rtn = quantize_(_cnn(), QuantConfig(3, scope="channel"), skip=["classifier"])
+    for name in ("features.0", "features.3"):
+        q, r = model.get_submodule(name), rtn.get_submodule(name)
+        assert q.stores_dense and r.stores_dense and q.qweight_3.shape == r.qweight_3.shape
+
+
 def test_block_mode_and_determinism():
     cfg = QuantConfig(4, group_size=32)
     a, b = _cnn(), _cnn()
