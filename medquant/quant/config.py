@@ -66,7 +66,8 @@ class QuantConfig:
         scope: ``"tensor"`` (one scale), ``"channel"`` (one per output row) or ``"group"`` (one per
             ``group_size`` consecutive input elements of each row; K is zero-padded to a multiple of it).
         group_size: input elements per scale when ``scope == "group"``.
-        scale_dtype: storage dtype of scales and zero points: ``"float16"`` (default), ``"bfloat16"``, ``"float32"``.
+        scale_dtype: storage dtype of scales and zero points: ``"float16"`` (default), ``"bfloat16"``, ``"float32"``
+            (or the torch dtype).
         channel_bits: optional per-output-channel bit-widths (mixed precision inside the layer), a tuple with one
             entry per output row; overrides ``bits`` row by row. Rows are grouped by bit-width and each group is
             packed at its own width.
@@ -78,7 +79,7 @@ class QuantConfig:
     Raises:
         TypeError: ``bits`` (or a ``channel_bits`` entry) is not an integer, or ``symmetric`` is not a bool / None.
         ValueError: a bit-width outside {0, 1..8, 16, 32}, an unknown ``scope``, ``scale_dtype`` or
-            ``compute_dtype``, a non-positive ``group_size``, or an empty ``channel_bits``.
+            ``compute_dtype``, a non-positive ``group_size``, or an empty or not one-dimensional ``channel_bits``.
     """
 
     bits: int = 4
@@ -97,13 +98,18 @@ class QuantConfig:
             raise ValueError(f"scope={self.scope!r} is not supported; accepted: {', '.join(SCOPES)}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if isinstance(self.scale_dtype, torch.dtype):  # torch.float16 -> "float16", as compute_dtype accepts it
+            object.__setattr__(self, "scale_dtype", str(self.scale_dtype).removeprefix("torch."))
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(
                 f"scale_dtype={self.scale_dtype!r} is not supported; accepted: {', '.join(SCALE_DTYPES)}"
             )
         if self.channel_bits is not None:
             if isinstance(self.channel_bits, torch.Tensor):
-                cb = tuple(int(b) for b in self.channel_bits.flatten().tolist())
+                if self.channel_bits.dim() != 1:
+                    raise ValueError(f"channel_bits must be one-dimensional (one entry per output row), got a tensor "
+                                     f"of shape {tuple(self.channel_bits.shape)}")
+                cb = tuple(int(b) for b in self.channel_bits.tolist())
             else:
                 cb = tuple(self.channel_bits)
             if len(cb) == 0:

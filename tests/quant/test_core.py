@@ -190,6 +190,9 @@ def test_fake_quantize_is_differentiable_for_conv_weights():
     ({"scope": "row"}, "scope='row' is not supported"),
     ({"scale_dtype": "int8"}, "scale_dtype='int8' is not supported"),
     ({"bits": 4, "channel_bits": (4, 12)}, "channel_bits entry=12"),
+    ({"scale_dtype": torch.int8}, "scale_dtype='int8' is not supported"),
+    ({"channel_bits": torch.full((2, 3), 4)}, r"one-dimensional .* shape \(2, 3\)"),
+    ({"channel_bits": torch.tensor(4)}, r"one-dimensional .* shape \(\)"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -213,6 +216,12 @@ def test_config_json_round_trip():
     cfg = QuantConfig(3, symmetric=None, scope="group", group_size=64, channel_bits=(2, 4, 8))
     again = QuantConfig.from_json(cfg.to_json())
     assert again == cfg and hash(again) == hash(cfg)
+    # torch dtypes and tensors are taken as their names and tuples, as the JSON form holds them
+    typed = QuantConfig(3, group_size=64, scale_dtype=torch.bfloat16, channel_bits=torch.tensor([2, 4, 8]),
+                        compute_dtype=torch.float32)
+    assert typed == QuantConfig(3, group_size=64, scale_dtype="bfloat16", channel_bits=(2, 4, 8),
+                                compute_dtype="float32")
+    assert QuantConfig.from_json(typed.to_json()) == typed
     assert cfg.is_symmetric(2) is False and cfg.is_symmetric(8) is True
     with pytest.raises(ValueError, match="unknown QuantConfig fields"):
         QuantConfig.from_dict({"bits": 4, "colour": "red"})
