@@ -231,6 +231,7 @@ class MedQuantHfQuantizer(HfQuantizer):
             raise TypeError(f"MedQuantHfQuantizer needs a MedQuantConfig, got {type(quantization_config).__name__}")
         super().__init__(quantization_config, **kwargs)
         self._plan: dict[str, QuantConfig] = {}
+        self._skeleton_dtypes: dict[str, torch.dtype] = {}  # pre-quantized: the float layer's dtype, per module
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         if self.pre_quantized and not self.quantization_config.modules:
@@ -272,6 +273,9 @@ class MedQuantHfQuantizer(HfQuantizer):
                     raise ValueError(f"quantization_config records a quantized module {name!r} that "
                                      f"{type(model).__name__} does not have") from None
                 _check_fits(old, entry, name)
+                w = getattr(old, "weight", None)
+                if isinstance(w, torch.Tensor) and w.is_floating_point():
+                    self._skeleton_dtypes[name] = w.dtype
                 shell = _shell(entry, name, "meta")
                 shell.train(old.training)
                 _hide_rows(shell)
@@ -290,6 +294,12 @@ class MedQuantHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             _retie_heads(model, self.quantization_config.modules or {})
+            # from_pretrained(dtype=...) built the float layers in another dtype than the one saved: the quantized
+            # ones follow them (their biases and dequantized weight; the stored codes and scales are not cast)
+            for name, dtype in self._skeleton_dtypes.items():
+                m = model.get_submodule(name)
+                if isinstance(m, (*QUANT_MODULES, QuantEmbedding)) and m.weight_dtype != dtype:
+                    m.to(dtype)
         if not self.pre_quantized:
             mods = dict(model.named_modules())
             leftovers = {n: c for n, c in self._plan.items() if isinstance(mods.get(n), _FLOAT_TYPES)

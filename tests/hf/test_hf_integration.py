@@ -284,3 +284,28 @@ def test_bf16_vlm_keeps_its_dtypes_through_save_pretrained(tmp_path):
     assert all(m.weight_dtype == torch.bfloat16 for m in quantized_modules(back).values())
     _state_equal(model, back)
     assert torch.equal(entry.output(back, inputs), expected)
+
+
+@pytest.mark.parametrize("name", ["vit", "llava"])
+def test_from_pretrained_with_another_dtype_casts_the_quantized_layers_like_to(name, tmp_path):
+    """``from_pretrained(dtype=torch.bfloat16)`` of a float32 save builds the float layers in bfloat16; the quantized
+    ones follow (biases and the dequantized weight's dtype, the stored codes and scales as saved), as ``.to()``
+    does in memory. Before, they stayed float32 and the vision embeddings failed on mixed dtypes."""
+    entry = ZOO_BY_NAME[name]
+    model = entry.build()
+    quantize_(model, QuantConfig(8, scope="channel"))
+    inputs = entry.inputs(model)
+    medquant.hf.save_pretrained(model, tmp_path / "q")
+    back = _auto(entry).from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    model.to(torch.bfloat16)
+    layers = quantized_modules(back)
+    assert any(isinstance(m, medquant.QuantConv2d) for m in layers.values())
+    assert {m.weight.dtype for m in layers.values()} == {torch.bfloat16}
+    _state_equal(model, back)
+    with torch.no_grad():
+        got, want = entry.output(back, inputs), entry.output(model, inputs)
+    assert got.dtype == torch.bfloat16
+    if name == "vit":
+        assert torch.equal(got, want)
+    else:  # transformers rebuilds the rotary inv_freq (not in the state dict) in float32; .to() cast it
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
