@@ -214,7 +214,9 @@ def layer_weight(layer: QuantLayer, promote: bool = False) -> UniformWeight | No
     unless ``promote``; promoted, its largest integer bit-width ``B`` becomes the layer's: rows already at ``B``
     keep their codes and scales (group/channel scope), every other row (fewer bits, float or pruned) is quantized
     again at ``B`` bits from its dequantised values, with the layer's scope, group size and the symmetry medquant
-    uses at ``B`` bits; tensor scope has one scale for the whole matrix, so all rows are quantized again.
+    uses at ``B`` bits, padded along K like the stored ``B``-bit rows (the layer's layout: dense 3/5/6/7-bit rows
+    pad K to a multiple of 32 and of the group size); tensor scope has one scale for the whole matrix, so all rows
+    are quantized again.
     """
     if not layer.mixed:
         b = layer.bit_groups[0]
@@ -235,7 +237,13 @@ def layer_weight(layer: QuantLayer, promote: bool = False) -> UniformWeight | No
         kept = _from_packed(layer, top)
         rows_top = torch.nonzero(layer.row_bits() == top).flatten()
         others = torch.nonzero(layer.row_bits() != top).flatten()
-        q = quantize(w.index_select(0, others), cfg, top)
+        # padded like the stored row group (K padded to the lcm of the group size and the top width's packing
+        # block: dense 3/5/6/7-bit rows pad to a multiple of 32), so both blocks have the same columns and groups
+        q = quantize(w.index_select(0, others), cfg, top, dense=layer.dense)
+        if q.codes.shape[1] != kept.codes.shape[1] or q.scales.shape[1] != kept.scales.shape[1]:
+            raise ExportError(f"cannot promote {layer_scheme(layer)}: the requantized rows have {q.codes.shape[1]} "
+                              f"padded columns / {q.scales.shape[1]} scales per row, the stored {top}-bit rows "
+                              f"{kept.codes.shape[1]} / {kept.scales.shape[1]} (an unsupported storage layout)")
         n = layer.out_rows
         codes = torch.zeros(n, kept.codes.shape[1], dtype=torch.uint8)
         scales = torch.zeros(n, kept.scales.shape[1], dtype=torch.float32)

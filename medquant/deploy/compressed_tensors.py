@@ -258,7 +258,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         max_shard_size: largest safetensors file, bytes or ``"5GB"`` / ``"500MB"``; above it the weights are
             sharded with ``model.safetensors.index.json``.
         scale_dtype: dtype of ``weight_scale``: ``"float32"`` (default; exact for medquant's float16 / bfloat16
-            scales), ``"float16"`` or ``"bfloat16"`` (exact only when medquant's scales have that dtype).
+            scales), ``"float16"`` or ``"bfloat16"`` (exact only when medquant's scales have that dtype; a scale
+            beyond the dtype's range raises :class:`ExportError` naming the layer).
         source: folder to copy tokenizer / processor files from (default: ``model.name_or_path`` when it is a
             local folder).
         verify: decompress every packed layer with compressed-tensors' own decompressor and report the largest
@@ -306,6 +307,11 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
                                     f"written as its dequantised float weight ({why})"))
             continue
         pl = pack_layer(uw, layer.out_rows, layer.k, sdtype)
+        if not torch.isfinite(pl.tensors["weight_scale"]).all():
+            raise ExportError(f"{name}: scales up to {float(uw.scales.abs().max()):.4g} overflow "
+                              f"scale_dtype={scale_dtype!r} (largest finite value "
+                              f"{torch.finfo(sdtype).max:.6g}); use scale_dtype='float32' (the default) or "
+                              f"'bfloat16'. Nothing was written")
         err: float | None = uw.max_abs_error if uw.how != "exact repack" else 0.0
         if verify:
             ref = layer.dequantized_weight(torch.float32).cpu()

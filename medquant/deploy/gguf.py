@@ -44,6 +44,7 @@ from .registry import ExportError, ExportReport, LayerExport, register_export_fo
 #: transformers ``model_type`` of the language model -> llama.cpp architecture
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 FLOAT_TYPES = ("F32", "F16")
+F16_MAX = 65504.0  # the largest finite float16
 PROMOTE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
 
 _COMMON = {
@@ -307,6 +308,10 @@ def _float_row(name: str, w: torch.Tensor, target: str, note: str = "", scheme: 
                ) -> tuple[np.ndarray, LayerExport]:
     w = w.detach().float().contiguous()
     if target == "F16":
+        big = float(w.abs().max()) if w.numel() else 0.0
+        if big > F16_MAX:
+            raise ExportError(f"{name}: values up to {big:.4g} overflow F16 (largest finite value {F16_MAX:g}); "
+                              "write it as F32 (float_type='F32', or promote_type='F32' for a promoted layer)")
         data = w.half().numpy()
         err = float((torch.from_numpy(data).float() - w).abs().max()) if w.numel() else 0.0
     else:
@@ -449,6 +454,15 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
     return report
 
 
+def _check_finite(name: str, err: float, target: str, ref: torch.Tensor) -> None:
+    """Refuse a block tensor whose float16 block scales ``d`` (or offsets ``m``) overflowed: ``err`` is the measured
+    difference of the decoded bytes from medquant's weight, inf/NaN when a scale became inf."""
+    if not math.isfinite(err):
+        raise ExportError(f"{name}: the {target} block scales (float16, largest finite value {F16_MAX:g}) overflow "
+                          f"for weights up to {float(ref.abs().max()):.4g}; quantize this layer with smaller "
+                          f"scales, or keep it float (skip it, or promote=True with promote_type='F32')")
+
+
 @torch.no_grad()
 def _quant_tensor(layer: Any, hf: str, perm: torch.Tensor | None, promote_type: str
                   ) -> tuple[np.ndarray, LayerExport]:
@@ -469,6 +483,7 @@ def _quant_tensor(layer: Any, hf: str, perm: torch.Tensor | None, promote_type: 
                               "promote_type='F32' or 'F16'")
         data = requantize(ref, promote_type)
         err = float((decode(data, promote_type) - ref).abs().max())
+        _check_finite(hf, err, promote_type, ref)
         return data, LayerExport(hf, scheme, promote_type, "lossy requantization", err,
                                  f"requantized from {scheme} (promote=True)")
     blocks = layer_blocks(layer, target)
@@ -476,6 +491,7 @@ def _quant_tensor(layer: Any, hf: str, perm: torch.Tensor | None, promote_type: 
         blocks = blocks.permute_rows(perm)
     data = blocks.pack()
     err = float((decode(data, target) - ref).abs().max())
+    _check_finite(hf, err, target, ref)
     cfg = layer.config
     b = layer.bit_groups[0]
     repack = (not layer.mixed and cfg.scope == "group" and cfg.group_size == QK and cfg.is_symmetric(b)

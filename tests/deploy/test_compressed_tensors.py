@@ -200,6 +200,41 @@ def test_promote_requantizes_mixed_layers_and_reports_the_error(llama, tmp_path)
     assert not any(n.startswith("model.layers.0.mlp:") for n in report.notes)
 
 
+@pytest.mark.parametrize("cfg", [
+    # g48 does not divide K = 128; dense 3-bit rows pad K to lcm(48, 32) = 192, quantize() alone to 144
+    mq.QuantConfig(3, group_size=48, channel_bits=(2, 3) * 64),
+    mq.QuantConfig(3, symmetric=True, group_size=48, channel_bits=(3, 16) * 64),
+], ids=["asym-g48", "sym-g48-float-rows"])
+def test_promote_pads_requantized_rows_like_the_stored_ones(llama, tmp_path, cfg):
+    name = "model.layers.0.self_attn.q_proj"
+    model = mq.quantize_(copy.deepcopy(llama), {name: cfg}, skip=["lm_head"])
+    layer = model.get_submodule(name)
+    assert layer.mixed
+    report = export(model, tmp_path / "ct", format=FMT, promote=True)
+    row = {r.name: r for r in report.layers}[name]
+    assert row.how == "lossy requantization"
+    ref = layer.dequantized_weight(torch.float32)
+    got = _ct_decompress(tmp_path / "ct", name).float()
+    assert got.shape == ref.shape
+    assert row.max_abs_error == pytest.approx(float((got - ref).abs().max()), abs=0.0) and row.max_abs_error > 0
+    kept = layer.row_bits() == cfg.bits
+    assert torch.equal(got[kept], ref[kept])
+
+
+def test_scales_beyond_float16_are_refused_naming_the_layer(llama, tmp_path):
+    model = copy.deepcopy(llama)
+    name = "model.layers.0.mlp.up_proj"
+    with torch.no_grad():
+        model.get_submodule(name).weight.mul_(1e7)
+    mq.quantize_(model, mq.QuantConfig(4, symmetric=True, group_size=32, scale_dtype="float32"), skip=["lm_head"])
+    for verify in (True, False):
+        with pytest.raises(ExportError, match=rf"{name}: scales up to .* overflow scale_dtype='float16'"):
+            export(model, tmp_path / "ct", format=FMT, scale_dtype="float16", verify=verify)
+        assert not (tmp_path / "ct").exists()
+    report = export(model, tmp_path / "ct", format=FMT, scale_dtype="bfloat16")
+    assert all(r.max_abs_error is not None and r.max_abs_error < float("inf") for r in report.layers)
+
+
 def test_sharded_export_has_an_index_that_transformers_loads(llama, tmp_path):
     from transformers import AutoModelForCausalLM
 

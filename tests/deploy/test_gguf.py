@@ -302,3 +302,21 @@ def test_uniformly_pruned_blocks_take_their_sizes_from_the_weights(tok_dir, tmp_
     fields = GGUFReader(report.files[0]).fields
     assert fields["llama.feed_forward_length"].contents() == inter
     _check_roundtrip(model, report)
+
+
+def test_float16_overflow_is_refused_naming_the_tensor(tok_dir, tmp_path):
+    """Values or block scales beyond float16's range would be inf in the file: refused, nothing written."""
+    model = ZOO_BY_NAME["llama"].build()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, 5] = 1e5
+    with pytest.raises(ExportError, match=r"model\.embed_tokens\.weight: values up to 1e\+05 overflow F16"):
+        export(model, tmp_path / "a.gguf", format="gguf", source=tok_dir, float_type="F16")
+    assert not (tmp_path / "a.gguf").exists()
+    export(model, tmp_path / "a.gguf", format="gguf", source=tok_dir)  # F32 (default) holds it
+    model = ZOO_BY_NAME["llama"].build()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1e7)
+    quantize_(model, QuantConfig(bits=4, group_size=32, symmetric=True, scale_dtype="float32"), skip=["lm_head"])
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.mlp\.up_proj: the Q4_0 block scales .*overflow"):
+        export(model, tmp_path / "b.gguf", format="gguf", source=tok_dir)
+    assert not (tmp_path / "b.gguf").exists()
