@@ -29,14 +29,18 @@ kernels round a value computed in a different float order, which moves a code by
 within float rounding of a boundary. :func:`medquant.deploy.onnx_sim.logits_tolerance` bounds the logits from
 that; :func:`export` runs the written file on ``example_inputs`` (and on them twice over, to check the dynamic
 batch axis) and raises :class:`~medquant.deploy.registry.ExportError` if ONNX Runtime leaves the bound
-(data-dependent control flow traced for one input, an op exported wrongly).
+(data-dependent control flow traced for one input, an op exported wrongly) or refuses the graph. The file is
+written under a temporary name beside the target and moved into place only after these checks: a failed export
+leaves no file (and an existing one unchanged; replacing one needs ``overwrite=True``).
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -96,19 +100,68 @@ class _Logits(nn.Module):
 
 
 def _retype_int4(model, names: list[str]) -> None:
-    """Store the named int8/uint8 initializers (codes in -8..7 / 0..15) as INT4/UINT4 (two per byte)."""
+    """Store the int8/uint8 weight initializers of the 4-bit block-wise layers (codes in -8..7 / 0..15, and their
+    zero points) as INT4/UINT4 (two per byte).
+
+    ``names`` are the ``<layer>.weight_codes`` / ``<layer>.weight_zero_point`` names of those layers. The exporter
+    de-duplicates equal initializers, so one tensor (e.g. an all-zero zero point) may be read by a 4-bit and an
+    8-bit ``DequantizeLinear`` alike, under either layer's name: the 4-bit nodes are found by their codes, and an
+    initializer that a node not in that set also reads is copied (named after the 4-bit layer) instead of retyped.
+
+    Raises:
+        ExportError: the codes of a 4-bit layer are also read by another node (two layers with equal codes, one of
+            them not 4-bit), so they cannot be retyped.
+    """
     import onnx
     from onnx import numpy_helper
 
     by_name = {t.name: t for t in model.graph.initializer}
-    for name in names:
-        t = by_name.get(name)
-        if t is None:
-            continue
-        arr = numpy_helper.to_array(t)
+    codes_names = {n for n in names if n.endswith(".weight_codes") and n in by_name}
+    four = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in codes_names]
+    four_ids = {id(n) for n in four}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+
+    def packed(src, name: str):
+        arr = numpy_helper.to_array(src)
         kind = onnx.TensorProto.INT4 if arr.dtype == np.int8 else onnx.TensorProto.UINT4
-        new = onnx.helper.make_tensor(name, kind, arr.shape, arr.astype(np.int32).reshape(-1).tolist())
-        t.CopyFrom(new)
+        return onnx.helper.make_tensor(name, kind, arr.shape, arr.astype(np.int32).reshape(-1).tolist())
+
+    retyped: set[str] = set()
+    for node in four:
+        for i in (0, 2):
+            if i >= len(node.input) or node.input[i] not in by_name:
+                continue
+            name = node.input[i]
+            if name in retyped:
+                continue
+            if all(id(r) in four_ids for r in readers[name]):
+                by_name[name].CopyFrom(packed(by_name[name], name))
+                retyped.add(name)
+                continue
+            if i == 0:
+                raise ExportError(f"the 4-bit weight codes {name} are also read by an 8-bit node (layers with equal "
+                                  f"codes); they cannot be stored as int4")
+            src = by_name[name]
+            own = node.input[0][:-len("weight_codes")] + "weight_zero_point"
+            if own == name:  # the shared tensor has this layer's name: give it to one of its other readers
+                other = next(r for r in readers[name] if id(r) not in four_ids)
+                rename = other.input[0][:-len("weight_codes")] + "weight_zero_point" \
+                    if other.input[0].endswith(".weight_codes") else f"{name}.shared"
+                if rename in by_name:
+                    rename = f"{name}.shared"
+                by_name[name].name = rename
+                by_name[rename] = by_name.pop(name)
+                for r in readers[name]:
+                    if id(r) not in four_ids:
+                        r.input[:] = [rename if v == name else v for v in r.input]
+                readers[rename] = readers.pop(name)
+            if own not in retyped:
+                model.graph.initializer.append(packed(src, own))
+                retyped.add(own)
+            node.input[2] = own
 
 
 def _initializer_consumers_fix(model) -> None:
@@ -147,7 +200,7 @@ def _feeds(names: list[str], args: tuple) -> dict[str, np.ndarray]:
 def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = None, calib: Any = None,
                 method: str = "minmax", percentile: float = 99.99, promote: bool = False,
                 input_names: list[str] | None = None, output_name: str = "logits", verify: bool = True,
-                **unknown: Any) -> ExportReport:
+                overwrite: bool = False, **unknown: Any) -> ExportReport:
     """Write ``model`` as an ONNX file (``path`` ending in ``.onnx``, else ``path/model.onnx``).
 
     Args:
@@ -159,16 +212,27 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
         calib, method, percentile, promote: passed to :func:`calibrate_activations`.
         input_names: the ONNX input names (default ``pixel_values``, then ``input_1``...).
         output_name: the name of the output tensor.
-        verify: run the file with ONNX Runtime on ``example_inputs`` and on them twice (batch axis) and compare with
-            the simulation (:func:`logits_tolerance`).
+        verify: run the file with ONNX Runtime on ``example_inputs``, on them twice (batch axis) and on their
+            negation and compare with the simulation (:func:`logits_tolerance`).
+        overwrite: replace an existing file (otherwise an existing file is refused).
+
+    The file is written beside its target under a temporary name, checked (``onnx.checker`` with types and shapes)
+    and verified, then moved into place: an export that fails leaves no file behind (and an existing one as it
+    was).
 
     Returns:
         An :class:`ExportReport` with one row per Conv/Linear layer.
     """
     if unknown:
         raise ExportError(f"format='onnx' got unknown option(s) {sorted(unknown)}; accepted: example_inputs, calib, "
-                          f"method, percentile, promote, input_names, output_name, verify")
-    import onnx
+                          f"method, percentile, promote, input_names, output_name, verify, overwrite")
+    path = Path(path)
+    file = path if path.suffix == ".onnx" else path / "model.onnx"
+    if file.exists() and not overwrite:
+        raise ExportError(f"{file} exists; pass overwrite=True (command line: --overwrite) to replace it")
+    if file.is_dir():
+        raise ExportError(f"{file} is a folder; format='onnx' writes a file (a path ending in .onnx, or a folder "
+                          f"to hold model.onnx)")
 
     info: SimulationInfo | None = getattr(model, "medquant_onnx", None)
     if info is None:
@@ -194,9 +258,26 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
     names = list(input_names) if input_names else ["pixel_values"] + [f"input_{i}" for i in range(1, len(args))]
     if len(names) != len(args):
         raise ExportError(f"input_names has {len(names)} names for {len(args)} inputs")
-    path = Path(path)
-    file = path if path.suffix == ".onnx" else path / "model.onnx"
     file.parent.mkdir(parents=True, exist_ok=True)
+    # written and checked beside the target, moved into place only when complete (a failed export leaves no file)
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", prefix=f".{file.stem}-", dir=file.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        report = _write(model, tmp, args, names, output_name, verify)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report.path, report.files = str(file), [str(file)]
+    return report
+
+
+def _write(model: nn.Module, file: Path, args: tuple, names: list[str], output_name: str, verify: bool) -> ExportReport:
+    """Trace ``model`` (a prepared simulation) into ``file``, post-process and check the graph, verify it with ONNX
+    Runtime."""
+    import onnx
+
+    info = cast(SimulationInfo, model.medquant_onnx)
     wrapped = _Logits(model).eval()
     nbits = any(p.kind == "nbits" for p in info.layers)
     dyn = {n: {0: "batch"} for n in names}
@@ -221,7 +302,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             "medquant.folded_batchnorm": ", ".join(f"{b}->{c}" for c, b in info.folded.items())}
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
-    onnx.checker.check_model(proto)
+    try:  # full_check: types and shapes too (e.g. a DequantizeLinear whose codes and zero point differ in type)
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the ONNX graph is invalid, not written: {type(e).__name__}: {e}".strip()[:2000]) from e
     onnx.save(proto, str(file))
     report = ExportReport(format="onnx", path=str(file), files=[str(file)])
     for plan in info.layers:
@@ -240,7 +324,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
 def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[float, float]:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime's own reason (a type or an op it does not take)
+        raise ExportError(f"onnxruntime cannot load the exported graph, not written: {e}".strip()[:2000]) from e
     worst, bound = 0.0, 0.0
     # the example, a doubled batch (dynamic batch axis) and the negated example (a traced data-dependent branch)
     variants = (args, tuple(torch.cat([a, a.flip(0)]) for a in args),
@@ -248,7 +335,11 @@ def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[
     for batch in variants:
         with torch.no_grad():
             want = first_tensor(sim(*batch)).float().numpy()
-        got = sess.run(None, _feeds(names, batch))[0]
+        try:
+            got = sess.run(None, _feeds(names, batch))[0]
+        except Exception as e:
+            raise ExportError(f"onnxruntime failed to run the exported graph on a batch of {batch[0].shape[0]}, not "
+                              f"written: {e}".strip()[:2000]) from e
         tol = logits_tolerance(sim)
         if tol is None:  # no bound derived: float rounding only, or flips propagated through float ops
             quantized = any(p.mode == "quantize" for p in act_points(sim))

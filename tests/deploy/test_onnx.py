@@ -367,3 +367,149 @@ def test_asymmetric_int8_is_uint8_with_medquant_zero_points(tmp_path):
     np.testing.assert_array_equal(inits["classifier.weight_codes"], pw.codes()[:, :pw.k].numpy())
     np.testing.assert_array_equal(inits["classifier.weight_zero_point"], pw.zeros.float()[:, 0].numpy())
     assert optimized_op_counts(tmp_path / "a.onnx")["QLinearConv"] == 2
+
+
+# ------------------------------------------------------------------------------------------ fuzzer regressions
+def _file_weight(path, name: str) -> torch.Tensor:
+    """Layer ``name``'s weight as its DequantizeLinear computes it from the file's initializers (block-wise along K,
+    or per output row), sliced to K: onnx.numpy_helper only, no medquant code."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{name}.weight_codes")
+    codes, scale, zp = (inits[v].astype(np.float64) for v in node.input[:3])
+    block = next((a.i for a in node.attribute if a.name == "block_size"), None)
+    if block is None:
+        codes = codes.reshape(codes.shape[0], -1)
+        w = (codes - zp[:, None]) * scale[:, None]
+    else:
+        w = (codes - zp.repeat(block, 1)) * scale.repeat(block, 1)
+    return torch.from_numpy(w).float()
+
+
+@pytest.mark.parametrize("cfg,calib", [
+    # dense 3-bit rows pad K = 200 to lcm(48, 32) = 288, quantize() alone to 240: int4 block-wise container
+    (QuantConfig(3, group_size=48, channel_bits=(2, 3) * 32), False),
+    # dense 6-bit rows pad K = 200 to 224: int8 per-channel QDQ (calibrated)
+    (QuantConfig(6, scope="channel", channel_bits=(3, 6) * 32), True),
+], ids=["g48-int4-blocked", "channel-int8-qdq"])
+def test_promoted_mixed_layer_written_and_reported(tmp_path, cfg, calib):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 64), nn.GELU(), nn.Linear(64, 4)).eval()
+    quantize_(model, {"0": cfg, "2": QuantConfig(4, group_size=32)})
+    x = _calib((200,), n=1)[0]
+    kwargs = {"calib": _calib((200,))} if calib else {}
+    with pytest.raises(D.ExportError, match=r"these layers: 0: layer mixes bit-widths .*promote=True"):  # names it
+        D.export(model, tmp_path / "p.onnx", format="onnx", example_inputs=x, **kwargs)
+    report = D.export(model, tmp_path / "p.onnx", format="onnx", example_inputs=x, promote=True, **kwargs)
+    row = report.layers[0]
+    assert row.how == "lossy requantization" and f"to {cfg.bits} bits" in row.note
+    ref = model[0].dequantized_weight(torch.float32)
+    got = _file_weight(tmp_path / "p.onnx", "0")[:, :200]
+    assert row.max_abs_error == pytest.approx(float((got - ref).abs().max()), rel=1e-5) and row.max_abs_error > 0
+    kept = model[0].row_bits() == cfg.bits  # rows already at the top width keep their values
+    torch.testing.assert_close(got[kept], ref[kept], rtol=0, atol=1e-6)
+
+
+def test_relu_after_matmulnbits_layer_is_in_the_graph(tmp_path):
+    """A ReLU after a weight-only 4-bit Linear (MatMulNBits) stays a Relu node; ORT matches the medquant model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    quantize_(model, {"0": QuantConfig(4, group_size=32), "2": INT8})
+    calib = _calib((64,), n=4)
+    x = torch.cat(calib)  # inside the calibrated activation ranges
+    with torch.no_grad():
+        want = model(x).numpy()
+    for i, sim in enumerate((calibrate_activations(model, calib), calibrate_activations(model, calib, check=False))):
+        report = D.export(sim, tmp_path / f"r{i}.onnx", format="onnx", example_inputs=calib[0])
+        assert report.layers[0].target.startswith("MatMulNBits")
+        assert [n.op_type for n in onnx.load(str(tmp_path / f"r{i}.onnx")).graph.node].count("Relu") == 1
+        got = OnnxClassifier(tmp_path / f"r{i}.onnx")(x)
+        assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # int8 activations; without the ReLU ~90%
+
+
+def test_shared_zero_point_of_int4_and_int8_layers_loads(tmp_path):
+    """An all-zero zero point shared (de-duplicated) by an int4 and an int8 block-wise layer: each DequantizeLinear
+    gets its own type, and ONNX Runtime loads and runs the file."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128)).eval()
+    quantize_(model, {"0": QuantConfig(4, symmetric=True, group_size=96),
+                      "2": QuantConfig(8, symmetric=True, group_size=64)})
+    x = torch.randn(4, 128)
+    D.export(model, tmp_path / "s.onnx", format="onnx", example_inputs=x, verify=False)
+    types = _init_types(tmp_path / "s.onnx")
+    assert types["0.weight_codes"] == types["0.weight_zero_point"] == onnx.TensorProto.INT4
+    assert types["2.weight_codes"] == types["2.weight_zero_point"] == onnx.TensorProto.INT8
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "s.onnx")(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_failed_verification_leaves_no_file_and_existing_file_needs_overwrite(tmp_path, monkeypatch):
+    model = tiny_cnn()
+    quantize_(model, QuantConfig(bits=4, scope="group", group_size=16))
+    x = torch.randn(2, 3, 16, 16)
+    target = tmp_path / "m.onnx"
+    D.export(model, target, format="onnx", example_inputs=x)
+    before = target.read_bytes()
+    with pytest.raises(D.ExportError, match=r"m\.onnx exists; pass overwrite=True"):
+        D.export(model, target, format="onnx", example_inputs=x)
+    D.export(model, target, format="onnx", example_inputs=x, overwrite=True)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Type Error")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    for path in (tmp_path / "new.onnx", target):
+        with pytest.raises(D.ExportError, match="onnxruntime cannot load the exported graph, not written: .*FAIL"):
+            D.export(model, path, format="onnx", example_inputs=x, overwrite=True)
+    assert not (tmp_path / "new.onnx").exists() and target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file left
+
+
+def test_promote_with_calibration_checks_against_the_promoted_weights(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4)).eval()
+    quantize_(model, {"0": QuantConfig(4, group_size=32, channel_bits=(16, 4) * 32), "2": INT8})  # float + 4-bit rows
+    calib = _calib((64,), n=2)
+    report = D.export(model, tmp_path / "p.onnx", format="onnx", calib=calib, promote=True)
+    assert report.layers[0].how == "lossy requantization" and report.layers[0].max_abs_error > 0
+    x = torch.cat(calib)  # inside the calibrated activation ranges
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = OnnxClassifier(tmp_path / "p.onnx")(x)
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # the promotion and int8 activations
+
+
+def test_structure_check_names_the_fused_relu():
+    class TwoUses(nn.Module):  # the ReLU reads fc1's output, which is also used un-rectified
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.relu, self.fc2 = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(self.relu(h) + h)
+
+    torch.manual_seed(0)
+    model = TwoUses().eval()
+    quantize_(model, INT8)
+    with pytest.raises(D.ExportError, match=r"does not reproduce the model in float .*ReLU fused into: fc1"):
+        calibrate_activations(model, _calib((8,)))
+
+
+def test_bn_folded_low_bit_convs_are_near_exact_with_their_error(tmp_path):
+    """3-bit codes in the int8 container (exact re-expression) lose their exactness when a BatchNorm is folded into
+    the scales: such rows are near-exact with the measured change; the report's exact rows have 0.0."""
+    model = _bn_stats(tiny_cnn())
+    quantize_(model, QuantConfig(bits=3, scope="channel"))
+    sim = calibrate_activations(model, _calib((3, 16, 16)), promote=True)
+    report = D.export(sim, tmp_path / "c.onnx", format="onnx", example_inputs=torch.randn(2, 3, 16, 16))
+    rows = {r.name: r for r in report.layers}
+    for conv, bn in (("features.0", "features.1"), ("features.3", "features.4")):
+        b = model.get_submodule(bn)
+        f = (b.weight.detach() / torch.sqrt(b.running_var + b.eps)).double()
+        ref = model.get_submodule(conv).dequantized_weight(torch.float32).double() * f[:, None]
+        err = float((_file_weight(tmp_path / "c.onnx", conv).double() - ref).abs().max())
+        assert rows[conv].how == "near-exact" and 0 < rows[conv].max_abs_error < 1e-5 and err < 1e-5
+    assert rows["classifier"].how == "exact re-expression"
+    assert all(r.max_abs_error == 0.0 for r in report.layers if r.how.startswith("exact"))
