@@ -116,6 +116,21 @@ def _epilogue_onnx(g, y, flags: int, out_s, out_z):
     return y
 
 
+def _zero_row_scales(scales: torch.Tensor, zero_rows: torch.Tensor) -> torch.Tensor:
+    """Per-channel weight scales with the rows whose weight is identically zero (every code at the zero point:
+    pruned rows, or rows requantized from them) set to the median of the other rows' positive scales (1 if none).
+
+    Their weight stays ``(q - z) * s = 0`` whatever ``s`` is, but ONNX Runtime's integer kernels store the bias in
+    int32 at scale ``s_x * s``: a zero or near-zero ``s`` (medquant keeps the smallest positive float there)
+    overflows it and the channel's bias is lost."""
+    if not bool(zero_rows.any()):
+        return scales
+    others = scales[~zero_rows]
+    others = others[others > 0]
+    fill = float(others.median()) if others.numel() else 1.0
+    return torch.where(zero_rows, torch.full_like(scales, fill), scales)
+
+
 class _ConvFn(torch.autograd.Function):
     """``[Q DQ] -> Conv(DQ(W)) -> [Relu] -> [Q DQ]`` (flags: 1 input quant, 2 relu, 4 output quant)."""
 
@@ -371,6 +386,8 @@ class ExportLayer(nn.Module):
             if uw.scope == "tensor" or scales.shape[1] == 1:
                 scales, zp = scales[:, :1].reshape(-1), zp[:, :1].reshape(-1)
             codes = q[:, :self.k]
+            if scales.numel() == self.n:
+                scales = _zero_row_scales(scales, (codes == zp[:, None]).all(1))
             self.register_buffer("weight_codes", codes.reshape(self.shape if self.is_conv else (self.n, self.k))
                                  .to(dtype).contiguous())
             self.register_buffer("weight_scale", scales.contiguous())
