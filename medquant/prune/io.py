@@ -7,9 +7,15 @@
   ``n_neurons`` and its MoE experts' (3-D weights) ``name`` and ``n_neurons`` per expert;
 * ``modules``: for plain ``nn.Module`` models, the shape of every Conv2d / BatchNorm2d / Linear.
 
+Blocks are recorded for plain ``nn.Module`` transformers too (the blocks
+:func:`medquant.models.transformer_blocks` finds), and quantized layers (``QuantLinear``) count with their logical
+shapes, so the table of a pruned model is the same before and after quantization.
+
 :func:`load_pruned` rebuilds the model from the saved config (Hugging Face) or from a float instance you pass
 (plain modules), shrinks every layer to the recorded shapes -- query heads ``0..g'-1`` of key/value groups
-``0..n_kv'-1``, neurons ``0..n'-1``, whose values are then overwritten -- and loads the tensors with
+``0..n_kv'-1``, neurons ``0..n'-1``, whose values are then overwritten; the blocks are shrunk by replaying the
+head / neuron removal, which also sets the attention modules' own counts (``num_heads``,
+``num_key_value_groups``, ``all_head_size``...) -- and loads the tensors with
 :func:`medquant.load` (checksums verified). Quantized pruned models round-trip too: quantization recipes are
 stored by :func:`medquant.save` with the pruned shapes.
 
@@ -19,6 +25,8 @@ plain ``save_pretrained`` / ``from_pretrained``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +49,48 @@ def _is_hf(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+@contextmanager
+def _float_stand_ins(model: nn.Module) -> Iterator[None]:
+    """Every ``QuantLinear`` of ``model`` replaced, for the duration, by an ``nn.Linear`` of the same logical shape
+    on the meta device, so that :func:`medquant.models.transformer_blocks` (which reads ``nn.Linear`` layers) finds
+    the blocks of a pruned-then-quantized model; the quantized layers are put back on exit, whatever happens."""
+    from ..quant.modules import QuantLinear
+
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, m in list(model.named_modules(remove_duplicate=False)):
+            if not isinstance(m, QuantLinear):
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            with torch.device("meta"):
+                stand_in = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            parent._modules[attr] = stand_in
+            swapped.append((parent, attr, m))
+        yield
+    finally:
+        for parent, attr, m in reversed(swapped):
+            parent._modules[attr] = m
+
+
 def shape_table(model: nn.Module) -> dict[str, Any]:
     """The per-layer shapes :func:`load_pruned` needs to rebuild ``model``.
 
+    Quantized layers (``QuantLinear``) count with their logical shapes, so a model pruned then quantized records
+    the same table as before quantization.
+
     Args:
-        model: the pruned model (Hugging Face: per block; plain module: per Conv2d / BatchNorm2d / Linear).
+        model: the pruned (possibly quantized) model. Hugging Face models: per block. Plain modules: per block
+            of :func:`medquant.models.transformer_blocks` (a plain transformer's head and neuron counts, which
+            :func:`load_pruned` replays so that attributes such as ``num_heads`` follow) and per Conv2d /
+            BatchNorm2d / Linear.
 
     Returns:
         ``{"version", "blocks": {block: {"attention": {n_heads, n_kv, head_dim}, "ffn": {n_neurons},
         "experts": {...}}}, "modules": {name: {"type", "in", "out"} | {"type", "n"}}}`` (JSON-ready).
     """
     table: dict[str, Any] = {"version": TABLE_VERSION, "blocks": {}, "modules": {}}
-    if _is_hf(model):
+    with _float_stand_ins(model):
         for b in transformer_blocks(model, "all"):
             e: dict[str, Any] = {}
             if b.attention is not None:
@@ -64,14 +102,14 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
             if lay is not None:
                 e["experts"] = {"name": b.experts, "n_neurons": lay["inter"]}
             table["blocks"][b.name] = e
-    else:
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d):
-                table["modules"][name] = {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels}
-            elif isinstance(m, nn.BatchNorm2d):
-                table["modules"][name] = {"type": "BatchNorm2d", "n": m.num_features}
-            elif isinstance(m, nn.Linear):
-                table["modules"][name] = {"type": "Linear", "in": m.in_features, "out": m.out_features}
+        if not _is_hf(model):
+            for name, m in model.named_modules():
+                if isinstance(m, nn.Conv2d):
+                    table["modules"][name] = {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels}
+                elif isinstance(m, nn.BatchNorm2d):
+                    table["modules"][name] = {"type": "BatchNorm2d", "n": m.num_features}
+                elif isinstance(m, nn.Linear):
+                    table["modules"][name] = {"type": "Linear", "in": m.in_features, "out": m.out_features}
     return table
 
 

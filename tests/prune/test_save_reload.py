@@ -85,3 +85,86 @@ def test_cnn_round_trip(tmp_path):
     assert torch.equal(again(x), out)
     with pytest.raises(Exception, match="plain nn.Module"):
         load_pruned(tmp_path)
+
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "all_head_size")
+
+
+@pytest.mark.parametrize("name", ["gemma3_vlm", "bert"])
+def test_per_layer_pruned_then_quantized_reload_keeps_head_counts(tmp_path, name):
+    # per-layer FFN counts: the config cannot express them; after quantize_ the layers are QuantLinear, and the
+    # shape table must still record the blocks so that load_pruned sets the attention modules' head counts
+    e = ZOO_BY_NAME[name]
+    model = e.build()
+    inputs = e.inputs(model)
+    plan = StructuredPruner(0.5, [0.1, 0.0], progress=False).prune(model)
+    assert plan.hf_config_exact is False
+    quantize_(model, QuantConfig(4, group_size=32), skip=["@head"])
+    out = _out(e, model, inputs)
+    save_pruned(model, tmp_path, plan=plan)
+    again = load_pruned(tmp_path)
+    attrs = {(n, a): getattr(m, a) for n, m in model.named_modules() for a in _HEAD_ATTRS
+             if isinstance(getattr(m, a, None), int)}
+    assert attrs
+    assert {k: getattr(again.get_submodule(k[0]), k[1]) for k in attrs} == attrs
+    # hand count: 4 query heads, half removed (gemma3_vlm: 2 key/value heads, one query head left per group)
+    key = {"gemma3_vlm": ("model.language_model.layers.0.self_attn", "num_key_value_groups"),
+           "bert": ("encoder.layer.0.attention.self", "all_head_size")}[name]
+    assert attrs[key] == {"num_key_value_groups": 1, "all_head_size": 2 * 32}[key[1]]
+    assert torch.equal(_out(e, again, inputs), out)
+
+
+def _plain_transformer(seed: int = 0):
+    """A plain nn.Module transformer with LLaMA-style names whose forward reads its own ``num_heads``."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Attn(nn.Module):
+        def __init__(self, d=64, h=4):
+            super().__init__()
+            self.head_dim, self.num_heads = d // h, h
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attn()
+            self.mlp = nn.Module()
+            self.mlp.fc1, self.mlp.fc2 = nn.Linear(64, 128), nn.Linear(128, 64)
+
+        def forward(self, x):
+            x = x + self.self_attn(x)
+            return x + self.mlp.fc2(F.gelu(self.mlp.fc1(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.layers = nn.ModuleList([Blk(), Blk()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    return Net().eval()
+
+
+def test_plain_transformer_round_trip_restores_head_counts(tmp_path):
+    model = _plain_transformer()
+    x = torch.randn(2, 5, 64)
+    plan = StructuredPruner(0.25, 0.25, progress=False).prune(model)
+    with torch.no_grad():
+        out = model(x)
+    save_pruned(model, tmp_path, plan=plan)
+    again = load_pruned(tmp_path, model=_plain_transformer(seed=1))
+    assert [blk.self_attn.num_heads for blk in again.layers] == [3, 3]  # hand count: 4 - floor(0.25*4 + 0.5)
+    assert [blk.mlp.fc1.out_features for blk in again.layers] == [96, 96]
+    with torch.no_grad():
+        assert torch.equal(again(x), out)
