@@ -1,19 +1,27 @@
 """Output-channel pruning of plain CNNs.
 
 The model is traced with ``torch.fx`` and shapes are propagated on an example input. For every ``nn.Conv2d``
-(``groups == 1``) the pass follows its output through shape-preserving, per-channel operations -- at most one
-``BatchNorm2d`` (pruned along), activations, dropout, pooling, ``flatten`` -- to its consumers, which must be
-``nn.Conv2d`` (``groups == 1``, input channels pruned) or ``nn.Linear`` after a flatten (the ``H*W`` columns of
-each channel pruned). A conv whose output reaches anything else (a residual ``add``, ``cat``, the model output,
-a depthwise conv...) is left alone; ``plan.sizes`` lists only prunable convs.
+(``groups == 1``, batched ``(N, C, H, W)`` output) the pass follows its output through shape-preserving,
+per-channel operations that take it as their (first and only tensor) input -- at most one ``BatchNorm2d``
+(pruned along), activations, dropout, pooling, and a flatten of the channel axis and every axis after it
+(``start_dim=1, end_dim=-1``: ``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``) -- to its consumers,
+which must be ``nn.Conv2d`` (``groups == 1``, on the 4-D map, input channels pruned) or ``nn.Linear`` on the
+flattened 2-D ``(N, C*H*W)`` map with ``in_features == C*H*W`` (the ``H*W`` columns of each channel pruned). A
+conv whose output reaches anything else (a residual ``add``, ``cat``, the model output, a depthwise conv, any
+other flatten, a ``Linear`` over another axis...) is left alone; ``plan.sizes`` lists only prunable convs.
 
-Removing channel ``c`` is exactly equivalent to zeroing filter ``c`` (and its bias) and the BatchNorm's
-``gamma_c`` and ``beta_c`` in the original model when every activation between producer and consumer maps 0 to
-0 (ReLU, GELU, SiLU, tanh...); with e.g. a sigmoid in between, the channel's constant contribution is dropped.
+Removing channel ``c`` is exactly equivalent to zeroing channel ``c`` of the producer's output after its BatchNorm
+(zeroing filter ``c``, its bias and the BatchNorm's ``gamma_c`` and ``beta_c``) in the original model when every
+activation between producer and consumer maps 0 to 0 (ReLU, GELU, SiLU, tanh...); with e.g. a sigmoid in between,
+the channel's constant contribution is dropped. BatchNorms without affine parameters (``affine=False``) or
+without running statistics (``track_running_stats=False``, batch statistics) are pruned too: they normalise each
+channel on its own, and lose the entries they have.
 
 Channel importance: ``magnitude`` = ``||W_c||_2 * |gamma_c| / sqrt(var_c + eps)`` (the BatchNorm-scaled filter
-norm; ``||W_c||_2`` without BN); ``activation`` = RMS of the channel's output (after the BN) over calibration
-data; ``taylor`` = ``mean_batches |sum g*theta|`` over the filter, its bias and the BN ``gamma_c``, ``beta_c``.
+norm; ``||W_c||_2`` without BN, and a factor the BN lacks is left out: ``gamma_c`` without ``affine``, ``var_c``
+without running statistics); ``activation`` = RMS of the channel's output (after the BN) over calibration data;
+``taylor`` = ``mean_batches |sum g*theta|`` over the filter, its bias and the BN ``gamma_c``, ``beta_c`` (when
+``affine``).
 """
 from __future__ import annotations
 
@@ -47,11 +55,37 @@ class ChannelGroup:
     n_channels: int = 0
 
 
-def _flatten_ok(node: fx.Node) -> bool:
+def _shape(node: Any) -> tuple[int, ...] | None:
+    """The shape ``ShapeProp`` recorded for ``node`` (None when it is not a traced tensor)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _flatten_dims(node: fx.Node, mods: dict[str, nn.Module]) -> tuple[Any, Any]:
+    """``(start_dim, end_dim)`` of a flatten node: ``nn.Flatten`` (defaults 1, -1), ``torch.flatten`` or the
+    ``Tensor.flatten`` method (defaults 0, -1; both take ``(input, start_dim, end_dim)``)."""
     if node.op == "call_module":
-        return True
+        m = mods[node.target]
+        return m.start_dim, m.end_dim
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    return start == 1
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start, end
+
+
+def _flatten_ok(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """Whether a flatten merges exactly the channel axis (1) and every axis after it, ``(N, C, ...) -> (N, C*...)``,
+    of an input that the channel tensor itself is."""
+    shp = _shape(node.args[0]) if node.args else None
+    start, end = _flatten_dims(node, mods)
+    if shp is None or len(shp) < 2 or not isinstance(start, int) or not isinstance(end, int):
+        return False
+    r = len(shp)
+    return start % r == 1 and end % r == r - 1
+
+
+def _reads_only(u: fx.Node, src: fx.Node) -> bool:
+    """Whether ``u`` reads ``src`` as its first argument and nowhere else (an operation on the map itself)."""
+    return bool(u.args) and u.args[0] is src and not any(a is src for a in (*u.args[1:], *u.kwargs.values()))
 
 
 def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGroup], dict[str, str]]:
@@ -72,22 +106,38 @@ def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGr
         if conv.groups != 1:
             skipped[node.target] = "grouped/depthwise conv"
             continue
+        out_shape = _shape(node)
+        if out_shape is None or len(out_shape) != 4:
+            skipped[node.target] = f"output of shape {out_shape} is not a batched (N, C, H, W) map"
+            continue
         g = ChannelGroup(node.target, None, n_channels=conv.out_channels)
         ok, why = True, ""
-        stack = [(u, 1) for u in node.users]
+        stack = [(u, node, 1) for u in node.users]  # (user, the channel tensor it reads, columns per channel)
         while stack and ok:
-            u, cols = stack.pop()
-            if u.op == "call_module":
-                m = mods[u.target]
-                if isinstance(m, nn.Conv2d) and m.groups == 1:
-                    if cols != 1:
+            u, src, cols = stack.pop()
+            shp = _shape(src)
+            m = mods[u.target] if u.op == "call_module" else None
+            if not ((u.op == "call_function" and u.target in _PASS_FUNCS)
+                    or (u.op == "call_method" and u.target in _PASS_METHODS)
+                    or isinstance(m, (nn.Linear, nn.BatchNorm2d, *_PASS_MODULES))
+                    or (isinstance(m, nn.Conv2d) and m.groups == 1)):
+                ok, why = False, (f"output reaches {type(m).__name__} {u.target}" if m is not None else
+                                  f"output reaches {u.op} {getattr(u.target, '__name__', u.target)}")
+                continue
+            if not _reads_only(u, src):
+                ok, why = False, f"{u.op} {getattr(u.target, '__name__', u.target)} does not take the map as its input"
+                continue
+            if m is not None:
+                if isinstance(m, nn.Conv2d):
+                    if cols != 1 or shp is None or len(shp) != 4:
                         ok, why = False, f"conv {u.target} after flatten"
                     else:
                         g.consumers.append((u.target, 1))
                     continue
-                if isinstance(m, nn.Linear):
-                    if cols == 1 and m.in_features != conv.out_channels:
-                        ok, why = False, f"linear {u.target} on an unflattened map"
+                if isinstance(m, nn.Linear):  # acts on the last axis: must be the (flattened) channel axis
+                    if shp is None or len(shp) != 2 or m.in_features != conv.out_channels * cols:
+                        ok, why = False, (f"linear {u.target} on an input of shape {shp}, not the flattened "
+                                          f"channels (N, {conv.out_channels} x {cols})")
                     else:
                         g.consumers.append((u.target, cols))
                     continue
@@ -96,28 +146,19 @@ def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGr
                         ok, why = False, "two BatchNorms"
                         continue
                     g.bn = u.target
-                elif not isinstance(m, _PASS_MODULES):
-                    ok, why = False, f"output reaches {type(m).__name__} {u.target}"
-                    continue
-                if isinstance(m, nn.Flatten) and m.start_dim != 1:
-                    ok, why = False, "flatten with start_dim != 1"
-                    continue
-            elif u.op == "call_function" and u.target in _PASS_FUNCS:
-                if u.target is torch.flatten and not _flatten_ok(u):
-                    ok, why = False, "flatten with start_dim != 1"
-                    continue
-            elif u.op == "call_method" and u.target in _PASS_METHODS:
-                pass
-            else:
-                ok, why = False, f"output reaches {u.op} {getattr(u.target, '__name__', u.target)}"
-                continue
-            is_flat = (u.op == "call_module" and isinstance(mods[u.target], nn.Flatten)) or u.target in (
-                torch.flatten, "flatten")
+            is_flat = isinstance(m, nn.Flatten) or (m is None and u.target in (torch.flatten, "flatten"))
             new_cols = cols
             if is_flat:
-                shp = u.args[0].meta["tensor_meta"].shape
-                new_cols = cols * int(torch.tensor(shp[2:]).prod()) if len(shp) > 2 else cols
-            stack.extend((w, new_cols) for w in u.users)
+                if not _flatten_ok(u, mods):
+                    start, end = _flatten_dims(u, mods)
+                    ok, why = False, (f"flatten(start_dim={start}, end_dim={end}) of a {shp} map: only flattening "
+                                      "the channel axis and every axis after it (start_dim=1, end_dim=-1) is followed")
+                    continue
+                new_cols = cols * int(torch.tensor(shp[2:]).prod()) if shp is not None and len(shp) > 2 else cols
+            elif shp is None or len(shp) not in (2, 4) or _shape(u) is None or len(_shape(u) or ()) != len(shp):
+                ok, why = False, f"{u.op} {getattr(u.target, '__name__', u.target)} changes the map's rank"
+                continue
+            stack.extend((w, u, new_cols) for w in u.users)
         if ok and g.consumers:
             groups.append(g)
         else:
@@ -139,7 +180,10 @@ def _scores(model: nn.Module, groups: list[ChannelGroup], method: str, calib, lo
                 w = model.get_submodule(g.conv).weight.float().flatten(1).norm(dim=1)
                 if g.bn is not None:
                     bn = model.get_submodule(g.bn)
-                    w = w * bn.weight.float().abs() / (bn.running_var.float() + bn.eps).sqrt()
+                    if bn.weight is not None:  # affine=False: no gamma
+                        w = w * bn.weight.float().abs()
+                    if bn.running_var is not None:  # track_running_stats=False: batch statistics, no var_c
+                        w = w / (bn.running_var.float() + bn.eps).sqrt()
                 out[g.conv] = w
         return out
     if calib is None:
@@ -190,7 +234,7 @@ def _taylor_scores(model: nn.Module, groups: list[ChannelGroup], calib, loss_fn,
                     s = (c.weight.grad * c.weight).flatten(1).sum(1)
                     if c.bias is not None:
                         s = s + c.bias.grad * c.bias
-                    if g.bn is not None:
+                    if g.bn is not None and model.get_submodule(g.bn).weight is not None:
                         bn = model.get_submodule(g.bn)
                         s = s + bn.weight.grad * bn.weight + bn.bias.grad * bn.bias
                     acc[g.conv] = acc.get(g.conv, 0) + s.abs().float()
@@ -240,19 +284,63 @@ def _keep(param: torch.Tensor, idx: torch.Tensor, dim: int) -> nn.Parameter:
     return nn.Parameter(param.index_select(dim, idx.to(param.device)).clone(), requires_grad=param.requires_grad)
 
 
-@torch.no_grad()
-def apply_channels(model: nn.Module, plan, groups: list[ChannelGroup] | None = None) -> None:
-    """Remove the channels of ``plan.channels`` (producer conv, its BN, consumers' inputs), in place."""
-    if groups is None:
-        groups = [ChannelGroup(d["conv"], d["bn"], [(c[0], int(c[1])) for c in d["consumers"]], d["n_channels"])
-                  for d in plan.channel_groups]
+def _check_groups(model: nn.Module, plan, groups: list[ChannelGroup]) -> None:
+    """Raise ``ValueError`` when ``plan`` does not fit ``model`` (checked before any layer changes)."""
+    def get(name: str, kinds: tuple[type, ...], what: str) -> nn.Module:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the plan names {what} {name!r}, which {type(model).__name__} does not have") from None
+        if not isinstance(m, kinds):
+            raise ValueError(f"the plan's {what} {name!r} is a {type(m).__name__}, not "  # noqa: TRY004
+                             f"{' or '.join(k.__name__ for k in kinds)}")
+        return m
+
     for g in groups:
         keep = plan.channels.get(g.conv)
         if keep is None or len(keep) == g.n_channels:
             continue
         if not keep:
             raise ValueError(f"{g.conv}: refusing to remove all {g.n_channels} channels")
-        idx = torch.tensor(sorted(keep), dtype=torch.long)
+        if len(set(keep)) != len(keep) or any(not 0 <= int(c) < g.n_channels for c in keep):
+            raise ValueError(f"{g.conv}: kept channels must be unique and in [0, {g.n_channels})")
+        conv = get(g.conv, (nn.Conv2d,), "conv")
+        if conv.out_channels != g.n_channels or conv.groups != 1:
+            raise ValueError(f"{g.conv}: the plan expects a conv with {g.n_channels} output channels and groups=1, "
+                             f"the model has {conv.out_channels} (groups={conv.groups}); was it already pruned?")
+        if g.bn is not None and get(g.bn, (nn.BatchNorm2d,), "BatchNorm").num_features != g.n_channels:
+            raise ValueError(f"{g.bn}: the plan expects {g.n_channels} features, the model's BatchNorm has "
+                             f"{model.get_submodule(g.bn).num_features}")
+        for name, cols in g.consumers:
+            m = get(name, (nn.Conv2d, nn.Linear) if cols == 1 else (nn.Linear,), "consumer")
+            if isinstance(m, nn.Conv2d) and m.groups != 1:
+                raise ValueError(f"{name}: a consumer conv with groups={m.groups}; only groups=1 convs are pruned")
+            width = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+            if width != g.n_channels * cols:
+                raise ValueError(f"{name}: the plan expects {g.n_channels * cols} input features "
+                                 f"({g.n_channels} channels x {cols}), the model's layer has {width}")
+
+
+@torch.no_grad()
+def apply_channels(model: nn.Module, plan, groups: list[ChannelGroup] | None = None) -> None:
+    """Remove the channels of ``plan.channels`` (producer conv, its BN, consumers' inputs), in place.
+
+    A BatchNorm loses the entries of its ``weight`` / ``bias`` (when ``affine``) and of its running statistics
+    (when ``track_running_stats``) that it has. Every layer the plan names is checked (exists, has the type and
+    width the plan expects; kept channels unique, in range and not empty) before any layer changes.
+
+    Raises:
+        ValueError: the plan does not fit the model (nothing is changed then).
+    """
+    if groups is None:
+        groups = [ChannelGroup(d["conv"], d["bn"], [(c[0], int(c[1])) for c in d["consumers"]], d["n_channels"])
+                  for d in plan.channel_groups]
+    _check_groups(model, plan, groups)
+    for g in groups:
+        keep = plan.channels.get(g.conv)
+        if keep is None or len(keep) == g.n_channels:
+            continue
+        idx = torch.tensor(sorted(int(c) for c in keep), dtype=torch.long)
         conv = model.get_submodule(g.conv)
         conv.weight = _keep(conv.weight, idx, 0)
         if conv.bias is not None:
@@ -260,9 +348,14 @@ def apply_channels(model: nn.Module, plan, groups: list[ChannelGroup] | None = N
         conv.out_channels = len(keep)
         if g.bn is not None:
             bn = model.get_submodule(g.bn)
-            bn.weight, bn.bias = _keep(bn.weight, idx, 0), _keep(bn.bias, idx, 0)
-            bn.running_mean = bn.running_mean.index_select(0, idx)
-            bn.running_var = bn.running_var.index_select(0, idx)
+            if bn.weight is not None:
+                bn.weight = _keep(bn.weight, idx, 0)
+            if bn.bias is not None:
+                bn.bias = _keep(bn.bias, idx, 0)
+            if bn.running_mean is not None:
+                bn.running_mean = bn.running_mean.index_select(0, idx.to(bn.running_mean.device))
+            if bn.running_var is not None:
+                bn.running_var = bn.running_var.index_select(0, idx.to(bn.running_var.device))
             bn.num_features = len(keep)
         for name, cols in g.consumers:
             m = model.get_submodule(name)
@@ -274,4 +367,3 @@ def apply_channels(model: nn.Module, plan, groups: list[ChannelGroup] | None = N
                 m.weight = _keep(m.weight, cidx, 1)
                 m.in_features = int(cidx.numel())
         g.n_channels = len(keep)
-

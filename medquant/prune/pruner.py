@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -191,6 +192,28 @@ def _per_block(ratio: Ratio, blocks: list[Block], what: str) -> dict[str, float]
     return {b.name: r for b in blocks}
 
 
+def _as_ratio(ratio: Any, what: str, forms: str, sequences: bool = True) -> Any:
+    """``ratio`` checked and normalised: a number (NumPy / 0-d torch scalars become a float), a dict, or (when
+    ``sequences``) a list / tuple; a 1-D NumPy array or torch tensor becomes a list. Entries of dicts and sequences
+    are checked later, per block.
+
+    Raises:
+        TypeError: a type that is none of these; ``forms`` names the accepted forms besides a number.
+        ValueError: a number outside ``[0, 1)``, or an array with more than one dimension.
+    """
+    if hasattr(ratio, "tolist") and isinstance(getattr(ratio, "ndim", None), int):  # NumPy / torch
+        if ratio.ndim > 1 or (ratio.ndim == 1 and not sequences):
+            raise ValueError(f"{what} must be a number in [0, 1) (fraction to remove) or {forms}; got an array of "
+                             f"shape {tuple(ratio.shape)}")
+        ratio = ratio.tolist()
+    if isinstance(ratio, dict) or (sequences and isinstance(ratio, (list, tuple))):
+        return ratio
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
+        raise TypeError(f"{what} must be a number in [0, 1) (fraction to remove) or {forms}; got "
+                        f"{type(ratio).__name__} {ratio!r}")
+    return check_ratio(ratio, what)
+
+
 def _check_not_quantized(model: nn.Module) -> None:
     from ..quant.modules import QuantConv2d, QuantLinear
 
@@ -204,7 +227,8 @@ class StructuredPruner:
     """Remove whole attention heads, FFN neurons and CNN channels, physically.
 
     Args:
-        head_ratio: fraction of attention heads to remove per layer (float, per-block sequence or dict).
+        head_ratio: fraction of attention heads to remove per layer (a number, also a NumPy scalar; a per-block
+            sequence: list, tuple or 1-D NumPy array / torch tensor; or a dict).
         ffn_ratio: fraction of FFN neurons to remove per layer (same forms).
         channel_ratio: fraction of output channels to remove from each prunable conv of a plain CNN
             (float or ``{conv name: ratio}``); see :mod:`medquant.prune.cnn`.
@@ -216,7 +240,9 @@ class StructuredPruner:
         progress: show tqdm bars during calibration.
 
     Raises:
-        ValueError: an unknown ``importance`` or ``gqa``, or a ratio outside [0, 1).
+        ValueError: an unknown ``importance`` or ``gqa``, a ratio outside [0, 1), or a ratio array with more
+            than one dimension.
+        TypeError: a ratio that is none of the accepted forms.
     """
 
     def __init__(self, head_ratio: Ratio = 0.0, ffn_ratio: Ratio = 0.0, *, channel_ratio: float | dict = 0.0,
@@ -226,12 +252,10 @@ class StructuredPruner:
             raise ValueError(f"unknown importance {importance!r}; use one of {', '.join(METHODS)}")
         if gqa not in ("query", "group"):
             raise ValueError(f"gqa must be 'query' or 'group', got {gqa!r}")
-        if not isinstance(head_ratio, (dict, list, tuple)):
-            check_ratio(head_ratio, "head_ratio")
-        if not isinstance(ffn_ratio, (dict, list, tuple)):
-            check_ratio(ffn_ratio, "ffn_ratio")
-        if not isinstance(channel_ratio, dict):
-            check_ratio(channel_ratio, "channel_ratio")
+        per_block = "a sequence (list, tuple, 1-D array) with one ratio per block in scope, or a dict {block: ratio}"
+        head_ratio = _as_ratio(head_ratio, "head_ratio", per_block)
+        ffn_ratio = _as_ratio(ffn_ratio, "ffn_ratio", per_block)
+        channel_ratio = _as_ratio(channel_ratio, "channel_ratio", "a dict {conv name: ratio}", sequences=False)
         self.head_ratio, self.ffn_ratio, self.channel_ratio = head_ratio, ffn_ratio, channel_ratio
         self.importance, self.gqa, self.scope = importance, gqa, scope
         self.drop_blocks = list(drop_blocks)
@@ -461,8 +485,9 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     projection, a ``q_norm`` / ``k_norm`` over the full projected width as in OLMo 2) computes its mean and
     variance over every head, so removing heads changes what the kept heads produce; likewise a norm over all FFN
     neurons (Kosmos-2's ``ffn_layernorm`` between ``fc1`` and ``fc2``). Per-head norms (weight ``(n_heads, d)``
-    or ``(d,)``), relative position bias tables with one column per head and attention sinks are pruned exactly
-    and stay. Any
+    or ``(d,)``; a ``(d,)`` norm is shared by every head, also when a single key/value head makes it as wide as
+    the whole key projection), relative position bias tables with one column per head and attention sinks are
+    pruned exactly and stay. Any
     other parameter of the attention with one entry per head keeps the heads, and so does a layer that holds
     several attention modules of the same kind (a stage of several blocks, e.g. a Swin stage of depth 2): only
     its first block would be seen.
@@ -478,8 +503,10 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     attention, ffn, why = b.attention, b.ffn, dict(b.unsupported)
     if attention is not None:
         a = attention
+        # a norm of width head_dim is applied per head (shared by every head: Qwen3, Gemma 3); it is the width of a
+        # whole projection only with a single (key/value) head, whose removal is refused anyway
         widths = {model.get_submodule(a.o).in_features, model.get_submodule(a.q).out_features,
-                  model.get_submodule(a.k).out_features}
+                  model.get_submodule(a.k).out_features} - {a.head_dim}
         own = {n.rpartition(".")[2] for n in (a.q, a.k, a.v, a.o, a.q_norm, a.k_norm) if n}
         for cname in dict.fromkeys((a.name, a.holder)):
             hit = _norm_over(model.get_submodule(cname), widths, own)
@@ -685,6 +712,17 @@ def _rel(name: str, prefix: str) -> str:
     return name[len(prefix) + 1:]
 
 
+def _common_parent(a: str, b: str, floor: str) -> str:
+    """The deepest module name containing both ``a`` and ``b`` (at most as deep as their shared prefix), never
+    above ``floor``."""
+    pa, pb = a.split("."), b.split(".")
+    n = 0
+    while n < min(len(pa), len(pb)) - 1 and pa[n] == pb[n]:
+        n += 1
+    common = ".".join(pa[:n])
+    return common if common == floor or common.startswith(floor + ".") else floor
+
+
 def _fits(model: nn.Module, blocks: list[Block], cfg) -> bool:
     """Would ``from_pretrained`` rebuild these blocks with their current shapes from ``cfg``?
 
@@ -702,7 +740,11 @@ def _fits(model: nn.Module, blocks: list[Block], cfg) -> bool:
                             (b.ffn, lambda u: (*u.inputs, u.output))):
             if unit is None:
                 continue
-            root, fresh = unit.name, _build_like(model.get_submodule(unit.name), cfg)
+            root = unit.name
+            if b.experts is not None and unit is b.ffn:  # a shared expert is sized by its MoE container (Qwen-MoE:
+                # shared_expert_intermediate_size), not by building its MLP class alone (intermediate_size)
+                root = _common_parent(unit.name, b.experts, b.name)
+            fresh = _build_like(model.get_submodule(root), cfg)
             if fresh is None:  # a container not built from the config alone (BART attention): the whole block
                 if not block_fresh:
                     block_fresh.append(_build_like(model.get_submodule(b.name), cfg))

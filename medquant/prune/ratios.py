@@ -7,6 +7,7 @@ with the lowest importance scores (ties: the lower index goes first).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -21,11 +22,13 @@ def n_to_remove(ratio: float, n: int) -> int:
 def check_ratio(r: float, what: str) -> float:
     """``r`` as a float after checking it is a number in ``[0, 1)``; ``what`` names it in the error.
 
+    Any real number is accepted (``int``, ``float``, NumPy scalars such as ``np.float32``).
+
     Raises:
-        TypeError: ``r`` is not a number (``bool`` included).
+        TypeError: ``r`` is not a real number (``bool`` included).
         ValueError: ``r`` is not finite or lies outside ``[0, 1)``.
     """
-    if not isinstance(r, (int, float)) or isinstance(r, bool):
+    if not isinstance(r, numbers.Real) or isinstance(r, bool):
         raise TypeError(f"{what} must be a number in [0, 1) (fraction to remove); got {type(r).__name__} {r!r}")
     if not math.isfinite(r) or not 0.0 <= r < 1.0:
         raise ValueError(f"{what} must be a number in [0, 1) (fraction to remove); got {r!r}")

@@ -71,3 +71,74 @@ def test_cnn_errors():
         StructuredPruner(channel_ratio={"classifier": 0.3}, progress=False).plan(model, calib=[x])
     with pytest.raises(ValueError, match="example input"):
         StructuredPruner(channel_ratio=0.3, progress=False).plan(model)
+
+
+class _FlattenFrom2(torch.nn.Module):  # x.flatten(2): (N, C, H*W); the Linear mixes H*W, not channels
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c1(x)).flatten(2))
+
+
+class _Flatten12(torch.nn.Module):  # nn.Flatten(1, 2): (N, C*H, W)
+    def __init__(self):
+        super().__init__()
+        self.c1, self.f, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(1, 2), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.f(torch.relu(self.c1(x))))
+
+
+class _LinearOnWidth(torch.nn.Module):  # a Linear over the width axis; width 8 == channels by coincidence
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c1(x)))
+
+
+@pytest.mark.parametrize("cls,size,why", [(_FlattenFrom2, 4, "flatten"), (_Flatten12, 4, "flatten"),
+                                          (_LinearOnWidth, 8, "not the flattened channels")])
+def test_cnn_channel_consumers_that_are_not_proven_are_refused(cls, size, why):
+    from medquant.prune.cnn import channel_groups
+
+    model = cls().eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        before = model(x)
+    groups, skipped = channel_groups(model, x)
+    assert groups == [] and why in skipped["c1"]
+    with pytest.raises(ValueError, match="found no prunable conv channels"):
+        StructuredPruner(channel_ratio=0.5, progress=False).prune(model, calib=[x])
+    assert model.c1.out_channels == 8  # nothing changed
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_cnn_plan_that_does_not_fit_changes_nothing():
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    plan = StructuredPruner(channel_ratio=0.3, progress=False).plan(model, calib=[x])
+    plan.channel_groups[-1]["consumers"][0][1] += 1  # a consumer width the model does not have
+    with pytest.raises(ValueError, match="input features"):
+        StructuredPruner(channel_ratio=0.3, progress=False).apply(model, plan)
+    assert model.features[0].out_channels == 32  # the first group was not pruned either
+
+
+def test_numpy_ratios_accepted_and_bad_forms_named():
+    import numpy as np
+
+    e = ZOO_BY_NAME["llama"]
+    plans = [StructuredPruner(h, f, progress=False).plan(e.build())
+             for h, f in ((np.array([0.25, 0.5]), np.float32(0.1)), ([0.25, 0.5], 0.1))]
+    assert plans[0].heads == plans[1].heads and plans[0].neurons == plans[1].neurons  # same as plain Python
+    assert [len(h) for h in plans[0].heads.values()] == [3, 2]  # hand count: 4 - round(1), 4 - round(2)
+    with pytest.raises(ValueError, match=r"head_ratio must be .* got an array of shape \(1, 2\)"):
+        StructuredPruner(np.array([[0.1, 0.2]]))
+    with pytest.raises(TypeError, match=r"ffn_ratio must be a number in \[0, 1\) .* or a dict .*got set"):
+        StructuredPruner(0.0, {0.1})
+    with pytest.raises(ValueError, match=r"channel_ratio must be a number .* or a dict \{conv name: ratio\}"):
+        StructuredPruner(channel_ratio=np.array([0.1, 0.2]))

@@ -1,6 +1,8 @@
 """Pruning removes exactly what it claims: the pruned model equals the original with those heads/neurons zeroed."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -150,3 +152,108 @@ def test_cnn_flatten_linear_consumer_exact():
     assert model[5].in_features == 4 * 16
     with torch.no_grad():
         _close(model(x), ref)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_single_kv_head_with_shared_qk_norm_prunes_query_heads(family):
+    # 4 query heads, 1 key/value head: q_norm / k_norm have weight (head_dim,), shared by every head, as wide as
+    # the whole key projection; removing query heads is exact, not "a norm over all heads"
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    torch.manual_seed(0)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**text_kwargs(num_key_value_heads=1, head_dim=HEAD_DIM)))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**text_kwargs(
+            num_key_value_heads=1, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"])))
+    model.eval()
+    with torch.no_grad():  # non-trivial norm weights, so that a wrongly pruned norm would show
+        for blk in model.model.layers:
+            blk.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            blk.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    pruner = StructuredPruner(0.5, 0.0, progress=False)
+    plan = pruner.plan(model)
+    assert not plan.skipped and [len(h) for h in plan.heads.values()] == [2, 2]
+    removed = removed_from_plan(plan)
+    with torch.no_grad():
+        ref = zeroed_copy(model, removed, HEAD_DIM)(ids).logits
+    pruner.apply(model, plan)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 2 * HEAD_DIM
+    with torch.no_grad():
+        _close(model(ids).logits, ref)
+
+
+class _ConvBN(torch.nn.Module):
+    def __init__(self, **bn):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8, **bn)
+        self.c2 = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "activation", "taylor"])
+@pytest.mark.parametrize("bn", [{"affine": False}, {"track_running_stats": False}])
+def test_cnn_batchnorm_without_affine_or_running_stats(method, bn):
+    model = _ConvBN(**bn).eval()
+    if model.bn.running_var is not None:
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-1, 1)
+            model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    pruner = StructuredPruner(channel_ratio=0.5, importance=method, progress=False)
+    plan = pruner.plan(model, calib=[x])
+    removed = plan.removed_channels("c1")
+    assert len(removed) == 4 and plan.channel_groups[0]["bn"] == "bn"
+    # reference: the original model with the removed channels of the BatchNorm's output zeroed (plain torch hook)
+    ref = copy.deepcopy(model)
+
+    def zero(mod, args, out):
+        out = out.clone()
+        out[:, removed] = 0
+        return out
+
+    ref.bn.register_forward_hook(zero)
+    with torch.no_grad():
+        full, want = model(x), ref(x)
+    pruner.apply(model, plan)
+    assert model.c1.out_channels == 4 and model.bn.num_features == 4 and model.c2.in_channels == 4
+    for t in (model.bn.weight, model.bn.bias, model.bn.running_mean, model.bn.running_var):
+        assert t is None or t.shape == (4,)
+    with torch.no_grad():
+        _close(model(x), want)
+    assert (full - want).abs().max() > 1e-4
+
+
+def test_cnn_tensor_flatten_method_linear_consumer_exact():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8 * 16, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c1(x)).flatten(1))
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 4, 4)
+    pruner = StructuredPruner(channel_ratio=0.5, progress=False)
+    plan = pruner.plan(model, calib=[x])
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        idx = torch.tensor(plan.removed_channels("c1"))
+        ref.c1.weight[idx] = 0
+        ref.c1.bias[idx] = 0
+        want = ref(x)
+    pruner.apply(model, plan)
+    assert model.fc.in_features == 4 * 16
+    with torch.no_grad():
+        _close(model(x), want)

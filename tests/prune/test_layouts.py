@@ -189,3 +189,16 @@ def test_moe_per_layer_ratios_reload_with_load_pruned(tmp_path):
     assert plan.hf_config_exact is False and not _fresh_loads(m) and plan.config_notes
     save_pruned(m, tmp_path / "p", plan=plan)
     assert torch.equal(_logits(load_pruned(tmp_path / "p"), ids), _logits(m, ids))
+
+
+def test_qwen2_moe_shared_expert_size_written_to_config(tmp_path):
+    # experts 32 -> 16 and shared expert 48 -> 24 neurons (both multiples of 8): the config can say both
+    # (moe_intermediate_size / shared_expert_intermediate_size), whatever intermediate_size (32) is
+    m = build_moe("qwen2_moe")
+    ids = {"input_ids": torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(0))}
+    plan, _ = _prune(m, 0.0, 0.5)
+    assert len(plan.expert_neurons["model.layers.0"][0]) == 16 and len(plan.neurons["model.layers.0"]) == 24
+    assert plan.hf_config_exact is True, plan.config_notes
+    assert (m.config.moe_intermediate_size, m.config.shared_expert_intermediate_size) == (16, 24)
+    m.save_pretrained(tmp_path)
+    assert torch.equal(_logits(type(m).from_pretrained(tmp_path).eval(), ids), _logits(m, ids))
