@@ -13,7 +13,10 @@ Metrics (per image, N = H * W pixels):
    ``skimage.measure.shannon_entropy(u8)``.
 2. edge density = (1/N) #{pixels with Sobel magnitude > t}, where the magnitude is that of
    ``skimage.filters.sobel(gray)``: G_x = K_x * gray, G_y = K_y * gray with K = [1, 0, -1] (x) [1, 2, 1] / 4,
-   'reflect' (half-sample symmetric) border, magnitude sqrt((G_x^2 + G_y^2) / 2).
+   'reflect' (half-sample symmetric) border, magnitude sqrt((G_x^2 + G_y^2) / 2). For 8-bit images the test
+   ``magnitude > t`` is exact in integers (``S > 2 (4 * 255 t)^2``, :func:`sobel_sq_magnitude`); a pixel at the
+   threshold (exactly, or within float32 rounding for float images) is decided as scikit-image's float64 rounding
+   decides it (:func:`resolve_sobel_ties`).
 3. intensity std = sqrt(mean((gray - mean(gray))^2)) (population std, ``np.std``).
 4. fractal dimension: box counting on the edge mask of 2 (see :func:`box_counting_dimension`).
 5. LBP entropy: Shannon entropy (bits) of the 10-bin histogram of uniform LBP codes (P=8, R=1) of ``u8``, exactly
@@ -96,6 +99,49 @@ def sobel_sq_magnitude(v: torch.Tensor) -> torch.Tensor:
     sh = p[:, :, :-2] + 2.0 * p[:, :, 1:-1] + p[:, :, 2:]  # smooth along columns -> (B, H+2, W)
     gy = sh[:, 2:, :] - sh[:, :-2, :]
     return gx * gx + gy * gy
+
+
+def resolve_sobel_ties(mask: torch.Tensor, near: torch.Tensor, image: torch.Tensor,
+                       threshold: float) -> torch.Tensor:
+    """The edge mask with the pixels of ``near`` decided as ``skimage.filters.sobel(gray) > threshold`` decides them.
+
+    ``near`` holds the pixels whose magnitude is at the threshold (8-bit images: ``S == limit`` exactly; float
+    images: within float32 rounding of it). There scikit-image's float64 arithmetic (``u8 / 255``, the
+    convolution's sums, the square root) lands a few ulps above or below the threshold, pixel by pixel. Those pixels
+    (rare in natural images, more common in images of few gray levels) are recomputed with scikit-image's own
+    filter on their 3 x 3 neighbourhoods (the border replicated, as the 'reflect' mode does for one pixel), laid
+    side by side in one row of patches, so the rounding is scikit-image's.
+
+    Args:
+        mask: ``S > limit``, ``(B, H, W)`` bool.
+        near: the pixels to decide, ``(B, H, W)`` bool.
+        image: what scikit-image filters, ``(B, H, W)``: ``uint8`` (converted by ``img_as_float``, ``u8 / 255``)
+            or the float gray image (taken in float64).
+        threshold: the edge threshold ``t``.
+
+    Returns:
+        The mask with the pixels of ``near`` decided (a new tensor when there are any).
+    """
+    if not bool(near.any()):
+        return mask
+    from skimage.filters import sobel
+
+    bi, yi, xi = near.nonzero(as_tuple=True)
+    src = image.to(torch.float64) if image.is_floating_point() else image.to(torch.float32)
+    p = F.pad(src.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
+    rows = [torch.stack([p[bi, yi + dy, xi + dx] for dx in range(3)], 1) for dy in range(3)]  # 3 x (n, 3)
+    patches = torch.stack(rows, 1)  # (n, 3, 3)
+    patches = patches if image.is_floating_point() else patches.to(torch.uint8)
+    tiled = np.concatenate(list(patches.cpu().numpy()), axis=1)  # (3, 3n): each centre's neighbourhood its own
+    edge = sobel(tiled)[1, 1::3] > threshold
+    out = mask.clone()
+    out[bi, yi, xi] = torch.from_numpy(edge).to(out.device)
+    return out
+
+
+#: float images: pixels with ``|S - limit| <= NEAR_REL * limit`` are decided by :func:`resolve_sobel_ties` (float32
+#: rounding of ``S`` is about 1e-6 of it near the threshold)
+NEAR_REL = 1e-4
 
 
 def box_sizes(h: int, w: int) -> list[int]:
@@ -413,6 +459,11 @@ def _compute_batch(gray: torch.Tensor, u8: torch.Tensor, edge_threshold: float, 
     sq = sobel_sq_magnitude(v)
     limit = 2.0 * (4.0 * 255.0 * float(edge_threshold)) ** 2
     mask = sq > limit
+    # pixels at the threshold (exactly, for 8-bit images; within float32 rounding otherwise): scikit-image's rounding
+    if exact_u8:
+        mask = resolve_sobel_ties(mask, sq == limit, u8, edge_threshold)
+    else:
+        mask = resolve_sobel_ties(mask, (sq - limit).abs() <= NEAR_REL * limit, gray, edge_threshold)
     edge_density = mask.view(torch.uint8).reshape(b, -1).sum(dim=1, dtype=torch.int64).to(torch.float64) / n
     fd = box_counting_dimension(mask)
     lbp = lbp_entropy(u8)

@@ -109,6 +109,24 @@ def test_sobel_magnitude_matches_skimage(kermany32):
     np.testing.assert_allclose(mag, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_pixels_exactly_at_the_edge_threshold_are_decided_as_skimage_decides_them(kind):
+    """Images of a few gray levels put pixels exactly at the threshold (S = 2 (4 * 255 t)^2); scikit-image's
+    float64 rounding puts each a few ulps above or below t. Edge density and fractal dimension then match it
+    exactly, as every other pixel does (before: a third of these images differed)."""
+    rng = np.random.default_rng(1)
+    imgs = (rng.integers(0, 5, (60, 16, 16)) * rng.choice([17, 34, 51], (60, 1, 1))).astype(np.uint8)
+    tie = sobel_sq_magnitude(torch.from_numpy(imgs).float()).numpy() == 2 * 102.0**2  # = 2 (4 * 255 * 0.1)^2
+    sk = np.stack([sobel(im) > 0.1 for im in imgs])
+    assert sk[tie].sum() > 20 and (~sk[tie]).sum() > 20  # such pixels, on either side in skimage
+    x = imgs if kind == "uint8" else imgs.astype(np.float32) / np.float32(255)
+    got = ComplexityScorer().metrics(x).numpy()
+    edge = np.stack([sobel(im.astype(np.float64) / 255.0 if kind == "uint8" else im.astype(np.float64)) > 0.1
+                     for im in x])
+    np.testing.assert_array_equal(got[:, 1], edge.mean(axis=(1, 2)))
+    np.testing.assert_allclose(got[:, 3], [box_counting_dimension_numpy(m) for m in edge], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("thr", [0.02, 0.05, 0.2])
 def test_edge_threshold_configurable(kermany32, thr):
     got = ComplexityScorer(edge_threshold=thr).metrics(kermany32[:6]).numpy()
