@@ -75,6 +75,10 @@ def _numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
         arr = arr.astype(np.int32)
     elif arr.dtype == np.uint32:
         arr = arr.astype(np.int64)
+    elif arr.dtype == np.uint64:  # torch cannot reduce uint64; values beyond int64 cannot be bits_stored <= 32 data
+        if arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"uint64 image values up to {int(arr.max())} exceed any bits_stored (1..32)")
+        arr = arr.astype(np.int64)
     elif arr.dtype == np.float16:
         arr = arr.astype(np.float32)
     elif arr.dtype == bool:
@@ -136,9 +140,11 @@ def _to_unit(t: torch.Tensor, bits_stored: int | None, what: str) -> tuple[torch
         else:
             raise TypeError(f"{what} has dtype {t.dtype}: pass bits_stored= (e.g. 12 for 12-bit data) so the "
                             "intensity range is known")
-    if not 1 <= int(bits) <= 32:
-        raise ValueError(f"bits_stored must be in 1..32, got {bits}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 32:
+        raise ValueError(f"bits_stored must be an integer in 1..32, got {bits!r}")
     top = 2 ** int(bits) - 1
+    if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch reduces none of these: take them as float64
+        t = t.to(torch.float64)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi > top:
         raise ValueError(f"{what} values span [{lo}, {hi}], outside [0, {top}] for bits_stored={bits}")

@@ -72,7 +72,7 @@ class ComplexityScorer(nn.Module):
         bits_stored: int | None = None,
     ):
         super().__init__()
-        if not isinstance(n_levels, int) or n_levels < 1:
+        if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 1:
             raise ValueError(f"n_levels must be a positive integer, got {n_levels!r}")
         if normalisation not in ("minmax", "quantile"):
             raise ValueError(f"normalisation must be 'minmax' or 'quantile', got {normalisation!r}")
@@ -333,8 +333,8 @@ class ComplexityScorer(nn.Module):
             if not bool(torch.isfinite(thr).all()) or bool((thr[1:] < thr[:-1]).any()):
                 raise ValueError(f"thresholds must be finite and non-decreasing, got {thr.tolist()}")
         et = t("edge_threshold")
-        if et is not None and (et.numel() != 1 or not float(et) >= 0):
-            raise ValueError("edge_threshold must be one non-negative number")
+        if et is not None and (et.numel() != 1 or not 0 <= float(et) < float("inf")):
+            raise ValueError(f"edge_threshold must be one finite non-negative number, got {et.tolist()}")
 
     def extra_repr(self) -> str:
         return (f"n_levels={self.n_levels}, edge_threshold={float(self.edge_threshold)}, "

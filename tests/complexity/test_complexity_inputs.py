@@ -55,6 +55,23 @@ def test_uint16_with_declared_bits(sc):
     pil16 = Image.fromarray(img12)  # mode I;16
     assert np.allclose(sc.metrics(pil16).numpy()[0], dark, atol=1e-9)
     assert ComplexityScorer(bits_stored=12).metrics(torch.from_numpy(img12.astype(np.int32))).shape == (1, 5)
+    # every unsigned container gives the same numbers (torch reduces no uint16/32/64: they crashed inside torch)
+    for arr in (img12.astype(np.uint32), img12.astype(np.uint64)):
+        np.testing.assert_array_equal(sc.metrics(arr, bits_stored=12).numpy()[0], got)
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        t = torch.from_numpy(img12.astype(np.int32)).to(dtype)
+        np.testing.assert_array_equal(sc.metrics(t, bits_stored=12).numpy()[0], got)
+    with pytest.raises(ValueError, match="exceed any bits_stored"):
+        sc.metrics(np.full((16, 16), 2**63, np.uint64), bits_stored=12)
+    for bad in (12.5, True, 0, 33):  # not truncated: refused
+        with pytest.raises(ValueError, match=r"bits_stored must be an integer in 1..32"):
+            sc.metrics(img12, bits_stored=bad)
+    with pytest.raises(ValueError, match="n_levels must be a positive integer"):
+        ComplexityScorer(n_levels=True)
+    state = sc.state_dict()
+    state["edge_threshold"] = torch.tensor(float("inf"), dtype=torch.float64)  # the constructor refuses it too
+    with pytest.raises(ValueError, match="edge_threshold must be one finite non-negative number"):
+        ComplexityScorer().load_state_dict(state)
 
 
 @pytest.mark.parametrize(
