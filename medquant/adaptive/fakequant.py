@@ -13,7 +13,9 @@ quantizer's asymmetric convention, so an exact zero stays exact)::
 
 Rows with ``b_i >= 16`` pass through unchanged (16/32 = "keep floating point"). Arithmetic is float32 (the
 input is converted, float64 included; the result is cast back to ``x.dtype``); ``torch.round`` rounds half to
-even. Backward is the straight-through estimator: ``d out / d x = 1`` (quantization in the training loop).
+even. So a sample whose range ``hi_i - lo_i`` exceeds float32's largest value (about 3.4e38; float64 values
+beyond it become inf on conversion) comes out as NaN: such activations are beyond what a float32 model carries,
+and the op adds no pass over ``x`` to look for them. Backward is the straight-through estimator: ``d out / d x = 1`` (quantization in the training loop).
 
 This is *simulated* quantization: it changes the values the next layer sees (and therefore accuracy), not the
 speed or the memory of the computation.
@@ -94,7 +96,13 @@ def fake_quantize_per_sample(x: torch.Tensor, bits, *, backend: str = "auto") ->
         raise ValueError("x must have a batch dimension (dim 0)")
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
-    b = _as_bits(bits if isinstance(bits, torch.Tensor) else torch.as_tensor(list(bits))).to(x.device)
+    if not isinstance(bits, torch.Tensor):
+        if isinstance(bits, (str, bytes)) or not hasattr(bits, "__iter__"):
+            raise TypeError(f"bits must hold one bit-width per sample (a sequence or 1-D tensor of {x.shape[0]} "
+                            f"integers), got {type(bits).__name__} {bits!r}; for one width for all: [b] * len(x)")
+        seq = list(bits)
+        bits = torch.as_tensor(seq) if seq else torch.zeros(0, dtype=torch.int64)  # [] is not float32 here
+    b = _as_bits(bits).to(x.device)
     if x.numel() == 0 or bool((b >= PASSTHROUGH_BITS).all()):  # the op does not run: check here
         check_bits(b, x.shape[0])
         return x

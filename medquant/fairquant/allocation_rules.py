@@ -224,9 +224,14 @@ def allocate_to_budget(scores: dict[str, torch.Tensor], sizes: dict[str, int], b
             heapq.heappush(heap, (-gain(i), i))
     avg = used / total
     if abs(avg - target) > tolerance + 1e-12:
+        step = max((pal[j + 1] - pal[j]) * n for n in n_per for j in range(len(pal) - 1)) / total \
+            if len(pal) > 1 else 0.0
         raise ValueError(
-            f"could not meet {target} average bits within {tolerance}: the closest allocation reaches {avg:.3f} "
-            f"(scopes are too coarse for this budget; use scope='channel' or a finer palette)"
+            f"could not meet {target} average bits within {tolerance}: the importance-ordered allocation reaches "
+            f"{avg:.3f} (it raises scopes one palette step at a time while the budget allows, so it lands within "
+            f"one scope's step of the target, here up to {step:.3f} average bits; another mix of widths may reach "
+            f"the target exactly). Use smaller scopes (scope='channel' over whole layers; the model's layers are "
+            f"few or small here), a palette with smaller steps, or a larger tolerance"
         )
     return _unflatten([pal[lv] for lv in level], spans)
 

@@ -110,12 +110,17 @@ class FairQuantAllocator:
         self.target_bits = None if target_bits is None else float(target_bits)
         self.metric, self.reducer, self.scope = metric, reducer, scope
         self.cvar_alpha = float(cvar_alpha)
+        if not 0.0 <= self.cvar_alpha < 1.0:  # checked when fitting too (reduce_groups); refused here, early
+            raise ValueError(f"cvar_alpha must be in [0, 1), got {cvar_alpha!r}")
         self.max_batches = max_batches
         self.groups = None if groups is None else tuple(int(g) for g in groups)
         self.layers = None if layers is None else list(layers)
         self.skip = None if skip is None else list(skip)
         self.seed = seed
         self.tolerance = float(tolerance)
+        if not self.tolerance >= 0:  # NaN too
+            raise ValueError(f"tolerance must be a non-negative number (largest |average bits - target|), got "
+                             f"{tolerance!r}")
         self.progress = progress
 
     # ------------------------------------------------------------------ fitting

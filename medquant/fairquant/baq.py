@@ -139,8 +139,9 @@ class BAQWrapper:
             raise ValueError("b_min must be >= 2: the symmetric estimator needs 2^(b-1) - 1 > 0")
         if scope not in ("channel", "tensor"):
             raise ValueError(f"unknown scope {scope!r}; accepted: channel, tensor")
-        if lambda_bit < 0 or lambda_fair < 0:
-            raise ValueError("lambda_bit and lambda_fair must be >= 0")
+        if not (lambda_bit >= 0 and lambda_fair >= 0) or math.isinf(lambda_bit) or math.isinf(lambda_fair):
+            raise ValueError(f"lambda_bit and lambda_fair must be finite numbers >= 0, got {lambda_bit!r} and "
+                             f"{lambda_fair!r}")
         if target_bits is not None and not b_min <= target_bits <= b_max:
             raise ValueError(f"target_bits={target_bits} is impossible in the bit range [{b_min}, {b_max}]")
         if init_bits is not None and hasattr(init_bits, "bit_map"):

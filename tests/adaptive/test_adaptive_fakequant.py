@@ -93,6 +93,10 @@ def test_bad_bits(bits, err):
 def test_bad_input():
     with pytest.raises(TypeError, match="floating"):
         fake_quantize_per_sample(torch.ones(2, 3, dtype=torch.int32), [2, 2])
+    with pytest.raises(TypeError, match=r"one bit-width per sample .*2 integers\), got int 2"):
+        fake_quantize_per_sample(torch.randn(2, 4), 2)
+    empty = torch.zeros(0, 3)
+    assert fake_quantize_per_sample(empty, []) is empty  # an empty batch takes an empty list
     with pytest.raises(ValueError, match="batch"):
         fake_quantize_per_sample(torch.tensor(1.0), [2])
 

@@ -97,7 +97,7 @@ def test_impossible_budgets_raise():
     with pytest.raises(ValueError, match="impossible"):
         FairQuantAllocator(bits=(2, 4), target_bits=4.5)
     # per-tensor scopes too coarse to land within 0.1 of the budget
-    with pytest.raises(ValueError, match="within 0.1"):
+    with pytest.raises(ValueError, match=r"within 0.1: .* reaches 2.006 .* up to 5.994 average bits"):
         allocate_to_budget({"big": torch.ones(1), "small": torch.ones(1)}, {"big": 1000, "small": 1}, (2, 8), 5.0)
 
 
@@ -114,6 +114,16 @@ def test_bad_palettes_and_settings():
         FairQuantAllocator(groups=[1])
     with pytest.raises(ValueError, match="unknown scope"):
         FairQuantAllocator(scope="group")
+    for tol in (-1, float("nan")):  # refused when built, not when fitting
+        with pytest.raises(ValueError, match="tolerance must be a non-negative number"):
+            FairQuantAllocator(target_bits=4, tolerance=tol)
+    with pytest.raises(ValueError, match=r"cvar_alpha must be in \[0, 1\), got -0.1"):
+        FairQuantAllocator(reducer="cvar", cvar_alpha=-0.1)
+    from medquant.fairquant import BAQWrapper
+
+    for kw in ({"lambda_bit": float("nan")}, {"lambda_fair": float("inf")}, {"lambda_bit": -1.0}):
+        with pytest.raises(ValueError, match="finite numbers >= 0"):
+            BAQWrapper(tiny_mlp(), **kw)
     with pytest.raises(RuntimeError, match="not fitted"):
         FairQuantAllocator().to_quant_map()
 
