@@ -20,6 +20,7 @@ of the teacher) as long as their logits have the same last dimension.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -34,13 +35,19 @@ from ..training import train_steps
 __all__ = ["Distiller", "kd_loss"]
 
 
+def _check_temperature(temperature: float) -> None:
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
             mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over (unmasked) positions.
 
     Logits are ``(..., V)``; ``mask`` has the leading shape (1 = count the position). The ``T^2`` factor keeps the
     gradient's scale independent of ``T`` (Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural
-    Network", 2015).
+    Network", 2015). Classes the teacher gives probability 0 (logit ``-inf``, e.g. a suppressed vocabulary entry)
+    contribute 0 (``0 * log 0 = 0``, as :func:`torch.xlogy`), not NaN.
 
     Args:
         student_logits: the student's logits.
@@ -52,18 +59,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         The scalar loss.
 
     Raises:
-        ValueError: the logits' shapes differ, ``temperature <= 0``, the mask's shape is not the positions', or the
-            mask leaves no position.
+        ValueError: the logits' shapes differ, ``temperature`` is not finite and > 0, the mask's shape is not the
+            positions', or the mask leaves no position.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ; KD needs the same positions and classes")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     t = temperature
     log_ps = F.log_softmax(student_logits.float() / t, dim=-1)
     log_pt = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # per position
+    p_t = log_pt.exp()
+    # p_t = 0 terms are 0 by convention (their log_pt is -inf: 0 * -inf would be NaN)
+    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)  # per position
     if mask is None:
         return t * t * kl.mean()
     m = mask.to(kl.dtype)
@@ -108,7 +116,7 @@ class Distiller(nn.Module):
         task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
 
     Raises:
-        ValueError: ``alpha`` outside [0, 1], ``temperature <= 0``, or ``teacher is student``.
+        ValueError: ``alpha`` outside [0, 1], ``temperature`` not finite and > 0, or ``teacher is student``.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
@@ -118,8 +126,7 @@ class Distiller(nn.Module):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        _check_temperature(temperature)
         if teacher is student:
             raise ValueError("teacher and student are the same object; distil into a copy (copy.deepcopy)")
         self.alpha, self.temperature, self.feature_weight = float(alpha), float(temperature), float(feature_weight)

@@ -234,6 +234,7 @@ class QLoRAAdapter:
             The loss of every optimiser step.
 
         Raises:
+            ValueError: ``steps < 1`` or ``batches`` is empty (as :meth:`medquant.distill.Distiller.fit`).
             RuntimeError: ``ddp=True`` without an initialised process group.
         """
         model = self.model
@@ -333,7 +334,8 @@ class QLoRAAdapter:
         The adapter object is consumed (its PEFT model is unloaded). See the module docstring on exactness.
 
         Args:
-            dtype: the dtype of the merged float weights.
+            dtype: the dtype of the whole merged model: the dequantized layers and every other floating-point
+                parameter and buffer (embeddings, norms, head; ``merged.to(dtype)``), so that it runs as is.
 
         Returns:
             The merged model (no gradients, ``use_cache`` on).
@@ -346,6 +348,7 @@ class QLoRAAdapter:
                 mod.base_layer = _dequantized_linear(mod.get_base_layer(), dtype)
         merged = self.model.merge_and_unload()
         nf4_dequantize_(merged, dtype)
+        merged.to(dtype)
         for p in merged.parameters():
             p.requires_grad_(False)
         if hasattr(merged, "config"):
@@ -394,9 +397,12 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
         The loss of every optimiser step.
 
     Raises:
-        ValueError: ``grad_accum < 1`` or no trainable parameters.
+        ValueError: ``steps < 1``, ``grad_accum < 1``, no trainable parameters, or ``batches`` is empty (no step
+            taken).
         FloatingPointError: a loss is missing or not finite.
     """
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1 (or None: one pass over batches), got {steps}")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -416,4 +422,6 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
     losses = train_steps(step_loss, batches, opt, params, max_steps=steps, grad_accum=grad_accum,
                          grad_clip=max_grad_norm, model=model, progress=progress, desc=desc)
     opt.zero_grad(set_to_none=True)
+    if not losses:
+        raise ValueError("the training data is empty: no optimiser step was taken")
     return losses

@@ -143,3 +143,25 @@ def test_hf_trainer_trains_student(tmp_path):
     Trainer(model=d, args=args, train_dataset=rows).train()
     assert not torch.equal(w0, student.model.layers[0].mlp.up_proj.weight)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0, -1.0])
+def test_temperature_must_be_finite_and_positive(bad):
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        kd_loss(s, t, bad)
+    teacher = ZOO_BY_NAME["llama"].build()
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        Distiller(teacher, copy.deepcopy(teacher), temperature=bad)
+
+
+def test_kd_loss_teacher_probability_zero_is_xlogy_not_nan():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]], requires_grad=True)
+    t = torch.tensor([[float("-inf"), 1.0, 0.0], [0.5, float("-inf"), float("-inf")]])
+    T = 2.0
+    pt = torch.softmax(t / T, -1)
+    ref = T * T * (torch.xlogy(pt, pt) - pt * torch.log_softmax(s / T, -1)).sum(-1).mean()
+    got = kd_loss(s, t, T)
+    assert torch.isfinite(got) and float(got) == pytest.approx(float(ref), rel=1e-6)
+    got.backward()
+    assert torch.isfinite(s.grad).all()

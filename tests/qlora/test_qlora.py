@@ -202,6 +202,12 @@ def test_bad_inputs_raise_clear_errors():
         QLoRAAdapter(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(FileNotFoundError, match="medquant_qlora.json"):
         QLoRAAdapter.load(entry.build(), "/nonexistent-dir")
+    ad = QLoRAAdapter(entry.build())
+    with pytest.raises(ValueError, match="the training data is empty"):
+        ad.train([], progress=False)
+    for steps in (0, -1):
+        with pytest.raises(ValueError, match=f"steps must be >= 1 .*got {steps}"):
+            ad.train([_lm_batch(ad.model, entry)[1]], steps=steps, progress=False)
 
 
 def test_inference_does_not_repack_by_default_and_merge_reads_the_cpu_packed_layout():
@@ -235,3 +241,21 @@ def test_inference_does_not_repack_by_default_and_merge_reads_the_cpu_packed_lay
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert not torch.equal(got, exact)  # the bf16 rounding is real, so the test sees the layout, not a copy
     assert got.shape == exact.shape and (got - exact).abs().max() <= 0.01 * exact.abs().max()
+
+
+def test_merge_to_bfloat16_casts_the_whole_model_and_runs():
+    entry = ZOO_BY_NAME["llama"]
+    merged = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        merged[dtype] = QLoRAAdapter(entry.build(), r=4, lora_dropout=0.0).merge(dtype)
+    m32, m16 = merged[torch.float32], merged[torch.bfloat16]
+    assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
+    # every weight = the float32 merge cast by torch (lora_B starts at 0: the merge is the dequantized base)
+    for (n, p32), (_, p16) in zip(m32.named_parameters(), m16.named_parameters(), strict=True):
+        assert torch.equal(p16, p32.to(torch.bfloat16)), n
+    inp = entry.inputs(m32)
+    with torch.no_grad():
+        out16, out32 = entry.output(m16, inp), entry.output(m32, inp)
+    assert out16.dtype == torch.bfloat16
+    assert (out16.float() - out32).abs().max() <= 0.05 * out32.abs().max()
