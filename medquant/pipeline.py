@@ -23,6 +23,7 @@ scales (:mod:`medquant.calibrate.awq`) before quantizing, ``"rtn"`` quantizes pl
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -75,18 +76,24 @@ class TrainStage:
     The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * task + feature_weight * features``
     (:class:`medquant.distill.Distiller`); ``"finetune"`` uses the task loss alone.
 
+    ``alpha``, ``temperature``, ``feature_pairs`` and ``feature_weight`` are distillation settings: ``"finetune"``
+    runs with ``alpha = 0`` and no teacher features, refuses ``feature_pairs`` (there is no teacher to match), and
+    :func:`compress` records what ran (``alpha`` 0, ``temperature`` / ``feature_weight`` ``None``, no
+    ``feature_pairs``) in the saved ``extras["pipeline"]["train"]``.
+
     Attributes:
         mode: ``"distil"`` (teacher = a frozen copy of the model before pruning) or ``"finetune"``.
-        steps: optimizer steps (AdamW), at least 1; batches of ``train_data`` are cycled.
+        steps: optimizer steps (AdamW), an integer >= 1; batches of ``train_data`` are cycled.
         lr: learning rate.
         alpha: weight of the distillation term, in ``[0, 1]``.
-        temperature: softmax temperature ``T`` of the distillation term.
+        temperature: softmax temperature ``T`` of the distillation term, finite and > 0.
         feature_pairs: ``(student layer, teacher layer)`` indices into ``hidden_states`` whose features are
-            matched (MSE through a learned projection when the widths differ).
+            matched (MSE through a learned projection when the widths differ); ``"distil"`` only.
         feature_weight: weight of the feature-matching term.
 
     Raises:
-        ValueError: an unknown ``mode`` or ``steps < 1``.
+        ValueError: an unknown ``mode``, ``steps`` not an integer >= 1, ``alpha`` outside ``[0, 1]``,
+            ``temperature`` not finite and > 0, or ``feature_pairs`` with ``"finetune"``.
     """
 
     mode: str = "distil"
@@ -100,8 +107,23 @@ class TrainStage:
     def __post_init__(self) -> None:
         if self.mode not in ("distil", "finetune"):
             raise ValueError(f"TrainStage.mode must be 'distil' or 'finetune', got {self.mode!r}")
-        if self.steps < 1:
-            raise ValueError(f"TrainStage.steps must be >= 1, got {self.steps}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"TrainStage.steps must be an integer >= 1, got {self.steps!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"TrainStage.alpha must be in [0, 1], got {self.alpha}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"TrainStage.temperature must be a finite number > 0, got {self.temperature}")
+        if self.mode == "finetune" and len(self.feature_pairs):
+            raise ValueError("TrainStage.feature_pairs match teacher features (distillation only); "
+                             "TrainStage('finetune') has no teacher: use mode 'distil' or leave feature_pairs empty")
+
+    def _as_run(self) -> dict[str, Any]:
+        """The settings as they ran (what :func:`compress` records): ``"finetune"`` trains with ``alpha`` 0 and no
+        temperature, feature pairs or feature weight."""
+        rec: dict[str, Any] = {**asdict(self), "feature_pairs": [list(p) for p in self.feature_pairs]}
+        if self.mode == "finetune":
+            rec.update(alpha=0.0, temperature=None, feature_weight=None)
+        return rec
 
 
 @dataclass
@@ -112,7 +134,7 @@ class QuantStage:
         config: the weight quantization (bits, scope, group size...).
         method: ``"awq"`` (activation-aware scales folded into the previous op, then round-to-nearest; needs
             ``calib``) or ``"rtn"`` (round-to-nearest).
-        skip: module patterns left in float (default the LM head).
+        skip: module patterns left in float (default the LM head); a single string is one pattern, ``None`` none.
 
     Raises:
         ValueError: an unknown ``method``.
@@ -128,6 +150,10 @@ class QuantStage:
             raise ValueError(f"QuantStage.method must be 'awq' or 'rtn', got {self.method!r}")
         if not isinstance(self.config, QuantConfig):
             raise TypeError(f"QuantStage.config must be a QuantConfig, got {type(self.config).__name__}")
+        if self.skip is None:
+            self.skip = ()
+        elif isinstance(self.skip, str):  # one pattern, not its characters
+            self.skip = (self.skip,)
 
 
 @dataclass
@@ -221,7 +247,7 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
     if out is not None:
         extras = {"pipeline": {
             "prune": asdict(prune) if prune else None,
-            "train": {**asdict(train), "feature_pairs": [list(p) for p in train.feature_pairs]} if train else None,
+            "train": train._as_run() if train else None,
             "quantize": {"config": quantize.config.to_dict(), "method": quantize.method,
                          "skip": list(quantize.skip)} if quantize else None,
             "final_train_loss": res.train_losses[-1] if res.train_losses else None,

@@ -58,3 +58,50 @@ def test_parameter_report_counts_quantized_weights():
     after = parameter_report(model)
     assert after["non_embedding_params"] == before["non_embedding_params"]
     assert after["bytes"] < before["bytes"] / 2
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"steps": 1.5}, "steps must be an integer >= 1, got 1.5"),
+    ({"steps": 0}, "steps must be an integer >= 1, got 0"),
+    ({"steps": True}, "steps must be an integer >= 1, got True"),
+    ({"alpha": 5.0}, r"alpha must be in \[0, 1\], got 5.0"),
+    ({"temperature": -1.0}, "temperature must be a finite number > 0, got -1.0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number > 0, got inf"),
+    ({"mode": "finetune", "feature_pairs": [(1, 1)]}, "feature_pairs match teacher features"),
+])
+def test_train_stage_refuses_bad_settings(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainStage(**{"mode": "distil", **kw})
+
+
+def test_finetune_records_the_settings_that_ran(tmp_path):
+    import json
+
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    inputs = e.inputs(model)
+    compress(model, train=TrainStage("finetune", steps=1, lr=1e-3, alpha=0.7, temperature=3.0),
+             train_data=[inputs], out=tmp_path / "f", progress=False)
+    rec = json.loads((tmp_path / "f" / "medquant.json").read_text())["extras"]["pipeline"]["train"]
+    assert rec == {"mode": "finetune", "steps": 1, "lr": 1e-3, "alpha": 0.0, "temperature": None,
+                   "feature_pairs": [], "feature_weight": None}
+    compress(model, train=TrainStage("distil", steps=1, lr=1e-3, alpha=0.7, temperature=3.0, feature_pairs=[(1, 1)]),
+             train_data=[inputs], out=tmp_path / "d", progress=False)
+    rec = json.loads((tmp_path / "d" / "medquant.json").read_text())["extras"]["pipeline"]["train"]
+    assert rec == {"mode": "distil", "steps": 1, "lr": 1e-3, "alpha": 0.7, "temperature": 3.0,
+                   "feature_pairs": [[1, 1]], "feature_weight": 1.0}
+
+
+def test_quant_stage_skip_as_one_string_is_one_pattern():
+    from medquant.quant.api import quantized_modules
+
+    assert QuantStage(QuantConfig(4), skip="@head").skip == ("@head",)
+    assert QuantStage(QuantConfig(4), skip=None).skip == ()
+    e = ZOO_BY_NAME["llama"]
+    model, ref = e.build(), e.build()
+    compress(model, quantize=QuantStage(QuantConfig(4, group_size=32), method="rtn", skip="@head"), progress=False)
+    from medquant import quantize_
+
+    quantize_(ref, QuantConfig(4, group_size=32), skip=["@head"])
+    assert sorted(quantized_modules(model)) == sorted(quantized_modules(ref))
+    assert "lm_head" not in quantized_modules(model)

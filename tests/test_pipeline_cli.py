@@ -33,3 +33,38 @@ def test_cli_pipeline(tmp_path, capsys):
     model = load_compressed(out)
     ids = torch.tensor([[101, 2053, 11325, 102]])
     assert model(input_ids=ids).logits.shape == (1, 4, tok.vocab_size)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_cli_pipeline_calibrates_on_every_calib_sample(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import medquant.pipeline
+    from tests.cli.tiny_folder import tiny_llama_folder
+
+    src = tiny_llama_folder(tmp_path / "src")
+    texts = [f"{r} ({i})" for i, r in enumerate(REPORTS * 2)]
+    (tmp_path / "t.txt").write_text("\n".join(texts))
+    tok = AutoTokenizer.from_pretrained(src)
+    seen = {}
+
+    def spy(model, **kw):
+        seen["calib"] = kw["calib"]
+        raise _Stop
+
+    monkeypatch.setattr(medquant.pipeline, "compress", spy)
+    for n in (3, 6):
+        try:
+            main(["pipeline", str(src), "--out", str(tmp_path / "out"), "--train", "none", "--text",
+                  str(tmp_path / "t.txt"), "--calib-samples", str(n), "--max-length", "16"])
+        except _Stop:
+            pass
+        got = torch.cat([b["input_ids"][i] for b in seen.pop("calib") for i in range(len(b["input_ids"]))])
+        want = torch.cat([tok(t, return_tensors="pt", truncation=True, max_length=16)["input_ids"][0]
+                          for t in texts[:n]])
+        # the same texts, in order (padding aside)
+        pad = tok.pad_token_id
+        assert torch.equal(got[got != pad], want[want != pad])

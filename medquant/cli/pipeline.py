@@ -6,15 +6,16 @@ Example (SmolLM2 from its PyPI package, IU X-ray reports as calibration and trai
         --heads 0.3 --ffn 0.3 --train distil --steps 100 --bits 4 --group-size 128 --quant awq
 
 Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-ray train reports
-(``$MEDQUANT_DATA_DIR``). Each stage shows a progress bar; ``--train none`` / ``--quant none`` / ``--heads 0
---ffn 0`` skip stages. Reload the result with ``medquant.pipeline.load_compressed(OUT)``.
+(``$MEDQUANT_DATA_DIR``): the first ``--calib-samples`` texts calibrate (batches of 4, the last one possibly
+smaller), the next ``--steps`` x ``--batch`` train. Each stage shows a progress bar; ``--train none`` /
+``--quant none`` / ``--heads 0 --ffn 0`` skip stages. Reload the result with ``medquant.pipeline.load_compressed(OUT)``.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .args import bit_width, existing_folder, fraction, non_negative_int, positive_int
+from .args import bit_width, existing_folder, fraction, positive_int
 
 
 def run(args) -> int:
@@ -33,12 +34,16 @@ def run(args) -> int:
 
         texts = [r.text for r in load_iu_reports(args.reports, split="train", require=("findings",))]
 
-    def batches(txt, bs):
+    def batches(txt, bs, keep_partial):
+        stop = len(txt) if keep_partial else len(txt) - bs + 1
         return [dict(tok(txt[i:i + bs], return_tensors="pt", padding=True, truncation=True,
-                         max_length=args.max_length)) for i in range(0, len(txt) - bs + 1, bs)]
+                         max_length=args.max_length)) for i in range(0, stop, bs)]
 
-    calib = batches(texts[: args.calib_samples], 4)
-    train_data = batches(texts[args.calib_samples:args.calib_samples + args.steps * args.batch], args.batch)
+    # every calibration text counts (the last batch may be smaller, as in ``medquant prune``); training batches
+    # are all --batch texts
+    calib = batches(texts[: args.calib_samples], 4, keep_partial=True)
+    train_data = batches(texts[args.calib_samples:args.calib_samples + args.steps * args.batch], args.batch,
+                         keep_partial=False)
     before = parameter_report(model)
     prune = (PruneStage(args.heads, args.ffn, gqa=args.gqa, layer_select=args.layer_select)
              if args.heads or args.ffn else None)
@@ -72,7 +77,7 @@ def register(sub) -> None:
     p.add_argument("--layer-select", action="store_true",
                    help="per-layer ratios from block influence (mean = --heads / --ffn)")
     p.add_argument("--train", choices=["distil", "finetune", "none"], default="distil")
-    p.add_argument("--steps", type=non_negative_int, default=100)
+    p.add_argument("--steps", type=positive_int, default=100, help="training steps (default 100)")
     p.add_argument("--batch", type=positive_int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--quant", choices=["awq", "rtn", "none"], default="awq")
