@@ -26,6 +26,11 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
+def sequence_length(text: str) -> int:
+    """A calibration sequence length: an integer >= 2 (a sequence of one token has no next token to predict)."""
+    return _int_at_least(text, 2, "an integer >= 2 (tokens per calibration sequence)")
+
+
 def fraction(text: str) -> float:
     """A fraction in [0, 1)."""
     try:

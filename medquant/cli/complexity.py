@@ -14,6 +14,8 @@ import argparse
 import csv
 from pathlib import Path
 
+from .args import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("score", help="score image complexity of a folder, npz or CSV index of images",
@@ -22,19 +24,19 @@ def register(subparsers) -> None:
     p.add_argument("path", help="image folder (with optional index.csv), .npz file, index .csv or image file")
     p.add_argument("--out", required=True, help="output CSV path")
     p.add_argument("--plot", default=None, help="PNG histogram of scores per level")
-    p.add_argument("--n-levels", type=int, default=4)
+    p.add_argument("--n-levels", type=positive_int, default=4)
     p.add_argument("--split", default=None, help="split to read (npz key prefix or CSV 'split' column)")
-    p.add_argument("--limit", type=int, default=None, help="score at most this many images")
+    p.add_argument("--limit", type=positive_int, default=None, help="score at most this many images")
     p.add_argument("--fit-on", default=None, help="calibration images (default: the scored images)")
     p.add_argument("--fit-split", default=None, help="split of --fit-on")
-    p.add_argument("--fit-limit", type=int, default=None)
+    p.add_argument("--fit-limit", type=positive_int, default=None)
     p.add_argument("--state", default=None, help="load a saved scorer state instead of fitting")
     p.add_argument("--save-state", default=None, help="save the fitted scorer state (torch.save of tensors)")
     p.add_argument("--normalisation", choices=["minmax", "quantile"], default="minmax")
     p.add_argument("--weights", default=None, help="5 comma-separated metric weights")
     p.add_argument("--edge-threshold", type=float, default=0.1)
     p.add_argument("--bits-stored", type=int, default=None, help="bit depth of >8-bit integer images")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

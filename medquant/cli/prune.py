@@ -5,7 +5,7 @@ Example::
     medquant prune path/to/model --out pruned/ --heads 0.3 --ffn 0.3 --importance activation
     medquant prune path/to/smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out pruned/ --layer-select
 
-Calibration text (for ``activation`` / ``taylor`` importance and ``--layer-select``): ``--calib-text FILE`` (one
+Calibration text (for ``activation`` / ``taylor`` importance, ``--layer-select`` and ``--drop-blocks``): ``--calib-text FILE`` (one
 sample per line) or, by default, the IU X-ray train reports from ``$MEDQUANT_DATA_DIR``.
 The result is saved with :func:`medquant.prune.save_pruned` (reload with :func:`medquant.prune.load_pruned`),
 plus a parameter table; ``--layer-select`` also writes ``block_influence.png`` and per-layer ratios.
@@ -18,7 +18,11 @@ from pathlib import Path
 from .args import existing_folder, fraction, non_negative_int, positive_int
 
 
-def _load(path: str, gguf_file: str | None):
+def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False):
+    """The model of a Hugging Face folder (or of a GGUF file in it) in eval mode, and its tokenizer (``None`` when
+    there is none; ``pad_token`` = ``eos_token`` when unset). The model is cast to float32 (pruning importance and
+    training accumulate statistics and gradients in it) unless ``keep_dtype``: then the stored dtypes are kept, as
+    ``from_pretrained`` loads them (``medquant quantize``, like :func:`medquant.quantize_` on such a model)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +35,9 @@ def _load(path: str, gguf_file: str | None):
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
-    model = cls.from_pretrained(path, **kw).float().eval()
+    model = cls.from_pretrained(path, **kw).eval()
+    if not keep_dtype:
+        model = model.float()
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError):
@@ -42,8 +48,8 @@ def _load(path: str, gguf_file: str | None):
 
 
 def _calibration(args, tok) -> list[dict] | None:
-    if args.importance == "magnitude" and not args.layer_select:
-        return None
+    if args.importance == "magnitude" and not args.layer_select and not args.drop_blocks:
+        return None  # magnitude importance alone reads no data; block influence (--layer-select, --drop-blocks) does
     if tok is None:
         raise SystemExit("calibration needs the model folder's tokenizer; none could be loaded")
     if args.calib_text:

@@ -6,8 +6,9 @@ Example::
     medquant quantize path/to/model out/ --bits 4 --group-size 128
     medquant quantize path/to/model out/ --bits 4 --method gptq --calib reports.txt --skip @vision @head
 
-The folder is loaded with its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise),
-quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`; ``gptq``:
+The folder is loaded with its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise)
+in its stored dtypes (a bfloat16 folder stays bfloat16, as ``from_pretrained`` loads it; ``bytes before`` is its
+size in them), quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`; ``gptq``:
 :func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized with the
 folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens) and saved with
 :func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it). Reload with ``import medquant`` and
@@ -20,14 +21,18 @@ import argparse
 import json
 from pathlib import Path
 
-from .args import bit_width, existing_file, existing_folder, positive_int, role_or_name
+from .args import bit_width, existing_file, existing_folder, positive_int, role_or_name, sequence_length
 from .prune import _load
 
 
 def calibration_batches(tok, path: str, samples: int, seq_len: int) -> list[dict]:
     """``samples`` batches of one ``seq_len``-token sequence each, cut in order from the text of ``path``
-    (paragraphs joined; fewer when the text is short; the last piece may be shorter)."""
+    (paragraphs joined; fewer when the text is short; the last piece may be shorter, and is dropped below 2 tokens).
+    ``seq_len`` must be at least 2 (``ValueError`` otherwise)."""
     import torch
+
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2 (tokens per calibration sequence), got {seq_len}")
 
     if tok is None:
         raise SystemExit("--calib needs the model folder's tokenizer; none could be loaded")
@@ -41,7 +46,7 @@ def calibration_batches(tok, path: str, samples: int, seq_len: int) -> list[dict
     chunks = [ids[i:i + seq_len] for i in range(0, min(len(ids), samples * seq_len), seq_len)]
     chunks = [c for c in chunks if len(c) >= 2]
     if not chunks:
-        raise SystemExit(f"--calib: {path} holds no text to calibrate on")
+        raise SystemExit(f"--calib: {path} holds no text to calibrate on (fewer than 2 tokens)")
     return [{"input_ids": torch.tensor([c]), "attention_mask": torch.ones(1, len(c), dtype=torch.long)}
             for c in chunks]
 
@@ -59,7 +64,7 @@ def run(args) -> int:
     from ..quant.size import model_size
 
     config = QuantConfig(args.bits, symmetric=True if args.symmetric else None, group_size=args.group_size)
-    model, tok = _load(args.model, None)
+    model, tok = _load(args.model, None, keep_dtype=True)
     calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len) if args.calib else None
     before = model_size(model)
     skip = list(args.skip) or None
@@ -107,7 +112,8 @@ def register(sub) -> None:
                    help="rtn (round to nearest, no data), awq or gptq (need --calib)")
     p.add_argument("--calib", type=existing_file, default=None, help="UTF-8 calibration text file (awq / gptq)")
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (default 32)")
-    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--seq-len", type=sequence_length, default=512,
+                   help="tokens per calibration sequence, at least 2 (default 512)")
     p.add_argument("--skip", nargs="+", type=role_or_name, default=[], metavar="PATTERN",
                    help="layers left in float: roles (@vision @projector @language @head), re:<regex> or names")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -140,6 +140,11 @@ def load_image(path) -> np.ndarray:
         return np.asarray(im.convert("RGB")).copy()
 
 
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None (all images) or an integer >= 0, got {limit}")
+
+
 def load_image_folder(root, index_csv: str | None = "index.csv", split: str | None = None,
                       limit: int | None = None, path_column: str = "path", gray: bool = False):
     """Images listed in ``root/index_csv`` (paths relative to ``root``) -> (list of arrays, list of rows).
@@ -160,7 +165,9 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
 
     Raises:
         FileNotFoundError: ``split`` is given but the index CSV does not exist.
+        ValueError: ``limit`` is negative.
     """
+    _check_limit(limit)
     root = Path(root)
     if index_csv is not None and (root / index_csv).exists():
         rows = read_index(root / index_csv, split=split, path_column=path_column)
@@ -275,7 +282,9 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        ValueError: ``limit`` is negative.
     """
+    _check_limit(limit)
     path = Path(path)
     if path.is_dir():
         images, rows = load_image_folder(path, split=split, limit=limit, gray=True)

@@ -120,6 +120,8 @@ def test_eval_is_perplexity_of_the_folder(folder, capsys):
     (["quantize", "{src}", "out", "--method", "awq", "--calib", "/no/such.txt"], "--calib: /no/such.txt: no such file"),
     (["quantize", "{src}", "out", "--skip", "@vison"], "--skip: unknown role '@vison'"),
     (["quantize", "{src}", "out", "--group-size", "-4"], "--group-size: expected a positive integer, got -4"),
+    (["quantize", "{src}", "out", "--method", "gptq", "--calib", "{calib}", "--seq-len", "1"],
+     "--seq-len: expected an integer >= 2 (tokens per calibration sequence), got 1"),
     (["info", "/no/such/ck"], "/no/such/ck: no such folder"),
     (["eval", "/no/such/model", "--text", "x.txt"], "/no/such/model: no such folder"),
     (["eval", "{src}", "--text", "/no/such.txt"], "--text: /no/such.txt: no such file"),
@@ -135,7 +137,7 @@ def test_arguments_are_validated_before_any_work(folder, argv, message, capsys, 
     monkeypatch.setattr(medquant.cli.prune, "_load", no_work)
     monkeypatch.setattr(medquant.cli.info, "load_hf_folder", no_work)
     with pytest.raises(SystemExit) as info:
-        main([a.replace("{src}", str(folder / "src")) for a in argv])
+        main([a.replace("{src}", str(folder / "src")).replace("{calib}", str(folder / "calib.txt")) for a in argv])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (folder / "out").exists()
@@ -156,3 +158,52 @@ def test_quantize_awq_reloads_with_every_layer_quantized_but_the_head(folder, ca
     assert summary["layers_quantized"] == len(quantized_modules(got)) == 14
     with torch.no_grad():
         assert torch.isfinite(got(input_ids=IDS).logits).all()
+
+
+def test_quantize_keeps_the_stored_bfloat16_dtypes_as_the_python_api(folder, capsys):
+    from transformers import AutoModelForCausalLM
+
+    src = folder / "src_bf16"
+    AutoModelForCausalLM.from_pretrained(folder / "src").to(torch.bfloat16).save_pretrained(src)
+    out = folder / "rtn_bf16"
+    assert main(["quantize", str(src), str(out), "--group-size", "32", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    ref = AutoModelForCausalLM.from_pretrained(src).eval()
+    assert ref.dtype == torch.bfloat16
+    before = model_size(ref).total_bytes
+    mq.quantize_(ref, mq.QuantConfig(4, group_size=32), progress=False)
+    assert summary["bytes_before"] == before and summary["bytes_after"] == model_size(ref).total_bytes
+    got = _reload(out)
+    assert got.model.embed_tokens.weight.dtype == got.model.norm.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+
+
+def test_prune_magnitude_drop_blocks_reads_the_calibration_text_as_block_influence_does(folder, capsys):
+    from transformers import AutoTokenizer
+
+    from medquant.prune import StructuredPruner, block_influence, least_influential, load_pruned
+
+    text = folder / "prune_calib.txt"
+    text.write_text("\n".join(REPORTS), encoding="utf-8")
+    out = folder / "pruned_mag"
+    assert main(["prune", str(folder / "src"), "--out", str(out), "--importance", "magnitude", "--drop-blocks", "1",
+                 "--heads", "0", "--ffn", "0", "--calib-text", str(text)]) == 0
+    capsys.readouterr()
+    tok = AutoTokenizer.from_pretrained(folder / "src")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    texts = list(REPORTS)
+    calib = [dict(tok(texts[i:i + 4], return_tensors="pt", padding=True, truncation=True, max_length=128))
+             for i in range(0, len(texts), 4)]
+    ref = _float(folder)
+    drop = least_influential(block_influence(ref, calib, progress=False), 1)
+    StructuredPruner(0.0, 0.0, importance="magnitude", drop_blocks=drop, progress=False).prune(ref)
+    got = load_pruned(out)
+    assert got.config.num_hidden_layers == ref.config.num_hidden_layers == 1
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+
+
+def test_calibration_batches_refuses_a_sequence_length_below_2(folder):
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 2"):
+        calibration_batches(object(), str(folder / "calib.txt"), 4, 1)

@@ -150,3 +150,15 @@ def test_npz_that_is_not_an_archive_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match="not an .npz archive") as e:
         mdata.load_npz_split(bad)
     assert "pickle" not in str(e.value)
+
+
+def test_negative_limit_is_refused_not_sliced_from_the_end(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    assert len(mdata.load_images(tmp_path, limit=2)[0]) == 2
+    assert len(mdata.load_images(tmp_path, limit=0)[0]) == 0
+    for load in (mdata.load_images, mdata.load_image_folder):
+        with pytest.raises(ValueError, match="limit must be None .* or an integer >= 0, got -1"):
+            load(tmp_path, limit=-1)
