@@ -32,6 +32,13 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _clamp(v, lo, hi):
+    """``min(max(v, lo), hi)`` keeping a NaN ``v``, as ``torch.clamp`` does (Triton's min / max drop a NaN operand
+    by default: a NaN input became a clamp bound)."""
+    return tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _fq_rows_kernel(
     x_ptr, bits_ptr, y_ptr, mask_ptr,
     C, stride_xr, stride_yr, eps,
@@ -46,23 +53,29 @@ def _fq_rows_kernel(
     # ---- pass 1: range of the row
     if SYMMETRIC:
         amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        nan = tl.zeros((BLOCK_C,), dtype=tl.int32)
         for c0 in range(0, C, BLOCK_C):
             xv = tl.load(x_row + c0 + offs, mask=c0 + offs < C, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xv))
+            nan = nan | (xv != xv).to(tl.int32)  # noqa: PLR0124 (x != x: a NaN)
         qmax = ((1 << (bq - 1)) - 1).to(tl.float32)
         s = tl.maximum(tl.max(amax, axis=0) / qmax, eps)
+        s = tl.where(tl.max(nan, axis=0) > 0, float("nan"), s)  # a NaN in the row: its range (and row) is NaN
         lo = -qmax
     else:
         mn = tl.zeros((BLOCK_C,), dtype=tl.float32)  # starting at 0 widens the range to include zero
         mx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        nan = tl.zeros((BLOCK_C,), dtype=tl.int32)
         for c0 in range(0, C, BLOCK_C):
             xv = tl.load(x_row + c0 + offs, mask=c0 + offs < C, other=0.0).to(tl.float32)
             mn = tl.minimum(mn, xv)
             mx = tl.maximum(mx, xv)
+            nan = nan | (xv != xv).to(tl.int32)  # noqa: PLR0124 (x != x: a NaN)
         qmax = ((1 << bq) - 1).to(tl.float32)
         lo_v = tl.min(mn, axis=0)
         s = tl.maximum((tl.max(mx, axis=0) - lo_v) / qmax, eps)
-        z = tl.minimum(tl.maximum(_round_half_even(-lo_v / s), 0.0), qmax)
+        s = tl.where(tl.max(nan, axis=0) > 0, float("nan"), s)  # a NaN in the row: its range (and row) is NaN
+        z = _clamp(_round_half_even(-lo_v / s), 0.0, qmax)
         lo = 0.0
     # ---- pass 2: quantize-dequantize
     for c0 in range(0, C, BLOCK_C):
@@ -71,10 +84,10 @@ def _fq_rows_kernel(
         xv = xin.to(tl.float32)
         if SYMMETRIC:
             r = _round_half_even(xv / s)
-            out = (tl.minimum(tl.maximum(r, lo), qmax) + 0.0) * s  # + 0.0: a -0 code dequantizes to +0
+            out = (_clamp(r, lo, qmax) + 0.0) * s  # + 0.0: a -0 code dequantizes to +0
         else:
             r = _round_half_even(xv / s) + z
-            out = (tl.minimum(tl.maximum(r, lo), qmax) - z) * s
+            out = (_clamp(r, lo, qmax) - z) * s
         out = out.to(y_ptr.dtype.element_ty)
         out = tl.where(passthrough, xin, out)
         tl.store(y_ptr + row * stride_yr + c0 + offs, out, mask=cm)
@@ -109,14 +122,14 @@ def _fq_static_kernel(
         else:
             hi = (1 << (BITS - 1)) - 1.0
             lo = -hi
-            out = (tl.minimum(tl.maximum(r, lo), hi) + 0.0) * s  # + 0.0: a -0 code dequantizes to +0
+            out = (_clamp(r, lo, hi) + 0.0) * s  # + 0.0: a -0 code dequantizes to +0
     else:
         z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg, mask=m, other=0.0)
         z = z.to(tl.float32)
         r = r + z
         lo = 0.0
         hi = (1 << BITS) - 1.0
-        out = (tl.minimum(tl.maximum(r, lo), hi) - z) * s
+        out = (_clamp(r, lo, hi) - z) * s
     y_off = offs_n[:, None] * stride_yn + offs_k[None, :]
     tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=m)
     if WRITE_MASK:

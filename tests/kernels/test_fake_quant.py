@@ -179,3 +179,27 @@ def test_rows_float64_is_quantized_in_float32():
     ref = fake_quantize_rows_reference(x.float(), bits, False).double()
     assert torch.equal(y[:3], ref[:3])
     assert torch.equal(y[3:], x[3:])  # passthrough keeps the float64 values, not their float32 rounding
+
+
+def _same_with_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN in the same places (the NaN bit patterns may differ)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(nan=0.0), b.nan_to_num(nan=0.0))
+
+
+def test_nan_and_inf_propagate_as_in_the_reference(kernel_device):
+    """A NaN / inf input (or a zero / infinite static scale) gives what the torch reference gives: NaN where it
+    does. Triton's min / max drop a NaN operand by default, so the kernels turned a NaN into a clamp bound and
+    quantized the rest of its row with a NaN-free range."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[nan, 1, 2, 3], [inf, 1, 2, 3], [-inf, 1, 2, 3], [inf, -inf, nan, 0], [1.5, -2.5, 0.5, 3.0]])
+    x = x.to(kernel_device)
+    for sym, bits in ((True, 4), (False, 4), (False, 1), (True, 8)):
+        b = [bits] * len(x)
+        got = fake_quantize_rows(x, b, sym, backend="triton").cpu()
+        assert got[0].isnan().all() and _same_with_nan(got, fake_quantize_rows(x.cpu(), b, sym, backend="torch"))
+    for sym, scale in ((True, 0.5), (False, 0.5), (True, 0.0), (False, inf)):
+        s = torch.full((len(x), 1), scale, device=kernel_device)
+        z = None if sym else torch.full((len(x), 1), 8.0, device=kernel_device)
+        got = fake_quantize_static(x, s, z, 4, sym, backend="triton").cpu()
+        want = fake_quantize_static(x.cpu(), s.cpu(), None if z is None else z.cpu(), 4, sym, backend="torch")
+        assert got[0, 0].isnan() and _same_with_nan(got, want)
