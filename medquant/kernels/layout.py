@@ -194,6 +194,8 @@ def _unpack_dense(words: torch.Tensor, bits: int) -> torch.Tensor:
     """
     n, w = words.shape
     mask = (1 << bits) - 1
+    if n == 0:  # no rows: view(n, -1, bits) cannot infer its -1
+        return torch.empty(0, w * 32 // bits, dtype=torch.uint8, device=words.device)
     if sys.byteorder == "little":
         by = words.contiguous().view(torch.uint8).view(n, -1, bits)  # (n, K/8, b) bytes per 8 codes
         wide = torch.int32 if bits * 8 <= 31 else torch.int64

@@ -279,3 +279,15 @@ def test_dense_flag_is_checked_against_the_word_count():
     _x, weight, _ = make_dense_case(1, 8, 64, 3, "group", 32, True, torch.float32, "cpu")
     with pytest.raises(ValueError, match="wrong layout"):
         dataclasses.replace(weight, dense=False)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_dense_row_group_without_rows_unpacks_to_nothing(bits):
+    """A dense row group of 0 rows unpacks to ``(0, K)`` codes and multiplies to ``(M, 0)``, as the container
+    layouts and the Triton kernel do (the reference path failed reshaping 0 elements)."""
+    from medquant.kernels.layout import pack, unpack
+
+    words = pack(torch.zeros(0, 64, dtype=torch.int64), bits, dense=True)
+    assert unpack(words, bits, dense=True).shape == (0, 64)
+    w = PackedWeight(words, torch.ones(0, 1, dtype=torch.float16), None, bits, True, "channel", 64, 64, dense=True)
+    assert packed_linear(torch.randn(3, 64), w, backend="torch").shape == (3, 0)
