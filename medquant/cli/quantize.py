@@ -123,3 +123,5 @@ def register(sub) -> None:
 def _check(args, parser: argparse.ArgumentParser) -> None:
     if args.method in ("awq", "gptq") and not args.calib:
         parser.error(f"--method {args.method} needs --calib FILE (calibration text)")
+    if args.method == "rtn" and args.calib:  # it would be read for nothing: the user meant awq or gptq
+        parser.error("--calib is read by --method awq or gptq; --method rtn (the default) uses no calibration data")

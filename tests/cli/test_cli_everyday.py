@@ -117,6 +117,7 @@ def test_eval_is_perplexity_of_the_folder(folder, capsys):
     (["quantize", "{src}", "out", "--bits", "0"], "--bits: expected a positive integer, got 0"),
     (["quantize", "{src}", "out", "--method", "hqq"], "--method: invalid choice: 'hqq'"),
     (["quantize", "{src}", "out", "--method", "gptq"], "--method gptq needs --calib FILE"),
+    (["quantize", "{src}", "out", "--calib", "{calib}"], "--calib is read by --method awq or gptq; --method rtn"),
     (["quantize", "{src}", "out", "--method", "awq", "--calib", "/no/such.txt"], "--calib: /no/such.txt: no such file"),
     (["quantize", "{src}", "out", "--skip", "@vison"], "--skip: unknown role '@vison'"),
     (["quantize", "{src}", "out", "--group-size", "-4"], "--group-size: expected a positive integer, got -4"),
