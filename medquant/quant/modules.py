@@ -179,8 +179,7 @@ class _QuantWeightBase(nn.Module):
                 self._buffers[name] = old.to(new.device)  # the moved tensor, in its own dtype
         if probe.is_floating_point():
             self.weight_dtype = probe.dtype
-        _drop_prepared(self.__dict__)
-        self._register_compute_dtype()  # .to() / .cpu() made new tensors
+        self.refresh_kernels()  # .to() / .cpu() made new tensors
         return out
 
     def __getstate__(self):
