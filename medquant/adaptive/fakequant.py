@@ -15,7 +15,8 @@ Rows with ``b_i >= 16`` pass through unchanged (16/32 = "keep floating point"). 
 input is converted, float64 included; the result is cast back to ``x.dtype``); ``torch.round`` rounds half to
 even. So a sample whose range ``hi_i - lo_i`` exceeds float32's largest value (about 3.4e38; float64 values
 beyond it become inf on conversion) comes out as NaN: such activations are beyond what a float32 model carries,
-and the op adds no pass over ``x`` to look for them. Backward is the straight-through estimator: ``d out / d x = 1`` (quantization in the training loop).
+and the op adds no pass over ``x`` to look for them. Backward is the straight-through estimator:
+``d out / d x = 1`` (quantization in the training loop).
 
 This is *simulated* quantization: it changes the values the next layer sees (and therefore accuracy), not the
 speed or the memory of the computation.
@@ -36,9 +37,16 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 __all__ = ["FLOAT_DTYPES", "PASSTHROUGH_BITS", "ROW_EPS", "check_bits", "fake_quantize_per_sample"]
 
 
-def _as_bits(bits) -> torch.Tensor:
+def _as_bits(bits, n_rows: int | None = None) -> torch.Tensor:
+    """``bits`` as a tensor: a tensor as it is, a sequence through ``torch.as_tensor`` (an empty one as int64, not
+    torch's float32 default); a bare number or string is a ``TypeError`` (``n_rows``: how many the message asks)."""
     if not isinstance(bits, torch.Tensor):
-        bits = torch.as_tensor(bits)
+        if isinstance(bits, (str, bytes)) or not hasattr(bits, "__iter__"):
+            many = f"{n_rows} integers" if n_rows is not None else "integers"
+            raise TypeError(f"bits must hold one bit-width per sample (a sequence or 1-D tensor of {many}), got "
+                            f"{type(bits).__name__} {bits!r}; for one width for all: [b] * len(x)")
+        seq = list(bits)
+        bits = torch.as_tensor(seq) if seq else torch.zeros(0, dtype=torch.int64)
     if bits.is_complex():
         raise TypeError(f"bits must be an integer tensor, got {bits.dtype}")
     return bits
@@ -61,7 +69,7 @@ def check_bits(bits: torch.Tensor, n_rows: int) -> torch.Tensor:
         TypeError: ``bits`` is not an integer tensor (floating point, complex or bool).
         ValueError: ``bits`` is not 1-D with ``n_rows`` entries, or an entry is outside 1..8 and below 16.
     """
-    bits = _as_bits(bits)
+    bits = _as_bits(bits, n_rows)
     check_row_bits(bits, n_rows, symmetric=False)
     return bits.to(torch.int64)
 
@@ -96,13 +104,7 @@ def fake_quantize_per_sample(x: torch.Tensor, bits, *, backend: str = "auto") ->
         raise ValueError("x must have a batch dimension (dim 0)")
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
-    if not isinstance(bits, torch.Tensor):
-        if isinstance(bits, (str, bytes)) or not hasattr(bits, "__iter__"):
-            raise TypeError(f"bits must hold one bit-width per sample (a sequence or 1-D tensor of {x.shape[0]} "
-                            f"integers), got {type(bits).__name__} {bits!r}; for one width for all: [b] * len(x)")
-        seq = list(bits)
-        bits = torch.as_tensor(seq) if seq else torch.zeros(0, dtype=torch.int64)  # [] is not float32 here
-    b = _as_bits(bits).to(x.device)
+    b = _as_bits(bits, x.shape[0]).to(x.device)
     if x.numel() == 0 or bool((b >= PASSTHROUGH_BITS).all()):  # the op does not run: check here
         check_bits(b, x.shape[0])
         return x
