@@ -5,8 +5,8 @@ Example::
     medquant prune path/to/model --out pruned/ --heads 0.3 --ffn 0.3 --importance activation
     medquant prune path/to/smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out pruned/ --layer-select
 
-Calibration text (for ``activation`` / ``taylor`` importance, ``--layer-select`` and ``--drop-blocks``): ``--calib-text FILE`` (one
-sample per line) or, by default, the IU X-ray train reports from ``$MEDQUANT_DATA_DIR``.
+Calibration text (for ``activation`` / ``taylor`` importance, ``--layer-select`` and ``--drop-blocks``):
+``--calib-text FILE`` (one sample per line) or, by default, the IU X-ray train reports from ``$MEDQUANT_DATA_DIR``.
 The result is saved with :func:`medquant.prune.save_pruned` (reload with :func:`medquant.prune.load_pruned`),
 plus a parameter table; ``--layer-select`` also writes ``block_influence.png`` and per-layer ratios.
 """

@@ -8,8 +8,8 @@ Example::
 
 The folder is loaded with its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise)
 in its stored dtypes (a bfloat16 folder stays bfloat16, as ``from_pretrained`` loads it; ``bytes before`` is its
-size in them), quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`; ``gptq``:
-:func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized with the
+size in them), quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`;
+``gptq``: :func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized with the
 folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens) and saved with
 :func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it). Reload with ``import medquant`` and
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``. A summary table (layers quantized, average bits, bytes before
