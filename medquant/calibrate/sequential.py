@@ -43,7 +43,7 @@ from torch import nn
 from ..models.blocks import block_stacks
 from ..quant.api import quantize_module, resolve_configs, swap_module
 from ..quant.config import QuantConfig
-from ..quant.modules import QUANT_MODULES, QuantEmbedding
+from ..quant.modules import QUANT_LAYERS
 
 __all__ = ["BlockInputs", "CheckpointSource", "quantize_sequential"]
 
@@ -472,7 +472,7 @@ def _move_local(module: nn.Module, device: torch.device) -> None:
             module._parameters[name] = nn.Parameter(t.to(device), requires_grad=t.requires_grad)
         else:
             module._buffers[name] = t.to(device)
-    if isinstance(module, (*QUANT_MODULES, QuantEmbedding)):  # its compute dtype and kernels: to the new tensors
+    if isinstance(module, QUANT_LAYERS):  # its compute dtype and kernels: to the new tensors
         module.refresh_kernels()
 
 

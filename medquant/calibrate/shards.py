@@ -40,7 +40,7 @@ from ..distributed import world_size as _world_size
 from ..models.blocks import block_stacks
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import QuantConfig
-from ..quant.modules import QUANT_MODULES, QuantEmbedding
+from ..quant.modules import QUANT_LAYERS, QUANT_MODULES
 from ..quant.recipe import bit_map_matches, layer_from_recipe, model_recipe
 from .sequential import CheckpointSource, quantize_sequential
 
@@ -214,6 +214,6 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
     for name, m in model.named_modules():
         if isinstance(m, QUANT_MODULES) and not bit_map_matches(m):
             raise ValueError(f"module {name!r}: the stored bit map disagrees with its recipe in the shard")
-        if isinstance(m, (*QUANT_MODULES, QuantEmbedding)):
+        if isinstance(m, QUANT_LAYERS):
             m.refresh_kernels()  # its tensors were replaced above: its compute dtype goes to the new ones
     return model

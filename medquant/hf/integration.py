@@ -43,7 +43,14 @@ from ..io import verify_pretrained, write_checkpoint
 from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
 from ..quant.config import QuantConfig
 from ..quant.experts import expand_recorded_experts, is_experts_module
-from ..quant.modules import QUANT_MODULES, QuantEmbedding, QuantLinear, tie_quantized_head, tied_heads
+from ..quant.modules import (
+    QUANT_LAYERS,
+    QUANT_MODULES,
+    QuantEmbedding,
+    QuantLinear,
+    tie_quantized_head,
+    tied_heads,
+)
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe
 from .config import MedQuantConfig, recipe_of
 from .method import QUANT_METHOD
@@ -298,7 +305,7 @@ class MedQuantHfQuantizer(HfQuantizer):
             # ones follow them (their biases and dequantized weight; the stored codes and scales are not cast)
             for name, dtype in self._skeleton_dtypes.items():
                 m = model.get_submodule(name)
-                if isinstance(m, (*QUANT_MODULES, QuantEmbedding)) and m.weight_dtype != dtype:
+                if isinstance(m, QUANT_LAYERS) and m.weight_dtype != dtype:
                     m.to(dtype)
         if not self.pre_quantized:
             mods = dict(model.named_modules())

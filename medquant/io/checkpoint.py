@@ -28,7 +28,14 @@ from torch import nn
 from ..kernels.layout import DENSE_BITS, FORMAT_VERSION
 from ..quant.api import swap_module
 from ..quant.experts import expand_recorded_experts
-from ..quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, tie_quantized_head, tied_to
+from ..quant.modules import (
+    QUANT_LAYERS,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    tie_quantized_head,
+    tied_to,
+)
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
 from ..version import __version__
 from . import atomic
@@ -181,9 +188,6 @@ def _recipes(model: nn.Module) -> dict[str, dict[str, Any]]:
     return modules
 
 
-_QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantEmbedding)
-
-
 def format_version_of(model: nn.Module) -> int:
     """The saved-format version ``model`` needs as its quantized layers are stored now (nothing is changed).
 
@@ -197,7 +201,7 @@ def format_version_of(model: nn.Module) -> int:
     Returns:
         ``2`` (``FORMAT_VERSION``) or ``1``.
     """
-    dense = any(isinstance(m, _QUANT_LAYERS) and m.stores_dense for m in model.modules())
+    dense = any(isinstance(m, QUANT_LAYERS) and m.stores_dense for m in model.modules())
     return FORMAT_VERSION if dense else 1
 
 
@@ -214,7 +218,7 @@ def dense_layouts(model: nn.Module) -> int:
     Returns:
         :func:`format_version_of` the re-packed model: 2 when a layer now stores dense rows, else 1.
     """
-    layers = [m for m in model.modules() if isinstance(m, _QUANT_LAYERS)]
+    layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
     ties = [(h, e) for h in layers for e in layers
             if isinstance(h, QuantLinear) and isinstance(e, QuantEmbedding) and tied_to(h, e)]
     for m in layers:

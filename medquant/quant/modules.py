@@ -718,6 +718,10 @@ class QuantEmbedding(_QuantWeightBase):
                 + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
 
 
+# every layer that stores packed weights: the two matmul layers and the embedding table
+QUANT_LAYERS = (*QUANT_MODULES, QuantEmbedding)
+
+
 def tie_quantized_head(head: QuantLinear, embedding: QuantEmbedding) -> None:
     """Make ``head`` use ``embedding``'s packed tensors (the same tensor objects): a tied output head stored once.
 

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .modules import QUANT_MODULES, QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
+from .modules import QUANT_LAYERS, QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
 
 __all__ = ["RECIPE_TYPES", "RecipeError", "bit_map_matches", "layer_from_recipe", "layer_recipe", "model_recipe"]
 
@@ -79,7 +79,7 @@ def layer_recipe(module: nn.Module, *, weight_dtype: bool = False) -> dict[str, 
     Raises:
         TypeError: ``module`` is not a QuantLinear, QuantConv2d or QuantEmbedding.
     """
-    if not isinstance(module, (*QUANT_MODULES, QuantEmbedding)):
+    if not isinstance(module, QUANT_LAYERS):
         raise TypeError(f"layer_recipe expects a QuantLinear, QuantConv2d or QuantEmbedding, got "
                         f"{type(module).__name__}")
     m = module
@@ -116,7 +116,7 @@ def model_recipe(model: nn.Module, *, weight_dtype: bool = False) -> dict[str, d
     Returns:
         ``{module name: recipe}``; empty when nothing is quantized.
     """
-    kinds = (*QUANT_MODULES, QuantEmbedding)
+    kinds = QUANT_LAYERS
     named = [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
     out = {name: layer_recipe(m, weight_dtype=weight_dtype) for name, m in named}
     for name, ename in tied_heads(model).items():

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .modules import QUANT_MODULES, QuantEmbedding
+from .modules import QUANT_LAYERS, QUANT_MODULES
 from .recipe import model_recipe
 
 
@@ -115,7 +115,7 @@ def layer_table(model: nn.Module) -> list[dict]:
     """
     rows = []
     for name, m in model.named_modules():
-        if isinstance(m, (*QUANT_MODULES, QuantEmbedding)):
+        if isinstance(m, QUANT_LAYERS):
             rows.append({"name": name, "type": type(m).__name__, "shape": [m.out_rows, m.k],
                          "bits": m._bits_repr().removeprefix("bits="), "effective_bits": m.effective_bits,
                          "bytes": m.stored_bytes()})
