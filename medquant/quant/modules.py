@@ -120,6 +120,11 @@ class _QuantWeightBase(nn.Module):
         The codes and scales are unchanged (exact); only their storage changes. The CPU kernels of the two layouts
         differ (e.g. ``native3`` for dense 3-bit rows, ``native4`` for their 4-bit containers) and may round
         differently in the last float32 bits of a sum. Returns ``self``.
+
+        A layer knows nothing of the layers sharing its tensors: re-packing one of a tied head and embedding
+        (:func:`tie_quantized_head`) alone gives it new tensors, so the pair no longer shares storage (results are
+        unchanged; the table is held twice). ``medquant.io.dense_layouts(model)`` re-packs a whole model and ties
+        such pairs again.
         """
         _check_layout(version)
         if version == self.layout_version:
