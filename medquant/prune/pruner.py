@@ -913,10 +913,13 @@ _ABSENT = object()
 def parameter_report(model: nn.Module) -> dict[str, int]:
     """Parameter and byte counts; each tensor counted once (tied weights once).
 
-    ``embedding_params`` are the weights of ``nn.Embedding`` modules (token, position, type); a tied output head
-    shares the token embedding tensor and is counted there. ``non_embedding_params`` is everything else. A
-    quantized layer (``QuantLinear`` / ``QuantConv2d``, whose weight is stored in buffers) counts its logical
-    weight elements as parameters; ``bytes`` counts what is stored (parameters and buffers).
+    ``embedding_params`` are the weights of embedding tables (``nn.Embedding`` and the quantized
+    ``QuantEmbedding``: token, position, type); a tied output head shares the token embedding's tensor (or, quantized,
+    its packed tensors) and is counted there. ``non_embedding_params`` is everything else. A quantized layer
+    (``QuantLinear`` / ``QuantConv2d`` / ``QuantEmbedding``, whose weight is stored in buffers) counts its logical
+    weight elements (``rows x k``) as parameters. ``bytes`` counts what is stored: the parameters and the persistent
+    buffers (those in ``state_dict``); non-persistent buffers (e.g. rotary ``inv_freq`` tables, recomputed from the
+    config when a model is built) are not counted.
 
     Args:
         model: any module.
@@ -924,21 +927,27 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     Returns:
         ``{"params", "embedding_params", "non_embedding_params", "bytes"}`` counts.
     """
-    from ..quant.modules import QuantConv2d, QuantLinear
+    from ..quant.modules import QUANT_LAYERS, QuantEmbedding, tied_heads
 
-    seen: set[int] = set()
     total = emb = nbytes = 0
-    for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)):
-            total += int(m.dequantized_weight().numel())
+    tied = set(tied_heads(model))
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_LAYERS) and name not in tied:
+            total += m.out_rows * m.k
+            if isinstance(m, QuantEmbedding):
+                emb += m.out_rows * m.k
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for p in list(model.parameters()) + list(model.buffers()):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        nbytes += p.numel() * p.element_size()
-        if isinstance(p, nn.Parameter):
-            total += p.numel()
-            if id(p) in emb_ids:
-                emb += p.numel()
+    seen: set[int] = set()
+    for m in model.modules():
+        stored = list(m._parameters.items()) + [(n, b) for n, b in m._buffers.items()
+                                                  if n not in m._non_persistent_buffers_set]
+        for _, p in stored:
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            nbytes += p.numel() * p.element_size()
+            if isinstance(p, nn.Parameter):
+                total += p.numel()
+                if id(p) in emb_ids:
+                    emb += p.numel()
     return {"params": total, "embedding_params": emb, "non_embedding_params": total - emb, "bytes": nbytes}
