@@ -68,3 +68,15 @@ def test_cli_pipeline_calibrates_on_every_calib_sample(tmp_path, monkeypatch):
         # the same texts, in order (padding aside)
         pad = tok.pad_token_id
         assert torch.equal(got[got != pad], want[want != pad])
+
+
+def test_cli_pipeline_layer_select_without_pruning_is_an_argument_error(tmp_path, capsys):
+    import pytest
+
+    from tests.cli.tiny_folder import tiny_llama_folder
+
+    src = tiny_llama_folder(tmp_path / "src")
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", str(src), "--out", str(tmp_path / "out"), "--heads", "0", "--ffn", "0", "--layer-select"])
+    assert e.value.code == 2 and "--layer-select" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -87,4 +87,10 @@ def register(sub) -> None:
     p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
     p.add_argument("--calib-samples", type=positive_int, default=16)
     p.add_argument("--max-length", type=positive_int, default=128)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=lambda args: _check(args, p))
+
+
+def _check(args, parser) -> None:
+    if args.layer_select and not (args.heads or args.ffn):  # no pruning stage runs: the flag would do nothing
+        parser.error("--layer-select spreads --heads / --ffn over the blocks; with --heads 0 --ffn 0 nothing is "
+                     "pruned: give a ratio above 0 or drop --layer-select")
