@@ -102,13 +102,15 @@ def fold_batchnorm_(model: nn.Module) -> list[tuple[str, str]]:
         The folded ``(conv name, bn name)`` pairs.
 
     Raises:
-        ValueError: a BatchNorm2d to fold has no running statistics.
+        ValueError: a BatchNorm2d to fold has no running statistics (checked before anything is folded).
     """
     pairs = _conv_bn_pairs(model)
-    for conv_name, bn_name in pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    for _, bn_name in pairs:  # all checked before the first fold: an error leaves the model unchanged
+        bn = model.get_submodule(bn_name)
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"{bn_name}: cannot fold a BatchNorm2d without running statistics")
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
                                     bn.bias)
         conv.weight = nn.Parameter(w.detach(), requires_grad=conv.weight.requires_grad)
@@ -118,16 +120,21 @@ def fold_batchnorm_(model: nn.Module) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- one layer
+def _check_config(config: QuantConfig, name: str) -> None:
+    """The layer's config is one learned rounding handles: one bit-width in 2..8, no per-row bit-widths."""
+    if config.channel_bits is not None:
+        raise ValueError(f"layer {name}: learned rounding does not support per-row bit-widths (channel_bits); "
+                         "use gptq_quantize_ or quantize_ for mixed-precision layers")
+    if not 2 <= config.bits <= 8:
+        raise ValueError(f"layer {name}: learned rounding needs 2..8 bits, got {config.bits}")
+
+
 class _Rounding:
     """The rounding variables of one layer and its fixed quantization grid."""
 
     def __init__(self, module: nn.Module, config: QuantConfig, name: str) -> None:
-        if config.channel_bits is not None:
-            raise ValueError(f"layer {name}: learned rounding does not support per-row bit-widths (channel_bits); "
-                             "use gptq_quantize_ or quantize_ for mixed-precision layers")
+        _check_config(config, name)
         b = config.bits
-        if not 2 <= b <= 8:
-            raise ValueError(f"layer {name}: learned rounding needs 2..8 bits, got {b}")
         self.module, self.config, self.name, self.bits = module, config, name, b
         self.sym = config.is_symmetric(b)
         w = module.weight.detach().reshape(module.weight.shape[0], -1).float()
@@ -326,6 +333,33 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"a block's output must be a tensor or a tuple starting with one, got {type(out).__name__}")
 
 
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        return f"a dict with the keys {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} inputs"
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    return f"a {type(batch).__name__}"
+
+
+def _run_batch(model: nn.Module, batch: Any, i: int, what: str) -> None:
+    """``run_model`` on one calibration batch; an error of the model's own forward is re-raised naming the batch
+    and what is being calibrated, the original exception chained (as GPTQ does)."""
+    try:
+        run_model(model, batch)
+    except _StopForward:
+        raise
+    except ValueError as e:
+        if str(e).startswith(("block ", "layer ")):
+            raise
+        raise ValueError(f"calibration batch {i} ({_describe(batch)}) failed in the model's forward while "
+                         f"calibrating {what}: {e}") from e
+    except (RuntimeError, TypeError, IndexError) as e:
+        raise ValueError(f"calibration batch {i} ({_describe(batch)}) failed in the model's forward while "
+                         f"calibrating {what}: {type(e).__name__}: {e}") from e
+
+
 @torch.no_grad()
 def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any]) -> list[tuple[tuple, dict, torch.Tensor]]:
     """(args, kwargs, float output) of every call of the block on the calibration batches."""
@@ -339,9 +373,9 @@ def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any]) ->
 
     h = block.register_forward_hook(hook, with_kwargs=True)
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             try:
-                run_model(model, batch)
+                _run_batch(model, batch, i, f"block {block_name}")
             except _StopForward:
                 pass
     finally:
@@ -376,6 +410,19 @@ def _check_args(iters: int, warmup: float, act_bits: int | None, target: str) ->
                          f"on the quantized input), got {target!r}")
 
 
+def _check_blocks(model: nn.Module, blocks: Sequence[str] | None) -> list[str]:
+    """``blocks`` as a list of distinct module names, checked: each names a module, and none lies inside another."""
+    out = list(dict.fromkeys(blocks or []))
+    for b in out:
+        model.get_submodule(b)
+    for outer, inner in itertools.permutations(out, 2):
+        if outer == "" or inner.startswith(outer + "."):
+            raise ValueError(f"blocks {outer!r} and {inner!r} nest ({inner!r} is inside {outer!r}); blocks must not "
+                             "nest: give the outer block alone (its layers are reconstructed jointly) or only the "
+                             "inner ones")
+    return out
+
+
 def _forward_order(model: nn.Module, units: Iterable[str], batch: Any) -> list[str]:
     """The units in the order of their first call on one batch (units never called last, in the given order)."""
     units = list(units)
@@ -384,7 +431,7 @@ def _forward_order(model: nn.Module, units: Iterable[str], batch: Any) -> list[s
         lambda mod, args, u=u: order.append(u) if u not in order else None) for u in units]
     try:
         with torch.no_grad():
-            run_model(model, batch)
+            _run_batch(model, batch, 0, ", ".join(units[:3]) + (", ..." if len(units) > 3 else ""))
     finally:
         for h in handles:
             h.remove()
@@ -427,12 +474,14 @@ def adaround_quantize_(
         skip: layer names or role patterns left in float, as :func:`medquant.quantize_`.
         blocks: names of modules reconstructed as a whole (e.g. a ResNet's ``"layer1.0"``); their planned layers
             are optimised jointly. Planned layers outside every block are reconstructed one by one (AdaRound).
-            Blocks must not nest.
+            Blocks must not nest (``["layer1", "layer1.0"]`` is refused).
         iters: Adam steps per block, one calibration batch each, in a seeded random order.
         lr: Adam's learning rate.
         reg: ``lambda``, the weight of the rounding regulariser.
         warmup: the fraction of the steps before the regulariser starts (reconstruction only).
-        fold_bn: fold BatchNorm2d layers into their convolutions first (:func:`fold_batchnorm_`).
+        fold_bn: fold BatchNorm2d layers into their convolutions first (:func:`fold_batchnorm_`), once the
+            arguments, the plan, the blocks and a forward on the first calibration batch have been checked; not
+            when nothing is planned.
         seed: seed of the batch order; the result is deterministic for a seed (on the same device).
         act_bits: quantize each unit's input activations too (e.g. ``8`` for W4A8): a static per-tensor
             :class:`InputQuantizer` per unit (asymmetric unless ``act_symmetric``), fixed from the unit's
@@ -451,38 +500,43 @@ def adaround_quantize_(
         round-to-nearest, ``mse`` that of the rounding kept (``fallback`` is ``"rtn"`` when round-to-nearest was
         kept because it was better, else ``None``); with ``act_bits`` also ``"act": {"bits", "symmetric", "scale",
         "zero"}`` of the unit's input quantizer. Each quantized layer also carries its record as its
-        ``calibration`` attribute.
+        ``calibration`` attribute. Empty, with the model left unchanged, when no layer is planned.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; a block's output is neither a tensor nor a tuple starting
             with one.
         ValueError: bad ``iters`` / ``warmup`` / ``act_bits`` / ``target``; an empty calibration set; a layer
-            with per-row bit-widths or bits outside 2..8; a block that the calibration batches never reach; NaN
-            or inf in a block's calibration input; a reconstruction that diverged.
+            with per-row bit-widths or bits outside 2..8; nested ``blocks``; a calibration batch that fails in the
+            model's forward (the message names the batch; the model's error is chained); a block that the
+            calibration batches never reach; NaN or inf in a block's calibration input; a reconstruction that
+            diverged. The errors up to the forward on the first batch are raised before the model is changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
     _check_args(iters, warmup, act_bits, target)
     batches = list(calib)
-    if fold_bn:
-        fold_batchnorm_(model)
+    # everything that can fail cheaply is checked before the model changes (BatchNorm folding is the first change);
+    # folding keeps the names and the types of the planned Linear / Conv2d layers, so the plan is made before it
     plan = resolve_configs(model, config_or_map, skip=skip)
     if not plan:
         return {}
     if not batches:
         raise ValueError(f"learned rounding needs calibration data: the calibration set is empty (layers to "
                          f"quantize: {', '.join(list(plan)[:3])})")
-    blocks = list(blocks or [])
-    for b in blocks:
-        model.get_submodule(b)
+    for n, cfg in plan.items():
+        _check_config(cfg, n)
+    blocks = _check_blocks(model, blocks)
     units: dict[str, list[str]] = {}
     for n in plan:
         owner = next((b for b in blocks if n.startswith(b + ".")), n)
         units.setdefault(owner, []).append(n)
+    with eval_mode(model):  # one forward on the first batch: a batch that does not fit the model fails here
+        ordered = _forward_order(model, units, batches[0])
+    if fold_bn:
+        fold_batchnorm_(model)
     records: dict[str, dict[str, Any]] = {}
     with eval_mode(model):
         reference = copy.deepcopy(model) if target == "float" else None
-        ordered = _forward_order(model, units, batches[0])
         gen = torch.Generator().manual_seed(seed)
         for unit in tqdm(ordered, desc="learned rounding", disable=not progress, leave=False):
             calls = _capture_block(model, unit, batches)

@@ -60,6 +60,21 @@ class ScaleGroup:
     err_awq: float | None = None
 
 
+def _check_search_args(grid: int, max_rows: int | None) -> None:
+    """``grid`` an int >= 1 and ``max_rows`` None or an int >= 1 (``bool`` refused), checked before any work."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be an integer >= 1 (alpha is searched over 0, 1/grid, ..., 1), got {grid!r}")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be None (keep every input row) or an integer >= 1, got {max_rows!r}")
+
+
+def _check_finite(x: torch.Tensor, layer: str, batch: int) -> None:
+    """``x`` (a group's input on one calibration batch) holds no NaN / inf (the error names the layer and batch)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"layer {layer}: calibration input holds {int((~torch.isfinite(x)).sum())} NaN/inf values "
+                         f"(calibration batch {batch}); the AWQ scale search needs finite activations")
+
+
 def _norm_kind(mod: nn.Module) -> str | None:
     name = type(mod).__name__
     if isinstance(mod, nn.LayerNorm):
@@ -109,21 +124,22 @@ def awq_groups(model: nn.Module, scope: str | list[str] | None = None) -> list[S
 
 
 @torch.no_grad()
-def _collect(model: nn.Module, groups: list[ScaleGroup], calib: Iterable[Any], max_rows: int,
+def _collect(model: nn.Module, groups: list[ScaleGroup], calib: Iterable[Any], max_rows: int | None,
              progress: bool) -> dict[str, torch.Tensor]:
     xs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
     handles = []
+    n = 0
 
     def make(name: str):
         def hook(mod, args):
             x = args[0].detach().float()
+            _check_finite(x, name, n)
             xs[name].append(x.reshape(-1, x.shape[-1]))
         return hook
 
     for name in xs:
         handles.append(model.get_submodule(name).register_forward_pre_hook(make(name)))
     try:
-        n = 0
         for batch in tqdm(calib, desc="AWQ calibration", disable=not progress, leave=False):
             run_model(model, batch)
             n += 1
@@ -135,14 +151,21 @@ def _collect(model: nn.Module, groups: list[ScaleGroup], calib: Iterable[Any], m
     return _subsample(xs, max_rows)
 
 
-def _subsample(xs: dict[str, list[torch.Tensor]], max_rows: int) -> dict[str, torch.Tensor]:
+def _subsample(xs: dict[str, list[torch.Tensor]], max_rows: int | None, prefix: str = "") -> dict[str, torch.Tensor]:
     """Concatenate each group's input rows; keep ``max_rows`` random rows (one seeded generator, groups in
-    order) where there are more."""
+    order) where there are more (``None``: keep all). ``prefix`` completes the layer names in error messages."""
     out = {}
     gen = torch.Generator().manual_seed(0)
     for name, parts in xs.items():
+        if not parts:
+            raise ValueError(f"layer {prefix}{name} received no calibration inputs: the forward did not call it on "
+                             "the calibration batches (narrow the AWQ scope, or give batches that reach it)")
         x = torch.cat(parts)
-        if x.shape[0] > max_rows:
+        if x.shape[0] == 0:
+            raise ValueError(f"layer {prefix}{name} was called {len(parts)} time(s) but received 0 input rows: the "
+                             "calibration batches are empty (no samples or no tokens); give batches with at least "
+                             "one sample and one token")
+        if max_rows is not None and x.shape[0] > max_rows:
             x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows].to(x.device)]
         out[name] = x
     return out
@@ -204,7 +227,7 @@ def _fold(model: nn.Module, g: ScaleGroup, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *,
-                    scope: str | list[str] | None = None, grid: int = 10, max_rows: int = 2048,
+                    scope: str | list[str] | None = None, grid: int = 10, max_rows: int | None = 2048,
                     progress: bool = True) -> list[ScaleGroup]:
     """Search per-group scales for ``config`` and fold them into the float model (outputs unchanged).
 
@@ -214,8 +237,9 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
         calib: calibration batches, run as :func:`medquant.models.run_model` runs them.
         scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
             ``"vision"``, ``"all"``, or a list of roles.
-        grid: ``alpha`` is searched over ``{0, 1/grid, ..., 1}``.
-        max_rows: input rows per group kept for the search (a seeded subsample beyond it).
+        grid: ``alpha`` is searched over ``{0, 1/grid, ..., 1}`` (an integer >= 1).
+        max_rows: input rows per group kept for the search (a seeded subsample beyond it; an integer >= 1, or
+            ``None`` to keep every row).
         progress: tqdm bars.
 
     Returns:
@@ -224,10 +248,12 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``.
-        ValueError: no foldable group in scope.
+        ValueError: bad ``grid`` / ``max_rows``; no foldable group in scope; no or empty calibration data; a
+            group's layer that the calibration batches do not reach; NaN or inf in a group's calibration input.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    _check_search_args(grid, max_rows)
     groups = awq_groups(model, scope)
     if not groups:
         raise ValueError(f"{type(model).__name__}: no foldable (norm/linear -> linears) groups found for AWQ")
@@ -242,7 +268,7 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
 
 def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *,
                   scope: str | list[str] | None = None, skip: Iterable[str] | None = ("@head",),
-                  grid: int = 10, max_rows: int = 2048, progress: bool = True) -> list[ScaleGroup]:
+                  grid: int = 10, max_rows: int | None = 2048, progress: bool = True) -> list[ScaleGroup]:
     """:func:`search_and_fold` then :func:`medquant.quantize_` every Linear (except ``skip``) with ``config``.
 
     Args:
@@ -253,12 +279,18 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
             ``"vision"``, ``"all"``, or a list of roles.
         skip: patterns left in float (default the LM head).
         grid: ``alpha`` grid size (see :func:`search_and_fold`).
-        max_rows: input rows per group kept for the search.
+        max_rows: input rows per group kept for the search (see :func:`search_and_fold`).
         progress: tqdm bars.
 
     Returns:
         The scale groups with their ``alpha`` and errors (see :func:`search_and_fold`).
+
+    Raises:
+        TypeError / ValueError: those of :func:`search_and_fold` (raised before the model is changed).
     """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    _check_search_args(grid, max_rows)
     calib = list(calib)
     groups = search_and_fold(model, config, calib, scope=scope, grid=grid, max_rows=max_rows, progress=progress)
     quantize_(model, config, skip=list(skip) if skip else None)
@@ -268,7 +300,7 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
 # ---------------------------------------------------------------------------------------------- block by block
 @torch.no_grad()
 def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockInputs, groups: Sequence[ScaleGroup], *,
-                          grid: int = 10, max_rows: int = 2048) -> list[ScaleGroup]:
+                          grid: int = 10, max_rows: int | None = 2048) -> list[ScaleGroup]:
     """:func:`search_and_fold` for one block on its recorded calls.
 
     Args:
@@ -278,14 +310,15 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
             :class:`medquant.calibrate.BlockInputs`).
         groups: scale groups with names relative to ``block``; they receive ``alpha``, ``err_rtn``, ``err_awq``.
         grid: ``alpha`` grid size (see :func:`search_and_fold`).
-        max_rows: input rows per group kept for the search.
+        max_rows: input rows per group kept for the search (see :func:`search_and_fold`).
 
     Returns:
         ``groups`` (as a list), updated.
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``.
-        ValueError: ``inputs`` holds no recorded call.
+        ValueError: bad ``grid`` / ``max_rows``; ``inputs`` holds no recorded call; a group's layer not called,
+            or called with 0 rows; NaN or inf in a group's calibration input.
 
     The inputs of every group are collected in one pass over the calls (before any folding; folding leaves the
     block's float function unchanged), then each group's scales are searched and folded, as in the whole-model
@@ -293,15 +326,19 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    _check_search_args(grid, max_rows)
     args, kwargs = list(inputs.args), list(inputs.kwargs)
     if not args or len(args) != len(kwargs):
         raise ValueError("AWQ needs calibration data: the block has no recorded calls (inputs.args is empty)")
     xs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
     handles = []
+    prefix = f"{inputs.name}." if inputs.name else ""
+    call = [0]
 
     def make(name: str):
         def hook(mod, a):
             x = a[0].detach().float()
+            _check_finite(x, prefix + name, call[0])
             xs[name].append(x.reshape(-1, x.shape[-1]))
         return hook
 
@@ -310,13 +347,14 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
     was = block.training
     block.eval()
     try:
-        for a, k in zip(args, kwargs):
+        for i, (a, k) in enumerate(zip(args, kwargs)):
+            call[0] = i
             block(*a, **k)
     finally:
         block.train(was)
         for h in handles:
             h.remove()
-    x_by = _subsample(xs, max_rows)
+    x_by = _subsample(xs, max_rows, prefix)
     chosen = [_search_group(block, g, x_by[g.linears[0]], config, grid) for g in groups]
     for g, s in zip(groups, chosen):
         _fold(block, g, s)
@@ -331,7 +369,7 @@ def awq_quantize_sequential(
     scope: str | list[str] | None = None,
     skip: Iterable[str] | None = ("@head",),
     grid: int = 10,
-    max_rows: int = 2048,
+    max_rows: int | None = 2048,
     device: str | torch.device | None = None,
     offload_device: str | torch.device | None = "cpu",
     checkpoint: str | os.PathLike | Any | None = None,
@@ -358,7 +396,7 @@ def awq_quantize_sequential(
             ``"vision"``, ``"all"``, or a list of roles.
         skip: patterns left in float (default the LM head).
         grid: ``alpha`` grid size (see :func:`search_and_fold`).
-        max_rows: input rows per group kept for the search.
+        max_rows: input rows per group kept for the search (see :func:`search_and_fold`).
         device: compute device of one block (default CUDA when available, else CPU).
         offload_device: where processed blocks go (``None`` keeps them on ``device``).
         checkpoint: safetensors source of the float weights of a meta-device model.
@@ -369,11 +407,13 @@ def awq_quantize_sequential(
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``, or ``calib_inputs`` holds something other than dicts.
-        ValueError: no or empty calibration data, no foldable group, or groups in blocks the sequential pass
-            does not visit.
+        ValueError: bad ``grid`` / ``max_rows``, no or empty calibration data, no foldable group, groups in
+            blocks the sequential pass does not visit (all checked before the model is changed); the errors of
+            :func:`search_and_fold_block`.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    _check_search_args(grid, max_rows)
     if calib_inputs is None:
         raise ValueError("AWQ needs calibration data: pass calib_inputs (a dict of model(**batch) keyword "
                          "arguments, or a list of such dicts)")

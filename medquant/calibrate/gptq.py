@@ -353,8 +353,13 @@ class HessianAccumulator:
             ``2 S / n``, or the group-balanced ``sum_g w_g 2 S_g / n_g``, before dampening.
 
         Raises:
-            ValueError: no input was added (the forward never reached the layer), or invalid ``group_weights``.
+            ValueError: no input row was added (the forward never reached the layer, or every call had 0 rows:
+                empty calibration batches), or invalid ``group_weights``.
         """
+        if self.rows == 0 and self.calls > 0:
+            raise ValueError(f"layer {self.name} was called {self.calls} time(s) on the calibration batches but "
+                             "received 0 input rows: the calibration batches are empty (no samples, or no tokens, "
+                             "e.g. input_ids of shape (1, 0)); give batches with at least one sample and one token")
         if self.rows == 0:
             raise ValueError(f"layer {self.name} received no calibration inputs: the model's forward did not call "
                              "it on the calibration batches (skip it, or give batches that reach it)")

@@ -172,6 +172,87 @@ def test_errors():
         adaround_quantize_(_cnn(), QuantConfig(4), bad, iters=2, progress=False)
 
 
+def _n_bn(model):
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def _unchanged(model, snap):
+    state, types = snap
+    now = model.state_dict()
+    return (now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+            and [type(m) for m in model.modules()] == types)
+
+
+def test_failed_or_empty_calls_leave_the_model_unchanged():
+    """The BatchNorms used to be folded before the calibration set, the configs and the blocks were checked."""
+    cfg = QuantConfig(4, group_size=32)
+    model = _cnn()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        adaround_quantize_(model, cfg, [], iters=2, progress=False)
+    assert _unchanged(model, snap) and _n_bn(model) == 2
+    # a bad config on the last layer: refused before the first one is folded or quantized
+    with pytest.raises(ValueError, match="layer classifier: learned rounding needs 2..8 bits, got 1"):
+        adaround_quantize_(model, {"features": cfg, "classifier": QuantConfig(1)}, _data(1), iters=2,
+                           progress=False)
+    assert _unchanged(model, snap)
+    with pytest.raises(ValueError, match="blocks 'features' and 'features.0' nest"):
+        adaround_quantize_(model, cfg, _data(1), blocks=["features", "features.0"], iters=2, progress=False)
+    assert _unchanged(model, snap)
+    with pytest.raises(ValueError, match=r"calibration batch 0 \(a tensor of shape \(2, 4, 12, 12\)\) failed in "
+                                         "the model's forward"):
+        adaround_quantize_(model, cfg, [torch.randn(2, 4, 12, 12)], iters=2, progress=False)
+    assert _unchanged(model, snap)
+    # nothing planned: nothing to quantize, so nothing is folded either
+    assert adaround_quantize_(model, {"features.0": None}, _data(1), iters=2, progress=False) == {}
+    assert _unchanged(model, snap)
+
+
+def test_fold_batchnorm_checks_every_pair_before_folding():
+    model = _cnn()
+    model.features[4].running_var = None                              # the second BatchNorm cannot be folded
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="features.4: cannot fold a BatchNorm2d without running statistics"):
+        fold_batchnorm_(model)
+    assert _unchanged(model, snap) and _n_bn(model) == 2
+
+
+@pytest.mark.parametrize("blocks", [["0", "0.0"], ["0.0", "0"], ["1", "0", "0.2"], ["", "1"]])
+def test_nested_blocks_are_refused(blocks):
+    seq = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 4))
+    inner = next(b for b in blocks if any(o != b and (o == "" or b.startswith(o + ".")) for o in blocks))
+    outer = next(o for o in blocks if o != inner and (o == "" or inner.startswith(o + ".")))
+    with pytest.raises(ValueError, match=rf"blocks '{outer}' and '{inner}' nest .*blocks must not nest"):
+        adaround_quantize_(seq, QuantConfig(4, group_size=8), [torch.randn(4, 8)], blocks=blocks, iters=2,
+                           progress=False)
+    assert all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) for m in seq.modules())
+
+
+def test_a_batch_that_does_not_fit_names_the_batch_and_the_block():
+    """A wrong input shape used to surface as torch's raw RuntimeError, naming no batch (GPTQ names both)."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 4))
+    cfg = QuantConfig(4, group_size=8)
+    with pytest.raises(ValueError, match=r"calibration batch 0 \(a tensor of shape \(4, 7\)\) failed in the "
+                                         r"model's forward while calibrating 0\.0, 0\.2, 1: RuntimeError: ") as info:
+        adaround_quantize_(copy.deepcopy(seq), cfg, [torch.randn(4, 7)], iters=2, progress=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match=r"calibration batch 1 \(a tensor of shape \(4, 7\)\) failed in the "
+                                         r"model's forward while calibrating block 0\.0: RuntimeError: ") as info:
+        adaround_quantize_(copy.deepcopy(seq), cfg, [torch.randn(4, 8), torch.randn(4, 7)], iters=2,
+                           progress=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match=r"calibration batch 1 \(a dict with the keys \['x'\]\) failed .*"
+                                         r"block features: RuntimeError: ") as info:
+        adaround_quantize_(_cnn(), QuantConfig(4, group_size=32), [{"x": _data(1)[0]}, {"x": torch.randn(2, 5, 12, 12)}],
+                           blocks=["features"], skip=["classifier"], iters=2, progress=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
 # ---------------------------------------------------------------------------------------------- W4A8
 def _hand_fake_quant(x, lo, hi, bits=8):
     """Static asymmetric per-tensor fake quantization written out in plain torch (range always holds 0)."""

@@ -75,3 +75,56 @@ def test_awq_errors():
         search_and_fold(model, CFG3, [{}], progress=False)
     with pytest.raises(TypeError, match="QuantConfig"):
         search_and_fold(ZOO_BY_NAME["llama"].build(), 3, [{}], progress=False)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, state):
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("grid", [0, -1, True, 2.5, "10"])
+def test_bad_grid_is_refused_before_the_model_changes(grid):
+    """grid=0 used to raise a bare ZeroDivisionError and grid=-1 skipped the search (plain RTN, err_awq=inf)."""
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    before = _state(model)
+    for fn in (search_and_fold, awq_quantize_):
+        with pytest.raises(ValueError, match=rf"grid must be an integer >= 1 .*got {grid!r}"):
+            fn(model, CFG3, [e.inputs(model)], grid=grid, progress=False)
+        assert _same_state(model, before)
+        assert not any(type(m).__name__ == "QuantLinear" for m in model.modules())
+
+
+@pytest.mark.parametrize("max_rows", [0, -1, True, 8.0])
+def test_bad_max_rows_is_refused_before_the_model_changes(max_rows):
+    """max_rows=0 used to be reported as NaN/inf *weights*; max_rows=-1 silently dropped one row."""
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    before = _state(model)
+    for fn in (search_and_fold, awq_quantize_):
+        with pytest.raises(ValueError, match=rf"max_rows must be None .* or an integer >= 1, got {max_rows!r}"):
+            fn(model, CFG3, [e.inputs(model)], max_rows=max_rows, progress=False)
+        assert _same_state(model, before)
+
+
+def test_nan_activations_name_the_layer_and_batch_not_the_weights():
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    ids = e.inputs(model)["input_ids"]
+    emb = model.get_input_embeddings()(ids).detach()
+    bad = emb.clone()
+    bad[0, 1, :3] = float("nan")
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj: calibration input holds \d+ "
+                                         r"NaN/inf values \(calibration batch 1\)") as info:
+        search_and_fold(model, CFG3, [{"inputs_embeds": emb}, {"inputs_embeds": bad}], progress=False)
+    assert "weights" not in str(info.value)
+    assert _same_state(model, before)
+    bad[0, 1, :3] = float("inf")
+    with pytest.raises(ValueError, match=r"q_proj: calibration input holds \d+ NaN/inf values"):
+        awq_quantize_(model, CFG3, [{"inputs_embeds": bad}], progress=False)
+    assert _same_state(model, before)

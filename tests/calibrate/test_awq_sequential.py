@@ -17,6 +17,7 @@ from safetensors.torch import save_model
 
 from medquant import QuantConfig, quantize_
 from medquant.calibrate.awq import (
+    ScaleGroup,
     _fold,
     _search_group,
     awq_groups,
@@ -179,3 +180,60 @@ def test_sequential_awq_errors():
     block = model.model.layers[0]
     with pytest.raises(ValueError, match="calibration data"):
         search_and_fold_block(block, CFG3, BlockInputs("model.layers.0"), [])
+
+
+def _linear_pair_block():
+    """A two-linear block whose second linear reads the first one's output (a ``v -> o`` style scale group)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 8))
+
+
+def test_block_search_validates_grid_and_max_rows_and_its_inputs():
+    cfg = QuantConfig(4, group_size=16)
+    block = _linear_pair_block()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+
+    def unchanged():
+        now = block.state_dict()
+        return all(torch.equal(now[k], before[k]) for k in before)
+
+    def call(*xs, **kw):
+        ins = BlockInputs("blk", [(x,) for x in xs], [{} for _ in xs])
+        return search_and_fold_block(block, cfg, ins, [ScaleGroup("0", ["1"])], **kw)
+
+    good = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    for grid in (0, -2, False, 1.0):
+        with pytest.raises(ValueError, match=rf"grid must be an integer >= 1 .*got {grid!r}"):
+            call(good, grid=grid)
+    for max_rows in (0, -1, True):
+        with pytest.raises(ValueError, match=rf"max_rows must be None .*got {max_rows!r}"):
+            call(good, max_rows=max_rows)
+    nan = good.clone()
+    nan[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"layer blk\.1: calibration input holds \d+ NaN/inf values \(calibration "
+                                         r"batch 1\)"):
+        call(good, nan)
+    with pytest.raises(ValueError, match=r"layer blk\.1 was called 1 time\(s\) but received 0 input rows: the "
+                                         "calibration batches are empty"):
+        call(torch.randn(0, 16))
+    assert unchanged()
+    # valid limits: grid=1 searches alpha in {0, 1}; max_rows=None keeps every row (same as a limit above them)
+    g_none = call(good, good * 2, max_rows=None, grid=1)[0]
+    assert g_none.alpha in (0.0, 1.0) and g_none.err_awq <= g_none.err_rtn
+    block.load_state_dict(before)
+    g_big = call(good, good * 2, max_rows=10**6, grid=1)[0]
+    assert (g_big.alpha, g_big.err_rtn, g_big.err_awq) == (g_none.alpha, g_none.err_rtn, g_none.err_awq)
+
+
+def test_sequential_awq_refuses_bad_grid_and_max_rows_before_any_block():
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="grid must be an integer >= 1"):
+        awq_quantize_sequential(model, CFG3, [e.inputs(model)], grid=0, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="max_rows must be None"):
+        awq_quantize_sequential(model, CFG3, [e.inputs(model)], max_rows=-1, grid=GRID, device="cpu",
+                                progress=False)
+    assert not any(type(m).__name__ == "QuantLinear" for m in model.modules())
+    now = model.state_dict()
+    assert now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)

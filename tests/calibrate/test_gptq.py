@@ -452,6 +452,29 @@ def test_bad_inputs_give_clear_errors():
         gptq_quantize_(_MLP(), cfg, _calib(), block_size=0, progress=False)
 
 
+def test_zero_row_batches_are_reported_as_empty_not_as_an_uncalled_layer():
+    """A layer called with 0 rows was reported as 'the model's forward did not call it' although it was called."""
+    cfg = QuantConfig(4, group_size=16)
+    for model, batch, layer in [(nn.Sequential(nn.Linear(16, 8)), torch.randn(0, 16), "0"),
+                                (nn.Sequential(nn.Linear(16, 8)), torch.randn(2, 0, 16), "0"),
+                                (tiny_cnn(), torch.randn(0, 3, 12, 12), "features.0")]:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"layer {layer} was called 1 time\(s\) on the calibration batches but "
+                                             "received 0 input rows: the calibration batches are empty") as info:
+            gptq_quantize_(model, cfg, [batch], progress=False)
+        assert "did not call" not in str(info.value)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    acc = HessianAccumulator(nn.Linear(16, 8), "proj")
+    with pytest.raises(ValueError, match="layer proj received no calibration inputs: the model's forward did not call"):
+        acc.hessian()
+    acc.add(torch.randn(0, 16))
+    acc.add(torch.randn(3, 0, 16))
+    with pytest.raises(ValueError, match=r"layer proj was called 2 time\(s\) .* received 0 input rows"):
+        acc.hessian()
+    acc.add(torch.randn(4, 16))                                       # one non-empty call: a Hessian again
+    assert acc.hessian().shape == (1, 16, 16)
+
+
 def test_singular_hessian_retries_then_fails_naming_the_layer():
     w = torch.randn(4, 16)
     x = torch.randn(100, 8)
