@@ -5,7 +5,9 @@ global-batch objective live in :mod:`medquant.fairquant.distributed`, block-shar
 :mod:`medquant.calibrate.shards`, the shared training step in :mod:`medquant.training`). Every function is a no-op
 or the single-process answer without an initialised ``torch.distributed`` process group, so the same script runs
 with ``python script.py``, ``torchrun --nproc_per_node N script.py`` or ``accelerate launch --num_processes N
-script.py`` (call ``torch.distributed.init_process_group("gloo" or "nccl")`` first).
+script.py`` (call ``torch.distributed.init_process_group("gloo" or "nccl")`` first). The exceptions are
+:func:`rank` / :func:`world_size`, which fall back to ``$RANK`` / ``$WORLD_SIZE`` for work split without
+communication.
 
 * ranks: :func:`rank`, :func:`world_size`, :func:`is_distributed`, :func:`barrier`, :func:`any_rank`;
 * data parallel: :func:`broadcast_parameters` (rank 0's values everywhere), :func:`all_reduce_gradients`
@@ -32,6 +34,12 @@ __all__ = ["all_reduce_gradients", "any_rank", "barrier", "broadcast_parameters"
 def rank() -> int:
     """This process's rank: the initialised torch.distributed group's, else ``$RANK``, else 0.
 
+    The ``$RANK`` fallback is for work split without communication (:func:`medquant.calibrate.quantize_shard`
+    writes one shard per process) and for logging on one process. Work whose partial results are combined with
+    collectives must not split on it without a process group (the reduction would be skipped and each process
+    keep a partial result): :func:`medquant.fairquant.distributed_group_importance` uses the group's rank, 0
+    without a process group.
+
     Returns:
         The rank, 0-based (0 in a single process).
     """
@@ -42,6 +50,8 @@ def rank() -> int:
 
 def world_size() -> int:
     """Number of processes: the initialised group's, else ``$WORLD_SIZE``, else 1.
+
+    Same ``$WORLD_SIZE`` fallback and caveat as :func:`rank`: for splitting work that needs no collective.
 
     Returns:
         The world size, at least 1.

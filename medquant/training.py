@@ -69,8 +69,9 @@ def train_steps(
         epochs: passes over ``batches``; ``None`` repeats passes until ``max_steps`` (and ends early when a pass
             yields no batch).
         max_steps: cap on optimizer steps over all passes; no batch beyond the last step is read.
-        grad_accum: batches per step; a step's record is the mean of its batches' records (numbers then). A last,
-            incomplete step still divides by ``grad_accum``.
+        grad_accum: batches per step; a step's record is the mean of its batches' records (numbers, or dicts of
+            numbers with the same keys: averaged key by key). A last, incomplete step still divides by
+            ``grad_accum``.
         grad_clip: max global 2-norm of the gradients of ``params`` (``None``: no clipping).
         sharded: ``params`` include FSDP2 shards (``DTensor``): clip with
             :func:`medquant.distributed.clip_grad_norm_` over ``group``.
@@ -89,6 +90,8 @@ def train_steps(
 
     Raises:
         ValueError: ``epochs < 1``, ``grad_accum < 1``, ``max_steps < 0``, or ``epochs=None`` without ``max_steps``.
+        TypeError: ``grad_accum > 1`` and records that cannot be averaged (raised before that step's
+            ``optimizer.step()``).
     """
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -133,6 +136,8 @@ def train_steps(
                     step_records.append(record)
                 if not step_records:
                     break
+                # the step's record first: a record that cannot be averaged raises before the optimizer moves
+                record = step_records[0] if grad_accum == 1 else _mean_record(step_records)
                 if sync_params:
                     mqd.all_reduce_gradients(sync_params, average=True, group=group)
                 if grad_clip is not None and sharded:
@@ -140,7 +145,7 @@ def train_steps(
                 elif grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 optimizer.step()
-                records.append(step_records[0] if grad_accum == 1 else sum(step_records) / len(step_records))
+                records.append(record)
                 if bar is not None:
                     bar.update(1)
                     shown = _shown(records[-1])
@@ -157,6 +162,25 @@ def train_steps(
         if model is not None:
             model.eval()
     return records
+
+
+def _mean_record(records: list[Any]) -> Any:
+    """The mean of a step's batch records: of numbers, or key by key of dicts of numbers with the same keys."""
+    if all(isinstance(r, Mapping) for r in records):
+        keys = list(records[0])
+        if any(list(r) != keys for r in records[1:]):
+            raise TypeError(f"grad_accum > 1 averages the batches' records key by key, but they have different keys: "
+                            f"{[sorted(r) for r in records]}")
+        try:
+            return {k: sum(r[k] for r in records) / len(records) for k in keys}
+        except TypeError:
+            raise TypeError("grad_accum > 1 averages the batches' records: dict records need number values, got "
+                            f"{[type(v).__name__ for v in records[0].values()]}") from None
+    try:
+        return sum(records) / len(records)
+    except TypeError:
+        raise TypeError("grad_accum > 1 averages the batches' records: loss_fn must record numbers or dicts of "
+                        f"numbers, got {type(records[0]).__name__}") from None
 
 
 def _total_steps(batches: Iterable[Any], epochs: int | None, max_steps: int | None, grad_accum: int) -> int | None:

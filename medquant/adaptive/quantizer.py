@@ -152,6 +152,16 @@ def block_output_sites(model: nn.Module, prefix: str | None = None) -> list[tupl
     return [(n, "output") for n in vision_layers(model)]
 
 
+def _scorer_levels(scorer) -> list[int] | None:
+    """The levels ``scorer.levels(...)`` can return: a ``LearnedPolicy``'s ``level_list`` (the keys of its bit map),
+    else ``0 .. n_levels - 1`` (a ``ComplexityScorer``); None when the scorer declares neither."""
+    level_list = getattr(scorer, "level_list", None)
+    if level_list is not None:
+        return sorted(int(lv) for lv in level_list)
+    n = getattr(scorer, "n_levels", None)
+    return None if n is None else list(range(int(n)))
+
+
 class AdaptiveQuantizer(nn.Module):
     """Wrap ``model`` so each input sample's activations are quantized at a bit-width chosen by its level.
 
@@ -198,10 +208,11 @@ class AdaptiveQuantizer(nn.Module):
         self.model = model
         self.scorer = scorer
         if scorer is not None:
-            n = getattr(scorer, "n_levels", None)
-            if n is not None and any(lv not in self.bit_map for lv in range(int(n))):
-                raise ValueError(f"the scorer gives levels 0..{int(n) - 1} but bit_map only has "
-                                 f"{sorted(self.bit_map)}")
+            produced = _scorer_levels(scorer)
+            missing = [lv for lv in produced or () if lv not in self.bit_map]
+            if missing:
+                raise ValueError(f"the scorer gives levels {produced} but bit_map only has {sorted(self.bit_map)} "
+                                 f"(missing {missing}): give bit_map an entry for every level the scorer returns")
         parsed = [_parse_site(s) for s in sites] if sites is not None else default_sites(model)
         if not parsed:
             raise ValueError("sites is empty: give at least one module name")

@@ -60,7 +60,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
     Raises:
         ValueError: the logits' shapes differ, ``temperature`` is not finite and > 0, the mask's shape is not the
-            positions', or the mask leaves no position.
+            positions', or no position is left (an empty batch, or a mask of zeros).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -72,6 +72,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     p_t = log_pt.exp()
     # p_t = 0 terms are 0 by convention (their log_pt is -inf: 0 * -inf would be NaN)
     kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)  # per position
+    if kl.numel() == 0:
+        raise ValueError(f"the logits {tuple(student_logits.shape)} have no position to distil (an empty batch); "
+                         f"KD needs at least one row of logits")
     if mask is None:
         return t * t * kl.mean()
     m = mask.to(kl.dtype)
@@ -282,8 +285,8 @@ class Distiller(nn.Module):
                              max_steps=steps, grad_clip=grad_clip or None,
                              sync_params=proj if ddp else (),  # DDP / FSDP sync the student only
                              group=group, model=self.student, progress=progress, desc="distil")
-        if steps is not None and not losses:
-            raise ValueError("the training data is empty")
+        if not losses:
+            raise ValueError("the training data is empty: data yielded no batch, so no step was taken")
         return losses
 
 

@@ -118,7 +118,8 @@ def default_groups(batch: Any) -> torch.Tensor:
 
 
 def check_groups(groups: Any, n: int) -> torch.Tensor:
-    """Validate group ids: an integer tensor with one entry per sample.
+    """Validate group ids: a 1-D integer tensor (or a list of ints) with one entry per sample (a column ``(N, 1)``
+    and, for one sample, a scalar are read as such).
 
     Args:
         groups: the group ids.
@@ -128,14 +129,23 @@ def check_groups(groups: Any, n: int) -> torch.Tensor:
         The ids as int64.
 
     Raises:
-        TypeError: the ids are not an integer tensor.
-        ValueError: not one id per sample.
+        TypeError: the ids are not integers (floats, bools, strings...).
+        ValueError: not a 1-D sequence of one id per sample.
     """
     if not isinstance(groups, torch.Tensor):
-        groups = torch.as_tensor(groups)
+        try:
+            groups = torch.as_tensor(groups)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"group ids must be integers (a 1-D integer tensor or a list of ints, one per sample), "
+                            f"got {type(groups).__name__} that is not convertible to a tensor ({e}); map labels "
+                            f"such as strings to integer ids first") from None
     if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
         raise TypeError(f"group ids must be an integer tensor, got dtype {groups.dtype}")
-    groups = groups.reshape(-1)
+    if groups.dim() == 0 or (groups.dim() == 2 and groups.shape[1] == 1):  # a scalar (one sample), a column (N, 1)
+        groups = groups.reshape(-1)
+    if groups.dim() != 1:
+        raise ValueError(f"group ids must be 1-D with one id per sample, got shape {tuple(groups.shape)} for a batch "
+                         f"of {n} per-sample losses")
     if groups.numel() != n:
         raise ValueError(f"got {groups.numel()} group ids for a batch of {n} per-sample losses: give one per sample")
     return groups.long()
@@ -155,7 +165,9 @@ def batch_losses(model: nn.Module, batch: Any, loss_fn: LossFn | None, groups_fn
         ``(losses, groups)``.
 
     Raises:
-        ValueError: the losses are not ``(N,)`` or contain NaN / inf, or ``loss_fn`` returned something else.
+        ValueError: the losses are not ``(N,)`` or contain NaN / inf, ``loss_fn`` returned something else, or the
+            group ids are not 1-D with one id per sample.
+        TypeError: the group ids are not integers.
     """
     out = (loss_fn or default_loss)(model, batch)
     if isinstance(out, (tuple, list)):

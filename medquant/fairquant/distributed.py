@@ -29,11 +29,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed import is_distributed, rank, world_size
+from ..distributed import is_distributed, rank
+from .batches import default_groups
 from .importance import GroupImportance, compute_group_importance
 
 __all__ = ["all_reduce_importance", "distributed_group_importance", "fit_allocator_distributed",
            "fit_baq_distributed", "global_group_objective"]
+
+
+def _group_rank_world(group=None) -> tuple[int, int]:
+    """``(rank, world size)`` in ``group`` when a process group is initialised, else ``(0, 1)``.
+
+    Unlike :func:`medquant.distributed.rank` / ``world_size`` there is no ``$RANK`` / ``$WORLD_SIZE`` fallback: the
+    work split here is only correct when the partial results are all-reduced afterwards, which needs a process group;
+    without one every process computes the single-process answer.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
 
 
 def all_reduce_importance(importance, group=None):
@@ -85,7 +98,11 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
     """Group importance of the first ``max_batches`` calibration batches, computed across ranks and summed.
 
     Each rank takes its share of the batches (``rank, rank + world, ...``) and computes its partial importance
-    (``compute_group_importance(model, share, **kwargs)``); the partial maps are summed over the ranks.
+    (``compute_group_importance(model, share, **kwargs)``); the partial maps are summed over the ranks. The rank and
+    world size are those of ``group`` in the initialised process group; without a process group (even with
+    ``$RANK`` / ``$WORLD_SIZE`` set) this is the single-process importance of all the batches. Every rank must get
+    at least one batch with samples: the ranks agree on that (and on any other failure of a rank's share) before
+    reducing, so every rank raises instead of some waiting in a collective.
 
     Args:
         model: the model (identical on every rank).
@@ -98,18 +115,59 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
         The global :class:`~medquant.fairquant.importance.GroupImportance`.
 
     Raises:
-        ValueError: an invalid rank / world size, ``max_batches`` below the number of processes, or a single group
-            over all ranks.
+        ValueError: an invalid rank / world size, ``max_batches`` below the number of processes, fewer calibration
+            batches (or batches with samples) than processes, or a single group over all ranks.
+        RuntimeError: another rank failed computing its share (that rank raises its own error).
     """
-    r, w = rank(), world_size()
+    r, w = _group_rank_world(group)
     if w < 1 or not 0 <= r < w:
         raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank={r}, world_size={w}")
     if max_batches is not None and max_batches < w:
         raise ValueError(f"max_batches={max_batches} leaves some of the {w} processes without a calibration batch; "
                          f"use max_batches >= world size")
-    share = itertools.islice(batches, r, max_batches, w)
-    # one rank may see a single group: the check is on the groups of all ranks together
-    local = compute_group_importance(model, share, max_batches=None, min_groups=1, **kwargs)
+    seen = [0, 0]  # batches, samples of this rank's share
+    groups_fn = kwargs.pop("groups_fn", None) or default_groups
+
+    def counted(it):
+        for b in it:
+            seen[0] += 1
+            yield b
+
+    def counting_groups(batch):
+        g = groups_fn(batch)
+        seen[1] += int(g.numel()) if isinstance(g, torch.Tensor) else (len(g) if hasattr(g, "__len__") else 1)
+        return g
+
+    share = counted(itertools.islice(batches, r, max_batches, w))
+    local, error = None, None
+    try:
+        # one rank may see a single group: the check is on the groups of all ranks together
+        local = compute_group_importance(model, share, max_batches=None, min_groups=1, groups_fn=counting_groups,
+                                         **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank knows whether one failed
+        error = e
+    status = torch.zeros(3, w, dtype=torch.int64)
+    status[:, r] = torch.tensor([seen[0], seen[1], error is not None])
+    if w > 1:
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        status = status.to(dev)
+        dist.all_reduce(status, op=dist.ReduceOp.SUM, group=group)
+    n_batches, n_samples, failed = status.tolist()
+    if w == 1 and n_batches[0] > 0 and n_samples[0] == 0:
+        raise ValueError(f"calibration saw no samples: its {n_batches[0]} batch(es) are all empty")
+    empty = [i for i in range(w) if n_batches[i] == 0 or n_samples[i] == 0]
+    if w > 1 and empty:
+        raise ValueError(
+            f"fewer calibration batches with samples than processes: rank(s) {empty} of {w} got no batch with "
+            f"samples (batches per rank {n_batches}, samples per rank {n_samples}; rank r takes batches r, "
+            f"r + {w}, ... of the first max_batches={max_batches}). Give at least {w} non-empty batches")
+    bad = [i for i in range(w) if failed[i]]
+    if bad and error is None:
+        raise RuntimeError(f"rank(s) {bad} failed computing their share of the group importance (their own "
+                           f"error is raised there)")
+    if error is not None:
+        raise error
+    assert local is not None
     total = all_reduce_importance(local, group=group)
     if len(total.counts) < 2:
         raise ValueError(f"calibration over all {w} processes saw a single group ({sorted(total.counts)}); "
@@ -151,27 +209,48 @@ def fit_allocator_distributed(allocator, model: nn.Module, batches, *, loss_fn=N
     return allocator.fit_importance(imp)
 
 
+def _global_ids(local_ids: torch.Tensor, group=None) -> torch.Tensor:
+    """Sorted union over the ranks of ``group`` of each rank's sorted unique ids (two small all-gathers)."""
+    w = dist.get_world_size(group)
+    k = torch.tensor([local_ids.numel()], dtype=torch.int64, device=local_ids.device)
+    sizes = [torch.zeros_like(k) for _ in range(w)]
+    dist.all_gather(sizes, k, group=group)
+    n = [int(t) for t in sizes]
+    if max(n) == 0:
+        return local_ids
+    padded = torch.zeros(max(n), dtype=torch.int64, device=local_ids.device)
+    padded[:local_ids.numel()] = local_ids
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.unique(torch.cat([t[:m] for t, m in zip(parts, n)]))
+
+
 def global_group_objective(losses: torch.Tensor, groups: torch.Tensor, *, lambda_fair: float = 0.0, group=None,
                            grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean loss and fairness penalty of the *global* batch (the union of every rank's batch).
 
-    The global objective is ``F = sum_g S_g / N + lambda_fair * (S_a / n_a - S_b / n_b)`` with ``S_g`` / ``n_g``
-    the loss sum / sample count of group ``g`` over all ranks, ``N = sum_g n_g``, ``a`` / ``b`` the groups with the
-    largest / smallest mean loss (``max_g L_g - min_g L_g``; 0 with fewer than two groups). The detached sums and
-    counts are summed over ranks (one ``all_reduce``), so every rank knows ``N``, ``n_g``, ``a`` and ``b``. The
-    returned *surrogate* keeps this rank's autograd path only::
+    The global objective is ``F = sum_g S_g / N + lambda_fair * (max_g S_g / n_g - min_g S_g / n_g)`` with ``S_g``
+    / ``n_g`` the loss sum / sample count of group ``g`` over all ranks and ``N = sum_g n_g`` (the penalty is 0 with
+    fewer than two groups). Group ids are any integers (negative or large ones included): the sorted union of the
+    ids of every rank is gathered and the ids are relabelled to their position in it, so memory is linear in the
+    number of groups. The detached sums and counts are summed over ranks (one ``all_reduce``), so every rank knows
+    ``N``, ``n_g`` and the global group means ``L_g``. The returned *surrogate* keeps this rank's autograd path
+    only::
 
-        J_r = grad_scale * ( sum_{i in r} l_i / N + lambda_fair * (S^r_a / n_a - S^r_b / n_b) )
+        J_r = grad_scale * ( sum_{i in r} l_i / N + lambda_fair * (max_g M_g - min_g M_g) ),
+        M_g = L_g + (S^r_g - stopgrad(S^r_g)) / n_g
 
-    ``F`` is linear in the per-rank sums ``S^r_g`` once ``a``, ``b``, ``n`` are fixed, so ``sum_r dJ_r/dw =
-    grad_scale * dF/dw``: with ``grad_scale = world_size`` and the gradients averaged over ranks (what
-    ``DistributedDataParallel`` does) every rank gets exactly the single-process gradient of ``F``; with
-    ``grad_scale = 1`` and summed gradients too. Without a process group (or world size 1) this is the
-    single-process loss.
+    ``M_g`` has the value of the global mean ``L_g`` and the gradient of this rank's share ``S^r_g / n_g``, and the
+    max / min are torch's ``max()`` / ``min()`` of the vector of group means in ascending id order, the very op of
+    the single-process penalty (:func:`medquant.fairquant.batches.fairness_penalty`): groups tied for the largest
+    (smallest) mean share its gradient the same way. So ``sum_r dJ_r/dw = grad_scale * dF/dw``: with ``grad_scale =
+    world_size`` and the gradients averaged over ranks (what ``DistributedDataParallel`` does) every rank gets
+    exactly the single-process gradient of ``F``; with ``grad_scale = 1`` and summed gradients too. Without a
+    process group (or world size 1) this is the single-process loss.
 
     Args:
         losses: this rank's per-sample losses ``(N_r,)``.
-        groups: this rank's group ids ``(N_r,)``, integers >= 0.
+        groups: this rank's integer group ids ``(N_r,)``.
         lambda_fair: weight of the fairness penalty.
         group: the process group (default the world; None without ``torch.distributed``).
         grad_scale: factor on the surrogate (``world_size`` when DDP averages the gradients).
@@ -180,24 +259,26 @@ def global_group_objective(losses: torch.Tensor, groups: torch.Tensor, *, lambda
         ``(surrogate, F_task, F_fair)``; the last two detached and identical on all ranks.
 
     Raises:
-        ValueError: losses and group ids of different shapes or not 1-D, or a negative group id.
+        ValueError: losses and group ids of different shapes or not 1-D, non-integer group ids, or every rank's
+            batch empty.
     """
     if losses.dim() != 1 or groups.shape != losses.shape:
         raise ValueError(f"need per-sample losses (N,) and group ids (N,), got {tuple(losses.shape)} and "
                          f"{tuple(groups.shape)}")
-    if groups.numel() and int(groups.min()) < 0:
-        raise ValueError("group ids must be >= 0 for the cross-process reduction")
+    if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
+        raise ValueError(f"group ids must be integers, got dtype {groups.dtype}")
     on = is_distributed(group)
-    top = torch.tensor([int(groups.max()) if groups.numel() else -1], dtype=torch.int64, device=losses.device)
-    if on:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    n_ids = int(top) + 1
+    groups = groups.to(device=losses.device, dtype=torch.int64)
+    local_ids = torch.unique(groups)
+    ids = _global_ids(local_ids, group) if on else local_ids
+    n_ids = ids.numel()
     if n_ids == 0:
         raise ValueError("every rank's batch is empty")
+    index = torch.searchsorted(ids, groups)
     # float32 at least (half-precision counts are inexact above 2048); differentiable through index_add
     acc = torch.promote_types(losses.dtype, torch.float32)
-    sums = torch.zeros(n_ids, dtype=acc, device=losses.device).index_add(0, groups, losses.to(acc))
-    counts = torch.bincount(groups, minlength=n_ids).to(acc)
+    sums = torch.zeros(n_ids, dtype=acc, device=losses.device).index_add(0, index, losses.to(acc))
+    counts = torch.bincount(index, minlength=n_ids).to(acc)
     packed = torch.cat([sums.detach(), counts])
     if on:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
@@ -208,10 +289,11 @@ def global_group_objective(losses: torch.Tensor, groups: torch.Tensor, *, lambda
     fair = task.new_zeros(())
     present = torch.nonzero(n_all > 0).flatten()
     if lambda_fair > 0 and present.numel() >= 2:
-        means = s_all[present] / n_all[present]
-        a, b = present[torch.argmax(means)], present[torch.argmin(means)]
-        fair = (means.max() - means.min()).detach()
-        surrogate = surrogate + lambda_fair * (sums[a] / n_all[a] - sums[b] / n_all[b])
+        # global means as values, this rank's sums as the autograd path; same max()/min() as fairness_penalty
+        means = (s_all[present] + (sums[present] - sums[present].detach())) / n_all[present]
+        penalty = means.max() - means.min()
+        fair = penalty.detach()
+        surrogate = surrogate + lambda_fair * penalty
     return surrogate * grad_scale, task, fair
 
 

@@ -179,6 +179,8 @@ def compute_group_importance(
                 p.requires_grad_(f)
     if n_batches == 0:
         raise ValueError("no calibration batches: the data iterable was empty")
+    if not counts:
+        raise ValueError(f"calibration saw no samples: its {n_batches} batch(es) are all empty")
     if allowed is not None:
         missing = sorted(allowed - set(counts))
         if missing:

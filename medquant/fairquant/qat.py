@@ -14,9 +14,11 @@ backward ``dw^/dw = 1``. The loss per batch is
 
 with ``l_i`` the per-sample cross-entropy and ``L_g`` the mean loss over the batch's samples of group ``g`` (groups
 present in the batch), optimised with AdamW and gradient-norm clipping (1.0) by
-:func:`medquant.training.train_steps`. At the end the parametrizations are removed and the model is exported with
-:func:`medquant.quantize_` to real ``QuantLinear`` / ``QuantConv2d`` layers with the same allocation: the exported
-model computes exactly what the fake-quantized model computed.
+:func:`medquant.training.train_steps`. At the end (``export=True``, the default) the parametrizations are removed and
+the model is exported with :func:`medquant.quantize_` to real ``QuantLinear`` / ``QuantConv2d`` layers with the same
+allocation: the exported model computes exactly what the fake-quantized model computed. With ``export=False`` the
+model is returned with its fake-quant parametrizations attached (remove them with :func:`detach_fake_quant` to get
+the trained float weights).
 """
 from __future__ import annotations
 
@@ -38,8 +40,25 @@ from .batches import GroupsFn, LossFn, batch_losses, fairness_penalty
 from .distributed import global_group_objective
 
 
+class _Float16RoundSTE(torch.autograd.Function):
+    """``w`` rounded to float16 and back to its dtype; straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return w.to(torch.float16).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
 class FakeQuantWeight(nn.Module):
     """Parametrization ``w -> fake_quantize(w)`` row group by row group (per-row ``channel_bits``).
+
+    Rows kept in floating point in a layer that is quantized (mixed ``channel_bits``) are the weights the exported
+    ``QuantLinear`` / ``QuantConv2d`` stores: 16-bit rows rounded to float16 (straight-through gradient), 32-bit
+    rows unchanged. A layer that is entirely float (``config.is_float``) stays a float32 module when exported, so
+    its weight passes unchanged.
 
     Args:
         config: the layer's ``QuantConfig`` (its ``row_bits`` give each output channel's bits).
@@ -66,7 +85,9 @@ class FakeQuantWeight(nn.Module):
         out = torch.zeros_like(w)
         for b, mask in self.groups:
             m = mask.to(w.device).reshape(-1, *([1] * (w.dim() - 1)))
-            if b in FLOAT_BITS:
+            if b == 16 and not self.config.is_float:  # exported as float16 rows (fweight_16)
+                fq = _Float16RoundSTE.apply(w)
+            elif b in FLOAT_BITS:
                 fq = w
             elif b == 0:
                 continue
@@ -179,7 +200,9 @@ def fq_qat(
         loss_fn: per-sample losses of ``(model, batch)`` (default
             :func:`medquant.fairquant.batches.default_loss`).
         groups_fn: group ids of a batch (default :func:`medquant.fairquant.batches.default_groups`).
-        export: swap the fake-quantized layers for real QuantLinear / QuantConv2d (``quantize_``) at the end.
+        export: swap the fake-quantized layers for real QuantLinear / QuantConv2d (``quantize_``) at the end;
+            ``False`` returns the model with its fake-quant parametrizations attached (:func:`detach_fake_quant`
+            removes them).
         progress: show a progress bar.
         fsdp: ``True`` or a 1-D ``DeviceMesh``: shard the model with FSDP2 (see below).
         fsdp_units: the module names ``fully_shard`` wraps (default each quantized layer).
@@ -267,12 +290,17 @@ def fq_qat(
                               grad_clip=grad_clip, sharded=use_fsdp, group=pg, model=model, progress=progress,
                               desc="FQ-QAT")
         history = [{"step": i, **r} for i, r in enumerate(records)]
-    finally:
-        if not use_fsdp:
+    except BaseException:
+        if not use_fsdp:  # leave the caller's model as it was given: float weights, no parametrizations
             detach_fake_quant(inner)
+        raise
     if use_fsdp:  # gather the trained float weights into a plain copy of the model (collective: all ranks)
         inner = mqd.load_full_state(skeleton, inner)
         inner.eval()
+        if not export:  # the same fake-quantized model as without FSDP
+            attach_fake_quant(inner, plan)
+    elif export:
+        detach_fake_quant(inner)
     if export:
         quantize_(inner, plan)
     return QATResult(model=inner, plan=plan, history=history)

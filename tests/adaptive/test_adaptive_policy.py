@@ -1,6 +1,8 @@
 """Learned policy: labels by hand, per-sample losses vs a manual loop, budget, errors."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -84,3 +86,35 @@ def test_learned_policy_errors():
         LearnedPolicy().fit(np.zeros((4, 3)), [2, 4, 8, 32])
     with pytest.raises(RuntimeError, match="not fitted"):
         LearnedPolicy().levels(metrics=m)
+
+
+class _MetricsAreInputs:
+    """A stand-in complexity scorer: the 5 metrics of a sample are its 5 input features."""
+
+    def metrics(self, x):
+        return x
+
+
+def test_policy_with_non_contiguous_levels_drives_the_quantizer():
+    """A LearnedPolicy returns the keys of its bit map (here 0 and 5), not 0..n-1: the quantizer built with the
+    same bit map accepts it and quantizes each sample at the bits of the level the policy chose."""
+    bm = {0: 2, 5: 8}
+    g = torch.Generator().manual_seed(0)
+    metrics = torch.randn(40, 5, generator=g)
+    labels = torch.where(metrics[:, 0] > 0, 8, 2)
+    pol = LearnedPolicy(bit_map=bm, scorer=_MetricsAreInputs()).fit(metrics, labels, epochs=30)
+    x = torch.randn(6, 5, generator=g)
+    lv = pol.levels(metrics=x)
+    assert set(lv.tolist()) <= {0, 5}
+    torch.manual_seed(1)
+    model = torch.nn.Sequential()
+    model.head = torch.nn.Linear(5, 2)
+    head = copy.deepcopy(model.head)
+    aq = AdaptiveQuantizer(model, bit_map=bm, scorer=pol, weight_config=None)
+    out = aq(x)  # levels from the policy (scorer) on the input
+    ref = head(torch.stack([independent_fq(x[i], bm[int(lv[i])]) for i in range(6)]))
+    assert torch.equal(out, ref)
+    # a quantizer whose bit map lacks a level the policy returns is still refused, naming it
+    with pytest.raises(ValueError, match=r"missing \[5\]"):
+        AdaptiveQuantizer(torch.nn.Sequential(torch.nn.Linear(5, 2)), bit_map={0: 2, 1: 8}, scorer=pol,
+                          sites=["0"], weight_config=None)

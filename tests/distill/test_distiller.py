@@ -165,3 +165,27 @@ def test_kd_loss_teacher_probability_zero_is_xlogy_not_nan():
     assert torch.isfinite(got) and float(got) == pytest.approx(float(ref), rel=1e-6)
     got.backward()
     assert torch.isfinite(s.grad).all()
+
+
+def test_fit_on_empty_data_raises_with_the_default_epochs():
+    torch.manual_seed(0)
+    student = torch.nn.Linear(4, 3)
+    before = copy.deepcopy(student.state_dict())
+    d = Distiller(torch.nn.Linear(4, 3), student, alpha=1.0)
+    for data in ([], iter([])):
+        with pytest.raises(ValueError, match="training data is empty"):
+            d.fit(data, progress=False)
+        with pytest.raises(ValueError, match="training data is empty"):
+            d.fit(data, epochs=2, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_kd_loss_on_an_empty_batch_raises_instead_of_nan():
+    with pytest.raises(ValueError, match="no position to distil"):
+        kd_loss(torch.randn(0, 3), torch.randn(0, 3))
+    with pytest.raises(ValueError, match="no position to distil"):
+        kd_loss(torch.randn(2, 0, 5), torch.randn(2, 0, 5))  # sequences of length 0
+    # one row is fine and equals the hand KL (T = 1)
+    s, t = torch.tensor([[0.1, 0.7, -0.3]]), torch.tensor([[0.4, -0.2, 0.5]])
+    assert float(kd_loss(s, t, temperature=1.0)) == pytest.approx(_kl_hand(t[0].tolist(), s[0].tolist(), 1.0),
+                                                                   rel=1e-5)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -81,3 +82,32 @@ def test_two_gloo_processes_give_the_single_process_allocation(tmp_path):
     # control: one rank's half of the data alone gives different importance
     local = load_file(str(tmp_path / "local0.safetensors"))
     assert any(not torch.allclose(local[k], ref_maps[k], rtol=1e-3) for k in ref_maps)
+
+
+def test_rank_env_vars_without_process_group_give_the_single_process_importance(monkeypatch):
+    """torchrun-like $RANK / $WORLD_SIZE but no process group: nothing can be all-reduced, so every process must
+    compute the importance of all the batches (not its share, returned as if it were global)."""
+    from medquant.fairquant.distributed import distributed_group_importance
+
+    ref = compute_group_importance(_model(), _batches(), progress=False)
+    single = _allocators()[0].fit(_model(), _batches())
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (rank(), world_size()) == (1, 2)  # the env fallback stays for work split without collectives
+    got = distributed_group_importance(_model(), _batches(), progress=False)
+    assert got.batches == ref.batches == N_BATCHES
+    assert got.counts == ref.counts
+    for g in ref.maps:
+        for n in ref.maps[g]:
+            torch.testing.assert_close(got.maps[g][n], ref.maps[g][n], rtol=0, atol=0)
+    alloc = fit_allocator_distributed(_allocators()[0], _model(), _batches())
+    assert alloc.bit_map() == single.bit_map()
+    assert alloc.importance_.batches == N_BATCHES
+
+
+def test_importance_of_only_empty_batches_says_no_samples():
+    from medquant.fairquant.distributed import distributed_group_importance
+
+    empty = [tuple(t[:0] for t in b) for b in _batches()[:2]]
+    with pytest.raises(ValueError, match="saw no samples: its 2 batch"):
+        distributed_group_importance(_model(), empty, progress=False)

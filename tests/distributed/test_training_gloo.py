@@ -222,6 +222,11 @@ def ranks(tmp_path_factory):
     return get
 
 
+def _plain(state: dict) -> dict:
+    """A state dict of a fake-quant parametrized model (``fq_qat(export=False)``) under the plain weight names."""
+    return {k.replace("parametrizations.weight.original", "weight"): v for k, v in state.items()}
+
+
 def _max_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b)
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -246,8 +251,28 @@ def test_global_objective_matches_single_process_loss_and_gradient():
     torch.testing.assert_close(sur, ref)
     torch.testing.assert_close(gs, gr)
     torch.testing.assert_close(task + 0.7 * fair, ref.detach())
-    with pytest.raises(ValueError, match=">= 0"):
-        global_group_objective(x, groups - 1)
+    # negative and huge ids: the same objective as the single-process loss (ids only name the groups)
+    for ids in (groups - 3, groups * 10**12 - 5):
+        sur2, task2, fair2 = global_group_objective(x.exp(), ids, lambda_fair=0.7)
+        torch.testing.assert_close(torch.autograd.grad(sur2, x)[0], gr)
+        torch.testing.assert_close((task2, fair2), (task, fair))
+    with pytest.raises(ValueError, match="integers"):
+        global_group_objective(x, groups.float())
+
+
+def test_global_objective_ties_give_the_single_process_gradient():
+    """Two groups tied for the largest mean loss: torch's max() splits the gradient between them; the surrogate
+    must do the same (not pick one group), in value and gradient equal to the single-process loss."""
+    losses = torch.tensor([1.0, 1.0, 0.2, 0.2, 0.6], requires_grad=True)
+    groups = torch.tensor([4, 9, 2, 2, 7])
+    sur, task, fair = global_group_objective(losses, groups, lambda_fair=1.0)
+    ref = losses.mean() + fairness_penalty(losses, groups)
+    (gs,) = torch.autograd.grad(sur, losses)
+    (gr,) = torch.autograd.grad(ref, losses)
+    # hand value: d mean = 1/5; the max (1.0) is shared by groups 4 and 9 (1/2 each), the min is group 2 (2 samples)
+    torch.testing.assert_close(gr, torch.tensor([0.2 + 0.5, 0.2 + 0.5, 0.2 - 0.5, 0.2 - 0.5, 0.2]))
+    torch.testing.assert_close(gs, gr)
+    torch.testing.assert_close(task + fair, ref.detach())
 
 
 def test_baq_two_processes_equal_single_process(ranks):
@@ -286,7 +311,7 @@ def test_fq_qat_ddp_equals_single_process(ranks):
     model = _mlp()
     qat = fq_qat(model, QAT_MAP, _global_batches(), export=False, **QAT_FIT)
     ref = model.state_dict()
-    assert _max_diff(ref, _mlp().state_dict()) > 1e-3  # training changed the weights
+    assert _max_diff(_plain(ref), _mlp().state_dict()) > 1e-3  # training changed the weights
     assert max(h["fair"] for h in qat.history) > 0.05  # the fairness term is active
     for r in range(WORLD):
         _close(ranks("qat", r), ref)
@@ -385,6 +410,99 @@ def test_importance_with_one_group_per_rank_equals_single_process(ranks):
         compute_group_importance(_mlp(), _one_group_batches()[::2], progress=False)
     with pytest.raises(ValueError, match="min_groups"):
         compute_group_importance(_mlp(), _one_group_batches(), min_groups=3, progress=False)
+
+
+# ------------------------------------------------------------------ edge cases: ties, group ids, too few batches
+EDGE_A, EDGE_B, EDGE_C, EDGE_D = 10**10, -4, 7, 3
+# global per-sample losses and groups, rank 0's first 3 samples, rank 1's last 4: groups A and C tie for the largest
+# mean (1.5), B is the smallest (0.5); rank 1 alone holds group D
+EDGE_LOSSES = [2.0, 0.5, 1.0, 1.0, 2.0, 0.5, 1.0]
+EDGE_GROUPS = [EDGE_A, EDGE_B, EDGE_C, EDGE_A, EDGE_C, EDGE_B, EDGE_D]
+EDGE_SPLIT = 3
+
+
+def _big_id_batches(batches):
+    """The global batches with group ids 0 / 1 renamed to a negative and a huge id."""
+    return [(x, y, torch.where(g == 0, torch.tensor(-7), torch.tensor(10**10))) for x, y, g in batches]
+
+
+def _edge_worker(r: int, init_file: str, out: str) -> None:
+    import datetime
+
+    from medquant.fairquant.distributed import distributed_group_importance
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        res: dict[str, torch.Tensor] = {}
+        info: dict[str, object] = {}
+        sl = slice(0, EDGE_SPLIT) if r == 0 else slice(EDGE_SPLIT, None)
+        losses = torch.tensor(EDGE_LOSSES[sl], requires_grad=True)
+        sur, task, fair = global_group_objective(losses, torch.tensor(EDGE_GROUPS[sl]), lambda_fair=1.0)
+        res["tie_grad"] = torch.autograd.grad(sur, losses)[0]
+        res["tie_values"] = torch.stack([task, fair])
+        model = _mlp()
+        fq_qat(DDP(model), QAT_MAP, _local(_big_id_batches(_global_batches()[:2]), r), export=False, **QAT_FIT)
+        res["qat_big_ids"] = {k: v.clone() for k, v in model.state_dict().items()}
+        errors = {}
+        one_batch = _global_batches()[:1]
+        empty_share = [b if i != 1 else tuple(t[:0] for t in b) for i, b in enumerate(_global_batches()[:3])]
+        for name, data in (("one_batch", one_batch), ("empty_share", empty_share)):
+            try:
+                distributed_group_importance(_mlp(), data, progress=False)
+                errors[name] = "no error"
+            except Exception as e:  # noqa: BLE001 - the test compares the messages of the two ranks
+                errors[name] = f"{type(e).__name__}: {e}"
+        info["errors"] = errors
+        flat = {"tie_grad": res["tie_grad"], "tie_values": res["tie_values"],
+                **{f"qat/{k}": v for k, v in res["qat_big_ids"].items()}}
+        save_file({k: v.contiguous() for k, v in flat.items()}, f"{out}/edge{r}.safetensors")
+        with open(f"{out}/edge{r}.json", "w") as f:
+            json.dump(info, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def edge_ranks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gloo_edge")
+    mp.spawn(_edge_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    return [(load_file(str(d / f"edge{r}.safetensors")), json.loads((d / f"edge{r}.json").read_text()))
+            for r in range(WORLD)]
+
+
+def test_global_objective_ties_and_ids_across_ranks_equal_single_process(edge_ranks):
+    losses = torch.tensor(EDGE_LOSSES, requires_grad=True)
+    groups = torch.tensor(EDGE_GROUPS)
+    ref = losses.mean() + fairness_penalty(losses, groups)
+    (gr,) = torch.autograd.grad(ref, losses)
+    # each rank's surrogate carries the gradient of its own samples: together the single-process gradient
+    got = torch.cat([edge_ranks[r][0]["tie_grad"] for r in range(WORLD)])
+    torch.testing.assert_close(got, gr)
+    assert float(gr[0]) == pytest.approx(1 / 7 + 1 / 2 / 2)  # A and C tie: half of the max's gradient each
+    for r in range(WORLD):
+        task, fair = edge_ranks[r][0]["tie_values"].tolist()
+        assert task + fair == pytest.approx(float(ref.detach()))
+
+
+def test_fq_qat_ddp_with_negative_and_huge_group_ids_equals_single_process(edge_ranks):
+    model = _mlp()
+    fq_qat(model, QAT_MAP, _big_id_batches(_global_batches()[:2]), export=False, **QAT_FIT)
+    ref = model.state_dict()
+    assert _max_diff(_plain(ref), _mlp().state_dict()) > 1e-4  # trained
+    for r in range(WORLD):
+        got = {k[len("qat/"):]: v for k, v in edge_ranks[r][0].items() if k.startswith("qat/")}
+        _close(got, ref)
+
+
+def test_importance_with_fewer_batches_than_ranks_raises_on_every_rank(edge_ranks):
+    errs = [edge_ranks[r][1]["errors"] for r in range(WORLD)]
+    assert errs[0] == errs[1]  # the same error on every rank (none waits in a collective)
+    assert errs[0]["one_batch"].startswith("ValueError: fewer calibration batches with samples than processes")
+    assert "rank(s) [1] of 2" in errs[0]["one_batch"]
+    # 3 batches, the second empty: rank 0 holds batches 0 and 2 (2 x 16 samples), rank 1 only the empty one
+    assert "batches per rank [2, 1], samples per rank [32, 0]" in errs[0]["empty_share"]
 
 
 def test_baq_distributed_without_process_group_is_the_plain_fit():

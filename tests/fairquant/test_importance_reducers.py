@@ -89,6 +89,9 @@ def test_importance_errors():
     one_group = [(x, y, torch.zeros_like(g)) for x, y, g in grouped_batches()]
     with pytest.raises(ValueError, match="single group"):
         compute_group_importance(model, one_group, progress=False)
+    empty = [tuple(t[:0] for t in b) for b in grouped_batches()[:2]]
+    with pytest.raises(ValueError, match="saw no samples: its 2 batch"):
+        compute_group_importance(model, empty, progress=False)
     with pytest.raises(ValueError, match=r"group\(s\) \[2\] have no samples"):
         compute_group_importance(model, grouped_batches(), expected_groups=[0, 1, 2], progress=False)
     with pytest.raises(ValueError, match="outside the declared groups"):
@@ -105,6 +108,25 @@ def test_importance_errors():
     with pytest.raises(ValueError, match="no quantizable layers"):
         compute_group_importance(no_layers, grouped_batches(), progress=False)
 
+
+
+def test_group_ids_must_be_1d_integers_one_per_sample():
+    model = tiny_mlp()
+    (x, y, g), = grouped_batches(n_batches=1, batch=6)
+    # a (2, 3) tensor for 6 samples was silently flattened: refused, with the shape in the message
+    with pytest.raises(ValueError, match=r"1-D with one id per sample, got shape \(2, 3\)"):
+        compute_group_importance(model, [(x, y, g.reshape(2, 3))], progress=False)
+    with pytest.raises(TypeError, match="must be integers.*strings"):
+        compute_group_importance(model, [(x, y, ["a", "b"] * 3)], progress=False)
+    # a list of ints is fine and equals the tensor form
+    b = compute_group_importance(model, [(x, y, g)], progress=False)
+    assert b.counts == {0: 3, 1: 3}
+    for same in (g.tolist(), g.reshape(-1, 1)):  # a list of ints and a column (N, 1) equal the tensor form
+        a = compute_group_importance(model, [(x, y, same)], progress=False)
+        assert a.counts == b.counts
+        for grp in a.maps:
+            for n in a.maps[grp]:
+                assert torch.equal(a.maps[grp][n], b.maps[grp][n])
 
 # ------------------------------------------------------------------------------------------ reducers
 def _hand_maps(seed=0, groups=(0, 1, 2)):

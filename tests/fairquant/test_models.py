@@ -180,3 +180,54 @@ def test_zoo_vlm_allocation(name):
     out = entry.output(model, inputs)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert medquant.model_size(model).effective_bits < 32
+
+
+def test_fake_quant_rounds_16_bit_rows_to_the_exported_float16():
+    """A mixed layer keeps its 16-bit rows as float16 after export: the fake-quantized training weight is that
+    float16 value (straight-through gradient); 32-bit rows stay float32."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4))
+    w0 = model[0].weight.detach().clone()
+    qmap = {"0": medquant.QuantConfig(4, scope="channel", channel_bits=(2, 16, 32, 8))}
+    attach_fake_quant(model, qmap)
+    w_train = model[0].weight.detach().clone()
+    assert torch.equal(w_train[1], w0[1].half().float())  # plain torch float16 rounding
+    assert not torch.equal(w_train[1], w0[1])
+    assert torch.equal(w_train[2], w0[2])
+    x = torch.randn(3, 5)
+    upstream = torch.randn(3, 4)
+    (model(x) * upstream).sum().backward()
+    # d(x @ W^T)/dW = upstream^T @ x for every row (straight-through for every bit-width)
+    torch.testing.assert_close(model[0].parametrizations.weight.original.grad, upstream.T @ x)
+    detach_fake_quant(model)
+    quantize_(model, qmap)
+    assert torch.equal(model[0].dequantized_weight(), w_train)
+
+
+def test_fq_qat_export_false_keeps_the_fake_quant_parametrizations():
+    from torch.nn.utils import parametrize
+
+    data = grouped_batches(n_batches=2, batch=8, seed=1)
+    qmap = {"fc1": 2, "fc2": 3}
+    res = fq_qat(tiny_mlp(), qmap, data, export=False, lr=1e-2, progress=False)
+    assert all(parametrize.is_parametrized(res.model.get_submodule(n), "weight") for n in qmap)
+    # the returned model computes what the exported model computes (same trained weights, exported separately)
+    exported = tiny_mlp()
+    state = {k.replace("parametrizations.weight.original", "weight"): v for k, v in res.model.state_dict().items()}
+    exported.load_state_dict(state)
+    assert not torch.equal(exported.fc1.weight, tiny_mlp().fc1.weight)  # trained
+    quantize_(exported, qmap)
+    x = data[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), exported(x), rtol=1e-5, atol=1e-6)
+    # export=True removes them; an error while training leaves the model as it was given
+    assert not any(hasattr(m, "parametrizations") for m in fq_qat(tiny_mlp(), qmap, data, progress=False)
+                   .model.modules())
+    model = tiny_mlp()
+
+    def bad_loss(m, batch):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fq_qat(model, qmap, data, loss_fn=bad_loss, progress=False)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
