@@ -43,9 +43,11 @@ constant of up to 8 values into the code as a literal). Consequences, stated pla
   programs in their tensors) and handing its tensors over. What the generated code assumes and does not check is
   checked at load and refused when it differs: the packages' SHA-256, torch's version and build, medquant's
   version, the vector instruction set of the generated code, the model's class, every bound layer's name and
-  kernel choices, every tensor's dtype, shape and strides, and (unless ``check_weights=False``) the SHA-256 of
-  the model's parameters and buffers. A decoder whose programs hold tensors that are not the model's (layers
-  without a native kernel on this CPU, compiled in with their weights) cannot be saved;
+  kernel choices, every tensor's dtype, shape and strides, the sizes each program was compiled for (batch,
+  ``max_len``, tokens per call, cache length and its inputs' dtypes, shapes and strides, recorded in its package)
+  against the manifest's, and (unless ``check_weights=False``) the SHA-256 of the model's parameters and
+  buffers. A decoder whose programs hold tensors that are not the model's (layers without a native kernel on this
+  CPU, compiled in with their weights) cannot be saved;
 * the decoder computes with the weights as they were when it was compiled (bound matmuls hold the repacked
   weights; the constants are the tensors the model held then): compile again after changing weights;
 * one batch size and one maximum length per decoder; prompts of different lengths are padded on the left with an
@@ -267,6 +269,63 @@ def _check_ids(ids: Any, batch_size: int, what: str) -> torch.Tensor:
     return ids.long()
 
 
+def _program_inputs(batch_size: int, n: int, length: int, mask: torch.Tensor, keys: list[torch.Tensor],
+                    values: list[torch.Tensor]) -> tuple:
+    """Inputs of the program of ``n`` tokens per call and cache length ``length``, shaped and strided as the decoder
+    passes them (:meth:`AOTDecoder._call`; ``mask``, ``keys``, ``values``: the whole ``(batch, max_len)`` mask and
+    cache): what the program is exported for, and what :func:`load_decoder` checks it was exported for."""
+    return (torch.zeros(batch_size, n, dtype=torch.long), torch.tensor([0]), torch.tensor([n - 1]), mask[:, :length],
+            torch.zeros(batch_size, n, dtype=torch.long), [k[:, :, :length] for k in keys],
+            [v[:, :, :length] for v in values])
+
+
+#: the program metadata (AOTInductor's ``aot_inductor.metadata``, in the package) recording the sizes it was compiled
+#: for and the ``[dtype, shape, strides]`` of each of its inputs: the compiled code assumes them and checks none
+_SIZES_KEY, _INPUTS_KEY = "medquant.sizes", "medquant.inputs"
+
+
+def _input_specs(inputs: tuple) -> list[list]:
+    """``[dtype, shape, strides]`` of each tensor of :func:`_program_inputs`, flattened (the keys, then the values)."""
+    *head, keys, values = inputs
+    return [_tensor_spec(t) for t in (*head, *keys, *values)]
+
+
+def _input_names(layers: int) -> list[str]:
+    return ["input_ids", "start", "keep", "mask", "positions", *(f"keys[{i}]" for i in range(layers)),
+            *(f"values[{i}]" for i in range(layers))]
+
+
+def _program_metadata(batch_size: int, max_len: int, n: int, length: int, inputs: tuple) -> dict[str, str]:
+    sizes = {"batch_size": batch_size, "max_len": max_len, "tokens": n, "length": length}
+    return {_SIZES_KEY: json.dumps(sizes), _INPUTS_KEY: json.dumps(_input_specs(inputs))}
+
+
+def _check_program_sizes(program: Any, file: Path, expected: dict[str, int], inputs: tuple) -> None:
+    """Refuse a loaded program whose recorded sizes or input specs differ from what the manifest makes the decoder
+    pass it (``expected``: batch_size, max_len, tokens, length; ``inputs``: :func:`_program_inputs` as loaded)."""
+    metadata = program.get_metadata()
+    try:
+        sizes, specs = json.loads(metadata[_SIZES_KEY]), json.loads(metadata[_INPUTS_KEY])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{file} records no sizes (compiled by an earlier medquant): compile the decoder "
+                         "again") from None
+    for field, want in expected.items():
+        if sizes.get(field) != want:
+            raise ValueError(f"{file.name} was compiled for {field}={sizes.get(field)!r}, but {MANIFEST} records "
+                             f"{field}={want!r} (edited, or not the manifest of these programs): the programs do not "
+                             "check the shapes they are given; save the decoder again")
+    given = _input_specs(inputs)
+    names = _input_names((len(given) - 5) // 2)
+    if len(specs) != len(given):
+        raise ValueError(f"{file.name} was compiled for {len(specs)} inputs, {MANIFEST}'s cache makes {len(given)} "
+                         f"(layers differ): save the decoder again")
+    for name, saved, here in zip(names, specs, given):
+        if saved != here:
+            raise ValueError(f"{file.name} was compiled for its input {name} as [dtype, shape, strides] {saved}, "
+                             f"{MANIFEST} makes it {here} (edited, or not the manifest of these programs): save the "
+                             "decoder again")
+
+
 class AOTDecoder:
     """A causal LM's prompt and decode steps compiled ahead of time, over a static KV cache it owns.
 
@@ -362,7 +421,12 @@ class AOTDecoder:
         token ``keep``."""
         n, pos = ids.shape[1], self.position
         lengths = self._lengths[n]  # the shortest length holding every position this call writes
-        length = lengths[bisect.bisect_left(lengths, pos + n)]
+        i = bisect.bisect_left(lengths, pos + n)
+        if i == len(lengths):
+            raise ValueError(f"{n} tokens at position {pos} need a program of cache length >= {pos + n}; this "
+                             f"decoder's programs of {n} tokens per call cover {lengths[-1]} positions "
+                             f"(max_len={self.max_len}): reset() for a new sequence")
+        length = lengths[i]
         keys, values = self._views[length]
         if real is None:
             self._mask[:, pos:pos + n] = 1
@@ -597,9 +661,10 @@ class AOTDecoder:
             self._folder.cleanup()
 
 
-#: the manifest of a saved decoder (:meth:`AOTDecoder.save`), its format name and version (2: prompt programs of
-#: several chunk lengths, ``chunks`` and each program's ``tokens``; version 1 had one ``chunk`` and program kinds)
-MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION = "decoder.json", "medquant.aot_decoder", 2
+#: the manifest of a saved decoder (:meth:`AOTDecoder.save`), its format name and version (3: each program's package
+#: records its sizes and inputs, checked against the manifest at load; 2: prompt programs of several chunk lengths,
+#: ``chunks`` and each program's ``tokens``; version 1 had one ``chunk`` and program kinds)
+MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION = "decoder.json", "medquant.aot_decoder", 3
 
 
 def _program_name(n: int) -> str:
@@ -784,19 +849,17 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
             own = _module_tensors(step)
             bar.set_postfix_str(f"export {name} {length}")
             t = time.perf_counter()
+            inputs = _program_inputs(batch_size, n, length, mask, keys, values)
             with torch.no_grad(), _lanes_by_tensor(model, lanes, handles), _step_attention(model, n == 1):
-                ep = torch.export.export(step, (torch.zeros(batch_size, n, dtype=torch.long), torch.tensor([0]),
-                                                torch.tensor([n - 1]), mask[:, :length],
-                                                torch.zeros(batch_size, n, dtype=torch.long),
-                                                [k[:, :, :length] for k in keys], [v[:, :, :length] for v in values]),
-                                         strict=False)
+                ep = torch.export.export(step, inputs, strict=False)
             export_s += time.perf_counter() - t
             bar.update()
             bar.set_postfix_str(f"compile {name} {length}")
             t = time.perf_counter()
             path = Path(torch._inductor.aoti_compile_and_package(
                 ep, package_path=str(Path(folder.name) / _program_file(n, length)),
-                inductor_configs={"aot_inductor.package_constants_in_so": False}))
+                inductor_configs={"aot_inductor.package_constants_in_so": False,
+                                  "aot_inductor.metadata": _program_metadata(batch_size, max_len, n, length, inputs)}))
             program = torch._inductor.aoti_load_package(str(path))
             held = {**ep.state_dict, **ep.constants}
             made = [fqn for fqn in program.get_constant_fqns() if fqn not in held]
@@ -843,12 +906,13 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
         path: a folder written by :meth:`AOTDecoder.save`.
 
     Returns:
-        The manifest as a dict (format ``medquant.aot_decoder``, version 2).
+        The manifest as a dict (format ``medquant.aot_decoder``, version 3).
 
     Raises:
         FileNotFoundError: no ``decoder.json`` in ``path``.
-        ValueError: the file is not a readable decoder manifest, of another manifest version, or a field the loader
-            reads is missing or of another type.
+        ValueError: the file is not a readable decoder manifest, of another manifest version, a field the loader
+            reads is missing or of another type, or sizes that disagree (``batch_size`` and ``max_len`` with the
+            cache's shapes, the programs' cache lengths with ``max_len``).
     """
     folder = Path(path)
     file = folder / MANIFEST
@@ -879,7 +943,41 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{file}: chunks {chunks!r} do not match the programs' tokens per call {sorted(tokens)} "
                          f"(each chunk in 2..max_len={max_len} with its prompt programs, and the step programs of 1 "
                          "token): the file was edited; save the decoder again")
+    _check_manifest_sizes(file, manifest)
     return manifest
+
+
+def _is_tensor_spec(spec: Any) -> bool:
+    """A ``[dtype, shape, strides]`` of a cache tensor (:func:`_tensor_spec`, 4 dimensions)."""
+    return (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str)
+            and isinstance(getattr(torch, spec[0], None), torch.dtype)
+            and isinstance(spec[1], list) and len(spec[1]) == 4 and all(_is_int(x) and x >= 1 for x in spec[1])
+            and isinstance(spec[2], list) and len(spec[2]) == 4 and all(_is_int(x) and x >= 0 for x in spec[2]))
+
+
+def _check_manifest_sizes(file: Path, manifest: dict[str, Any]) -> None:
+    """``batch_size`` and ``max_len`` against the cache's recorded shapes ``(batch, kv heads, max_len, head dim)``;
+    each tokens per call's cache lengths: distinct, none below the tokens, the longest ``max_len`` (as compiled)."""
+    cache = manifest["cache"]
+    keys, values = cache.get("keys"), cache.get("values")
+    if not isinstance(keys, list) or not isinstance(values, list) or not keys or len(keys) != len(values) or any(
+            not _is_tensor_spec(spec) for spec in (*keys, *values)):
+        raise ValueError(f"{file}: field 'cache' is not one [dtype, shape, strides] (4 dimensions) per layer for keys "
+                         "and values (the file was edited or cut short: save the decoder again)")
+    for kind, specs in (("key", keys), ("value", values)):
+        for layer, (_, shape, _) in enumerate(specs):
+            for field, dim in (("batch_size", 0), ("max_len", 2)):
+                if shape[dim] != manifest[field]:
+                    raise ValueError(f"{file}: {field} is {manifest[field]}, but the cache's {kind} tensor of layer "
+                                     f"{layer} was recorded with {shape[dim]} (shape {shape}, which the programs were "
+                                     "compiled for): the file was edited; save the decoder again")
+    max_len = manifest["max_len"]
+    for n in sorted({prog["tokens"] for prog in manifest["programs"]}):
+        lengths = sorted(prog["length"] for prog in manifest["programs"] if prog["tokens"] == n)
+        if lengths[-1] != max_len or lengths[0] < n or len(set(lengths)) < len(lengths):
+            raise ValueError(f"{file}: the programs of {n} tokens per call have cache lengths {lengths}, expected "
+                             f"distinct lengths in {n}..max_len={max_len}, max_len among them (as compile_decoder "
+                             "compiles them): the file was edited; save the decoder again")
 
 
 def _refuse(what: str, saved: Any, here: Any, remedy: str) -> None:
@@ -900,7 +998,10 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
     counts where the kernels switch, the blocked matmul and the activation forms, which follow the compute dtype
     and the ``$MEDQUANT_*`` settings); every tensor the programs read
     (present, with the same dtype, shape and strides, which the programs do not check themselves); the C++
-    operator the programs call, when they were compiled with it. With ``check_weights`` the model's parameters and
+    operator the programs call, when they were compiled with it; the sizes each program's package records (batch,
+    ``max_len``, tokens per call, cache length, its inputs' dtypes, shapes and strides) against the manifest's,
+    which make the inputs the decoder passes it (the programs check none of them: a manifest edited to another
+    batch or length would run them out of bounds). With ``check_weights`` the model's parameters and
     buffers must also be the saved ones, byte for byte (their SHA-256): a decoder then always runs the model it was
     saved with; pass False to run these programs with another model of the same structure (e.g. the same
     architecture quantized the same way, with other weights): it computes with that model's weights.
@@ -978,11 +1079,24 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
                 "load it with the model it was compiled from, in the same dtype and layout")
     from tqdm.auto import tqdm
 
+    def empty(spec: list) -> torch.Tensor:
+        return torch.empty_strided(spec[1], spec[2], dtype=getattr(torch, spec[0])).zero_()
+
+    keys = [empty(spec) for spec in manifest["cache"]["keys"]]
+    values = [empty(spec) for spec in manifest["cache"]["values"]]
+    batch_size, max_len = manifest["batch_size"], manifest["max_len"]
+    mask = torch.ones(batch_size, max_len, dtype=torch.long)  # as the decoder holds it (its views' strides)
     programs: dict[tuple[int, int], Any] = {}
     keep_alive: list[Any] = [handles]
     t = time.perf_counter()
     for key, file in tqdm(sorted(files.items()), desc="load_decoder", disable=not progress):
         program = torch._inductor.aoti_load_package(str(file))
+        # the sizes the package records: the compiled code assumes them (reading and writing out of bounds, or
+        # rows of another batch, when given other shapes) and checks none
+        n, length = key
+        _check_program_sizes(program, file, {"batch_size": batch_size, "max_len": max_len, "tokens": n,
+                                             "length": length},
+                             _program_inputs(batch_size, n, length, mask, keys, values))
         constants = {}
         for fqn in program.get_constant_fqns():
             if fqn not in manifest["constants"]:
@@ -992,12 +1106,6 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
         keep_alive.append(constants)
         programs[key] = program
     load_s = time.perf_counter() - t
-
-    def empty(spec: list) -> torch.Tensor:
-        return torch.empty_strided(spec[1], spec[2], dtype=getattr(torch, spec[0])).zero_()
-
-    keys = [empty(spec) for spec in manifest["cache"]["keys"]]
-    values = [empty(spec) for spec in manifest["cache"]["values"]]
     spec = {"lanes": saved, "ops": manifest["ops"], "constants": manifest["constants"], "foreign": []}
-    return AOTDecoder(model, keys, values, programs, keep_alive, int(manifest["batch_size"]), int(manifest["max_len"]),
-                      manifest["chunks"], len(lanes), 0.0, load_s, None, files=files, spec=spec)
+    return AOTDecoder(model, keys, values, programs, keep_alive, batch_size, max_len, manifest["chunks"], len(lanes),
+                      0.0, load_s, None, files=files, spec=spec)

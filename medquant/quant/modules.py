@@ -696,13 +696,18 @@ class QuantEmbedding(_QuantWeightBase):
 
         Raises:
             TypeError: floating-point or boolean ``ids``.
-            IndexError: an index out of range.
+            IndexError: an index out of range (``RuntimeError`` with the same message when traced by
+                ``torch.compile`` or ``torch.export``: the check is then an assert in the graph, run by the compiled
+                code, since a traced tensor has no value to test in Python).
         """
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise TypeError(f"embedding indices must be integers, got {ids.dtype}")
         flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < -self.num_embeddings or int(flat.max()) >= self.num_embeddings):
-            raise IndexError(f"embedding index out of range for {self.num_embeddings} rows")
+        message = f"embedding index out of range for {self.num_embeddings} rows"
+        if torch.compiler.is_compiling():  # torch.compile / torch.export: int(tensor) cannot be traced
+            torch._assert_async(((flat >= -self.num_embeddings) & (flat < self.num_embeddings)).all(), message)
+        elif flat.numel() and (int(flat.min()) < -self.num_embeddings or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(message)
         flat = flat.remainder(self.num_embeddings)
         b = self.bit_groups[0]
         pw = self.packed_weight(b)

@@ -362,6 +362,107 @@ def test_a_float_bfloat16_model_with_only_the_step_program(tmp_path):
         dec.close()
 
 
+
+@pytest.mark.slow
+def test_a_manifest_edited_to_other_sizes_is_refused_at_load(decoder, tmp_path):
+    """The programs are compiled for one batch and one cache (batch 2, 40 positions here) and check no input
+    shape: a ``decoder.json`` edited to another ``batch_size`` or ``max_len`` (a user serving more prompts, longer
+    sequences) once loaded and gave row 0's continuation to row 1, or an ``IndexError`` mid-generation. Refused by
+    name with both values: against the cache shapes the manifest records, and, where those were edited to match,
+    against the sizes and input shapes each program's package records (covered by its SHA-256)."""
+    from medquant.quant.aot import AOTDecoder, read_decoder_manifest
+
+    folder = decoder.save(tmp_path / "dec")
+    manifest = json.loads((folder / "decoder.json").read_text())
+    assert manifest["batch_size"] == 2 and manifest["max_len"] == 40
+
+    def edited(batch: int | None = None, max_len: int | None = None, dtype: str | None = None,
+               relabel: bool = False) -> dict:
+        m = json.loads(json.dumps(manifest))
+        if batch is not None:
+            m["batch_size"] = batch
+        if max_len is not None:
+            m["max_len"] = max_len
+        for spec in (*m["cache"]["keys"], *m["cache"]["values"]):
+            if batch is not None and relabel:
+                spec[1][0] = batch
+            if max_len is not None and relabel:  # the cache made longer, its strides with it
+                spec[1][2] = max_len
+                spec[2][:2] = [spec[1][1] * max_len * spec[1][3], max_len * spec[1][3]]
+            if dtype is not None:
+                spec[0] = dtype
+        if max_len is not None and relabel:  # the programs of the whole cache claimed for the new length
+            for prog in m["programs"]:
+                prog["length"] = max_len if prog["length"] == 40 else prog["length"]
+        return m
+
+    # the manifest's own sizes disagree: refused before any program is read
+    for m, match in ((edited(batch=1), "batch_size is 1, but the cache's key tensor of layer 0 was recorded with 2"),
+                     (edited(batch=3), "batch_size is 3, but the cache's key tensor of layer 0 was recorded with 2"),
+                     (edited(max_len=80), "max_len is 80, but the cache's key tensor of layer 0 was recorded with 40"),
+                     (edited(max_len=20), "max_len is 20, but the cache's key tensor")):
+        (folder / "decoder.json").write_text(json.dumps(m))
+        for read in (read_decoder_manifest, lambda f: mq.load_decoder(f, _quantized(), progress=False)):
+            with pytest.raises(ValueError, match=match):
+                read(folder)
+    # the manifest consistent with itself, not with the programs: refused by what each package records
+    for m, match in ((edited(batch=1, relabel=True), r"step-12\.pt2 was compiled for batch_size=2, but decoder\.json"),
+                     (edited(batch=4, relabel=True), r"batch_size=2, but decoder\.json records batch_size=4"),
+                     (edited(max_len=80, relabel=True), r"for max_len=40, but decoder\.json records max_len=80"),
+                     (edited(dtype="bfloat16"), r"its input keys\[0\] as \[dtype, shape, strides\] \['float32'")):
+        (folder / "decoder.json").write_text(json.dumps(m))
+        read_decoder_manifest(folder)
+        with pytest.raises(ValueError, match=match):
+            mq.load_decoder(folder, _quantized(), progress=False)
+    # a program of the whole cache dropped from the record: its tokens per call no longer reach max_len
+    (folder / "decoder.json").write_text(json.dumps({**manifest, "programs": [
+        prog for prog in manifest["programs"] if prog["file"] != "step-40.pt2"]}))
+    with pytest.raises(ValueError, match=r"1 tokens per call have cache lengths \[12\]"):
+        read_decoder_manifest(folder)
+    # the saved record itself loads, and gives the decoder's tokens
+    (folder / "decoder.json").write_text(json.dumps(manifest))
+    loaded = mq.load_decoder(folder, _quantized(), progress=False)
+    ids = _ids(2, 9, 4)
+    assert torch.equal(loaded.generate(ids, 10), decoder.generate(ids, 10))
+    loaded.close()
+    # a decoder whose programs do not cover its max_len (built directly): a clear error, not an IndexError
+    short = AOTDecoder(decoder.model, [torch.zeros_like(k) for k in decoder._keys],
+                       [torch.zeros_like(v) for v in decoder._values],
+                       {key: p for key, p in decoder._programs.items() if key[1] == 12}, [], 2, 40, (4, 8), 0, 0.0,
+                       0.0, None, files={}, spec={})
+    with pytest.raises(ValueError, match="need a program of cache length >= 13; this decoder's programs of 1 tokens"):
+        short.generate(ids, 10)
+
+
+@pytest.mark.slow
+def test_a_model_with_quantized_embeddings_and_a_tied_head_compiles_saves_and_loads(tmp_path):
+    """The documented "tied head stored once" recipe (``quantize_`` then ``quantize_embeddings_`` at the same
+    config): ``QuantEmbedding``'s index check once stopped ``torch.export`` (a data-dependent ``int(ids.min())``).
+    The compiled decoder gives ``generate``'s greedy tokens, and so does the decoder saved and loaded."""
+    from medquant.quant.modules import QuantEmbedding, tied_to
+
+    def model():
+        m = _llama(tie_word_embeddings=True)
+        config = mq.QuantConfig(4, group_size=32)
+        mq.quantize_(m, config)
+        mq.quantize_embeddings_(m, config)
+        assert isinstance(m.model.embed_tokens, QuantEmbedding) and tied_to(m.lm_head, m.model.embed_tokens)
+        return m
+
+    ids = _ids(2, 4, 5)
+    ref = model()
+    with torch.no_grad():
+        expected = ref.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    dec = compile_decoder(model(), 10, batch_size=2, chunk=1, cache_lengths=(), progress=False)
+    try:
+        assert dec.vocab_size == 256
+        assert torch.equal(dec.generate(ids, 6), expected)
+        loaded = mq.load_decoder(dec.save(tmp_path / "dec"), model(), progress=False)
+        assert torch.equal(loaded.generate(ids, 6), expected)
+        loaded.close()
+    finally:
+        dec.close()
+
 def test_compile_decoder_refuses_what_it_cannot_compile():
     from transformers import MistralConfig, MistralForCausalLM
 

@@ -147,3 +147,32 @@ def test_scaled_embedding_subclass_is_refused_not_silently_unscaled():
     llama = ZOO_BY_NAME["llama"].build()
     quantize_embeddings_(llama)
     assert type(llama.get_input_embeddings()).__name__ == "QuantEmbedding"
+
+
+def test_lookup_is_traced_by_torch_compile_and_export_with_its_index_check():
+    """``torch.compile(fullgraph=True)`` and ``torch.export`` trace a lookup (its index check was a Python
+    ``int(ids.min())``: a graph break, and an export error that stopped ``compile_decoder``): the traced rows are the
+    numpy reader's, an out-of-range index still fails (an assert in the graph: RuntimeError), and eager lookups keep
+    their IndexError; a tied quantized model compiled whole gives its eager logits."""
+    torch.manual_seed(2)
+    q = QuantEmbedding.from_float(nn.Embedding(300, 64), mq.QuantConfig(4, group_size=32))
+    ids, bad = torch.tensor([[0, 5, 299], [7, -1, 42]]), torch.tensor([[0, 5, 300], [7, 7, 42]])
+    rows = np_dequant_layer(q)[ids.numpy()]  # -1: the last row, as numpy and nn.Embedding's callers index
+    compiled = torch.compile(q, fullgraph=True, dynamic=False)
+    assert np.allclose(compiled(ids).numpy(), rows, atol=1e-6)
+    with pytest.raises(RuntimeError, match="embedding index out of range for 300 rows"):
+        compiled(bad)
+    exported = torch.export.export(q, (ids,), strict=False).module()
+    assert np.allclose(exported(ids).numpy(), rows, atol=1e-6)
+    with pytest.raises(RuntimeError, match="embedding index out of range for 300 rows"):
+        exported(bad)
+    with pytest.raises(IndexError, match="out of range for 300 rows"):
+        q(bad)
+    model = _tied_llama()
+    config = mq.QuantConfig(4, group_size=32)
+    mq.quantize_(model, config)
+    quantize_embeddings_(model, config)
+    assert tied_to(model.lm_head, model.model.embed_tokens)
+    x = torch.tensor([[5, 6, 7, 200]])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
