@@ -61,3 +61,63 @@ def test_perplexity_of_a_plain_module_returning_logits_and_empty_input():
     assert perplexity(Uniform(), b) == pytest.approx(10.0)
     with pytest.raises(ValueError, match="no tokens"):
         perplexity(Uniform(), [{"input_ids": torch.tensor([[1]]), "attention_mask": torch.tensor([[1]])}])
+
+
+class _LeftTok(_Tok):
+    """The same tokenizer padding on the left, as Llama and Gemma tokenizers do by default."""
+
+    padding_side = "left"
+
+    def __call__(self, texts, return_tensors="pt", padding=True, truncation=True, max_length=128):
+        b = super().__call__(texts, return_tensors, padding, truncation, max_length)
+        n = b["attention_mask"].sum(1)
+        width = b["input_ids"].shape[1]
+        ids = torch.stack([torch.roll(r, int(width - k)) for r, k in zip(b["input_ids"], n)])
+        mask = torch.stack([torch.roll(r, int(width - k)) for r, k in zip(b["attention_mask"], n)])
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def _one_by_one_nll(model, texts):
+    """Each text alone (no padding at all), through transformers' own model call: summed NLL and token count."""
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = _Tok()([t])["input_ids"]
+            logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
+            for pos in range(ids.shape[1] - 1):
+                nll -= float(logp[pos, ids[0, pos + 1]])
+                n += 1
+    return nll, n
+
+
+def test_perplexity_of_left_padded_batches_equals_one_by_one_and_the_hand_count():
+    model = ZOO_BY_NAME["llama"].build().eval()
+    nll, n = _one_by_one_nll(model, TEXTS)
+    assert n == sum(len(t.split()) - 1 for t in TEXTS)
+    expected = math.exp(nll / n)
+    left = [{k: v for k, v in b.items()} for b in token_batches(_LeftTok(), TEXTS, batch_size=5)]
+    # the helper pads on the right whatever the tokenizer's side; batches padded on the left by hand are also exact
+    assert perplexity(model, token_batches(_LeftTok(), TEXTS, batch_size=5)) == pytest.approx(expected, rel=1e-5)
+    hand_left = [_LeftTok()(TEXTS[:3]), _LeftTok()(TEXTS[3:])]
+    assert hand_left[0]["attention_mask"][1, 0] == 0  # really padded on the left
+    assert perplexity(model, hand_left) == pytest.approx(expected, rel=1e-5)
+    assert perplexity(model, [_LeftTok()([t]) for t in TEXTS]) == pytest.approx(expected, rel=1e-5)
+    assert left[0]["attention_mask"][:, 0].all()
+
+
+def test_token_batches_pads_on_the_right_for_a_left_padding_transformers_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in TEXTS for w in t.split()})
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, **{w: 2 + i for i, w in enumerate(words)}}, "<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", padding_side="left")
+    texts = [TEXTS[0], TEXTS[1], TEXTS[3]]
+    b = token_batches(tok, texts, batch_size=3)[0]
+    assert b["attention_mask"].tolist() == [[1] * 6, [1] * 3 + [0] * 3, [1] * 2 + [0] * 4]
+    assert b["input_ids"][1, :3].tolist() == tok(["no pleural effusion"])["input_ids"][0]
+    assert tok.padding_side == "left"  # the tokenizer is left as it was
+    model = ZOO_BY_NAME["llama"].build().eval()
+    one = [token_batches(tok, [t])[0] for t in texts]
+    assert perplexity(model, [b]) == pytest.approx(perplexity(model, one), rel=1e-5)
