@@ -6,13 +6,17 @@
 * ``count_macs(model, *args, **kwargs)`` - one forward pass with hooks on every Linear / Conv2d (float or
   quantized) on the sample input you give, counting MACs with the real number of tokens / output positions:
   Linear: ``tokens * in * out`` where ``tokens`` = every leading position of the input (batch x sequence);
-  Conv2d: ``output positions (batch x H_out x W_out) * out_ch * (in_ch / groups) * kh * kw``.
-  Pass one sample (batch 1) to get per-image numbers. Matmuls that are not Linear / Conv2d (attention scores)
-  are not counted: they have no weights to quantize.
+  Conv2d: ``output positions (batch x H_out x W_out) * out_ch * (in_ch / groups) * kh * kw``;
+  ``nn.MultiheadAttention`` (whose projections run functionally, not as modules) gives two rows:
+  ``<name>.in_proj`` = ``query tokens * E * E + key tokens * kdim * E + value tokens * vdim * E`` (the q, k, v
+  projections: ``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim`` / ``vdim`` differ from ``E``) and
+  ``<name>.out_proj`` = ``query tokens * E * E``. Pass one sample (batch 1) to get per-image numbers. Matmuls
+  that are not Linear / Conv2d (attention scores) are not counted: they have no weights to quantize.
 * ``bops(...)`` = ``sum over layers of MACs * weight bits * activation bits``; a mixed-precision layer uses the
   mean of its row bit-widths (every row has the same MACs). ``act_bits`` defaults to 32: FairQuant quantizes
   weights only.
-* ``proxy_bops(model)`` - the authors' proxy: one MAC per weight (``params * weight bits * act bits``). It ignores
+* ``proxy_bops(model)`` - the authors' proxy: one MAC per weight (``params * weight bits * act bits``; an
+  ``nn.MultiheadAttention``'s in-projection weights count as one more layer). It ignores
   the number of tokens of a ViT and the output positions of a convolution, so it understates those layers by the
   token count; medquant reports ``bops`` and, for comparison only, this proxy.
 """
@@ -64,6 +68,19 @@ def _is_layer(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, nn.Conv2d) + QUANT_MODULES)
 
 
+def _in_proj_weights(m: nn.MultiheadAttention) -> list[torch.Tensor]:
+    """The q, k, v projection weights of ``m``: the fused ``in_proj_weight`` or the three separate ones."""
+    if m.in_proj_weight is not None:
+        return [m.in_proj_weight]
+    return [w for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight) if w is not None]
+
+
+def _in_proj_bits(m: nn.MultiheadAttention) -> float:
+    """Parameter-weighted bits per weight of the in-projection (its dtype width: it is never a quantized layer)."""
+    ws = _in_proj_weights(m)
+    return sum(w.numel() * w.element_size() * 8 for w in ws) / max(sum(w.numel() for w in ws), 1)
+
+
 @dataclass
 class LayerCost:
     """One Linear / Conv2d layer's cost in a forward pass (a row of :func:`count_macs`).
@@ -92,7 +109,8 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
         **kwargs: the forward keyword inputs.
 
     Returns:
-        One :class:`LayerCost` per Linear / Conv2d layer that ran.
+        One :class:`LayerCost` per Linear / Conv2d layer that ran, and two (``<name>.in_proj``,
+        ``<name>.out_proj``) per ``nn.MultiheadAttention`` that ran.
 
     Raises:
         ValueError: the model has no Linear / Conv2d layer.
@@ -110,16 +128,36 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
             else:
                 macs = y.numel() * mod.in_features  # tokens * out * in
                 params = mod.out_features * mod.in_features
-            prev = rows.get(name)
-            total = macs + (prev.macs if prev else 0)  # a layer called twice counts twice
-            rows[name] = LayerCost(name, type(mod).__name__, int(total), _weight_bits(mod), int(params))
+            add(name, type(mod).__name__, macs, _weight_bits(mod), params)
         return fn
 
+    def add(name, kind, macs, bits, params):
+        prev = rows.get(name)
+        total = macs + (prev.macs if prev else 0)  # a layer called twice counts twice
+        rows[name] = LayerCost(name, kind, int(total), bits, int(params))
+
+    def attention_hook(name):
+        def fn(mod, args, kwargs, out):
+            q, k, v = (list(args) + [kwargs.get(key) for key in ("query", "key", "value")[len(args):]])[:3]
+            e = mod.embed_dim
+            tq, tk, tv = q.numel() // e, k.numel() // mod.kdim, v.numel() // mod.vdim  # tokens (batch x sequence)
+            in_params = e * e + e * mod.kdim + e * mod.vdim
+            add(f"{name}.in_proj", type(mod).__name__, tq * e * e + tk * mod.kdim * e + tv * mod.vdim * e,
+                _in_proj_bits(mod), in_params)
+            add(f"{name}.out_proj", type(mod.out_proj).__name__, tq * e * e, _weight_bits(mod.out_proj), e * e)
+        return fn
+
+    # nn.MultiheadAttention runs its projections functionally: it is counted by a hook of its own, and its
+    # out_proj Linear (never called as a module) is left to that hook
+    attention = {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    inside = {id(m.out_proj) for m in attention.values()}
     for name, m in model.named_modules():
-        if _is_layer(m):
+        if name in attention:
+            hooks.append(m.register_forward_hook(attention_hook(name), with_kwargs=True))
+        elif _is_layer(m) and id(m) not in inside:
             hooks.append(m.register_forward_hook(hook(name)))
     if not hooks:
-        raise ValueError(f"{type(model).__name__} has no Linear / Conv2d layers to count")
+        raise ValueError(f"{type(model).__name__} has no Linear / Conv2d / MultiheadAttention layers to count")
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -147,6 +185,9 @@ def bops(model: nn.Module, *args: Any, act_bits: int = 32, **kwargs: Any) -> flo
 def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
     """The authors' proxy ``sum_layers params * weight bits * act_bits`` (ignores tokens / output positions).
 
+    Linear / Conv2d layers count their weights; an ``nn.MultiheadAttention`` also counts its in-projection
+    weights (its ``out_proj`` is a Linear, counted as such).
+
     Args:
         model: the model.
         act_bits: activation bits.
@@ -160,6 +201,8 @@ def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
             total += float(m.row_bits().float().sum()) * m.k * act_bits
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             total += m.weight.numel() * _weight_bits(m) * act_bits
+        elif isinstance(m, nn.MultiheadAttention):
+            total += sum(w.numel() * w.element_size() * 8 for w in _in_proj_weights(m)) * act_bits
     return total
 
 

@@ -63,3 +63,55 @@ def test_vit_counts_patch_tokens():
     assert rows["classifier"].macs == cfg.hidden_size * 4  # the CLS token only
     # versus the proxy: the query projection is 17 times larger with real token counts
     assert rows[q].macs == 17 * rows[q].params
+
+
+class _AttnNet(nn.Module):
+    """Self-attention (fused in_proj_weight) followed by a Linear; cross-attention with kdim / vdim != embed_dim."""
+
+    def __init__(self, d=16, kdim=None, vdim=None, batch_first=True):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, kdim=kdim, vdim=vdim, batch_first=batch_first)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, q, k, v):
+        return self.fc(self.attn(q, k, v, need_weights=False)[0])
+
+
+def test_multihead_attention_projections_are_counted_by_hand():
+    d, t = 16, 5
+    net = _AttnNet(d).eval()
+    x = torch.randn(1, t, d)
+    rows = {r.name: r for r in count_macs(net, x, x, x)}
+    # the functional path never calls out_proj as a module and uses the raw in_proj_weight (3d x d)
+    assert rows["attn.in_proj"].macs == t * 3 * d * d and rows["attn.in_proj"].params == 3 * d * d
+    assert rows["attn.out_proj"].macs == t * d * d and rows["attn.out_proj"].params == d * d
+    assert rows["fc"].macs == t * d * d
+    assert sum(r.macs for r in rows.values()) == t * 5 * d * d
+    assert bops(net, x, x, x) == t * 5 * d * d * 32 * 32
+    assert bops(net, x, x, x, act_bits=8) == t * 5 * d * d * 32 * 8
+    # the proxy: one MAC per weight, in-projection included
+    assert proxy_bops(net) == (3 * d * d + d * d + d * d) * 32 * 32
+    # sequence-first layout, batch 2: twice the tokens
+    seq_first = _AttnNet(d, batch_first=False).eval()
+    x2 = torch.randn(t, 2, d)
+    assert sum(r.macs for r in count_macs(seq_first, x2, x2, x2)) == 2 * t * 5 * d * d
+
+
+def test_multihead_attention_with_other_key_and_value_widths():
+    d, kd, vd, tq, tk = 16, 6, 10, 3, 7
+    net = _AttnNet(d, kdim=kd, vdim=vd).eval()
+    q, k, v = torch.randn(1, tq, d), torch.randn(1, tk, kd), torch.randn(1, tk, vd)
+    rows = {r.name: r for r in count_macs(net, q, k, v)}
+    assert rows["attn.in_proj"].macs == tq * d * d + tk * kd * d + tk * vd * d
+    assert rows["attn.in_proj"].params == d * d + d * kd + d * vd
+    assert rows["attn.out_proj"].macs == tq * d * d
+    assert bops(net, q, k, v) == (tq * d * d + tk * kd * d + tk * vd * d + 2 * tq * d * d) * 32 * 32
+    assert proxy_bops(net, act_bits=1) == (d * d + d * kd + d * vd + 2 * d * d) * 32
+
+
+def test_transformer_encoder_layer_counts_attention_and_feed_forward():
+    d, t, ff = 16, 5, 32
+    enc = nn.TransformerEncoderLayer(d, 2, dim_feedforward=ff, batch_first=True).eval()
+    x = torch.randn(1, t, d)
+    assert sum(r.macs for r in count_macs(enc, x)) == t * 3 * d * d + t * d * d + t * d * ff + t * ff * d
+    assert proxy_bops(enc, act_bits=1) == (4 * d * d + 2 * d * ff) * 32
