@@ -2,7 +2,16 @@
 report text metrics (BLEU-4, ROUGE-L, METEOR, BERTScore) and the rule-based CheXpert-style report labeler."""
 from .bops import LayerCost, average_bits, bops, count_macs, model_size_summary, proxy_bops, stored_bytes
 from .fairness import FairnessReport, balanced_accuracy, fairness_report, predictions
-from .findings import CHEXPERT_FINDINGS, MESH_MAP, MultilabelScores, binarize, mesh_labels, multilabel_scores
+from .findings import (
+    CHEXPERT_FINDINGS,
+    MESH_MAP,
+    MultilabelAUC,
+    MultilabelScores,
+    binarize,
+    mesh_labels,
+    multilabel_auc,
+    multilabel_scores,
+)
 from .labeler import label_report, label_reports, label_text
 from .lm import perplexity, token_batches
 from .text import TextMetrics, text_metrics
@@ -12,6 +21,7 @@ __all__ = [
     "MESH_MAP",
     "FairnessReport",
     "LayerCost",
+    "MultilabelAUC",
     "MultilabelScores",
     "TextMetrics",
     "average_bits",
@@ -25,6 +35,7 @@ __all__ = [
     "label_text",
     "mesh_labels",
     "model_size_summary",
+    "multilabel_auc",
     "multilabel_scores",
     "perplexity",
     "predictions",

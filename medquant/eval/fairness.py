@@ -179,6 +179,24 @@ def _ovr_columns(y_true: np.ndarray, y_pred: np.ndarray, task: str, n_classes: i
     return classes, y_true[:, None] == ar, y_pred[:, None] == ar
 
 
+def _check_n_classes(y_true: np.ndarray, y_pred: np.ndarray, task: str, n_classes: int | None) -> None:
+    """Refuse labels the per-class rates would silently leave out: negative class ids, and ids >= ``n_classes``."""
+    if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer))
+                                  or n_classes < 2):
+        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    if task == "multilabel":
+        if n_classes is not None and n_classes != y_true.shape[1]:
+            raise ValueError(f"n_classes={n_classes} but the multi-label matrices have {y_true.shape[1]} columns")
+        return
+    for name, a in (("y_true", y_true), ("y_pred", y_pred)):
+        if a.min() < 0:
+            raise ValueError(f"{name} holds the negative label {int(a.min())}: class ids must be 0, 1, ...")
+        if n_classes is not None and a.max() >= n_classes:
+            bad = sorted(int(x) for x in np.unique(a[a >= n_classes]))
+            raise ValueError(f"n_classes={n_classes} but {name} holds the label(s) {bad}: class ids must be "
+                             f"0..{n_classes - 1} (raise n_classes or leave it None to infer it)")
+
+
 def _balanced(y_true: np.ndarray, y_pred: np.ndarray, task: str) -> float:
     if task == "multilabel":
         vals = []
@@ -205,13 +223,15 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
         y_pred: predicted labels of the same shape (e.g. from :func:`predictions`).
         groups: integer group id of every sample, ``(N,)``.
         task: ``"binary"``, ``"multiclass"``, ``"multilabel"`` or None (inferred).
-        n_classes: number of classes (default: inferred from the labels).
+        n_classes: number of classes, >= 2 (default: inferred from the labels); multi-class ids must lie in
+            ``0..n_classes - 1``, a multi-label matrix must have ``n_classes`` columns.
 
     Returns:
         A :class:`FairnessReport`.
 
     Raises:
-        ValueError: lengths that differ, an unknown task, or labels that do not fit the task.
+        ValueError: lengths that differ, an unknown task, or labels that do not fit the task (a negative class
+            id, a class id >= ``n_classes``).
     """
     yt, yp, g = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred"), _as_np(groups, "groups")
     if yt.shape != yp.shape:
@@ -231,6 +251,7 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
         raise ValueError("binary task: labels must be 0/1")
     if task == "multilabel" and not (set(np.unique(yt).tolist()) | set(np.unique(yp).tolist())) <= {0, 1}:
         raise ValueError("multi-label task: label matrices must be 0/1")
+    _check_n_classes(yt, yp, task, n_classes)
     group_ids = sorted(int(x) for x in np.unique(g))
     correct = (yt == yp).astype(np.float64)
     if correct.ndim == 2:

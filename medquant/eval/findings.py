@@ -1,5 +1,6 @@
 """The 14 CheXpert findings: names, the prompt that asks a vision-language model which of them an image shows,
-the mapping from the IU reports' MeSH terms to the findings, and multi-label precision / recall / F1.
+the mapping from the IU reports' MeSH terms to the findings, multi-label precision / recall / F1, and per-label /
+macro ROC AUC of scores (:func:`multilabel_auc`).
 
 The answer to :func:`findings_prompt` is parsed by :func:`medquant.eval.labeler.parse_findings` (the report
 labeler's rules in answer mode).
@@ -31,11 +32,13 @@ __all__ = [
     "FINDING_SYNONYMS",
     "MESH_MAP",
     "PATHOLOGIES",
+    "MultilabelAUC",
     "MultilabelScores",
     "binarize",
     "findings_prompt",
     "mesh_labels",
     "mesh_table_markdown",
+    "multilabel_auc",
     "multilabel_scores",
 ]
 
@@ -115,12 +118,13 @@ FINDING_SYNONYMS: dict[str, tuple[str, ...]] = {
     "Pleural Effusion": (r"effusions?", r"pleural fluid", r"hydropneumothorax",
                          r"blunt(ed|ing)( of)?( the)?( (right|left|bilateral|posterior))? costophrenic",
                          r"costophrenic (angle|recess|sulcus|sulci|angles)( is| are)? blunt\w*"),
-    "Pleural Other": (r"pleural (thickening|plaques?|scar\w*|fibrosis|calcification)", r"fibrothorax",
-                      r"pleural[- ]parenchymal scar\w*", r"pleural reaction"),
+    "Pleural Other": (r"pleural other", r"pleural (thickening|plaques?|scar\w*|fibrosis|calcification)",
+                      r"fibrothorax", r"pleural[- ]parenchymal scar\w*", r"pleural reaction"),
     "Fracture": (r"fractures?", r"fractured", r"fx"),
-    "Support Devices": ((r"(pace ?maker|icd|defibrillator|catheter|line|tube|port|stent|wire|wires|clip|clips|"
-                        r"lead|leads|device|devices|hardware|valve replacement|prosthe\w+|picc|port-a-cath|"
-                        r"sternotomy wires?)"),),
+    # plurals too ("lines and tubes", "catheters"); "lines" is no device after kerley / b / septal / suture / lung
+    "Support Devices": ((r"(pace ?makers?|icds?|defibrillators?|catheters?|line|(?<!kerley )(?<!b )(?<!b-)(?<!b- )"
+                        r"(?<!septal )(?<!suture )(?<!lung )lines|tubes?|ports?|stents?|wires?|clips?|leads?|devices?|"
+                        r"hardware|valve replacements?|prosthe\w+|piccs?|port-a-caths?|sternotomy wires?)"),),
 }
 
 
@@ -289,6 +293,78 @@ def multilabel_scores(y_true: np.ndarray, y_pred: np.ndarray, names: tuple[str, 
     mr = _safe_div(tp.sum(), tp.sum() + fn.sum())
     mf = _safe_div(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum())
     return MultilabelScores(names, prec, rec, f1, t.sum(0), mp, mr, mf, float(f1.mean()) if len(f1) else math.nan)
+
+
+@dataclass
+class MultilabelAUC:
+    """Per-label ROC AUC and their macro mean (:func:`multilabel_auc`).
+
+    Attributes:
+        names: the labels, in column order.
+        auc: per label, the ROC AUC; ``nan`` for a label whose reference holds one class only (undefined).
+        macro_auc: the mean of the defined per-label AUCs (``nan`` when none is defined).
+        scored: the labels that entered the macro mean.
+    """
+
+    names: tuple[str, ...]
+    auc: np.ndarray
+    macro_auc: float
+    scored: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        """JSON-ready values.
+
+        Returns:
+            ``per_label`` (AUC per label, None where undefined), ``macro_auc`` (None when undefined) and ``scored``.
+        """
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else float(x)
+
+        return {"per_label": {n: num(a) for n, a in zip(self.names, self.auc)}, "macro_auc": num(self.macro_auc),
+                "scored": list(self.scored)}
+
+
+def multilabel_auc(y_true, y_score, names: tuple[str, ...] | list[str] | None = None,
+                   columns: list[int] | None = None) -> MultilabelAUC:
+    """ROC AUC per label and macro AUC of multi-label scores (``sklearn.metrics.roc_auc_score`` per column).
+
+    The AUC of a label is the probability that a random positive sample scores higher than a random negative one
+    (ties count one half). A label whose reference holds only one class in these samples has no AUC: it is
+    ``nan`` and left out of the macro mean (scikit-learn's ``average="macro"`` raises instead).
+
+    Args:
+        y_true: ``(n, k)`` 0/1 reference labels.
+        y_score: ``(n, k)`` finite scores (probabilities or logits: only their order matters).
+        names: column names (default the first ``k`` CheXpert findings).
+        columns: indices of the columns to score (default all).
+
+    Returns:
+        A :class:`MultilabelAUC`.
+
+    Raises:
+        ValueError: the arrays are not 2-D of one shape, ``y_true`` holds values other than 0/1, ``y_score``
+            values that are not finite, or ``names`` has the wrong length.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    t = np.asarray(y_true)
+    s = np.asarray(y_score, dtype=np.float64)
+    if t.shape != s.shape or t.ndim != 2:
+        raise ValueError(f"y_true and y_score must be 2-D of the same shape, got {t.shape} and {s.shape}")
+    if not np.isin(t, (0, 1)).all():
+        raise ValueError("y_true must hold only 0/1 (binarize three-valued labels first)")
+    if not np.isfinite(s).all():
+        raise ValueError("y_score must be finite (no nan / inf)")
+    names = tuple(names) if names is not None else tuple(CHEXPERT_FINDINGS[: t.shape[1]])
+    if len(names) != t.shape[1]:
+        raise ValueError(f"{len(names)} names for {t.shape[1]} columns")
+    if columns is not None:
+        t, s, names = t[:, columns], s[:, columns], tuple(names[c] for c in columns)
+    auc = np.array([float(roc_auc_score(t[:, j], s[:, j])) if len(np.unique(t[:, j])) == 2 else math.nan
+                    for j in range(t.shape[1])], dtype=np.float64)
+    defined = ~np.isnan(auc)
+    return MultilabelAUC(names, auc, float(auc[defined].mean()) if defined.any() else math.nan,
+                         tuple(n for n, d in zip(names, defined) if d))
 
 
 def mesh_table_markdown() -> str:

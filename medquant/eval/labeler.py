@@ -9,22 +9,26 @@ uncertainty classification, then aggregation). Its rules were written on the ``t
 
 Steps for one text:
 
-1. lower-case, split into sentences (``.`` not between digits, ``;``, ``!``, ``?``, new lines) and each
+1. lower-case, split into sentences (``.`` not between digits, ``;``, ``!``, ``?``, line breaks: ``\\n``,
+   ``\\r\\n``, a lone ``\\r``, ``\\u2028``... as ``str.splitlines``) and each
    sentence into clauses at scope breakers ("but", "however", "although", "except", "which", "with" (not
    "without"), "there is/are", "and there"); in ``mode="answer"`` also at commas, and ``"Finding: yes|no|
    possible"`` lines are rewritten to plain phrases first;
 2. find mentions of each finding with :data:`medquant.eval.findings.FINDING_SYNONYMS` (word boundaries);
 3. classify each mention, inside its clause: a *hard uncertainty* phrase that itself contains a negation word
    ("cannot be excluded", "not ruled out", "no definite") -> uncertain; else the nearer of the last negation
-   cue ("no", "not", "without", "free of", "negative for", "absence of", "resolved"...; "no change" /
-   "unchanged" are not negations) and the last uncertainty cue ("possible", "may", "could", "questionable",
+   cue ("no", "not", "without", "free of", "negative for", "absence of", "resolved", "unlikely"...; "no change" /
+   "unchanged", "has not (completely) resolved", "has not been removed", "partially resolved" are not
+   negations) and the last uncertainty cue ("possible", "may", "could", "questionable",
    "suspicious for", "concern for", "versus", "likely", "borderline", "rule out"...) before the mention
    decides: uncertainty cue after the negation cue -> uncertain, negation cue -> negative; else
-   post-mention negation ("is not seen", "has resolved", "are absent") -> negative, post-mention uncertainty
+   post-mention negation ("is not seen", "has resolved", "are absent", "is unlikely"; "unlikely" is a
+   negation as in answer mode, where ``"X: unlikely"`` reads "no X") -> negative, post-mention uncertainty
    ("cannot be excluded", "is possible", "is suspected") -> uncertain; else positive;
 4. aggregate per finding over mentions: positive > uncertain > negative > not mentioned (``nan``);
    ``No Finding`` = 0 when any of the 12 pathologies is positive or uncertain, else 1 (in ``"answer"`` mode 1
-   only when the answer says "no finding" / "normal" / "none" or negates at least one pathology, else ``nan``).
+   only when the answer says "no finding" / "normal" / "none" or negates at least one pathology, 0 when it
+   says ``"No Finding: no|false|absent|..."``, else ``nan``).
 
 Output: float vector ``(14,)``, values 1, 0, -1, nan (see :mod:`medquant.eval.findings`).
 """
@@ -50,15 +54,18 @@ _NO_FINDING_RE = re.compile(r"\b(?:no (?:acute |significant )?(?:findings?|abnor
                             r"normal (?:chest|study|radiograph|exam)|none of (?:these|the above))\b|^\s*(?:normal|none)"
                             r"\s*$")
 
+# "has not (completely) resolved", "not yet resolved", "has not been removed", "partially resolved": still there
+_NOT_GONE = (r"\b(?:(?:not|never)\s+(?:yet\s+)?(?:been\s+)?(?:completely\s+|fully\s+|entirely\s+|totally\s+)?"
+             r"(?:resolved|removed|cleared)|(?:partially|partly|incompletely)\s+(?:resolved|removed|cleared))\b")
 # phrases that look like negation but are not (removed before looking for negation cues)
 _NOT_NEGATION = re.compile(r"\b(?:no (?:significant |interval |appreciable |definite )?(?:change|changes|increase|"
                            r"decrease|progression)(?: in| of| from)?|not (?:significantly )?(?:changed|increased)|"
-                           r"unchanged|to (?:suggest|indicate))\b")
+                           r"unchanged|to (?:suggest|indicate))\b|" + _NOT_GONE)
 _HARD_UNCERTAIN = re.compile(r"\b(?:cannot|can not|can't|could not|not) (?:be )?(?:entirely |completely |"
                              r"definitely )?(?:excluded|exclude|ruled out|rule out|differentiated)|"
                              r"\bnot (?:definitely|clearly) excluded\b|\bdifficult to (?:completely |entirely )?exclude\b")
 _NEG_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolved|resolution of|"
-                      r"removal of|removed|rather than|none|nor|neither|no longer|never)\b")
+                      r"removal of|removed|rather than|none|nor|neither|no longer|never|unlikely)\b")
 _UNC_CUE = re.compile(r"\b(?:possible|possibly|probable|probably|likely|may|might|could|questionable|question of|"
                       r"questioned|suspicious (?:for|of)|suspected|suspect|suggest|suggests|suggestive|suggesting|"
                       r"concern for|concerning for|worrisome for|versus|vs|equivocal|borderline|rule out|r/o|"
@@ -66,13 +73,14 @@ _UNC_CUE = re.compile(r"\b(?:possible|possibly|probable|probably|likely|may|migh
                       r"not excluded|may represent|could represent|presumably|presumed)\b")
 _POST_NEG = re.compile(r"^[^.]{0,40}?\b(?:(?:is|are|was|were|has been|have been)\s+)?(?:not (?:seen|identified|"
                        r"present|visualized|evident|appreciated|demonstrated|noted|detected)|absent|resolved|"
-                       r"has resolved|have resolved|no longer (?:seen|present|visualized)|removed)\b")
+                       r"has resolved|have resolved|no longer (?:seen|present|visualized)|removed|unlikely)\b")
 _POST_UNC = re.compile(r"^[^.]{0,40}?\b(?:cannot be (?:excluded|ruled out)|can not be (?:excluded|ruled out)|"
                        r"(?:is|are) not excluded|(?:is|are) (?:possible|suspected|questioned|likely|probable)|"
                        r"not (?:entirely )?excluded|(?:is|are) difficult to exclude)\b")
 _BREAK = re.compile(r"\b(?:but|however|although|though|except|whereas|which|while|nonetheless|yet)\b|"
                     r"\bwith(?!out)\b|\band there\b|\bthere (?:is|are|has been|have been)\b|"
                     r"\b(?:otherwise)\b")
+_NOT_GONE_RE = re.compile(_NOT_GONE)
 _SENT_SPLIT = re.compile(r"(?<!\d)\.(?!\d)|[;!?\n]|\s\d+\)\s|(?:^|\s)\d+\.\s")
 _KEY_VALUE = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*)?([a-z][a-z /()-]+?)\s*[:=-]\s*(yes|no|present|absent|positive|"
                         r"negative|possible|uncertain|unlikely|not present|none|maybe|likely|probable|true|false)\b",
@@ -81,6 +89,7 @@ _KV_MAP = {"yes": "{}", "present": "{}", "positive": "{}", "true": "{}", "likely
            "probable": "probable {}", "no": "no {}", "absent": "no {}", "negative": "no {}", "not present": "no {}",
            "none": "no {}", "false": "no {}", "unlikely": "no {}", "possible": "possible {}",
            "uncertain": "possible {}", "maybe": "possible {}"}
+_NO_FINDING_KEY = re.compile(r"no (?:acute )?findings?")
 
 
 @dataclass(frozen=True)
@@ -101,14 +110,24 @@ class Mention:
 
 
 def _normalise(text: str) -> str:
-    t = text.lower().replace("\u2019", "'")
-    t = re.sub(r"[ \t\r\f\v]+", " ", t)
+    # every line break ("\r\n", a lone "\r", "\u2028"... as str.splitlines) becomes "\n", which ends a sentence
+    t = "\n".join(text.lower().replace("\u2019", "'").splitlines())
+    t = re.sub(r"[ \t]+", " ", t)
     return t
+
+
+def _says_no_finding_is_absent(text: str) -> bool:
+    """Whether a normalised answer holds a ``"No Finding: no|false|absent|..."`` line."""
+    return any(_NO_FINDING_KEY.fullmatch(m.group(1).strip()) and _KV_MAP[m.group(2)].startswith("no ")
+               for m in _KEY_VALUE.finditer(text))
 
 
 def _rewrite_key_values(text: str) -> str:
     def repl(m: re.Match) -> str:
-        return _KV_MAP[m.group(2)].format(m.group(1).strip()) + "."
+        key, value = m.group(1).strip(), _KV_MAP[m.group(2)]
+        if _NO_FINDING_KEY.fullmatch(key) and value.startswith("no "):
+            return "abnormal."  # "No Finding: no" is not "no finding" (label_text sets No Finding = 0)
+        return value.format(key) + "."
     return _KEY_VALUE.sub(repl, text)
 
 
@@ -129,7 +148,7 @@ def _clauses(text: str, mode: str) -> list[str]:
 
 def _classify(clause: str, start: int, end: int) -> int:
     before = _NOT_NEGATION.sub(lambda m: "#" * len(m.group(0)), clause[:start])
-    after = clause[end:]
+    after = _NOT_GONE_RE.sub(lambda m: "#" * len(m.group(0)), clause[end:])
     if _HARD_UNCERTAIN.search(before):
         return -1
     neg = [m.end() for m in _NEG_CUE.finditer(before)]
@@ -197,6 +216,8 @@ def label_text(text: str, mode: str = "report") -> np.ndarray:
         vec[0] = 0
     elif mode == "report":
         vec[0] = 1
+    elif _says_no_finding_is_absent(_normalise(text)):
+        vec[0] = 0
     else:
         explicit = any(_NO_FINDING_RE.search(c) for c in _clauses(_normalise(text), "report"))
         vec[0] = 1 if (explicit or np.any(path == 0)) else np.nan
@@ -238,9 +259,10 @@ def parse_findings(answer: str) -> np.ndarray:
     Accepts comma/line/semicolon separated lists, ``"Finding: yes|no|present|absent|possible"`` key-value
     answers, numbered lists, synonyms and plurals ("effusions", "enlarged heart"), negation ("no pleural
     effusion", "without pneumothorax", "pneumothorax: absent") and uncertainty ("possible", "cannot exclude",
-    "may represent"). Findings the answer does not mention are ``nan``. ``No Finding`` is set from the
-    12 pathologies when any of them is positive or uncertain; otherwise it is 1 only if the answer says so
-    ("No Finding", "normal", "none").
+    "may represent"). Every finding name of :func:`medquant.eval.findings.findings_prompt` is recognised.
+    Findings the answer does not mention are ``nan``. ``No Finding`` is set from the 12 pathologies when any of
+    them is positive or uncertain; otherwise it is 1 only if the answer says so ("No Finding", "normal", "none"),
+    and 0 when the answer says ``"No Finding: no"`` (or false, absent...).
 
     Args:
         answer: the model's answer.

@@ -43,6 +43,10 @@ __all__ = [
 
 
 def _check_pairs(hyps: list[str], refs: list[str]) -> tuple[list[str], list[str]]:
+    for name, seq in (("hypotheses", hyps), ("references", refs)):
+        if isinstance(seq, (str, bytes)):  # list("abc") would score the characters as three texts
+            raise TypeError(f"{name} must be a list of strings (one text per entry), got a single "
+                            f"{type(seq).__name__}; wrap one text as [text]")
     hyps, refs = list(hyps), list(refs)
     if len(hyps) != len(refs):
         raise ValueError(f"got {len(hyps)} hypotheses and {len(refs)} references; they must pair up")
@@ -68,7 +72,7 @@ def bleu4(hyps: list[str], refs: list[str], lowercase: bool = True) -> float:
 
     Raises:
         ValueError: the lists differ in length or are empty (raised by the pair check).
-        TypeError: an entry is not a string.
+        TypeError: an entry is not a string, or ``hyps`` / ``refs`` is a single string, not a list of them.
     """
     import sacrebleu
 
@@ -89,7 +93,7 @@ def rouge_l(hyps: list[str], refs: list[str], stem: bool = True) -> float:
 
     Raises:
         ValueError: the lists differ in length or are empty (raised by the pair check).
-        TypeError: an entry is not a string.
+        TypeError: an entry is not a string, or ``hyps`` / ``refs`` is a single string, not a list of them.
     """
     from rouge_score import rouge_scorer
 
@@ -144,7 +148,7 @@ def meteor(hyps: list[str], refs: list[str]) -> float:
 
     Raises:
         ValueError: the lists differ in length or are empty (raised by the pair check).
-        TypeError: an entry is not a string.
+        TypeError: an entry is not a string, or ``hyps`` / ``refs`` is a single string, not a list of them.
     """
     from nltk.translate.meteor_score import meteor_score
 
@@ -197,7 +201,7 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
 
     Raises:
         ValueError: the lists differ in length or are empty (raised by the pair check).
-        TypeError: an entry is not a string.
+        TypeError: an entry is not a string, or ``hyps`` / ``refs`` is a single string, not a list of them.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hyps, refs = _check_pairs(hyps, refs)
@@ -267,7 +271,7 @@ def text_metrics(hyps: list[str], refs: list[str], bertscore: bool = True) -> Te
 
     Raises:
         ValueError: ``hyps`` and ``refs`` differ in length, or are empty.
-        TypeError: an entry is not a string.
+        TypeError: an entry is not a string, or ``hyps`` / ``refs`` is a single string, not a list of them.
         ModuleNotFoundError: BERTScore without its local encoder package.
     """
     hyps, refs = _check_pairs(hyps, refs)

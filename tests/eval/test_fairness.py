@@ -157,3 +157,21 @@ def test_predictions_and_errors():
         fairness_report([0.2, 1.0], [0, 1], [0, 1])
     with pytest.raises(ValueError, match="unknown task"):
         fairness_report([0, 1], [0, 1], [0, 1], task="regression")
+
+
+def test_labels_outside_n_classes_are_refused_not_dropped():
+    yt, yp, g = [0, 1, 3, 3], [0, 1, 3, 0], [0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"n_classes=2.*3"):
+        fairness_report(yt, yp, g, n_classes=2)
+    with pytest.raises(ValueError, match=r"n_classes=3.*y_pred"):
+        fairness_report([0, 1, 2, 2], [0, 1, 2, 3], g, n_classes=3)
+    with pytest.raises(ValueError, match="negative"):
+        fairness_report([0, 1, -1, 2], [0, 1, 2, 2], g)
+    with pytest.raises(ValueError, match="n_classes"):
+        fairness_report(yt, yp, g, n_classes=0)
+    with pytest.raises(ValueError, match="n_classes"):
+        fairness_report(np.eye(4, 3, dtype=int), np.eye(4, 3, dtype=int), g, n_classes=4)
+    # enough classes: every label is scored, as the labels alone would give
+    full = fairness_report(yt, yp, g, n_classes=4)
+    assert full.classes == [0, 1, 2, 3] and full.tpr[3] == fairness_report(yt, yp, g).tpr[3]
+    assert full.eopp1 == pytest.approx(fairness_report(yt, yp, g).eopp1, nan_ok=True)

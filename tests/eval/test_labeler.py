@@ -157,3 +157,98 @@ def test_splits_are_fixed_and_disjoint(reports):
         load_iu_reports(split="validation")
     with pytest.raises(FileNotFoundError, match="MEDQUANT_DATA_DIR"):
         load_iu_reports("/nonexistent/NLMCXR_reports.tgz")
+
+
+@pytest.mark.parametrize("sentence,finding", [
+    ("The right lower lobe pneumonia has not resolved.", "Pneumonia"),
+    ("Pneumothorax has not completely resolved.", "Pneumothorax"),
+    ("Persistent pneumothorax, not resolved.", "Pneumothorax"),
+    ("The left pleural effusion has not yet resolved.", "Pleural Effusion"),
+    ("The right IJ catheter has not been removed.", "Support Devices"),
+])
+def test_not_resolved_stays_present(sentence, finding):
+    assert label_report(sentence)[IDX[finding]] == 1, mentions(sentence)
+    # the resolved counterpart is still negative
+    resolved = sentence.replace("has not completely resolved", "has resolved").replace("has not yet resolved",
+                                                                                      "has resolved")
+    resolved = resolved.replace("has not resolved", "has resolved").replace("not resolved", "resolved")
+    resolved = resolved.replace("has not been removed", "has been removed")
+    assert label_report(resolved)[IDX[finding]] == 0, mentions(resolved)
+
+
+@pytest.mark.parametrize("finding", CHEXPERT_FINDINGS)
+def test_every_finding_name_is_recognised_in_answers(finding):
+    """Each of the 14 names listed by findings_prompt, alone and as key: yes / no, reads as that finding."""
+    assert f"- {finding}" in findings_prompt()
+    for answer, want in ((finding, 1), (f"{finding}: yes", 1), (f"{finding}: present", 1), (f"{finding}: no", 0),
+                         (f"{finding}: false", 0), (f"{finding}: absent", 0)):
+        assert parse_findings(answer)[IDX[finding]] == want, (answer, mentions(answer, "answer"))
+
+
+def test_no_finding_negated_in_answers():
+    for answer in ("No Finding: no", "No Finding: false", "No findings: absent", "- No Finding: negative"):
+        assert parse_findings(answer)[IDX["No Finding"]] == 0, answer
+    assert parse_findings("No Finding: yes\nCardiomegaly: no")[IDX["No Finding"]] == 1
+    assert parse_findings("No Finding: no\nCardiomegaly: yes")[IDX["No Finding"]] == 0
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r", "\r\n", "\u2028"])
+def test_every_line_break_ends_the_negation_scope(newline):
+    text = f"No pleural effusion{newline}Large pneumothorax."
+    v = label_report(text)
+    assert v[IDX["Pleural Effusion"]] == 0 and v[IDX["Pneumothorax"]] == 1, mentions(text)
+    a = parse_findings(f"No pleural effusion{newline}Pneumothorax")
+    assert a[IDX["Pleural Effusion"]] == 0 and a[IDX["Pneumothorax"]] == 1
+
+
+def test_unlikely_is_negative_in_reports_as_in_answers():
+    # answer mode reads "X: unlikely" as negative; report mode must agree
+    assert parse_findings("Pneumonia: unlikely")[IDX["Pneumonia"]] == 0
+    for text in ("Pneumonia is unlikely.", "Findings unlikely to represent pneumonia.", "Pneumonia unlikely.",
+                 "Effusions are unlikely."):
+        v = label_report(text)
+        finding = "Pleural Effusion" if "ffusion" in text else "Pneumonia"
+        assert v[IDX[finding]] == 0, (text, mentions(text))
+    assert label_report("Pneumonia is likely.")[IDX["Pneumonia"]] == -1
+
+
+@pytest.mark.parametrize("sentence", ["Lines and tubes are in standard position.", "Right IJ catheters in place.",
+                                      "Bilateral chest tubes are unchanged.", "Two coronary stents.",
+                                      "Pacemakers leads terminate in the right ventricle."])
+def test_plural_devices_are_support_devices(sentence):
+    assert label_report(sentence)[IDX["Support Devices"]] == 1, mentions(sentence)
+
+
+def test_kerley_and_septal_lines_are_not_devices():
+    for sentence in ("Few septal lines.", "Kerley B lines are present."):
+        assert np.isnan(label_report(sentence)[IDX["Support Devices"]]), mentions(sentence)
+
+
+def test_multilabel_auc_matches_sklearn_and_a_hand_count():
+    from sklearn.metrics import roc_auc_score
+
+    from medquant.eval import multilabel_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (80, 6))
+    scores = y + rng.normal(0, 0.8, (80, 6))
+    y[:, 4] = 1  # one class only: AUC undefined
+    y[:, 5] = 0
+    r = multilabel_auc(y, scores, names=[f"c{i}" for i in range(6)])
+    for j in range(4):
+        assert r.auc[j] == pytest.approx(roc_auc_score(y[:, j], scores[:, j]))
+    assert np.isnan(r.auc[4]) and np.isnan(r.auc[5])
+    assert r.macro_auc == pytest.approx(np.mean([roc_auc_score(y[:, j], scores[:, j]) for j in range(4)]))
+    assert r.scored == ("c0", "c1", "c2", "c3") and r.as_dict()["per_label"]["c4"] is None
+    assert multilabel_auc(y, scores, columns=[0, 4]).macro_auc == pytest.approx(roc_auc_score(y[:, 0], scores[:, 0]))
+    # by hand: positives scored 0.9, 0.4; negatives 0.5, 0.1 -> 3 of the 4 positive/negative pairs ordered
+    # right; a tie counts one half
+    assert multilabel_auc([[1], [1], [0], [0]], [[0.9], [0.4], [0.5], [0.1]]).auc[0] == pytest.approx(0.75)
+    assert multilabel_auc([[1], [0]], [[0.3], [0.3]]).auc[0] == pytest.approx(0.5)
+    assert np.isnan(multilabel_auc([[1], [1]], [[0.3], [0.2]]).macro_auc)
+    with pytest.raises(ValueError, match="same shape"):
+        multilabel_auc(y, scores[:, :3])
+    with pytest.raises(ValueError, match="0/1"):
+        multilabel_auc(y * 2, scores)
+    with pytest.raises(ValueError, match="finite"):
+        multilabel_auc(y, np.where(y == 1, np.nan, scores))

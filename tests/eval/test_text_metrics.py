@@ -112,3 +112,14 @@ def test_text_metrics_bundle_and_errors():
         rouge_l([], [])
     with pytest.raises(TypeError, match="strings"):
         meteor([None], ["a"])
+
+
+@pytest.mark.parametrize("fn", [text_metrics, bleu4, rouge_l, meteor, bertscore_f1])
+def test_a_bare_string_is_refused_not_scored_per_character(fn):
+    kwargs = {"bertscore": False} if fn is text_metrics else {}
+    with pytest.raises(TypeError, match="list of strings"):
+        fn("abc", "abd", **kwargs)
+    with pytest.raises(TypeError, match="references.*list of strings"):
+        fn(["abc"], "abd", **kwargs)
+    with pytest.raises(TypeError, match="hypotheses.*list of strings"):
+        fn(b"abc", ["abd"], **kwargs)
