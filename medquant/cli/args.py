@@ -3,6 +3,7 @@ exits with code 2."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -29,6 +30,31 @@ def non_negative_int(text: str) -> int:
 def sequence_length(text: str) -> int:
     """A calibration sequence length: an integer >= 2 (a sequence of one token has no next token to predict)."""
     return _int_at_least(text, 2, "an integer >= 2 (tokens per calibration sequence)")
+
+
+def text_length(text: str) -> int:
+    """Tokens per text for a perplexity: an integer >= 2 (a text cut to one token has no next token to predict)."""
+    return _int_at_least(text, 2, "an integer >= 2 (tokens per text: one token has no next token to predict)")
+
+
+def metric_weights(text: str) -> list[float]:
+    """``--weights`` of ``medquant score``: five comma-separated finite numbers >= 0, not all zero, one per
+    complexity metric (:data:`medquant.complexity.METRIC_NAMES` order)."""
+    names = "entropy, edge_density, intensity_std, fractal_dimension, lbp_entropy"
+    expected = f"5 comma-separated numbers >= 0, not all zero ({names})"
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if len(values) != 5:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {len(values)} values: {text!r}")
+    bad = [p for p, v in zip(parts, values) if not math.isfinite(v) or v < 0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {', '.join(bad)} in {text!r}")
+    if not any(values):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got all zero: {text!r}")
+    return values
 
 
 def fraction(text: str) -> float:

@@ -14,7 +14,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from .args import positive_int
+from .args import metric_weights, positive_int
 
 
 def register(subparsers) -> None:
@@ -33,7 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--state", default=None, help="load a saved scorer state instead of fitting")
     p.add_argument("--save-state", default=None, help="save the fitted scorer state (torch.save of tensors)")
     p.add_argument("--normalisation", choices=["minmax", "quantile"], default="minmax")
-    p.add_argument("--weights", default=None, help="5 comma-separated metric weights")
+    p.add_argument("--weights", type=metric_weights, default=None,
+                   help="5 comma-separated metric weights >= 0 (entropy, edge_density, intensity_std, "
+                        "fractal_dimension, lbp_entropy)")
     p.add_argument("--edge-threshold", type=float, default=0.1)
     p.add_argument("--bits-stored", type=int, default=None, help="bit depth of >8-bit integer images")
     p.add_argument("--batch-size", type=positive_int, default=256)
@@ -56,24 +58,31 @@ def _metrics_with_progress(scorer, images, batch_size: int, progress: bool, desc
     return torch.cat(parts) if parts else torch.zeros(0, 5, dtype=torch.float64)
 
 
+def _load(load_images, path, split, limit):
+    """``load_images``, with a missing split or array (a ``KeyError``) reported as the command's one-line error."""
+    try:
+        return load_images(path, split=split, limit=limit)
+    except KeyError as e:
+        raise SystemExit(str(e.args[0]) if e.args else f"{path}: split {split!r} not found") from e
+
+
 def run(args) -> int:
     import torch
 
     from ..complexity import METRIC_NAMES, ComplexityScorer
     from ..data import load_images
 
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    scorer = ComplexityScorer(n_levels=args.n_levels, weights=weights, edge_threshold=args.edge_threshold,
+    scorer = ComplexityScorer(n_levels=args.n_levels, weights=args.weights, edge_threshold=args.edge_threshold,
                               normalisation=args.normalisation, bits_stored=args.bits_stored).to(args.device)
     progress = not args.no_progress
-    images, names = load_images(args.path, split=args.split, limit=args.limit)
+    images, names = _load(load_images, args.path, args.split, args.limit)
     if len(images) == 0:
         raise SystemExit(f"no images found in {args.path}")
     metrics = _metrics_with_progress(scorer, images, args.batch_size, progress, "scoring")
     if args.state:
         scorer.load_state_dict(torch.load(args.state, weights_only=True))
     elif args.fit_on:
-        cal, _ = load_images(args.fit_on, split=args.fit_split, limit=args.fit_limit)
+        cal, _ = _load(load_images, args.fit_on, args.fit_split, args.fit_limit)
         scorer.fit(metrics=_metrics_with_progress(scorer, cal, args.batch_size, progress, "calibrating"))
     else:
         scorer.fit(metrics=metrics)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .args import existing_file, existing_folder, positive_int
+from .args import existing_file, existing_folder, positive_int, text_length
 
 
 def run(args) -> int:
@@ -42,7 +42,8 @@ def register(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL_DIR", type=existing_folder, help="Hugging Face causal LM folder")
     p.add_argument("--text", required=True, type=existing_file, help="UTF-8 text file, one text per line")
-    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per text (default 512)")
+    p.add_argument("--max-length", type=text_length, default=512,
+                   help="tokens per text, at least 2 (default 512)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="texts per batch (default 8)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)

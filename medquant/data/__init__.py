@@ -89,7 +89,9 @@ def load_npz_split(path, split: str = "test", with_labels: bool = False):
                 images = images[sel]
                 labels = labels[sel] if labels is not None else None
         else:
-            raise KeyError(f"{path} has no '{split}_images' or 'images' array (keys: {sorted(keys)})")
+            have = sorted(k[: -len("_images")] for k in keys if k.endswith("_images"))
+            raise KeyError(f"{path} has no split {split!r}: no '{split}_images' or 'images' array (splits: "
+                           f"{', '.join(have) or 'none'}; keys: {sorted(keys)})")
     return (images, labels) if with_labels else images
 
 
@@ -106,6 +108,7 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path") ->
 
     Raises:
         KeyError: the CSV has no ``path_column`` column, or no ``split`` column when ``split`` is given.
+        ValueError: ``split`` is given and no row has it (the message lists the splits the CSV has).
     """
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -114,7 +117,11 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path") ->
     if split is not None:
         if rows and "split" not in rows[0]:
             raise KeyError(f"{csv_path} has no 'split' column")
-        rows = [r for r in rows if r["split"] == split]
+        kept = [r for r in rows if r["split"] == split]
+        if rows and not kept:
+            have = ", ".join(sorted({r["split"] for r in rows}))
+            raise ValueError(f"unknown split {split!r} in {csv_path}: its splits are {have}")
+        rows = kept
     return rows
 
 
@@ -179,14 +186,16 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
         rows = [{"path": str(p.relative_to(root))} for p in files]
     if limit is not None:
         files, rows = files[:limit], rows[:limit]
-    images = []
-    for f in files:
-        im = load_image(f)
-        if gray and im.ndim == 3 and np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(im[..., 0],
-                                                                                              im[..., 2]):
-            im = np.ascontiguousarray(im[..., 0])
-        images.append(im)
+    images = [_gray_if_equal_channels(load_image(f)) if gray else load_image(f) for f in files]
     return images, rows
+
+
+def _gray_if_equal_channels(im: np.ndarray) -> np.ndarray:
+    """``im[..., 0]`` (2-D) when ``im`` is RGB with three identical channels (grayscale content), else ``im``."""
+    if im.ndim == 3 and im.shape[-1] == 3 and np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(
+            im[..., 0], im[..., 2]):
+        return np.ascontiguousarray(im[..., 0])
+    return im
 
 
 def list_image_files(root) -> list[Path]:
@@ -227,12 +236,12 @@ def dicom_to_array(ds) -> tuple[np.ndarray, None]:
     """A pydicom dataset -> (float64 gray image in [0, 1], None).
 
     Steps: stored values v (``pixel_array``); modality values m = slope * v + intercept (RescaleSlope /
-    RescaleIntercept, default 1 / 0); the range of m is that of the stored range
-    [0, 2^BitsStored - 1] (or [-2^(BitsStored-1), 2^(BitsStored-1) - 1] when PixelRepresentation = 1) mapped
-    through the rescale; the image is m mapped linearly from that range to [0, 1]; MONOCHROME1 (white = low)
-    is inverted, 1 - x. For a linear rescale with positive slope this equals (v - v_min) / (v_max - v_min),
-    i.e. the bit depth is honoured (12-bit data is divided by 4095, not 65535). Multi-frame data and colour
-    (RGB) DICOM are rejected.
+    RescaleIntercept, 1 / 0 when the element is missing or empty; an explicit slope of 0 is refused); the range
+    of m is that of the stored range [0, 2^BitsStored - 1] (or [-2^(BitsStored-1), 2^(BitsStored-1) - 1] when
+    PixelRepresentation = 1) mapped through the rescale; the image is m mapped linearly from that range to
+    [0, 1]; MONOCHROME1 (white = low) is inverted, 1 - x. For a linear rescale with positive slope this equals
+    (v - v_min) / (v_max - v_min), i.e. the bit depth is honoured (12-bit data is divided by 4095, not 65535).
+    Multi-frame data and colour (RGB) DICOM are rejected.
 
     Args:
         ds: a pydicom dataset.
@@ -241,7 +250,7 @@ def dicom_to_array(ds) -> tuple[np.ndarray, None]:
         ``(image, None)``.
 
     Raises:
-        ValueError: multi-frame or colour data, or a degenerate intensity range.
+        ValueError: multi-frame or colour data, or a degenerate intensity range (``RescaleSlope`` 0).
     """
     arr = np.asarray(ds.pixel_array)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -251,8 +260,13 @@ def dicom_to_array(ds) -> tuple[np.ndarray, None]:
     bits = int(getattr(ds, "BitsStored", 8 * arr.dtype.itemsize))
     signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
     vmin, vmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    raw_slope = getattr(ds, "RescaleSlope", None)
+    slope = 1.0 if raw_slope is None or str(raw_slope).strip() == "" else float(raw_slope)  # missing: identity
+    if slope == 0.0:
+        raise ValueError("degenerate DICOM intensity range: RescaleSlope is 0 (every pixel maps to the "
+                         "intercept); expected a non-zero slope, or no RescaleSlope element for slope 1")
+    raw_intercept = getattr(ds, "RescaleIntercept", None)
+    intercept = 0.0 if raw_intercept is None or str(raw_intercept).strip() == "" else float(raw_intercept)
     m = arr.astype(np.float64) * slope + intercept
     lo, hi = sorted((vmin * slope + intercept, vmax * slope + intercept))
     if hi <= lo:
@@ -267,8 +281,10 @@ def dicom_to_array(ds) -> tuple[np.ndarray, None]:
 def load_images(path, split: str | None = None, limit: int | None = None, key: str | None = None):
     """Load images from an npz file, an image folder, an index CSV, or a single image / DICOM file.
 
-    A folder may have an ``index.csv`` (path, label, split columns) or not (every image below it); folder and
-    file images are read as grayscale ``uint8`` arrays.
+    A folder may have an ``index.csv`` (path, label, split columns) or not (every image below it). Folder, index
+    CSV and single-file images are read alike (:func:`load_image`), and an RGB image whose three channels are
+    equal (grayscale content stored as RGB, e.g. the Kermany JPEGs) becomes a 2-D grayscale array; colour images
+    stay ``(H, W, 3)``.
 
     Args:
         path: an ``.npz`` file, a folder, an index CSV or one image / DICOM file.
@@ -303,7 +319,8 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         rows = read_index(path, split=split)
         if limit is not None:
             rows = rows[:limit]
-        return [load_image(path.parent / r["path"]) for r in rows], [r["path"] for r in rows]
+        images = [_gray_if_equal_channels(load_image(path.parent / r["path"])) for r in rows]
+        return images, [r["path"] for r in rows]
     if path.is_file():
-        return [load_image(path)], [path.name]
+        return [_gray_if_equal_channels(load_image(path))], [path.name]
     raise FileNotFoundError(f"no such file or folder: {path}")

@@ -13,11 +13,13 @@ held out for scoring it and for the text-generation benchmark.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +141,8 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
     Raises:
         FileNotFoundError: ``path`` does not exist (:class:`~medquant.data.DataDirNotSet`: no ``path`` and no
             ``$MEDQUANT_DATA_DIR``).
-        ValueError: bad ``split`` / ``require``, or a malformed XML file.
+        ValueError: bad ``split`` / ``require``, a malformed XML file, or a file that is not a readable tar
+            archive (corrupt or cut short; the error names the file).
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
@@ -156,12 +159,17 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
         for f in sorted(p.rglob("*.xml")):
             reports.append(_parse(f.read_bytes(), str(f)))
     else:
-        with tarfile.open(p, "r:*") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".xml"):
-                    fh = tar.extractfile(member)
-                    if fh is not None:
-                        reports.append(_parse(fh.read(), f"{p}:{member.name}"))
+        try:
+            with tarfile.open(p, "r:*") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".xml"):
+                        fh = tar.extractfile(member)
+                        if fh is not None:
+                            reports.append(_parse(fh.read(), f"{p}:{member.name}"))
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            reason = (str(exc).splitlines() or [""])[0].rstrip(": ")
+            raise ValueError(f"{p} is not a readable tar archive ({type(exc).__name__}: {reason}): expected "
+                             "NLMCXR_reports.tgz or a folder of its XML files") from exc
     if not reports:
         raise ValueError(f"no XML reports found in {p}")
     reports.sort(key=lambda r: (int(re.sub(r"\D", "", r.uid) or 0), r.uid))

@@ -162,3 +162,81 @@ def test_negative_limit_is_refused_not_sliced_from_the_end(tmp_path):
     for load in (mdata.load_images, mdata.load_image_folder):
         with pytest.raises(ValueError, match="limit must be None .* or an integer >= 0, got -1"):
             load(tmp_path, limit=-1)
+
+
+def test_dicom_rescale_slope_zero_is_refused_missing_slope_means_one(tmp_path):
+    arr = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16).repeat(4, axis=0).repeat(4, axis=1)
+    p = _write_dicom(tmp_path / "s0.dcm", arr, 12, slope=0.0, intercept=5.0)
+    with pytest.raises(ValueError, match="RescaleSlope"):
+        mdata.dicom_to_array(mdata.read_dicom(p))
+    with pytest.raises(ValueError, match="RescaleSlope"):
+        mdata.load_image(p)
+    # no RescaleSlope element at all: slope 1 (the stored values over the 12-bit range)
+    ds = mdata.read_dicom(_write_dicom(tmp_path / "none.dcm", arr, 12))
+    assert "RescaleSlope" not in ds
+    np.testing.assert_allclose(mdata.dicom_to_array(ds)[0], arr / 4095.0)
+    ds.RescaleIntercept = 7.0  # an intercept alone shifts both the values and their range: same image
+    np.testing.assert_allclose(mdata.dicom_to_array(ds)[0], arr / 4095.0)
+
+
+@needs_data
+def test_load_images_index_csv_and_folder_give_the_same_grayscale_arrays():
+    from PIL import Image
+
+    root = DATA / "kermany_pediatric_cxr_224"
+    folder, names_folder = mdata.load_images(root, split="test", limit=3)
+    csv_images, names_csv = mdata.load_images(root / "index.csv", split="test", limit=3)
+    assert names_folder == names_csv
+    for a, b, name in zip(folder, csv_images, names_csv):
+        assert a.shape == b.shape == (224, 224) and a.dtype == b.dtype == np.uint8
+        np.testing.assert_array_equal(a, b)
+        with Image.open(root / name) as im:  # the file itself: RGB with three equal channels
+            rgb = np.asarray(im)
+        assert rgb.shape == (224, 224, 3)
+        np.testing.assert_array_equal(b, rgb[..., 0])
+        single, _ = mdata.load_images(root / name)  # one file: the same grayscale array
+        np.testing.assert_array_equal(single[0], b)
+
+
+@needs_data
+def test_load_images_keeps_real_colour_images_in_colour():
+    root = DATA / "ham10000_lesion_subset_224"
+    csv_images, names = mdata.load_images(root / "metadata.csv", split="val", limit=2)
+    assert csv_images[0].shape == (224, 224, 3)
+    np.testing.assert_array_equal(csv_images[0], mdata.load_image(root / names[0]))
+
+
+def test_corrupt_report_archive_is_a_value_error_naming_the_file(tmp_path):
+    import tarfile
+
+    bad = tmp_path / "NLMCXR_reports.tgz"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="NLMCXR_reports.tgz") as e:
+        mdata.load_iu_reports(bad)
+    assert isinstance(e.value.__cause__, tarfile.TarError)
+    # a real archive cut short
+    good = tmp_path / "ok.tgz"
+    with tarfile.open(good, "w:gz") as tar:
+        for i in range(40):
+            xml = tmp_path / f"{i}.xml"
+            xml.write_text(f'<eCitation><uId id="CXR{i}"/>' + "x" * 3000 + f"{os.urandom(2000).hex()}</eCitation>")
+            tar.add(xml, arcname=f"ecgen-radiology/{i}.xml")
+    assert len(mdata.load_iu_reports(good)) == 40
+    cut = tmp_path / "cut.tgz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cut.tgz"):
+        mdata.load_iu_reports(cut)
+
+
+def test_unknown_split_is_named_with_the_splits_that_exist(tmp_path):
+    p = tmp_path / "index.csv"
+    with open(p, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "split"], ["a.png", "train"], ["b.png", "test"], ["c.png", "train"]])
+    with pytest.raises(ValueError, match=r"unknown split 'bogus' in .*index.csv: its splits are test, train"):
+        mdata.read_index(p, split="bogus")
+    with pytest.raises(ValueError, match="unknown split 'bogus'"):
+        mdata.load_image_folder(tmp_path, split="bogus")
+    assert [r["path"] for r in mdata.read_index(p, split="train")] == ["a.png", "c.png"]
+    np.savez(tmp_path / "m.npz", train_images=np.zeros((1, 2, 2)), test_images=np.zeros((1, 2, 2)))
+    with pytest.raises(KeyError, match=r"no split 'bogus'.*splits: test, train"):
+        mdata.load_npz_split(tmp_path / "m.npz", split="bogus")
