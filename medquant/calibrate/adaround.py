@@ -48,11 +48,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from tqdm.auto import tqdm
 
 from ..kernels.layout import FORMAT_VERSION, expand_params, pack, padded_k
-from ..models.runner import eval_mode, run_model
+from ..models.runner import eval_mode
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
 from ..quant.modules import QuantConv2d, QuantLinear
+from ._forward import run_calibration_batch
 
 __all__ = ["InputQuantizer", "adaround_quantize_", "attach_input_quantizers", "fold_batchnorm_"]
 
@@ -333,31 +334,8 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"a block's output must be a tensor or a tuple starting with one, got {type(out).__name__}")
 
 
-def _describe(batch: Any) -> str:
-    if isinstance(batch, Mapping):
-        return f"a dict with the keys {sorted(map(str, batch))}"
-    if isinstance(batch, (tuple, list)):
-        return f"a {type(batch).__name__} of {len(batch)} inputs"
-    if isinstance(batch, torch.Tensor):
-        return f"a tensor of shape {tuple(batch.shape)}"
-    return f"a {type(batch).__name__}"
-
-
 def _run_batch(model: nn.Module, batch: Any, i: int, what: str) -> None:
-    """``run_model`` on one calibration batch; an error of the model's own forward is re-raised naming the batch
-    and what is being calibrated, the original exception chained (as GPTQ does)."""
-    try:
-        run_model(model, batch)
-    except _StopForward:
-        raise
-    except ValueError as e:
-        if str(e).startswith(("block ", "layer ")):
-            raise
-        raise ValueError(f"calibration batch {i} ({_describe(batch)}) failed in the model's forward while "
-                         f"calibrating {what}: {e}") from e
-    except (RuntimeError, TypeError, IndexError) as e:
-        raise ValueError(f"calibration batch {i} ({_describe(batch)}) failed in the model's forward while "
-                         f"calibrating {what}: {type(e).__name__}: {e}") from e
+    run_calibration_batch(model, batch, i, what, passthrough=(_StopForward,))
 
 
 @torch.no_grad()

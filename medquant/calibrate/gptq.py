@@ -75,11 +75,12 @@ from tqdm.auto import tqdm
 from ..kernels import tensor_version
 from ..kernels.layout import FORMAT_VERSION, pack, padded_k
 from ..models.blocks import block_stacks
-from ..models.runner import eval_mode, run_model
+from ..models.runner import eval_mode
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import QTensor, compute_qparams, scale_eps
 from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from ._forward import describe_batch, run_calibration_batch
 from .sequential import BlockInputs, quantize_sequential
 
 __all__ = [
@@ -858,26 +859,16 @@ def _names(names: Sequence[str]) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
-def _describe(batch: Any) -> str:
-    if isinstance(batch, Mapping):
-        return f"a dict with the keys {sorted(map(str, batch))}"
-    if isinstance(batch, (tuple, list)):
-        return f"a {type(batch).__name__} of {len(batch)} inputs"
-    if isinstance(batch, torch.Tensor):
-        return "a tensor"
-    return f"a {type(batch).__name__}"
-
-
 def _check_batches(batches: Sequence[Any], layers: str = "") -> None:
     """Every calibration batch of the same kind as the first (a dict with the same keys, a tuple/list of the same
     length, or a tensor) and its floating-point tensors finite; errors name the batch (and the key)."""
-    first = _describe(batches[0])
+    first = describe_batch(batches[0])
     for i, b in enumerate(batches):
         if not isinstance(b, (Mapping, tuple, list, torch.Tensor)):
-            raise TypeError(f"calibration batch {i} is {_describe(b)}; a batch is a dict of keyword inputs, a tuple "
+            raise TypeError(f"calibration batch {i} is {describe_batch(b)}; a batch is a dict of keyword inputs, a tuple "
                             "of positional inputs or one tensor")
-        if _describe(b) != first and not (isinstance(b, torch.Tensor) and isinstance(batches[0], torch.Tensor)):
-            raise ValueError(f"calibration batch {i} is {_describe(b)} but batch 0 is {first}: give every batch "
+        if describe_batch(b) != first and not (isinstance(b, torch.Tensor) and isinstance(batches[0], torch.Tensor)):
+            raise ValueError(f"calibration batch {i} is {describe_batch(b)} but batch 0 is {first}: give every batch "
                              "the same inputs")
         items = b.items() if isinstance(b, Mapping) else enumerate(b) if isinstance(b, (tuple, list)) else [(None, b)]
         for key, v in items:
@@ -889,20 +880,7 @@ def _check_batches(batches: Sequence[Any], layers: str = "") -> None:
 
 
 def _run_batch(model: nn.Module, batch: Any, i: int, what: str) -> None:
-    """``run_model`` on one calibration batch; an error of the model's own forward is re-raised naming the batch
-    and the layers being calibrated (the checks of :class:`HessianAccumulator` pass through unchanged)."""
-    try:
-        run_model(model, batch)
-    except _Stop:
-        raise
-    except ValueError as e:
-        if str(e).startswith("layer "):
-            raise
-        raise ValueError(f"calibration batch {i} ({_describe(batch)}) failed in the model's forward while "
-                         f"calibrating {what}: {e}") from e
-    except (RuntimeError, TypeError, IndexError) as e:
-        raise ValueError(f"calibration batch {i} ({_describe(batch)}) failed in the model's forward while "
-                         f"calibrating {what}: {type(e).__name__}: {e}") from e
+    run_calibration_batch(model, batch, i, what, passthrough=(_Stop,))
 
 
 def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[list[str], dict[str, int]]:
@@ -1193,7 +1171,7 @@ def gptq_quantize_sequential(
         raise ValueError("GPTQ needs calibration data: calib_inputs is empty")
     if not all(isinstance(b, Mapping) for b in batches):
         bad = next(i for i, b in enumerate(batches) if not isinstance(b, Mapping))
-        raise TypeError(f"calib_inputs[{bad}] is {_describe(batches[bad])}; the block-by-block GPTQ takes dicts of "
+        raise TypeError(f"calib_inputs[{bad}] is {describe_batch(batches[bad])}; the block-by-block GPTQ takes dicts of "
                         "model(**batch) keyword arguments")
     _check_batches(batches)
     labels = _group_labels(groups, len(batches))

@@ -44,6 +44,7 @@ from ..models.blocks import block_stacks
 from ..quant.api import quantize_module, resolve_configs, swap_module
 from ..quant.config import QuantConfig
 from ..quant.modules import QUANT_LAYERS
+from ._forward import run_calibration_batch
 
 __all__ = ["BlockInputs", "CheckpointSource", "quantize_sequential"]
 
@@ -315,12 +316,14 @@ def _capture(model: nn.Module, group: Sequence[str], batches: Sequence[dict], de
     accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
     try:
         with torch.no_grad():
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 kw = _to(dict(batch), device)
                 if accepts_cache:
                     kw.setdefault("use_cache", False)
                 try:
-                    model(**kw)
+                    run_calibration_batch(model, batch, i, f"blocks {', '.join(group[:3])}"
+                                          f"{', ...' if len(group) > 3 else ''} (recording their inputs)",
+                                          passthrough=(_Stop,), call=lambda m, _, kw=kw: m(**kw))
                 except _Stop:
                     pass
     finally:

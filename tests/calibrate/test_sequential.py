@@ -213,3 +213,14 @@ def test_large_layers_quantized_in_row_chunks_are_bit_identical(cfg, monkeypatch
     quantize_sequential(seq, cfg, device="cpu")
     assert max(rows_seen) == 48 and 256 - 5 * 48 in rows_seen  # really chunked (lm_head: 5 x 48 + 16 rows)
     _assert_same(whole, seq)
+
+
+def test_a_batch_that_fails_in_the_forward_names_the_batch_and_the_blocks():
+    entry = ZOO_BY_NAME["llama"]
+    model = entry.build()
+    good = {"input_ids": torch.randint(0, 100, (1, 6))}
+    empty = {"input_ids": torch.zeros(1, 0, dtype=torch.long)}  # no token: the model's own forward fails
+    with pytest.raises(ValueError, match=r"calibration batch 1 \(a dict with the keys \['input_ids'\]\) failed in "
+                                         r"the model's forward while calibrating blocks model\.layers\.0") as e:
+        quantize_sequential(model, 4, calib_inputs=[good, empty], per_block_fn=lambda b, i: None)
+    assert isinstance(e.value.__cause__, IndexError)  # the model's own error, chained

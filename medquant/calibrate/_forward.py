@@ -1,0 +1,52 @@
+"""Calibration batches through a model, with errors that name the batch (GPTQ, AdaRound, block-by-block capture).
+
+A batch that does not fit the model fails deep inside the model's own forward with a message that names neither the
+batch nor what was being calibrated; :func:`run_calibration_batch` re-raises it as a ``ValueError`` that names
+both, the model's exception chained.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.runner import run_model
+
+
+def describe_batch(batch: Any, *, shape: bool = False) -> str:
+    """What a calibration batch is: ``"a dict with the keys [...]"``, ``"a tuple of 2 inputs"``, ``"a tensor"``
+    (with ``shape``: ``"a tensor of shape (4, 16)"``), else its type name."""
+    if isinstance(batch, Mapping):
+        return f"a dict with the keys {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} inputs"
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}" if shape else "a tensor"
+    return f"a {type(batch).__name__}"
+
+
+def run_calibration_batch(model: nn.Module, batch: Any, i: int, what: str, *,
+                          passthrough: tuple[type[BaseException], ...] = (),
+                          call: Callable[[nn.Module, Any], Any] | None = None) -> None:
+    """``call(model, batch)`` (default :func:`medquant.models.run_model`) for calibration batch ``i``.
+
+    Exceptions of the types in ``passthrough`` (the caller's early-stop signals) and ``ValueError``s of the
+    calibration's own checks (their messages start with ``"layer "`` or ``"block "``) pass unchanged; any other
+    ``ValueError``, ``RuntimeError``, ``TypeError`` or ``IndexError`` of the forward becomes ``ValueError:
+    calibration batch i (<what the batch is>) failed in the model's forward while calibrating <what>: ...`` with
+    the original chained.
+    """
+    try:
+        (call or run_model)(model, batch)
+    except passthrough:
+        raise
+    except ValueError as e:
+        if str(e).startswith(("layer ", "block ")):
+            raise
+        raise ValueError(f"calibration batch {i} ({describe_batch(batch, shape=True)}) failed in the model's "
+                         f"forward while calibrating {what}: {e}") from e
+    except (RuntimeError, TypeError, IndexError) as e:
+        raise ValueError(f"calibration batch {i} ({describe_batch(batch, shape=True)}) failed in the model's "
+                         f"forward while calibrating {what}: {type(e).__name__}: {e}") from e
