@@ -292,7 +292,17 @@ def run(args) -> int:
         _plot(rows, majority, args.plot)
         print(f"wrote {args.plot} (accuracy and size against bits)")
     if args.json:
+        import datetime
+        import platform
+
+        from .. import __version__
+        from ..kernels.cpu import cpu_features
+
         Path(args.json).write_text(json.dumps({
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "hardware": {"cpu": cpu_features(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                         "medquant": __version__},
             "data": source, "n_test": len(yte), "test_counts": n_per, "majority_acc": majority,
             "epochs": args.epochs, "seed": args.seed, "bootstrap_resamples": args.bootstrap,
             "train_seconds": train_seconds, "history": history, "rows": [asdict(r) for r in rows]}, indent=1))

@@ -52,6 +52,21 @@ def test_intervals_bracket_the_accuracy_and_have_the_binomial_width(synthetic_ru
         assert r["ci_high"] - r["ci_low"] == pytest.approx(normal, rel=0.35, abs=0.01)
 
 
+def test_json_records_date_hardware_and_versions(synthetic_run):
+    import datetime
+
+    import numpy as np
+    import torch
+
+    from medquant.kernels.cpu import cpu_features
+
+    _, result = synthetic_run
+    assert datetime.datetime.fromisoformat(result["date"]).tzinfo is not None
+    assert result["hardware"]["cpu"] == json.loads(json.dumps(cpu_features()))
+    assert result["versions"] == {"python": result["versions"]["python"], "torch": torch.__version__,
+                                  "numpy": np.__version__, "medquant": mq.__version__}
+
+
 def test_plot_is_a_png(synthetic_run):
     from PIL import Image
 
