@@ -136,6 +136,31 @@ def _labeler_scores(data: str | None) -> dict:
     return out
 
 
+def _labeler_only(args) -> int:
+    """``--labeler-only``: the labeler's scores against the MeSH-derived labels, one JSON / Markdown pair."""
+    from benchmarks.common.env import save_results
+
+    t0 = time.perf_counter()
+    scores = _labeler_scores(args.data)
+    lines = []
+    for split in ("dev", "test"):
+        for unc in ("negative", "positive"):
+            s = scores[split][f"uncertain_{unc}"]
+            lines.append(f"| {split} | uncertain -> {unc} | {scores[split]['n_reports']} | {s['micro_f1']:.3f} | "
+                         f"{s['macro_f1']:.3f} | {s['top5_micro_f1']:.3f} |")
+    md = ("| split | uncertain mentions | reports | micro-F1 | macro-F1 | top-5 micro-F1 |\n|---|---|---|---|---|---|\n"
+          + "\n".join(lines) + "\n\nTest split, uncertain -> negative, per finding:\n\n"
+          + scores["test"]["uncertain_negative"]["table"] + "\n")
+    result = {"benchmark": "report_labeler", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "hardware": hardware(note="no timings compared"), "versions": versions(), "seeds": "none (deterministic)",
+              "data": "IU X-ray reports (findings + impression) with MeSH major terms, dev and test splits",
+              "seconds": time.perf_counter() - t0, "scores": scores}
+    save_results(RESULTS, "report_labeler", result, md)
+    print(md)
+    print(f"wrote {RESULTS / 'report_labeler.json'}")
+    return 0
+
+
 def _clinical_f1(gens: list[str], refs: list[str]) -> float:
     import numpy as np
 
@@ -223,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train every variant without gradient checkpointing")
     ap.add_argument("--memory-only", action="store_true",
                     help="train and account memory/time only (no generation, no text metrics)")
+    ap.add_argument("--labeler-only", action="store_true",
+                    help="score only the report labeler against the MeSH labels (dev and test splits, seconds) and "
+                         "write benchmarks/results/report_labeler.json / .md")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -230,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if args.labeler_only:
+        return _labeler_only(args)
 
 
     from benchmarks.common.memory import run_variant_subprocess
