@@ -30,7 +30,11 @@ class NF4Config:
         double_quant: quantize the block constants too.
         quant_type: ``"nf4"`` or ``"fp4"``.
         cpu_bf16_packing: let bitsandbytes repack for its AVX512-BF16 CPU kernel (see
-            :func:`~medquant.qlora.nf4_quantize_`).
+            :func:`~medquant.qlora.nf4_quantize_`); layers with ``out_features % 32`` or ``in_features % 64`` not 0
+            stay in the standard layout, which that kernel's packing does not take.
+
+    Use it like any :func:`medquant.quantize_` config (``quantize_(model, {"@language": NF4Config()})``); its
+    handler takes ``nn.Linear`` layers and refuses meta, empty and NaN/inf weights with ``ValueError``.
 
     Raises:
         ValueError: ``quant_type`` or ``compute_dtype`` not one of the accepted values.

@@ -10,6 +10,7 @@ places these layers.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,11 +31,37 @@ def _bnb():
     return bnb
 
 
+#: bitsandbytes' AVX512-BF16 CPU layout packs 32 output rows at a time over whole 64-weight blocks
+_PACK_ROWS, _PACK_COLS = 32, 64
+
+
+def _packable(mod: nn.Linear) -> bool:
+    """Whether bitsandbytes' CPU packing (see :func:`nf4_quantize_`) takes this Linear's shape: ``out_features``
+    a multiple of 32 and ``in_features`` a multiple of 64 (other shapes crash inside its converter)."""
+    return mod.out_features % _PACK_ROWS == 0 and mod.in_features % _PACK_COLS == 0
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    """The refusals of medquant's ``QuantConfig`` handler: meta, empty and non-finite weights."""
+    if w.device.type == "meta":
+        raise ValueError("its weight is on the meta device (not loaded): load or materialise the weights first")
+    if w.numel() == 0:
+        raise ValueError(f"its weight is empty {tuple(w.shape)}: there is nothing to quantize")
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ValueError(f"weights contain {bad} NaN/inf values; quantization needs finite weights")
+
+
 @register_quantize_module_handler(NF4Config, (nn.Linear,))
 def _nf4_linear(mod: nn.Linear, cfg: NF4Config) -> nn.Module:
-    """A bitsandbytes ``Linear4bit`` holding ``mod``'s weight, quantized on the weight's device."""
+    """A bitsandbytes ``Linear4bit`` holding ``mod``'s weight, quantized on the weight's device.
+
+    Refuses (``ValueError``) meta, empty and NaN/inf weights, like the ``QuantConfig`` handler: one NaN would make
+    its whole block NaN (with double quantization the whole layer, through the mean of the absmax constants). A
+    layer whose shape the CPU packing does not take stays in the standard layout (:func:`_packable`)."""
     bnb = _bnb()
     w = mod.weight.detach()
+    _check_weight(w)
     device = w.device
     q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
                           compute_dtype=cfg.compute_dtype, compress_statistics=cfg.double_quant,
@@ -46,7 +73,8 @@ def _nf4_linear(mod: nn.Linear, cfg: NF4Config) -> nn.Module:
         q.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
     q = q.to(device)
     if hasattr(q, "support_avx512bf16_for_cpu"):
-        q.support_avx512bf16_for_cpu = bool(q.support_avx512bf16_for_cpu and cfg.cpu_bf16_packing)
+        q.support_avx512bf16_for_cpu = bool(q.support_avx512bf16_for_cpu and cfg.cpu_bf16_packing
+                                            and _packable(mod))
     return q
 
 
@@ -64,6 +92,11 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
     and whose matmul runs in bfloat16. That is faster, but the outputs then depend on the CPU model and differ
     from training-mode outputs. Off by default, so results are the same on every CPU; ``True`` allows it.
 
+    The packing needs ``out_features % 32 == 0`` and ``in_features % 64 == 0``; layers of other shapes stay in the
+    standard layout (one warning names them).
+
+    Every layer is quantized before any is swapped in, so an error leaves ``model`` unchanged.
+
     Args:
         model: the model (modified in place).
         names: full names of the ``nn.Linear`` modules to quantize.
@@ -77,19 +110,30 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
 
     Raises:
         TypeError: a named module is not an ``nn.Linear``.
+        ValueError: a weight is on the meta device, empty, or holds NaN/inf values (the message names the module).
     """
     bnb = _bnb()
     cfg = NF4Config(compute_dtype, double_quant, quant_type, cpu_bf16_packing)
-    done = []
+    built: list[tuple[str, nn.Module]] = []
+    unpacked = []
+    seen: set[str] = set()
     for name in names:
         mod = model.get_submodule(name)
-        if isinstance(mod, bnb.nn.Linear4bit):
+        if isinstance(mod, bnb.nn.Linear4bit) or name in seen:
             continue
+        seen.add(name)
         if not isinstance(mod, nn.Linear):
             raise TypeError(f"{name} is {type(mod).__name__}, not nn.Linear; only Linear layers are NF4-quantized")
-        swap_module(model, name, quantize_module(mod, cfg))
-        done.append(name)
-    return done
+        if cpu_bf16_packing and not _packable(mod):
+            unpacked.append(f"{name} ({mod.out_features}x{mod.in_features})")
+        built.append((name, quantize_module(mod, cfg, name=name)))
+    if unpacked:
+        warnings.warn(f"cpu_bf16_packing: {len(unpacked)} layer(s) stay in bitsandbytes' standard layout, as its CPU "
+                      f"packing needs out_features % {_PACK_ROWS} == 0 and in_features % {_PACK_COLS} == 0: "
+                      f"{', '.join(unpacked[:5])}{', ...' if len(unpacked) > 5 else ''}", UserWarning, stacklevel=2)
+    for name, q in built:
+        swap_module(model, name, q)
+    return [name for name, _ in built]
 
 
 def nf4_modules(model: nn.Module) -> list[str]:

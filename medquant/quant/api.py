@@ -338,7 +338,14 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None
 
 
 # ---------------------------------------------------------------------------------------------- config map
-def _as_config(value: Any, pattern: str) -> QuantConfig | None:
+def _registered(config_type: type) -> bool:
+    """Whether a handler is registered (:func:`register_quantize_module_handler`) for ``config_type`` or a base."""
+    return any(cls in _HANDLERS for cls in config_type.__mro__)
+
+
+def _as_config(value: Any, pattern: str) -> Any:
+    """``value`` as a config: a :class:`QuantConfig` (from itself, an int bit-width or a QuantConfig dict), ``None``,
+    or an instance of another config type with a registered handler (e.g. ``medquant.qlora.NF4Config``)."""
     if value is None or isinstance(value, QuantConfig):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -348,9 +355,21 @@ def _as_config(value: Any, pattern: str) -> QuantConfig | None:
             return QuantConfig.from_dict(dict(value))
         except (TypeError, ValueError) as e:
             raise ValueError(f"value for pattern {pattern!r} is not a valid QuantConfig: {e}") from None
+    if not isinstance(value, type) and _registered(type(value)):
+        return value
+    others = sorted(t.__name__ for t in _HANDLERS if t is not QuantConfig)
     raise TypeError(
-        f"value for pattern {pattern!r} must be a QuantConfig, an int bit-width or None, got {type(value).__name__}"
+        f"value for pattern {pattern!r} must be a QuantConfig, an int bit-width, a QuantConfig dict, None"
+        + (f", or a config with a registered handler ({', '.join(others)})" if others else "")
+        + f", got {type(value).__name__}"
     )
+
+
+def _takes(cfg: Any, module: nn.Module) -> bool:
+    """Whether ``cfg``'s handlers take ``module`` (a medquant quantized layer counts as its float type)."""
+    if isinstance(cfg, QuantConfig) or isinstance(module, QUANT_MODULES):
+        return True
+    return isinstance(module, _handler(type(cfg)).module_types) or _extra_handler(type(cfg), module) is not None
 
 
 def _check_skip(skip: Iterable[str] | None) -> tuple[str, ...]:
@@ -595,21 +614,32 @@ def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module]
     # a role pattern only leaving modules out (in skip, or mapped to None / a float config) that the model lacks
     # is noted, not an error; a role to quantize that the model lacks raises
     skip_patterns = [_Pattern(p, model, all_names, optional_role=True) for p in cmap.skip]
-    entries = [(_Pattern(p, model, all_names, optional_role=cfg is None or cfg.is_float), cfg)
+    entries = [(_Pattern(p, model, all_names, optional_role=cfg is None or getattr(cfg, "is_float", False)), cfg)
                for p, cfg in cmap.items() if p != DEFAULT_KEY]
     for pat, cfg in entries:
-        if cfg is not None and pat.kind != "none" and not any(pat.matches(n) for n in targets):
+        if cfg is not None and pat.kind != "none" and not any(pat.matches(n) and _takes(cfg, m)
+                                                               for n, m in targets.items()):
             raise ValueError(
                 f"pattern {pat.text!r} matches modules but none of them is an nn.Linear or nn.Conv2d to quantize"
+                + ("" if isinstance(cfg, QuantConfig) else f" with {type(cfg).__name__}")
             )
     has_default = DEFAULT_KEY in cmap
     plan: dict[str, QuantConfig] = {}
+    untaken: list[str] = []
     for name in targets:
         exact = [e for e in entries if e[0].kind == "exact" and e[0].text == name]
         chosen = exact[0] if exact else next((e for e in entries if e[0].matches(name)), None)
         cfg = chosen[1] if chosen is not None else (cmap.default if has_default else None)
-        if cfg is not None and not cfg.is_float and not any(p.matches(name) for p in skip_patterns):
+        if cfg is None or getattr(cfg, "is_float", False) or any(p.matches(name) for p in skip_patterns):
+            continue
+        if _takes(cfg, targets[name]):
             plan[name] = cfg
+        else:  # another config type (NF4Config: nn.Linear only) over a module its handler does not take
+            untaken.append(f"{name} ({type(targets[name]).__name__}, {type(cfg).__name__})")
+    if untaken:
+        warnings.warn(f"{len(untaken)} module(s) stay in floating point, as their config's handler does not take "
+                      f"their type: {', '.join(untaken[:4])}{', ...' if len(untaken) > 4 else ''}", UserWarning,
+                      stacklevel=3)
     return plan
 
 

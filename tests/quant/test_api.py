@@ -151,3 +151,31 @@ def test_handlers_are_dispatched_by_config_type():
     with pytest.raises(TypeError, match="no quantization handler"):
         quantize_module(lin, object())
     assert list(quantizable_modules(_model(), _HalfConfig)) == ["enc.a", "enc.b", "head"]
+
+
+def test_quantize_takes_any_config_type_with_a_registered_handler():
+    """quantize_ dispatches by type(config): a registered config type is accepted alone or as a map value (it was
+    refused with TypeError by the map's value check); modules its handler does not take stay float with a warning."""
+    m = _model()
+    a, b, head = m.enc.a, m.enc.b, m.head
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        ref = 0.5 * head(torch.relu(0.5 * b(0.5 * a(x))))  # by hand: every Linear's output halved
+    quantize_(m, _HalfConfig())
+    assert all(isinstance(m.get_submodule(n), _Scaled) for n in ("enc.a", "enc.b", "head"))
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
+    m = _model()
+    quantize_(m, {"enc": _HalfConfig(0.25), "head": 4})
+    assert isinstance(m.enc.a, _Scaled) and m.enc.a.scale == 0.25 and isinstance(m.head, QuantLinear)
+    conv = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 1), lin=nn.Linear(4, 4)))
+    with pytest.warns(UserWarning, match=r"conv \(Conv2d, _HalfConfig\)"):
+        quantize_(conv, _HalfConfig())
+    assert isinstance(conv.conv, nn.Conv2d) and isinstance(conv.lin, _Scaled)
+    with pytest.raises(ValueError, match="none of them is an nn.Linear or nn.Conv2d to quantize with _HalfConfig"):
+        quantize_(nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 1))), {"conv": _HalfConfig()})
+    # other types: still a TypeError, which lists the registered config types
+    with pytest.raises(TypeError, match=r"must be a QuantConfig, .*registered handler \(.*_HalfConfig.*got object"):
+        quantize_(_model(), {"enc": object()})
+    with pytest.raises(TypeError, match="got type"):
+        quantize_(_model(), _HalfConfig)  # the class, not an instance
