@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.api import swap_module
 from ..training import train_steps
 from .config import DEFAULT_TARGETS, NF4Config
 from .nf4 import _bnb, _dequantized_linear, nf4_dequantize_, nf4_modules, nf4_quantize_
@@ -69,19 +70,26 @@ def resolve_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
 
     A target starting with ``re:`` is a regular expression matched (``re.fullmatch``) against the full name
     instead. Raises ``ValueError`` when the model has none of the roles (a plain ``nn.Module``: pass
-    ``roles=()`` and regex targets) or when a target matches nothing.
+    ``roles=()`` and regex targets), when a target matches nothing, is not a valid regular expression, or when
+    ``targets`` is empty. A single string is one target (``"q_proj"`` is ``["q_proj"]``).
 
     Args:
         model: the model.
-        targets: last name components, or ``re:<regex>`` full-name patterns.
-        roles: the model roles to search (``medquant.models.model_roles``).
+        targets: last name components, or ``re:<regex>`` full-name patterns (or one such string).
+        roles: the model roles to search (``medquant.models.model_roles``; one role may be given as a string).
 
     Returns:
         The full module names, target by target (each in model order, without repeats).
 
     Raises:
         ValueError: see above.
+        TypeError: a target that is not a string.
     """
+    targets = _str_list(targets, "target_modules")
+    roles = _str_list(roles, "target_roles")
+    if not targets:
+        raise ValueError("target_modules is empty: name at least one Linear layer to adapt (last name components "
+                         f"such as {list(DEFAULT_TARGETS)[:2]}, or 're:<regex>' full-name patterns)")
     if roles:
         in_roles = set(_role_modules(model, roles))
         if not in_roles:
@@ -93,7 +101,10 @@ def resolve_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
     chosen: list[str] = []
     for t in targets:
         if t.startswith("re:"):
-            pat = re.compile(t[3:])
+            try:
+                pat = re.compile(t[3:])
+            except re.error as e:
+                raise ValueError(f"target {t!r} is not a valid regular expression: {e}") from None
             hit = [n for n in linears if pat.fullmatch(n)]
         else:
             hit = [n for n in linears if n.rsplit(".", 1)[-1] == t]
@@ -102,6 +113,59 @@ def resolve_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
                              f"linear names there end in {sorted({n.rsplit('.', 1)[-1] for n in linears})}")
         chosen.extend(h for h in hit if h not in chosen)
     return chosen
+
+
+def _str_list(value: str | Sequence[str], what: str) -> list[str]:
+    """``value`` as a list of strings: a single string is one entry (not its characters)."""
+    items = [value] if isinstance(value, str) else list(value)
+    for v in items:
+        if not isinstance(v, str):
+            raise TypeError(f"{what} must be strings (or one string), got {v!r}")
+    return items
+
+
+def _check_base(model: nn.Module, target_roles: Sequence[str], quantize_roles: Sequence[str]) -> None:
+    """Refuse a model that already has LoRA adapters (a ``PeftModel``, or one wrapped before) or that holds medquant
+    quantized layers in the roles QLoRA works on: QLoRA needs float ``nn.Linear`` layers there."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from ..quant.modules import QUANT_MODULES
+
+    lora = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    if isinstance(model, PeftModel) or lora:
+        what = ("the model is a PeftModel (it already has LoRA adapters)" if isinstance(model, PeftModel)
+                else f"{type(model).__name__} already has LoRA adapters ({lora[0]}, ...)")
+        raise ValueError(f"{what}: QLoRAAdapter wraps a plain model once; keep using the "
+                         "adapter that wrapped it (or merge() it into a float model first)")
+    roles = list(dict.fromkeys([*target_roles, *quantize_roles]))
+    scope = set(_role_modules(model, roles)) if target_roles else None
+    quant = [n for n, m in model.named_modules() if isinstance(m, QUANT_MODULES) and (scope is None or n in scope)]
+    if quant:
+        more = ", ..." if len(quant) > 3 else ""
+        raise ValueError(f"{type(model).__name__} holds {len(quant)} medquant quantized layer(s) (QuantLinear / "
+                         f"QuantConv2d, from medquant.quantize_: {', '.join(quant[:3])}{more}); QLoRA needs float "
+                         "nn.Linear targets and quantizes them to NF4 itself: start from the float model "
+                         "(medquant.dequantize_ gives the float layers the quantized ones compute with)")
+
+
+def _untie_config(model: nn.Module) -> None:
+    """``tie_word_embeddings = False`` in ``model``'s config (and text config) when its output embeddings no longer
+    share the input embeddings' weight (a merged LoRA head, an NF4-quantized head): transformers would tie them
+    again when the saved model is loaded."""
+    config = getattr(model, "config", None)
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    if config is None or get_out is None or get_in is None:
+        return
+    out, inp = get_out(), get_in()
+    if out is None or inp is None or getattr(out, "weight", None) is getattr(inp, "weight", None):
+        return
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for c in configs:
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
 
 
 def _roles_of(model: nn.Module) -> dict:
@@ -139,7 +203,12 @@ class QLoRAAdapter:
 
     Raises:
         ValueError: ``r`` is not a positive int, ``lora_dropout`` outside [0, 1), ``lora_alpha`` not positive and
-            finite, or a target matches no Linear (:func:`resolve_targets`).
+            finite, a target matches no Linear or is a bad ``re:`` pattern, ``target_modules`` is empty
+            (:func:`resolve_targets`); the model already has LoRA adapters (a ``PeftModel``, or wrapped before) or
+            holds medquant quantized layers in the roles used; ``quantize=True`` and ``quantize_roles`` hold no
+            ``nn.Linear``; a weight to quantize is NaN/inf, empty or on the meta device. Every check runs before the
+            model is changed, and a failing construction leaves the model as it was.
+        TypeError: a target or role that is not a string (one string is one target / role).
     """
 
     def __init__(self, model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropout: float = 0.1,
@@ -156,26 +225,53 @@ class QLoRAAdapter:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         if lora_alpha <= 0 or not math.isfinite(lora_alpha):
             raise ValueError(f"lora_alpha must be positive and finite, got {lora_alpha}")
+        target_modules = _str_list(target_modules, "target_modules")
+        target_roles = _str_list(target_roles, "target_roles")
+        quantize_roles = _str_list(quantize_roles, "quantize_roles")
         self.settings = {"r": r, "lora_alpha": float(lora_alpha), "lora_dropout": float(lora_dropout),
                          "use_rslora": bool(use_rslora), "target_modules": list(target_modules),
                          "target_roles": list(target_roles), "quantize": bool(quantize),
                          "quantize_roles": list(quantize_roles), "compute_dtype": str(compute_dtype).split(".")[-1],
                          "double_quant": bool(double_quant), "quant_type": quant_type,
                          "cpu_bf16_packing": bool(cpu_bf16_packing)}
+        # everything is checked before the model is touched: a failing construction leaves it as it was
+        _check_base(model, target_roles, quantize_roles if quantize else ())
         self.targets = resolve_targets(model, target_modules, target_roles)
-        self.quantized: list[str] = []
+        names: list[str] = []
         if quantize:
             names = [n for n in _role_modules(model, quantize_roles)
                      if isinstance(model.get_submodule(n), nn.Linear)]
-            self.quantized = nf4_quantize_(model, names, compute_dtype, double_quant, quant_type, cpu_bf16_packing)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if _peft_model is not None:
-            self.model = _peft_model(model)
-        else:
+            if not names:
+                raise ValueError(
+                    f"quantize=True, but {type(model).__name__} has no nn.Linear in quantize_roles "
+                    f"{tuple(quantize_roles)} (medquant.models.model_roles found {sorted(_roles_of(model))}): "
+                    "name roles it has in "
+                    "quantize_roles, or pass quantize=False for a float base (plain LoRA)")
+            NF4Config(compute_dtype, double_quant, quant_type, cpu_bf16_packing)  # its ValueErrors, up front
+        cfg = None
+        if _peft_model is None:
+            # PEFT reads a list as name *suffixes* ('proj' would also adapt 'enc.proj') and a string as a regex
+            # matched with re.fullmatch against the full name: the exact names, anchored
             cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                             target_modules=list(self.targets), bias="none")
-            self.model = get_peft_model(model, cfg)
+                             target_modules="^(?:" + "|".join(map(re.escape, self.targets)) + ")$", bias="none")
+        before = {n: model.get_submodule(n) for n in dict.fromkeys([*self.targets, *names])}
+        grads = {id(p): p.requires_grad for p in model.parameters()}
+        had_peft_config = hasattr(model, "peft_config")
+        self.quantized: list[str] = []
+        try:
+            self.quantized = (nf4_quantize_(model, names, compute_dtype, double_quant, quant_type,
+                                                       cpu_bf16_packing) if quantize else [])
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.model = _peft_model(model) if _peft_model is not None else get_peft_model(model, cfg)
+        except BaseException:
+            for n, m in before.items():  # undo: the original modules back, requires_grad as it was
+                swap_module(model, n, m)
+            for p in model.parameters():
+                p.requires_grad_(grads.get(id(p), p.requires_grad))
+            if not had_peft_config and "peft_config" in model.__dict__:
+                del model.__dict__["peft_config"]
+            raise
         if hasattr(model, "config"):
             model.config.use_cache = False
 
@@ -220,7 +316,8 @@ class QLoRAAdapter:
 
         Args:
             batches: the batches.
-            steps: optimiser steps (default: one pass over ``batches``).
+            steps: optimiser steps, repeating passes over ``batches`` (a list or other re-iterable) as needed
+                (default: one pass over ``batches``).
             lr: AdamW learning rate.
             weight_decay: AdamW weight decay.
             grad_accum: batches per optimiser step.
@@ -285,7 +382,20 @@ class QLoRAAdapter:
         """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(d))
+        # bitsandbytes' Linear4bit._save_to_state_dict undoes its CPU packing (cpu_bf16_packing) in the module itself,
+        # re-quantizing the absmax in the quant state's own fields: the packed weights and the state's fields are
+        # put back afterwards, so saving changes no output (the adapter file holds only the LoRA weights)
+        bnb = _bnb()
+        packed = [(m.weight, m.weight.data, m.weight.quant_state, dict(vars(m.weight.quant_state)))
+                  for m in self.model.modules() if isinstance(m, bnb.nn.Linear4bit)
+                  and getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
+        try:
+            self.model.save_pretrained(str(d))
+        finally:
+            for weight, data, state, fields in packed:
+                vars(state).clear()
+                vars(state).update(fields)
+                weight.data, weight.quant_state = data, state
         tmp = d / (_CONFIG_FILE + ".tmp")
         tmp.write_text(json.dumps({"format": 1, "settings": self.settings, "targets": self.targets,
                                    "quantized": self.quantized}, indent=2))
@@ -319,6 +429,13 @@ class QLoRAAdapter:
         meta = json.loads(cfg_path.read_text())
         if meta.get("format") != 1:
             raise ValueError(f"{cfg_path}: unsupported format {meta.get('format')!r} (this medquant reads 1)")
+        for key in ("settings", "targets"):
+            if key not in meta:
+                raise ValueError(f"{cfg_path} has no {key!r} key (QLoRAAdapter.save writes format, settings and "
+                                 "targets); the file is incomplete or was not written by QLoRAAdapter.save")
+        if not isinstance(meta["settings"], dict) or "compute_dtype" not in meta["settings"]:
+            raise ValueError(f"{cfg_path}: 'settings' must be an object of the adapter's settings with "
+                             f"'compute_dtype' (as QLoRAAdapter.save writes), got {meta['settings']!r}"[:300])
         s = dict(meta["settings"])
         s["compute_dtype"] = getattr(torch, s["compute_dtype"])
         ad = cls(model, **s, _peft_model=lambda m: PeftModel.from_pretrained(m, str(d), is_trainable=is_trainable))
@@ -337,20 +454,40 @@ class QLoRAAdapter:
             dtype: the dtype of the whole merged model: the dequantized layers and every other floating-point
                 parameter and buffer (embeddings, norms, head; ``merged.to(dtype)``), so that it runs as is.
 
+        An adapted layer whose weight is shared with another module (an ``lm_head`` tied to the input embeddings)
+        gets its own copy before ``B A`` is folded in, so the other module keeps its weight; the merged model then
+        has untied embeddings (``config.tie_word_embeddings = False``, so saving and loading keep them apart).
+        A float base of lower precision than ``dtype`` (bfloat16 base, ``quantize=False``, merged to float32) is
+        merged in ``dtype``.
+
         Returns:
             The merged model (no gradients, ``use_cache`` on).
         """
         from peft.tuners.lora import LoraLayer
 
         bnb = _bnb()
+        uses: dict[int, int] = {}
+        for _n, p in self.model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
         for _name, mod in self.model.named_modules():
-            if isinstance(mod, LoraLayer) and isinstance(mod.get_base_layer(), bnb.nn.Linear4bit):
-                mod.base_layer = _dequantized_linear(mod.get_base_layer(), dtype)
+            if not isinstance(mod, LoraLayer):
+                continue
+            base = mod.get_base_layer()
+            if isinstance(base, bnb.nn.Linear4bit):
+                mod.base_layer = _dequantized_linear(base, dtype)
+                continue
+            weight = getattr(base, "weight", None)
+            if isinstance(weight, nn.Parameter) and uses.get(id(weight), 0) > 1:  # tied: fold into a copy only
+                base.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point() \
+                    and weight.element_size() < torch.empty((), dtype=dtype).element_size():
+                mod.to(dtype)  # a bfloat16 base merged to float32: W + s B A computed in float32
         merged = self.model.merge_and_unload()
         nf4_dequantize_(merged, dtype)
         merged.to(dtype)
         for p in merged.parameters():
             p.requires_grad_(False)
+        _untie_config(merged)
         if hasattr(merged, "config"):
             merged.config.use_cache = True
         return merged
@@ -384,7 +521,8 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
     Args:
         model: the model (its trainable parameters are optimised).
         batches: dicts of model inputs with ``labels``.
-        steps: optimiser steps (default: one pass over ``batches``).
+        steps: optimiser steps, repeating passes over ``batches`` as needed (a one-shot iterator ends the loop
+            early when it runs out; default: one pass over ``batches``).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         grad_accum: batches per optimiser step.
@@ -419,8 +557,10 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
             raise FloatingPointError(f"training loss is {loss}; check labels and learning rate")
         return loss, float(loss.detach())
 
-    losses = train_steps(step_loss, batches, opt, params, max_steps=steps, grad_accum=grad_accum,
-                         grad_clip=max_grad_norm, model=model, progress=progress, desc=desc)
+    # steps given: passes over batches repeat until that many steps (as Distiller.fit); a one-shot iterator ends
+    # early when exhausted
+    losses = train_steps(step_loss, batches, opt, params, epochs=None if steps is not None else 1, max_steps=steps,
+                         grad_accum=grad_accum, grad_clip=max_grad_norm, model=model, progress=progress, desc=desc)
     opt.zero_grad(set_to_none=True)
     if not losses:
         raise ValueError("the training data is empty: no optimiser step was taken")
