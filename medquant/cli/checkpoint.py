@@ -13,7 +13,9 @@ from pathlib import Path
 def _existing_folder(path: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise SystemExit(f"{path}: no such folder")
+        from ..io import atomic
+
+        raise SystemExit(atomic.dangling_message(p) or f"{path}: no such folder")
     if not p.is_dir():
         raise SystemExit(f"{path}: not a folder (a checkpoint is a folder)")
     return p
@@ -28,6 +30,36 @@ def _upgrade(args) -> int:
     return 0
 
 
+def _quantization_modules(path: str, folder: Path) -> dict:
+    """``quantization_config.modules`` of a transformers folder saved by medquant, with a clear error for anything
+    else (no ``config.json``, not a JSON object, no medquant ``quantization_config``, ``modules`` not an object)."""
+    import json
+
+    from ..io import META_NAME
+
+    config = folder / "config.json"
+    not_ours = (f"{path}: not a medquant checkpoint: expected {META_NAME} (written by medquant.save) or a config.json "
+                "with a medquant quantization_config (written by medquant.hf.save_pretrained)")
+    if not config.exists():
+        raise SystemExit(f"{not_ours}, and the folder has neither")
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SystemExit(f"{config}: not a valid JSON file ({e}); expected a transformers config (a JSON object)"
+                         ) from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{config}: expected a JSON object (a transformers config), got a JSON "
+                         f"{type(cfg).__name__}")
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "medquant":
+        raise SystemExit(f"{not_ours}; {config} has no medquant quantization_config")
+    modules = qc.get("modules") or {}
+    if not isinstance(modules, dict):
+        raise SystemExit(f"{config}: quantization_config.modules must be an object module name -> recipe, got "
+                         f"{modules!r}"[:300])
+    return modules
+
+
 def _verify(args) -> int:
     import warnings
 
@@ -40,13 +72,7 @@ def _verify(args) -> int:
             if (folder / META_NAME).exists():
                 verify(folder)
             else:
-                import json
-
-                qc = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-                if not isinstance(qc, dict) or qc.get("quant_method") != "medquant":
-                    raise SystemExit(f"{path}: not a medquant checkpoint (no {META_NAME}, no medquant "
-                                     "quantization_config in config.json)")
-                verify_pretrained(folder, qc.get("modules") or {})
+                verify_pretrained(folder, _quantization_modules(path, folder))
         notes = "; ".join(str(w.message) for w in caught)
         print(f"{path}: ok" + (f" ({notes})" if notes else ""))
     return 0

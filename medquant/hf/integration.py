@@ -425,9 +425,15 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
 
     Writes ``config.json`` with ``quantization_config`` (quant_method ``"medquant"``, every quantized module's
     recipe, the float Linear / Conv2d layers) and the safetensors weights, so that after ``import medquant``
-    ``AutoModel...from_pretrained(save_directory)`` rebuilds the identical model. Like :func:`medquant.save` the
-    folder is replaced as one unit and gets ``medquant.manifest.json`` (:func:`medquant.io.write_checkpoint`),
-    which ``from_pretrained`` verifies.
+    ``AutoModel...from_pretrained(save_directory)`` rebuilds the model with the same quantized layers and every
+    saved tensor bit for bit. Buffers that are not saved (non-persistent ones, such as the rotary embedding's
+    ``inv_freq``) are recomputed by transformers when it builds the model, in float32: for a model cast with
+    ``.to(torch.bfloat16)`` (or float16) before saving they differ from the saved model's, so its outputs after
+    ``from_pretrained`` can differ slightly (about 1e-2 in the logits of the tiny bfloat16 LLaMA; plain
+    transformers does the same with its own bfloat16 models). :func:`medquant.save` / :func:`medquant.load` record
+    those buffers' dtypes and give the identical model back. Like :func:`medquant.save` the folder is replaced as
+    one unit and gets ``medquant.manifest.json`` (:func:`medquant.io.write_checkpoint`), which ``from_pretrained``
+    verifies.
 
     Args:
         model: a transformers model quantized with medquant (or a float one).

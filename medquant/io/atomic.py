@@ -5,28 +5,39 @@ The mechanism (POSIX; Linux for the one-time conversion of a real folder):
 * the user's path ``P`` is a **symlink to a sibling folder** ``.{name}.mq-v-{16 hex}`` in the same parent folder
   (relative target, so the parent can be moved). To every reader that opens ``P/config.json``,
   ``P/model.safetensors``... by name (transformers, vLLM, llama.cpp, ``ls``) ``P`` is a plain folder;
-* a save writes a **complete new version** into a fresh ``.{name}.mq-v-*`` folder (every file fsynced, then the
-  folder), then creates a temporary symlink ``.{name}.mq-link-*`` to it and **renames it over** ``P``
-  (``os.replace``: atomic, so ``P`` names the old version or the new one, never a mix); the parent folder is fsynced
-  and the old version is removed after the switch;
+* a save writes a **complete new version** into a staging folder ``.{name}.mq-tmp-*`` (every file fsynced, then the
+  folder), renames it to a fresh ``.{name}.mq-v-*`` (so a ``.mq-v-*`` folder is always complete), then renames a
+  temporary symlink ``.{name}.mq-link-*`` to it **over** ``P`` (``os.replace``: atomic, so ``P`` names the old
+  version or the new one, never a mix); the parent folder is fsynced and the old version is removed after the
+  switch, unless another symlink in the parent folder still points to it (a copy of the link, a renamed link);
 * a **real folder** already at ``P`` (a checkpoint written before this scheme, an empty folder) is exchanged with the
   temporary symlink in one step by Linux ``renameat2(RENAME_EXCHANGE)``; where that call is missing or refused (other
   systems, some file systems) it is renamed aside to ``.{name}.mq-old-*`` and the symlink renamed into place (a
   crash between the two renames leaves ``P`` absent for a moment, never mixed; the next save finishes the switch);
-* a symlink at ``P`` that is not such a version link (the user's own link to a folder elsewhere) is followed: the
-  scheme runs at its target;
+* a symlink at ``P`` that is not a version link (the user's own link to a folder elsewhere) is followed: the scheme
+  runs at its target. A version link is any symlink whose target is a plain ``.{any name}.mq-v-{16 hex}`` name, so a
+  renamed link (``mv ck ck_best``) is still one: saving to it gives it a new version of its own;
+* a version link whose version folder is missing (the link was moved away from it, or the folder was removed) is
+  replaced by the next save to its path; nothing else is removed;
 * files in the old version that the new save does not own (:func:`replace_directory`'s ``owned``: a tokenizer, a
   README written into the folder after an earlier save) are carried into the new version (hard links, copies across
   devices);
 * saves to one path are serialised by an exclusive ``fcntl.flock`` on ``.{name}.mq-lock`` next to it, held for the
-  whole save: the last writer wins and no two saves interleave. Orphans of killed saves (``.{name}.mq-v-*`` folders
-  that ``P`` does not point to, ``.{name}.mq-link-*``, ``.{name}.mq-old-*``) are removed by the next save under the
-  lock.
+  whole save: the last writer wins and no two saves interleave. What a killed save leaves (staging folders
+  ``.{name}.mq-tmp-*``, temporary links ``.{name}.mq-link-*`` and the unpublished version they point to,
+  ``.{name}.mq-old-*``, and the old version recorded by a ``.{name}.mq-drop-*`` link before a switch) is removed by
+  the next save under the lock.
+* A save **never removes a complete version it did not replace itself**: a ``.{name}.mq-v-*`` folder that no
+  symlink in the parent points to (its link was moved into another folder, or it was left by an older medquant) is
+  kept, and the save warns (:class:`UnreferencedVersionWarning`) naming it and how to remove it.
 
 :func:`resolve` gives the folder a reader should read from: the version folder ``P`` points to at that moment
 (medquant's loaders resolve it once and read every file there, so a save that switches ``P`` meanwhile cannot give
 them a mix; the old version disappears after the switch, which they report and retry). To copy a checkpoint use
-``cp -rL`` (``cp -r`` copies the symlink itself).
+``cp -rL`` (``cp -r`` copies the symlink itself). To move or rename one: ``mv`` of the link within its folder is
+safe (the link keeps pointing to its sibling version folder); to move it into another folder, move the parent
+folder, or ``cp -rL`` it there and remove the original (``rm ck && rm -r .ck.mq-v-*``): moving the link alone leaves
+its data behind (:func:`dangling_message`).
 """
 from __future__ import annotations
 
@@ -38,6 +49,7 @@ import re
 import secrets
 import shutil
 import stat
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,13 +58,22 @@ try:  # POSIX
 except ImportError:  # pragma: no cover - Windows: saves are not serialised
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["exchange_paths", "fsync_dir", "fsync_file", "is_version_link", "pending", "replace_directory", "resolve"]
+__all__ = ["UnreferencedVersionWarning", "dangling_message", "exchange_paths", "fsync_dir", "fsync_file",
+           "is_version_link", "pending", "replace_directory", "resolve"]
 
-_VERSION, _LINK, _OLD = "v", "link", "old"
+_VERSION, _LINK, _OLD, _TMP, _DROP = "v", "link", "old", "tmp", "drop"
+# the version folder of any checkpoint name (a renamed link keeps its target's name), and medquant's own
+# temporary links / markers / staging folders of any name (never a user's link to a checkpoint)
+_ANY_VERSION = re.compile(r"\.[^/]+\.mq-v-[0-9a-f]{16}")
+_ANY_ARTIFACT = re.compile(r"\.[^/]+\.mq-(link|old|tmp|drop)-[0-9a-f]{16}")
+
+
+class UnreferencedVersionWarning(UserWarning):
+    """A save found complete versions of its checkpoint name that no link points to; they were kept, not removed."""
 
 
 def _artifact_re(name: str) -> re.Pattern[str]:
-    return re.compile(r"\." + re.escape(name) + r"\.mq-(v|link|old)-[0-9a-f]{16}")
+    return re.compile(r"\." + re.escape(name) + r"\.mq-(v|link|old|tmp|drop)-[0-9a-f]{16}")
 
 
 def _artifact(path: Path, kind: str) -> Path:
@@ -95,19 +116,39 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def is_version_link(path: Path) -> bool:
-    """Whether ``path`` is a symlink made by this scheme: its target is a ``.{name}.mq-v-*`` sibling.
+    """Whether ``path`` is a symlink made by this scheme: its target is a plain ``.{name}.mq-v-*`` sibling name.
+
+    The name in the target need not be ``path``'s own: a renamed link (``mv ck ck_best``) is still a version link.
 
     Args:
         path: the path to test.
 
     Returns:
-        ``True`` for such a version link.
+        ``True`` for such a version link (whether its version folder exists or not).
     """
     if not path.is_symlink():
         return False
+    return _ANY_VERSION.fullmatch(os.readlink(path)) is not None
+
+
+def dangling_message(path: str | os.PathLike) -> str | None:
+    """What is wrong with a version link whose version folder is missing, and how to recover (``None`` otherwise).
+
+    Args:
+        path: the checkpoint path.
+
+    Returns:
+        The message for a dangling version link, else ``None``.
+    """
+    path = Path(os.path.abspath(path))
+    if not path.is_symlink() or path.exists() or not is_version_link(path):
+        return None
     target = os.readlink(path)
-    m = _artifact_re(path.name).fullmatch(target)
-    return m is not None and m.group(1) == _VERSION
+    return (f"{path} is a medquant checkpoint link to the version folder {target!r}, which is missing: the link is "
+            f"relative, so the folder is expected beside it, at {path.parent / target}. A checkpoint's data lives in "
+            "that hidden folder, and moving or renaming the link into another folder leaves the data where it was "
+            "saved: move the link back beside its version folder. To move a checkpoint, move its parent folder, or "
+            "copy it with `cp -rL` and remove the original")
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -213,22 +254,66 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _cleanup(path: Path) -> None:
-    """Finish an interrupted fallback switch, then remove every orphan of earlier saves (under the lock)."""
+def _referenced(parent: Path, version: Path, skip: Path | None = None) -> bool:
+    """Whether a symlink in ``parent`` (other than ``skip`` and medquant's temporary links) resolves to ``version``:
+    a copy or a renamed version link, or a user's own link to the folder."""
+    real = os.path.realpath(version)
+    for e in os.listdir(parent):
+        p = parent / e
+        if p == skip or _ANY_ARTIFACT.fullmatch(e) or not p.is_symlink():
+            continue
+        if os.path.realpath(p) == real:
+            return True
+    return False
+
+
+def _cleanup(path: Path) -> list[Path]:
+    """Finish an interrupted fallback switch, then remove what killed saves of ``path`` left (under the lock).
+
+    Removed: staging folders (incomplete), temporary links and the unpublished versions they point to, folders
+    renamed aside, and the old version a switch recorded for removal (unless a link in the parent still points to
+    it). Kept: every other complete version folder of this name.
+
+    Returns:
+        The complete version folders of this name that no symlink in the parent points to (kept).
+    """
+    parent = path.parent
     pattern = _artifact_re(path.name)
-    entries = sorted(e for e in os.listdir(path.parent) if pattern.fullmatch(e))
-    if not os.path.lexists(path):  # killed between the two renames of the fallback: finish the switch
-        for e in entries:
-            p = path.parent / e
+
+    def entries() -> list[tuple[str, Path]]:
+        out = []
+        for e in sorted(os.listdir(parent)):
             m = pattern.fullmatch(e)
-            if m is not None and m.group(1) == _LINK and p.is_symlink() and p.exists():
+            if m is not None and os.path.lexists(parent / e):
+                out.append((m.group(1), parent / e))
+        return out
+
+    if not os.path.lexists(path):  # killed between the two renames of the fallback: finish the switch
+        for kind, p in entries():
+            if kind == _LINK and p.is_symlink() and p.exists():
                 os.replace(p, path)
-                fsync_dir(path.parent)
+                fsync_dir(parent)
                 break
+        else:  # no new version to put in place: put the folder renamed aside back
+            for kind, p in entries():
+                if kind == _OLD and p.is_dir() and not p.is_symlink():
+                    os.rename(p, path)
+                    fsync_dir(parent)
+                    break
     current = os.readlink(path) if is_version_link(path) else None
-    for e in entries:
-        if e != current and os.path.lexists(path.parent / e):
-            _remove(path.parent / e)
+    for kind, p in entries():
+        if kind in (_LINK, _DROP) and p.is_symlink():
+            # a temporary link: the new version of a save killed before its switch (never published); a drop
+            # marker: the old version of a save killed after its switch. Either is removed unless it is current or
+            # a link in the parent points to it.
+            target = os.readlink(p)
+            if _ANY_VERSION.fullmatch(target) and target != current and not _referenced(parent, parent / target):
+                _remove(parent / target)
+            p.unlink(missing_ok=True)
+        elif kind != _VERSION:  # staging folders, folders renamed aside, a real folder exchanged out
+            _remove(p)
+    return [p for kind, p in entries()
+            if kind == _VERSION and p.name != current and not _referenced(parent, p)]
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -272,7 +357,8 @@ def _target(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def replace_directory(path: str | os.PathLike, *, owned: Callable[[str], bool] = lambda name: False,
+def replace_directory(path: str | os.PathLike, *,
+                      owned: Callable[[Path], Callable[[str], bool]] = lambda old: lambda name: False,
                       finalize: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Context manager: yields an empty new version folder and switches ``path`` to it when the block succeeds.
 
@@ -283,7 +369,8 @@ def replace_directory(path: str | os.PathLike, *, owned: Callable[[str], bool] =
 
     Args:
         path: the checkpoint path.
-        owned: which file names of the old version the new one replaces (the rest are carried over).
+        owned: called with the old version folder (under the lock), returns which of its file names the new
+            version replaces or drops (the rest are carried over).
         finalize: called with the new folder before the switch.
 
     Yields:
@@ -293,38 +380,61 @@ def replace_directory(path: str | os.PathLike, *, owned: Callable[[str], bool] =
         NotADirectoryError: ``path`` exists and is not a folder.
     """
     path = _target(Path(os.path.abspath(path)))
-    if os.path.lexists(path) and not path.is_dir():
-        raise NotADirectoryError(f"{path} exists and is not a folder; a checkpoint is saved as a folder")
+    if os.path.lexists(path) and not path.is_dir() and not is_version_link(path):  # a dangling version link is
+        raise NotADirectoryError(f"{path} exists and is not a folder; a checkpoint is saved as a folder")  # replaced
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
-        _cleanup(path)
-        new = _artifact(path, _VERSION)
-        new.mkdir()
+        kept = _cleanup(path)
+        if kept:
+            names = " ".join(str(p) for p in kept)
+            warnings.warn(f"{path}: kept {len(kept)} complete checkpoint version folder(s) of this name that no link "
+                          f"in {path.parent} points to: {names}. A save never removes a version it did not replace "
+                          "itself: such a folder holds the data of a checkpoint whose link was moved into another "
+                          "folder, or of a save killed under an older medquant. To use it, point a link at it "
+                          f"(ln -s {kept[0].name} {path.parent}/NAME); if you do not need it, remove it "
+                          f"(rm -r {names})", UnreferencedVersionWarning, stacklevel=3)
+        stage = _artifact(path, _TMP)
+        stage.mkdir()
         try:
-            yield new
+            yield stage
             old_dir = path.resolve() if path.is_dir() else None
             if old_dir is not None:
-                _carry_over(old_dir, new, owned)
+                _carry_over(old_dir, stage, owned(old_dir))
             if finalize is not None:
-                finalize(new)
-            _fsync_tree(new)
+                finalize(stage)
+            _fsync_tree(stage)
             fsync_dir(path.parent)
         except BaseException:
-            _remove(new)
+            _remove(stage)
             raise
-        _switch(path, new)
+        _switch(path, stage)
 
 
-def _switch(path: Path, new: Path) -> None:
+def _switch(path: Path, stage: Path) -> None:
+    """Publish the complete staging folder as a new version and switch ``path`` to it."""
+    new = _artifact(path, _VERSION)
     link = _artifact(path, _LINK)
-    os.symlink(new.name, link)
+    os.symlink(new.name, link)  # first: a save killed from here on leaves the link, so the next one removes ``new``
+    try:
+        os.rename(stage, new)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        _remove(stage)
+        raise
+    fsync_dir(path.parent)
+    drop: Path | None = None
     try:
         if is_version_link(path) or not os.path.lexists(path):
             old = path.parent / os.readlink(path) if path.is_symlink() else None
+            if old is not None and os.path.lexists(old):  # record it: a save killed after the switch removes it
+                drop = _artifact(path, _DROP)
+                os.symlink(old.name, drop)
             os.replace(link, path)
             fsync_dir(path.parent)
-            if old is not None:
-                _remove(old)
+            if old is not None and os.path.lexists(old) and not _referenced(path.parent, old, skip=path):
+                _remove(old)  # only the version this save replaced, and only when no other link points to it
+            if drop is not None:
+                drop.unlink(missing_ok=True)
             return
         # a real folder: exchange it with the link in one step, else rename it aside and the link into place
         if exchange_paths(link, path):
@@ -339,4 +449,7 @@ def _switch(path: Path, new: Path) -> None:
     except BaseException:
         if link.is_symlink() and os.path.lexists(path):  # keep it when path is absent: the next save finishes
             link.unlink(missing_ok=True)
+            _remove(new)  # never published
+            if drop is not None:
+                drop.unlink(missing_ok=True)
         raise

@@ -36,7 +36,7 @@ from ..quant.modules import (
     tie_quantized_head,
     tied_to,
 )
-from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe
+from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe, shared_modules
 from ..version import __version__
 from . import atomic
 from .manifest import (
@@ -66,9 +66,12 @@ __all__ = ["HF_CONFIG_NAME", "MANIFEST_NAME", "META_NAME", "WEIGHTS_NAME", "Chec
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "medquant.json"
 HF_CONFIG_NAME = "config.json"
-# the files a save owns: replaced or dropped by the next save (everything else in the folder is carried over)
-_OWNED = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|medquant\.json|"
-                    r"config\.json|generation_config\.json|" + re.escape(MANIFEST_NAME))
+# the files every save owns: replaced or dropped by the next save (a stale weights file, shard or shard index beside
+# the new weights would be read instead of them or with them). Everything else in the folder is carried over, except:
+_OWNED = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|medquant\.json|" + re.escape(MANIFEST_NAME))
+# the other files of a transformers folder: owned only when the previous version was written by medquant as a
+# transformers model (they are then its own: a user's config.json beside a plain nn.Module checkpoint is kept)
+_HF_OWNED = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?|config\.json|generation_config\.json")
 _QUANT_TENSOR = re.compile(r"(qweight|scales|zeros|fweight)_\d+|bit_map")
 
 
@@ -144,6 +147,43 @@ def _owned(name: str) -> bool:
     return _OWNED.fullmatch(name) is not None
 
 
+def _json_object(path: Path) -> dict | None:
+    """A regular file's JSON object, or ``None`` (absent, a symlink, unreadable, not a JSON object)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _owned_in(old: Path) -> Callable[[str], bool]:
+    """Which files of the previous version ``old`` a new save replaces or drops (the rest are carried over).
+
+    Always the weights (``model*.safetensors`` and their index), ``medquant.json`` and the manifest. The other
+    transformers file names (``config.json``, ``generation_config.json``, ``pytorch_model*.bin`` and their index)
+    only when the previous version recorded them as its own: its ``medquant.json`` records a transformers model
+    (``medquant.save`` wrote its ``config.json``), or its ``config.json`` holds a medquant ``quantization_config``
+    (a transformers ``save_pretrained`` of a medquant model wrote the folder). Otherwise they are the user's files.
+    """
+    meta = _json_object(old / META_NAME)
+    model = meta.get("model") if meta is not None else None
+    hf_meta = isinstance(model, dict) and model.get("kind") == "hf"
+    cfg = _json_object(old / HF_CONFIG_NAME)
+    qc = cfg.get("quantization_config") if cfg is not None else None
+    hf_saved = isinstance(qc, dict) and qc.get("quant_method") == "medquant"
+
+    def owned(name: str) -> bool:
+        if _owned(name):
+            return True
+        if hf_saved:
+            return _HF_OWNED.fullmatch(name) is not None
+        return hf_meta and name == HF_CONFIG_NAME
+
+    return owned
+
+
 @contextlib.contextmanager
 def write_checkpoint(directory: str | os.PathLike, *, sort_metadata: bool = True) -> Iterator[Path]:
     """Context manager for every checkpoint writer: yields an empty folder to write the checkpoint's files into.
@@ -167,7 +207,7 @@ def write_checkpoint(directory: str | os.PathLike, *, sort_metadata: bool = True
                 _sort_safetensors_metadata(p)
         write_manifest(folder)
 
-    with atomic.replace_directory(path, owned=_owned, finalize=finalize) as folder:
+    with atomic.replace_directory(path, owned=_owned_in, finalize=finalize) as folder:
         yield folder
 
 
@@ -279,6 +319,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
         bufs = _buffer_dtypes(model)
         if bufs:
             meta["buffer_dtypes"] = bufs
+        shared = shared_modules(model)
+        if shared:  # a quantized layer under several names: stored once, bound to every name again on load
+            meta["shared_modules"] = shared
         if kind == "hf":
             _write_text(folder / HF_CONFIG_NAME, model.config.to_json_string())  # type: ignore[union-attr,operator]
         _write_text(folder / META_NAME, json.dumps(meta, indent=1))
@@ -318,7 +361,7 @@ def _checkpoint_folder(path: Path) -> Path:
     """The folder ``path`` names now (the version folder behind a checkpoint link); it must exist and be a folder."""
     root = atomic.resolve(path)
     if not os.path.lexists(root):
-        raise CheckpointError(f"{path} does not exist")
+        raise CheckpointError(atomic.dangling_message(path) or f"{path} does not exist")
     if not root.is_dir():
         raise CheckpointError(f"{path} is not a folder; a medquant checkpoint is a folder")
     return root
@@ -378,7 +421,7 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     Raises:
         CheckpointError: the file is missing or does not follow the schema.
     """
-    root = atomic.resolve(directory)
+    root = _checkpoint_folder(Path(directory))
     if not os.path.lexists(root / META_NAME):
         raise CheckpointError(f"{directory} is not a saved medquant model: {META_NAME} is missing")
     try:
@@ -470,6 +513,40 @@ def _restore_buffer_dtypes(model: nn.Module, buffer_dtypes: Mapping[str, str]) -
             t.data = t.data.to(getattr(torch, dt))
 
 
+def _file_kind(code: str) -> str:
+    """The kind of a safetensors dtype code: ``"floating-point"``, ``"bool"`` or ``"integer"``."""
+    if code.startswith(("F", "BF")):
+        return "floating-point"
+    return "bool" if code == "BOOL" else "integer"
+
+
+def _tensor_kind(t: torch.Tensor) -> str:
+    if t.is_floating_point():
+        return "floating-point"
+    if t.is_complex():
+        return "complex"
+    return "bool" if t.dtype == torch.bool else "integer"
+
+
+def _check_kinds(model: nn.Module, state: Mapping[str, torch.Tensor], header: Mapping[str, TensorInfo],
+                 file: str) -> None:
+    """Every tensor of the file is of the kind (floating-point, integer, bool) of the model's tensor it loads into.
+
+    A load copies with casting: an integer tensor read into a float parameter (a header whose ``F32`` was edited to
+    ``I32``, the same byte count) or floats into packed integer codes would load as garbage. Widths may differ
+    within a kind (a float32 model loads bfloat16 weights in their saved dtype, integer buffers keep theirs)."""
+    for key, info in header.items():
+        t = state.get(key)
+        if t is None:
+            continue
+        got, want = _file_kind(info.dtype), _tensor_kind(t)
+        if got != want:
+            raise CheckpointError(f"{file} holds {key} as {info.dtype} ({got}); {type(model).__name__} expects a "
+                                  f"{want} tensor there ({str(t.dtype).replace('torch.', '')}): loading it would "
+                                  "convert its values to another kind, so it is refused (the file was altered, or it "
+                                  "belongs to another model)")
+
+
 def _restore_dtypes(model: nn.Module, header: dict[str, TensorInfo]) -> None:
     """Floating-point parameters and buffers take the dtype they were saved in (a bfloat16 model comes back
     bfloat16 even when the instance passed in, or built from the config, is float32)."""
@@ -483,6 +560,30 @@ def _restore_dtypes(model: nn.Module, header: dict[str, TensorInfo]) -> None:
             t.data = t.data.to(dtype)
 
 
+def _aliases(model: nn.Module, meta: CheckpointMeta, header: Mapping[str, TensorInfo]) -> dict[str, list[str]]:
+    """Recorded module name -> the further names bound to the same quantized layer on load.
+
+    Those of ``shared_modules``; for checkpoints saved before it was recorded, also the model's own further names of
+    a recorded module (``self.b = self.a``) under which the file holds no tensor (the layer was shared when saved)."""
+    out: dict[str, list[str]] = {}
+    for alias, name in meta.shared_modules.items():
+        out.setdefault(name, []).append(alias)
+    names: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    for name in meta.modules:
+        try:
+            group = names.get(id(model.get_submodule(name)), [])
+        except AttributeError:
+            continue
+        for alias in group:
+            if alias == name or alias in meta.modules or alias in meta.shared_modules or alias in out.get(name, ()):
+                continue
+            if not any(k.startswith(alias + ".") for k in header):
+                out.setdefault(name, []).append(alias)
+    return out
+
+
 def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, strict: bool) -> nn.Module:
     opened = _open(path)
     meta, root = opened.meta, opened.root
@@ -494,6 +595,7 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
             )
         model = build_hf_model(root, meta.raw)
     expand_recorded_experts(model, meta.modules)  # MoE experts: their per-expert layers become modules
+    aliases = _aliases(model, meta, opened.header)
     for name, spec in meta.modules.items():
         try:
             old = model.get_submodule(name)
@@ -509,7 +611,18 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
         except RecipeError as e:
             raise CheckpointError(f"module {name!r} in {META_NAME} has an invalid recipe: {e}") from None
         device_of = next(iter(old.parameters()), None)
-        swap_module(model, name, shell.to(device_of.device) if device_of is not None else shell)
+        shell = shell.to(device_of.device) if device_of is not None else shell
+        swap_module(model, name, shell)
+        for alias in aliases.get(name, ()):  # a layer saved under several names: one module again
+            try:
+                at_alias = model.get_submodule(alias)
+            except AttributeError:
+                raise CheckpointError(f"{META_NAME}: the quantized module {name!r} is shared under the name "
+                                      f"{alias!r}, which {type(model).__name__} does not have") from None
+            if at_alias is not shell and not _fits(at_alias, spec):
+                raise CheckpointError(f"{META_NAME}: module {alias!r} shares the {spec.type} {name!r}, which does "
+                                      f"not fit the model's {type(at_alias).__name__} at that name")
+            swap_module(model, alias, shell)
     for name, spec in meta.modules.items():  # tied heads share their embedding's tensors before they are read
         if spec.tied_to:
             emb = model.get_submodule(spec.tied_to) if spec.tied_to in meta.modules else None
@@ -527,6 +640,7 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
         if t is not None and tuple(t.shape) != info.shape:
             raise CheckpointError(f"{meta.weights.file} holds {key} with shape {list(info.shape)}; "
                                   f"{type(model).__name__} has {list(t.shape)} there")
+    _check_kinds(model, state, opened.header, meta.weights.file)
     _restore_dtypes(model, opened.header)
     _restore_buffer_dtypes(model, meta.buffer_dtypes)
     try:
@@ -599,7 +713,7 @@ def _weight_files(root: Path) -> list[str]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"{index} is malformed: {e}") from None
         for n in names:
             try:
@@ -633,6 +747,9 @@ def verify_pretrained(directory: str | os.PathLike, modules: Mapping[str, Any], 
     Raises:
         CheckpointError: a file, recipe or tensor that does not match.
     """
+    dangling = atomic.dangling_message(directory)
+    if dangling is not None:
+        raise CheckpointError(dangling)
     root = atomic.resolve(directory)
     weight_files = _weight_files(root)
     if files:
@@ -710,7 +827,7 @@ def upgrade(directory: str | os.PathLike) -> Path:
             try:
                 cfg = json.loads(_regular(root, HF_CONFIG_NAME).read_text(encoding="utf-8"))
                 qc = cfg.get("quantization_config") or {}
-            except (ValueError, AttributeError) as e:
+            except (ValueError, AttributeError, RecursionError) as e:
                 raise CheckpointError(f"{root / HF_CONFIG_NAME} is not valid JSON: {e}") from None
             if not isinstance(qc, dict) or qc.get("quant_method") != "medquant" or not isinstance(
                     qc.get("modules"), dict):

@@ -161,6 +161,8 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
         m = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise ManifestError(f"{path} is corrupted (not valid JSON: {e})") from None
+    except RecursionError:
+        raise ManifestError(f"{path} is corrupted (not a manifest: JSON nested too deeply to parse)") from None
     if not isinstance(m, dict) or set(m) != {"digest", "files", "manifest_version"}:
         raise ManifestError(f"{path} is corrupted: expected the keys digest, files, manifest_version, got "
                             f"{sorted(m) if isinstance(m, dict) else type(m).__name__}")

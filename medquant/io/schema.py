@@ -43,7 +43,7 @@ MAX_HEADER = 100_000_000  # the safetensors library's own limit
 #: dtypes a non-persistent floating buffer may be restored to
 BUFFER_DTYPES = ("float16", "bfloat16", "float64")
 _TOP_REQUIRED = ("format_version", "weights", "model", "modules")
-_TOP_OPTIONAL = ("medquant_version", "extras", "buffer_dtypes")
+_TOP_OPTIONAL = ("medquant_version", "extras", "buffer_dtypes", "shared_modules")
 _LINEAR_KEYS = ("in_features", "out_features")
 _CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 _COMMON_KEYS = ("type", "config", "bias", "dtype")
@@ -350,6 +350,8 @@ class CheckpointMeta:
     #: floating buffers that are not in the weights file (non-persistent, e.g. rotary ``inv_freq``) and were not
     #: float32 when saved: name -> dtype name, restored on load
     buffer_dtypes: dict[str, str] = field(default_factory=dict)
+    #: quantized layers registered under several names: every further name -> the recorded module it shares
+    shared_modules: dict[str, str] = field(default_factory=dict)
 
 
 def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
@@ -372,6 +374,9 @@ def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
         raw = json.loads(text, object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise SchemaError(f"{file} is corrupted (not valid JSON: {e})") from None
+    except RecursionError:
+        raise SchemaError(f"{file} is corrupted (JSON nested too deeply to parse; medquant.json is a flat object of "
+                          "recipes)") from None
     d = _obj(raw, at, _TOP_REQUIRED, _TOP_OPTIONAL)
     fv = d["format_version"]
     if isinstance(fv, bool) or not isinstance(fv, int) or fv < 1:
@@ -407,7 +412,16 @@ def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
         raise (at / "buffer_dtypes").fail("an object buffer name -> dtype name", bufs)
     for name, dt in bufs.items():
         _str(dt, at / "buffer_dtypes" / name, BUFFER_DTYPES)
-    return CheckpointMeta(fv, mv, WeightsInfo(wfile, sha, nbytes), model, modules, extras, raw, dict(bufs))
+    shared = d.get("shared_modules", {})
+    if not isinstance(shared, dict):
+        raise (at / "shared_modules").fail("an object module name -> the name of the module it shares", shared)
+    for name, target in shared.items():
+        if not isinstance(target, str) or target not in modules:
+            raise (at / "shared_modules" / name).fail("the name of a module recorded in 'modules'", target)
+        if name in modules or not name:
+            raise (at / "shared_modules" / name).fail("a module name without a recipe of its own", name)
+    return CheckpointMeta(fv, mv, WeightsInfo(wfile, sha, nbytes), model, modules, extras, raw, dict(bufs),
+                          dict(shared))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
@@ -440,6 +454,9 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise SchemaError(f"{path.name}: the safetensors header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise SchemaError(f"{path.name}: the safetensors header is nested too deeply to parse (a safetensors header "
+                          "is one object of tensor entries)") from None
     if not isinstance(header, dict):
         raise SchemaError(f"{path.name}: the safetensors header is not an object")
     data = size - 8 - n

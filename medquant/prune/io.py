@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import CheckpointError, build_hf_model, load, save, verify
+from ..io import META_NAME, CheckpointError, atomic, build_hf_model, load, save, verify
+from ..io.schema import SchemaError, TensorInfo, read_header
 from ..models.blocks import transformer_blocks
 from ..quant.experts import experts_layout
 from .surgery import prune_attention, prune_experts, prune_ffn
@@ -142,6 +143,105 @@ def _empty_param(p: torch.Tensor, shape: tuple[int, ...]) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device), requires_grad=p.requires_grad)
 
 
+_WHERE = f"{META_NAME} extras.prune"
+_MAX_SIZE = 2**31 - 1
+
+
+def _size(entry: Any, key: str, at: str) -> int:
+    if not isinstance(entry, dict) or key not in entry:
+        raise CheckpointError(f"{at} has no {key!r}: expected an object with {key!r} (a positive integer)")
+    v = entry[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= _MAX_SIZE:
+        raise CheckpointError(f"{at}[{key!r}] must be a positive integer (at most {_MAX_SIZE}), got {v!r}"[:300])
+    return v
+
+
+def _obj(v: Any, at: str, what: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise CheckpointError(f"{at} must be an object ({what}), got {type(v).__name__} {v!r}"[:300])
+    return v
+
+
+def _file_size(header: dict[str, TensorInfo], recipes: dict[str, Any], name: str, tensor: str, dim: int,
+               recipe_keys: tuple[str, ...]) -> int | None:
+    """The size the weights file gives a layer along ``dim`` of its ``tensor`` (or its quantization recipe's
+    ``recipe_keys[dim]``, whose shapes the load checks against the file); ``None`` when the file does not say."""
+    info = header.get(f"{name}.{tensor}")
+    if info is not None and len(info.shape) > dim:
+        return info.shape[dim]
+    r = recipes.get(name)
+    if isinstance(r, dict) and dim < len(recipe_keys) and isinstance(r.get(recipe_keys[dim]), int):
+        return r[recipe_keys[dim]]
+    return None
+
+
+def _check_table(model: nn.Module, table: dict[str, Any], header: dict[str, TensorInfo],
+                 recipes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate the shape table before anything is built: types, ranges, every size at most the unpruned model's
+    (pruning only shrinks) and equal to the size the weights file's header gives that layer (read without loading
+    any tensor), so an edited table cannot make the load allocate more than the file holds.
+
+    Returns:
+        ``(blocks, modules)``, checked.
+
+    Raises:
+        CheckpointError: naming the entry, what it holds and what is expected.
+    """
+    blocks = _obj(table.get("blocks", {}), f"{_WHERE}.blocks", "block name -> shapes")
+    modules = _obj(table.get("modules", {}), f"{_WHERE}.modules", "layer name -> shapes")
+    for name, e in blocks.items():
+        at = f"{_WHERE}.blocks[{name!r}]"
+        e = _obj(e, at, "attention / ffn / experts shapes")
+        if "attention" in e:
+            a_at = f"{at}['attention']"
+            s = _obj(e["attention"], a_at, "n_heads, n_kv, head_dim")
+            n_heads, n_kv = _size(s, "n_heads", a_at), _size(s, "n_kv", a_at)
+            _size(s, "head_dim", a_at)
+            if n_heads % n_kv:
+                raise CheckpointError(f"{a_at}: n_heads ({n_heads}) must be a multiple of n_kv ({n_kv})")
+        if "ffn" in e:
+            _size(e["ffn"], "n_neurons", f"{at}['ffn']")
+        if "experts" in e:
+            x = _obj(e["experts"], f"{at}['experts']", "name, n_neurons")
+            _size(x, "n_neurons", f"{at}['experts']")
+            if not isinstance(x.get("name"), str):
+                raise CheckpointError(f"{at}['experts']['name'] must be the experts module's name (a string), got "
+                                      f"{x.get('name')!r}"[:300])
+    linear_keys, conv_keys = ("out_features", "in_features"), ("out_channels", "in_channels")
+    for name, e in modules.items():
+        at = f"{_WHERE}.modules[{name!r}]"
+        e = _obj(e, at, "type and sizes")
+        kind = e.get("type")
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"the saved model has a layer {name!r} ({at}) that {type(model).__name__} does "
+                                  "not have") from None
+        if kind == "Conv2d" and isinstance(m, nn.Conv2d):
+            sizes = {"out": (m.out_channels, "weight", 0, conv_keys), "in": (m.in_channels, "weight", 1, conv_keys)}
+        elif kind == "Linear" and isinstance(m, nn.Linear):
+            sizes = {"out": (m.out_features, "weight", 0, linear_keys), "in": (m.in_features, "weight", 1,
+                                                                               linear_keys)}
+        elif kind == "BatchNorm2d" and isinstance(m, nn.BatchNorm2d):
+            sizes = {"n": (m.num_features, "running_mean" if m.running_mean is not None else "weight", 0, ())}
+        else:
+            raise CheckpointError(f"{at}: saved as {kind!r} (expected one of 'Conv2d', 'BatchNorm2d', 'Linear'), the "
+                                  f"model has {type(m).__name__} there")
+        for key, (limit, tensor, dim, recipe_keys) in sizes.items():
+            v = _size(e, key, at)
+            if v > limit:
+                raise CheckpointError(f"{at}[{key!r}] = {v} exceeds the unpruned model's {limit} "
+                                      f"({type(m).__name__} {name!r}); pruning only shrinks layers")
+            want = v
+            if kind == "Conv2d" and key == "in" and f"{name}.{tensor}" in header:
+                want = v // m.groups  # the weight holds in / groups input channels
+            got = _file_size(header, recipes, name, tensor, dim, recipe_keys)
+            if got is not None and got != want:
+                raise CheckpointError(f"{at}[{key!r}] = {v}, but the weights file holds layer {name!r} with "
+                                      f"{got} there (the table was edited or belongs to another checkpoint)")
+    return blocks, modules
+
+
 def _resize_modules(model: nn.Module, modules: dict[str, dict[str, Any]]) -> None:
     for name, e in modules.items():
         try:
@@ -236,7 +336,13 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
                 f"{directory} holds a plain nn.Module ({meta['model']['class']}); pass a fresh float instance: "
                 f"load_pruned(path, model={meta['model']['class']}(...))")
         model = build_hf_model(directory, meta)
+    root = atomic.resolve(directory)
+    try:
+        header = read_header(root / meta["weights"]["file"])
+    except SchemaError as e:  # pragma: no cover - verify read the same header
+        raise CheckpointError(str(e)) from None
+    blocks, modules = _check_table(model, table, header, meta.get("modules", {}))
     with torch.no_grad():
-        _resize_blocks(model, table.get("blocks", {}))
-        _resize_modules(model, table.get("modules", {}))
+        _resize_blocks(model, blocks)
+        _resize_modules(model, modules)
     return load(directory, model=model, device=device)

@@ -47,7 +47,8 @@ from torch import nn
 from .config import QuantConfig
 from .modules import QUANT_LAYERS, QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
 
-__all__ = ["RECIPE_TYPES", "RecipeError", "bit_map_matches", "layer_from_recipe", "layer_recipe", "model_recipe"]
+__all__ = ["RECIPE_TYPES", "RecipeError", "bit_map_matches", "layer_from_recipe", "layer_recipe", "model_recipe",
+           "shared_modules"]
 
 RECIPE_TYPES: dict[str, type[nn.Module]] = {"QuantLinear": QuantLinear, "QuantConv2d": QuantConv2d,
                                             "QuantEmbedding": QuantEmbedding}
@@ -121,6 +122,30 @@ def model_recipe(model: nn.Module, *, weight_dtype: bool = False) -> dict[str, d
     out = {name: layer_recipe(m, weight_dtype=weight_dtype) for name, m in named}
     for name, ename in tied_heads(model).items():
         out[name]["tied_to"] = ename
+    return out
+
+
+def shared_modules(model: nn.Module) -> dict[str, str]:
+    """Every further name of a quantized layer registered under several names -> its first name.
+
+    :func:`model_recipe` lists a shared layer once, under its first name in ``named_modules`` order (and the weights
+    file holds its tensors once); a load binds the other names to the same rebuilt layer.
+
+    Args:
+        model: the (partly) quantized model.
+
+    Returns:
+        ``{alias: first name}``; empty when no quantized layer is shared.
+    """
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if not isinstance(m, QUANT_LAYERS):
+            continue
+        if id(m) in first:
+            out[name] = first[id(m)]
+        else:
+            first[id(m)] = name
     return out
 
 

@@ -74,13 +74,14 @@ def test_a_real_folder_is_replaced_and_its_other_files_carried_over(tmp_path, mo
     (p / "sub").mkdir()
     (p / "sub" / "notes.txt").write_text("n")
     (p / WEIGHTS_NAME).write_bytes(b"stale")  # a file the save owns: replaced
-    (p / "config.json").write_text("{}")  # owned too, not written by a plain-module save: dropped
+    (p / "config.json").write_text("{}")  # the user's: no earlier medquant save wrote it, so it is carried over
     m = quantized()
     mq.save(m, p)
     assert atomic.is_version_link(p)
     assert (p / "tokenizer.json").read_text() == '{"t": 1}' and (p / "sub" / "notes.txt").read_text() == "n"
-    assert not (p / "config.json").exists()
-    assert set(read_manifest(p)["files"]) == {WEIGHTS_NAME, META_NAME, "tokenizer.json", "sub/notes.txt"}
+    assert (p / "config.json").read_text() == "{}"
+    assert set(read_manifest(p)["files"]) == {WEIGHTS_NAME, META_NAME, "tokenizer.json", "sub/notes.txt",
+                                              "config.json"}
     assert same_state(mq.load(p, model=tiny(3)), m)
     assert siblings(p) == [".ck.mq-lock", os.readlink(p)]
 
@@ -103,7 +104,8 @@ def test_orphans_are_removed_and_an_interrupted_switch_is_finished(tmp_path):
     p = tmp_path / "ck"
     mq.save(quantized(0), p)
     current = os.readlink(p)
-    for name in (".ck.mq-v-0123456789abcdef", ".ck.mq-old-0123456789abcdef"):
+    # a killed save's staging folder, folder renamed aside, and unpublished version behind its temporary link
+    for name in (".ck.mq-v-0123456789abcdef", ".ck.mq-old-0123456789abcdef", ".ck.mq-tmp-0123456789abcdef"):
         (tmp_path / name).mkdir()
         (tmp_path / name / WEIGHTS_NAME).write_bytes(b"x" * 100)
     (tmp_path / ".ck.mq-link-0123456789abcdef").symlink_to(".ck.mq-v-0123456789abcdef")

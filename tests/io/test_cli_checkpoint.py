@@ -55,3 +55,22 @@ def test_arguments_are_validated_before_any_work(argv, message, capsys):
         main(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, ("not a medquant checkpoint: expected medquant.json (written by medquant.save) or a config.json with a "
+          "medquant quantization_config (written by medquant.hf.save_pretrained), and the folder has neither")),
+    ({"config.json": '{"quantization_config": {"quant_method": "medquant", "modules": 5}}'},
+     "config.json: quantization_config.modules must be an object module name -> recipe, got 5"),
+    ({"config.json": "[1, 2]"}, "config.json: expected a JSON object (a transformers config), got a JSON list"),
+    ({"config.json": "{"}, "config.json: not a valid JSON file"),
+    ({"config.json": '{"model_type": "llama"}'}, "has no medquant quantization_config"),
+])
+def test_verify_of_a_folder_that_is_no_checkpoint_says_what_is_expected(tmp_path, capsys, files, message):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    assert main(["verify", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Errno" not in err and "object has no" not in err

@@ -125,7 +125,9 @@ def test_sigkill_during_saves_leaves_the_old_or_the_new_checkpoint(tmp_path):
         assert got is not None, f"run {run}: the checkpoint is neither the old nor the new model"
         seen.add(got)
         orphans = [e for e in os.listdir(tmp_path) if e.startswith(".ck.mq-") and e != ".ck.mq-lock"]
-        assert len(orphans) <= 3, orphans  # at most the current version and one killed save's leftovers
+        # at most the current version and one killed save's leftovers: killed just before its switch, a save leaves
+        # its new version, the temporary link to it and the marker naming the old version to drop after the switch
+        assert len(orphans) <= 4, orphans
     assert seen == {0, 1}
     mq.save(models[0], p)  # the next save removes every orphan
     assert sorted(e for e in os.listdir(tmp_path) if e.startswith(".ck.mq-")) == sorted(

@@ -259,3 +259,16 @@ def test_merge_to_bfloat16_casts_the_whole_model_and_runs():
         out16, out32 = entry.output(m16, inp), entry.output(m32, inp)
     assert out16.dtype == torch.bfloat16
     assert (out16.float() - out32).abs().max() <= 0.05 * out32.abs().max()
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"format": 1, "targets": []}, r"medquant_qlora.json has no 'settings' key"),
+    ({"format": 1, "settings": {"r": 8}}, r"medquant_qlora.json has no 'targets' key"),
+    ({"format": 1, "settings": [1], "targets": []}, r"'settings' must be an object .*'compute_dtype'"),
+])
+def test_load_of_an_incomplete_settings_file_names_the_file_and_the_key(tmp_path, meta, match):
+    import json
+
+    (tmp_path / "medquant_qlora.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
+        QLoRAAdapter.load(nn.Sequential(nn.Linear(4, 4)), tmp_path)
