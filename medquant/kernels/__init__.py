@@ -17,10 +17,12 @@ The bottom layer of medquant: it imports only torch (Triton lazily, when a kerne
   :func:`register_backend`, :func:`register_kernel`).
 
 Each public function goes through a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` sees one
-opaque node, and autograd works. ``backend="auto"`` (default) lets the dispatch registry choose (Triton for CUDA
-tensors, the torch reference elsewhere); ``"triton"`` forces the kernels (on CPU tensors this needs
-``TRITON_INTERPRET=1`` set before Triton is imported — that is how the tests run them), ``"torch"`` forces the
-reference. A forced backend is for eager code (tests, benchmarks).
+opaque node, and autograd works. ``backend="auto"`` (default) lets the dispatch registry choose: Triton for CUDA
+tensors; for ``packed_linear`` on CPU tensors the CPU backend (:mod:`medquant.kernels.cpu`, computing in its
+compute dtype: bfloat16 by default on a CPU with native bf16 arithmetic, else float32) wherever it takes the row
+group; the torch reference otherwise. ``"triton"`` forces the kernels (on CPU tensors this needs
+``TRITON_INTERPRET=1`` set before Triton is imported — that is how the tests run them), ``"cpu"`` the CPU backend,
+``"torch"`` the reference. A forced backend is for eager code (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from .cpu import (  # importing registers the CPU backend
     tensor_version,
 )
 from .dispatch import (
+    _end_builtin_registration,
     backend_names,
     force_backend,
     interpreting,
@@ -73,6 +76,8 @@ from .reference import (
     packed_linear_reference,
     rows_view,
 )
+
+_end_builtin_registration()  # kernels registered from here on are the user's (input-dependent predicates)
 
 
 def _call(backend: str, fn, *args):
@@ -120,13 +125,18 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, *, backend: str = "auto
 
     Raises:
         TypeError: ``weight`` is not a :class:`PackedWeight`, or ``x`` is not a float tensor.
-        ValueError: ``x``'s last dimension is not ``k`` or the devices differ.
+        ValueError: ``x`` is 0-d, its last dimension is not ``k``, or the devices differ.
     """
     check_float(x, "x")
     if not isinstance(weight, PackedWeight):
         raise TypeError(f"weight must be a medquant.kernels.PackedWeight, got {type(weight).__name__}")
+    if x.dim() == 2:
+        x2 = x
+    elif x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., k), got a 0-d tensor")
+    else:
+        x2 = x.reshape(-1, x.shape[-1])
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     if backend == "auto" and eager_inference(x2):
         y = dispatch_run("packed_linear", x2, weight)
         return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
@@ -138,7 +148,9 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, *, backend: str = "auto
 def prepare_packed_linear(x: torch.Tensor, weight: PackedWeight):
     """A callable ``fn(x2d)`` equal to ``packed_linear(x2d, weight)`` for eager inference on 2-D inputs like ``x``.
 
-    The kernel choice, the weight's repacked form, the compute dtype and the checks are bound once.
+    The kernel choice, the weight's repacked form, the compute dtype and the checks are bound once; where a
+    registered kernel's ``accepts`` predicate may read the input (its dtype, its rows), the kernel is chosen again
+    at each call (:func:`medquant.kernels.dispatch.prepare`), so ``fn`` follows the same choice as ``"auto"``.
 
     Valid while :func:`medquant.kernels.dispatch.generation` is unchanged and ``weight``'s tensors are not
     modified (the quantized modules keep one per row group and rebuild it when either changes).

@@ -24,7 +24,11 @@ Scale modes (compile time)
   scaled once: ``acc += s * sum_j x_j @ (u_j - z)``.
 * ``WORD`` — ``GROUP % VPW == 0``: the scale is constant within a word; a ``(BLOCK_KW, BLOCK_N)`` tile of scales is
   gathered once per K tile and each sub-tile is dequantised to the activation dtype ``((u - z) * s)`` before the dot.
-* ``ELEM`` — any other group size: the scales are gathered per element.
+* ``ELEM`` — any other group size: the scales are gathered per element. The last word of real codes may reach
+  into groups that hold only padding (``K_pad`` is a multiple of ``VPW`` and of ``GROUP``): those loads are masked
+  with ``k < K`` (0 instead), so a padding code contributes exactly 0 whatever its group's scale / zero point holds
+  (inf or NaN included), as in every other reader. In ``TILE`` / ``WORD`` mode a group starts on a word boundary,
+  so every group read holds a real code.
 
 Regimes
 -------
@@ -145,11 +149,14 @@ def _packed_mm_kernel(
                 u = (words >> (j * CB)) & MASK
                 offs_k = offs_kw * VPW + j
                 if GROUP % VPW != 0:
+                    # padding codes of the last word may sit in groups that hold only padding: their scales and
+                    # zero points are never read (0 instead), so padding adds exactly 0 whatever they hold
                     g_e = offs_k // GROUP
-                    s_t = tl.load(s_ptr + offs_n[None, :] * stride_sn + g_e[:, None] * stride_sg, mask=wmask,
+                    emask = wmask & (offs_k < K)[:, None]
+                    s_t = tl.load(s_ptr + offs_n[None, :] * stride_sn + g_e[:, None] * stride_sg, mask=emask,
                                   other=0.0).to(tl.float32)
                     if not SYMMETRIC:
-                        z_t = tl.load(z_ptr + offs_n[None, :] * stride_zn + g_e[:, None] * stride_zg, mask=wmask,
+                        z_t = tl.load(z_ptr + offs_n[None, :] * stride_zn + g_e[:, None] * stride_zg, mask=emask,
                                       other=0.0).to(tl.float32)
                 uf = u.to(tl.float32)
                 if SYMMETRIC:
@@ -254,10 +261,11 @@ def _packed_gemv_kernel(
                 u = (words >> (j * CB)) & MASK
                 offs_k = offs_kw * VPW + j
                 g_e = offs_k // GROUP
-                s_e = tl.load(s_ptr + offs_n[:, None] * stride_sn + g_e[None, :] * stride_sg, mask=wmask,
+                emask = wmask & (offs_k < K)[None, :]  # not the groups of padding only (as in the mm kernel)
+                s_e = tl.load(s_ptr + offs_n[:, None] * stride_sn + g_e[None, :] * stride_sg, mask=emask,
                               other=0.0).to(tl.float32)
                 if not SYMMETRIC:
-                    z_t = tl.load(z_ptr + offs_n[:, None] * stride_zn + g_e[None, :] * stride_zg, mask=wmask,
+                    z_t = tl.load(z_ptr + offs_n[:, None] * stride_zn + g_e[None, :] * stride_zg, mask=emask,
                                   other=0.0).to(tl.float32)
                 xj = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
                 uf = u.to(tl.float32)

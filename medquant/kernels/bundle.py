@@ -42,7 +42,13 @@ class PackedWeight:
         k: real number of input elements (columns past ``k`` are padding).
         dense: the layer uses the version-2 dense layout (only changes 3-, 5-, 6- and 7-bit row groups).
 
-    Building one validates shapes, dtypes and devices (``TypeError`` / ``ValueError`` naming the field).
+    Building one validates shapes, dtypes and devices (``TypeError`` / ``ValueError`` naming the field). It cannot
+    validate the ``dense`` flag itself: words carry no mark of their layout, so a flag that does not match how the
+    words were packed is caught only where the two layouts need different word counts for this ``k``, ``bits``
+    and group size. Where the counts coincide (among others, channel-scope rows of 3 bits with K in 17..24, 5 bits
+    with K in 17..20, 6 bits with K in 21..24, 7 bits with K in 25..28) the row group is accepted and its codes are
+    misread; take the flag from where the words come from (a saved layer's format version: 2 is dense, see
+    :mod:`medquant.kernels.layout`).
 
     Raises:
         TypeError: a field of the wrong type (``qweight`` not a 2-D int32 tensor, ``bits`` not an int...).
@@ -116,7 +122,11 @@ class PackedWeight:
 
 
 def check_packed_weight(qweight, scales, zeros, bits, symmetric, scope, group_elems, k, dense=False) -> None:
-    """Validate the fields of a :class:`PackedWeight` (shapes follow :mod:`medquant.kernels.layout`)."""
+    """Validate the fields of a :class:`PackedWeight` (shapes follow :mod:`medquant.kernels.layout`).
+
+    The word count is checked against ``k``, ``bits``, the group size and ``dense``; a wrong ``dense`` flag is
+    detected only when it changes that count (the words themselves cannot tell the layouts apart).
+    """
     if not _is_int(bits):
         raise TypeError(f"bits must be an int, got {bits!r}")
     if not 1 <= bits <= 8:
@@ -138,8 +148,10 @@ def check_packed_weight(qweight, scales, zeros, bits, symmetric, scope, group_el
     if words != words_per_row(want, bits, dense):
         form = "dense" if is_dense(bits, dense) else f"{storage_bits(bits)}-bit containers"
         raise ValueError(f"qweight has {words} words per row, but K={k} packed at {bits} bits ({form}) needs "
-                         f"K_pad={want}, {words_per_row(want, bits, dense)} words: wrong bits, wrong K, wrong group "
-                         f"size or wrong layout (dense {DENSE_BITS} bits is format version 2)")
+                         f"K_pad={want}, {words_per_row(want, bits, dense)} words: wrong bits, K or group size, or "
+                         f"a dense flag that does not match the words (the dense {DENSE_BITS}-bit layout is format "
+                         f"version 2; a wrong flag is caught only where the two layouts' word counts differ, so it "
+                         f"must come from the format, not from this check)")
     kp = want
     if not isinstance(scales, torch.Tensor) or scales.dtype not in PARAM_DTYPES or scales.dim() != 2:
         raise TypeError("scales must be a 2-D float16/bfloat16/float32 tensor")

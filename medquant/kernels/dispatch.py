@@ -4,7 +4,8 @@ Two kinds of entries:
 
 * a **backend** (:func:`register_backend`): a name plus ``unavailable(device) -> str | None``, the reason the
   backend cannot run on ``device`` at all (``None`` = it can). Built in: ``"torch"`` (the plain-torch references,
-  always available) and ``"triton"`` (needs Triton, and a CUDA device or ``TRITON_INTERPRET=1`` for CPU tensors).
+  always available), ``"triton"`` (needs Triton, and a CUDA device or ``TRITON_INTERPRET=1`` for CPU tensors) and
+  ``"cpu"`` (:mod:`medquant.kernels.cpu`, CPU tensors; ``packed_linear`` only).
 * a **kernel** (:func:`register_kernel`; :func:`unregister_backend` removes a backend with its kernels): one backend's implementation of one op (``"packed_linear"``,
   ``"fake_quantize_rows"``, ``"fake_quantize_static"``), a predicate ``accepts(*args) -> bool`` on the op's
   arguments (device, dtype, shape, the :class:`~medquant.kernels.bundle.PackedWeight`) and a priority.
@@ -16,8 +17,13 @@ its device is the device of the call):
    (otherwise ``RuntimeError`` with the backend's reason); its implementation validates the arguments itself;
 2. otherwise (``"auto"``) the kernels of the op are tried by decreasing priority (then registration order), and
    the first whose predicate accepts the arguments and whose backend is available runs. The torch references
-   accept everything at the lowest priority, so there is always an answer; Triton accepts CUDA tensors of
-   float16 / bfloat16 / float32 (not the interpreter: it is for tests).
+   accept everything at the lowest priority, so there is always an answer; Triton (priority 0) accepts CUDA
+   tensors of float16 / bfloat16 / float32 (not the interpreter: it is for tests); the CPU backend (priority 10)
+   accepts ``packed_linear`` on CPU tensors for every row group one of its paths takes, and computes in its
+   compute dtype (bfloat16 by default on a CPU with native bf16 arithmetic, else float32; accuracy in
+   ``docs/guides/cpu_inference.md``, "Compute dtype"). So ``"auto"`` runs Triton on CUDA, the CPU backend on CPU
+   where it takes the row group, and the torch reference otherwise; ``force_backend("torch")`` gives the
+   reference anywhere.
 
 Implementations have the op's argument list: ``packed_linear(x, weight: PackedWeight) -> y``,
 ``fake_quantize_rows(x2, bits, symmetric, eps, want_mask) -> (out, mask | None)``,
@@ -57,6 +63,8 @@ class Kernel:
 
     ``prepare(*args[1:])`` (optional) returns a callable ``fn(x)`` equal to ``impl(x, *args[1:])`` with the work
     that depends only on the other arguments (repacking, dtype choice, validation) done once: see :func:`prepare`.
+    ``input_dependent``: ``accepts`` may answer differently for two inputs on one device (it reads their dtype,
+    shape...), so a prepared callable re-checks the choice at each call (:func:`prepare`).
     """
 
     op: str
@@ -65,12 +73,23 @@ class Kernel:
     accepts: Callable[..., bool]
     priority: int
     prepare: Callable[..., Callable | None] | None = None
+    input_dependent: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
 _KERNELS: dict[str, list[Kernel]] = {op: [] for op in OPS}
 _forced: str | None = None
 _generation = 0
+#: True while ``medquant.kernels`` registers its built-in kernels, whose predicates read only the input's device
+#: (Triton's also its dtype, for CUDA tensors): they do not make prepared callables re-check their choice
+_registering_builtins = True
+
+
+def _end_builtin_registration() -> None:
+    """Called once by ``medquant.kernels`` after its built-in kernels are registered: from now on a kernel
+    registered with an ``accepts`` predicate counts as input-dependent unless it says otherwise."""
+    global _registering_builtins
+    _registering_builtins = False
 
 
 def generation() -> int:
@@ -110,7 +129,8 @@ def register_backend(name: str, unavailable: Callable[[torch.device], str | None
 
 
 def register_kernel(op: str, backend: str, impl: Callable, accepts: Callable[..., bool] | None = None,
-                    *, priority: int = 0, prepare: Callable[..., Callable | None] | None = None) -> None:
+                    *, priority: int = 0, prepare: Callable[..., Callable | None] | None = None,
+                    input_dependent: bool | None = None) -> None:
     """Add ``backend``'s implementation of ``op`` (replacing a previous one of the same backend).
 
     Args:
@@ -118,10 +138,15 @@ def register_kernel(op: str, backend: str, impl: Callable, accepts: Callable[...
         backend: a name given to :func:`register_backend` before.
         impl: the implementation, with the op's argument list.
         accepts: ``accepts(*args) -> bool`` (default: always): whether ``"auto"`` may choose it for these
-            arguments; kernels with a higher ``priority`` are tried first.
+            arguments; kernels with a higher ``priority`` are tried first. It may read anything in the arguments,
+            the input's dtype and shape included.
         priority: order among the kernels of ``op`` (higher first; the torch references sit at -1000).
         prepare: optional ``prepare(*args[1:]) -> fn | None`` giving ``fn(x) == impl(x, *args[1:])`` with the
             per-weight work done once (:func:`prepare`); ``None`` from it means "call ``impl``".
+        input_dependent: whether ``accepts`` may answer differently for two inputs on one device. Default: True
+            when ``accepts`` is given. Then a prepared callable (:func:`prepare`, which the quantized layers use)
+            whose choice this kernel could change chooses again at each call; pass False for a predicate that reads
+            only the input's device and the other arguments (the weight) to spare that per-call check.
 
     Raises:
         ValueError: an unknown op or backend.
@@ -130,8 +155,11 @@ def register_kernel(op: str, backend: str, impl: Callable, accepts: Callable[...
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: register_backend({backend!r}, ...) first")
+    if input_dependent is None:
+        input_dependent = accepts is not None and not _registering_builtins
     kernels = [k for k in _KERNELS[op] if k.backend != backend]
-    kernels.append(Kernel(op, backend, impl, accepts or (lambda *args: True), int(priority), prepare))
+    kernels.append(Kernel(op, backend, impl, accepts or (lambda *args: True), int(priority), prepare,
+                          bool(input_dependent)))
     kernels.sort(key=lambda k: -k.priority)  # stable: registration order among equal priorities
     _KERNELS[op] = kernels
     bump_generation()
@@ -239,10 +267,18 @@ def run(op: str, *args):
 def prepare(op: str, *args) -> Callable:
     """A callable ``fn(x)`` that runs ``op`` on a new first argument with the other arguments fixed.
 
-    ``fn(x)`` equals ``run(op, x, *args[1:])`` for any ``x`` of the device, dtype and kind of ``args[0]`` (the
-    kernel is chosen once, for ``args``), as long as :func:`generation` is unchanged and the tensors in
-    ``args[1:]`` are not modified. For hot loops (a decode step calls the same layers hundreds of times): the
-    kernel's ``prepare`` does its per-weight work (repacking, dtype choice, validation) once.
+    ``fn(x)`` equals ``run(op, x, *args[1:])`` for any ``x`` of the device, dtype and kind of ``args[0]``, as long
+    as :func:`generation` is unchanged and the tensors in ``args[1:]`` are not modified. For hot loops (a decode
+    step calls the same layers hundreds of times): the kernel's ``prepare`` does its per-weight work (repacking,
+    dtype choice, validation) once.
+
+    The kernel is chosen once, for ``args``, when no kernel tried up to the chosen one (by priority) has an
+    input-dependent predicate (:func:`register_kernel`). The built-in kernels of ``packed_linear`` have none (on
+    one device their choice does not depend on the dtype or the rows of ``x``: the quantized layers reuse one
+    ``fn`` for every input of their device) and their prepared callables do no per-call dispatch. Otherwise ``fn``
+    chooses at each call, as :func:`run` does (a registered kernel's ``accepts`` may take, e.g., only bfloat16
+    inputs or ``M == 1``), for any ``x`` of the device, and runs the chosen kernel's prepared form (made at its
+    first use); ``fn.per_call_choice`` is then True.
 
     Args:
         op: one of :data:`OPS`.
@@ -256,12 +292,45 @@ def prepare(op: str, *args) -> Callable:
     """
     kern = select_kernel(op, *args)
     rest = args[1:]
+    if _forced is None and _choice_reads_input(op, kern):
+        return _choose_per_call(op, rest)
+    return _prepare_kernel(kern, rest)
+
+
+def _prepare_kernel(kern: Kernel, rest: tuple) -> Callable:
+    """``fn(x) == kern.impl(x, *rest)``, by the kernel's own ``prepare`` where it has one."""
     if kern.prepare is not None:
         fn = kern.prepare(*rest)
         if fn is not None:
             return fn
     impl = kern.impl
     return lambda x: impl(x, *rest)
+
+
+def _choice_reads_input(op: str, chosen: Kernel) -> bool:
+    """Whether another input on the same device may get another kernel than ``chosen``: a kernel tried before it,
+    or ``chosen`` itself, has an input-dependent predicate (those tried after it run only if ``chosen`` refuses)."""
+    for kern in _KERNELS[op]:
+        if kern.input_dependent:
+            return True
+        if kern is chosen:
+            return False
+    return False
+
+
+def _choose_per_call(op: str, rest: tuple) -> Callable:
+    """``fn(x)``: :func:`select_kernel` on ``(x, *rest)`` at each call, then that kernel's prepared form."""
+    prepared: dict[str, Callable] = {}
+
+    def fn(x):
+        kern = select_kernel(op, x, *rest)
+        run_kernel = prepared.get(kern.backend)
+        if run_kernel is None:
+            run_kernel = prepared[kern.backend] = _prepare_kernel(kern, rest)
+        return run_kernel(x)
+
+    fn.per_call_choice = True  # type: ignore[attr-defined]
+    return fn
 
 
 # ------------------------------------------------------------------------------------------- Triton

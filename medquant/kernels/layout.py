@@ -223,7 +223,7 @@ def unpack(words: torch.Tensor, bits: int, k: int | None = None, dense: bool = F
     Args:
         words: ``(n, W)`` int32 words written by :func:`pack` with the same ``bits`` and ``dense``.
         bits: code width, 1..8.
-        k: keep the first ``k`` columns (drops the padding); ``None`` keeps all ``K_pad``.
+        k: keep the first ``k`` columns (drops the padding), ``0 <= k <= K_pad``; ``None`` keeps all ``K_pad``.
         dense: the words hold the dense bit stream (see :func:`pack`).
 
     Returns:
@@ -231,15 +231,21 @@ def unpack(words: torch.Tensor, bits: int, k: int | None = None, dense: bool = F
 
     Raises:
         TypeError: ``words`` is not int32.
-        ValueError: dense words whose row is not a whole number of ``bits``-word blocks.
+        ValueError: dense words whose row is not a whole number of ``bits``-word blocks, or ``k`` negative or more
+            than the ``K_pad`` codes the words hold.
     """
     if words.dtype != torch.int32:
         raise TypeError(f"packed words must be int32, got {words.dtype}")
     n, w = words.shape
-    if is_dense(bits, dense):
-        if w % bits:
-            raise ValueError(f"{w} words per row is not a whole number of {bits}-word blocks of dense {bits}-bit "
-                             f"codes")
+    dense_words = is_dense(bits, dense)
+    if dense_words and w % bits:
+        raise ValueError(f"{w} words per row is not a whole number of {bits}-word blocks of dense {bits}-bit codes")
+    if k is not None:
+        k_pad = w * WORD_BITS // (bits if dense_words else container_bits(bits))
+        if not 0 <= k <= k_pad:
+            raise ValueError(f"k={k} out of range: {w} words per row hold {k_pad} {bits}-bit codes "
+                             f"({'dense' if dense_words else 'container'} layout), so 0 <= k <= {k_pad}")
+    if dense_words:
         codes = _unpack_dense(words, bits)
     else:
         cb = container_bits(bits)

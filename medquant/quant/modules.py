@@ -300,8 +300,10 @@ class _QuantWeightBase(nn.Module):
         call), and it holds the bound weight as it is now: :meth:`load_state_dict`, ``.to()`` and copies drop the binding (the next
         compiled call traces again, through the custom op), but an in-place edit of the stored tensors
         (``layer.qweight_4.zero_()``) is not seen by a graph already compiled; call ``torch._dynamo.reset()``
-        after such an edit. Layers with mixed bit-widths, float or pruned rows, on other devices, or that no
-        CPU kernel takes stay on the custom op. Used by :func:`medquant.quant.decode.static_decode_`.
+        after such an edit. Layers with mixed bit-widths, float or pruned rows, on other devices, that no CPU
+        kernel takes, or whose choice a registered kernel's input-dependent ``accepts`` may change
+        (:func:`medquant.kernels.dispatch.prepare`) stay on the custom op. Used by
+        :func:`medquant.quant.decode.static_decode_`.
 
         Returns:
             True when the layer is bound, False when it stays on the custom op.
@@ -320,6 +322,8 @@ class _QuantWeightBase(nn.Module):
         if select_kernel("packed_linear", probe, w).backend != "cpu":
             return False
         fn = prepare_packed_linear(probe, w)
+        if getattr(fn, "per_call_choice", False):  # a registered kernel's predicate may take some inputs: dispatch
+            return False
         self.__dict__[_BOUND] = fn
         bind_traced = getattr(fn, "bind_traced", None)  # native row groups: the kernel called by handle
         if bind_traced is not None:

@@ -15,6 +15,7 @@ from medquant.kernels import (
     packed_linear_reference,
     select_regime,
 )
+from medquant.kernels.layout import padded_k
 from medquant.kernels.packed import packed_linear_triton
 from medquant.quant import QuantConfig, pack, quantize, unpack
 from medquant.quant.modules import QuantLinear
@@ -277,7 +278,7 @@ def test_dense_layout_through_the_kernels(kernel_device, bits, scope, gs, k, sym
 
 def test_dense_flag_is_checked_against_the_word_count():
     _x, weight, _ = make_dense_case(1, 8, 64, 3, "group", 32, True, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="wrong layout"):
+    with pytest.raises(ValueError, match="a dense flag that does not match the words"):
         dataclasses.replace(weight, dense=False)
 
 
@@ -291,3 +292,87 @@ def test_dense_row_group_without_rows_unpacks_to_nothing(bits):
     assert unpack(words, bits, dense=True).shape == (0, 64)
     w = PackedWeight(words, torch.ones(0, 1, dtype=torch.float16), None, bits, True, "channel", 64, 64, dense=True)
     assert packed_linear(torch.randn(3, 64), w, backend="torch").shape == (3, 0)
+
+
+def _padding_group_case(m, n, k, bits, gs, symmetric, seed=0):
+    """A row group whose padding-only groups (``K_pad`` is a multiple of the codes per word and of ``gs``) hold
+    inf / NaN scales and zero points, and whose padding codes are not zero; the fp64 oracle of its real columns."""
+    g = torch.Generator().manual_seed(seed)
+    kp = padded_k(k, bits, gs)
+    real_groups = -(-k // gs)
+    assert kp // gs > real_groups, "the case needs groups that hold only padding"
+    codes = torch.randint(0, 2 ** bits, (n, kp), generator=g)
+    scales = 0.05 + torch.rand(n, kp // gs, generator=g)
+    zeros = None if symmetric else torch.randint(0, 2 ** bits, (n, kp // gs), generator=g).float()
+    scales[0::2, real_groups:] = float("inf")
+    scales[1::2, real_groups:] = float("nan")
+    if zeros is not None:
+        zeros[0::2, real_groups:] = float("nan")
+        zeros[1::2, real_groups:] = float("-inf")
+    w = PackedWeight(pack(codes, bits), scales, zeros, bits, symmetric, "group", gs, k)
+    w64 = dequant_fp64(codes, scales, zeros, bits, symmetric, "group", gs, k)  # real columns only
+    assert torch.isfinite(w64).all()
+    return torch.randn(m, k, generator=g), w, w64
+
+
+# groups that are not a multiple of the codes per word (ELEM mode): the last word of real codes reaches into groups
+# that hold only padding, whose scales and zero points no reader may use (docs/reference/layout: padding is ignored)
+@pytest.mark.parametrize("bits,gs,k", [(4, 3, 2), (4, 3, 10), (2, 24, 20)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("regime,m", [("gemv", 1), ("splitk", 3), ("gemm", 20)])
+def test_padding_only_groups_are_ignored(kernel_device, bits, gs, k, symmetric, regime, m):
+    x, weight, w64 = _padding_group_case(m, 5, k, bits, gs, symmetric)
+    y = packed_linear_triton(x.to(kernel_device), _to(weight, kernel_device), regime=regime, config=SMALL[regime])
+    assert torch.isfinite(y).all(), f"{regime}: non-finite output from the scales of padding-only groups"
+    assert_matches_oracle(y.cpu(), x, w64, f"triton {regime}")
+    assert_matches_oracle(packed_linear_reference(x, weight), x, w64, "reference")
+
+
+def _to(weight: PackedWeight, device) -> PackedWeight:
+    return dataclasses.replace(weight, qweight=weight.qweight.to(device), scales=weight.scales.to(device),
+                               zeros=None if weight.zeros is None else weight.zeros.to(device))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_zero_dim_x_is_rejected(backend, requires_grad):
+    """A 0-d x has no feature dimension: the same ValueError on the eager path and the custom op's path."""
+    w = PackedWeight(pack(torch.zeros(2, 8, dtype=torch.int64), 4), torch.ones(2, 1), None, 4, True, "channel", 8, 8)
+    x = torch.tensor(1.0, requires_grad=requires_grad)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        packed_linear(x, w, backend=backend)
+
+
+def test_unpack_refuses_k_outside_the_packed_codes():
+    """``unpack(words, bits, k)`` returns ``(n, k)`` or raises: never fewer columns than asked."""
+    from medquant.kernels.layout import pack as layout_pack
+    from medquant.kernels.layout import unpack as layout_unpack
+
+    codes = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(0))
+    words = layout_pack(codes, 4)  # one word: 8 codes
+    assert torch.equal(layout_unpack(words, 4, k=5).long(), codes[:, :5])
+    assert layout_unpack(words, 4, k=8).shape == (2, 8)
+    assert layout_unpack(words, 4, k=0).shape == (2, 0)
+    for k in (9, 100, -1, -8):
+        with pytest.raises(ValueError, match=f"k={k} out of range"):
+            layout_unpack(words, 4, k=k)
+    dense = layout_pack(torch.zeros(3, 32, dtype=torch.int64), 3, dense=True)  # 3 words: 32 codes
+    assert layout_unpack(dense, 3, k=32, dense=True).shape == (3, 32)
+    with pytest.raises(ValueError, match="hold 32 3-bit codes"):
+        layout_unpack(dense, 3, k=33, dense=True)
+
+
+def test_wrong_dense_flag_is_caught_only_where_word_counts_differ():
+    """The message of the word-count check says what it can detect: a wrong ``dense`` flag only where the two
+    layouts need different word counts. Where they coincide (3 bits, K = 20: 3 words either way) nothing in the
+    words tells the layouts apart: the row group is built and its codes are misread (documented)."""
+    _x, weight, _ = make_dense_case(1, 8, 64, 3, "group", 32, True, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="caught only where the two layouts' word counts differ"):
+        dataclasses.replace(weight, dense=False)
+    codes = torch.zeros(4, 24, dtype=torch.int64)
+    codes[:, :20] = torch.randint(0, 8, (4, 20), generator=torch.Generator().manual_seed(1))
+    words = pack(codes, 3)  # version-1 containers: 24 codes in 3 words
+    s = torch.full((4, 1), 0.1)
+    assert torch.equal(PackedWeight(words, s, None, 3, True, "channel", 24, 20).codes()[:, :20].long(), codes[:, :20])
+    misread = PackedWeight(words, s, None, 3, True, "channel", 32, 20, dense=True)  # accepted: same word count
+    assert not torch.equal(misread.codes()[:, :20].long(), codes[:, :20])
