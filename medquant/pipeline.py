@@ -25,10 +25,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .quant.config import QuantConfig
@@ -56,7 +59,11 @@ class PruneStage:
         spread: with ``L`` blocks, the block of influence rank ``k`` (0 = least influential) gets
             ``ratio * (1 + spread * (1 - 2k / (L - 1)))``; 0 is uniform, at most 1
             (:func:`medquant.prune.allocate_ratios`).
-        drop_blocks: number of whole blocks removed (the least influential ones).
+        drop_blocks: number of whole blocks removed (the least influential ones, an integer >= 0), or the names
+            of the blocks to remove (a list of strings).
+
+    Raises:
+        TypeError / ValueError: ``drop_blocks`` is not an integer >= 0 (``bool`` refused) or a list of block names.
     """
 
     head_ratio: float = 0.3
@@ -66,7 +73,20 @@ class PruneStage:
     scope: str | None = None
     layer_select: bool = False
     spread: float = 0.5
-    drop_blocks: int = 0
+    drop_blocks: int | list[str] = 0
+
+    def __post_init__(self) -> None:
+        d = self.drop_blocks
+        if isinstance(d, bool) or not isinstance(d, (int, list, tuple)):
+            raise TypeError("PruneStage.drop_blocks must be a number of blocks (an integer >= 0) or a list of block "
+                            f"names, got {type(d).__name__} {d!r}")
+        if isinstance(d, int) and d < 0:
+            raise ValueError(f"PruneStage.drop_blocks must be an integer >= 0 (a number of blocks), got {d}")
+        if isinstance(d, (list, tuple)):
+            bad = [b for b in d if not isinstance(b, str)]
+            if bad:
+                raise TypeError(f"PruneStage.drop_blocks as a list holds block names (strings), got {bad[0]!r}")
+            self.drop_blocks = list(d)
 
 
 @dataclass
@@ -89,11 +109,12 @@ class TrainStage:
         temperature: softmax temperature ``T`` of the distillation term, finite and > 0.
         feature_pairs: ``(student layer, teacher layer)`` indices into ``hidden_states`` whose features are
             matched (MSE through a learned projection when the widths differ); ``"distil"`` only.
-        feature_weight: weight of the feature-matching term.
+        feature_weight: weight of the feature-matching term, finite and >= 0.
 
     Raises:
-        ValueError: an unknown ``mode``, ``steps`` not an integer >= 1, ``alpha`` outside ``[0, 1]``,
-            ``temperature`` not finite and > 0, or ``feature_pairs`` with ``"finetune"``.
+        ValueError: an unknown ``mode``, ``steps`` not an integer >= 1, ``lr`` not finite and > 0, ``alpha``
+            outside ``[0, 1]``, ``temperature`` not finite and > 0, ``feature_weight`` not finite and >= 0, or
+            ``feature_pairs`` with ``"finetune"``.
     """
 
     mode: str = "distil"
@@ -109,18 +130,24 @@ class TrainStage:
             raise ValueError(f"TrainStage.mode must be 'distil' or 'finetune', got {self.mode!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"TrainStage.steps must be an integer >= 1, got {self.steps!r}")
+        if not _finite(self.lr) or not self.lr > 0:
+            raise ValueError(f"TrainStage.lr must be a finite number > 0, got {self.lr!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"TrainStage.alpha must be in [0, 1], got {self.alpha}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"TrainStage.temperature must be a finite number > 0, got {self.temperature}")
+        if not _finite(self.feature_weight) or not self.feature_weight >= 0:
+            raise ValueError(f"TrainStage.feature_weight must be a finite number >= 0, got {self.feature_weight!r}")
         if self.mode == "finetune" and len(self.feature_pairs):
             raise ValueError("TrainStage.feature_pairs match teacher features (distillation only); "
                              "TrainStage('finetune') has no teacher: use mode 'distil' or leave feature_pairs empty")
 
-    def _as_run(self) -> dict[str, Any]:
+    def _as_run(self, steps_run: int | None = None) -> dict[str, Any]:
         """The settings as they ran (what :func:`compress` records): ``"finetune"`` trains with ``alpha`` 0 and no
-        temperature, feature pairs or feature weight."""
+        temperature, feature pairs or feature weight; ``steps`` is the number of steps taken when given."""
         rec: dict[str, Any] = {**asdict(self), "feature_pairs": [list(p) for p in self.feature_pairs]}
+        if steps_run is not None:
+            rec["steps"] = steps_run
         if self.mode == "finetune":
             rec.update(alpha=0.0, temperature=None, feature_weight=None)
         return rec
@@ -180,57 +207,71 @@ class CompressResult:
 def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainStage | None = None,
              quantize: QuantStage | None = None, calib: Iterable[Any] | None = None,
              train_data: Iterable[Any] | None = None, out: str | os.PathLike | None = None,
-             progress: bool = True) -> CompressResult:
+             progress: bool = True,
+             write_files: Callable[[Path, CompressResult], Any] | None = None) -> CompressResult:
     """Run the stages in order on ``model`` (modified in place) and optionally save to ``out``.
+
+    What can be checked before the first stage runs is checked then, so that a stage's error does not come after
+    earlier stages already changed the model: ``calib`` / ``train_data`` present where a stage needs them, the
+    ``QuantStage.skip`` patterns, AWQ scale groups in the model, and one no-grad step of the training loss on the
+    first training batch (the model's output must have logits and the batch a task loss).
 
     Args:
         model: the model to compress (a transformers causal LM or VLM; modified in place).
         prune: the pruning stage, or None.
         train: the fine-tuning / distillation stage, or None.
         quantize: the quantization stage, or None.
-        calib: calibration batches (needed by pruning importance, layer selection and AWQ).
-        train_data: training batches (dicts with ``labels``) for the training stage.
+        calib: calibration batches (a sequence or iterable of batches; needed by pruning importance, layer
+            selection and AWQ). Read once into a list.
+        train_data: training batches (dicts with ``labels``, or token batches) for the training stage; read once
+            into a list, and cycled for ``TrainStage.steps`` steps.
         out: a folder to save the result to (:func:`medquant.prune.save_pruned`), or None.
         progress: show progress bars.
+        write_files: with ``out``: called as ``write_files(folder, result)`` with the new checkpoint folder after the
+            model is written into it and before its manifest is written, to add files of its own (a tokenizer, a
+            report); they are then part of the checkpoint (listed in its manifest, carried by later saves).
 
     Returns:
         A :class:`CompressResult`.
 
     Raises:
-        ValueError: a stage that needs ``calib`` or ``train_data`` without it.
+        ValueError: a stage that needs ``calib`` or ``train_data`` without it (or with an empty one), no AWQ scale
+            group in the model, a ``QuantStage.skip`` pattern that matches nothing, a training loss that cannot
+            be computed on the model and data; all before any stage runs.
+        TypeError: ``calib`` or ``train_data`` is one batch (a dict) instead of a sequence of batches.
     """
-    from .prune import StructuredPruner, allocate_ratios, block_influence, least_influential, save_pruned
+    from .prune import StructuredPruner, allocate_ratios, block_influence, least_influential
 
-    calib = list(calib) if calib is not None else None
+    calib = _batches(calib, "calib")
+    train_data = _batches(train_data, "train_data")
+    _check_before(model, prune, train, quantize, calib, train_data)
     res = CompressResult(model)
     teacher = copy.deepcopy(model).eval() if train is not None and train.mode == "distil" else None
     if prune is not None:
         heads: float | dict[str, float] = prune.head_ratio
         ffn: float | dict[str, float] = prune.ffn_ratio
-        drop: list[str] = []
-        if prune.layer_select or prune.drop_blocks:
-            if calib is None:
-                raise ValueError("layer selection needs calibration data (calib=...)")
+        drop: list[str] = list(prune.drop_blocks) if isinstance(prune.drop_blocks, list) else []
+        n_drop = prune.drop_blocks if isinstance(prune.drop_blocks, int) else 0
+        if prune.layer_select or n_drop:
+            assert calib is not None  # _check_before
             scores = block_influence(model, calib, scope=prune.scope, progress=progress)
             res.block_influence = scores
             if prune.layer_select:
                 heads = allocate_ratios(scores, prune.head_ratio, spread=prune.spread)
                 ffn = allocate_ratios(scores, prune.ffn_ratio, spread=prune.spread)
-            if prune.drop_blocks:
-                drop = least_influential(scores, prune.drop_blocks)
+            if n_drop:
+                drop = least_influential(scores, n_drop)
         pruner = StructuredPruner(heads, ffn, importance=prune.importance, gqa=prune.gqa, scope=prune.scope,
                                   drop_blocks=drop, progress=progress)
-        res.plan = pruner.prune(model, calib=calib)
+        try:
+            res.plan = pruner.prune(model, calib=calib)
+        except ValueError as e:
+            if not prune.layer_select:
+                raise
+            raise ValueError(allocated_ratio_note(str(e), prune.head_ratio, prune.ffn_ratio, prune.spread)) from e
     if train is not None:
-        from .distill import Distiller
-
-        if train_data is None:
-            raise ValueError("the training stage needs train_data=<iterable of batches>")
-        alpha = train.alpha if train.mode == "distil" else 0.0
-        t = teacher if teacher is not None else model  # unused when alpha = 0
-        d = Distiller(t, model, alpha=alpha, temperature=train.temperature,
-                      feature_pairs=train.feature_pairs if train.mode == "distil" else (),
-                      feature_weight=train.feature_weight) if t is not model else _FineTuner(model)
+        assert train_data is not None  # _check_before
+        d = _trainer(model, teacher, train)
         res.train_losses = d.fit(train_data, steps=train.steps, lr=train.lr, progress=progress)
         model.eval()
     if quantize is not None:
@@ -238,22 +279,150 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
         from .quant.api import quantize_
 
         if quantize.method == "awq":
-            if calib is None:
-                raise ValueError("activation-aware quantization needs calibration data (calib=...)")
-            res.awq_groups = awq_quantize_(model, quantize.config, calib, scope=prune.scope if prune else None,
-                                           skip=quantize.skip, progress=progress)
+            assert calib is not None  # _check_before
+            # AWQ's own default scope (the language model, or the tower of an encoder): not the prune stage's
+            res.awq_groups = awq_quantize_(model, quantize.config, calib, skip=quantize.skip, progress=progress)
         else:
             quantize_(model, quantize.config, skip=list(quantize.skip) if quantize.skip else None)
     if out is not None:
+        qrec: dict[str, Any] | None = None
+        if quantize is not None:
+            qrec = {"config": quantize.config.to_dict(), "method": quantize.method, "skip": list(quantize.skip)}
+            if res.awq_groups is not None:  # the groups whose scales AWQ searched and folded
+                qrec["awq_groups"] = [{"prev": g.prev, "linears": list(g.linears), "alpha": g.alpha}
+                                      for g in res.awq_groups]
         extras = {"pipeline": {
             "prune": asdict(prune) if prune else None,
-            "train": train._as_run() if train else None,
-            "quantize": {"config": quantize.config.to_dict(), "method": quantize.method,
-                         "skip": list(quantize.skip)} if quantize else None,
+            "train": train._as_run(steps_run=len(res.train_losses)) if train else None,
+            "quantize": qrec,
             "final_train_loss": res.train_losses[-1] if res.train_losses else None,
         }}
-        res.path = str(save_pruned(model, out, plan=res.plan, extras=extras))
+        cb = write_files
+        res.path = str(save_with_files(model, out, plan=res.plan, extras=extras,
+                                       write_files=None if cb is None else lambda folder: cb(folder, res)))
     return res
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _batches(data: Iterable[Any] | None, what: str) -> list[Any] | None:
+    """``data`` read once into a list (a generator is consumed here, once); one batch (a dict) is refused."""
+    if data is None:
+        return None
+    if isinstance(data, Mapping):
+        raise TypeError(f"{what} must be a sequence (or iterable) of batches, got one batch (a "
+                        f"{type(data).__name__} of {', '.join(map(str, list(data)[:3]))}): pass [batch]")
+    if isinstance(data, (str, bytes, torch.Tensor)):
+        raise TypeError(f"{what} must be a sequence (or iterable) of batches, got a {type(data).__name__}")
+    return list(data)
+
+
+def allocated_ratio_note(message: str, head_ratio: float, ffn_ratio: float, spread: float) -> str:
+    """A pruner error about one block's ratio, explained when layer selection allocated that ratio."""
+    return (f"{message} (layer selection allocated this ratio to the block from the mean head ratio {head_ratio} / "
+            f"FFN ratio {ffn_ratio} with spread {spread}: blocks of low influence get up to (1 + spread) x the "
+            "mean; give a smaller mean or spread)")
+
+
+def _trainer(model: nn.Module, teacher: nn.Module | None, train: TrainStage) -> Any:
+    from .distill import Distiller
+
+    if train.mode == "distil":
+        assert teacher is not None
+        return Distiller(teacher, model, alpha=train.alpha, temperature=train.temperature,
+                         feature_pairs=train.feature_pairs, feature_weight=train.feature_weight)
+    return _FineTuner(model)
+
+
+def _check_before(model: nn.Module, prune: PruneStage | None, train: TrainStage | None,
+                  quantize: QuantStage | None, calib: list[Any] | None, train_data: list[Any] | None) -> None:
+    """Every requirement of the stages that can be checked before the first one changes the model."""
+    influence = prune is not None and (prune.layer_select or (isinstance(prune.drop_blocks, int)
+                                                                and prune.drop_blocks > 0))
+    if influence and not calib:
+        raise ValueError("layer selection and drop_blocks (block influence) need calibration data (calib=...)")
+    if quantize is not None:
+        from .quant.api import as_config_map
+
+        # a skip pattern that matches nothing (or an unknown role) is refused here, not after pruning / AWQ folding
+        as_config_map(quantize.config, skip=list(quantize.skip) if quantize.skip else None).resolve(model)
+        if quantize.method == "awq":
+            from .calibrate.awq import awq_groups
+
+            if not calib:
+                raise ValueError("activation-aware quantization (QuantStage(method='awq')) needs calibration data "
+                                 "(calib=...)")
+            if not awq_groups(model):
+                raise ValueError(f"{type(model).__name__}: no foldable (norm/linear -> linears) groups found for AWQ "
+                                 "(e.g. post-norm blocks); use QuantStage(method='rtn')")
+    if train is not None:
+        if train_data is None:
+            raise ValueError("the training stage needs train_data=<sequence of batches>")
+        if not train_data:
+            raise ValueError("the training stage needs train_data with at least one batch; it is empty")
+        _dry_run_loss(model, train, train_data[0])
+
+
+def _dry_run_loss(model: nn.Module, train: TrainStage, batch: Any) -> None:
+    """The training loss of ``batch`` once, without gradients and without changing the model or the RNG state:
+    a model whose output has no logits, or a batch without a task loss, is refused before any stage runs."""
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            # the student's logits (the teacher is a copy of this model: the same forward), and the task loss when
+            # it is part of the objective (alpha < 1)
+            if train.mode == "distil" and train.alpha >= 1.0:
+                from .models.runner import main_output, run_model
+
+                main_output(run_model(model, batch, unpack_sequences=False), hidden_state=False, first_item=False)
+            else:
+                _FineTuner(model)(batch)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise ValueError(f"the training stage cannot compute its loss on this model and train_data (checked on the "
+                         f"first batch before any stage ran; {type(model).__name__}): {type(e).__name__}: {e}"
+                         ) from e
+    finally:
+        model.train(was_training)
+
+
+def save_with_files(model: nn.Module, out: str | os.PathLike, *, plan: Any = None,
+                    extras: dict[str, Any] | None = None,
+                    write_files: Callable[[Path], Any] | None = None) -> Path:
+    """:func:`medquant.prune.save_pruned`, with files of the caller written into the checkpoint as part of the save.
+
+    ``write_files(folder)`` is called with the new version folder after the model files are in it and before the
+    manifest is written, so a tokenizer or report written there is listed in the manifest with its final bytes (a
+    file written into the folder after a save would not match it).
+
+    Args:
+        model: the model.
+        out: the checkpoint folder.
+        plan: the pruning plan, or None.
+        extras: JSON extras.
+        write_files: the callback (None: a plain :func:`~medquant.prune.save_pruned`).
+
+    Returns:
+        The folder written.
+    """
+    from .io import MANIFEST_NAME, checkpoint_path, write_checkpoint
+    from .io.atomic import resolve
+    from .prune import save_pruned
+
+    if write_files is None:
+        return save_pruned(model, out, plan=plan, extras=extras)
+    path = checkpoint_path(out)
+    with write_checkpoint(path) as folder:
+        # the model files are written by save_pruned into a scratch checkpoint inside the new version folder (removed
+        # again before the manifest is written) and moved up; their bytes and checksums do not change
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src = resolve(save_pruned(model, Path(tmp, "model"), plan=plan, extras=extras))
+            for name in sorted(os.listdir(src)):
+                if name != MANIFEST_NAME:
+                    os.replace(src / name, folder / name)
+        write_files(folder)
+    return path
 
 
 class _FineTuner:
@@ -264,8 +433,12 @@ class _FineTuner:
 
         self._d = Distiller(_NoTeacher(), model, alpha=0.0)
 
-    def fit(self, data, **kw):
-        return self._d.fit(data, **kw)
+    def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self._d(batch)
+
+    def fit(self, data, *, steps: int, lr: float, progress: bool = True) -> list[float]:
+        """:meth:`medquant.distill.Distiller.fit` with the task loss only, its progress bar labelled ``finetune``."""
+        return self._d.fit(data, steps=steps, lr=lr, progress=progress, desc="finetune")
 
 
 class _NoTeacher(nn.Module):

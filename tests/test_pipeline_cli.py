@@ -80,3 +80,48 @@ def test_cli_pipeline_layer_select_without_pruning_is_an_argument_error(tmp_path
         main(["pipeline", str(src), "--out", str(tmp_path / "out"), "--heads", "0", "--ffn", "0", "--layer-select"])
     assert e.value.code == 2 and "--layer-select" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _text(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"{r} ({i})" for i, r in enumerate(REPORTS * 8)))
+    return text
+
+
+def test_cli_pipeline_and_prune_rerun_into_the_same_out_gives_a_verified_checkpoint(tmp_path, capsys):
+    from medquant.prune import parameter_report
+    from tests.cli.tiny_folder import tiny_llama_folder
+
+    src = tiny_llama_folder(tmp_path / "src")
+    text = _text(tmp_path)
+    p, q = tmp_path / "p", tmp_path / "q"
+    for ffn in ("0.25", "0.5"):
+        assert main(["pipeline", str(src), "--out", str(p), "--heads", "0", "--ffn", ffn, "--train", "none",
+                     "--quant", "rtn", "--group-size", "32", "--text", str(text), "--calib-samples", "4",
+                     "--max-length", "16"]) == 0
+        assert main(["prune", str(src), "--out", str(q), "--heads", "0", "--ffn", ffn, "--layer-select",
+                     "--calib-text", str(text), "--calib-samples", "4", "--max-length", "16"]) == 0
+    capsys.readouterr()
+    for folder, report in ((p, "pipeline_report.json"), (q, "prune_report.json")):
+        assert main(["verify", str(folder)]) == 0, capsys.readouterr()
+        model = load_compressed(folder)  # verifies the manifest: every file as the save wrote it
+        rep = json.loads((folder / report).read_text())
+        assert rep["after"] == parameter_report(model)  # the second run's report, listed in the manifest
+        assert rep["after"]["non_embedding_params"] < rep["before"]["non_embedding_params"]
+        manifest = json.loads((folder / "medquant.manifest.json").read_text())
+        assert report in json.dumps(manifest) and "tokenizer_config.json" in json.dumps(manifest)
+    assert (q / "block_influence.png").is_file()
+    assert load_compressed(q).model.layers[0].mlp.up_proj.out_features < 128
+
+
+def test_cli_pipeline_refuses_a_non_finite_learning_rate(tmp_path, capsys):
+    import pytest
+
+    from tests.cli.tiny_folder import tiny_llama_folder
+
+    src = tiny_llama_folder(tmp_path / "src")
+    for lr in ("inf", "nan", "0", "-1e-3"):
+        with pytest.raises(SystemExit) as e:
+            main(["pipeline", str(src), "--out", str(tmp_path / "out"), f"--lr={lr}"])
+        assert e.value.code == 2 and "--lr: expected a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..models.blocks import block_stacks, transformer_blocks
 from ..models.runner import eval_mode, run_model
-from ..quant.api import quantize_
+from ..quant.api import as_config_map, quantize_
 from ..quant.config import QuantConfig
 from ..quant.core import fake_quantize
 from .sequential import BlockInputs, quantize_sequential
@@ -291,9 +291,11 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     _check_search_args(grid, max_rows)
+    skip = list(skip) if skip else None
+    as_config_map(config, skip=skip).resolve(model)  # a bad skip pattern is refused before the scales are folded
     calib = list(calib)
     groups = search_and_fold(model, config, calib, scope=scope, grid=grid, max_rows=max_rows, progress=progress)
-    quantize_(model, config, skip=list(skip) if skip else None)
+    quantize_(model, config, skip=skip)
     return groups
 
 

@@ -68,6 +68,17 @@ def fraction(text: str) -> float:
     return v
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``inf`` and ``nan`` refused), e.g. a learning rate."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
 def bit_width(text: str) -> int:
     """A quantization bit-width 1..8."""
     v = positive_int(text)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .args import bit_width, existing_folder, fraction, positive_int
+from .args import bit_width, existing_folder, fraction, positive_float, positive_int
 
 
 def run(args) -> int:
@@ -24,7 +24,7 @@ def run(args) -> int:
     from ..prune import parameter_report
     from .prune import _load
 
-    model, tok = _load(args.model, args.gguf_file)
+    model, tok = _load(args.model, args.gguf_file, command="pipeline")
     if tok is None:
         raise SystemExit("the pipeline needs the model folder's tokenizer")
     if args.text:
@@ -50,15 +50,19 @@ def run(args) -> int:
     train = TrainStage(args.train, steps=args.steps, lr=args.lr) if args.train != "none" else None
     quant = (QuantStage(QuantConfig(args.bits, group_size=args.group_size), method=args.quant)
              if args.quant != "none" else None)
-    res = compress(model, prune=prune, train=train, quantize=quant, calib=calib, train_data=train_data,
-                   out=args.out)
-    tok.save_pretrained(args.out)
-    after = parameter_report(model)
     from .. import model_size
 
-    summary = {"before": before, "after": after, "stored_bytes": model_size(model).total_bytes,
-               "final_train_loss": res.train_losses[-1] if res.train_losses else None}
-    Path(args.out, "pipeline_report.json").write_text(json.dumps(summary, indent=1))
+    summary: dict = {}
+
+    def write_files(folder: Path, res) -> None:  # into the checkpoint as part of its save (before its manifest)
+        tok.save_pretrained(folder)
+        summary.update(before=before, after=parameter_report(model), stored_bytes=model_size(model).total_bytes,
+                       final_train_loss=res.train_losses[-1] if res.train_losses else None)
+        Path(folder, "pipeline_report.json").write_text(json.dumps(summary, indent=1))
+
+    compress(model, prune=prune, train=train, quantize=quant, calib=calib, train_data=train_data, out=args.out,
+             write_files=write_files)
+    after = summary["after"]
     print(f"non-embedding params {before['non_embedding_params']:,} -> {after['non_embedding_params']:,}; "
           f"stored bytes {summary['stored_bytes']:,}; saved to {args.out}")
     return 0
@@ -79,7 +83,7 @@ def register(sub) -> None:
     p.add_argument("--train", choices=["distil", "finetune", "none"], default="distil")
     p.add_argument("--steps", type=positive_int, default=100, help="training steps (default 100)")
     p.add_argument("--batch", type=positive_int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="learning rate, > 0 (default 1e-4)")
     p.add_argument("--quant", choices=["awq", "rtn", "none"], default="awq")
     p.add_argument("--bits", type=bit_width, default=4)
     p.add_argument("--group-size", type=positive_int, default=128)

@@ -18,13 +18,49 @@ from pathlib import Path
 from .args import existing_folder, fraction, non_negative_int, positive_int
 
 
-def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False):
+def _refuse_medquant_folder(path: str, gguf_file: str | None, command: str) -> None:
+    """Refuse, in one line, a folder ``from_pretrained`` would load wrongly or that holds no float model: a
+    ``medquant.save`` checkpoint (``medquant.json``: written by ``medquant pipeline`` / ``prune``; its quantized
+    or pruned tensors do not match the architecture's, so transformers would random-initialise the missing
+    weights) or a folder quantized by medquant (``medquant quantize`` output: pruning, training and quantizing
+    start from a float model)."""
+    from ..io import HF_CONFIG_NAME, META_NAME
+
+    if gguf_file:
+        return
+    folder = Path(path)
+    meta_file, cfg_file = folder / META_NAME, folder / HF_CONFIG_NAME
+    if meta_file.is_file():
+        try:
+            n_quant = len(json.loads(meta_file.read_text(encoding="utf-8")).get("modules") or {})
+        except (OSError, ValueError, AttributeError):
+            n_quant = 0
+        state = f"quantized ({n_quant} layers) " if n_quant else ""
+        raise SystemExit(f"{path} is a {state}medquant checkpoint ({META_NAME}, written by medquant pipeline / "
+                         f"prune / medquant.save), not a Hugging Face folder: `medquant {command}` would load it "
+                         "with from_pretrained, which does not read its pruned or quantized tensors; give the float "
+                         "source folder, or load it in Python with medquant.pipeline.load_compressed")
+    try:
+        qc = json.loads(cfg_file.read_text(encoding="utf-8")).get("quantization_config") if cfg_file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        qc = None
+    if isinstance(qc, dict) and qc.get("quant_method") == "medquant":
+        why = ("quantizes a float model (quantizing quantized weights again compounds their rounding error)"
+               if command == "quantize" else "needs a float model (pruning and training work on float weights)")
+        raise SystemExit(f"{path} is already quantized by medquant (its config.json has a medquant "
+                         f"quantization_config): `medquant {command}` {why}; give the float source folder it was "
+                         "quantized from")
+
+
+def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command: str = "prune"):
     """The model of a Hugging Face folder (or of a GGUF file in it) in eval mode, and its tokenizer (``None`` when
     there is none; ``pad_token`` = ``eos_token`` when unset). The model is cast to float32 (pruning importance and
     training accumulate statistics and gradients in it) unless ``keep_dtype``: then the stored dtypes are kept, as
-    ``from_pretrained`` loads them (``medquant quantize``, like :func:`medquant.quantize_` on such a model)."""
+    ``from_pretrained`` loads them (``medquant quantize``, like :func:`medquant.quantize_` on such a model).
+    A medquant checkpoint or a folder quantized by medquant is refused (``SystemExit`` naming ``command``)."""
     import os
 
+    _refuse_medquant_folder(path, gguf_file, command)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -67,6 +103,7 @@ def _calibration(args, tok) -> list[dict] | None:
 
 
 def run(args) -> int:
+    from ..pipeline import save_with_files
     from ..prune import (
         StructuredPruner,
         allocate_ratios,
@@ -75,15 +112,15 @@ def run(args) -> int:
         least_influential,
         parameter_report,
         plot_influence,
-        save_pruned,
     )
 
     out = Path(args.out)
-    model, tok = _load(args.model, args.gguf_file)
+    model, tok = _load(args.model, args.gguf_file, command="prune")
     calib = _calibration(args, tok)
     before = parameter_report(model)
     heads, ffn, drop = args.heads, args.ffn, []
     extras: dict = {}
+    scores = None
     if args.layer_select or args.drop_blocks:
         scores = block_influence(model, calib, scope=args.scope)
         if args.layer_select:
@@ -91,25 +128,36 @@ def run(args) -> int:
             ffn = allocate_ratios(scores, args.ffn, spread=args.spread)
         if args.drop_blocks:
             drop = least_influential(scores, args.drop_blocks)
-        out.mkdir(parents=True, exist_ok=True)
         print(influence_table(scores, ffn if isinstance(ffn, dict) else None))
-        plot_influence(scores, out / "block_influence.png")
         extras["block_influence"] = scores
     pruner = StructuredPruner(heads, ffn, importance=args.importance, gqa=args.gqa, scope=args.scope,
                               drop_blocks=drop)
-    plan = pruner.prune(model, calib=calib)
+    try:
+        plan = pruner.prune(model, calib=calib)
+    except ValueError as e:
+        if not args.layer_select:
+            raise
+        raise SystemExit(f"{e} -- with --layer-select this is the ratio allocated to that block from the mean you "
+                         f"gave (--heads {args.heads}, --ffn {args.ffn}, --spread {args.spread}: the least "
+                         "influential blocks get up to (1 + spread) x the mean): lower --spread or the mean") from e
     after = parameter_report(model)
-    save_pruned(model, out, plan=plan, extras=extras)
-    if tok is not None:
-        tok.save_pretrained(out)
+
+    def write_files(folder: Path) -> None:  # into the checkpoint as part of its save (before its manifest)
+        if tok is not None:
+            tok.save_pretrained(folder)
+        if scores is not None:
+            plot_influence(scores, folder / "block_influence.png")
+        (folder / "prune_report.json").write_text(json.dumps({"before": before, "after": after,
+                                                              "plan": plan.to_dict()}, indent=1))
+
+    # every output is written only now that pruning succeeded, and inside the save (listed in its manifest)
+    save_with_files(model, out, plan=plan, extras=extras, write_files=write_files)
     rows = [("params", "params"), ("non-embedding params", "non_embedding_params"), ("bytes", "bytes")]
     print("| | before | after | change |\n|---|---|---|---|")
     for label, key in rows:
         print(f"| {label} | {before[key]:,} | {after[key]:,} | {100 * (after[key] / before[key] - 1):+.1f}% |")
     print(f"saved to {out} (reload: medquant.prune.load_pruned({str(out)!r}); HF config exact: "
           f"{plan.hf_config_exact})")
-    (out / "prune_report.json").write_text(json.dumps({"before": before, "after": after,
-                                                       "plan": plan.to_dict()}, indent=1))
     return 0
 
 

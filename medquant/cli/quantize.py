@@ -64,7 +64,7 @@ def run(args) -> int:
     from ..quant.size import model_size
 
     config = QuantConfig(args.bits, symmetric=True if args.symmetric else None, group_size=args.group_size)
-    model, tok = _load(args.model, None, keep_dtype=True)
+    model, tok = _load(args.model, None, keep_dtype=True, command="quantize")
     calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len) if args.calib else None
     before = model_size(model)
     skip = list(args.skip) or None

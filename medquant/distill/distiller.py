@@ -245,7 +245,7 @@ class Distiller(nn.Module):
 
     def fit(self, data: Iterable[Any], *, steps: int | None = None, epochs: int = 1, lr: float = 5e-5,
             optimizer: torch.optim.Optimizer | None = None, grad_clip: float | None = 1.0,
-            progress: bool = True) -> list[float]:
+            progress: bool = True, desc: str = "distil") -> list[float]:
         """Train the student (and the projections) on ``L`` (module docstring) with AdamW by default.
 
         The loop is :func:`medquant.training.train_steps`.
@@ -258,6 +258,7 @@ class Distiller(nn.Module):
             optimizer: an optimiser over :meth:`trainable_parameters` to use instead of AdamW.
             grad_clip: the gradient-norm clip; a falsy value disables clipping.
             progress: show a progress bar.
+            desc: the progress bar's label.
 
         Returns:
             The per-step losses.
@@ -284,7 +285,7 @@ class Distiller(nn.Module):
         losses = train_steps(step_loss, data, opt, params, epochs=None if steps is not None else epochs,
                              max_steps=steps, grad_clip=grad_clip or None,
                              sync_params=proj if ddp else (),  # DDP / FSDP sync the student only
-                             group=group, model=self.student, progress=progress, desc="distil")
+                             group=group, model=self.student, progress=progress, desc=desc)
         if not losses:
             raise ValueError("the training data is empty: data yielded no batch, so no step was taken")
         return losses
