@@ -235,7 +235,7 @@ def test_one_batch_instead_of_a_sequence_is_a_clear_type_error(arg):
 
 
 def test_finetune_progress_bar_is_labelled_finetune(monkeypatch):
-    import medquant.distill.distiller as distiller
+    from medquant.distill import distiller
 
     seen = []
     real = distiller.train_steps

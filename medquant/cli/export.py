@@ -240,6 +240,13 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             parser.error(f"OUT {args.out} exists and is a file; --format compressed-tensors writes a folder")
         if not args.overwrite:
             parser.error(f"OUT {args.out} exists; pass --overwrite to replace it")
+    if args.format == "gguf":  # the file the export writes (OUT, or OUT/model.gguf), checked before loading
+        from ..deploy.gguf import gguf_output_path
+
+        try:
+            gguf_output_path(out, args.overwrite)
+        except ExportError as e:
+            parser.error(f"OUT: {e}")
     if args.max_shard_size is not None and args.format != "compressed-tensors":
         parser.error("--max-shard-size applies to --format compressed-tensors only")
     if args.source is not None and args.format not in WITH_SOURCE:

@@ -43,6 +43,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,48 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard: int
     return names
 
 
+def _logical_shape(m: nn.Module) -> tuple[int, ...] | None:
+    """The weight shape a Linear / Embedding layer (float or medquant-quantized) stands for, else None."""
+    if isinstance(m, (nn.Linear, QuantLinear)):
+        return (m.out_features, m.in_features)
+    if isinstance(m, (nn.Embedding, QuantEmbedding)):
+        return (m.num_embeddings, m.embedding_dim)
+    return None
+
+
+def _check_config_describes_weights(model: Any) -> None:
+    """The written ``config.json`` must build the model the weights belong to: a model built from it (on the meta
+    device, no memory) has the same Linear / Embedding shapes as ``model``. It does not after structured pruning
+    that differs between blocks, or pruning that did not update the config (``from_pretrained`` would then fail
+    on size mismatches, and so would a serving runtime)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(type(model), "_from_config"):
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)._from_config(copy.deepcopy(config))
+    except Exception as e:  # noqa: BLE001 - a model class that cannot be rebuilt from its config is not checked
+        warnings.warn(f"compressed-tensors export: could not rebuild {type(model).__name__} from its config to check "
+                      f"the written config.json against the weights ({type(e).__name__}: {e})", UserWarning,
+                      stacklevel=3)
+        return
+    built = dict(skeleton.named_modules())
+    differ = []
+    for name, m in model.named_modules():
+        have = _logical_shape(m)
+        other = built.get(name)
+        want = _logical_shape(other) if other is not None else None
+        if have is not None and want is not None and have != want:
+            differ.append(f"{name} {list(have)} (config: {list(want)})")
+    if differ:
+        raise ExportError(f"{type(model).__name__}'s config.json does not describe its weights: {len(differ)} "
+                          f"layer(s) differ, e.g. {'; '.join(differ[:4])}. A transformers config holds one head count "
+                          "and feed-forward size for every block, so a model whose blocks were pruned differently "
+                          "(or pruned without updating the config) cannot be written as a transformers folder; "
+                          "prune every block alike (StructuredPruner with one ratio) or export with "
+                          "medquant.save / medquant.prune.save_pruned. Nothing was written")
+
+
 def _save_config(model: Any, folder: Path, tied: bool) -> None:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
@@ -281,6 +324,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
                           "(medquant.quantize_), or save the float model with save_pretrained")
     check_native(model, FORMAT, allow=(QuantEmbedding,))
     check_mixed(model, promote, FORMAT)
+    _check_config_describes_weights(model)
     tensors, dropped = float_tensors(model)
     packed_tensors: dict[str, torch.Tensor] = {}
     rows: list[LayerExport] = []

@@ -29,6 +29,8 @@ architectures other than the three above.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -369,18 +371,17 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
     in_plan = {id(m) for _, _, m, _ in plan.items}
     outside = [n for n, m in quantized_layers(model) if id(m) not in in_plan]
 
-    path = Path(path)
-    if path.suffix != ".gguf":
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / "model.gguf"
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
-        raise ExportError(f"{path} exists; pass overwrite=True (command line: --overwrite) to replace it")
+    path = gguf_output_path(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
     model_name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
     n_vocab = int(dec.embed_tokens.weight.shape[0])
     report = ExportReport(format="gguf", path=str(path), notes=list(dim_notes))
-    writer = gguf.GGUFWriter(str(path), arch)
+    # written to a temporary file beside the target and moved over it when complete: a failed export leaves an
+    # existing file unchanged
+    fd, tmp_name = tempfile.mkstemp(suffix=".gguf", prefix=f".{path.stem}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         report.notes.extend(_write_metadata(writer, arch, cfg, model_name, n_vocab))
         if tokenizer:
@@ -440,11 +441,12 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
+        writer.close()
+        os.replace(tmp, path)
     except BaseException:
         writer.close()
-        path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    writer.close()
     report.files.append(str(path))
     if tied:
         report.notes.append("output head tied to token_embd (no output.weight written)")
@@ -452,6 +454,30 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         report.notes.append(f"not exported (outside the language model): {len(outside)} quantized layer(s), e.g. "
                             f"{outside[0]}; llama.cpp reads a vision tower from a separate mmproj file")
     return report
+
+
+def gguf_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """The file a GGUF export writes: ``path`` itself when it ends in ``.gguf``, else ``path/model.gguf``.
+
+    Raises:
+        ExportError: ``path`` ends in ``.gguf`` and is a folder; ``path`` (without ``.gguf``, naming a folder) is a
+            file; the file exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if path.is_dir():
+            raise ExportError(f"{path} is a folder; a path ending in .gguf names the file to write (give another "
+                              "name, or the folder's parent without .gguf to write model.gguf into it)")
+    else:
+        if os.path.lexists(path) and not path.is_dir():
+            raise ExportError(f"{path} exists and is not a folder; a path without .gguf names a folder to write "
+                              "model.gguf into (give a name ending in .gguf to write that file)")
+        path = path / "model.gguf"
+    if os.path.lexists(path) and not overwrite:
+        raise ExportError(f"{path} exists; pass overwrite=True (command line: --overwrite) to replace it")
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; it cannot be replaced by the GGUF file")
+    return path
 
 
 def _check_finite(name: str, err: float, target: str, ref: torch.Tensor) -> None:

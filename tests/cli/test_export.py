@@ -105,9 +105,13 @@ def test_hf_folder_with_tokenizer_prints_the_table_and_copies_the_tokenizer(tmp_
     (["{src}", "{root}", "--format", "compressed-tensors"], "OUT {root} exists and is not empty; pass --overwrite"),
     (["{src}", "{src}", "--format", "compressed-tensors", "--overwrite"], "OUT must differ from SRC"),
     (["{src}", "{root}/o6"], "the following arguments are required: --format"),
+    (["{src}", "{root}/src/config.json", "--format", "gguf", "--overwrite"],
+     "OUT: {root}/src/config.json exists and is not a folder; a path without .gguf names a folder"),
+    (["{src}", "{root}/src.gguf", "--format", "gguf", "--overwrite"], "OUT: {root}/src.gguf is a folder"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(saved, capsys, args, expected):
     root, _ = saved
+    (root / "src.gguf").mkdir(exist_ok=True)  # a folder whose name ends in .gguf
     argv = [a.format(root=root, src=root / "src") for a in args]
     with pytest.raises(SystemExit) as e:
         main(["export", *argv])

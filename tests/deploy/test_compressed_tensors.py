@@ -356,3 +356,26 @@ def test_quantized_embeddings_and_a_head_sharing_their_codes(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct")).eval()
     with torch.no_grad():
         torch.testing.assert_close(entry.output(loaded, inputs), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_config_that_does_not_describe_the_weights_is_refused(tmp_path):
+    from medquant.prune import StructuredPruner
+
+    uniform = ZOO_BY_NAME["llama"].build()
+    StructuredPruner(0.5, 0.5, progress=False).prune(uniform)  # every block alike: the config is updated
+    mq.quantize_(uniform, mq.QuantConfig(bits=4, group_size=32))
+    export(uniform, tmp_path / "uniform", format="compressed-tensors")
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AutoModelForCausalLM.from_pretrained(tmp_path / "uniform")  # the config builds these weights
+    written = json.loads((tmp_path / "uniform" / "config.json").read_text())
+    assert written["intermediate_size"] == uniform.model.layers[0].mlp.gate_proj.out_features < 256
+    per_block = ZOO_BY_NAME["llama"].build()
+    plan = StructuredPruner([0.5, 0.0], [0.25, 0.5], progress=False).prune(per_block)  # blocks differ
+    assert not plan.hf_config_exact
+    mq.quantize_(per_block, mq.QuantConfig(bits=4, group_size=32))
+    with pytest.raises(ExportError, match=r"config\.json does not describe its weights: .*model\.layers\.0\."):
+        export(per_block, tmp_path / "per_block", format="compressed-tensors")
+    assert not (tmp_path / "per_block").exists()

@@ -263,6 +263,26 @@ def test_refusals_name_the_problem(tok_dir, tmp_path):
         export(bert, tmp_path / "c.gguf", format="gguf", source=tok_dir)
 
 
+def test_a_failed_overwrite_keeps_the_old_file_and_paths_are_checked_first(tok_dir, tmp_path):
+    model = ZOO_BY_NAME["llama"].build()
+    quantize_(model, QuantConfig(bits=4, group_size=32))
+    out = tmp_path / "m.gguf"
+    export(model, out, format="gguf", source=tok_dir)
+    before = out.read_bytes()
+    (tmp_path / "no_tokenizer").mkdir()
+    with pytest.raises(ExportError, match="no tokenizer that GGUF can carry"):  # after the writer was created
+        export(model, out, format="gguf", source=tmp_path / "no_tokenizer", overwrite=True)
+    assert out.read_bytes() == before and GGUFReader(str(out)).tensors  # the old file, unchanged and readable
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf", "no_tokenizer"]  # no temporary file left
+    (tmp_path / "plain").write_text("x")  # a path without .gguf names a folder
+    with pytest.raises(ExportError, match="is not a folder"):
+        export(model, tmp_path / "plain", format="gguf", source=tok_dir, overwrite=True)
+    (tmp_path / "d.gguf").mkdir()  # a path ending in .gguf names the file
+    with pytest.raises(ExportError, match="d.gguf is a folder"):
+        export(model, tmp_path / "d.gguf", format="gguf", source=tok_dir, overwrite=True)
+    assert (tmp_path / "plain").read_text() == "x" and not any((tmp_path / "d.gguf").iterdir())
+
+
 def test_byte_fallback_bpe_tokenizer_is_written_as_llama_vocabulary(tmp_path):
     """A SentencePiece-style (byte-fallback BPE) tokenizer.json goes through gguf's LlamaHfVocab: model "llama"."""
     from tokenizers import Tokenizer, decoders, models
