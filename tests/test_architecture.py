@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline",),
     ("hf",),
     ("",),  # the root package medquant/__init__.py: the public facade
-    ("cli",),
+    ("cli", "__main__"),  # medquant/__main__.py: ``python -m medquant``, the command line
     ("testing",),
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -241,7 +241,7 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         if not args.overwrite:
             parser.error(f"OUT {args.out} exists; pass --overwrite to replace it")
     if args.format == "gguf":  # the file the export writes (OUT, or OUT/model.gguf), checked before loading
-        from ..deploy.gguf import gguf_output_path
+        from ..deploy.common import gguf_output_path
 
         try:
             gguf_output_path(out, args.overwrite)

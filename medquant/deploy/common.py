@@ -25,6 +25,7 @@ column ``j``::
 """
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -350,3 +351,27 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "export",
     from tqdm.auto import tqdm
 
     yield from tqdm(items, total=total, desc=desc, unit=unit)
+
+
+def gguf_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """The file a GGUF export writes: ``path`` itself when it ends in ``.gguf``, else ``path/model.gguf``.
+
+    Raises:
+        ExportError: ``path`` ends in ``.gguf`` and is a folder; ``path`` (without ``.gguf``, naming a folder) is a
+            file; the file exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if path.is_dir():
+            raise ExportError(f"{path} is a folder; a path ending in .gguf names the file to write (give another "
+                              "name, or the folder's parent without .gguf to write model.gguf into it)")
+    else:
+        if os.path.lexists(path) and not path.is_dir():
+            raise ExportError(f"{path} exists and is not a folder; a path without .gguf names a folder to write "
+                              "model.gguf into (give a name ending in .gguf to write that file)")
+        path = path / "model.gguf"
+    if os.path.lexists(path) and not overwrite:
+        raise ExportError(f"{path} exists; pass overwrite=True (command line: --overwrite) to replace it")
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; it cannot be replaced by the GGUF file")
+    return path

@@ -38,7 +38,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import check_native, head_is_tied, layer_scheme, progress, quantized_layers, source_folder
+from .common import (
+    check_native,
+    gguf_output_path,
+    head_is_tied,
+    layer_scheme,
+    progress,
+    quantized_layers,
+    source_folder,
+)
 from .gguf_blocks import QK, choose_target, decode, gguf_type, layer_blocks, requantize, scope_problem
 from .gguf_vocab import add_tokenizer
 from .registry import ExportError, ExportReport, LayerExport, register_export_format
@@ -454,30 +462,6 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         report.notes.append(f"not exported (outside the language model): {len(outside)} quantized layer(s), e.g. "
                             f"{outside[0]}; llama.cpp reads a vision tower from a separate mmproj file")
     return report
-
-
-def gguf_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """The file a GGUF export writes: ``path`` itself when it ends in ``.gguf``, else ``path/model.gguf``.
-
-    Raises:
-        ExportError: ``path`` ends in ``.gguf`` and is a folder; ``path`` (without ``.gguf``, naming a folder) is a
-            file; the file exists and ``overwrite`` is False.
-    """
-    path = Path(path)
-    if path.suffix == ".gguf":
-        if path.is_dir():
-            raise ExportError(f"{path} is a folder; a path ending in .gguf names the file to write (give another "
-                              "name, or the folder's parent without .gguf to write model.gguf into it)")
-    else:
-        if os.path.lexists(path) and not path.is_dir():
-            raise ExportError(f"{path} exists and is not a folder; a path without .gguf names a folder to write "
-                              "model.gguf into (give a name ending in .gguf to write that file)")
-        path = path / "model.gguf"
-    if os.path.lexists(path) and not overwrite:
-        raise ExportError(f"{path} exists; pass overwrite=True (command line: --overwrite) to replace it")
-    if path.is_dir():
-        raise ExportError(f"{path} is a folder; it cannot be replaced by the GGUF file")
-    return path
 
 
 def _check_finite(name: str, err: float, target: str, ref: torch.Tensor) -> None:
