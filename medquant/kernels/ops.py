@@ -10,8 +10,9 @@
 
 Each body asks :func:`medquant.kernels.dispatch.run` which backend runs when it runs (the Triton kernels for CUDA
 tensors, the CPU backend for ``packed_linear`` on CPU tensors, the torch references otherwise, a registered fast
-path where its predicate accepts the call, or whatever :func:`force_backend` says). ``torch.compile`` only sees the op and its fake implementation (shapes and dtypes), so
-QuantLinear layers trace without graph breaks whatever runs inside. The packed-matmul op takes the fields of a
+path where its predicate accepts the call, or whatever :func:`force_backend` says). ``torch.compile`` only sees
+the op and its fake implementation (shapes and dtypes), so QuantLinear layers trace without graph breaks whatever
+runs inside. The packed-matmul op takes the fields of a
 :class:`~medquant.kernels.bundle.PackedWeight` as positional arguments (the op schema needs tensors and scalars)
 and bundles them again at once. ``want_mask=False`` returns an empty mask (shape ``(0,)``) and the backward passes
 the gradient straight through; with ``want_mask=True`` the gradient is zeroed where the clamp cut the value off.
