@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -194,14 +195,22 @@ _FP16_TINY = torch.finfo(torch.float16).tiny  # 2^-14: smaller float16 values ar
 def _warn_subnormal_scales(q: nn.Module, name: str | None) -> None:
     """Warn when float16 scales of a quantized layer fall below the smallest normal float16 (weights around
     1e-5 at 8 bits): such scales keep fewer significant bits; ``scale_dtype="float32"`` or ``"bfloat16"`` keeps
-    them exact."""
+    them exact. Scale groups reconstructed as all zeros are not counted: an all-zero (pruned) group gets the
+    smallest scale and is exact (as are weights under half the smallest float16 step, which a float16 model
+    holds as zeros too)."""
     if not isinstance(q, QUANT_MODULES) or q.config.scale_dtype != "float16":
         return
     n = 0
-    for key, buf in q.named_buffers():
-        if key.startswith("scales_") and buf.dtype == torch.float16:
-            a = buf.detach().abs()
-            n += int(((a > 0) & (a < _FP16_TINY)).sum())
+    for b in q.bit_groups:
+        if not 1 <= b <= 8:
+            continue
+        pw = q.packed_weight(b)
+        a = pw.scales.detach().abs()
+        sub = (a > 0) & (a < _FP16_TINY)
+        if sub.any():
+            w = nn.functional.pad(pw.dequantize(torch.float32), (0, pw.k_pad - pw.k))
+            nonzero = (w.reshape(a.shape[0], a.shape[1], -1) != 0).any(-1)  # per scale: (rows or 1, groups)
+            n += int((sub & nonzero).sum())
     if n:
         warnings.warn(f"{name or type(q).__name__}: {n} float16 scale(s) are subnormal (< {_FP16_TINY:.3g}), so the "
                       "quantized weights lose precision; QuantConfig(scale_dtype='float32') or 'bfloat16' keeps "
@@ -348,7 +357,7 @@ def _as_config(value: Any, pattern: str) -> Any:
     or an instance of another config type with a registered handler (e.g. ``medquant.qlora.NF4Config``)."""
     if value is None or isinstance(value, QuantConfig):
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy integers too
         return QuantConfig(bits=value)
     if isinstance(value, Mapping):
         try:
@@ -505,10 +514,13 @@ class ConfigMap(Mapping):
 
         Raises:
             ValueError: ``d`` has no ``"map"`` key or keys other than ``"map"`` and ``"skip"``.
+            TypeError: its ``"map"`` is not a mapping.
         """
         unknown = set(d) - {"map", "skip"}
         if unknown or "map" not in d:
             raise ValueError(f"a ConfigMap dict has the keys 'map' and 'skip', got {sorted(d)}")
+        if not isinstance(d["map"], Mapping):
+            raise TypeError(f"a ConfigMap dict's 'map' maps patterns to configs, got {type(d['map']).__name__}")
         return cls(d["map"], skip=d.get("skip") or ())
 
     def to_json(self) -> str:
@@ -714,7 +726,8 @@ def quantize_(
             :class:`ConfigMap` from patterns (exact names, ``"re:<regex>"``, roles ``"@vision"``,
             ``"@projector"``, ``"@language"``, ``"@head"``, and ``"_default"``) to a config or ``None`` (float).
         skip: patterns left in floating point whatever else matches them (e.g. ``["@head"]``).
-        filter_fn: optional ``filter_fn(module, name) -> bool``; modules for which it is False stay float.
+        filter_fn: optional ``filter_fn(module, name) -> bool``; modules for which it is False are left as they
+            are (float, or quantized as before: neither requantized nor refused as already quantized).
         progress: show a tqdm bar over the layers.
         requantize: quantize already quantized layers again from their dequantized weights (with a warning).
 
@@ -734,6 +747,8 @@ def quantize_(
     targets = dict(sorted({**quantizable_modules(model), **already, **others}.items(), key=lambda kv: order[kv[0]]))
     cmap = as_config_map(config_or_map, skip=skip)
     plan = _resolve(model, cmap, targets)
+    if filter_fn is not None:  # before the checks below: a layer filter_fn leaves out is neither redone nor reported
+        plan = {n: c for n, c in plan.items() if filter_fn(model.get_submodule(n), n)}
     routers = [n for n in moe_routers(model) if n not in cmap]  # float by default; an exact name opts in
     plan = {n: c for n, c in plan.items() if n not in routers}
     if routers and plan:
@@ -769,8 +784,6 @@ def quantize_(
     built = []
     for name, cfg in items:
         mod = model.get_submodule(name)
-        if filter_fn is not None and not filter_fn(mod, name):
-            continue
         if isinstance(mod, QUANT_MODULES):  # requantize=True
             mod = mod.to_float(mod.weight_dtype)
         built.append((name, quantize_module(mod, cfg, name=name)))

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +46,7 @@ def _check_bits(bits: Any, what: str) -> int:
     if not isinstance(bits, int):
         try:
             as_int = int(bits)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
             raise TypeError(f"{what} must be an integer, got {bits!r}") from None
         if as_int != bits:
             raise ValueError(f"{what} must be an integer, got {bits!r}")
@@ -54,6 +57,34 @@ def _check_bits(bits: Any, what: str) -> int:
             f"or 0 for pruned"
         )
     return bits
+
+
+def _check_group_size(group_size: Any) -> int:
+    """``group_size`` as a positive ``int`` (NumPy / torch integer scalars are taken); bools and floats refused."""
+    try:
+        gs = None if isinstance(group_size, bool) else operator.index(group_size)
+    except TypeError:
+        gs = None
+    if gs is None or gs <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    return gs
+
+
+def _channel_bits_entries(channel_bits: Any) -> list:
+    """The entries of ``channel_bits`` (a tuple / list / 1-D tensor or array), in row order, not yet checked.
+
+    Unordered or scalar values (a set, a dict, a string, one int) are refused: they give no bit-width per row.
+    """
+    if isinstance(channel_bits, (str, bytes, AbstractSet, Mapping)) or not hasattr(channel_bits, "__iter__"):
+        raise TypeError(f"channel_bits must be a sequence with one bit-width per output row (tuple, list, 1-D "
+                        f"tensor or array), got {type(channel_bits).__name__} {channel_bits!r}")
+    ndim = getattr(channel_bits, "ndim", 1)
+    if ndim != 1:
+        raise ValueError(f"channel_bits must be one-dimensional (one entry per output row), got a "
+                         f"{type(channel_bits).__name__} of shape {tuple(channel_bits.shape)}")
+    if isinstance(channel_bits, torch.Tensor):  # tolist keeps 4.5 a float and True a bool: checked, not truncated
+        return channel_bits.tolist()
+    return list(channel_bits)
 
 
 @dataclass(frozen=True)
@@ -77,9 +108,11 @@ class QuantConfig:
             when ``None``, so recipes without it read and write as before.
 
     Raises:
-        TypeError: ``bits`` (or a ``channel_bits`` entry) is not an integer, or ``symmetric`` is not a bool / None.
+        TypeError: ``bits`` (or a ``channel_bits`` entry) is not an integer, ``symmetric`` is not a bool / None,
+            or ``channel_bits`` is not an ordered sequence (a set, dict, string or single int).
         ValueError: a bit-width outside {0, 1..8, 16, 32}, an unknown ``scope``, ``scale_dtype`` or
-            ``compute_dtype``, a non-positive ``group_size``, or an empty or not one-dimensional ``channel_bits``.
+            ``compute_dtype``, a ``group_size`` that is not a positive integer, or an empty or not one-dimensional
+            ``channel_bits``.
     """
 
     bits: int = 4
@@ -96,22 +129,15 @@ class QuantConfig:
             raise TypeError(f"symmetric must be True, False or None (auto), got {self.symmetric!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope={self.scope!r} is not supported; accepted: {', '.join(SCOPES)}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
-            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        object.__setattr__(self, "group_size", _check_group_size(self.group_size))
         if isinstance(self.scale_dtype, torch.dtype):  # torch.float16 -> "float16", as compute_dtype accepts it
             object.__setattr__(self, "scale_dtype", str(self.scale_dtype).removeprefix("torch."))
-        if self.scale_dtype not in SCALE_DTYPES:
+        if not isinstance(self.scale_dtype, str) or self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(
                 f"scale_dtype={self.scale_dtype!r} is not supported; accepted: {', '.join(SCALE_DTYPES)}"
             )
         if self.channel_bits is not None:
-            if isinstance(self.channel_bits, torch.Tensor):
-                if self.channel_bits.dim() != 1:
-                    raise ValueError(f"channel_bits must be one-dimensional (one entry per output row), got a tensor "
-                                     f"of shape {tuple(self.channel_bits.shape)}")
-                cb = tuple(int(b) for b in self.channel_bits.tolist())
-            else:
-                cb = tuple(self.channel_bits)
+            cb = _channel_bits_entries(self.channel_bits)
             if len(cb) == 0:
                 raise ValueError("channel_bits must have one entry per output channel, got an empty sequence")
             cb = tuple(_check_bits(b, "channel_bits entry") for b in cb)
@@ -206,17 +232,17 @@ class QuantConfig:
             The validated ``QuantConfig``.
 
         Raises:
+            TypeError: ``d`` is not a mapping, or a value the constructor rejects with a TypeError.
             ValueError: ``d`` has keys that are not fields (the message lists the accepted ones), or a value
                 the constructor rejects.
         """
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a QuantConfig dict maps field names to values, got {type(d).__name__} {d!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; accepted: {sorted(known)}")
-        d = dict(d)
-        if d.get("channel_bits") is not None:
-            d["channel_bits"] = tuple(d["channel_bits"])
-        return cls(**d)
+        return cls(**d)  # the constructor takes channel_bits as a list and checks it
 
     def to_json(self) -> str:
         """:meth:`to_dict` as a JSON string.

@@ -90,6 +90,8 @@ def _check_weight(w: torch.Tensor) -> None:
         raise ValueError(f"expected a 2-D (rows, K) weight, got shape {tuple(w.shape)}")
     if w.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
+    if w.device.type == "meta":
+        raise ValueError("cannot quantize a weight on the meta device (not loaded): load or materialise it first")
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weights contain {bad} NaN/inf values; quantization needs finite weights")
@@ -136,10 +138,9 @@ def compute_qparams(
         s = (hi - lo) / (2**bits - 1)
     s = s.clamp_min(eps).to(scale_dtype)
     if not torch.isfinite(s).all():
-        raise ValueError(
-            f"weights too large for {scale_dtype} scales (max |w| = {float(w.abs().max()):.3g}); "
-            f"use scale_dtype='float32' or 'bfloat16'"
-        )
+        hint = ("use scale_dtype='float32' or 'bfloat16'" if scale_dtype == torch.float16 else
+                "their range (max - min) overflows float32: rescale the weights")
+        raise ValueError(f"weights too large for {scale_dtype} scales (max |w| = {float(w.abs().max()):.3g}); {hint}")
     if not symmetric:
         zeros = torch.clamp(torch.round(-lo / s.float()), 0, 2**bits - 1).to(scale_dtype)
     elems = group_size if scope == "group" else kp

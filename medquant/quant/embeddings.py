@@ -69,7 +69,7 @@ def _targets(model: nn.Module, names) -> list[str]:
             for n in found:
                 _check_plain(n, emb)
             return found
-    return [n for n, m in model.named_modules() if type(m) is nn.Embedding]
+    return [n for n, m in model.named_modules() if type(m) is nn.Embedding or isinstance(m, QuantEmbedding)]
 
 
 @torch.no_grad()
@@ -95,13 +95,23 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``; a named module is not an ``nn.Embedding``, or is a
             subclass of it (its own forward, e.g. Gemma 3's scaled embedding, would be lost).
-        ValueError: ``model`` has no module of a given name.
+        ValueError: ``model`` has no module of a given name, or ``config`` is given and a table is already
+            quantized with another one (nothing is changed then).
     """
+    explicit = config is not None
     config = config if config is not None else QuantConfig(bits=8, scope="channel")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
+    targets = _targets(model, names)
+    # a table already quantized with another config is not silently kept (checked before anything changes)
+    other = [f"{n!r} ({m.config})" for n in targets
+             if isinstance(m := model.get_submodule(n), QuantEmbedding) and explicit and m.config != config]
+    if other:
+        raise ValueError(f"quantize_embeddings_: {', '.join(other)} already quantized with another config than "
+                         f"{config}; dequantize it first (module.to_float()) to quantize it again, or call "
+                         "without config to keep it and re-tie its heads")
     done: dict[str, list[str]] = {"embeddings": [], "tied_heads": []}
-    for name in _targets(model, names):
+    for name in targets:
         old = model.get_submodule(name)
         float_weight = old.weight if isinstance(old, nn.Embedding) else None
         heads = [(n, m) for n, m in model.named_modules()

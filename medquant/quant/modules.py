@@ -72,6 +72,9 @@ class _QuantWeightBase(nn.Module):
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
         _check_layout(layout)
+        if out_rows <= 0 or k <= 0:  # no row group at all: every later read of bit_groups[0] would fail
+            raise ValueError(f"{type(self).__name__} needs a non-empty ({out_rows} x {k}) weight: at least one "
+                             "output row and one input feature; there is nothing to quantize")
         self.config = config
         self.layout_version = layout
         self.out_rows = out_rows
@@ -485,8 +488,9 @@ class QuantLinear(_QuantWeightBase):
             y = lane(x)
             if y is not None:
                 return y if self.bias is None else y + self.bias.to(y.dtype)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = "a 0-d tensor (no feature dimension)" if x.dim() == 0 else f"{x.shape[-1]} features"
+            raise ValueError(f"input has {got}, layer expects {self.in_features}")
         lead = x.shape[:-1]
         y = self._matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:

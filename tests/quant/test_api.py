@@ -179,3 +179,60 @@ def test_quantize_takes_any_config_type_with_a_registered_handler():
         quantize_(_model(), {"enc": object()})
     with pytest.raises(TypeError, match="got type"):
         quantize_(_model(), _HalfConfig)  # the class, not an instance
+
+
+def test_filter_fn_leaves_already_quantized_layers_alone():
+    """filter_fn is applied before the already-quantized check: a layer it leaves out is neither refused as
+    already quantized nor named in the requantize warning (which used to list layers it did not redo)."""
+    import warnings
+
+    model = _model()
+    quantize_(model, {"enc.a": QuantConfig(4, group_size=32)})
+    a_codes = model.enc.a.get_buffer("qweight_4").clone()
+    quantize_(model, QuantConfig(4, group_size=32), filter_fn=lambda m, n: not isinstance(m, QuantLinear))
+    assert all(isinstance(m, QuantLinear) for m in (model.enc.a, model.enc.b, model.head))
+    assert torch.equal(model.enc.a.get_buffer("qweight_4"), a_codes)  # untouched
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_(model, QuantConfig(3, group_size=32), requantize=True, filter_fn=lambda m, n: n == "head")
+    redo = [str(w.message) for w in caught if "requantizing" in str(w.message)]
+    assert redo == ["requantizing 1 already quantized layer(s) from their dequantized weights (head)"]
+    assert model.head.bit_groups == [3] and model.enc.a.bit_groups == [4]
+
+
+def test_subnormal_scale_warning_ignores_all_zero_groups():
+    """An all-zero (pruned) group gets the smallest float16 scale, 2^-24, and is reconstructed exactly: it is no
+    reason to warn about lost precision; groups of weights around 1e-6 at 8 bits still are."""
+    import warnings
+
+    def subnormal_warnings(weight: torch.Tensor, cfg: QuantConfig) -> list[str]:
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            q = quantize_module(lin, cfg, name="lin")
+        assert torch.equal(q.dequantized_weight()[weight == 0], torch.zeros(int((weight == 0).sum())))
+        return [str(w.message) for w in caught if "subnormal" in str(w.message)]
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    w[2] = 0  # a pruned row
+    w[5, :32] = 0  # a pruned group
+    for cfg in (QuantConfig(4, group_size=32), QuantConfig(2, scope="channel"),
+                QuantConfig(4, channel_bits=(2, 3, 4, 8, 16, 4, 0, 4), group_size=32)):
+        assert subnormal_warnings(w, cfg) == []
+    tiny = torch.randn(8, 64) * 1e-6
+    tiny[1] = 0
+    # 8 rows x 2 groups, less the zero row's two groups: 14 scales under 2^-14 that do lose precision
+    assert subnormal_warnings(tiny, QuantConfig(8, group_size=32)) == [
+        ("lin: 14 float16 scale(s) are subnormal (< 6.1e-05), so the quantized weights lose precision; "
+         "QuantConfig(scale_dtype='float32') or 'bfloat16' keeps them")]
+
+
+def test_config_map_reads_numpy_bit_widths_and_refuses_a_map_that_is_not_one():
+    import numpy as np
+
+    assert ConfigMap({"enc": np.int64(3)}) == {"enc": QuantConfig(3)}
+    with pytest.raises(TypeError, match="'map' maps patterns to configs, got list"):
+        ConfigMap.from_dict({"map": [["enc", 4]]})

@@ -7,9 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from medquant.kernels.layout import container_bits, padded_k
-from medquant.quant import QuantConfig, dequantize, fake_quantize, pack, quantize, unpack
+from medquant.quant import QuantConfig, QuantLinear, dequantize, fake_quantize, pack, quantize, unpack
 from tests.quant.np_reference import np_unpack
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -193,10 +194,38 @@ def test_fake_quantize_is_differentiable_for_conv_weights():
     ({"scale_dtype": torch.int8}, "scale_dtype='int8' is not supported"),
     ({"channel_bits": torch.full((2, 3), 4)}, r"one-dimensional .* shape \(2, 3\)"),
     ({"channel_bits": torch.tensor(4)}, r"one-dimensional .* shape \(\)"),
+    ({"bits": float("inf")}, "bits must be an integer, got inf"),
+    ({"group_size": 64.0}, "group_size must be a positive integer, got 64.0"),
+    ({"group_size": True}, "group_size must be a positive integer, got True"),
+    ({"scale_dtype": ["float16"]}, r"scale_dtype=\['float16'\] is not supported; accepted: float16"),
+    ({"channel_bits": np.array([[4, 2]])}, r"one-dimensional .* shape \(1, 2\)"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         QuantConfig(**kwargs)
+
+
+def test_channel_bits_are_checked_not_truncated_and_must_be_ordered():
+    """A per-row bit-width of 4.5 is refused (``int()`` would have made it 4 bits); a set or dict has no row order,
+    a string or single int is no per-row sequence: each is refused with what is accepted. Ordered sequences of
+    integers (NumPy integers and 1-D arrays too) give the same tuple."""
+    with pytest.raises(ValueError, match="channel_bits entry must be an integer, got 4.5"):
+        QuantConfig(channel_bits=torch.tensor([4.5, 2.0]))
+    with pytest.raises(TypeError, match="channel_bits entry must be an integer bit-width, got True"):
+        QuantConfig(channel_bits=torch.tensor([True, False]))
+    for bad in ({4, 2}, {4: 1, 2: 1}, "42", 4):
+        with pytest.raises(TypeError, match=r"one bit-width per output row \(tuple, list, 1-D tensor or array\)"):
+            QuantConfig(channel_bits=bad)
+    with pytest.raises(TypeError, match=r"one bit-width per output row"):
+        QuantConfig.from_dict({"bits": 4, "channel_bits": 4})
+    for good in ([8, 2, 0], np.array([8, 2, 0]), torch.tensor([8, 2, 0]), (b for b in (8, 2, 0))):
+        assert QuantConfig(channel_bits=good).channel_bits == (8, 2, 0)
+    cfg = QuantConfig(group_size=np.int64(64), channel_bits=[np.int64(4), 2])
+    assert cfg.group_size == 64 and type(cfg.group_size) is int and cfg.channel_bits == (4, 2)
+    assert QuantConfig.from_json(cfg.to_json()) == QuantConfig(group_size=64, channel_bits=(4, 2))
+    for bad in (None, [("bits", 4)], "bits"):
+        with pytest.raises(TypeError, match="a QuantConfig dict maps field names to values"):
+            QuantConfig.from_dict(bad)
 
 
 def test_nan_and_bad_weights_raise():
@@ -210,6 +239,13 @@ def test_nan_and_bad_weights_raise():
         quantize(torch.ones(64), QuantConfig(4))
     with pytest.raises(ValueError, match="too large for torch.float16"):
         quantize(torch.full((1, 32), 1e9), QuantConfig(8, scope="channel"))
+    # max - min overflows float32 itself: no advice to use the float32 scales it already has
+    with pytest.raises(ValueError, match=r"too large for torch.float32 scales .*overflows float32: rescale"):
+        quantize(torch.tensor([[3e38, -3e38]]), QuantConfig(2, scale_dtype="float32"))
+    with torch.device("meta"):
+        meta = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="meta device"):
+        QuantLinear.from_float(meta, QuantConfig(4))
 
 
 def test_config_json_round_trip():

@@ -176,3 +176,28 @@ def test_lookup_is_traced_by_torch_compile_and_export_with_its_index_check():
     x = torch.tensor([[5, 6, 7, 200]])
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_quantizing_a_quantized_table_again_with_another_config_is_refused_not_ignored():
+    """A second call with another config used to return ``{"embeddings": []}`` and keep the first table without a
+    word (a plain model's quantized tables were not even found). It now refuses before changing anything; the
+    same config, or none, keeps the table and re-ties its head."""
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(40, 32)
+            self.head = nn.Linear(32, 40, bias=False)
+            self.head.weight = self.embed.weight
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    cfg = mq.QuantConfig(8, scope="channel")
+    assert quantize_embeddings_(model, cfg) == {"embeddings": ["embed"], "tied_heads": ["head"]}
+    codes = model.embed.get_buffer("qweight_8")
+    with pytest.raises(ValueError, match=r"'embed' \(QuantConfig\(bits=8.*already quantized with another config"):
+        quantize_embeddings_(model, mq.QuantConfig(4, group_size=16))
+    assert model.embed.get_buffer("qweight_8") is codes and tied_to(model.head, model.embed)
+    assert quantize_embeddings_(model, cfg) == {"embeddings": [], "tied_heads": []}
+    assert quantize_embeddings_(model) == {"embeddings": [], "tied_heads": []}
+    assert model.embed.config == cfg and model.embed.get_buffer("qweight_8") is codes

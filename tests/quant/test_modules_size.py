@@ -132,3 +132,24 @@ def test_large_linear_quantized_in_row_chunks_keeps_the_dense_3bit_layout():
     assert q.layout_version == 2 and q.get_buffer("qweight_3").shape == (4100, 64 * 3 // 32)
     for name, buf in ref.named_buffers():
         assert torch.equal(q.get_buffer(name), buf), name
+
+
+@pytest.mark.parametrize("make", [
+    lambda: mq.QuantLinear.from_float(nn.Linear(16, 0), mq.QuantConfig(4)),
+    lambda: mq.QuantLinear(0, 8, True, mq.QuantConfig(4)),
+    lambda: mq.QuantEmbedding.from_float(nn.Embedding(0, 16), mq.QuantConfig(4)),
+    lambda: mq.QuantConv2d(4, 4, 3, groups=8, config=mq.QuantConfig(4)),  # 4 // 8 = 0 inputs per group
+])
+def test_empty_layers_are_refused_when_built(make):
+    """A layer with no output row (or no input) used to be built with no row group at all and then failed with
+    a bare IndexError in repr, forward or lookup; it is refused when built."""
+    with pytest.raises(ValueError, match=r"needs a non-empty \(\d+ x \d+\) weight"):
+        make()
+
+
+def test_zero_dim_input_is_refused_with_the_expected_shape():
+    q = mq.QuantLinear.from_float(nn.Linear(8, 4), mq.QuantConfig(4, group_size=8))
+    with pytest.raises(ValueError, match=r"input has a 0-d tensor \(no feature dimension\), layer expects 8"):
+        q(torch.tensor(1.0))
+    x = torch.randn(8)  # 1-D still works, as in nn.Linear
+    torch.testing.assert_close(q(x), q.dequantized_weight() @ x + q.bias, rtol=1e-2, atol=1e-2)
