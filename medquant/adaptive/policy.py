@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Mapping
 
 import torch
@@ -49,7 +50,8 @@ def policy_labels(loss_by_bits: Mapping[int, torch.Tensor], full_precision_loss:
     """
     if not loss_by_bits:
         raise ValueError("loss_by_bits is empty")
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
+    # numbers.Real: numpy scalars too (an epsilon computed from float32 losses is a np.float32)
+    if not (isinstance(epsilon, numbers.Real) and math.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
     fp = torch.as_tensor(full_precision_loss, dtype=torch.float64)
     bits = sorted(loss_by_bits)

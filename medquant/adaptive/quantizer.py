@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -79,6 +80,15 @@ def _sequential_blocks(model: nn.Module) -> list[list[str]] | None:
             if groups:
                 return [[f"{name}.{b}" for b in g] for g in groups]
     return None
+
+
+def _bits_tensor(bits) -> torch.Tensor:
+    """``torch.as_tensor(bits)``, but an empty sequence (an empty batch) gives int64, not torch's float32 default
+    (which the integer check of the bits then refused)."""
+    b = torch.as_tensor(bits)
+    if b.numel() == 0 and not isinstance(bits, torch.Tensor):
+        b = b.to(torch.int64)
+    return b
 
 
 def _parse_site(site) -> tuple[str, str]:
@@ -248,10 +258,11 @@ class AdaptiveQuantizer(nn.Module):
         mods = dict(model.named_modules())  # quantize_ swapped some modules
         for name, where in self.sites:
             m = mods[name]
+            # bound methods (not closures), so copy.deepcopy / pickle give a copy whose hooks use the copy
             if where == "input":
-                h = m.register_forward_pre_hook(self._make_pre_hook(name))
+                h = m.register_forward_pre_hook(functools.partial(self._pre_hook, name))
             else:
-                h = m.register_forward_hook(self._make_post_hook(name))
+                h = m.register_forward_hook(functools.partial(self._post_hook, name))
             self._handles.append(h)
         self.reset_stats()
 
@@ -269,19 +280,15 @@ class AdaptiveQuantizer(nn.Module):
                              f"{name!r} has shape {tuple(x.shape)} (dim 0 must be the batch)")
         return fake_quantize_per_sample(x, self._bits)
 
-    def _make_pre_hook(self, name):
-        def hook(module, args):
-            if not args:
-                raise ValueError(f"site {name!r} got no positional input to quantize; use (name, 'output')")
-            return (self._quant(name, args[0]),) + tuple(args[1:])
-        return hook
+    def _pre_hook(self, name: str, module: nn.Module, args: tuple):
+        if not args:
+            raise ValueError(f"site {name!r} got no positional input to quantize; use (name, 'output')")
+        return (self._quant(name, args[0]),) + tuple(args[1:])
 
-    def _make_post_hook(self, name):
-        def hook(module, args, output):
-            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-                return (self._quant(name, output[0]),) + tuple(output[1:])
-            return self._quant(name, output)
-        return hook
+    def _post_hook(self, name: str, module: nn.Module, args: tuple, output):
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (self._quant(name, output[0]),) + tuple(output[1:])
+        return self._quant(name, output)
 
     def remove(self) -> nn.Module:
         """Remove the hooks and return the (weight-quantized) model.
@@ -320,10 +327,10 @@ class AdaptiveQuantizer(nn.Module):
         unknown = sorted(set(lv.tolist()) - set(known.tolist()))
         if unknown:
             raise ValueError(f"unknown level(s) {unknown}: bit_map has levels {known.tolist()}")
-        table = torch.zeros(int(known.max()) + 1, dtype=torch.int64)
-        for k, v in self.bit_map.items():
-            table[k] = v
-        return table[lv]
+        # every level is known: its position among the sorted levels (no table indexed by level: levels may be
+        # sparse and large, e.g. {0: 4, 10**12: 8})
+        widths = torch.tensor([self.bit_map[k] for k in known.tolist()], dtype=torch.int64)
+        return widths[torch.searchsorted(known, lv)]
 
     @contextlib.contextmanager
     def bits_context(self, bits) -> Iterator[None]:
@@ -336,7 +343,8 @@ class AdaptiveQuantizer(nn.Module):
             Nothing; inside the block every site quantizes with ``bits``.
         """
         prev = self._bits
-        self._bits = check_bits(torch.as_tensor(bits), int(torch.as_tensor(bits).numel()))
+        b = _bits_tensor(bits)
+        self._bits = check_bits(b, int(b.numel()))
         try:
             yield
         finally:
@@ -377,7 +385,7 @@ class AdaptiveQuantizer(nn.Module):
         if given > 1:
             raise ValueError("pass only one of levels=, bits= and images=")
         if bits is not None:
-            b = torch.as_tensor(bits)
+            b = _bits_tensor(bits)
             if b.dim() != 1:
                 raise ValueError(f"bits must be 1-D (one per sample), got shape {tuple(b.shape)}")
             return check_bits(b, int(b.numel())), None

@@ -4,8 +4,8 @@ Accepted inputs (see :func:`prepare`):
 
 * ``torch.Tensor``: (H, W) one image; (B, H, W) a batch of gray images; (B, 1, H, W) or (B, 3, H, W)
   channel-first batches (3 channels = RGB).
-* ``numpy.ndarray``: (H, W) one image; (H, W, 3) one RGB image (channel-last); (B, H, W) a batch;
-  (B, H, W, 3) / (B, H, W, 1) channel-last or (B, 1, H, W) / (B, 3, H, W) channel-first batches.
+* ``numpy.ndarray``: (H, W) one image; (H, W, 1) / (H, W, 3) one gray / RGB image (channel-last); (B, H, W) a
+  batch; (B, H, W, 3) / (B, H, W, 1) channel-last or (B, 1, H, W) / (B, 3, H, W) channel-first batches.
 * ``PIL.Image.Image``: modes L, I;16*, I, F, RGB; other modes are converted to RGB (alpha dropped).
 * ``pydicom.dataset.Dataset`` (optional extra ``dicom``): see :func:`medquant.data.dicom_to_array`.
 * a list/tuple of any of the above, possibly of different sizes (grouped by size internally).
@@ -28,8 +28,8 @@ from .metrics import _cpu_path
 RGB_WEIGHTS = (0.2125, 0.7154, 0.0721)
 MIN_SIDE = 8
 
-_ACCEPTED = ("accepted inputs: torch tensors (H,W), (B,H,W), (B,1,H,W), (B,3,H,W); numpy arrays (H,W), (H,W,3), "
-             "(B,H,W), (B,H,W,3), (B,C,H,W); PIL images; pydicom datasets; or a list of these")
+_ACCEPTED = ("accepted inputs: torch tensors (H,W), (B,H,W), (B,1,H,W), (B,3,H,W); numpy arrays (H,W), (H,W,1), "
+             "(H,W,3), (B,H,W), (B,H,W,3), (B,C,H,W); PIL images; pydicom datasets; or a list of these")
 
 
 @dataclass
@@ -104,10 +104,14 @@ def _array_to_bchw(arr, channel_last: bool) -> torch.Tensor:
     if t.ndim == 2:
         return t[None, None]
     if t.ndim == 3:
-        if is_np and shape[-1] in (3, 4) and shape[0] > 4:
-            if shape[-1] == 4:
-                raise ValueError(f"4-channel (RGBA) arrays are not accepted (shape {shape}); drop the alpha "
-                                 "channel or pass a PIL image")
+        # (H, W, C) with few channels: as a (B, H, W) batch its images would be C pixels wide, below MIN_SIDE
+        if shape[-1] in (1, 2, 3, 4) and shape[0] > 4:
+            if not is_np:
+                raise ValueError(f"torch tensors are channel-first: shape {shape} looks like a channel-last "
+                                 f"(H, W, C) image; pass x.permute(2, 0, 1)[None]; {_ACCEPTED}")
+            if shape[-1] in (2, 4):
+                raise ValueError(f"{shape[-1]}-channel (RGBA, gray + alpha) arrays are not accepted (shape {shape}); "
+                                 "drop the alpha channel or pass a PIL image")
             return t.permute(2, 0, 1)[None]
         return t[:, None]
     if t.ndim == 4:

@@ -301,9 +301,10 @@ class ComplexityScorer(nn.Module):
             thr = state_dict[key]
             if not isinstance(thr, torch.Tensor) or thr.ndim != 1:
                 raise ValueError(f"{key} must be a 1-D tensor")
-            if thr.shape != self.thresholds.shape:  # a scorer saved with another n_levels
-                self.thresholds = torch.zeros(thr.shape, dtype=torch.float64, device=self.device)
+        # validate before resizing anything: a refused state must leave this scorer as it was
         self._validate_state({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        if key in state_dict and state_dict[key].shape != self.thresholds.shape:  # saved with another n_levels
+            self.thresholds = torch.zeros(state_dict[key].shape, dtype=torch.float64, device=self.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -125,7 +125,7 @@ class BAQWrapper:
     Raises:
         ValueError: a ``bit_range`` outside ``2 <= b_min < b_max <= 8``, an unknown scope, negative lambdas, a
             target outside the bit range, a model already sharded with FSDP2, or ``init_bits`` for unknown layers,
-            of the wrong length or outside the bit range.
+            of the wrong length, outside the bit range or not integers.
     """
 
     def __init__(self, model: nn.Module, *, bit_range: tuple[int, int] = (2, 8), scope: str = "channel",
@@ -166,6 +166,9 @@ class BAQWrapper:
             n_scopes = rows if scope == "channel" else 1
             if init_bits is not None and name in init_bits:
                 b0 = torch.tensor([float(b) for b in init_bits[name]])
+                frac = sorted(set(b0[b0 != b0.round()].tolist()))
+                if frac:  # 4.5 silently started at 4 (round half to even)
+                    raise ValueError(f"init_bits[{name!r}] has non-integer bits {frac}; bit-widths are integers")
                 if scope == "tensor" and b0.numel() == rows:
                     b0 = b0.mean().reshape(1)
                 if b0.numel() != n_scopes:
@@ -204,7 +207,7 @@ class BAQWrapper:
         Returns:
             The detached tensors.
         """
-        return {n: p.continuous_bits() for n, p in self.params.items()}
+        return {n: p.continuous_bits().detach() for n, p in self.params.items()}
 
     def bit_rate(self) -> torch.Tensor:
         """``R_bits``: parameter-weighted mean of the continuous bits over all scopes (differentiable).

@@ -34,6 +34,16 @@ def test_policy_labels_by_hand():
         policy_labels({2: torch.tensor([float("nan")] * 4)}, fp, 0.1)
 
 
+def test_policy_labels_take_numpy_scalar_epsilon():
+    """An epsilon computed from float32 numpy losses (np.float32) was refused as "not a non-negative number"."""
+    fp = torch.tensor([0.50, 0.20, 1.00, 0.30])
+    losses = {2: torch.tensor([0.505, 0.40, 1.50, 0.29]), 4: torch.tensor([0.50, 0.25, 1.20, 0.31]),
+              8: torch.tensor([0.50, 0.205, 1.04, 0.30]), 32: fp.clone()}
+    eps = np.float32(0.05)  # a float32 numpy scalar
+    assert policy_labels(losses, fp, eps).tolist() == [2, 4, 8, 2]  # by hand, as in the test above
+    with pytest.raises(ValueError, match="epsilon"):
+        policy_labels(losses, fp, np.float32(-0.1))
+
 def test_per_sample_losses_match_a_manual_loop():
     torch.manual_seed(0)
     model = CompactCNN(2, in_channels=1, widths=(8, 8), hidden=8).eval()

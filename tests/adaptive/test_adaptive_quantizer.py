@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import numpy as np
 import pytest
@@ -191,3 +192,52 @@ def test_bad_inputs():
     scorer = ComplexityScorer(n_levels=5).fit(np.random.default_rng(0).integers(0, 255, (6, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="bit_map only has"):
         AdaptiveQuantizer(_cnn(), scorer=scorer, weight_config=None)
+
+
+def test_sparse_large_levels_map_without_a_dense_table():
+    """Levels are looked up, not used as indices of a table of max(level) + 1 entries (a level of 10**12 asked for
+    8 TB; 10**9 took seconds and 8 GB)."""
+    big = 10**12
+    aq = AdaptiveQuantizer(_cnn(), bit_map={0: 2, big: 8, 7: 32}, weight_config=None).eval()
+    assert aq.levels_to_bits([big, 0, 7, 7, big]).tolist() == [8, 2, 32, 32, 8]
+    x = _x(3)
+    with torch.no_grad():
+        assert torch.equal(aq(x, levels=[big, 0, 7]), aq(x, bits=[8, 2, 32]))
+    with pytest.raises(ValueError, match="unknown level.*\\[5\\]"):
+        aq.levels_to_bits([0, 5])
+
+
+def test_empty_batch_with_bits_list():
+    """bits=[] for an empty batch (``[b] * len(x)`` with len(x) == 0) was refused as float32; levels=[] worked."""
+    aq = AdaptiveQuantizer(_cnn(), weight_config=None).eval()
+    x = _x(0)
+    with torch.no_grad():
+        assert aq(x, bits=[]).shape == (0, 3)
+        assert aq(x, bits=[4] * len(x)).shape == (0, 3)
+        with aq.bits_context([]):
+            assert aq.model(x).shape == (0, 3)
+    assert aq.stats()["samples"] == 0
+
+
+def test_deepcopy_and_pickle_give_an_independent_working_quantizer():
+    """The hooks were closures over the original wrapper: a deep copy's model called the original's hooks (which had
+    no bits: RuntimeError), and torch.save of the wrapper failed (local functions do not pickle)."""
+    model = _cnn()
+    ref = copy.deepcopy(model)
+    aq = AdaptiveQuantizer(model, weight_config=None).eval()
+    x = _x(4)
+    bits = [2, 4, 8, 32]
+    with torch.no_grad():
+        out = aq(x, bits=bits)
+        manual = torch.cat([ref.head(independent_fq(ref.embed(x[i:i + 1]), bits[i])) for i in range(4)])
+        assert torch.allclose(out, manual, atol=1e-6, rtol=0)
+        twin = copy.deepcopy(aq)
+        assert torch.equal(twin(x, bits=bits), out)
+        twin.remove()  # removes the copy's hooks only
+        assert torch.allclose(twin.model(x), ref(x), atol=1e-6, rtol=0)
+        assert torch.equal(aq(x, bits=bits), out)
+        buf = io.BytesIO()
+        torch.save(aq, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        assert torch.equal(back(x, bits=bits), out)

@@ -86,6 +86,8 @@ def test_uint16_with_declared_bits(sc):
         (np.zeros((2, 3, 4, 5, 6), np.uint8), ValueError, "dimensions"),
         (torch.zeros(2, 5, 16, 16), ValueError, "1 or 3 channels"),
         (np.zeros((16, 16, 4), np.uint8), ValueError, "RGBA"),
+        (np.zeros((16, 16, 2), np.uint8), ValueError, "2-channel"),
+        (torch.zeros(16, 16, 3), ValueError, "channel-first"),  # was "16x3: at least 8x8"
         (torch.zeros(0, 16, 16), ValueError, "empty batch"),
         ("image.png", TypeError, "unsupported image type"),
         (np.zeros((16, 16), np.int32), TypeError, "bits_stored"),
@@ -96,6 +98,17 @@ def test_uint16_with_declared_bits(sc):
 def test_bad_inputs_raise_clear_errors(sc, bad, exc, msg):
     with pytest.raises(exc, match=msg):
         sc.metrics(bad)
+
+
+def test_channel_last_single_gray_image(sc):
+    """A numpy (H, W, 1) image is one gray image (it was read as a batch of H images of W x 1 and refused)."""
+    rng = np.random.default_rng(7)
+    im = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    got = sc.metrics(im[..., None]).numpy()
+    assert got.shape == (1, 5)
+    np.testing.assert_allclose(got[0], reference_metrics(im), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sc.metrics([im[..., None], im[:16, :, None]]).numpy()[1],
+                               reference_metrics(im[:16]), rtol=0, atol=1e-12)
 
 
 def test_nan_error_names_the_image(sc):

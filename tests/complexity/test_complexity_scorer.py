@@ -147,6 +147,22 @@ def test_state_dict_roundtrip_and_validation(kermany32):
         ComplexityScorer().load_state_dict(bad)
 
 
+def test_refused_state_leaves_a_fitted_scorer_unchanged():
+    """A state refused by validation (here: saved with another n_levels) must not resize the thresholds of the
+    scorer it was loaded into (they became zeros: every image then got the top level)."""
+    rng = np.random.default_rng(0)
+    m = rng.random((40, 5))
+    sc = ComplexityScorer(n_levels=4).fit(metrics=m)
+    s = sc.score(metrics=m).numpy()
+    expected = np.quantile(s, [0.25, 0.5, 0.75])  # numpy's linear interpolation, as documented
+    bad = ComplexityScorer(n_levels=6).fit(metrics=m).state_dict()
+    bad["norm_scale"] = -bad["norm_scale"]
+    with pytest.raises(ValueError, match="norm_scale must be positive"):
+        sc.load_state_dict(bad)
+    assert sc.n_levels == 4
+    np.testing.assert_allclose(sc.thresholds.numpy(), expected, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(sc.levels(metrics=m).numpy(), (s[:, None] > expected).sum(1))
+
 def test_state_travels_with_a_model_and_survives_half(kermany32):
     sc = ComplexityScorer().fit(kermany32)
     model = torch.nn.Sequential(torch.nn.Linear(4, 2))

@@ -124,3 +124,18 @@ def test_budget_projection_and_errors():
         BAQWrapper(tiny_mlp(), init_bits={"nope": (4,)})
     with pytest.raises(ValueError, match="no quantizable layers"):
         BAQWrapper(nn.Sequential(nn.ReLU()))
+
+
+def test_init_bits_must_be_integers_and_continuous_bits_are_detached():
+    """init_bits of 4.5 started silently at 4 (round half to even); continuous_bits() (documented detached)
+    returned tensors still attached to the logits' graph."""
+    with pytest.raises(ValueError, match=r"non-integer bits \[4.5\]"):
+        BAQWrapper(tiny_mlp(), init_bits={"fc2": (4.5, 4, 4)})
+    with pytest.raises(ValueError, match="non-integer"):
+        BAQWrapper(tiny_mlp(), scope="tensor", init_bits={"fc2": (3.25,)})
+    w = BAQWrapper(tiny_mlp(), init_bits={"fc2": (3, 4, 8)})
+    cont = w.continuous_bits()
+    assert not any(v.requires_grad for v in cont.values())
+    theta = w.params["fc2"].theta.detach()
+    torch.testing.assert_close(cont["fc2"], 2 + 6 * torch.tanh(theta.abs()), rtol=0, atol=1e-6)  # by the formula
+    assert [round(float(b)) for b in cont["fc2"]] == [3, 4, 8]
