@@ -358,7 +358,7 @@ def _as_config(value: Any, pattern: str) -> Any:
     if value is None or isinstance(value, QuantConfig):
         return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy integers too
-        return QuantConfig(bits=value)
+        return QuantConfig(bits=int(value))
     if isinstance(value, Mapping):
         try:
             return QuantConfig.from_dict(dict(value))

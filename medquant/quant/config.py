@@ -137,10 +137,10 @@ class QuantConfig:
                 f"scale_dtype={self.scale_dtype!r} is not supported; accepted: {', '.join(SCALE_DTYPES)}"
             )
         if self.channel_bits is not None:
-            cb = _channel_bits_entries(self.channel_bits)
-            if len(cb) == 0:
+            entries = _channel_bits_entries(self.channel_bits)
+            if len(entries) == 0:
                 raise ValueError("channel_bits must have one entry per output channel, got an empty sequence")
-            cb = tuple(_check_bits(b, "channel_bits entry") for b in cb)
+            cb = tuple(_check_bits(b, "channel_bits entry") for b in entries)
             object.__setattr__(self, "channel_bits", cb)
         if self.compute_dtype is not None:
             name = str(self.compute_dtype).removeprefix("torch.")
