@@ -14,8 +14,9 @@ Loss per batch::
   ``(i_k, j_k)`` of ``hidden_states``, with a learned linear projection ``P_k`` (student width -> teacher width;
   identity-initialised when the widths agree) trained together with the student.
 
-The teacher is put in eval mode, its parameters get ``requires_grad=False`` and it runs under ``torch.no_grad``:
-it receives no gradient and is never changed. Teacher and student may differ in size (a pruned or quantized copy
+The teacher is put in eval mode, its parameters get ``requires_grad=False`` and it runs under ``torch.no_grad``
+in eval mode (also when it, or a module it shares with the student, was switched back to train mode): it
+receives no gradient and is never changed. Teacher and student may differ in size (a pruned or quantized copy
 of the teacher) as long as their logits have the same last dimension.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import broadcast_parameters, is_ddp, is_fsdp, unwrap
-from ..models.runner import main_output, run_model
+from ..models.runner import eval_mode, main_output, run_model
 from ..training import train_steps
 
 __all__ = ["Distiller", "kd_loss"]
@@ -71,7 +72,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_pt = F.log_softmax(teacher_logits.float() / t, dim=-1)
     p_t = log_pt.exp()
     # p_t = 0 terms are 0 by convention (their log_pt is -inf: 0 * -inf would be NaN)
-    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)  # per position
+    # (p_t == 0, not p_t > 0: a NaN teacher probability must give a NaN loss, not a silent 0)
+    kl = torch.where(p_t == 0, 0.0, p_t * (log_pt - log_ps)).sum(-1)  # per position
     if kl.numel() == 0:
         raise ValueError(f"the logits {tuple(student_logits.shape)} have no position to distil (an empty batch); "
                          f"KD needs at least one row of logits")
@@ -119,7 +121,8 @@ class Distiller(nn.Module):
         task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
 
     Raises:
-        ValueError: ``alpha`` outside [0, 1], ``temperature`` not finite and > 0, or ``teacher is student``.
+        ValueError: ``alpha`` outside [0, 1], ``temperature`` not finite and > 0, ``feature_weight`` not finite and
+            >= 0, or ``teacher is student``.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
@@ -130,6 +133,8 @@ class Distiller(nn.Module):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         _check_temperature(temperature)
+        if not (feature_weight >= 0 and math.isfinite(feature_weight)):
+            raise ValueError(f"feature_weight must be a finite number >= 0, got {feature_weight}")
         if teacher is student:
             raise ValueError("teacher and student are the same object; distil into a copy (copy.deepcopy)")
         self.alpha, self.temperature, self.feature_weight = float(alpha), float(temperature), float(feature_weight)
@@ -202,8 +207,8 @@ class Distiller(nn.Module):
         want_hidden = bool(self.feature_pairs)
         extra = {"output_hidden_states": True} if want_hidden else {}
         need_teacher = self.alpha > 0 or want_hidden  # alpha = 0: plain fine-tuning (the control), no teacher
-        if need_teacher:
-            with torch.no_grad():
+        if need_teacher:  # eval mode also when something switched the teacher (or a module it shares) to train
+            with torch.no_grad(), eval_mode(self.teacher):
                 t_out = run_model(self.teacher, batch, unpack_sequences=False, **extra)
         s_out = run_model(self.student, batch, unpack_sequences=False, **extra)
         s_logits = main_output(s_out, hidden_state=False, first_item=False)  # logits only

@@ -74,8 +74,9 @@ def main_output(out: Any, *, hidden_state: bool = True, first_item: bool = True)
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager running its body with ``model.eval()``, then restoring the previous mode.
 
-    In eval mode dropout is off and batch norm uses its running statistics; afterwards every submodule gets the
-    model's previous mode back with ``model.train(was_training)``, also when the body raises.
+    In eval mode dropout is off and batch norm uses its running statistics; afterwards every submodule gets its
+    own previous mode back (a model with some submodules in train and some in eval mode, or a module shared with
+    another model in train mode, is left exactly as it was), also when the body raises.
 
     Args:
         model: the model.
@@ -83,9 +84,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     Yields:
         ``model`` itself, in eval mode.
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, was_training in modes:
+            m.training = was_training

@@ -8,7 +8,9 @@ per-channel operations that take it as their (first and only tensor) input -- at
 which must be ``nn.Conv2d`` (``groups == 1``, on the 4-D map, input channels pruned) or ``nn.Linear`` on the
 flattened 2-D ``(N, C*H*W)`` map with ``in_features == C*H*W`` (the ``H*W`` columns of each channel pruned). A
 conv whose output reaches anything else (a residual ``add``, ``cat``, the model output, a depthwise conv, any
-other flatten, a ``Linear`` over another axis...) is left alone; ``plan.sizes`` lists only prunable convs.
+other flatten, a ``Linear`` over another axis...) is left alone, and so is one whose conv, BatchNorm or consumer
+the forward calls more than once (shared weights); ``plan.sizes`` lists only prunable convs. Tracing runs the
+model in eval mode without gradients: planning leaves BatchNorm statistics as they were.
 
 Removing channel ``c`` is exactly equivalent to zeroing channel ``c`` of the producer's output after its BatchNorm
 (zeroing filter ``c``, its bias and the BatchNorm's ``gamma_c`` and ``beta_c``) in the original model when every
@@ -25,6 +27,7 @@ without running statistics); ``activation`` = RMS of the channel's output (after
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,8 +99,10 @@ def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGr
         raise ValueError(f"{type(model).__name__}: channel pruning traces the model with torch.fx, which failed "
                          f"({type(e).__name__}: {e}); models with data-dependent control flow are not supported")
     args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    ShapeProp(gm).propagate(*args)
+    with eval_mode(model), torch.no_grad():  # a model in train mode must not update its BatchNorm statistics
+        ShapeProp(gm).propagate(*args)
     mods = dict(gm.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     groups, skipped = [], {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods[node.target], nn.Conv2d):
@@ -105,6 +110,9 @@ def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGr
         conv = mods[node.target]
         if conv.groups != 1:
             skipped[node.target] = "grouped/depthwise conv"
+            continue
+        if calls[node.target] > 1:
+            skipped[node.target] = f"called {calls[node.target]} times in the forward (shared weights)"
             continue
         out_shape = _shape(node)
         if out_shape is None or len(out_shape) != 4:
@@ -126,6 +134,10 @@ def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGr
                 continue
             if not _reads_only(u, src):
                 ok, why = False, f"{u.op} {getattr(u.target, '__name__', u.target)} does not take the map as its input"
+                continue
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) and calls[u.target] > 1:
+                ok, why = False, (f"output reaches {type(m).__name__} {u.target}, which is called {calls[u.target]} "
+                                  "times in the forward (shared weights)")
                 continue
             if m is not None:
                 if isinstance(m, nn.Conv2d):
@@ -207,13 +219,17 @@ def _activation_scores(model: nn.Module, groups: list[ChannelGroup], calib, prog
             sums[key] = sums.get(key, 0) + y.pow(2).transpose(0, 1).reshape(y.shape[1], -1).sum(1)
             counts[key] = counts.get(key, 0) + y.numel() // y.shape[1]
         handles.append(model.get_submodule(g.bn or g.conv).register_forward_hook(hook))
+    n = 0
     try:
         with torch.no_grad():
             for batch in tqdm(calib, desc="activation statistics", disable=not progress, leave=False):
                 run_model(model, batch)
+                n += 1
     finally:
         for h in handles:
             h.remove()
+    if n == 0:
+        raise ValueError("activation statistics: the calibration data is empty")
     return {k: (sums[k] / counts[k]).sqrt() for k in sums}
 
 
@@ -221,11 +237,23 @@ def _taylor_scores(model: nn.Module, groups: list[ChannelGroup], calib, loss_fn,
                    ) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 
+    params = []
+    for g in groups:
+        params += list(model.get_submodule(g.conv).parameters())
+        if g.bn is not None:
+            params += list(model.get_submodule(g.bn).parameters())
+    saved_req = {id(p): p.requires_grad for p in model.parameters()}
+    saved_grad = {id(p): p.grad for p in model.parameters()}
+    for p in model.parameters():  # gradients of the scored filters only, also when the model is frozen
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     acc: dict[str, torch.Tensor] = {}
     n = 0
     try:
         for batch in tqdm(calib, desc="taylor importance", disable=not progress, leave=False):
-            model.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             calibration_loss(model, batch, loss_fn).backward()
             n += 1
             with torch.no_grad():
@@ -238,8 +266,12 @@ def _taylor_scores(model: nn.Module, groups: list[ChannelGroup], calib, loss_fn,
                         bn = model.get_submodule(g.bn)
                         s = s + bn.weight.grad * bn.weight + bn.bias.grad * bn.bias
                     acc[g.conv] = acc.get(g.conv, 0) + s.abs().float()
-    finally:
-        model.zero_grad(set_to_none=True)
+    finally:  # the model's gradients and requires_grad flags as they were
+        for p in model.parameters():
+            p.requires_grad_(saved_req[id(p)])
+            p.grad = saved_grad[id(p)]
+    if n == 0:
+        raise ValueError("taylor importance: the calibration data is empty")
     return {k: v / n for k, v in acc.items()}
 
 
@@ -249,7 +281,7 @@ def plan_channels(model: nn.Module, pruner, plan, calib, loss_fn, example_input)
     if ex is None:
         raise ValueError("channel pruning needs an example input (example_input=...) or calibration batches to "
                          "trace the CNN's shapes")
-    groups, _ = channel_groups(model, ex)
+    groups, not_prunable = channel_groups(model, ex)
     ratios = pruner.channel_ratio
     if isinstance(ratios, dict):
         names = {g.conv for g in groups}
@@ -262,7 +294,9 @@ def plan_channels(model: nn.Module, pruner, plan, calib, loss_fn, example_input)
         ratios = {g.conv: ratios for g in groups}
     active = [g for g in groups if ratios.get(g.conv, 0) > 0]
     if not groups:
-        raise ValueError(f"{type(model).__name__}: found no prunable conv channels (nor transformer blocks)")
+        why = "; ".join(f"{k}: {v}" for k, v in list(not_prunable.items())[:3])
+        raise ValueError(f"{type(model).__name__}: found no prunable conv channels (nor transformer blocks)"
+                         + (f"; {why}" if why else ""))
     scores = _scores(model, active, pruner.importance, calib, loss_fn, pruner.progress) if active else {}
     for g in groups:
         plan.sizes[g.conv] = {"channels": g.n_channels}
@@ -296,6 +330,13 @@ def _check_groups(model: nn.Module, plan, groups: list[ChannelGroup]) -> None:
                              f"{' or '.join(k.__name__ for k in kinds)}")
         return m
 
+    seen: set[tuple[str, str]] = set()
+    for g in groups:
+        for role, name in [("producer conv", g.conv), ("BatchNorm", g.bn)] + [("consumer", c) for c, _ in g.consumers]:
+            if name is not None and (role, name) in seen:
+                raise ValueError(f"the plan's channel groups name the {role} {name!r} twice; a layer can follow one "
+                                 "producer only (a layer the forward calls more than once is not prunable)")
+            seen.add((role, name))
     for g in groups:
         keep = plan.channels.get(g.conv)
         if keep is None or len(keep) == g.n_channels:

@@ -49,7 +49,16 @@ from ..models.introspect import language_model_layers, model_roles, vision_layer
 from ..quant.experts import experts_layout
 from .importance import METHODS, block_scores
 from .ratios import check_ratio, lowest_indices, n_to_remove
-from .surgery import expert_neuron_rows, head_tables, prune_attention, prune_experts, prune_ffn
+from .surgery import (
+    checked_expert_neurons,
+    checked_heads,
+    checked_neurons,
+    expert_neuron_rows,
+    head_tables,
+    prune_attention,
+    prune_experts,
+    prune_ffn,
+)
 
 __all__ = ["PrunePlan", "StructuredPruner", "parameter_report"]
 
@@ -634,13 +643,11 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
         ``model``, pruned.
 
     Raises:
-        ValueError: the model is quantized, or the plan names blocks the model does not have.
+        ValueError: the model is quantized, the plan names blocks the model does not have, or does not fit them
+            (sizes other than the plan's, invalid indices, every block of a list dropped); the whole plan is
+            checked before any layer changes, so the model is left as it was.
     """
     _check_not_quantized(model)
-    if plan.channels:
-        from .cnn import apply_channels
-
-        apply_channels(model, plan)
     blocks = {b.name: checked_block(model, b) for b in transformer_blocks(model, "all" if _is_hf(model) else scope)}
     if not _is_hf(model) and not blocks and (plan.heads or plan.neurons):
         raise ValueError("the plan names transformer blocks but the model has none")
@@ -648,6 +655,11 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
                      - set(blocks))
     if missing:
         raise ValueError(f"the plan names blocks this model does not have: {missing[:3]}")
+    _check_plan(model, plan, blocks)
+    if plan.channels:
+        from .cnn import apply_channels
+
+        apply_channels(model, plan)
     touched: list[Block] = []
     for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons)):
         b = blocks[name]
@@ -667,6 +679,38 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
         plan.hf_config_exact, notes = _sync_configs(model, stacks)
         plan.config_notes = notes
     return model
+
+
+def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> None:
+    """Raise ``ValueError`` when a block entry of ``plan`` does not fit ``model`` (checked before any change): the
+    counts the plan recorded in ``sizes`` differ from the model's (already pruned, or another model), kept indices
+    that :func:`prune_attention` / :func:`prune_ffn` / :func:`prune_experts` would refuse, or dropping every block
+    of a list."""
+    def sized(name: str, key: str, have: int, what: str) -> None:
+        want = plan.sizes.get(name, {}).get(key)
+        if want is not None and want != have:
+            raise ValueError(f"{name}: the plan was made for {want} {what}, the model has {have} (was it already "
+                             "pruned, or is the plan for another model?)")
+
+    for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons)):
+        b = blocks[name]
+        if name in plan.heads and b.attention is not None:
+            sized(name, "heads", b.attention.n_heads, "attention heads")
+            sized(name, "kv_heads", b.attention.n_kv, "key/value heads")
+            checked_heads(b.attention, plan.heads[name], plan.kv_heads.get(name))
+        if name in plan.neurons and b.ffn is not None:
+            sized(name, "neurons", b.ffn.n_neurons, "FFN neurons")
+            checked_neurons(b.ffn, plan.neurons[name])
+        if name in plan.expert_neurons and b.experts is not None:
+            lay, _ = checked_expert_neurons(model, b.experts, plan.expert_neurons[name])
+            sized(name, "expert_neurons", lay["inter"], "neurons per expert")
+    per_stack: dict[str, set[str]] = {}
+    for name in plan.drop_blocks:
+        per_stack.setdefault(blocks[name].stack, set()).add(name)
+    for stack, names in per_stack.items():
+        n = len(model.get_submodule(stack))
+        if len(names) >= n:
+            raise ValueError(f"the plan drops all {n} blocks of {stack}; keep at least one")
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..models.blocks import AttentionUnit, FFNUnit
 
-__all__ = ["expert_neuron_rows", "head_rows", "keep_linear", "prune_attention", "prune_experts", "prune_ffn"]
+__all__ = ["checked_expert_neurons", "checked_heads", "checked_neurons", "expert_neuron_rows", "head_rows", "keep_linear",
+           "prune_attention", "prune_experts", "prune_ffn"]
 
 
 def head_rows(heads: Sequence[int], head_dim: int, device=None) -> torch.Tensor:
@@ -76,6 +77,21 @@ def _check_heads(unit: AttentionUnit, keep_heads: Sequence[int], keep_kv: Sequen
                          f"key/value group; got { {kv: per_group[kv] for kv in kk} }")
 
 
+def checked_heads(unit: AttentionUnit, keep_heads: Sequence[int], keep_kv: Sequence[int] | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """``(keep_heads, keep_kv)`` sorted, ``keep_kv`` defaulted as :func:`prune_attention` does, after checking them
+    against ``unit`` (nothing is changed).
+
+    Raises:
+        ValueError: no head kept, duplicate or out-of-range indices, or groups that do not fit grouped-query
+            attention.
+    """
+    kh = sorted(int(h) for h in keep_heads)
+    kk = sorted({h // unit.group_size for h in kh}) if keep_kv is None else sorted(int(h) for h in keep_kv)
+    _check_heads(unit, kh, kk)
+    return kh, kk
+
+
 @torch.no_grad()
 def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[int],
                     keep_kv: Sequence[int] | None = None) -> AttentionUnit:
@@ -85,11 +101,7 @@ def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[
     attention every kept key/value head must keep the same number of its query heads (query head ``h`` reads
     key/value head ``h // group_size``); ``keep_kv`` defaults to the groups that keep query heads.
     """
-    keep_heads = sorted(int(h) for h in keep_heads)
-    if keep_kv is None:
-        keep_kv = sorted({h // unit.group_size for h in keep_heads})
-    keep_kv = sorted(int(h) for h in keep_kv)
-    _check_heads(unit, keep_heads, keep_kv)
+    keep_heads, keep_kv = checked_heads(unit, keep_heads, keep_kv)
     d = unit.head_dim
     q, k, v, o = (model.get_submodule(n) for n in (unit.q, unit.k, unit.v, unit.o))
     kvrows = head_rows(keep_kv, d)
@@ -163,9 +175,12 @@ def _keep_norm_rows(norm: nn.Module, heads: Sequence[int]) -> None:
         norm.normalized_shape = (len(idx), norm.normalized_shape[1])
 
 
-@torch.no_grad()
-def prune_ffn(model: nn.Module, unit: FFNUnit, keep: Sequence[int]) -> FFNUnit:
-    """Keep the FFN neurons ``keep`` (sorted, unique) of ``unit``; returns the updated unit."""
+def checked_neurons(unit: FFNUnit, keep: Sequence[int]) -> list[int]:
+    """``keep`` sorted, after checking it against ``unit`` (nothing is changed).
+
+    Raises:
+        ValueError: no neuron kept, or duplicate or out-of-range indices.
+    """
     keep = sorted(int(j) for j in keep)
     if not keep:
         raise ValueError(f"{unit.name}: refusing to prune all {unit.n_neurons} FFN neurons of the layer; "
@@ -173,6 +188,13 @@ def prune_ffn(model: nn.Module, unit: FFNUnit, keep: Sequence[int]) -> FFNUnit:
     if len(set(keep)) != len(keep) or keep[0] < 0 or keep[-1] >= unit.n_neurons:
         raise ValueError(f"{unit.name}: FFN neuron indices must be unique and in [0, {unit.n_neurons}); got "
                          f"{len(keep)} indices from {keep[0]} to {keep[-1]}")
+    return keep
+
+
+@torch.no_grad()
+def prune_ffn(model: nn.Module, unit: FFNUnit, keep: Sequence[int]) -> FFNUnit:
+    """Keep the FFN neurons ``keep`` (sorted, unique) of ``unit``; returns the updated unit."""
+    keep = checked_neurons(unit, keep)
     if len(keep) == unit.n_neurons:
         return unit
     idx = torch.tensor(keep, dtype=torch.long)
@@ -198,14 +220,15 @@ def expert_neuron_rows(layout: dict, neurons: torch.Tensor, interleaved: bool) -
     return torch.cat([neurons, neurons + layout["inter"]])
 
 
-@torch.no_grad()
-def prune_experts(model: nn.Module, name: str, keep: Sequence[Sequence[int]]) -> int:
-    """Keep, for every expert ``e`` of the MoE experts module ``name`` (3-D weights), its neurons ``keep[e]``
-    (sorted, unique, the same count for every expert, as the stacked weights need); returns the new count.
+def checked_expert_neurons(model: nn.Module, name: str, keep: Sequence[Sequence[int]]
+                           ) -> tuple[dict, list[list[int]]]:
+    """``(layout, keep)`` of the MoE experts module ``name`` with every expert's list sorted, after checking
+    ``keep`` against it (nothing is changed).
 
-    Neuron ``j`` of expert ``e`` owns the positions :func:`expert_neuron_rows` of ``gate_up_proj[e]`` (or
-    ``up_proj[e]``) along its output dimension (with its bias entries) and position ``j`` of ``down_proj[e]``
-    along its input dimension; transposed layouts (``(E, in, out)``) are indexed on the other axis."""
+    Raises:
+        ValueError: not an experts module medquant knows, not one non-empty list per expert all of one length,
+            or duplicate or out-of-range indices.
+    """
     from ..quant.experts import experts_layout
 
     mod = model.get_submodule(name)
@@ -220,7 +243,20 @@ def prune_experts(model: nn.Module, name: str, keep: Sequence[Sequence[int]]) ->
                          f"{sorted(len(k) for k in keep)}")
     if any(len(set(k)) != len(k) or k[0] < 0 or k[-1] >= n for k in keep):
         raise ValueError(f"{name}: expert neuron indices must be unique and in [0, {n})")
-    new_n = counts.pop()
+    return lay, keep
+
+
+@torch.no_grad()
+def prune_experts(model: nn.Module, name: str, keep: Sequence[Sequence[int]]) -> int:
+    """Keep, for every expert ``e`` of the MoE experts module ``name`` (3-D weights), its neurons ``keep[e]``
+    (sorted, unique, the same count for every expert, as the stacked weights need); returns the new count.
+
+    Neuron ``j`` of expert ``e`` owns the positions :func:`expert_neuron_rows` of ``gate_up_proj[e]`` (or
+    ``up_proj[e]``) along its output dimension (with its bias entries) and position ``j`` of ``down_proj[e]``
+    along its input dimension; transposed layouts (``(E, in, out)``) are indexed on the other axis."""
+    mod = model.get_submodule(name)
+    lay, keep = checked_expert_neurons(model, name, keep)
+    n, new_n = lay["inter"], len(keep[0])
     if new_n == n:
         return n
     interleaved = not getattr(mod, "is_concatenated", True)

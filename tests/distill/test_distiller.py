@@ -189,3 +189,37 @@ def test_kd_loss_on_an_empty_batch_raises_instead_of_nan():
     s, t = torch.tensor([[0.1, 0.7, -0.3]]), torch.tensor([[0.4, -0.2, 0.5]])
     assert float(kd_loss(s, t, temperature=1.0)) == pytest.approx(_kl_hand(t[0].tolist(), s[0].tolist(), 1.0),
                                                                    rel=1e-5)
+
+
+def test_kd_loss_nan_teacher_logits_are_not_hidden():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]])
+    t = torch.tensor([[float("nan"), 1.0, 0.0], [0.5, 0.1, -0.2]])  # e.g. a teacher that overflowed in fp16
+    assert torch.isnan(kd_loss(s, t, 2.0))
+    # the finite row alone is the hand KL
+    assert float(kd_loss(s[1:], t[1:], 2.0)) == pytest.approx(_kl_hand(t[1].tolist(), s[1].tolist(), 2.0), rel=1e-5)
+
+
+def test_teacher_switched_back_to_train_mode_is_run_in_eval_and_not_changed():
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.5),
+                                  torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        teacher[1].running_mean.uniform_(-1, 1)
+    student = torch.nn.Linear(4, 3)
+    d = Distiller(teacher, student, alpha=1.0, temperature=2.0)
+    reference = copy.deepcopy(teacher).eval()
+    before = copy.deepcopy(teacher.state_dict())
+    teacher.train()  # e.g. shared with the student, which the training loop puts in train mode
+    x = torch.randn(8, 4)
+    got = d(x)["kd"]
+    with torch.no_grad():
+        want = kd_loss(student(x), reference(x), 2.0)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # BatchNorm statistics too
+    assert teacher.training  # its mode is given back
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_feature_weight_must_be_finite_and_non_negative(bad):
+    with pytest.raises(ValueError, match="feature_weight must be a finite number >= 0"):
+        Distiller(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), feature_weight=bad)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from medquant.models import main_output, run_model
+from medquant.models import eval_mode, main_output, run_model
 
 
 class _Echo(nn.Module):
@@ -64,11 +64,6 @@ def test_hugging_face_output():
 
 
 def test_eval_mode_restores_each_submodule_mode_also_on_error():
-    import pytest
-    from torch import nn
-
-    from medquant.models import eval_mode
-
     m = nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2))
     m.train()
     with eval_mode(m):
@@ -81,3 +76,18 @@ def test_eval_mode_restores_each_submodule_mode_also_on_error():
     with eval_mode(m):
         pass
     assert not m.training
+
+
+def test_eval_mode_gives_every_submodule_its_own_mode_back():
+    # a module shared with a student in train mode, inside a teacher in eval mode: both modes come back as they were
+    shared = torch.nn.Dropout(0.5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), shared, torch.nn.BatchNorm1d(4)).eval()
+    shared.train()
+    before = [m.training for m in model.modules()]
+    assert before == [False, False, True, False]
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("body failed")
+    assert [m.training for m in model.modules()] == before

@@ -142,3 +142,47 @@ def test_numpy_ratios_accepted_and_bad_forms_named():
         StructuredPruner(0.0, {0.1})
     with pytest.raises(ValueError, match=r"channel_ratio must be a number .* or a dict \{conv name: ratio\}"):
         StructuredPruner(channel_ratio=np.array([0.1, 0.2]))
+
+
+def test_apply_plan_that_does_not_fit_changes_nothing():
+    from medquant.prune import PrunePlan
+
+    model = ZOO_BY_NAME["llama"].build()
+    pruner = StructuredPruner(0.5, 0.3, progress=False)
+    plan = pruner.plan(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def unchanged():
+        after = model.state_dict()
+        return after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+    bad = PrunePlan.from_dict({**plan.to_dict(), "neurons": {**plan.neurons, "model.layers.1": [0, 0]}})
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp: FFN neuron indices must be unique"):
+        pruner.apply(model, bad)
+    assert unchanged()  # block 0 was not pruned either
+    bad = PrunePlan.from_dict({**plan.to_dict(), "drop_blocks": ["model.layers.0", "model.layers.1"]})
+    with pytest.raises(ValueError, match="drops all 2 blocks of model.layers"):
+        pruner.apply(model, bad)
+    assert unchanged()
+    pruner.apply(model, plan)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="made for 4 attention heads, the model has 2 .*already pruned"):
+        pruner.apply(model, plan)
+    assert unchanged()
+
+
+def test_cnn_errors_name_the_reason():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.c(x)))
+
+    with pytest.raises(ValueError, match="no prunable conv channels.*called 2 times in the forward"):
+        StructuredPruner(channel_ratio=0.5, progress=False).plan(Shared(), example_input=torch.randn(1, 3, 4, 4))
+    for method in ("activation", "taylor"):
+        with pytest.raises(ValueError, match="calibration data is empty"):
+            StructuredPruner(channel_ratio=0.5, importance=method, progress=False).plan(
+                tiny_cnn(), calib=[], example_input=torch.randn(1, 3, 16, 16))

@@ -257,3 +257,71 @@ def test_cnn_tensor_flatten_method_linear_consumer_exact():
     assert model.fc.in_features == 4 * 16
     with torch.no_grad():
         _close(model(x), want)
+
+
+class _SharedConv(torch.nn.Module):
+    """``s`` is called twice (shared weights): neither it nor ``c1`` (whose output reaches it) may be pruned."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c0 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.s = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(torch.relu(self.c0(x))))
+        x = torch.relu(self.s(torch.relu(self.s(x))))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_cnn_module_called_twice_is_not_pruned_and_the_rest_is_exact():
+    model = _SharedConv().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pruner = StructuredPruner(channel_ratio=0.5, progress=False)
+    plan = pruner.plan(model, calib=[x])
+    assert set(plan.channels) == {"c0"}  # c1 feeds the shared conv, the shared conv feeds itself
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        idx = torch.tensor(plan.removed_channels("c0"))
+        ref.c0.weight[idx] = 0
+        ref.c0.bias[idx] = 0
+        want = ref(x)
+    pruner.apply(model, plan)
+    assert (model.c0.out_channels, model.c1.in_channels, model.s.in_channels) == (4, 4, 8)
+    with torch.no_grad():
+        _close(model(x), want)
+
+
+def test_cnn_plan_leaves_a_model_in_train_mode_unchanged():
+    model = tiny_cnn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    StructuredPruner(channel_ratio=0.3, progress=False).plan(model, calib=[torch.randn(4, 3, 16, 16)])
+    assert model.training
+    for k, v in model.state_dict().items():  # BatchNorm running statistics included
+        assert torch.equal(v, before[k]), k
+
+
+def test_cnn_taylor_on_a_frozen_model_with_gradients():
+    model = tiny_cnn()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m, batch):
+        return m(batch).logsumexp(-1).mean()
+
+    # reference: |sum g*theta| over each filter of features.0 and its BatchNorm's gamma, beta, by plain autograd
+    ref = copy.deepcopy(model)
+    loss_fn(ref, x).backward()
+    conv, bn = ref.features[0], ref.features[1]
+    s = (conv.weight.grad * conv.weight).flatten(1).sum(1) + bn.weight.grad * bn.weight + bn.bias.grad * bn.bias
+    want_removed = sorted(s.abs().argsort()[:10].tolist())
+    # the user's model: frozen, with gradients of its own that must survive
+    model.classifier.weight.grad = torch.ones_like(model.classifier.weight)
+    model.requires_grad_(False)
+    plan = StructuredPruner(channel_ratio=0.3, importance="taylor", progress=False).plan(
+        model, calib=[x], loss_fn=loss_fn)
+    assert plan.removed_channels("features.0") == want_removed
+    assert not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(model.classifier.weight.grad, torch.ones_like(model.classifier.weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "classifier.weight")
