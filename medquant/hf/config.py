@@ -45,6 +45,19 @@ def _as_config_dict(value: Any, what: str) -> dict | None:
                     f"got {type(value).__name__}")
 
 
+def _as_names(value: Iterable[str] | None, what: str) -> list[str] | None:
+    """A list of module names / patterns (``None`` stays ``None``); a single string or a non-string entry is refused."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"{what} must be a list of module names / patterns, got {type(value).__name__} {value!r}")
+    out = list(value)
+    bad = [v for v in out if not isinstance(v, str) or not v]
+    if bad:
+        raise TypeError(f"{what} must hold non-empty strings (module names / patterns), got {bad!r}")
+    return out
+
+
 def recipe_of(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
     """``(modules, skipped_modules)`` of a model: its quantized layers' recipes and its float Linear / Conv2d layers.
 
@@ -107,9 +120,10 @@ class MedQuantConfig(QuantizationConfigMixin):
                              "config, config_map, modules, skipped_modules, format_version, medquant_version")
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
-        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        if not isinstance(format_version, int) or isinstance(format_version, bool) or not (
+                1 <= format_version <= FORMAT_VERSION):
             raise ValueError(f"quantization_config has format version {format_version!r}; this medquant "
-                             f"{__version__} reads versions <= {FORMAT_VERSION}")
+                             f"{__version__} reads versions 1 to {FORMAT_VERSION}")
         if config_or_map is not None:
             if config is not None or config_map is not None:
                 raise ValueError("give config_or_map, or config / config_map, not both")
@@ -122,6 +136,8 @@ class MedQuantConfig(QuantizationConfigMixin):
                              "not both")
         if isinstance(skip, str):
             raise TypeError("skip must be a list of patterns, not a single string")
+        if modules is not None and not isinstance(modules, Mapping):
+            raise TypeError(f"modules must be a mapping module name -> recipe dict, got {type(modules).__name__}")
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # transformers types it as its enum
         self.format_version = format_version
         self.medquant_version = medquant_version or __version__
@@ -131,7 +147,7 @@ class MedQuantConfig(QuantizationConfigMixin):
             if not isinstance(config_map, Mapping):
                 raise TypeError(f"config_map must be a mapping pattern -> QuantConfig, got {type(config_map).__name__}")
             self.config_map = {str(k): _as_config_dict(v, f"config_map[{k!r}]") for k, v in config_map.items()}
-        self.skip = list(skip) if skip is not None else None
+        self.skip = _as_names(skip, "skip")
         self.modules = None
         if modules is not None:
             self.modules = {}
@@ -141,7 +157,8 @@ class MedQuantConfig(QuantizationConfigMixin):
                 e = copy.deepcopy(dict(entry))
                 e["config"] = _as_config_dict(e["config"], f"modules[{name!r}].config")
                 self.modules[str(name)] = e
-        self.skipped_modules = sorted(skipped_modules) if skipped_modules is not None else None
+        skipped = _as_names(skipped_modules, "skipped_modules")
+        self.skipped_modules = sorted(skipped) if skipped is not None else None
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -31,7 +31,7 @@ medquant) replace the folder as one unit with a manifest (:func:`medquant.io.wri
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -172,6 +172,67 @@ def _checkpoint_key_map(model: nn.Module, hf_quantizer: HfQuantizer):
     return lambda key: rename_source_key(key, renamings, converters, prefix, state)[0]
 
 
+def _resolves(model: nn.Module, name: str) -> bool:
+    """Whether a recorded name is a module of ``model``, or an expert layer of one of its experts modules."""
+    for path in (name, name.rsplit(".", 2)[0] if name.count(".") >= 2 else None):
+        if path is None:
+            continue
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if path == name or is_experts_module(mod):
+            return True
+    return False
+
+
+def _model_names(model: nn.Module, modules: Mapping[str, Mapping], hf_quantizer: HfQuantizer
+                 ) -> tuple[dict[str, Mapping], dict[str, Mapping]]:
+    """The recorded modules under this model's names, and the records this model has no module for.
+
+    transformers renames checkpoint keys on load: a VLM saved in its legacy layout, the base model of a checkpoint
+    with a head (``AutoModel`` of a ``...ForCausalLM`` folder drops the ``model.`` prefix and ignores ``lm_head``),
+    a model with a head from a base-model checkpoint (the prefix is added). The recorded names follow the same
+    renaming. Records outside the base model of a checkpoint read into the base model alone (its head) are
+    returned apart: their tensors are keys transformers ignores. Names that resolve nowhere are kept as they are
+    (the caller reports them).
+    """
+    key_map = _checkpoint_key_map(model, hf_quantizer)
+    prefix = getattr(model, "base_model_prefix", None) or ""
+    into_base = bool(prefix) and getattr(model, "base_model", None) is model and any(
+        n.startswith(prefix + ".") for n in modules)
+    out: dict[str, Mapping] = {}
+    outside: dict[str, Mapping] = {}
+    for name, entry in modules.items():
+        candidates = [name]
+        if key_map is not None:
+            candidates.insert(0, key_map(name + ".weight").removesuffix(".weight"))
+        if prefix:
+            candidates += [name[len(prefix) + 1:]] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
+        found = next((c for c in candidates if _resolves(model, c)), None)
+        if found is None and into_base and not name.startswith(prefix + "."):
+            outside[name] = entry
+        else:
+            out[found or name] = entry
+    return out, outside
+
+
+def _outside_key_map(model: nn.Module, key_map: Callable[[str], str] | None, outside: Mapping[str, Mapping]
+                     ) -> Callable[[str], str]:
+    """``key_map`` that also names the tensors of the records outside the model (:func:`_model_names`) as they
+    are recorded: a checkpoint may store a head under a longer key (``language_model.lm_head`` of a LLaVA saved in
+    its original layout) that only the head model's own renaming shortens."""
+    def mapped(key: str) -> str:
+        k = key_map(key) if key_map is not None else key
+        mod, _, leaf = k.rpartition(".")
+        if outside and mod not in outside and not _resolves(model, mod):
+            hits = [n for n in outside if mod.endswith("." + n)]
+            if len(hits) == 1:
+                return f"{hits[0]}.{leaf}"
+        return k
+    return mapped
+
+
 class _QuantizeOnLoad(ConversionOps):
     """Quantize a planned Linear / Conv2d as soon as its float weight is read, swapping the module in place."""
 
@@ -239,6 +300,7 @@ class MedQuantHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._plan: dict[str, QuantConfig] = {}
         self._skeleton_dtypes: dict[str, torch.dtype] = {}  # pre-quantized: the float layer's dtype, per module
+        self._modules: dict[str, Mapping] = {}  # pre-quantized: the recorded modules under the model's names
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         if self.pre_quantized and not self.quantization_config.modules:
@@ -271,7 +333,9 @@ class MedQuantHfQuantizer(HfQuantizer):
             verify_pretrained(folder, self.quantization_config.modules or {}, quantized=self.pre_quantized,
                               tensors=False)
         if self.pre_quantized:
-            modules = self.quantization_config.modules
+            # under this model's names (transformers renames the checkpoint's keys the same way)
+            modules, outside = _model_names(model, self.quantization_config.modules, self)
+            self._modules = modules
             expand_recorded_experts(model, modules)  # MoE experts: their per-expert layers become modules
             for name, entry in modules.items():
                 try:
@@ -293,14 +357,19 @@ class MedQuantHfQuantizer(HfQuantizer):
                 ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
                 model._keys_to_ignore_on_load_missing = ignore | {rf"^{re.escape(n)}\." for n in tied}
             if folder is not None:  # every packed buffer in the files, with the recipe's shape and dtype
-                verify_pretrained(folder, modules, files=False, key_map=_checkpoint_key_map(model, self))
+                key_map = _outside_key_map(model, _checkpoint_key_map(model, self), outside)
+                verify_pretrained(folder, {**modules, **outside}, files=False, key_map=key_map)
         else:
             self._plan = self.quantization_config.plan(model)
+            if not self._plan:  # a float model recorded as medquant: its save_pretrained would not load again
+                raise ValueError(f"MedQuantConfig quantizes no layer of {type(model).__name__}: its patterns select "
+                                 "no Linear / Conv2d layer (every match maps to None or is skipped); give a pattern "
+                                 "with a QuantConfig, or load without quantization_config for a float model")
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
-            _retie_heads(model, self.quantization_config.modules or {})
+            _retie_heads(model, self._modules)
             # from_pretrained(dtype=...) built the float layers in another dtype than the one saved: the quantized
             # ones follow them (their biases and dequantized weight; the stored codes and scales are not cast)
             for name, dtype in self._skeleton_dtypes.items():

@@ -180,14 +180,17 @@ def _language_root(model: nn.Module, modules: dict[str, nn.Module], names: dict[
 
 
 def _head_anchors(model: nn.Module, language: str | None, names: dict[int, str]) -> list[str]:
+    """``get_output_embeddings()`` as the head: outside the language model, or a child of the language model's root
+    beside its layers (Pix2Struct's ``decoder.lm_head``), never the token embedding itself; deeper inside it is
+    part of the language model."""
     try:
         out = model.get_output_embeddings()
     except (NotImplementedError, AttributeError, TypeError):
         out = None
-    if out is None or id(out) not in names:
+    if out is None or id(out) not in names or out is _token_embedding(model):
         return []
     path = names[id(out)]
-    if language is not None and language != "" and under(path, language):
+    if language is not None and language != "" and under(path, language) and path.rpartition(".")[0] != language:
         return []
     return [path]
 

@@ -151,6 +151,17 @@ def test_config_json_round_trip_and_validation():
         MedQuantConfig(format_version=999)
     with pytest.raises(TypeError, match="single string"):
         MedQuantConfig(4, skip="lm_head")
+    # malformed fields are refused with what is accepted (a string was split into letters, a list gave a bare
+    # AttributeError, a bool or negative format version passed)
+    with pytest.raises(TypeError, match="skipped_modules must be a list"):
+        MedQuantConfig(4, skipped_modules="lm_head")
+    with pytest.raises(TypeError, match="skip must hold non-empty strings"):
+        MedQuantConfig(4, skip=["lm_head", None])
+    with pytest.raises(TypeError, match="modules must be a mapping"):
+        MedQuantConfig.from_dict({"quant_method": "medquant", "modules": ["model.layers.0.mlp.up_proj"]})
+    for bad in (True, 0, -1):
+        with pytest.raises(ValueError, match="format version"):
+            MedQuantConfig(format_version=bad)
 
 
 def test_recorded_format_version_is_the_one_save_writes():
@@ -203,6 +214,76 @@ def test_errors_are_clear(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not have"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+@pytest.mark.parametrize("spec", [{}, {"re:.*": None}, {"@language": QuantConfig(4)}])
+def test_quantize_on_load_that_selects_no_layer_is_refused(spec, tmp_path):
+    """A plan that quantizes nothing loaded a float model recorded as medquant, whose save_pretrained folder then
+    failed to load ("records no quantized modules"); it is refused at from_pretrained."""
+    ZOO_BY_NAME["llama"].build().save_pretrained(tmp_path / "float")
+    skip = ["@language", "@head"] if spec else None
+    with pytest.raises(ValueError, match="quantizes no layer of LlamaForCausalLM"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float",
+                                                          quantization_config=MedQuantConfig(spec, skip=skip))
+
+
+def _hidden(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).last_hidden_state
+
+
+@pytest.mark.parametrize("name", ["llama", "llava"])
+def test_base_model_and_model_with_head_read_each_others_checkpoints(name, tmp_path):
+    """transformers reads a checkpoint with a head into its base model (``AutoModel``: the ``model.`` prefix is
+    dropped, the head's tensors are ignored) and a base model's checkpoint into a model with a head (the prefix is
+    added); the recorded module names follow (both raised "records a quantized module ... does not have").
+    Reference: the in-memory quantized model's hidden states and tensors."""
+    entry = ZOO_BY_NAME[name]
+    model = entry.build()
+    inputs = entry.inputs(model)
+    quantize_(model, QuantConfig(4, group_size=32))  # the head too: its record is not the base model's
+    medquant.hf.save_pretrained(model, tmp_path / "full")
+    base = transformers.AutoModel.from_pretrained(tmp_path / "full")
+    assert type(base) is type(model.model)
+    assert set(quantized_modules(base)) == {n.removeprefix("model.") for n in quantized_modules(model)} - {"lm_head"}
+    _state_equal(model.model, base)
+    assert torch.equal(_hidden(base, inputs), _hidden(model.model, inputs))
+
+    medquant.hf.save_pretrained(model.model, tmp_path / "base")
+    full = _auto(entry).from_pretrained(tmp_path / "base")
+    assert isinstance(full.lm_head, torch.nn.Linear)  # not in the checkpoint: a new float head
+    _state_equal(model.model, full.model)
+    assert torch.equal(_hidden(full.model, inputs), _hidden(model.model, inputs))
+
+
+def test_modules_recorded_under_the_legacy_vlm_layout_load(tmp_path):
+    """A LLaVA quantized under transformers 4 records its modules in the legacy layout (``language_model.model.*``,
+    ``vision_tower.*``, ``language_model.lm_head``), the names of its tensors in the file; transformers 5 renames
+    the tensors on load and the recorded names follow (before: "records a quantized module ... does not have")."""
+    entry = ZOO_BY_NAME["llava"]
+    model = entry.build()
+    inputs = entry.inputs(model)
+    quantize_(model, {"@language": QuantConfig(4, group_size=32), "_default": QuantConfig(8, scope="channel")})
+    expected = entry.output(model, inputs)
+    medquant.hf.save_pretrained(model, tmp_path / "q")
+    legacy = {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.",
+              "model.multi_modal_projector.": "multi_modal_projector.", "lm_head": "language_model.lm_head"}
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    modules = cfg["quantization_config"]["modules"]
+    renamed = {}
+    for n, e in modules.items():
+        old = next(k for k in legacy if n.startswith(k))
+        renamed[legacy[old] + n[len(old):]] = e
+    assert set(renamed) == {k.rpartition(".")[0] for k in load_file(tmp_path / "q" / "model.safetensors")
+                            if k.endswith((".scales_4", ".scales_8"))}  # the file's own names
+    cfg["quantization_config"]["modules"] = renamed
+    cfg_path.write_text(json.dumps(cfg))
+    (tmp_path / "q" / "medquant.manifest.json").unlink()  # a folder of that time has none
+    with pytest.warns(UserWarning, match="no medquant.manifest.json"):
+        back = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "q")
+    _state_equal(model, back)
+    assert torch.equal(entry.output(back, inputs), expected)
 
 
 def test_registration_is_idempotent_and_lazy():

@@ -244,6 +244,10 @@ META = {
                                               "head": ["lm_head"]}),
     "VisionEncoderDecoderModel": ("vision-encoder-decoder", {"vision": ["encoder"], "language": ["decoder.bert"],
                                                              "head": ["decoder.cls"]}),
+    # the lm_head sits in the text decoder beside its layers (get_output_embeddings): head, not language
+    "Pix2StructForConditionalGeneration": ("pix2struct", {
+        "vision": ["encoder"], "language": ["decoder.embed_tokens", "decoder.layer", "decoder.final_layer_norm",
+                                            "decoder.dropout"], "head": ["decoder.lm_head"]}),
 }
 
 
@@ -256,3 +260,6 @@ def test_layouts_found_on_the_meta_device(cls_name):
         model = getattr(tf, cls_name)(tf.CONFIG_MAPPING[model_type]())
     assert model_roles(model) == expected
     assert unassigned_modules(model) == []
+    if expected.get("head") == ["decoder.lm_head"]:  # the head is the module transformers projects to the vocabulary
+        assert model.get_output_embeddings() is model.get_submodule("decoder.lm_head")
+        assert language_model_layers(model) == [f"decoder.layer.{i}" for i in range(model.config.text_config.num_layers)]
