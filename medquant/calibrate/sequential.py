@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..models.blocks import block_stacks
-from ..quant.api import quantize_module, resolve_configs, swap_module
+from ..quant.api import notify_quantized, quantize_module, resolve_configs, swap_module
 from ..quant.config import QuantConfig
 from ..quant.modules import QUANT_LAYERS
 from ._forward import run_calibration_batch
@@ -463,6 +463,7 @@ def quantize_sequential(
     if calibrate:
         for n in rest:
             _move_local(model.get_submodule(n), offload)
+    notify_quantized(model)  # its layers were swapped inside blocks, below the root
     return model
 
 

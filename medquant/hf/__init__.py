@@ -21,6 +21,7 @@ import importlib.abc
 import importlib.util
 import sys
 
+from ..quant.api import on_quantized
 from .method import QUANT_METHOD
 
 _HOOKED_MODULE = "transformers.quantizers.auto"
@@ -101,4 +102,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _bind_save_on_quantize(model) -> None:
+    """:func:`medquant.quant.api.on_quantized` hook: a transformers model that now holds medquant-quantized layers
+    gets the medquant ``model.save_pretrained`` (config.json with the recipe, crash-safe, with a manifest), so that
+    the plain ``model.save_pretrained(dir)`` after ``quantize_`` reloads with ``from_pretrained``. Nothing is
+    imported when transformers' modeling code is not loaded (then ``model`` is no transformers model); an instance
+    ``save_pretrained`` already set (by medquant or by the user) is kept."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    if modeling is None or "save_pretrained" in vars(model) or not isinstance(model, modeling.PreTrainedModel):
+        return
+    from .integration import bind_save_pretrained
+
+    bind_save_pretrained(model)
+
+
 _install_hook()
+on_quantized(_bind_save_on_quantize)

@@ -56,8 +56,8 @@ from .config import MedQuantConfig, recipe_of
 from .method import QUANT_METHOD
 
 # MedQuantConfig and recipe_of live in medquant.hf.config; they stay importable from here
-__all__ = ["MedQuantConfig", "MedQuantHfQuantizer", "attach_quantizer", "recipe_of", "register_with_transformers",
-           "save_pretrained"]
+__all__ = ["MedQuantConfig", "MedQuantHfQuantizer", "attach_quantizer", "bind_save_pretrained", "recipe_of",
+           "register_with_transformers", "save_pretrained"]
 
 _FLOAT_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -386,7 +386,7 @@ class MedQuantHfQuantizer(HfQuantizer):
         _finalize(model)
         self.quantization_config.record(model)
         model.config.quantization_config = self.quantization_config
-        _bind_save_pretrained(model)
+        bind_save_pretrained(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -445,7 +445,7 @@ def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
         model.hf_quantizer = existing
     existing.get_state_dict_and_metadata(model)
     model.config._is_quantized = True
-    _bind_save_pretrained(model)
+    bind_save_pretrained(model)
     return existing
 
 
@@ -480,11 +480,19 @@ class _SavePretrained:
         self.model = model
 
     def __call__(self, save_directory, **kwargs) -> None:
+        if getattr(self.model, "hf_quantizer", None) is None and quantized_modules(self.model):
+            attach_quantizer(self.model)  # quantized in place (quantize_, GPTQ...): the recipe goes into config.json
         _crash_safe_save_pretrained(self.model, save_directory, **kwargs)
 
 
-def _bind_save_pretrained(model: nn.Module) -> None:
-    """Re-saving a model loaded (or prepared) by medquant keeps its folder crash-safe and verifiable."""
+def bind_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` the medquant one (an instance attribute; the class is untouched): the folder
+    gets ``quantization_config`` with every quantized layer's recipe, is replaced as one unit and carries a
+    manifest. Bound when medquant loads, prepares or quantizes a transformers model (idempotent).
+
+    Args:
+        model: a transformers model.
+    """
     if not isinstance(model.__dict__.get("save_pretrained"), _SavePretrained):
         model.__dict__["save_pretrained"] = _SavePretrained(model)
 

@@ -70,6 +70,8 @@ __all__ = [
     "ConfigMap",
     "as_config_map",
     "dequantize_",
+    "notify_quantized",
+    "on_quantized",
     "quantizable_modules",
     "quantize_",
     "quantize_module",
@@ -343,7 +345,41 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None
         raise AttributeError(f"{type(model).__name__} has no submodule {name!r}")
     old = parent._modules[attr]
     setattr(parent, attr, new)
+    if isinstance(new, QUANT_MODULES):
+        notify_quantized(model)
     return old
+
+
+_QUANTIZED_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+def on_quantized(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register ``hook(model)``, called each time medquant binds a quantized Linear / Conv2d into ``model``.
+
+    :func:`swap_module` calls it with its root (and :func:`quantize_` and the block-by-block calibrations with the
+    whole model when they finish). The transformers integration uses it so that ``model.save_pretrained(dir)`` of
+    a transformers model quantized in place writes a medquant checkpoint (it wrote the packed tensors without the
+    recipe, and ``from_pretrained`` then gave random float weights). A hook must be cheap and idempotent.
+
+    Args:
+        hook: called with the root module; registered once (a second registration is ignored).
+
+    Returns:
+        ``hook`` (usable as a decorator).
+    """
+    if hook not in _QUANTIZED_HOOKS:
+        _QUANTIZED_HOOKS.append(hook)
+    return hook
+
+
+def notify_quantized(model: nn.Module) -> None:
+    """Call the :func:`on_quantized` hooks with ``model`` (a model that now holds quantized layers).
+
+    Args:
+        model: the root module.
+    """
+    for hook in tuple(_QUANTIZED_HOOKS):  # a hook may register another
+        hook(model)
 
 
 # ---------------------------------------------------------------------------------------------- config map
@@ -796,6 +832,8 @@ def quantize_(
     for name, q in built:
         for alias in aliases.get(id(model.get_submodule(name)), [name]):  # a shared module stays one module
             swap_module(model, alias, q)
+    if built:
+        notify_quantized(model)  # also when only MoE experts were quantized
     return model
 
 

@@ -232,6 +232,36 @@ def _hidden(model, inputs):
         return model(**inputs).last_hidden_state
 
 
+@pytest.mark.parametrize("how", ["quantize_", "quantize_sequential", "load"])
+def test_plain_model_save_pretrained_after_quantizing_in_place_reloads(how, tmp_path):
+    """``model.save_pretrained(dir)`` (transformers' own call) of a model medquant quantized in place, block by block
+    or loaded writes the recipe: it wrote the packed tensors without ``quantization_config`` and ``from_pretrained``
+    gave a float model with random weights. Reference: the in-memory quantized model's logits and tensors."""
+    from medquant.calibrate import quantize_sequential
+
+    entry = ZOO_BY_NAME["llama"]
+    model = entry.build()
+    inputs = entry.inputs(model)
+    if how == "quantize_":
+        quantize_(model, QuantConfig(4, group_size=32))
+    elif how == "quantize_sequential":
+        quantize_sequential(model, QuantConfig(4, group_size=32))
+    else:
+        quantize_(model, QuantConfig(4, group_size=32))
+        medquant.save(model, tmp_path / "mq")
+        model = medquant.load(tmp_path / "mq", entry.build())
+    assert "save_pretrained" in vars(model)
+    model.save_pretrained(tmp_path / "hf")
+    qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "medquant" and set(qc["modules"]) == set(quantized_modules(model))
+    reloaded = _auto(entry).from_pretrained(tmp_path / "hf")
+    _state_equal(model, reloaded)
+    assert torch.equal(entry.output(reloaded, inputs), entry.output(model, inputs))
+    plain = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    quantize_(plain, QuantConfig(4, group_size=32))  # not a transformers model: nothing bound
+    assert "save_pretrained" not in vars(plain)
+
+
 @pytest.mark.parametrize("name", ["llama", "llava"])
 def test_base_model_and_model_with_head_read_each_others_checkpoints(name, tmp_path):
     """transformers reads a checkpoint with a head into its base model (``AutoModel``: the ``model.`` prefix is
