@@ -263,7 +263,8 @@ def test_row_strided_input_runs_without_a_copy_and_a_transposed_one_is_copied_wi
     big = torch.randn(6, 400)
     x = big[:, :200]  # rows 400 apart, unit column stride: the kernel reads it in place
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        # no copy (the one-time "bfloat16 runs slowly" warning of a CPU without bfloat16 support may come)
+        warnings.filterwarnings("error", message=".*non-contiguous")
         with torch.no_grad():
             y = layer(x)
     assert _rel_err(y, _ref(layer, x, torch.bfloat16)) < 1e-2
