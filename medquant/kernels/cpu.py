@@ -98,7 +98,11 @@ reference path's ``F.linear`` plus its own dequantization).
 ``b <= 4`` with ``q = u + o``, ``scale = s``, ``zero = (8 - o - z) * s`` (symmetric: ``z = 2^(b-1)``; 1-bit
 symmetric ``(2u - 1) * s``: ``scale = 2s``, ``z = 1/2``), where the per-group code offset
 ``o = clamp(round(8 - z), 0, 16 - 2^b)`` keeps ``q`` in 0..15 and makes ``zero`` 0 (symmetric) or small, so that
-no large ``(q - 8) * scale`` and ``zero`` cancel (their rounding to a bfloat16 compute dtype would not). A medquant group of ``G`` elements (``G`` a multiple of 32) is
+no large ``(q - 8) * scale`` and ``zero`` cancel (their rounding to a bfloat16 compute dtype would not). 4-bit
+asymmetric codes fill 0..15 (``o = 0``): a row group with a zero point more than 1 from 8 in some group runs the
+int4 kernel in float32 only (``M == 1``; the dense path in ``cd`` otherwise, as for a float32 ``cd``), since
+rounded to 16 bits its ``(q - 8) * scale`` and ``zero`` of up to 8 scales would cancel to errors many times
+``cd``'s rounding. A medquant group of ``G`` elements (``G`` a multiple of 32) is
 ``G / g`` kernel groups with repeated scales, ``g`` the largest of 256/128/64/32 dividing both ``G`` and ``k``
 (then ``x`` needs no padding), else the largest dividing ``G``; channel and tensor scales are repeated over groups
 of 128/64/32 chosen likewise (32 when ``k < 128``). Only where ``g`` does not divide ``k`` is K padded to a
@@ -551,6 +555,21 @@ def clear_cpu_cache() -> None:
     bump_generation()
 
 
+def forget_cpu_plans(*qweights: torch.Tensor | None) -> None:
+    """Drop the repacked weights (plans) of the row groups stored in ``qweights`` (rebuilt at their next call).
+
+    A plan is rebuilt by itself when its tensors are replaced or modified in place, except for inference tensors
+    (made under ``torch.inference_mode``), which track no version: a loader that copies new codes into a layer's
+    tensors (``load_state_dict``) calls this so that the next call does not run the previous weights.
+
+    Args:
+        qweights: the row groups' packed int32 words (the plans' keys); None and unknown tensors are ignored.
+    """
+    for qweight in qweights:
+        if qweight is not None:
+            _plans.pop(qweight, None)
+
+
 def cpu_cache_bytes() -> int:
     """Bytes held by the repacked weights now cached (codes and scales in every compute dtype built).
 
@@ -605,6 +624,10 @@ class _Plan:
     by_dtype: dict = field(default_factory=dict)  # compute dtype -> scales(_and_zeros) in that dtype
     source: tuple = ()  # (scales, zeros, versions) the plan was built from
     gemv: NativeGemv4 | None = None  # native4: the bound native kernel (reads the layer's codes in place)
+    # int4: a group's zero is more than one scale away from 0 (4-bit asymmetric rows, whose codes leave no room for
+    # an offset): the kernel runs in float32 only, as for a float32 compute dtype (in 16 bits its rounded
+    # (q - 8) * scale and zero would cancel: errors of many times the compute dtype's rounding)
+    f32_only: bool = False
 
 
 def tensor_version(t: torch.Tensor | None) -> int:
@@ -728,7 +751,9 @@ def _build_plan(weight: PackedWeight) -> _Plan:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         scale = s.t().contiguous()
         zero = zero.t().contiguous()
-        return _Plan("int4", group=group, k4=k4, packed=packed, scale=scale, zero=zero, source=_source(weight))
+        f32_only = bool(((8 - off - z).abs() > 1).any())
+        return _Plan("int4", group=group, k4=k4, packed=packed, scale=scale, zero=zero, source=_source(weight),
+                     f32_only=f32_only)
     dense = _dense_only(weight)
     if dense is not None:
         return _Plan("dense", dense, source=_source(weight))
@@ -860,6 +885,8 @@ def _path(plan: _Plan, m: int, cd: torch.dtype, form: str = "") -> str:
         if m < _native_below(gemm, "" if torch.compiler.is_compiling() else form):
             return plan.kind
         return "gemm" if gemm and not torch.compiler.is_compiling() else "dense"
+    if plan.f32_only:
+        cd = torch.float32  # the int4 kernel's rule for float32 compute (the dense path keeps the layer's dtype)
     if m == 1 or (cd != torch.float32 and m < dense_min_m(plan.kind)):
         return plan.kind
     return "dense"
@@ -903,7 +930,8 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     in, the kernel, one cast out)."""
     assert plan.kind is not None
     packed, group, k, n, pad = plan.packed, plan.group, weight.k, weight.n, plan.k4 - weight.k
-    params = _params(plan, weight, cd) if plan.kind in ("int4", "int8") else None
+    kd = torch.float32 if plan.f32_only else cd  # the weight-only kernel's dtype
+    params = _params(plan, weight, kd) if plan.kind in ("int4", "int8") else None
     gemv = plan.gemv
     # native4's x mode: 3 as 16-bit integers, 2 split into two bfloat16 halves, 1 rounded to bfloat16, 0 as it is
     # (float32 FMA)
@@ -999,10 +1027,12 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             y = gemv.gemm(xk)
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
-        xc = x if dt == cd else x.to(cd)
+        on_dense = _path(plan, m, cd) in ("dense", "gemm")
+        xd = cd if on_dense else kd
+        xc = x if dt == xd else x.to(xd)
         if not xc.is_contiguous():
             xc = _contiguous(xc)
-        if _path(plan, m, cd) in ("dense", "gemm"):
+        if on_dense:
             y = dense(xc)
         else:
             if pad:

@@ -23,6 +23,7 @@ from ..kernels import (
     PackedWeight,
     dispatch_generation,
     eager_inference,
+    forget_cpu_plans,
     packed_linear,
     prepare_packed_linear,
     select_kernel,
@@ -38,8 +39,10 @@ _FLOAT_ROW_DTYPE = {16: torch.float16, 32: torch.float32}
 
 def _after_load(module: _QuantWeightBase, incompatible_keys) -> None:
     """``load_state_dict`` post-hook: ``assign=True`` replaced the stored tensors (the CPU kernels' repacked
-    weights are keyed by them and rebuilt at the next call; copied-in codes change the tensor versions)."""
+    weights are keyed by them and rebuilt at the next call; copied-in codes change the tensor versions, except
+    those of inference tensors, which track none: their repacked weights are dropped)."""
     module.refresh_kernels()
+    forget_cpu_plans(*(module._buffers.get(f"qweight_{b}") for b in module.bit_groups if 1 <= b <= 8))
 
 
 #: attribute holding a layer's prepared eager-inference matmul (never saved, copied or pickled)
