@@ -57,6 +57,7 @@ def test_pairs_build_each_source_and_compare_outputs_bit_for_bit():
     assert same[0]["identical"] is True
 
 
+@pytest.mark.skipif(not native.native_status()["gemv4"], reason="needs the native library (AVX512F + BW)")
 def test_a_pass_over_a_sequence_of_layers_reports_its_weight_bytes_and_rate():
     """``sequence``: one row per group, a pass over every layer in order, each its own weights; its bytes are the
     layers' buffers (codes, scales, zero points), the rates bytes over each source's time, the same outputs."""
