@@ -72,6 +72,7 @@ __all__ = [
     "calibrate_activations",
     "check_inputs",
     "export_onnx",
+    "int8_kernels_saturate",
     "load_calibration_batches",
     "logits_tolerance",
     "optimized_op_counts",
@@ -318,14 +319,18 @@ def _write(model: nn.Module, file: Path, args: tuple, names: list[str], output_n
         report.notes.append(f"verified with onnxruntime on the example inputs, a doubled batch and the negated "
                             f"inputs: max |diff| "
                             f"{tol[0]:.3g} <= tolerance {tol[1]:.3g}")
+        if any(p.mode == "quantize" for p in act_points(model)) and int8_kernels_saturate():
+            report.notes.append("verified unfused (ORT_ENABLE_BASIC): onnxruntime's fused 8-bit kernels saturate on "
+                                "this CPU (no VNNI); OnnxClassifier runs it unfused here too")
     return report
 
 
 def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[float, float]:
     import onnxruntime as ort
 
-    try:
-        sess = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    try:  # the options OnnxClassifier uses (unfused 8-bit steps where this CPU's fused kernels saturate)
+        sess = ort.InferenceSession(str(file), session_options(file, dequantize_weights=False),
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:  # ONNX Runtime's own reason (a type or an op it does not take)
         raise ExportError(f"onnxruntime cannot load the exported graph, not written: {e}".strip()[:2000]) from e
     worst, bound = 0.0, 0.0
@@ -573,7 +578,27 @@ def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def session_options(path: str | Path, threads: int | None = None, dequantize_weights: bool | None = None):
+def int8_kernels_saturate() -> bool:
+    """Whether ONNX Runtime's fused 8-bit kernels (QLinearConv, QGemm...) can saturate on this CPU.
+
+    Without a VNNI dot product (AVX512-VNNI, AVX-VNNI or AMX-INT8) ONNX Runtime multiplies unsigned 8-bit
+    activations by signed 8-bit weights with ``vpmaddubsw``, which adds two products ``a_1 w_1 + a_2 w_2`` in a
+    saturating 16-bit integer: ``2 * 255 * 127 = 64770 > 32767``, so sums above ``32767`` are clipped (logit
+    errors of the size of the logits on a quantized CNN). The graph itself is right: unfused, the same session
+    matches the simulation to float rounding.
+
+    Returns:
+        ``True`` on an x86 CPU without VNNI (AVX2 only, or AVX512 without VNNI).
+    """
+    from ..kernels import cpu_features
+
+    f = cpu_features()
+    x86 = bool(f.get("avx2") or f.get("avx512f"))
+    return x86 and not (f.get("avx512_vnni") or f.get("avx_vnni") or f.get("amx_int8"))
+
+
+def session_options(path: str | Path, threads: int | None = None, dequantize_weights: bool | None = None,
+                    fuse_int8: bool | None = None):
     """``onnxruntime.SessionOptions`` for an exported file.
 
     Args:
@@ -581,6 +606,10 @@ def session_options(path: str | Path, threads: int | None = None, dequantize_wei
         threads: intra-op threads (None: ONNX Runtime's default).
         dequantize_weights: set ``session.disable_quant_qdq`` so the weight ``DequantizeLinear`` nodes are
             constant-folded once; None: on when the graph quantizes no activations (see :class:`OnnxClassifier`).
+        fuse_int8: let ONNX Runtime fuse the QuantizeLinear / DequantizeLinear pairs of a graph that quantizes
+            activations into its 8-bit kernels (its default). None: fused unless those kernels saturate on this CPU
+            (:func:`int8_kernels_saturate`); then the session runs at ``ORT_ENABLE_BASIC`` (the quantize and
+            dequantize steps as written, float convolutions: correct, slower) with a one-time warning.
 
     Returns:
         The ``SessionOptions``.
@@ -591,12 +620,26 @@ def session_options(path: str | Path, threads: int | None = None, dequantize_wei
     so = ort.SessionOptions()
     if threads is not None:
         so.intra_op_num_threads = threads
+    graph = onnx.load(str(path), load_external_data=False).graph
+    quantizes_activations = any(n.op_type == "QuantizeLinear" for n in graph.node)
     if dequantize_weights is None:
-        graph = onnx.load(str(path), load_external_data=False).graph
-        dequantize_weights = not any(n.op_type == "QuantizeLinear" for n in graph.node)
+        dequantize_weights = not quantizes_activations
     if dequantize_weights:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+    if fuse_int8 is None and quantizes_activations and int8_kernels_saturate():
+        fuse_int8 = False
+        if not _warned_unfused:
+            _warned_unfused.append(True)
+            warnings.warn("onnxruntime's fused 8-bit kernels saturate on this CPU (no VNNI: 16-bit pair sums of "
+                          "u8 x s8 products); the activation-quantized graph runs unfused (ORT_ENABLE_BASIC): "
+                          "correct, slower. Deploy on a CPU with AVX512-VNNI / AVX-VNNI for the integer kernels, "
+                          "or pass fuse_int8=True to run them anyway", RuntimeWarning, stacklevel=2)
+    if fuse_int8 is False:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return so
+
+
+_warned_unfused: list[bool] = []
 
 
 class OnnxClassifier:
@@ -610,14 +653,17 @@ class OnnxClassifier:
             ``DequantizeLinear`` nodes) instead of at every call: float-convolution speed, float weights in memory,
             the file stays small. None (default): on when the graph quantizes no activations (a weight-only
             export), where no int8 fusion is lost.
+        fuse_int8: run an activation-quantized graph on ONNX Runtime's fused 8-bit kernels; None (default): unless
+            they saturate on this CPU (no VNNI, :func:`int8_kernels_saturate`), then unfused with a warning.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None, dequantize_weights: bool | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, dequantize_weights: bool | None = None,
+                 fuse_int8: bool | None = None) -> None:
         import onnxruntime as ort
 
         p = Path(path)
         p = p / "model.onnx" if p.is_dir() else p
-        so = session_options(p, threads, dequantize_weights)
+        so = session_options(p, threads, dequantize_weights, fuse_int8)
         self.session = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 

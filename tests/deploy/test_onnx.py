@@ -538,3 +538,31 @@ def test_pruned_channels_keep_their_folded_bias_in_the_integer_conv(tmp_path):
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     bound = logits_tolerance(sim)
     assert float(np.abs(got - want).max()) <= (1e-3 if bound is None else bound)  # the lost bias: 0.05
+
+
+def test_activation_quantized_graphs_run_unfused_where_the_int8_kernels_saturate(tmp_path, monkeypatch):
+    """Without VNNI, onnxruntime's fused u8 x s8 kernels add product pairs in saturating 16-bit integers (logit
+    errors of the logits' size on a trained CNN, seen on an AVX2 CPU): there the session runs the quantize /
+    dequantize steps unfused (ORT_ENABLE_BASIC), elsewhere fused; the flag decides when given. Reference: the
+    simulation's logits (unfused ORT matches them to float rounding)."""
+    import medquant.deploy.onnx as onnx_mod
+
+    torch.manual_seed(0)
+    model = tiny_cnn(num_classes=3).eval()
+    quantize_(model, INT8)
+    x = torch.randn(16, 3, 32, 32)
+    sim = calibrate_activations(model, x.split(8))
+    D.export(sim, tmp_path / "m.onnx", format="onnx", example_inputs=x[:2])
+    basic, default = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.SessionOptions().graph_optimization_level
+    onnx_mod._warned_unfused.clear()
+    monkeypatch.setattr(onnx_mod, "int8_kernels_saturate", lambda: True)
+    with pytest.warns(RuntimeWarning, match="saturate on this CPU"):
+        assert session_options(tmp_path / "m.onnx").graph_optimization_level == basic
+    assert session_options(tmp_path / "m.onnx", fuse_int8=True).graph_optimization_level == default
+    with torch.no_grad():
+        want = sim(x).numpy()
+    got = OnnxClassifier(tmp_path / "m.onnx")(x)
+    assert np.abs(got - want).max() <= logits_tolerance(sim)
+    monkeypatch.setattr(onnx_mod, "int8_kernels_saturate", lambda: False)
+    assert session_options(tmp_path / "m.onnx").graph_optimization_level == default
+    assert session_options(tmp_path / "m.onnx", fuse_int8=False).graph_optimization_level == basic
