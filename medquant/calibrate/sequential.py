@@ -166,8 +166,17 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 def _tied_map(model: nn.Module) -> dict[str, str]:
-    """Both directions of Hugging Face tied-weight keys (``lm_head.weight`` <-> ``embed_tokens.weight``)."""
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    """Both directions of Hugging Face tied-weight keys (``lm_head.weight`` <-> ``embed_tokens.weight``), of the
+    model and of every Hugging Face model inside it (a classifier wrapping a VLM: ``vlm.lm_head.weight``), under
+    their full names."""
+    tied: dict[str, str] = {}
+    for prefix, mod in model.named_modules():
+        keys = getattr(mod, "all_tied_weights_keys", None)
+        if not keys or not isinstance(keys, dict):
+            continue
+        p = f"{prefix}." if prefix else ""
+        for t, src in keys.items():
+            tied.setdefault(p + t, p + src)
     return {**tied, **{s: t for t, s in tied.items()}}
 
 

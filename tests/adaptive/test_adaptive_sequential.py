@@ -67,9 +67,11 @@ def test_sequential_weights_equal_whole_model(name):
     assert torch.equal(_call(seq, entry, inputs, levels), _call(whole, entry, inputs, levels))
 
 
-def test_sequential_weights_from_meta_checkpoint(tmp_path):
-    """A classifier skeleton built on the meta device, its float weights streamed from safetensors."""
-    entry = ZOO_BY_NAME["llava"]
+@pytest.mark.parametrize("name", ["llava", "gemma3_vlm"])
+def test_sequential_weights_from_meta_checkpoint(name, tmp_path):
+    """A classifier skeleton built on the meta device, its float weights streamed from safetensors (Gemma 3: its
+    head tied to the input embeddings inside the wrapped VLM is stored once, under the embeddings' name)."""
+    entry = ZOO_BY_NAME[name]
     clf = _classifier(entry)
     inputs = entry.inputs(clf.vlm)
     save_model(clf, str(tmp_path / "clf.safetensors"))
