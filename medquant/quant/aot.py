@@ -46,8 +46,10 @@ constant of up to 8 values into the code as a literal). Consequences, stated pla
   kernel choices, every tensor's dtype, shape and strides, the sizes each program was compiled for (batch,
   ``max_len``, tokens per call, cache length and its inputs' dtypes, shapes and strides, recorded in its package)
   against the manifest's, and (unless ``check_weights=False``) the SHA-256 of the model's parameters and
-  buffers. A decoder whose programs hold tensors that are not the model's (layers without a native kernel on this
-  CPU, compiled in with their weights) cannot be saved;
+  buffers. Quantized layers without a native kernel on this CPU, on torch's int4 / int8 weight-only kernels, are
+  called through the custom op ``medquant::packed_linear`` on their own tensors (run eagerly at each call:
+  correct, slower), so those programs too read only the model's tensors and can be saved; a decoder
+  whose programs hold tensors that are not the model's (captured by a traced forward) cannot be saved;
 * the decoder computes with the weights as they were when it was compiled (bound matmuls hold the repacked
   weights; the constants are the tensors the model held then): compile again after changing weights;
 * one batch size and one maximum length per decoder; prompts of different lengths are padded on the left with an
@@ -233,6 +235,31 @@ def _lanes_by_tensor(model: nn.Module, lanes: dict[str, Any], handles: _Handles)
             m.__dict__[_BOUND_LANE] = lane
 
 
+@contextlib.contextmanager
+def _laneless_unbound(model: nn.Module, lanes: dict[str, Any]):
+    """While tracing: the quantized layers bound without a native lane (not in ``lanes``: no native kernel on this
+    CPU) to torch's int4 / int8 weight-only kernels unbound, then bound again.
+
+    Such a layer is then traced as an unbound one is, through the custom op ``medquant::packed_linear`` on its own
+    tensors (the op runs eagerly at each call, on the layer's cached repacked weights). Its bound matmul would
+    capture the repacked weights and scales it made, tensors that are not the model's: the exporter lifts them as
+    constants, which AOTInductor renames (``_tensor_constant<i>``), so they could not be handed to the programs.
+    A layer bound to the dense path stays bound (traced, it dequantizes the layer's own tensors)."""
+    from ..kernels.cpu import cpu_plan
+    from .modules import _BOUND, QuantLinear
+
+    laneless = [(m, m.__dict__[_BOUND]) for name, m in model.named_modules()
+                if isinstance(m, QuantLinear) and name not in lanes and _BOUND in m.__dict__
+                and cpu_plan(m.packed_weight(m.bit_groups[0])).kind in ("int4", "int8")]
+    try:
+        for m, _ in laneless:
+            del m.__dict__[_BOUND]
+        yield
+    finally:
+        for m, bound in laneless:
+            m.__dict__[_BOUND] = bound
+
+
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``module`` by name, tied ones under each of their names (as the exporter names
     a program's constants)."""
@@ -342,7 +369,8 @@ class AOTDecoder:
         batch_size: the batch the programs were compiled for.
         max_len: cache positions: prompt plus generated tokens of one sequence, at most.
         chunks: tokens per call of the prompt programs, ascending (empty: the step program only).
-        bound_layers: quantized layers bound to a native kernel (their weights are not in the programs).
+        bound_layers: quantized layers bound to a native kernel, called by handle (the others read their own
+            tensors: through the custom op ``medquant::packed_linear``, or dequantized in the programs).
         export_s: seconds spent exporting the programs (0 for a loaded decoder).
         compile_s: seconds spent compiling and loading them (loading only, for a loaded decoder).
         folder: the temporary folder of the compiled packages (removed by :meth:`close`), None for a loaded decoder.
@@ -618,14 +646,14 @@ class AOTDecoder:
 
         Raises:
             ValueError: the folder is not empty, the decoder was closed, or the programs hold tensors that are not
-                the model's (layers without a native kernel on this CPU: compiled in, not loadable elsewhere).
+                the model's (captured by a traced forward: compiled in, not loadable elsewhere).
         """
         if not self._programs:
             raise ValueError("this decoder was closed; nothing to save")
         if self._spec["foreign"]:
             raise ValueError(f"this decoder's programs hold {len(self._spec['foreign'])} tensors that are not the "
-                             f"model's (e.g. {self._spec['foreign'][0]!r}: a quantized layer without a native kernel "
-                             "on this CPU is compiled in with its weights), so they cannot be loaded with a model; "
+                             f"model's (e.g. {self._spec['foreign'][0]!r}: a tensor captured by the traced forward "
+                             "is compiled in), so they cannot be loaded with a model; "
                              "save the model and compile again where it is to run")
         folder = Path(path)
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -821,8 +849,9 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
         lanes, _, quantized = _bind(model)
         if len(lanes) < quantized:
             warnings.warn(f"compile_decoder: {quantized - len(lanes)} of {quantized} quantized layers have no native "
-                          "kernel on this CPU; they run their traced path (correct, slower, their weights held "
-                          "by the programs, which then cannot be saved)", stacklevel=2)
+                          "kernel on this CPU; the programs call them through medquant's custom op (packed_linear "
+                          "on their own tensors, run eagerly at each call) or dequantize their tensors (the dense "
+                          "path): correct, slower", stacklevel=2)
         handles = _Handles([lane.handle for lane in lanes.values()])
         cache = _static_cache(model, batch_size, max_len)
         # taken before exporting: the export's tracing leaves its own tensors on the cache object's layers
@@ -850,7 +879,8 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
             bar.set_postfix_str(f"export {name} {length}")
             t = time.perf_counter()
             inputs = _program_inputs(batch_size, n, length, mask, keys, values)
-            with torch.no_grad(), _lanes_by_tensor(model, lanes, handles), _step_attention(model, n == 1):
+            with torch.no_grad(), _lanes_by_tensor(model, lanes, handles), _laneless_unbound(model, lanes), \
+                    _step_attention(model, n == 1):
                 ep = torch.export.export(step, inputs, strict=False)
             export_s += time.perf_counter() - t
             bar.update()
