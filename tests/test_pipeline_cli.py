@@ -82,18 +82,12 @@ def test_cli_pipeline_layer_select_without_pruning_is_an_argument_error(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def _text(tmp_path):
-    text = tmp_path / "t.txt"
-    text.write_text("\n".join(f"{r} ({i})" for i, r in enumerate(REPORTS * 8)))
-    return text
-
-
 def test_cli_pipeline_and_prune_rerun_into_the_same_out_gives_a_verified_checkpoint(tmp_path, capsys):
     from medquant.prune import parameter_report
-    from tests.cli.tiny_folder import tiny_llama_folder
+    from tests.cli.tiny_folder import report_text_file, tiny_llama_folder
 
     src = tiny_llama_folder(tmp_path / "src")
-    text = _text(tmp_path)
+    text = report_text_file(tmp_path)
     p, q = tmp_path / "p", tmp_path / "q"
     for ffn in ("0.25", "0.5"):
         assert main(["pipeline", str(src), "--out", str(p), "--heads", "0", "--ffn", ffn, "--train", "none",

@@ -86,29 +86,21 @@ def _same_state(model, state):
     return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("grid", [0, -1, True, 2.5, "10"])
-def test_bad_grid_is_refused_before_the_model_changes(grid):
-    """grid=0 used to raise a bare ZeroDivisionError and grid=-1 skipped the search (plain RTN, err_awq=inf)."""
+@pytest.mark.parametrize("option,value,match", [
+    *[("grid", v, rf"grid must be an integer >= 1 .*got {v!r}") for v in (0, -1, True, 2.5, "10")],
+    *[("max_rows", v, rf"max_rows must be None .* or an integer >= 1, got {v!r}") for v in (0, -1, True, 8.0)],
+])
+def test_bad_search_options_are_refused_before_the_model_changes(option, value, match):
+    """grid=0 used to raise a bare ZeroDivisionError and grid=-1 skipped the search (plain RTN, err_awq=inf);
+    max_rows=0 was reported as NaN/inf *weights* and max_rows=-1 silently dropped one row."""
     e = ZOO_BY_NAME["llama"]
     model = e.build()
     before = _state(model)
     for fn in (search_and_fold, awq_quantize_):
-        with pytest.raises(ValueError, match=rf"grid must be an integer >= 1 .*got {grid!r}"):
-            fn(model, CFG3, [e.inputs(model)], grid=grid, progress=False)
+        with pytest.raises(ValueError, match=match):
+            fn(model, CFG3, [e.inputs(model)], progress=False, **{option: value})
         assert _same_state(model, before)
         assert not any(type(m).__name__ == "QuantLinear" for m in model.modules())
-
-
-@pytest.mark.parametrize("max_rows", [0, -1, True, 8.0])
-def test_bad_max_rows_is_refused_before_the_model_changes(max_rows):
-    """max_rows=0 used to be reported as NaN/inf *weights*; max_rows=-1 silently dropped one row."""
-    e = ZOO_BY_NAME["llama"]
-    model = e.build()
-    before = _state(model)
-    for fn in (search_and_fold, awq_quantize_):
-        with pytest.raises(ValueError, match=rf"max_rows must be None .* or an integer >= 1, got {max_rows!r}"):
-            fn(model, CFG3, [e.inputs(model)], max_rows=max_rows, progress=False)
-        assert _same_state(model, before)
 
 
 def test_nan_activations_name_the_layer_and_batch_not_the_weights():

@@ -5,22 +5,15 @@ from __future__ import annotations
 import json
 
 from medquant.cli import main
-from tests.cli.tiny_folder import tiny_llama_folder
-from tests.prune.real_models import REPORTS
-
-
-def _text(tmp_path):
-    text = tmp_path / "t.txt"
-    text.write_text("\n".join(f"{r} ({i})" for i, r in enumerate(REPORTS * 8)))
-    return text
+from tests.cli.tiny_folder import report_text_file, tiny_llama_folder
 
 
 def test_quantize_refuses_a_medquant_checkpoint_instead_of_random_weights(tmp_path, capsys):
     src = tiny_llama_folder(tmp_path / "src")
     ck = tmp_path / "ck"
     assert main(["pipeline", str(src), "--out", str(ck), "--heads", "0", "--ffn", "0", "--train", "none",
-                 "--quant", "rtn", "--group-size", "32", "--text", str(_text(tmp_path)), "--calib-samples", "4",
-                 "--max-length", "16"]) == 0
+                 "--quant", "rtn", "--group-size", "32", "--text", str(report_text_file(tmp_path)),
+                 "--calib-samples", "4", "--max-length", "16"]) == 0
     capsys.readouterr()
     for argv in (["quantize", str(ck), str(tmp_path / "q"), "--bits", "8", "--group-size", "32"],
                  ["prune", str(ck), "--out", str(tmp_path / "q"), "--importance", "magnitude"]):
@@ -53,7 +46,7 @@ def test_prune_layer_select_failure_leaves_no_output_and_names_the_allocated_rat
     src = tiny_llama_folder(tmp_path / "src")
     out = tmp_path / "out"
     assert main(["prune", str(src), "--out", str(out), "--heads", "0.7", "--ffn", "0.3", "--layer-select",
-                 "--calib-text", str(_text(tmp_path)), "--calib-samples", "4", "--max-length", "16"]) == 2
+                 "--calib-text", str(report_text_file(tmp_path)), "--calib-samples", "4", "--max-length", "16"]) == 2
     err = capsys.readouterr().err
     assert "allocated to that block from the mean you gave (--heads 0.7" in err
     assert not out.exists()  # no block_influence.png left behind

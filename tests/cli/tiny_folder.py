@@ -1,11 +1,12 @@
-"""A tiny random LLaMA folder with a real tokenizer, as the command-line tests run ``medquant`` verbs on it."""
+"""A tiny random LLaMA folder with a real tokenizer, as the command-line tests run ``medquant`` verbs on it, and a
+text file of real reports to calibrate and train it with."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from tests.prune.real_models import minilm_dir
+from tests.prune.real_models import REPORTS, minilm_dir
 
 
 def tiny_llama_folder(path: Path) -> Path:
@@ -20,3 +21,10 @@ def tiny_llama_folder(path: Path) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def report_text_file(folder: Path) -> Path:
+    """``folder / "t.txt"``: the real reports eight times over, one per line, each numbered so no two lines match."""
+    text = folder / "t.txt"
+    text.write_text("\n".join(f"{r} ({i})" for i, r in enumerate(REPORTS * 8)))
+    return text
