@@ -620,8 +620,10 @@ def session_options(path: str | Path, threads: int | None = None, dequantize_wei
     so = ort.SessionOptions()
     if threads is not None:
         so.intra_op_num_threads = threads
-    graph = onnx.load(str(path), load_external_data=False).graph
-    quantizes_activations = any(n.op_type == "QuantizeLinear" for n in graph.node)
+    quantizes_activations = False
+    if dequantize_weights is None or fuse_int8 is None:  # decided by the graph: read it (without external data)
+        graph = onnx.load(str(path), load_external_data=False).graph
+        quantizes_activations = any(n.op_type == "QuantizeLinear" for n in graph.node)
     if dequantize_weights is None:
         dequantize_weights = not quantizes_activations
     if dequantize_weights:
