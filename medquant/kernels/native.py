@@ -42,9 +42,12 @@ arguments bound once in an array); calling it computes
     y[i, r] = sum_g s[r, g] * (sum_{j in g} u[r, j] x~[i, j] - z[r, g] * sum_{j in g} x~[i, j])
 
 (``x~``: the input itself, rounded to bfloat16, or split into two bfloat16 halves: :class:`NativeGemv4`) with
-exact products and float32 sums, reading the codes in place. It is compiled only with AVX512F + AVX512BW (``-march=native`` on such a CPU; it multiplies
-bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to float32);
-:func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream``. Two operators wrap it for
+exact products and float32 sums, reading the codes in place. It is compiled with AVX512F + AVX512BW (``-march=native`` on such a CPU; it multiplies
+bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to float32), or, on a CPU with
+AVX2 + FMA but no AVX512 (``gemv_avx2``), in a float32 form for every width and group layout: blocks of 32 codes
+widened to float32 in column order and multiplied by FMA, ``x~`` the input itself (or rounded to bfloat16 where
+asked: split and 16-bit-integer ``x`` are exact there, as without AVX512-BF16 / VNNI);
+:func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream`` / ``gemv_avx2``. Two operators wrap it for
 ``torch.compile``: ``medquant::gemv4`` (the weight's tensors as arguments) and ``medquant::gemv4_bound`` (a bound
 matmul named by its handle, an integer: what a compiled decode step calls, holding no weight tensors).
 
@@ -119,7 +122,7 @@ class _State:
     path: str | None = None
     openmp: bool = False
     float16: bool = False
-    gemv: int = 0  # mq_gemv4_caps(): bit 0 the matmul is compiled in, bit 1 it uses AVX512-BF16, bit 2 other widths
+    gemv: int = 0  # mq_gemv4_caps(): bit 0 the matmul is compiled in, bit 1 AVX512-BF16, bit 2 other widths, 3 gemm, 4 AVX2
     flags: tuple[str, ...] = ()
 
 
@@ -355,9 +358,10 @@ def native_status(build: bool = True) -> dict[str, object]:
 
     Returns:
         ``{"active": bool, "reason": str ("" when active), "library": path or None, "openmp": bool,
-        "float16": bool, "gemv4": bool (the 4- and 8-bit weight-only matmuls are compiled in: AVX512F + BW),
-        "gemv4_bf16": bool (it multiplies bfloat16 pairs with AVX512-BF16), "gemv_stream": bool (it also reads the
-        dense 3/5/6/7-bit layout and 1- and 2-bit containers: AVX512-VBMI + VL), "gemm": bool (the blocked matmul
+        "float16": bool, "gemv4": bool (the 4- and 8-bit weight-only matmuls are compiled in: AVX512F + BW, or
+        AVX2 + FMA), "gemv4_bf16": bool (it multiplies bfloat16 pairs with AVX512-BF16), "gemv_stream": bool (it
+        also reads the dense 3/5/6/7-bit layout and 1- and 2-bit containers: AVX512-VBMI + VL, or AVX2 + FMA),
+        "gemv_avx2": bool (the matmul is the float32 AVX2 + FMA form of a CPU without AVX512), "gemm": bool (the blocked matmul
         for many rows, :meth:`NativeGemv4.gemm`, is compiled in: AVX512-VNNI), "flags": [compiler flags],
         "cache_dir": str}``.
     """
@@ -371,7 +375,7 @@ def native_status(build: bool = True) -> dict[str, object]:
     return {"active": active, "reason": reason, "library": _state.path, "openmp": _state.openmp,
             "float16": _state.float16, "gemv4": bool(active and _state.gemv & 1),
             "gemv4_bf16": bool(active and _state.gemv & 2), "gemv_stream": bool(active and _state.gemv & 4),
-            "gemm": bool(active and _state.gemv & 8), "flags": list(_state.flags),
+            "gemv_avx2": bool(active and _state.gemv & 16), "gemm": bool(active and _state.gemv & 8), "flags": list(_state.flags),
             "cache_dir": str(cache_dir())}
 
 
@@ -846,7 +850,7 @@ def gemv4_decline(weight: PackedWeight) -> str | None:
     width = storage_bits(weight.bits, weight.dense)
     if width not in (4, 8) and _state.lib is not None and not _state.gemv & 4:
         return (f"{weight.bits}-bit rows stored in {width} bits per code need the library's stream kernel "
-                "(AVX512-VBMI), which this build lacks; it reads 4- and 8-bit containers")
+                "(AVX512-VBMI, or AVX2 + FMA without AVX512), which this build lacks; it reads 4- and 8-bit containers")
     if weight.device.type != "cpu":
         return f"the native kernel runs CPU tensors only, not {weight.device}"
     if weight.scope == "group" and weight.group_elems % 32:
@@ -857,7 +861,7 @@ def gemv4_decline(weight: PackedWeight) -> str | None:
 def native_gemv4(weight: PackedWeight, scale: torch.Tensor | None = None,
                  zero: torch.Tensor | None = None) -> NativeGemv4 | None:
     """The native weight-only matmul of one row group, or None when it cannot run here: ``$MEDQUANT_NATIVE=0``, no
-    library, a library built without AVX512F + BW, a layout it does not read (:func:`gemv4_decline`).
+    library, a library built without AVX512F + BW or AVX2 + FMA, a layout it does not read (:func:`gemv4_decline`).
 
     It reads every layout: 4-bit containers (4-bit rows, 3-bit rows of the version-1 layout), 8-bit containers
     (8-bit rows, 5..7-bit rows of the version-1 layout) and, where the library has AVX512-VBMI, the dense

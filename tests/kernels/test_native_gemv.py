@@ -649,11 +649,17 @@ def test_native4_activations_setting():
         set_cpu_native4_activations(None)
         y_again = layer(x)
     if _available():
-        assert cpu_plan(layer.packed_weight(4)).gemv.int16_form
-        assert _rel_err(y_int16, _ref(layer, x, "int16")) < 1e-5
+        # the int16 form where the library has vpdpwssd (AVX512-VNNI); else (AVX2 form, AVX512 without VNNI) the
+        # setting runs as split, which is x itself without bfloat16 products
+        int16 = cpu_plan(layer.packed_weight(4)).gemv.int16_form
+        assert int16 == bool(native_status()["gemm"])
+        assert _rel_err(y_int16, _ref(layer, x, "int16" if int16 else torch.float32)) < 1e-5
         assert _rel_err(y_split, _ref(layer, x, torch.float32)) < 1e-5
         assert _rel_err(y_round, _ref(layer, x, torch.bfloat16)) < 1e-5
-        assert _rel_err(y_int16, _ref(layer, x, torch.float32)) > 1e-7  # not the split result: another x~
+        if int16:
+            assert _rel_err(y_int16, _ref(layer, x, torch.float32)) > 1e-7  # not the split result: another x~
+        else:
+            torch.testing.assert_close(y_int16, y_split, rtol=0, atol=0)
         torch.testing.assert_close(y_again, y_int16, rtol=0, atol=0)
     for bad in ("exact", "", 2):
         with pytest.raises(ValueError, match="native4 activations"):
@@ -684,7 +690,8 @@ def test_native8_holds_no_repacked_copy_and_matches_the_int8_kernel():
     assert _rel_err(y_aten, _ref(layer, x, torch.float32)) < 2e-2
     if _available():
         assert native_bytes == 4  # the scales are read in place (float16), the zero point is one float32 value
-        assert _rel_err(y_native, _ref(layer, x, "int16")) < 1e-5
+        int16 = bool(native_status()["gemm"])  # the int16 form needs vpdpwssd; else x itself (split, no bf16 products)
+        assert _rel_err(y_native, _ref(layer, x, "int16" if int16 else torch.float32)) < 1e-5
         set_cpu_int4_kernel("auto")
         gemv = cpu_plan(layer.packed_weight(8)).gemv
         assert gemv is not None and gemv.bits == 8
@@ -727,7 +734,8 @@ def test_stream_layouts_run_in_place_and_match_the_int4_kernel(bits):
     assert cpu_cache_bytes() >= n * k // 2  # the kernel's 4-bit copy
     ref = _ref(layer, x, torch.float32)
     # 16-bit integer x from NATIVE_INT16_MIN_BITS (3) bits on, split x (float32's precision) below
-    assert _rel_err(y_native, _ref(layer, x, "int16" if bits >= NATIVE_INT16_MIN_BITS else torch.float32)) < 1e-5
+    assert _rel_err(y_native, _ref(layer, x, "int16" if gemv.int16_form and bits >= NATIVE_INT16_MIN_BITS
+                                                 else torch.float32)) < 1e-5
     assert _rel_err(y_aten, ref) < 2e-2
     assert _rel_err(y_native, y_aten.double()) < 2e-2
 
@@ -795,3 +803,83 @@ def test_kernel_params_read_the_layer_in_place_where_they_can(cfg, in_place):
     a, b = native_gemv4(w), native_gemv4(w, s_ref, z_ref)
     for xmode in (0, 1, 2):
         torch.testing.assert_close(a(x, xmode), b(x, xmode), rtol=0, atol=0)
+
+
+def avx2_form_check() -> None:
+    """The library's AVX2 + FMA form (a CPU without AVX512) against the float64 reference: every layout of
+    :data:`CONFIGS` (4- and 8-bit containers, the dense 3/5/6/7-bit stream, 1- and 2-bit containers, version-1
+    containers), K padded and not a multiple of 32, N odd, M = 1..13, each ``xmode`` (0, 2 and 3 take ``x``
+    itself, 1 ``x`` rounded to bfloat16), bfloat16 inputs and outputs; the path a quantized layer takes at small
+    M and its output through the layer. Run in this process where the library is that form, else in a child
+    process that builds it (:func:`test_the_avx2_form_matches_the_reference`)."""
+    st = native_status()
+    assert st["gemv_avx2"] and st["gemv4"] and st["gemv_stream"], st
+    assert not st["gemm"] and not st["gemv4_bf16"], st  # float32 products only
+    g = torch.Generator().manual_seed(3)
+    for cfg_id, (cfg, version) in CONFIGS.items():
+        for n, k in ((48, 576), (97, 200), (17, 333), (1, 40)):
+            if cfg.scope == "group" and k % cfg.group_size and k < cfg.group_size:
+                cfg = QuantConfig(cfg.bits, symmetric=cfg.symmetric, group_size=32)
+            layer = _layer(n, k, cfg, bias=True)
+            if version == 1:
+                layer = layer.to_layout(1)
+            w = layer.packed_weight(cfg.bits)
+            gemv = native_gemv4(w)
+            assert gemv is not None and not gemv.int16_form and not gemv.has_gemm, (cfg_id, n, k)
+            d = layer.dequantized_weight(torch.float64)
+            for m in (1, 3, 8, 13):
+                x = torch.randn(m, k, generator=g) * 3
+                exact = (x.double() @ d.t()).float()
+                for xmode in (0, 1, 2, 3):
+                    ref = x.bfloat16().double() @ d.t() if xmode == 1 else exact.double()
+                    err = _rel_err(gemv(x, xmode), ref)
+                    assert err < 1e-5, (cfg_id, n, k, m, xmode, err)
+                xb = x.bfloat16()
+                yb = gemv(xb, 0)
+                assert yb.dtype == torch.bfloat16, (cfg_id, yb.dtype)
+                assert _rel_err(yb, xb.double() @ d.t()) < 1e-2, (cfg_id, n, k, m)
+                set_cpu_compute_dtype(torch.float32)
+                assert cpu_path(x, w) == f"native{storage_bits(cfg.bits, w.dense)}", (cfg_id, m)
+                with torch.no_grad():
+                    y = layer(x)
+                assert _rel_err(y, _ref(layer, x, torch.float32)) < 1e-5, (cfg_id, n, k, m)
+
+
+_AVX2_CHILD = r'''
+import torch
+from tests.kernels.test_native_gemv import avx2_form_check
+from medquant.kernels.native import native_status
+avx2_form_check()
+print(native_status()["library"])
+print("ok")
+'''
+
+
+@pytest.mark.filterwarnings("ignore:medquant CPU kernels:RuntimeWarning")
+def test_the_avx2_form_matches_the_reference(tmp_path):
+    """The native matmul of a CPU with AVX2 + FMA and no AVX512 (:func:`avx2_form_check`): checked here where the
+    library is that form; on an AVX512 CPU, in a child process whose library is built with ``-mno-avx512f`` (in
+    its own cache folder: options given in ``$CC`` are part of the build key)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from medquant.kernels.cpu import cpu_features
+
+    st = native_status()
+    if st["gemv_avx2"]:
+        avx2_form_check()
+        return
+    if not st["active"] or not cpu_features()["avx2"]:
+        pytest.skip("needs the native library and a CPU with AVX2")
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    env = {**os.environ, "CC": f"{cc} -mno-avx512f", "MEDQUANT_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _AVX2_CHILD], env=env, capture_output=True, text=True, check=False,
+                         timeout=900)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-4000:]
+    assert Path(out.stdout.strip().splitlines()[-2]).parent.name != Path(st["library"]).parent.name

@@ -402,9 +402,17 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
 #define MQ_GEMV_STREAM 0
 #endif
 
-/* bit 3: the blocked matmul (gemm_run, mq_call's flag 16) is compiled in (AVX512-VNNI) */
+#if !MQ_GEMV_F32 && defined(__AVX2__) && defined(__FMA__)
+#define MQ_GEMV_AVX2 1 /* gemv_avx2_run: float32 FMA on every width, without AVX512 */
+#else
+#define MQ_GEMV_AVX2 0
+#endif
+
+/* bit 3: the blocked matmul (gemm_run, mq_call's flag 16) is compiled in (AVX512-VNNI); bit 4: the matmul is
+ * the AVX2 form (gemv_avx2_run: every width, float32 products only), bits 0 and 2 then set as well */
 int mq_gemv4_caps(void) {
-    return MQ_GEMV_F32 | (MQ_GEMV_BF16 << 1) | (MQ_GEMV_STREAM << 2) | (MQ_GEMM_CAP << 3);
+    return (MQ_GEMV_F32 | MQ_GEMV_AVX2) | (MQ_GEMV_BF16 << 1) | ((MQ_GEMV_STREAM | MQ_GEMV_AVX2) << 2) |
+           (MQ_GEMM_CAP << 3) | (MQ_GEMV_AVX2 << 4);
 }
 
 #if MQ_GEMV_F32
@@ -963,6 +971,235 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
 }
 #endif
 
+/* ---------------------------------------------------------------------------------------------------------
+ * The weight-only matmul on CPUs with AVX2 + FMA but without AVX512F + BW (gemv_avx2_run, called by gemv_run in
+ * such builds): every width (4- and 8-bit containers, 1- and 2-bit containers, the dense 3/5/6/7-bit stream),
+ * every group layout gemv_run takes, the same sum as above,
+ *
+ *     y[i, r] = sum_g s[r, g] * ( sum_{j in g} u[r, j] x~[i, j] )  -  sum_g s[r, g] z[r, g] X[i, g],
+ *     X[i, g] = sum_{j in g} x~[i, j],
+ *
+ * with float32 products and sums only: x~ is x itself for xmode 0, 2 and 3 (no bfloat16 products or 16-bit
+ * integers here, so split and int16 x are exact, as in an AVX512 build without AVX512-BF16 / VNNI) and x rounded
+ * to bfloat16 for xmode 1. Codes are exact in float32, so each product u x~ is exact; the sums are float32.
+ *
+ * Blocks of 32 columns in column order, each inside one group (groups are multiples of 32 columns, or one group
+ * covers the row): the block's 32 codes as bytes (8-bit containers: the row's own bytes; 4-bit containers: 16
+ * bytes split into low and high nibbles and interleaved back into column order in registers; other widths:
+ * the row unpacked once into a per-thread buffer), widened 8 at a time to float32 (vpmovzxbd, vcvtdq2ps) and
+ * multiplied into two 8-lane accumulators per row of x with FMA; at a group's last block the accumulators are
+ * scaled by s[r, g] into the row's total. The columns after the last full block (k not a multiple of 32) are
+ * read one code at a time into a zero-filled block. Up to 8 rows of x share each widened block. Rows of the
+ * weight are split over threads (OpenMP), MQ_GEMV_RB at a time.
+ * --------------------------------------------------------------------------------------------------------- */
+#if MQ_GEMV_AVX2
+#include <immintrin.h>
+#define MQ_GEMV_RB 16
+#ifndef MQ_AVX2_PREFETCH
+#define MQ_AVX2_PREFETCH 1024 /* bytes of codes prefetched ahead of the ones being read (a hint, never faults) */
+#endif
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* code j of a row stored as a stream of `bits`-bit codes, lowest bits first (every layout is one: containers of
+ * 1, 2, 4 and 8 bits hold 8 / bits codes per byte, the lowest column in the lowest bits); reads no byte past
+ * the code's last bit */
+static inline uint32_t code_at(const uint8_t *row, int bits, int64_t j) {
+    const int64_t bit = j * bits, byte = bit / 8;
+    const int sh = (int)(bit % 8);
+    uint32_t v = row[byte];
+    if (sh + bits > 8) v |= (uint32_t)row[byte + 1] << 8;
+    return (v >> sh) & ((1u << bits) - 1u);
+}
+
+/* the 32 codes of the block at p (bytes) as four vectors of 8 float32 codes, column order */
+static inline __attribute__((always_inline)) void widen32(const uint8_t *p, __m256 *c) {
+    const __m128i a = _mm_loadu_si128((const __m128i *)p), b = _mm_loadu_si128((const __m128i *)(p + 16));
+    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
+    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)));
+    c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+}
+
+/* 4-bit containers: the 16 bytes at p hold columns 2t (low nibble) and 2t + 1 (high nibble) of the block */
+static inline __attribute__((always_inline)) void widen32_nib(const uint8_t *p, __m256 *c) {
+    const __m128i w = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(w, m4), hi = _mm_and_si128(_mm_srli_epi16(w, 4), m4);
+    const __m128i a = _mm_unpacklo_epi8(lo, hi), b = _mm_unpackhi_epi8(lo, hi); /* columns 0..15, 16..31 */
+    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
+    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)));
+    c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+}
+
+/* sum_g s[r, g] z[r, g] X[g] (the zero points' term of row r against one row of group sums X), 8 groups at a time
+ * where the scales are float32 */
+static inline float szx(const mq_params *p, int64_t r, int64_t ng, const float *X) {
+    if (p->sz & 1) { /* float16 scales */
+        float c = 0.0f;
+        for (int64_t g = 0; g < ng; ++g) c += param_s(p, r * ng + g) * param_z(p, r * ng + g) * X[g];
+        return c;
+    }
+    const float *s = (const float *)p->s + r * ng;
+    __m256 a = _mm256_setzero_ps();
+    int64_t g = 0;
+    float c = 0.0f;
+    if (p->sz & 4) { /* one zero point: z * sum_g s X */
+        for (; g + 8 <= ng; g += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(X + g), a);
+        for (; g < ng; ++g) c += s[g] * X[g];
+        return param_z(p, 0) * (hsum8(a) + c);
+    }
+    if (p->sz & 2) { /* float16 zero points */
+        for (; g < ng; ++g) c += s[g] * param_z(p, r * ng + g) * X[g];
+        return c;
+    }
+    const float *z = (const float *)p->z + r * ng;
+    for (; g + 8 <= ng; g += 8)
+        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(z + g)), _mm256_loadu_ps(X + g), a);
+    for (; g < ng; ++g) c += s[g] * z[g] * X[g];
+    return hsum8(a) + c;
+}
+
+/* rows r0..r1 of the weight against rows m0..m0+mb of x~ (xp: rows of xps float32, zeros from column k on; xs:
+ * (m, ng) group sums); ub: this thread's buffer of xps bytes (unpacked codes of the other widths) */
+static inline __attribute__((always_inline)) void avx2_rows(
+    const int bits, const int dense, const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t k,
+    int64_t ge, int64_t ng, const mq_params *prm, const float *xp, int64_t xps, const float *xs, uint8_t *ub,
+    const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
+    const int64_t kb = k / 32; /* full blocks; the rest of the columns (< 32) in a zero-filled block */
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t *row = q + r * row_bytes;
+        if (bits != 4 && bits != 8 && kb > 0) unpack_row(row, bits, dense, 32 * kb, ub);
+        __m256 tot[8], acc[8], acc2[8], acc3[8], acc4[8];
+        for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm256_setzero_ps();
+        const int64_t nb = kb + (k % 32 ? 1 : 0), bpg = ng > 1 ? ge / 32 : nb; /* blocks per group */
+        for (int64_t b0 = 0, g = 0; b0 < nb; b0 += bpg, ++g) {
+            const int64_t b1 = b0 + bpg < nb ? b0 + bpg : nb;
+            for (int64_t b = b0; b < b1; ++b) {
+                __m256 c[4];
+                if (b < kb) {
+#if MQ_AVX2_PREFETCH > 0
+                    _mm_prefetch((const char *)(row + b * 4 * bits + MQ_AVX2_PREFETCH), _MM_HINT_T0);
+#endif
+                    if (bits == 8)
+                        widen32(row + 32 * b, c);
+                    else if (bits == 4)
+                        widen32_nib(row + 16 * b, c);
+                    else
+                        widen32(ub + 32 * b, c);
+                } else {
+                    uint8_t t[32];
+                    memset(t, 0, sizeof t);
+                    for (int64_t j = 32 * b; j < k; ++j) t[j - 32 * b] = (uint8_t)code_at(row, bits, j);
+                    widen32(t, c);
+                }
+                for (int i = 0; i < mb; ++i) {
+                    const float *xi = xp + (m0 + i) * xps + 32 * b;
+                    if (mb <= 2) { /* four independent chains: consecutive FMAs do not wait on each other */
+                        acc[i] = _mm256_fmadd_ps(c[0], _mm256_load_ps(xi), acc[i]);
+                        acc2[i] = _mm256_fmadd_ps(c[1], _mm256_load_ps(xi + 8), acc2[i]);
+                        acc3[i] = _mm256_fmadd_ps(c[2], _mm256_load_ps(xi + 16), acc3[i]);
+                        acc4[i] = _mm256_fmadd_ps(c[3], _mm256_load_ps(xi + 24), acc4[i]);
+                    } else {
+                        acc[i] = _mm256_fmadd_ps(c[0], _mm256_load_ps(xi), acc[i]);
+                        acc2[i] = _mm256_fmadd_ps(c[1], _mm256_load_ps(xi + 8), acc2[i]);
+                        acc[i] = _mm256_fmadd_ps(c[2], _mm256_load_ps(xi + 16), acc[i]);
+                        acc2[i] = _mm256_fmadd_ps(c[3], _mm256_load_ps(xi + 24), acc2[i]);
+                    }
+                }
+            }
+            const __m256 sv = _mm256_set1_ps(param_s(prm, r * ng + g)); /* the group's blocks done */
+            for (int i = 0; i < mb; ++i) {
+                const __m256 a = mb <= 2 ? _mm256_add_ps(_mm256_add_ps(acc[i], acc2[i]), _mm256_add_ps(acc3[i], acc4[i]))
+                                         : _mm256_add_ps(acc[i], acc2[i]);
+                tot[i] = _mm256_fmadd_ps(a, sv, tot[i]);
+                acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm256_setzero_ps();
+            }
+        }
+        for (int i = 0; i < mb; ++i) {
+            const float v = hsum8(tot[i]) - szx(prm, r, ng, xs + (m0 + i) * ng);
+            if (ydtype)
+                ((uint16_t *)y)[(m0 + i) * ys + r] = bf16_bits(v);
+            else
+                ((float *)y)[(m0 + i) * ys + r] = v;
+        }
+    }
+}
+
+static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t ge,
+                         int64_t ng, const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m,
+                         int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
+    if (n == 0 || m == 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    const int dense = bits == 3 || (bits >= 5 && bits <= 7); /* 1, 2, 4, 8: containers */
+    const int64_t xps = (k + 31) / 32 * 32 > 0 ? (k + 31) / 32 * 32 : 32;
+    float *xp = (float *)aligned_alloc(32, (size_t)(m * xps) * sizeof(float));
+    float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
+    uint8_t *ub = (uint8_t *)malloc((size_t)(nthreads * xps));
+    if (!xp || !xs || !ub) {
+        free(xp), free(xs), free(ub);
+        return -4;
+    }
+    /* x~ in column order (zeros from k on) and its group sums */
+    for (int64_t i = 0; i < m; ++i) {
+        float *xi = xp + i * xps, *xsi = xs + i * ng;
+        for (int64_t j = 0; j < k; ++j) {
+            float v = xdtype ? u2f((uint32_t)((const uint16_t *)x)[i * xstride + j] << 16)
+                             : ((const float *)x)[i * xstride + j];
+            if (xmode == 1) v = u2f((uint32_t)bf16_bits(v) << 16);
+            xi[j] = v;
+        }
+        for (int64_t j = k; j < xps; ++j) xi[j] = 0.0f;
+        for (int64_t g = 0; g < ng; ++g) {
+            const int64_t c0 = g * ge, c1 = c0 + ge < k ? c0 + ge : k;
+            float a = 0.0f;
+            for (int64_t j = c0; j < c1; ++j) a += xi[j];
+            xsi[g] = a;
+        }
+    }
+    const mq_params prm = {s, z, sz};
+    const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
+#define MQ_AVX2_W(B, MB) avx2_rows(B, dense, q, r0, r1, row_bytes, k, ge, ng, &prm, xp, xps, xs, ubt, MB, m0, y, ydtype, ys)
+#define MQ_AVX2_ROWS(MB)                                                                                          \
+    do { /* 4- and 8-bit containers: specialised bodies; the other widths share one (unpacked per row) */         \
+        if (bits == 4) MQ_AVX2_W(4, MB);                                                                          \
+        else if (bits == 8) MQ_AVX2_W(8, MB);                                                                     \
+        else MQ_AVX2_W(bits, MB);                                                                                 \
+    } while (0)
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
+#endif
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t r0 = t * MQ_GEMV_RB, r1 = r0 + MQ_GEMV_RB < n ? r0 + MQ_GEMV_RB : n;
+#ifdef _OPENMP
+        uint8_t *ubt = ub + (int64_t)omp_get_thread_num() * xps;
+#else
+        uint8_t *ubt = ub;
+#endif
+        int64_t m0 = 0;
+        for (; m0 + 8 <= m; m0 += 8) MQ_AVX2_ROWS(8);
+        if (m - m0 >= 4) {
+            MQ_AVX2_ROWS(4);
+            m0 += 4;
+        }
+        if (m - m0 >= 2) {
+            MQ_AVX2_ROWS(2);
+            m0 += 2;
+        }
+        if (m - m0 >= 1) MQ_AVX2_ROWS(1);
+    }
+#undef MQ_AVX2_ROWS
+#undef MQ_AVX2_W
+    free(xp), free(xs), free(ub);
+    return 0;
+}
+#endif
+
 /* the kernels of every width: bits 4 (4-bit containers, gemv4_rows), else a stream of bits-bit codes (gemvs_rows:
  * 8-bit containers, the dense 3/5/6/7-bit layout, 1- and 2-bit containers); checks, x~ prepared once per call,
  * rows split over threads */
@@ -1089,6 +1326,10 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
 #undef MQ_GEMVS
     free(xp), free(xs), free(xq), free(gix), free(pbuf);
     return 0;
+#elif MQ_GEMV_AVX2
+    (void)kp;
+    return gemv_avx2_run(bits, q, n, row_bytes, k, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, xmode,
+                         nthreads);
 #else
     (void)q, (void)row_bytes, (void)s, (void)z, (void)sz, (void)x, (void)y, (void)xmode, (void)nthreads;
     return -3;
