@@ -985,8 +985,8 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
  *
  * Blocks of 32 columns in column order, each inside one group (groups are multiples of 32 columns, or one group
  * covers the row): the block's 32 codes as bytes (8-bit containers: the row's own bytes; 4-bit containers: 16
- * bytes split into low and high nibbles and interleaved back into column order in registers; other widths:
- * the row unpacked once into a per-thread buffer), widened 8 at a time to float32 (vpmovzxbd, vcvtdq2ps) and
+ * bytes split into low and high nibbles and interleaved back into column order in registers; other widths: 16
+ * codes at a time by a byte shuffle and a 16-bit multiply, stream16 below), widened to float32 (vcvtdq2ps) and
  * multiplied into two 8-lane accumulators per row of x with FMA; at a group's last block the accumulators are
  * scaled by s[r, g] into the row's total. The columns after the last full block (k not a multiple of 32) are
  * read one code at a time into a zero-filled block. Up to 8 rows of x share each widened block. Rows of the
@@ -1037,6 +1037,48 @@ static inline __attribute__((always_inline)) void widen32_nib(const uint8_t *p, 
     c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
 }
 
+/* The in-register unpacking of a stream of `bits`-bit codes (1, 2, 3, 5, 6, 7; every layout but 4- and 8-bit
+ * containers), 16 codes at a time: their 2 * bits bytes (16 bytes loaded, broadcast to both 128-bit lanes), code
+ * e of the 16 in 16-bit lane e, holding the two bytes from its first bit's byte (vpshufb), shifted left by
+ * 16 - bits - sh (sh: the code's first bit within that byte) by a 16-bit multiply (vpmullw, modulo 2^16: the bits
+ * above the code fall off) and right by 16 - bits: the code. A code spans at most two bytes (sh + bits <= 14). */
+typedef struct {
+    __m256i shuf, mul;
+} mq_stream16;
+
+static mq_stream16 stream16_tables(int bits) {
+    uint8_t sh[32];
+    int16_t mu[16];
+    for (int e = 0; e < 16; ++e) {
+        const int bit = e * bits, byte = bit / 8, lane = e / 8, w = e % 8;
+        sh[16 * lane + 2 * w] = (uint8_t)byte;
+        sh[16 * lane + 2 * w + 1] = (uint8_t)(byte + 1);
+        mu[e] = (int16_t)(uint16_t)(1u << (16 - bits - bit % 8));
+    }
+    mq_stream16 t;
+    t.shuf = _mm256_loadu_si256((const __m256i *)sh);
+    t.mul = _mm256_loadu_si256((const __m256i *)mu);
+    return t;
+}
+
+/* codes 16c..16c+15 of the row as float32 (c[0]: the first 8, c[1]: the next 8); a group of 16 whose 16-byte read
+ * would pass the row's end is read one code at a time */
+static inline __attribute__((always_inline)) void stream16(const uint8_t *row, int64_t row_bytes, const int bits,
+                                                           int64_t c, const mq_stream16 *t, __m256 *out) {
+    const int64_t at = c * 2 * bits;
+    __m256i v;
+    if (at + 16 <= row_bytes) {
+        v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + at)));
+        v = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(v, t->shuf), t->mul), 16 - bits);
+    } else {
+        uint16_t u[16];
+        for (int e = 0; e < 16; ++e) u[e] = (uint16_t)code_at(row, bits, 16 * c + e);
+        v = _mm256_loadu_si256((const __m256i *)u);
+    }
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)));
+}
+
 /* sum_g s[r, g] z[r, g] X[g] (the zero points' term of row r against one row of group sums X), 8 groups at a time
  * where the scales are float32 */
 static inline float szx(const mq_params *p, int64_t r, int64_t ng, const float *X) {
@@ -1066,15 +1108,15 @@ static inline float szx(const mq_params *p, int64_t r, int64_t ng, const float *
 }
 
 /* rows r0..r1 of the weight against rows m0..m0+mb of x~ (xp: rows of xps float32, zeros from column k on; xs:
- * (m, ng) group sums); ub: this thread's buffer of xps bytes (unpacked codes of the other widths) */
+ * (m, ng) group sums) */
 static inline __attribute__((always_inline)) void avx2_rows(
-    const int bits, const int dense, const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t k,
-    int64_t ge, int64_t ng, const mq_params *prm, const float *xp, int64_t xps, const float *xs, uint8_t *ub,
-    const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
+    const int bits, const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t k, int64_t ge,
+    int64_t ng, const mq_params *prm, const float *xp, int64_t xps, const float *xs, const int mb, int64_t m0,
+    void *y, int ydtype, int64_t ys) {
     const int64_t kb = k / 32; /* full blocks; the rest of the columns (< 32) in a zero-filled block */
+    const mq_stream16 st16 = stream16_tables(bits != 4 && bits != 8 ? bits : 1);
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t *row = q + r * row_bytes;
-        if (bits != 4 && bits != 8 && kb > 0) unpack_row(row, bits, dense, 32 * kb, ub);
         __m256 tot[8], acc[8], acc2[8], acc3[8], acc4[8];
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm256_setzero_ps();
         const int64_t nb = kb + (k % 32 ? 1 : 0), bpg = ng > 1 ? ge / 32 : nb; /* blocks per group */
@@ -1090,8 +1132,10 @@ static inline __attribute__((always_inline)) void avx2_rows(
                         widen32(row + 32 * b, c);
                     else if (bits == 4)
                         widen32_nib(row + 16 * b, c);
-                    else
-                        widen32(ub + 32 * b, c);
+                    else {
+                        stream16(row, row_bytes, bits, 2 * b, &st16, c);
+                        stream16(row, row_bytes, bits, 2 * b + 1, &st16, c + 2);
+                    }
                 } else {
                     uint8_t t[32];
                     memset(t, 0, sizeof t);
@@ -1136,13 +1180,11 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
                          int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
-    const int dense = bits == 3 || (bits >= 5 && bits <= 7); /* 1, 2, 4, 8: containers */
     const int64_t xps = (k + 31) / 32 * 32 > 0 ? (k + 31) / 32 * 32 : 32;
     float *xp = (float *)aligned_alloc(32, (size_t)(m * xps) * sizeof(float));
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
-    uint8_t *ub = (uint8_t *)malloc((size_t)(nthreads * xps));
-    if (!xp || !xs || !ub) {
-        free(xp), free(xs), free(ub);
+    if (!xp || !xs) {
+        free(xp), free(xs);
         return -4;
     }
     /* x~ in column order (zeros from k on) and its group sums */
@@ -1164,7 +1206,7 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
     }
     const mq_params prm = {s, z, sz};
     const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
-#define MQ_AVX2_W(B, MB) avx2_rows(B, dense, q, r0, r1, row_bytes, k, ge, ng, &prm, xp, xps, xs, ubt, MB, m0, y, ydtype, ys)
+#define MQ_AVX2_W(B, MB) avx2_rows(B, q, r0, r1, row_bytes, k, ge, ng, &prm, xp, xps, xs, MB, m0, y, ydtype, ys)
 #define MQ_AVX2_ROWS(MB)                                                                                          \
     do { /* 4- and 8-bit containers: specialised bodies; the other widths share one (unpacked per row) */         \
         if (bits == 4) MQ_AVX2_W(4, MB);                                                                          \
@@ -1176,11 +1218,6 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
 #endif
     for (int64_t t = 0; t < tasks; ++t) {
         const int64_t r0 = t * MQ_GEMV_RB, r1 = r0 + MQ_GEMV_RB < n ? r0 + MQ_GEMV_RB : n;
-#ifdef _OPENMP
-        uint8_t *ubt = ub + (int64_t)omp_get_thread_num() * xps;
-#else
-        uint8_t *ubt = ub;
-#endif
         int64_t m0 = 0;
         for (; m0 + 8 <= m; m0 += 8) MQ_AVX2_ROWS(8);
         if (m - m0 >= 4) {
@@ -1195,7 +1232,7 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
     }
 #undef MQ_AVX2_ROWS
 #undef MQ_AVX2_W
-    free(xp), free(xs), free(ub);
+    free(xp), free(xs);
     return 0;
 }
 #endif
