@@ -28,9 +28,13 @@ integer forms: ``x`` as 16-bit integers, and the gemm at large ``M``). Those nee
 arithmetic, so the ratio float32 / bfloat16 is what a CPU with AVX512-VNNI but without AVX512-BF16 (whose default
 compute dtype is float32) gains by choosing bfloat16, as far as this CPU's timing of the same instructions tells.
 
-Run: ``python -m benchmarks.native_gemv [--repeats 25] [--activations | --compute] [--out native_gemv]``; prints a
+``--float32`` runs the default mode with float32 activations and compute dtype (the default on a CPU without bfloat16
+arithmetic: there aten's int4 kernel runs float32 activations only at ``M = 1``, the dense path above). Every row of
+the default modes also times the control, ``F.linear`` on the float weight in the activations' dtype.
+
+Run: ``python -m benchmarks.native_gemv [--repeats 25] [--float32 | --activations | --compute] [--out native_gemv]``; prints a
 table and writes ``benchmarks/results/<out>.{json,md}`` (default stems ``native_gemv_activations``,
-``native_gemv_compute`` for those modes).
+``native_gemv_compute``, ``native_gemv_float32`` for those modes).
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ from medquant.kernels import (
     set_cpu_int4_kernel,
     set_cpu_native4_activations,
 )
+from medquant.kernels.native import native_status
 from medquant.quant import QuantConfig, QuantLinear
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,14 +78,15 @@ COMPUTE_SHAPES = [(1536, 576), (576, 1536), (5632, 2048), (2048, 5632)]
 COMPUTE_MS = (1, 4, 256)
 
 
-def _prepared(n: int, k: int, gen: torch.Generator) -> dict:
+def _prepared(n: int, k: int, gen: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> dict:
     """kernel name -> the prepared matmul of one W4 g128 layer (what its eager no-grad call runs), each built
-    while its kernel choice is in force (the choice is global: a closure keeps what it was built with)."""
+    while its kernel choice is in force (the choice is global: a closure keeps what it was built with), and
+    ``"linear"``: the control, ``F.linear`` on the float weight in ``dtype`` (the activations' dtype)."""
     lin = nn.Linear(k, n, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
     out = {}
-    x1 = torch.randn(1, k).to(torch.bfloat16)
+    x1 = torch.randn(1, k).to(dtype)
     for choice in ("auto", "aten"):
         set_cpu_int4_kernel(choice)
         w = QuantLinear.from_float(lin, QuantConfig(4, group_size=128)).packed_weight(4)
@@ -88,15 +94,19 @@ def _prepared(n: int, k: int, gen: torch.Generator) -> dict:
         fn(x1)
         out[cpu_path(x1, w)] = fn
     set_cpu_int4_kernel(None)
+    wf = lin.weight.detach().to(dtype).contiguous()
+    out["linear"] = lambda x: torch.nn.functional.linear(x, wf)
     return out
 
 
-def measure(n: int, k: int, repeats: int, gen: torch.Generator, flush: torch.Tensor) -> dict:
-    """Median microseconds per call for each kernel, warm and cold, at each M of ``MS``."""
-    layers = _prepared(n, k, gen)
+def measure(n: int, k: int, repeats: int, gen: torch.Generator, flush: torch.Tensor,
+            dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Median microseconds per call for each kernel and the ``F.linear`` control, warm and cold, at each M of
+    ``MS``, activations in ``dtype``; the path each kernel's matmul takes at each M."""
+    layers = _prepared(n, k, gen, dtype)
     row: dict = {"n": n, "k": k, "kernels": sorted(layers), "codes_bytes": n * k // 2}
     for m in MS:
-        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        x = torch.randn(m, k, generator=gen).to(dtype)
         for mode in ("warm", "cold"):
             times: dict[str, list[float]] = {kind: [] for kind in layers}
             with torch.no_grad():
@@ -219,23 +229,34 @@ def markdown_activations(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     bw = result.get("bandwidth_gbs")
+    dt = result.get("x_dtype", "bfloat16")
+    ctl = all("linear_warm_m1_us" in r for r in result["rows"])  # runs before the control have no such column
     lines = [f"# native4 vs int4 per layer (benchmarks/native_gemv.py, {result['date']})", "",
-             (f"W4 g128, bfloat16, {result['threads']} threads, median of {result['repeats']} alternating calls in "
-              f"microseconds; load average {result['loadavg_before'][0]:.2f} before / "
+             (f"W4 g128, {dt} activations and compute, {result['threads']} threads, median of {result['repeats']} "
+              f"alternating calls in microseconds; load average {result['loadavg_before'][0]:.2f} before / "
               f"{result['loadavg_after'][0]:.2f} after. Ratio: native4 / int4 (< 1: native4 faster)."
-              + (f" Limit: the codes read once at {bw:.1f} GB/s." if bw else "")), "",
-             "| shape | M | warm native4 | warm int4 | ratio | cold native4 | cold int4 | ratio |"
-             + (" limit |" if bw else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if bw else "")]
+              + (f" Control: {dt} `F.linear` on the float weight; x: its time / native4's (> 1: native4 faster)."
+                 if ctl else "")
+              + (f" Limit: the codes read once at {bw:.1f} GB/s." if bw else "")
+              + (" With float32 activations aten's int4 kernel runs at M = 1 only: the int4 column's larger M is the "
+                 "dense path." if dt == "float32" else "")), "",
+             "| shape | M | warm native4 | warm int4 | ratio |" + (" warm linear | x |" if ctl else "")
+             + " cold native4 | cold int4 | ratio |" + (" cold linear | x |" if ctl else "") + (" limit |" if bw else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" * 4 if ctl else "") + ("---|" if bw else "")]
     for r in result["rows"]:
         if "native4_warm_m1_us" not in r:
             continue
         for m in MS:
-            w4, wa = r[f"native4_warm_m{m}_us"], r[f"int4_warm_m{m}_us"]
-            c4, ca = r[f"native4_cold_m{m}_us"], r[f"int4_cold_m{m}_us"]
-            limit = f" {r['codes_bytes'] / (bw * 1e9) * 1e6:.0f} |" if bw else ""
-            lines.append(f"| {r['n']}x{r['k']} | {m} | {w4:.0f} | {wa:.0f} | {w4 / wa:.2f} | {c4:.0f} | {ca:.0f} | "
-                         f"{c4 / ca:.2f} |" + limit)
+            cells = [f"{r['n']}x{r['k']}", str(m)]
+            for mode in ("warm", "cold"):
+                n4, a4 = r[f"native4_{mode}_m{m}_us"], r[f"int4_{mode}_m{m}_us"]
+                cells += [f"{n4:.0f}", f"{a4:.0f}", f"{n4 / a4:.2f}"]
+                if ctl:
+                    lin = r[f"linear_{mode}_m{m}_us"]
+                    cells += [f"{lin:.0f}", f"{lin / n4:.2f}"]
+            if bw:
+                cells.append(f"{r['codes_bytes'] / (bw * 1e9) * 1e6:.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
 
@@ -248,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shapes", default=None, help="comma list NxK (default: all; with --compute: its four)")
     ap.add_argument("--activations", action="store_true",
                     help="int16 against split float32 activations on W4 layers of several groups (module docstring)")
+    ap.add_argument("--float32", action="store_true",
+                    help="the default mode with float32 activations and compute (a CPU without bf16 arithmetic)")
     ap.add_argument("--compute", action="store_true",
                     help="float32 against bfloat16 compute on float32 activations, W4 g128 (module docstring)")
     ap.add_argument("--out", default=None, help="output stem in benchmarks/results (default native_gemv, "
@@ -260,18 +283,26 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = parse_shapes(args.shapes, SHAPES)
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    set_cpu_compute_dtype("bfloat16")
+    dtype = torch.float32 if args.float32 else torch.bfloat16
+    cd_before = get_cpu_compute_dtype()
+    set_cpu_compute_dtype(dtype)
     clear_cpu_cache()
     flush = torch.zeros(FLUSH_BYTES, dtype=torch.uint8)
     load_before = list(os.getloadavg())
     rows = []
     for n, k in shapes:
-        rows.append(measure(n, k, args.repeats, gen, flush))
+        rows.append(measure(n, k, args.repeats, gen, flush, dtype))
         clear_cpu_cache()
         print(json.dumps(rows[-1]), flush=True)
+    set_cpu_compute_dtype(cd_before)
+    name = str(dtype).removeprefix("torch.")
     result = run_record("native_gemv", SEED, load_before, rows, repeats=args.repeats, ms=list(MS),
-                        compute_dtype="bfloat16", config={"bits": 4, "group_size": 128}, bandwidth_gbs=args.bandwidth)
-    save_results(RESULTS, args.out or "native_gemv", result, markdown(result))
+                        compute_dtype=name, x_dtype=name, config={"bits": 4, "group_size": 128},
+                        bandwidth_gbs=args.bandwidth,
+                        native={key: native_status()[key] for key in ("gemv4", "gemv4_bf16", "gemv_stream",
+                                                                      "gemv_avx2", "gemm", "flags")})
+    save_results(RESULTS, args.out or ("native_gemv_float32" if args.float32 else "native_gemv"), result,
+                 markdown(result))
     return result
 
 

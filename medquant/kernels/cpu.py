@@ -12,16 +12,17 @@ codes in 4-bit containers (4-bit rows, 3-bit     **native4**: medquant's own ker
 rows of the version-1 layout); group scope      (:func:`medquant.kernels.native.native_gemv4`) on the
 with a group size that is a multiple of 32, or  layer's packed codes, for ``M < dense_min_m("int4")``
 channel / tensor scope; any ``n`` and ``k``;    in every ``cd``; otherwise **gemm** (``cd`` bfloat16, a
-a CPU with AVX512F + AVX512BW                   CPU with AVX512-VNNI) or **dense**. Needs the native
-                                                library built with AVX512 (else the int4 row applies)
+a CPU with AVX512F + AVX512BW, or AVX2 + FMA    CPU with AVX512-VNNI) or **dense**. Needs the native
+                                                library built with AVX512 or AVX2 + FMA (else the int4
+                                                row applies)
 codes in 8-bit containers (8-bit rows, 5..7-bit  **native8**: the same kernel on 8-bit codes, same
 rows of the version-1 layout); the same scope,  rule on ``M`` (else the int8 / dense rows apply)
 group and CPU conditions
 the dense 3/5/6/7-bit layout, 1- and 2-bit       **native3** / **native5..7** / **native2** /
 containers; the same scope and group             **native1**: the same kernel on the stored bit
-conditions; a CPU with AVX512-VBMI too           stream, read in place; same rule on ``M``
-``b <= 4`` otherwise (no AVX512, no VBMI for     **int4**: ``aten._weight_int4pack_mm_for_cpu`` for
-the stream layouts, or ``"aten"``); group        ``M < dense_min_m`` (``cd`` bfloat16 / float16) or
+conditions; AVX512-VBMI too, or AVX2 + FMA      stream, read in place; same rule on ``M``
+``b <= 4`` otherwise (no AVX512 / AVX2, no      **int4**: ``aten._weight_int4pack_mm_for_cpu`` for
+VBMI for streams, or ``"aten"``); group         ``M < dense_min_m`` (``cd`` bfloat16 / float16) or
 size a multiple of 32, or channel / tensor       ``M == 1`` (``cd`` float32); otherwise **dense**
 scope; ``n`` a multiple of 16
 ``5 <= b <= 8`` otherwise (no AVX512 / VBMI,     **int8**: ``aten._weight_int8pack_mm`` (same rule on M);

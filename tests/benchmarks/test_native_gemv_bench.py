@@ -1,6 +1,7 @@
 """benchmarks.native_gemv: one measured row per kernel and the table built from it."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks import native_gemv as ng
@@ -8,10 +9,13 @@ from medquant.kernels import get_cpu_int4_kernel
 from medquant.kernels.native import native_status
 
 
-def test_measure_times_each_kernel_warm_and_cold_and_restores_the_setting():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_measure_times_each_kernel_warm_and_cold_and_restores_the_setting(dtype):
+    """One row: each kernel and the ``F.linear`` control timed warm and cold at each M, in the activations' dtype
+    (``--float32``: float32); the table's control column is the control's time over native4's."""
     flush = torch.zeros(1 << 16, dtype=torch.uint8)
-    row = ng.measure(64, 256, 2, torch.Generator().manual_seed(0), flush)
-    want = ["int4", "native4"] if native_status()["gemv4"] else ["int4"]
+    row = ng.measure(64, 256, 2, torch.Generator().manual_seed(0), flush, dtype)
+    want = ["int4", "linear", "native4"] if native_status()["gemv4"] else ["int4", "linear"]
     assert row["kernels"] == want
     assert row["codes_bytes"] == 64 * 256 // 2
     for kind in want:
@@ -20,12 +24,16 @@ def test_measure_times_each_kernel_warm_and_cold_and_restores_the_setting():
                 assert row[f"{kind}_{mode}_m{m}_us"] > 0
     assert get_cpu_int4_kernel() == "auto"
     result = {"date": "d", "threads": 1, "repeats": 2, "loadavg_before": [0.0], "loadavg_after": [0.0],
-              "bandwidth_gbs": 10.0, "rows": [row]}
+              "bandwidth_gbs": 10.0, "rows": [row], "x_dtype": str(dtype).removeprefix("torch.")}
     md = ng.markdown(result)
     lines = [ln for ln in md.splitlines() if ln.startswith("| 64x256 |")]
-    assert len(lines) == (len(ng.MS) if len(want) == 2 else 0)
+    assert len(lines) == (len(ng.MS) if len(want) == 3 else 0)
     if lines:  # the limit column: 8192 bytes at 10 GB/s = 0.8 us, printed rounded
         assert lines[0].rstrip().endswith("| 1 |")
+        cells = [c.strip() for c in lines[0].strip("|").split("|")]
+        # shape, M, then per warm / cold: native4, int4, ratio, linear, linear / native4
+        assert cells[6] == f"{row['linear_warm_m1_us'] / row['native4_warm_m1_us']:.2f}"
+        assert ("dense path" in md) == (dtype == torch.float32)
 
 
 def test_measure_activations_times_int16_against_split_and_restores_the_setting():
