@@ -987,7 +987,8 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
  * covers the row): the block's 32 codes as bytes (8-bit containers: the row's own bytes; 4-bit containers: 16
  * bytes split into low and high nibbles and interleaved back into column order in registers; other widths: 16
  * codes at a time by a byte shuffle and a 16-bit multiply, stream16 below), widened to float32 (vcvtdq2ps) and
- * multiplied into two 8-lane accumulators per row of x with FMA; at a group's last block the accumulators are
+ * multiplied into 8-lane accumulators with FMA (four per row of x for up to 2 rows, so that consecutive FMAs do
+ * not wait on each other, else two); at a group's last block the accumulators are
  * scaled by s[r, g] into the row's total. The columns after the last full block (k not a multiple of 32) are
  * read one code at a time into a zero-filled block. Up to 8 rows of x share each widened block. Rows of the
  * weight are split over threads (OpenMP), MQ_GEMV_RB at a time.
