@@ -1080,31 +1080,32 @@ static inline __attribute__((always_inline)) void stream16(const uint8_t *row, i
     out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)));
 }
 
-/* sum_g s[r, g] z[r, g] X[g] (the zero points' term of row r against one row of group sums X), 8 groups at a time
- * where the scales are float32 */
-static inline float szx(const mq_params *p, int64_t r, int64_t ng, const float *X) {
-    if (p->sz & 1) { /* float16 scales */
-        float c = 0.0f;
-        for (int64_t g = 0; g < ng; ++g) c += param_s(p, r * ng + g) * param_z(p, r * ng + g) * X[g];
-        return c;
+/* 8 float32 values from element i of a float16 (h) or float32 array */
+static inline __m256 load8_param(const void *a, int h, int64_t i) {
+#if defined(__F16C__)
+    if (h) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a + i)));
+#else
+    if (h) {
+        float t[8];
+        for (int e = 0; e < 8; ++e) t[e] = f16_to_f32(((const uint16_t *)a)[i + e]);
+        return _mm256_loadu_ps(t);
     }
-    const float *s = (const float *)p->s + r * ng;
+#endif
+    return _mm256_loadu_ps((const float *)a + i);
+}
+
+/* sum_g s[r, g] z[r, g] X[g] (the zero points' term of row r against one row of group sums X), 8 groups at a time
+ * (float16 scales and zero points widened by F16C) */
+static inline float szx(const mq_params *p, int64_t r, int64_t ng, const float *X) {
+    const int64_t o = r * ng;
     __m256 a = _mm256_setzero_ps();
     int64_t g = 0;
+    for (; g + 8 <= ng; g += 8) {
+        const __m256 zv = (p->sz & 4) ? _mm256_set1_ps(param_z(p, 0)) : load8_param(p->z, p->sz & 2, o + g);
+        a = _mm256_fmadd_ps(_mm256_mul_ps(load8_param(p->s, p->sz & 1, o + g), zv), _mm256_loadu_ps(X + g), a);
+    }
     float c = 0.0f;
-    if (p->sz & 4) { /* one zero point: z * sum_g s X */
-        for (; g + 8 <= ng; g += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(X + g), a);
-        for (; g < ng; ++g) c += s[g] * X[g];
-        return param_z(p, 0) * (hsum8(a) + c);
-    }
-    if (p->sz & 2) { /* float16 zero points */
-        for (; g < ng; ++g) c += s[g] * param_z(p, r * ng + g) * X[g];
-        return c;
-    }
-    const float *z = (const float *)p->z + r * ng;
-    for (; g + 8 <= ng; g += 8)
-        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(z + g)), _mm256_loadu_ps(X + g), a);
-    for (; g < ng; ++g) c += s[g] * z[g] * X[g];
+    for (; g < ng; ++g) c += param_s(p, o + g) * param_z(p, o + g) * X[g];
     return hsum8(a) + c;
 }
 
