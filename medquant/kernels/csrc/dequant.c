@@ -410,6 +410,23 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
 
 /* bit 3: the blocked matmul (gemm_run, mq_call's flag 16) is compiled in (AVX512-VNNI); bit 4: the matmul is
  * the AVX2 form (gemv_avx2_run: every width, float32 products only), bits 0 and 2 then set as well */
+/* The m rows of x in tiles of 8, then at most one tile each of 4, 2 and 1 rows: ROWS(MB) runs the matmul's body
+ * (specialised for a constant MB) on rows m0..m0+MB, m0 declared here */
+#define MQ_ROW_TILES(ROWS)                                                                                        \
+    do {                                                                                                          \
+        int64_t m0 = 0;                                                                                           \
+        for (; m0 + 8 <= m; m0 += 8) ROWS(8);                                                                     \
+        if (m - m0 >= 4) {                                                                                        \
+            ROWS(4);                                                                                              \
+            m0 += 4;                                                                                              \
+        }                                                                                                         \
+        if (m - m0 >= 2) {                                                                                        \
+            ROWS(2);                                                                                              \
+            m0 += 2;                                                                                              \
+        }                                                                                                         \
+        if (m - m0 >= 1) ROWS(1);                                                                                 \
+    } while (0)
+
 int mq_gemv4_caps(void) {
     return (MQ_GEMV_F32 | MQ_GEMV_AVX2) | (MQ_GEMV_BF16 << 1) | ((MQ_GEMV_STREAM | MQ_GEMV_AVX2) << 2) |
            (MQ_GEMM_CAP << 3) | (MQ_GEMV_AVX2 << 4);
@@ -1018,24 +1035,24 @@ static inline uint32_t code_at(const uint8_t *row, int bits, int64_t j) {
     return (v >> sh) & ((1u << bits) - 1u);
 }
 
-/* the 32 codes of the block at p (bytes) as four vectors of 8 float32 codes, column order */
-static inline __attribute__((always_inline)) void widen32(const uint8_t *p, __m256 *c) {
-    const __m128i a = _mm_loadu_si128((const __m128i *)p), b = _mm_loadu_si128((const __m128i *)(p + 16));
+/* 32 byte codes, columns 0..15 in a and 16..31 in b, as four vectors of 8 float32 codes, column order */
+static inline __attribute__((always_inline)) void widen_bytes(__m128i a, __m128i b, __m256 *c) {
     c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
     c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)));
     c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
     c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
 }
 
+/* the 32 codes of the block at p (bytes) */
+static inline __attribute__((always_inline)) void widen32(const uint8_t *p, __m256 *c) {
+    widen_bytes(_mm_loadu_si128((const __m128i *)p), _mm_loadu_si128((const __m128i *)(p + 16)), c);
+}
+
 /* 4-bit containers: the 16 bytes at p hold columns 2t (low nibble) and 2t + 1 (high nibble) of the block */
 static inline __attribute__((always_inline)) void widen32_nib(const uint8_t *p, __m256 *c) {
     const __m128i w = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(w, m4), hi = _mm_and_si128(_mm_srli_epi16(w, 4), m4);
-    const __m128i a = _mm_unpacklo_epi8(lo, hi), b = _mm_unpackhi_epi8(lo, hi); /* columns 0..15, 16..31 */
-    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
-    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)));
-    c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-    c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+    widen_bytes(_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi), c); /* columns 0..15, 16..31 */
 }
 
 /* The in-register unpacking of a stream of `bits`-bit codes (1, 2, 3, 5, 6, 7; every layout but 4- and 8-bit
@@ -1220,17 +1237,7 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
 #endif
     for (int64_t t = 0; t < tasks; ++t) {
         const int64_t r0 = t * MQ_GEMV_RB, r1 = r0 + MQ_GEMV_RB < n ? r0 + MQ_GEMV_RB : n;
-        int64_t m0 = 0;
-        for (; m0 + 8 <= m; m0 += 8) MQ_AVX2_ROWS(8);
-        if (m - m0 >= 4) {
-            MQ_AVX2_ROWS(4);
-            m0 += 4;
-        }
-        if (m - m0 >= 2) {
-            MQ_AVX2_ROWS(2);
-            m0 += 2;
-        }
-        if (m - m0 >= 1) MQ_AVX2_ROWS(1);
+        MQ_ROW_TILES(MQ_AVX2_ROWS);
     }
 #undef MQ_AVX2_ROWS
 #undef MQ_AVX2_W
@@ -1349,17 +1356,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
                                : z16 ? widen_f16(sb + pb, (const uint16_t *)z + r0 * ng, (r1 - r0) * ng)
                                      : (const float *)z + r0 * ng;
         const int64_t zs = zone ? 0 : ng;
-        int64_t m0 = 0;
-        for (; m0 + 8 <= m; m0 += 8) MQ_GEMV_ROWS(8);
-        if (m - m0 >= 4) {
-            MQ_GEMV_ROWS(4);
-            m0 += 4;
-        }
-        if (m - m0 >= 2) {
-            MQ_GEMV_ROWS(2);
-            m0 += 2;
-        }
-        if (m - m0 >= 1) MQ_GEMV_ROWS(1);
+        MQ_ROW_TILES(MQ_GEMV_ROWS);
     }
 #undef MQ_GEMV_ROWS
 #undef MQ_GEMVS
