@@ -1,6 +1,14 @@
-"""Shared helpers of the kernel tests: fp64 oracles and the tolerance rule."""
+"""Shared helpers of the kernel tests: fp64 oracles, the tolerance rule, and child processes whose native
+library is built with other compiler options."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps,
@@ -49,3 +57,26 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     iv = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
     return bool((a.contiguous().view(iv) == b.contiguous().view(iv)).all())
+
+
+def run_with_native_flags(script: str, cflags: str, cache_dir, **env: str) -> str:
+    """Run ``script`` (Python source) in a child process whose native library is built with ``cflags`` added to
+    the C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``; skips without one) in its own cache folder
+    ``cache_dir``, with the repository on ``sys.path`` and ``env`` added to the environment. The script must print
+    the child's library path, then ``ok``, as its last two lines. Asserts that it did, and that the child's build
+    is not this process's under another name (options given in ``$CC`` are part of the build key); returns its
+    output."""
+    from medquant.kernels.native import native_status
+
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    root = str(Path(__file__).resolve().parents[2])
+    full = {**os.environ, "CC": f"{cc} {cflags}", "MEDQUANT_CACHE_DIR": str(cache_dir),
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **env}
+    out = subprocess.run([sys.executable, "-c", script], env=full, capture_output=True, text=True, check=False,
+                         timeout=900)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-4000:]
+    child_lib = Path(out.stdout.strip().splitlines()[-2])
+    assert child_lib.parent.name != Path(native_status()["library"]).parent.name
+    return out.stdout

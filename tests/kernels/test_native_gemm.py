@@ -30,6 +30,7 @@ from medquant.kernels import (
 from medquant.kernels.cpu import cpu_plan, dense_min_m
 from medquant.kernels.native import native_status
 from medquant.quant import QuantConfig, QuantLinear
+from tests.kernels.kernel_helpers import run_with_native_flags
 
 
 @pytest.fixture(autouse=True)
@@ -467,22 +468,7 @@ def test_a_cpu_with_vnni_but_no_bfloat16_runs_the_integer_forms(tmp_path):
     arithmetic: 16-bit integers per 32 columns at ``M = 1``, the gemm at ``M = 40``, each equal to the float64
     emulation of its ``x~``; a 2-bit layer's split ``x`` and a bfloat16 ``x`` run the float32 FMA form (exact
     products); the one warning says so instead of calling bfloat16 slow."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     if not _available():
         pytest.skip("needs a library with AVX512-VNNI (the integer forms)")
-    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if cc is None:  # the library was built, so there is one; gcc and clang both take -mno-avx512bf16
-        pytest.skip("needs a C compiler")
-    env = {**os.environ, "CC": f"{cc} -mno-avx512bf16", "MEDQUANT_CACHE_DIR": str(tmp_path),
-           "MEDQUANT_CPU_COMPUTE_DTYPE": "bfloat16"}
-    out = subprocess.run([sys.executable, "-c", _NO_BF16_CHILD], env=env, capture_output=True, text=True, check=False,
-                         timeout=900)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-4000:]
-    # the options given in $CC are part of the build key: this build is not the default one under another name
-    child_lib = Path(out.stdout.strip().splitlines()[-2])
-    assert child_lib.parent.name != Path(native_status()["library"]).parent.name
+    # gcc and clang both take -mno-avx512bf16
+    run_with_native_flags(_NO_BF16_CHILD, "-mno-avx512bf16", tmp_path, MEDQUANT_CPU_COMPUTE_DTYPE="bfloat16")

@@ -37,6 +37,7 @@ from medquant.kernels.cpu import NATIVE_INT16_MIN_BITS, cpu_plan
 from medquant.kernels.layout import storage_bits
 from medquant.kernels.native import gemv4_decline, native_gemv4, native_status
 from medquant.quant import QuantConfig, QuantLinear
+from tests.kernels.kernel_helpers import run_with_native_flags
 
 
 @pytest.fixture(autouse=True)
@@ -860,12 +861,6 @@ def test_the_avx2_form_matches_the_reference(tmp_path):
     """The native matmul of a CPU with AVX2 + FMA and no AVX512 (:func:`avx2_form_check`): checked here where the
     library is that form; on an AVX512 CPU, in a child process whose library is built with ``-mno-avx512f`` (in
     its own cache folder: options given in ``$CC`` are part of the build key)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from medquant.kernels.cpu import cpu_features
 
     st = native_status()
@@ -874,12 +869,4 @@ def test_the_avx2_form_matches_the_reference(tmp_path):
         return
     if not st["active"] or not cpu_features()["avx2"]:
         pytest.skip("needs the native library and a CPU with AVX2")
-    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if cc is None:
-        pytest.skip("needs a C compiler")
-    env = {**os.environ, "CC": f"{cc} -mno-avx512f", "MEDQUANT_CACHE_DIR": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", _AVX2_CHILD], env=env, capture_output=True, text=True, check=False,
-                         timeout=900)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-4000:]
-    assert Path(out.stdout.strip().splitlines()[-2]).parent.name != Path(st["library"]).parent.name
+    run_with_native_flags(_AVX2_CHILD, "-mno-avx512f", tmp_path)
