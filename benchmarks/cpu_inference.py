@@ -834,9 +834,8 @@ def _main_ab(args, mode: str) -> int:
     table + JSON."""
     import torch
 
-    from benchmarks.common.env import hardware, utc_now, versions
+    from benchmarks.common.env import hardware, native_record, utc_now, versions
     from medquant.kernels import cpu_features, get_cpu_int4_kernel, get_cpu_prefill_kernel
-    from medquant.kernels.native import native_status
 
     prefill = mode == "prefill_ab"
     models = (args.models or "smollm2").split(",")
@@ -881,15 +880,13 @@ def _main_ab(args, mode: str) -> int:
                     cells.append(f"{statistics.median(v['tok_s']['variant']):.1f}")
                 lines.append(f"| {res['model']} | {name} | " + " | ".join(cells) + f" | {res['rounds']} |")
         table = "\n".join(lines)
-    nat = native_status()
-    native = {key: nat[key] for key in ("gemv4", "gemv4_bf16", "gemv_stream", "gemv_avx2", "gemm")}
-    form = ("none" if not nat["gemv4"] else "AVX2 + FMA (float32)" if nat["gemv_avx2"] else "AVX512")
+    native = native_record()
     out = {"benchmark": f"cpu_inference --{mode.replace('_', '-')}", "date": utc_now(), "seed": SEED, "threads": threads,
            "prefill_kernel": get_cpu_prefill_kernel(), "int4_kernel": get_cpu_int4_kernel(), "native": native,
            "cpu_features": cpu_features(), "hardware": hardware(), "versions": versions(), "results": results}
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     stem.with_suffix(".md").write_text(f"{threads} threads, {title}, prefill kernel {get_cpu_prefill_kernel()}, "
-                                       f"int4 kernel setting {get_cpu_int4_kernel()}, native matmul {form}"
+                                       f"int4 kernel setting {get_cpu_int4_kernel()}, native matmul {native['form']}"
                                        f"\n\n{table}\n")
     print(table)
     return 0 if all("error" not in r for r in results) else 1

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from benchmarks.common.args import shapes as parse_shapes
-from benchmarks.common.env import run_record, save_results
+from benchmarks.common.env import native_record, run_record, save_results
 from medquant.kernels import (
     clear_cpu_cache,
     cpu_path,
@@ -60,7 +60,6 @@ from medquant.kernels import (
     set_cpu_int4_kernel,
     set_cpu_native4_activations,
 )
-from medquant.kernels.native import native_status
 from medquant.quant import QuantConfig, QuantLinear
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -299,8 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_record("native_gemv", SEED, load_before, rows, repeats=args.repeats, ms=list(MS),
                         compute_dtype=name, x_dtype=name, config={"bits": 4, "group_size": 128},
                         bandwidth_gbs=args.bandwidth,
-                        native={key: native_status()[key] for key in ("gemv4", "gemv4_bf16", "gemv_stream",
-                                                                      "gemv_avx2", "gemm", "flags")})
+                        native=native_record())
     save_results(RESULTS, args.out or ("native_gemv_float32" if args.float32 else "native_gemv"), result,
                  markdown(result))
     return result

@@ -78,6 +78,18 @@ def hardware(**fields) -> dict:
     return out
 
 
+def native_record() -> dict:
+    """What medquant's native library has on this machine: :func:`medquant.kernels.native.native_status`'s
+    kernel fields (``gemv4``, ``gemv4_bf16``, ``gemv_stream``, ``gemv_avx2``, ``gemm``), its compiler ``flags``,
+    and ``form``: ``"AVX512"``, ``"AVX2 + FMA (float32)"`` or ``"none"`` (no weight-only matmul)."""
+    from medquant.kernels.native import native_status
+
+    st = native_status()
+    out = {key: st[key] for key in ("gemv4", "gemv4_bf16", "gemv_stream", "gemv_avx2", "gemm", "flags")}
+    out["form"] = "none" if not st["gemv4"] else "AVX2 + FMA (float32)" if st["gemv_avx2"] else "AVX512"
+    return out
+
+
 def utc_now() -> str:
     """The UTC date and time now, to the second, ISO 8601 (``2026-12-04T23:28:48+00:00``): a record's ``date``."""
     from datetime import datetime, timezone
