@@ -601,6 +601,12 @@ def _layer_compute_dtype(weight: PackedWeight) -> torch.dtype:
                                "layers on medquant's native kernels take float32 inputs as 16-bit integers "
                                "(AVX512-VNNI: fast here, to 2^-16 of each block's largest magnitude) or run float32 "
                                "FMA; layers off those kernels compute bfloat16 in software (correct, slow)")
+        elif native_status()["gemv_avx2"]:  # AVX2 without AVX512: the int16 form (vpmaddwd) at small M
+            _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16: "
+                               "layers on medquant's native kernels take float32 inputs of fewer than "
+                               f"{dense_min_m('int4')} rows as 16-bit integers (AVX2: faster decoding here, to 2^-16 "
+                               "of each block's largest magnitude); more rows (prefill) and other layers compute "
+                               "bfloat16 in software (correct, slow): float32 compute prefills faster")
         else:
             _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16 "
                                "runs correctly but slowly; set_cpu_compute_dtype(torch.float32) is faster here")

@@ -710,7 +710,8 @@ class NativeGemv4:
     x``); 3 (int16, where :attr:`int16_form`; else as 2), per 32 columns ``c``
     ``t[i, c] = max_{j in c} |x[i, j]| / 32767`` and ``x~ = t * round_half_even(x / t)``, the integer products
     summed exactly (``vpdpwssd``; per 128-column unit of the quad form or block of 64 columns after the units, per
-    block of 32 columns on 8-bit and stream rows), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value
+    block of 32 columns on 8-bit and stream rows; in the AVX2 form, ``vpmaddwd`` per block of 32 columns of every
+    layout), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value
     that is not finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2). ``y`` is float32, or
     bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
@@ -720,7 +721,7 @@ class NativeGemv4:
     """
 
     def __init__(self, call, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
-                 ge: int, gemm: bool = False) -> None:
+                 ge: int, gemm: bool = False, int16: bool | None = None) -> None:
         # the codes are held through an alias (same storage, another tensor object): the CPU backend caches this
         # object under the layer's own codes tensor as a weak key, and a strong reference back to that tensor
         # would keep the cache entry, the codes and this object alive after the layer is freed
@@ -729,6 +730,7 @@ class NativeGemv4:
             qw = alias
         weight = dataclasses.replace(weight, qweight=alias)
         self._call, self._gemm, self._weight = call, gemm, weight
+        self._int16 = gemm if int16 is None else int16  # xmode 3 as 16-bit integers (int16_form)
         self.bits = storage_bits(weight.bits, weight.dense)
         self.code_bits = weight.bits  # the codes' width (bits is what holds them: 4 for 3-bit codes in layout 1)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
@@ -794,11 +796,13 @@ class NativeGemv4:
     @property
     def int16_form(self) -> bool:
         """Whether ``xmode`` 3 runs as such here (else as 2, split): a library with ``vpdpwssd`` (AVX512-VNNI, as
-        :attr:`has_gemm`). Every width and group layout then has it: 8-bit containers and the stream widths per
+        :attr:`has_gemm`), or the AVX2 + FMA form of a CPU without AVX512 (``vpmaddwd``, per block of 32 columns
+        of every layout). Every width and group layout then has it: 8-bit containers and the stream widths per
         block of 32 columns (one ``t`` each); 4-bit containers per 128-column unit of the quad form (each quarter
         scaled by its own ``t`` and group scale, so any group of a multiple of 32 columns) and per block of 64
-        columns after the units (a last block of fewer columns holds zero codes and zero ``x`` beyond ``k_pad``)."""
-        return self._gemm
+        columns after the units (a last block of fewer columns holds zero codes and zero ``x`` beyond ``k_pad``)
+        with AVX512, per block of 32 columns with AVX2."""
+        return self._int16
 
     @property
     def has_gemm(self) -> bool:
@@ -886,5 +890,6 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor | None = None,
     kp = weight.k_pad
     ge = weight.group_elems if weight.scope == "group" else kp
     s, z = kernel_params(weight, kp // ge, scale, zero)
-    # the blocked matmul is compiled in with AVX512-VNNI (gemv bit 3)
-    return NativeGemv4(lib.mq_call, weight, weight.qweight.contiguous(), s, z, ge, gemm=bool(_state.gemv & 8))
+    # the blocked matmul is compiled in with AVX512-VNNI (gemv bit 3); int16 x with it, or in the AVX2 form (bit 4)
+    return NativeGemv4(lib.mq_call, weight, weight.qweight.contiguous(), s, z, ge, gemm=bool(_state.gemv & 8),
+                       int16=bool(_state.gemv & 24))

@@ -585,7 +585,8 @@ def test_int16_activations_match_their_float64_reference(k, cfg, form):
     gemv = native_gemv4(layer.packed_weight(cfg.bits))
     if gemv is None and cfg.bits not in (4, 8):
         pytest.skip("the stream widths need AVX512-VBMI")
-    assert gemv is not None and gemv.int16_form == (form and native_status()["gemm"])
+    st = native_status()
+    assert gemv is not None and gemv.int16_form == (form and (st["gemm"] or st["gemv_avx2"]))
     g = torch.Generator().manual_seed(3)
     for m in (1, 2, 3, 4, 7, 8, 11, 15):
         x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
@@ -613,8 +614,9 @@ def test_two_bit_layers_split_float32_activations_under_the_default(bits):
     """The default activations ("int16") take float32 x as 16-bit integers from ``NATIVE_INT16_MIN_BITS`` = 3 bits
     on and split it below (a 2-bit model loses next tokens to 16-bit x): a layer's output is then the kernel's
     xmode 3 or xmode 2 result bit for bit, and the two differ."""
-    if not (native_status()["gemm"] and native_status()["gemv_stream"]):
-        pytest.skip("needs the native stream kernel and vpdpwssd (AVX512-VNNI)")
+    st = native_status()
+    if not (st["gemv_stream"] and (st["gemm"] or st["gemv_avx2"])):
+        pytest.skip("needs the native stream kernel and int16 x (vpdpwssd with AVX512-VNNI, or the AVX2 form)")
     set_cpu_compute_dtype(torch.bfloat16)
     layer = _layer(64, 256, QuantConfig(bits, symmetric=False, group_size=64))
     gemv = cpu_plan(layer.packed_weight(bits)).gemv
@@ -650,10 +652,10 @@ def test_native4_activations_setting():
         set_cpu_native4_activations(None)
         y_again = layer(x)
     if _available():
-        # the int16 form where the library has vpdpwssd (AVX512-VNNI); else (AVX2 form, AVX512 without VNNI) the
-        # setting runs as split, which is x itself without bfloat16 products
+        # the int16 form where the library has vpdpwssd (AVX512-VNNI) or is the AVX2 form (vpmaddwd); else (AVX512
+        # without VNNI) the setting runs as split, which is x itself without bfloat16 products
         int16 = cpu_plan(layer.packed_weight(4)).gemv.int16_form
-        assert int16 == bool(native_status()["gemm"])
+        assert int16 == bool(native_status()["gemm"] or native_status()["gemv_avx2"])
         assert _rel_err(y_int16, _ref(layer, x, "int16" if int16 else torch.float32)) < 1e-5
         assert _rel_err(y_split, _ref(layer, x, torch.float32)) < 1e-5
         assert _rel_err(y_round, _ref(layer, x, torch.bfloat16)) < 1e-5
@@ -691,7 +693,8 @@ def test_native8_holds_no_repacked_copy_and_matches_the_int8_kernel():
     assert _rel_err(y_aten, _ref(layer, x, torch.float32)) < 2e-2
     if _available():
         assert native_bytes == 4  # the scales are read in place (float16), the zero point is one float32 value
-        int16 = bool(native_status()["gemm"])  # the int16 form needs vpdpwssd; else x itself (split, no bf16 products)
+        # the int16 form needs vpdpwssd or the AVX2 form; else x itself (split, no bf16 products)
+        int16 = bool(native_status()["gemm"] or native_status()["gemv_avx2"])
         assert _rel_err(y_native, _ref(layer, x, "int16" if int16 else torch.float32)) < 1e-5
         set_cpu_int4_kernel("auto")
         gemv = cpu_plan(layer.packed_weight(8)).gemv
@@ -810,8 +813,10 @@ def avx2_form_check() -> None:
     """The library's AVX2 + FMA form (a CPU without AVX512) against the float64 reference: every layout of
     :data:`CONFIGS` (4- and 8-bit containers, the dense 3/5/6/7-bit stream, 1- and 2-bit containers, version-1
     containers), K padded and not a multiple of 32, N odd, M = 1..13, each ``xmode`` (0, 2 and 3 take ``x``
-    itself, 1 ``x`` rounded to bfloat16), bfloat16 inputs and outputs; the path a quantized layer takes at small
-    M and its output through the layer. Run in this process where the library is that form, else in a child
+    itself, 1 ``x`` rounded to bfloat16, 3 ``x`` as 16-bit integers per 32 columns: :func:`_x_int16`, and ``x`` itself
+    where a value is not finite or a block's largest magnitude is below ``2^-100``), bfloat16 inputs and outputs;
+    the path a quantized layer takes at small M and its output through the layer, with a float32 and a bfloat16
+    compute dtype (xmode 0 and 3). Run in this process where the library is that form, else in a child
     process that builds it (:func:`test_the_avx2_form_matches_the_reference`)."""
     st = native_status()
     assert st["gemv_avx2"] and st["gemv4"] and st["gemv_stream"], st
@@ -826,24 +831,55 @@ def avx2_form_check() -> None:
                 layer = layer.to_layout(1)
             w = layer.packed_weight(cfg.bits)
             gemv = native_gemv4(w)
-            assert gemv is not None and not gemv.int16_form and not gemv.has_gemm, (cfg_id, n, k)
+            assert gemv is not None and gemv.int16_form and not gemv.has_gemm, (cfg_id, n, k)
             d = layer.dequantized_weight(torch.float64)
             for m in (1, 3, 8, 13):
                 x = torch.randn(m, k, generator=g) * 3
+                if n > 1:  # one large value: its block's other columns keep fewer bits as integers (one output
+                    x[0, k // 2] = 40.0  # row would let the float32 sums' cancellation decide the relative error)
                 exact = (x.double() @ d.t()).float()
-                for xmode in (0, 1, 2, 3):
-                    ref = x.bfloat16().double() @ d.t() if xmode == 1 else exact.double()
-                    err = _rel_err(gemv(x, xmode), ref)
+                refs = {0: exact.double(), 1: x.bfloat16().double() @ d.t(), 2: exact.double(),
+                        3: _x_int16(x).double() @ d.t()}
+                ys = {xmode: gemv(x, xmode) for xmode in refs}
+                for xmode, ref in refs.items():
+                    err = _rel_err(ys[xmode], ref)
                     assert err < 1e-5, (cfg_id, n, k, m, xmode, err)
+                assert not torch.equal(ys[3], ys[0]), (cfg_id, n, k, m)  # the int16 form ran
+                torch.testing.assert_close(ys[2], ys[0], rtol=0, atol=0)
+                for bad in (float("nan"), float("inf"), 2.0 ** -110):  # x itself: the float32 form
+                    xb = x.clone()
+                    xb[m - 1, :32] = 0.0
+                    xb[m - 1, min(7, k - 1)] = bad
+                    torch.testing.assert_close(gemv(xb, 3), gemv(xb, 2), rtol=0, atol=0, equal_nan=True)
                 xb = x.bfloat16()
                 yb = gemv(xb, 0)
                 assert yb.dtype == torch.bfloat16, (cfg_id, yb.dtype)
                 assert _rel_err(yb, xb.double() @ d.t()) < 1e-2, (cfg_id, n, k, m)
+                for cd in (torch.float32, torch.bfloat16):  # float32 x: xmode 0, and 3 from 3 bits on
+                    set_cpu_compute_dtype(cd)
+                    assert cpu_path(x, w) == f"native{storage_bits(cfg.bits, w.dense)}", (cfg_id, m)
+                    with torch.no_grad():
+                        y = layer(x)
+                    int16 = cd == torch.bfloat16 and cfg.bits >= NATIVE_INT16_MIN_BITS
+                    assert _rel_err(y, _ref(layer, x, "int16" if int16 else torch.float32)) < 1e-5, (cfg_id, m, cd)
                 set_cpu_compute_dtype(torch.float32)
-                assert cpu_path(x, w) == f"native{storage_bits(cfg.bits, w.dense)}", (cfg_id, m)
-                with torch.no_grad():
-                    y = layer(x)
-                assert _rel_err(y, _ref(layer, x, torch.float32)) < 1e-5, (cfg_id, n, k, m)
+    # the one warning of a bfloat16 compute dtype without bfloat16 arithmetic says what runs fast and what does not
+    import medquant.kernels.cpu as cpu
+
+    real = cpu.cpu_features
+    cpu.cpu_features = lambda: {**real(), "avx512_bf16": False, "amx_bf16": False, "native_bf16": False}
+    cpu._warned.discard("bf16")
+    try:
+        set_cpu_compute_dtype(torch.bfloat16)
+        layer = _layer(16, 64, QuantConfig(4, group_size=32))
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            layer(torch.randn(1, 64))
+    finally:
+        cpu.cpu_features = real
+        set_cpu_compute_dtype(torch.float32)
+    msgs = [str(w.message) for w in caught if "compute dtype bfloat16" in str(w.message)]
+    assert len(msgs) == 1 and "16-bit integers" in msgs[0] and "AVX2" in msgs[0] and "prefill" in msgs[0], msgs
 
 
 _AVX2_CHILD = r'''

@@ -996,19 +996,28 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
  *     y[i, r] = sum_g s[r, g] * ( sum_{j in g} u[r, j] x~[i, j] )  -  sum_g s[r, g] z[r, g] X[i, g],
  *     X[i, g] = sum_{j in g} x~[i, j],
  *
- * with float32 products and sums only: x~ is x itself for xmode 0, 2 and 3 (no bfloat16 products or 16-bit
- * integers here, so split and int16 x are exact, as in an AVX512 build without AVX512-BF16 / VNNI) and x rounded
- * to bfloat16 for xmode 1. Codes are exact in float32, so each product u x~ is exact; the sums are float32.
+ * in one of two forms chosen by xmode:
+ *
+ * - float32 (xmode 0, 1, 2): x~ is x itself for xmode 0 and 2 (no bfloat16 products here, so split x is exact,
+ *   as in an AVX512 build without AVX512-BF16) and x rounded to bfloat16 for xmode 1. Codes widened to float32
+ *   (vcvtdq2ps) are exact, so each product u x~ is exact; the sums are float32 (FMA).
+ * - int16 (xmode 3), as the AVX512-VNNI build: per row of x and block c of 32 columns (column 32c on, zeros past
+ *   k), t = max_{j in c} |x[j]| / 32767 and x~ = t * v, v = round_half_even(x * (32767 / max |x|)) a 16-bit
+ *   integer; codes widened to 16-bit integers and multiplied by v in pairs (vpmaddwd: int32 sums, at most
+ *   32 * 255 * 32767 per block, exact), each block's integer sum converted to float32 once and multiplied by t
+ *   (FMA). No float conversion per code: about 1.7x the float32 form's rate at M = 1. An x with a value that is
+ *   not finite, or a block whose largest magnitude is in (0, 2^-100), runs the float32 form with x~ = x (xmode 2).
  *
  * Blocks of 32 columns in column order, each inside one group (groups are multiples of 32 columns, or one group
- * covers the row): the block's 32 codes as bytes (8-bit containers: the row's own bytes; 4-bit containers: 16
- * bytes split into low and high nibbles and interleaved back into column order in registers; other widths: 16
- * codes at a time by a byte shuffle and a 16-bit multiply, stream16 below), widened to float32 (vcvtdq2ps) and
- * multiplied into 8-lane accumulators with FMA (four per row of x for up to 2 rows, so that consecutive FMAs do
- * not wait on each other, else two); at a group's last block the accumulators are
- * scaled by s[r, g] into the row's total. The columns after the last full block (k not a multiple of 32) are
- * read one code at a time into a zero-filled block. Up to 8 rows of x share each widened block. Rows of the
- * weight are split over threads (OpenMP), MQ_GEMV_RB at a time.
+ * covers the row). A block's codes: 8-bit containers, the row's own 32 bytes; 4-bit containers, 16 bytes whose
+ * low nibbles are the block's even columns and high nibbles its odd ones, kept in that order (the copy of x the
+ * kernel reads holds each block's 16 even columns, then its 16 odd ones: no interleaving per block); other
+ * widths, 16 codes at a time by a byte shuffle and a 16-bit multiply (stream16 below). The columns after the last
+ * full block (k not a multiple of 32) are read one code at a time into a zero-filled block (in the same order).
+ * Float32 form: four (up to 2 rows of x) or two accumulators of 8 lanes per row of x, so that consecutive FMAs do
+ * not wait on each other; int16 form: two, alternating by block. At a group's last block the accumulators are
+ * scaled by s[r, g] into the row's total. Up to 8 rows of x share each widened block. Rows of the weight are split
+ * over threads (OpenMP), MQ_GEMV_RB at a time.
  * --------------------------------------------------------------------------------------------------------- */
 #if MQ_GEMV_AVX2
 #include <immintrin.h>
@@ -1035,7 +1044,11 @@ static inline uint32_t code_at(const uint8_t *row, int bits, int64_t j) {
     return (v >> sh) & ((1u << bits) - 1u);
 }
 
-/* 32 byte codes, columns 0..15 in a and 16..31 in b, as four vectors of 8 float32 codes, column order */
+/* where column e (0..31) of a block sits in the kernel's order: 4-bit containers, the even columns then the odd
+ * ones; other widths, column order */
+static inline int avx2_pos(int bits, int e) { return bits == 4 ? (e & 1) * 16 + e / 2 : e; }
+
+/* 32 byte codes, the block's first 16 (kernel order) in a and the rest in b, as four vectors of 8 float32 codes */
 static inline __attribute__((always_inline)) void widen_bytes(__m128i a, __m128i b, __m256 *c) {
     c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
     c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)));
@@ -1043,16 +1056,11 @@ static inline __attribute__((always_inline)) void widen_bytes(__m128i a, __m128i
     c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
 }
 
-/* the 32 codes of the block at p (bytes) */
-static inline __attribute__((always_inline)) void widen32(const uint8_t *p, __m256 *c) {
-    widen_bytes(_mm_loadu_si128((const __m128i *)p), _mm_loadu_si128((const __m128i *)(p + 16)), c);
-}
-
-/* 4-bit containers: the 16 bytes at p hold columns 2t (low nibble) and 2t + 1 (high nibble) of the block */
-static inline __attribute__((always_inline)) void widen32_nib(const uint8_t *p, __m256 *c) {
+/* 4-bit containers: the 16 bytes at p as the block's even columns (low nibbles) and odd columns (high nibbles) */
+static inline __attribute__((always_inline)) void split_nib(const uint8_t *p, __m128i *lo, __m128i *hi) {
     const __m128i w = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(w, m4), hi = _mm_and_si128(_mm_srli_epi16(w, 4), m4);
-    widen_bytes(_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi), c); /* columns 0..15, 16..31 */
+    *lo = _mm_and_si128(w, m4);
+    *hi = _mm_and_si128(_mm_srli_epi16(w, 4), m4);
 }
 
 /* The in-register unpacking of a stream of `bits`-bit codes (1, 2, 3, 5, 6, 7; every layout but 4- and 8-bit
@@ -1079,20 +1087,22 @@ static mq_stream16 stream16_tables(int bits) {
     return t;
 }
 
-/* codes 16c..16c+15 of the row as float32 (c[0]: the first 8, c[1]: the next 8); a group of 16 whose 16-byte read
- * would pass the row's end is read one code at a time */
-static inline __attribute__((always_inline)) void stream16(const uint8_t *row, int64_t row_bytes, const int bits,
-                                                           int64_t c, const mq_stream16 *t, __m256 *out) {
+/* codes 16c..16c+15 of the row as 16-bit integers, code e in lane e; a group of 16 whose 16-byte read would pass
+ * the row's end is read one code at a time */
+static inline __attribute__((always_inline)) __m256i stream16(const uint8_t *row, int64_t row_bytes,
+                                                              const int bits, int64_t c, const mq_stream16 *t) {
     const int64_t at = c * 2 * bits;
-    __m256i v;
     if (at + 16 <= row_bytes) {
-        v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + at)));
-        v = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(v, t->shuf), t->mul), 16 - bits);
-    } else {
-        uint16_t u[16];
-        for (int e = 0; e < 16; ++e) u[e] = (uint16_t)code_at(row, bits, 16 * c + e);
-        v = _mm256_loadu_si256((const __m256i *)u);
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + at)));
+        return _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(v, t->shuf), t->mul), 16 - bits);
     }
+    uint16_t u[16];
+    for (int e = 0; e < 16; ++e) u[e] = (uint16_t)code_at(row, bits, 16 * c + e);
+    return _mm256_loadu_si256((const __m256i *)u);
+}
+
+/* 16 codes as 16-bit integers (stream16) as two vectors of 8 float32 codes */
+static inline __attribute__((always_inline)) void widen16(__m256i v, __m256 *out) {
     out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)));
     out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)));
 }
@@ -1126,42 +1136,76 @@ static inline float szx(const mq_params *p, int64_t r, int64_t ng, const float *
     return hsum8(a) + c;
 }
 
-/* rows r0..r1 of the weight against rows m0..m0+mb of x~ (xp: rows of xps float32, zeros from column k on; xs:
- * (m, ng) group sums) */
+/* The codes of block b as the two forms read them: c, four vectors of 8 float32 codes (float32 form), or c16, two
+ * vectors of 16 16-bit codes (int16 form), in the kernel's order (avx2_pos) */
+static inline __attribute__((always_inline)) void avx2_block(const int bits, const int ix, const uint8_t *row,
+                                                             int64_t row_bytes, int64_t k, int64_t kb, int64_t b,
+                                                             const mq_stream16 *st16, __m256 *c, __m256i *c16) {
+    __m128i a, h;
+    if (b < kb) {
+#if MQ_AVX2_PREFETCH > 0
+        _mm_prefetch((const char *)(row + b * 4 * bits + MQ_AVX2_PREFETCH), _MM_HINT_T0);
+#endif
+        if (bits != 4 && bits != 8) {
+            c16[0] = stream16(row, row_bytes, bits, 2 * b, st16);
+            c16[1] = stream16(row, row_bytes, bits, 2 * b + 1, st16);
+            if (!ix) widen16(c16[0], c), widen16(c16[1], c + 2);
+            return;
+        }
+        if (bits == 4) {
+            split_nib(row + 16 * b, &a, &h);
+        } else {
+            a = _mm_loadu_si128((const __m128i *)(row + 32 * b));
+            h = _mm_loadu_si128((const __m128i *)(row + 32 * b + 16));
+        }
+    } else {
+        uint8_t t[32];
+        memset(t, 0, sizeof t);
+        for (int64_t j = 32 * b; j < k; ++j) t[avx2_pos(bits, (int)(j - 32 * b))] = (uint8_t)code_at(row, bits, j);
+        a = _mm_loadu_si128((const __m128i *)t);
+        h = _mm_loadu_si128((const __m128i *)(t + 16));
+    }
+    if (ix) {
+        c16[0] = _mm256_cvtepu8_epi16(a);
+        c16[1] = _mm256_cvtepu8_epi16(h);
+    } else {
+        widen_bytes(a, h, c);
+    }
+}
+
+/* rows r0..r1 of the weight against rows m0..m0+mb of x~ (float32 form: xp, rows of xps float32; int16 form: xv,
+ * rows of xps 16-bit integers, and xt, rows of nb block scales t; both in the kernel's order with zeros from
+ * column k on; xs: (m, ng) group sums of x~) */
 static inline __attribute__((always_inline)) void avx2_rows(
-    const int bits, const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t k, int64_t ge,
-    int64_t ng, const mq_params *prm, const float *xp, int64_t xps, const float *xs, const int mb, int64_t m0,
-    void *y, int ydtype, int64_t ys) {
+    const int bits, const int ix, const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t k,
+    int64_t ge, int64_t ng, const mq_params *prm, const float *xp, const int16_t *xv, const float *xt,
+    int64_t xps, const float *xs, const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
     const int64_t kb = k / 32; /* full blocks; the rest of the columns (< 32) in a zero-filled block */
+    const int64_t nb = kb + (k % 32 ? 1 : 0), bpg = ng > 1 ? ge / 32 : nb; /* blocks per group */
     const mq_stream16 st16 = stream16_tables(bits != 4 && bits != 8 ? bits : 1);
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t *row = q + r * row_bytes;
         __m256 tot[8], acc[8], acc2[8], acc3[8], acc4[8];
         for (int i = 0; i < mb; ++i) tot[i] = acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm256_setzero_ps();
-        const int64_t nb = kb + (k % 32 ? 1 : 0), bpg = ng > 1 ? ge / 32 : nb; /* blocks per group */
         for (int64_t b0 = 0, g = 0; b0 < nb; b0 += bpg, ++g) {
             const int64_t b1 = b0 + bpg < nb ? b0 + bpg : nb;
             for (int64_t b = b0; b < b1; ++b) {
                 __m256 c[4];
-                if (b < kb) {
-#if MQ_AVX2_PREFETCH > 0
-                    _mm_prefetch((const char *)(row + b * 4 * bits + MQ_AVX2_PREFETCH), _MM_HINT_T0);
-#endif
-                    if (bits == 8)
-                        widen32(row + 32 * b, c);
-                    else if (bits == 4)
-                        widen32_nib(row + 16 * b, c);
-                    else {
-                        stream16(row, row_bytes, bits, 2 * b, &st16, c);
-                        stream16(row, row_bytes, bits, 2 * b + 1, &st16, c + 2);
-                    }
-                } else {
-                    uint8_t t[32];
-                    memset(t, 0, sizeof t);
-                    for (int64_t j = 32 * b; j < k; ++j) t[j - 32 * b] = (uint8_t)code_at(row, bits, j);
-                    widen32(t, c);
-                }
+                __m256i c16[2];
+                avx2_block(bits, ix, row, row_bytes, k, kb, b, &st16, c, c16);
                 for (int i = 0; i < mb; ++i) {
+                    if (ix) { /* the block's integer sum (exact), to float32 once, times its t */
+                        const int16_t *vi = xv + (m0 + i) * xps + 32 * b;
+                        const __m256i p = _mm256_add_epi32(
+                            _mm256_madd_epi16(c16[0], _mm256_load_si256((const __m256i *)vi)),
+                            _mm256_madd_epi16(c16[1], _mm256_load_si256((const __m256i *)(vi + 16))));
+                        const __m256 t = _mm256_set1_ps(xt[(m0 + i) * nb + b]);
+                        if (b & 1)
+                            acc2[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), t, acc2[i]);
+                        else
+                            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), t, acc[i]);
+                        continue;
+                    }
                     const float *xi = xp + (m0 + i) * xps + 32 * b;
                     if (mb <= 2) { /* four independent chains: consecutive FMAs do not wait on each other */
                         acc[i] = _mm256_fmadd_ps(c[0], _mm256_load_ps(xi), acc[i]);
@@ -1178,8 +1222,9 @@ static inline __attribute__((always_inline)) void avx2_rows(
             }
             const __m256 sv = _mm256_set1_ps(param_s(prm, r * ng + g)); /* the group's blocks done */
             for (int i = 0; i < mb; ++i) {
-                const __m256 a = mb <= 2 ? _mm256_add_ps(_mm256_add_ps(acc[i], acc2[i]), _mm256_add_ps(acc3[i], acc4[i]))
-                                         : _mm256_add_ps(acc[i], acc2[i]);
+                const __m256 a = mb <= 2 && !ix
+                                     ? _mm256_add_ps(_mm256_add_ps(acc[i], acc2[i]), _mm256_add_ps(acc3[i], acc4[i]))
+                                     : _mm256_add_ps(acc[i], acc2[i]);
                 tot[i] = _mm256_fmadd_ps(a, sv, tot[i]);
                 acc[i] = acc2[i] = acc3[i] = acc4[i] = _mm256_setzero_ps();
             }
@@ -1194,43 +1239,88 @@ static inline __attribute__((always_inline)) void avx2_rows(
     }
 }
 
+/* x~ for the kernel, row by row (avx2_rows' xp, or xv and xt with ix), and its group sums xs; xr: a scratch row of
+ * xps float32. With ix, -5 where a value of x is not finite or a block's largest magnitude is in (0, 2^-100) (the
+ * caller then runs the float32 form), else 0. */
+static int avx2_prep(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t k, int bits, int xmode, int ix,
+                     int64_t ge, int64_t ng, int64_t xps, float *xr, float *xp, int16_t *xv, float *xt, float *xs) {
+    const int64_t nb = xps / 32;
+    for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < k; ++j) {
+            float v = xdtype ? u2f((uint32_t)((const uint16_t *)x)[i * xstride + j] << 16)
+                             : ((const float *)x)[i * xstride + j];
+            if (xmode == 1) v = u2f((uint32_t)bf16_bits(v) << 16);
+            xr[j] = v;
+        }
+        for (int64_t j = k; j < xps; ++j) xr[j] = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+            float *xb = xr + 32 * b;
+            if (ix) { /* t = max |x| / 32767, v = round_half_even(x * (32767 / max |x|)) (vcvtps2dq), x~ = t v */
+                float amax = 0.0f;
+                for (int e = 0; e < 32; ++e) {
+                    if (!isfinite(xb[e])) return -5;
+                    amax = fabsf(xb[e]) > amax ? fabsf(xb[e]) : amax;
+                }
+                if (amax > 0.0f && amax < 0x1p-100f) return -5;
+                const float t = amax / 32767.0f, iq = amax > 0.0f ? 32767.0f / amax : 0.0f;
+                int32_t v[32];
+                for (int e = 0; e < 32; e += 8) {
+                    const __m256i vi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + e), _mm256_set1_ps(iq)));
+                    _mm256_storeu_si256((__m256i *)(v + e), vi);
+                    _mm256_storeu_ps(xb + e, _mm256_mul_ps(_mm256_cvtepi32_ps(vi), _mm256_set1_ps(t)));
+                }
+                for (int e = 0; e < 32; ++e) xv[i * xps + 32 * b + avx2_pos(bits, e)] = (int16_t)v[e];
+                xt[i * nb + b] = t;
+            } else {
+                for (int e = 0; e < 32; ++e) xp[i * xps + 32 * b + avx2_pos(bits, e)] = xb[e];
+            }
+        }
+        for (int64_t g = 0; g < ng; ++g) { /* group sums of x~, column order */
+            const int64_t c0 = g * ge, c1 = c0 + ge < k ? c0 + ge : k;
+            float a = 0.0f;
+            for (int64_t j = c0; j < c1; ++j) a += xr[j];
+            xs[i * ng + g] = a;
+        }
+    }
+    return 0;
+}
+
 static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t ge,
                          int64_t ng, const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m,
                          int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
     if (n == 0 || m == 0) return 0;
     if (nthreads < 1) nthreads = 1;
-    const int64_t xps = (k + 31) / 32 * 32 > 0 ? (k + 31) / 32 * 32 : 32;
+    const int64_t xps = (k + 31) / 32 * 32 > 0 ? (k + 31) / 32 * 32 : 32, nb = xps / 32;
+    /* xp: m rows of xps float32 (the float32 form's x~, or the int16 form's integers in its first half) */
     float *xp = (float *)aligned_alloc(32, (size_t)(m * xps) * sizeof(float));
+    float *xr = (float *)malloc((size_t)xps * sizeof(float));
+    float *xt = (float *)malloc((size_t)(m * nb) * sizeof(float));
     float *xs = (float *)malloc((size_t)(m * ng) * sizeof(float));
-    if (!xp || !xs) {
-        free(xp), free(xs);
+    if (!xp || !xr || !xt || !xs) {
+        free(xp), free(xr), free(xt), free(xs);
         return -4;
     }
-    /* x~ in column order (zeros from k on) and its group sums */
-    for (int64_t i = 0; i < m; ++i) {
-        float *xi = xp + i * xps, *xsi = xs + i * ng;
-        for (int64_t j = 0; j < k; ++j) {
-            float v = xdtype ? u2f((uint32_t)((const uint16_t *)x)[i * xstride + j] << 16)
-                             : ((const float *)x)[i * xstride + j];
-            if (xmode == 1) v = u2f((uint32_t)bf16_bits(v) << 16);
-            xi[j] = v;
-        }
-        for (int64_t j = k; j < xps; ++j) xi[j] = 0.0f;
-        for (int64_t g = 0; g < ng; ++g) {
-            const int64_t c0 = g * ge, c1 = c0 + ge < k ? c0 + ge : k;
-            float a = 0.0f;
-            for (int64_t j = c0; j < c1; ++j) a += xi[j];
-            xsi[g] = a;
-        }
+    int ix = xmode == 3;
+    int16_t *xv = (int16_t *)xp;
+    if (avx2_prep(x, xdtype, m, xstride, k, bits, xmode, ix, ge, ng, xps, xr, xp, xv, xt, xs) != 0) {
+        ix = 0; /* a value not finite, or a block below 2^-100: x itself, float32 products */
+        avx2_prep(x, xdtype, m, xstride, k, bits, 2, 0, ge, ng, xps, xr, xp, xv, xt, xs);
     }
     const mq_params prm = {s, z, sz};
     const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
-#define MQ_AVX2_W(B, MB) avx2_rows(B, q, r0, r1, row_bytes, k, ge, ng, &prm, xp, xps, xs, MB, m0, y, ydtype, ys)
+#define MQ_AVX2_W(B, IX, MB)                                                                                      \
+    avx2_rows(B, IX, q, r0, r1, row_bytes, k, ge, ng, &prm, xp, xv, xt, xps, xs, MB, m0, y, ydtype, ys)
 #define MQ_AVX2_ROWS(MB)                                                                                          \
     do { /* 4- and 8-bit containers: specialised bodies; the other widths share one (unpacked per row) */         \
-        if (bits == 4) MQ_AVX2_W(4, MB);                                                                          \
-        else if (bits == 8) MQ_AVX2_W(8, MB);                                                                     \
-        else MQ_AVX2_W(bits, MB);                                                                                 \
+        if (ix) {                                                                                                 \
+            if (bits == 4) MQ_AVX2_W(4, 1, MB);                                                                   \
+            else if (bits == 8) MQ_AVX2_W(8, 1, MB);                                                              \
+            else MQ_AVX2_W(bits, 1, MB);                                                                          \
+        } else {                                                                                                  \
+            if (bits == 4) MQ_AVX2_W(4, 0, MB);                                                                   \
+            else if (bits == 8) MQ_AVX2_W(8, 0, MB);                                                              \
+            else MQ_AVX2_W(bits, 0, MB);                                                                          \
+        }                                                                                                         \
     } while (0)
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
@@ -1241,7 +1331,7 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
     }
 #undef MQ_AVX2_ROWS
 #undef MQ_AVX2_W
-    free(xp), free(xs);
+    free(xp), free(xr), free(xt), free(xs);
     return 0;
 }
 #endif
