@@ -9,8 +9,11 @@ float (``skip=["lm_head"]``); ``<variant>+emb`` also quantizes the input embeddi
 float model to bfloat16 first (``model.to(torch.bfloat16)``, then ``quantize_``: activations, norms and attention
 run in bfloat16 like the ``bfloat16`` row, with no cast around each quantized layer). For the accuracy controls
 of ``benchmarks.bf16_rounding_attribution``, built only when named: ``W2g32`` (2-bit, group 32), and
-``<variant>+gptq``, calibrated by GPTQ (:data:`GPTQ_CALIBRATION`) instead of rounded to nearest. Quantization is nothing but
-``medquant.quantize_`` (and ``quantize_embeddings_``) with the public config; the CPU kernels run with their default compute dtype (bfloat16 where the CPU has native bf16).
+``<variant>+gptq``, calibrated by GPTQ (:data:`GPTQ_CALIBRATION`) instead of rounded to nearest; and
+``W4g128cdbf16``, W4 g128 with ``compute_dtype="bfloat16"`` on the config (on a CPU without bfloat16 arithmetic:
+the native kernel's 16-bit integer activations at small ``M``). Quantization is nothing but
+``medquant.quantize_`` (and ``quantize_embeddings_``) with the public config; the CPU kernels run with their default
+compute dtype (bfloat16 where the CPU has native bf16) unless the variant's config names one.
 
 Every row runs in its own subprocess (``--worker``), so that its resident memory is its own:
 
@@ -78,7 +81,8 @@ QUANT = {  # variant -> QuantConfig kwargs
     "W2": {"bits": 2, "group_size": 128},
 }
 #: variants built only when named (not in the full run's default list)
-EXTRA_QUANT = {"W2g32": {"bits": 2, "group_size": 32}}
+EXTRA_QUANT = {"W2g32": {"bits": 2, "group_size": 32},
+               "W4g128cdbf16": {"bits": 4, "group_size": 128, "compute_dtype": "bfloat16"}}
 #: ``<variant>+gptq``: calibration for GPTQ instead of round-to-nearest (training reports, never the test ones)
 GPTQ_CALIBRATION = {"sequences": 32, "seq_len": 512, "batch": 4, "act_order": True}
 LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5632, "num_attention_heads": 32,

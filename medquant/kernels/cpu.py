@@ -39,8 +39,8 @@ kernel)
 
 **native4** computes, for row ``r`` of ``W`` and row ``i`` of ``x``, with ``x~`` the input as the kernel takes
 it (``cd`` float32: ``x``; float16: ``x`` rounded to float16; bfloat16 with a float32 ``x``, by
-:func:`set_cpu_native4_activations`: ``"int16"``, the default, on a CPU with AVX512-VNNI
-(:attr:`~medquant.kernels.native.NativeGemv4.int16_form`), ``t * round_half_even(x / t)`` with ``t`` the largest
+:func:`set_cpu_native4_activations`: ``"int16"``, the default, on a CPU with AVX512-VNNI, or with AVX2 and no
+AVX512 (:attr:`~medquant.kernels.native.NativeGemv4.int16_form`), ``t * round_half_even(x / t)`` with ``t`` the largest
 magnitude of each 32 columns over 32767, i.e. ``x`` to ``2^-16`` of that magnitude; elsewhere and with
 ``"split"``, ``hi + lo``, ``hi = bf16(x)``, ``lo = bf16(x - hi)``,
 i.e. ``x`` to a relative ``2^-17``; with ``"round"`` ``bf16(x)``; a bfloat16 ``x`` as it is),
@@ -53,7 +53,7 @@ medquant's packed codes in place, so a layer holds one form of its weight in mem
 and zero points are read in place too (bfloat16 ones are copied to float32; a symmetric zero point is one value).
 With ``cd`` bfloat16 and
 AVX512-BF16 the products are bfloat16 pairs (``vdpbf16ps``, two per code when split), or int16 pairs
-(``vpdpwssd``, AVX512-VNNI) for ``"int16"``; otherwise float32 FMA.
+(``vpdpwssd``, AVX512-VNNI; ``vpmaddwd`` in the AVX2 form) for ``"int16"``; otherwise float32 FMA.
 Under ``torch.compile`` it runs as the operator ``medquant::gemv4``, or, in a layer bound for a compiled decode step
 (``QuantLinear.bind_cpu_kernels``), as ``medquant::gemv4_bound``: the bound matmul called by its handle, so that
 the graph takes none of the layer's tensors.
@@ -463,7 +463,8 @@ _int4_kernel = _env_choice(ENV_INT4_KERNEL, INT4_KERNELS)
 def set_cpu_native4_activations(mode: str | None) -> None:
     """How the native kernels (native4 and native8) take activations when the compute dtype is bfloat16.
 
-    ``"int16"`` (the default): with the library built with AVX512-VNNI, on layers of 3 bits or more
+    ``"int16"`` (the default): with the library built with AVX512-VNNI, or in its AVX2 form (a CPU with AVX2 and
+    no AVX512: ``vpmaddwd``, 16-bit pairs summed into 32-bit integers), on layers of 3 bits or more
     (``NATIVE_INT16_MIN_BITS``: 1- and 2-bit models are chaotic enough to lose next tokens to it), in every
     container and group layout (:attr:`~medquant.kernels.native.NativeGemv4.int16_form`), a float32 ``x`` enters
     as 16-bit integers per 32 columns ``c``,
@@ -473,8 +474,9 @@ def set_cpu_native4_activations(mode: str | None) -> None:
     (``x`` to ``2^-16`` of its 32 columns' largest magnitude), multiplied by the codes exactly (``vpdpwssd``, one
     integer product per code), each 32 columns' sum scaled by ``t s`` in float32: the blocked matmul's
     precision (at most its blocks' size). Per call at ``M = 1`` (2 threads, SmolLM2's and the 1.1B model's layers)
-    than ``"split"``: 15-23% faster on 4-bit rows, 11-31% on 8-bit rows, 5-16% on 3- and 2-bit streams.
-    Elsewhere (1- and 2-bit layers; a library built without AVX512-VNNI; an ``x`` with a value that is not
+    than ``"split"``: 15-23% faster on 4-bit rows, 11-31% on 8-bit rows, 5-16% on 3- and 2-bit streams; in the
+    AVX2 form (where ``"split"`` is the float32 FMA form on ``x`` itself) no code is converted to float32.
+    Elsewhere (1- and 2-bit layers; an AVX512 library built without AVX512-VNNI; an ``x`` with a value that is not
     finite, or 32 columns whose largest magnitude is below ``2^-100``) it is ``"split"``. ``"split"``:
     ``x = hi + lo`` with ``hi = bf16(x)``, ``lo = bf16(x - hi)``, each multiplied by the codes with
     ``vdpbf16ps``, so ``x`` enters to a relative ``2^-17`` and the result matches the float32 reference to about

@@ -44,9 +44,10 @@ arguments bound once in an array); calling it computes
 (``x~``: the input itself, rounded to bfloat16, or split into two bfloat16 halves: :class:`NativeGemv4`) with
 exact products and float32 sums, reading the codes in place. It is compiled with AVX512F + AVX512BW (``-march=native`` on such a CPU; it multiplies
 bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to float32), or, on a CPU with
-AVX2 + FMA but no AVX512 (``gemv_avx2``), in a float32 form for every width and group layout: blocks of 32 codes
-widened to float32 in column order and multiplied by FMA, ``x~`` the input itself (or rounded to bfloat16 where
-asked: split and 16-bit-integer ``x`` are exact there, as without AVX512-BF16 / VNNI);
+AVX2 + FMA but no AVX512 (``gemv_avx2``), in two forms for every width and group layout: float32, blocks of 32
+codes widened to float32 and multiplied by FMA, ``x~`` the input itself (or rounded to bfloat16 where asked; split
+``x`` is exact there, as without AVX512-BF16), and int16 (``xmode`` 3, a bfloat16 compute dtype's float32 input),
+``x`` as 16-bit integers per 32 columns multiplied with the codes by ``vpmaddwd``, as with AVX512-VNNI;
 :func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream`` / ``gemv_avx2``. Two operators wrap it for
 ``torch.compile``: ``medquant::gemv4`` (the weight's tensors as arguments) and ``medquant::gemv4_bound`` (a bound
 matmul named by its handle, an integer: what a compiled decode step calls, holding no weight tensors).
@@ -361,7 +362,8 @@ def native_status(build: bool = True) -> dict[str, object]:
         "float16": bool, "gemv4": bool (the 4- and 8-bit weight-only matmuls are compiled in: AVX512F + BW, or
         AVX2 + FMA), "gemv4_bf16": bool (it multiplies bfloat16 pairs with AVX512-BF16), "gemv_stream": bool (it
         also reads the dense 3/5/6/7-bit layout and 1- and 2-bit containers: AVX512-VBMI + VL, or AVX2 + FMA),
-        "gemv_avx2": bool (the matmul is the float32 AVX2 + FMA form of a CPU without AVX512), "gemm": bool (the blocked matmul
+        "gemv_avx2": bool (the matmul is the AVX2 + FMA form of a CPU without AVX512: float32 products, or 16-bit
+        integer x with ``vpmaddwd``), "gemm": bool (the blocked matmul
         for many rows, :meth:`NativeGemv4.gemm`, is compiled in: AVX512-VNNI), "flags": [compiler flags],
         "cache_dir": str}``.
     """
