@@ -27,6 +27,9 @@ itself, codes widened to float32 for FMA; the dense float32 GEMM at large ``M``)
 integer forms: ``x`` as 16-bit integers, and the gemm at large ``M``). Those need AVX512-VNNI and no bfloat16
 arithmetic, so the ratio float32 / bfloat16 is what a CPU with AVX512-VNNI but without AVX512-BF16 (whose default
 compute dtype is float32) gains by choosing bfloat16, as far as this CPU's timing of the same instructions tells.
+On a CPU with AVX2 and no AVX512 the pair is the AVX2 form's float32 FMA against its 16-bit integers
+(``vpmaddwd``) at small ``M``, and at 256 rows the dense path in float32 against bfloat16 (software bfloat16
+there: no gemm).
 
 ``--float32`` runs the default mode with float32 activations and compute dtype (the default on a CPU without bfloat16
 arithmetic: there aten's int4 kernel runs float32 activations only at ``M = 1``, the dense path above). Every row of

@@ -25,6 +25,10 @@ def test_make_quantizes_what_the_variant_names():
     assert m.model.norm.weight.dtype == torch.bfloat16
     m, _ = ci._make("llama_small", "bfloat16", False)
     assert m.lm_head.weight.dtype == torch.bfloat16
+    m, _ = ci._make("llama_small", "W4g128cdbf16", True)  # the compute dtype on the config, for every layer
+    layers = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+    assert m.lm_head in layers and {mod.config.compute_dtype for mod in layers} == {"bfloat16"}
+    assert {mod.bit_groups[0] for mod in layers} == {4} and m.lm_head.config.group_size == 128
 
 
 def test_gptq_variant_calibrates_instead_of_rounding_and_bad_names_are_refused(monkeypatch):

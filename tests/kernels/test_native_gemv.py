@@ -864,7 +864,7 @@ def avx2_form_check() -> None:
                     assert _rel_err(y, _ref(layer, x, "int16" if int16 else torch.float32)) < 1e-5, (cfg_id, m, cd)
                 set_cpu_compute_dtype(torch.float32)
     # the one warning of a bfloat16 compute dtype without bfloat16 arithmetic says what runs fast and what does not
-    import medquant.kernels.cpu as cpu
+    from medquant.kernels import cpu
 
     real = cpu.cpu_features
     cpu.cpu_features = lambda: {**real(), "avx512_bf16": False, "amx_bf16": False, "native_bf16": False}
