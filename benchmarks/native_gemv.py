@@ -211,7 +211,8 @@ def markdown_compute(result: dict) -> str:
         result, (f"# native4: float32 against bfloat16 compute on float32 activations (benchmarks/native_gemv.py "
                  f"--compute, {result['date']})"),
         "W4 g128, float32 x", ("Ratio: float32 / bfloat16 (> 1: the bfloat16 compute dtype's integer forms faster). "
-                               "The integer forms need AVX512-VNNI, not AVX512-BF16."),
+                               "The integer forms need AVX512-VNNI (or the AVX2 form, at small M), not "
+                               "AVX512-BF16."),
         ["layer", "M", "float32 path", "us", "bfloat16 path", "us", "ratio"], COMPUTE_MS, cells)
 
 

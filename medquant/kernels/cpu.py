@@ -523,7 +523,9 @@ def set_cpu_prefill_kernel(kind: str | None) -> None:
     path runs. Under ``torch.compile`` a layer bound to its kernels (``QuantLinear.bind_cpu_kernels``) calls it by
     handle (``medquant::gemv4_bound``); an unbound layer's traced call takes the dense path. ``"dense"``: the
     weight dequantized to bfloat16 and torch's bfloat16 GEMM (weights and outputs rounded to bfloat16: about
-    ``2^-9`` relative per output).
+    ``2^-9`` relative per output); on a CPU without bfloat16 arithmetic (``cpu_features()["native_bf16"]``
+    false: the AVX2 form's CPUs, AVX512 without AVX512-BF16 / AMX-BF16) the dense path of a native row group runs
+    float32 instead (dequantized to float32, float32 GEMM: more precise, and ~5x faster than software bfloat16).
     Float32 and float16 compute dtypes always take the dense path at large ``M``.
 
     Args:
@@ -607,8 +609,8 @@ def _layer_compute_dtype(weight: PackedWeight) -> torch.dtype:
             _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16: "
                                "layers on medquant's native kernels take float32 inputs of fewer than "
                                f"{dense_min_m('int4')} rows as 16-bit integers (AVX2: faster decoding here, to 2^-16 "
-                               "of each block's largest magnitude); more rows (prefill) and other layers compute "
-                               "bfloat16 in software (correct, slow): float32 compute prefills faster")
+                               "of each block's largest magnitude) and run more rows (prefill) in float32; other "
+                               "layers compute bfloat16 in software (correct, slow)")
         else:
             _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16 "
                                "runs correctly but slowly; set_cpu_compute_dtype(torch.float32) is faster here")
@@ -960,8 +962,12 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     op8 = torch.ops.aten._weight_int8pack_mm.default
 
+    # the dense path's dtype: cd, but float32 for a bfloat16 cd on a native row group of a CPU without bfloat16
+    # arithmetic (the AVX2 form: no blocked matmul there, and a software bfloat16 GEMM is ~5x slower than float32's;
+    # float32 is the more precise of the two)
+    dd = torch.float32 if cd == torch.bfloat16 and gemv is not None and not cpu_features()["native_bf16"] else cd
     native: list = []  # [the native dequantizer or None], made at the first dense call (not while tracing)
-    esize = torch.empty(0, dtype=cd).element_size()
+    esize = torch.empty(0, dtype=dd).element_size()
     chunk_rows = n if n * k * esize <= DENSE_CHUNK_MIN_BYTES else \
         max(INT4_ROW_MULTIPLE, DENSE_CHUNK_BYTES // max(1, k * esize) // INT4_ROW_MULTIPLE * INT4_ROW_MULTIPLE)
 
@@ -980,7 +986,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     def dense(xc: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             if not native:
-                native.append(native_dequantizer(weight, cd))
+                native.append(native_dequantizer(weight, dd))
             nd = native[0]
             if nd is not None:
                 if chunk_rows < n:
@@ -991,7 +997,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
                     w = nd()
                     if w is not None:
                         return F.linear(xc, w)
-        return F.linear(xc, dequantize_eager(weight, cd))
+        return F.linear(xc, dequantize_eager(weight, dd))
 
     def decode(x: torch.Tensor) -> torch.Tensor | None:
         """``y (..., n)`` for a contiguous float32 / bfloat16 ``x (..., k)`` of fewer rows than the native
@@ -1025,7 +1031,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             y = gemv.run(xk, xmode_bf16 if xk.dtype == torch.bfloat16 else xmode)
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
-            return dense(x.to(cd).contiguous()).to(dt)
+            return dense(x.to(dd).contiguous()).to(dt)
         if gemm and not torch.compiler.is_compiling():
             # float32 or bfloat16 x as it is (the kernel makes its integers from it); float32 out, bfloat16 for
             # a bfloat16 x (rounded once)
@@ -1037,7 +1043,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
         on_dense = _path(plan, m, cd) in ("dense", "gemm")
-        xd = cd if on_dense else kd
+        xd = dd if on_dense else kd
         xc = x if dt == xd else x.to(xd)
         if not xc.is_contiguous():
             xc = _contiguous(xc)

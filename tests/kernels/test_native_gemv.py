@@ -906,3 +906,35 @@ def test_the_avx2_form_matches_the_reference(tmp_path):
     if not st["active"] or not cpu_features()["avx2"]:
         pytest.skip("needs the native library and a CPU with AVX2")
     run_with_native_flags(_AVX2_CHILD, "-mno-avx512f", tmp_path)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_a_bfloat16_compute_dtype_prefills_in_float32_without_bfloat16_arithmetic(monkeypatch, native_bf16):
+    """The dense path (40 rows, ``set_cpu_prefill_kernel("dense")``) of a native row group with a bfloat16
+    compute dtype: on a CPU without bfloat16 arithmetic (``native_bf16`` false: the AVX2 form's CPUs, simulated
+    elsewhere) float32, the float32 compute dtype's output bit for bit; with it, bfloat16 (weights and output
+    rounded: a larger error against the float64 reference, and another output)."""
+    from medquant.kernels import cpu
+
+    if not _available():
+        pytest.skip("needs the native kernel")
+    real = cpu.cpu_features
+    monkeypatch.setattr(cpu, "cpu_features", lambda: {**real(), "native_bf16": native_bf16})
+    set_cpu_prefill_kernel("dense")
+    layer = _layer(48, 576, QuantConfig(4, group_size=128))
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(5))
+    ys = {}
+    for cd in (torch.float32, torch.bfloat16):
+        set_cpu_compute_dtype(cd)
+        clear_cpu_cache()
+        assert cpu_path(x, layer.packed_weight(4)) == "dense"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ys[cd] = layer(x)
+    ref = _ref(layer, x, torch.float32)
+    assert _rel_err(ys[torch.float32], ref) < 1e-5
+    if native_bf16:
+        assert not torch.equal(ys[torch.bfloat16], ys[torch.float32])
+        assert 1e-4 < _rel_err(ys[torch.bfloat16], ref) < 2e-2
+    else:
+        torch.testing.assert_close(ys[torch.bfloat16], ys[torch.float32], rtol=0, atol=0)
