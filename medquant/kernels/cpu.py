@@ -84,7 +84,8 @@ not finite (or a block whose largest magnitude is below ``2^-100``) is handed to
 propagates it as torch does.
 
 **dense**: the codes are dequantized to ``cd`` (``(u - z) * s`` in float32, rounded once to ``cd``: the
-reference's float32 weight cast to ``cd``; once per call) and ``F.linear`` runs; at large
+reference's float32 weight cast to ``cd``; once per call; float32 instead of a bfloat16 ``cd`` on a native row group
+of a CPU without bfloat16 arithmetic, where a software bfloat16 GEMM is ~5x slower) and ``F.linear`` runs; at large
 ``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``. The
 dequantization is one pass of a small C kernel over medquant's packed codes (:mod:`medquant.kernels.native`,
 compiled on first use; eager torch ops, bit-identical, where it is unavailable or ``$MEDQUANT_NATIVE=0``). A
