@@ -84,8 +84,8 @@ not finite (or a block whose largest magnitude is below ``2^-100``) is handed to
 propagates it as torch does.
 
 **dense**: the codes are dequantized to ``cd`` (``(u - z) * s`` in float32, rounded once to ``cd``: the
-reference's float32 weight cast to ``cd``; once per call; float32 instead of a bfloat16 ``cd`` on a native row group
-of a CPU without bfloat16 arithmetic, where a software bfloat16 GEMM is ~5x slower) and ``F.linear`` runs; at large
+reference's float32 weight cast to ``cd``; once per call; float32 instead of a bfloat16 ``cd`` on a CPU
+without bfloat16 arithmetic, where a software bfloat16 GEMM is ~5x slower) and ``F.linear`` runs; at large
 ``M`` (prefill) a dense GEMM beats the weight-only kernels, whose cost grows linearly with ``M``. The
 dequantization is one pass of a small C kernel over medquant's packed codes (:mod:`medquant.kernels.native`,
 compiled on first use; eager torch ops, bit-identical, where it is unavailable or ``$MEDQUANT_NATIVE=0``). A
@@ -525,7 +525,7 @@ def set_cpu_prefill_kernel(kind: str | None) -> None:
     handle (``medquant::gemv4_bound``); an unbound layer's traced call takes the dense path. ``"dense"``: the
     weight dequantized to bfloat16 and torch's bfloat16 GEMM (weights and outputs rounded to bfloat16: about
     ``2^-9`` relative per output); on a CPU without bfloat16 arithmetic (``cpu_features()["native_bf16"]``
-    false: the AVX2 form's CPUs, AVX512 without AVX512-BF16 / AMX-BF16) the dense path of a native row group runs
+    false: the AVX2 form's CPUs, AVX512 without AVX512-BF16 / AMX-BF16) the dense path runs
     float32 instead (dequantized to float32, float32 GEMM: more precise, and ~5x faster than software bfloat16).
     Float32 and float16 compute dtypes always take the dense path at large ``M``.
 
@@ -963,10 +963,10 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
     op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     op8 = torch.ops.aten._weight_int8pack_mm.default
 
-    # the dense path's dtype: cd, but float32 for a bfloat16 cd on a native row group of a CPU without bfloat16
-    # arithmetic (the AVX2 form: no blocked matmul there, and a software bfloat16 GEMM is ~5x slower than float32's;
-    # float32 is the more precise of the two)
-    dd = torch.float32 if cd == torch.bfloat16 and gemv is not None and not cpu_features()["native_bf16"] else cd
+    # the dense path's dtype: cd, but float32 for a bfloat16 cd on a CPU without bfloat16 arithmetic (e.g. the
+    # AVX2 form's: no blocked matmul there, and a software bfloat16 GEMM is ~5x slower than float32's; float32 is
+    # the more precise of the two), with or without the native library, so disabling it changes no result
+    dd = torch.float32 if cd == torch.bfloat16 and not cpu_features()["native_bf16"] else cd
     native: list = []  # [the native dequantizer or None], made at the first dense call (not while tracing)
     esize = torch.empty(0, dtype=dd).element_size()
     chunk_rows = n if n * k * esize <= DENSE_CHUNK_MIN_BYTES else \
