@@ -723,7 +723,7 @@ class NativeGemv4:
     """
 
     def __init__(self, call, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
-                 ge: int, gemm: bool = False, int16: bool | None = None) -> None:
+                 ge: int, gemm: bool = False, int16: bool = False) -> None:
         # the codes are held through an alias (same storage, another tensor object): the CPU backend caches this
         # object under the layer's own codes tensor as a weak key, and a strong reference back to that tensor
         # would keep the cache entry, the codes and this object alive after the layer is freed
@@ -732,7 +732,7 @@ class NativeGemv4:
             qw = alias
         weight = dataclasses.replace(weight, qweight=alias)
         self._call, self._gemm, self._weight = call, gemm, weight
-        self._int16 = gemm if int16 is None else int16  # xmode 3 as 16-bit integers (int16_form)
+        self._int16 = int16  # xmode 3 as 16-bit integers (int16_form)
         self.bits = storage_bits(weight.bits, weight.dense)
         self.code_bits = weight.bits  # the codes' width (bits is what holds them: 4 for 3-bit codes in layout 1)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives

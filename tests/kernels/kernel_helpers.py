@@ -62,10 +62,10 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def run_with_native_flags(script: str, cflags: str, cache_dir, **env: str) -> str:
     """Run ``script`` (Python source) in a child process whose native library is built with ``cflags`` added to
     the C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``; skips without one) in its own cache folder
-    ``cache_dir``, with the repository on ``sys.path`` and ``env`` added to the environment. The script must print
-    the child's library path, then ``ok``, as its last two lines. Asserts that it did, and that the child's build
-    is not this process's under another name (options given in ``$CC`` are part of the build key); returns its
-    output."""
+    ``cache_dir``, with the repository importable (on ``$PYTHONPATH``) and ``env`` added to the environment. The
+    script must print the child's library path, then ``ok``, as its last two lines. Asserts that it did, and that
+    the child's build is not this process's under another name (options given in ``$CC`` are part of the build
+    key); returns its output."""
     from medquant.kernels.native import native_status
 
     cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
@@ -80,3 +80,12 @@ def run_with_native_flags(script: str, cflags: str, cache_dir, **env: str) -> st
     child_lib = Path(out.stdout.strip().splitlines()[-2])
     assert child_lib.parent.name != Path(native_status()["library"]).parent.name
     return out.stdout
+
+
+def native_int16() -> bool:
+    """Whether the native library takes ``xmode`` 3 as 16-bit integers (``NativeGemv4.int16_form``): built with
+    AVX512-VNNI (``vpdpwssd``, with the blocked matmul: ``gemm``) or in the AVX2 form (``vpmaddwd``)."""
+    from medquant.kernels.native import native_status
+
+    st = native_status()
+    return bool(st["gemm"] or st["gemv_avx2"])

@@ -37,7 +37,7 @@ from medquant.kernels.cpu import NATIVE_INT16_MIN_BITS, cpu_plan
 from medquant.kernels.layout import storage_bits
 from medquant.kernels.native import gemv4_decline, native_gemv4, native_status
 from medquant.quant import QuantConfig, QuantLinear
-from tests.kernels.kernel_helpers import run_with_native_flags
+from tests.kernels.kernel_helpers import native_int16, run_with_native_flags
 
 
 @pytest.fixture(autouse=True)
@@ -585,8 +585,7 @@ def test_int16_activations_match_their_float64_reference(k, cfg, form):
     gemv = native_gemv4(layer.packed_weight(cfg.bits))
     if gemv is None and cfg.bits not in (4, 8):
         pytest.skip("the stream widths need AVX512-VBMI")
-    st = native_status()
-    assert gemv is not None and gemv.int16_form == (form and (st["gemm"] or st["gemv_avx2"]))
+    assert gemv is not None and gemv.int16_form == (form and native_int16())
     g = torch.Generator().manual_seed(3)
     for m in (1, 2, 3, 4, 7, 8, 11, 15):
         x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
@@ -614,8 +613,7 @@ def test_two_bit_layers_split_float32_activations_under_the_default(bits):
     """The default activations ("int16") take float32 x as 16-bit integers from ``NATIVE_INT16_MIN_BITS`` = 3 bits
     on and split it below (a 2-bit model loses next tokens to 16-bit x): a layer's output is then the kernel's
     xmode 3 or xmode 2 result bit for bit, and the two differ."""
-    st = native_status()
-    if not (st["gemv_stream"] and (st["gemm"] or st["gemv_avx2"])):
+    if not (native_status()["gemv_stream"] and native_int16()):
         pytest.skip("needs the native stream kernel and int16 x (vpdpwssd with AVX512-VNNI, or the AVX2 form)")
     set_cpu_compute_dtype(torch.bfloat16)
     layer = _layer(64, 256, QuantConfig(bits, symmetric=False, group_size=64))
@@ -655,7 +653,7 @@ def test_native4_activations_setting():
         # the int16 form where the library has vpdpwssd (AVX512-VNNI) or is the AVX2 form (vpmaddwd); else (AVX512
         # without VNNI) the setting runs as split, which is x itself without bfloat16 products
         int16 = cpu_plan(layer.packed_weight(4)).gemv.int16_form
-        assert int16 == bool(native_status()["gemm"] or native_status()["gemv_avx2"])
+        assert int16 == native_int16()
         assert _rel_err(y_int16, _ref(layer, x, "int16" if int16 else torch.float32)) < 1e-5
         assert _rel_err(y_split, _ref(layer, x, torch.float32)) < 1e-5
         assert _rel_err(y_round, _ref(layer, x, torch.bfloat16)) < 1e-5
@@ -694,7 +692,7 @@ def test_native8_holds_no_repacked_copy_and_matches_the_int8_kernel():
     if _available():
         assert native_bytes == 4  # the scales are read in place (float16), the zero point is one float32 value
         # the int16 form needs vpdpwssd or the AVX2 form; else x itself (split, no bf16 products)
-        int16 = bool(native_status()["gemm"] or native_status()["gemv_avx2"])
+        int16 = native_int16()
         assert _rel_err(y_native, _ref(layer, x, "int16" if int16 else torch.float32)) < 1e-5
         set_cpu_int4_kernel("auto")
         gemv = cpu_plan(layer.packed_weight(8)).gemv

@@ -408,8 +408,6 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
 #define MQ_GEMV_AVX2 0
 #endif
 
-/* bit 3: the blocked matmul (gemm_run, mq_call's flag 16) is compiled in (AVX512-VNNI); bit 4: the matmul is
- * the AVX2 form (gemv_avx2_run: every width, float32 products only), bits 0 and 2 then set as well */
 /* The m rows of x in tiles of 8, then at most one tile each of 4, 2 and 1 rows: ROWS(MB) runs the matmul's body
  * (specialised for a constant MB) on rows m0..m0+MB, m0 declared here */
 #define MQ_ROW_TILES(ROWS)                                                                                        \
@@ -427,6 +425,8 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
         if (m - m0 >= 1) ROWS(1);                                                                                 \
     } while (0)
 
+/* bit 3: the blocked matmul (gemm_run, mq_call's flag 16) is compiled in (AVX512-VNNI); bit 4: the matmul is
+ * the AVX2 form (gemv_avx2_run: every width, float32 products or 16-bit integer x), bits 0 and 2 then set as well */
 int mq_gemv4_caps(void) {
     return (MQ_GEMV_F32 | MQ_GEMV_AVX2) | (MQ_GEMV_BF16 << 1) | ((MQ_GEMV_STREAM | MQ_GEMV_AVX2) << 2) |
            (MQ_GEMM_CAP << 3) | (MQ_GEMV_AVX2 << 4);
@@ -1311,17 +1311,16 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
     const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
 #define MQ_AVX2_W(B, IX, MB)                                                                                      \
     avx2_rows(B, IX, q, r0, r1, row_bytes, k, ge, ng, &prm, xp, xv, xt, xps, xs, MB, m0, y, ydtype, ys)
-#define MQ_AVX2_ROWS(MB)                                                                                          \
+#define MQ_AVX2_BITS(IX, MB)                                                                                      \
     do { /* 4- and 8-bit containers: specialised bodies; the other widths share one (unpacked per row) */         \
-        if (ix) {                                                                                                 \
-            if (bits == 4) MQ_AVX2_W(4, 1, MB);                                                                   \
-            else if (bits == 8) MQ_AVX2_W(8, 1, MB);                                                              \
-            else MQ_AVX2_W(bits, 1, MB);                                                                          \
-        } else {                                                                                                  \
-            if (bits == 4) MQ_AVX2_W(4, 0, MB);                                                                   \
-            else if (bits == 8) MQ_AVX2_W(8, 0, MB);                                                              \
-            else MQ_AVX2_W(bits, 0, MB);                                                                          \
-        }                                                                                                         \
+        if (bits == 4) MQ_AVX2_W(4, IX, MB);                                                                      \
+        else if (bits == 8) MQ_AVX2_W(8, IX, MB);                                                                 \
+        else MQ_AVX2_W(bits, IX, MB);                                                                             \
+    } while (0)
+#define MQ_AVX2_ROWS(MB)                                                                                          \
+    do { /* each form specialised (ix a constant in its bodies) */                                                \
+        if (ix) MQ_AVX2_BITS(1, MB);                                                                              \
+        else MQ_AVX2_BITS(0, MB);                                                                                 \
     } while (0)
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
@@ -1331,6 +1330,7 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
         MQ_ROW_TILES(MQ_AVX2_ROWS);
     }
 #undef MQ_AVX2_ROWS
+#undef MQ_AVX2_BITS
 #undef MQ_AVX2_W
     free(xp), free(xr), free(xt), free(xs);
     return 0;
