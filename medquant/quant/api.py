@@ -30,9 +30,11 @@ Precedence, for each quantizable module: (1) a pattern equal to its full name; (
 insertion order, that matches it (a container name above it, a ``re:`` pattern or a role: these rank by order
 alone); (3) otherwise ``"_default"``; (4) otherwise it stays in floating point. The chosen value ``None`` (or a
 config with 16/32 bits) leaves the module in floating point; an ``int`` is shorthand for ``QuantConfig(bits=int)``.
-``skip`` wins over everything. A pattern that matches no module raises ``ValueError`` naming the pattern (a skip
-list that silently misses is worse than an error), and so does a pattern with a config that matches modules of
-which none is quantizable. A single config (not a mapping) is the map ``{"_default": config}``.
+``skip`` wins over everything; a skip pattern matching any name of a module bound under several names (a shared
+module) keeps it in floating point under all of them. A pattern that matches no module raises ``ValueError``
+naming the pattern (a skip list that silently misses is worse than an error), and so does a pattern with a config
+that matches modules of which none is quantizable. A single config (not a mapping) is the map
+``{"_default": config}``.
 
 What a :class:`QuantConfig` handler stores, per scale group (the tensor, a row, or ``group_size`` consecutive
 elements of a row) of a row with ``b`` bits: symmetric scales ``s = max|w| / (2^(b-1) - 1)``; asymmetric
@@ -659,9 +661,16 @@ def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module]
     all_names = [n for n, _ in model.named_modules() if n]
     if targets is None:
         targets = quantizable_modules(model, QuantConfig)
+    # every name of a module bound under several names (a shared module; named_modules() yields only its first):
+    # a skip pattern naming any of them leaves the module, one object under all its names, in floating point
+    aliases: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n:
+            aliases.setdefault(id(m), []).append(n)
+    every_name = [n for names in aliases.values() for n in names]
     # a role pattern only leaving modules out (in skip, or mapped to None / a float config) that the model lacks
     # is noted, not an error; a role to quantize that the model lacks raises
-    skip_patterns = [_Pattern(p, model, all_names, optional_role=True) for p in cmap.skip]
+    skip_patterns = [_Pattern(p, model, every_name, optional_role=True) for p in cmap.skip]
     entries = [(_Pattern(p, model, all_names, optional_role=cfg is None or getattr(cfg, "is_float", False)), cfg)
                for p, cfg in cmap.items() if p != DEFAULT_KEY]
     for pat, cfg in entries:
@@ -678,7 +687,8 @@ def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module]
         exact = [e for e in entries if e[0].kind == "exact" and e[0].text == name]
         chosen = exact[0] if exact else next((e for e in entries if e[0].matches(name)), None)
         cfg = chosen[1] if chosen is not None else (cmap.default if has_default else None)
-        if cfg is None or getattr(cfg, "is_float", False) or any(p.matches(name) for p in skip_patterns):
+        if cfg is None or getattr(cfg, "is_float", False) or any(
+                p.matches(alias) for p in skip_patterns for alias in aliases.get(id(targets[name]), [name])):
             continue
         if _takes(cfg, targets[name]):
             plan[name] = cfg
@@ -761,7 +771,8 @@ def quantize_(
         config_or_map: one :class:`QuantConfig` (or int bit-width) for every quantizable module, or a mapping /
             :class:`ConfigMap` from patterns (exact names, ``"re:<regex>"``, roles ``"@vision"``,
             ``"@projector"``, ``"@language"``, ``"@head"``, and ``"_default"``) to a config or ``None`` (float).
-        skip: patterns left in floating point whatever else matches them (e.g. ``["@head"]``).
+        skip: patterns left in floating point whatever else matches them (e.g. ``["@head"]``); a shared module
+            is left out when a pattern matches any of its names.
         filter_fn: optional ``filter_fn(module, name) -> bool``; modules for which it is False are left as they
             are (float, or quantized as before: neither requantized nor refused as already quantized).
         progress: show a tqdm bar over the layers.

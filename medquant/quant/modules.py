@@ -696,23 +696,26 @@ class QuantEmbedding(_QuantWeightBase):
         return nn.Embedding.from_pretrained(w, freeze=False, padding_idx=self.padding_idx)
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dequantized rows ``ids`` (any shape of integer indices) -> ``(*ids.shape, embedding_dim)``.
+        """The dequantized rows ``ids`` (any shape of int32 / int64 indices) -> ``(*ids.shape, embedding_dim)``.
 
         Args:
-            ids: integer indices in ``[-num_embeddings, num_embeddings)`` (negative ones count from the end).
+            ids: int32 or int64 indices (the dtypes ``nn.Embedding`` takes) in ``[-num_embeddings, num_embeddings)``
+                (negative ones count from the end).
             dtype: dtype of the result; None is ``weight_dtype``.
 
         Returns:
             ``(*ids.shape, embedding_dim)`` rows.
 
         Raises:
-            TypeError: floating-point or boolean ``ids``.
+            TypeError: ``ids`` of another dtype (floating point, bool, uint8 and the other integer types, which
+                ``nn.Embedding`` refuses as well), named in the message.
             IndexError: an index out of range (``RuntimeError`` with the same message when traced by
                 ``torch.compile`` or ``torch.export``: the check is then an assert in the graph, run by the compiled
                 code, since a traced tensor has no value to test in Python).
         """
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"embedding indices must be integers, got {ids.dtype}")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"embedding indices must be torch.int32 or torch.int64 (as for nn.Embedding), got "
+                            f"{ids.dtype}")
         flat = ids.reshape(-1)
         message = f"embedding index out of range for {self.num_embeddings} rows"
         if torch.compiler.is_compiling():  # torch.compile / torch.export: int(tensor) cannot be traced

@@ -116,6 +116,32 @@ def test_swap_module_replaces_one_name_and_returns_the_old_module():
         swap_module(m, "", new)
 
 
+def test_skip_by_the_second_name_of_a_shared_module_keeps_it_float_under_both_names():
+    import copy
+
+    def shared_model():
+        m = _model()
+        m.alias = m.enc.a  # one module under two names; named_modules() yields only "enc.a"
+        m.outer = nn.Sequential(OrderedDict(inner=m.enc))  # a shared container: "outer.inner.a" names it too
+        return m
+
+    x = torch.randn(3, 32)
+    for skip in (["alias"], ["re:ali.s"], ["outer.inner.a"], ["outer"]):
+        m = shared_model()
+        lin, ref = m.enc.a, copy.deepcopy(m.enc.a)
+        quantize_(m, QuantConfig(4, group_size=32), skip=skip)
+        assert m.enc.a is lin and m.alias is lin and m.outer.inner.a is lin, skip  # float, under every name
+        torch.testing.assert_close(m.alias(x), ref(x), rtol=0, atol=0)
+        assert isinstance(m.head, QuantLinear), skip  # the others are quantized
+        assert isinstance(m.enc.b, QuantLinear) == (skip != ["outer"]), skip
+    assert _bits(resolve_configs(shared_model(), 4, skip=["alias"])) == {"enc.b": 4, "head": 4}
+    m = shared_model()
+    quantize_(m, QuantConfig(4, group_size=32))  # without skip: one quantized module under both names
+    assert isinstance(m.enc.a, QuantLinear) and m.alias is m.enc.a
+    with pytest.raises(ValueError, match="'aliaz' matches no module"):  # a name of no module still raises
+        quantize_(shared_model(), 4, skip=["aliaz"])
+
+
 @dataclass(frozen=True)
 class _HalfConfig:
     scale: float = 0.5

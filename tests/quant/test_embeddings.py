@@ -67,6 +67,27 @@ def test_lookup_dequantizes_exactly_the_looked_up_rows(bits, scope, gs):
         QuantEmbedding.from_float(table, mq.QuantConfig(4, channel_bits=[4] * 300))
 
 
+def test_lookup_takes_the_index_dtypes_of_nn_embedding_and_names_any_other():
+    """int32 and int64 ids give the rows of the dequantized table (as ``nn.Embedding`` over that table does);
+    uint8, the other integer types, floats and bools, which ``nn.Embedding`` refuses too, raise a TypeError naming
+    the dtype and the accepted ones (they failed inside ``index_select`` with torch's message)."""
+    torch.manual_seed(3)
+    q = QuantEmbedding.from_float(nn.Embedding(200, 32), mq.QuantConfig(4, group_size=32))
+    w = np_dequant_layer(q)  # independent reader of the packed buffers
+    float_table = nn.Embedding.from_pretrained(torch.from_numpy(w))
+    ids = [[1, 2, 120], [0, 7, 7]]  # fits every dtype below
+    for dtype in (torch.int32, torch.int64):
+        t = torch.tensor(ids, dtype=dtype)
+        assert np.allclose(q(t).numpy(), w[np.array(ids)], atol=1e-6)
+        assert np.allclose(q(t).numpy(), float_table(t).numpy(), atol=1e-6)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.float32, torch.bool):
+        t = torch.tensor(ids, dtype=dtype) if dtype != torch.bool else torch.ones(2, 3, dtype=torch.bool)
+        with pytest.raises(RuntimeError):
+            float_table(t)  # nn.Embedding refuses these as well
+        with pytest.raises(TypeError, match=rf"torch.int32 or torch.int64 .*got {dtype}$"):
+            q(t)
+
+
 def test_tied_head_shares_the_8bit_table_and_is_saved_once(tmp_path):
     model = _tied_llama()
     mq.quantize_(model, mq.QuantConfig(4, group_size=32), skip=["@head"])
