@@ -7,6 +7,7 @@ Each of those workflows only says how a batch becomes a loss; this module owns t
             objective, record = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)            (before the step's first backward only)
             (objective / grad_accum).backward()              (objective.backward() when grad_accum == 1)
+        a non-finite objective in any of them (on any rank)  -> FloatingPointError, before optimizer.step()
         average the .grad of sync_params over the ranks     (medquant.distributed.all_reduce_gradients)
         clip the global gradient norm to grad_clip:
             coef = min(1, grad_clip / (||g||_2 + 1e-6)),  g *= coef
@@ -19,6 +20,12 @@ gradients of what they wrap during ``backward``); the loop adds what they do not
 outside the wrapper (``sync_params``), clipping over shards, stopping every rank together when one runs out of
 batches (``stop_together``), and a progress bar on rank 0 only. The loop draws no random numbers itself: dropout
 and data shuffling happen in ``loss_fn`` and in iterating ``batches`` (one ``iter(batches)`` per pass).
+
+A NaN or infinite objective (a learning rate too high for the model, an overflow in half precision) stops the
+loop with ``FloatingPointError`` before that step's ``optimizer.step()``: the parameters stay as the last finite
+step left them, instead of every later step training NaN weights that are then saved or quantized. In a run with a
+process group every rank of ``group`` raises together (the flag is or-ed over the ranks, one ``all_reduce`` of one
+element per step), so no rank waits in a collective for one that stopped.
 """
 from __future__ import annotations
 
@@ -77,8 +84,10 @@ def train_steps(
             :func:`medquant.distributed.clip_grad_norm_` over ``group``.
         sync_params: parameters whose gradients are averaged over ``group`` after the backward passes (those
             outside a DDP / FSDP wrapper, or every parameter when the model is not wrapped).
-        group: the process group of ``sync_params``, ``sharded`` clipping and ``stop_together`` (default the
-            world).
+        group: the process group of ``sync_params``, ``sharded`` clipping, ``stop_together`` and the non-finite
+            objective check (default the world). In a run with a process group every rank of ``group`` takes part
+            in that check once per step: the ranks take the same number of steps (as data-parallel training does;
+            ``stop_together`` makes sure of it with uneven data).
         stop_together: every rank of ``group`` ends a pass as soon as one rank has no batch left (one
             ``all_reduce`` per batch; ranks then take the same number of steps).
         model: put in ``train()`` mode for the loop and in ``eval()`` mode after it (also on error).
@@ -92,6 +101,9 @@ def train_steps(
         ValueError: ``epochs < 1``, ``grad_accum < 1``, ``max_steps < 0``, or ``epochs=None`` without ``max_steps``.
         TypeError: ``grad_accum > 1`` and records that cannot be averaged (raised before that step's
             ``optimizer.step()``).
+        FloatingPointError: an objective of the step is NaN or infinite on this rank or another rank of ``group``
+            (raised before that step's ``optimizer.step()``; the records of the finished steps are lost with the
+            exception, the parameters keep their values after the last finished step).
     """
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -121,6 +133,7 @@ def train_steps(
             exhausted = False
             while not exhausted:
                 step_records: list[Any] = []
+                bad: float | None = None  # the step's first non-finite objective
                 for _ in range(grad_accum):
                     batch = next(it, _END)
                     end = batch is _END
@@ -130,12 +143,16 @@ def train_steps(
                         exhausted = True
                         break
                     objective, record = loss_fn(batch)
+                    if bad is None and not bool(torch.isfinite(objective.detach()).all()):
+                        bad = float(objective.detach().float().sum())
                     if not step_records:
                         optimizer.zero_grad(set_to_none=True)
                     (objective / grad_accum if grad_accum > 1 else objective).backward()
                     step_records.append(record)
                 if not step_records:
                     break
+                if mqd.any_rank(bad is not None, flag_device, group):
+                    _raise_not_finite(len(records), bad, optimizer)
                 # the step's record first: a record that cannot be averaged raises before the optimizer moves
                 record = step_records[0] if grad_accum == 1 else _mean_record(step_records)
                 if sync_params:
@@ -162,6 +179,16 @@ def train_steps(
         if model is not None:
             model.eval()
     return records
+
+
+def _raise_not_finite(done: int, value: float | None, optimizer: torch.optim.Optimizer) -> None:
+    lrs = sorted({g.get("lr") for g in optimizer.param_groups if isinstance(g.get("lr"), (int, float))})
+    lr = f" (learning rate {', '.join(f'{v:g}' for v in lrs)})" if lrs else ""
+    where = f"the loss is {value}" if value is not None else "another rank's loss is not finite"
+    raise FloatingPointError(
+        f"training step {done + 1}: {where}; the step was not taken, the parameters are as after step {done}. "
+        f"A learning rate too high for this model{lr}, an overflow in half precision or a NaN in the data "
+        f"usually causes it: lower the learning rate, set grad_clip, or check the inputs")
 
 
 def _mean_record(records: list[Any]) -> Any:

@@ -136,3 +136,47 @@ def test_grad_accum_with_records_that_cannot_be_averaged_raises_before_the_step(
     with pytest.raises(TypeError, match="different keys"):
         train_steps(mixed_keys, batches, opt, params, grad_accum=2, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_last_finite_parameters():
+    # a learning rate far too high makes this regression diverge to inf / NaN within a few steps
+    _model, batches, loss_fn, params, _opt = _setup()
+    opt = torch.optim.SGD(params, lr=1e3)
+    seen: list[float] = []
+
+    def tracking(batch):
+        loss, v = loss_fn(batch)
+        seen.append(v)
+        return loss, v
+
+    snapshots = []
+    orig_step = opt.step
+
+    def step(*a, **k):
+        out = orig_step(*a, **k)
+        snapshots.append([p.detach().clone() for p in params])
+        return out
+
+    opt.step = step
+    with pytest.raises(FloatingPointError, match=r"training step (\d+): the loss is (nan|inf).*learning rate 1000"):
+        train_steps(tracking, batches * 20, opt, params, progress=False)
+    bad = next(i for i, v in enumerate(seen) if not torch.isfinite(torch.tensor(v)))
+    assert bad == len(seen) - 1 and bad >= 1  # stopped at the first non-finite loss, after some finite steps
+    assert len(snapshots) == bad  # optimizer.step() ran for the finite steps only
+    assert all(torch.equal(a, b) for a, b in zip(params, snapshots[-1]))
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def test_a_nan_batch_inside_gradient_accumulation_stops_that_step():
+    _model, batches, loss_fn, params, opt = _setup()
+    x, y = batches[3]
+    batches[3] = (torch.full_like(x, float("nan")), y)  # the second batch of the second step
+    with pytest.raises(FloatingPointError, match=r"training step 2: the loss is nan.*parameters are as after step 1"):
+        train_steps(loss_fn, batches, opt, params, grad_accum=2, progress=False)
+    # reference: the first step alone (plain torch) gives the parameters the loop stopped with
+    _m2, b2, loss2, p2, o2 = _setup()
+    o2.zero_grad(set_to_none=True)
+    for b in b2[:2]:
+        (loss2(b)[0] / 2).backward()
+    o2.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, p2))

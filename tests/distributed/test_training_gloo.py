@@ -30,6 +30,7 @@ from medquant.fairquant.importance import compute_group_importance
 from medquant.fairquant.qat import fq_qat
 from medquant.quant.api import quantize_
 from medquant.quant.config import QuantConfig
+from medquant.training import train_steps
 
 WORLD = 2
 STEPS = 6
@@ -202,12 +203,46 @@ def _worker(r: int, init_file: str, out: str) -> None:
         # FairQuant importance when each rank sees one group
         alloc = fit_allocator_distributed(_allocator(), _mlp(), _one_group_batches())
         bits["alloc"] = {k: list(v) for k, v in alloc.bit_map().items()}
+        # a NaN loss on rank 1 only, at the second step of a DDP loop: every rank stops before that step
+        res["nan_stop"], bits["nan_stop"] = _nan_stop_case(r, local)
         for k, v in res.items():
             save_file({n: t.contiguous() for n, t in v.items()}, f"{out}/{k}{r}.safetensors")
         with open(f"{out}/bits{r}.json", "w") as f:
             json.dump(bits, f)
     finally:
         dist.destroy_process_group()
+
+
+def _nan_stop_case(r: int, local) -> tuple[dict[str, torch.Tensor], dict]:
+    """``train_steps`` over a DDP-wrapped MLP where rank 1's second batch is NaN (rank 0's stays finite): the
+    parameters each rank ends with, the error message each rank got, and the parameters after the first step alone
+    (a second run with ``max_steps=1``)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def run(max_steps):
+        model = _mlp()
+        ddp = DDP(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = [(x, y) for x, y, _g in local[:3]]
+        if r == 1:
+            data[1] = (torch.full_like(data[1][0], float("nan")), data[1][1])
+
+        def loss_fn(batch):
+            loss = F.cross_entropy(ddp(batch[0]), batch[1])
+            return loss, float(loss.detach())
+
+        try:
+            train_steps(loss_fn, data, opt, list(model.parameters()), max_steps=max_steps, progress=False)
+            err = None
+        except FloatingPointError as e:
+            err = str(e)
+        return model, err
+
+    model, err = run(None)
+    out.update({f"stopped/{k}": v.detach().clone() for k, v in model.state_dict().items()})
+    one, _ = run(1)
+    out.update({f"one_step/{k}": v.detach().clone() for k, v in one.state_dict().items()})
+    return out, {"error": err}
 
 
 @pytest.fixture(scope="module")
@@ -397,6 +432,20 @@ def test_distiller_ddp_equals_single_process(ranks):
     assert mean == pytest.approx(losses, rel=1e-5)
     for r in range(WORLD):  # FSDP2 fully_shard on gloo: gathered weights equal the single-process ones
         _close(ranks("kd_fsdp", r), ref)
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_step(ranks):
+    # rank 1 sees the NaN loss, rank 0 only the NaN gradients DDP averaged into its own: both raise at step 2 (no
+    # rank waits in a collective for the other), with the parameters of step 1, the same on both ranks
+    assert "training step 2: the loss is nan" in ranks("bits", 1)["nan_stop"]["error"]
+    assert "training step 2: another rank's loss is not finite" in ranks("bits", 0)["nan_stop"]["error"]
+    states = [ranks("nan_stop", r) for r in range(WORLD)]
+    for st in states:
+        stopped = {k.removeprefix("stopped/"): v for k, v in st.items() if k.startswith("stopped/")}
+        one = {k.removeprefix("one_step/"): v for k, v in st.items() if k.startswith("one_step/")}
+        assert stopped.keys() == one.keys() and all(torch.equal(stopped[k], one[k]) for k in one)
+        assert all(bool(torch.isfinite(v).all()) for v in stopped.values())
+    assert _max_diff(states[0], states[1]) == 0.0
 
 
 def test_importance_with_one_group_per_rank_equals_single_process(ranks):
