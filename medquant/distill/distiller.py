@@ -21,7 +21,9 @@ of the teacher) as long as their logits have the same last dimension.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -36,12 +38,50 @@ from ..training import train_steps
 __all__ = ["Distiller", "kd_loss"]
 
 
-def _check_temperature(temperature: float) -> None:
-    if not (temperature > 0 and math.isfinite(temperature)):
+def _check_temperature(temperature: float | torch.Tensor) -> None:
+    # a bool is an int in Python: True would silently be T = 1
+    real_tensor = (isinstance(temperature, torch.Tensor) and temperature.numel() == 1
+                   and not temperature.dtype.is_complex and temperature.dtype != torch.bool)
+    if not real_tensor and (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)):
+        raise TypeError(f"temperature must be a real number (int, float or a one-element real tensor), not a bool; "
+                        f"got {type(temperature).__name__} {temperature!r}")
+    if not (float(temperature) > 0 and math.isfinite(float(temperature))):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
+def _check_feature_pairs(feature_pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pairs as ``(int, int)``; a clear error for anything else (modules, names, bools, a lone pair)."""
+    accepted = ("feature_pairs takes (student_layer, teacher_layer) pairs of int indices into the models' "
+                "hidden_states, e.g. [(2, 4)]")
+    if isinstance(feature_pairs, (str, bytes, nn.Module)) or not isinstance(feature_pairs, Iterable):
+        raise TypeError(f"{accepted}; got {type(feature_pairs).__name__} {feature_pairs!r}")
+    pairs = []
+    for k, p in enumerate(feature_pairs):
+        ok = (isinstance(p, Sequence) and not isinstance(p, (str, bytes)) and len(p) == 2
+              and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in p))
+        if not ok:
+            got = (f"({', '.join(type(i).__name__ for i in p)})" if isinstance(p, Sequence)
+                   and not isinstance(p, (str, bytes)) else type(p).__name__)
+            raise TypeError(f"{accepted}; feature_pairs[{k}] is {got} {p!r}")
+        pairs.append((int(p[0]), int(p[1])))
+    return pairs
+
+
+def _check_returns_hidden_states(model: nn.Module, role: str) -> None:
+    """Refuse a model whose ``forward`` cannot take ``output_hidden_states`` (neither by name nor ``**kwargs``)."""
+    inner = _unwrap(model)
+    try:
+        params = inspect.signature(inner.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the forward pass will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD or p.name == "output_hidden_states" for p in params):
+        return
+    raise TypeError(f"feature_pairs needs a {role} that returns hidden_states when called with "
+                    f"output_hidden_states=True (a Hugging Face model); the {role} {type(inner).__name__}'s forward "
+                    f"does not take output_hidden_states. Use a model that does, or leave feature_pairs empty")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor = 2.0,
             mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over (unmasked) positions.
 
@@ -53,13 +93,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     Args:
         student_logits: the student's logits.
         teacher_logits: the teacher's logits, same shape.
-        temperature: the softmax temperature ``T``.
+        temperature: the softmax temperature ``T``, a finite real number > 0: an int, a float or a one-element
+            real tensor (not a bool).
         mask: optional 0/1 mask over the leading dimensions.
 
     Returns:
         The scalar loss.
 
     Raises:
+        TypeError: ``temperature`` is not a real number or a one-element real tensor (a bool included).
         ValueError: the logits' shapes differ, ``temperature`` is not finite and > 0, the mask's shape is not the
             positions', or no position is left (an empty batch, or a mask of zeros).
     """
@@ -110,8 +152,10 @@ class Distiller(nn.Module):
             eval mode with ``requires_grad=False`` and is not a submodule (never trained, not in ``state_dict``).
         student: the model to train, called the same way.
         alpha: weight of the KD term (``1 - alpha`` on the task loss).
-        temperature: ``T`` of :func:`kd_loss`.
-        feature_pairs: ``[(student_layer, teacher_layer), ...]`` indices into ``hidden_states`` to match.
+        temperature: ``T`` of :func:`kd_loss`, a finite real number > 0 (not a bool).
+        feature_pairs: ``[(student_layer, teacher_layer), ...]`` int indices into ``hidden_states`` to match (not
+            modules): both models must return ``hidden_states`` when called with ``output_hidden_states=True``
+            (Hugging Face models do).
         feature_weight: ``beta``.
         feature_norm: divide each pair's squared error by the teacher feature's mean square over the same
             positions (a relative error), so that layers whose residual stream is large (LLMs' outlier
@@ -121,8 +165,12 @@ class Distiller(nn.Module):
         task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
 
     Raises:
+        TypeError: ``temperature`` not a real number (a bool included), ``feature_pairs`` not pairs of ints, or
+            ``feature_pairs`` given with a teacher or student whose ``forward`` takes no ``output_hidden_states``
+            (a plain ``nn.Module``).
         ValueError: ``alpha`` outside [0, 1], ``temperature`` not finite and > 0, ``feature_weight`` not finite and
-            >= 0, or ``teacher is student``.
+            >= 0, ``teacher is student``, or the hidden sizes for ``feature_pairs`` cannot be read from the models'
+            configs and are not given.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
@@ -138,7 +186,10 @@ class Distiller(nn.Module):
         if teacher is student:
             raise ValueError("teacher and student are the same object; distil into a copy (copy.deepcopy)")
         self.alpha, self.temperature, self.feature_weight = float(alpha), float(temperature), float(feature_weight)
-        self.feature_pairs = [tuple(map(int, p)) for p in feature_pairs]
+        self.feature_pairs = _check_feature_pairs(feature_pairs)
+        if self.feature_pairs:
+            _check_returns_hidden_states(student, "student")
+            _check_returns_hidden_states(teacher, "teacher")
         self.feature_norm = bool(feature_norm)
         self.task_loss = task_loss
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never in state_dict
@@ -198,7 +249,8 @@ class Distiller(nn.Module):
             ``{"loss", "kd", "task", "features"}`` scalar tensors.
 
         Raises:
-            ValueError: no batch.
+            ValueError: no batch, or a feature pair out of the models' ``hidden_states`` range.
+            TypeError: ``feature_pairs`` is set and a model's output carries no ``hidden_states``.
         """
         if batch is None:
             if not inputs:
@@ -234,6 +286,11 @@ class Distiller(nn.Module):
         return parts
 
     def _features(self, s_out: Any, t_out: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        for role, out in (("student", s_out), ("teacher", t_out)):
+            if not isinstance(getattr(out, "hidden_states", None), (tuple, list)):
+                raise TypeError(f"feature_pairs needs the {role}'s output to carry hidden_states (a tuple of "
+                                f"tensors) when called with output_hidden_states=True; it returned a "
+                                f"{type(out).__name__} without them")
         hs, ht = s_out.hidden_states, t_out.hidden_states
         losses = []
         for (i, j), proj in zip(self.feature_pairs, self.projections):

@@ -152,6 +152,7 @@ class BAQWrapper:
                              "fit(..., distributed=True, fsdp=True) (or fsdp=mesh), which shards it")
         self.model = model
         self._skeleton: nn.Module | None = None
+        self._exported = False
         self.b_min, self.b_max, self.scope = b_min, b_max, scope
         self.lambda_bit, self.lambda_fair, self.target_bits = float(lambda_bit), float(lambda_fair), target_bits
         targets = quantizable_layers(model, layers, skip)
@@ -161,6 +162,7 @@ class BAQWrapper:
                 raise ValueError(f"init_bits names modules that are not quantizable layers here: {unknown[:5]}")
         self.params: dict[str, BAQWeight] = {}
         self.sizes: dict[str, int] = {}
+        self._rows: dict[str, int] = {}  # output channels per layer (bit_map still reads them after export)
         for name, mod in targets.items():
             rows = mod.weight.shape[0]
             n_scopes = rows if scope == "channel" else 1
@@ -181,6 +183,7 @@ class BAQWrapper:
             p = BAQWeight(theta.to(mod.weight.device), b_min, b_max, scope == "channel")
             parametrize.register_parametrization(mod, "weight", p)
             self.params[name] = p
+            self._rows[name] = rows
             self.sizes[name] = mod.weight[0].numel() if scope == "channel" else mod.weight.numel()
 
     # ------------------------------------------------------------------ parameters and bits
@@ -271,8 +274,7 @@ class BAQWrapper:
         """
         out = {}
         for n, b in self.bits(**kw).items():
-            rows = self.model.get_submodule(n).parametrizations.weight.original.shape[0]
-            out[n] = b if self.scope == "channel" else b * rows
+            out[n] = b if self.scope == "channel" else b * self._rows[n]
         return out
 
     # ------------------------------------------------------------------ loss and training
@@ -288,7 +290,13 @@ class BAQWrapper:
 
         Returns:
             ``(total loss, {"loss", "task", "fair", "avg_bits_cont"} as floats)``.
+
+        Raises:
+            ValueError: ``losses`` is empty (a batch of 0 samples: its mean would be NaN).
         """
+        if losses.numel() == 0:
+            raise ValueError(f"BAQ loss of an empty batch: losses has shape {tuple(losses.shape)}, 0 samples; the "
+                             f"loss needs at least one per-sample loss (drop empty batches from the data)")
         task = losses.mean()
         fair = fairness_penalty(losses, groups) if self.lambda_fair > 0 else task.new_zeros(())
         rate = self.bit_rate()
@@ -362,11 +370,13 @@ class BAQWrapper:
             One dict per step: ``loss``, ``task``, ``fair``, ``avg_bits_cont``.
 
         Raises:
-            ValueError: ``epochs < 1``, ``fsdp`` without a distributed run, or ``fsdp`` together with ``group``.
-            RuntimeError: the wrapper's model was already sharded by an earlier fit.
+            ValueError: ``epochs < 1``, ``fsdp`` without a distributed run, ``fsdp`` together with ``group``, or
+                an empty batch (:meth:`loss`).
+            RuntimeError: the wrapper's model was already sharded by an earlier fit, or already exported.
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        self._check_not_exported("fit")
         import torch.distributed as dist
 
         # without a process group (plain ``python script.py``) distributed=True is the single-process fit
@@ -467,21 +477,34 @@ class BAQWrapper:
 
         Returns:
             The quantized model, in eval mode.
+
+        Raises:
+            RuntimeError: the wrapper was already exported (its BAQ parametrizations are gone and the model is
+                quantized; the model returned then is ``self.model``, its bits ``self.params_exported``).
         """
+        self._check_not_exported("export")
         qmap = self.quant_map(project=project, tolerance=tolerance)
         if self._skeleton is not None:  # FSDP: gather the trained weights into the plain copy (all ranks)
             self.model = mqd.load_full_state(self._skeleton, self.model)
             self._skeleton = None
             self.params_exported = qmap
             quantize_(self.model, qmap)
+            self._exported = True
             self.model.eval()
             return self.model
         for n in self.params:
             parametrize.remove_parametrizations(self.model.get_submodule(n), "weight", leave_parametrized=False)
         self.params_exported = qmap
         quantize_(self.model, qmap)
+        self._exported = True
         self.model.eval()
         return self.model
+
+    def _check_not_exported(self, what: str) -> None:
+        if self._exported:
+            raise RuntimeError(f"BAQWrapper.{what}(): this wrapper was already exported, its model is quantized "
+                               f"and has no learnable bits any more (the exported model is wrapper.model, its bits "
+                               f"wrapper.params_exported); build a new BAQWrapper on a float model to train again")
 
 
 def finite_difference_bits(param: BAQWeight, loss_at: Any, scope: int) -> float:

@@ -223,3 +223,60 @@ def test_teacher_switched_back_to_train_mode_is_run_in_eval_and_not_changed():
 def test_feature_weight_must_be_finite_and_non_negative(bad):
     with pytest.raises(ValueError, match="feature_weight must be a finite number >= 0"):
         Distiller(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), feature_weight=bad)
+
+
+@pytest.mark.parametrize("bad", [True, False, "2.0", None, torch.tensor(True), torch.tensor([1.0, 2.0])])
+def test_temperature_must_be_a_real_number_not_a_bool(bad):
+    """temperature=True was silently T = 1 (a bool is an int)."""
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    with pytest.raises(TypeError, match="temperature must be a real number .*not a bool"):
+        kd_loss(s, t, bad)
+    with pytest.raises(TypeError, match="temperature must be a real number .*not a bool"):
+        Distiller(torch.nn.Linear(4, 5), torch.nn.Linear(4, 5), temperature=bad)
+
+
+def test_temperature_as_int_or_one_element_tensor_is_the_number():
+    s, t = [[1.0, 2.0, 3.0]], [[3.0, 1.0, 0.0]]
+    want = _kl_hand(t[0], s[0], 3.0)
+    for T in (3, 3.0, torch.tensor(3.0)):
+        assert float(kd_loss(torch.tensor(s), torch.tensor(t), T)) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(-1.0))
+    assert Distiller(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), temperature=3).temperature == 3.0
+
+
+@pytest.mark.parametrize("pairs, got", [
+    ([(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))], r"feature_pairs\[0\] is \(Linear, Linear\)"),
+    ([("model.layers.0", "model.layers.1")], r"feature_pairs\[0\] is \(str, str\)"),
+    ([(1, True)], r"feature_pairs\[0\] is \(int, bool\)"),
+    ([(1, 2, 3)], r"feature_pairs\[0\] is \(int, int, int\)"),
+    ((1, 2), r"feature_pairs\[0\] is int"),  # one pair, not a list of pairs
+    (torch.nn.Linear(4, 4), "got Linear"),
+])
+def test_feature_pairs_must_be_pairs_of_int_indices(pairs, got):
+    teacher = ZOO_BY_NAME["llama"].build()
+    with pytest.raises(TypeError, match=r"pairs of int indices into the models' hidden_states.*" + got):
+        Distiller(teacher, copy.deepcopy(teacher), feature_pairs=pairs)
+
+
+def test_feature_pairs_with_plain_modules_fail_at_construction_not_in_training():
+    """A plain nn.Module (forward(x) -> tensor) has no hidden_states: this failed at the first forward pass with
+    "forward() got an unexpected keyword argument 'output_hidden_states'" (or an AttributeError on a tensor)."""
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+    student = torch.nn.Linear(4, 3)
+    with pytest.raises(TypeError, match="student that returns hidden_states .* Linear's forward does not take "
+                                        "output_hidden_states"):
+        Distiller(teacher, student, feature_pairs=[(0, 0)], student_dim=3, teacher_dim=3)
+    hf = ZOO_BY_NAME["llama"].build()
+    with pytest.raises(TypeError, match="teacher that returns hidden_states .* Sequential's forward"):
+        Distiller(teacher, hf, feature_pairs=[(0, 0)], student_dim=128, teacher_dim=6)
+    Distiller(teacher, student)  # without feature pairs plain modules are fine
+
+    class TakesKwargs(torch.nn.Linear):  # accepts output_hidden_states but returns a bare tensor
+        def forward(self, x, **kwargs):
+            return super().forward(x)
+
+    d = Distiller(TakesKwargs(4, 3), TakesKwargs(4, 3), alpha=1.0, feature_pairs=[(0, 0)], student_dim=3,
+                  teacher_dim=3)
+    with pytest.raises(TypeError, match="student's output to carry hidden_states .* returned a Tensor"):
+        d(torch.randn(2, 4))

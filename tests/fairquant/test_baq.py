@@ -139,3 +139,34 @@ def test_init_bits_must_be_integers_and_continuous_bits_are_detached():
     theta = w.params["fc2"].theta.detach()
     torch.testing.assert_close(cont["fc2"], 2 + 6 * torch.tanh(theta.abs()), rtol=0, atol=1e-6)  # by the formula
     assert [round(float(b)) for b in cont["fc2"]] == [3, 4, 8]
+
+
+def test_second_export_and_fit_after_export_are_refused_and_bit_map_still_reads():
+    """A second export() raised torch's "does not have a parametrization on weight"; bit_map() after export an
+    AttributeError."""
+    model = tiny_mlp()
+    w = BAQWrapper(model, scope="tensor", lambda_bit=0.0)  # theta = 6: 8 bits everywhere
+    q = w.export()
+    assert q is model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"export\(\): this wrapper was already exported"):
+        w.export()
+    with pytest.raises(RuntimeError, match=r"fit\(\): this wrapper was already exported"):
+        w.fit(grouped_batches(), progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # untouched by the refused calls
+    assert w.bit_map() == {"fc1": (8,) * 8, "fc2": (8,) * 3}  # per-tensor bits expanded to the rows
+
+
+def test_loss_of_an_empty_batch_raises_instead_of_nan():
+    w = BAQWrapper(tiny_mlp(), lambda_bit=0.1, lambda_fair=0.5)
+    with pytest.raises(ValueError, match=r"empty batch: losses has shape \(0,\), 0 samples"):
+        w.loss(torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    theta = [t.detach().clone() for t in w.logits()]
+    empty = (torch.zeros(0, 6), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty batch"):
+        w.fit([empty], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(theta, w.logits()))
+    # one sample is fine: task + lambda_fair * 0 (one group) + lambda_bit * rate, by hand
+    total, parts = w.loss(torch.tensor([1.5]), torch.tensor([0]))
+    assert float(total) == pytest.approx(1.5 + 0.1 * parts["avg_bits_cont"], rel=1e-6)
+    assert parts["fair"] == 0.0
