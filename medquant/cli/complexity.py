@@ -74,13 +74,15 @@ def run(args) -> int:
 
     scorer = ComplexityScorer(n_levels=args.n_levels, weights=args.weights, edge_threshold=args.edge_threshold,
                               normalisation=args.normalisation, bits_stored=args.bits_stored).to(args.device)
+    if args.state:  # before any metric: the state's edge threshold and bits_stored decide them
+        scorer.load_state_dict(torch.load(args.state, weights_only=True))
     progress = not args.no_progress
     images, names = _load(load_images, args.path, args.split, args.limit)
     if len(images) == 0:
         raise SystemExit(f"no images found in {args.path}")
     metrics = _metrics_with_progress(scorer, images, args.batch_size, progress, "scoring")
     if args.state:
-        scorer.load_state_dict(torch.load(args.state, weights_only=True))
+        pass  # the loaded state's levels
     elif args.fit_on:
         cal, _ = _load(load_images, args.fit_on, args.fit_split, args.fit_limit)
         scorer.fit(metrics=_metrics_with_progress(scorer, cal, args.batch_size, progress, "calibrating"))

@@ -14,11 +14,15 @@ Pipeline:
 
 The scorer is a ``torch.nn.Module`` whose state is a few buffers (float64, kept float64 even under
 ``model.half()``), so it is saved and loaded with a model it is attached to; ``state_dict()`` holds only
-tensors (safetensors-friendly). Computation runs on the device of the scorer (``scorer.to("cuda")``).
+tensors (safetensors-friendly). The state carries the default ``bits_stored`` too (``0`` = none: the dtype's
+width), so a reloaded scorer reads integer images as the saved one did; a state of version 1, saved before it
+was recorded, keeps the loading scorer's ``bits_stored``. Computation runs on the device of the scorer
+(``scorer.to("cuda")``).
 """
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,7 +31,8 @@ from torch import nn
 from .inputs import prepare
 from .metrics import METRIC_NAMES, compute_metrics
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: adds "bits_stored"
+_READABLE_VERSIONS = (1, 2)
 _EPS_SPREAD = 1e-12
 
 
@@ -45,12 +50,15 @@ class ComplexityScorer(nn.Module):
         edge_threshold: Sobel magnitude threshold for the edge mask (default 0.1).
         normalisation: ``"minmax"`` (default) or ``"quantile"``.
         quantiles: (low, high) for ``"quantile"`` normalisation.
-        bits_stored: default bit depth for integer images wider than 8 bits (e.g. 12); per-call override.
+        bits_stored: default bit depth for integer images wider than 8 bits (e.g. 12), an int in 1..32 or None
+            (the dtype's width); per-call override. Saved in the state and restored by ``load_state_dict``.
 
     Raises:
         ValueError: ``n_levels`` is not a positive int, ``normalisation`` unknown, ``quantiles`` not
-            ``0 <= low < high <= 1``, ``edge_threshold`` negative or not finite, or ``weights`` of the wrong length,
-            with unknown names, negative, not finite or all zero.
+            ``0 <= low < high <= 1``, ``edge_threshold`` negative or not finite, ``weights`` of the wrong length,
+            with unknown names, negative, not finite or all zero, or ``bits_stored`` not None or an int in
+            1..32. ``load_state_dict`` raises it too for a state saved with another ``bits_stored`` than the
+            one this scorer was given explicitly.
 
     Example::
 
@@ -83,7 +91,6 @@ class ComplexityScorer(nn.Module):
             raise ValueError(f"edge_threshold must be a non-negative number, got {edge_threshold!r}")
         self.normalisation = normalisation
         self.quantiles = (lo_q, hi_q)
-        self.bits_stored = bits_stored
         f64 = {"dtype": torch.float64}
         self.register_buffer("metric_weights", self._parse_weights(weights))
         self.register_buffer("edge_threshold", torch.tensor(float(edge_threshold), **f64))
@@ -92,6 +99,9 @@ class ComplexityScorer(nn.Module):
         self.register_buffer("thresholds", torch.zeros(n_levels - 1, **f64))
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("state_version", torch.tensor(STATE_VERSION, dtype=torch.int64))
+        self.register_buffer("bits_stored_state", torch.tensor(0, dtype=torch.int64))  # 0 = None
+        self._bits_stored_explicit = False
+        self.bits_stored = bits_stored
 
     # ------------------------------------------------------------------ configuration
     @staticmethod
@@ -116,6 +126,20 @@ class ComplexityScorer(nn.Module):
     def n_levels(self) -> int:
         """Number of complexity levels (``len(thresholds) + 1``)."""
         return int(self.thresholds.numel()) + 1
+
+    @property
+    def bits_stored(self) -> int | None:
+        """Default bit depth of integer images wider than 8 bits (None: the dtype's width); part of the state."""
+        v = int(self.bits_stored_state)
+        return None if v == 0 else v
+
+    @bits_stored.setter
+    def bits_stored(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                  or not 1 <= int(value) <= 32):
+            raise ValueError(f"bits_stored must be None or an integer in 1..32, got {value!r}")
+        self.bits_stored_state.fill_(0 if value is None else int(value))
+        self._bits_stored_explicit = value is not None
 
     @property
     def device(self) -> torch.device:
@@ -303,10 +327,22 @@ class ComplexityScorer(nn.Module):
                 raise ValueError(f"{key} must be a 1-D tensor")
         # validate before resizing anything: a refused state must leave this scorer as it was
         self._validate_state({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        bits_key, ver_key = prefix + "bits_stored_state", prefix + "state_version"
+        if bits_key in state_dict:
+            saved = int(state_dict[bits_key]) or None
+            if self._bits_stored_explicit and saved != self.bits_stored:
+                raise ValueError(f"the state was saved with bits_stored={saved} but this scorer was constructed "
+                                 f"with bits_stored={self.bits_stored}; construct it with bits_stored={saved} or "
+                                 "None to load this state")
         if key in state_dict and state_dict[key].shape != self.thresholds.shape:  # saved with another n_levels
             self.thresholds = torch.zeros(state_dict[key].shape, dtype=torch.float64, device=self.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        old = bits_key not in state_dict and ver_key in state_dict and int(state_dict[ver_key]) == 1
+        if old and bits_key in missing_keys:
+            # saved before bits_stored was recorded: keep this scorer's own (the old behaviour), not an error
+            missing_keys.remove(bits_key)
+        self.state_version.fill_(STATE_VERSION)  # saved again, the state is this build's (with bits_stored)
 
     @staticmethod
     def _validate_state(sd: Mapping) -> None:
@@ -315,9 +351,9 @@ class ComplexityScorer(nn.Module):
             return None if v is None else torch.as_tensor(v)
 
         ver = t("state_version")
-        if ver is not None and int(ver) != STATE_VERSION:
+        if ver is not None and int(ver) not in _READABLE_VERSIONS:
             raise ValueError(f"unsupported ComplexityScorer state version {int(ver)} (this build reads "
-                             f"{STATE_VERSION})")
+                             f"{', '.join(map(str, _READABLE_VERSIONS))})")
         for name in ("metric_weights", "norm_offset", "norm_scale"):
             v = t(name)
             if v is not None and (v.shape != (5,) or not bool(torch.isfinite(v.double()).all())):
@@ -333,10 +369,14 @@ class ComplexityScorer(nn.Module):
             thr = thr.double()
             if not bool(torch.isfinite(thr).all()) or bool((thr[1:] < thr[:-1]).any()):
                 raise ValueError(f"thresholds must be finite and non-decreasing, got {thr.tolist()}")
+        bits = t("bits_stored_state")
+        if bits is not None and (bits.numel() != 1 or bits.dtype.is_floating_point or bits.dtype == torch.bool
+                                 or not 0 <= int(bits) <= 32):
+            raise ValueError(f"bits_stored_state must be one integer in 0..32 (0 = none), got {bits.tolist()}")
         et = t("edge_threshold")
         if et is not None and (et.numel() != 1 or not 0 <= float(et) < float("inf")):
             raise ValueError(f"edge_threshold must be one finite non-negative number, got {et.tolist()}")
 
     def extra_repr(self) -> str:
         return (f"n_levels={self.n_levels}, edge_threshold={float(self.edge_threshold)}, "
-                f"normalisation={self.normalisation!r}, fitted={self.is_fitted}")
+                f"normalisation={self.normalisation!r}, bits_stored={self.bits_stored}, fitted={self.is_fitted}")

@@ -45,3 +45,28 @@ def test_score_folder_with_fit_on_and_state(tmp_path, data_root):
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [f"im{i}.png" for i in range(6)]
     assert {int(r["level"]) for r in rows} <= {0, 1, 2}
+
+
+def test_a_saved_state_scores_as_the_run_that_saved_it(tmp_path):
+    # 12-bit images in 16-bit PNGs, a non-default edge threshold: a second run given only --state reads the images
+    # with the saved bits_stored and edge threshold (it computed the metrics before loading the state)
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    arrays = []
+    for i in range(8):
+        img = (rng.random((20, 20)) * 4095 * (i + 1) / 8).astype(np.uint16)
+        arrays.append(img)
+        Image.fromarray(img).save(folder / f"im{i}.png")
+    first, second, state = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "s.pt"
+    assert main(["score", str(folder), "--out", str(first), "--bits-stored", "12", "--edge-threshold", "0.2",
+                 "--save-state", str(state), "--no-progress"]) == 0
+    assert main(["score", str(folder), "--out", str(second), "--state", str(state), "--no-progress"]) == 0
+    rows = [list(csv.DictReader(p.read_text().splitlines())) for p in (first, second)]
+    assert rows[0] == rows[1]
+    want = ComplexityScorer(bits_stored=12, edge_threshold=0.2).metrics(np.stack(arrays)).numpy()
+    got = np.array([[float(r[k]) for k in METRIC_NAMES] for r in rows[1]])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert len({r["level"] for r in rows[1]}) > 1

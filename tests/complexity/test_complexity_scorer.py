@@ -163,6 +163,95 @@ def test_refused_state_leaves_a_fitted_scorer_unchanged():
     np.testing.assert_allclose(sc.thresholds.numpy(), expected, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(sc.levels(metrics=m).numpy(), (s[:, None] > expected).sum(1))
 
+def _twelve_bit_images():
+    """uint16 images holding 12-bit data (0..4095) of varied complexity."""
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(12):
+        base = np.linspace(0, 1, 32)[None, :] * np.linspace(0.2, 1, 32)[:, None]
+        noise = rng.random((32, 32)) * (i / 11)
+        out.append(np.round(np.clip(0.6 * base + 0.4 * noise, 0, 1) * 4095).astype(np.uint16))
+    return out
+
+
+def _load_saved(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_bits_stored_survives_save_and_load():
+    """The state did not carry bits_stored: a reloaded bits_stored=12 scorer read 12-bit data as 16-bit (std and
+    edges 16x smaller) and gave other levels."""
+    imgs = _twelve_bit_images()
+    sc = ComplexityScorer(bits_stored=12).fit(imgs)
+    sd = _load_saved(sc.state_dict())
+    assert int(sd["bits_stored_state"]) == 12
+    fresh = ComplexityScorer()
+    fresh.load_state_dict(sd)
+    assert fresh.bits_stored == 12
+    ref12 = np.stack([reference_metrics(im, bits_stored=12) for im in imgs])
+    ref16 = np.stack([reference_metrics(im, bits_stored=16) for im in imgs])
+    got = fresh.metrics(imgs).numpy()
+    np.testing.assert_allclose(got, ref12, atol=1e-4)
+    assert not np.allclose(got[:, 2], ref16[:, 2], atol=1e-4)  # the test data tells 12 from 16 bits
+    # levels by hand from the 12-bit reference metrics and the saved calibration
+    z = (ref12 - sd["norm_offset"].numpy()) / sd["norm_scale"].numpy()
+    want = (z.mean(1)[:, None] > sd["thresholds"].numpy()).sum(1)
+    np.testing.assert_array_equal(fresh.levels(imgs).numpy(), want)
+    np.testing.assert_array_equal(fresh.levels(imgs).numpy(), sc.levels(imgs).numpy())
+    # an explicit, equal bits_stored loads; a state saved without bits_stored records "none" (0)
+    same = ComplexityScorer(bits_stored=12)
+    same.load_state_dict(sd)
+    assert same.bits_stored == 12
+    plain = ComplexityScorer().fit(metrics=np.random.default_rng(0).random((10, 5))).state_dict()
+    assert int(plain["bits_stored_state"]) == 0
+    loaded = ComplexityScorer()
+    loaded.load_state_dict(sd)
+    loaded.load_state_dict(plain)  # not given explicitly: the state decides
+    assert loaded.bits_stored is None
+
+
+def test_bits_stored_conflicting_with_the_constructor_is_refused():
+    sd = ComplexityScorer(bits_stored=12).fit(_twelve_bit_images()).state_dict()
+    other = ComplexityScorer(bits_stored=16)
+    with pytest.raises(ValueError, match="saved with bits_stored=12 but this scorer was constructed with "
+                                         "bits_stored=16"):
+        other.load_state_dict(sd)
+    assert other.bits_stored == 16 and not other.is_fitted  # left as it was
+    plain = ComplexityScorer().fit(metrics=np.random.default_rng(0).random((10, 5))).state_dict()
+    with pytest.raises(ValueError, match="saved with bits_stored=None"):
+        ComplexityScorer(bits_stored=12).load_state_dict(plain)
+    bad = dict(sd)
+    bad["bits_stored_state"] = torch.tensor(40)
+    with pytest.raises(ValueError, match=r"bits_stored_state must be one integer in 0..32"):
+        ComplexityScorer().load_state_dict(bad)
+    for value in (0, 33, 12.0, True, "12"):
+        with pytest.raises(ValueError, match=r"bits_stored must be None or an integer in 1..32"):
+            ComplexityScorer(bits_stored=value)
+
+
+def test_version_1_state_without_bits_stored_still_loads():
+    """States saved before bits_stored was recorded keep the loading scorer's bits_stored (the old default)."""
+    imgs = _twelve_bit_images()
+    sc = ComplexityScorer(bits_stored=12).fit(imgs)
+    old = {k: v for k, v in sc.state_dict().items() if k != "bits_stored_state"}
+    old["state_version"] = torch.tensor(1)
+    default = ComplexityScorer()
+    default.load_state_dict(old)  # strict: no missing-key error
+    assert default.bits_stored is None and default.is_fitted
+    given = ComplexityScorer(bits_stored=12)
+    given.load_state_dict(old)
+    np.testing.assert_array_equal(given.levels(imgs).numpy(), sc.levels(imgs).numpy())
+    resaved = given.state_dict()  # saved again: this build's version, with bits_stored
+    assert int(resaved["state_version"]) == 2 and int(resaved["bits_stored_state"]) == 12
+    new_without = dict(sc.state_dict())
+    del new_without["bits_stored_state"]  # a version-2 state must have it
+    with pytest.raises(RuntimeError, match="bits_stored_state"):
+        ComplexityScorer().load_state_dict(new_without)
+
+
 def test_state_travels_with_a_model_and_survives_half(kermany32):
     sc = ComplexityScorer().fit(kermany32)
     model = torch.nn.Sequential(torch.nn.Linear(4, 2))
