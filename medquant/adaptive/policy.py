@@ -173,7 +173,8 @@ class LearnedPolicy(nn.Module):
 
         Args:
             metrics: raw complexity metrics ``(N, 5)``, N >= 2.
-            labels_bits: the label bit-width of every sample ``(N,)``, each a width of the bit map.
+            labels_bits: the label bit-width of every sample ``(N,)``, each a width of the bit map (whole
+                numbers; floats such as ``4.0`` are accepted, fractional ones such as ``4.5`` refused).
             budget: target average bits (between the smallest and the largest width of the bit map), or None.
             epochs: full-batch Adam steps.
             lr: Adam learning rate.
@@ -184,11 +185,20 @@ class LearnedPolicy(nn.Module):
             ``self``.
 
         Raises:
-            ValueError: shapes other than ``(N, 5)`` and ``(N,)`` with N >= 2, label widths not in the bit map, or a
-                budget outside the bit map's range.
+            ValueError: shapes other than ``(N, 5)`` and ``(N,)`` with N >= 2, label widths that are fractional, NaN
+                or infinite, label widths not in the bit map, or a budget outside the bit map's range.
         """
         m = torch.as_tensor(metrics, dtype=torch.float32)
-        bits = torch.as_tensor(labels_bits, dtype=torch.int64)
+        # lists / arrays as float64 first: float32 would round 4.9 and 4.0000001 before the check below
+        raw = labels_bits if isinstance(labels_bits, torch.Tensor) else torch.as_tensor(labels_bits,
+                                                                                         dtype=torch.float64)
+        if raw.dtype.is_floating_point:  # casting to int64 would truncate 4.5 to 4 (and turn NaN into garbage)
+            raw = raw.double()
+            bad = raw[~torch.isfinite(raw) | (raw != raw.round())]
+            if bad.numel():
+                raise ValueError(f"label bit-widths must be whole numbers, widths of the bit map "
+                                 f"{sorted(set(self.bit_map.values()))}; got {bad.unique().tolist()[:8]}")
+        bits = raw.to(torch.int64)
         if m.dim() != 2 or m.shape[1] != 5 or bits.shape != (m.shape[0],) or m.shape[0] < 2:
             raise ValueError(f"need metrics (N, 5) and labels (N,) with N >= 2, got {tuple(m.shape)} and "
                              f"{tuple(bits.shape)}")

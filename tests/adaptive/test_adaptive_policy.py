@@ -98,6 +98,27 @@ def test_learned_policy_errors():
         LearnedPolicy().levels(metrics=m)
 
 
+def test_learned_policy_refuses_fractional_label_widths():
+    """Fractional labels were cast to int64: 4.5 and 4.9 silently trained as 4 bits."""
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(8, 5)).astype(np.float32)
+    pol = LearnedPolicy()
+    with pytest.raises(ValueError, match=r"whole numbers.*\[2, 4, 8, 32\]; got \[4.5, 4.9\]"):
+        pol.fit(m, [2, 4.5, 8, 32, 4.9, 2, 8, 32], epochs=2)
+    with pytest.raises(ValueError, match=r"whole numbers.*got \[4.5\]"):
+        pol.fit(m, np.array([2, 4.5, 8, 32, 4, 2, 8, 32], dtype=np.float32), epochs=2)
+    with pytest.raises(ValueError, match="whole numbers"):
+        pol.fit(m, torch.tensor([2, float("nan"), 8, 32, 4, 2, 8, 32]), epochs=2)
+    with pytest.raises(ValueError, match="whole numbers"):  # not rounded through float32 first
+        pol.fit(m, [2, 4.0000001, 8, 32, 4, 2, 8, 32], epochs=2)
+    assert not bool(pol.fitted)
+    # whole-valued floats are widths of the bit map: the same policy as int labels
+    ints = [2, 4, 8, 32, 4, 2, 8, 32]
+    a = LearnedPolicy().fit(m, ints, epochs=20)
+    b = LearnedPolicy().fit(m, np.array(ints, dtype=np.float64), epochs=20)
+    assert torch.equal(a.levels(metrics=m), b.levels(metrics=m))
+
+
 class _MetricsAreInputs:
     """A stand-in complexity scorer: the 5 metrics of a sample are its 5 input features."""
 
