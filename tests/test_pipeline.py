@@ -251,3 +251,15 @@ def test_finetune_progress_bar_is_labelled_finetune(monkeypatch):
     res = compress(model, train=TrainStage("finetune", steps=2, lr=1e-3), train_data=[inputs], progress=False)
     assert len(res.train_losses) == 2
     assert seen == ["finetune"]
+
+
+def test_a_diverging_training_stage_stops_with_a_clear_error_and_writes_nothing(tmp_path):
+    # a learning rate far too high: the loss turns inf / NaN within a few steps; the run stops there instead of
+    # quantizing NaN weights and writing a NaN loss into the checkpoint's report
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    inputs = e.inputs(model)
+    with pytest.raises(FloatingPointError, match=r"training step \d+: the loss is (nan|inf)"):
+        compress(model, train=TrainStage("finetune", steps=50, lr=1e6), train_data=[inputs],
+                 quantize=QuantStage(QuantConfig(4, group_size=32), method="rtn"), out=tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
