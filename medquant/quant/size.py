@@ -5,7 +5,10 @@
   tensors; 3/5/6/7-bit codes at their dense size, format version 2) plus the JSON metadata recording each quantized
   module's recipe (:func:`medquant.quant.recipe.model_recipe`).
 * ``effective bits`` is the parameter-weighted mean of the nominal bit-widths of the Linear/Conv2d weights:
-  quantized rows count their bits (pruned rows 0), float layers their dtype's width.
+  quantized rows count their bits (pruned rows 0), float layers their dtype's width. The 3-D weights of float
+  mixture-of-experts modules (``E`` stacked expert matrices, :mod:`medquant.quant.experts`) count as ``E`` float
+  linear weights, as their quantized form (:class:`~medquant.quant.experts.QuantExperts`, one quantized linear per
+  expert and projection) does: a model whose experts stayed float does not report the bits of its attention alone.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from .experts import experts_layout
 from .modules import QUANT_LAYERS, QUANT_MODULES
 from .recipe import model_recipe
 
@@ -27,10 +31,11 @@ class SizeReport:
         tensor_bytes: bytes of every tensor of the state dict (packed codes, scales, zero points, bit maps, float
             rows, biases, norms, embeddings), tied tensors counted once.
         metadata_bytes: bytes of the JSON recipes of the quantized modules (0 for a float model).
-        linear_weight_bytes: bytes of the Linear / Conv2d weights, packed or float, biases excluded.
-        linear_params: number of Linear / Conv2d weight elements.
+        linear_weight_bytes: bytes of the Linear / Conv2d weights, packed or float, biases excluded (float
+            experts' 3-D weights included).
+        linear_params: number of Linear / Conv2d weight elements (float experts' 3-D weights included).
         effective_bits: ``sum(bits_i * params_i) / sum(params_i)`` over the Linear / Conv2d weights (float layers
-            count their dtype's width, pruned rows 0).
+            and float experts count their dtype's width, pruned rows 0).
     """
 
     total_bytes: int  # every stored tensor byte + metadata
@@ -86,11 +91,11 @@ def model_size(model: nn.Module) -> SizeReport:
             bit_sum += float(m.row_bits().float().sum()) * m.k
             bias_bytes = m.bias.numel() * m.bias.element_size() if m.bias is not None else 0
             lw_bytes += m.stored_bytes() - bias_bytes
-        elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            w = m.weight
-            params += w.numel()
-            bit_sum += w.numel() * w.element_size() * 8
-            lw_bytes += w.numel() * w.element_size()
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) or experts_layout(m) is not None:
+            for w in _linear_weights(m).values():
+                params += w.numel()
+                bit_sum += w.numel() * w.element_size() * 8
+                lw_bytes += w.numel() * w.element_size()
     return SizeReport(
         total_bytes=tensor_bytes + meta_bytes,
         tensor_bytes=tensor_bytes,
@@ -102,7 +107,9 @@ def model_size(model: nn.Module) -> SizeReport:
 
 
 def layer_table(model: nn.Module) -> list[dict]:
-    """One row per Linear/Conv2d (quantized or not) and per quantized embedding: name, shape, bits, stored bytes.
+    """One row per Linear/Conv2d (quantized or not), per quantized embedding and per stacked weight of a float
+    experts module (``<module>.gate_up_proj``: ``E`` expert matrices as ``[E * out, in]``): name, shape, bits,
+    stored bytes.
 
     A head sharing a quantized embedding's tensors shows the shared bytes on both rows.
 
@@ -124,4 +131,18 @@ def layer_table(model: nn.Module) -> list[dict]:
             rows.append({"name": name, "type": type(m).__name__, "shape": [w.shape[0], w[0].numel()],
                          "bits": str(w.element_size() * 8), "effective_bits": float(w.element_size() * 8),
                          "bytes": sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))})
+        elif (layout := experts_layout(m)) is not None:  # float experts: a row per stacked weight, E [out, in]
+            for pname, w in _linear_weights(m).items():
+                out, k = (w.shape[2], w.shape[1]) if layout["transposed"] else (w.shape[1], w.shape[2])
+                rows.append({"name": f"{name}.{pname}", "type": type(m).__name__,
+                             "shape": [w.shape[0] * out, k], "bits": str(w.element_size() * 8),
+                             "effective_bits": float(w.element_size() * 8), "bytes": w.numel() * w.element_size()})
     return rows
+
+
+def _linear_weights(m: nn.Module) -> dict:
+    """``{name: weight}`` of a float Linear / Conv2d (its ``weight``) or of a float experts module (its 3-D
+    stacked expert weights, biases excluded)."""
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        return {"weight": m.weight}
+    return {n: p for n, p in m._parameters.items() if p is not None and p.dim() == 3}

@@ -223,3 +223,36 @@ def test_calibration_plans_leave_experts_out_with_a_warning():
         plan = resolve_configs(m, CFG)
     assert plan and not any(n.endswith(".experts") for n in plan)
     assert "model.layers.0.self_attn.q_proj" in plan
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_size_report_counts_float_experts_at_their_width(name):
+    # only attention quantized: the float experts' 3-D weights count as E float matrices each, so the effective
+    # bits are the parameter-weighted mean over every linear weight (hand sum), not the attention's 4 bits
+    m = build_moe(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(m, CFG, skip=["re:.*experts.*", "@head"])
+    float_w = [p for mod in m.modules() if experts_layout(mod) is not None
+               for p in mod._parameters.values() if p is not None and p.dim() == 3]
+    float_w += [mod.weight for mod in m.modules() if type(mod) is nn.Linear]
+    quant = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+    assert float_w and quant
+    n_float = sum(w.numel() for w in float_w)
+    n_quant = sum(q.out_rows * q.k for q in quant)
+    want = (32 * n_float + 4 * n_quant) / (n_float + n_quant)
+    rep = mq.model_size(m)
+    assert rep.linear_params == n_float + n_quant
+    assert rep.effective_bits == pytest.approx(want, rel=1e-9) and rep.effective_bits > 16
+    rows = {r["name"]: r for r in mq.quant.size.layer_table(m)}
+    gu = next(r for n, r in rows.items() if n.endswith("experts.gate_up_proj"))
+    lay = experts_layout(m.get_submodule(next(n for n in rows if n.endswith("experts.gate_up_proj")).rsplit(".", 1)[0]))
+    assert gu["shape"] == [lay["num_experts"] * 2 * lay["inter"], lay["hidden"]] and gu["bits"] == "32"
+    # quantizing the experts too: every expert matrix at 4 bits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(m, CFG, skip=["@head"], filter_fn=lambda mod, n: "experts" in n)
+    head = [mod.weight for mod in m.modules() if type(mod) is nn.Linear]
+    n_head = sum(w.numel() for w in head)
+    assert mq.model_size(m).effective_bits == pytest.approx(
+        (32 * n_head + 4 * (n_float - n_head + n_quant)) / (n_float + n_quant), rel=1e-9)
