@@ -398,13 +398,14 @@ def _gptq(model, tok, cfg, skip) -> None:
 
 
 def prefill_ab(spec: dict) -> dict:
-    """Paired prefill timing in one process: the bfloat16 model against each quantized variant, alternating.
+    """Paired prefill timing in one process: the baseline model (``spec["base"]``: ``"bfloat16"``, the
+    default, or ``"float32"``) against each quantized variant, alternating.
 
     Each round times one 256-token forward of both models, the order swapped every round, so slow drifts of a
-    shared machine hit both sides of a pair alike; the ratio of a round is bfloat16 seconds / variant seconds
+    shared machine hit both sides of a pair alike; the ratio of a round is baseline seconds / variant seconds
     (above 1: the variant is faster). Reported per variant, for logits at every position (``all``) and with
     ``logits_to_keep=1`` (``gen``): the median of the rounds' ratios, the ratio of the two sides' minima and
-    every round's seconds."""
+    every round's seconds (``base_s``, ``variant_s``)."""
     import gc
 
     import torch
@@ -412,9 +413,12 @@ def prefill_ab(spec: dict) -> dict:
     from benchmarks.common.lm import time_prefill
 
     torch.set_num_threads(spec["threads"])
-    base, _ = _make(spec["model"], "bfloat16", False)
+    base_name = spec.get("base", "bfloat16")
+    if base_name not in ("bfloat16", "float32"):
+        raise ValueError(f"prefill_ab's baseline is bfloat16 or float32, got {base_name!r}")
+    base, _ = _make(spec["model"], base_name, False)
     ids = torch.randint(0, base.config.vocab_size, (1, spec["prefill"]), generator=torch.Generator().manual_seed(SEED))
-    out: dict = {"model": spec["model"], "rounds": spec["rounds"], "prefill": spec["prefill"],
+    out: dict = {"model": spec["model"], "base": base_name, "rounds": spec["rounds"], "prefill": spec["prefill"],
                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "loadavg_before": os.getloadavg(),
                  "variants": {}}
     for variant, head in spec["ab_variants"]:
@@ -432,7 +436,7 @@ def prefill_ab(spec: dict) -> dict:
                 ratios = [b / q for b, q in pairs]
                 res[mode] = {"ratio_median": statistics.median(ratios),
                              "ratio_of_minima": min(b for b, _ in pairs) / min(q for _, q in pairs),
-                             "bf16_s": [b for b, _ in pairs], "variant_s": [q for _, q in pairs]}
+                             "base_s": [b for b, _ in pairs], "variant_s": [q for _, q in pairs]}
         out["variants"][f"{variant}{'+head' if head else ''}"] = res
         print(json.dumps({variant: {k: res[k]["ratio_median"] for k in ("all", "gen")}}), file=sys.stderr, flush=True)
         del qm
@@ -741,6 +745,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-ab", default="", help="comma list of quantized variants: instead of the row table, "
                    "time the 256-token prefill of each against the bfloat16 model in one process, alternating "
                    "(paired rounds; writes <out>.json/.md, default stem cpu_inference_prefill_ab)")
+    p.add_argument("--prefill-ab-base", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="--prefill-ab: the baseline model (float32 on a CPU whose bfloat16 arithmetic is software, "
+                   "where bfloat16 is a weak control)")
     p.add_argument("--decode-ab", default="", help="comma list of quantized variants: instead of the row table, "
                    "time batch-1 decode of each against the float32 and bfloat16 models in one process, in turn "
                    "(paired rounds; writes <out>.json/.md, default stem cpu_inference_decode_ab)")
@@ -850,7 +857,7 @@ def _main_ab(args, mode: str) -> int:
     for model in models:
         spec = {"mode": mode, "model": model, "threads": threads, "rounds": args.ab_rounds,
                 "prefill": 256, "prompt": 32, "new": 64, "ab_variants": [(v, h) for v in variants for h in heads],
-                "cpp_wrapper": bool(getattr(args, "cpp_wrapper", False))}
+                "cpp_wrapper": bool(getattr(args, "cpp_wrapper", False)), "base": args.prefill_ab_base}
         results.append(_run_worker(spec, {"model": model}))
     stem = _out_stem(args.out, f"cpu_inference_{mode}")
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -860,10 +867,11 @@ def _main_ab(args, mode: str) -> int:
                  "with float32, bfloat16 and compiled bfloat16 baselines, in turn in one process")
     elif prefill:
         cols = ("all", "gen")
-        lines = [("| model | variant | prefill vs bf16 (all logits): median of paired ratios | ratio of minima | "
+        short = {"bfloat16": "bf16", "float32": "float32"}[args.prefill_ab_base]
+        lines = [(f"| model | variant | prefill vs {short} (all logits): median of paired ratios | ratio of minima | "
                   "generate-style (logits_to_keep=1): median | ratio of minima | rounds |"),
                  "|---|---|---|---|---|---|---|"]
-        title = "256-token prefill, bfloat16 model vs each variant alternating in one process"
+        title = f"256-token prefill, {args.prefill_ab_base} model vs each variant alternating in one process"
     else:
         cols = ("vs_float32", "vs_bfloat16")
         lines = [("| model | variant | decode vs float32: median of paired ratios | ratio of best rounds | "

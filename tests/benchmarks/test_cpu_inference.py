@@ -62,16 +62,26 @@ def test_gptq_variant_calibrates_instead_of_rounding_and_bad_names_are_refused(m
         ci._make("llama_small", "W5", True)
 
 
-def test_prefill_ab_pairs_rounds_and_reports_their_ratios():
+@pytest.mark.parametrize("base", [None, "float32"])
+def test_prefill_ab_pairs_rounds_and_reports_their_ratios(base, monkeypatch):
+    made = []
+    make = ci._make
+    monkeypatch.setattr(ci, "_make", lambda model, variant, head: made.append((variant, head)) or make(model, variant,
+                                                                                                         head))
     spec = {"model": "llama_small", "threads": 1, "rounds": 3, "prefill": 16, "ab_variants": [("W4g128", True)]}
+    if base:
+        spec["base"] = base
     res = ci.prefill_ab(spec)
+    assert made == [(base or "bfloat16", False), ("W4g128", True)] and res["base"] == (base or "bfloat16")
     v = res["variants"]["W4g128+head"]
     assert v["variant"] == "W4g128" and v["head"] is True
     for mode in ("all", "gen"):
-        b, q = v[mode]["bf16_s"], v[mode]["variant_s"]
+        b, q = v[mode]["base_s"], v[mode]["variant_s"]
         assert len(b) == len(q) == 3 and min(b) > 0 and min(q) > 0
         assert v[mode]["ratio_median"] == statistics.median(x / y for x, y in zip(b, q))
         assert v[mode]["ratio_of_minima"] == min(b) / min(q)
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        ci.prefill_ab({**spec, "base": "float16"})
 
 
 def test_decode_ab_rotates_three_models_and_reports_ratios_against_both_baselines():
