@@ -285,7 +285,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
         The folder path.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or ``extras`` is not a JSON-serialisable dict.
+        TypeError: ``model`` is not an ``nn.Module``, it holds bitsandbytes layers (NF4 / 8-bit: see
+            :class:`medquant.qlora.QLoRAAdapter` for saving those), or ``extras`` is not a JSON-serialisable dict.
         ValueError: ``directory`` is refused by :func:`checkpoint_path`, or tensors of the model are on the meta
             device.
     """
@@ -294,6 +295,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
     path = checkpoint_path(directory)
     if extras is not None and not isinstance(extras, dict):
         raise TypeError(f"extras must be a dict, got {type(extras).__name__}")
+    bnb_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
+    if bnb_layers:
+        # their state dict holds bitsandbytes' packed bytes under the float weights' names: a folder that no loader
+        # here can read back
+        raise TypeError(f"save does not store bitsandbytes layers ({len(bnb_layers)}, e.g. {bnb_layers[0]!r}: NF4 "
+                        "from NF4Config or QLoRAAdapter); save a QLoRA adapter with QLoRAAdapter.save (its base is "
+                        "NF4-quantized again from the float model at load), or QLoRAAdapter.merge() / "
+                        "requantize(...) it first and save that model")
     on_meta = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
     if on_meta:
         raise ValueError(f"{len(on_meta)} tensor(s) of the model are on the meta device (not loaded), e.g. "

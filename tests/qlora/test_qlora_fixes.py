@@ -283,3 +283,25 @@ def test_merge_to_float32_of_a_bfloat16_base_is_computed_in_float32():
     got = merged.model.layers[0].mlp.down_proj.weight.double()
     assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()  # bf16(W + dW) was off by ~2e-3
     assert math.isfinite(float(got.sum()))
+
+
+def test_medquant_save_refuses_bitsandbytes_layers_and_writes_nothing(tmp_path):
+    # their state dict holds bitsandbytes' packed bytes under the float names: medquant.load could not read it back
+    import medquant as mq
+
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    mq.save(float_model, tmp_path / "ckpt")  # an existing checkpoint at the path stays as it was
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    q = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    quantize_(q, NF4Config())
+    assert isinstance(q[0], bnb.nn.Linear4bit)
+    with pytest.raises(TypeError, match=r"bitsandbytes layers \(2, e.g. '0'.*QLoRAAdapter.save"):
+        mq.save(q, tmp_path / "ckpt")
+    with pytest.raises(TypeError, match="QLoRAAdapter.save"):
+        mq.save(q, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    x = torch.randn(3, 64)
+    assert torch.equal(mq.load(tmp_path / "ckpt", model=nn.Sequential(nn.Linear(64, 64), nn.ReLU(),
+                                                                      nn.Linear(64, 8)))(x), float_model(x))
