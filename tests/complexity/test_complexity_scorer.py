@@ -163,6 +163,7 @@ def test_refused_state_leaves_a_fitted_scorer_unchanged():
     np.testing.assert_allclose(sc.thresholds.numpy(), expected, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(sc.levels(metrics=m).numpy(), (s[:, None] > expected).sum(1))
 
+
 def _twelve_bit_images():
     """uint16 images holding 12-bit data (0..4095) of varied complexity."""
     rng = np.random.default_rng(3)
