@@ -107,11 +107,11 @@ def model_size(model: nn.Module) -> SizeReport:
 
 
 def layer_table(model: nn.Module) -> list[dict]:
-    """One row per Linear/Conv2d (quantized or not), per quantized embedding and per stacked weight of a float
-    experts module (``<module>.gate_up_proj``: ``E`` expert matrices as ``[E * out, in]``): name, shape, bits,
-    stored bytes.
+    """One row per weight matrix of the model: name, shape, bits, stored bytes.
 
-    A head sharing a quantized embedding's tensors shows the shared bytes on both rows.
+    The rows: every Linear/Conv2d (quantized or not), every quantized embedding and every stacked weight of a float
+    experts module (``<module>.gate_up_proj``: its ``E`` expert matrices as ``[E * out, in]``). A head sharing a
+    quantized embedding's tensors shows the shared bytes on both rows.
 
     Args:
         model: the model.
