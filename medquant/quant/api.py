@@ -656,18 +656,23 @@ class _Pattern:
         return any(name == p or name.startswith(p + ".") for p in self.prefixes)
 
 
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> every name it is bound under`` (a shared module has several; ``named_modules()`` yields
+    only its first), the root as ``""``."""
+    names: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    return names
+
+
 def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module] | None = None
              ) -> dict[str, QuantConfig]:
     all_names = [n for n, _ in model.named_modules() if n]
     if targets is None:
         targets = quantizable_modules(model, QuantConfig)
-    # every name of a module bound under several names (a shared module; named_modules() yields only its first):
-    # a skip pattern naming any of them leaves the module, one object under all its names, in floating point
-    aliases: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        if n:
-            aliases.setdefault(id(m), []).append(n)
-    every_name = [n for names in aliases.values() for n in names]
+    # a skip pattern naming any name of a shared module leaves it, one object under all its names, in floating point
+    aliases = _names_by_module(model)
+    every_name = [n for names in aliases.values() for n in names if n]
     # a role pattern only leaving modules out (in skip, or mapped to None / a float config) that the model lacks
     # is noted, not an error; a role to quantize that the model lacks raises
     skip_patterns = [_Pattern(p, model, every_name, optional_role=True) for p in cmap.skip]
@@ -837,9 +842,7 @@ def quantize_(
     if not built:
         warnings.warn(f"quantize_ quantized nothing in {type(model).__name__}: no nn.Linear / nn.Conv2d matched the "
                       "config (or all were skipped)", UserWarning, stacklevel=2)
-    aliases: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(m), []).append(n)
+    aliases = _names_by_module(model)
     for name, q in built:
         for alias in aliases.get(id(model.get_submodule(name)), [name]):  # a shared module stays one module
             swap_module(model, alias, q)
