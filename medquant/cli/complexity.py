@@ -81,13 +81,12 @@ def run(args) -> int:
     if len(images) == 0:
         raise SystemExit(f"no images found in {args.path}")
     metrics = _metrics_with_progress(scorer, images, args.batch_size, progress, "scoring")
-    if args.state:
-        pass  # the loaded state's levels
-    elif args.fit_on:
-        cal, _ = _load(load_images, args.fit_on, args.fit_split, args.fit_limit)
-        scorer.fit(metrics=_metrics_with_progress(scorer, cal, args.batch_size, progress, "calibrating"))
-    else:
-        scorer.fit(metrics=metrics)
+    if not args.state:  # a loaded state brings its own levels
+        if args.fit_on:
+            cal, _ = _load(load_images, args.fit_on, args.fit_split, args.fit_limit)
+            scorer.fit(metrics=_metrics_with_progress(scorer, cal, args.batch_size, progress, "calibrating"))
+        else:
+            scorer.fit(metrics=metrics)
     scores = scorer.score(metrics=metrics).cpu()
     levels = scorer.levels_from_scores(scores).cpu()
 
