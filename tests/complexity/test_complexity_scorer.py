@@ -25,6 +25,14 @@ def kermany_metrics(kermany_subset):
     return got, ref
 
 
+def _load_saved(sd):
+    """``sd`` after a round trip through ``torch.save`` / ``torch.load(weights_only=True)``."""
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 def test_spearman_of_combined_score_vs_reference_pipeline(kermany_metrics):
     """Spearman >= 0.99 between our combined score and an all-reference pipeline (reference metrics, numpy
     min-max normalisation, mean), on a fixed subset of the Kermany test split: every 4th image, 156 of 624
@@ -124,11 +132,8 @@ def test_state_dict_roundtrip_and_validation(kermany32):
     assert torch.equal(other.levels(kermany32), sc.levels(kermany32))
     assert torch.equal(other.metrics(kermany32), sc.metrics(kermany32))
     # safetensors-style: plain tensors survive a round trip through torch.save / load(weights_only=True)
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
     third = ComplexityScorer()
-    third.load_state_dict(torch.load(buf, weights_only=True))
+    third.load_state_dict(_load_saved(sd))
     assert torch.equal(third.thresholds, sc.thresholds)
     bad = dict(sd)
     bad["thresholds"] = torch.tensor([0.5, 0.1, 0.2, 0.3], dtype=torch.float64)
@@ -173,13 +178,6 @@ def _twelve_bit_images():
         noise = rng.random((32, 32)) * (i / 11)
         out.append(np.round(np.clip(0.6 * base + 0.4 * noise, 0, 1) * 4095).astype(np.uint16))
     return out
-
-
-def _load_saved(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def test_bits_stored_survives_save_and_load():
@@ -259,12 +257,9 @@ def test_state_travels_with_a_model_and_survives_half(kermany32):
     model.complexity = sc
     model.half()
     assert sc.thresholds.dtype == torch.float64
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    buf.seek(0)
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 2))
     fresh.complexity = ComplexityScorer(n_levels=3)
-    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    fresh.load_state_dict(_load_saved(model.state_dict()))
     assert torch.equal(fresh.complexity.levels(kermany32), sc.levels(kermany32))
     assert fresh.complexity.thresholds.tolist() == sc.thresholds.tolist()
 
