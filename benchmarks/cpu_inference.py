@@ -11,7 +11,9 @@ run in bfloat16 like the ``bfloat16`` row, with no cast around each quantized la
 of ``benchmarks.bf16_rounding_attribution``, built only when named: ``W2g32`` (2-bit, group 32), and
 ``<variant>+gptq``, calibrated by GPTQ (:data:`GPTQ_CALIBRATION`) instead of rounded to nearest; and
 ``W4g128cdbf16``, W4 g128 with ``compute_dtype="bfloat16"`` on the config (on a CPU without bfloat16 arithmetic:
-the native kernel's 16-bit integer activations at small ``M``). Quantization is nothing but
+the native kernel's 16-bit integer activations at small ``M``); ``W4g128a8``, the same with
+``medquant.kernels.set_cpu_native4_activations("int8")`` (the AVX2 form's 8-bit activations per 128 columns: an
+opt-in trading precision for decoding speed; elsewhere as ``W4g128cdbf16``). Quantization is nothing but
 ``medquant.quantize_`` (and ``quantize_embeddings_``) with the public config; the CPU kernels run with their default
 compute dtype (bfloat16 where the CPU has native bf16) unless the variant's config names one.
 
@@ -82,7 +84,11 @@ QUANT = {  # variant -> QuantConfig kwargs
 }
 #: variants built only when named (not in the full run's default list)
 EXTRA_QUANT = {"W2g32": {"bits": 2, "group_size": 32},
-               "W4g128cdbf16": {"bits": 4, "group_size": 128, "compute_dtype": "bfloat16"}}
+               "W4g128cdbf16": {"bits": 4, "group_size": 128, "compute_dtype": "bfloat16"},
+               "W4g128a8": {"bits": 4, "group_size": 128, "compute_dtype": "bfloat16"}}
+#: variants that set how the native kernels take activations (``set_cpu_native4_activations``); every other
+#: variant runs with the default (the setting is global: :func:`_make` sets it for each model it builds)
+NATIVE_ACTIVATIONS = {"W4g128a8": "int8"}
 #: ``<variant>+gptq``: calibration for GPTQ instead of round-to-nearest (training reports, never the test ones)
 GPTQ_CALIBRATION = {"sequences": 32, "seq_len": 512, "batch": 4, "act_order": True}
 LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5632, "num_attention_heads": 32,
@@ -348,8 +354,11 @@ def _make(model_name: str, variant: str, head: bool):
     import torch
 
     import medquant as mq
+    from medquant.kernels import set_cpu_native4_activations
 
     model, tok = _build(model_name)
+    base = variant.removesuffix("@bf16").removesuffix("+emb").removesuffix("+gptq")
+    set_cpu_native4_activations(NATIVE_ACTIVATIONS.get(base))
     if variant == "bfloat16":
         model = model.to(torch.bfloat16)
     elif variant != "float32":

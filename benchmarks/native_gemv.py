@@ -31,13 +31,20 @@ On a CPU with AVX2 and no AVX512 the pair is the AVX2 form's float32 FMA against
 (``vpmaddwd``) at small ``M``, and at 256 rows the dense path in float32 against bfloat16 (software bfloat16
 there: no gemm).
 
+``--int8`` pairs the activations instead, on float32 activations, a bfloat16 compute dtype and the same W4 g128
+layers at ``M`` = 1, 4 and 8: ``set_cpu_native4_activations("int8")`` (the AVX2 form's 8-bit integers per 128
+columns, ``vpmaddubsw``) against ``"int16"`` (16-bit integers per 32 columns, ``vpmaddwd``); ratio int8 / int16
+(< 1: int8 faster); with ``--bandwidth``, the limit (the codes read once at that rate). On a library without the
+int8 form both run int16 (``differs`` false).
+
 ``--float32`` runs the default mode with float32 activations and compute dtype (the default on a CPU without bfloat16
 arithmetic: there aten's int4 kernel runs float32 activations only at ``M = 1``, the dense path above). Every row of
 the default modes also times the control, ``F.linear`` on the float weight in the activations' dtype.
 
-Run: ``python -m benchmarks.native_gemv [--repeats 25] [--float32 | --activations | --compute] [--out native_gemv]``; prints a
-table and writes ``benchmarks/results/<out>.{json,md}`` (default stems ``native_gemv_activations``,
-``native_gemv_compute``, ``native_gemv_float32`` for those modes).
+Run: ``python -m benchmarks.native_gemv [--repeats 25] [--float32 | --activations | --compute | --int8] [--out
+native_gemv]``; prints a table and writes ``benchmarks/results/<out>.{json,md}`` (default stems
+``native_gemv_activations``, ``native_gemv_compute``, ``native_gemv_int8``, ``native_gemv_float32`` for those
+modes).
 """
 from __future__ import annotations
 
@@ -78,6 +85,8 @@ ACT_MS = (1, 4)
 #: --compute: W4 g128 layers (SmolLM2's and the 1.1B model's) and the M of decode, a small batch and prefill
 COMPUTE_SHAPES = [(1536, 576), (576, 1536), (5632, 2048), (2048, 5632)]
 COMPUTE_MS = (1, 4, 256)
+#: --int8: the M of decode and of a batch of 8 sequences
+INT8_MS = (1, 4, 8)
 
 
 def _prepared(n: int, k: int, gen: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -187,6 +196,15 @@ def measure_compute(n: int, k: int, repeats: int, gen: torch.Generator) -> dict:
                     repeats, gen)}
 
 
+def measure_int8(n: int, k: int, repeats: int, gen: torch.Generator) -> dict:
+    """Median microseconds per call of one W4 g128 layer's prepared matmul on float32 ``x`` (bfloat16 compute)
+    with int8 and with int16 activations, alternating, at each ``M`` of :data:`INT8_MS`."""
+    w = _w4(n, k, 128, gen)
+    return {"n": n, "k": k, "group": 128, "codes_bytes": n * k // 2,
+            **_pair(w, (set_cpu_native4_activations, get_cpu_native4_activations), ("int8", "int16"), INT8_MS,
+                    repeats, gen)}
+
+
 def _pairs_markdown(result: dict, title: str, setup: str, note: str, columns: list[str], ms: tuple[int, ...],
                     cells) -> str:
     """The table of a pair mode: ``# title``, the run's settings (``setup``, threads, repeats, load averages) and
@@ -214,6 +232,24 @@ def markdown_compute(result: dict) -> str:
                                "The integer forms need AVX512-VNNI (or the AVX2 form, at small M), not "
                                "AVX512-BF16."),
         ["layer", "M", "float32 path", "us", "bfloat16 path", "us", "ratio"], COMPUTE_MS, cells)
+
+
+def markdown_int8(result: dict) -> str:
+    bw = result.get("bandwidth_gbs")
+
+    def cells(r: dict, m: int) -> list[str]:
+        a, b = r[f"int8_m{m}_us"], r[f"int16_m{m}_us"]
+        limit = f"{r['codes_bytes'] / (bw * 1e9) * 1e6:.0f}" if bw else "-"
+        return [f"{r['n']}x{r['k']}", str(m), r[f"int8_path_m{m}"], "yes" if r["differs"] else "no", f"{a:.0f}",
+                f"{b:.0f}", f"{a / b:.2f}", limit]
+
+    return _pairs_markdown(
+        result, (f"# native4: float32 activations as 8-bit against 16-bit integers (benchmarks/native_gemv.py "
+                 f"--int8, {result['date']})"),
+        "W4 g128, bfloat16 compute, float32 x", ("Ratio: int8 / int16 (< 1: int8 faster). \"differs\": the two "
+                                                 "outputs differ (the int8 form ran). Limit: the codes read once"
+                                                 + (f" at {bw:.1f} GB/s." if bw else " (no --bandwidth given).")),
+        ["layer", "M", "path", "differs", "int8", "int16", "ratio", "limit"], INT8_MS, cells)
 
 
 def markdown_activations(result: dict) -> str:
@@ -276,12 +312,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="the default mode with float32 activations and compute (a CPU without bf16 arithmetic)")
     ap.add_argument("--compute", action="store_true",
                     help="float32 against bfloat16 compute on float32 activations, W4 g128 (module docstring)")
+    ap.add_argument("--int8", action="store_true",
+                    help="int8 against int16 float32 activations, bfloat16 compute, W4 g128 (module docstring)")
     ap.add_argument("--out", default=None, help="output stem in benchmarks/results (default native_gemv, "
                                                  "native_gemv_activations / native_gemv_compute with those modes)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.activations or args.compute:
+    if args.activations or args.compute or args.int8:
         return _main_pairs(args)
     shapes = parse_shapes(args.shapes, SHAPES)
     torch.manual_seed(SEED)
@@ -319,7 +357,8 @@ def _main_pairs(args) -> dict:
     if args.activations and args.shapes:
         raise SystemExit("--shapes does not apply to --activations (its layers come with their group sizes)")
     jobs = ([(measure_activations, (n, k, g), {"before": b}) for n, k, g, b in ACT_LAYERS] if args.activations
-            else [(measure_compute, (n, k), {}) for n, k in parse_shapes(args.shapes, COMPUTE_SHAPES)])
+            else [(measure_int8 if args.int8 else measure_compute, (n, k), {})
+                  for n, k in parse_shapes(args.shapes, COMPUTE_SHAPES)])
     for fn, shape, extra in jobs:
         set_cpu_compute_dtype("bfloat16")
         rows.append({**fn(*shape, args.repeats, gen), **extra})
@@ -330,6 +369,11 @@ def _main_pairs(args) -> dict:
         result = run_record("native_gemv_activations", SEED, load_before, rows, repeats=args.repeats,
                             ms=list(ACT_MS), compute_dtype="bfloat16", x_dtype="float32", bits=4)
         save_results(RESULTS, args.out or "native_gemv_activations", result, markdown_activations(result))
+    elif args.int8:
+        result = run_record("native_gemv_int8", SEED, load_before, rows, repeats=args.repeats, ms=list(INT8_MS),
+                            compute_dtype="bfloat16", x_dtype="float32", bits=4, group_size=128,
+                            bandwidth_gbs=args.bandwidth, native=native_record())
+        save_results(RESULTS, args.out or "native_gemv_int8", result, markdown_int8(result))
     else:
         result = run_record("native_gemv_compute", SEED, load_before, rows, repeats=args.repeats,
                             ms=list(COMPUTE_MS), x_dtype="float32", bits=4, group_size=128)

@@ -81,12 +81,12 @@ def hardware(**fields) -> dict:
 def native_record() -> dict:
     """What medquant's native library has on this machine: :func:`medquant.kernels.native.native_status`'s
     kernel fields (``gemv4``, ``gemv4_bf16``, ``gemv_stream``, ``gemv_avx2``, ``gemm``), its compiler ``flags``,
-    and ``form``: ``"AVX512"``, ``"AVX2 + FMA (float32, int16 x)"`` or ``"none"`` (no weight-only matmul)."""
+    and ``form``: ``"AVX512"``, ``"AVX2 + FMA (float32, int16 x, int8 x)"`` or ``"none"`` (no weight-only matmul)."""
     from medquant.kernels.native import native_status
 
     st = native_status()
     out = {key: st[key] for key in ("gemv4", "gemv4_bf16", "gemv_stream", "gemv_avx2", "gemm", "flags")}
-    out["form"] = "none" if not st["gemv4"] else "AVX2 + FMA (float32, int16 x)" if st["gemv_avx2"] else "AVX512"
+    out["form"] = "none" if not st["gemv4"] else "AVX2 + FMA (float32, int16 x, int8 x)" if st["gemv_avx2"] else "AVX512"
     return out
 
 

@@ -153,6 +153,7 @@ from .dispatch import bump_generation, register_backend, register_kernel
 from .layout import container_bits, symmetric_params, unpack
 from .native import (
     GEMM_XMODE,
+    INT8_XMODE,
     NativeGemv4,
     dequantize_native,
     gemv4_bound_op,
@@ -186,8 +187,9 @@ ENV_NATIVE4_ACTIVATIONS = "MEDQUANT_CPU_NATIVE4_ACTIVATIONS"
 #: how native4 / native8 multiply activations with a bfloat16 compute dtype: "int16" (the default: float32 x as 16-bit
 #: integers per 32 columns, one integer product per code, with AVX512-VNNI where the kernel has the form; elsewhere
 #: "split"), "split" (x = hi + lo, two bfloat16 halves, x to a relative 2^-17: the float32 reference's result to
-#: about 1e-6) or "round" (x rounded to bfloat16)
-NATIVE4_ACTIVATIONS = ("int16", "split", "round")
+#: about 1e-6), "round" (x rounded to bfloat16) or "int8" (opt-in: in the AVX2 form, x as 8-bit integers per 128
+#: columns on 4-bit containers, as llama.cpp's CPU kernels take it; elsewhere as "int16")
+NATIVE4_ACTIVATIONS = ("int16", "split", "round", "int8")
 #: environment variable read at import: what runs rows on the native kernels from dense_min_m on (gemm / dense)
 ENV_PREFILL_KERNEL = "MEDQUANT_CPU_PREFILL_KERNEL"
 #: large-M choices for row groups on a native kernel with a bfloat16 compute dtype: "gemm" (medquant's blocked
@@ -486,8 +488,24 @@ def set_cpu_native4_activations(mode: str | None) -> None:
     is and is multiplied as bfloat16 in every mode. Float32 compute is exact in every mode; the dense path
     (``M >= dense_min_m``) and the aten kernels always round to the compute dtype.
 
+    ``"int8"`` (opt-in, for decoding speed on a CPU with AVX2 and no AVX512): in the AVX2 form, on codes in 4-bit
+    containers of at least ``NATIVE_INT16_MIN_BITS`` bits
+    (:attr:`~medquant.kernels.native.NativeGemv4.int8_form`), a float32 ``x`` of fewer rows than the dense switch
+    enters as 8-bit integers per activation block ``a`` of 128 columns (or the largest of 64 and 32 dividing the
+    group),
+
+        t[i, a] = max_{j in a} |x[i, j]| / 127,   x~[i, j] = t[i, a] * round_half_even(x[i, j] / t[i, a])
+
+    (``x`` to ``2^-8`` of its block's largest magnitude, as llama.cpp's CPU kernels take activations), multiplied
+    by the codes exactly (``vpmaddubsw``), each block's sum scaled by ``t s``. It reads no code as more than a byte:
+    per W4 g128 layer at ``M = 1`` (Zen 1, 2 threads) about 1.4x the int16 form's speed and 1.9x the float32
+    form's, close to the memory's rate. The price is precision: each output moves by up to about 1% of its
+    scale where ``"int16"`` moves it by ``2^-16`` (measure the model's agreement before serving it:
+    ``benchmarks/cpu_inference.py --accuracy``). Everywhere else (other containers, narrower codes, an AVX512
+    library) it is ``"int16"``; non-finite ``x`` runs the float32 form as ``"int16"`` does.
+
     Args:
-        mode: ``"int16"``, ``"split"``, ``"round"``, or None (``"int16"``).
+        mode: ``"int16"``, ``"split"``, ``"round"``, ``"int8"``, or None (``"int16"``).
 
     Raises:
         ValueError: any other value.
@@ -503,7 +521,7 @@ def get_cpu_native4_activations() -> str:
     """How native4 takes bfloat16-compute activations now (:func:`set_cpu_native4_activations`).
 
     Returns:
-        ``"int16"``, ``"split"`` or ``"round"``.
+        ``"int16"``, ``"split"``, ``"round"`` or ``"int8"``.
     """
     return _native4_activations
 
@@ -610,7 +628,8 @@ def _layer_compute_dtype(weight: PackedWeight) -> torch.dtype:
             _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16: "
                                "layers on medquant's native kernels take float32 inputs of fewer than "
                                f"{dense_min_m('int4')} rows as 16-bit integers (AVX2: faster decoding here, to 2^-16 "
-                               "of each block's largest magnitude) and run more rows (prefill) in float32; other "
+                               "of each block's largest magnitude; 8-bit, faster still and to 2^-8, with "
+                               "set_cpu_native4_activations('int8')) and run more rows (prefill) in float32; other "
                                "layers compute bfloat16 in software (correct, slow)")
         else:
             _warn_once("bf16", "medquant CPU kernels: compute dtype bfloat16 on a CPU without AVX512-BF16/AMX-BF16 "
@@ -855,7 +874,7 @@ def dequantize_eager(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 #: kernel's ``xmode`` (1 rounded to bfloat16, 2 split, 3 16-bit integers) and the :func:`dense_min_m` kind of its
 #: switch to the gemm
 _F32_FORMS = {"": (1, "gemm"), "split": (2, "gemm_split"), "int16": (3, "gemm_int16"),
-              "int16_blocks": (3, "gemm_split")}
+              "int16_blocks": (3, "gemm_split"), "int8": (INT8_XMODE, "gemm_int16")}
 
 
 def _native_below(gemm: bool, form: str = "") -> int:
@@ -877,12 +896,16 @@ def _f32_form(plan: _Plan) -> str:
     ``NATIVE_INT16_MIN_BITS`` wide, on 4-bit containers), ``"int16_blocks"`` (the
     same on 8-bit containers and the stream widths: blocks of 32 columns, whose per-block scaling makes the gemm
     the faster from 8 rows, as for split ``x``), ``"split"`` (the activations ``"split"``, or ``"int16"`` where the
-    form is missing or the codes are narrower) or ``""`` (``"round"``): a key of ``_F32_FORMS``."""
+    form is missing or the codes are narrower), ``"int8"`` (the activations ``"int8"`` on a kernel with the form,
+    :attr:`~medquant.kernels.native.NativeGemv4.int8_form`, codes of at least ``NATIVE_INT16_MIN_BITS``; otherwise
+    ``"int8"`` is taken as ``"int16"``) or ``""`` (``"round"``): a key of ``_F32_FORMS``."""
     if _native4_activations == "round":
         return ""
     gemv = plan.gemv
-    if (_native4_activations == "int16" and gemv is not None and gemv.int16_form
+    if (_native4_activations in ("int16", "int8") and gemv is not None and gemv.int16_form
             and gemv.code_bits >= NATIVE_INT16_MIN_BITS):
+        if _native4_activations == "int8" and gemv.int8_form:
+            return "int8"
         return "int16" if gemv.bits == 4 else "int16_blocks"
     return "split"
 

@@ -96,7 +96,7 @@ ENV_CACHE_DIR = "MEDQUANT_CACHE_DIR"
 #: the C source, shipped inside the package
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dequant.c"
 #: version of the C functions' arguments; the library reports it (``mq_abi``)
-ABI = 7
+ABI = 8
 #: file name of the built library inside its build folder
 LIB_NAME = "libmqdequant.so"
 #: flag sets tried in order until one compiles (common flags first)
@@ -123,7 +123,7 @@ class _State:
     path: str | None = None
     openmp: bool = False
     float16: bool = False
-    gemv: int = 0  # mq_gemv4_caps(): bit 0 the matmul is compiled in, bit 1 AVX512-BF16, bit 2 other widths, 3 gemm, 4 AVX2
+    gemv: int = 0  # mq_gemv4_caps(): bit 0 the matmul, 1 AVX512-BF16, 2 other widths, 3 gemm, 4 AVX2, 5 int8 x
     flags: tuple[str, ...] = ()
 
 
@@ -619,6 +619,11 @@ _OPS.define("gemv4_bound(Tensor x, int handle, int n, int xmode) -> Tensor")
 #: the ``xmode`` of ``medquant::gemv4_bound`` that runs the bound matmul's blocked form (:meth:`NativeGemv4.gemm`;
 #: ``mq_call``'s flag 16 is ``4 << 2``) instead of the weight-only kernel (xmodes 0, 1, 2, 3)
 GEMM_XMODE = 4
+#: the ``xmode`` that takes ``x`` as 8-bit integers per activation block (mq_call's flag 32 is ``8 << 2``): the AVX2
+#: form's int8 form on 4-bit containers (:attr:`NativeGemv4.int8_form`); elsewhere it runs as 3 (int16)
+INT8_XMODE = 8
+#: the weight-only kernel's xmodes (:class:`NativeGemv4`)
+GEMV_XMODES = (0, 1, 2, 3, INT8_XMODE)
 #: the bound matmuls by handle, held weakly: a matmul its layer no longer holds goes away, and a graph still
 #: calling it gets an error, not another layer's weights
 _BOUND: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -637,8 +642,9 @@ def _gemv4_bound_cpu(x: torch.Tensor, handle: int, n: int, xmode: int) -> torch.
         raise RuntimeError(f"medquant::gemv4_bound: no bound matmul {handle} of {n} rows taking x "
                            f"{tuple(x.shape)} strides {x.stride()} (its layer was re-bound, reloaded or freed since this graph was "
                            "compiled); call torch._dynamo.reset() and compile again")
-    if xmode not in (0, 1, 2, 3, GEMM_XMODE):
-        raise RuntimeError(f"medquant::gemv4_bound: xmode must be 0, 1, 2, 3 or {GEMM_XMODE} (GEMM_XMODE), got {xmode}")
+    if xmode not in (*GEMV_XMODES, GEMM_XMODE):
+        raise RuntimeError(f"medquant::gemv4_bound: xmode must be one of {GEMV_XMODES} or {GEMM_XMODE} (GEMM_XMODE), "
+                           f"got {xmode}")
     if xmode == GEMM_XMODE and not gemv.has_gemm:
         raise RuntimeError("medquant::gemv4_bound: this build has no blocked matmul (AVX512-VNNI)")
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
@@ -714,7 +720,11 @@ class NativeGemv4:
     summed exactly (``vpdpwssd``; per 128-column unit of the quad form or block of 64 columns after the units, per
     block of 32 columns on 8-bit and stream rows; in the AVX2 form, ``vpmaddwd`` per block of 32 columns of every
     layout), each 32 columns' sum scaled by ``t s`` (an ``x`` with a value
-    that is not finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2). ``y`` is float32, or
+    that is not finite, or 32 columns whose largest magnitude is below ``2^-100``, runs as 2); 8
+    (:data:`INT8_XMODE`, int8, where :attr:`int8_form` and the codes sit in 4-bit containers; else as 3), per
+    activation block ``a`` of 128 columns (or the largest of 64 and 32 dividing the group)
+    ``t[i, a] = max_{j in a} |x[i, j]| / 127`` and ``x~ = t * round_half_even(x / t)``, the codes times the 8-bit
+    integers summed exactly (``vpmaddubsw``, ``vpmaddwd``), each block's sum scaled by ``t s``. ``y`` is float32, or
     bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
     ``$MEDQUANT_NATIVE`` is read when it is built (:func:`native_gemv4`), not at each call. It reads medquant's
@@ -723,7 +733,7 @@ class NativeGemv4:
     """
 
     def __init__(self, call, weight: PackedWeight, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
-                 ge: int, gemm: bool = False, int16: bool = False) -> None:
+                 ge: int, gemm: bool = False, int16: bool = False, int8: bool = False) -> None:
         # the codes are held through an alias (same storage, another tensor object): the CPU backend caches this
         # object under the layer's own codes tensor as a weak key, and a strong reference back to that tensor
         # would keep the cache entry, the codes and this object alive after the layer is freed
@@ -733,6 +743,7 @@ class NativeGemv4:
         weight = dataclasses.replace(weight, qweight=alias)
         self._call, self._gemm, self._weight = call, gemm, weight
         self._int16 = int16  # xmode 3 as 16-bit integers (int16_form)
+        self._int8 = int8  # xmode 8 as 8-bit integers on 4-bit containers (int8_form)
         self.bits = storage_bits(weight.bits, weight.dense)
         self.code_bits = weight.bits  # the codes' width (bits is what holds them: 4 for 3-bit codes in layout 1)
         self.qweight, self.s, self.z = qw, s, z  # the pointers passed to C stay valid while this object lives
@@ -760,7 +771,7 @@ class NativeGemv4:
 
         Args:
             x: ``(M, k)`` CPU float32 or bfloat16 tensor with unit column stride.
-            xmode: 0, 1, 2 or 3 (class docstring; a bool: 1 for True).
+            xmode: 0, 1, 2, 3 or 8 (class docstring; a bool: 1 for True).
 
         Returns:
             ``y (M, n)``, or None when the C function declined.
@@ -772,9 +783,9 @@ class NativeGemv4:
                 x.device.type != "cpu" or (self.k > 1 and x.stride(1) != 1):
             raise ValueError(f"x must be a CPU float32 / bfloat16 tensor (M, {self.k}) with unit column stride, "
                              f"got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
-        if xmode not in (0, 1, 2, 3):
-            raise ValueError(f"xmode must be 0 (x as it is), 1 (rounded to bfloat16), 2 (split) or 3 (int16), "
-                             f"got {xmode!r}")
+        if xmode not in GEMV_XMODES:
+            raise ValueError(f"xmode must be 0 (x as it is), 1 (rounded to bfloat16), 2 (split), 3 (int16) or "
+                             f"{INT8_XMODE} (int8), got {xmode!r}")
         return self.run(x, xmode)
 
     def run(self, x: torch.Tensor, xmode: int) -> torch.Tensor | None:
@@ -805,6 +816,12 @@ class NativeGemv4:
         columns after the units (a last block of fewer columns holds zero codes and zero ``x`` beyond ``k_pad``)
         with AVX512, per block of 32 columns with AVX2."""
         return self._int16
+
+    @property
+    def int8_form(self) -> bool:
+        """Whether ``xmode`` :data:`INT8_XMODE` runs as 8-bit integers here (else as 3): the AVX2 + FMA form of a
+        CPU without AVX512, on codes in 4-bit containers (4-bit rows, and 1- to 3-bit rows of layout version 1)."""
+        return self._int8 and self.bits == 4
 
     @property
     def has_gemm(self) -> bool:
@@ -893,5 +910,6 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor | None = None,
     ge = weight.group_elems if weight.scope == "group" else kp
     s, z = kernel_params(weight, kp // ge, scale, zero)
     # the blocked matmul is compiled in with AVX512-VNNI (gemv bit 3); int16 x with it, or in the AVX2 form (bit 4)
+    # and int8 x (bit 5) in the AVX2 form
     return NativeGemv4(lib.mq_call, weight, weight.qweight.contiguous(), s, z, ge, gemm=bool(_state.gemv & 8),
-                       int16=bool(_state.gemv & 24))
+                       int16=bool(_state.gemv & 24), int8=bool(_state.gemv & 32))

@@ -87,3 +87,31 @@ def test_measure_compute_pairs_the_compute_dtypes_and_restores_the_setting():
     assert len(lines) == len(ng.COMPUTE_MS)
     r = row["float32_m256_us"] / row["bfloat16_m256_us"]
     assert lines[-1].rstrip().endswith(f"| {r:.2f} |")
+
+
+def test_measure_int8_pairs_the_activations_and_restores_the_setting():
+    """The ``--int8`` row: int8 against int16 activations on one W4 g128 layer (bfloat16 compute), both on native4
+    at each ``M``; the outputs differ exactly where the library has the int8 form (the AVX2 form), the setting is
+    back to its default, and the table's ratio and limit come from the row."""
+    from medquant.kernels import get_cpu_compute_dtype, get_cpu_native4_activations, set_cpu_compute_dtype
+
+    before = get_cpu_compute_dtype()
+    set_cpu_compute_dtype("bfloat16")
+    try:
+        row = ng.measure_int8(64, 256, 2, torch.Generator().manual_seed(0))
+    finally:
+        set_cpu_compute_dtype(before)
+    assert get_cpu_native4_activations() == "int16"
+    st = native_status()
+    if st["gemv4"]:
+        assert row["int8_path_m1"] == row["int16_path_m1"] == "native4"
+    assert row["differs"] == bool(st["gemv4"] and st["gemv_avx2"])
+    for m in ng.INT8_MS:
+        assert row[f"int8_m{m}_us"] > 0 and row[f"int16_m{m}_us"] > 0
+    result = {"date": "d", "threads": 1, "repeats": 2, "loadavg_before": [0.0], "loadavg_after": [0.0],
+              "bandwidth_gbs": 10.0, "rows": [row]}
+    lines = [ln for ln in ng.markdown_int8(result).splitlines() if ln.startswith("| 64x256 |")]
+    assert len(lines) == len(ng.INT8_MS)
+    r = row["int8_m8_us"] / row["int16_m8_us"]
+    limit = 64 * 256 // 2 / 10e9 * 1e6
+    assert lines[-1].rstrip().endswith(f"| {r:.2f} | {limit:.0f} |")

@@ -35,7 +35,7 @@ from medquant.kernels import (
 )
 from medquant.kernels.cpu import NATIVE_INT16_MIN_BITS, cpu_plan
 from medquant.kernels.layout import storage_bits
-from medquant.kernels.native import gemv4_decline, native_gemv4, native_status
+from medquant.kernels.native import gemv4_bound_op, gemv4_decline, native_gemv4, native_status
 from medquant.quant import QuantConfig, QuantLinear
 from tests.kernels.kernel_helpers import native_int16, run_with_native_flags
 
@@ -77,6 +77,23 @@ def _x_int16(x: torch.Tensor) -> torch.Tensor:
     inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros(()))
     v = torch.round(xp * inv)  # half to even, of the float32 product
     return (v * (amax / 32767.0)).view(m, -1)[:, :k]
+
+
+def _x_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` as the int8 activations take it: per row and ``block`` columns from column 0 (zeros past ``k``),
+    ``t = max |x| / 127`` and ``t * round_half_even(x * (127 / max |x|))``, in float32 as the kernel rounds."""
+    m, k = x.shape
+    xp = torch.nn.functional.pad(x.float(), (0, -k % block)).view(m, -1, block)
+    amax = xp.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    return (torch.round(xp * inv) * (amax / 127.0)).view(m, -1)[:, :k]
+
+
+def _int8_block(gemv) -> int:
+    """The int8 form's activation block: 128 columns for one group per row, else the largest of 128 / 64 / 32
+    dividing the kernel's group."""
+    blocks = gemv.ge // 32
+    return 128 if gemv.ge >= gemv.kp or blocks % 4 == 0 else 64 if blocks % 2 == 0 else 32
 
 
 def _ref(layer: QuantLinear, x: torch.Tensor, cd: torch.dtype | str) -> torch.Tensor:
@@ -577,8 +594,6 @@ def test_int16_activations_match_their_float64_reference(k, cfg, form):
     form where the library has ``vpdpwssd``, else (``int16_form`` false) it is the split result bit for bit. An ``x`` with a value that is not finite, or 32 columns below
     ``2^-100``, is split instead (the reference: ``x`` itself); the bound operator (``medquant::gemv4_bound``) in
     xmode 3 gives the same bits."""
-    from medquant.kernels.native import gemv4_bound_op
-
     if not _available():
         pytest.skip("needs the native kernel (AVX512F + BW)")
     layer = _layer(48, k, cfg)
@@ -647,6 +662,8 @@ def test_native4_activations_setting():
         set_cpu_native4_activations("round")
         assert get_cpu_native4_activations() == "round"
         y_round = layer(x)
+        set_cpu_native4_activations("int8")
+        y_int8 = layer(x)
         set_cpu_native4_activations(None)
         y_again = layer(x)
     if _available():
@@ -662,11 +679,17 @@ def test_native4_activations_setting():
         else:
             torch.testing.assert_close(y_int16, y_split, rtol=0, atol=0)
         torch.testing.assert_close(y_again, y_int16, rtol=0, atol=0)
+        # "int8": 8-bit x per 64 columns (the group) in the AVX2 form, elsewhere the "int16" result bit for bit
+        if cpu_plan(layer.packed_weight(4)).gemv.int8_form:
+            assert _rel_err(y_int8, _ref(layer, _x_int8(x, 64), torch.float32)) < 1e-5
+            assert _rel_err(y_int8, _ref(layer, x, torch.float32)) > 1e-4
+        else:
+            torch.testing.assert_close(y_int8, y_int16, rtol=0, atol=0)
     for bad in ("exact", "", 2):
         with pytest.raises(ValueError, match="native4 activations"):
             set_cpu_native4_activations(bad)  # type: ignore[arg-type]
     code = "import medquant.kernels as k; print(k.get_cpu_native4_activations())"
-    for env, want in (("round", "round"), ("SPLIT", "split"), ("bogus", "int16")):
+    for env, want in (("round", "round"), ("SPLIT", "split"), ("int8", "int8"), ("bogus", "int16")):
         out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True,
                              env={**__import__("os").environ, "MEDQUANT_CPU_NATIVE4_ACTIVATIONS": env})
         assert out.stdout.strip() == want, (env, out.stdout, out.stderr)
@@ -838,17 +861,32 @@ def avx2_form_check() -> None:
                 exact = (x.double() @ d.t()).float()
                 refs = {0: exact.double(), 1: x.bfloat16().double() @ d.t(), 2: exact.double(),
                         3: _x_int16(x).double() @ d.t()}
-                ys = {xmode: gemv(x, xmode) for xmode in refs}
+                # int8 x (xmode 8) on 4-bit containers; elsewhere the int16 form's bits
+                assert gemv.int8_form == (gemv.bits == 4), (cfg_id, gemv.bits)
+                if gemv.int8_form:
+                    refs[8] = _x_int8(x, _int8_block(gemv)).double() @ d.t()
+                ys = {xmode: gemv(x, xmode) for xmode in (*refs, 8)}
                 for xmode, ref in refs.items():
                     err = _rel_err(ys[xmode], ref)
                     assert err < 1e-5, (cfg_id, n, k, m, xmode, err)
                 assert not torch.equal(ys[3], ys[0]), (cfg_id, n, k, m)  # the int16 form ran
                 torch.testing.assert_close(ys[2], ys[0], rtol=0, atol=0)
+                if gemv.int8_form:  # the int8 form ran: 8-bit x is far coarser than 16-bit
+                    assert _rel_err(ys[8], refs[3]) > 1e-4, (cfg_id, n, k, m)
+                    torch.testing.assert_close(gemv4_bound_op(x, gemv.handle, n, 8), ys[8], rtol=0, atol=0)
+                else:
+                    torch.testing.assert_close(ys[8], ys[3], rtol=0, atol=0)
                 for bad in (float("nan"), float("inf"), 2.0 ** -110):  # x itself: the float32 form
                     xb = x.clone()
                     xb[m - 1, :32] = 0.0
                     xb[m - 1, min(7, k - 1)] = bad
                     torch.testing.assert_close(gemv(xb, 3), gemv(xb, 2), rtol=0, atol=0, equal_nan=True)
+                    if not gemv.int8_form:
+                        continue
+                    if bad == 2.0 ** -110 and k > 32 and _int8_block(gemv) > 32:  # a tiny value among normal ones
+                        assert _rel_err(gemv(xb, 8), _x_int8(xb, _int8_block(gemv)).double() @ d.t()) < 1e-5
+                    else:
+                        torch.testing.assert_close(gemv(xb, 8), gemv(xb, 2), rtol=0, atol=0, equal_nan=True)
                 xb = x.bfloat16()
                 yb = gemv(xb, 0)
                 assert yb.dtype == torch.bfloat16, (cfg_id, yb.dtype)
@@ -860,6 +898,15 @@ def avx2_form_check() -> None:
                         y = layer(x)
                     int16 = cd == torch.bfloat16 and cfg.bits >= NATIVE_INT16_MIN_BITS
                     assert _rel_err(y, _ref(layer, x, "int16" if int16 else torch.float32)) < 1e-5, (cfg_id, m, cd)
+                # activations "int8": int8 x where the form is (4-bit containers of >= 3-bit codes), else as before
+                set_cpu_native4_activations("int8")
+                with torch.no_grad():
+                    y = layer(x)
+                int8 = gemv.int8_form and cfg.bits >= NATIVE_INT16_MIN_BITS
+                want = (_x_int8(x, _int8_block(gemv)) if int8 else _x_int16(x) if cfg.bits >= NATIVE_INT16_MIN_BITS
+                        else x).double() @ d.t() + layer.bias.double()
+                assert _rel_err(y, want) < 1e-5, (cfg_id, m, "int8")
+                set_cpu_native4_activations(None)
                 set_cpu_compute_dtype(torch.float32)
     # the one warning of a bfloat16 compute dtype without bfloat16 arithmetic says what runs fast and what does not
     from medquant.kernels import cpu

@@ -65,7 +65,7 @@ at::Tensor gemv4_bound_native(const at::Tensor& x, int64_t handle, int64_t n, in
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const bool takes = found && b.n == n && x.dim() == 2 && x.size(1) == b.k && x.device().is_cpu() &&
                      (bf16 || x.scalar_type() == at::kFloat) && (b.k <= 1 || x.stride(1) == 1) &&
-                     xmode >= 0 && xmode <= 4;
+                     ((xmode >= 0 && xmode <= 4) || xmode == 8);
   if (!takes) {
     return python_kernel(x, handle, n, xmode);
   }

@@ -39,7 +39,7 @@
 #define MQ_BUILD_KEY "unset"
 #endif
 
-#define MQ_ABI 7
+#define MQ_ABI 8
 
 #define MQ_F32 0
 #define MQ_BF16 1
@@ -429,7 +429,7 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * the AVX2 form (gemv_avx2_run: every width, float32 products or 16-bit integer x), bits 0 and 2 then set as well */
 int mq_gemv4_caps(void) {
     return (MQ_GEMV_F32 | MQ_GEMV_AVX2) | (MQ_GEMV_BF16 << 1) | ((MQ_GEMV_STREAM | MQ_GEMV_AVX2) << 2) |
-           (MQ_GEMM_CAP << 3) | (MQ_GEMV_AVX2 << 4);
+           (MQ_GEMM_CAP << 3) | (MQ_GEMV_AVX2 << 4) | (MQ_GEMV_AVX2 << 5);
 }
 
 #if MQ_GEMV_F32
@@ -1008,6 +1008,14 @@ static int prep_x(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t
  *   (FMA). No float conversion per code: 1.24-1.38x the float32 form's speed per W4 g128 layer at M = 1 on a Zen 1
  *   CPU. An x with a value that is not finite, or a block whose largest magnitude is in (0, 2^-100), runs the
  *   float32 form with x~ = x (xmode 2).
+ * - int8 (xmode 4; 4-bit containers, other widths take it as xmode 3): per row of x and activation block a of
+ *   32 bpa columns (bpa = 4, or the largest of 2 and 1 dividing a group's blocks), t = max_{j in a} |x[j]| / 127,
+ *   x~ = t * v with v = round_half_even(x * (127 / max |x|)) in -127..127 (x to 2^-8 of its block's largest
+ *   magnitude, as llama.cpp's CPU kernels take activations); codes times v by vpmaddubsw (unsigned code bytes
+ *   times signed x bytes, pairs summed in 16 bits: at most 2 * 15 * 127 per pair, 4 blocks' sums at most 15240,
+ *   exact), widened by vpmaddwd against ones, converted once per activation block and scaled by t. No widening of
+ *   codes at all: the kernel reads the packed bytes about as fast as the memory delivers them (avx2_rows_i8).
+ *   Non-finite x, or a block in (0, 2^-100), runs the float32 form as for int16.
  *
  * Blocks of 32 columns in column order, each inside one group (groups are multiples of 32 columns, or one group
  * covers the row). A block's codes: 8-bit containers, the row's own 32 bytes; 4-bit containers, 16 bytes whose
@@ -1240,6 +1248,90 @@ static inline __attribute__((always_inline)) void avx2_rows(
     }
 }
 
+/* The int8 form (xmode 4 on 4-bit containers): rows r0..r1 against rows m0..m0+mb of x~ held as 8-bit integers xb
+ * (kernel order, zeros from column k on) with one t per bpa blocks of 32 columns (xt, nab per row). A block's 32
+ * codes are one vector of unsigned bytes (the 16 low nibbles, the even columns, then the 16 high ones), multiplied
+ * with x's signed bytes by vpmaddubsw (pairs summed into 16 bits: at most 2 * 15 * 127 = 3810, so the bpa <= 4
+ * blocks of an activation block sum exactly in 16 bits), then vpmaddwd by ones into 32-bit sums, converted to
+ * float32 once per activation block and scaled by its t; each group's total by its scale s. */
+static inline __attribute__((always_inline)) void avx2_rows_i8(
+    const uint8_t *q, int64_t r0, int64_t r1, int64_t row_bytes, int64_t k, int64_t ge, int64_t ng,
+    const mq_params *prm, const int8_t *xb, const float *xt, int64_t xps, int64_t bpa, const float *xs,
+    const int mb, int64_t m0, void *y, int ydtype, int64_t ys) {
+    const int64_t kb = k / 32, nb = kb + (k % 32 ? 1 : 0), bpg = ng > 1 ? ge / 32 : nb;
+    const int64_t nab = (nb + bpa - 1) / bpa;
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t *row = q + r * row_bytes;
+        __m256 tot[8], acc[8];
+        for (int i = 0; i < mb; ++i) tot[i] = acc[i] = _mm256_setzero_ps();
+        for (int64_t b0 = 0, g = 0; b0 < nb; b0 += bpg, ++g) {
+            const int64_t b1 = b0 + bpg < nb ? b0 + bpg : nb;
+            for (int64_t a0 = b0; a0 < b1; a0 += bpa) { /* the activation blocks of the group (bpa divides bpg) */
+                const int64_t a1 = a0 + bpa < b1 ? a0 + bpa : b1;
+                __m256i s16[8];
+                for (int i = 0; i < mb; ++i) s16[i] = _mm256_setzero_si256();
+                if (a1 - a0 == 4 && a1 <= kb) { /* a whole activation block of 128 columns: unrolled */
+                    const uint8_t *p = row + 16 * a0;
+#if MQ_AVX2_PREFETCH > 0
+                    _mm_prefetch((const char *)(p + MQ_AVX2_PREFETCH), _MM_HINT_T0);
+#endif
+                    __m256i c4[4];
+                    for (int e = 0; e < 4; ++e) {
+                        const __m128i w = _mm_loadu_si128((const __m128i *)(p + 16 * e));
+                        c4[e] = _mm256_and_si256(
+                            _mm256_inserti128_si256(_mm256_castsi128_si256(w), _mm_srli_epi16(w, 4), 1), m4);
+                    }
+                    for (int i = 0; i < mb; ++i) {
+                        const int8_t *xi = xb + (m0 + i) * xps + 32 * a0;
+                        const __m256i p01 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(c4[0], _mm256_load_si256((const __m256i *)xi)),
+                            _mm256_maddubs_epi16(c4[1], _mm256_load_si256((const __m256i *)(xi + 32))));
+                        const __m256i p23 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(c4[2], _mm256_load_si256((const __m256i *)(xi + 64))),
+                            _mm256_maddubs_epi16(c4[3], _mm256_load_si256((const __m256i *)(xi + 96))));
+                        s16[i] = _mm256_add_epi16(p01, p23);
+                    }
+                } else
+                for (int64_t b = a0; b < a1; ++b) {
+                    __m256i c;
+                    if (b < kb) {
+#if MQ_AVX2_PREFETCH > 0
+                        _mm_prefetch((const char *)(row + b * 16 + MQ_AVX2_PREFETCH), _MM_HINT_T0);
+#endif
+                        const __m128i w = _mm_loadu_si128((const __m128i *)(row + 16 * b));
+                        c = _mm256_and_si256(
+                            _mm256_inserti128_si256(_mm256_castsi128_si256(w), _mm_srli_epi16(w, 4), 1), m4);
+                    } else {
+                        uint8_t t[32];
+                        memset(t, 0, sizeof t);
+                        for (int64_t j = 32 * b; j < k; ++j) t[avx2_pos(4, (int)(j - 32 * b))] = (uint8_t)code_at(row, 4, j);
+                        c = _mm256_loadu_si256((const __m256i *)t);
+                    }
+                    for (int i = 0; i < mb; ++i)
+                        s16[i] = _mm256_add_epi16(
+                            s16[i], _mm256_maddubs_epi16(c, _mm256_load_si256((const __m256i *)(xb + (m0 + i) * xps + 32 * b))));
+                }
+                for (int i = 0; i < mb; ++i)
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16[i], ones)),
+                                             _mm256_set1_ps(xt[(m0 + i) * nab + a0 / bpa]), acc[i]);
+            }
+            const __m256 sv = _mm256_set1_ps(param_s(prm, r * ng + g));
+            for (int i = 0; i < mb; ++i) {
+                tot[i] = _mm256_fmadd_ps(acc[i], sv, tot[i]);
+                acc[i] = _mm256_setzero_ps();
+            }
+        }
+        for (int i = 0; i < mb; ++i) {
+            const float v = hsum8(tot[i]) - szx(prm, r, ng, xs + (m0 + i) * ng);
+            if (ydtype)
+                ((uint16_t *)y)[(m0 + i) * ys + r] = bf16_bits(v);
+            else
+                ((float *)y)[(m0 + i) * ys + r] = v;
+        }
+    }
+}
+
 /* x~ for the kernel, row by row (avx2_rows' xp, or xv and xt with ix), and its group sums xs; xr: a scratch row of
  * xps float32. With ix, -5 where a value of x is not finite or a block's largest magnitude is in (0, 2^-100) (the
  * caller then runs the float32 form), else 0. */
@@ -1286,6 +1378,50 @@ static int avx2_prep(const void *x, int xdtype, int64_t m, int64_t xstride, int6
     return 0;
 }
 
+/* x~ for the int8 form, row by row: per activation block a of 32 bpa columns (column order from 0),
+ * t = max |x| / 127, v = round_half_even(x * (127 / max |x|)) (vcvtps2dq) in -127..127, x~ = t v; xb the v in the
+ * kernel's order (avx2_pos), xt the t (nab per row), xs the group sums of x~; xr a scratch row of xps float32.
+ * -5 where a value of x is not finite or a block's largest magnitude is in (0, 2^-100) (the caller then runs the
+ * float32 form), else 0. */
+static int avx2_prep_i8(const void *x, int xdtype, int64_t m, int64_t xstride, int64_t k, int64_t ge, int64_t ng,
+                        int64_t xps, int64_t bpa, float *xr, int8_t *xb, float *xt, float *xs) {
+    const int64_t nb = xps / 32, nab = (nb + bpa - 1) / bpa;
+    for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < k; ++j)
+            xr[j] = xdtype ? u2f((uint32_t)((const uint16_t *)x)[i * xstride + j] << 16)
+                           : ((const float *)x)[i * xstride + j];
+        for (int64_t j = k; j < xps; ++j) xr[j] = 0.0f;
+        for (int64_t a = 0; a < nab; ++a) {
+            const int64_t c0 = 32 * bpa * a, c1 = c0 + 32 * bpa < xps ? c0 + 32 * bpa : xps;
+            float amax = 0.0f;
+            for (int64_t j = c0; j < c1; ++j) {
+                if (!isfinite(xr[j])) return -5;
+                amax = fabsf(xr[j]) > amax ? fabsf(xr[j]) : amax;
+            }
+            if (amax > 0.0f && amax < 0x1p-100f) return -5;
+            const float t = amax / 127.0f, iq = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int64_t j = c0; j < c1; j += 8) {
+                const __m256i vi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + j), _mm256_set1_ps(iq)));
+                int32_t v[8];
+                _mm256_storeu_si256((__m256i *)v, vi);
+                _mm256_storeu_ps(xr + j, _mm256_mul_ps(_mm256_cvtepi32_ps(vi), _mm256_set1_ps(t)));
+                for (int e = 0; e < 8; ++e) {
+                    const int64_t col = j + e, b = col / 32;
+                    xb[i * xps + 32 * b + avx2_pos(4, (int)(col - 32 * b))] = (int8_t)v[e];
+                }
+            }
+            xt[i * nab + a] = t;
+        }
+        for (int64_t g = 0; g < ng; ++g) { /* group sums of x~, column order */
+            const int64_t c0 = g * ge, c1 = c0 + ge < k ? c0 + ge : k;
+            float a = 0.0f;
+            for (int64_t j = c0; j < c1; ++j) a += xr[j];
+            xs[i * ng + g] = a;
+        }
+    }
+    return 0;
+}
+
 static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t ge,
                          int64_t ng, const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m,
                          int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
@@ -1301,14 +1437,34 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
         free(xp), free(xr), free(xt), free(xs);
         return -4;
     }
+    /* xmode 4: the int8 form on 4-bit containers, x in activation blocks of bpa blocks of 32 columns (128 columns,
+     * or the largest of 64 and 32 that divides a group); on other widths the int16 form */
+    const int i8 = xmode == 4 && bits == 4;
+    const int64_t bpa = ng == 1 || (ge / 32) % 4 == 0 ? 4 : (ge / 32) % 2 == 0 ? 2 : 1;
+    if (xmode == 4 && !i8) xmode = 3;
     int ix = xmode == 3;
     int16_t *xv = (int16_t *)xp;
+    int8_t *xb = (int8_t *)xp;
+    const mq_params prm = {s, z, sz};
+    const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
+    if (i8 && avx2_prep_i8(x, xdtype, m, xstride, k, ge, ng, xps, bpa, xr, xb, xt, xs) == 0) {
+#define MQ_AVX2_I8(MB) avx2_rows_i8(q, r0, r1, row_bytes, k, ge, ng, &prm, xb, xt, xps, bpa, xs, MB, m0, y, ydtype, ys)
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
+#endif
+        for (int64_t t = 0; t < tasks; ++t) {
+            const int64_t r0 = t * MQ_GEMV_RB, r1 = r0 + MQ_GEMV_RB < n ? r0 + MQ_GEMV_RB : n;
+            MQ_ROW_TILES(MQ_AVX2_I8);
+        }
+#undef MQ_AVX2_I8
+        free(xp), free(xr), free(xt), free(xs);
+        return 0;
+    }
+    if (i8) ix = 0, xmode = 2; /* a value not finite, or a block below 2^-100: x itself, float32 products */
     if (avx2_prep(x, xdtype, m, xstride, k, bits, xmode, ix, ge, ng, xps, xr, xp, xv, xt, xs) != 0) {
         ix = 0; /* a value not finite, or a block below 2^-100: x itself, float32 products */
         avx2_prep(x, xdtype, m, xstride, k, bits, 2, 0, ge, ng, xps, xr, xp, xv, xt, xs);
     }
-    const mq_params prm = {s, z, sz};
-    const int64_t tasks = (n + MQ_GEMV_RB - 1) / MQ_GEMV_RB;
 #define MQ_AVX2_W(B, IX, MB)                                                                                      \
     avx2_rows(B, IX, q, r0, r1, row_bytes, k, ge, ng, &prm, xp, xv, xt, xps, xs, MB, m0, y, ydtype, ys)
 #define MQ_AVX2_BITS(IX, MB)                                                                                      \
@@ -1353,7 +1509,7 @@ static int matmul_args(int bits, int64_t n, int64_t row_bytes, int64_t k, int64_
 static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, int64_t k, int64_t kp, int64_t ge,
                     int64_t ng, const void *s, const void *z, int sz, const void *x, int xdtype, int64_t m,
                     int64_t xstride, void *y, int ydtype, int64_t ys, int xmode, int nthreads) {
-    if (xmode < 0 || xmode > 3) return -1;
+    if (xmode < 0 || xmode > 4) return -1;
     const int rc = matmul_args(bits, n, row_bytes, k, kp, ge, ng, sz, xdtype, m, xstride, ydtype, ys);
     if (rc) return rc;
 #if MQ_GEMV_F32
@@ -1363,6 +1519,7 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
      * containers: the quad form's quarters, a 64-column block's halves; a last block of 32 columns or fewer has
      * zero codes and zero x beyond kp, its missing half a t of 0) */
     const int quad_groups = ng == 1 || ge % 128 == 0 || ge == 64 || ge == 32;
+    if (xmode == 4) xmode = 3; /* int8 x is the AVX2 form's; here it is taken as int16 */
     int ix = xmode == 3 && MQ_GEMM_CAP;
     if (xmode == 3 && !ix) xmode = 2;
     if (n == 0 || m == 0) return 0;
@@ -1802,12 +1959,14 @@ static int gemm_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
  * argument from Python costs about 0.1 us):
  *   h[0] q, h[1] n, h[2] row_bytes, h[3] k, h[4] kp, h[5] ge, h[6] ng, h[7] s, h[8] z, h[9] sz, h[10] bits
  * (pointers as integers); h[10] 1..8, the width codes are stored in (4 and 8: containers, others a bit stream);
- * flags: bit 0 xdtype, bit 1 ydtype, bits 2-3 xmode (gemv_run), bit 4 the blocked form (gemm_run: xmode ignored).
+ * flags: bit 0 xdtype, bit 1 ydtype, bits 2-3 xmode (gemv_run), bit 4 the blocked form (gemm_run: xmode ignored),
+ * bit 5 xmode 4 (int8 x: the AVX2 form's int8 form on 4-bit containers; elsewhere as xmode 3).
  * The same returns as the function called (-3 also for a stream width in a build without AVX512-VBMI,
  * mq_gemv4_caps() bit 2). */
 int mq_call(const int64_t *h, const void *x, int64_t m, int64_t xstride, void *y, int64_t ys, int flags,
             int nthreads) {
-    const int bits = (int)h[10], xdtype = flags & 1, ydtype = (flags >> 1) & 1, xmode = (flags >> 2) & 3;
+    const int bits = (int)h[10], xdtype = flags & 1, ydtype = (flags >> 1) & 1;
+    const int xmode = flags & 32 ? 4 : (flags >> 2) & 3;
     const uint8_t *q = (const uint8_t *)(intptr_t)h[0];
     const void *s = (const void *)(intptr_t)h[7], *z = (const void *)(intptr_t)h[8];
     if (flags & 16)
