@@ -902,9 +902,15 @@ def _f32_form(plan: _Plan) -> str:
     if _native4_activations == "round":
         return ""
     gemv = plan.gemv
+    int8 = _native4_activations == "int8"
+    if int8 and gemv is not None and not native_status()["gemv_avx2"]:
+        _warn_once("int8", "medquant CPU kernels: native4 activations 'int8' are the AVX2 form's (a CPU with AVX2 "
+                           "and no AVX512); this library is not that form, so layers take float32 x as 'int16' "
+                           "does (more precise, the same result as the default)")
+        int8 = False
     if (_native4_activations in ("int16", "int8") and gemv is not None and gemv.int16_form
             and gemv.code_bits >= NATIVE_INT16_MIN_BITS):
-        if _native4_activations == "int8" and gemv.int8_form:
+        if int8 and gemv.int8_form:
             return "int8"
         return "int16" if gemv.bits == 4 else "int16_blocks"
     return "split"

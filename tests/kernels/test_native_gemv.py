@@ -685,6 +685,25 @@ def test_native4_activations_setting():
             assert _rel_err(y_int8, _ref(layer, x, torch.float32)) > 1e-4
         else:
             torch.testing.assert_close(y_int8, y_int16, rtol=0, atol=0)
+    # "int8" on a library that is not the AVX2 form: one warning, and the "int16" result
+    if _available():
+        from medquant.kernels import cpu
+
+        real = cpu.native_status
+        cpu.native_status = lambda: {**real(), "gemv_avx2": False}
+        cpu._warned.discard("int8")
+        try:
+            set_cpu_native4_activations("int8")
+            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                warnings.simplefilter("always")
+                y_other, y_other2 = layer(x), layer(x)
+        finally:
+            cpu.native_status = real
+            set_cpu_native4_activations(None)
+        msgs = [str(w.message) for w in caught if "'int8'" in str(w.message)]
+        assert len(msgs) == 1 and "AVX2" in msgs[0], msgs
+        torch.testing.assert_close(y_other, y_int16, rtol=0, atol=0)
+        torch.testing.assert_close(y_other2, y_int16, rtol=0, atol=0)
     for bad in ("exact", "", 2):
         with pytest.raises(ValueError, match="native4 activations"):
             set_cpu_native4_activations(bad)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ import torch
 
 import medquant as mq
 from medquant.kernels import native_op
-from medquant.kernels.native import _BOUND, GEMM_XMODE, gemv4_bound_op, native_status
+from medquant.kernels.native import _BOUND, GEMM_XMODE, INT8_XMODE, gemv4_bound_op, native_status
 
 pytestmark = pytest.mark.skipif(not native_status().get("gemv4"), reason="no native weight-only kernel to bind")
 
@@ -44,10 +44,11 @@ def test_the_cpp_kernel_is_built_and_bound_layers_use_it(cpp):
 @pytest.mark.parametrize("bits", [4, 8, 3])
 def test_same_product_as_the_python_kernel_in_every_mode(bits, cpp):
     """Against the Python kernel of ``medquant::gemv4_bound`` (itself tested against the dequantized reference):
-    float32 and bfloat16 ``x``, one row and twenty, the weight-only modes and the blocked form."""
+    float32 and bfloat16 ``x``, one row and twenty, the weight-only modes (int16 and int8 ``x`` among them) and the
+    blocked form."""
     _layer, handle = _bound_layer(bits)
     op = native_op.traced_bound_op(handle)
-    modes = [0, 1, 2] + ([GEMM_XMODE] if native_status().get("gemm") else [])
+    modes = [0, 1, 2, 3, INT8_XMODE] + ([GEMM_XMODE] if native_status().get("gemm") else [])
     for m in (1, 20):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(m, 96).to(dtype)
