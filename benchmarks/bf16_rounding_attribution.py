@@ -29,6 +29,10 @@ positions), the next-token agreement with the reference and the relative perplex
   the weight codes as shifts, ``E = 3 / 5 / 7`` bounded by its int32 sums); ``x16, the K largest columns exact``:
   the ``K`` columns of largest magnitude over the call's rows kept exact (computed apart in float, as LLM.int8
   does), 16-bit blocks for the rest (``K = 8 / 32 / 64``);
+* with ``--int8``: ``x8 per 32 / 128 / 256 columns``, ``x`` as 8-bit integers per block (``t`` = largest magnitude
+  / 127; 128 columns: the AVX2 form's opt-in int8 activations, ``set_cpu_native4_activations("int8")``; 32:
+  llama.cpp's Q8_0 blocks; 256: its Q8_K blocks): whether any block size of 8-bit activations keeps 99%; with the
+  variant ``W4g128a8`` the fast decode path row is the int8 kernel itself;
 * with ``--float-noise``: how far the float32 reference itself is from exact arithmetic, the floor under any
   kernel's agreement: ``linears in float64`` (every quantized layer's product ``x @ W^T`` exact in float64,
   rounded once to float32), ``K summed in two halves`` (each product as the float32 sum of its two halves of
@@ -49,7 +53,7 @@ error. The control is a W2 model that predicts something (GPTQ, groups of 32, fl
 W2g32+gptq --head float``): whether the fast paths keep 99% there.
 
 Run: ``python -m benchmarks.bf16_rounding_attribution [--variants W4g128,W4g32,W3] [--head quantized|float]
-[--prompts 20] [--tokens 64] [--where] [--outliers] [--float-noise] [--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
+[--prompts 20] [--tokens 64] [--where] [--outliers] [--int8] [--float-noise] [--out bf16_rounding_attribution]``; writes ``benchmarks/results/<out>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -85,6 +89,9 @@ WHERE_MODES = {"x16 per 64 columns": "q16b64", "x16 per 32 columns": "q16b32", "
 #: 2^-E; "o<K>": the K largest columns exact
 OUTLIER_MODES = {**{f"x16, columns scaled by 2^-e (e <= {e})": f"c{e}" for e in (3, 5, 7)},
                  **{f"x16, the {k} largest columns exact": f"o{k}" for k in (8, 32, 64)}}
+
+#: ``--int8``: x as 8-bit integers per block of 32 / 128 / 256 columns ("q8b<B>")
+INT8_MODES = {f"x8 per {b} columns": f"q8b{b}" for b in (32, 128, 256)}
 
 #: ``--float-noise``: the float32 reference's own distance from exact arithmetic. "f64": the layer's product in
 #: float64; "h2": the float32 sum of the products of K's two halves. The two whole-model controls (the model in
@@ -208,7 +215,7 @@ def emulation(model: nn.Module) -> tuple[nn.Module, list[RoundedLinear]]:
 
 
 def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool = True,
-              where: bool = False, outliers: bool = False, float_noise: bool = False) -> dict:
+              where: bool = False, outliers: bool = False, float_noise: bool = False, int8: bool = False) -> dict:
     """Agreement and perplexity difference of each mode (module docstring) against the reference path.
 
     Args:
@@ -217,6 +224,7 @@ def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool
         decode_path: also run the fast decode path (one position at a time through the KV cache).
         where: also the modes of :data:`WHERE_MODES`.
         outliers: also the modes of :data:`OUTLIER_MODES`.
+        int8: also the modes of :data:`INT8_MODES`.
         float_noise: also the modes of :data:`FLOAT_MODES`, the model in float64 (:data:`WHOLE_FLOAT64`) and,
             when more than one thread is set, the reference path at one thread (:data:`ONE_THREAD`).
 
@@ -228,7 +236,7 @@ def attribute(model: nn.Module, sequences: list[torch.Tensor], decode_path: bool
 
     emu, layers = emulation(model)
     modes = {**MODES, **(WHERE_MODES if where else {}), **(OUTLIER_MODES if outliers else {}),
-             **(FLOAT_MODES if float_noise else {})}
+             **(INT8_MODES if int8 else {}), **(FLOAT_MODES if float_noise else {})}
     controls = []
     if float_noise:
         emu64, layers64 = emulation(model)
@@ -305,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "powers of two, or kept exact (whether outlier handling reaches what finer integers do)")
     ap.add_argument("--float-noise", action="store_true", help="also: the float32 reference against float64 "
                     "arithmetic and other float32 summation orders (the floor under any kernel's agreement)")
+    ap.add_argument("--int8", action="store_true", help="also: x as 8-bit integers per 32 / 128 / 256 columns (the "
+                    "AVX2 form's opt-in int8 activations take 128)")
     ap.add_argument("--head", choices=("quantized", "float"), default="quantized",
                     help="quantize the output head with the variant's config (default) or leave it in float")
     ap.add_argument("--out", default="bf16_rounding_attribution")
@@ -327,8 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
         model, tok = _make("smollm2", variant, args.head == "quantized")
         texts = [t for t in report_texts("test") if len(tok(t)["input_ids"]) > args.tokens][: args.prompts]
         seqs = [tok(t, return_tensors="pt")["input_ids"][:, : args.tokens + 1] for t in texts]
-        rows.append({"variant": variant, "modes": attribute(model, seqs, where=args.where, outliers=args.outliers,
-                                                               float_noise=args.float_noise)})
+        rows.append({"variant": variant, "native4_activations": get_cpu_native4_activations(),
+                     "modes": attribute(model, seqs, where=args.where, outliers=args.outliers,
+                                        float_noise=args.float_noise, int8=args.int8)})
         print(json.dumps(rows[-1]), flush=True)
         del model
     result = run_record("bf16_rounding_attribution", SEED, load_before, rows, prompts=args.prompts,

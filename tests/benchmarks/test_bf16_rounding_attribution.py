@@ -157,3 +157,25 @@ def test_float_noise_modes_and_controls():
     for label in (*bra.FLOAT_MODES, bra.WHOLE_FLOAT64, bra.ONE_THREAD):
         # float32 against float64 or another summation order: no next token of a tiny model moves
         assert res[label]["agreement"] == 1.0 and res[label]["ppl_rel_diff"] < 1e-4, label
+
+
+def test_int8_modes_take_x_as_8_bit_integers_per_block():
+    """``--int8``: ``x`` as 8-bit integers per 32 / 128 / 256 columns, the 128-column mode the CPU kernel's int8
+    activations (its float32 emulation in the kernel tests); coarser than 16 bits, finer per smaller block."""
+    from tests.kernels.test_native_gemv import _x_int8
+
+    model, _ = _make("llama_small", "W4g128", True)
+    q = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    r = bra.RoundedLinear(q)
+    x = torch.randn(5, q.in_features, generator=torch.Generator().manual_seed(1))
+    x[1, 3] = 30.0
+    with torch.no_grad():
+        for label, mode in bra.INT8_MODES.items():
+            block = int(label.split()[2])
+            r.mode = mode
+            torch.testing.assert_close(r(x), _x_int8(x, block) @ r.weight.t(), rtol=1e-5, atol=1e-5)
+    err = {b: float((bra._int_blocks(x, b, 8) - x).abs().max()) for b in (32, 128)}
+    assert float((bra._int_blocks(x, 128, 16) - x).abs().max()) < err[128] / 100
+    assert err[32] <= err[128] and err[128] > 0
+    res = bra.attribute(model, [torch.randint(0, model.config.vocab_size, (1, 9))], decode_path=False, int8=True)
+    assert set(bra.INT8_MODES) <= set(res)
