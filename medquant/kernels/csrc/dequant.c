@@ -768,6 +768,9 @@ static inline __attribute__((always_inline)) void gemvs_rows(
         for (int64_t b = 0; b < nblk; ++b) {
             __m256i raw = _mm256_setzero_si256();
             __m512bh wb;
+#if !MQ_GEMV_STREAM
+            (void)wb; /* set only by the stream widths' unpacking (AVX512-VBMI) */
+#endif
             if (cb == 8) {
                 raw = load_codes(row, b, full, tail);
             } else {
