@@ -55,9 +55,10 @@ def policy_labels(loss_by_bits: Mapping[int, torch.Tensor], full_precision_loss:
         raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
     fp = torch.as_tensor(full_precision_loss, dtype=torch.float64)
     bits = sorted(loss_by_bits)
-    losses = torch.stack([torch.as_tensor(loss_by_bits[b], dtype=torch.float64) for b in bits])
-    if losses.shape[1:] != fp.shape or fp.dim() != 1:
+    vectors = [torch.as_tensor(loss_by_bits[b], dtype=torch.float64) for b in bits]
+    if fp.dim() != 1 or any(v.shape != fp.shape for v in vectors):  # before stacking vectors of unequal lengths
         raise ValueError(f"every loss vector must have the shape of full_precision_loss {tuple(fp.shape)}")
+    losses = torch.stack(vectors)
     if not bool(torch.isfinite(losses).all()) or not bool(torch.isfinite(fp).all()):
         raise ValueError("losses contain NaN or inf")
     ok = losses <= fp.unsqueeze(0) + epsilon  # (K, N)
@@ -185,8 +186,8 @@ class LearnedPolicy(nn.Module):
             ``self``.
 
         Raises:
-            ValueError: shapes other than ``(N, 5)`` and ``(N,)`` with N >= 2, label widths that are fractional, NaN
-                or infinite, label widths not in the bit map, or a budget outside the bit map's range.
+            ValueError: shapes other than ``(N, 5)`` and ``(N,)`` with N >= 2, metrics that are NaN or infinite,
+                label widths that are fractional, NaN or infinite, label widths not in the bit map, or a budget outside the bit map's range.
         """
         m = torch.as_tensor(metrics, dtype=torch.float32)
         # lists / arrays as float64 first: float32 would round 4.9 and 4.0000001 before the check below
@@ -202,6 +203,8 @@ class LearnedPolicy(nn.Module):
         if m.dim() != 2 or m.shape[1] != 5 or bits.shape != (m.shape[0],) or m.shape[0] < 2:
             raise ValueError(f"need metrics (N, 5) and labels (N,) with N >= 2, got {tuple(m.shape)} and "
                              f"{tuple(bits.shape)}")
+        if not bool(torch.isfinite(m).all()):  # refused before the mean / std of a fitted policy are replaced
+            raise ValueError("metrics contain NaN or inf")
         width_to_level: dict[int, int] = {}
         for i, lv in enumerate(self.level_list):
             width_to_level.setdefault(self.bit_map[lv], i)

@@ -43,7 +43,7 @@ def reduce_groups(maps: dict[int, dict[str, torch.Tensor]], reducer: str = "bala
     groups = sorted(maps)
     layers = list(maps[groups[0]])
     for g in groups:
-        if list(maps[g]) != layers:
+        if set(maps[g]) != set(layers):  # the same layers in another insertion order are the same layers
             raise ValueError(f"group {g} has maps for different layers than group {groups[0]}")
     n_groups = len(groups)
     if reducer == "balanced":

@@ -149,3 +149,29 @@ def test_policy_with_non_contiguous_levels_drives_the_quantizer():
     with pytest.raises(ValueError, match=r"missing \[5\]"):
         AdaptiveQuantizer(torch.nn.Sequential(torch.nn.Linear(5, 2)), bit_map={0: 2, 1: 8}, scorer=pol,
                           sites=["0"], weight_config=None)
+
+
+def test_policy_labels_loss_vectors_of_different_lengths_raise_value_error():
+    """Loss vectors whose lengths differ from each other (one of them the right one) reached torch.stack and
+    raised its RuntimeError, not the documented ValueError naming the expected shape."""
+    fp = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"shape of full_precision_loss \(4,\)"):
+        policy_labels({2: torch.zeros(3), 4: torch.zeros(4)}, fp, 0.1)
+
+
+def test_failed_refit_on_nan_metrics_leaves_the_fitted_policy_unchanged():
+    """A refit on metrics with a NaN raised, but only after storing the NaN mean: the policy stayed
+    ``fitted`` and then standardised every input to NaN."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(20, 5, generator=g)
+    labels = torch.tensor([2, 8] * 10)
+    pol = LearnedPolicy(bit_map={0: 2, 1: 8}).fit(m, labels, epochs=5)
+    before = pol.levels(metrics=m)
+    bad = m.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pol.fit(bad, labels, epochs=5)
+    # the stored standardisation is still the plain-torch mean / std of the first fit set
+    assert torch.equal(pol.mean, m.mean(0))
+    assert torch.equal(pol.std, m.std(0).clamp_min(1e-6))
+    assert torch.equal(pol.levels(metrics=m), before)

@@ -181,3 +181,18 @@ def test_cvar_default_alpha_and_balanced_upweights_small_group():
     assert torch.allclose(r[0, 0], torch.tensor(1.0 / (4 / 4.04)), rtol=1e-5)
     with pytest.raises(ValueError, match="unknown reducer"):
         reduce_groups(tmaps, "median")
+
+
+def test_reducers_accept_group_maps_with_layers_in_another_order():
+    """Hand-built maps with the same layers inserted in another order per group were refused as "different
+    layers"; the result must be the one of the same maps in one order (plain torch max / mean)."""
+    g = torch.Generator().manual_seed(0)
+    a0, b0, a1, b1 = (torch.rand(*s, generator=g) for s in ((2, 3), (4, 1), (2, 3), (4, 1)))
+    maps = {0: {"a": a0, "b": b0}, 1: {"b": b1, "a": a1}}
+    got = reduce_groups(maps, "max")
+    assert list(got) == ["a", "b"]
+    assert torch.equal(got["a"], torch.maximum(a0, a1)) and torch.equal(got["b"], torch.maximum(b0, b1))
+    got = reduce_groups(maps, "mean")
+    assert torch.allclose(got["a"], (a0 + a1) / 2) and torch.allclose(got["b"], (b0 + b1) / 2)
+    with pytest.raises(ValueError, match="different layers"):
+        reduce_groups({0: {"a": a0, "b": b0}, 1: {"a": a1}}, "max")
