@@ -227,7 +227,13 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
     if unknown:
         raise ExportError(f"format='onnx' got unknown option(s) {sorted(unknown)}; accepted: example_inputs, calib, "
                           f"method, percentile, promote, input_names, output_name, verify, overwrite")
+    for flag, value in (("overwrite", overwrite), ("verify", verify)):
+        if not isinstance(value, bool):
+            raise ExportError(f"{flag} must be True or False, got {value!r}")
     path = Path(path)
+    if path.suffix != ".onnx" and os.path.lexists(path) and not path.is_dir():
+        raise ExportError(f"{path} exists and is not a folder; a path without .onnx names a folder to write "
+                          "model.onnx into (give a name ending in .onnx to write that file)")
     file = path if path.suffix == ".onnx" else path / "model.onnx"
     if file.exists() and not overwrite:
         raise ExportError(f"{file} exists; pass overwrite=True (command line: --overwrite) to replace it")

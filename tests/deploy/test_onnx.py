@@ -466,6 +466,25 @@ def test_failed_verification_leaves_no_file_and_existing_file_needs_overwrite(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file left
 
 
+def test_bad_overwrite_or_a_file_in_place_of_the_folder_is_refused_and_keeps_the_file(tmp_path):
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    quantize_(model, QuantConfig(bits=4, scope="group", group_size=32))
+    x = torch.randn(2, 32)
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"keep")
+    for bad in ("no", 1, None):  # not a bool: refused, not taken as "replace it"
+        with pytest.raises(D.ExportError, match=r"overwrite must be True or False"):
+            D.export(model, target, format="onnx", example_inputs=x, overwrite=bad)
+    with pytest.raises(D.ExportError, match=r"verify must be True or False"):
+        D.export(model, tmp_path / "v.onnx", format="onnx", example_inputs=x, verify="no")
+    assert target.read_bytes() == b"keep"
+    not_a_folder = tmp_path / "out.bin"  # a path without .onnx names a folder to hold model.onnx
+    not_a_folder.write_bytes(b"keep")
+    with pytest.raises(D.ExportError, match=r"out\.bin exists and is not a folder"):
+        D.export(model, not_a_folder, format="onnx", example_inputs=x)
+    assert not_a_folder.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.bin"]
+
 def test_promote_with_calibration_checks_against_the_promoted_weights(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4)).eval()
