@@ -157,7 +157,8 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     """Remove whole blocks in place; later blocks are renumbered and the owning config follows.
 
     Later blocks get new ``layer_idx`` values (so KV caches line up); the owning config's ``num_hidden_layers``
-    and ``layer_types`` are updated.
+    and ``layer_types`` are updated (``encoder_layers`` / ``decoder_layers`` for the encoder / decoder stack of a
+    BART-style config).
 
     Args:
         model: the model, changed in place.
@@ -174,6 +175,9 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         stack, _, idx = name.rpartition(".")
         if not idx.isdigit() or not isinstance(model.get_submodule(stack), nn.ModuleList):
             raise ValueError(f"{name!r} is not an entry of a block list")
+        if int(idx) >= len(model.get_submodule(stack)):
+            raise ValueError(f"{name!r} is not an entry of a block list: {stack} has "
+                             f"{len(model.get_submodule(stack))} blocks")
         by_stack.setdefault(stack, []).append(int(idx))
     for stack_name, idxs in by_stack.items():
         stack = model.get_submodule(stack_name)
@@ -188,7 +192,11 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
                 if isinstance(getattr(m, "layer_idx", None), int):
                     m.layer_idx = new_i
         cfg = _owner_config(model, stack_name)
-        if cfg is not None:
+        part = parent_name.rpartition(".")[2]
+        if cfg is not None and part in ("encoder", "decoder") and isinstance(getattr(cfg, f"{part}_layers", None),
+                                                                              int):
+            setattr(cfg, f"{part}_layers", len(kept))  # BART-style: num_hidden_layers aliases encoder_layers
+        elif cfg is not None:
             old_n = getattr(cfg, "num_hidden_layers", None)
             if isinstance(old_n, int):
                 cfg.num_hidden_layers = len(kept)

@@ -644,8 +644,9 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
 
     Raises:
         ValueError: the model is quantized, the plan names blocks the model does not have, or does not fit them
-            (sizes other than the plan's, invalid indices, every block of a list dropped); the whole plan is
-            checked before any layer changes, so the model is left as it was.
+            (sizes other than the plan's, invalid indices, every block of a list dropped, layers that share a
+            module with different kept indices); the whole plan is checked before any layer changes, so the model
+            is left as it was.
     """
     _check_not_quantized(model)
     blocks = {b.name: checked_block(model, b) for b in transformer_blocks(model, "all" if _is_hf(model) else scope)}
@@ -656,6 +657,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
     if missing:
         raise ValueError(f"the plan names blocks this model does not have: {missing[:3]}")
     _check_plan(model, plan, blocks)
+    shared = _shared_units(model, plan, blocks)
     if plan.channels:
         from .cnn import apply_channels
 
@@ -663,11 +665,11 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
     touched: list[Block] = []
     for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons)):
         b = blocks[name]
-        if name in plan.heads and b.attention is not None:
+        if name in plan.heads and b.attention is not None and (name, "heads") not in shared:
             prune_attention(model, b.attention, plan.heads[name], plan.kv_heads.get(name))
-        if name in plan.neurons and b.ffn is not None:
+        if name in plan.neurons and b.ffn is not None and (name, "neurons") not in shared:
             prune_ffn(model, b.ffn, plan.neurons[name])
-        if name in plan.expert_neurons and b.experts is not None:
+        if name in plan.expert_neurons and b.experts is not None and (name, "experts") not in shared:
             prune_experts(model, b.experts, plan.expert_neurons[name])
         touched.append(b)
     if plan.drop_blocks:
@@ -711,6 +713,39 @@ def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> 
         n = len(model.get_submodule(stack))
         if len(names) >= n:
             raise ValueError(f"the plan drops all {n} blocks of {stack}; keep at least one")
+
+
+def _shared_units(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> set[tuple[str, str]]:
+    """The ``(block, part)`` pairs of ``plan`` (``part``: ``"heads"``, ``"neurons"``, ``"experts"``) whose modules an
+    earlier block of the plan prunes already (one module held by several layers: weights shared across layers);
+    they are pruned once, with that earlier block.
+
+    Raises:
+        ValueError: blocks that share a module keep different indices of it.
+    """
+    seen: dict[tuple[str, int], tuple[str, Any]] = {}
+    out: set[tuple[str, str]] = set()
+    for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons)):
+        b = blocks[name]
+        parts = []
+        if name in plan.heads and b.attention is not None:
+            parts.append(("heads", b.attention.q, checked_heads(b.attention, plan.heads[name],
+                                                                plan.kv_heads.get(name))))
+        if name in plan.neurons and b.ffn is not None:
+            parts.append(("neurons", b.ffn.output, checked_neurons(b.ffn, plan.neurons[name])))
+        if name in plan.expert_neurons and b.experts is not None:
+            parts.append(("experts", b.experts, checked_expert_neurons(model, b.experts,
+                                                                       plan.expert_neurons[name])[1]))
+        for part, mod, keep in parts:
+            first, kept = seen.setdefault((part, id(model.get_submodule(mod))), (name, keep))
+            if first == name:
+                continue
+            if kept != keep:
+                raise ValueError(f"{name}: its {part} are in the same modules as {first}'s (one module shared by "
+                                 "several layers), but the plan keeps other indices there; give the layers that "
+                                 "share it the same ratio")
+            out.add((name, part))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- configs

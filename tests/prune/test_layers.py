@@ -94,3 +94,43 @@ def test_layer_selected_pruning_exact():
     pruner.apply(model, plan)
     with torch.no_grad():
         torch.testing.assert_close(e.output(model, inputs), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_drop_decoder_block_of_encoder_decoder_updates_its_own_config_key(tmp_path):
+    # BART: num_hidden_layers is an alias of encoder_layers; dropping a decoder block must change decoder_layers
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=64, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32)
+    model = BartForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    skip = model.model.decoder.layers[0].register_forward_hook(  # the reference: the block passes its input on
+        lambda m, a, kw, out: (a[0] if a else kw["hidden_states"]) if isinstance(out, torch.Tensor) else
+        (a[0] if a else kw["hidden_states"],) + tuple(out[1:]), with_kwargs=True)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    skip.remove()
+    plan = StructuredPruner(drop_blocks=["model.decoder.layers.0"], progress=False).prune(model)
+    with torch.no_grad():
+        out = model(**inputs).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (model.config.encoder_layers, model.config.decoder_layers) == (3, 1)
+    assert plan.hf_config_exact is True
+    model.save_pretrained(tmp_path / "hf")
+    again = BartForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert (len(again.model.encoder.layers), len(again.model.decoder.layers)) == (3, 1)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, out)
+
+
+def test_drop_blocks_refuses_an_index_outside_the_block_list():
+    from medquant.prune import drop_blocks
+
+    model = ZOO_BY_NAME["llama"].build()
+    with pytest.raises(ValueError, match=r"'model.layers.7' is not an entry of a block list.*has 2 blocks"):
+        drop_blocks(model, ["model.layers.7"])
+    with pytest.raises(ValueError, match=r"'model.layers.5' is not an entry"):
+        drop_blocks(model, ["model.layers.0", "model.layers.5"])
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
