@@ -259,7 +259,7 @@ def parse_size(value: int | str) -> int:
         The size in bytes, > 0.
 
     Raises:
-        ExportError: a bool, a non-positive size, or text that is not a number with a known unit.
+        ExportError: a bool, a non-positive or infinite size, or text that is not a number with a known unit.
     """
     if isinstance(value, bool):
         raise ExportError(f"size must be an integer number of bytes or a string like '5GB', got {value!r}")
@@ -277,6 +277,8 @@ def parse_size(value: int | str) -> int:
                 size = int(float(number) * units[unit])
             except ValueError:
                 continue
+            except OverflowError:  # "inf": no byte count
+                raise ExportError(f"size must be a finite number of bytes, got {value!r}") from None
             if size <= 0:
                 raise ExportError(f"size must be positive, got {value!r}")
             return size

@@ -37,6 +37,16 @@ from .importance import METRICS, GroupImportance, compute_group_importance
 from .reducers import REDUCERS, reduce_groups
 
 
+def _integral(g) -> bool:
+    """Whether ``g`` is an integer group id (an int, or a number with no fractional part; not a bool)."""
+    if isinstance(g, bool):
+        return False
+    try:
+        return float(g).is_integer()
+    except (TypeError, ValueError):
+        return False
+
+
 class FairQuantAllocator:
     """Allocate per-scope weight bit-widths from group-conditioned importance.
 
@@ -67,6 +77,7 @@ class FairQuantAllocator:
     Raises:
         ValueError: an unknown metric, reducer or scope, neither proportions nor a target, an invalid palette, a
             target outside the palette's range, or fewer than two declared groups.
+        TypeError: declared groups that are not integer ids (1.7, True, "a").
     """
 
     def __init__(
@@ -103,6 +114,10 @@ class FairQuantAllocator:
                     f"target_bits={target_bits} is impossible with the palette {pal}: it must lie between the "
                     f"smallest ({pal[0]}) and the largest ({pal[-1]}) palette bit-width"
                 )
+        if groups is not None:  # group ids are integers, as in the data (int() would read 1.7 as group 1)
+            bad = [g for g in groups if not _integral(g)]
+            if bad:
+                raise TypeError(f"groups must be integer group ids, got {bad}")
         if groups is not None and len({int(g) for g in groups}) < 2:
             raise ValueError(f"groups={list(groups)}: fairness-aware allocation needs at least two groups")
         self.bits = tuple(pal)

@@ -251,7 +251,7 @@ class StructuredPruner:
     Raises:
         ValueError: an unknown ``importance`` or ``gqa``, a ratio outside [0, 1), or a ratio array with more
             than one dimension.
-        TypeError: a ratio that is none of the accepted forms.
+        TypeError: a ratio that is none of the accepted forms, or ``drop_blocks`` given as one string.
     """
 
     def __init__(self, head_ratio: Ratio = 0.0, ffn_ratio: Ratio = 0.0, *, channel_ratio: float | dict = 0.0,
@@ -267,6 +267,9 @@ class StructuredPruner:
         channel_ratio = _as_ratio(channel_ratio, "channel_ratio", "a dict {conv name: ratio}", sequences=False)
         self.head_ratio, self.ffn_ratio, self.channel_ratio = head_ratio, ffn_ratio, channel_ratio
         self.importance, self.gqa, self.scope = importance, gqa, scope
+        if isinstance(drop_blocks, str):  # list("model.layers.0") would name one block per character
+            raise TypeError(f"drop_blocks must be a sequence of block names, e.g. [{drop_blocks!r}], got the string "
+                            f"{drop_blocks!r}")
         self.drop_blocks = list(drop_blocks)
         self.progress = progress
 

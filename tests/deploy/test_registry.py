@@ -109,3 +109,18 @@ def test_report_table_and_json():
     assert "... 2 more rows" in report.table(max_rows=1)
     with pytest.raises(ValueError, match="how must be one of"):
         LayerExport("d", "int4", "x", "approximately")
+
+
+def test_parse_size_reads_units_and_refuses_what_is_no_byte_count():
+    """Decimal and binary units as documented (1000^k / 1024^k); an infinite, non-positive or unreadable size is an
+    ExportError naming it (``"inf"`` raised OverflowError)."""
+    from medquant.deploy import ExportError, parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2 GiB") == 2 * 2**30 and parse_size(1000) == 1000
+    assert parse_size("1.5kb") == 1500
+    for bad in ("inf", "-inf", "1e400GB"):
+        with pytest.raises(ExportError, match="finite"):
+            parse_size(bad)
+    for bad in ("0", -5, True, "lots"):
+        with pytest.raises(ExportError):
+            parse_size(bad)

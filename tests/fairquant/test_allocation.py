@@ -112,6 +112,10 @@ def test_bad_palettes_and_settings():
         FairQuantAllocator(proportions=(0.5, -0.1, 0.6))
     with pytest.raises(ValueError, match="at least two groups"):
         FairQuantAllocator(groups=[1])
+    for bad in ([0, 1.7], [0, True], [0, "a"]):  # int() would read 1.7 as group 1, True as 1
+        with pytest.raises(TypeError, match="integer group ids"):
+            FairQuantAllocator(groups=bad)
+    assert FairQuantAllocator(groups=[0, 1.0, torch.tensor(2)]).groups == (0, 1, 2)
     with pytest.raises(ValueError, match="unknown scope"):
         FairQuantAllocator(scope="group")
     for tol in (-1, float("nan")):  # refused when built, not when fitting

@@ -186,3 +186,10 @@ def test_cnn_errors_name_the_reason():
         with pytest.raises(ValueError, match="calibration data is empty"):
             StructuredPruner(channel_ratio=0.5, importance=method, progress=False).plan(
                 tiny_cnn(), calib=[], example_input=torch.randn(1, 3, 16, 16))
+
+
+def test_drop_blocks_given_as_one_string_is_refused():
+    """``drop_blocks="model.layers.0"`` would be read as one block per character."""
+    with pytest.raises(TypeError, match=r"drop_blocks must be a sequence of block names, e.g. \['model.layers.0'\]"):
+        StructuredPruner(drop_blocks="model.layers.0")
+    assert StructuredPruner(drop_blocks=("model.layers.0",)).drop_blocks == ["model.layers.0"]
