@@ -34,8 +34,9 @@ _ACCEPTED = ("accepted inputs: torch tensors (H,W), (B,H,W), (B,1,H,W), (B,3,H,W
 
 @dataclass
 class Group:
-    """Images of one size: ``indices`` into the flattened input, ``gray`` float32 (b, H, W) in [0, 1],
-    ``u8`` uint8 (b, H, W), ``exact_u8`` true when gray == u8 / 255."""
+    """Images of one size: ``indices`` into the flattened input, ``gray`` (b, H, W) in [0, 1] (float32 u8 / 255
+    when ``exact_u8``, else the float64 gray image scikit-image filters), ``u8`` uint8 (b, H, W), ``exact_u8``
+    true when gray == u8 / 255."""
 
     indices: list[int]
     gray: torch.Tensor
@@ -186,13 +187,13 @@ def _finish(t_bchw: torch.Tensor, bits_stored, what: str, device) -> tuple[torch
     if c == 3:
         gray64 = _rgb_to_gray(unit, is_u8)
         u8 = torch.round(gray64 * 255.0).clamp_(0, 255).to(torch.uint8)
-        return gray64.to(torch.float32), u8, False
+        return gray64, u8, False
     if is_u8:
         u8 = unit[:, 0].contiguous()
         return u8.to(torch.float32) / 255.0, u8, True
     gray64 = unit[:, 0]
     u8 = torch.round(gray64 * 255.0).clamp_(0, 255).to(torch.uint8)
-    return gray64.to(torch.float32), u8, False
+    return gray64, u8, False
 
 
 def _single_to_bchw(x, channel_last_default: bool = True):

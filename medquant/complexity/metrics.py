@@ -3,7 +3,8 @@
 All functions take a batch of same-sized images and work on CPU and GPU. The conventions are those of
 scikit-image, which is the reference the tests compare against:
 
-* ``gray``: float32 tensor (B, H, W) in [0, 1].
+* ``gray``: float tensor (B, H, W) in [0, 1]: float32 ``u8 / 255`` for 8-bit input, else float64 (the values
+  scikit-image filters; pixels at the edge threshold are decided on them).
 * ``u8``: the 8-bit image, ``q = rint(255 * gray)`` (round half to even, as ``skimage.util.img_as_ubyte``),
   as a uint8 tensor (B, H, W).
 
@@ -415,12 +416,12 @@ def compute_metrics(
 ) -> torch.Tensor:
     """The five metrics of a batch of same-sized images -> float64 tensor (B, 5) in :data:`METRIC_NAMES` order.
 
-    ``gray`` (B, H, W) float32 in [0, 1]; ``u8`` its 8-bit quantisation. When ``exact_u8`` is true the caller
+    ``gray`` (B, H, W) float32 or float64 in [0, 1]; ``u8`` its 8-bit quantisation. When ``exact_u8`` is true the caller
     guarantees ``gray == u8 / 255`` (8-bit input); the Sobel magnitude and the std are then computed in exact
     integer arithmetic from ``u8`` (same values, fewer rounding errors, faster).
 
     Args:
-        gray: float32 images ``(B, H, W)`` in [0, 1].
+        gray: float32 / float64 images ``(B, H, W)`` in [0, 1] (edge-threshold ties are decided on these values).
         u8: their 8-bit quantisation.
         edge_threshold: the Sobel magnitude threshold of the edge mask.
         exact_u8: ``gray == u8 / 255`` holds (see above).
@@ -452,7 +453,7 @@ def _compute_batch(gray: torch.Tensor, u8: torch.Tensor, edge_threshold: float, 
         var = (hf @ (values * values)) / n - mean * mean
         std = var.clamp_min(0.0).sqrt() / 255.0
     else:
-        v = gray * 255.0
+        v = gray.to(torch.float32) * 255.0
         var, _ = torch.var_mean(gray.to(torch.float64), dim=(1, 2), correction=0)
         std = var.sqrt()
 

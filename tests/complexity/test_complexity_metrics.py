@@ -127,6 +127,30 @@ def test_pixels_exactly_at_the_edge_threshold_are_decided_as_skimage_decides_the
     np.testing.assert_allclose(got[:, 3], [box_counting_dimension_numpy(m) for m in edge], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["float64", "uint16_12bit", "rgb_uint8"])
+def test_threshold_ties_of_float64_gray_images_are_decided_on_the_float64_values(kind):
+    """The same tie-heavy images as 8-bit data in a float64 image (``img_as_float``), as 12-bit data in uint16, and
+    as a 3-channel copy: scikit-image filters the float64 gray image, whose values (k / 255, k / 4095, rgb2gray)
+    are not float32 numbers. Ties used to be re-decided on the float32-rounded gray image, so the rounding noise
+    decided them (edge density off by up to 5%, fractal dimension by 0.09)."""
+    rng = np.random.default_rng(1)
+    levels = rng.integers(0, 5, (40, 16, 16))
+    if kind == "float64":
+        x = levels * rng.choice([17, 34, 51], (40, 1, 1)) / 255.0
+        gray, kw = x, {}
+    elif kind == "uint16_12bit":
+        x = (levels * rng.choice([273, 546, 819], (40, 1, 1))).astype(np.uint16)  # 4 * 4095 * 0.1 = 1638 = 2 * 819
+        gray, kw = x / 4095.0, {"bits_stored": 12}
+    else:
+        x = np.repeat((levels * rng.choice([17, 34, 51], (40, 1, 1))).astype(np.uint8)[..., None], 3, axis=-1)
+        gray, kw = np.stack([rgb2gray(im) for im in x]), {}
+    edge = np.stack([sobel(g) > 0.1 for g in gray])
+    got = ComplexityScorer().metrics(list(x), **kw).numpy()
+    np.testing.assert_array_equal(got[:, 1], edge.mean(axis=(1, 2)))
+    np.testing.assert_allclose(got[:, 3], [box_counting_dimension_numpy(m) for m in edge], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got[:, 2], gray.std(axis=(1, 2)), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("thr", [0.02, 0.05, 0.2])
 def test_edge_threshold_configurable(kermany32, thr):
     got = ComplexityScorer(edge_threshold=thr).metrics(kermany32[:6]).numpy()
