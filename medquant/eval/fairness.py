@@ -61,7 +61,8 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float = 0.0) -
         Integer labels: ``(N,)`` or, for multi-label, ``(N, C)`` 0/1.
 
     Raises:
-        ValueError: an unknown ``task``.
+        ValueError: an unknown ``task``, or argmax logits that are not ``(N, C)`` with ``C >= 2`` (a single logit
+            column ``(N, 1)`` is refused: pass it as ``(N,)`` binary logits).
     """
     try:
         import torch
@@ -75,6 +76,10 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float = 0.0) -
         return (z > threshold).astype(np.int64)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    if z.ndim != 2 or z.shape[1] < 2:
+        hint = " (a single logit column (N, 1): pass logits[:, 0] as (N,) binary logits)" if z.shape[-1:] == (1,) else ""
+        raise ValueError(f"{task} logits must be (N, C) with C >= 2 for the argmax, or (N,) for task='binary'; "
+                         f"got {z.shape}{hint}")
     return z.argmax(-1).astype(np.int64)
 
 
@@ -313,10 +318,17 @@ def balanced_accuracy(y_true: Any, y_pred: Any, task: str | None = None) -> floa
         The mean per-class recall (multi-label: mean over labels of the mean of TPR and TNR).
 
     Raises:
-        ValueError: ``y_true`` and ``y_pred`` differ in shape.
+        ValueError: ``y_true`` and ``y_pred`` differ in shape, an unknown task, or a task that does not fit the
+            label shape.
         TypeError: labels that are not integers.
     """
     yt, yp = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred")
     if yt.shape != yp.shape:
         raise ValueError(f"y_true {yt.shape} and y_pred {yp.shape} must have the same shape")
-    return _balanced(yt, yp, task or infer_task(yt))
+    task = task or infer_task(yt)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    if (task == "multilabel") != (yt.ndim == 2):
+        raise ValueError(f"task {task!r} needs labels of shape {'(N, C)' if task == 'multilabel' else '(N,)'}, "
+                         f"got {yt.shape}")
+    return _balanced(yt, yp, task)

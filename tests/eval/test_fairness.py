@@ -175,3 +175,26 @@ def test_labels_outside_n_classes_are_refused_not_dropped():
     full = fairness_report(yt, yp, g, n_classes=4)
     assert full.classes == [0, 1, 2, 3] and full.tpr[3] == fairness_report(yt, yp, g).tpr[3]
     assert full.eopp1 == pytest.approx(fairness_report(yt, yp, g).eopp1, nan_ok=True)
+
+
+def test_predictions_refuses_a_single_logit_column_instead_of_argmax_zero():
+    # argmax over one column (or over the samples of 1-D logits) is no prediction: (N, 1) binary logits gave all 0
+    logits = np.array([[2.0], [-1.0], [0.5]])
+    assert predictions(logits[:, 0], task="binary").tolist() == (logits[:, 0] > 0).astype(int).tolist()
+    for task in ("binary", "multiclass"):
+        with pytest.raises(ValueError, match=r"\(N, 1\).*\(N,\)"):
+            predictions(logits, task=task)
+    with pytest.raises(ValueError, match=r"\(N, C\)"):
+        predictions(np.array([0.2, 0.9, 0.1]), task="multiclass")
+
+
+def test_balanced_accuracy_checks_the_task_as_fairness_report_does():
+    from sklearn.metrics import balanced_accuracy_score
+
+    yt, yp = np.array([[1, 0], [0, 0], [1, 1]]), np.array([[1, 1], [0, 0], [0, 1]])
+    ref = np.mean([balanced_accuracy_score(yt[:, j], yp[:, j]) for j in range(2)])
+    assert balanced_accuracy(yt, yp) == pytest.approx(ref)
+    with pytest.raises(ValueError, match="unknown task"):
+        balanced_accuracy([0, 1], [0, 1], task="regression")
+    with pytest.raises(ValueError, match=r"needs labels of shape \(N,\)"):  # was a pooled score of the matrix entries
+        balanced_accuracy(yt, yp, task="binary")
