@@ -23,7 +23,8 @@ Refused with :class:`~medquant.deploy.ExportError` naming the layers: schemes no
 8-bit, float rows inside a quantized layer, groups not a multiple of 32) unless ``promote=True``, which
 requantizes those layers to ``promote_type`` (default Q8_0, by the ``gguf`` package's quantiser; or ``"F32"``,
 exact but uncompressed) and reports the added error; pruned models whose blocks differ in shape (a model pruned
-alike in every block is written with the head counts and feed-forward size of its weights); MoE experts;
+alike in every block is written with the head counts and feed-forward size of its weights, and the block count
+of its layer list); MoE experts;
 architectures other than the three above.
 """
 from __future__ import annotations
@@ -195,6 +196,10 @@ def _write_metadata(writer: Any, arch: str, cfg: Any, name: str, n_vocab: int) -
         layer_types = getattr(cfg, "layer_types", None)
         window = getattr(cfg, "sliding_window", None)
         if window and layer_types:
+            if len(layer_types) != int(cfg.num_hidden_layers):
+                raise ExportError(f"layer_types lists {len(layer_types)} layers but the model has "
+                                  f"{cfg.num_hidden_layers} blocks; GGUF's sliding-window pattern needs one entry per "
+                                  "block (drop blocks with medquant.prune.layers.drop_blocks, which updates both)")
             writer.add_sliding_window(int(window))
             writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
             local = (sliding or {}).get("rope_theta", getattr(cfg, "rope_local_base_freq", None))
@@ -270,12 +275,15 @@ def _dims(cfg: Any, shapes: list[dict[str, tuple[int, int] | None]], names: list
         raise ExportError(f"the attention / MLP weights of block 0 ({first}) do not form whole heads of size {hd} "
                           f"and a feed-forward of one size over hidden size {h}; GGUF cannot describe them")
     notes = []
-    stale = {name: (getattr(cfg, name), val) for name, val in (("num_attention_heads", n_head),
-             ("num_key_value_heads", n_kv), ("intermediate_size", n_ff)) if getattr(cfg, name) != val}
+    n_layer = len(shapes)
+    stale = {name: (getattr(cfg, name), val) for name, val in (("num_hidden_layers", n_layer),
+             ("num_attention_heads", n_head), ("num_key_value_heads", n_kv), ("intermediate_size", n_ff))
+             if getattr(cfg, name) != val}
     if stale:
         notes.append("sizes taken from the weights (uniformly pruned): " + ", ".join(
             f"{name} {old} -> {new}" for name, (old, new) in stale.items()))
-    return Dims(cfg, num_attention_heads=n_head, num_key_value_heads=n_kv, intermediate_size=n_ff, head_dim=hd), notes
+    return Dims(cfg, num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv,
+                intermediate_size=n_ff, head_dim=hd), notes
 
 
 def _plan(arch: str, cfg: Any, dec: Any, dec_name: str, head: nn.Module | None, head_name: str,

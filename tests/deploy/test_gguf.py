@@ -340,3 +340,19 @@ def test_float16_overflow_is_refused_naming_the_tensor(tok_dir, tmp_path):
     with pytest.raises(ExportError, match=r"model\.layers\.0\.mlp\.up_proj: the Q4_0 block scales .*overflow"):
         export(model, tmp_path / "b.gguf", format="gguf", source=tok_dir)
     assert not (tmp_path / "b.gguf").exists()
+
+
+def test_block_count_is_the_number_of_blocks_written(tok_dir, tmp_path):
+    """Blocks cut from the layer list with a stale config: block_count counts the blk.<i> tensors written."""
+    model = ZOO_BY_NAME["llama"].build()
+    model.model.layers = model.model.layers[:1]
+    quantize_(model, W4)
+    report = export(model, tmp_path / "d.gguf", format="gguf", source=tok_dir)
+    reader = GGUFReader(report.files[0])
+    blocks = {t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}
+    assert reader.fields["llama.block_count"].contents() == len(blocks) == len(model.model.layers)
+    gemma = ZOO_BY_NAME["gemma3_text"].build()
+    gemma.model.layers = gemma.model.layers[:1]  # layer_types still lists two layers: no per-layer pattern
+    with pytest.raises(ExportError, match="layer_types"):
+        export(gemma, tmp_path / "g.gguf", format="gguf", source=tok_dir)
+    assert not (tmp_path / "g.gguf").exists()
