@@ -497,12 +497,14 @@ def set_cpu_native4_activations(mode: str | None) -> None:
         t[i, a] = max_{j in a} |x[i, j]| / 127,   x~[i, j] = t[i, a] * round_half_even(x[i, j] / t[i, a])
 
     (``x`` to ``2^-8`` of its block's largest magnitude, as llama.cpp's CPU kernels take activations), multiplied
-    by the codes exactly (``vpmaddubsw``), each block's sum scaled by ``t s``. It reads no code as more than a byte:
-    per W4 g128 layer at ``M = 1`` (Zen 1, 2 threads) about 1.4x the int16 form's speed and 1.9x the float32
-    form's, close to the memory's rate. The price is precision: each output moves by up to about 1% of its
-    scale where ``"int16"`` moves it by ``2^-16`` (measure the model's agreement before serving it:
-    ``benchmarks/cpu_inference.py --accuracy``). Everywhere else (other containers, narrower codes, an AVX512
-    library) it is ``"int16"``; non-finite ``x`` runs the float32 form as ``"int16"`` does.
+    by the codes exactly (``vpmaddubsw``), each block's sum scaled by ``t s``. No code is widened past a byte: per
+    W4 g128 layer at ``M = 1`` (Zen 1, 2 threads) 0.71-0.84x the int16 form's time, the 1.1B model's layers at
+    about half the memory's rate (int16: a third). The price is precision: each output moves by up to about 1% of
+    its scale where ``"int16"`` moves it by ``2^-16``; on SmolLM2 W4 g128 the decode path keeps 87% of the float32
+    reference's next tokens (int16: 100%). Measure the model before serving it with this setting
+    (``benchmarks/bf16_rounding_attribution.py --int8``, or ``benchmarks/cpu_inference.py``'s accuracy columns
+    with the ``W4g128a8`` variant). Everywhere else (other containers, narrower codes, an AVX512 library: there
+    with one warning) it is ``"int16"``; non-finite ``x`` runs the float32 form as ``"int16"`` does.
 
     Args:
         mode: ``"int16"``, ``"split"``, ``"round"``, ``"int8"``, or None (``"int16"``).

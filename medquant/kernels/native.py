@@ -47,7 +47,9 @@ bfloat16 pairs with ``vdpbf16ps`` where AVX512-BF16 is present, else widens to f
 AVX2 + FMA but no AVX512 (``gemv_avx2``), in two forms for every width and group layout: float32, blocks of 32
 codes widened to float32 and multiplied by FMA, ``x~`` the input itself (or rounded to bfloat16 where asked; split
 ``x`` is exact there, as without AVX512-BF16), and int16 (``xmode`` 3, a bfloat16 compute dtype's float32 input),
-``x`` as 16-bit integers per 32 columns multiplied with the codes by ``vpmaddwd``, as with AVX512-VNNI;
+``x`` as 16-bit integers per 32 columns multiplied with the codes by ``vpmaddwd``, as with AVX512-VNNI (and, opt-in,
+int8, :data:`INT8_XMODE`: ``x`` as 8-bit integers per 128 columns against the code bytes of 4-bit containers by
+``vpmaddubsw``);
 :func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream`` / ``gemv_avx2``. Two operators wrap it for
 ``torch.compile``: ``medquant::gemv4`` (the weight's tensors as arguments) and ``medquant::gemv4_bound`` (a bound
 matmul named by its handle, an integer: what a compiled decode step calls, holding no weight tensors).
