@@ -69,7 +69,7 @@ from .common import (
     quantized_layers,
     source_folder,
 )
-from .registry import ExportError, ExportReport, LayerExport, register_export_format
+from .registry import ExportError, ExportReport, LayerExport, publish_mode, register_export_format
 
 FORMAT = "compressed-tensors"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -404,6 +404,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         files += copy_tokenizer_files(source_folder(model, source), tmp, skip=files)
         if path.exists():
             shutil.rmtree(path)
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

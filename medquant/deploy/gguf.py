@@ -50,7 +50,7 @@ from .common import (
 )
 from .gguf_blocks import QK, choose_target, decode, gguf_type, layer_blocks, requantize, scope_problem
 from .gguf_vocab import add_tokenizer
-from .registry import ExportError, ExportReport, LayerExport, register_export_format
+from .registry import ExportError, ExportReport, LayerExport, publish_mode, register_export_format
 
 #: transformers ``model_type`` of the language model -> llama.cpp architecture
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -451,13 +451,15 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
             writer.add_tensor("rope_freqs.weight", freqs)
             report.notes.append("llama3 rope scaling written as the rope_freqs tensor")
         quant_types = [t for t in types_written if t not in FLOAT_TYPES]
-        main = max(set(quant_types), key=quant_types.count) if quant_types else float_type
+        # the most common block type; ties go to the first in sorted order (set order varies run to run)
+        main = max(sorted(set(quant_types)), key=quant_types.count) if quant_types else float_type
         writer.add_file_type(_FILE_TYPE[main])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
         writer.close()
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         writer.close()

@@ -56,7 +56,7 @@ from .onnx_sim import (
     logits_tolerance,
     prepare,
 )
-from .registry import ExportError, ExportReport, LayerExport, register_export_format
+from .registry import ExportError, ExportReport, LayerExport, publish_mode, register_export_format
 
 OPSET = 21
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
@@ -272,6 +272,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
     tmp = Path(tmp_name)
     try:
         report = _write(model, tmp, args, names, output_name, verify)
+        publish_mode(tmp)
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)

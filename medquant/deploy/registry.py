@@ -20,6 +20,7 @@ never written as a silently different model.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -244,6 +245,22 @@ def check_format(name: str) -> None:
         ExportError: an unknown format, a backend that is not installed, or a missing optional package.
     """
     _check_requirements(_lookup(name))
+
+
+def publish_mode(path: Path) -> None:
+    """Give a file or folder written as a private temporary the mode a plain ``open`` / ``mkdir`` would have given.
+
+    ``tempfile.mkstemp`` creates files ``0o600`` and ``mkdtemp`` folders ``0o700``; an export moved into place
+    from one would be unreadable to a serving process running as another user. The mode becomes
+    ``0o666 & ~umask`` for a file and ``0o777 & ~umask`` for a folder (its contents were written by plain ``open``
+    and keep theirs).
+
+    Args:
+        path: the temporary file or folder, before it is moved into place.
+    """
+    mask = os.umask(0o022)  # read the process umask (set back at once)
+    os.umask(mask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def parse_size(value: int | str) -> int:

@@ -379,3 +379,19 @@ def test_a_config_that_does_not_describe_the_weights_is_refused(tmp_path):
     with pytest.raises(ExportError, match=r"config\.json does not describe its weights: .*model\.layers\.0\."):
         export(per_block, tmp_path / "per_block", format="compressed-tensors")
     assert not (tmp_path / "per_block").exists()
+
+
+def test_the_exported_folder_has_the_mode_the_umask_gives(llama, tmp_path):
+    """Staged in a mkdtemp folder (0700), moved into place with the mode a plain mkdir gives: 0o777 & ~umask."""
+    import os
+    import stat
+
+    model = copy.deepcopy(llama)
+    mq.quantize_(model, mq.QuantConfig(bits=4, group_size=32))
+    old = os.umask(0o022)
+    try:
+        export(model, tmp_path / "ct", format=FMT)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ct").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "ct" / "config.json").stat().st_mode) == 0o644

@@ -356,3 +356,18 @@ def test_block_count_is_the_number_of_blocks_written(tok_dir, tmp_path):
     with pytest.raises(ExportError, match="layer_types"):
         export(gemma, tmp_path / "g.gguf", format="gguf", source=tok_dir)
     assert not (tmp_path / "g.gguf").exists()
+
+
+def test_the_exported_file_has_the_mode_the_umask_gives(tok_dir, tmp_path):
+    """Written through mkstemp (0600), moved into place with the mode a plain open() gives: 0o666 & ~umask."""
+    import stat
+
+    model = ZOO_BY_NAME["llama"].build()
+    quantize_(model, W4)
+    old = os.umask(0o027)
+    try:
+        report = export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o640
+    assert report.files == [str(tmp_path / "m.gguf")]

@@ -485,6 +485,22 @@ def test_bad_overwrite_or_a_file_in_place_of_the_folder_is_refused_and_keeps_the
     assert not_a_folder.read_bytes() == b"keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.bin"]
 
+
+def test_the_exported_file_has_the_mode_the_umask_gives(tmp_path):
+    """Written through mkstemp (0600), moved into place with the mode a plain open() gives: 0o666 & ~umask."""
+    import os
+    import stat
+
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    quantize_(model, QuantConfig(bits=4, scope="group", group_size=32))
+    old = os.umask(0o022)
+    try:
+        D.export(model, tmp_path / "m.onnx", format="onnx", example_inputs=torch.randn(2, 32))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o644
+
+
 def test_promote_with_calibration_checks_against_the_promoted_weights(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4)).eval()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,25 @@ def test_parse_size_reads_units_and_refuses_what_is_no_byte_count():
     for bad in ("0", -5, True, "lots"):
         with pytest.raises(ExportError):
             parse_size(bad)
+
+
+def test_publish_mode_gives_a_private_temporary_the_umask_mode(tmp_path):
+    """mkstemp files (0600) become 0o666 & ~umask, mkdtemp folders (0700) 0o777 & ~umask; the umask is kept."""
+    import os
+    import stat
+    import tempfile
+
+    from medquant.deploy.registry import publish_mode
+
+    fd, name = tempfile.mkstemp(dir=tmp_path)
+    os.close(fd)
+    folder = tempfile.mkdtemp(dir=tmp_path)
+    old = os.umask(0o027)
+    try:
+        publish_mode(Path(name))
+        publish_mode(Path(folder))
+        assert os.umask(0o027) == 0o027  # still the caller's umask
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(name).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o750
