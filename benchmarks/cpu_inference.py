@@ -86,9 +86,12 @@ QUANT = {  # variant -> QuantConfig kwargs
 EXTRA_QUANT = {"W2g32": {"bits": 2, "group_size": 32},
                "W4g128cdbf16": {"bits": 4, "group_size": 128, "compute_dtype": "bfloat16"},
                "W4g128a8": {"bits": 4, "group_size": 128, "compute_dtype": "bfloat16"}}
-#: variants that set how the native kernels take activations (``set_cpu_native4_activations``); every other
-#: variant runs with the default (the setting is global: :func:`_make` sets it for each model it builds)
+#: variants that set how the native kernels take activations (``set_cpu_native4_activations``). The setting is
+#: global and read when a layer first runs: :func:`_make` switches it for such a variant and gives the caller's
+#: setting back when it builds the next model (so a caller's own choice, e.g. aoti_decode's split control, holds
+#: for every other variant)
 NATIVE_ACTIVATIONS = {"W4g128a8": "int8"}
+_activations_before: list[str] = []  # the setting a NATIVE_ACTIVATIONS variant replaced, until the next _make
 #: ``<variant>+gptq``: calibration for GPTQ instead of round-to-nearest (training reports, never the test ones)
 GPTQ_CALIBRATION = {"sequences": 32, "seq_len": 512, "batch": 4, "act_order": True}
 LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5632, "num_attention_heads": 32,
@@ -354,11 +357,8 @@ def _make(model_name: str, variant: str, head: bool):
     import torch
 
     import medquant as mq
-    from medquant.kernels import set_cpu_native4_activations
-
     model, tok = _build(model_name)
-    base = variant.removesuffix("@bf16").removesuffix("+emb").removesuffix("+gptq")
-    set_cpu_native4_activations(NATIVE_ACTIVATIONS.get(base))
+    _variant_activations(variant.removesuffix("@bf16").removesuffix("+emb").removesuffix("+gptq"))
     if variant == "bfloat16":
         model = model.to(torch.bfloat16)
     elif variant != "float32":
@@ -382,6 +382,19 @@ def _make(model_name: str, variant: str, head: bool):
         else:
             mq.quantize_(model, mq.QuantConfig(**_quant_kwargs(base)), skip=skip)
     return model.eval(), tok
+
+
+def _variant_activations(base: str) -> None:
+    """Switch the native kernels' activations for a :data:`NATIVE_ACTIVATIONS` variant, after giving back the
+    setting an earlier such variant replaced; any other variant leaves the caller's setting as it is."""
+    from medquant.kernels import get_cpu_native4_activations, set_cpu_native4_activations
+
+    if _activations_before:
+        set_cpu_native4_activations(_activations_before.pop())
+    want = NATIVE_ACTIVATIONS.get(base)
+    if want is not None:
+        _activations_before.append(get_cpu_native4_activations())
+        set_cpu_native4_activations(want)
 
 
 def _quant_kwargs(base: str) -> dict:

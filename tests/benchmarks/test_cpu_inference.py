@@ -215,3 +215,24 @@ def test_out_names_a_results_file_unless_it_is_a_path(tmp_path):
     assert ci._out_stem("sub/x", "d") == Path("sub/x")
     assert ci._out_stem(None, "cpu_inference_decode_ab") == ci.RESULTS / "cpu_inference_decode_ab"
     assert ci.RESULTS.name == "results" and ci.RESULTS.parent.name == "benchmarks"
+
+
+def test_an_activations_variant_switches_the_setting_and_gives_the_callers_back():
+    """``W4g128a8`` runs with int8 activations; the next model built gets the caller's setting back, and other
+    variants never change it (aoti_decode's split control sets "split" and builds W4g128 under it)."""
+    from benchmarks import cpu_inference as ci
+    from medquant.kernels import get_cpu_native4_activations, set_cpu_native4_activations
+
+    set_cpu_native4_activations("split")
+    try:
+        ci._variant_activations("W4g128")
+        assert get_cpu_native4_activations() == "split"
+        ci._variant_activations("W4g128a8")
+        assert get_cpu_native4_activations() == "int8"
+        ci._variant_activations("W4g128a8")  # twice in a row: still int8, and "split" is what comes back
+        assert get_cpu_native4_activations() == "int8"
+        ci._variant_activations("float32")
+        assert get_cpu_native4_activations() == "split" and not ci._activations_before
+    finally:
+        ci._activations_before.clear()
+        set_cpu_native4_activations(None)
