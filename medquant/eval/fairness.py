@@ -217,6 +217,18 @@ def _balanced(y_true: np.ndarray, y_pred: np.ndarray, task: str) -> float:
     return float(np.mean(recalls)) if recalls else math.nan
 
 
+def _checked_task(task: str | None, yt: np.ndarray) -> str:
+    """``task`` (inferred from ``yt`` when None), refused when unknown or when it does not fit the label shape
+    (multi-label needs ``(N, C)``, the others ``(N,)``)."""
+    task = task or infer_task(yt)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    if (task == "multilabel") != (yt.ndim == 2):
+        raise ValueError(f"task {task!r} needs labels of shape {'(N, C)' if task == 'multilabel' else '(N,)'}, "
+                         f"got {yt.shape}")
+    return task
+
+
 def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = None,
                     n_classes: int | None = None) -> FairnessReport:
     """All group metrics of the module docstring.
@@ -246,12 +258,7 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
     g = g.reshape(-1)
     if g.shape[0] != yt.shape[0]:
         raise ValueError(f"{g.shape[0]} group ids for {yt.shape[0]} samples: give one group id per sample")
-    task = task or infer_task(yt)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
-    if (task == "multilabel") != (yt.ndim == 2):
-        raise ValueError(f"task {task!r} needs labels of shape {'(N, C)' if task == 'multilabel' else '(N,)'}, "
-                         f"got {yt.shape}")
+    task = _checked_task(task, yt)
     if task == "binary" and not (set(np.unique(yt).tolist()) | set(np.unique(yp).tolist())) <= {0, 1}:
         raise ValueError("binary task: labels must be 0/1")
     if task == "multilabel" and not (set(np.unique(yt).tolist()) | set(np.unique(yp).tolist())) <= {0, 1}:
@@ -325,10 +332,5 @@ def balanced_accuracy(y_true: Any, y_pred: Any, task: str | None = None) -> floa
     yt, yp = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred")
     if yt.shape != yp.shape:
         raise ValueError(f"y_true {yt.shape} and y_pred {yp.shape} must have the same shape")
-    task = task or infer_task(yt)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
-    if (task == "multilabel") != (yt.ndim == 2):
-        raise ValueError(f"task {task!r} needs labels of shape {'(N, C)' if task == 'multilabel' else '(N,)'}, "
-                         f"got {yt.shape}")
+    task = _checked_task(task, yt)
     return _balanced(yt, yp, task)

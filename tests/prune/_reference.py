@@ -60,3 +60,50 @@ def removed_from_plan(plan) -> dict[str, dict[str, list[int]]]:
                 "kv_heads": plan.removed_kv_heads(b) if b in plan.kv_heads else [],
                 "neurons": plan.removed_neurons(b) if b in plan.neurons else []}
             for b in plan.sizes}
+
+
+def plain_transformer(seed: int = 0, d: int = 64, ffn: int = 128, shared: bool = False) -> nn.Module:
+    """A plain nn.Module transformer of two blocks with LLaMA-style names whose forward reads its own
+    ``num_heads`` (4 heads of ``d / 4``, an FFN of ``ffn`` neurons); ``shared``: one block listed twice (weights
+    shared across layers)."""
+    import torch.nn.functional as F
+
+    class Attn(nn.Module):
+        def __init__(self, h=4):
+            super().__init__()
+            self.head_dim, self.num_heads = d // h, h
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attn()
+            self.mlp = nn.Module()
+            self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+        def forward(self, x):
+            x = x + self.self_attn(x)
+            return x + self.mlp.fc2(F.gelu(self.mlp.fc1(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            if shared:
+                blk = Blk()
+                self.layers = nn.ModuleList([blk, blk])
+            else:
+                self.layers = nn.ModuleList([Blk(), Blk()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    return Net().eval()

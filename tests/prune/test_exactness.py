@@ -8,7 +8,7 @@ import torch
 
 from medquant.prune import StructuredPruner, parameter_report
 from medquant.testing.zoo import HEAD_DIM, ZOO, tiny_cnn
-from tests.prune._reference import removed_from_plan, zeroed_copy
+from tests.prune._reference import plain_transformer, removed_from_plan, zeroed_copy
 
 # VLM towers with fused qkv (Qwen2-VL vision) cannot lose heads: prune their language model only.
 SCOPE = {"qwen2_vl": "language", "qwen2_5_vl": "language"}
@@ -321,52 +321,9 @@ def test_cnn_taylor_on_a_frozen_model_with_gradients():
     assert all(p.grad is None for n, p in model.named_parameters() if n != "classifier.weight")
 
 
-def _shared_block_net():
-    """A plain transformer whose block list holds one block twice (weights shared across layers)."""
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Attn(nn.Module):
-        def __init__(self, d=32, h=4):
-            super().__init__()
-            self.head_dim, self.num_heads = d // h, h
-            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                       for p in (self.q_proj, self.k_proj, self.v_proj))
-            return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
-
-    class Blk(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.self_attn = Attn()
-            self.mlp = nn.Module()
-            self.mlp.fc1, self.mlp.fc2 = nn.Linear(32, 48), nn.Linear(48, 32)
-
-        def forward(self, x):
-            x = x + self.self_attn(x)
-            return x + self.mlp.fc2(F.gelu(self.mlp.fc1(x)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            blk = Blk()
-            self.layers = nn.ModuleList([blk, blk])
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
-    return Net().eval()
-
-
 @pytest.mark.parametrize("method", ["magnitude", "activation"])
 def test_block_shared_across_layers_is_pruned_once_and_exact(method):
-    model = _shared_block_net()
+    model = plain_transformer(d=32, ffn=48, shared=True)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
     pruner = StructuredPruner(0.5, 0.25, importance=method, progress=False)
     plan = pruner.plan(model, calib=[x])
@@ -384,7 +341,7 @@ def test_block_shared_across_layers_is_pruned_once_and_exact(method):
 
 
 def test_block_shared_across_layers_with_different_plans_is_refused_unchanged():
-    model = _shared_block_net()
+    model = plain_transformer(d=32, ffn=48, shared=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"layers.1.*same .* as layers.0"):
         StructuredPruner([0.25, 0.5], 0.0, progress=False).prune(model)

@@ -8,6 +8,7 @@ import torch
 from medquant import QuantConfig, quantize_
 from medquant.prune import StructuredPruner, load_pruned, save_pruned
 from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
+from tests.prune._reference import plain_transformer
 
 
 def _out(entry, model, inputs):
@@ -114,56 +115,14 @@ def test_per_layer_pruned_then_quantized_reload_keeps_head_counts(tmp_path, name
     assert torch.equal(_out(e, again, inputs), out)
 
 
-def _plain_transformer(seed: int = 0):
-    """A plain nn.Module transformer with LLaMA-style names whose forward reads its own ``num_heads``."""
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Attn(nn.Module):
-        def __init__(self, d=64, h=4):
-            super().__init__()
-            self.head_dim, self.num_heads = d // h, h
-            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                       for p in (self.q_proj, self.k_proj, self.v_proj))
-            return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
-
-    class Blk(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.self_attn = Attn()
-            self.mlp = nn.Module()
-            self.mlp.fc1, self.mlp.fc2 = nn.Linear(64, 128), nn.Linear(128, 64)
-
-        def forward(self, x):
-            x = x + self.self_attn(x)
-            return x + self.mlp.fc2(F.gelu(self.mlp.fc1(x)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(seed)
-            self.layers = nn.ModuleList([Blk(), Blk()])
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
-    return Net().eval()
-
-
 def test_plain_transformer_round_trip_restores_head_counts(tmp_path):
-    model = _plain_transformer()
+    model = plain_transformer()
     x = torch.randn(2, 5, 64)
     plan = StructuredPruner(0.25, 0.25, progress=False).prune(model)
     with torch.no_grad():
         out = model(x)
     save_pruned(model, tmp_path, plan=plan)
-    again = load_pruned(tmp_path, model=_plain_transformer(seed=1))
+    again = load_pruned(tmp_path, model=plain_transformer(seed=1))
     assert [blk.self_attn.num_heads for blk in again.layers] == [3, 3]  # hand count: 4 - floor(0.25*4 + 0.5)
     assert [blk.mlp.fc1.out_features for blk in again.layers] == [96, 96]
     with torch.no_grad():
