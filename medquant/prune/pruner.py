@@ -659,8 +659,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
                      - set(blocks))
     if missing:
         raise ValueError(f"the plan names blocks this model does not have: {missing[:3]}")
-    _check_plan(model, plan, blocks)
-    shared = _shared_units(model, plan, blocks)
+    shared = _check_plan(model, plan, blocks)
     if plan.channels:
         from .cnn import apply_channels
 
@@ -686,29 +685,49 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
     return model
 
 
-def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> None:
+def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> set[tuple[str, str]]:
     """Raise ``ValueError`` when a block entry of ``plan`` does not fit ``model`` (checked before any change): the
     counts the plan recorded in ``sizes`` differ from the model's (already pruned, or another model), kept indices
-    that :func:`prune_attention` / :func:`prune_ffn` / :func:`prune_experts` would refuse, or dropping every block
-    of a list."""
+    that :func:`prune_attention` / :func:`prune_ffn` / :func:`prune_experts` would refuse, blocks that share a
+    module (weights shared across layers) keeping different indices of it, or dropping every block of a list.
+
+    Returns:
+        The ``(block, part)`` pairs (``part``: ``"heads"``, ``"neurons"``, ``"experts"``) whose modules an earlier
+        block of the plan prunes already: they are pruned once, with that earlier block.
+    """
     def sized(name: str, key: str, have: int, what: str) -> None:
         want = plan.sizes.get(name, {}).get(key)
         if want is not None and want != have:
             raise ValueError(f"{name}: the plan was made for {want} {what}, the model has {have} (was it already "
                              "pruned, or is the plan for another model?)")
 
+    seen: dict[tuple[str, int], tuple[str, Any]] = {}
+    shared: set[tuple[str, str]] = set()
+
+    def once(name: str, part: str, module: nn.Module, keep: Any) -> None:
+        first, kept = seen.setdefault((part, id(module)), (name, keep))
+        if first == name:
+            return
+        if kept != keep:
+            raise ValueError(f"{name}: its {part} are in the same modules as {first}'s (one module shared by "
+                             "several layers), but the plan keeps other indices there; give the layers that "
+                             "share it the same ratio")
+        shared.add((name, part))
+
     for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons)):
         b = blocks[name]
         if name in plan.heads and b.attention is not None:
             sized(name, "heads", b.attention.n_heads, "attention heads")
             sized(name, "kv_heads", b.attention.n_kv, "key/value heads")
-            checked_heads(b.attention, plan.heads[name], plan.kv_heads.get(name))
+            keep = checked_heads(b.attention, plan.heads[name], plan.kv_heads.get(name))
+            once(name, "heads", model.get_submodule(b.attention.q), keep)
         if name in plan.neurons and b.ffn is not None:
             sized(name, "neurons", b.ffn.n_neurons, "FFN neurons")
-            checked_neurons(b.ffn, plan.neurons[name])
+            once(name, "neurons", model.get_submodule(b.ffn.output), checked_neurons(b.ffn, plan.neurons[name]))
         if name in plan.expert_neurons and b.experts is not None:
-            lay, _ = checked_expert_neurons(model, b.experts, plan.expert_neurons[name])
+            lay, keep = checked_expert_neurons(model, b.experts, plan.expert_neurons[name])
             sized(name, "expert_neurons", lay["inter"], "neurons per expert")
+            once(name, "experts", model.get_submodule(b.experts), keep)
     per_stack: dict[str, set[str]] = {}
     for name in plan.drop_blocks:
         per_stack.setdefault(blocks[name].stack, set()).add(name)
@@ -716,39 +735,7 @@ def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> 
         n = len(model.get_submodule(stack))
         if len(names) >= n:
             raise ValueError(f"the plan drops all {n} blocks of {stack}; keep at least one")
-
-
-def _shared_units(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> set[tuple[str, str]]:
-    """The ``(block, part)`` pairs of ``plan`` (``part``: ``"heads"``, ``"neurons"``, ``"experts"``) whose modules an
-    earlier block of the plan prunes already (one module held by several layers: weights shared across layers);
-    they are pruned once, with that earlier block.
-
-    Raises:
-        ValueError: blocks that share a module keep different indices of it.
-    """
-    seen: dict[tuple[str, int], tuple[str, Any]] = {}
-    out: set[tuple[str, str]] = set()
-    for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons)):
-        b = blocks[name]
-        parts = []
-        if name in plan.heads and b.attention is not None:
-            parts.append(("heads", b.attention.q, checked_heads(b.attention, plan.heads[name],
-                                                                plan.kv_heads.get(name))))
-        if name in plan.neurons and b.ffn is not None:
-            parts.append(("neurons", b.ffn.output, checked_neurons(b.ffn, plan.neurons[name])))
-        if name in plan.expert_neurons and b.experts is not None:
-            parts.append(("experts", b.experts, checked_expert_neurons(model, b.experts,
-                                                                       plan.expert_neurons[name])[1]))
-        for part, mod, keep in parts:
-            first, kept = seen.setdefault((part, id(model.get_submodule(mod))), (name, keep))
-            if first == name:
-                continue
-            if kept != keep:
-                raise ValueError(f"{name}: its {part} are in the same modules as {first}'s (one module shared by "
-                                 "several layers), but the plan keeps other indices there; give the layers that "
-                                 "share it the same ratio")
-            out.add((name, part))
-    return out
+    return shared
 
 
 # ---------------------------------------------------------------------------------------------- configs
