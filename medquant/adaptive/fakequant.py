@@ -15,7 +15,9 @@ Rows with ``b_i >= 16`` pass through unchanged (16/32 = "keep floating point"). 
 input is converted, float64 included; the result is cast back to ``x.dtype``); ``torch.round`` rounds half to
 even. So a sample whose range ``hi_i - lo_i`` exceeds float32's largest value (about 3.4e38; float64 values
 beyond it become inf on conversion) comes out as NaN: such activations are beyond what a float32 model carries,
-and the op adds no pass over ``x`` to look for them. Backward is the straight-through estimator:
+and the op adds no pass over ``x`` to look for them. Likewise a NaN anywhere in a sample makes that sample's
+``lo_i`` / ``hi_i`` NaN and so *every* value of the sample NaN (the next linear layer would spread it over the
+sample's outputs anyway); other samples are unaffected. Backward is the straight-through estimator:
 ``d out / d x = 1`` (quantization in the training loop).
 
 This is *simulated* quantization: it changes the values the next layer sees (and therefore accuracy), not the

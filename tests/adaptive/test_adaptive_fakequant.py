@@ -54,6 +54,18 @@ def test_mixed_bits_equal_single_sample_and_independent():
     assert not torch.equal(out[1], x[1])
 
 
+def test_nan_poisons_only_its_own_sample():
+    """As documented: a NaN makes its sample's range NaN, so that whole sample is NaN; the others are quantized
+    as if alone (a 16+-bit sample holding a NaN passes through unchanged)."""
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
+    x[0, 2] = float("nan")
+    x[2, 4] = float("nan")
+    out = fake_quantize_per_sample(x, [4, 4, 16])
+    assert torch.isnan(out[0]).all()
+    assert torch.equal(out[1], independent_fq(x[1], 4))
+    assert torch.equal(out[2].nan_to_num(7.0), x[2].nan_to_num(7.0)) and torch.isnan(out[2]).sum() == 1
+
+
 def test_matches_the_kernel_reference_when_present():
     kernels = pytest.importorskip("medquant.kernels")
     x = torch.randn(16, 40, generator=torch.Generator().manual_seed(1))
