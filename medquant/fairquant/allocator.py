@@ -36,6 +36,13 @@ from .batches import GroupsFn, LossFn
 from .importance import METRICS, GroupImportance, compute_group_importance
 from .reducers import REDUCERS, reduce_groups
 
+# version of :meth:`FairQuantAllocator.state`: 1 (no "version" field) saved bits, proportions, target_bits,
+# metric, reducer, scope and cvar_alpha; 2 saves every constructor setting but progress.
+STATE_VERSION = 2
+# the settings a version-1 state lacks, with the values from_state gave them (the constructor defaults then)
+_V1_SETTINGS: dict[str, Any] = {"max_batches": 50, "groups": None, "layers": None, "skip": None, "seed": 0,
+                                "tolerance": 0.1}
+
 
 def _integral(g) -> bool:
     """Whether ``g`` is an integer group id (an int, or a number with no fractional part; not a bool)."""
@@ -288,14 +295,29 @@ class FairQuantAllocator:
     def state(self) -> dict[str, Any]:
         """JSON-serialisable settings and allocation (for ``medquant.save(..., extras=...)``).
 
+        The state (version ``STATE_VERSION`` = 2) holds every constructor setting but ``progress`` (display only):
+        ``bits``, ``proportions``, ``target_bits``, ``metric``, ``reducer``, ``scope``, ``cvar_alpha``,
+        ``max_batches``, ``groups``, ``layers``, ``skip``, ``seed`` and ``tolerance``, so that an allocator rebuilt
+        by :meth:`from_state` and fitted again calibrates and allocates as this one did; then the allocation
+        (``bit_map``, ``weight_shape``, ``average_bits``) and, after :meth:`fit` / :meth:`fit_importance`, the
+        calibration summary (``group_counts``, ``calibration_batches``).
+
         Returns:
             The state dict; :meth:`from_state` reads it.
         """
         self._check_fitted()
         st: dict[str, Any] = {
+            "version": STATE_VERSION,
             "bits": list(self.bits), "proportions": None if self.proportions is None else list(self.proportions),
             "target_bits": self.target_bits, "metric": self.metric, "reducer": self.reducer, "scope": self.scope,
-            "cvar_alpha": self.cvar_alpha, "average_bits": self.average_bits_,
+            "cvar_alpha": self.cvar_alpha,
+            "max_batches": None if self.max_batches is None else int(self.max_batches),
+            "groups": None if self.groups is None else list(self.groups),
+            "layers": None if self.layers is None else list(self.layers),
+            "skip": None if self.skip is None else list(self.skip),
+            "seed": None if self.seed is None else int(self.seed),
+            "tolerance": self.tolerance,
+            "average_bits": self.average_bits_,
             "bit_map": {k: list(v) for k, v in self.bit_map_.items()},
             "weight_shape": {k: list(v) for k, v in self.weight_shape_.items()},
         }
@@ -308,14 +330,38 @@ class FairQuantAllocator:
     def from_state(cls, st: dict[str, Any]) -> FairQuantAllocator:
         """Rebuild a fitted allocator (allocation only, no importance maps) from :meth:`state`.
 
+        Every saved setting is restored with its type (``groups`` a tuple of ints, ``layers`` / ``skip`` lists of
+        patterns, ``tolerance`` a float), so a :meth:`fit` of the rebuilt allocator on the same model and batches
+        gives the same allocation. ``progress`` is not saved: the rebuilt allocator has ``progress=False``.
+
+        A state without ``"version"`` (version 1, written before the settings below were saved) loads with the
+        values from_state gave them then: ``max_batches=50``, ``groups=None``, ``layers=None``, ``skip=None``,
+        ``seed=0``, ``tolerance=0.1``.
+
         Args:
             st: what :meth:`state` returned.
 
         Returns:
             The fitted allocator.
+
+        Raises:
+            ValueError: a version other than 1 (no ``"version"``) and ``STATE_VERSION``, a version-2 state that
+                lacks one of its settings, or a setting the constructor refuses.
         """
+        version = st.get("version", 1)
+        if isinstance(version, bool) or version not in (1, STATE_VERSION):
+            raise ValueError(f"unsupported FairQuantAllocator state version {version!r}: this medquant reads "
+                             f"versions 1 (no 'version' field) to {STATE_VERSION}")
+        if version == 1:
+            saved = dict(_V1_SETTINGS)
+        else:
+            missing = [k for k in _V1_SETTINGS if k not in st]
+            if missing:
+                raise ValueError(f"FairQuantAllocator state version {version} lacks {', '.join(map(repr, missing))}"
+                                 f" (a version-{version} state stores every setting)")
+            saved = {k: st[k] for k in _V1_SETTINGS}
         a = cls(st["bits"], st["proportions"], target_bits=st["target_bits"], metric=st["metric"],
-                reducer=st["reducer"], scope=st["scope"], cvar_alpha=st["cvar_alpha"], progress=False)
+                reducer=st["reducer"], scope=st["scope"], cvar_alpha=st["cvar_alpha"], progress=False, **saved)
         a.bit_map_ = {k: tuple(v) for k, v in st["bit_map"].items()}
         a.weight_shape_ = {k: tuple(v) for k, v in st["weight_shape"].items()}
         a.scope_size_ = {k: (int(torch.Size(v[1:]).numel()) if a.scope == "channel" else int(torch.Size(v).numel()))

@@ -31,8 +31,14 @@ def reduce_groups(maps: dict[int, dict[str, torch.Tensor]], reducer: str = "bala
     Returns:
         Layer -> reduced importance.
 
+    Every group must have a map for the same layers (in any order), and a layer's maps must have the same shape
+    in every group (the layer weight's shape), since ``R`` is taken elementwise over the groups.
+
     Raises:
-        ValueError: an unknown reducer, no maps, or ``alpha`` outside [0, 1).
+        ValueError: an unknown reducer, no maps, ``alpha`` outside [0, 1), groups with maps for different layers,
+            or maps of one layer whose shapes differ between groups (the message names the layer, the groups and
+            their shapes).
+        TypeError: a map that is not a ``torch.Tensor``.
     """
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r}; accepted: {', '.join(REDUCERS)}")
@@ -45,6 +51,18 @@ def reduce_groups(maps: dict[int, dict[str, torch.Tensor]], reducer: str = "bala
     for g in groups:
         if set(maps[g]) != set(layers):  # the same layers in another insertion order are the same layers
             raise ValueError(f"group {g} has maps for different layers than group {groups[0]}")
+    for g in groups:
+        for name in layers:
+            if not isinstance(maps[g][name], torch.Tensor):
+                raise TypeError(f"group {g}, layer {name!r}: importance maps must be torch.Tensor, got "
+                                f"{type(maps[g][name]).__name__}")
+    for name in layers:
+        shapes = {g: tuple(maps[g][name].shape) for g in groups}
+        if len(set(shapes.values())) > 1:
+            listed = ", ".join(f"group {g}: {s}" for g, s in shapes.items())
+            raise ValueError(f"layer {name!r}: the groups' importance maps have different shapes ({listed}); "
+                             f"accepted: one map per group with the same shape in every group (the layer "
+                             f"weight's shape)")
     n_groups = len(groups)
     if reducer == "balanced":
         totals = torch.tensor([sum(float(t.double().sum()) for t in maps[g].values()) for g in groups],

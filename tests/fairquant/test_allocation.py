@@ -177,3 +177,87 @@ def test_per_tensor_scope_and_reducers_from_group_maps():
     assert qm["a"].scope == "tensor" and qm["a"].symmetric is True and qm["a"].bits == want["a"]
     n = {k: s[0] * s[1] for k, s in shapes.items()}
     assert a.average_bits_ == pytest.approx(sum(want[k] * n[k] for k in n) / sum(n.values()))
+
+
+# ------------------------------------------------------------------------------- saved state (state / from_state)
+_SETTINGS = ("bits", "proportions", "target_bits", "metric", "reducer", "scope", "cvar_alpha", "max_batches",
+             "groups", "layers", "skip", "seed", "tolerance")
+
+
+def _typed_settings(a):
+    """Each constructor setting with its type (and its items' types), so that 1 != 1.0 and (0, 1) != [0, 1]."""
+    out = {}
+    for k in _SETTINGS:
+        v = getattr(a, k)
+        items = tuple(type(x) for x in v) if isinstance(v, (list, tuple)) else None
+        out[k] = (v, type(v), items)
+    return out
+
+
+def _json(st):
+    import json
+
+    return json.loads(json.dumps(st))  # what medquant.save / load_extras do to it
+
+
+def test_state_round_trips_every_setting_and_refits_identically():
+    model = tiny_mlp()
+    ds = torch.utils.data.TensorDataset(*grouped_batches(n_batches=1, batch=200, seed=4)[0])
+
+    def loader():
+        return torch.utils.data.DataLoader(ds, batch_size=10, shuffle=True)
+
+    a = FairQuantAllocator(bits=(2, 4, 8), target_bits=5.0, metric="gradient", reducer="cvar", cvar_alpha=0.25,
+                           max_batches=3, groups=[0, 1], layers=["fc1", "fc2"], skip=["fc2"], seed=11,
+                           tolerance=0.5, progress=False).fit(model, loader())
+    b = FairQuantAllocator.from_state(_json(a.state()))
+    assert _typed_settings(b) == _typed_settings(a)
+    assert b.bit_map() == a.bit_map() and b.average_bits_ == a.average_bits_
+    # refitting the rebuilt allocator calibrates and allocates as the original did (same batches, layers, ...)
+    b.fit(model, loader())
+    assert b.bit_map() == a.bit_map() == {"fc1": a.bit_map_["fc1"]}
+    assert b.importance_.batches == a.importance_.batches == 3
+    assert set(b.scores_) == {"fc1"} and torch.equal(b.scores_["fc1"], a.scores_["fc1"])
+    # the declared groups are kept: a third group is refused by both
+    three = grouped_batches(n_groups=3)
+    for alloc in (a, b):
+        with pytest.raises(ValueError, match="outside the declared groups"):
+            alloc.fit(model, three)
+
+
+def test_state_keeps_the_tolerance_a_refit_needs():
+    # two per-tensor scopes of 100 and 60 weights, palette (2, 8): the averages within reach are 2, 4.25, 5.75
+    # and 8, so a target of 5 is met within a tolerance of 1.0 but not within the default 0.1
+    g = torch.Generator().manual_seed(0)
+    maps = {gr: {"big": torch.rand(10, 10, generator=g), "small": torch.rand(6, 10, generator=g)} for gr in (0, 1)}
+    imp = GroupImportance(maps=maps, counts={0: 5, 1: 5}, metric="grape", batches=1, layers=["big", "small"])
+    a = FairQuantAllocator(bits=(2, 8), target_bits=5.0, scope="tensor", tolerance=1.0).fit_importance(imp)
+    with pytest.raises(ValueError, match="within 0.1"):
+        FairQuantAllocator(bits=(2, 8), target_bits=5.0, scope="tensor").fit_importance(imp)
+    b = FairQuantAllocator.from_state(_json(a.state()))
+    assert b.tolerance == 1.0
+    assert b.fit_importance(imp).bit_map_ == a.bit_map_
+
+
+def test_state_without_version_loads_with_the_old_defaults():
+    """A state written before the settings were saved (no "version"): the settings it lacks get the values
+    from_state gave them then (the constructor defaults at the time)."""
+    old = {"bits": [2, 4, 8], "proportions": [0.2, 0.4, 0.4], "target_bits": None, "metric": "grape",
+           "reducer": "balanced", "scope": "channel", "cvar_alpha": 0.1, "average_bits": 4.0,
+           "bit_map": {"fc1": [2, 4, 8, 2, 4, 8, 2, 4], "fc2": [2, 4, 8]},
+           "weight_shape": {"fc1": [8, 6], "fc2": [3, 8]}, "group_counts": {"0": 15, "1": 15},
+           "calibration_batches": 3}
+    a = FairQuantAllocator.from_state(old)
+    assert (a.max_batches, a.groups, a.layers, a.skip, a.seed, a.tolerance) == (50, None, None, None, 0, 0.1)
+    assert a.bit_map() == {"fc1": (2, 4, 8, 2, 4, 8, 2, 4), "fc2": (2, 4, 8)}
+    assert a.average_bits_ == pytest.approx((34 * 6 + 14 * 8) / (8 * 6 + 3 * 8))  # bits x scope size
+
+
+def test_state_with_unknown_version_or_missing_setting_is_refused():
+    a = FairQuantAllocator(progress=False).fit(tiny_mlp(), grouped_batches())
+    st = _json(a.state())
+    with pytest.raises(ValueError, match="unsupported FairQuantAllocator state version 99"):
+        FairQuantAllocator.from_state({**st, "version": 99})
+    st.pop("tolerance")
+    with pytest.raises(ValueError, match=r"state version \d+ lacks 'tolerance'"):
+        FairQuantAllocator.from_state(st)

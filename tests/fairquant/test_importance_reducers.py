@@ -196,3 +196,19 @@ def test_reducers_accept_group_maps_with_layers_in_another_order():
     assert torch.allclose(got["a"], (a0 + a1) / 2) and torch.allclose(got["b"], (b0 + b1) / 2)
     with pytest.raises(ValueError, match="different layers"):
         reduce_groups({0: {"a": a0, "b": b0}, 1: {"a": a1}}, "max")
+
+
+@pytest.mark.parametrize("reducer", ["balanced", "max", "mean", "cvar"])
+def test_reducers_refuse_maps_of_one_layer_with_different_shapes(reducer):
+    """torch.stack's own "stack expects each tensor to be equal size" named neither the layer nor the groups."""
+    maps = {0: {"a": torch.rand(3, 4), "b": torch.rand(2, 5)}, 1: {"a": torch.rand(3, 4), "b": torch.rand(5, 2)},
+            2: {"a": torch.rand(3, 4), "b": torch.rand(2, 5)}}
+    with pytest.raises(ValueError, match=r"layer 'b'.*group 0: \(2, 5\).*group 1: \(5, 2\).*group 2: \(2, 5\)"
+                                         r".*same shape"):
+        reduce_groups(maps, reducer)
+
+
+def test_reducers_refuse_maps_that_are_not_tensors():
+    maps = {0: {"a": torch.rand(3, 4)}, 1: {"a": np.random.default_rng(0).random((3, 4))}}
+    with pytest.raises(TypeError, match=r"group 1, layer 'a'.*torch.Tensor.*ndarray"):
+        reduce_groups(maps, "max")
