@@ -2,8 +2,8 @@
 Classification", 2025).
 
 Inputs are labels, not scores: ``y_true`` and ``y_pred`` as integer class ids ``(N,)`` (binary or multi-class) or
-0/1 matrices ``(N, C)`` (multi-label), and integer ``groups`` ``(N,)``. Use :func:`predictions` to turn logits into
-labels.
+0/1 matrices ``(N, C)`` (multi-label), and integer ``groups`` ``(N,)``. Use :func:`predictions` to turn logits
+(or, with ``scores="probabilities"``, probabilities) into labels.
 
 * ``acc_g`` per group (with its sample count ``n_g``); ``AvgAcc`` = unweighted mean of ``acc_g`` over groups;
   ``WorstAcc`` = min; ``Gap = AvgAcc - WorstAcc``; ``MaxMinGap = max - min`` is reported too.
@@ -20,12 +20,14 @@ labels.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 TASKS = ("binary", "multiclass", "multilabel")
+SCORES = ("logits", "probabilities")
 
 
 def _as_np(x: Any, name: str) -> np.ndarray:
@@ -46,24 +48,41 @@ def _as_np(x: Any, name: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def predictions(logits: Any, task: str = "multiclass", threshold: float = 0.0) -> np.ndarray:
-    """Labels from logits.
+def predictions(logits: Any, task: str = "multiclass", threshold: float | None = None, *,
+                scores: str = "logits") -> np.ndarray:
+    """Labels from logits (default) or from probabilities (``scores="probabilities"``).
 
-    Argmax over the last axis (binary/multi-class with ``(N, C)`` logits), or ``logit > threshold`` (binary
-    ``(N,)`` logits and multi-label ``(N, C)``).
+    * binary ``(N,)`` scores and multi-label ``(N, C)`` scores are thresholded per entry: ``logit > threshold``
+      with ``scores="logits"`` (``threshold`` default 0), ``p > threshold`` with ``scores="probabilities"``
+      (``threshold`` default 0.5). Since ``sigmoid(z) > t`` exactly when ``z > log(t / (1 - t))``, the defaults
+      give the same labels for logits and their sigmoid probabilities.
+    * binary / multi-class ``(N, C)`` scores: the argmax over the last axis (the same for logits and their
+      softmax probabilities; ``threshold`` is not used).
+
+    With ``scores="logits"``, thresholded scores that all lie in ``[0, 1]`` (and are not all zero) look like
+    probabilities, for which ``logit > 0`` would label almost every entry positive: a ``UserWarning`` says so
+    and the labels are still ``logit > threshold``.
 
     Args:
-        logits: ``(N, C)`` or ``(N,)`` scores (tensor or array).
+        logits: ``(N, C)`` or ``(N,)`` scores (tensor or array): logits, or probabilities in ``[0, 1]`` with
+            ``scores="probabilities"``.
         task: ``"binary"``, ``"multiclass"`` or ``"multilabel"``.
-        threshold: decision threshold on the logit for ``(N,)`` binary and multi-label logits.
+        threshold: decision threshold for ``(N,)`` binary and multi-label scores, on the logit or on the
+            probability as ``scores`` says; None: 0 for logits, 0.5 for probabilities.
+        scores: ``"logits"`` or ``"probabilities"``: what ``logits`` holds.
 
     Returns:
         Integer labels: ``(N,)`` or, for multi-label, ``(N, C)`` 0/1.
 
     Raises:
-        ValueError: an unknown ``task``, or argmax logits that are not ``(N, C)`` with ``C >= 2`` (a single logit
-            column ``(N, 1)`` is refused: pass it as ``(N,)`` binary logits).
+        ValueError: an unknown ``task`` or ``scores``, probabilities outside ``[0, 1]`` (or NaN), a probability
+            ``threshold`` outside ``[0, 1]``, or argmax scores that are not ``(N, C)`` with ``C >= 2`` (a single
+            logit column ``(N, 1)`` is refused: pass it as ``(N,)`` binary logits).
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    if scores not in SCORES:
+        raise ValueError(f"unknown scores {scores!r}; accepted: {', '.join(SCORES)}")
     try:
         import torch
 
@@ -72,10 +91,21 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float = 0.0) -
     except ImportError:  # pragma: no cover
         pass
     z = np.asarray(logits, dtype=np.float64)
+    probabilities = scores == "probabilities"
+    if probabilities and not np.all((z >= 0) & (z <= 1)):
+        bad = z[~((z >= 0) & (z <= 1))]
+        raise ValueError(f"scores='probabilities' needs values in [0, 1], got {bad.size} outside (e.g. "
+                         f"{float(bad.flat[0])}): pass logits with scores='logits'")
     if task == "multilabel" or (task == "binary" and z.ndim == 1):
+        if threshold is None:
+            threshold = 0.5 if probabilities else 0.0
+        elif probabilities and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"a probability threshold must lie in [0, 1], got {threshold}")
+        if not probabilities and np.any(z != 0) and np.all((z >= 0) & (z <= 1)):
+            warnings.warn(f"every {task} score lies in [0, 1], as probabilities do, but they are thresholded as "
+                          f"logits (logit > {threshold}); for probabilities pass scores='probabilities' "
+                          "(p > threshold, 0.5 by default)", UserWarning, stacklevel=2)
         return (z > threshold).astype(np.int64)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
     if z.ndim != 2 or z.shape[1] < 2:
         hint = " (a single logit column (N, 1): pass logits[:, 0] as (N,) binary logits)" if z.shape[-1:] == (1,) else ""
         raise ValueError(f"{task} logits must be (N, C) with C >= 2 for the argmax, or (N,) for task='binary'; "

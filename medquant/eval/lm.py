@@ -1,7 +1,8 @@
 """Perplexity of a causal language model on texts.
 
-For token batches ``x`` (``input_ids`` and ``attention_mask``, padding masked out) the model's logits at position
-``t`` predict token ``t + 1``; with the padded targets ignored,
+For token batches ``x`` (``input_ids`` and ``attention_mask``, padding masked out; a batch without
+``attention_mask`` has no padding, as if its mask were all ones) the model's logits at position ``t`` predict token
+``t + 1``; with the padded targets ignored,
 
     NLL = - sum over batches, rows and positions t of log softmax(logits[t])[x[t + 1]]
           (attention_mask[t] = attention_mask[t + 1] = 1)
@@ -14,7 +15,8 @@ positions ``0, 1, ...`` as when the text is scored alone, and no token is predic
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -67,32 +69,63 @@ def token_batches(tokenizer, texts: Sequence[str], batch_size: int = 8, max_leng
             for i in range(0, max(stop, 0), batch_size)]
 
 
+def _checked_batch(b: Any, i: int) -> Mapping[str, Any]:
+    """Batch number ``i`` of :func:`perplexity`, refused unless it is a mapping with 2-D ``input_ids`` and an
+    ``attention_mask`` / ``labels`` (when present) of the same shape."""
+    if not isinstance(b, Mapping):
+        raise TypeError(f"batch {i} is a {type(b).__name__}, not a dict: give dicts with input_ids (and optionally "
+                        "attention_mask), e.g. from token_batches")
+    ids = b.get("input_ids")
+    if ids is None:
+        raise ValueError(f"batch {i} has no 'input_ids' (keys: {sorted(map(str, b))}): each batch needs the token "
+                         "ids, (rows, positions)")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        what = f"shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else f"a {type(ids).__name__}"
+        raise ValueError(f"batch {i}: input_ids must be a 2-D tensor (rows, positions), got {what}")
+    for key in ("attention_mask", "labels"):
+        v = b.get(key)
+        if v is not None and (not isinstance(v, torch.Tensor) or v.shape != ids.shape):
+            what = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+            raise ValueError(f"batch {i}: {key} ({what}) must be a tensor of the shape of input_ids "
+                             f"{tuple(ids.shape)}")
+    return b
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
     """Token-weighted perplexity (module docstring) of ``model`` on ``batches``.
 
-    The batches are dicts with ``input_ids`` and ``attention_mask`` (e.g. from :func:`token_batches`); the model
-    is called as ``model(**batch)`` and must return ``.logits`` (a transformers causal LM) or the logits tensor
-    itself. A left-padded batch is first moved to right padding (module docstring), so the result does not depend
-    on the padding side or on the batch size.
+    The batches are dicts with ``input_ids`` ``(rows, positions)`` and, optionally, an ``attention_mask`` of the
+    same shape (e.g. from :func:`token_batches`); without ``attention_mask`` every token counts (a mask of ones).
+    Other entries (``labels``, ``token_type_ids``...) go to the model as they are; ``labels`` must have the shape
+    of ``input_ids`` but do not change the score, which is always that of the next token of ``input_ids``. The
+    model is called as ``model(**batch)`` and must return ``.logits`` (a transformers causal LM) or the logits
+    tensor itself. A left-padded batch is first moved to right padding (module docstring), so the result does not
+    depend on the padding side or on the batch size.
 
     Args:
         model: a causal language model.
-        batches: token batches.
+        batches: token batches (an iterable of dicts: ``[batch]`` for a single one).
 
     Returns:
         ``exp`` of the mean next-token cross-entropy over every predicted (unpadded) token.
 
     Raises:
-        ValueError: the batches hold no token to predict.
+        TypeError: ``batches`` is a single dict, or holds something other than dicts.
+        ValueError: a batch without ``input_ids``, ``input_ids`` that are not a 2-D tensor, an ``attention_mask``
+            or ``labels`` of another shape, or batches that hold no token to predict.
     """
+    if isinstance(batches, Mapping):  # iterating one batch would give its keys
+        raise TypeError("batches is a single dict: pass an iterable of batches, e.g. [batch]")
     nll, count = 0.0, 0
-    for b in batches:
-        b = _right_padded(b)
+    for i, b in enumerate(batches):
+        b = _right_padded(dict(_checked_batch(b, i)))
         out = model(**b)
         logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
-        real = b["attention_mask"] != 0
-        tgt = b["input_ids"][:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -100)  # context and target both real
+        ids = b["input_ids"]
+        mask = b.get("attention_mask")
+        real = mask != 0 if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        tgt = ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -100)  # context and target both real
         nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                                        ignore_index=-100, reduction="sum"))
         count += int((tgt != -100).sum())

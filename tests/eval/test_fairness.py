@@ -198,3 +198,54 @@ def test_balanced_accuracy_checks_the_task_as_fairness_report_does():
         balanced_accuracy([0, 1], [0, 1], task="regression")
     with pytest.raises(ValueError, match=r"needs labels of shape \(N,\)"):  # was a pooled score of the matrix entries
         balanced_accuracy(yt, yp, task="binary")
+
+
+def test_predictions_from_probabilities_threshold_p_not_the_logit():
+    # probabilities thresholded at 0 made every sample positive; scores="probabilities" thresholds p > 0.5
+    p = np.array([0.2, 0.7, 0.5, 0.9, 0.0])
+    assert predictions(p, task="binary", scores="probabilities").tolist() == [0, 1, 0, 1, 0]
+    assert predictions(p, task="binary", threshold=0.3, scores="probabilities").tolist() == [0, 1, 1, 1, 0]
+    pm = torch.tensor([[0.2, 0.6], [0.51, 0.49]])
+    assert predictions(pm, task="multilabel", scores="probabilities").tolist() == [[0, 1], [1, 0]]
+    # the same decisions as the logits they came from: sigmoid(z) > 0.5 <=> z > 0 (sigmoid in torch, z != 0)
+    z = torch.tensor([[-2.0, 0.3, 1.5], [0.1, -0.4, -3.0], [4.0, -0.05, 0.7]])
+    hand = [[0, 1, 1], [1, 0, 0], [1, 0, 1]]
+    assert predictions(z, task="multilabel").tolist() == hand
+    assert predictions(torch.sigmoid(z), task="multilabel", scores="probabilities").tolist() == hand
+    # a custom probability threshold = the logit threshold log(t / (1 - t))
+    t = 0.8
+    assert predictions(torch.sigmoid(z), task="multilabel", threshold=t, scores="probabilities").tolist() == \
+        predictions(z, task="multilabel", threshold=math.log(t / (1 - t))).tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
+    # the argmax of (N, C) probabilities is that of the logits
+    assert predictions(torch.softmax(z, -1), scores="probabilities").tolist() == [2, 0, 0]
+
+
+def test_predictions_warns_on_logits_that_look_like_probabilities():
+    import warnings
+
+    with pytest.warns(UserWarning, match="probabilities"):
+        out = predictions(np.array([0.2, 0.7, 0.9]), task="binary")
+    assert out.tolist() == [1, 1, 1]  # still the documented logit > 0
+    with pytest.warns(UserWarning, match="scores='probabilities'"):
+        predictions(np.array([[0.2, 0.0], [1.0, 0.4]]), task="multilabel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these look like probabilities
+        assert predictions(np.array([0.3, -0.2]), task="binary").tolist() == [1, 0]
+        assert predictions(np.zeros((2, 3)), task="multilabel").tolist() == [[0, 0, 0]] * 2
+        assert predictions(np.array([0.4, 1.2]), task="binary").tolist() == [1, 1]
+        assert predictions(np.array([[0.2, 0.8]])).tolist() == [1]  # argmax: the same for logits and probabilities
+        assert predictions(np.array([0.2, 0.7]), task="binary", scores="probabilities").tolist() == [0, 1]
+
+
+def test_predictions_refuses_bad_probabilities_and_options():
+    for bad in ([0.2, 1.3], [-0.1, 0.5], [0.2, float("nan")]):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            predictions(np.array(bad), task="binary", scores="probabilities")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        predictions(np.array([[0.2, 1.8], [0.1, 0.3]]), scores="probabilities")  # argmax too: not probabilities
+    with pytest.raises(ValueError, match="threshold"):
+        predictions(np.array([0.2, 0.7]), task="binary", threshold=-1.0, scores="probabilities")
+    with pytest.raises(ValueError, match="scores"):
+        predictions(np.array([0.2, 0.7]), task="binary", scores="probs")
+    with pytest.raises(ValueError, match="unknown task"):
+        predictions(np.array([0.2, 0.7]), task="regression")

@@ -121,3 +121,47 @@ def test_token_batches_pads_on_the_right_for_a_left_padding_transformers_tokeniz
     model = ZOO_BY_NAME["llama"].build().eval()
     one = [token_batches(tok, [t])[0] for t in texts]
     assert perplexity(model, [b]) == pytest.approx(perplexity(model, one), rel=1e-5)
+
+
+def _plain_torch_perplexity(model, input_ids):
+    """exp of torch's mean cross-entropy of every next token, the model called on ``input_ids`` alone."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, :-1].double()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    return math.exp(float(nll))
+
+
+def test_perplexity_of_batches_without_attention_mask_counts_every_token():
+    model = ZOO_BY_NAME["llama"].build().eval()  # LlamaForCausalLM from a tiny LlamaConfig
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(4, 200, (2, 7), generator=g), torch.randint(4, 200, (3, 5), generator=g)]
+    # the reference: every batch's tokens, token-weighted (6 predicted tokens per row of the first, 4 of the second)
+    nll = sum(math.log(_plain_torch_perplexity(model, x)) * x.shape[0] * (x.shape[1] - 1) for x in ids)
+    expected = math.exp(nll / (2 * 6 + 3 * 4))
+    assert perplexity(model, [{"input_ids": ids[0]}]) == pytest.approx(_plain_torch_perplexity(model, ids[0]),
+                                                                       rel=1e-5)
+    no_mask = perplexity(model, [{"input_ids": x} for x in ids])
+    assert no_mask == pytest.approx(expected, rel=1e-5)
+    ones = perplexity(model, [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids])
+    assert no_mask == pytest.approx(ones, rel=1e-6)
+
+
+def test_perplexity_refuses_malformed_batches_with_a_clear_error():
+    model = ZOO_BY_NAME["llama"].build().eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ValueError, match="batch 0 has no 'input_ids'"):
+        perplexity(model, [{"attention_mask": torch.ones_like(ids)}])
+    with pytest.raises(ValueError, match=r"batch 1: attention_mask.*\(1, 3\).*input_ids.*\(1, 4\)"):
+        perplexity(model, [{"input_ids": ids},
+                           {"input_ids": ids, "attention_mask": torch.ones(1, 3, dtype=torch.long)}])
+    with pytest.raises(ValueError, match=r"labels.*\(1, 5\).*input_ids.*\(1, 4\)"):
+        perplexity(model, [{"input_ids": ids, "labels": torch.ones(1, 5, dtype=torch.long)}])
+    with pytest.raises(ValueError, match=r"input_ids.*\(rows, positions\)"):
+        perplexity(model, [{"input_ids": ids[0]}])
+    with pytest.raises(TypeError, match="batch 0 is a Tensor, not a dict"):
+        perplexity(model, [ids])
+    with pytest.raises(TypeError, match=r"\[batch\]"):  # one batch, not a list of batches: iterating gives its keys
+        perplexity(model, {"input_ids": ids})
+    # labels of the right shape are passed on to the model and do not change the score
+    assert perplexity(model, [{"input_ids": ids, "labels": ids}]) == pytest.approx(
+        _plain_torch_perplexity(model, ids), rel=1e-5)
