@@ -39,7 +39,7 @@ from ..kernels.layout import dequantize_codes
 from ..quant.config import FLOAT_BITS
 from ..quant.core import quantize
 from ..quant.modules import QUANT_MODULES, QuantEmbedding
-from .registry import ExportError, parse_size  # noqa: F401  (parse_size: re-exported for the backends)
+from .registry import ExportError, output_file_path, parse_size  # noqa: F401  (parse_size: re-exported)
 
 T = TypeVar("T")
 #: a ``QuantLinear`` / ``QuantConv2d`` (typed loosely: their row-group buffers are registered by name)
@@ -357,21 +357,8 @@ def gguf_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     """The file a GGUF export writes: ``path`` itself when it ends in ``.gguf``, else ``path/model.gguf``.
 
     Raises:
-        ExportError: ``path`` ends in ``.gguf`` and is a folder; ``path`` (without ``.gguf``, naming a folder) is a
-            file; the file exists and ``overwrite`` is False.
+        ExportError: the file's path is a folder (``path`` ends in ``.gguf`` and is a folder, or ``path`` holds a
+            folder ``model.gguf``); ``path`` (without ``.gguf``, naming a folder) is a file; the file exists and
+            ``overwrite`` is False.
     """
-    path = Path(path)
-    if path.suffix == ".gguf":
-        if path.is_dir():
-            raise ExportError(f"{path} is a folder; a path ending in .gguf names the file to write (give another "
-                              "name, or the folder's parent without .gguf to write model.gguf into it)")
-    else:
-        if os.path.lexists(path) and not path.is_dir():
-            raise ExportError(f"{path} exists and is not a folder; a path without .gguf names a folder to write "
-                              "model.gguf into (give a name ending in .gguf to write that file)")
-        path = path / "model.gguf"
-    if os.path.lexists(path) and not overwrite:
-        raise ExportError(f"{path} exists; pass overwrite=True (command line: --overwrite) to replace it")
-    if path.is_dir():
-        raise ExportError(f"{path} is a folder; it cannot be replaced by the GGUF file")
-    return path
+    return output_file_path(path, overwrite, suffix=".gguf", format="gguf")

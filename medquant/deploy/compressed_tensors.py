@@ -69,7 +69,14 @@ from .common import (
     quantized_layers,
     source_folder,
 )
-from .registry import ExportError, ExportReport, LayerExport, publish_mode, register_export_format
+from .registry import (
+    ExportError,
+    ExportReport,
+    LayerExport,
+    made_folders,
+    publish_mode,
+    register_export_format,
+)
 
 FORMAT = "compressed-tensors"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -295,8 +302,10 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
 
     Args:
         model: a transformers model whose Linear layers medquant quantized (other layers stay float).
-        path: the output folder (created; must be empty unless ``overwrite``). Written to a temporary folder
-            beside it and moved into place at the end, so a failed export leaves no half-written folder.
+        path: the output folder (created, with any missing parents; must be empty unless ``overwrite``). Written
+            to a temporary folder beside it and moved into place at the end, so a failed export leaves no
+            half-written folder; the parent folders it had to create are removed again, folders that existed
+            before are kept.
         promote: requantize layers with per-row mixed bit-widths to their largest bit-width (else refused).
         max_shard_size: largest safetensors file, bytes or ``"5GB"`` / ``"500MB"``; above it the weights are
             sharded with ``model.safetensors.index.json``.
@@ -392,23 +401,24 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     ordered = dict(sorted(all_tensors.items(), key=lambda kv: (order.get(kv[0].rpartition(".")[0], len(order)),
                                                                  kv[0])))
     tied = head_is_tied(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        _save_config(model, tmp, tied)
-        from compressed_tensors.compressors import ModelCompressor
+    with made_folders(path.parent):  # a failed export removes the parent folders it created
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            _save_config(model, tmp, tied)
+            from compressed_tensors.compressors import ModelCompressor
 
-        ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
-        files = ["config.json"] + (["generation_config.json"] if (tmp / "generation_config.json").exists() else [])
-        files += _write_shards(ordered, tmp, max_shard, progress_bar)
-        files += copy_tokenizer_files(source_folder(model, source), tmp, skip=files)
-        if path.exists():
-            shutil.rmtree(path)
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
+            files = ["config.json"] + (["generation_config.json"] if (tmp / "generation_config.json").exists()
+                                       else [])
+            files += _write_shards(ordered, tmp, max_shard, progress_bar)
+            files += copy_tokenizer_files(source_folder(model, source), tmp, skip=files)
+            publish_mode(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     rows += _float_rows(model, exported_float, ordered)
     order_rows = {n: i for i, (n, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda r: order_rows.get(r.name, len(order_rows)))

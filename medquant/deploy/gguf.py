@@ -8,9 +8,11 @@ separate ``mmproj`` file, which this exporter does not produce).
 What is written, in llama.cpp's names (``token_embd``, ``blk.<i>.attn_q`` ... ``output_norm``, ``output``):
 
 * metadata: architecture (``llama`` / ``qwen2`` / ``gemma3``), context length, embedding length, block count,
-  feed-forward length, head counts, head sizes, rope frequency base (and linear / YaRN / Llama 3 scaling, the last
-  as the ``rope_freqs`` tensor ``1 / f_i`` per frequency pair), RMS-norm epsilon, Gemma 3's sliding window and its
-  per-layer pattern, the tokenizer (:mod:`medquant.deploy.gguf_vocab`), the chat template;
+  feed-forward length, head counts, head sizes, rope frequency base (and linear / YaRN scaling; Llama 3 scaling
+  as the ``rope_freqs`` tensor ``1 / f_i`` per frequency pair, for ``llama`` only: of these architectures
+  llama.cpp's loader reads that tensor for :data:`ROPE_FREQS_ARCHITECTURES` only), RMS-norm epsilon, Gemma 3's
+  sliding window and its per-layer pattern, the tokenizer (:mod:`medquant.deploy.gguf_vocab`), the chat
+  template;
 * the transforms of llama.cpp's own converter: LLaMA ``q_proj`` / ``k_proj`` rows permuted from the
   half-split rope layout of transformers to llama.cpp's interleaved one (per head of ``D`` rows, row
   ``2i + j`` of the result is row ``i + j * D/2`` of the input, ``i < D/2``, ``j in {0, 1}``), exact since
@@ -24,8 +26,9 @@ Refused with :class:`~medquant.deploy.ExportError` naming the layers: schemes no
 requantizes those layers to ``promote_type`` (default Q8_0, by the ``gguf`` package's quantiser; or ``"F32"``,
 exact but uncompressed) and reports the added error; pruned models whose blocks differ in shape (a model pruned
 alike in every block is written with the head counts and feed-forward size of its weights, and the block count
-of its layer list); MoE experts;
-architectures other than the three above.
+of its layer list); MoE experts; Llama 3 rope scaling (``rope_type="llama3"``) in a qwen2 or gemma3 config
+(llama.cpp refuses a file of those architectures holding ``rope_freqs``, and a file without it would compute a
+different model); architectures other than the three above.
 """
 from __future__ import annotations
 
@@ -50,10 +53,20 @@ from .common import (
 )
 from .gguf_blocks import QK, choose_target, decode, gguf_type, layer_blocks, requantize, scope_problem
 from .gguf_vocab import add_tokenizer
-from .registry import ExportError, ExportReport, LayerExport, publish_mode, register_export_format
+from .registry import (
+    ExportError,
+    ExportReport,
+    LayerExport,
+    made_folders,
+    publish_mode,
+    register_export_format,
+)
 
 #: transformers ``model_type`` of the language model -> llama.cpp architecture
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+#: the architectures above whose llama.cpp loader reads the ``rope_freqs`` tensor (how GGUF carries Llama 3 rope
+#: scaling); its qwen2 and gemma3 loaders take no such tensor and refuse a file that has one
+ROPE_FREQS_ARCHITECTURES = ("llama",)
 FLOAT_TYPES = ("F32", "F16")
 F16_MAX = 65504.0  # the largest finite float16
 PROMOTE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
@@ -136,6 +149,50 @@ def _rope_params(cfg: Any) -> tuple[dict, dict | None]:
     return rp, None
 
 
+def _rope_type(params: dict) -> str:
+    """The rope type of one set of rope parameters (``rope_type``, or the older ``type``), lower case."""
+    return str(params.get("rope_type") or params.get("type") or "default").lower()
+
+
+def _rope_theta(cfg: Any, params: dict) -> float | None:
+    """The rope frequency base: from the rope parameters, else the config's ``rope_theta``."""
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+    return None if theta is None else float(theta)
+
+
+def _check_rope_scaling(arch: str, cfg: Any) -> None:
+    """Refuse Llama 3 rope scaling where llama.cpp has no way to read it.
+
+    GGUF carries Llama 3 scaling only as the ``rope_freqs`` tensor. llama.cpp's loader reads it for
+    :data:`ROPE_FREQS_ARCHITECTURES` only; for another architecture a file holding it fails to load (a tensor the
+    loader does not take), and a file without it would run the model with unscaled rope (other outputs).
+
+    Args:
+        arch: the GGUF architecture (``"llama"``, ``"qwen2"``, ``"gemma3"``).
+        cfg: the text config.
+
+    Raises:
+        ExportError: (a ``ValueError``) ``rope_type="llama3"`` in the rope parameters (for Gemma 3 those of full or
+            sliding attention) of an architecture not in :data:`ROPE_FREQS_ARCHITECTURES`.
+    """
+    if arch in ROPE_FREQS_ARCHITECTURES:
+        return
+    full, sliding = _rope_params(cfg)
+    if sliding is None:
+        found = ["rope_parameters"] if _rope_type(full) == "llama3" else []
+    else:  # Gemma 3: one set of rope parameters per attention type
+        found = [f"{kind} attention" for kind, params in (("full", full), ("sliding", sliding))
+                 if _rope_type(params) == "llama3"]
+    if found:
+        accepted = ", ".join(repr(a) for a in ROPE_FREQS_ARCHITECTURES)
+        raise ExportError(f"format='gguf': the config has rope scaling rope_type 'llama3' ({' and '.join(found)}), "
+                          f"for GGUF architecture {arch!r}. GGUF carries Llama 3 rope scaling only as the rope_freqs "
+                          f"tensor, which llama.cpp reads for the architecture(s) {accepted} only: it refuses a "
+                          f"{arch!r} file holding that tensor, and without it the model would run with unscaled rope "
+                          "(different outputs). Nothing was written; a runtime that reads the Hugging Face config "
+                          "keeps the scaling (format='compressed-tensors')")
+
+
 def _head_dim(cfg: Any) -> int:
     hd = getattr(cfg, "head_dim", None)
     return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
@@ -170,11 +227,11 @@ def _write_metadata(writer: Any, arch: str, cfg: Any, name: str, n_vocab: int) -
     writer.add_value_length(_head_dim(cfg))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     full, sliding = _rope_params(cfg)
-    theta = full.get("rope_theta", getattr(cfg, "rope_theta", None))
+    theta = _rope_theta(cfg, full)
     if theta is None:
         raise ExportError(f"the {arch} config has no rope_theta; GGUF needs the rope frequency base")
-    writer.add_rope_freq_base(float(theta))
-    rope_type = (full.get("rope_type") or full.get("type") or "default").lower()
+    writer.add_rope_freq_base(theta)
+    rope_type = _rope_type(full)
     if rope_type == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(full["factor"]))
@@ -213,10 +270,13 @@ def _write_metadata(writer: Any, arch: str, cfg: Any, name: str, n_vocab: int) -
 
 
 def _llama3_rope_freqs(cfg: Any) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs`` for Llama 3 rope scaling (``None`` without it): per frequency pair ``i``, the
+    factor llama.cpp divides the frequency by (1 for short wavelengths, ``factor`` for long ones, smoothed in
+    between). Written only for :data:`ROPE_FREQS_ARCHITECTURES` (:func:`_check_rope_scaling` refuses the others)."""
     full, _ = _rope_params(cfg)
-    if (full.get("rope_type") or "").lower() != "llama3":
+    if _rope_type(full) != "llama3":
         return None
-    base, dim = float(full.get("rope_theta", 10000.0)), _head_dim(cfg)
+    base, dim = _rope_theta(cfg, full) or 10000.0, _head_dim(cfg)
     factor = float(full.get("factor", 8.0))
     low, high = float(full.get("low_freq_factor", 1.0)), float(full.get("high_freq_factor", 4.0))
     old = float(full.get("original_max_position_embeddings", 8192))
@@ -370,6 +430,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         raise ExportError(f"promote_type={promote_type!r} is not accepted; use one of {', '.join(PROMOTE_TYPES)}")
     arch, cfg, dec, dec_name, head, head_name = language_parts(model)
     check_native(model, "gguf")
+    _check_rope_scaling(arch, cfg)
     tied = head is None or head_is_tied(model)
     plan, cfg, dim_notes = _plan(arch, cfg, dec, dec_name, head, head_name, tied)
 
@@ -388,83 +449,83 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
     outside = [n for n, m in quantized_layers(model) if id(m) not in in_plan]
 
     path = gguf_output_path(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model_name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
     n_vocab = int(dec.embed_tokens.weight.shape[0])
     report = ExportReport(format="gguf", path=str(path), notes=list(dim_notes))
-    # written to a temporary file beside the target and moved over it when complete: a failed export leaves an
-    # existing file unchanged
-    fd, tmp_name = tempfile.mkstemp(suffix=".gguf", prefix=f".{path.stem}-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        report.notes.extend(_write_metadata(writer, arch, cfg, model_name, n_vocab))
-        if tokenizer:
-            folder = source_folder(model, source)
-            if folder is None:
-                raise ExportError("format='gguf' writes the tokenizer into the file (llama.cpp needs it): pass "
-                                  "source=<folder with tokenizer.json / tokenizer.model>, or tokenizer=False")
-            report.notes.extend(add_tokenizer(writer, folder, arch, n_vocab, model_name, tokenizer_pre))
-        else:
-            report.notes.append("no tokenizer written (tokenizer=False): llama.cpp cannot run this file as is")
-        types_written: list[str] = []
-        for gname, hf, m, kind in progress(plan.items, total=len(plan.items), desc="gguf", enabled=progress_bar):
-            perm = None
-            if arch == "llama" and gname.endswith((".attn_q", ".attn_k")):
-                nh = cfg.num_attention_heads if gname.endswith(".attn_q") else cfg.num_key_value_heads
-                perm = rope_permutation(_shape(m)[0], nh)  # type: ignore[index]
-            rope_note = "rows permuted to llama.cpp's rope layout" if perm is not None else ""
-            if kind == "norm":
-                w = m.weight.detach().float()
-                note = ""
-                if arch == "gemma3":
-                    w, note = w + 1.0, "stored as 1 + w (llama.cpp's Gemma RMS norm)"
-                data, row = _float_row(f"{hf}.weight", w, "F32", note)
-                writer.add_tensor(f"{gname}.weight", data)
-                report.layers.append(row)
-                continue
-            if id(m) in quant:
-                data, row = _quant_tensor(m, hf, perm, promote_type)
-                row.note = "; ".join(x for x in (row.note, rope_note) if x)
-                writer.add_tensor(f"{gname}.weight", data, raw_dtype=gguf_type(row.target))
-                types_written.append(row.target)
-                report.layers.append(row)
+    with made_folders(path.parent):
+        # written to a temporary file beside the target and moved over it when complete: a failed export leaves an
+        # existing file unchanged, and no folder it had to create (made_folders removes them)
+        fd, tmp_name = tempfile.mkstemp(suffix=".gguf", prefix=f".{path.stem}-", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            report.notes.extend(_write_metadata(writer, arch, cfg, model_name, n_vocab))
+            if tokenizer:
+                folder = source_folder(model, source)
+                if folder is None:
+                    raise ExportError("format='gguf' writes the tokenizer into the file (llama.cpp needs it): pass "
+                                      "source=<folder with tokenizer.json / tokenizer.model>, or tokenizer=False")
+                report.notes.extend(add_tokenizer(writer, folder, arch, n_vocab, model_name, tokenizer_pre))
             else:
-                w = m.weight.detach()
-                if perm is not None:
-                    w = w.index_select(0, perm)
-                data, row = _float_row(f"{hf}.weight", w, float_type, rope_note, scheme=str(w.dtype).split(".")[-1])
-                writer.add_tensor(f"{gname}.weight", data)
-                types_written.append(float_type)
-                report.layers.append(row)
-            bias = getattr(m, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                b = bias.detach().float()
-                if perm is not None:
-                    b = b.index_select(0, perm)
-                data, row = _float_row(f"{hf}.bias", b, "F32", rope_note)
-                writer.add_tensor(f"{gname}.bias", data)
-                report.layers.append(row)
-        freqs = _llama3_rope_freqs(cfg)
-        if freqs is not None:
-            writer.add_tensor("rope_freqs.weight", freqs)
-            report.notes.append("llama3 rope scaling written as the rope_freqs tensor")
-        quant_types = [t for t in types_written if t not in FLOAT_TYPES]
-        # the most common block type; ties go to the first in sorted order (set order varies run to run)
-        main = max(sorted(set(quant_types)), key=quant_types.count) if quant_types else float_type
-        writer.add_file_type(_FILE_TYPE[main])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+                report.notes.append("no tokenizer written (tokenizer=False): llama.cpp cannot run this file as is")
+            types_written: list[str] = []
+            for gname, hf, m, kind in progress(plan.items, total=len(plan.items), desc="gguf", enabled=progress_bar):
+                perm = None
+                if arch == "llama" and gname.endswith((".attn_q", ".attn_k")):
+                    nh = cfg.num_attention_heads if gname.endswith(".attn_q") else cfg.num_key_value_heads
+                    perm = rope_permutation(_shape(m)[0], nh)  # type: ignore[index]
+                rope_note = "rows permuted to llama.cpp's rope layout" if perm is not None else ""
+                if kind == "norm":
+                    w = m.weight.detach().float()
+                    note = ""
+                    if arch == "gemma3":
+                        w, note = w + 1.0, "stored as 1 + w (llama.cpp's Gemma RMS norm)"
+                    data, row = _float_row(f"{hf}.weight", w, "F32", note)
+                    writer.add_tensor(f"{gname}.weight", data)
+                    report.layers.append(row)
+                    continue
+                if id(m) in quant:
+                    data, row = _quant_tensor(m, hf, perm, promote_type)
+                    row.note = "; ".join(x for x in (row.note, rope_note) if x)
+                    writer.add_tensor(f"{gname}.weight", data, raw_dtype=gguf_type(row.target))
+                    types_written.append(row.target)
+                    report.layers.append(row)
+                else:
+                    w = m.weight.detach()
+                    if perm is not None:
+                        w = w.index_select(0, perm)
+                    data, row = _float_row(f"{hf}.weight", w, float_type, rope_note, scheme=str(w.dtype).split(".")[-1])
+                    writer.add_tensor(f"{gname}.weight", data)
+                    types_written.append(float_type)
+                    report.layers.append(row)
+                bias = getattr(m, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    b = bias.detach().float()
+                    if perm is not None:
+                        b = b.index_select(0, perm)
+                    data, row = _float_row(f"{hf}.bias", b, "F32", rope_note)
+                    writer.add_tensor(f"{gname}.bias", data)
+                    report.layers.append(row)
+            freqs = _llama3_rope_freqs(cfg)
+            if freqs is not None:  # only for ROPE_FREQS_ARCHITECTURES (_check_rope_scaling refused the others)
+                writer.add_tensor("rope_freqs.weight", freqs)
+                report.notes.append("llama3 rope scaling written as the rope_freqs tensor")
+            quant_types = [t for t in types_written if t not in FLOAT_TYPES]
+            # the most common block type; ties go to the first in sorted order (set order varies run to run)
+            main = max(sorted(set(quant_types)), key=quant_types.count) if quant_types else float_type
+            writer.add_file_type(_FILE_TYPE[main])
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+            writer.close()
+            publish_mode(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
     report.files.append(str(path))
     if tied:
         report.notes.append("output head tied to token_embd (no output.weight written)")

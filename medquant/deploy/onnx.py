@@ -56,7 +56,15 @@ from .onnx_sim import (
     logits_tolerance,
     prepare,
 )
-from .registry import ExportError, ExportReport, LayerExport, publish_mode, register_export_format
+from .registry import (
+    ExportError,
+    ExportReport,
+    LayerExport,
+    made_folders,
+    output_file_path,
+    publish_mode,
+    register_export_format,
+)
 
 OPSET = 21
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
@@ -215,11 +223,13 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
         output_name: the name of the output tensor.
         verify: run the file with ONNX Runtime on ``example_inputs``, on them twice (batch axis) and on their
             negation and compare with the simulation (:func:`logits_tolerance`).
-        overwrite: replace an existing file (otherwise an existing file is refused).
+        overwrite: replace an existing file (otherwise an existing file is refused). A folder where the file goes
+            (a folder named ``x.onnx``, or ``model.onnx`` inside the target folder) is always refused, asking for a
+            file path.
 
     The file is written beside its target under a temporary name, checked (``onnx.checker`` with types and shapes)
     and verified, then moved into place: an export that fails leaves no file behind (and an existing one as it
-    was).
+    was), and removes the folders it had to create for the file (folders that existed before are kept).
 
     Returns:
         An :class:`ExportReport` with one row per Conv/Linear layer.
@@ -230,16 +240,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
     for flag, value in (("overwrite", overwrite), ("verify", verify)):
         if not isinstance(value, bool):
             raise ExportError(f"{flag} must be True or False, got {value!r}")
-    path = Path(path)
-    if path.suffix != ".onnx" and os.path.lexists(path) and not path.is_dir():
-        raise ExportError(f"{path} exists and is not a folder; a path without .onnx names a folder to write "
-                          "model.onnx into (give a name ending in .onnx to write that file)")
-    file = path if path.suffix == ".onnx" else path / "model.onnx"
-    if file.exists() and not overwrite:
-        raise ExportError(f"{file} exists; pass overwrite=True (command line: --overwrite) to replace it")
-    if file.is_dir():
-        raise ExportError(f"{file} is a folder; format='onnx' writes a file (a path ending in .onnx, or a folder "
-                          f"to hold model.onnx)")
+    file = output_file_path(path, overwrite, suffix=".onnx", format="onnx")
 
     info: SimulationInfo | None = getattr(model, "medquant_onnx", None)
     if info is None:
@@ -265,17 +266,18 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
     names = list(input_names) if input_names else ["pixel_values"] + [f"input_{i}" for i in range(1, len(args))]
     if len(names) != len(args):
         raise ExportError(f"input_names has {len(names)} names for {len(args)} inputs")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    # written and checked beside the target, moved into place only when complete (a failed export leaves no file)
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", prefix=f".{file.stem}-", dir=file.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        report = _write(model, tmp, args, names, output_name, verify)
-        publish_mode(tmp)
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # written and checked beside the target, moved into place only when complete (a failed export leaves no file,
+    # and no folder it had to create)
+    with made_folders(file.parent):
+        fd, tmp_name = tempfile.mkstemp(suffix=".onnx", prefix=f".{file.stem}-", dir=file.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            report = _write(model, tmp, args, names, output_name, verify)
+            publish_mode(tmp)
+            os.replace(tmp, file)
+        finally:
+            tmp.unlink(missing_ok=True)
     report.path, report.files = str(file), [str(file)]
     return report
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,89 @@ def publish_mode(path: Path) -> None:
     mask = os.umask(0o022)  # read the process umask (set back at once)
     os.umask(mask)
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+@contextmanager
+def made_folders(folder: Path) -> Iterator[Path]:
+    """Create ``folder`` and its missing parents for the ``with`` block; remove the ones created if the block fails.
+
+    An export writes its temporary beside the target inside this block, so a failed export leaves the file system
+    as it found it: when the block raises, every folder this call created is removed, deepest first. A folder that
+    existed before is never removed, nor a created one that is no longer empty (something else wrote into it in
+    the meantime). The block's own temporary files must be removed before the block ends.
+
+    Args:
+        folder: the folder the export writes into (the parent of the output file or folder).
+
+    Yields:
+        ``folder``, which exists.
+
+    Raises:
+        ExportError: the nearest existing ancestor of ``folder`` (or ``folder`` itself) is not a folder.
+    """
+    missing = []
+    existing = Path(folder)
+    while not os.path.lexists(existing) and existing.parent != existing:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"{existing} exists and is not a folder; the export cannot create {folder} there")
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+                continue  # made by another process meanwhile: not this call's to remove
+            created.append(d)
+        yield Path(folder)
+    except BaseException:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:  # not empty: something else wrote into it
+                pass
+        raise
+
+
+def output_file_path(path: str | os.PathLike, overwrite: bool, *, suffix: str, format: str) -> Path:
+    """The file a single-file export writes: ``path`` itself when it ends in ``suffix``, else ``path/model<suffix>``.
+
+    Args:
+        path: the path given to the export.
+        overwrite: whether an existing file may be replaced.
+        suffix: the format's file suffix, e.g. ``".gguf"``.
+        format: the format name, for the messages.
+
+    Returns:
+        The file to write.
+
+    Raises:
+        ExportError: the file's path is a folder (a ``suffix`` path that is a folder, or a folder
+            ``model<suffix>`` inside the target folder): no overwrite replaces a folder, so the message asks for a
+            file path; ``path`` (without ``suffix``, naming a folder) is a file; the file exists and ``overwrite``
+            is False.
+    """
+    path = Path(path)
+    default = f"model{suffix}"
+    if path.suffix == suffix:
+        if path.is_dir():
+            raise ExportError(f"{path} is a folder; a path ending in {suffix} names the file format={format!r} "
+                              f"writes: give a file path (e.g. {path / default} to write into that folder)")
+        file = path
+    else:
+        if os.path.lexists(path) and not path.is_dir():
+            raise ExportError(f"{path} exists and is not a folder; a path without {suffix} names a folder to write "
+                              f"{default} into (give a name ending in {suffix} to write that file)")
+        file = path / default
+        if file.is_dir():
+            raise ExportError(f"{file} is a folder; format={format!r} writes {default} into {path} as a file: give a "
+                              f"file path (a name ending in {suffix} elsewhere), or move that folder away")
+    if os.path.lexists(file) and not overwrite:
+        raise ExportError(f"{file} exists; pass overwrite=True (command line: --overwrite) to replace it")
+    return file
 
 
 def parse_size(value: int | str) -> int:

@@ -395,3 +395,26 @@ def test_the_exported_folder_has_the_mode_the_umask_gives(llama, tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "ct").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "ct" / "config.json").stat().st_mode) == 0o644
+
+
+def test_a_failed_export_removes_the_folders_it_created_and_keeps_existing_ones(llama, tmp_path):
+    """The config cannot be written (a set is no JSON): the export fails after it had to create the target's
+    parents; they are removed, the folders that existed before are kept as they were."""
+    model = mq.quantize_(copy.deepcopy(llama), mq.QuantConfig(bits=4, group_size=32))
+    model.config.not_json = {1, 2}
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(TypeError, match="JSON serializable"):
+        export(model, existing / "new" / "deeper" / "ct", format=FMT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"] and not any(existing.iterdir())
+    with pytest.raises(TypeError, match="JSON serializable"):  # an existing empty target stays
+        export(model, existing, format=FMT)
+    assert existing.is_dir() and not any(existing.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no temporary folder left
+    a_file = tmp_path / "a_file"  # a file where the folder goes: named, no overwrite hint (it would not help)
+    a_file.write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="a_file exists and is not a folder") as e:
+            export(model, a_file, format=FMT, overwrite=overwrite)
+        assert "overwrite" not in str(e.value)
+    assert a_file.read_text() == "x"

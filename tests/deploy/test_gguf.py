@@ -371,3 +371,77 @@ def test_the_exported_file_has_the_mode_the_umask_gives(tok_dir, tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o640
     assert report.files == [str(tmp_path / "m.gguf")]
+
+
+def test_a_failed_export_removes_the_folders_it_created_and_keeps_existing_ones(tmp_path):
+    model = ZOO_BY_NAME["llama"].build()  # no tokenizer source: refused when the tokenizer is written
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for target in (existing / "new" / "deeper" / "m.gguf", existing / "out"):  # a file; a folder for model.gguf
+        with pytest.raises(ExportError, match="source="):
+            export(model, target, format="gguf")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"] and not any(existing.iterdir())
+    with pytest.raises(ExportError, match="source="):  # an existing empty folder to hold model.gguf stays
+        export(model, existing, format="gguf")
+    assert existing.is_dir() and not any(existing.iterdir())
+
+
+def test_a_folder_in_place_of_the_file_is_named_and_no_overwrite_is_suggested(tok_dir, tmp_path):
+    """A folder named like the file (``x.gguf``), or a folder ``model.gguf`` inside the target folder: overwrite
+    would not replace it, so the error says it is a folder and asks for a file path instead."""
+    model = ZOO_BY_NAME["llama"].build()
+    (tmp_path / "x.gguf").mkdir()
+    (tmp_path / "out" / "model.gguf").mkdir(parents=True)
+    for target, folder in ((tmp_path / "x.gguf", "x.gguf"), (tmp_path / "out", "model.gguf")):
+        for overwrite in (False, True):
+            with pytest.raises(ExportError, match=rf"{folder} is a folder.*give a file path") as e:
+                export(model, target, format="gguf", source=tok_dir, overwrite=overwrite)
+            assert "overwrite" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["model.gguf", "out", "x.gguf"]
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _with_llama3_rope(name: str):
+    """A zoo model whose (full-attention) rope parameters are Llama 3's scaling; the GGUF writer reads the config."""
+    model = ZOO_BY_NAME[name].build()
+    cfg = model.config.get_text_config()
+    if "full_attention" in cfg.rope_parameters:
+        cfg.rope_parameters = {**cfg.rope_parameters, "full_attention": dict(LLAMA3_ROPE)}
+    else:
+        cfg.rope_parameters = dict(LLAMA3_ROPE)
+    return model
+
+
+def test_llama3_rope_scaling_is_the_rope_freqs_tensor_of_a_llama_file(tok_dir, tmp_path):
+    """llama.cpp divides each rope frequency by ``rope_freqs[i]``: the tensor is the ratio of the unscaled
+    frequencies to transformers' Llama 3 ones (all three regimes: 1, the factor, and smoothed in between)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = _with_llama3_rope("llama")
+    report = export(model, tmp_path / "l.gguf", format="gguf", source=tok_dir)
+    tensors = {t.name: t for t in GGUFReader(report.files[0]).tensors}
+    freqs = torch.from_numpy(tensors["rope_freqs.weight"].data.copy())
+    d = model.config.head_dim
+    unscaled = 1.0 / (LLAMA3_ROPE["rope_theta"] ** (torch.arange(0, d, 2).float() / d))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config)
+    torch.testing.assert_close(freqs, unscaled / scaled, rtol=1e-6, atol=0)
+    assert freqs.min() == 1.0 and freqs.max() == 8.0 and bool(((freqs > 1) & (freqs < 8)).any())
+    assert any("rope_freqs" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("name, arch", [("qwen2", "qwen2"), ("gemma3_text", "gemma3")])
+def test_llama3_rope_scaling_is_refused_where_llama_cpp_reads_no_rope_freqs(name, arch, tok_dir, tmp_path):
+    """llama.cpp's qwen2 / gemma3 loaders take no rope_freqs tensor (an extra tensor fails the load), and without
+    it the scaling would be lost: refused before anything is written, naming the architecture that takes it."""
+    model = _with_llama3_rope(name)
+    with pytest.raises(ExportError, match=rf"rope_type 'llama3'.*GGUF architecture '{arch}'.*reads for the "
+                                          r"architecture\(s\) 'llama' only") as e:
+        export(model, tmp_path / "out" / "m.gguf", format="gguf", source=tok_dir)
+    assert isinstance(e.value, ValueError)
+    assert not any(tmp_path.iterdir())
+    # the same architecture without llama3 scaling: written, with no rope_freqs tensor
+    report = export(ZOO_BY_NAME[name].build(), tmp_path / "d.gguf", format="gguf", source=tok_dir)
+    assert "rope_freqs.weight" not in _types(tmp_path / "d.gguf") and report.files

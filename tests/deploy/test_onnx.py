@@ -601,3 +601,38 @@ def test_activation_quantized_graphs_run_unfused_where_the_int8_kernels_saturate
     monkeypatch.setattr(onnx_mod, "int8_kernels_saturate", lambda: False)
     assert session_options(tmp_path / "m.onnx").graph_optimization_level == default
     assert session_options(tmp_path / "m.onnx", fuse_int8=False).graph_optimization_level == basic
+
+
+def test_a_failed_export_removes_the_folders_it_created_and_keeps_existing_ones(tmp_path):
+    class Unsupported(nn.Module):  # refused while writing: after the target's folders had to be created
+        def forward(self, x):
+            return torch.cummax(x, 1)[0]
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    x = torch.randn(2, 5)
+    for target in (existing / "new" / "deeper" / "m.onnx", existing / "out"):  # a file; a folder for model.onnx
+        with pytest.raises(D.ExportError, match="cummax"):
+            D.export(Unsupported(), target, format="onnx", example_inputs=x)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"] and not any(existing.iterdir())
+    with pytest.raises(D.ExportError, match="cummax"):  # an existing empty folder to hold model.onnx stays
+        D.export(Unsupported(), existing, format="onnx", example_inputs=x)
+    assert existing.is_dir() and not any(existing.iterdir())
+
+
+def test_a_folder_in_place_of_the_file_is_named_and_no_overwrite_is_suggested(tmp_path):
+    """A folder named like the file (``x.onnx``), or a folder ``model.onnx`` inside the target folder: overwrite
+    would not replace it, so the error says it is a folder and asks for a file path instead."""
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    quantize_(model, QuantConfig(bits=4, scope="group", group_size=32))
+    x = torch.randn(2, 32)
+    (tmp_path / "x.onnx").mkdir()
+    (tmp_path / "x.onnx" / "keep.txt").write_text("k")
+    (tmp_path / "out" / "model.onnx").mkdir(parents=True)
+    for target, folder in ((tmp_path / "x.onnx", "x.onnx"), (tmp_path / "out", "model.onnx")):
+        for overwrite in (False, True):
+            with pytest.raises(D.ExportError, match=rf"{folder} is a folder.*give a file path") as e:
+                D.export(model, target, format="onnx", example_inputs=x, overwrite=overwrite)
+            assert "overwrite" not in str(e.value)
+    assert (tmp_path / "x.onnx" / "keep.txt").read_text() == "k" and (tmp_path / "out" / "model.onnx").is_dir()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep.txt", "model.onnx", "out", "x.onnx"]

@@ -147,3 +147,26 @@ def test_publish_mode_gives_a_private_temporary_the_umask_mode(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(name).st_mode) == 0o640
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o750
+
+
+def test_made_folders_removes_the_folders_it_created_when_the_block_fails(tmp_path):
+    from medquant.deploy.registry import made_folders
+
+    with pytest.raises(RuntimeError, match="failed"), made_folders(tmp_path / "a" / "b" / "c") as folder:
+        assert folder.is_dir()
+        raise RuntimeError("failed")
+    assert not any(tmp_path.iterdir())
+    (tmp_path / "a").mkdir()
+    # a created folder that something else wrote into is kept
+    with pytest.raises(RuntimeError, match="failed"), made_folders(tmp_path / "a" / "b" / "c"):
+        (tmp_path / "a" / "b" / "other.txt").write_text("x")
+        raise RuntimeError("failed")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/other.txt"]
+    with made_folders(tmp_path / "x" / "y"):  # a block that succeeds keeps them
+        pass
+    assert (tmp_path / "x" / "y").is_dir()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ExportError, match=r"f exists and is not a folder; the export cannot create .*f/sub"), \
+            made_folders(tmp_path / "f" / "sub"):
+        raise AssertionError("not reached")
+    assert (tmp_path / "f").read_text() == "x"
