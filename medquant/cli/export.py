@@ -172,6 +172,8 @@ def _size(text: str) -> int:
 
 #: formats whose backends take ``source`` (tokenizer / processor folder) and ``progress_bar``
 WITH_SOURCE = ("compressed-tensors", "gguf")
+#: the formats that write one file (OUT, or OUT/model<suffix> for a folder), with their suffix
+FILE_SUFFIXES = {"gguf": ".gguf", "onnx": ".onnx"}
 
 
 def load_source(path: str):
@@ -233,6 +235,13 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
     out = Path(args.out)
     if out.resolve() == Path(args.src).resolve():
         parser.error("OUT must differ from SRC (the export is written next to the source, never over it)")
+    if args.format in FILE_SUFFIXES:  # the file the export writes (OUT, or OUT/model<suffix>), checked first
+        from ..deploy.registry import output_file_path
+
+        try:
+            output_file_path(out, args.overwrite, suffix=FILE_SUFFIXES[args.format], format=args.format)
+        except ExportError as e:
+            parser.error(f"OUT: {e}")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         parser.error(f"OUT {args.out} exists and is not empty; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -240,13 +249,6 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             parser.error(f"OUT {args.out} exists and is a file; --format compressed-tensors writes a folder")
         if not args.overwrite:
             parser.error(f"OUT {args.out} exists; pass --overwrite to replace it")
-    if args.format == "gguf":  # the file the export writes (OUT, or OUT/model.gguf), checked before loading
-        from ..deploy.common import gguf_output_path
-
-        try:
-            gguf_output_path(out, args.overwrite)
-        except ExportError as e:
-            parser.error(f"OUT: {e}")
     if args.max_shard_size is not None and args.format != "compressed-tensors":
         parser.error("--max-shard-size applies to --format compressed-tensors only")
     if args.source is not None and args.format not in WITH_SOURCE:

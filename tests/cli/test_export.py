@@ -108,10 +108,16 @@ def test_hf_folder_with_tokenizer_prints_the_table_and_copies_the_tokenizer(tmp_
     (["{src}", "{root}/src/config.json", "--format", "gguf", "--overwrite"],
      "OUT: {root}/src/config.json exists and is not a folder; a path without .gguf names a folder"),
     (["{src}", "{root}/src.gguf", "--format", "gguf", "--overwrite"], "OUT: {root}/src.gguf is a folder"),
+    # a non-empty folder where the file goes: said as such, not "pass --overwrite" (which could not help)
+    (["{src}", "{root}/full.gguf", "--format", "gguf"], "OUT: {root}/full.gguf is a folder"),
+    (["{src}", "{root}/full.onnx", "--format", "onnx", "--input-shape", "1,4"], "OUT: {root}/full.onnx is a folder"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(saved, capsys, args, expected):
     root, _ = saved
     (root / "src.gguf").mkdir(exist_ok=True)  # a folder whose name ends in .gguf
+    for name in ("full.gguf", "full.onnx"):  # non-empty folders named like the file
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "keep.txt").write_text("x")
     argv = [a.format(root=root, src=root / "src") for a in args]
     with pytest.raises(SystemExit) as e:
         main(["export", *argv])
