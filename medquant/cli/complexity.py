@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--fit-limit", type=positive_int, default=None)
     p.add_argument("--state", default=None, help="load a saved scorer state instead of fitting")
     p.add_argument("--save-state", default=None, help="save the fitted scorer state (torch.save of tensors)")
-    p.add_argument("--normalisation", choices=["minmax", "quantile"], default="minmax")
+    p.add_argument("--normalisation", choices=["minmax", "quantile"], default=None,
+                   help="per-metric scaling before weighting (default minmax; with --state: the state's)")
     p.add_argument("--weights", type=metric_weights, default=None,
                    help="5 comma-separated metric weights >= 0 (entropy, edge_density, intensity_std, "
                         "fractal_dimension, lbp_entropy)")

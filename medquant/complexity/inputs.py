@@ -10,14 +10,28 @@ Accepted inputs (see :func:`prepare`):
 * ``pydicom.dataset.Dataset`` (optional extra ``dicom``): see :func:`medquant.data.dicom_to_array`.
 * a list/tuple of any of the above, possibly of different sizes (grouped by size internally).
 
-Intensities: uint8 / 255; other unsigned or non-negative integers / (2**bits - 1) with ``bits`` = the declared
-``bits_stored`` (default: the dtype width, e.g. 16 for uint16; a uint8 image with bits_stored < 8 uses it too);
-bool as {0, 1}; floats must be finite and in [0, 1] (``bits_stored`` is ignored for them, so it can be set for
-a mixed list, e.g. 12-bit arrays plus DICOM datasets, which arrive as floats). RGB -> gray with scikit-image's ``rgb2gray`` weights (0.2125, 0.7154, 0.0721), in float64.
+Intensities (``bits_stored`` = the value given per call or the scorer's default; it must be None or an int in
+1..32, bool refused, whatever the input, else ``ValueError``):
+
+* floats must be finite and in [0, 1] and are used as given; bool images are {0, 1}. ``bits_stored`` does not
+  apply to either, so it can be set for a mixed list (e.g. 12-bit arrays plus DICOM datasets, which arrive as
+  floats).
+* integers are divided by ``2**bits - 1``, with ``bits`` = ``bits_stored`` when given, else the depth the input
+  itself declares: 8 for uint8 (arrays, tensors, PIL modes L / RGB / LA / P...), 16 for uint16 arrays and tensors
+  and PIL ``I;16*`` images, and for PIL ``I`` images 16 (32 when a value is >= 65536). Every other integer dtype
+  (int8, int16, int32, int64, uint32, uint64) declares none: without ``bits_stored`` it raises ``TypeError``.
+* uint8 images use ``bits_stored`` only when it is below 8 (an 8-bit container holds at most 8 bits; any
+  ``bits_stored >= 8`` reads them as 8-bit, so one ``bits_stored`` can serve a list mixing 8-bit and wider
+  images). For the other integer containers ``bits_stored`` above the container's width (16 for uint16 / int16
+  and PIL ``I;16``, 32 for PIL ``I``, ...) raises ``ValueError``.
+* integer values must lie in ``[0, 2**bits - 1]`` (``ValueError`` otherwise, naming the image).
+
+RGB -> gray with scikit-image's ``rgb2gray`` weights (0.2125, 0.7154, 0.0721), in float64.
 The 8-bit image used by entropy and LBP is ``rint(255 * gray)`` (round half to even, as ``img_as_ubyte``).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +68,33 @@ def _is_pil(x) -> bool:
 
 def _is_dicom(x) -> bool:
     return type(x).__module__.startswith("pydicom") and hasattr(x, "PixelData")
+
+
+def _check_bits_stored(bits_stored) -> None:
+    """Refuse a ``bits_stored`` that is not None or an integer in 1..32 (bool included), whatever the images.
+
+    Args:
+        bits_stored: the value given.
+
+    Raises:
+        ValueError: naming the value given and what is accepted.
+    """
+    if bits_stored is None:
+        return
+    if (isinstance(bits_stored, (bool, np.bool_)) or not isinstance(bits_stored, numbers.Integral)
+            or not 1 <= int(bits_stored) <= 32):
+        raise ValueError(f"bits_stored must be an integer in 1..32 (or None), got {bits_stored!r} "
+                         f"({type(bits_stored).__name__})")
+
+
+def _int_container(dtype) -> tuple[str, int] | None:
+    """(name, width in bits) of an integer numpy / torch dtype; None for other dtypes."""
+    if isinstance(dtype, torch.dtype):
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            return None
+        return str(dtype).removeprefix("torch."), 8 * dtype.itemsize
+    dtype = np.dtype(dtype)
+    return (dtype.name, 8 * dtype.itemsize) if dtype.kind in "ui" else None
 
 
 def _pil_to_numpy(img) -> tuple[np.ndarray, int | None]:
@@ -124,8 +165,13 @@ def _array_to_bchw(arr, channel_last: bool) -> torch.Tensor:
     raise ValueError(f"images must have 2, 3 or 4 dimensions, got shape {shape}; {_ACCEPTED}")
 
 
-def _to_unit(t: torch.Tensor, bits_stored: int | None, what: str) -> tuple[torch.Tensor, bool]:
-    """Map intensities to [0, 1]. Returns (float tensor, is_uint8)."""
+def _to_unit(t: torch.Tensor, bits_stored: int | None, what: str,
+             container: tuple[str, int] | None = None) -> tuple[torch.Tensor, bool]:
+    """Map intensities to [0, 1]. Returns (float tensor, is_uint8).
+
+    ``container`` is the (name, width) of the integer container the image came in (``t`` may have been widened
+    for torch, e.g. uint16 -> int32); default: ``t``'s own dtype.
+    """
     if t.dtype == torch.uint8 and (bits_stored is None or bits_stored >= 8):
         return t, True  # an 8-bit container cannot hold more than 8 bits
     if t.dtype.is_floating_point:  # bits_stored does not apply: floats are already in [0, 1]
@@ -144,15 +190,21 @@ def _to_unit(t: torch.Tensor, bits_stored: int | None, what: str) -> tuple[torch
             bits = 8
         else:
             raise TypeError(f"{what} has dtype {t.dtype}: pass bits_stored= (e.g. 12 for 12-bit data) so the "
-                            "intensity range is known")
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 32:
-        raise ValueError(f"bits_stored must be an integer in 1..32, got {bits!r}")
+                            "intensity range is known (only uint8, uint16 and PIL 'I' / 'I;16' images default to "
+                            "a bit depth)")
+    _check_bits_stored(bits)
+    name, width = container if container is not None else _int_container(t.dtype) or (str(t.dtype), 64)
+    if int(bits) > width:
+        raise ValueError(f"{what}: bits_stored={bits} exceeds the {width}-bit width of its {name} container; "
+                         f"accepted: 1..{width} for {name} images")
     top = 2 ** int(bits) - 1
     if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch reduces none of these: take them as float64
         t = t.to(torch.float64)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi > top:
-        raise ValueError(f"{what} values span [{lo}, {hi}], outside [0, {top}] for bits_stored={bits}")
+        hint = ("; integer images must be non-negative" if lo < 0 else
+                f"; declare the bit depth the data has (bits_stored >= {hi.bit_length()})")
+        raise ValueError(f"{what} values span [{lo}, {hi}], outside [0, {top}] for bits_stored={bits}{hint}")
     return t.to(torch.float64) / top, False
 
 
@@ -173,7 +225,8 @@ def _rgb_to_gray(unit: torch.Tensor, is_u8: bool) -> torch.Tensor:
     return (f * wts).sum(dim=1)
 
 
-def _finish(t_bchw: torch.Tensor, bits_stored, what: str, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _finish(t_bchw: torch.Tensor, bits_stored, what: str, device,
+            container: tuple[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     t = t_bchw.to(device)
     b, c, h, w = t.shape
     if b == 0:
@@ -183,7 +236,7 @@ def _finish(t_bchw: torch.Tensor, bits_stored, what: str, device) -> tuple[torch
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"{what} is {h}x{w}: images must be at least {MIN_SIDE}x{MIN_SIDE} pixels "
                          "(the metrics need a neighbourhood and at least two box sizes)")
-    unit, is_u8 = _to_unit(t, bits_stored, what)
+    unit, is_u8 = _to_unit(t, bits_stored, what, container)
     if c == 3:
         gray64 = _rgb_to_gray(unit, is_u8)
         u8 = torch.round(gray64 * 255.0).clamp_(0, 255).to(torch.uint8)
@@ -197,22 +250,29 @@ def _finish(t_bchw: torch.Tensor, bits_stored, what: str, device) -> tuple[torch
 
 
 def _single_to_bchw(x, channel_last_default: bool = True):
-    """One item of a list -> (B, C, H, W) tensor and its own bits_stored hint."""
+    """One item of a list -> (B, C, H, W) tensor, its own bits_stored hint, and the (name, width) of its integer
+    container (None for float / bool images)."""
     if _is_pil(x):
         arr, bits = _pil_to_numpy(x)
-        return _array_to_bchw(arr, True), bits
+        if x.mode == "I":
+            container: tuple[str, int] | None = ("PIL mode 'I' (int32)", 32)
+        elif x.mode.startswith("I;16"):
+            container = (f"PIL mode {x.mode!r} (uint16)", 16)
+        else:
+            container = _int_container(arr.dtype)
+        return _array_to_bchw(arr, True), bits, container
     if _is_dicom(x):
         from ..data import dicom_to_array
 
         arr, bits = dicom_to_array(x)
-        return _array_to_bchw(arr, True), bits
+        return _array_to_bchw(arr, True), bits, _int_container(arr.dtype)
     if isinstance(x, np.ndarray):
-        return _array_to_bchw(x, True), (16 if x.dtype == np.uint16 else None)
+        return _array_to_bchw(x, True), (16 if x.dtype == np.uint16 else None), _int_container(x.dtype)
     if isinstance(x, torch.Tensor):
         t = x.detach()
         if t.dtype == torch.uint16:
-            return _array_to_bchw(t.to(torch.int32), False), 16
-        return _array_to_bchw(t, False), None
+            return _array_to_bchw(t.to(torch.int32), False), 16, _int_container(t.dtype)
+        return _array_to_bchw(t, False), None, _int_container(t.dtype)
     raise TypeError(f"unsupported image type {type(x).__name__}; {_ACCEPTED}")
 
 
@@ -223,16 +283,20 @@ def prepare(images, bits_stored: int | None = None, device=None) -> tuple[int, l
 
     Args:
         images: what the scorer accepts (see the module docstring).
-        bits_stored: bit depth of integer images wider than 8 bits (default: the dtype's width).
+        bits_stored: significant bits of integer images, None or an int in 1..32 (default: the depth the input
+            declares; see the module docstring for which inputs declare one and how uint8 uses it).
         device: where the tensors go.
 
     Returns:
         ``(number of images, groups)``: one :class:`Group` per image size.
 
     Raises:
-        TypeError: a nested list or an input of an unsupported type.
-        ValueError: an image of the wrong shape, smaller than 8x8, not finite or out of range.
+        TypeError: a nested list, an input of an unsupported type, or an integer image without a bit depth
+            (neither ``bits_stored`` nor one declared by the input).
+        ValueError: an image of the wrong shape, smaller than 8x8, not finite or out of range; ``bits_stored``
+            not None or an int in 1..32, or wider than an image's integer container (uint8 excepted).
     """
+    _check_bits_stored(bits_stored)
     dev = torch.device(device) if device is not None else None
     if isinstance(images, (list, tuple)):
         items = list(images)
@@ -244,10 +308,10 @@ def prepare(images, bits_stored: int | None = None, device=None) -> tuple[int, l
         what = f"image {k}" if isinstance(images, (list, tuple)) else "input"
         if isinstance(item, (list, tuple)):
             raise TypeError(f"{what} is a nested list; {_ACCEPTED}")
-        t, own_bits = _single_to_bchw(item)
+        t, own_bits, container = _single_to_bchw(item)
         bits = bits_stored if bits_stored is not None else own_bits
         target = dev if dev is not None else torch.device("cpu")
-        gray, u8, exact = _finish(t, bits, what, target)
+        gray, u8, exact = _finish(t, bits, what, target, container)
         idx = list(range(n, n + gray.shape[0]))
         n += gray.shape[0]
         key = (tuple(gray.shape[1:]), exact)

@@ -14,9 +14,16 @@ Pipeline:
 
 The scorer is a ``torch.nn.Module`` whose state is a few buffers (float64, kept float64 even under
 ``model.half()``), so it is saved and loaded with a model it is attached to; ``state_dict()`` holds only
-tensors (safetensors-friendly). The state carries the default ``bits_stored`` too (``0`` = none: the dtype's
-width), so a reloaded scorer reads integer images as the saved one did; a state of version 1, saved before it
-was recorded, keeps the loading scorer's ``bits_stored``. Computation runs on the device of the scorer
+tensors (safetensors-friendly). Besides the calibration (offsets, spreads, thresholds, hence ``n_levels``), the
+state carries every setting that decides the metrics or a re-fit: the weights, the edge threshold, the default
+``bits_stored`` (``bits_stored_state``, ``0`` = none: the depth the input declares), ``normalisation``
+(``normalisation_state``, 0 = ``"minmax"``, 1 = ``"quantile"``) and ``quantiles`` (``quantiles_state``). A
+reloaded scorer therefore reads images, scores them and re-fits as the saved one did.
+
+State versions: 1 had none of the three settings, 2 added ``bits_stored_state``, 3 (this build) adds
+``normalisation_state`` and ``quantiles_state``. Older states still load: a setting they lack keeps the loading
+scorer's own value (its constructor argument or default), which is what loading did before the setting was
+recorded; saved again, the state is written as version 3. Computation runs on the device of the scorer
 (``scorer.to("cuda")``).
 """
 from __future__ import annotations
@@ -31,8 +38,11 @@ from torch import nn
 from .inputs import prepare
 from .metrics import METRIC_NAMES, compute_metrics
 
-STATE_VERSION = 2  # 2: adds "bits_stored"
-_READABLE_VERSIONS = (1, 2)
+STATE_VERSION = 3  # 2: adds "bits_stored_state"; 3: adds "normalisation_state" and "quantiles_state"
+_READABLE_VERSIONS = (1, 2, 3)
+_ADDED_IN = {"bits_stored_state": 2, "normalisation_state": 3, "quantiles_state": 3}  # key -> first version
+_NORMALISATIONS = ("minmax", "quantile")  # normalisation_state codes 0, 1
+_DEFAULT_QUANTILES = (0.01, 0.99)
 _EPS_SPREAD = 1e-12
 
 
@@ -48,17 +58,22 @@ class ComplexityScorer(nn.Module):
         weights: metric weights for the combined score, a sequence of 5 non-negative numbers in
             :data:`METRIC_NAMES` order or a mapping name -> weight (missing names get 0). Default all 1.
         edge_threshold: Sobel magnitude threshold for the edge mask (default 0.1).
-        normalisation: ``"minmax"`` (default) or ``"quantile"``.
-        quantiles: (low, high) for ``"quantile"`` normalisation.
-        bits_stored: default bit depth for integer images wider than 8 bits (e.g. 12), an int in 1..32 or None
-            (the dtype's width); per-call override. Saved in the state and restored by ``load_state_dict``.
+        normalisation: ``"minmax"`` or ``"quantile"``; None (default) means ``"minmax"`` unless a loaded state
+            says otherwise. Saved in the state and restored by ``load_state_dict``.
+        quantiles: (low, high) for ``"quantile"`` normalisation; None (default) means (0.01, 0.99) unless a
+            loaded state says otherwise. Saved in the state and restored by ``load_state_dict``.
+        bits_stored: default number of significant bits of integer images (e.g. 12), an int in 1..32 or None
+            (the depth the input declares: 8 for uint8, 16 for uint16 and PIL ``I;16``; other integer dtypes
+            then need one; see :mod:`medquant.complexity.inputs`); per-call override. Saved in the state and
+            restored by ``load_state_dict``.
 
     Raises:
         ValueError: ``n_levels`` is not a positive int, ``normalisation`` unknown, ``quantiles`` not
             ``0 <= low < high <= 1``, ``edge_threshold`` negative or not finite, ``weights`` of the wrong length,
             with unknown names, negative, not finite or all zero, or ``bits_stored`` not None or an int in
-            1..32. ``load_state_dict`` raises it too for a state saved with another ``bits_stored`` than the
-            one this scorer was given explicitly.
+            1..32. ``load_state_dict`` raises it too for a state saved with another ``bits_stored``,
+            ``normalisation`` or ``quantiles`` than the one this scorer was given explicitly (not None, in the
+            constructor or by setting the attribute); a setting left None takes the state's value.
 
     Example::
 
@@ -70,38 +85,49 @@ class ComplexityScorer(nn.Module):
 
     METRIC_NAMES = METRIC_NAMES
 
+    # buffers (registered in __init__; declared here for type checkers)
+    metric_weights: torch.Tensor
+    edge_threshold: torch.Tensor
+    norm_offset: torch.Tensor
+    norm_scale: torch.Tensor
+    thresholds: torch.Tensor
+    fitted: torch.Tensor
+    state_version: torch.Tensor
+    bits_stored_state: torch.Tensor
+    normalisation_state: torch.Tensor
+    quantiles_state: torch.Tensor
+
     def __init__(
         self,
         n_levels: int = 4,
         weights: Sequence[float] | Mapping[str, float] | None = None,
         edge_threshold: float = 0.1,
-        normalisation: str = "minmax",
-        quantiles: tuple[float, float] = (0.01, 0.99),
+        normalisation: str | None = None,
+        quantiles: tuple[float, float] | None = None,
         bits_stored: int | None = None,
     ):
         super().__init__()
         if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 1:
             raise ValueError(f"n_levels must be a positive integer, got {n_levels!r}")
-        if normalisation not in ("minmax", "quantile"):
-            raise ValueError(f"normalisation must be 'minmax' or 'quantile', got {normalisation!r}")
-        lo_q, hi_q = (float(q) for q in quantiles)
-        if not 0.0 <= lo_q < hi_q <= 1.0:
-            raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {quantiles!r}")
+        self._check_normalisation(normalisation)
+        q = self._parse_quantiles(quantiles)
         if not (math.isfinite(edge_threshold) and edge_threshold >= 0.0):
             raise ValueError(f"edge_threshold must be a non-negative number, got {edge_threshold!r}")
-        self.normalisation = normalisation
-        self.quantiles = (lo_q, hi_q)
-        f64 = {"dtype": torch.float64}
+        f64 = torch.float64
         self.register_buffer("metric_weights", self._parse_weights(weights))
-        self.register_buffer("edge_threshold", torch.tensor(float(edge_threshold), **f64))
-        self.register_buffer("norm_offset", torch.zeros(5, **f64))
-        self.register_buffer("norm_scale", torch.ones(5, **f64))
-        self.register_buffer("thresholds", torch.zeros(n_levels - 1, **f64))
+        self.register_buffer("edge_threshold", torch.tensor(float(edge_threshold), dtype=f64))
+        self.register_buffer("norm_offset", torch.zeros(5, dtype=f64))
+        self.register_buffer("norm_scale", torch.ones(5, dtype=f64))
+        self.register_buffer("thresholds", torch.zeros(n_levels - 1, dtype=f64))
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("state_version", torch.tensor(STATE_VERSION, dtype=torch.int64))
         self.register_buffer("bits_stored_state", torch.tensor(0, dtype=torch.int64))  # 0 = None
+        self.register_buffer("normalisation_state", torch.tensor(0, dtype=torch.int64))  # _NORMALISATIONS index
+        self.register_buffer("quantiles_state", torch.tensor(q, dtype=torch.float64))
         self._bits_stored_explicit = False
         self.bits_stored = bits_stored
+        self.normalisation = normalisation
+        self.quantiles = quantiles
 
     # ------------------------------------------------------------------ configuration
     @staticmethod
@@ -122,6 +148,23 @@ class ComplexityScorer(nn.Module):
             raise ValueError(f"weights must be finite, non-negative and not all zero, got {w}")
         return t
 
+    @staticmethod
+    def _check_normalisation(value) -> None:
+        if value is not None and (not isinstance(value, str) or value not in _NORMALISATIONS):
+            raise ValueError(f"normalisation must be 'minmax', 'quantile' or None, got {value!r}")
+
+    @staticmethod
+    def _parse_quantiles(value) -> tuple[float, float]:
+        if value is None:
+            return _DEFAULT_QUANTILES
+        try:
+            lo_q, hi_q = (float(q) for q in value)
+        except (TypeError, ValueError):
+            lo_q = hi_q = float("nan")
+        if not 0.0 <= lo_q < hi_q <= 1.0:
+            raise ValueError(f"quantiles must be None or (low, high) with 0 <= low < high <= 1, got {value!r}")
+        return lo_q, hi_q
+
     @property
     def n_levels(self) -> int:
         """Number of complexity levels (``len(thresholds) + 1``)."""
@@ -129,7 +172,7 @@ class ComplexityScorer(nn.Module):
 
     @property
     def bits_stored(self) -> int | None:
-        """Default bit depth of integer images wider than 8 bits (None: the dtype's width); part of the state."""
+        """Default significant bits of integer images (None: the depth the input declares); part of the state."""
         v = int(self.bits_stored_state)
         return None if v == 0 else v
 
@@ -140,6 +183,29 @@ class ComplexityScorer(nn.Module):
             raise ValueError(f"bits_stored must be None or an integer in 1..32, got {value!r}")
         self.bits_stored_state.fill_(0 if value is None else int(value))
         self._bits_stored_explicit = value is not None
+
+    @property
+    def normalisation(self) -> str:
+        """``"minmax"`` or ``"quantile"``: how :meth:`fit` normalises each metric; part of the state."""
+        return _NORMALISATIONS[int(self.normalisation_state)]
+
+    @normalisation.setter
+    def normalisation(self, value: str | None) -> None:
+        self._check_normalisation(value)
+        self.normalisation_state.fill_(_NORMALISATIONS.index(value or "minmax"))
+        self._normalisation_explicit = value is not None
+
+    @property
+    def quantiles(self) -> tuple[float, float]:
+        """(low, high) quantiles of ``"quantile"`` normalisation; part of the state."""
+        lo_q, hi_q = self.quantiles_state.tolist()
+        return float(lo_q), float(hi_q)
+
+    @quantiles.setter
+    def quantiles(self, value: tuple[float, float] | None) -> None:
+        q = self._parse_quantiles(value)
+        self.quantiles_state.copy_(torch.tensor(q, dtype=torch.float64))
+        self._quantiles_explicit = value is not None
 
     @property
     def device(self) -> torch.device:
@@ -171,7 +237,7 @@ class ComplexityScorer(nn.Module):
         Args:
             images: what :mod:`medquant.complexity.inputs` accepts (tensors, arrays, PIL / DICOM images,
                 lists of them).
-            bits_stored: bit depth of integer images wider than 8 bits (default: the scorer's ``bits_stored``).
+            bits_stored: significant bits of integer images (default: the scorer's ``bits_stored``).
             as_dict: return ``name -> (N,)`` instead of one tensor.
 
         Returns:
@@ -327,22 +393,34 @@ class ComplexityScorer(nn.Module):
                 raise ValueError(f"{key} must be a 1-D tensor")
         # validate before resizing anything: a refused state must leave this scorer as it was
         self._validate_state({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
-        bits_key, ver_key = prefix + "bits_stored_state", prefix + "state_version"
-        if bits_key in state_dict:
-            saved = int(state_dict[bits_key]) or None
-            if self._bits_stored_explicit and saved != self.bits_stored:
-                raise ValueError(f"the state was saved with bits_stored={saved} but this scorer was constructed "
-                                 f"with bits_stored={self.bits_stored}; construct it with bits_stored={saved} or "
-                                 "None to load this state")
+        ver_key = prefix + "state_version"
+        # a setting given explicitly (not None) must agree with the state's; one left None takes the state's
+        saved_settings = {
+            "bits_stored": (self._bits_stored_explicit, self.bits_stored,
+                            lambda v: int(v) or None),
+            "normalisation": (self._normalisation_explicit, self.normalisation,
+                              lambda v: _NORMALISATIONS[int(v)]),
+            "quantiles": (self._quantiles_explicit, self.quantiles,
+                          lambda v: tuple(float(q) for q in torch.as_tensor(v).tolist())),
+        }
+        for name, (explicit, own, decode) in saved_settings.items():
+            k = f"{prefix}{name}_state"
+            if explicit and k in state_dict and decode(state_dict[k]) != own:
+                saved = decode(state_dict[k])
+                raise ValueError(f"the state was saved with {name}={saved!r} but this scorer was constructed "
+                                 f"with {name}={own!r}; construct it with {name}={saved!r} or None to load this "
+                                 "state")
         if key in state_dict and state_dict[key].shape != self.thresholds.shape:  # saved with another n_levels
             self.thresholds = torch.zeros(state_dict[key].shape, dtype=torch.float64, device=self.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        old = bits_key not in state_dict and ver_key in state_dict and int(state_dict[ver_key]) == 1
-        if old and bits_key in missing_keys:
-            # saved before bits_stored was recorded: keep this scorer's own (the old behaviour), not an error
-            missing_keys.remove(bits_key)
-        self.state_version.fill_(STATE_VERSION)  # saved again, the state is this build's (with bits_stored)
+        if ver_key in state_dict:
+            for name, since in _ADDED_IN.items():
+                k = prefix + name
+                if int(state_dict[ver_key]) < since and k not in state_dict and k in missing_keys:
+                    # saved before this setting was recorded: keep this scorer's own (the old behaviour)
+                    missing_keys.remove(k)
+        self.state_version.fill_(STATE_VERSION)  # saved again, the state is this build's (with every setting)
 
     @staticmethod
     def _validate_state(sd: Mapping) -> None:
@@ -373,10 +451,22 @@ class ComplexityScorer(nn.Module):
         if bits is not None and (bits.numel() != 1 or bits.dtype.is_floating_point or bits.dtype == torch.bool
                                  or not 0 <= int(bits) <= 32):
             raise ValueError(f"bits_stored_state must be one integer in 0..32 (0 = none), got {bits.tolist()}")
+        norm = t("normalisation_state")
+        if norm is not None and (norm.numel() != 1 or norm.dtype.is_floating_point or norm.dtype == torch.bool
+                                 or not 0 <= int(norm) < len(_NORMALISATIONS)):
+            raise ValueError("normalisation_state must be one integer, 0 (minmax) or 1 (quantile), got "
+                             f"{norm.tolist()}")
+        q = t("quantiles_state")
+        if q is not None:
+            qd = q.double()
+            if (q.shape != (2,) or not q.dtype.is_floating_point or not bool(torch.isfinite(qd).all())
+                    or not 0.0 <= float(qd[0]) < float(qd[1]) <= 1):
+                raise ValueError(f"quantiles_state must be 2 values with 0 <= low < high <= 1, got {q.tolist()}")
         et = t("edge_threshold")
         if et is not None and (et.numel() != 1 or not 0 <= float(et) < float("inf")):
             raise ValueError(f"edge_threshold must be one finite non-negative number, got {et.tolist()}")
 
     def extra_repr(self) -> str:
         return (f"n_levels={self.n_levels}, edge_threshold={float(self.edge_threshold)}, "
-                f"normalisation={self.normalisation!r}, bits_stored={self.bits_stored}, fitted={self.is_fitted}")
+                f"normalisation={self.normalisation!r}, quantiles={self.quantiles}, bits_stored={self.bits_stored}, "
+                f"fitted={self.is_fitted}")

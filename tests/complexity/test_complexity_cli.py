@@ -70,3 +70,17 @@ def test_a_saved_state_scores_as_the_run_that_saved_it(tmp_path):
     got = np.array([[float(r[k]) for k in METRIC_NAMES] for r in rows[1]])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert len({r["level"] for r in rows[1]}) > 1
+
+
+def test_a_state_saved_with_quantile_normalisation_loads_without_repeating_the_option(tmp_path, data_root):
+    npz = data_root / "pneumoniamnist" / "pneumoniamnist.npz"
+    first, second, state = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "s.pt"
+    common = [str(npz), "--split", "test", "--limit", "40", "--no-progress"]
+    assert main(["score", *common, "--normalisation", "quantile", "--out", str(first),
+                 "--save-state", str(state)]) == 0
+    assert ComplexityScorer().normalisation == "minmax"
+    loaded = ComplexityScorer()
+    loaded.load_state_dict(torch.load(state, weights_only=True))
+    assert loaded.normalisation == "quantile"
+    assert main(["score", *common, "--state", str(state), "--out", str(second)]) == 0
+    assert first.read_text() == second.read_text()

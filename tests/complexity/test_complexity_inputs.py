@@ -1,6 +1,8 @@
 """Every accepted input type gives the same metrics; bad inputs give clear errors."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,71 @@ def test_bits_stored_does_not_break_uint8_float_or_dicom_like_inputs():
     six = (u8 >> 2).astype(np.uint8)  # 6-bit data in a uint8 container
     np.testing.assert_allclose(plain.metrics(six, bits_stored=6).numpy()[0],
                                reference_metrics(six.astype(np.uint16), bits_stored=6), atol=1e-4)
+
+
+def _gray_u8_image():
+    return np.random.default_rng(9).integers(0, 256, (16, 16)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("bad", [12.5, "12", 33, 0, -4, True, np.float64(12.0), np.bool_(True)])
+def test_bits_stored_is_validated_whatever_the_image_type(sc, bad):
+    """bits_stored was checked only on the path of integer images wider than 8 bits: a uint8, float, bool or PIL
+    image took 12.5, 33 or "12" silently (or failed inside a comparison)."""
+    u8 = _gray_u8_image()
+    for img in (u8, torch.from_numpy(u8), Image.fromarray(u8), u8 / 255.0, np.eye(16, dtype=bool), [], [u8, u8]):
+        with pytest.raises(ValueError, match=r"bits_stored must be an integer in 1\.\.32 \(or None\), got "
+                                             + re.escape(repr(bad))):
+            sc.metrics(img, bits_stored=bad)
+
+
+def test_bits_stored_wider_than_the_integer_container_is_refused(sc):
+    """A 16-bit container cannot hold 17 significant bits: such data was divided by 2**17 - 1 (read darker)."""
+    rng = np.random.default_rng(4)
+    v = rng.integers(0, 100, (16, 16))
+    cases = [
+        (v.astype(np.uint16), 17, "uint16", 16),
+        (torch.from_numpy(v.astype(np.int32)).to(torch.uint16), 17, "uint16", 16),
+        (Image.fromarray(v.astype(np.uint16)), 20, "I;16", 16),
+        (Image.fromarray(v.astype(np.int32)), 32, None, None),  # PIL "I" is a 32-bit container: accepted
+        (v.astype(np.int8), 9, "int8", 8),
+        (torch.from_numpy(v.astype(np.int8)), 12, "int8", 8),
+        (v.astype(np.int16), 17, "int16", 16),
+        (torch.from_numpy(v.astype(np.int16)), 32, "int16", 16),
+    ]
+    for img, bits, name, width in cases:
+        if name is None:
+            assert sc.metrics(img, bits_stored=bits).shape == (1, 5)
+            continue
+        with pytest.raises(ValueError, match=rf"bits_stored={bits} exceeds the {width}-bit .*{re.escape(name)}.*"
+                                             rf"accepted: 1\.\.{width}"):
+            sc.metrics(img, bits_stored=bits)
+        assert sc.metrics(img, bits_stored=width).shape == (1, 5)  # the full width is accepted
+    # the same depth as a scorer default is refused too, with the image named in a list
+    with pytest.raises(ValueError, match=r"image 1: bits_stored=17 exceeds the 16-bit"):
+        ComplexityScorer(bits_stored=17).metrics([v.astype(np.uint32), v.astype(np.uint16)])
+    # an 8-bit container is read as 8-bit for any bits_stored >= 8, so one bits_stored serves a mixed list
+    u8 = _gray_u8_image()
+    np.testing.assert_array_equal(sc.metrics([u8], bits_stored=16).numpy(), sc.metrics(u8).numpy())
+
+
+_NP_INTS = [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64]
+_TORCH_INTS = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+               torch.uint64]
+
+
+@pytest.mark.parametrize("dtype", _NP_INTS + _TORCH_INTS, ids=str)
+def test_values_above_bits_stored_are_refused_for_every_integer_dtype(sc, dtype):
+    v = np.random.default_rng(6).integers(0, 16, (16, 16))  # 4-bit data
+
+    def make(a):
+        if isinstance(dtype, torch.dtype):
+            return torch.from_numpy(a.astype(np.int64)).to(dtype)
+        return a.astype(dtype)
+
+    # valid 4-bit data: scikit-image's reference on the same values / 15
+    np.testing.assert_allclose(sc.metrics(make(v), bits_stored=4).numpy()[0],
+                               reference_metrics(v.astype(np.uint16), bits_stored=4), atol=1e-4)
+    over = v.copy()
+    over[3, 5] = 16
+    with pytest.raises(ValueError, match=r"values span \[0, 16\], outside \[0, 15\] for bits_stored=4"):
+        sc.metrics(make(over), bits_stored=4)

@@ -244,7 +244,7 @@ def test_version_1_state_without_bits_stored_still_loads():
     given.load_state_dict(old)
     np.testing.assert_array_equal(given.levels(imgs).numpy(), sc.levels(imgs).numpy())
     resaved = given.state_dict()  # saved again: this build's version, with bits_stored
-    assert int(resaved["state_version"]) == 2 and int(resaved["bits_stored_state"]) == 12
+    assert int(resaved["state_version"]) == 3 and int(resaved["bits_stored_state"]) == 12
     new_without = dict(sc.state_dict())
     del new_without["bits_stored_state"]  # a version-2 state must have it
     with pytest.raises(RuntimeError, match="bits_stored_state"):
@@ -274,3 +274,88 @@ def test_cuda_matches_cpu(kermany32, ham8):
     assert torch.allclose(m_cpu, m_gpu.cpu(), atol=1e-9)
     assert torch.allclose(cpu.metrics(ham8), gpu.metrics(ham8).cpu(), atol=2e-4)
     assert torch.equal(cpu.levels(kermany32), gpu.levels(kermany32).cpu())
+
+
+def test_normalisation_and_quantiles_survive_save_and_load(kermany32):
+    """The state did not carry normalisation / quantiles: a scorer rebuilt from it and re-fitted used min-max
+    (the constructor's default) and gave other levels than the scorer that was saved."""
+    cal, new = kermany32[:16], kermany32[16:]
+    sc = ComplexityScorer(normalisation="quantile", quantiles=(0.2, 0.7)).fit(cal)
+    sd = _load_saved(sc.state_dict())
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    fresh = ComplexityScorer()
+    fresh.load_state_dict(sd)
+    assert fresh.normalisation == "quantile" and fresh.quantiles == (0.2, 0.7)
+    assert torch.equal(fresh.levels(kermany32), sc.levels(kermany32))
+    # re-fitted on the same new data, the rebuilt scorer equals the original
+    sc.fit(new)
+    fresh.fit(new)
+    for name in ("norm_offset", "norm_scale", "thresholds"):
+        assert torch.equal(getattr(fresh, name), getattr(sc, name)), name
+    assert torch.equal(fresh.levels(kermany32), sc.levels(kermany32))
+    # and both follow the documented formula, computed here with scikit-image metrics and numpy
+    ref = np.stack([reference_metrics(im) for im in new])
+    lo, hi = np.quantile(ref, [0.2, 0.7], axis=0)
+    s = ((ref - lo) / (hi - lo)).mean(1)
+    np.testing.assert_allclose(fresh.score(new).numpy(), s, atol=1e-3)
+    minmax = ComplexityScorer().fit(new)
+    assert not torch.allclose(minmax.norm_offset, fresh.norm_offset)  # the data tells the settings apart
+
+
+def test_normalisation_or_quantiles_conflicting_with_the_constructor_are_refused():
+    m = np.random.default_rng(1).random((30, 5))
+    sd = ComplexityScorer(normalisation="quantile", quantiles=(0.05, 0.95)).fit(metrics=m).state_dict()
+    other = ComplexityScorer(normalisation="minmax")
+    with pytest.raises(ValueError, match="saved with normalisation='quantile' but this scorer was constructed "
+                                         "with normalisation='minmax'"):
+        other.load_state_dict(sd)
+    assert other.normalisation == "minmax" and not other.is_fitted  # left as it was
+    other = ComplexityScorer(quantiles=(0.1, 0.9))
+    with pytest.raises(ValueError, match=r"saved with quantiles=\(0\.05, 0\.95\) but this scorer was constructed "
+                                         r"with quantiles=\(0\.1, 0\.9\)"):
+        other.load_state_dict(sd)
+    assert other.quantiles == (0.1, 0.9) and other.normalisation == "minmax" and not other.is_fitted
+    same = ComplexityScorer(normalisation="quantile", quantiles=(0.05, 0.95))  # equal explicit values load
+    same.load_state_dict(sd)
+    assert same.is_fitted
+    plain = ComplexityScorer().fit(metrics=m).state_dict()  # the defaults are recorded too
+    with pytest.raises(ValueError, match="saved with normalisation='minmax'"):
+        ComplexityScorer(normalisation="quantile").load_state_dict(plain)
+    loaded = ComplexityScorer()
+    loaded.load_state_dict(sd)
+    loaded.load_state_dict(plain)  # not given explicitly: the state decides
+    assert loaded.normalisation == "minmax" and loaded.quantiles == (0.01, 0.99)
+    for key, value, msg in [("normalisation_state", torch.tensor(2), "normalisation_state must be one integer"),
+                            ("normalisation_state", torch.tensor(1.0), "normalisation_state must be one integer"),
+                            ("quantiles_state", torch.tensor([0.9, 0.1], dtype=torch.float64), "quantiles_state"),
+                            ("quantiles_state", torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64),
+                             "quantiles_state"),
+                            ("quantiles_state", torch.tensor([False, True]), "quantiles_state")]:
+        bad = dict(sd)
+        bad[key] = value
+        with pytest.raises(ValueError, match=msg):
+            ComplexityScorer().load_state_dict(bad)
+
+
+def test_version_2_state_without_normalisation_still_loads():
+    """States saved before normalisation / quantiles were recorded keep the loading scorer's (the old behaviour)."""
+    m = np.random.default_rng(2).random((30, 5))
+    sc = ComplexityScorer(normalisation="quantile", quantiles=(0.1, 0.9)).fit(metrics=m)
+    old = {k: v for k, v in sc.state_dict().items() if k not in ("normalisation_state", "quantiles_state")}
+    old["state_version"] = torch.tensor(2)
+    default = ComplexityScorer()
+    default.load_state_dict(old)  # strict: no missing-key error
+    assert default.normalisation == "minmax" and default.quantiles == (0.01, 0.99) and default.is_fitted
+    given = ComplexityScorer(normalisation="quantile", quantiles=(0.1, 0.9))
+    given.load_state_dict(old)
+    np.testing.assert_array_equal(given.fit(metrics=m).thresholds.numpy(), sc.thresholds.numpy())
+    resaved = given.state_dict()  # saved again: this build's version, with the settings
+    assert int(resaved["state_version"]) == 3 and int(resaved["normalisation_state"]) == 1
+    assert resaved["quantiles_state"].tolist() == [0.1, 0.9]
+    v1 = {k: v for k, v in old.items() if k != "bits_stored_state"}
+    v1["state_version"] = torch.tensor(1)
+    ComplexityScorer().load_state_dict(v1)
+    new_without = dict(sc.state_dict())
+    del new_without["quantiles_state"]  # a version-3 state must have it
+    with pytest.raises(RuntimeError, match="quantiles_state"):
+        ComplexityScorer().load_state_dict(new_without)
