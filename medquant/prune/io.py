@@ -274,7 +274,24 @@ def _resize_modules(model: nn.Module, modules: dict[str, dict[str, Any]]) -> Non
 
 
 def _resize_blocks(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
+    """Shrink every block of the table by replaying its head / neuron removal.
+
+    A module reachable under several block names (one block listed twice in a ``ModuleList``: weights shared
+    across layers) is shrunk once, with the first name; the table must give it the same shapes under every name.
+    """
     found = {b.name: b for b in transformer_blocks(model, "all")}
+    done: dict[tuple[str, int], tuple[str, Any]] = {}
+
+    def first(name: str, part: str, module: nn.Module, entry: Any) -> bool:
+        """Whether ``module`` is shrunk here for the first time (False: an earlier name of it did already)."""
+        prev, shapes = done.setdefault((part, id(module)), (name, entry))
+        if prev == name:
+            return True
+        if shapes != entry:
+            raise CheckpointError(f"{name}: its {part} is the module of {prev} (one module shared by several "
+                                  f"layers), but the table gives it {entry} there and {shapes} under {prev}")
+        return False
+
     for name, e in blocks.items():
         b = found.get(name)
         if b is None:
@@ -290,18 +307,21 @@ def _resize_blocks(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
                 raise CheckpointError(f"{name}: saved {s['n_heads']} heads / {s['n_kv']} key/value heads do not "
                                             f"fit the rebuilt layer ({a.n_heads} / {a.n_kv})")
             keep = [kv * a.group_size + i for kv in range(s["n_kv"]) for i in range(g_new)]
-            prune_attention(model, a, keep, list(range(s["n_kv"])))
+            if first(name, "attention", model.get_submodule(a.q), s):
+                prune_attention(model, a, keep, list(range(s["n_kv"])))
         if "ffn" in e:
             f = b.ffn
             if f is None or e["ffn"]["n_neurons"] > f.n_neurons:
                 raise CheckpointError(f"{name}: saved FFN does not fit the rebuilt model")
-            prune_ffn(model, f, range(e["ffn"]["n_neurons"]))
+            if first(name, "ffn", model.get_submodule(f.output), e["ffn"]):
+                prune_ffn(model, f, range(e["ffn"]["n_neurons"]))
         if "experts" in e:
             x = e["experts"]
             lay = experts_layout(model.get_submodule(x["name"])) if b.experts == x["name"] else None
             if lay is None or x["n_neurons"] > lay["inter"]:
                 raise CheckpointError(f"{name}: saved MoE experts {x['name']} do not fit the rebuilt model")
-            prune_experts(model, x["name"], [range(x["n_neurons"])] * lay["num_experts"])
+            if first(name, "experts", model.get_submodule(x["name"]), {"n_neurons": x["n_neurons"]}):
+                prune_experts(model, x["name"], [range(x["n_neurons"])] * lay["num_experts"])
 
 
 def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,

@@ -240,7 +240,10 @@ class StructuredPruner:
             sequence: list, tuple or 1-D NumPy array / torch tensor; or a dict).
         ffn_ratio: fraction of FFN neurons to remove per layer (same forms).
         channel_ratio: fraction of output channels to remove from each prunable conv of a plain CNN
-            (float or ``{conv name: ratio}``); see :mod:`medquant.prune.cnn`.
+            (float or ``{conv name: ratio}``); see :mod:`medquant.prune.cnn`. A plain CNN (no transformer blocks)
+            is pruned by this ratio only, a model with transformer blocks by ``head_ratio`` / ``ffn_ratio`` /
+            ``drop_blocks`` only: a ratio above 0 that does not apply to the model raises ``ValueError`` in
+            :meth:`plan`.
         importance: ``"magnitude"``, ``"taylor"`` or ``"activation"`` (see :mod:`medquant.prune.importance`).
         gqa: ``"query"`` or ``"group"`` for grouped-query attention (module docstring).
         scope: which blocks: ``None`` (the language model of LMs/VLMs, the tower of vision encoders), ``"language"``,
@@ -291,7 +294,9 @@ class StructuredPruner:
 
         Raises:
             ValueError: the model is quantized, or has no transformer block with prunable attention or FFN in
-                scope and is not a plain CNN.
+                scope and is not a plain CNN; or a ratio asks for something the model does not have:
+                ``channel_ratio`` above 0 for a model with transformer blocks, ``head_ratio`` / ``ffn_ratio``
+                above 0 or ``drop_blocks`` for a plain CNN (a model without transformer blocks).
         """
         _check_not_quantized(model)
         plan = PrunePlan(importance=self.importance)
@@ -299,10 +304,19 @@ class StructuredPruner:
             calib = list(calib)  # iterated more than once
         blocks = [checked_block(model, b) for b in transformer_blocks(model, self.scope)]
         cnn = not blocks and not _is_hf(model)
+        channels = _asks(self.channel_ratio, "channel_ratio")
         if not blocks and not cnn:
             raise ValueError(f"{type(model).__name__}: no transformer blocks with prunable attention or FFN found "
-                             f"in scope {self.scope!r}")
+                             f"in scope {self.scope!r}" + (" (channel_ratio prunes plain nn.Module CNNs, not Hugging "
+                                                           "Face models)" if channels else ""))
+        if blocks and channels:
+            raise ValueError(f"channel_ratio={self.channel_ratio!r} removes output channels of plain CNNs (models "
+                             f"without transformer blocks), but {type(model).__name__} has {len(blocks)} transformer "
+                             f"blocks in scope {self.scope!r} ({blocks[0].name}, ...): channel pruning does not apply "
+                             "to it; set channel_ratio to 0 and prune its heads / FFN neurons with head_ratio / "
+                             "ffn_ratio")
         if cnn:
+            self._refuse_transformer_requests(model)
             from .cnn import plan_channels
 
             plan_channels(model, self, plan, calib, loss_fn, example_input)
@@ -330,7 +344,7 @@ class StructuredPruner:
                            "in a layout medquant does not know; their neurons are kept")
             if why:
                 plan.skipped[b.name] = why
-        if _asks(self.head_ratio) or _asks(self.ffn_ratio):
+        if _asks(self.head_ratio, "head_ratio") or _asks(self.ffn_ratio, "ffn_ratio"):
             plan.skipped.update(unprunable_layers(model, self.scope, blocks))
         for part, ratios, has in (("heads", hr, lambda b: b.attention is not None),
                                   ("ffn", fr, lambda b: b.ffn is not None or _known_experts(model, b))):
@@ -383,6 +397,23 @@ class StructuredPruner:
                 plan.expert_neurons[b.name] = kept
             plan.sizes[b.name] = sizes
         return plan
+
+    def _refuse_transformer_requests(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` when ``head_ratio`` / ``ffn_ratio`` ask to remove something, or ``drop_blocks``
+        names blocks, of a model without transformer blocks (pruned as a plain CNN, by ``channel_ratio`` only)."""
+        requests = [(what, value, thing) for what, value, thing, asks in (
+            ("head_ratio", self.head_ratio, "attention heads", _asks(self.head_ratio, "head_ratio")),
+            ("ffn_ratio", self.ffn_ratio, "FFN neurons", _asks(self.ffn_ratio, "ffn_ratio")),
+            ("drop_blocks", self.drop_blocks, "whole transformer blocks", bool(self.drop_blocks))) if asks]
+        if not requests:
+            return
+        what, value, thing = requests[0]
+        n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        has = f"it has {n_conv} Conv2d layers" if n_conv else "it has no Conv2d layer either"
+        raise ValueError(f"{what}={value!r} asks to remove {thing}, but {type(model).__name__} has no transformer "
+                         f"blocks (no nn.ModuleList of blocks with q/k/v/o attention projections or FFN linears; "
+                         f"{has}): a plain CNN is pruned by channel_ratio only; leave "
+                         f"{' and '.join(r[0] for r in requests)} out for this model")
 
     def _choose_heads(self, b: Block, s: torch.Tensor, r: float) -> tuple[list[int], list[int]]:
         a = b.attention
@@ -470,12 +501,16 @@ def _expert_scores(mod: nn.Module, lay: dict) -> torch.Tensor:
     return (rows[:, pos].sum(1) + down.pow(2).sum(1)).sqrt()
 
 
-def _asks(ratio: Ratio) -> bool:
+def _asks(ratio: Any, what: str) -> bool:
+    """Whether ``ratio`` (a number, a sequence or a dict, as :func:`_as_ratio` leaves it) asks to remove anything:
+    a value above 0; every entry is checked first (``what`` names it in the error)."""
     if isinstance(ratio, dict):
-        return any(r > 0 for r in ratio.values())
-    if isinstance(ratio, (list, tuple)):
-        return any(r > 0 for r in ratio)
-    return ratio > 0
+        checked = [check_ratio(r, f"{what}[{k!r}]") for k, r in ratio.items()]
+    elif isinstance(ratio, (list, tuple)):
+        checked = [check_ratio(r, f"{what}[{i}]") for i, r in enumerate(ratio)]
+    else:
+        checked = [check_ratio(ratio, what)]
+    return max(checked, default=0.0) > 0
 
 
 def _norm_over(container: nn.Module, widths: set[int], exclude: set[str]) -> str | None:
@@ -648,17 +683,22 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
     Raises:
         ValueError: the model is quantized, the plan names blocks the model does not have, or does not fit them
             (sizes other than the plan's, invalid indices, every block of a list dropped, layers that share a
-            module with different kept indices); the whole plan is checked before any layer changes, so the model
-            is left as it was.
+            module with different kept indices), or has an entry it would not apply although it removes something
+            (heads or FFN neurons of a part :func:`checked_block` marks unprunable, expert neurons of a block
+            without MoE experts, ``kv_heads`` without ``heads``; an entry keeping every index is skipped); the
+            whole plan is checked before any layer changes, so the model is left as it was.
     """
     _check_not_quantized(model)
-    blocks = {b.name: checked_block(model, b) for b in transformer_blocks(model, "all" if _is_hf(model) else scope)}
-    if not _is_hf(model) and not blocks and (plan.heads or plan.neurons):
+    found = {b.name: b for b in transformer_blocks(model, "all" if _is_hf(model) else scope)}
+    blocks = {name: checked_block(model, b) for name, b in found.items()}
+    if not _is_hf(model) and not blocks and (plan.heads or plan.kv_heads or plan.neurons or plan.expert_neurons):
         raise ValueError("the plan names transformer blocks but the model has none")
-    missing = sorted((set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons) | set(plan.drop_blocks))
-                     - set(blocks))
+    missing = sorted((set(plan.heads) | set(plan.kv_heads) | set(plan.neurons) | set(plan.expert_neurons)
+                      | set(plan.drop_blocks)) - set(blocks))
     if missing:
         raise ValueError(f"the plan names blocks this model does not have: {missing[:3]}")
+    for name in sorted(set(plan.heads) | set(plan.kv_heads) | set(plan.neurons) | set(plan.expert_neurons)):
+        _check_applies(plan, blocks[name], found[name])
     shared = _check_plan(model, plan, blocks)
     if plan.channels:
         from .cnn import apply_channels
@@ -683,6 +723,55 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
         plan.hf_config_exact, notes = _sync_configs(model, stacks)
         plan.config_notes = notes
     return model
+
+
+def _keeps_all(keep: Any, n: int | None) -> bool:
+    """Whether the kept indices ``keep`` are every index of ``n`` (``n`` None: unknown, so no)."""
+    try:
+        return n is not None and sorted(int(i) for i in keep) == list(range(n))
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_applies(plan: PrunePlan, b: Block, raw: Block) -> None:
+    """Raise ``ValueError`` for an entry of ``plan`` about block ``b`` that :func:`apply_plan` would not apply
+    although it removes something: heads, key/value heads or FFN neurons of a part :func:`checked_block` marks
+    unprunable (``b.attention`` / ``b.ffn`` None; ``raw`` is the block before that check, which gives the counts),
+    expert neurons of a block without MoE experts, or key/value heads without the block's query heads. An entry
+    that keeps every index (an empty list of experts for a block without experts) removes nothing and is skipped.
+    """
+    name, sizes = b.name, plan.sizes.get(b.name, {})
+
+    def refuse(label: str, keep: Any, n: int | None, what: str, reason: str) -> None:
+        count = f"{len(keep)} of the {n}" if n is not None else f"{len(keep)}"
+        raise ValueError(f"plan.{label}[{name!r}] keeps {count} {what}, but this plan entry cannot be applied: "
+                         f"{reason}; keep every index there (or leave the entry out) -- nothing was changed")
+
+    if b.attention is None:
+        a = raw.attention
+        n_h = a.n_heads if a is not None else sizes.get("heads")
+        n_kv = a.n_kv if a is not None else sizes.get("kv_heads", n_h)
+        why = b.unsupported.get("heads") or "no attention medquant can prune was found in this block"
+        for label, n, what in (("heads", n_h, "attention heads"), ("kv_heads", n_kv, "key/value heads")):
+            keep = getattr(plan, label).get(name)
+            if keep is not None and not _keeps_all(keep, n):
+                refuse(label, keep, n, what, f"the heads of {name} cannot be pruned ({why})")
+    elif name in plan.kv_heads and name not in plan.heads and not _keeps_all(plan.kv_heads[name], b.attention.n_kv):
+        raise ValueError(f"plan.kv_heads[{name!r}] removes key/value heads of {name} but there is no plan.heads "
+                         f"entry for it: key/value heads are removed with their query heads; give plan.heads"
+                         f"[{name!r}] (the kept query heads) too -- nothing was changed")
+    if b.ffn is None and name in plan.neurons:
+        n = raw.ffn.n_neurons if raw.ffn is not None else sizes.get("neurons")
+        why = b.unsupported.get("ffn") or "no FFN linears medquant can prune were found in this block"
+        if not _keeps_all(plan.neurons[name], n):
+            refuse("neurons", plan.neurons[name], n, "FFN neurons", f"the FFN neurons of {name} cannot be pruned "
+                                                                   f"({why})")
+    if b.experts is None and name in plan.expert_neurons:
+        keep_e, n = plan.expert_neurons[name], sizes.get("expert_neurons")
+        if not (isinstance(keep_e, list) and all(_keeps_all(k, n) for k in keep_e)):
+            raise ValueError(f"plan.expert_neurons[{name!r}] lists kept neurons for experts, but {name} has no MoE "
+                             "experts with 3-D weights: this plan entry cannot be applied; leave it out -- nothing "
+                             "was changed")
 
 
 def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> set[tuple[str, str]]:

@@ -62,44 +62,60 @@ def removed_from_plan(plan) -> dict[str, dict[str, list[int]]]:
             for b in plan.sizes}
 
 
-def plain_transformer(seed: int = 0, d: int = 64, ffn: int = 128, shared: bool = False) -> nn.Module:
+def plain_transformer(seed: int = 0, d: int = 64, ffn: int = 128, shared: bool = False, heads: int = 4,
+                      kv_heads: int | None = None, head_norm: tuple[int, ...] = (),
+                      ffn_norm: tuple[int, ...] = ()) -> nn.Module:
     """A plain nn.Module transformer of two blocks with LLaMA-style names whose forward reads its own
-    ``num_heads`` (4 heads of ``d / 4``, an FFN of ``ffn`` neurons); ``shared``: one block listed twice (weights
-    shared across layers)."""
+    ``num_heads`` / ``num_key_value_heads`` (``heads`` heads of ``d / heads``, ``kv_heads`` key/value heads, each
+    read by ``heads / kv_heads`` consecutive query heads as ``repeat_kv`` does; an FFN of ``ffn`` neurons);
+    ``shared``: one block listed twice (weights shared across layers); ``head_norm``: indices of the blocks whose
+    attention applies a ``LayerNorm(d)`` over all heads together before ``o_proj`` (as Kosmos-2's
+    ``inner_attn_ln``), which makes their heads unprunable; ``ffn_norm``: likewise a ``LayerNorm(ffn)`` over all FFN
+    neurons between ``fc1`` and ``fc2`` (Kosmos-2's ``ffn_layernorm``), which makes their neurons unprunable."""
     import torch.nn.functional as F
 
+    n_kv = heads if kv_heads is None else kv_heads
+
     class Attn(nn.Module):
-        def __init__(self, h=4):
+        def __init__(self, norm: bool):
             super().__init__()
-            self.head_dim, self.num_heads = d // h, h
-            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+            self.head_dim, self.num_heads, self.num_key_value_heads = d // heads, heads, n_kv
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d if i in (0, 3) else n_kv * (d // heads))
+                                                                  for i in range(4))
+            self.inner_ln = nn.LayerNorm(d) if norm else None
 
         def forward(self, x):
             b, t, _ = x.shape
-            q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                       for p in (self.q_proj, self.k_proj, self.v_proj))
-            return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+            q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k, v = (p(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+                    for p in (self.k_proj, self.v_proj))
+            g = self.num_heads // self.num_key_value_heads
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+            return self.o_proj(y if self.inner_ln is None else self.inner_ln(y))
 
     class Blk(nn.Module):
-        def __init__(self):
+        def __init__(self, i: int):
             super().__init__()
-            self.self_attn = Attn()
+            self.self_attn = Attn(i in head_norm)
             self.mlp = nn.Module()
             self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+            self.mlp.ln = nn.LayerNorm(ffn) if i in ffn_norm else None
 
         def forward(self, x):
             x = x + self.self_attn(x)
-            return x + self.mlp.fc2(F.gelu(self.mlp.fc1(x)))
+            h = F.gelu(self.mlp.fc1(x))
+            return x + self.mlp.fc2(h if self.mlp.ln is None else self.mlp.ln(h))
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             torch.manual_seed(seed)
             if shared:
-                blk = Blk()
+                blk = Blk(0)
                 self.layers = nn.ModuleList([blk, blk])
             else:
-                self.layers = nn.ModuleList([Blk(), Blk()])
+                self.layers = nn.ModuleList([Blk(i) for i in range(2)])
 
         def forward(self, x):
             for layer in self.layers:

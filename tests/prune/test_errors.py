@@ -9,6 +9,7 @@ from medquant.models import transformer_blocks
 from medquant.prune import StructuredPruner
 from medquant.prune.surgery import prune_attention, prune_ffn
 from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
+from tests.prune._reference import plain_transformer, removed_from_plan, zeroed_copy
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), "0.3"])
@@ -193,3 +194,113 @@ def test_drop_blocks_given_as_one_string_is_refused():
     with pytest.raises(TypeError, match=r"drop_blocks must be a sequence of block names, e.g. \['model.layers.0'\]"):
         StructuredPruner(drop_blocks="model.layers.0")
     assert StructuredPruner(drop_blocks=("model.layers.0",)).drop_blocks == ["model.layers.0"]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, before):
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("build", [lambda: ZOO_BY_NAME["llama"].build(), plain_transformer])
+@pytest.mark.parametrize("ratio", [0.3, {"model.layers.0.mlp.down_proj": 0.3}])
+def test_channel_ratio_on_a_transformer_is_refused(build, ratio):
+    # channel_ratio prunes plain CNNs; on a transformer it used to be ignored (an unpruned model, no message)
+    model = build()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"channel_ratio=.*0\.3.* output channels of plain CNNs.* 2 transformer "
+                                         r"blocks.*head_ratio / ffn_ratio"):
+        StructuredPruner(0.3, 0.3, channel_ratio=ratio, progress=False).prune(model)
+    assert _same(model, before)
+
+
+@pytest.mark.parametrize("kw,what", [({"head_ratio": 0.3}, "head_ratio"), ({"ffn_ratio": [0.0, 0.3]}, "ffn_ratio"),
+                                     ({"head_ratio": {"features.0": 0.2}}, "head_ratio"),
+                                     ({"drop_blocks": ["features"]}, "drop_blocks")])
+def test_transformer_ratios_on_a_cnn_are_refused(kw, what):
+    # 30% fewer heads asked of a CNN used to give an unpruned model and no message
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    before = _state(model)
+    with pytest.raises(ValueError, match=rf"{what}=.* TinyCNN has no transformer blocks .*2 Conv2d layers.*"
+                                         r"channel_ratio"):
+        StructuredPruner(**kw, channel_ratio=0.3, progress=False).prune(model, calib=[x])
+    with pytest.raises(ValueError, match=rf"{what}=.* TinyCNN has no transformer blocks"):  # also without channels
+        StructuredPruner(**kw, progress=False).plan(model, calib=[x])
+    assert _same(model, before)
+
+
+def test_zero_transformer_ratios_on_a_cnn_are_no_request():
+    # ratios of 0 ask for nothing: the CNN is channel-pruned exactly as without them
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    want = StructuredPruner(channel_ratio=0.3, progress=False).plan(model, calib=[x])
+    got = StructuredPruner(0.0, [0.0, 0.0], channel_ratio=0.3, progress=False).plan(model, calib=[x])
+    assert got.channels == want.channels and any(len(v) < want.sizes[k]["channels"] for k, v in got.channels.items())
+
+
+def _plan_with(plan, **entries):
+    from medquant.prune import PrunePlan
+
+    d = plan.to_dict()
+    for key, value in entries.items():
+        d[key] = {**d[key], **value} if isinstance(value, dict) else value
+    return PrunePlan.from_dict(d)
+
+
+_HEAD_NORM = r"layers.0.self_attn.inner_ln normalises all heads together"
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"heads": {"layers.0": [0, 1]}}, r"plan.heads\['layers.0'\] keeps 2 of the 4 attention heads.*" + _HEAD_NORM),
+    ({"kv_heads": {"layers.0": [1, 2, 3]}}, r"plan.kv_heads\['layers.0'\] keeps 3 of the 4 key/value heads.*"
+                                            + _HEAD_NORM),
+    ({"neurons": {"layers.0": list(range(100))}}, r"plan.neurons\['layers.0'\] keeps 100 of the 128 FFN neurons.*"
+                                                  + r"layers.0.mlp.ln normalises all 128 FFN neurons together"),
+    ({"expert_neurons": {"layers.0": [[0, 1]]}}, r"plan.expert_neurons\['layers.0'\].*no MoE experts"),
+])
+def test_plan_entry_for_an_unprunable_block_is_refused(entry, match):
+    # layers.0 normalises all heads / all FFN neurons together: checked_block marks them unprunable, and a
+    # hand-written entry removing some of them used to be skipped without a word
+    model = plain_transformer(head_norm=(0,), ffn_norm=(0,))
+    with pytest.warns(UserWarning, match="plan.skipped"):
+        plan = StructuredPruner(0.5, 0.25, progress=False).plan(model)
+    assert set(plan.skipped) == {"layers.0"} and set(plan.heads) == set(plan.neurons) == {"layers.1"}
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        StructuredPruner(progress=False).apply(model, _plan_with(plan, **entry))
+    assert _same(model, before)  # checked before any layer changed: layers.1 was not pruned either
+
+
+def test_plan_entry_removing_nothing_from_an_unprunable_block_is_fine():
+    model = plain_transformer(head_norm=(0,), ffn_norm=(0,))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="plan.skipped"):
+        plan = StructuredPruner(0.5, 0.25, progress=False).plan(model)
+    removed = removed_from_plan(plan)
+    with torch.no_grad():  # independent reference: only layers.1's removed heads / neurons zeroed
+        ref = zeroed_copy(model, {"layers.1": removed["layers.1"]}, 16)(x)
+    keep_all = _plan_with(plan, heads={"layers.0": [0, 1, 2, 3]}, kv_heads={"layers.0": [0, 1, 2, 3]},
+                          neurons={"layers.0": list(range(128))}, expert_neurons={"layers.0": []})
+    StructuredPruner(progress=False).apply(model, keep_all)
+    assert model.layers[0].self_attn.q_proj.out_features == 64 and model.layers[0].mlp.fc1.out_features == 128
+    assert model.layers[1].self_attn.num_heads == 2 and model.layers[1].mlp.fc1.out_features == 96
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_heads_entry_without_heads_entry_is_refused():
+    model = plain_transformer(heads=4, kv_heads=2)
+    plan = StructuredPruner(0.0, 0.0, progress=False).plan(model)
+    d = plan.to_dict()
+    d["heads"].pop("layers.0")
+    d["kv_heads"]["layers.0"] = [1]
+    before = _state(model)
+    from medquant.prune import PrunePlan
+
+    with pytest.raises(ValueError, match=r"plan.kv_heads\['layers.0'\] removes key/value heads .*no plan.heads"):
+        StructuredPruner(progress=False).apply(model, PrunePlan.from_dict(d))
+    assert _same(model, before)

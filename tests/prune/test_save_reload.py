@@ -8,7 +8,7 @@ import torch
 from medquant import QuantConfig, quantize_
 from medquant.prune import StructuredPruner, load_pruned, save_pruned
 from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
-from tests.prune._reference import plain_transformer
+from tests.prune._reference import plain_transformer, removed_from_plan, zeroed_copy
 
 
 def _out(entry, model, inputs):
@@ -127,3 +127,59 @@ def test_plain_transformer_round_trip_restores_head_counts(tmp_path):
     assert [blk.mlp.fc1.out_features for blk in again.layers] == [96, 96]
     with torch.no_grad():
         assert torch.equal(again(x), out)
+
+
+@pytest.mark.parametrize("kv_heads,gqa,want", [(2, "query", (4, 2)), (2, "group", (4, 1)), (None, "query", (4, 4))])
+def test_block_shared_across_layers_round_trip_prunes_it_once(tmp_path, kv_heads, gqa, want):
+    # one block object listed as layers.0 and layers.1: the shape table records it under both names, and the
+    # reload must shrink it once (replaying the removal a second time would index the already pruned weights)
+    def build(seed):
+        return plain_transformer(seed=seed, heads=8, kv_heads=kv_heads, shared=True)
+
+    model = build(0)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    pruner = StructuredPruner(0.5, 0.25, gqa=gqa, progress=False)
+    plan = pruner.plan(model)
+    removed = removed_from_plan(plan)
+    assert removed["layers.0"] == removed["layers.1"]
+    with torch.no_grad():  # independent reference: the removed heads / neurons zeroed once in the shared block
+        ref = zeroed_copy(model, {"layers.0": removed["layers.0"]}, 8)(x)
+    pruner.apply(model, plan)
+    blk = model.layers[0]
+    # hand count: 8 heads; query mode removes round(0.5 * 4) = 2 of each group of 4, group mode 1 of 2 groups,
+    # and without grouped-query attention 4 of the 8 (key/value) heads
+    assert (blk.self_attn.num_heads, blk.self_attn.num_key_value_heads) == want
+    assert blk.mlp.fc1.out_features == 128 - 32
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    save_pruned(model, tmp_path, plan=plan)
+    again = load_pruned(tmp_path, model=build(1))
+    assert again.layers[0] is again.layers[1]
+    a = again.layers[0].self_attn
+    assert (a.num_heads, a.num_key_value_heads) == want
+    assert (a.q_proj.out_features, a.k_proj.out_features) == (want[0] * 8, want[1] * 8)
+    assert again.layers[0].mlp.fc1.out_features == 128 - 32
+    with torch.no_grad():
+        assert torch.equal(again(x), out)
+
+
+def test_shared_block_with_two_shapes_in_an_edited_table_is_refused(tmp_path):
+    import json
+    import shutil
+    import warnings
+
+    from medquant.io import MANIFEST_NAME, META_NAME, CheckpointError, CheckpointWarning, atomic
+
+    model = plain_transformer(heads=8, kv_heads=2, shared=True)
+    StructuredPruner(0.5, 0.0, progress=False).prune(model)  # 4 query heads (2 per group), 2 key/value heads
+    save_pruned(model, tmp_path / "a")
+    shutil.copytree(atomic.resolve(tmp_path / "a"), tmp_path / "b")
+    (tmp_path / "b" / MANIFEST_NAME).unlink()  # an older save, without a manifest, so the edit is not a checksum error
+    meta = json.loads((tmp_path / "b" / META_NAME).read_text())
+    meta["extras"]["prune"]["blocks"]["layers.1"]["attention"]["n_heads"] = 6  # 3 per group: fits the unpruned layer
+    (tmp_path / "b" / META_NAME).write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        with pytest.raises(CheckpointError, match=r"layers.1: its attention is the module of layers.0 .*shared"):
+            load_pruned(tmp_path / "b", model=plain_transformer(seed=1, heads=8, kv_heads=2, shared=True))
