@@ -6,7 +6,8 @@ both, the model's exception chained.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import operator
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +26,46 @@ def describe_batch(batch: Any, *, shape: bool = False) -> str:
     if isinstance(batch, torch.Tensor):
         return f"a tensor of shape {tuple(batch.shape)}" if shape else "a tensor"
     return f"a {type(batch).__name__}"
+
+
+def calibration_batches(calib: Any, method: str) -> list[Any]:
+    """The calibration batches of ``calib`` as a list: one dict of keyword inputs is one batch (iterating it would
+    give its keys), any other iterable gives its items.
+
+    Args:
+        calib: the ``calib`` argument of a calibration entry point.
+        method: its name in the errors (``"GPTQ"``, ``"learned rounding"``).
+
+    Returns:
+        The batches (possibly empty: the caller refuses that with its own message).
+
+    Raises:
+        ValueError: ``calib`` is ``None``.
+        TypeError: ``calib`` is a string or not iterable.
+    """
+    if calib is None:
+        raise ValueError(f"{method} needs calibration data: calib is None; pass a list of batches (dicts of keyword "
+                         "inputs, tuples of positional inputs or tensors)")
+    if isinstance(calib, Mapping):
+        return [calib]
+    if isinstance(calib, (str, bytes)) or not isinstance(calib, Iterable):
+        raise TypeError(f"{method}: calib must be a list (or another iterable) of calibration batches, got "
+                        f"{type(calib).__name__}")
+    return list(calib)
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as a Python ``int`` (any integer type: ``int``, a NumPy integer...; ``bool`` refused).
+
+    Raises:
+        ValueError: ``seed`` is not an integer (``"seed must be an integer, got ..."``).
+    """
+    if not isinstance(seed, bool):
+        try:
+            return operator.index(seed)
+        except TypeError:
+            pass
+    raise ValueError(f"seed must be an integer, got {seed!r}")
 
 
 def run_calibration_batch(model: nn.Module, batch: Any, i: int, what: str, *,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -53,7 +54,7 @@ from ..quant.api import resolve_configs, swap_module
 from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
 from ..quant.modules import QuantConv2d, QuantLinear
-from ._forward import run_calibration_batch
+from ._forward import calibration_batches, check_seed, run_calibration_batch
 
 __all__ = ["InputQuantizer", "adaround_quantize_", "attach_input_quantizers", "fold_batchnorm_"]
 
@@ -375,11 +376,24 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def _check_args(iters: int, warmup: float, act_bits: int | None, target: str) -> None:
+def _is_number(v: Any) -> bool:
+    """A finite real number (Python or NumPy; bool excluded)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_args(iters: int, warmup: float, act_bits: int | None, target: str, lr: float = 1e-2, reg: float = 0.01,
+                blocks: Any = None) -> None:
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
-    if not 0 <= warmup < 1:
-        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    if not _is_number(warmup) or not 0 <= warmup < 1:
+        raise ValueError(f"warmup must be a number in [0, 1), got {warmup!r}")
+    if not _is_number(lr) or not lr > 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not _is_number(reg) or not reg >= 0:
+        raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
+    if blocks is not None and (isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence)
+                               or not all(isinstance(b, str) for b in blocks)):
+        raise ValueError(f"blocks must be a list of module names (e.g. ['layer1.0', 'layer1.1']), got {blocks!r}")
     if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)
                                  or not 2 <= act_bits <= 16):
         raise ValueError(f"act_bits must be None or an integer in 2..16, got {act_bits!r}")
@@ -448,19 +462,19 @@ def adaround_quantize_(
         model: a float model, run in eval mode (its previous mode is restored at the end).
         config_or_map: which layers get which :class:`~medquant.QuantConfig`, as :func:`medquant.quantize_`
             (2..8 bits, no per-row bit-widths).
-        calib: calibration batches as :func:`medquant.models.run_model` takes them.
+        calib: calibration batches as :func:`medquant.models.run_model` takes them; a single dict is one batch.
         skip: layer names or role patterns left in float, as :func:`medquant.quantize_`.
         blocks: names of modules reconstructed as a whole (e.g. a ResNet's ``"layer1.0"``); their planned layers
             are optimised jointly. Planned layers outside every block are reconstructed one by one (AdaRound).
             Blocks must not nest (``["layer1", "layer1.0"]`` is refused).
         iters: Adam steps per block, one calibration batch each, in a seeded random order.
-        lr: Adam's learning rate.
-        reg: ``lambda``, the weight of the rounding regulariser.
+        lr: Adam's learning rate (> 0).
+        reg: ``lambda``, the weight of the rounding regulariser (>= 0).
         warmup: the fraction of the steps before the regulariser starts (reconstruction only).
         fold_bn: fold BatchNorm2d layers into their convolutions first (:func:`fold_batchnorm_`), once the
             arguments, the plan, the blocks and a forward on the first calibration batch have been checked; not
             when nothing is planned.
-        seed: seed of the batch order; the result is deterministic for a seed (on the same device).
+        seed: seed of the batch order (an integer); the result is deterministic for a seed (on the same device).
         act_bits: quantize each unit's input activations too (e.g. ``8`` for W4A8): a static per-tensor
             :class:`InputQuantizer` per unit (asymmetric unless ``act_symmetric``), fixed from the unit's
             calibration inputs, used in the reconstruction and left attached to the unit as a forward pre-hook.
@@ -483,7 +497,8 @@ def adaround_quantize_(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; a block's output is neither a tensor nor a tuple starting
             with one.
-        ValueError: bad ``iters`` / ``warmup`` / ``act_bits`` / ``target``; an empty calibration set; a layer
+        ValueError: bad ``iters`` / ``warmup`` / ``lr`` / ``reg`` / ``seed`` / ``act_bits`` / ``target``, ``blocks``
+            that is not a list of names; no or an empty calibration set; a layer
             with per-row bit-widths or bits outside 2..8; nested ``blocks``; a calibration batch that fails in the
             model's forward (the message names the batch; the model's error is chained); a block that the
             calibration batches never reach; NaN or inf in a block's calibration input; a reconstruction that
@@ -491,8 +506,9 @@ def adaround_quantize_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
-    _check_args(iters, warmup, act_bits, target)
-    batches = list(calib)
+    _check_args(iters, warmup, act_bits, target, lr, reg, blocks)
+    seed = check_seed(seed)
+    batches = calibration_batches(calib, "learned rounding")
     # everything that can fail cheaply is checked before the model changes (BatchNorm folding is the first change);
     # folding keeps the names and the types of the planned Linear / Conv2d layers, so the plan is made before it
     plan = resolve_configs(model, config_or_map, skip=skip)

@@ -6,13 +6,23 @@ error of each column over the columns not yet quantized, minimising ``||X W^T - 
 inputs ``X`` ``(n, K)``. Per layer:
 
     H = 2 X^T X / n                                   (X: the layer's inputs, flattened over all leading dims)
-    dead inputs (H_jj = 0):  H_jj = 1, W[:, j] = 0
-    H <- H + lambda I,   lambda = damp * mean(diag H)            (damp = 0.01 by default)
+    m = mean of H_jj over the live inputs (H_jj > 0)
+    dead inputs (H_jj = 0):  H_jj = m, W[:, j] = 0
+    H <- H + lambda I,   lambda = damp * m                       (damp = 0.01 by default)
     U = upper Cholesky factor of H^-1                   (H^-1 = U^T U)
     for each column j in order:
         q_j = Q(w_j)                                    (the layer's quantizer, column j's scale group)
         e_j = (w_j - q_j) / U_jj
         w_k <- w_k - e_j U_jk       for every later column k
+
+A dead input's row and column of ``H`` are zero, so the value put on its diagonal changes no other column; taking
+the dampening's mean over the live inputs only keeps the result independent of the scale of the inputs (``X -> c X``
+changes no code), which a fixed 1 on the dead diagonal did not.
+
+Padding: in a dict calibration batch with a 2-D ``attention_mask``, the rows of the padding positions (mask 0) are
+not calibration data and are left out of ``X`` (and of ``n``) for every layer whose input is ``(batch, tokens, K)``
+with the mask's shape (layers of the vision tower or the projector excepted); a right-padded batch of a causal
+language model gives the Hessians of its sequences run unpadded (up to float rounding).
 
 The update is applied lazily: inside a block of ``block_size`` columns immediately, to the columns after the block
 once per block (``W[:, after] -= E U[block, after]``), which gives the same result in far fewer operations.
@@ -34,8 +44,9 @@ the storage dtype before the codes are chosen, so the stored parameters are the 
 the few largest weights of a group and refines the step for all the others. Tensor scope keeps the full range.
 
 Activation order (``act_order=True``): the columns are processed in the order of decreasing ``H_jj`` (the inputs
-with the most energy first); each column keeps its original scale group, whose parameters are computed when the
-first of its columns is reached; the result is permuted back, so the saved layout is the same as without it.
+with the most energy first, dead inputs last); each column keeps its original scale group, whose parameters are
+computed when the first of its columns is reached; the result is permuted back, so the saved layout is the same as
+without it.
 
 Convolutions: ``X`` is the im2col matrix of the layer's input (``F.unfold`` with the layer's kernel, stride,
 padding and dilation, one row per output position), whose column order ``(c, kh, kw)`` matches the weight viewed
@@ -63,7 +74,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,12 +86,13 @@ from tqdm.auto import tqdm
 from ..kernels import tensor_version
 from ..kernels.layout import FORMAT_VERSION, pack, padded_k
 from ..models.blocks import block_stacks
+from ..models.introspect import model_roles
 from ..models.runner import eval_mode
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import QTensor, compute_qparams, scale_eps
 from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
-from ._forward import describe_batch, run_calibration_batch
+from ._forward import calibration_batches, check_seed, describe_batch, run_calibration_batch
 from .sequential import BlockInputs, quantize_sequential
 
 __all__ = [
@@ -223,7 +235,7 @@ class HessianAccumulator:
         return p
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, labels: Any = None) -> None:
+    def add(self, x: torch.Tensor, labels: Any = None, mask: torch.Tensor | None = None) -> None:
         """Add the rows of one input of the layer: ``S_g += X^T X``, ``n_g += rows``.
 
         ``x`` is checked as :meth:`check` checks it; a Linear's input values through the diagonal of each
@@ -234,25 +246,38 @@ class HessianAccumulator:
             x: one input of the layer.
             labels: ``None``, one group label (an int or str) for the whole call, or a sequence / 1-D tensor of
                 labels, one per sample along the input's first dimension.
+            mask: Linear only: which rows are calibration data, a tensor of shape ``x.shape[:-1]`` (e.g. the
+                ``(batch, tokens)`` attention mask of a padded batch); only the rows where it is non-zero are
+                added (and counted). ``None``: every row.
 
         Raises:
-            ValueError: per-sample labels whose count is not the input's first dimension (and the errors of
-                :meth:`check`).
+            ValueError: per-sample labels whose count is not the input's first dimension, a ``mask`` whose shape
+                is not ``x.shape[:-1]`` or given for a convolution (and the errors of :meth:`check`).
         """
         if isinstance(self.module, nn.Linear):
-            self.add_products(self.products(x, labels))
+            self.add_products(self.products(x, labels, mask))
             return
+        if mask is not None:
+            raise ValueError(f"layer {self.name}: a row mask is for nn.Linear inputs, not convolutions")
         x = self.check(x)
-        for key, xs in self._split(x, labels):
+        for key, xs, _ in self._split(x, labels, None):
             self._add_conv_rows(key, xs)
         self.calls += 1
 
-    def _split(self, x: torch.Tensor, labels: Any) -> list[tuple[Any, torch.Tensor]]:
-        """``[(group label, rows of x)]`` of one call (one entry without per-sample labels)."""
+    def _split(self, x: torch.Tensor, labels: Any, mask: torch.Tensor | None
+               ) -> list[tuple[Any, torch.Tensor, torch.Tensor | None]]:
+        """``[(group label, rows of x, their mask)]`` of one call (one entry without per-sample labels)."""
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"layer {self.name}: a row mask of shape "
+                                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__} "
+                                 f"for an input of shape {tuple(x.shape)}; it must have the input's leading shape "
+                                 f"{tuple(x.shape[:-1])}")
+            mask = mask.to(x.device) != 0
         if isinstance(labels, torch.Tensor) and labels.dim() == 0:
             labels = labels.item()
         if labels is None or isinstance(labels, (int, str)):
-            return [(labels, x)]
+            return [(labels, x, mask)]
         labs = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
         if x.dim() < 2 or x.shape[0] != len(labs):
             raise ValueError(f"layer {self.name}: {len(labs)} per-sample group labels for an input of shape "
@@ -261,11 +286,12 @@ class HessianAccumulator:
         out = []
         for key in dict.fromkeys(labs):
             idx = torch.tensor([i for i, v in enumerate(labs) if v == key], device=x.device)
-            out.append((key, x.index_select(0, idx)))
+            out.append((key, x.index_select(0, idx), mask.index_select(0, idx) if mask is not None else None))
         return out
 
     @torch.no_grad()
-    def products(self, x: torch.Tensor, labels: Any = None) -> list[tuple[Any, torch.Tensor, int]]:
+    def products(self, x: torch.Tensor, labels: Any = None, mask: torch.Tensor | None = None
+                 ) -> list[tuple[Any, torch.Tensor, int]]:
         """The contributions ``[(group label, X_g^T X_g as float64, rows)]`` of one input, not yet added.
 
         For a Linear layer: :meth:`add_products` adds them; :meth:`add` is both.
@@ -277,6 +303,7 @@ class HessianAccumulator:
         Args:
             x: one input of the layer (checked as :meth:`add` checks it).
             labels: as :meth:`add`.
+            mask: as :meth:`add` (the rows where it is zero are left out).
 
         Returns:
             One entry per group label of the call: its label, ``(X^T X).double()`` ``(1, K, K)`` (the product in
@@ -290,8 +317,11 @@ class HessianAccumulator:
             raise TypeError(f"layer {self.name}: products() is for nn.Linear layers; use add() for convolutions")
         x = self._check_shape(x)
         out = []
-        for key, xs in self._split(x, labels):
-            x2 = xs.detach().reshape(-1, self.k).float()
+        for key, xs, ms in self._split(x, labels, mask):
+            x2 = xs.detach().reshape(-1, self.k)
+            if ms is not None:
+                x2 = x2[ms.reshape(-1)]
+            x2 = x2.float()
             out.append((key, self._product(x2).double().unsqueeze(0), x2.shape[0]))
         return out
 
@@ -373,8 +403,9 @@ class HessianAccumulator:
 class _SharedInputs:
     """The products of the last Linear input seen in one calibration call, reused by the next layers that read the
     same tensor (a transformer's q/k/v projections, gate/up): the same tensor object at the same in-place version,
-    with the same group labels and feature count. Anything else (a convolution, an inference tensor without a
-    version counter, another tensor) is accumulated on its own. :meth:`clear` at every calibration call."""
+    with the same group labels, row mask and feature count. Anything else (a convolution, an inference tensor
+    without a version counter, another tensor) is accumulated on its own. :meth:`clear` at every calibration
+    call."""
 
     def __init__(self) -> None:
         self.x: torch.Tensor | None = None
@@ -384,23 +415,55 @@ class _SharedInputs:
     def clear(self) -> None:
         self.x, self.key, self.products = None, (), []
 
-    def add(self, acc: HessianAccumulator, x: Any, labels: Any) -> None:
+    def add(self, acc: HessianAccumulator, x: Any, labels: Any, mask: torch.Tensor | None = None) -> None:
+        """Add ``x`` (one input of ``acc``'s layer) to ``acc``; ``mask``: the batch's token mask, applied where
+        it fits the input (:func:`_row_mask`)."""
         if not isinstance(acc.module, nn.Linear) or not isinstance(x, torch.Tensor):
             acc.add(x.detach() if isinstance(x, torch.Tensor) else x, labels)
             return
-        key = (tensor_version(x), acc.k, id(labels))
+        mask = _row_mask(x, mask)
+        key = (tensor_version(x), acc.k, id(labels), id(mask) if mask is not None else None)
         if self.x is x and key[0] >= 0 and key == self.key:
             acc.add_products(self.products)
             return
-        products = acc.products(x.detach(), labels)
+        products = acc.products(x.detach(), labels, mask)
         acc.add_products(products)
         self.x, self.key, self.products = x, key, products
 
 
+def _token_mask(batch: Any) -> torch.Tensor | None:
+    """The ``(batch, tokens)`` attention mask of a dict calibration batch when it marks padding (some entry 0), as
+    bool (``True``: a real token); ``None`` when the batch has none or nothing is padded."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    mask = mask != 0
+    return None if bool(mask.all()) else mask
+
+
+def _row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` if it marks the rows of the layer input ``x``: ``x`` is ``(batch, tokens, features)`` with the
+    mask's ``(batch, tokens)``; else ``None`` (every row is calibration data)."""
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask
+
+
+def _unmasked_layers(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """The layers of ``names`` in the vision tower or the projector: their inputs are image patches, never the
+    text tokens an attention mask marks."""
+    try:
+        roles = model_roles(model)
+    except ValueError:  # an architecture without roles: no layer is known to read images
+        return set()
+    prefixes = [p for r in ("vision", "projector") for p in roles.get(r, [])]
+    return {n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)}
+
+
 # ---------------------------------------------------------------------------------------------- one weight matrix
-def _inverse_factor(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (float64) and the dampening used."""
-    mean_diag = float(torch.diagonal(h).mean())
+def _inverse_factor(h: torch.Tensor, damp: float, name: str, mean_diag: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (float64), ``lambda = d * mean_diag``, and the ``d``
+    used (``damp``, retried x10)."""
     if not math.isfinite(mean_diag):
         raise ValueError(f"layer {name}: the Hessian holds NaN/inf values (calibration inputs too large?)")
     d = damp
@@ -576,12 +639,17 @@ def _prepare(h: torch.Tensor, damp: float, act_order: bool, name: str) -> _Prepa
         raise ValueError(f"layer {name}: the Hessian holds NaN/inf values (calibration inputs too large?)")
     diag = torch.diagonal(h)
     dead = diag == 0
-    diag[dead] = 1.0
+    # the mean of the live diagonal sets the dampening and fills the dead entries: a dead input's row and column of
+    # H are zero, so the value on its diagonal changes no other column, but counted in the mean (as a constant 1)
+    # it made the dampening depend on the scale of the inputs
+    mean_diag = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     perm = None
-    if act_order:
+    if act_order:  # by decreasing H_jj before the dead entries are filled: dead inputs come last
         perm = torch.argsort(diag, descending=True, stable=True)
+    diag[dead] = mean_diag
+    if perm is not None:
         h = h[perm][:, perm]
-    u, used = _inverse_factor(h, damp, name)
+    u, used = _inverse_factor(h, damp, name, mean_diag)
     return _Prepared(u, perm, dead, used)
 
 
@@ -596,7 +664,8 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, 
         h: ``(K, K)`` Hessian ``2 X^T X / n`` before dampening.
         config: scheme, scope, group size and scale dtype.
         bits: 1..8; ``None`` uses ``config.bits``.
-        damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 while ``H`` is not positive definite).
+        damp: dampening ``lambda = damp * mean(H_jj over the live inputs, H_jj > 0)`` (retried x10 while ``H`` is
+            not positive definite); dead inputs (``H_jj = 0``) get ``W[:, j] = 0``.
         block_size: columns per lazy update block.
         act_order: process columns by decreasing ``H_jj``.
         dtype: working precision of the weights and of ``U`` (the Hessian, its dampening and its factorisation
@@ -919,18 +988,21 @@ def _stages(model: nn.Module, ordered: Sequence[str]) -> list[list[str]]:
 
 
 def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], early_stop: bool,
-             labels: Sequence[Any] | None, group_weights: Mapping[Any, float] | None
-             ) -> dict[str, HessianAccumulator]:
+             labels: Sequence[Any] | None, group_weights: Mapping[Any, float] | None,
+             unmasked: Collection[str] = ()) -> dict[str, HessianAccumulator]:
+    """The Hessians of the stage's layers on every calibration batch; the padding positions of dict batches
+    (``attention_mask`` 0) are left out of the layers (not in ``unmasked``) whose input is ``(batch, tokens, K)``."""
     accs = {n: HessianAccumulator(model.get_submodule(n), n, group_weights) for n in stage}
     seen: set[str] = set()
     current: list[Any] = [None]
+    mask: list[torch.Tensor | None] = [None]
     handles = []
 
     shared = _SharedInputs()
 
     def make(n: str):
         def hook(mod, args, kwargs):
-            shared.add(accs[n], _input_of(args, kwargs), current[0])
+            shared.add(accs[n], _input_of(args, kwargs), current[0], None if n in unmasked else mask[0])
             seen.add(n)
             if early_stop and len(seen) == len(accs):
                 raise _Stop
@@ -943,6 +1015,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
             seen.clear()
             shared.clear()
             current[0] = labels[i] if labels is not None else None
+            mask[0] = _token_mask(batch)
             try:
                 _run_batch(model, batch, i, _names(stage))
             except _Stop:
@@ -955,8 +1028,12 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
 
 
 def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, HessianAccumulator],
-                   labels: Sequence[Any] | None) -> None:
+                   labels: Sequence[Any] | None, masks: Sequence[torch.Tensor | None] | None = None,
+                   unmasked: Collection[str] = ()) -> None:
     """Accumulate the Hessians of ``accs``' layers on the block's calibration calls.
+
+    ``masks[i]``: the token mask of calibration batch ``i`` (:func:`_token_mask`), applied to the layers (not in
+    ``unmasked``) whose input is ``(batch, tokens, K)``.
 
     Layers reading the same input tensor share its ``X^T X`` (:class:`_SharedInputs`). When the first call
     reaches every layer exactly once, the later calls stop right after the last of them has its input (the rest of
@@ -966,11 +1043,12 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
     seen: set[str] = set()
     early = [False]
     current: list[Any] = [None]
+    mask: list[torch.Tensor | None] = [None]
     handles = []
 
     def make(n: str):
         def hook(mod, args, kwargs):
-            shared.add(accs[n], _input_of(args, kwargs), current[0])
+            shared.add(accs[n], _input_of(args, kwargs), current[0], None if n in unmasked else mask[0])
             calls[n] += 1
             seen.add(n)
             if early[0] and len(seen) == len(accs):
@@ -984,6 +1062,7 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
             seen.clear()
             shared.clear()
             current[0] = labels[i] if labels is not None else None
+            mask[0] = masks[i] if masks is not None else None
             try:
                 block(*a, **k)
             except _Stop:
@@ -1037,14 +1116,17 @@ def gptq_quantize_(
             :func:`medquant.quantize_` (one config, patterns, roles, ``ConfigMap``).
         skip: patterns left in float (e.g. ``["@head"]``).
         calib: calibration batches, each run as :func:`medquant.models.run_model` runs it (a dict of keyword
-            inputs, a tuple of positional inputs or one tensor), already on the model's device.
+            inputs, a tuple of positional inputs or one tensor), already on the model's device; a single dict is
+            one batch. In a dict batch with a 2-D ``attention_mask``, the positions where it is 0 (padding) are
+            left out of the Hessians of the layers whose input is ``(batch, tokens, K)`` with the mask's shape
+            (not the vision tower's or the projector's).
         damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 up to 3 times if ``H`` stays singular).
         block_size: columns per lazy update block.
         act_order: process columns by decreasing ``H_jj`` (scale groups and layout unchanged).
         clip_search: each scale group takes the shrunk range ``p * range`` that minimises
             ``sum |w - Q(w)|^2.4`` over its current weights (module docstring) instead of the full range.
         max_samples: use at most this many calibration batches, drawn with ``seed`` (default: all).
-        seed: seed of that draw; GPTQ itself is deterministic.
+        seed: seed of that draw (an integer); GPTQ itself is deterministic.
         groups: optional group labels, one entry per calibration batch: a label (int or str) for the whole batch,
             or a sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's
             input). Then each layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
@@ -1061,17 +1143,18 @@ def gptq_quantize_(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: invalid ``damp`` / ``block_size`` / ``max_samples``, an empty calibration set, batches that
-            do not run, a convolution with non-zero padding mode, a layer never reached, or a Hessian that stays
-            singular (messages name the layer).
+        ValueError: invalid ``damp`` / ``block_size`` / ``max_samples`` / ``seed``, no or an empty calibration
+            set, batches that do not run, a convolution with non-zero padding mode, a layer never reached, or a
+            Hessian that stays singular (messages name the layer).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gptq_quantize_ expects an nn.Module, got {type(model).__name__}")
     _check_args(damp, block_size, max_samples)
+    seed = check_seed(seed)
     plan = resolve_configs(model, config_or_map, skip=skip)
     if not plan:
         return {}
-    batches = list(calib)
+    batches = calibration_batches(calib, "GPTQ")
     labels = _group_labels(groups, len(batches))
     keep = _select(batches, max_samples, seed)
     batches = [batches[i] for i in keep]
@@ -1087,10 +1170,11 @@ def gptq_quantize_(
     with eval_mode(model):
         ordered, counts = _call_order(model, list(plan), batches[0])
         stages = _stages(model, ordered)
+        unmasked = _unmasked_layers(model, plan) if any(_token_mask(b) is not None for b in batches) else set()
         bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
         for stage in bar:
             early = all(counts[n] == 1 for n in stage)
-            accs = _capture(model, stage, batches, early, labels, group_weights)
+            accs = _capture(model, stage, batches, early, labels, group_weights, unmasked)
             built = []
             factors = _Factors()
             for n in stage:
@@ -1139,7 +1223,8 @@ def gptq_quantize_sequential(
     Args:
         model: the float model, quantized in place (blocks may stay on ``offload_device``).
         config_or_map: configs by pattern, as :func:`medquant.quantize_`.
-        calib_inputs: one dict, or a list of dicts, of ``model(**batch)`` keyword arguments.
+        calib_inputs: one dict, or a list of dicts, of ``model(**batch)`` keyword arguments; padding positions
+            (``attention_mask`` 0) are left out of the Hessians as in :func:`gptq_quantize_`.
         skip: patterns left in float.
         damp: relative dampening (see :func:`gptq_quantize_`).
         block_size: columns per lazy update block.
@@ -1159,10 +1244,12 @@ def gptq_quantize_sequential(
         :func:`calibration_records` of the quantized layers.
 
     Raises:
-        ValueError: no or empty calibration data, invalid arguments, a Hessian that stays singular.
+        ValueError: no or empty calibration data, invalid arguments (``damp``, ``block_size``, ``max_samples``,
+            ``seed``), a Hessian that stays singular.
         TypeError: a calibration entry that is not a dict.
     """
     _check_args(damp, block_size, max_samples)
+    seed = check_seed(seed)
     if calib_inputs is None:
         raise ValueError("GPTQ needs calibration data: pass calib_inputs (a dict of model(**batch) keyword "
                          "arguments, or a list of such dicts)")
@@ -1178,6 +1265,9 @@ def gptq_quantize_sequential(
     keep = _select(batches, max_samples, seed)
     batches = [batches[i] for i in keep]
     labels = [labels[i] for i in keep] if labels is not None else None
+    masks = [_token_mask(b) for b in batches]
+    padded = any(m is not None for m in masks)
+    image_layers = _unmasked_layers(model, [n for n, _ in model.named_modules()]) if padded else set()
 
     def per_block_fn(block: nn.Module, inputs: BlockInputs) -> None:
         names = [n for n, c in inputs.configs.items()
@@ -1185,7 +1275,8 @@ def gptq_quantize_sequential(
         if not names:
             return
         accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in names}
-        _capture_block(block, inputs, accs, labels)
+        unmasked = {n for n in names if f"{inputs.name}.{n}" in image_layers}
+        _capture_block(block, inputs, accs, labels, masks if padded else None, unmasked)
         built = []
         factors = _Factors()
         for n in names:

@@ -339,3 +339,35 @@ def test_input_quantizer_errors():
         InputQuantizer(8, False, float("nan"))
     with pytest.raises(ValueError, match="block x: calibration input holds NaN"):
         InputQuantizer.calibrate([torch.tensor([0.0, float("nan")])], 8, name="block x")
+
+
+def test_one_batch_dict_no_data_and_bad_arguments_are_handled():
+    """A single dict batch is one batch (not a list of its keys); no calibration data, a non-integer seed, a
+    warmup or rate that is not a finite number, and ``blocks`` given as one string give errors that name the
+    argument before the model changes."""
+    cfg = QuantConfig(4, scope="channel")
+    calib = [{"x": x} for x in _data(2)]
+
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn()
+
+        def forward(self, x):
+            return self.net(x)
+
+    one, listed = Kw(), Kw()
+    listed.load_state_dict(one.state_dict())
+    recs = adaround_quantize_(one, cfg, calib[0], iters=3, progress=False)
+    assert recs == adaround_quantize_(listed, cfg, calib[:1], iters=3, progress=False)
+    model = _cnn()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="learned rounding needs calibration data"):
+        adaround_quantize_(model, cfg, None, iters=2, progress=False)
+    for kw, match in [({"seed": "0"}, "seed must be an integer"), ({"seed": 0.5}, "seed must be an integer"),
+                      ({"warmup": "0.2"}, "warmup must be"), ({"lr": float("nan")}, "lr must be"),
+                      ({"lr": -1.0}, "lr must be"), ({"reg": float("nan")}, "reg must be"),
+                      ({"blocks": "features"}, "blocks must be a list")]:
+        with pytest.raises(ValueError, match=match):
+            adaround_quantize_(model, cfg, _data(1), iters=2, progress=False, **kw)
+        assert _unchanged(model, snap), kw

@@ -48,12 +48,13 @@ def _reference_gptq(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig, bits: in
     h = h.double().clone()
     n, k = w.shape
     dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    live_mean = torch.diagonal(h)[~dead].mean()
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
+    h[dead, dead] = live_mean                        # any positive value: row and column of a dead input are 0
     w[:, dead] = 0.0
     sym = cfg.is_symmetric(bits)
-    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
     h = h[order][:, order]
-    h = h + damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
+    h = h + damp * live_mean * torch.eye(k, dtype=torch.float64)     # lambda from the live inputs only
     u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
     w = w[:, order]
     codes = torch.zeros(n, k, dtype=torch.long)
@@ -715,3 +716,122 @@ def test_clip_search_lowers_model_error_and_is_recorded(tmp_path):
     assert medquant.load_extras(tmp_path / "m")["calibration"]["fc1"]["clip_search"] is True
     with torch.no_grad():
         assert torch.equal(loaded(x), searched(x))
+
+
+# ---------------------------------------------------------------------------------------------- defects found in review
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("cfg", [QuantConfig(4, scope="channel"), QuantConfig(3, symmetric=False, scope="channel")],
+                         ids=["w4sym", "w3asym"])
+def test_dead_inputs_do_not_change_the_result(cfg, act_order):
+    """Dead inputs (all-zero columns of X) are decoupled from the others in H, so GPTQ on the full layer equals
+    GPTQ on the live columns alone (their weights and the live block of H; channel scope: the range of a row
+    ignores the zeroed dead weights), and rescaling the inputs (H -> c^2 H) changes no code. Before the fix the
+    dead diagonal entries were set to 1 *before* the dampening mean was taken, so with small activations the
+    dampening swamped the live Hessian (at c = 0.001 GPTQ was nearly round-to-nearest)."""
+    k, n = 48, 16
+    x = _correlated(600, k, seed=30)
+    dead = torch.tensor([0, 5, 6, 7, 20, 21, 33, 40, 41, 47])
+    x[:, dead] = 0.0
+    live = torch.tensor([j for j in range(k) if j not in set(dead.tolist())])
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(31)) * 0.1
+    ref = None
+    for c in (1.0, 1e-3):
+        h = _hessian(x * c)
+        qt, info = gptq_quantize_weight(w, h, cfg, act_order=act_order, dtype=torch.float64)
+        sub, _ = gptq_quantize_weight(w[:, live], h[live][:, live], cfg, act_order=act_order, dtype=torch.float64)
+        assert info["dead"] == len(dead)
+        assert torch.equal(qt.codes[:, live], sub.codes[:, :len(live)]), f"scale {c}"
+        assert torch.equal(qt.scales, sub.scales)
+        assert torch.count_nonzero(dequantize(qt, torch.float64)[:, dead]) == 0
+        ref = qt.codes if ref is None else ref
+        assert torch.equal(qt.codes, ref), f"scale {c}"
+
+
+def _padded_pair(model):
+    """Two token sequences (12 and 5 tokens): as one right-padded batch with its attention mask, and unpadded, one
+    batch each."""
+    g = torch.Generator().manual_seed(7)
+    vocab = model.config.vocab_size
+    a, b = torch.randint(1, vocab, (1, 12), generator=g), torch.randint(1, vocab, (1, 5), generator=g)
+    padded = {"input_ids": torch.cat([a, F.pad(b, (0, 7))]),
+              "attention_mask": torch.cat([torch.ones(1, 12), F.pad(torch.ones(1, 5), (0, 7))]).long()}
+    separate = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in (a, b)]
+    return padded, separate
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
+def test_padded_tokens_are_left_out_of_the_hessians(monkeypatch, sequential):
+    """Padding positions (attention_mask 0) are not calibration data: a right-padded batch of two sequences gives
+    the Hessians (rows and values) of the two sequences run unpadded. Before the fix the 7 pad positions were
+    accumulated too (24 rows instead of 17)."""
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    padded, separate = _padded_pair(model)
+    cfg = QuantConfig(4, group_size=32)
+    hessians: list[dict[str, torch.Tensor]] = []
+    hessian = HessianAccumulator.hessian
+
+    def record(self):
+        h = hessian(self)
+        hessians[-1][self.name] = h.clone()
+        return h
+
+    monkeypatch.setattr(HessianAccumulator, "hessian", record)
+    run = (lambda m, c: gptq_quantize_sequential(m, cfg, c, skip=["@head"], device="cpu", progress=False)) \
+        if sequential else (lambda m, c: gptq_quantize_(m, cfg, c, skip=["@head"], progress=False))
+    records = []
+    for calib in ([padded], separate):
+        hessians.append({})
+        records.append(run(copy.deepcopy(model), calib))
+    assert records[0].keys() == records[1].keys() and len(records[0]) > 7
+    for name, r in records[0].items():
+        assert r["rows"] == records[1][name]["rows"] == 17, name
+    assert hessians[0].keys() == hessians[1].keys()
+    for name in hessians[0]:
+        a, b = hessians[0][name], hessians[1][name]
+        # block 0 sees the same float inputs; later blocks see inputs of block 0 quantized from Hessians equal up
+        # to float rounding, where a code may flip
+        tol = 1e-6 if name.startswith("model.layers.0.") else 1e-3
+        assert float((a - b).abs().max()) <= tol * float(b.abs().max()), name
+
+
+def test_row_mask_keeps_only_the_marked_rows():
+    """HessianAccumulator.add with a row mask: the Hessian of the kept rows only (plain torch), per group too."""
+    lin = nn.Linear(12, 4)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 7, 12, generator=g)
+    mask = torch.rand(3, 7, generator=g) > 0.4
+    acc = HessianAccumulator(lin, "lin")
+    acc.add(x, mask=mask.long())
+    assert acc.rows == int(mask.sum())
+    torch.testing.assert_close(acc.hessian()[0], _hessian(x[mask]), rtol=1e-5, atol=1e-6)
+    grouped = HessianAccumulator(lin, "lin")
+    grouped.add(x, ["a", "b", "a"], mask=mask)
+    want = (_hessian(x[[0, 2]][mask[[0, 2]]]) + _hessian(x[1][mask[1]])) / 2
+    torch.testing.assert_close(grouped.hessian()[0], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"layer lin: a row mask of shape \(3, 6\) for an input of shape"):
+        acc.add(x, mask=mask[:, :6])
+    with pytest.raises(ValueError, match="row mask is for nn.Linear"):
+        HessianAccumulator(nn.Conv2d(3, 4, 3), "conv").add(torch.randn(1, 3, 8, 8), mask=torch.ones(1, 3, 8))
+
+
+def test_one_dict_batch_no_data_and_a_bad_seed_are_handled():
+    """A single dict batch is one batch (as gptq_quantize_sequential takes it), not a list of its keys; no
+    calibration data and a seed that is not an integer give errors that say so, not a raw torch error."""
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    batch = e.inputs(model)
+    cfg = QuantConfig(4, group_size=32)
+    one, listed = copy.deepcopy(model), copy.deepcopy(model)
+    recs = gptq_quantize_(one, cfg, batch, skip=["@head"], progress=False)
+    assert recs == gptq_quantize_(listed, cfg, [batch], skip=["@head"], progress=False)
+    a, b = one.state_dict(), listed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="GPTQ needs calibration data"):
+        gptq_quantize_(_MLP(), cfg, None, progress=False)
+    for bad in ("1", 1.5, None):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            gptq_quantize_(_MLP(), cfg, _calib(), max_samples=2, seed=bad, progress=False)
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            gptq_quantize_sequential(copy.deepcopy(model), cfg, [batch, batch], max_samples=1, seed=bad,
+                                     device="cpu", progress=False)

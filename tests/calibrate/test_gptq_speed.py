@@ -16,8 +16,10 @@ from medquant.calibrate.gptq import HessianAccumulator, gptq_quantize_sequential
 from medquant.testing.zoo import ZOO_BY_NAME
 
 
-def _separate_capture(block, inputs, accs, labels):
-    """The plain capture: every layer accumulates its own input on every full call of the block."""
+def _separate_capture(block, inputs, accs, labels, masks=None, unmasked=frozenset()):
+    """The plain capture: every layer accumulates its own input on every full call of the block (the batches here
+    are not padded: ``masks`` is ``None``)."""
+    assert masks is None
     current = [None]
 
     def make(n):
@@ -46,9 +48,9 @@ def _recording(monkeypatch):
         hessians[self.name] = h.clone()
         return h
 
-    def count_products(self, x, labels=None):
+    def count_products(self, x, labels=None, mask=None):
         products[0] += 1
-        return prods(self, x, labels)
+        return prods(self, x, labels, mask)
 
     monkeypatch.setattr(HessianAccumulator, "hessian", rec_hessian)
     monkeypatch.setattr(HessianAccumulator, "products", count_products)
