@@ -10,6 +10,10 @@
 * :func:`read_dicom` / :func:`dicom_to_array` - DICOM files (needs the optional ``dicom`` extra: pydicom).
 * :func:`load_images` - any of the above from one path (npz file, folder, CSV, DICOM file), for the CLI.
 * :func:`load_iu_reports` - the Indiana University chest X-ray reports (:mod:`medquant.data.reports`).
+
+Every loader expands a leading ``~`` in the paths it is given; relative paths are relative to the working
+directory. Image files keep the values they store (16-bit, 32-bit and floating-point files are not reduced to
+8 bits; see :func:`load_image`).
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def load_npz_split(path, split: str = "test", with_labels: bool = False):
         ValueError: the file is not an ``.npz`` archive.
         KeyError: the split or the image array is missing.
     """
-    path = Path(path)
+    path = _path(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04":  # every .npz is a zip archive
@@ -110,6 +114,7 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path") ->
         KeyError: the CSV has no ``path_column`` column, or no ``split`` column when ``split`` is given.
         ValueError: ``split`` is given and no row has it (the message lists the splits the CSV has).
     """
+    csv_path = _path(csv_path)
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     if rows and path_column not in rows[0]:
@@ -126,15 +131,20 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path") ->
 
 
 def load_image(path) -> np.ndarray:
-    """One image file as a numpy array (uint8/uint16, gray (H, W) or RGB (H, W, 3)); DICOM via pydicom.
+    """One image file as a numpy array with the values the file stores; DICOM via pydicom.
+
+    8-bit gray and RGB files give uint8 ``(H, W)`` / ``(H, W, 3)``; single-channel files wider than 8 bits keep
+    their values and a native-byte-order dtype: unsigned 16-bit (PNG, TIFF) uint16, signed 16-bit and 32-bit
+    integer TIFFs (Pillow mode ``I``, e.g. CT numbers) int32, floating-point TIFFs (mode ``F``) float32. Other modes
+    (palette, gray with alpha, RGBA, CMYK, 1-bit) are converted to uint8 RGB.
 
     Args:
-        path: an image file (PNG, JPEG, TIFF...) or a DICOM file (``.dcm``).
+        path: an image file (PNG, JPEG, TIFF...) or a DICOM file (``.dcm``); ``~`` is expanded.
 
     Returns:
         The pixel array (DICOM: float64 in [0, 1], see :func:`dicom_to_array`).
     """
-    path = Path(path)
+    path = _path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return dicom_to_array(read_dicom(path))[0]
     from PIL import Image
@@ -142,9 +152,15 @@ def load_image(path) -> np.ndarray:
     with Image.open(path) as im:
         if im.mode in ("L", "RGB"):
             return np.asarray(im).copy()
-        if im.mode.startswith("I;16"):
-            return np.asarray(im).astype(np.uint16)
+        if im.mode == "I" or im.mode == "F" or im.mode.startswith("I;16"):
+            arr = np.asarray(im)
+            return arr.astype(arr.dtype.newbyteorder("="))  # a copy; big-endian data in native order
         return np.asarray(im.convert("RGB")).copy()
+
+
+def _path(path) -> Path:
+    """``path`` as a ``Path`` with a leading ``~`` expanded (relative paths stay relative to the working directory)."""
+    return Path(path).expanduser()
 
 
 def _check_limit(limit: int | None) -> None:
@@ -156,7 +172,7 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
                       limit: int | None = None, path_column: str = "path", gray: bool = False):
     """Images listed in ``root/index_csv`` (paths relative to ``root``) -> (list of arrays, list of rows).
 
-    With ``index_csv=None`` every image file under ``root`` is loaded (sorted). ``gray=True`` keeps only the
+    With ``index_csv=None`` every image file under ``root`` is loaded (sorted); ``~`` in ``root`` is expanded. ``gray=True`` keeps only the
     first channel of RGB files whose three channels are identical (grayscale content stored as RGB).
 
     Args:
@@ -172,14 +188,18 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
 
     Raises:
         FileNotFoundError: ``split`` is given but the index CSV does not exist.
-        ValueError: ``limit`` is negative.
+        ValueError: ``limit`` is negative, or ``split`` is given with ``index_csv=None`` (a scanned folder has no
+            splits).
     """
     _check_limit(limit)
-    root = Path(root)
+    root = _path(root)
     if index_csv is not None and (root / index_csv).exists():
         rows = read_index(root / index_csv, split=split, path_column=path_column)
         files = [root / r[path_column] for r in rows]
     else:
+        if index_csv is None and split is not None:
+            raise ValueError(f"split {split!r} needs an index CSV with a split column; with index_csv=None every "
+                             f"image under {root} is loaded (pass split=None)")
         if index_csv is not None and split is not None:
             raise FileNotFoundError(f"{root / index_csv} not found (needed to select split {split!r})")
         files = list_image_files(root)
@@ -207,7 +227,7 @@ def list_image_files(root) -> list[Path]:
     Returns:
         Paths whose suffix is one of ``IMAGE_SUFFIXES`` or ``DICOM_SUFFIXES`` (case-insensitive).
     """
-    root = Path(root)
+    root = _path(root)
     return sorted(p for p in root.rglob("*") if p.is_file()
                   and p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
 
@@ -229,7 +249,7 @@ def read_dicom(path):
         import pydicom
     except ImportError as e:  # pragma: no cover
         raise ImportError("reading DICOM needs pydicom: pip install 'medquant[dicom]'") from e
-    return pydicom.dcmread(str(path))
+    return pydicom.dcmread(str(_path(path)))
 
 
 def dicom_to_array(ds) -> tuple[np.ndarray, None]:
@@ -287,7 +307,7 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
     stay ``(H, W, 3)``.
 
     Args:
-        path: an ``.npz`` file, a folder, an index CSV or one image / DICOM file.
+        path: an ``.npz`` file, a folder, an index CSV or one image / DICOM file (``~`` is expanded).
         split: the split to load (npz and indexed folders / CSVs).
         limit: load at most this many images.
         key: for an ``.npz``, the array to read instead of the split's images.
@@ -301,7 +321,7 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         ValueError: ``limit`` is negative.
     """
     _check_limit(limit)
-    path = Path(path)
+    path = _path(path)
     if path.is_dir():
         images, rows = load_image_folder(path, split=split, limit=limit, gray=True)
         return images, [r.get("path", str(i)) for i, r in enumerate(rows)]

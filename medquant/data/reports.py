@@ -130,8 +130,8 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
     """Read the IU reports, sorted by numeric id.
 
     Args:
-        path: the ``NLMCXR_reports.tgz`` file or a folder holding the XML files (searched recursively);
-            default :func:`default_reports_path`.
+        path: the ``NLMCXR_reports.tgz`` file or a folder holding the XML files (searched recursively; ``~`` is
+            expanded); default :func:`default_reports_path`.
         split: keep only ``"train"``, ``"dev"`` or ``"test"`` reports; ``None`` keeps all.
         require: section names (``"findings"``, ``"impression"``...) that must be non-empty.
 
@@ -150,7 +150,7 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
     bad = [r for r in require if r not in fields]
     if bad:
         raise ValueError(f"require: unknown section(s) {bad}; accepted: {fields}")
-    p = Path(path) if path is not None else default_reports_path()
+    p = Path(path).expanduser() if path is not None else default_reports_path()
     if not p.exists():
         raise FileNotFoundError(f"IU reports not found at {p} (set MEDQUANT_DATA_DIR or pass the path to "
                                 "NLMCXR_reports.tgz or to a folder of its XML files)")

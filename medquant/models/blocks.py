@@ -40,7 +40,8 @@ mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), cross-attention of encoder-deco
 self-attention heads are pruned). MoE experts stored as 3-D weights (one module for all experts, transformers 5)
 are named by :attr:`Block.experts` (:mod:`medquant.prune` removes each expert's neurons); a shared expert MLP
 beside them is the block's FFN.
-Encoder-decoder language models (BART in Florence-2) give two stacks: the encoder's layers and the decoder's.
+Encoder-decoder language models (BART in Florence-2, T5 in BLIP-2 Flan-T5, T5Gemma 2) give two stacks: the
+encoder's blocks, then the decoder's.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .introspect import _find_layers, language_model_layers, model_roles, vision_layers
+from .structure import under
 
 __all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "transformer_blocks"]
 
@@ -162,21 +164,44 @@ class Block:
     experts: str | None = None  # an MoE experts module with 3-D weights inside the block (its neurons: prune)
 
 
+def _side(stack: str) -> str | None:
+    """``"encoder"`` / ``"decoder"``: the innermost of those two components of a block list's name, else None."""
+    return next((c for c in reversed(stack.split(".")) if c in ("encoder", "decoder")), None)
+
+
+def _language_stacks(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """The language blocks as stacks: ``[names]``, or the encoder's blocks then the decoder's when the language
+    model is an encoder-decoder (two outermost block lists under the language role, one inside an ``encoder``, one
+    inside a ``decoder``: BART's ``encoder.layers`` / ``decoder.layers``, T5's ``encoder.block`` /
+    ``decoder.block``, T5Gemma 2's ``encoder.text_model.layers`` / ``decoder.layers``)."""
+    if not names or _side(names[0].rpartition(".")[0]) is None:
+        return [names]
+    prefixes = model_roles(model).get("language", [])
+    lists: list[tuple[str, nn.ModuleList]] = []
+    for name, mod in model.named_modules():
+        if (isinstance(mod, nn.ModuleList) and len(mod) and any(under(name, p) for p in prefixes)
+                and not any(under(name, q) for q, _ in lists)):  # outermost: not a list inside a block
+            lists.append((name, mod))
+    by_side: dict[str, tuple[str, nn.ModuleList]] = {}
+    for name, mod in lists:
+        side = _side(name)
+        if side is not None:
+            by_side.setdefault(side, (name, mod))
+    if len(by_side) < 2:
+        return [names]
+    return [[f"{name}.{i}" for i in range(len(mod))] for name, mod in (by_side["encoder"], by_side["decoder"])]
+
+
 def _role_stacks(model: nn.Module, roles: Sequence[str]) -> list[tuple[str, list[str]]]:
     """``[(role, block names)]`` for ``roles`` in the given order (``"language"`` / ``"vision"``), empty lists
-    included; an encoder-decoder language model (``...encoder.layers`` beside ``...decoder.layers``) gives its
-    encoder stack, then its decoder stack."""
-    finders = {"language": language_model_layers, "vision": vision_layers}
+    included; an encoder-decoder language model gives its encoder stack, then its decoder stack
+    (:func:`_language_stacks`)."""
     out: list[tuple[str, list[str]]] = []
     for r in roles:
-        names = finders[r](model)
-        out.append((r, names))
-        stack = names[0].rpartition(".")[0] if names else ""
-        head, _, tail = stack.rpartition(".")
-        if r == "language" and tail == "layers" and head.endswith("encoder"):
-            dec = _get(model, head[: -len("encoder")] + "decoder.layers")
-            if isinstance(dec, nn.ModuleList) and len(dec) and all(n.startswith(stack + ".") for n in names):
-                out.append((r, [f"{head[: -len('encoder')]}decoder.layers.{i}" for i in range(len(dec))]))
+        if r == "vision":
+            out.append((r, vision_layers(model)))
+        else:
+            out.extend((r, names) for names in _language_stacks(model, language_model_layers(model)))
     return out
 
 
@@ -188,7 +213,8 @@ def block_stacks(model: nn.Module) -> list[list[str]]:
 
     Returns:
         ``[vision blocks, language blocks]`` with empty lists dropped, e.g.
-        ``[["model.vision_tower.encoder.layers.0", ...], ["model.language_model.layers.0", ...]]``; ``[]`` for
+        ``[["model.vision_tower.encoder.layers.0", ...], ["model.language_model.layers.0", ...]]``; an
+        encoder-decoder language model gives two language lists, its encoder's blocks then its decoder's; ``[]`` for
         a model without vision or language blocks, and for a plain ``nn.Module`` (no roles).
     """
     return [names for _, names in _role_stacks(model, ("vision", "language")) if names]

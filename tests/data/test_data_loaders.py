@@ -240,3 +240,65 @@ def test_unknown_split_is_named_with_the_splits_that_exist(tmp_path):
     np.savez(tmp_path / "m.npz", train_images=np.zeros((1, 2, 2)), test_images=np.zeros((1, 2, 2)))
     with pytest.raises(KeyError, match=r"no split 'bogus'.*splits: test, train"):
         mdata.load_npz_split(tmp_path / "m.npz", split="bogus")
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32])
+def test_wide_and_float_images_keep_their_values(tmp_path, dtype):
+    """Signed 16-bit (CT numbers), 32-bit integer and floating-point TIFFs are read with their stored values, not
+    squashed to 8-bit RGB."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    if dtype is np.float32:
+        arr = rng.normal(0.0, 300.0, (12, 10)).astype(np.float32)
+    else:
+        info = np.iinfo(dtype)
+        arr = rng.integers(max(info.min, -70_000), min(info.max, 70_000), (12, 10)).astype(dtype)
+    path = tmp_path / "slice.tif"
+    Image.fromarray(arr).save(path)
+    with Image.open(path) as im:  # what the file holds, read by Pillow alone
+        stored = np.asarray(im)
+    np.testing.assert_array_equal(stored, arr)
+    got = mdata.load_image(path)
+    assert got.shape == arr.shape and got.dtype.kind == arr.dtype.kind
+    np.testing.assert_array_equal(got, arr)
+    images, _ = mdata.load_images(tmp_path)  # the folder loader and the CLI path read the same values
+    np.testing.assert_array_equal(images[0], arr)
+
+
+def test_paths_with_a_tilde_are_expanded(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Path("~").expanduser() == tmp_path
+    x = np.arange(2 * 5 * 5, dtype=np.uint8).reshape(2, 5, 5)
+    np.savez(tmp_path / "mine.npz", test_images=x, test_labels=np.array([0, 1]))
+    np.testing.assert_array_equal(mdata.load_npz_split("~/mine.npz", "test"), x)
+    np.testing.assert_array_equal(mdata.load_images("~/mine.npz")[0], x)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(x[1]).save(tmp_path / "imgs" / "a.png")
+    with open(tmp_path / "imgs" / "index.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "split"], ["a.png", "test"]])
+    np.testing.assert_array_equal(mdata.load_image("~/imgs/a.png"), x[1])
+    assert [r["path"] for r in mdata.read_index("~/imgs/index.csv", split="test")] == ["a.png"]
+    images, _ = mdata.load_image_folder("~/imgs", split="test")
+    np.testing.assert_array_equal(images[0], x[1])
+    for src in ("~/imgs", "~/imgs/index.csv", "~/imgs/a.png"):
+        np.testing.assert_array_equal(mdata.load_images(src)[0][0], x[1])
+    assert [p.name for p in mdata.list_image_files("~/imgs")] == ["a.png"]
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "1.xml").write_text(
+        '<eCitation><uId id="CXR1"/><MedlineCitation><Article><Abstract>'
+        '<AbstractText Label="FINDINGS">Clear lungs.</AbstractText></Abstract></Article></MedlineCitation>'
+        "</eCitation>")
+    assert [r.findings for r in mdata.load_iu_reports("~/reports")] == ["Clear lungs."]
+
+
+def test_a_split_without_an_index_is_refused_not_ignored(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.full((4, 4), i, np.uint8)).save(tmp_path / f"{i}.png")
+    assert len(mdata.load_image_folder(tmp_path, index_csv=None)[0]) == 3  # no split: every file
+    with pytest.raises(ValueError, match="split 'test'.*index"):
+        mdata.load_image_folder(tmp_path, index_csv=None, split="test")

@@ -105,3 +105,57 @@ def test_blocks_are_found_without_running_the_model():
     transformer_blocks(model, "all")
     block_stacks(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _t5_text(**over):
+    kw = {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 3, "num_heads": 4, "d_kv": 16,
+          "vocab_size": 300}
+    kw.update(over)
+    return kw
+
+
+def _blip2_flan_t5():
+    import transformers as tf
+
+    cfg = tf.Blip2Config(
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        qformer_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "encoder_hidden_size": 64},
+        text_config={"model_type": "t5", **_t5_text()}, num_query_tokens=4)
+    model = tf.Blip2ForConditionalGeneration(cfg)
+    lm = model.language_model
+    return model, lm.encoder.block, lm.decoder.block
+
+
+def _t5():
+    import transformers as tf
+
+    model = tf.T5ForConditionalGeneration(tf.T5Config(**_t5_text()))
+    return model, model.encoder.block, model.decoder.block
+
+
+def _t5gemma2():
+    import transformers as tf
+
+    cls = getattr(tf, "T5Gemma2ForConditionalGeneration", None)
+    if cls is None:
+        pytest.skip("this transformers has no T5Gemma 2")
+    with torch.device("meta"):
+        model = cls._from_config(cls.config_class())
+    return model, model.model.encoder.text_model.layers, model.model.decoder.layers
+
+
+@pytest.mark.parametrize("build", [_t5, _blip2_flan_t5, _t5gemma2], ids=["t5", "blip2_flan_t5", "t5gemma2"])
+def test_encoder_decoder_language_models_give_the_encoder_stack_then_the_decoder_stack(build):
+    """Both stacks of an encoder-decoder language model (T5's ``block`` lists, T5Gemma 2's text encoder beside its
+    decoder) are listed, encoder first: sequential quantization must not skip one of them."""
+    model, enc, dec = build()
+    modules = {id(m): n for n, m in model.named_modules()}
+    enc_names = [modules[id(b)] for b in enc]
+    dec_names = [modules[id(b)] for b in dec]
+    assert len(enc_names) == len(enc) > 0 and len(dec_names) == len(dec) > 0
+    language = block_stacks(model)[-2:]
+    assert language == [enc_names, dec_names]
+    vision = vision_layers(model)
+    assert block_stacks(model) == ([vision] if vision else []) + [enc_names, dec_names]
