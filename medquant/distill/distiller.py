@@ -10,9 +10,10 @@ Loss per batch::
   (Hinton et al. 2015).
 * ``task``: the student's own loss -- the model's ``.loss`` when the batch carries ``labels``; for causal LMs
   without labels, next-token cross-entropy on ``input_ids`` with padding masked (``labels = -100``).
-* ``FM`` (optional): feature matching ``mean_pairs MSE(P_k h_s[i_k], h_t[j_k])`` over masked tokens for layer pairs
-  ``(i_k, j_k)`` of ``hidden_states``, with a learned linear projection ``P_k`` (student width -> teacher width;
-  identity-initialised when the widths agree) trained together with the student.
+* ``FM`` (optional): feature matching ``mean_pairs MSE(P_k h_s[i_k], h_t[j_k])`` over the tokens of the attention
+  mask (padding excluded, for classifiers with ``(B, C)`` logits too) for layer pairs ``(i_k, j_k)`` of
+  ``hidden_states``, with a learned linear projection ``P_k`` (student width -> teacher width; identity-initialised
+  when the widths agree; float32, on the student's device) trained together with the student.
 
 The teacher is put in eval mode, its parameters get ``requires_grad=False`` and it runs under ``torch.no_grad``
 in eval mode (also when it, or a module it shares with the student, was switched back to train mode): it
@@ -24,7 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -148,8 +149,9 @@ class Distiller(nn.Module):
     FSDP2 ``fully_shard`` (on the default process group) is trained the same way (FSDP averages its gradients).
 
     Args:
-        teacher: the frozen teacher, called as ``model(**batch)`` (dict batches) or ``model(batch)``; it is put in
-            eval mode with ``requires_grad=False`` and is not a submodule (never trained, not in ``state_dict``).
+        teacher: the frozen teacher, called as ``model(**batch)`` (dict batches, or any mapping such as a
+            tokenizer's ``BatchEncoding``) or ``model(batch)``; it is put in eval mode with ``requires_grad=False``
+            and is not a submodule (never trained, not in ``state_dict``).
         student: the model to train, called the same way.
         alpha: weight of the KD term (``1 - alpha`` on the task loss).
         temperature: ``T`` of :func:`kd_loss`, a finite real number > 0 (not a bool).
@@ -164,6 +166,9 @@ class Distiller(nn.Module):
         teacher_dim: the teacher's hidden size (default: read from its config).
         task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
 
+    The feature projections are float32 ``nn.Linear`` layers created on the device of the student's parameters
+    (move the student there before building the ``Distiller``, or move the ``Distiller`` with ``.to(device)``).
+
     Raises:
         TypeError: ``temperature`` not a real number (a bool included), ``feature_pairs`` not pairs of ints, or
             ``feature_pairs`` given with a teacher or student whose ``forward`` takes no ``output_hidden_states``
@@ -172,6 +177,11 @@ class Distiller(nn.Module):
             >= 0, ``teacher is student``, or the hidden sizes for ``feature_pairs`` cannot be read from the models'
             configs and are not given.
     """
+
+    #: ``transformers.Trainer`` reads this instead of guessing from ``forward(**inputs)``: the Distiller takes no
+    #: ``num_items_in_batch``. Each batch's ``L`` is a mean over that batch, so the Trainer divides it by
+    #: ``gradient_accumulation_steps`` and the step's gradient is that of the mean of its batches' losses.
+    accepts_loss_kwargs = False
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
                  feature_pairs: Sequence[tuple[int, int]] = (), feature_weight: float = 1.0,
@@ -201,8 +211,9 @@ class Distiller(nn.Module):
         if self.feature_pairs:
             sd = student_dim or _hidden_size(_unwrap(student))
             td = teacher_dim or _hidden_size(teacher)
+            device = _param_device(student)
             for _ in self.feature_pairs:
-                proj = nn.Linear(sd, td, bias=False)
+                proj = nn.Linear(sd, td, bias=False, device=device)  # float32, on the student's device
                 if sd == td:
                     nn.init.eye_(proj.weight)
                 self.projections.append(proj)
@@ -226,7 +237,7 @@ class Distiller(nn.Module):
         loss = getattr(out, "loss", None)
         if isinstance(loss, torch.Tensor):
             return loss
-        if isinstance(batch, dict) and "input_ids" in batch and logits.dim() == 3:
+        if isinstance(batch, Mapping) and "input_ids" in batch and logits.dim() == 3:
             labels = batch["input_ids"].clone()
             if "attention_mask" in batch:
                 labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
@@ -239,7 +250,11 @@ class Distiller(nn.Module):
 
         Called as ``distiller(batch)`` or ``distiller(**batch)``; the second form is what ``transformers.Trainer``
         does, so ``Trainer(model=distiller, args=TrainingArguments(..., remove_unused_columns=False), ...)``
-        trains the student (and projections) with the distillation loss (it reads ``outputs["loss"]``).
+        trains the student (and projections) with the distillation loss (it reads ``outputs["loss"]``). With
+        ``gradient_accumulation_steps = k`` a step's gradient is that of ``mean_k L`` (each batch's ``L`` is a
+        mean over the batch: :attr:`accepts_loss_kwargs` is ``False``, so the Trainer passes no
+        ``num_items_in_batch`` and divides each loss by ``k``). The attention mask excludes padding from the KD
+        term of token logits and from the feature term of every model (classifiers included).
 
         Args:
             batch: the batch (dict or tensors), or None when given as keyword arguments.
@@ -264,9 +279,10 @@ class Distiller(nn.Module):
                 t_out = run_model(self.teacher, batch, unpack_sequences=False, **extra)
         s_out = run_model(self.student, batch, unpack_sequences=False, **extra)
         s_logits = main_output(s_out, hidden_state=False, first_item=False)  # logits only
-        mask = None
-        if isinstance(batch, dict) and "attention_mask" in batch and s_logits.dim() == 3:
-            mask = batch["attention_mask"]
+        # the tokens' mask: KD reads it for token logits (B, S, V) only (class logits (B, C) have one position per
+        # example), feature matching for the hidden states (B, S, H) of every model, classifiers included
+        token_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None  # a BatchEncoding too
+        mask = token_mask if s_logits.dim() == 3 else None
         parts: dict[str, torch.Tensor] = {}
         total = s_logits.new_zeros((), dtype=torch.float32)
         if self.alpha > 0:
@@ -279,7 +295,7 @@ class Distiller(nn.Module):
             parts["task"] = task
             total = total + (1.0 - self.alpha) * task
         if want_hidden:
-            fm = self._features(s_out, t_out, mask)
+            fm = self._features(s_out, t_out, token_mask)
             parts["features"] = fm
             total = total + self.feature_weight * fm
         parts["loss"] = total
@@ -359,6 +375,14 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return x.mean()
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp_min(1)
+
+
+def _param_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first floating-point parameter (the CPU for a model without one)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device
+    return torch.device("cpu")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

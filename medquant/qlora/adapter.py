@@ -333,6 +333,7 @@ class QLoRAAdapter:
         Raises:
             ValueError: ``steps < 1`` or ``batches`` is empty (as :meth:`medquant.distill.Distiller.fit`).
             RuntimeError: ``ddp=True`` without an initialised process group.
+            FloatingPointError: see :func:`train_loop` (a NaN / inf loss on any rank stops every rank).
         """
         model = self.model
         if ddp:
@@ -537,7 +538,8 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
     Raises:
         ValueError: ``steps < 1``, ``grad_accum < 1``, no trainable parameters, or ``batches`` is empty (no step
             taken).
-        FloatingPointError: a loss is missing or not finite.
+        FloatingPointError: the model returns no loss (batches without ``labels``), or a loss is NaN or infinite
+            (on any rank: every rank of a DDP run stops at the same step, before its ``optimizer.step()``).
     """
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1 (or None: one pass over batches), got {steps}")
@@ -553,8 +555,10 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
 
     def step_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         loss = model(**batch).loss
-        if loss is None or not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss}; check labels and learning rate")
+        if loss is None:
+            raise FloatingPointError("the model returned no loss: the batches need 'labels'")
+        # a NaN / inf loss is left to train_steps: under DDP it stops every rank at the same step (raising here,
+        # before this rank's backward pass, left the other ranks waiting in DDP's gradient all-reduce)
         return loss, float(loss.detach())
 
     # steps given: passes over batches repeat until that many steps (as Distiller.fit); a one-shot iterator ends

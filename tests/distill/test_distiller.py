@@ -280,3 +280,118 @@ def test_feature_pairs_with_plain_modules_fail_at_construction_not_in_training()
                   teacher_dim=3)
     with pytest.raises(TypeError, match="student's output to carry hidden_states .* returned a Tensor"):
         d(torch.randn(2, 4))
+
+
+def _bert_classifier(seed):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_feature_matching_of_a_sequence_classifier_leaves_out_padding():
+    """Class logits (B, C) have no token positions, but the hidden states (B, S, H) do: the padded tokens of a
+    classifier's batch were counted in the feature term (the attention mask was only read for token logits)."""
+    teacher, student = _bert_classifier(0), _bert_classifier(1)
+    torch.manual_seed(2)
+    batch = {"input_ids": torch.randint(0, 100, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long),
+             "labels": torch.tensor([0, 2])}
+    batch["attention_mask"][1, -6:] = 0  # sample 1 is 4 tokens long
+    for norm in (False, True):
+        d = Distiller(teacher, student, alpha=0.5, feature_pairs=[(1, 2)], feature_norm=norm)
+        with torch.no_grad():
+            d.projections[0].weight.add_(0.1 * torch.randn_like(d.projections[0].weight))
+            parts = d(batch)
+            hs = student(**batch, output_hidden_states=True).hidden_states[1]
+            ht = teacher(**batch, output_hidden_states=True).hidden_states[2]
+            m = batch["attention_mask"].float()
+            want = ((d.projections[0](hs) - ht).pow(2).mean(-1) * m).sum() / m.sum()
+            if norm:
+                want = want / ((ht.pow(2).mean(-1) * m).sum() / m.sum())
+            zs, zt = student(**batch).logits, teacher(**batch).logits
+            kd = 4.0 * torch.nn.functional.kl_div(torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1),
+                                                  log_target=True, reduction="batchmean")
+        assert float(parts["features"]) == pytest.approx(float(want), rel=1e-5)
+        assert float(parts["kd"]) == pytest.approx(float(kd), rel=1e-5)  # one position per example, unmasked
+
+
+def test_projections_are_created_on_the_students_device():
+    """The feature projections were always created on the CPU: a student on a GPU then failed in fit() with a
+    device mismatch (``proj(h_s)``), unless the Distiller itself was moved with ``.to(device)``."""
+    teacher = ZOO_BY_NAME["llama"].build()
+    student = copy.deepcopy(teacher).to("meta")  # a device other than the CPU, available everywhere
+    d = Distiller(teacher, student, alpha=0.5, feature_pairs=[(1, 1), (2, 2)])
+    assert [p.weight.device.type for p in d.projections] == ["meta", "meta"]
+    assert all(p.weight.dtype == torch.float32 for p in d.projections)  # features are matched in float32
+
+
+def test_hf_trainer_with_gradient_accumulation_averages_the_micro_batch_losses(tmp_path):
+    """``transformers.Trainer`` reads ``forward(**inputs)`` as "takes loss kwargs": it passed ``num_items_in_batch``
+    to the student (a task loss summed over the accumulated tokens) and then skipped its division by the
+    accumulation steps, so the KD term weighed ``gradient_accumulation_steps`` times too much."""
+    from transformers import Trainer, TrainingArguments
+
+    e = ZOO_BY_NAME["llama"]
+    teacher = e.build()
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = e.inputs(teacher)
+    rows = [{"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i], "labels": b["input_ids"][i]}
+            for i in range(2)]
+    d = Distiller(teacher, student, alpha=0.5)
+    w = student.model.layers[0].mlp.up_proj.weight
+    # the step's gradient: of the mean of the two micro-batches' losses, L = 0.5 * 4 * KL + 0.5 * CE, in plain torch
+    ref_loss = 0
+    for r in rows:
+        x = {k: v[None] for k, v in r.items()}
+        zs = student(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits[0]
+        with torch.no_grad():
+            zt = teacher(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits[0]
+        kl = torch.nn.functional.kl_div(torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1),
+                                        log_target=True, reduction="batchmean")
+        ce = torch.nn.functional.cross_entropy(zs[:-1], x["labels"][0, 1:])
+        ref_loss = ref_loss + (0.5 * 4.0 * kl + 0.5 * ce) / 2
+    (ref,) = torch.autograd.grad(ref_loss, [w])
+    w0 = w.detach().clone()
+    lr = 1e-3
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=2, remove_unused_columns=False, report_to=[], use_cpu=True,
+                             save_strategy="no", optim="sgd", learning_rate=lr, lr_scheduler_type="constant",
+                             max_grad_norm=0.0, weight_decay=0.0, disable_tqdm=True)
+    Trainer(model=d, args=args, train_dataset=rows).train()
+    got = (w0 - w.detach()) / lr  # one SGD step: w1 = w0 - lr * g
+    assert float((got - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_a_tokenizers_batch_encoding_is_masked_like_a_dict():
+    """A tokenizer's output (``BatchEncoding``, a ``UserDict``, not a ``dict``) lost its attention mask: the padded
+    tokens counted in the KD term, and the default task loss refused the batch ("no task loss")."""
+    from transformers import BatchEncoding
+
+    e = ZOO_BY_NAME["llama"]
+    teacher = e.build()
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = e.inputs(teacher)
+    b["attention_mask"][1, -5:] = 0
+    d = Distiller(teacher, student, alpha=0.5, temperature=2.0)
+    parts = d(BatchEncoding(dict(b)))
+    with torch.no_grad():
+        zs, zt = student(**b).logits, teacher(**b).logits
+        kl = torch.nn.functional.kl_div(torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1),
+                                        log_target=True, reduction="none").sum(-1)  # (B, S)
+        m = b["attention_mask"].bool()
+        kd = 4.0 * kl[m].mean()
+        labels = b["input_ids"].masked_fill(~m, -100)
+        ce = torch.nn.functional.cross_entropy(zs[:, :-1].reshape(-1, zs.shape[-1]), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100)
+    assert float(parts["kd"]) == pytest.approx(float(kd), rel=1e-5)
+    assert float(parts["task"]) == pytest.approx(float(ce), rel=1e-5)

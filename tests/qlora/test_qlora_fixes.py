@@ -305,3 +305,22 @@ def test_medquant_save_refuses_bitsandbytes_layers_and_writes_nothing(tmp_path):
     x = torch.randn(3, 64)
     assert torch.equal(mq.load(tmp_path / "ckpt", model=nn.Sequential(nn.Linear(64, 64), nn.ReLU(),
                                                                       nn.Linear(64, 8)))(x), float_model(x))
+
+
+def test_a_nan_loss_on_one_ddp_rank_stops_every_rank_with_floating_point_error(tmp_path):
+    """train_loop raised on the rank with the NaN loss before its backward pass, while the other rank went on into
+    DDP's gradient all-reduce and waited for it (a hang under NCCL; here gloo's "connection closed" RuntimeError).
+    Every rank must stop at the same step with FloatingPointError, parameters as after the last finite step."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.qlora.ddp_nan_worker import worker
+
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=2, join=True)
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in res:
+        assert r["error"] == "FloatingPointError", r
+        assert "training step 2" in r["message"] and "parameters are as after step 1" in r["message"], r
+    assert res[0]["weight"] == res[1]["weight"]  # both ranks took the same (finite) first step only
+    assert all(math.isfinite(v) for v in res[0]["weight"])
