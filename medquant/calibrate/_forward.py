@@ -1,8 +1,15 @@
-"""Calibration batches through a model, with errors that name the batch (GPTQ, AdaRound, block-by-block capture).
+"""Calibration batches through a model, with errors that name the batch (GPTQ, AWQ, AdaRound, block-by-block
+capture), and the padding positions they hold.
 
 A batch that does not fit the model fails deep inside the model's own forward with a message that names neither the
 batch nor what was being calibrated; :func:`run_calibration_batch` re-raises it as a ``ValueError`` that names
 both, the model's exception chained.
+
+Padding (GPTQ's Hessians, AWQ's statistics and scale search): in a dict batch with a 2-D ``attention_mask``, the
+positions with mask 0 are not calibration data. :func:`token_mask` gives the batch's mask, :func:`row_mask` applies
+it to a layer input only where that input is ``(batch, tokens, K)`` with the mask's ``(batch, tokens)``, and
+:func:`unmasked_layers` names the layers it is never applied to (the vision tower's and the projector's, whose
+inputs are image patches even when their count equals the number of tokens).
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.introspect import model_roles
 from ..models.runner import run_model
 
 
@@ -91,3 +99,32 @@ def run_calibration_batch(model: nn.Module, batch: Any, i: int, what: str, *,
     except (RuntimeError, TypeError, IndexError) as e:
         raise ValueError(f"calibration batch {i} ({describe_batch(batch, shape=True)}) failed in the model's "
                          f"forward while calibrating {what}: {type(e).__name__}: {e}") from e
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The ``(batch, tokens)`` attention mask of a dict calibration batch when it marks padding (some entry 0), as
+    bool (``True``: a real token); ``None`` when the batch has none or nothing is padded."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    mask = mask != 0
+    return None if bool(mask.all()) else mask
+
+
+def row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` if it marks the rows of the layer input ``x``: ``x`` is ``(batch, tokens, features)`` with the
+    mask's ``(batch, tokens)``; else ``None`` (every row is calibration data)."""
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask
+
+
+def unmasked_layers(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """The layers of ``names`` in the vision tower or the projector: their inputs are image patches, never the
+    text tokens an attention mask marks."""
+    try:
+        roles = model_roles(model)
+    except ValueError:  # an architecture without roles: no layer is known to read images
+        return set()
+    prefixes = [p for r in ("vision", "projector") for p in roles.get(r, [])]
+    return {n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)}

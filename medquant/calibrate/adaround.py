@@ -26,7 +26,12 @@ block and learned rounding ended up worse than RTN, so it is not the default. Th
 final codes round up where ``h(V) >= 0.5``: ``u = clamp(floor(w/s) + [h >= 0.5] (+ z), ...)``, so each code is
 the floor or the ceiling of ``w/s``, never further from it than RTN's code by more than one step. If the hard
 rounding reconstructs a block's target worse than round-to-nearest on the calibration data (possible with very few
-iterations), the block keeps round-to-nearest and its record says so (``"fallback": "rtn"``).
+iterations), the block keeps round-to-nearest and its record says so (``"fallback": "rtn"``). Both reconstruction
+errors are means over every output element of every calibration call,
+
+    mse = sum_calls sum (block(x~; W^) - target)^2 / (number of output elements of all calls)
+
+so calibration batches of different sizes count in proportion to their size.
 
 :func:`fold_batchnorm_` first folds each BatchNorm2d into the Conv2d that feeds it (``w' = w gamma / sigma``,
 ``b' = (b - mu) gamma / sigma + beta``), so the rounding is learned on the weights that will actually be used.
@@ -488,7 +493,8 @@ def adaround_quantize_(
     Returns:
         Name -> ``{"method": "adaround", "block", "iters", "lr", "reg", "warmup", "target", "samples", "seed",
         "mse_rtn", "mse", "mse_learned", "fallback"}``: ``mse_learned`` is the block's calibration reconstruction
-        error (mean squared difference to the target) with the learned hard rounding, ``mse_rtn`` with
+        error (squared difference to the target, summed over every output element of every calibration batch and
+        divided by their number) with the learned hard rounding, ``mse_rtn`` with
         round-to-nearest, ``mse`` that of the rounding kept (``fallback`` is ``"rtn"`` when round-to-nearest was
         kept because it was better, else ``None``); with ``act_bits`` also ``"act": {"bits", "symmetric", "scale",
         "zero"}`` of the unit's input quantizer. Each quantized layer also carries its record as its
@@ -571,8 +577,15 @@ def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mappin
         return _first_tensor(torch.func.functional_call(block, weights, call[0], call[1]))
 
     def mse() -> float:
+        """``sum_calls sum (block(x~; W^) - target)^2 / (number of output elements of all calls)``: the mean over
+        every element, so a call counts in proportion to its size (not the average of per-call means)."""
+        sse, count = 0.0, 0
         with torch.no_grad():
-            return sum(float((run(True, c) - c[2]).pow(2).mean()) for c in calls) / len(calls)
+            for c in calls:
+                d = run(True, c) - c[2]
+                sse += float(d.pow(2).sum(dtype=torch.float64))
+                count += d.numel()
+        return sse / count if count else float("nan")
 
     learned = {n: r.v.detach().clone() for n, r in layers.items()}
     _rtn_(layers)

@@ -9,6 +9,15 @@ large activations (their weights get a finer relative grid). Scales are searched
     a_j = mean_t |X_tj|,   s(alpha) = a^alpha / sqrt(max(a^alpha) * min(a^alpha)),
     alpha* = argmin_{alpha in {0, 0.1, ..., 1}} sum_i || X W_i^T - X (Q(W_i diag(s)) diag(s)^-1)^T ||^2
 
+The rows ``t`` of ``X`` are the group's input rows on the calibration batches (flattened over all leading dims),
+without the padding positions: in a dict batch with a 2-D ``attention_mask``, the rows whose mask is 0 are left out
+of both ``a`` (the mean is over the real tokens only) and the loss, for every group whose input is
+``(batch, tokens, K)`` with the mask's shape - as GPTQ leaves them out of its Hessians, with the same exception: the
+groups in the vision tower or the projector (image patches, never padding, even when their count equals the number
+of tokens); ``max_rows`` subsamples the rows that remain. A
+right-padded batch of a causal language model thus gives the statistics, alphas and codes of its sequences run
+unpadded (up to float rounding).
+
 ``Q`` is medquant's fake quantizer with the target :class:`QuantConfig`. ``alpha = 0`` gives ``s = 1``, i.e.
 plain round-to-nearest, so on the calibration inputs the chosen scales are never worse than RTN for a group.
 The scales are folded *exactly* into the preceding op: RMSNorm ``w /= s`` (Gemma's ``1 + w`` form:
@@ -40,6 +49,7 @@ from ..models.runner import eval_mode, run_model
 from ..quant.api import as_config_map, quantize_
 from ..quant.config import QuantConfig
 from ..quant.core import fake_quantize
+from ._forward import row_mask, token_mask, unmasked_layers
 from .sequential import BlockInputs, quantize_sequential
 
 __all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
@@ -66,6 +76,14 @@ def _check_search_args(grid: int, max_rows: int | None) -> None:
         raise ValueError(f"grid must be an integer >= 1 (alpha is searched over 0, 1/grid, ..., 1), got {grid!r}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be None (keep every input row) or an integer >= 1, got {max_rows!r}")
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The calibration rows of a group's input ``x``: ``x`` flattened to ``(rows, K)``, without the padding
+    positions where ``mask`` (the batch's :func:`~medquant.calibrate._forward.token_mask`) marks ``x``'s rows
+    (:func:`~medquant.calibrate._forward.row_mask`); all rows otherwise."""
+    m = row_mask(x, mask)
+    return x.reshape(-1, x.shape[-1]) if m is None else x[m.to(x.device)]
 
 
 def _check_finite(x: torch.Tensor, layer: str, batch: int) -> None:
@@ -126,21 +144,26 @@ def awq_groups(model: nn.Module, scope: str | list[str] | None = None) -> list[S
 @torch.no_grad()
 def _collect(model: nn.Module, groups: list[ScaleGroup], calib: Iterable[Any], max_rows: int | None,
              progress: bool) -> dict[str, torch.Tensor]:
+    """Each group's input rows on the calibration batches (padding positions left out, see the module docstring),
+    subsampled to ``max_rows``."""
     xs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
+    unmasked = unmasked_layers(model, xs)
     handles = []
     n = 0
+    mask: list[torch.Tensor | None] = [None]
 
     def make(name: str):
         def hook(mod, args):
-            x = args[0].detach().float()
+            x = _rows(args[0].detach().float(), None if name in unmasked else mask[0])
             _check_finite(x, name, n)
-            xs[name].append(x.reshape(-1, x.shape[-1]))
+            xs[name].append(x)
         return hook
 
     for name in xs:
         handles.append(model.get_submodule(name).register_forward_pre_hook(make(name)))
     try:
         for batch in tqdm(calib, desc="AWQ calibration", disable=not progress, leave=False):
+            mask[0] = token_mask(batch)
             run_model(model, batch)
             n += 1
     finally:
@@ -163,8 +186,8 @@ def _subsample(xs: dict[str, list[torch.Tensor]], max_rows: int | None, prefix: 
         x = torch.cat(parts)
         if x.shape[0] == 0:
             raise ValueError(f"layer {prefix}{name} was called {len(parts)} time(s) but received 0 input rows: the "
-                             "calibration batches are empty (no samples or no tokens); give batches with at least "
-                             "one sample and one token")
+                             "calibration batches are empty (no samples, no tokens, or only padding positions); give "
+                             "batches with at least one sample and one real token")
         if max_rows is not None and x.shape[0] > max_rows:
             x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows].to(x.device)]
         out[name] = x
@@ -234,12 +257,13 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
     Args:
         model: the float model, changed in place (scales folded; its float outputs stay the same).
         config: the target :class:`QuantConfig` the scales are searched for.
-        calib: calibration batches, run as :func:`medquant.models.run_model` runs them.
+        calib: calibration batches, run as :func:`medquant.models.run_model` runs them; the padding positions
+            of dict batches (``attention_mask`` 0) are left out of the search (see the module docstring).
         scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
             ``"vision"``, ``"all"``, or a list of roles.
         grid: ``alpha`` is searched over ``{0, 1/grid, ..., 1}`` (an integer >= 1).
-        max_rows: input rows per group kept for the search (a seeded subsample beyond it; an integer >= 1, or
-            ``None`` to keep every row).
+        max_rows: input rows (padding positions excluded) per group kept for the search (a seeded subsample
+            beyond it; an integer >= 1, or ``None`` to keep every row).
         progress: tqdm bars.
 
     Returns:
@@ -274,7 +298,8 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
     Args:
         model: the float model, quantized in place.
         config: the quantization of every Linear.
-        calib: calibration batches, run as :func:`medquant.models.run_model` runs them.
+        calib: calibration batches, run as :func:`medquant.models.run_model` runs them; the padding positions
+            of dict batches (``attention_mask`` 0) are left out of the search (see the module docstring).
         scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
             ``"vision"``, ``"all"``, or a list of roles.
         skip: patterns left in float (default the LM head).
@@ -302,7 +327,8 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
 # ---------------------------------------------------------------------------------------------- block by block
 @torch.no_grad()
 def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockInputs, groups: Sequence[ScaleGroup], *,
-                          grid: int = 10, max_rows: int | None = 2048) -> list[ScaleGroup]:
+                          grid: int = 10, max_rows: int | None = 2048,
+                          masks: Sequence[torch.Tensor | None] | None = None) -> list[ScaleGroup]:
     """:func:`search_and_fold` for one block on its recorded calls.
 
     Args:
@@ -313,14 +339,19 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
         groups: scale groups with names relative to ``block``; they receive ``alpha``, ``err_rtn``, ``err_awq``.
         grid: ``alpha`` grid size (see :func:`search_and_fold`).
         max_rows: input rows per group kept for the search (see :func:`search_and_fold`).
+        masks: one entry per recorded call: the ``(batch, tokens)`` mask of its calibration batch (an
+            ``attention_mask``: nonzero / ``True`` a real token, 0 padding), or ``None`` (every row is data); the
+            padding rows are left out of the inputs of the groups whose input is ``(batch, tokens, K)`` with the
+            mask's shape (the caller leaves out the masks of vision-tower blocks). ``None`` (default): no call is
+            padded.
 
     Returns:
         ``groups`` (as a list), updated.
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``.
-        ValueError: bad ``grid`` / ``max_rows``; ``inputs`` holds no recorded call; a group's layer not called,
-            or called with 0 rows; NaN or inf in a group's calibration input.
+        ValueError: bad ``grid`` / ``max_rows``; ``inputs`` holds no recorded call; ``masks`` not one per call; a
+            group's layer not called, or called with 0 rows; NaN or inf in a group's calibration input.
 
     The inputs of every group are collected in one pass over the calls (before any folding; folding leaves the
     block's float function unchanged), then each group's scales are searched and folded, as in the whole-model
@@ -332,6 +363,9 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
     args, kwargs = list(inputs.args), list(inputs.kwargs)
     if not args or len(args) != len(kwargs):
         raise ValueError("AWQ needs calibration data: the block has no recorded calls (inputs.args is empty)")
+    masks = [None] * len(args) if masks is None else [None if m is None else torch.as_tensor(m) != 0 for m in masks]
+    if len(masks) != len(args):
+        raise ValueError(f"masks must hold one entry per recorded call: {len(masks)} masks for {len(args)} calls")
     xs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
     handles = []
     prefix = f"{inputs.name}." if inputs.name else ""
@@ -339,9 +373,9 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
 
     def make(name: str):
         def hook(mod, a):
-            x = a[0].detach().float()
+            x = _rows(a[0].detach().float(), masks[call[0]])
             _check_finite(x, prefix + name, call[0])
-            xs[name].append(x.reshape(-1, x.shape[-1]))
+            xs[name].append(x)
         return hook
 
     for name in xs:
@@ -393,7 +427,8 @@ def awq_quantize_sequential(
     Args:
         model: the float model (or a meta skeleton with ``checkpoint``), quantized in place.
         config: the quantization of every Linear.
-        calib_inputs: keyword dicts for ``model(**batch)`` (one dict or a list).
+        calib_inputs: keyword dicts for ``model(**batch)`` (one dict or a list); padding positions
+            (``attention_mask`` 0) are left out of the search as in :func:`awq_quantize_`.
         scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
             ``"vision"``, ``"all"``, or a list of roles.
         skip: patterns left in float (default the LM head).
@@ -434,6 +469,9 @@ def awq_quantize_sequential(
         raise ValueError(f"AWQ blocks {missing[:3]} are not among the blocks quantize_sequential visits "
                          "(vision_layers then language_model_layers); use awq_quantize_ for this model")
     done: list[ScaleGroup] = []
+    masks = [token_mask(b) for b in batches]  # one per calibration batch, i.e. per recorded call of a block
+    padded = any(m is not None for m in masks)
+    image_blocks = unmasked_layers(model, per_block) if padded else set()
 
     def per_block_fn(block: nn.Module, inputs: BlockInputs) -> None:
         groups = per_block.get(inputs.name)
@@ -441,7 +479,8 @@ def awq_quantize_sequential(
             return
         n = len(inputs.name) + 1
         rel = [ScaleGroup(g.prev[n:], [x[n:] for x in g.linears]) for g in groups]
-        search_and_fold_block(block, config, inputs, rel, grid=grid, max_rows=max_rows)
+        search_and_fold_block(block, config, inputs, rel, grid=grid, max_rows=max_rows,
+                              masks=masks if padded and inputs.name not in image_blocks else None)
         for g, r in zip(groups, rel):
             g.alpha, g.err_rtn, g.err_awq = r.alpha, r.err_rtn, r.err_awq
         done.extend(groups)

@@ -86,13 +86,20 @@ from tqdm.auto import tqdm
 from ..kernels import tensor_version
 from ..kernels.layout import FORMAT_VERSION, pack, padded_k
 from ..models.blocks import block_stacks
-from ..models.introspect import model_roles
 from ..models.runner import eval_mode
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import QTensor, compute_qparams, scale_eps
 from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
-from ._forward import calibration_batches, check_seed, describe_batch, run_calibration_batch
+from ._forward import (
+    calibration_batches,
+    check_seed,
+    describe_batch,
+    row_mask,
+    run_calibration_batch,
+    token_mask,
+    unmasked_layers,
+)
 from .sequential import BlockInputs, quantize_sequential
 
 __all__ = [
@@ -417,11 +424,11 @@ class _SharedInputs:
 
     def add(self, acc: HessianAccumulator, x: Any, labels: Any, mask: torch.Tensor | None = None) -> None:
         """Add ``x`` (one input of ``acc``'s layer) to ``acc``; ``mask``: the batch's token mask, applied where
-        it fits the input (:func:`_row_mask`)."""
+        it fits the input (:func:`row_mask`)."""
         if not isinstance(acc.module, nn.Linear) or not isinstance(x, torch.Tensor):
             acc.add(x.detach() if isinstance(x, torch.Tensor) else x, labels)
             return
-        mask = _row_mask(x, mask)
+        mask = row_mask(x, mask)
         key = (tensor_version(x), acc.k, id(labels), id(mask) if mask is not None else None)
         if self.x is x and key[0] >= 0 and key == self.key:
             acc.add_products(self.products)
@@ -429,35 +436,6 @@ class _SharedInputs:
         products = acc.products(x.detach(), labels, mask)
         acc.add_products(products)
         self.x, self.key, self.products = x, key, products
-
-
-def _token_mask(batch: Any) -> torch.Tensor | None:
-    """The ``(batch, tokens)`` attention mask of a dict calibration batch when it marks padding (some entry 0), as
-    bool (``True``: a real token); ``None`` when the batch has none or nothing is padded."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return None
-    mask = mask != 0
-    return None if bool(mask.all()) else mask
-
-
-def _row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``mask`` if it marks the rows of the layer input ``x``: ``x`` is ``(batch, tokens, features)`` with the
-    mask's ``(batch, tokens)``; else ``None`` (every row is calibration data)."""
-    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
-        return None
-    return mask
-
-
-def _unmasked_layers(model: nn.Module, names: Iterable[str]) -> set[str]:
-    """The layers of ``names`` in the vision tower or the projector: their inputs are image patches, never the
-    text tokens an attention mask marks."""
-    try:
-        roles = model_roles(model)
-    except ValueError:  # an architecture without roles: no layer is known to read images
-        return set()
-    prefixes = [p for r in ("vision", "projector") for p in roles.get(r, [])]
-    return {n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)}
 
 
 # ---------------------------------------------------------------------------------------------- one weight matrix
@@ -1015,7 +993,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
             seen.clear()
             shared.clear()
             current[0] = labels[i] if labels is not None else None
-            mask[0] = _token_mask(batch)
+            mask[0] = token_mask(batch)
             try:
                 _run_batch(model, batch, i, _names(stage))
             except _Stop:
@@ -1032,7 +1010,7 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
                    unmasked: Collection[str] = ()) -> None:
     """Accumulate the Hessians of ``accs``' layers on the block's calibration calls.
 
-    ``masks[i]``: the token mask of calibration batch ``i`` (:func:`_token_mask`), applied to the layers (not in
+    ``masks[i]``: the token mask of calibration batch ``i`` (:func:`token_mask`), applied to the layers (not in
     ``unmasked``) whose input is ``(batch, tokens, K)``.
 
     Layers reading the same input tensor share its ``X^T X`` (:class:`_SharedInputs`). When the first call
@@ -1170,7 +1148,7 @@ def gptq_quantize_(
     with eval_mode(model):
         ordered, counts = _call_order(model, list(plan), batches[0])
         stages = _stages(model, ordered)
-        unmasked = _unmasked_layers(model, plan) if any(_token_mask(b) is not None for b in batches) else set()
+        unmasked = unmasked_layers(model, plan) if any(token_mask(b) is not None for b in batches) else set()
         bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
         for stage in bar:
             early = all(counts[n] == 1 for n in stage)
@@ -1265,9 +1243,9 @@ def gptq_quantize_sequential(
     keep = _select(batches, max_samples, seed)
     batches = [batches[i] for i in keep]
     labels = [labels[i] for i in keep] if labels is not None else None
-    masks = [_token_mask(b) for b in batches]
+    masks = [token_mask(b) for b in batches]
     padded = any(m is not None for m in masks)
-    image_layers = _unmasked_layers(model, [n for n, _ in model.named_modules()]) if padded else set()
+    image_layers = unmasked_layers(model, [n for n, _ in model.named_modules()]) if padded else set()
 
     def per_block_fn(block: nn.Module, inputs: BlockInputs) -> None:
         names = [n for n, c in inputs.configs.items()

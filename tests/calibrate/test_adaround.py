@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from medquant import QuantConfig, QuantConv2d, QuantLinear, quantize_
+from medquant.calibrate import adaround
 from medquant.calibrate.adaround import (
     InputQuantizer,
     adaround_quantize_,
@@ -135,6 +136,46 @@ def test_learned_rounding_on_a_trained_cnn_beats_rtn_block_by_block_and_end_to_e
     lerr = {k: float((a - l_ref).pow(2).mean()) for k, a in (("ada", l_ada), ("rtn", l_rtn))}
     assert err["ada"] < 0.9 * err["rtn"], err
     assert lerr["ada"] < lerr["rtn"], lerr
+
+
+def test_recorded_errors_are_means_over_every_element_of_batches_of_different_sizes(monkeypatch):
+    """``mse_rtn``, ``mse_learned`` and ``mse`` are the sum of squared output errors over every calibration batch
+    divided by the number of output elements, and the fallback to round-to-nearest compares those. Calibration
+    batches of 64 and 8 rows, by hand in float64 (``out - target = x (W^ - W)^T``, the bias cancels): before the fix
+    the errors were averages of per-batch means (the 8 rows weighted as much as the 64, ~3x the true errors), and
+    here that average preferred the learned rounding, which was kept although it is worse than RTN on the element
+    mean."""
+    torch.manual_seed(1)
+    base = nn.Sequential(nn.Linear(16, 8))
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 16, generator=g), 10 * torch.randn(8, 16, generator=g)]
+    cfg = QuantConfig(3, scope="channel")
+    snapshots = []  # the hard rounding in place each time round-to-nearest is set: before training, at a fallback
+    rtn_ = adaround._rtn_
+
+    def spy(layers):
+        snapshots.append(layers["0"].weight(hard=True).detach().clone())
+        rtn_(layers)
+
+    monkeypatch.setattr(adaround, "_rtn_", spy)
+    model = copy.deepcopy(base)
+    rec = adaround_quantize_(model, cfg, batches, iters=300, seed=1, progress=False)["0"]
+    w_kept = model[0].dequantized_weight()
+    w_learned = snapshots[1] if len(snapshots) == 2 else w_kept
+    w_rtn = quantize_(copy.deepcopy(base), cfg)[0].dequantized_weight()
+    w = base[0].weight.detach().double()
+    errs = {k: [x.double() @ (v.double() - w).T for x in batches]
+            for k, v in (("rtn", w_rtn), ("learned", w_learned), ("kept", w_kept))}
+    element_mean = {k: float(sum(e.pow(2).sum() for e in v) / sum(e.numel() for e in v)) for k, v in errs.items()}
+    batch_mean = {k: sum(float(e.pow(2).mean()) for e in v) / len(v) for k, v in errs.items()}
+    assert rec["mse_rtn"] == pytest.approx(element_mean["rtn"], rel=1e-5)
+    assert rec["mse_learned"] == pytest.approx(element_mean["learned"], rel=1e-5)
+    assert rec["mse"] == pytest.approx(element_mean["kept"], rel=1e-5)
+    assert rec["fallback"] == ("rtn" if element_mean["learned"] > element_mean["rtn"] else None)
+    assert (rec["fallback"] == "rtn") == (len(snapshots) == 2)
+    # the two means disagree on this data, so the decision itself is tested, not only the record
+    assert (batch_mean["learned"] < batch_mean["rtn"]) != (element_mean["learned"] < element_mean["rtn"]), \
+        (batch_mean, element_mean)
 
 
 def test_3_bit_layers_are_stored_densely_like_quantize_():

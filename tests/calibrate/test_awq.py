@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from medquant import QuantConfig, quantize_
-from medquant.calibrate.awq import awq_groups, awq_quantize_, search_and_fold
-from medquant.testing.zoo import ZOO_BY_NAME
+from medquant.calibrate import awq
+from medquant.calibrate.awq import awq_groups, awq_quantize_, awq_quantize_sequential, search_and_fold
+from medquant.testing.zoo import BOI_TOKEN, BOS_ID, EOI_TOKEN, IMAGE_TOKEN, TEXT_HIGH, ZOO_BY_NAME
+from tests.calibrate.padding_helpers import padded_pair
 
 CFG3 = QuantConfig(3, group_size=32)
 
@@ -120,3 +122,117 @@ def test_nan_activations_name_the_layer_and_batch_not_the_weights():
     with pytest.raises(ValueError, match=r"q_proj: calibration input holds \d+ NaN/inf values"):
         awq_quantize_(model, CFG3, [{"inputs_embeds": bad}], progress=False)
     assert _same_state(model, before)
+
+
+# ---------------------------------------------------------------------------------------------- padding
+def _float_rows(model, names, batches):
+    """Independent reference: the input rows of the layers ``names`` in the float model, each batch run on its own
+    (``model(**batch)``, forward pre-hooks), concatenated in batch order."""
+    rows = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: rows[n].append(a[0].detach().float().reshape(-1, a[0].shape[-1]))) for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(**b, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in rows.items()}
+
+
+def _search_inputs(monkeypatch):
+    """Record the input rows every group's alpha search receives (``_search_group``'s ``x``), one list per run."""
+    runs: list[list[torch.Tensor]] = []
+    search = awq._search_group
+
+    def spy(root, g, x, config, grid):
+        runs[-1].append(x.clone())
+        return search(root, g, x, config, grid)
+
+    monkeypatch.setattr(awq, "_search_group", spy)
+    return runs
+
+
+def _run_awq(sequential, model, calib, **kw):
+    if sequential:
+        return awq_quantize_sequential(model, CFG3, calib, device="cpu", progress=False, grid=4, **kw)
+    return awq_quantize_(model, CFG3, calib, progress=False, grid=4, **kw)
+
+
+def _assert_same_result(g_pad, m_pad, g_sep, m_sep):
+    """Same groups, alphas, errors (up to float rounding) and quantized codes."""
+    assert [g.prev for g in g_pad] == [g.prev for g in g_sep]
+    assert [g.alpha for g in g_pad] == [g.alpha for g in g_sep]
+    for gp, gs in zip(g_pad, g_sep):
+        assert gp.err_rtn == pytest.approx(gs.err_rtn, rel=1e-4) and gp.err_awq == pytest.approx(gs.err_awq, rel=1e-4)
+    sp, ss = m_pad.state_dict(), m_sep.state_dict()
+    codes = [k for k in sp if k.split(".")[-1].startswith("qweight")]
+    assert codes and all(torch.equal(sp[k], ss[k]) for k in codes), [k for k in codes if not torch.equal(sp[k], ss[k])]
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
+def test_padded_tokens_are_left_out_of_the_scale_search(monkeypatch, sequential):
+    """Padding positions (attention_mask 0) are not calibration data: a right-padded batch of two sequences (12 and
+    5 tokens) gives each group's search the input rows of the two sequences run one by one - hence the same
+    statistics ``a_j = mean_t |X_tj|``, the same loss, alphas and codes. Before the fix the search took the 7 pad
+    positions too (24 rows instead of 17), and 4 of the 8 groups of the zoo's LLaMA chose another alpha."""
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    padded, separate = padded_pair(model.config.vocab_size)
+    runs = _search_inputs(monkeypatch)
+    results = []
+    for calib in ([padded], separate):
+        runs.append([])
+        m = copy.deepcopy(model)
+        results.append((_run_awq(sequential, m, calib), m))
+    (g_pad, m_pad), (g_sep, m_sep) = results
+    assert len(g_pad) == len(runs[0]) == len(runs[1]) == 8
+    # the float model's rows of each sequence run alone: every group's inputs in the whole-model search, the first
+    # block's in the sequential one (later blocks read the outputs of quantized blocks, compared run to run below)
+    ref = _float_rows(model, [g.linears[0] for g in g_sep], separate)
+    for g, xp, xs in zip(g_pad, *runs):
+        assert xp.shape == xs.shape == (17, 128 if "down_proj" not in g.linears[0] else 256), g.prev
+        # later blocks of the sequential path read the outputs of quantized blocks, whose fp16 scales may differ by
+        # one step between the runs (the codes are equal): a looser tolerance there
+        float_inputs = not sequential or g.prev.startswith("model.layers.0.")
+        want, tol = (ref[g.linears[0]], 1e-5) if float_inputs else (xs, 1e-3)
+        scale = float(want.abs().max())
+        torch.testing.assert_close(xp, want, rtol=tol, atol=tol * scale)
+        torch.testing.assert_close(xp.abs().mean(0), want.abs().mean(0), rtol=tol, atol=tol * scale / 10)
+    _assert_same_result(g_pad, m_pad, g_sep, m_sep)
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
+def test_padding_mask_is_not_applied_to_the_vision_tower(monkeypatch, sequential):
+    """Gemma 3 VLM, scope "all", two images and a right-padded text of 16 tokens: the vision blocks' inputs are
+    ``(2, 16 patches, K)``, the mask's shape, but image patches are never padding - the vision groups keep all 32
+    rows and the language groups the 16 + 11 real tokens, as when the two samples run one by one."""
+    e = ZOO_BY_NAME["gemma3_vlm"]
+    model = e.build()
+    n_img = model.config.mm_tokens_per_image
+    prefix = torch.tensor([BOS_ID, BOI_TOKEN] + [IMAGE_TOKEN] * n_img + [EOI_TOKEN])
+    padded, separate = padded_pair(TEXT_HIGH, (9, 4), prefix=prefix, low=4)
+    assert padded["input_ids"].shape == (2, 16)  # the vision tower's (32 / 8)^2 patches per image
+    pixels = e.inputs(model)["pixel_values"]
+    padded.update(pixel_values=pixels, token_type_ids=(padded["input_ids"] == IMAGE_TOKEN).long())
+    for i, b in enumerate(separate):
+        b.update(pixel_values=pixels[i:i + 1], token_type_ids=(b["input_ids"] == IMAGE_TOKEN).long())
+    runs = _search_inputs(monkeypatch)
+    results = []
+    for calib in ([padded], separate):
+        runs.append([])
+        m = copy.deepcopy(model)
+        results.append((_run_awq(sequential, m, calib, scope="all", skip=["@head", "@projector"]), m))
+    (g_pad, m_pad), (g_sep, m_sep) = results
+    rows = [x.shape[0] for x in runs[0]]
+    vision = ["vision_tower" in g.prev for g in g_pad]
+    assert any(vision) and not all(vision)
+    assert rows == [x.shape[0] for x in runs[1]] == [32 if v else 27 for v in vision]
+    first = g_pad[0].prev.rsplit(".", 2)[0] + "."  # the first block searched (the vision tower's first)
+    for g, xp, xs in zip(g_pad, *runs):
+        # float inputs: equal up to float rounding; in the sequential path the later blocks read the outputs of
+        # quantized blocks, whose fp16 scales may differ by one step between the runs (the codes are equal)
+        tol = 1e-5 if not sequential or g.prev.startswith(first) else 1e-3
+        torch.testing.assert_close(xp, xs, rtol=tol, atol=tol * float(xs.abs().max()))
+    _assert_same_result(g_pad, m_pad, g_sep, m_sep)

@@ -237,3 +237,34 @@ def test_sequential_awq_refuses_bad_grid_and_max_rows_before_any_block():
     assert not any(type(m).__name__ == "QuantLinear" for m in model.modules())
     now = model.state_dict()
     assert now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+
+
+def test_block_search_leaves_out_the_masked_rows():
+    """``masks``: the padding rows of a ``(batch, tokens, K)`` input are left out of the search - the result equals
+    the search on the real rows alone, given as 2-D inputs without a mask (an ``attention_mask`` of 0 / 1 works as
+    a bool mask); an input of another shape is not masked; one mask per call or an error."""
+    cfg = QuantConfig(4, group_size=16)
+    block = _linear_pair_block()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 5, 16, generator=g), torch.randn(3, 4, 16, generator=g)]
+    xs[0][1, 3:] *= 50.0  # padding rows with large values: they would change the statistics and the loss
+    xs[1][2, 1:] *= 50.0
+    attn = [torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]])]
+
+    def search(inputs, **kw):
+        block.load_state_dict(before)
+        ins = BlockInputs("blk", [(x,) for x in inputs], [{} for _ in inputs])
+        g = search_and_fold_block(block, cfg, ins, [ScaleGroup("0", ["1"])], grid=4, **kw)[0]
+        return g.alpha, g.err_rtn, g.err_awq, block[1].weight.detach().clone()
+
+    masked = search(xs, masks=attn)
+    as_bool = search(xs, masks=[m.bool() for m in attn])
+    real = search([x[m.bool()] for x, m in zip(xs, attn)])
+    everything = search(xs)
+    assert masked[:3] == as_bool[:3] == real[:3] and torch.equal(masked[3], real[3])
+    assert everything[1] != masked[1]  # the padding rows do count without the masks
+    # a mask that does not fit the input's (batch, tokens) leaves every row in
+    assert search(xs, masks=[attn[0][:, :4], None])[:3] == everything[:3]
+    with pytest.raises(ValueError, match="masks must hold one entry per recorded call: 1 masks for 2 calls"):
+        search(xs, masks=attn[:1])

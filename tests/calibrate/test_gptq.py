@@ -24,6 +24,7 @@ from medquant.calibrate.gptq import (
 )
 from medquant.quant.core import compute_qparams, dequantize, quantize
 from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
+from tests.calibrate.padding_helpers import padded_pair
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -747,18 +748,6 @@ def test_dead_inputs_do_not_change_the_result(cfg, act_order):
         assert torch.equal(qt.codes, ref), f"scale {c}"
 
 
-def _padded_pair(model):
-    """Two token sequences (12 and 5 tokens): as one right-padded batch with its attention mask, and unpadded, one
-    batch each."""
-    g = torch.Generator().manual_seed(7)
-    vocab = model.config.vocab_size
-    a, b = torch.randint(1, vocab, (1, 12), generator=g), torch.randint(1, vocab, (1, 5), generator=g)
-    padded = {"input_ids": torch.cat([a, F.pad(b, (0, 7))]),
-              "attention_mask": torch.cat([torch.ones(1, 12), F.pad(torch.ones(1, 5), (0, 7))]).long()}
-    separate = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in (a, b)]
-    return padded, separate
-
-
 @pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
 def test_padded_tokens_are_left_out_of_the_hessians(monkeypatch, sequential):
     """Padding positions (attention_mask 0) are not calibration data: a right-padded batch of two sequences gives
@@ -766,7 +755,7 @@ def test_padded_tokens_are_left_out_of_the_hessians(monkeypatch, sequential):
     accumulated too (24 rows instead of 17)."""
     e = ZOO_BY_NAME["llama"]
     model = e.build()
-    padded, separate = _padded_pair(model)
+    padded, separate = padded_pair(model.config.vocab_size)
     cfg = QuantConfig(4, group_size=32)
     hessians: list[dict[str, torch.Tensor]] = []
     hessian = HessianAccumulator.hessian
