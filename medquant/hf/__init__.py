@@ -21,6 +21,7 @@ import importlib.abc
 import importlib.util
 import sys
 
+from ..io.checkpoint import register_quantization_config
 from ..quant.api import on_quantized
 from .method import QUANT_METHOD
 
@@ -116,5 +117,15 @@ def _bind_save_on_quantize(model) -> None:
     bind_save_pretrained(model)
 
 
+def _quantization_config_of(model) -> dict:
+    """:func:`medquant.io.checkpoint.register_quantization_config` writer: the ``quantization_config`` that
+    ``medquant.save`` writes into a quantized transformers model's ``config.json``, as :func:`save_pretrained`
+    records it (called for transformers models only, so transformers is already imported)."""
+    from .config import MedQuantConfig
+
+    return MedQuantConfig.from_model(model).to_dict()
+
+
 _install_hook()
 on_quantized(_bind_save_on_quantize)
+register_quantization_config(_quantization_config_of)

@@ -31,6 +31,7 @@ medquant) replace the folder as one unit with a manifest (:func:`medquant.io.wri
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -452,9 +453,25 @@ def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
 _MISSING = object()
 
 
+def _saves_on_this_rank(model: nn.Module, is_main_process: bool) -> bool:
+    """Whether transformers' ``save_pretrained`` writes the checkpoint's files in this process (``is_main_process``,
+    and rank 0 where ``torch.distributed`` is initialised)."""
+    should = getattr(model, "should_save_on_this_rank", None)
+    if callable(should):
+        return bool(should(is_main_process))
+    if is_main_process and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0  # pragma: no cover - transformers without should_save_on_this_rank
+    return bool(is_main_process)
+
+
 def _crash_safe_save_pretrained(self: nn.Module, save_directory, **kwargs) -> None:
     """The class's ``save_pretrained`` into a new version of ``save_directory``, switched in atomically with a
-    manifest (:func:`medquant.io.write_checkpoint`)."""
+    manifest (:func:`medquant.io.write_checkpoint`).
+
+    In a process that does not write (``is_main_process=False``, or a rank other than 0, as every rank of a
+    distributed script calls it), the class's ``save_pretrained`` still runs (it may gather sharded tensors with
+    the other ranks) but into a temporary folder that is then removed: ``save_directory`` is left as it is, as
+    transformers leaves it, instead of being switched to a version without the files the writing rank saved."""
     if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
         kwargs["repo_id"] = Path(save_directory).name
     shared = _shared_buffer_keys(self, tied_heads(self))
@@ -462,6 +479,10 @@ def _crash_safe_save_pretrained(self: nn.Module, save_directory, **kwargs) -> No
     if shared:  # a tied quantized head: transformers saves shared tensors once when they are declared tied
         self._tied_weights_keys = {**(getattr(self, "_tied_weights_keys", None) or {}), **shared}
     try:
+        if not _saves_on_this_rank(self, kwargs.get("is_main_process", True)):
+            with tempfile.TemporaryDirectory(prefix="medquant-save-pretrained-") as scratch:
+                type(self).save_pretrained(self, scratch, **kwargs)  # type: ignore[attr-defined]
+            return
         with write_checkpoint(save_directory) as folder:
             type(self).save_pretrained(self, folder, **kwargs)
     finally:

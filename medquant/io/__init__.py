@@ -7,7 +7,9 @@ A saved folder holds
 * ``medquant.json`` - format version, the SHA-256 and byte size of ``model.safetensors``, the model class, each
   quantized module's recipe (bits per row, scheme, scope, shapes; ``weight_dtype`` when it is not the bias dtype,
   e.g. bfloat16 layers without bias) and optional JSON ``extras`` (e.g. a fitted ComplexityScorer's state);
-* ``config.json`` - for Hugging Face models, their config, so the same class is rebuilt on load;
+* ``config.json`` - for Hugging Face models, their config, so the same class is rebuilt on load (with a medquant
+  ``quantization_config`` recording the quantized layers, so that transformers' ``from_pretrained`` rebuilds them
+  too); ``generation_config.json`` for those that generate, given back by :func:`load`;
 * ``medquant.manifest.json`` - the SHA-256 and size of every other file, with a digest of its own
   (:mod:`medquant.io.manifest`).
 

@@ -34,6 +34,7 @@ from ..quant.modules import (
     QuantEmbedding,
     QuantLinear,
     tie_quantized_head,
+    tied_heads,
     tied_to,
 )
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe, shared_modules
@@ -61,11 +62,13 @@ from .schema import (
 
 __all__ = ["HF_CONFIG_NAME", "MANIFEST_NAME", "META_NAME", "WEIGHTS_NAME", "CheckpointError", "CheckpointWarning",
            "build_hf_model", "checkpoint_path", "dense_layouts", "format_version_of", "load", "load_extras",
-           "read_metadata", "save", "upgrade", "verify", "verify_pretrained", "write_checkpoint"]
+           "read_metadata", "register_quantization_config", "save", "upgrade", "verify", "verify_pretrained",
+           "write_checkpoint"]
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "medquant.json"
 HF_CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 # the files every save owns: replaced or dropped by the next save (a stale weights file, shard or shard index beside
 # the new weights would be read instead of them or with them). Everything else in the folder is carried over, except:
 _OWNED = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|medquant\.json|" + re.escape(MANIFEST_NAME))
@@ -193,8 +196,9 @@ def write_checkpoint(directory: str | os.PathLike, *, sort_metadata: bool = True
 
     Args:
         directory: the checkpoint folder (checked by :func:`checkpoint_path`).
-        sort_metadata: give the safetensors files written into the folder sorted header metadata (the same model
-            then gives the same bytes).
+        sort_metadata: give the safetensors files the block wrote into the folder sorted header metadata (the same
+            model then gives the same bytes). Files carried over from the previous version (hard links to its
+            files, see :mod:`medquant.io.atomic`) keep their bytes.
 
     Yields:
         The new, empty folder (a sibling of ``directory``) to write into.
@@ -202,13 +206,15 @@ def write_checkpoint(directory: str | os.PathLike, *, sort_metadata: bool = True
     path = checkpoint_path(directory)
 
     def finalize(folder: Path) -> None:
-        for p in sorted(folder.glob("*.safetensors")) if sort_metadata else ():
-            if p.is_file() and not p.is_symlink():
-                _sort_safetensors_metadata(p)
         write_manifest(folder)
 
     with atomic.replace_directory(path, owned=_owned_in, finalize=finalize) as folder:
         yield folder
+        # before the carry-over: a carried file shares its data with the previous version (which a link may keep)
+        # and with the user's other links to it, so it is never changed in place
+        for p in sorted(folder.glob("*.safetensors")) if sort_metadata else ():
+            if p.is_file() and not p.is_symlink():
+                _sort_safetensors_metadata(p)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -269,6 +275,85 @@ def dense_layouts(model: nn.Module) -> int:
     return format_version_of(model)
 
 
+# how a transformers model's quantized layers are recorded in its config.json: registered by medquant.hf (a layer
+# above this package, imported by ``import medquant``), which owns the ``quantization_config`` format
+_QUANTIZATION_CONFIG_WRITERS: list[Callable[[nn.Module], dict[str, Any]]] = []
+
+
+def register_quantization_config(writer: Callable[[nn.Module], dict[str, Any]]) -> None:
+    """Register ``writer(model)``, the ``quantization_config`` dict :func:`save` writes into the ``config.json`` of a
+    transformers model that holds medquant-quantized layers (the last one registered is used).
+
+    :mod:`medquant.hf` registers the recording of :class:`medquant.hf.MedQuantConfig` when ``medquant`` is imported,
+    so that transformers' ``from_pretrained`` of a :func:`save` folder rebuilds the quantized layers.
+
+    Args:
+        writer: returns the JSON-serialisable ``quantization_config`` of a quantized model.
+    """
+    if writer not in _QUANTIZATION_CONFIG_WRITERS:
+        _QUANTIZATION_CONFIG_WRITERS.append(writer)
+
+
+def _hf_config_json(model: nn.Module, quantized: bool) -> str:
+    """``config.json`` of a transformers model, with the ``quantization_config`` of its medquant-quantized layers.
+
+    The config is the model's own (``model.config`` is not changed). When the model holds medquant-quantized
+    layers, ``quantization_config`` records each one's recipe (:func:`register_quantization_config`) and ``dtype``
+    the model's dtype, as :func:`medquant.hf.save_pretrained` writes them, so that transformers' ``from_pretrained`` of the folder rebuilds
+    the quantized layers in the saved dtype (and checks the manifest and the recipes against the tensors) instead of
+    building the float model and initialising those layers randomly. A
+    medquant ``quantization_config`` left from an earlier quantization is dropped when no layer is quantized now.
+    """
+    text = model.config.to_json_string()  # type: ignore[union-attr,operator]
+    d = json.loads(text)
+    qc = d.get("quantization_config")
+    if quantized and _QUANTIZATION_CONFIG_WRITERS:
+        d["quantization_config"] = _QUANTIZATION_CONFIG_WRITERS[-1](model)
+        # as transformers' save_pretrained records it: from_pretrained's default dtype="auto" reads it (without it,
+        # the dtype of the first floating tensor in the file, e.g. float16 scales, would become the model's)
+        d["dtype"] = str(model.dtype).replace("torch.", "")  # type: ignore[union-attr]
+    elif isinstance(qc, dict) and qc.get("quant_method") == "medquant":
+        del d["quantization_config"]
+    else:
+        return text
+    return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+
+def _can_generate(model: nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    return callable(can) and bool(can()) and getattr(model, "generation_config", None) is not None
+
+
+def _generation_config_json(model: nn.Module) -> str | None:
+    """``generation_config.json`` of a transformers model that generates, as its ``save_pretrained`` writes it (the
+    settings that differ from the defaults, keys sorted); ``None`` for a model that does not generate."""
+    if not _can_generate(model):
+        return None
+    return model.generation_config.to_json_string(use_diff=True, keys_to_pop=["compile_config"])  # type: ignore
+
+
+@contextlib.contextmanager
+def _tied_heads_stored_once(model: nn.Module) -> Iterator[None]:
+    """While the block runs, the packed tensors a quantized head shares with its quantized embedding are left out of
+    ``model.state_dict()``: they are stored once, under the embedding's names, where transformers'
+    ``from_pretrained`` reads them (the recipe records the head ``tied_to`` the embedding, and both loaders tie the
+    head again). Without this, safetensors keeps the alphabetically first name (``lm_head.*``)."""
+    hidden: list[nn.Module] = []
+    keys: list[str] = []
+    for head_name, emb_name in tied_heads(model).items():
+        head, emb = model.get_submodule(head_name), model.get_submodule(emb_name)
+        for b, t in head._buffers.items():
+            if t is not None and emb._buffers.get(b) is t and b not in head._non_persistent_buffers_set:
+                head._non_persistent_buffers_set.add(b)
+                hidden.append(head)
+                keys.append(b)
+    try:
+        yield
+    finally:
+        for head, b in zip(hidden, keys):
+            head._non_persistent_buffers_set.discard(b)
+
+
 def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (quantized or not) to the folder ``directory`` (see :mod:`medquant.io`).
 
@@ -277,7 +362,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
     stores dense rows, else 1. The folder is replaced as one unit (:func:`write_checkpoint`).
 
     Args:
-        model: the model; a transformers ``PreTrainedModel`` also gets its ``config.json``.
+        model: the model; a transformers ``PreTrainedModel`` also gets its ``config.json`` (with a medquant
+            ``quantization_config`` when it holds quantized layers, so that ``from_pretrained`` rebuilds them) and,
+            when it generates, its ``generation_config.json``.
         directory: the checkpoint folder.
         extras: JSON-serialisable data stored beside the model (it comes back from :func:`load_extras`).
 
@@ -315,7 +402,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
     version = dense_layouts(model)
     with write_checkpoint(path) as folder:
         wpath = folder / WEIGHTS_NAME
-        save_model(model, str(wpath), metadata={"format": "pt", "medquant_format_version": str(version)})
+        with _tied_heads_stored_once(model):
+            save_model(model, str(wpath), metadata={"format": "pt", "medquant_format_version": str(version)})
         _sort_safetensors_metadata(wpath)
         meta = {
             "format_version": version,
@@ -332,7 +420,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
         if shared:  # a quantized layer under several names: stored once, bound to every name again on load
             meta["shared_modules"] = shared
         if kind == "hf":
-            _write_text(folder / HF_CONFIG_NAME, model.config.to_json_string())  # type: ignore[union-attr,operator]
+            _write_text(folder / HF_CONFIG_NAME, _hf_config_json(model, quantized=bool(meta["modules"])))
+            generation = _generation_config_json(model)
+            if generation is not None:
+                _write_text(folder / GENERATION_CONFIG_NAME, generation)
         _write_text(folder / META_NAME, json.dumps(meta, indent=1))
     return path
 
@@ -569,6 +660,23 @@ def _restore_dtypes(model: nn.Module, header: dict[str, TensorInfo]) -> None:
             t.data = t.data.to(dtype)
 
 
+def _restore_generation_config(model: nn.Module, opened: _Opened) -> None:
+    """Give a transformers model that generates the ``generation_config.json`` its save wrote (verified with the
+    manifest, which lists it), as ``from_pretrained`` does; without one the model keeps the generation config
+    derived from ``config.json``. Unlisted files (added after the save) are not read."""
+    listed = opened.manifest["files"] if opened.manifest is not None else {}
+    if GENERATION_CONFIG_NAME not in listed or not _can_generate(model):
+        return
+    from transformers import GenerationConfig
+
+    _regular(opened.root, GENERATION_CONFIG_NAME)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(opened.root))  # type: ignore[assignment]
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{opened.root / GENERATION_CONFIG_NAME} is not a valid generation config: {e}"
+                              ) from None
+
+
 def _aliases(model: nn.Module, meta: CheckpointMeta, header: Mapping[str, TensorInfo]) -> dict[str, list[str]]:
     """Recorded module name -> the further names bound to the same quantized layer on load.
 
@@ -603,6 +711,8 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
                 f"medquant.load(path, model={meta.model.class_name}(...))"
             )
         model = build_hf_model(root, meta.raw)
+    if meta.model.kind == "hf":
+        _restore_generation_config(model, opened)
     expand_recorded_experts(model, meta.modules)  # MoE experts: their per-expert layers become modules
     aliases = _aliases(model, meta, opened.header)
     for name, spec in meta.modules.items():

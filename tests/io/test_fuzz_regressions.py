@@ -275,3 +275,44 @@ def test_deeply_nested_json_is_a_checkpoint_error(tmp_path, file):
         for fn in (lambda p: mq.load(p, model=net(5, quantize=False)), mq.io.verify):
             with pytest.raises(CheckpointError, match=f"{file} is corrupted.*nested too deeply"):
                 fn(tmp_path / "ck")
+
+
+# ------------------------------------------------------------------------------- files a save does not own, unchanged
+def _unsorted_safetensors(path):
+    """A valid safetensors file whose header metadata keys are not sorted (as other tools write them)."""
+    data = torch.arange(4, dtype=torch.float32).numpy().tobytes()
+    header = b'{"__metadata__":{"zeta":"1","alpha":"2"},"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+def test_a_save_leaves_the_bytes_of_files_it_carries_over(tmp_path):
+    """Files a save carries into the new version are hard links to the old version's: a save changed them in place
+    (it sorted the header metadata of every ``*.safetensors`` after carrying them over), which changed the user's
+    own file linked into the folder and broke the manifest of a kept older version that lists the file. Reference:
+    the SHA-256 of the bytes written, and safetensors' own reader."""
+    from safetensors.torch import load_file
+
+    m = net(0)
+    mine = tmp_path / "my_adapter.safetensors"
+    _unsorted_safetensors(mine)
+    want = hashlib.sha256(mine.read_bytes()).hexdigest()
+    p = tmp_path / "ck"
+    mq.save(m, p)
+    os.link(mine, p / "adapter.safetensors")  # the user's file linked into the checkpoint, not copied
+    mq.save(m, p)
+    assert hashlib.sha256(mine.read_bytes()).hexdigest() == want
+    assert (p / "adapter.safetensors").read_bytes() == mine.read_bytes()
+    assert torch.equal(load_file(str(p / "adapter.safetensors"))["w"], torch.arange(4.0))
+    # an upgraded checkpoint lists such a file; a second link keeps that version through a later save
+    legacy = tmp_path / "legacy"
+    shutil.copytree(p, legacy, symlinks=False)
+    (legacy / MANIFEST_NAME).unlink()
+    _unsorted_safetensors(legacy / "extra.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        mq.io.upgrade(legacy)
+    os.symlink(os.readlink(legacy), tmp_path / "legacy_best")
+    mq.save(net(1), legacy)
+    mq.io.verify(tmp_path / "legacy_best")
+    assert same(mq.load(tmp_path / "legacy_best", model=net(5, quantize=False)), m)

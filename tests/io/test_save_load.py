@@ -135,7 +135,7 @@ def test_failed_save_keeps_the_earlier_save(tmp_path, monkeypatch):
 def test_files_are_safetensors_and_json_only(tmp_path):
     _saved(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted([WEIGHTS_NAME, META_NAME, "config.json", MANIFEST_NAME])
+    assert names == sorted([WEIGHTS_NAME, META_NAME, "config.json", "generation_config.json", MANIFEST_NAME])
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
@@ -297,3 +297,26 @@ def test_a_cast_changes_the_weight_dtype_not_the_stored_format(tmp_path, dtype):
 def same_dtypes_and_values(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_a_generation_config_comes_back_as_transformers_gives_it_back(tmp_path, quantize):
+    """``model.generation_config`` (end-of-sequence ids, sampling and length settings) is part of what a
+    transformers model generates with; the reference is transformers' own ``save_pretrained`` +
+    ``from_pretrained`` of the same model. Before, ``medquant.load`` rebuilt it from ``config.json`` and lost it."""
+    from transformers import AutoModelForCausalLM
+
+    model = ZOO_BY_NAME["llama"].build()
+    gc = model.generation_config
+    gc.eos_token_id, gc.max_new_tokens, gc.do_sample, gc.temperature = [1, 7], 5, True, 0.5
+    model.save_pretrained(tmp_path / "reference")
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "reference").generation_config
+    assert want.eos_token_id == [1, 7]
+    if quantize:
+        mq.quantize_(model, mq.QuantConfig(4, group_size=64))
+    mq.save(model, tmp_path / "ck")
+    got = mq.load(tmp_path / "ck").generation_config
+    assert got.to_diff_dict() == want.to_diff_dict()
+    if quantize:  # transformers' own loader of the medquant folder agrees
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "ck").generation_config.to_diff_dict() == \
+            want.to_diff_dict()
