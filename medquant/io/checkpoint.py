@@ -467,6 +467,16 @@ def _checkpoint_folder(path: Path) -> Path:
     return root
 
 
+def _not_medquant(path: str | os.PathLike, root: Path) -> str:
+    """The error for a folder without ``medquant.json``; one with a transformers ``config.json`` (written by
+    ``save_pretrained``) is named as such, with the loader that reads it."""
+    msg = f"{path} is not a saved medquant model: {META_NAME} is missing"
+    if os.path.lexists(root / HF_CONFIG_NAME):
+        msg += (f"; it has a transformers {HF_CONFIG_NAME} (a save_pretrained folder): load it with "
+                "AutoModel...from_pretrained(path) after import medquant")
+    return msg
+
+
 def _open(directory: str | os.PathLike) -> _Opened:
     path = Path(directory)
     root = _checkpoint_folder(path)
@@ -479,7 +489,7 @@ def _open(directory: str | os.PathLike) -> _Opened:
     if manifest is None:
         _legacy_warning(path, "only its weights are verified")
     if not os.path.lexists(root / META_NAME):
-        raise CheckpointError(f"{path} is not a saved medquant model: {META_NAME} is missing")
+        raise CheckpointError(_not_medquant(path, root))
     mpath = _regular(root, META_NAME)
     try:
         meta = parse_metadata(mpath.read_bytes(), META_NAME)
@@ -523,7 +533,7 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     """
     root = _checkpoint_folder(Path(directory))
     if not os.path.lexists(root / META_NAME):
-        raise CheckpointError(f"{directory} is not a saved medquant model: {META_NAME} is missing")
+        raise CheckpointError(_not_medquant(directory, root))
     try:
         return parse_metadata(_regular(root, META_NAME).read_bytes(), META_NAME).raw
     except SchemaError as e:

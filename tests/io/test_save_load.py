@@ -320,3 +320,22 @@ def test_a_generation_config_comes_back_as_transformers_gives_it_back(tmp_path, 
     if quantize:  # transformers' own loader of the medquant folder agrees
         assert AutoModelForCausalLM.from_pretrained(tmp_path / "ck").generation_config.to_diff_dict() == \
             want.to_diff_dict()
+
+
+def test_a_transformers_folder_given_to_load_says_how_to_load_it(tmp_path):
+    """``medquant.load`` of a folder ``save_pretrained`` wrote (config.json, no medquant.json) names the loader that
+    reads it; a folder with neither file only says it is not a medquant checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = ZOO_BY_NAME["llama"].build()
+    mq.quantize_(model, mq.QuantConfig(bits=4, group_size=32))
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"config\.json.*from_pretrained"):
+        mq.load(tmp_path / "hf")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # the loader the message names reads it
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(back(ids).logits, model(ids).logits)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="medquant.json is missing") as e:
+        mq.load(tmp_path / "empty")
+    assert "from_pretrained" not in str(e.value)
