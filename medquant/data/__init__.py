@@ -310,7 +310,7 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         path: an ``.npz`` file, a folder, an index CSV or one image / DICOM file (``~`` is expanded).
         split: the split to load (npz and indexed folders / CSVs).
         limit: load at most this many images.
-        key: for an ``.npz``, the array to read instead of the split's images.
+        key: for an ``.npz``, the array to read instead of the split's images (so not with ``split``).
 
     Returns:
         ``(images, names)``: a list of 2-D arrays (or one ``(N, H, W)`` array from an npz) and one name per
@@ -318,14 +318,20 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``limit`` is negative.
+        ValueError: ``limit`` is negative; an option that would be ignored: ``key`` with ``split`` or for anything
+            but an ``.npz``, ``split`` for a single image file (or for a folder without an index CSV).
     """
     _check_limit(limit)
     path = _path(path)
+    suffix = path.suffix.lower()
+    if key is not None and (suffix != ".npz" or path.is_dir()):
+        raise ValueError(f"key={key!r} names an array of an .npz file; {path} is not one (leave key out)")
+    if key is not None and split is not None:
+        raise ValueError(f"give key (the array to read, {key!r}) or split ({split!r}), not both: key replaces the "
+                         "split's images")
     if path.is_dir():
         images, rows = load_image_folder(path, split=split, limit=limit, gray=True)
         return images, [r.get("path", str(i)) for i, r in enumerate(rows)]
-    suffix = path.suffix.lower()
     if suffix == ".npz":
         if key is not None:
             with np.load(path) as z:
@@ -342,5 +348,8 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         images = [_gray_if_equal_channels(load_image(path.parent / r["path"])) for r in rows]
         return images, [r["path"] for r in rows]
     if path.is_file():
+        if split is not None:
+            raise ValueError(f"split={split!r} selects images of an npz file or an index CSV; {path} is one image "
+                             "(leave split out)")
         return [_gray_if_equal_channels(load_image(path))], [path.name]
     raise FileNotFoundError(f"no such file or folder: {path}")

@@ -302,3 +302,26 @@ def test_a_split_without_an_index_is_refused_not_ignored(tmp_path):
     assert len(mdata.load_image_folder(tmp_path, index_csv=None)[0]) == 3  # no split: every file
     with pytest.raises(ValueError, match="split 'test'.*index"):
         mdata.load_image_folder(tmp_path, index_csv=None, split="test")
+
+
+def test_load_images_refuses_options_it_would_ignore(tmp_path):
+    """``key`` replaces the split of an npz (both given: refused, not the split silently dropped); ``key`` on anything
+    but an npz and ``split`` on a single image file are refused too. Each accepted form still reads what it names."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    train, test, other = (rng.integers(0, 256, (n, 8, 8), dtype=np.uint8) for n in (3, 2, 4))
+    np.savez(tmp_path / "d.npz", train_images=train, test_images=test, other=other)
+    with pytest.raises(ValueError, match="key.*split"):
+        mdata.load_images(tmp_path / "d.npz", split="test", key="other")
+    images, _ = mdata.load_images(tmp_path / "d.npz", key="other")
+    assert np.array_equal(images, other)
+    images, _ = mdata.load_images(tmp_path / "d.npz", split="test")
+    assert np.array_equal(images, test)
+    Image.fromarray(test[0]).save(tmp_path / "one.png")
+    with pytest.raises(ValueError, match="key"):
+        mdata.load_images(tmp_path / "one.png", key="other")
+    with pytest.raises(ValueError, match="split"):
+        mdata.load_images(tmp_path / "one.png", split="test")
+    images, _ = mdata.load_images(tmp_path / "one.png")
+    assert np.array_equal(images[0], test[0])
