@@ -15,6 +15,11 @@ them with a small MLP (5 -> hidden -> n_levels) to level logits ``g(x)``. Traini
 (the expected average bits under the policy's soft assignment, pushed under the budget). Decision:
 ``level = argmax_k g_k(x) - lam * bits_k / max_bits`` with ``lam >= 0`` found by bisection on the fit set so that
 the average bits there is at most ``budget`` (``lam = 0`` when the plain argmax already fits).
+
+The policy computes in float32 whatever the model's dtype: ``.to(device)`` moves it, a dtype cast (``.half()``,
+``.to(torch.bfloat16)``, also of a quantizer it belongs to) leaves its float32 values as they are, so the decisions
+stay those the budget was calibrated for. Its state (``state_dict``) loads only into a policy with the same widths
+per level (the bit map it was fitted with).
 """
 from __future__ import annotations
 
@@ -130,6 +135,9 @@ class LearnedPolicy(nn.Module):
     :class:`AdaptiveQuantizer` as ``scorer=``. The average-bit budget is met by a penalty while training and a
     bisected offset ``lambda`` on the level scores after it (module docstring).
 
+    Float32 throughout: device moves apply, dtype casts do not; ``load_state_dict`` refuses the state of a policy
+    with other widths per level (module docstring).
+
     Args:
         bit_map: level -> bits (the same map the quantizer uses).
         scorer: a ``ComplexityScorer`` used to compute metrics when ``levels`` gets images.
@@ -160,8 +168,29 @@ class LearnedPolicy(nn.Module):
         """Number of levels (the entries of the bit map)."""
         return len(self.level_list)
 
+    def _apply(self, fn, recurse=True):
+        # Follow device moves but never dtype casts: aq.half() must not round the mean / std / lambda / MLP the
+        # budget was calibrated with (nor leave float32 features meeting a half-precision MLP).
+        def device_only(t):
+            moved = fn(t)
+            return t.detach().to(moved.device) if t.is_floating_point() and moved.dtype != t.dtype else moved
+
+        return super()._apply(device_only, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = state_dict.get(prefix + "level_bits")
+        if isinstance(saved, torch.Tensor) and saved.shape == self.level_bits.shape and \
+                not torch.equal(saved.detach().to("cpu", torch.float32), self.level_bits.cpu()):
+            raise ValueError(f"this state is of a policy whose bit map has the widths "
+                             f"{[int(b) for b in saved.tolist()]} per level, but this policy's bit map "
+                             f"{self.bit_map} has {[int(b) for b in self.level_bits.tolist()]}: construct "
+                             f"LearnedPolicy(bit_map=...) with the bit map the state was fitted with")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _features(self, metrics) -> torch.Tensor:
-        m = torch.as_tensor(metrics, dtype=torch.float32)
+        m = torch.as_tensor(metrics, dtype=torch.float32, device=self.mean.device)
         if m.dim() != 2 or m.shape[1] != 5:
             raise ValueError(f"metrics must have shape (N, 5), got {tuple(m.shape)}")
         if not bool(torch.isfinite(m).all()):
@@ -215,7 +244,7 @@ class LearnedPolicy(nn.Module):
         if budget is not None and not lo <= float(budget) <= hi:
             raise ValueError(f"budget={budget} average bits is impossible with widths {sorted(set(self.bit_map.values()))}"
                              f": it must lie in [{lo}, {hi}]")
-        y = torch.tensor([width_to_level[b] for b in bits.tolist()], dtype=torch.int64)
+        y = torch.tensor([width_to_level[b] for b in bits.tolist()], dtype=torch.int64, device=self.mean.device)
         with _one_thread():
             self._train(m, y, budget, epochs, lr, penalty, seed, hi)
         self.fitted.fill_(True)
@@ -290,4 +319,4 @@ class LearnedPolicy(nn.Module):
                 raise ValueError("this policy has no scorer to compute metrics from images: pass metrics=")
             metrics = self.scorer.metrics(images)
         idx = self._decide(self._features(metrics), float(self.lam))
-        return torch.tensor(self.level_list, dtype=torch.int64)[idx]
+        return torch.tensor(self.level_list, dtype=torch.int64)[idx.cpu()]

@@ -19,6 +19,9 @@ A *site* is a module name plus where its activation is taken:
 
 Dimension 0 of the activation at every site must be the batch.
 
+The bits of a call are kept per thread: calls made at the same time from several threads (a threaded server,
+the replicas of ``nn.DataParallel``) each quantize their own samples with their own bits.
+
 This is simulated quantization: the activation values are rounded to ``b`` bits and put back in floating point,
 so it changes accuracy, not speed or memory, unless a real low-bit kernel consumes the codes. The weight
 quantization through ``quantize_`` is real storage (packed codes) and shrinks the model.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -193,7 +197,10 @@ class AdaptiveQuantizer(nn.Module):
             the model, or of the Hugging Face model inside it (``VLMClassifier.vlm``).
 
     Call: ``aq(x, levels=lv)``, ``aq(x, bits=b)``, ``aq(x, images=raw)`` or ``aq(x)`` (scorer on ``x``); any other
-    positional / keyword arguments go to the model. ``aq.stats()`` reports the average bits actually used.
+    positional / keyword arguments go to the model. ``aq.stats()`` reports the average bits actually used. A
+    call's bits are the calling thread's own, so concurrent calls from several threads do not mix them; under
+    ``nn.DataParallel(aq)`` pass ``levels`` / ``bits`` as tensors, which are split with the batch. After
+    :meth:`remove` the wrapper refuses calls (its sites no longer quantize).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``weight_sequential`` is neither a bool nor a dict.
@@ -252,7 +259,10 @@ class AdaptiveQuantizer(nn.Module):
         elif weight_sequential not in (False, None):
             raise ValueError("weight_sequential needs weight_config (the weights to quantize); it is None")
         self.weight_config = None if weight_config is None else str(weight_config)
-        self._bits: torch.Tensor | None = None
+        self._bits: torch.Tensor | None = None  # set by bits_context; read when this thread's call set none
+        self._local = threading.local()  # .bits: the bits of the call running in this thread
+        self._lock = threading.Lock()  # the statistics, updated by concurrent calls
+        self._removed = False
         self._enabled = True
         self._handles = []
         mods = dict(model.named_modules())  # quantize_ swapped some modules
@@ -266,19 +276,44 @@ class AdaptiveQuantizer(nn.Module):
             self._handles.append(h)
         self.reset_stats()
 
+    # ------------------------------------------------------------------ state shared with copies and threads
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_local", None)  # thread-local storage and locks do not copy or pickle: new ones in the copy
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.__dict__.setdefault("_removed", False)
+
+    def _current_bits(self) -> torch.Tensor | None:
+        """The bits of the call running in this thread, else those of an active :meth:`bits_context`."""
+        bits = getattr(self._local, "bits", None)
+        return self._bits if bits is None else bits
+
+    def _check_not_removed(self, what: str) -> None:
+        if self._removed:
+            raise RuntimeError(f"AdaptiveQuantizer.{what}: the activation-quantization hooks were taken off by "
+                               "remove(), so the sites would not quantize; use the model remove() returned "
+                               "(float activations) or wrap it in a new AdaptiveQuantizer")
+
     # ------------------------------------------------------------------ hooks
     def _quant(self, name: str, x):
         if not self._enabled:
             return x
-        if self._bits is None:
+        bits = self._current_bits()
+        if bits is None:
             raise RuntimeError(f"site {name!r} ran without per-sample bits: call the AdaptiveQuantizer "
                                "(aq(x, levels=...)), use aq.bits_context(bits), or aq.disabled()")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"the activation at site {name!r} is a {type(x).__name__}, not a tensor")
-        if x.dim() == 0 or x.shape[0] != self._bits.numel():
-            raise ValueError(f"{self._bits.numel()} per-sample bit-widths (levels) but the activation at site "
+        if x.dim() == 0 or x.shape[0] != bits.numel():
+            raise ValueError(f"{bits.numel()} per-sample bit-widths (levels) but the activation at site "
                              f"{name!r} has shape {tuple(x.shape)} (dim 0 must be the batch)")
-        return fake_quantize_per_sample(x, self._bits)
+        return fake_quantize_per_sample(x, bits)
 
     def _pre_hook(self, name: str, module: nn.Module, args: tuple):
         if not args:
@@ -293,12 +328,16 @@ class AdaptiveQuantizer(nn.Module):
     def remove(self) -> nn.Module:
         """Remove the hooks and return the (weight-quantized) model.
 
+        The wrapper is finished afterwards: calling it or :meth:`bits_context` raises ``RuntimeError`` (the sites
+        would no longer quantize). Calling ``remove()`` again does nothing.
+
         Returns:
             The wrapped model, without the activation-quantization hooks.
         """
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._removed = True
         return self.model
 
     # ------------------------------------------------------------------ levels -> bits
@@ -340,15 +379,21 @@ class AdaptiveQuantizer(nn.Module):
             bits: one bit-width per sample (1..8 or >= 16).
 
         Yields:
-            Nothing; inside the block every site quantizes with ``bits``.
+            Nothing; inside the block every site quantizes with ``bits``: in this thread, and in threads that make
+            no call of their own (a generation loop running in a worker thread).
+
+        Raises:
+            RuntimeError: the hooks were removed (:meth:`remove`).
         """
-        prev = self._bits
+        self._check_not_removed("bits_context()")
         b = _bits_tensor(bits)
-        self._bits = check_bits(b, int(b.numel()))
+        b = check_bits(b, int(b.numel()))
+        prev, prev_local = self._bits, getattr(self._local, "bits", None)
+        self._bits = self._local.bits = b
         try:
             yield
         finally:
-            self._bits = prev
+            self._bits, self._local.bits = prev, prev_local
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -414,16 +459,19 @@ class AdaptiveQuantizer(nn.Module):
 
         Raises:
             ValueError: no way to get bits (no levels, bits, images or scorer), or bits / levels that do not fit.
+            RuntimeError: the hooks were removed (:meth:`remove`).
         """
+        self._check_not_removed("forward()")
         b, lv = self.resolve_bits(args, levels, bits, images)
         dev = next((t.device for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        prev = self._bits
-        self._bits = b.to(dev) if dev is not None else b
+        prev = getattr(self._local, "bits", None)
+        self._local.bits = b.to(dev) if dev is not None else b  # this thread's call only
         try:
             out = self.model(*args, **kwargs)
         finally:
-            self._bits = prev
-        self._record(b, lv)
+            self._local.bits = prev
+        with self._lock:
+            self._record(b, lv)
         return out
 
     # ------------------------------------------------------------------ accounting

@@ -175,3 +175,52 @@ def test_failed_refit_on_nan_metrics_leaves_the_fitted_policy_unchanged():
     assert torch.equal(pol.mean, m.mean(0))
     assert torch.equal(pol.std, m.std(0).clamp_min(1e-6))
     assert torch.equal(pol.levels(metrics=m), before)
+
+
+def test_policy_inside_a_quantizer_cast_to_half_precision_keeps_deciding_in_float32():
+    """``aq.half()`` / ``aq.to(torch.bfloat16)`` also cast the policy (a submodule of the quantizer): its MLP got
+    half-precision weights, ``levels`` fed it float32 features and raised torch's "mat1 and mat2 must have the same
+    dtype" (and the stored mean / std / lambda were rounded, moving the decisions off the calibrated budget)."""
+    g = torch.Generator().manual_seed(0)
+    metrics = torch.randn(60, 5, generator=g) * 3 + 1.7
+    labels = torch.tensor([2, 4, 8, 32])[torch.bucketize(metrics[:, 0].contiguous(), torch.tensor([-1.0, 1.7, 4.0]))]
+    pol = LearnedPolicy(scorer=_MetricsAreInputs()).fit(metrics, labels, budget=8.0, epochs=40)
+    state = {k: v.clone() for k, v in pol.state_dict().items()}
+    model = torch.nn.Sequential()
+    model.head = torch.nn.Linear(5, 2)
+    aq = AdaptiveQuantizer(model, scorer=pol, weight_config=None)
+    x = torch.randn(16, 5, generator=g) * 3 + 1.7
+    for dtype in (torch.bfloat16, torch.float16):
+        aq.to(dtype)
+        assert model.head.weight.dtype == dtype  # the model is cast ...
+        xd = x.to(dtype)
+        with torch.no_grad():
+            out = aq(xd)  # levels from the policy on the (half-precision) input
+        assert out.dtype == dtype
+        for k, v in pol.state_dict().items():  # ... the policy keeps its float32 values, unrounded
+            assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+        # the decisions are those of the float32 policy on the same metric values, by the documented rule
+        feats = (xd.float() - state["mean"]) / state["std"]
+        h = torch.relu(feats @ state["net.0.weight"].t() + state["net.0.bias"])
+        logits = h @ state["net.2.weight"].t() + state["net.2.bias"]
+        want = (logits - state["lam"] * state["level_bits"] / state["level_bits"].max()).argmax(-1)
+        assert torch.equal(pol.levels(metrics=xd), want)
+        assert aq.stats()["samples"] == 16
+        aq.reset_stats()
+
+
+def test_policy_state_loads_only_into_a_policy_with_the_same_bit_map():
+    """The state of a policy fitted on ``{..., 3: 16}`` loaded silently into ``LearnedPolicy()`` (``{..., 3: 32}``):
+    its ``level_bits`` said 16 while its bit map said 32, so the budget it was calibrated for no longer held."""
+    g = torch.Generator().manual_seed(0)
+    metrics = torch.randn(40, 5, generator=g)
+    bm = {0: 2, 1: 4, 2: 8, 3: 16}
+    pol = LearnedPolicy(bit_map=bm).fit(metrics, [2, 4, 8, 16] * 10, budget=6.0, epochs=20)
+    other = LearnedPolicy()  # the default bit map: 32 bits at level 3
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"bit map.*\[2, 4, 8, 16\].*\[2, 4, 8, 32\]"):
+        other.load_state_dict(pol.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # left as it was
+    same = LearnedPolicy(bit_map=bm)
+    same.load_state_dict(pol.state_dict())  # the round trip with the same bit map
+    assert torch.equal(same.levels(metrics=metrics), pol.levels(metrics=metrics))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -241,3 +242,78 @@ def test_deepcopy_and_pickle_give_an_independent_working_quantizer():
         buf.seek(0)
         back = torch.load(buf, weights_only=False)
         assert torch.equal(back(x, bits=bits), out)
+
+
+class _Gate(torch.nn.Module):
+    """Identity that stops thread "A" inside the model (after its quantizer call set A's bits, before the site)
+    until thread "B" has entered its own call, and stops B there until A's call has returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a_inside, self.b_inside, self.a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def forward(self, x):
+        name = threading.current_thread().name
+        if name == "A":
+            self.a_inside.set()
+            assert self.b_inside.wait(10)
+        elif name == "B":
+            self.b_inside.set()
+            assert self.a_done.wait(10)
+        return x
+
+
+def test_concurrent_calls_from_two_threads_each_use_their_own_bits():
+    """The per-call bits were one attribute of the wrapper: a call made while another thread's call was inside the
+    model replaced them, so thread A's sample was quantized at B's 8 bits (silently), and B's site then found A's
+    restored "no bits" and raised. (nn.DataParallel runs its replicas the same way, in threads.)"""
+    model = torch.nn.Sequential()
+    model.gate = _Gate()
+    model.head = torch.nn.Identity()
+    gate = model.gate
+    aq = AdaptiveQuantizer(model, weight_config=None)  # site: input of `head`, after the gate
+    g = torch.Generator().manual_seed(0)
+    xa, xb = torch.randn(1, 64, generator=g), torch.randn(1, 64, generator=g)
+    out: dict[str, object] = {}
+
+    def run(name, x, bits, after=None):
+        try:
+            if after is not None:
+                assert after.wait(10)
+            out[name] = aq(x, bits=bits)
+        except (RuntimeError, ValueError, AssertionError) as e:  # reported by the asserts below
+            out[name] = e
+        finally:
+            if name == "A":
+                gate.a_done.set()
+
+    ta = threading.Thread(target=run, args=("A", xa, [2]), name="A")
+    tb = threading.Thread(target=run, args=("B", xb, [8], gate.a_inside), name="B")
+    ta.start()
+    tb.start()
+    ta.join(20)
+    tb.join(20)
+    assert isinstance(out["A"], torch.Tensor) and isinstance(out["B"], torch.Tensor), out
+    assert torch.equal(out["A"][0], independent_fq(xa[0], 2))  # A's own 2 bits, not B's 8
+    assert torch.equal(out["B"][0], independent_fq(xb[0], 8))
+    assert aq.stats()["histogram"] == {2: 1, 8: 1}
+
+
+def test_calls_after_remove_raise_instead_of_running_unquantized():
+    """After ``remove()`` the wrapper still ran the model - without any activation quantization - and recorded the
+    samples in ``stats()`` at the bits asked for."""
+    model = _cnn()
+    ref = copy.deepcopy(model)
+    aq = AdaptiveQuantizer(model, weight_config=None).eval()
+    x = _x(4)
+    with torch.no_grad():
+        aq(x, bits=[2, 2, 2, 2])
+        before = aq.stats()
+        assert aq.remove() is model
+        with pytest.raises(RuntimeError, match=r"remove\(\)"):
+            aq(x, bits=[2, 2, 2, 2])
+        with pytest.raises(RuntimeError, match=r"remove\(\)"), aq.bits_context([2, 2, 2, 2]):
+            pass
+        assert aq.stats() == before
+        assert torch.allclose(model(x), ref(x), atol=1e-6, rtol=0)  # the returned model: float activations
+        aq.remove()  # a second remove() is harmless
