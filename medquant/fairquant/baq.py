@@ -31,6 +31,7 @@ above ``b_min`` loses one bit) and :meth:`BAQWrapper.export` calls ``quantize_``
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -66,8 +67,18 @@ class BAQWeight(nn.Module):
 
     def __init__(self, theta: torch.Tensor, b_min: int, b_max: int, per_channel: bool):
         super().__init__()
-        self.theta = nn.Parameter(theta)
+        self.theta = nn.Parameter(theta.float())
         self.b_min, self.b_max, self.per_channel = b_min, b_max, per_channel
+
+    def _apply(self, fn, recurse=True):
+        # theta follows device moves but stays float32 through dtype casts (model.half() / .to(torch.bfloat16)):
+        # in float16 its spacing near the default theta = 6 is ~0.004, coarser than an optimizer step, and the
+        # bits would stop learning; the weight it quantizes is cast as the model says
+        def device_only(t):
+            moved = fn(t)
+            return t.detach().to(moved.device) if t.is_floating_point() and moved.dtype != t.dtype else moved
+
+        return super()._apply(device_only, recurse)
 
     def continuous_bits(self) -> torch.Tensor:
         """``b_cont = b_min + (b_max - b_min) * tanh(|theta|)`` per scope (differentiable in ``theta``).
@@ -107,6 +118,20 @@ class BAQWeight(nn.Module):
         return (s * q).reshape(w.shape).to(w.dtype)
 
 
+def _init_bits_tensor(name: str, value: Any, n_scopes: int) -> torch.Tensor:
+    """``init_bits[name]`` as a float tensor: a sequence gives one value per scope, a single number is the width of
+    every scope of the layer (``n_scopes`` of them); a bool or a non-number is refused."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"init_bits[{name!r}] must be an integer bit-width or one per scope, got {value!r}")
+    if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return torch.full((n_scopes,), float(value))
+    try:
+        return torch.tensor([float(b) for b in value])
+    except (TypeError, ValueError):
+        raise ValueError(f"init_bits[{name!r}] must be an integer bit-width or a sequence of them (one per "
+                         f"scope), got {value!r}") from None
+
+
 class BAQWrapper:
     """Attach learnable bit-widths to a model's Linear / Conv2d weights, train them with the weights, export.
 
@@ -115,7 +140,7 @@ class BAQWrapper:
         bit_range: ``(b_min, b_max)``, integers in 1..8 (default ``(2, 8)``).
         scope: ``"channel"`` (one bit-width per output channel, default) or ``"tensor"``.
         init_bits: ``{module name: bits per scope}`` warm start (e.g. ``FairQuantAllocator.bit_map()`` or the
-            allocator itself); ``None`` = ``theta = 6``.
+            allocator itself), or ``{module name: bits}`` for every scope of the layer; ``None`` = ``theta = 6``.
         lambda_bit: weight of the bit-rate term (module docstring).
         lambda_fair: weight of the fairness penalty (module docstring).
         target_bits: average-bit budget: the bit term becomes ``relu(bit rate - target_bits)``; None: the rate.
@@ -167,7 +192,7 @@ class BAQWrapper:
             rows = mod.weight.shape[0]
             n_scopes = rows if scope == "channel" else 1
             if init_bits is not None and name in init_bits:
-                b0 = torch.tensor([float(b) for b in init_bits[name]])
+                b0 = _init_bits_tensor(name, init_bits[name], n_scopes)
                 frac = sorted(set(b0[b0 != b0.round()].tolist()))
                 if frac:  # 4.5 silently started at 4 (round half to even)
                     raise ValueError(f"init_bits[{name!r}] has non-integer bits {frac}; bit-widths are integers")

@@ -170,3 +170,44 @@ def test_loss_of_an_empty_batch_raises_instead_of_nan():
     total, parts = w.loss(torch.tensor([1.5]), torch.tensor([0]))
     assert float(total) == pytest.approx(1.5 + 0.1 * parts["avg_bits_cont"], rel=1e-6)
     assert parts["fair"] == 0.0
+
+
+def test_one_int_of_init_bits_is_every_scope_of_the_layer():
+    """``init_bits={"fc2": 4}`` (one width for the layer) was torch's "'int' object is not iterable"; it starts
+    every scope of the layer at that width, as the per-scope sequence of it does."""
+    one = BAQWrapper(tiny_mlp(), scope="tensor", init_bits={"fc2": 4})
+    seq = BAQWrapper(tiny_mlp(), scope="tensor", init_bits={"fc2": (4,)})
+    assert torch.equal(one.params["fc2"].theta, seq.params["fc2"].theta)
+    rows = tiny_mlp().fc2.weight.shape[0]
+    one = BAQWrapper(tiny_mlp(), init_bits={"fc2": 5})
+    assert [round(float(b)) for b in one.continuous_bits()["fc2"]] == [5] * rows
+    with pytest.raises(ValueError, match="non-integer"):
+        BAQWrapper(tiny_mlp(), init_bits={"fc2": 4.5})
+    with pytest.raises(ValueError, match="integer"):
+        BAQWrapper(tiny_mlp(), init_bits={"fc2": True})
+
+
+def test_a_half_precision_cast_keeps_the_bit_logits_in_float32():
+    """``model.half()`` after wrapping cast theta to float16, whose spacing near the default theta = 6 (~0.004 per
+    ulp at 4..8, coarser than Adam's steps of lr ~1e-3) froze the bits; theta now stays float32 through casts (and
+    follows device moves), while the weights are cast and the fake-quantized weight has the weight's dtype."""
+    model = tiny_mlp()
+    w = BAQWrapper(model)
+    model.half()
+    for p in w.logits():
+        assert p.dtype == torch.float32 and p.requires_grad
+    assert model.fc2.parametrizations.weight.original.dtype == torch.float16
+    assert model.fc2.weight.dtype == torch.float16
+    # the fake-quantized half weight equals the float32 formula on the same half weight, cast once at the end
+    p = w.params["fc2"]
+    ref = BAQWeight(p.theta.detach().clone(), p.b_min, p.b_max, p.per_channel)
+    raw = model.fc2.parametrizations.weight.original.detach()
+    assert torch.equal(model.fc2.weight, ref(raw.float()).half())
+    # a small step on theta is kept (float16 rounding would drop it), and gradients reach it
+    before = p.theta.detach().clone()
+    with torch.no_grad():
+        p.theta.add_(1e-4)
+    assert not torch.equal(p.theta, before)
+    model.fc2.weight.float().sum().backward()
+    model.float()
+    assert p.theta.dtype == torch.float32
