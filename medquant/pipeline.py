@@ -283,7 +283,8 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
             # AWQ's own default scope (the language model, or the tower of an encoder): not the prune stage's
             res.awq_groups = awq_quantize_(model, quantize.config, calib, skip=quantize.skip, progress=progress)
         else:
-            quantize_(model, quantize.config, skip=list(quantize.skip) if quantize.skip else None)
+            quantize_(model, quantize.config, skip=list(quantize.skip) if quantize.skip else None,
+                      progress=progress)
     if out is not None:
         qrec: dict[str, Any] | None = None
         if quantize is not None:

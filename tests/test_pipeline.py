@@ -263,3 +263,12 @@ def test_a_diverging_training_stage_stops_with_a_clear_error_and_writes_nothing(
         compress(model, train=TrainStage("finetune", steps=50, lr=1e6), train_data=[inputs],
                  quantize=QuantStage(QuantConfig(4, group_size=32), method="rtn"), out=tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_rtn_quant_stage_shows_its_progress_bar_as_asked(progress, capsys):
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    compress(model, quantize=QuantStage(QuantConfig(4, group_size=32), method="rtn"), progress=progress)
+    assert model.model.layers[0].mlp.up_proj.__class__ is QuantLinear
+    assert ("quantizing" in capsys.readouterr().err) == progress

@@ -119,3 +119,38 @@ def test_cli_pipeline_refuses_a_non_finite_learning_rate(tmp_path, capsys):
             main(["pipeline", str(src), "--out", str(tmp_path / "out"), f"--lr={lr}"])
         assert e.value.code == 2 and "--lr: expected a finite number > 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_pipeline_refuses_a_missing_text_file_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    import medquant.cli.prune
+    from tests.cli.tiny_folder import tiny_llama_folder
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before --text was checked")
+
+    monkeypatch.setattr(medquant.cli.prune, "_load", no_work)
+    src = tiny_llama_folder(tmp_path / "src")
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", str(src), "--out", str(tmp_path / "out"), "--text", str(tmp_path / "no.txt")])
+    assert e.value.code == 2 and f"--text: {tmp_path / 'no.txt'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_pipeline_without_texts_left_to_train_on_says_so_in_its_options(tmp_path, capsys, monkeypatch):
+    import medquant.cli.prune
+    from tests.cli.tiny_folder import tiny_llama_folder
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the texts were counted")
+
+    src = tiny_llama_folder(tmp_path / "src")
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(REPORTS[:3]))
+    monkeypatch.setattr(medquant.cli.prune, "_load", no_work)
+    # 3 texts: 16 (the default --calib-samples) calibrate, none is left for a training batch of --batch 2 texts
+    assert main(["pipeline", str(src), "--out", str(tmp_path / "out"), "--text", str(text), "--batch", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "3 texts" in err and "--calib-samples 16" in err and "--batch 2" in err
+    assert not (tmp_path / "out").exists()

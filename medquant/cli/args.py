@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 
@@ -103,6 +104,16 @@ def new_or_empty_folder(text: str) -> str:
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise argparse.ArgumentTypeError(f"{text} exists and is not an empty folder: give a new or empty folder")
     return text
+
+
+def output_is_input_message(out: str, model: str, flag: str) -> str | None:
+    """The error for an output folder that is the model folder itself (the same folder however it is spelt: a
+    relative path, ``..`` components, a symbolic link), ``None`` otherwise. Saving there would replace the source
+    model, which the command reads from, with its compressed copy."""
+    if os.path.realpath(out) != os.path.realpath(model):
+        return None
+    return (f"{flag}: {out} is the model folder {model}; saving there would replace the source model with its "
+            "compressed copy: give another folder")
 
 
 def existing_file(text: str) -> str:

@@ -6,7 +6,8 @@ Example::
 
 Each non-empty line of the UTF-8 ``--text`` file is one text, tokenized with the folder's tokenizer
 (:func:`medquant.eval.lm.token_batches`, ``--max-length`` tokens, ``--batch-size`` at a time); the number is
-:func:`medquant.eval.perplexity`. A medquant-quantized folder is loaded through ``from_pretrained`` as saved.
+:func:`medquant.eval.perplexity`. A medquant-quantized folder is loaded through ``from_pretrained`` as saved; a
+pruned one (``medquant prune`` / ``medquant pipeline`` output) with :func:`medquant.prune.load_pruned`.
 """
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ Example::
     medquant info out/            # a per-layer table and totals
     medquant info out/ --json
 
-Both checkpoint forms are read: :func:`medquant.save` folders (``medquant.json``) and
-:func:`medquant.hf.save_pretrained` folders (``config.json`` with a medquant ``quantization_config``). The model is
-loaded (checked against its manifest) but never run; the numbers are :func:`medquant.quant.size.layer_table` and
+Both checkpoint forms are read: :func:`medquant.save` folders (``medquant.json``; those with a pruning shape table,
+written by ``medquant prune`` / ``medquant pipeline``, are rebuilt with their per-layer shapes by
+:func:`medquant.prune.load_pruned`) and :func:`medquant.hf.save_pretrained` folders (``config.json`` with a medquant
+``quantization_config``). The model is loaded (checked against its manifest) but never run; the numbers are :func:`medquant.quant.size.layer_table` and
 :func:`medquant.quant.size.model_size`, with each quantized layer's recipe (scheme, scope, group size).
 """
 from __future__ import annotations
@@ -18,9 +19,24 @@ from pathlib import Path
 from .args import existing_folder
 
 
+def _pruned(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint with a pruning shape table (:func:`medquant.prune.save_pruned`: the
+    output of ``medquant prune`` / ``medquant pipeline``), whose layers may differ in width from block to block."""
+    from ..io import META_NAME
+
+    try:
+        meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    extras = meta.get("extras") if isinstance(meta, dict) else None
+    return isinstance(extras, dict) and isinstance(extras.get("prune"), dict)
+
+
 def load_hf_folder(path: str):
     """A Hugging Face model folder as saved (float or medquant-quantized; dtypes kept), in eval mode, and its
-    tokenizer (``None`` when there is none; ``pad_token`` = ``eos_token`` when unset)."""
+    tokenizer (``None`` when there is none; ``pad_token`` = ``eos_token`` when unset). A pruned checkpoint
+    (``medquant prune`` / ``pipeline`` output) is rebuilt with its per-layer shapes by
+    :func:`medquant.prune.load_pruned`, which ``from_pretrained`` cannot do when the blocks differ in width."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,12 +46,17 @@ def load_hf_folder(path: str):
     from ..hf import register
 
     register()
-    cfg = AutoConfig.from_pretrained(path)
-    arch = (cfg.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
-    model = cls.from_pretrained(path).eval()
+    if _pruned(Path(path)):
+        from ..prune import load_pruned
+
+        model = load_pruned(path).eval()
+    else:
+        cfg = AutoConfig.from_pretrained(path)
+        arch = (cfg.architectures or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            cls = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
+        model = cls.from_pretrained(path).eval()
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
@@ -46,12 +67,14 @@ def load_hf_folder(path: str):
 
 
 def load_checkpoint(path: str):
-    """The model of a :func:`medquant.save` or :func:`medquant.hf.save_pretrained` folder."""
+    """The model of a :func:`medquant.save` (:func:`medquant.prune.save_pruned` included) or
+    :func:`medquant.hf.save_pretrained` folder."""
     folder = Path(path)
     if (folder / "medquant.json").is_file():
         from ..io import load
+        from ..prune import load_pruned
 
-        return load(folder)
+        return load_pruned(folder) if _pruned(folder) else load(folder)
     cfg_file = folder / "config.json"
     qcfg = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.is_file() else None
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "medquant":

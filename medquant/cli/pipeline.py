@@ -7,15 +7,47 @@ Example (SmolLM2 from its PyPI package, IU X-ray reports as calibration and trai
 
 Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-ray train reports
 (``$MEDQUANT_DATA_DIR``): the first ``--calib-samples`` texts calibrate (batches of 4, the last one possibly
-smaller), the next ``--steps`` x ``--batch`` train. Each stage shows a progress bar; ``--train none`` /
-``--quant none`` / ``--heads 0 --ffn 0`` skip stages. Reload the result with ``medquant.pipeline.load_compressed(OUT)``.
+smaller), the next ``--steps`` x ``--batch`` train in batches of ``--batch`` (cycled when fewer; a training stage
+without one full batch left after calibration is refused before the model is loaded). Each stage shows a progress
+bar; ``--train none`` / ``--quant none`` / ``--heads 0 --ffn 0`` skip stages. ``--out`` is any folder but the model
+folder itself. Reload the result with ``medquant.pipeline.load_compressed(OUT)``.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .args import bit_width, existing_folder, fraction, positive_float, positive_int
+from .args import (
+    bit_width,
+    existing_file,
+    existing_folder,
+    fraction,
+    output_is_input_message,
+    positive_float,
+    positive_int,
+)
+
+
+def _texts(args) -> list[str]:
+    """The texts to calibrate and train on, counted against what the stages need before the model is loaded: the
+    first ``--calib-samples`` calibrate, and a training stage needs at least ``--batch`` texts after them
+    (``SystemExit`` naming the options otherwise)."""
+    if args.text:
+        source = args.text
+        texts = [t.strip() for t in Path(args.text).read_text(encoding="utf-8").splitlines() if t.strip()]
+    else:
+        from ..data.reports import load_iu_reports
+
+        source = "the IU X-ray train reports"
+        texts = [r.text for r in load_iu_reports(args.reports, split="train", require=("findings",))]
+    if not texts and (args.heads or args.ffn or args.quant == "awq"):
+        raise SystemExit(f"{source} holds no text to calibrate on")
+    left = max(0, len(texts) - args.calib_samples)
+    if args.train != "none" and left < args.batch:
+        raise SystemExit(f"{source} holds {len(texts)} texts: the first --calib-samples {args.calib_samples} "
+                         f"calibrate, leaving {left} to train on, fewer than one training batch of --batch "
+                         f"{args.batch}: give more text, a smaller --calib-samples or --batch, or --train none")
+    return texts
 
 
 def run(args) -> int:
@@ -24,15 +56,10 @@ def run(args) -> int:
     from ..prune import parameter_report
     from .prune import _load
 
+    texts = _texts(args)
     model, tok = _load(args.model, args.gguf_file, command="pipeline")
     if tok is None:
         raise SystemExit("the pipeline needs the model folder's tokenizer")
-    if args.text:
-        texts = [t.strip() for t in Path(args.text).read_text(encoding="utf-8").splitlines() if t.strip()]
-    else:
-        from ..data.reports import load_iu_reports
-
-        texts = [r.text for r in load_iu_reports(args.reports, split="train", require=("findings",))]
 
     def batches(txt, bs, keep_partial):
         stop = len(txt) if keep_partial else len(txt) - bs + 1
@@ -73,7 +100,7 @@ def register(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=existing_folder,
                    help="Hugging Face model folder (or GGUF folder with --gguf-file)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (not the model folder itself)")
     p.add_argument("--gguf-file", default=None)
     p.add_argument("--heads", type=fraction, default=0.3)
     p.add_argument("--ffn", type=fraction, default=0.3)
@@ -87,7 +114,7 @@ def register(sub) -> None:
     p.add_argument("--quant", choices=["awq", "rtn", "none"], default="awq")
     p.add_argument("--bits", type=bit_width, default=4)
     p.add_argument("--group-size", type=positive_int, default=128)
-    p.add_argument("--text", default=None, help="text file, one sample per line")
+    p.add_argument("--text", type=existing_file, default=None, help="text file, one sample per line")
     p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
     p.add_argument("--calib-samples", type=positive_int, default=16)
     p.add_argument("--max-length", type=positive_int, default=128)
@@ -95,6 +122,9 @@ def register(sub) -> None:
 
 
 def _check(args, parser) -> None:
+    same = output_is_input_message(args.out, args.model, "--out")
+    if same:
+        parser.error(same)
     if args.layer_select and not (args.heads or args.ffn):  # no pruning stage runs: the flag would do nothing
         parser.error("--layer-select spreads --heads / --ffn over the blocks; with --heads 0 --ffn 0 nothing is "
                      "pruned: give a ratio above 0 or drop --layer-select")

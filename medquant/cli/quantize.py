@@ -21,7 +21,15 @@ import argparse
 import json
 from pathlib import Path
 
-from .args import bit_width, existing_file, existing_folder, positive_int, role_or_name, sequence_length
+from .args import (
+    bit_width,
+    existing_file,
+    existing_folder,
+    output_is_input_message,
+    positive_int,
+    role_or_name,
+    sequence_length,
+)
 from .prune import _load
 
 
@@ -103,7 +111,7 @@ def register(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a HF model folder (rtn / awq / gptq) and save it",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL_DIR", type=existing_folder, help="Hugging Face model folder")
-    p.add_argument("out", metavar="OUT_DIR", help="output folder")
+    p.add_argument("out", metavar="OUT_DIR", help="output folder (not MODEL_DIR itself)")
     p.add_argument("--bits", type=bit_width, default=4, help="bit-width 1..8 (default 4)")
     p.add_argument("--group-size", type=positive_int, default=128, help="input elements per scale (default 128)")
     p.add_argument("--symmetric", action="store_true",
@@ -121,6 +129,9 @@ def register(sub) -> None:
 
 
 def _check(args, parser: argparse.ArgumentParser) -> None:
+    same = output_is_input_message(args.out, args.model, "OUT_DIR")
+    if same:
+        parser.error(same)
     if args.method in ("awq", "gptq") and not args.calib:
         parser.error(f"--method {args.method} needs --calib FILE (calibration text)")
     if args.method == "rtn" and args.calib:  # it would be read for nothing: the user meant awq or gptq
