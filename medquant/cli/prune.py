@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .args import existing_folder, fraction, non_negative_int, positive_int
+from .args import existing_folder, fraction, non_negative_int, output_is_input_message, positive_int
 
 
 def _refuse_medquant_folder(path: str, gguf_file: str | None, command: str) -> None:
@@ -184,4 +184,12 @@ def register(sub) -> None:
     p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
     p.add_argument("--calib-samples", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, default=128)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=lambda args: _check(args, p))
+
+
+def _check(args, parser) -> None:
+    """Before any work: the output folder must not be the model folder (saving there would replace the model the
+    command reads with its pruned copy)."""
+    same = output_is_input_message(args.out, args.model, "--out")
+    if same:
+        parser.error(same)

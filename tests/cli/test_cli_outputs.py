@@ -1,4 +1,4 @@
-"""Where ``medquant quantize`` / ``pipeline`` write, and reading back what they wrote: an output folder that is
+"""Where ``medquant quantize`` / ``pipeline`` / ``prune`` write, and reading back what they wrote: an output folder that is
 the model folder itself is refused before any work (the float source would be replaced by its compressed copy),
 and ``info`` / ``eval`` read a ``medquant pipeline`` checkpoint pruned per layer as
 :func:`medquant.pipeline.load_compressed` does."""
@@ -26,7 +26,7 @@ def _digest(folder) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("spelling", ["same", "dotted", "link"])
-@pytest.mark.parametrize("command", ["quantize", "pipeline"])
+@pytest.mark.parametrize("command", ["quantize", "pipeline", "prune"])
 def test_an_output_folder_that_is_the_model_folder_is_refused_before_any_work(root, tmp_path, command, spelling,
                                                                               capsys, monkeypatch):
     import medquant.cli.prune
@@ -40,8 +40,10 @@ def test_an_output_folder_that_is_the_model_folder_is_refused_before_any_work(ro
     if spelling == "link":
         (tmp_path / "link").symlink_to(src, target_is_directory=True)
     before = _digest(src)
-    argv = (["quantize", str(src), out, "--group-size", "32"] if command == "quantize" else
-            ["pipeline", str(src), "--out", out, "--train", "none", "--quant", "rtn", "--text", str(root / "t.txt")])
+    argv = {"quantize": ["quantize", str(src), out, "--group-size", "32"],
+            "pipeline": ["pipeline", str(src), "--out", out, "--train", "none", "--quant", "rtn", "--text",
+                         str(root / "t.txt")],
+            "prune": ["prune", str(src), "--out", out, "--calib-text", str(root / "t.txt")]}[command]
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
