@@ -35,6 +35,7 @@ leaves no file (and an existing one unchanged; replacing one needs ``overwrite=T
 """
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import warnings
@@ -86,6 +87,9 @@ __all__ = [
     "optimized_op_counts",
     "session_options",
 ]
+
+
+_NONE = object()  # an empty iterable's first element
 
 
 class CalibrationRequired(ExportError):
@@ -241,6 +245,11 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
         if not isinstance(value, bool):
             raise ExportError(f"{flag} must be True or False, got {value!r}")
     file = output_file_path(path, overwrite, suffix=".onnx", format="onnx")
+    if example_inputs is None and calib is not None:  # the first batch, kept for calibration (a generator is
+        it = iter(calib)                                # spent once calibrate_activations has read it)
+        first = next(it, _NONE)
+        calib = it if first is _NONE else itertools.chain([first], it)
+        example_inputs = None if first is _NONE else first
 
     info: SimulationInfo | None = getattr(model, "medquant_onnx", None)
     if info is None:
@@ -259,9 +268,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             model = sim
         info = model.medquant_onnx
     if example_inputs is None:
-        if calib is None:
-            raise ExportError("format='onnx' needs example_inputs (a tensor with the input shape) to trace the model")
-        example_inputs = next(iter(calib))
+        raise ExportError("format='onnx' needs example_inputs (a tensor with the input shape) to trace the model")
     args = as_args(example_inputs, 0)
     names = list(input_names) if input_names else ["pixel_values"] + [f"input_{i}" for i in range(1, len(args))]
     if len(names) != len(args):
@@ -399,6 +406,8 @@ def optimized_op_counts(path: str | Path, optimized_path: str | Path | None = No
 
 
 CALIB_SUFFIXES = (".npy", ".npz", ".safetensors")
+#: the integer pixel types whose maximum is the white level: scaled to [0, 1] by 255 / 65535
+PIXEL_TYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 
 
 def _read_calibration_arrays(path: Path, key: str | None) -> list[np.ndarray]:
@@ -458,9 +467,10 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
 
     Sources: a ``.npy`` array, one array of an ``.npz`` or ``.safetensors`` file (the only one, or ``key``), each
     holding samples stacked as ``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, H, W)``; or a folder of images / DICOM
-    files (``index.csv`` honoured, see :func:`medquant.data.load_images`). Integer data are pixels: scaled to
-    ``[0, 1]`` by the type's maximum (255 for uint8, 65535 for uint16), then normalized ``(x - mean) / std`` per
-    channel when ``mean`` / ``std`` are given; a gray image is repeated to 3 channels and an RGB one averaged to 1
+    files (``index.csv`` honoured, see :func:`medquant.data.load_images`). Integer data are pixels, uint8 or
+    uint16 (other integer types have no fixed white level and are refused): scaled to ``[0, 1]`` by the type's
+    maximum (``x / 255``, ``x / 65535``), then normalized ``(x - mean) / std`` per channel when ``mean`` / ``std``
+    are given; a gray image is repeated to 3 channels and an RGB one averaged to 1
     when ``channels`` asks for it. Floating data are taken as already preprocessed (no scaling, normalization or
     channel conversion). Samples are resized (bilinear, antialiased) to ``image_size``.
 
@@ -479,8 +489,9 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
 
     Raises:
         CalibrationError: an unsupported file, a missing or ambiguous array, an empty set, a shape that is not
-            images, samples of different sizes without ``image_size``, NaN/inf values, ``mean`` / ``std`` for
-            floating data or of the wrong length (the message names the file and the sample).
+            images, integer samples other than uint8 / uint16 (int64, int32 mode-I TIFFs, int16...), samples
+            of different sizes without ``image_size``, NaN/inf values, ``mean`` / ``std`` for floating data or
+            of the wrong length (the message names the file and the sample).
         FileNotFoundError: ``path`` does not exist.
     """
     import torch.nn.functional as F
@@ -501,6 +512,12 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
     if not samples:
         raise CalibrationError(f"{path}: no calibration samples (an empty array or a folder without images)")
     integer = np.issubdtype(samples[0].dtype, np.integer) or samples[0].dtype == np.bool_
+    for i, s in enumerate(samples):  # x / 2^31-1 of 8-bit pixels held in int32 / int64 is ~1e-7 / ~3e-17
+        if np.issubdtype(s.dtype, np.integer) and s.dtype not in PIXEL_TYPES:
+            raise CalibrationError(
+                f"{path}: {'sample' if stacked else 'image'} {i} has integer type {s.dtype.name}: only uint8 or "
+                f"uint16 pixels have a fixed scaling to [0, 1] (by 255 / 65535); convert the pixels to uint8 / "
+                f"uint16 (CT numbers windowed first), or give float samples preprocessed as the model's inputs")
     if not integer and (mean is not None or std is not None):
         raise CalibrationError(f"{path}: the samples are floating point (taken as preprocessed); mean / std "
                                "apply to integer pixel data only")
@@ -550,7 +567,7 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor
 
 
 def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Check ``feeds`` against an ``onnxruntime.InferenceSession``'s inputs: names, rank, fixed dimensions, dtype.
+    """Check ``feeds`` against an ``onnxruntime.InferenceSession``'s inputs: names, shapes, dtypes, finite values.
 
     Args:
         session: the ``onnxruntime.InferenceSession``.
@@ -561,7 +578,9 @@ def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
 
     Raises:
         ValueError: missing or unexpected names, a shape or a non-float dtype the model does not take (naming the
-            input, what it got and what is expected).
+            input, what it got and what is expected), NaN/inf in a floating input (naming the samples: ONNX
+            ``QuantizeLinear`` saturates inf and maps NaN to a code, so an activation-quantized graph would return
+            finite logits for them).
     """
     expected = {i.name: i for i in session.get_inputs()}
     missing = sorted(set(expected) - set(feeds))
@@ -583,6 +602,13 @@ def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
                 arr = arr.astype(want)
             else:
                 raise ValueError(f"input {name!r} has dtype {arr.dtype}, the model expects {spec.type}")
+        if np.issubdtype(arr.dtype, np.floating):
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                rows = np.flatnonzero(bad.reshape(len(arr), -1).any(1)) if arr.ndim else np.array([0])
+                raise ValueError(f"input {name!r} contains {int(bad.sum())} NaN/inf value(s) (sample "
+                                 f"{', '.join(map(str, rows[:5]))}{'...' if len(rows) > 5 else ''}): the int8 "
+                                 "graph would quantize them to ordinary codes and return finite logits")
         out[name] = arr
     return out
 

@@ -491,6 +491,7 @@ class ExportLayer(nn.Module):
             if shared is not None:
                 self.input_quant = None
                 self.shared_input = shared.where
+                self.__dict__["_shared_point"] = shared  # not a submodule; its name is final after the pass
         if self.plan.kind == "nbits":
             y = _NBitsFn.apply(x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.k,
                                self.n, self.block)
@@ -800,6 +801,9 @@ def _structure_pass(sim: nn.Module, example: tuple, info: SimulationInfo) -> Non
                 m.input_quant.where = f"the input of {name}"
             if m.output_quant is not None:
                 m.output_quant.where = f"the output of {name}" + (" (after its ReLU)" if m.fuse_relu else "")
+    for m in sim.modules():  # a shared point renamed above ("... (after its ReLU)"): name it as it is now
+        if isinstance(m, ExportLayer) and "_shared_point" in m.__dict__:
+            m.shared_input = m.__dict__.pop("_shared_point").where
 
 
 def act_points(sim: nn.Module) -> list[ActQuant]:

@@ -636,3 +636,66 @@ def test_a_folder_in_place_of_the_file_is_named_and_no_overwrite_is_suggested(tm
             assert "overwrite" not in str(e.value)
     assert (tmp_path / "x.onnx" / "keep.txt").read_text() == "k" and (tmp_path / "out" / "model.onnx").is_dir()
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep.txt", "model.onnx", "out", "x.onnx"]
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def test_tolerance_is_derived_when_the_output_layer_reads_a_fused_relu_output(tmp_path):
+    """Linear -> ReLU -> Linear (an MLP head): the last layer reads the first one's quantized output after its fused
+    ReLU. The bound ``s_in * max_j ||W_j||_1 + 1e-4`` is derived from that point (it was None, and the export checked
+    ORT against 5% of the largest logit instead). Reference: numpy, from the dequantized weights and the calibration
+    inputs (``s_in = max(relu(x W1^T + b1)) / 255``, minmax with lo = 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    quantize_(model, INT8)
+    calib = _calib((16,), n=3)
+    sim = calibrate_activations(model, calib)
+    x = torch.cat(calib).double().numpy()
+    w1 = model[0].dequantized_weight(torch.float32).double().numpy()
+    w2 = model[2].dequantized_weight(torch.float32).double().numpy()
+    h = np.maximum(x @ w1.T + model[0].bias.detach().double().numpy(), 0.0)
+    s_in = np.float32(h.max() / 255.0)
+    want = float(s_in) * float(np.abs(w2).sum(1).max()) + 1e-4
+    tol = logits_tolerance(sim)
+    assert tol is not None and tol == pytest.approx(want, rel=1e-5)
+    report = D.export(sim, tmp_path / "mlp.onnx", format="onnx", example_inputs=calib[0])
+    assert any(f"<= tolerance {tol:.3g}" in n for n in report.notes)  # ORT checked against the derived bound
+    with torch.no_grad():
+        ref = sim(torch.cat(calib)).numpy()
+    assert np.abs(OnnxClassifier(tmp_path / "mlp.onnx")(torch.cat(calib)) - ref).max() <= tol
+
+
+def test_calib_generator_without_example_inputs(tmp_path):
+    """``calib`` may be any iterable, a one-shot generator included: without ``example_inputs`` the first batch is
+    the example and every batch is calibrated on (it raised StopIteration, the generator being spent). Reference:
+    the scales that calibrate_activations computes from the same batches as a list."""
+    torch.manual_seed(0)
+    model = tiny_cnn().eval()
+    quantize_(model, INT8)
+    calib = _calib((3, 16, 16))
+    report = D.export(model, tmp_path / "g.onnx", format="onnx", calib=(b for b in calib))
+    assert "minmax calibration on 3 batch(es)" in " ".join(report.notes)
+    sim = calibrate_activations(model, calib)
+    inits = _inits(tmp_path / "g.onnx")
+    scales = {k: v for k, v in inits.items() if k.endswith("_quant.scale")}
+    assert scales and all(float(v) == float(sim.get_submodule(k[: -len(".scale")]).scale) for k, v in scales.items())
+    with pytest.raises(CalibrationError, match="calibration set is empty"):
+        D.export(model, tmp_path / "e.onnx", format="onnx", calib=iter([]))
+
+
+def test_non_finite_input_is_refused_at_run_time(tmp_path):
+    """A NaN or inf pixel is an error naming the input and the sample: ONNX Runtime's QuantizeLinear maps NaN to a
+    code, so the int8 file returned finite, plausible logits for a corrupted image (the simulation gives NaN)."""
+    torch.manual_seed(0)
+    model = tiny_cnn().eval()
+    quantize_(model, INT8)
+    D.export(model, tmp_path / "m.onnx", format="onnx", calib=_calib((3, 16, 16)))
+    clf = OnnxClassifier(tmp_path / "m.onnx")
+    x = torch.randn(3, 3, 16, 16)
+    assert np.isfinite(clf(x)).all()
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[2, 1, 4, 5] = bad
+        with pytest.raises(ValueError, match=r"input 'pixel_values' contains 1 NaN/inf value\(s\) \(sample 2\)"):
+            clf(y)
+        with pytest.raises(ValueError, match="NaN/inf"):
+            clf(y.double().numpy())  # also before the cast to the model's float type

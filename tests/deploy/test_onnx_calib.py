@@ -71,3 +71,26 @@ def test_folder_of_different_sizes_needs_image_size(tmp_path):
     assert b.shape == (2, 1, 4, 4) and float(b[0].max()) == 0.0 and float(b[1].min()) == pytest.approx(1.0)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_calibration_batches(tmp_path / "missing.npy")
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int16, np.int8, np.uint32])
+def test_integer_pixels_without_a_fixed_range_are_refused(tmp_path, dtype):
+    """Only uint8 and uint16 pixels have a fixed [0, 1] scaling (255 / 65535). Other integer types (int64 from
+    ``np.array`` of Python ints, int32 from Pillow's mode-I TIFFs, int16 CT numbers) were divided by their type's
+    maximum: 8-bit pixels in int64 became values below 3e-17 and calibrated near-zero activation scales."""
+    x = np.random.default_rng(0).integers(0, 128, (4, 3, 6, 6)).astype(dtype)
+    np.save(tmp_path / "a.npy", x)
+    with pytest.raises(CalibrationError, match=rf"sample 0 has integer type {np.dtype(dtype).name}.*uint8 or uint16"):
+        load_calibration_batches(tmp_path / "a.npy")
+    np.save(tmp_path / "u8.npy", x.astype(np.uint8))  # the same pixels as uint8: scaled by 255
+    (b,) = load_calibration_batches(tmp_path / "u8.npy")
+    np.testing.assert_allclose(b.numpy(), x.astype(np.float32) / 255, rtol=1e-6)
+
+
+def test_signed_tiff_folder_is_refused(tmp_path):
+    """A folder of 32-bit integer TIFFs (Pillow mode I, read as int32): refused, naming the image."""
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8), 1000, np.int32)).save(tmp_path / "ct.tif")
+    with pytest.raises(CalibrationError, match=r"image 0 has integer type int32"):
+        load_calibration_batches(tmp_path)
