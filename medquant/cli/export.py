@@ -139,7 +139,8 @@ def onnx_options(args) -> tuple[dict, list[str]]:
                 if not (notes and "floating point" in str(e)):
                     raise
                 batches = load_calibration_batches(args.calib, **common)  # preprocessed floats: no normalization
-                notes.pop()
+                notes[-1] = ("calibration samples are floating point, taken as preprocessed: SRC's "
+                             "preprocessor_config.json normalization not applied")
         except (CalibrationError, OSError, ValueError) as e:
             raise SystemExit(f"--calib {args.calib}: {e}") from None
         if shape is not None and tuple(batches[0].shape[1:]) != tuple(shape[1:]):

@@ -469,10 +469,11 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
     holding samples stacked as ``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, H, W)``; or a folder of images / DICOM
     files (``index.csv`` honoured, see :func:`medquant.data.load_images`). Integer data are pixels, uint8 or
     uint16 (other integer types have no fixed white level and are refused): scaled to ``[0, 1]`` by the type's
-    maximum (``x / 255``, ``x / 65535``), then normalized ``(x - mean) / std`` per channel when ``mean`` / ``std``
-    are given; a gray image is repeated to 3 channels and an RGB one averaged to 1
-    when ``channels`` asks for it. Floating data are taken as already preprocessed (no scaling, normalization or
-    channel conversion). Samples are resized (bilinear, antialiased) to ``image_size``.
+    maximum (``x / 255``, ``x / 65535``). Every image of a folder is a pixel image too (DICOM files arrive in
+    ``[0, 1]`` already; each image is scaled by its own type, so a folder may mix them). Pixels are normalized
+    ``(x - mean) / std`` per channel when ``mean`` / ``std`` are given; a gray image is repeated to 3 channels and
+    an RGB one averaged to 1 when ``channels`` asks for it. Floating arrays of a file are taken as already
+    preprocessed (no scaling, normalization or channel conversion). Samples are resized (bilinear, antialiased) to ``image_size``.
 
     Args:
         path: the file or folder.
@@ -481,8 +482,8 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
         image_size: the model's input size, ``S`` or ``(H, W)``; required when the samples differ in size.
         channels: the model's input channels (None: as the data have them).
         key: the array of an ``.npz`` / ``.safetensors`` file holding several.
-        mean: per-channel (or one) means for integer pixel data.
-        std: per-channel (or one) standard deviations for integer pixel data.
+        mean: per-channel (or one) means for pixel data (integer arrays, image / DICOM folders).
+        std: per-channel (or one) standard deviations for pixel data.
 
     Returns:
         A list of float32 tensors ``(B, C, H, W)``.
@@ -511,16 +512,19 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
         samples = [_chw(a, f"{path} image {i}", False) for i, a in enumerate(raw[:limit] if limit else raw)]
     if not samples:
         raise CalibrationError(f"{path}: no calibration samples (an empty array or a folder without images)")
+    # pixels: integer data, and every image of a folder (its DICOM files arrive as floats already in [0, 1]);
+    # floating arrays of a file are taken as preprocessed model inputs
     integer = np.issubdtype(samples[0].dtype, np.integer) or samples[0].dtype == np.bool_
+    pixels = integer or not stacked
     for i, s in enumerate(samples):  # x / 2^31-1 of 8-bit pixels held in int32 / int64 is ~1e-7 / ~3e-17
         if np.issubdtype(s.dtype, np.integer) and s.dtype not in PIXEL_TYPES:
             raise CalibrationError(
                 f"{path}: {'sample' if stacked else 'image'} {i} has integer type {s.dtype.name}: only uint8 or "
                 f"uint16 pixels have a fixed scaling to [0, 1] (by 255 / 65535); convert the pixels to uint8 / "
                 f"uint16 (CT numbers windowed first), or give float samples preprocessed as the model's inputs")
-    if not integer and (mean is not None or std is not None):
+    if not pixels and (mean is not None or std is not None):
         raise CalibrationError(f"{path}: the samples are floating point (taken as preprocessed); mean / std "
-                               "apply to integer pixel data only")
+                               "apply to pixel data only (integer arrays, image / DICOM folders)")
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size) if image_size else None
     if size is None and len({s.shape[1:] for s in samples}) > 1:
         shapes = sorted({s.shape[1:] for s in samples})[:3]
@@ -529,20 +533,19 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
     out = []
     for i, s in enumerate(samples):
         x = torch.from_numpy(np.ascontiguousarray(s)).to(torch.float32)
-        if integer:
-            top = float(np.iinfo(s.dtype).max) if s.dtype != np.bool_ else 1.0
-            x = x / top
+        if s.dtype == np.bool_ or np.issubdtype(s.dtype, np.integer):  # each image by its own type (a folder
+            x = x / (float(np.iinfo(s.dtype).max) if s.dtype != np.bool_ else 1.0)  # may mix PNG and DICOM)
         if not torch.isfinite(x).all():
             raise CalibrationError(f"{path}: sample {i} contains {int((~torch.isfinite(x)).sum())} NaN/inf values")
         if channels is not None and x.shape[0] != channels:
-            if integer and x.shape[0] == 1:
+            if pixels and x.shape[0] == 1:
                 x = x.expand(channels, -1, -1)
-            elif integer and channels == 1 and x.shape[0] in (3, 4):
+            elif pixels and channels == 1 and x.shape[0] in (3, 4):
                 x = x[:3].mean(0, keepdim=True)
             else:
                 raise CalibrationError(
                     f"{path}: sample {i} has {x.shape[0]} channel(s), the model takes {channels}"
-                    + ("" if integer else " (floating samples are taken as preprocessed: channels are not converted)"))
+                    + ("" if pixels else " (floating samples are taken as preprocessed: channels are not converted)"))
         if size is not None and tuple(x.shape[1:]) != size:
             x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
         out.append(x)
@@ -555,9 +558,9 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
     if std is not None and any(float(t) == 0.0 for t in std):
         raise CalibrationError("std must not contain 0")
     x = torch.stack(out)
-    if integer and mean is not None:
+    if pixels and mean is not None:
         x = x - torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    if integer and std is not None:
+    if pixels and std is not None:
         x = x / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return list(x.split(batch_size))
 

@@ -183,3 +183,18 @@ def test_bad_calibration_data_name_calib_and_the_sample(saved, tmp_path, capsys)
     # --calib-key picks one array of several
     assert main(["export", str(root / "int8"), str(tmp_path / "k.onnx"), "--format", "onnx", "--calib",
                  str(tmp_path / "two.npz"), "--calib-key", "b"]) == 0
+
+
+def test_float_samples_with_a_preprocessor_config_are_used_as_given_and_said_so(saved, tmp_path, capsys):
+    """SRC's preprocessor_config.json normalization applies to pixels; float samples are preprocessed inputs, used
+    as given, and the report says the normalization was not applied (the note was dropped without a word)."""
+    root, model, calib = saved
+    mq.save(model, tmp_path / "src")
+    (tmp_path / "src" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
+                                                                          "image_std": [0.25] * 3}))
+    out = tmp_path / "vit.onnx"
+    assert main(["export", str(tmp_path / "src"), str(out), "--format", "onnx", "--calib", str(root / "calib.npy"),
+                 "--calib-batch-size", "4", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any("taken as preprocessed" in n and "not applied" in n for n in notes), notes
+    _assert_file_has_the_simulations_scales(out, calibrate_activations(model, list(calib.split(4))))

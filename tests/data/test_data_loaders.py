@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medquant import data as mdata
+from tests.data._dicom import write_dicom as _write_dicom
 
 DATA = Path(os.environ.get("MEDQUANT_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
@@ -73,34 +74,6 @@ def test_image_folder_without_index(tmp_path):
     assert imgs[2][0, 0] == 80
     images, names = mdata.load_images(tmp_path)
     assert len(images) == 3 and names[0] == "sub/0.png"
-
-
-def _write_dicom(path, arr, bits, photometric="MONOCHROME2", slope=None, intercept=None, signed=False):
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    if slope is not None:
-        ds.RescaleSlope = slope
-        ds.RescaleIntercept = intercept
-    ds.PixelData = arr.astype(np.int16 if signed else np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    assert pydicom.dcmread(str(path)).pixel_array.shape == arr.shape
-    return path
 
 
 def test_dicom_12bit_monochrome1_rescale(tmp_path):

@@ -94,3 +94,30 @@ def test_signed_tiff_folder_is_refused(tmp_path):
     Image.fromarray(np.full((8, 8), 1000, np.int32)).save(tmp_path / "ct.tif")
     with pytest.raises(CalibrationError, match=r"image 0 has integer type int32"):
         load_calibration_batches(tmp_path)
+
+
+def test_a_dicom_folder_is_pixels_normalized_with_mean_and_std(tmp_path):
+    """DICOM images arrive as floats in [0, 1] (medquant.data.dicom_to_array): in a folder they are pixels, so
+    mean / std apply to them as to PNG pixels (they were refused as 'preprocessed floats', and the command line then
+    calibrated on unnormalized pixels); a folder mixing DICOM and 8-bit PNG scales each image by its own type."""
+    from PIL import Image
+
+    from medquant.data import dicom_to_array, read_dicom
+    from tests.data._dicom import write_dicom
+
+    rng = np.random.default_rng(4)
+    raw = rng.integers(0, 4096, (2, 6, 6))
+    folder = tmp_path / "dcm"
+    folder.mkdir()
+    for i, a in enumerate(raw):
+        write_dicom(folder / f"{i}.dcm", a, bits=12)
+    png = rng.integers(0, 256, (6, 6), dtype=np.uint8)
+    Image.fromarray(png).save(folder / "2.png")
+    (b,) = load_calibration_batches(folder, mean=[0.25], std=[0.5])
+    dcm = [dicom_to_array(read_dicom(folder / f"{i}.dcm"))[0] for i in range(2)]  # the loader's own [0, 1] pixels
+    want = np.stack([*dcm, png / 255.0])[:, None].astype(np.float32)
+    np.testing.assert_allclose(b.numpy(), (want - np.float32(0.25)) / np.float32(0.5), rtol=1e-6, atol=1e-6)
+    # stacked float arrays stay "preprocessed": mean / std are still refused there
+    np.save(tmp_path / "f.npy", want)
+    with pytest.raises(CalibrationError, match="preprocessed"):
+        load_calibration_batches(tmp_path / "f.npy", mean=[0.25], std=[0.5])
