@@ -30,8 +30,10 @@ Precedence, for each quantizable module: (1) a pattern equal to its full name; (
 insertion order, that matches it (a container name above it, a ``re:`` pattern or a role: these rank by order
 alone); (3) otherwise ``"_default"``; (4) otherwise it stays in floating point. The chosen value ``None`` (or a
 config with 16/32 bits) leaves the module in floating point; an ``int`` is shorthand for ``QuantConfig(bits=int)``.
-``skip`` wins over everything; a skip pattern matching any name of a module bound under several names (a shared
-module) keeps it in floating point under all of them. A pattern that matches no module raises ``ValueError``
+``skip`` wins over everything. A module bound under several names (a shared module, e.g. the blocks of
+``nn.ModuleList([block] * n)``) is matched by each of its names: a skip pattern matching any of them keeps it in
+floating point under all of them, a config pattern matching any of them gives it that config (two of its exact
+names mapped to different configs raise ``ValueError``), and it stays one module. A pattern that matches no module raises ``ValueError``
 naming the pattern (a skip list that silently misses is worse than an error), and so does a pattern with a config
 that matches modules of which none is quantizable. A single config (not a mapping) is the map
 ``{"_default": config}``.
@@ -60,7 +62,7 @@ from torch import nn
 from ..kernels.layout import FORMAT_VERSION
 from .config import QuantConfig
 from .experts import QuantExperts, is_experts_module, moe_routers, unsupported_experts
-from .modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from .modules import QUANT_MODULES, QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
 
 ROLE_PREFIX = "@"
 REGEX_PREFIX = "re:"
@@ -526,7 +528,8 @@ class ConfigMap(Mapping):
             ``{module name: QuantConfig}``; modules that stay in floating point are absent.
 
         Raises:
-            ValueError: a pattern that matches nothing, an invalid regular expression or an unknown role.
+            ValueError: a pattern that matches nothing, an invalid regular expression, an unknown role, or two
+                names of one shared module mapped to different configs.
         """
         return _resolve(model, self)
 
@@ -667,20 +670,24 @@ def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
 
 def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module] | None = None
              ) -> dict[str, QuantConfig]:
-    all_names = [n for n, _ in model.named_modules() if n]
     if targets is None:
         targets = quantizable_modules(model, QuantConfig)
-    # a skip pattern naming any name of a shared module leaves it, one object under all its names, in floating point
+    # a pattern naming any name of a shared module (listed once, under its first name) covers it, one object under
+    # all its names: a skip pattern leaves it in floating point, a config pattern chooses its config
     aliases = _names_by_module(model)
     every_name = [n for names in aliases.values() for n in names if n]
+
+    def names_of(name: str) -> list[str]:
+        return aliases.get(id(targets[name]), [name])
+
     # a role pattern only leaving modules out (in skip, or mapped to None / a float config) that the model lacks
     # is noted, not an error; a role to quantize that the model lacks raises
     skip_patterns = [_Pattern(p, model, every_name, optional_role=True) for p in cmap.skip]
-    entries = [(_Pattern(p, model, all_names, optional_role=cfg is None or getattr(cfg, "is_float", False)), cfg)
+    entries = [(_Pattern(p, model, every_name, optional_role=cfg is None or getattr(cfg, "is_float", False)), cfg)
                for p, cfg in cmap.items() if p != DEFAULT_KEY]
     for pat, cfg in entries:
-        if cfg is not None and pat.kind != "none" and not any(pat.matches(n) and _takes(cfg, m)
-                                                               for n, m in targets.items()):
+        if cfg is not None and pat.kind != "none" and not any(
+                _takes(cfg, m) and any(pat.matches(a) for a in names_of(n)) for n, m in targets.items()):
             raise ValueError(
                 f"pattern {pat.text!r} matches modules but none of them is an nn.Linear or nn.Conv2d to quantize"
                 + ("" if isinstance(cfg, QuantConfig) else f" with {type(cfg).__name__}")
@@ -689,11 +696,16 @@ def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module]
     plan: dict[str, QuantConfig] = {}
     untaken: list[str] = []
     for name in targets:
-        exact = [e for e in entries if e[0].kind == "exact" and e[0].text == name]
-        chosen = exact[0] if exact else next((e for e in entries if e[0].matches(name)), None)
+        names = names_of(name)
+        exact = [e for e in entries if e[0].kind == "exact" and e[0].text in names]
+        if any(e[1] != exact[0][1] for e in exact[1:]):
+            raise ValueError(f"{name!r} is one module bound under several names ({', '.join(map(repr, names))}) and "
+                             f"the map gives it different configs under {', '.join(repr(e[0].text) for e in exact)}: "
+                             "name it once")
+        chosen = exact[0] if exact else next((e for e in entries if any(e[0].matches(a) for a in names)), None)
         cfg = chosen[1] if chosen is not None else (cmap.default if has_default else None)
         if cfg is None or getattr(cfg, "is_float", False) or any(
-                p.matches(alias) for p in skip_patterns for alias in aliases.get(id(targets[name]), [name])):
+                p.matches(alias) for p in skip_patterns for alias in names):
             continue
         if _takes(cfg, targets[name]):
             plan[name] = cfg
@@ -728,7 +740,8 @@ def resolve_configs(
         ``{module name: QuantConfig}`` in ``named_modules`` order.
 
     Raises:
-        ValueError: a pattern that matches nothing, an invalid regular expression or an unknown role.
+        ValueError: a pattern that matches nothing, an invalid regular expression, an unknown role, or two names
+            of one shared module mapped to different configs.
     """
     plan = as_config_map(config_or_map, skip=skip).resolve(model)
     experts = [n for n in plan if is_experts_module(model.get_submodule(n))]
@@ -789,7 +802,8 @@ def quantize_(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or a config of the wrong type.
         ValueError: already quantized layers are covered and ``requantize`` is False, a pattern matches nothing,
-            or a layer cannot be quantized (the message names it); the model is then left unchanged.
+            two names of one shared module are mapped to different configs, or a layer cannot be quantized (the
+            message names it); the model is then left unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -867,8 +881,13 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear / QuantConv2d by the float layer it computes with (in place).
 
-    Quantized MoE experts become the float experts module of their original class again. The float weights
-    are the dequantized ones (``(u - z) * s``), so the model computes what the quantized one did.
+    The float weights are the dequantized ones, ``w^ = (u - z) * s`` per scale group (symmetric rows
+    ``z = 2^(b-1)``; 1-bit symmetric ``(2u - 1) * s``), so the model computes what the quantized one did; biases
+    are kept. Quantized MoE experts become the float experts module of their original class again, and quantized
+    embedding tables (:func:`~medquant.quant.embeddings.quantize_embeddings_`) ``nn.Embedding`` tables holding
+    ``e[i, j] = (u[i, j] - z) * s``; a head that shared a table's packed tensors becomes an ``nn.Linear`` whose
+    ``weight`` *is* that table's (tied again, one tensor). A layer bound under several names becomes one float
+    module bound under all of them, and every float module keeps its quantized layer's train / eval mode.
 
     Args:
         model: the model, changed in place.
@@ -876,9 +895,24 @@ def dequantize_(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` itself.
     """
+    aliases = _names_by_module(model)  # every name of every module, taken before anything is swapped
+
+    def swap_everywhere(name: str, old: nn.Module, new: nn.Module) -> None:
+        new.train(old.training)
+        for alias in aliases.get(id(old), [name]):  # a shared module stays one module
+            swap_module(model, alias, new)
+
     for name, experts in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantExperts)]:
-        swap_module(model, name, experts.to_float())
+        swap_everywhere(name, experts, experts.to_float())
+    ties = tied_heads(model)  # {head name: embedding name}, read while the packed tensors are still shared
+    tables: dict[str, nn.Embedding] = {}
+    for name, emb in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]:
+        tables[name] = emb.to_float()
+        swap_everywhere(name, emb, tables[name])
     for name, m in list(quantized_modules(model).items()):
         assert isinstance(m, QUANT_MODULES)
-        swap_module(model, name, m.to_float())
+        layer = m.to_float()
+        if name in ties:
+            layer.weight = tables[ties[name]].weight  # the head and its table: one float tensor again
+        swap_everywhere(name, m, layer)
     return model

@@ -117,7 +117,7 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
         heads = [(n, m) for n, m in model.named_modules()
                  if isinstance(m, nn.Linear) and float_weight is not None and m.weight is float_weight]
         if isinstance(old, nn.Embedding):
-            emb = QuantEmbedding.from_float(old, config)
+            emb = QuantEmbedding.from_float(old, config).train(old.training)  # the mode quantize_ keeps too
             swap_module(model, name, emb)
             done["embeddings"].append(name)
         else:
@@ -130,7 +130,7 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
             q = QuantLinear(head.in_features, head.out_features, False, emb.config, device=head.weight.device,
                             dtype=head.weight.dtype, layout=emb.layout_version)
             tie_quantized_head(q, emb)
-            swap_module(model, hname, q)
+            swap_module(model, hname, q.train(head.training))
             done["tied_heads"].append(hname)
         out_get = getattr(model, "get_output_embeddings", None)
         head = out_get() if callable(out_get) else None

@@ -2,8 +2,11 @@
 
 * ``stored bytes`` counts every tensor a saved model holds (packed codes, scales, zero points, bit maps,
   float rows, biases, norms, embeddings; tied tensors once, also a head sharing a quantized embedding's packed
-  tensors; 3/5/6/7-bit codes at their dense size, format version 2) plus the JSON metadata recording each quantized
-  module's recipe (:func:`medquant.quant.recipe.model_recipe`).
+  tensors; 3/5/6/7-bit codes at their dense size, format version 2, also in a layer that still holds them in 4/8-bit
+  containers, layout 1, which :func:`medquant.save` re-packs densely before writing) plus the JSON metadata recording
+  each quantized module's recipe (:func:`medquant.quant.recipe.model_recipe`). A dense 3/5/6/7-bit row group of ``n``
+  rows takes ``n * K_pad * b / 32`` int32 words, ``K_pad`` the next multiple of ``lcm(group_size, 32)`` (group
+  scope) or of 32, and ``n * K_pad / group_size`` scales (and zero points) for group scope.
 * ``effective bits`` is the parameter-weighted mean of the nominal bit-widths of the Linear/Conv2d weights:
   quantized rows count their bits (pruned rows 0), float layers their dtype's width. The 3-D weights of float
   mixture-of-experts modules (``E`` stacked expert matrices, :mod:`medquant.quant.experts`) count as ``E`` float
@@ -17,8 +20,9 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from ..kernels.layout import DENSE_BITS, FORMAT_VERSION
 from .experts import experts_layout
-from .modules import QUANT_LAYERS, QUANT_MODULES
+from .modules import QUANT_LAYERS, QUANT_MODULES, QuantLinear
 from .recipe import model_recipe
 
 
@@ -71,14 +75,15 @@ def model_size(model: nn.Module) -> SizeReport:
     Returns:
         The :class:`SizeReport`.
     """
+    saved = _saved_sizes(model)
     seen: set[tuple[int, int]] = set()
     tensor_bytes = 0
-    for t in model.state_dict().values():
+    for t in model.state_dict(keep_vars=True).values():
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
         if key in seen:
             continue
         seen.add(key)
-        tensor_bytes += t.numel() * t.element_size()
+        tensor_bytes += saved.get(id(t), t.numel() * t.element_size())
     meta = model_recipe(model)
     meta_bytes = len(json.dumps(meta).encode()) if meta else 0
     lw_bytes = 0
@@ -90,7 +95,7 @@ def model_size(model: nn.Module) -> SizeReport:
             params += n
             bit_sum += float(m.row_bits().float().sum()) * m.k
             bias_bytes = m.bias.numel() * m.bias.element_size() if m.bias is not None else 0
-            lw_bytes += m.stored_bytes() - bias_bytes
+            lw_bytes += _layer_bytes(m, saved) - bias_bytes
         elif isinstance(m, (nn.Linear, nn.Conv2d)) or experts_layout(m) is not None:
             for w in _linear_weights(m).values():
                 params += w.numel()
@@ -111,7 +116,8 @@ def layer_table(model: nn.Module) -> list[dict]:
 
     The rows: every Linear/Conv2d (quantized or not), every quantized embedding and every stacked weight of a float
     experts module (``<module>.gate_up_proj``: its ``E`` expert matrices as ``[E * out, in]``). A head sharing a
-    quantized embedding's tensors shows the shared bytes on both rows.
+    quantized embedding's tensors shows the shared bytes on both rows. The ``bytes`` of a quantized layer are those
+    :func:`medquant.save` writes for it (3/5/6/7-bit rows at their dense size, see the module docstring).
 
     Args:
         model: the model.
@@ -121,11 +127,12 @@ def layer_table(model: nn.Module) -> list[dict]:
         ``"{2: 12 rows, 4: 52 rows}"`` for mixed rows), ``effective_bits`` and ``bytes``, in ``named_modules`` order.
     """
     rows = []
+    saved = _saved_sizes(model)
     for name, m in model.named_modules():
         if isinstance(m, QUANT_LAYERS):
             rows.append({"name": name, "type": type(m).__name__, "shape": [m.out_rows, m.k],
                          "bits": m._bits_repr().removeprefix("bits="), "effective_bits": m.effective_bits,
-                         "bytes": m.stored_bytes()})
+                         "bytes": _layer_bytes(m, saved)})
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             w = m.weight
             rows.append({"name": name, "type": type(m).__name__, "shape": [w.shape[0], w[0].numel()],
@@ -146,3 +153,28 @@ def _linear_weights(m: nn.Module) -> dict:
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         return {"weight": m.weight}
     return {n: p for n, p in m._parameters.items() if p is not None and p.dim() == 3}
+
+
+def _saved_sizes(model: nn.Module) -> dict[int, int]:
+    """``id(tensor) -> bytes medquant.save writes for it`` for the tensors whose saved size differs from their size
+    in memory: the packed codes, scales and zero points of the 3/5/6/7-bit row groups of quantized layers still in
+    the container layout (layout 1), which the save re-packs densely (format version 2). Their saved shapes are
+    those of the same layer built in the dense layout (the storage of a quantized layer depends only on its rows,
+    ``K``, config and layout), read off an empty ``QuantLinear`` shell on the meta device."""
+    out: dict[int, int] = {}
+    for m in model.modules():
+        if not isinstance(m, QUANT_LAYERS) or m.dense or not any(b in DENSE_BITS for b in m.bit_groups):
+            continue
+        shell = QuantLinear(m.k, m.out_rows, False, m.config.replace(compute_dtype=None), device="meta",
+                            layout=FORMAT_VERSION)
+        for name, t in m._buffers.items():
+            dense = shell._buffers.get(name)
+            if t is not None and dense is not None:
+                out[id(t)] = dense.numel() * t.element_size()
+    return out
+
+
+def _layer_bytes(m: nn.Module, saved: dict[int, int]) -> int:
+    """Bytes of a quantized layer's stored tensors as :func:`medquant.save` writes them (``saved``: see
+    :func:`_saved_sizes`)."""
+    return sum(saved.get(id(t), t.numel() * t.element_size()) for t in m.state_dict(keep_vars=True).values())

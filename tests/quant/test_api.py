@@ -142,6 +142,28 @@ def test_skip_by_the_second_name_of_a_shared_module_keeps_it_float_under_both_na
         quantize_(shared_model(), 4, skip=["aliaz"])
 
 
+def test_config_patterns_name_a_shared_module_by_any_of_its_names():
+    """A config pattern, like a skip pattern, may name a module bound under several names by any of them (weights
+    shared across blocks: ``nn.ModuleList([block] * n)``); two names of one module given different configs are
+    refused rather than one of them silently ignored."""
+    def shared_model():
+        m = _model()
+        m.alias = m.enc.a  # one module under two names; named_modules() yields only "enc.a"
+        m.outer = nn.Sequential(OrderedDict(inner=m.enc))  # a shared container: "outer.inner.a" names it too
+        return m
+
+    assert _bits(resolve_configs(shared_model(), {"alias": 8, "_default": 4})) == {"enc.a": 8, "enc.b": 4, "head": 4}
+    assert _bits(resolve_configs(shared_model(), {"re:outer\\.inner\\.a": 2})) == {"enc.a": 2}
+    assert _bits(resolve_configs(shared_model(), {"outer": 3, "_default": 5})) == {"enc.a": 3, "enc.b": 3, "head": 5}
+    assert _bits(resolve_configs(shared_model(), {"enc.a": 6, "alias": 6})) == {"enc.a": 6}  # the same config
+    m = shared_model()
+    quantize_(m, {"alias": QuantConfig(8, group_size=32)})
+    assert isinstance(m.alias, QuantLinear) and m.alias is m.enc.a and m.alias.config.bits == 8
+    assert not isinstance(m.head, QuantLinear)
+    with pytest.raises(ValueError, match="one module bound under several names"):
+        resolve_configs(shared_model(), {"enc.a": 4, "alias": 8})
+
+
 @dataclass(frozen=True)
 class _HalfConfig:
     scale: float = 0.5

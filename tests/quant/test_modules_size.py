@@ -153,3 +153,39 @@ def test_zero_dim_input_is_refused_with_the_expected_shape():
         q(torch.tensor(1.0))
     x = torch.randn(8)  # 1-D still works, as in nn.Linear
     torch.testing.assert_close(q(x), q.dequantized_weight() @ x + q.bias, rtol=1e-2, atol=1e-2)
+
+
+def test_model_size_counts_version1_layers_at_the_bytes_that_save_writes(tmp_path):
+    """Layers holding 3/5/6/7-bit rows in 4/8-bit containers (layout 1: a version-1 file loaded, or a layer built
+    with ``layout=1``) are re-packed densely by ``medquant.save``: the size report counts the bytes the file holds
+    (read back with safetensors' own reader), not the containers."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    emb = mq.QuantEmbedding.from_float(nn.Embedding(40, 100), mq.QuantConfig(5, group_size=48), layout=1)
+    head = mq.QuantLinear(100, 40, False, mq.QuantConfig(5, group_size=48), layout=1)
+    mq.quant.modules.tie_quantized_head(head, emb)  # one table, stored once
+    net = nn.Sequential()
+    net.add_module("a", mq.QuantLinear.from_float(nn.Linear(100, 8), mq.QuantConfig(3, group_size=48), layout=1))
+    net.add_module("b", mq.QuantLinear.from_float(
+        nn.Linear(100, 8), mq.QuantConfig(6, scope="channel", symmetric=False), layout=1))
+    net.add_module("c", mq.QuantLinear.from_float(
+        nn.Linear(100, 8), mq.QuantConfig(4, group_size=48, channel_bits=(7,) * 4 + (2,) * 4), layout=1))
+    net.add_module("d", mq.QuantConv2d.from_float(nn.Conv2d(4, 6, 3), mq.QuantConfig(3, group_size=16), layout=1))
+    net.add_module("emb", emb)
+    net.add_module("head", head)
+    assert all(not m.stores_dense for m in net)  # containers now
+    rep, table = mq.model_size(net), mq.layer_table(net)
+    path = mq.save(net, tmp_path / "ckpt")  # re-packs densely (format version 2)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        stored = {k: f.get_tensor(k) for k in names}
+    file_bytes = {k: t.numel() * t.element_size() for k, t in stored.items()}
+    assert rep.tensor_bytes == sum(file_bytes.values())
+    per_layer = {r["name"]: r["bytes"] for r in table}
+    for name in ("a", "b", "c", "d", "emb"):
+        assert per_layer[name] == sum(v for k, v in file_bytes.items() if k.startswith(name + ".")), name
+    assert per_layer["head"] == per_layer["emb"]  # the shared bytes on both rows
+    biases = sum(v for k, v in file_bytes.items() if k.endswith(".bias"))
+    linear = sum(v for k, v in file_bytes.items() if not k.startswith("emb."))
+    assert rep.linear_weight_bytes == linear - biases + per_layer["head"]
