@@ -801,7 +801,8 @@ def quantize_(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or a config of the wrong type.
-        ValueError: already quantized layers are covered and ``requantize`` is False, a pattern matches nothing,
+        ValueError: the model is itself one Linear / Conv2d (``QuantLinear.from_float`` quantizes a single layer),
+            already quantized layers are covered and ``requantize`` is False, a pattern matches nothing,
             two names of one shared module are mapped to different configs, or a layer cannot be quantized (the
             message names it); the model is then left unchanged.
     """
@@ -813,6 +814,11 @@ def quantize_(
     targets = dict(sorted({**quantizable_modules(model), **already, **others}.items(), key=lambda kv: order[kv[0]]))
     cmap = as_config_map(config_or_map, skip=skip)
     plan = _resolve(model, cmap, targets)
+    if "" in plan:  # the model is itself one Linear / Conv2d: there is no parent to swap it in
+        kind = "QuantConv2d" if isinstance(model, nn.Conv2d) else "QuantLinear"
+        raise ValueError(f"the model passed to quantize_ is itself the layer ({type(model).__name__}); quantize_ "
+                         "replaces submodules in place, so it needs a model holding the layer: quantize one layer "
+                         f"with {kind}.from_float(layer, config), or wrap it (nn.Sequential(layer))")
     if filter_fn is not None:  # before the checks below: a layer filter_fn leaves out is neither redone nor reported
         plan = {n: c for n, c in plan.items() if filter_fn(model.get_submodule(n), n)}
     routers = [n for n in moe_routers(model) if n not in cmap]  # float by default; an exact name opts in
@@ -863,7 +869,6 @@ def quantize_(
     if built:
         notify_quantized(model)  # also when only MoE experts were quantized
     return model
-
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -284,3 +284,16 @@ def test_config_map_reads_numpy_bit_widths_and_refuses_a_map_that_is_not_one():
     assert ConfigMap({"enc": np.int64(3)}) == {"enc": QuantConfig(3)}
     with pytest.raises(TypeError, match="'map' maps patterns to configs, got list"):
         ConfigMap.from_dict({"map": [["enc", 4]]})
+
+
+def test_a_bare_layer_is_refused_before_any_work_naming_what_to_do():
+    """quantize_ swaps submodules: the model being itself the one layer failed only after quantizing it, with
+    swap_module's "root module cannot be swapped"; now refused first, naming QuantLinear.from_float."""
+    layer = nn.Linear(64, 8)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"is itself the layer.*QuantLinear\.from_float"):
+        quantize_(layer, QuantConfig(4))
+    assert type(layer) is nn.Linear and torch.equal(layer.weight, before)
+    q = QuantLinear.from_float(layer, QuantConfig(4))  # what the message names works
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(q(x), x @ q.dequantized_weight(torch.float32).T + layer.bias)
