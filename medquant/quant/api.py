@@ -191,22 +191,32 @@ def quantize_module(module: nn.Module, config: Any, *, name: str | None = None) 
             raise
         raise type(e)(f"{name}: {e}") from None
     q.train(module.training)
-    _warn_subnormal_scales(q, name)
+    _warn_subnormal_scales(q, name, module)
     return q
 
 
 _FP16_TINY = torch.finfo(torch.float16).tiny  # 2^-14: smaller float16 values are subnormal (fewer bits)
 
 
-def _warn_subnormal_scales(q: nn.Module, name: str | None) -> None:
+def _nonzero_per_scale(w: torch.Tensor, pw, shape: torch.Size) -> torch.Tensor:
+    """Whether each scale's weights (``w``: the row group's ``(rows, k)`` weights) hold a non-zero value, shaped as
+    the scales ``(rows or 1, groups)``."""
+    w = nn.functional.pad(w.float(), (0, pw.k_pad - pw.k))
+    return (w.reshape(shape[0], shape[1], -1) != 0).any(-1)
+
+
+def _warn_subnormal_scales(q: nn.Module, name: str | None, module: nn.Module | None = None) -> None:
     """Warn when float16 scales of a quantized layer fall below the smallest normal float16 (weights around
     1e-5 at 8 bits): such scales keep fewer significant bits; ``scale_dtype="float32"`` or ``"bfloat16"`` keeps
-    them exact. Scale groups reconstructed as all zeros are not counted: an all-zero (pruned) group gets the
-    smallest scale and is exact (as are weights under half the smallest float16 step, which a float16 model
-    holds as zeros too)."""
+    them exact. Scale groups reconstructed as all zeros are not counted when their float weights (``module``'s)
+    were all zero too: an all-zero (pruned) group gets the smallest scale and is exact. A group whose weights were
+    not all zero but come back as all zeros (weights below about half the smallest float16 scale, ~3e-8 times the
+    code range: the weights of that group are lost) is counted and named as such."""
     if not isinstance(q, QUANT_MODULES) or q.config.scale_dtype != "float16":
         return
-    n = 0
+    weight = getattr(module, "weight", None)
+    orig = weight.detach().reshape(weight.shape[0], -1) if isinstance(weight, torch.Tensor) else None
+    n = lost = 0
     for b in q.bit_groups:
         if not 1 <= b <= 8:
             continue
@@ -214,13 +224,19 @@ def _warn_subnormal_scales(q: nn.Module, name: str | None) -> None:
         a = pw.scales.detach().abs()
         sub = (a > 0) & (a < _FP16_TINY)
         if sub.any():
-            w = nn.functional.pad(pw.dequantize(torch.float32), (0, pw.k_pad - pw.k))
-            nonzero = (w.reshape(a.shape[0], a.shape[1], -1) != 0).any(-1)  # per scale: (rows or 1, groups)
+            nonzero = _nonzero_per_scale(pw.dequantize(torch.float32), pw, a.shape)
             n += int((sub & nonzero).sum())
+            if orig is not None and orig.shape == (q.out_rows, q.k):
+                before = _nonzero_per_scale(orig[q.row_bits().to(orig.device) == b], pw, a.shape)
+                lost += int((sub & ~nonzero & before).sum())
     if n:
         warnings.warn(f"{name or type(q).__name__}: {n} float16 scale(s) are subnormal (< {_FP16_TINY:.3g}), so the "
                       "quantized weights lose precision; QuantConfig(scale_dtype='float32') or 'bfloat16' keeps "
                       "them", RuntimeWarning, stacklevel=3)
+    if lost:
+        warnings.warn(f"{name or type(q).__name__}: {lost} scale group(s) of non-zero weights come back as all zeros "
+                      "(their weights are below what a float16 scale can resolve): "
+                      "QuantConfig(scale_dtype='float32') or 'bfloat16' keeps them", RuntimeWarning, stacklevel=3)
 
 
 _CHUNK_ROWS = 4096  # rows quantized at a time in large Linear layers (bounds the float temporaries)

@@ -297,3 +297,28 @@ def test_a_bare_layer_is_refused_before_any_work_naming_what_to_do():
     q = QuantLinear.from_float(layer, QuantConfig(4))  # what the message names works
     x = torch.randn(3, 64)
     torch.testing.assert_close(q(x), x @ q.dequantized_weight(torch.float32).T + layer.bias)
+
+
+def test_groups_of_non_zero_weights_lost_to_zero_are_named():
+    """Weights around 1e-9 (a float32 model holds them) are below what a float16 scale resolves: every group came
+    back as all zeros and, being all zeros, was not even counted as subnormal. Now the lost groups are counted
+    (a group that was zero before is not), and float32 scales keep them."""
+    import warnings
+
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 1e-9
+    w[3] = 0  # a pruned row: exact, not lost
+    lin = nn.Linear(64, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = quantize_module(lin, QuantConfig(4, group_size=32), name="lin")
+    assert torch.equal(q.dequantized_weight(), torch.zeros(4, 64))  # what the warning is about
+    lost = [str(c.message) for c in caught if "come back as all zeros" in str(c.message)]
+    assert lost == [("lin: 6 scale group(s) of non-zero weights come back as all zeros (their weights are below "
+                     "what a float16 scale can resolve): QuantConfig(scale_dtype='float32') or 'bfloat16' keeps them")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = quantize_module(lin, QuantConfig(4, group_size=32, scale_dtype="float32"), name="lin")
+    assert not [c for c in caught if "all zeros" in str(c.message)]
+    assert bool((q.dequantized_weight()[:3] != 0).any(-1).all())
