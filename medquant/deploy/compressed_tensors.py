@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io.atomic import exchange_paths
 from ..quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from .common import (
     UniformWeight,
@@ -294,6 +295,29 @@ def _quantization_config(groups: dict[tuple, list[str]], args: dict[tuple, Any],
                               quantization_status="compressed", ignore=ignore)
 
 
+def _move_into_place(new: Path, path: Path) -> None:
+    """Put the finished folder ``new`` at ``path``; an existing ``path`` (``overwrite=True``) is never lost.
+
+    Where Linux's ``renameat2(RENAME_EXCHANGE)`` works the two folders are swapped in one step and the old one (now
+    at ``new``) is removed; elsewhere the old folder is renamed aside first, the new one renamed in, and the old one
+    put back if that fails. A failure leaves ``path`` as it was (the caller removes ``new``)."""
+    if not os.path.lexists(path):
+        os.replace(new, path)
+        return
+    if exchange_paths(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # the old export, swapped out
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.rmdir(aside)  # a free name beside path, for the old folder
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bool = False,
                               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, scale_dtype: str = "float32",
                               source: str | Path | None = None, verify: bool = True, overwrite: bool = False,
@@ -316,7 +340,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             local folder).
         verify: decompress every packed layer with compressed-tensors' own decompressor and report the largest
             difference from medquant's dequantised weight (raises ``ExportError`` if an exact row differs).
-        overwrite: replace a non-empty ``path``.
+        overwrite: replace a non-empty ``path`` (swapped in whole at the end: a failed export leaves the old
+            folder as it was).
         progress_bar: tqdm bars while packing and writing.
 
     Returns:
@@ -413,9 +438,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             files += _write_shards(ordered, tmp, max_shard, progress_bar)
             files += copy_tokenizer_files(source_folder(model, source), tmp, skip=files)
             publish_mode(tmp)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            _move_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 
 import pytest
@@ -418,3 +419,40 @@ def test_a_failed_export_removes_the_folders_it_created_and_keeps_existing_ones(
             export(model, a_file, format=FMT, overwrite=overwrite)
         assert "overwrite" not in str(e.value)
     assert a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_overwrite_never_loses_the_old_export(llama, tmp_path, monkeypatch, exchange):
+    """overwrite=True deleted the old folder before moving the new one in: a failure of that move lost both. The old
+    export is now swapped out atomically (renameat2 exchange) or renamed aside, and put back if the move fails; with
+    the move working, the folder holds the new export and nothing is left beside it."""
+    import medquant.deploy.compressed_tensors as ct
+
+    model = copy.deepcopy(llama)
+    mq.quantize_(model, mq.QuantConfig(4, group_size=32))
+    out = tmp_path / "out"
+    export(model, out, format=FMT)
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    if not exchange:  # the fallback where renameat2 is missing or refused
+        monkeypatch.setattr(ct, "exchange_paths", lambda a, b: False)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if os.fspath(dst) == os.fspath(out) and ".old" not in os.fspath(src):
+            raise OSError("simulated failure of the move into place")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ct.os, "replace", failing_replace)
+    model2 = copy.deepcopy(llama)
+    mq.quantize_(model2, mq.QuantConfig(8, scope="channel"))
+    if exchange:  # the exchange itself is the move: make it fail instead
+        monkeypatch.setattr(ct, "exchange_paths", lambda a, b: (_ for _ in ()).throw(OSError("simulated")))
+    with pytest.raises(OSError, match="simulated"):
+        export(model2, out, format=FMT, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setattr(ct.os, "replace", real_replace)
+    monkeypatch.undo()
+    export(model2, out, format=FMT, overwrite=True)
+    assert _qconfig(out) != json.loads(old["config.json"])["quantization_config"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
