@@ -818,7 +818,8 @@ def quantize_(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or a config of the wrong type.
         ValueError: the model is itself one Linear / Conv2d (``QuantLinear.from_float`` quantizes a single layer),
-            already quantized layers are covered and ``requantize`` is False, a pattern matches nothing,
+            already quantized layers are covered and ``requantize`` is False (or, with it, a head tied to a
+            quantized embedding would be requantized alone and untied), a pattern matches nothing,
             two names of one shared module are mapped to different configs, or a layer cannot be quantized (the
             message names it); the model is then left unchanged.
     """
@@ -854,6 +855,12 @@ def quantize_(
         raise ValueError(f"{len(redo)} layer(s) the config covers are already quantized ({', '.join(redo[:3])}"
                          f"{', ...' if len(redo) > 3 else ''}): pass requantize=True to quantize them again from "
                          "their dequantized weights, or skip them")
+    tied = {h: e for h, e in tied_heads(model).items() if h in redo}
+    if tied:
+        head, emb = next(iter(tied.items()))
+        raise ValueError(f"{head} shares its packed tensors with the quantized embedding {emb} (a tied head); "
+                         "requantizing it alone would untie them (two copies, while the config says tied): skip "
+                         f"it (skip=[{head!r}]), or dequantize_ the model first and quantize it again")
     if redo:
         warnings.warn(f"requantizing {len(redo)} already quantized layer(s) from their dequantized weights "
                       f"({', '.join(redo[:3])}{', ...' if len(redo) > 3 else ''})", UserWarning, stacklevel=2)

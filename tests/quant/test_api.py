@@ -322,3 +322,30 @@ def test_groups_of_non_zero_weights_lost_to_zero_are_named():
         q = quantize_module(lin, QuantConfig(4, group_size=32, scale_dtype="float32"), name="lin")
     assert not [c for c in caught if "all zeros" in str(c.message)]
     assert bool((q.dequantized_weight()[:3] != 0).any(-1).all())
+
+
+def test_requantizing_a_head_tied_to_a_quantized_embedding_is_refused():
+    """requantize=True rebuilt lm_head on its own, silently untying it from the quantized embedding whose packed
+    tensors it shared (two copies, different bits, while the config still says tied): refused, naming the pair and
+    what works (skip the head, or dequantize_ first)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.quant import dequantize_
+    from medquant.quant.embeddings import quantize_embeddings_
+    from medquant.quant.modules import tied_heads
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg).eval()
+    quantize_embeddings_(m, QuantConfig(8, scope="channel"))
+    assert tied_heads(m) == {"lm_head": "model.embed_tokens"}
+    with pytest.raises(ValueError, match=r"lm_head.*model\.embed_tokens.*skip.*dequantize_"):
+        quantize_(m, QuantConfig(4, group_size=32), requantize=True)
+    assert tied_heads(m) == {"lm_head": "model.embed_tokens"}  # unchanged
+    quantize_(m, QuantConfig(4, group_size=32), skip=["lm_head"])  # the other layers: fine
+    assert tied_heads(m) == {"lm_head": "model.embed_tokens"}
+    dequantize_(m)
+    quantize_(m, QuantConfig(4, group_size=32))  # from float: one quantized head again
+    ids = torch.tensor([[1, 2, 3]])
+    assert m(ids).logits.shape == (1, 3, 128)
