@@ -354,6 +354,19 @@ def _tied_heads_stored_once(model: nn.Module) -> Iterator[None]:
             head._non_persistent_buffers_set.discard(b)
 
 
+def _check_json_keys(value: Any, where: str) -> None:
+    """Refuse dict keys that JSON would turn into strings (``{0: x}`` comes back as ``{"0": x}``), naming where."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has the key {k!r} ({type(k).__name__}): extras are stored as JSON, whose "
+                                f"keys are strings, so it would come back as {json.dumps(str(k))}; use string keys")
+            _check_json_keys(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_json_keys(v, f"{where}[{i}]")
+
+
 def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (quantized or not) to the folder ``directory`` (see :mod:`medquant.io`).
 
@@ -366,14 +379,16 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
             ``quantization_config`` when it holds quantized layers, so that ``from_pretrained`` rebuilds them) and,
             when it generates, its ``generation_config.json``.
         directory: the checkpoint folder.
-        extras: JSON-serialisable data stored beside the model (it comes back from :func:`load_extras`).
+        extras: JSON-serialisable data stored beside the model (it comes back from :func:`load_extras`; dict
+            keys must be strings, which JSON keeps; tuples come back as lists).
 
     Returns:
         The folder path.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, it holds bitsandbytes layers (NF4 / 8-bit: see
-            :class:`medquant.qlora.QLoRAAdapter` for saving those), or ``extras`` is not a JSON-serialisable dict.
+            :class:`medquant.qlora.QLoRAAdapter` for saving those), or ``extras`` is not a JSON-serialisable dict
+            with string keys.
         ValueError: ``directory`` is refused by :func:`checkpoint_path`, or tensors of the model are on the meta
             device.
     """
@@ -395,6 +410,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
         raise ValueError(f"{len(on_meta)} tensor(s) of the model are on the meta device (not loaded), e.g. "
                          f"{on_meta[0]}: load or materialise them before saving")
     kind = "hf" if _is_hf(model) else "torch"
+    _check_json_keys(extras or {}, "extras")
     try:
         extras_text = json.dumps(extras or {})
     except (TypeError, ValueError) as e:

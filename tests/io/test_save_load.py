@@ -339,3 +339,17 @@ def test_a_transformers_folder_given_to_load_says_how_to_load_it(tmp_path):
     with pytest.raises(CheckpointError, match="medquant.json is missing") as e:
         mq.load(tmp_path / "empty")
     assert "from_pretrained" not in str(e.value)
+
+
+def test_extras_with_keys_json_would_turn_into_strings_are_refused(tmp_path):
+    """extras go through JSON, whose keys are strings: {0: "a"} came back as {"0": "a"} (a lookup by 0 then fails).
+    Refused before anything is written, naming where; string keys, lists and nested dicts come back equal."""
+    model = tiny_cnn()
+    with pytest.raises(TypeError, match=r"extras\['groups'\] has the key 0 \(int\)"):
+        mq.save(model, tmp_path / "a", extras={"groups": {0: "female", 1: "male"}})
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(TypeError, match=r"extras\['x'\]\[1\] has the key None"):
+        mq.save(model, tmp_path / "a", extras={"x": [1, {None: 2}]})
+    good = {"groups": {"0": "female"}, "bits": [2, 4], "nested": {"a": {"b": None}}}
+    mq.save(model, tmp_path / "b", extras=good)
+    assert mq.load_extras(tmp_path / "b") == good
