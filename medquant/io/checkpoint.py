@@ -740,52 +740,63 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
     if meta.model.kind == "hf":
         _restore_generation_config(model, opened)
     expand_recorded_experts(model, meta.modules)  # MoE experts: their per-expert layers become modules
-    aliases = _aliases(model, meta, opened.header)
-    for name, spec in meta.modules.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(
-                f"the saved model has a quantized module {name!r} that {type(model).__name__} does not have"
-            ) from None
-        if not _fits(old, spec):
-            raise CheckpointError(f"{META_NAME}: module {name!r} records a {spec.type}, which does not fit the "
-                                  f"model's {type(old).__name__} at that name")
-        try:
-            shell = layer_from_recipe(spec.raw)
-        except RecipeError as e:
-            raise CheckpointError(f"module {name!r} in {META_NAME} has an invalid recipe: {e}") from None
-        device_of = next(iter(old.parameters()), None)
-        shell = shell.to(device_of.device) if device_of is not None else shell
-        swap_module(model, name, shell)
-        for alias in aliases.get(name, ()):  # a layer saved under several names: one module again
+    swapped: list[tuple[str, nn.Module]] = []  # (name, the module it replaced): undone if a check below fails
+
+    def swap(name: str, new: nn.Module) -> None:
+        swapped.append((name, model.get_submodule(name)))
+        swap_module(model, name, new)
+
+    try:
+        aliases = _aliases(model, meta, opened.header)
+        for name, spec in meta.modules.items():
             try:
-                at_alias = model.get_submodule(alias)
+                old = model.get_submodule(name)
             except AttributeError:
-                raise CheckpointError(f"{META_NAME}: the quantized module {name!r} is shared under the name "
-                                      f"{alias!r}, which {type(model).__name__} does not have") from None
-            if at_alias is not shell and not _fits(at_alias, spec):
-                raise CheckpointError(f"{META_NAME}: module {alias!r} shares the {spec.type} {name!r}, which does "
-                                      f"not fit the model's {type(at_alias).__name__} at that name")
-            swap_module(model, alias, shell)
-    for name, spec in meta.modules.items():  # tied heads share their embedding's tensors before they are read
-        if spec.tied_to:
-            emb = model.get_submodule(spec.tied_to) if spec.tied_to in meta.modules else None
-            if not isinstance(emb, QuantEmbedding):
-                raise CheckpointError(f"{META_NAME}: module {name!r} is tied to {spec.tied_to!r}, which is not a "
-                                      "quantized embedding of this checkpoint")
+                raise CheckpointError(
+                    f"the saved model has a quantized module {name!r} that {type(model).__name__} does not have"
+                ) from None
+            if not _fits(old, spec):
+                raise CheckpointError(f"{META_NAME}: module {name!r} records a {spec.type}, which does not fit the "
+                                      f"model's {type(old).__name__} at that name")
             try:
-                tie_quantized_head(model.get_submodule(name), emb)  # type: ignore[arg-type]
-            except (TypeError, ValueError) as e:
-                raise CheckpointError(f"{META_NAME}: module {name!r} cannot share {spec.tied_to!r}'s tensors: {e}"
-                                      ) from None
-    state = model.state_dict()
-    for key, info in opened.header.items():  # float tensors: shapes checked before anything is read
-        t = state.get(key)
-        if t is not None and tuple(t.shape) != info.shape:
-            raise CheckpointError(f"{meta.weights.file} holds {key} with shape {list(info.shape)}; "
-                                  f"{type(model).__name__} has {list(t.shape)} there")
-    _check_kinds(model, state, opened.header, meta.weights.file)
+                shell = layer_from_recipe(spec.raw)
+            except RecipeError as e:
+                raise CheckpointError(f"module {name!r} in {META_NAME} has an invalid recipe: {e}") from None
+            device_of = next(iter(old.parameters()), None)
+            shell = shell.to(device_of.device) if device_of is not None else shell
+            swap(name, shell)
+            for alias in aliases.get(name, ()):  # a layer saved under several names: one module again
+                try:
+                    at_alias = model.get_submodule(alias)
+                except AttributeError:
+                    raise CheckpointError(f"{META_NAME}: the quantized module {name!r} is shared under the name "
+                                          f"{alias!r}, which {type(model).__name__} does not have") from None
+                if at_alias is not shell and not _fits(at_alias, spec):
+                    raise CheckpointError(f"{META_NAME}: module {alias!r} shares the {spec.type} {name!r}, which "
+                                          f"does not fit the model's {type(at_alias).__name__} at that name")
+                swap(alias, shell)
+        for name, spec in meta.modules.items():  # tied heads share their embedding's tensors before they are read
+            if spec.tied_to:
+                emb = model.get_submodule(spec.tied_to) if spec.tied_to in meta.modules else None
+                if not isinstance(emb, QuantEmbedding):
+                    raise CheckpointError(f"{META_NAME}: module {name!r} is tied to {spec.tied_to!r}, which is not "
+                                          "a quantized embedding of this checkpoint")
+                try:
+                    tie_quantized_head(model.get_submodule(name), emb)  # type: ignore[arg-type]
+                except (TypeError, ValueError) as e:
+                    raise CheckpointError(f"{META_NAME}: module {name!r} cannot share {spec.tied_to!r}'s tensors: "
+                                          f"{e}") from None
+        state = model.state_dict()
+        for key, info in opened.header.items():  # float tensors: shapes checked before anything is read
+            t = state.get(key)
+            if t is not None and tuple(t.shape) != info.shape:
+                raise CheckpointError(f"{meta.weights.file} holds {key} with shape {list(info.shape)}; "
+                                      f"{type(model).__name__} has {list(t.shape)} there")
+        _check_kinds(model, state, opened.header, meta.weights.file)
+    except BaseException:
+        for name, old in reversed(swapped):  # a refused load leaves a passed model as it was given
+            swap_module(model, name, old)
+        raise
     _restore_dtypes(model, opened.header)
     _restore_buffer_dtypes(model, meta.buffer_dtypes)
     try:
@@ -814,7 +825,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
 
     Args:
         directory: the checkpoint folder.
-        model: for plain ``nn.Module`` checkpoints, a float instance of the saved architecture (changed in place).
+        model: for plain ``nn.Module`` checkpoints, a float instance of the saved architecture (changed in place;
+            a load refused by the checks made before any tensor is read leaves it as it was given).
         device: where the tensors are loaded.
         strict: every tensor of the model must be in the file and every tensor of the file in the model.
 

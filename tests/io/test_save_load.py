@@ -353,3 +353,22 @@ def test_extras_with_keys_json_would_turn_into_strings_are_refused(tmp_path):
     good = {"groups": {"0": "female"}, "bits": [2, 4], "nested": {"a": {"b": None}}}
     mq.save(model, tmp_path / "b", extras=good)
     assert mq.load_extras(tmp_path / "b") == good
+
+
+def test_a_load_refused_after_layers_were_swapped_leaves_the_passed_model_as_it_was(tmp_path):
+    """load(path, model) swapped in empty quantized layers before checking the float tensors' shapes: a model that
+    did not fit was refused but left with those empty layers. The swaps are undone when a check fails."""
+    model = tiny_cnn()
+    mq.quantize_(model, mq.QuantConfig(8, scope="channel"), skip=["classifier"])  # a float head
+    quantized = [n for n, m in model.named_modules() if isinstance(m, mq.quant.QuantConv2d)]
+    assert quantized
+    mq.save(model, tmp_path)
+    other = tiny_cnn(num_classes=7, seed=3)  # the same convolutions, a final Linear of another size
+    before = {n: m for n, m in other.named_modules()}
+    x = torch.randn(2, 3, 32, 32)
+    out = other(x)
+    with pytest.raises(CheckpointError, match="shape"):
+        mq.load(tmp_path, model=other)
+    assert {n: m for n, m in other.named_modules()} == before  # the same module objects, none swapped
+    assert torch.equal(other(x), out)
+    assert torch.equal(mq.load(tmp_path, model=tiny_cnn(seed=5))(x), model(x))  # a fitting model still loads
