@@ -439,11 +439,12 @@ class QLoRAAdapter:
                              f"'compute_dtype' (as QLoRAAdapter.save writes), got {meta['settings']!r}"[:300])
         s = dict(meta["settings"])
         s["compute_dtype"] = getattr(torch, s["compute_dtype"])
-        ad = cls(model, **s, _peft_model=lambda m: PeftModel.from_pretrained(m, str(d), is_trainable=is_trainable))
-        if ad.targets != meta["targets"]:
-            raise ValueError(f"the model's target modules differ from the saved adapter's: {ad.targets[:3]}... vs "
+        # compared before the model is quantized and wrapped: a refused load leaves it as it was given
+        targets = resolve_targets(model, s.get("target_modules", DEFAULT_TARGETS), s.get("target_roles", ("language",)))
+        if targets != meta["targets"]:
+            raise ValueError(f"the model's target modules differ from the saved adapter's: {targets[:3]}... vs "
                              f"{meta['targets'][:3]}...; load it onto the architecture it was trained on")
-        return ad
+        return cls(model, **s, _peft_model=lambda m: PeftModel.from_pretrained(m, str(d), is_trainable=is_trainable))
 
     # ------------------------------------------------------------------------------------------ deployment
     def merge(self, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -272,3 +272,22 @@ def test_load_of_an_incomplete_settings_file_names_the_file_and_the_key(tmp_path
     (tmp_path / "medquant_qlora.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=match):
         QLoRAAdapter.load(nn.Sequential(nn.Linear(4, 4)), tmp_path)
+
+
+def test_load_onto_another_architecture_is_refused_before_the_model_changes(tmp_path):
+    """QLoRAAdapter.load compared the target modules only after quantizing the model to NF4 and wrapping it with
+    PEFT: a refused load left the user's model changed. The targets are now resolved and compared first."""
+    import json
+
+    entry = ZOO_BY_NAME["llama"]
+    ad = QLoRAAdapter(entry.build(), target_modules=["q_proj", "v_proj"])
+    ad.save(tmp_path)
+    cfg = json.loads((tmp_path / "medquant_qlora.json").read_text())
+    cfg["targets"] = cfg["targets"][:-1]  # the adapter of a model with one target fewer
+    (tmp_path / "medquant_qlora.json").write_text(json.dumps(cfg))
+    fresh = entry.build()
+    before = {n: type(m) for n, m in fresh.named_modules()}
+    with pytest.raises(ValueError, match="target modules differ"):
+        QLoRAAdapter.load(fresh, tmp_path)
+    assert {n: type(m) for n, m in fresh.named_modules()} == before  # no NF4 layer, no PEFT wrapper
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in fresh.modules())
