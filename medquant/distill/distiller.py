@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -370,8 +371,14 @@ class Distiller(nn.Module):
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is 1 (all positions without a mask of ``x``'s shape)."""
-    if mask is None or x.shape != mask.shape:
+    """Mean of ``x`` over the positions where ``mask`` is 1 (all positions without a mask, or with a mask whose
+    shape is not ``x``'s: then with a warning naming both, since the padding cannot be told apart)."""
+    if mask is not None and x.shape != mask.shape:
+        warnings.warn(f"the attention mask {tuple(mask.shape)} does not fit the hidden states "
+                      f"{tuple(x.shape)} (positions added or removed by the model): the feature term is averaged "
+                      "over every position, padding included", UserWarning, stacklevel=4)
+        return x.mean()
+    if mask is None:
         return x.mean()
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp_min(1)

@@ -395,3 +395,31 @@ def test_a_tokenizers_batch_encoding_is_masked_like_a_dict():
                                                ignore_index=-100)
     assert float(parts["kd"]) == pytest.approx(float(kd), rel=1e-5)
     assert float(parts["task"]) == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_a_mask_that_does_not_fit_the_hidden_states_is_said_not_dropped_silently():
+    """Hidden states longer than the attention mask (e.g. a model that prepends tokens) cannot be masked: the
+    feature term averaged over every position without a word. It still does (nothing else is defined), with a
+    warning naming both shapes; a fitting mask warns nothing."""
+    from types import SimpleNamespace
+
+    class Prepends(torch.nn.Module):  # hidden states with 2 extra leading positions
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.emb = torch.nn.Embedding(20, 8)
+            self.extra = 2
+
+        def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+            h = self.emb(input_ids)
+            h = torch.cat([h[:, :1].expand(-1, self.extra, -1), h], 1)
+            return SimpleNamespace(logits=h.mean(1)[:, :3], hidden_states=(h, h * 2))
+
+    d = Distiller(Prepends(0), Prepends(1), alpha=1.0, feature_pairs=[(1, 1)], student_dim=8, teacher_dim=8)
+    batch = {"input_ids": torch.randint(0, 20, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    with pytest.warns(UserWarning, match=r"attention mask \(2, 5\) does not fit the hidden states \(2, 7\)"):
+        parts = d(batch)
+    with torch.no_grad():
+        hs, ht = d.student(**batch).hidden_states[1], d.teacher(**batch).hidden_states[1]
+        want = (d.projections[0](hs) - ht).pow(2).mean()  # over every position
+    torch.testing.assert_close(parts["features"], want)
