@@ -115,7 +115,9 @@ FINDING_SYNONYMS: dict[str, tuple[str, ...]] = {
     "Pneumonia": (r"pneumonias?", r"pneumonitis"),
     "Atelectasis": (r"atelectas[ie]s", r"atelectatic", r"collapse"),
     "Pneumothorax": (r"pneumothora(x|ces|xes)", r"hydropneumothorax"),
-    "Pleural Effusion": (r"effusions?", r"pleural fluid", r"hydropneumothorax",
+    # a pericardial effusion is no pleural effusion (as the CheXpert labeler's "unmention" phrases)
+    "Pleural Effusion": (r"(?<!pericardial )effusions?", r"pleural (and|or|and/or) pericardial effusions?",
+                         r"pleural fluid", r"hydropneumothorax",
                          r"blunt(ed|ing)( of)?( the)?( (right|left|bilateral|posterior))? costophrenic",
                          r"costophrenic (angle|recess|sulcus|sulci|angles)( is| are)? blunt\w*"),
     "Pleural Other": (r"pleural other", r"pleural (thickening|plaques?|scar\w*|fibrosis|calcification)",

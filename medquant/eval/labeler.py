@@ -9,18 +9,19 @@ uncertainty classification, then aggregation). Its rules were written on the ``t
 
 Steps for one text:
 
-1. lower-case, split into sentences (``.`` not between digits, ``;``, ``!``, ``?``, line breaks: ``\\n``,
-   ``\\r\\n``, a lone ``\\r``, ``\\u2028``... as ``str.splitlines``) and each
-   sentence into clauses at scope breakers ("but", "however", "although", "except", "which", "with" (not
-   "without"), "there is/are", "and there"); in ``mode="answer"`` also at commas, and ``"Finding: yes|no|
-   possible"`` lines are rewritten to plain phrases first;
+1. lower-case, split into sentences (``.`` unless a digit follows it, as in ``1.5``, so ``"T12."`` ends a
+   sentence; ``;``, ``!``, ``?``, line breaks: ``\\n``, ``\\r\\n``, a lone ``\\r``, ``\\u2028``... as
+   ``str.splitlines``) and each sentence into clauses at scope breakers ("but", "however", "although", "except",
+   "which", "with" (not "without"), "there is/are", "and there"); in ``mode="answer"`` also at commas, and
+   ``"Finding: yes|no|possible"`` lines are rewritten to plain phrases first;
 2. find mentions of each finding with :data:`medquant.eval.findings.FINDING_SYNONYMS` (word boundaries);
 3. classify each mention, inside its clause: a *hard uncertainty* phrase that itself contains a negation word
-   ("cannot be excluded", "not ruled out", "no definite") -> uncertain; else the nearer of the last negation
-   cue ("no", "not", "without", "free of", "negative for", "absence of", "resolved", "unlikely"...; "no change" /
-   "unchanged", "has not (completely) resolved", "has not been removed", "partially resolved" are not
-   negations) and the last uncertainty cue ("possible", "may", "could", "questionable",
-   "suspicious for", "concern for", "versus", "likely", "borderline", "rule out"...) before the mention
+   ("cannot be excluded", "not ruled out", "not definitely excluded") -> uncertain ("no definite X" is a plain
+   negation, as in the CheXpert labeler); else the nearer of the last negation cue ("no", "not", "without",
+   "free of", "negative for", "absence of", "resolved", "unlikely"...; "no change" / "unchanged", "has not
+   (completely) resolved", "has not been removed", "partially resolved" are not negations) and the last
+   uncertainty cue ("possible", "may", "could", "questionable", "question" (not "in question"), "suspicious
+   for", "suspicion for", "concern for", "versus", "likely", "borderline", "rule out"...) before the mention
    decides: uncertainty cue after the negation cue -> uncertain, negation cue -> negative; else
    post-mention negation ("is not seen", "has resolved", "are absent", "is unlikely"; "unlikely" is a
    negation as in answer mode, where ``"X: unlikely"`` reads "no X") -> negative, post-mention uncertainty
@@ -66,8 +67,9 @@ _HARD_UNCERTAIN = re.compile(r"\b(?:cannot|can not|can't|could not|not) (?:be )?
                              r"\bnot (?:definitely|clearly) excluded\b|\bdifficult to (?:completely |entirely )?exclude\b")
 _NEG_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolved|resolution of|"
                       r"removal of|removed|rather than|none|nor|neither|no longer|never|unlikely)\b")
-_UNC_CUE = re.compile(r"\b(?:possible|possibly|probable|probably|likely|may|might|could|questionable|question of|"
-                      r"questioned|suspicious (?:for|of)|suspected|suspect|suggest|suggests|suggestive|suggesting|"
+_UNC_CUE = re.compile(r"\b(?:possible|possibly|probable|probably|likely|may|might|could|questionable|"
+                      r"(?<!in )question(?: of)?|questioned|suspicious (?:for|of)|suspicion (?:for|of)|suspected|"
+                      r"suspect|suggest|suggests|suggestive|suggesting|"
                       r"concern for|concerning for|worrisome for|versus|vs|equivocal|borderline|rule out|r/o|"
                       r"differential|consider|considered|cannot exclude|atypical|uncertain|indeterminate|"
                       r"not excluded|may represent|could represent|presumably|presumed)\b")
@@ -81,7 +83,7 @@ _BREAK = re.compile(r"\b(?:but|however|although|though|except|whereas|which|whil
                     r"\bwith(?!out)\b|\band there\b|\bthere (?:is|are|has been|have been)\b|"
                     r"\b(?:otherwise)\b")
 _NOT_GONE_RE = re.compile(_NOT_GONE)
-_SENT_SPLIT = re.compile(r"(?<!\d)\.(?!\d)|[;!?\n]|\s\d+\)\s|(?:^|\s)\d+\.\s")
+_SENT_SPLIT = re.compile(r"\.(?!\d)|[;!?\n]|\s\d+\)\s|(?:^|\s)\d+\.\s")
 _KEY_VALUE = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*)?([a-z][a-z /()-]+?)\s*[:=-]\s*(yes|no|present|absent|positive|"
                         r"negative|possible|uncertain|unlikely|not present|none|maybe|likely|probable|true|false)\b",
                         re.MULTILINE)

@@ -51,6 +51,20 @@ REAL_SENTENCES = [
      {"Lung Lesion": 1}),
     ("CXR54", "Scattered calcified granulomas are seen without evidence of active granulomatous/tuberculous process.",
      {"Lung Lesion": 1, "Pneumonia": NAN}),
+    # a pericardial effusion is no pleural effusion (the CheXpert labeler's "unmention" of Pleural Effusion)
+    ("CXR216", "Considerations would include pericardial effusion or dilated cardiomyopathy.",
+     {"Pleural Effusion": NAN}),
+    ("CXR1666", "Mildly enlarged cardiac silhouette; cardiomegaly versus pericardial effusion.",
+     {"Pleural Effusion": NAN, "Cardiomegaly": 1}),
+    ("CXR3819", "Continued severe cardiomegaly and/or pericardial effusion.", {"Pleural Effusion": NAN}),
+    ("CXR3819", "No XXXX focal airspace consolidation or pleural effusion.", {"Pleural Effusion": 0}),
+    # "question X" and "suspicion for X" leave X uncertain (the CheXpert labeler's uncertainty rules)
+    ("CXR2194", "Question small right pleural effusion versus pleural thickening.", {"Pleural Effusion": -1}),
+    ("CXR1718", "Question edema or atypical infection?", {"Edema": -1, "No Finding": 0}),
+    ("CXR2483", "Question mild pulmonary vascular congestion in a patient with prosthetic aortic valve.",
+     {"Edema": -1}),
+    ("CXR2268", "Suspicion for at XXXX XXXX bilateral pleural effusions.", {"Pleural Effusion": -1}),
+    ("CXR2180", "Question pericardial effusion.", {"Pleural Effusion": NAN}),
 ]
 
 
@@ -252,3 +266,26 @@ def test_multilabel_auc_matches_sklearn_and_a_hand_count():
         multilabel_auc(y * 2, scores)
     with pytest.raises(ValueError, match="finite"):
         multilabel_auc(y, np.where(y == 1, np.nan, scores))
+
+
+def test_pleural_and_pericardial_effusions_together():
+    # hand-labelled: the pleural effusion is still read when a pericardial one is named beside it
+    for text in ("Small pericardial effusion and small left pleural effusion.",
+                 "Small pleural and pericardial effusions.", "Pericardial and pleural effusions."):
+        assert label_report(text)[IDX["Pleural Effusion"]] == 1, mentions(text)
+
+
+@pytest.mark.parametrize("text,expected", [
+    # a period after a number ("T12.") ends the sentence, so "no" does not reach the next one
+    ("No compression fracture of T12. Large right pneumothorax.", {"Fracture": 0, "Pneumothorax": 1}),
+    ("No pleural effusion at T12.Large right pneumothorax.", {"Pleural Effusion": 0, "Pneumothorax": 1}),
+    ("Degenerative change without fracture at L1-L2. Small left pleural effusion.",
+     {"Fracture": 0, "Pleural Effusion": 1}),
+    # a decimal point (1.5) and a list number ("1. ") end nothing
+    ("No mass over 2.5 cm or pleural effusion.", {"Lung Lesion": 0, "Pleural Effusion": 0}),
+    ("1. No pneumothorax. 2. Small right pleural effusion.", {"Pneumothorax": 0, "Pleural Effusion": 1}),
+], ids=["T12-space", "T12-no-space", "L1-L2", "decimal", "numbered-list"])
+def test_a_period_after_a_number_ends_the_negation_scope(text, expected):
+    v = label_report(text)
+    for finding, want in expected.items():
+        assert v[IDX[finding]] == want, (text, finding, mentions(text))
