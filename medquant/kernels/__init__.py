@@ -26,6 +26,8 @@ group; the torch reference otherwise. ``"triton"`` forces the kernels (on CPU te
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import fakequant as _fakequant  # noqa: F401  (registers the Triton fake-quant kernels)
@@ -74,6 +76,8 @@ from .reference import (
     check_packed_input,
     fake_quantize_rows_reference,
     fake_quantize_static_reference,
+    group_size_arg,
+    int_arg,
     packed_linear_reference,
     rows_view,
 )
@@ -135,8 +139,8 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, *, backend: str = "auto
         x2 = x
     elif x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., k), got a 0-d tensor")
-    else:
-        x2 = x.reshape(-1, x.shape[-1])
+    else:  # the row count spelled out: (2, 3, 0) -> (6, 0), where -1 would be ambiguous
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     lead = x.shape[:-1]
     if backend == "auto" and eager_inference(x2):
         y = dispatch_run("packed_linear", x2, weight)
@@ -211,7 +215,7 @@ def fake_quantize_rows(
     """
     check_float(x, "x", ROW_DTYPES)
     x2 = rows_view(x)
-    bits = as_bits_tensor(bits_per_row, x.device)
+    bits = as_bits_tensor(bits_per_row, x.device, x2.shape[0])
     out, _ = _call(backend, torch.ops.medquant.fake_quantize_rows, x2.contiguous(), bits, bool(symmetric),
                    float(eps), bool(mask_outside))
     return out.reshape(x.shape)
@@ -251,14 +255,16 @@ def fake_quantize_static(
         The fake-quantized tensor, shape and dtype of ``x``.
 
     Raises:
-        TypeError: ``x`` is not a float tensor.
-        ValueError: parameter shapes that do not match ``x`` / ``group_size``, ``bits`` out of range, or an
-            unknown backend.
+        TypeError: ``x`` is not a float tensor, or ``bits`` is not an integer (``4.7`` is refused, not truncated).
+        ValueError: parameter shapes that do not match ``x`` / ``group_size``, ``bits`` out of range, a
+            ``group_size`` that is not a positive int, or an unknown backend.
     """
     check_float(x, "x")
+    bits = int_arg(bits, "bits")  # not int(): 4.7 is an error, not 4 bits
+    group_size = group_size_arg(group_size)  # 0 stands for None in the op: refuse it (and -1) here
     x2 = rows_view(x)
-    out, _ = _call(backend, torch.ops.medquant.fake_quantize_static, x2.contiguous(), scales, zeros, int(bits),
-                   bool(symmetric), int(group_size or 0), bool(mask_outside))
+    out, _ = _call(backend, torch.ops.medquant.fake_quantize_static, x2.contiguous(), scales, zeros, bits,
+                   bool(symmetric), group_size or 0, bool(mask_outside))
     return out.reshape(x.shape)
 
 

@@ -37,8 +37,8 @@ def fake_quantize_rows_triton(
     r, c = x2.shape
     y = _out_buffer(x2)
     mask = torch.empty(r, c, dtype=torch.int8, device=x2.device) if want_mask else None
-    if r == 0 or c == 0:
-        return y, (mask.view(torch.bool) if mask is not None else None)
+    if r == 0 or c == 0:  # .to: x's dtype also where the buffer is float32 (bf16 under the interpreter)
+        return y.to(x2.dtype), (mask.view(torch.bool) if mask is not None else None)
     bits32 = bits.to(device=x2.device, dtype=torch.int32).contiguous()
     if interpreting():
         block, warps = min(_np2(c), 8192), 4
@@ -66,8 +66,8 @@ def fake_quantize_static_triton(
     n, k = x2.shape
     y = _out_buffer(x2)
     mask = torch.empty(n, k, dtype=torch.int8, device=x2.device) if want_mask else None
-    if n == 0 or k == 0:
-        return y, (mask.view(torch.bool) if mask is not None else None)
+    if n == 0 or k == 0:  # .to: x's dtype also where the buffer is float32 (bf16 under the interpreter)
+        return y.to(x2.dtype), (mask.view(torch.bool) if mask is not None else None)
     if scales.shape[0] == 1 and n != 1:  # tensor scope: broadcast with stride 0
         scales = scales.expand(n, scales.shape[1])
         zeros = zeros.expand(n, zeros.shape[1]) if zeros is not None else None

@@ -15,6 +15,9 @@ whenever no faster kernel does.
 """
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 from .bundle import PackedWeight
@@ -46,6 +49,31 @@ def check_bits_value(bits: int, symmetric: bool, what: str = "bits") -> None:
         raise ValueError(f"{what}={bits} out of range: the kernels quantize to 1..8 bits")
 
 
+def int_arg(value, what: str) -> int:
+    """``value`` as an ``int``: any integer type (``int``, numpy ints, 0-d integer tensors), never a bool or a
+    float (a fractional bit-width is an error, not truncated).
+
+    Raises:
+        TypeError: ``value`` is not an integer.
+    """
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    return operator.index(value)
+
+
+def group_size_arg(group_size) -> int | None:
+    """``None`` (tensor / channel scales) or a positive ``int`` (any integer type).
+
+    Raises:
+        ValueError: anything else (0, a negative number, a float, a bool).
+    """
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not hasattr(group_size, "__index__") or operator.index(group_size) <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    return operator.index(group_size)
+
+
 def check_packed_input(x: torch.Tensor, weight: PackedWeight) -> None:
     """Validate the activations of ``packed_linear`` against a (validated) :class:`PackedWeight`."""
     check_float(x, "x")
@@ -60,10 +88,13 @@ def check_packed_input(x: torch.Tensor, weight: PackedWeight) -> None:
 
 
 def rows_view(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``(shape[0], -1)``: rows are samples (dynamic) or output channels (static)."""
+    """``x`` as ``(shape[0], prod(shape[1:]))``: rows are samples (dynamic) or output channels (static).
+
+    The column count is spelled out (not ``-1``), so inputs without rows, e.g. ``(0, T, C)``, view as ``(0, T*C)``.
+    """
     if x.dim() == 0:
         raise ValueError("expected at least a 1-D tensor")
-    return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
+    return x.reshape(x.shape[0], math.prod(x.shape[1:])) if x.dim() != 2 else x
 
 
 def check_row_bits(bits_per_row: torch.Tensor, n_rows: int, symmetric: bool) -> None:
@@ -84,9 +115,23 @@ def check_row_bits(bits_per_row: torch.Tensor, n_rows: int, symmetric: bool) -> 
         )
 
 
-def as_bits_tensor(bits_per_row, device: torch.device) -> torch.Tensor:
+def as_bits_tensor(bits_per_row, device: torch.device, n_rows: int | None = None) -> torch.Tensor:
+    """``bits_per_row`` as a tensor on ``device``: a tensor or a sequence of ints as given, one int (a Python or
+    numpy int, or a 0-d tensor) repeated for each of the ``n_rows`` rows (when ``n_rows`` is given).
+
+    Raises:
+        TypeError: a bool, a float or another non-integer scalar given as the one bit-width.
+    """
     if isinstance(bits_per_row, torch.Tensor):
-        return bits_per_row.to(device=device)
+        bits = bits_per_row.to(device=device)
+        if bits.dim() == 0 and n_rows is not None:
+            return bits.reshape(1).repeat(n_rows)
+        return bits
+    if n_rows is not None and not hasattr(bits_per_row, "__len__"):  # one bit-width for every row
+        if isinstance(bits_per_row, bool) or not hasattr(bits_per_row, "__index__"):
+            raise TypeError(f"bits_per_row must be an int, an integer tensor or a sequence of ints, got "
+                            f"{bits_per_row!r}")
+        return torch.full((n_rows,), operator.index(bits_per_row), dtype=torch.int64, device=device)
     return torch.as_tensor(list(bits_per_row), dtype=torch.int32, device=device)
 
 
@@ -133,8 +178,11 @@ def fake_quantize_rows_reference(
     """
     check_float(x, "x", ROW_DTYPES)
     x2 = rows_view(x)
-    bits_per_row = as_bits_tensor(bits_per_row, x.device)
+    bits_per_row = as_bits_tensor(bits_per_row, x.device, x2.shape[0])
     check_row_bits(bits_per_row, x2.shape[0], symmetric)
+    if x2.numel() == 0:  # no rows or no columns: nothing to reduce (amin / amax refuse an empty row)
+        out = x.clone()
+        return (out, torch.ones_like(out, dtype=torch.bool)) if return_mask else out
     xf = x2.float()
     b = bits_per_row.to(device=x.device, dtype=torch.int64)
     passthrough = (b >= PASSTHROUGH_BITS)[:, None]
@@ -174,8 +222,7 @@ def check_static_args(x2, scales, zeros, bits, symmetric, group_size) -> None:
             raise ValueError(f"scales of shape {tuple(scales.shape)} fit neither tensor scope (1, 1) nor channel "
                              f"scope ({n}, 1); pass group_size for group scales")
     else:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        group_size_arg(group_size)
         need = -(-k // group_size)
         if scales.shape[0] != n or scales.shape[1] < need:
             raise ValueError(f"group scales for ({n}, {k}) with group_size {group_size} need shape ({n}, >= {need}), "

@@ -203,3 +203,61 @@ def test_nan_and_inf_propagate_as_in_the_reference(kernel_device):
         got = fake_quantize_static(x, s, z, 4, sym, backend="triton").cpu()
         want = fake_quantize_static(x.cpu(), s.cpu(), None if z is None else z.cpu(), 4, sym, backend="torch")
         assert got[0, 0].isnan() and _same_with_nan(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_one_int_is_the_bit_width_of_every_row(kernel_device, backend):
+    """``bits_per_row`` may be one int (a Python or numpy int, or a 0-d integer tensor) for every row, as the
+    docstrings say; it quantizes exactly as the same width repeated per row (it raised "'int' object is not
+    iterable")."""
+    import numpy as np
+
+    x = _rows_input().to(kernel_device)
+    for sym, b in ((False, 3), (True, 5), (False, 32)):
+        want = fake_quantize_rows(x, [b] * len(x), sym, backend=backend)
+        for one in (b, np.int64(b), torch.tensor(b)):
+            assert bit_equal(fake_quantize_rows(x, one, sym, backend=backend).cpu(), want.cpu()), (sym, one)
+        assert bit_equal(fake_quantize_rows_reference(x.cpu(), b, sym), want.cpu())
+    with pytest.raises(ValueError, match="bits_per_row has values"):
+        fake_quantize_rows(x, 9, False, backend=backend)
+    with pytest.raises(TypeError, match="bits_per_row"):
+        fake_quantize_rows(x, True, False, backend=backend)  # a bool is not a bit-width
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_empty_inputs_keep_their_shape_and_dtype(kernel_device, backend):
+    """No rows (an empty batch of ``(0, T, C)`` activations, a conv weight without output channels) or no columns:
+    an empty result of ``x``'s shape and dtype. Reshaping to ``(0, -1)`` raised, and the Triton kernels returned
+    their float32 buffer for bfloat16 under the interpreter."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shape in ((0, 3, 4), (2, 0), (0, 5), (3, 0, 2)):
+            x = torch.randn(shape).to(dtype).to(kernel_device)
+            y = fake_quantize_rows(x, [4] * shape[0], False, backend=backend)
+            assert y.shape == x.shape and y.dtype == dtype, (shape, dtype, "rows")
+            y = fake_quantize_static(x, torch.ones(shape[0], 1, device=kernel_device), None, 4, True,
+                                     backend=backend)
+            assert y.shape == x.shape and y.dtype == dtype, (shape, dtype, "static")
+    w = torch.zeros(0, 3, 2, 2, device=kernel_device)  # a Conv2d weight without output channels
+    assert fake_quantize_static(w, torch.ones(0, 1, device=kernel_device), torch.zeros(0, 1, device=kernel_device),
+                                4, False, backend=backend).shape == w.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_bits_and_group_size_are_not_coerced(kernel_device, backend):
+    """A fractional bit-width or a group size that is not a positive int is refused, as by the reference, rather
+    than truncated (``bits=4.7`` ran at 4 bits) or read as "no groups" (``group_size=-1`` / ``0``). Integer types
+    other than ``int`` (numpy ints) are accepted."""
+    import numpy as np
+
+    x = torch.randn(4, 64, device=kernel_device)
+    s = torch.full((4, 1), 0.1, device=kernel_device)
+    sg = torch.full((4, 2), 0.1, device=kernel_device)
+    for bad in (4.7, 4.0, True, "4"):
+        with pytest.raises(TypeError, match="bits must be an int"):
+            fake_quantize_static(x, s, None, bad, True, backend=backend)
+    for bad in (-1, 0, 32.0, True):
+        with pytest.raises(ValueError, match="group_size must be a positive int"):
+            fake_quantize_static(x, sg, None, 4, True, group_size=bad, backend=backend)
+    want = fake_quantize_static_reference(x.cpu(), sg.cpu(), None, 4, True, 32)
+    got = fake_quantize_static(x, sg, None, np.int64(4), True, group_size=np.int32(32), backend=backend)
+    assert bit_equal(got.cpu(), want)

@@ -376,3 +376,16 @@ def test_wrong_dense_flag_is_caught_only_where_word_counts_differ():
     assert torch.equal(PackedWeight(words, s, None, 3, True, "channel", 24, 20).codes()[:, :20].long(), codes[:, :20])
     misread = PackedWeight(words, s, None, 3, True, "channel", 32, 20, dense=True)  # accepted: same word count
     assert not torch.equal(misread.codes()[:, :20].long(), codes[:, :20])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cpu"])
+def test_empty_leading_and_feature_dims(backend):
+    """``(..., k)`` inputs with no rows or no features give ``(..., n)`` in ``x``'s dtype: zeros when K = 0
+    (reshaping ``(2, 3, 0)`` to ``(-1, 0)`` raised)."""
+    w0 = PackedWeight(pack(torch.zeros(5, 0, dtype=torch.int64), 4), torch.ones(5, 1), None, 4, True, "channel", 1, 0)
+    w8 = PackedWeight(pack(torch.ones(5, 8, dtype=torch.int64), 4), torch.ones(5, 1), None, 4, True, "channel", 8, 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        for w, shape in ((w0, (2, 3, 0)), (w0, (0, 0)), (w0, (4, 0)), (w8, (0, 3, 8)), (w8, (2, 0, 8))):
+            y = packed_linear(torch.zeros(shape, dtype=dtype), w, backend=backend)
+            assert y.shape == (*shape[:-1], 5) and y.dtype == dtype, (shape, dtype)
+            assert not y.any(), (shape, dtype)
