@@ -68,7 +68,7 @@ def bleu4(hyps: list[str], refs: list[str], lowercase: bool = True) -> float:
         lowercase: compare lowercased texts.
 
     Returns:
-        The BLEU-4 score divided by 100.
+        The BLEU-4 score divided by 100 (at most 1: sacrebleu's float rounding above 100 is clamped).
 
     Raises:
         ValueError: the lists differ in length or are empty (raised by the pair check).
@@ -77,7 +77,8 @@ def bleu4(hyps: list[str], refs: list[str], lowercase: bool = True) -> float:
     import sacrebleu
 
     hyps, refs = _check_pairs(hyps, refs)
-    return float(sacrebleu.corpus_bleu(hyps, [refs], lowercase=lowercase).score) / 100.0
+    score = float(sacrebleu.corpus_bleu(hyps, [refs], lowercase=lowercase).score) / 100.0
+    return min(score, 1.0)  # identical texts give sacrebleu's 100.00000000000004
 
 
 def rouge_l(hyps: list[str], refs: list[str], stem: bool = True) -> float:

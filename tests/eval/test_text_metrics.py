@@ -123,3 +123,16 @@ def test_a_bare_string_is_refused_not_scored_per_character(fn):
         fn(["abc"], "abd", **kwargs)
     with pytest.raises(TypeError, match="hypotheses.*list of strings"):
         fn(b"abc", ["abd"], **kwargs)
+
+
+def test_bleu4_of_identical_texts_is_exactly_one_and_never_above():
+    """sacrebleu's score of identical texts is 100.00000000000004 (its float arithmetic): divided by 100 that was
+    1.0000000000000004, above the documented 0-1 scale. Clamped to [0, 1]; other values are sacrebleu's / 100."""
+    import sacrebleu
+
+    from medquant.eval.text import bleu4
+
+    same = ["the heart is normal in size and the lungs are clear", "no acute cardiopulmonary abnormality ."]
+    assert bleu4(same, same) == 1.0
+    hyps = ["the heart is normal in size", "no acute abnormality ."]
+    assert bleu4(hyps, same) == sacrebleu.corpus_bleu(hyps, [same], lowercase=True).score / 100.0 < 1.0
