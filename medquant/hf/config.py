@@ -58,6 +58,29 @@ def _as_names(value: Iterable[str] | None, what: str) -> list[str] | None:
     return out
 
 
+def _as_pattern_map(value: Any) -> dict[str, dict | None]:
+    """``config_map`` as read from Python or JSON -> ``{pattern: QuantConfig dict | None}`` in the given order.
+
+    Accepts a mapping (its insertion order is kept) or the JSON form, a list of ``[pattern, config]`` pairs. The
+    order matters: a module takes the first regular-expression or role pattern that matches it.
+    """
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        raise TypeError(f"config_map must be a mapping pattern -> QuantConfig, or a list of [pattern, config] "
+                        f"pairs, got {type(value).__name__} {value!r}")
+    out: dict[str, dict | None] = {}
+    for pattern, cfg in pairs:
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"config_map patterns must be non-empty strings, got {pattern!r}")
+        if pattern in out:
+            raise ValueError(f"config_map: pattern {pattern!r} is given twice")
+        out[pattern] = _as_config_dict(cfg, f"config_map[{pattern!r}]")
+    return out
+
+
 def recipe_of(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
     """``(modules, skipped_modules)`` of a model: its quantized layers' recipes and its float Linear / Conv2d layers.
 
@@ -78,15 +101,19 @@ class MedQuantConfig(QuantizationConfigMixin):
     """transformers ``quantization_config`` of medquant models.
 
     JSON form (``to_dict``): ``quant_method``, ``format_version``, ``medquant_version``, ``config`` (a QuantConfig
-    dict) or ``config_map`` (pattern -> QuantConfig dict / null), ``skip``, ``modules``, ``skipped_modules``.
+    dict) or ``config_map`` (a list of ``[pattern, QuantConfig dict / null]`` pairs, in the map's order: a module
+    takes the first regular-expression or role pattern that matches it, and JSON objects are written with sorted
+    keys), ``skip``, ``modules``, ``skipped_modules``.
 
     Args:
         config_or_map: what :func:`medquant.quantize_` takes - a :class:`~medquant.QuantConfig` (or int bit-width)
             for every Linear / Conv2d, or a mapping ``pattern -> QuantConfig | int | None`` (exact names,
-            ``"re:<regex>"``, roles ``"@vision"`` / ``"@projector"`` / ``"@language"`` / ``"@head"``).
+            ``"re:<regex>"``, roles ``"@vision"`` / ``"@projector"`` / ``"@language"`` / ``"@head"``). The
+            ``skip`` patterns of a :class:`~medquant.quant.ConfigMap` are kept (before those of ``skip``).
         skip: patterns to keep in floating point (wins over everything).
         config: the one QuantConfig (or its dict), as read from JSON; alternative to ``config_or_map``.
-        config_map: the pattern map, as read from JSON; alternative to ``config_or_map``.
+        config_map: the pattern map, as read from JSON (a list of ``[pattern, config]`` pairs, or a mapping: its
+            order is kept); alternative to ``config_or_map``. A ConfigMap's ``skip`` is kept as above.
         modules: per-module recipe of an already quantized model (written by :func:`save_pretrained`); when
             quantizing on load with only ``modules`` given, exactly those modules get exactly those configs.
         skipped_modules: Linear / Conv2d names left in float in a saved model (recorded for the reader).
@@ -97,7 +124,7 @@ class MedQuantConfig(QuantizationConfigMixin):
 
     Raises:
         ValueError: unknown fields, another ``quant_method``, a newer ``format_version``, both a config and a map,
-            an invalid QuantConfig, or a ``modules`` entry that is not a recipe.
+            an invalid QuantConfig, a pattern given twice, or a ``modules`` entry that is not a recipe.
         TypeError: ``skip`` is a single string, or ``config_map`` / a config is of the wrong type.
     """
 
@@ -107,7 +134,7 @@ class MedQuantConfig(QuantizationConfigMixin):
         skip: Iterable[str] | None = None,
         *,
         config: QuantConfig | int | Mapping | None = None,
-        config_map: Mapping[str, Any] | None = None,
+        config_map: Mapping[str, Any] | list | None = None,
         modules: Mapping[str, Mapping] | None = None,
         skipped_modules: Iterable[str] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -136,17 +163,16 @@ class MedQuantConfig(QuantizationConfigMixin):
                              "not both")
         if isinstance(skip, str):
             raise TypeError("skip must be a list of patterns, not a single string")
+        if isinstance(config_map, ConfigMap) and config_map.skip:  # quantize_ honours a ConfigMap's own skip
+            extra = [p for p in (_as_names(skip, "skip") or []) if p not in config_map.skip]
+            skip = [*config_map.skip, *extra]
         if modules is not None and not isinstance(modules, Mapping):
             raise TypeError(f"modules must be a mapping module name -> recipe dict, got {type(modules).__name__}")
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # transformers types it as its enum
         self.format_version = format_version
         self.medquant_version = medquant_version or __version__
         self.config = _as_config_dict(config, "config")
-        self.config_map = None
-        if config_map is not None:
-            if not isinstance(config_map, Mapping):
-                raise TypeError(f"config_map must be a mapping pattern -> QuantConfig, got {type(config_map).__name__}")
-            self.config_map = {str(k): _as_config_dict(v, f"config_map[{k!r}]") for k, v in config_map.items()}
+        self.config_map = _as_pattern_map(config_map) if config_map is not None else None
         self.skip = _as_names(skip, "skip")
         self.modules = None
         if modules is not None:
@@ -237,14 +263,16 @@ class MedQuantConfig(QuantizationConfigMixin):
         """The JSON form written to ``config.json`` (see the class docstring).
 
         Returns:
-            A dict of deep copies (changing it does not change the config).
+            A dict of deep copies (changing it does not change the config); ``config_map`` is a list of
+            ``[pattern, config dict]`` pairs in the map's order, so two maps that differ only in order differ.
         """
         return {
             "quant_method": self.quant_method,
             "format_version": self.format_version,
             "medquant_version": self.medquant_version,
             "config": copy.deepcopy(self.config),
-            "config_map": copy.deepcopy(self.config_map),
+            "config_map": ([[k, copy.deepcopy(v)] for k, v in self.config_map.items()]
+                           if self.config_map is not None else None),
             "skip": list(self.skip) if self.skip is not None else None,
             "modules": copy.deepcopy(self.modules),
             "skipped_modules": list(self.skipped_modules) if self.skipped_modules is not None else None,

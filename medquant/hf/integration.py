@@ -273,9 +273,14 @@ def _quantize_weight(old: nn.Module, weight: torch.Tensor, cfg: QuantConfig, nam
     q = quantize_module(tmp, cfg, name=name)
     if old.bias is not None:
         bias = old.bias.detach()
-        if bias.device.type == "meta":  # not read yet: transformers sets it on the new module later
+        loaded = bias.device.type != "meta"
+        if not loaded:  # not read yet: transformers sets it on the new module later
             bias = torch.zeros(bias.shape, dtype=weight.dtype, device=weight.device)
         q.bias = nn.Parameter(bias.to(weight.device), requires_grad=False)
+        if loaded and getattr(old.bias, "_is_hf_initialized", False):
+            # already read from the checkpoint: keep transformers' mark, or the parent module's _init_weights
+            # (SigLIP's MLP and attention) overwrites the loaded bias with a fresh initialisation
+            q.bias._is_hf_initialized = True  # type: ignore[attr-defined]
     q.train(old.training)
     return q
 
