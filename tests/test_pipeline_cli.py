@@ -30,6 +30,12 @@ def test_cli_pipeline(tmp_path, capsys):
     rep = json.loads((out / "pipeline_report.json").read_text())
     assert rep["after"]["non_embedding_params"] < rep["before"]["non_embedding_params"]
     assert rep["final_train_loss"] is not None
+    # the report says what ran on what: REPORTS * 8 texts, 8 calibrate (2 batches of 4), 2 steps x 2 train
+    n_texts = len([t for t in REPORTS * 8 if t.strip()])
+    assert rep["data"] == {"source": str(text), "texts": n_texts, "calibration_texts": 8, "calibration_batches": 2,
+                           "training_texts": 4, "training_batches": 2, "max_length": 24}
+    assert rep["settings"] == {"heads": 0.3, "ffn": 0.3, "gqa": "query", "layer_select": True, "train": "distil",
+                               "steps": 2, "batch": 2, "lr": 1e-4, "quant": "awq", "bits": 4, "group_size": 32}
     model = load_compressed(out)
     ids = torch.tensor([[101, 2053, 11325, 102]])
     assert model(input_ids=ids).logits.shape == (1, 4, tok.vocab_size)

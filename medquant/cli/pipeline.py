@@ -10,7 +10,10 @@ Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-r
 smaller), the next ``--steps`` x ``--batch`` train in batches of ``--batch`` (cycled when fewer; a training stage
 without one full batch left after calibration is refused before the model is loaded). Each stage shows a progress
 bar; ``--train none`` / ``--quant none`` / ``--heads 0 --ffn 0`` skip stages. ``--out`` is any folder but the model
-folder itself. Reload the result with ``medquant.pipeline.load_compressed(OUT)``.
+folder itself. Reload the result with ``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json``
+records the parameter counts before and after, the stored bytes, the last training loss, every stage setting
+(``settings``) and the data the stages saw (``data``: the text source, how many texts there were, how many
+calibrated and trained, in how many batches, and ``--max-length``).
 """
 from __future__ import annotations
 
@@ -28,10 +31,10 @@ from .args import (
 )
 
 
-def _texts(args) -> list[str]:
-    """The texts to calibrate and train on, counted against what the stages need before the model is loaded: the
-    first ``--calib-samples`` calibrate, and a training stage needs at least ``--batch`` texts after them
-    (``SystemExit`` naming the options otherwise)."""
+def _texts(args) -> tuple[list[str], str]:
+    """The texts to calibrate and train on and where they come from, counted against what the stages need before
+    the model is loaded: the first ``--calib-samples`` calibrate, and a training stage needs at least ``--batch``
+    texts after them (``SystemExit`` naming the options otherwise)."""
     if args.text:
         source = args.text
         texts = [t.strip() for t in Path(args.text).read_text(encoding="utf-8").splitlines() if t.strip()]
@@ -47,7 +50,7 @@ def _texts(args) -> list[str]:
         raise SystemExit(f"{source} holds {len(texts)} texts: the first --calib-samples {args.calib_samples} "
                          f"calibrate, leaving {left} to train on, fewer than one training batch of --batch "
                          f"{args.batch}: give more text, a smaller --calib-samples or --batch, or --train none")
-    return texts
+    return texts, source
 
 
 def run(args) -> int:
@@ -56,7 +59,7 @@ def run(args) -> int:
     from ..prune import parameter_report
     from .prune import _load
 
-    texts = _texts(args)
+    texts, source = _texts(args)
     model, tok = _load(args.model, args.gguf_file, command="pipeline")
     if tok is None:
         raise SystemExit("the pipeline needs the model folder's tokenizer")
@@ -79,7 +82,16 @@ def run(args) -> int:
              if args.quant != "none" else None)
     from .. import model_size
 
-    summary: dict = {}
+    # what ran on what, for the report: the settings of every stage and the data each one saw
+    summary: dict = {
+        "settings": {"heads": args.heads, "ffn": args.ffn, "gqa": args.gqa, "layer_select": args.layer_select,
+                     "train": args.train, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+                     "quant": args.quant, "bits": args.bits, "group_size": args.group_size},
+        "data": {"source": source, "texts": len(texts), "calibration_texts": len(texts[: args.calib_samples]),
+                 "calibration_batches": len(calib),
+                 "training_texts": sum(len(b["input_ids"]) for b in train_data) if train else 0,
+                 "training_batches": len(train_data) if train else 0, "max_length": args.max_length},
+    }
 
     def write_files(folder: Path, res) -> None:  # into the checkpoint as part of its save (before its manifest)
         tok.save_pretrained(folder)
