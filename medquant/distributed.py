@@ -150,34 +150,48 @@ def is_fsdp(model: nn.Module) -> bool:
 
 
 def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0, group=None) -> None:
-    """Copy ``src``'s values of ``params`` to every rank (no-op without a process group).
+    """Copy ``src``'s values of ``params`` to every rank of ``group`` (no-op without a process group).
+
+    ``src`` is a rank *within* ``group`` (``0``: the group's first rank), the same as the global rank for the
+    world; on a sub-group such as ``new_group([2, 3])`` ``src=0`` is global rank 2.
 
     Args:
         params: the tensors to overwrite in place.
-        src: the rank whose values win.
+        src: the rank of ``group`` whose values win.
         group: the process group (default the world).
     """
     import torch.distributed as dist
 
     if not is_distributed(group):
         return
+    root = src if group is None else dist.get_global_rank(group, src)
     with torch.no_grad():
         for p in params:
-            dist.broadcast(p.data, src=src, group=group)
+            dist.broadcast(p.data, src=root, group=group)
+
+
+def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gradients of ``dtype`` are all-reduced in: float32 for float16 / bfloat16, ``dtype`` otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True, group=None,
                          bucket_bytes: int = 25 * 2**20) -> None:
     """Sum (``average=False``) or average the ``.grad`` of ``params`` over ranks, in place.
 
-    Gradients are flattened into buckets of about ``bucket_bytes`` (one ``all_reduce`` each); a missing gradient
+    With ``W`` ranks of ``group`` and ``g_r`` rank ``r``'s gradient, every rank ends with
+    ``round_dtype(sum_r float32(g_r) / W)`` (``average``) or ``round_dtype(sum_r float32(g_r))``: half-precision
+    (``float16`` / ``bfloat16``) gradients are summed and divided in float32 and rounded once to their dtype (no
+    half-precision partial sums over ranks, and a ``float16`` mean does not overflow when the sum exceeds 65504);
+    float32 / float64 gradients are reduced in their own dtype. Gradients are
+    flattened into buckets of about ``bucket_bytes`` of reduced data (one ``all_reduce`` each); a missing gradient
     counts as zeros, so every rank issues the same collectives. No-op without a process group.
 
     Args:
         params: the parameters whose gradients to reduce.
         average: divide the sum by the world size.
         group: the process group (default the world).
-        bucket_bytes: bytes per collective at most.
+        bucket_bytes: bytes per collective at most (of the float32 copies for half-precision gradients).
     """
     import torch.distributed as dist
 
@@ -195,7 +209,7 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
     def flush():
         if not bucket:
             return
-        flat = torch.cat([g.reshape(-1) for g in bucket])
+        flat = torch.cat([g.reshape(-1).to(_reduce_dtype(g.dtype)) for g in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         if average:
             flat /= w
@@ -210,7 +224,7 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
             flush()
             size = 0
         bucket.append(g)
-        size += g.numel() * g.element_size()
+        size += g.numel() * _reduce_dtype(g.dtype).itemsize
         if size >= bucket_bytes:
             flush()
             size = 0

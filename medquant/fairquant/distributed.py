@@ -102,21 +102,25 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
     world size are those of ``group`` in the initialised process group; without a process group (even with
     ``$RANK`` / ``$WORLD_SIZE`` set) this is the single-process importance of all the batches. Every rank must get
     at least one batch with samples: the ranks agree on that (and on any other failure of a rank's share) before
-    reducing, so every rank raises instead of some waiting in a collective.
+    reducing, so every rank raises instead of some waiting in a collective. ``expected_groups`` (the declared
+    group ids) is checked on the summed counts, as one process checks all its batches: with ``C_g`` the number of
+    samples of group ``g`` over all ranks, every declared ``g`` needs ``C_g > 0`` and every ``g`` with ``C_g > 0``
+    must be declared (a rank's share may hold only some of the declared groups).
 
     Args:
         model: the model (identical on every rank).
         batches: the calibration batches (the same on every rank).
         max_batches: use at most this many.
         group: the process group (default the world).
-        **kwargs: passed to ``compute_group_importance``.
+        **kwargs: passed to ``compute_group_importance`` (``expected_groups`` is checked after the reduction).
 
     Returns:
         The global :class:`~medquant.fairquant.importance.GroupImportance`.
 
     Raises:
         ValueError: an invalid rank / world size, ``max_batches`` below the number of processes, fewer calibration
-            batches (or batches with samples) than processes, or a single group over all ranks.
+            batches (or batches with samples) than processes, a declared group without samples or an undeclared
+            group with samples over all ranks, or a single group over all ranks.
         RuntimeError: another rank failed computing its share (that rank raises its own error).
     """
     r, w = _group_rank_world(group)
@@ -127,6 +131,8 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
                          f"use max_batches >= world size")
     seen = [0, 0]  # batches, samples of this rank's share
     groups_fn = kwargs.pop("groups_fn", None) or default_groups
+    # checked on the groups of all ranks together (below): a rank's share may miss a declared group
+    expected = kwargs.pop("expected_groups", None)
 
     def counted(it):
         for b in it:
@@ -169,6 +175,17 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
         raise error
     assert local is not None
     total = all_reduce_importance(local, group=group)
+    if expected is not None:  # the same counts on every rank: every rank raises the same error
+        allowed = {int(g) for g in expected}
+        extra = sorted(set(total.counts) - allowed)
+        if extra:
+            raise ValueError(f"calibration over all {w} processes saw group ids {extra} outside the declared groups "
+                             f"{sorted(allowed)}")
+        missing = sorted(allowed - set(total.counts))
+        if missing:
+            raise ValueError(f"group(s) {missing} have no samples in the {total.batches} calibration batch(es) of all "
+                             f"{w} processes; every declared group needs samples (declared: {sorted(allowed)}, seen: "
+                             f"{sorted(total.counts)})")
     if len(total.counts) < 2:
         raise ValueError(f"calibration over all {w} processes saw a single group ({sorted(total.counts)}); "
                          f"group-conditioned importance needs at least two groups with samples")
