@@ -14,6 +14,19 @@ found with :func:`medquant.models.model_roles`; image features come from the mod
 ``get_image_features`` (so every architecture's pixel conventions are respected) captured at the projector's
 input by a forward pre-hook. The backbone is frozen by default (a feature extractor, as in that report).
 
+Every sample gets its own row, independent of its batch-mates:
+
+* 5-D ``pixel_values`` ``(B, N, C, H, W)`` (Idefics3 / SmolVLM, several sub-images per sample after image
+  splitting): ``f_img(i) = sum_{s, t} v[s, t] h[s, t] / sum_{s, t} v[s, t]`` over the real sub-images ``s`` of
+  sample ``i`` (an all-zero sub-image is batch padding, dropped as the model drops it) and their patch tokens
+  ``t``, with ``v[s, t] = 1`` when patch ``t`` holds a pixel marked valid in ``pixel_attention_mask`` (zero
+  padding of a smaller image is left out);
+* PaliGemma's language model attends bidirectionally over its prefix: the text goes through the model's own
+  prefix path (``token_type_ids = 0``), so padding in the batch does not make it causal.
+
+The features are cast to the dtype of the projections (float32 by default, also over a bfloat16 VLM;
+that of the cast after ``clf.to(torch.bfloat16)``).
+
 ``CompactCNN`` / ``SmallViT``: image-only classifiers with ``blocks`` (an ``nn.ModuleList``), a pooled
 embedding and the same ``head``; ``default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)`` (the fused-embedding site).
 """
@@ -30,6 +43,11 @@ from ..models import model_roles
 
 def _mlp_head(in_dim: int, hidden: int, n_labels: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_labels))
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: that of its first floating-point parameter (float32 without one)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _check_n_labels(n_labels) -> int:
@@ -85,6 +103,9 @@ class VLMClassifier(nn.Module):
             raise ValueError(f"{type(vlm).__name__} has no get_image_features(); cannot extract image features")
         self._owner_is_inner = owner is not vlm
         cfg: Any = vlm.config
+        # PaliGemma's text is a bidirectional prefix; its language model alone builds a causal mask whenever the
+        # batch has padding (and none without), so text goes through the model's prefix path instead
+        self._prefix_lm = getattr(cfg, "model_type", None) == "paligemma"
         vc = getattr(cfg, "vision_config", None)
         tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else getattr(cfg, "text_config", cfg)
         if image_dim is None:
@@ -105,6 +126,7 @@ class VLMClassifier(nn.Module):
                              f"(accepted {-(n_layers + 1)}..{n_layers})")
         self.text_layer = text_layer
         self.image_dim, self.text_dim = int(image_dim), int(text_dim)
+        self._patch_size = getattr(vc, "patch_size", None)
         self.image_proj = nn.Linear(self.image_dim, fuse_dim)
         self.text_proj = nn.Linear(self.text_dim, fuse_dim)
         self.head = _mlp_head(2 * fuse_dim, hidden, n_labels, dropout)
@@ -117,16 +139,19 @@ class VLMClassifier(nn.Module):
     def image_features(self, pixel_values: torch.Tensor, **image_kwargs) -> torch.Tensor:
         """Pooled vision-tower features: the projector's input, mean over image tokens.
 
+        5-D ``pixel_values`` ``(B, N, C, H, W)`` (Idefics3 / SmolVLM sub-images): one row per sample, the mean
+        over the valid patch tokens of its real sub-images (module docstring).
+
         Args:
             pixel_values: the processor's pixel values.
-            **image_kwargs: passed to ``get_image_features`` (e.g. ``image_grid_thw``).
+            **image_kwargs: passed to ``get_image_features`` (e.g. ``image_grid_thw``, ``pixel_attention_mask``).
 
         Returns:
             A tensor ``(B, image_dim)``.
 
         Raises:
             RuntimeError: the projector did not run.
-            ValueError: features of an unexpected shape or size.
+            ValueError: features of an unexpected shape or size, or a sample whose sub-images are all padding.
         """
         captured = {}
 
@@ -144,7 +169,9 @@ class VLMClassifier(nn.Module):
         if feats is None:
             raise RuntimeError("the projector did not run: no image features captured")
         grid = image_kwargs.get("image_grid_thw")
-        if feats.dim() == 3:
+        if feats.dim() == 3 and isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5:
+            pooled = self._pool_sub_images(feats, pixel_values, image_kwargs.get("pixel_attention_mask"))
+        elif feats.dim() == 3:
             pooled = feats.mean(dim=1)
         elif feats.dim() == 2 and grid is not None:  # Qwen2-VL: all patches of all images, flattened
             sizes = [int(t) * int(h_) * int(w) for t, h_, w in grid.tolist()]
@@ -155,8 +182,41 @@ class VLMClassifier(nn.Module):
             raise ValueError(f"image features have {pooled.shape[-1]} dims, expected image_dim={self.image_dim}")
         return pooled
 
+    def _pool_sub_images(self, feats: torch.Tensor, pixel_values: torch.Tensor,
+                         pixel_attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample mean over the valid patch tokens of the real sub-images (module docstring)."""
+        b, n = pixel_values.shape[:2]
+        real = (pixel_values.reshape(b * n, -1) != 0).any(dim=1)  # the model drops all-zero (padding) images
+        if feats.shape[0] != int(real.sum()):
+            raise ValueError(f"{feats.shape[0]} sub-images reached the projector but pixel_values {tuple(pixel_values.shape)} "
+                             f"has {int(real.sum())} that are not all zero: cannot tell which sample each belongs to")
+        tokens = feats.shape[1]
+        if pixel_attention_mask is None:
+            valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        else:
+            if self._patch_size is None:
+                raise ValueError("pixel_attention_mask given but the vision config has no patch_size")
+            p = int(self._patch_size)
+            pam = pixel_attention_mask.reshape(b * n, *pixel_attention_mask.shape[2:])[real.to(pixel_attention_mask.device)]
+            # a patch is valid when it holds a valid pixel (the vision model's own patch attention mask)
+            valid = (pam.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0).flatten(1).to(feats.device)
+            if valid.shape[1] != tokens:
+                raise ValueError(f"pixel_attention_mask gives {valid.shape[1]} patches per sub-image but the vision "
+                                 f"model gave {tokens} tokens")
+        w = valid.to(torch.float32)
+        sums = (feats.float() * w.unsqueeze(-1)).sum(dim=1)  # (R, d)
+        owner = torch.arange(b, device=feats.device).repeat_interleave(n)[real.to(feats.device)]
+        total = torch.zeros(b, feats.shape[-1], device=feats.device).index_add_(0, owner, sums)
+        count = torch.zeros(b, device=feats.device).index_add_(0, owner, w.sum(dim=1))
+        empty = (count == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"sample(s) {empty} have no image: all their sub-images are all zero (padding)")
+        return (total / count.unsqueeze(-1)).to(feats.dtype)
+
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Masked mean of the language model's ``hidden_states[text_layer]`` over the text tokens.
+
+        PaliGemma: the language model run through the model's prefix path (bidirectional, module docstring).
 
         Args:
             input_ids: token ids ``(B, T)``.
@@ -167,8 +227,13 @@ class VLMClassifier(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        lm = dict(self.vlm.named_modules())[self._language_name]
-        out = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        if self._prefix_lm:  # PaliGemma: the whole text is the bidirectional prefix (module docstring)
+            owner: Any = self.vlm.model if self._owner_is_inner else self.vlm  # PaliGemmaModel: no logits
+            out = owner(input_ids=input_ids, attention_mask=attention_mask,
+                        token_type_ids=torch.zeros_like(input_ids), output_hidden_states=True)
+        else:
+            lm = dict(self.vlm.named_modules())[self._language_name]
+            out = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         hs = out.hidden_states[self.text_layer]
         m = attention_mask.to(hs.dtype).unsqueeze(-1)
         return (hs * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
@@ -183,16 +248,17 @@ class VLMClassifier(nn.Module):
             **image_kwargs: passed to ``get_image_features``.
 
         Returns:
-            A tensor ``(B, 2 * fuse_dim)``.
+            A tensor ``(B, 2 * fuse_dim)`` in the dtype of the projections.
 
         Raises:
             ValueError: a different number of images and text rows.
         """
-        fi = self.image_proj(self.image_features(pixel_values, **image_kwargs).float())
+        # the features meet the projections in their dtype: float32 by default, bfloat16 after clf.to(bfloat16)
+        fi = self.image_proj(self.image_features(pixel_values, **image_kwargs).to(_compute_dtype(self.image_proj)))
         if input_ids is None:
             ft = torch.zeros_like(fi)
         else:
-            ft = self.text_proj(self.text_features(input_ids, attention_mask).float())
+            ft = self.text_proj(self.text_features(input_ids, attention_mask).to(_compute_dtype(self.text_proj)))
         if ft.shape[0] != fi.shape[0]:
             raise ValueError(f"{fi.shape[0]} images but {ft.shape[0]} text rows")
         return torch.cat([fi, ft], dim=-1)

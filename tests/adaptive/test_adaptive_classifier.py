@@ -22,12 +22,13 @@ def test_vlm_classifier_every_zoo_vlm(entry):
     logits = clf(inputs["pixel_values"], input_ids=ids, **kw)
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
 
-    # text features: hidden state after layer 1 of the language model, masked mean (independent call)
+    # text features: hidden state after layer 1 of the language model, masked mean (independent call on each
+    # sample alone, unpadded: a padded batch gives every sample the features it has alone)
     lm = clf.vlm.get_submodule(clf._language_name)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
-        hs = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
-        want = torch.stack([hs[0, :4].mean(0), hs[1].mean(0)])
+        want = torch.stack([lm(input_ids=ids[i:i + 1, :n], output_hidden_states=True).hidden_states[1][0].mean(0)
+                            for i, n in ((0, 4), (1, 6))])
         assert torch.allclose(clf.text_features(ids, mask), want, atol=1e-5)
         # the metadata text matters: other tokens, other logits
         other = clf(inputs["pixel_values"], input_ids=(ids + 7) % 200 + 4, **kw)

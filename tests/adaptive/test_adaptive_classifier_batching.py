@@ -1,0 +1,122 @@
+"""VLMClassifier: one row of logits per sample whatever its batch-mates, and casts of the whole classifier.
+
+References are written plainly with the transformers modules of the tiny zoo VLMs (the vision model / language
+model called directly on each sample alone, without padding), not with the classifier's own code paths.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medquant.adaptive import AdaptiveQuantizer, VLMClassifier
+from medquant.testing.zoo import ZOO_BY_NAME
+from tests.adaptive.test_adaptive_fakequant import independent_fq
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _classifier(name, **kw):
+    vlm = ZOO_BY_NAME[name].build()
+    torch.manual_seed(0)
+    return VLMClassifier(vlm, n_labels=3, fuse_dim=16, hidden=16, **kw).eval()
+
+
+# ---------------------------------------------------------------------------------------------- Idefics3
+def _tokens_alone(vlm, image):
+    """The vision model's tokens of one unpadded image (3, h, w), called directly: (h/p * w/p, d)."""
+    return vlm.model.vision_model(pixel_values=image[None]).last_hidden_state[0]
+
+
+def test_idefics3_sub_images_and_padding_pool_per_sample():
+    """Image splitting gives each sample several sub-images (B, N, 3, H, W), the batch pads missing sub-images
+    with all-zero images and smaller images with zeros marked off in ``pixel_attention_mask``: the pooled
+    feature of a sample is the mean over the tokens of its own real sub-images' valid patches."""
+    clf = _classifier("idefics3")
+    vlm = clf.vlm
+    g = torch.Generator().manual_seed(0)
+    big0, small0, small1 = (torch.randn(3, s, s, generator=g) for s in (48, 32, 32))
+    pv = torch.zeros(2, 2, 3, 48, 48)
+    pam = torch.zeros(2, 2, 48, 48, dtype=torch.bool)
+    pv[0, 0], pam[0, 0] = big0, True                      # sample 0: a 48x48 and a 32x32 sub-image
+    pv[0, 1, :, :32, :32], pam[0, 1, :32, :32] = small0, True
+    pv[1, 0, :, :32, :32], pam[1, 0, :32, :32] = small1, True  # sample 1: one 32x32 image, one padding image
+    with torch.no_grad():
+        feats = clf.image_features(pv, pixel_attention_mask=pam)
+        want0 = torch.cat([_tokens_alone(vlm, big0), _tokens_alone(vlm, small0)]).mean(0)
+        want1 = _tokens_alone(vlm, small1).mean(0)
+        assert feats.shape == (2, clf.image_dim)
+        assert torch.allclose(feats[0], want0, atol=1e-5)
+        assert torch.allclose(feats[1], want1, atol=1e-5)
+        # sample 1 on its own (no padding at all) gives the same row
+        alone = clf.image_features(small1[None, None])
+        assert torch.allclose(alone[0], feats[1], atol=1e-5)
+        # image-only logits: one row per sample, in input order
+        logits = clf(pv, pixel_attention_mask=pam)
+        assert logits.shape == (2, 3)
+        assert torch.allclose(logits[1], clf(small1[None, None])[0], atol=1e-5)
+        # per-sample levels reach their own sample: level 0 (2 bits) on sample 0 only, float on sample 1
+        fused = clf.fused_embedding(pv, pixel_attention_mask=pam)
+        want_q0 = clf.head(independent_fq(fused[0:1], 2))[0]
+        aq = AdaptiveQuantizer(clf, weight_config=None).eval()
+        out = aq(pv, pixel_attention_mask=pam, levels=torch.tensor([0, 3]))
+        assert torch.allclose(out[0], want_q0, atol=1e-5)
+        assert not torch.allclose(out[0], logits[0], atol=1e-4)
+        assert torch.allclose(out[1], logits[1], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- PaliGemma
+def test_paligemma_text_features_do_not_depend_on_batch_padding():
+    """PaliGemma's language model attends bidirectionally over the prefix (``use_bidirectional_attention``): the
+    text features of a sample are the same alone, right-padded or left-padded in a batch, and under eager or
+    SDPA attention. Reference: the language model on each sample alone, SDPA, no mask (bidirectional)."""
+    clf = _classifier("paligemma", text_layer=-1)
+    lm = clf.vlm.get_submodule(clf._language_name)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 200, (2, 6), generator=g)
+    with torch.no_grad():
+        want = [lm(input_ids=ids[0:1, :4]).last_hidden_state[0].mean(0), lm(input_ids=ids[1:2]).last_hidden_state[0].mean(0)]
+        right_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+        left_ids = ids.clone()
+        left_ids[0, 2:], left_ids[0, :2] = ids[0, :4], 0
+        left_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+        for impl in ("sdpa", "eager"):
+            lm.config._attn_implementation = impl
+            for x, m in ((ids, right_mask), (left_ids, left_mask)):
+                got = clf.text_features(x, m)
+                assert torch.allclose(got[0], want[0], atol=1e-5), (impl, m[0].tolist())
+                assert torch.allclose(got[1], want[1], atol=1e-5), (impl, m[0].tolist())
+
+
+# ---------------------------------------------------------------------------------------------- dtypes
+def test_classifier_cast_to_bfloat16_computes_in_bfloat16():
+    """``clf.to(torch.bfloat16)`` casts the projections and head too; the features meet them in their dtype.
+    Reference: the same pieces in bfloat16 called plainly (LLaVA: CLS-less patch tokens of the selected vision
+    layer; language model hidden state after layer 1), and the float32 classifier within bfloat16 rounding."""
+    clf = _classifier("llava", text_layer=1)
+    entry = ZOO_BY_NAME["llava"]
+    inputs = entry.inputs(clf.vlm)
+    pv, ids = inputs["pixel_values"], inputs["input_ids"][:, -6:]
+    with torch.no_grad():
+        ref32 = clf(pv, input_ids=ids)
+        clf.to(torch.bfloat16)
+        out = clf(pv, input_ids=ids)
+        vlm = clf.vlm
+        layer = vlm.config.vision_feature_layer
+        img = vlm.model.vision_tower(pixel_values=pv.bfloat16(), output_hidden_states=True).hidden_states[layer]
+        txt = vlm.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        fused = torch.cat([clf.image_proj(img[:, 1:].mean(1)), clf.text_proj(txt.mean(1))], dim=-1)
+        want = clf.head(fused)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert torch.allclose(out.float(), ref32, atol=5e-2 * float(ref32.abs().max()) + 1e-2)
+
+
+def test_bfloat16_backbone_float32_head():
+    """The usual set-up: a VLM loaded in bfloat16, the new projections and head in float32 (float32 logits)."""
+    vlm = ZOO_BY_NAME["llava"].build().to(torch.bfloat16)
+    inputs = ZOO_BY_NAME["llava"].inputs(vlm)
+    torch.manual_seed(0)
+    clf = VLMClassifier(vlm, n_labels=3, fuse_dim=16, hidden=16).eval()
+    with torch.no_grad():
+        out = clf(inputs["pixel_values"], input_ids=inputs["input_ids"][:, -6:])
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
