@@ -15,12 +15,15 @@ the one scale of the row / matrix):
 * symmetric ``b <= 4`` bits (``w = (u - 2^(b-1)) * s``): Q4_0 with ``q = u - 2^(b-1) + 8``, ``d = s``; symmetric
   1-bit (``w = (2u - 1) * s``): ``q = 2u + 7``. Exact when ``s`` is a float16 number.
 * symmetric ``b <= 8``: Q8_0 with ``q = u - 2^(b-1)`` (``2u - 1`` at 1 bit), ``d = s``.
-* asymmetric ``b <= 4`` (``w = (u - z) * s``): Q4_1 with ``q = u``, ``d = s``, ``m = -z * s`` rounded to float16
-  (near-exact; the error is measured).
+* asymmetric ``b <= 3`` (``w = (u - z) * s``, ``u`` and ``z`` in ``0..2^b - 1``): Q4_0 with ``q = u - z + 8``
+  (``u - z`` lies in ``-7..7``, so ``q`` in ``1..15``), ``d = s``. Exact when ``s`` is a float16 number.
+* asymmetric ``b <= 4`` (needed at 4 bits: ``u - z`` spans ``-15..15``, beyond Q4_0's ``-8..7``): Q4_1 with
+  ``q = u``, ``d = s``, ``m = -z * s`` rounded to float16 (near-exact; the error is measured).
 * asymmetric ``b <= 7``: Q8_0 with ``q = u - z`` (in ``-127..127``), ``d = s`` (exact).
 * pruned rows (0 bits): every type with ``d = 0`` (exact zeros).
 * symmetric rows also fit Q4_1 (``q = u - 2^(b-1) + 8``, ``m = -8 d``, exact), so a layer mixing symmetric and
-  asymmetric 4-bit rows is one Q4_1 tensor, and a layer mixing 4- and 8-bit rows one Q8_0 tensor.
+  asymmetric 4-bit rows is one Q4_1 tensor (asymmetric 1-3 bit rows with symmetric 1-4 bit rows: one Q4_0
+  tensor), and a layer mixing 4- and 8-bit rows one Q8_0 tensor.
 
 Not representable (refused unless promoted): asymmetric 8-bit, float rows inside an integer layer, group sizes
 that are not a multiple of 32, and an input size ``K`` that is not a multiple of 32.
@@ -60,7 +63,7 @@ def fits(target: str, bits: int, symmetric: bool) -> bool:
     if bits in FLOAT_BITS:
         return False
     if target == "Q4_0":
-        return symmetric and bits <= 4
+        return bits <= (4 if symmetric else 3)
     if target == "Q4_1":
         return bits <= 4
     if target == "Q8_0":
@@ -151,6 +154,8 @@ def row_group_blocks(layer: Any, bits: int, target: str) -> Blocks:
             return Blocks(target, c + 8, s, -8.0 * s)
         return Blocks(target, c, s)
     z = block_params(pw.zeros.float(), pw.scope, pw.group_elems, n, k)
+    if target == "Q4_0":  # b <= 3: u - z in -7..7
+        return Blocks(target, u - blk(z).to(torch.int16) + 8, s)
     if target == "Q4_1":
         return Blocks(target, u, s, -z * s)
     if target == "Q8_0":

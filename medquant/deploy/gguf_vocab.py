@@ -8,7 +8,13 @@ before BPE), ``tokenizer.ggml.tokens`` / ``token_type`` (and ``scores`` for Sent
 Byte-level BPE (``tokenizer.json`` with a BPE model and a ByteLevel decoder) is read here: tokens in id order,
 added tokens marked ``CONTROL`` when special and ``USER_DEFINED`` otherwise, every other token ``NORMAL``.
 SentencePiece (``tokenizer.model``) and byte-fallback BPE tokenizers are read by the ``gguf`` package's own
-vocabulary classes. The token list is padded to the model's vocabulary size with unused ``[PAD<i>]`` tokens.
+vocabulary classes, which know only the bos / eos / unk / pad tokens as special; the tokenizer's added tokens
+(``tokenizer.json``'s ``added_tokens``, else ``tokenizer_config.json``'s ``added_tokens_decoder``) are then set
+by id as llama.cpp's converter sets them: ``CONTROL`` when special, else ``USER_DEFINED`` with the space mark U+2581
+written as a space (llama.cpp matches and prints a user-defined token as raw text), score -1000. llama.cpp cuts a prompt on
+exactly these two types before tokenizing the rest, so a special token typed ``NORMAL`` (a chat marker such as
+Gemma's ``<start_of_turn>``) would be split into pieces. The token list is padded to the model's vocabulary size
+with unused ``[PAD<i>]`` tokens.
 """
 from __future__ import annotations
 
@@ -58,11 +64,29 @@ def _bpe_tokens(folder: Path) -> tuple[list[str], list[int]] | None:
     return [by_id[i][0] for i in range(n)], [by_id[i][1] for i in range(n)]
 
 
+def _added_tokens(folder: Path) -> dict[int, tuple[str, bool]]:
+    """``id -> (content, special)`` of the tokenizer's added tokens: ``tokenizer_config.json``'s
+    ``added_tokens_decoder``, overridden by ``tokenizer.json``'s ``added_tokens`` (the table the fast tokenizer
+    uses); empty when the folder has neither."""
+    out: dict[int, tuple[str, bool]] = {}
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+        for i, tok in decoder.items():
+            out[int(i)] = (tok["content"], bool(tok.get("special", False)))
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        for tok in json.loads(path.read_text(encoding="utf-8")).get("added_tokens") or []:
+            out[int(tok["id"])] = (tok["content"], bool(tok.get("special", False)))
+    return out
+
+
 def add_tokenizer(writer: Any, folder: Path, arch: str, n_vocab: int, name: str, pre: str | None) -> list[str]:
     """Write the tokenizer of ``folder`` into ``writer`` (a ``gguf.GGUFWriter``); returns notes for the report.
 
     Raises:
-        ExportError: no readable tokenizer in ``folder``, or more tokens than the model's ``n_vocab`` rows.
+        ExportError: no readable tokenizer in ``folder``, or more tokens (or a token id past them) than the model's
+            ``n_vocab`` rows.
     """
     from gguf import SpecialVocab, TokenType
     from gguf.vocab import LlamaHfVocab, SentencePieceVocab
@@ -104,6 +128,15 @@ def add_tokenizer(writer: Any, folder: Path, arch: str, n_vocab: int, name: str,
         types.append(int(TokenType.UNUSED))
         if scores is not None:
             scores.append(-1000.0)
+    if scores is not None:  # SentencePiece-style: the added tokens' kinds, which the gguf classes do not read
+        for i, (text, is_special) in sorted(_added_tokens(folder).items()):
+            if i >= n_vocab:
+                raise ExportError(f"the tokenizer in {folder} has the added token {text!r} at id {i}, but the model's "
+                                  f"embedding has only {n_vocab} rows; give the tokenizer that belongs to this model "
+                                  "(source=...)")
+            tokens[i] = text if is_special else text.replace("\u2581", " ")
+            types[i] = int(TokenType.CONTROL if is_special else TokenType.USER_DEFINED)
+            scores[i] = -1000.0
     writer.add_tokenizer_model(model_kind)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)

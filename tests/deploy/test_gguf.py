@@ -145,6 +145,7 @@ def test_per_layer_schemes_types_and_errors(tok_dir, tmp_path):
                                                     channel_bits=mixed_bits),
         "model.layers.1.self_attn.q_proj": QuantConfig(bits=5, group_size=32, symmetric=False),
         "model.layers.1.mlp.up_proj": QuantConfig(bits=1, group_size=32, symmetric=True),
+        "model.layers.1.self_attn.k_proj": QuantConfig(bits=3, group_size=64),  # asymmetric (default at 3 bits)
         "_default": W4,
     })
     assert n_rows > 0
@@ -160,6 +161,7 @@ def test_per_layer_schemes_types_and_errors(tok_dir, tmp_path):
         "model.layers.0.mlp.down_proj": ("Q4_0", "exact re-expression"),
         "model.layers.1.self_attn.q_proj": ("Q8_0", "exact re-expression"),
         "model.layers.1.mlp.up_proj": ("Q4_0", "exact re-expression"),
+        "model.layers.1.self_attn.k_proj": ("Q4_0", "exact re-expression"),  # q = u - z + 8
         "model.layers.1.mlp.down_proj": ("Q4_0", "exact repack"),
     }
     for name, (target, how) in expect.items():
