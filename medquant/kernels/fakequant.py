@@ -39,7 +39,8 @@ def fake_quantize_rows_triton(
     mask = torch.empty(r, c, dtype=torch.int8, device=x2.device) if want_mask else None
     if r == 0 or c == 0:  # .to: x's dtype also where the buffer is float32 (bf16 under the interpreter)
         return y.to(x2.dtype), (mask.view(torch.bool) if mask is not None else None)
-    bits32 = bits.to(device=x2.device, dtype=torch.int32).contiguous()
+    # every width >= PASSTHROUGH_BITS means "keep the row": clamped before the int32 cast (2**32 + 4 would wrap to 4)
+    bits32 = bits.to(x2.device).clamp(max=PASSTHROUGH_BITS).to(torch.int32).contiguous()
     if interpreting():
         block, warps = min(_np2(c), 8192), 4
     else:  # pragma: no cover - GPU

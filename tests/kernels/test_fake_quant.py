@@ -261,3 +261,14 @@ def test_static_bits_and_group_size_are_not_coerced(kernel_device, backend):
     want = fake_quantize_static_reference(x.cpu(), sg.cpu(), None, 4, True, 32)
     got = fake_quantize_static(x, sg, None, np.int64(4), True, group_size=np.int32(32), backend=backend)
     assert bit_equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_huge_bit_widths_pass_through_on_every_backend(kernel_device, backend):
+    """Any width >= 16 leaves its row in floating point. The Triton kernel converted the widths to int32, so
+    2**32 + 4 wrapped to 4 and that row was quantized at 4 bits (the reference passed it through)."""
+    x = _rows_input().to(kernel_device)
+    bits = torch.tensor([2**32 + 4, 2**31, 4] + [32] * (len(x) - 3))
+    out = fake_quantize_rows(x, bits, False, backend=backend)
+    assert bit_equal(out[:2].cpu(), x[:2].cpu())
+    assert bit_equal(out.cpu(), fake_quantize_rows_reference(x.cpu(), bits, False))
