@@ -16,7 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.common.fairquant_setup import add_data_args, load_data_and_model, print_rows, summary
+from benchmarks.common.fairquant_setup import (
+    add_data_args,
+    json_rows,
+    load_data_and_model,
+    print_rows,
+    summary,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
     print_rows(rows, groups)
     out = Path(args.out)
     save(model, out, extras={"fairquant": alloc.state(), "dataset": data["info"], "arch": args.arch,
-                             "metrics": rows})
+                             "metrics": json_rows(rows)})
     print(f"saved mixed-precision model to {out} (reload: medquant.load('{out}', "
           f"model=benchmarks.common.nets.build('{args.arch}', ...)))")
     if args.json:

@@ -15,7 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.common.fairquant_setup import add_data_args, load_data_and_model, print_rows, summary
+from benchmarks.common.fairquant_setup import (
+    add_data_args,
+    json_rows,
+    load_data_and_model,
+    print_rows,
+    summary,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +85,7 @@ def main(argv=None) -> int:
     save(model, out, extras={"baq": {"bit_map": {k: list(v) for k, v in bit_map.items()}, "lambda_bit": args.lambda_bit,
                                      "lambda_fair": args.lambda_fair, "target_bits": target,
                                      "bit_range": list(args.bit_range)},
-                             "dataset": data["info"], "arch": args.arch, "metrics": rows})
+                             "dataset": data["info"], "arch": args.arch, "metrics": json_rows(rows)})
     print(f"saved mixed-precision model to {out}")
     if args.json:
         print(json.dumps(rows, default=str, indent=1))

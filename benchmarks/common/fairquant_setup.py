@@ -68,6 +68,13 @@ def summary(name, model, data) -> dict:
             "acc_by_group": r.acc, "n_by_group": r.counts}
 
 
+def json_rows(rows) -> list[dict]:
+    """``rows`` with the per-group dicts keyed by strings (JSON keys are strings: ``medquant.save`` extras refuse
+    int keys, which would come back as strings)."""
+    return [{k: ({str(g): x for g, x in v.items()} if isinstance(v, dict) else v) for k, v in r.items()}
+            for r in rows]
+
+
 def print_rows(rows, group_names) -> None:
     head = (f"{'model':<16}{'avg bits':>9}{'MB':>8}{'GBOPs':>9}{'AvgAcc':>8}{'WorstAcc':>9}{'Gap':>7}"
             f"{'EOpp0':>7}{'EOdd':>7}{'BalAcc':>8}  per group (n)")
