@@ -282,6 +282,17 @@ def test_feature_pairs_with_plain_modules_fail_at_construction_not_in_training()
         d(torch.randn(2, 4))
 
 
+def _teacher_and_perturbed_student(entry):
+    """A zoo teacher and a student copy of it with seeded noise (std 0.05) added to every parameter."""
+    teacher = entry.build()
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return teacher, student
+
+
 def _bert_classifier(seed):
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -334,12 +345,7 @@ def test_hf_trainer_with_gradient_accumulation_averages_the_micro_batch_losses(t
     from transformers import Trainer, TrainingArguments
 
     e = ZOO_BY_NAME["llama"]
-    teacher = e.build()
-    student = copy.deepcopy(teacher)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    teacher, student = _teacher_and_perturbed_student(e)
     b = e.inputs(teacher)
     rows = [{"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i], "labels": b["input_ids"][i]}
             for i in range(2)]
@@ -374,12 +380,7 @@ def test_a_tokenizers_batch_encoding_is_masked_like_a_dict():
     from transformers import BatchEncoding
 
     e = ZOO_BY_NAME["llama"]
-    teacher = e.build()
-    student = copy.deepcopy(teacher)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    teacher, student = _teacher_and_perturbed_student(e)
     b = e.inputs(teacher)
     b["attention_mask"][1, -5:] = 0
     d = Distiller(teacher, student, alpha=0.5, temperature=2.0)

@@ -22,6 +22,7 @@ from medquant.quant.api import ConfigMap, quantized_modules, resolve_configs
 from medquant.quant.modules import QUANT_MODULES
 from medquant.testing.zoo import ZOO_BY_NAME, zoo_params
 from medquant.testing.zoo_vlm import extra_zoo_params
+from tests.hf._helpers import state_equal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -45,14 +46,6 @@ def _mixed_plan(model):
     cb = tuple(ROW_PATTERN[i % len(ROW_PATTERN)] for i in range(rows))
     mapping = {first: QuantConfig(4, scope="channel", channel_bits=cb), "re:.*": QuantConfig(4, group_size=64)}
     return mapping, [last], first, last, cb
-
-
-def _state_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert set(sa) == set(sb)
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype, k
-        assert torch.equal(sa[k], sb[k]), k
 
 
 def _without_dtype(d):
@@ -86,7 +79,7 @@ def test_save_pretrained_reloads_with_auto_class(entry, tmp_path):
     assert isinstance(reloaded.get_submodule(first), QUANT_MODULES)
     assert torch.equal(reloaded.get_submodule(first).row_bits(), torch.tensor(cb, dtype=torch.int16))
     assert isinstance(reloaded.get_submodule(last), (torch.nn.Linear, torch.nn.Conv2d))
-    _state_equal(model, reloaded)
+    state_equal(model, reloaded)
     assert torch.equal(entry.output(reloaded, inputs), expected)
 
     # the reloaded model saves with plain save_pretrained and round-trips again, byte for byte in its tensors
@@ -118,7 +111,7 @@ def test_quantize_on_load_equals_quantize_(name, tmp_path):
     loaded = _auto(entry).from_pretrained(tmp_path / "float", quantization_config=spec)
     quantize_(float_model, spec.quantize_spec(), skip=spec.skip)
     assert set(quantized_modules(loaded)) == set(quantized_modules(float_model))
-    _state_equal(float_model, loaded)
+    state_equal(float_model, loaded)
     expected = entry.output(float_model, inputs)
     assert torch.equal(entry.output(loaded, inputs), expected)
     # control: the quantized output differs from the float one, so equality above is not vacuous
@@ -126,7 +119,7 @@ def test_quantize_on_load_equals_quantize_(name, tmp_path):
 
     loaded.save_pretrained(tmp_path / "q")
     again = _auto(entry).from_pretrained(tmp_path / "q")
-    _state_equal(float_model, again)
+    state_equal(float_model, again)
     assert torch.equal(entry.output(again, inputs), expected)
 
 
@@ -255,7 +248,7 @@ def test_plain_model_save_pretrained_after_quantizing_in_place_reloads(how, tmp_
     qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "medquant" and set(qc["modules"]) == set(quantized_modules(model))
     reloaded = _auto(entry).from_pretrained(tmp_path / "hf")
-    _state_equal(model, reloaded)
+    state_equal(model, reloaded)
     assert torch.equal(entry.output(reloaded, inputs), entry.output(model, inputs))
     plain = torch.nn.Sequential(torch.nn.Linear(32, 32))
     quantize_(plain, QuantConfig(4, group_size=32))  # not a transformers model: nothing bound
@@ -276,13 +269,13 @@ def test_base_model_and_model_with_head_read_each_others_checkpoints(name, tmp_p
     base = transformers.AutoModel.from_pretrained(tmp_path / "full")
     assert type(base) is type(model.model)
     assert set(quantized_modules(base)) == {n.removeprefix("model.") for n in quantized_modules(model)} - {"lm_head"}
-    _state_equal(model.model, base)
+    state_equal(model.model, base)
     assert torch.equal(_hidden(base, inputs), _hidden(model.model, inputs))
 
     medquant.hf.save_pretrained(model.model, tmp_path / "base")
     full = _auto(entry).from_pretrained(tmp_path / "base")
     assert isinstance(full.lm_head, torch.nn.Linear)  # not in the checkpoint: a new float head
-    _state_equal(model.model, full.model)
+    state_equal(model.model, full.model)
     assert torch.equal(_hidden(full.model, inputs), _hidden(model.model, inputs))
 
 
@@ -312,7 +305,7 @@ def test_modules_recorded_under_the_legacy_vlm_layout_load(tmp_path):
     (tmp_path / "q" / "medquant.manifest.json").unlink()  # a folder of that time has none
     with pytest.warns(UserWarning, match="no medquant.manifest.json"):
         back = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "q")
-    _state_equal(model, back)
+    state_equal(model, back)
     assert torch.equal(entry.output(back, inputs), expected)
 
 
@@ -371,7 +364,7 @@ def test_extra_zoo_save_pretrained_from_pretrained_and_generate(entry, tmp_path)
     assert set(qc["modules"]) == set(quantized_modules(model))
     reloaded = type(model).from_pretrained(tmp_path / "q")
     assert type(reloaded) is type(model)
-    _state_equal(model, reloaded)
+    state_equal(model, reloaded)
     assert torch.equal(entry.output(reloaded, inputs), expected)
     if entry.name in GENERATE:
         with torch.no_grad():
@@ -393,7 +386,7 @@ def test_bf16_vlm_keeps_its_dtypes_through_save_pretrained(tmp_path):
     assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
     assert back.model.vision_tower.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     assert all(m.weight_dtype == torch.bfloat16 for m in quantized_modules(back).values())
-    _state_equal(model, back)
+    state_equal(model, back)
     assert torch.equal(entry.output(back, inputs), expected)
 
 
@@ -412,7 +405,7 @@ def test_from_pretrained_with_another_dtype_casts_the_quantized_layers_like_to(n
     layers = quantized_modules(back)
     assert any(isinstance(m, medquant.QuantConv2d) for m in layers.values())
     assert {m.weight.dtype for m in layers.values()} == {torch.bfloat16}
-    _state_equal(model, back)
+    state_equal(model, back)
     with torch.no_grad():
         got, want = entry.output(back, inputs), entry.output(model, inputs)
     assert got.dtype == torch.bfloat16

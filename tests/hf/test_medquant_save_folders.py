@@ -16,14 +16,7 @@ import medquant as mq
 from medquant.quant.embeddings import quantize_embeddings_
 from medquant.quant.modules import QuantEmbedding, QuantLinear
 from medquant.testing.zoo import ZOO_BY_NAME, text_kwargs
-
-
-def _state_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert set(sa) == set(sb)
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype, k
-        assert torch.equal(sa[k], sb[k]), k
+from tests.hf._helpers import state_equal
 
 
 def _logits(model, ids):
@@ -45,7 +38,7 @@ def test_from_pretrained_of_a_medquant_save_folder_gives_the_quantized_model(tmp
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
     assert isinstance(back.model.layers[0].self_attn.q_proj, QuantLinear)
     assert back.model.layers[0].mlp.up_proj.config.channel_bits == model.model.layers[0].mlp.up_proj.config.channel_bits
-    _state_equal(back, model)
+    state_equal(back, model)
     if dtype == torch.float32:  # bfloat16: transformers rebuilds the rotary inv_freq in float32 (documented)
         assert torch.equal(_logits(back, IDS), _logits(model, IDS))
     assert mq.load(tmp_path / "ck").config.quantization_config["modules"] == qc["modules"]  # medquant.load too
@@ -60,7 +53,7 @@ def test_from_pretrained_of_a_medquant_save_folder_ties_a_quantized_head_again(t
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
     assert isinstance(back.model.embed_tokens, QuantEmbedding) and isinstance(back.lm_head, QuantLinear)
     assert back.lm_head.qweight_4 is back.model.embed_tokens.qweight_4
-    _state_equal(back, model)
+    state_equal(back, model)
     assert torch.equal(_logits(back, IDS), _logits(model, IDS))
 
 
@@ -68,7 +61,7 @@ def test_a_float_model_s_config_is_written_as_before(tmp_path):
     model = ZOO_BY_NAME["llama"].build()
     mq.save(model, tmp_path / "ck")
     assert "quantization_config" not in json.loads((tmp_path / "ck" / "config.json").read_text())
-    _state_equal(AutoModelForCausalLM.from_pretrained(tmp_path / "ck"), model)
+    state_equal(AutoModelForCausalLM.from_pretrained(tmp_path / "ck"), model)
 
 
 def test_a_save_pretrained_call_of_a_rank_that_does_not_save_leaves_the_checkpoint(tmp_path):
@@ -88,6 +81,6 @@ def test_a_save_pretrained_call_of_a_rank_that_does_not_save_leaves_the_checkpoi
     saved = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
     model.save_pretrained(tmp_path / "ck", is_main_process=False)  # another rank, finishing after rank 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == saved
-    _state_equal(AutoModelForCausalLM.from_pretrained(tmp_path / "ck"), model)
+    state_equal(AutoModelForCausalLM.from_pretrained(tmp_path / "ck"), model)
     mq.hf.save_pretrained(model, tmp_path / "other", is_main_process=False)
     assert not any(p.name.startswith(".other.mq-v-") for p in tmp_path.iterdir())  # no version published
