@@ -18,14 +18,13 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medquant.distributed import all_reduce_gradients, broadcast_parameters
 from medquant.fairquant.baq import BAQWrapper
 from medquant.fairquant.distributed import distributed_group_importance
 from medquant.fairquant.importance import compute_group_importance
+from tests.distributed._spawn import spawn_rank_results, write_rank_results
 
 WORLD = 3
 SUB = [1, 2]  # the sub-group of the broadcast / BAQ cases
@@ -124,19 +123,14 @@ def _worker(r: int, init_file: str, out: str) -> None:
             info["imp_counts"] = json.dumps(imp["x"].counts)
         info["imp_missing"] = _error(lambda: run([0, 1, 2]))  # group 2 has no sample on any rank
         info["imp_undeclared"] = _error(lambda: run([1, 5]))  # group 0 (ranks 0 and 2) is not declared
-        save_file({k: v.contiguous() for k, v in res.items()}, f"{out}/res{r}.safetensors")
-        with open(f"{out}/info{r}.json", "w") as f:
-            json.dump(info, f)
+        write_rank_results(out, "res", r, res, info)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gloo_helpers")
-    mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    return [(load_file(str(d / f"res{r}.safetensors")), json.loads((d / f"info{r}.json").read_text()))
-            for r in range(WORLD)]
+    return spawn_rank_results(_worker, tmp_path_factory.mktemp("gloo_helpers"), "res", WORLD)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -31,6 +31,7 @@ from medquant.fairquant.qat import fq_qat
 from medquant.quant.api import quantize_
 from medquant.quant.config import QuantConfig
 from medquant.training import train_steps
+from tests.distributed._spawn import spawn_rank_results, write_rank_results
 
 WORLD = 2
 STEPS = 6
@@ -506,19 +507,14 @@ def _edge_worker(r: int, init_file: str, out: str) -> None:
         info["errors"] = errors
         flat = {"tie_grad": res["tie_grad"], "tie_values": res["tie_values"],
                 **{f"qat/{k}": v for k, v in res["qat_big_ids"].items()}}
-        save_file({k: v.contiguous() for k, v in flat.items()}, f"{out}/edge{r}.safetensors")
-        with open(f"{out}/edge{r}.json", "w") as f:
-            json.dump(info, f)
+        write_rank_results(out, "edge", r, flat, info)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def edge_ranks(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gloo_edge")
-    mp.spawn(_edge_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    return [(load_file(str(d / f"edge{r}.safetensors")), json.loads((d / f"edge{r}.json").read_text()))
-            for r in range(WORLD)]
+    return spawn_rank_results(_edge_worker, tmp_path_factory.mktemp("gloo_edge"), "edge", WORLD)
 
 
 def test_global_objective_ties_and_ids_across_ranks_equal_single_process(edge_ranks):
