@@ -35,7 +35,8 @@ def test_cli_pipeline(tmp_path, capsys):
     assert rep["data"] == {"source": str(text), "texts": n_texts, "calibration_texts": 8, "calibration_batches": 2,
                            "training_texts": 4, "training_batches": 2, "max_length": 24}
     assert rep["settings"] == {"heads": 0.3, "ffn": 0.3, "gqa": "query", "layer_select": True, "train": "distil",
-                               "steps": 2, "batch": 2, "lr": 1e-4, "quant": "awq", "bits": 4, "group_size": 32}
+                               "steps": 2, "batch": 2, "lr": 1e-4, "quant": "awq", "bits": 4, "group_size": 32,
+                               "seed": 0}
     model = load_compressed(out)
     ids = torch.tensor([[101, 2053, 11325, 102]])
     assert model(input_ids=ids).logits.shape == (1, 4, tok.vocab_size)
@@ -160,3 +161,26 @@ def test_cli_pipeline_without_texts_left_to_train_on_says_so_in_its_options(tmp_
     err = capsys.readouterr().err
     assert "3 texts" in err and "--calib-samples 16" in err and "--batch 2" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_pipeline_seed_makes_training_with_dropout_repeatable(tmp_path):
+    from tests.cli.tiny_folder import report_text_file, tiny_llama_folder
+
+    src = tiny_llama_folder(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.5}))  # training draws random masks
+    text = report_text_file(tmp_path)
+
+    def run(name: str, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(ord(name))  # whatever the caller's generator holds must not matter
+        out = tmp_path / name
+        assert main(["pipeline", str(src), "--out", str(out), "--heads", "0", "--ffn", "0", "--train", "finetune",
+                     "--steps", "2", "--batch", "2", "--lr", "0.01", "--quant", "none", "--text", str(text),
+                     "--calib-samples", "4", "--max-length", "16", "--seed", str(seed)]) == 0
+        assert json.loads((out / "pipeline_report.json").read_text())["settings"]["seed"] == seed
+        return load_compressed(out).state_dict()
+
+    a, b, c = run("a", 3), run("b", 3), run("c", 4)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed decides the dropout masks, so the weights

@@ -13,7 +13,9 @@ bar; ``--train none`` / ``--quant none`` / ``--heads 0 --ffn 0`` skip stages. ``
 folder itself. Reload the result with ``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json``
 records the parameter counts before and after, the stored bytes, the last training loss, every stage setting
 (``settings``) and the data the stages saw (``data``: the text source, how many texts there were, how many
-calibrated and trained, in how many batches, and ``--max-length``).
+calibrated and trained, in how many batches, and ``--max-length``). ``--seed`` (default 0) seeds torch's global
+generator before the model is loaded, so dropout in the training stage and the distillation projections start the
+same way on every run: the same command on the same machine saves the same weights.
 """
 from __future__ import annotations
 
@@ -54,12 +56,15 @@ def _texts(args) -> tuple[list[str], str]:
 
 
 def run(args) -> int:
+    import torch
+
     from .. import QuantConfig
     from ..pipeline import PruneStage, QuantStage, TrainStage, compress
     from ..prune import parameter_report
     from .prune import _load
 
     texts, source = _texts(args)
+    torch.manual_seed(args.seed)  # dropout while training, projection layers of the distiller
     model, tok = _load(args.model, args.gguf_file, command="pipeline")
     if tok is None:
         raise SystemExit("the pipeline needs the model folder's tokenizer")
@@ -86,7 +91,8 @@ def run(args) -> int:
     summary: dict = {
         "settings": {"heads": args.heads, "ffn": args.ffn, "gqa": args.gqa, "layer_select": args.layer_select,
                      "train": args.train, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-                     "quant": args.quant, "bits": args.bits, "group_size": args.group_size},
+                     "quant": args.quant, "bits": args.bits, "group_size": args.group_size,
+                     "seed": args.seed},
         "data": {"source": source, "texts": len(texts), "calibration_texts": len(texts[: args.calib_samples]),
                  "calibration_batches": len(calib),
                  "training_texts": sum(len(b["input_ids"]) for b in train_data) if train else 0,
@@ -130,6 +136,8 @@ def register(sub) -> None:
     p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
     p.add_argument("--calib-samples", type=positive_int, default=16)
     p.add_argument("--max-length", type=positive_int, default=128)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of torch's generator (dropout while training, distillation projections; default 0)")
     p.set_defaults(func=run, check=lambda args: _check(args, p))
 
 
