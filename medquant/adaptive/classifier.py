@@ -72,7 +72,10 @@ class VLMClassifier(nn.Module):
         fuse_dim: size of each projected modality feature; the fused embedding has ``2 * fuse_dim``.
         hidden: width of the MLP head.
         dropout: head dropout.
-        freeze_backbone: freeze the VLM's parameters (default True).
+        freeze_backbone: freeze the VLM's parameters (default True). A frozen VLM also stays in eval mode when
+            the classifier is put in training mode (``clf.train()``): its dropout is off, so the features the
+            projections and head learn from are the ones they see at inference. With ``False`` the VLM follows
+            the classifier's mode (fine-tuning it, e.g. with LoRA layers whose dropout should run).
         image_dim: the vision feature size when it cannot be read from the config.
         text_dim: the text feature size when it cannot be read from the config.
 
@@ -131,9 +134,18 @@ class VLMClassifier(nn.Module):
         self.text_proj = nn.Linear(self.text_dim, fuse_dim)
         self.head = _mlp_head(2 * fuse_dim, hidden, n_labels, dropout)
         self.n_labels = n_labels
+        self.freeze_backbone = bool(freeze_backbone)
         if freeze_backbone:
             for p in vlm.parameters():
                 p.requires_grad_(False)
+            vlm.eval()
+
+    def train(self, mode: bool = True) -> VLMClassifier:
+        """Set training mode; a frozen backbone (``freeze_backbone=True``) stays in eval mode (class docstring)."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.vlm.eval()
+        return self
 
     # ------------------------------------------------------------------ features
     def image_features(self, pixel_values: torch.Tensor, **image_kwargs) -> torch.Tensor:

@@ -85,3 +85,25 @@ def test_image_only_variants():
         vit(torch.randn(1, 1, 16, 16))
     with pytest.raises(ValueError, match="multiple"):
         SmallViT(2, image_size=30, patch=8)
+
+
+def test_frozen_backbone_stays_in_eval_mode_when_the_classifier_trains():
+    entry = ZOO_BY_NAME["llava"]
+    vlm = entry.build()
+    inputs = entry.inputs(vlm)
+    for m in vlm.modules():  # dropout inside the VLM's attention: training mode would draw masks
+        for name in ("dropout", "attention_dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.5)
+    ids = inputs["input_ids"][:, -6:]
+    torch.manual_seed(0)
+    clf = VLMClassifier(vlm, n_labels=2, fuse_dim=8, hidden=8)
+    with torch.no_grad():
+        want = clf.eval().fused_embedding(inputs["pixel_values"], ids, None)
+        clf.train()
+        assert clf.training and clf.head.training and not any(m.training for m in clf.vlm.modules())
+        for _ in range(2):  # the frozen VLM's features do not change from call to call, nor from eval mode
+            assert torch.equal(clf.fused_embedding(inputs["pixel_values"], ids, None), want)
+    # an unfrozen VLM follows the classifier's mode (its dropout runs while fine-tuning)
+    tuned = VLMClassifier(entry.build(), n_labels=2, fuse_dim=8, hidden=8, freeze_backbone=False).train()
+    assert all(m.training for m in tuned.vlm.modules())
