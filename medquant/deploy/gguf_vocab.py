@@ -13,8 +13,16 @@ vocabulary classes, which know only the bos / eos / unk / pad tokens as special;
 by id as llama.cpp's converter sets them: ``CONTROL`` when special, else ``USER_DEFINED`` with the space mark U+2581
 written as a space (llama.cpp matches and prints a user-defined token as raw text), score -1000. llama.cpp cuts a prompt on
 exactly these two types before tokenizing the rest, so a special token typed ``NORMAL`` (a chat marker such as
-Gemma's ``<start_of_turn>``) would be split into pieces. The token list is padded to the model's vocabulary size
-with unused ``[PAD<i>]`` tokens.
+Gemma's ``<start_of_turn>``) would be split into pieces. A byte-fallback BPE ``tokenizer.json`` has merges and no
+scores, while llama.cpp's SentencePiece-style tokenizer joins pieces by score: its tokens score ``-r`` for the merge
+``r`` that makes them (below every merge when none does), so llama.cpp merges in the BPE order. The token list is
+padded to the model's vocabulary size with unused ``[PAD<i>]`` tokens.
+
+``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say whether llama.cpp puts bos / eos around a prompt; they are
+read as the ``gguf`` package's ``SpecialVocab`` reads them (``tokenizer_config.json``'s ``add_bos_token`` /
+``add_eos_token``, else the ``tokenizer.json`` post-processor's template), and a flag neither gives is written
+``false`` when there is a ``tokenizer.json`` (its fast tokenizer adds nothing else), so llama.cpp does not fall
+back to its vocabulary type's default. Only a bare SentencePiece ``tokenizer.model`` keeps that default (bos, no eos).
 """
 from __future__ import annotations
 
@@ -81,6 +89,64 @@ def _added_tokens(folder: Path) -> dict[int, tuple[str, bool]]:
     return out
 
 
+def _merge_list(path: Path, merges: Any) -> list[tuple[str, str]]:
+    """The ``model.merges`` of ``tokenizer.json`` as pairs, from either of its spellings (``"a b"`` or ``["a", "b"]``)."""
+    pairs = []
+    for merge in merges or []:
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise ExportError(f"{path}: the merge {merge!r} is not a pair of tokens (accepted: \"left right\" or "
+                              "[\"left\", \"right\"])")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _merge_scores(folder: Path, tokens: list[str], types: list[int], scores: list[float]) -> None:
+    """Set the scores of a byte-fallback BPE vocabulary's ``NORMAL`` tokens from its merges, in place.
+
+    llama.cpp's SentencePiece-style tokenizer joins, among the neighbouring pieces that form a token, the pair whose
+    token scores highest (the leftmost on a tie), where BPE applies the earliest merge in ``merges``. A token made
+    by merge ``r`` (its first merge when several make it) therefore scores ``-r``, and a token no merge makes
+    (characters, byte tokens) scores ``-len(merges)``, below every merge; the ``gguf`` package's placeholder of -1000
+    for all tokens would join pieces left to right instead.
+    """
+    from gguf import TokenType
+
+    path = folder / "tokenizer.json"
+    merges = _merge_list(path, json.loads(path.read_text(encoding="utf-8")).get("model", {}).get("merges"))
+    rank: dict[str, int] = {}
+    for r, (left, right) in enumerate(merges):
+        rank.setdefault(left + right, r)
+    for i, (text, kind) in enumerate(zip(tokens, types)):
+        if kind == TokenType.NORMAL:
+            scores[i] = -float(rank.get(text, len(merges)))
+
+
+#: post-processors whose added tokens ``gguf.SpecialVocab`` reads completely (a ``ByteLevel`` one adds none)
+_KNOWN_POST = {"TemplateProcessing", "RobertaProcessing", "ByteLevel"}
+
+
+def _settle_add_flags(add: dict[str, bool], folder: Path) -> str:
+    """Complete ``add`` (``gguf.SpecialVocab.add_special_token``) with ``bos`` / ``eos`` and return a note.
+
+    ``SpecialVocab`` sets a flag from ``tokenizer_config.json``'s ``add_bos_token`` / ``add_eos_token`` or from a
+    ``tokenizer.json`` post-processor that puts the token around the text, and leaves it out otherwise; llama.cpp
+    would then take its vocabulary type's default (bos added for a SentencePiece-style vocabulary and for some
+    byte-level ones, such as ``llama-bpe``), not what the source tokenizer does. With a ``tokenizer.json`` whose
+    post-processor is absent or fully read, a flag not set is ``False``: the fast tokenizer adds nothing else. A
+    SentencePiece ``tokenizer.model`` without a ``tokenizer.json`` or flags keeps llama.cpp's default (bos, no
+    eos), which is the default of transformers' SentencePiece tokenizers for Llama and Gemma.
+    """
+    path = folder / "tokenizer.json"
+    post = json.loads(path.read_text(encoding="utf-8")).get("post_processor") if path.is_file() else None
+    kinds = {p.get("type") for p in (post or {}).get("processors", [post])} if post else set()
+    if path.is_file() and kinds <= _KNOWN_POST:
+        for typ in ("bos", "eos"):
+            add.setdefault(typ, False)
+    said = {typ: ("yes" if add[typ] else "no") if typ in add else "llama.cpp's default" for typ in ("bos", "eos")}
+    return f"tokenizer: adds bos: {said['bos']}, adds eos: {said['eos']}"
+
+
 def add_tokenizer(writer: Any, folder: Path, arch: str, n_vocab: int, name: str, pre: str | None) -> list[str]:
     """Write the tokenizer of ``folder`` into ``writer`` (a ``gguf.GGUFWriter``); returns notes for the report.
 
@@ -117,6 +183,8 @@ def add_tokenizer(writer: Any, folder: Path, arch: str, n_vocab: int, name: str,
             tokens.append(text.decode("utf-8") if isinstance(text, bytes) else text)
             scores.append(float(score))
             types.append(int(ttype))
+        if isinstance(vocab, LlamaHfVocab):
+            _merge_scores(folder, tokens, types, scores)
         model_kind = "llama"
         pre = pre or "default"
         notes.append(f"tokenizer: SentencePiece-style ({type(vocab).__name__}), {len(tokens)} tokens")
@@ -146,6 +214,7 @@ def add_tokenizer(writer: Any, folder: Path, arch: str, n_vocab: int, name: str,
     if arch == "gemma3" and model_kind == "llama":
         writer.add_add_space_prefix(False)  # as llama.cpp's converter writes Gemma 3's SentencePiece vocabulary
     special = SpecialVocab(folder, load_merges=model_kind == "gpt2", n_vocab=n_vocab)
+    notes.append(_settle_add_flags(special.add_special_token, folder))
     special.add_to_gguf(writer, quiet=True)
     if special.chat_template is None:
         notes.append("tokenizer: no chat template in the source folder")
