@@ -27,6 +27,10 @@ from .method import QUANT_METHOD
 
 __all__ = ["MedQuantConfig", "recipe_of"]
 
+# the fields of a MedQuantConfig: what update() sets (and to_dict() writes)
+_FIELDS = ("quant_method", "format_version", "medquant_version", "config", "config_map", "skip", "modules",
+           "skipped_modules")
+
 
 def _as_config_dict(value: Any, what: str) -> dict | None:
     """QuantConfig | int | QuantConfig-dict | None -> validated QuantConfig dict (or None = keep float)."""
@@ -118,14 +122,15 @@ class MedQuantConfig(QuantizationConfigMixin):
             quantizing on load with only ``modules`` given, exactly those modules get exactly those configs.
         skipped_modules: Linear / Conv2d names left in float in a saved model (recorded for the reader).
         format_version: the saved-format version of the recorded model (at most this medquant's).
-        medquant_version: the medquant version that wrote it (default: this one).
+        medquant_version: the medquant version that wrote it, a string (default: this one).
         quant_method: must be ``"medquant"``.
         **unknown: refused (a clear error instead of an ignored field).
 
     Raises:
         ValueError: unknown fields, another ``quant_method``, a newer ``format_version``, both a config and a map,
             an invalid QuantConfig, a pattern given twice, or a ``modules`` entry that is not a recipe.
-        TypeError: ``skip`` is a single string, or ``config_map`` / a config is of the wrong type.
+        TypeError: ``skip`` is a single string, or ``config_map`` / a config / ``medquant_version`` is of the
+            wrong type.
     """
 
     def __init__(
@@ -166,6 +171,9 @@ class MedQuantConfig(QuantizationConfigMixin):
         if isinstance(config_map, ConfigMap) and config_map.skip:  # quantize_ honours a ConfigMap's own skip
             extra = [p for p in (_as_names(skip, "skip") or []) if p not in config_map.skip]
             skip = [*config_map.skip, *extra]
+        if medquant_version is not None and not isinstance(medquant_version, str):
+            raise TypeError(f"medquant_version must be a version string (or None: this one), got "
+                            f"{type(medquant_version).__name__} {medquant_version!r}")
         if modules is not None and not isinstance(modules, Mapping):
             raise TypeError(f"modules must be a mapping module name -> recipe dict, got {type(modules).__name__}")
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # transformers types it as its enum
@@ -185,6 +193,56 @@ class MedQuantConfig(QuantizationConfigMixin):
                 self.modules[str(name)] = e
         skipped = _as_names(skipped_modules, "skipped_modules")
         self.skipped_modules = sorted(skipped) if skipped is not None else None
+
+    # ------------------------------------------------------------------ updates
+    @classmethod
+    def from_dict(cls, config_dict: Mapping[str, Any], return_unused_kwargs: bool = False,
+                  **kwargs: Any) -> MedQuantConfig | tuple[MedQuantConfig, dict[str, Any]]:
+        """The config of a JSON form (``to_dict``), with fields in ``kwargs`` overriding it (through :meth:`update`).
+
+        Args:
+            config_dict: the fields, as written by :meth:`to_dict` (unknown ones are refused).
+            return_unused_kwargs: also return the ``kwargs`` that are not fields (transformers' signature).
+            **kwargs: fields to set after building (validated as by the constructor); the others are unused.
+
+        Returns:
+            The config, or ``(config, unused kwargs)`` with ``return_unused_kwargs``.
+        """
+        config = cls(**config_dict)
+        unused = config.update(**kwargs)
+        return (config, unused) if return_unused_kwargs else config
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the fields named in ``kwargs``, validated exactly as by the constructor; return the other kwargs.
+
+        The fields are ``quant_method``, ``format_version``, ``medquant_version``, ``config``, ``config_map``,
+        ``skip``, ``modules`` and ``skipped_modules``; they are normalised as the constructor does (an int
+        bit-width or a QuantConfig becomes its dict...). As transformers' ``QuantizationConfigMixin.update``
+        (``AutoQuantizationConfig.from_pretrained`` passes it every ``from_pretrained`` keyword), keys that are not
+        fields (method and property names included) are not used and come back; ``kwargs`` is not changed. The
+        result must be a valid config as a whole: replacing ``config`` by ``config_map`` takes ``config=None`` in
+        the same call.
+
+        Args:
+            **kwargs: new field values, and anything else (returned).
+
+        Returns:
+            The ``kwargs`` that are not fields.
+
+        Raises:
+            TypeError: a field value of the wrong type (as the constructor); the config is unchanged.
+            ValueError: a value the constructor refuses (an invalid QuantConfig, a newer ``format_version``, both
+                ``config`` and ``config_map``...); the config is unchanged.
+        """
+        used = {k: v for k, v in kwargs.items() if k in _FIELDS}
+        unused = {k: v for k, v in kwargs.items() if k not in _FIELDS}
+        if used:
+            try:  # build the whole new config first: a refusal leaves this one as it was
+                new = type(self)(**{**self.to_dict(), **used})
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"MedQuantConfig.update: {e} (the config is unchanged)") from None
+            self.__dict__.update({k: new.__dict__[k] for k in _FIELDS})
+        return unused
 
     # ------------------------------------------------------------------ helpers
     @property
