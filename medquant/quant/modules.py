@@ -456,6 +456,7 @@ class QuantLinear(_QuantWeightBase):
         q._quantize_from(w.detach())
         if module.bias is not None:
             q.bias.data.copy_(module.bias.detach())
+        _remember_float_class(q, module, nn.Linear)
         return q
 
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -465,7 +466,9 @@ class QuantLinear(_QuantWeightBase):
             dtype: dtype of the float layer; None is ``weight_dtype`` (the layer's, which follows ``.to(dtype)``).
 
         Returns:
-            A new ``nn.Linear``.
+            A new ``nn.Linear``; when the layer was quantized from a subclass of ``nn.Linear`` (``quantize_`` takes
+            those that compute as ``nn.Linear``), an instance of that subclass with its plain attributes (in memory
+            only: a layer read from a checkpoint gives ``nn.Linear``).
         """
         dtype = dtype or self.weight_dtype
         w = self.dequantized_weight(dtype)
@@ -474,7 +477,7 @@ class QuantLinear(_QuantWeightBase):
             lin.weight.copy_(w)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
-        return lin
+        return _restore_float_class(self, lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -574,6 +577,7 @@ class QuantConv2d(_QuantWeightBase):
         q._quantize_from(w.detach().reshape(module.out_channels, -1))
         if module.bias is not None:
             q.bias.data.copy_(module.bias.detach())
+        _remember_float_class(q, module, nn.Conv2d)
         return q
 
     def weight_4d(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -595,7 +599,8 @@ class QuantConv2d(_QuantWeightBase):
             dtype: dtype of the float layer; None is ``weight_dtype`` (the layer's, which follows ``.to(dtype)``).
 
         Returns:
-            A new ``nn.Conv2d``.
+            A new ``nn.Conv2d``; when the layer was quantized from a subclass of ``nn.Conv2d``, an instance of that
+            subclass with its plain attributes.
         """
         dtype = dtype or self.weight_dtype
         w = self.weight_4d(dtype)
@@ -605,7 +610,7 @@ class QuantConv2d(_QuantWeightBase):
             conv.weight.copy_(w)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return _restore_float_class(self, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(x.dtype) if self.bias is not None else None
@@ -637,6 +642,9 @@ class QuantEmbedding(_QuantWeightBase):
         device: where to allocate the buffers.
         dtype: dtype of the looked-up rows.
         layout: 1 or 2 (see :meth:`QuantLinear.from_float`).
+        scale_grad_by_freq: as ``nn.Embedding`` (kept in memory and given back by :meth:`to_float`; a saved
+            checkpoint does not record it).
+        norm_type: as ``nn.Embedding`` (kept in memory and given back by :meth:`to_float`; not saved).
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``.
@@ -646,13 +654,15 @@ class QuantEmbedding(_QuantWeightBase):
     bias = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: QuantConfig, padding_idx: int | None = None,
-                 device=None, dtype: torch.dtype = torch.float32, layout: int = 1) -> None:
+                 device=None, dtype: torch.dtype = torch.float32, layout: int = 1, *,
+                 scale_grad_by_freq: bool = False, norm_type: float = 2.0) -> None:
         super().__init__()
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
         if config.channel_bits is not None or not 1 <= config.bits <= 8:
             raise ValueError("a quantized embedding takes one bit-width of 1..8 for every row (no channel_bits)")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.scale_grad_by_freq, self.norm_type = bool(scale_grad_by_freq), float(norm_type)  # for to_float
         self.weight_dtype = dtype
         self._init_storage(num_embeddings, embedding_dim, config, device, layout)
 
@@ -678,7 +688,8 @@ class QuantEmbedding(_QuantWeightBase):
         if module.max_norm is not None or module.sparse:
             raise ValueError("QuantEmbedding cannot quantize an nn.Embedding with max_norm or sparse=True")
         w = module.weight
-        q = cls(module.num_embeddings, module.embedding_dim, config, module.padding_idx, w.device, w.dtype, layout)
+        q = cls(module.num_embeddings, module.embedding_dim, config, module.padding_idx, w.device, w.dtype, layout,
+                scale_grad_by_freq=module.scale_grad_by_freq, norm_type=module.norm_type)
         q._quantize_from(w.detach())
         return q
 
@@ -689,11 +700,13 @@ class QuantEmbedding(_QuantWeightBase):
             dtype: dtype of the table; None is ``weight_dtype``.
 
         Returns:
-            A new trainable ``nn.Embedding`` with the same ``padding_idx``.
+            A new trainable ``nn.Embedding`` with the same ``padding_idx``, ``scale_grad_by_freq`` and
+            ``norm_type``.
         """
         dtype = dtype or self.weight_dtype
         w = self.dequantized_weight(dtype)
-        return nn.Embedding.from_pretrained(w, freeze=False, padding_idx=self.padding_idx)
+        return nn.Embedding.from_pretrained(w, freeze=False, padding_idx=self.padding_idx, norm_type=self.norm_type,
+                                            scale_grad_by_freq=self.scale_grad_by_freq)
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized rows ``ids`` (any shape of int32 / int64 indices) -> ``(*ids.shape, embedding_dim)``.
@@ -740,6 +753,24 @@ class QuantEmbedding(_QuantWeightBase):
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={c.bits}, scope={c.scope}"
                 + (f"({c.group_size})" if c.scope == "group" else "")
                 + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
+
+
+def _remember_float_class(q: nn.Module, module: nn.Module, base: type[nn.Module]) -> None:
+    """Record on ``q`` the class of ``module`` when it is a subclass of ``base`` (``quantize_`` takes those that
+    compute as ``base``), and its own public plain attributes, for ``to_float`` to give them back."""
+    if type(module) is not base:
+        q.float_class = type(module)
+        q.float_attrs = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+
+
+def _restore_float_class(q: nn.Module, layer: nn.Module) -> nn.Module:
+    """``layer`` (a new ``base`` layer) as an instance of the class ``q`` recorded, with its attributes."""
+    cls = getattr(q, "float_class", None)
+    if cls is not None and cls is not type(layer) and issubclass(cls, type(layer)):
+        layer.__class__ = cls  # same forward, parameters weight / bias only: the layouts agree
+        for k, v in getattr(q, "float_attrs", {}).items():
+            layer.__dict__.setdefault(k, v)  # the float layer's own (shape, geometry) win
+    return layer
 
 
 # every layer that stores packed weights: the two matmul layers and the embedding table

@@ -70,3 +70,33 @@ def test_quantized_embeddings_come_back_as_float_tables_with_their_tied_heads_ti
     np.testing.assert_allclose(m.emb(ids).detach().numpy(), table[ids].numpy(), atol=1e-6)
     h = torch.randn(2, 32)
     torch.testing.assert_close(m.head(h), h @ table.T)
+
+
+class _TaggedLinear(nn.Linear):
+    """A subclass that computes as nn.Linear (quantize_ takes it) and carries a plain attribute (as
+    transformers' EsmFoldLinear carries ``init``)."""
+
+    def __init__(self, in_features, out_features, bias=True, tag="default"):
+        super().__init__(in_features, out_features, bias)
+        self.tag = tag
+
+
+class _TaggedConv(nn.Conv2d):
+    pass
+
+
+def test_a_quantized_subclass_of_linear_or_conv_comes_back_as_its_own_class():
+    torch.manual_seed(0)
+    m = nn.Sequential(OrderedDict(conv=_TaggedConv(3, 8, 3, padding=1), flat=nn.Flatten(),
+                                  lin=_TaggedLinear(8 * 4 * 4, 6, tag="final"))).eval()
+    quantize_(m, QuantConfig(8, group_size=16))
+    assert isinstance(m.lin, QuantLinear)
+    w = torch.from_numpy(np_dequant_layer(m.lin)).float()
+    bias = m.lin.bias.detach().clone()
+    dequantize_(m)
+    assert type(m.lin) is _TaggedLinear and m.lin.tag == "final"
+    assert type(m.conv) is _TaggedConv and m.conv.padding == (1, 1)
+    assert (m.lin.in_features, m.lin.out_features) == (128, 6)
+    h = torch.randn(2, 128)
+    torch.testing.assert_close(m.lin(h), h @ w.T + bias)  # nn.Linear's computation, on the dequantized weight
+    assert m(torch.randn(2, 3, 4, 4)).shape == (2, 6)

@@ -222,3 +222,24 @@ def test_quantizing_a_quantized_table_again_with_another_config_is_refused_not_i
     assert quantize_embeddings_(model, cfg) == {"embeddings": [], "tied_heads": []}
     assert quantize_embeddings_(model) == {"embeddings": [], "tied_heads": []}
     assert model.embed.config == cfg and model.embed.get_buffer("qweight_8") is codes
+
+
+@pytest.mark.parametrize("padding_idx,scale_grad_by_freq,norm_type", [(None, True, 2.0), (3, True, 1.0),
+                                                                       (0, False, 2.0)])
+def test_to_float_gives_back_the_tables_attributes_and_its_gradients(padding_idx, scale_grad_by_freq, norm_type):
+    torch.manual_seed(0)
+    table = nn.Embedding(40, 16, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq,
+                         norm_type=norm_type)
+    back = QuantEmbedding.from_float(table, mq.QuantConfig(8, scope="channel")).to_float()
+    for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                 "sparse"):
+        assert getattr(back, attr) == getattr(table, attr), attr
+    # the reference: the original nn.Embedding holding the same (dequantized) table
+    ref = nn.Embedding(40, 16, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq, norm_type=norm_type)
+    with torch.no_grad():
+        ref.weight.copy_(back.weight)
+    ids = torch.tensor([[1, 1, 1, 5], [3, 5, 0, 7]])
+    grad_out = torch.randn(2, 4, 16)
+    for e in (ref, back):
+        e(ids).backward(grad_out)
+    torch.testing.assert_close(back.weight.grad, ref.weight.grad)
