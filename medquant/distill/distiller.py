@@ -15,14 +15,21 @@ Loss per batch::
   ``hidden_states``, with a learned linear projection ``P_k`` (student width -> teacher width; identity-initialised
   when the widths agree; float32, on the student's device) trained together with the student.
 
-The teacher is put in eval mode, its parameters get ``requires_grad=False`` and it runs under ``torch.no_grad``
-in eval mode (also when it, or a module it shares with the student, was switched back to train mode): it
-receives no gradient and is never changed. Teacher and student may differ in size (a pruned or quantized copy
-of the teacher) as long as their logits have the same last dimension.
+The teacher is put in eval mode, its own parameters get ``requires_grad=False`` and it runs under
+``torch.no_grad`` in eval mode (also when it, or a module it shares with the student, was switched back to train
+mode): its own parameters receive no gradient and are never changed. A module shared by both (the same
+``nn.Module`` object in the teacher and the student, e.g. a shared embedding) stays the student's: its parameters
+keep their ``requires_grad`` and train with the student (the teacher's outputs follow them). Teacher and student may differ
+in size (a pruned or quantized copy of the teacher) as long as their logits have the same last dimension.
+
+Teacher and student may sit on different devices (a large teacher on a second GPU): the batch's tensors are moved
+to the device of the teacher's first parameter (left as they are for a model dispatched over several devices by
+accelerate, whose hooks move its inputs), and the teacher's logits and hidden states to the student's.
 """
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import numbers
 import warnings
@@ -104,12 +111,21 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
     Raises:
         TypeError: ``temperature`` is not a real number or a one-element real tensor (a bool included).
-        ValueError: the logits' shapes differ, ``temperature`` is not finite and > 0, the mask's shape is not the
-            positions', or no position is left (an empty batch, or a mask of zeros).
+        ValueError: the logits' shapes differ, the logits (or the mask) are on different devices (this function
+            moves nothing: move the teacher's logits with ``.to(student_logits.device)``; :class:`Distiller` does),
+            ``temperature`` is not finite and > 0, the mask's shape is not the positions', or no position is left
+            (an empty batch, or a mask of zeros).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ; KD needs the same positions and classes")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"the student logits are on {student_logits.device}, the teacher logits on "
+                         f"{teacher_logits.device}; kd_loss needs them on the same device (move the teacher's "
+                         f"with teacher_logits.to(student_logits.device))")
+    if mask is not None and mask.device != student_logits.device:
+        raise ValueError(f"the mask is on {mask.device}, the logits on {student_logits.device}; kd_loss needs "
+                         f"them on the same device (move the mask with mask.to(student_logits.device))")
     _check_temperature(temperature)
     t = temperature
     log_ps = F.log_softmax(student_logits.float() / t, dim=-1)
@@ -151,8 +167,11 @@ class Distiller(nn.Module):
 
     Args:
         teacher: the frozen teacher, called as ``model(**batch)`` (dict batches, or any mapping such as a
-            tokenizer's ``BatchEncoding``) or ``model(batch)``; it is put in eval mode with ``requires_grad=False``
-            and is not a submodule (never trained, not in ``state_dict``).
+            tokenizer's ``BatchEncoding``) or ``model(batch)``, with the batch's tensors moved to its device; it is
+            put in eval mode with ``requires_grad=False`` on its parameters that are not also the student's (a
+            module shared with the student keeps training) and is not a submodule (never trained, not in
+            ``state_dict``). It may sit on another device than the student: its outputs are moved to the
+            student's.
         student: the model to train, called the same way.
         alpha: weight of the KD term (``1 - alpha`` on the task loss).
         temperature: ``T`` of :func:`kd_loss`, a finite real number > 0 (not a bool).
@@ -184,6 +203,8 @@ class Distiller(nn.Module):
     #: ``gradient_accumulation_steps`` and the step's gradient is that of the mean of its batches' losses.
     accepts_loss_kwargs = False
 
+    teacher: nn.Module  # set with object.__setattr__: not a submodule
+
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
                  feature_pairs: Sequence[tuple[int, int]] = (), feature_weight: float = 1.0,
                  feature_norm: bool = False, student_dim: int | None = None, teacher_dim: int | None = None,
@@ -206,8 +227,10 @@ class Distiller(nn.Module):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never in state_dict
         self.student = student
         teacher.eval()
+        students = {id(p) for p in student.parameters()}  # a module shared with the student stays trainable
         for p in teacher.parameters():
-            p.requires_grad_(False)
+            if id(p) not in students:
+                p.requires_grad_(False)
         self.projections = nn.ModuleList()
         if self.feature_pairs:
             sd = student_dim or _hidden_size(_unwrap(student))
@@ -277,18 +300,19 @@ class Distiller(nn.Module):
         need_teacher = self.alpha > 0 or want_hidden  # alpha = 0: plain fine-tuning (the control), no teacher
         if need_teacher:  # eval mode also when something switched the teacher (or a module it shares) to train
             with torch.no_grad(), eval_mode(self.teacher):
-                t_out = run_model(self.teacher, batch, unpack_sequences=False, **extra)
+                t_batch = _to_device(batch, _input_device(self.teacher))
+                t_out = run_model(self.teacher, t_batch, unpack_sequences=False, **extra)
         s_out = run_model(self.student, batch, unpack_sequences=False, **extra)
         s_logits = main_output(s_out, hidden_state=False, first_item=False)  # logits only
         # the tokens' mask: KD reads it for token logits (B, S, V) only (class logits (B, C) have one position per
         # example), feature matching for the hidden states (B, S, H) of every model, classifiers included
         token_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None  # a BatchEncoding too
-        mask = token_mask if s_logits.dim() == 3 else None
+        mask = token_mask.to(s_logits.device) if token_mask is not None and s_logits.dim() == 3 else None
         parts: dict[str, torch.Tensor] = {}
         total = s_logits.new_zeros((), dtype=torch.float32)
         if self.alpha > 0:
             t_logits = main_output(t_out, hidden_state=False, first_item=False)
-            kd = kd_loss(s_logits, t_logits.detach(), self.temperature, mask)
+            kd = kd_loss(s_logits, t_logits.detach().to(s_logits.device), self.temperature, mask)
             parts["kd"] = kd
             total = total + self.alpha * kd
         if self.alpha < 1.0:
@@ -314,7 +338,7 @@ class Distiller(nn.Module):
             if not (-len(hs) <= i < len(hs) and -len(ht) <= j < len(ht)):
                 raise ValueError(f"feature pair ({i}, {j}) out of range: student has {len(hs)} hidden states, "
                                  f"teacher {len(ht)}")
-            target = ht[j].detach().float()
+            target = ht[j].detach().to(hs[i].device).float()  # the teacher's device may be another
             diff = (proj(hs[i].float()) - target).pow(2).mean(-1)
             loss = _masked_mean(diff, mask)
             if self.feature_norm:
@@ -380,7 +404,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return x.mean()
     if mask is None:
         return x.mean()
-    m = mask.to(x.dtype)
+    m = mask.to(device=x.device, dtype=x.dtype)
     return (x * m).sum() / m.sum().clamp_min(1)
 
 
@@ -390,6 +414,32 @@ def _param_device(model: nn.Module) -> torch.device:
         if p.is_floating_point():
             return p.device
     return torch.device("cpu")
+
+
+def _input_device(model: nn.Module) -> torch.device | None:
+    """Where ``model`` wants its inputs: the device of its first parameter (or buffer); None -- leave them -- for
+    a model without either, or one dispatched over several devices by accelerate (its top-level ``_hf_hook`` moves
+    the inputs, and gives the outputs back on their device; offloaded parameters are on ``meta``). A model loaded
+    with a one-device ``device_map`` has no hook and is moved to like any other."""
+    if getattr(_unwrap(model), "_hf_hook", None) is not None:
+        return None
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return None if first is None else first.device
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with its tensors (also inside mappings, lists and tuples) on ``device``; the rest unchanged."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

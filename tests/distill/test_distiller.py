@@ -424,3 +424,36 @@ def test_a_mask_that_does_not_fit_the_hidden_states_is_said_not_dropped_silently
         hs, ht = d.student(**batch).hidden_states[1], d.teacher(**batch).hidden_states[1]
         want = (d.projections[0](hs) - ht).pow(2).mean()  # over every position
     torch.testing.assert_close(parts["features"], want)
+
+
+def test_a_module_shared_by_teacher_and_student_is_still_trained():
+    """The teacher's parameters were all frozen (``requires_grad_(False)``), shared ones included: a student built
+    around a module of the teacher (a shared embedding, the same ``nn.Linear``) silently stopped training it."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(4, 6)
+    teacher = torch.nn.Sequential(shared, torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    student = torch.nn.Sequential(shared, torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    # the reference, in plain torch on copies made before the Distiller touches anything
+    ref_s, ref_t = copy.deepcopy(student), copy.deepcopy(teacher)
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        zt = ref_t(x)
+    ref_loss = 4.0 * torch.nn.functional.kl_div(torch.log_softmax(ref_s(x) / 2, -1), torch.log_softmax(zt / 2, -1),
+                                                log_target=True, reduction="batchmean")
+    ref_w, ref_b = torch.autograd.grad(ref_loss, [ref_s[0].weight, ref_s[0].bias])
+
+    d = Distiller(teacher, student, alpha=1.0, temperature=2.0)
+    assert shared.weight.requires_grad and shared.bias.requires_grad  # still the student's to train
+    assert not any(p.requires_grad for p in teacher[2].parameters())  # the teacher's own are frozen
+    assert {id(p) for p in d.trainable_parameters()} == {id(p) for p in student.parameters()}
+    parts = d(x)
+    assert float(parts["kd"]) == pytest.approx(float(ref_loss), rel=1e-5)
+    parts["loss"].backward()
+    torch.testing.assert_close(shared.weight.grad, ref_w)
+    torch.testing.assert_close(shared.bias.grad, ref_b)
+    assert all(p.grad is None for p in teacher[2].parameters())  # no gradient reaches the teacher's own
+    own = copy.deepcopy(teacher[2].state_dict())
+    w0 = shared.weight.detach().clone()
+    d.fit([x] * 3, steps=3, lr=1e-2, progress=False)
+    assert not torch.equal(w0, shared.weight)  # the shared module trains
+    assert all(torch.equal(v, own[k]) for k, v in teacher[2].state_dict().items())
