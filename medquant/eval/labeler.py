@@ -12,20 +12,27 @@ Steps for one text:
 1. lower-case, split into sentences (``.`` unless a digit follows it, as in ``1.5``, so ``"T12."`` ends a
    sentence; ``;``, ``!``, ``?``, line breaks: ``\\n``, ``\\r\\n``, a lone ``\\r``, ``\\u2028``... as
    ``str.splitlines``) and each sentence into clauses at scope breakers ("but", "however", "although", "except",
-   "which", "with" (not "without"), "there is/are", "and there"); in ``mode="answer"`` also at commas, and
-   ``"Finding: yes|no|possible"`` lines are rewritten to plain phrases first;
-2. find mentions of each finding with :data:`medquant.eval.findings.FINDING_SYNONYMS` (word boundaries);
+   "which", "with" (not "without"), "there is/are", "and there", and a comma before a new clause: a subject led by
+   a determiner or pronoun and its verb (``"no pneumothorax, the heart is enlarged"``), or a bare subject of up to
+   three words whose copula does not close a list (``"..., heart is enlarged"``, not ``"..., effusion is seen"``);
+   a comma inside a list of findings (``"no pneumothorax, effusion, or consolidation"``) continues the scope); in
+   ``mode="answer"`` also at every comma, and ``"Finding: yes|no|possible"`` lines are rewritten to plain phrases
+   first;
+2. find mentions of each finding with :data:`medquant.eval.findings.FINDING_SYNONYMS` (word boundaries); edema of
+   the soft tissues ("soft tissue", "subcutaneous", "subglottic", "chest wall" edema) is no ``Edema`` mention;
 3. classify each mention, inside its clause: a *hard uncertainty* phrase that itself contains a negation word
    ("cannot be excluded", "not ruled out", "not definitely excluded") -> uncertain ("no definite X" is a plain
    negation, as in the CheXpert labeler); else the nearer of the last negation cue ("no", "not", "without",
    "free of", "negative for", "absence of", "resolved", "unlikely"...; "no change" / "unchanged", "has not
    (completely) resolved", "has not been removed", "partially resolved" are not negations) and the last
    uncertainty cue ("possible", "may", "could", "questionable", "question" (not "in question"), "suspicious
-   for", "suspicion for", "concern for", "versus", "likely", "borderline", "rule out"...) before the mention
+   for", "suspicion for", "concern for", "versus", "likely", "borderline", "rule out", "limited evaluation for"
+   within four words of the mention...) before the mention
    decides: uncertainty cue after the negation cue -> uncertain, negation cue -> negative; else
-   post-mention negation ("is not seen", "has resolved", "are absent", "is unlikely"; "unlikely" is a
-   negation as in answer mode, where ``"X: unlikely"`` reads "no X") -> negative, post-mention uncertainty
-   ("cannot be excluded", "is possible", "is suspected") -> uncertain; else positive;
+   post-mention uncertainty ("cannot be excluded", "is possible", "is suspected", "may be present",
+   "evaluation for X is limited") -> uncertain, post-mention negation ("is not seen", "has resolved", "has
+   cleared", "are absent", "is unlikely"; "unlikely" is a negation as in answer mode, where ``"X: unlikely"``
+   reads "no X"; "has not cleared", "has partially cleared" are not) -> negative; else positive;
 4. aggregate per finding over mentions: positive > uncertain > negative > not mentioned (``nan``);
    ``No Finding`` = 0 when any of the 12 pathologies is positive or uncertain, else 1 (in ``"answer"`` mode 1
    only when the answer says "no finding" / "normal" / "none" or negates at least one pathology, 0 when it
@@ -70,18 +77,42 @@ _NEG_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absenc
 _UNC_CUE = re.compile(r"\b(?:possible|possibly|probable|probably|likely|may|might|could|questionable|"
                       r"(?<!in )question(?: of)?|questioned|suspicious (?:for|of)|suspicion (?:for|of)|suspected|"
                       r"suspect|suggest|suggests|suggestive|suggesting|"
-                      r"concern for|concerning for|worrisome for|versus|vs|equivocal|borderline|rule out|r/o|"
+                      r"concern (?:is |was )?for|concerning for|worrisome for|versus|vs|equivocal|borderline|rule out|r/o|"
                       r"differential|consider|considered|cannot exclude|atypical|uncertain|indeterminate|"
                       r"not excluded|may represent|could represent|presumably|presumed)\b")
 _POST_NEG = re.compile(r"^[^.]{0,40}?\b(?:(?:is|are|was|were|has been|have been)\s+)?(?:not (?:seen|identified|"
                        r"present|visualized|evident|appreciated|demonstrated|noted|detected)|absent|resolved|"
-                       r"has resolved|have resolved|no longer (?:seen|present|visualized)|removed|unlikely)\b")
+                       r"has resolved|have resolved|no longer (?:seen|present|visualized)|removed|unlikely|"
+                       r"(?:has|have|had) (?:since |now |completely |entirely |fully )?(?:cleared|resolved))\b")
 _POST_UNC = re.compile(r"^[^.]{0,40}?\b(?:cannot be (?:excluded|ruled out)|can not be (?:excluded|ruled out)|"
                        r"(?:is|are) not excluded|(?:is|are) (?:possible|suspected|questioned|likely|probable)|"
+                       r"(?:may|might|could) (?:also |possibly )?be (?:present|seen|noted|identified|visuali[sz]ed)|"
                        r"not (?:entirely )?excluded|(?:is|are) difficult to exclude)\b")
+# a comma ends the scope only before a new clause: a subject led by a determiner or pronoun (up to four more words)
+# and its verb ("..., the heart is enlarged"), or a bare subject of up to three words whose copula does not close a
+# list ("..., heart is enlarged", not "..., pleural effusion is seen / is suspected", which reads as the end of a
+# negated list); a subject holding "and" / "or" belongs to a list
+_LIST_WORD = r"(?:(?!(?:and|or|nor|no|not|without)\b)[a-z/-]+\s+)"
+_CLAUSE_VERB = (r"(?:is|are|was|were|has|have|had|appears?|remains?|measures?|projects?|terminates?|overlies|overlie|"
+                r"extends?|demonstrates?|shows?|suggests?)\b")
+_LIST_PREDICATE = (r"(?:(?:not|also|again|now|clearly|definitely|well|newly)\s+)*(?:seen|identified|noted|"
+                   r"demonstrated|present|evident|visuali[sz]ed|visible|appreciated|detected|shown|demonstrable|observed|"
+                   r"suspected|possible|likely|probable|questioned|excluded)\b")
+_CLAUSE_COMMA = (r",(?=\s*(?:the|this|these|that|those|it|its|a|an)\s+" + _LIST_WORD + r"{0,4}?" + _CLAUSE_VERB + r")|"
+                 r",(?=\s*" + _LIST_WORD + r"{1,3}?(?:is|are|was|were|appears?|remains?)\s+(?!" + _LIST_PREDICATE + r"))")
 _BREAK = re.compile(r"\b(?:but|however|although|though|except|whereas|which|while|nonetheless|yet)\b|"
                     r"\bwith(?!out)\b|\band there\b|\bthere (?:is|are|has been|have been)\b|"
-                    r"\b(?:otherwise)\b")
+                    r"\b(?:otherwise)\b|" + _CLAUSE_COMMA)
+# "limited evaluation for X", "limits assessment of the ... X" (up to four words between), "evaluation for X is
+# limited": X uncertain (the CheXpert labeler's "X is poorly / incompletely evaluated")
+_EVALUATION = r"(?:evaluation|assessment|visuali[sz]ation|examination)\s+(?:of|for)\b"
+_LIMITED_PRE = re.compile(r"\blimit(?:ed|s|ing)?\s+(?:[a-z]+\s+)?" + _EVALUATION + r"(?=(?:\s+[a-z/-]+){0,4}\s*$)")
+_EVALUATION_PRE = re.compile(r"\b" + _EVALUATION + r"(?:\s+[a-z/-]+){0,4}\s*$")
+_LIMITED_POST = re.compile(r"^\s*(?:is|are|was|were)\s+(?:somewhat\s+|markedly\s+|mildly\s+|severely\s+)?limited\b")
+# edema of the soft tissues is no pulmonary edema (the CheXpert finding)
+_NOT_PULMONARY_PRE = re.compile(r"\b(?:soft[- ]tissues?|subcutaneous|subglottic|chest wall|prevertebral)\s+$")
+_NOT_PULMONARY_POST = re.compile(r"^\s+(?:of|in|within|involving)\s+(?:the\s+)?(?:[a-z]+\s+){0,2}?"
+                                 r"(?:soft[- ]tissues?|subcutaneous|chest wall)\b")
 _NOT_GONE_RE = re.compile(_NOT_GONE)
 _SENT_SPLIT = re.compile(r"\.(?!\d)|[;!?\n]|\s\d+\)\s|(?:^|\s)\d+\.\s")
 _KEY_VALUE = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*)?([a-z][a-z /()-]+?)\s*[:=-]\s*(yes|no|present|absent|positive|"
@@ -155,13 +186,14 @@ def _classify(clause: str, start: int, end: int) -> int:
         return -1
     neg = [m.end() for m in _NEG_CUE.finditer(before)]
     unc = [m.end() for m in _UNC_CUE.finditer(before)]
+    unc += [m.end() for m in _LIMITED_PRE.finditer(before)]
     last_neg = neg[-1] if neg else -1
     last_unc = unc[-1] if unc else -1
     if last_unc > last_neg:
         return -1
     if last_neg >= 0:
         return 0
-    if _POST_UNC.search(after):
+    if _POST_UNC.search(after) or (_LIMITED_POST.search(after) and _EVALUATION_PRE.search(before)):
         return -1
     if _POST_NEG.search(after):
         return 0
@@ -193,6 +225,9 @@ def mentions(text: str, mode: str = "report") -> list[Mention]:
     for clause in _clauses(t, mode):
         for finding, pat in _MENTION_RES.items():
             for m in pat.finditer(clause):
+                if finding == "Edema" and (_NOT_PULMONARY_PRE.search(clause[:m.start()])
+                                           or _NOT_PULMONARY_POST.search(clause[m.end():])):
+                    continue
                 found.append(Mention(finding, m.group(0), clause, _classify(clause, m.start(), m.end())))
     return found
 

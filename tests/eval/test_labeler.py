@@ -289,3 +289,82 @@ def test_a_period_after_a_number_ends_the_negation_scope(text, expected):
     v = label_report(text)
     for finding, want in expected.items():
         assert v[IDX[finding]] == want, (text, finding, mentions(text))
+
+
+@pytest.mark.parametrize("text,expected", [
+    # a comma followed by a new clause (a subject and its verb) ends the negation scope
+    ("No pneumothorax, the heart is enlarged.", {"Pneumothorax": 0, "Cardiomegaly": 1, "No Finding": 0}),
+    ("No pleural effusion, the heart is moderately enlarged.", {"Pleural Effusion": 0, "Cardiomegaly": 1}),
+    ("Without pneumothorax, a small left pleural effusion is present.",
+     {"Pneumothorax": 0, "Pleural Effusion": 1}),
+    ("No pneumothorax, heart is enlarged.", {"Pneumothorax": 0, "Cardiomegaly": 1}),
+    ("No focal consolidation, lungs are hyperinflated with right basilar atelectasis.",
+     {"Consolidation": 0, "Atelectasis": 1}),
+    # a comma inside a list of findings continues it
+    ("No pneumothorax, effusion, or consolidation.", {"Pneumothorax": 0, "Pleural Effusion": 0, "Consolidation": 0}),
+    ("No pneumothorax, pleural effusion or consolidation is seen.",
+     {"Pneumothorax": 0, "Pleural Effusion": 0, "Consolidation": 0}),
+    ("No focal consolidation, suspicious pulmonary opacity, large pleural effusion, or pneumothorax is identified.",
+     {"Consolidation": 0, "Lung Opacity": 0, "Pleural Effusion": 0, "Pneumothorax": 0}),
+    ("No visible pneumothorax, focal airspace opacity, or pleural effusion is seen.",
+     {"Pneumothorax": 0, "Lung Opacity": 0, "Pleural Effusion": 0}),
+    # a comma between adjectives, and a list ending in a passive "is seen / are demonstrated", stay negated
+    ("No acute, displaced rib fractures are demonstrated.", {"Fracture": 0}),
+    ("No focal consolidation, pleural effusion is seen.", {"Consolidation": 0, "Pleural Effusion": 0}),
+], ids=["the-heart-is", "the-heart-is-2", "a-effusion-is", "bare-subject", "lungs-are", "list", "list-is-seen",
+        "long-list", "list-first-adjective", "adjectives", "two-item-list-is-seen"])
+def test_a_comma_before_a_new_clause_ends_the_negation_scope(text, expected):
+    v = label_report(text)
+    for finding, want in expected.items():
+        assert v[IDX[finding]] == want, (text, finding, mentions(text))
+
+
+@pytest.mark.parametrize("text,finding,want", [
+    # a limited evaluation of X leaves X uncertain (CheXpert: "X is poorly / incompletely evaluated")
+    ("Limited evaluation for pneumothorax.", "Pneumothorax", -1),
+    ("Limited assessment of the lung bases for consolidation.", "Consolidation", -1),
+    ("Lateral view limits evaluation for an effusion.", "Pleural Effusion", -1),
+    ("Evaluation for pneumothorax is limited by overlying soft tissue.", "Pneumothorax", -1),
+    # ... but not a finding named after the limitation, nor a negated one
+    ("Limited evaluation of the thoracic spine secondary to osteopenia, old rib fracture.", "Fracture", 1),
+    ("Limited evaluation of the apices without pneumothorax.", "Pneumothorax", 0),
+    ("Limited evaluation for pneumothorax, no pleural effusion.", "Pleural Effusion", 0),
+    ("Atelectasis is limited to the left base.", "Atelectasis", 1),
+])
+def test_limited_evaluation_is_uncertain(text, finding, want):
+    assert label_report(text)[IDX[finding]] == want, mentions(text)
+
+
+@pytest.mark.parametrize("text,finding,want", [
+    ("Pneumonia may be present.", "Pneumonia", -1),
+    ("A small left pleural effusion could be present.", "Pleural Effusion", -1),
+    ("Right basilar atelectasis might also be present.", "Atelectasis", -1),
+    ("Effusion is possible.", "Pleural Effusion", -1),
+    ("The effusion has cleared.", "Pleural Effusion", 0),
+    ("The left basilar consolidation has since cleared.", "Consolidation", 0),
+    ("Left pleural effusions have cleared.", "Pleural Effusion", 0),
+    ("The effusion has resolved.", "Pleural Effusion", 0),
+    # still there
+    ("The effusion has not cleared.", "Pleural Effusion", 1),
+    ("The effusion has partially cleared.", "Pleural Effusion", 1),
+    ("Opacity may represent atelectasis.", "Lung Opacity", 1),
+    ("The effusion can still be seen on the lateral view.", "Pleural Effusion", 1),
+])
+def test_uncertainty_and_resolution_after_the_mention(text, finding, want):
+    assert label_report(text)[IDX[finding]] == want, mentions(text)
+
+
+@pytest.mark.parametrize("text,edema", [
+    ("Soft tissue edema with no visible bony injury.", NAN),
+    ("Subcutaneous edema of the left chest wall.", NAN),
+    ("Edema of the soft tissues of the right arm.", NAN),
+    ("Diffuse subcutaneous soft tissue edema.", NAN),
+    ("No subglottic edema.", NAN),
+    # pulmonary edema is still read, also beside a soft tissue one
+    ("Mild pulmonary edema.", 1),
+    ("Interstitial edema and chest wall soft tissue edema.", 1),
+    ("No pulmonary edema.", 0),
+])
+def test_soft_tissue_edema_is_not_pulmonary_edema(text, edema):
+    got = label_report(text)[IDX["Edema"]]
+    assert (np.isnan(got) if np.isnan(edema) else got == edema), (text, mentions(text))
