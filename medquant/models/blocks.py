@@ -36,12 +36,12 @@ in halves by ``chunk(2)``) gives neuron ``j`` the rows ``j`` and ``I + j`` (:att
 
 What cannot be pruned is said per block in :attr:`Block.unsupported` (``{"heads" | "ffn": reason}``): fused
 ``qkv`` projections (Qwen2-VL vision blocks, :attr:`Block.fused_attention`), linear-attention and convolution
-mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), cross-attention of encoder-decoder blocks (kept;
-self-attention heads are pruned). MoE experts stored as 3-D weights (one module for all experts, transformers 5)
-are named by :attr:`Block.experts` (:mod:`medquant.prune` removes each expert's neurons); a shared expert MLP
-beside them is the block's FFN.
-Encoder-decoder language models (BART in Florence-2, T5 in BLIP-2 Flan-T5, T5Gemma 2) give two stacks: the
-encoder's blocks, then the decoder's.
+mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), cross-attention of encoder-decoder blocks (BART's
+``encoder_attn``, T5Gemma's ``cross_attn``: kept; self-attention heads are pruned). MoE experts stored as 3-D
+weights (one module for all experts, transformers 5) are named by :attr:`Block.experts` (:mod:`medquant.prune`
+removes each expert's neurons); a shared expert MLP beside them is the block's FFN.
+Encoder-decoder language models (BART in Florence-2, T5 in BLIP-2 Flan-T5, T5Gemma, T5Gemma 2) give two stacks:
+the encoder's blocks, then the decoder's.
 """
 from __future__ import annotations
 
@@ -324,8 +324,10 @@ def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None
         else:
             out["heads"] = "no separate q/k/v/o attention projections found (children: " + ", ".join(
                 sorted(kinds)[:4]) + ")"
-    elif _get(block, "encoder_attn") is not None:
-        out["heads"] = "cross-attention (encoder_attn) heads are kept; only self-attention heads are pruned"
+    else:
+        cross = next((a for a in ("encoder_attn", "cross_attn") if _get(block, a) is not None), None)
+        if cross is not None:
+            out["heads"] = f"cross-attention ({cross}) heads are kept; only self-attention heads are pruned"
     if ffn is None and not any(_is_experts(m) for m in block.modules()):
         out["ffn"] = "no FFN linears found (gate/up -> down, gate_up -> down, w1/w3 -> w2, fc1 -> fc2)"
     return out

@@ -35,8 +35,11 @@ configs and attribute names (also inside the language model: LLaVA-Med's ``model
 ``get_image_features`` trace with forward hooks decides only what names leave undecided; a module that sees the
 image is never ``language``. When nothing anchors the roles, :class:`UnsupportedArchitectureError` says what was
 found and how to use explicit patterns. A plain ``nn.Module`` (not a transformers ``PreTrainedModel``) gives
-``{}``: callers then select layers with explicit patterns. A PEFT-wrapped model (``PeftModel``) is unwrapped and
-its names keep the ``base_model.model.`` prefix.
+``{}``: callers then select layers with explicit patterns. Wrappers are looked through and the roles are given
+in the wrapper's names, the names the user's model reports: a PEFT model (``PeftModel``, prefix
+``base_model.model.``), ``torch.compile`` (``_orig_mod.``) and DistributedDataParallel / DataParallel or any module
+whose single child is named ``module`` (``module.``), also nested (``_orig_mod.module.``). A module that holds
+other children beside ``module`` is the user's own model, not a wrapper (``{}``).
 
 Roles are disjoint: when the prefix of one role contains the prefix of another (Qwen2-VL's merger sits
 inside ``model.visual``; a stand-alone encoder's pooling head sits inside the root), the outer one is
@@ -197,14 +200,28 @@ def _is_hf_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+# the single child through which a wrapper holds the model: torch.compile's OptimizedModule (``_orig_mod``),
+# DistributedDataParallel, DataParallel and wrappers in their style (``module``)
+_WRAPPER_CHILDREN = ("_orig_mod", "module")
+
+
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
-    """Return (Hugging Face model, name prefix) for a HF model or a PEFT wrapper around one."""
-    if _is_hf_model(model):
-        return model, ""
-    base = getattr(model, "base_model", None)
-    inner = getattr(base, "model", None) if isinstance(base, nn.Module) else None
-    if isinstance(inner, nn.Module) and _is_hf_model(inner) and type(model).__name__.startswith("Peft"):
-        return inner, "base_model.model."
+    """Return (Hugging Face model, name prefix) for a HF model or wrappers around one (PEFT, ``torch.compile``,
+    DDP-style ``module``, nested in any order); a module that is none of these comes back as it is, with ``""``."""
+    inner, prefix = model, ""
+    for _ in range(16):  # wrappers nest a few levels at most; a cycle of modules cannot make this loop forever
+        if _is_hf_model(inner):
+            return inner, prefix
+        base = getattr(inner, "base_model", None)
+        peft_inner = getattr(base, "model", None) if isinstance(base, nn.Module) else None
+        if isinstance(peft_inner, nn.Module) and type(inner).__name__.startswith("Peft"):
+            inner, prefix = peft_inner, prefix + "base_model.model."
+            continue
+        children = list(inner.named_children())
+        if len(children) == 1 and children[0][0] in _WRAPPER_CHILDREN:
+            inner, prefix = children[0][1], f"{prefix}{children[0][0]}."
+            continue
+        break
     return model, ""
 
 
@@ -238,12 +255,13 @@ def model_roles(model: nn.Module) -> dict[str, list[str]]:
     """Map each role present in ``model`` to its module-name prefixes.
 
     Args:
-        model: a Hugging Face ``PreTrainedModel`` (or a PEFT model wrapping one), or any ``nn.Module``.
+        model: a Hugging Face ``PreTrainedModel`` (or one wrapped by PEFT, ``torch.compile`` or a DDP-style
+            ``module`` wrapper), or any ``nn.Module``.
 
     Returns:
         ``{role: [prefix, ...]}`` for the roles of :data:`ROLES` that the model has, in that order.
-        Prefixes are names from ``model.named_modules()``; the roles are disjoint. ``{}`` for a plain
-        ``nn.Module`` that is not a Hugging Face model.
+        Prefixes are names from ``model.named_modules()`` (a wrapper's prefix included: ``_orig_mod.lm_head``);
+        the roles are disjoint. ``{}`` for a plain ``nn.Module`` that is not a Hugging Face model.
 
     Raises:
         UnsupportedArchitectureError: ``model`` is a Hugging Face model of an architecture that is

@@ -23,8 +23,9 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
    ``pixel``) count outside the language model and on its direct children only, so an unnamed tower's own
    patch embedding never splits it; a head-named module inside the language model is projector when it names
    the image (GIT's ``visual_projection``), else language; the ``encoder`` of a model whose main input is
-   ``pixel_values`` (``VisionEncoderDecoderModel``) is vision, and a ``decoder`` beside the language model (an
-   encoder-decoder VLM such as T5Gemma 2) is language.
+   ``pixel_values`` (``VisionEncoderDecoderModel``) is vision, and a ``decoder`` holding a block list beside
+   the language model (an encoder-decoder whose encoder owns the token embedding: T5Gemma, the VLM T5Gemma 2) is
+   language.
 3. **Trace, only when names do not decide.** A multimodal model (a vision / VQ sub-config, or image
    inputs in its ``forward``) in which step 2 found no vision module although its config declares one, left
    weight-bearing modules outside every role, or holds an unnamed module with a weight matrix beside the
@@ -387,16 +388,16 @@ def structural_roles(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
         place_parameters(model, roles, modules)
         return roles
     units = _units(model, modules, language, heads)
-    if multimodal:
-        undecided = _unplaced(units, modules) + _suspects(units, language, modules)
-        # a second text stack outside the language model (the decoder of an encoder-decoder VLM: T5Gemma 2)
-        for u in [u for u in undecided if u.rpartition(".")[2] in ("decoder", "text_decoder")]:
-            units[u] = "language"
-            undecided.remove(u)
-        # no tower found: an error only when the config declares one (a multimodal class built text-only,
-        # e.g. Gemma 4 without vision_config, has none)
-        if undecided or ("vision" not in units.values() and _declares_vision(model)):
-            units = _resolve_by_trace(model, modules, units, undecided, language)
+    undecided = _unplaced(units, modules) + (_suspects(units, language, modules) if multimodal else [])
+    # a second text stack outside the language model: the decoder of an encoder-decoder whose encoder owns the
+    # token embedding (T5Gemma; the VLM T5Gemma 2)
+    for u in [u for u in undecided if u.rpartition(".")[2] in ("decoder", "text_decoder") and _has_stack(modules[u])]:
+        units[u] = "language"
+        undecided.remove(u)
+    # no tower found: an error only when the config declares one (a multimodal class built text-only, e.g. Gemma 4
+    # without vision_config, has none)
+    if multimodal and (undecided or ("vision" not in units.values() and _declares_vision(model))):
+        units = _resolve_by_trace(model, modules, units, undecided, language)
     found = {}
     for p, r in units.items():
         if not any(q != p and under(p, q) and units[q] == r for q in units):  # the outermost of one role
@@ -405,6 +406,11 @@ def structural_roles(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
     roles.pop(_OTHER, None)
     place_parameters(model, roles, modules)
     return roles
+
+
+def _has_stack(module: nn.Module) -> bool:
+    """A non-empty ``nn.ModuleList`` (a block stack) inside ``module``."""
+    return any(isinstance(m, nn.ModuleList) and len(m) > 0 for m in module.modules())
 
 
 def _takes_images(model: nn.Module) -> bool:

@@ -263,3 +263,55 @@ def test_layouts_found_on_the_meta_device(cls_name):
     if expected.get("head") == ["decoder.lm_head"]:  # the head is the module transformers projects to the vocabulary
         assert model.get_output_embeddings() is model.get_submodule("decoder.lm_head")
         assert language_model_layers(model) == [f"decoder.layer.{i}" for i in range(model.config.text_config.num_layers)]
+
+
+# ---------------------------------------------------------------------------------------- text-only encoder-decoder
+def _t5gemma(cls_name: str) -> nn.Module:
+    cls = getattr(tf, cls_name, None)
+    assert cls is not None, f"transformers {tf.__version__} has no {cls_name}"
+    stack = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+             "sliding_window": 16}
+    torch.manual_seed(0)
+    return cls(tf.T5GemmaConfig(encoder=stack, decoder={**stack, "num_hidden_layers": 3}, vocab_size=300))
+
+
+# written out from the module tree: model.encoder (embed_tokens, layers, norm) and model.decoder (its own
+# embed_tokens, layers, norm), lm_head (T5GemmaLMHead around out_proj)
+T5GEMMA = {
+    "T5GemmaForConditionalGeneration": {"language": ["model.encoder", "model.decoder"], "head": ["lm_head"]},
+    "T5GemmaModel": {"language": ["encoder", "decoder"]},
+}
+
+
+@pytest.mark.parametrize("cls_name", sorted(T5GEMMA))
+def test_t5gemma_decoder_is_language_like_t5_and_bart(cls_name):
+    """Text-only T5Gemma: the decoder beside the encoder that owns the token embedding is language, as the
+    decoders of T5 (``encoder`` / ``decoder``) and BART (``model``) are; every weight has a role."""
+    model = _t5gemma(cls_name)
+    pre = "model." if cls_name.endswith("Generation") else ""
+    assert model_roles(model) == T5GEMMA[cls_name]
+    assert unassigned_modules(model) == [] and unassigned_parameters(model) == []
+    assert role_of(model, pre + "decoder.layers.2.mlp.down_proj") == "language"
+    from medquant.models import block_stacks
+
+    assert block_stacks(model) == [[f"{pre}encoder.layers.{i}" for i in range(2)],
+                                   [f"{pre}decoder.layers.{i}" for i in range(3)]]
+
+
+def test_t5gemma_decoder_blocks_are_described_for_pruning():
+    """Decoder blocks: the self-attention (registered first) and the MLP are the pruned units; the cross-attention
+    is kept and said so, as for BART's ``encoder_attn``."""
+    from medquant.models import transformer_blocks
+
+    model = _t5gemma("T5GemmaForConditionalGeneration")
+    blocks = transformer_blocks(model)
+    assert [b.name for b in blocks] == ([f"model.encoder.layers.{i}" for i in range(2)]
+                                        + [f"model.decoder.layers.{i}" for i in range(3)])
+    dec = blocks[2]
+    layer = model.model.decoder.layers[0]
+    assert dec.attention.name == "model.decoder.layers.0.self_attn"
+    assert (dec.attention.n_heads, dec.attention.n_kv, dec.attention.head_dim) == (4, 2, 16)
+    assert model.get_submodule(dec.ffn.output) is layer.mlp.down_proj
+    assert "cross_attn" in dec.unsupported["heads"] and "ffn" not in dec.unsupported
+    assert blocks[0].unsupported == {}
