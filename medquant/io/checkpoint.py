@@ -737,6 +737,11 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
                 f"medquant.load(path, model={meta.model.class_name}(...))"
             )
         model = build_hf_model(root, meta.raw)
+    elif (type(model).__name__, type(model).__module__) != (meta.model.class_name, meta.model.module):
+        # names and shapes are checked below; another class with the same names may still compute otherwise
+        warnings.warn(f"{path} was saved from {meta.model.module}.{meta.model.class_name}; loading it into a "
+                      f"{type(model).__module__}.{type(model).__name__} (its tensor names and shapes must match, "
+                      "but its forward may differ from the saved model's)", UserWarning, stacklevel=3)
     if meta.model.kind == "hf":
         _restore_generation_config(model, opened)
     expand_recorded_experts(model, meta.modules)  # MoE experts: their per-expert layers become modules
@@ -826,7 +831,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
     Args:
         directory: the checkpoint folder.
         model: for plain ``nn.Module`` checkpoints, a float instance of the saved architecture (changed in place;
-            a load refused by the checks made before any tensor is read leaves it as it was given).
+            a load refused by the checks made before any tensor is read leaves it as it was given). A model of
+            another class than the saved one (class name and module, as recorded in ``medquant.json``) loads when
+            its tensor names and shapes fit, with a ``UserWarning`` naming both classes.
         device: where the tensors are loaded.
         strict: every tensor of the model must be in the file and every tensor of the file in the model.
 

@@ -474,3 +474,20 @@ def test_save_pretrained_is_deterministic_and_shards_are_covered(hf_saved, tmp_p
     (tmp_path / "s" / shards[-1]).write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"{shards[-1]} is corrupted"):
         _from_pretrained(tmp_path / "s")
+
+
+def test_load_into_another_class_with_the_same_names_warns_naming_both(tmp_path):
+    class Gelu(nn.Sequential):  # the same tensor names as tiny(), another forward
+        pass
+
+    p = tmp_path / "ck"
+    mq.save(quantized(1), p)
+    other = Gelu(*tiny(3))
+    other[1] = nn.GELU()
+    with pytest.warns(UserWarning, match=r"saved from torch\.nn\.modules\.container\.Sequential; loading it into "
+                                         r"a .*test_checkpoint_safety\.Gelu"):
+        loaded = mq.load(p, model=other)
+    assert same_state(loaded, quantized(1))  # the tensors load as saved; the warning says the class differs
+    with warnings.catch_warnings():  # the saved class itself: no warning
+        warnings.simplefilter("error")
+        mq.load(p, model=tiny(3))
