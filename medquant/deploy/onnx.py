@@ -36,6 +36,7 @@ leaves no file (and an existing one unchanged; replacing one needs ``overwrite=T
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 import tempfile
 import warnings
@@ -211,7 +212,7 @@ def _feeds(names: list[str], args: tuple) -> dict[str, np.ndarray]:
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = None, calib: Any = None,
-                method: str = "minmax", percentile: float = 99.99, promote: bool = False,
+                method: str | None = None, percentile: float | None = None, promote: bool = False,
                 input_names: list[str] | None = None, output_name: str = "logits", verify: bool = True,
                 overwrite: bool = False, **unknown: Any) -> ExportReport:
     """Write ``model`` as an ONNX file (``path`` ending in ``.onnx``, else ``path/model.onnx``).
@@ -222,8 +223,12 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             4-bit) needs no calibration.
         example_inputs: a tensor or tuple of tensors with the input shapes (any batch size: the batch axis is
             dynamic); defaults to the first calibration batch.
-        calib, method, percentile, promote: passed to :func:`calibrate_activations`.
-        input_names: the ONNX input names (default ``pixel_values``, then ``input_1``...).
+        calib, method, percentile, promote: passed to :func:`calibrate_activations` (defaults ``"minmax"``,
+            ``99.99``, ``False``); ``percentile`` needs ``method="percentile"``. A model returned by
+            :func:`calibrate_activations` is calibrated already: ``calib``, or a ``method`` / ``percentile`` other
+            than its own, would have no effect and is refused.
+        input_names: the ONNX input names, a list with one per input (default ``pixel_values``, then
+            ``input_1``...).
         output_name: the name of the output tensor.
         verify: run the file with ONNX Runtime on ``example_inputs``, on them twice (batch axis) and on their
             negation and compare with the simulation (:func:`logits_tolerance`).
@@ -237,6 +242,14 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
 
     Returns:
         An :class:`ExportReport` with one row per Conv/Linear layer.
+
+    Raises:
+        ExportError: an unknown option, a non-bool ``overwrite`` / ``verify``, a path refused by
+            :func:`~medquant.deploy.registry.output_file_path`, calibration options for a model calibrated already,
+            ``percentile`` without ``method="percentile"``, no ``example_inputs`` or ``calib``, ``input_names``
+            that is a string or of the wrong length, a graph that cannot be written
+            or that ONNX Runtime refuses or computes differently (:class:`CalibrationRequired`: static-activation
+            layers and no ``calib``).
     """
     if unknown:
         raise ExportError(f"format='onnx' got unknown option(s) {sorted(unknown)}; accepted: example_inputs, calib, "
@@ -245,13 +258,31 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
         if not isinstance(value, bool):
             raise ExportError(f"{flag} must be True or False, got {value!r}")
     file = output_file_path(path, overwrite, suffix=".onnx", format="onnx")
+    info: SimulationInfo | None = getattr(model, "medquant_onnx", None)
+    if info is not None:  # calibrated already: options that would recalibrate have no effect
+        ignored = (["calib=<batches>"] if calib is not None else []) \
+            + ([f"method={method!r}"] if method is not None and method != info.method else []) \
+            + ([f"percentile={percentile!r}"] if percentile is not None and percentile != info.percentile else [])
+        if ignored:
+            raise ExportError(
+                f"format='onnx': the model is already calibrated (returned by calibrate_activations, "
+                f"method={info.method!r}, percentile={info.percentile!r}, {info.batches} batch(es)); "
+                f"{', '.join(ignored)} would have no effect. Export it without them (example_inputs=<a batch>), "
+                "or pass the quantized model before calibrate_activations to calibrate in the export call")
+    if info is None and percentile is not None and method != "percentile":
+        raise ExportError(f"format='onnx': percentile={percentile!r} applies to method='percentile'; the "
+                          f"calibration method is method={method or 'minmax'!r}: pass method='percentile' too")
+    if isinstance(input_names, (str, bytes)):
+        raise ExportError(f"input_names must be a list of names (one per model input), got str {input_names!r}: "
+                          f"pass [{input_names!r}]")
+    method = "minmax" if method is None else method
+    percentile = 99.99 if percentile is None else percentile
     if example_inputs is None and calib is not None:  # the first batch, kept for calibration (a generator is
         it = iter(calib)                                # spent once calibrate_activations has read it)
         first = next(it, _NONE)
         calib = it if first is _NONE else itertools.chain([first], it)
         example_inputs = None if first is _NONE else first
 
-    info: SimulationInfo | None = getattr(model, "medquant_onnx", None)
     if info is None:
         if calib is not None:
             model = calibrate_activations(model, calib, method=method, percentile=percentile, promote=promote)
@@ -361,15 +392,19 @@ def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[
         except Exception as e:
             raise ExportError(f"onnxruntime failed to run the exported graph on a batch of {batch[0].shape[0]}, not "
                               f"written: {e}".strip()[:2000]) from e
+        finite = np.isfinite(want)
         tol = logits_tolerance(sim)
         if tol is None:  # no bound derived: float rounding only, or flips propagated through float ops
             quantized = any(p.mode == "quantize" for p in act_points(sim))
-            tol = (5e-2 if quantized else 1e-3) * float(np.abs(want).max()) + 1e-3
+            tol = (5e-2 if quantized else 1e-3) * float(np.abs(want[finite]).max(initial=0.0)) + 1e-3
         if got.shape != want.shape:
             raise ExportError(f"onnxruntime returned shape {got.shape} for inputs of batch {batch[0].shape[0]}, the "
                               f"model {want.shape}: a shape was traced as a constant (use only the batch axis "
                               f"dynamically, no data-dependent control flow)")
-        diff = float(np.abs(got - want).max())
+        # NaN (or the same inf) on both sides agree; NaN on one side only is an infinite difference (a NaN max
+        # would compare False with the tolerance and pass)
+        agree = (np.isnan(got) & np.isnan(want)) | (~finite & (got == want))
+        diff = float(np.nan_to_num(np.where(agree, 0.0, np.abs(got - want)), nan=np.inf).max(initial=0.0))
         if diff > tol:
             raise ExportError(f"onnxruntime's outputs differ from the model by {diff:.4g} (> tolerance {tol:.4g}) "
                               f"on a batch of {batch[0].shape[0]}: the trace does not represent the model (data-"
@@ -461,8 +496,8 @@ def _chw(a: np.ndarray, where: str, stacked: bool) -> np.ndarray:
 
 def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: int | None = 256,
                              image_size: int | tuple[int, int] | None = None, channels: int | None = None,
-                             key: str | None = None, mean: list[float] | None = None,
-                             std: list[float] | None = None) -> list[torch.Tensor]:
+                             key: str | None = None, mean: list[float] | float | None = None,
+                             std: list[float] | float | None = None) -> list[torch.Tensor]:
     """Calibration batches for :func:`calibrate_activations` from a file or an image folder.
 
     Sources: a ``.npy`` array, one array of an ``.npz`` or ``.safetensors`` file (the only one, or ``key``), each
@@ -482,7 +517,8 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
         image_size: the model's input size, ``S`` or ``(H, W)``; required when the samples differ in size.
         channels: the model's input channels (None: as the data have them).
         key: the array of an ``.npz`` / ``.safetensors`` file holding several.
-        mean: per-channel (or one) means for pixel data (integer arrays, image / DICOM folders).
+        mean: per-channel (or one: a list of one value, or a number) means for pixel data (integer arrays, image /
+            DICOM folders).
         std: per-channel (or one) standard deviations for pixel data.
 
     Returns:
@@ -490,7 +526,8 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
 
     Raises:
         CalibrationError: an unsupported file, a missing or ambiguous array, an empty set, a shape that is not
-            images, integer samples other than uint8 / uint16 (int64, int32 mode-I TIFFs, int16...), samples
+            images, integer samples other than uint8 / uint16 (int64, int32 mode-I TIFFs, int16...), samples that
+            are not real numbers (complex, strings), ``mean`` / ``std`` that are not numbers, samples
             of different sizes without ``image_size``, NaN/inf values, ``mean`` / ``std`` for floating data or
             of the wrong length (the message names the file and the sample).
         FileNotFoundError: ``path`` does not exist.
@@ -500,6 +537,13 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    norm: dict[str, list[float] | None] = {}
+    for name, v in (("mean", mean), ("std", std)):  # one number: the value of every channel, as [v]
+        number = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+        if v is not None and not number and (isinstance(v, (str, bytes, bool)) or not hasattr(v, "__len__")):
+            raise CalibrationError(f"{name} must be a number or a list of numbers, got {type(v).__name__} {v!r}")
+        norm[name] = [float(cast(float, v))] if number else cast("list[float] | None", v)
+    mean, std = norm["mean"], norm["std"]
     if batch_size < 1 or (limit is not None and limit < 1):
         raise CalibrationError(f"batch_size and limit must be >= 1, got {batch_size} and {limit}")
     raw = _read_calibration_arrays(path, key)
@@ -517,6 +561,10 @@ def load_calibration_batches(path: str | Path, *, batch_size: int = 32, limit: i
     integer = np.issubdtype(samples[0].dtype, np.integer) or samples[0].dtype == np.bool_
     pixels = integer or not stacked
     for i, s in enumerate(samples):  # x / 2^31-1 of 8-bit pixels held in int32 / int64 is ~1e-7 / ~3e-17
+        if not (s.dtype == np.bool_ or np.issubdtype(s.dtype, np.integer) or np.issubdtype(s.dtype, np.floating)):
+            raise CalibrationError(  # complex samples would lose their imaginary part in the float32 cast
+                f"{path}: {'sample' if stacked else 'image'} {i} has type {s.dtype.name}: expected uint8 / uint16 "
+                f"pixels or floating samples preprocessed as the model's inputs")
         if np.issubdtype(s.dtype, np.integer) and s.dtype not in PIXEL_TYPES:
             raise CalibrationError(
                 f"{path}: {'sample' if stacked else 'image'} {i} has integer type {s.dtype.name}: only uint8 or "
@@ -569,12 +617,18 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor
               "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(float16)": np.float16}
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """numpy's floating types, and the ``ml_dtypes`` ones numpy has no kind for (bfloat16, float8_*)."""
+    return bool(np.issubdtype(dtype, np.floating)) or (dtype.kind == "V" and dtype.name.startswith(("bfloat", "float")))
+
+
 def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
     """Check ``feeds`` against an ``onnxruntime.InferenceSession``'s inputs: names, shapes, dtypes, finite values.
 
     Args:
         session: the ``onnxruntime.InferenceSession``.
-        feeds: input name -> tensor or array; floating inputs are cast to the model's float type.
+        feeds: input name -> tensor or array; floating inputs (float16, bfloat16, float64...) are cast to the
+            model's float type.
 
     Returns:
         Input name -> numpy array, ready for ``session.run``.
@@ -594,17 +648,25 @@ def check_inputs(session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in feeds.items():
         spec = expected[name]
-        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if isinstance(value, torch.Tensor):  # float types numpy lacks (bfloat16, float8): via float32, exactly
+            value = value.detach().cpu()
+            if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32, torch.float64):
+                value = value.float()
+            arr = value.numpy()
+        else:
+            arr = np.asarray(value)
         shape = ["batch" if not isinstance(d, int) else d for d in spec.shape]
         if arr.ndim != len(shape) or any(isinstance(d, int) and d != a for d, a in zip(shape, arr.shape)):
             raise ValueError(f"input {name!r} has shape {tuple(arr.shape)}, the model expects "
                              f"({', '.join(str(d) for d in shape)})")
         want = _ORT_TYPES.get(spec.type)
         if want is not None and arr.dtype != want:
-            if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(want, np.floating):
+            if _is_float(arr.dtype) and np.issubdtype(want, np.floating):
                 arr = arr.astype(want)
             else:
-                raise ValueError(f"input {name!r} has dtype {arr.dtype}, the model expects {spec.type}")
+                accepted = "any floating dtype (cast)" if np.issubdtype(want, np.floating) else np.dtype(want).name
+                raise ValueError(f"input {name!r} has dtype {arr.dtype}, the model expects {spec.type} "
+                                 f"(accepted: {accepted})")
         if np.issubdtype(arr.dtype, np.floating):
             bad = ~np.isfinite(arr)
             if bad.any():

@@ -699,3 +699,112 @@ def test_non_finite_input_is_refused_at_run_time(tmp_path):
             clf(y)
         with pytest.raises(ValueError, match="NaN/inf"):
             clf(y.double().numpy())  # also before the cast to the model's float type
+
+
+def test_bfloat16_and_other_float_inputs_are_cast_like_float16(tmp_path):
+    """A bfloat16 tensor (or a numpy bfloat16 array, ml_dtypes) is cast to the model's float type as float16 and
+    float64 are (it raised numpy's TypeError 'unsupported ScalarType BFloat16'). Reference: the float32 run on the
+    same values (bfloat16 -> float32 is exact)."""
+    import ml_dtypes
+
+    torch.manual_seed(0)
+    D.export(tiny_cnn().eval(), tmp_path / "f.onnx", format="onnx", example_inputs=torch.randn(2, 3, 16, 16))
+    clf = OnnxClassifier(tmp_path / "f.onnx")
+    x = torch.randn(3, 3, 16, 16).to(torch.bfloat16)
+    want = clf(x.float())
+    np.testing.assert_array_equal(clf(x), want)
+    np.testing.assert_array_equal(clf(x.float().numpy().astype(ml_dtypes.bfloat16)), want)
+    np.testing.assert_array_equal(clf(x.half()), clf(x.half().float()))  # float16: unchanged behaviour
+    y = x.clone()
+    y[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"contains 1 NaN/inf value\(s\) \(sample 1\)"):
+        clf(y)
+    with pytest.raises(ValueError, match=r"has dtype bool, the model expects tensor\(float\)"):
+        clf(torch.zeros(3, 3, 16, 16, dtype=torch.bool))
+
+
+def test_calibration_options_for_a_calibrated_model_are_refused(tmp_path):
+    """A model returned by calibrate_activations has its activation scales already: calib batches (or another
+    method / percentile) given to export had no effect and were silently ignored. They are refused, naming what was
+    given, and no file is written; the same options as the model's calibration, or none, export as before."""
+    torch.manual_seed(0)
+    model = tiny_cnn().eval()
+    quantize_(model, INT8)
+    calib = _calib((3, 16, 16))
+    sim = calibrate_activations(model, calib)
+    x = torch.randn(2, 3, 16, 16)
+    for kwargs, message in (({"calib": _calib((3, 16, 16), seed=1)}, r"calib="),
+                            ({"calib": _calib((3, 16, 16), seed=1), "example_inputs": None}, r"calib="),
+                            ({"method": "percentile"}, r"method='minmax'.*\); method='percentile' would have no effect"),
+                            ({"percentile": 99.0}, r"percentile=99\.0")):
+        options = {"example_inputs": x, **kwargs}
+        with pytest.raises(D.ExportError, match=message) as e:
+            D.export(sim, tmp_path / "s.onnx", format="onnx", **options)
+        assert "already calibrated" in str(e.value) and "calibrate_activations" in str(e.value)
+        assert not (tmp_path / "s.onnx").exists()
+    D.export(sim, tmp_path / "s.onnx", format="onnx", example_inputs=x, method="minmax")  # as calibrated: accepted
+    pct = calibrate_activations(model, calib, method="percentile", percentile=99.0)
+    D.export(pct, tmp_path / "p.onnx", format="onnx", example_inputs=x, method="percentile", percentile=99.0)
+    ref = _inits(tmp_path / "s.onnx")
+    D.export(model, tmp_path / "m.onnx", format="onnx", example_inputs=x, calib=calib)  # the one-call path
+    got = _inits(tmp_path / "m.onnx")
+    assert all(np.array_equal(got[k], v) for k, v in ref.items() if k.endswith("_quant.scale"))
+
+
+def test_verification_is_not_blinded_by_nan_outputs(tmp_path):
+    """NaN logits in some samples (sqrt of a negative input) made the check's max |diff| (and its tolerance) NaN,
+    and ``NaN > tol`` is False: a trace that kept one branch of data-dependent control flow was written although
+    ONNX Runtime computes another function on the finite samples. Samples that are NaN in both agree; the others
+    are compared. Reference: the model itself, run on the negated example."""
+
+    class SqrtBranchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.fc(torch.sqrt(x))
+            return y if float(x.mean()) > 0 else -y * 3.0
+
+    torch.manual_seed(0)
+    model = SqrtBranchy().eval()
+    x = torch.rand(4, 8) + 0.1
+    x[0] = -x[0]  # sample 0: NaN logits on the example, finite (and on the other branch) when negated
+    with torch.no_grad():
+        assert torch.isnan(model(x)[0]).all() and torch.isfinite(model(-x)[0]).all()
+    with pytest.raises(D.ExportError, match="does not represent the model"):
+        D.export(model, tmp_path / "b.onnx", format="onnx", example_inputs=x)
+    assert not (tmp_path / "b.onnx").exists()
+
+    class Sqrt(nn.Module):  # no branch: NaN where the model gives NaN, equal elsewhere: written
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(torch.sqrt(x))
+
+    D.export(Sqrt().eval(), tmp_path / "s.onnx", format="onnx", example_inputs=x)
+    assert (tmp_path / "s.onnx").exists()
+
+
+def test_percentile_without_the_percentile_method_and_a_string_of_input_names_are_refused(tmp_path):
+    """``percentile=`` with the default ``method="minmax"`` calibrated min-max and dropped the percentile silently
+    (the command line refuses ``--percentile`` without ``--calib-method percentile``); ``input_names="image"`` was
+    split into letters ('5 names for 1 inputs'). Both are refused naming the fix, and no file is written; with
+    ``method="percentile"`` the scales are those of calibrate_activations (the reference)."""
+    torch.manual_seed(0)
+    model = tiny_cnn().eval()
+    quantize_(model, INT8)
+    calib = _calib((3, 16, 16))
+    with pytest.raises(D.ExportError, match=r"percentile=99\.0 applies to method='percentile'.*method='minmax'"):
+        D.export(model, tmp_path / "a.onnx", format="onnx", calib=calib, percentile=99.0)
+    with pytest.raises(D.ExportError, match=r"input_names must be a list of names.*got str 'image'.*\['image'\]"):
+        D.export(model, tmp_path / "a.onnx", format="onnx", calib=calib, input_names="image")
+    assert not (tmp_path / "a.onnx").exists()
+    D.export(model, tmp_path / "p.onnx", format="onnx", calib=calib, method="percentile", percentile=99.0,
+             input_names=["image"])
+    sim = calibrate_activations(model, calib, method="percentile", percentile=99.0)
+    scales = {k: v for k, v in _inits(tmp_path / "p.onnx").items() if k.endswith("_quant.scale")}
+    assert scales and all(float(v) == float(sim.get_submodule(k[: -len(".scale")]).scale) for k, v in scales.items())
+    assert [i.name for i in ort.InferenceSession(str(tmp_path / "p.onnx")).get_inputs()] == ["image"]

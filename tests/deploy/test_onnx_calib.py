@@ -121,3 +121,27 @@ def test_a_dicom_folder_is_pixels_normalized_with_mean_and_std(tmp_path):
     np.save(tmp_path / "f.npy", want)
     with pytest.raises(CalibrationError, match="preprocessed"):
         load_calibration_batches(tmp_path / "f.npy", mean=[0.25], std=[0.5])
+
+
+def test_a_single_number_mean_and_std_apply_to_every_channel(tmp_path):
+    """``mean`` / ``std`` given as one number (not a list) are that one value for every channel, as ``[0.5]`` is
+    (a raw TypeError 'float has no len()' before). Reference: numpy by hand."""
+    x = np.random.default_rng(2).integers(0, 256, (3, 3, 4, 4), dtype=np.uint8)
+    np.save(tmp_path / "u.npy", x)
+    (b,) = load_calibration_batches(tmp_path / "u.npy", mean=0.5, std=0.25)
+    want = (x.astype(np.float32) / 255 - np.float32(0.5)) / np.float32(0.25)
+    np.testing.assert_allclose(b.numpy(), want, rtol=1e-6, atol=1e-6)
+    (c,) = load_calibration_batches(tmp_path / "u.npy", mean=np.float32(0.5), std=[0.25])
+    np.testing.assert_allclose(c.numpy(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(CalibrationError, match="mean must be a number or a list of numbers, got str"):
+        load_calibration_batches(tmp_path / "u.npy", mean="0.5")
+
+
+@pytest.mark.parametrize("array", [np.full((2, 3, 4, 4), 1 + 2j, np.complex64), np.full((2, 3, 4, 4), "a")])
+def test_samples_that_are_not_real_numbers_are_refused(tmp_path, array):
+    """Complex samples lost their imaginary part with only a torch warning (and strings failed inside torch): both
+    are refused, naming the type and what is accepted."""
+    np.save(tmp_path / "a.npy", array)
+    with pytest.raises(CalibrationError, match=rf"sample 0 has type {array.dtype.name}: expected uint8 / uint16 "
+                                               r"pixels or floating"):
+        load_calibration_batches(tmp_path / "a.npy")
