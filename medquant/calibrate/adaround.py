@@ -33,6 +33,15 @@ errors are means over every output element of every calibration call,
 
 so calibration batches of different sizes count in proportion to their size.
 
+Padding: in a dict calibration batch with a 2-D ``attention_mask``, the padding positions (mask 0) are not
+calibration data. Where a block's output is ``(batch, tokens, features)`` with the mask's ``(batch, tokens)``, their
+rows are left out of the reconstruction loss (the mean over the real rows), of both errors above (and so of the
+fallback decision), and, where the block's input has that shape too, of the activation range (``act_bits``); blocks
+of the vision tower or the projector are exempt (their rows are image patches, even when their count equals the
+number of tokens), as for GPTQ and AWQ. A right-padded batch of a causal language model thus gives the errors of its
+sequences run unpadded, and the padding's token ids change nothing. A KV cache passed to a block (an HF decoder
+layer's ``past_key_values``) is not recorded with its inputs: re-running the block would append to it.
+
 :func:`fold_batchnorm_` first folds each BatchNorm2d into the Conv2d that feeds it (``w' = w gamma / sigma``,
 ``b' = (b - mu) gamma / sigma + beta``), so the rounding is learned on the weights that will actually be used.
 With ``act_bits`` each block's input is also fake-quantized (static per-tensor, :class:`InputQuantizer`) during the
@@ -59,7 +68,14 @@ from ..quant.api import resolve_configs, swap_module
 from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
 from ..quant.modules import QuantConv2d, QuantLinear
-from ._forward import calibration_batches, check_seed, run_calibration_batch
+from ._forward import (
+    calibration_batches,
+    check_seed,
+    row_mask,
+    run_calibration_batch,
+    token_mask,
+    unmasked_layers,
+)
 
 __all__ = ["InputQuantizer", "adaround_quantize_", "attach_input_quantizers", "fold_batchnorm_"]
 
@@ -344,20 +360,33 @@ def _run_batch(model: nn.Module, batch: Any, i: int, what: str) -> None:
     run_calibration_batch(model, batch, i, what, passthrough=(_StopForward,))
 
 
+_Call = tuple[tuple, dict, torch.Tensor, "torch.Tensor | None"]
+
+
+def _no_cache(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword inputs of a block call, a KV cache (``past_key_values``, ``past_key_value``, ``cache`` or any
+    object with ``get_seq_length``) replaced by ``None``: every re-run of the block would append to it again."""
+    return {k: None if k in ("past_key_values", "past_key_value", "cache") or hasattr(v, "get_seq_length") else v
+            for k, v in kwargs.items()}
+
+
 @torch.no_grad()
-def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any]) -> list[tuple[tuple, dict, torch.Tensor]]:
-    """(args, kwargs, float output) of every call of the block on the calibration batches."""
+def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any]) -> list[_Call]:
+    """(args, kwargs without a KV cache, float output, the batch's :func:`token_mask`) of every call of the block
+    on the calibration batches."""
     block = model.get_submodule(block_name)
-    calls: list[tuple[tuple, dict, torch.Tensor]] = []
+    calls: list[_Call] = []
+    mask: list[torch.Tensor | None] = [None]  # the token mask of the batch being run
 
     def hook(mod, args, kwargs, out):
-        calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs),
-                      _first_tensor(out).detach()))
+        calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), _no_cache(kwargs),
+                      _first_tensor(out).detach(), mask[0]))
         raise _StopForward
 
     h = block.register_forward_hook(hook, with_kwargs=True)
     try:
         for i, batch in enumerate(batches):
+            mask[0] = token_mask(batch)
             try:
                 _run_batch(model, batch, i, f"block {block_name}")
             except _StopForward:
@@ -366,18 +395,24 @@ def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any]) ->
         h.remove()
     if not calls:
         raise ValueError(f"block {block_name} received no calibration inputs: the model's forward did not call it")
-    for args, _, _ in calls:
+    for args, _, _, _ in calls:
         for a in args:
             if isinstance(a, torch.Tensor) and a.dtype.is_floating_point and not torch.isfinite(a).all():
                 raise ValueError(f"block {block_name}: calibration input holds NaN/inf values")
     return calls
 
 
-def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _rec_loss(out: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error summed over the channel / feature dim (dim 1 of a conv output, the last dim otherwise),
-    averaged over the rest (so the loss does not shrink with the layer's width)."""
+    averaged over the rest (so the loss does not shrink with the layer's width); with ``rows`` (a ``(batch,
+    tokens)`` mask of a ``(batch, tokens, features)`` output) over the marked rows only (none marked: 0)."""
     d = (out - target).pow(2)
-    return d.sum(1).mean() if d.dim() == 4 else d.sum(-1).mean()
+    if d.dim() == 4:
+        return d.sum(1).mean()
+    per_row = d.sum(-1)
+    if rows is None:
+        return per_row.mean()
+    return per_row[rows].sum() / max(int(rows.sum()), 1)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -468,6 +503,7 @@ def adaround_quantize_(
         config_or_map: which layers get which :class:`~medquant.QuantConfig`, as :func:`medquant.quantize_`
             (2..8 bits, no per-row bit-widths).
         calib: calibration batches as :func:`medquant.models.run_model` takes them; a single dict is one batch.
+            The padding positions of a dict batch's ``attention_mask`` are left out (see the module docstring).
         skip: layer names or role patterns left in float, as :func:`medquant.quantize_`.
         blocks: names of modules reconstructed as a whole (e.g. a ResNet's ``"layer1.0"``); their planned layers
             are optimised jointly. Planned layers outside every block are reconstructed one by one (AdaRound).
@@ -494,7 +530,7 @@ def adaround_quantize_(
         Name -> ``{"method": "adaround", "block", "iters", "lr", "reg", "warmup", "target", "samples", "seed",
         "mse_rtn", "mse", "mse_learned", "fallback"}``: ``mse_learned`` is the block's calibration reconstruction
         error (squared difference to the target, summed over every output element of every calibration batch and
-        divided by their number) with the learned hard rounding, ``mse_rtn`` with
+        divided by their number; the padding positions left out) with the learned hard rounding, ``mse_rtn`` with
         round-to-nearest, ``mse`` that of the rounding kept (``fallback`` is ``"rtn"`` when round-to-nearest was
         kept because it was better, else ``None``); with ``act_bits`` also ``"act": {"bits", "symmetric", "scale",
         "zero"}`` of the unit's input quantizer. Each quantized layer also carries its record as its
@@ -535,6 +571,7 @@ def adaround_quantize_(
     if fold_bn:
         fold_batchnorm_(model)
     records: dict[str, dict[str, Any]] = {}
+    unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
     with eval_mode(model):
         reference = copy.deepcopy(model) if target == "float" else None
         gen = torch.Generator().manual_seed(seed)
@@ -545,7 +582,9 @@ def adaround_quantize_(
                 if len(ref_calls) != len(calls):
                     raise ValueError(f"block {unit}: called {len(calls)} times by the quantized model but "
                                      f"{len(ref_calls)} times by the float model on the same batches")
-                calls = [(a, kw, r[2]) for (a, kw, _), r in zip(calls, ref_calls)]
+                calls = [(a, kw, r[2], m) for (a, kw, _, m), r in zip(calls, ref_calls)]
+            if unit in unmasked:
+                calls = [(a, kw, t, None) for a, kw, t, _ in calls]
             records.update(_reconstruct(model, unit, units[unit], plan, calls, len(batches), gen, iters=iters,
                                         lr=lr, reg=reg, warmup=warmup, seed=seed, act_bits=act_bits,
                                         act_symmetric=act_symmetric, target=target))
@@ -553,11 +592,12 @@ def adaround_quantize_(
 
 
 def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mapping[str, QuantConfig],
-                 calls: list[tuple[tuple, dict, torch.Tensor]], samples: int, gen: torch.Generator, *, iters: int,
+                 calls: list[_Call], samples: int, gen: torch.Generator, *, iters: int,
                  lr: float, reg: float, warmup: float, seed: int, act_bits: int | None, act_symmetric: bool,
                  target: str) -> dict[str, dict[str, Any]]:
-    """Learn the rounding of one unit's layers on ``calls`` ((args, kwargs, target output)), swap in the
-    quantized layers and return their records."""
+    """Learn the rounding of one unit's layers on ``calls`` ((args, kwargs, target output, token mask or
+    ``None``)), swap in the quantized layers and return their records. The token mask leaves the padding positions
+    out of the loss, the errors and the activation range wherever it fits the tensor (:func:`row_mask`)."""
     block = model.get_submodule(unit)
     aq = None
     if act_bits is not None:
@@ -565,8 +605,12 @@ def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mappin
         if len(firsts) != len(calls):
             raise ValueError(f"block {unit}: activation quantization needs the block's input tensor as its first "
                              "positional argument")
-        aq = InputQuantizer.calibrate(firsts, act_bits, act_symmetric, f"block {unit}")
-        calls = [((aq(c[0][0]), *c[0][1:]), c[1], c[2]) for c in calls]
+        kept = [x if (m := row_mask(x, c[3])) is None else x[m.to(x.device)] for x, c in zip(firsts, calls)]
+        aq = InputQuantizer.calibrate([x for x in kept if x.numel()] or firsts, act_bits, act_symmetric,
+                                      f"block {unit}")
+        calls = [((aq(c[0][0]), *c[0][1:]), c[1], c[2], c[3]) for c in calls]
+    rows = [None if (m := row_mask(c[2], c[3])) is None else m.to(c[2].device)  # per call: the output rows that
+            for c in calls]                                                  # are calibration data (None: all)
     prefix = "" if unit in plan else unit + "."
     layers = {n: _Rounding(model.get_submodule(n), plan[n], n) for n in names}
     rel = {n: (n[len(prefix):] if prefix else "") for n in layers}
@@ -578,11 +622,14 @@ def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mappin
 
     def mse() -> float:
         """``sum_calls sum (block(x~; W^) - target)^2 / (number of output elements of all calls)``: the mean over
-        every element, so a call counts in proportion to its size (not the average of per-call means)."""
+        every element (of the real tokens), so a call counts in proportion to its size (not the average of per-call
+        means)."""
         sse, count = 0.0, 0
         with torch.no_grad():
-            for c in calls:
+            for c, m in zip(calls, rows):
                 d = run(True, c) - c[2]
+                if m is not None:
+                    d = d[m]
                 sse += float(d.pow(2).sum(dtype=torch.float64))
                 count += d.numel()
         return sse / count if count else float("nan")
@@ -595,9 +642,10 @@ def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mappin
             r.v.copy_(learned[n])
     start = int(warmup * iters)
     for it in range(iters):
-        call = calls[int(torch.randint(len(calls), (1,), generator=gen))]
+        j = int(torch.randint(len(calls), (1,), generator=gen))
+        call = calls[j]
         with torch.enable_grad():
-            loss = _rec_loss(run(False, call), call[2])
+            loss = _rec_loss(run(False, call), call[2], rows[j])
             if it >= start:
                 beta = 20 + (2 - 20) * (it - start) / max(1, iters - start)
                 loss = loss + reg * sum(r.regulariser(beta) for r in layers.values())

@@ -22,3 +22,13 @@ def padded_pair(vocab: int, lengths: tuple[int, int] = (12, 5), seed: int = 7, p
               "attention_mask": torch.cat([torch.ones_like(a), F.pad(torch.ones_like(b), (0, pad))])}
     separate = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in (a, b)]
     return padded, separate
+
+
+def repadded(batch: dict[str, torch.Tensor], vocab: int, seed: int = 11, low: int = 1) -> dict[str, torch.Tensor]:
+    """``batch`` with other token ids (random, in ``[low, vocab)``) at its padding positions (attention mask 0): a
+    calibration that leaves the padding out gives the same result on both, to the bit."""
+    mask = batch["attention_mask"] == 0
+    ids = batch["input_ids"].clone()
+    ids[mask] = torch.randint(low, vocab, (int(mask.sum()),), generator=torch.Generator().manual_seed(seed))
+    assert not torch.equal(ids, batch["input_ids"])
+    return {**batch, "input_ids": ids}

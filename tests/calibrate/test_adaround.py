@@ -18,7 +18,8 @@ from medquant.calibrate.adaround import (
     fold_batchnorm_,
 )
 from medquant.quant.core import compute_qparams
-from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
+from medquant.testing.zoo import BOI_TOKEN, BOS_ID, EOI_TOKEN, IMAGE_TOKEN, TEXT_HIGH, ZOO_BY_NAME, tiny_cnn
+from tests.calibrate.padding_helpers import padded_pair, repadded
 
 
 def _cnn():
@@ -412,3 +413,104 @@ def test_one_batch_dict_no_data_and_bad_arguments_are_handled():
         with pytest.raises(ValueError, match=match):
             adaround_quantize_(model, cfg, _data(1), iters=2, progress=False, **kw)
         assert _unchanged(model, snap), kw
+
+
+# ---------------------------------------------------------------------------------------------- padding
+LAYER0 = "model.layers.0"
+
+
+def _outputs(model, name, batches, inputs=False):
+    """Independent reference: the output (``inputs``: the first input) rows of the module ``name``, each batch run
+    on its own (``model(**batch)``, a forward hook), as ``(rows, features)`` concatenated in batch order."""
+    rows = []
+
+    def hook(mod, args, out):
+        t = args[0] if inputs else out[0] if isinstance(out, tuple) else out
+        rows.append(t.detach().reshape(-1, t.shape[-1]))
+
+    h = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(**b, use_cache=False)
+    finally:
+        h.remove()
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("act_bits", [None, 8], ids=["w4", "w4a8"])
+@pytest.mark.parametrize("blocks", [None, [LAYER0]], ids=["layers", "block"])
+def test_padded_tokens_are_left_out_of_the_reconstruction(blocks, act_bits):
+    """Padding positions (attention_mask 0) are not calibration data: in a right-padded batch of two sequences (12
+    and 5 tokens), other token ids at the 7 pad positions give the same records and codes to the bit (loss,
+    recorded errors, the fallback decision and the activation range ignore them), and the units that read the
+    float model's own activations record the round-to-nearest error of the two sequences run one by one (a
+    round-to-nearest model with the recorded input quantizers, whose range is that of the 17 real rows). Before
+    the fix the reconstruction error counted the pad rows (24 rows instead of 17)."""
+    model = ZOO_BY_NAME["llama"].build()
+    vocab = model.config.vocab_size
+    padded, separate = padded_pair(vocab)
+    cfg = {LAYER0: QuantConfig(4, group_size=32)}
+    runs = []
+    for calib in ([padded], [repadded(padded, vocab)]):
+        m = copy.deepcopy(model)
+        runs.append((adaround_quantize_(m, cfg, calib, blocks=blocks, iters=5, act_bits=act_bits, progress=False), m))
+    (recs, m_pad), (recs_re, m_re) = runs
+    assert len(recs) == 7 and recs == recs_re
+    sp, sr = m_pad.state_dict(), m_re.state_dict()
+    assert sp.keys() == sr.keys() and all(torch.equal(sp[k], sr[k]) for k in sp)
+    # the units whose input is the float model's (layer 0's q / k / v projections, or layer 0 as one block)
+    firsts = {LAYER0: f"{LAYER0}.self_attn.q_proj"} if blocks else \
+        {f"{LAYER0}.self_attn.{p}_proj": f"{LAYER0}.self_attn.{p}_proj" for p in "qkv"}
+    rtn = quantize_(copy.deepcopy(model), cfg)
+    for unit, layer in firsts.items():
+        rec = recs[layer]
+        assert rec["block"] == unit
+        if act_bits:
+            x = _outputs(model, unit, separate, inputs=True)
+            _, s, z = _hand_fake_quant(x, float(x.min()), float(x.max()))
+            assert rec["act"]["scale"] == pytest.approx(s, rel=1e-6) and rec["act"]["zero"] == z
+    attach_input_quantizers(rtn, recs)
+    for unit, layer in firsts.items():
+        d = (_outputs(rtn, unit, separate) - _outputs(model, unit, separate)).double()
+        assert recs[layer]["mse_rtn"] == pytest.approx(float(d.pow(2).mean()), rel=1e-4), unit
+
+
+def test_padding_mask_is_not_applied_to_the_vision_tower():
+    """Gemma 3 VLM, two images and a right-padded text of 16 tokens: a vision layer's output is ``(2, 16 patches,
+    K)``, the mask's shape, but image patches are never padding - its recorded round-to-nearest error is the mean
+    over all 32 patch rows, as when the two samples run one by one (27 rows if the text's mask were applied)."""
+    e = ZOO_BY_NAME["gemma3_vlm"]
+    model = e.build()
+    prefix = torch.tensor([BOS_ID, BOI_TOKEN] + [IMAGE_TOKEN] * model.config.mm_tokens_per_image + [EOI_TOKEN])
+    padded, separate = padded_pair(TEXT_HIGH, (9, 4), prefix=prefix, low=4)
+    assert padded["input_ids"].shape == (2, 16)  # the vision tower's (32 / 8)^2 patches per image
+    pixels = e.inputs(model)["pixel_values"]
+    padded.update(pixel_values=pixels, token_type_ids=(padded["input_ids"] == IMAGE_TOKEN).long())
+    for i, b in enumerate(separate):
+        b.update(pixel_values=pixels[i:i + 1], token_type_ids=(b["input_ids"] == IMAGE_TOKEN).long())
+    name = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
+    cfg = {name: QuantConfig(4, group_size=32)}
+    rec = adaround_quantize_(copy.deepcopy(model), cfg, [padded], iters=5, progress=False)[name]
+    rtn = quantize_(copy.deepcopy(model), cfg)
+    got, want = _outputs(rtn, name, separate), _outputs(model, name, separate)
+    assert got.shape[0] == 32
+    assert rec["mse_rtn"] == pytest.approx(float((got - want).double().pow(2).mean()), rel=1e-4)
+
+
+def test_decoder_layers_as_blocks():
+    """HF decoder layers as blocks: the KV cache the model passes them is not recorded (re-running a block with it
+    appended its keys again and again: a shape error in attention on the second run); each block's
+    round-to-nearest error is that of a round-to-nearest model (plain forward hooks)."""
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    batch = e.inputs(model)
+    blocks = [f"model.layers.{i}" for i in range(model.config.num_hidden_layers)]
+    cfg = QuantConfig(4, group_size=32)
+    m = copy.deepcopy(model)
+    recs = adaround_quantize_(m, cfg, [batch], skip=["@head"], blocks=blocks, iters=5, progress=False)
+    assert {r["block"] for r in recs.values()} == set(blocks) and len(recs) == 7 * len(blocks)
+    rtn = quantize_(copy.deepcopy(model), {blocks[0]: cfg})
+    d = (_outputs(rtn, blocks[0], [batch]) - _outputs(model, blocks[0], [batch])).double()
+    assert recs[f"{blocks[0]}.mlp.up_proj"]["mse_rtn"] == pytest.approx(float(d.pow(2).mean()), rel=1e-4)
+    assert all(isinstance(m.get_submodule(n), QuantLinear) for n in recs)
