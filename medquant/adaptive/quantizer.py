@@ -22,6 +22,16 @@ Dimension 0 of the activation at every site must be the batch.
 The bits of a call are kept per thread: calls made at the same time from several threads (a threaded server,
 the replicas of ``nn.DataParallel``) each quantize their own samples with their own bits.
 
+Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not; ``activation_checkpointing_enable()`` /
+``gradient_checkpointing_enable()`` of a transformers model) runs the sites inside a checkpointed block again
+during backward, after the call has returned. That recompute uses the bits (and the on / off state of
+:meth:`AdaptiveQuantizer.disabled`) of the call whose output the gradient flows through: each call made with
+gradients enabled pins its bits on the autograd nodes of its outputs, and the recompute reads the bits pinned in
+the running backward. When one backward covers several calls with different bits (``(l1 + l2).backward()``) and
+the recompute cannot tell them apart (same device and batch size), it raises ``RuntimeError`` rather than guess:
+call backward once per call. Model calls made inside :meth:`AdaptiveQuantizer.bits_context` pin nothing: their
+recompute uses the bits of the ``bits_context`` active around the backward.
+
 This is simulated quantization: the activation values are rounded to ``b`` bits and put back in floating point,
 so it changes accuracy, not speed or memory, unless a real low-bit kernel consumes the codes. The weight
 quantization through ``quantize_`` is real storage (packed codes) and shrinks the model.
@@ -31,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -49,8 +60,8 @@ def _check_bit_map(bit_map: Mapping) -> dict[int, int]:
         raise ValueError(f"bit_map must be a non-empty mapping level -> bits, got {bit_map!r}")
     out = {}
     for k, v in bit_map.items():
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"bit_map levels must be non-negative ints, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 2**63:
+            raise ValueError(f"bit_map levels must be non-negative ints below 2**63 (int64), got {k!r}")
         if isinstance(v, bool) or not isinstance(v, int) or not (1 <= v <= 8 or v >= PASSTHROUGH_BITS):
             raise ValueError(f"bit_map[{k}] = {v!r}: bits must be 1..8 or >= {PASSTHROUGH_BITS} (float)")
         out[k] = v
@@ -84,6 +95,35 @@ def _sequential_blocks(model: nn.Module) -> list[list[str]] | None:
             if groups:
                 return [[f"{name}.{b}" for b in g] for g in groups]
     return None
+
+
+_STATE_BIT_MAP, _STATE_SITES = "adaptive_bit_map", "adaptive_sites"
+
+
+def _encode_sites(sites: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """The sites as a uint8 tensor of their JSON text (a state_dict entry that safetensors can hold too)."""
+    text = json.dumps([list(site) for site in sites])
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def _decode_sites(t: torch.Tensor) -> list[tuple[str, str]]:
+    return [(str(n), str(w)) for n, w in json.loads(bytes(t.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))]
+
+
+def _graph_task_id() -> int:
+    """The autograd graph task (one ``backward``) this thread is running nodes of; -1 outside backward."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if current is None else int(current())
+
+
+def _grad_nodes(out, depth: int = 0) -> list:
+    """The autograd nodes of the tensors in a model output (a tensor, tuple / list, dict / ``ModelOutput``)."""
+    if isinstance(out, torch.Tensor):
+        return [out.grad_fn] if out.grad_fn is not None else []
+    if depth >= 4:
+        return []
+    items = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    return [n for v in items for n in _grad_nodes(v, depth + 1)]
 
 
 def _bits_tensor(bits) -> torch.Tensor:
@@ -200,13 +240,22 @@ class AdaptiveQuantizer(nn.Module):
     positional / keyword arguments go to the model. ``aq.stats()`` reports the average bits actually used. A
     call's bits are the calling thread's own, so concurrent calls from several threads do not mix them; under
     ``nn.DataParallel(aq)`` pass ``levels`` / ``bits`` as tensors, which are split with the batch. After
-    :meth:`remove` the wrapper refuses calls (its sites no longer quantize).
+    :meth:`remove` the wrapper refuses calls (its sites no longer quantize). Under gradient checkpointing the
+    recompute in backward uses the bits of the call the gradient comes through (module docstring); a backward over
+    several calls with different bits that the recompute cannot tell apart raises ``RuntimeError``.
+
+    ``state_dict()`` (state version 2) holds, besides the model's tensors, the bit map (``adaptive_bit_map``: int64
+    rows ``(level, bits)``) and the sites (``adaptive_sites``: their JSON text as uint8), so it also goes through
+    safetensors. ``load_state_dict`` raises ``ValueError`` naming both values, and loads nothing, when this
+    quantizer has another bit map or other sites (in any order); states of version 1 (without them) load unchecked.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``weight_sequential`` is neither a bool nor a dict.
         ValueError: a scorer level missing from the bit map, no site, an unknown or duplicate site, unknown
             ``weight_sequential`` options, or ``weight_sequential`` without ``weight_config``.
     """
+
+    _version = 2  # state_dict: 2 adds the bit map and the sites
 
     def __init__(
         self,
@@ -262,6 +311,7 @@ class AdaptiveQuantizer(nn.Module):
         self._bits: torch.Tensor | None = None  # set by bits_context; read when this thread's call set none
         self._local = threading.local()  # .bits: the bits of the call running in this thread
         self._lock = threading.Lock()  # the statistics, updated by concurrent calls
+        self._pinned: dict[int, list] = {}  # graph task id -> the (bits, enabled) of the calls its backward entered
         self._removed = False
         self._enabled = True
         self._handles = []
@@ -281,13 +331,45 @@ class AdaptiveQuantizer(nn.Module):
         state = super().__getstate__()
         state.pop("_local", None)  # thread-local storage and locks do not copy or pickle: new ones in the copy
         state.pop("_lock", None)
+        state.pop("_pinned", None)  # belongs to backward passes running now
         return state
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._pinned = {}
         self.__dict__.setdefault("_removed", False)
+
+    # ------------------------------------------------------------------ state_dict: the bit map and the sites
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + _STATE_BIT_MAP] = torch.tensor(list(self.bit_map.items()), dtype=torch.int64)
+        destination[prefix + _STATE_SITES] = _encode_sites(self.sites)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        keys = (prefix + _STATE_BIT_MAP, prefix + _STATE_SITES)
+        saved_map, saved_sites = (state_dict.get(k) for k in keys)
+        if saved_map is not None:
+            rows = torch.as_tensor(saved_map).detach().cpu().to(torch.int64).reshape(-1, 2).tolist()
+            bit_map = dict(sorted((int(lv), int(b)) for lv, b in rows))
+            if bit_map != self.bit_map:
+                raise ValueError(f"this state was saved by an AdaptiveQuantizer with bit_map {bit_map}, but this one "
+                                 f"has bit_map {self.bit_map}: construct AdaptiveQuantizer(model, bit_map=...) with "
+                                 "the bit map of the state")
+        if saved_sites is not None:
+            sites = _decode_sites(saved_sites)
+            if sorted(sites) != sorted(self.sites):
+                raise ValueError(f"this state was saved by an AdaptiveQuantizer quantizing the sites {sites}, but this "
+                                 f"one quantizes {self.sites}: construct AdaptiveQuantizer(model, sites=...) with "
+                                 "the sites of the state")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in keys]
+        version = local_metadata.get("version")
+        if strict and version is not None and version >= 2:  # version 1 had neither; no metadata: safetensors
+            missing_keys.extend(k for k in keys if k not in state_dict)
 
     def _current_bits(self) -> torch.Tensor | None:
         """The bits of the call running in this thread, else those of an active :meth:`bits_context`."""
@@ -300,14 +382,80 @@ class AdaptiveQuantizer(nn.Module):
                                "remove(), so the sites would not quantize; use the model remove() returned "
                                "(float activations) or wrap it in a new AdaptiveQuantizer")
 
+    # ------------------------------------------------------------------ gradient-checkpointing recompute
+    def _pin(self, out, bits: torch.Tensor, enabled: bool) -> None:
+        """Make the backward through ``out`` (a call's output) know the call's bits before it recomputes."""
+        record = (bits, enabled)
+        seen: set[int] = set()
+        for node in _grad_nodes(out):
+            if id(node) not in seen:
+                seen.add(id(node))
+                node.register_prehook(functools.partial(self._enter_backward, record))
+
+    def _enter_backward(self, record: tuple, grad_outputs) -> None:
+        """Prehook of a call's output node: note the call's bits for the graph task that runs it (forgotten when
+        that backward ends)."""
+        task = _graph_task_id()
+        if task < 0:
+            return
+        with self._lock:
+            records = self._pinned.get(task)
+            if records is None:
+                while len(self._pinned) >= 64:  # those of backward passes that raised (their callback never ran)
+                    self._pinned.pop(next(iter(self._pinned)))
+                records = self._pinned[task] = []
+                torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._forget, task))
+            if not any(r is record for r in records):
+                records.append(record)
+
+    def _forget(self, task: int) -> None:
+        """End of a backward: drop the bits its calls pinned."""
+        with self._lock:
+            self._pinned.pop(task, None)
+
+    def _recompute_bits(self, name: str, x) -> tuple[torch.Tensor | None, bool]:
+        """``(bits, enabled)`` for a site running inside backward (a gradient-checkpointing recompute): those of
+        the call whose backward is running, else those of a ``bits_context`` around the backward."""
+        with self._lock:
+            records = list(self._pinned.get(_graph_task_id(), ()))
+        if not records:
+            return self._current_bits(), self._enabled
+        distinct: list[tuple] = []
+        for r in records:
+            if not any(r[1] == d[1] and r[0].shape == d[0].shape and r[0].device == d[0].device
+                       and torch.equal(r[0], d[0]) for d in distinct):
+                distinct.append(r)
+        if len(distinct) > 1 and isinstance(x, torch.Tensor) and x.dim() > 0:
+            fits = [r for r in distinct if r[0].numel() == x.shape[0] and r[0].device == x.device]
+            distinct = fits or distinct
+        if len(distinct) > 1:
+            raise RuntimeError(
+                f"site {name!r} is being recomputed by gradient checkpointing during a backward that goes through "
+                f"{len(distinct)} AdaptiveQuantizer calls with different bits on the same device and batch size, "
+                "so which call's bits apply cannot be told: call backward once per call (loss1.backward(); "
+                "loss2.backward()), give the calls the same bits, or turn gradient checkpointing off")
+        return distinct[0]
+
     # ------------------------------------------------------------------ hooks
     def _quant(self, name: str, x):
-        if not self._enabled:
-            return x
-        bits = self._current_bits()
-        if bits is None:
-            raise RuntimeError(f"site {name!r} ran without per-sample bits: call the AdaptiveQuantizer "
-                               "(aq(x, levels=...)), use aq.bits_context(bits), or aq.disabled()")
+        task = _graph_task_id()
+        if task >= 0 and getattr(self._local, "call_task", -1) != task:  # in backward, not in a call made there:
+            # a gradient-checkpointing recompute
+            bits, enabled = self._recompute_bits(name, x)
+            if not enabled:
+                return x
+            if bits is None:
+                raise RuntimeError(f"site {name!r} was recomputed by gradient checkpointing during a backward that "
+                                   "does not go through the output of an AdaptiveQuantizer call, and no "
+                                   "aq.bits_context(bits) is active: take the loss from the call's output, or run "
+                                   "the backward inside the bits_context the forward ran in")
+        else:
+            if not self._enabled:
+                return x
+            bits = self._current_bits()
+            if bits is None:
+                raise RuntimeError(f"site {name!r} ran without per-sample bits: call the AdaptiveQuantizer "
+                                   "(aq(x, levels=...)), use aq.bits_context(bits), or aq.disabled()")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"the activation at site {name!r} is a {type(x).__name__}, not a tensor")
         if x.dim() == 0 or x.shape[0] != bits.numel():
@@ -464,12 +612,16 @@ class AdaptiveQuantizer(nn.Module):
         self._check_not_removed("forward()")
         b, lv = self.resolve_bits(args, levels, bits, images)
         dev = next((t.device for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        prev = getattr(self._local, "bits", None)
-        self._local.bits = b.to(dev) if dev is not None else b  # this thread's call only
+        prev, prev_task = getattr(self._local, "bits", None), getattr(self._local, "call_task", -1)
+        self._local.bits = call_bits = b.to(dev) if dev is not None else b  # this thread's call only
+        self._local.call_task = _graph_task_id()  # >= 0: a call made inside backward (its sites are no recompute)
+        enabled = self._enabled
         try:
             out = self.model(*args, **kwargs)
         finally:
-            self._local.bits = prev
+            self._local.bits, self._local.call_task = prev, prev_task
+        if torch.is_grad_enabled():  # for a gradient-checkpointing recompute in backward
+            self._pin(out, call_bits, enabled)
         with self._lock:
             self._record(b, lv)
         return out

@@ -317,3 +317,140 @@ def test_calls_after_remove_raise_instead_of_running_unquantized():
         assert aq.stats() == before
         assert torch.allclose(model(x), ref(x), atol=1e-6, rtol=0)  # the returned model: float activations
         aq.remove()  # a second remove() is harmless
+
+
+class _CheckpointedNet(torch.nn.Module):
+    """embed -> three checkpointed blocks (Linear, GELU) -> head; sites at the GELU inputs run inside the
+    checkpointed function, and their quantized values are what the GELU saves for backward."""
+
+    def __init__(self, reentrant=None, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Linear(12, 16)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU()) for _ in range(3))
+        self.head = torch.nn.Linear(16, 3)
+        self.reentrant = reentrant  # None: no checkpointing
+
+    def forward(self, x):
+        h = self.embed(x)
+        for blk in self.blocks:
+            if self.reentrant is None:
+                h = blk(h)
+            else:
+                h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+_INNER_SITES = [(f"blocks.{i}.1", "input") for i in range(3)] + [(f"blocks.{i}", "output") for i in range(3)]
+
+
+def _grads(aq, x, bits, y):
+    aq.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(aq(x, bits=bits), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in aq.model.named_parameters()}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recompute_uses_the_bits_of_the_forward(reentrant):
+    """Under torch.utils.checkpoint the sites inside a checkpointed block run again during backward, after the
+    quantizer's call returned: they found no bits and raised (or, under a later bits_context, used those bits)."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 12, generator=g), torch.randn(4, 3, generator=g)
+    bits = torch.tensor([2, 3, 8, 32])
+    plain = AdaptiveQuantizer(_CheckpointedNet(), sites=_INNER_SITES,
+                              weight_config=None).train()
+    ckpt = AdaptiveQuantizer(_CheckpointedNet(reentrant), sites=_INNER_SITES,
+                             weight_config=None).train()
+    loss_ref, ref = _grads(plain, x, bits, y)
+    loss, got = _grads(ckpt, x, bits, y)
+    assert torch.equal(loss, loss_ref)
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], atol=1e-6, rtol=1e-5), n
+    _, float_grads = _grads(plain, x, torch.full((4,), 32), y)
+    assert not torch.allclose(float_grads["blocks.0.0.weight"], ref["blocks.0.0.weight"], atol=1e-4)
+    # backward run inside a bits_context of other bits: still the bits of the forward
+    ckpt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(ckpt(x, bits=bits), y)
+    with ckpt.bits_context([32, 32, 32, 32]):
+        loss.backward()
+    for n, p in ckpt.model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_checkpoint_recompute_of_two_calls_in_one_backward_is_right_or_refused():
+    """Two calls with different bits, one backward: each call's recompute must use its own bits, or refuse."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(4, 12, generator=g), torch.randn(4, 3, generator=g)
+    b1, b2 = torch.tensor([2, 2, 4, 4]), torch.tensor([8, 3, 32, 2])
+    plain = AdaptiveQuantizer(_CheckpointedNet(), sites=_INNER_SITES, weight_config=None).train()
+    ckpt = AdaptiveQuantizer(_CheckpointedNet(False), sites=_INNER_SITES, weight_config=None).train()
+    mse = torch.nn.functional.mse_loss
+
+    def both(aq, n2):
+        aq.zero_grad(set_to_none=True)
+        return mse(aq(x, bits=b1), y) + mse(aq(x[:n2], bits=b2[:n2]), y[:n2])
+
+    both(plain, 3).backward()  # batch sizes 4 and 3: each recompute can tell its call
+    both(ckpt, 3).backward()
+    for (n, p), (_, q) in zip(ckpt.model.named_parameters(), plain.model.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), n
+    both(plain, 4).backward()
+    loss = both(ckpt, 4)
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        assert "checkpointing" in str(e) and "backward once per call" in str(e), e
+        return
+    for (n, p), (_, q) in zip(ckpt.model.named_parameters(), plain.model.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), n
+
+
+def test_checkpoint_recompute_keeps_disabled_and_bits_context_calls():
+    """A call made under ``disabled()`` is recomputed unquantized; a model call under ``bits_context`` uses the
+    context's bits when the backward runs inside it, and raises (not: runs unquantized) outside it."""
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(4, 12, generator=g), torch.randn(4, 3, generator=g)
+    bits = [2, 3, 8, 4]
+    plain = AdaptiveQuantizer(_CheckpointedNet(), sites=_INNER_SITES, weight_config=None).train()
+    ckpt = AdaptiveQuantizer(_CheckpointedNet(False), sites=_INNER_SITES, weight_config=None).train()
+    mse = torch.nn.functional.mse_loss
+    with plain.disabled():
+        _, ref_off = _grads(plain, x, bits, y)
+    with ckpt.disabled():
+        loss = mse(ckpt(x, bits=bits), y)
+    loss.backward()
+    for n, p in ckpt.model.named_parameters():
+        assert torch.allclose(p.grad, ref_off[n], atol=1e-6, rtol=1e-5), n
+    _, ref = _grads(plain, x, bits, y)
+    ckpt.zero_grad(set_to_none=True)
+    with ckpt.bits_context(bits):
+        mse(ckpt.model(x), y).backward()
+    for n, p in ckpt.model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-6, rtol=1e-5), n
+    with ckpt.bits_context(bits):
+        loss = mse(ckpt.model(x), y)
+    with pytest.raises(RuntimeError, match="recomputed by gradient checkpointing.*bits_context"):
+        loss.backward()
+
+
+def test_hf_gradient_checkpointing_gives_the_gradients_without_it():
+    entry = ZOO_BY_NAME["vit"]
+    base = entry.build()
+    inputs = entry.inputs(base)
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    enable = getattr(models[1], "activation_checkpointing_enable", None) or models[1].gradient_checkpointing_enable
+    enable()
+    bits = torch.tensor([2, 8])
+    grads = []
+    for m in models:  # inputs of the second MLP linear: what it saves for backward, recomputed through the site
+        sites = [n for n, _ in m.named_modules() if n.endswith((".mlp.fc2", ".output.dense"))]
+        assert len(sites) == m.config.num_hidden_layers
+        aq = AdaptiveQuantizer(m, sites=sites + block_output_sites(m), weight_config=None).train()
+        loss = aq(**inputs, bits=bits).logits.square().sum()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 10
+    for n in grads[0]:
+        assert torch.allclose(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5), n
