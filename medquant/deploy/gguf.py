@@ -19,7 +19,10 @@ What is written, in llama.cpp's names (``token_embd``, ``blk.<i>.attn_q`` ... ``
   medquant quantizes row by row; Gemma 3 RMS-norm weights stored as ``1 + w`` (llama.cpp multiplies by the stored
   value, transformers by ``1 + w``);
 * weights: :mod:`medquant.deploy.gguf_blocks` (Q4_0 / Q4_1 / Q8_0, per layer); float matrices as ``F32``
-  (``float_type="F16"`` halves them), 1-D tensors always ``F32``.
+  (``float_type="F16"`` halves them), 1-D tensors always ``F32``. A quantized input embedding
+  (:func:`medquant.quantize_embeddings_`) is written as ``token_embd`` in its block type like any quantized
+  matrix (llama.cpp looks rows up in quantized tables); a quantized head sharing its packed tensors (a tied head)
+  is not written again: llama.cpp reads ``token_embd`` as the output matrix when ``output`` is absent.
 
 Refused with :class:`~medquant.deploy.ExportError` naming the layers: schemes no block type carries (asymmetric
 8-bit, float rows inside a quantized layer, groups not a multiple of 32) unless ``promote=True``, which
@@ -42,12 +45,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..quant.modules import QuantEmbedding, tied_to
 from .common import (
     check_native,
     gguf_output_path,
     head_is_tied,
     layer_scheme,
     progress,
+    quantized_embeddings,
     quantized_layers,
     source_folder,
 )
@@ -429,13 +434,14 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
     if promote_type not in PROMOTE_TYPES:
         raise ExportError(f"promote_type={promote_type!r} is not accepted; use one of {', '.join(PROMOTE_TYPES)}")
     arch, cfg, dec, dec_name, head, head_name = language_parts(model)
-    check_native(model, "gguf")
+    check_native(model, "gguf", allow=(QuantEmbedding,))
     _check_rope_scaling(arch, cfg)
-    tied = head is None or head_is_tied(model)
+    tied = head is None or head_is_tied(model) or tied_to(head, dec.embed_tokens)
     plan, cfg, dim_notes = _plan(arch, cfg, dec, dec_name, head, head_name, tied)
 
     # refuse before writing anything: every quantized layer of the plan must have a block type (or promote)
-    quant = {id(m) for _, m in quantized_layers(model)}
+    quantized = quantized_layers(model) + quantized_embeddings(model)
+    quant = {id(m) for _, m in quantized}
     refused = []
     for _, hf, m, _kind in plan.items:
         if id(m) in quant and choose_target(m) is None:
@@ -446,11 +452,11 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
             "symmetric 1-8 bit and asymmetric 1-7 bit codes with group sizes that are multiples of 32 (Q4_0 / Q4_1 /"
             " Q8_0); pass promote=True to requantize these layers to promote_type (lossy, reported per layer)")
     in_plan = {id(m) for _, _, m, _ in plan.items}
-    outside = [n for n, m in quantized_layers(model) if id(m) not in in_plan]
+    outside = [n for n, m in quantized if id(m) not in in_plan and not (tied and m is head)]
 
     path = gguf_output_path(path, overwrite)
     model_name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
-    n_vocab = int(dec.embed_tokens.weight.shape[0])
+    n_vocab = int(dec.embed_tokens.num_embeddings)
     report = ExportReport(format="gguf", path=str(path), notes=list(dim_notes))
     with made_folders(path.parent):
         # written to a temporary file beside the target and moved over it when complete: a failed export leaves an

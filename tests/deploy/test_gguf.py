@@ -17,7 +17,7 @@ pytest.importorskip("gguf")
 from gguf import GGUFReader
 
 from medquant.deploy import ExportError, export
-from medquant.deploy.common import quantized_layers
+from medquant.deploy.common import quantized_embeddings, quantized_layers
 from medquant.deploy.gguf import language_parts, rope_permutation
 from medquant.quant.api import quantize_
 from medquant.quant.config import QuantConfig
@@ -77,7 +77,7 @@ def _check_roundtrip(model, report, exact_only: bool = True):
 
     loaded = _reload(Path(path)).state_dict()
     _, _, _, dec_name, _, head_name = language_parts(model)
-    quant = dict(quantized_layers(model))
+    quant = dict(quantized_layers(model) + quantized_embeddings(model))
     src = model.state_dict()
     assert len(report.layers) > 0
     for row in report.layers:
@@ -447,3 +447,36 @@ def test_llama3_rope_scaling_is_refused_where_llama_cpp_reads_no_rope_freqs(name
     # the same architecture without llama3 scaling: written, with no rope_freqs tensor
     report = export(ZOO_BY_NAME[name].build(), tmp_path / "d.gguf", format="gguf", source=tok_dir)
     assert "rope_freqs.weight" not in _types(tmp_path / "d.gguf") and report.files
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_quantized_input_embeddings_are_written_in_their_block_type(tie, tok_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.quant.embeddings import quantize_embeddings_
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(cfg).eval()
+    quantize_(model, W4)
+    done = quantize_embeddings_(model, W4)
+    assert done["tied_heads"] == (["lm_head"] if tie else [])
+    report = export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir)
+    types = _types(tmp_path / "m.gguf")
+    assert types["token_embd.weight"] == "Q4_0" and types["blk.0.attn_q.weight"] == "Q4_0"
+    assert ("output.weight" in types) is not tie  # a tied head is token_embd, stored once
+    assert types.get("output.weight", "Q4_0") == "Q4_0"
+    emb_row = next(r for r in report.layers if r.name == "model.embed_tokens")
+    assert emb_row.target == "Q4_0" and emb_row.how == "exact repack" and emb_row.max_abs_error == 0.0
+    assert not any("not exported" in n for n in report.notes)
+    # transformers' GGUF loader dequantizes the table to medquant's own dequantized table, bit for bit, and the
+    # reloaded float model computes medquant's logits
+    loaded = _reload(tmp_path / "m.gguf")
+    table = dict(quantized_embeddings(model))["model.embed_tokens"].dequantized_weight(torch.float32)
+    assert torch.equal(loaded.model.embed_tokens.weight, table)
+    assert torch.equal(loaded.lm_head.weight, table) is tie
+    _check_roundtrip(model, report)
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
