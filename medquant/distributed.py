@@ -81,15 +81,58 @@ def is_distributed(group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool:
+def _flag_device(backend: str) -> torch.device:
+    """The device of the small tensors (flags, norms) the helpers reduce with a group of backend ``backend``.
+
+    ``torch.distributed.get_backend(group)`` names the backend: ``"nccl"`` (or a per-device list such as
+    ``"cuda:nccl"`` without a CPU entry) reduces only CUDA tensors: the current CUDA device; anything else (``"gloo"``,
+    ``"mpi"``, ``"cpu:gloo,cuda:nccl"``) reduces CPU tensors: the CPU.
+    """
+    parts = [b.strip() for b in backend.lower().split(",") if b.strip()]
+    if any(":" not in b for b in parts):  # one backend for every device type
+        cpu = parts != ["nccl"]
+    else:  # "device:backend" pairs
+        cpu = any(b.partition(":")[0] == "cpu" for b in parts) or not any(b.endswith(":nccl") for b in parts)
+    return torch.device("cpu") if cpu else torch.device("cuda", torch.cuda.current_device())
+
+
+def _raise_together(error: str | None, group=None, what: str = "") -> None:
+    """Raise ``ValueError`` on every rank of ``group`` when ``error`` (this rank's bad input) is set on any rank.
+
+    Input checked on each rank before a collective: a rank raising alone would leave the others waiting in the
+    collective. One ``all_reduce`` of one flag per rank (on the backend's device); every rank raises, naming the
+    (global) ranks with bad input; those ranks give their own ``error``. Without a process group (or with a
+    one-rank group) ``error`` is raised directly.
+    """
+    import torch.distributed as dist
+
+    if not is_distributed(group):
+        if error is not None:
+            raise ValueError(error)
+        return
+    flags = torch.zeros(dist.get_world_size(group), device=_flag_device(dist.get_backend(group)))
+    flags[dist.get_rank(group)] = float(error is not None)
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group)
+    bad = [i for i, f in enumerate(flags.tolist()) if f > 0]
+    if not bad:
+        return
+    ranks = bad if group is None else [dist.get_global_rank(group, i) for i in bad]
+    if error is not None:
+        raise ValueError(f"{error} (bad input on rank(s) {ranks}: every rank raises)")
+    raise ValueError(f"{what}: bad input on rank(s) {ranks}, see the error raised there (every rank raises, none is "
+                     "left waiting in a collective)")
+
+
+def any_rank(flag: bool, device: torch.device | str | None = None, group=None) -> bool:
     """``flag`` or-ed over every rank of ``group``; ``flag`` itself without a process group.
 
-    One ``all_reduce`` (MAX) of a one-element tensor on ``device``. Lets every rank stop a loop together when
-    one runs out of data.
+    One ``all_reduce`` (MAX) of a one-element tensor. Lets every rank stop a loop together when one runs out of
+    data.
 
     Args:
         flag: this rank's flag.
-        device: device of the reduced tensor (the backend's: ``cuda`` for NCCL).
+        device: device of the reduced tensor; None (default): the backend's, the current CUDA device for NCCL
+            (``torch.distributed.get_backend(group) == "nccl"``), the CPU for gloo.
         group: the process group (default the world).
 
     Returns:
@@ -99,6 +142,8 @@ def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool
 
     if not (dist.is_available() and dist.is_initialized()):
         return bool(flag)
+    if device is None:
+        device = _flag_device(dist.get_backend(group))
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.item() > 0
@@ -311,7 +356,8 @@ def fsdp_shard(model: nn.Module, units: Iterable[str] = (), *, mesh=None, ignore
 
     Raises:
         RuntimeError: no initialised process group.
-        ValueError: ``model`` is already sharded, or ``mesh`` is not 1-D.
+        ValueError: ``model`` is already sharded (on any rank of the mesh: every rank raises, naming the ranks
+            whose model is), or ``mesh`` is not 1-D.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -320,14 +366,15 @@ def fsdp_shard(model: nn.Module, units: Iterable[str] = (), *, mesh=None, ignore
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("FSDP needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group, torchrun or accelerate launch)")
-    if has_fsdp(model):
-        raise ValueError("the model is already sharded with fully_shard: pass the plain (unsharded) model, "
-                         "medquant shards it after attaching its parametrizations")
+    if mesh is not None and mesh.ndim != 1:
+        raise ValueError(f"only a 1-D device mesh (plain FSDP) is supported, got {mesh.ndim}-D")
+    # checked on every rank of the mesh together: a rank raising alone would leave the others in the broadcast
+    _raise_together("the model is already sharded with fully_shard: pass the plain (unsharded) model, medquant "
+                    "shards it after attaching its parametrizations" if has_fsdp(model) else None,
+                    None if mesh is None else mesh.get_group(), "fsdp_shard")
     if mesh is None:
         dev = next(model.parameters()).device.type
         mesh = init_device_mesh(dev, (dist.get_world_size(),))
-    if mesh.ndim != 1:
-        raise ValueError(f"only a 1-D device mesh (plain FSDP) is supported, got {mesh.ndim}-D")
     broadcast_parameters(model.parameters(), group=mesh.get_group())
     kw = {"mesh": mesh}
     if ignored_params is not None:
@@ -355,7 +402,9 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
     ``sharded`` is FSDP2-sharded and possibly parametrized: ``DTensor.full_tensor()`` one tensor at a time (a collective: every
     rank must call it), ``...parametrizations.weight.original`` stored as ``...weight``; parameters of the
     parametrizations (BAQ's ``theta``) are left out; tied parameters stay tied. Every rank ends with the full model.
-    Returns ``skeleton``.
+    The names are checked before any tensor is gathered, on every rank of the sharded tensors' mesh together: a
+    mismatch on one rank raises on all of them (naming the ranks with the mismatch), none is left waiting in a
+    gathering. Returns ``skeleton``.
 
     Args:
         skeleton: the meta-device copy from :func:`meta_skeleton`.
@@ -365,24 +414,29 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
         ``skeleton``, filled.
 
     Raises:
-        ValueError: the two models do not have the same tensors (a name of one missing from the other).
+        ValueError: the two models do not have the same tensors (a name of one missing from the other), on this
+            rank or another rank of the mesh.
         RuntimeError: a skeleton parameter is still on the meta device after loading.
     """
     from torch.distributed.tensor import DTensor
 
     want = dict(skeleton.state_dict())
+    state = {key: (name, t) for key, t in sharded.state_dict().items() if (name := _plain_name(key))}
+    error = next((f"{key!r} of the sharded model has no slot {name!r} in the skeleton"
+                  for key, (name, _) in state.items() if name not in want), None)
+    missing = sorted(set(want) - {name for name, _ in state.values()})
+    if error is None and missing:
+        error = f"the sharded model lacks {missing[:5]}"
+    # every rank holding sharded tensors gathers them together: agree on the names before the first gathering
+    mesh = next((t.device_mesh for _, t in state.values() if isinstance(t, DTensor)), None)
+    if mesh is not None and mesh.ndim == 1:
+        _raise_together(error, mesh.get_group(), "load_full_state")
+    elif error is not None:
+        raise ValueError(error)
     full = {}
-    for key, t in sharded.state_dict().items():
-        name = _plain_name(key)
-        if not name:
-            continue
-        if name not in want:
-            raise ValueError(f"{key!r} of the sharded model has no slot {name!r} in the skeleton")
+    for name, t in state.values():
         t = t.full_tensor() if isinstance(t, DTensor) else t
         full[name] = t.detach().clone()
-    missing = sorted(set(want) - set(full))
-    if missing:
-        raise ValueError(f"the sharded model lacks {missing[:5]}")
     aliases: dict[str, str] = {}
     first: dict[int, str] = {}  # tied parameters (e.g. lm_head / embeddings): re-tied after the assigning load
     for n, p in skeleton.named_parameters(remove_duplicate=False):
@@ -405,6 +459,8 @@ def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, group=None)
 
     The parameters may mix sharded ``DTensor``s (each element held by one rank: local squared sums are all-reduced) and plain replicated tensors (same
     gradient on every rank: counted once). Same formula as torch: ``coef = min(1, max_norm / (norm + 1e-6))``.
+    Every rank of ``group`` takes part in the reduction, also one without gradients (or without parameters): its
+    total is the reduced sharded part alone (zero without a process group).
 
     Args:
         params: the parameters whose gradients to clip in place.
@@ -418,9 +474,10 @@ def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, group=None)
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    dev = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    if grads:
+        dev = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    else:  # no early return: the other ranks of the group wait for this one in the all_reduce
+        dev = _flag_device(dist.get_backend(group)) if is_distributed(group) else torch.device("cpu")
     sharded = torch.zeros((), dtype=torch.float64, device=dev)
     plain = torch.zeros((), dtype=torch.float64, device=dev)
     for g in grads:

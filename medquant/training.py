@@ -119,7 +119,6 @@ def train_steps(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=_total_steps(batches, epochs, max_steps, grad_accum), desc=desc, unit="step", leave=False)
-    flag_device = params[0].device if params else "cpu"
     if model is not None:
         model.train()
     try:
@@ -138,7 +137,7 @@ def train_steps(
                     batch = next(it, _END)
                     end = batch is _END
                     if stop_together:
-                        end = mqd.any_rank(end, flag_device, group)
+                        end = mqd.any_rank(end, group=group)  # on the backend's device
                     if end:
                         exhausted = True
                         break
@@ -151,7 +150,7 @@ def train_steps(
                     step_records.append(record)
                 if not step_records:
                     break
-                if mqd.any_rank(bad is not None, flag_device, group):
+                if mqd.any_rank(bad is not None, group=group):
                     _raise_not_finite(len(records), bad, optimizer)
                 # the step's record first: a record that cannot be averaged raises before the optimizer moves
                 record = step_records[0] if grad_accum == 1 else _mean_record(step_records)

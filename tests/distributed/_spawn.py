@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -16,8 +17,24 @@ def write_rank_results(out: str, name: str, rank: int, tensors: dict[str, torch.
         json.dump(info, f)
 
 
-def spawn_rank_results(worker, folder: Path, name: str, world: int) -> list[tuple[dict, dict]]:
-    """``worker(rank, init_file, out_folder)`` on ``world`` processes, then each rank's ``(tensors, info)``."""
-    mp.spawn(worker, args=(str(folder / "init"), str(folder)), nprocs=world, join=True)
+def spawn_rank_results(worker, folder: Path, name: str, world: int,
+                       timeout: float = 600.0) -> list[tuple[dict, dict]]:
+    """``worker(rank, init_file, out_folder)`` on ``world`` processes, then each rank's ``(tensors, info)``.
+
+    A rank that raises fails the call (the others are ended); ranks still running ``timeout`` seconds after the
+    start (one waiting in a collective the others never enter) are ended and ``TimeoutError`` raised, so a hang
+    fails the test instead of blocking the suite.
+    """
+    ctx = mp.spawn(worker, args=(str(folder / "init"), str(folder)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in ctx.processes:
+                p.join(10)
+            raise TimeoutError(f"the {world} ranks did not finish within {timeout} s (a rank left waiting in a "
+                               "collective?)")
     return [(load_file(str(folder / f"{name}{r}.safetensors")), json.loads((folder / f"{name}{r}.json").read_text()))
             for r in range(world)]
