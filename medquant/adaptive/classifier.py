@@ -21,6 +21,12 @@ Every sample gets its own row, independent of its batch-mates:
   sample ``i`` (an all-zero sub-image is batch padding, dropped as the model drops it) and their patch tokens
   ``t``, with ``v[s, t] = 1`` when patch ``t`` holds a pixel marked valid in ``pixel_attention_mask`` (zero
   padding of a smaller image is left out);
+* Gemma 3 with pan-and-scan (``do_pan_and_scan=True``): each image gives ``1 + num_crops[i]`` rows of 4-D
+  ``pixel_values`` (the whole image, then its crops), stacked over the batch; with ``num_crops`` (one count per
+  image, one image per sample; ``Gemma3ImageProcessor`` gives it, ``Gemma3Processor`` drops it from its output, so
+  take it from ``processor.image_processor``) ``f_img(i)`` is the mean over the tokens of all rows of image
+  ``i``, the whole image included. Without ``num_crops`` every row is one sample; when that does not match the
+  text rows the classifier raises a ``ValueError`` instead of mixing samples (image-only use cannot tell);
 * PaliGemma's language model attends bidirectionally over its prefix: the text goes through the model's own
   prefix path (``token_type_ids = 0``), so padding in the batch does not make it causal.
 
@@ -32,6 +38,7 @@ embedding and the same ``head``; ``default_adaptive_sites: ClassVar[tuple[str, .
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 from typing import Any, ClassVar
 
@@ -60,8 +67,10 @@ class VLMClassifier(nn.Module):
     """Multi-label classifier on top of a Hugging Face vision-language model (the set-up in the module docstring).
 
     ``forward(pixel_values, input_ids=None, attention_mask=None, **image_kwargs)``: ``image_kwargs`` are passed
-    to ``get_image_features`` (``image_grid_thw`` for Qwen2-VL, ``pixel_attention_mask`` for Idefics3).
-    Without ``input_ids`` the text half of the fused embedding is zero (image-only use).
+    to ``get_image_features`` (``image_grid_thw`` for Qwen2-VL, ``pixel_attention_mask`` for Idefics3), except
+    ``num_crops`` (Gemma 3 pan-and-scan), which groups the rows of ``pixel_values`` per sample and reaches
+    ``get_image_features`` only when it names that parameter. Without ``input_ids`` the text half of the fused
+    embedding is zero (image-only use).
 
     Args:
         vlm: a VLM supported by :func:`medquant.models.model_roles` (Gemma 3, LLaVA, Qwen2-VL / 2.5-VL,
@@ -105,6 +114,12 @@ class VLMClassifier(nn.Module):
         if not hasattr(owner, "get_image_features"):
             raise ValueError(f"{type(vlm).__name__} has no get_image_features(); cannot extract image features")
         self._owner_is_inner = owner is not vlm
+        image_fn: Any = owner.get_image_features
+        try:  # num_crops reaches get_image_features only when it names it (Gemma 3's does not)
+            image_params = set(inspect.signature(image_fn).parameters)
+        except (TypeError, ValueError):
+            image_params = set()
+        self._image_fn_takes_num_crops = "num_crops" in image_params
         cfg: Any = vlm.config
         # PaliGemma's text is a bidirectional prefix; its language model alone builds a causal mask whenever the
         # batch has padding (and none without), so text goes through the model's prefix path instead
@@ -152,19 +167,31 @@ class VLMClassifier(nn.Module):
         """Pooled vision-tower features: the projector's input, mean over image tokens.
 
         5-D ``pixel_values`` ``(B, N, C, H, W)`` (Idefics3 / SmolVLM sub-images): one row per sample, the mean
-        over the valid patch tokens of its real sub-images (module docstring).
+        over the valid patch tokens of its real sub-images (module docstring). 4-D ``pixel_values`` with
+        ``num_crops`` (Gemma 3 pan-and-scan): one row per image, the mean over the tokens of its
+        ``1 + num_crops[i]`` consecutive rows (the whole image and its crops); without ``num_crops`` one row per
+        row of ``pixel_values``.
 
         Args:
             pixel_values: the processor's pixel values.
-            **image_kwargs: passed to ``get_image_features`` (e.g. ``image_grid_thw``, ``pixel_attention_mask``).
+            **image_kwargs: passed to ``get_image_features`` (e.g. ``image_grid_thw``, ``pixel_attention_mask``);
+                ``num_crops`` (``Gemma3ImageProcessor``'s crop count per image, a 1-D int tensor or list) is used
+                for pooling and passed on only when ``get_image_features`` names it.
 
         Returns:
             A tensor ``(B, image_dim)``.
 
         Raises:
             RuntimeError: the projector did not run.
-            ValueError: features of an unexpected shape or size, or a sample whose sub-images are all padding.
+            ValueError: features of an unexpected shape or size, a sample whose sub-images are all padding, or a
+                ``num_crops`` that is not 1-D non-negative ints, whose ``sum(1 + num_crops)`` is not the number of
+                rows of ``pixel_values``, or that is given with other than 4-D ``pixel_values``.
+            TypeError: ``num_crops`` is neither a tensor nor a list / tuple.
         """
+        num_crops = image_kwargs.pop("num_crops", None)
+        crop_rows = None if num_crops is None else self._rows_per_image(num_crops, pixel_values)
+        if num_crops is not None and self._image_fn_takes_num_crops:
+            image_kwargs["num_crops"] = num_crops
         captured = {}
 
         def grab(module, args):
@@ -181,7 +208,12 @@ class VLMClassifier(nn.Module):
         if feats is None:
             raise RuntimeError("the projector did not run: no image features captured")
         grid = image_kwargs.get("image_grid_thw")
-        if feats.dim() == 3 and isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5:
+        if crop_rows is not None:
+            if feats.dim() != 3 or feats.shape[0] != sum(crop_rows):
+                raise ValueError(f"num_crops gives {sum(crop_rows)} rows but the projector got image features "
+                                 f"{tuple(feats.shape)}: num_crops needs one (tokens, dim) row per pixel_values row")
+            pooled = torch.stack([c.mean(dim=(0, 1)) for c in torch.split(feats, crop_rows, dim=0)])
+        elif feats.dim() == 3 and isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5:
             pooled = self._pool_sub_images(feats, pixel_values, image_kwargs.get("pixel_attention_mask"))
         elif feats.dim() == 3:
             pooled = feats.mean(dim=1)
@@ -193,6 +225,29 @@ class VLMClassifier(nn.Module):
         if pooled.shape[-1] != self.image_dim:
             raise ValueError(f"image features have {pooled.shape[-1]} dims, expected image_dim={self.image_dim}")
         return pooled
+
+    @staticmethod
+    def _rows_per_image(num_crops, pixel_values) -> list[int]:
+        """``1 + num_crops[i]`` per image, checked against the rows of 4-D ``pixel_values`` (module docstring)."""
+        if isinstance(num_crops, torch.Tensor):
+            if num_crops.dim() != 1 or num_crops.is_floating_point() or num_crops.is_complex():
+                raise ValueError(f"num_crops must be a 1-D int tensor or list (crops per image), got a "
+                                 f"{num_crops.dtype} tensor of shape {tuple(num_crops.shape)}")
+            counts = num_crops.tolist()
+        elif isinstance(num_crops, (list, tuple)):
+            counts = list(num_crops)
+        else:
+            raise TypeError(f"num_crops must be a 1-D int tensor or list (crops per image), got {num_crops!r}")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            raise ValueError(f"num_crops must hold non-negative ints (crops per image), got {counts}")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"num_crops (Gemma 3 pan-and-scan) needs 4-D pixel_values (rows, C, H, W), got {shape}")
+        rows = [1 + c for c in counts]
+        if sum(rows) != pixel_values.shape[0]:
+            raise ValueError(f"num_crops {counts} gives sum(1 + num_crops) = {sum(rows)} rows (the whole image and "
+                             f"its crops per image) but pixel_values has {pixel_values.shape[0]}")
+        return rows
 
     def _pool_sub_images(self, feats: torch.Tensor, pixel_values: torch.Tensor,
                          pixel_attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -257,22 +312,26 @@ class VLMClassifier(nn.Module):
             pixel_values: the processor's pixel values.
             input_ids: token ids, or None for image-only use.
             attention_mask: the tokens' mask.
-            **image_kwargs: passed to ``get_image_features``.
+            **image_kwargs: passed to ``get_image_features`` (``num_crops``: see :meth:`image_features`).
 
         Returns:
             A tensor ``(B, 2 * fuse_dim)`` in the dtype of the projections.
 
         Raises:
-            ValueError: a different number of images and text rows.
+            ValueError: a different number of pooled image rows and text rows (checked before the language
+                model runs), e.g. Gemma 3 pan-and-scan crops without ``num_crops``, or several images per sample.
         """
         # the features meet the projections in their dtype: float32 by default, bfloat16 after clf.to(bfloat16)
+        with_counts = image_kwargs.get("num_crops") is not None
         fi = self.image_proj(self.image_features(pixel_values, **image_kwargs).to(_compute_dtype(self.image_proj)))
         if input_ids is None:
-            ft = torch.zeros_like(fi)
-        else:
-            ft = self.text_proj(self.text_features(input_ids, attention_mask).to(_compute_dtype(self.text_proj)))
-        if ft.shape[0] != fi.shape[0]:
-            raise ValueError(f"{fi.shape[0]} images but {ft.shape[0]} text rows")
+            return torch.cat([fi, torch.zeros_like(fi)], dim=-1)
+        if input_ids.shape[0] != fi.shape[0]:
+            hint = ("num_crops has one count per image and one image per sample is accepted" if with_counts else
+                    "pixel_values rows are one image per sample unless num_crops is given (Gemma 3 "
+                    "pan-and-scan: the whole image and its crops, sum(1 + num_crops) rows)")
+            raise ValueError(f"{fi.shape[0]} pooled image rows but {input_ids.shape[0]} samples in input_ids: {hint}")
+        ft = self.text_proj(self.text_features(input_ids, attention_mask).to(_compute_dtype(self.text_proj)))
         return torch.cat([fi, ft], dim=-1)
 
     def forward(self, pixel_values, input_ids=None, attention_mask=None, **image_kwargs) -> torch.Tensor:
@@ -282,10 +341,13 @@ class VLMClassifier(nn.Module):
             pixel_values: the processor's pixel values.
             input_ids: token ids, or None for image-only use.
             attention_mask: the tokens' mask.
-            **image_kwargs: passed to ``get_image_features``.
+            **image_kwargs: passed to ``get_image_features`` (``num_crops``: see :meth:`image_features`).
 
         Returns:
             Logits ``(N, n_labels)``.
+
+        Raises:
+            ValueError: see :meth:`fused_embedding` and :meth:`image_features`.
         """
         return self.head(self.fused_embedding(pixel_values, input_ids, attention_mask, **image_kwargs))
 

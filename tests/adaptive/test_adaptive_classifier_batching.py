@@ -120,3 +120,85 @@ def test_bfloat16_backbone_float32_head():
     with torch.no_grad():
         out = clf(inputs["pixel_values"], input_ids=inputs["input_ids"][:, -6:])
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------- Gemma 3
+def _pan_and_scan_batch():
+    """Pan-and-scan-shaped Gemma 3 inputs as the processor gives them: per image the whole image then its
+    crops, stacked over the batch, and ``num_crops`` (crops besides the whole image) per image."""
+    g = torch.Generator().manual_seed(2)
+    pv = torch.randn(4, 3, 32, 32, generator=g)  # sample 0: whole image + 2 crops; sample 1: whole image only
+    return pv, torch.tensor([2, 0])
+
+
+def test_gemma3_pan_and_scan_crops_pool_per_sample():
+    """With pan-and-scan each image gives several rows of ``pixel_values`` (the whole image and its crops): the
+    pooled feature of a sample is the mean over the tokens of its own rows. Reference: the vision tower called
+    directly on each sample's rows alone, and each sample run alone through the classifier."""
+    clf = _classifier("gemma3_vlm")
+    vlm = clf.vlm
+    pv, num_crops = _pan_and_scan_batch()
+    ids = torch.randint(4, 200, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        feats = clf.image_features(pv, num_crops=num_crops)
+        assert feats.shape == (2, clf.image_dim)
+        for i, rows in enumerate((pv[:3], pv[3:])):
+            want = vlm.model.vision_tower(pixel_values=rows).last_hidden_state.mean(dim=(0, 1))
+            assert torch.allclose(feats[i], want, atol=1e-5), i
+        # each sample alone (its own rows and crop count) gives the same row as in the batch
+        assert torch.allclose(clf.image_features(pv[:3], num_crops=[2])[0], feats[0], atol=1e-5)
+        assert torch.allclose(clf.image_features(pv[3:], num_crops=torch.tensor([0]))[0], feats[1], atol=1e-5)
+        assert torch.allclose(clf.image_features(pv[3:])[0], feats[1], atol=1e-5)
+        logits = clf(pv, input_ids=ids, num_crops=num_crops)
+        assert logits.shape == (2, 3)
+        assert torch.allclose(logits[0], clf(pv[:3], input_ids=ids[:1], num_crops=[2])[0], atol=1e-5)
+        assert torch.allclose(logits[1], clf(pv[3:], input_ids=ids[1:])[0], atol=1e-5)
+        # image-only: one row per sample too
+        assert clf(pv, num_crops=num_crops).shape == (2, 3)
+
+
+def test_gemma3_pan_and_scan_bad_crop_counts_raise():
+    """More image rows than samples without ``num_crops``, or counts that do not fit ``pixel_values``: a clear
+    ValueError naming ``num_crops``, before any sample is mixed with another."""
+    clf = _classifier("gemma3_vlm")
+    pv, _ = _pan_and_scan_batch()
+    ids = torch.randint(4, 200, (2, 6))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="num_crops"):
+            clf(pv, input_ids=ids)
+        with pytest.raises(ValueError, match="num_crops"):
+            clf.image_features(pv, num_crops=torch.tensor([1, 0]))  # 3 rows, pixel_values has 4
+        with pytest.raises(ValueError, match="num_crops"):
+            clf.image_features(pv, num_crops=torch.tensor([-1, 4]))
+        with pytest.raises(ValueError, match="num_crops"):
+            clf.image_features(pv, num_crops=torch.tensor([[2, 0]]))
+        with pytest.raises(TypeError, match="num_crops"):
+            clf.image_features(pv, num_crops=2)
+        with pytest.raises(ValueError, match="num_crops"):  # 3 images but 2 text rows
+            clf(pv, input_ids=ids, num_crops=torch.tensor([1, 0, 0]))
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_num_crops_reaches_get_image_features_only_when_named(named):
+    """``num_crops`` groups rows for pooling; it is passed on to ``get_image_features`` only when that method
+    names the parameter (Gemma 3's takes ``**kwargs`` and would ignore it)."""
+    pv, num_crops = _pan_and_scan_batch()
+    vlm = ZOO_BY_NAME["gemma3_vlm"].build()
+    seen = {}
+    original = vlm.model.get_image_features
+
+    def with_num_crops(pixel_values, num_crops=None, **kwargs):
+        seen.update(kwargs, num_crops=num_crops)
+        return original(pixel_values, **kwargs)
+
+    def without_num_crops(pixel_values, **kwargs):
+        seen.update(kwargs)
+        return original(pixel_values, **kwargs)
+
+    vlm.model.get_image_features = with_num_crops if named else without_num_crops
+    clf = VLMClassifier(vlm, n_labels=3, fuse_dim=16, hidden=16).eval()
+    with torch.no_grad():
+        assert clf.image_features(pv, num_crops=num_crops).shape == (2, clf.image_dim)
+    assert ("num_crops" in seen) == named
+    if named:
+        assert seen["num_crops"] is num_crops
