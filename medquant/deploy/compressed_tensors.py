@@ -30,6 +30,16 @@ repack, except:
 * quantized ``Conv2d`` layers (the format packs Linear weights) and layers whose rows are all float or pruned:
   written as float weights (their dequantised values) and listed in ``ignore``.
 
+Quantized input embeddings (:func:`medquant.quantize_embeddings_`) are written, by default
+(``embeddings="float"``), as their dequantised float table (same values; every runtime reads it). With
+``embeddings="packed"`` the table is packed like a Linear weight (``weight_packed`` / ``weight_scale`` /
+``weight_zero_point`` / ``weight_shape``, an exact repack) in a config group whose ``targets`` name the embedding
+module: compressed-tensors decompresses it, and transformers loads such a folder with
+``CompressedTensorsConfig(dequantize=True)`` only (its default compressed load has no packed ``Embedding``);
+a serving runtime needs compressed-tensors embedding support. A quantized head tied to the embeddings
+(:func:`medquant.tie_quantized_head`) is packed as its own layer either way (the format has no tied packed weights),
+with ``tie_word_embeddings`` set to false.
+
 Every ``Linear`` the medquant model keeps in floating point (a vision tower, a projector, the LM head) is listed in
 the ``ignore`` list of the configuration and stored as float. With ``verify=True`` (default) each packed layer is
 decompressed with the compressed-tensors package's own decompressor and compared with medquant's dequantised weight;
@@ -53,7 +63,7 @@ import torch
 from torch import nn
 
 from ..io.atomic import exchange_paths
-from ..quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from ..quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
 from .common import (
     UniformWeight,
     check_mixed,
@@ -82,6 +92,7 @@ from .registry import (
 FORMAT = "compressed-tensors"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EMBEDDINGS = ("float", "packed")
 
 
 @dataclass
@@ -283,13 +294,22 @@ def _save_config(model: Any, folder: Path, tied: bool) -> None:
         gen.save_pretrained(str(folder))
 
 
-def _quantization_config(groups: dict[tuple, list[str]], args: dict[tuple, Any], ignore: list[str]):
+def _quantization_config(groups: dict[tuple, list[str]], args: dict[tuple, Any], ignore: list[str],
+                         embeddings: set[str] | None = None):
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    # one scheme: every Linear not ignored; several: each group names its layers
+    embeddings = embeddings or set()
+
+    # one Linear scheme: "Linear" (every Linear not ignored); several: each group names its layers. Packed
+    # embeddings are always named ("Embedding" would also match float embeddings such as a vision tower's)
+    linear_groups = sum(1 for names in groups.values() if any(n not in embeddings for n in names))
     config_groups = {}
     for i, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
-        targets = ["Linear"] if len(groups) == 1 else list(names)
+        tables = [n for n in names if n in embeddings]
+        if linear_groups == 1:
+            targets = (["Linear"] if len(tables) < len(names) else []) + tables
+        else:
+            targets = list(names)
         config_groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args[key])
     return QuantizationConfig(config_groups=config_groups, format="pack-quantized",
                               quantization_status="compressed", ignore=ignore)
@@ -321,7 +341,7 @@ def _move_into_place(new: Path, path: Path) -> None:
 def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bool = False,
                               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, scale_dtype: str = "float32",
                               source: str | Path | None = None, verify: bool = True, overwrite: bool = False,
-                              progress_bar: bool = False) -> ExportReport:
+                              progress_bar: bool = False, embeddings: str = "float") -> ExportReport:
     """Write ``model`` (a transformers model, medquant-quantized) as a compressed-tensors ``pack-quantized`` folder.
 
     Args:
@@ -343,17 +363,35 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         overwrite: replace a non-empty ``path`` (swapped in whole at the end: a failed export leaves the old
             folder as it was).
         progress_bar: tqdm bars while packing and writing.
+        embeddings: how quantized input embeddings (``QuantEmbedding``) are written: ``"float"`` (default) as
+            their dequantised table, which every runtime reads; ``"packed"`` packed like a Linear weight (exact
+            repack, named in a config group's targets), which transformers loads only with
+            ``CompressedTensorsConfig(dequantize=True)`` and a serving runtime only with compressed-tensors
+            embedding support (noted in the report).
 
     Returns:
         The :class:`ExportReport`: one row per Linear / Conv2d / Embedding weight (exact repack, exact
         re-expression, lossy requantization or float).
+
+    Raises:
+        ExportError: a bad option, a model without quantized layers (or with only quantized embeddings and
+            ``embeddings="float"``), mixed layers without ``promote``, or a failed verification; nothing is
+            written.
     """
     path = Path(path)
     max_shard, sdtype = _check_options(model, path, promote, max_shard_size, scale_dtype, overwrite, source)
     if not isinstance(verify, bool) or not isinstance(progress_bar, bool):
         raise ExportError("verify and progress_bar must be True or False")
+    if not isinstance(embeddings, str) or embeddings not in EMBEDDINGS:
+        raise ExportError(f"embeddings must be 'float' or 'packed', got {embeddings!r}")
     quant = quantized_layers(model)
-    if not quant:
+    tables = quantized_embeddings(model)
+    if not quant and tables and embeddings == "float":
+        raise ExportError(f"{type(model).__name__} has only quantized embeddings ("
+                          f"{', '.join(n for n, _ in tables)}), which embeddings='float' (the default) writes as "
+                          "float tables: nothing would be packed. Pass embeddings='packed' to pack them, or "
+                          "quantize Linear layers too (medquant.quantize_)")
+    if not quant and not tables:
         raise ExportError(f"{type(model).__name__} has no medquant-quantized layers: quantize it first "
                           "(medquant.quantize_), or save the float model with save_pretrained")
     check_native(model, FORMAT, allow=(QuantEmbedding,))
@@ -365,15 +403,17 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     groups: dict[tuple, list[str]] = {}
     args: dict[tuple, Any] = {}
     exported_float: dict[str, str] = {}
-    for name, table in quantized_embeddings(model):  # serving runtimes read float embedding tables
+    for name, table in tables if embeddings == "float" else ():  # what every runtime reads
         w = table.dequantized_weight(table.weight_dtype).detach().cpu().contiguous()
         tensors[f"{name}.weight"] = w
         exported_float[name] = "a quantized embedding"
         rows.append(LayerExport(name, layer_scheme(table), str(w.dtype).replace("torch.", ""), "float", 0.0,
                                 "quantized embedding written as its dequantised table (same values; runtimes "
-                                "read float embeddings)"))
+                                "read float embeddings; pass embeddings='packed' to write it packed)"))
+    to_pack: list[tuple[str, Any]] = list(quant) + (list(tables) if embeddings == "packed" else [])
+    packed_tables = {name for name, _ in tables} if embeddings == "packed" else set()
     layer: Any
-    for name, layer in progress(quant, total=len(quant), desc="packing", enabled=progress_bar):
+    for name, layer in progress(to_pack, total=len(to_pack), desc="packing", enabled=progress_bar):
         scheme = layer_scheme(layer)
         uw = None if is_float_layer(layer) else layer_weight(layer, promote=promote)
         if uw is None or isinstance(layer, QuantConv2d):
@@ -419,7 +459,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     packed_names = {n for names in groups.values() for n in names}
     ignore = [n for n, m in model.named_modules()
               if isinstance(m, (nn.Linear, QuantLinear)) and n not in packed_names]
-    qconfig = _quantization_config(groups, args, ignore)
+    qconfig = _quantization_config(groups, args, ignore, packed_tables)
     # module order, packed tensors where their layer's float weight would be
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     all_tensors = {**tensors, **packed_tensors}
@@ -456,6 +496,14 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
              f"{n_other} other tensors (norms, biases, buffers) copied as stored"]
     if dropped:
         notes.append(f"stored once (tied): {', '.join(dropped)}")
+    if packed_tables:
+        notes.append(f"packed embedding(s) {', '.join(sorted(packed_tables))}: transformers loads this folder with "
+                     "CompressedTensorsConfig(dequantize=True) only (its compressed load has no packed Embedding); "
+                     "a serving runtime needs compressed-tensors embedding support")
+    heads = [n for n, h in tied_heads(model).items() if h in packed_tables]
+    if heads:
+        notes.append(f"{', '.join(heads)}: tied to a packed embedding in medquant, written as its own packed copy "
+                     "(the format has no tied packed weights)")
     notes += fused_scheme_notes(rows)
     report = ExportReport(FORMAT, str(path), rows, files, notes)
     counts = Counter(r.how for r in rows)
@@ -486,7 +534,8 @@ def fused_scheme_notes(rows: list[LayerExport]) -> list[str]:
 
 
 def _backend(model: nn.Module, path: Path, **options: Any) -> ExportReport:
-    allowed = {"promote", "max_shard_size", "scale_dtype", "source", "verify", "overwrite", "progress_bar"}
+    allowed = {"promote", "max_shard_size", "scale_dtype", "source", "verify", "overwrite", "progress_bar",
+               "embeddings"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ExportError(f"format={FORMAT!r} does not take option(s) {', '.join(unknown)}; accepted: "

@@ -349,6 +349,7 @@ def test_quantized_embeddings_and_a_head_sharing_their_codes(tmp_path):
     report = export(model, tmp_path / "ct", format=FMT)
     rows = {r.name: r for r in report.layers}
     assert rows["model.embed_tokens"].how == "float" and "quantized embedding" in rows["model.embed_tokens"].note
+    assert "embeddings='packed'" in rows["model.embed_tokens"].note  # says how to keep it packed
     assert rows["lm_head"].how == "exact repack"
     t = _tensors(tmp_path / "ct")
     assert torch.equal(t["model.embed_tokens.weight"], model.model.embed_tokens.dequantized_weight(torch.float32))
@@ -358,6 +359,66 @@ def test_quantized_embeddings_and_a_head_sharing_their_codes(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(entry.output(loaded, inputs), ref, rtol=1e-5, atol=1e-5)
 
+
+
+# bits, symmetric, scope, group size; tied head
+EMBED_CASES = [(4, True, "group", 32, True), (3, False, "channel", 128, False)]
+
+
+@pytest.mark.parametrize("bits,sym,scope,gs,tie", EMBED_CASES, ids=["int4-sym-g32-tied", "int3-asym-channel"])
+def test_packed_embeddings_reload_bit_exactly_with_transformers(tmp_path, bits, sym, scope, gs, tie):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM
+
+    from medquant.quant.embeddings import quantize_embeddings_
+    from medquant.testing.zoo import text_kwargs
+
+    entry = ZOO_BY_NAME["llama"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs(tie_word_embeddings=tie))).eval()
+    cfg = mq.QuantConfig(bits, symmetric=sym, scope=scope, group_size=gs)
+    mq.quantize_(model, cfg, skip=[] if tie else ["lm_head"])
+    assert quantize_embeddings_(model, cfg)["tied_heads"] == (["lm_head"] if tie else [])
+    table = model.model.embed_tokens.dequantized_weight(torch.float32)
+    inputs = entry.inputs(model)
+    with torch.no_grad(), force_backend("torch"):
+        ref = entry.output(model, inputs)
+    folder = tmp_path / "ct"
+    report = export(model, folder, format=FMT, embeddings="packed")
+    row = {r.name: r for r in report.layers}["model.embed_tokens"]
+    assert row.how == "exact repack" and row.max_abs_error == 0.0
+    assert any("dequantize=True" in n for n in report.notes)
+    t = _tensors(folder)
+    assert "model.embed_tokens.weight" not in t and t["model.embed_tokens.weight_packed"].dtype == torch.int32
+    assert torch.equal(_ct_decompress(folder, "model.embed_tokens"), table)  # compressed-tensors' own decompressor
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(folder), quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    assert torch.equal(loaded.model.embed_tokens.weight, table)  # transformers' loader, bit for bit
+    if tie:  # the head keeps its own packed copy and is not re-tied
+        assert json.loads((folder / "config.json").read_text()).get("tie_word_embeddings") is False
+        assert torch.equal(loaded.lm_head.weight, model.lm_head.dequantized_weight(torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(entry.output(loaded, inputs), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_embeddings_option_is_checked_and_embeddings_alone_are_written_packed(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.quant.embeddings import quantize_embeddings_
+    from medquant.testing.zoo import text_kwargs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs())).eval()
+    quantize_embeddings_(model, mq.QuantConfig(4, symmetric=True, group_size=32))  # no Linear quantized
+    with pytest.raises(ExportError, match=r"embeddings must be 'float' or 'packed', got 'int4'"):
+        export(model, tmp_path / "a", format=FMT, embeddings="int4")
+    with pytest.raises(ExportError, match=r"only quantized embeddings.*embeddings='packed'"):
+        export(model, tmp_path / "b", format=FMT)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    export(model, tmp_path / "c", format=FMT, embeddings="packed")
+    groups = _qconfig(tmp_path / "c")["config_groups"]
+    assert [g["targets"] for g in groups.values()] == [["model.embed_tokens"]]
+    assert torch.equal(_ct_decompress(tmp_path / "c", "model.embed_tokens"),
+                       model.model.embed_tokens.dequantized_weight(torch.float32))
 
 def test_a_config_that_does_not_describe_the_weights_is_refused(tmp_path):
     from medquant.prune import StructuredPruner
