@@ -12,7 +12,8 @@ Example::
 ``SRC`` is a :func:`medquant.save` folder (``medquant.json``) or a Hugging Face folder (``config.json``; saved by
 :func:`medquant.hf.save_pretrained` or ``medquant quantize``). The export is :func:`medquant.deploy.export`; the
 printed table says for each weight how it went into the file: exact repack, exact re-expression, near-exact,
-lossy requantization (only with ``--promote``) or float.
+lossy requantization (only with ``--promote``) or float. Quantized input embeddings go into a GGUF file in their
+block type; ``--format compressed-tensors`` writes them as float tables unless ``--embeddings packed``.
 
 ``--format onnx`` traces the model on an example input: ``--input-shape`` (random values of that shape) or the
 first calibration batch. A model with 8-bit per-channel layers runs them as integer kernels with static int8
@@ -199,6 +200,8 @@ def run(args) -> int:
         options["promote"] = True
     if args.max_shard_size is not None:
         options["max_shard_size"] = args.max_shard_size
+    if args.embeddings is not None:
+        options["embeddings"] = args.embeddings
     if args.format in WITH_SOURCE:  # folder formats and GGUF carry the tokenizer / processor files of SRC
         options.update(progress_bar=not args.json, source=args.source or args.src)
     if args.overwrite:
@@ -252,6 +255,9 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             parser.error(f"OUT {args.out} exists; pass --overwrite to replace it")
     if args.max_shard_size is not None and args.format != "compressed-tensors":
         parser.error("--max-shard-size applies to --format compressed-tensors only")
+    if args.embeddings is not None and args.format != "compressed-tensors":
+        parser.error("--embeddings applies to --format compressed-tensors only (gguf writes quantized embeddings "
+                     "in their block type)")
     if args.source is not None and args.format not in WITH_SOURCE:
         parser.error(f"--source applies to --format {' / '.join(WITH_SOURCE)} only")
     if args.format != "onnx":
@@ -296,6 +302,9 @@ def register(sub) -> None:
                         "has, reporting the added error per layer; without it such layers are refused")
     p.add_argument("--max-shard-size", type=_size, default=None, metavar="SIZE",
                    help="largest safetensors file, e.g. 5GB or 500MB (compressed-tensors; default 5GB)")
+    p.add_argument("--embeddings", choices=("float", "packed"), default=None,
+                   help="--format compressed-tensors: quantized input embeddings as their dequantised float table "
+                        "(default, every runtime reads it) or packed (transformers needs dequantize=True)")
     p.add_argument("--source", type=existing_folder, default=None, metavar="DIR",
                    help="folder with the tokenizer / processor files (compressed-tensors, gguf; default SRC)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

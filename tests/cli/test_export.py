@@ -50,6 +50,29 @@ def test_export_a_saved_checkpoint_reloads_with_the_same_logits(saved, capsys):
         torch.testing.assert_close(loaded(input_ids=IDS).logits, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_quantized_embeddings_are_written_as_the_embeddings_option_says(saved, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from medquant.quant.embeddings import quantize_embeddings_
+
+    model = mq.quantize_(ZOO_BY_NAME["llama"].build(), mq.QuantConfig(4, symmetric=True, group_size=32),
+                         skip=["lm_head"])
+    quantize_embeddings_(model, mq.QuantConfig(4, symmetric=True, group_size=32))
+    mq.save(model, tmp_path / "src")
+    for how, flag in (("float", []), ("exact repack", ["--embeddings", "packed"])):
+        out = tmp_path / f"ct_{how[:5]}"
+        assert main(["export", str(tmp_path / "src"), str(out), "--format", "compressed-tensors", "--json",
+                     *flag]) == 0
+        rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+        assert rows["model.embed_tokens"]["how"] == how
+        keys = set()
+        for f in out.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as st:
+                keys |= set(st.keys())
+        assert ("model.embed_tokens.weight_packed" in keys) is bool(flag)
+        assert ("model.embed_tokens.weight" in keys) is not bool(flag)
+
+
 def test_mixed_bits_need_promote(saved, capsys):
     root, _ = saved
     assert main(["export", str(root / "mixed"), str(root / "refused"), "--format", "compressed-tensors"]) == 2
@@ -102,6 +125,10 @@ def test_hf_folder_with_tokenizer_prints_the_table_and_copies_the_tokenizer(tmp_
      "argument --max-shard-size: size must be positive"),
     (["{src}", "{root}/o5", "--format", "onnx", "--max-shard-size", "1GB"],
      "--max-shard-size applies to --format compressed-tensors only"),
+    (["{src}", "{root}/o6", "--format", "gguf", "--embeddings", "packed"],
+     "--embeddings applies to --format compressed-tensors only"),
+    (["{src}", "{root}/o6", "--format", "compressed-tensors", "--embeddings", "int4"],
+     "argument --embeddings: invalid choice: 'int4'"),
     (["{src}", "{root}", "--format", "compressed-tensors"], "OUT {root} exists and is not empty; pass --overwrite"),
     (["{src}", "{src}", "--format", "compressed-tensors", "--overwrite"], "OUT must differ from SRC"),
     (["{src}", "{root}/o6"], "the following arguments are required: --format"),
