@@ -40,7 +40,9 @@ fallback decision), and, where the block's input has that shape too, of the acti
 of the vision tower or the projector are exempt (their rows are image patches, even when their count equals the
 number of tokens), as for GPTQ and AWQ. A right-padded batch of a causal language model thus gives the errors of its
 sequences run unpadded, and the padding's token ids change nothing. A KV cache passed to a block (an HF decoder
-layer's ``past_key_values``) is not recorded with its inputs: re-running the block would append to it.
+layer's ``past_key_values``) is not recorded with its inputs: re-running the block would append to it. A
+calibration set whose every ``attention_mask`` is all zeros has no real token: it is refused before the model
+changes (unless only vision-tower / projector layers are planned).
 
 :func:`fold_batchnorm_` first folds each BatchNorm2d into the Conv2d that feeds it (``w' = w gamma / sigma``,
 ``b' = (b - mu) gamma / sigma + beta``), so the rounding is learned on the weights that will actually be used.
@@ -415,6 +417,21 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None
     return per_row[rows].sum() / max(int(rows.sum()), 1)
 
 
+def _check_real_tokens(batches: Sequence[Any], units: Sequence[str]) -> None:
+    """Refuse a calibration set whose every batch has an all-zero ``attention_mask`` when ``units`` (those that read
+    token positions, not the vision tower / projector) is not empty: no position is calibration data for them, and
+    their errors would be 0 / 0."""
+    if not units:
+        return
+    masks = [token_mask(b) for b in batches]
+    if all(m is not None and not bool(m.any()) for m in masks):
+        raise ValueError(
+            f"learned rounding: the calibration set has no real token: the attention_mask of every calibration batch "
+            f"is all zeros (every position is padding), so {', '.join(list(units)[:3])}"
+            f"{'...' if len(units) > 3 else ''} would have no calibration data; give batches whose attention_mask "
+            f"marks at least one real token (nonzero / True)")
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def _is_number(v: Any) -> bool:
     """A finite real number (Python or NumPy; bool excluded)."""
@@ -542,7 +559,9 @@ def adaround_quantize_(
         ValueError: bad ``iters`` / ``warmup`` / ``lr`` / ``reg`` / ``seed`` / ``act_bits`` / ``target``, ``blocks``
             that is not a list of names; no or an empty calibration set; a layer
             with per-row bit-widths or bits outside 2..8; nested ``blocks``; a calibration batch that fails in the
-            model's forward (the message names the batch; the model's error is chained); a block that the
+            model's forward (the message names the batch; the model's error is chained); a calibration set whose
+            every ``attention_mask`` is all zeros (no real token) while a layer outside the vision tower /
+            projector is planned; a block that the
             calibration batches never reach; NaN or inf in a block's calibration input; a reconstruction that
             diverged. The errors up to the forward on the first batch are raised before the model is changed.
     """
@@ -566,12 +585,13 @@ def adaround_quantize_(
     for n in plan:
         owner = next((b for b in blocks if n.startswith(b + ".")), n)
         units.setdefault(owner, []).append(n)
+    unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
+    _check_real_tokens(batches, [u for u in units if u not in unmasked])
     with eval_mode(model):  # one forward on the first batch: a batch that does not fit the model fails here
         ordered = _forward_order(model, units, batches[0])
     if fold_bn:
         fold_batchnorm_(model)
     records: dict[str, dict[str, Any]] = {}
-    unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
     with eval_mode(model):
         reference = copy.deepcopy(model) if target == "float" else None
         gen = torch.Generator().manual_seed(seed)

@@ -211,6 +211,13 @@ def _feeds(names: list[str], args: tuple) -> dict[str, np.ndarray]:
     return {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
 
 
+def _example_args(example_inputs: Any, from_calib: bool) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` as the model's positional arguments, checked as :func:`as_args` checks a calibration batch
+    (a tensor or a non-empty tuple/list of tensors, none empty, no NaN/inf) but named ``example_inputs`` in the error;
+    ``from_calib``: they are the first calibration batch and keep that name."""
+    return as_args(example_inputs, 0 if from_calib else "example_inputs")
+
+
 def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = None, calib: Any = None,
                 method: str | None = None, percentile: float | None = None, promote: bool = False,
                 input_names: list[str] | None = None, output_name: str = "logits", verify: bool = True,
@@ -250,6 +257,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             that is a string or of the wrong length, a graph that cannot be written
             or that ONNX Runtime refuses or computes differently (:class:`CalibrationRequired`: static-activation
             layers and no ``calib``).
+        CalibrationError: ``example_inputs`` that are not a tensor or tuple of tensors, or hold an empty tensor or
+            NaN/inf values (the message names ``example_inputs``); a bad batch of ``calib`` (the message names the
+            calibration batch, ``calibration batch 0`` also when that first batch is the example).
     """
     if unknown:
         raise ExportError(f"format='onnx' got unknown option(s) {sorted(unknown)}; accepted: example_inputs, calib, "
@@ -282,6 +292,11 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
         first = next(it, _NONE)
         calib = it if first is _NONE else itertools.chain([first], it)
         example_inputs = None if first is _NONE else first
+        example_from_calib = first is not _NONE
+    else:
+        example_from_calib = False
+        if example_inputs is not None:  # checked before any calibration runs
+            _example_args(example_inputs, False)
 
     if info is None:
         if calib is not None:
@@ -289,7 +304,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
         else:
             if example_inputs is None:
                 raise ExportError("format='onnx' needs example_inputs (or calib batches) to trace the model")
-            sim = prepare(model, as_args(example_inputs, 0), method=method, percentile=percentile, promote=promote)
+            sim = prepare(model, _example_args(example_inputs, example_from_calib), method=method,
+                          percentile=percentile, promote=promote)
             needs = [p.name for p in sim.medquant_onnx.layers if p.kind == "qdq"]
             if needs:
                 raise CalibrationRequired(
@@ -300,7 +316,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
         info = model.medquant_onnx
     if example_inputs is None:
         raise ExportError("format='onnx' needs example_inputs (a tensor with the input shape) to trace the model")
-    args = as_args(example_inputs, 0)
+    args = _example_args(example_inputs, example_from_calib)
     names = list(input_names) if input_names else ["pixel_values"] + [f"input_{i}" for i in range(1, len(args))]
     if len(names) != len(args):
         raise ExportError(f"input_names has {len(names)} names for {len(args)} inputs")

@@ -637,21 +637,26 @@ class SimulationInfo:
     int4_tensors: list[str] = field(default_factory=list)
 
 
-def as_args(batch: Any, index: int) -> tuple[torch.Tensor, ...]:
-    """A calibration batch (a tensor, or a tuple/list of tensors) as positional arguments; checked for NaN."""
+def as_args(batch: Any, index: int | str) -> tuple[torch.Tensor, ...]:
+    """A calibration batch (a tensor, or a tuple/list of tensors) as positional arguments; checked for NaN.
+
+    ``index``: the batch's number, named ``calibration batch <index>`` in the errors, or a name used as it is
+    (``"example_inputs"``)."""
+    what = f"calibration batch {index}" if isinstance(index, int) else index
     if isinstance(batch, torch.Tensor):
         args: tuple = (batch,)
     elif isinstance(batch, (tuple, list)) and batch and all(isinstance(t, torch.Tensor) for t in batch):
         args = tuple(batch)
     else:
-        raise CalibrationError(f"calibration batch {index}: expected a tensor or a tuple of tensors (the model's "
-                               f"positional inputs), got {type(batch).__name__}")
+        raise CalibrationError(f"{what}: expected a tensor or a tuple of tensors (the model's positional inputs), "
+                               f"got {type(batch).__name__}")
     for i, t in enumerate(args):
         if t.numel() == 0:
-            raise CalibrationError(f"calibration batch {index}: input {i} is empty (shape {tuple(t.shape)})")
+            raise CalibrationError(f"{what}: input {i} is empty (shape {tuple(t.shape)}); accepted: non-empty "
+                                   "tensors with the model's input shapes")
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
-            raise CalibrationError(f"calibration batch {index}: input {i} contains {bad} NaN/inf values")
+            raise CalibrationError(f"{what}: input {i} contains {bad} NaN/inf values")
     return args
 
 

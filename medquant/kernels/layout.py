@@ -231,11 +231,14 @@ def unpack(words: torch.Tensor, bits: int, k: int | None = None, dense: bool = F
 
     Raises:
         TypeError: ``words`` is not int32.
-        ValueError: dense words whose row is not a whole number of ``bits``-word blocks, or ``k`` negative or more
-            than the ``K_pad`` codes the words hold.
+        ValueError: ``words`` is not 2-D, dense words whose row is not a whole number of ``bits``-word blocks, or
+            ``k`` negative or more than the ``K_pad`` codes the words hold.
     """
     if words.dtype != torch.int32:
         raise TypeError(f"packed words must be int32, got {words.dtype}")
+    if words.dim() != 2:
+        raise ValueError(f"unpack expects 2-D (rows, words per row) int32 words as pack writes them, got shape "
+                         f"{tuple(words.shape)} ({words.dim()}-D); view a single row as (1, W)")
     n, w = words.shape
     dense_words = is_dense(bits, dense)
     if dense_words and w % bits:

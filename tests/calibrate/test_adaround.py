@@ -4,6 +4,7 @@ round-to-nearest; deterministic for a seed; clear errors."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -474,6 +475,32 @@ def test_padded_tokens_are_left_out_of_the_reconstruction(blocks, act_bits):
     for unit, layer in firsts.items():
         d = (_outputs(rtn, unit, separate) - _outputs(model, unit, separate)).double()
         assert recs[layer]["mse_rtn"] == pytest.approx(float(d.pow(2).mean()), rel=1e-4), unit
+
+
+def test_calibration_set_of_only_padding_is_refused_before_the_model_changes():
+    """Every attention_mask all zeros (every position padding): the token-input layers have no calibration data.
+    The recorded errors were 0 / 0 = NaN and the call failed only after the optimisation, saying the learned
+    rounding "diverged". Now a clear error comes first and the model is left as it was; an all-padding batch beside
+    a real one adds nothing (round-to-nearest error of the real batch alone)."""
+    model = ZOO_BY_NAME["llama"].build()
+    vocab = model.config.vocab_size
+    padded, _ = padded_pair(vocab)
+    empty = {**padded, "attention_mask": torch.zeros_like(padded["attention_mask"])}
+    cfg = {f"{LAYER0}.mlp.down_proj": QuantConfig(4, group_size=32)}
+    m = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for calib in ([empty], [empty, repadded(empty, vocab)]):
+        with pytest.raises(ValueError, match=r"no real token.*attention_mask of every calibration batch is all "
+                                             r"zeros.*at least one real token"):
+            adaround_quantize_(m, cfg, calib, iters=5, progress=False)
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    alone = adaround_quantize_(copy.deepcopy(model), cfg, [padded], iters=5, progress=False)
+    mixed = adaround_quantize_(copy.deepcopy(model), cfg, [padded, empty], iters=5, progress=False)
+    assert alone.keys() == mixed.keys() == cfg.keys()
+    for n in alone:
+        assert mixed[n]["mse_rtn"] == pytest.approx(alone[n]["mse_rtn"], rel=1e-12)
+        assert math.isfinite(mixed[n]["mse_learned"])
 
 
 def test_padding_mask_is_not_applied_to_the_vision_tower():

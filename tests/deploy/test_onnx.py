@@ -297,6 +297,32 @@ def test_calibration_errors_name_the_batch_input_or_layer():
         calibrate_activations(net, [torch.randn(8, 4)], check=False)
 
 
+def test_bad_example_inputs_are_named_example_inputs_not_a_calibration_batch(tmp_path):
+    """A NaN in ``example_inputs`` was refused as "calibration batch 0" although no calibration batch had it; the
+    message names ``example_inputs`` on every path (calibrated model, calibration in the call, no calibration
+    needed), while a bad batch of ``calib`` (also the first, used as the example) keeps its batch number."""
+    model = tiny_cnn()
+    quantize_(model, INT8)
+    sim = calibrate_activations(model, _calib((3, 16, 16)))
+    x = torch.randn(2, 3, 16, 16)
+    x[1, 2, 3, 4] = float("nan")
+    msg = r"^example_inputs: input 0 contains 1 NaN/inf"
+    with pytest.raises(CalibrationError, match=msg):
+        D.export(sim, tmp_path / "a.onnx", format="onnx", example_inputs=x)
+    with pytest.raises(CalibrationError, match=msg):
+        D.export(model, tmp_path / "b.onnx", format="onnx", example_inputs=x, calib=_calib((3, 16, 16)))
+    with pytest.raises(CalibrationError, match=msg):  # float model: traced without calibration
+        D.export(tiny_cnn(), tmp_path / "c.onnx", format="onnx", example_inputs=(x,))
+    with pytest.raises(CalibrationError, match=r"^example_inputs: expected a tensor or a tuple of tensors"):
+        D.export(sim, tmp_path / "d.onnx", format="onnx", example_inputs="not an image")
+    for i in (0, 1):
+        bad = _calib((3, 16, 16))
+        bad[i][0, 0, 0, 0] = float("nan")
+        with pytest.raises(CalibrationError, match=rf"^calibration batch {i}: input 0 contains 1 NaN/inf"):
+            D.export(model, tmp_path / "e.onnx", format="onnx", calib=bad)
+    assert not list(tmp_path.iterdir())
+
+
 def test_export_errors(tmp_path):
     model = tiny_cnn()
     quantize_(model, INT8)
