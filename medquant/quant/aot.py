@@ -42,7 +42,9 @@ constant of up to 8 values into the code as a literal). Consequences, stated pla
   them for a model in this or another process without compiling, binding its layers (new handles, handed to the
   programs in their tensors) and handing its tensors over. What the generated code assumes and does not check is
   checked at load and refused when it differs: the packages' SHA-256, torch's version and build, medquant's
-  version, the vector instruction set of the generated code, the model's class, every bound layer's name and
+  version, the vector instruction set of the generated code, the model's class and configuration (the fields of
+  ``model.config`` that change what the programs compute: sizes, norm epsilon, rotary settings, activation, ...;
+  not token ids, labels or output switches), every bound layer's name and
   kernel choices, every tensor's dtype, shape and strides, the sizes each program was compiled for (batch,
   ``max_len``, tokens per call, cache length and its inputs' dtypes, shapes and strides, recorded in its package)
   against the manifest's, and (unless ``check_weights=False``) the SHA-256 of the model's parameters and
@@ -283,6 +285,45 @@ def _fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+#: configuration fields that do not change what the programs compute (special token ids, labels, output and cache
+#: switches, the model's path, transformers' version, the dtype recorded by name: the tensors' own dtypes are checked;
+#: the ``quantization_config`` a checkpoint loaded by ``medquant.load`` carries: the layers' kernel choices and tensors
+#: are checked one by one), left out of the manifest's record of the configuration; so are private fields
+#: (``_attn_implementation``, ...)
+_CONFIG_IGNORED = frozenset({
+    "quantization_config", "transformers_version", "architectures", "dtype", "torch_dtype", "id2label", "label2id",
+    "problem_type", "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "initializer_range",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id",
+    "pad_token_id", "sep_token_id", "decoder_start_token_id"})
+
+
+def _config_record(model: nn.Module) -> dict[str, Any]:
+    """The model's configuration as the programs were exported with it: its ``to_dict()`` less
+    :data:`_CONFIG_IGNORED` and private fields (at every level: a vision-language model's ``text_config`` too),
+    as JSON values."""
+
+    def keep(d: dict) -> dict:
+        return {k: keep(v) if isinstance(v, dict) else v for k, v in d.items()
+                if not str(k).startswith("_") and k not in _CONFIG_IGNORED}
+
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    record = keep(to_dict()) if callable(to_dict) else {}
+    return json.loads(json.dumps(record, default=str))
+
+
+def _config_difference(saved: Any, here: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first field (dotted path, in name order) where two :func:`_config_record` values differ, with both values
+    (``"(absent)"`` for a field one of them lacks), or None."""
+    if isinstance(saved, dict) and isinstance(here, dict):
+        for key in sorted({*saved, *here}):
+            found = _config_difference(saved.get(key, "(absent)"), here.get(key, "(absent)"),
+                                       f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    return None if saved == here else (path, saved, here)
+
+
 def _describe(x: Any) -> str:
     """What an argument is, for an error message: a tensor's dtype, shape and device, else its type."""
     return f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
@@ -376,8 +417,10 @@ class AOTDecoder:
         folder: the temporary folder of the compiled packages (removed by :meth:`close`), None for a loaded decoder.
         files: the package file of each program.
         spec: what :meth:`save` records of the programs: ``lanes`` (each bound layer's kernel choices), ``ops``
-            (the operators they call), ``constants`` (dtype, shape, strides of each tensor they read) and
-            ``foreign`` (constants that are not the model's tensors: a decoder with any cannot be saved).
+            (the operators they call), ``constants`` (dtype, shape, strides of each tensor they read),
+            ``foreign`` (constants that are not the model's tensors: a decoder with any cannot be saved) and
+            optionally ``config`` (the model's configuration as the programs were exported with; absent: the
+            model's as it is when saved).
 
     Attributes:
         position: the next cache position to write (0 after :meth:`reset`).
@@ -576,7 +619,8 @@ class AOTDecoder:
             max_new_tokens: tokens to generate, ``P + max_new_tokens <= max_len``.
             eos_token_id: end token(s), or None: no end token, every row runs ``max_new_tokens`` (the model's
                 ``generation_config`` is not read, unlike ``generate``: pass its ``eos_token_id`` to stop there).
-            pad_token_id: the token of finished rows (default: the first end token).
+            pad_token_id: the token of finished rows (default: the first end token), an id below
+                :attr:`vocab_size` (finished rows are fed it).
             do_sample: sample instead of taking the argmax.
             temperature: the logits' divisor when sampling, ``> 0``.
             top_k: sample among this many largest logits (``>= 1``; applies to sampling only), or None.
@@ -591,10 +635,12 @@ class AOTDecoder:
             ``(batch_size, P + generated)`` int64 tensor.
 
         Raises:
-            ValueError: bad ``input_ids``, ``max_new_tokens`` below 1 or past ``max_len``, bad sampling values.
+            ValueError: bad ``input_ids``, ``max_new_tokens`` not an int >= 1 or past ``max_len``, a pad token
+                (given, or the first end token) outside the embedding table when end tokens are given, bad
+                sampling values.
         """
         ids = self._ids(input_ids)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if ids.shape[1] + max_new_tokens > self.max_len:
             raise ValueError(f"a {ids.shape[1]}-token prompt plus max_new_tokens={max_new_tokens} exceeds the "
@@ -602,7 +648,14 @@ class AOTDecoder:
         pick = _Picker(do_sample, temperature, top_k, top_p, repetition_penalty, generator)
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            dtype=torch.long)
+        if pad_token_id is not None and not _is_int(pad_token_id):
+            raise ValueError(f"pad_token_id must be an int token id or None, got {pad_token_id!r}")
         pad = torch.tensor(int(eos[0]) if pad_token_id is None and eos.numel() else (pad_token_id or 0))
+        # a finished row is fed the pad token at every later step, and the programs index the embedding table
+        # without checking: an id outside it would be read out of bounds
+        if eos.numel() and not 0 <= int(pad) < self.vocab_size:
+            raise ValueError(f"pad_token_id must be a token id in 0..{self.vocab_size - 1} (finished rows are fed "
+                             f"it; default: the first end token), got {int(pad)}")
         t0 = time.perf_counter()
         logits = self.prefill(ids, attention_mask)
         t1 = time.perf_counter()
@@ -635,8 +688,9 @@ class AOTDecoder:
         and ``decoder.json``: the packages' SHA-256, the versions and CPU they were compiled for (torch, medquant, the vector instruction
         set of the generated code), the sizes (batch, ``max_len``, chunks, cache lengths, the cache's tensors), each
         bound layer's name and kernel choices, the dtype, shape and strides of every model tensor the programs read,
-        and a SHA-256 of the model's parameters and buffers as they are now. No weights are written: the programs
-        read the model they are loaded with.
+        the model's configuration as the programs were compiled with it (less special token ids, labels and output
+        switches), and a SHA-256 of the model's parameters and buffers as they are now. No weights are written: the
+        programs read the model they are loaded with.
 
         Args:
             path: a folder that does not exist yet, or an empty one.
@@ -668,6 +722,7 @@ class AOTDecoder:
         manifest = {
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **_build_facts(),
             "model": {"class": type(self.model).__name__, "model_type": getattr(config, "model_type", None),
+                      "config": self._spec.get("config", _config_record(self.model)),
                       "sha256": _fingerprint(self.model)},
             "batch_size": self.batch_size, "max_len": self.max_len, "chunks": list(self.chunks),
             "cache": {"keys": [_tensor_spec(k) for k in self._keys], "values": [_tensor_spec(v) for v in self._values]},
@@ -689,10 +744,11 @@ class AOTDecoder:
             self._folder.cleanup()
 
 
-#: the manifest of a saved decoder (:meth:`AOTDecoder.save`), its format name and version (3: each program's package
+#: the manifest of a saved decoder (:meth:`AOTDecoder.save`), its format name and version (4: the model's
+#: configuration, checked at load; 3: each program's package
 #: records its sizes and inputs, checked against the manifest at load; 2: prompt programs of several chunk lengths,
 #: ``chunks`` and each program's ``tokens``; version 1 had one ``chunk`` and program kinds)
-MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION = "decoder.json", "medquant.aot_decoder", 3
+MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION = "decoder.json", "medquant.aot_decoder", 4
 
 
 def _program_name(n: int) -> str:
@@ -843,6 +899,7 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
         raise ValueError(f"compile_decoder compiles for CPU; the model's parameters are on {sorted(devices)}")
     from tqdm.auto import tqdm
 
+    config_record = _config_record(model)  # what the programs are exported with
     was_training = model.training
     model.eval()
     try:
@@ -912,7 +969,7 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
     spec = {"lanes": {name: list(lane.lane[1:]) for name, lane in lanes.items()},
             "ops": sorted({lane.op_name for lane in lanes.values()}),
             "constants": {fqn: _tensor_spec(t) for constants in keep_alive[1:] for fqn, t in constants.items()},
-            "foreign": sorted(foreign)}
+            "foreign": sorted(foreign), "config": config_record}
     return AOTDecoder(model, keys, values, programs, keep_alive, batch_size, max_len, chunks, len(lanes), export_s,
                       compile_s, folder, files=files, spec=spec)
 
@@ -928,7 +985,7 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
     For checks that should come before the cost of loading: the sizes the programs were compiled for
     (``batch_size``, ``max_len``, ``chunks``, the ``programs`` with their tokens per call and cache lengths), the
-    model's class and type,
+    model's class, type and configuration (``model.config``: the fields that change what the programs compute),
     and the versions and CPU they were compiled for. :func:`load_decoder` checks all of it against the model and this
     process.
 
@@ -936,7 +993,7 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
         path: a folder written by :meth:`AOTDecoder.save`.
 
     Returns:
-        The manifest as a dict (format ``medquant.aot_decoder``, version 3).
+        The manifest as a dict (format ``medquant.aot_decoder``, version 4).
 
     Raises:
         FileNotFoundError: no ``decoder.json`` in ``path``.
@@ -962,6 +1019,14 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, int) and value < 1):
             raise ValueError(f"{file}: field {key!r} is {value!r}, expected a {_KIND_NAMES[kind]} (the file was "
                              "edited or cut short: save the decoder again)")
+    model = manifest["model"]
+    bad = [(key, kind) for key, kind in (("class", str), ("config", dict), ("sha256", str))
+           if not isinstance(model.get(key), kind)]
+    if bad:
+        key, kind = bad[0]
+        raise ValueError(f"{file}: field 'model' has {key!r} {model.get(key)!r}, expected a "
+                         f"{'mapping' if kind is dict else 'string'} (the file was edited, cut short, or written "
+                         "by an earlier medquant: save the decoder again)")
     for prog in manifest["programs"]:
         if not isinstance(prog, dict) or any(not (_is_int(prog.get(k)) and prog[k] >= 1)
                                              for k in ("tokens", "length")) or any(not isinstance(prog.get(k), str) for k in ("file", "sha256")):
@@ -1023,10 +1088,13 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
     layers by the handles they get here (bound now, the programs read them from tensors handed at load), so a
     decoder compiled in one process runs in another. Everything the generated code assumes is checked first, and
     anything that differs is refused with what differs: the packages' SHA-256; torch's version and build, medquant's
-    version and the CPU's vector instruction set (generated code is specific to them); the model's class and
-    type; every bound layer (the same names, in the same order, with the same kernel choices: sizes, the row
-    counts where the kernels switch, the blocked matmul and the activation forms, which follow the compute dtype
-    and the ``$MEDQUANT_*`` settings); every tensor the programs read
+    version and the CPU's vector instruction set (generated code is specific to them); the model's class, type
+    and configuration (every field of ``model.config`` but special token ids, labels, output switches and the like:
+    the programs compute with the norm epsilon, rotary settings, activation... they were exported with, so a model
+    of the same tensors under another configuration is refused even with ``check_weights=False``); every bound
+    layer (the same names, in the same order, with the same kernel choices: sizes, the row counts where the kernels
+    switch, the blocked matmul and the activation forms, which follow the compute dtype and the ``$MEDQUANT_*``
+    settings); every tensor the programs read
     (present, with the same dtype, shape and strides, which the programs do not check themselves); the C++
     operator the programs call, when they were compiled with it; the sizes each program's package records (batch,
     ``max_len``, tokens per call, cache length, its inputs' dtypes, shapes and strides) against the manifest's,
@@ -1071,6 +1139,12 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
     _refuse("model class", manifest["model"]["class"], type(model).__name__, "load it with that model")
     _refuse("model type", manifest["model"]["model_type"], getattr(config, "model_type", None),
             "load it with that model")
+    differs = _config_difference(manifest["model"]["config"], _config_record(model))
+    if differs is not None:
+        raise ValueError(f"the saved decoder was compiled for a model whose config field {differs[0]!r} is "
+                         f"{differs[1]!r}, here it is {differs[2]!r}: the programs compute with the configuration "
+                         "they were exported with; load it with a model of that configuration, or compile the decoder "
+                         "for this one")
     devices = {t.device.type for t in model.parameters()}
     if devices != {"cpu"}:
         raise ValueError(f"load_decoder runs on CPU; the model's parameters are on {sorted(devices)}")
@@ -1136,6 +1210,7 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
         keep_alive.append(constants)
         programs[key] = program
     load_s = time.perf_counter() - t
-    spec = {"lanes": saved, "ops": manifest["ops"], "constants": manifest["constants"], "foreign": []}
+    spec = {"lanes": saved, "ops": manifest["ops"], "constants": manifest["constants"], "foreign": [],
+            "config": manifest["model"]["config"]}
     return AOTDecoder(model, keys, values, programs, keep_alive, batch_size, max_len, manifest["chunks"], len(lanes),
                       0.0, load_s, None, files=files, spec=spec)
