@@ -23,10 +23,12 @@ BART (Florence-2)      ``self_attn.{q,k,v}_proj`` -> ``out_proj``      ``fc1`` -
 ViT (transformers 5)   ``attention.{q,k,v}_proj`` -> ``o_proj``        ``mlp.fc1`` -> ``mlp.fc2``
 BERT                   ``attention.self.{query,key,value}``            ``intermediate.dense`` -> ``output.dense``
                        -> ``attention.output.dense``
+T5 (BLIP-2 Flan-T5)    ``layer.0.SelfAttention.{q,k,v}`` -> ``o``      ``layer.{1|2}.DenseReluDense.wi`` -> ``wo``;
+                                                                       gated (T5 v1.1, Flan-T5): ``wi_0``, ``wi_1``
 =====================  ==============================================  ==========================================
 
-Heads are read from the shapes: ``head_dim`` from the attention module (``head_dim`` or
-``attention_head_size``), ``n_heads = o.in_features / head_dim``, ``n_kv = k.out_features / head_dim``; a query
+Heads are read from the shapes: ``head_dim`` from the attention module (``head_dim``, ``attention_head_size`` or
+T5's ``key_value_proj_dim``), ``n_heads = o.in_features / head_dim``, ``n_kv = k.out_features / head_dim``; a query
 projection with twice those rows is gated attention (Qwen3.5 / Qwen3-Next: each head's ``2 * head_dim`` rows are
 its query then its output gate, :attr:`AttentionUnit.q_head_rows`). Query head ``h`` reads key/value head
 ``h // (n_heads / n_kv)`` (``repeat_kv`` in transformers). Per-head q/k norms (Chameleon: ``q_norm.weight`` of
@@ -37,7 +39,9 @@ in halves by ``chunk(2)``) gives neuron ``j`` the rows ``j`` and ``I + j`` (:att
 What cannot be pruned is said per block in :attr:`Block.unsupported` (``{"heads" | "ffn": reason}``): fused
 ``qkv`` projections (Qwen2-VL vision blocks, :attr:`Block.fused_attention`), linear-attention and convolution
 mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), cross-attention of encoder-decoder blocks (BART's
-``encoder_attn``, T5Gemma's ``cross_attn``: kept; self-attention heads are pruned). MoE experts stored as 3-D
+``encoder_attn``, T5Gemma's ``cross_attn``: kept; self-attention heads are pruned), and every head of T5-style
+attention (:func:`shares_position_bias`: the relative position bias computed in the first block of a stack is
+added, head by head, in every later block, so a block cannot lose heads alone; T5's FFN neurons are pruned). MoE experts stored as 3-D
 weights (one module for all experts, transformers 5) are named by :attr:`Block.experts` (:mod:`medquant.prune`
 removes each expert's neurons); a shared expert MLP beside them is the block's FFN.
 Encoder-decoder language models (BART in Florence-2, T5 in BLIP-2 Flan-T5, T5Gemma, T5Gemma 2) give two stacks:
@@ -53,13 +57,14 @@ from torch import nn
 from .introspect import _find_layers, language_model_layers, model_roles, vision_layers
 from .structure import under
 
-__all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "transformer_blocks"]
+__all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "shares_position_bias", "transformer_blocks"]
 
 # (q, k, v, o) child paths relative to an attention container
 _ATTN_PATTERNS: tuple[tuple[str, str, str, str], ...] = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),
     ("q_proj", "k_proj", "v_proj", "out_proj"),
     ("self.query", "self.key", "self.value", "output.dense"),
+    ("q", "k", "v", "o"),  # T5 (head size key_value_proj_dim)
 )
 # (inputs..., output) relative to an FFN container; BERT's FFN is spread over the block itself
 _FFN_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -68,6 +73,8 @@ _FFN_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("w1", "w3"), "w2"),
     (("fc1",), "fc2"),
     (("intermediate.dense",), "output.dense"),
+    (("wi_0", "wi_1"), "wo"),  # T5 v1.1 / Flan-T5 (gated: act(wi_0(x)) * wi_1(x))
+    (("wi",), "wo"),  # T5 v1.0
 )
 
 
@@ -240,7 +247,7 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _head_dim(mod: nn.Module) -> int | None:
-    for attr in ("head_dim", "attention_head_size"):
+    for attr in ("head_dim", "attention_head_size", "key_value_proj_dim"):
         v = getattr(mod, attr, None)
         if isinstance(v, int) and v > 0:
             return v
@@ -309,8 +316,30 @@ def _is_experts(m: nn.Module) -> bool:
     return any(p is not None and p.dim() == 3 for p in m._parameters.values()) and "expert" in type(m).__name__.lower()
 
 
-def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None, ffn: FFNUnit | None
-                 ) -> dict[str, str]:
+_CROSS_ATTENTION = ("encoder_attn", "cross_attn", "EncDecAttention")
+
+
+def shares_position_bias(attention: nn.Module) -> bool:
+    """Whether ``attention`` is a T5-style attention whose relative position bias is shared by its whole stack.
+
+    T5 (also mT5, LongT5, BLIP-2 Flan-T5's language model) computes the bias from ``relative_attention_bias``
+    (an embedding of shape ``(buckets, n_heads)``) once, in the first block of a stack
+    (``has_relative_attention_bias``), and passes it to every later block of that stack, which adds it head by
+    head: removing a head of one block would misalign the bias of the heads after it, so heads could only be removed
+    in the same positions in every block of a stack. medquant keeps them.
+
+    Args:
+        attention: an attention module (the holder of :class:`AttentionUnit`).
+
+    Returns:
+        True when it has T5's ``has_relative_attention_bias`` flag and ``relative_attention_num_buckets``.
+    """
+    return (isinstance(getattr(attention, "has_relative_attention_bias", None), bool)
+            and isinstance(getattr(attention, "relative_attention_num_buckets", None), int))
+
+
+def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None, ffn: FFNUnit | None,
+                 bname: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     if attn is None:
         kinds = {type(m).__name__ for m in block.children()}
@@ -325,11 +354,21 @@ def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None
             out["heads"] = "no separate q/k/v/o attention projections found (children: " + ", ".join(
                 sorted(kinds)[:4]) + ")"
     else:
-        cross = next((a for a in ("encoder_attn", "cross_attn") if _get(block, a) is not None), None)
-        if cross is not None:
+        cross = next((n for n, _ in block.named_modules() if n.rpartition(".")[2] in _CROSS_ATTENTION), None)
+        holder = _get(block, attn.holder[len(bname) + 1:]) if attn.holder != bname else block
+        if holder is not None and shares_position_bias(holder):
+            stack = bname.rpartition(".")[0]
+            out["heads"] = (f"{attn.name} adds the relative position bias that the first block of its stack "
+                            f"({stack}.0) computes from relative_attention_bias (one column per head) and passes to "
+                            "every later block, so heads could only be removed in the same positions in every block "
+                            "of the stack; medquant keeps the heads of T5-style attention"
+                            + (f" (and of the cross-attention {bname}.{cross})" if cross is not None else ""))
+        elif cross is not None and attn.holder != f"{bname}.{cross}":  # a block whose only attention is the
+            # cross-attention (Mllama's cross-attention layers) prunes it as its attention
             out["heads"] = f"cross-attention ({cross}) heads are kept; only self-attention heads are pruned"
     if ffn is None and not any(_is_experts(m) for m in block.modules()):
-        out["ffn"] = "no FFN linears found (gate/up -> down, gate_up -> down, w1/w3 -> w2, fc1 -> fc2)"
+        out["ffn"] = ("no FFN linears found (gate/up -> down, gate_up -> down, w1/w3 -> w2, fc1 -> fc2, "
+                      "wi(_0/_1) -> wo)")
     return out
 
 
@@ -360,7 +399,7 @@ def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = Non
             bmod = model.get_submodule(bname)
             attn, fused = _attention_in(bmod, bname)
             ffn = _ffn_in(bmod, bname, attn)
-            why = _unsupported(bmod, attn, fused, ffn)  # blocks with nothing of a transformer block are left out
+            why = _unsupported(bmod, attn, fused, ffn, bname)  # blocks with nothing of a transformer block are left out
             experts = next((f"{bname}.{n}" for n, m in bmod.named_modules() if _is_experts(m)), None)
             if attn is None and ffn is None and fused is None and experts is None and why.get(
                     "heads", "").startswith("no separate") and why.get("ffn", "").startswith("no FFN"):

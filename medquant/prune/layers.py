@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.blocks import transformer_blocks
+from ..models.blocks import shares_position_bias, transformer_blocks
 from ..models.runner import eval_mode, run_model
 
 __all__ = ["allocate_ratios", "block_influence", "drop_blocks", "influence_table", "least_influential",
@@ -158,7 +158,9 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
 
     Later blocks get new ``layer_idx`` values (so KV caches line up); the owning config's ``num_hidden_layers``
     and ``layer_types`` are updated (``encoder_layers`` / ``decoder_layers`` for the encoder / decoder stack of a
-    BART-style config).
+    BART-style config; ``num_layers`` / ``num_decoder_layers`` of a T5-style config, and ``num_layers`` of the
+    stack's own copy of it). The first block of a T5 stack computes the relative position bias that every later
+    block adds (``relative_attention_bias``): it cannot be dropped.
 
     Args:
         model: the model, changed in place.
@@ -168,7 +170,8 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         ``model``.
 
     Raises:
-        ValueError: a name that is not an entry of a block list, or dropping every block of a list.
+        ValueError: a name that is not an entry of a block list, dropping every block of a list, or dropping the
+            block that computes a T5 stack's shared position bias; nothing is changed then.
     """
     by_stack: dict[str, list[int]] = {}
     for name in names:
@@ -178,11 +181,16 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         if int(idx) >= len(model.get_submodule(stack)):
             raise ValueError(f"{name!r} is not an entry of a block list: {stack} has "
                              f"{len(model.get_submodule(stack))} blocks")
+        why = bias_holder(model, name)
+        if why is not None:
+            raise ValueError(f"refusing to drop {name}: {why}")
         by_stack.setdefault(stack, []).append(int(idx))
+    for stack_name, idxs in by_stack.items():  # checked for every list before any changes
+        blocks = model.get_submodule(stack_name)
+        if isinstance(blocks, nn.ModuleList) and len(set(idxs)) >= len(blocks):
+            raise ValueError(f"refusing to drop all {len(blocks)} blocks of {stack_name}")
     for stack_name, idxs in by_stack.items():
         stack = model.get_submodule(stack_name)
-        if len(set(idxs)) >= len(stack):
-            raise ValueError(f"refusing to drop all {len(stack)} blocks of {stack_name}")
         kept = [m for i, m in enumerate(stack) if i not in set(idxs)]
         parent_name = stack_name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -196,6 +204,14 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         if cfg is not None and part in ("encoder", "decoder") and isinstance(getattr(cfg, f"{part}_layers", None),
                                                                               int):
             setattr(cfg, f"{part}_layers", len(kept))  # BART-style: num_hidden_layers aliases encoder_layers
+        elif cfg is not None and part in ("encoder", "decoder") and isinstance(
+                getattr(cfg, "num_decoder_layers", None), int):
+            # T5: the saved config has num_layers (encoder) / num_decoder_layers; each stack holds a copy of it
+            # whose num_layers is that stack's depth
+            root = _outer_config(model, stack_name, cfg)
+            setattr(root, "num_decoder_layers" if part == "decoder" else "num_layers", len(kept))
+            if root is not cfg:
+                cfg.num_layers = len(kept)
         elif cfg is not None:
             old_n = getattr(cfg, "num_hidden_layers", None)
             if isinstance(old_n, int):
@@ -204,6 +220,39 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
             if isinstance(lt, list) and old_n is not None and len(lt) == old_n:
                 cfg.layer_types = [t for i, t in enumerate(lt) if i not in set(idxs)]
     return model
+
+
+def bias_holder(model: nn.Module, block: str) -> str | None:
+    """Why ``block`` cannot be removed because it computes the relative position bias of its whole stack, or None.
+
+    The first block of a T5 stack (``has_relative_attention_bias``, see
+    :func:`medquant.models.blocks.shares_position_bias`) computes the bias from its ``relative_attention_bias``
+    and passes it to every later block: without it the later blocks would run without a position bias.
+
+    Args:
+        model: the model.
+        block: a block name.
+
+    Returns:
+        The reason, or None when the block holds no such bias.
+    """
+    for name, m in model.get_submodule(block).named_modules():
+        if shares_position_bias(m) and m.has_relative_attention_bias is True:
+            return (f"{block}.{name}.relative_attention_bias computes the relative position bias that every later "
+                    f"block of {block.rpartition('.')[0]} adds (T5): the stack would run without it; drop later "
+                    "blocks instead")
+    return None
+
+
+def _outer_config(model: nn.Module, stack_name: str, cfg):
+    """The outermost config of ``cfg``'s class on the way from ``model`` to ``stack_name`` (the saved config of a
+    T5 model, whose stacks hold copies of it), else ``cfg``."""
+    parts = stack_name.split(".")
+    for cut in range(len(parts)):
+        owner = getattr(model.get_submodule(".".join(parts[:cut])) if cut else model, "config", None)
+        if type(owner) is type(cfg):
+            return owner
+    return cfg
 
 
 def _owner_config(model: nn.Module, stack_name: str):

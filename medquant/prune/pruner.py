@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.blocks import Block, transformer_blocks
+from ..models.blocks import Block, shares_position_bias, transformer_blocks
 from ..models.introspect import language_model_layers, model_roles, vision_layers
 from ..quant.experts import experts_layout
 from .importance import METHODS, block_scores
@@ -326,6 +326,7 @@ class StructuredPruner:
             if name not in known:
                 raise ValueError(f"drop_blocks: {name!r} is not a block of this model; blocks: "
                                  f"{sorted(known)[:4]}...")
+        _check_droppable(model, self.drop_blocks)
         plan.drop_blocks = list(self.drop_blocks)
         hr = _per_block(self.head_ratio, blocks, "head_ratio")
         fr = _per_block(self.ffn_ratio, blocks, "ffn_ratio")
@@ -537,7 +538,9 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     pruned exactly and stay. Any
     other parameter of the attention with one entry per head keeps the heads, and so does a layer that holds
     several attention modules of the same kind (a stage of several blocks, e.g. a Swin stage of depth 2): only
-    its first block would be seen.
+    its first block would be seen. T5-style attention keeps its heads too
+    (:func:`medquant.models.blocks.shares_position_bias`: the relative position bias of the stack's first block is
+    added in every block, so no block can lose heads alone); T5's FFN neurons are pruned.
 
     Args:
         model: the model holding the block.
@@ -548,6 +551,11 @@ def checked_block(model: nn.Module, b: Block) -> Block:
         reason under ``unsupported["heads"]`` / ``unsupported["ffn"]``.
     """
     attention, ffn, why = b.attention, b.ffn, dict(b.unsupported)
+    if attention is not None and shares_position_bias(model.get_submodule(attention.holder)):
+        # T5: the bias of block 0 is added in every block of the stack (the reason: transformer_blocks)
+        why.setdefault("heads", f"{attention.name} adds a relative position bias shared by its whole stack; its "
+                                "heads are kept")
+        attention = None
     if attention is not None:
         a = attention
         # a norm of width head_dim is applied per head (shared by every head: Qwen3, Gemma 3); it is the width of a
@@ -614,7 +622,7 @@ def _attention_twins(model: nn.Module, b: Block) -> list[str]:
         return []
     cls = type(model.get_submodule(b.attention.name))
     twins = [f"{b.name}.{n}" for n, m in model.get_submodule(b.name).named_modules()
-             if type(m) is cls and not any(k in n for k in ("encoder_attn", "cross"))]
+             if type(m) is cls and not any(k in n for k in ("encoder_attn", "cross", "EncDecAttention"))]
     return twins if len(twins) > 1 else []
 
 
@@ -824,7 +832,18 @@ def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> 
         n = len(model.get_submodule(stack))
         if len(names) >= n:
             raise ValueError(f"the plan drops all {n} blocks of {stack}; keep at least one")
+    _check_droppable(model, plan.drop_blocks)
     return shared
+
+
+def _check_droppable(model: nn.Module, names: Iterable[str]) -> None:
+    """Raise ``ValueError`` for a block whose removal would take the stack's shared position bias with it (T5)."""
+    from .layers import bias_holder
+
+    for name in names:
+        why = bias_holder(model, name)
+        if why is not None:
+            raise ValueError(f"drop_blocks: cannot drop {name}: {why}")
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -943,16 +962,35 @@ def sync_configs(model: nn.Module, stacks: set[str] | None = None) -> bool:
 
 def _count_keys(cfg, stack: str) -> tuple[str, str]:
     """(heads key, FFN size key) of ``cfg`` for the blocks of ``stack``: ``encoder_attention_heads`` /
-    ``encoder_ffn_dim`` for the encoder (decoder) stack of a BART-style config, else ``num_attention_heads`` /
-    ``intermediate_size``."""
+    ``encoder_ffn_dim`` for the encoder (decoder) stack of a BART-style config, ``num_attention_heads`` / ``d_ff``
+    for a T5-style config (one ``d_ff`` for both stacks), else ``num_attention_heads`` / ``intermediate_size``."""
     part = stack.rpartition(".")[0].rpartition(".")[2]
     if part in ("encoder", "decoder") and hasattr(cfg, f"{part}_ffn_dim"):
         return f"{part}_attention_heads", f"{part}_ffn_dim"
+    if not hasattr(cfg, "intermediate_size") and isinstance(getattr(cfg, "d_ff", None), int):
+        return "num_attention_heads", "d_ff"
     return "num_attention_heads", "intermediate_size"
+
+
+def _root_config(model: nn.Module, b: Block, cfg):
+    """The config that sizes ``b`` when the model is rebuilt: the outermost config of ``cfg``'s class on the way
+    from ``model`` to the block, when it gives the same counts as ``cfg`` (T5 gives each stack a deep copy of its
+    config: ``encoder.config`` / ``decoder.config`` are not the config that is saved); else ``cfg``."""
+    parts = b.name.split(".")
+    for cut in range(len(parts)):
+        owner = getattr(model.get_submodule(".".join(parts[:cut])) if cut else model, "config", None)
+        if owner is cfg:
+            return cfg
+        if type(owner) is type(cfg):
+            keys = _count_keys(cfg, b.stack)
+            same = all(getattr(owner, k, _ABSENT) == getattr(cfg, k, _ABSENT) for k in keys)
+            return owner if same else cfg
+    return cfg
 
 
 def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list[str]]:
     groups: dict[tuple[int, str], tuple[Any, list[Block]]] = {}
+    copies: dict[int, dict[int, Any]] = {}  # root config -> the stacks' own copies of it (T5), which follow it
     exact = True
     notes: list[str] = []
     all_blocks = transformer_blocks(model, "all")
@@ -964,7 +1002,10 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list
             exact = False
             notes.append(f"{b.stack}: no transformers config owns these blocks")
             continue
-        groups.setdefault((id(cfg), _count_keys(cfg, b.stack)[1]), (cfg, []))[1].append(b)
+        root = _root_config(model, b, cfg)
+        if root is not cfg:
+            copies.setdefault(id(root), {})[id(cfg)] = cfg
+        groups.setdefault((id(root), _count_keys(root, b.stack)[1]), (root, []))[1].append(b)
     changed: list[tuple[Any, dict[str, Any]]] = []
     for cfg, blocks in groups.values():
         if _fits(model, blocks, cfg):
@@ -1010,6 +1051,11 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list
                          "head size derived from hidden_size / heads); reload with medquant.prune.load_pruned")
         else:
             changed.append((cfg, old))
+            for twin in copies.get(id(cfg), {}).values():  # the stacks' own copies (T5) follow the saved config
+                old_t = {k: getattr(twin, k, _ABSENT) for k in new if getattr(twin, k, _ABSENT) == old[k]}
+                for k in old_t:
+                    setattr(twin, k, new[k])
+                changed.append((twin, old_t))
     if changed:
         ignore = [] if exact else [n + "." for b in all_blocks for n in _unit_modules(b)]
         bad = _fresh_mismatch(model, ignore)

@@ -159,3 +159,27 @@ def test_encoder_decoder_language_models_give_the_encoder_stack_then_the_decoder
     assert language == [enc_names, dec_names]
     vision = vision_layers(model)
     assert block_stacks(model) == ([vision] if vision else []) + [enc_names, dec_names]
+
+
+@pytest.mark.parametrize("proj,inputs", [("relu", ("wi",)), ("gated-gelu", ("wi_0", "wi_1"))])
+def test_t5_blocks_give_both_stacks_with_their_ffn_and_heads_marked_unsupported(proj, inputs):
+    """T5's FFN is ``layer[-1].DenseReluDense`` (``wi -> wo`` in T5 v1.0, ``wi_0, wi_1 -> wo`` gated); its
+    self-attention ``layer[0].SelfAttention`` (q/k/v/o, head size ``key_value_proj_dim``) is described, but its heads
+    cannot be pruned: the relative position bias of block 0 is shared by the whole stack."""
+    import transformers as tf
+
+    model = tf.T5ForConditionalGeneration(tf.T5Config(**_t5_text(feed_forward_proj=proj, num_decoder_layers=2)))
+    blocks = transformer_blocks(model)
+    assert [b.name for b in blocks] == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
+    assert [b.stack for b in blocks] == ["encoder.block"] * 2 + ["decoder.block"] * 2
+    for b in blocks:
+        ff = f"{b.name}.layer.{2 if b.stack == 'decoder.block' else 1}.DenseReluDense"
+        assert b.ffn is not None and b.ffn.inputs == tuple(f"{ff}.{n}" for n in inputs)
+        assert (b.ffn.output, b.ffn.n_neurons, b.ffn.chunks) == (f"{ff}.wo", 128, 1)
+        a = b.attention
+        assert a is not None and a.name == f"{b.name}.layer.0.SelfAttention"
+        assert (a.q, a.o) == (f"{a.name}.q", f"{a.name}.o")
+        assert (a.head_dim, a.n_heads, a.n_kv) == (16, 4, 4)
+        assert "ffn" not in b.unsupported
+        assert "relative_attention_bias" in b.unsupported["heads"]
+        assert ("EncDecAttention" in b.unsupported["heads"]) == (b.stack == "decoder.block")
