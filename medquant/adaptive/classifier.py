@@ -120,6 +120,8 @@ class VLMClassifier(nn.Module):
         except (TypeError, ValueError):
             image_params = set()
         self._image_fn_takes_num_crops = "num_crops" in image_params
+        # inputs get_image_features cannot do without (Qwen2-VL's flattened patches need their grid)
+        self._image_fn_needs = tuple(k for k in ("image_grid_thw",) if k in image_params)
         cfg: Any = vlm.config
         # PaliGemma's text is a bidirectional prefix; its language model alone builds a causal mask whenever the
         # batch has padding (and none without), so text goes through the model's prefix path instead
@@ -183,11 +185,17 @@ class VLMClassifier(nn.Module):
 
         Raises:
             RuntimeError: the projector did not run.
-            ValueError: features of an unexpected shape or size, a sample whose sub-images are all padding, or a
+            ValueError: ``image_grid_thw`` missing for a model whose ``get_image_features`` takes it (Qwen2-VL),
+                features of an unexpected shape or size, a sample whose sub-images are all padding, or a
                 ``num_crops`` that is not 1-D non-negative ints, whose ``sum(1 + num_crops)`` is not the number of
                 rows of ``pixel_values``, or that is given with other than 4-D ``pixel_values``.
             TypeError: ``num_crops`` is neither a tensor nor a list / tuple.
         """
+        missing = [k for k in self._image_fn_needs if image_kwargs.get(k) is None]
+        if missing:
+            raise ValueError(f"{type(self.vlm).__name__}.get_image_features needs {', '.join(missing)} (its "
+                             f"processor gives it with pixel_values): pass it as a keyword, e.g. "
+                             f"clf(pixel_values, input_ids=..., {missing[0]}=inputs[{missing[0]!r}])")
         num_crops = image_kwargs.pop("num_crops", None)
         crop_rows = None if num_crops is None else self._rows_per_image(num_crops, pixel_values)
         if num_crops is not None and self._image_fn_takes_num_crops:

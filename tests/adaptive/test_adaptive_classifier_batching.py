@@ -202,3 +202,16 @@ def test_num_crops_reaches_get_image_features_only_when_named(named):
     assert ("num_crops" in seen) == named
     if named:
         assert seen["num_crops"] is num_crops
+
+
+def test_qwen2_vl_without_its_image_grid_is_a_clear_error():
+    entry = ZOO_BY_NAME["qwen2_vl"]
+    vlm = entry.build()
+    inputs = entry.inputs(vlm)
+    clf = VLMClassifier(vlm, n_labels=2, fuse_dim=8, hidden=8).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"needs image_grid_thw \(its processor gives it"):
+        clf(inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    with torch.no_grad():  # with the grid: one row per sample
+        out = clf(inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  image_grid_thw=inputs["image_grid_thw"])
+    assert out.shape == (inputs["input_ids"].shape[0], 2)
