@@ -101,11 +101,36 @@ def _preprocessor_norm(src: str) -> tuple[list[float] | None, list[float] | None
     return (list(mean) if isinstance(mean, list) else None), (list(std) if isinstance(std, list) else None)
 
 
-def onnx_options(args) -> tuple[dict, list[str]]:
+def model_channels(model) -> int | None:
+    """The input channels ``model`` expects: ``config.num_channels`` (ViT, SigLIP, ... and a VLM's
+    ``vision_config``), else the ``in_channels`` of its first ``Conv2d``; None when neither says.
+
+    Args:
+        model: the loaded model.
+
+    Returns:
+        The channel count, or None.
+    """
+    from torch import nn
+
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "vision_config", None)):
+        n = getattr(c, "num_channels", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else int(first.in_channels)
+
+
+def onnx_options(args, model=None) -> tuple[dict, list[str]]:
     """The ``format="onnx"`` options of a parsed command line: calibration batches, method, example inputs.
+
+    Calibration samples are given the model's input channels (``--input-shape``'s, else :func:`model_channels`):
+    a folder of grayscale images calibrates an RGB model with the gray channel repeated.
 
     Args:
         args: the parsed ``medquant export`` arguments.
+        model: the loaded model (its input channels when ``--input-shape`` does not give them).
 
     Returns:
         ``(options, notes)``: keyword arguments for :func:`medquant.deploy.export` and lines for the report.
@@ -123,7 +148,7 @@ def onnx_options(args) -> tuple[dict, list[str]]:
     shape = args.input_shape
     size = (args.image_size, args.image_size) if args.image_size else (tuple(shape[2:]) if shape and
                                                                         len(shape) == 4 else None)
-    channels = shape[1] if shape and len(shape) == 4 else None
+    channels = shape[1] if shape and len(shape) == 4 else (None if model is None else model_channels(model))
     if args.calib:
         mean, std = args.mean, args.std
         if mean is None and std is None:
@@ -210,7 +235,7 @@ def run(args) -> int:
     if args.format == "onnx":
         from ..deploy.onnx import CalibrationRequired
 
-        extra, notes = onnx_options(args)
+        extra, notes = onnx_options(args, model)
         options.update(extra)
         try:
             report = export(model, args.out, format=args.format, **options)

@@ -99,6 +99,22 @@ def test_image_folder_is_resized_scaled_and_normalized(saved, tmp_path, capsys):
     _assert_file_has_the_simulations_scales(out, sim)
 
 
+def test_a_gray_image_folder_calibrates_an_rgb_model_with_the_gray_channel_repeated(saved, tmp_path, capsys):
+    from PIL import Image
+
+    root, model, _ = saved
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    (tmp_path / "gray").mkdir()
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / "gray" / f"im{i}.png")  # mode L: one channel
+    out = tmp_path / "vit.onnx"
+    assert main(["export", str(root / "int8"), str(out), "--format", "onnx", "--calib", str(tmp_path / "gray"),
+                 "--image-size", "32"]) == 0  # the ViT's config says 3 channels: no --input-shape needed
+    assert "4 samples of shape (3, 32, 32)" in capsys.readouterr().out
+    x = torch.from_numpy(pixels).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    _assert_file_has_the_simulations_scales(out, calibrate_activations(model, [x]))
+
+
 def test_float_model_needs_only_an_input_shape(saved, capsys):
     root, _, _ = saved
     out = root / "float.onnx"
