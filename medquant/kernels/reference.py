@@ -115,12 +115,32 @@ def check_row_bits(bits_per_row: torch.Tensor, n_rows: int, symmetric: bool) -> 
         )
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _bit_width(value, what: str) -> int:
+    """One bit-width as a Python int, clamped to int64 (every width >= 16 means the same, and below the range
+    stays below it); bools, floats and other non-integers raise a TypeError."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool) \
+            or not hasattr(value, "__index__"):
+        raise TypeError(f"bits_per_row must be an int, an integer tensor or a sequence of ints, got {what}")
+    try:
+        b = operator.index(value)
+    except TypeError:  # a float 0-d tensor or numpy float has __index__ but refuses it
+        raise TypeError(f"bits_per_row must be an int, an integer tensor or a sequence of ints, got {what}") from None
+    return min(max(b, _INT64_MIN), _INT64_MAX)
+
+
 def as_bits_tensor(bits_per_row, device: torch.device, n_rows: int | None = None) -> torch.Tensor:
-    """``bits_per_row`` as a tensor on ``device``: a tensor or a sequence of ints as given, one int (a Python or
-    numpy int, or a 0-d tensor) repeated for each of the ``n_rows`` rows (when ``n_rows`` is given).
+    """``bits_per_row`` as a tensor on ``device``: a tensor as given, a sequence of ints (Python or numpy ints,
+    0-d integer tensors) as an int64 vector, one int (a Python or numpy int, or a 0-d tensor) repeated for each of
+    the ``n_rows`` rows (when ``n_rows`` is given).
+
+    Python ints beyond int64 are clamped to it (any width ``>= 16`` is a float row, any below the range stays
+    below it), so a list takes every width its int64 tensor takes, however far past int32.
 
     Raises:
-        TypeError: a bool, a float or another non-integer scalar given as the one bit-width.
+        TypeError: a bool, a float or another non-integer given as the one bit-width or inside the sequence.
     """
     if isinstance(bits_per_row, torch.Tensor):
         bits = bits_per_row.to(device=device)
@@ -128,11 +148,10 @@ def as_bits_tensor(bits_per_row, device: torch.device, n_rows: int | None = None
             return bits.reshape(1).repeat(n_rows)
         return bits
     if n_rows is not None and not hasattr(bits_per_row, "__len__"):  # one bit-width for every row
-        if isinstance(bits_per_row, bool) or not hasattr(bits_per_row, "__index__"):
-            raise TypeError(f"bits_per_row must be an int, an integer tensor or a sequence of ints, got "
-                            f"{bits_per_row!r}")
-        return torch.full((n_rows,), operator.index(bits_per_row), dtype=torch.int64, device=device)
-    return torch.as_tensor(list(bits_per_row), dtype=torch.int32, device=device)
+        return torch.full((n_rows,), _bit_width(bits_per_row, repr(bits_per_row)), dtype=torch.int64, device=device)
+    values = [_bit_width(v, f"{v!r} (entry {i} of the {type(bits_per_row).__name__})")
+              for i, v in enumerate(bits_per_row)]
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 # ---------------------------------------------------------------------------------------------- fake-quant
