@@ -59,7 +59,7 @@ def stored_bytes(model: nn.Module) -> int:
 def _weight_bits(m: nn.Module) -> float:
     """Mean nominal bits per weight of a Linear / Conv2d (quantized: row bits; float: dtype width)."""
     if isinstance(m, QUANT_MODULES):
-        return float(m.row_bits().float().mean())
+        return float(m.row_bits().double().mean())  # float64: a float32 mean of e.g. 41/6 is off by 1e-8
     w = cast(torch.Tensor, m.weight)  # a parametrized (fake-quant) layer still reports its float dtype here
     return float(w.element_size() * 8)
 
@@ -198,7 +198,7 @@ def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
     total = 0.0
     for m in model.modules():
         if isinstance(m, QUANT_MODULES):
-            total += float(m.row_bits().float().sum()) * m.k * act_bits
+            total += float(m.row_bits().double().sum()) * m.k * act_bits
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             total += m.weight.numel() * _weight_bits(m) * act_bits
         elif isinstance(m, nn.MultiheadAttention):

@@ -75,9 +75,10 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float | None =
         Integer labels: ``(N,)`` or, for multi-label, ``(N, C)`` 0/1.
 
     Raises:
-        ValueError: an unknown ``task`` or ``scores``, probabilities outside ``[0, 1]`` (or NaN), a probability
-            ``threshold`` outside ``[0, 1]``, or argmax scores that are not ``(N, C)`` with ``C >= 2`` (a single
-            logit column ``(N, 1)`` is refused: pass it as ``(N,)`` binary logits).
+        ValueError: an unknown ``task`` or ``scores``, NaN logits (``+-inf`` is accepted), probabilities
+            outside ``[0, 1]`` (or NaN), a probability ``threshold`` outside ``[0, 1]``, or argmax scores that
+            are not ``(N, C)`` with ``C >= 2`` (a single logit column ``(N, 1)`` is refused: pass it as ``(N,)``
+            binary logits).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
@@ -92,6 +93,9 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float | None =
         pass
     z = np.asarray(logits, dtype=np.float64)
     probabilities = scores == "probabilities"
+    if not probabilities and np.isnan(z).any():  # NaN > t is False and argmax picks the NaN: a silent label
+        raise ValueError(f"logits hold {int(np.isnan(z).sum())} NaN value(s), which have no label; "
+                         "accepted: finite or +-inf logits (check the model's outputs)")
     if probabilities and not np.all((z >= 0) & (z <= 1)):
         bad = z[~((z >= 0) & (z <= 1))]
         raise ValueError(f"scores='probabilities' needs values in [0, 1], got {bad.size} outside (e.g. "

@@ -21,6 +21,15 @@ All four use maintained packages and run offline:
   (reference) and ``y`` (candidate): ``R = mean_i max_j cos(x_i, y_j)``, ``P = mean_j max_i cos(x_i, y_j)``,
   ``F = 2PR/(P+R)``, where the means skip [CLS]/[SEP] (bert_score gives them weight 0) but the maxima may land
   on them; the mean F over pairs is reported.
+
+Tokenisation differs between the metrics (each follows its package, so scores match the packages' own):
+
+* BLEU-4: sacrebleu's 13a on the lower-cased text: punctuation is split off, but ``right-sided`` and
+  ``3.5cm`` stay one token each.
+* ROUGE-L: rouge_score's tokenizer: lower-cased, every character that is not a letter or digit separates tokens
+  and is dropped (punctuation never matches; ``3.5cm`` -> ``3``, ``5cm``), then Porter stemming.
+* METEOR: lower-cased words (runs of letters, digits, ``_``) and single punctuation marks as tokens
+  (``3.5cm`` -> ``3``, ``.``, ``5cm``), so punctuation counts as matched tokens; NLTK's own stemming applies on top.
 """
 from __future__ import annotations
 
