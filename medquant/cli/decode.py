@@ -10,9 +10,13 @@ Example::
 programs with :func:`medquant.compile_decoder` and saves them (:meth:`medquant.quant.aot.AOTDecoder.save`).
 ``generate`` loads the folder and its tokenizer, loads the saved decoder for it (:func:`medquant.load_decoder`,
 which checks the model's weights and layout against the saved record), or compiles one when given ``--max-len``
-instead, and generates from each ``--prompt`` (one per row of the decoder's batch; shorter prompts are padded on
-the left with the tokenizer's pad token and masked, as ``generate`` takes a batch): greedy, or sampled with ``--temperature`` (and ``--top-k``,
-``--top-p``), with an optional ``--repetition-penalty``, stopping at the tokenizer's end token. It prints the texts, with the prefill and decode rates.
+instead, and generates from each ``--prompt`` (one per row of the decoder's batch; tokenized as ``tok(prompt)``
+gives ``generate`` its tokens, with the tokenizer's BOS token first when it adds one but no other special token;
+shorter prompts are padded on the left with the tokenizer's pad token and masked, as ``generate`` takes a batch):
+greedy, or sampled with ``--temperature`` (and ``--top-k``, ``--top-p``), with an optional
+``--repetition-penalty``, stopping at the end tokens transformers' ``generate`` stops at: those of the model's
+``generation_config`` (instruct models list several), and the tokenizer's end token. It prints the texts, with the
+prefill and decode rates.
 """
 from __future__ import annotations
 
@@ -30,6 +34,28 @@ def _load(folder: str):
         raise SystemExit(f"{folder}: not a causal LM folder (its model class {type(model).__name__} does not "
                          "generate)")
     return model, tok
+
+
+def _prompt_ids(tok, prompt: str) -> list[int]:
+    """The tokens of ``prompt`` as transformers' usage hands them to ``generate`` (``tok(prompt)``): led by the
+    tokenizer's BOS token when it begins its texts with one (LLaMA's, Gemma's), without any other special token (an
+    appended end-of-text, BERT-style ``[CLS]`` / ``[SEP]``, which are no BOS token)."""
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    if bos is not None and ids[:1] != [bos] and tok(prompt)["input_ids"][:1] == [bos]:
+        ids = [bos, *ids]
+    return ids
+
+
+def _end_tokens(model, tok) -> list[int]:
+    """The end tokens generation stops at: the ``eos_token_id`` of the model's ``generation_config`` (one id or a
+    list, what transformers' ``generate`` stops at), then the tokenizer's ``eos_token_id`` when not among them."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends: list[int] = []
+    for t in ([eos] if isinstance(eos, int) else list(eos or [])) + [tok.eos_token_id]:
+        if t is not None and int(t) not in ends:
+            ends.append(int(t))
+    return ends
 
 
 def run_compile(args) -> int:
@@ -75,7 +101,7 @@ def run_generate(args) -> int:
     model, tok = _load(args.model)
     if tok is None:
         raise SystemExit(f"{args.model}: no tokenizer could be loaded from the model folder")
-    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
+    rows = [_prompt_ids(tok, p) for p in args.prompt]
     if any(not r for r in rows):
         raise SystemExit("--prompt: a prompt tokenized to no tokens")
     width = max(len(r) for r in rows)
@@ -93,7 +119,8 @@ def run_generate(args) -> int:
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     generator = torch.Generator().manual_seed(args.seed)
-    out = decoder.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    out = decoder.generate(ids, args.max_new_tokens, eos_token_id=_end_tokens(model, tok),
+                           pad_token_id=tok.pad_token_id,
                            do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                            generator=generator, attention_mask=mask)

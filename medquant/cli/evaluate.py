@@ -4,9 +4,9 @@ Example::
 
     medquant eval out/ --text reports.txt --json
 
-Each non-empty line of the UTF-8 ``--text`` file is one text, tokenized with the folder's tokenizer
-(:func:`medquant.eval.lm.token_batches`, ``--max-length`` tokens, ``--batch-size`` at a time); the number is
-:func:`medquant.eval.perplexity`. A medquant-quantized folder is loaded through ``from_pretrained`` as saved; a
+Each non-empty line of the UTF-8 ``--text`` file (another encoding is refused) is one text, tokenized with the
+folder's tokenizer (:func:`medquant.eval.lm.token_batches`, ``--max-length`` tokens, ``--batch-size`` at a time);
+the number is :func:`medquant.eval.perplexity`. A medquant-quantized folder is loaded through ``from_pretrained`` as saved; a
 pruned one (``medquant prune`` / ``medquant pipeline`` output) with :func:`medquant.prune.load_pruned`.
 """
 from __future__ import annotations
@@ -21,7 +21,12 @@ def run(args) -> int:
     from ..eval.lm import perplexity, token_batches
     from .info import load_hf_folder
 
-    texts = [t.strip() for t in Path(args.text).read_text(encoding="utf-8").splitlines() if t.strip()]
+    try:
+        lines = Path(args.text).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"--text: {args.text} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}): save it as UTF-8, one text per line") from None
+    texts = [t.strip() for t in lines if t.strip()]
     if not texts:
         raise SystemExit(f"--text: {args.text} holds no text")
     model, tok = load_hf_folder(args.model)

@@ -1,0 +1,123 @@
+"""``medquant generate`` / ``eval`` as a user runs them on a tiny LLaMA folder (MiniLM's real tokenizer): the end
+tokens ``generate`` stops at are those transformers' ``generate`` stops at, and a text file that is not UTF-8 is a
+one-line error naming ``--text``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medquant.cli import main
+from tests.cli.tiny_folder import tiny_llama_folder
+
+PROMPT = "no acute cardiopulmonary"
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return tiny_llama_folder(tmp_path_factory.mktemp("review") / "src")
+
+
+class _GreedyDecoder:
+    """Stands in for the compiled decoder (whose tokens are checked against transformers in test_cli_decode.py):
+    plain greedy decoding with the model's full forward, stopping as :meth:`AOTDecoder.generate` documents (a row
+    that gave an end token continues with the pad token; the loop stops once every row has ended)."""
+
+    def __init__(self, model):
+        self.model, self.last_timing = model, None
+
+    def generate(self, ids, max_new_tokens, *, eos_token_id=None, pad_token_id=None, attention_mask=None, **_):
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        steps = 0
+        for _ in range(max_new_tokens):
+            with torch.no_grad():
+                nxt = self.model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.tensor(pad), nxt)
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+            done |= torch.isin(nxt, torch.tensor(eos, dtype=nxt.dtype))
+            steps += 1
+            if bool(done.all()):
+                break
+        self.last_timing = {"prefill_s": 1.0, "decode_s": 1.0, "steps": steps - 1}
+        return ids
+
+    def close(self):
+        pass
+
+
+def test_generate_stops_at_the_end_tokens_of_the_generation_config_as_transformers_does(src, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """A model whose ``generation_config`` names an end token its tokenizer does not (as instruct models list
+    several: Llama 3's ``<|eot_id|>``, Qwen's ``<|endoftext|>``): transformers' ``generate`` stops there, and so
+    must ``medquant generate``, not run on to ``--max-new-tokens``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import medquant.quant.aot
+
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    ids = torch.tensor([tok(PROMPT, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        free = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, ids.shape[1]:].tolist()
+    end = free[3]  # the fourth greedy token becomes an end token of the model's generation config
+    assert end not in free[:3] and tok.eos_token_id is None
+    folder = tmp_path / "eos"
+    model.generation_config.eos_token_id = [end]
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():  # transformers' generate with the folder's own settings
+        expected = reloaded.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert expected == free[:4]
+
+    monkeypatch.setattr(medquant.quant.aot, "compile_decoder", lambda model, *a, **k: _GreedyDecoder(model))
+    assert main(["generate", str(folder), "--max-len", "32", "--prompt", PROMPT, "--max-new-tokens", "8",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == [expected]
+
+
+def test_eval_refuses_a_text_file_that_is_not_utf8_in_one_line_naming_it(src, tmp_path, capsys):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("épanchement pleural\n".encode("latin-1"))
+    assert main(["eval", str(src), "--text", str(text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"medquant eval: error: --text: {text} is not UTF-8 text")
+
+
+def test_generate_starts_the_prompt_with_the_tokenizers_bos_token_as_transformers_usage_does(src, tmp_path, capsys,
+                                                                                              monkeypatch):
+    """A tokenizer that begins every text with its BOS token (LLaMA's, Gemma's): the prompt is what
+    ``tok(prompt, return_tensors="pt")`` gives ``model.generate``, BOS first (a model trained with it degrades
+    without it), but no end-of-text marker appended (MiniLM's ``[SEP]``: its ``[CLS]`` is no BOS)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    import medquant.quant.aot
+
+    raw = copy.deepcopy(AutoTokenizer.from_pretrained(src)._tokenizer)
+    raw.post_processor = TemplateProcessing(single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", 101)])
+    folder = tmp_path / "bos"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="[CLS]", pad_token="[PAD]",
+                            unk_token="[UNK]").save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    inputs = tok(PROMPT, return_tensors="pt")
+    assert inputs.input_ids[0, 0] == tok.bos_token_id == 101 and inputs.input_ids[0, -1] != 102
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, inputs.input_ids.shape[1]:].tolist()
+
+    monkeypatch.setattr(medquant.quant.aot, "compile_decoder", lambda model, *a, **k: _GreedyDecoder(model))
+    assert main(["generate", str(folder), "--max-len", "32", "--prompt", PROMPT, "--max-new-tokens", "6",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["prompt_tokens"] == inputs.input_ids.shape[1] and result["tokens"] == [expected]
