@@ -15,7 +15,9 @@ gives ``generate`` its tokens, with the tokenizer's BOS token first when it adds
 shorter prompts are padded on the left with the tokenizer's pad token and masked, as ``generate`` takes a batch):
 greedy, or sampled with ``--temperature`` (and ``--top-k``, ``--top-p``), with an optional
 ``--repetition-penalty``, stopping at the end tokens transformers' ``generate`` stops at: those of the model's
-``generation_config`` (instruct models list several), and the tokenizer's end token. It prints the texts, with the
+``generation_config`` (instruct models list several), and the tokenizer's end token. With ``--chat`` each prompt
+is one user turn of the tokenizer's chat template, the assistant's turn opened
+(``apply_chat_template(..., add_generation_prompt=True)``), as instruct models expect. It prints the texts, with the
 prefill and decode rates.
 """
 from __future__ import annotations
@@ -45,6 +47,19 @@ def _prompt_ids(tok, prompt: str) -> list[int]:
     if bos is not None and ids[:1] != [bos] and tok(prompt)["input_ids"][:1] == [bos]:
         ids = [bos, *ids]
     return ids
+
+
+def _chat_ids(tok, prompt: str) -> list[int]:
+    """The tokens of ``prompt`` as one user turn in the tokenizer's chat template, ending with the assistant's
+    turn opening (``tok.apply_chat_template(..., add_generation_prompt=True)``, what instruct models are trained on);
+    ``SystemExit`` naming ``--chat`` when the tokenizer has no template."""
+    if not getattr(tok, "chat_template", None):
+        raise SystemExit("--chat: the model folder's tokenizer has no chat template (tokenizer_config.json "
+                         "chat_template / chat_template.jinja): drop --chat to use the prompt as it is")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in some transformers versions
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
 
 
 def _end_tokens(model, tok) -> list[int]:
@@ -101,7 +116,7 @@ def run_generate(args) -> int:
     model, tok = _load(args.model)
     if tok is None:
         raise SystemExit(f"{args.model}: no tokenizer could be loaded from the model folder")
-    rows = [_prompt_ids(tok, p) for p in args.prompt]
+    rows = [_chat_ids(tok, p) if args.chat else _prompt_ids(tok, p) for p in args.prompt]
     if any(not r for r in rows):
         raise SystemExit("--prompt: a prompt tokenized to no tokens")
     width = max(len(r) for r in rows)
@@ -186,6 +201,8 @@ def register(sub) -> None:
                    help="a decoder saved by compile-decoder for this model")
     p.add_argument("--max-len", type=positive_int, default=None, help="compile a decoder now, of this many positions")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for each row of the batch)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user turn in the tokenizer's chat template (instruct models)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")

@@ -121,3 +121,33 @@ def test_generate_starts_the_prompt_with_the_tokenizers_bos_token_as_transformer
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["prompt_tokens"] == inputs.input_ids.shape[1] and result["tokens"] == [expected]
+
+
+def test_generate_chat_wraps_the_prompt_in_the_tokenizers_chat_template(src, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import medquant.quant.aot
+
+    folder = tmp_path / "chat"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(src)
+    monkeypatch.setattr(medquant.quant.aot, "compile_decoder", lambda model, *a, **k: _GreedyDecoder(model))
+    tok.save_pretrained(folder)  # no chat template: --chat is refused naming it
+    assert main(["generate", str(folder), "--max-len", "64", "--prompt", PROMPT, "--chat"]) == 2
+    assert "--chat: the model folder's tokenizer has no chat template" in capsys.readouterr().err
+    tok.chat_template = ("{% for m in messages %}[unused1] {{ m['content'] }} [unused2]{% endfor %}"
+                         "{% if add_generation_prompt %} answer:{% endif %}")
+    tok.save_pretrained(folder)
+    want = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    assert text == f"[unused1] {PROMPT} [unused2] answer:"  # the template rendered, the assistant's turn opened
+    assert want == tok(text, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([want]), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(want):].tolist()
+    assert main(["generate", str(folder), "--max-len", "64", "--prompt", PROMPT, "--chat", "--max-new-tokens", "5",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["prompt_tokens"] == len(want) and result["tokens"] == [expected]
