@@ -1,4 +1,5 @@
-"""Right-padded calibration batches and their unpadded sequences, shared by the GPTQ and AWQ padding tests."""
+"""Right-padded calibration batches and their unpadded sequences, shared by the GPTQ, AWQ and AdaRound padding
+tests."""
 from __future__ import annotations
 
 import torch
@@ -32,3 +33,20 @@ def repadded(batch: dict[str, torch.Tensor], vocab: int, seed: int = 11, low: in
     ids[mask] = torch.randint(low, vocab, (int(mask.sum()),), generator=torch.Generator().manual_seed(seed))
     assert not torch.equal(ids, batch["input_ids"])
     return {**batch, "input_ids": ids}
+
+
+def gemma3_image_pair(entry, model) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """:func:`padded_pair` for the zoo's Gemma 3 VLM ``entry`` / ``model``: two images and a right-padded text of 16
+    tokens (image tokens first, then 9 and 4 text tokens), with the pixel values and ``token_type_ids`` (1 on image
+    tokens) in the padded batch and in each unpadded one. The text is as long as the vision tower's (32 / 8)^2
+    patches per image, so a vision layer's output has the mask's shape."""
+    from medquant.testing.zoo import BOI_TOKEN, BOS_ID, EOI_TOKEN, IMAGE_TOKEN, TEXT_HIGH
+
+    prefix = torch.tensor([BOS_ID, BOI_TOKEN] + [IMAGE_TOKEN] * model.config.mm_tokens_per_image + [EOI_TOKEN])
+    padded, separate = padded_pair(TEXT_HIGH, (9, 4), prefix=prefix, low=4)
+    assert padded["input_ids"].shape == (2, 16)
+    pixels = entry.inputs(model)["pixel_values"]
+    padded.update(pixel_values=pixels, token_type_ids=(padded["input_ids"] == IMAGE_TOKEN).long())
+    for i, b in enumerate(separate):
+        b.update(pixel_values=pixels[i:i + 1], token_type_ids=(b["input_ids"] == IMAGE_TOKEN).long())
+    return padded, separate

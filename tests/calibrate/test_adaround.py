@@ -19,8 +19,8 @@ from medquant.calibrate.adaround import (
     fold_batchnorm_,
 )
 from medquant.quant.core import compute_qparams
-from medquant.testing.zoo import BOI_TOKEN, BOS_ID, EOI_TOKEN, IMAGE_TOKEN, TEXT_HIGH, ZOO_BY_NAME, tiny_cnn
-from tests.calibrate.padding_helpers import padded_pair, repadded
+from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
+from tests.calibrate.padding_helpers import gemma3_image_pair, padded_pair, repadded
 
 
 def _cnn():
@@ -509,13 +509,7 @@ def test_padding_mask_is_not_applied_to_the_vision_tower():
     over all 32 patch rows, as when the two samples run one by one (27 rows if the text's mask were applied)."""
     e = ZOO_BY_NAME["gemma3_vlm"]
     model = e.build()
-    prefix = torch.tensor([BOS_ID, BOI_TOKEN] + [IMAGE_TOKEN] * model.config.mm_tokens_per_image + [EOI_TOKEN])
-    padded, separate = padded_pair(TEXT_HIGH, (9, 4), prefix=prefix, low=4)
-    assert padded["input_ids"].shape == (2, 16)  # the vision tower's (32 / 8)^2 patches per image
-    pixels = e.inputs(model)["pixel_values"]
-    padded.update(pixel_values=pixels, token_type_ids=(padded["input_ids"] == IMAGE_TOKEN).long())
-    for i, b in enumerate(separate):
-        b.update(pixel_values=pixels[i:i + 1], token_type_ids=(b["input_ids"] == IMAGE_TOKEN).long())
+    padded, separate = gemma3_image_pair(e, model)  # 16 text positions: the vision tower's patches per image
     name = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
     cfg = {name: QuantConfig(4, group_size=32)}
     rec = adaround_quantize_(copy.deepcopy(model), cfg, [padded], iters=5, progress=False)[name]

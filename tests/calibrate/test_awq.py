@@ -10,8 +10,8 @@ import torch
 from medquant import QuantConfig, quantize_
 from medquant.calibrate import awq
 from medquant.calibrate.awq import awq_groups, awq_quantize_, awq_quantize_sequential, search_and_fold
-from medquant.testing.zoo import BOI_TOKEN, BOS_ID, EOI_TOKEN, IMAGE_TOKEN, TEXT_HIGH, ZOO_BY_NAME
-from tests.calibrate.padding_helpers import padded_pair
+from medquant.testing.zoo import ZOO_BY_NAME
+from tests.calibrate.padding_helpers import gemma3_image_pair, padded_pair
 
 CFG3 = QuantConfig(3, group_size=32)
 
@@ -210,14 +210,7 @@ def test_padding_mask_is_not_applied_to_the_vision_tower(monkeypatch, sequential
     rows and the language groups the 16 + 11 real tokens, as when the two samples run one by one."""
     e = ZOO_BY_NAME["gemma3_vlm"]
     model = e.build()
-    n_img = model.config.mm_tokens_per_image
-    prefix = torch.tensor([BOS_ID, BOI_TOKEN] + [IMAGE_TOKEN] * n_img + [EOI_TOKEN])
-    padded, separate = padded_pair(TEXT_HIGH, (9, 4), prefix=prefix, low=4)
-    assert padded["input_ids"].shape == (2, 16)  # the vision tower's (32 / 8)^2 patches per image
-    pixels = e.inputs(model)["pixel_values"]
-    padded.update(pixel_values=pixels, token_type_ids=(padded["input_ids"] == IMAGE_TOKEN).long())
-    for i, b in enumerate(separate):
-        b.update(pixel_values=pixels[i:i + 1], token_type_ids=(b["input_ids"] == IMAGE_TOKEN).long())
+    padded, separate = gemma3_image_pair(e, model)  # 16 text positions: the vision tower's patches per image
     runs = _search_inputs(monkeypatch)
     results = []
     for calib in ([padded], separate):

@@ -10,6 +10,16 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 
+def error_message(fn) -> str:
+    """``"<Type>: <message>"`` of the exception ``fn()`` raises, ``"no error"`` when it returns: a rank records its
+    outcome instead of raising, so every rank goes on to the next case and the test compares the ranks' messages."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test compares the messages of the ranks
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
 def write_rank_results(out: str, name: str, rank: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
     """Rank ``rank``'s results as ``{out}/{name}{rank}.safetensors`` and ``{out}/{name}{rank}.json``."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}/{name}{rank}.safetensors")

@@ -24,7 +24,7 @@ from medquant.distributed import all_reduce_gradients, broadcast_parameters
 from medquant.fairquant.baq import BAQWrapper
 from medquant.fairquant.distributed import distributed_group_importance
 from medquant.fairquant.importance import compute_group_importance
-from tests.distributed._spawn import spawn_rank_results, write_rank_results
+from tests.distributed._spawn import error_message, spawn_rank_results, write_rank_results
 
 WORLD = 3
 SUB = [1, 2]  # the sub-group of the broadcast / BAQ cases
@@ -73,14 +73,6 @@ def _calib() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
              torch.full((8,), int(i % 3 == 1))) for i in range(6)]
 
 
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the test compares the messages of the ranks
-        return f"{type(e).__name__}: {e}"
-    return "no error"
-
-
 def _worker(r: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD,
@@ -104,10 +96,10 @@ def _worker(r: int, init_file: str, out: str) -> None:
         if r in SUB:
             for src in (0, 1):
                 t = torch.full((4,), float(r))
-                info[f"broadcast{src}"] = _error(lambda t=t, src=src: broadcast_parameters([t], src=src, group=sub))
+                info[f"broadcast{src}"] = error_message(lambda t=t, src=src: broadcast_parameters([t], src=src, group=sub))
                 res[f"broadcast{src}"] = t
             w = _baq(_mlp(seed=r))  # different initial weights: fit broadcasts the group's rank 0 (global rank 1)
-            info["baq_sub"] = _error(lambda: w.fit(_sub_batches(r), distributed=True, group=sub, **BAQ_FIT))
+            info["baq_sub"] = error_message(lambda: w.fit(_sub_batches(r), distributed=True, group=sub, **BAQ_FIT))
             res.update({f"baq/{n}": p.theta.detach().clone() for n, p in w.params.items()})
             res.update({f"baq/w{i}": p.detach().clone() for i, p in enumerate(w.weights())})
         dist.barrier()
@@ -117,12 +109,12 @@ def _worker(r: int, init_file: str, out: str) -> None:
         def run(expected):
             imp["x"] = distributed_group_importance(_mlp(), _calib(), expected_groups=expected, progress=False)
 
-        info["imp_declared"] = _error(lambda: run([0, 1]))
+        info["imp_declared"] = error_message(lambda: run([0, 1]))
         if "x" in imp:
             res.update({f"imp/{g}/{n}": t for g, m in imp["x"].maps.items() for n, t in m.items()})
             info["imp_counts"] = json.dumps(imp["x"].counts)
-        info["imp_missing"] = _error(lambda: run([0, 1, 2]))  # group 2 has no sample on any rank
-        info["imp_undeclared"] = _error(lambda: run([1, 5]))  # group 0 (ranks 0 and 2) is not declared
+        info["imp_missing"] = error_message(lambda: run([0, 1, 2]))  # group 2 has no sample on any rank
+        info["imp_undeclared"] = error_message(lambda: run([1, 5]))  # group 0 (ranks 0 and 2) is not declared
         write_rank_results(out, "res", r, res, info)
     finally:
         dist.destroy_process_group()

@@ -25,18 +25,10 @@ import torch.distributed as dist
 from torch import nn
 
 from medquant.distributed import clip_grad_norm_, fsdp_shard, load_full_state, meta_skeleton
-from tests.distributed._spawn import spawn_rank_results, write_rank_results
+from tests.distributed._spawn import error_message, spawn_rank_results, write_rank_results
 
 WORLD = 2
 SHARD0 = [3.0, 4.0]  # rank 0's shard of the sharded gradient; rank 1 has none: total norm 5
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the test compares the messages of the ranks
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 def _mlp() -> nn.Module:
@@ -63,7 +55,7 @@ def _worker(r: int, init_file: str, out: str) -> None:
             p.grad = DTensor.from_local(torch.tensor(SHARD0), mesh, [Shard(0)], run_check=False)
             params.append(p)
         norm = {}
-        info["clip"] = _error(lambda: norm.setdefault("n", clip_grad_norm_(params, 1.0)))
+        info["clip"] = error_message(lambda: norm.setdefault("n", clip_grad_norm_(params, 1.0)))
         if "n" in norm:
             res["clip_norm"] = norm["n"].reshape(1)
         if r == 0:
@@ -72,12 +64,12 @@ def _worker(r: int, init_file: str, out: str) -> None:
         model = _mlp()
         if r == 1:
             fully_shard(model, mesh=mesh)
-        info["shard_twice"] = _error(lambda: fsdp_shard(model, mesh=mesh))
+        info["shard_twice"] = error_message(lambda: fsdp_shard(model, mesh=mesh))
         # load_full_state into a skeleton of rank 1 without the last Linear
         model = _mlp()
         skeleton = meta_skeleton(model if r == 0 else nn.Sequential(nn.Linear(4, 4)))
         fsdp_shard(model, mesh=mesh)
-        info["load_mismatch"] = _error(lambda: load_full_state(skeleton, model))
+        info["load_mismatch"] = error_message(lambda: load_full_state(skeleton, model))
         # the ranks are still in step: one more collective gives the sum of the ranks
         t = torch.tensor([float(r + 1)])
         dist.all_reduce(t)

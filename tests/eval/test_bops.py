@@ -8,13 +8,7 @@ from medquant import QuantConfig, quantize_
 from medquant.eval import average_bits, bops, count_macs, proxy_bops, stored_bytes
 from medquant.testing.zoo import ZOO_BY_NAME
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny tensors: one intra-op thread avoids contention costs on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one intra-op thread (tests/conftest.py)
 
 
 class _Net(nn.Module):

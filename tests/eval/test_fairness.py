@@ -15,12 +15,7 @@ except ImportError:  # pragma: no cover
 needs_ref = pytest.mark.skipif(fairlearn is None, reason="fairlearn / scikit-learn not installed (test-only reference)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny tensors: one intra-op thread avoids contention costs on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one intra-op thread (tests/conftest.py)
 
 
 def test_binary_hand_computed():

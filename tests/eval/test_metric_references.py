@@ -22,14 +22,9 @@ from medquant import QuantConfig, quantize_
 from medquant.eval import bops, count_macs, fairness_report, predictions, proxy_bops
 from medquant.eval import text as _text
 from medquant.eval.text import bleu4, meteor, rouge_l
+from tests.eval.test_text_metrics import lcs_length
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny tensors: one intra-op thread avoids contention costs on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one intra-op thread (tests/conftest.py)
 
 
 # --------------------------------------------------------------------------------------------------- fairness
@@ -155,14 +150,6 @@ def _corpus(rng: np.random.Generator, n: int) -> list[str]:
     return [" ".join(rng.choice(_WORDS, int(rng.integers(4, 15)))) for _ in range(n)]
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-    for i, x in enumerate(a):
-        for j, y in enumerate(b):
-            d[i + 1][j + 1] = d[i][j] + 1 if x == y else max(d[i][j + 1], d[i + 1][j])
-    return d[-1][-1]
-
-
 def test_bleu4_matches_nltk_corpus_bleu_on_13a_tokens():
     # sacrebleu's "exp" smoothing (a zero n-gram count becomes 1 / 2^k) is NLTK's method3
     tok = Tokenizer13a()
@@ -182,7 +169,7 @@ def test_rouge_l_matches_plain_lcs_on_rouge_score_tokens():
         fs = []
         for h, r in zip(hyps, refs):
             a, b = tok.tokenize(h), tok.tokenize(r)
-            lcs = _lcs(a, b)
+            lcs = lcs_length(a, b)
             fs.append(2 * lcs / (len(a) + len(b)) if lcs else 0.0)
         assert rouge_l(hyps, refs) == pytest.approx(sum(fs) / len(fs))
     assert rouge_l(["...", ""], ["...", "a"]) == 0.0  # nothing left to match after punctuation is dropped

@@ -47,7 +47,9 @@ def test_bleu4_matches_hand_computation_and_nltk():
     assert 0 < got < 1
 
 
-def _lcs(a, b):
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two token lists (dynamic programming), the reference of
+    ROUGE-L here and in test_metric_references.py."""
     dp = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
     for i, x in enumerate(a):
         for j, y in enumerate(b):
@@ -59,7 +61,7 @@ def test_rouge_l_matches_hand_lcs():
     expected = 0.0
     for h, r in zip(HYPS, REFS):
         ht, rt = h.split(), r.split()
-        lcs = _lcs(ht, rt)
+        lcs = lcs_length(ht, rt)
         p, rec = lcs / len(ht), lcs / len(rt)
         expected += 2 * p * rec / (p + rec)
     assert rouge_l(HYPS, REFS, stem=False) == pytest.approx(expected / len(HYPS), abs=1e-9)
