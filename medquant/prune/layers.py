@@ -208,7 +208,7 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
                 getattr(cfg, "num_decoder_layers", None), int):
             # T5: the saved config has num_layers (encoder) / num_decoder_layers; each stack holds a copy of it
             # whose num_layers is that stack's depth
-            root = _outer_config(model, stack_name, cfg)
+            root = outer_config(model, stack_name, cfg)
             setattr(root, "num_decoder_layers" if part == "decoder" else "num_layers", len(kept))
             if root is not cfg:
                 cfg.num_layers = len(kept)
@@ -244,9 +244,19 @@ def bias_holder(model: nn.Module, block: str) -> str | None:
     return None
 
 
-def _outer_config(model: nn.Module, stack_name: str, cfg):
+def outer_config(model: nn.Module, stack_name: str, cfg):
     """The outermost config of ``cfg``'s class on the way from ``model`` to ``stack_name`` (the saved config of a
-    T5 model, whose stacks hold copies of it), else ``cfg``."""
+    T5 model, whose stacks hold copies of it), else ``cfg``.
+
+    Args:
+        model: the model.
+        stack_name: a module name inside it (a block list, or a block).
+        cfg: the config that owns the module.
+
+    Returns:
+        The first config of ``type(cfg)`` held by ``model`` or a module on the path (``cfg`` itself when it is
+        that one), else ``cfg``.
+    """
     parts = stack_name.split(".")
     for cut in range(len(parts)):
         owner = getattr(model.get_submodule(".".join(parts[:cut])) if cut else model, "config", None)

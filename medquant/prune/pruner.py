@@ -976,16 +976,13 @@ def _root_config(model: nn.Module, b: Block, cfg):
     """The config that sizes ``b`` when the model is rebuilt: the outermost config of ``cfg``'s class on the way
     from ``model`` to the block, when it gives the same counts as ``cfg`` (T5 gives each stack a deep copy of its
     config: ``encoder.config`` / ``decoder.config`` are not the config that is saved); else ``cfg``."""
-    parts = b.name.split(".")
-    for cut in range(len(parts)):
-        owner = getattr(model.get_submodule(".".join(parts[:cut])) if cut else model, "config", None)
-        if owner is cfg:
-            return cfg
-        if type(owner) is type(cfg):
-            keys = _count_keys(cfg, b.stack)
-            same = all(getattr(owner, k, _ABSENT) == getattr(cfg, k, _ABSENT) for k in keys)
-            return owner if same else cfg
-    return cfg
+    from .layers import outer_config
+
+    owner = outer_config(model, b.name, cfg)
+    if owner is cfg:
+        return cfg
+    same = all(getattr(owner, k, _ABSENT) == getattr(cfg, k, _ABSENT) for k in _count_keys(cfg, b.stack))
+    return owner if same else cfg
 
 
 def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list[str]]:
