@@ -11,7 +11,8 @@ communication.
 
 * ranks: :func:`rank`, :func:`world_size`, :func:`is_distributed`, :func:`barrier`, :func:`any_rank`;
 * data parallel: :func:`broadcast_parameters` (rank 0's values everywhere), :func:`all_reduce_gradients`
-  (bucketed sum / mean of ``.grad``), :func:`unwrap`, :func:`is_ddp`, :func:`ddp_like`;
+  (bucketed sum / mean of ``.grad``, the ranks' parameter lists checked first), :func:`unwrap`, :func:`is_ddp`,
+  :func:`ddp_like`;
 * FSDP2 (``torch.distributed.fsdp.fully_shard``): :func:`is_fsdp`, :func:`has_fsdp`, :func:`fsdp_shard`,
   :func:`clip_grad_norm_` over sharded and replicated gradients, :func:`meta_skeleton` + :func:`load_full_state`
   to gather the trained full weights into a plain copy of the model. See docs/guides/large_models.md.
@@ -220,8 +221,84 @@ def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+_SIG_MOD = 2**64
+_SIG_MUL = 0x100000001B3  # the 64-bit FNV prime: multiplier of the polynomial hash of the parameter list
+
+
+def _grad_desc(p: torch.Tensor) -> tuple[str, str, tuple[int, ...]]:
+    """``(device type, dtype, shape)`` of the gradient :func:`all_reduce_gradients` reduces for ``p``: its ``.grad``,
+    else (a zero gradient like ``p``) ``p``'s own."""
+    g = p.grad if p.grad is not None else p
+    return g.device.type, str(g.dtype).removeprefix("torch."), tuple(g.shape)
+
+
+def _signature(descs: Sequence[tuple[str, str, tuple[int, ...]]]) -> list[int]:
+    """``[count, total numel, hash]`` of a parameter list's descriptions, as int64 values (the same on every process).
+
+    The hash is the polynomial ``h <- (h * _SIG_MUL + t + 1) mod 2^64`` over the tokens ``t`` of each description in
+    order: CRC32 of the device type and of the dtype name, the number of dimensions, then each dimension (the number
+    of dimensions makes the token sequence decodable, so different lists collide only by chance). CRC32, not
+    Python's ``hash`` (salted per process).
+    """
+    import zlib
+
+    h, numel = 0, 0
+    for dev, dtype, shape in descs:
+        n = 1
+        for t in (zlib.crc32(dev.encode()), zlib.crc32(dtype.encode()), len(shape), *shape):
+            h = (h * _SIG_MUL + t + 1) % _SIG_MOD
+        for d in shape:
+            n *= d
+        numel += n
+    return [len(descs), numel, h - _SIG_MOD if h >= 2**63 else h]
+
+
+def _fmt_desc(d: tuple[str, str, tuple[int, ...]]) -> str:
+    """``"cpu float32[2, 3]"``."""
+    return f"{d[0]} {d[1]}[{', '.join(map(str, d[2]))}]"
+
+
+def _fmt_list(descs: Sequence[tuple[str, str, tuple[int, ...]]], most: int = 8) -> str:
+    """The first ``most`` descriptions, comma-separated (``...`` for the rest)."""
+    shown = ", ".join(_fmt_desc(d) for d in descs[:most])
+    return shown + (", ..." if len(descs) > most else "")
+
+
+def _check_same_params(descs: list[tuple[str, str, tuple[int, ...]]], group=None) -> None:
+    """Raise the same ``ValueError`` on every rank of ``group`` unless all pass the same parameter descriptions.
+
+    One ``all_gather`` of this rank's :func:`_signature` (3 int64 values, on the backend's device). Only when the
+    signatures differ: ``all_gather_object`` of the descriptions, and every rank builds the same message from them,
+    comparing the first rank that differs from the group's first rank (ranks named by their global rank).
+    """
+    import torch.distributed as dist
+
+    w = dist.get_world_size(group)
+    mine = torch.tensor(_signature(descs), dtype=torch.int64, device=_flag_device(dist.get_backend(group)))
+    sigs = [torch.empty_like(mine) for _ in range(w)]
+    dist.all_gather(sigs, mine, group=group)
+    rows = [s.tolist() for s in sigs]
+    if all(r == rows[0] for r in rows):
+        return
+    every: list[Any] = [None] * w
+    dist.all_gather_object(every, descs, group=group)
+    first = next(i for i in range(w) if rows[i] != rows[0])
+    a, b = every[first], every[0]
+    ra, rb = (first, 0) if group is None else (dist.get_global_rank(group, first), dist.get_global_rank(group, 0))
+    if len(a) != len(b):
+        what = (f"rank {ra} passes {len(a)} parameters ({_fmt_list(a)}), rank {rb} passes {len(b)} "
+                f"({_fmt_list(b)})")
+    else:
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        what = (f"parameter {i} is {_fmt_desc(a[i])} on rank {ra} but {_fmt_desc(b[i])} on rank {rb}" if i is not None
+                else f"rank {ra} and rank {rb} pass different parameters ({_fmt_list(a)} / {_fmt_list(b)})")
+    raise ValueError(f"all_reduce_gradients: the ranks pass different parameter lists: {what}. The gradients are "
+                     "reduced in flattened buckets: pass the same parameters, in the same order, on every rank (the "
+                     "same number, shapes, dtypes and device types); nothing was reduced (every rank raises)")
+
+
 def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True, group=None,
-                         bucket_bytes: int = 25 * 2**20) -> None:
+                         bucket_bytes: int = 25 * 2**20, check: bool = True) -> None:
     """Sum (``average=False``) or average the ``.grad`` of ``params`` over ranks, in place.
 
     With ``W`` ranks of ``group`` and ``g_r`` rank ``r``'s gradient, every rank ends with
@@ -232,16 +309,33 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
     flattened into buckets of about ``bucket_bytes`` of reduced data (one ``all_reduce`` each); a missing gradient
     counts as zeros, so every rank issues the same collectives. No-op without a process group.
 
+    Every rank must pass the same parameters, in the same order: the same number, and at each position the same
+    gradient shape, dtype and device type (a missing ``.grad`` counts as ``p``'s own). Otherwise the buckets
+    would not line up (a hang, a gloo / NCCL error or abort, or, with the same total size, gradients of different
+    parameters silently summed together). With ``check`` (default) this is verified first: one ``all_gather`` of
+    a 3-element int64 signature per rank (count, total number of elements, a 64-bit polynomial hash of the device
+    types, dtypes and shapes in order); when the signatures differ, every rank raises the same ``ValueError``
+    naming the first rank that differs from the group's first rank and what differs (the numbers of parameters
+    with both lists, or the first position whose shape / dtype differs, with both values), before any gradient is
+    touched. ``check=False`` skips that collective (the caller guarantees the lists match).
+
     Args:
         params: the parameters whose gradients to reduce.
         average: divide the sum by the world size.
         group: the process group (default the world).
         bucket_bytes: bytes per collective at most (of the float32 copies for half-precision gradients).
+        check: verify first that every rank passes the same parameter list (one small collective per call).
+
+    Raises:
+        ValueError: with ``check``, the ranks' parameter lists differ (on every rank of ``group``).
     """
     import torch.distributed as dist
 
     if not is_distributed(group):
         return
+    params = list(params)  # iterated twice (an iterator such as model.parameters() is accepted)
+    if check:
+        _check_same_params([_grad_desc(p) for p in params], group)
     w = dist.get_world_size(group)
     grads: list[torch.Tensor] = []
     for p in params:
