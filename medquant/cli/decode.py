@@ -15,8 +15,10 @@ gives ``generate`` its tokens, with the tokenizer's BOS token first when it adds
 shorter prompts are padded on the left with the tokenizer's pad token and masked, as ``generate`` takes a batch):
 greedy, or sampled with ``--temperature`` (and ``--top-k``, ``--top-p``), with an optional
 ``--repetition-penalty``, stopping at the end tokens transformers' ``generate`` stops at: those of the model's
-``generation_config`` (instruct models list several), and the tokenizer's end token. With ``--chat`` each prompt
-is one user turn of the tokenizer's chat template, the assistant's turn opened
+``generation_config`` (instruct models list several), and the tokenizer's end token; a row that ended before the
+others goes on, in the JSON ``tokens``, with the ``pad_token_id`` of the model's ``generation_config``, else the
+first end token (as ``generate`` pads it; not the tokenizer's pad token), and its text ends at its end token. With
+``--chat`` each prompt is one user turn of the tokenizer's chat template, the assistant's turn opened
 (``apply_chat_template(..., add_generation_prompt=True)``), as instruct models expect. It prints the texts, with the
 prefill and decode rates.
 """
@@ -71,6 +73,18 @@ def _end_tokens(model, tok) -> list[int]:
         if t is not None and int(t) not in ends:
             ends.append(int(t))
     return ends
+
+
+def _pad_token(model, ends: list[int]) -> int | None:
+    """The token of finished rows, as transformers' ``generate`` pads them: the ``pad_token_id`` of the model's
+    ``generation_config``, else the first end token (None where there is none: no row finishes)."""
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    return int(pad) if pad is not None else (ends[0] if ends else None)
+
+
+def _up_to_the_end(rows: list[list[int]], ends: list[int]) -> list[list[int]]:
+    """Each row's new tokens up to and including its first end token (the pad tokens after it are no text)."""
+    return [next((row[:i + 1] for i, t in enumerate(row) if t in ends), row) for row in rows]
 
 
 def run_compile(args) -> int:
@@ -134,15 +148,15 @@ def run_generate(args) -> int:
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     generator = torch.Generator().manual_seed(args.seed)
-    out = decoder.generate(ids, args.max_new_tokens, eos_token_id=_end_tokens(model, tok),
-                           pad_token_id=tok.pad_token_id,
+    ends = _end_tokens(model, tok)
+    out = decoder.generate(ids, args.max_new_tokens, eos_token_id=ends, pad_token_id=_pad_token(model, ends),
                            do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                            generator=generator, attention_mask=mask)
     timing = decoder.last_timing
     assert timing is not None
     new = out[:, ids.shape[1]:]
-    texts = tok.batch_decode(new, skip_special_tokens=True)
+    texts = tok.batch_decode(_up_to_the_end(new.tolist(), ends), skip_special_tokens=True)
     decoder.close()
     summary = {"model": args.model, "texts": texts, "prompt_tokens": int(ids.shape[1]),
                "new_tokens": int(new.shape[1]), "tokens": new.tolist(),

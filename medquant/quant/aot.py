@@ -612,15 +612,19 @@ class AOTDecoder:
           draw from ``softmax(l)``.
 
         A row that produced an end token (``eos_token_id``) continues with ``pad_token_id``; generation stops once
-        every row has one (as ``generate`` does).
+        every row has one (as ``generate`` does). Left unset, both are read from the model's ``generation_config``
+        as ``generate`` reads them: its ``eos_token_id`` (one id, a list, or None: no end token) and its
+        ``pad_token_id``, else the first end token.
 
         Args:
             input_ids: ``(batch_size, P)`` prompt tokens; a new sequence (the cache restarts at position 0).
             max_new_tokens: tokens to generate, ``P + max_new_tokens <= max_len``.
-            eos_token_id: end token(s), or None: no end token, every row runs ``max_new_tokens`` (the model's
-                ``generation_config`` is not read, unlike ``generate``: pass its ``eos_token_id`` to stop there).
-            pad_token_id: the token of finished rows (default: the first end token), an id below
-                :attr:`vocab_size` (finished rows are fed it).
+            eos_token_id: end token(s); None: those of the model's ``generation_config`` (``eos_token_id``, one id
+                or a list; none where it has no ``generation_config`` or its ``eos_token_id`` is None), as
+                ``generate`` stops; ``[]``: no end token, every row runs ``max_new_tokens``.
+            pad_token_id: the token of finished rows, an id below :attr:`vocab_size` (finished rows are fed it);
+                None: the ``pad_token_id`` of the model's ``generation_config``, else the first end token (as
+                ``generate`` pads).
             do_sample: sample instead of taking the argmax.
             temperature: the logits' divisor when sampling, ``> 0``.
             top_k: sample among this many largest logits (``>= 1``; applies to sampling only), or None.
@@ -635,9 +639,9 @@ class AOTDecoder:
             ``(batch_size, P + generated)`` int64 tensor.
 
         Raises:
-            ValueError: bad ``input_ids``, ``max_new_tokens`` not an int >= 1 or past ``max_len``, a pad token
-                (given, or the first end token) outside the embedding table when end tokens are given, bad
-                sampling values.
+            ValueError: bad ``input_ids``, ``max_new_tokens`` not an int >= 1 or past ``max_len``, end tokens
+                that are not ints, a pad token (given, the generation config's, or the first end token) outside the
+                embedding table when there are end tokens, bad sampling values.
         """
         ids = self._ids(input_ids)
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
@@ -646,16 +650,13 @@ class AOTDecoder:
             raise ValueError(f"a {ids.shape[1]}-token prompt plus max_new_tokens={max_new_tokens} exceeds the "
                              f"decoder's max_len={self.max_len}")
         pick = _Picker(do_sample, temperature, top_k, top_p, repetition_penalty, generator)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                           dtype=torch.long)
-        if pad_token_id is not None and not _is_int(pad_token_id):
-            raise ValueError(f"pad_token_id must be an int token id or None, got {pad_token_id!r}")
-        pad = torch.tensor(int(eos[0]) if pad_token_id is None and eos.numel() else (pad_token_id or 0))
+        ends, pad_id = _special_tokens(self.model, eos_token_id, pad_token_id)
+        eos, pad = torch.tensor(ends, dtype=torch.long), torch.tensor(pad_id)
         # a finished row is fed the pad token at every later step, and the programs index the embedding table
         # without checking: an id outside it would be read out of bounds
         if eos.numel() and not 0 <= int(pad) < self.vocab_size:
             raise ValueError(f"pad_token_id must be a token id in 0..{self.vocab_size - 1} (finished rows are fed "
-                             f"it; default: the first end token), got {int(pad)}")
+                             f"it; default: the generation config's, else the first end token), got {int(pad)}")
         t0 = time.perf_counter()
         logits = self.prefill(ids, attention_mask)
         t1 = time.perf_counter()
@@ -816,6 +817,28 @@ class _Picker:
         if not self.do_sample:
             return scores.argmax(-1)
         return torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[:, 0]
+
+
+def _special_tokens(model: nn.Module, eos_token_id: Any, pad_token_id: Any) -> tuple[list[int], int]:
+    """The end tokens and pad token of :meth:`AOTDecoder.generate`, as transformers' ``generate`` settles them: each
+    one not given (None) is the model's ``generation_config``'s; the pad token, still None, is the first end token
+    (0 where there is no end token: never fed then). ``eos_token_id=[]``: no end token."""
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if isinstance(eos_token_id, torch.Tensor):  # generate takes a tensor too
+        eos_token_id = eos_token_id.reshape(-1).tolist()
+    eos: list[Any] = [] if eos_token_id is None else [eos_token_id] if _is_int(eos_token_id) \
+        else list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    if not all(_is_int(t) for t in eos):
+        raise ValueError(f"eos_token_id must be an int token id, a list of them ([]: no end token) or None (the "
+                         f"model's generation_config's), got {eos_token_id!r}")
+    if pad_token_id is not None and not _is_int(pad_token_id):
+        raise ValueError(f"pad_token_id must be an int token id or None, got {pad_token_id!r}")
+    pad = pad_token_id if pad_token_id is not None else eos[0] if eos else 0
+    return [int(t) for t in eos], int(pad)
 
 
 def _is_int(value: object) -> TypeGuard[int]:

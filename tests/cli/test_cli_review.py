@@ -81,6 +81,48 @@ def test_generate_stops_at_the_end_tokens_of_the_generation_config_as_transforme
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == [expected]
 
 
+def test_generate_pads_finished_rows_with_the_generation_configs_pad_token_as_transformers_does(src, tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """A batch of two prompts where row 0 gives an end token of the model's ``generation_config`` early and row 1
+    runs on: row 0's ``tokens`` go on with the generation config's pad token (5), not the tokenizer's (``[PAD]``, 0),
+    as transformers' ``generate`` pads them; the texts end at the end token. The decoder is the very module
+    ``compile_decoder`` exports, run eagerly (its tokens against the compiled ones: tests/quant/test_aot.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import medquant.quant.aot
+    from tests.quant.test_decode_edges import _eager_decoder
+
+    prompts = ["no acute", "no acute cardiopulmonary process"]
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.padding_side = "left"
+    batch = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        free = model.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=6,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)[:, batch.input_ids.shape[1]:]
+    end = int(free[0, 1])  # row 0's 2nd greedy token becomes the end token; row 1 never gives it
+    assert end not in free[0, :1].tolist() + free[1].tolist() and tok.eos_token_id is None
+    folder = tmp_path / "pad"
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [end], 5
+    assert tok.pad_token_id == 0  # the tokenizer's pad token, not the generation config's
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():  # transformers' generate with the folder's own settings
+        expected = reloaded.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=6,
+                                     do_sample=False)[:, batch.input_ids.shape[1]:].tolist()
+    assert expected[0] == [*free[0, :2].tolist(), 5, 5, 5, 5] and expected[1] == free[1].tolist()
+
+    monkeypatch.setattr(medquant.quant.aot, "compile_decoder",
+                        lambda model, max_len, batch_size=1, **k: _eager_decoder(model, batch_size, max_len))
+    assert main(["generate", str(folder), "--max-len", "16", "--prompt", prompts[0], "--prompt", prompts[1],
+                 "--max-new-tokens", "6", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tokens"] == expected
+    assert result["texts"] == [tok.decode(expected[0][:2], skip_special_tokens=True),
+                               tok.decode(expected[1], skip_special_tokens=True)]
+
+
 def test_eval_refuses_a_text_file_that_is_not_utf8_in_one_line_naming_it(src, tmp_path, capsys):
     text = tmp_path / "latin1.txt"
     text.write_bytes("épanchement pleural\n".encode("latin-1"))

@@ -147,11 +147,27 @@ def test_end_tokens_sampling_and_bad_input(decoder):
     ids = _ids(2, 5, 5)
     with torch.no_grad():
         greedy = ref.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    eos = [int(greedy[0, 7]), int(greedy[1, 9])]  # row 0 ends at its 3rd new token, row 1 at its 5th
-    with torch.no_grad():
-        expected = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+    eos = [int(greedy[0, 7]), int(greedy[1, 9])]  # row 0 ends at its 3rd new token, row 1 (8 8 8 ...) at its 1st
+    with torch.no_grad():  # padded with the generation config's pad token (0), as generate does
+        expected = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=eos)
     got = decoder.generate(ids, 8, eos_token_id=eos)
     assert got.shape[1] < 13 and torch.equal(got, expected)  # stopped once both rows ended, padded as generate
+    assert got.shape[1] == 8 and torch.equal(got[1, 6:], torch.zeros(2, dtype=torch.long))  # config's pad: 0
+    # no end token given: the model's generation_config's, as generate reads it (its pad token unset: the first
+    # end token); eos_token_id=[]: none, every row runs max_new_tokens
+    config = decoder.model.generation_config
+    saved = config.eos_token_id, config.pad_token_id
+    try:
+        for c in (config, ref.generation_config):
+            c.eos_token_id, c.pad_token_id = eos, None
+        with torch.no_grad():
+            expected = ref.generate(ids, max_new_tokens=8, do_sample=False)
+        got = decoder.generate(ids, 8)
+        assert got.shape[1] == 8 and torch.equal(got, expected) and (got[1, 6:] == eos[0]).all()
+        assert torch.equal(decoder.generate(ids, 8, eos_token_id=[]), greedy)
+    finally:
+        for c in (config, ref.generation_config):
+            c.eos_token_id, c.pad_token_id = saved
     # sampling from the single largest logit is greedy decoding
     g = torch.Generator().manual_seed(0)
     assert torch.equal(decoder.generate(ids, 8, do_sample=True, top_k=1, generator=g), greedy)

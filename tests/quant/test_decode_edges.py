@@ -92,6 +92,31 @@ def test_left_padded_rows_of_different_lengths_and_an_early_end_token_give_gener
     assert torch.equal(dec.generate(ids, 4, attention_mask=mask, repetition_penalty=1.8), penalized)
 
 
+def test_end_and_pad_tokens_default_to_the_generation_configs_as_generate_takes_them():
+    """With no ``eos_token_id`` / ``pad_token_id`` the decoder stops and pads as transformers' ``generate`` does with
+    the model's ``generation_config``: its end token(s), its pad token, else the first end token. Here the config's
+    end token is the one greedy decoding gives row 0 as its 2nd new token (row 1 never gives it): row 0 is padded
+    from then on while row 1 runs to ``max_new_tokens``. ``eos_token_id=[]`` asks for no end token."""
+    ref, model = _llama(), _llama()
+    dec = _eager_decoder(model, 2, 16)
+    ids, mask = _padded(2, 6, [0, 2], 11)
+    with torch.no_grad():
+        greedy = ref.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              pad_token_id=0)
+    end = int(greedy[0, 7])
+    assert end not in greedy[0, 6:7].tolist() and end not in greedy[1, 6:].tolist()
+    for eos, pad, fill in ((end, None, end), ([4, end], 7, 7)):
+        for m in (ref, model):
+            m.generation_config.eos_token_id, m.generation_config.pad_token_id = eos, pad
+        with torch.no_grad():
+            expected = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        got = dec.generate(ids, 8, attention_mask=mask)
+        assert torch.equal(got, expected), (eos, pad)
+        assert torch.equal(got[0, 8:], torch.full((6,), fill)) and torch.equal(got[1], greedy[1])
+        # no end token: every row runs max_new_tokens, the config's end token generated like any other
+        assert torch.equal(dec.generate(ids, 8, attention_mask=mask, eos_token_id=[]), greedy)
+
+
 def test_sizes_the_decoder_cannot_serve_are_refused():
     dec = _eager_decoder(_llama(), 2, 16)
     ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(2))
