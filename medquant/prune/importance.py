@@ -15,27 +15,41 @@ FFN neuron ``j`` (row ``j`` of each input linear, column ``j`` of the output lin
 ``activation``
     Activation statistics on calibration data, weighted by the outgoing weights (as in Wanda):
     ``sum_{j in J_h} ||X_o[:, j]||_2 * ||W_o[:, j]||_2`` for a head and ``||X_out[:, j]||_2 * ||W_out[:, j]||_2``
-    for a neuron, where ``X`` are the inputs of the output linear over all calibration tokens.
+    for a neuron, where ``X`` are the inputs of the output linear over all calibration tokens: the rows of a batch
+    whose ``attention_mask`` is 0 (padding) are left out (``decoder_attention_mask`` for the decoder blocks of an
+    encoder-decoder; vision blocks and batches without a ``(batch, seq)`` mask matching the input count every
+    row). ``||X[:, j]||_2^2`` is summed over all batches, so the score does not depend on how the tokens are split
+    into batches.
 
 A key/value group (grouped-query attention pruned by whole groups) scores the sum of its query heads.
 
-Calibration data is an iterable of batches, each run with :func:`medquant.models.run_model`: a dict
-(``model(**batch)``), a tensor (``model(batch)``) or a tuple/list (``model(*batch)``). The Taylor loss is
-``loss_fn(model, batch)`` when given; otherwise the model's own ``.loss`` (a causal LM gets ``labels =
-input_ids``, so the loss is next-token cross-entropy); otherwise, for models without a loss, the proxy
-``0.5 * mean(y^2)`` of the main output ``y`` (:func:`medquant.models.main_output`: the logits, else the last
-hidden state, else the first element of a tuple).
+Calibration data is an iterable of batches (a list, a data loader; one dict batch is refused, wrap it in a
+list), each run with :func:`medquant.models.run_model`: a dict (``model(**batch)``), a tensor (``model(batch)``)
+or a tuple/list (``model(*batch)``). A tensor or tuple is read by the names of ``model.forward``'s parameters it
+binds to (``(input_ids, attention_mask)`` for a Hugging Face LM), so its ``attention_mask`` counts as a dict's
+does. The Taylor loss is ``loss_fn(model, batch)`` when given; otherwise the model's own ``.loss`` (a causal LM
+-- a model with ``lm_head`` and ``generation_config`` -- given integer ``input_ids`` and no ``labels`` gets
+``labels = input_ids`` with the padding (``attention_mask == 0``) set to -100, so the loss is next-token
+cross-entropy over the real tokens); otherwise, for models without a loss, the proxy ``0.5 * mean(y^2)`` of the
+main output ``y`` (:func:`medquant.models.main_output`: the logits, else the last hidden state, else the first
+element of a tuple), the mean over the non-padding positions (mask as above) and the features. Gradients are
+computed also when the caller has disabled them (``torch.no_grad()``).
+
+Every score must be finite: a NaN or inf score (NaN weights, float16 overflow in the activations or gradients)
+raises ``ValueError`` naming the block, as does a scored linear that the calibration batches never run (e.g. a
+vision tower given text-only batches).
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.blocks import Block
+from ..models.blocks import Block, _side
 from ..models.runner import eval_mode, main_output, run_model
 
 __all__ = ["METHODS", "block_scores", "calibration_loss"]
@@ -43,35 +57,75 @@ __all__ = ["METHODS", "block_scores", "calibration_loss"]
 METHODS = ("magnitude", "taylor", "activation")
 
 
+def _named(model: nn.Module, batch: Any) -> Mapping[str, Any]:
+    """The batch's inputs by name: a mapping as it is; a tensor or tuple/list bound to the parameters of
+    ``model.forward`` as :func:`run_model` passes them (``{}`` when they do not bind)."""
+    if isinstance(batch, Mapping):
+        return batch
+    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    try:
+        return inspect.signature(model.forward).bind_partial(*args).arguments
+    except (TypeError, ValueError):
+        return {}
+
+
+def _mask(named: Mapping[str, Any], key: str | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``named[key] != 0`` when it is a ``(batch, seq)`` mask matching the leading dims of ``x`` (3-D or more)."""
+    m = named.get(key) if key is not None else None
+    if isinstance(m, torch.Tensor) and m.dim() == 2 and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+        return (m != 0).to(x.device)
+    return None
+
+
 def calibration_loss(model: nn.Module, batch: Any,
                      loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> torch.Tensor:
-    """The scalar loss used for Taylor importance (see the module docstring for the default)."""
+    """The scalar loss used for Taylor importance.
+
+    ``loss_fn(model, batch)`` when given; else the model's own ``.loss``, a causal LM getting ``labels =
+    input_ids`` (padding, ``attention_mask == 0``, set to -100) when the batch (a dict, or a tensor / tuple bound to
+    ``model.forward``'s parameters) has integer ``input_ids`` and no ``labels``; else ``0.5 * mean(y^2)`` of the
+    main output ``y`` over its non-padding positions (``attention_mask``, ``decoder_attention_mask`` for an
+    encoder-decoder, when it matches ``y``'s leading ``(batch, seq)`` dims) and features.
+    """
     if loss_fn is not None:
         return loss_fn(model, batch)
+    named = _named(model, batch)
     extra: dict[str, Any] = {}
-    if (isinstance(batch, Mapping) and "labels" not in batch and "input_ids" in batch
+    ids = named.get("input_ids")
+    if ("labels" not in named and isinstance(ids, torch.Tensor) and not ids.is_floating_point()
             and hasattr(model, "lm_head") and hasattr(model, "generation_config")):
-        labels = batch["input_ids"].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
+        labels = ids.clone()
+        mask = named.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape == labels.shape:
+            labels[mask == 0] = -100
         extra["labels"] = labels
     out = run_model(model, batch, **extra)
     loss = getattr(out, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss
     y = main_output(out)
+    encdec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    keep = _mask(named, "decoder_attention_mask" if encdec else "attention_mask", y)
+    if keep is not None:
+        y = y[keep]
     return 0.5 * y.float().pow(2).mean()
 
 
 def _iter(calib: Iterable[Any] | None, desc: str, progress: bool):
     if calib is None:
         raise ValueError(f"{desc} needs calibration data: pass calib=<iterable of batches>")
+    if isinstance(calib, Mapping):
+        raise TypeError(f"{desc}: calib must be an iterable of batches, got one batch ({type(calib).__name__}); "
+                        "pass calib=[batch]")
     try:
         total = len(calib)  # type: ignore[arg-type]
     except TypeError:
         total = None
     n = 0
     for batch in tqdm(calib, desc=desc, total=total, disable=not progress, leave=False):
+        if isinstance(batch, str):
+            raise TypeError(f"{desc}: calib must be an iterable of batches, but batch {n} is the string {batch!r} "
+                            "(a key of one dict batch?); pass calib=[batch]")
         n += 1
         yield batch
     if n == 0:
@@ -79,7 +133,7 @@ def _iter(calib: Iterable[Any] | None, desc: str, progress: bool):
 
 
 def _lin(model: nn.Module, name: str) -> nn.Linear:
-    return model.get_submodule(name)
+    return cast(nn.Linear, model.get_submodule(name))
 
 
 def _head_sum(per_channel: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -112,30 +166,44 @@ def _magnitude(model: nn.Module, blocks: list[Block]) -> dict[str, dict[str, tor
 
 @torch.no_grad()
 def _activation(model: nn.Module, blocks: list[Block], calib, progress: bool) -> dict[str, dict[str, torch.Tensor]]:
-    targets = {}
+    # output linear -> (its block, the batch key of its padding mask: none for vision blocks)
+    targets: dict[str, tuple[str, str | None]] = {}
     for b in blocks:
+        key = None if b.role == "vision" else (
+            "decoder_attention_mask" if _side(b.stack) == "decoder" else "attention_mask")
         if b.attention is not None:
-            targets[b.attention.o] = None
+            targets[b.attention.o] = (b.name, key)
         if b.ffn is not None:
-            targets[b.ffn.output] = None
+            targets[b.ffn.output] = (b.name, key)
     sums: dict[str, torch.Tensor] = {}
     handles = []
+    named: Mapping[str, Any] = {}
 
-    def make_hook(name: str):
+    def make_hook(name: str, key: str | None):
         def hook(mod, args):
-            x = args[0].detach().float()
+            x = args[0].detach()
+            keep = _mask(named, key, x)
+            if keep is not None:  # padding rows are not calibration tokens
+                x = x[keep]
+            x = x.float()
             sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
             sums[name] = sums[name] + sq if name in sums else sq
         return hook
 
-    for name in targets:
-        handles.append(_lin(model, name).register_forward_pre_hook(make_hook(name)))
+    for name, (_, key) in targets.items():
+        handles.append(_lin(model, name).register_forward_pre_hook(make_hook(name, key)))
     try:
         for batch in _iter(calib, "activation statistics", progress):
+            named = _named(model, batch)
             run_model(model, batch)
     finally:
         for h in handles:
             h.remove()
+    missing = [name for name in targets if name not in sums]
+    if missing:
+        raise ValueError(f"activation statistics: the calibration batches never ran {missing[0]} (block "
+                         f"{targets[missing[0]][0]}; {len(missing)} scored linear(s) in all): give batches that "
+                         "reach every block in scope (e.g. images for a vision tower) or narrow the scope")
     out: dict[str, dict[str, torch.Tensor]] = {}
     for b in blocks:
         s: dict[str, torch.Tensor] = {}
@@ -151,6 +219,7 @@ def _activation(model: nn.Module, blocks: list[Block], calib, progress: bool) ->
 
 
 def _rows_gw(lin: nn.Linear) -> torch.Tensor:
+    assert lin.weight.grad is not None  # checked by _taylor
     gw = (lin.weight.grad.float() * lin.weight.float()).sum(1)
     if lin.bias is not None and lin.bias.grad is not None:
         gw = gw + lin.bias.grad.float() * lin.bias.float()
@@ -158,12 +227,13 @@ def _rows_gw(lin: nn.Linear) -> torch.Tensor:
 
 
 def _cols_gw(lin: nn.Linear) -> torch.Tensor:
+    assert lin.weight.grad is not None  # checked by _taylor
     return (lin.weight.grad.float() * lin.weight.float()).sum(0)
 
 
 def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: bool
             ) -> dict[str, dict[str, torch.Tensor]]:
-    names = set()
+    names: set[str] = set()
     for b in blocks:
         if b.attention is not None:
             names.update((b.attention.q, b.attention.o))
@@ -182,11 +252,18 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
         for batch in _iter(calib, "taylor importance", progress):
             for p in params:
                 p.grad = None
-            loss = calibration_loss(model, batch, loss_fn)
-            if not torch.isfinite(loss):
-                raise ValueError(f"the calibration loss is {loss.item()} on batch {n}; Taylor importance needs a "
-                                 "finite loss")
-            loss.backward()
+            with torch.enable_grad():  # also inside the caller's torch.no_grad()
+                loss = calibration_loss(model, batch, loss_fn)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"the calibration loss is {loss.item()} on batch {n}; Taylor importance needs "
+                                     "a finite loss")
+                loss.backward()
+            missing = sorted(nm for nm in names if _lin(model, nm).weight.grad is None)
+            if missing:
+                raise ValueError(f"taylor importance: {missing[0]} ({len(missing)} scored linear(s) in all) gets no "
+                                 f"gradient from the calibration loss on batch {n}: the calibration batches never "
+                                 "run it (e.g. no images for a vision tower) or the loss does not depend on it; "
+                                 "give batches that reach every block in scope or narrow the scope")
             n += 1
             with torch.no_grad():
                 for b in blocks:
@@ -214,7 +291,13 @@ def block_scores(model: nn.Module, blocks: list[Block], method: str = "magnitude
                  calib: Iterable[Any] | None = None,
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
                  progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-block importance: ``{block: {"heads": (n_heads,), "neurons": (n_neurons,)}}`` (float32, CPU)."""
+    """Per-block importance: ``{block: {"heads": (n_heads,), "neurons": (n_neurons,)}}`` (float32, CPU).
+
+    The scores are those of the module docstring. Raises ``ValueError`` for an unknown ``method``, missing or
+    empty ``calib`` (activation, taylor), a non-finite Taylor loss, a scored linear the calibration batches never
+    run, or a non-finite score; ``TypeError`` when ``calib`` is one dict batch instead of an iterable of batches.
+    The model's train/eval modes, ``requires_grad`` flags and ``.grad`` are left as they were.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown importance {method!r}; use one of {', '.join(METHODS)}")
     with eval_mode(model):
@@ -224,4 +307,11 @@ def block_scores(model: nn.Module, blocks: list[Block], method: str = "magnitude
             res = _activation(model, blocks, calib, progress)
         else:
             res = _taylor(model, blocks, calib, loss_fn, progress)
+    for k, v in res.items():
+        for kk, vv in v.items():
+            bad = int((~torch.isfinite(vv)).sum())
+            if bad:
+                raise ValueError(f"{method} importance of {k} {kk}: {bad} of {vv.numel()} scores are not finite "
+                                 "(NaN / inf weights, or NaN / inf calibration activations or gradients, e.g. "
+                                 "float16 overflow); such scores cannot be ranked")
     return {k: {kk: vv.detach().cpu() for kk, vv in v.items()} for k, v in res.items()}
