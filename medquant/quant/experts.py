@@ -12,7 +12,10 @@ round trip, the kernels and the size accounting treat each expert's matrices as 
 
 Two forward conventions are reproduced exactly (with the dequantized weights ``W^_e`` in place of ``W_e``):
 
-* **routed** (classes decorated with transformers' ``use_experts_implementation``):
+* **routed** (classes decorated with transformers' ``use_experts_implementation``, whose ``forward`` is the one the
+  decorator installed: a subclass with its own ``forward``, e.g. Ergo's ``ErgoExperts`` with a per-expert norm
+  before the routing weights, computes something else and is left in floating point, reported by
+  :func:`unsupported_experts`):
   ``forward(x (T, H), top_k_index (T, k), top_k_weights (T, k))``; for each token ``t`` and slot ``j`` with expert
   ``e = top_k_index[t, j]`` (``e == E`` is the expert-parallel sentinel and contributes nothing)::
 
@@ -24,7 +27,8 @@ Two forward conventions are reproduced exactly (with the dequantized weights ``W
 * **dense** (Llama 4 text experts): ``forward(x (E*T, H))`` where rows ``e*T .. e*T+T-1`` are the inputs of
   expert ``e`` (already scaled by the router); ``gate, up = split(W^gu_e x)``, ``y = W^d_e (up * act(gate))``.
 
-The router (``gate`` / ``router``: a ``(E, H)`` weight whose logits pick the top-k experts) is not part of this
+The router (``gate`` / ``router``: a ``(E, H)`` weight, or a module computing the logits with child linears
+such as Gemma 4's ``router.proj``, whose logits pick the top-k experts) is not part of this
 module; :func:`moe_routers` finds the routers and :func:`medquant.quantize_` keeps them in floating point by
 default and says so (a router is ``E x H`` weights, a tiny fraction of an MoE layer, and its top-k decision is
 discontinuous in its weights).
@@ -34,7 +38,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -61,7 +65,8 @@ def experts_layout(m: nn.Module) -> dict[str, Any] | None:
     """How a float experts module computes, or ``None`` when it is not one this module can quantize.
 
     Returns ``{"style": "routed" | "dense", "gate": bool, "bias": bool, "transposed": bool, "num_experts": E,
-    "hidden": H, "inter": I, "post_norm": bool}``."""
+    "hidden": H, "inter": I, "post_norm": bool}``: the layout of its weights (what size accounting and pruning
+    read). Whether :class:`QuantExperts` reproduces its forward too is :func:`is_experts_module`."""
     if isinstance(m, QuantExperts):
         return None
     down = _param3(m, "down_proj")
@@ -101,14 +106,26 @@ def experts_layout(m: nn.Module) -> dict[str, Any] | None:
             "inter": two_i // 2, "post_norm": False}
 
 
+def _decorated_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` is the one transformers' ``use_experts_implementation`` installed (it wraps, with
+    ``functools.wraps``, both ``__init__`` and ``forward`` of the class it decorates), not a subclass's own."""
+    owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
+    return owner is not None and hasattr(owner.__dict__["forward"], "__wrapped__") \
+        and hasattr(owner.__dict__.get("__init__"), "__wrapped__")
+
+
 def _param2(m: nn.Module, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
     p = m._parameters.get(name)
     return p if p is not None and tuple(p.shape) == shape else None
 
 
 def is_experts_module(m: nn.Module) -> bool:
-    """Whether ``m`` is a float experts module with 3-D weights that :class:`QuantExperts` reproduces."""
-    return experts_layout(m) is not None
+    """Whether ``m`` is a float experts module with 3-D weights that :class:`QuantExperts` reproduces: a known
+    :func:`experts_layout`, and for the routed style a class whose ``forward`` is the one transformers'
+    ``use_experts_implementation`` installed (a subclass with its own ``forward``, e.g. Ergo's ``ErgoExperts``
+    with a per-expert norm before the routing weights, computes something else)."""
+    lay = experts_layout(m)
+    return lay is not None and (lay["style"] != "routed" or _decorated_forward(type(m)))
 
 
 def _looks_like_experts(m: nn.Module) -> bool:
@@ -139,7 +156,9 @@ def moe_routers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> module of the routers of the MoE blocks of ``model``.
 
     A router is a sibling of an experts module (float or :class:`QuantExperts`) named ``gate`` / ``router`` /
-    ``shared_expert_gate`` that holds a 2-D ``weight`` with ``hidden`` columns.
+    ``shared_expert_gate`` that holds a 2-D ``weight`` with ``hidden`` columns; a sibling so named without a
+    ``weight`` of its own computes the logits with child layers (Gemma 4's ``router.proj``, HunYuan's
+    ``gate.wg``, LongCat's ``router.classifier``): each module below it with a 2-D ``weight`` is then a router.
 
     Args:
         model: the model to search.
@@ -156,10 +175,18 @@ def moe_routers(model: nn.Module) -> dict[str, nn.Module]:
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
         for child_name, child in parent.named_children():
+            if child_name not in _ROUTER_NAMES:
+                continue
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
             w = getattr(child, "weight", None)
-            if child_name in _ROUTER_NAMES and isinstance(w, torch.Tensor) and w.dim() == 2 \
-                    and w.shape[1] == lay["hidden"]:
-                out[f"{parent_name}.{child_name}" if parent_name else child_name] = child
+            if isinstance(w, torch.Tensor):
+                if w.dim() == 2 and w.shape[1] == lay["hidden"]:
+                    out[full] = child
+                continue
+            for sub_name, sub in child.named_modules(prefix=full):
+                w = getattr(sub, "weight", None)
+                if sub is not child and isinstance(w, torch.Tensor) and w.dim() == 2:
+                    out[sub_name] = sub
     return out
 
 
@@ -178,6 +205,13 @@ def _template(m: nn.Module) -> nn.Module:
     return t
 
 
+def _layer_dtype(lin: nn.Module) -> torch.dtype:
+    """The dtype an expert layer computes with: a QuantLinear's ``weight_dtype``, a float layer's weight dtype."""
+    if isinstance(lin, QuantLinear):
+        return lin.weight_dtype
+    return cast(torch.Tensor, lin.weight).dtype
+
+
 class QuantExperts(nn.Module):
     """The quantized experts of one MoE block (see the module docstring for what it computes).
 
@@ -190,27 +224,43 @@ class QuantExperts(nn.Module):
     Args:
         float_module: the float experts module (3-D weights; possibly on the meta device) whose layout and
             activation are reproduced.
-        children: ``{"gate_up" | "up": [E layers], "down": [E layers]}``, one ``(out, in)`` layer per expert.
+        children: ``{"gate_up" | "up": [E layers], "down": [E layers]}``, one ``(out, in)`` layer per expert:
+            ``gate_up`` ``H -> 2I`` (``up`` ``H -> I`` for experts without a gate), ``down`` ``I -> H`` (its
+            ``in_features -> out_features``).
 
     Raises:
         TypeError: ``float_module`` is not an experts module in a layout QuantExperts reproduces.
-        ValueError: a child list does not hold one layer per expert.
+        ValueError: ``children`` does not have exactly the keys of the layout, a list does not hold one layer per
+            expert, or a layer's ``in_features -> out_features`` is not its projection's.
     """
 
     def __init__(self, float_module: nn.Module, children: dict[str, list[nn.Module]]) -> None:
         super().__init__()
         lay = experts_layout(float_module)
-        if lay is None:
+        if lay is None or not is_experts_module(float_module):
             raise TypeError(f"{type(float_module).__name__} is not an experts module with 3-D weights that "
-                            "QuantExperts reproduces")
+                            "QuantExperts reproduces" + ("" if lay is None else " (its class overrides the forward "
+                                                         "of transformers' use_experts_implementation)"))
         self.layout = lay
         self.num_experts = lay["num_experts"]
         self.source_class = type(float_module).__name__
         object.__setattr__(self, "_float_template", _template(float_module))
         self.up_name = "gate_up" if lay["gate"] else "up"
-        for key, mods in children.items():
+        h, i = lay["hidden"], lay["inter"]
+        dims = {self.up_name: (h, 2 * i if lay["gate"] else i), "down": (i, h)}
+        if set(children) != set(dims):
+            raise ValueError(f"children has keys {sorted(children)} (unexpected {sorted(set(children) - set(dims))}, "
+                             f"missing {sorted(set(dims) - set(children))}); {self.source_class} expects exactly "
+                             f"{', '.join(map(repr, dims))}")
+        for key, (n_in, n_out) in dims.items():
+            mods = list(children[key])
             if len(mods) != self.num_experts:
                 raise ValueError(f"{key}: {len(mods)} expert layers for {self.num_experts} experts")
+            for e, mod in enumerate(mods):
+                got = (getattr(mod, "in_features", None), getattr(mod, "out_features", None))
+                if got != (n_in, n_out):
+                    raise ValueError(f"{key}.{e}: {got[0]} -> {got[1]} features ({type(mod).__name__}); "
+                                     f"{self.source_class} expects {n_in} -> {n_out} for {key}")
             self.add_module(key, nn.ModuleList(mods))
         act = getattr(float_module, "act_fn", None)
         if isinstance(act, nn.Module):
@@ -330,7 +380,8 @@ class QuantExperts(nn.Module):
         stores them transposed.
 
         Args:
-            dtype: dtype of the float weights; ``None`` keeps the original module's.
+            dtype: dtype of the float weights; ``None`` is the dtype the expert layers dequantize to (their
+                ``weight_dtype``, which follows a later ``.to(dtype)`` of the model, as :meth:`QuantLinear.to_float`).
 
         Returns:
             A new module of the original class (``source_class``).
@@ -342,10 +393,10 @@ class QuantExperts(nn.Module):
             m._modules["post_expert_norm"] = self.post_expert_norm
         params: dict[str, nn.Parameter | None] = {}
         for key in ("gate_up_proj" if lay["gate"] else "up_proj", "down_proj"):
-            ref = self._float_template._parameters[key]
-            dt = dtype or ref.dtype
+            layers = getattr(self, _CHILD[key])
+            dt = dtype or _layer_dtype(layers[0])
             ws, bs = [], []
-            for lin in getattr(self, _CHILD[key]):
+            for lin in layers:
                 w = lin.dequantized_weight(dt) if isinstance(lin, QuantLinear) else lin.weight.detach().to(dt)
                 ws.append(w.t() if lay["transposed"] else w)
                 if lay["bias"]:

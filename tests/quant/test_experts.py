@@ -19,7 +19,13 @@ from medquant.hf import save_pretrained
 from medquant.kernels import force_backend
 from medquant.quant import QuantLinear
 from medquant.quant.api import quantizable_modules, quantize_
-from medquant.quant.experts import QuantExperts, experts_layout, moe_routers, unsupported_experts
+from medquant.quant.experts import (
+    QuantExperts,
+    experts_layout,
+    is_experts_module,
+    moe_routers,
+    unsupported_experts,
+)
 from medquant.testing.zoo_moe import MOE_BUILDERS, build_moe, moe_inputs
 
 CFG = QuantConfig(bits=4, group_size=32)
@@ -256,3 +262,112 @@ def test_size_report_counts_float_experts_at_their_width(name):
     n_head = sum(w.numel() for w in head)
     assert mq.model_size(m).effective_bits == pytest.approx(
         (32 * n_head + 4 * (n_float - n_head + n_quant)) / (n_float + n_quant), rel=1e-9)
+
+
+def _tiny_ergo() -> nn.Module:
+    """Ergo: layer 1's ``ErgoExperts`` subclasses a ``use_experts_implementation`` class but has its own forward
+    (a per-expert RMSNorm, ``post_expert_norm``, between each expert's down projection and its routing weight)."""
+    from transformers import ErgoConfig, ErgoForCausalLM
+
+    torch.manual_seed(0)
+    cfg = ErgoConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     first_dense_intermediate_size=32, num_dense_blocks=1, moe_intermediate_size=32,
+                     shared_intermediate_size=32, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                     sliding_window=8, global_attention_every_n_layers=2)
+    m = ErgoForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".experts." in n:
+                p.copy_(torch.rand(p.shape) + 0.5 if "post_expert_norm" in n else torch.randn(p.shape) * 0.02)
+    return m
+
+
+def test_experts_subclass_with_its_own_forward_stays_float():
+    # QuantExperts reproduces the forward use_experts_implementation dispatches to; ErgoExperts.forward adds a
+    # per-expert norm: quantized, that norm (and its weights) would be dropped and the logits changed
+    m = _tiny_ergo()
+    experts = m.model.layers[1].mlp.experts
+    assert type(experts).__name__ == "ErgoExperts"
+    assert experts_layout(experts) is not None  # its weights are in a known layout (size accounting, pruning)
+    assert not is_experts_module(experts)
+    with pytest.raises(TypeError, match="ErgoExperts is not an experts module.*overrides the forward"):
+        QuantExperts.from_float(experts, CFG)
+    assert unsupported_experts(m) == ["model.layers.1.mlp.experts"]
+    with pytest.warns(UserWarning, match=r"layout medquant does not quantize.*model\.layers\.1\.mlp\.experts"):
+        quantize_(m, CFG)
+    assert isinstance(m.model.layers[1].mlp.shared_experts.up_proj, QuantLinear)  # the rest is quantized
+    assert m.model.layers[1].mlp.experts is experts  # transformers' own module, norm and all
+    assert "model.layers.1.mlp.experts.post_expert_norm.weight" in m.state_dict()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "llama4_text", "gpt_oss"])
+def test_to_float_follows_a_dtype_cast_after_quantization(name):
+    # quantized in float32, then cast: every expert layer dequantizes to bfloat16, so must the float experts
+    m = build_moe(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(m, CFG)
+    m.to(torch.bfloat16)
+    qe = next(mod for mod in m.modules() if isinstance(mod, QuantExperts))
+    back = qe.to_float()
+    hand = torch.stack([lin.dequantized_weight(torch.bfloat16) for lin in qe.down])
+    hand = hand.transpose(1, 2) if qe.layout["transposed"] else hand
+    assert back.down_proj.dtype == torch.bfloat16 and torch.equal(back.down_proj, hand)
+    if qe.layout["bias"]:
+        assert back.down_proj_bias.dtype == torch.bfloat16
+    x = moe_inputs()
+    with torch.no_grad(), force_backend("torch"):
+        want = m(**x).logits
+        mq.dequantize_(m)
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+        got = m(**x).logits  # transformers' own experts classes, with the bfloat16 dequantized weights
+    torch.testing.assert_close(got, want, rtol=0, atol=4e-3)  # one bfloat16 ulp at the logits' size (~0.6)
+
+
+def _tiny_gemma4() -> nn.Module:
+    """Gemma 4 with MoE blocks: its router (``layers.i.router``) computes the expert logits with a child
+    ``nn.Linear`` (``router.proj``), next to a scale and a per-expert scale."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma4TextConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                           enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                           hidden_size_per_layer_input=0)
+    return Gemma4ForCausalLM(cfg).eval()
+
+
+def test_router_computing_with_a_child_linear_stays_float():
+    m = _tiny_gemma4()
+    float_proj = m.model.layers[0].router.proj.weight.detach().clone()
+    assert set(moe_routers(m)) == {"model.layers.0.router.proj", "model.layers.1.router.proj"}
+    with pytest.warns(UserWarning, match=r"2 MoE router\(s\) stay in floating point"):
+        quantize_(m, CFG)
+    assert isinstance(m.model.layers[0].experts, QuantExperts)
+    proj = m.model.layers[0].router.proj
+    assert type(proj) is nn.Linear and torch.equal(proj.weight, float_proj)  # the top-k choice is unchanged
+    m = _tiny_gemma4()  # named exactly, it is quantized
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(m, {"model.layers.0.router.proj": CFG, "_default": CFG})
+    assert isinstance(m.model.layers[0].router.proj, QuantLinear)
+    assert type(m.model.layers[1].router.proj) is nn.Linear
+
+
+def test_constructor_refuses_children_that_do_not_fit_the_layout():
+    fm = build_moe("mixtral").model.layers[0].mlp.experts  # E=4, H=64, I=32: gate_up (64 -> 64), down (32 -> 64)
+
+    def lins(n_in, n_out, n=4):
+        return [nn.Linear(n_in, n_out, bias=False) for _ in range(n)]
+
+    ok = QuantExperts(fm, {"gate_up": lins(64, 64), "down": lins(32, 64)})
+    assert isinstance(ok.gate_up[3], nn.Linear)
+    with pytest.raises(ValueError, match=r"missing \['down'\]\); MixtralExperts expects exactly 'gate_up', 'down'"):
+        QuantExperts(fm, {"gate_up": lins(64, 64)})
+    with pytest.raises(ValueError, match=r"unexpected \['up'\], missing \['gate_up'\]"):
+        QuantExperts(fm, {"up": lins(64, 32), "down": lins(32, 64)})
+    with pytest.raises(ValueError, match=r"down\.2: 64 -> 64 .*expects 32 -> 64"):
+        QuantExperts(fm, {"gate_up": lins(64, 64), "down": lins(32, 64, 2) + lins(64, 64, 1) + lins(32, 64, 1)})
+    with pytest.raises(ValueError, match=r"down: 3 expert layers for 4 experts"):
+        QuantExperts(fm, {"gate_up": lins(64, 64), "down": lins(32, 64, 3)})
