@@ -23,13 +23,17 @@ Channel importance: ``magnitude`` = ``||W_c||_2 * |gamma_c| / sqrt(var_c + eps)`
 norm; ``||W_c||_2`` without BN, and a factor the BN lacks is left out: ``gamma_c`` without ``affine``, ``var_c``
 without running statistics); ``activation`` = RMS of the channel's output (after the BN) over calibration data;
 ``taylor`` = ``mean_batches |sum g*theta|`` over the filter, its bias and the BN ``gamma_c``, ``beta_c`` (when
-``affine``).
+``affine``), with the gradient ``g`` of the calibration loss (:func:`medquant.prune.importance.calibration_loss`).
+Every score is computed in float32 (a bfloat16 / float16 model's weights, gradients and activations are cast
+before the products and sums), and Taylor gradients are computed also inside the caller's ``torch.no_grad()``.
+Every score must be finite: a NaN or inf score (NaN / inf weights, or NaN / inf activations or gradients, e.g.
+float16 overflow) cannot be ranked and raises ``ValueError`` naming the conv.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -184,26 +188,46 @@ def _first(calib):
     return None
 
 
-def _scores(model: nn.Module, groups: list[ChannelGroup], method: str, calib, loss_fn, progress: bool):
+def _magnitude_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for g in groups:
+            w = model.get_submodule(g.conv).weight.float().flatten(1).norm(dim=1)
+            if g.bn is not None:
+                bn = model.get_submodule(g.bn)
+                if bn.weight is not None:  # affine=False: no gamma
+                    w = w * bn.weight.float().abs()
+                if bn.running_var is not None:  # track_running_stats=False: batch statistics, no var_c
+                    w = w / (bn.running_var.float() + bn.eps).sqrt()
+            out[g.conv] = w
+    return out
+
+
+def _scores(model: nn.Module, groups: list[ChannelGroup], method: str, calib, loss_fn, progress: bool
+            ) -> dict[str, torch.Tensor]:
+    """``{conv: (out_channels,) float32 scores}`` of the module docstring.
+
+    Raises:
+        ValueError: missing calibration data (activation, taylor), empty calibration data, or a non-finite score
+            (named by its conv), or a scored conv / BatchNorm parameter that gets no Taylor gradient.
+    """
     if method == "magnitude":
-        with torch.no_grad():
-            for g in groups:
-                w = model.get_submodule(g.conv).weight.float().flatten(1).norm(dim=1)
-                if g.bn is not None:
-                    bn = model.get_submodule(g.bn)
-                    if bn.weight is not None:  # affine=False: no gamma
-                        w = w * bn.weight.float().abs()
-                    if bn.running_var is not None:  # track_running_stats=False: batch statistics, no var_c
-                        w = w / (bn.running_var.float() + bn.eps).sqrt()
-                out[g.conv] = w
-        return out
-    if calib is None:
+        out = _magnitude_scores(model, groups)
+    elif calib is None:
         raise ValueError(f"{method} importance needs calibration data: pass calib=<iterable of batches>")
-    with eval_mode(model):
-        if method == "activation":
-            return _activation_scores(model, groups, calib, progress)
-        return _taylor_scores(model, groups, calib, loss_fn, progress)
+    else:
+        with eval_mode(model):
+            if method == "activation":
+                out = _activation_scores(model, groups, calib, progress)
+            else:
+                out = _taylor_scores(model, groups, calib, loss_fn, progress)
+    for g in groups:
+        bad = int((~torch.isfinite(out[g.conv])).sum())
+        if bad:
+            raise ValueError(f"{method} importance of conv {g.conv}: {bad} of {out[g.conv].numel()} scores are not "
+                             "finite (NaN / inf weights, or NaN / inf calibration activations or gradients, e.g. "
+                             "float16 overflow); such scores cannot be ranked")
+    return out
 
 
 def _activation_scores(model: nn.Module, groups: list[ChannelGroup], calib, progress: bool
@@ -233,6 +257,14 @@ def _activation_scores(model: nn.Module, groups: list[ChannelGroup], calib, prog
     return {k: (sums[k] / counts[k]).sqrt() for k in sums}
 
 
+def _gw(p: torch.Tensor) -> torch.Tensor:
+    """``g * theta`` of a parameter, in float32 (also for bfloat16 / float16 models)."""
+    if p.grad is None:
+        raise ValueError("taylor importance: a scored conv / BatchNorm parameter gets no gradient from the "
+                         "calibration loss")
+    return p.grad.float() * p.float()
+
+
 def _taylor_scores(model: nn.Module, groups: list[ChannelGroup], calib, loss_fn, progress: bool
                    ) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
@@ -254,18 +286,19 @@ def _taylor_scores(model: nn.Module, groups: list[ChannelGroup], calib, loss_fn,
         for batch in tqdm(calib, desc="taylor importance", disable=not progress, leave=False):
             for p in params:
                 p.grad = None
-            calibration_loss(model, batch, loss_fn).backward()
+            with torch.enable_grad():  # also inside the caller's torch.no_grad()
+                calibration_loss(model, batch, loss_fn).backward()
             n += 1
             with torch.no_grad():
                 for g in groups:
-                    c = model.get_submodule(g.conv)
-                    s = (c.weight.grad * c.weight).flatten(1).sum(1)
+                    c = cast(nn.Conv2d, model.get_submodule(g.conv))
+                    s = _gw(c.weight).flatten(1).sum(1)
                     if c.bias is not None:
-                        s = s + c.bias.grad * c.bias
-                    if g.bn is not None and model.get_submodule(g.bn).weight is not None:
-                        bn = model.get_submodule(g.bn)
-                        s = s + bn.weight.grad * bn.weight + bn.bias.grad * bn.bias
-                    acc[g.conv] = acc.get(g.conv, 0) + s.abs().float()
+                        s = s + _gw(c.bias)
+                    bn = cast(nn.BatchNorm2d, model.get_submodule(g.bn)) if g.bn is not None else None
+                    if bn is not None and bn.weight is not None and bn.bias is not None:
+                        s = s + _gw(bn.weight) + _gw(bn.bias)
+                    acc[g.conv] = acc[g.conv] + s.abs() if g.conv in acc else s.abs()
     finally:  # the model's gradients and requires_grad flags as they were
         for p in model.parameters():
             p.requires_grad_(saved_req[id(p)])
