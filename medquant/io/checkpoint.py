@@ -27,7 +27,7 @@ from torch import nn
 
 from ..kernels.layout import DENSE_BITS, FORMAT_VERSION
 from ..quant.api import swap_module
-from ..quant.experts import expand_recorded_experts
+from ..quant.experts import expand_recorded_experts, is_experts_module
 from ..quant.modules import (
     QUANT_LAYERS,
     QuantConv2d,
@@ -742,16 +742,16 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
         warnings.warn(f"{path} was saved from {meta.model.module}.{meta.model.class_name}; loading it into a "
                       f"{type(model).__module__}.{type(model).__name__} (its tensor names and shapes must match, "
                       "but its forward may differ from the saved model's)", UserWarning, stacklevel=3)
-    if meta.model.kind == "hf":
-        _restore_generation_config(model, opened)
-    expand_recorded_experts(model, meta.modules)  # MoE experts: their per-expert layers become modules
     swapped: list[tuple[str, nn.Module]] = []  # (name, the module it replaced): undone if a check below fails
+    # float MoE experts modules, which the expansion below replaces by QuantExperts shells: put back on a refusal
+    experts = {n: m for n, m in model.named_modules(remove_duplicate=False) if is_experts_module(m)}
 
     def swap(name: str, new: nn.Module) -> None:
         swapped.append((name, model.get_submodule(name)))
         swap_module(model, name, new)
 
     try:
+        expand_recorded_experts(model, meta.modules)  # MoE experts: their per-expert layers become modules
         aliases = _aliases(model, meta, opened.header)
         for name, spec in meta.modules.items():
             try:
@@ -798,9 +798,14 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
                 raise CheckpointError(f"{meta.weights.file} holds {key} with shape {list(info.shape)}; "
                                       f"{type(model).__name__} has {list(t.shape)} there")
         _check_kinds(model, state, opened.header, meta.weights.file)
+        if meta.model.kind == "hf":  # last: it sets the model's generation config only when it does not refuse
+            _restore_generation_config(model, opened)
     except BaseException:
         for name, old in reversed(swapped):  # a refused load leaves a passed model as it was given
             swap_module(model, name, old)
+        for name, old in experts.items():  # then the expanded experts (also after a failure midway through)
+            if model.get_submodule(name) is not old:
+                swap_module(model, name, old)
         raise
     _restore_dtypes(model, opened.header)
     _restore_buffer_dtypes(model, meta.buffer_dtypes)
@@ -831,7 +836,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
     Args:
         directory: the checkpoint folder.
         model: for plain ``nn.Module`` checkpoints, a float instance of the saved architecture (changed in place;
-            a load refused by the checks made before any tensor is read leaves it as it was given). A model of
+            a load refused by the checks made before any tensor is read leaves it as it was given: the same module
+            objects, MoE experts modules included, the same tensors and generation config). A model of
             another class than the saved one (class name and module, as recorded in ``medquant.json``) loads when
             its tensor names and shapes fit, with a ``UserWarning`` naming both classes.
         device: where the tensors are loaded.

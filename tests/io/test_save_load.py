@@ -372,3 +372,48 @@ def test_a_load_refused_after_layers_were_swapped_leaves_the_passed_model_as_it_
     assert {n: m for n, m in other.named_modules()} == before  # the same module objects, none swapped
     assert torch.equal(other(x), out)
     assert torch.equal(mq.load(tmp_path, model=tiny_cnn(seed=5))(x), model(x))  # a fitting model still loads
+
+
+@pytest.mark.filterwarnings("ignore:2 MoE router")
+def test_a_refused_moe_load_leaves_the_passed_models_float_experts_in_place(tmp_path):
+    """For MoE checkpoints load(path, model) first replaces each float experts module (3-D parameters) by an
+    empty QuantExperts shell so the recorded per-expert layers have names to load into. That replacement ran
+    outside the undo of a refused load: a model that did not fit was refused but left with empty shells in place
+    of its experts. It is undone now like the other swaps; the reference is a deepcopy taken before the call.
+    (The saved generation config was also set on the model before the checks; it is now set after them.)"""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from medquant.quant.experts import QuantExperts, is_experts_module
+    from medquant.testing.zoo_moe import build_moe, moe_inputs
+
+    model = build_moe("mixtral")
+    mq.quantize_(model, mq.QuantConfig(4, group_size=32))
+    assert sum(isinstance(m, QuantExperts) for m in model.modules()) == 2  # (its routers stay float, with a warning)
+    mq.save(model, tmp_path)
+    cfg = model.config.to_dict()
+    cfg.update(vocab_size=300)  # the same experts, embeddings and head of another size: the load is refused
+    torch.manual_seed(1)
+    other = MixtralForCausalLM(MixtralConfig(**{k: v for k, v in cfg.items() if k != "quantization_config"}))
+    other.eval()
+    reference = copy.deepcopy(other)
+    inputs = moe_inputs()
+    with torch.no_grad():
+        out = other(**inputs).logits
+    before_modules = dict(other.named_modules())
+    assert sum(is_experts_module(m) for m in before_modules.values()) == 2
+    generation_config = other.generation_config
+    with pytest.raises(CheckpointError, match=r"embed_tokens.weight with shape \[256, 64\]"):
+        mq.load(tmp_path, model=other)
+    after_modules = dict(other.named_modules())
+    assert not any(isinstance(m, QuantExperts) for m in after_modules.values())
+    assert after_modules == before_modules  # the same module objects under the same names
+    assert {n: type(m) for n, m in after_modules.items()} == {n: type(m) for n, m in reference.named_modules()}
+    got, want = other.state_dict(), reference.state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    with torch.no_grad():
+        assert torch.equal(other(**inputs).logits, out)
+    assert other.generation_config is generation_config  # not replaced by the saved one either
+    fitting = build_moe("mixtral", seed=5)  # a model of the saved size still loads, into the quantized model
+    with torch.no_grad():
+        assert torch.equal(mq.load(tmp_path, model=fitting)(**inputs).logits, model(**inputs).logits)
