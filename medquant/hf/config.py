@@ -19,7 +19,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..io import format_version_of
 from ..kernels.layout import FORMAT_VERSION
-from ..quant.api import DEFAULT_KEY, ConfigMap, quantizable_modules
+from ..quant.api import DEFAULT_KEY, ConfigMap, quantizable_modules, without_moe_routers
 from ..quant.config import QuantConfig
 from ..quant.recipe import model_recipe
 from ..version import __version__
@@ -278,7 +278,12 @@ class MedQuantConfig(QuantizationConfigMixin):
         return ConfigMap(spec if isinstance(spec, ConfigMap) else {DEFAULT_KEY: spec}, skip=self.skip)
 
     def plan(self, model: nn.Module) -> dict[str, QuantConfig]:
-        """Module name -> QuantConfig for ``model``, the patterns resolved as by :func:`medquant.quantize_`.
+        """Module name -> QuantConfig for ``model``: the layers :func:`medquant.quantize_` quantizes with this config.
+
+        The patterns are resolved as by :func:`medquant.quantize_` (:meth:`~medquant.quant.ConfigMap.resolve`),
+        and, as there, the MoE routers (:func:`~medquant.quant.experts.moe_routers`: Qwen2-MoE's
+        ``shared_expert_gate``, Gemma 4's ``router.proj`` ...) stay in floating point unless named exactly in
+        the map, with one warning listing them (:func:`~medquant.quant.api.without_moe_routers`).
 
         Args:
             model: the (float) model to plan for.
@@ -286,7 +291,8 @@ class MedQuantConfig(QuantizationConfigMixin):
         Returns:
             The plan.
         """
-        return self.to_config_map().resolve(model)
+        cmap = self.to_config_map()
+        return without_moe_routers(model, cmap, cmap.resolve(model), stacklevel=2)
 
     def record(self, model: nn.Module) -> MedQuantConfig:
         """Record a quantized model in this config: its recipes, its float layers and the format version it needs.

@@ -52,6 +52,7 @@ import json
 import numbers
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -84,6 +85,7 @@ __all__ = [
     "resolve_configs",
     "swap_module",
     "unquantizable_subclasses",
+    "without_moe_routers",
 ]
 
 
@@ -163,8 +165,9 @@ def _handler(config_type: type) -> _Handler:
 def quantize_module(module: nn.Module, config: Any, *, name: str | None = None) -> nn.Module:
     """The quantized replacement of ``module`` made by the handler registered for ``type(config)``.
 
-    The replacement is in the same train / eval mode; ``module`` itself is not changed. A warning names layers
-    whose scales underflow to subnormal numbers in the scale dtype.
+    The replacement is in the same train / eval mode; ``module`` itself is not changed. A ``RuntimeWarning``
+    names layers whose float16 scales underflow to subnormal numbers, or whose non-zero weights come back as all
+    zeros (for MoE experts: the expert layers concerned, ``<name>.down.3``).
 
     Args:
         module: the float module (e.g. ``nn.Linear``, ``nn.Conv2d``, an MoE experts module).
@@ -205,16 +208,10 @@ def _nonzero_per_scale(w: torch.Tensor, pw, shape: torch.Size) -> torch.Tensor:
     return (w.reshape(shape[0], shape[1], -1) != 0).any(-1)
 
 
-def _warn_subnormal_scales(q: nn.Module, name: str | None, module: nn.Module | None = None) -> None:
-    """Warn when float16 scales of a quantized layer fall below the smallest normal float16 (weights around
-    1e-5 at 8 bits): such scales keep fewer significant bits; ``scale_dtype="float32"`` or ``"bfloat16"`` keeps
-    them exact. Scale groups reconstructed as all zeros are not counted when their float weights (``module``'s)
-    were all zero too: an all-zero (pruned) group gets the smallest scale and is exact. A group whose weights were
-    not all zero but come back as all zeros (weights below about half the smallest float16 scale, ~3e-8 times the
-    code range: the weights of that group are lost) is counted and named as such."""
-    if not isinstance(q, QUANT_MODULES) or q.config.scale_dtype != "float16":
-        return
-    weight = getattr(module, "weight", None)
+def _subnormal_counts(q: QuantLinear | QuantConv2d, weight: torch.Tensor | None) -> tuple[int, int]:
+    """``(subnormal, lost)`` of one QuantLinear / QuantConv2d with float16 scales: the scale groups whose scale is
+    subnormal and which still hold a non-zero weight, and those whose float ``weight`` (when given, ``(out, ...)``)
+    had a non-zero value but which come back as all zeros (see :func:`_warn_subnormal_scales`)."""
     orig = weight.detach().reshape(weight.shape[0], -1) if isinstance(weight, torch.Tensor) else None
     n = lost = 0
     for b in q.bit_groups:
@@ -229,12 +226,51 @@ def _warn_subnormal_scales(q: nn.Module, name: str | None, module: nn.Module | N
             if orig is not None and orig.shape == (q.out_rows, q.k):
                 before = _nonzero_per_scale(orig[q.row_bits().to(orig.device) == b], pw, a.shape)
                 lost += int((sub & ~nonzero & before).sum())
-    if n:
-        warnings.warn(f"{name or type(q).__name__}: {n} float16 scale(s) are subnormal (< {_FP16_TINY:.3g}), so the "
-                      "quantized weights lose precision; QuantConfig(scale_dtype='float32') or 'bfloat16' keeps "
-                      "them", RuntimeWarning, stacklevel=3)
+    return n, lost
+
+
+def _warn_subnormal_scales(q: nn.Module, name: str | None, module: nn.Module | None = None) -> None:
+    """Warn when float16 scales of a quantized layer fall below the smallest normal float16 ``2^-14`` (at 8 bits
+    symmetric, groups whose largest weight is below ~7.8e-3): such scales keep fewer significant bits; ``scale_dtype="float32"`` or ``"bfloat16"`` keeps
+    them exact. Scale groups reconstructed as all zeros are not counted when their float weights (``module``'s)
+    were all zero too: an all-zero (pruned) group gets the smallest scale and is exact. A group whose weights were
+    not all zero but come back as all zeros (weights below about half the smallest float16 scale, ~3e-8 times the
+    code range: the weights of that group are lost) is counted and named as such.
+
+    For MoE experts (a :class:`QuantExperts` ``q`` of the float experts ``module``) every expert layer is checked
+    against its float matrix (:meth:`QuantExperts.expert_weights`), and the warnings name the expert layers
+    concerned (``<name>.down.3``: expert 3's down projection)."""
+    if isinstance(q, QuantExperts):
+        floats: list[list[torch.Tensor | None]] = [[None] * q.num_experts] * 2
+        if module is not None and is_experts_module(module):  # {up: [(W_e, b_e)], down: [...]}, in that order
+            floats = [[w for w, _ in pairs] for pairs in QuantExperts.expert_weights(module).values()]
+        layers = [(f"{key}.{e}", lin, floats[i][e]) for i, key in enumerate((q.up_name, "down"))
+                  for e, lin in enumerate(getattr(q, key))]
+    else:
+        layers = [("", q, getattr(module, "weight", None))]
+    prefix = name or type(q).__name__
+    subnormal: dict[str, int] = {}
+    lost: dict[str, int] = {}
+    for rel, layer, weight in layers:
+        if not isinstance(layer, QUANT_MODULES) or layer.config.scale_dtype != "float16":
+            continue
+        n, n_lost = _subnormal_counts(layer, weight)
+        full = f"{prefix}.{rel}" if rel else prefix
+        if n:
+            subnormal[full] = n
+        if n_lost:
+            lost[full] = n_lost
+
+    def where(found: dict[str, int]) -> str:
+        names = list(found)
+        return ", ".join(names[:4]) + (f" (and {len(names) - 4} more expert layers)" if len(names) > 4 else "")
+
+    if subnormal:
+        warnings.warn(f"{where(subnormal)}: {sum(subnormal.values())} float16 scale(s) are subnormal "
+                      f"(< {_FP16_TINY:.3g}), so the quantized weights lose precision; "
+                      "QuantConfig(scale_dtype='float32') or 'bfloat16' keeps them", RuntimeWarning, stacklevel=3)
     if lost:
-        warnings.warn(f"{name or type(q).__name__}: {lost} scale group(s) of non-zero weights come back as all zeros "
+        warnings.warn(f"{where(lost)}: {sum(lost.values())} scale group(s) of non-zero weights come back as all zeros "
                       "(their weights are below what a float16 scale can resolve): "
                       "QuantConfig(scale_dtype='float32') or 'bfloat16' keeps them", RuntimeWarning, stacklevel=3)
 
@@ -770,6 +806,44 @@ def resolve_configs(
     return {n: c for n, c in plan.items() if n not in experts}
 
 
+_NOTED_ROUTERS: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def without_moe_routers(model: nn.Module, cmap: ConfigMap, plan: Mapping[str, Any], *,
+                        stacklevel: int = 2) -> dict[str, Any]:
+    """``plan`` without the MoE routers that stay in floating point: what :func:`quantize_` and quantize-on-load
+    (:meth:`medquant.hf.MedQuantConfig.plan`) quantize.
+
+    A router (:func:`~medquant.quant.experts.moe_routers`: ``gate`` / ``router`` / ``shared_expert_gate`` beside
+    an experts module, or the layers inside such a module, e.g. Gemma 4's ``router.proj``) is dropped from the
+    plan unless its name is a key of ``cmap`` (an exact name opts it in; a pattern, a role or ``"_default"``
+    matching it does not). When the plan keeps something, one ``UserWarning`` lists the routers left in
+    floating point (those already quantized are not listed); it is given once per model and list of routers, so
+    quantize-on-load, which plans before loading and quantizes the experts after, warns once.
+
+    Args:
+        model: the model the plan is for.
+        cmap: the config map the plan was resolved from.
+        plan: ``{module name: config}``.
+        stacklevel: the ``stacklevel`` the caller would give ``warnings.warn`` itself (2: the warning points at
+            the caller's caller).
+
+    Returns:
+        The plan without the routers, in its order.
+    """
+    routers = [n for n in moe_routers(model) if n not in cmap]  # float by default; an exact name opts in
+    out = {n: c for n, c in plan.items() if n not in routers}
+    left = tuple(n for n in routers if not isinstance(model.get_submodule(n), QUANT_MODULES))
+    if left and out and _NOTED_ROUTERS.get(model) != left:
+        _NOTED_ROUTERS[model] = left
+        warnings.warn(f"{len(left)} MoE router(s) stay in floating point (their top-k choice of experts is "
+                      "discontinuous in their weights, and they are a tiny fraction of an MoE layer): "
+                      f"{', '.join(left[:4])}{', ...' if len(left) > 4 else ''}; name one exactly in the "
+                      "config map to quantize it (plain nn.Linear routers only)", UserWarning,
+                      stacklevel=stacklevel + 1)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- quantize_
 def quantize_(
     model: nn.Module,
@@ -838,13 +912,7 @@ def quantize_(
                          f"with {kind}.from_float(layer, config), or wrap it (nn.Sequential(layer))")
     if filter_fn is not None:  # before the checks below: a layer filter_fn leaves out is neither redone nor reported
         plan = {n: c for n, c in plan.items() if filter_fn(model.get_submodule(n), n)}
-    routers = [n for n in moe_routers(model) if n not in cmap]  # float by default; an exact name opts in
-    plan = {n: c for n, c in plan.items() if n not in routers}
-    if routers and plan:
-        warnings.warn(f"{len(routers)} MoE router(s) stay in floating point (their top-k choice of experts is "
-                      "discontinuous in their weights, and they are a tiny fraction of an MoE layer): "
-                      f"{', '.join(routers[:4])}{', ...' if len(routers) > 4 else ''}; name one exactly in the "
-                      "config map to quantize it (plain nn.Linear routers only)", UserWarning, stacklevel=2)
+    plan = without_moe_routers(model, cmap, plan, stacklevel=2)
     odd = unsupported_experts(model)
     if odd and plan:
         warnings.warn(f"{len(odd)} module(s) hold MoE expert weights in a layout medquant does not quantize and stay "

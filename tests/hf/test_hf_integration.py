@@ -19,8 +19,10 @@ import medquant.hf
 from medquant import QuantConfig, quantize_
 from medquant.hf import MedQuantConfig, MedQuantHfQuantizer
 from medquant.quant.api import ConfigMap, quantized_modules, resolve_configs
+from medquant.quant.experts import QuantExperts, moe_routers
 from medquant.quant.modules import QUANT_MODULES
-from medquant.testing.zoo import ZOO_BY_NAME, zoo_params
+from medquant.testing.zoo import ZOO_BY_NAME, ZooEntry, zoo_params
+from medquant.testing.zoo_moe import MOE_ZOO_BY_NAME
 from medquant.testing.zoo_vlm import extra_zoo_params
 from tests.hf._helpers import state_equal
 
@@ -34,6 +36,7 @@ AUTO_CLASS = {
     "qwen2_vl": "AutoModelForImageTextToText", "qwen2_5_vl": "AutoModelForImageTextToText",
     "paligemma": "AutoModelForImageTextToText", "idefics3": "AutoModelForImageTextToText",
     "siglip_vision": "AutoModel", "vit": "AutoModelForImageClassification", "bert": "AutoModel",
+    "qwen2_moe": "AutoModelForCausalLM", "gemma4_moe": "AutoModelForCausalLM",
 }
 ROW_PATTERN = (2, 3, 4, 8, 16, 0, 4, 6)  # every kind of row: asymmetric, symmetric, float, pruned
 
@@ -96,10 +99,38 @@ def test_save_pretrained_reloads_with_auto_class(entry, tmp_path):
         assert torch.equal(entry.output(again, inputs), expected)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3_text", "llava"])
+def _gemma4_moe():
+    """Gemma 4 text with MoE blocks: its router ``layers.i.router`` computes the logits with a child ``nn.Linear``
+    (``router.proj``); the expert weights are drawn from N(0, 0.02^2) (transformers leaves them at zero)."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                           enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                           hidden_size_per_layer_input=0)
+    model = Gemma4ForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+# MoE models whose routers quantize_ keeps in float: Qwen2-MoE's shared_expert_gate (an nn.Linear beside the
+# experts), Gemma 4's router.proj (an nn.Linear inside the router)
+LOAD_ZOO = {**ZOO_BY_NAME, "qwen2_moe": MOE_ZOO_BY_NAME["qwen2_moe"],
+            "gemma4_moe": ZooEntry("gemma4_moe", "gemma4", False, _gemma4_moe,
+                                   MOE_ZOO_BY_NAME["qwen2_moe"].inputs_fn, output_shape=(2, 8, 256))}
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text", "llava", "qwen2_moe", "gemma4_moe"])
 def test_quantize_on_load_equals_quantize_(name, tmp_path):
-    entry = ZOO_BY_NAME[name]
+    entry = LOAD_ZOO[name]
     float_model = entry.build()
+    routers = set(moe_routers(float_model))
+    assert bool(routers) == (name in MOE_ZOO_BY_NAME or name == "gemma4_moe")
     inputs = entry.inputs(float_model)
     float_model.save_pretrained(tmp_path / "float")
     mapping, _, first, _, _ = _mixed_plan(float_model)  # per-channel mixed bits on the first layer
@@ -111,6 +142,18 @@ def test_quantize_on_load_equals_quantize_(name, tmp_path):
     loaded = _auto(entry).from_pretrained(tmp_path / "float", quantization_config=spec)
     quantize_(float_model, spec.quantize_spec(), skip=spec.skip)
     assert set(quantized_modules(loaded)) == set(quantized_modules(float_model))
+    if routers:  # MoE: the experts are quantized, the routers (matched by "re:.*") stay float in both
+        assert any(isinstance(m, QuantExperts) for m in loaded.modules())
+        assert routers.isdisjoint(quantized_modules(loaded))
+        assert all(type(loaded.get_submodule(n)) is type(float_model.get_submodule(n)) for n in routers)
+    if name == "qwen2_moe":  # a plain nn.Linear router named exactly is quantized, on load as by quantize_
+        named = "model.layers.0.mlp.shared_expert_gate"
+        opt_in = MedQuantConfig({named: QuantConfig(8, scope="channel"), **spec.quantize_spec()})
+        with_router = _auto(entry).from_pretrained(tmp_path / "float", quantization_config=opt_in)
+        reference = quantize_(entry.build(), opt_in.quantize_spec())
+        assert set(quantized_modules(with_router)) == set(quantized_modules(reference))
+        assert set(quantized_modules(with_router)) & routers == {named}
+        state_equal(reference, with_router)
     state_equal(float_model, loaded)
     expected = entry.output(float_model, inputs)
     assert torch.equal(entry.output(loaded, inputs), expected)

@@ -371,3 +371,27 @@ def test_constructor_refuses_children_that_do_not_fit_the_layout():
         QuantExperts(fm, {"gate_up": lins(64, 64), "down": lins(32, 64, 2) + lins(64, 64, 1) + lins(32, 64, 1)})
     with pytest.raises(ValueError, match=r"down: 3 expert layers for 4 experts"):
         QuantExperts(fm, {"gate_up": lins(64, 64), "down": lins(32, 64, 3)})
+
+
+def test_subnormal_fp16_scales_of_an_expert_are_warned_about():
+    # expert 1's down matrix of layer 0 holds weights ~1e-9: 8-bit float16 scales (~8e-12 wanted) are below the
+    # smallest float16 number, so that expert's weights come back as zeros; the warning names that expert layer
+    m = build_moe("mixtral")
+    down = m.model.layers[0].mlp.experts.down_proj
+    with torch.no_grad():
+        down[1].mul_(1e-9 / down[1].abs().max())
+    tiny = down[1].detach().clone()
+    m32 = copy.deepcopy(m)
+    with pytest.warns(RuntimeWarning, match=r"model\.layers\.0\.mlp\.experts\.down\.1: .*scale_dtype='float32'") \
+            as rec:
+        quantize_(m, QuantConfig(8, scope="channel"))
+    named = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+    assert named and all(s.startswith("model.layers.0.mlp.experts.down.1: ") for s in named), named
+    assert not m.model.layers[0].mlp.experts.down[1].dequantized_weight().any()  # the weights are lost indeed
+    # float32 scales keep them (error within half a step, max|w| / 254 per row) and nothing is warned about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        quantize_(m32, QuantConfig(8, scope="channel", scale_dtype="float32"))
+    got = m32.model.layers[0].mlp.experts.down[1].dequantized_weight(torch.float32)
+    half_step = tiny.abs().amax(dim=1, keepdim=True) / 254
+    assert ((got - tiny).abs() <= half_step * 1.001).all()
