@@ -4,8 +4,9 @@ Used by the tests (as the independent reference the batched torch code must matc
 (as the baseline). It computes the metric definitions of :mod:`medquant.complexity.metrics` literally, one image
 at a time:
 
-* gray: ``skimage.color.rgb2gray`` for RGB, ``skimage.util.img_as_float`` for uint8, ``x / (2**bits - 1)`` for
-  wider integers, floats as given (must be in [0, 1]);
+* gray: ``skimage.color.rgb2gray`` for RGB, ``skimage.util.img_as_float`` for uint8 (``bits_stored`` None or
+  >= 8), ``x / (2**bits - 1)`` for other integers and for uint8 with ``bits_stored`` < 8 (as the scorer reads
+  them), floats as given (must be in [0, 1]);
 * 8-bit image: ``skimage.util.img_as_ubyte(gray)``;
 * entropy: ``skimage.measure.shannon_entropy(u8)``;
 * edge mask: ``skimage.filters.sobel(gray) > threshold``; edge density its mean;
@@ -26,9 +27,13 @@ METRIC_NAMES = ("entropy", "edge_density", "intensity_std", "fractal_dimension",
 def to_gray_float(image: np.ndarray, bits_stored: int | None = None) -> np.ndarray:
     """(H, W) or (H, W, 3) array -> float64 gray image in [0, 1].
 
+    Integers are divided by ``2**bits - 1`` (``bits = bits_stored``, default from the dtype); a uint8 image is read
+    as 8-bit (``x / 255``) unless ``bits_stored`` < 8, as in :mod:`medquant.complexity.inputs`. RGB is reduced
+    with ``rgb2gray`` after that scaling.
+
     Args:
         image: a gray ``(H, W)`` or RGB ``(H, W, 3)`` image.
-        bits_stored: bit depth of integer images (default from the dtype).
+        bits_stored: bit depth of integer images (default from the dtype; for uint8 used only when below 8).
 
     Returns:
         ``(H, W)`` float64 in [0, 1].
@@ -37,11 +42,12 @@ def to_gray_float(image: np.ndarray, bits_stored: int | None = None) -> np.ndarr
     from skimage.util import img_as_float
 
     image = np.asarray(image)
+    native_u8 = image.dtype == np.uint8 and (bits_stored is None or bits_stored >= 8)
     if image.ndim == 3:
-        if image.dtype == np.uint8:
+        if native_u8:
             return rgb2gray(image)
         return rgb2gray(to_gray_float_channels(image, bits_stored))
-    if image.dtype == np.uint8:
+    if native_u8:
         return img_as_float(image)
     if image.dtype.kind in "ui":
         bits = bits_stored or 8 * image.dtype.itemsize
@@ -140,7 +146,7 @@ def reference_metrics(image: np.ndarray, edge_threshold: float = 0.1, bits_store
     Args:
         image: a gray or RGB image (uint8 / uint16 / float in [0, 1]).
         edge_threshold: Sobel magnitude above which a pixel is an edge.
-        bits_stored: bit depth of integer images (default from the dtype).
+        bits_stored: bit depth of integer images (default from the dtype; for uint8 used only when below 8).
         fd_loop: compute the fractal dimension with an explicit loop (slower; a cross-check).
 
     Returns:
