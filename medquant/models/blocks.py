@@ -57,7 +57,8 @@ from torch import nn
 from .introspect import _find_layers, language_model_layers, model_roles, vision_layers
 from .structure import under
 
-__all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "shares_position_bias", "transformer_blocks"]
+__all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "shares_position_bias", "stack_side",
+           "transformer_blocks"]
 
 # (q, k, v, o) child paths relative to an attention container
 _ATTN_PATTERNS: tuple[tuple[str, str, str, str], ...] = (
@@ -171,8 +172,16 @@ class Block:
     experts: str | None = None  # an MoE experts module with 3-D weights inside the block (its neurons: prune)
 
 
-def _side(stack: str) -> str | None:
-    """``"encoder"`` / ``"decoder"``: the innermost of those two components of a block list's name, else None."""
+def stack_side(stack: str) -> str | None:
+    """Which side of an encoder-decoder a block list belongs to, by its name.
+
+    Args:
+        stack: the block list's module name (``model.decoder.block``, a :attr:`Block.stack`).
+
+    Returns:
+        ``"encoder"`` / ``"decoder"``: the innermost of those two dot-separated components of ``stack``; None when
+        it has neither.
+    """
     return next((c for c in reversed(stack.split(".")) if c in ("encoder", "decoder")), None)
 
 
@@ -181,7 +190,7 @@ def _language_stacks(model: nn.Module, names: list[str]) -> list[list[str]]:
     model is an encoder-decoder (two outermost block lists under the language role, one inside an ``encoder``, one
     inside a ``decoder``: BART's ``encoder.layers`` / ``decoder.layers``, T5's ``encoder.block`` /
     ``decoder.block``, T5Gemma 2's ``encoder.text_model.layers`` / ``decoder.layers``)."""
-    if not names or _side(names[0].rpartition(".")[0]) is None:
+    if not names or stack_side(names[0].rpartition(".")[0]) is None:
         return [names]
     prefixes = model_roles(model).get("language", [])
     lists: list[tuple[str, nn.ModuleList]] = []
@@ -191,7 +200,7 @@ def _language_stacks(model: nn.Module, names: list[str]) -> list[list[str]]:
             lists.append((name, mod))
     by_side: dict[str, tuple[str, nn.ModuleList]] = {}
     for name, mod in lists:
-        side = _side(name)
+        side = stack_side(name)
         if side is not None:
             by_side.setdefault(side, (name, mod))
     if len(by_side) < 2:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.blocks import Block, _side
+from ..models.blocks import Block, stack_side
 from ..models.runner import eval_mode, main_output, run_model
 
 __all__ = ["METHODS", "block_scores", "calibration_loss"]
@@ -170,7 +170,7 @@ def _activation(model: nn.Module, blocks: list[Block], calib, progress: bool) ->
     targets: dict[str, tuple[str, str | None]] = {}
     for b in blocks:
         key = None if b.role == "vision" else (
-            "decoder_attention_mask" if _side(b.stack) == "decoder" else "attention_mask")
+            "decoder_attention_mask" if stack_side(b.stack) == "decoder" else "attention_mask")
         if b.attention is not None:
             targets[b.attention.o] = (b.name, key)
         if b.ffn is not None:
