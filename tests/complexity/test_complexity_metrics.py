@@ -25,9 +25,13 @@ TOL = np.array([1e-4, 1e-3, 1e-4, 1e-2, 1e-3])
 
 
 def _skimage_metrics(img: np.ndarray, thr: float = 0.1) -> np.ndarray:
-    # fractal dimension via the reshape version (equal to the plain loop, see test_complexity_fractal.py)
     """Written out here (not via medquant.complexity.reference) so the test has its own reference."""
-    gray = rgb2gray(img) if img.ndim == 3 else img.astype(np.float64) / 255.0
+    return skimage_metrics_of_gray(rgb2gray(img) if img.ndim == 3 else img.astype(np.float64) / 255.0, thr)
+
+
+def skimage_metrics_of_gray(gray: np.ndarray, thr: float = 0.1) -> np.ndarray:
+    """The five metrics of a float gray image in [0, 1] with scikit-image and numpy (fractal dimension via the
+    reshape version, equal to the plain loop: see test_complexity_fractal.py)."""
     u8 = img_as_ubyte(gray)
     mask = sobel(gray) > thr
     with warnings.catch_warnings():
