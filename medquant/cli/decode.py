@@ -75,13 +75,6 @@ def _end_tokens(model, tok) -> list[int]:
     return ends
 
 
-def _pad_token(model, ends: list[int]) -> int | None:
-    """The token of finished rows, as transformers' ``generate`` pads them: the ``pad_token_id`` of the model's
-    ``generation_config``, else the first end token (None where there is none: no row finishes)."""
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    return int(pad) if pad is not None else (ends[0] if ends else None)
-
-
 def _up_to_the_end(rows: list[list[int]], ends: list[int]) -> list[list[int]]:
     """Each row's new tokens up to and including its first end token (the pad tokens after it are no text)."""
     return [next((row[:i + 1] for i, t in enumerate(row) if t in ends), row) for row in rows]
@@ -149,7 +142,8 @@ def run_generate(args) -> int:
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     generator = torch.Generator().manual_seed(args.seed)
     ends = _end_tokens(model, tok)
-    out = decoder.generate(ids, args.max_new_tokens, eos_token_id=ends, pad_token_id=_pad_token(model, ends),
+    # finished rows: the decoder's default pad token (the generation config's, else the first end token)
+    out = decoder.generate(ids, args.max_new_tokens, eos_token_id=ends,
                            do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                            generator=generator, attention_mask=mask)
