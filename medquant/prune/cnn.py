@@ -41,7 +41,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..models.runner import eval_mode, run_model
-from .importance import calibration_loss
+from .importance import _check_finite, calibration_loss
 from .ratios import check_ratio, lowest_indices, n_to_remove
 
 __all__ = ["ChannelGroup", "apply_channels", "channel_groups", "plan_channels"]
@@ -222,11 +222,7 @@ def _scores(model: nn.Module, groups: list[ChannelGroup], method: str, calib, lo
             else:
                 out = _taylor_scores(model, groups, calib, loss_fn, progress)
     for g in groups:
-        bad = int((~torch.isfinite(out[g.conv])).sum())
-        if bad:
-            raise ValueError(f"{method} importance of conv {g.conv}: {bad} of {out[g.conv].numel()} scores are not "
-                             "finite (NaN / inf weights, or NaN / inf calibration activations or gradients, e.g. "
-                             "float16 overflow); such scores cannot be ranked")
+        _check_finite(out[g.conv], f"{method} importance of conv {g.conv}")
     return out
 
 

@@ -287,6 +287,23 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
     return {k: {kk: vv / n for kk, vv in v.items()} for k, v in acc.items()}
 
 
+def _check_finite(scores: torch.Tensor, what: str) -> None:
+    """Refuse scores that are not all finite: NaN / inf cannot be ranked, so the structures removed would be
+    arbitrary.
+
+    Args:
+        scores: importance scores.
+        what: what they score, leading the message (``"taylor importance of model.layers.0 heads"``).
+
+    Raises:
+        ValueError: some scores are NaN or inf (how many, of how many).
+    """
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        raise ValueError(f"{what}: {bad} of {scores.numel()} scores are not finite (NaN / inf weights, or NaN / inf "
+                         "calibration activations or gradients, e.g. float16 overflow); such scores cannot be ranked")
+
+
 def block_scores(model: nn.Module, blocks: list[Block], method: str = "magnitude",
                  calib: Iterable[Any] | None = None,
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
@@ -309,9 +326,5 @@ def block_scores(model: nn.Module, blocks: list[Block], method: str = "magnitude
             res = _taylor(model, blocks, calib, loss_fn, progress)
     for k, v in res.items():
         for kk, vv in v.items():
-            bad = int((~torch.isfinite(vv)).sum())
-            if bad:
-                raise ValueError(f"{method} importance of {k} {kk}: {bad} of {vv.numel()} scores are not finite "
-                                 "(NaN / inf weights, or NaN / inf calibration activations or gradients, e.g. "
-                                 "float16 overflow); such scores cannot be ranked")
+            _check_finite(vv, f"{method} importance of {k} {kk}")
     return {k: {kk: vv.detach().cpu() for kk, vv in v.items()} for k, v in res.items()}
