@@ -6,7 +6,8 @@ import torch
 
 from medquant.models import transformer_blocks
 from medquant.prune.importance import block_scores, calibration_loss
-from medquant.testing.zoo import PAD_ID, ZOO_BY_NAME
+from medquant.testing.zoo import ZOO_BY_NAME
+from tests.calibrate.padding_helpers import padded_pair
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -27,19 +28,9 @@ def _build(name: str):
     return model
 
 
-def _seqs(lengths=(12, 7), seed=0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, 200, (n,), generator=g) for n in lengths]
-
-
-def _padded(seqs: list[torch.Tensor], **extra) -> dict[str, torch.Tensor]:
-    """Right-padded batch (PAD_ID) with its attention mask."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), PAD_ID, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = s, 1
-    return {"input_ids": ids, "attention_mask": mask, **extra}
+def _pair(lengths: tuple[int, int] = (12, 7)):
+    """Two token sequences (ids 4..199) as one right-padded batch (pad id 0, the zoo's PAD_ID) and unpadded."""
+    return padded_pair(200, lengths, seed=0, low=4)
 
 
 @torch.no_grad()
@@ -71,14 +62,13 @@ def test_activation_ignores_padding(name):
     """A right-padded batch scores like its sequences run unpadded: padding positions are not calibration tokens."""
     model = _build(name)
     blocks = transformer_blocks(model)
-    seqs = _seqs()
-    ref = _activation_reference(model, blocks, [{"input_ids": s[None]} for s in seqs])
-    got = block_scores(model, blocks, "activation", [_padded(seqs)], progress=False)
+    p, separate = _pair()
+    ref = _activation_reference(model, blocks, separate)
+    got = block_scores(model, blocks, "activation", [p], progress=False)
     for b in blocks:
         for part in ("heads", "neurons"):
             _close(got[b.name][part], ref[b.name][part])
     # positional batches (input_ids, attention_mask) are masked the same way
-    p = _padded(seqs)
     got_t = block_scores(model, blocks, "activation", [(p["input_ids"], p["attention_mask"])], progress=False)
     for b in blocks:
         _close(got_t[b.name]["neurons"], ref[b.name]["neurons"])
@@ -87,11 +77,11 @@ def test_activation_ignores_padding(name):
 def test_proxy_loss_ignores_padding():
     """A model without a loss (BERT encoder): 0.5 * mean of y^2 over the real tokens only."""
     model = _build("bert")
-    seqs = _seqs()
+    p, separate = _pair()
     with torch.no_grad():
-        ys = [model(input_ids=s[None]).last_hidden_state[0] for s in seqs]
+        ys = [model(**s).last_hidden_state[0] for s in separate]
         ref = 0.5 * torch.cat(ys).pow(2).mean()
-        got = calibration_loss(model, _padded(seqs))
+        got = calibration_loss(model, p)
     _close(got, ref)
 
 
@@ -100,10 +90,9 @@ def test_taylor_padded_equals_unpadded(name):
     """Taylor scores of one right-padded sequence equal those of the same sequence without padding."""
     model = _build(name)
     blocks = transformer_blocks(model)
-    (s,) = _seqs((7,))
-    padded = _padded([s, torch.zeros(12, dtype=torch.long)])
-    padded = {k: v[:1] for k, v in padded.items()}  # one sequence of 7 tokens padded to 12
-    ref = block_scores(model, blocks, "taylor", [{"input_ids": s[None]}], progress=False)
+    p, separate = _pair()
+    padded = {k: v[1:] for k, v in p.items()}  # the sequence of 7 tokens padded to 12
+    ref = block_scores(model, blocks, "taylor", [separate[1]], progress=False)
     got = block_scores(model, blocks, "taylor", [padded], progress=False)
     for b in blocks:
         for part in ("heads", "neurons"):
@@ -113,8 +102,7 @@ def test_taylor_padded_equals_unpadded(name):
 def test_causal_lm_loss_same_for_tensor_tuple_and_dict_batches():
     """A causal LM gets next-token cross-entropy whether the batch is a dict, a tensor or a tuple."""
     model = ZOO_BY_NAME["llama"].build().eval()
-    seqs = _seqs()
-    p = _padded(seqs)
+    p = _pair()[0]
     with torch.no_grad():
         logits = model(**p).logits
         # plain cross-entropy of the next real token, over real tokens only
@@ -133,7 +121,7 @@ def test_taylor_under_no_grad():
     """Taylor importance computes its gradients also when called inside ``torch.no_grad()``."""
     model = ZOO_BY_NAME["llama"].build().eval()
     blocks = transformer_blocks(model)
-    batch = _padded(_seqs())
+    batch = _pair()[0]
     ref = block_scores(model, blocks, "taylor", [batch], progress=False)
     with torch.no_grad():
         got = block_scores(model, blocks, "taylor", [batch], progress=False)
@@ -148,7 +136,7 @@ def test_non_finite_scores_are_refused(method):
     """NaN scores cannot be ranked (lowest_indices would pick arbitrary structures): refused, naming the block."""
     model = ZOO_BY_NAME["llama"].build().eval()
     blocks = transformer_blocks(model)
-    batch = _padded(_seqs())
+    batch = _pair()[0]
     loss_fn = None
     with torch.no_grad():
         if method == "magnitude":
@@ -175,7 +163,7 @@ def test_taylor_restores_model_state():
     req = {n: p.requires_grad for n, p in model.named_parameters()}
     modes = {n: m.training for n, m in model.named_modules()}
     blocks = transformer_blocks(model)
-    block_scores(model, blocks, "taylor", [_padded(_seqs())], progress=False)
+    block_scores(model, blocks, "taylor", [_pair()[0]], progress=False)
     with pytest.raises(ValueError, match="calibration data is empty"):
         block_scores(model, blocks, "taylor", [], progress=False)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == req
@@ -189,12 +177,12 @@ def test_calib_must_be_batches_not_one_batch():
     model = ZOO_BY_NAME["llama"].build().eval()
     blocks = transformer_blocks(model)
     with pytest.raises(TypeError, match="iterable of batches"):
-        block_scores(model, blocks, "activation", _padded(_seqs()), progress=False)
+        block_scores(model, blocks, "activation", _pair()[0], progress=False)
     # through the pruner, which lists a non-list calib first (a dict becomes its keys)
     from medquant.prune import StructuredPruner
 
     with pytest.raises(TypeError, match="iterable of batches"):
-        StructuredPruner(0.3, importance="taylor", progress=False).plan(model, calib=_padded(_seqs()))
+        StructuredPruner(0.3, importance="taylor", progress=False).plan(model, calib=_pair()[0])
 
 
 def test_block_never_run_by_calibration_is_named():
