@@ -19,34 +19,14 @@ def src(tmp_path_factory):
     return tiny_llama_folder(tmp_path_factory.mktemp("review") / "src")
 
 
-class _GreedyDecoder:
-    """Stands in for the compiled decoder (whose tokens are checked against transformers in test_cli_decode.py):
-    plain greedy decoding with the model's full forward, stopping as :meth:`AOTDecoder.generate` documents (a row
-    that gave an end token continues with the pad token; the loop stops once every row has ended)."""
+def _use_eager_decoder(monkeypatch) -> None:
+    """``compile_decoder`` replaced by the very modules it exports, run eagerly (tests/quant/test_decode_edges.py;
+    their tokens against the compiled programs': tests/quant/test_aot.py)."""
+    import medquant.quant.aot
+    from tests.quant.test_decode_edges import _eager_decoder
 
-    def __init__(self, model):
-        self.model, self.last_timing = model, None
-
-    def generate(self, ids, max_new_tokens, *, eos_token_id=None, pad_token_id=None, attention_mask=None, **_):
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        steps = 0
-        for _ in range(max_new_tokens):
-            with torch.no_grad():
-                nxt = self.model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.tensor(pad), nxt)
-            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-            done |= torch.isin(nxt, torch.tensor(eos, dtype=nxt.dtype))
-            steps += 1
-            if bool(done.all()):
-                break
-        self.last_timing = {"prefill_s": 1.0, "decode_s": 1.0, "steps": steps - 1}
-        return ids
-
-    def close(self):
-        pass
+    monkeypatch.setattr(medquant.quant.aot, "compile_decoder",
+                        lambda model, max_len, batch_size=1, **k: _eager_decoder(model, batch_size, max_len))
 
 
 def test_generate_stops_at_the_end_tokens_of_the_generation_config_as_transformers_does(src, tmp_path, capsys,
@@ -56,7 +36,6 @@ def test_generate_stops_at_the_end_tokens_of_the_generation_config_as_transforme
     must ``medquant generate``, not run on to ``--max-new-tokens``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import medquant.quant.aot
 
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src).eval()
@@ -75,7 +54,7 @@ def test_generate_stops_at_the_end_tokens_of_the_generation_config_as_transforme
         expected = reloaded.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
     assert expected == free[:4]
 
-    monkeypatch.setattr(medquant.quant.aot, "compile_decoder", lambda model, *a, **k: _GreedyDecoder(model))
+    _use_eager_decoder(monkeypatch)
     assert main(["generate", str(folder), "--max-len", "32", "--prompt", PROMPT, "--max-new-tokens", "8",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == [expected]
@@ -89,8 +68,6 @@ def test_generate_pads_finished_rows_with_the_generation_configs_pad_token_as_tr
     ``compile_decoder`` exports, run eagerly (its tokens against the compiled ones: tests/quant/test_aot.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import medquant.quant.aot
-    from tests.quant.test_decode_edges import _eager_decoder
 
     prompts = ["no acute", "no acute cardiopulmonary process"]
     tok = AutoTokenizer.from_pretrained(src)
@@ -113,8 +90,7 @@ def test_generate_pads_finished_rows_with_the_generation_configs_pad_token_as_tr
                                      do_sample=False)[:, batch.input_ids.shape[1]:].tolist()
     assert expected[0] == [*free[0, :2].tolist(), 5, 5, 5, 5] and expected[1] == free[1].tolist()
 
-    monkeypatch.setattr(medquant.quant.aot, "compile_decoder",
-                        lambda model, max_len, batch_size=1, **k: _eager_decoder(model, batch_size, max_len))
+    _use_eager_decoder(monkeypatch)
     assert main(["generate", str(folder), "--max-len", "16", "--prompt", prompts[0], "--prompt", prompts[1],
                  "--max-new-tokens", "6", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -142,7 +118,6 @@ def test_generate_starts_the_prompt_with_the_tokenizers_bos_token_as_transformer
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-    import medquant.quant.aot
 
     raw = copy.deepcopy(AutoTokenizer.from_pretrained(src)._tokenizer)
     raw.post_processor = TemplateProcessing(single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", 101)])
@@ -158,7 +133,7 @@ def test_generate_starts_the_prompt_with_the_tokenizers_bos_token_as_transformer
         expected = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)[0, inputs.input_ids.shape[1]:].tolist()
 
-    monkeypatch.setattr(medquant.quant.aot, "compile_decoder", lambda model, *a, **k: _GreedyDecoder(model))
+    _use_eager_decoder(monkeypatch)
     assert main(["generate", str(folder), "--max-len", "32", "--prompt", PROMPT, "--max-new-tokens", "6",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -168,12 +143,11 @@ def test_generate_starts_the_prompt_with_the_tokenizers_bos_token_as_transformer
 def test_generate_chat_wraps_the_prompt_in_the_tokenizers_chat_template(src, tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import medquant.quant.aot
 
     folder = tmp_path / "chat"
     AutoModelForCausalLM.from_pretrained(src).save_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(src)
-    monkeypatch.setattr(medquant.quant.aot, "compile_decoder", lambda model, *a, **k: _GreedyDecoder(model))
+    _use_eager_decoder(monkeypatch)
     tok.save_pretrained(folder)  # no chat template: --chat is refused naming it
     assert main(["generate", str(folder), "--max-len", "64", "--prompt", PROMPT, "--chat"]) == 2
     assert "--chat: the model folder's tokenizer has no chat template" in capsys.readouterr().err
