@@ -29,7 +29,7 @@ from torch import nn
 
 from .zoo import ZooEntry
 
-__all__ = ["MOE_BUILDERS", "MOE_ZOO", "MOE_ZOO_BY_NAME", "build_moe", "moe_inputs"]
+__all__ = ["MOE_BUILDERS", "MOE_EXTRA_BUILDERS", "MOE_ZOO", "MOE_ZOO_BY_NAME", "build_moe", "moe_inputs"]
 
 _COMMON: dict = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -72,17 +72,30 @@ def _gpt_oss():
     return GptOssForCausalLM(cfg)
 
 
+def _gemma4():
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, head_dim=16,
+                           enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                           hidden_size_per_layer_input=0)
+    return Gemma4ForCausalLM(cfg)
+
+
 MOE_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "llama4_text": _llama4_text,
     "gpt_oss": _gpt_oss,
 }
+#: MoE models :func:`build_moe` builds that are not in :data:`MOE_ZOO`: ``gemma4`` (Gemma 4 text with MoE blocks,
+#: whose router ``layers.i.router`` computes the expert logits with a child ``nn.Linear``, ``router.proj``)
+MOE_EXTRA_BUILDERS: dict[str, Callable[[], nn.Module]] = {"gemma4": _gemma4}
 
 
 def build_moe(name: str, seed: int = 0) -> nn.Module:
     """The tiny MoE model ``name``, seeded, in eval mode, float32.
 
     Args:
-        name: one of :data:`MOE_BUILDERS`.
+        name: one of :data:`MOE_BUILDERS` or :data:`MOE_EXTRA_BUILDERS`.
         seed: ``torch.manual_seed`` for the build; the expert and router weights (and biases) are then drawn
             from ``N(0, 0.02^2)`` with a generator seeded ``seed + 1``.
 
@@ -92,10 +105,11 @@ def build_moe(name: str, seed: int = 0) -> nn.Module:
     Raises:
         KeyError: ``name`` is not a known MoE model.
     """
-    if name not in MOE_BUILDERS:
-        raise KeyError(f"unknown MoE model {name!r}; available: {', '.join(MOE_BUILDERS)}")
+    builders = {**MOE_BUILDERS, **MOE_EXTRA_BUILDERS}
+    if name not in builders:
+        raise KeyError(f"unknown MoE model {name!r}; available: {', '.join(builders)}")
     torch.manual_seed(seed)
-    model = MOE_BUILDERS[name]()
+    model = builders[name]()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for mod_name, p in model.named_parameters():

@@ -6,6 +6,7 @@ tests/quant. Quantize-on-load is checked against ``quantize_`` of the float mode
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from medquant.quant.api import ConfigMap, quantized_modules, resolve_configs
 from medquant.quant.experts import QuantExperts, moe_routers
 from medquant.quant.modules import QUANT_MODULES
 from medquant.testing.zoo import ZOO_BY_NAME, ZooEntry, zoo_params
-from medquant.testing.zoo_moe import MOE_ZOO_BY_NAME
+from medquant.testing.zoo_moe import MOE_ZOO_BY_NAME, build_moe
 from medquant.testing.zoo_vlm import extra_zoo_params
 from tests.hf._helpers import state_equal
 
@@ -99,29 +100,10 @@ def test_save_pretrained_reloads_with_auto_class(entry, tmp_path):
         assert torch.equal(entry.output(again, inputs), expected)
 
 
-def _gemma4_moe():
-    """Gemma 4 text with MoE blocks: its router ``layers.i.router`` computes the logits with a child ``nn.Linear``
-    (``router.proj``); the expert weights are drawn from N(0, 0.02^2) (transformers leaves them at zero)."""
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
-    cfg = Gemma4TextConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                           enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
-                           sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                           hidden_size_per_layer_input=0)
-    model = Gemma4ForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".experts." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
-
-
 # MoE models whose routers quantize_ keeps in float: Qwen2-MoE's shared_expert_gate (an nn.Linear beside the
 # experts), Gemma 4's router.proj (an nn.Linear inside the router)
 LOAD_ZOO = {**ZOO_BY_NAME, "qwen2_moe": MOE_ZOO_BY_NAME["qwen2_moe"],
-            "gemma4_moe": ZooEntry("gemma4_moe", "gemma4", False, _gemma4_moe,
+            "gemma4_moe": ZooEntry("gemma4_moe", "gemma4", False, functools.partial(build_moe, "gemma4"),
                                    MOE_ZOO_BY_NAME["qwen2_moe"].inputs_fn, output_shape=(2, 8, 256))}
 
 

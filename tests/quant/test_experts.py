@@ -324,22 +324,8 @@ def test_to_float_follows_a_dtype_cast_after_quantization(name):
     torch.testing.assert_close(got, want, rtol=0, atol=4e-3)  # one bfloat16 ulp at the logits' size (~0.6)
 
 
-def _tiny_gemma4() -> nn.Module:
-    """Gemma 4 with MoE blocks: its router (``layers.i.router``) computes the expert logits with a child
-    ``nn.Linear`` (``router.proj``), next to a scale and a per-expert scale."""
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma4TextConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                           enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
-                           sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                           hidden_size_per_layer_input=0)
-    return Gemma4ForCausalLM(cfg).eval()
-
-
 def test_router_computing_with_a_child_linear_stays_float():
-    m = _tiny_gemma4()
+    m = build_moe("gemma4")
     float_proj = m.model.layers[0].router.proj.weight.detach().clone()
     assert set(moe_routers(m)) == {"model.layers.0.router.proj", "model.layers.1.router.proj"}
     with pytest.warns(UserWarning, match=r"2 MoE router\(s\) stay in floating point"):
@@ -347,7 +333,7 @@ def test_router_computing_with_a_child_linear_stays_float():
     assert isinstance(m.model.layers[0].experts, QuantExperts)
     proj = m.model.layers[0].router.proj
     assert type(proj) is nn.Linear and torch.equal(proj.weight, float_proj)  # the top-k choice is unchanged
-    m = _tiny_gemma4()  # named exactly, it is quantized
+    m = build_moe("gemma4")  # named exactly, it is quantized
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(m, {"model.layers.0.router.proj": CFG, "_default": CFG})
