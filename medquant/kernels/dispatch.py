@@ -390,10 +390,24 @@ def triton_available(device: torch.device | str | None = None) -> bool:
 def _triton_unavailable(device: torch.device) -> str | None:
     if triton_available(device):
         return None
+    if not _triton_importable():
+        return ("Triton is not installed (or fails to import); install triton, or use the torch backend "
+                "(force_backend('torch'))")
     if device.type == "cpu":
         return ("the Triton kernels need a CUDA device; to run them on CPU tensors set TRITON_INTERPRET=1 "
                 "before triton is first imported")
     return f"Triton kernels are not available for device {device} (is triton installed?)"
+
+
+def need_triton(device: torch.device | str) -> None:
+    """Raise a ``RuntimeError`` saying why the Triton kernels cannot run on ``device``, if they cannot.
+
+    The reasons: Triton not installed (or failing to import); CPU tensors without the interpreter
+    (``TRITON_INTERPRET=1`` set before Triton is first imported); a device type Triton does not run on.
+    """
+    why = _triton_unavailable(torch.device(device))
+    if why is not None:
+        raise RuntimeError(why)
 
 
 #: activation dtypes the Triton kernels take

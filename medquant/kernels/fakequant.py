@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import interpreting, on_cuda_triton_dtype, register_kernel
+from .dispatch import interpreting, need_triton, on_cuda_triton_dtype, register_kernel
 from .reference import PASSTHROUGH_BITS, check_float, check_row_bits, check_static_args
 
 
@@ -20,8 +20,7 @@ def _out_buffer(x2: torch.Tensor) -> torch.Tensor:
 
 
 def _need_kernel_device(x: torch.Tensor) -> None:
-    if x.device.type == "cpu" and not interpreting():
-        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    need_triton(x.device)
 
 
 def fake_quantize_rows_triton(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .bundle import PackedWeight
-from .dispatch import interpreting, on_cuda_triton_dtype, register_kernel
+from .dispatch import interpreting, need_triton, on_cuda_triton_dtype, register_kernel
 from .layout import container_bits
 from .reference import check_packed_input
 
@@ -63,8 +63,13 @@ def packed_linear_triton(
     check_packed_input(x, weight)
     qweight, scales, zeros = weight.qweight, weight.scales, weight.zeros
     bits, symmetric, scope, group_elems, k = weight.bits, weight.symmetric, weight.scope, weight.group_elems, weight.k
-    if x.device.type == "cpu" and not interpreting():
-        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    need_triton(x.device)
+    m = x.shape[0]
+    regime = regime or select_regime(m)
+    if regime not in REGIMES:
+        raise ValueError(f"regime={regime!r}; accepted: {', '.join(REGIMES)}")
+    if regime == "gemv" and m > 1:
+        raise ValueError(f"the gemv regime needs M = 1 (or an empty input), got M = {m}")
     from ._packed_triton import (  # imports Triton: only when a kernel runs
         INTERPRET_CONFIGS,
         _packed_gemv_kernel,
@@ -77,15 +82,9 @@ def packed_linear_triton(
     if weight.is_dense and qweight.shape[0] and qweight.shape[1]:
         qweight = dense_to_container_triton(weight)
 
-    m = x.shape[0]
     n = qweight.shape[0]
     if m == 0 or n == 0 or k == 0:
         return x.new_zeros(m, n)
-    regime = regime or select_regime(m)
-    if regime not in REGIMES:
-        raise ValueError(f"regime={regime!r}; accepted: {', '.join(REGIMES)}")
-    if regime == "gemv" and m != 1:
-        raise ValueError(f"the gemv regime needs M = 1, got M = {m}")
     cb = container_bits(bits)
     channel = scope in ("tensor", "channel")
     if scope == "tensor":

@@ -389,3 +389,31 @@ def test_empty_leading_and_feature_dims(backend):
             y = packed_linear(torch.zeros(shape, dtype=dtype), w, backend=backend)
             assert y.shape == (*shape[:-1], 5) and y.dtype == dtype, (shape, dtype)
             assert not y.any(), (shape, dtype)
+
+
+@pytest.mark.parametrize("m", [0, 3])
+def test_a_wrong_regime_is_refused_also_for_empty_inputs(m):
+    x, weight, _ = make_case(m, 16, 64, 4, "group", 32, True, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="regime='fast'; accepted"):
+        packed_linear_triton(x, weight, regime="fast")
+    if m > 1:
+        with pytest.raises(ValueError, match="the gemv regime needs M = 1"):
+            packed_linear_triton(x, weight, regime="gemv")
+    assert packed_linear_triton(x, weight, regime="gemm").shape == (m, 16)
+
+
+def test_the_kernel_error_says_triton_is_missing_when_it_is(monkeypatch):
+    """Without Triton the error names the missing package, not the interpreter switch."""
+    from medquant.kernels import dispatch
+    from medquant.kernels.fakequant import fake_quantize_rows_triton
+
+    x, weight, _ = make_case(2, 16, 64, 4, "group", 32, True, torch.float32, "cpu")
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        packed_linear_triton(x, weight)
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        fake_quantize_rows_triton(x, torch.full((2,), 4), True, 1e-8, False)
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: True)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        packed_linear_triton(x, weight)
