@@ -7,23 +7,34 @@ For every block ``l`` with input hidden states ``X`` and output ``Y`` (tokens x 
   of ``Y``, ``W1 = mean_i |sort(X)_i - sort(Y)_i|`` (equal sample counts), divided by ``std(X)`` so that layers
   with different activation scales compare (0 = same value distribution).
 
-Both are averaged over batches. Blocks with low scores change their input least and are pruned harder
-(:func:`allocate_ratios`) or dropped whole (:func:`least_influential` + ``StructuredPruner(drop_blocks=...)``).
-All tokens of the calibration batches count: pass unpadded batches (or batches of equal length).
+Both are averaged over the block's calls (one per batch for most models). Blocks with low scores change their
+input least and are pruned harder (:func:`allocate_ratios`) or dropped whole (:func:`least_influential` +
+``StructuredPruner(drop_blocks=...)``).
+
+Tokens are those of :mod:`medquant.prune.importance`'s activation statistics: the rows of a batch whose
+``attention_mask`` is 0 (padding) are left out (``decoder_attention_mask`` for the decoder blocks of an
+encoder-decoder; vision blocks and batches without a ``(batch, seq)`` mask matching the hidden states count every
+row), so right-padded batches of different lengths score their real tokens only. A call with no real token adds
+nothing. The Wasserstein estimate reads at most ``_MAX_VALUES`` values per call, a strided subsample whose stride
+shares no factor with the hidden size (so every channel is read, not only the multiples of the stride).
+
+Every score must be finite, and every block must run: a NaN / inf score (NaN weights, float16 overflow) or a
+block the calibration batches never reach (e.g. a vision tower given text-only batches, which would score 0 and
+look least influential) raises ``ValueError``.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..models.blocks import shares_position_bias, transformer_blocks
+from ..models.blocks import shares_position_bias, stack_side, transformer_blocks
 from ..models.runner import eval_mode, run_model
+from .importance import _iter, _mask, _named
 
 __all__ = ["allocate_ratios", "block_influence", "drop_blocks", "influence_table", "least_influential",
            "plot_influence"]
@@ -40,14 +51,16 @@ def block_influence(model: nn.Module, calib: Iterable[Any], scope: str | list[st
                     progress: bool = True) -> list[dict[str, Any]]:
     """Per-block influence scores, in block order: ``[{"block", "index", "cosine", "wasserstein"}, ...]``.
 
-    For block input ``x`` and output ``y`` (hidden states, flattened over tokens): ``cosine`` is the mean over
-    tokens of ``1 - cos(x_t, y_t)``, ``wasserstein`` is ``W1(x, y) / std(x)`` of the value distributions (sorted
-    values, subsampled); both are averaged over the calibration batches. A block that changes its input little
-    has low influence.
+    For block input ``x`` and output ``y`` (hidden states, flattened over the non-padding tokens, see the module
+    docstring): ``cosine`` is the mean over tokens of ``1 - cos(x_t, y_t)``, ``wasserstein`` is ``W1(x, y) /
+    std(x)`` of the value distributions (sorted values, subsampled); both are averaged over the block's calls on
+    the calibration batches. A block that changes its input little has low influence.
 
     Args:
         model: the model (a Hugging Face LM / VLM / encoder or a plain module with a block list).
-        calib: calibration batches, run as :func:`medquant.models.run_model` runs them.
+        calib: calibration batches (an iterable: a list, a data loader), run as :func:`medquant.models.run_model`
+            runs them; a dict, or a tensor / tuple bound to ``model.forward``'s parameters, may carry the
+            ``attention_mask`` that marks padding.
         scope: which blocks (see :func:`medquant.models.transformer_blocks`).
         progress: tqdm bar over batches.
 
@@ -55,69 +68,108 @@ def block_influence(model: nn.Module, calib: Iterable[Any], scope: str | list[st
         One dict per block: ``block`` (name), ``index``, ``cosine``, ``wasserstein``.
 
     Raises:
-        ValueError: no block in scope, or empty calibration data.
+        ValueError: no block in scope, empty calibration data, a block the batches never run (or run on padding
+            only), or a score that is not finite.
+        TypeError: ``calib`` is one dict batch (pass ``[batch]``).
         RuntimeError: a block whose input / output hidden states cannot be read (different shapes).
     """
     blocks = transformer_blocks(model, scope)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: no transformer blocks in scope {scope!r}")
-    acc = {b.name: [0.0, 0.0] for b in blocks}
+    acc = {b.name: [0.0, 0.0, 0] for b in blocks}  # sum of 1 - cos, sum of W1 / std, calls with real tokens
     handles = []
+    named: Any = {}
 
-    def make_hook(name: str):
+    def make_hook(name: str, key: str | None):
         def hook(mod, args, kwargs, out):
             x = args[0] if args else kwargs.get("hidden_states")
             y = _hidden(out)
             if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape != y.shape:
                 raise RuntimeError(f"{name}: cannot read the block's input/output hidden states")
-            xf, yf = x.detach().float().reshape(-1, x.shape[-1]), y.detach().float().reshape(-1, y.shape[-1])
+            x, y = x.detach(), y.detach()
+            keep = _mask(named, key, x)
+            if keep is not None:  # padding rows are not calibration tokens
+                x, y = x[keep], y[keep]
+            xf, yf = x.float().reshape(-1, x.shape[-1]), y.float().reshape(-1, y.shape[-1])
+            if xf.shape[0] == 0:
+                return
             cos = torch.nn.functional.cosine_similarity(xf, yf, dim=-1, eps=1e-8).mean()
             fx, fy = xf.flatten(), yf.flatten()
             step = max(1, math.ceil(fx.numel() / _MAX_VALUES))
+            while math.gcd(step, xf.shape[1]) != 1:  # a stride dividing the hidden size reads a few channels only
+                step += 1
             fx, fy = fx[::step], fy[::step]
             w1 = (fx.sort().values - fy.sort().values).abs().mean() / fx.std().clamp_min(1e-8)
             acc[name][0] += float(1.0 - cos)
             acc[name][1] += float(w1)
+            acc[name][2] += 1
         return hook
 
     for b in blocks:
-        handles.append(model.get_submodule(b.name).register_forward_hook(make_hook(b.name), with_kwargs=True))
-    n = 0
+        key = None if b.role == "vision" else (
+            "decoder_attention_mask" if stack_side(b.stack) == "decoder" else "attention_mask")
+        handles.append(model.get_submodule(b.name).register_forward_hook(make_hook(b.name, key), with_kwargs=True))
     try:
         with eval_mode(model):
-            for batch in tqdm(calib, desc="block influence", disable=not progress, leave=False):
+            for batch in _iter(calib, "block influence", progress):
+                named = _named(model, batch)
                 run_model(model, batch)
-                n += 1
     finally:
         for h in handles:
             h.remove()
-    if n == 0:
-        raise ValueError("block_influence: the calibration data is empty")
-    return [{"block": b.name, "index": i, "cosine": acc[b.name][0] / n, "wasserstein": acc[b.name][1] / n}
-            for i, b in enumerate(blocks)]
+    missing = [b.name for b in blocks if acc[b.name][2] == 0]
+    if missing:
+        raise ValueError(f"block influence: the calibration batches never ran {missing[0]} on a real (non-padding) "
+                         f"token ({len(missing)} block(s) in all): give batches that reach every block in scope "
+                         "(e.g. images for a vision tower) or narrow the scope")
+    out = [{"block": b.name, "index": i, "cosine": acc[b.name][0] / acc[b.name][2],
+            "wasserstein": acc[b.name][1] / acc[b.name][2]} for i, b in enumerate(blocks)]
+    _check_scores(out, ("cosine", "wasserstein"))
+    return out
+
+
+def _check_scores(scores: Sequence[dict[str, Any]], metrics: Sequence[str]) -> None:
+    """Refuse scores that are not finite numbers: NaN / inf cannot be ranked, so the blocks pruned would be arbitrary.
+
+    Raises:
+        ValueError: the first block whose ``metric`` is NaN / inf, naming it.
+    """
+    for s in scores:
+        for m in metrics:
+            v = s[m]
+            try:
+                ok = not isinstance(v, bool) and math.isfinite(float(v))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{s['block']}: its {m} score {v!r} is not finite (NaN / inf weights, or NaN / inf "
+                                 "calibration activations, e.g. float16 overflow); such scores cannot be ranked")
 
 
 def allocate_ratios(scores: Sequence[dict[str, Any]], mean_ratio: float, spread: float = 0.5,
                     metric: str = "cosine", max_ratio: float = 0.9) -> dict[str, float]:
     """Per-block ratios averaging ``mean_ratio``, higher for less influential blocks.
 
-    Blocks are ranked by ``metric`` (rank 0 = least influential); with ``L`` blocks, block of rank ``k`` gets
-    ``mean_ratio * (1 + spread * (1 - 2k/(L-1)))``, i.e. ``(1 + spread)`` times the mean for the least influential
-    block down to ``(1 - spread)`` times for the most influential; the mean over blocks is ``mean_ratio`` unless
-    clipping to ``[0, max_ratio]`` bites.
+    Blocks are ranked by ``metric`` (rank 0 = least influential; tied blocks share the mean of their ranks and so
+    get the same ratio); with ``L`` blocks, block of rank ``k`` gets ``mean_ratio * (1 + spread * (1 - 2k/(L-1)))``,
+    i.e. ``(1 + spread)`` times the mean for the least influential block down to ``(1 - spread)`` times for the
+    most influential. Where that exceeds ``max_ratio`` the block gets ``max_ratio`` and the excess is spread evenly
+    over the other blocks (each gets the same amount more, none above ``max_ratio``), so the mean over blocks is
+    always ``mean_ratio`` and the order is kept.
 
     Args:
         scores: the output of :func:`block_influence` (``{"block", "index", "cosine", "wasserstein"}`` per block).
         mean_ratio: the average fraction removed, in ``[0, 1)``.
         spread: in ``[0, 1]``; 0 gives every block ``mean_ratio``.
         metric: ``"cosine"`` or ``"wasserstein"``.
-        max_ratio: upper clip of a block's ratio.
+        max_ratio: the highest ratio of a block, in ``[mean_ratio, 1)``.
 
     Returns:
         ``{block name: ratio}``.
 
     Raises:
-        ValueError: ``mean_ratio``, ``spread`` or ``metric`` out of range.
+        ValueError: ``mean_ratio``, ``spread``, ``metric`` or ``max_ratio`` out of range, or a score that is not
+            finite.
     """
     if not 0 <= mean_ratio < 1:
         raise ValueError(f"mean_ratio must be in [0, 1), got {mean_ratio}")
@@ -125,13 +177,34 @@ def allocate_ratios(scores: Sequence[dict[str, Any]], mean_ratio: float, spread:
         raise ValueError(f"spread must be in [0, 1], got {spread}")
     if metric not in ("cosine", "wasserstein"):
         raise ValueError(f"metric must be 'cosine' or 'wasserstein', got {metric!r}")
-    order = sorted(range(len(scores)), key=lambda i: (scores[i][metric], i))
+    if not mean_ratio <= max_ratio < 1:
+        raise ValueError(f"max_ratio must be in [mean_ratio, 1) = [{mean_ratio}, 1) (a ratio of 1 removes every head "
+                         f"/ neuron of a block; below the mean the mean cannot be met), got {max_ratio}")
+    _check_scores(scores, (metric,))
     L = len(scores)
-    out: dict[str, float] = {}
-    for rank, i in enumerate(order):
-        t = 1.0 - 2.0 * rank / (L - 1) if L > 1 else 0.0
-        out[scores[i]["block"]] = min(max_ratio, max(0.0, mean_ratio * (1.0 + spread * t)))
-    return {s["block"]: out[s["block"]] for s in scores}
+    order = sorted(range(L), key=lambda i: (scores[i][metric], i))
+    t = [0.0] * L
+    start = 0
+    while start < L:  # tied blocks share the mean of their ranks' positions
+        end = start
+        while end + 1 < L and scores[order[end + 1]][metric] == scores[order[start]][metric]:
+            end += 1
+        mid = (start + end) / 2
+        for rank in range(start, end + 1):
+            t[order[rank]] = 1.0 - 2.0 * mid / (L - 1) if L > 1 else 0.0
+        start = end + 1
+    base = [mean_ratio * (1.0 + spread * t[i]) for i in range(L)]
+    clipped: set[int] = set()
+    delta = 0.0
+    while len(clipped) < L:  # water-filling: clip at max_ratio, spread the excess over the others
+        free = [i for i in range(L) if i not in clipped]
+        delta = (L * mean_ratio - len(clipped) * max_ratio - sum(base[i] for i in free)) / len(free)
+        over = {i for i in free if base[i] + delta > max_ratio}
+        if not over:
+            break
+        clipped |= over
+    return {s["block"]: max_ratio if i in clipped else min(max_ratio, max(0.0, base[i] + delta))
+            for i, s in enumerate(scores)}
 
 
 def least_influential(scores: Sequence[dict[str, Any]], k: int, metric: str = "cosine") -> list[str]:
@@ -146,10 +219,13 @@ def least_influential(scores: Sequence[dict[str, Any]], k: int, metric: str = "c
         ``k`` block names, least influential first.
 
     Raises:
-        ValueError: ``k`` out of range.
+        ValueError: ``k`` or ``metric`` out of range, or a score that is not finite.
     """
     if not 0 <= k < len(scores):
         raise ValueError(f"can drop 0..{len(scores) - 1} of {len(scores)} blocks, not {k}")
+    if metric not in ("cosine", "wasserstein"):
+        raise ValueError(f"metric must be 'cosine' or 'wasserstein', got {metric!r}")
+    _check_scores(scores, (metric,))
     return [s["block"] for s in sorted(scores, key=lambda s: (s[metric], s["index"]))[:k]]
 
 
@@ -176,11 +252,11 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     by_stack: dict[str, list[int]] = {}
     for name in names:
         stack, _, idx = name.rpartition(".")
-        if not idx.isdigit() or not isinstance(model.get_submodule(stack), nn.ModuleList):
+        holder = model.get_submodule(stack)
+        if not idx.isdigit() or not isinstance(holder, nn.ModuleList):
             raise ValueError(f"{name!r} is not an entry of a block list")
-        if int(idx) >= len(model.get_submodule(stack)):
-            raise ValueError(f"{name!r} is not an entry of a block list: {stack} has "
-                             f"{len(model.get_submodule(stack))} blocks")
+        if int(idx) >= len(holder):
+            raise ValueError(f"{name!r} is not an entry of a block list: {stack} has {len(holder)} blocks")
         why = bias_holder(model, name)
         if why is not None:
             raise ValueError(f"refusing to drop {name}: {why}")
@@ -190,15 +266,15 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         if isinstance(blocks, nn.ModuleList) and len(set(idxs)) >= len(blocks):
             raise ValueError(f"refusing to drop all {len(blocks)} blocks of {stack_name}")
     for stack_name, idxs in by_stack.items():
-        stack = model.get_submodule(stack_name)
-        kept = [m for i, m in enumerate(stack) if i not in set(idxs)]
+        old_list = cast(nn.ModuleList, model.get_submodule(stack_name))  # checked above
+        kept = [m for i, m in enumerate(old_list) if i not in set(idxs)]
         parent_name = stack_name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, stack_name.rpartition(".")[2], nn.ModuleList(kept))
         for new_i, blk in enumerate(kept):
             for m in blk.modules():
                 if isinstance(getattr(m, "layer_idx", None), int):
-                    m.layer_idx = new_i
+                    setattr(m, "layer_idx", new_i)  # noqa: B010 (a plain attribute, not a parameter)
         cfg = _owner_config(model, stack_name)
         part = parent_name.rpartition(".")[2]
         if cfg is not None and part in ("encoder", "decoder") and isinstance(getattr(cfg, f"{part}_layers", None),
