@@ -76,9 +76,9 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float | None =
 
     Raises:
         ValueError: an unknown ``task`` or ``scores``, NaN logits (``+-inf`` is accepted), probabilities
-            outside ``[0, 1]`` (or NaN), a probability ``threshold`` outside ``[0, 1]``, or argmax scores that
-            are not ``(N, C)`` with ``C >= 2`` (a single logit column ``(N, 1)`` is refused: pass it as ``(N,)``
-            binary logits).
+            outside ``[0, 1]`` (or NaN), a NaN ``threshold`` or a probability ``threshold`` outside ``[0, 1]``, or
+            argmax scores that are not ``(N, C)`` with ``C >= 2`` (a single logit column ``(N, 1)`` is refused:
+            pass it as ``(N,)`` binary logits; ``task="binary"`` needs ``C == 2``).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
@@ -103,6 +103,8 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float | None =
     if task == "multilabel" or (task == "binary" and z.ndim == 1):
         if threshold is None:
             threshold = 0.5 if probabilities else 0.0
+        elif math.isnan(threshold):  # z > NaN is False: every entry would be negative
+            raise ValueError("the threshold is NaN; give a number")
         elif probabilities and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"a probability threshold must lie in [0, 1], got {threshold}")
         if not probabilities and np.any(z != 0) and np.all((z >= 0) & (z <= 1)):
@@ -114,6 +116,9 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float | None =
         hint = " (a single logit column (N, 1): pass logits[:, 0] as (N,) binary logits)" if z.shape[-1:] == (1,) else ""
         raise ValueError(f"{task} logits must be (N, C) with C >= 2 for the argmax, or (N,) for task='binary'; "
                          f"got {z.shape}{hint}")
+    if task == "binary" and z.shape[1] != 2:
+        raise ValueError(f"binary scores must be (N,) or (N, 2) for the argmax, got {z.shape}: for more classes "
+                         "pass task='multiclass'")
     return z.argmax(-1).astype(np.int64)
 
 
@@ -223,6 +228,8 @@ def _check_n_classes(y_true: np.ndarray, y_pred: np.ndarray, task: str, n_classe
     if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer))
                                   or n_classes < 2):
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    if task == "binary" and n_classes is not None and n_classes != 2:
+        raise ValueError(f"n_classes={n_classes} but a binary task has 2 classes (pass task='multiclass')")
     if task == "multilabel":
         if n_classes is not None and n_classes != y_true.shape[1]:
             raise ValueError(f"n_classes={n_classes} but the multi-label matrices have {y_true.shape[1]} columns")
@@ -251,10 +258,14 @@ def _balanced(y_true: np.ndarray, y_pred: np.ndarray, task: str) -> float:
     return float(np.mean(recalls)) if recalls else math.nan
 
 
-def _checked_task(task: str | None, yt: np.ndarray) -> str:
-    """``task`` (inferred from ``yt`` when None), refused when unknown or when it does not fit the label shape
-    (multi-label needs ``(N, C)``, the others ``(N,)``)."""
-    task = task or infer_task(yt)
+def _checked_task(task: str | None, yt: np.ndarray, yp: np.ndarray | None = None,
+                  n_classes: int | None = None) -> str:
+    """``task`` (when None: inferred from ``yt`` and ``yp`` together, multi-class when ``n_classes > 2``), refused
+    when unknown or when it does not fit the label shape (multi-label needs ``(N, C)``, the others ``(N,)``)."""
+    if task is None:
+        task = infer_task(yt if yp is None or yt.ndim == 2 else np.concatenate([yt.reshape(-1), yp.reshape(-1)]))
+        if task == "binary" and isinstance(n_classes, (int, np.integer)) and n_classes > 2:
+            task = "multiclass"
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
     if (task == "multilabel") != (yt.ndim == 2):
@@ -267,12 +278,15 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
                     n_classes: int | None = None) -> FairnessReport:
     """All group metrics of the module docstring.
 
-    ``task`` is inferred when None (2-D labels: multi-label; only 0/1: binary; else multi-class).
+    ``task`` is inferred when None: 2-D labels are multi-label; ``(N,)`` labels are binary when ``y_true`` and
+    ``y_pred`` together hold only 0/1 and ``n_classes`` is None or 2, else multi-class (so a multi-class model
+    scored on samples whose true labels are 0/1 only is still multi-class when it predicts class 2, or when
+    ``n_classes`` says so).
 
     Args:
         y_true: true labels, ``(N,)`` (binary / multi-class) or ``(N, C)`` 0/1 (multi-label).
         y_pred: predicted labels of the same shape (e.g. from :func:`predictions`).
-        groups: integer group id of every sample, ``(N,)``.
+        groups: integer group id of every sample, ``(N,)`` (or a column ``(N, 1)``); any integers, in any order.
         task: ``"binary"``, ``"multiclass"``, ``"multilabel"`` or None (inferred).
         n_classes: number of classes, >= 2 (default: inferred from the labels); multi-class ids must lie in
             ``0..n_classes - 1``, a multi-label matrix must have ``n_classes`` columns.
@@ -281,18 +295,21 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
         A :class:`FairnessReport`.
 
     Raises:
-        ValueError: lengths that differ, an unknown task, or labels that do not fit the task (a negative class
-            id, a class id >= ``n_classes``).
+        ValueError: lengths that differ, group ids that are not one per sample (a matrix), multi-label matrices
+            with no column, an unknown task, or labels that do not fit the task (a negative class id, a class id
+            >= ``n_classes``, ``n_classes != 2`` for a binary task).
     """
     yt, yp, g = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred"), _as_np(groups, "groups")
     if yt.shape != yp.shape:
         raise ValueError(f"y_true {yt.shape} and y_pred {yp.shape} must have the same shape")
-    if yt.ndim not in (1, 2) or yt.shape[0] == 0:
-        raise ValueError(f"labels must be (N,) or (N, C) with N > 0, got {yt.shape}")
-    g = g.reshape(-1)
-    if g.shape[0] != yt.shape[0]:
-        raise ValueError(f"{g.shape[0]} group ids for {yt.shape[0]} samples: give one group id per sample")
-    task = _checked_task(task, yt)
+    if yt.ndim not in (1, 2) or yt.shape[0] == 0 or (yt.ndim == 2 and yt.shape[1] == 0):
+        raise ValueError(f"labels must be (N,) or (N, C) with N > 0 and C > 0, got {yt.shape}")
+    if g.ndim == 2 and g.shape[1] == 1:  # a column of group ids
+        g = g[:, 0]
+    if g.ndim != 1 or g.shape[0] != yt.shape[0]:
+        raise ValueError(f"group ids of shape {g.shape} for {yt.shape[0]} samples: give one group id per sample, "
+                         "(N,) or (N, 1)")
+    task = _checked_task(task, yt, yp, n_classes)
     if task == "binary" and not (set(np.unique(yt).tolist()) | set(np.unique(yp).tolist())) <= {0, 1}:
         raise ValueError("binary task: labels must be 0/1")
     if task == "multilabel" and not (set(np.unique(yt).tolist()) | set(np.unique(yp).tolist())) <= {0, 1}:

@@ -244,3 +244,69 @@ def test_predictions_refuses_bad_probabilities_and_options():
         predictions(np.array([0.2, 0.7]), task="binary", scores="probs")
     with pytest.raises(ValueError, match="unknown task"):
         predictions(np.array([0.2, 0.7]), task="regression")
+
+
+# --------------------------------------------------------------------------------------- bug review (6 Dec 2026)
+def test_task_is_inferred_from_predictions_and_n_classes_too():
+    # a 3-class model on a subset whose true labels are 0/1 only: inferring "binary" from y_true alone scored
+    # class 1 only (n_classes=3 was ignored) or refused a prediction of class 2 as "binary task: labels must be 0/1"
+    from sklearn.metrics import recall_score
+
+    yt, yp, g = np.array([0, 1, 0, 1, 1, 0]), np.array([0, 1, 2, 1, 0, 0]), np.array([0, 0, 0, 1, 1, 1])
+    r = fairness_report(yt, yp, g)
+    assert r.task == "multiclass" and r.classes == [0, 1, 2]
+    r3 = fairness_report(yt, np.array([0, 1, 1, 1, 0, 0]), g, n_classes=3)
+    assert r3.task == "multiclass" and r3.classes == [0, 1, 2]
+    for k in (0, 1):
+        s = g == k
+        assert r.tpr[0][k] == pytest.approx(recall_score(yt[s] == 0, yp[s] == 0))
+        assert r.tpr[1][k] == pytest.approx(recall_score(yt[s] == 1, yp[s] == 1))
+    assert r.fpr[2] == {0: pytest.approx(1 / 3), 1: 0.0}  # class 2 predicted once among group 0's 3 samples
+    with pytest.raises(ValueError, match="n_classes"):  # a binary task has two classes
+        fairness_report(yt, yt, g, task="binary", n_classes=3)
+
+
+def test_group_ids_must_be_one_per_sample_not_a_matrix():
+    # (2, 3) group ids for 6 samples were flattened row-major and silently paired with the samples
+    y = [0, 1, 0, 1, 1, 0]
+    with pytest.raises(ValueError, match="one group id per sample"):
+        fairness_report(y, y, [[0, 0, 1], [1, 2, 2]])
+    assert fairness_report(y, y, np.array([[0], [0], [1], [1], [2], [2]])).counts == {0: 2, 1: 2, 2: 2}  # (N, 1)
+
+
+def test_multilabel_matrices_without_labels_are_refused():
+    with pytest.raises(ValueError, match=r"\(N, C\).*C > 0"):  # was acc NaN for every group, with RuntimeWarnings
+        fairness_report(np.zeros((4, 0), int), np.zeros((4, 0), int), [0, 0, 1, 1])
+
+
+def test_predictions_refuses_a_nan_threshold_and_binary_scores_of_more_than_two_columns():
+    with pytest.raises(ValueError, match="threshold"):  # logit > NaN is False: every sample was negative
+        predictions(np.array([1.0, 2.0, -1.0]), "binary", threshold=float("nan"))
+    with pytest.raises(ValueError, match="threshold"):
+        predictions(np.array([[1.0, -2.0]]), "multilabel", threshold=float("nan"))
+    with pytest.raises(ValueError, match=r"binary.*\(N, 2\)"):  # argmax over 3 columns gave class 2 for "binary"
+        predictions(np.array([[0.1, 0.2, 3.0]]), "binary")
+    assert predictions(np.array([[0.1, 0.2], [2.0, -1.0]]), "binary").tolist() == [1, 0]
+
+
+def test_non_contiguous_and_single_groups_against_sklearn():
+    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    rng = np.random.default_rng(7)
+    y, p = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
+    g = rng.choice([-4, 7, 1000], 40)
+    r = fairness_report(y, p, g)
+    assert r.groups == [-4, 7, 1000]
+    for k in r.groups:
+        s = g == k
+        cm = confusion_matrix(y[s], p[s], labels=[0, 1, 2])
+        assert r.acc[k] == pytest.approx(accuracy_score(y[s], p[s]))
+        for c in range(3):
+            tp, fn = cm[c, c], cm[c].sum() - cm[c, c]
+            fp = cm[:, c].sum() - cm[c, c]
+            tn = cm.sum() - tp - fn - fp
+            assert r.tpr[c][k] == pytest.approx(tp / (tp + fn))
+            assert r.fpr[c][k] == pytest.approx(fp / (fp + tn))
+    one = fairness_report(y, p, np.full(40, 5))  # one group: no gap is defined
+    assert one.gap == 0.0 and one.avg_acc == one.worst_acc == pytest.approx(accuracy_score(y, p))
+    assert math.isnan(one.eopp1) and math.isnan(one.eopp0) and math.isnan(one.eodd)
