@@ -54,6 +54,7 @@ from .onnx_sim import (
     act_points,
     as_args,
     calibrate_activations,
+    check_calibration_set,
     first_tensor,
     logits_tolerance,
     prepare,
@@ -259,7 +260,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             layers and no ``calib``).
         CalibrationError: ``example_inputs`` that are not a tensor or tuple of tensors, or hold an empty tensor or
             NaN/inf values (the message names ``example_inputs``); a bad batch of ``calib`` (the message names the
-            calibration batch, ``calibration batch 0`` also when that first batch is the example).
+            calibration batch, ``calibration batch 0`` also when that first batch is the example); ``calib``
+            that is a single tensor (pass ``x.split(32)``: iterating a tensor would drop its batch axis).
     """
     if unknown:
         raise ExportError(f"format='onnx' got unknown option(s) {sorted(unknown)}; accepted: example_inputs, calib, "
@@ -287,6 +289,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
                           f"pass [{input_names!r}]")
     method = "minmax" if method is None else method
     percentile = 99.99 if percentile is None else percentile
+    if calib is not None:
+        check_calibration_set(calib)  # a single tensor: refused before it is iterated sample by sample
     if example_inputs is None and calib is not None:  # the first batch, kept for calibration (a generator is
         it = iter(calib)                                # spent once calibrate_activations has read it)
         first = next(it, _NONE)

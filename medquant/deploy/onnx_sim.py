@@ -4,10 +4,12 @@
 writes, as a PyTorch module whose forward computes what ONNX Runtime computes, so that accuracy measured in
 PyTorch is the accuracy of the deployed model:
 
-1. **BatchNorm folding.** A ``BatchNorm2d`` that reads the output of a convolution is folded into it: with
-   ``f_c = gamma_c / sqrt(var_c + eps)``, the weight row ``c`` becomes ``w_c * f_c`` and the bias
-   ``(b_c - mean_c) * f_c + beta_c``. For a quantized convolution only the scales change (``s' = s * f_c`` in
-   float32); the integer codes are kept bit for bit.
+1. **BatchNorm folding.** A ``BatchNorm2d`` that reads the output of a convolution, when nothing else reads that
+   output, is folded into it: with ``f_c = gamma_c / sqrt(var_c + eps)``, the weight row ``c`` becomes
+   ``w_c * f_c`` and the bias ``(b_c - mean_c) * f_c + beta_c``. For a quantized convolution only the scales change
+   (``s' = s * f_c`` in float32); the integer codes are kept bit for bit. A BatchNorm without running statistics
+   (``track_running_stats=False``) is refused. The model is simulated in float32 (a float16 / bfloat16 model
+   too), its floating inputs cast to float32, as ONNX Runtime computes.
 2. **Weights** as medquant quantized them, in the container ONNX has for them (:func:`layer_plan`):
    ``w = (u - z) * s`` with ``u``/``z`` medquant's codes and zero points. Symmetric rows store ``q = u - 2^(b-1)``
    (``2u - 1`` for 1 bit) as int8 with zero point 0, asymmetric rows store ``u`` as uint8 with zero point ``z``.
@@ -19,7 +21,7 @@ PyTorch is the accuracy of the deployed model:
    ``s = (hi - lo) / 255`` in float32, ``z = saturate(round(-lo / s))``. Calibration observes the float model
    (no quantization while observing), as ONNX Runtime's ``quantize_static`` does.
 
-   A ``ReLU`` module that reads a quantized layer's output is fused into the layer (relu, then the output
+   A ``ReLU`` module that reads a quantized layer's output (and is its only reader) is fused into the layer (relu, then the output
    quantization; the calibrated ``lo`` is then 0 and so is ``z``, which lets ONNX Runtime drop the Relu into the
    integer kernel; after a weight-only ``MatMulNBits`` or float layer the fused ReLU is a ``Relu`` node). A layer
    whose input is already the quantized output of another layer (also through a
@@ -45,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..quant.modules import QuantConv2d, QuantLinear
 from .common import layer_scheme, layer_weight
@@ -349,6 +352,7 @@ class ExportLayer(nn.Module):
             self.input_quant = ActQuant(f"the input of {name}", method, percentile)
             self.output_quant = ActQuant(f"the output of {name}", method, percentile)
         self.fuse_relu = False
+        self.fusable = True  # False: a ReLU reading the output stays separate (the output has other readers)
         self.shared_input: str | None = None
         self.structure = False
 
@@ -504,8 +508,11 @@ class ExportLayer(nn.Module):
         else:
             y = _LinearFn.apply(x, self.weight_codes, self.weight_scale, self.weight_zero_point, self.bias, None,
                                 None, None, None, self.mode, self.gs, self.k, self.n, 0)
-        _mark(y, self.output_quant, self)
+        _mark(y, self.output_quant, self if self.fusable else None)
         self._last_out = y
+        watch = self.__dict__.get("_watch")
+        if watch is not None:  # its readers are counted (a fused ReLU must be the only one)
+            watch[id(y)] = [self.name, y, 0]
         return y
 
     def extra_repr(self) -> str:
@@ -638,7 +645,9 @@ class SimulationInfo:
 
 
 def as_args(batch: Any, index: int | str) -> tuple[torch.Tensor, ...]:
-    """A calibration batch (a tensor, or a tuple/list of tensors) as positional arguments; checked for NaN.
+    """A calibration batch (a tensor, or a tuple/list of tensors) as positional arguments; checked for NaN, and
+    floating tensors (float64 from numpy, float16, bfloat16) cast to float32, the type the exported model computes
+    and takes (the simulation copies the model in float32).
 
     ``index``: the batch's number, named ``calibration batch <index>`` in the errors, or a name used as it is
     (``"example_inputs"``)."""
@@ -657,7 +666,16 @@ def as_args(batch: Any, index: int | str) -> tuple[torch.Tensor, ...]:
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CalibrationError(f"{what}: input {i} contains {bad} NaN/inf values")
-    return args
+    return tuple(t.float() if t.is_floating_point() else t for t in args)
+
+
+def check_calibration_set(batches: Any) -> None:
+    """Refuse a single tensor given as the calibration set: iterating it yields its samples without their batch
+    axis (a ``(N, C, H, W)`` tensor would be read as N batches of ``(C, H, W)``)."""
+    if isinstance(batches, torch.Tensor):
+        raise CalibrationError(
+            f"the calibration set is a single tensor of shape {tuple(batches.shape)}: pass an iterable of batches "
+            "(tensors, or tuples of tensors for several inputs), e.g. x.split(32) or [x] for one batch")
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -676,9 +694,41 @@ def first_tensor(out: Any) -> torch.Tensor:
     raise ExportError(f"the model returned {type(out).__name__}; the onnx export needs a tensor (or .logits)")
 
 
+def _tensors(obj: Any):
+    """The tensors in nested tuples / lists / dicts (the arguments of a torch call)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+class _CountUses(TorchFunctionMode):
+    """Counts, per watched tensor (``{id: [name, tensor, uses]}``), the torch calls that read it and return a
+    tensor (``x.dim()``, ``x.shape`` and other metadata reads are not uses)."""
+
+    def __init__(self, watched: dict[int, list]) -> None:
+        super().__init__()
+        self.watched = watched
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.watched and next(_tensors(out), None) is not None:
+            for t in {id(t): t for t in _tensors((args, kwargs or {}))}.values():
+                hit = self.watched.get(id(t))
+                if hit is not None and hit[1] is t:
+                    hit[2] += 1
+        return out
+
+
 def _bn_pairs(model: nn.Module, args: tuple) -> dict[str, str]:
-    """``{conv name: bn name}`` for every BatchNorm2d whose input is a convolution's unchanged output."""
-    convs: dict[int, tuple[str, torch.Tensor, int]] = {}
+    """``{conv name: bn name}`` for every BatchNorm2d that can be folded: its input is a convolution's unchanged
+    output, that output is read by nothing else (folding would change it for the other readers too),
+    and each of the two modules is called once."""
+    convs: dict[int, list] = {}
     pairs: dict[str, str] = {}
     calls: dict[str, int] = {}
     hooks = []
@@ -686,14 +736,14 @@ def _bn_pairs(model: nn.Module, args: tuple) -> dict[str, str]:
     def conv_hook(name):
         def hook(mod, inp, out):
             calls[name] = calls.get(name, 0) + 1
-            convs[id(out)] = (name, out, out._version)
+            convs[id(out)] = [name, out, 0, out._version]
         return hook
 
     def bn_hook(name):
         def hook(mod, inp):
             calls[name] = calls.get(name, 0) + 1
             hit = convs.get(id(inp[0]))
-            if hit is not None and hit[1] is inp[0] and hit[2] == inp[0]._version:
+            if hit is not None and hit[1] is inp[0] and hit[3] == inp[0]._version:
                 pairs[hit[0]] = name
         return hook
 
@@ -703,12 +753,19 @@ def _bn_pairs(model: nn.Module, args: tuple) -> dict[str, str]:
         elif isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(bn_hook(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _CountUses(convs):
             model(*args)
     finally:
         for h in hooks:
             h.remove()
-    return {c: b for c, b in pairs.items() if calls.get(c) == 1 and calls.get(b) == 1}
+    uses = {hit[0]: hit[2] for hit in convs.values()}
+    return {c: b for c, b in pairs.items() if calls.get(c) == 1 and calls.get(b) == 1 and uses.get(c) == 1}
+
+
+def _float32_inputs(module: nn.Module, args: tuple) -> tuple:
+    """The simulation's forward pre-hook: floating inputs (float64, float16, bfloat16) cast to float32, as
+    :class:`~medquant.deploy.onnx.OnnxClassifier` casts them for the exported model."""
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -719,12 +776,38 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 def prepare(model: nn.Module, example: tuple, *, method: str = "minmax", percentile: float = 99.99,
             promote: bool = False) -> nn.Module:
     """The export model before calibration: a copy with BatchNorms folded, every Conv2d / Linear replaced by an
-    :class:`ExportLayer`, ReLUs and MaxPools by their quantization-aware versions, and the structure pass run."""
+    :class:`ExportLayer`, ReLUs and MaxPools by their quantization-aware versions, and the structure pass run.
+
+    A ReLU is fused into the layer whose output it reads only when nothing else reads that output (``relu(c) + c``
+    keeps a separate ReLU): the structure pass counts the readers, and the copy is prepared again without the
+    fusions it found wrong."""
+    sim = _prepare(model, example, method, percentile, promote, frozenset())
+    wrong = sim.__dict__.pop("_wrong_fusions")
+    if wrong:  # the second pass fuses none of them, so it finds none wrong
+        sim = _prepare(model, example, method, percentile, promote, wrong)
+        sim.__dict__.pop("_wrong_fusions")
+    return sim
+
+
+def _prepare(model: nn.Module, example: tuple, method: str, percentile: float, promote: bool,
+             no_fuse: frozenset[str]) -> nn.Module:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not 50.0 < percentile <= 100.0:
-        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
-    sim = copy.deepcopy(model).eval()
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be a number in (50, 100], got {percentile!r}")
+    if getattr(model, "medquant_onnx", None) is not None or any(isinstance(m, ExportLayer) for m in model.modules()):
+        raise ExportError("the model is already calibrated (returned by calibrate_activations): its layers are "
+                          "export layers with fixed scales; to calibrate again (another method, percentile or "
+                          "batches), pass the quantized model it was made from")
+    stats = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and (m.running_mean is None or m.running_var is None)]
+    if stats:
+        raise ExportError(f"format='onnx' cannot carry BatchNorm {', '.join(stats)}: track_running_stats=False "
+                          "normalizes each batch with its own statistics (in eval mode too), which the exported "
+                          "model (a dynamic batch axis) cannot compute. Accepted: BatchNorms with running statistics "
+                          "(track_running_stats=True, estimated on training data), which are folded")
+    sim = copy.deepcopy(model).eval().float()  # ONNX Runtime computes in float32 (a half model too)
+    sim.register_forward_pre_hook(_float32_inputs)
     info = SimulationInfo(method=method, percentile=percentile)
     pairs = _bn_pairs(sim, example)
     plans, errors = {}, []
@@ -760,7 +843,9 @@ def prepare(model: nn.Module, example: tuple, *, method: str = "minmax", percent
                     f"BatchNorm {pairs[name]} folded into the scales (codes unchanged)"
             else:
                 plan.note = f"BatchNorm {pairs[name]} folded"
-        _set(sim, name, ExportLayer(name, m, plan, uw, fold, method, percentile))
+        layer = ExportLayer(name, m, plan, uw, fold, method, percentile)
+        layer.fusable = name not in no_fuse
+        _set(sim, name, layer)
         info.layers.append(plan)
     has_qdq = any(p.kind == "qdq" for p in info.layers)
     for name, m in list(sim.named_modules()):
@@ -774,21 +859,28 @@ def prepare(model: nn.Module, example: tuple, *, method: str = "minmax", percent
     for name, m in sim.named_modules():
         if isinstance(m, ExportLayer) and m.plan.kind == "blocked" and m.plan.container.split()[0][-1] == "4":
             info.int4_tensors += [f"{name}.weight_codes", f"{name}.weight_zero_point"]
-    _structure_pass(sim, example, info)
+    sim.__dict__["_wrong_fusions"] = _structure_pass(sim, example, info)
     sim.medquant_onnx = info
     return sim
 
 
-def _structure_pass(sim: nn.Module, example: tuple, info: SimulationInfo) -> None:
+def _structure_pass(sim: nn.Module, example: tuple, info: SimulationInfo) -> frozenset[str]:
+    """Decide input sharing and ReLU fusion on ``example``; returns the layers whose ReLU was fused although their
+    output is read by something else too (to be prepared again with those ReLUs separate)."""
     mods = [m for m in sim.modules() if isinstance(m, (ExportLayer, FusableReLU, QuantMaxPool2d))]
+    watched: dict[int, list] = {}
     for m in mods:
         m.structure = True
+        if isinstance(m, ExportLayer):
+            m.__dict__["_watch"] = watched
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _CountUses(watched):
             out = first_tensor(sim(*example))
     finally:
         for m in mods:
             m.structure = False
+            m.__dict__.pop("_watch", None)
+    wrong = frozenset(name for name, _, uses in watched.values() if uses > 1 and sim.get_submodule(name).fuse_relu)
     for m in sim.modules():
         if isinstance(m, FusableReLU) and getattr(m, "_last_out", None) is not None:
             if m._last_out is out:
@@ -809,6 +901,7 @@ def _structure_pass(sim: nn.Module, example: tuple, info: SimulationInfo) -> Non
     for m in sim.modules():  # a shared point renamed above ("... (after its ReLU)"): name it as it is now
         if isinstance(m, ExportLayer) and "_shared_point" in m.__dict__:
             m.shared_input = m.__dict__.pop("_shared_point").where
+    return wrong
 
 
 def act_points(sim: nn.Module) -> list[ActQuant]:
@@ -835,7 +928,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: s
             averaged over batches).
         percentile: the upper percentile of ``method="percentile"``, in ``(50, 100]`` (default 99.99).
         promote: allow 1-3/5-7-bit and per-row mixed layers (see :func:`layer_plan`).
-        max_batches: use at most this many batches.
+        max_batches: use at most this many batches (a positive integer, or None for all).
         check: verify that the prepared float path (BatchNorm folded, ReLUs fused) reproduces ``model`` on the
             first batch before quantizing, within ``2e-2 * max|output|`` (raises :class:`ExportError` naming the
             folded BatchNorms and fused ReLUs if not); with ``promote`` the reference computes with the promoted
@@ -846,9 +939,19 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: s
         ``medquant_onnx`` attribute is a :class:`SimulationInfo`. Pass it to ``medquant.export(..., format="onnx")``.
 
     Raises:
-        CalibrationError: no batch, a batch that is not tensors, NaN/inf in an input or in an activation (the
+        CalibrationError: no batch, ``batches`` that is a single tensor (iterating it would drop the batch axis:
+            pass ``x.split(32)``), a batch that is not tensors, NaN/inf in an input or in an activation (the
             message names the batch and the input or layer).
+        ValueError: an unknown ``method``, ``percentile`` that is not a number in ``(50, 100]``, ``max_batches``
+            that is not a positive integer or None.
+        ExportError: a model that calibrate_activations returned (pass the model it was made from), a layer the
+            export cannot carry, a BatchNorm without running statistics
+            (``track_running_stats=False``), a prepared float path that does not reproduce ``model``.
     """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive integer (or None), got {max_batches!r}")
+    check_calibration_set(batches)
     it = iter(batches)
     try:
         first = next(it)
@@ -879,7 +982,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: s
 def _promoted_reference(model: nn.Module, promote: bool) -> nn.Module:
     """A copy of ``model`` that computes with the weights the export writes for promoted (requantized) layers:
     a forward hook adds ``op(x, W_promoted - W_stored)`` (no bias) to each such layer's output."""
-    ref = copy.deepcopy(model).eval()
+    ref = copy.deepcopy(model).eval().float()  # as the export computes (as_args casts the inputs to float32)
     if not promote:
         return ref
     for m in ref.modules():
