@@ -529,7 +529,7 @@ def _open(directory: str | os.PathLike) -> _Opened:
             raise CheckpointError(f"{wpath} is corrupted or was modified after saving: SHA-256 mismatch")
     try:
         header = read_header(wpath)
-        check_against_header(meta.modules, header, meta.weights.file, META_NAME)
+        check_against_header(meta.modules, header, meta.weights.file, META_NAME, meta.shared_modules)
     except SchemaError as e:
         raise CheckpointError(str(e)) from None
     return _Opened(root, meta, header, manifest)
@@ -915,7 +915,8 @@ def verify_pretrained(directory: str | os.PathLike, modules: Mapping[str, Any], 
             load); ``None``: keys are names.
 
     Raises:
-        CheckpointError: a file, recipe or tensor that does not match.
+        CheckpointError: a file, recipe or tensor that does not match, or a tensor stored in two weight files (or
+            under two keys that ``key_map`` gives one name).
     """
     dangling = atomic.dangling_message(directory)
     if dangling is not None:
@@ -950,12 +951,17 @@ def verify_pretrained(directory: str | os.PathLike, modules: Mapping[str, Any], 
         if not tensors:
             return
         header: dict[str, TensorInfo] = {}
+        held_by: dict[str, str] = {}  # a tensor in two shards: which copy is read is the index's choice, refused
         for f in weight_files:
             p = root / f
             if not p.is_file():
                 raise CheckpointError(f"{Path(directory) / f} is missing")
             for key, info in read_header(p).items():
-                header[key_map(key) if key_map is not None else key] = info
+                name = key_map(key) if key_map is not None else key
+                if name in held_by:
+                    raise CheckpointError(f"{name} is stored twice, in {held_by[name]} and {f}: a tensor is stored "
+                                          "in one weight file (only one copy would be read, and checked)")
+                header[name], held_by[name] = info, f
         check_against_header(layers, header, ", ".join(weight_files), where)
     except SchemaError as e:
         raise CheckpointError(str(e)) from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -257,13 +258,10 @@ def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow
     tied = d.get("tied_to")
     if tied is not None:
         _str(tied, at / "tied_to")
-    pidx = d.get("padding_idx")
-    if pidx is not None and (isinstance(pidx, bool) or not isinstance(pidx, int)):
-        raise (at / "padding_idx").fail("an integer", pidx)
     if not isinstance(d["bias"], bool):
         raise (at / "bias").fail("true or false", d["bias"])
     layout = d.get("layout", 1)
-    if isinstance(layout, bool) or layout not in (1, 2):
+    if isinstance(layout, bool) or not isinstance(layout, int) or layout not in (1, 2):
         raise (at / "layout").fail("1 or 2 (2: dense 3/5/6/7-bit codes, format version 2)", layout)
     dtype = _str(d["dtype"], at / "dtype", FLOAT_DTYPES)
     wd = d.get("weight_dtype")
@@ -272,8 +270,14 @@ def parse_layer(entry: Any, name: str, file: str, key: str = "modules", *, allow
     if kind != "QuantConv2d":
         fin, fout = _int(d["in_features"], at / "in_features"), _int(d["out_features"], at / "out_features")
         cfg = _config(d["config"], at / "config", fout)
-        if kind == "QuantEmbedding" and (d["bias"] or cfg.channel_bits is not None):
-            raise at.fail("a QuantEmbedding without bias and without channel_bits", entry)
+        if kind == "QuantEmbedding":
+            if d["bias"] or cfg.channel_bits is not None:
+                raise at.fail("a QuantEmbedding without bias and without channel_bits", entry)
+            if not 1 <= cfg.bits <= 8:  # QuantEmbedding stores packed rows only (no float or pruned table)
+                raise (at / "config" / "bits").fail("1..8 (a QuantEmbedding stores packed rows only)", cfg.bits)
+            pidx = d.get("padding_idx")
+            if pidx is not None:  # the rows nn.Embedding accepts (negative ones count from the end)
+                _int(pidx, at / "padding_idx", -fout, fout - 1)
         return LayerSpec(name, kind, cfg, d["bias"], dtype, wd, fin, fout, layout=layout, tied_to=tied, raw=entry)
     cin, cout = _int(d["in_channels"], at / "in_channels"), _int(d["out_channels"], at / "out_channels")
     groups = _int(d["groups"], at / "groups")
@@ -427,8 +431,11 @@ def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """The tensors of a safetensors file from its header alone (8 + header bytes read, nothing allocated from it).
 
-    Every entry is checked for a known dtype, a non-negative shape and data offsets that lie inside the file and hold
-    exactly ``numel * itemsize`` bytes.
+    ``__metadata__`` must be null or an object of strings. Every entry is checked for a known dtype, a non-negative
+    shape and data offsets that lie inside the file and hold exactly ``numel * itemsize`` bytes; taken in the order of
+    their offsets, the tensors must tile the data (the first begins at byte 0, each begins where the one before ends,
+    the last ends at the end of the file). These are the safetensors loader's rules: no two tensors share bytes, no
+    byte belongs to none, so a file that passes here is one the loader reads.
 
     Args:
         path: the safetensors file.
@@ -437,8 +444,9 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         Tensor name -> :class:`TensorInfo`.
 
     Raises:
-        SchemaError: the file is too short, its header is not valid JSON or claims more bytes than the file has, or an
-            entry is malformed.
+        SchemaError: the file is too short, its header is not valid JSON or claims more bytes than the file has, an
+            entry or ``__metadata__`` is malformed, or the tensors overlap, leave a gap or leave bytes after the last
+            one.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -461,8 +469,14 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         raise SchemaError(f"{path.name}: the safetensors header is not an object")
     data = size - 8 - n
     out: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, value in header.items():
-        if name == "__metadata__":
+        if name == "__metadata__":  # null or string -> string, as the safetensors loader reads it
+            at = _At(path.name, "header") / name
+            if value is not None and not isinstance(value, dict):
+                raise at.fail("null or an object of strings", value)
+            for k, v in (value or {}).items():
+                _str(v, at / k)
             continue
         at = _At(path.name, "header") / name
         entry = _obj(value, at, ("dtype", "shape", "data_offsets"))
@@ -481,43 +495,100 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         if (b - a) != numel * ST_SIZES[dt]:
             raise (at / "data_offsets").fail(f"{numel * ST_SIZES[dt]} bytes for shape {list(shape)} {dt}", b - a)
         out[name] = TensorInfo(dt, shape)
+        spans.append((a, b, name))
+    end = 0
+    for a, b, name in sorted(spans):
+        if a != end:
+            raise (_At(path.name, "header") / name / "data_offsets").fail(
+                f"to begin at byte {end}, where the tensor before it ends (tensors tile the data: none shares "
+                "bytes with another, no byte belongs to none)", [a, b])
+        end = b
+    if end != data:
+        raise SchemaError(f"{path.name}: the tensors end at byte {end} of {data} data bytes (bytes after the last "
+                          "tensor: the file was altered or truncated differently than its header says)")
     return out
 
 
-def check_against_header(layers: dict[str, LayerSpec], header: dict[str, TensorInfo], file: str,
-                         recipe_file: str) -> None:
-    """Every tensor each recipe implies is in the header with that dtype and shape, and no other.
+#: the leaf names of the tensors a quantized layer stores (a header holding one is checked against a recipe)
+PACKED_TENSOR = re.compile(r"(qweight|scales|zeros|fweight)_\d+|bit_map")
 
-    The header may hold no other quantized-layer tensor under a recorded layer's name. A head recorded ``tied_to``
-    an embedding shares its tensors: a shared tensor is stored once, under either name.
+
+def _check_ties(layers: dict[str, LayerSpec], recipe_file: str) -> None:
+    """Each ``tied_to`` names a QuantEmbedding recorded beside the head, of the head's shape, config and layout (the
+    head has no bias): the two share one set of tensors, so the recipes must imply the same ones."""
+    for name, spec in layers.items():
+        if spec.tied_to is None:
+            continue
+        where = f"{recipe_file}, key " + (_At(recipe_file, "modules") / name / "tied_to").path
+        target = layers.get(spec.tied_to)
+        if target is None or target.type != "QuantEmbedding":
+            raise SchemaError(f"{where}: {spec.tied_to!r} is not a QuantEmbedding recorded in 'modules' (a head "
+                              "recorded tied_to an embedding shares that embedding's packed tensors)")
+        if ((spec.out_features, spec.in_features) != (target.out_features, target.in_features) or spec.bias
+                or spec.config != target.config or spec.layout != target.layout):
+            raise SchemaError(f"{where}: the head shares {spec.tied_to!r}'s tensors, so it needs the same shape "
+                              f"({target.out_features} x {target.in_features}), the same config, the same layout "
+                              f"({target.layout}) and no bias; its recipe has {spec.out_features} x "
+                              f"{spec.in_features}, config {spec.config.to_dict()}, layout {spec.layout}, bias "
+                              f"{spec.bias}")
+
+
+def check_against_header(layers: dict[str, LayerSpec], header: dict[str, TensorInfo], file: str,
+                         recipe_file: str, shared: dict[str, str] | None = None) -> None:
+    """Every tensor each recipe implies is in the header with that dtype and shape, once, and no other.
+
+    The header may hold no other quantized-layer tensor under a recorded layer's name, and no packed tensor
+    (``qweight_b``, ``scales_b``, ``zeros_b``, ``fweight_b``, ``bit_map``) under a name no recipe records (a recipe
+    removed from the file would otherwise let a load ignore them). A head recorded ``tied_to`` an embedding (a
+    QuantEmbedding recorded beside it, of its shape, config and layout: checked first) shares its tensors, and a
+    layer bound to further names (``shared``) is one layer: a shared tensor is stored once, under any of the names
+    (safetensors keeps one of them), never under two (both would be read into the one tensor).
 
     Args:
         layers: module name -> parsed recipe.
         header: the safetensors header (:func:`read_header`).
         file: the weights file(s), for messages.
         recipe_file: the file the recipes come from, for messages.
+        shared: further module name -> the recorded name of the layer it shares (``shared_modules``).
 
     Raises:
-        SchemaError: naming the layer and the tensor that is missing, of another dtype or shape, or unexpected.
+        SchemaError: naming the layer and the tensor that is missing, of another dtype or shape, stored twice or
+            unexpected, or the ``tied_to`` that names no matching embedding.
     """
-    alias = {name: spec.tied_to for name, spec in layers.items() if spec.tied_to}
-    alias.update({v: k for k, v in alias.items()})
+    _check_ties(layers, recipe_file)
+    others: dict[str, list[str]] = {}  # recorded name -> the other names its tensors may be stored under
+    for name, spec in layers.items():
+        if spec.tied_to:
+            others.setdefault(name, []).append(spec.tied_to)
+            others.setdefault(spec.tied_to, []).append(name)
+    for alias, name in (shared or {}).items():
+        others.setdefault(name, []).append(alias)
     for name, spec in layers.items():
         expected = spec.expected_tensors()
         for t, info in expected.items():
-            got = header.get(f"{name}.{t}")
-            if got is None and name in alias:
-                got = header.get(f"{alias[name]}.{t}")
-            if got is None:
+            found = [k for k in [f"{n}.{t}" for n in [name, *others.get(name, ())]] if k in header]
+            if not found:
                 raise SchemaError(f"{recipe_file}: module {name!r} ({spec.type}, bits {spec.config.bits}"
                                   f"{', mixed' if spec.config.channel_bits else ''}) needs the tensor "
                                   f"{name}.{t} {info.dtype} {list(info.shape)}, which {file} does not hold")
+            if len(found) > 1:
+                raise SchemaError(f"{file} holds both {found[0]} and {found[1]}: {recipe_file} records them as one "
+                                  "tensor (a tied head or a layer under several names), stored once; both would "
+                                  "be read into it")
+            got = header[found[0]]
             if got != info:
                 raise SchemaError(f"{recipe_file}: module {name!r} needs {name}.{t} as {info.dtype} "
                                   f"{list(info.shape)}; {file} holds {got.dtype} {list(got.shape)} (the recipe and "
                                   "the tensors disagree)")
-        prefix = name + "."
+        prefixes = [name + "."] + [a + "." for a, n in (shared or {}).items() if n == name]
         for key in header:
-            if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in expected:
-                raise SchemaError(f"{file} holds {key}, which the recipe of module {name!r} in {recipe_file} does "
-                                  f"not have (expected only {', '.join(sorted(expected)) or 'no tensors'})")
+            for prefix in prefixes:
+                if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in expected:
+                    raise SchemaError(f"{file} holds {key}, which the recipe of module {name!r} in {recipe_file} "
+                                      f"does not have (expected only {', '.join(sorted(expected)) or 'no tensors'})")
+    recorded = set(layers) | set(shared or {})
+    for key in header:
+        prefix, _, leaf = key.rpartition(".")
+        if PACKED_TENSOR.fullmatch(leaf) and prefix not in recorded:
+            raise SchemaError(f"{file} holds the packed tensor {key}, but {recipe_file} records no module {prefix!r} "
+                              "(the recipes were edited or belong to another checkpoint)")
