@@ -120,7 +120,8 @@ class MedQuantConfig(QuantizationConfigMixin):
             order is kept); alternative to ``config_or_map``. A ConfigMap's ``skip`` is kept as above.
         modules: per-module recipe of an already quantized model (written by :func:`save_pretrained`); when
             quantizing on load with only ``modules`` given, exactly those modules get exactly those configs.
-        skipped_modules: Linear / Conv2d names left in float in a saved model (recorded for the reader).
+        skipped_modules: Linear / Conv2d names left in float in a saved model (recorded for the reader; it keeps no
+            layer in float: quantize-on-load refuses a plan that quantizes a listed layer, use ``skip``).
         format_version: the saved-format version of the recorded model (at most this medquant's).
         medquant_version: the medquant version that wrote it, a string (default: this one).
         quant_method: must be ``"medquant"``.

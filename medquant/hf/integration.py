@@ -25,8 +25,14 @@ leaves non-persistent buffers uninitialised), and each stored ``bit_map`` is che
 Checks on load (:func:`medquant.io.verify_pretrained`): the folder's ``medquant.manifest.json`` when it has one
 (written by :func:`save_pretrained`), every recipe of ``modules`` against the schema and the safetensors headers
 (shapes, dtypes, bits, scheme, scope; every packed buffer present, no packed tensor of an unrecorded module) before
-any tensor is read. Saves (:func:`save_pretrained`, and ``model.save_pretrained`` of a model loaded or prepared by
-medquant) replace the folder as one unit with a manifest (:func:`medquant.io.write_checkpoint`).
+any tensor is read; a pre-quantized folder whose weights are in other files than ``model.safetensors`` or its
+``model-XXXXX-of-YYYYY.safetensors`` shards (a ``variant=`` save, a pickle ``.bin``) is refused. A quantize-on-load
+plan given as recorded ``modules`` only has its recipes checked the same way (schema, and type and shape against
+the model's layer of that name); a plan that quantizes a layer its ``skipped_modules`` lists is refused (that
+field records float layers, ``skip`` keeps them). ``from_pretrained(..., dtype=...)`` of a pre-quantized folder casts the quantized
+layers as ``.to(dtype)`` does: packed codes, scales and float rows keep their saved dtypes. Saves
+(:func:`save_pretrained`, and ``model.save_pretrained`` of a model loaded or prepared by medquant) replace the folder
+as one unit with a manifest (:func:`medquant.io.write_checkpoint`); ``variant=`` is refused.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from ..io import verify_pretrained, write_checkpoint
+from ..io.schema import parse_layer
 from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
 from ..quant.config import QuantConfig
 from ..quant.experts import expand_recorded_experts, is_experts_module
@@ -218,6 +225,38 @@ def _model_names(model: nn.Module, modules: Mapping[str, Mapping], hf_quantizer:
     return out, outside
 
 
+# the weight files medquant's checks read in a pre-quantized folder (medquant.io.verify_pretrained): one file, or
+# the shards listed by model.safetensors.index.json
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def _check_weight_files(checkpoint_files: Iterable[str]) -> None:
+    """Refuse a pre-quantized folder whose weights transformers reads from other files than ``model.safetensors``
+    or its ``model-XXXXX-of-YYYYY.safetensors`` shards (a ``variant=`` save, a pickle ``.bin``): medquant's checks
+    (:func:`medquant.io.verify_pretrained`) read those names, so they would check another file or fail on a missing
+    one."""
+    odd = sorted({n for n in (Path(f).name for f in checkpoint_files) if not _WEIGHT_FILE.fullmatch(n)})
+    if odd:
+        raise ValueError(f"the medquant checkpoint's weights are read from {odd}: a pre-quantized medquant folder "
+                         "holds model.safetensors (or its model-XXXXX-of-YYYYY.safetensors shards) only; "
+                         "weight-name variants (save_pretrained(..., variant=...)) and pickle files are not "
+                         "supported: save the model again without variant= into a folder of its own")
+
+
+def _check_recorded_plan(model: nn.Module, modules: Mapping[str, Mapping]) -> None:
+    """The recipes of a quantize-on-load plan given as recorded ``modules``, checked as the pre-quantized loader
+    checks them: each against the schema (no unknown or missing key) and, where the name is a layer of
+    ``model``, of its type and shape (:func:`_check_fits`)."""
+    for name, entry in modules.items():
+        parse_layer(dict(entry), name, "quantization_config", "modules")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            continue  # an expert layer of an experts module, or a name resolve() reports
+        if isinstance(old, _FLOAT_TYPES):
+            _check_fits(old, entry, name)
+
+
 def _outside_key_map(model: nn.Module, key_map: Callable[[str], str] | None, outside: Mapping[str, Mapping]
                      ) -> Callable[[str], str]:
     """``key_map`` that also names the tensors of the records outside the model (:func:`_model_names`) as they
@@ -335,6 +374,8 @@ class MedQuantHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         folder = Path(checkpoint_files[0]).parent if checkpoint_files else None
+        if self.pre_quantized and checkpoint_files:
+            _check_weight_files(checkpoint_files)
         if folder is not None:  # the folder's manifest, every recipe against the schema
             verify_pretrained(folder, self.quantization_config.modules or {}, quantized=self.pre_quantized,
                               tensors=False)
@@ -366,7 +407,15 @@ class MedQuantHfQuantizer(HfQuantizer):
                 key_map = _outside_key_map(model, _checkpoint_key_map(model, self), outside)
                 verify_pretrained(folder, {**modules, **outside}, files=False, key_map=key_map)
         else:
-            self._plan = self.quantization_config.plan(model)
+            qc = self.quantization_config
+            if qc.config is None and qc.config_map is None and qc.modules:  # recorded recipes as the plan
+                _check_recorded_plan(model, qc.modules)
+            self._plan = qc.plan(model)
+            listed = sorted(set(qc.skipped_modules or ()) & set(self._plan))
+            if listed:  # skipped_modules records a saved model's float layers; it never keeps a layer in float
+                raise ValueError(f"MedQuantConfig.skipped_modules lists {listed}, which its plan quantizes: "
+                                 "skipped_modules only records the float layers of a saved model; keep layers in "
+                                 "floating point with skip=[...]")
             if not self._plan:  # a float model recorded as medquant: its save_pretrained would not load again
                 raise ValueError(f"MedQuantConfig quantizes no layer of {type(model).__name__}: its patterns select "
                                  "no Linear / Conv2d layer (every match maps to None or is skipped); give a pattern "
@@ -477,6 +526,10 @@ def _crash_safe_save_pretrained(self: nn.Module, save_directory, **kwargs) -> No
     distributed script calls it), the class's ``save_pretrained`` still runs (it may gather sharded tensors with
     the other ranks) but into a temporary folder that is then removed: ``save_directory`` is left as it is, as
     transformers leaves it, instead of being switched to a version without the files the writing rank saved."""
+    if kwargs.get("variant") is not None:
+        raise ValueError(f"save_pretrained(variant={kwargs['variant']!r}) of a medquant model is not supported: "
+                         "from_pretrained checks a pre-quantized folder's model.safetensors (or its shards); save "
+                         "each variant into a folder of its own, without variant=")
     if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
         kwargs["repo_id"] = Path(save_directory).name
     shared = _shared_buffer_keys(self, tied_heads(self))
@@ -541,7 +594,12 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     Args:
         model: a transformers model quantized with medquant (or a float one).
         save_directory: the output folder.
-        **kwargs: passed to transformers' ``save_pretrained`` (e.g. ``max_shard_size``).
+        **kwargs: passed to transformers' ``save_pretrained`` (e.g. ``max_shard_size``: sharded files reload
+            identically; ``safe_serialization`` is ignored by transformers 5, which always writes safetensors).
+
+    Raises:
+        ValueError: ``variant=`` (``from_pretrained`` checks ``model.safetensors`` or its shards, so a
+            ``model.<variant>.safetensors`` folder would not load); nothing is written.
     """
     attach_quantizer(model)
     _crash_safe_save_pretrained(model, save_directory, **kwargs)
