@@ -12,8 +12,10 @@
 * :func:`load_iu_reports` - the Indiana University chest X-ray reports (:mod:`medquant.data.reports`).
 
 Every loader expands a leading ``~`` in the paths it is given; relative paths are relative to the working
-directory. Image files keep the values they store (16-bit, 32-bit and floating-point files are not reduced to
-8 bits; see :func:`load_image`).
+directory. Single-channel image files keep the values they store (16-bit, 32-bit and floating-point files are not
+reduced to 8 bits; see :func:`load_image`). Index CSVs may start with a UTF-8 byte order mark (spreadsheet "CSV
+UTF-8" exports). A file is read as DICOM when its suffix is ``.dcm`` / ``.dicom`` or, whatever its name, when it
+starts with the DICOM preamble (``DICM`` at byte 128), as PACS exports named ``IM0001`` or by UID do.
 """
 from __future__ import annotations
 
@@ -59,18 +61,15 @@ def load_npz_split(path, split: str = "test", with_labels: bool = False):
         with_labels: also return the labels (None when the file has none).
 
     Returns:
-        The images, or ``(images, labels)``.
+        The images, or ``(images, labels)``; labels come back as stored (MedMNIST's are ``(N, 1)``).
 
     Raises:
-        ValueError: the file is not an ``.npz`` archive.
-        KeyError: the split or the image array is missing.
+        ValueError: the file is not an ``.npz`` archive, or its labels do not match its images one to one (a
+            different first dimension).
+        KeyError: the split or the image array is missing (the message lists the splits the file has).
     """
     path = _path(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":  # every .npz is a zip archive
-        raise ValueError(f"{path} is not an .npz archive (no zip header): expected a file written by numpy.savez "
-                         "with image arrays")
+    _check_npz(path)
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
         if split not in (None, "all") and f"{split}_images" in keys:
@@ -87,20 +86,42 @@ def load_npz_split(path, split: str = "test", with_labels: bool = False):
             if split not in (None, "all"):
                 if "split" not in keys:
                     raise KeyError(f"{path} has no per-image 'split' array; use split=None")
-                sel = z["split"].astype(str) == split
+                splits = z["split"].astype(str)
+                if len(splits) != len(images):
+                    raise ValueError(f"{path}: {len(images)} images but {len(splits)} entries in its 'split' array "
+                                     "(expected one split per image)")
+                sel = splits == split
                 if not sel.any():
-                    raise KeyError(f"no images with split {split!r} in {path}")
+                    raise KeyError(f"no images with split {split!r} in {path} (splits: "
+                                   f"{', '.join(sorted(set(splits.tolist()))) or 'none'})")
+                if labels is not None and len(labels) != len(images):
+                    raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels (expected one label per "
+                                     "image)")
                 images = images[sel]
                 labels = labels[sel] if labels is not None else None
         else:
             have = sorted(k[: -len("_images")] for k in keys if k.endswith("_images"))
             raise KeyError(f"{path} has no split {split!r}: no '{split}_images' or 'images' array (splits: "
                            f"{', '.join(have) or 'none'}; keys: {sorted(keys)})")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels for split {split!r} (expected one "
+                         "label per image)")
     return (images, labels) if with_labels else images
+
+
+def _check_npz(path: Path) -> None:
+    """Refuse a file that is not a zip archive (every ``.npz`` is one) before numpy calls it pickled data."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        raise ValueError(f"{path} is not an .npz archive (no zip header): expected a file written by numpy.savez "
+                         "with image arrays")
 
 
 def read_index(csv_path, split: str | None = None, path_column: str = "path") -> list[dict]:
     """Rows of an index CSV (dicts), optionally only those whose ``split`` column equals ``split``.
+
+    The file is read as UTF-8; a leading byte order mark (as spreadsheet programs write) is dropped.
 
     Args:
         csv_path: the CSV file.
@@ -111,17 +132,25 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path") ->
         The rows as dicts.
 
     Raises:
-        KeyError: the CSV has no ``path_column`` column, or no ``split`` column when ``split`` is given.
-        ValueError: ``split`` is given and no row has it (the message lists the splits the CSV has).
+        KeyError: the CSV has no ``path_column`` column, or no ``split`` column when ``split`` is given (the
+            message lists the columns).
+        ValueError: a row has an empty or missing path, or (with ``split``) no split field (the message names its
+            line); ``split`` is given and no row has it (the message lists the splits the CSV has).
     """
     csv_path = _path(csv_path)
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     if rows and path_column not in rows[0]:
         raise KeyError(f"{csv_path} has no {path_column!r} column (columns: {list(rows[0])})")
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        if not r[path_column]:
+            raise ValueError(f"{csv_path} line {line}: empty {path_column!r} field (every row names an image file)")
     if split is not None:
         if rows and "split" not in rows[0]:
-            raise KeyError(f"{csv_path} has no 'split' column")
+            raise KeyError(f"{csv_path} has no 'split' column (columns: {list(rows[0])})")
+        for line, r in enumerate(rows, start=2):
+            if r["split"] is None:
+                raise ValueError(f"{csv_path} line {line}: no 'split' field (the row is shorter than the header)")
         kept = [r for r in rows if r["split"] == split]
         if rows and not kept:
             have = ", ".join(sorted({r["split"] for r in rows}))
@@ -136,26 +165,48 @@ def load_image(path) -> np.ndarray:
     8-bit gray and RGB files give uint8 ``(H, W)`` / ``(H, W, 3)``; single-channel files wider than 8 bits keep
     their values and a native-byte-order dtype: unsigned 16-bit (PNG, TIFF) uint16, signed 16-bit and 32-bit
     integer TIFFs (Pillow mode ``I``, e.g. CT numbers) int32, floating-point TIFFs (mode ``F``) float32. Other modes
-    (palette, gray with alpha, RGBA, CMYK, 1-bit) are converted to uint8 RGB.
+    (palette, gray with alpha, RGBA, CMYK, 1-bit) are converted to uint8 RGB (alpha dropped). 16-bit-per-channel
+    colour files (48-bit RGB PNG) are reduced to 8 bits by Pillow, which keeps the high byte (``v >> 8``).
+    Files with several frames (multi-page TIFF, animated GIF / PNG / WebP) are refused rather than cut to their
+    first frame; a JPEG's multi-picture (MPO) extras are ignored.
 
     Args:
-        path: an image file (PNG, JPEG, TIFF...) or a DICOM file (``.dcm``); ``~`` is expanded.
+        path: an image file (PNG, JPEG, TIFF...) or a DICOM file (``.dcm`` / ``.dicom``, or any name when the file
+            starts with the DICOM preamble); ``~`` is expanded.
 
     Returns:
         The pixel array (DICOM: float64 in [0, 1], see :func:`dicom_to_array`).
+
+    Raises:
+        ValueError: a file with more than one frame; for DICOM see :func:`dicom_to_array`.
     """
     path = _path(path)
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and _has_dicom_preamble(path)):
         return dicom_to_array(read_dicom(path))[0]
     from PIL import Image
 
     with Image.open(path) as im:
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1 and im.format != "MPO":
+            raise ValueError(f"{path} has {frames} frames (a multi-page or animated file); one image per file is "
+                             "supported: save each frame as its own file")
         if im.mode in ("L", "RGB"):
             return np.asarray(im).copy()
         if im.mode == "I" or im.mode == "F" or im.mode.startswith("I;16"):
             arr = np.asarray(im)
             return arr.astype(arr.dtype.newbyteorder("="))  # a copy; big-endian data in native order
         return np.asarray(im.convert("RGB")).copy()
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """True when ``path`` is a file with ``DICM`` at byte 128 (a DICOM Part 10 file, whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _path(path) -> Path:
@@ -225,11 +276,14 @@ def list_image_files(root) -> list[Path]:
         root: a folder.
 
     Returns:
-        Paths whose suffix is one of ``IMAGE_SUFFIXES`` or ``DICOM_SUFFIXES`` (case-insensitive).
+        Paths whose suffix is one of ``IMAGE_SUFFIXES`` or ``DICOM_SUFFIXES`` (case-insensitive), and other files
+        that start with the DICOM preamble (``DICM`` at byte 128: PACS exports named ``IM0001`` or by UID), except
+        ``DICOMDIR`` (a directory record, no image).
     """
     root = _path(root)
     return sorted(p for p in root.rglob("*") if p.is_file()
-                  and p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
+                  and (p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES
+                       or (p.name.upper() != "DICOMDIR" and _has_dicom_preamble(p))))
 
 
 # ------------------------------------------------------------------------------------------------ DICOM
@@ -261,7 +315,10 @@ def dicom_to_array(ds) -> tuple[np.ndarray, None]:
     PixelRepresentation = 1) mapped through the rescale; the image is m mapped linearly from that range to
     [0, 1]; MONOCHROME1 (white = low) is inverted, 1 - x. For a linear rescale with positive slope this equals
     (v - v_min) / (v_max - v_min), i.e. the bit depth is honoured (12-bit data is divided by 4095, not 65535).
-    Multi-frame data and colour (RGB) DICOM are rejected.
+    A Modality LUT Sequence, when present, replaces the rescale: m = LUT(v) (pydicom's ``apply_modality_lut``)
+    and the range is [min, max] of the LUT values the stored range reaches. No VOI LUT or window is applied.
+    Multi-frame data, colour (RGB) DICOM, float pixel data (Float / Double Float Pixel Data: no stored bit range
+    to scale by) and datasets without pixel data are rejected; the messages name the file.
 
     Args:
         ds: a pydicom dataset.
@@ -270,31 +327,57 @@ def dicom_to_array(ds) -> tuple[np.ndarray, None]:
         ``(image, None)``.
 
     Raises:
-        ValueError: multi-frame or colour data, or a degenerate intensity range (``RescaleSlope`` 0).
+        ValueError: no pixel data, float pixel data, multi-frame or colour data, or a degenerate intensity range
+            (``RescaleSlope`` 0, or a Modality LUT with one value).
     """
+    where = f"DICOM {ds.filename}" if isinstance(getattr(ds, "filename", None), str) else "DICOM dataset"
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise ValueError(f"{where} has Float Pixel Data, which declares no stored bit range to scale to [0, 1]; "
+                         "supported: integer Pixel Data (convert the floats to an image yourself)")
+    if "PixelData" not in ds:
+        raise ValueError(f"{where} has no pixel data (no Pixel Data element: a report, structured document or "
+                         "DICOMDIR, not an image)")
     arr = np.asarray(ds.pixel_array)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"only single-frame grayscale DICOM is supported (shape {arr.shape}, "
+        raise ValueError(f"{where}: only single-frame grayscale DICOM is supported (shape {arr.shape}, "
                          f"PhotometricInterpretation {photometric})")
     bits = int(getattr(ds, "BitsStored", 8 * arr.dtype.itemsize))
     signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
     vmin, vmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    raw_slope = getattr(ds, "RescaleSlope", None)
-    slope = 1.0 if raw_slope is None or str(raw_slope).strip() == "" else float(raw_slope)  # missing: identity
-    if slope == 0.0:
-        raise ValueError("degenerate DICOM intensity range: RescaleSlope is 0 (every pixel maps to the "
-                         "intercept); expected a non-zero slope, or no RescaleSlope element for slope 1")
-    raw_intercept = getattr(ds, "RescaleIntercept", None)
-    intercept = 0.0 if raw_intercept is None or str(raw_intercept).strip() == "" else float(raw_intercept)
-    m = arr.astype(np.float64) * slope + intercept
-    lo, hi = sorted((vmin * slope + intercept, vmax * slope + intercept))
-    if hi <= lo:
-        raise ValueError("degenerate DICOM intensity range (RescaleSlope 0?)")
+    if "ModalityLUTSequence" in ds:
+        apply_modality_lut = _pydicom_modality_lut()
+        m = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        reach = np.arange(vmin, vmax + 1, dtype=np.int64) if bits <= 16 else arr
+        values = np.asarray(apply_modality_lut(reach.astype(arr.dtype), ds), dtype=np.float64)
+        lo, hi = float(values.min()), float(values.max())
+        if hi <= lo:
+            raise ValueError(f"degenerate {where} intensity range: its Modality LUT maps every stored value to {lo}")
+    else:
+        raw_slope = getattr(ds, "RescaleSlope", None)
+        slope = 1.0 if raw_slope is None or str(raw_slope).strip() == "" else float(raw_slope)  # missing: identity
+        if slope == 0.0:
+            raise ValueError(f"degenerate {where} intensity range: RescaleSlope is 0 (every pixel maps to the "
+                             "intercept); expected a non-zero slope, or no RescaleSlope element for slope 1")
+        raw_intercept = getattr(ds, "RescaleIntercept", None)
+        intercept = 0.0 if raw_intercept is None or str(raw_intercept).strip() == "" else float(raw_intercept)
+        m = arr.astype(np.float64) * slope + intercept
+        lo, hi = sorted((vmin * slope + intercept, vmax * slope + intercept))
+        if hi <= lo:
+            raise ValueError(f"degenerate {where} intensity range (RescaleSlope 0?)")
     x = np.clip((m - lo) / (hi - lo), 0.0, 1.0)
     if photometric == "MONOCHROME1":
         x = 1.0 - x
     return x, None
+
+
+def _pydicom_modality_lut():
+    """pydicom's ``apply_modality_lut`` (``pydicom.pixels`` from 3.0, ``pydicom.pixel_data_handlers.util`` before)."""
+    try:
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
+    return apply_modality_lut
 
 
 # ------------------------------------------------------------------------------------------------ any path
@@ -318,8 +401,10 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``limit`` is negative; an option that would be ignored: ``key`` with ``split`` or for anything
-            but an ``.npz``, ``split`` for a single image file (or for a folder without an index CSV).
+        KeyError: ``key`` is not an array of the ``.npz`` (the message lists its arrays), or the split is missing.
+        ValueError: ``limit`` is negative; an ``.npz`` that is not a zip archive; an option that would be ignored:
+            ``key`` with ``split`` or for anything but an ``.npz``, ``split`` for a single image file (or for a
+            folder without an index CSV).
     """
     _check_limit(limit)
     path = _path(path)
@@ -334,7 +419,10 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         return images, [r.get("path", str(i)) for i, r in enumerate(rows)]
     if suffix == ".npz":
         if key is not None:
-            with np.load(path) as z:
+            _check_npz(path)
+            with np.load(path, allow_pickle=False) as z:
+                if key not in z.files:
+                    raise KeyError(f"{path} has no array {key!r} (arrays: {sorted(z.files)})")
                 images = z[key]
         else:
             images = load_npz_split(path, split=split if split is not None else "all")
