@@ -16,6 +16,8 @@ and ``Support Devices``) is positive or uncertain.
 MeSH mapping (:data:`MESH_MAP`): an IU MeSH term is ``"Heading/qualifier/qualifier..."``. A term maps to a
 finding when its heading is listed for that finding and, where the table names qualifiers, one of them is
 present (e.g. ``"Cardiac Shadow/enlarged"`` -> Cardiomegaly, but ``"Cardiac Shadow"`` alone -> nothing).
+Headings and qualifiers are compared case-insensitively, with runs of whitespace read as one space (the IU index
+spells some headings in two cases, e.g. ``"Thoracic Vertebrae"`` / ``"Thoracic vertebrae"``).
 Headings not in the table (emphysema, degenerative spine, calcinosis, scarring...) are not CheXpert findings
 and map to nothing. Reports indexed ``"No Indexing"`` have no usable labels (:func:`mesh_labels` returns
 ``None``).
@@ -54,7 +56,8 @@ PATHOLOGIES: tuple[str, ...] = tuple(f for f in CHEXPERT_FINDINGS if f not in ("
 MESH_MAP: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
     "Mediastinum": [("Enlarged Cardiomediastinum", ("enlarged", "prominent", "widened", "large"))],
     "Cardiomegaly": [("Cardiomegaly", None)],
-    "Cardiac Shadow": [("Cardiomegaly", ("enlarged", "large"))],
+    # "borderline" as for "Cardiomegaly/borderline" (any qualifier) and "Cardiac Shadow/enlarged/borderline"
+    "Cardiac Shadow": [("Cardiomegaly", ("enlarged", "large", "borderline"))],
     "Heart": [("Cardiomegaly", ("enlarged", "large"))],
     "Opacity": [("Lung Opacity", None)],
     "Airspace Disease": [("Lung Opacity", None)],
@@ -76,10 +79,15 @@ MESH_MAP: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
     "Atelectasis": [("Atelectasis", None)],
     "Pneumothorax": [("Pneumothorax", None)],
     "Hydropneumothorax": [("Pneumothorax", None), ("Pleural Effusion", None)],
+    # blood in the pleural space is pleural fluid (as PadChest: hemothorax -> pleural effusion)
+    "Hemopneumothorax": [("Pneumothorax", None), ("Pleural Effusion", None)],
+    "Hemothorax": [("Pleural Effusion", None)],
     "Pleural Effusion": [("Pleural Effusion", None)],
+    # a blunted costophrenic angle / sulcus / pleural space (not an obscured one)
     "Costophrenic Angle": [("Pleural Effusion", ("blunted",))],
+    "Sulcus": [("Pleural Effusion", ("blunted",))],
     "Thickening": [("Pleural Other", ("pleura",))],
-    "Pleura": [("Pleural Other", ("thickening", "thickened"))],
+    "Pleura": [("Pleural Other", ("thickening", "thickened")), ("Pleural Effusion", ("blunted",))],
     "Fractures, Bone": [("Fracture", None)],
     "Catheters, Indwelling": [("Support Devices", None)],
     "Implanted Medical Device": [("Support Devices", None)],
@@ -147,29 +155,43 @@ def findings_prompt(findings: tuple[str, ...] = CHEXPERT_FINDINGS) -> str:
             "write 'possible' before a finding you are unsure of.\n" + listed)
 
 
+def _norm(s: str) -> str:
+    """Lower case, runs of whitespace -> one space, no leading / trailing space."""
+    return " ".join(s.split()).lower()
+
+
 def _heading_qualifiers(term: str) -> tuple[str, list[str]]:
-    parts = [p.strip() for p in term.split("/")]
-    return parts[0], [q.lower() for q in parts[1:]]
+    parts = [_norm(p) for p in term.split("/")]
+    return parts[0], parts[1:]
 
 
 def mesh_labels(terms: tuple[str, ...] | list[str]) -> np.ndarray | None:
     """Binary 14-vector from IU MeSH ``<major>`` terms through :data:`MESH_MAP`; ``None`` for "No Indexing".
 
+    Headings and qualifiers match case-insensitively and whitespace-normalised (``"opacity / Lung"`` is
+    ``"Opacity/lung"``). ``No Finding`` is 1 when no term maps to one of the 12 :data:`PATHOLOGIES`.
+
     Args:
-        terms: the report's MeSH major terms.
+        terms: the report's MeSH major terms (a sequence of strings, not one string).
 
     Returns:
-        ``(14,)`` 0/1 array in CHEXPERT_FINDINGS order, or None.
+        ``(14,)`` 0/1 array in CHEXPERT_FINDINGS order, or None (no terms, or a ``"No Indexing"`` term).
+
+    Raises:
+        TypeError: ``terms`` is a single string (it would be read character by character).
     """
+    if isinstance(terms, str):
+        raise TypeError("terms must be a sequence of terms, e.g. (\"Cardiomegaly/mild\",), not one string")
     terms = list(terms)
-    if not terms or any(t.strip().lower() == "no indexing" for t in terms):
+    if not terms or any(_norm(t) == "no indexing" for t in terms):
         return None
     vec = np.zeros(len(CHEXPERT_FINDINGS), dtype=np.float64)
     idx = {f: i for i, f in enumerate(CHEXPERT_FINDINGS)}
+    table = {_norm(h): targets for h, targets in MESH_MAP.items()}
     for term in terms:
         heading, quals = _heading_qualifiers(term)
-        for finding, need in MESH_MAP.get(heading, []):
-            if need is None or any(q in quals for q in need):
+        for finding, need in table.get(heading, []):
+            if need is None or any(_norm(q) in quals for q in need):
                 vec[idx[finding]] = 1.0
     vec[0] = 0.0 if any(vec[idx[p]] == 1 for p in PATHOLOGIES) else 1.0
     return vec
@@ -178,19 +200,27 @@ def mesh_labels(terms: tuple[str, ...] | list[str]) -> np.ndarray | None:
 def binarize(labels: np.ndarray, uncertain: str = "positive") -> np.ndarray:
     """Three-valued labels (1, 0, -1, nan) -> 0/1 ints: nan and 0 -> 0, 1 -> 1, -1 -> 1 or 0 per ``uncertain``.
 
+    Every column, ``No Finding`` included, is mapped alike: ``No Finding`` is not recomputed from the binarized
+    pathologies (with ``uncertain="negative"`` a vector whose only pathology is uncertain becomes all 0, as
+    CheXpert's U-Zeros).
+
     Args:
-        labels: array of 1 / 0 / -1 / nan.
+        labels: array of 1 / 0 / -1 / nan (bool is read as 1 / 0).
         uncertain: ``"positive"`` (-1 counts as present) or ``"negative"``.
 
     Returns:
         Integer 0/1 array of the same shape.
 
     Raises:
-        ValueError: an unknown ``uncertain`` policy.
+        ValueError: an unknown ``uncertain`` policy, or a value other than 1, 0, -1, nan (e.g. probabilities:
+            threshold them first).
     """
     if uncertain not in ("positive", "negative"):
         raise ValueError(f"uncertain must be 'positive' or 'negative', got {uncertain!r}")
     a = np.asarray(labels, dtype=np.float64)
+    bad = ~(np.isin(a, (1.0, 0.0, -1.0)) | np.isnan(a))
+    if bad.any():
+        raise ValueError(f"labels must hold only 1, 0, -1 or nan, got {np.unique(a[bad])[:5].tolist()}")
     out = (a == 1).astype(np.int64)
     if uncertain == "positive":
         out |= (a == -1).astype(np.int64)
