@@ -264,20 +264,26 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
     out = Path(args.out)
     if out.resolve() == Path(args.src).resolve():
         parser.error("OUT must differ from SRC (the export is written next to the source, never over it)")
-    if args.format in FILE_SUFFIXES:  # the file the export writes (OUT, or OUT/model<suffix>), checked first
+    if args.format in FILE_SUFFIXES:  # the file the export writes (OUT, or OUT/model<suffix>): all there is to check
         from ..deploy.registry import output_file_path
 
         try:
             output_file_path(out, args.overwrite, suffix=FILE_SUFFIXES[args.format], format=args.format)
         except ExportError as e:
             parser.error(f"OUT: {e}")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        parser.error(f"OUT {args.out} exists and is not empty; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        if args.format == "compressed-tensors":
-            parser.error(f"OUT {args.out} exists and is a file; --format compressed-tensors writes a folder")
-        if not args.overwrite:
-            parser.error(f"OUT {args.out} exists; pass --overwrite to replace it")
+    else:
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            parser.error(f"OUT {args.out} exists and is not empty; pass --overwrite to replace it")
+        # --overwrite replaces OUT as a whole folder: never one holding what the export reads
+        for flag, folder in (("SRC", args.src), ("--source", args.source)):
+            if folder is not None and out.resolve() in Path(folder).resolve().parents:
+                parser.error(f"OUT {args.out} holds {flag} {folder}: the export replaces OUT as a whole folder, "
+                             f"which would delete it; choose an OUT outside it")
+        if out.exists() and not out.is_dir():
+            if args.format == "compressed-tensors":
+                parser.error(f"OUT {args.out} exists and is a file; --format compressed-tensors writes a folder")
+            if not args.overwrite:
+                parser.error(f"OUT {args.out} exists; pass --overwrite to replace it")
     if args.max_shard_size is not None and args.format != "compressed-tensors":
         parser.error("--max-shard-size applies to --format compressed-tensors only")
     if args.embeddings is not None and args.format != "compressed-tensors":
@@ -332,7 +338,9 @@ def register(sub) -> None:
                         "(default, every runtime reads it) or packed (transformers needs dequantize=True)")
     p.add_argument("--source", type=existing_folder, default=None, metavar="DIR",
                    help="folder with the tokenizer / processor files (compressed-tensors, gguf; default SRC)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists (a folder, replaced whole; never one holding SRC or --source); "
+                        "gguf / onnx: replace the file written (OUT, or OUT/model.gguf in a folder OUT)")
     p.add_argument("--json", action="store_true", help="print the export report as JSON (no progress bars)")
     onnx = p.add_argument_group("--format onnx")
     onnx.add_argument("--input-shape", type=input_shape, default=None, metavar="N,C,H,W",

@@ -5,8 +5,9 @@
   ``"mixed {3: 10 rows, 4: 22 rows}"``).
 * :func:`check_native` refuses models holding modules a format has no tensors for (medquant wrappers other
   than the quantized layers, e.g. quantized MoE experts; parametrized layers).
-* :func:`check_mixed` refuses layers whose rows carry different bit-widths (no runtime format stores per-row
-  bits) unless ``promote=True``, naming every such layer and its scheme in the :class:`ExportError`.
+* :func:`check_mixed` refuses layers whose rows carry different bit-widths, integer ones among them (no runtime
+  format stores per-row bits), unless ``promote=True``, naming every such layer and its scheme in the
+  :class:`ExportError`; a layer of float and pruned rows only is written as its float weight.
 * :func:`layer_weight` returns one layer's weight as a single uniform block of codes, scales and zero points
   (:class:`UniformWeight`): a copy of the stored row group (exact), or, for a mixed layer with ``promote=True``,
   every row requantized to the layer's largest integer bit-width, with the largest absolute weight change.
@@ -101,8 +102,9 @@ def is_float_layer(layer: QuantLayer) -> bool:
 
 
 def mixed_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
-    """The quantized layers whose rows do not all share one bit-width (integer or float)."""
-    return [(name, m) for name, m in quantized_layers(model) if m.mixed]
+    """The quantized layers whose rows do not all share one bit-width and that hold integer rows (a layer of only
+    float and pruned rows is its dequantised float weight, which every format stores as float exactly)."""
+    return [(name, m) for name, m in quantized_layers(model) if m.mixed and not is_float_layer(m)]
 
 
 def check_mixed(model: nn.Module, promote: bool, format: str) -> list[str]:
@@ -211,22 +213,23 @@ def _from_packed(layer: QuantLayer, b: int) -> UniformWeight:
 def layer_weight(layer: QuantLayer, promote: bool = False) -> UniformWeight | None:
     """The layer's weight as one :class:`UniformWeight`, or None for a layer without integer rows (float/pruned).
 
-    A layer with one integer bit-width is returned exactly as stored. A mixed layer raises :class:`ExportError`
-    unless ``promote``; promoted, its largest integer bit-width ``B`` becomes the layer's: rows already at ``B``
-    keep their codes and scales (group/channel scope), every other row (fewer bits, float or pruned) is quantized
-    again at ``B`` bits from its dequantised values, with the layer's scope, group size and the symmetry medquant
-    uses at ``B`` bits, padded along K like the stored ``B``-bit rows (the layer's layout: dense 3/5/6/7-bit rows
-    pad K to a multiple of 32 and of the group size); tensor scope has one scale for the whole matrix, so all rows
-    are quantized again.
+    A layer with one integer bit-width is returned exactly as stored; a layer without integer rows (float and
+    pruned rows, mixed or not) is None, with or without ``promote``. A mixed layer with integer rows raises
+    :class:`ExportError` unless ``promote``; promoted, its largest integer bit-width ``B`` becomes the layer's: rows
+    already at ``B`` keep their codes and scales (group/channel scope), every other row (fewer bits, float or
+    pruned) is quantized again at ``B`` bits from its dequantised values, with the layer's scope, group size and
+    the symmetry medquant uses at ``B`` bits, padded along K like the stored ``B``-bit rows (the layer's layout:
+    dense 3/5/6/7-bit rows pad K to a multiple of 32 and of the group size); tensor scope has one scale for the
+    whole matrix, so all rows are quantized again.
     """
     if not layer.mixed:
         b = layer.bit_groups[0]
         return _from_packed(layer, b) if is_integer_bits(b) else None
+    ints = [b for b in layer.bit_groups if is_integer_bits(b)]
+    if not ints:  # float and pruned rows only: the float weight, nothing to requantize
+        return None
     if not promote:
         raise ExportError(f"layer mixes bit-widths ({layer_scheme(layer)}); pass promote=True to requantize it")
-    ints = [b for b in layer.bit_groups if is_integer_bits(b)]
-    if not ints:
-        return None
     top = max(ints)
     cfg = replace(layer.config, bits=top, channel_bits=None)
     w = layer.dequantized_weight(torch.float32)

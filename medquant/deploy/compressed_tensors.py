@@ -187,7 +187,13 @@ def _check_options(model: nn.Module, path: Path, promote: Any, max_shard_size: A
         raise ExportError(f"{path} exists and is not a folder; the export is a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ExportError(f"{path} is not empty; pass overwrite=True (command line: --overwrite) to replace it")
-    source_folder(model, source)  # checks an explicit source
+    src = source_folder(model, source)  # checks an explicit source
+    if src is not None and path.exists():  # overwrite=True replaces path whole: never with what the export reads
+        there, holds = path.resolve(), src.resolve()
+        if there == holds or there in holds.parents:
+            raise ExportError(f"{path} holds the source folder {src} (source=, or model.name_or_path): the export "
+                              "replaces the output folder as a whole, which would delete it; choose an output "
+                              "folder outside it")
     return shard, SCALE_DTYPES[scale_dtype]
 
 

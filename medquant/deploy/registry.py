@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -165,24 +166,37 @@ _BUILTIN = {
 
 
 def register_export_format(name: str, backend: ExportBackend, *, description: str = "",
-                           requires: tuple[str, ...] = (), replace: bool = False) -> None:
+                           requires: tuple[str, ...] | str = (), replace: bool = False) -> None:
     """Register ``backend`` under ``name`` for :func:`export`.
 
     Args:
         name: the ``format=`` value, e.g. ``"gguf"``.
         backend: ``backend(model, path, **options) -> ExportReport``.
         description: one line for :func:`export_formats` and ``medquant export --help``.
-        requires: importable Python packages the backend needs (named in the error when one is missing).
-        replace: allow replacing an existing registration (otherwise a second registration raises).
+        requires: importable Python packages the backend needs (named in the error when one is missing); a
+            single string is one package.
+        replace: allow replacing an existing registration (otherwise a second registration raises). A built-in
+            name (``"gguf"``, ``"compressed-tensors"``...) counts as registered even before its backend module was
+            imported: that module is imported first, so that its own registration comes first and a later import
+            of it neither raises nor puts the built-in back over a replacement.
 
     Raises:
-        ValueError: an empty name, or a name already registered without ``replace=True``.
+        ValueError: an empty name, or a name already registered (a built-in name included) without
+            ``replace=True``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"export format name must be a non-empty string, got {name!r}")
+    if name not in _FORMATS and name in _BUILTIN and _BUILTIN[name] not in sys.modules:
+        # not the built-in module registering itself (it is in sys.modules while it runs): register it first
+        import importlib
+
+        try:
+            importlib.import_module(_BUILTIN[name])
+        except ImportError:  # the built-in cannot load here: the name is free
+            pass
     if name in _FORMATS and not replace:
         raise ValueError(f"export format {name!r} is already registered (pass replace=True to override)")
-    _FORMATS[name] = _Format(name, backend, description, tuple(requires))
+    _FORMATS[name] = _Format(name, backend, description, (requires,) if isinstance(requires, str) else tuple(requires))
 
 
 def _lookup(name: str) -> _Format:
@@ -310,7 +324,8 @@ def made_folders(folder: Path) -> Iterator[Path]:
 
 
 def output_file_path(path: str | os.PathLike, overwrite: bool, *, suffix: str, format: str) -> Path:
-    """The file a single-file export writes: ``path`` itself when it ends in ``suffix``, else ``path/model<suffix>``.
+    """The file a single-file export writes: ``path`` itself when it ends in ``suffix`` (in any case: ``m.GGUF`` is
+    a file too), else ``path/model<suffix>``.
 
     Args:
         path: the path given to the export.
@@ -329,7 +344,7 @@ def output_file_path(path: str | os.PathLike, overwrite: bool, *, suffix: str, f
     """
     path = Path(path)
     default = f"model{suffix}"
-    if path.suffix == suffix:
+    if path.suffix.lower() == suffix.lower():
         if path.is_dir():
             raise ExportError(f"{path} is a folder; a path ending in {suffix} names the file format={format!r} "
                               f"writes: give a file path (e.g. {path / default} to write into that folder)")

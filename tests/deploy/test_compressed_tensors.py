@@ -517,3 +517,21 @@ def test_overwrite_never_loses_the_old_export(llama, tmp_path, monkeypatch, exch
     export(model2, out, format=FMT, overwrite=True)
     assert _qconfig(out) != json.loads(old["config.json"])["quantization_config"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_never_replaces_a_folder_holding_the_source(llama, tmp_path):
+    """overwrite=True into the folder holding the source (or into the source itself) swapped it out whole, deleting
+    the model the export was made from."""
+    runs = tmp_path / "runs"
+    src = runs / "model"
+    src.mkdir(parents=True)
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    (src / "weights.bin").write_bytes(b"the float checkpoint")
+    model = mq.quantize_(copy.deepcopy(llama), mq.QuantConfig(4, group_size=32), skip=["lm_head"])
+    for out, kw in ((runs, {"source": src}), (src, {"source": src}), (runs, {})):
+        model.name_or_path = str(src)  # what from_pretrained(src) sets
+        with pytest.raises(ExportError, match="holds the source folder"):
+            export(model, out, format=FMT, overwrite=True, **kw)
+        assert (src / "weights.bin").read_bytes() == b"the float checkpoint"
+    export(model, tmp_path / "elsewhere", format=FMT, overwrite=True)  # outside the source: written
+    assert (tmp_path / "elsewhere" / "tokenizer.json").is_file()
