@@ -193,6 +193,25 @@ class _QuantWeightBase(nn.Module):
         self.refresh_kernels()  # .to() / .cpu() made new tensors
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """As ``nn.Module``'s, refusing (with ``strict`` True or False) a ``bit_map`` other than this layer's
+        ``config.row_bits``: the row groups are placed by the config's rows, so another recipe with the same counts
+        per bit-width (same keys and shapes) would otherwise load and compute its rows in the wrong places."""
+        key = prefix + "bit_map"
+        got = state_dict.get(key)
+        if self.mixed and isinstance(got, torch.Tensor) and got.shape == (self.out_rows,) and got.device.type != "meta":
+            want = self.config.row_bits(self.out_rows)
+            if not torch.equal(got.detach().to("cpu", torch.int16), want):
+                bad = torch.nonzero(got.detach().to("cpu", torch.int16) != want).flatten()[:8].tolist()
+                error_msgs.append(
+                    f"bit_map of {key!r} differs from this layer's config.channel_bits (first differing rows {bad}): the "
+                    f"checkpoint was quantized with another per-row bit-width recipe; build the layer with that "
+                    f"recipe's QuantConfig")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def __getstate__(self):
         state = self.__dict__.copy()
         _drop_prepared(state)  # bound to this layer's tensors: a copy prepares its own
@@ -342,7 +361,12 @@ class _QuantWeightBase(nn.Module):
         Eager CPU inference on a layer with one packed bit-width runs its prepared matmul (:meth:`_prepared`):
         the same kernels and result without re-validating and re-dispatching at every call. Under
         ``torch.compile``, a layer bound with :meth:`bind_cpu_kernels` traces its kernel call directly
-        (inference only: a call that needs a gradient goes through the custom op and its backward)."""
+        (inference only: a call that needs a gradient goes through the custom op and its backward).
+
+        A float64 ``x`` (which the packed kernels do not take) is multiplied with :meth:`dequantized_weight` in
+        float64, as ``nn.Linear`` would: ``x2d @ W.double()^T``, at every call and whatever ran before."""
+        if x2d.dtype == torch.float64:
+            return x2d @ self.dequantized_weight(torch.float64).t()
         if torch.compiler.is_compiling():
             bound = self.__dict__.get(_BOUND)
             if bound is not None and x2d.device.type == "cpu" and not (x2d.requires_grad and torch.is_grad_enabled()):
@@ -409,7 +433,8 @@ class QuantLinear(_QuantWeightBase):
 
     ``y = x W^T + b`` with ``W[n, j] = (u[n, j] - z) * s`` (codes ``u`` unpacked per row group of one bit-width,
     scale ``s`` and zero point ``z`` of the element's group). The constructor allocates an empty layer (the
-    loaders fill it from a state dict).
+    loaders fill it from a state dict). ``forward`` keeps the input's dtype: float16 / bfloat16 / float32 through
+    the packed kernels, float64 as ``F.linear(x, W.double(), b)`` with ``W`` = :meth:`dequantized_weight`.
 
     Args:
         in_features: input features ``K``.
@@ -617,8 +642,12 @@ class QuantConv2d(_QuantWeightBase):
         return F.conv2d(x, self.weight_4d(x.dtype), b, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
+        c = self.config
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, {self._bits_repr()}, scope={self.config.scope}")
+                f"padding={self.padding}"
+                + (f", dilation={self.dilation}" if self.dilation != (1, 1) else "")
+                + f", groups={self.groups}" + (", bias=False" if self.bias is None else "")
+                + f", {self._bits_repr()}, scope={c.scope}" + (f"({c.group_size})" if c.scope == "group" else ""))
 
 
 QUANT_MODULES = (QuantLinear, QuantConv2d)
