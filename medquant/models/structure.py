@@ -4,10 +4,13 @@ Used by :func:`medquant.models.model_roles` for every architecture outside its t
 steps, cheapest first (no forward pass unless they leave weights undecided):
 
 1. **Anchors.** The *language model* is the module that owns the token embeddings
-   (``model.get_input_embeddings()``, an ``nn.Embedding``; for a dual encoder, the text tower's) and the
+   (``model.get_input_embeddings()``, an ``nn.Embedding``; for a dual encoder, the text tower's, or when that
+   method fails (OWL-ViT, GroupViT) the tower's ``nn.Embedding`` of ``config.vocab_size`` rows) and the
    decoder / encoder stack beside them: the smallest ancestor of the embedding that holds a non-empty
-   ``nn.ModuleList``. The *head* is ``model.get_output_embeddings()`` (``lm_head``) when it lies outside
-   the language model, or a child named ``classifier`` / ``score`` / ``head`` / ``pooler`` /
+   ``nn.ModuleList`` of blocks (a list of embedding tables, MarkupLM's xpath embeddings, is no stack). The *head*
+   is ``model.get_output_embeddings()`` (``lm_head``) when it lies outside the language model (when that is an
+   ``nn.Embedding``, as FSMT's decoder table, the shallowest ``nn.Linear`` of the same ``[vocab, hidden]`` shape
+   beside it: FSMT's ``output_projection``), or a child named ``classifier`` / ``score`` / ``head`` / ``pooler`` /
    ``generation_head`` / ``visual_projection`` / ``text_projection``.
 2. **Sub-models and names.** Walking the tree from the root, a sub-model (a ``PreTrainedModel``) whose
    ``config`` is the parent's ``vision_config`` / ``vq_config`` is vision, ``qformer_config`` is projector,
@@ -20,12 +23,17 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
    (LLaVA-Med's ``LlavaMistralForCausalLM``, Phi-4-multimodal's ``embed_tokens_extend``, Chameleon's
    ``vqmodel``) is split out of the language role. Inside a vision tower, children named like a projector
    (Qwen2-VL / Qwen3-VL ``merger``, ``deepstack_merger_list``) are projector. Weak hints (``patch_embed``,
-   ``pixel``) count outside the language model and on its direct children only, so an unnamed tower's own
-   patch embedding never splits it; a head-named module inside the language model is projector when it names
+   ``pixel``) count only in a multimodal model (BLT's byte ``patch_embedding_projection`` is text), outside the
+   language model and on its direct children only, so an unnamed tower's own patch embedding never splits it
+   (at any depth when nothing else is vision and the config declares no vision part, so no trace follows: ViLT's
+   ``embeddings.patch_embeddings``); a head-named module inside the language model is projector when it names
    the image (GIT's ``visual_projection``), else language; the ``encoder`` of a model whose main input is
    ``pixel_values`` (``VisionEncoderDecoderModel``) is vision, and a ``decoder`` holding a block list beside
    the language model (an encoder-decoder whose encoder owns the token embedding: T5Gemma, the VLM T5Gemma 2) is
-   language.
+   language. In a text-only model (main input ``input_ids``, no vision / audio sub-config, no image / audio
+   argument of ``forward``) every other module holding a block stack is a second text stack, language with its
+   outermost ancestor that holds nothing but heads: bert2bert's ``EncoderDecoderModel`` ``decoder``, FSMT's
+   decoder, SeamlessM4T's ``text_encoder``, BLT's global transformer and local decoder.
 3. **Trace, only when names do not decide.** A multimodal model (a vision / VQ sub-config, or image
    inputs in its ``forward``) in which step 2 found no vision module although its config declares one, left
    weight-bearing modules outside every role, or holds an unnamed module with a weight matrix beside the
@@ -33,7 +41,10 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
    ``get_image_features`` on one zero image of the vision config's size (real weights, no copy). The
    first undecided module to run receives the pixels and is vision; undecided modules that run after it
    are projector. A module that sees the image is never language.
-4. **Parameters held directly by a container** split between roles (LLaVA-OneVision's
+4. **Tied image weights.** A module inside the language model whose parameters are all tensors of a vision /
+   projector module takes that role: UDOP's T5 encoder runs ``encoder.embed_patches`` on the pixels with the
+   weights of the top-level ``patch_embed``.
+5. **Parameters held directly by a container** split between roles (LLaVA-OneVision's
    ``image_newline``, BLIP-2's ``query_tokens``, Phi-4's ``glb_GN``) are placed by their own name, else as
    projector when the container holds both vision and another role (they lie between the two); the rest
    (``logit_scale`` of a dual encoder is head) are reported by ``unassigned_parameters``.
@@ -152,12 +163,23 @@ def _has_weights(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def _token_embedding(model: nn.Module) -> nn.Module | None:
+def _token_embedding(model: nn.Module, by_vocab: bool = False) -> nn.Module | None:
+    """``model.get_input_embeddings()`` when it is an ``nn.Embedding``; with ``by_vocab``, when that method fails
+    (OWL-ViT's text tower), the first ``nn.Embedding`` of ``config.vocab_size`` rows inside ``model``."""
     try:
-        emb = model.get_input_embeddings()
+        emb = model.get_input_embeddings()  # type: ignore[operator]
     except (NotImplementedError, AttributeError, TypeError):
-        return None
+        emb = None
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if by_vocab and isinstance(vocab, int):
+            emb = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab), None)
     return emb if isinstance(emb, nn.Embedding) else None
+
+
+def _is_stack(module: nn.Module) -> bool:
+    """A non-empty ``nn.ModuleList`` of blocks, not of embedding tables (MarkupLM's xpath embeddings)."""
+    return (isinstance(module, nn.ModuleList) and len(module) > 0
+            and not all(isinstance(m, nn.Embedding) for m in module))
 
 
 def _language_root(model: nn.Module, modules: dict[str, nn.Module], names: dict[int, str]) -> str | None:
@@ -167,7 +189,7 @@ def _language_root(model: nn.Module, modules: dict[str, nn.Module], names: dict[
     if emb is None:  # a dual encoder (CLIPModel): the text tower's own embeddings
         subs = _sub_configs(getattr(model, "config", None) or object()) if hasattr(model, "config") else {}
         candidates = [m for n, m in modules.items() if n and _config_role(m, subs) == "language"]
-        emb = next((e for e in map(_token_embedding, candidates) if e is not None), None)
+        emb = next((e for e in (_token_embedding(c, by_vocab=True) for c in candidates) if e is not None), None)
     if emb is None or id(emb) not in names:
         return None
     path = names[id(emb)]
@@ -175,7 +197,7 @@ def _language_root(model: nn.Module, modules: dict[str, nn.Module], names: dict[
         path = path.rpartition(".")[0]
         owner = modules[path]
         for name, mod in owner.named_modules():
-            if isinstance(mod, nn.ModuleList) and len(mod) > 0 and not under(_join(path, name), names[id(emb)]):
+            if _is_stack(mod) and not under(_join(path, name), names[id(emb)]):
                 return path
     return None
 
@@ -185,12 +207,21 @@ def _head_anchors(model: nn.Module, language: str | None, names: dict[int, str])
     beside its layers (Pix2Struct's ``decoder.lm_head``), never the token embedding itself; deeper inside it is
     part of the language model."""
     try:
-        out = model.get_output_embeddings()
+        out = model.get_output_embeddings()  # type: ignore[operator]
     except (NotImplementedError, AttributeError, TypeError):
         out = None
     if out is None or id(out) not in names or out is _token_embedding(model):
         return []
     path = names[id(out)]
+    if isinstance(out, nn.Embedding):
+        # a token table, not a projection (FSMT returns its decoder's embed_tokens): the head is the shallowest
+        # Linear of the same [vocab, hidden] shape beside it (FSMT's output_projection), else there is none
+        parent = path.rpartition(".")[0]
+        same = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and under(n, parent)
+                and tuple(m.weight.shape) == tuple(out.weight.shape)]
+        if not same:
+            return []
+        path = min(same, key=lambda n: n.count("."))
     if language is not None and language != "" and under(path, language) and path.rpartition(".")[0] != language:
         return []
     return [path]
@@ -225,8 +256,11 @@ def _config_key_role(key: str) -> str | None:
 
 
 def _units(model: nn.Module, modules: dict[str, nn.Module], language: str | None,
-           heads: list[str]) -> dict[str, str]:
-    """``{module path: role}`` for the outermost modules that steps 1-2 place (see the module docstring)."""
+           heads: list[str], multimodal: bool = True, deep_weak: bool = False) -> dict[str, str]:
+    """``{module path: role}`` for the outermost modules that steps 1-2 place (see the module docstring); weak vision
+    hints (``patch_embed``, ``pixel``) count only in a ``multimodal`` model (BLT's byte ``patch_embedding_projection``
+    is text); with ``deep_weak`` also deeper inside the language model (a single-stream model such as ViLT, whose
+    patch embedding sits in the text model's ``embeddings``)."""
     subs = _sub_configs(model.config) if hasattr(model, "config") else {}
     if getattr(model, "main_input_name", "") == "pixel_values" and "encoder" in subs:
         subs["image:encoder"] = subs.pop("encoder")
@@ -244,7 +278,7 @@ def _units(model: nn.Module, modules: dict[str, nn.Module], language: str | None
                 continue
             if in_language and isinstance(child, nn.ModuleList):
                 continue  # the decoder layers: per-layer names (vision experts...) stay language
-            role = _config_role(child, subs) or _name_role(attr, weak=not in_language or depth == 0)
+            role = _config_role(child, subs) or _name_role(attr, weak=multimodal and (deep_weak or not in_language or depth == 0))
             # recurse into a module holding an anchor of another role, or the language anchor (its head beside it)
             inner = [a for a in anchors if a != cpath and under(a, cpath) and (anchors[a] != role or role == "language")]
             if role == "head" and in_language:
@@ -348,7 +382,7 @@ def _error(model: nn.Module, found: dict[str, list[str]], detail: str) -> Unsupp
 
 
 def place_parameters(model: nn.Module, roles: dict[str, list[str]], modules: dict[str, nn.Module]) -> None:
-    """Add parameters held directly by a container outside every role (step 4), in place."""
+    """Add parameters held directly by a container outside every role (step 5), in place."""
     prefixes = [p for ps in roles.values() for p in ps]
     for pname, _ in model.named_parameters():
         if any(under(pname, p) for p in prefixes):
@@ -387,17 +421,23 @@ def structural_roles(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
         roles = make_disjoint(found, modules)
         place_parameters(model, roles, modules)
         return roles
-    units = _units(model, modules, language, heads)
+    units = _units(model, modules, language, heads, multimodal)
+    if multimodal and "vision" not in units.values() and not _declares_vision(model):
+        # no tower by name and none declared (so no trace): a patch embedding at any depth reads the image (ViLT)
+        units = _units(model, modules, language, heads, multimodal, deep_weak=True)
     undecided = _unplaced(units, modules) + (_suspects(units, language, modules) if multimodal else [])
     # a second text stack outside the language model: the decoder of an encoder-decoder whose encoder owns the
     # token embedding (T5Gemma; the VLM T5Gemma 2)
     for u in [u for u in undecided if u.rpartition(".")[2] in ("decoder", "text_decoder") and _has_stack(modules[u])]:
         units[u] = "language"
         undecided.remove(u)
+    if not multimodal and _text_only(model):
+        undecided = _text_stacks(units, undecided, modules)
     # no tower found: an error only when the config declares one (a multimodal class built text-only, e.g. Gemma 4
     # without vision_config, has none)
     if multimodal and (undecided or ("vision" not in units.values() and _declares_vision(model))):
         units = _resolve_by_trace(model, modules, units, undecided, language)
+    units.update(_tied_to_image(units, modules))
     found = {}
     for p, r in units.items():
         if not any(q != p and under(p, q) and units[q] == r for q in units):  # the outermost of one role
@@ -410,7 +450,72 @@ def structural_roles(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
 
 def _has_stack(module: nn.Module) -> bool:
     """A non-empty ``nn.ModuleList`` (a block stack) inside ``module``."""
-    return any(isinstance(m, nn.ModuleList) and len(m) > 0 for m in module.modules())
+    return any(_is_stack(m) for m in module.modules())
+
+
+# forward arguments of a non-text input (images, video, audio features / waveforms)
+_NON_TEXT_ARGS = ("pixel", "image", "video", "audio", "speech", "input_features", "input_values")
+
+
+def _text_only(model: nn.Module) -> bool:
+    """Main input ``input_ids``, no vision / audio sub-config and no ``forward`` argument of another modality."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return False
+    cfg = getattr(model, "config", None)
+    if cfg is not None and any(_config_key_role(k) in ("vision", "projector", _OTHER) for k in _sub_configs(cfg)):
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return not any(h in a.lower() for a in params for h in _NON_TEXT_ARGS)
+
+
+def _text_stacks(units: dict[str, str], undecided: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    """In a text-only model, an undecided module holding a block stack is a second text stack (the decoder of
+    bert2bert's ``EncoderDecoderModel`` or FSMT, SeamlessM4T's text encoder, BLT's global transformer): the outermost
+    ancestor that holds no unit but heads becomes language (in ``units``, in place). Returns what stays undecided."""
+    for u in list(undecided):
+        if u not in undecided or not _has_stack(modules[u]):
+            continue
+        top = u
+        while top:
+            parent = top.rpartition(".")[0]
+            if parent == "" or any(under(q, parent) and r != "head" for q, r in units.items()):
+                break
+            top = parent
+        units[top] = "language"
+        undecided = [v for v in undecided if not under(v, top)]
+    return undecided
+
+
+def _tied_to_image(units: dict[str, str], modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Modules inside the language model whose parameters are all tensors of a vision / projector unit (tied
+    weights: UDOP's ``encoder.embed_patches`` runs the top-level ``patch_embed`` weights on the pixels): that role."""
+    owner: dict[int, str] = {}
+    for p, r in units.items():
+        if r in ("vision", "projector") and p in modules:
+            for t in modules[p].parameters():
+                owner.setdefault(id(t), r)
+    out: dict[str, str] = {}
+    if not owner:
+        return out
+
+    def walk(path: str, module: nn.Module) -> None:
+        for attr, child in module.named_children():
+            cpath = _join(path, attr)
+            if cpath in units and units[cpath] != "language":
+                continue
+            roles = {owner.get(id(t)) for t in child.parameters()}
+            if len(roles) == 1 and None not in roles:
+                out[cpath] = roles.pop()  # type: ignore[assignment]
+            elif roles:
+                walk(cpath, child)
+
+    for p, r in units.items():
+        if r == "language" and p in modules:
+            walk(p, modules[p])
+    return out
 
 
 def _takes_images(model: nn.Module) -> bool:

@@ -240,8 +240,12 @@ META = {
     "GitForCausalLM": ("git", {"vision": ["git.image_encoder"], "projector": ["git.visual_projection"],
                                "language": ["git.embeddings", "git.encoder"], "head": ["output"]}),
     "Gemma4ForConditionalGeneration": ("gemma4", {"language": ["model.language_model"], "head": ["lm_head"]}),
-    "UdopForConditionalGeneration": ("udop", {"vision": ["patch_embed"], "language": ["shared", "encoder", "decoder"],
-                                              "head": ["lm_head"]}),
+    # the T5 encoder's embed_patches runs the top-level patch_embed's weights on the pixels: vision too
+    "UdopForConditionalGeneration": ("udop", {
+        "vision": ["patch_embed", "encoder.embed_patches"],
+        "language": ["shared", "encoder.embed_tokens", "encoder.block", "encoder.final_layer_norm", "encoder.dropout",
+                     "encoder.cell_2d_embedding", "encoder.relative_bias", "decoder"],
+        "head": ["lm_head"]}),
     "VisionEncoderDecoderModel": ("vision-encoder-decoder", {"vision": ["encoder"], "language": ["decoder.bert"],
                                                              "head": ["decoder.cls"]}),
     # the lm_head sits in the text decoder beside its layers (get_output_embeddings): head, not language
