@@ -21,8 +21,9 @@ changes no code), which a fixed 1 on the dead diagonal did not.
 
 Padding: in a dict calibration batch with a 2-D ``attention_mask``, the rows of the padding positions (mask 0) are
 not calibration data and are left out of ``X`` (and of ``n``) for every layer whose input is ``(batch, tokens, K)``
-with the mask's shape (layers of the vision tower or the projector excepted); a right-padded batch of a causal
-language model gives the Hessians of its sequences run unpadded (up to float rounding).
+with the mask's shape (layers of the vision tower or the projector excepted) - their values are not checked either
+(a NaN there is no error); a right-padded batch of a causal language model gives the Hessians of its sequences run
+unpadded (up to float rounding).
 
 The update is applied lazily: inside a block of ``block_size`` columns immediately, to the columns after the block
 once per block (``W[:, after] -= E U[block, after]``), which gives the same result in far fewer operations.
@@ -65,6 +66,13 @@ of :func:`medquant.models.block_stacks`), or a single layer outside the blocks -
 Hessians are captured with the earlier stages already quantized (the usual GPTQ order); inside a stage the layers
 see the float block. :func:`gptq_quantize_sequential` does the same block by block through
 :func:`medquant.calibrate.quantize_sequential` (one float block on the compute device at a time).
+
+A module bound under several names (one module object) is one layer: its Hessian collects its inputs from every
+use and the quantized layer is bound under all of its names (as :func:`medquant.quantize_` does;
+:func:`gptq_quantize_sequential`: the names inside the block). :func:`gptq_quantize_` is all or nothing: an error
+in a later stage (a Hessian that stays singular, NaN made inside the model, an interrupt) puts the float layers of
+the earlier stages back before it propagates. The new layers get the train / eval mode their float layers had before
+the calibration run.
 
 Each quantized layer records its calibration settings in a ``calibration`` attribute (method ``"gptq"``, calibration
 batches and input rows, dampening requested and used, block size, activation order, seed);
@@ -926,20 +934,69 @@ def _check_batches(batches: Sequence[Any], layers: str = "") -> None:
                                  f"values{ctx}")
 
 
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> every name it is bound under`` (a shared module has several; ``named_modules()`` and so
+    the plan list only its first)."""
+    names: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    return names
+
+
+class _Swaps:
+    """The swaps done so far, undone when a later stage fails, so that an error leaves the model as it was (as
+    :func:`medquant.quantize_` does). A module bound under several names is swapped under all of them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.done: list[tuple[str, nn.Module]] = []
+        self.bound = model.__dict__.get("save_pretrained", _Swaps)  # set by the on_quantized hook (transformers)
+        self.modes = {id(m): m.training for m in model.modules()}  # before eval_mode: the new layers get these
+
+    def swap(self, aliases: Mapping[int, list[str]], name: str, new: nn.Module) -> None:
+        for alias in aliases.get(id(self.model.get_submodule(name)), [name]):
+            self.done.append((alias, self.model.get_submodule(alias)))
+            swap_module(self.model, alias, new)
+
+    def set_modes(self) -> None:
+        """Give each new layer the train / eval mode its float layer had before the calibration run."""
+        for alias, old in self.done:
+            self.model.get_submodule(alias).train(self.modes.get(id(old), old.training))
+
+    def undo(self) -> None:
+        for alias, old in reversed(self.done):
+            swap_module(self.model, alias, old)
+        self.done.clear()
+        if self.bound is _Swaps:
+            self.model.__dict__.pop("save_pretrained", None)
+        else:
+            self.model.__dict__["save_pretrained"] = self.bound
+
+
 def _run_batch(model: nn.Module, batch: Any, i: int, what: str) -> None:
     run_calibration_batch(model, batch, i, what, passthrough=(_Stop,))
 
 
-def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[list[str], dict[str, int]]:
-    """Planned layers in the order the first calibration batch calls them, and their call counts."""
+def _call_order(model: nn.Module, names: Sequence[str], batch: Any, unmasked: Collection[str] = ()
+                ) -> tuple[list[str], dict[str, int]]:
+    """Planned layers in the order the first calibration batch calls them, and their call counts; each input is
+    checked (shape, finite values) as its Hessian will use it: the padding rows of a dict batch with an
+    ``attention_mask`` (for the layers not in ``unmasked``) are no calibration data, so their values are not
+    checked."""
     order: list[str] = []
     counts = dict.fromkeys(names, 0)
     checks = {n: HessianAccumulator(model.get_submodule(n), n) for n in names}
+    tokens = token_mask(batch)
     handles = []
 
     def make(n: str):
         def hook(mod, args, kwargs):
-            checks[n].check(_input_of(args, kwargs))
+            x = _input_of(args, kwargs)
+            rows = row_mask(x, tokens) if n not in unmasked and isinstance(x, torch.Tensor) else None
+            if rows is None:
+                checks[n].check(x)
+            else:
+                checks[n].check(checks[n]._check_shape(x)[rows.to(x.device)])
             if counts[n] == 0:
                 order.append(n)
             counts[n] += 1
@@ -1123,7 +1180,8 @@ def gptq_quantize_(
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: invalid ``damp`` / ``block_size`` / ``max_samples`` / ``seed``, no or an empty calibration
             set, batches that do not run, a convolution with non-zero padding mode, a layer never reached, or a
-            Hessian that stays singular (messages name the layer).
+            Hessian that stays singular (messages name the layer). On any error the model is left as it was (the
+            layers of the stages already quantized are put back).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gptq_quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -1132,6 +1190,11 @@ def gptq_quantize_(
     plan = resolve_configs(model, config_or_map, skip=skip)
     if not plan:
         return {}
+    if "" in plan:  # the model is itself one Linear / Conv2d: there is no parent to swap it in
+        raise ValueError(f"the model passed to gptq_quantize_ is itself the layer ({type(model).__name__}); it "
+                         "replaces submodules in place, so it needs a model holding the layer: quantize one layer "
+                         "with gptq_quantize_layer(layer, HessianAccumulator(layer).hessian(), config), or wrap it "
+                         "(nn.Sequential(layer))")
     batches = calibration_batches(calib, "GPTQ")
     labels = _group_labels(groups, len(batches))
     keep = _select(batches, max_samples, seed)
@@ -1145,25 +1208,32 @@ def gptq_quantize_(
         m = model.get_submodule(n)
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             raise ValueError(f"layer {n}: GPTQ supports padding_mode='zeros' only")
+    aliases = _aliases(model)
+    swapped = _Swaps(model)
     with eval_mode(model):
-        ordered, counts = _call_order(model, list(plan), batches[0])
-        stages = _stages(model, ordered)
-        unmasked = unmasked_layers(model, plan) if any(token_mask(b) is not None for b in batches) else set()
-        bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
-        for stage in bar:
-            early = all(counts[n] == 1 for n in stage)
-            accs = _capture(model, stage, batches, early, labels, group_weights, unmasked)
-            built = []
-            factors = _Factors()
-            for n in stage:
-                q = _quantize_layer(model.get_submodule(n), accs[n].hessian(), plan[n], damp, block_size, act_order,
-                                    n, torch.float32, factors, clip_search)
-                q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
-                if labels is not None:
-                    q.calibration.update(_group_record(accs, n))
-                built.append((n, q))
-            for n, q in built:
-                swap_module(model, n, q)
+        try:
+            unmasked = unmasked_layers(model, plan) if any(token_mask(b) is not None for b in batches) else set()
+            ordered, counts = _call_order(model, list(plan), batches[0], unmasked)
+            stages = _stages(model, ordered)
+            bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
+            for stage in bar:
+                early = all(counts[n] == 1 for n in stage)
+                accs = _capture(model, stage, batches, early, labels, group_weights, unmasked)
+                built = []
+                factors = _Factors()
+                for n in stage:
+                    q = _quantize_layer(model.get_submodule(n), accs[n].hessian(), plan[n], damp, block_size,
+                                        act_order, n, torch.float32, factors, clip_search)
+                    q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
+                    if labels is not None:
+                        q.calibration.update(_group_record(accs, n))
+                    built.append((n, q))
+                for n, q in built:
+                    swapped.swap(aliases, n, q)
+        except BaseException:
+            swapped.undo()
+            raise
+    swapped.set_modes()
     return calibration_records(model)
 
 
@@ -1265,8 +1335,10 @@ def gptq_quantize_sequential(
             if labels is not None:
                 q.calibration.update(_group_record(accs, n))
             built.append((n, q))
-        for n, q in built:
-            swap_module(block, n, q)
+        aliases = _aliases(block)
+        for n, q in built:  # a module bound under several names of the block is swapped under all of them
+            for alias in aliases.get(id(block.get_submodule(n)), [n]):
+                swap_module(block, alias, q)
 
     with eval_mode(model):
         quantize_sequential(model, config_or_map, batches, skip=list(skip) if skip else None, device=device,
