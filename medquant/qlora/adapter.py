@@ -168,6 +168,20 @@ def _untie_config(model: nn.Module) -> None:
             c.tie_word_embeddings = False
 
 
+def _set_use_cache(model: nn.Module, value: bool) -> None:
+    """``use_cache = value`` in ``model``'s config and in its text config: a VLM's language model reads
+    ``config.text_config.use_cache`` (its top-level config has no such key), so setting the top level alone left the
+    KV cache on in every training forward."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for c in configs:
+        c.use_cache = value
+
+
 def _roles_of(model: nn.Module) -> dict:
     from ..models import model_roles
 
@@ -197,6 +211,10 @@ class QLoRAAdapter:
             default (see :func:`nf4_quantize_`). :meth:`merge` handles either layout.
         _peft_model: internal (:meth:`load`): builds the PEFT model from the prepared base instead of
             ``get_peft_model``.
+
+    The wrapped model keeps the train / eval mode ``model`` was in, the new LoRA dropouts included (an eval-mode model
+    computes ``W x + s B A x`` without dropout until ``.train()``), and ``use_cache`` is turned off in its config and
+    text config (the one a VLM's language model reads) for training.
 
     Attributes:
         model: the ``peft.PeftModel``; ``targets``: adapted module names; ``quantized``: NF4 module names.
@@ -257,6 +275,7 @@ class QLoRAAdapter:
         before = {n: model.get_submodule(n) for n in dict.fromkeys([*self.targets, *names])}
         grads = {id(p): p.requires_grad for p in model.parameters()}
         had_peft_config = hasattr(model, "peft_config")
+        was_training = model.training
         self.quantized: list[str] = []
         try:
             self.quantized = (nf4_quantize_(model, names, compute_dtype, double_quant, quant_type,
@@ -272,8 +291,11 @@ class QLoRAAdapter:
             if not had_peft_config and "peft_config" in model.__dict__:
                 del model.__dict__["peft_config"]
             raise
-        if hasattr(model, "config"):
-            model.config.use_cache = False
+        # one mode for the whole wrapped model: PEFT creates the LoRA dropouts in train mode whatever the model's mode
+        # (an eval-mode base then ran them with dropout active); PeftModel.from_pretrained's eval() (load without
+        # is_trainable) is kept
+        self.model.train(was_training and self.model.training)
+        _set_use_cache(model, False)
 
     # ------------------------------------------------------------------------------------------ info
     @property
@@ -412,7 +434,9 @@ class QLoRAAdapter:
         Args:
             model: a float model of the architecture the adapter was trained on (modified in place).
             directory: the folder :meth:`save` wrote.
-            is_trainable: load the adapter weights trainable (to continue training).
+            is_trainable: load the adapter weights trainable (to continue training). The adapter is then in the mode
+                ``model`` was in (eval for a ``from_pretrained`` model: outputs as the saved adapter's, no dropout);
+                without it, in eval mode.
 
         Returns:
             The adapter.
@@ -463,7 +487,7 @@ class QLoRAAdapter:
         merged in ``dtype``.
 
         Returns:
-            The merged model (no gradients, ``use_cache`` on).
+            The merged model (no gradients, ``use_cache`` on in its config and text config).
         """
         from peft.tuners.lora import LoraLayer
 
@@ -490,8 +514,7 @@ class QLoRAAdapter:
         for p in merged.parameters():
             p.requires_grad_(False)
         _untie_config(merged)
-        if hasattr(merged, "config"):
-            merged.config.use_cache = True
+        _set_use_cache(merged, True)
         return merged
 
     def requantize(self, config_or_map: Any, skip: Sequence[str] | None = None) -> nn.Module:
