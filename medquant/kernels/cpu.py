@@ -319,7 +319,7 @@ def set_cpu_compute_dtype(dtype: torch.dtype | str | None) -> None:
 
 
 def _from_env() -> torch.dtype | None:
-    name = os.environ.get(ENV_COMPUTE_DTYPE, "").strip()
+    name = os.environ.get(ENV_COMPUTE_DTYPE, "").strip().lower()  # any case, as the other variables
     if not name or name == "auto":
         return None
     try:
@@ -586,14 +586,21 @@ def forget_cpu_plans(*qweights: torch.Tensor | None) -> None:
 
     A plan is rebuilt by itself when its tensors are replaced or modified in place, except for inference tensors
     (made under ``torch.inference_mode``), which track no version: a loader that copies new codes into a layer's
-    tensors (``load_state_dict``) calls this so that the next call does not run the previous weights.
+    tensors (``load_state_dict``) calls this so that the next call does not run the previous weights. It also bumps
+    the dispatch generation (:func:`medquant.kernels.dispatch.bump_generation`), so that the prepared matmuls the
+    quantized layers keep (which hold a plan, and the native dequantizer's copies of bfloat16 scales) are rebuilt
+    at their next call too.
 
     Args:
         qweights: the row groups' packed int32 words (the plans' keys); None and unknown tensors are ignored.
     """
+    given = False
     for qweight in qweights:
         if qweight is not None:
             _plans.pop(qweight, None)
+            given = True
+    if given:
+        bump_generation()
 
 
 def cpu_cache_bytes() -> int:
@@ -1042,6 +1049,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
         if m == 0 or m >= (f32_below if dt is torch.float32 else native_below):
             return None
         y = torch.empty((*x.shape[:-1], n), dtype=dt)
+        assert gemv is not None  # decode is attached to native row groups only
         return y if gemv.into(x, m, y, xmode_bf16 if dt is torch.bfloat16 else xmode) else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -1060,6 +1068,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
                 xk = xk.float()
             if k > 1 and xk.stride(1) != 1:
                 xk = _contiguous(xk)
+            assert gemv is not None  # native_below is 0 without the native kernel
             y = gemv.run(xk, xmode_bf16 if xk.dtype == torch.bfloat16 else xmode)
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
@@ -1074,7 +1083,9 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             y = gemv.gemm(xk)
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
-        on_dense = _path(plan, m, cd) in ("dense", "gemm")
+        # a native row group holds no repacked weight for the aten kernels: what its weight-only kernel or the
+        # blocked matmul does not take (the gemm's decline of a not-finite x below the native switch) is dense
+        on_dense = gemv is not None or _path(plan, m, cd) in ("dense", "gemm")
         xd = dd if on_dense else kd
         xc = x if dt == xd else x.to(xd)
         if not xc.is_contiguous():

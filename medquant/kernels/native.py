@@ -91,7 +91,8 @@ from medquant.digest import sha256_file
 from .bundle import PackedWeight
 from .layout import container_bits, storage_bits, symmetric_params
 
-#: environment variable: ``0`` / ``false`` / ``off`` / ``no`` disables the native kernel (eager code runs)
+#: environment variable: ``0`` / ``false`` / ``off`` / ``no`` disables the native kernel (eager code runs); unset,
+#: empty, ``1`` / ``true`` / ``on`` / ``yes`` leave it enabled; any other value leaves it enabled with one warning
 ENV_NATIVE = "MEDQUANT_NATIVE"
 #: environment variable: root of medquant's cache folders (the library is built under ``<root>/native``)
 ENV_CACHE_DIR = "MEDQUANT_CACHE_DIR"
@@ -112,6 +113,7 @@ FLAG_SETS = (
 #: the C function's output dtype codes
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OFF = {"0", "false", "off", "no"}
+_ON = {"", "1", "true", "on", "yes"}
 _BUILD_TIMEOUT_S = 180
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,15 @@ def _report_once(key: str, msg: str) -> None:
 
 
 def _disabled() -> bool:
-    return os.environ.get(ENV_NATIVE, "").strip().lower() in _OFF
+    """Whether ``$MEDQUANT_NATIVE`` disables the native kernels (any case; an unrecognised value enables them, with
+    one warning naming it)."""
+    value = os.environ.get(ENV_NATIVE, "").strip().lower()
+    if value in _OFF:
+        return True
+    if value not in _ON:
+        _report_once(f"env:{value}", f"${ENV_NATIVE}={value!r} is neither 0 / false / off / no (disable) nor "
+                                     "1 / true / on / yes (enable): ignored, the native kernels stay enabled")
+    return False
 
 
 def cache_dir() -> Path:
