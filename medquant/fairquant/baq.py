@@ -10,8 +10,10 @@ is replaced in the forward pass (``torch.nn.utils.parametrize``) by
     w^     = s(b) * clamp(round_STE(w / s(b)), -q_max(b), q_max(b))
 
 Nothing else is detached, so the task and fairness losses reach ``theta`` (LSQ-style): inside the range
-``dw^/db = (round(w/s) - w/s) * ds/db``, which is non-zero. (The original BAQ code built ``(wq - w).detach() + w``,
-so its logits received no gradient from the task or fairness loss and moved only through weight decay.)
+``dw^/db = (round(w/s) - w/s) * ds/db``, which is non-zero; codes equal to ``+-q_max`` (the max element's) count
+as inside, so the max element, reconstructed as ``A`` for every ``b``, adds about 0. (The original BAQ code built
+``(wq - w).detach() + w``, so its logits received no gradient from the task or fairness loss and moved only through
+weight decay.)
 
 Loss = ``mean CE + lambda_fair * (max_g L_g - min_g L_g) + lambda_bit * R_bits`` (``L_g``: mean loss over the
 batch's samples of group ``g``, groups present in the batch) with
@@ -53,6 +55,21 @@ _EPS16 = scale_eps(torch.float16)
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
+
+
+def _round_to_float16(s: torch.Tensor) -> torch.Tensor:
+    """``s.to(float16).float()`` for float32 ``s >= 0``, written so that ``torch.compile`` keeps it.
+
+    Inductor drops a float32 -> float16 -> float32 round trip (``emulate_precision_casts`` is off by default), so a
+    compiled forward would quantize with the unrounded scale, not the float16 one the exported layer stores. Here
+    the rounding is arithmetic: 11 significant bits (``frexp`` / ``ldexp``, round half to even) for normal values,
+    a multiple of ``2^-24`` below ``2^-14`` (subnormals), ``inf`` from 65520 up - bit-identical to the cast.
+    """
+    m, e = torch.frexp(s)
+    normal = torch.ldexp(torch.round(torch.ldexp(m, torch.full_like(e, 11))), e - 11)
+    sub = torch.round(s * 2.0 ** 24) * 2.0 ** -24
+    out = torch.where(s < 2.0 ** -14, sub, normal)
+    return torch.where(s >= 65520.0, torch.full_like(s, math.inf), out)
 
 
 class BAQWeight(nn.Module):
@@ -111,10 +128,15 @@ class BAQWeight(nn.Module):
         a = a.clamp_min(_EPS16)
         qmax = torch.pow(2.0, b - 1) - 1  # differentiable in b
         s = a / qmax
-        s = s + (s.to(torch.float16).float().clamp_min(_EPS16) - s).detach()  # the stored fp16 scale, STE
+        s = s + (_round_to_float16(s).clamp_min(_EPS16) - s).detach()  # the stored fp16 scale, STE
         s = s.reshape(-1, 1)
-        qm = qmax.detach().reshape(-1, 1)
-        q = torch.maximum(torch.minimum(_round_ste(w2 / s), qm), -qm)
+        # torch.clamp with tensor bounds sends the gradient of a code equal to +-q_max (the scope's max |w|, and
+        # every |w/s| rounding to q_max) to the code, giving (round(w/s) - w/s) * ds/db as for any code in range;
+        # minimum/maximum split it half-half with q_max, and with q_max detached the max element got about
+        # q_max/2 * ds/db although w^ = s * q_max = A for every b, swamping theta's gradient. q_max keeps its
+        # gradient for codes beyond the range (w^ = s * q_max there)
+        qm = qmax.reshape(-1, 1)
+        q = torch.clamp(_round_ste(w2 / s), -qm, qm)
         return (s * q).reshape(w.shape).to(w.dtype)
 
 
@@ -141,6 +163,9 @@ class BAQWrapper:
         scope: ``"channel"`` (one bit-width per output channel, default) or ``"tensor"``.
         init_bits: ``{module name: bits per scope}`` warm start (e.g. ``FairQuantAllocator.bit_map()`` or the
             allocator itself), or ``{module name: bits}`` for every scope of the layer; ``None`` = ``theta = 6``.
+            Layers the map leaves out start at ``theta = 6``, except with the allocator itself and neither
+            ``layers`` nor ``skip`` given: then exactly the allocator's layers get learnable bits, so the layers its
+            ``layers`` / ``skip`` left out stay float (as after ``alloc.apply``).
         lambda_bit: weight of the bit-rate term (module docstring).
         lambda_fair: weight of the fairness penalty (module docstring).
         target_bits: average-bit budget: the bit term becomes ``relu(bit rate - target_bits)``; None: the rate.
@@ -169,8 +194,9 @@ class BAQWrapper:
                              f"{lambda_fair!r}")
         if target_bits is not None and not b_min <= target_bits <= b_max:
             raise ValueError(f"target_bits={target_bits} is impossible in the bit range [{b_min}, {b_max}]")
+        from_allocator = False
         if init_bits is not None and hasattr(init_bits, "bit_map"):
-            init_bits = init_bits.bit_map()
+            init_bits, from_allocator = init_bits.bit_map(), True
         if mqd.has_fsdp(model):
             raise ValueError("BAQWrapper got a model already sharded with FSDP2 fully_shard: the BAQ "
                              "parametrizations must be attached before sharding. Pass the plain model and call "
@@ -181,6 +207,8 @@ class BAQWrapper:
         self.b_min, self.b_max, self.scope = b_min, b_max, scope
         self.lambda_bit, self.lambda_fair, self.target_bits = float(lambda_bit), float(lambda_fair), target_bits
         targets = quantizable_layers(model, layers, skip)
+        if from_allocator and init_bits is not None and layers is None and skip is None:  # the allocator's layers
+            targets = {n: m for n, m in targets.items() if n in init_bits}
         if init_bits is not None:
             unknown = sorted(set(init_bits) - set(targets))
             if unknown:

@@ -72,7 +72,8 @@ def _train(lambda_bit, seed=0, steps=24):
 
 def test_larger_lambda_bit_gives_lower_average_bits():
     cont, disc = [], []
-    for lb in (0.0, 0.3, 3.0):
+    # (0.3 and 3.0 both end at the 2-bit floor with the exact bit gradient: 0.003 sits between)
+    for lb in (0.0, 0.003, 3.0):
         w, hist, _ = _train(lb)
         cont.append(float(w.bit_rate().detach()))
         disc.append(w.average_bits())
