@@ -6,14 +6,19 @@ Loss per batch::
 
 * ``KD = sum_p m_p KL(softmax(z_t,p / T) || softmax(z_s,p / T)) / sum_p m_p`` over output positions ``p``:
   one position per example for classification logits ``(B, C)``; every token for token logits ``(B, S, V)``,
-  with ``m_p`` the attention mask (padding excluded). ``T^2`` keeps the gradient scale independent of ``T``
-  (Hinton et al. 2015).
+  with ``m_p`` the attention mask (padding excluded); for an encoder-decoder (``config.is_encoder_decoder``),
+  whose logits are the decoder's, ``decoder_attention_mask``, else ``labels != -100``, else every position.
+  ``T^2`` keeps the gradient scale independent of ``T`` (Hinton et al. 2015).
 * ``task``: the student's own loss -- the model's ``.loss`` when the batch carries ``labels``; for causal LMs
-  without labels, next-token cross-entropy on ``input_ids`` with padding masked (``labels = -100``).
+  without labels, next-token cross-entropy on ``input_ids`` with padding and a vision-language model's image /
+  video placeholder tokens (config ``image_token_id`` / ``image_token_index`` / ``video_token_id``) masked
+  (``labels = -100``). A causal LM: a Hugging Face model that can generate and is not an encoder-decoder, or a
+  model without a Hugging Face config; others (masked LMs, token classifiers) need ``labels`` or ``task_loss``.
 * ``FM`` (optional): feature matching ``mean_pairs MSE(P_k h_s[i_k], h_t[j_k])`` over the tokens of the attention
   mask (padding excluded, for classifiers with ``(B, C)`` logits too) for layer pairs ``(i_k, j_k)`` of
   ``hidden_states``, with a learned linear projection ``P_k`` (student width -> teacher width; identity-initialised
-  when the widths agree; float32, on the student's device) trained together with the student.
+  when the widths agree; float32, on the student's device; applied in its own dtype when the Distiller was cast
+  with ``.to(dtype)``) trained together with the student.
 
 The teacher is put in eval mode, its own parameters get ``requires_grad=False`` and it runs under
 ``torch.no_grad`` in eval mode (also when it, or a module it shares with the student, was switched back to train
@@ -148,14 +153,50 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return t * t * (kl * m).sum() / denom
 
 
+def _placeholder_tokens(model: nn.Module) -> list[int]:
+    """The ids of a vision-language model's image / video placeholder tokens (its config's ``image_token_id``,
+    ``image_token_index``, ``video_token_id``); none for other models."""
+    cfg = getattr(_unwrap(model), "config", None)
+    ids = (getattr(cfg, k, None) for k in ("image_token_id", "image_token_index", "video_token_id"))
+    return sorted({i for i in ids if isinstance(i, int) and not isinstance(i, bool)})
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(_unwrap(model), "config", None), "is_encoder_decoder", False))
+
+
+def _decoder_mask(model: nn.Module, batch: Any) -> torch.Tensor | None:
+    """An encoder-decoder's mask over its logits' (decoder) positions: ``decoder_attention_mask``, else
+    ``labels != -100`` (the logits at position p predict ``labels[p]``), else None (every position); never the
+    encoder's ``attention_mask``."""
+    if not isinstance(batch, Mapping):
+        return None
+    m = batch.get("decoder_attention_mask")
+    if isinstance(m, torch.Tensor):
+        return m
+    labels = batch.get("labels")
+    return labels != -100 if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
+
+
 def _is_causal_lm(model: nn.Module) -> bool:
-    return hasattr(model, "lm_head") and hasattr(model, "generation_config")
+    """Whether the default next-token task loss applies: a Hugging Face model that generates and is not an
+    encoder-decoder (a masked LM or a token classifier is not), or a model without a Hugging Face config (taken
+    as a causal LM when its logits are ``(B, S, V)``)."""
+    model = _unwrap(model)
+    cfg = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if cfg is None or not callable(can_generate):
+        return True
+    return bool(can_generate()) and not getattr(cfg, "is_encoder_decoder", False)
 
 
 class Distiller(nn.Module):
     """Distil ``teacher`` into ``student``: ``L = alpha * kd + (1 - alpha) * task + beta * features``.
 
     The module's own parameters are the feature projections: optimise ``distiller.trainable_parameters()``.
+    Its ``state_dict`` holds the student (``student.*``) and the projections (``projections.*``), not the teacher;
+    a parameter registered under several names (tied weights) is stored under its first name only (safetensors,
+    which ``transformers.Trainer`` saves it with, refuses shared tensors), and ``load_state_dict`` fills the others.
 
     Several processes: pass ``student`` wrapped in ``torch.nn.parallel.DistributedDataParallel`` and give each rank
     its share of every batch. DDP averages the student's gradients over ranks; :meth:`fit` broadcasts rank 0's
@@ -241,6 +282,10 @@ class Distiller(nn.Module):
                 if sd == td:
                     nn.init.eye_(proj.weight)
                 self.projections.append(proj)
+        # one name per tied parameter in state_dict (safetensors, which transformers.Trainer saves a
+        # non-PreTrainedModel with, refuses tensors that share memory); loading fills the other names
+        self.register_state_dict_post_hook(_drop_tied_aliases)
+        self.register_load_state_dict_pre_hook(_fill_tied_aliases)
 
     @property
     def student_module(self) -> nn.Module:
@@ -261,53 +306,73 @@ class Distiller(nn.Module):
         loss = getattr(out, "loss", None)
         if isinstance(loss, torch.Tensor):
             return loss
-        if isinstance(batch, Mapping) and "input_ids" in batch and logits.dim() == 3:
+        if isinstance(batch, Mapping) and "input_ids" in batch and logits.dim() == 3 and _is_causal_lm(self.student):
             labels = batch["input_ids"].clone()
             if "attention_mask" in batch:
                 labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+            for token in _placeholder_tokens(self.student):  # a VLM's image / video placeholders are no targets
+                labels = labels.masked_fill(labels == token, -100)
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        raise ValueError("no task loss: pass batches with 'labels', token batches with 'input_ids', or task_loss=")
+        raise ValueError("no task loss: pass batches with 'labels', token batches with 'input_ids' to a causal LM, "
+                         "or task_loss=")
 
-    def forward(self, batch: Any = None, **inputs: Any) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any = None, *, return_loss: bool = True, **inputs: Any) -> dict[str, torch.Tensor]:
         """Losses for one batch: ``{"loss", "kd", "task", "features"}`` (``loss`` is the one to backpropagate).
 
-        Called as ``distiller(batch)`` or ``distiller(**batch)``; the second form is what ``transformers.Trainer``
-        does, so ``Trainer(model=distiller, args=TrainingArguments(..., remove_unused_columns=False), ...)``
-        trains the student (and projections) with the distillation loss (it reads ``outputs["loss"]``). With
+        Called as ``distiller(batch)``, ``distiller(**batch)`` or ``distiller(batch, **more)`` (``more`` merged
+        into a mapping batch, else passed to both models as keyword arguments: ``model(batch, **more)``, e.g.
+        ``distiller(x, levels=lv)`` for an ``AdaptiveQuantizer`` student); the second form is what
+        ``transformers.Trainer`` does, so
+        ``Trainer(model=distiller, args=TrainingArguments(..., remove_unused_columns=False), ...)`` trains the student
+        (and projections) with the distillation loss (it reads ``outputs["loss"]``). With
         ``gradient_accumulation_steps = k`` a step's gradient is that of ``mean_k L`` (each batch's ``L`` is a
         mean over the batch: :attr:`accepts_loss_kwargs` is ``False``, so the Trainer passes no
         ``num_items_in_batch`` and divides each loss by ``k``). The attention mask excludes padding from the KD
         term of token logits and from the feature term of every model (classifiers included).
 
+        ``transformers.Trainer`` finds no label argument here; ``return_loss=True`` (the default, as CLIP's) is what
+        tells it that the output carries the loss, so ``Trainer.evaluate()`` reports ``eval_loss`` (this ``L``).
+
         Args:
             batch: the batch (dict or tensors), or None when given as keyword arguments.
-            **inputs: the batch as keyword arguments.
+            return_loss: accepted for ``transformers.Trainer`` and not passed to the models; the loss is always
+                returned.
+            **inputs: the batch as keyword arguments, or keyword inputs added to ``batch``.
 
         Returns:
             ``{"loss", "kd", "task", "features"}`` scalar tensors.
 
         Raises:
-            ValueError: no batch, or a feature pair out of the models' ``hidden_states`` range.
+            ValueError: no batch, a feature pair out of the models' ``hidden_states`` range, or no task loss
+                (``alpha < 1`` without ``labels``, ``task_loss`` or a causal LM's token batch).
             TypeError: ``feature_pairs`` is set and a model's output carries no ``hidden_states``.
         """
+        kwargs: dict[str, Any] = {}  # keyword inputs next to a batch that is not a mapping: model(batch, **kwargs)
         if batch is None:
             if not inputs:
                 raise ValueError("Distiller needs a batch")
             batch = inputs
+        elif inputs:
+            if isinstance(batch, Mapping):
+                batch = {**batch, **inputs}
+            else:
+                kwargs = inputs
         want_hidden = bool(self.feature_pairs)
         extra = {"output_hidden_states": True} if want_hidden else {}
         need_teacher = self.alpha > 0 or want_hidden  # alpha = 0: plain fine-tuning (the control), no teacher
         if need_teacher:  # eval mode also when something switched the teacher (or a module it shares) to train
             with torch.no_grad(), eval_mode(self.teacher):
-                t_batch = _to_device(batch, _input_device(self.teacher))
-                t_out = run_model(self.teacher, t_batch, unpack_sequences=False, **extra)
-        s_out = run_model(self.student, batch, unpack_sequences=False, **extra)
+                t_device = _input_device(self.teacher)
+                t_batch, t_kwargs = _to_device(batch, t_device), _to_device(kwargs, t_device)
+                t_out = run_model(self.teacher, t_batch, unpack_sequences=False, **extra, **t_kwargs)
+        s_out = run_model(self.student, batch, unpack_sequences=False, **extra, **kwargs)
         s_logits = main_output(s_out, hidden_state=False, first_item=False)  # logits only
         # the tokens' mask: KD reads it for token logits (B, S, V) only (class logits (B, C) have one position per
         # example), feature matching for the hidden states (B, S, H) of every model, classifiers included
         token_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None  # a BatchEncoding too
-        mask = token_mask.to(s_logits.device) if token_mask is not None and s_logits.dim() == 3 else None
+        kd_mask = _decoder_mask(self.student, batch) if _is_encoder_decoder(self.student) else token_mask
+        mask = kd_mask.to(s_logits.device) if kd_mask is not None and s_logits.dim() == 3 else None
         parts: dict[str, torch.Tensor] = {}
         total = s_logits.new_zeros((), dtype=torch.float32)
         if self.alpha > 0:
@@ -339,7 +404,8 @@ class Distiller(nn.Module):
                 raise ValueError(f"feature pair ({i}, {j}) out of range: student has {len(hs)} hidden states, "
                                  f"teacher {len(ht)}")
             target = ht[j].detach().to(hs[i].device).float()  # the teacher's device may be another
-            diff = (proj(hs[i].float()) - target).pow(2).mean(-1)
+            # in the projection's dtype: float32, or the dtype the Distiller was cast to with .to(dtype)
+            diff = (proj(hs[i].to(proj.weight.dtype)).float() - target).pow(2).mean(-1)
             loss = _masked_mean(diff, mask)
             if self.feature_norm:
                 loss = loss / _masked_mean(target.pow(2).mean(-1), mask).clamp_min(1e-12)
@@ -392,6 +458,31 @@ class Distiller(nn.Module):
         if not losses:
             raise ValueError("the training data is empty: data yielded no batch, so no step was taken")
         return losses
+
+
+def _tied_aliases(module: nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` for the parameters registered under several names (tied weights, e.g. an
+    ``lm_head`` tied to the input embedding)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _drop_tied_aliases(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for alias, name in _tied_aliases(module).items():
+        if prefix + name in state_dict:
+            state_dict.pop(prefix + alias, None)
+
+
+def _fill_tied_aliases(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    for alias, name in _tied_aliases(module).items():
+        if prefix + alias not in state_dict and prefix + name in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + name]
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
