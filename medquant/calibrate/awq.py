@@ -20,11 +20,24 @@ unpadded (up to float rounding).
 
 ``Q`` is medquant's fake quantizer with the target :class:`QuantConfig`. ``alpha = 0`` gives ``s = 1``, i.e.
 plain round-to-nearest, so on the calibration inputs the chosen scales are never worse than RTN for a group.
-The scales are folded *exactly* into the preceding op: RMSNorm ``w /= s`` (Gemma's ``1 + w`` form:
-``w = (1 + w)/s - 1``), LayerNorm ``w /= s, b /= s``, or a preceding linear's rows (weight and bias) ``/= s``.
+The scales are folded *exactly* into the preceding op: a norm computing ``x_hat * w (+ b)`` (LayerNorm, most
+RMSNorms) gets ``w /= s, b /= s``; one computing ``x_hat * (1 + w) (+ b)`` (Gemma 1-3, Qwen3.5 / Qwen3-Next
+RMSNorms, Nemotron's LayerNorm1P) gets ``w = (1 + w)/s - 1, b /= s``; a preceding linear's rows (weight and
+bias) ``/= s``. The norm's form is found by running a copy of it with chosen weights (a random gain ``r`` must
+give ``r`` times the output of gain 1, a bias must add), never from its class name (Gemma3n's RMSNorm is
+``x_hat * w``); a norm of neither form, or without a weight, is not folded.
 Where nothing can absorb the scale (post-norm BERT blocks; v -> o under grouped-query attention, where one v
 row feeds several heads; fc1 -> fc2 through a non-linear activation) the group is not formed and those linears
-are quantized plainly.
+are quantized plainly. Groups are also refused, with a ``UserWarning`` naming them (their linears are quantized
+plainly), where a fold would change the float model:
+
+* a norm of an unknown parametrization (above);
+* a ``prev`` or linear whose module or weight is used in another place of the model (a module shared across
+  blocks or reused inside one, tied weights): one fold per group reading it would change the other use;
+* on the calibration forward, a norm whose output does not feed every linear of its group (OLMo-2/3 and EXAONE-4
+  name the norm of the attention *output* ``post_attention_layernorm``: it does not feed the MLP), or also feeds
+  another linear of the block (parallel attention and MLP reading one ``input_layernorm``, as in StableLM with
+  ``use_parallel_residual``).
 
 :func:`awq_quantize_` searches all groups on activations collected once from the float model, then folds; the
 float model's outputs are unchanged by folding (up to float rounding), which the tests check before quantization.
@@ -35,7 +48,9 @@ search (:func:`_search_group`) and the fold.
 """
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,22 +109,78 @@ def _check_finite(x: torch.Tensor, layer: str, batch: int) -> None:
 
 
 def _norm_kind(mod: nn.Module) -> str | None:
+    """How a norm applies its per-channel gain ``w`` (what :func:`_fold` divides by ``s``): ``"w"``
+    (``x_hat * w + b``: ``nn.LayerNorm``, Llama's RMSNorm, Gemma3n's RMSNorm...) or ``"1+w"``
+    (``x_hat * (1 + w) + b``: Gemma 1-3, Qwen3.5, Qwen3-Next RMSNorms, Nemotron's ``LayerNorm1P``), the bias ``b``
+    optional; ``None`` when the scales cannot be folded (not a LayerNorm / RMSNorm, no weight, another
+    parametrization). The form is found by running the norm (:func:`_norm_gain_form`), not from its class name."""
+    if isinstance(mod, nn.LayerNorm) and not mod.elementwise_affine:
+        return None
+    w = getattr(mod, "weight", None)
     name = type(mod).__name__
-    if isinstance(mod, nn.LayerNorm):
-        return "layernorm" if mod.elementwise_affine else None
-    if "RMSNorm" in name and isinstance(getattr(mod, "weight", None), nn.Parameter):
-        return "gemma_rmsnorm" if name.startswith("Gemma") else "rmsnorm"
+    if ("RMSNorm" in name or "LayerNorm" in name) and isinstance(w, nn.Parameter) and w.dim() == 1:
+        return _norm_gain_form(mod)
+    return None
+
+
+def _weight(mod: nn.Module) -> torch.Tensor:
+    """``mod.weight`` (a tensor; typed for mypy)."""
+    w = mod.weight
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(mod).__name__}.weight is not a tensor")
+    return w
+
+
+@torch.no_grad()
+def _norm_gain_form(mod: nn.Module) -> str | None:
+    """Probe a float32 CPU copy of the norm ``mod`` (its values set here, so meta skeletons work too; the class's
+    ``forward``, bypassing hooks) on random rows ``x``, bias (if any) 0: ``"w"`` if ``f(x; w=r) = r * f(x; w=1)``
+    for a random gain ``r``, ``"1+w"`` if ``f(x; w=r-1) = r * f(x; w=0)``; with a bias, also
+    ``f(x; b=c) = f(x; b=0) + c``. ``None`` (not foldable) otherwise."""
+    try:
+        probe = copy.deepcopy(mod).to_empty(device="cpu").float()
+        weight = _weight(probe)
+        k = int(weight.shape[0])
+        bias = getattr(probe, "bias", None)
+        bias = bias if isinstance(bias, nn.Parameter) and tuple(bias.shape) == (k,) else None
+        if bias is None and getattr(probe, "bias", None) is not None:
+            return None  # a bias of another shape: not a per-channel affine norm
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(3, k, generator=gen)
+        r = torch.rand(k, generator=gen) + 0.5
+        c = torch.randn(k, generator=gen)
+
+        def run(w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+            weight.copy_(w)
+            if bias is not None:
+                bias.copy_(torch.zeros(k) if b is None else b)
+            return type(probe).forward(probe, x).float().cpu()
+
+        for kind, base in (("w", 0.0), ("1+w", -1.0)):
+            y1, yr = run(torch.full((k,), base + 1.0)), run(r + base)
+            if bool(torch.isfinite(y1).all()) and float(y1.abs().max()) > 0 and \
+                    torch.allclose(yr, y1 * r, rtol=1e-4, atol=1e-6):
+                if bias is not None and not torch.allclose(run(r + base, c), yr + c, rtol=1e-4, atol=1e-6):
+                    return None
+                return kind
+    except Exception:  # noqa: BLE001  (any failure of the norm's own code: not foldable, quantized plainly)
+        return None
     return None
 
 
 def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> dict[str, list[ScaleGroup]]:
     """Block name -> its scale groups (full module names), blocks in order; blocks without a group left out."""
     out: dict[str, list[ScaleGroup]] = {}
+    shared = _shared_params(model)
+    refused: list[str] = []
     for b in transformer_blocks(model, scope):
         blk = model.get_submodule(b.name)
         kids = dict(blk.named_children())
         attn_norm = next((n for n in _ATTN_NORMS if n in kids and _norm_kind(kids[n])), None)
         ffn_norm = next((n for n in _FFN_NORMS if n in kids and _norm_kind(kids[n])), None)
+        refused += [f"{b.name}.{n} (a {type(kids[n]).__name__}: no weight, or not of the form x_hat * w (+ b) "
+                    "nor x_hat * (1 + w) (+ b))" for n in (*_ATTN_NORMS, *_FFN_NORMS)
+                    if n in kids and n not in (attn_norm, ffn_norm) and not _norm_kind(kids[n])]
         groups: list[ScaleGroup] = []
         if b.attention is not None and attn_norm and attn_norm != ffn_norm:
             a = b.attention
@@ -121,9 +192,32 @@ def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> 
             groups.append(ScaleGroup(f"{b.name}.{ffn_norm}", list(f.inputs)))
             if len(f.inputs) == 2:  # gated: act(gate(x)) * up(x) is linear in up's output
                 groups.append(ScaleGroup(f.inputs[1], [f.output]))
+        groups = [g for g in groups if _unshared(model, g, shared, refused)]
         if groups:
             out[b.name] = groups
+    if refused:
+        warnings.warn("AWQ: scales not folded into " + "; ".join(refused) + "; the linears reading them are "
+                      "quantized without AWQ scales", stacklevel=3)
     return out
+
+
+def _shared_params(model: nn.Module) -> set[int]:
+    """``id`` of the parameters reachable under more than one name (shared modules, tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, c in seen.items() if c > 1}
+
+
+def _unshared(model: nn.Module, g: ScaleGroup, shared: set[int], refused: list[str]) -> bool:
+    """Whether no module of ``g`` (``prev`` and its linears) holds a shared parameter; else its name joins
+    ``refused``."""
+    for name in [g.prev, *g.linears]:
+        if any(id(p) in shared for p in model.get_submodule(name).parameters()):
+            refused.append(f"{g.prev} ({name} is shared with another part of the model: a fold would change "
+                           "that other use)")
+            return False
+    return True
 
 
 def awq_groups(model: nn.Module, scope: str | list[str] | None = None) -> list[ScaleGroup]:
@@ -136,9 +230,62 @@ def awq_groups(model: nn.Module, scope: str | list[str] | None = None) -> list[S
 
     Returns:
         The :class:`ScaleGroup` list (full module names; ``alpha`` and errors not yet set); empty when nothing
-        can absorb the scales (e.g. post-norm blocks).
+        can absorb the scales (e.g. post-norm blocks). Groups on unfoldable norms or shared modules are left out
+        (a ``UserWarning`` names them); the calibration-time check of the norms' consumers (module docstring) may
+        still refuse some of these groups in :func:`search_and_fold`.
     """
     return [g for gs in _groups_by_block(model, scope).values() for g in gs]
+
+
+class _Dataflow:
+    """Checks, on the calibration forward, that each group folded into a norm really reads that norm: every linear
+    of the group gets the norm's output (equal values) as its input, and no other linear of the norm's block
+    does. This refuses a norm that is a post-norm of the attention output (OLMo-2/3, EXAONE-4: their
+    ``post_attention_layernorm`` does not feed the MLP) and a norm shared by parallel attention and MLP
+    (StableLM / GPT-J style ``use_parallel_residual``): folding into them would change the float model.
+    ``bad`` maps such a group's ``prev`` to the reason; names are relative to ``root``."""
+
+    def __init__(self, root: nn.Module, groups: Sequence[ScaleGroup]) -> None:
+        self.bad: dict[str, str] = {}
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+        linears = {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear)}
+        for g in groups:
+            if isinstance(root.get_submodule(g.prev), nn.Linear):
+                continue
+            block = g.prev.rpartition(".")[0]
+            start = f"{block}." if block else ""
+            self.handles.append(root.get_submodule(g.prev).register_forward_hook(self._record(g.prev)))
+            for name, lin in linears.items():
+                if name.startswith(start):
+                    self.handles.append(lin.register_forward_pre_hook(self._check(g.prev, name, name in g.linears)))
+
+    def _record(self, prev: str):
+        def hook(mod, args, out):
+            self.out[prev] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+        return hook
+
+    def _check(self, prev: str, name: str, member: bool):
+        def hook(mod, args):
+            o, x = self.out.get(prev), args[0] if args else None
+            same = o is not None and isinstance(x, torch.Tensor) and o.shape == x.shape and \
+                bool(torch.equal(o.to(x.dtype), x))
+            if member and not same:
+                self.bad.setdefault(prev, f"{name} does not read the output of {prev}")
+            elif not member and same:
+                self.bad.setdefault(prev, f"{name}, outside the group, also reads the output of {prev}")
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def keep(self, groups: Sequence[ScaleGroup], where: str = "") -> list[ScaleGroup]:
+        """The groups whose fold is exact; a warning names the others (their linears are quantized plainly)."""
+        if self.bad:
+            warnings.warn("AWQ: scales not folded into " + "; ".join(f"{where}{p} ({why})" for p, why in
+                          self.bad.items()) + "; those linears are quantized without AWQ scales", stacklevel=3)
+        return [g for g in groups if g.prev not in self.bad]
 
 
 @torch.no_grad()
@@ -207,7 +354,7 @@ def _search_group(root: nn.Module, g: ScaleGroup, x: torch.Tensor, config: Quant
     """Grid search of ``alpha`` for one group (module docstring formula) on its input rows ``x``; sets
     ``g.alpha``, ``g.err_rtn``, ``g.err_awq`` and returns the chosen scales ``s`` (``g``'s names are relative to
     ``root``)."""
-    ws = [root.get_submodule(n).weight.float() for n in g.linears]
+    ws = [_weight(root.get_submodule(n)).float() for n in g.linears]
     a = x.abs().mean(0).clamp_min(1e-8)
     best = (float("inf"), 0.0, torch.ones_like(a))
     rtn = None
@@ -229,23 +376,25 @@ def _search_group(root: nn.Module, g: ScaleGroup, x: torch.Tensor, config: Quant
 @torch.no_grad()
 def _fold(model: nn.Module, g: ScaleGroup, s: torch.Tensor) -> None:
     prev = model.get_submodule(g.prev)
+    kind = None if isinstance(prev, nn.Linear) else _norm_kind(prev)
+    if kind is None and not isinstance(prev, nn.Linear):
+        raise ValueError(f"{g.prev}: cannot fold scales into a {type(prev).__name__}")
+    w = _weight(prev)
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+        w.div_(s.to(w.dtype)[:, None])
         if prev.bias is not None:
             prev.bias.div_(s.to(prev.bias.dtype))
     else:
-        kind = _norm_kind(prev)
-        if kind == "gemma_rmsnorm":
-            prev.weight.copy_((1.0 + prev.weight.float()) / s - 1.0)
-        elif kind in ("rmsnorm", "layernorm"):
-            prev.weight.div_(s.to(prev.weight.dtype))
-            if kind == "layernorm" and prev.bias is not None:
-                prev.bias.div_(s.to(prev.bias.dtype))
+        if kind == "1+w":
+            w.copy_((1.0 + w.float()) / s - 1.0)
         else:
-            raise ValueError(f"{g.prev}: cannot fold scales into a {type(prev).__name__}")
+            w.div_(s.to(w.dtype))
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.div_(s.to(bias.dtype))
     for name in g.linears:
-        lin = model.get_submodule(name)
-        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+        lw = _weight(model.get_submodule(name))
+        lw.mul_(s.to(lw.dtype)[None, :])
 
 
 @torch.no_grad()
@@ -267,8 +416,10 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
         progress: tqdm bars.
 
     Returns:
-        The groups with the chosen ``alpha`` and the calibration output errors of RTN and of the scaled
-        weights (``err_rtn`` / ``err_awq``, summed squared errors of the group's linear outputs).
+        The groups folded, with the chosen ``alpha`` and the calibration output errors of RTN and of the scaled
+        weights (``err_rtn`` / ``err_awq``, summed squared errors of the group's linear outputs); the groups
+        refused on the calibration forward (a norm that does not feed exactly its group's linears, see the module
+        docstring) are left out, with a ``UserWarning``.
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``.
@@ -281,8 +432,13 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
     groups = awq_groups(model, scope)
     if not groups:
         raise ValueError(f"{type(model).__name__}: no foldable (norm/linear -> linears) groups found for AWQ")
-    with eval_mode(model):
-        xs = _collect(model, groups, calib, max_rows, progress)
+    flow = _Dataflow(model, groups)
+    try:
+        with eval_mode(model):
+            xs = _collect(model, groups, calib, max_rows, progress)
+    finally:
+        flow.remove()
+    groups = flow.keep(groups)
     chosen = [_search_group(model, g, xs[g.linears[0]], config, grid)
               for g in tqdm(groups, desc="AWQ scale search", disable=not progress, leave=False)]
     for g, s in zip(groups, chosen):
@@ -346,12 +502,14 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
             padded.
 
     Returns:
-        ``groups`` (as a list), updated.
+        The groups of ``groups`` folded (as a list), updated; those refused on the recorded calls (a norm that
+        does not feed exactly its group's linears, see the module docstring) are left out, with a ``UserWarning``,
+        and left unchanged.
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``.
         ValueError: bad ``grid`` / ``max_rows``; ``inputs`` holds no recorded call; ``masks`` not one per call; a
-            group's layer not called, or called with 0 rows; NaN or inf in a group's calibration input.
+            group's ``prev`` that cannot absorb scales (checked before the block changes); a group's layer not called, or called with 0 rows; NaN or inf in a group's calibration input.
 
     The inputs of every group are collected in one pass over the calls (before any folding; folding leaves the
     block's float function unchanged), then each group's scales are searched and folded, as in the whole-model
@@ -366,9 +524,14 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
     masks = [None] * len(args) if masks is None else [None if m is None else torch.as_tensor(m) != 0 for m in masks]
     if len(masks) != len(args):
         raise ValueError(f"masks must hold one entry per recorded call: {len(masks)} masks for {len(args)} calls")
+    prefix = f"{inputs.name}." if inputs.name else ""
+    for g in groups:  # before any work: a fold failing after others would leave the block half changed
+        prev = block.get_submodule(g.prev)
+        if not isinstance(prev, nn.Linear) and _norm_kind(prev) is None:
+            raise ValueError(f"{prefix}{g.prev}: cannot fold scales into a {type(prev).__name__} (a Linear, or a "
+                             "norm of the form x_hat * w (+ b) or x_hat * (1 + w) (+ b), can absorb them)")
     xs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
     handles = []
-    prefix = f"{inputs.name}." if inputs.name else ""
     call = [0]
 
     def make(name: str):
@@ -380,6 +543,7 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
 
     for name in xs:
         handles.append(block.get_submodule(name).register_forward_pre_hook(make(name)))
+    flow = _Dataflow(block, groups)
     was = block.training
     block.eval()
     try:
@@ -388,9 +552,11 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
             block(*a, **k)
     finally:
         block.train(was)
+        flow.remove()
         for h in handles:
             h.remove()
     x_by = _subsample(xs, max_rows, prefix)
+    groups = flow.keep(groups, prefix)
     chosen = [_search_group(block, g, x_by[g.linears[0]], config, grid) for g in groups]
     for g, s in zip(groups, chosen):
         _fold(block, g, s)
@@ -440,7 +606,8 @@ def awq_quantize_sequential(
         progress: tqdm bar over blocks.
 
     Returns:
-        The groups (full names) with ``alpha`` and errors.
+        The groups folded (full names) with ``alpha`` and errors (refused groups left out, as
+        :func:`search_and_fold_block`).
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``, or ``calib_inputs`` holds something other than dicts.
@@ -479,11 +646,12 @@ def awq_quantize_sequential(
             return
         n = len(inputs.name) + 1
         rel = [ScaleGroup(g.prev[n:], [x[n:] for x in g.linears]) for g in groups]
-        search_and_fold_block(block, config, inputs, rel, grid=grid, max_rows=max_rows,
-                              masks=masks if padded and inputs.name not in image_blocks else None)
+        kept = search_and_fold_block(block, config, inputs, rel, grid=grid, max_rows=max_rows,
+                                     masks=masks if padded and inputs.name not in image_blocks else None)
         for g, r in zip(groups, rel):
-            g.alpha, g.err_rtn, g.err_awq = r.alpha, r.err_rtn, r.err_awq
-        done.extend(groups)
+            if any(r is k for k in kept):
+                g.alpha, g.err_rtn, g.err_awq = r.alpha, r.err_rtn, r.err_awq
+                done.append(g)
 
     with eval_mode(model):
         quantize_sequential(model, config, batches, skip=list(skip) if skip else None, device=device,
