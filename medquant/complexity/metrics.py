@@ -15,9 +15,10 @@ Metrics (per image, N = H * W pixels):
 2. edge density = (1/N) #{pixels with Sobel magnitude > t}, where the magnitude is that of
    ``skimage.filters.sobel(gray)``: G_x = K_x * gray, G_y = K_y * gray with K = [1, 0, -1] (x) [1, 2, 1] / 4,
    'reflect' (half-sample symmetric) border, magnitude sqrt((G_x^2 + G_y^2) / 2). For 8-bit images the test
-   ``magnitude > t`` is exact in integers (``S > 2 (4 * 255 t)^2``, :func:`sobel_sq_magnitude`); a pixel at the
-   threshold (exactly, or within float32 rounding for float images) is decided as scikit-image's float64 rounding
-   decides it (:func:`resolve_sobel_ties`).
+   ``magnitude > t`` is exact in integers (``S > 2 (4 * 255 t)^2``, :func:`sobel_sq_magnitude`); other images
+   compare the float64 ``S`` of the gray image with ``2 (4 t)^2``. A pixel at the threshold (exactly for 8-bit
+   images, within float64 rounding for the others: :data:`NEAR_REL`, :data:`NEAR_ABS_G`) is decided as
+   scikit-image's float64 rounding decides it (:func:`resolve_sobel_ties`).
 3. intensity std = sqrt(mean((gray - mean(gray))^2)) (population std, ``np.std``).
 4. fractal dimension: box counting on the edge mask of 2 (see :func:`box_counting_dimension`).
 5. LBP entropy: Shannon entropy (bits) of the 10-bin histogram of uniform LBP codes (P=8, R=1) of ``u8``, exactly
@@ -82,14 +83,14 @@ def batched_histogram(values: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 
 def sobel_sq_magnitude(v: torch.Tensor) -> torch.Tensor:
-    """Unnormalised squared Sobel magnitude ``S = Gx'^2 + Gy'^2`` of ``v`` (B, H, W) float32.
+    """Unnormalised squared Sobel magnitude ``S = Gx'^2 + Gy'^2`` of ``v`` (B, H, W) float32 or float64.
 
     ``Gx' = [1, 0, -1] (x) [1, 2, 1]`` applied with the 'reflect' border of ``scipy.ndimage`` (for a one-pixel
     border this repeats the edge pixel). skimage's magnitude on an image ``v / c`` is
     ``sqrt(S / 2) / (4 c)``, so ``magnitude > t  <=>  S > 2 (4 c t)^2``.
 
     Args:
-        v: float32 images ``(B, H, W)``.
+        v: float32 or float64 images ``(B, H, W)`` (the result has their dtype).
 
     Returns:
         ``S``, ``(B, H, W)``.
@@ -107,7 +108,7 @@ def resolve_sobel_ties(mask: torch.Tensor, near: torch.Tensor, image: torch.Tens
     """The edge mask with the pixels of ``near`` decided as ``skimage.filters.sobel(gray) > threshold`` decides them.
 
     ``near`` holds the pixels whose magnitude is at the threshold (8-bit images: ``S == limit`` exactly; float
-    images: within float32 rounding of it). There scikit-image's float64 arithmetic (``u8 / 255``, the
+    images: within float64 rounding of it). There scikit-image's float64 arithmetic (``u8 / 255``, the
     convolution's sums, the square root) lands a few ulps above or below the threshold, pixel by pixel. Those pixels
     (rare in natural images, more common in images of few gray levels) are recomputed with scikit-image's own
     filter on their 3 x 3 neighbourhoods (the border replicated, as the 'reflect' mode does for one pixel), laid
@@ -140,9 +141,13 @@ def resolve_sobel_ties(mask: torch.Tensor, near: torch.Tensor, image: torch.Tens
     return out
 
 
-#: float images: pixels with ``|S - limit| <= NEAR_REL * limit`` are decided by :func:`resolve_sobel_ties` (float32
-#: rounding of ``S`` is about 1e-6 of it near the threshold)
+#: float images (``S`` computed in float64 on the gray image, ``limit = 2 (4 t)^2``): pixels with
+#: ``|S - limit| <= NEAR_REL * limit + e (2 sqrt(limit) + e)``, ``e = NEAR_ABS_G``, are decided by
+#: :func:`resolve_sobel_ties`. ``e`` bounds the absolute float64 rounding of ``G'`` (a sum of six terms of at most
+#: 2 on [0, 1] images: about 1e-15 at most; scikit-image's own rounding is as small), so ``e (2 sqrt(limit) + e)`` bounds
+#: that of ``S`` near the threshold, whatever ``t`` (also ``t = 0``); ``NEAR_REL`` covers the rest with a margin.
 NEAR_REL = 1e-4
+NEAR_ABS_G = 1e-13
 
 
 def box_sizes(h: int, w: int) -> list[int]:
@@ -315,6 +320,7 @@ def lbp_codes(u8: torch.Tensor) -> torch.Tensor:
         code.sub_((sdiag >> 31).bitwise_and_(1 << i))
         sdiag.abs_()
         min_abs = sdiag if min_abs is None else torch.minimum(min_abs, sdiag, out=min_abs)
+    assert min_abs is not None  # four diagonals were visited
     idx = _flat_nonzero(min_abs == 0)
     if idx.numel():
         hw, wp = h * w, w + 2
@@ -453,18 +459,23 @@ def _compute_batch(gray: torch.Tensor, u8: torch.Tensor, edge_threshold: float, 
         var = (hf @ (values * values)) / n - mean * mean
         std = var.clamp_min(0.0).sqrt() / 255.0
     else:
-        v = gray.to(torch.float32) * 255.0
-        var, _ = torch.var_mean(gray.to(torch.float64), dim=(1, 2), correction=0)
+        v = gray.to(torch.float64)
+        var, _ = torch.var_mean(v, dim=(1, 2), correction=0)
         std = var.sqrt()
 
-    sq = sobel_sq_magnitude(v)
-    limit = 2.0 * (4.0 * 255.0 * float(edge_threshold)) ** 2
-    mask = sq > limit
-    # pixels at the threshold (exactly, for 8-bit images; within float32 rounding otherwise): scikit-image's rounding
+    t = float(edge_threshold)
     if exact_u8:
-        mask = resolve_sobel_ties(mask, sq == limit, u8, edge_threshold)
+        # integer-valued float32 S (<= 2 * 1020^2 < 2^24): exact; pixels exactly at the threshold are ties
+        sq = sobel_sq_magnitude(v)
+        limit = 2.0 * (4.0 * 255.0 * t) ** 2
+        mask = resolve_sobel_ties(sq > limit, sq == limit, u8, edge_threshold)
     else:
-        mask = resolve_sobel_ties(mask, (sq - limit).abs() <= NEAR_REL * limit, gray, edge_threshold)
+        # float64 S of the gray image itself (float32 of 255 * gray erred by ~1e-4 in G', far beyond the tie band
+        # once t is small); pixels within its rounding of the threshold: scikit-image's rounding
+        sq = sobel_sq_magnitude(v)
+        limit = 2.0 * (4.0 * t) ** 2
+        band = NEAR_REL * limit + NEAR_ABS_G * (2.0 * math.sqrt(limit) + NEAR_ABS_G)
+        mask = resolve_sobel_ties(sq > limit, (sq - limit).abs() <= band, gray, edge_threshold)
     edge_density = mask.view(torch.uint8).reshape(b, -1).sum(dim=1, dtype=torch.int64).to(torch.float64) / n
     fd = box_counting_dimension(mask)
     lbp = lbp_entropy(u8)
