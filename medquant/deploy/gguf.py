@@ -12,7 +12,10 @@ What is written, in llama.cpp's names (``token_embd``, ``blk.<i>.attn_q`` ... ``
   as the ``rope_freqs`` tensor ``1 / f_i`` per frequency pair, for ``llama`` only: of these architectures
   llama.cpp's loader reads that tensor for :data:`ROPE_FREQS_ARCHITECTURES` only), RMS-norm epsilon, Gemma 3's
   sliding window and its per-layer pattern, the tokenizer (:mod:`medquant.deploy.gguf_vocab`), the chat
-  template;
+  template. llama.cpp's gemma3 loader ignores the pattern and the sliding layers' rope base and uses fixed ones
+  (:data:`GEMMA3_SWA_PATTERN`, :data:`GEMMA3_SWA_ROPE_BASE`; attention scale ``1/sqrt(head_dim)``, or
+  ``1/sqrt(hidden / heads)`` at :data:`GEMMA3_27B_LAYERS` layers): a model that differs is written with report
+  notes naming what llama.cpp computes differently;
 * the transforms of llama.cpp's own converter: LLaMA ``q_proj`` / ``k_proj`` rows permuted from the
   half-split rope layout of transformers to llama.cpp's interleaved one (per head of ``D`` rows, row
   ``2i + j`` of the result is row ``i + j * D/2`` of the input, ``i < D/2``, ``j in {0, 1}``), exact since
@@ -31,7 +34,10 @@ exact but uncompressed) and reports the added error; pruned models whose blocks 
 alike in every block is written with the head counts and feed-forward size of its weights, and the block count
 of its layer list); MoE experts; Llama 3 rope scaling (``rope_type="llama3"``) in a qwen2 or gemma3 config
 (llama.cpp refuses a file of those architectures holding ``rope_freqs``, and a file without it would compute a
-different model); architectures other than the three above.
+different model); YaRN settings other than llama.cpp's (``beta_fast`` 32, ``beta_slow`` 1, ``truncate``, attention
+factor ``0.1 ln(factor) + 1``); sliding-window layers in a llama / qwen2 model; an MLP activation other than the
+architecture's (:data:`ACTIVATIONS`); a model without a language-model head (a sequence classifier); a byte-level
+BPE tokenizer without merges; architectures other than the three above.
 """
 from __future__ import annotations
 
@@ -118,7 +124,8 @@ def language_parts(model: nn.Module) -> tuple[str, Any, Any, str, Any, str]:
     """``(arch, text_config, decoder, decoder_name, head, head_name)`` of a supported model.
 
     Raises:
-        ExportError: an architecture without a GGUF mapping here, or no decoder / embedding / layers found.
+        ExportError: an architecture without a GGUF mapping here, no decoder / embedding / layers found, or no
+            language-model head (``get_output_embeddings()`` is None, as in a sequence classifier).
     """
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -142,6 +149,11 @@ def language_parts(model: nn.Module) -> tuple[str, Any, Any, str, Any, str]:
         raise ExportError(f"{type(model).__name__}: no language model with embed_tokens / layers / norm found")
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
+    if head is None:  # a llama.cpp file without `output` reads token_embd as the head: another model
+        raise ExportError(f"format='gguf' writes causal language models, and {type(model).__name__} has no "
+                          "language-model head (get_output_embeddings() is None: a classifier or bare decoder); "
+                          "llama.cpp would run it as a causal LM with the input embedding as its head. Export the "
+                          "...ForCausalLM / ...ForConditionalGeneration model")
     names = {id(m): n for n, m in model.named_modules()}
     return arch, text_cfg, dec, names[id(dec)], head, (names.get(id(head), "lm_head") if head is not None else "")
 
@@ -166,7 +178,8 @@ def _rope_theta(cfg: Any, params: dict) -> float | None:
 
 
 def _check_rope_scaling(arch: str, cfg: Any) -> None:
-    """Refuse Llama 3 rope scaling where llama.cpp has no way to read it.
+    """Refuse Llama 3 rope scaling where llama.cpp has no way to read it, YaRN settings GGUF does not carry
+    (:func:`_check_yarn`) and sliding-window attention outside Gemma 3 (:func:`_check_sliding_window`).
 
     GGUF carries Llama 3 scaling only as the ``rope_freqs`` tensor. llama.cpp's loader reads it for
     :data:`ROPE_FREQS_ARCHITECTURES` only; for another architecture a file holding it fails to load (a tensor the
@@ -178,11 +191,16 @@ def _check_rope_scaling(arch: str, cfg: Any) -> None:
 
     Raises:
         ExportError: (a ``ValueError``) ``rope_type="llama3"`` in the rope parameters (for Gemma 3 those of full or
-            sliding attention) of an architecture not in :data:`ROPE_FREQS_ARCHITECTURES`.
+            sliding attention) of an architecture not in :data:`ROPE_FREQS_ARCHITECTURES`; YaRN parameters other
+            than llama.cpp's; sliding-window layers in a llama / qwen2 model.
     """
+    full, sliding = _rope_params(cfg)
+    for params in (full, sliding or {}):
+        if _rope_type(params) == "yarn":
+            _check_yarn(params)
+    _check_sliding_window(arch, cfg)
     if arch in ROPE_FREQS_ARCHITECTURES:
         return
-    full, sliding = _rope_params(cfg)
     if sliding is None:
         found = ["rope_parameters"] if _rope_type(full) == "llama3" else []
     else:  # Gemma 3: one set of rope parameters per attention type
@@ -196,6 +214,77 @@ def _check_rope_scaling(arch: str, cfg: Any) -> None:
                           f"{arch!r} file holding that tensor, and without it the model would run with unscaled rope "
                           "(different outputs). Nothing was written; a runtime that reads the Hugging Face config "
                           "keeps the scaling (format='compressed-tensors')")
+
+
+#: llama.cpp's YaRN settings when the file gives only the factor and the original context (``ggml_rope_yarn``)
+YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
+
+
+def _check_yarn(params: dict) -> None:
+    """Refuse YaRN settings that the written keys (factor, original context) do not carry.
+
+    llama.cpp computes YaRN with ``beta_fast = 32``, ``beta_slow = 1``, correction dims rounded outwards (floor /
+    ceil, transformers' ``truncate=True``) and the attention factor ``0.1 ln(factor) + 1``. transformers takes
+    ``beta_fast`` / ``beta_slow`` / ``truncate`` from the rope parameters and the attention factor from
+    ``attention_factor``, else ``get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)`` when both are set,
+    else ``0.1 ln(factor) + 1`` (for ``factor > 1``). Other values would give a file computing another model.
+
+    Raises:
+        ExportError: a ``factor`` missing, or any of these settings different from llama.cpp's.
+    """
+    if params.get("factor") is None:
+        raise ExportError("format='gguf': rope_type 'yarn' without a 'factor' in the rope parameters; GGUF needs "
+                          "the scaling factor")
+    factor = float(params["factor"])
+
+    def mscale(scale: float = 1.0) -> float:  # transformers' yarn_get_mscale
+        return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+    attn = params.get("attention_factor")
+    if attn is None and params.get("mscale") and params.get("mscale_all_dim"):
+        attn = mscale(float(params["mscale"])) / mscale(float(params["mscale_all_dim"]))
+    wrong = []
+    if attn is not None and not math.isclose(float(attn), mscale(), rel_tol=1e-6):
+        wrong.append(f"attention factor {float(attn):g} (llama.cpp: 0.1 ln(factor) + 1 = {mscale():g})")
+    for key, default in (("beta_fast", YARN_BETA_FAST), ("beta_slow", YARN_BETA_SLOW)):
+        if params.get(key) and float(params[key]) != default:
+            wrong.append(f"{key}={params[key]} (llama.cpp: {default:g})")
+    if params.get("truncate", True) is False:
+        wrong.append("truncate=False (llama.cpp rounds the correction dims outwards)")
+    if wrong:
+        raise ExportError("format='gguf': the YaRN rope scaling (rope_type 'yarn') has " + "; ".join(wrong) + ". The "
+                          "GGUF file carries only the factor and the original context length, so llama.cpp would "
+                          "run other rope frequencies / attention scaling. Nothing was written")
+
+
+def _check_sliding_window(arch: str, cfg: Any) -> None:
+    """Refuse sliding-window attention outside Gemma 3: llama.cpp's llama and qwen2 attend over the whole context
+    in every layer (no window key is read), so a Qwen2 model with ``use_sliding_window`` (layers typed
+    ``"sliding_attention"`` in ``layer_types``) would compute another model past the window."""
+    if arch == "gemma3":
+        return
+    layer_types = list(getattr(cfg, "layer_types", None) or [])
+    sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    if sliding:
+        raise ExportError(f"format='gguf': layers {sliding[:8]} use sliding-window attention (window "
+                          f"{getattr(cfg, 'sliding_window', None)}); llama.cpp's {arch!r} architecture has no sliding "
+                          "window and would attend over the whole context in every layer (other outputs past the "
+                          "window). Nothing was written")
+
+
+#: the MLP activation llama.cpp computes for each architecture (there is no GGUF key for it), as transformers names
+#: it: SiLU for llama / qwen2, tanh-approximated GELU for gemma3
+ACTIVATIONS = {"llama": ("silu", "swish"), "qwen2": ("silu", "swish"), "gemma3": ("gelu_pytorch_tanh", "gelu_new")}
+
+
+def _check_activation(arch: str, cfg: Any) -> None:
+    """Refuse a config whose MLP activation (``hidden_act``, Gemma's ``hidden_activation``) is not the one
+    llama.cpp computes for ``arch`` (:data:`ACTIVATIONS`): the file would run another model."""
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+    if act is not None and str(act).lower() not in ACTIVATIONS[arch]:
+        raise ExportError(f"format='gguf': the config's MLP activation is {act!r}, but llama.cpp's {arch!r} "
+                          f"architecture always computes {ACTIVATIONS[arch][0]!r} (GGUF has no activation key), so "
+                          "the file would run another model. Nothing was written")
 
 
 def _head_dim(cfg: Any) -> int:
@@ -267,10 +356,48 @@ def _write_metadata(writer: Any, arch: str, cfg: Any, name: str, n_vocab: int) -
             local = (sliding or {}).get("rope_theta", getattr(cfg, "rope_local_base_freq", None))
             if local is not None:
                 writer.add_rope_freq_base_swa(float(local))
+            notes.extend(_gemma3_fixed_by_llama_cpp(layer_types, local, sliding))
         scalar = getattr(cfg, "query_pre_attn_scalar", None)
-        if scalar is not None and int(scalar) != _head_dim(cfg):
-            notes.append(f"query_pre_attn_scalar={scalar} differs from head_dim={_head_dim(cfg)}: llama.cpp scales "
-                         "attention by 1/sqrt(head_dim) (except for its 27B model type)")
+        # llama.cpp: 1/sqrt(n_embd / n_head) for its 27B type (62 layers), else 1/sqrt(head_dim)
+        if int(cfg.num_hidden_layers) == GEMMA3_27B_LAYERS:
+            used, what = int(cfg.hidden_size) // int(cfg.num_attention_heads), "hidden_size / num_attention_heads"
+        else:
+            used, what = _head_dim(cfg), "head_dim"
+        if scalar is not None and float(scalar) != used:
+            notes.append(f"query_pre_attn_scalar={scalar} differs from {what}={used}: llama.cpp's gemma3 scales "
+                         f"attention by 1/sqrt({what}) for a model of {cfg.num_hidden_layers} layers (by "
+                         f"1/sqrt(hidden_size / num_attention_heads) only at {GEMMA3_27B_LAYERS} layers, its 27B "
+                         "type, else by 1/sqrt(head_dim)): other outputs")
+    return notes
+
+
+#: llama.cpp's gemma3 loader fixes these, whatever the file says: layer ``i`` attends over the full context when
+#: ``i % GEMMA3_SWA_PATTERN == GEMMA3_SWA_PATTERN - 1`` (else over the sliding window), and the sliding layers' rope
+#: has frequency base ``GEMMA3_SWA_ROPE_BASE`` and no scaling (``set_swa_pattern(6)``, ``rope_freq_base_train_swa``)
+GEMMA3_SWA_PATTERN, GEMMA3_SWA_ROPE_BASE = 6, 10000.0
+#: the layer count of llama.cpp's gemma3 27B type, the one it scales attention by 1/sqrt(n_embd / n_head) for
+GEMMA3_27B_LAYERS = 62
+
+
+def _gemma3_fixed_by_llama_cpp(layer_types: list[str], local: Any, sliding: dict | None) -> list[str]:
+    """Notes for a Gemma 3 model that llama.cpp runs differently from transformers because its gemma3 loader
+    ignores the written ``sliding_window_pattern`` / ``rope.freq_base_swa`` (constants above): the layers whose
+    attention type differs from that fixed pattern, a local rope base other than 10000, sliding-layer rope scaling.
+    The released Gemma 3 checkpoints match; a model with blocks dropped usually does not. Outputs differ only for
+    contexts longer than the sliding window (attention type) or at every position (rope)."""
+    notes = []
+    differ = [i for i, t in enumerate(layer_types)
+              if (t == "full_attention") != (i % GEMMA3_SWA_PATTERN == GEMMA3_SWA_PATTERN - 1)]
+    if differ:
+        notes.append(f"llama.cpp's gemma3 ignores the written sliding-window pattern and makes every "
+                     f"{GEMMA3_SWA_PATTERN}th layer full-attention, the others sliding: layers {differ} get the other "
+                     "attention type there than in this model (outputs differ for contexts longer than the window)")
+    if local is not None and float(local) != GEMMA3_SWA_ROPE_BASE:
+        notes.append(f"llama.cpp's gemma3 uses rope base {GEMMA3_SWA_ROPE_BASE:g} in sliding layers, not this "
+                     f"model's {float(local):g} (it ignores rope.freq_base_swa): other outputs")
+    if sliding and _rope_type(sliding) != "default":
+        notes.append(f"llama.cpp's gemma3 applies no rope scaling in sliding layers, not this model's "
+                     f"{_rope_type(sliding)!r}: other outputs")
     return notes
 
 
@@ -436,6 +563,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
     arch, cfg, dec, dec_name, head, head_name = language_parts(model)
     check_native(model, "gguf", allow=(QuantEmbedding,))
     _check_rope_scaling(arch, cfg)
+    _check_activation(arch, cfg)
     tied = head is None or head_is_tied(model) or tied_to(head, dec.embed_tokens)
     plan, cfg, dim_notes = _plan(arch, cfg, dec, dec_name, head, head_name, tied)
 

@@ -151,8 +151,9 @@ def add_tokenizer(writer: Any, folder: Path, arch: str, n_vocab: int, name: str,
     """Write the tokenizer of ``folder`` into ``writer`` (a ``gguf.GGUFWriter``); returns notes for the report.
 
     Raises:
-        ExportError: no readable tokenizer in ``folder``, or more tokens (or a token id past them) than the model's
-            ``n_vocab`` rows.
+        ExportError: no readable tokenizer in ``folder``, more tokens (or a token id past them) than the model's
+            ``n_vocab`` rows, or a byte-level BPE tokenizer without merges (llama.cpp needs
+            ``tokenizer.ggml.merges``).
     """
     from gguf import SpecialVocab, TokenType
     from gguf.vocab import LlamaHfVocab, SentencePieceVocab
@@ -214,6 +215,12 @@ def add_tokenizer(writer: Any, folder: Path, arch: str, n_vocab: int, name: str,
     if arch == "gemma3" and model_kind == "llama":
         writer.add_add_space_prefix(False)  # as llama.cpp's converter writes Gemma 3's SentencePiece vocabulary
     special = SpecialVocab(folder, load_merges=model_kind == "gpt2", n_vocab=n_vocab)
+    if model_kind == "gpt2" and not special.merges:
+        # llama.cpp refuses a gpt2 vocabulary without tokenizer.ggml.merges, and the gguf writer cannot write an
+        # empty array
+        raise ExportError(f"the byte-level BPE tokenizer in {folder} has no merges; llama.cpp cannot load a GGUF "
+                          "byte-level BPE vocabulary without tokenizer.ggml.merges (and GGUF cannot carry an empty "
+                          "list). Give a tokenizer with merges (source=...), or tokenizer=False")
     notes.append(_settle_add_flags(special.add_special_token, folder))
     special.add_to_gguf(writer, quiet=True)
     if special.chat_template is None:
