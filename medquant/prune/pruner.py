@@ -54,6 +54,7 @@ from .surgery import (
     checked_heads,
     checked_neurons,
     expert_neuron_rows,
+    head_norm_lists,
     head_tables,
     prune_attention,
     prune_experts,
@@ -534,9 +535,10 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     variance over every head, so removing heads changes what the kept heads produce; likewise a norm over all FFN
     neurons (Kosmos-2's ``ffn_layernorm`` between ``fc1`` and ``fc2``). Per-head norms (weight ``(n_heads, d)``
     or ``(d,)``; a ``(d,)`` norm is shared by every head, also when a single key/value head makes it as wide as
-    the whole key projection), relative position bias tables with one column per head and attention sinks are
-    pruned exactly and stay. Any
-    other parameter of the attention with one entry per head keeps the heads, and so does a layer that holds
+    the whole key projection; StableLM's lists of one ``LayerNorm(d)`` per head, :func:`head_norm_lists`), relative
+    position bias tables with one column per head and attention sinks are pruned exactly and stay. Any
+    other parameter of the attention with one entry per head, or ``nn.ModuleList`` of one module per head that is
+    not such a norm list, keeps the heads, and so does a layer that holds
     several attention modules of the same kind (a stage of several blocks, e.g. a Swin stage of depth 2): only
     its first block would be seen. T5-style attention keeps its heads too
     (:func:`medquant.models.blocks.shares_position_bias`: the relative position bias of the stack's first block is
@@ -596,7 +598,9 @@ def checked_block(model: nn.Module, b: Block) -> Block:
 
 def _unknown_per_head(model: nn.Module, a) -> str | None:
     """A parameter inside the attention container ``a.name`` (outside its projections, per-head norms and
-    relative position tables) with a dimension of ``n_heads`` (or ``n_kv``) entries, or None."""
+    relative position tables) with a dimension of ``n_heads`` (or ``n_kv``) entries, or an ``nn.ModuleList`` of
+    ``n_heads`` (or ``n_kv``) modules with parameters other than a list of per-head norms
+    (:func:`medquant.prune.surgery.head_norm_lists`), or None."""
     if a.n_heads < 2:
         return None
     cont = model.get_submodule(a.name)
@@ -612,6 +616,14 @@ def _unknown_per_head(model: nn.Module, a) -> str | None:
             continue
         if any(d in (a.n_heads, a.n_kv) for d in p.shape):
             return full
+    holder = model.get_submodule(a.holder)
+    norm_lists = {id(m) for n in {a.n_heads, a.n_kv} for m in head_norm_lists(holder, n, a.head_dim)}
+    for mname, m in cont.named_modules():  # one module per head (StableLM's per-head norms are known and pruned)
+        if (isinstance(m, nn.ModuleList) and len(m) in (a.n_heads, a.n_kv) and id(m) not in norm_lists
+                and any(True for _ in m.parameters())):
+            full = f"{a.name}.{mname}"
+            if not any(full == k or full.startswith(k + ".") or k.startswith(full + ".") for k in known):
+                return full
     return None
 
 

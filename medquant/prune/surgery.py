@@ -11,7 +11,9 @@ All functions edit the model in place and keep the selected rows / columns in th
 * gated attention (Qwen3.5): head ``h`` owns rows ``2hd .. 2hd+2d-1`` of q (its query and its output gate);
   per-head q/k norms (Chameleon, weight ``(n_heads, d)``) lose the rows of the removed heads; relative position
   bias tables with one column per head (Swin, BEiT: ``(positions, n_heads)``) lose their columns, and attention
-  sinks (GPT-OSS: ``sinks`` of shape ``(n_heads,)``) their entries.
+  sinks (GPT-OSS: ``sinks`` of shape ``(n_heads,)``) their entries; lists of one norm per head (StableLM's
+  ``qk_layernorm``: a ``ModuleList`` of ``LayerNorm(head_dim)``, entry ``h`` for head ``h``) lose the removed heads'
+  entries (:func:`head_norm_lists`).
 
 After a head removal the attention module carries its own counts (``num_heads`` / ``num_attention_heads``,
 ``num_key_value_heads``, ``num_key_value_groups`` = n_heads / n_kv, BERT's ``all_head_size``), which is what the
@@ -27,8 +29,8 @@ from torch import nn
 
 from ..models.blocks import AttentionUnit, FFNUnit
 
-__all__ = ["checked_expert_neurons", "checked_heads", "checked_neurons", "expert_neuron_rows", "head_rows", "keep_linear",
-           "prune_attention", "prune_experts", "prune_ffn"]
+__all__ = ["checked_expert_neurons", "checked_heads", "checked_neurons", "expert_neuron_rows", "head_norm_lists",
+           "head_rows", "keep_linear", "prune_attention", "prune_experts", "prune_ffn"]
 
 
 def head_rows(heads: Sequence[int], head_dim: int, device=None) -> torch.Tensor:
@@ -105,6 +107,11 @@ def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[
     d = unit.head_dim
     q, k, v, o = (model.get_submodule(n) for n in (unit.q, unit.k, unit.v, unit.o))
     kvrows = head_rows(keep_kv, d)
+    holder = model.get_submodule(unit.holder)
+    # found before any change (a pruned query list may get the key/value count); with n_kv == n_heads the lists of
+    # both go with the query heads (keep_kv == keep_heads then)
+    q_lists = head_norm_lists(holder, unit.n_heads, d)
+    kv_lists = head_norm_lists(holder, unit.n_kv, d) if unit.n_kv != unit.n_heads else []
     if len(keep_heads) != unit.n_heads:
         keep_linear(q, rows=head_rows(keep_heads, unit.q_rows))
         keep_linear(o, cols=head_rows(keep_heads, d))
@@ -112,6 +119,7 @@ def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[
             _keep_norm_rows(model.get_submodule(unit.q_norm), keep_heads)
         for _, table in head_tables(model.get_submodule(unit.name), unit.n_heads):
             _keep_table_columns(table, keep_heads)
+        _keep_list_entries(q_lists, keep_heads)
         cont = model.get_submodule(unit.name)
         sinks = cont._parameters.get("sinks")
         if isinstance(sinks, nn.Parameter) and tuple(sinks.shape) == (unit.n_heads,):  # GPT-OSS: one per head
@@ -122,14 +130,47 @@ def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[
         keep_linear(v, rows=kvrows)
         if unit.k_norm is not None:
             _keep_norm_rows(model.get_submodule(unit.k_norm), keep_kv)
+        _keep_list_entries(kv_lists, keep_kv)
     nh, nkv = len(keep_heads), len(keep_kv)
-    holder = model.get_submodule(unit.holder)
     for attr, val in (("num_heads", nh), ("num_attention_heads", nh), ("num_key_value_heads", nkv),
                       ("num_key_value_groups", nh // nkv), ("all_head_size", nh * d)):
         if isinstance(getattr(holder, attr, None), int):
             setattr(holder, attr, val)
     unit.n_heads, unit.n_kv = nh, nkv
     return unit
+
+
+def head_norm_lists(holder: nn.Module, n: int, head_dim: int) -> list[nn.ModuleList]:
+    """The ``nn.ModuleList`` s inside the attention module ``holder`` that hold one norm per head: ``n`` entries,
+    each without a linear and with only 1-D parameters of ``head_dim`` entries (StableLM's ``qk_layernorm``:
+    ``q_layernorm.norms`` has one ``LayerNorm(head_dim)`` per query head, ``k_layernorm.norms`` one per key/value
+    head, entry ``i`` applied to head ``i``). Removing head ``h`` removes entry ``h``.
+
+    Args:
+        holder: the attention module.
+        n: the number of heads (query heads, or key/value heads).
+        head_dim: features per head.
+
+    Returns:
+        The lists, in module order.
+    """
+    out = []
+    for mod in holder.modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) != n or n < 2:
+            continue
+        if all(not any(isinstance(m, nn.Linear) for m in e.modules())
+               and any(True for _ in e.parameters())
+               and all(p.dim() == 1 and p.numel() == head_dim for p in e.parameters()) for e in mod):
+            out.append(mod)
+    return out
+
+
+def _keep_list_entries(lists: Sequence[nn.ModuleList], keep: Sequence[int]) -> None:
+    for lst in lists:
+        kept = [lst[i] for i in keep]
+        for i in range(len(lst) - 1, -1, -1):
+            del lst[i]
+        lst.extend(kept)
 
 
 def head_tables(attention: nn.Module, n_heads: int) -> list[tuple[str, nn.Module]]:
