@@ -6,7 +6,8 @@ quantizer, the transformers loader and QLoRA use as well:
 * :func:`quantizable_modules` - the one traversal: the modules a config type can quantize (for
   :class:`QuantConfig`: torch.nn's own ``Linear`` and ``Conv2d``, and subclasses that compute exactly as them:
   the parent's ``forward``, no parameters but ``weight`` / ``bias``, no buffers or children; not inside
-  ``nn.MultiheadAttention``, which reads ``out_proj.weight`` directly; other subclasses, e.g. bitsandbytes'
+  ``nn.MultiheadAttention``, which reads ``out_proj.weight`` directly, nor a PEFT layer's trainable adapters
+  (``lora_A`` / ``lora_B``: its ``base_layer`` is quantized, they stay float); other subclasses, e.g. bitsandbytes'
   ``Linear4bit``, are already quantized or compute differently: :func:`unquantizable_subclasses` lists them and
   :func:`quantize_` reports those its config covers);
 * :class:`ConfigMap` - which config each of them gets (patterns, default, skip; see below);
@@ -326,8 +327,9 @@ def quantizable_modules(model: nn.Module, config_type: type = QuantConfig) -> di
     """Name -> module, in ``named_modules`` order, of the modules that configs of ``config_type`` quantize.
 
     These are the module types its handler was registered for (torch.nn's own classes, and subclasses that
-    compute exactly as their parent), not inside ``nn.MultiheadAttention``, plus the modules an additional
-    handler accepts (MoE experts with 3-D weights; nothing below them is listed). A module bound to several
+    compute exactly as their parent), not inside ``nn.MultiheadAttention`` nor among a PEFT tuner layer's
+    adapters (``lora_A`` / ``lora_B``...: they stay float and trainable; its ``base_layer`` is listed), plus the
+    modules an additional handler accepts (MoE experts with 3-D weights; nothing below them is listed). A module bound to several
     names is listed once, under its first name.
 
     Args:
@@ -341,6 +343,7 @@ def quantizable_modules(model: nn.Module, config_type: type = QuantConfig) -> di
     types = _handler(config_type).module_types
     out = {}
     skip_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    skip_prefixes += _peft_adapter_prefixes(model)
     for name, m in model.named_modules():
         if name and _extra_handler(config_type, m) is not None:
             if not any(name.startswith(p) for p in skip_prefixes):
@@ -351,6 +354,18 @@ def quantizable_modules(model: nn.Module, config_type: type = QuantConfig) -> di
             if any(name.startswith(p) for p in skip_prefixes):
                 continue
             out[name] = m
+    return out
+
+
+def _peft_adapter_prefixes(model: nn.Module) -> list[str]:
+    """``"<name>.lora_A."``-style prefixes of the adapter layers of PEFT tuner layers (their class lists them in
+    ``adapter_layer_names``: ``lora_A``, ``lora_B``, ``lora_embedding_A``...): trainable low-rank adapters, not
+    weights to pack (a quantized adapter would have no parameters left to train)."""
+    out = []
+    for n, m in model.named_modules():
+        names = getattr(type(m), "adapter_layer_names", None)
+        if isinstance(names, tuple) and type(m).__module__.startswith("peft"):
+            out += [f"{n}.{a}." if n else f"{a}." for a in names if isinstance(m._modules.get(a), nn.Module)]
     return out
 
 
@@ -365,6 +380,38 @@ def _plain_subclass(m: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
     return same and set(m._parameters) <= {"weight", "bias"} and not m._buffers and not m._modules
 
 
+def _unhandled_weight_layers(model: nn.Module, found: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """Name -> module of the weight layers no :class:`QuantConfig` handler takes and that are not in ``found``:
+    torch.nn's other convolutions (``Conv1d``, ``Conv3d``, ``ConvTranspose1d/2d/3d``) and transformers' ``Conv1D``
+    (GPT-2's projections, an ``nn.Module`` holding a transposed Linear weight)."""
+    return {n: m for n, m in model.named_modules() if n and n not in found and (
+        (isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.Conv2d))
+        or (type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")))}
+
+
+def _warn_unhandled_layers(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module],
+                           filter_fn: Callable[[nn.Module, str], bool] | None = None) -> None:
+    """One ``UserWarning`` naming the weight layers of :func:`_unhandled_weight_layers` that ``cmap`` covers (a
+    pattern or ``"_default"`` gives them a config; ``skip``, ``None`` and ``filter_fn`` leave them out): they stay
+    in floating point, and a user who asked for "every layer at 4 bits" should know (GPT-2's ``Conv1D``
+    projections, a 3-D CNN's ``Conv3d``...). ``targets`` are the modules the plan was resolved over."""
+    foreign = _unhandled_weight_layers(model, targets)
+    if not foreign:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the same patterns were resolved (and warned about) already
+            covered = _resolve(model, cmap, {**targets, **foreign})
+    except ValueError:  # e.g. two names of one shared Conv1d mapped to different configs: nothing to add here
+        return
+    missed = [f"{n} ({type(m).__name__})" for n, m in foreign.items()
+              if n in covered and (filter_fn is None or filter_fn(m, n))]
+    if missed:
+        warnings.warn(f"{len(missed)} weight layer(s) the config covers are of a type medquant does not quantize "
+                      f"(it takes Linear / Conv2d) and stay in floating point: {', '.join(missed[:5])}"
+                      f"{', ...' if len(missed) > 5 else ''}", UserWarning, stacklevel=3)
+
+
 def unquantizable_subclasses(model: nn.Module, config_type: type = QuantConfig) -> dict[str, nn.Module]:
     """Name -> module of the subclasses of the quantizable types that :func:`quantizable_modules` leaves out
     (their own ``forward``, extra parameters or children: quantizing them would change what they compute)."""
@@ -372,6 +419,43 @@ def unquantizable_subclasses(model: nn.Module, config_type: type = QuantConfig) 
     found = quantizable_modules(model, config_type)
     return {n: m for n, m in model.named_modules() if isinstance(m, types) and n not in found
             and not type(m).__module__.startswith("torch.nn")}
+
+
+# the hook tables of an nn.Module that describe what happens around its forward / backward (state-dict hooks are
+# left alone: the quantized layer stores other tensors)
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _baked_hook_types() -> tuple[type, ...]:
+    """torch's weight reparametrisations run as forward pre-hooks (``weight_norm``, ``spectral_norm``, ``prune``):
+    they compute ``weight`` from other parameters, which the swapped layer has baked into its (quantized) weight."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return (WeightNorm, SpectralNorm, prune.BasePruningMethod)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (the replacement :func:`quantize_` / :func:`dequantize_` binds in ``old``'s place) ``old``'s
+    forward pre-hooks, forward hooks and backward hooks, so they run around the new layer as they ran around the old
+    one. When ``new`` has none of its own the tables are shared, not copied: a handle the user holds
+    (``h = layer.register_forward_hook(...)``) still removes its hook. torch's weight reparametrisation hooks
+    (``weight_norm``, ``spectral_norm``, ``prune``) are not carried: the new layer's weight already is their result."""
+    baked = _baked_hook_types()
+    for table in _HOOK_TABLES:
+        src = getattr(old, table, None)
+        dst = getattr(new, table, None)
+        if not src or dst is None or src is dst:
+            continue
+        has_baked = any(isinstance(h, baked) for h in src.values())
+        if not dst and not has_baked:
+            setattr(new, table, src)
+        else:
+            dst.update((k, h) for k, h in src.items() if not isinstance(h, baked))
+    if old._backward_hooks and not getattr(new, "_is_full_backward_hook", None):
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None:
@@ -780,7 +864,9 @@ def resolve_configs(
 
     This is the plan of the calibrating quantizers (GPTQ, AdaRound, sequential, shards), which work on Linear /
     Conv2d layers: MoE experts with 3-D weights the map covers are left out with a warning saying so
-    (:func:`quantize_` quantizes them per expert; :meth:`ConfigMap.resolve` includes them).
+    (:func:`quantize_` quantizes them per expert; :meth:`ConfigMap.resolve` includes them). Weight layers of other
+    types the map covers (``Conv1d``, ``Conv3d``, ``ConvTranspose*d``, transformers' ``Conv1D``) are named in a
+    warning, as by :func:`quantize_`.
 
     Args:
         model: the model.
@@ -795,7 +881,10 @@ def resolve_configs(
         ValueError: a pattern that matches nothing, an invalid regular expression, an unknown role, or two names
             of one shared module mapped to different configs.
     """
-    plan = as_config_map(config_or_map, skip=skip).resolve(model)
+    cmap = as_config_map(config_or_map, skip=skip)
+    targets = quantizable_modules(model, QuantConfig)
+    plan = _resolve(model, cmap, targets)
+    _warn_unhandled_layers(model, cmap, targets)
     experts = [n for n in plan if is_experts_module(model.get_submodule(n))]
     if experts:
         warnings.warn(f"{len(experts)} MoE experts module(s) with 3-D weights ({', '.join(experts[:3])}"
@@ -860,7 +949,13 @@ def quantize_(
     unless ``requantize=True`` (then it is quantized again from its dequantized weight, with a warning); a
     module bound to several names is quantized once and every name gets the one quantized module; subclasses
     of Linear / Conv2d that compute as their parent are quantized, others the map covers are reported in a
-    warning; a call that quantizes nothing warns.
+    warning; weight layers of other types the map covers (``Conv1d``, ``Conv3d``, ``ConvTranspose*d``, transformers'
+    ``Conv1D``) stay in floating point and are named in a warning; a call that quantizes nothing warns.
+
+    Hooks: the forward pre-hooks, forward hooks and backward hooks registered on a layer run around its quantized
+    replacement too (the hook tables are shared, so the handles the user holds still remove them); torch's weight
+    reparametrisation hooks (``weight_norm``, ``spectral_norm``, ``prune``) are not carried, their result being the
+    weight that was quantized.
 
     Mixture-of-experts blocks: experts stored as 3-D parameters (transformers 5: Mixtral, Qwen-MoE, Llama 4 ...)
     are quantized per expert (:class:`~medquant.quant.experts.QuantExperts`; a pattern matches the experts module
@@ -937,6 +1032,7 @@ def quantize_(
         warnings.warn(f"{len(reported)} subclass(es) of Linear / Conv2d with their own forward, parameters or "
                       f"children are left in floating point: {', '.join(reported[:5])}", UserWarning, stacklevel=2)
         plan = {n: c for n, c in plan.items() if n not in others}
+    _warn_unhandled_layers(model, cmap, targets, filter_fn)
     items = list(plan.items())
     if progress:
         from tqdm.auto import tqdm
@@ -955,6 +1051,7 @@ def quantize_(
                       "config (or all were skipped)", UserWarning, stacklevel=2)
     aliases = _names_by_module(model)
     for name, q in built:
+        _carry_hooks(model.get_submodule(name), q)
         for alias in aliases.get(id(model.get_submodule(name)), [name]):  # a shared module stays one module
             swap_module(model, alias, q)
     if built:
@@ -983,7 +1080,8 @@ def dequantize_(model: nn.Module) -> nn.Module:
     embedding tables (:func:`~medquant.quant.embeddings.quantize_embeddings_`) ``nn.Embedding`` tables holding
     ``e[i, j] = (u[i, j] - z) * s``; a head that shared a table's packed tensors becomes an ``nn.Linear`` whose
     ``weight`` *is* that table's (tied again, one tensor). A layer bound under several names becomes one float
-    module bound under all of them, and every float module keeps its quantized layer's train / eval mode.
+    module bound under all of them, and every float module keeps its quantized layer's train / eval mode and its
+    forward / backward hooks (shared tables, as in :func:`quantize_`).
 
     Args:
         model: the model, changed in place.
@@ -995,6 +1093,7 @@ def dequantize_(model: nn.Module) -> nn.Module:
 
     def swap_everywhere(name: str, old: nn.Module, new: nn.Module) -> None:
         new.train(old.training)
+        _carry_hooks(old, new)
         for alias in aliases.get(id(old), [name]):  # a shared module stays one module
             swap_module(model, alias, new)
 
