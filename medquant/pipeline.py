@@ -115,6 +115,7 @@ class TrainStage:
         ValueError: an unknown ``mode``, ``steps`` not an integer >= 1, ``lr`` not finite and > 0, ``alpha``
             outside ``[0, 1]``, ``temperature`` not finite and > 0, ``feature_weight`` not finite and >= 0, or
             ``feature_pairs`` with ``"finetune"``.
+        TypeError: ``feature_pairs`` is not a sequence of ``(int, int)`` pairs.
     """
 
     mode: str = "distil"
@@ -141,6 +142,9 @@ class TrainStage:
         if self.mode == "finetune" and len(self.feature_pairs):
             raise ValueError("TrainStage.feature_pairs match teacher features (distillation only); "
                              "TrainStage('finetune') has no teacher: use mode 'distil' or leave feature_pairs empty")
+        from .distill.distiller import check_feature_pairs
+
+        check_feature_pairs(self.feature_pairs)  # (int, int) pairs, refused here rather than after pruning
 
     def _as_run(self, steps_run: int | None = None) -> dict[str, Any]:
         """The settings as they ran (what :func:`compress` records): ``"finetune"`` trains with ``alpha`` 0 and no
@@ -213,8 +217,11 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
 
     What can be checked before the first stage runs is checked then, so that a stage's error does not come after
     earlier stages already changed the model: ``calib`` / ``train_data`` present where a stage needs them, the
-    ``QuantStage.skip`` patterns, AWQ scale groups in the model, and one no-grad step of the training loss on the
-    first training batch (the model's output must have logits and the batch a task loss).
+    ``QuantStage.skip`` patterns, no layer the quantization stage covers already quantized, AWQ scale groups in
+    the model, and one no-grad step of the training loss on the first training batch (the model's output must have
+    logits and the batch a task loss; with ``TrainStage.feature_pairs`` the model's ``hidden_states`` are counted,
+    and a pair out of their range is refused: ``-n <= i < n`` for the ``n`` hidden states of the model before
+    pruning).
 
     Args:
         model: the model to compress (a transformers causal LM or VLM; modified in place).
@@ -235,9 +242,10 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
         A :class:`CompressResult`.
 
     Raises:
-        ValueError: a stage that needs ``calib`` or ``train_data`` without it (or with an empty one), no AWQ scale
-            group in the model, a ``QuantStage.skip`` pattern that matches nothing, a training loss that cannot
-            be computed on the model and data; all before any stage runs.
+        ValueError: a stage that needs ``calib`` or ``train_data`` without it (or with an empty one), layers the
+            quantization stage covers that are already quantized, no AWQ scale group in the model, a
+            ``QuantStage.skip`` pattern that matches nothing, a training loss that cannot be computed on the model
+            and data, a feature pair out of the model's ``hidden_states``; all before any stage runs.
         TypeError: ``calib`` or ``train_data`` is one batch (a dict) instead of a sequence of batches.
     """
     from .prune import StructuredPruner, allocate_ratios, block_influence, least_influential
@@ -345,10 +353,18 @@ def _check_before(model: nn.Module, prune: PruneStage | None, train: TrainStage 
     if influence and not calib:
         raise ValueError("layer selection and drop_blocks (block influence) need calibration data (calib=...)")
     if quantize is not None:
-        from .quant.api import as_config_map
+        from .quant.api import as_config_map, quantized_modules
 
         # a skip pattern that matches nothing (or an unknown role) is refused here, not after pruning / AWQ folding
-        as_config_map(quantize.config, skip=list(quantize.skip) if quantize.skip else None).resolve(model)
+        cmap = as_config_map(quantize.config, skip=list(quantize.skip) if quantize.skip else None)
+        cmap.resolve(model)
+        already = quantized_modules(model)
+        redo = list(cmap.resolve(model, already)) if already else []  # quantize_ would refuse them at the end
+        if redo:
+            raise ValueError(f"the quantization stage covers {len(redo)} layer(s) that are already quantized "
+                             f"({', '.join(redo[:3])}{', ...' if len(redo) > 3 else ''}): compress quantizes a "
+                             "float model; pass the float model, leave those layers out with QuantStage(skip=...), "
+                             "or drop the quantization stage")
         if quantize.method == "awq":
             from .calibrate.awq import awq_groups
 
@@ -368,7 +384,8 @@ def _check_before(model: nn.Module, prune: PruneStage | None, train: TrainStage 
 
 def _dry_run_loss(model: nn.Module, train: TrainStage, batch: Any) -> None:
     """The training loss of ``batch`` once, without gradients and without changing the model or the RNG state:
-    a model whose output has no logits, or a batch without a task loss, is refused before any stage runs."""
+    a model whose output has no logits, or a batch without a task loss, or a ``TrainStage.feature_pairs`` index out
+    of the model's ``hidden_states``, is refused before any stage runs."""
     was_training = model.training
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -380,12 +397,31 @@ def _dry_run_loss(model: nn.Module, train: TrainStage, batch: Any) -> None:
                 main_output(run_model(model, batch, unpack_sequences=False), hidden_state=False, first_item=False)
             else:
                 _FineTuner(model)(batch)
+            if train.mode == "distil" and len(train.feature_pairs):
+                _check_feature_range(model, train, batch)
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         raise ValueError(f"the training stage cannot compute its loss on this model and train_data (checked on the "
                          f"first batch before any stage ran; {type(model).__name__}): {type(e).__name__}: {e}"
                          ) from e
     finally:
         model.train(was_training)
+
+
+def _check_feature_range(model: nn.Module, train: TrainStage, batch: Any) -> None:
+    """Every feature pair ``(i, j)`` indexes the ``n`` hidden states of ``model`` (``-n <= i, j < n``), counted on
+    ``batch`` before pruning. The teacher is this model as it is; the student is counted the same way, so a pair that
+    only goes out of range because the prune stage drops blocks is left to the distiller to refuse."""
+    from .models.runner import run_model
+
+    hs = getattr(run_model(model, batch, unpack_sequences=False, output_hidden_states=True), "hidden_states", None)
+    if not isinstance(hs, (tuple, list)):
+        raise TypeError("feature_pairs needs the model's output to carry hidden_states when called with "
+                        "output_hidden_states=True")
+    n = len(hs)
+    for i, j in train.feature_pairs:
+        if not (-n <= i < n and -n <= j < n):
+            raise ValueError(f"feature pair ({i}, {j}) out of range: the model has {n} hidden states "
+                             f"(indices {-n} .. {n - 1})")
 
 
 def save_with_files(model: nn.Module, out: str | os.PathLike, *, plan: Any = None,

@@ -13,7 +13,8 @@ bar; ``--train none`` / ``--quant none`` / ``--heads 0 --ffn 0`` skip stages. ``
 folder itself. Reload the result with ``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json``
 records the parameter counts before and after, the stored bytes, the last training loss, every stage setting
 (``settings``) and the data the stages saw (``data``: the text source, how many texts there were, how many
-calibrated and trained, in how many batches, and ``--max-length``). ``--seed`` (default 0) seeds torch's global
+calibrated and trained, in how many batches (0 when no stage calibrates or trains: only pruning and ``--quant awq``
+calibrate), and ``--max-length``). ``--seed`` (default 0) seeds torch's global
 generator before the model is loaded, so dropout in the training stage and the distillation projections start the
 same way on every run: the same command on the same machine saves the same weights.
 """
@@ -87,14 +88,18 @@ def run(args) -> int:
              if args.quant != "none" else None)
     from .. import model_size
 
+    # the stages that read the calibration texts: pruning (activation importance, block influence) and AWQ
+    calibrates = prune is not None or (quant is not None and quant.method == "awq")
+
     # what ran on what, for the report: the settings of every stage and the data each one saw
     summary: dict = {
         "settings": {"heads": args.heads, "ffn": args.ffn, "gqa": args.gqa, "layer_select": args.layer_select,
                      "train": args.train, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                      "quant": args.quant, "bits": args.bits, "group_size": args.group_size,
                      "seed": args.seed},
-        "data": {"source": source, "texts": len(texts), "calibration_texts": len(texts[: args.calib_samples]),
-                 "calibration_batches": len(calib),
+        "data": {"source": source, "texts": len(texts),
+                 "calibration_texts": len(texts[: args.calib_samples]) if calibrates else 0,
+                 "calibration_batches": len(calib) if calibrates else 0,
                  "training_texts": sum(len(b["input_ids"]) for b in train_data) if train else 0,
                  "training_batches": len(train_data) if train else 0, "max_length": args.max_length},
     }

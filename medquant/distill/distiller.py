@@ -49,7 +49,7 @@ from ..distributed import broadcast_parameters, is_ddp, is_fsdp, unwrap
 from ..models.runner import eval_mode, main_output, run_model
 from ..training import train_steps
 
-__all__ = ["Distiller", "kd_loss"]
+__all__ = ["Distiller", "check_feature_pairs", "kd_loss"]
 
 
 def _check_temperature(temperature: float | torch.Tensor) -> None:
@@ -63,8 +63,18 @@ def _check_temperature(temperature: float | torch.Tensor) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 
-def _check_feature_pairs(feature_pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The pairs as ``(int, int)``; a clear error for anything else (modules, names, bools, a lone pair)."""
+def check_feature_pairs(feature_pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pairs as ``(int, int)``; a clear error for anything else (modules, names, bools, a lone pair).
+
+    Args:
+        feature_pairs: ``(student_layer, teacher_layer)`` indices into the models' ``hidden_states``.
+
+    Returns:
+        The pairs as a list of ``(int, int)``.
+
+    Raises:
+        TypeError: not an iterable of pairs of integers.
+    """
     accepted = ("feature_pairs takes (student_layer, teacher_layer) pairs of int indices into the models' "
                 "hidden_states, e.g. [(2, 4)]")
     if isinstance(feature_pairs, (str, bytes, nn.Module)) or not isinstance(feature_pairs, Iterable):
@@ -259,7 +269,7 @@ class Distiller(nn.Module):
         if teacher is student:
             raise ValueError("teacher and student are the same object; distil into a copy (copy.deepcopy)")
         self.alpha, self.temperature, self.feature_weight = float(alpha), float(temperature), float(feature_weight)
-        self.feature_pairs = _check_feature_pairs(feature_pairs)
+        self.feature_pairs = check_feature_pairs(feature_pairs)
         if self.feature_pairs:
             _check_returns_hidden_states(student, "student")
             _check_returns_hidden_states(teacher, "teacher")

@@ -653,12 +653,14 @@ class ConfigMap(Mapping):
         """The ``"_default"`` entry (``None`` when absent: unmatched modules stay in floating point)."""
         return self._entries.get(DEFAULT_KEY)
 
-    def resolve(self, model: nn.Module) -> dict[str, QuantConfig]:
+    def resolve(self, model: nn.Module, modules: Mapping[str, nn.Module] | None = None) -> dict[str, QuantConfig]:
         """Module name -> QuantConfig of every module of ``model`` this map quantizes, in ``named_modules`` order.
 
         Args:
             model: the model whose quantizable modules (:func:`quantizable_modules`) the patterns are matched
                 against.
+            modules: other ``{name: module}`` of ``model`` to match instead (e.g. its already quantized layers,
+                :func:`quantized_modules`, to ask which of them the map covers).
 
         Returns:
             ``{module name: QuantConfig}``; modules that stay in floating point are absent.
@@ -667,7 +669,7 @@ class ConfigMap(Mapping):
             ValueError: a pattern that matches nothing, an invalid regular expression, an unknown role, or two
                 names of one shared module mapped to different configs.
         """
-        return _resolve(model, self)
+        return _resolve(model, self, modules)
 
     # JSON
     def to_dict(self) -> dict[str, Any]:
