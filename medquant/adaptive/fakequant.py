@@ -85,7 +85,8 @@ def fake_quantize_per_sample(x: torch.Tensor, bits, *, backend: str = "auto") ->
 
     Args:
         x: float tensor ``(B, ...)``; every sample is flattened to one vector for its min/max.
-        bits: ``B`` integers (tensor or sequence), each 1..8 or >= 16 (passthrough).
+        bits: ``B`` integers (a 1-D tensor or a sequence), each 1..8 or >= 16 (passthrough); a 0-d tensor is
+            refused like any other shape that is not ``(B,)``.
         backend: ``"auto"`` (the kernel layer's choice: Triton for CUDA tensors when available, torch otherwise)
             or ``"torch"`` (the torch reference).
 
@@ -107,7 +108,8 @@ def fake_quantize_per_sample(x: torch.Tensor, bits, *, backend: str = "auto") ->
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
     b = _as_bits(bits, x.shape[0]).to(x.device)
-    if x.numel() == 0 or bool((b >= PASSTHROUGH_BITS).all()):  # the op does not run: check here
-        check_bits(b, x.shape[0])
+    # the op would broadcast a 0-d tensor to every row; one entry per sample is the contract: check_bits refuses it
+    if b.dim() != 1 or x.numel() == 0 or bool((b >= PASSTHROUGH_BITS).all()):  # the op does not run: check here
+        check_bits(b, x.shape[0])  # raises for every shape but (B,)
         return x
     return fake_quantize_rows(x, b, False, eps=ROW_EPS, backend=backend)  # the op checks the bits

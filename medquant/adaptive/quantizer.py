@@ -206,6 +206,17 @@ def block_output_sites(model: nn.Module, prefix: str | None = None) -> list[tupl
     return [(n, "output") for n in vision_layers(model)]
 
 
+def _live_quantizers(model: nn.Module) -> list:
+    """The AdaptiveQuantizers (not removed) whose activation hooks sit on a module of ``model``."""
+    found: list = []
+    for mod in model.modules():
+        for hook in list(mod._forward_pre_hooks.values()) + list(mod._forward_hooks.values()):
+            owner = getattr(getattr(hook, "func", None), "__self__", None)
+            if isinstance(owner, AdaptiveQuantizer) and not owner._removed and all(o is not owner for o in found):
+                found.append(owner)
+    return found
+
+
 def _scorer_levels(scorer) -> list[int] | None:
     """The levels ``scorer.levels(...)`` can return: a ``LearnedPolicy``'s ``level_list`` (the keys of its bit map),
     else ``0 .. n_levels - 1`` (a ``ComplexityScorer``); None when the scorer declares neither."""
@@ -238,7 +249,8 @@ class AdaptiveQuantizer(nn.Module):
 
     Call: ``aq(x, levels=lv)``, ``aq(x, bits=b)``, ``aq(x, images=raw)`` or ``aq(x)`` (scorer on ``x``); any other
     positional / keyword arguments go to the model. ``aq.stats()`` reports the average bits actually used. A
-    call's bits are the calling thread's own, so concurrent calls from several threads do not mix them; under
+    call's bits (and its :meth:`disabled` state) are the calling thread's own, so concurrent calls from several
+    threads do not mix them; under
     ``nn.DataParallel(aq)`` pass ``levels`` / ``bits`` as tensors, which are split with the batch. After
     :meth:`remove` the wrapper refuses calls (its sites no longer quantize). Under gradient checkpointing the
     recompute in backward uses the bits of the call the gradient comes through (module docstring); a backward over
@@ -249,10 +261,15 @@ class AdaptiveQuantizer(nn.Module):
     safetensors. ``load_state_dict`` raises ``ValueError`` naming both values, and loads nothing, when this
     quantizer has another bit map or other sites (in any order); states of version 1 (without them) load unchecked.
 
+    One model carries at most one live quantizer: the hooks of each would run in the other's calls, where they
+    have no bits. Wrapping a model (or a model containing a module) that another ``AdaptiveQuantizer`` still hooks
+    raises ``ValueError`` and changes nothing; after that one's :meth:`remove` the model can be wrapped again.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``weight_sequential`` is neither a bool nor a dict.
         ValueError: a scorer level missing from the bit map, no site, an unknown or duplicate site, unknown
-            ``weight_sequential`` options, or ``weight_sequential`` without ``weight_config``.
+            ``weight_sequential`` options, ``weight_sequential`` without ``weight_config``, or ``model`` already
+            hooked by another ``AdaptiveQuantizer`` that was not removed.
     """
 
     _version = 2  # state_dict: 2 adds the bit map and the sites
@@ -291,6 +308,12 @@ class AdaptiveQuantizer(nn.Module):
         if len(set(parsed)) != len(parsed):
             raise ValueError(f"duplicate sites in {parsed}")
         self.sites: list[tuple[str, str]] = parsed
+        live = _live_quantizers(model)
+        if live:
+            raise ValueError(f"this model is already wrapped by an AdaptiveQuantizer (sites {live[0].sites}); its hooks "
+                             "would quantize this one's calls without bits (and this one's, its calls): call "
+                             "remove() on that AdaptiveQuantizer first, or give one AdaptiveQuantizer all the sites (a deepcopy of a "
+                             "wrapped model carries a copy of the hooks: copy it before wrapping or after remove())")
         if weight_config is not None:
             from ..quant import QuantConfig, quantize_
 
@@ -341,6 +364,13 @@ class AdaptiveQuantizer(nn.Module):
         self._pinned = {}
         self.__dict__.setdefault("_removed", False)
 
+    def _replicate_for_data_parallel(self):
+        """``nn.DataParallel`` replica: runs in a worker thread, so it keeps the on / off state (:meth:`disabled`)
+        of the thread that replicated it."""
+        replica = super()._replicate_for_data_parallel()
+        replica._replica_enabled = self._current_enabled()
+        return replica
+
     # ------------------------------------------------------------------ state_dict: the bit map and the sites
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -375,6 +405,14 @@ class AdaptiveQuantizer(nn.Module):
         """The bits of the call running in this thread, else those of an active :meth:`bits_context`."""
         bits = getattr(self._local, "bits", None)
         return self._bits if bits is None else bits
+
+    def _current_enabled(self) -> bool:
+        """Whether the sites quantize now: the state of the call running in this thread, else this thread's
+        :meth:`disabled`, else that of any thread (for threads that make no call of their own)."""
+        for state in (getattr(self._local, "call_enabled", None), getattr(self._local, "enabled", None)):
+            if state is not None:
+                return state
+        return self._enabled
 
     def _check_not_removed(self, what: str) -> None:
         if self._removed:
@@ -450,7 +488,7 @@ class AdaptiveQuantizer(nn.Module):
                                    "aq.bits_context(bits) is active: take the loss from the call's output, or run "
                                    "the backward inside the bits_context the forward ran in")
         else:
-            if not self._enabled:
+            if not self._current_enabled():
                 return x
             bits = self._current_bits()
             if bits is None:
@@ -548,14 +586,16 @@ class AdaptiveQuantizer(nn.Module):
         """Run the model with the activation quantization off (weights stay quantized).
 
         Yields:
-            Nothing; inside the block the sites pass activations through.
+            Nothing; inside the block the sites pass activations through: in this thread's calls and model
+            calls, and in threads that make no call of their own (like :meth:`bits_context`). A call made
+            meanwhile by another thread quantizes as usual (its on / off state is its own thread's).
         """
-        prev = self._enabled
-        self._enabled = False
+        prev, prev_local = self._enabled, getattr(self._local, "enabled", None)
+        self._enabled = self._local.enabled = False
         try:
             yield
         finally:
-            self._enabled = prev
+            self._enabled, self._local.enabled = prev, prev_local
 
     # ------------------------------------------------------------------ forward
     def resolve_bits(self, args=(), levels=None, bits=None, images=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -615,11 +655,16 @@ class AdaptiveQuantizer(nn.Module):
         prev, prev_task = getattr(self._local, "bits", None), getattr(self._local, "call_task", -1)
         self._local.bits = call_bits = b.to(dev) if dev is not None else b  # this thread's call only
         self._local.call_task = _graph_task_id()  # >= 0: a call made inside backward (its sites are no recompute)
-        enabled = self._enabled
+        prev_enabled = getattr(self._local, "call_enabled", None)
+        own = getattr(self._local, "enabled", None)  # set by disabled() in this thread; other threads' do not count
+        if own is None:  # an nn.DataParallel replica in its worker thread: the state where it was replicated
+            own = self.__dict__.get("_replica_enabled")
+        self._local.call_enabled = enabled = True if own is None else own
         try:
             out = self.model(*args, **kwargs)
         finally:
             self._local.bits, self._local.call_task = prev, prev_task
+            self._local.call_enabled = prev_enabled
         if torch.is_grad_enabled():  # for a gradient-checkpointing recompute in backward
             self._pin(out, call_bits, enabled)
         with self._lock:
