@@ -9,12 +9,16 @@ For token batches ``x`` (``input_ids`` and ``attention_mask``, padding masked ou
     perplexity = exp(NLL / number of predicted tokens)
 
 The sum runs over all batches before the division, so the result is the token-weighted perplexity of the whole
-set, independent of how the texts are batched (up to float rounding). Batches padded on the left (the default of
-Llama and Gemma tokenizers) are moved to right padding before the model call, so every row's tokens sit at
-positions ``0, 1, ...`` as when the text is scored alone, and no token is predicted from a padding position.
+set, independent of how the texts are batched (up to float rounding). The first token of a row is never
+predicted from nothing: it is only context, and a text's first word is scored only when the tokenizer puts a
+token before it (the BOS of Llama and Gemma tokenizers), as in transformers' own ``labels=`` loss. Batches
+padded on the left (the default of Llama and Gemma tokenizers) are moved to right padding before the model call,
+so every row's tokens sit at positions ``0, 1, ...`` as when the text is scored alone, and no token is predicted
+from a padding position.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -59,8 +63,11 @@ def token_batches(tokenizer, texts: Sequence[str], batch_size: int = 8, max_leng
         A list of dicts with ``input_ids`` and ``attention_mask`` tensors.
 
     Raises:
+        TypeError: ``texts`` is a single ``str`` (its characters would be the texts): pass ``[text]``.
         ValueError: ``batch_size`` < 1.
     """
+    if isinstance(texts, str):
+        raise TypeError("texts is a single str: pass a list of texts, e.g. [text]")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stop = len(texts) - batch_size + 1 if drop_last else len(texts)
@@ -91,6 +98,26 @@ def _checked_batch(b: Any, i: int) -> Mapping[str, Any]:
     return b
 
 
+def _logits(out: Any, ids: torch.Tensor) -> torch.Tensor:
+    """The ``(rows, positions, vocab)`` logits in a model's output ``out`` for ``ids`` ``(rows, positions)``.
+
+    ``out.logits`` (a transformers ``ModelOutput``), ``out["logits"]`` (a dict, e.g. a traced model), the first
+    tensor of that shape in a tuple / list (``(logits, ...)`` or ``(loss, logits, ...)`` of ``return_dict=False``),
+    or ``out`` itself.
+    """
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)):
+        for x in out:
+            if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[:2] == ids.shape:
+                return x
+        raise TypeError(f"the model returned a {type(out).__name__} with no (rows, positions, vocab) logits tensor "
+                        f"for input_ids of shape {tuple(ids.shape)}")
+    return out
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
     """Token-weighted perplexity (module docstring) of ``model`` on ``batches``.
@@ -99,16 +126,19 @@ def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]
     same shape (e.g. from :func:`token_batches`); without ``attention_mask`` every token counts (a mask of ones).
     Other entries (``labels``, ``token_type_ids``...) go to the model as they are; ``labels`` must have the shape
     of ``input_ids`` but do not change the score, which is always that of the next token of ``input_ids``. The
-    model is called as ``model(**batch)`` and must return ``.logits`` (a transformers causal LM) or the logits
-    tensor itself. A left-padded batch is first moved to right padding (module docstring), so the result does not
-    depend on the padding side or on the batch size.
+    model is called as ``model(**batch)`` in eval mode (dropout off; its training mode is restored afterwards) and
+    must return ``.logits`` (a transformers causal LM), a dict with ``"logits"``, a tuple holding the
+    ``(rows, positions, vocab)`` logits (``return_dict=False``: ``(logits, ...)`` or ``(loss, logits, ...)``) or the
+    logits tensor itself. A left-padded batch is first moved to right padding (module docstring), so the result
+    does not depend on the padding side or on the batch size.
 
     Args:
         model: a causal language model.
         batches: token batches (an iterable of dicts: ``[batch]`` for a single one).
 
     Returns:
-        ``exp`` of the mean next-token cross-entropy over every predicted (unpadded) token.
+        ``exp`` of the mean next-token cross-entropy over every predicted (unpadded) token, in float64 (``inf`` only
+        past ``exp(709)``).
 
     Raises:
         TypeError: ``batches`` is a single dict, or holds something other than dicts.
@@ -118,17 +148,26 @@ def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]
     if isinstance(batches, Mapping):  # iterating one batch would give its keys
         raise TypeError("batches is a single dict: pass an iterable of batches, e.g. [batch]")
     nll, count = 0.0, 0
-    for i, b in enumerate(batches):
-        b = _right_padded(dict(_checked_batch(b, i)))
-        out = model(**b)
-        logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
-        ids = b["input_ids"]
-        mask = b.get("attention_mask")
-        real = mask != 0 if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-        tgt = ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -100)  # context and target both real
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                       ignore_index=-100, reduction="sum"))
-        count += int((tgt != -100).sum())
+    was_training = getattr(model, "training", None)
+    if was_training is not None:
+        model.eval()  # dropout would make the score random
+    try:
+        for i, b in enumerate(batches):
+            b = _right_padded(dict(_checked_batch(b, i)))
+            ids = b["input_ids"]
+            logits = _logits(model(**b), ids)[:, :-1].float()
+            mask = b.get("attention_mask")
+            real = mask != 0 if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            tgt = ids[:, 1:].long().masked_fill(~(real[:, 1:] & real[:, :-1]), -100)  # context, target both real
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                           ignore_index=-100, reduction="sum"))
+            count += int((tgt != -100).sum())
+    finally:
+        if was_training is not None:
+            model.train(was_training)
     if count == 0:
         raise ValueError("no tokens to predict: give batches with at least two unpadded tokens per text")
-    return float(torch.tensor(nll / count).exp())
+    try:
+        return math.exp(nll / count)  # float64: a float32 exp is inf past a mean NLL of 88.7 nats
+    except OverflowError:
+        return math.inf
