@@ -30,14 +30,17 @@ within float rounding of a boundary. :func:`medquant.deploy.onnx_sim.logits_tole
 that; :func:`export` runs the written file on ``example_inputs`` (and on them twice over, to check the dynamic
 batch axis) and raises :class:`~medquant.deploy.registry.ExportError` if ONNX Runtime leaves the bound
 (data-dependent control flow traced for one input, an op exported wrongly) or refuses the graph. The file is
-written under a temporary name beside the target and moved into place only after these checks: a failed export
-leaves no file (and an existing one unchanged; replacing one needs ``overwrite=True``).
+written in a private temporary folder beside the target and moved into place only after these checks: a failed
+export leaves no file (and an existing one unchanged; replacing one needs ``overwrite=True``). One file holds the
+whole graph: a graph over protobuf's 2 GiB limit (:data:`PROTOBUF_LIMIT`) is refused by size, not written with
+external data.
 """
 from __future__ import annotations
 
 import itertools
 import numbers
 import os
+import shutil
 import tempfile
 import warnings
 from collections import Counter
@@ -70,6 +73,8 @@ from .registry import (
 )
 
 OPSET = 21
+#: the largest graph one ``.onnx`` file holds: protobuf serializes messages under 2 GiB
+PROTOBUF_LIMIT = 2**31 - 1
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
                "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "DynamicQuantizeMatMul",
                "MatMulNBits")
@@ -77,6 +82,7 @@ INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMul
 __all__ = [
     "INTEGER_OPS",
     "OPSET",
+    "PROTOBUF_LIMIT",
     "CalibrationError",
     "CalibrationRequired",
     "OnnxClassifier",
@@ -208,6 +214,28 @@ def _strip_prefix(model, prefix: str = "model.") -> None:
                 n.input[i] = rename[name]
 
 
+def _keep_inputs(model, args: tuple, names: list[str]) -> None:
+    """Give the graph every model input, in the model's order: the tracer drops an input that the output does not
+    read (e.g. a mask this checkpoint ignores), which would leave a file taking fewer inputs than the model.
+
+    A dropped input is declared again, unused, with its example's element type and shape (``batch`` for axis 0, the
+    other axes as traced)."""
+    import onnx
+
+    have = {i.name: i for i in model.graph.input}
+    if all(n in have for n in names):
+        return
+    for name, a in zip(names, args):
+        if name not in have:
+            elem = onnx.TensorProto.BFLOAT16 if a.dtype == torch.bfloat16 else \
+                onnx.helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=a.dtype).numpy().dtype)
+            have[name] = onnx.helper.make_tensor_value_info(name, elem, ["batch", *a.shape[1:]])
+    rest = [i for i in model.graph.input if i.name not in names]  # initializers listed as inputs, if any
+    ordered = [have[n] for n in names] + rest
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
+
+
 def _feeds(names: list[str], args: tuple) -> dict[str, np.ndarray]:
     return {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
 
@@ -235,16 +263,18 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             ``99.99``, ``False``); ``percentile`` needs ``method="percentile"``. A model returned by
             :func:`calibrate_activations` is calibrated already: ``calib``, or a ``method`` / ``percentile`` other
             than its own, would have no effect and is refused.
-        input_names: the ONNX input names, a list with one per input (default ``pixel_values``, then
-            ``input_1``...).
-        output_name: the name of the output tensor.
+        input_names: the ONNX input names, a list with one distinct name per input (default ``pixel_values``,
+            then ``input_1``...). Every input stays an input of the file, in this order, also one the output does
+            not read (declared unused, with its example's type and shape, batch axis dynamic).
+        output_name: the name of the output tensor (not one of the input names).
         verify: run the file with ONNX Runtime on ``example_inputs``, on them twice (batch axis) and on their
             negation and compare with the simulation (:func:`logits_tolerance`).
         overwrite: replace an existing file (otherwise an existing file is refused). A folder where the file goes
             (a folder named ``x.onnx``, or ``model.onnx`` inside the target folder) is always refused, asking for a
             file path.
 
-    The file is written beside its target under a temporary name, checked (``onnx.checker`` with types and shapes)
+    The file is written in a temporary folder beside its target (which also takes any tensor files the tracer
+    writes for a graph over 2 GiB), checked (``onnx.checker`` with types and shapes)
     and verified, then moved into place: an export that fails leaves no file behind (and an existing one as it
     was), and removes the folders it had to create for the file (folders that existed before are kept).
 
@@ -255,7 +285,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
         ExportError: an unknown option, a non-bool ``overwrite`` / ``verify``, a path refused by
             :func:`~medquant.deploy.registry.output_file_path`, calibration options for a model calibrated already,
             ``percentile`` without ``method="percentile"``, no ``example_inputs`` or ``calib``, ``input_names``
-            that is a string or of the wrong length, a graph that cannot be written
+            that is a string, of the wrong length or with a repeated name, an ``output_name`` among them, a graph that cannot be written
+            (one whose tensors exceed :data:`PROTOBUF_LIMIT`, 2 GiB: one ``.onnx`` file, no external data)
             or that ONNX Runtime refuses or computes differently (:class:`CalibrationRequired`: static-activation
             layers and no ``calib``).
         CalibrationError: ``example_inputs`` that are not a tensor or tuple of tensors, or hold an empty tensor or
@@ -310,32 +341,38 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
                 raise ExportError("format='onnx' needs example_inputs (or calib batches) to trace the model")
             sim = prepare(model, _example_args(example_inputs, example_from_calib), method=method,
                           percentile=percentile, promote=promote)
-            needs = [p.name for p in sim.medquant_onnx.layers if p.kind == "qdq"]
+            needs = [p.name for p in cast(SimulationInfo, sim.medquant_onnx).layers if p.kind == "qdq"]
             if needs:
                 raise CalibrationRequired(
                     f"format='onnx' writes static int8 activation scales for {len(needs)} layer(s) "
                     f"({', '.join(needs[:5])}{'...' if len(needs) > 5 else ''}): pass calib=<batches> "
                     "or a model returned by medquant.deploy.onnx.calibrate_activations", needs)
             model = sim
-        info = model.medquant_onnx
+        info = cast(SimulationInfo, model.medquant_onnx)
     if example_inputs is None:
         raise ExportError("format='onnx' needs example_inputs (a tensor with the input shape) to trace the model")
     args = _example_args(example_inputs, example_from_calib)
     names = list(input_names) if input_names else ["pixel_values"] + [f"input_{i}" for i in range(1, len(args))]
     if len(names) != len(args):
         raise ExportError(f"input_names has {len(names)} names for {len(args)} inputs")
-    # written and checked beside the target, moved into place only when complete (a failed export leaves no file,
-    # and no folder it had to create)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ExportError(f"input_names must be distinct (one per model input), got {names}: {repeated} repeated")
+    if output_name in names:
+        raise ExportError(f"output_name {output_name!r} is also an input name ({names}): ONNX names each value once; "
+                          f"choose another output_name or input_names")
+    # written and checked in a private folder beside the target, moved into place only when complete (a failed
+    # export leaves no file, and no folder it had to create); the tracer writes the tensors of a graph over 2 GB as
+    # files beside the graph: they stay in that folder and go with it
     with made_folders(file.parent):
-        fd, tmp_name = tempfile.mkstemp(suffix=".onnx", prefix=f".{file.stem}-", dir=file.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        work = Path(tempfile.mkdtemp(prefix=f".{file.stem}-", dir=file.parent))
         try:
+            tmp = work / file.name
             report = _write(model, tmp, args, names, output_name, verify)
             publish_mode(tmp)
             os.replace(tmp, file)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
     report.path, report.files = str(file), [str(file)]
     return report
 
@@ -362,8 +399,17 @@ def _write(model: nn.Module, file: Path, args: tuple, names: list[str], output_n
     except Exception as e:  # torch.onnx reports the op it cannot express
         raise ExportError(f"torch.onnx could not express the model: {type(e).__name__}: {e}".strip()[:2000]) from e
     proto = onnx.load(str(file))
+    # the tensors stored in the graph (protobuf's own ByteSize refuses a message over 2 GiB with an EncodeError)
+    size = sum(len(t.raw_data) or onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * int(np.prod(t.dims))
+               for t in proto.graph.initializer)
+    if size > PROTOBUF_LIMIT:
+        raise ExportError(f"the ONNX graph holds {size} bytes of tensors ({size / 2**30:.2f} GiB), over the protobuf "
+                          f"limit of one .onnx file ({PROTOBUF_LIMIT} bytes, 2 GiB); format='onnx' writes one file, without "
+                          "external data: quantize more layers (8-bit weights take a quarter of float32, 4-bit an "
+                          "eighth) or export the model in parts")
     _initializer_consumers_fix(proto)
     _strip_prefix(proto)
+    _keep_inputs(proto, args, names)
     _retype_int4(proto, info.int4_tensors)
     proto.producer_name = "medquant"
     meta = {"medquant.calibration": f"{info.method} ({info.batches} batches)",

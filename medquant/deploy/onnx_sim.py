@@ -679,13 +679,16 @@ def check_calibration_set(batches: Any) -> None:
 
 
 def first_tensor(out: Any) -> torch.Tensor:
-    """The output tensor of a classifier: the tensor itself, ``.logits``, or the first tensor of a tuple/dict."""
+    """The output tensor of a classifier: the tensor itself, ``.logits``, a dict's ``"logits"``, or the first tensor of
+    a tuple / dict."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
     if isinstance(out, dict):
+        if isinstance(out.get("logits"), torch.Tensor):  # {"aux": ..., "logits": ...}: the logits, not the first
+            return out["logits"]
         out = list(out.values())
     if isinstance(out, (tuple, list)):
         for t in out:
