@@ -32,6 +32,8 @@ Every sample gets its own row, independent of its batch-mates:
 
 The features are cast to the dtype of the projections (float32 by default, also over a bfloat16 VLM;
 that of the cast after ``clf.to(torch.bfloat16)``).
+``pixel_values`` must be floating point (the processor's normalized values; float64 is cast by the
+backbone); integer pixels (raw ``uint8``) raise ``TypeError``.
 
 ``CompactCNN`` / ``SmallViT``: image-only classifiers with ``blocks`` (an ``nn.ModuleList``), a pooled
 embedding and the same ``head``; ``default_adaptive_sites: ClassVar[tuple[str, ...]] = ("head",)`` (the fused-embedding site).
@@ -184,6 +186,9 @@ class VLMClassifier(nn.Module):
             A tensor ``(B, image_dim)``.
 
         Raises:
+            TypeError: ``pixel_values`` is a tensor of other than a floating-point dtype (raw ``uint8`` pixels:
+                the backbones would cast them to float and use them as normalized values); float64 is accepted
+                (cast by the backbone).
             RuntimeError: the projector did not run.
             ValueError: ``image_grid_thw`` missing for a model whose ``get_image_features`` takes it (Qwen2-VL),
                 features of an unexpected shape or size, a sample whose sub-images are all padding, or a
@@ -191,6 +196,10 @@ class VLMClassifier(nn.Module):
                 rows of ``pixel_values``, or that is given with other than 4-D ``pixel_values``.
             TypeError: ``num_crops`` is neither a tensor nor a list / tuple.
         """
+        if isinstance(pixel_values, torch.Tensor) and not pixel_values.is_floating_point():
+            # every processor gives rescaled, normalized floats; the backbones cast raw 0..255 ints silently
+            raise TypeError(f"pixel_values must be floating point (the processor's rescaled, normalized "
+                            f"values), got {pixel_values.dtype}: pass the images through the model's processor")
         missing = [k for k in self._image_fn_needs if image_kwargs.get(k) is None]
         if missing:
             raise ValueError(f"{type(self.vlm).__name__}.get_image_features needs {', '.join(missing)} (its "
