@@ -48,6 +48,11 @@ changes (unless only vision-tower / projector layers are planned).
 ``b' = (b - mu) gamma / sigma + beta``), so the rounding is learned on the weights that will actually be used.
 With ``act_bits`` each block's input is also fake-quantized (static per-tensor, :class:`InputQuantizer`) during the
 reconstruction and afterwards (W4A8 and the like).
+
+The quantized layers replace the float ones as :func:`medquant.quantize_`'s do: in the layer's previous train / eval
+mode (the reconstruction itself runs in eval mode), bound under every name of a shared layer (it stays one module),
+with the float layer's forward / pre / backward hooks. Conv2d layers must pad with zeros (``padding_mode="zeros"``,
+what :class:`~medquant.QuantConv2d` computes).
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.layout import FORMAT_VERSION, expand_params, pack, padded_k
 from ..models.runner import eval_mode
-from ..quant.api import resolve_configs, swap_module
+from ..quant.api import carry_hooks, names_by_module, resolve_configs, swap_module
 from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
 from ..quant.modules import QuantConv2d, QuantLinear
@@ -472,19 +477,33 @@ def _check_blocks(model: nn.Module, blocks: Sequence[str] | None) -> list[str]:
     return out
 
 
-def _forward_order(model: nn.Module, units: Iterable[str], batch: Any) -> list[str]:
-    """The units in the order of their first call on one batch (units never called last, in the given order)."""
+def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any]) -> list[str]:
+    """The units in the order of their first call on the first batch (units it does not call after them, in the
+    order of their first call on the later batches, which are run only while some unit is still uncalled).
+
+    Raises:
+        ValueError: a unit that no calibration batch calls (checked here, before the model changes).
+    """
     units = list(units)
     order: list[str] = []
     handles = [model.get_submodule(u).register_forward_pre_hook(
         lambda mod, args, u=u: order.append(u) if u not in order else None) for u in units]
+    what = ", ".join(units[:3]) + (", ..." if len(units) > 3 else "")
     try:
         with torch.no_grad():
-            _run_batch(model, batch, 0, ", ".join(units[:3]) + (", ..." if len(units) > 3 else ""))
+            for i, batch in enumerate(batches):
+                _run_batch(model, batch, i, what)
+                if len(order) == len(units):
+                    break
     finally:
         for h in handles:
             h.remove()
-    return order + [u for u in units if u not in order]
+    missing = [u for u in units if u not in order]
+    if missing:
+        raise ValueError(f"block {missing[0]} received no calibration inputs: the model's forward did not call it on "
+                         f"any calibration batch ({len(missing)} unit(s) never called: {', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}); skip it or give batches that reach it")
+    return order
 
 
 def _rtn_(layers: Mapping[str, _Rounding]) -> None:
@@ -558,12 +577,15 @@ def adaround_quantize_(
             with one.
         ValueError: bad ``iters`` / ``warmup`` / ``lr`` / ``reg`` / ``seed`` / ``act_bits`` / ``target``, ``blocks``
             that is not a list of names; no or an empty calibration set; a layer
-            with per-row bit-widths or bits outside 2..8; nested ``blocks``; a calibration batch that fails in the
+            with per-row bit-widths or bits outside 2..8; a Conv2d layer with a ``padding_mode`` other than
+            ``"zeros"``; nested ``blocks``; a calibration batch that fails in the
             model's forward (the message names the batch; the model's error is chained); a calibration set whose
             every ``attention_mask`` is all zeros (no real token) while a layer outside the vision tower /
             projector is planned; a block that the
             calibration batches never reach; NaN or inf in a block's calibration input; a reconstruction that
-            diverged. The errors up to the forward on the first batch are raised before the model is changed.
+            diverged. The errors up to the forward on the first batch (and on the later ones while some block is
+            not yet reached: a block that no batch reaches is refused there) are raised before the model is
+            changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -580,6 +602,10 @@ def adaround_quantize_(
                          f"quantize: {', '.join(list(plan)[:3])})")
     for n, cfg in plan.items():
         _check_config(cfg, n)
+        layer = model.get_submodule(n)
+        if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":  # QuantConv2d pads with zeros only
+            raise ValueError(f"layer {n}: learned rounding supports Conv2d padding_mode='zeros' only, got "
+                             f"{layer.padding_mode!r}; skip the layer")
     blocks = _check_blocks(model, blocks)
     units: dict[str, list[str]] = {}
     for n in plan:
@@ -588,10 +614,27 @@ def adaround_quantize_(
     unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
     _check_real_tokens(batches, [u for u in units if u not in unmasked])
     with eval_mode(model):  # one forward on the first batch: a batch that does not fit the model fails here
-        ordered = _forward_order(model, units, batches[0])
+        ordered = _forward_order(model, units, batches)
     if fold_bn:
         fold_batchnorm_(model)
     records: dict[str, dict[str, Any]] = {}
+    aliases = names_by_module(model)  # every name of every layer, before any swap: a shared layer stays one
+    modes = {n: model.get_submodule(n).training for n in plan}  # the swapped layers get these back
+    try:
+        _run_units(model, ordered, units, unmasked, plan, batches, records, aliases, iters=iters, lr=lr, reg=reg,
+                   warmup=warmup, seed=seed, act_bits=act_bits, act_symmetric=act_symmetric, target=target,
+                   progress=progress)
+    finally:
+        for n in records:
+            model.get_submodule(n).train(modes[n])
+    return records
+
+
+def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, list[str]], unmasked: Any,
+               plan: Mapping[str, QuantConfig], batches: Sequence[Any], records: dict[str, dict[str, Any]],
+               aliases: Mapping[int, list[str]], *, iters: int, lr: float, reg: float, warmup: float, seed: int,
+               act_bits: int | None, act_symmetric: bool, target: str, progress: bool) -> None:
+    """Reconstruct the units in order (in eval mode), adding each layer's record to ``records`` as it is swapped."""
     with eval_mode(model):
         reference = copy.deepcopy(model) if target == "float" else None
         gen = torch.Generator().manual_seed(seed)
@@ -607,17 +650,18 @@ def adaround_quantize_(
                 calls = [(a, kw, t, None) for a, kw, t, _ in calls]
             records.update(_reconstruct(model, unit, units[unit], plan, calls, len(batches), gen, iters=iters,
                                         lr=lr, reg=reg, warmup=warmup, seed=seed, act_bits=act_bits,
-                                        act_symmetric=act_symmetric, target=target))
-    return records
+                                        act_symmetric=act_symmetric, target=target, aliases=aliases))
 
 
 def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mapping[str, QuantConfig],
                  calls: list[_Call], samples: int, gen: torch.Generator, *, iters: int,
                  lr: float, reg: float, warmup: float, seed: int, act_bits: int | None, act_symmetric: bool,
-                 target: str) -> dict[str, dict[str, Any]]:
+                 target: str, aliases: Mapping[int, list[str]] | None = None) -> dict[str, dict[str, Any]]:
     """Learn the rounding of one unit's layers on ``calls`` ((args, kwargs, target output, token mask or
     ``None``)), swap in the quantized layers and return their records. The token mask leaves the padding positions
-    out of the loss, the errors and the activation range wherever it fits the tensor (:func:`row_mask`)."""
+    out of the loss, the errors and the activation range wherever it fits the tensor (:func:`row_mask`). Each
+    quantized layer is bound under every name of its float layer (``aliases``: ``id(module) -> names``, a shared
+    layer stays one module) and takes over its hooks, as :func:`medquant.quantize_` does."""
     block = model.get_submodule(unit)
     aq = None
     if act_bits is not None:
@@ -690,9 +734,11 @@ def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mappin
         q = r.quantized_module()
         q.calibration = dict(rec)
         records[n] = dict(rec)
-        built.append((n, q))
-    for n, q in built:
-        swap_module(model, n, q)
+        built.append((n, r.module, q))
+    for n, old, q in built:
+        carry_hooks(old, q)
+        for alias in (aliases or {}).get(id(old), [n]):
+            swap_module(model, alias, q)
     if aq is not None:  # on the module now in the model (a single-layer unit was just swapped)
         aq.attach(model.get_submodule(unit))
     return records

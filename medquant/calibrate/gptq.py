@@ -95,7 +95,7 @@ from ..kernels import tensor_version
 from ..kernels.layout import FORMAT_VERSION, pack, padded_k
 from ..models.blocks import block_stacks
 from ..models.runner import eval_mode
-from ..quant.api import resolve_configs, swap_module
+from ..quant.api import carry_hooks, names_by_module, resolve_configs, swap_module
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import QTensor, compute_qparams, scale_eps
 from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
@@ -934,15 +934,6 @@ def _check_batches(batches: Sequence[Any], layers: str = "") -> None:
                                  f"values{ctx}")
 
 
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
-    """``id(module) -> every name it is bound under`` (a shared module has several; ``named_modules()`` and so
-    the plan list only its first)."""
-    names: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), []).append(n)
-    return names
-
-
 class _Swaps:
     """The swaps done so far, undone when a later stage fails, so that an error leaves the model as it was (as
     :func:`medquant.quantize_` does). A module bound under several names is swapped under all of them."""
@@ -954,6 +945,7 @@ class _Swaps:
         self.modes = {id(m): m.training for m in model.modules()}  # before eval_mode: the new layers get these
 
     def swap(self, aliases: Mapping[int, list[str]], name: str, new: nn.Module) -> None:
+        carry_hooks(self.model.get_submodule(name), new)  # the user's hooks run around the quantized layer too
         for alias in aliases.get(id(self.model.get_submodule(name)), [name]):
             self.done.append((alias, self.model.get_submodule(alias)))
             swap_module(self.model, alias, new)
@@ -1208,7 +1200,7 @@ def gptq_quantize_(
         m = model.get_submodule(n)
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             raise ValueError(f"layer {n}: GPTQ supports padding_mode='zeros' only")
-    aliases = _aliases(model)
+    aliases = names_by_module(model)
     swapped = _Swaps(model)
     with eval_mode(model):
         try:
@@ -1335,8 +1327,9 @@ def gptq_quantize_sequential(
             if labels is not None:
                 q.calibration.update(_group_record(accs, n))
             built.append((n, q))
-        aliases = _aliases(block)
+        aliases = names_by_module(block)
         for n, q in built:  # a module bound under several names of the block is swapped under all of them
+            carry_hooks(block.get_submodule(n), q)
             for alias in aliases.get(id(block.get_submodule(n)), [n]):
                 swap_module(block, alias, q)
 

@@ -75,7 +75,9 @@ __all__ = [
     "DEFAULT_KEY",
     "ConfigMap",
     "as_config_map",
+    "carry_hooks",
     "dequantize_",
+    "names_by_module",
     "notify_quantized",
     "on_quantized",
     "quantizable_modules",
@@ -437,12 +439,17 @@ def _baked_hook_types() -> tuple[type, ...]:
     return (WeightNorm, SpectralNorm, prune.BasePruningMethod)
 
 
-def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """Give ``new`` (the replacement :func:`quantize_` / :func:`dequantize_` binds in ``old``'s place) ``old``'s
     forward pre-hooks, forward hooks and backward hooks, so they run around the new layer as they ran around the old
     one. When ``new`` has none of its own the tables are shared, not copied: a handle the user holds
     (``h = layer.register_forward_hook(...)``) still removes its hook. torch's weight reparametrisation hooks
-    (``weight_norm``, ``spectral_norm``, ``prune``) are not carried: the new layer's weight already is their result."""
+    (``weight_norm``, ``spectral_norm``, ``prune``) are not carried: the new layer's weight already is their result.
+
+    Args:
+        old: the module being replaced.
+        new: its replacement (called before it is bound in ``old``'s place).
+    """
     baked = _baked_hook_types()
     for table in _HOOK_TABLES:
         src = getattr(old, table, None)
@@ -797,9 +804,16 @@ class _Pattern:
         return any(name == p or name.startswith(p + ".") for p in self.prefixes)
 
 
-def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+def names_by_module(model: nn.Module) -> dict[int, list[str]]:
     """``id(module) -> every name it is bound under`` (a shared module has several; ``named_modules()`` yields
-    only its first), the root as ``""``."""
+    only its first), the root as ``""``.
+
+    Args:
+        model: the model.
+
+    Returns:
+        ``{id(module): [name, ...]}`` in ``named_modules(remove_duplicate=False)`` order.
+    """
     names: dict[int, list[str]] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(n)
@@ -812,7 +826,7 @@ def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module]
         targets = quantizable_modules(model, QuantConfig)
     # a pattern naming any name of a shared module (listed once, under its first name) covers it, one object under
     # all its names: a skip pattern leaves it in floating point, a config pattern chooses its config
-    aliases = _names_by_module(model)
+    aliases = names_by_module(model)
     every_name = [n for names in aliases.values() for n in names if n]
 
     def names_of(name: str) -> list[str]:
@@ -1051,9 +1065,9 @@ def quantize_(
     if not built:
         warnings.warn(f"quantize_ quantized nothing in {type(model).__name__}: no nn.Linear / nn.Conv2d matched the "
                       "config (or all were skipped)", UserWarning, stacklevel=2)
-    aliases = _names_by_module(model)
+    aliases = names_by_module(model)
     for name, q in built:
-        _carry_hooks(model.get_submodule(name), q)
+        carry_hooks(model.get_submodule(name), q)
         for alias in aliases.get(id(model.get_submodule(name)), [name]):  # a shared module stays one module
             swap_module(model, alias, q)
     if built:
@@ -1091,11 +1105,11 @@ def dequantize_(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` itself.
     """
-    aliases = _names_by_module(model)  # every name of every module, taken before anything is swapped
+    aliases = names_by_module(model)  # every name of every module, taken before anything is swapped
 
     def swap_everywhere(name: str, old: nn.Module, new: nn.Module) -> None:
         new.train(old.training)
-        _carry_hooks(old, new)
+        carry_hooks(old, new)
         for alias in aliases.get(id(old), [name]):  # a shared module stays one module
             swap_module(model, alias, new)
 

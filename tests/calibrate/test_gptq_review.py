@@ -340,3 +340,27 @@ def test_non_finite_values_at_padding_positions_are_not_calibration_data():
     for batches in ([bad], [ok, bad]):
         with pytest.raises(ValueError, match="layer fc1: calibration input holds"):
             gptq_quantize_(_NanAtPadding(), QuantConfig(4, group_size=16), batches, progress=False)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_hooks_on_a_layer_run_around_its_gptq_replacement(sequential):
+    """As quantize_: a forward hook registered on a layer keeps running after GPTQ swapped the layer (and its
+    handle still removes it); GPTQ's swaps dropped it."""
+    e = ZOO_BY_NAME["llama"]
+    model = e.build()
+    seen = []
+    handle = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, a, out: seen.append(type(m)))
+    inputs = e.inputs(model)
+    cfg = QuantConfig(4, group_size=32)
+    if sequential:
+        gptq_quantize_sequential(model, cfg, [inputs], skip=["@head"], device="cpu", progress=False)
+    else:
+        gptq_quantize_(model, cfg, [inputs], skip=["@head"], progress=False)
+    seen.clear()
+    with torch.no_grad():
+        model(**inputs)
+    assert seen == [QuantLinear]
+    handle.remove()
+    with torch.no_grad():
+        model(**inputs)
+    assert seen == [QuantLinear]
