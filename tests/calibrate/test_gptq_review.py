@@ -261,6 +261,14 @@ def test_error_mid_way_leaves_the_model_unchanged():
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+
+def _gptq_llama(model, cfg, inputs, sequential):
+    """GPTQ of a zoo model on one batch, the head kept float: block by block or whole."""
+    if sequential:
+        gptq_quantize_sequential(model, cfg, [inputs], skip=["@head"], device="cpu", progress=False)
+    else:
+        gptq_quantize_(model, cfg, [inputs], skip=["@head"], progress=False)
+
 @pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
 def test_shared_module_inside_a_block_is_swapped_under_every_name(sequential):
     e = ZOO_BY_NAME["llama"]
@@ -269,10 +277,7 @@ def test_shared_module_inside_a_block_is_swapped_under_every_name(sequential):
     mlp.up_alias = mlp.up_proj  # the same module under a second name
     inputs = e.inputs(model)
     cfg = QuantConfig(4, group_size=32)
-    if sequential:
-        gptq_quantize_sequential(model, cfg, [inputs], skip=["@head"], device="cpu", progress=False)
-    else:
-        gptq_quantize_(model, cfg, [inputs], skip=["@head"], progress=False)
+    _gptq_llama(model, cfg, inputs, sequential)
     assert isinstance(mlp.up_proj, QuantLinear) and mlp.up_alias is mlp.up_proj
 
 
@@ -352,10 +357,7 @@ def test_hooks_on_a_layer_run_around_its_gptq_replacement(sequential):
     handle = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, a, out: seen.append(type(m)))
     inputs = e.inputs(model)
     cfg = QuantConfig(4, group_size=32)
-    if sequential:
-        gptq_quantize_sequential(model, cfg, [inputs], skip=["@head"], device="cpu", progress=False)
-    else:
-        gptq_quantize_(model, cfg, [inputs], skip=["@head"], progress=False)
+    _gptq_llama(model, cfg, inputs, sequential)
     seen.clear()
     with torch.no_grad():
         model(**inputs)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from medquant.distill import Distiller, kd_loss
 from medquant.testing.zoo import ZOO_BY_NAME
+from tests.distill.test_distiller import _teacher_and_perturbed_student
 
 
 def _bert(cls, seed, **kw):
@@ -43,12 +44,7 @@ def test_kd_loss_two_classes_by_hand_and_torch_kl_div():
 def test_gradients_reach_the_student_and_projections_only():
     """Against a plain-torch reference: same student gradient, projection gradient, no teacher gradient."""
     e = ZOO_BY_NAME["llama"]
-    teacher = e.build()
-    student = copy.deepcopy(teacher)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    teacher, student = _teacher_and_perturbed_student(e)
     b = e.inputs(teacher)
     b["attention_mask"][1, -3:] = 0
     d = Distiller(teacher, student, alpha=1.0, temperature=2.0, feature_pairs=[(1, 2)], feature_weight=0.5)
@@ -139,12 +135,7 @@ def test_a_vlms_default_task_loss_leaves_out_the_image_placeholder_tokens():
     the student was trained to predict ``<image>`` after ``<image>`` and the text's loss was diluted. They are
     left out (``labels = -100``), as the padding."""
     e = ZOO_BY_NAME["llava"]
-    teacher = e.build()
-    student = copy.deepcopy(teacher)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    teacher, student = _teacher_and_perturbed_student(e)
     b = e.inputs(teacher)
     b["attention_mask"][1, -2:] = 0
     image = teacher.config.image_token_id
@@ -238,12 +229,7 @@ def test_hf_trainer_evaluate_reports_the_distillation_loss(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     e = ZOO_BY_NAME["llama"]
-    teacher = e.build()
-    student = copy.deepcopy(teacher)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    teacher, student = _teacher_and_perturbed_student(e)
     b = e.inputs(teacher)
     b["attention_mask"][1, -3:] = 0
     labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
