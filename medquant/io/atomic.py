@@ -13,10 +13,15 @@ The mechanism (POSIX; Linux for the one-time conversion of a real folder):
 * a **real folder** already at ``P`` (a checkpoint written before this scheme, an empty folder) is exchanged with the
   temporary symlink in one step by Linux ``renameat2(RENAME_EXCHANGE)``; where that call is missing or refused (other
   systems, some file systems) it is renamed aside to ``.{name}.mq-old-*`` and the symlink renamed into place (a
-  crash between the two renames leaves ``P`` absent for a moment, never mixed; the next save finishes the switch);
-* a symlink at ``P`` that is not a version link (the user's own link to a folder elsewhere) is followed: the scheme
-  runs at its target. A version link is any symlink whose target is a plain ``.{any name}.mq-v-{16 hex}`` name, so a
-  renamed link (``mv ck ck_best``) is still one: saving to it gives it a new version of its own;
+  crash between the two renames leaves ``P`` absent for a moment, never mixed; the next save finishes the switch;
+  a save that raises there renames the folder back, so ``P`` is left as it was);
+* a symlink at ``P`` that is not a version link (the user's own link to a folder elsewhere) is followed as the
+  kernel follows it (its target is taken from the real folder the link is in, ``..`` after that folder's own
+  symlinks): the scheme runs at its target. A version link is any symlink whose target is a plain
+  ``.{any name}.mq-v-{16 hex}`` name, so a renamed link (``mv ck ck_best``) is still one: saving to it gives it a
+  new version of its own;
+* a save never replaces the current folder, a folder above it or a file system root, however the path reaches it
+  (a user's link to ``.``, a path through a symlinked folder): it raises ``ValueError`` and changes nothing;
 * a version link whose version folder is missing (the link was moved away from it, or the folder was removed) is
   replaced by the next save to its path; nothing else is removed;
 * files in the old version that the new save does not own (:func:`replace_directory`'s ``owned``: a tokenizer, a
@@ -345,15 +350,35 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _target(path: Path) -> Path:
-    """Follow a user's own symlinks at ``path`` (not version links) to the path the scheme works on."""
+    """Follow a user's own symlinks at ``path`` (not version links) to the path the scheme works on.
+
+    Each link is followed as the kernel follows it: its target is read from the real folder the link is in, and
+    ``..`` is taken after the symlinks before it (``a/link/../x`` is not ``a/x`` when ``link`` is a symlink), so the
+    scheme works on the folder the link names. The last part is kept as it is (it may be a version link).
+    """
     seen = 0
     while path.is_symlink() and not is_version_link(path):
         seen += 1
         if seen > 40:
             raise OSError(errno.ELOOP, "too many levels of symbolic links", str(path))
-        path = (path.parent / os.readlink(path))
-        path = Path(os.path.normpath(path))
+        target = Path(os.path.realpath(path.parent)) / os.readlink(path)
+        if target.name in ("", ".."):  # ends in ``..`` (pathlib drops a trailing ``.``): a folder to resolve whole
+            path = Path(os.path.realpath(target))
+        else:
+            path = Path(os.path.realpath(target.parent)) / target.name
     return path
+
+
+def _refuse_current_folder(path: Path) -> None:
+    """Refuse a ``path`` that is (really, after every symlink) the current folder, one above it or a root: the save
+    would turn that folder into a link. A version link is switched, not replaced, and is not checked."""
+    if is_version_link(path):
+        return
+    real = Path(os.path.realpath(path))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if real == real.parent or real == cwd or real in cwd.parents:
+        raise ValueError(f"refusing to save into {path} ({real}): it is the current folder, a folder above it or a "
+                         "file system root (reached through a symlink); give the checkpoint its own folder")
 
 
 @contextlib.contextmanager
@@ -378,8 +403,10 @@ def replace_directory(path: str | os.PathLike, *,
 
     Raises:
         NotADirectoryError: ``path`` exists and is not a folder.
+        ValueError: ``path`` is, after its symlinks, the current folder, a folder above it or a file system root.
     """
     path = _target(Path(os.path.abspath(path)))
+    _refuse_current_folder(path)
     if os.path.lexists(path) and not path.is_dir() and not is_version_link(path):  # a dangling version link is
         raise NotADirectoryError(f"{path} exists and is not a folder; a checkpoint is saved as a folder")  # replaced
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -442,8 +469,15 @@ def _switch(path: Path, stage: Path) -> None:
             _remove(link)  # now the old real folder
             return
         aside = _artifact(path, _OLD)
-        os.rename(path, aside)
-        os.replace(link, path)
+        try:
+            os.rename(path, aside)
+            os.replace(link, path)
+        except BaseException:  # the save fails: put the folder back (only a killed save leaves ``path`` absent)
+            if not os.path.lexists(path) and os.path.lexists(aside):
+                with contextlib.suppress(OSError):
+                    os.rename(aside, path)
+                    fsync_dir(path.parent)
+            raise
         fsync_dir(path.parent)
         _remove(aside)
     except BaseException:

@@ -167,8 +167,10 @@ def _owned_in(old: Path) -> Callable[[str], bool]:
     Always the weights (``model*.safetensors`` and their index), ``medquant.json`` and the manifest. The other
     transformers file names (``config.json``, ``generation_config.json``, ``pytorch_model*.bin`` and their index)
     only when the previous version recorded them as its own: its ``medquant.json`` records a transformers model
-    (``medquant.save`` wrote its ``config.json``), or its ``config.json`` holds a medquant ``quantization_config``
-    (a transformers ``save_pretrained`` of a medquant model wrote the folder). Otherwise they are the user's files.
+    (``medquant.save`` wrote its ``config.json`` and, for a model that generates, its ``generation_config.json``:
+    both are owned, so a save of another model does not keep them), or its ``config.json`` holds a medquant
+    ``quantization_config`` (a transformers ``save_pretrained`` of a medquant model wrote the folder). Otherwise
+    they are the user's files.
     """
     meta = _json_object(old / META_NAME)
     model = meta.get("model") if meta is not None else None
@@ -182,7 +184,7 @@ def _owned_in(old: Path) -> Callable[[str], bool]:
             return True
         if hf_saved:
             return _HF_OWNED.fullmatch(name) is not None
-        return hf_meta and name == HF_CONFIG_NAME
+        return hf_meta and name in (HF_CONFIG_NAME, GENERATION_CONFIG_NAME)
 
     return owned
 
@@ -389,8 +391,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
         TypeError: ``model`` is not an ``nn.Module``, it holds bitsandbytes layers (NF4 / 8-bit: see
             :class:`medquant.qlora.QLoRAAdapter` for saving those), or ``extras`` is not a JSON-serialisable dict
             with string keys.
-        ValueError: ``directory`` is refused by :func:`checkpoint_path`, or tensors of the model are on the meta
-            device.
+        ValueError: ``directory`` is refused by :func:`checkpoint_path` (or is, after its symlinks, the current
+            folder, a folder above it or a root: :func:`medquant.io.atomic.replace_directory`), or tensors of the
+            model are on the meta device.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
