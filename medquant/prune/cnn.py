@@ -9,8 +9,14 @@ which must be ``nn.Conv2d`` (``groups == 1``, on the 4-D map, input channels pru
 flattened 2-D ``(N, C*H*W)`` map with ``in_features == C*H*W`` (the ``H*W`` columns of each channel pruned). A
 conv whose output reaches anything else (a residual ``add``, ``cat``, the model output, a depthwise conv, any
 other flatten, a ``Linear`` over another axis...) is left alone, and so is one whose conv, BatchNorm or consumer
-the forward calls more than once (shared weights); ``plan.sizes`` lists only prunable convs. Tracing runs the
-model in eval mode without gradients: planning leaves BatchNorm statistics as they were.
+the forward calls more than once (shared weights), shares a parameter with another module (tied weights), is
+parametrized (``torch.nn.utils.parametrize``, e.g. ``parametrizations.weight_norm``) or has a ``weight`` computed
+by a hook (legacy ``weight_norm`` / ``spectral_norm``); ``plan.sizes`` lists only prunable convs. Other convs
+(``Conv1d``, ``Conv3d``, transposed) are not pruned, and named as such. Tracing runs the model in eval mode
+without gradients on the example input (or the first calibration batch), read as
+:func:`~medquant.models.runner.run_model` reads a batch: a mapping by the forward's parameter names (a parameter
+left out takes its default), a tuple / list positionally, else one input. Planning leaves BatchNorm statistics as
+they were.
 
 Removing channel ``c`` is exactly equivalent to zeroing channel ``c`` of the producer's output after its BatchNorm
 (zeroing filter ``c``, its bias and the BatchNorm's ``gamma_c`` and ``beta_c``) in the original model when every
@@ -32,6 +38,7 @@ float16 overflow) cannot be ranked and raises ``ValueError`` naming the conv.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -95,21 +102,84 @@ def _reads_only(u: fx.Node, src: fx.Node) -> bool:
     return bool(u.args) and u.args[0] is src and not any(a is src for a in (*u.args[1:], *u.kwargs.values()))
 
 
+def _param_owners(model: nn.Module) -> Counter[int]:
+    """How many modules of ``model`` hold each parameter (by identity; above 1: a tied parameter)."""
+    return Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+
+
+def _not_sliceable(name: str, m: nn.Module, owners: Counter[int]) -> str | None:
+    """Why the channels of layer ``m`` (``name``) cannot be sliced, or None: a parametrized layer
+    (``torch.nn.utils.parametrize``, e.g. ``parametrizations.weight_norm``), a ``weight`` / ``bias`` that is not a
+    parameter (recomputed by a hook: legacy ``weight_norm`` / ``spectral_norm``), or one shared with another module
+    (tied weights: slicing one module would untie them)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(m):
+        return (f"{name} is parametrized ({', '.join(cast(Any, m).parametrizations)}: torch.nn.utils.parametrize, "
+                "e.g. weight norm); its weight is computed and cannot be sliced")
+    for attr in ("weight", "bias"):
+        t = getattr(m, attr, None)
+        if t is not None and not isinstance(t, nn.Parameter):
+            return (f"{name}.{attr} is not a parameter but computed by a hook (legacy weight_norm / spectral_norm) "
+                    "and cannot be sliced")
+        if isinstance(t, nn.Parameter) and owners[id(t)] > 1:
+            return f"{name}.{attr} shares its tensor with another module (tied weights); slicing it would untie them"
+    return None
+
+
+def _trace_args(gm: fx.GraphModule, example_input: Any, model: nn.Module) -> tuple[Any, ...]:
+    """Positional inputs of the traced forward for one batch, read as :func:`~medquant.models.runner.run_model`
+    reads it: a mapping by parameter name (an omitted parameter takes its default), a tuple / list positionally,
+    anything else as the one input.
+
+    Raises:
+        ValueError: a mapping with a key the forward does not take, or without a parameter that has no default.
+    """
+    if not isinstance(example_input, Mapping):
+        return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [str(n.target) for n in phs]
+    unknown = sorted(str(k) for k in set(example_input) - set(names))
+    if unknown:
+        raise ValueError(f"the example input / calibration batch has keys {unknown} that "
+                         f"{type(model).__name__}.forward does not take (its inputs: {names})")
+    args = []
+    for n in phs:
+        if n.target in example_input:
+            args.append(example_input[n.target])
+        elif n.args:  # the parameter's default
+            args.append(n.args[0])
+        else:
+            raise ValueError(f"the example input / calibration batch lacks {n.target!r}, an input of "
+                             f"{type(model).__name__}.forward without a default (its inputs: {names})")
+    return tuple(args)
+
+
 def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGroup], dict[str, str]]:
-    """Prunable conv groups and, for the others, why not (``{conv: reason}``)."""
+    """Prunable conv groups and, for the others, why not (``{conv: reason}``).
+
+    ``example_input`` is one batch as :func:`~medquant.models.runner.run_model` takes it: a mapping of the
+    forward's inputs by name, a tuple / list of positional inputs, or one tensor.
+
+    Raises:
+        ValueError: the model cannot be traced by ``torch.fx``, or a mapping batch does not fit its forward.
+    """
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many types (TraceError, TypeError, ...); all mean "untraceable"
         raise ValueError(f"{type(model).__name__}: channel pruning traces the model with torch.fx, which failed "
                          f"({type(e).__name__}: {e}); models with data-dependent control flow are not supported")
-    args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    args = _trace_args(gm, example_input, model)
     with eval_mode(model), torch.no_grad():  # a model in train mode must not update its BatchNorm statistics
         ShapeProp(gm).propagate(*args)
     mods = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    owners = _param_owners(model)
     groups, skipped = [], {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods[node.target], nn.Conv2d):
+            if node.op == "call_module" and isinstance(mods[node.target], nn.modules.conv._ConvNd):
+                skipped[node.target] = f"{type(mods[node.target]).__name__}: only nn.Conv2d output channels are pruned"
             continue
         conv = mods[node.target]
         if conv.groups != 1:
@@ -117,6 +187,10 @@ def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGr
             continue
         if calls[node.target] > 1:
             skipped[node.target] = f"called {calls[node.target]} times in the forward (shared weights)"
+            continue
+        why_not = _not_sliceable(node.target, conv, owners)
+        if why_not is not None:
+            skipped[node.target] = why_not
             continue
         out_shape = _shape(node)
         if out_shape is None or len(out_shape) != 4:
@@ -142,6 +216,11 @@ def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGr
             if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) and calls[u.target] > 1:
                 ok, why = False, (f"output reaches {type(m).__name__} {u.target}, which is called {calls[u.target]} "
                                   "times in the forward (shared weights)")
+                continue
+            why_not = (_not_sliceable(u.target, m, owners) if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
+                       else None)
+            if why_not is not None:
+                ok, why = False, f"output reaches {type(m).__name__} {u.target}: {why_not}"
                 continue
             if m is not None:
                 if isinstance(m, nn.Conv2d):
@@ -359,6 +438,13 @@ def _check_groups(model: nn.Module, plan, groups: list[ChannelGroup]) -> None:
                              f"{' or '.join(k.__name__ for k in kinds)}")
         return m
 
+    owners = _param_owners(model)
+
+    def sliceable(name: str, m: nn.Module) -> None:
+        why = _not_sliceable(name, m, owners)
+        if why is not None:
+            raise ValueError(f"the plan prunes {name}, but {why}")
+
     seen: set[tuple[str, str]] = set()
     for g in groups:
         for role, name in [("producer conv", g.conv), ("BatchNorm", g.bn)] + [("consumer", c) for c, _ in g.consumers]:
@@ -378,11 +464,16 @@ def _check_groups(model: nn.Module, plan, groups: list[ChannelGroup]) -> None:
         if conv.out_channels != g.n_channels or conv.groups != 1:
             raise ValueError(f"{g.conv}: the plan expects a conv with {g.n_channels} output channels and groups=1, "
                              f"the model has {conv.out_channels} (groups={conv.groups}); was it already pruned?")
-        if g.bn is not None and get(g.bn, (nn.BatchNorm2d,), "BatchNorm").num_features != g.n_channels:
-            raise ValueError(f"{g.bn}: the plan expects {g.n_channels} features, the model's BatchNorm has "
-                             f"{model.get_submodule(g.bn).num_features}")
+        sliceable(g.conv, conv)
+        if g.bn is not None:
+            bn = get(g.bn, (nn.BatchNorm2d,), "BatchNorm")
+            if bn.num_features != g.n_channels:
+                raise ValueError(f"{g.bn}: the plan expects {g.n_channels} features, the model's BatchNorm has "
+                                 f"{bn.num_features}")
+            sliceable(g.bn, bn)
         for name, cols in g.consumers:
             m = get(name, (nn.Conv2d, nn.Linear) if cols == 1 else (nn.Linear,), "consumer")
+            sliceable(name, m)
             if isinstance(m, nn.Conv2d) and m.groups != 1:
                 raise ValueError(f"{name}: a consumer conv with groups={m.groups}; only groups=1 convs are pruned")
             width = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
@@ -397,7 +488,8 @@ def apply_channels(model: nn.Module, plan, groups: list[ChannelGroup] | None = N
 
     A BatchNorm loses the entries of its ``weight`` / ``bias`` (when ``affine``) and of its running statistics
     (when ``track_running_stats``) that it has. Every layer the plan names is checked (exists, has the type and
-    width the plan expects; kept channels unique, in range and not empty) before any layer changes.
+    width the plan expects, holds its weights as untied, unparametrized parameters; kept channels unique, in range
+    and not empty) before any layer changes.
 
     Raises:
         ValueError: the plan does not fit the model (nothing is changed then).
