@@ -7,11 +7,12 @@ or the single-process answer without an initialised ``torch.distributed`` proces
 with ``python script.py``, ``torchrun --nproc_per_node N script.py`` or ``accelerate launch --num_processes N
 script.py`` (call ``torch.distributed.init_process_group("gloo" or "nccl")`` first). The exceptions are
 :func:`rank` / :func:`world_size`, which fall back to ``$RANK`` / ``$WORLD_SIZE`` for work split without
-communication.
+communication, and :func:`fsdp_shard`, which raises ``RuntimeError`` (FSDP needs a process group).
 
 * ranks: :func:`rank`, :func:`world_size`, :func:`is_distributed`, :func:`barrier`, :func:`any_rank`;
 * data parallel: :func:`broadcast_parameters` (rank 0's values everywhere), :func:`all_reduce_gradients`
-  (bucketed sum / mean of ``.grad``, the ranks' parameter lists checked first), :func:`unwrap`, :func:`is_ddp`,
+  (bucketed sum / mean of ``.grad``, the ranks' parameter lists checked first; a gradient missing on every rank
+  stays ``None``), :func:`unwrap`, :func:`is_ddp`,
   :func:`ddp_like`;
 * FSDP2 (``torch.distributed.fsdp.fully_shard``): :func:`is_fsdp`, :func:`has_fsdp`, :func:`fsdp_shard`,
   :func:`clip_grad_norm_` over sharded and replicated gradients, :func:`meta_skeleton` + :func:`load_full_state`
@@ -306,8 +307,12 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
     (``float16`` / ``bfloat16``) gradients are summed and divided in float32 and rounded once to their dtype (no
     half-precision partial sums over ranks, and a ``float16`` mean does not overflow when the sum exceeds 65504);
     float32 / float64 gradients are reduced in their own dtype. Gradients are
-    flattened into buckets of about ``bucket_bytes`` of reduced data (one ``all_reduce`` each); a missing gradient
-    counts as zeros, so every rank issues the same collectives. No-op without a process group.
+    flattened into buckets of about ``bucket_bytes`` of reduced data (one ``all_reduce`` each); a gradient missing
+    on some ranks counts as zeros there (every rank issues the same collectives; those ranks end with the sum /
+    mean too). A parameter whose gradient is missing on *every* rank keeps ``.grad = None``, as in a single
+    process, where optimizers skip it (a zero gradient would still let AdamW's weight decay or SGD's momentum move
+    it); which parameters had a gradient on some rank travels as one 0/1 flag per parameter appended to the last
+    bucket (no extra collective). No-op without a process group.
 
     Every rank must pass the same parameters, in the same order: the same number, and at each position the same
     gradient shape, dtype and device type (a missing ``.grad`` counts as ``p``'s own). Otherwise the buckets
@@ -336,38 +341,44 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
     params = list(params)  # iterated twice (an iterator such as model.parameters() is accepted)
     if check:
         _check_same_params([_grad_desc(p) for p in params], group)
+    if not params:
+        return
     w = dist.get_world_size(group)
+    had = [p.grad is not None for p in params]  # before any zeros are filled in (a parameter may repeat)
     grads: list[torch.Tensor] = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
-    bucket: list[torch.Tensor] = []  # gradients
+    # the same bucket boundaries on every rank (same descriptions): dtype / device changes and the size limit
+    buckets: list[list[torch.Tensor]] = [[]]
     size = 0
-
-    def flush():
-        if not bucket:
-            return
-        flat = torch.cat([g.reshape(-1).to(_reduce_dtype(g.dtype)) for g in bucket])
+    for g in grads:
+        if buckets[-1] and (size >= bucket_bytes or g.dtype != buckets[-1][0].dtype
+                            or g.device != buckets[-1][0].device):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += g.numel() * _reduce_dtype(g.dtype).itemsize
+    anywhere: list[bool] = had
+    for i, bucket in enumerate(buckets):
+        parts = [g.reshape(-1).to(_reduce_dtype(g.dtype)) for g in bucket]
+        last = i == len(buckets) - 1
+        if last:  # 1 where this rank has the gradient: summed, > 0 where some rank has it
+            parts.append(torch.tensor(had, dtype=parts[0].dtype, device=parts[0].device))
+        flat = torch.cat(parts)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        if last:
+            anywhere = (flat[flat.numel() - len(params):].real > 0).tolist()
         if average:
             flat /= w
         off = 0
         for g in bucket:
             g.copy_(flat[off:off + g.numel()].view_as(g))
             off += g.numel()
-        bucket.clear()
-
-    for g in grads:
-        if bucket and (g.dtype != bucket[0].dtype or g.device != bucket[0].device):
-            flush()
-            size = 0
-        bucket.append(g)
-        size += g.numel() * _reduce_dtype(g.dtype).itemsize
-        if size >= bucket_bytes:
-            flush()
-            size = 0
-    flush()
+    for p, some in zip(params, anywhere):
+        if not some:  # no rank had a gradient: as in one process, none (the zeros filled in above are dropped)
+            p.grad = None
 
 
 def ddp_like(ddp: DistributedDataParallel, module: nn.Module) -> DistributedDataParallel:

@@ -102,7 +102,10 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
     world size are those of ``group`` in the initialised process group; without a process group (even with
     ``$RANK`` / ``$WORLD_SIZE`` set) this is the single-process importance of all the batches. Every rank must get
     at least one batch with samples: the ranks agree on that (and on any other failure of a rank's share) before
-    reducing, so every rank raises instead of some waiting in a collective. ``expected_groups`` (the declared
+    reducing, so every rank raises instead of some waiting in a collective. A rank's own error (raised by
+    ``loss_fn``, ``groups_fn``, the data or a bad argument, also before its first sample) is raised as such on that
+    rank, as one process raises it, and the other ranks raise ``RuntimeError``; only a share read to its end
+    without a sample counts as empty. ``expected_groups`` (the declared
     group ids) is checked on the summed counts, as one process checks all its batches: with ``C_g`` the number of
     samples of group ``g`` over all ranks, every declared ``g`` needs ``C_g > 0`` and every ``g`` with ``C_g > 0``
     must be declared (a rank's share may hold only some of the declared groups).
@@ -129,7 +132,7 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
     if max_batches is not None and max_batches < w:
         raise ValueError(f"max_batches={max_batches} leaves some of the {w} processes without a calibration batch; "
                          f"use max_batches >= world size")
-    seen = [0, 0]  # batches, samples of this rank's share
+    seen = [0, 0, 0]  # batches and samples of this rank's share, whether the share was read to its end
     groups_fn = kwargs.pop("groups_fn", None) or default_groups
     # checked on the groups of all ranks together (below): a rank's share may miss a declared group
     expected = kwargs.pop("expected_groups", None)
@@ -138,6 +141,7 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
         for b in it:
             seen[0] += 1
             yield b
+        seen[2] = 1
 
     def counting_groups(batch):
         g = groups_fn(batch)
@@ -152,13 +156,24 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
                                          **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised below, after every rank knows whether one failed
         error = e
+    # the error compute_group_importance raises after reading a share without samples ("no calibration batches",
+    # "saw no samples") is the share's emptiness, reported below; any other error (raised by loss_fn, groups_fn,
+    # the data, a bad argument...) is this rank's own and is raised as such
+    own_error = error is not None and not (seen[2] and seen[1] == 0)
     status = torch.zeros(3, w, dtype=torch.int64)
-    status[:, r] = torch.tensor([seen[0], seen[1], error is not None])
+    status[:, r] = torch.tensor([seen[0], seen[1], own_error])
     if w > 1:
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
         status = status.to(dev)
         dist.all_reduce(status, op=dist.ReduceOp.SUM, group=group)
     n_batches, n_samples, failed = status.tolist()
+    bad = [i for i in range(w) if failed[i]]
+    if own_error:
+        assert error is not None
+        raise error
+    if bad:
+        raise RuntimeError(f"rank(s) {bad} failed computing their share of the group importance (their own "
+                           f"error is raised there)")
     if w == 1 and n_batches[0] > 0 and n_samples[0] == 0:
         raise ValueError(f"calibration saw no samples: its {n_batches[0]} batch(es) are all empty")
     empty = [i for i in range(w) if n_batches[i] == 0 or n_samples[i] == 0]
@@ -167,10 +182,6 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
             f"fewer calibration batches with samples than processes: rank(s) {empty} of {w} got no batch with "
             f"samples (batches per rank {n_batches}, samples per rank {n_samples}; rank r takes batches r, "
             f"r + {w}, ... of the first max_batches={max_batches}). Give at least {w} non-empty batches")
-    bad = [i for i in range(w) if failed[i]]
-    if bad and error is None:
-        raise RuntimeError(f"rank(s) {bad} failed computing their share of the group importance (their own "
-                           f"error is raised there)")
     if error is not None:
         raise error
     assert local is not None
