@@ -286,8 +286,14 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
     """``QuantLinear/QuantConv2d.from_float(module, config)``. A Linear with more than ``_CHUNK_ROWS`` rows
     (``lm_head``) is quantized ``_CHUNK_ROWS`` rows at a time and the row blocks of its buffers concatenated:
     bit-identical, since with per-channel or per-group scales and one bit-width for every row each row is
-    quantized on its own (per-tensor scales and mixed per-row bit-widths take the one-shot path)."""
+    quantized on its own (per-tensor scales and mixed per-row bit-widths take the one-shot path). A layer whose
+    weight is not there yet is refused with ``ValueError``: on the meta device, or the uninitialized parameter of
+    a lazy module (``nn.LazyLinear`` / ``nn.LazyConv2d`` before its first forward, which makes it a plain
+    ``nn.Linear`` / ``nn.Conv2d``: quantized as such)."""
     weight = cast(torch.Tensor, module.weight)
+    if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False)):
+        raise ValueError(f"it is a lazy module ({type(module).__name__}) whose parameters are still uninitialized: "
+                         "run one forward pass through the model to materialize them first (or skip it)")
     if weight.device.type == "meta":
         raise ValueError("its weight is on the meta device (not loaded): load or materialise the weights first")
     if weight.numel() == 0:
@@ -472,6 +478,14 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None
     and parameters tied to the old module's (a tied ``lm_head``) stay with the old tensors; the transformers
     integration drops such ties for the modules it quantizes.
 
+    When ``new`` is a medquant quantized module (``QuantLinear``, ``QuantConv2d``, ``QuantEmbedding``,
+    ``QuantExperts``) replacing another module, it (1) runs ``old``'s hooks (:func:`carry_hooks`), whatever path
+    quantized it (:func:`quantize_`, :func:`~medquant.quant.embeddings.quantize_embeddings_`, the calibrations,
+    loading), and (2) remembers the ``requires_grad`` of each of ``old``'s own parameters (``old``'s record when
+    ``old`` is itself quantized: requantizing; a quantized module that already holds a record, e.g. one put back
+    by an undo, keeps it), which :func:`dequantize_` gives back to the float layer. The record is an attribute
+    of the module object: it follows ``copy.deepcopy`` but is not saved in checkpoints.
+
     Args:
         model: the root module.
         name: dotted submodule path (``"model.layers.0.mlp.up_proj"``); not empty.
@@ -491,10 +505,35 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None
     if attr not in parent._modules:
         raise AttributeError(f"{type(model).__name__} has no submodule {name!r}")
     old = parent._modules[attr]
+    if isinstance(new, _QUANTIZED) and old is not None and old is not new:
+        carry_hooks(old, new)
+        rec = getattr(old, _REQUIRES_GRAD, None) if isinstance(old, _QUANTIZED) else \
+            {n: p.requires_grad for n, p in old.named_parameters(recurse=False)}
+        if rec is not None and not hasattr(new, _REQUIRES_GRAD):  # a module put back keeps its own record
+            setattr(new, _REQUIRES_GRAD, dict(rec))
     setattr(parent, attr, new)
     if isinstance(new, QUANT_MODULES):
         notify_quantized(model)
     return old
+
+
+# the quantized modules swap_module binds with the hooks and the requires_grad flags of the module they replace
+_QUANTIZED = (*QUANT_MODULES, QuantEmbedding, QuantExperts)
+_REQUIRES_GRAD = "_medquant_float_requires_grad"  # {parameter name: requires_grad of the float module's}
+
+
+def _restore_requires_grad(quantized: nn.Module, layer: nn.Module) -> None:
+    """Give ``layer`` (the float module :func:`dequantize_` makes of ``quantized``) the ``requires_grad`` of each
+    parameter the float module had before quantizing (recorded by :func:`swap_module`; without a record the
+    flags ``to_float`` gave stay); a parameter the quantized module itself trains (e.g. an unfrozen ``bias``)
+    stays trainable."""
+    rec = getattr(quantized, _REQUIRES_GRAD, None)
+    if not isinstance(rec, dict):
+        return
+    for name, p in layer.named_parameters(recurse=False):
+        if name in rec:
+            own = quantized._parameters.get(name)
+            p.requires_grad_(bool(rec[name]) or (own is not None and own.requires_grad))
 
 
 _QUANTIZED_HOOKS: list[Callable[[nn.Module], None]] = []
@@ -976,8 +1015,9 @@ def quantize_(
     Mixture-of-experts blocks: experts stored as 3-D parameters (transformers 5: Mixtral, Qwen-MoE, Llama 4 ...)
     are quantized per expert (:class:`~medquant.quant.experts.QuantExperts`; a pattern matches the experts module
     by its name, e.g. ``...mlp.experts``). Their routers (``gate`` / ``router`` / ``shared_expert_gate``, see
-    :func:`~medquant.quant.experts.moe_routers`) stay in floating point by default, with one warning listing
-    them; a plain ``nn.Linear`` router named exactly in the map is quantized. Expert weights in a layout medquant
+    :func:`~medquant.quant.experts.moe_routers`; also beside experts held as a ``ModuleList`` / ``ModuleDict``
+    of one module per expert, whose Linear layers are quantized as usual) stay in floating point by default,
+    with one warning listing them; a plain ``nn.Linear`` router named exactly in the map is quantized. Expert weights in a layout medquant
     does not reproduce stay in floating point and are named in a warning.
 
     Example::
@@ -1003,6 +1043,8 @@ def quantize_(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or a config of the wrong type.
         ValueError: the model is itself one Linear / Conv2d (``QuantLinear.from_float`` quantizes a single layer),
+            a layer the map covers is a lazy module not yet materialized (``nn.LazyLinear`` before its first
+            forward: run one forward pass first, or skip it) or has its weight on the meta device,
             already quantized layers are covered and ``requantize`` is False (or, with it, a head tied to a
             quantized embedding would be requantized alone and untied), a pattern matches nothing,
             two names of one shared module are mapped to different configs, or a layer cannot be quantized (the
@@ -1097,7 +1139,11 @@ def dequantize_(model: nn.Module) -> nn.Module:
     ``e[i, j] = (u[i, j] - z) * s``; a head that shared a table's packed tensors becomes an ``nn.Linear`` whose
     ``weight`` *is* that table's (tied again, one tensor). A layer bound under several names becomes one float
     module bound under all of them, and every float module keeps its quantized layer's train / eval mode and its
-    forward / backward hooks (shared tables, as in :func:`quantize_`).
+    forward / backward hooks (shared tables, as in :func:`quantize_`). Each float parameter gets the
+    ``requires_grad`` its float module's parameter of that name had before quantizing (a frozen weight stays
+    frozen; recorded by :func:`swap_module` when the quantized module was bound, so a model loaded from a
+    checkpoint, which has no record, gets ``to_float``'s flags: trainable Linear / Conv2d / Embedding
+    parameters, frozen expert weights); a bias the quantized layer trains stays trainable.
 
     Args:
         model: the model, changed in place.
@@ -1109,6 +1155,7 @@ def dequantize_(model: nn.Module) -> nn.Module:
 
     def swap_everywhere(name: str, old: nn.Module, new: nn.Module) -> None:
         new.train(old.training)
+        _restore_requires_grad(old, new)
         carry_hooks(old, new)
         for alias in aliases.get(id(old), [name]):  # a shared module stays one module
             swap_module(model, alias, new)

@@ -29,7 +29,8 @@ Two forward conventions are reproduced exactly (with the dequantized weights ``W
 
 The router (``gate`` / ``router``: a ``(E, H)`` weight, or a module computing the logits with child linears
 such as Gemma 4's ``router.proj``, whose logits pick the top-k experts) is not part of this
-module; :func:`moe_routers` finds the routers and :func:`medquant.quantize_` keeps them in floating point by
+module; :func:`moe_routers` finds the routers (also those beside experts held as one module per expert, a
+``ModuleList`` / ``ModuleDict`` of MLPs, whose Linear layers are quantized as any other) and :func:`medquant.quantize_` keeps them in floating point by
 default and says so (a router is ``E x H`` weights, a tiny fraction of an MoE layer, and its top-k decision is
 discontinuous in its weights).
 """
@@ -38,7 +39,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -56,9 +57,15 @@ _ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 _CHILD = {"gate_up_proj": "gate_up", "up_proj": "up", "down_proj": "down"}
 
 
+def _materialized(p: torch.Tensor | None) -> TypeGuard[torch.Tensor]:
+    """Whether ``p`` is a tensor whose shape can be read: not ``None`` and not the uninitialized parameter of a
+    lazy module (``nn.LazyLinear`` before its first forward), which raises on any use."""
+    return p is not None and not nn.parameter.is_lazy(p)
+
+
 def _param3(m: nn.Module, name: str) -> torch.Tensor | None:
     p = m._parameters.get(name)
-    return p if p is not None and p.dim() == 3 else None
+    return p if _materialized(p) and p.dim() == 3 else None
 
 
 def experts_layout(m: nn.Module) -> dict[str, Any] | None:
@@ -116,7 +123,7 @@ def _decorated_forward(cls: type) -> bool:
 
 def _param2(m: nn.Module, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
     p = m._parameters.get(name)
-    return p if p is not None and tuple(p.shape) == shape else None
+    return p if _materialized(p) and tuple(p.shape) == shape else None
 
 
 def is_experts_module(m: nn.Module) -> bool:
@@ -129,10 +136,11 @@ def is_experts_module(m: nn.Module) -> bool:
 
 
 def _looks_like_experts(m: nn.Module) -> bool:
-    """A module holding a 3-D parameter whose first dimension is its ``num_experts`` (or named like experts)."""
+    """A module holding a 3-D parameter whose first dimension is its ``num_experts`` (or named like experts);
+    uninitialized parameters of lazy modules are not looked at (their shape is unknown)."""
     n = getattr(m, "num_experts", None)
     for p in m._parameters.values():
-        if p is not None and p.dim() == 3 and (p.shape[0] == n or "expert" in type(m).__name__.lower()):
+        if _materialized(p) and p.dim() == 3 and (p.shape[0] == n or "expert" in type(m).__name__.lower()):
             return True
     return False
 
@@ -152,13 +160,33 @@ def unsupported_experts(model: nn.Module) -> list[str]:
             if not isinstance(m, QuantExperts) and _looks_like_experts(m) and not is_experts_module(m)]
 
 
+def _expert_list_hidden(name: str, m: nn.Module) -> int | None:
+    """The hidden size of experts held as one module per expert, or ``None`` when ``m`` is not such a container:
+    an ``nn.ModuleList`` / ``nn.ModuleDict`` whose own name contains ``expert`` (``experts``,
+    ``block_sparse_moe.experts``), holding at least two modules of one class, the first of which contains a
+    Linear (float or :class:`~medquant.QuantLinear`); the hidden size is that first Linear's ``in_features``
+    (transformers 4's Mixtral ``w1``, SwitchTransformers' ``wi``, NLLB-MoE's ``fc1``, remote-code DeepSeek's
+    ``gate_proj``)."""
+    if not isinstance(m, (nn.ModuleList, nn.ModuleDict)) or "expert" not in name.rpartition(".")[2].lower():
+        return None
+    kids = list(m.children())
+    if len(kids) < 2 or len({type(k) for k in kids}) != 1:
+        return None
+    first = next((s for s in kids[0].modules() if isinstance(s, (nn.Linear, QuantLinear))), None)
+    return None if first is None else int(first.in_features)
+
+
 def moe_routers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> module of the routers of the MoE blocks of ``model``.
 
-    A router is a sibling of an experts module (float or :class:`QuantExperts`) named ``gate`` / ``router`` /
-    ``shared_expert_gate`` that holds a 2-D ``weight`` with ``hidden`` columns; a sibling so named without a
-    ``weight`` of its own computes the logits with child layers (Gemma 4's ``router.proj``, HunYuan's
-    ``gate.wg``, LongCat's ``router.classifier``): each module below it with a 2-D ``weight`` is then a router.
+    An MoE block holds experts as 3-D weights (a float experts module or :class:`QuantExperts`: ``hidden`` is
+    its layout's) or as one module per expert (a ``ModuleList`` / ``ModuleDict`` named like ``experts``, of at
+    least two modules of one class: transformers 4's Mixtral, SwitchTransformers, NLLB-MoE, remote-code
+    DeepSeek; ``hidden`` is the ``in_features`` of the first expert's first Linear). A router is a sibling of
+    the experts named ``gate`` / ``router`` / ``shared_expert_gate`` that holds a materialized 2-D ``weight``
+    with ``hidden`` columns; a sibling so named without a ``weight`` of its own computes the logits with child
+    layers (Gemma 4's ``router.proj``, HunYuan's ``gate.wg``, LongCat's and SwitchTransformers'
+    ``router.classifier``): each module below it with a 2-D ``weight`` is then a router.
 
     Args:
         model: the model to search.
@@ -170,7 +198,8 @@ def moe_routers(model: nn.Module) -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         lay = m.layout if isinstance(m, QuantExperts) else experts_layout(m)
-        if lay is None:
+        hidden = lay["hidden"] if lay is not None else _expert_list_hidden(name, m)
+        if hidden is None:
             continue
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -180,12 +209,12 @@ def moe_routers(model: nn.Module) -> dict[str, nn.Module]:
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             w = getattr(child, "weight", None)
             if isinstance(w, torch.Tensor):
-                if w.dim() == 2 and w.shape[1] == lay["hidden"]:
+                if _materialized(w) and w.dim() == 2 and w.shape[1] == hidden:
                     out[full] = child
                 continue
             for sub_name, sub in child.named_modules(prefix=full):
                 w = getattr(sub, "weight", None)
-                if sub is not child and isinstance(w, torch.Tensor) and w.dim() == 2:
+                if sub is not child and isinstance(w, torch.Tensor) and _materialized(w) and w.dim() == 2:
                     out[sub_name] = sub
     return out
 
@@ -289,8 +318,8 @@ class QuantExperts(nn.Module):
         up_name = "gate_up_proj" if lay["gate"] else "up_proj"
         out: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
         for key in (up_name, "down_proj"):
-            w = module._parameters[key].detach()
-            b = module._parameters[key + "_bias"].detach() if lay["bias"] else None
+            w = cast(torch.Tensor, module._parameters[key]).detach()
+            b = cast(torch.Tensor, module._parameters[key + "_bias"]).detach() if lay["bias"] else None
             out[key] = [(w[e].t() if lay["transposed"] else w[e], None if b is None else b[e])
                         for e in range(lay["num_experts"])]
         return out
@@ -321,7 +350,7 @@ class QuantExperts(nn.Module):
         children: dict[str, list[nn.Module]] = {}
         for pkey, pairs in cls.expert_weights(module).items():
             key = _CHILD[pkey]
-            layers = []
+            layers: list[nn.Module] = []
             for w, b in pairs:
                 if w.device.type == "meta":
                     raise ValueError("its weights are on the meta device (not loaded): load them first")
@@ -355,13 +384,13 @@ class QuantExperts(nn.Module):
         lay = experts_layout(module)
         if lay is None:
             raise TypeError(f"{type(module).__name__} is not a supported experts module")
-        ref = module._parameters["down_proj"]
+        ref = cast(torch.Tensor, module._parameters["down_proj"])
         rec = set(recorded)
         children: dict[str, list[nn.Module]] = {}
         for key, (n_in, n_out) in (("gate_up" if lay["gate"] else "up",
                                     (lay["hidden"], lay["inter"] * (2 if lay["gate"] else 1))),
                                    ("down", (lay["inter"], lay["hidden"]))):
-            layers = []
+            layers: list[nn.Module] = []
             for e in range(lay["num_experts"]):
                 if f"{key}.{e}" in rec:
                     with torch.device("meta"):
@@ -432,7 +461,7 @@ class QuantExperts(nn.Module):
         h = self._gate(getattr(self, self.up_name)[e](x))
         y = self.down[e](h)
         if self.layout["post_norm"]:
-            y = self.post_expert_norm(y)
+            y = cast(nn.Module, self.post_expert_norm)(y)
         return y
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
