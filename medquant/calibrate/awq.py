@@ -44,7 +44,11 @@ float model's outputs are unchanged by folding (up to float rounding), which the
 :func:`awq_quantize_sequential` does the same block by block through
 :func:`medquant.calibrate.quantize_sequential` (for models that do not fit on the compute device): each block is searched on the activations of the already
 quantized previous blocks (GPTQ/AWQ convention), folded, quantized and offloaded. Both paths share the per-group
-search (:func:`_search_group`) and the fold.
+search (:func:`_search_group`) and the fold. A module shared across blocks (no group folds into or out of it, see
+above) is quantized plainly once and bound under every name in both paths, as :func:`medquant.quantize_` binds it.
+:func:`awq_quantize_sequential` is all or nothing: an error part way (a later block's, an interrupt) leaves the model
+exactly as before the call - the blocks already done get their float layers and their unscaled norm and linear
+weights back (each block folds copies of the model's tensors; the originals are kept until the call returns).
 """
 from __future__ import annotations
 
@@ -614,6 +618,13 @@ def awq_quantize_sequential(
         ValueError: bad ``grid`` / ``max_rows``, no or empty calibration data, no foldable group, groups in
             blocks the sequential pass does not visit (all checked before the model is changed); the errors of
             :func:`search_and_fold_block`.
+
+    A module shared across blocks is in no folded group (a ``UserWarning`` names the groups left out): it is
+    quantized plainly once, where its first name is reached, and bound under every name (as :func:`awq_quantize_`).
+    All or nothing: any exception raised part way (a later block's error, a ``KeyboardInterrupt``) leaves the model
+    exactly as it was before the call - no scale folded, no layer quantized, hooks and train / eval modes as before
+    - then propagates (see :func:`medquant.calibrate.quantize_sequential` for the memory this keeps until the call
+    returns).
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")

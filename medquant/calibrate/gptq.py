@@ -59,7 +59,8 @@ X_g / n_g`` with ``sum_g w_g = 1`` (uniform by default), so that a minority grou
 majority's in the objective; with equal group sizes and uniform weights it is the plain ``H``.
 
 A Hessian that is not positive definite after dampening is retried with ten times the dampening (up to
-``10^3 x damp``), then refused with an error naming the layer.
+``10^3 x damp``), then refused with an error naming the layer. With ``damp=0`` there is nothing to multiply: a
+singular Hessian is refused at once, the error naming the layer and saying to use ``damp > 0``.
 
 :func:`gptq_quantize_` runs the model on the calibration batches once per stage - a transformer block (the blocks
 of :func:`medquant.models.block_stacks`), or a single layer outside the blocks - in forward order, so each stage's
@@ -68,11 +69,16 @@ see the float block. :func:`gptq_quantize_sequential` does the same block by blo
 :func:`medquant.calibrate.quantize_sequential` (one float block on the compute device at a time).
 
 A module bound under several names (one module object) is one layer: its Hessian collects its inputs from every
-use and the quantized layer is bound under all of its names (as :func:`medquant.quantize_` does;
-:func:`gptq_quantize_sequential`: the names inside the block). :func:`gptq_quantize_` is all or nothing: an error
-in a later stage (a Hessian that stays singular, NaN made inside the model, an interrupt) puts the float layers of
-the earlier stages back before it propagates. The new layers get the train / eval mode their float layers had before
-the calibration run.
+use and the quantized layer is bound under all of its names (as :func:`medquant.quantize_` does).
+:func:`gptq_quantize_sequential` does so for the names inside one block and refuses, before any change, a planned
+layer bound in several blocks (or in a block and outside the blocks), naming it: block by block, the later uses
+run after it is quantized, so its Hessian could not hold them.
+
+Both paths are all or nothing: an error in a later stage or block (a Hessian that stays singular, NaN made inside
+the model, an interrupt) puts the model back as it was - :func:`gptq_quantize_` the float layers of the earlier
+stages, :func:`gptq_quantize_sequential` (through :func:`medquant.calibrate.quantize_sequential`) the float layers,
+tensors and devices of the blocks already done - before it propagates. The new layers get the train / eval mode
+their float layers had before the calibration run.
 
 Each quantized layer records its calibration settings in a ``calibration`` attribute (method ``"gptq"``, calibration
 batches and input rows, dampening requested and used, block size, activation order, seed);
@@ -82,6 +88,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -454,7 +461,7 @@ def _inverse_factor(h: torch.Tensor, damp: float, name: str, mean_diag: float) -
         raise ValueError(f"layer {name}: the Hessian holds NaN/inf values (calibration inputs too large?)")
     d = damp
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for _ in range(GPTQ_MAX_DAMP_TRIES):
+    for _ in range(GPTQ_MAX_DAMP_TRIES if damp > 0 else 1):  # 10 x 0 is 0: with damp=0 a retry cannot help
         hd = h + (d * mean_diag) * eye
         lower, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:
@@ -463,6 +470,10 @@ def _inverse_factor(h: torch.Tensor, damp: float, name: str, mean_diag: float) -
             if int(info2) == 0 and torch.isfinite(u).all():
                 return u, d
         d *= 10.0
+    if damp == 0:
+        raise ValueError(f"layer {name}: the Hessian is not positive definite (singular: its calibration inputs span "
+                         "fewer dimensions than the layer has inputs, or too few input rows) and damp=0 adds no "
+                         "dampening, so retrying with more cannot help: use damp > 0 (default 0.01)")
     raise ValueError(f"layer {name}: the Hessian is not positive definite even with dampening "
                      f"{d / 10:g} x mean(diag H) = {d / 10 * mean_diag:.3g} added to its diagonal "
                      f"({GPTQ_MAX_DAMP_TRIES} tries from damp={damp:g}); the calibration inputs are degenerate")
@@ -651,7 +662,7 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, 
         config: scheme, scope, group size and scale dtype.
         bits: 1..8; ``None`` uses ``config.bits``.
         damp: dampening ``lambda = damp * mean(H_jj over the live inputs, H_jj > 0)`` (retried x10 while ``H`` is
-            not positive definite); dead inputs (``H_jj = 0``) get ``W[:, j] = 0``.
+            not positive definite; ``damp=0`` is not retried); dead inputs (``H_jj = 0``) get ``W[:, j] = 0``.
         block_size: columns per lazy update block.
         act_order: process columns by decreasing ``H_jj``.
         dtype: working precision of the weights and of ``U`` (the Hessian, its dampening and its factorisation
@@ -666,7 +677,8 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, 
         number of dead inputs and the GPTQ objective ``sum_j ||e_j||^2 / 2``.
 
     Raises:
-        ValueError: ``bits`` outside 1..8, shapes that do not match, or a Hessian that stays singular.
+        ValueError: ``bits`` outside 1..8, shapes that do not match, or a Hessian that stays singular (with
+            ``damp=0``: the message says to use ``damp > 0``).
     """
     b = config.bits if bits is None else bits
     if not 1 <= b <= 8:
@@ -1147,7 +1159,8 @@ def gptq_quantize_(
             one batch. In a dict batch with a 2-D ``attention_mask``, the positions where it is 0 (padding) are
             left out of the Hessians of the layers whose input is ``(batch, tokens, K)`` with the mask's shape
             (not the vision tower's or the projector's).
-        damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 up to 3 times if ``H`` stays singular).
+        damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 up to 3 times if ``H`` stays singular;
+            with ``damp=0`` a singular ``H`` is refused at once, the message saying to use ``damp > 0``).
         block_size: columns per lazy update block.
         act_order: process columns by decreasing ``H_jj`` (scale groups and layout unchanged).
         clip_search: each scale group takes the shrunk range ``p * range`` that minimises
@@ -1285,8 +1298,16 @@ def gptq_quantize_sequential(
 
     Raises:
         ValueError: no or empty calibration data, invalid arguments (``damp``, ``block_size``, ``max_samples``,
-            ``seed``), a Hessian that stays singular.
+            ``seed``), a planned layer bound in several blocks (one module object under names in two blocks, or in
+            a block and outside them: its Hessian would miss its later uses; use :func:`gptq_quantize_`, which
+            collects them all, or skip it), a Hessian that stays singular (with ``damp=0``: the message names the
+            layer and says to use ``damp > 0``).
         TypeError: a calibration entry that is not a dict.
+
+    All or nothing: any exception raised part way (a later block's error, a ``KeyboardInterrupt``) leaves the model
+    exactly as it was before the call - the float layers of the blocks already done bound again, their weights
+    unchanged, hooks and train / eval modes as before - then propagates (see
+    :func:`medquant.calibrate.quantize_sequential` for the memory this keeps until the call returns).
     """
     _check_args(damp, block_size, max_samples)
     seed = check_seed(seed)
@@ -1301,6 +1322,7 @@ def gptq_quantize_sequential(
         raise TypeError(f"calib_inputs[{bad}] is {describe_batch(batches[bad])}; the block-by-block GPTQ takes dicts of "
                         "model(**batch) keyword arguments")
     _check_batches(batches)
+    _refuse_shared_across_blocks(model, config_or_map, skip)
     labels = _group_labels(groups, len(batches))
     keep = _select(batches, max_samples, seed)
     batches = [batches[i] for i in keep]
@@ -1338,3 +1360,26 @@ def gptq_quantize_sequential(
                             offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
                             progress=progress)
     return calibration_records(model)
+
+
+def _refuse_shared_across_blocks(model: nn.Module, config_or_map: Any, skip: Iterable[str] | None) -> None:
+    """Refuse a planned layer bound in more than one block (or in a block and outside the blocks): block by block,
+    its Hessian would hold the inputs of its first block only (the later blocks run after it is quantized), which
+    :func:`gptq_quantize_` does not do (one Hessian from every use)."""
+    with warnings.catch_warnings():  # quantize_sequential resolves the plan again and gives its warnings
+        warnings.simplefilter("ignore")
+        plan = resolve_configs(model, config_or_map, skip=list(skip) if skip else None)
+    blocks = [n for g in block_stacks(model) for n in g]
+
+    def owner(name: str) -> str | None:
+        return next((b for b in blocks if name == b or name.startswith(b + ".")), None)
+
+    aliases = names_by_module(model)
+    for n in plan:
+        names = aliases.get(id(model.get_submodule(n)), [n])
+        if len({owner(a) for a in names}) > 1:
+            raise ValueError(f"layer {n} is one module bound in several blocks ({', '.join(names)}): block by block, "
+                             "its Hessian would only hold the inputs of its first use (the later blocks run after "
+                             "it is quantized). Use gptq_quantize_ (one Hessian from every use, the quantized layer "
+                             f"bound under every name), leave it in float (skip=[{n!r}]), or give each block its "
+                             "own copy of the layer")

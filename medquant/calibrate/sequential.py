@@ -25,6 +25,21 @@ keyword arguments (attention masks, rotary position embeddings, window ``cu_seql
 forward pass in which the not-yet-processed blocks are replaced by recorders that pass the hidden states through;
 its hidden-state input is the output of the already *quantized* previous block (the GPTQ/AWQ convention: each
 block is calibrated on the activations the quantized model will actually feed it).
+
+A module bound under several names (one module object, in one block or in several) is quantized once, where its
+first name is reached, and the quantized module is bound under every name, as :func:`medquant.quantize_` does
+(round-to-nearest does not depend on where it is done; ``per_block_fn`` sees it in float in its first block only).
+
+All or nothing: when the call raises (an error in a later block, ``per_block_fn`` failing, an interrupt), the model
+is put back exactly as it was - the same modules and tensor objects under every name (so the same values, devices,
+hooks), the same train / eval modes - before the exception propagates. No tensor is copied for this: the model's own
+tensors are never changed (a block's tensors are moved or read from the checkpoint into new tensors; one already on
+the compute device stays bound when nothing will move it, or is bound as a new tensor object sharing its storage
+when the block moves to ``offload_device`` afterwards, or - with ``per_block_fn``, which may change float weights in
+place - is copied), and the call keeps them until it returns. The cost: peak host memory is the float model plus the
+quantized result where the model starts with real weights (the float tensors of finished blocks are released only at
+the end); a meta skeleton holds no float tensors, so streaming from a checkpoint keeps its peak. With
+``per_block_fn`` and a model already on the compute device, one float block more is there while it is processed.
 """
 from __future__ import annotations
 
@@ -32,7 +47,7 @@ import functools
 import inspect
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +56,7 @@ import torch
 from torch import nn
 
 from ..models.blocks import block_stacks
-from ..quant.api import notify_quantized, quantize_module, resolve_configs, swap_module
+from ..quant.api import names_by_module, notify_quantized, quantize_module, resolve_configs, swap_module
 from ..quant.config import QuantConfig
 from ..quant.modules import QUANT_LAYERS
 from ._forward import run_calibration_batch
@@ -188,13 +203,26 @@ def _local_tensors(module: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
 
 
 class _Materializer:
-    """Brings a module's tensors to a device: moves real ones, reads meta ones from the checkpoint."""
+    """Brings a module's tensors to a device: moves real ones, reads meta ones from the checkpoint.
 
-    def __init__(self, model: nn.Module, source: CheckpointSource | None) -> None:
+    The model's own tensors (``originals``) are never changed, so that :class:`_Undo` can put them back unchanged:
+    one moved to the device is a new tensor anyway; one already there stays bound with ``keep=True`` (nothing will
+    move it or change it in place), else it gets a new tensor object sharing its storage (a later ``module.to``
+    then swaps the new object's data, not the original's), or a copy with ``copy=True`` (for code that changes
+    the float weights in place). A tensor bound in several places of the model gets one new tensor for all."""
+
+    def __init__(self, model: nn.Module, source: CheckpointSource | None, originals: Collection[int] = ()) -> None:
         self.model = model
         self.source = source
         self.tied = _tied_map(model)
         self.done: dict[str, torch.Tensor] = {}  # full key -> materialized tensor, to re-tie shared weights
+        self.originals = originals
+        counts: dict[int, int] = {}
+        for m in model.modules():
+            for _, _, t in _local_tensors(m):
+                counts[id(t)] = counts.get(id(t), 0) + 1
+        self.multi = {i for i, c in counts.items() if c > 1}
+        self.fresh: dict[int, torch.Tensor] = {}  # id of a tensor bound in several places -> its new tensor
 
     def _read(self, key: str, like: torch.Tensor) -> torch.Tensor:
         src = self.source
@@ -213,9 +241,28 @@ class _Materializer:
                              f"{tuple(like.shape)}")
         return t
 
-    def module(self, module: nn.Module, prefix: str, device: torch.device, recurse: bool = True) -> None:
+    def _moved(self, t: torch.Tensor, device: torch.device, copy: bool, keep: bool) -> torch.Tensor:
+        """``t`` on ``device``; an original tensor as a new object (a copy with ``copy``) unless ``keep`` lets it
+        stay."""
+        if id(t) not in self.originals:
+            return t.to(device)
+        if id(t) in self.fresh:
+            new = self.fresh[id(t)]
+            return new if new.device == device else new.to(device)
+        new = t.detach().to(device)
+        if new.data_ptr() == t.data_ptr() and new.device == t.device:
+            if keep and not copy:
+                return t
+            new = new.clone() if copy else t.detach()
+        if id(t) in self.multi:
+            self.fresh[id(t)] = new
+        return new
+
+    def module(self, module: nn.Module, prefix: str, device: torch.device, recurse: bool = True,
+               copy: bool = False, keep: bool = True) -> None:
         """Materialize/move ``module`` (and, with ``recurse``, its submodules) to ``device``; ``prefix`` is its
-        full name in the model."""
+        full name in the model. The model's own tensors already on ``device``: copied with ``copy``, else bound
+        again as they are with ``keep``, else as new tensor objects sharing their storage."""
         subs = module.named_modules() if recurse else [("", module)]
         for sub_name, sub in subs:
             full = f"{prefix}.{sub_name}" if sub_name else prefix
@@ -227,7 +274,7 @@ class _Materializer:
                         new = new.to(device)
                 else:
                     new = self._read(key, t).to(device=device, dtype=t.dtype) if t.device.type == "meta" \
-                        else t.to(device)
+                        else self._moved(t, device, copy, keep)
                 if kind == "param":
                     if not isinstance(new, nn.Parameter):
                         new = nn.Parameter(new, requires_grad=t.requires_grad)
@@ -238,8 +285,53 @@ class _Materializer:
                     self.done[key] = new
 
 
-def _quantize_in(module: nn.Module, prefix: str, plan: Mapping[str, QuantConfig]) -> None:
-    """Swap the planned Linear / Conv2d layers under ``module`` (full name ``prefix``) for quantized ones."""
+class _Undo:
+    """The model as :func:`quantize_sequential` found it, to put back when it fails.
+
+    Holds, for every module, its own parameter, buffer and child bindings (the objects themselves: no copy of any
+    tensor) and its train / eval mode, and the instance ``save_pretrained`` of the root. The sequential pass never
+    changes these objects (:class:`_Materializer` binds new tensor objects, the quantized layers are new modules),
+    so :meth:`restore` gives back exactly the model of before: the same modules, tensors, hooks and modes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.records = [(m, dict(m._parameters), dict(m._buffers), dict(m._modules), m.training)
+                        for m in model.modules()]
+        self.own = {id(m): (p, b) for m, p, b, _, _ in self.records}
+        self.tensors = {id(t) for _, p, b, _, _ in self.records for t in (*p.values(), *b.values()) if t is not None}
+        self.save = model.__dict__.get("save_pretrained", _Undo)  # set by the on_quantized hook (transformers)
+
+    def release(self, modules: Iterable[nn.Module], live: nn.Module) -> None:
+        """Give the ``modules`` no longer in ``live`` (float layers swapped out) their original tensors back, which
+        drops the materialized copies they held."""
+        kept = {id(m) for m in live.modules()}
+        for m in modules:
+            if id(m) not in kept and id(m) in self.own:
+                params, buffers = self.own[id(m)]
+                m._parameters.update(params)
+                m._buffers.update(buffers)
+
+    def restore(self) -> None:
+        """Bind every module's original parameters, buffers and children again, with its original mode."""
+        for m, params, buffers, children, training in self.records:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            m._modules.clear()
+            m._modules.update(children)
+            m.training = training
+        if self.save is _Undo:
+            self.model.__dict__.pop("save_pretrained", None)
+        else:
+            self.model.__dict__["save_pretrained"] = self.save
+
+
+def _quantize_in(model: nn.Module, module: nn.Module, prefix: str, plan: Mapping[str, QuantConfig],
+                 aliases: Mapping[int, list[str]]) -> None:
+    """Swap the planned Linear / Conv2d layers under ``module`` (full name ``prefix``) for quantized ones, each
+    under every name ``aliases`` gives its module in ``model`` (a shared module stays one module, as
+    :func:`medquant.quantize_` binds it)."""
     start = prefix + "." if prefix else ""
     for name, cfg in plan.items():
         if name == prefix:
@@ -251,7 +343,17 @@ def _quantize_in(module: nn.Module, prefix: str, plan: Mapping[str, QuantConfig]
         rel = name[len(start):]
         mod = module.get_submodule(rel)
         if isinstance(mod, (nn.Linear, nn.Conv2d)):  # else already quantized
-            swap_module(module, rel, quantize_module(mod, cfg, name=name))
+            _swap_all(model, module, rel, quantize_module(mod, cfg, name=name), aliases)
+
+
+def _swap_all(model: nn.Module, parent: nn.Module, rel: str, new: nn.Module, aliases: Mapping[int, list[str]]
+              ) -> None:
+    """Bind ``new`` at ``rel`` under ``parent`` and under every other name of the module there in ``model``."""
+    old = parent.get_submodule(rel)
+    swap_module(parent, rel, new)
+    for alias in aliases.get(id(old), []):
+        if alias and model.get_submodule(alias) is old:
+            swap_module(model, alias, new)
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -379,12 +481,16 @@ def quantize_sequential(
             listed blocks - how :func:`medquant.calibrate.quantize_shard` splits the blocks between processes.
 
     Returns:
-        ``model``, quantized (the blocks on ``offload_device``).
+        ``model``, quantized (the blocks on ``offload_device``); a module bound under several names is one quantized
+        module under all of them.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``calib_inputs`` is not a dict / non-empty list of dicts.
         ValueError: ``per_block_fn`` without ``calib_inputs`` or with ``process_rest=False``, a block name that
             is not a module of the model, or no blocks found.
+
+    Any exception raised part way (by a block, ``per_block_fn``, the checkpoint, a ``KeyboardInterrupt``) leaves
+    the model exactly as it was before the call (module docstring), then propagates.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_sequential expects an nn.Module, got {type(model).__name__}")
@@ -421,15 +527,34 @@ def quantize_sequential(
         raise ValueError(f"found no decoder or vision blocks in {type(model).__name__}: pass blocks=[names of "
                          "the repeated blocks] (e.g. 'encoder.layers.0', ...)")
     block_names = [n for g in groups for n in g]
-    calibrate = per_block_fn is not None
 
-    mat = _Materializer(model, source)
+    undo = _Undo(model)
+    try:
+        _run(model, groups, block_names, plan, batches, per_block_fn, source, device, offload, process_rest,
+             progress, undo)
+    except BaseException:
+        undo.restore()  # all or nothing: the blocks already done get their float layers and weights back
+        raise
+    notify_quantized(model)  # its layers were swapped inside blocks, below the root
+    return model
+
+
+def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan: Mapping[str, QuantConfig],
+         batches: list[dict], per_block_fn: Callable[[nn.Module, BlockInputs], None] | None,
+         source: CheckpointSource | None, device: torch.device, offload: torch.device, process_rest: bool,
+         progress: bool, undo: _Undo) -> None:
+    """The body of :func:`quantize_sequential` (which undoes it when it raises)."""
+    calibrate = per_block_fn is not None
+    mat = _Materializer(model, source, undo.tensors)
+    aliases = names_by_module(model)
     rest = _rest_leaves(model, block_names) if process_rest else []
     # the modules outside the blocks first, leaf by leaf; while calibrating they stay on the device (the capture
     # passes run them), already quantized, so blocks see the activations of the final quantized model
     for n in rest:
-        mat.module(model.get_submodule(n), n, device, recurse=False)
-        _quantize_in_leaf(model, n, plan)
+        leaf = model.get_submodule(n)
+        mat.module(leaf, n, device, recurse=False)
+        _quantize_in_leaf(model, n, plan, aliases)
+        undo.release([leaf], model)
         if not calibrate:
             _move_local(model.get_submodule(n), offload)
 
@@ -438,42 +563,46 @@ def quantize_sequential(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(block_names), desc="sequential quantization", unit="block")
-    done: list[str] = []
-    for group in groups:
-        store = None
-        if calibrate:
-            for n in done:  # earlier (quantized) blocks take part in the capture forward pass
-                model.get_submodule(n).to(device)
-            store = _capture(model, group, batches, device)
-            for n in done:
-                model.get_submodule(n).to(offload)
-        hidden: list[tuple] | None = None
-        for name in group:
-            block = model.get_submodule(name)
-            mat.module(block, name, device)
-            start = name + "."
-            inputs = None
+    try:
+        done: list[str] = []
+        for group in groups:
+            store: dict[str, list[tuple[tuple, dict]]] = {}
             if calibrate:
-                calls = store[name]
-                args = [(h,) + tuple(c[0][1:]) for h, c in zip(hidden, calls)] if hidden is not None \
-                    else [c[0] for c in calls]
-                inputs = BlockInputs(name, args, [c[1] for c in calls],
-                                     {k[len(start):]: v for k, v in plan.items() if k.startswith(start)})
-                per_block_fn(block, inputs)
-            _quantize_in(block, name, plan)
-            if calibrate and name != group[-1]:  # the next block is calibrated on what the quantized block
-                hidden = inputs.run(block)               # outputs (the next group's inputs are captured anew)
-            block.to(offload)
-            done.append(name)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+                for n in done:  # earlier (quantized) blocks take part in the capture forward pass
+                    model.get_submodule(n).to(device)
+                store = _capture(model, group, batches, device)
+                for n in done:
+                    model.get_submodule(n).to(offload)
+            hidden: list[torch.Tensor] | None = None
+            for name in group:
+                block = model.get_submodule(name)
+                float_modules = list(block.modules())
+                # calibrating, the block works on copies of the model's own tensors (per_block_fn may change them
+                # in place, e.g. AWQ's scales): the originals stay as they were, for the undo
+                mat.module(block, name, device, copy=calibrate, keep=offload == device)
+                start = name + "."
+                inputs = None
+                if per_block_fn is not None:
+                    calls = store[name]
+                    args = [(h,) + tuple(c[0][1:]) for h, c in zip(hidden, calls)] if hidden is not None \
+                        else [c[0] for c in calls]
+                    inputs = BlockInputs(name, args, [c[1] for c in calls],
+                                         {k[len(start):]: v for k, v in plan.items() if k.startswith(start)})
+                    per_block_fn(block, inputs)
+                _quantize_in(model, block, name, plan, aliases)
+                undo.release(float_modules, model)  # the float layers swapped out drop their materialized weights
+                if inputs is not None and name != group[-1]:  # the next block is calibrated on what the quantized
+                    hidden = inputs.run(block)      # block outputs (the next group's inputs are captured anew)
+                block.to(offload)
+                done.append(name)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     if calibrate:
         for n in rest:
             _move_local(model.get_submodule(n), offload)
-    notify_quantized(model)  # its layers were swapped inside blocks, below the root
-    return model
 
 
 def _move_local(module: nn.Module, device: torch.device) -> None:
@@ -502,8 +631,9 @@ def _rest_leaves(model: nn.Module, block_names: Sequence[str]) -> list[str]:
     return out
 
 
-def _quantize_in_leaf(model: nn.Module, name: str, plan: Mapping[str, QuantConfig]) -> None:
+def _quantize_in_leaf(model: nn.Module, name: str, plan: Mapping[str, QuantConfig],
+                      aliases: Mapping[int, list[str]]) -> None:
     cfg = plan.get(name)
     mod = model.get_submodule(name)
     if cfg is not None and isinstance(mod, (nn.Linear, nn.Conv2d)):
-        swap_module(model, name, quantize_module(mod, cfg, name=name))
+        _swap_all(model, model, name, quantize_module(mod, cfg, name=name), aliases)
