@@ -1,20 +1,28 @@
-"""Replace a checkpoint folder as one unit: versioned sibling folders behind a symlink, swapped atomically.
+"""Replace a checkpoint folder as one unit: a first save renames a complete folder into place; later saves switch
+a symlink to versioned sibling folders atomically.
 
 The mechanism (POSIX; Linux for the one-time conversion of a real folder):
 
-* the user's path ``P`` is a **symlink to a sibling folder** ``.{name}.mq-v-{16 hex}`` in the same parent folder
-  (relative target, so the parent can be moved). To every reader that opens ``P/config.json``,
-  ``P/model.safetensors``... by name (transformers, vLLM, llama.cpp, ``ls``) ``P`` is a plain folder;
-* a save writes a **complete new version** into a staging folder ``.{name}.mq-tmp-*`` (every file fsynced, then the
-  folder), renames it to a fresh ``.{name}.mq-v-*`` (so a ``.mq-v-*`` folder is always complete), then renames a
-  temporary symlink ``.{name}.mq-link-*`` to it **over** ``P`` (``os.replace``: atomic, so ``P`` names the old
+* every save writes a **complete new version** into a staging folder ``.{name}.mq-tmp-*`` in the parent folder of
+  the user's path ``P`` (every file fsynced, then the folder);
+* a **first save** (nothing at ``P``, or an empty real folder there, as ``Trainer`` makes ``checkpoint-N`` before it
+  saves) renames the staging folder to ``P`` (``os.rename``: atomic, and it replaces only an empty folder), so ``P``
+  is a **real folder**: tools that remove a checkpoint with ``shutil.rmtree`` (transformers' ``Trainer`` rotating
+  ``save_total_limit`` checkpoints), which refuses a symlink, remove it whole. Where something else is at ``P`` by
+  then (it appeared during the save) the rename changes nothing and the save switches a version link as below;
+* a save to an existing checkpoint makes ``P`` a **symlink to a sibling folder** ``.{name}.mq-v-{16 hex}`` in the
+  same parent folder (relative target, so the parent can be moved). To every reader that opens ``P/config.json``,
+  ``P/model.safetensors``... by name (transformers, vLLM, llama.cpp, ``ls``) ``P`` is a plain folder. The staging
+  folder is renamed to a fresh ``.{name}.mq-v-*`` (so a ``.mq-v-*`` folder is always complete), then a temporary
+  symlink ``.{name}.mq-link-*`` to it is renamed **over** ``P`` (``os.replace``: atomic, so ``P`` names the old
   version or the new one, never a mix); the parent folder is fsynced and the old version is removed after the
-  switch, unless another symlink in the parent folder still points to it (a copy of the link, a renamed link);
-* a **real folder** already at ``P`` (a checkpoint written before this scheme, an empty folder) is exchanged with the
-  temporary symlink in one step by Linux ``renameat2(RENAME_EXCHANGE)``; where that call is missing or refused (other
-  systems, some file systems) it is renamed aside to ``.{name}.mq-old-*`` and the symlink renamed into place (a
-  crash between the two renames leaves ``P`` absent for a moment, never mixed; the next save finishes the switch;
-  a save that raises there renames the folder back, so ``P`` is left as it was);
+  switch, unless another symlink in the parent folder still points to it (a copy of the link, a renamed link). A
+  checkpoint saved twice is therefore a link: remove it with ``rm ck && rm -r .ck.mq-v-*`` (``rmtree`` refuses it);
+* a **real folder** already at ``P`` (a first save's folder, a checkpoint written before this scheme) is exchanged
+  with the temporary symlink in one step by Linux ``renameat2(RENAME_EXCHANGE)``; where that call is missing or
+  refused (other systems, some file systems) it is renamed aside to ``.{name}.mq-old-*`` and the symlink renamed
+  into place (a crash between the two renames leaves ``P`` absent for a moment, never mixed; the next save finishes
+  the switch; a save that raises there renames the folder back, so ``P`` is left as it was);
 * a symlink at ``P`` that is not a version link (the user's own link to a folder elsewhere) is followed as the
   kernel follows it (its target is taken from the real folder the link is in, ``..`` after that folder's own
   symlinks): the scheme runs at its target. A version link is any symlink whose target is a plain
@@ -23,7 +31,7 @@ The mechanism (POSIX; Linux for the one-time conversion of a real folder):
 * a save never replaces the current folder, a folder above it or a file system root, however the path reaches it
   (a user's link to ``.``, a path through a symlinked folder): it raises ``ValueError`` and changes nothing;
 * a version link whose version folder is missing (the link was moved away from it, or the folder was removed) is
-  replaced by the next save to its path; nothing else is removed;
+  replaced by the next save to its path (by a new version link, as any version link is); nothing else is removed;
 * files in the old version that the new save does not own (:func:`replace_directory`'s ``owned``: a tokenizer, a
   README written into the folder after an earlier save) are carried into the new version (hard links, copies across
   devices);
@@ -31,18 +39,21 @@ The mechanism (POSIX; Linux for the one-time conversion of a real folder):
   whole save: the last writer wins and no two saves interleave. What a killed save leaves (staging folders
   ``.{name}.mq-tmp-*``, temporary links ``.{name}.mq-link-*`` and the unpublished version they point to,
   ``.{name}.mq-old-*``, and the old version recorded by a ``.{name}.mq-drop-*`` link before a switch) is removed by
-  the next save under the lock.
+  the next save under the lock. A first save killed before its rename leaves ``P`` as it was (absent or empty) and
+  its staging folder.
 * A save **never removes a complete version it did not replace itself**: a ``.{name}.mq-v-*`` folder that no
   symlink in the parent points to (its link was moved into another folder, or it was left by an older medquant) is
   kept, and the save warns (:class:`UnreferencedVersionWarning`) naming it and how to remove it.
 
 :func:`resolve` gives the folder a reader should read from: the version folder ``P`` points to at that moment
 (medquant's loaders resolve it once and read every file there, so a save that switches ``P`` meanwhile cannot give
-them a mix; the old version disappears after the switch, which they report and retry). To copy a checkpoint use
-``cp -rL`` (``cp -r`` copies the symlink itself). To move or rename one: ``mv`` of the link within its folder is
-safe (the link keeps pointing to its sibling version folder); to move it into another folder, move the parent
-folder, or ``cp -rL`` it there and remove the original (``rm ck && rm -r .ck.mq-v-*``): moving the link alone leaves
-its data behind (:func:`dangling_message`).
+them a mix; the old version disappears after the switch, which they report and retry). A first save's real folder
+is ``P`` itself: the save that exchanges it makes ``P`` name the new version at once, so
+:func:`medquant.io.checkpoint.load` reads again when ``P`` was switched during its read. To copy a checkpoint use
+``cp -rL`` (``cp -r`` copies a symlink itself). A real folder (saved once) is moved, renamed and removed as any
+folder. A version link: ``mv`` of the link within its folder is safe (the link keeps pointing to its sibling
+version folder); to move it into another folder, move the parent folder, or ``cp -rL`` it there and remove the
+original (``rm ck && rm -r .ck.mq-v-*``): moving the link alone leaves its data behind (:func:`dangling_message`).
 """
 from __future__ import annotations
 
@@ -236,6 +247,36 @@ def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return True
 
 
+def _empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a real (not linked) folder with no entries (``False`` where it cannot be listed)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    except OSError:
+        return False
+
+
+def _publish_first(path: Path, stage: Path) -> bool:
+    """Rename the complete folder ``stage`` to ``path`` when nothing, or an empty real folder, is there.
+
+    ``os.rename`` is atomic and replaces only an empty folder: a reader of ``path`` finds nothing (or the empty
+    folder), then the complete new folder. Where ``path`` holds anything else, or the rename is refused (a name or a
+    file appeared since the check), nothing changes and the caller switches a version link instead.
+
+    Returns:
+        ``True`` when ``stage`` is now ``path``.
+    """
+    if os.path.lexists(path) and not _empty_folder(path):
+        return False
+    try:
+        os.rename(stage, path)
+    except OSError:
+        return False
+    return True
+
+
 def _remove(p: Path) -> None:
     try:
         if p.is_symlink() or not p.is_dir():
@@ -385,12 +426,14 @@ def _refuse_current_folder(path: Path) -> None:
 def replace_directory(path: str | os.PathLike, *,
                       owned: Callable[[Path], Callable[[str], bool]] = lambda old: lambda name: False,
                       finalize: Callable[[Path], None] | None = None) -> Iterator[Path]:
-    """Context manager: yields an empty new version folder and switches ``path`` to it when the block succeeds.
+    """Context manager: yields an empty new version folder and publishes it at ``path`` when the block succeeds.
 
     When the block ends without an exception, the files in the old version that ``owned(name)`` does not claim are
-    carried over, ``finalize(folder)`` runs (it writes the manifest), everything is fsynced and ``path`` is switched
-    to the new version atomically (see the module docstring). On an exception the new version is removed and
-    ``path`` is untouched. Concurrent calls on one path are serialised by a lock file.
+    carried over, ``finalize(folder)`` runs (it writes the manifest), everything is fsynced and the folder is
+    published atomically (see the module docstring): renamed to ``path`` when nothing, or an empty real folder, is
+    there (a first save: ``path`` is a real folder), else published as a new version that ``path`` is switched to
+    (``path`` is a version link). On an exception the new version is removed and ``path`` is untouched. Concurrent
+    calls on one path are serialised by a lock file.
 
     Args:
         path: the checkpoint path.
@@ -431,10 +474,15 @@ def replace_directory(path: str | os.PathLike, *,
                 finalize(stage)
             _fsync_tree(stage)
             fsync_dir(path.parent)
+            # a first save (nothing, or an empty folder, at ``path``): the folder is renamed into place
+            published = _publish_first(path, stage)
         except BaseException:
             _remove(stage)
             raise
-        _switch(path, stage)
+        if published:
+            fsync_dir(path.parent)
+            return
+        _switch(path, stage)  # ``path`` exists (or appeared meanwhile): the version-link scheme
 
 
 def _switch(path: Path, stage: Path) -> None:

@@ -834,7 +834,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
     Hugging Face models are rebuilt from their saved config into the same class. A plain ``nn.Module`` cannot
     be rebuilt from a file without code: pass ``model``, a float instance of the same architecture; its
     layers are replaced by the saved quantized ones and every tensor is loaded into it (in the saved dtype).
-    A save that switches the folder while it is read makes the load read the new version.
+    A save that switches the folder while it is read makes the load read the new version (whole: also when the
+    folder was a first save's real folder, read at its own path, so that the files read after the switch came from
+    the new version).
 
     Args:
         directory: the checkpoint folder.
@@ -858,12 +860,18 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
     for attempt in range(3):
         root = atomic.resolve(path)
         try:
-            return _load_once(path, model, device, strict)
+            loaded = _load_once(path, model, device, strict)
         except (CheckpointError, OSError):
             # a save switched the folder meanwhile and removed the version being read: read the new one
             if attempt < 2 and atomic.resolve(path) != root:
                 continue
             raise
+        # a save switched the folder while it was read without a read failing: a first save's real folder is read
+        # at its own path, which the next save exchanges for a version link, so the files read after the switch
+        # came from the new version. Read the new version whole.
+        if attempt < 2 and atomic.resolve(path) != root:
+            continue
+        return loaded
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -53,10 +53,14 @@ def drop_manifest(path):
 def test_save_makes_a_version_link_and_switches_it(tmp_path):
     p = tmp_path / "ck"
     a, b = quantized(0), quantized(1)
-    mq.save(a, p)
+    mq.save(a, p)  # a first save publishes a real folder (renamed into place whole)
+    assert p.is_dir() and not p.is_symlink() and siblings(p) == [".ck.mq-lock"]
+    assert same_state(mq.load(p, model=tiny(5)), a)
+    mq.save(a, p)  # the next one exchanges it with a version link
     assert p.is_symlink() and atomic.is_version_link(p) and p.is_dir()
     first = os.readlink(p)
     assert not os.path.isabs(first) and (tmp_path / first).is_dir()
+    assert siblings(p) == [".ck.mq-lock", first]  # the exchanged real folder is removed
     mq.save(b, p)
     assert os.readlink(p) != first and not (tmp_path / first).exists()  # the old version is removed
     assert siblings(p) == [".ck.mq-lock", os.readlink(p)]
@@ -92,6 +96,8 @@ def test_a_user_symlink_is_followed(tmp_path):
     (tmp_path / "link").symlink_to(real.parent)
     m = quantized()
     mq.save(m, tmp_path / "link" / "ck")
+    assert real.is_dir() and not real.is_symlink()  # a first save: a real folder where the link leads
+    mq.save(m, tmp_path / "link" / "ck")
     assert atomic.is_version_link(real)
     user = tmp_path / "mine"
     user.symlink_to(real)
@@ -103,6 +109,7 @@ def test_a_user_symlink_is_followed(tmp_path):
 def test_orphans_are_removed_and_an_interrupted_switch_is_finished(tmp_path):
     p = tmp_path / "ck"
     mq.save(quantized(0), p)
+    mq.save(quantized(0), p)  # a version link (the first save published a real folder)
     current = os.readlink(p)
     # a killed save's staging folder, folder renamed aside, and unpublished version behind its temporary link
     for name in (".ck.mq-v-0123456789abcdef", ".ck.mq-old-0123456789abcdef", ".ck.mq-tmp-0123456789abcdef"):
@@ -126,6 +133,7 @@ def test_orphans_are_removed_and_an_interrupted_switch_is_finished(tmp_path):
 def test_a_failed_save_changes_nothing_and_leaves_nothing(tmp_path, monkeypatch):
     p = tmp_path / "ck"
     mq.save(quantized(0), p)
+    mq.save(quantized(0), p)  # a version link (the first save published a real folder)
     before = (os.readlink(p), siblings(p))
 
     def boom(*a, **k):
@@ -392,7 +400,7 @@ def _from_pretrained(p):
 
 def test_save_pretrained_is_crash_safe_with_a_manifest(hf_saved):
     p, model = hf_saved
-    assert atomic.is_version_link(p)
+    assert p.is_dir() and not p.is_symlink() and siblings(p) == [".q.mq-lock"]  # a first save: a real folder
     assert set(read_manifest(p)["files"]) >= {"config.json", "model.safetensors"}
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointWarning)

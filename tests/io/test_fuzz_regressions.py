@@ -47,10 +47,18 @@ def hidden(parent, name):
     return sorted(e for e in os.listdir(parent) if e.startswith(f".{name}.mq-") and not e.endswith("-lock"))
 
 
+def save_as_link(model, path):
+    """Save twice: the first save publishes a real folder, the second makes ``path`` a version link."""
+    mq.save(model, path)
+    assert not os.path.islink(path)
+    mq.save(model, path)
+    assert atomic.is_version_link(path)
+
+
 # ------------------------------------------------------------------------------------- data loss of version folders
 def test_a_renamed_checkpoint_survives_a_save_under_its_old_name(tmp_path):
     m0, m1, m2 = net(0), net(1), net(2)
-    mq.save(m0, tmp_path / "ck")
+    save_as_link(m0, tmp_path / "ck")
     os.rename(tmp_path / "ck", tmp_path / "ck_best")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the renamed link's version is referenced: nothing to warn about
@@ -67,7 +75,7 @@ def test_a_renamed_checkpoint_survives_a_save_under_its_old_name(tmp_path):
 
 def test_a_copy_of_the_link_keeps_the_version_it_points_to(tmp_path):
     m0 = net(0)
-    mq.save(m0, tmp_path / "ck")
+    save_as_link(m0, tmp_path / "ck")
     os.symlink(os.readlink(tmp_path / "ck"), tmp_path / "pinned")
     mq.save(net(1), tmp_path / "ck")
     assert same(mq.load(tmp_path / "pinned", model=net(5, quantize=False)), m0)
@@ -75,7 +83,7 @@ def test_a_copy_of_the_link_keeps_the_version_it_points_to(tmp_path):
 
 def test_a_link_moved_into_another_folder_keeps_its_data_and_the_load_says_where(tmp_path, capsys):
     m0 = net(0)
-    mq.save(m0, tmp_path / "ck")
+    save_as_link(m0, tmp_path / "ck")
     version = os.readlink(tmp_path / "ck")
     (tmp_path / "archive").mkdir()
     os.rename(tmp_path / "ck", tmp_path / "archive" / "ck")
@@ -94,9 +102,9 @@ def test_a_link_moved_into_another_folder_keeps_its_data_and_the_load_says_where
 
 
 def test_a_dangling_version_link_is_replaced_by_a_save_and_nothing_else_removed(tmp_path):
-    mq.save(net(0), tmp_path / "other")
+    save_as_link(net(0), tmp_path / "other")
     other = os.readlink(tmp_path / "other")
-    mq.save(net(0), tmp_path / "ck")
+    save_as_link(net(0), tmp_path / "ck")
     shutil.rmtree(atomic.resolve(tmp_path / "ck"))
     m1 = net(1)
     mq.save(m1, tmp_path / "ck")
@@ -107,7 +115,7 @@ def test_a_dangling_version_link_is_replaced_by_a_save_and_nothing_else_removed(
 
 def test_a_killed_save_leaves_only_what_the_next_save_removes(tmp_path, monkeypatch):
     p = tmp_path / "ck"
-    mq.save(net(0), p)
+    save_as_link(net(0), p)
     old = os.readlink(p)
     real_replace = os.replace
 
