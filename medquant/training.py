@@ -18,7 +18,17 @@ Each of those workflows only says how a batch becomes a loss; this module owns t
 Data parallelism stays with the caller's model (``DistributedDataParallel`` or FSDP2 ``fully_shard`` reduce the
 gradients of what they wrap during ``backward``); the loop adds what they do not cover: gradients of parameters
 outside the wrapper (``sync_params``), clipping over shards, stopping every rank together when one runs out of
-batches (``stop_together``), and a progress bar on rank 0 only. The loop draws no random numbers itself: dropout
+batches (``stop_together``), and a progress bar on rank 0 only.
+
+Uneven data over the ranks (one rank with more batches than another: per-rank shards of different sizes, an
+iterable dataset split over the ranks, accelerate's ``even_batches=False``) is safe by default: in a
+run whose ``group`` has several ranks (``medquant.distributed.is_distributed(group)``) ``stop_together`` is on
+unless the caller turns it off, so every rank ends each pass at the step where the first rank runs out of batches
+and the ranks take the same number of steps (step ``t`` averages the ranks' ``t``-th batches; a rank's batches
+beyond that point are read but not trained on). Without it the rank with more batches would go on into a
+collective the others never join (DDP's gradient all-reduce, a loss that all-reduces its statistics, the
+non-finite check below): a hang until the backend's timeout, or a crash. Without a process group (one process)
+the loop runs no collective at all. The loop draws no random numbers itself: dropout
 and data shuffling happen in ``loss_fn`` and in iterating ``batches`` (one ``iter(batches)`` per pass).
 
 A NaN or infinite objective (a learning rate too high for the model, an overflow in half precision) stops the
@@ -60,7 +70,7 @@ def train_steps(
     sharded: bool = False,
     sync_params: Sequence[torch.Tensor] = (),
     group: Any = None,
-    stop_together: bool = False,
+    stop_together: bool | None = None,
     model: nn.Module | None = None,
     progress: bool = True,
     desc: str = "train",
@@ -87,9 +97,12 @@ def train_steps(
         group: the process group of ``sync_params``, ``sharded`` clipping, ``stop_together`` and the non-finite
             objective check (default the world). In a run with a process group every rank of ``group`` takes part
             in that check once per step: the ranks take the same number of steps (as data-parallel training does;
-            ``stop_together`` makes sure of it with uneven data).
+            ``stop_together``, on by default there, makes sure of it with uneven data).
         stop_together: every rank of ``group`` ends a pass as soon as one rank has no batch left (one
-            ``all_reduce`` per batch; ranks then take the same number of steps).
+            ``all_reduce`` of one element per batch read; ranks then take the same number of steps, also with
+            ``epochs=None``: every pass is as long as the shortest rank's). ``None`` (default): on when ``group``
+            has several ranks (a DDP / FSDP run, or any initialised process group of more than one rank), off in a
+            single process; ``False`` only where every rank is known to have the same number of batches.
         model: put in ``train()`` mode for the loop and in ``eval()`` mode after it (also on error).
         progress: a tqdm bar (rank 0 only) named ``desc``.
         desc: the bar's label.
@@ -113,6 +126,8 @@ def train_steps(
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    if stop_together is None:  # uneven data must not leave a rank waiting in a collective
+        stop_together = mqd.is_distributed(group)
     records: list[Any] = []
     bar = None
     if progress and mqd.rank() == 0:

@@ -215,6 +215,9 @@ class Distiller(nn.Module):
     rank has the same number of positions (equal batch sizes; for token KD, equal unmasked token counts),
     otherwise a reweighting of it. ``distiller.student_module`` is the unwrapped student. A student sharded with
     FSDP2 ``fully_shard`` (on the default process group) is trained the same way (FSDP averages its gradients).
+    The ranks may hold different numbers of batches: :meth:`fit` ends every pass on every rank when the first rank
+    runs out (:func:`medquant.training.train_steps`' ``stop_together``, on in a run of several ranks), so the
+    ranks take the same steps and keep identical weights.
 
     Args:
         teacher: the frozen teacher, called as ``model(**batch)`` (dict batches, or any mapping such as a
@@ -427,7 +430,9 @@ class Distiller(nn.Module):
             progress: bool = True, desc: str = "distil") -> list[float]:
         """Train the student (and the projections) on ``L`` (module docstring) with AdamW by default.
 
-        The loop is :func:`medquant.training.train_steps`.
+        The loop is :func:`medquant.training.train_steps`. With a DDP / FSDP2 student (several processes) each
+        pass ends on every rank as soon as one rank has no batch left, so uneven data per rank gives every rank
+        the same number of steps (with ``steps``, the passes repeat until that many steps).
 
         Args:
             data: the batches (an iterable; re-iterated for several epochs or when ``steps`` needs more passes).

@@ -479,7 +479,8 @@ class BAQWrapper:
             sync = params if distributed else []
         history = train_steps(step_loss, batches, opt, params, epochs=epochs, max_steps=max_steps,
                               grad_clip=grad_clip, sharded=use_fsdp, sync_params=sync, group=group,
-                              stop_together=distributed, model=self.model, progress=progress, desc="BAQ")
+                              stop_together=True if distributed else None,  # None: on in any multi-rank group
+                              model=self.model, progress=progress, desc="BAQ")
         for i, parts in enumerate(history):
             parts["step"] = i
         return history

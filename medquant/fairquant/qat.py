@@ -216,6 +216,12 @@ def fq_qat(
     takes the single-process step on the global batch. The returned model (exported or not) is the unwrapped
     ``model.module``.
 
+    Uneven data (DDP or FSDP2): the ranks may hold different numbers of batches; every rank ends each pass when the
+    first one runs out (:func:`medquant.training.train_steps` turns ``stop_together`` on in a run of several ranks),
+    so all ranks take the same steps on the global batches they all have (a longer rank's surplus batches are not
+    trained on) and end with the same weights, instead of one rank waiting in the objective's ``all_reduce`` or
+    DDP's gradient all-reduce that the others never join.
+
     FSDP2 (the model sharded over the ranks, ``fsdp=True`` or a 1-D ``DeviceMesh``): pass the *plain* model
     (every rank builds the same one; rank 0's values are broadcast) and this rank's batches. The fake-quant
     parametrizations are attached first, then every module in ``fsdp_units`` (default: each quantized layer) and

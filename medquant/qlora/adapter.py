@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import is_ddp
 from ..quant.api import swap_module
 from ..training import train_steps
 from .config import DEFAULT_TARGETS, NF4Config
@@ -333,8 +334,9 @@ class QLoRAAdapter:
         Each step accumulates ``grad_accum`` batches (see :func:`train_loop`). ``ddp=True`` (an initialised
         ``torch.distributed`` process group is needed): trains through ``DistributedDataParallel(self.model)``, so the
         LoRA gradients are averaged over ranks; give each rank its share of every batch. With equal per-rank token counts
-        this is the single-process step on the union (the model's loss is a mean over the rank's tokens). Every rank must
-        run the same number of steps.
+        this is the single-process step on the union (the model's loss is a mean over the rank's tokens). The ranks may
+        hold different numbers of batches: each pass ends on every rank when the first rank runs out (see
+        :func:`train_loop`), so every rank takes the same number of steps.
 
         Args:
             batches: the batches.
@@ -541,7 +543,9 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
     """AdamW over the parameters of ``model`` that require grad, ``grad_accum`` batches per step.
 
     Each loss is divided by ``grad_accum``; the loop is :func:`medquant.training.train_steps` (see
-    :meth:`QLoRAAdapter.train`).
+    :meth:`QLoRAAdapter.train`). A ``DistributedDataParallel`` model trains over its process group: every pass ends
+    on every rank of it as soon as one rank has no batch left (``stop_together``), so ranks with uneven numbers of
+    batches take the same number of steps instead of one waiting in DDP's gradient all-reduce.
 
     Args:
         model: the model (its trainable parameters are optimised).
@@ -587,8 +591,11 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
 
     # steps given: passes over batches repeat until that many steps (as Distiller.fit); a one-shot iterator ends
     # early when exhausted
+    # a DDP model: its process group stops the ranks together (uneven batches) and checks the losses
+    group = model.process_group if is_ddp(model) else None
     losses = train_steps(step_loss, batches, opt, params, epochs=None if steps is not None else 1, max_steps=steps,
-                         grad_accum=grad_accum, grad_clip=max_grad_norm, model=model, progress=progress, desc=desc)
+                         grad_accum=grad_accum, grad_clip=max_grad_norm, group=group, model=model,
+                         progress=progress, desc=desc)
     opt.zero_grad(set_to_none=True)
     if not losses:
         raise ValueError("the training data is empty: no optimiser step was taken")
