@@ -109,9 +109,9 @@ def _parse(xml_bytes: bytes, source: str) -> Report:
     except ET.ParseError as exc:
         raise ValueError(f"{source}: not a valid IU report XML ({exc})") from exc
     uid_el = root.find("uId")
-    if uid_el is None or not uid_el.get("id"):
+    uid = uid_el.get("id") if uid_el is not None else None
+    if not uid:
         raise ValueError(f"{source}: no <uId id=...> element; is this an Open-i NLMCXR report?")
-    uid = uid_el.get("id")
     sections = {}
     for el in root.iter("AbstractText"):
         label = (el.get("Label") or "").upper()
@@ -131,7 +131,7 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
 
     Args:
         path: the ``NLMCXR_reports.tgz`` file or a folder holding the XML files (searched recursively; ``~`` is
-            expanded); default :func:`default_reports_path`.
+            expanded; each report id must occur once); default :func:`default_reports_path`.
         split: keep only ``"train"``, ``"dev"`` or ``"test"`` reports; ``None`` keeps all.
         require: section names (``"findings"``, ``"impression"``...) that must be non-empty.
 
@@ -141,7 +141,8 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
     Raises:
         FileNotFoundError: ``path`` does not exist (:class:`~medquant.data.DataDirNotSet`: no ``path`` and no
             ``$MEDQUANT_DATA_DIR``).
-        ValueError: bad ``split`` / ``require``, a malformed XML file, or a file that is not a readable tar
+        ValueError: bad ``split`` / ``require``, a malformed XML file, two files with the same report id (the
+            error names both; e.g. two extracted copies under one folder), or a file that is not a readable tar
             archive (corrupt or cut short; the error names the file).
     """
     if split is not None and split not in SPLITS:
@@ -155,9 +156,19 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
         raise FileNotFoundError(f"IU reports not found at {p} (set MEDQUANT_DATA_DIR or pass the path to "
                                 "NLMCXR_reports.tgz or to a folder of its XML files)")
     reports: list[Report] = []
+    sources: dict[str, str] = {}
+
+    def add(xml_bytes: bytes, source: str) -> None:
+        rep = _parse(xml_bytes, source)
+        if rep.uid in sources:
+            raise ValueError(f"duplicate report id {rep.uid!r} in {sources[rep.uid]} and {source}: {p} must hold "
+                             "each report once (one extracted copy of NLMCXR_reports.tgz)")
+        sources[rep.uid] = source
+        reports.append(rep)
+
     if p.is_dir():
         for f in sorted(p.rglob("*.xml")):
-            reports.append(_parse(f.read_bytes(), str(f)))
+            add(f.read_bytes(), str(f))
     else:
         try:
             with tarfile.open(p, "r:*") as tar:
@@ -165,7 +176,7 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
                     if member.isfile() and member.name.endswith(".xml"):
                         fh = tar.extractfile(member)
                         if fh is not None:
-                            reports.append(_parse(fh.read(), f"{p}:{member.name}"))
+                            add(fh.read(), f"{p}:{member.name}")
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             reason = (str(exc).splitlines() or [""])[0].rstrip(": ")
             raise ValueError(f"{p} is not a readable tar archive ({type(exc).__name__}: {reason}): expected "

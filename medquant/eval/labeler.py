@@ -9,34 +9,38 @@ uncertainty classification, then aggregation). Its rules were written on the ``t
 
 Steps for one text:
 
-1. lower-case, split into sentences (``.`` unless a digit follows it, as in ``1.5``, so ``"T12."`` ends a
+1. lower-case, read every run of whitespace other than a line break (tab, no-break space...) as one space, split
+   into sentences (``.`` unless a digit follows it, as in ``1.5``, so ``"T12."`` ends a
    sentence; ``;``, ``!``, ``?``, line breaks: ``\\n``, ``\\r\\n``, a lone ``\\r``, ``\\u2028``... as
    ``str.splitlines``) and each sentence into clauses at scope breakers ("but", "however", "although", "except",
    "which", "with" (not "without"), "there is/are", "and there", and a comma before a new clause: a subject led by
    a determiner or pronoun and its verb (``"no pneumothorax, the heart is enlarged"``), or a bare subject of up to
    three words whose copula does not close a list (``"..., heart is enlarged"``, not ``"..., effusion is seen"``);
    a comma inside a list of findings (``"no pneumothorax, effusion, or consolidation"``) continues the scope); in
-   ``mode="answer"`` also at every comma, and ``"Finding: yes|no|possible"`` lines are rewritten to plain phrases
-   first;
+   ``mode="answer"`` also at every comma, and ``"Finding: yes|no|possible"`` pairs (at a line start, after ``,`` /
+   ``;`` or an inline list number: ``"Atelectasis: yes, Edema: no"``) are rewritten to plain phrases first;
 2. find mentions of each finding with :data:`medquant.eval.findings.FINDING_SYNONYMS` (word boundaries); edema of
    the soft tissues ("soft tissue", "subcutaneous", "subglottic", "chest wall" edema) is no ``Edema`` mention;
 3. classify each mention, inside its clause: a *hard uncertainty* phrase that itself contains a negation word
    ("cannot be excluded", "not ruled out", "not definitely excluded") -> uncertain ("no definite X" is a plain
    negation, as in the CheXpert labeler); else the nearer of the last negation cue ("no", "not", "without",
    "free of", "negative for", "absence of", "resolved", "unlikely"...; "no change" / "unchanged", "has not
-   (completely) resolved", "has not been removed", "partially resolved" are not negations) and the last
+   (completely) resolved", "has not been removed", "partially resolved", "not seen / present on (the) prior /
+   previous / comparison ..." (a new finding) are not negations) and the last
    uncertainty cue ("possible", "may", "could", "questionable", "question" (not "in question"), "suspicious
-   for", "suspicion for", "concern for", "versus", "likely", "borderline", "rule out", "limited evaluation for"
-   within four words of the mention...) before the mention
+   for", "suspicion for", "concern for", "versus", "likely", "borderline", "indeterminate" (not "age-indeterminate"
+   / "indeterminate age", which dates the finding), "rule out", "limited evaluation for" within four words of the
+   mention...) before the mention
    decides: uncertainty cue after the negation cue -> uncertain, negation cue -> negative; else
    post-mention uncertainty ("cannot be excluded", "is possible", "is suspected", "may be present",
    "evaluation for X is limited") -> uncertain, post-mention negation ("is not seen", "has resolved", "has
    cleared", "are absent", "is unlikely"; "unlikely" is a negation as in answer mode, where ``"X: unlikely"``
-   reads "no X"; "has not cleared", "has partially cleared" are not) -> negative; else positive;
+   reads "no X"; "has not cleared", "has partially cleared", "not seen on prior exams" are not) -> negative;
+   else positive;
 4. aggregate per finding over mentions: positive > uncertain > negative > not mentioned (``nan``);
    ``No Finding`` = 0 when any of the 12 pathologies is positive or uncertain, else 1 (in ``"answer"`` mode 1
-   only when the answer says "no finding" / "normal" / "none" or negates at least one pathology, 0 when it
-   says ``"No Finding: no|false|absent|..."``, else ``nan``).
+   only when the answer says "no finding" / "normal" / "none" / ``"Findings: none"`` or negates at least one
+   pathology, 0 when it says ``"No Finding: no|false|absent|..."``, else ``nan``).
 
 Output: float vector ``(14,)``, values 1, 0, -1, nan (see :mod:`medquant.eval.findings`).
 """
@@ -65,10 +69,14 @@ _NO_FINDING_RE = re.compile(r"\b(?:no (?:acute |significant )?(?:findings?|abnor
 # "has not (completely) resolved", "not yet resolved", "has not been removed", "partially resolved": still there
 _NOT_GONE = (r"\b(?:(?:not|never)\s+(?:yet\s+)?(?:been\s+)?(?:completely\s+|fully\s+|entirely\s+|totally\s+)?"
              r"(?:resolved|removed|cleared)|(?:partially|partly|incompletely)\s+(?:resolved|removed|cleared))\b")
+# "not seen / present ... on the prior (study)": a new finding, no negation
+_NOT_ON_PRIOR = (r"\bnot\s+(?:been\s+)?(?:seen|visuali[sz]ed|present|identified|evident|demonstrated|noted|apparent|"
+                 r"appreciated|detected|visible)\s+(?:on|in)\s+(?:the\s+|any\s+)?(?:prior|previous|preceding|earlier|"
+                 r"old|comparison)\b")
 # phrases that look like negation but are not (removed before looking for negation cues)
 _NOT_NEGATION = re.compile(r"\b(?:no (?:significant |interval |appreciable |definite )?(?:change|changes|increase|"
                            r"decrease|progression)(?: in| of| from)?|not (?:significantly )?(?:changed|increased)|"
-                           r"unchanged|to (?:suggest|indicate))\b|" + _NOT_GONE)
+                           r"unchanged|to (?:suggest|indicate))\b|" + _NOT_GONE + "|" + _NOT_ON_PRIOR)
 _HARD_UNCERTAIN = re.compile(r"\b(?:cannot|can not|can't|could not|not) (?:be )?(?:entirely |completely |"
                              r"definitely )?(?:excluded|exclude|ruled out|rule out|differentiated)|"
                              r"\bnot (?:definitely|clearly) excluded\b|\bdifficult to (?:completely |entirely )?exclude\b")
@@ -78,7 +86,7 @@ _UNC_CUE = re.compile(r"\b(?:possible|possibly|probable|probably|likely|may|migh
                       r"(?<!in )question(?: of)?|questioned|suspicious (?:for|of)|suspicion (?:for|of)|suspected|"
                       r"suspect|suggest|suggests|suggestive|suggesting|"
                       r"concern (?:is |was )?for|concerning for|worrisome for|versus|vs|equivocal|borderline|rule out|r/o|"
-                      r"differential|consider|considered|cannot exclude|atypical|uncertain|indeterminate|"
+                      r"differential|consider|considered|cannot exclude|atypical|uncertain|(?<!age-)(?<!age )indeterminate(?! age)|"
                       r"not excluded|may represent|could represent|presumably|presumed)\b")
 _POST_NEG = re.compile(r"^[^.]{0,40}?\b(?:(?:is|are|was|were|has been|have been)\s+)?(?:not (?:seen|identified|"
                        r"present|visualized|evident|appreciated|demonstrated|noted|detected)|absent|resolved|"
@@ -113,11 +121,18 @@ _LIMITED_POST = re.compile(r"^\s*(?:is|are|was|were)\s+(?:somewhat\s+|markedly\s
 _NOT_PULMONARY_PRE = re.compile(r"\b(?:soft[- ]tissues?|subcutaneous|subglottic|chest wall|prevertebral)\s+$")
 _NOT_PULMONARY_POST = re.compile(r"^\s+(?:of|in|within|involving)\s+(?:the\s+)?(?:[a-z]+\s+){0,2}?"
                                  r"(?:soft[- ]tissues?|subcutaneous|chest wall)\b")
-_NOT_GONE_RE = re.compile(_NOT_GONE)
+# masked after a mention before looking for post-mention cues: still there / new since the prior study
+_POST_MASK = re.compile(_NOT_GONE + "|" + _NOT_ON_PRIOR)
 _SENT_SPLIT = re.compile(r"\.(?!\d)|[;!?\n]|\s\d+\)\s|(?:^|\s)\d+\.\s")
-_KEY_VALUE = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*)?([a-z][a-z /()-]+?)\s*[:=-]\s*(yes|no|present|absent|positive|"
-                        r"negative|possible|uncertain|unlikely|not present|none|maybe|likely|probable|true|false)\b",
-                        re.MULTILINE)
+# a "Finding: value" pair starts a line ("Edema: no", "- Edema - no", "2) Edema = no"), or follows a "," or ";"
+# ("Atelectasis: yes, Edema: no") or is an inline numbered item ("1. Cardiomegaly: yes 2. Edema: no") with ":" or
+# "=" (a "-" inside a line is a hyphen: "effusion, right-no pneumothorax"); groups: key (``line_key`` or
+# ``inline_key``) and ``value``
+_KV_KEY = r"[a-z][a-z /()-]+?"
+_KEY_VALUE = re.compile(r"(?:^\s*(?:[-*•]\s*|\d+[.)]\s*)?(?P<line_key>" + _KV_KEY + r")\s*[:=-]|"
+                        r"(?:(?<=[,;])|(?<=\s)(?=\d+[.)]\s))\s*(?:\d+[.)]\s*)?(?P<inline_key>" + _KV_KEY + r")\s*[:=])"
+                        r"\s*(?P<value>yes|no|present|absent|positive|negative|possible|uncertain|unlikely|not present|"
+                        r"none|maybe|likely|probable|true|false)\b", re.MULTILINE)
 _KV_MAP = {"yes": "{}", "present": "{}", "positive": "{}", "true": "{}", "likely": "likely {}",
            "probable": "probable {}", "no": "no {}", "absent": "no {}", "negative": "no {}", "not present": "no {}",
            "none": "no {}", "false": "no {}", "unlikely": "no {}", "possible": "possible {}",
@@ -143,21 +158,27 @@ class Mention:
 
 
 def _normalise(text: str) -> str:
-    # every line break ("\r\n", a lone "\r", "\u2028"... as str.splitlines) becomes "\n", which ends a sentence
+    # every line break ("\r\n", a lone "\r", "\u2028"... as str.splitlines) becomes "\n", which ends a sentence;
+    # every run of other whitespace (tab, no-break space U+00A0, thin space, ideographic space...) one " "
     t = "\n".join(text.lower().replace("\u2019", "'").splitlines())
-    t = re.sub(r"[ \t]+", " ", t)
+    t = re.sub(r"[^\S\n]+", " ", t)
     return t
 
 
+def _key_value(m: re.Match) -> tuple[str, str]:
+    """The key and the phrase template (:data:`_KV_MAP`) of a :data:`_KEY_VALUE` match."""
+    return (m.group("line_key") or m.group("inline_key")).strip(), _KV_MAP[m.group("value")]
+
+
 def _says_no_finding_is_absent(text: str) -> bool:
-    """Whether a normalised answer holds a ``"No Finding: no|false|absent|..."`` line."""
-    return any(_NO_FINDING_KEY.fullmatch(m.group(1).strip()) and _KV_MAP[m.group(2)].startswith("no ")
-               for m in _KEY_VALUE.finditer(text))
+    """Whether a normalised answer holds a ``"No Finding: no|false|absent|..."`` pair."""
+    return any(_NO_FINDING_KEY.fullmatch(key) and value.startswith("no ")
+               for key, value in map(_key_value, _KEY_VALUE.finditer(text)))
 
 
 def _rewrite_key_values(text: str) -> str:
     def repl(m: re.Match) -> str:
-        key, value = m.group(1).strip(), _KV_MAP[m.group(2)]
+        key, value = _key_value(m)
         if _NO_FINDING_KEY.fullmatch(key) and value.startswith("no "):
             return "abnormal."  # "No Finding: no" is not "no finding" (label_text sets No Finding = 0)
         return value.format(key) + "."
@@ -181,7 +202,7 @@ def _clauses(text: str, mode: str) -> list[str]:
 
 def _classify(clause: str, start: int, end: int) -> int:
     before = _NOT_NEGATION.sub(lambda m: "#" * len(m.group(0)), clause[:start])
-    after = _NOT_GONE_RE.sub(lambda m: "#" * len(m.group(0)), clause[end:])
+    after = _POST_MASK.sub(lambda m: "#" * len(m.group(0)), clause[end:])
     if _HARD_UNCERTAIN.search(before):
         return -1
     neg = [m.end() for m in _NEG_CUE.finditer(before)]
@@ -256,7 +277,10 @@ def label_text(text: str, mode: str = "report") -> np.ndarray:
     elif _says_no_finding_is_absent(_normalise(text)):
         vec[0] = 0
     else:
-        explicit = any(_NO_FINDING_RE.search(c) for c in _clauses(_normalise(text), "report"))
+        # on the answer with its key-value pairs rewritten too ("Findings: none" -> "no findings")
+        t = _normalise(text)
+        explicit = any(_NO_FINDING_RE.search(c) for c in _clauses(t, "report") + _clauses(_rewrite_key_values(t),
+                                                                                         "report"))
         vec[0] = 1 if (explicit or np.any(path == 0)) else np.nan
     return vec
 
@@ -283,7 +307,16 @@ def label_reports(texts: Iterable[str], mode: str = "report") -> np.ndarray:
 
     Returns:
         ``(n, 14)`` float array, one :func:`label_text` row per text.
+
+    Raises:
+        TypeError: ``texts`` is a single string (label it with :func:`label_text`, or pass ``[text]``), or one of
+            the texts is not a string.
+        ValueError: an unknown ``mode``.
     """
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"texts must be a sequence of texts, got a single {type(texts).__name__} (pass [text])")
+    if mode not in ("report", "answer"):
+        raise ValueError(f"mode must be 'report' or 'answer', got {mode!r}")
     rows = [label_text(t, mode) for t in texts]
     return np.stack(rows) if rows else np.zeros((0, len(CHEXPERT_FINDINGS)))
 
@@ -294,11 +327,12 @@ def parse_findings(answer: str) -> np.ndarray:
     1 positive, 0 negated, -1 uncertain, nan not mentioned (:func:`label_text` in ``"answer"`` mode).
 
     Accepts comma/line/semicolon separated lists, ``"Finding: yes|no|present|absent|possible"`` key-value
-    answers, numbered lists, synonyms and plurals ("effusions", "enlarged heart"), negation ("no pleural
+    answers (one per line, or several on a line after ``,`` / ``;`` / inline numbers), numbered lists, synonyms and plurals ("effusions", "enlarged heart"), negation ("no pleural
     effusion", "without pneumothorax", "pneumothorax: absent") and uncertainty ("possible", "cannot exclude",
     "may represent"). Every finding name of :func:`medquant.eval.findings.findings_prompt` is recognised.
     Findings the answer does not mention are ``nan``. ``No Finding`` is set from the 12 pathologies when any of
-    them is positive or uncertain; otherwise it is 1 only if the answer says so ("No Finding", "normal", "none"),
+    them is positive or uncertain; otherwise it is 1 only if the answer says so ("No Finding", "normal", "none",
+    "Findings: none") or negates a pathology,
     and 0 when the answer says ``"No Finding: no"`` (or false, absent...).
 
     Args:
