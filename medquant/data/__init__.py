@@ -20,6 +20,7 @@ starts with the DICOM preamble (``DICM`` at byte 128), as PACS exports named ``I
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -223,12 +224,18 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
                       limit: int | None = None, path_column: str = "path", gray: bool = False):
     """Images listed in ``root/index_csv`` (paths relative to ``root``) -> (list of arrays, list of rows).
 
-    With ``index_csv=None`` every image file under ``root`` is loaded (sorted); ``~`` in ``root`` is expanded. ``gray=True`` keeps only the
-    first channel of RGB files whose three channels are identical (grayscale content stored as RGB).
+    With ``index_csv=None`` every image file under ``root`` is loaded (sorted); ``~`` in ``root`` is expanded. The
+    default ``"index.csv"`` is optional: when ``root`` has no ``index.csv`` the folder is scanned as with ``None``
+    (unless a ``split`` is asked for). Any other name must exist: a missing one (a typo) is refused, not replaced
+    by a scan of the whole folder. The rows that are loaded (after ``split``) must name distinct files (paths
+    compared after normalisation, so ``a.png`` and ``./a.png`` are the same file): a duplicate would load the same
+    image twice and is refused. ``gray=True`` keeps only the first channel of RGB files whose three channels are
+    identical (grayscale content stored as RGB).
 
     Args:
         root: the folder.
-        index_csv: name of the index CSV inside ``root`` (None: scan the folder).
+        index_csv: name of the index CSV inside ``root`` (None: scan the folder; the default ``"index.csv"``: use
+            it when it exists, else scan).
         split: keep only this split of the index.
         limit: load at most this many images.
         path_column: the index column holding the paths.
@@ -238,14 +245,22 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
         ``(images, rows)``: the arrays and the index rows (or ``{"path": ...}`` per scanned file).
 
     Raises:
-        FileNotFoundError: ``split`` is given but the index CSV does not exist.
-        ValueError: ``limit`` is negative, or ``split`` is given with ``index_csv=None`` (a scanned folder has no
-            splits).
+        FileNotFoundError: ``split`` is given but the index CSV does not exist, or an ``index_csv`` other than the
+            default ``"index.csv"`` does not exist (the message lists the CSV files ``root`` has).
+        ValueError: ``limit`` is negative, ``split`` is given with ``index_csv=None`` (a scanned folder has no
+            splits), or two loaded rows name the same file (the message names the paths and their CSV lines);
+            for the index itself see :func:`read_index`.
     """
     _check_limit(limit)
     root = _path(root)
+    if index_csv is not None and index_csv != _DEFAULT_INDEX and not (root / index_csv).exists():
+        have = sorted(p.name for p in root.glob("*") if p.is_file() and p.suffix.lower() == ".csv")
+        there = f"the CSV files there: {', '.join(have)}" if have else f"{root} has no CSV file"
+        raise FileNotFoundError(f"index CSV {root / index_csv} not found ({there}); pass index_csv=None to load "
+                                "every image under the folder")
     if index_csv is not None and (root / index_csv).exists():
         rows = read_index(root / index_csv, split=split, path_column=path_column)
+        _refuse_duplicate_paths(root / index_csv, rows, split, path_column)
         files = [root / r[path_column] for r in rows]
     else:
         if index_csv is None and split is not None:
@@ -259,6 +274,25 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
         files, rows = files[:limit], rows[:limit]
     images = [_gray_if_equal_channels(load_image(f)) if gray else load_image(f) for f in files]
     return images, rows
+
+
+_DEFAULT_INDEX = "index.csv"
+
+
+def _refuse_duplicate_paths(csv_path: Path, rows: list[dict], split: str | None, path_column: str) -> None:
+    """Refuse ``rows`` (those of ``csv_path`` kept for ``split``) that name one file twice; the message gives each
+    duplicated path (normalised: ``./a.png`` is ``a.png``) with its CSV lines."""
+    keys = [os.path.normpath(r[path_column]) for r in rows]
+    if len(set(keys)) == len(keys):
+        return
+    lines: dict[str, list[int]] = {}
+    for line, r in enumerate(read_index(csv_path, path_column=path_column), start=2):  # line 1 is the header
+        if split is None or r.get("split") == split:
+            lines.setdefault(os.path.normpath(r[path_column]), []).append(line)
+    where = "; ".join(f"{p!r} at lines {', '.join(map(str, n))}" for p, n in lines.items() if len(n) > 1)
+    in_split = f" in split {split!r}" if split is not None else ""
+    raise ValueError(f"{csv_path} lists the same image more than once{in_split} (duplicate paths: {where}): "
+                     "each loaded row must name a distinct file")
 
 
 def _gray_if_equal_channels(im: np.ndarray) -> np.ndarray:

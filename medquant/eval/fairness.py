@@ -39,12 +39,21 @@ def _as_np(x: Any, name: str) -> np.ndarray:
     except ImportError:  # pragma: no cover
         pass
     a = np.asarray(x)
+    what, ids = (("group id", "group ids must be int64 integers") if name == "groups"
+                 else ("class index", "class ids are 0, 1, ..., n_classes - 1"))
     if a.dtype.kind not in "iub":
-        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            a = a.astype(np.int64)
-        else:
+        if not (a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a))):
             raise TypeError(f"{name} must hold integer labels (use medquant.eval.predictions for logits), "
                             f"got dtype {a.dtype}")
+        # int64 holds [-2^63, 2^63); a float outside wraps to -2^63 in astype, which read as a negative label
+        out = (a < -(2.0 ** 63)) | (a >= 2.0 ** 63)
+        if out.any():
+            raise ValueError(f"{name} holds {int(out.sum())} value(s) out of the range of a {what} (e.g. "
+                             f"{float(a[out].flat[0]):g}; int64 holds -2^63..2^63-1): {ids} (a score or a corrupt "
+                             "label?)")
+    elif a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:  # uint64 past int64 wraps
+        raise ValueError(f"{name} holds the value {int(a.max())}, out of the range of a {what} (int64 holds up to "
+                         f"2^63-1): {ids}")
     return a.astype(np.int64)
 
 
@@ -52,9 +61,9 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float | None =
                 scores: str = "logits") -> np.ndarray:
     """Labels from logits (default) or from probabilities (``scores="probabilities"``).
 
-    * binary ``(N,)`` scores and multi-label ``(N, C)`` scores are thresholded per entry: ``logit > threshold``
-      with ``scores="logits"`` (``threshold`` default 0), ``p > threshold`` with ``scores="probabilities"``
-      (``threshold`` default 0.5). Since ``sigmoid(z) > t`` exactly when ``z > log(t / (1 - t))``, the defaults
+    * binary ``(N,)`` scores and multi-label ``(N, L)`` scores (exactly 2-D, ``L >= 1`` labels) are thresholded
+      per entry: ``logit > threshold`` with ``scores="logits"`` (``threshold`` default 0), ``p > threshold`` with
+      ``scores="probabilities"`` (``threshold`` default 0.5). Since ``sigmoid(z) > t`` exactly when ``z > log(t / (1 - t))``, the defaults
       give the same labels for logits and their sigmoid probabilities.
     * binary / multi-class ``(N, C)`` scores: the argmax over the last axis (the same for logits and their
       softmax probabilities; ``threshold`` is not used).
@@ -78,7 +87,8 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float | None =
         ValueError: an unknown ``task`` or ``scores``, NaN logits (``+-inf`` is accepted), probabilities
             outside ``[0, 1]`` (or NaN), a NaN ``threshold`` or a probability ``threshold`` outside ``[0, 1]``, or
             argmax scores that are not ``(N, C)`` with ``C >= 2`` (a single logit column ``(N, 1)`` is refused:
-            pass it as ``(N,)`` binary logits; ``task="binary"`` needs ``C == 2``).
+            pass it as ``(N,)`` binary logits; ``task="binary"`` needs ``C == 2``), or multi-label scores that are
+            not ``(N, L)`` with ``L >= 1`` (``(N,)`` is refused: one score per sample is ``task="binary"``).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
@@ -100,6 +110,11 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float | None =
         bad = z[~((z >= 0) & (z <= 1))]
         raise ValueError(f"scores='probabilities' needs values in [0, 1], got {bad.size} outside (e.g. "
                          f"{float(bad.flat[0])}): pass logits with scores='logits'")
+    if task == "multilabel" and (z.ndim != 2 or z.shape[1] < 1):
+        hint = (" (one score per sample is a binary task: pass task='binary' for (N,) scores, or reshape to (N, 1) "
+                "for a single label)") if z.ndim == 1 else ""
+        raise ValueError(f"multilabel scores must be (N, L) with L >= 1 (one column per label), got "
+                         f"{z.shape}{hint}")
     if task == "multilabel" or (task == "binary" and z.ndim == 1):
         if threshold is None:
             threshold = 0.5 if probabilities else 0.0
@@ -296,8 +311,9 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
 
     Raises:
         ValueError: lengths that differ, group ids that are not one per sample (a matrix), multi-label matrices
-            with no column, an unknown task, or labels that do not fit the task (a negative class id, a class id
-            >= ``n_classes``, ``n_classes != 2`` for a binary task).
+            with no column, an unknown task, labels or group ids out of the int64 range of a class index (a float
+            such as ``1e20``, a ``uint64`` past ``2^63 - 1``), or labels that do not fit the task (a negative class
+            id, a class id >= ``n_classes``, ``n_classes != 2`` for a binary task).
     """
     yt, yp, g = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred"), _as_np(groups, "groups")
     if yt.shape != yp.shape:
@@ -376,8 +392,9 @@ def balanced_accuracy(y_true: Any, y_pred: Any, task: str | None = None) -> floa
         The mean per-class recall (multi-label: mean over labels of the mean of TPR and TNR).
 
     Raises:
-        ValueError: ``y_true`` and ``y_pred`` differ in shape, an unknown task, or a task that does not fit the
-            label shape.
+        ValueError: ``y_true`` and ``y_pred`` differ in shape, an unknown task, a task that does not fit the
+            label shape, or labels out of the int64 range of a class index (``1e20``, a ``uint64`` past
+            ``2^63 - 1``).
         TypeError: labels that are not integers.
     """
     yt, yp = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred")

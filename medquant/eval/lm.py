@@ -98,6 +98,24 @@ def _checked_batch(b: Any, i: int) -> Mapping[str, Any]:
     return b
 
 
+def _model_device(model: Any) -> torch.device | None:
+    """Where ``model`` takes its inputs: the device of its input embedding's weight (``get_input_embeddings()``,
+    the first layer a token meets, also under a multi-device ``device_map``), else of its first parameter; None
+    for a model without parameters or on the ``meta`` device (offloaded weights: the model's hooks place inputs)."""
+    device = None
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            weight = getattr(get(), "weight", None)
+        except (NotImplementedError, AttributeError):
+            weight = None
+        if isinstance(weight, torch.Tensor):
+            device = weight.device
+    if device is None and isinstance(model, torch.nn.Module):
+        device = next((p.device for p in model.parameters()), None)
+    return None if device is None or device.type == "meta" else device
+
+
 def _logits(out: Any, ids: torch.Tensor) -> torch.Tensor:
     """The ``(rows, positions, vocab)`` logits in a model's output ``out`` for ``ids`` ``(rows, positions)``.
 
@@ -129,8 +147,10 @@ def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]
     model is called as ``model(**batch)`` in eval mode (dropout off; its training mode is restored afterwards) and
     must return ``.logits`` (a transformers causal LM), a dict with ``"logits"``, a tuple holding the
     ``(rows, positions, vocab)`` logits (``return_dict=False``: ``(logits, ...)`` or ``(loss, logits, ...)``) or the
-    logits tensor itself. A left-padded batch is first moved to right padding (module docstring), so the result
-    does not depend on the padding side or on the batch size.
+    logits tensor itself. Every tensor of a batch is first moved to the model's device: that of its input
+    embedding's weight (``get_input_embeddings()``), else of its first parameter (no move for a model without
+    parameters or with ``meta`` weights), so CPU batches score a GPU model. A left-padded batch is then moved to
+    right padding (module docstring), so the result does not depend on the padding side or on the batch size.
 
     Args:
         model: a causal language model.
@@ -151,14 +171,19 @@ def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]
     was_training = getattr(model, "training", None)
     if was_training is not None:
         model.eval()  # dropout would make the score random
+    device = _model_device(model)
     try:
         for i, b in enumerate(batches):
-            b = _right_padded(dict(_checked_batch(b, i)))
+            b = dict(_checked_batch(b, i))
+            if device is not None:
+                b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+            b = _right_padded(b)
             ids = b["input_ids"]
             logits = _logits(model(**b), ids)[:, :-1].float()
             mask = b.get("attention_mask")
             real = mask != 0 if mask is not None else torch.ones_like(ids, dtype=torch.bool)
             tgt = ids[:, 1:].long().masked_fill(~(real[:, 1:] & real[:, :-1]), -100)  # context, target both real
+            tgt = tgt.to(logits.device)  # a model split over devices returns its logits on the last one
             nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                                            ignore_index=-100, reduction="sum"))
             count += int((tgt != -100).sum())
