@@ -332,8 +332,8 @@ def _describe(x: Any) -> str:
 def _check_ids(ids: Any, batch_size: int, what: str) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or \
             ids.shape[0] != batch_size or ids.shape[1] < 1 or ids.device.type != "cpu":
-        raise ValueError(f"{what} must be a CPU integer tensor (batch {batch_size}, tokens >= 1) as the decoder was "
-                         f"compiled for batch_size={batch_size}, got {_describe(ids)}")
+        raise ValueError(f"{what} must be a CPU integer tensor (int64 or int32; batch {batch_size}, tokens >= 1) as "
+                         f"the decoder was compiled for batch_size={batch_size}, got {_describe(ids)}")
     return ids.long()
 
 
@@ -467,6 +467,10 @@ class AOTDecoder:
         """The longest prompt chunk (1 when the decoder has the step program only)."""
         return self.chunks[-1] if self.chunks else 1
 
+    def _check_open(self) -> None:
+        if not self._programs:
+            raise ValueError("this decoder was closed (close() dropped its programs): compile or load it again")
+
     def _ids(self, input_ids: Any) -> torch.Tensor:
         # the programs index the embedding table without checking: an id outside it must not reach them
         ids = _check_ids(input_ids, self.batch_size, "input_ids")
@@ -548,9 +552,11 @@ class AOTDecoder:
             The logits ``(batch_size, vocab)`` after the last of them, in the model's dtype.
 
         Raises:
-            ValueError: ``input_ids`` not a CPU integer ``(batch_size, n >= 1)`` tensor of ids below
-                :attr:`vocab_size`, more tokens than the cache has positions left, or a bad ``attention_mask``.
+            ValueError: ``input_ids`` not a CPU int64 / int32 ``(batch_size, n >= 1)`` tensor of ids below
+                :attr:`vocab_size`, more tokens than the cache has positions left, a bad ``attention_mask``, or the
+                decoder was closed.
         """
+        self._check_open()
         ids = self._ids(input_ids)
         real = self._real(attention_mask, ids)
         n = ids.shape[1]
@@ -641,8 +647,9 @@ class AOTDecoder:
         Raises:
             ValueError: bad ``input_ids``, ``max_new_tokens`` not an int >= 1 or past ``max_len``, end tokens
                 that are not ints, a pad token (given, the generation config's, or the first end token) outside the
-                embedding table when there are end tokens, bad sampling values.
+                embedding table when there are end tokens, bad sampling values, the decoder was closed.
         """
+        self._check_open()
         ids = self._ids(input_ids)
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -738,7 +745,8 @@ class AOTDecoder:
     def close(self) -> None:
         """Drop the programs and remove their temporary folder; the decoder is unusable afterwards.
 
-        A saved copy stays where it was saved."""
+        :meth:`feed`, :meth:`prefill`, :meth:`generate` and :meth:`save` then raise ``ValueError``. A saved copy
+        stays where it was saved."""
         self._programs.clear()
         self._keep_alive.clear()
         if self._folder is not None:
@@ -854,7 +862,11 @@ def _cache_lengths(cache_lengths: Sequence[int] | None, max_len: int) -> list[in
             out.append(length)
             length *= 2
         return [*out, max_len]
-    lengths = list(cache_lengths)
+    sequence = isinstance(cache_lengths, Sequence) and not isinstance(cache_lengths, (str, bytes))
+    lengths = list(cache_lengths) if sequence else []
+    if not sequence:  # an int (as chunk takes one) or a string: named, not "'int' object is not iterable"
+        raise ValueError(f"cache_lengths must be a sequence of ints in 1..max_len={max_len} (one length: (L,)), or "
+                         f"None, got {cache_lengths!r}")
     bad = [x for x in lengths if not (_is_int(x) and 1 <= x <= max_len)]
     if bad:
         raise ValueError(f"cache_lengths must be ints in 1..max_len={max_len}, got {bad}")
@@ -895,11 +907,11 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
             it, a longer one runs in fewer, larger calls: 128 or 256 prefilled prompts of a few hundred tokens up
             to 1.25x faster than 64, and 40-token prompts at 0.58x / 0.31x (SmolLM2 and a 1.1B model, 2 threads);
             ``(64, 256)`` serves both (each length is one more program per cache length to compile).
-        cache_lengths: cache lengths to compile both programs for, each ``<= max_len`` (``max_len`` is always
-            added): a call writing up to position ``p`` runs the shortest length above ``p``, so its attention
-            reads that many positions instead of ``max_len`` (attention over the whole static cache made SmolLM2
-            decode at 48 tok/s and prefill at 427 with ``max_len=2048``, against 120 and 960 with a cache as long
-            as the sequence). None: 256, 512, 1024, ... below ``max_len``; ``()``: ``max_len`` only. Each length
+        cache_lengths: cache lengths to compile both programs for, a sequence of ints each ``<= max_len`` (one
+            length: ``(L,)``; ``max_len`` is always added): a call writing up to position ``p`` runs the shortest
+            length above ``p``, so its attention reads that many positions instead of ``max_len`` (attention over
+            the whole static cache made SmolLM2 decode at 48 tok/s and prefill at 427 with ``max_len=2048``,
+            against 120 and 960 with a cache as long as the sequence). None: 256, 512, 1024, ... below ``max_len``; ``()``: ``max_len`` only. Each length
             is one step program and one prompt program per chunk length not above it, to compile.
         progress: show a progress bar over the export and compile stages.
 
@@ -1050,6 +1062,13 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{file}: field 'model' has {key!r} {model.get(key)!r}, expected a "
                          f"{'mapping' if kind is dict else 'string'} (the file was edited, cut short, or written "
                          "by an earlier medquant: save the decoder again)")
+    if "model_type" not in model or not (model["model_type"] is None or isinstance(model["model_type"], str)):
+        raise ValueError(f"{file}: field 'model' has 'model_type' {model.get('model_type', '(absent)')!r}, expected a "
+                         "string or null (the file was edited, cut short, or written by an earlier medquant: save "
+                         "the decoder again)")
+    if not all(isinstance(op, str) for op in manifest["ops"]):
+        raise ValueError(f"{file}: field 'ops' is {manifest['ops']!r}, expected a list of operator names (the file "
+                         "was edited or cut short: save the decoder again)")
     for prog in manifest["programs"]:
         if not isinstance(prog, dict) or any(not (_is_int(prog.get(k)) and prog[k] >= 1)
                                              for k in ("tokens", "length")) or any(not isinstance(prog.get(k), str) for k in ("file", "sha256")):
