@@ -46,10 +46,12 @@ The mechanism (POSIX; Linux for the one-time conversion of a real folder):
   kept, and the save warns (:class:`UnreferencedVersionWarning`) naming it and how to remove it.
 
 :func:`resolve` gives the folder a reader should read from: the version folder ``P`` points to at that moment
-(medquant's loaders resolve it once and read every file there, so a save that switches ``P`` meanwhile cannot give
-them a mix; the old version disappears after the switch, which they report and retry). A first save's real folder
-is ``P`` itself: the save that exchanges it makes ``P`` name the new version at once, so
-:func:`medquant.io.checkpoint.load` reads again when ``P`` was switched during its read. To copy a checkpoint use
+(medquant's readers read every file there, so a save that switches ``P`` meanwhile cannot give them a mix; the old
+version disappears after the switch, which fails their read). A first save's real folder is ``P`` itself: the save
+that exchanges it makes ``P`` name the new version at once, so the files read after the switch come from the new
+version. Every medquant reader of a checkpoint (:func:`medquant.io.load`, ``verify``, ``load_extras``,
+``read_metadata``, ``verify_pretrained``, :func:`medquant.prune.load_pruned`) therefore reads through
+:func:`read_stable`: it reads again, whole, when ``P`` was switched during the read. To copy a checkpoint use
 ``cp -rL`` (``cp -r`` copies a symlink itself). A real folder (saved once) is moved, renamed and removed as any
 folder. A version link: ``mv`` of the link within its folder is safe (the link keeps pointing to its sibling
 version folder); to move it into another folder, move the parent folder, or ``cp -rL`` it there and remove the
@@ -68,6 +70,7 @@ import stat
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 try:  # POSIX
     import fcntl
@@ -75,7 +78,9 @@ except ImportError:  # pragma: no cover - Windows: saves are not serialised
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["UnreferencedVersionWarning", "dangling_message", "exchange_paths", "fsync_dir", "fsync_file",
-           "is_version_link", "pending", "replace_directory", "resolve"]
+           "is_version_link", "pending", "read_stable", "replace_directory", "resolve"]
+
+T = TypeVar("T")
 
 _VERSION, _LINK, _OLD, _TMP, _DROP = "v", "link", "old", "tmp", "drop"
 # the version folder of any checkpoint name (a renamed link keeps its target's name), and medquant's own
@@ -180,6 +185,55 @@ def resolve(path: str | os.PathLike) -> Path:
         The folder to read.
     """
     return pending(path) or Path(os.path.realpath(path))
+
+
+def read_stable(path: str | os.PathLike, read: Callable[[Path], T], *, attempts: int = 3,
+                error: Callable[[str], BaseException] = RuntimeError) -> T:
+    """Read a checkpoint whole from one version: ``read(resolve(path))``, read again when ``path`` was switched.
+
+    Each attempt resolves ``path`` (:func:`resolve`) to ``root``, calls ``read(root)``, and resolves ``path``
+    again. When ``path`` still resolves to ``root``, no save switched it during the read (every save publishes a
+    new folder name, so a version never comes back): the attempt's result is returned, or its exception raised.
+    When ``path`` was switched meanwhile, what was read may come from two versions (a first save's real folder is
+    ``path`` itself, which the switch exchanges under the reader), or the read may have failed because the old
+    version was removed: the read starts again with the new version, whether the attempt returned or raised (any
+    ``Exception``; ``KeyboardInterrupt`` and the like end it at once). ``read`` may read from ``root`` or from
+    ``path`` itself (resolving it again): every file it reads between the two resolutions is of one version unless
+    a switch happened, which the second resolution reveals.
+
+    Args:
+        path: the checkpoint path.
+        read: reads the checkpoint, given the folder ``path`` resolved to when the attempt began. It may run
+            ``attempts`` times, so it must start from the same state each time (a caller that changes a model in
+            place puts it back first).
+        attempts: how many times ``read`` runs at most (``>= 1``).
+        error: builds the exception raised when ``path`` was switched during every attempt and the last one
+            returned (its result may mix two versions, so it is not returned); given the message.
+
+    Returns:
+        What ``read`` returned in the first attempt during which ``path`` was not switched.
+
+    Raises:
+        ValueError: ``attempts < 1``.
+        Exception: the exception of the last attempt, when it raised (the path kept switching, or did not switch
+            during that attempt); ``error(...)`` when ``path`` was switched during every attempt and the last one
+            returned.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    for attempt in range(attempts):
+        root = resolve(path)
+        last = attempt == attempts - 1
+        try:
+            value = read(root)
+        except Exception:
+            if not last and resolve(path) != root:
+                continue  # a save switched the path, and may have removed the version being read: read the new one
+            raise
+        if resolve(path) == root:
+            return value
+    raise error(f"{path} was switched to a new version by a save during each of {attempts} reads; what was read "
+                "may mix two versions: read it again once the saves have stopped")
 
 
 def pending(path: str | os.PathLike) -> Path | None:

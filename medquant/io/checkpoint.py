@@ -541,6 +541,9 @@ def _open(directory: str | os.PathLike) -> _Opened:
 def read_metadata(directory: str | os.PathLike) -> dict:
     """``medquant.json`` of a checkpoint, parsed and checked against the schema (no tensor data read, no checksum).
 
+    Read again when a save switched the folder during the read (the version resolved may have been removed
+    meanwhile; :func:`medquant.io.atomic.read_stable`).
+
     Args:
         directory: the checkpoint folder.
 
@@ -550,7 +553,11 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     Raises:
         CheckpointError: the file is missing or does not follow the schema.
     """
-    root = _checkpoint_folder(Path(directory))
+    return atomic.read_stable(directory, lambda root: _read_metadata_once(Path(directory)), error=CheckpointError)
+
+
+def _read_metadata_once(directory: Path) -> dict:
+    root = _checkpoint_folder(directory)
     if not os.path.lexists(root / META_NAME):
         raise CheckpointError(_not_medquant(directory, root))
     try:
@@ -563,7 +570,9 @@ def verify(directory: str | os.PathLike) -> dict:
     """Check a checkpoint without loading it.
 
     Checked: the manifest (every file's size and SHA-256) or, for older saves, the weights' size and SHA-256;
-    ``medquant.json`` against the schema; every recipe against the safetensors header.
+    ``medquant.json`` against the schema; every recipe against the safetensors header. All of one version: a save
+    that switches the folder during the checks makes them run again on the new version
+    (:func:`medquant.io.atomic.read_stable`), so the old manifest is never checked against new files.
 
     Args:
         directory: the checkpoint folder.
@@ -572,9 +581,16 @@ def verify(directory: str | os.PathLike) -> dict:
         The metadata (``medquant.json`` as a dict).
 
     Raises:
-        CheckpointError: what is missing, altered or malformed (raised by the checks).
+        CheckpointError: what is missing, altered or malformed (raised by the checks); or saves switched the folder
+            during each of three reads.
     """
-    return _open(directory).meta.raw
+    return _open_stable(directory).meta.raw
+
+
+def _open_stable(directory: str | os.PathLike) -> _Opened:
+    """:func:`_open`, read again when a save switched the folder during the read (its files are then of one
+    version, :func:`medquant.io.atomic.read_stable`)."""
+    return atomic.read_stable(directory, lambda root: _open(directory), error=CheckpointError)
 
 
 def build_hf_model(directory: Path, meta: Mapping) -> nn.Module:
@@ -834,9 +850,10 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
     Hugging Face models are rebuilt from their saved config into the same class. A plain ``nn.Module`` cannot
     be rebuilt from a file without code: pass ``model``, a float instance of the same architecture; its
     layers are replaced by the saved quantized ones and every tensor is loaded into it (in the saved dtype).
-    A save that switches the folder while it is read makes the load read the new version (whole: also when the
-    folder was a first save's real folder, read at its own path, so that the files read after the switch came from
-    the new version).
+    A save that switches the folder while it is read makes the load read the new version, whole
+    (:func:`medquant.io.atomic.read_stable`: also when the folder was a first save's real folder, read at its own
+    path, so that the files read after the switch came from the new version); a failed read is repeated only
+    when the folder was switched during it.
 
     Args:
         directory: the checkpoint folder.
@@ -853,26 +870,11 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
 
     Raises:
         CheckpointError: the checkpoint is missing, altered, malformed, of a newer format, or does not fit
-            ``model``.
-        AssertionError: never (the retry loop always returns or raises).
+            ``model``; or saves switched the folder during each of three reads
+            (:func:`medquant.io.atomic.read_stable`).
     """
     path = Path(directory)
-    for attempt in range(3):
-        root = atomic.resolve(path)
-        try:
-            loaded = _load_once(path, model, device, strict)
-        except (CheckpointError, OSError):
-            # a save switched the folder meanwhile and removed the version being read: read the new one
-            if attempt < 2 and atomic.resolve(path) != root:
-                continue
-            raise
-        # a save switched the folder while it was read without a read failing: a first save's real folder is read
-        # at its own path, which the next save exchanges for a version link, so the files read after the switch
-        # came from the new version. Read the new version whole.
-        if attempt < 2 and atomic.resolve(path) != root:
-            continue
-        return loaded
-    raise AssertionError("unreachable")  # pragma: no cover
+    return atomic.read_stable(path, lambda root: _load_once(path, model, device, strict), error=CheckpointError)
 
 
 def load_extras(directory: str | os.PathLike) -> dict:
@@ -884,7 +886,7 @@ def load_extras(directory: str | os.PathLike) -> dict:
     Returns:
         The ``extras`` dict given to :func:`save` (empty when none was).
     """
-    return _open(directory).meta.extras
+    return _open_stable(directory).meta.extras
 
 
 # ------------------------------------------------------------------------------------------- transformers folders
@@ -914,7 +916,8 @@ def verify_pretrained(directory: str | os.PathLike, modules: Mapping[str, Any], 
     files are checked when present). ``quantized`` (a pre-quantized checkpoint): each recipe of
     ``quantization_config.modules`` against the schema, and with ``tensors`` against the safetensors headers
     (shapes, dtypes, bits, scheme, scope: every packed buffer present) and no packed tensor in the files for a module
-    the config does not record.
+    the config does not record. The files are all of one version: a save that switches the folder during the checks
+    makes them run again on the new version (:func:`medquant.io.atomic.read_stable`).
 
     Args:
         directory: the folder.
@@ -927,12 +930,19 @@ def verify_pretrained(directory: str | os.PathLike, modules: Mapping[str, Any], 
 
     Raises:
         CheckpointError: a file, recipe or tensor that does not match, or a tensor stored in two weight files (or
-            under two keys that ``key_map`` gives one name).
+            under two keys that ``key_map`` gives one name); or saves switched the folder during each of three
+            reads.
     """
+    atomic.read_stable(directory, lambda root: _verify_pretrained_once(directory, root, modules, quantized, files,
+                                                                       tensors, key_map), error=CheckpointError)
+
+
+def _verify_pretrained_once(directory: str | os.PathLike, root: Path, modules: Mapping[str, Any], quantized: bool,
+                            files: bool, tensors: bool, key_map: Callable[[str], str] | None) -> None:
+    """:func:`verify_pretrained` of the folder ``directory`` resolved to, ``root``."""
     dangling = atomic.dangling_message(directory)
     if dangling is not None:
         raise CheckpointError(dangling)
-    root = atomic.resolve(directory)
     weight_files = _weight_files(root)
     if files:
         try:

@@ -25,7 +25,7 @@ plain ``save_pretrained`` / ``from_pretrained``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -331,6 +331,12 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
     Hugging Face models are rebuilt from the saved config; a plain ``nn.Module`` needs ``model``, a fresh float
     instance of the original (unpruned) architecture.
 
+    The shape table, the config and the tensors are of one version: a save that switches the folder while it is
+    read (the shape table read before the switch, the tensors after it) makes the load read the new version whole
+    (:func:`medquant.io.atomic.read_stable`), starting from ``model`` as it was given (its modules' attributes,
+    parameters, buffers and submodules are put back first; so a given model's unpruned tensors are kept until the
+    load returns, beside the pruned ones).
+
     Args:
         directory: the folder :func:`save_pruned` wrote.
         model: for a plain ``nn.Module``, a fresh instance of the unpruned architecture (resized in place);
@@ -342,9 +348,49 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
 
     Raises:
         CheckpointError: the folder fails verification, has no shape table, holds a plain module and no
-            ``model`` was given, or the saved shapes do not fit the rebuilt model.
+            ``model`` was given, or the saved shapes do not fit the rebuilt model; or saves switched the folder
+            during each of three reads.
     """
     directory = Path(directory)
+    restore = _as_given(model) if model is not None else None
+
+    def read(_root: Path) -> nn.Module:
+        if restore is not None:
+            restore()  # a read again starts from the model as it was given, not as the last read resized it
+        return _load_pruned_once(directory, model, device)
+
+    return atomic.read_stable(directory, read, error=CheckpointError)
+
+
+def _as_given(model: nn.Module) -> Callable[[], None]:
+    """A function that puts ``model`` back as it is now: every module's attributes, parameters, buffers and
+    submodules (the objects, and each tensor's data, shape, dtype and device; values the load copied into them are
+    left, since a read again loads every tensor)."""
+    saved = []
+    for m in model.modules():
+        state = dict(m.__dict__)
+        saved.append((m, state, {k: dict(v) for k, v in state.items() if isinstance(v, dict)},
+                      {k: set(v) for k, v in state.items() if isinstance(v, set)}))
+    tensors = [(t, t.data) for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())
+               if t is not None]
+
+    def restore() -> None:
+        for m, state, dicts, sets in saved:
+            m.__dict__.clear()
+            m.__dict__.update(state)
+            for k, v in dicts.items():
+                state[k].clear()
+                state[k].update(v)
+            for k, w in sets.items():
+                state[k].clear()
+                state[k].update(w)
+        for t, data in tensors:
+            t.data = data
+
+    return restore
+
+
+def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | torch.device) -> nn.Module:
     meta = verify(directory)
     table = meta.get("extras", {}).get("prune")
     if not isinstance(table, dict) or table.get("version") != TABLE_VERSION:
