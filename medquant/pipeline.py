@@ -22,11 +22,12 @@ scales (:mod:`medquant.calibrate.awq`) before quantizing, ``"rtn"`` quantizes pl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ class PruneStage:
 
     ``layer_select`` uses block influence (``1 - cos(block input, block output)`` on calibration tokens,
     :func:`medquant.prune.block_influence`) to set per-layer ratios averaging ``head_ratio`` / ``ffn_ratio``;
-    ``drop_blocks`` drops that many of the least influential blocks.
+    ``drop_blocks`` drops that many of the least influential blocks (or the blocks named). With both, the ratios are
+    allocated over the blocks that remain after dropping (a dropped block takes no share), so the remaining blocks
+    lose ``head_ratio`` / ``ffn_ratio`` of their heads / FFN neurons on average, as asked.
 
     Attributes:
         head_ratio: fraction of attention heads removed per block (average over blocks with ``layer_select``),
@@ -56,8 +59,8 @@ class PruneStage:
         scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
             ``"vision"`` or ``"all"``.
         layer_select: per-layer ratios from block influence instead of one ratio for every block.
-        spread: with ``L`` blocks, the block of influence rank ``k`` (0 = least influential) gets
-            ``ratio * (1 + spread * (1 - 2k / (L - 1)))``; 0 is uniform, at most 1
+        spread: with ``L`` blocks (in scope, after ``drop_blocks``), the block of influence rank ``k``
+            (0 = least influential) gets ``ratio * (1 + spread * (1 - 2k / (L - 1)))``; 0 is uniform, at most 1
             (:func:`medquant.prune.allocate_ratios`).
         drop_blocks: number of whole blocks removed (the least influential ones, an integer >= 0), or the names
             of the blocks to remove (a list of strings).
@@ -221,7 +224,9 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
     the model, and one no-grad step of the training loss on the first training batch (the model's output must have
     logits and the batch a task loss; with ``TrainStage.feature_pairs`` the model's ``hidden_states`` are counted,
     and a pair out of their range is refused: ``-n <= i < n`` for the ``n`` hidden states of the model before
-    pruning).
+    pruning). That check changes nothing: the model runs in eval mode (no BatchNorm statistics updated, each
+    submodule's mode given back) and every random state is restored after it (Python's ``random``, NumPy's global
+    generator, torch's CPU generator and the CUDA generators), so the stages run exactly as they would without it.
 
     Args:
         model: the model to compress (a transformers causal LM or VLM; modified in place).
@@ -264,11 +269,13 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
             assert calib is not None  # _check_before
             scores = block_influence(model, calib, scope=prune.scope, progress=progress)
             res.block_influence = scores
-            if prune.layer_select:
-                heads = allocate_ratios(scores, prune.head_ratio, spread=prune.spread)
-                ffn = allocate_ratios(scores, prune.ffn_ratio, spread=prune.spread)
             if n_drop:
                 drop = least_influential(scores, n_drop)
+            if prune.layer_select:  # over the blocks that remain: a dropped block takes no share of the ratios
+                dropped = set(drop)
+                kept = [s for s in scores if s["block"] not in dropped]
+                heads = allocate_ratios(kept, prune.head_ratio, spread=prune.spread)
+                ffn = allocate_ratios(kept, prune.ffn_ratio, spread=prune.spread)
         pruner = StructuredPruner(heads, ffn, importance=prune.importance, gqa=prune.gqa, scope=prune.scope,
                                   drop_blocks=drop, progress=progress)
         try:
@@ -383,17 +390,22 @@ def _check_before(model: nn.Module, prune: PruneStage | None, train: TrainStage 
 
 
 def _dry_run_loss(model: nn.Module, train: TrainStage, batch: Any) -> None:
-    """The training loss of ``batch`` once, without gradients and without changing the model or the RNG state:
-    a model whose output has no logits, or a batch without a task loss, or a ``TrainStage.feature_pairs`` index out
-    of the model's ``hidden_states``, is refused before any stage runs."""
-    was_training = model.training
+    """The training loss of ``batch`` once, without changing the model or any random state: a model whose output has
+    no logits, or a batch without a task loss, or a ``TrainStage.feature_pairs`` index out of the model's
+    ``hidden_states``, is refused before any stage runs.
+
+    The model runs (once, twice with ``feature_pairs``) in eval mode (BatchNorm running statistics are not updated,
+    dropout draws nothing; every submodule gets its own mode back after), without gradients, and inside
+    :func:`_kept_rng`, so Python's ``random``, NumPy's global generator, torch's CPU generator and the CUDA generators
+    are as they were before: ``compress`` then runs exactly as it would without the check. Forward hooks registered on
+    the model do see these calls."""
+    from .models.runner import eval_mode, main_output, run_model
+
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with _kept_rng(), torch.no_grad(), eval_mode(model):
             # the student's logits (the teacher is a copy of this model: the same forward), and the task loss when
             # it is part of the objective (alpha < 1)
             if train.mode == "distil" and train.alpha >= 1.0:
-                from .models.runner import main_output, run_model
-
                 main_output(run_model(model, batch, unpack_sequences=False), hidden_state=False, first_item=False)
             else:
                 _FineTuner(model)(batch)
@@ -403,8 +415,24 @@ def _dry_run_loss(model: nn.Module, train: TrainStage, batch: Any) -> None:
         raise ValueError(f"the training stage cannot compute its loss on this model and train_data (checked on the "
                          f"first batch before any stage ran; {type(model).__name__}): {type(e).__name__}: {e}"
                          ) from e
+
+
+@contextlib.contextmanager
+def _kept_rng() -> Iterator[None]:
+    """Every random state as it was on entry, restored on exit (also on error): Python's ``random``, NumPy's global
+    generator, torch's CPU generator and, when CUDA is available, the generator of every CUDA device."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
-        model.train(was_training)
+        random.setstate(py)
+        np.random.set_state(npy)
 
 
 def _check_feature_range(model: nn.Module, train: TrainStage, batch: Any) -> None:
