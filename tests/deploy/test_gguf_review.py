@@ -163,28 +163,6 @@ def _gemma3(**over):
     return Gemma3ForCausalLM(Gemma3TextConfig(**kw))
 
 
-def test_gemma3_layer_pattern_llama_cpp_ignores_is_reported(tmp_path):
-    """llama.cpp's gemma3 loader fixes the sliding / full pattern (layer ``i`` full when ``i % 6 == 5``) and the
-    sliding layers' rope base (10000), whatever the file says. transformers' default Gemma 3 layer types (the
-    released checkpoints') follow that pattern: no note. A model whose full layers sit elsewhere (as after dropping
-    a block) or whose local rope base differs runs differently in llama.cpp: the report says which layers / what."""
-    default = _gemma3()
-    types = default.config.layer_types
-    assert [t == "full_attention" for t in types] == [i % 6 == 5 for i in range(6)]  # the reference pattern
-    report = export(default, tmp_path / "a.gguf", format="gguf", tokenizer=False)
-    assert not any("llama.cpp" in n and "pattern" in n for n in report.notes)
-
-    moved = _gemma3(layer_types=["sliding_attention"] * 4 + ["full_attention", "sliding_attention"])
-    report = export(moved, tmp_path / "b.gguf", format="gguf", tokenizer=False)
-    note = [n for n in report.notes if "pattern" in n]
-    assert len(note) == 1 and "[4, 5]" in note[0]
-
-    local = _gemma3(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                                     "sliding_attention": {"rope_type": "default", "rope_theta": 5e4}})
-    report = export(local, tmp_path / "c.gguf", format="gguf", tokenizer=False)
-    assert any("10000" in n and "50000" in n for n in report.notes)
-
-
 @pytest.mark.parametrize("layers", [62, 61])
 def test_gemma3_attention_scale_note_follows_llama_cpp(layers, tmp_path):
     """llama.cpp's gemma3 scales attention by ``1/sqrt(n_embd / n_head)`` when the model has 62 layers (its 27B
