@@ -44,7 +44,7 @@ attention (:func:`shares_position_bias`: the relative position bias computed in 
 added, head by head, in every later block, so a block cannot lose heads alone; T5's FFN neurons are pruned). MoE experts stored as 3-D
 weights (one module for all experts, transformers 5) are named by :attr:`Block.experts` (:mod:`medquant.prune`
 removes each expert's neurons); a shared expert MLP beside them is the block's FFN.
-Encoder-decoder language models (BART in Florence-2, T5 in BLIP-2 Flan-T5, T5Gemma, T5Gemma 2) give two stacks:
+Encoder-decoder language models (BART in Florence-2, T5 in BLIP-2 Flan-T5, T5Gemma, T5Gemma 2, bert2bert) give two stacks:
 the encoder's blocks, then the decoder's.
 """
 from __future__ import annotations
@@ -54,8 +54,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .introspect import _find_layers, language_model_layers, model_roles, vision_layers
-from .structure import under
+from .introspect import _find_layers, _language_stacks, _side, model_roles, vision_layers
 
 __all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "shares_position_bias", "stack_side",
            "transformer_blocks"]
@@ -175,49 +174,30 @@ class Block:
 def stack_side(stack: str) -> str | None:
     """Which side of an encoder-decoder a block list belongs to, by its name.
 
+    The outermost component decides: the model's own ``encoder`` / ``decoder`` sub-module holds the stack, whatever
+    the stack's class names it inside (bert2bert's decoder is a BERT whose blocks sit in
+    ``decoder.bert.encoder.layer``: decoder side).
+
     Args:
         stack: the block list's module name (``model.decoder.block``, a :attr:`Block.stack`).
 
     Returns:
-        ``"encoder"`` / ``"decoder"``: the innermost of those two dot-separated components of ``stack``; None when
+        ``"encoder"`` / ``"decoder"``: the outermost of those two dot-separated components of ``stack``; None when
         it has neither.
     """
-    return next((c for c in reversed(stack.split(".")) if c in ("encoder", "decoder")), None)
-
-
-def _language_stacks(model: nn.Module, names: list[str]) -> list[list[str]]:
-    """The language blocks as stacks: ``[names]``, or the encoder's blocks then the decoder's when the language
-    model is an encoder-decoder (two outermost block lists under the language role, one inside an ``encoder``, one
-    inside a ``decoder``: BART's ``encoder.layers`` / ``decoder.layers``, T5's ``encoder.block`` /
-    ``decoder.block``, T5Gemma 2's ``encoder.text_model.layers`` / ``decoder.layers``)."""
-    if not names or stack_side(names[0].rpartition(".")[0]) is None:
-        return [names]
-    prefixes = model_roles(model).get("language", [])
-    lists: list[tuple[str, nn.ModuleList]] = []
-    for name, mod in model.named_modules():
-        if (isinstance(mod, nn.ModuleList) and len(mod) and any(under(name, p) for p in prefixes)
-                and not any(under(name, q) for q, _ in lists)):  # outermost: not a list inside a block
-            lists.append((name, mod))
-    by_side: dict[str, tuple[str, nn.ModuleList]] = {}
-    for name, mod in lists:
-        side = stack_side(name)
-        if side is not None:
-            by_side.setdefault(side, (name, mod))
-    if len(by_side) < 2:
-        return [names]
-    return [[f"{name}.{i}" for i in range(len(mod))] for name, mod in (by_side["encoder"], by_side["decoder"])]
+    return _side(stack)
 
 
 def _role_stacks(model: nn.Module, roles: Sequence[str]) -> list[tuple[str, list[str]]]:
     """``[(role, block names)]`` for ``roles`` in the given order (``"language"`` / ``"vision"``), empty lists
     included; an encoder-decoder language model gives its encoder stack, then its decoder stack
-    (:func:`_language_stacks`)."""
+    (``language_model_layers(model, side=...)``)."""
     out: list[tuple[str, list[str]]] = []
     for r in roles:
         if r == "vision":
             out.append((r, vision_layers(model)))
         else:
-            out.extend((r, names) for names in _language_stacks(model, language_model_layers(model)))
+            out.extend((r, names) for names in _language_stacks(model) or [[]])
     return out
 
 

@@ -20,10 +20,13 @@ Roles (:data:`ROLES`):
 ``language``
     The decoder body of the language model, including its token embedding and final norm
     (``model.language_model``, ``model.text_model``, ``model`` of a causal LM). A text encoder
-    (``BertModel``, the text tower of ``SiglipModel``) is also ``language``.
+    (``BertModel``, the text tower of ``SiglipModel``) is also ``language``, and so are both stacks of an
+    encoder-decoder (T5, BART: :func:`language_model_layers` lists the encoder's blocks then the decoder's).
 ``head``
     The output head: ``lm_head`` of causal LMs and VLMs, ``classifier`` / ``score`` of classification
-    models, ``pooler`` / pooling ``head`` of encoders.
+    models, ``pooler`` / pooling ``head`` of encoders, and what runs between the body's last hidden state and the
+    logits (BERT's ``cls.predictions.transform``, ELECTRA's ``generator_predictions``, DistilBERT's
+    ``vocab_transform``) or the embedding (AltCLIP's text ``transformation``).
 
 Detection
 ---------
@@ -349,18 +352,71 @@ def _find_layers(model: nn.Module, prefixes: list[str]) -> list[str] | None:
     return [f"{best[1]}.{i}" for i in range(len(best[2]))]
 
 
-def language_model_layers(model: nn.Module) -> list[str]:
-    """Names of the language model's blocks (entries of its layer ``ModuleList``), in order.
+def language_model_layers(model: nn.Module, side: str | None = None) -> list[str]:
+    """Names of the language model's blocks (entries of its layer ``ModuleList``), in forward order.
+
+    An encoder-decoder language model (T5, BART, bert2bert's ``EncoderDecoderModel``, FSMT, Florence-2's BART, T5Gemma)
+    has two block stacks, both in the ``language`` role: its blocks are the encoder's, then the decoder's (the
+    stacks of :func:`medquant.models.block_stacks`); ``side`` picks one of them, ``"decoder"`` being the stack that
+    generates. Which stack is which is read from the names (:func:`medquant.models.blocks.stack_side`: the outermost
+    ``encoder`` / ``decoder`` component of the stack's name).
 
     Args:
         model: the model.
+        side: ``None`` (every language block), ``"encoder"`` or ``"decoder"`` (that stack of an encoder-decoder).
 
     Returns:
-        E.g. ``["model.language_model.layers.0", "model.language_model.layers.1"]``; ``[]`` when the model
-        has no language role.
+        E.g. ``["model.language_model.layers.0", "model.language_model.layers.1"]``, or for T5
+        ``["encoder.block.0", ..., "decoder.block.0", ...]``; ``[]`` when the model has no language role.
+
+    Raises:
+        ValueError: ``side`` is not ``None``, ``"encoder"`` or ``"decoder"``, or it is given for a model whose
+            language blocks are one stack (a decoder-only LM, a text encoder), where no side can be told apart.
     """
+    if side not in (None, "encoder", "decoder"):
+        raise ValueError(f"side must be None, 'encoder' or 'decoder', got {side!r}")
+    stacks = _language_stacks(model)
+    if side is None:
+        return [n for names in stacks for n in names]
+    if len(stacks) < 2:
+        raise ValueError(f"{type(model).__name__}: side={side!r} needs an encoder-decoder language model with an "
+                         f"encoder stack and a decoder stack; its language blocks are "
+                         f"{'one stack' if stacks else 'none'} (use side=None)")
+    return stacks[0] if side == "encoder" else stacks[1]
+
+
+def _side(stack: str) -> str | None:
+    """``"encoder"`` / ``"decoder"``: the outermost of those two dot-separated components of ``stack``, else None
+    (bert2bert's decoder keeps its blocks in ``decoder.bert.encoder.layer``: BERT names its stack ``encoder``)."""
+    return next((c for c in stack.split(".") if c in ("encoder", "decoder")), None)
+
+
+def _language_stacks(model: nn.Module) -> list[list[str]]:
+    """The language blocks as stacks: ``[]`` without a language role; ``[blocks]`` (the shallowest block list under
+    the role); or the encoder's blocks then the decoder's when the language model is an encoder-decoder (the
+    shallowest list has a side, and the outermost block lists under the role include one of each side: BART's
+    ``encoder.layers`` / ``decoder.layers``, T5's ``encoder.block`` / ``decoder.block``, T5Gemma 2's
+    ``encoder.text_model.layers`` / ``decoder.layers``, bert2bert's ``encoder.encoder.layer`` /
+    ``decoder.bert.encoder.layer``)."""
     prefixes = model_roles(model).get("language", [])
-    return (_find_layers(model, prefixes) or []) if prefixes else []
+    names = (_find_layers(model, prefixes) or []) if prefixes else []
+    if not names:
+        return []
+    if _side(names[0].rpartition(".")[0]) is None:
+        return [names]
+    lists: list[tuple[str, nn.ModuleList]] = []
+    for name, mod in model.named_modules():
+        if (isinstance(mod, nn.ModuleList) and len(mod) and any(_under(name, p) for p in prefixes)
+                and not any(_under(name, q) for q, _ in lists)):  # outermost: not a list inside a block
+            lists.append((name, mod))
+    by_side: dict[str, tuple[str, nn.ModuleList]] = {}
+    for name, mod in lists:
+        side = _side(name)
+        if side is not None:
+            by_side.setdefault(side, (name, mod))
+    if len(by_side) < 2:
+        return [names]
+    return [[f"{name}.{i}" for i in range(len(mod))] for name, mod in (by_side["encoder"], by_side["decoder"])]
 
 
 def vision_layers(model: nn.Module) -> list[str]:

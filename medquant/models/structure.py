@@ -4,17 +4,22 @@ Used by :func:`medquant.models.model_roles` for every architecture outside its t
 steps, cheapest first (no forward pass unless they leave weights undecided):
 
 1. **Anchors.** The *language model* is the module that owns the token embeddings
-   (``model.get_input_embeddings()``, an ``nn.Embedding``; for a dual encoder, the text tower's, or when that
+   (``model.get_input_embeddings()``, an ``nn.Embedding`` or a module holding exactly one, as Kyutai
+   speech-to-text's table of text and audio-codebook tokens; for a dual encoder, the text tower's, or when that
    method fails (OWL-ViT, GroupViT) the tower's ``nn.Embedding`` of ``config.vocab_size`` rows) and the
    decoder / encoder stack beside them: the smallest ancestor of the embedding that holds a non-empty
    ``nn.ModuleList`` of blocks (a list of embedding tables, MarkupLM's xpath embeddings, is no stack). The *head*
    is ``model.get_output_embeddings()`` (``lm_head``) when it lies outside the language model (when that is an
    ``nn.Embedding``, as FSMT's decoder table, the shallowest ``nn.Linear`` of the same ``[vocab, hidden]`` shape
    beside it: FSMT's ``output_projection``), or a child named ``classifier`` / ``score`` / ``head`` / ``pooler`` /
-   ``generation_head`` / ``visual_projection`` / ``text_projection``.
+   ``generation_head`` / ``visual_projection`` / ``text_projection``, or one that runs between the body's output and
+   the logits or embedding, as BERT's ``cls.predictions.transform`` does: a name ending in ``predictions``
+   (ELECTRA's ``generator_predictions`` / ``discriminator_predictions``), DistilBERT's ``vocab_transform`` /
+   ``vocab_layer_norm``, AltCLIP's text ``pre_LN`` / ``transformation`` (its text projection).
 2. **Sub-models and names.** Walking the tree from the root, a sub-model (a ``PreTrainedModel``) whose
    ``config`` is the parent's ``vision_config`` / ``vq_config`` is vision, ``qformer_config`` is projector,
-   ``text_config`` is language, ``audio_config`` is an audio part (no role, reported). Other modules are
+   ``text_config`` is language, ``audio_config`` / ``codec_config`` is an audio part (no role, reported: Kyutai
+   speech-to-text's Mimi ``codec_model``). Other modules are
    placed by their attribute name: ``vision_tower``, ``visual``, ``vision_model``, ``vqmodel``,
    ``img_processor`` ... are vision; ``projector``, ``connector``, ``aligner``, ``merger``, ``qformer``,
    ``embed_vision``, ``mm_projector``, ``language_projection``, ``image_to_text_projection``,
@@ -50,7 +55,9 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
    (``logit_scale`` of a dual encoder is head) are reported by ``unassigned_parameters``.
 
 A model whose token embeddings or image path cannot be found raises :class:`UnsupportedArchitectureError`
-saying what was found and how to select modules with explicit patterns instead.
+saying what was found, why no token embedding anchors it (what ``get_input_embeddings()`` raised or returned;
+projections of a Linear class of the model's own, not ``nn.Linear``: IBert's ``QuantEmbedding`` / ``QuantLinear``,
+Canine's hashed code-point embeddings) and how to select modules with explicit patterns instead.
 """
 
 from __future__ import annotations
@@ -69,7 +76,11 @@ class UnsupportedArchitectureError(ValueError):
 
 # attribute names (last component of a module name), matched as substrings, checked in this order
 _HEAD_NAMES = ("lm_head", "classifier", "score", "head", "pooler", "generation_head", "visual_projection",
-               "text_projection", "logit_scale", "logit_bias", "fc_norm", "cls")
+               "text_projection", "logit_scale", "logit_bias", "fc_norm", "cls",
+               # what runs between the body's last hidden state and the logits / embedding, as BERT's
+               # cls.predictions.transform: DistilBERT's vocab_transform / vocab_layer_norm, AltCLIP's text
+               # pre_LN / transformation (its text_projection); ELECTRA's *_predictions: any name ending "predictions"
+               "vocab_transform", "vocab_layer_norm", "transformation", "pre_ln")
 _PROJECTOR_HINTS = ("projector", "connector", "aligner", "merger", "qformer", "query_tokens", "embed_vision",
                     "mm_proj", "multi_modal", "multimodal_proj", "resampler", "image_newline", "language_projection",
                     "image_to_text", "img_projection", "generation_embeddings", "visual_embeddings_table",
@@ -78,13 +89,13 @@ _VISION_HINTS = ("vision", "visual", "vqmodel", "vq_model", "img_processor", "im
 # hints that also name parts of a tower: trusted outside the language model and on its direct children only
 # (UDOP's patch_embed), never deeper (an unnamed tower's own patch embedding must not split it)
 _WEAK_VISION_HINTS = ("patch_embed", "pixel")
-_OTHER_HINTS = ("audio", "speech", "sound")
+_OTHER_HINTS = ("audio", "speech", "sound", "codec")
 _LANGUAGE_HINTS = ("language_model", "text_model", "llm", "text_decoder")
 _OTHER = "_other"  # an audio (or other non-image) encoder: no role, reported as unassigned
 
 # config attributes naming sub-configs, by role
 _CONFIG_ROLES = (("qformer", "projector"), ("vision", "vision"), ("vq", "vision"), ("visual", "vision"),
-                 ("image", "vision"), ("audio", _OTHER), ("speech", _OTHER), ("text", "language"),
+                 ("image", "vision"), ("audio", _OTHER), ("speech", _OTHER), ("codec", _OTHER), ("text", "language"),
                  ("language", "language"), ("llm", "language"))
 _IMAGE_ARGS = ("pixel_values", "images", "image_pixel_values", "pixel_values_images")
 
@@ -127,7 +138,7 @@ def make_disjoint(found: dict[str, list[str]], modules: dict[str, nn.Module]) ->
 
 def _name_role(attr: str, weak: bool = True) -> str | None:
     low = attr.lower()
-    if low in _HEAD_NAMES or low == "fc" or "classifier" in low or low.endswith("_head"):
+    if low in _HEAD_NAMES or low == "fc" or "classifier" in low or low.endswith(("_head", "predictions")):
         return "head"
     vision = _VISION_HINTS + _WEAK_VISION_HINTS if weak else _VISION_HINTS
     for hints, role in ((_PROJECTOR_HINTS, "projector"), (_OTHER_HINTS, _OTHER), (vision, "vision"),
@@ -164,8 +175,10 @@ def _has_weights(module: nn.Module) -> bool:
 
 
 def _token_embedding(model: nn.Module, by_vocab: bool = False) -> nn.Module | None:
-    """``model.get_input_embeddings()`` when it is an ``nn.Embedding``; with ``by_vocab``, when that method fails
-    (OWL-ViT's text tower), the first ``nn.Embedding`` of ``config.vocab_size`` rows inside ``model``."""
+    """``model.get_input_embeddings()`` when it is an ``nn.Embedding``, or the single ``nn.Embedding`` inside the
+    module it returns (Kyutai speech-to-text wraps its table of text and audio-codebook tokens); with ``by_vocab``,
+    when that method fails (OWL-ViT's text tower), the first ``nn.Embedding`` of ``config.vocab_size`` rows inside
+    ``model``."""
     try:
         emb = model.get_input_embeddings()  # type: ignore[operator]
     except (NotImplementedError, AttributeError, TypeError):
@@ -173,7 +186,28 @@ def _token_embedding(model: nn.Module, by_vocab: bool = False) -> nn.Module | No
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if by_vocab and isinstance(vocab, int):
             emb = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab), None)
+    if isinstance(emb, nn.Module) and not isinstance(emb, nn.Embedding):
+        tables = [m for m in emb.modules() if isinstance(m, nn.Embedding)]
+        emb = tables[0] if len(tables) == 1 else None
     return emb if isinstance(emb, nn.Embedding) else None
+
+
+def _no_embedding_reason(model: nn.Module) -> str:
+    """Why no token embedding anchors the language model: what ``get_input_embeddings()`` gave, and projections that
+    are a Linear class of the model's own rather than ``nn.Linear`` (IBert's ``QuantLinear``)."""
+    try:
+        emb = model.get_input_embeddings()  # type: ignore[operator]
+    except (NotImplementedError, AttributeError, TypeError) as e:
+        why = f"get_input_embeddings() raised {type(e).__name__}: the model has no token table to anchor on"
+    else:
+        why = ("get_input_embeddings() returned None" if emb is None else
+               f"get_input_embeddings() returns a {type(emb).__name__}, not an nn.Embedding (nor a module holding one)")
+    own = sorted({type(m).__name__ for m in model.modules() if "linear" in type(m).__name__.lower()
+                  and not isinstance(m, nn.Linear) and getattr(getattr(m, "weight", None), "ndim", 0) == 2})
+    if own:
+        why += (f"; its projections are {', '.join(own)} modules of its own, not nn.Linear, which medquant's "
+                "quantizers and pruner do not replace")
+    return why
 
 
 def _is_stack(module: nn.Module) -> bool:
@@ -409,7 +443,8 @@ def structural_roles(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
     multimodal = is_multimodal(model)
     if language is None:
         if not multimodal and not _takes_images(model):
-            raise _error(model, {}, "no token embedding with a layer stack and no image input")
+            raise _error(model, {}, "no token embedding with a layer stack and no image input ("
+                         + _no_embedding_reason(model) + ")")
         # a vision encoder / classifier: the whole model is vision, around its head
         units: dict[str, str] = {"": "vision"}
         for attr, child in model.named_children():
