@@ -1,27 +1,39 @@
 """Efficiency metrics of a compressed model: average bits, stored bytes, MACs and BOPs.
 
 * ``average_bits(model)`` - parameter-weighted mean nominal bit-width of the Linear / Conv2d weights
-  (:func:`medquant.model_size`'s ``effective_bits``; float layers count their dtype's width).
+  (:func:`medquant.model_size`'s ``effective_bits``; float layers count their dtype's width; the other layers
+  ``count_macs`` counts below - Conv1d / Conv3d, transposed convolutions, transformers' ``Conv1D`` - are not
+  in it).
 * ``stored_bytes(model)`` - every byte a saved model holds (:func:`medquant.model_size`'s ``total_bytes``).
-* ``count_macs(model, *args, **kwargs)`` - one forward pass with hooks on every Linear / Conv2d (float or
-  quantized) on the sample input you give, counting MACs with the real number of tokens / output positions:
-  Linear: ``tokens * in * out`` where ``tokens`` = every leading position of the input (batch x sequence);
-  Conv2d: ``output positions (batch x H_out x W_out) * out_ch * (in_ch / groups) * kh * kw``;
+* ``count_macs(model, *args, **kwargs)`` - one forward pass with hooks on every weight layer (Linear / Conv2d,
+  float or quantized; and the layers ``quantize_`` leaves in floating point: ``nn.Conv1d`` / ``nn.Conv3d``,
+  ``nn.ConvTranspose1d/2d/3d`` and transformers' ``Conv1D`` of GPT-2) on the sample input you give, counting MACs
+  with the real number of tokens / output positions:
+  Linear (and transformers' ``Conv1D``, weight ``in x out``): ``tokens * in * out`` where ``tokens`` = every
+  leading position of the input (batch x sequence);
+  Conv1d / Conv2d / Conv3d: ``output positions (batch x spatial output size) * out_ch * (in_ch / groups) *
+  prod(kernel size)`` (stride, padding and dilation act through the output size);
+  ConvTranspose: ``input positions (batch x spatial input size) * in_ch * (out_ch / groups) * prod(kernel size)``
+  (each input value meets every weight of its group once: the MACs of the convolution it transposes);
   ``nn.MultiheadAttention`` (whose projections run functionally, not as modules) gives two rows:
   ``<name>.in_proj`` = ``query tokens * E * E + key tokens * kdim * E + value tokens * vdim * E`` (the q, k, v
   projections: ``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim`` / ``vdim`` differ from ``E``) and
   ``<name>.out_proj`` = ``query tokens * E * E``. Pass one sample (batch 1) to get per-image numbers. Matmuls
-  that are not Linear / Conv2d (attention scores) are not counted: they have no weights to quantize.
+  without weights (attention scores, ``q @ k^T`` and ``attn @ v``) are not counted.
 * ``bops(...)`` = ``sum over layers of MACs * weight bits * activation bits``; a mixed-precision layer uses the
-  mean of its row bit-widths (every row has the same MACs). ``act_bits`` defaults to 32: FairQuant quantizes
+  mean of its row bit-widths (every row has the same MACs; pruned rows count 0 bits, float rows 16 / 32); a
+  layer medquant did not quantize uses its weight tensor's bits per weight: the dtype width of a float layer
+  (32, or 16 for fp16 / bf16), 4 for QLoRA's bitsandbytes NF4 ``Linear4bit`` (two codes per uint8; absmax
+  constants not counted, as medquant's scales are not). ``act_bits`` defaults to 32: FairQuant quantizes
   weights only.
-* ``proxy_bops(model)`` - the authors' proxy: one MAC per weight (``params * weight bits * act bits``; an
-  ``nn.MultiheadAttention``'s in-projection weights count as one more layer). It ignores
-  the number of tokens of a ViT and the output positions of a convolution, so it understates those layers by the
-  token count; medquant reports ``bops`` and, for comparison only, this proxy.
+* ``proxy_bops(model)`` - the authors' proxy: one MAC per weight (``params * weight bits * act bits`` over the
+  layers ``count_macs`` counts; an ``nn.MultiheadAttention``'s in-projection weights count as one more layer).
+  It ignores the number of tokens of a ViT and the output positions of a convolution, so it understates those
+  layers by the token count; medquant reports ``bops`` and, for comparison only, this proxy.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -56,16 +68,34 @@ def stored_bytes(model: nn.Module) -> int:
     return model_size(model).total_bytes
 
 
+def _params(m: nn.Module) -> int:
+    """Weights of a non-medquant layer: ``in * out`` for a Linear (its weight tensor may be packed: bitsandbytes'
+    ``Linear4bit`` holds two 4-bit codes per uint8), else the weight tensor's size."""
+    if isinstance(m, nn.Linear):
+        return m.in_features * m.out_features
+    return cast(torch.Tensor, m.weight).numel()
+
+
 def _weight_bits(m: nn.Module) -> float:
-    """Mean nominal bits per weight of a Linear / Conv2d (quantized: row bits; float: dtype width)."""
+    """Mean nominal bits per weight of a weight layer: quantized, its row bits; otherwise the weight tensor's bits
+    per weight, ``numel * dtype width / weights`` (the dtype width for a float layer, 4 for a bitsandbytes NF4
+    ``Linear4bit`` whose uint8 tensor packs two codes)."""
     if isinstance(m, QUANT_MODULES):
         return float(m.row_bits().double().mean())  # float64: a float32 mean of e.g. 41/6 is off by 1e-8
     w = cast(torch.Tensor, m.weight)  # a parametrized (fake-quant) layer still reports its float dtype here
-    return float(w.element_size() * 8)
+    return w.numel() * w.element_size() * 8 / max(_params(m), 1)
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear with its weight stored ``in x out`` (checked by name: no import)."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+
+
+_FLOAT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)  # _ConvNd: Conv1d/2d/3d and ConvTranspose1d/2d/3d
 
 
 def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv2d) + QUANT_MODULES)
+    return isinstance(m, _FLOAT_LAYERS + QUANT_MODULES) or _is_hf_conv1d(m)
 
 
 def _in_proj_weights(m: nn.MultiheadAttention) -> list[torch.Tensor]:
@@ -83,13 +113,15 @@ def _in_proj_bits(m: nn.MultiheadAttention) -> float:
 
 @dataclass
 class LayerCost:
-    """One Linear / Conv2d layer's cost in a forward pass (a row of :func:`count_macs`).
+    """One weight layer's cost in a forward pass (a row of :func:`count_macs`).
 
     Attributes:
         name: the module name.
         kind: the module class name (``"Linear"``, ``"Conv2d"``, ``"QuantLinear"``...).
-        macs: multiply-accumulates in the forward pass on the given input.
-        weight_bits: mean nominal bits per weight (row bits for quantized layers, the dtype width otherwise).
+        macs: multiply-accumulates in the forward pass on the given input, every output row counted (the pruned,
+            0-bit rows of a quantized layer too: :func:`bops` weighs them by their 0 bits).
+        weight_bits: mean nominal bits per weight (row bits for quantized layers, pruned rows 0; otherwise the
+            weight tensor's bits per weight: the dtype width, 4 for a bitsandbytes NF4 ``Linear4bit``).
         params: weight parameters.
     """
 
@@ -109,11 +141,11 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
         **kwargs: the forward keyword inputs.
 
     Returns:
-        One :class:`LayerCost` per Linear / Conv2d layer that ran, and two (``<name>.in_proj``,
+        One :class:`LayerCost` per weight layer that ran (module docstring), and two (``<name>.in_proj``,
         ``<name>.out_proj``) per ``nn.MultiheadAttention`` that ran.
 
     Raises:
-        ValueError: the model has no Linear / Conv2d layer.
+        ValueError: the model has no weight layer (Linear, convolution, ``nn.MultiheadAttention``) to count.
     """
     rows: dict[str, LayerCost] = {}
     hooks = []
@@ -121,13 +153,20 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
     def hook(name):
         def fn(mod, inp, out):
             y = out if isinstance(out, torch.Tensor) else out[0]
-            if isinstance(mod, (nn.Conv2d, QuantConv2d)):
-                k = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+            if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+                per_input = (mod.out_channels // mod.groups) * math.prod(mod.kernel_size)
+                macs = inp[0].numel() * per_input  # input positions * in_ch * (out_ch / groups) * kernel
+                params = mod.in_channels * per_input
+            elif isinstance(mod, (nn.modules.conv._ConvNd, QuantConv2d)):
+                k = (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
                 macs = y.numel() * k  # positions * out_ch * k
                 params = mod.out_channels * k
+            elif _is_hf_conv1d(mod):  # weight (in, out)
+                macs = y.numel() * mod.weight.shape[0]
+                params = mod.weight.numel()
             else:
                 macs = y.numel() * mod.in_features  # tokens * out * in
-                params = mod.out_features * mod.in_features
+                params = mod.out_features * mod.in_features  # not weight.numel(): a packed NF4 weight is half that
             add(name, type(mod).__name__, macs, _weight_bits(mod), params)
         return fn
 
@@ -157,7 +196,7 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
         elif _is_layer(m) and id(m) not in inside:
             hooks.append(m.register_forward_hook(hook(name)))
     if not hooks:
-        raise ValueError(f"{type(model).__name__} has no Linear / Conv2d / MultiheadAttention layers to count")
+        raise ValueError(f"{type(model).__name__} has no Linear / convolution / MultiheadAttention layers to count")
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -171,7 +210,7 @@ def bops(model: nn.Module, *args: Any, act_bits: int = 32, **kwargs: Any) -> flo
     """``sum_layers MACs * weight bits * act_bits`` for one forward pass on the given input.
 
     Args:
-        model: the model (quantized layers count their row bits, float layers their dtype width).
+        model: the model (quantized layers count their row bits, float layers their dtype width, NF4 layers 4).
         *args: the forward inputs.
         act_bits: activation bits.
         **kwargs: the forward keyword inputs.
@@ -185,8 +224,8 @@ def bops(model: nn.Module, *args: Any, act_bits: int = 32, **kwargs: Any) -> flo
 def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
     """The authors' proxy ``sum_layers params * weight bits * act_bits`` (ignores tokens / output positions).
 
-    Linear / Conv2d layers count their weights; an ``nn.MultiheadAttention`` also counts its in-projection
-    weights (its ``out_proj`` is a Linear, counted as such).
+    The layers :func:`count_macs` counts (Linear, convolutions, transformers' ``Conv1D``) count their weights; an
+    ``nn.MultiheadAttention`` also counts its in-projection weights (its ``out_proj`` is a Linear, counted as such).
 
     Args:
         model: the model.
@@ -199,8 +238,8 @@ def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
     for m in model.modules():
         if isinstance(m, QUANT_MODULES):
             total += float(m.row_bits().double().sum()) * m.k * act_bits
-        elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            total += m.weight.numel() * _weight_bits(m) * act_bits
+        elif _is_layer(m):
+            total += _params(m) * _weight_bits(m) * act_bits
         elif isinstance(m, nn.MultiheadAttention):
             total += sum(w.numel() * w.element_size() * 8 for w in _in_proj_weights(m)) * act_bits
     return total

