@@ -33,6 +33,15 @@ errors are means over every output element of every calibration call,
 
 so calibration batches of different sizes count in proportion to their size.
 
+A layer or block that the forward calls several times per batch (one module applied to several tensors, or bound
+under several names that are all used) is calibrated on every call, as GPTQ's Hessian collects every use: each
+call's input and target (the float model's output of that call) is one calibration call, exactly as if its input
+had been a calibration batch of its own (same seed: the same rounding), so the Adam steps draw from, and the errors
+above and the activation range cover, the calls of every use. A call keeps its own inputs and output only (per
+batch, a single call's worth times the number of calls). Whether a batch's forward can stop at the unit's call is
+decided on the first batch, as GPTQ does: a unit it calls exactly once is captured from its first call of each batch
+(the rest of the model is not run); any other unit from every call of each batch's whole forward.
+
 Padding: in a dict calibration batch with a 2-D ``attention_mask``, the padding positions (mask 0) are not
 calibration data. Where a block's output is ``(batch, tokens, features)`` with the mask's ``(batch, tokens)``, their
 rows are left out of the reconstruction loss (the mean over the real rows), of both errors above (and so of the
@@ -60,7 +69,7 @@ import copy
 import itertools
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -378,9 +387,15 @@ def _no_cache(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any]) -> list[_Call]:
+def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], every_call: bool = False
+                   ) -> list[_Call]:
     """(args, kwargs without a KV cache, float output, the batch's :func:`token_mask`) of every call of the block
-    on the calibration batches."""
+    on the calibration batches, in call order (batch by batch, the calls of a batch in the order the forward makes
+    them).
+
+    ``every_call=False``: each batch's forward is stopped at the block's first call (for a block called once per
+    batch: the rest of the model is not run). ``every_call=True``: each batch's forward runs through and every call
+    of the block is kept (a shared layer or block), one entry per call, each holding that call's tensors only."""
     block = model.get_submodule(block_name)
     calls: list[_Call] = []
     mask: list[torch.Tensor | None] = [None]  # the token mask of the batch being run
@@ -388,7 +403,8 @@ def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any]) ->
     def hook(mod, args, kwargs, out):
         calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), _no_cache(kwargs),
                       _first_tensor(out).detach(), mask[0]))
-        raise _StopForward
+        if not every_call:
+            raise _StopForward
 
     h = block.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -477,22 +493,34 @@ def _check_blocks(model: nn.Module, blocks: Sequence[str] | None) -> list[str]:
     return out
 
 
-def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any]) -> list[str]:
+def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any]) -> tuple[list[str], dict[str, int]]:
     """The units in the order of their first call on the first batch (units it does not call after them, in the
-    order of their first call on the later batches, which are run only while some unit is still uncalled).
+    order of their first call on the later batches, which are run only while some unit is still uncalled), and how
+    many times the first batch's forward calls each unit (0: not called there; > 1: a shared layer or block).
 
     Raises:
         ValueError: a unit that no calibration batch calls (checked here, before the model changes).
     """
     units = list(units)
     order: list[str] = []
-    handles = [model.get_submodule(u).register_forward_pre_hook(
-        lambda mod, args, u=u: order.append(u) if u not in order else None) for u in units]
+    counts = dict.fromkeys(units, 0)
+    first = [True]  # counting the calls of the first batch
+
+    def make(u: str):
+        def hook(mod, args):
+            if u not in order:
+                order.append(u)
+            if first[0]:
+                counts[u] += 1
+        return hook
+
+    handles = [model.get_submodule(u).register_forward_pre_hook(make(u)) for u in units]
     what = ", ".join(units[:3]) + (", ..." if len(units) > 3 else "")
     try:
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 _run_batch(model, batch, i, what)
+                first[0] = False
                 if len(order) == len(units):
                     break
     finally:
@@ -503,7 +531,7 @@ def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any
         raise ValueError(f"block {missing[0]} received no calibration inputs: the model's forward did not call it on "
                          f"any calibration batch ({len(missing)} unit(s) never called: {', '.join(missing[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}); skip it or give batches that reach it")
-    return order
+    return order, counts
 
 
 def _rtn_(layers: Mapping[str, _Rounding]) -> None:
@@ -614,7 +642,7 @@ def adaround_quantize_(
     unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
     _check_real_tokens(batches, [u for u in units if u not in unmasked])
     with eval_mode(model):  # one forward on the first batch: a batch that does not fit the model fails here
-        ordered = _forward_order(model, units, batches)
+        ordered, counts = _forward_order(model, units, batches)
     if fold_bn:
         fold_batchnorm_(model)
     records: dict[str, dict[str, Any]] = {}
@@ -623,7 +651,7 @@ def adaround_quantize_(
     try:
         _run_units(model, ordered, units, unmasked, plan, batches, records, aliases, iters=iters, lr=lr, reg=reg,
                    warmup=warmup, seed=seed, act_bits=act_bits, act_symmetric=act_symmetric, target=target,
-                   progress=progress)
+                   progress=progress, every_call={u for u, c in counts.items() if c != 1})
     finally:
         for n in records:
             model.get_submodule(n).train(modes[n])
@@ -633,15 +661,19 @@ def adaround_quantize_(
 def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, list[str]], unmasked: Any,
                plan: Mapping[str, QuantConfig], batches: Sequence[Any], records: dict[str, dict[str, Any]],
                aliases: Mapping[int, list[str]], *, iters: int, lr: float, reg: float, warmup: float, seed: int,
-               act_bits: int | None, act_symmetric: bool, target: str, progress: bool) -> None:
-    """Reconstruct the units in order (in eval mode), adding each layer's record to ``records`` as it is swapped."""
+               act_bits: int | None, act_symmetric: bool, target: str, progress: bool,
+               every_call: Collection[str] = ()) -> None:
+    """Reconstruct the units in order (in eval mode), adding each layer's record to ``records`` as it is swapped.
+    The units of ``every_call`` (not called exactly once by the first batch) are captured on every call of each
+    batch; the others' forwards stop at their first call."""
     with eval_mode(model):
         reference = copy.deepcopy(model) if target == "float" else None
         gen = torch.Generator().manual_seed(seed)
         for unit in tqdm(ordered, desc="learned rounding", disable=not progress, leave=False):
-            calls = _capture_block(model, unit, batches)
+            every = unit in every_call
+            calls = _capture_block(model, unit, batches, every)
             if reference is not None:  # the float model's outputs of this block (its own, float inputs)
-                ref_calls = _capture_block(reference, unit, batches)
+                ref_calls = _capture_block(reference, unit, batches, every)
                 if len(ref_calls) != len(calls):
                     raise ValueError(f"block {unit}: called {len(calls)} times by the quantized model but "
                                      f"{len(ref_calls)} times by the float model on the same batches")
