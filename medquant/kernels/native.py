@@ -50,6 +50,11 @@ codes widened to float32 and multiplied by FMA, ``x~`` the input itself (or roun
 ``x`` as 16-bit integers per 32 columns multiplied with the codes by ``vpmaddwd``, as with AVX512-VNNI (and, opt-in,
 int8, :data:`INT8_XMODE`: ``x`` as 8-bit integers per 128 columns against the code bytes of 4-bit containers by
 ``vpmaddubsw``);
+a row of ``x`` holding a NaN or an infinity (found by its group sums ``sum_{j in g} x~[i, j]``, which every form
+computes: not finite) is computed again after the kernel as ``F.linear(x, W)`` does, ``y[i, r] = sum_j x[i, j]
+W[r, j]`` with ``W = (u - z) * s`` in float32 and float32 products and sums, so that its outputs are NaN, ``+inf``
+and ``-inf`` where torch's are (the factored sum would give NaN throughout: ``inf - inf``, ``0 * inf``); the other
+rows are not touched.
 :func:`native_status` reports ``gemv4`` / ``gemv4_bf16`` / ``gemv_stream`` / ``gemv_avx2``. Two operators wrap it for
 ``torch.compile``: ``medquant::gemv4`` (the weight's tensors as arguments) and ``medquant::gemv4_bound`` (a bound
 matmul named by its handle, an integer: what a compiled decode step calls, holding no weight tensors).
@@ -736,8 +741,12 @@ class NativeGemv4:
     (:data:`INT8_XMODE`, int8, where :attr:`int8_form` and the codes sit in 4-bit containers; else as 3), per
     activation block ``a`` of 128 columns (or the largest of 64 and 32 dividing the group)
     ``t[i, a] = max_{j in a} |x[i, j]| / 127`` and ``x~ = t * round_half_even(x / t)``, the codes times the 8-bit
-    integers summed exactly (``vpmaddubsw``, ``vpmaddwd``), each block's sum scaled by ``t s``. ``y`` is float32, or
-    bfloat16 (the float32 sum rounded once)
+    integers summed exactly (``vpmaddubsw``, ``vpmaddwd``), each block's sum scaled by ``t s``. In every mode a row of
+    ``x`` with a NaN or an infinity (its group sums not finite) is then computed again as ``F.linear(x, W)`` does:
+    ``y[i, r] = sum_j x[i, j] W[r, j]``, ``W = (u - z) * s`` the float32 dequantized weight, ``x`` itself, float32
+    products and sums (NaN where a NaN enters, an infinity meets a zero weight or infinities of both signs meet;
+    ``+inf`` / ``-inf`` with the sign of ``x[i, j] W[r, j]`` elsewhere; the factored sum would give NaN throughout);
+    the other rows are not touched. ``y`` is float32, or bfloat16 (the float32 sum rounded once)
     for a bfloat16 ``x``. None when the C function declines (reported once): the caller then runs another path.
     ``$MEDQUANT_NATIVE`` is read when it is built (:func:`native_gemv4`), not at each call. It reads medquant's
     packed codes in place (no copy of the weight), and the scales and zero points too where they are float16 or

@@ -126,6 +126,17 @@ static inline float param_z(const mq_params *p, int64_t i) {
     return (p->sz & 2) ? f16_to_f32(((const uint16_t *)p->z)[i]) : ((const float *)p->z)[i];
 }
 
+/* code j of a row stored as a stream of `bits`-bit codes, lowest bits first (every layout is one: containers of
+ * 1, 2, 4 and 8 bits hold 8 / bits codes per byte, the lowest column in the lowest bits); reads no byte past
+ * the code's last bit */
+static inline uint32_t code_at(const uint8_t *row, int bits, int64_t j) {
+    const int64_t bit = j * bits, byte = bit / 8;
+    const int sh = (int)(bit % 8);
+    uint32_t v = row[byte];
+    if (sh + bits > 8) v |= (uint32_t)row[byte + 1] << 8;
+    return (v >> sh) & ((1u << bits) - 1u);
+}
+
 /* Dense bit stream: 8 codes of `bits` bits fill `bits` bytes (read as one little-endian integer). */
 static inline __attribute__((always_inline)) void unpack_dense(const uint8_t *restrict b, const int bits,
                                                                int64_t nc, uint8_t *restrict u) {
@@ -331,6 +342,77 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
     return failed ? -4 : 0;
 }
 
+/* Rows of x with a value that is not finite. The factored sum of the matmuls (s * (sum u x~ - z * sum x~), with
+ * x~ split or scaled) makes every output of such a row NaN (inf - inf, 0 * inf, the split's inf - inf), where
+ * x @ W^T in IEEE arithmetic, as torch's F.linear on the dequantized weight computes it, gives +-inf or NaN per
+ * output: for x[i, j] = +inf, +inf where W[r, j] > 0, -inf where W[r, j] < 0, NaN where W[r, j] == 0 or infinities
+ * of both signs meet; NaN everywhere for a NaN. Such a row is found by its group sums xs (m rows of ng, which every
+ * form computes: a sum holding an infinity or a NaN is not finite, as is one of finite values that overflows), so
+ * finite x costs one pass over m * ng floats; each row found is then computed again in float32 as
+ *
+ *     y[i, r] = sum_j x[i, j] * w[r, j],   w[r, j] = (u[r, j] - z[r, g]) * s[r, g]   (g = j / ge)
+ *
+ * with x itself (not x~), w the float32 dequantized weight (PackedWeight.dequantize's), products and sums in
+ * float32 in column order; each weight row dequantized once and shared by the rows found, weight rows split over
+ * threads. Rows of finite x are not touched. Returns 0, or -4 (no memory: y not valid). */
+static __attribute__((unused)) int nonfinite_rows(int bits, const uint8_t *q, int64_t n, int64_t row_bytes,
+                                                  int64_t k, int64_t ge, int64_t ng, const mq_params *prm,
+                                                  const void *x, int xdtype, int64_t m, int64_t xstride,
+                                                  const float *xs, void *y, int ydtype, int64_t ys, int nthreads) {
+    int any = 0;
+    for (int64_t e = 0; e < m * ng; ++e) any |= !isfinite(xs[e]);
+    if (!any) return 0;
+    int64_t *rows = (int64_t *)malloc((size_t)m * sizeof(int64_t)), nbad = 0;
+    if (!rows) return -4;
+    for (int64_t i = 0; i < m; ++i) {
+        int bad = 0;
+        for (int64_t g = 0; g < ng; ++g) bad |= !isfinite(xs[i * ng + g]);
+        if (bad) rows[nbad++] = i;
+    }
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n > 1)
+#endif
+    {
+        float *w = (float *)malloc((size_t)(k > 0 ? k : 1) * sizeof(float));
+        if (w == NULL) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < n; ++r) {
+            if (w == NULL) continue;
+            const uint8_t *row = q + r * row_bytes;
+            for (int64_t j = 0; j < k; ++j) {
+                const int64_t p = r * ng + j / ge;
+                w[j] = ((float)code_at(row, bits, j) - param_z(prm, p)) * param_s(prm, p);
+            }
+            for (int64_t b = 0; b < nbad; ++b) {
+                const int64_t i = rows[b];
+                float acc = 0.0f;
+                if (xdtype) {
+                    const uint16_t *xi = (const uint16_t *)x + i * xstride;
+                    for (int64_t j = 0; j < k; ++j) acc += u2f((uint32_t)xi[j] << 16) * w[j];
+                } else {
+                    const float *xi = (const float *)x + i * xstride;
+                    for (int64_t j = 0; j < k; ++j) acc += xi[j] * w[j];
+                }
+                if (ydtype)
+                    ((uint16_t *)y)[i * ys + r] = bf16_bits(acc);
+                else
+                    ((float *)y)[i * ys + r] = acc;
+            }
+        }
+        free(w);
+    }
+    free(rows);
+    return failed ? -4 : 0;
+}
+
 /* ---------------------------------------------------------------------------------------------------------
  * Weight-only matmul on the packed codes (decode and small batches: the CPU backend's "native<b>" paths), gemv_run
  * (called through mq_call, at the end of this file): 4-bit containers, 8-bit containers, other widths as a bit
@@ -351,7 +433,8 @@ int mq_dequant(const uint8_t *q, int64_t n, int64_t row_bytes, int bits, int den
  * float32 by vdpbf16ps (codes 0..15 turned into bfloat16 by a 16-entry table; split: one product with hi and
  * one with lo per code); otherwise the codes are widened to float32 and multiplied by float32 FMA (x~ = x:
  * split on a CPU without AVX512-BF16 is exact). Products are exact either way (a code has 4 bits, x~ at most
- * 24). Sums are float32 and so is y: the output is not rounded to the activation dtype.
+ * 24). Sums are float32 and so is y: the output is not rounded to the activation dtype. A row of x with a value
+ * that is not finite is then computed again as torch's F.linear does (nonfinite_rows, above); so in the AVX2 form.
  *
  * q: n rows of row_bytes bytes, two codes per byte (column 2t in the low nibble of byte t), kp codes per row
  * (kp even; codes beyond k multiply zeros). s, z: (n, ng) float32, or float16 per sz (mq_params; widened per
@@ -1045,17 +1128,6 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* code j of a row stored as a stream of `bits`-bit codes, lowest bits first (every layout is one: containers of
- * 1, 2, 4 and 8 bits hold 8 / bits codes per byte, the lowest column in the lowest bits); reads no byte past
- * the code's last bit */
-static inline uint32_t code_at(const uint8_t *row, int bits, int64_t j) {
-    const int64_t bit = j * bits, byte = bit / 8;
-    const int sh = (int)(bit % 8);
-    uint32_t v = row[byte];
-    if (sh + bits > 8) v |= (uint32_t)row[byte + 1] << 8;
-    return (v >> sh) & ((1u << bits) - 1u);
-}
-
 /* where column e (0..31) of a block sits in the kernel's order: 4-bit containers, the even columns then the odd
  * ones; other widths, column order */
 static inline int avx2_pos(int bits, int e) { return bits == 4 ? (e & 1) * 16 + e / 2 : e; }
@@ -1469,8 +1541,10 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
             MQ_ROW_TILES(MQ_AVX2_I8);
         }
 #undef MQ_AVX2_I8
+        const int fixed = nonfinite_rows(bits, q, n, row_bytes, k, ge, ng, &prm, x, xdtype, m, xstride, xs, y, ydtype,
+                                         ys, nthreads);
         free(xp), free(xr), free(xt), free(xs);
-        return 0;
+        return fixed;
     }
     if (i8) xmode = 2; /* a value not finite, or a block below 2^-100: x itself, float32 products */
     if (avx2_prep(x, xdtype, m, xstride, k, bits, xmode, ix, ge, ng, xps, xr, xp, xv, xt, xs) != 0) {
@@ -1500,8 +1574,10 @@ static int gemv_avx2_run(int bits, const uint8_t *q, int64_t n, int64_t row_byte
 #undef MQ_AVX2_ROWS
 #undef MQ_AVX2_BITS
 #undef MQ_AVX2_W
+    const int fixed = nonfinite_rows(bits, q, n, row_bytes, k, ge, ng, &prm, x, xdtype, m, xstride, xs, y, ydtype, ys,
+                                     nthreads);
     free(xp), free(xr), free(xt), free(xs);
-    return 0;
+    return fixed;
 }
 #endif
 
@@ -1620,8 +1696,11 @@ static int gemv_run(int bits, const uint8_t *q, int64_t n, int64_t row_bytes, in
     }
 #undef MQ_GEMV_ROWS
 #undef MQ_GEMVS
+    const mq_params prm = {s, z, sz};
+    const int fixed = nonfinite_rows(bits, q, n, row_bytes, k, ge, ng, &prm, x, xdtype, m, xstride, xs, y, ydtype, ys,
+                                     nthreads);
     free(xp), free(xs), free(xq), free(gix), free(pbuf);
-    return 0;
+    return fixed;
 #elif MQ_GEMV_AVX2
     (void)kp;
     return gemv_avx2_run(bits, q, n, row_bytes, k, ge, ng, s, z, sz, x, xdtype, m, xstride, y, ydtype, ys, xmode,
