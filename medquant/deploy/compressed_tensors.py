@@ -41,9 +41,25 @@ a serving runtime needs compressed-tensors embedding support. A quantized head t
 with ``tie_word_embeddings`` set to false.
 
 Every ``Linear`` the medquant model keeps in floating point (a vision tower, a projector, the LM head) is listed in
-the ``ignore`` list of the configuration and stored as float. With ``verify=True`` (default) each packed layer is
-decompressed with the compressed-tensors package's own decompressor and compared with medquant's dequantised weight;
-the report's ``max_abs_error`` is that measured difference.
+the ``ignore`` list of the configuration and stored as float, and so is every float MoE router (a module whose class
+compressed-tensors' ``get_vllm_module_type`` calls ``Linear``: ``*Router*``, ``*Gating*``, ``*Gate``; vLLM builds
+routers as linear layers), as compressed-tensors' own config builder lists them.
+
+The runtime holds ``weight_scale`` in the model's dtype (transformers and vLLM load in the ``config.json`` dtype
+by default): when that is float16 / bfloat16 and some packed layer's scales are not values of it (medquant's float16
+scales in a bfloat16 model), they are rounded on load and the loaded weights differ from medquant's by about one
+rounding of that dtype; the report notes those layers (the rows' ``how`` and ``max_abs_error`` describe the folder
+itself). Scales that are values of the dtype load as medquant's ``dequantized_weight(dtype)`` exactly.
+
+With several config groups (layers of different schemes), the report notes the layers that transformers'
+``CompressedTensorsConfig(dequantize=True)`` loader misreads: it decompresses every layer with ``group_0``'s scheme
+(transformers 5, compressed-tensors 0.20.1), so the other groups' layers load with wrong weights, silently when
+the shapes fit. Its default (compressed) loader and vLLM match each layer to its own group; asymmetric schemes and
+packed embeddings need the ``dequantize=True`` loader, so such an export has no correct transformers load path.
+
+With ``verify=True`` (default) each packed layer is decompressed with the compressed-tensors package's own
+decompressor and compared with medquant's dequantised weight; the report's ``max_abs_error`` is that measured
+difference.
 """
 from __future__ import annotations
 
@@ -51,6 +67,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -300,6 +317,67 @@ def _save_config(model: Any, folder: Path, tied: bool) -> None:
         gen.save_pretrained(str(folder))
 
 
+def _config_dtype(model: Any) -> torch.dtype | None:
+    """The half-precision dtype (float16 / bfloat16) the written ``config.json`` records (``dtype`` /
+    ``torch_dtype``): transformers (``dtype="auto"``, its default) and vLLM (``--dtype auto``) load the model in it;
+    None for float32 or no dtype."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if value in (torch.float16, torch.bfloat16) else None
+
+
+def _representable(scales: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when every scale is a ``dtype`` value. The runtime casts ``weight_scale`` to the model's dtype
+    (compressed-tensors initializes it in the weight's dtype) and computes ``(q - zp) * s`` in it; with
+    representable scales that is medquant's float32 weight rounded once to ``dtype`` (``|q - zp| < 2^8`` times a
+    scale of at most 11 significant bits is exact in float32), i.e. medquant's own ``dequantized_weight(dtype)``."""
+    s = scales.float()
+    return bool(torch.equal(s.to(dtype).float(), s))
+
+
+def _ordered_groups(groups: dict[tuple, list[str]]) -> list[tuple[tuple, list[str]]]:
+    """The config groups in the order they are written (``group_0`` first): most layers first, ties in module
+    order."""
+    return sorted(groups.items(), key=lambda kv: -len(kv[1]))
+
+
+def _vllm_linear(m: nn.Module) -> bool:
+    """True for a module that compressed-tensors / vLLM match as ``Linear``: an ``nn.Linear`` (or a medquant
+    ``QuantLinear``), or a module whose class name makes compressed-tensors' ``get_vllm_module_type`` call it
+    ``"Linear"``: MoE routers (``*Router*``, ``*Gating*``, ``*Gate`` not followed by a lower-case letter, e.g.
+    ``Qwen3MoeTopKRouter``), which vLLM builds as linear layers and compressed-tensors' own config builder
+    (``QuantizationConfig.from_pretrained``) therefore lists in ``ignore`` when they stay float."""
+    if isinstance(m, (nn.Linear, QuantLinear)):
+        return True
+    name = type(m).__name__
+    try:
+        from compressed_tensors.quantization.quant_config import get_vllm_module_type
+    except ImportError:  # the same rule, for a compressed-tensors without the helper
+        return "ExpertMLP" not in name and ("Router" in name or "Gating" in name
+                                            or re.search(r"Gate(?![a-z])", name) is not None)
+    return get_vllm_module_type(name) == "Linear"
+
+
+def _dequantize_loader_note(groups: dict[tuple, list[str]]) -> str | None:
+    """With several config groups, the layers that transformers' ``CompressedTensorsConfig(dequantize=True)``
+    loader misreads: it decompresses every non-expert layer with one scheme, that of the first group whose targets
+    do not name MoE experts (``group_0`` here), so the layers of the other groups load with wrong weights (or fail
+    on a shape), without an error in the first case (transformers 5, compressed-tensors 0.20.1)."""
+    ordered = _ordered_groups(groups)
+    if len(ordered) < 2:
+        return None
+    others = [n for _, names in ordered[1:] for n in names]
+    listed = ", ".join(others[:6]) + (f" ... ({len(others)} layers)" if len(others) > 6 else "")
+    return (f"{len(ordered)} config groups: transformers' CompressedTensorsConfig(dequantize=True) loader "
+            f"decompresses every layer with group_0's scheme, so the layers of the other group(s) ({listed}) load "
+            "with wrong weights, silently when the shapes happen to fit. vLLM, and transformers' default "
+            "(compressed) loader for symmetric schemes, read each layer with its own group; an asymmetric or "
+            "packed-embedding export with several schemes has no correct transformers load path: give every "
+            "layer one scheme for that")
+
+
 def _quantization_config(groups: dict[tuple, list[str]], args: dict[tuple, Any], ignore: list[str],
                          embeddings: set[str] | None = None):
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
@@ -310,7 +388,7 @@ def _quantization_config(groups: dict[tuple, list[str]], args: dict[tuple, Any],
     # embeddings are always named ("Embedding" would also match float embeddings such as a vision tower's)
     linear_groups = sum(1 for names in groups.values() if any(n not in embeddings for n in names))
     config_groups = {}
-    for i, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
+    for i, (key, names) in enumerate(_ordered_groups(groups)):
         tables = [n for n in names if n in embeddings]
         if linear_groups == 1:
             targets = (["Linear"] if len(tables) < len(names) else []) + tables
@@ -409,6 +487,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     groups: dict[tuple, list[str]] = {}
     args: dict[tuple, Any] = {}
     exported_float: dict[str, str] = {}
+    runtime_dtype = _config_dtype(model)
+    rounded_on_load: list[str] = []
     for name, table in tables if embeddings == "float" else ():  # what every runtime reads
         w = table.dequantized_weight(table.weight_dtype).detach().cpu().contiguous()
         tensors[f"{name}.weight"] = w
@@ -452,6 +532,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             note = "; ".join(x for x in (note, (f"weight_scale stored as {scale_dtype}: the runtime computes "
                                          f"(q - zp) * s in {scale_dtype}")) if x)
             err = err if verify else None
+        if runtime_dtype is not None and not _representable(pl.tensors["weight_scale"], runtime_dtype):
+            rounded_on_load.append(name)
         key = pl.scheme_key()
         groups.setdefault(key, []).append(name)
         args[key] = quantization_args(pl)
@@ -463,8 +545,9 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
                           "nothing to export in pack-quantized form")
     # float Linear layers (and quantized layers written as float) are left alone by the runtime
     packed_names = {n for names in groups.values() for n in names}
-    ignore = [n for n, m in model.named_modules()
-              if isinstance(m, (nn.Linear, QuantLinear)) and n not in packed_names]
+    # and float MoE routers, which compressed-tensors / vLLM match as Linear too (compressed-tensors' own builder
+    # lists them)
+    ignore = [n for n, m in model.named_modules() if n not in packed_names and _vllm_linear(m)]
     qconfig = _quantization_config(groups, args, ignore, packed_tables)
     # module order, packed tensors where their layer's float weight would be
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -498,7 +581,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
              + "; ".join(f"{args[k].num_bits}-bit {'sym' if args[k].symmetric else 'asym'} {args[k].strategy}"
                          + (f" {args[k].group_size}" if args[k].group_size else "") + f" ({len(v)} layers)"
                          for k, v in groups.items()),
-             f"ignore list (float Linear layers): {len(ignore)}",
+             f"ignore list (float Linear layers and MoE routers): {len(ignore)}",
              f"{n_other} other tensors (norms, biases, buffers) copied as stored"]
     if dropped:
         notes.append(f"stored once (tied): {', '.join(dropped)}")
@@ -511,6 +594,18 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         notes.append(f"{', '.join(heads)}: tied to a packed embedding in medquant, written as its own packed copy "
                      "(the format has no tied packed weights)")
     notes += fused_scheme_notes(rows)
+    if rounded_on_load:
+        dt = str(runtime_dtype).replace("torch.", "")
+        notes.append(f"config dtype {dt}: runtimes (transformers, vLLM) hold weight_scale in the model's dtype, and "
+                     f"the scales of {len(rounded_on_load)} packed layer(s) ({', '.join(rounded_on_load[:3])}"
+                     f"{' ...' if len(rounded_on_load) > 3 else ''}) are not {dt} values, so they are rounded to "
+                     f"{dt} on load and the loaded weights differ from medquant's by about one {dt} rounding "
+                     f"(the max |err| column measures the folder's own scales). For medquant's exact weights load "
+                     f"in float32 (or float16 with float16 scales), or quantize with QuantConfig(scale_dtype="
+                     f"'{dt}')")
+    loader_note = _dequantize_loader_note(groups)
+    if loader_note:
+        notes.append(loader_note)
     report = ExportReport(FORMAT, str(path), rows, files, notes)
     counts = Counter(r.how for r in rows)
     if counts.get("lossy requantization"):
