@@ -66,13 +66,17 @@ def check_palette(bits: Sequence[int], props: Sequence[float] | None = None) -> 
         ``(sorted bits, proportions in the same order summing to 1, or None)``.
 
     Raises:
-        ValueError: an empty palette, bits outside 1..8 or repeated, or proportions of another length, negative,
-            not finite or all zero.
+        ValueError: an empty palette, bits that are not integers in 1..8 (bools, NaN / inf too) or repeated, or
+            proportions of another length, negative, not finite or all zero.
     """
     if len(bits) == 0:
         raise ValueError("the bit palette is empty; give e.g. bits=(2, 4, 8)")
-    b = [int(x) for x in bits]
-    if any(x != y for x, y in zip(b, bits)) or any(not 1 <= x <= 8 for x in b):
+    try:  # int(inf) raises OverflowError, int(nan) ValueError; bools are not bit-widths
+        b = [int(x) for x in bits]
+    except (TypeError, ValueError, OverflowError):
+        b = []
+    if (len(b) != len(bits) or any(isinstance(x, bool) for x in bits) or any(x != y for x, y in zip(b, bits))
+            or any(not 1 <= x <= 8 for x in b)):
         raise ValueError(f"palette bits must be integers in 1..8, got {list(bits)}")
     if len(set(b)) != len(b):
         raise ValueError(f"palette bits must be distinct, got {list(bits)}")

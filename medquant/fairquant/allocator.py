@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,8 +46,12 @@ _V1_SETTINGS: dict[str, Any] = {"max_batches": 50, "groups": None, "layers": Non
 
 
 def _integral(g) -> bool:
-    """Whether ``g`` is an integer group id (an int, or a number with no fractional part; not a bool)."""
-    if isinstance(g, bool):
+    """Whether ``g`` is an integer group id (an int, or a number with no fractional part).
+
+    Not a bool (Python's, numpy's or a bool tensor's) and not a string (``"1"``): the calibration data's ids
+    (:func:`medquant.fairquant.batches.check_groups`) refuse both.
+    """
+    if isinstance(g, (bool, str, bytes)) or getattr(g, "dtype", None) in (torch.bool, np.bool_):
         return False
     try:
         return float(g).is_integer()
@@ -57,7 +62,8 @@ def _integral(g) -> bool:
 class FairQuantAllocator:
     """Allocate per-scope weight bit-widths from group-conditioned importance.
 
-    Importance per group ``g`` is ``I_g = E[(dL_g/dw * w)^2]`` (``"grape"``) or ``E[|dL_g/dw|]`` (``"gradient"``);
+    Importance per group ``g`` is ``I_g = sum over batches of (dL_g/dw * w)^2`` (``"grape"``) or of ``|dL_g/dw|``
+    (``"gradient"``), ``L_g`` the mean loss of the batch's samples of group ``g`` (:mod:`.importance`);
     the reducer combines the groups' maps into one map ``R`` per layer; each scope (output channel or tensor) is
     scored from ``R`` and the palette bits are given by rank (``proportions``) or to meet ``target_bits``.
 
@@ -84,7 +90,8 @@ class FairQuantAllocator:
     Raises:
         ValueError: an unknown metric, reducer or scope, neither proportions nor a target, an invalid palette, a
             target outside the palette's range, or fewer than two declared groups.
-        TypeError: declared groups that are not integer ids (1.7, True, "a").
+        TypeError: declared groups that are not integer ids (1.7, True, "a", "1"), or ``groups`` / ``layers`` /
+            ``skip`` given as a single string rather than a list (as :func:`medquant.quantize_` refuses ``skip``).
     """
 
     def __init__(
@@ -121,6 +128,10 @@ class FairQuantAllocator:
                     f"target_bits={target_bits} is impossible with the palette {pal}: it must lie between the "
                     f"smallest ({pal[0]}) and the largest ({pal[-1]}) palette bit-width"
                 )
+        for arg, val in (("groups", groups), ("layers", layers), ("skip", skip)):
+            if isinstance(val, (str, bytes)):  # list("10") would be the patterns / ids "1" and "0"
+                what = "integer group ids" if arg == "groups" else "patterns"
+                raise TypeError(f"{arg} must be a list of {what}, not a single string: {arg}=[{val!r}]")
         if groups is not None:  # group ids are integers, as in the data (int() would read 1.7 as group 1)
             bad = [g for g in groups if not _integral(g)]
             if bad:

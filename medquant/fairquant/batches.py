@@ -35,7 +35,7 @@ def per_sample_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample loss ``(N,)``.
 
     Cross-entropy for integer targets ``(N,)``; for float targets of the logits' shape (multi-label), the mean
-    over labels of binary cross-entropy with logits.
+    over labels of binary cross-entropy with logits, computed in the wider of the logits' and the targets' dtypes.
 
     Args:
         outputs: the model's output (``.logits``, a tuple, or the logits tensor).
@@ -52,7 +52,8 @@ def per_sample_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point and targets.shape == logits.shape:
-        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        dt = torch.promote_types(logits.dtype, targets.dtype)  # float16 labels must not lower float32 logits
+        bce = F.binary_cross_entropy_with_logits(logits.to(dt), targets.to(dt), reduction="none")
         return bce.reshape(bce.shape[0], -1).mean(1)
     if targets.dtype.is_floating_point:
         raise ValueError(
@@ -119,7 +120,8 @@ def default_groups(batch: Any) -> torch.Tensor:
 
 def check_groups(groups: Any, n: int) -> torch.Tensor:
     """Validate group ids: a 1-D integer tensor (or a list of ints) with one entry per sample (a column ``(N, 1)``
-    and, for one sample, a scalar are read as such).
+    and, for one sample, a scalar are read as such). An empty batch's ids (``[]``, ``torch.tensor([])``, of any dtype)
+    are an empty int64 tensor: the batch adds nothing to any group.
 
     Args:
         groups: the group ids.
@@ -139,6 +141,8 @@ def check_groups(groups: Any, n: int) -> torch.Tensor:
             raise TypeError(f"group ids must be integers (a 1-D integer tensor or a list of ints, one per sample), "
                             f"got {type(groups).__name__} that is not convertible to a tensor ({e}); map labels "
                             f"such as strings to integer ids first") from None
+    if groups.numel() == 0 and n == 0:  # an empty batch: [] and torch.tensor([]) get torch's default float dtype
+        return torch.zeros(0, dtype=torch.long, device=groups.device)
     if groups.dtype.is_floating_point or groups.dtype == torch.bool or groups.is_complex():
         raise TypeError(f"group ids must be an integer tensor, got dtype {groups.dtype}")
     if groups.dim() == 0 or (groups.dim() == 2 and groups.shape[1] == 1):  # a scalar (one sample), a column (N, 1)
