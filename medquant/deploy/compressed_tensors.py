@@ -57,6 +57,15 @@ With several config groups (layers of different schemes), the report notes the l
 the shapes fit. Its default (compressed) loader and vLLM match each layer to its own group; asymmetric schemes and
 packed embeddings need the ``dequantize=True`` loader, so such an export has no correct transformers load path.
 
+Tensor names are those ``save_pretrained`` writes (the checkpoint names runtimes read), not the in-memory ones:
+transformers 5 converts checkpoint weights on load (per-expert MoE weights fused into 3-D ``experts.gate_up_proj`` /
+``down_proj``, VLM prefixes such as ``language_model.model.`` renamed to ``model.language_model.``) and reverts that
+on save. The float tensors go through transformers' own ``revert_weight_conversion``; a packed layer's tensors
+``<layer>.weight_packed`` etc. get the same renamings; a packed layer whose weight a converter transforms on save is
+refused. ``ignore`` and ``targets`` keep the in-memory module names, which compressed-tensors matches against the
+model transformers builds. Float MoE experts written per expert do not load with transformers' compressed-tensors
+loader (5.25: its expert merge dequantizes packed experts only); the report notes converted tensors.
+
 With ``verify=True`` (default) each packed layer is decompressed with the compressed-tensors package's own
 decompressor and compared with medquant's dequantised weight; the report's ``max_abs_error`` is that measured
 difference.
@@ -378,6 +387,81 @@ def _dequantize_loader_note(groups: dict[tuple, list[str]]) -> str | None:
             "layer one scheme for that")
 
 
+def _reverse_transforms(model: Any) -> tuple[list[Any], list[Any]] | None:
+    """transformers' reverse weight transforms for ``model`` as ``save_pretrained`` builds them
+    (``transformers.core_model_loading.revert_weight_conversion``): the model's ``_weight_conversions`` (set by
+    ``from_pretrained``), else the class's default conversion mapping without legacy renamings and without
+    ``PrefixChange``; reversed in order and each reversed. Returns ``(renamings, converters)``, or None when there is
+    no conversion (or a transformers without weight conversions)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+    except ImportError:
+        return None
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                       if not isinstance(c, PrefixChange)]
+    if not conversions:
+        return None
+    reverse = [c.reverse_transform() for c in conversions[::-1]]
+    return ([c for c in reverse if isinstance(c, WeightRenaming)],
+            [c for c in reverse if isinstance(c, WeightConverter)])
+
+
+def _checkpoint_names(model: Any, tensors: dict[str, torch.Tensor], packed: dict[str, dict[str, torch.Tensor]]
+                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors to write under the names ``save_pretrained`` writes (the checkpoint names runtimes read).
+
+    transformers 5 converts checkpoint weights on load (e.g. per-expert MoE ``experts.{e}.gate_proj.weight`` /
+    ``up_proj`` / ``down_proj`` fused into 3-D ``experts.gate_up_proj`` / ``down_proj``; VLM prefixes such as
+    ``language_model.model.`` renamed to ``model.language_model.``) and ``save_pretrained`` reverts that with
+    ``revert_weight_conversion``. The float tensors ``tensors`` go through that same function. A packed layer's
+    tensors ``<module>.weight_packed`` etc. (``packed``: module name -> local tensors) are renamed with its
+    renamings only, as ``save_pretrained`` renames every key that no converter matches; a layer whose weight a
+    converter transforms (fused, split or permuted in the checkpoint) is refused, as its packed codes cannot be
+    converted.
+
+    Returns ``(tensors by checkpoint name, converted)``: the tensors sorted as ``save_pretrained`` sorts them
+    (transformers' ``dot_natural_key``), and the in-memory names of the float tensors a converter (not a plain
+    renaming) turned into other tensors (e.g. fused MoE experts split per expert)."""
+    transforms = _reverse_transforms(model)
+    if transforms is None:
+        out = {**tensors, **{f"{m}.{k}": t for m, local in packed.items() for k, t in local.items()}}
+        return out, []
+    from transformers.core_model_loading import (
+        apply_converters,
+        apply_renamings,
+        dot_natural_key,
+        revert_weight_conversion,
+    )
+
+    renamings, converters = transforms
+    out = {}
+    for m, local in packed.items():
+        for key in [f"{m}.weight"] + [f"{m}.{k}" for k in local]:
+            _, pattern = apply_converters(key, converters)
+            if pattern is not None:
+                raise ExportError(f"{m}: transformers converts this layer's weight on save ({type(model).__name__}'s "
+                                  f"checkpoint format, pattern {pattern!r}), which packed codes cannot go through; "
+                                  "keep this layer float (skip it when quantizing). Nothing was written")
+        for k, t in local.items():
+            out[apply_renamings(f"{m}.{k}", renamings)] = t
+    try:
+        floats = revert_weight_conversion(model, dict(tensors))
+    except Exception as e:
+        raise ExportError(f"transformers could not revert {type(model).__name__}'s weight conversion on the float "
+                          f"tensors ({type(e).__name__}: {e}), so their checkpoint names are unknown. Nothing was "
+                          "written") from e
+    clash = sorted(set(floats) & set(out))
+    if clash:
+        raise ExportError(f"checkpoint names written twice (float and packed): {', '.join(clash[:4])}; nothing "
+                          "was written")
+    out.update(floats)
+    converted = [k for k in tensors if apply_converters(k, converters)[1] is not None]
+    return dict(sorted(out.items(), key=lambda kv: dot_natural_key(kv[0]))), converted
+
+
 def _quantization_config(groups: dict[tuple, list[str]], args: dict[tuple, Any], ignore: list[str],
                          embeddings: set[str] | None = None):
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
@@ -482,7 +566,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     check_mixed(model, promote, FORMAT)
     _check_config_describes_weights(model)
     tensors, dropped = float_tensors(model)
-    packed_tensors: dict[str, torch.Tensor] = {}
+    packed_tensors: dict[str, dict[str, torch.Tensor]] = {}
     rows: list[LayerExport] = []
     groups: dict[tuple, list[str]] = {}
     args: dict[tuple, Any] = {}
@@ -537,8 +621,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         key = pl.scheme_key()
         groups.setdefault(key, []).append(name)
         args[key] = quantization_args(pl)
-        for local, t in pl.tensors.items():
-            packed_tensors[f"{name}.{local}"] = t
+        packed_tensors[name] = dict(pl.tensors)
         rows.append(LayerExport(name, scheme, pl.target(), how, err, note))
     if not groups:
         raise ExportError("no layer could be packed (every quantized layer is float, pruned or a Conv2d); "
@@ -549,11 +632,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     # lists them)
     ignore = [n for n, m in model.named_modules() if n not in packed_names and _vllm_linear(m)]
     qconfig = _quantization_config(groups, args, ignore, packed_tables)
-    # module order, packed tensors where their layer's float weight would be
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    all_tensors = {**tensors, **packed_tensors}
-    ordered = dict(sorted(all_tensors.items(), key=lambda kv: (order.get(kv[0].rpartition(".")[0], len(order)),
-                                                                 kv[0])))
+    # the names save_pretrained writes (transformers' reverted weight conversions), in its order
+    written, converted = _checkpoint_names(model, tensors, packed_tensors)
     tied = head_is_tied(model)
     with made_folders(path.parent):  # a failed export removes the parent folders it created
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -564,14 +644,14 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
             files = ["config.json"] + (["generation_config.json"] if (tmp / "generation_config.json").exists()
                                        else [])
-            files += _write_shards(ordered, tmp, max_shard, progress_bar)
+            files += _write_shards(written, tmp, max_shard, progress_bar)
             files += copy_tokenizer_files(source_folder(model, source), tmp, skip=files)
             publish_mode(tmp)
             _move_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    rows += _float_rows(model, exported_float, ordered)
+    rows += _float_rows(model, exported_float, tensors)
     order_rows = {n: i for i, (n, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda r: order_rows.get(r.name, len(order_rows)))
     layer_types = (nn.Linear, nn.Conv2d, nn.Embedding, QuantLinear, QuantConv2d, QuantEmbedding)
@@ -583,6 +663,13 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
                          for k, v in groups.items()),
              f"ignore list (float Linear layers and MoE routers): {len(ignore)}",
              f"{n_other} other tensors (norms, biases, buffers) copied as stored"]
+    if converted:
+        notes.append(f"{len(converted)} float tensor(s) ({', '.join(converted[:2])}"
+                     f"{' ...' if len(converted) > 2 else ''}) written in the checkpoint layout save_pretrained "
+                     "writes (transformers' reverted weight conversion, e.g. fused MoE experts split per expert), "
+                     "the layout vLLM reads and Hub checkpoints have. Float MoE experts in that layout do not load "
+                     "with transformers' compressed-tensors loader (transformers 5.25, either mode: its expert "
+                     "merge dequantizes packed experts only); load the folder with vLLM")
     if dropped:
         notes.append(f"stored once (tied): {', '.join(dropped)}")
     if packed_tables:
