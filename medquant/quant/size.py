@@ -6,18 +6,38 @@
   containers, layout 1, which :func:`medquant.save` re-packs densely before writing) plus the JSON metadata recording
   each quantized module's recipe (:func:`medquant.quant.recipe.model_recipe`). A dense 3/5/6/7-bit row group of ``n``
   rows takes ``n * K_pad * b / 32`` int32 words, ``K_pad`` the next multiple of ``lcm(group_size, 32)`` (group
-  scope) or of 32, and ``n * K_pad / group_size`` scales (and zero points) for group scope.
-* ``effective bits`` is the parameter-weighted mean of the nominal bit-widths of the Linear/Conv2d weights:
-  quantized rows count their bits (pruned rows 0), float layers their dtype's width. The 3-D weights of float
+  scope) or of 32, and ``n * K_pad / group_size`` scales (and zero points) for group scope. A bitsandbytes layer
+  counts the tensors its state dict holds, as bitsandbytes saves them: for an NF4 / FP4 ``Linear4bit`` (QLoRA's
+  base, :mod:`medquant.qlora`) the uint8 codes (``in * out / 2`` bytes), ``absmax`` (one float32 a block of 64, or
+  one uint8 with double quantization, plus ``nested_absmax`` - one float32 a block of 256 constants - and the
+  256-entry float32 ``nested_quant_map``), the 16-entry float32 ``quant_map`` and the packed JSON quant state; for
+  an int8 ``Linear8bitLt`` the int8 rows, the float32 ``SCB`` (one a row) and the 1-byte ``weight_format``. A
+  ``Linear4bit`` in bitsandbytes' CPU-packed (AVX512-BF16) layout counts the standard layout its state dict
+  converts back to (what a save writes); the size functions put the packed layout back afterwards.
+* ``effective bits`` is the parameter-weighted mean of the nominal bit-widths of the weights of the weight layers,
+  ``sum(bits_i * params_i) / sum(params_i)``. The weight layers are those :func:`medquant.eval.count_macs` counts:
+  Linear (and its subclasses: bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``), Conv1d / Conv2d / Conv3d,
+  ConvTranspose1d/2d/3d, transformers' ``Conv1D`` (GPT-2) and medquant's quantized Linear / Conv2d; their
+  parameters are ``in * out`` for a Linear (a bitsandbytes NF4 weight tensor packs two codes a byte) and the weight
+  tensor's size otherwise. The nominal bits are the bits of the stored weight codes, per weight, without the
+  per-row / group / block constants: quantized rows count their bits (pruned rows 0; scales and zero points not
+  counted), a layer medquant did not quantize its weight tensor's ``numel * dtype width / params``: the dtype's
+  width for a float layer (32, or 16 for fp16 / bf16; ``quantize_`` leaves Conv1d / Conv3d, transposed
+  convolutions and ``Conv1D`` float), 4 for an NF4 / FP4 ``Linear4bit`` (absmax and quant map not counted, as
+  medquant's scales are not), 8 for an int8 ``Linear8bitLt`` (its ``SCB`` not counted). The 3-D weights of float
   mixture-of-experts modules (``E`` stacked expert matrices, :mod:`medquant.quant.experts`) count as ``E`` float
   linear weights, as their quantized form (:class:`~medquant.quant.experts.QuantExperts`, one quantized linear per
   expert and projection) does: a model whose experts stayed float does not report the bits of its attention alone.
+  ``nn.MultiheadAttention``'s fused in-projection weight (not a layer module) is not counted.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from ..kernels.layout import DENSE_BITS, FORMAT_VERSION
@@ -35,19 +55,22 @@ class SizeReport:
         tensor_bytes: bytes of every tensor of the state dict (packed codes, scales, zero points, bit maps, float
             rows, biases, norms, embeddings), tied tensors counted once.
         metadata_bytes: bytes of the JSON recipes of the quantized modules (0 for a float model).
-        linear_weight_bytes: bytes of the Linear / Conv2d weights, packed or float, biases excluded (float
+        linear_weight_bytes: bytes of the weight layers' weights (module docstring), packed or float, with the
+            stored constants of quantized ones (scales, zero points, bit maps; a bitsandbytes layer's absmax, quant
+            map, quant state, SCB), biases excluded (float experts' 3-D weights included).
+        linear_params: number of weights of the weight layers (``in * out`` for a Linear, NF4 included; float
             experts' 3-D weights included).
-        linear_params: number of Linear / Conv2d weight elements (float experts' 3-D weights included).
-        effective_bits: ``sum(bits_i * params_i) / sum(params_i)`` over the Linear / Conv2d weights (float layers
-            and float experts count their dtype's width, pruned rows 0).
+        effective_bits: ``sum(bits_i * params_i) / sum(params_i)`` over those weights, in nominal bits (module
+            docstring: quantized rows their bits, pruned rows 0, NF4 4, int8 8, float layers and float experts
+            their dtype's width; no constants).
     """
 
     total_bytes: int  # every stored tensor byte + metadata
     tensor_bytes: int
     metadata_bytes: int
-    linear_weight_bytes: int  # bytes of Linear/Conv2d weights (packed or float), biases excluded
-    linear_params: int  # number of Linear/Conv2d weight elements
-    effective_bits: float  # parameter-weighted nominal bits over Linear/Conv2d weights
+    linear_weight_bytes: int  # bytes of the weight layers' weights (packed or float, with constants), no biases
+    linear_params: int  # number of weights of the weight layers
+    effective_bits: float  # parameter-weighted nominal bits over those weights
 
     @property
     def total_mb(self) -> float:
@@ -70,11 +93,17 @@ def model_size(model: nn.Module) -> SizeReport:
 
     Args:
         model: any ``nn.Module``, quantized by medquant or not (a float model reports its float bytes and dtype
-            width).
+            width; bitsandbytes layers their saved tensors and 4 / 8 bits). Left unchanged (a bitsandbytes
+            CPU-packed layout too, see the module docstring).
 
     Returns:
         The :class:`SizeReport`.
     """
+    with _standard_layout(model):
+        return _model_size(model)
+
+
+def _model_size(model: nn.Module) -> SizeReport:
     saved = _saved_sizes(model)
     seen: set[tuple[int, int]] = set()
     tensor_bytes = 0
@@ -96,7 +125,12 @@ def model_size(model: nn.Module) -> SizeReport:
             bit_sum += float(m.row_bits().float().sum()) * m.k
             bias_bytes = m.bias.numel() * m.bias.element_size() if m.bias is not None else 0
             lw_bytes += _layer_bytes(m, saved) - bias_bytes
-        elif isinstance(m, (nn.Linear, nn.Conv2d)) or experts_layout(m) is not None:
+        elif _is_layer(m):
+            w = _weight(m)
+            params += _params(m)
+            bit_sum += w.numel() * w.element_size() * 8  # = params * nominal bits (module docstring)
+            lw_bytes += sum(_nbytes(t) for k, t in _own_tensors(m).items() if k != "bias")
+        elif experts_layout(m) is not None:
             for w in _linear_weights(m).values():
                 params += w.numel()
                 bit_sum += w.numel() * w.element_size() * 8
@@ -114,18 +148,28 @@ def model_size(model: nn.Module) -> SizeReport:
 def layer_table(model: nn.Module) -> list[dict]:
     """One row per weight matrix of the model: name, shape, bits, stored bytes.
 
-    The rows: every Linear/Conv2d (quantized or not), every quantized embedding and every stacked weight of a float
-    experts module (``<module>.gate_up_proj``: its ``E`` expert matrices as ``[E * out, in]``). A head sharing a
-    quantized embedding's tensors shows the shared bytes on both rows. The ``bytes`` of a quantized layer are those
-    :func:`medquant.save` writes for it (3/5/6/7-bit rows at their dense size, see the module docstring).
+    The rows: every weight layer (the module docstring's: Linear, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``,
+    Conv1d/2d/3d, ConvTranspose1d/2d/3d, transformers' ``Conv1D``; quantized or not), every quantized embedding and
+    every stacked weight of a float experts module (``<module>.gate_up_proj``: its ``E`` expert matrices as
+    ``[E * out, in]``). The shape of a layer medquant did not quantize is ``[out, params / out]`` (``out``: output
+    features or channels; ``[out, in]`` for a Linear or ``Conv1D``). A head sharing a quantized embedding's tensors
+    shows the shared bytes on both rows. The ``bytes`` of a layer are those a save writes for it, bias included:
+    for a quantized layer those of :func:`medquant.save` (3/5/6/7-bit rows at their dense size, see the module
+    docstring), for a bitsandbytes layer its state dict's tensors (codes, absmax, quant map, quant state, SCB).
 
     Args:
         model: the model.
 
     Returns:
         A list of dicts with the keys ``name``, ``type``, ``shape`` (``[rows, K]``), ``bits`` (e.g. ``"4"``, or
-        ``"{2: 12 rows, 4: 52 rows}"`` for mixed rows), ``effective_bits`` and ``bytes``, in ``named_modules`` order.
+        ``"{2: 12 rows, 4: 52 rows}"`` for mixed rows; ``"4"`` for NF4), ``effective_bits`` and ``bytes``, in
+        ``named_modules`` order.
     """
+    with _standard_layout(model):
+        return _layer_table(model)
+
+
+def _layer_table(model: nn.Module) -> list[dict]:
     rows = []
     saved = _saved_sizes(model)
     for name, m in model.named_modules():
@@ -133,11 +177,11 @@ def layer_table(model: nn.Module) -> list[dict]:
             rows.append({"name": name, "type": type(m).__name__, "shape": [m.out_rows, m.k],
                          "bits": m._bits_repr().removeprefix("bits="), "effective_bits": m.effective_bits,
                          "bytes": _layer_bytes(m, saved)})
-        elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            w = m.weight
-            rows.append({"name": name, "type": type(m).__name__, "shape": [w.shape[0], w[0].numel()],
-                         "bits": str(w.element_size() * 8), "effective_bits": float(w.element_size() * 8),
-                         "bytes": sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))})
+        elif _is_layer(m):
+            params, out, bits = _params(m), _out_features(m), _weight_bits(m)
+            rows.append({"name": name, "type": type(m).__name__, "shape": [out, params // max(out, 1)],
+                         "bits": f"{bits:g}", "effective_bits": bits,
+                         "bytes": sum(_nbytes(t) for t in _own_tensors(m).values())})
         elif (layout := experts_layout(m)) is not None:  # float experts: a row per stacked weight, E [out, in]
             for pname, w in _linear_weights(m).items():
                 out, k = (w.shape[2], w.shape[1]) if layout["transposed"] else (w.shape[1], w.shape[2])
@@ -147,11 +191,89 @@ def layer_table(model: nn.Module) -> list[dict]:
     return rows
 
 
+#: the weight layers medquant did not quantize (as :mod:`medquant.eval.bops` counts them): ``_ConvNd`` covers
+#: Conv1d/2d/3d and ConvTranspose1d/2d/3d, ``nn.Linear`` bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``
+_FLOAT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear with its weight stored ``in x out`` (checked by name: no import)."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+
+
+def _is_layer(m: nn.Module) -> bool:
+    """A weight layer medquant did not quantize (float, or bitsandbytes-quantized)."""
+    return not isinstance(m, QUANT_LAYERS) and (isinstance(m, _FLOAT_LAYERS) or _is_hf_conv1d(m))
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    w = m.weight  # a parametrized (fake-quant) layer reports its float weight here
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
+def _params(m: nn.Module) -> int:
+    """Weights of a layer medquant did not quantize: ``in * out`` for a Linear (a bitsandbytes ``Linear4bit``
+    packs two 4-bit codes a byte of its weight tensor), else the weight tensor's size."""
+    if isinstance(m, nn.Linear):
+        return m.in_features * m.out_features
+    return _weight(m).numel()
+
+
+def _out_features(m: nn.Module) -> int:
+    """Output features (Linear, ``Conv1D``: its weight is ``in x out``) or channels (convolutions)."""
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.out_channels
+    return _weight(m).shape[-1]
+
+
+def _weight_bits(m: nn.Module) -> float:
+    """Nominal bits per weight of a layer medquant did not quantize: ``numel * dtype width / params`` of its
+    weight tensor (the dtype width of a float layer, 4 for a ``Linear4bit``, 8 for a ``Linear8bitLt``)."""
+    w = _weight(m)
+    return w.numel() * w.element_size() * 8 / max(_params(m), 1)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _own_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's own state-dict entries, submodules excluded: its parameters and buffers and what
+    bitsandbytes adds (``weight.absmax``, ``weight.quant_map``, ..., ``SCB``, ``weight_format``); a parametrized
+    weight (kept under ``parametrizations``) as the layer's computed ``weight``."""
+    own: dict[str, torch.Tensor] = {}
+    m._save_to_state_dict(own, "", True)
+    if "weight" not in own:
+        own["weight"] = _weight(m)
+    return own
+
+
+@contextmanager
+def _standard_layout(model: nn.Module) -> Iterator[None]:
+    """Puts back, on exit, the bitsandbytes CPU-packed layout of the ``Linear4bit`` layers that hold it: their
+    ``_save_to_state_dict`` converts the module itself back to the standard layout (re-quantizing the absmax into
+    the quant state's own fields), which is what a save writes and what the size functions count."""
+    packed = []
+    for m in model.modules():
+        w = m._parameters.get("weight")
+        state = getattr(w, "quant_state", None)
+        if w is not None and getattr(state, "packing_format_for_cpu", False):
+            packed.append((w, w.data, state, dict(vars(state))))
+    try:
+        yield
+    finally:
+        for w, data, state, fields in packed:
+            vars(state).clear()
+            vars(state).update(fields)
+            w.data = data
+            w.quant_state = state  # type: ignore[attr-defined]
+
+
 def _linear_weights(m: nn.Module) -> dict:
-    """``{name: weight}`` of a float Linear / Conv2d (its ``weight``) or of a float experts module (its 3-D
-    stacked expert weights, biases excluded)."""
-    if isinstance(m, (nn.Linear, nn.Conv2d)):
-        return {"weight": m.weight}
+    """``{name: weight}`` of a float experts module: its 3-D stacked expert weights, biases excluded."""
     return {n: p for n, p in m._parameters.items() if p is not None and p.dim() == 3}
 
 
