@@ -99,7 +99,9 @@ MESH_MAP: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
 }
 
 #: Phrases (regular expressions, matched on lower-cased text at word boundaries) that mention each finding.
-#: Shared by the answer parser and the report labeler.
+#: Shared by the answer parser and the report labeler. Plurals / spellings found on the train / dev reports only:
+#: "granulomata" (plural of granuloma), "cavitations", "masslike" (as "mass-like"), "consolidating" (as
+#: "consolidative" / "consolidated"), "portacath" / "portacatheter" (as "port-a-cath").
 FINDING_SYNONYMS: dict[str, tuple[str, ...]] = {
     "No Finding": (r"no (acute )?findings?", r"no finding", r"normal (chest|study|radiograph|exam)",
                    r"no abnormalit(y|ies)"),
@@ -115,11 +117,12 @@ FINDING_SYNONYMS: dict[str, tuple[str, ...]] = {
     "Lung Opacity": (r"opacit(y|ies)", r"opacification", r"infiltrates?", r"airspace (disease|process)",
                      r"air space (disease|process)", r"densit(y|ies)", (r"interstitial (disease|prominence|"
                      r"opacit\w+|infiltrate\w*|lung disease)")),
-    "Lung Lesion": (r"nodules?", r"nodular (density|densities|opacit\w+)", r"masse?s?", r"granulomas?",
-                    r"lesions?", r"cavitary", r"cavitation", r"tumou?rs?", r"neoplasms?", r"carcinoma"),
+    "Lung Lesion": (r"nodules?", r"nodular (density|densities|opacit\w+)", r"masse?s?", r"masslike",
+                    r"granulomas?", r"granulomata", r"lesions?", r"cavitary", r"cavitations?", r"tumou?rs?",
+                    r"neoplasms?", r"carcinoma"),
     "Edema": (r"edema", r"oedema", r"(vascular|pulmonary) congestion", r"congestive heart failure", r"chf",
               r"heart failure", r"fluid overload"),
-    "Consolidation": (r"consolidations?", r"consolidative", r"consolidated"),
+    "Consolidation": (r"consolidations?", r"consolidative", r"consolidated", r"consolidating"),
     "Pneumonia": (r"pneumonias?", r"pneumonitis"),
     "Atelectasis": (r"atelectas[ie]s", r"atelectatic", r"collapse"),
     "Pneumothorax": (r"pneumothora(x|ces|xes)", r"hydropneumothorax"),
@@ -134,7 +137,8 @@ FINDING_SYNONYMS: dict[str, tuple[str, ...]] = {
     # plurals too ("lines and tubes", "catheters"); "lines" is no device after kerley / b / septal / suture / lung
     "Support Devices": ((r"(pace ?makers?|icds?|defibrillators?|catheters?|line|(?<!kerley )(?<!b )(?<!b-)(?<!b- )"
                         r"(?<!septal )(?<!suture )(?<!lung )lines|tubes?|ports?|stents?|wires?|clips?|leads?|devices?|"
-                        r"hardware|valve replacements?|prosthe\w+|piccs?|port-a-caths?|sternotomy wires?)"),),
+                        r"hardware|valve replacements?|prosthe\w+|piccs?|port-a-caths?|portacath(?:eter)?s?|"
+                        r"sternotomy wires?)"),),
 }
 
 
