@@ -115,7 +115,7 @@ def run(args) -> int:
               f"{r['group_size'] or '-'} | {r['bytes']:,} | {r['role'] or '-'} |")
     t = report["totals"]
     print(f"{report['class']}: {report['layers_quantized']} of {report['layers_total']} Linear/Conv2d layers "
-          f"quantized, average bits {t['effective_bits']:.3f}, Linear/Conv2d weight bytes "
+          f"quantized, average bits {t['effective_bits']:.3f}, weight-layer bytes "
           f"{t['linear_weight_bytes']:,}, total bytes {t['total_bytes']:,} ({t['total_mb']:.2f} MiB)")
     return 0
 

@@ -102,7 +102,7 @@ def run(args) -> int:
             b, a = summary[f"{key}_before"], summary[f"{key}_after"]
             print(f"| {label} | {b:,} | {a:,} | {100 * (a / b - 1) if b else 0.0:+.1f}% |")
         print(f"layers quantized: {summary['layers_quantized']} ({args.method}), average bits "
-              f"{summary['average_bits']:.3f} (Linear/Conv2d weights)")
+              f"{summary['average_bits']:.3f} (weight layers)")
         print(f"saved to {out} (reload: import medquant; AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 

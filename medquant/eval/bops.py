@@ -1,9 +1,8 @@
 """Efficiency metrics of a compressed model: average bits, stored bytes, MACs and BOPs.
 
-* ``average_bits(model)`` - parameter-weighted mean nominal bit-width of the Linear / Conv2d weights
-  (:func:`medquant.model_size`'s ``effective_bits``; float layers count their dtype's width; the other layers
-  ``count_macs`` counts below - Conv1d / Conv3d, transposed convolutions, transformers' ``Conv1D`` - are not
-  in it).
+* ``average_bits(model)`` - parameter-weighted mean nominal bit-width of the weights of the layers ``count_macs``
+  counts below (:func:`medquant.model_size`'s ``effective_bits``: quantized rows their bits, float layers their
+  dtype's width, bitsandbytes NF4 4; scales and other per-group constants not included).
 * ``stored_bytes(model)`` - every byte a saved model holds (:func:`medquant.model_size`'s ``total_bytes``).
 * ``count_macs(model, *args, **kwargs)`` - one forward pass with hooks on every weight layer (Linear / Conv2d,
   float or quantized; and the layers ``quantize_`` leaves in floating point: ``nn.Conv1d`` / ``nn.Conv3d``,
@@ -35,17 +34,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..quant.modules import QUANT_MODULES, QuantConv2d
-from ..quant.size import model_size
+from ..quant.size import is_hf_conv1d, is_weight_layer, model_size, weight_layer_bits, weight_layer_params
 
 
 def average_bits(model: nn.Module) -> float:
-    """Effective weight bits per parameter of ``model`` (scales included), as :func:`medquant.quant.model_size`.
+    """Nominal weight bits per parameter of ``model`` (scales not included), as :func:`medquant.quant.model_size`.
 
     Args:
         model: any model, quantized or not.
@@ -68,34 +67,17 @@ def stored_bytes(model: nn.Module) -> int:
     return model_size(model).total_bytes
 
 
-def _params(m: nn.Module) -> int:
-    """Weights of a non-medquant layer: ``in * out`` for a Linear (its weight tensor may be packed: bitsandbytes'
-    ``Linear4bit`` holds two 4-bit codes per uint8), else the weight tensor's size."""
-    if isinstance(m, nn.Linear):
-        return m.in_features * m.out_features
-    return cast(torch.Tensor, m.weight).numel()
-
-
 def _weight_bits(m: nn.Module) -> float:
     """Mean nominal bits per weight of a weight layer: quantized, its row bits; otherwise the weight tensor's bits
-    per weight, ``numel * dtype width / weights`` (the dtype width for a float layer, 4 for a bitsandbytes NF4
-    ``Linear4bit`` whose uint8 tensor packs two codes)."""
+    per weight (:func:`medquant.quant.size.weight_layer_bits`: the dtype width for a float layer, 4 for a
+    bitsandbytes NF4 ``Linear4bit`` whose uint8 tensor packs two codes)."""
     if isinstance(m, QUANT_MODULES):
         return float(m.row_bits().double().mean())  # float64: a float32 mean of e.g. 41/6 is off by 1e-8
-    w = cast(torch.Tensor, m.weight)  # a parametrized (fake-quant) layer still reports its float dtype here
-    return w.numel() * w.element_size() * 8 / max(_params(m), 1)
-
-
-def _is_hf_conv1d(m: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a Linear with its weight stored ``in x out`` (checked by name: no import)."""
-    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
-
-
-_FLOAT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)  # _ConvNd: Conv1d/2d/3d and ConvTranspose1d/2d/3d
+    return weight_layer_bits(m)  # a parametrized (fake-quant) layer still reports its float dtype here
 
 
 def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, _FLOAT_LAYERS + QUANT_MODULES) or _is_hf_conv1d(m)
+    return isinstance(m, QUANT_MODULES) or is_weight_layer(m)
 
 
 def _in_proj_weights(m: nn.MultiheadAttention) -> list[torch.Tensor]:
@@ -161,7 +143,7 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
                 k = (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
                 macs = y.numel() * k  # positions * out_ch * k
                 params = mod.out_channels * k
-            elif _is_hf_conv1d(mod):  # weight (in, out)
+            elif is_hf_conv1d(mod):  # weight (in, out)
                 macs = y.numel() * mod.weight.shape[0]
                 params = mod.weight.numel()
             else:
@@ -239,7 +221,7 @@ def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
         if isinstance(m, QUANT_MODULES):
             total += float(m.row_bits().double().sum()) * m.k * act_bits
         elif _is_layer(m):
-            total += _params(m) * _weight_bits(m) * act_bits
+            total += weight_layer_params(m) * _weight_bits(m) * act_bits
         elif isinstance(m, nn.MultiheadAttention):
             total += sum(w.numel() * w.element_size() * 8 for w in _in_proj_weights(m)) * act_bits
     return total

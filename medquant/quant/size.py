@@ -125,9 +125,9 @@ def _model_size(model: nn.Module) -> SizeReport:
             bit_sum += float(m.row_bits().float().sum()) * m.k
             bias_bytes = m.bias.numel() * m.bias.element_size() if m.bias is not None else 0
             lw_bytes += _layer_bytes(m, saved) - bias_bytes
-        elif _is_layer(m):
+        elif is_weight_layer(m):
             w = _weight(m)
-            params += _params(m)
+            params += weight_layer_params(m)
             bit_sum += w.numel() * w.element_size() * 8  # = params * nominal bits (module docstring)
             lw_bytes += sum(_nbytes(t) for k, t in _own_tensors(m).items() if k != "bias")
         elif experts_layout(m) is not None:
@@ -177,8 +177,8 @@ def _layer_table(model: nn.Module) -> list[dict]:
             rows.append({"name": name, "type": type(m).__name__, "shape": [m.out_rows, m.k],
                          "bits": m._bits_repr().removeprefix("bits="), "effective_bits": m.effective_bits,
                          "bytes": _layer_bytes(m, saved)})
-        elif _is_layer(m):
-            params, out, bits = _params(m), _out_features(m), _weight_bits(m)
+        elif is_weight_layer(m):
+            params, out, bits = weight_layer_params(m), _out_features(m), weight_layer_bits(m)
             rows.append({"name": name, "type": type(m).__name__, "shape": [out, params // max(out, 1)],
                          "bits": f"{bits:g}", "effective_bits": bits,
                          "bytes": sum(_nbytes(t) for t in _own_tensors(m).values())})
@@ -196,14 +196,16 @@ def _layer_table(model: nn.Module) -> list[dict]:
 _FLOAT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
-def _is_hf_conv1d(m: nn.Module) -> bool:
+def is_hf_conv1d(m: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a Linear with its weight stored ``in x out`` (checked by name: no import)."""
     return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
 
 
-def _is_layer(m: nn.Module) -> bool:
-    """A weight layer medquant did not quantize (float, or bitsandbytes-quantized)."""
-    return not isinstance(m, QUANT_LAYERS) and (isinstance(m, _FLOAT_LAYERS) or _is_hf_conv1d(m))
+def is_weight_layer(m: nn.Module) -> bool:
+    """Whether ``m`` is a weight layer medquant did not quantize (float, or bitsandbytes-quantized): an
+    ``nn.Linear``, a convolution (Conv1d/2d/3d, ConvTranspose1d/2d/3d) or transformers' ``Conv1D``; the layers
+    :func:`model_size` and :mod:`medquant.eval.bops` count beside medquant's own quantized ones."""
+    return not isinstance(m, QUANT_LAYERS) and (isinstance(m, _FLOAT_LAYERS) or is_hf_conv1d(m))
 
 
 def _weight(m: nn.Module) -> torch.Tensor:
@@ -212,7 +214,7 @@ def _weight(m: nn.Module) -> torch.Tensor:
     return w
 
 
-def _params(m: nn.Module) -> int:
+def weight_layer_params(m: nn.Module) -> int:
     """Weights of a layer medquant did not quantize: ``in * out`` for a Linear (a bitsandbytes ``Linear4bit``
     packs two 4-bit codes a byte of its weight tensor), else the weight tensor's size."""
     if isinstance(m, nn.Linear):
@@ -229,11 +231,11 @@ def _out_features(m: nn.Module) -> int:
     return _weight(m).shape[-1]
 
 
-def _weight_bits(m: nn.Module) -> float:
+def weight_layer_bits(m: nn.Module) -> float:
     """Nominal bits per weight of a layer medquant did not quantize: ``numel * dtype width / params`` of its
     weight tensor (the dtype width of a float layer, 4 for a ``Linear4bit``, 8 for a ``Linear8bitLt``)."""
     w = _weight(m)
-    return w.numel() * w.element_size() * 8 / max(_params(m), 1)
+    return w.numel() * w.element_size() * 8 / max(weight_layer_params(m), 1)
 
 
 def _nbytes(t: torch.Tensor) -> int:
