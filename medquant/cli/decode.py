@@ -13,8 +13,11 @@ which checks the model's weights and layout against the saved record), or compil
 instead, and generates from each ``--prompt`` (one per row of the decoder's batch; tokenized as ``tok(prompt)``
 gives ``generate`` its tokens, with the tokenizer's BOS token first when it adds one but no other special token;
 shorter prompts are padded on the left with the tokenizer's pad token and masked, as ``generate`` takes a batch):
-greedy, or sampled with ``--temperature`` (and ``--top-k``, ``--top-p``), with an optional
-``--repetition-penalty``, stopping at the end tokens transformers' ``generate`` stops at: those of the model's
+sampled or greedy as the model's ``generation_config`` says (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+``repetition_penalty``, each as transformers' ``generate`` settles it when not given; see
+:meth:`~medquant.quant.aot.AOTDecoder.generate`), sampled with ``--temperature`` (and ``--top-k``, ``--top-p``;
+the config's, else ``generate``'s defaults, for those not given), greedy with ``--greedy``, with an optional
+``--repetition-penalty`` (else the config's), stopping at the end tokens transformers' ``generate`` stops at: those of the model's
 ``generation_config`` (instruct models list several), and the tokenizer's end token; a row that ended before the
 others goes on, in the JSON ``tokens``, with the ``pad_token_id`` of the model's ``generation_config``, else the
 first end token (as ``generate`` pads it; not the tokenizer's pad token), and its text ends at its end token. With
@@ -143,8 +146,10 @@ def run_generate(args) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     ends = _end_tokens(model, tok)
     # finished rows: the decoder's default pad token (the generation config's, else the first end token)
+    # a setting not given (None) is the generation config's, as generate takes it
+    do_sample = False if args.greedy else True if args.temperature is not None else None
     out = decoder.generate(ids, args.max_new_tokens, eos_token_id=ends,
-                           do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
+                           do_sample=do_sample, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                            generator=generator, attention_mask=mask)
     timing = decoder.last_timing
@@ -173,6 +178,8 @@ def run_generate(args) -> int:
 def _check_generate(args, parser) -> None:
     if (args.decoder is None) == (args.max_len is None):
         parser.error("give either --decoder DIR (a decoder saved by compile-decoder) or --max-len N (compile one now)")
+    if args.greedy and args.temperature is not None:
+        parser.error("--greedy and --temperature: give one (greedy, or sampled at a temperature)")
     if args.temperature is not None and not args.temperature > 0:
         parser.error(f"--temperature: expected a value > 0, got {args.temperature}")
     for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)):
@@ -212,12 +219,17 @@ def register(sub) -> None:
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt as a user turn in the tokenizer's chat template (instruct models)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample at this temperature (default: as the model's generation_config says, greedy "
+                        "when it does not sample)")
+    p.add_argument("--greedy", action="store_true",
+                   help="take the most likely token, even where the model's generation_config samples")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample among the most likely tokens holding this probability (0 < p <= 1)")
     p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="> 1 makes tokens already in the text less likely (greedy and sampling; e.g. 1.2)")
+                   help="> 1 makes tokens already in the text less likely (greedy and sampling; e.g. 1.2; "
+                        "default: the generation config's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_generate, check=lambda args: _check_generate(args, p))

@@ -76,7 +76,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -603,19 +603,36 @@ class AOTDecoder:
         return self.feed(input_ids, attention_mask)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 pad_token_id: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids`` followed by up to ``max_new_tokens`` generated tokens, as ``generate`` returns them.
 
         Each token is picked from the last logits ``l`` (in float32) of its row, processed in ``generate``'s order:
 
-        * ``repetition_penalty`` ``r`` (when given and not 1): for every token ``t`` already in the row (prompt
-          included), ``l[t] = l[t] * r`` where ``l[t] < 0``, else ``l[t] / r``;
+        * ``repetition_penalty`` ``r`` (when not 1): for every token ``t`` already in the row (prompt
+          included, its left padding not: as ``generate``), ``l[t] = l[t] * r`` where ``l[t] < 0``, else
+          ``l[t] / r``;
         * greedy: the argmax. With ``do_sample``: ``l / temperature``; then only the ``top_k`` largest kept (the
-          others ``-inf``); then ``top_p``: with the tokens sorted by ascending ``l``, those whose cumulative
-          softmax probability is ``<= 1 - top_p`` are dropped (the most likely token always stays); then one
-          draw from ``softmax(l)``.
+          others ``-inf``; ``top_k=0``: all kept); then ``top_p`` (when ``< 1``): with the tokens sorted by
+          ascending ``l``, those whose cumulative softmax probability is ``<= 1 - top_p`` are dropped (the most
+          likely token always stays); then one draw from ``softmax(l)``.
+
+        Each sampling setting left None is settled as transformers' ``generate`` settles it: the model's
+        ``generation_config``'s value where it sets one, else ``generate``'s default (``do_sample=False``,
+        ``temperature=1.0``, ``top_k=50``, ``top_p=1.0``, ``repetition_penalty=1.0``). A Qwen-style config
+        (``do_sample: true``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``) thus samples when no
+        argument is given, as ``model.generate(input_ids)`` does; ``do_sample=False`` given is greedy whatever the
+        config says (its ``temperature`` / ``top_k`` / ``top_p`` then unused, as ``generate`` ignores them; its
+        ``repetition_penalty`` still applies, as in ``generate``). A config setting that would change
+        ``generate``'s tokens and that this method does not implement is refused (``ValueError`` naming it), not
+        ignored: ``num_beams > 1``, ``num_return_sequences > 1``, ``no_repeat_ngram_size > 0``, ``bad_words_ids``,
+        ``sequence_bias``, ``min_length`` / ``min_new_tokens > 0``, ``forced_bos_token_id``,
+        ``forced_eos_token_id``, ``suppress_tokens``, ``begin_suppress_tokens``,
+        ``exponential_decay_length_penalty``, ``guidance_scale != 1``, ``watermarking_config``, ``stop_strings``,
+        ``penalty_alpha``, ``dola_layers``, ``diversity_penalty``, ``constraints``, ``force_words_ids``; and, when
+        sampling, ``min_p > 0``, ``top_h``, ``typical_p < 1``, ``epsilon_cutoff`` / ``eta_cutoff`` in ``(0, 1)``.
+        Clear it on ``model.generation_config`` (``None``) to generate without it.
 
         A row that produced an end token (``eos_token_id``) continues with ``pad_token_id``; generation stops once
         every row has one (as ``generate`` does). Left unset, both are read from the model's ``generation_config``
@@ -631,12 +648,14 @@ class AOTDecoder:
             pad_token_id: the token of finished rows, an id below :attr:`vocab_size` (finished rows are fed it);
                 None: the ``pad_token_id`` of the model's ``generation_config``, else the first end token (as
                 ``generate`` pads).
-            do_sample: sample instead of taking the argmax.
-            temperature: the logits' divisor when sampling, ``> 0``.
-            top_k: sample among this many largest logits (``>= 1``; applies to sampling only), or None.
-            top_p: sample among the most likely tokens holding this probability, ``0 < top_p <= 1`` (applies to
-                sampling only), or None.
-            repetition_penalty: ``> 0``; above 1 makes tokens already in the row less likely (greedy and sampling).
+            do_sample: sample instead of taking the argmax; None: the generation config's (default False).
+            temperature: the logits' divisor when sampling, ``> 0``; None: the generation config's (default 1.0).
+            top_k: sample among this many largest logits (``>= 1``; ``0``: no such limit; applies to sampling
+                only); None: the generation config's (default 50, as ``generate``).
+            top_p: sample among the most likely tokens holding this probability, ``0 < top_p <= 1`` (``1``: no
+                such limit; applies to sampling only); None: the generation config's (default 1.0).
+            repetition_penalty: ``> 0``; above 1 makes tokens already in the row less likely (greedy and sampling;
+                ``1``: none); None: the generation config's (default 1.0).
             generator: the random generator of the draws, or None.
             attention_mask: ``(batch_size, P)``, 1 for a prompt token, 0 for padding: prompts of different lengths
                 padded on the left, as for ``generate`` (:meth:`feed`); None: every prompt token is real.
@@ -647,7 +666,8 @@ class AOTDecoder:
         Raises:
             ValueError: bad ``input_ids``, ``max_new_tokens`` not an int >= 1 or past ``max_len``, end tokens
                 that are not ints, a pad token (given, the generation config's, or the first end token) outside the
-                embedding table when there are end tokens, bad sampling values, the decoder was closed.
+                embedding table when there are end tokens, bad sampling values (given, or the generation config's
+                where used), a generation config setting that is not implemented (above), the decoder was closed.
         """
         self._check_open()
         ids = self._ids(input_ids)
@@ -656,7 +676,8 @@ class AOTDecoder:
         if ids.shape[1] + max_new_tokens > self.max_len:
             raise ValueError(f"a {ids.shape[1]}-token prompt plus max_new_tokens={max_new_tokens} exceeds the "
                              f"decoder's max_len={self.max_len}")
-        pick = _Picker(do_sample, temperature, top_k, top_p, repetition_penalty, generator)
+        pick = _Picker(**_sampling(self.model, do_sample, temperature, top_k, top_p, repetition_penalty),
+                       generator=generator)
         ends, pad_id = _special_tokens(self.model, eos_token_id, pad_token_id)
         eos, pad = torch.tensor(ends, dtype=torch.long), torch.tensor(pad_id)
         # a finished row is fed the pad token at every later step, and the programs index the embedding table
@@ -670,11 +691,17 @@ class AOTDecoder:
         p = ids.shape[1]
         seq = torch.empty(self.batch_size, p + max_new_tokens, dtype=torch.long)  # prompt + tokens so far
         seq[:, :p] = ids
+        # the positions the repetition penalty counts: all but each row's left padding (before its first real
+        # token, as generate's prompt_ignore_length)
+        real = torch.ones(self.batch_size, p + max_new_tokens, dtype=torch.bool)
+        if attention_mask is not None:
+            first = (attention_mask != 0).int().argmax(dim=1)
+            real[:, :p] = torch.arange(p)[None, :] >= first[:, None]
         done = torch.zeros(self.batch_size, dtype=torch.bool)
         n = p
         with torch.no_grad():
             for i in range(max_new_tokens):
-                nxt = pick(logits, seq[:, :n])
+                nxt = pick(logits, seq[:, :n], real[:, :n])
                 if eos.numel():
                     nxt = torch.where(done, pad, nxt)
                     done |= torch.isin(nxt, eos)
@@ -785,27 +812,35 @@ class _Picker:
     """The next token of each row from its last logits (:meth:`AOTDecoder.generate`: what is computed, in
     ``generate``'s order); checks the sampling values when built."""
 
-    def __init__(self, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+    def __init__(self, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None,
                  repetition_penalty: float | None, generator: torch.Generator | None) -> None:
+        if not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample must be True, False or None, got {do_sample!r}")
         if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-        if top_k is not None and not (_is_int(top_k) and top_k >= 1):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        if top_k is not None and not (_is_int(top_k) and top_k >= 0):
+            raise ValueError(f"top_k must be an int >= 1 (0: no limit) or None, got {top_k!r}")
         if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         if repetition_penalty is not None and (not isinstance(repetition_penalty, (int, float))
                                                or not repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be > 0 or None, got {repetition_penalty!r}")
-        self.do_sample, self.temperature, self.top_k, self.generator = do_sample, float(temperature), top_k, generator
+        self.do_sample, self.generator = do_sample, generator
+        self.temperature = 1.0 if temperature is None else float(temperature)
+        self.top_k = None if top_k == 0 else top_k
         self.top_p = None if top_p is None or top_p >= 1 else float(top_p)
         self.penalty = None if repetition_penalty in (None, 1, 1.0) else float(repetition_penalty)
 
-    def scores(self, logits: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        """The processed float32 logits ``(batch, vocab)`` the token is picked from (``-inf``: excluded)."""
+    def scores(self, logits: torch.Tensor, seq: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """The processed float32 logits ``(batch, vocab)`` the token is picked from (``-inf``: excluded); ``real``
+        (``seq``'s shape, bool): the positions whose tokens count as seen by the repetition penalty (False: left
+        padding, not counted, as ``generate`` skips it); None: all."""
         scores = logits.float()
         if self.penalty is not None:
-            seen = scores.gather(1, seq)
-            scores = scores.scatter(1, seq, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
+            vocab = scores.shape[-1]
+            index = seq if real is None else seq.masked_fill(~real, vocab)  # padding: to a column cut off below
+            seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool).scatter_(1, index, True)[:, :vocab]
+            scores = torch.where(seen, torch.where(scores < 0, scores * self.penalty, scores / self.penalty), scores)
         if not self.do_sample:
             return scores
         if self.temperature != 1.0:
@@ -820,11 +855,72 @@ class _Picker:
             scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
         return scores
 
-    def __call__(self, logits: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        scores = self.scores(logits, seq)
+    def __call__(self, logits: torch.Tensor, seq: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        scores = self.scores(logits, seq, real)
         if not self.do_sample:
             return scores.argmax(-1)
         return torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[:, 0]
+
+
+#: transformers' ``generate`` defaults of the sampling settings :meth:`AOTDecoder.generate` implements (used where
+#: neither the caller nor the model's ``generation_config`` sets one)
+_SAMPLING_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                      "repetition_penalty": 1.0}
+
+
+def _listed(v: Any) -> bool:
+    return v is not None and (not isinstance(v, (list, tuple, dict)) or len(v) > 0)
+
+
+#: generation config settings :meth:`AOTDecoder.generate` does not implement, each with when ``generate`` would
+#: apply it (its value changes the tokens); the first group in greedy and sampled decoding, the second sampled only
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "num_beams": lambda v: v is not None and v > 1, "num_beam_groups": lambda v: v is not None and v > 1,
+    "num_return_sequences": lambda v: v is not None and v > 1,
+    "no_repeat_ngram_size": lambda v: v is not None and v > 0, "bad_words_ids": _listed,
+    "sequence_bias": _listed, "min_length": lambda v: v is not None and v > 0,
+    "min_new_tokens": lambda v: v is not None and v > 0, "forced_bos_token_id": lambda v: v is not None,
+    "forced_eos_token_id": lambda v: v is not None, "suppress_tokens": _listed, "begin_suppress_tokens": _listed,
+    "exponential_decay_length_penalty": lambda v: v is not None,
+    "guidance_scale": lambda v: v is not None and v != 1, "watermarking_config": lambda v: v is not None,
+    "stop_strings": _listed, "penalty_alpha": lambda v: v is not None and v > 0,
+    "dola_layers": lambda v: v is not None, "diversity_penalty": lambda v: v is not None and v > 0,
+    "constraints": _listed, "force_words_ids": _listed,
+}
+_UNSUPPORTED_SAMPLED: dict[str, Callable[[Any], bool]] = {
+    "min_p": lambda v: v is not None and v > 0, "top_h": lambda v: v is not None,
+    "typical_p": lambda v: v is not None and v < 1, "epsilon_cutoff": lambda v: v is not None and 0 < v < 1,
+    "eta_cutoff": lambda v: v is not None and 0 < v < 1,
+}
+
+
+def _sampling(model: nn.Module, do_sample: bool | None, temperature: float | None, top_k: int | None,
+              top_p: float | None, repetition_penalty: float | None) -> dict[str, Any]:
+    """The sampling settings of :meth:`AOTDecoder.generate`, as transformers' ``generate`` settles them: each one
+    given (not None) as given, else the model's ``generation_config``'s where not None, else ``generate``'s default
+    (:data:`_SAMPLING_DEFAULTS`). Greedy, the config's ``temperature`` / ``top_k`` / ``top_p`` are dropped (None:
+    unused, as ``generate`` ignores them); those given are kept, to be checked. ``ValueError`` names a config
+    setting ``generate`` would apply that is not implemented (:data:`_UNSUPPORTED`, :data:`_UNSUPPORTED_SAMPLED`)."""
+    config = getattr(model, "generation_config", None)
+    given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "repetition_penalty": repetition_penalty}
+    out = {}
+    for name, value in given.items():
+        if value is None:
+            value = getattr(config, name, None)
+        out[name] = _SAMPLING_DEFAULTS[name] if value is None else value
+    if not out["do_sample"]:
+        for name in ("temperature", "top_k", "top_p"):
+            out[name] = given[name]
+    checks = {**_UNSUPPORTED, **(_UNSUPPORTED_SAMPLED if out["do_sample"] else {})}
+    for name, applies in checks.items():
+        value = getattr(config, name, None)
+        if applies(value):
+            raise ValueError(f"the model's generation_config sets {name}={value!r}, which transformers' generate "
+                             f"applies and medquant's generate does not implement: set "
+                             f"model.generation_config.{name} = None to generate without it"
+                             + ("" if name in _UNSUPPORTED else ", or pass do_sample=False"))
+    return out
 
 
 def _special_tokens(model: nn.Module, eos_token_id: Any, pad_token_id: Any) -> tuple[list[int], int]:
@@ -893,8 +989,9 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
                     cache_lengths: Sequence[int] | None = None, progress: bool = True) -> AOTDecoder:
     """Compile ``model``'s prompt and decode steps ahead of time for CPU (module docstring) and return the decoder.
 
-    ``decoder.generate(ids, max_new_tokens)`` then gives what greedy ``model.generate`` gives (the same
-    quantized kernels, prompt through the blocked matmul, tokens through the weight-only kernel).
+    ``decoder.generate(ids, max_new_tokens)`` then gives what ``model.generate`` gives (the same quantized kernels,
+    prompt through the blocked matmul, tokens through the weight-only kernel): greedy, or sampled as the model's
+    ``generation_config`` says (:meth:`AOTDecoder.generate`).
 
     Args:
         model: a Hugging Face causal LM on CPU, quantized (``quantize_``) or not, in float32 or bfloat16; its

@@ -180,7 +180,7 @@ def test_end_tokens_sampling_and_bad_input(decoder):
     with pytest.raises(ValueError, match="temperature"):
         decoder.generate(ids, 2, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="top_k"):
-        decoder.generate(ids, 2, top_k=0)
+        decoder.generate(ids, 2, top_k=-1)
     with pytest.raises(ValueError, match="top_p"):
         decoder.generate(ids, 2, do_sample=True, top_p=0.0)
     with pytest.raises(ValueError, match="repetition_penalty"):
