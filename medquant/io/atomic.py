@@ -207,17 +207,17 @@ def read_stable(path: str | os.PathLike, read: Callable[[Path], T], *, attempts:
             ``attempts`` times, so it must start from the same state each time (a caller that changes a model in
             place puts it back first).
         attempts: how many times ``read`` runs at most (``>= 1``).
-        error: builds the exception raised when ``path`` was switched during every attempt and the last one
-            returned (its result may mix two versions, so it is not returned); given the message.
+        error: builds the exception raised when ``path`` was switched during every attempt (the last one's
+            result may mix two versions, so it is not returned; its exception, a file of a removed version not
+            found, is chained); given the message.
 
     Returns:
         What ``read`` returned in the first attempt during which ``path`` was not switched.
 
     Raises:
         ValueError: ``attempts < 1``.
-        Exception: the exception of the last attempt, when it raised (the path kept switching, or did not switch
-            during that attempt); ``error(...)`` when ``path`` was switched during every attempt and the last one
-            returned.
+        Exception: the exception of an attempt during which ``path`` was not switched; ``error(...)`` when
+            ``path`` was switched during every attempt (whether the last one returned or raised).
     """
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
@@ -226,10 +226,13 @@ def read_stable(path: str | os.PathLike, read: Callable[[Path], T], *, attempts:
         last = attempt == attempts - 1
         try:
             value = read(root)
-        except Exception:
-            if not last and resolve(path) != root:
+        except Exception as e:
+            if resolve(path) == root:
+                raise
+            if not last:
                 continue  # a save switched the path, and may have removed the version being read: read the new one
-            raise
+            raise error(f"{path} was switched to a new version by a save during each of {attempts} reads (the last "
+                        f"read failed: {type(e).__name__}: {e}); read it again once the saves have stopped") from e
         if resolve(path) == root:
             return value
     raise error(f"{path} was switched to a new version by a save during each of {attempts} reads; what was read "

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -470,10 +471,21 @@ def _regular(root: Path, name: str) -> Path:
     return p
 
 
+def _warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside the medquant package (the user's ``load`` /
+    ``verify`` / ``from_pretrained`` call), however many medquant frames lie between (``atomic.read_stable``'s
+    re-reads add some)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 2  # level 2: _warn's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 def _legacy_warning(directory: Path, what: str) -> None:
-    warnings.warn(f"{directory} has no {MANIFEST_NAME} (saved by an older medquant, or by a plain save_pretrained "
+    _warn(f"{directory} has no {MANIFEST_NAME} (saved by an older medquant, or by a plain save_pretrained "
                   f"instead of medquant.hf.save_pretrained): {what}; `medquant upgrade {directory}` adds one",
-                  CheckpointWarning, stacklevel=3)
+          CheckpointWarning)
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -758,9 +770,9 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
         model = build_hf_model(root, meta.raw)
     elif (type(model).__name__, type(model).__module__) != (meta.model.class_name, meta.model.module):
         # names and shapes are checked below; another class with the same names may still compute otherwise
-        warnings.warn(f"{path} was saved from {meta.model.module}.{meta.model.class_name}; loading it into a "
-                      f"{type(model).__module__}.{type(model).__name__} (its tensor names and shapes must match, "
-                      "but its forward may differ from the saved model's)", UserWarning, stacklevel=3)
+        _warn(f"{path} was saved from {meta.model.module}.{meta.model.class_name}; loading it into a "
+              f"{type(model).__module__}.{type(model).__name__} (its tensor names and shapes must match, but its "
+              "forward may differ from the saved model's)", UserWarning)
     swapped: list[tuple[str, nn.Module]] = []  # (name, the module it replaced): undone if a check below fails
     # float MoE experts modules, which the expansion below replaces by QuantExperts shells: put back on a refusal
     experts = {n: m for n, m in model.named_modules(remove_duplicate=False) if is_experts_module(m)}

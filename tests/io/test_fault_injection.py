@@ -299,7 +299,7 @@ def test_concurrent_saves_and_readers(tmp_path):
     p = tmp_path / "ck"
     mq.save(models[0], p)
     done = threading.Event()
-    reads, errors = [], []
+    reads, errors, unexpected = [], [], []
 
     def writer(i):
         for _ in range(3):
@@ -312,7 +312,12 @@ def test_concurrent_saves_and_readers(tmp_path):
             except CheckpointError as e:  # only when the version being read vanished three times in a row
                 errors.append(str(e))
                 continue
-            assert got is not None, "a reader saw a mix of two saves"
+            except Exception as e:  # noqa: BLE001 - a reader thread's error must fail the test, not end the thread
+                unexpected.append(repr(e))
+                return
+            if got is None:
+                unexpected.append("a reader saw a mix of two saves")
+                return
             reads.append(got)
 
     readers = [threading.Thread(target=reader) for _ in range(2)]
@@ -324,6 +329,7 @@ def test_concurrent_saves_and_readers(tmp_path):
     done.set()
     for t in readers:
         t.join()
+    assert not unexpected
     assert reads and len(errors) <= len(reads)
     assert which(mq.load(p, model=tiny(9)), states) is not None
     assert sorted(e for e in os.listdir(tmp_path) if e.startswith(".ck.mq-")) == sorted(

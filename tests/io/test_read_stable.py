@@ -188,20 +188,38 @@ def test_read_stable_reads_the_new_version_when_the_path_switched_during_the_rea
     assert seen == [p, atomic.resolve(p)] and atomic.is_version_link(p)
 
 
-def test_read_stable_gives_up_with_the_last_error_when_the_path_keeps_switching(tmp_path):
+def test_read_stable_gives_up_with_the_given_error_chaining_the_last_one_when_the_path_keeps_switching(tmp_path):
+    """A path switched during every read ends in the caller's error (a load's CheckpointError), not in the file
+    error of a version that vanished (a FileNotFoundError escaped mq.load under concurrent saves)."""
     p, publish = _switching(tmp_path)
     calls = []
 
     def read(root):
         calls.append(root)
         publish()
-        raise OSError(f"read {len(calls)} failed")
+        raise FileNotFoundError(f"read {len(calls)} failed")
 
-    with pytest.raises(OSError, match="read 3 failed"):
-        atomic.read_stable(p, read)
+    with pytest.raises(CheckpointError, match="switched") as info:
+        atomic.read_stable(p, read, error=CheckpointError)
+    assert isinstance(info.value.__cause__, FileNotFoundError) and "read 3 failed" in str(info.value.__cause__)
     assert len(calls) == 3 and len(set(calls)) == 3
-    with pytest.raises(OSError, match="read 5 failed"):
+    with pytest.raises(RuntimeError, match="read 5 failed"):
         atomic.read_stable(p, read, attempts=2)
+
+
+def test_load_warnings_point_at_the_callers_line(tmp_path):
+    """A warning of mq.load names the line that called it, not a frame inside medquant (read_stable's re-read
+    wrapper added frames that a fixed stacklevel attributed the warning to)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    mq.quantize_(model, mq.QuantConfig(4, group_size=8))
+    mq.save(model, tmp_path / "ck")
+
+    class Other(torch.nn.Sequential):
+        pass
+
+    with pytest.warns(UserWarning, match="was saved from") as record:
+        mq.load(tmp_path / "ck", model=Other(torch.nn.Linear(8, 8)))
+    assert [w.filename for w in record if "was saved from" in str(w.message)] == [__file__]
 
 
 def test_read_stable_refuses_a_read_switched_every_time_with_the_given_error(tmp_path):
