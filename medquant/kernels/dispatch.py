@@ -13,8 +13,9 @@ Two kinds of entries:
 Choice (:func:`select_kernel`), given the op and its arguments (the first argument is the activation/input tensor,
 its device is the device of the call):
 
-1. a backend forced with :func:`force_backend` runs if it implements the op and is available on the device
-   (otherwise ``RuntimeError`` with the backend's reason); its implementation validates the arguments itself;
+1. a backend forced with :func:`force_backend` (in the calling thread: the forcing is per thread) runs if it
+   implements the op and is available on the device (otherwise ``RuntimeError`` with the backend's reason); its
+   implementation validates the arguments itself;
 2. otherwise (``"auto"``) the kernels of the op are tried by decreasing priority (then registration order), and
    the first whose predicate accepts the arguments and whose backend is available runs. The torch references
    accept everything at the lowest priority, so there is always an answer; Triton (priority 0) accepts CUDA
@@ -37,9 +38,11 @@ when a kernel is decorated), so ``import medquant`` must leave the import to the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -78,7 +81,13 @@ class Kernel:
 
 _BACKENDS: dict[str, Backend] = {}
 _KERNELS: dict[str, list[Kernel]] = {op: [] for op in OPS}
-_forced: str | None = None
+#: the backend forced by the innermost :func:`force_backend` block of the current thread (or asyncio task), or None;
+#: a context variable, so a block (and ``packed_linear(..., backend=...)``, which opens one) in one thread neither
+#: reaches nor, on leaving, overwrites the choice of another
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("medquant_forced_backend", default=None)
+#: a number per backend name ever forced, never reused: :func:`generation` folds the current thread's in
+_force_ids: dict[str, int] = {}
+_force_ids_lock = threading.Lock()
 _generation = 0
 #: True while ``medquant.kernels`` registers its built-in kernels, whose predicates read only the input's device
 #: (Triton's also its dtype, for CUDA tensors): they do not make prepared callables re-check their choice
@@ -97,12 +106,17 @@ def generation() -> int:
 
     It changes when a backend or kernel is (un)registered, a backend forced or released, or a backend's own
     setting changed (:func:`bump_generation`). A callable from :func:`prepare` stays valid while it is unchanged
-    (and the tensors it was prepared for are unchanged).
+    (and the tensors it was prepared for are unchanged). The forced backend is per thread (:func:`force_backend`),
+    so the value also encodes the calling thread's forced backend: a thread inside a ``force_backend`` block and
+    one outside it never read the same value, and neither reuses a callable the other prepared.
 
     Returns:
         The current value (an int; compare for equality only).
     """
-    return _generation
+    forced = _forced.get()
+    if forced is None:
+        return _generation
+    return (_force_ids[forced] << 64) | _generation
 
 
 def bump_generation() -> None:
@@ -202,7 +216,9 @@ def force_backend(backend: str) -> Iterator[None]:
     """Force the body of every medquant custom op to use ``backend`` (e.g. "triton" or "torch") in this block.
 
     Meant for tests and benchmarks in eager mode (e.g. running the real kernels on CPU tensors under
-    ``TRITON_INTERPRET=1``); ``"auto"`` restores the default choice (see the module docstring).
+    ``TRITON_INTERPRET=1``); ``"auto"`` restores the default choice (see the module docstring). The choice is
+    local to the calling thread (a :mod:`contextvars` variable: an asyncio task sees its own): other threads keep
+    theirs, a new thread starts with ``"auto"``, and blocks in several threads may open and close in any order.
 
     Args:
         backend: one of :func:`backend_names`.
@@ -213,21 +229,22 @@ def force_backend(backend: str) -> Iterator[None]:
     Raises:
         ValueError: ``backend`` is not one of :func:`backend_names`.
     """
-    global _forced
     check_backend(backend)
-    prev = _forced
-    _forced = None if backend == AUTO else backend
+    if backend != AUTO:
+        with _force_ids_lock:
+            _force_ids.setdefault(backend, len(_force_ids) + 1)
+    token = _forced.set(None if backend == AUTO else backend)
     bump_generation()
     try:
         yield
     finally:
-        _forced = prev
+        _forced.reset(token)
         bump_generation()
 
 
 def forced_backend() -> str | None:
-    """The backend forced by the innermost :func:`force_backend` block, or None."""
-    return _forced
+    """The backend forced by the calling thread's innermost :func:`force_backend` block, or None."""
+    return _forced.get()
 
 
 def select_kernel(op: str, *args) -> Kernel:
@@ -245,14 +262,15 @@ def select_kernel(op: str, *args) -> Kernel:
         RuntimeError: the forced backend is unavailable or has no kernel for ``op``, or no backend runs it.
     """
     device = args[0].device
-    if _forced is not None:
+    forced = _forced.get()
+    if forced is not None:
         for kern in _KERNELS[op]:
-            if kern.backend == _forced:
-                reason = _BACKENDS[_forced].unavailable(device)
+            if kern.backend == forced:
+                reason = _BACKENDS[forced].unavailable(device)
                 if reason is not None:
                     raise RuntimeError(reason)
                 return kern
-        raise RuntimeError(f"backend {_forced!r} has no {op} kernel")
+        raise RuntimeError(f"backend {forced!r} has no {op} kernel")
     for kern in _KERNELS[op]:  # the predicate first: it is cheap, availability may probe Triton
         if kern.accepts(*args) and _BACKENDS[kern.backend].unavailable(device) is None:
             return kern
@@ -292,7 +310,7 @@ def prepare(op: str, *args) -> Callable:
     """
     kern = select_kernel(op, *args)
     rest = args[1:]
-    if _forced is None and _choice_reads_input(op, kern):
+    if _forced.get() is None and _choice_reads_input(op, kern):
         return _choose_per_call(op, rest)
     return _prepare_kernel(kern, rest)
 
