@@ -15,6 +15,7 @@ import re
 import shutil
 import stat
 import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -476,7 +477,8 @@ def _warn(message: str, category: type[Warning]) -> None:
     ``verify`` / ``from_pretrained`` call), however many medquant frames lie between (``atomic.read_stable``'s
     re-reads add some)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame, level = sys._getframe(1), 2  # level 2: _warn's caller
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 2  # _warn's caller
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
