@@ -11,8 +11,10 @@ Inputs are labels, not scores: ``y_true`` and ``y_pred`` as integer class ids ``
 * one-vs-rest rates per class ``c`` and group ``g``: ``TPR = TP/(TP+FN)``, ``TNR = TN/(TN+FP)``,
   ``FPR = FP/(FP+TN) = 1 - TNR``; per class, ``gap = max_g - min_g`` over the groups where the rate is defined
   (at least one positive for TPR, one negative for TNR/FPR); a class with fewer than two such groups is left out
-  of the means. Classes: every class for multi-class tasks, every label for multi-label tasks, the positive class
-  (1) only for binary tasks.
+  of the means. Classes: every class ``0..n_classes - 1`` for multi-class tasks (``n_classes`` inferred as the
+  largest class id + 1, at most ``MAX_INFERRED_CLASSES``, when not given; a class absent from both label arrays
+  has TNR 1 and FPR 0 in every group), every label for multi-label tasks, the positive class (1) only for binary
+  tasks.
 * ``EOpp1 = mean_c TPR gap``; ``EOpp0 = mean_c TNR gap``; ``EOdd = mean_c (TPR gap + FPR gap)``.
 * balanced accuracy: multi-class / binary = mean recall over the classes present in ``y_true`` (as scikit-learn);
   multi-label = mean over labels of ``(TPR + TNR) / 2``. Reported overall and per group.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +31,8 @@ import numpy as np
 
 TASKS = ("binary", "multiclass", "multilabel")
 SCORES = ("logits", "probabilities")
+MAX_INFERRED_CLASSES = 65536
+"""The most classes :func:`fairness_report` infers (from the largest class id) when ``n_classes`` is None."""
 
 
 def _as_np(x: Any, name: str) -> np.ndarray:
@@ -225,17 +230,17 @@ class FairnessReport:
 
 
 def _ovr_columns(y_true: np.ndarray, y_pred: np.ndarray, task: str, n_classes: int | None
-                 ) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """(classes, true one-hot (N, C'), pred one-hot (N, C')) for the classes the rates are computed on."""
+                 ) -> tuple[list[int], Callable[[int], tuple[np.ndarray, np.ndarray]]]:
+    """(classes, column) for the classes the rates are computed on: ``column(j)`` is the (true, pred) one-vs-rest
+    boolean columns ``(N,)`` of the ``j``-th class, built one class at a time (no ``(N, C)`` one-hot)."""
     if task == "multilabel":
-        classes = list(range(y_true.shape[1]))
-        return classes, y_true.astype(bool), y_pred.astype(bool)
+        yt, yp = y_true.astype(bool), y_pred.astype(bool)
+        return list(range(y_true.shape[1])), lambda j: (yt[:, j], yp[:, j])
     if task == "binary":
-        return [1], (y_true == 1)[:, None], (y_pred == 1)[:, None]
+        return [1], lambda j: (y_true == 1, y_pred == 1)
     c = n_classes if n_classes is not None else int(max(y_true.max(), y_pred.max())) + 1
     classes = list(range(c))
-    ar = np.arange(c)
-    return classes, y_true[:, None] == ar, y_pred[:, None] == ar
+    return classes, lambda j: (y_true == classes[j], y_pred == classes[j])
 
 
 def _check_n_classes(y_true: np.ndarray, y_pred: np.ndarray, task: str, n_classes: int | None) -> None:
@@ -256,6 +261,11 @@ def _check_n_classes(y_true: np.ndarray, y_pred: np.ndarray, task: str, n_classe
             bad = sorted(int(x) for x in np.unique(a[a >= n_classes]))
             raise ValueError(f"n_classes={n_classes} but {name} holds the label(s) {bad}: class ids must be "
                              f"0..{n_classes - 1} (raise n_classes or leave it None to infer it)")
+        if n_classes is None and a.max() >= MAX_INFERRED_CLASSES:  # classes 0..max: per-class rates of each
+            top = int(a.max())
+            raise ValueError(f"{name} holds the class id {top}: with n_classes=None the classes are 0..{top} "
+                             f"({top + 1} of them, more than MAX_INFERRED_CLASSES={MAX_INFERRED_CLASSES}); class "
+                             "ids must be 0..n_classes - 1 (a corrupt label? else pass n_classes)")
 
 
 def _balanced(y_true: np.ndarray, y_pred: np.ndarray, task: str) -> float:
@@ -303,8 +313,9 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
         y_pred: predicted labels of the same shape (e.g. from :func:`predictions`).
         groups: integer group id of every sample, ``(N,)`` (or a column ``(N, 1)``); any integers, in any order.
         task: ``"binary"``, ``"multiclass"``, ``"multilabel"`` or None (inferred).
-        n_classes: number of classes, >= 2 (default: inferred from the labels); multi-class ids must lie in
-            ``0..n_classes - 1``, a multi-label matrix must have ``n_classes`` columns.
+        n_classes: number of classes, >= 2 (default: inferred from the labels as the largest class id + 1, at
+            most :data:`MAX_INFERRED_CLASSES`); multi-class ids must lie in ``0..n_classes - 1``, a multi-label
+            matrix must have ``n_classes`` columns.
 
     Returns:
         A :class:`FairnessReport`.
@@ -313,7 +324,9 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
         ValueError: lengths that differ, group ids that are not one per sample (a matrix), multi-label matrices
             with no column, an unknown task, labels or group ids out of the int64 range of a class index (a float
             such as ``1e20``, a ``uint64`` past ``2^63 - 1``), or labels that do not fit the task (a negative class
-            id, a class id >= ``n_classes``, ``n_classes != 2`` for a binary task).
+            id, a class id >= ``n_classes``, ``n_classes != 2`` for a binary task, or, with ``n_classes`` None, a
+            class id >= :data:`MAX_INFERRED_CLASSES`, named in the message: the per-class rates would cover
+            every class up to it).
     """
     yt, yp, g = _as_np(y_true, "y_true"), _as_np(y_pred, "y_pred"), _as_np(groups, "groups")
     if yt.shape != yp.shape:
@@ -340,7 +353,7 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
     bal_g = {k: _balanced(yt[g == k], yp[g == k], task) for k in group_ids}
     avg = float(np.mean(list(acc.values())))
     worst = float(min(acc.values()))
-    classes, t1, p1 = _ovr_columns(yt, yp, task, n_classes)
+    classes, column = _ovr_columns(yt, yp, task, n_classes)
     tpr: dict[Any, dict[Any, float]] = {}
     tnr: dict[Any, dict[Any, float]] = {}
     fpr: dict[Any, dict[Any, float]] = {}
@@ -348,9 +361,10 @@ def fairness_report(y_true: Any, y_pred: Any, groups: Any, task: str | None = No
     tpr_gap, tnr_gap, fpr_gap = {}, {}, {}
     for j, c in enumerate(classes):
         tpr[c], tnr[c], fpr[c], pos[c] = {}, {}, {}, {}
+        t1, p1 = column(j)
         for k in group_ids:
             sel = g == k
-            t, p = t1[sel, j], p1[sel, j]
+            t, p = t1[sel], p1[sel]
             tp, fn = int((t & p).sum()), int((t & ~p).sum())
             tn, fp = int((~t & ~p).sum()), int((~t & p).sum())
             tpr[c][k] = _rate(tp, tp + fn)
@@ -387,6 +401,9 @@ def balanced_accuracy(y_true: Any, y_pred: Any, task: str | None = None) -> floa
         y_true: true labels.
         y_pred: predicted labels.
         task: as in :func:`fairness_report` (None: inferred).
+
+    The classes are those present in ``y_true`` (as scikit-learn's ``balanced_accuracy_score``): one recall per
+    distinct id, so a large id (``10**12``) costs no more than a small one.
 
     Returns:
         The mean per-class recall (multi-label: mean over labels of the mean of TPR and TNR).

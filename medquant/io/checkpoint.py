@@ -1009,23 +1009,14 @@ def _verify_pretrained_once(directory: str | os.PathLike, root: Path, modules: M
 
 
 # ------------------------------------------------------------------------------------------------------- upgrade
-def upgrade(directory: str | os.PathLike) -> Path:
-    """Rewrite a checkpoint saved before manifests existed in today's form (the same files plus the manifest).
+class _SwitchedBeforeRewrite(Exception):
+    """Raised inside :func:`upgrade`'s rewrite (under the save lock) when a save switched the folder after the
+    checks: the rewrite is abandoned (nothing published) and the upgrade starts again on the new version."""
 
-    The rewrite goes behind the crash-safe folder switch, after verifying what it can: the weights' SHA-256 of a
-    ``medquant.save`` folder, the recipes against the tensors of a ``medquant.hf.save_pretrained`` folder. A folder
-    that already has a valid manifest is left as it is.
 
-    Args:
-        directory: the checkpoint folder.
-
-    Returns:
-        The folder path.
-
-    Raises:
-        CheckpointError: the folder is no medquant checkpoint, or it fails the checks.
-    """
-    path = Path(directory)
+def _upgrade_check(path: Path) -> tuple[Path, bool]:
+    """:func:`upgrade`'s reads: (the version folder checked, whether it lacks a valid manifest). Raises
+    :class:`CheckpointError` as :func:`upgrade` says."""
     root = _checkpoint_folder(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CheckpointWarning)
@@ -1049,15 +1040,49 @@ def upgrade(directory: str | os.PathLike) -> Path:
         manifest = read_manifest(root)
     except ManifestError:
         manifest = None
-    if manifest is not None:
-        return path  # _open / verify_pretrained checked it
-    with write_checkpoint(path, sort_metadata=False) as folder:
-        for dirpath, _dirs, names in os.walk(root):
-            rel = Path(dirpath).relative_to(root)
-            (folder / rel).mkdir(parents=True, exist_ok=True)
-            for n in names:
-                src = Path(dirpath) / n
-                if n == MANIFEST_NAME or src.is_symlink():
-                    continue
-                shutil.copy2(src, folder / rel / n)
-    return path
+    return root, manifest is None  # with a manifest, _open / verify_pretrained checked it
+
+
+def upgrade(directory: str | os.PathLike) -> Path:
+    """Rewrite a checkpoint saved before manifests existed in today's form (the same files plus the manifest).
+
+    The rewrite goes behind the crash-safe folder switch, after verifying what it can: the weights' SHA-256 of a
+    ``medquant.save`` folder, the recipes against the tensors of a ``medquant.hf.save_pretrained`` folder. A folder
+    that already has a valid manifest is left as it is. All of one version: the checks are read again when a save
+    switches the folder during them (:func:`medquant.io.atomic.read_stable`), and the rewrite copies the files
+    under the save lock only when the folder is still the version checked; when a save switched it between the
+    checks and the rewrite, nothing is written and the upgrade starts again on the new version (a save's version
+    has a manifest, so it is left as it is). The old version is never published over a newer one.
+
+    Args:
+        directory: the checkpoint folder.
+
+    Returns:
+        The folder path.
+
+    Raises:
+        CheckpointError: the folder is no medquant checkpoint, or it fails the checks; or saves switched the folder
+            during each of three reads, or between the checks and the rewrite three times.
+    """
+    path = Path(directory)
+    for _attempt in range(3):
+        root, legacy = atomic.read_stable(path, lambda root: _upgrade_check(path), error=CheckpointError)
+        if not legacy:
+            return path
+        try:
+            with write_checkpoint(path, sort_metadata=False) as folder:
+                if atomic.resolve(path) != root:  # under the save lock: no save switches it from here on
+                    raise _SwitchedBeforeRewrite
+                for dirpath, _dirs, names in os.walk(root):
+                    rel = Path(dirpath).relative_to(root)
+                    (folder / rel).mkdir(parents=True, exist_ok=True)
+                    for n in names:
+                        src = Path(dirpath) / n
+                        if n == MANIFEST_NAME or src.is_symlink():
+                            continue
+                        shutil.copy2(src, folder / rel / n)
+        except _SwitchedBeforeRewrite:
+            continue
+        return path
+    raise CheckpointError(f"{path} was switched to a new version by a save between the checks and the rewrite "
+                          "of each of 3 upgrades; upgrade it again once the saves have stopped")

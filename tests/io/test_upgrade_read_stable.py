@@ -1,0 +1,102 @@
+"""``upgrade`` of a legacy checkpoint (no manifest) that a save switches while upgrade reads it: it reads again,
+never publishing a mix of two versions nor the old version over the new one.
+
+As in test_read_stable.py the switch is made deterministic: upgrade's first manifest read (the first file it reads)
+is wrapped so that a save of a *different* model to the same path runs right after it. Reference: the second model
+in memory (``torch.equal`` of every tensor) and the saves' own manifest.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+import medquant as mq
+from medquant.io import MANIFEST_NAME, atomic, checkpoint
+from medquant.io.manifest import read_manifest
+
+
+def _tiny(seed):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8, bias=False))
+    mq.quantize_(m, {"re:.*": mq.QuantConfig(4, group_size=16)})
+    return m
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _switch_after_first(monkeypatch, module, name, save):
+    """Wrap ``module.name`` so that ``save()`` runs after its first call returned (another process saving)."""
+    real = getattr(module, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not calls:
+            calls.append(args[0] if args else None)
+            save()
+        else:
+            calls.append(args[0] if args else None)
+        return out
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def _legacy(p, model):
+    """A checkpoint at the version link ``p`` whose current version has no manifest (written before manifests)."""
+    mq.save(model, p)
+    mq.save(model, p)  # the second save makes ``p`` a version link: a later save removes the version it replaces
+    assert atomic.is_version_link(p)
+    (p / MANIFEST_NAME).unlink()
+
+
+def _assert_is(p, b):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a manifest, and every file it lists intact
+        back = mq.load(p, model=_tiny(7))
+    assert _same_state(back, b)
+    assert _same_state(mq.load(p, model=_tiny(8)), b)
+
+
+def test_upgrade_of_a_legacy_folder_switched_after_its_first_read_keeps_the_new_version(tmp_path, monkeypatch):
+    a, b = _tiny(0), _tiny(1)
+    assert not _same_state(a, b)
+    p = tmp_path / "ck"
+    _legacy(p, a)
+    old = atomic.resolve(p)
+    calls = _switch_after_first(monkeypatch, checkpoint, "read_manifest", lambda: mq.save(b, p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mq.io.CheckpointWarning)
+        assert checkpoint.upgrade(p) == p
+    assert len(calls) >= 2 and calls[0] == old  # the first read was of the old version, the rest of the new
+    assert atomic.resolve(p) != old
+    _assert_is(p, b)
+    assert read_manifest(p) is not None
+
+
+def test_upgrade_of_a_legacy_folder_switched_before_its_rewrite_keeps_the_new_version(tmp_path, monkeypatch):
+    # the switch falls after every check passed, before the rewrite takes the save lock: the rewrite must not copy
+    # the old version over the new one (nor an empty folder, once the old version is removed)
+    a, b = _tiny(0), _tiny(1)
+    p = tmp_path / "ck"
+    _legacy(p, a)
+    real = checkpoint.write_checkpoint
+    saved = []
+
+    def wrapped(directory, **kwargs):
+        if not saved:
+            saved.append(True)
+            mq.save(b, p)  # goes through this wrapper too, after ``saved`` is set
+        return real(directory, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", wrapped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mq.io.CheckpointWarning)
+        checkpoint.upgrade(p)
+    assert saved
+    _assert_is(p, b)
