@@ -493,6 +493,30 @@ def _check_blocks(model: nn.Module, blocks: Sequence[str] | None) -> list[str]:
     return out
 
 
+def _refuse_shared_across_units(model: nn.Module, plan: Iterable[str], blocks: Sequence[str]) -> None:
+    """Refuse a planned layer (one module object) bound inside one of ``blocks`` and outside every block, or inside
+    two different blocks: it is reconstructed only in the unit its planned name falls under, so its calibration
+    would miss its other uses (as :func:`medquant.calibrate.gptq_quantize_sequential` refuses it). A layer bound
+    under several names within one block (or only outside the blocks) stays allowed: its unit is calibrated on
+    every call."""
+    if not blocks:
+        return
+    aliases = names_by_module(model)
+
+    def owner(name: str) -> str | None:
+        return next((b for b in blocks if name.startswith(b + ".")), None)
+
+    for n in plan:
+        names = aliases.get(id(model.get_submodule(n)), [n])
+        if len({owner(a) for a in names}) > 1:
+            where = ", ".join(f"{a} ({'block ' + repr(o) if (o := owner(a)) is not None else 'outside the blocks'})"
+                              for a in names)
+            raise ValueError(f"layer {n} is one module bound in several blocks or in a block and outside the blocks "
+                             f"({where}): learned rounding would reconstruct it in one of them only, its other uses "
+                             f"missing from its calibration. Leave it in float (skip=[{n!r}]), give each use its own "
+                             "copy of the layer, or choose blocks that hold all its names")
+
+
 def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any]) -> tuple[list[str], dict[str, int]]:
     """The units in the order of their first call on the first batch (units it does not call after them, in the
     order of their first call on the later batches, which are run only while some unit is still uncalled), and how
@@ -571,7 +595,8 @@ def adaround_quantize_(
         skip: layer names or role patterns left in float, as :func:`medquant.quantize_`.
         blocks: names of modules reconstructed as a whole (e.g. a ResNet's ``"layer1.0"``); their planned layers
             are optimised jointly. Planned layers outside every block are reconstructed one by one (AdaRound).
-            Blocks must not nest (``["layer1", "layer1.0"]`` is refused).
+            Blocks must not nest (``["layer1", "layer1.0"]`` is refused), and a planned layer must not be one module
+            bound inside a block and outside the blocks, or inside two blocks (refused before any change).
         iters: Adam steps per block, one calibration batch each, in a seeded random order.
         lr: Adam's learning rate (> 0).
         reg: ``lambda``, the weight of the rounding regulariser (>= 0).
@@ -606,7 +631,8 @@ def adaround_quantize_(
         ValueError: bad ``iters`` / ``warmup`` / ``lr`` / ``reg`` / ``seed`` / ``act_bits`` / ``target``, ``blocks``
             that is not a list of names; no or an empty calibration set; a layer
             with per-row bit-widths or bits outside 2..8; a Conv2d layer with a ``padding_mode`` other than
-            ``"zeros"``; nested ``blocks``; a calibration batch that fails in the
+            ``"zeros"``; nested ``blocks``; a planned layer (one module) bound inside a block and outside every
+            block, or inside two different blocks (a layer shared within one block is allowed); a calibration batch that fails in the
             model's forward (the message names the batch; the model's error is chained); a calibration set whose
             every ``attention_mask`` is all zeros (no real token) while a layer outside the vision tower /
             projector is planned; a block that the
@@ -635,6 +661,7 @@ def adaround_quantize_(
             raise ValueError(f"layer {n}: learned rounding supports Conv2d padding_mode='zeros' only, got "
                              f"{layer.padding_mode!r}; skip the layer")
     blocks = _check_blocks(model, blocks)
+    _refuse_shared_across_units(model, plan, blocks)
     units: dict[str, list[str]] = {}
     for n in plan:
         owner = next((b for b in blocks if n.startswith(b + ".")), n)

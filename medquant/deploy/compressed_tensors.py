@@ -197,8 +197,22 @@ def decompress_layer(layer: PackedLayer) -> torch.Tensor:
     return PackedQuantizationCompressor.decompress(dict(layer.tensors), scheme)["weight"]
 
 
+def _refuse_current_folder(path: Path) -> None:
+    """Refuse an output ``path`` that is the current folder (``.``, ``""``, its absolute path or a symlink to it), a
+    folder above it or a file system root, as medquant's checkpoint save does: the finished export is swapped in for
+    ``path`` as a whole and the old folder removed (``overwrite=True``), and its temporary folder is made beside it."""
+    cwd = Path(os.getcwd())
+    real_cwd = Path(os.path.realpath(cwd))
+    for p, here in ((Path(os.path.abspath(path)), cwd), (Path(os.path.realpath(path)), real_cwd)):
+        if p == p.parent or p == here or p in here.parents:
+            raise ExportError(f"refusing to export into {str(path)!r} ({p}): it is the current folder, a folder above "
+                              "it or a file system root (the export replaces its output folder as a whole); give "
+                              "the export its own folder")
+
+
 def _check_options(model: nn.Module, path: Path, promote: Any, max_shard_size: Any, scale_dtype: Any,
                    overwrite: Any, source: Any) -> tuple[int, torch.dtype]:
+    _refuse_current_folder(path)
     for name, value in (("promote", promote), ("overwrite", overwrite)):
         if not isinstance(value, bool):
             raise ExportError(f"{name} must be True or False, got {value!r}")
@@ -514,7 +528,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
 
     Args:
         model: a transformers model whose Linear layers medquant quantized (other layers stay float).
-        path: the output folder (created, with any missing parents; must be empty unless ``overwrite``). Written
+        path: the output folder (created, with any missing parents; must be empty unless ``overwrite``; not the
+            current folder, a folder above it or a file system root, also through a symlink). Written
             to a temporary folder beside it and moved into place at the end, so a failed export leaves no
             half-written folder; the parent folders it had to create are removed again, folders that existed
             before are kept.
@@ -542,9 +557,9 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         re-expression, lossy requantization or float).
 
     Raises:
-        ExportError: a bad option, a model without quantized layers (or with only quantized embeddings and
-            ``embeddings="float"``), mixed layers without ``promote``, or a failed verification; nothing is
-            written.
+        ExportError: a bad option (among them a ``path`` that is the current folder, one above it or a root), a
+            model without quantized layers (or with only quantized embeddings and ``embeddings="float"``), mixed
+            layers without ``promote``, or a failed verification; nothing is written.
     """
     path = Path(path)
     max_shard, sdtype = _check_options(model, path, promote, max_shard_size, scale_dtype, overwrite, source)
