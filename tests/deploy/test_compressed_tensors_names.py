@@ -14,7 +14,6 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import medquant as mq
 from medquant.deploy import export
@@ -22,6 +21,9 @@ from medquant.quant.api import quantized_modules
 from medquant.testing.zoo import ZOO_BY_NAME
 
 pytest.importorskip("compressed_tensors")
+
+from tests.deploy.test_compressed_tensors import _tensors
+from tests.deploy.test_compressed_tensors_review import _tiny_qwen3_moe
 
 FMT = "compressed-tensors"
 PACKED = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
@@ -33,23 +35,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _tiny_qwen3_moe():
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         num_experts=4, num_experts_per_tok=2)
-    return Qwen3MoeForCausalLM(cfg).eval()
 
 
 def _build(name: str):

@@ -4,7 +4,6 @@ quantized layers, and what transformers' loaders read from a folder with several
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 
 import pytest
@@ -17,6 +16,8 @@ from medquant.testing.zoo import ZOO_BY_NAME
 
 pytest.importorskip("compressed_tensors")
 
+from tests.deploy.test_compressed_tensors import _qconfig
+
 FMT = "compressed-tensors"
 
 
@@ -25,10 +26,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def _qconfig(folder) -> dict:
-    return json.loads((folder / "config.json").read_text())["quantization_config"]
 
 
 def _tiny_qwen3_moe():

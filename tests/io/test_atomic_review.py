@@ -8,30 +8,12 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import medquant as mq
 from medquant.io import MANIFEST_NAME, atomic
 from medquant.io.manifest import read_manifest
 from medquant.testing.zoo import ZOO_BY_NAME
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(32, 24)
-        self.b = nn.Linear(24, 8)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
-def net(seed=0, quantize=True):
-    torch.manual_seed(seed)
-    m = Net().eval()
-    if quantize:
-        mq.quantize_(m, mq.QuantConfig(4, group_size=8))
-    return m
+from tests.io.test_fuzz_regressions import net
 
 
 def same(a, b):

@@ -15,6 +15,7 @@ from torch import nn
 import medquant as mq
 from medquant.io import MANIFEST_NAME, atomic, checkpoint
 from medquant.io.manifest import read_manifest
+from tests.io.test_read_stable import _switch_after_first
 
 
 def _tiny(seed):
@@ -27,24 +28,6 @@ def _tiny(seed):
 def _same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return set(sa) == set(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def _switch_after_first(monkeypatch, module, name, save):
-    """Wrap ``module.name`` so that ``save()`` runs after its first call returned (another process saving)."""
-    real = getattr(module, name)
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if not calls:
-            calls.append(args[0] if args else None)
-            save()
-        else:
-            calls.append(args[0] if args else None)
-        return out
-
-    monkeypatch.setattr(module, name, wrapped)
-    return calls
 
 
 def _legacy(p, model):
