@@ -88,7 +88,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io.atomic import exchange_paths
+from ..io.atomic import exchange_paths, is_current_or_above
 from ..quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
 from .common import (
     UniformWeight,
@@ -204,7 +204,7 @@ def _refuse_current_folder(path: Path) -> None:
     cwd = Path(os.getcwd())
     real_cwd = Path(os.path.realpath(cwd))
     for p, here in ((Path(os.path.abspath(path)), cwd), (Path(os.path.realpath(path)), real_cwd)):
-        if p == p.parent or p == here or p in here.parents:
+        if is_current_or_above(p, here):
             raise ExportError(f"refusing to export into {str(path)!r} ({p}): it is the current folder, a folder above "
                               "it or a file system root (the export replaces its output folder as a whole); give "
                               "the export its own folder")

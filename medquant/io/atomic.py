@@ -78,7 +78,7 @@ except ImportError:  # pragma: no cover - Windows: saves are not serialised
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["UnreferencedVersionWarning", "dangling_message", "exchange_paths", "fsync_dir", "fsync_file",
-           "is_version_link", "pending", "read_stable", "replace_directory", "resolve"]
+           "is_current_or_above", "is_version_link", "pending", "read_stable", "replace_directory", "resolve"]
 
 T = TypeVar("T")
 
@@ -467,6 +467,12 @@ def _target(path: Path) -> Path:
     return path
 
 
+def is_current_or_above(folder: Path, cwd: Path) -> bool:
+    """Whether ``folder`` is ``cwd``, a folder above it or a file system root: a folder no save or export may
+    replace (both absolute and resolved alike: as given, or after every symlink)."""
+    return folder == folder.parent or folder == cwd or folder in cwd.parents
+
+
 def _refuse_current_folder(path: Path) -> None:
     """Refuse a ``path`` that is (really, after every symlink) the current folder, one above it or a root: the save
     would turn that folder into a link. A version link is switched, not replaced, and is not checked."""
@@ -474,7 +480,7 @@ def _refuse_current_folder(path: Path) -> None:
         return
     real = Path(os.path.realpath(path))
     cwd = Path(os.path.realpath(os.getcwd()))
-    if real == real.parent or real == cwd or real in cwd.parents:
+    if is_current_or_above(real, cwd):
         raise ValueError(f"refusing to save into {path} ({real}): it is the current folder, a folder above it or a "
                          "file system root (reached through a symlink); give the checkpoint its own folder")
 

@@ -122,7 +122,7 @@ def checkpoint_path(directory: Any) -> Path:
                          "current folder)")
     path = Path(os.path.abspath(raw))
     cwd = Path(os.getcwd())
-    if path == path.parent or path == cwd or path in cwd.parents:
+    if atomic.is_current_or_above(path, cwd):
         raise ValueError(f"refusing to save into {raw!r} ({path}): it is the current folder, a folder above it or "
                          "a file system root; give the checkpoint its own folder")
     return Path(raw)
