@@ -40,7 +40,14 @@ import torch
 from torch import nn
 
 from ..quant.modules import QUANT_MODULES, QuantConv2d
-from ..quant.size import is_hf_conv1d, is_weight_layer, model_size, weight_layer_bits, weight_layer_params
+from ..quant.size import (
+    is_hf_conv1d,
+    is_weight_layer,
+    mha_in_proj_weights,
+    model_size,
+    weight_layer_bits,
+    weight_layer_params,
+)
 
 
 def average_bits(model: nn.Module) -> float:
@@ -80,16 +87,9 @@ def _is_layer(m: nn.Module) -> bool:
     return isinstance(m, QUANT_MODULES) or is_weight_layer(m)
 
 
-def _in_proj_weights(m: nn.MultiheadAttention) -> list[torch.Tensor]:
-    """The q, k, v projection weights of ``m``: the fused ``in_proj_weight`` or the three separate ones."""
-    if m.in_proj_weight is not None:
-        return [m.in_proj_weight]
-    return [w for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight) if w is not None]
-
-
 def _in_proj_bits(m: nn.MultiheadAttention) -> float:
     """Parameter-weighted bits per weight of the in-projection (its dtype width: it is never a quantized layer)."""
-    ws = _in_proj_weights(m)
+    ws = list(mha_in_proj_weights(m).values())
     return sum(w.numel() * w.element_size() * 8 for w in ws) / max(sum(w.numel() for w in ws), 1)
 
 
@@ -223,7 +223,7 @@ def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
         elif _is_layer(m):
             total += weight_layer_params(m) * _weight_bits(m) * act_bits
         elif isinstance(m, nn.MultiheadAttention):
-            total += sum(w.numel() * w.element_size() * 8 for w in _in_proj_weights(m)) * act_bits
+            total += sum(w.numel() * w.element_size() * 8 for w in mha_in_proj_weights(m).values()) * act_bits
     return total
 
 

@@ -28,7 +28,10 @@
   mixture-of-experts modules (``E`` stacked expert matrices, :mod:`medquant.quant.experts`) count as ``E`` float
   linear weights, as their quantized form (:class:`~medquant.quant.experts.QuantExperts`, one quantized linear per
   expert and projection) does: a model whose experts stayed float does not report the bits of its attention alone.
-  ``nn.MultiheadAttention``'s fused in-projection weight (not a layer module) is not counted.
+  ``nn.MultiheadAttention``'s in-projection weights (raw parameters, not layer modules: the fused
+  ``in_proj_weight`` ``[3E, E]``, or ``q/k/v_proj_weight`` when ``kdim`` / ``vdim`` differ from ``E``) count as
+  float weights at their dtype's width (medquant never quantizes them; its ``out_proj`` is a Linear, counted as
+  such), as :mod:`medquant.eval.bops` counts them.
 """
 from __future__ import annotations
 
@@ -130,6 +133,11 @@ def _model_size(model: nn.Module) -> SizeReport:
             params += weight_layer_params(m)
             bit_sum += w.numel() * w.element_size() * 8  # = params * nominal bits (module docstring)
             lw_bytes += sum(_nbytes(t) for k, t in _own_tensors(m).items() if k != "bias")
+        elif isinstance(m, nn.MultiheadAttention):
+            for w in mha_in_proj_weights(m).values():
+                params += w.numel()
+                bit_sum += w.numel() * w.element_size() * 8
+                lw_bytes += w.numel() * w.element_size()
         elif experts_layout(m) is not None:
             for w in _linear_weights(m).values():
                 params += w.numel()
@@ -149,7 +157,9 @@ def layer_table(model: nn.Module) -> list[dict]:
     """One row per weight matrix of the model: name, shape, bits, stored bytes.
 
     The rows: every weight layer (the module docstring's: Linear, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``,
-    Conv1d/2d/3d, ConvTranspose1d/2d/3d, transformers' ``Conv1D``; quantized or not), every quantized embedding and
+    Conv1d/2d/3d, ConvTranspose1d/2d/3d, transformers' ``Conv1D``; quantized or not), every quantized embedding,
+    every in-projection weight of an ``nn.MultiheadAttention`` (``<module>.in_proj_weight`` ``[3E, E]``, or
+    ``<module>.q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` ``[E, kdim]``...; float) and
     every stacked weight of a float experts module (``<module>.gate_up_proj``: its ``E`` expert matrices as
     ``[E * out, in]``). The shape of a layer medquant did not quantize is ``[out, params / out]`` (``out``: output
     features or channels; ``[out, in]`` for a Linear or ``Conv1D``). A head sharing a quantized embedding's tensors
@@ -182,6 +192,11 @@ def _layer_table(model: nn.Module) -> list[dict]:
             rows.append({"name": name, "type": type(m).__name__, "shape": [out, params // max(out, 1)],
                          "bits": f"{bits:g}", "effective_bits": bits,
                          "bytes": sum(_nbytes(t) for t in _own_tensors(m).values())})
+        elif isinstance(m, nn.MultiheadAttention):
+            for pname, w in mha_in_proj_weights(m).items():
+                rows.append({"name": f"{name}.{pname}", "type": type(m).__name__, "shape": list(w.shape),
+                             "bits": str(w.element_size() * 8), "effective_bits": float(w.element_size() * 8),
+                             "bytes": _nbytes(w)})
         elif (layout := experts_layout(m)) is not None:  # float experts: a row per stacked weight, E [out, in]
             for pname, w in _linear_weights(m).items():
                 out, k = (w.shape[2], w.shape[1]) if layout["transposed"] else (w.shape[1], w.shape[2])
@@ -206,6 +221,15 @@ def is_weight_layer(m: nn.Module) -> bool:
     ``nn.Linear``, a convolution (Conv1d/2d/3d, ConvTranspose1d/2d/3d) or transformers' ``Conv1D``; the layers
     :func:`model_size` and :mod:`medquant.eval.bops` count beside medquant's own quantized ones."""
     return not isinstance(m, QUANT_LAYERS) and (isinstance(m, _FLOAT_LAYERS) or is_hf_conv1d(m))
+
+
+def mha_in_proj_weights(m: nn.MultiheadAttention) -> dict[str, torch.Tensor]:
+    """The q, k, v projection weights of ``m`` by parameter name: ``{"in_proj_weight": [3E, E]}``, or the three
+    separate ``q_proj_weight`` ``[E, E]``, ``k_proj_weight`` ``[E, kdim]``, ``v_proj_weight`` ``[E, vdim]``."""
+    if m.in_proj_weight is not None:
+        return {"in_proj_weight": m.in_proj_weight}
+    ws = {"q_proj_weight": m.q_proj_weight, "k_proj_weight": m.k_proj_weight, "v_proj_weight": m.v_proj_weight}
+    return {k: w for k, w in ws.items() if w is not None}
 
 
 def _weight(m: nn.Module) -> torch.Tensor:
