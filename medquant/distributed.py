@@ -381,32 +381,174 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
             p.grad = None
 
 
-def ddp_like(ddp: DistributedDataParallel, module: nn.Module) -> DistributedDataParallel:
+def ddp_like(ddp: DistributedDataParallel, module: nn.Module, *, init_sync: bool = True) -> DistributedDataParallel:
     """A new ``DistributedDataParallel`` around ``module`` with ``ddp``'s settings.
 
-    The settings copied: process group, devices, bucket size, unused-parameter detection, buffer sync. Needed
-    after ``torch.nn.utils.parametrize`` changed
-    the wrapped module: a DDP built before no longer sees the parametrized weights' gradients. The old wrapper's
-    hooks stay inert as long as its own forward is not called again.
+    Needed after ``torch.nn.utils.parametrize`` changed the wrapped module: a DDP built before no longer sees the
+    parametrized weights' gradients. Carried (each where the installed torch has it):
+
+    * process group, or the 1-D ``device_mesh`` it was built from; ``device_ids``, ``output_device``, ``dim``;
+    * buckets: ``bucket_cap_mb`` (DDP's default kept as the default, with its small first bucket) or
+      ``bucket_cap_mb_list``; ``find_unused_parameters``, ``gradient_as_bucket_view``, ``static_graph``,
+      ``skip_all_reduce_unused_params``, ``batched_grad_copy``;
+    * buffer sync: ``forward_sync_buffers`` (``broadcast_buffers`` on older torch). A wrapper that does not sync
+      buffers in the forward does not sync them at construction either (rank-local buffers stay rank-local);
+    * ``mixed_precision`` (the same config object; the new wrapper installs DDP's own upcast hook and low-precision
+      copies, and the old wrapper's forward hooks are removed from the module's submodules);
+    * communication hooks: every ``register_comm_hook(state, hook)`` of ``ddp`` is registered again with the *same*
+      state object (shared, not copied; hooks the new wrapper installs itself, e.g. the mixed-precision one, are not
+      repeated); a built-in hook (``_register_builtin_comm_hook``) by its type; the buffer hook
+      (``_register_buffer_comm_hook``) with its state and location;
+    * ignored parameters / buffers (``ddp.parameters_to_ignore``, set with
+      ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``): each name is resolved in ``module``;
+      a name ``prefix.attr`` that is no longer a parameter or buffer because ``attr`` was parametrized becomes its
+      ``prefix.parametrizations.attr.original`` (``original0``, ``original1``, ... for a multi-tensor
+      ``right_inverse``). The resolved names are set on ``module`` (``_ddp_params_and_buffers_to_ignore``), which
+      DDP reads.
+
+    ``init_sync`` is not recorded by DDP, so it cannot be read from ``ddp``: the argument gives it (``True``, DDP's
+    default: rank 0's parameters, and buffers where they are synced, are broadcast at construction).
+
+    The old wrapper must not be used afterwards: its forward hooks on the module's submodules and its
+    python-reducer gradient hooks are removed (they would run in the new wrapper's passes); its reducer's hooks
+    stay inert as long as its own forward is not called again.
 
     Args:
         ddp: the existing wrapper.
-        module: the module to wrap.
+        module: the module to wrap (``ddp.module`` after parametrization, or another module).
+        init_sync: DDP's ``init_sync`` for the new wrapper.
 
     Returns:
         The new wrapper.
+
+    Raises:
+        ValueError: a setting that cannot be carried: ``delay_all_reduce_named_params`` /
+            ``param_to_hook_all_reduce`` (their hook stays on the old parameter), a ``device_mesh`` sliced from a
+            larger mesh (DDP + tensor parallel: the module transform cannot be applied twice), an ignored name that
+            resolves to no parameter or buffer of ``module``, or a built-in communication hook this torch cannot
+            name.
     """
     import inspect
+    import warnings
 
+    import torch.distributed as dist
+
+    sig = inspect.signature(DistributedDataParallel.__init__).parameters
+    if getattr(ddp, "_delay_all_reduce_params", None):
+        raise ValueError("ddp_like cannot carry delay_all_reduce_named_params / param_to_hook_all_reduce: DDP does "
+                         "not record them, and the old wrapper's all-reduce hook stays on param_to_hook_all_reduce; "
+                         "build the new DistributedDataParallel by hand")
     kw: dict[str, Any] = {"device_ids": ddp.device_ids, "output_device": ddp.output_device, "dim": ddp.dim,
-                          "process_group": ddp.process_group, "bucket_cap_mb": ddp.bucket_bytes_cap / 2**20,
                           "find_unused_parameters": ddp.find_unused_parameters,
                           "gradient_as_bucket_view": ddp.gradient_as_bucket_view, "static_graph": ddp.static_graph}
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-        kw["forward_sync_buffers"] = ddp.forward_sync_buffers
-    else:  # older torch
-        kw["broadcast_buffers"] = ddp.broadcast_buffers
-    return DistributedDataParallel(module, **kw)
+    mesh = getattr(ddp, "device_mesh", None)
+    if mesh is not None:
+        if mesh._get_root_mesh() != mesh:
+            raise ValueError("ddp_like cannot carry a device_mesh sliced from a larger mesh (DDP with tensor "
+                             "parallelism: DDP transforms the module once, at construction)")
+        kw["device_mesh"] = mesh
+    else:
+        kw["process_group"] = ddp.process_group
+    # buckets: a per-bucket list, else the single cap, None where DDP's default (small first bucket) was used
+    caps = list(getattr(ddp, "bucket_bytes_cap_list", []) or [])
+    if caps and "bucket_cap_mb_list" in sig:
+        kw["bucket_cap_mb_list"] = [c / 2**20 for c in caps]
+    elif not getattr(ddp, "bucket_bytes_cap_default", False):
+        kw["bucket_cap_mb"] = ddp.bucket_bytes_cap / 2**20
+    for name in ("skip_all_reduce_unused_params", "batched_grad_copy", "mixed_precision"):
+        if name in sig and hasattr(ddp, name):
+            kw[name] = getattr(ddp, name)
+    if "init_sync" in sig:
+        kw["init_sync"] = init_sync
+    elif not init_sync:
+        raise ValueError("init_sync=False needs a torch whose DistributedDataParallel has init_sync")
+    sync_buffers = ddp.forward_sync_buffers if hasattr(ddp, "forward_sync_buffers") else ddp.broadcast_buffers
+    if "forward_sync_buffers" in sig and sync_buffers:
+        kw["forward_sync_buffers"] = True
+    else:  # older torch, or no buffer sync: broadcast_buffers=False also skips the construction-time buffer sync
+        kw["broadcast_buffers"] = sync_buffers
+
+    ignored = sorted(getattr(ddp, "parameters_to_ignore", ()))
+    if ignored or hasattr(module, "_ddp_params_and_buffers_to_ignore"):
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, _resolve_ignored(module, ignored))
+
+    builtin = None
+    old_hooks: list[tuple[Any, Any]] = list(getattr(ddp, "_comm_hooks", []))
+    if not old_hooks and getattr(ddp, "logger", None) is not None:
+        name = ddp._get_ddp_logging_data().get("comm_hook")
+        if isinstance(name, str) and name.startswith("BuiltinCommHookType."):
+            builtin = getattr(dist.BuiltinCommHookType, name.split(".", 1)[1], None)
+            if builtin is None:
+                raise ValueError(f"ddp_like cannot carry the built-in communication hook {name}: not a "
+                                 "BuiltinCommHookType of this torch")
+
+    # the old wrapper's hooks on the module (mixed precision) and on the parameters (python reducer) would run in
+    # the new wrapper's forward / backward: remove them
+    for sub in ddp.module.modules():
+        for hooks in (sub._forward_pre_hooks, sub._forward_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is ddp]:
+                del hooks[key]
+                sub._forward_pre_hooks_with_kwargs.pop(key, None)
+                sub._forward_hooks_with_kwargs.pop(key, None)
+    for handle in getattr(ddp, "_accum_grad_hooks", ()):
+        handle.remove()
+
+    with warnings.catch_warnings():  # broadcast_buffers=False is deprecated in favour of forward_sync_buffers,
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)  # which syncs
+        new = DistributedDataParallel(module, **kw)  # the buffers at construction
+
+    own = {hook for hook, _ in new._comm_hooks}  # installed by the new wrapper itself (mixed precision, ...)
+    for hook, state in old_hooks:
+        if hook not in own:
+            new.register_comm_hook(state, hook)
+    if builtin is not None:
+        new._register_builtin_comm_hook(builtin)
+    buffer_hook = getattr(ddp, "buffer_hook", None)
+    if buffer_hook is not None:
+        new._register_buffer_comm_hook(buffer_hook.buffer_comm_hook_state, buffer_hook.buffer_comm_hook,
+                                       buffer_hook.buffer_comm_hook_location)
+    return new
+
+
+def _resolve_ignored(module: nn.Module, names: Sequence[str]) -> list[str]:
+    """The names of ``module``'s parameters / buffers that DDP-ignored ``names`` denote now.
+
+    A name that is a parameter or buffer of ``module`` stays; ``prefix.attr`` where ``attr`` of ``prefix`` is
+    parametrized becomes the parametrization's originals ``prefix.parametrizations.attr.original`` (or
+    ``original0``, ``original1``, ...).
+
+    Raises:
+        ValueError: names that resolve to nothing.
+    """
+    from torch.nn.utils import parametrize
+
+    have = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    out: list[str] = []
+    missing: list[str] = []
+    for name in names:
+        if name in have:
+            out.append(name)
+            continue
+        prefix, _, attr = name.rpartition(".")
+        try:
+            sub = module.get_submodule(prefix)
+        except AttributeError:
+            sub = None
+        if sub is not None and parametrize.is_parametrized(sub, attr):
+            plist = sub.get_submodule(f"parametrizations.{attr}")
+            base = f"{prefix}.parametrizations.{attr}." if prefix else f"parametrizations.{attr}."
+            originals = [base + n for n, _ in [*plist.named_parameters(recurse=False),
+                                                *plist.named_buffers(recurse=False)] if n.startswith("original")]
+            if originals and all(o in have for o in originals):
+                out.extend(originals)
+                continue
+        missing.append(name)
+    if missing:
+        raise ValueError(f"ddp_like: the ignored parameters / buffers {missing} of the old DistributedDataParallel "
+                         "are not parameters or buffers of the new module (nor parametrized ones); set the names "
+                         "with DistributedDataParallel._set_params_and_buffers_to_ignore_for_model and wrap it by "
+                         "hand")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2 helpers
