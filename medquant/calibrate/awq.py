@@ -46,9 +46,13 @@ float model's outputs are unchanged by folding (up to float rounding), which the
 quantized previous blocks (GPTQ/AWQ convention), folded, quantized and offloaded. Both paths share the per-group
 search (:func:`_search_group`) and the fold. A module shared across blocks (no group folds into or out of it, see
 above) is quantized plainly once and bound under every name in both paths, as :func:`medquant.quantize_` binds it.
-:func:`awq_quantize_sequential` is all or nothing: an error part way (a later block's, an interrupt) leaves the model
-exactly as before the call - the blocks already done get their float layers and their unscaled norm and linear
-weights back (each block folds copies of the model's tensors; the originals are kept until the call returns).
+Both :func:`awq_quantize_` and :func:`awq_quantize_sequential` are all or nothing: an error part way (a later
+block's or layer's, an interrupt, any ``BaseException``) leaves the model exactly as before the call - the same
+module and tensor objects under every name, with their values, train / eval modes and hooks - then propagates.
+:func:`awq_quantize_sequential`'s blocks fold copies of the model's tensors (the originals are kept until the call
+returns); :func:`awq_quantize_` folds in place, so just before its first fold it copies the values of the tensors
+the folds change (the norms' weights and biases, the folded linears' weights: about the float size of the blocks'
+linear weights, held in CPU memory until the call returns) and writes them back when it fails.
 """
 from __future__ import annotations
 
@@ -69,7 +73,7 @@ from ..quant.api import as_config_map, quantize_
 from ..quant.config import QuantConfig
 from ..quant.core import fake_quantize
 from ._forward import row_mask, token_mask, unmasked_layers
-from .sequential import BlockInputs, quantize_sequential
+from .sequential import BlockInputs, _Undo, quantize_sequential
 
 __all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
            "search_and_fold_block"]
@@ -377,8 +381,19 @@ def _search_group(root: nn.Module, g: ScaleGroup, x: torch.Tensor, config: Quant
     return best[2]
 
 
+def _folded_tensors(model: nn.Module, g: ScaleGroup) -> list[torch.Tensor]:
+    """The tensors :func:`_fold` changes in place for ``g``: ``prev``'s weight and bias (when it has one) and the
+    weight of every linear of the group."""
+    prev = model.get_submodule(g.prev)
+    bias = getattr(prev, "bias", None)
+    return [_weight(prev), *([bias] if isinstance(bias, torch.Tensor) else []),
+            *(_weight(model.get_submodule(n)) for n in g.linears)]
+
+
 @torch.no_grad()
 def _fold(model: nn.Module, g: ScaleGroup, s: torch.Tensor) -> None:
+    """Fold the scales ``s`` of ``g`` into the model, in place (module docstring); the tensors it changes are
+    those of :func:`_folded_tensors`."""
     prev = model.get_submodule(g.prev)
     kind = None if isinstance(prev, nn.Linear) else _norm_kind(prev)
     if kind is None and not isinstance(prev, nn.Linear):
@@ -430,6 +445,15 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
         ValueError: bad ``grid`` / ``max_rows``; no foldable group in scope; no or empty calibration data; a
             group's layer that the calibration batches do not reach; NaN or inf in a group's calibration input.
     """
+    return _search_and_fold(model, config, calib, scope=scope, grid=grid, max_rows=max_rows, progress=progress)
+
+
+@torch.no_grad()
+def _search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *,
+                     scope: str | list[str] | None, grid: int, max_rows: int | None, progress: bool,
+                     undo: _Undo | None = None) -> list[ScaleGroup]:
+    """The body of :func:`search_and_fold`; with ``undo``, the tensors the folds change in place
+    (:func:`_folded_tensors`) are handed to ``undo.keep_values`` before the first fold."""
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     _check_search_args(grid, max_rows)
@@ -445,6 +469,8 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
     groups = flow.keep(groups)
     chosen = [_search_group(model, g, xs[g.linears[0]], config, grid)
               for g in tqdm(groups, desc="AWQ scale search", disable=not progress, leave=False)]
+    if undo is not None:
+        undo.keep_values(t for g in groups for t in _folded_tensors(model, g))
     for g, s in zip(groups, chosen):
         _fold(model, g, s)
     return groups
@@ -471,7 +497,16 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
         The scale groups with their ``alpha`` and errors (see :func:`search_and_fold`).
 
     Raises:
-        TypeError / ValueError: those of :func:`search_and_fold` (raised before the model is changed).
+        TypeError / ValueError: those of :func:`search_and_fold` (raised before the model is changed), and those of
+            :func:`medquant.quantize_`.
+
+    All or nothing: any exception raised once the scales begin to be folded (an error while a later layer is
+    quantized, a ``KeyboardInterrupt`` during the fold or the swaps) leaves the model exactly as it was before the
+    call - the same module and tensor objects under every name, the folded norm / linear tensors with their
+    values of before (copied to CPU memory before the first fold, written back in place), no quantized layer, train /
+    eval modes and hooks as before - then propagates. The cost: a CPU copy of the folded tensors, and the float
+    layers are kept until the call returns. (:func:`search_and_fold` alone is not guarded: it changes the model in
+    place.)
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -479,8 +514,14 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
     skip = list(skip) if skip else None
     as_config_map(config, skip=skip).resolve(model)  # a bad skip pattern is refused before the scales are folded
     calib = list(calib)
-    groups = search_and_fold(model, config, calib, scope=scope, grid=grid, max_rows=max_rows, progress=progress)
-    quantize_(model, config, skip=skip)
+    undo = _Undo(model)
+    try:
+        groups = _search_and_fold(model, config, calib, scope=scope, grid=grid, max_rows=max_rows,
+                                  progress=progress, undo=undo)
+        quantize_(model, config, skip=skip)
+    except BaseException:
+        undo.restore()  # all or nothing: unscaled weights, float layers, modes as before the call
+        raise
     return groups
 
 

@@ -286,12 +286,16 @@ class _Materializer:
 
 
 class _Undo:
-    """The model as :func:`quantize_sequential` found it, to put back when it fails.
+    """The model as :func:`quantize_sequential` (or :func:`medquant.calibrate.awq.awq_quantize_`) found it, to put
+    back when it fails.
 
     Holds, for every module, its own parameter, buffer and child bindings (the objects themselves: no copy of any
     tensor) and its train / eval mode, and the instance ``save_pretrained`` of the root. The sequential pass never
     changes these objects (:class:`_Materializer` binds new tensor objects, the quantized layers are new modules),
-    so :meth:`restore` gives back exactly the model of before: the same modules, tensors, hooks and modes."""
+    so :meth:`restore` gives back exactly the model of before: the same modules, tensors, hooks and modes. A caller
+    that does change some of the model's tensors in place (the whole-model AWQ fold) first hands them to
+    :meth:`keep_values`: their values are copied (to the CPU) and :meth:`restore` copies them back into the same
+    tensor objects."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -300,6 +304,14 @@ class _Undo:
         self.own = {id(m): (p, b) for m, p, b, _, _ in self.records}
         self.tensors = {id(t) for _, p, b, _, _ in self.records for t in (*p.values(), *b.values()) if t is not None}
         self.save = model.__dict__.get("save_pretrained", _Undo)  # set by the on_quantized hook (transformers)
+        self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, copy of its values)
+
+    def keep_values(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Copy the values of ``tensors`` (which the caller is about to change in place) to the CPU, once per
+        tensor object, for :meth:`restore` to write back (bit for bit: same dtype)."""
+        for t in tensors:
+            if id(t) not in self.values:
+                self.values[id(t)] = (t, t.detach().to("cpu", copy=True))
 
     def release(self, modules: Iterable[nn.Module], live: nn.Module) -> None:
         """Give the ``modules`` no longer in ``live`` (float layers swapped out) their original tensors back, which
@@ -312,7 +324,8 @@ class _Undo:
                 m._buffers.update(buffers)
 
     def restore(self) -> None:
-        """Bind every module's original parameters, buffers and children again, with its original mode."""
+        """Bind every module's original parameters, buffers and children again, with its original mode, and write
+        the values kept by :meth:`keep_values` back into their tensors."""
         for m, params, buffers, children, training in self.records:
             m._parameters.clear()
             m._parameters.update(params)
@@ -321,6 +334,9 @@ class _Undo:
             m._modules.clear()
             m._modules.update(children)
             m.training = training
+        with torch.no_grad():
+            for t, saved in self.values.values():
+                t.copy_(saved)
         if self.save is _Undo:
             self.model.__dict__.pop("save_pretrained", None)
         else:
