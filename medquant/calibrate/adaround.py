@@ -38,9 +38,17 @@ under several names that are all used) is calibrated on every call, as GPTQ's He
 call's input and target (the float model's output of that call) is one calibration call, exactly as if its input
 had been a calibration batch of its own (same seed: the same rounding), so the Adam steps draw from, and the errors
 above and the activation range cover, the calls of every use. A call keeps its own inputs and output only (per
-batch, a single call's worth times the number of calls). Whether a batch's forward can stop at the unit's call is
-decided on the first batch, as GPTQ does: a unit it calls exactly once is captured from its first call of each batch
-(the rest of the model is not run); any other unit from every call of each batch's whole forward.
+batch, a single call's worth times the number of calls). The number of calls may differ from batch to batch
+(data-dependent control flow, e.g. a module reused only for some inputs): every call of every batch is calibration
+data all the same. Whether a batch's forward can stop at the unit's call is decided on *every* calibration batch,
+before the model changes, by one float forward pass of each batch that counts the calls of every unit: a unit called
+exactly once by each batch is captured from its first call of each batch (the rest of the model is not run); any
+other unit (called twice or more, or not at all, by some batch) from every call of each batch's whole forward.
+With ``target="float"`` the calls of the model being quantized are paired in order with those of the float copy,
+batch by batch; a batch that calls the unit a different number of times in the two (control flow that depends on
+the already quantized earlier units) is refused with a ``ValueError`` naming the unit and the batch, since its
+calls have no well-defined float target (``target="input"``, which pairs each call with the float unit on the
+same input, takes it).
 
 Padding: in a dict calibration batch with a 2-D ``attention_mask``, the padding positions (mask 0) are not
 calibration data. Where a block's output is ``(batch, tokens, features)`` with the mask's ``(batch, tokens)``, their
@@ -387,15 +395,16 @@ def _no_cache(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], every_call: bool = False
-                   ) -> list[_Call]:
+def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], every_call: bool = False,
+                   per_batch: list[int] | None = None) -> list[_Call]:
     """(args, kwargs without a KV cache, float output, the batch's :func:`token_mask`) of every call of the block
     on the calibration batches, in call order (batch by batch, the calls of a batch in the order the forward makes
     them).
 
     ``every_call=False``: each batch's forward is stopped at the block's first call (for a block called once per
     batch: the rest of the model is not run). ``every_call=True``: each batch's forward runs through and every call
-    of the block is kept (a shared layer or block), one entry per call, each holding that call's tensors only."""
+    of the block is kept (a shared layer or block), one entry per call, each holding that call's tensors only.
+    ``per_batch``, when given, receives the number of calls kept from each batch (in batch order)."""
     block = model.get_submodule(block_name)
     calls: list[_Call] = []
     mask: list[torch.Tensor | None] = [None]  # the token mask of the batch being run
@@ -410,10 +419,13 @@ def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], ev
     try:
         for i, batch in enumerate(batches):
             mask[0] = token_mask(batch)
+            before = len(calls)
             try:
                 _run_batch(model, batch, i, f"block {block_name}")
             except _StopForward:
                 pass
+            if per_batch is not None:
+                per_batch.append(len(calls) - before)
     finally:
         h.remove()
     if not calls:
@@ -517,25 +529,26 @@ def _refuse_shared_across_units(model: nn.Module, plan: Iterable[str], blocks: S
                              "copy of the layer, or choose blocks that hold all its names")
 
 
-def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any]) -> tuple[list[str], dict[str, int]]:
+def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any]
+                   ) -> tuple[list[str], dict[str, list[int]]]:
     """The units in the order of their first call on the first batch (units it does not call after them, in the
-    order of their first call on the later batches, which are run only while some unit is still uncalled), and how
-    many times the first batch's forward calls each unit (0: not called there; > 1: a shared layer or block).
+    order of their first call on the later batches), and how many times each batch's forward calls each unit, one
+    count per batch (0: not called by that batch; > 1: a shared layer or block, or one reused by that batch). Every
+    batch is run once, whole: a unit called exactly once by the first batch may be called twice by another
+    (data-dependent control flow), so the decision to stop a capture at a unit's first call needs every batch.
 
     Raises:
         ValueError: a unit that no calibration batch calls (checked here, before the model changes).
     """
     units = list(units)
     order: list[str] = []
-    counts = dict.fromkeys(units, 0)
-    first = [True]  # counting the calls of the first batch
+    counts: dict[str, list[int]] = {u: [] for u in units}
 
     def make(u: str):
         def hook(mod, args):
             if u not in order:
                 order.append(u)
-            if first[0]:
-                counts[u] += 1
+            counts[u][-1] += 1
         return hook
 
     handles = [model.get_submodule(u).register_forward_pre_hook(make(u)) for u in units]
@@ -543,10 +556,9 @@ def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any
     try:
         with torch.no_grad():
             for i, batch in enumerate(batches):
+                for c in counts.values():
+                    c.append(0)
                 _run_batch(model, batch, i, what)
-                first[0] = False
-                if len(order) == len(units):
-                    break
     finally:
         for h in handles:
             h.remove()
@@ -602,7 +614,7 @@ def adaround_quantize_(
         reg: ``lambda``, the weight of the rounding regulariser (>= 0).
         warmup: the fraction of the steps before the regulariser starts (reconstruction only).
         fold_bn: fold BatchNorm2d layers into their convolutions first (:func:`fold_batchnorm_`), once the
-            arguments, the plan, the blocks and a forward on the first calibration batch have been checked; not
+            arguments, the plan, the blocks and a forward on every calibration batch have been checked; not
             when nothing is planned.
         seed: seed of the batch order (an integer); the result is deterministic for a seed (on the same device).
         act_bits: quantize each unit's input activations too (e.g. ``8`` for W4A8): a static per-tensor
@@ -637,9 +649,10 @@ def adaround_quantize_(
             every ``attention_mask`` is all zeros (no real token) while a layer outside the vision tower /
             projector is planned; a block that the
             calibration batches never reach; NaN or inf in a block's calibration input; a reconstruction that
-            diverged. The errors up to the forward on the first batch (and on the later ones while some block is
-            not yet reached: a block that no batch reaches is refused there) are raised before the model is
-            changed.
+            diverged; with ``target="float"``, a block that a calibration batch calls a different number of times in
+            the model being quantized and in the float model (module docstring). The errors up to the float forward
+            of every batch (which counts the calls of each block per batch; a block that no batch reaches is refused
+            there) are raised before the model is changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -668,7 +681,7 @@ def adaround_quantize_(
         units.setdefault(owner, []).append(n)
     unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
     _check_real_tokens(batches, [u for u in units if u not in unmasked])
-    with eval_mode(model):  # one forward on the first batch: a batch that does not fit the model fails here
+    with eval_mode(model):  # one forward per batch: a batch that does not fit the model fails here
         ordered, counts = _forward_order(model, units, batches)
     if fold_bn:
         fold_batchnorm_(model)
@@ -678,7 +691,7 @@ def adaround_quantize_(
     try:
         _run_units(model, ordered, units, unmasked, plan, batches, records, aliases, iters=iters, lr=lr, reg=reg,
                    warmup=warmup, seed=seed, act_bits=act_bits, act_symmetric=act_symmetric, target=target,
-                   progress=progress, every_call={u for u, c in counts.items() if c != 1})
+                   progress=progress, every_call={u for u, c in counts.items() if any(n != 1 for n in c)})
     finally:
         for n in records:
             model.get_submodule(n).train(modes[n])
@@ -691,19 +704,27 @@ def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, lis
                act_bits: int | None, act_symmetric: bool, target: str, progress: bool,
                every_call: Collection[str] = ()) -> None:
     """Reconstruct the units in order (in eval mode), adding each layer's record to ``records`` as it is swapped.
-    The units of ``every_call`` (not called exactly once by the first batch) are captured on every call of each
-    batch; the others' forwards stop at their first call."""
+    The units of ``every_call`` (not called exactly once by every batch) are captured on every call of each
+    batch; the others' forwards stop at their first call. With ``target="float"``, a unit that some batch calls a
+    different number of times in the model being quantized and in the float copy is refused (``ValueError``)."""
     with eval_mode(model):
         reference = copy.deepcopy(model) if target == "float" else None
         gen = torch.Generator().manual_seed(seed)
         for unit in tqdm(ordered, desc="learned rounding", disable=not progress, leave=False):
             every = unit in every_call
-            calls = _capture_block(model, unit, batches, every)
+            per_batch: list[int] = []
+            calls = _capture_block(model, unit, batches, every, per_batch)
             if reference is not None:  # the float model's outputs of this block (its own, float inputs)
-                ref_calls = _capture_block(reference, unit, batches, every)
-                if len(ref_calls) != len(calls):
-                    raise ValueError(f"block {unit}: called {len(calls)} times by the quantized model but "
-                                     f"{len(ref_calls)} times by the float model on the same batches")
+                ref_per_batch: list[int] = []
+                ref_calls = _capture_block(reference, unit, batches, every, ref_per_batch)
+                if per_batch != ref_per_batch:  # calls are paired in order within a batch: counts must agree
+                    i = next(j for j, (a, b) in enumerate(zip(per_batch, ref_per_batch)) if a != b)
+                    raise ValueError(
+                        f"block {unit}: calibration batch {i} calls it {per_batch[i]} time(s) in the model being "
+                        f"quantized but {ref_per_batch[i]} time(s) in the float model (control flow that depends on "
+                        "the already quantized earlier layers): its calls cannot be paired with the float model's "
+                        "outputs; use target='input', put the layers that decide the control flow in one block with "
+                        "it (blocks=), or skip it")
                 calls = [(a, kw, r[2], m) for (a, kw, _, m), r in zip(calls, ref_calls)]
             if unit in unmasked:
                 calls = [(a, kw, t, None) for a, kw, t, _ in calls]

@@ -284,13 +284,16 @@ def test_a_batch_that_does_not_fit_names_the_batch_and_the_block():
                                          r"model's forward while calibrating 0\.0, 0\.2, 1: RuntimeError: ") as info:
         adaround_quantize_(copy.deepcopy(seq), cfg, [torch.randn(4, 7)], iters=2, progress=False)
     assert isinstance(info.value.__cause__, RuntimeError)
+    # a later batch that does not fit is caught by the call-counting forward of every batch, before any change
+    model = copy.deepcopy(seq)
     with pytest.raises(ValueError, match=r"calibration batch 1 \(a tensor of shape \(4, 7\)\) failed in the "
-                                         r"model's forward while calibrating block 0\.0: RuntimeError: ") as info:
-        adaround_quantize_(copy.deepcopy(seq), cfg, [torch.randn(4, 8), torch.randn(4, 7)], iters=2,
-                           progress=False)
+                                         r"model's forward while calibrating 0\.0, 0\.2, 1: RuntimeError: ") as info:
+        adaround_quantize_(model, cfg, [torch.randn(4, 8), torch.randn(4, 7)], iters=2, progress=False)
     assert isinstance(info.value.__cause__, RuntimeError)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), seq.state_dict().values()))
+    assert [type(m) for m in model.modules()] == [type(m) for m in seq.modules()]
     with pytest.raises(ValueError, match=r"calibration batch 1 \(a dict with the keys \['x'\]\) failed .*"
-                                         r"block features: RuntimeError: ") as info:
+                                         r"calibrating features: RuntimeError: ") as info:
         adaround_quantize_(_cnn(), QuantConfig(4, group_size=32), [{"x": _data(1)[0]}, {"x": torch.randn(2, 5, 12, 12)}],
                            blocks=["features"], skip=["classifier"], iters=2, progress=False)
     assert isinstance(info.value.__cause__, RuntimeError)
