@@ -272,8 +272,6 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         except ExportError as e:
             parser.error(f"OUT: {e}")
     else:
-        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-            parser.error(f"OUT {args.out} exists and is not empty; pass --overwrite to replace it")
         # --overwrite replaces OUT as a whole folder: never one holding what the export reads
         for flag, folder in (("SRC", args.src), ("--source", args.source)):
             if folder is not None and out.resolve() in Path(folder).resolve().parents:
@@ -284,6 +282,15 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
                 parser.error(f"OUT {args.out} exists and is a file; --format compressed-tensors writes a folder")
             if not args.overwrite:
                 parser.error(f"OUT {args.out} exists; pass --overwrite to replace it")
+        if args.format == "compressed-tensors":  # an empty folder, or an earlier export with --overwrite
+            from ..deploy.compressed_tensors import check_output_folder
+
+            try:
+                check_output_folder(out, args.overwrite)
+            except ExportError as e:
+                parser.error(f"OUT: {e}")
+        elif out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            parser.error(f"OUT {args.out} exists and is not empty; pass --overwrite to replace it")
     if args.max_shard_size is not None and args.format != "compressed-tensors":
         parser.error("--max-shard-size applies to --format compressed-tensors only")
     if args.embeddings is not None and args.format != "compressed-tensors":

@@ -129,7 +129,14 @@ def test_hf_folder_with_tokenizer_prints_the_table_and_copies_the_tokenizer(tmp_
      "--embeddings applies to --format compressed-tensors only"),
     (["{src}", "{root}/o6", "--format", "compressed-tensors", "--embeddings", "int4"],
      "argument --embeddings: invalid choice: 'int4'"),
-    (["{src}", "{root}", "--format", "compressed-tensors"], "OUT {root} exists and is not empty; pass --overwrite"),
+    (["{src}", "{root}", "--format", "compressed-tensors"], "OUT {root} holds SRC {root}/src"),
+    # a non-empty folder that is not an earlier export: refused before the model loads, with or without --overwrite
+    # (the export would refuse it after loading; it never deletes a folder it did not write)
+    (["{src}", "{root}/busy", "--format", "compressed-tensors", "--overwrite"],
+     "OUT: {root}/busy is not empty and not an earlier compressed-tensors export: it holds keep.txt"),
+    (["{src}", "{root}/busy", "--format", "compressed-tensors"], "not an earlier compressed-tensors export"),
+    (["{src}", "{root}/full.gguf", "--format", "compressed-tensors", "--overwrite"],
+     "not an earlier compressed-tensors export"),
     (["{src}", "{src}", "--format", "compressed-tensors", "--overwrite"], "OUT must differ from SRC"),
     (["{src}", "{root}/o6"], "the following arguments are required: --format"),
     (["{src}", "{root}/src/config.json", "--format", "gguf", "--overwrite"],
@@ -142,7 +149,7 @@ def test_hf_folder_with_tokenizer_prints_the_table_and_copies_the_tokenizer(tmp_
 def test_bad_arguments_exit_2_naming_the_argument(saved, capsys, args, expected):
     root, _ = saved
     (root / "src.gguf").mkdir(exist_ok=True)  # a folder whose name ends in .gguf
-    for name in ("full.gguf", "full.onnx"):  # non-empty folders named like the file
+    for name in ("full.gguf", "full.onnx", "busy"):  # non-empty folders (named like the file)
         (root / name).mkdir(exist_ok=True)
         (root / name / "keep.txt").write_text("x")
     argv = [a.format(root=root, src=root / "src") for a in args]
@@ -151,6 +158,7 @@ def test_bad_arguments_exit_2_naming_the_argument(saved, capsys, args, expected)
     assert e.value.code == 2
     assert expected.format(root=root) in capsys.readouterr().err
     assert not any((root / f"o{i}").exists() for i in range(1, 7))
+    assert all((root / name / "keep.txt").read_text() == "x" for name in ("full.gguf", "full.onnx", "busy"))
 
 
 def test_a_folder_without_a_model_is_one_line_exit_2(tmp_path, capsys):

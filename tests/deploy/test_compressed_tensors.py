@@ -293,6 +293,10 @@ def test_tokenizer_files_are_copied_from_the_source_folder(llama, tmp_path):
 
 
 def test_bad_inputs_are_refused_before_writing(llama, tmp_path):
+    """Bad options and models are refused before anything is written. A non-empty folder that is not an earlier
+    export (here a user's ``keep.txt``) is refused with or without ``overwrite=True`` and keeps its files: this test
+    used to expect ``overwrite=True`` to replace it, deleting ``keep.txt``; ``overwrite`` now replaces only an
+    earlier compressed-tensors export (tests/deploy/test_compressed_tensors_overwrite.py)."""
     model = mq.quantize_(copy.deepcopy(llama), mq.QuantConfig(4, group_size=32), skip=["lm_head"])
     with pytest.raises(ExportError, match="no medquant-quantized layers"):
         export(copy.deepcopy(llama), tmp_path / "a", format=FMT)
@@ -327,8 +331,11 @@ def test_bad_inputs_are_refused_before_writing(llama, tmp_path):
         export(model, busy, format=FMT)
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
     assert not any((tmp_path / x).exists() for x in "abcdef")
-    export(model, busy, format=FMT, overwrite=True)
-    assert (busy / "config.json").is_file() and not (busy / "keep.txt").exists()
+    with pytest.raises(ExportError, match="not empty and not an earlier compressed-tensors export: it holds "
+                                          "keep.txt; .*choose another path or remove the folder yourself"):
+        export(model, busy, format=FMT, overwrite=True)
+    assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"] and (busy / "keep.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "half"]  # no temporary folder left
 
 
 def test_quantized_embeddings_and_a_head_sharing_their_codes(tmp_path):

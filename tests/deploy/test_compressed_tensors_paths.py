@@ -1,6 +1,7 @@
 """format="compressed-tensors" output paths that must never be replaced: ``.``, the current folder (also through a
 symlink), a folder above it and a file system root are refused before any work, as medquant's checkpoint save
-refuses them; a non-empty folder that is not an export is refused without ``overwrite`` and its files are kept.
+refuses them; a non-empty folder that is not an export is refused (with or without ``overwrite``, see
+test_compressed_tensors_overwrite.py) and its files are kept.
 
 Every test runs with the current folder inside ``tmp_path`` (``monkeypatch.chdir``), so nothing outside it can be
 touched; the independent reference is the folder's listing and file contents taken before the call."""
