@@ -41,7 +41,8 @@ constant of up to 8 values into the code as a literal). Consequences, stated pla
 * **saved and loaded.** :meth:`AOTDecoder.save` writes the packages and a manifest; :func:`load_decoder` loads
   them for a model in this or another process without compiling, binding its layers (new handles, handed to the
   programs in their tensors) and handing its tensors over. What the generated code assumes and does not check is
-  checked at load and refused when it differs: the packages' SHA-256, torch's version and build, medquant's
+  checked at load and refused when it differs: the packages' SHA-256 (each a plain file name inside the folder:
+  a path, or a symbolic link leading out of the folder, is refused), torch's version and build, medquant's
   version, the vector instruction set of the generated code, the model's class and configuration (the fields of
   ``model.config`` that change what the programs compute: sizes, norm epsilon, rotary settings, activation, ...;
   not token ids, labels or output switches), every bound layer's name and
@@ -58,6 +59,9 @@ constant of up to 8 values into the code as a literal). Consequences, stated pla
   ``attention_mask`` (as for ``generate``: both programs take the cache's mask and the tokens' rotary positions as
   inputs, a padding position is never attended to and does not count in the positions after it); models whose static cache is not full attention in every layer (sliding windows, shared KV) are
   refused: :func:`~medquant.quant.decode.static_decode_` serves them;
+* the model's output head must not give more logits per token than its input embedding table has rows (a
+  generated id would be fed back and read out of the table's bounds: the programs do not check ids); such a model
+  is refused where a decoder is built or loaded, a narrower head is accepted;
 * compiling takes time: about 30 s per program for SmolLM2-135M on two cores, one prompt program per chunk
   length and one step program per cache length (``max_len=2048``, one chunk length: 8 programs, ~270 s; g++
   must be installed, as for the native kernels).
@@ -71,6 +75,7 @@ import bisect
 import contextlib
 import hashlib
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -324,6 +329,26 @@ def _config_difference(saved: Any, here: Any, path: str = "") -> tuple[str, Any,
     return None if saved == here else (path, saved, here)
 
 
+def _check_head(model: nn.Module, what: str) -> int:
+    """The rows of the model's input embedding table (the token ids the programs can look up; its config's
+    ``vocab_size`` where the table does not say), after refusing an output head wider than the table: the head's
+    ``out_features`` (logits per token) ``V_out > V_in`` rows would let ``generate`` pick an id in
+    ``V_in .. V_out - 1`` and feed it back, which the programs would read out of the table's bounds (run eagerly:
+    an ``IndexError`` mid-generation). A narrower head, or one that does not give its width, is accepted."""
+    table: Any = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(table, "num_embeddings", None)  # nn.Embedding and QuantEmbedding
+    rows = int(rows if rows is not None else _text_config(model).vocab_size)
+    head: Any = getattr(model, "get_output_embeddings", lambda: None)()
+    width = getattr(head, "out_features", None)  # nn.Linear and QuantLinear
+    if _is_int(width) and width > rows:
+        raise ValueError(f"{what}: the model's output head ({type(head).__name__}) gives {width} logits per token, "
+                         f"more than the {rows} rows of its input embedding table ({type(table).__name__}): a "
+                         f"generated token id in {rows}..{width - 1} could not be looked up at the next step (the "
+                         f"programs index the table without checking); give the head and the table the same size "
+                         f"(model.resize_token_embeddings({width}) resizes both)")
+    return rows
+
+
 def _describe(x: Any) -> str:
     """What an argument is, for an error message: a tensor's dtype, shape and device, else its type."""
     return f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
@@ -426,7 +451,8 @@ class AOTDecoder:
         position: the next cache position to write (0 after :meth:`reset`).
         last_timing: of the last :meth:`generate`: ``{"prefill_s": seconds of the prompt, "decode_s": seconds of
             the rest, "steps": one-token steps run}`` (None before any).
-        vocab_size: rows of the input embedding table (token ids must lie below it).
+        vocab_size: rows of the input embedding table (token ids must lie below it; a model whose output head
+            gives more logits than this is refused: ``ValueError`` naming both sizes).
         cache_lengths: the cache lengths the programs were compiled for (ascending, the last ``max_len``): a call
             writing up to position ``p`` runs the shortest one above ``p`` and attends over that many positions.
         chunks: the prompt programs' chunk lengths, ascending (empty: the step program only).
@@ -452,9 +478,7 @@ class AOTDecoder:
         self._files, self._spec = files, spec
         self.batch_size, self.max_len, self.chunks = batch_size, max_len, tuple(sorted(chunks))
         self.bound_layers, self.export_s, self.compile_s = bound_layers, export_s, compile_s
-        table: Any = getattr(model, "get_input_embeddings", lambda: None)()
-        rows = getattr(table, "num_embeddings", None)  # nn.Embedding and QuantEmbedding
-        self.vocab_size = int(rows if rows is not None else _text_config(model).vocab_size)
+        self.vocab_size = _check_head(model, "AOTDecoder")
         self.position = 0
         self.last_timing: dict[str, float] | None = None
         # which cache positions each row attends to (0: padding), and how many real tokens each row has so far
@@ -641,7 +665,9 @@ class AOTDecoder:
 
         Args:
             input_ids: ``(batch_size, P)`` prompt tokens; a new sequence (the cache restarts at position 0).
-            max_new_tokens: tokens to generate, ``P + max_new_tokens <= max_len``.
+            max_new_tokens: tokens to generate, ``P + max_new_tokens <= max_len``: an integer (Python's, NumPy's,
+                a 0-d integer tensor: ``operator.index``; not a bool). ``top_k``, ``eos_token_id`` and
+                ``pad_token_id`` take integers alike.
             eos_token_id: end token(s); None: those of the model's ``generation_config`` (``eos_token_id``, one id
                 or a list; none where it has no ``generation_config`` or its ``eos_token_id`` is None), as
                 ``generate`` stops; ``[]``: no end token, every row runs ``max_new_tokens``.
@@ -664,15 +690,18 @@ class AOTDecoder:
             ``(batch_size, P + generated)`` int64 tensor.
 
         Raises:
-            ValueError: bad ``input_ids``, ``max_new_tokens`` not an int >= 1 or past ``max_len``, end tokens
-                that are not ints, a pad token (given, the generation config's, or the first end token) outside the
+            ValueError: bad ``input_ids``, ``max_new_tokens`` not an integer >= 1 (a bool, a float) or past
+                ``max_len``, end tokens that are not integers, a pad token (given, the generation config's, or the first end token) outside the
                 embedding table when there are end tokens, bad sampling values (given, or the generation config's
                 where used), a generation config setting that is not implemented (above), the decoder was closed.
         """
         self._check_open()
         ids = self._ids(input_ids)
-        if not _is_int(max_new_tokens) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        n_new = _as_int(max_new_tokens)
+        if n_new is None or n_new < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r} (an integer: Python's, "
+                             "NumPy's or a 0-d integer tensor; not a bool)")
+        max_new_tokens = n_new
         if ids.shape[1] + max_new_tokens > self.max_len:
             raise ValueError(f"a {ids.shape[1]}-token prompt plus max_new_tokens={max_new_tokens} exceeds the "
                              f"decoder's max_len={self.max_len}")
@@ -818,7 +847,8 @@ class _Picker:
             raise TypeError(f"do_sample must be True, False or None, got {do_sample!r}")
         if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-        if top_k is not None and not (_is_int(top_k) and top_k >= 0):
+        k = None if top_k is None else _as_int(top_k)
+        if top_k is not None and not (k is not None and k >= 0):
             raise ValueError(f"top_k must be an int >= 1 (0: no limit) or None, got {top_k!r}")
         if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
@@ -827,7 +857,7 @@ class _Picker:
             raise ValueError(f"repetition_penalty must be > 0 or None, got {repetition_penalty!r}")
         self.do_sample, self.generator = do_sample, generator
         self.temperature = 1.0 if temperature is None else float(temperature)
-        self.top_k = None if top_k == 0 else top_k
+        self.top_k = None if not k else k
         self.top_p = None if top_p is None or top_p >= 1 else float(top_p)
         self.penalty = None if repetition_penalty in (None, 1, 1.0) else float(repetition_penalty)
 
@@ -934,20 +964,38 @@ def _special_tokens(model: nn.Module, eos_token_id: Any, pad_token_id: Any) -> t
         pad_token_id = getattr(config, "pad_token_id", None)
     if isinstance(eos_token_id, torch.Tensor):  # generate takes a tensor too
         eos_token_id = eos_token_id.reshape(-1).tolist()
-    eos: list[Any] = [] if eos_token_id is None else [eos_token_id] if _is_int(eos_token_id) \
-        else list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
-    if not all(_is_int(t) for t in eos):
+    listed = isinstance(eos_token_id, (list, tuple))
+    given: list[Any] = [] if eos_token_id is None else list(eos_token_id) if listed else [eos_token_id]
+    eos = [_as_int(t) for t in given]
+    if any(t is None for t in eos):
         raise ValueError(f"eos_token_id must be an int token id, a list of them ([]: no end token) or None (the "
                          f"model's generation_config's), got {eos_token_id!r}")
-    if pad_token_id is not None and not _is_int(pad_token_id):
+    pad = None if pad_token_id is None else _as_int(pad_token_id)
+    if pad_token_id is not None and pad is None:
         raise ValueError(f"pad_token_id must be an int token id or None, got {pad_token_id!r}")
-    pad = pad_token_id if pad_token_id is not None else eos[0] if eos else 0
-    return [int(t) for t in eos], int(pad)
+    ends = [t for t in eos if t is not None]
+    return ends, pad if pad is not None else ends[0] if ends else 0
 
 
 def _is_int(value: object) -> TypeGuard[int]:
     """An ``int`` and not a ``bool`` (JSON and Python both let ``True`` pass for 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_int(value: object) -> int | None:
+    """``value`` as an ``int`` where it is an integer: a Python or NumPy integer, or anything else
+    ``operator.index`` takes (``numbers.Integral``), a 0-d integer tensor included; None for a bool (Python's,
+    NumPy's or a bool tensor), a float, a tensor of another dtype or of one or more dimensions, a string, ...
+    (:meth:`AOTDecoder.generate`'s integer arguments)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool
+                                            or value.dtype.is_floating_point or value.is_complex()):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:  # np.bool_, floats, strings, ...: no __index__
+        return None
 
 
 def _cache_lengths(cache_lengths: Sequence[int] | None, max_len: int) -> list[int]:
@@ -1018,9 +1066,11 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
     Raises:
         TypeError: ``model`` is not a Hugging Face model (no ``config``).
         ValueError: bad ``max_len`` / ``batch_size`` / ``chunk`` / ``cache_lengths``; a model not on CPU; a cache
-            that is not full attention in every layer.
+            that is not full attention in every layer; an output head wider than the input embedding table (its
+            ``out_features`` above the table's rows: checked first, before anything is compiled).
     """
     _text_config(model)
+    _check_head(model, "compile_decoder")
     for name, value in (("max_len", max_len), ("batch_size", batch_size)):
         if not (_is_int(value) and value >= 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -1130,7 +1180,8 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no ``decoder.json`` in ``path``.
         ValueError: the file is not a readable decoder manifest, of another manifest version, a field the loader
-            reads is missing or of another type, or sizes that disagree (``batch_size`` and ``max_len`` with the
+            reads is missing or of another type, a program ``file`` entry that is not a plain file name (a path,
+            ``.``, ``..``), or sizes that disagree (``batch_size`` and ``max_len`` with the
             cache's shapes, the programs' cache lengths with ``max_len``).
     """
     folder = Path(path)
@@ -1171,6 +1222,10 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
                                              for k in ("tokens", "length")) or any(not isinstance(prog.get(k), str) for k in ("file", "sha256")):
             raise ValueError(f"{file}: a program entry is {prog!r}, expected tokens and length (positive integers), "
                              "file and sha256 (strings) (the file was edited or cut short: save the decoder again)")
+        if not _is_plain_name(prog["file"]):
+            raise ValueError(f"{file}: program file entry {prog['file']!r} is not accepted: a plain file name inside "
+                             "the folder is accepted (as AOTDecoder.save writes them, e.g. 'step-256.pt2'), not a "
+                             "path, '.' or '..' (the file was edited: save the decoder again)")
     chunks, max_len = manifest["chunks"], manifest["max_len"]
     tokens = {prog["tokens"] for prog in manifest["programs"]}
     if any(not (_is_int(c) and 1 < c <= max_len) for c in chunks) or tokens != {1, *chunks}:
@@ -1179,6 +1234,12 @@ def read_decoder_manifest(path: str | os.PathLike) -> dict[str, Any]:
                          "token): the file was edited; save the decoder again")
     _check_manifest_sizes(file, manifest)
     return manifest
+
+
+def _is_plain_name(entry: str) -> bool:
+    """A file name with no folder part (no ``/`` or ``\\``), not ``""``, ``"."`` or ``".."``: what a manifest's
+    program ``file`` entry may be (:meth:`AOTDecoder.save` writes the packages into the folder itself)."""
+    return entry not in ("", ".", "..") and not any(c in entry for c in "/\\\0") and Path(entry).name == entry
 
 
 def _is_tensor_spec(spec: Any) -> bool:
@@ -1226,14 +1287,17 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
     The programs read ``model``'s own tensors (user-managed constants, as when compiled) and call its quantized
     layers by the handles they get here (bound now, the programs read them from tensors handed at load), so a
     decoder compiled in one process runs in another. Everything the generated code assumes is checked first, and
-    anything that differs is refused with what differs: the packages' SHA-256; torch's version and build, medquant's
+    anything that differs is refused with what differs: the packages' SHA-256 and their entries (each a plain file
+    name in the folder, :func:`read_decoder_manifest`; one that resolves outside the folder through a symbolic link is
+    refused); torch's version and build, medquant's
     version and the CPU's vector instruction set (generated code is specific to them); the model's class, type
     and configuration (every field of ``model.config`` but special token ids, labels, output switches and the like:
     the programs compute with the norm epsilon, rotary settings, activation... they were exported with, so a model
     of the same tensors under another configuration is refused even with ``check_weights=False``); every bound
     layer (the same names, in the same order, with the same kernel choices: sizes, the row counts where the kernels
     switch, the blocked matmul and the activation forms, which follow the compute dtype and the ``$MEDQUANT_*``
-    settings); every tensor the programs read
+    settings); the model's output head no wider than its input embedding table (checked before the weights, so a
+    widened head is named as such); every tensor the programs read
     (present, with the same dtype, shape and strides, which the programs do not check themselves); the C++
     operator the programs call, when they were compiled with it; the sizes each program's package records (batch,
     ``max_len``, tokens per call, cache length, its inputs' dtypes, shapes and strides) against the manifest's,
@@ -1267,8 +1331,14 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
                         ("vec_isa", "the generated code needs that instruction set: compile it on this machine")):
         _refuse(key.replace("_", " "), manifest.get(key), facts[key], remedy)
     files = {}
+    inside = folder.resolve()
     for prog in manifest["programs"]:
-        file = folder / prog["file"]
+        file = folder / prog["file"]  # a plain name (read_decoder_manifest), but maybe a symbolic link
+        target = file.resolve()
+        if not target.is_relative_to(inside):
+            raise ValueError(f"{file}: program file entry {prog['file']!r} resolves to {target}, outside the folder "
+                             "(a symbolic link): a plain file name inside the folder is accepted, its file inside "
+                             "the folder; copy the program into the folder, or save the decoder again")
         if not file.is_file():
             raise FileNotFoundError(f"{file}, a program of the saved decoder, is missing")
         if sha256_file(file) != prog["sha256"]:
@@ -1287,6 +1357,7 @@ def load_decoder(path: str | os.PathLike, model: nn.Module, *, check_weights: bo
     devices = {t.device.type for t in model.parameters()}
     if devices != {"cpu"}:
         raise ValueError(f"load_decoder runs on CPU; the model's parameters are on {sorted(devices)}")
+    _check_head(model, "load_decoder")
     if check_weights and _fingerprint(model) != manifest["model"]["sha256"]:
         raise ValueError("the model's parameters and buffers are not the ones the decoder was saved with (their "
                          "SHA-256 differs): load the saved model, or pass check_weights=False to run these programs "

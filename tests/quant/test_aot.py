@@ -273,6 +273,33 @@ print(json.dumps({{"tokens": dec.generate(_ids(2, 13, 1), 9).tolist(), "handles"
 
 
 @pytest.mark.slow
+def test_a_saved_decoder_whose_program_moved_out_of_its_folder_is_refused(decoder, tmp_path):
+    """The real compiled programs: a program moved out of the folder and reached through ``../`` or through a
+    symbolic link left in its place (its SHA-256 still matching) is refused; moved back, it loads and generates the
+    saved decoder's tokens (``max_new_tokens`` a NumPy integer)."""
+    import numpy as np
+
+    from tests.quant.test_aot_edges_review import _set_file
+
+    folder = decoder.save(tmp_path / "dec")
+    manifest = json.loads((folder / "decoder.json").read_text())
+    name = manifest["programs"][0]["file"]
+    (tmp_path / "outside").mkdir()
+    (folder / name).rename(tmp_path / "outside" / name)
+    _set_file(folder, manifest, f"../outside/{name}")
+    with pytest.raises(ValueError, match="a plain file name inside the folder"):
+        mq.load_decoder(folder, _quantized(), progress=False)
+    _set_file(folder, manifest, name)
+    (folder / name).symlink_to(tmp_path / "outside" / name)
+    with pytest.raises(ValueError, match="outside the folder"):
+        mq.load_decoder(folder, _quantized(), progress=False)
+    (folder / name).unlink()
+    (tmp_path / "outside" / name).rename(folder / name)
+    ids = _ids(2, 9, 11)
+    loaded = mq.load_decoder(folder, _quantized(), progress=False)
+    assert torch.equal(loaded.generate(ids, np.int64(6)), decoder.generate(ids, 6))
+
+
 def test_a_loaded_decoder_runs_the_model_it_is_given_and_checks_it(decoder, tmp_path):
     """In this process, next to the decoder it was saved from: with the saved model's copy the same tokens; with a
     model of other weights, refused unless ``check_weights=False``, and then that model's own ``generate`` tokens
