@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--fit-on", default=None, help="calibration images (default: the scored images)")
     p.add_argument("--fit-split", default=None, help="split of --fit-on")
     p.add_argument("--fit-limit", type=positive_int, default=None)
+    p.add_argument("--allow-leakage", action="store_true",
+                   help="read a split of an index whose images or patients also appear under another split "
+                        "(refused by default: split leakage)")
     p.add_argument("--state", default=None, help="load a saved scorer state instead of fitting")
     p.add_argument("--save-state", default=None, help="save the fitted scorer state (torch.save of tensors)")
     p.add_argument("--normalisation", choices=["minmax", "quantile"], default=None,
@@ -59,10 +62,10 @@ def _metrics_with_progress(scorer, images, batch_size: int, progress: bool, desc
     return torch.cat(parts) if parts else torch.zeros(0, 5, dtype=torch.float64)
 
 
-def _load(load_images, path, split, limit):
+def _load(load_images, path, split, limit, allow_leakage=False):
     """``load_images``, with a missing split or array (a ``KeyError``) reported as the command's one-line error."""
     try:
-        return load_images(path, split=split, limit=limit)
+        return load_images(path, split=split, limit=limit, allow_leakage=allow_leakage)
     except KeyError as e:
         raise SystemExit(str(e.args[0]) if e.args else f"{path}: split {split!r} not found") from e
 
@@ -78,13 +81,13 @@ def run(args) -> int:
     if args.state:  # before any metric: the state's edge threshold and bits_stored decide them
         scorer.load_state_dict(torch.load(args.state, weights_only=True))
     progress = not args.no_progress
-    images, names = _load(load_images, args.path, args.split, args.limit)
+    images, names = _load(load_images, args.path, args.split, args.limit, args.allow_leakage)
     if len(images) == 0:
         raise SystemExit(f"no images found in {args.path}")
     metrics = _metrics_with_progress(scorer, images, args.batch_size, progress, "scoring")
     if not args.state:  # a loaded state brings its own levels
         if args.fit_on:
-            cal, _ = _load(load_images, args.fit_on, args.fit_split, args.fit_limit)
+            cal, _ = _load(load_images, args.fit_on, args.fit_split, args.fit_limit, args.allow_leakage)
             scorer.fit(metrics=_metrics_with_progress(scorer, cal, args.batch_size, progress, "calibrating"))
         else:
             scorer.fit(metrics=metrics)

@@ -6,7 +6,9 @@
   ``images`` / ``labels`` / ``split`` arrays as in the NIH sample).
 * :func:`read_index` / :func:`load_image_folder` - a folder of image files listed in an index CSV with a path
   column (and optionally a split column), like ``kermany_pediatric_cxr_224/index.csv`` or HAM10000's
-  ``metadata.csv``.
+  ``metadata.csv``. Loading one split refuses train/test leakage: rows of that split whose image, or whose
+  patient (a :data:`PATIENT_ID_COLUMNS` column, or ``group_column=``), the index also lists under another split
+  (``allow_leakage=True`` loads it anyway).
 * :func:`read_dicom` / :func:`dicom_to_array` - DICOM files (needs the optional ``dicom`` extra: pydicom).
 * :func:`load_images` - any of the above from one path (npz file, folder, CSV, DICOM file), for the CLI.
 * :func:`load_iu_reports` - the Indiana University chest X-ray reports (:mod:`medquant.data.reports`).
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +34,16 @@ from .reports import Report, default_reports_path, load_iu_reports, report_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+PATIENT_ID_COLUMNS = ("patient_id", "PatientID", "Patient ID", "subject_id", "participant_id", "lesion_id")
+"""Index columns read as patient (group) ids by the split leakage check of :func:`load_image_folder`.
+
+Matched ignoring case, spaces, underscores and hyphens (``PATIENT_ID``, ``patient-id`` and ``Patient ID`` are the
+same name): ``patient_id`` (the NIH ChestX-ray14 sample's ``metadata.csv``), ``PatientID`` (the DICOM keyword),
+``Patient ID`` (NIH's ``Data_Entry_2017.csv``), ``subject_id`` (MIMIC), ``participant_id`` (BIDS) and
+``lesion_id`` (HAM10000: several images of one lesion). Every such column of an index is checked."""
 
 __all__ = [
+    "PATIENT_ID_COLUMNS",
     "DataDirNotSet",
     "Report",
     "default_data_dir",
@@ -221,7 +233,8 @@ def _check_limit(limit: int | None) -> None:
 
 
 def load_image_folder(root, index_csv: str | None = "index.csv", split: str | None = None,
-                      limit: int | None = None, path_column: str = "path", gray: bool = False):
+                      limit: int | None = None, path_column: str = "path", gray: bool = False,
+                      group_column: str | None = None, allow_leakage: bool = False):
     """Images listed in ``root/index_csv`` (paths relative to ``root``) -> (list of arrays, list of rows).
 
     With ``index_csv=None`` every image file under ``root`` is loaded (sorted); ``~`` in ``root`` is expanded. The
@@ -232,6 +245,16 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
     image twice and is refused. ``gray=True`` keeps only the first channel of RGB files whose three channels are
     identical (grayscale content stored as RGB).
 
+    Split leakage: when a ``split`` is loaded from an index, the *whole* index is checked, and the split is
+    refused when (a) any of its rows names an image (path normalised as above) that the index also lists under
+    another split, or (b) any of its patients appears under another split. Patients are the non-empty values
+    (surrounding spaces dropped) of the ``group_column``, or when it is None of every column named as in
+    :data:`PATIENT_ID_COLUMNS` (``patient_id``, ``PatientID``, ``subject_id``...; none: only paths are checked).
+    The error names up to five offending paths / patient ids with the other splits they are under, and counts
+    them (leaked rows or patients out of the split's, and per other split). Fix the index (split by patient), or
+    pass ``allow_leakage=True`` to load the split as it is (results on it are then optimistic). Loading the whole
+    index (``split=None``) holds nothing out and is not checked for leakage.
+
     Args:
         root: the folder.
         index_csv: name of the index CSV inside ``root`` (None: scan the folder; the default ``"index.csv"``: use
@@ -240,6 +263,9 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
         limit: load at most this many images.
         path_column: the index column holding the paths.
         gray: keep one channel of grayscale content stored as RGB.
+        group_column: the index column holding patient (or other group) ids for the leakage check; None: every
+            column named as in :data:`PATIENT_ID_COLUMNS`.
+        allow_leakage: load a split even though its images or patients are also under another split.
 
     Returns:
         ``(images, rows)``: the arrays and the index rows (or ``{"path": ...}`` per scanned file).
@@ -248,8 +274,10 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
         FileNotFoundError: ``split`` is given but the index CSV does not exist, or an ``index_csv`` other than the
             default ``"index.csv"`` does not exist (the message lists the CSV files ``root`` has).
         ValueError: ``limit`` is negative, ``split`` is given with ``index_csv=None`` (a scanned folder has no
-            splits), or two loaded rows name the same file (the message names the paths and their CSV lines);
-            for the index itself see :func:`read_index`.
+            splits), ``group_column`` is given with no index CSV, two loaded rows name the same file (the message
+            names the paths and their CSV lines), or the split leaks into another split (see above); for the
+            index itself see :func:`read_index`.
+        KeyError: ``group_column`` is not a column of the index (the message lists the columns).
     """
     _check_limit(limit)
     root = _path(root)
@@ -261,8 +289,16 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
     if index_csv is not None and (root / index_csv).exists():
         rows = read_index(root / index_csv, split=split, path_column=path_column)
         _refuse_duplicate_paths(root / index_csv, rows, split, path_column)
+        if group_column is not None and rows and group_column not in rows[0]:
+            raise KeyError(f"{root / index_csv} has no {group_column!r} column (group_column; columns: "
+                           f"{list(rows[0])})")
+        if split is not None and not allow_leakage:
+            _refuse_split_leakage(root / index_csv, split, path_column, group_column)
         files = [root / r[path_column] for r in rows]
     else:
+        if group_column is not None:
+            raise ValueError(f"group_column={group_column!r} names a column of an index CSV; {root} has no "
+                             f"{index_csv or 'index CSV'} to read it from (leave group_column out)")
         if index_csv is None and split is not None:
             raise ValueError(f"split {split!r} needs an index CSV with a split column; with index_csv=None every "
                              f"image under {root} is loaded (pass split=None)")
@@ -293,6 +329,66 @@ def _refuse_duplicate_paths(csv_path: Path, rows: list[dict], split: str | None,
     in_split = f" in split {split!r}" if split is not None else ""
     raise ValueError(f"{csv_path} lists the same image more than once{in_split} (duplicate paths: {where}): "
                      "each loaded row must name a distinct file")
+
+
+def _group_key(column: str) -> str:
+    """``column`` lowercased without spaces, underscores and hyphens (how :data:`PATIENT_ID_COLUMNS` match)."""
+    return re.sub(r"[\s_-]", "", column).lower()
+
+
+_PATIENT_KEYS = frozenset(_group_key(c) for c in PATIENT_ID_COLUMNS)
+_EXAMPLES = 5  # offending paths / patients a leakage message names
+
+
+def _refuse_split_leakage(csv_path: Path, split: str, path_column: str, group_column: str | None) -> None:
+    """Refuse ``split`` of ``csv_path`` when one of its images (normalised path) or patients (``group_column``, or
+    every :data:`PATIENT_ID_COLUMNS` column) is also under another split of the index; see
+    :func:`load_image_folder`."""
+    index = read_index(csv_path, path_column=path_column)
+    if not index:
+        return
+    mine = [(line, r) for line, r in enumerate(index, start=2) if r.get("split") == split]  # line 1: header
+    problems = []
+    under: dict[str, dict[str, int]] = {}  # normalised path -> {split: first line}
+    for line, r in enumerate(index, start=2):
+        under.setdefault(os.path.normpath(r[path_column]), {}).setdefault(str(r.get("split")), line)
+    leaks = [(r[path_column], {s: n for s, n in under[os.path.normpath(r[path_column])].items() if s != split})
+             for _, r in mine]
+    leaks = [(p, others) for p, others in leaks if others]
+    if leaks:
+        examples = ", ".join(f"{p!r} also under " + ", ".join(f"{s!r} (line {n})" for s, n in sorted(o.items()))
+                             for p, o in leaks[:_EXAMPLES])
+        problems.append(f"{len(leaks)} of its {len(mine)} rows name images the index also lists under another "
+                        f"split ({_per_split(o for _, o in leaks)}; e.g. {examples}{_more(leaks)})")
+    columns = [group_column] if group_column is not None else [
+        c for c in index[0] if isinstance(c, str) and _group_key(c) in _PATIENT_KEYS]
+    for col in columns:
+        splits_of: dict[str, set[str]] = {}
+        for r in index:
+            if (pid := (r.get(col) or "").strip()):
+                splits_of.setdefault(pid, set()).add(str(r.get("split")))
+        patients = list(dict.fromkeys(pid for _, r in mine if (pid := (r.get(col) or "").strip())))
+        leaked = [(pid, splits_of[pid] - {split}) for pid in patients if splits_of[pid] - {split}]
+        if leaked:
+            examples = ", ".join(f"{pid!r} also under " + ", ".join(map(repr, sorted(o)))
+                                 for pid, o in leaked[:_EXAMPLES])
+            problems.append(f"{len(leaked)} of its {len(patients)} patients (column {col!r}) also appear under "
+                            f"another split ({_per_split(o for _, o in leaked)}; e.g. {examples}{_more(leaked)})")
+    if problems:
+        raise ValueError(f"{csv_path}: split {split!r} leaks into other splits of the index (the same image or "
+                         f"patient on both sides makes results on it optimistic): {'; '.join(problems)}. Fix the "
+                         "index so that every image and every patient is in one split (split by patient), or pass "
+                         "allow_leakage=True to load the split as it is")
+
+
+def _per_split(others) -> str:
+    """``'train 3, val 1'``: for each other split (sorted), how many of the leaks reach it."""
+    counts = Counter(s for o in others for s in o)
+    return ", ".join(f"{s} {n}" for s, n in sorted(counts.items()))
+
+
+def _more(items: list) -> str:
+    return f" and {len(items) - _EXAMPLES} more" if len(items) > _EXAMPLES else ""
 
 
 def _gray_if_equal_channels(im: np.ndarray) -> np.ndarray:
@@ -415,19 +511,22 @@ def _pydicom_modality_lut():
 
 
 # ------------------------------------------------------------------------------------------------ any path
-def load_images(path, split: str | None = None, limit: int | None = None, key: str | None = None):
+def load_images(path, split: str | None = None, limit: int | None = None, key: str | None = None,
+                allow_leakage: bool = False):
     """Load images from an npz file, an image folder, an index CSV, or a single image / DICOM file.
 
     A folder may have an ``index.csv`` (path, label, split columns) or not (every image below it). Folder, index
     CSV and single-file images are read alike (:func:`load_image`), and an RGB image whose three channels are
     equal (grayscale content stored as RGB, e.g. the Kermany JPEGs) becomes a 2-D grayscale array; colour images
-    stay ``(H, W, 3)``.
+    stay ``(H, W, 3)``. A split of a folder's index or of an index CSV is refused when its images or patients
+    (:data:`PATIENT_ID_COLUMNS`) are also under another split, as in :func:`load_image_folder`.
 
     Args:
         path: an ``.npz`` file, a folder, an index CSV or one image / DICOM file (``~`` is expanded).
         split: the split to load (npz and indexed folders / CSVs).
         limit: load at most this many images.
         key: for an ``.npz``, the array to read instead of the split's images (so not with ``split``).
+        allow_leakage: load a split of an index even though its images or patients are also under another split.
 
     Returns:
         ``(images, names)``: a list of 2-D arrays (or one ``(N, H, W)`` array from an npz) and one name per
@@ -438,7 +537,7 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         KeyError: ``key`` is not an array of the ``.npz`` (the message lists its arrays), or the split is missing.
         ValueError: ``limit`` is negative; an ``.npz`` that is not a zip archive; an option that would be ignored:
             ``key`` with ``split`` or for anything but an ``.npz``, ``split`` for a single image file (or for a
-            folder without an index CSV).
+            folder without an index CSV); a split of an index that leaks into another split.
     """
     _check_limit(limit)
     path = _path(path)
@@ -449,7 +548,7 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         raise ValueError(f"give key (the array to read, {key!r}) or split ({split!r}), not both: key replaces the "
                          "split's images")
     if path.is_dir():
-        images, rows = load_image_folder(path, split=split, limit=limit, gray=True)
+        images, rows = load_image_folder(path, split=split, limit=limit, gray=True, allow_leakage=allow_leakage)
         return images, [r.get("path", str(i)) for i, r in enumerate(rows)]
     if suffix == ".npz":
         if key is not None:
@@ -465,6 +564,8 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         return images, [f"{path.name}[{i}]" for i in range(len(images))]
     if suffix == ".csv":
         rows = read_index(path, split=split)
+        if split is not None and not allow_leakage:
+            _refuse_split_leakage(path, split, "path", None)
         if limit is not None:
             rows = rows[:limit]
         images = [_gray_if_equal_channels(load_image(path.parent / r["path"])) for r in rows]

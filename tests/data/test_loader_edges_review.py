@@ -66,8 +66,11 @@ def test_duplicate_index_paths_are_refused_with_their_lines(tmp_path):
     assert "'1.png'" in msg and re.search(r"lines 3, 5\b", msg), msg  # ./1.png is the same file
     with pytest.raises(ValueError, match=r"duplicate.*'0\.png'.*lines 2, 4"):
         mdata.load_image_folder(root, split="test")
-    # only the rows that are loaded count: the train split holds 1.png once
-    imgs, rows = mdata.load_image_folder(root, split="train")
+    # only the rows that are loaded count: the train split holds 1.png once (but 1.png is also a test image, which
+    # the split leakage check refuses unless allowed: tests/data/test_split_leakage.py)
+    with pytest.raises(ValueError, match=r"split 'train' leaks.*'\./1\.png' also under 'test' \(line 3\)"):
+        mdata.load_image_folder(root, split="train")
+    imgs, rows = mdata.load_image_folder(root, split="train", allow_leakage=True)
     assert [r["path"] for r in rows] == ["./1.png"] and len(imgs) == 1
     # read_index itself still returns the rows as they are (a CSV reader, not a loader)
     assert [r["path"] for r in mdata.read_index(root / "index.csv")] == ["0.png", "1.png", "0.png", "./1.png", "2.png"]
