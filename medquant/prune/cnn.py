@@ -4,19 +4,29 @@ The model is traced with ``torch.fx`` and shapes are propagated on an example in
 (``groups == 1``, batched ``(N, C, H, W)`` output) the pass follows its output through shape-preserving,
 per-channel operations that take it as their (first and only tensor) input -- at most one ``BatchNorm2d``
 (pruned along), activations, dropout, pooling, and a flatten of the channel axis and every axis after it
-(``start_dim=1, end_dim=-1``: ``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``) -- to its consumers,
-which must be ``nn.Conv2d`` (``groups == 1``, on the 4-D map, input channels pruned) or ``nn.Linear`` on the
-flattened 2-D ``(N, C*H*W)`` map with ``in_features == C*H*W`` (the ``H*W`` columns of each channel pruned). A
-conv whose output reaches anything else (a residual ``add``, ``cat``, the model output, a depthwise conv, any
-other flatten, a ``Linear`` over another axis...) is left alone, and so is one whose conv, BatchNorm or consumer
-the forward calls more than once (shared weights), shares a parameter with another module (tied weights), is
-parametrized (``torch.nn.utils.parametrize``, e.g. ``parametrizations.weight_norm``) or has a ``weight`` computed
+(``start_dim=1, end_dim=-1``: ``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``; and a ``view`` /
+``reshape`` -- ``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``, ``torch.reshape(x, (n, -1))`` -- whose
+traced output is ``(N, C*...)`` and whose arguments are ``(b, -1)``, ``b`` an int or the batch size ``t.size(0)``
+/ ``t.shape[0]`` / ``t.size()[0]`` of a model input or of the conv's map; reads of the map's batch size are
+allowed as well) -- to its consumers, which must be ``nn.Conv2d`` (``groups == 1``, on the 4-D map, input channels
+pruned) or ``nn.Linear`` on the flattened 2-D ``(N, C*H*W)`` map with ``in_features == C*H*W`` (the ``H*W``
+columns of each channel pruned). A conv whose output reaches anything else (a residual ``add``, ``cat``, the model
+output, a depthwise conv, any other flatten or view -- to ``(N, C, H*W)`` or ``(N*C, ...)``, or with a literal
+width such as ``x.view(-1, 128)``, which the pruned map would no longer fit since the forward's code is not
+rewritten --, a read of its channel count ``x.size(1)`` / ``x.shape[1]``, a ``Linear`` over another axis...) is
+left alone, and so is one whose conv, BatchNorm or consumer the forward calls more than once (shared weights),
+shares a parameter with another module (tied weights), is parametrized (``torch.nn.utils.parametrize``, e.g. ``parametrizations.weight_norm``) or has a ``weight`` computed
 by a hook (legacy ``weight_norm`` / ``spectral_norm``); ``plan.sizes`` lists only prunable convs. Other convs
 (``Conv1d``, ``Conv3d``, transposed) are not pruned, and named as such. Tracing runs the model in eval mode
 without gradients on the example input (or the first calibration batch), read as
 :func:`~medquant.models.runner.run_model` reads a batch: a mapping by the forward's parameter names (a parameter
 left out takes its default), a tuple / list positionally, else one input. Planning leaves BatchNorm statistics as
 they were.
+
+A float ``channel_ratio`` ``r`` removes ``min(floor(r*n + 0.5), n - 1)`` of the ``n`` channels of every prunable
+conv (:func:`~medquant.prune.ratios.n_to_remove`, round half up, keeping at least one channel: a 1-channel conv
+stays whole at any ratio); a ``{conv: r}`` dict entry with ``floor(r*n + 0.5) >= n`` raises ``ValueError`` naming
+the conv.
 
 Removing channel ``c`` is exactly equivalent to zeroing channel ``c`` of the producer's output after its BatchNorm
 (zeroing filter ``c``, its bias and the BatchNorm's ``gamma_c`` and ``beta_c``) in the original model when every
@@ -37,6 +47,7 @@ float16 overflow) cannot be ranked and raises ``ValueError`` naming the conv.
 """
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +70,9 @@ _PASS_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyRe
 _PASS_FUNCS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, torch.tanh, torch.sigmoid, F.dropout,
                F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten}
 _PASS_METHODS = {"relu", "flatten", "sigmoid", "tanh"}
+_VIEW_FUNCS = {torch.reshape}
+_VIEW_METHODS = {"view", "reshape"}
+_FLAT_HINT = "write x.view(x.size(0), -1) or x.flatten(1)"
 
 
 @dataclass
@@ -95,6 +109,100 @@ def _flatten_ok(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
         return False
     r = len(shp)
     return start % r == 1 and end % r == r - 1
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node`` is a ``view`` / ``reshape`` (``Tensor.view``, ``Tensor.reshape``, ``torch.reshape``)."""
+    return ((node.op == "call_method" and node.target in _VIEW_METHODS)
+            or (node.op == "call_function" and node.target in _VIEW_FUNCS))
+
+
+def _is_shape_read(node: fx.Node) -> bool:
+    """Whether ``node`` reads the shape of its input: ``x.size(...)`` or ``x.shape``."""
+    return ((node.op == "call_method" and node.target == "size")
+            or (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+                and node.args[1] == "shape"))
+
+
+def _is_batch_index(i: Any, rank: int | None) -> bool:
+    """Whether ``i`` indexes axis 0 of a ``rank``-D shape (``0``, or ``-rank``)."""
+    return isinstance(i, int) and not isinstance(i, bool) and rank is not None and -rank <= i < rank and i % rank == 0
+
+
+def _shape_read_problem(node: fx.Node) -> str | None:
+    """Why the shape read ``node`` (``_is_shape_read``) of the channel map is not followed, or None when it reads
+    the batch size only -- ``x.size(0)``, ``x.shape[0]``, ``x.size()[0]`` (also with index ``-rank``) -- which
+    pruning channels leaves unchanged. Any other read (``x.size(1)``, ``x.shape``, ``x.size()``) sees the channel
+    count, which pruning changes."""
+    src = cast(fx.Node, node.args[0])
+    shp = _shape(src)
+    rank = len(shp) if shp is not None else None
+    if node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is not None:
+            return None if _is_batch_index(dim, rank) else (
+                f"reads the map's size x.size({dim}), which pruning changes; only the batch size x.size(0) / "
+                "x.shape[0] is followed")
+    what = "x.size()" if node.target == "size" else "x.shape"
+    for w in node.users:
+        if not (w.op == "call_function" and w.target is operator.getitem and len(w.args) == 2 and w.args[0] is node
+                and _is_batch_index(w.args[1], rank)):
+            return (f"reads the map's size {what} (used by {w.name}), which pruning changes; only the batch size "
+                    "x.size(0) / x.shape[0] is followed")
+    return None
+
+
+def _batch_read_source(a: Any) -> fx.Node | None:
+    """The tensor ``t`` when ``a`` is a read of its batch size (``t.size(0)``, ``t.shape[0]``, ``t.size()[0]``)."""
+    if not isinstance(a, fx.Node):
+        return None
+    if a.op == "call_method" and a.target == "size" and len(a.args) == 2 and isinstance(a.args[0], fx.Node):
+        t = a.args[0]
+        shp = _shape(t)
+        return t if _is_batch_index(a.args[1], len(shp) if shp is not None else None) else None
+    if (a.op == "call_function" and a.target is operator.getitem and len(a.args) == 2
+            and isinstance(a.args[0], fx.Node) and _is_shape_read(a.args[0])
+            and (a.args[0].target != "size" or len(a.args[0].args) == 1) and not a.args[0].kwargs):
+        t = cast(fx.Node, a.args[0].args[0])
+        shp = _shape(t)
+        return t if _is_batch_index(a.args[1], len(shp) if shp is not None else None) else None
+    return None
+
+
+def _view_problem(node: fx.Node) -> tuple[str | None, fx.Node | None]:
+    """``(why not, t)`` for a view / reshape of the channel map ``node.args[0]``.
+
+    Followed when it provably flattens ``(N, C, ...)`` into ``(N, C*...)`` both before and after pruning: the traced
+    output is 2-D with ``dim 0 == N`` and ``dim 1 == C * prod(rest)``, and the arguments are ``(b, -1)`` (also as one
+    tuple / list), with ``b`` an int or a batch-size read ``t.size(0)`` / ``t.shape[0]`` / ``t.size()[0]`` (then
+    ``t`` is returned, for the caller to check that pruning leaves its batch size unchanged). A literal width
+    (``x.view(-1, 128)``, ``x.view(n, 128)``) is refused: the forward's code cannot be rewritten, and the literal
+    would no longer fit the pruned map."""
+    shp, out = _shape(node.args[0]), _shape(node)
+    dims: tuple[Any, ...] = tuple(node.args[1:])
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    name = "torch.reshape" if node.op == "call_function" else f"x.{node.target}"
+    desc = f"{name}({', '.join(str(a) for a in dims)})"
+    if (shp is None or len(shp) < 2 or out is None or len(out) != 2 or out[0] != shp[0]
+            or out[1] != int(torch.tensor(shp[1:]).prod())):
+        return (f"{desc} of a {shp} map gives {out}: only a flatten of the channel axis and every axis after it, "
+                "(N, C, ...) -> (N, C*...), is followed"), None
+    if node.kwargs or len(dims) != 2:
+        return f"{desc}: only the arguments (x.size(0), -1) (or an int batch size) are followed; {_FLAT_HINT}", None
+    b, w = dims
+    if isinstance(w, int) and w != -1:
+        return (f"{desc} spells the flattened width as the literal {w}, which pruning changes (the forward's code "
+                f"is not rewritten); {_FLAT_HINT}"), None
+    if w != -1:
+        return (f"{desc}: the width argument {w} is computed, not -1; only x.size(0) / x.shape[0], ints and -1 "
+                f"are followed; {_FLAT_HINT}"), None
+    if isinstance(b, int) and not isinstance(b, bool):
+        return None, None  # == N (checked above): unchanged by pruning
+    t = _batch_read_source(b)
+    if t is None:
+        return (f"{desc}: the batch argument {b} is not x.size(0) / x.shape[0] or an int; {_FLAT_HINT}"), None
+    return None, t
 
 
 def _reads_only(u: fx.Node, src: fx.Node) -> bool:
@@ -199,12 +307,19 @@ def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGr
         g = ChannelGroup(node.target, None, n_channels=conv.out_channels)
         ok, why = True, ""
         stack = [(u, node, 1) for u in node.users]  # (user, the channel tensor it reads, columns per channel)
+        chain = {node}  # the channel tensors: their batch axis (0) is unchanged by pruning
+        batch_reads: list[tuple[fx.Node, fx.Node]] = []  # (view, tensor whose batch size it reads)
         while stack and ok:
             u, src, cols = stack.pop()
             shp = _shape(src)
             m = mods[u.target] if u.op == "call_module" else None
+            if _is_shape_read(u) and _reads_only(u, src):  # a leaf: the value it gives is not the map
+                problem = _shape_read_problem(u)
+                if problem is not None:
+                    ok, why = False, f"{u.name} {problem}"
+                continue
             if not ((u.op == "call_function" and u.target in _PASS_FUNCS)
-                    or (u.op == "call_method" and u.target in _PASS_METHODS)
+                    or (u.op == "call_method" and u.target in _PASS_METHODS) or _is_view(u)
                     or isinstance(m, (nn.Linear, nn.BatchNorm2d, *_PASS_MODULES))
                     or (isinstance(m, nn.Conv2d) and m.groups == 1)):
                 ok, why = False, (f"output reaches {type(m).__name__} {u.target}" if m is not None else
@@ -250,10 +365,24 @@ def channel_groups(model: nn.Module, example_input: Any) -> tuple[list[ChannelGr
                                       "the channel axis and every axis after it (start_dim=1, end_dim=-1) is followed")
                     continue
                 new_cols = cols * int(torch.tensor(shp[2:]).prod()) if shp is not None and len(shp) > 2 else cols
+            elif _is_view(u):
+                problem, t = _view_problem(u)
+                if problem is not None:
+                    ok, why = False, problem
+                    continue
+                if t is not None:
+                    batch_reads.append((u, t))
+                new_cols = cols * int(torch.tensor(shp[2:]).prod()) if shp is not None and len(shp) > 2 else cols
             elif shp is None or len(shp) not in (2, 4) or _shape(u) is None or len(_shape(u) or ()) != len(shp):
                 ok, why = False, f"{u.op} {getattr(u.target, '__name__', u.target)} changes the map's rank"
                 continue
+            chain.add(u)
             stack.extend((w, u, new_cols) for w in u.users)
+        for view, t in batch_reads if ok else []:
+            if t not in chain and t.op != "placeholder":
+                ok, why = False, (f"{view.name} reads the batch size of {t.name}, which is neither a model input nor "
+                                  f"the conv's output map; {_FLAT_HINT}")
+                break
         if ok and g.consumers:
             groups.append(g)
         else:
@@ -391,7 +520,8 @@ def plan_channels(model: nn.Module, pruner, plan, calib, loss_fn, example_input)
                          "trace the CNN's shapes")
     groups, not_prunable = channel_groups(model, ex)
     ratios = pruner.channel_ratio
-    if isinstance(ratios, dict):
+    per_conv = isinstance(ratios, dict)
+    if per_conv:
         names = {g.conv for g in groups}
         bad = sorted(set(ratios) - names)
         if bad:
@@ -412,8 +542,11 @@ def plan_channels(model: nn.Module, pruner, plan, calib, loss_fn, example_input)
         r = ratios.get(g.conv, 0)
         if r > 0:
             k = n_to_remove(r, g.n_channels)
-            if k >= g.n_channels:
-                raise ValueError(f"{g.conv}: channel ratio {r} would remove all {g.n_channels} channels")
+            if k >= g.n_channels and per_conv:
+                raise ValueError(f"channel_ratio[{g.conv!r}]={r} would remove all {g.n_channels} channels of "
+                                 f"{g.conv} (a ratio r removes floor(r*n + 0.5) of n channels): give it a ratio "
+                                 f"below {1 - 0.5 / g.n_channels:g}, or leave it out")
+            k = min(k, g.n_channels - 1)  # a global ratio keeps at least one channel of every conv
             drop = set(lowest_indices(scores[g.conv], k))
             keep = [c for c in keep if c not in drop]
         plan.channels[g.conv] = keep

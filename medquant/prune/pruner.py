@@ -241,7 +241,9 @@ class StructuredPruner:
             sequence: list, tuple or 1-D NumPy array / torch tensor; or a dict).
         ffn_ratio: fraction of FFN neurons to remove per layer (same forms).
         channel_ratio: fraction of output channels to remove from each prunable conv of a plain CNN
-            (float or ``{conv name: ratio}``); see :mod:`medquant.prune.cnn`. A plain CNN (no transformer blocks)
+            (float or ``{conv name: ratio}``); see :mod:`medquant.prune.cnn`. A float ``r`` removes
+            ``min(floor(r * n + 0.5), n - 1)`` of a conv's ``n`` channels (every conv keeps one); a dict entry
+            that would remove all of its conv's channels raises ``ValueError``. A plain CNN (no transformer blocks)
             is pruned by this ratio only, a model with transformer blocks by ``head_ratio`` / ``ffn_ratio`` /
             ``drop_blocks`` only: a ratio above 0 that does not apply to the model raises ``ValueError`` in
             :meth:`plan`.
