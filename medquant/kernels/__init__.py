@@ -71,9 +71,11 @@ from .reference import (
     DEFAULT_ROW_EPS,
     PASSTHROUGH_BITS,
     ROW_DTYPES,
+    DeviceMismatchError,
     as_bits_tensor,
     check_float,
     check_packed_input,
+    device_mismatch,
     fake_quantize_rows_reference,
     fake_quantize_static_reference,
     group_size_arg,
@@ -130,11 +132,15 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, *, backend: str = "auto
 
     Raises:
         TypeError: ``weight`` is not a :class:`PackedWeight`, or ``x`` is not a float tensor.
-        ValueError: ``x`` is 0-d, its last dimension is not ``k``, or the devices differ.
+        ValueError: ``x`` is 0-d or its last dimension is not ``k``.
+        DeviceMismatchError: ``x`` is on another device than the weight (a meta ``x`` included), checked before
+            any kernel runs; a ``RuntimeError`` (as torch's) and a ``ValueError``.
     """
     check_float(x, "x")
     if not isinstance(weight, PackedWeight):
         raise TypeError(f"weight must be a medquant.kernels.PackedWeight, got {type(weight).__name__}")
+    if x.device != weight.qweight.device:  # before the custom op: its meta kernel would answer a meta x
+        raise device_mismatch("packed_linear", x.device, weight.qweight.device)
     if x.dim() == 2:
         x2 = x
     elif x.dim() == 0:
@@ -169,7 +175,8 @@ def prepare_packed_linear(x: torch.Tensor, weight: PackedWeight):
 
     Raises:
         TypeError: ``weight`` is not a :class:`PackedWeight`, or ``x`` is not a float tensor.
-        ValueError: ``x`` is not ``(M, k)`` or the devices differ.
+        ValueError: ``x`` is not ``(M, k)``.
+        DeviceMismatchError: ``x`` and the weight are on two devices (a ``RuntimeError`` and a ``ValueError``).
     """
     check_float(x, "x")
     if not isinstance(weight, PackedWeight):
@@ -274,6 +281,7 @@ __all__ = [
     "GEMV_MAX_M",
     "PASSTHROUGH_BITS",
     "SPLITK_MAX_M",
+    "DeviceMismatchError",
     "PackedWeight",
     "backend_names",
     "clear_cpu_cache",

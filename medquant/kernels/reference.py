@@ -34,6 +34,23 @@ REFERENCE_PRIORITY = -1000
 
 
 # ---------------------------------------------------------------------------------------------- checks
+class DeviceMismatchError(RuntimeError, ValueError):
+    """An input on another device than the tensors it is multiplied with (a quantized layer's packed weights).
+
+    A ``RuntimeError``, the class torch raises for tensors on two devices (``nn.Linear(4, 4)(x.to("meta"))``), and
+    a ``ValueError``, the class :func:`check_packed_input` raised for it before.
+    """
+
+
+def device_mismatch(owner: str, x_device: torch.device, weight_device: torch.device) -> DeviceMismatchError:
+    """The error for an input on ``x_device`` given to ``owner`` (a layer class name) whose tensors are on
+    ``weight_device``: it names both devices, what is accepted, and the ``.to()`` call that fixes it."""
+    return DeviceMismatchError(
+        f"{owner} got an input on device {x_device}, but its packed weights are on device {weight_device}; it "
+        f"takes inputs on {weight_device} only: move the input with x.to({str(weight_device)!r}) or the layer "
+        f"with layer.to({str(x_device)!r})")
+
+
 def check_float(x: torch.Tensor, what: str, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
@@ -75,7 +92,13 @@ def group_size_arg(group_size) -> int | None:
 
 
 def check_packed_input(x: torch.Tensor, weight: PackedWeight) -> None:
-    """Validate the activations of ``packed_linear`` against a (validated) :class:`PackedWeight`."""
+    """Validate the activations of ``packed_linear`` against a (validated) :class:`PackedWeight`.
+
+    Raises:
+        TypeError: ``x`` is not a float16 / bfloat16 / float32 tensor, or ``weight`` not a ``PackedWeight``.
+        ValueError: ``x`` is not 2-D, or its last dimension is not ``weight.k``.
+        DeviceMismatchError: ``x`` and the weight are on two devices (a ``RuntimeError`` and a ``ValueError``).
+    """
     check_float(x, "x")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
@@ -84,7 +107,7 @@ def check_packed_input(x: torch.Tensor, weight: PackedWeight) -> None:
     if x.shape[1] != weight.k:
         raise ValueError(f"x has {x.shape[1]} input features but the packed weight holds K={weight.k}")
     if x.device != weight.device:
-        raise ValueError(f"all tensors must be on one device, got {sorted({str(x.device), str(weight.device)})}")
+        raise device_mismatch("packed_linear", x.device, weight.device)
 
 
 def rows_view(x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from ..kernels import (
     tensor_version,
 )
 from ..kernels.layout import DENSE_BITS, FORMAT_VERSION, pack, padded_k, words_per_row
+from ..kernels.reference import device_mismatch
 from .config import FLOAT_BITS, QuantConfig
 from .core import quantize
 
@@ -70,6 +71,9 @@ class _QuantWeightBase(nn.Module):
 
     config: QuantConfig
     layout_version: int
+    #: name of the buffer whose device is the layer's (its first row group's codes or float rows); None for a layer
+    #: that stores no weight tensor (every row pruned): :meth:`_check_device`
+    _device_ref: str | None = None
 
     def _init_storage(self, out_rows: int, k: int, config: QuantConfig, device=None, layout: int = 1) -> None:
         if not isinstance(config, QuantConfig):
@@ -106,6 +110,7 @@ class _QuantWeightBase(nn.Module):
                 self.register_buffer(f"fweight_{b}", torch.zeros(nb, k, dtype=_FLOAT_ROW_DTYPE[b], device=device))
         if self.mixed:
             self.register_buffer("bit_map", row_bits.to(torch.int8).to(device))
+        self._device_ref = _device_buffer(self.bit_groups)
         self._register_compute_dtype()
         self.register_load_state_dict_post_hook(_after_load)
 
@@ -219,7 +224,25 @@ class _QuantWeightBase(nn.Module):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
+        self._device_ref = _device_buffer(self.bit_groups)  # layers pickled before it existed
         self._register_compute_dtype()  # copy.deepcopy / pickle made new tensors
+
+    def _check_device(self, x: torch.Tensor) -> None:
+        """Refuse an input on another device than the layer's stored tensors, before any kernel runs.
+
+        ``x.device`` is compared with the device of one stored buffer (all of a layer's tensors move together):
+        no synchronisation, no copy. A meta ``x`` with real (CPU, CUDA) weights is refused too, where torch's
+        meta kernels would return a meta tensor computed from nothing; meta inputs with meta weights (shape
+        inference on a model built on ``torch.device("meta")``) pass.
+
+        Raises:
+            DeviceMismatchError: the devices differ (a ``RuntimeError``, the class torch raises for tensors on two
+                devices, and a ``ValueError``); the message names both devices and the ``.to()`` that fixes it.
+        """
+        # a None name finds no buffer: a layer without weight tensors checks nothing
+        ref = self._buffers.get(self._device_ref)  # type: ignore[arg-type]
+        if ref is not None and x.device != ref.device:
+            raise device_mismatch(type(self).__name__, x.device, ref.device)
 
     # ------------------------------------------------------------------ quantization
     def _rows(self, b: int) -> torch.Tensor | None:
@@ -434,7 +457,11 @@ class QuantLinear(_QuantWeightBase):
     ``y = x W^T + b`` with ``W[n, j] = (u[n, j] - z) * s`` (codes ``u`` unpacked per row group of one bit-width,
     scale ``s`` and zero point ``z`` of the element's group). The constructor allocates an empty layer (the
     loaders fill it from a state dict). ``forward`` keeps the input's dtype: float16 / bfloat16 / float32 through
-    the packed kernels, float64 as ``F.linear(x, W.double(), b)`` with ``W`` = :meth:`dequantized_weight`.
+    the packed kernels, float64 as ``F.linear(x, W.double(), b)`` with ``W`` = :meth:`dequantized_weight`. An input
+    on another device than the layer's tensors (a meta input to a CPU layer included) raises
+    :class:`~medquant.kernels.DeviceMismatchError` (a ``RuntimeError``) before any kernel runs; meta inputs to a
+    layer on the meta device give meta results (shape inference). The same holds for :class:`QuantConv2d` and
+    :class:`QuantEmbedding`.
 
     Args:
         in_features: input features ``K``.
@@ -519,6 +546,9 @@ class QuantLinear(_QuantWeightBase):
             y = lane(x)
             if y is not None:
                 return y if self.bias is None else y + self.bias.to(y.dtype)
+        # every other call: the devices first (the two lanes above run only CPU inputs, on layers whose tensors
+        # were prepared or bound on the CPU and are unchanged since, so they need no check of their own)
+        self._check_device(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             got = "a 0-d tensor (no feature dimension)" if x.dim() == 0 else f"{x.shape[-1]} features"
             raise ValueError(f"input has {got}, layer expects {self.in_features}")
@@ -638,6 +668,7 @@ class QuantConv2d(_QuantWeightBase):
         return _restore_float_class(self, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_device(x)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.conv2d(x, self.weight_4d(x.dtype), b, self.stride, self.padding, self.dilation, self.groups)
 
@@ -753,16 +784,20 @@ class QuantEmbedding(_QuantWeightBase):
                 ``nn.Embedding`` refuses as well), named in the message.
             IndexError: an index out of range (``RuntimeError`` with the same message when traced by
                 ``torch.compile`` or ``torch.export``: the check is then an assert in the graph, run by the compiled
-                code, since a traced tensor has no value to test in Python).
+                code, since a traced tensor has no value to test in Python); not checked for meta ids.
+            DeviceMismatchError: ``ids`` on another device than the table (a meta ``ids`` with a real table
+                included): a ``RuntimeError`` naming both devices (:meth:`_check_device`).
         """
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"embedding indices must be torch.int32 or torch.int64 (as for nn.Embedding), got "
                             f"{ids.dtype}")
+        self._check_device(ids)
         flat = ids.reshape(-1)
         message = f"embedding index out of range for {self.num_embeddings} rows"
         if torch.compiler.is_compiling():  # torch.compile / torch.export: int(tensor) cannot be traced
             torch._assert_async(((flat >= -self.num_embeddings) & (flat < self.num_embeddings)).all(), message)
-        elif flat.numel() and (int(flat.min()) < -self.num_embeddings or int(flat.max()) >= self.num_embeddings):
+        elif flat.numel() and not flat.is_meta and (  # meta ids (shape inference on a meta table) hold no values
+                int(flat.min()) < -self.num_embeddings or int(flat.max()) >= self.num_embeddings):
             raise IndexError(message)
         flat = flat.remainder(self.num_embeddings)
         b = self.bit_groups[0]
@@ -846,6 +881,16 @@ def tied_heads(model: nn.Module) -> dict[str, str]:
     named = list(model.named_modules())
     embeddings = [(n, m) for n, m in named if isinstance(m, QuantEmbedding)]
     return {hn: en for hn, h in named if isinstance(h, QuantLinear) for en, e in embeddings if tied_to(h, e)}
+
+
+def _device_buffer(bit_groups: list[int]) -> str | None:
+    """The buffer whose device a layer checks inputs against: the first row group's codes or float rows."""
+    for b in bit_groups:
+        if 1 <= b <= 8:
+            return f"qweight_{b}"
+        if b in FLOAT_BITS:
+            return f"fweight_{b}"
+    return None
 
 
 def _check_layout(layout) -> None:
