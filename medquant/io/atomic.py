@@ -1,28 +1,36 @@
-"""Replace a checkpoint folder as one unit: a first save renames a complete folder into place; later saves switch
-a symlink to versioned sibling folders atomically.
+"""Replace a checkpoint folder as one unit: a first save renames a complete folder into place; a later save
+exchanges the real folder at the path with a complete new one, or switches a symlink to versioned sibling folders
+where the system cannot exchange folders.
 
-The mechanism (POSIX; Linux for the one-time conversion of a real folder):
+The mechanism (POSIX; Linux ``renameat2(RENAME_EXCHANGE)`` for the exchange):
 
 * every save writes a **complete new version** into a staging folder ``.{name}.mq-tmp-*`` in the parent folder of
-  the user's path ``P`` (every file fsynced, then the folder);
+  the user's path ``P`` (every file fsynced, then the folder). Where something is at ``P``, the new folder takes
+  the permission bits (mode) of the folder ``P`` names, not the umask's;
 * a **first save** (nothing at ``P``, or an empty real folder there, as ``Trainer`` makes ``checkpoint-N`` before it
   saves) renames the staging folder to ``P`` (``os.rename``: atomic, and it replaces only an empty folder), so ``P``
-  is a **real folder**: tools that remove a checkpoint with ``shutil.rmtree`` (transformers' ``Trainer`` rotating
-  ``save_total_limit`` checkpoints), which refuses a symlink, remove it whole. Where something else is at ``P`` by
-  then (it appeared during the save) the rename changes nothing and the save switches a version link as below;
-* a save to an existing checkpoint makes ``P`` a **symlink to a sibling folder** ``.{name}.mq-v-{16 hex}`` in the
-  same parent folder (relative target, so the parent can be moved). To every reader that opens ``P/config.json``,
-  ``P/model.safetensors``... by name (transformers, vLLM, llama.cpp, ``ls``) ``P`` is a plain folder. The staging
-  folder is renamed to a fresh ``.{name}.mq-v-*`` (so a ``.mq-v-*`` folder is always complete), then a temporary
-  symlink ``.{name}.mq-link-*`` to it is renamed **over** ``P`` (``os.replace``: atomic, so ``P`` names the old
-  version or the new one, never a mix); the parent folder is fsynced and the old version is removed after the
-  switch, unless another symlink in the parent folder still points to it (a copy of the link, a renamed link). A
-  checkpoint saved twice is therefore a link: remove it with ``rm ck && rm -r .ck.mq-v-*`` (``rmtree`` refuses it);
-* a **real folder** already at ``P`` (a first save's folder, a checkpoint written before this scheme) is exchanged
-  with the temporary symlink in one step by Linux ``renameat2(RENAME_EXCHANGE)``; where that call is missing or
-  refused (other systems, some file systems) it is renamed aside to ``.{name}.mq-old-*`` and the symlink renamed
-  into place (a crash between the two renames leaves ``P`` absent for a moment, never mixed; the next save finishes
-  the switch; a save that raises there renames the folder back, so ``P`` is left as it was);
+  is a **real folder**;
+* a save over a **real folder** at ``P`` (an earlier save's folder, a checkpoint written before this scheme)
+  exchanges the staging folder with ``P`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``, folder with folder:
+  atomic, so ``P`` names the old folder or the new one, never a mix), fsyncs the parent folder and removes the old
+  folder, now at the staging name. ``P`` stays a real folder however often it is saved: tools that remove a
+  checkpoint with ``shutil.rmtree`` (transformers' ``Trainer`` rotating ``save_total_limit`` checkpoints), which
+  refuses a symlink, remove it whole, and ``rm -r``, ``cp -r`` and ``mv`` treat it as any folder. A save killed
+  before the exchange leaves ``P`` as it was, one killed after it leaves the new folder at ``P``; either leaves a
+  staging folder (the new or the old one), which the next save removes;
+* where the exchange is missing or refused (other systems, some file systems), a save over a real folder makes
+  ``P`` a **version link** (below): the real folder is renamed aside to ``.{name}.mq-old-*`` and the link renamed
+  into place (a crash between the two renames leaves ``P`` absent for a moment, never mixed; the next save
+  finishes the switch; a save that raises there renames the folder back, so ``P`` is left as it was);
+* a save over a **version link** (made by that fallback, or by an older medquant, which made every second save one)
+  keeps ``P`` a link, switched to a new version: ``P`` is a **symlink to a sibling folder** ``.{name}.mq-v-{16 hex}``
+  in the same parent folder (relative target, so the parent can be moved). To every reader that opens
+  ``P/config.json``, ``P/model.safetensors``... by name (transformers, vLLM, llama.cpp, ``ls``) ``P`` is a plain
+  folder. The staging folder is renamed to a fresh ``.{name}.mq-v-*`` (so a ``.mq-v-*`` folder is always
+  complete), then a temporary symlink ``.{name}.mq-link-*`` to it is renamed **over** ``P`` (``os.replace``:
+  atomic); the parent folder is fsynced and the old version is removed after the switch, unless another symlink in
+  the parent folder still points to it (a copy of the link, a renamed link). Links are not turned back into real
+  folders. Remove such a checkpoint with ``rm ck && rm -r .ck.mq-v-*`` (``rmtree`` refuses it);
 * a symlink at ``P`` that is not a version link (the user's own link to a folder elsewhere) is followed as the
   kernel follows it (its target is taken from the real folder the link is in, ``..`` after that folder's own
   symlinks): the scheme runs at its target. A version link is any symlink whose target is a plain
@@ -37,25 +45,26 @@ The mechanism (POSIX; Linux for the one-time conversion of a real folder):
   devices);
 * saves to one path are serialised by an exclusive ``fcntl.flock`` on ``.{name}.mq-lock`` next to it, held for the
   whole save: the last writer wins and no two saves interleave. What a killed save leaves (staging folders
-  ``.{name}.mq-tmp-*``, temporary links ``.{name}.mq-link-*`` and the unpublished version they point to,
-  ``.{name}.mq-old-*``, and the old version recorded by a ``.{name}.mq-drop-*`` link before a switch) is removed by
-  the next save under the lock. A first save killed before its rename leaves ``P`` as it was (absent or empty) and
-  its staging folder.
+  ``.{name}.mq-tmp-*``, which may hold a new folder not yet exchanged in or an old one exchanged out, temporary
+  links ``.{name}.mq-link-*`` and the unpublished version they point to, ``.{name}.mq-old-*``, and the old version
+  recorded by a ``.{name}.mq-drop-*`` link before a switch) is removed by the next save under the lock. A first
+  save killed before its rename leaves ``P`` as it was (absent or empty) and its staging folder.
 * A save **never removes a complete version it did not replace itself**: a ``.{name}.mq-v-*`` folder that no
   symlink in the parent points to (its link was moved into another folder, or it was left by an older medquant) is
   kept, and the save warns (:class:`UnreferencedVersionWarning`) naming it and how to remove it.
 
-:func:`resolve` gives the folder a reader should read from: the version folder ``P`` points to at that moment
-(medquant's readers read every file there, so a save that switches ``P`` meanwhile cannot give them a mix; the old
-version disappears after the switch, which fails their read). A first save's real folder is ``P`` itself: the save
-that exchanges it makes ``P`` name the new version at once, so the files read after the switch come from the new
-version. Every medquant reader of a checkpoint (:func:`medquant.io.load`, ``verify``, ``load_extras``,
-``read_metadata``, ``verify_pretrained``, :func:`medquant.prune.load_pruned`) therefore reads through
-:func:`read_stable`: it reads again, whole, when ``P`` was switched during the read. To copy a checkpoint use
-``cp -rL`` (``cp -r`` copies a symlink itself). A real folder (saved once) is moved, renamed and removed as any
-folder. A version link: ``mv`` of the link within its folder is safe (the link keeps pointing to its sibling
-version folder); to move it into another folder, move the parent folder, or ``cp -rL`` it there and remove the
-original (``rm ck && rm -r .ck.mq-v-*``): moving the link alone leaves its data behind (:func:`dangling_message`).
+:func:`resolve` gives the folder a reader should read from: ``P`` itself for a real folder, the version folder
+``P`` points to at that moment for a version link. Every medquant reader of a checkpoint
+(:func:`medquant.io.load`, ``verify``, ``load_extras``, ``read_metadata``, ``verify_pretrained``,
+:func:`medquant.prune.load_pruned`, ``upgrade``) reads through :func:`read_stable`: it reads again, whole, when
+``P`` was switched during the read. A switch is told by the folder :func:`identity`: the name ``P`` resolves to
+(a version link's new version has a new name; the old one disappears after the switch, which fails a read of it)
+and that folder's ``st_dev`` / ``st_ino`` (a real folder exchanged at ``P`` keeps the name ``P``, so files read
+after the exchange come from the new folder; only the identity tells). A real folder is moved, renamed, copied
+(``cp -r``) and removed as any folder. A version link: copy it with ``cp -rL`` (``cp -r`` copies a symlink
+itself); ``mv`` of the link within its folder is safe (the link keeps pointing to its sibling version folder); to
+move it into another folder, move the parent folder, or ``cp -rL`` it there and remove the original
+(``rm ck && rm -r .ck.mq-v-*``): moving the link alone leaves its data behind (:func:`dangling_message`).
 """
 from __future__ import annotations
 
@@ -78,7 +87,8 @@ except ImportError:  # pragma: no cover - Windows: saves are not serialised
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["UnreferencedVersionWarning", "dangling_message", "exchange_paths", "fsync_dir", "fsync_file",
-           "is_current_or_above", "is_version_link", "pending", "read_stable", "replace_directory", "resolve"]
+           "identity", "is_current_or_above", "is_version_link", "pending", "read_stable", "replace_directory",
+           "resolve"]
 
 T = TypeVar("T")
 
@@ -175,8 +185,10 @@ def dangling_message(path: str | os.PathLike) -> str | None:
 def resolve(path: str | os.PathLike) -> Path:
     """The real folder a reader of ``path`` should read from.
 
-    That is the current version folder for a version link, or the :func:`pending` version while an interrupted
-    switch is unfinished.
+    That is ``path`` itself (after the user's own symlinks) for a real folder, the current version folder for a
+    version link, or the :func:`pending` version while an interrupted fallback switch is unfinished. A save over a
+    real folder exchanges the folder at that same name, so a reader tells a switch by :func:`identity`, not by this
+    name alone.
 
     Args:
         path: the checkpoint path.
@@ -187,19 +199,58 @@ def resolve(path: str | os.PathLike) -> Path:
     return pending(path) or Path(os.path.realpath(path))
 
 
+def _pin(root: Path) -> int | None:
+    """A descriptor holding the folder ``root`` open (``O_PATH`` where there is one: no read permission needed), so
+    its inode number is not reused meanwhile; ``None`` where it is missing or folders cannot be opened."""
+    try:
+        return os.open(root, getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+
+
+def _stat_identity(root: Path, fd: int | None = None) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the folder open as ``fd``, else of ``root`` (``None`` where it is missing)."""
+    try:
+        st = os.fstat(fd) if fd is not None else os.stat(root)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def identity(path: str | os.PathLike) -> tuple[Path, tuple[int, int] | None]:
+    """What a reader compares to tell whether ``path`` was switched: the folder it resolves to and that folder's
+    identity (``st_dev``, ``st_ino``; ``None`` where it is missing).
+
+    A save over a version link switches the name (a new ``.{name}.mq-v-*`` folder); a save over a real folder
+    exchanges the folder at ``path`` itself, so only its identity changes.
+
+    Args:
+        path: the checkpoint path.
+
+    Returns:
+        ``(resolve(path), (st_dev, st_ino) or None)``.
+    """
+    root = resolve(path)
+    return root, _stat_identity(root)
+
+
 def read_stable(path: str | os.PathLike, read: Callable[[Path], T], *, attempts: int = 3,
                 error: Callable[[str], BaseException] = RuntimeError) -> T:
     """Read a checkpoint whole from one version: ``read(resolve(path))``, read again when ``path`` was switched.
 
-    Each attempt resolves ``path`` (:func:`resolve`) to ``root``, calls ``read(root)``, and resolves ``path``
-    again. When ``path`` still resolves to ``root``, no save switched it during the read (every save publishes a
-    new folder name, so a version never comes back): the attempt's result is returned, or its exception raised.
-    When ``path`` was switched meanwhile, what was read may come from two versions (a first save's real folder is
-    ``path`` itself, which the switch exchanges under the reader), or the read may have failed because the old
-    version was removed: the read starts again with the new version, whether the attempt returned or raised (any
-    ``Exception``; ``KeyboardInterrupt`` and the like end it at once). ``read`` may read from ``root`` or from
-    ``path`` itself (resolving it again): every file it reads between the two resolutions is of one version unless
-    a switch happened, which the second resolution reveals.
+    Each attempt resolves ``path`` (:func:`resolve`) to ``root``, opens ``root`` and takes its identity
+    (``st_dev``, ``st_ino``), calls ``read(root)``, and takes :func:`identity` of ``path`` again. When ``path``
+    still resolves to ``root`` and ``root`` is still the folder opened, no save switched it during the read: the
+    attempt's result is returned, or its exception raised. A save over a version link publishes a new folder name
+    (random, never reused); a save over a real folder exchanges the folder at ``path`` itself (the name stays), which
+    only the identity reveals. The folder stays open during the read, so its inode number cannot be given to a
+    folder of a later save meanwhile (a removed folder's number is reused once nothing holds it): an identity that
+    compares equal is the same folder. When ``path`` was switched meanwhile, what was read may come from two
+    versions (a real folder is read at ``path`` itself, which the switch exchanges under the reader), or the read
+    may have failed because the old version was removed: the read starts again with the new version, whether the
+    attempt returned or raised (any ``Exception``; ``KeyboardInterrupt`` and the like end it at once). ``read`` may
+    read from ``root`` or from ``path`` itself (resolving it again): every file it reads between the two
+    identities is of one version unless a switch happened, which the second one reveals.
 
     Args:
         path: the checkpoint path.
@@ -223,18 +274,25 @@ def read_stable(path: str | os.PathLike, read: Callable[[Path], T], *, attempts:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     for attempt in range(attempts):
         root = resolve(path)
-        last = attempt == attempts - 1
+        fd = _pin(root)
         try:
-            value = read(root)
-        except Exception as e:
-            if resolve(path) == root:
-                raise
-            if not last:
-                continue  # a save switched the path, and may have removed the version being read: read the new one
-            raise error(f"{path} was switched to a new version by a save during each of {attempts} reads (the last "
-                        f"read failed: {type(e).__name__}: {e}); read it again once the saves have stopped") from e
-        if resolve(path) == root:
-            return value
+            before = root, _stat_identity(root, fd)
+            last = attempt == attempts - 1
+            try:
+                value = read(root)
+            except Exception as e:
+                if identity(path) == before:
+                    raise
+                if not last:
+                    continue  # a save switched the path, and may have removed the version being read: read it again
+                raise error(f"{path} was switched to a new version by a save during each of {attempts} reads (the "
+                            f"last read failed: {type(e).__name__}: {e}); read it again once the saves have "
+                            "stopped") from e
+            if identity(path) == before:
+                return value
+        finally:
+            if fd is not None:
+                os.close(fd)
     raise error(f"{path} was switched to a new version by a save during each of {attempts} reads; what was read "
                 "may mix two versions: read it again once the saves have stopped")
 
@@ -335,10 +393,14 @@ def _publish_first(path: Path, stage: Path) -> bool:
 
 
 def _remove(p: Path) -> None:
+    """Remove one of medquant's own folders or links (best effort). A folder's entries go even when its mode is
+    read-only (a new folder takes the mode of the one it replaces, which the user may have made read-only)."""
     try:
         if p.is_symlink() or not p.is_dir():
             p.unlink(missing_ok=True)
         else:
+            with contextlib.suppress(OSError):
+                os.chmod(p, stat.S_IMODE(os.lstat(p).st_mode) | stat.S_IRWXU)
             shutil.rmtree(p, ignore_errors=True)
     except OSError:  # pragma: no cover - best effort
         pass
@@ -373,8 +435,9 @@ def _referenced(parent: Path, version: Path, skip: Path | None = None) -> bool:
 def _cleanup(path: Path) -> list[Path]:
     """Finish an interrupted fallback switch, then remove what killed saves of ``path`` left (under the lock).
 
-    Removed: staging folders (incomplete), temporary links and the unpublished versions they point to, folders
-    renamed aside, and the old version a switch recorded for removal (unless a link in the parent still points to
+    Removed: staging folders (a new folder not yet published, or the old real folder an exchange left at the staging
+    name), temporary links and the unpublished versions they point to, folders renamed aside, and the old version a
+    switch recorded for removal (unless a link in the parent still points to
     it). Kept: every other complete version folder of this name.
 
     Returns:
@@ -475,7 +538,8 @@ def is_current_or_above(folder: Path, cwd: Path) -> bool:
 
 def _refuse_current_folder(path: Path) -> None:
     """Refuse a ``path`` that is (really, after every symlink) the current folder, one above it or a root: the save
-    would turn that folder into a link. A version link is switched, not replaced, and is not checked."""
+    would replace that folder (or turn it into a link). A version link is switched, not replaced, and is not
+    checked."""
     if is_version_link(path):
         return
     real = Path(os.path.realpath(path))
@@ -492,11 +556,13 @@ def replace_directory(path: str | os.PathLike, *,
     """Context manager: yields an empty new version folder and publishes it at ``path`` when the block succeeds.
 
     When the block ends without an exception, the files in the old version that ``owned(name)`` does not claim are
-    carried over, ``finalize(folder)`` runs (it writes the manifest), everything is fsynced and the folder is
-    published atomically (see the module docstring): renamed to ``path`` when nothing, or an empty real folder, is
-    there (a first save: ``path`` is a real folder), else published as a new version that ``path`` is switched to
-    (``path`` is a version link). On an exception the new version is removed and ``path`` is untouched. Concurrent
-    calls on one path are serialised by a lock file.
+    carried over, ``finalize(folder)`` runs (it writes the manifest), the folder takes the old folder's permission
+    bits (where there is one), everything is fsynced and the folder is published atomically (see the module
+    docstring): renamed to ``path`` when nothing, or an empty real folder, is there (a first save: ``path`` is a
+    real folder); exchanged with the real folder at ``path`` (Linux ``renameat2(RENAME_EXCHANGE)``: ``path`` stays a
+    real folder, and the old one is removed); else published as a new version that ``path`` is switched to
+    (``path`` is, or becomes where the exchange is missing or refused, a version link). On an exception the new
+    version is removed and ``path`` is untouched. Concurrent calls on one path are serialised by a lock file.
 
     Args:
         path: the checkpoint path.
@@ -535,6 +601,9 @@ def replace_directory(path: str | os.PathLike, *,
                 _carry_over(old_dir, stage, owned(old_dir))
             if finalize is not None:
                 finalize(stage)
+            if old_dir is not None:  # the new folder takes the old one's permission bits, not the umask's
+                with contextlib.suppress(OSError):
+                    os.chmod(stage, stat.S_IMODE(os.stat(old_dir).st_mode))
             _fsync_tree(stage)
             fsync_dir(path.parent)
             # a first save (nothing, or an empty folder, at ``path``): the folder is renamed into place
@@ -545,11 +614,41 @@ def replace_directory(path: str | os.PathLike, *,
         if published:
             fsync_dir(path.parent)
             return
-        _switch(path, stage)  # ``path`` exists (or appeared meanwhile): the version-link scheme
+        # ``path`` exists (or appeared meanwhile): a real folder is exchanged with the new one where the system can,
+        # a version link (or a real folder where it cannot) is switched to a new version
+        if not _exchange_folder(path, stage):
+            _switch(path, stage)
+
+
+def _exchange_folder(path: Path, stage: Path) -> bool:
+    """Exchange the complete folder ``stage`` with the real folder at ``path`` in one step, then remove the old one.
+
+    Linux ``renameat2(RENAME_EXCHANGE)`` swaps the two names atomically: a reader of ``path`` finds the old folder,
+    then the new one, never a mix, and ``path`` stays a real folder. The old folder is now at the staging name
+    ``.{name}.mq-tmp-*``, removed here after the parent folder is fsynced (a save killed before that leaves it, and
+    the next save removes it as any staging folder).
+
+    Returns:
+        ``True`` when ``stage`` is now ``path``; ``False`` when ``path`` is not a real folder, or the exchange is
+        not available or refused (nothing changed; the caller switches a version link instead).
+    """
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        exchanged = exchange_paths(stage, path)
+    except BaseException:
+        _remove(stage)  # the new folder if the exchange did not happen, the old one if it did
+        raise
+    if not exchanged:
+        return False
+    fsync_dir(path.parent)
+    _remove(stage)  # now the old folder
+    return True
 
 
 def _switch(path: Path, stage: Path) -> None:
-    """Publish the complete staging folder as a new version and switch ``path`` to it."""
+    """Publish the complete staging folder as a new version and switch ``path`` to it (a version link, an absent
+    path, or a real folder :func:`_exchange_folder` could not exchange: it becomes a version link)."""
     new = _artifact(path, _VERSION)
     link = _artifact(path, _LINK)
     os.symlink(new.name, link)  # first: a save killed from here on leaves the link, so the next one removes ``new``
@@ -574,7 +673,8 @@ def _switch(path: Path, stage: Path) -> None:
             if drop is not None:
                 drop.unlink(missing_ok=True)
             return
-        # a real folder: exchange it with the link in one step, else rename it aside and the link into place
+        # a real folder the folder exchange was refused for: exchange it with the link in one step where that is
+        # allowed, else rename it aside and the link into place
         if exchange_paths(link, path):
             fsync_dir(path.parent)
             _remove(link)  # now the old real folder

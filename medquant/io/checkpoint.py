@@ -865,8 +865,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
     be rebuilt from a file without code: pass ``model``, a float instance of the same architecture; its
     layers are replaced by the saved quantized ones and every tensor is loaded into it (in the saved dtype).
     A save that switches the folder while it is read makes the load read the new version, whole
-    (:func:`medquant.io.atomic.read_stable`: also when the folder was a first save's real folder, read at its own
-    path, so that the files read after the switch came from the new version); a failed read is repeated only
+    (:func:`medquant.io.atomic.read_stable`: also when the folder is a real folder, read at its own path, which a
+    save exchanges with its new folder, so that the files read after the switch came from the new version); a
+    failed read is repeated only
     when the folder was switched during it.
 
     Args:
@@ -1066,12 +1067,15 @@ def upgrade(directory: str | os.PathLike) -> Path:
     """
     path = Path(directory)
     for _attempt in range(3):
-        root, legacy = atomic.read_stable(path, lambda root: _upgrade_check(path), error=CheckpointError)
+        root, legacy, checked = atomic.read_stable(
+            path, lambda root: (*_upgrade_check(path), atomic.identity(path)), error=CheckpointError)
         if not legacy:
             return path
         try:
             with write_checkpoint(path, sort_metadata=False) as folder:
-                if atomic.resolve(path) != root:  # under the save lock: no save switches it from here on
+                # under the save lock: no save switches it from here on. A save over a version link changes the
+                # folder's name, one over a real folder (exchanged at ``path``) only its identity
+                if atomic.identity(path) != checked:
                     raise _SwitchedBeforeRewrite
                 for dirpath, _dirs, names in os.walk(root):
                     rel = Path(dirpath).relative_to(root)

@@ -18,6 +18,7 @@ import medquant.hf
 from medquant.io import MANIFEST_NAME, META_NAME, WEIGHTS_NAME, CheckpointError, CheckpointWarning, atomic
 from medquant.io.manifest import read_manifest
 from medquant.testing.zoo import ZOO_BY_NAME
+from tests.io._helpers import without_exchange
 
 
 def tiny(seed=0, dtype=torch.float32):
@@ -51,17 +52,20 @@ def drop_manifest(path):
 
 # ------------------------------------------------------------------------------------------------ the folder switch
 def test_save_makes_a_version_link_and_switches_it(tmp_path):
+    """Where Linux ``renameat2(RENAME_EXCHANGE)`` is missing, a save over a real folder makes the path a version link,
+    and later saves switch that link. (With the call the path stays a real folder: test_atomic_real_folder.py.)"""
     p = tmp_path / "ck"
     a, b = quantized(0), quantized(1)
     mq.save(a, p)  # a first save publishes a real folder (renamed into place whole)
     assert p.is_dir() and not p.is_symlink() and siblings(p) == [".ck.mq-lock"]
     assert same_state(mq.load(p, model=tiny(5)), a)
-    mq.save(a, p)  # the next one exchanges it with a version link
+    with without_exchange():
+        mq.save(a, p)  # the next one renames it aside and a version link into place
     assert p.is_symlink() and atomic.is_version_link(p) and p.is_dir()
     first = os.readlink(p)
     assert not os.path.isabs(first) and (tmp_path / first).is_dir()
-    assert siblings(p) == [".ck.mq-lock", first]  # the exchanged real folder is removed
-    mq.save(b, p)
+    assert siblings(p) == [".ck.mq-lock", first]  # the real folder renamed aside is removed
+    mq.save(b, p)  # a version link stays a link, with RENAME_EXCHANGE or without
     assert os.readlink(p) != first and not (tmp_path / first).exists()  # the old version is removed
     assert siblings(p) == [".ck.mq-lock", os.readlink(p)]
     assert same_state(mq.load(p, model=tiny(5)), b)
@@ -70,6 +74,8 @@ def test_save_makes_a_version_link_and_switches_it(tmp_path):
 
 @pytest.mark.parametrize("exchange", [True, False])
 def test_a_real_folder_is_replaced_and_its_other_files_carried_over(tmp_path, monkeypatch, exchange):
+    """A real folder (written before the folder scheme) is exchanged with the new folder, so the path stays a real
+    folder; where renameat2(RENAME_EXCHANGE) is missing it becomes a version link."""
     if not exchange:  # systems without renameat2(RENAME_EXCHANGE): rename aside, then the link into place
         monkeypatch.setattr(atomic, "_EXCHANGE", None)
     p = tmp_path / "ck"
@@ -81,13 +87,13 @@ def test_a_real_folder_is_replaced_and_its_other_files_carried_over(tmp_path, mo
     (p / "config.json").write_text("{}")  # the user's: no earlier medquant save wrote it, so it is carried over
     m = quantized()
     mq.save(m, p)
-    assert atomic.is_version_link(p)
+    assert atomic.is_version_link(p) == (not exchange) and p.is_symlink() == (not exchange)
     assert (p / "tokenizer.json").read_text() == '{"t": 1}' and (p / "sub" / "notes.txt").read_text() == "n"
     assert (p / "config.json").read_text() == "{}"
     assert set(read_manifest(p)["files"]) == {WEIGHTS_NAME, META_NAME, "tokenizer.json", "sub/notes.txt",
                                               "config.json"}
     assert same_state(mq.load(p, model=tiny(3)), m)
-    assert siblings(p) == [".ck.mq-lock", os.readlink(p)]
+    assert siblings(p) == [".ck.mq-lock"] + ([] if exchange else [os.readlink(p)])
 
 
 def test_a_user_symlink_is_followed(tmp_path):
@@ -98,18 +104,25 @@ def test_a_user_symlink_is_followed(tmp_path):
     mq.save(m, tmp_path / "link" / "ck")
     assert real.is_dir() and not real.is_symlink()  # a first save: a real folder where the link leads
     mq.save(m, tmp_path / "link" / "ck")
-    assert atomic.is_version_link(real)
+    assert real.is_dir() and not real.is_symlink()  # the real folder there was exchanged with the new one
     user = tmp_path / "mine"
     user.symlink_to(real)
+    mq.save(quantized(1), user)  # the user's link to a real folder: the scheme runs at its target
+    assert user.is_symlink() and os.readlink(user) == str(real) and not real.is_symlink()
+    assert same_state(mq.load(user, model=tiny(3)), quantized(1))
+    with without_exchange():
+        mq.save(m, user)  # without RENAME_EXCHANGE the target becomes a version link
+    assert atomic.is_version_link(real) and os.readlink(user) == str(real)
     mq.save(quantized(1), user)  # the user's link to a version link: the scheme runs at its target
-    assert user.is_symlink() and os.readlink(user) == str(real)
+    assert user.is_symlink() and os.readlink(user) == str(real) and atomic.is_version_link(real)
     assert same_state(mq.load(user, model=tiny(3)), quantized(1))
 
 
 def test_orphans_are_removed_and_an_interrupted_switch_is_finished(tmp_path):
     p = tmp_path / "ck"
     mq.save(quantized(0), p)
-    mq.save(quantized(0), p)  # a version link (the first save published a real folder)
+    with without_exchange():
+        mq.save(quantized(0), p)  # a version link (the first save published a real folder)
     current = os.readlink(p)
     # a killed save's staging folder, folder renamed aside, and unpublished version behind its temporary link
     for name in (".ck.mq-v-0123456789abcdef", ".ck.mq-old-0123456789abcdef", ".ck.mq-tmp-0123456789abcdef"):
@@ -130,11 +143,17 @@ def test_orphans_are_removed_and_an_interrupted_switch_is_finished(tmp_path):
     assert same_state(mq.load(p, model=tiny(3)), quantized(2))
 
 
-def test_a_failed_save_changes_nothing_and_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["real folder", "version link"])
+def test_a_failed_save_changes_nothing_and_leaves_nothing(tmp_path, monkeypatch, kind):
     p = tmp_path / "ck"
     mq.save(quantized(0), p)
-    mq.save(quantized(0), p)  # a version link (the first save published a real folder)
-    before = (os.readlink(p), siblings(p))
+    if kind == "version link":
+        with without_exchange():
+            mq.save(quantized(0), p)
+    else:
+        mq.save(quantized(0), p)  # the real folder is exchanged with the new one: still a real folder
+    assert p.is_symlink() == (kind == "version link")
+    before = (atomic.identity(p), siblings(p))  # the folder read (its name and st_dev / st_ino)
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -142,7 +161,7 @@ def test_a_failed_save_changes_nothing_and_leaves_nothing(tmp_path, monkeypatch)
     monkeypatch.setattr("medquant.io.checkpoint.save_model", boom)
     with pytest.raises(OSError, match="disk full"):
         mq.save(quantized(1), p)
-    assert (os.readlink(p), siblings(p)) == before
+    assert (atomic.identity(p), siblings(p)) == before
     assert same_state(mq.load(p, model=tiny(3)), quantized(0))
 
 
@@ -456,8 +475,8 @@ def test_a_loaded_model_saved_again_with_its_own_save_pretrained_stays_verifiabl
 
     p = _copy(hf_saved[0], tmp_path / "c")
     model = _from_pretrained(p)
-    model.save_pretrained(p)  # over the folder it came from: a new version with a fresh manifest
-    assert atomic.is_version_link(p) and MANIFEST_NAME in os.listdir(p)
+    model.save_pretrained(p)  # over the folder it came from: a new folder (exchanged in) with a fresh manifest
+    assert p.is_dir() and not p.is_symlink() and MANIFEST_NAME in os.listdir(p)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointWarning)
         assert same_state(_from_pretrained(p), hf_saved[1])

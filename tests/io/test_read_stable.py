@@ -1,8 +1,9 @@
 """Readers of a checkpoint that a save switches while they read it: they read again, never a mix of two versions.
 
-A first save publishes a real folder at the path, read at the path itself; the next save exchanges it for a version
-link, so a reader that had read some files of the old version would take the rest from the new one. The switch is
-made deterministic here: the reader's first read is wrapped so that a save of a *different* model to the same path
+A first save publishes a real folder at the path, read at the path itself; the next save exchanges it with the new
+real folder (Linux ``renameat2(RENAME_EXCHANGE)``; the path stays a real folder, so only the folder's identity
+tells the switch), so a reader that had read some files of the old version would take the rest from the new one.
+The switch is made deterministic here: the reader's first read is wrapped so that a save of a *different* model to the same path
 runs right after it. Reference: the second model in memory (``torch.equal`` of every tensor, its config and shape
 table), ``json`` of the files it saved, and the saves' own version links.
 """
@@ -28,6 +29,7 @@ from medquant.prune import StructuredPruner, load_pruned, save_pruned, shape_tab
 from medquant.prune import io as prune_io
 from medquant.testing.zoo import ZOO_BY_NAME, tiny_cnn
 from tests.hf._helpers import state_equal
+from tests.io._helpers import without_exchange
 
 
 def _pruned(heads, ffn):
@@ -79,7 +81,7 @@ def test_load_pruned_of_a_folder_switched_after_its_header_was_read_reads_the_ne
     assert p.is_dir() and not p.is_symlink()  # a first save: a real folder, read at its own path
     calls = _switch_after_first(monkeypatch, prune_io, "read_header", lambda: save_pruned(b, p))
     back = load_pruned(p)
-    assert atomic.is_version_link(p) and len(calls) == 2
+    assert p.is_dir() and not p.is_symlink() and len(calls) == 2  # exchanged: still a real folder
     _assert_is(back, b)
 
 
@@ -91,7 +93,7 @@ def test_load_pruned_of_a_folder_switched_to_other_shapes_after_verify_reads_the
     save_pruned(a, p)
     calls = _switch_after_first(monkeypatch, prune_io, "verify", lambda: save_pruned(b, p))
     back = load_pruned(p)
-    assert atomic.is_version_link(p) and len(calls) == 2
+    assert p.is_dir() and not p.is_symlink() and len(calls) == 2  # exchanged: still a real folder
     _assert_is(back, b)
 
 
@@ -121,7 +123,7 @@ def test_verify_of_a_folder_switched_after_its_manifest_was_read_checks_the_new_
     mq.save(a, p)
     calls = _switch_after_first(monkeypatch, checkpoint, "read_manifest", lambda: mq.save(b, p))
     meta = verify(p)
-    assert atomic.is_version_link(p) and len(calls) == 2
+    assert not p.is_symlink() and len(calls) == 2
     assert meta == json.loads((p / META_NAME).read_text())  # the new version's, read after the switch
 
 
@@ -135,7 +137,7 @@ def test_verify_pretrained_of_a_folder_switched_after_its_manifest_was_read_chec
     modules = json.loads((p / "config.json").read_text())["quantization_config"]["modules"]
     calls = _switch_after_first(monkeypatch, checkpoint, "read_manifest", lambda: b.save_pretrained(p))
     verify_pretrained(p, modules)  # the old manifest against the new files would be "corrupted"
-    assert atomic.is_version_link(p) and len(calls) == 2
+    assert not p.is_symlink() and len(calls) == 2
 
 
 def test_read_metadata_whose_version_was_removed_after_it_was_resolved_reads_the_new_one(tmp_path, monkeypatch):
@@ -143,7 +145,8 @@ def test_read_metadata_whose_version_was_removed_after_it_was_resolved_reads_the
     b = _other_values(a, 1e-3)
     p = tmp_path / "ck"
     mq.save(a, p)
-    mq.save(a, p)  # a version link: the next save removes the version the reader resolved
+    with without_exchange():
+        mq.save(a, p)  # a version link (the fallback): the next save removes the version the reader resolved
     old = atomic.resolve(p)
     calls = _switch_after_first(monkeypatch, checkpoint, "_regular", lambda: mq.save(b, p))
     meta = read_metadata(p)
@@ -185,7 +188,8 @@ def test_read_stable_reads_the_new_version_when_the_path_switched_during_the_rea
         return first, (root / "n").read_text()
 
     assert atomic.read_stable(p, read) == ("2", "2")  # never ("1", "2")
-    assert seen == [p, atomic.resolve(p)] and atomic.is_version_link(p)
+    # the real folder at the path was exchanged with the new one: the same name, another folder
+    assert seen == [p, p] and p.is_dir() and not p.is_symlink()
 
 
 def test_read_stable_gives_up_with_the_given_error_chaining_the_last_one_when_the_path_keeps_switching(tmp_path):
@@ -195,14 +199,15 @@ def test_read_stable_gives_up_with_the_given_error_chaining_the_last_one_when_th
     calls = []
 
     def read(root):
-        calls.append(root)
+        calls.append((root, (root / "n").read_text()))
         publish()
         raise FileNotFoundError(f"read {len(calls)} failed")
 
     with pytest.raises(CheckpointError, match="switched") as info:
         atomic.read_stable(p, read, error=CheckpointError)
     assert isinstance(info.value.__cause__, FileNotFoundError) and "read 3 failed" in str(info.value.__cause__)
-    assert len(calls) == 3 and len(set(calls)) == 3
+    # each attempt read the folder a save had just exchanged in at the path (the same name: a real folder)
+    assert calls == [(p, "1"), (p, "2"), (p, "3")]
     with pytest.raises(RuntimeError, match="read 5 failed"):
         atomic.read_stable(p, read, attempts=2)
 

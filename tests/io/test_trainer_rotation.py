@@ -3,8 +3,11 @@
 ``Trainer._rotate_checkpoints`` (``save_total_limit``) removes an old ``checkpoint-N`` with
 ``shutil.rmtree(path, ignore_errors=True)``, which refuses a symlink: when every save made ``checkpoint-N`` a link
 to a hidden version folder, nothing was removed and the checkpoints (links and their version folders) piled up
-silently. Reference: the files and tensors of a save through the link scheme (a second save to the same path), the
-in-memory model (``torch.equal`` of every tensor), transformers' own ``from_pretrained`` and ``Trainer``.
+silently. A later save to the same path exchanges the real folder with the new one (Linux ``renameat2``), so the
+path stays a real folder (test_atomic_real_folder.py); only where that call is missing does it become a version
+link. Reference: the files and tensors of a save through the link scheme (a second save without
+``RENAME_EXCHANGE``), the in-memory model (``torch.equal`` of every tensor), transformers' own ``from_pretrained``
+and ``Trainer``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from medquant.io import MANIFEST_NAME, atomic, checkpoint
 from medquant.io.manifest import read_manifest, verify_files
 from medquant.testing.zoo import text_kwargs
 from tests.hf._helpers import state_equal
+from tests.io._helpers import without_exchange
 
 
 def _llama(seed: int = 0) -> LlamaForCausalLM:
@@ -49,8 +53,9 @@ def test_a_first_save_publishes_a_real_folder_with_the_files_a_linked_save_has(t
     if writer == "save":
         state_equal(mq.load(p), model)
     state_equal(AutoModelForCausalLM.from_pretrained(p).eval(), model)
-    # a second save of the same model goes through the link scheme (the real folder is exchanged): same files
-    save()
+    # a second save of the same model through the link scheme (the fallback without RENAME_EXCHANGE): same files
+    with without_exchange():
+        save()
     assert atomic.is_version_link(p) and _hidden(tmp_path, "ck") == [os.readlink(p)]
     assert {n: (p / n).read_bytes() for n in os.listdir(p)} == first
 
@@ -60,8 +65,8 @@ def test_a_later_save_over_a_first_saved_folder_replaces_it(tmp_path):
     p = tmp_path / "ck"
     mq.save(a, p)
     (p / "README.md").write_text("notes")  # a file of the user's: carried into the new version
-    mq.save(b, p)
-    assert atomic.is_version_link(p) and _hidden(tmp_path, "ck") == [os.readlink(p)]
+    mq.save(b, p)  # the real folder is exchanged with the new one: still a real folder, nothing left beside it
+    assert p.is_dir() and not p.is_symlink() and _hidden(tmp_path, "ck") == []
     assert (p / "README.md").read_text() == "notes"
     state_equal(mq.load(p), b)
     state_equal(AutoModelForCausalLM.from_pretrained(p).eval(), b)
@@ -101,8 +106,8 @@ def test_a_first_save_killed_before_its_rename_publishes_nothing_and_the_next_sa
 
 
 def test_a_load_of_a_first_saved_folder_replaced_while_it_is_read_reads_the_new_version(tmp_path, monkeypatch):
-    # a first-saved folder is read at its own path, which the next save exchanges for a version link: a load that
-    # had read the old config and recipe must not take the new tensors with them
+    # a first-saved folder is read at its own path, at which the next save exchanges the folder for the new one: a
+    # load that had read the old config and recipe must not take the new tensors with them
     a, b = _llama(0), _llama(1)
     b.config.rms_norm_eps = 1e-3  # a config-only difference: the tensor shapes agree
     p = tmp_path / "ck"
@@ -118,7 +123,7 @@ def test_a_load_of_a_first_saved_folder_replaced_while_it_is_read_reads_the_new_
 
     monkeypatch.setattr(checkpoint, "load_model", switched_meanwhile)
     back = mq.load(p)
-    assert len(calls) == 2 and atomic.is_version_link(p)
+    assert len(calls) == 2 and p.is_dir() and not p.is_symlink()
     assert back.config.rms_norm_eps == 1e-3
     state_equal(back, b)
 
