@@ -42,6 +42,7 @@ import contextlib
 import difflib
 import functools
 import json
+import numbers
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -60,11 +61,13 @@ def _check_bit_map(bit_map: Mapping) -> dict[int, int]:
         raise ValueError(f"bit_map must be a non-empty mapping level -> bits, got {bit_map!r}")
     out = {}
     for k, v in bit_map.items():
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 2**63:
+        # numbers.Integral: numpy integers too (a map built from arrays); bool is no level or width
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= int(k) < 2**63:
             raise ValueError(f"bit_map levels must be non-negative ints below 2**63 (int64), got {k!r}")
-        if isinstance(v, bool) or not isinstance(v, int) or not (1 <= v <= 8 or v >= PASSTHROUGH_BITS):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or \
+                not (1 <= int(v) <= 8 or int(v) >= PASSTHROUGH_BITS):
             raise ValueError(f"bit_map[{k}] = {v!r}: bits must be 1..8 or >= {PASSTHROUGH_BITS} (float)")
-        out[k] = v
+        out[int(k)] = int(v)
     return dict(sorted(out.items()))
 
 
@@ -160,7 +163,7 @@ def default_sites(model: nn.Module) -> list[tuple[str, str]]:
     """
     declared = getattr(model, "default_adaptive_sites", None)
     if declared:
-        return [_parse_site(s) for s in declared]
+        return [_parse_site(s) for s in ([declared] if isinstance(declared, str) else declared)]
     try:
         from ..models import model_roles
 
@@ -233,8 +236,8 @@ class AdaptiveQuantizer(nn.Module):
     Args:
         model: any ``nn.Module`` (changed in place: weights quantized, hooks added).
         bit_map: level -> bits (1..8 quantized, >= 16 float). Default ``{0: 2, 1: 4, 2: 8, 3: 32}``.
-        sites: module names (input of the module) or ``(name, "input"|"output")`` pairs; default
-            :func:`default_sites` (input of the classification head).
+        sites: a list of module names (input of the module) or ``(name, "input"|"output")`` pairs (one name
+            alone may be given as a string); default :func:`default_sites` (input of the classification head).
         scorer: object with ``levels(images)`` (a fitted ``ComplexityScorer`` or a ``LearnedPolicy``), used when
             ``forward`` gets ``images=`` or neither levels nor bits.
         weight_config: ``QuantConfig`` / int / mapping for :func:`medquant.quantize_`, or ``None`` to leave the
@@ -296,15 +299,22 @@ class AdaptiveQuantizer(nn.Module):
             if missing:
                 raise ValueError(f"the scorer gives levels {produced} but bit_map only has {sorted(self.bit_map)} "
                                  f"(missing {missing}): give bit_map an entry for every level the scorer returns")
+        if isinstance(sites, str):  # one module name, not a sequence of its characters
+            sites = [sites]
         parsed = [_parse_site(s) for s in sites] if sites is not None else default_sites(model)
         if not parsed:
             raise ValueError("sites is empty: give at least one module name")
         mods = dict(model.named_modules())
+        # sites=("blocks.0", "output"): one (name, where) pair given without its list
+        bare_pair = tuple(sites) if (isinstance(sites, tuple) and len(sites) == 2 and isinstance(sites[0], str)
+                                     and sites[0] in mods and sites[1] in WHERE) else None
         for name, _ in parsed:
             if name not in mods:
                 close = difflib.get_close_matches(name, list(mods), n=3)
-                raise ValueError(f"unknown module name {name!r} in sites" +
-                                 (f"; did you mean {close}?" if close else "; see model.named_modules()"))
+                raise ValueError(f"unknown module name {name!r} in sites" + (
+                    f"; sites is a list of sites: for the {name} of {bare_pair[0]!r} pass sites=[{bare_pair!r}]"
+                    if bare_pair is not None and name == bare_pair[1] else
+                    f"; did you mean {close}?" if close else "; see model.named_modules()"))
         if len(set(parsed)) != len(parsed):
             raise ValueError(f"duplicate sites in {parsed}")
         self.sites: list[tuple[str, str]] = parsed
@@ -537,13 +547,21 @@ class AdaptiveQuantizer(nn.Module):
             An int64 tensor ``(B,)`` of bit-widths.
 
         Raises:
-            TypeError: levels that are not integers.
+            TypeError: levels that are not integers (bool, or floats that are fractional, NaN or infinite; whole
+                floats such as ``2.0`` are accepted).
             ValueError: levels that are not 1-D, or a level the bit map does not have.
         """
         lv = torch.as_tensor(levels)
         if lv.dtype.is_floating_point or lv.dtype == torch.bool:
-            if lv.dtype == torch.bool or not bool(torch.all(lv == lv.round())):
+            if lv.dtype == torch.bool:
                 raise TypeError(f"levels must be integers, got {lv.dtype}")
+            bad = lv[~torch.isfinite(lv) | (lv != lv.round())]
+            if bad.numel():  # NaN, inf and fractions are no level (the int64 cast would make up one)
+                raise TypeError(f"levels must be integers, got {lv.dtype} values {bad.unique().tolist()[:8]}")
+            huge = lv[lv.abs() >= 2.0**63]  # whole but beyond int64: the cast would wrap them to another level
+            if huge.numel():
+                raise ValueError(f"unknown level(s) {huge.unique().tolist()[:8]}: bit_map has levels "
+                                 f"{sorted(self.bit_map)}")
             lv = lv.long()
         if lv.dim() != 1:
             raise ValueError(f"levels must be 1-D (one per sample), got shape {tuple(lv.shape)}")
@@ -667,8 +685,9 @@ class AdaptiveQuantizer(nn.Module):
             self._local.call_enabled = prev_enabled
         if torch.is_grad_enabled():  # for a gradient-checkpointing recompute in backward
             self._pin(out, call_bits, enabled)
-        with self._lock:
-            self._record(b, lv)
+        if enabled:  # a call under disabled() quantized nothing: not counted in stats()
+            with self._lock:
+                self._record(b, lv)
         return out
 
     # ------------------------------------------------------------------ accounting
@@ -692,7 +711,8 @@ class AdaptiveQuantizer(nn.Module):
 
         ``average_bits`` = sum over processed samples of their bit-width / number of samples (a float row counts
         at its nominal 16/32); ``per_level[l] = {"samples", "average_bits"}`` (calls with ``levels``); ``histogram``
-        = bits -> samples. Samples are counted once per forward call, whatever the number of sites.
+        = bits -> samples. Samples are counted once per forward call, whatever the number of sites; calls made
+        under :meth:`disabled` (float activations, no bits used) are not counted.
 
         Returns:
             ``{"samples", "average_bits", "per_level", "histogram"}``.

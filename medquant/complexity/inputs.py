@@ -213,11 +213,14 @@ def _rgb_to_gray(unit: torch.Tensor, is_u8: bool) -> torch.Tensor:
 
     On CPU this is literally scikit-image's arithmetic (``x * (1/255)`` then numpy's ``rgb @ coeffs``), so
     that the 8-bit quantisation of pixels whose gray value is exactly k + 0.5 (they exist: 0.2125 R +
-    0.7154 G + 0.0721 B is a multiple of 1e-4) rounds the same way. On GPU a torch float64 weighted sum is
+    0.7154 G + 0.0721 B is a multiple of 1e-4) rounds the same way, whatever the memory layout of the input
+    (channel-first, channels-last, channel-last arrays). On GPU a torch float64 weighted sum is
     used; it can round such exact ties the other way (one gray level, a handful of pixels per image).
     """
     if _cpu_path(unit):
-        arr = unit.permute(0, 2, 3, 1).numpy()
+        # (B, H, W, 3) in C order, as scikit-image gets an (H, W, 3) image: numpy's matmul rounds a strided array
+        # (the permuted view of an ordinary (B, 3, H, W) tensor) differently in the last bit
+        arr = np.ascontiguousarray(unit.permute(0, 2, 3, 1).numpy())
         arr = np.multiply(arr, 1.0 / 255, dtype=np.float64) if is_u8 else np.asarray(arr, dtype=np.float64)
         return torch.from_numpy(np.ascontiguousarray(arr @ np.array(RGB_WEIGHTS, dtype=np.float64)))
     f = unit.to(torch.float64) * (1.0 / 255) if is_u8 else unit.to(torch.float64)

@@ -68,12 +68,13 @@ class ComplexityScorer(nn.Module):
             restored by ``load_state_dict``.
 
     Raises:
-        ValueError: ``n_levels`` is not a positive int, ``normalisation`` unknown, ``quantiles`` not
-            ``0 <= low < high <= 1``, ``edge_threshold`` negative or not finite, ``weights`` of the wrong length,
-            with unknown names, negative, not finite or all zero, or ``bits_stored`` not None or an int in
-            1..32. ``load_state_dict`` raises it too for a state saved with another ``bits_stored``,
-            ``normalisation`` or ``quantiles`` than the one this scorer was given explicitly (not None, in the
-            constructor or by setting the attribute); a setting left None takes the state's value.
+        ValueError: ``n_levels`` is not a positive int (Python or numpy), ``normalisation`` unknown,
+            ``quantiles`` not ``0 <= low < high <= 1``, ``edge_threshold`` not a number, negative or not finite,
+            ``weights`` not numbers, of the wrong length, with unknown names, negative, not finite or all zero, or
+            ``bits_stored`` not None or an int in 1..32. ``load_state_dict`` raises it too for a state saved
+            with another ``bits_stored``, ``normalisation`` or ``quantiles`` than the one this scorer was given
+            explicitly (not None, in the constructor or by setting the attribute); a setting left None takes the
+            state's value.
 
     Example::
 
@@ -107,18 +108,22 @@ class ComplexityScorer(nn.Module):
         bits_stored: int | None = None,
     ):
         super().__init__()
-        if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 1:
+        if isinstance(n_levels, bool) or not isinstance(n_levels, (int, numbers.Integral)) or n_levels < 1:
             raise ValueError(f"n_levels must be a positive integer, got {n_levels!r}")
         self._check_normalisation(normalisation)
         q = self._parse_quantiles(quantiles)
-        if not (math.isfinite(edge_threshold) and edge_threshold >= 0.0):
+        try:
+            et = float(edge_threshold) if not isinstance(edge_threshold, (str, bytes)) else math.nan
+        except (TypeError, ValueError):
+            et = math.nan
+        if not (math.isfinite(et) and et >= 0.0):
             raise ValueError(f"edge_threshold must be a non-negative number, got {edge_threshold!r}")
         f64 = torch.float64
         self.register_buffer("metric_weights", self._parse_weights(weights))
-        self.register_buffer("edge_threshold", torch.tensor(float(edge_threshold), dtype=f64))
+        self.register_buffer("edge_threshold", torch.tensor(et, dtype=f64))
         self.register_buffer("norm_offset", torch.zeros(5, dtype=f64))
         self.register_buffer("norm_scale", torch.ones(5, dtype=f64))
-        self.register_buffer("thresholds", torch.zeros(n_levels - 1, dtype=f64))
+        self.register_buffer("thresholds", torch.zeros(int(n_levels) - 1, dtype=f64))  # int: numpy ints too
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("state_version", torch.tensor(STATE_VERSION, dtype=torch.int64))
         self.register_buffer("bits_stored_state", torch.tensor(0, dtype=torch.int64))  # 0 = None
@@ -132,15 +137,27 @@ class ComplexityScorer(nn.Module):
     # ------------------------------------------------------------------ configuration
     @staticmethod
     def _parse_weights(weights) -> torch.Tensor:
+        def refused() -> ValueError:
+            return ValueError(f"weights must be 5 non-negative numbers in the order {', '.join(METRIC_NAMES)}, or a "
+                              f"mapping name -> number; got {weights!r}")
+
         if weights is None:
             w = [1.0] * 5
         elif isinstance(weights, Mapping):
             unknown = set(weights) - set(METRIC_NAMES)
             if unknown:
                 raise ValueError(f"unknown metric names in weights: {sorted(unknown)}; known: {METRIC_NAMES}")
-            w = [float(weights.get(name, 0.0)) for name in METRIC_NAMES]
+            try:
+                w = [float(weights.get(name, 0.0)) for name in METRIC_NAMES]
+            except (TypeError, ValueError):
+                raise refused() from None
         else:
-            w = [float(x) for x in weights]
+            try:
+                if isinstance(weights, (str, bytes)):
+                    raise TypeError
+                w = [float(x) for x in weights]
+            except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor entry of several values
+                raise refused() from None
             if len(w) != 5:
                 raise ValueError(f"weights must have 5 entries ({', '.join(METRIC_NAMES)}), got {len(w)}")
         t = torch.tensor(w, dtype=torch.float64)
@@ -256,6 +273,8 @@ class ComplexityScorer(nn.Module):
         return out
 
     def _as_metric_tensor(self, images=None, metrics=None) -> torch.Tensor:
+        if images is not None and metrics is not None:  # one would be silently ignored
+            raise ValueError("pass images or metrics=, not both")
         if metrics is not None:
             m = torch.as_tensor(metrics, dtype=torch.float64, device=self.device)
             if m.ndim != 2 or m.shape[1] != 5:
@@ -280,8 +299,8 @@ class ComplexityScorer(nn.Module):
             ``self``.
 
         Raises:
-            ValueError: no calibration image, neither images nor metrics, or metrics of the wrong shape or not
-                finite.
+            ValueError: no calibration image, neither or both of images and metrics, or metrics of the wrong
+                shape or not finite.
         """
         m = self._as_metric_tensor(calibration_images, metrics)
         if m.shape[0] == 0:
@@ -323,6 +342,10 @@ class ComplexityScorer(nn.Module):
 
         Returns:
             A float64 tensor ``(N,)``.
+
+        Raises:
+            RuntimeError: the scorer is not fitted.
+            ValueError: neither or both of images and metrics, or metrics of the wrong shape or not finite.
         """
         self._check_fitted()
         return self._score_from_metrics(self._as_metric_tensor(images, metrics))
@@ -359,6 +382,10 @@ class ComplexityScorer(nn.Module):
 
         Returns:
             An int64 tensor ``(N,)`` with values in ``[0, n_levels)``.
+
+        Raises:
+            RuntimeError: the scorer is not fitted.
+            ValueError: as :meth:`score`.
         """
         return self.levels_from_scores(self.score(images, metrics))
 
