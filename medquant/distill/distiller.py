@@ -20,6 +20,9 @@ Loss per batch::
   when the widths agree; float32, on the student's device; applied in its own dtype when the Distiller was cast
   with ``.to(dtype)``) trained together with the student.
 
+Masked positions (padding) are left out before either term is computed, as ``F.cross_entropy`` leaves out
+``ignore_index`` targets: a teacher whose logits or hidden states are NaN / inf there does not make the loss NaN.
+
 The teacher is put in eval mode, its own parameters get ``requires_grad=False`` and it runs under
 ``torch.no_grad`` in eval mode (also when it, or a module it shares with the student, was switched back to train
 mode): its own parameters receive no gradient and are never changed. A module shared by both (the same
@@ -118,8 +121,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         student_logits: the student's logits.
         teacher_logits: the teacher's logits, same shape.
         temperature: the softmax temperature ``T``, a finite real number > 0: an int, a float or a one-element
-            real tensor (not a bool).
-        mask: optional 0/1 mask over the leading dimensions.
+            real tensor of any shape and device (not a bool; used as a float32 scalar on the logits' device, so the
+            loss stays a float32 scalar, and a ``T`` that requires grad gets its gradient).
+        mask: optional 0/1 mask over the leading dimensions. Masked positions take no part at all (only the
+            kept rows are computed, as ``F.cross_entropy`` skips ``ignore_index`` targets): non-finite logits there
+            (padding) leave the loss and the gradient finite.
 
     Returns:
         The scalar loss.
@@ -142,25 +148,36 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         raise ValueError(f"the mask is on {mask.device}, the logits on {student_logits.device}; kd_loss needs "
                          f"them on the same device (move the mask with mask.to(student_logits.device))")
     _check_temperature(temperature)
-    t = temperature
+    # a one-element tensor T as a 0-dim float32 one on the logits' device: a (1,) or (1, 1) T would broadcast the
+    # loss to its shape, a float64 one make it float64 (its gradient, for a learnable T, is kept)
+    t = (temperature.reshape(()).to(device=student_logits.device, dtype=torch.float32)
+         if isinstance(temperature, torch.Tensor) else temperature)
+    positions = tuple(student_logits.shape[:-1])
+    if math.prod(positions) == 0:
+        raise ValueError(f"the logits {tuple(student_logits.shape)} have no position to distil (an empty batch); "
+                         f"KD needs at least one row of logits")
+    weights = None
+    if mask is not None:
+        if tuple(mask.shape) != positions:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the logits positions {positions}")
+        m = mask.to(torch.float32)
+        if m.sum() == 0:
+            raise ValueError("the mask leaves no position to distil")
+        # only the kept positions are computed, as F.cross_entropy skips ignore_index targets: a non-finite logit
+        # at a masked (padding) position would otherwise make the loss and the gradient NaN through 0 * NaN
+        keep = m != 0
+        weights = m
+        if not bool(keep.all()):  # (no copy of the logits when every position counts)
+            student_logits, teacher_logits, weights = student_logits[keep], teacher_logits[keep], m[keep]
     log_ps = F.log_softmax(student_logits.float() / t, dim=-1)
     log_pt = F.log_softmax(teacher_logits.float() / t, dim=-1)
     p_t = log_pt.exp()
     # p_t = 0 terms are 0 by convention (their log_pt is -inf: 0 * -inf would be NaN)
     # (p_t == 0, not p_t > 0: a NaN teacher probability must give a NaN loss, not a silent 0)
     kl = torch.where(p_t == 0, 0.0, p_t * (log_pt - log_ps)).sum(-1)  # per position
-    if kl.numel() == 0:
-        raise ValueError(f"the logits {tuple(student_logits.shape)} have no position to distil (an empty batch); "
-                         f"KD needs at least one row of logits")
-    if mask is None:
+    if weights is None:
         return t * t * kl.mean()
-    m = mask.to(kl.dtype)
-    if m.shape != kl.shape:
-        raise ValueError(f"mask shape {tuple(m.shape)} does not match the logits positions {tuple(kl.shape)}")
-    denom = m.sum()
-    if denom == 0:
-        raise ValueError("the mask leaves no position to distil")
-    return t * t * (kl * m).sum() / denom
+    return t * t * (kl * weights).sum() / weights.sum()
 
 
 def _placeholder_tokens(model: nn.Module) -> list[int]:
@@ -416,12 +433,17 @@ class Distiller(nn.Module):
             if not (-len(hs) <= i < len(hs) and -len(ht) <= j < len(ht)):
                 raise ValueError(f"feature pair ({i}, {j}) out of range: student has {len(hs)} hidden states, "
                                  f"teacher {len(ht)}")
-            target = ht[j].detach().to(hs[i].device).float()  # the teacher's device may be another
+            h, target = hs[i], ht[j].detach().to(hs[i].device).float()  # the teacher's device may be another
+            m = mask
+            if mask is not None and tuple(mask.shape) == tuple(h.shape[:-1]) == tuple(target.shape[:-1]):
+                # the kept tokens only: non-finite hidden states on padding would make the term NaN (0 * NaN)
+                keep = mask.to(h.device) != 0
+                h, target, m = h[keep], target[keep], mask.to(h.device)[keep]
             # in the projection's dtype: float32, or the dtype the Distiller was cast to with .to(dtype)
-            diff = (proj(hs[i].to(proj.weight.dtype)).float() - target).pow(2).mean(-1)
-            loss = _masked_mean(diff, mask)
+            diff = (proj(h.to(proj.weight.dtype)).float() - target).pow(2).mean(-1)
+            loss = _masked_mean(diff, m)
             if self.feature_norm:
-                loss = loss / _masked_mean(target.pow(2).mean(-1), mask).clamp_min(1e-12)
+                loss = loss / _masked_mean(target.pow(2).mean(-1), m).clamp_min(1e-12)
             losses.append(loss)
         return torch.stack(losses).mean()
 

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -486,7 +487,9 @@ class QLoRAAdapter:
         gets its own copy before ``B A`` is folded in, so the other module keeps its weight; the merged model then
         has untied embeddings (``config.tie_word_embeddings = False``, so saving and loading keep them apart).
         A float base of lower precision than ``dtype`` (bfloat16 base, ``quantize=False``, merged to float32) is
-        merged in ``dtype``.
+        merged in ``dtype``. An NF4 layer merged to a dtype narrower than float32 (bfloat16, float16) is merged in
+        float32, one layer at a time, and rounded once: ``dtype(W_deq + s B A)``, as PEFT's ``merge_and_unload`` on
+        the float32 dequantized base followed by ``.to(dtype)``.
 
         Returns:
             The merged model (no gradients, ``use_cache`` on in its config and text config).
@@ -502,7 +505,15 @@ class QLoRAAdapter:
                 continue
             base = mod.get_base_layer()
             if isinstance(base, bnb.nn.Linear4bit):
-                mod.base_layer = _dequantized_linear(base, dtype)
+                if torch.finfo(dtype).bits >= 32:
+                    mod.base_layer = _dequantized_linear(base, dtype)
+                    continue
+                # a narrower dtype: W_deq + s B A in float32 for this layer now, rounded once to dtype (rounding
+                # W_deq to dtype first, then adding the rounded delta, was off by an ulp); one layer at a time, so
+                # the float32 copy never holds more than one layer
+                mod.base_layer = _dequantized_linear(base, torch.float32)
+                mod.merge()
+                mod.base_layer.to(dtype)
                 continue
             weight = getattr(base, "weight", None)
             if isinstance(weight, nn.Parameter) and uses.get(id(weight), 0) > 1:  # tied: fold into a copy only
@@ -510,7 +521,9 @@ class QLoRAAdapter:
             if isinstance(weight, torch.Tensor) and weight.is_floating_point() \
                     and weight.element_size() < torch.empty((), dtype=dtype).element_size():
                 mod.to(dtype)  # a bfloat16 base merged to float32: W + s B A computed in float32
-        merged = self.model.merge_and_unload()
+        with warnings.catch_warnings():  # the NF4 layers merged above (a dtype narrower than float32) are unloaded
+            warnings.filterwarnings("ignore", message="All adapters are already merged")
+            merged = self.model.merge_and_unload()
         nf4_dequantize_(merged, dtype)
         merged.to(dtype)
         for p in merged.parameters():
