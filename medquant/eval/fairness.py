@@ -16,8 +16,13 @@ Inputs are labels, not scores: ``y_true`` and ``y_pred`` as integer class ids ``
   has TNR 1 and FPR 0 in every group), every label for multi-label tasks, the positive class (1) only for binary
   tasks.
 * ``EOpp1 = mean_c TPR gap``; ``EOpp0 = mean_c TNR gap``; ``EOdd = mean_c (TPR gap + FPR gap)``.
+* undefined values are ``nan`` (never a stand-in number): the TPR of a group without positives of a class, its
+  TNR / FPR without negatives, a class's gap over fewer than two groups where the rate is defined, and EOpp1 /
+  EOpp0 / EOdd when no class has a defined gap; :meth:`FairnessReport.as_dict` writes them as ``None``.
 * balanced accuracy: multi-class / binary = mean recall over the classes present in ``y_true`` (as scikit-learn);
-  multi-label = mean over labels of ``(TPR + TNR) / 2``. Reported overall and per group.
+  multi-label = mean over labels of ``(TPR + TNR) / 2`` (of the one rate defined when the label's samples are all
+  positive or all negative, as scikit-learn's ``balanced_accuracy_score`` on that column). Reported overall and per
+  group.
 """
 from __future__ import annotations
 
@@ -48,6 +53,10 @@ def _as_np(x: Any, name: str) -> np.ndarray:
                  else ("class index", "class ids are 0, 1, ..., n_classes - 1"))
     if a.dtype.kind not in "iub":
         if not (a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a))):
+            if name == "groups":
+                raise TypeError(f"groups must hold integer group ids, one per sample, got dtype {a.dtype}: map "
+                                "names or values (strings, ages...) to integer ids first, e.g. "
+                                "np.unique(groups, return_inverse=True)[1]")
             raise TypeError(f"{name} must hold integer labels (use medquant.eval.predictions for logits), "
                             f"got dtype {a.dtype}")
         # int64 holds [-2^63, 2^63); a float outside wraps to -2^63 in astype, which read as a negative label
@@ -176,11 +185,13 @@ class FairnessReport:
         max_min_gap: highest minus lowest per-group accuracy.
         overall_acc: accuracy over all samples.
         balanced_acc: balanced accuracy over all samples.
-        eopp0: mean over classes of the TNR gap (``max_g - min_g`` over the groups).
+        eopp0: mean over classes of the TNR gap (``max_g - min_g`` over the groups); ``nan`` when no class has a
+            defined gap (also ``eopp1``, ``eodd``).
         eopp1: mean over classes of the TPR gap.
         eodd: mean over classes of (TPR gap + FPR gap).
         classes: the classes scored.
-        tpr: true-positive rate, class -> group -> rate (also ``tnr``, ``fpr``; ``positives`` counts).
+        tpr: true-positive rate, class -> group -> rate, ``nan`` where the group has no positive of the class
+            (also ``tnr``, ``fpr``: ``nan`` without a negative; ``positives`` counts).
 
     Attributes:
         tnr: true-negative rate, class -> group -> rate.
@@ -215,17 +226,21 @@ class FairnessReport:
     fpr_gap: dict[int, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """The report as a JSON-ready dict (group and class ids as string keys).
+        """The report as a JSON-ready dict (group and class ids as string keys; an undefined value, ``nan`` in
+        the report, is ``None``, so ``json.dumps(..., allow_nan=False)`` accepts it).
 
         Returns:
             The dict.
         """
-        d = asdict(self)
+        def num(x: Any) -> Any:  # NaN is no JSON value
+            return None if isinstance(x, float) and math.isnan(x) else x
+
+        d = {k: num(v) for k, v in asdict(self).items()}
         # JSON keys must be strings
         for k in ("counts", "acc", "balanced_acc_group", "tpr_gap", "tnr_gap", "fpr_gap"):
-            d[k] = {str(a): b for a, b in d[k].items()}
+            d[k] = {str(a): num(b) for a, b in d[k].items()}
         for k in ("tpr", "tnr", "fpr", "positives"):
-            d[k] = {str(c): {str(g): v for g, v in m.items()} for c, m in d[k].items()}
+            d[k] = {str(c): {str(g): num(v) for g, v in m.items()} for c, m in d[k].items()}
         return d
 
 

@@ -77,7 +77,8 @@ class FairQuantAllocator:
         metric: ``"grape"`` (``(dL_g/dw * w)^2``) or ``"gradient"`` (``|dL_g/dw|``).
         reducer: ``"balanced"`` (default), ``"max"``, ``"mean"`` or ``"cvar"``.
         scope: ``"channel"`` (one bit-width and scale per output channel, default) or ``"tensor"``.
-        cvar_alpha: the tail share of the ``"cvar"`` reducer (default 0.1).
+        cvar_alpha: ``a`` of the ``"cvar"`` reducer, which averages the top ``ceil((1 - a) G)`` of the ``G``
+            groups' values (:mod:`.reducers`; default 0.1: the top 90%, not a 10% tail).
         max_batches: calibration mini-batches (default 50, as in the paper).
         groups: the group ids that must appear in the calibration data (optional; a declared group without
             samples raises). At least two groups must be seen in any case.
@@ -89,9 +90,10 @@ class FairQuantAllocator:
 
     Raises:
         ValueError: an unknown metric, reducer or scope, neither proportions nor a target, an invalid palette, a
-            target outside the palette's range, or fewer than two declared groups.
-        TypeError: declared groups that are not integer ids (1.7, True, "a", "1"), or ``groups`` / ``layers`` /
-            ``skip`` given as a single string rather than a list (as :func:`medquant.quantize_` refuses ``skip``).
+            target outside the palette's range, fewer than two declared groups, or ``max_batches < 1``.
+        TypeError: declared groups that are not integer ids (1.7, True, "a", "1"), ``groups`` / ``layers`` /
+            ``skip`` given as a single string rather than a list (as :func:`medquant.quantize_` refuses ``skip``),
+            or a ``max_batches`` that is not an integer (``True``, ``2.5``) or None.
     """
 
     def __init__(
@@ -145,6 +147,11 @@ class FairQuantAllocator:
         self.cvar_alpha = float(cvar_alpha)
         if not 0.0 <= self.cvar_alpha < 1.0:  # checked when fitting too (reduce_groups); refused here, early
             raise ValueError(f"cvar_alpha must be in [0, 1), got {cvar_alpha!r}")
+        if max_batches is not None:  # checked when fitting too; a bool or 2.5 would reach itertools.islice
+            if isinstance(max_batches, bool) or not isinstance(max_batches, (int, np.integer)):
+                raise TypeError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+            if max_batches < 1:
+                raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
         self.max_batches = max_batches
         self.groups = None if groups is None else tuple(int(g) for g in groups)
         self.layers = None if layers is None else list(layers)

@@ -278,8 +278,10 @@ class BAQWrapper:
     def bits(self, project: bool = True, tolerance: float = 0.1) -> dict[str, tuple[int, ...]]:
         """Discrete bits ``round(b_cont)`` per scope; with ``project`` and ``target_bits``, lowered to the budget.
 
-        The projection lowers the scopes with the lowest continuous bits first, one bit at a time, until the
-        parameter-weighted average is within ``tolerance`` of ``target_bits``.
+        The projection (module docstring): while the parameter-weighted average exceeds ``target_bits +
+        tolerance``, the scope with the lowest continuous bits among those above ``b_min`` loses one bit (ties by
+        layer name, then scope index), so a scope reaches ``b_min`` before one with higher continuous bits loses
+        a bit.
 
         Args:
             project: lower the bits to the budget when ``target_bits`` is set.
@@ -294,14 +296,14 @@ class BAQWrapper:
             total = sum(b.numel() * self.sizes[n] for n, b in bits.items())
             used = sum(int(b.sum()) * self.sizes[n] for n, b in bits.items())
             if used / total > self.target_bits + tolerance:
+                # the scope with the lowest continuous bits stays the lowest one above b_min until it reaches
+                # b_min (its continuous bits do not change): lower it to b_min or until the budget is met, then
+                # the next
                 cands = sorted((float(c[i]), n, i) for n, c in cont.items() for i in range(c.numel()))
-                for _ in range(self.b_max - self.b_min):
-                    for _, n, i in cands:
-                        if used / total <= self.target_bits + tolerance:
-                            break
-                        if bits[n][i] > self.b_min:
-                            bits[n][i] -= 1
-                            used -= self.sizes[n]
+                for _, n, i in cands:
+                    while used / total > self.target_bits + tolerance and bits[n][i] > self.b_min:
+                        bits[n][i] -= 1
+                        used -= self.sizes[n]
         return {n: tuple(int(x) for x in b.tolist()) for n, b in bits.items()}
 
     def average_bits(self, **kw) -> float:
