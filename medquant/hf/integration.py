@@ -16,7 +16,8 @@ Two ways in (the quantization itself is :func:`medquant.quantize_`'s; nothing he
 * **quantize on load** - ``from_pretrained(float_path, quantization_config=MedQuantConfig(QuantConfig(4)))``
   (or a pattern map + ``skip``, exactly as :func:`medquant.quantize_` takes them). Each planned layer is
   quantized as soon as its float weight is read, so the float model never exists whole in memory; layers whose
-  weight is not in the checkpoint (tied ``lm_head``) are quantized after loading. The result is bit-identical to
+  weight is not in the checkpoint, and tied ones (``lm_head``, even where the checkpoint stores it too), are
+  quantized after loading, once transformers has tied them. The result is bit-identical to
   ``quantize_(float_model, same_config)``.
 
 Non-persistent row-index buffers of mixed-precision layers are rebuilt from the recipe after loading (transformers
@@ -273,6 +274,16 @@ def _outside_key_map(model: nn.Module, key_map: Callable[[str], str] | None, out
     return mapped
 
 
+def _tied_keys(model: nn.Module) -> set[str]:
+    """The weights transformers ties after loading (both sides of ``model.all_tied_weights_keys``). A planned layer
+    whose weight is one of them stays float while loading and is quantized after transformers' tie, as a leftover:
+    transformers ties a stored copy equal to its source, keeps a differing one apart and ties a missing source to
+    the stored target, and the quantized layer then holds what ``quantize_`` of the loaded float model would read
+    (a tied ``lm_head`` stored in the checkpoint too, as many Hub checkpoints hold it)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return set(tied) | set(tied.values())
+
+
 class _QuantizeOnLoad(ConversionOps):
     """Quantize a planned Linear / Conv2d as soon as its float weight is read, swapping the module in place."""
 
@@ -281,13 +292,14 @@ class _QuantizeOnLoad(ConversionOps):
 
     def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
         plan = self.hf_quantizer._plan
+        tied = _tied_keys(model)
         out = {}
         for key, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             mod_name, _, attr = key.rpartition(".")
             cfg = plan.get(mod_name)
             old = model.get_submodule(mod_name) if cfg is not None else None
-            if cfg is None or attr != "weight" or not isinstance(old, _FLOAT_TYPES):
+            if cfg is None or attr != "weight" or not isinstance(old, _FLOAT_TYPES) or key in tied:
                 out[key] = value
                 continue
             q = _quantize_weight(old, value, cfg, mod_name)
@@ -362,8 +374,8 @@ class MedQuantHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             return False
         mod_name, _, attr = param_name.rpartition(".")
-        if attr != "weight" or mod_name not in self._plan:
-            return False
+        if attr != "weight" or mod_name not in self._plan or param_name in _tied_keys(model):
+            return False  # a tied weight is quantized after transformers ties it (_tied_keys)
         try:
             return isinstance(model.get_submodule(mod_name), _FLOAT_TYPES)
         except AttributeError:

@@ -12,7 +12,8 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
    is ``model.get_output_embeddings()`` (``lm_head``) when it lies outside the language model (when that is an
    ``nn.Embedding``, as FSMT's decoder table, the shallowest ``nn.Linear`` of the same ``[vocab, hidden]`` shape
    beside it: FSMT's ``output_projection``), or a child named ``classifier`` / ``score`` / ``head`` / ``pooler`` /
-   ``generation_head`` / ``visual_projection`` / ``text_projection``, or one that runs between the body's output and
+   ``generation_head`` / ``visual_projection`` / ``text_projection`` / ``qa_outputs`` (the span head of the
+   ``...ForQuestionAnswering`` classes), or one that runs between the body's output and
    the logits or embedding, as BERT's ``cls.predictions.transform`` does: a name ending in ``predictions``
    (ELECTRA's ``generator_predictions`` / ``discriminator_predictions``), DistilBERT's ``vocab_transform`` /
    ``vocab_layer_norm``, AltCLIP's text ``pre_LN`` / ``transformation`` (its text projection).
@@ -76,7 +77,7 @@ class UnsupportedArchitectureError(ValueError):
 
 # attribute names (last component of a module name), matched as substrings, checked in this order
 _HEAD_NAMES = ("lm_head", "classifier", "score", "head", "pooler", "generation_head", "visual_projection",
-               "text_projection", "logit_scale", "logit_bias", "fc_norm", "cls",
+               "text_projection", "qa_outputs", "logit_scale", "logit_bias", "fc_norm", "cls",
                # what runs between the body's last hidden state and the logits / embedding, as BERT's
                # cls.predictions.transform: DistilBERT's vocab_transform / vocab_layer_norm, AltCLIP's text
                # pre_LN / transformation (its text_projection); ELECTRA's *_predictions: any name ending "predictions"
