@@ -150,6 +150,16 @@ class QuantConfig:
             object.__setattr__(self, "compute_dtype", name)
 
     # ------------------------------------------------------------------ helpers
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for a missing attribute: ``quant_method`` is what transformers reads from a
+        ``quantization_config``, so a QuantConfig passed there gets an error naming the config to pass instead."""
+        if name == "quant_method":
+            raise AttributeError(
+                "QuantConfig is medquant's per-layer config, not a transformers quantization_config (it has no "
+                "quant_method): pass from_pretrained(..., quantization_config=medquant.MedQuantConfig(QuantConfig(...)))"
+                ", or quantize the loaded model with medquant.quantize_(model, QuantConfig(...))")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def is_symmetric(self, bits: int | None = None) -> bool:
         """Scheme used for rows of ``bits`` bits (default: ``self.bits``).
 

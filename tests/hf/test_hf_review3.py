@@ -78,3 +78,25 @@ def test_quantize_on_load_of_a_tied_vlm_checkpoint_that_stores_the_head_equals_q
     inputs = entry.inputs(expected)
     with torch.no_grad():
         assert torch.equal(entry.output(loaded, inputs), entry.output(expected, inputs))
+
+
+def test_a_bare_quantconfig_as_quantization_config_names_medquantconfig(tmp_path):
+    """transformers reads ``quant_method`` from a ``quantization_config``; a QuantConfig passed there is refused
+    with an error naming MedQuantConfig (it was a bare "no attribute 'quant_method'"); hasattr and copies of a
+    QuantConfig behave as before."""
+    import copy
+    import pickle
+
+    import transformers
+
+    import medquant as mq
+    from medquant.testing.zoo import ZOO_BY_NAME
+
+    ZOO_BY_NAME["llama"].build().save_pretrained(tmp_path)
+    cfg = mq.QuantConfig(4, group_size=32)
+    with pytest.raises(AttributeError, match=r"MedQuantConfig\(QuantConfig\(\.\.\.\)\)"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg)
+    assert not hasattr(cfg, "quant_method") and not hasattr(cfg, "other")
+    assert copy.deepcopy(cfg) == cfg == pickle.loads(pickle.dumps(cfg))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=mq.MedQuantConfig(cfg))
+    assert isinstance(model.model.layers[0].mlp.up_proj, mq.QuantLinear)
