@@ -27,8 +27,8 @@ a smaller file, not a faster one.
 **Parity.** The simulation is the model that is exported, so the two compute the same function; the integer
 kernels round a value computed in a different float order, which moves a code by one step where the value is
 within float rounding of a boundary. :func:`medquant.deploy.onnx_sim.logits_tolerance` bounds the logits from
-that; :func:`export` runs the written file on ``example_inputs`` (and on them twice over, to check the dynamic
-batch axis) and raises :class:`~medquant.deploy.registry.ExportError` if ONNX Runtime leaves the bound
+that; :func:`export` runs the written file on ``example_inputs`` (and on a doubled batch of distinct samples, the
+example followed by its negation, to check the dynamic batch axis) and raises :class:`~medquant.deploy.registry.ExportError` if ONNX Runtime leaves the bound
 (data-dependent control flow traced for one input, an op exported wrongly) or refuses the graph. The file is
 written in a private temporary folder beside the target and moved into place only after these checks: a failed
 export leaves no file (and an existing one unchanged; replacing one needs ``overwrite=True``). One file holds the
@@ -267,8 +267,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             then ``input_1``...). Every input stays an input of the file, in this order, also one the output does
             not read (declared unused, with its example's type and shape, batch axis dynamic).
         output_name: the name of the output tensor (not one of the input names).
-        verify: run the file with ONNX Runtime on ``example_inputs``, on them twice (batch axis) and on their
-            negation and compare with the simulation (:func:`logits_tolerance`).
+        verify: run the file with ONNX Runtime on ``example_inputs``, on a doubled batch (the example followed by
+            its negation in reverse sample order, for floating inputs: distinct samples, also for a one-sample
+            example, so a graph that mixes the samples of a batch is caught) and on their negation, and compare with
+            the simulation (:func:`logits_tolerance`).
         overwrite: replace an existing file (otherwise an existing file is refused). A folder where the file goes
             (a folder named ``x.onnx``, or ``model.onnx`` inside the target folder) is always refused, asking for a
             file path.
@@ -447,8 +449,11 @@ def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[
     except Exception as e:  # ONNX Runtime's own reason (a type or an op it does not take)
         raise ExportError(f"onnxruntime cannot load the exported graph, not written: {e}".strip()[:2000]) from e
     worst, bound = 0.0, 0.0
-    # the example, a doubled batch (dynamic batch axis) and the negated example (a traced data-dependent branch)
-    variants = (args, tuple(torch.cat([a, a.flip(0)]) for a in args),
+    # the example, a doubled batch (dynamic batch axis) and the negated example (a traced data-dependent branch).
+    # The doubled batch is the example followed by its negation in reverse order (floating inputs): samples that
+    # differ, also for a one-sample example, so a graph that mixes the samples of a batch (a batch size traced as
+    # a constant) computes other values than the model on it
+    variants = (args, tuple(torch.cat([a, -a.flip(0) if a.is_floating_point() else a.flip(0)]) for a in args),
                 tuple(-a if a.is_floating_point() else a for a in args))
     for batch in variants:
         with torch.no_grad():
