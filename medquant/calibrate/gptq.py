@@ -65,8 +65,10 @@ singular Hessian is refused at once, the error naming the layer and saying to us
 :func:`gptq_quantize_` runs the model on the calibration batches once per stage - a transformer block (the blocks
 of :func:`medquant.models.block_stacks`), or a single layer outside the blocks - in forward order, so each stage's
 Hessians are captured with the earlier stages already quantized (the usual GPTQ order); inside a stage the layers
-see the float block. :func:`gptq_quantize_sequential` does the same block by block through
-:func:`medquant.calibrate.quantize_sequential` (one float block on the compute device at a time).
+see the float block. Before any change, one float forward of every batch counts each layer's calls per batch; a
+stage's pass stops once its last layer has its input only when every batch calls each of its layers exactly once
+(otherwise every call of every batch is collected). :func:`gptq_quantize_sequential` does the same block by
+block through :func:`medquant.calibrate.quantize_sequential` (one float block on the compute device at a time).
 
 A module bound under several names (one module object) is one layer: its Hessian collects its inputs from every
 use and the quantized layer is bound under all of its names (as :func:`medquant.quantize_` does).
@@ -981,39 +983,46 @@ def _run_batch(model: nn.Module, batch: Any, i: int, what: str) -> None:
     run_calibration_batch(model, batch, i, what, passthrough=(_Stop,))
 
 
-def _call_order(model: nn.Module, names: Sequence[str], batch: Any, unmasked: Collection[str] = ()
-                ) -> tuple[list[str], dict[str, int]]:
-    """Planned layers in the order the first calibration batch calls them, and their call counts; each input is
+def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any], unmasked: Collection[str] = ()
+                ) -> tuple[list[str], dict[str, list[int]]]:
+    """Planned layers in the order the calibration batches first call them (batch 0's order, then the layers first
+    called by a later batch, then those never called), and each layer's call count per batch (one float forward of
+    every batch: a stage's capture may stop at its last layer only when every batch calls each of its layers exactly
+    once - with data-dependent control flow a later batch may call a layer more often than batch 0); each input is
     checked (shape, finite values) as its Hessian will use it: the padding rows of a dict batch with an
     ``attention_mask`` (for the layers not in ``unmasked``) are no calibration data, so their values are not
     checked."""
     order: list[str] = []
-    counts = dict.fromkeys(names, 0)
+    counts = {n: [0] * len(batches) for n in names}
     checks = {n: HessianAccumulator(model.get_submodule(n), n) for n in names}
-    tokens = token_mask(batch)
+    tokens: list[torch.Tensor | None] = [None]
+    current = [0]
     handles = []
 
     def make(n: str):
         def hook(mod, args, kwargs):
             x = _input_of(args, kwargs)
-            rows = row_mask(x, tokens) if n not in unmasked and isinstance(x, torch.Tensor) else None
+            rows = row_mask(x, tokens[0]) if n not in unmasked and isinstance(x, torch.Tensor) else None
+            checks[n].calls = sum(counts[n])  # the call its errors name, counted over the batches as add counts
             if rows is None:
                 checks[n].check(x)
             else:
                 checks[n].check(checks[n]._check_shape(x)[rows.to(x.device)])
-            if counts[n] == 0:
+            if not any(counts[n]):
                 order.append(n)
-            counts[n] += 1
+            counts[n][current[0]] += 1
         return hook
 
     try:
         for n in names:
             handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
-        _run_batch(model, batch, 0, _names(names))
+        for i, batch in enumerate(batches):
+            current[0], tokens[0] = i, token_mask(batch)
+            _run_batch(model, batch, i, _names(names))
     finally:
         for h in handles:
             h.remove()
-    return order + [n for n in names if counts[n] == 0], counts
+    return order + [n for n in names if not any(counts[n])], counts
 
 
 def _stages(model: nn.Module, ordered: Sequence[str]) -> list[list[str]]:
@@ -1218,11 +1227,11 @@ def gptq_quantize_(
     with eval_mode(model):
         try:
             unmasked = unmasked_layers(model, plan) if any(token_mask(b) is not None for b in batches) else set()
-            ordered, counts = _call_order(model, list(plan), batches[0], unmasked)
+            ordered, counts = _call_order(model, list(plan), batches, unmasked)
             stages = _stages(model, ordered)
             bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
             for stage in bar:
-                early = all(counts[n] == 1 for n in stage)
+                early = all(c == 1 for n in stage for c in counts[n])
                 accs = _capture(model, stage, batches, early, labels, group_weights, unmasked)
                 built = []
                 factors = _Factors()
@@ -1266,7 +1275,11 @@ def gptq_quantize_sequential(
     Each decoder / vision block is brought to ``device`` (moved, or read from ``checkpoint``), the Hessians of its
     planned layers are captured on the block's own calibration calls - whose hidden states are the outputs of the
     already quantized earlier blocks - and its layers are replaced by their GPTQ versions; then it moves to
-    ``offload_device``. Peak device memory: one float block, its activations and its Hessians.
+    ``offload_device``. Peak device memory: one float block, its activations and its Hessians. When the first
+    calibration call of a block calls each of its planned layers exactly once, the float passes of the later calls
+    stop once its last planned layer has its input: a block whose later calls would call a planned layer more often
+    than the first (data-dependent control flow inside a block) needs :func:`gptq_quantize_`, which counts the
+    calls of every batch before deciding.
 
     Layers outside the blocks (a patch embedding, a projector, ``lm_head`` unless skipped) are quantized by
     round-to-nearest, as ``quantize_sequential`` does; :func:`gptq_quantize_` covers them with GPTQ. With every
