@@ -5,7 +5,9 @@
 
 * ``blocks``: for every transformer block, its attention's ``n_heads`` / ``n_kv`` / ``head_dim``, its FFN's
   ``n_neurons`` and its MoE experts' (3-D weights) ``name`` and ``n_neurons`` per expert;
-* ``modules``: for plain ``nn.Module`` models, the shape of every Conv2d / BatchNorm2d / Linear.
+* ``modules``: for plain ``nn.Module`` models, the shape of every Conv2d / BatchNorm2d / Linear;
+* ``stacks``: for plain ``nn.Module`` transformers, the number of blocks in each block list (``drop_blocks``
+  shortens it).
 
 Blocks are recorded for plain ``nn.Module`` transformers too (the blocks
 :func:`medquant.models.transformer_blocks` finds), and quantized layers (``QuantLinear``) count with their logical
@@ -18,6 +20,11 @@ head / neuron removal, which also sets the attention modules' own counts (``num_
 ``num_key_value_groups``, ``all_head_size``...) -- and loads the tensors with
 :func:`medquant.load` (checksums verified). Quantized pruned models round-trip too: quantization recipes are
 stored by :func:`medquant.save` with the pruned shapes.
+
+Blocks dropped whole (``drop_blocks``) come back by themselves for Hugging Face models (the saved config has
+the new ``num_hidden_layers``); a plain ``nn.Module`` given to :func:`load_pruned` has its blocks dropped again
+as the plan saved with the model (``save_pruned(..., plan=plan)``) says, and without that plan a block list
+shorter than the given model's raises ``CheckpointError`` (which blocks were dropped is not known).
 
 Uniformly pruned decoders whose config expresses the result (``plan.hf_config_exact``) also round-trip with
 plain ``save_pretrained`` / ``from_pretrained``.
@@ -88,11 +95,15 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
 
     Returns:
         ``{"version", "blocks": {block: {"attention": {n_heads, n_kv, head_dim}, "ffn": {n_neurons},
-        "experts": {...}}}, "modules": {name: {"type", "in", "out"} | {"type", "n"}}}`` (JSON-ready).
+        "experts": {...}}}, "modules": {name: {"type", "in", "out"} | {"type", "n"}}, "stacks": {block list:
+        number of blocks}}`` (JSON-ready; ``stacks`` for plain modules only).
     """
     table: dict[str, Any] = {"version": TABLE_VERSION, "blocks": {}, "modules": {}}
     with _float_stand_ins(model):
         for b in transformer_blocks(model, "all"):
+            stack = model.get_submodule(b.stack)
+            if not _is_hf(model) and isinstance(stack, nn.ModuleList):
+                table.setdefault("stacks", {})[b.stack] = len(stack)
             e: dict[str, Any] = {}
             if b.attention is not None:
                 a = b.attention
@@ -402,6 +413,8 @@ def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | to
                 f"{directory} holds a plain nn.Module ({meta['model']['class']}); pass a fresh float instance: "
                 f"load_pruned(path, model={meta['model']['class']}(...))")
         model = build_hf_model(directory, meta)
+    else:
+        _redrop_blocks(model, table, meta.get("extras", {}).get("prune_plan"), directory)
     root = atomic.resolve(directory)
     try:
         header = read_header(root / meta["weights"]["file"])
@@ -412,3 +425,42 @@ def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | to
         _resize_blocks(model, blocks)
         _resize_modules(model, modules)
     return load(directory, model=model, device=device)
+
+
+def _redrop_blocks(model: nn.Module, table: dict[str, Any], plan: Any, directory: Path) -> None:
+    """Drop from the given plain ``model`` the blocks the saved model lost (``drop_blocks``): the saved plan's
+    ``drop_blocks`` when the table's ``stacks`` give a block list fewer blocks than ``model`` has.
+
+    Raises:
+        CheckpointError: a block list of the table is not one of ``model``, or is shorter than ``model``'s and the
+            saved plan does not drop exactly that many blocks of it.
+    """
+    stacks = _obj(table.get("stacks", {}), f"{_WHERE}.stacks", "block list -> number of blocks")
+    dropped = plan.get("drop_blocks") if isinstance(plan, dict) else None
+    dropped = [n for n in dropped if isinstance(n, str)] if isinstance(dropped, list) else []
+    todo: list[str] = []
+    for stack, n in stacks.items():
+        try:
+            have = model.get_submodule(stack)
+        except AttributeError:
+            have = None
+        if not isinstance(have, nn.ModuleList):
+            raise CheckpointError(f"{_WHERE}.stacks names the block list {stack!r}, which {type(model).__name__} "
+                                  "does not have")
+        n = _size(stacks, stack, f"{_WHERE}.stacks")
+        if n == len(have):
+            continue
+        mine = sorted({d for d in dropped if d.rpartition(".")[0] == stack})
+        if n > len(have) or len(have) - len(mine) != n:
+            raise CheckpointError(f"{directory}: the saved model has {n} block(s) in {stack}, the given "
+                                  f"{type(model).__name__} has {len(have)}" + (
+                                      "; blocks were dropped (drop_blocks), but the saved plan does not say which "
+                                      "(save with save_pruned(..., plan=plan))" if n < len(have) else ""))
+        todo += mine
+    if todo:
+        from .layers import drop_blocks
+
+        try:
+            drop_blocks(model, todo)
+        except ValueError as e:
+            raise CheckpointError(f"{directory}: cannot drop the blocks the saved plan dropped: {e}") from None

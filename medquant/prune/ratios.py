@@ -2,12 +2,15 @@
 (heads, neurons) and the CNN channel pruner.
 
 A ratio ``r`` in ``[0, 1)`` of ``n`` structures removes ``floor(r*n + 0.5)`` of them (round half up), the ones
-with the lowest importance scores (ties: the lower index goes first).
+with the lowest importance scores (ties: the lower index goes first). ``r*n`` is computed exactly on the decimal
+value of ``r`` as written (its shortest ``repr``): ``0.29`` of 50 is 14.5 and removes 15, although the binary
+float product ``0.29 * 50`` is ``14.499999999999998``.
 """
 from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 
 import torch
 
@@ -15,8 +18,10 @@ __all__ = ["check_ratio", "lowest_indices", "n_to_remove"]
 
 
 def n_to_remove(ratio: float, n: int) -> int:
-    """The number of structures a ratio removes out of ``n``: ``floor(ratio * n + 0.5)``."""
-    return math.floor(ratio * n + 0.5)
+    """The number of structures a ratio removes out of ``n``: ``floor(ratio * n + 0.5)``, exact in decimal
+    arithmetic on ``ratio`` as written (its shortest ``repr``; module docstring), so a product that is a half
+    rounds up."""
+    return math.floor(Fraction(repr(float(ratio))) * n + Fraction(1, 2))
 
 
 def check_ratio(r: float, what: str) -> float:
