@@ -141,6 +141,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -249,6 +250,7 @@ _prefill_kernel = "gemm"  # set below from $MEDQUANT_CPU_PREFILL_KERNEL
 _layer_dtype: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> compute dtype of that layer
 _plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # qweight -> _Plan
 _warned: set[str] = set()
+_params_lock = threading.Lock()  # _params: one thread at a time builds a plan's kernel parameters
 
 
 # ------------------------------------------------------------------------------------------- CPU features
@@ -754,8 +756,10 @@ def _int4_group(k: int, candidates: list[int]) -> int:
     return next((g for g in candidates if k % g == 0), candidates[0])
 
 
-def _build_plan(weight: PackedWeight) -> _Plan:
-    if weight.n and weight.k and _int4_kernel == "auto":
+def _build_plan(weight: PackedWeight, native: bool = True) -> _Plan:
+    """The plan of a row group as chosen now (``native=False``: never the native kernel, the aten kernels' plan
+    that :func:`_params` rebuilds its float32 masters from)."""
+    if native and weight.n and weight.k and _int4_kernel == "auto":
         gemv = native_gemv4(weight)
         if gemv is not None:
             return _Plan(f"native{gemv.bits}", source=_source(weight), gemv=gemv)
@@ -827,11 +831,24 @@ def cpu_plan(weight: PackedWeight) -> _Plan:
 
 def _params(plan: _Plan, weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The kernel's scales (and zeros) in ``dtype``; only the dtypes in use are kept (the float32 masters are
-    dropped once one is built and recomputed from the layer's scales if another dtype is asked for later)."""
+    dropped once one is built and recomputed from the layer's scales if another dtype is asked for later). Under
+    a lock: two threads calling one layer may build two dtypes' parameters at once, and one must not drop the
+    masters while the other reads them."""
+    t = plan.by_dtype.get(dtype)
+    if t is not None:
+        return t
+    with _params_lock:
+        return _params_locked(plan, weight, dtype)
+
+
+def _params_locked(plan: _Plan, weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_params` under its lock."""
     t = plan.by_dtype.get(dtype)
     if t is None:
         if plan.scale is None:
-            fresh = _build_plan(weight)
+            # the aten form whatever would be chosen now ($MEDQUANT_NATIVE may have changed since: the native
+            # kernel's plan holds no masters)
+            fresh = _build_plan(weight, native=False)
             plan.scale, plan.zero = fresh.scale, fresh.zero
         assert plan.scale is not None
         if plan.kind == "int4":

@@ -406,6 +406,12 @@ def _in_place(t: torch.Tensor, n: int, ng: int) -> torch.Tensor:
     return t.float().expand(n, ng).contiguous()
 
 
+def _check_pair(scale: torch.Tensor | None, zero: torch.Tensor | None) -> None:
+    """ValueError unless ``scale`` and ``zero`` are given together or not at all."""
+    if (scale is None) != (zero is None):
+        raise ValueError("pass scale and zero together (w = (u - zero) * scale), or neither (the layer's own)")
+
+
 def kernel_params(weight: PackedWeight, ng: int, scale: torch.Tensor | None = None,
                   zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The scales and zero points the native kernels read for a row group, with ``w = (u - z) * s``.
@@ -425,8 +431,13 @@ def kernel_params(weight: PackedWeight, ng: int, scale: torch.Tensor | None = No
 
     Returns:
         ``(s, z)``: ``s`` ``(n, ng)`` float32 or float16; ``z`` ``(n, ng)`` float32 or float16, or one value.
+
+    Raises:
+        ValueError: only one of ``scale`` and ``zero`` given (the other would be taken from the layer: a
+            mismatched pair).
     """
     n = weight.n
+    _check_pair(scale, zero)
     if scale is not None and zero is not None:
         return scale.float().expand(n, ng).contiguous(), zero.float().expand(n, ng).contiguous()
     if weight.symmetric:
@@ -521,7 +532,11 @@ def native_dequantizer(weight: PackedWeight, dtype: torch.dtype, scale: torch.Te
 
     Returns:
         The :class:`NativeDequantizer`, or None.
+
+    Raises:
+        ValueError: one of ``scale`` and ``zero`` given without the other.
     """
+    _check_pair(scale, zero)
     if _disabled() or dtype not in _DTYPE_CODE or torch.compiler.is_compiling():
         return None
     if weight.device.type != "cpu" or any(t is not None and t.device.type != "cpu" for t in (scale, zero)):
@@ -607,7 +622,12 @@ def _gemv4_cpu(x: torch.Tensor, qweight: torch.Tensor, s: torch.Tensor, z: torch
     ``(M, k)`` float32 or bfloat16 with unit column stride; ``qweight``: the row group's int32 words (``bits`` the
     stored width: 4- or 8-bit containers, or a stream width); ``s``: float32 or float16 ``(n, ng)``; ``z``: the
     same, or one value for every row and group (:func:`kernel_params`); ``xmode``: what ``x~`` is
-    (:class:`NativeGemv4`). Raises RuntimeError when the kernel declines (it never returns a wrong result)."""
+    (:class:`NativeGemv4`). Raises RuntimeError for an ``x`` of another dtype, shape or layout and when the kernel
+    declines (it never returns a wrong result)."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or x.dim() != 2 or \
+            x.shape[1] != k or (k > 1 and x.stride(1) != 1):  # the kernel reads float32 / bfloat16 (M, k) rows
+        raise RuntimeError(f"medquant::gemv4: x must be a CPU float32 or bfloat16 tensor (M, {k}) with unit column "
+                           f"stride, got {tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}")
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
     lib = _state.lib
     rc = -3 if lib is None or not _gemv_takes(bits) else \
@@ -655,6 +675,9 @@ def _gemv4_bound_cpu(x: torch.Tensor, handle: int, n: int, xmode: int) -> torch.
     weight, as the reference path does). Raises RuntimeError for an unknown handle, a wrong ``n`` or ``x``, the
     blocked form on a build without it, or a call the kernel declines (never a wrong result)."""
     gemv = _BOUND.get(handle)
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":  # read as float32 / bfloat16
+        raise RuntimeError(f"medquant::gemv4_bound: x must be a CPU float32 or bfloat16 tensor, got {x.dtype} on "
+                           f"{x.device}")
     if gemv is None or gemv.n != n or x.dim() != 2 or x.shape[1] != gemv.k or (gemv.k > 1 and x.stride(1) != 1):
         raise RuntimeError(f"medquant::gemv4_bound: no bound matmul {handle} of {n} rows taking x "
                            f"{tuple(x.shape)} strides {x.stride()} (its layer was re-bound, reloaded or freed since this graph was "
@@ -919,7 +942,11 @@ def native_gemv4(weight: PackedWeight, scale: torch.Tensor | None = None,
 
     Returns:
         The bound :class:`NativeGemv4`, or None.
+
+    Raises:
+        ValueError: one of ``scale`` and ``zero`` given without the other.
     """
+    _check_pair(scale, zero)
     if _disabled() or gemv4_decline(weight) is not None:
         return None
     lib = _library()
