@@ -283,10 +283,10 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             if not args.overwrite:
                 parser.error(f"OUT {args.out} exists; pass --overwrite to replace it")
         if args.format == "compressed-tensors":  # an empty folder, or an earlier export with --overwrite
-            from ..deploy.compressed_tensors import check_output_folder
+            from ..deploy.common import check_export_folder
 
             try:
-                check_output_folder(out, args.overwrite)
+                check_export_folder(out, args.overwrite)
             except ExportError as e:
                 parser.error(f"OUT: {e}")
         elif out.is_dir() and any(out.iterdir()) and not args.overwrite:

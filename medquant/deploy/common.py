@@ -26,7 +26,9 @@ column ``j``::
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -365,3 +367,80 @@ def gguf_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
             ``overwrite`` is False.
     """
     return output_file_path(path, overwrite, suffix=".gguf", format="gguf")
+
+
+#: the files an export writes, besides its safetensors shards (:data:`_SHARD`)
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                          *TOKENIZER_FILES})
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_EXPORT_LAYOUT = ("a config.json whose quantization_config has quant_method 'compressed-tensors' and format "
+                  "'pack-quantized', and no other entries than the files the export writes (config.json, "
+                  "generation_config.json, model.safetensors or model-NNNNN-of-NNNNN.safetensors shards with "
+                  "model.safetensors.index.json, tokenizer / processor files)")
+
+
+def _entry(p: Path) -> str:
+    """A folder entry's name as the messages show it: ``name/`` for a folder, ``name (a symbolic link)``,
+    ``name (not a plain file)``."""
+    if p.is_symlink():
+        return f"{p.name} (a symbolic link)"
+    return p.name + ("/" if p.is_dir() else "" if p.is_file() else " (not a plain file)")
+
+
+def _some(names: list[str], at_most: int = 8) -> str:
+    return ", ".join(names[:at_most]) + (f" ... ({len(names)} entries)" if len(names) > at_most else "")
+
+
+def _not_an_export(folder: Path) -> str | None:
+    """Why the non-empty ``folder`` is not recognisably an earlier export of :func:`export_compressed_tensors`, or
+    None when it is one: it holds only regular files named as the export names its files (:data:`EXPORT_FILES`,
+    ``model-NNNNN-of-NNNNN.safetensors`` shards), among them ``config.json`` whose ``quantization_config`` has
+    ``quant_method: "compressed-tensors"`` and format ``pack-quantized`` (what the export always writes; it writes
+    no marker file of its own)."""
+    other = sorted(_entry(p) for p in folder.iterdir()
+                   if p.is_symlink() or not p.is_file() or not (p.name in EXPORT_FILES or _SHARD.fullmatch(p.name)))
+    if other:
+        return f"the export does not write {_some(other)}"
+    config = folder / "config.json"
+    if not config.is_file():
+        return "it has no config.json"
+    try:
+        qc = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON that is not an object
+        return f"its config.json is not a readable JSON object ({type(e).__name__})"
+    if not isinstance(qc, dict):
+        return "its config.json has no quantization_config"
+    if qc.get("quant_method") != "compressed-tensors":
+        return f"its config.json's quantization_config has quant_method {qc.get('quant_method')!r}"
+    if qc.get("format") != "pack-quantized":
+        return f"its config.json's quantization_config has format {qc.get('format')!r}"
+    return None
+
+
+def check_export_folder(path: Path, overwrite: bool) -> None:
+    """Refuse an output ``path`` that the export may not replace: a file; a non-empty folder that is not an earlier
+    export (:func:`_not_an_export`; whatever ``overwrite`` says, naming what it holds); an earlier export without
+    ``overwrite``. An empty folder, or a missing one, is written. (The command line checks ``OUT`` with it before it
+    loads the model.)
+
+    Raises:
+        ExportError: as above.
+    """
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"{path} exists and is not a folder; the export is a folder")
+    if not path.is_dir():
+        return
+    entries = sorted(_entry(p) for p in path.iterdir())
+    if not entries:
+        return
+    why = _not_an_export(path)
+    if why is not None:
+        raise ExportError(f"{path} is not empty and not an earlier compressed-tensors export: it holds "
+                          f"{_some(entries)}; "
+                          f"{why}. The export replaces its output folder as a whole, so it replaces only an empty "
+                          f"folder or, with overwrite=True (command line: --overwrite), an earlier export "
+                          f"({_EXPORT_LAYOUT}); it never deletes other files: choose another path or remove the "
+                          "folder yourself")
+    if not overwrite:
+        raise ExportError(f"{path} is not empty (an earlier compressed-tensors export); pass overwrite=True "
+                          "(command line: --overwrite) to replace it")

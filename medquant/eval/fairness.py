@@ -226,8 +226,10 @@ class FairnessReport:
     fpr_gap: dict[int, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """The report as a JSON-ready dict (group and class ids as string keys; an undefined value, ``nan`` in
-        the report, is ``None``, so ``json.dumps(..., allow_nan=False)`` accepts it).
+        """The report as a JSON-ready dict.
+
+        Group and class ids are string keys; an undefined value (``nan`` in the report) is ``None``, so
+        ``json.dumps(..., allow_nan=False)`` accepts it.
 
         Returns:
             The dict.
