@@ -76,39 +76,30 @@ def _fail_in_quantizer(monkeypatch, model, ref, seen):
     return ValueError, "injected quantizer failure"
 
 
-def _interrupt_in_swap(monkeypatch, model, ref, seen):
-    """A KeyboardInterrupt at the 5th swap: four layers already replaced by QuantLinear."""
-    real = api_mod.swap_module
-    n = [0]
+def _interrupt_at(owner, attr: str, call: int):
+    """An injection: a KeyboardInterrupt at the ``call``-th call of ``owner.attr``."""
+    def inject(monkeypatch, model, ref, seen):
+        real = getattr(owner, attr)
+        n = [0]
 
-    def bad(m, name, new):
-        n[0] += 1
-        if n[0] == 5:
-            seen.append(_changed(model, ref))
-            raise KeyboardInterrupt
-        return real(m, name, new)
+        def bad(*args, **kwargs):
+            n[0] += 1
+            if n[0] == call:
+                seen.append(_changed(model, ref))
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(api_mod, "swap_module", bad)
-    return KeyboardInterrupt, None
-
-
-def _interrupt_in_fold(monkeypatch, model, ref, seen):
-    """A KeyboardInterrupt at the 3rd group's fold: two groups already folded."""
-    real = awq_mod._fold
-    n = [0]
-
-    def bad(m, g, s):
-        n[0] += 1
-        if n[0] == 3:
-            seen.append(_changed(model, ref))
-            raise KeyboardInterrupt
-        return real(m, g, s)
-
-    monkeypatch.setattr(awq_mod, "_fold", bad)
-    return KeyboardInterrupt, None
+        monkeypatch.setattr(owner, attr, bad)
+        return KeyboardInterrupt, None
+    return inject
 
 
-@pytest.mark.parametrize("inject", [_fail_in_quantizer, _interrupt_in_swap, _interrupt_in_fold])
+_interrupt_in_swap = _interrupt_at(api_mod, "swap_module", 5)  # four layers already replaced by QuantLinear
+_interrupt_in_fold = _interrupt_at(awq_mod, "_fold", 3)  # two groups already folded
+
+
+@pytest.mark.parametrize("inject", [_fail_in_quantizer, _interrupt_in_swap, _interrupt_in_fold],
+                         ids=["quantizer_error", "interrupt_in_swap", "interrupt_in_fold"])
 def test_awq_quantize_failure_after_the_fold_restores_the_model(monkeypatch, inject):
     model = _outlier_model()
     calib = _calib(model, 2)

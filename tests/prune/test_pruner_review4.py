@@ -76,6 +76,19 @@ def test_plain_transformer_with_a_dropped_block_round_trips(tmp_path):
         load_pruned(tmp_path / "q", model=plain_transformer(seed=1, head_norm=(0,)))
 
 
+def _output_with_block_skipped(model, entry, inputs, name):
+    """The reference for dropping block ``name``: the model's output with that block passing its input through."""
+    def skip(mod, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        return x if isinstance(out, torch.Tensor) else (x, *out[1:])
+    hook = model.get_submodule(name).register_forward_hook(skip, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            return entry.output(model, inputs)
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize(("feature_layer", "drop"), [(-2, 2), (-4, 1), ([-1, -3], 1), (-2, 0)])
 def test_dropping_vision_blocks_keeps_the_hidden_state_llava_reads(tmp_path, feature_layer, drop):
     """LLaVA reads ``hidden_states[vision_feature_layer]`` of its vision tower; dropping a block must equal skipping
@@ -93,14 +106,7 @@ def test_dropping_vision_blocks_keeps_the_hidden_state_llava_reads(tmp_path, fea
     model = LlavaForConditionalGeneration(cfg).float().eval()
     inputs = entry.inputs(model)
     name = f"model.vision_tower.encoder.layers.{drop}"
-
-    def skip(mod, args, kwargs, out):
-        x = args[0] if args else kwargs["hidden_states"]
-        return x if isinstance(out, torch.Tensor) else (x, *out[1:])
-    hook = model.get_submodule(name).register_forward_hook(skip, with_kwargs=True)
-    with torch.no_grad():
-        ref = entry.output(model, inputs)
-    hook.remove()
+    ref = _output_with_block_skipped(model, entry, inputs, name)
     StructuredPruner(drop_blocks=[name], scope="vision", progress=False).prune(model)
     with torch.no_grad():
         out = entry.output(model, inputs)
@@ -124,14 +130,7 @@ def test_dropping_a_qwen2_5_vl_vision_block_keeps_the_full_attention_blocks():
     model = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
     inputs = entry.inputs(model)
     name = "model.visual.blocks.0"
-
-    def skip(mod, args, kwargs, out):
-        x = args[0] if args else kwargs["hidden_states"]
-        return x if isinstance(out, torch.Tensor) else (x, *out[1:])
-    hook = model.get_submodule(name).register_forward_hook(skip, with_kwargs=True)
-    with torch.no_grad():
-        ref = entry.output(model, inputs)
-    hook.remove()
+    ref = _output_with_block_skipped(model, entry, inputs, name)
     StructuredPruner(drop_blocks=[name], scope="vision", progress=False).prune(model)
     with torch.no_grad():
         torch.testing.assert_close(entry.output(model, inputs), ref, rtol=1e-5, atol=1e-5)
