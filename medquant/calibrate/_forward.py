@@ -14,7 +14,7 @@ inputs are image patches even when their count equals the number of tokens).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -99,6 +99,51 @@ def run_calibration_batch(model: nn.Module, batch: Any, i: int, what: str, *,
     except (RuntimeError, TypeError, IndexError) as e:
         raise ValueError(f"calibration batch {i} ({describe_batch(batch, shape=True)}) failed in the model's "
                          f"forward while calibrating {what}: {type(e).__name__}: {e}") from e
+
+
+def count_calls(model: nn.Module, names: Sequence[str], batches: Sequence[Any], what: str, *,
+                on_call: Callable[[str, tuple, dict, int, int], None] | None = None
+                ) -> tuple[list[str], dict[str, list[int]]]:
+    """Run every calibration batch once, whole (:func:`run_calibration_batch`), counting the calls of the modules
+    ``names``: with data-dependent control flow a later batch may call a module more often than batch 0, so a
+    capture may stop a batch's forward at a module's first call only when every batch calls it exactly once.
+
+    Args:
+        model: the model.
+        names: the modules to count (submodule names).
+        batches: the calibration batches.
+        what: what is being calibrated, for the error of a batch that fails in the forward.
+        on_call: run at each call before it is counted, as ``on_call(name, args, kwargs, batch index, calls of
+            name counted so far over all batches)`` (e.g. to check the input).
+
+    Returns:
+        ``(order, counts)``: the names called, in the order of their first call (batch 0's order, then those first
+        called by a later batch), and ``counts[name]``, the calls of ``name`` by each batch (0: not called).
+    """
+    order: list[str] = []
+    counts = {n: [0] * len(batches) for n in names}
+    current = [0]
+
+    def make(n: str):
+        def hook(mod, args, kwargs):
+            if on_call is not None:
+                on_call(n, args, kwargs, current[0], sum(counts[n]))
+            if not any(counts[n]):
+                order.append(n)
+            counts[n][current[0]] += 1
+        return hook
+
+    handles = []
+    try:
+        for n in names:
+            handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
+        for i, batch in enumerate(batches):
+            current[0] = i
+            run_calibration_batch(model, batch, i, what)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, counts
 
 
 def token_mask(batch: Any) -> torch.Tensor | None:

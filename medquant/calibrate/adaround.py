@@ -95,6 +95,7 @@ from ..quant.modules import QuantConv2d, QuantLinear
 from ._forward import (
     calibration_batches,
     check_seed,
+    count_calls,
     row_mask,
     run_calibration_batch,
     token_mask,
@@ -541,27 +542,9 @@ def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any
         ValueError: a unit that no calibration batch calls (checked here, before the model changes).
     """
     units = list(units)
-    order: list[str] = []
-    counts: dict[str, list[int]] = {u: [] for u in units}
-
-    def make(u: str):
-        def hook(mod, args):
-            if u not in order:
-                order.append(u)
-            counts[u][-1] += 1
-        return hook
-
-    handles = [model.get_submodule(u).register_forward_pre_hook(make(u)) for u in units]
     what = ", ".join(units[:3]) + (", ..." if len(units) > 3 else "")
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                for c in counts.values():
-                    c.append(0)
-                _run_batch(model, batch, i, what)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        order, counts = count_calls(model, units, batches, what)
     missing = [u for u in units if u not in order]
     if missing:
         raise ValueError(f"block {missing[0]} received no calibration inputs: the model's forward did not call it on "

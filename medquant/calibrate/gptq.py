@@ -111,6 +111,7 @@ from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
 from ._forward import (
     calibration_batches,
     check_seed,
+    count_calls,
     describe_batch,
     row_mask,
     run_calibration_batch,
@@ -992,36 +993,19 @@ def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any], 
     checked (shape, finite values) as its Hessian will use it: the padding rows of a dict batch with an
     ``attention_mask`` (for the layers not in ``unmasked``) are no calibration data, so their values are not
     checked."""
-    order: list[str] = []
-    counts = {n: [0] * len(batches) for n in names}
     checks = {n: HessianAccumulator(model.get_submodule(n), n) for n in names}
-    tokens: list[torch.Tensor | None] = [None]
-    current = [0]
-    handles = []
+    masks = [token_mask(b) for b in batches]
 
-    def make(n: str):
-        def hook(mod, args, kwargs):
-            x = _input_of(args, kwargs)
-            rows = row_mask(x, tokens[0]) if n not in unmasked and isinstance(x, torch.Tensor) else None
-            checks[n].calls = sum(counts[n])  # the call its errors name, counted over the batches as add counts
-            if rows is None:
-                checks[n].check(x)
-            else:
-                checks[n].check(checks[n]._check_shape(x)[rows.to(x.device)])
-            if not any(counts[n]):
-                order.append(n)
-            counts[n][current[0]] += 1
-        return hook
+    def check(n: str, args: tuple, kwargs: dict, i: int, calls: int) -> None:
+        x = _input_of(args, kwargs)
+        rows = row_mask(x, masks[i]) if n not in unmasked and isinstance(x, torch.Tensor) else None
+        checks[n].calls = calls  # the call its errors name, counted over the batches as add counts
+        if rows is None:
+            checks[n].check(x)
+        else:
+            checks[n].check(checks[n]._check_shape(x)[rows.to(x.device)])
 
-    try:
-        for n in names:
-            handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
-        for i, batch in enumerate(batches):
-            current[0], tokens[0] = i, token_mask(batch)
-            _run_batch(model, batch, i, _names(names))
-    finally:
-        for h in handles:
-            h.remove()
+    order, counts = count_calls(model, names, batches, _names(names), on_call=check)
     return order + [n for n in names if not any(counts[n])], counts
 
 
