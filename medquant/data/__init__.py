@@ -151,6 +151,12 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path") ->
             line); ``split`` is given and no row has it (the message lists the splits the CSV has).
     """
     csv_path = _path(csv_path)
+    rows = _read_rows(csv_path, path_column)
+    return rows if split is None else _keep_split(rows, split, csv_path)
+
+
+def _read_rows(csv_path: Path, path_column: str) -> list[dict]:
+    """Every row of the index CSV :func:`read_index` reads, checked as it checks them (no split selected)."""
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     if rows and path_column not in rows[0]:
@@ -158,18 +164,21 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path") ->
     for line, r in enumerate(rows, start=2):  # line 1 is the header
         if not r[path_column]:
             raise ValueError(f"{csv_path} line {line}: empty {path_column!r} field (every row names an image file)")
-    if split is not None:
-        if rows and "split" not in rows[0]:
-            raise KeyError(f"{csv_path} has no 'split' column (columns: {list(rows[0])})")
-        for line, r in enumerate(rows, start=2):
-            if r["split"] is None:
-                raise ValueError(f"{csv_path} line {line}: no 'split' field (the row is shorter than the header)")
-        kept = [r for r in rows if r["split"] == split]
-        if rows and not kept:
-            have = ", ".join(sorted({r["split"] for r in rows}))
-            raise ValueError(f"unknown split {split!r} in {csv_path}: its splits are {have}")
-        rows = kept
     return rows
+
+
+def _keep_split(rows: list[dict], split: str, csv_path: Path) -> list[dict]:
+    """The rows of ``split`` among every row of ``csv_path`` (:func:`read_index`'s split selection and checks)."""
+    if rows and "split" not in rows[0]:
+        raise KeyError(f"{csv_path} has no 'split' column (columns: {list(rows[0])})")
+    for line, r in enumerate(rows, start=2):
+        if r["split"] is None:
+            raise ValueError(f"{csv_path} line {line}: no 'split' field (the row is shorter than the header)")
+    kept = [r for r in rows if r["split"] == split]
+    if rows and not kept:
+        have = ", ".join(sorted({r["split"] for r in rows}))
+        raise ValueError(f"unknown split {split!r} in {csv_path}: its splits are {have}")
+    return kept
 
 
 def load_image(path) -> np.ndarray:
@@ -287,13 +296,14 @@ def load_image_folder(root, index_csv: str | None = "index.csv", split: str | No
         raise FileNotFoundError(f"index CSV {root / index_csv} not found ({there}); pass index_csv=None to load "
                                 "every image under the folder")
     if index_csv is not None and (root / index_csv).exists():
-        rows = read_index(root / index_csv, split=split, path_column=path_column)
+        index = _read_rows(root / index_csv, path_column)  # read once: the split's rows and the leakage check
+        rows = index if split is None else _keep_split(index, split, root / index_csv)
         _refuse_duplicate_paths(root / index_csv, rows, split, path_column)
         if group_column is not None and rows and group_column not in rows[0]:
             raise KeyError(f"{root / index_csv} has no {group_column!r} column (group_column; columns: "
                            f"{list(rows[0])})")
         if split is not None and not allow_leakage:
-            _refuse_split_leakage(root / index_csv, split, path_column, group_column)
+            _refuse_split_leakage(root / index_csv, index, split, path_column, group_column)
         files = [root / r[path_column] for r in rows]
     else:
         if group_column is not None:
@@ -340,11 +350,11 @@ _PATIENT_KEYS = frozenset(_group_key(c) for c in PATIENT_ID_COLUMNS)
 _EXAMPLES = 5  # offending paths / patients a leakage message names
 
 
-def _refuse_split_leakage(csv_path: Path, split: str, path_column: str, group_column: str | None) -> None:
-    """Refuse ``split`` of ``csv_path`` when one of its images (normalised path) or patients (``group_column``, or
-    every :data:`PATIENT_ID_COLUMNS` column) is also under another split of the index; see
-    :func:`load_image_folder`."""
-    index = read_index(csv_path, path_column=path_column)
+def _refuse_split_leakage(csv_path: Path, index: list[dict], split: str, path_column: str,
+                          group_column: str | None) -> None:
+    """Refuse ``split`` of ``csv_path`` (whose rows, every split, are ``index``) when one of its images (normalised
+    path) or patients (``group_column``, or every :data:`PATIENT_ID_COLUMNS` column) is also under another split of
+    the index; see :func:`load_image_folder`."""
     if not index:
         return
     mine = [(line, r) for line, r in enumerate(index, start=2) if r.get("split") == split]  # line 1: header
@@ -563,9 +573,10 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
             images = images[:limit]
         return images, [f"{path.name}[{i}]" for i in range(len(images))]
     if suffix == ".csv":
-        rows = read_index(path, split=split)
+        index = _read_rows(path, "path")
+        rows = index if split is None else _keep_split(index, split, path)
         if split is not None and not allow_leakage:
-            _refuse_split_leakage(path, split, "path", None)
+            _refuse_split_leakage(path, index, split, "path", None)
         if limit is not None:
             rows = rows[:limit]
         images = [_gray_if_equal_channels(load_image(path.parent / r["path"])) for r in rows]
