@@ -101,7 +101,12 @@ def run_calibration_batch(model: nn.Module, batch: Any, i: int, what: str, *,
                          f"forward while calibrating {what}: {type(e).__name__}: {e}") from e
 
 
-def count_calls(model: nn.Module, names: Sequence[str], batches: Sequence[Any], what: str, *,
+def short_names(names: Sequence[str]) -> str:
+    """The first three of ``names``, comma-separated, ``", ..."`` after them when there are more (for messages)."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def count_calls(model: nn.Module, names: Sequence[str], batches: Sequence[Any], *,
                 on_call: Callable[[str, tuple, dict, int, int], None] | None = None
                 ) -> tuple[list[str], dict[str, list[int]]]:
     """Run every calibration batch once, whole (:func:`run_calibration_batch`), counting the calls of the modules
@@ -111,8 +116,8 @@ def count_calls(model: nn.Module, names: Sequence[str], batches: Sequence[Any], 
     Args:
         model: the model.
         names: the modules to count (submodule names).
-        batches: the calibration batches.
-        what: what is being calibrated, for the error of a batch that fails in the forward.
+        batches: the calibration batches (a batch that fails in the forward is named with :func:`short_names` of
+            ``names``).
         on_call: run at each call before it is counted, as ``on_call(name, args, kwargs, batch index, calls of
             name counted so far over all batches)`` (e.g. to check the input).
 
@@ -139,7 +144,7 @@ def count_calls(model: nn.Module, names: Sequence[str], batches: Sequence[Any], 
             handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
         for i, batch in enumerate(batches):
             current[0] = i
-            run_calibration_batch(model, batch, i, what)
+            run_calibration_batch(model, batch, i, short_names(names))
     finally:
         for h in handles:
             h.remove()

@@ -542,9 +542,8 @@ def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any
         ValueError: a unit that no calibration batch calls (checked here, before the model changes).
     """
     units = list(units)
-    what = ", ".join(units[:3]) + (", ..." if len(units) > 3 else "")
     with torch.no_grad():
-        order, counts = count_calls(model, units, batches, what)
+        order, counts = count_calls(model, units, batches)
     missing = [u for u in units if u not in order]
     if missing:
         raise ValueError(f"block {missing[0]} received no calibration inputs: the model's forward did not call it on "

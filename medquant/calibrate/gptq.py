@@ -115,6 +115,7 @@ from ._forward import (
     describe_batch,
     row_mask,
     run_calibration_batch,
+    short_names,
     token_mask,
     unmasked_layers,
 )
@@ -925,10 +926,6 @@ def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
 
 
-def _names(names: Sequence[str]) -> str:
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
-
 def _check_batches(batches: Sequence[Any], layers: str = "") -> None:
     """Every calibration batch of the same kind as the first (a dict with the same keys, a tuple/list of the same
     length, or a tensor) and its floating-point tensors finite; errors name the batch (and the key)."""
@@ -1005,7 +1002,7 @@ def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any], 
         else:
             checks[n].check(checks[n]._check_shape(x)[rows.to(x.device)])
 
-    order, counts = count_calls(model, names, batches, _names(names), on_call=check)
+    order, counts = count_calls(model, names, batches, on_call=check)
     return order + [n for n in names if not any(counts[n])], counts
 
 
@@ -1049,7 +1046,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
             current[0] = labels[i] if labels is not None else None
             mask[0] = token_mask(batch)
             try:
-                _run_batch(model, batch, i, _names(stage))
+                _run_batch(model, batch, i, short_names(stage))
             except _Stop:
                 pass
     finally:
@@ -1200,8 +1197,8 @@ def gptq_quantize_(
     labels = [labels[i] for i in keep] if labels is not None else None
     if not batches:
         raise ValueError(f"GPTQ needs calibration data: the calibration set is empty (layers to quantize: "
-                         f"{_names(list(plan))})")
-    _check_batches(batches, _names(list(plan)))
+                         f"{short_names(list(plan))})")
+    _check_batches(batches, short_names(list(plan)))
     for n in plan:
         m = model.get_submodule(n)
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
