@@ -126,6 +126,11 @@ def _str_list(value: str | Sequence[str], what: str) -> list[str]:
     return items
 
 
+def _weight_dtypes(modules: Iterable[nn.Module]) -> list[str]:
+    """The dtypes of the modules' weights, sorted names (``["bfloat16"]``): the base an adapter is trained on."""
+    return sorted({str(m.weight.dtype).split(".")[-1] for m in modules if isinstance(m, nn.Linear)})
+
+
 def _check_base(model: nn.Module, target_roles: Sequence[str], quantize_roles: Sequence[str]) -> None:
     """Refuse a model that already has LoRA adapters (a ``PeftModel``, or one wrapped before) or that holds medquant
     quantized layers in the roles QLoRA works on: QLoRA needs float ``nn.Linear`` layers there."""
@@ -219,7 +224,8 @@ class QLoRAAdapter:
     text config (the one a VLM's language model reads) for training.
 
     Attributes:
-        model: the ``peft.PeftModel``; ``targets``: adapted module names; ``quantized``: NF4 module names.
+        model: the ``peft.PeftModel``; ``targets``: adapted module names; ``quantized``: NF4 module names;
+        ``base_dtypes``: the dtypes of their float weights when the adapter was built (``["float32"]``).
 
     Raises:
         ValueError: ``r`` is not a positive int, ``lora_dropout`` outside [0, 1), ``lora_alpha`` not positive and
@@ -275,6 +281,7 @@ class QLoRAAdapter:
             cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                              target_modules="^(?:" + "|".join(map(re.escape, self.targets)) + ")$", bias="none")
         before = {n: model.get_submodule(n) for n in dict.fromkeys([*self.targets, *names])}
+        self.base_dtypes = _weight_dtypes(before.values())
         grads = {id(p): p.requires_grad for p in model.parameters()}
         had_peft_config = hasattr(model, "peft_config")
         was_training = model.training
@@ -397,8 +404,9 @@ class QLoRAAdapter:
     def save(self, directory: str | os.PathLike) -> Path:
         """Save the adapter weights and the QLoRA settings (the base model is not saved).
 
-        PEFT ``save_pretrained`` writes ``adapter_model.safetensors`` and ``adapter_config.json``; the settings, targets
-        and NF4 module names go to ``medquant_qlora.json``.
+        PEFT ``save_pretrained`` writes ``adapter_model.safetensors`` and ``adapter_config.json``; the settings, targets,
+        NF4 module names and the dtypes of the base weights the adapter was built on (``base_dtypes``: an NF4 code
+        depends on whether a weight was quantized from float32 or bfloat16) go to ``medquant_qlora.json``.
 
         Args:
             directory: the output folder (created if needed).
@@ -424,7 +432,7 @@ class QLoRAAdapter:
                 weight.data, weight.quant_state = data, state
         tmp = d / (_CONFIG_FILE + ".tmp")
         tmp.write_text(json.dumps({"format": 1, "settings": self.settings, "targets": self.targets,
-                                   "quantized": self.quantized}, indent=2))
+                                   "quantized": self.quantized, "base_dtypes": self.base_dtypes}, indent=2))
         os.replace(tmp, d / _CONFIG_FILE)
         return d
 
@@ -446,7 +454,11 @@ class QLoRAAdapter:
 
         Raises:
             FileNotFoundError: the folder has no ``medquant_qlora.json``.
-            ValueError: an unsupported settings format, or the model's target modules differ from the saved ones.
+            ValueError: an unsupported settings format, the model's target modules differ from the saved ones, or
+                its adapted / quantized layers hold weights of another dtype than the saved ``base_dtypes`` (a
+                float32 base where the adapter was trained on bfloat16, or the reverse: the NF4 codes, and so the
+                outputs, would differ from the trained model's); nothing is changed then. Files written before
+                ``base_dtypes`` was recorded are loaded without this check.
         """
         from peft import PeftModel
 
@@ -471,6 +483,18 @@ class QLoRAAdapter:
         if targets != meta["targets"]:
             raise ValueError(f"the model's target modules differ from the saved adapter's: {targets[:3]}... vs "
                              f"{meta['targets'][:3]}...; load it onto the architecture it was trained on")
+        saved = meta.get("base_dtypes")  # absent in files of medquant before 7 December 2026: not checked
+        if saved is not None:
+            names = targets + [n for n in _role_modules(model, s.get("quantize_roles", ("language",)))
+                               if isinstance(model.get_submodule(n), nn.Linear)] if s.get("quantize", True) \
+                else targets
+            have = _weight_dtypes(model.get_submodule(n) for n in dict.fromkeys(names))
+            if have != saved:
+                raise ValueError(
+                    f"{cfg_path}: the adapter was trained on a base of {', '.join(saved)} weights, but the model's "
+                    f"adapted / quantized layers hold {', '.join(have)} weights: its NF4 codes and its outputs "
+                    f"would differ from the trained ones. Load the model as it was trained (from_pretrained(..., "
+                    f"torch_dtype=torch.{saved[0]}), or model.to(torch.{saved[0]}))")
         return cls(model, **s, _peft_model=lambda m: PeftModel.from_pretrained(m, str(d), is_trainable=is_trainable))
 
     # ------------------------------------------------------------------------------------------ deployment
