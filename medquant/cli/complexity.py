@@ -31,8 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--fit-split", default=None, help="split of --fit-on")
     p.add_argument("--fit-limit", type=positive_int, default=None)
     p.add_argument("--allow-leakage", action="store_true",
-                   help="read a split of an index whose images or patients also appear under another split "
-                        "(refused by default: split leakage)")
+                   help="read a split of an index or .npz whose images or patients also appear under another "
+                        "split (refused by default: split leakage; for an .npz, byte-identical images across "
+                        "splits are a warning this also silences)")
     p.add_argument("--state", default=None, help="load a saved scorer state instead of fitting")
     p.add_argument("--save-state", default=None, help="save the fitted scorer state (torch.save of tensors)")
     p.add_argument("--normalisation", choices=["minmax", "quantile"], default=None,

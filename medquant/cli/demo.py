@@ -48,14 +48,18 @@ def tiny_cnn(in_ch: int = 1, n_classes: int = 2) -> nn.Module:
     )
 
 
-def _load_pneumoniamnist(data_dir: Path):
+def _load_pneumoniamnist(data_dir: Path, allow_leakage: bool = False):
+    """Train, val and test of ``data_dir/pneumoniamnist/pneumoniamnist.npz`` as tensors (None when absent), each
+    checked for leakage by :func:`medquant.data.load_npz_split` unless ``allow_leakage``: the official file loads,
+    with a ``DuplicateImageWarning`` for its train and val splits (8 val images are byte-identical to train ones;
+    the test split shares none)."""
     path = data_dir / "pneumoniamnist" / "pneumoniamnist.npz"
     if not path.is_file():
         return None
     from ..data import load_npz_split
 
     def split(name):
-        x, y = load_npz_split(path, name, with_labels=True)
+        x, y = load_npz_split(path, name, with_labels=True, allow_leakage=allow_leakage)
         return torch.from_numpy(x).float().div(255).unsqueeze(1), torch.from_numpy(y).long().flatten()
 
     return split("train"), split("val"), split("test"), f"PneumoniaMNIST ({path})", ("normal", "pneumonia")
@@ -228,8 +232,8 @@ def run(args) -> int:
     """Train, quantize, evaluate and report (the ``medquant demo`` command).
 
     Args:
-        args: the parsed command line (``data_dir``, ``epochs``, ``seed``, ``bootstrap``, ``save``, ``json``,
-            ``plot``).
+        args: the parsed command line (``data_dir``, ``allow_leakage``, ``epochs``, ``seed``, ``bootstrap``,
+            ``save``, ``json``, ``plot``).
 
     Returns:
         The exit code, 0.
@@ -238,7 +242,8 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    loaded = _load_pneumoniamnist(Path(args.data_dir)) if args.data_dir else None
+    loaded = (_load_pneumoniamnist(Path(args.data_dir), getattr(args, "allow_leakage", False)) if args.data_dir
+              else None)
     (xtr, ytr), (xva, yva), (xte, yte), source, classes = loaded if loaded else _synthetic(args.seed)
     n_per = torch.bincount(yte, minlength=2).tolist()
     majority = max(n_per) / len(yte)
@@ -320,6 +325,9 @@ def register(sub) -> None:
     p.add_argument("--data-dir", default=str(_default_data_dir()),
                    help="folder holding pneumoniamnist/pneumoniamnist.npz (default: $MEDQUANT_DATA_DIR, else "
                         "../shared/data relative to the working directory); without it a synthetic task is used")
+    p.add_argument("--allow-leakage", action="store_true",
+                   help="load the PneumoniaMNIST splits without the split-leakage check (images byte-identical "
+                        "across splits are otherwise reported as a warning)")
     p.add_argument("--epochs", type=positive_int, default=6, help="training epochs of the float model (default 6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the intervals")

@@ -3,10 +3,12 @@
 * :func:`default_data_dir` - an explicit ``data_dir`` argument, else ``$MEDQUANT_DATA_DIR``; a
   :class:`DataDirNotSet` error (a ``FileNotFoundError``) naming both when neither is given.
 * :func:`load_npz_split` - MedMNIST-style ``.npz`` files (keys ``{split}_images`` / ``{split}_labels``, or
-  ``images`` / ``labels`` / ``split`` arrays as in the NIH sample).
+  ``images`` / ``labels`` / ``split`` arrays as in the NIH sample). Loading one split refuses it when one of its
+  patients (a :data:`PATIENT_ID_COLUMNS` array, or ``group_key=``) is under another split, and warns
+  (:class:`DuplicateImageWarning`) when some of its images are byte-identical to images of another split.
 * :func:`read_index` / :func:`load_image_folder` - a folder of image files listed in an index CSV with a path
   column (and optionally a split column), like ``kermany_pediatric_cxr_224/index.csv`` or HAM10000's
-  ``metadata.csv``. Loading one split refuses train/test leakage: rows of that split whose image, or whose
+  ``metadata.csv``. Selecting one split refuses train/test leakage: rows of that split whose image, or whose
   patient (a :data:`PATIENT_ID_COLUMNS` column, or ``group_column=``), the index also lists under another split
   (``allow_leakage=True`` loads it anyway).
 * :func:`read_dicom` / :func:`dicom_to_array` - DICOM files (needs the optional ``dicom`` extra: pydicom).
@@ -22,8 +24,10 @@ starts with the DICOM preamble (``DICM`` at byte 128), as PACS exports named ``I
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -45,6 +49,7 @@ same name): ``patient_id`` (the NIH ChestX-ray14 sample's ``metadata.csv``), ``P
 __all__ = [
     "PATIENT_ID_COLUMNS",
     "DataDirNotSet",
+    "DuplicateImageWarning",
     "Report",
     "default_data_dir",
     "default_reports_path",
@@ -61,33 +66,64 @@ __all__ = [
 ]
 
 
-def load_npz_split(path, split: str = "test", with_labels: bool = False):
+def load_npz_split(path, split: str | None = "test", with_labels: bool = False, allow_leakage: bool = False,
+                   group_key: str | None = None):
     """Images (N, H, W[, C]) of one split of an npz file; with ``with_labels`` also the labels.
 
     Supports MedMNIST keys (``test_images``, ``test_labels``) and flat files with ``images``/``labels`` and a
     per-image ``split`` array. ``split=None`` or ``"all"`` loads every image of a flat file, or every split of
     a MedMNIST file concatenated in train, val, test order.
 
+    Split leakage: loading one split checks the whole file (every split) first.
+
+    * Patients: the split is refused (``ValueError``) when one of its patients also has images under another
+      split. The ids are the non-empty values (as strings, surrounding spaces dropped; NaN skipped) of the array
+      ``group_key``, or when it is None of the first :data:`PATIENT_ID_COLUMNS` name (matched as index columns
+      are: ignoring case, spaces, underscores, hyphens) that the file holds as an array: one id per image of a
+      flat file (``patient_id`` in the NIH sample), or ``{split}_{name}`` per split of a MedMNIST-style file.
+      The message counts the leaked patients out of the split's, and per other split, and names up to five of
+      them, as :func:`load_image_folder` does for an index CSV. A file without such an array is not checked for
+      patients (MedMNIST files have none).
+    * Byte-identical images: an image of the split whose bytes (and shape and dtype) equal those of an image under
+      another split gives a :class:`DuplicateImageWarning` counting them (out of the split's, and per other
+      split) with up to five examples (``test_images[3] = train_images[7]``), and the split still loads. It is a
+      warning, not a refusal, because the official MedMNIST files hold a few: PneumoniaMNIST 8 val images that
+      are train images (its test split shares none), BreastMNIST 1 test image that is a train image (labelled
+      the other class); refusing them would refuse the standard benchmarks while moving their scores by under
+      one image in a hundred. Duplicates within one split are not reported (the Kermany source data has some).
+
+    ``allow_leakage=True`` loads the split without either check (and without reading the other splits). Loading
+    everything (``split=None`` / ``"all"``) holds nothing out and is not checked.
+
     Args:
         path: the ``.npz`` file.
         split: ``"train"``, ``"val"``, ``"test"``, or None / ``"all"``.
         with_labels: also return the labels (None when the file has none).
+        allow_leakage: load a split even though its patients (or images) are also under another split.
+        group_key: the array of patient (or other group) ids for the leakage check (for a MedMNIST-style file
+            the per-split arrays ``{split}_{group_key}``); None: the first :data:`PATIENT_ID_COLUMNS` name present.
 
     Returns:
         The images, or ``(images, labels)``; labels come back as stored (MedMNIST's are ``(N, 1)``).
 
     Raises:
-        ValueError: the file is not an ``.npz`` archive, or its labels do not match its images one to one (a
-            different first dimension).
-        KeyError: the split or the image array is missing (the message lists the splits the file has).
+        ValueError: the file is not an ``.npz`` archive, or its labels (or patient ids) do not match its images one
+            to one (a different first dimension); the split shares patients with another split (see above).
+        KeyError: the split or the image array is missing (the message lists the splits the file has), or
+            ``group_key`` is not an array of the file (the message lists its arrays).
     """
     path = _path(path)
     _check_npz(path)
+    check = split not in (None, "all") and not allow_leakage
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
+        if group_key is not None and group_key not in keys and not any(k.endswith(f"_{group_key}") for k in keys):
+            raise KeyError(f"{path} has no array {group_key!r} (group_key; arrays: {sorted(keys)})")
         if split not in (None, "all") and f"{split}_images" in keys:
             images = z[f"{split}_images"]
             labels = z[f"{split}_labels"] if f"{split}_labels" in keys else None
+            if check:
+                _check_npz_leakage(path, z, str(split), group_key, None, images)
         elif split in (None, "all") and any(k.endswith("_images") for k in keys):
             parts = [s for s in ("train", "val", "test") if f"{s}_images" in keys]
             images = np.concatenate([z[f"{s}_images"] for s in parts])
@@ -110,6 +146,8 @@ def load_npz_split(path, split: str = "test", with_labels: bool = False):
                 if labels is not None and len(labels) != len(images):
                     raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels (expected one label per "
                                      "image)")
+                if check:
+                    _check_npz_leakage(path, z, str(split), group_key, splits, images)
                 images = images[sel]
                 labels = labels[sel] if labels is not None else None
         else:
@@ -122,6 +160,108 @@ def load_npz_split(path, split: str = "test", with_labels: bool = False):
     return (images, labels) if with_labels else images
 
 
+class DuplicateImageWarning(UserWarning):
+    """:func:`load_npz_split` loaded a split some of whose images are byte-identical to images under another
+    split of the file (see there; ``allow_leakage=True`` skips the check)."""
+
+
+def _check_npz_leakage(path: Path, z, split: str, group_key: str | None, splits: np.ndarray | None,
+                       images: np.ndarray) -> None:
+    """Refuse ``split`` of the npz ``z`` when one of its patients is under another split, else warn when one of its
+    images is byte-identical to an image under another split; see :func:`load_npz_split`. ``splits`` is the
+    per-image split array of a flat file (``images`` every image of it), None for a MedMNIST-style file
+    (``images`` the split's ``{split}_images``)."""
+    keys = list(z.files)
+    if splits is not None:  # flat: one id per image
+        name = group_key if group_key is not None else _patient_array(keys, "")
+        if name is not None and name not in keys:
+            raise KeyError(f"{path} has no array {name!r} (group_key; arrays: {sorted(keys)})")
+        groups = None
+        if name is not None:
+            ids = z[name]
+            if len(ids) != len(splits):
+                raise ValueError(f"{path}: {len(splits)} images but {len(ids)} entries in its {name!r} array "
+                                 "(expected one patient id per image)")
+            groups = [(str(s), pid) for s, pid in zip(splits.tolist(), _ids(ids)) if pid]
+    else:  # MedMNIST-style: {split}_images, {split}_{name}
+        stems = [k[: -len("_images")] for k in keys if k.endswith("_images")]
+        suffix = group_key if group_key is not None else _patient_array(keys, f"{split}_")
+        name = None if suffix is None else f"{split}_{suffix}"
+        if name is not None and name not in keys:
+            raise KeyError(f"{path} has no array {name!r} (group_key={group_key!r} for split {split!r}; arrays: "
+                           f"{sorted(keys)})")
+        groups = None
+        if name is not None:
+            groups = []
+            for s in stems:
+                if f"{s}_{suffix}" in keys:
+                    ids = z[f"{s}_{suffix}"]
+                    n = len(images) if s == split else len(z[f"{s}_images"])
+                    if len(ids) != n:
+                        raise ValueError(f"{path}: {n} images in {s + '_images'!r} but {len(ids)} entries in "
+                                         f"{s + '_' + suffix!r} (expected one patient id per image)")
+                    groups += [(s, pid) for pid in _ids(ids) if pid]
+    if name is not None and groups is not None:
+        problem = _patient_leaks(groups, split, f"array {name!r}")
+        if problem:
+            raise ValueError(f"{path}: split {split!r} leaks into other splits of the file (the same patient on "
+                             f"both sides makes results on it optimistic): {problem}. Re-split the file so that "
+                             "every patient is in one split (split by patient), or pass allow_leakage=True to load "
+                             "the split as it is")
+    # byte-identical images: (split, label) of every image, by content
+    where: dict[bytes, dict[str, str]] = {}  # digest -> {split: first image label}
+    mine: list[tuple[str, bytes]] = []
+    if splits is not None:
+        for i, (s, row) in enumerate(zip(splits.tolist(), images)):
+            d = _digest(row)
+            where.setdefault(d, {}).setdefault(str(s), f"images[{i}]")
+            if s == split:
+                mine.append((f"images[{i}]", d))
+    else:
+        for s in stems:
+            arr = images if s == split else z[f"{s}_images"]
+            for i, row in enumerate(arr):
+                d = _digest(row)
+                where.setdefault(d, {}).setdefault(s, f"{s}_images[{i}]")
+                if s == split:
+                    mine.append((f"{s}_images[{i}]", d))
+            del arr
+    dups = [(label, {s: lab for s, lab in where[d].items() if s != split}) for label, d in mine]
+    dups = [(label, o) for label, o in dups if o]
+    if dups:
+        examples = ", ".join(f"{label} = " + ", ".join(o[s] for s in sorted(o)) for label, o in dups[:_EXAMPLES])
+        warnings.warn(f"{path}: {len(dups)} of the {len(mine)} images of split {split!r} are byte-identical to "
+                      f"images under another split ({_per_split(o for _, o in dups)}; e.g. {examples}{_more(dups)}); "
+                      "loaded anyway, but results on those images are optimistic when a model saw their copies. "
+                      "Pass allow_leakage=True to load the split without this check",
+                      DuplicateImageWarning, stacklevel=3)
+
+
+def _patient_array(keys: list[str], prefix: str) -> str | None:
+    """The first :data:`PATIENT_ID_COLUMNS` name (matched as columns are) among the arrays ``keys`` that start with
+    ``prefix``, without the prefix; None when there is none."""
+    for col in PATIENT_ID_COLUMNS:
+        for k in sorted(keys):
+            if k.startswith(prefix) and _group_key(k[len(prefix):]) == _group_key(col):
+                return k[len(prefix):]
+    return None
+
+
+def _ids(arr: np.ndarray) -> list[str]:
+    """Patient ids of an npz array as strings with surrounding spaces dropped; NaN (and empty strings) as ``""``."""
+    if arr.dtype.kind == "f":
+        return ["" if np.isnan(v) else str(v) for v in arr.tolist()]
+    return [str(v).strip() for v in arr.tolist()]
+
+
+def _digest(row: np.ndarray) -> bytes:
+    """A 128-bit BLAKE2b digest of one image's shape, dtype and bytes (equal digests: byte-identical images)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{row.shape}{row.dtype.str}".encode())
+    h.update(np.ascontiguousarray(row).tobytes())
+    return h.digest()
+
+
 def _check_npz(path: Path) -> None:
     """Refuse a file that is not a zip archive (every ``.npz`` is one) before numpy calls it pickled data."""
     with open(path, "rb") as f:
@@ -131,15 +271,24 @@ def _check_npz(path: Path) -> None:
                          "with image arrays")
 
 
-def read_index(csv_path, split: str | None = None, path_column: str = "path") -> list[dict]:
+def read_index(csv_path, split: str | None = None, path_column: str = "path", group_column: str | None = None,
+               allow_leakage: bool = False) -> list[dict]:
     """Rows of an index CSV (dicts), optionally only those whose ``split`` column equals ``split``.
 
-    The file is read as UTF-8; a leading byte order mark (as spreadsheet programs write) is dropped.
+    The file is read as UTF-8; a leading byte order mark (as spreadsheet programs write) is dropped. Selecting a
+    ``split`` is how a held-out split is picked, so it checks the whole index for split leakage exactly as
+    :func:`load_image_folder` does (an image path, or a patient of ``group_column`` / the
+    :data:`PATIENT_ID_COLUMNS` columns, also under another split) and refuses a leaking split unless
+    ``allow_leakage=True``. With ``split=None`` it is a plain reader: every row as it is, nothing checked (not even
+    duplicate paths, which the loaders refuse).
 
     Args:
         csv_path: the CSV file.
         split: keep only rows of this split (None: all rows).
         path_column: the column holding the image paths.
+        group_column: the column of patient (or other group) ids for the leakage check; None: every column named
+            as in :data:`PATIENT_ID_COLUMNS`.
+        allow_leakage: return the rows of a split even though its images or patients are also under another split.
 
     Returns:
         The rows as dicts.
@@ -148,11 +297,20 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path") ->
         KeyError: the CSV has no ``path_column`` column, or no ``split`` column when ``split`` is given (the
             message lists the columns).
         ValueError: a row has an empty or missing path, or (with ``split``) no split field (the message names its
-            line); ``split`` is given and no row has it (the message lists the splits the CSV has).
+            line); ``split`` is given and no row has it (the message lists the splits the CSV has); the split leaks
+            into another split (the message counts and names the leaked paths / patients).
+        KeyError: ``group_column`` is not a column of the CSV (the message lists the columns).
     """
     csv_path = _path(csv_path)
     rows = _read_rows(csv_path, path_column)
-    return rows if split is None else _keep_split(rows, split, csv_path)
+    if group_column is not None and rows and group_column not in rows[0]:
+        raise KeyError(f"{csv_path} has no {group_column!r} column (group_column; columns: {list(rows[0])})")
+    if split is None:
+        return rows
+    kept = _keep_split(rows, split, csv_path)
+    if not allow_leakage:
+        _refuse_split_leakage(csv_path, rows, split, path_column, group_column)
+    return kept
 
 
 def _read_rows(csv_path: Path, path_column: str) -> list[dict]:
@@ -373,22 +531,30 @@ def _refuse_split_leakage(csv_path: Path, index: list[dict], split: str, path_co
     columns = [group_column] if group_column is not None else [
         c for c in index[0] if isinstance(c, str) and _group_key(c) in _PATIENT_KEYS]
     for col in columns:
-        splits_of: dict[str, set[str]] = {}
-        for r in index:
-            if (pid := (r.get(col) or "").strip()):
-                splits_of.setdefault(pid, set()).add(str(r.get("split")))
-        patients = list(dict.fromkeys(pid for _, r in mine if (pid := (r.get(col) or "").strip())))
-        leaked = [(pid, splits_of[pid] - {split}) for pid in patients if splits_of[pid] - {split}]
-        if leaked:
-            examples = ", ".join(f"{pid!r} also under " + ", ".join(map(repr, sorted(o)))
-                                 for pid, o in leaked[:_EXAMPLES])
-            problems.append(f"{len(leaked)} of its {len(patients)} patients (column {col!r}) also appear under "
-                            f"another split ({_per_split(o for _, o in leaked)}; e.g. {examples}{_more(leaked)})")
+        groups = [(str(r.get("split")), pid) for r in index if (pid := (r.get(col) or "").strip())]
+        if (problem := _patient_leaks(groups, split, f"column {col!r}")):
+            problems.append(problem)
     if problems:
         raise ValueError(f"{csv_path}: split {split!r} leaks into other splits of the index (the same image or "
                          f"patient on both sides makes results on it optimistic): {'; '.join(problems)}. Fix the "
                          "index so that every image and every patient is in one split (split by patient), or pass "
                          "allow_leakage=True to load the split as it is")
+
+
+def _patient_leaks(groups: list[tuple[str, str]], split: str, where: str) -> str | None:
+    """``"2 of its 5 patients (<where>) also appear under another split (train 1, val 1; e.g. ...)"``, or None
+    when no patient of ``split`` is under another split; ``groups`` holds ``(split, patient id)`` for every image
+    (row) of the whole index or file, empty ids left out."""
+    splits_of: dict[str, set[str]] = {}
+    for s, pid in groups:
+        splits_of.setdefault(pid, set()).add(s)
+    patients = list(dict.fromkeys(pid for s, pid in groups if s == split))
+    leaked = [(pid, splits_of[pid] - {split}) for pid in patients if splits_of[pid] - {split}]
+    if not leaked:
+        return None
+    examples = ", ".join(f"{pid!r} also under " + ", ".join(map(repr, sorted(o))) for pid, o in leaked[:_EXAMPLES])
+    return (f"{len(leaked)} of its {len(patients)} patients ({where}) also appear under another split "
+            f"({_per_split(o for _, o in leaked)}; e.g. {examples}{_more(leaked)})")
 
 
 def _per_split(others) -> str:
@@ -529,14 +695,17 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
     CSV and single-file images are read alike (:func:`load_image`), and an RGB image whose three channels are
     equal (grayscale content stored as RGB, e.g. the Kermany JPEGs) becomes a 2-D grayscale array; colour images
     stay ``(H, W, 3)``. A split of a folder's index or of an index CSV is refused when its images or patients
-    (:data:`PATIENT_ID_COLUMNS`) are also under another split, as in :func:`load_image_folder`.
+    (:data:`PATIENT_ID_COLUMNS`) are also under another split, as in :func:`load_image_folder`, and (as there) when
+    two of the loaded rows name the same file; a split of an ``.npz`` is checked as :func:`load_npz_split` does
+    (patients refused, byte-identical images across splits warned about).
 
     Args:
         path: an ``.npz`` file, a folder, an index CSV or one image / DICOM file (``~`` is expanded).
         split: the split to load (npz and indexed folders / CSVs).
         limit: load at most this many images.
         key: for an ``.npz``, the array to read instead of the split's images (so not with ``split``).
-        allow_leakage: load a split of an index even though its images or patients are also under another split.
+        allow_leakage: load a split of an index or an ``.npz`` even though its images or patients are also under
+            another split.
 
     Returns:
         ``(images, names)``: a list of 2-D arrays (or one ``(N, H, W)`` array from an npz) and one name per
@@ -547,7 +716,8 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
         KeyError: ``key`` is not an array of the ``.npz`` (the message lists its arrays), or the split is missing.
         ValueError: ``limit`` is negative; an ``.npz`` that is not a zip archive; an option that would be ignored:
             ``key`` with ``split`` or for anything but an ``.npz``, ``split`` for a single image file (or for a
-            folder without an index CSV); a split of an index that leaks into another split.
+            folder without an index CSV); a split of an index or ``.npz`` that leaks into another split; two rows
+            of an index CSV naming the same file.
     """
     _check_limit(limit)
     path = _path(path)
@@ -568,13 +738,14 @@ def load_images(path, split: str | None = None, limit: int | None = None, key: s
                     raise KeyError(f"{path} has no array {key!r} (arrays: {sorted(z.files)})")
                 images = z[key]
         else:
-            images = load_npz_split(path, split=split if split is not None else "all")
+            images = load_npz_split(path, split=split if split is not None else "all", allow_leakage=allow_leakage)
         if limit is not None:
             images = images[:limit]
         return images, [f"{path.name}[{i}]" for i in range(len(images))]
     if suffix == ".csv":
         index = _read_rows(path, "path")
         rows = index if split is None else _keep_split(index, split, path)
+        _refuse_duplicate_paths(path, rows, split, "path")  # as load_image_folder: each loaded row a distinct file
         if split is not None and not allow_leakage:
             _refuse_split_leakage(path, index, split, "path", None)
         if limit is not None:
