@@ -68,7 +68,9 @@ Hessians are captured with the earlier stages already quantized (the usual GPTQ 
 see the float block. Before any change, one float forward of every batch counts each layer's calls per batch; a
 stage's pass stops once its last layer has its input only when every batch calls each of its layers exactly once
 (otherwise every call of every batch is collected). :func:`gptq_quantize_sequential` does the same block by
-block through :func:`medquant.calibrate.quantize_sequential` (one float block on the compute device at a time).
+block through :func:`medquant.calibrate.quantize_sequential` (one float block on the compute device at a time); it
+runs every calibration call of a block whole, so every call of every planned layer is collected whatever the
+control flow (no count is needed: counting would itself run every call whole).
 
 A module bound under several names (one module object) is one layer: its Hessian collects its inputs from every
 use and the quantized layer is bound under all of its names (as :func:`medquant.quantize_` does).
@@ -1059,18 +1061,18 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
 def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, HessianAccumulator],
                    labels: Sequence[Any] | None, masks: Sequence[torch.Tensor | None] | None = None,
                    unmasked: Collection[str] = ()) -> None:
-    """Accumulate the Hessians of ``accs``' layers on the block's calibration calls.
+    """Accumulate the Hessians of ``accs``' layers on the block's calibration calls, every call run whole.
 
     ``masks[i]``: the token mask of calibration batch ``i`` (:func:`token_mask`), applied to the layers (not in
     ``unmasked``) whose input is ``(batch, tokens, K)``.
 
-    Layers reading the same input tensor share its ``X^T X`` (:class:`_SharedInputs`). When the first call
-    reaches every layer exactly once, the later calls stop right after the last of them has its input (the rest of
-    the block - the last layer's own matmul, the residual - is not needed for the Hessians)."""
+    Layers reading the same input tensor share its ``X^T X`` (:class:`_SharedInputs`). No call stops early: with
+    data-dependent control flow (a loop whose count depends on the input, a router choosing experts per input) a
+    later call may call a planned layer more often than the first, after the point where the first call had
+    reached them all, and only the whole call shows it. Counting the calls first would itself run every call
+    whole, so running them whole once is the cheapest capture that never misses one; the early stop saved only the
+    work after the block's last planned layer (a decoder block: its ``down_proj`` matmul and the residual)."""
     shared = _SharedInputs()
-    calls = dict.fromkeys(accs, 0)
-    seen: set[str] = set()
-    early = [False]
     current: list[Any] = [None]
     mask: list[torch.Tensor | None] = [None]
     handles = []
@@ -1078,26 +1080,17 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
     def make(n: str):
         def hook(mod, args, kwargs):
             shared.add(accs[n], _input_of(args, kwargs), current[0], None if n in unmasked else mask[0])
-            calls[n] += 1
-            seen.add(n)
-            if early[0] and len(seen) == len(accs):
-                raise _Stop
         return hook
 
     try:
         for n in accs:
             handles.append(block.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
         for i, (a, k) in enumerate(zip(inputs.args, inputs.kwargs)):
-            seen.clear()
             shared.clear()
             current[0] = labels[i] if labels is not None else None
             mask[0] = masks[i] if masks is not None else None
-            try:
+            with torch.no_grad():  # no autograd graph keeps the call's activations alive
                 block(*a, **k)
-            except _Stop:
-                pass
-            if i == 0:
-                early[0] = all(c == 1 for c in calls.values())
     finally:
         for h in handles:
             h.remove()
@@ -1256,11 +1249,16 @@ def gptq_quantize_sequential(
     Each decoder / vision block is brought to ``device`` (moved, or read from ``checkpoint``), the Hessians of its
     planned layers are captured on the block's own calibration calls - whose hidden states are the outputs of the
     already quantized earlier blocks - and its layers are replaced by their GPTQ versions; then it moves to
-    ``offload_device``. Peak device memory: one float block, its activations and its Hessians. When the first
-    calibration call of a block calls each of its planned layers exactly once, the float passes of the later calls
-    stop once its last planned layer has its input: a block whose later calls would call a planned layer more often
-    than the first (data-dependent control flow inside a block) needs :func:`gptq_quantize_`, which counts the
-    calls of every batch before deciding.
+    ``offload_device``. Peak device memory: one float block, its activations and its Hessians (the finished blocks
+    of an earlier stack - a VLM's vision tower while the language stack's inputs are captured - come to ``device``
+    one at a time, each only while it runs; the modules outside the blocks stay there while calibrating).
+
+    Every calibration call of a block runs whole on the float block, and each call of a planned layer adds its
+    input to the layer's Hessian: a block with data-dependent control flow (a loop whose count depends on the
+    input, a router choosing experts per input) gets every input of every call, as :func:`gptq_quantize_` does, even
+    where a later call calls a planned layer more often than the first. (An early stop of the calls at the block's
+    last planned layer would save only the work after it - a decoder block's ``down_proj`` matmul and residual, about
+    a fifth of the float pass - and could be decided safely only after running every call whole.)
 
     Layers outside the blocks (a patch embedding, a projector, ``lm_head`` unless skipped) are quantized by
     round-to-nearest, as ``quantize_sequential`` does; :func:`gptq_quantize_` covers them with GPTQ. With every

@@ -16,7 +16,8 @@ floating point on the compute device at a time:
    (the modules outside the blocks - embeddings, norms, projector, ``lm_head``... - are processed first, leaf
    by leaf, the same way).
 
-Peak memory on the compute device: one float block plus its calibration activations. With a meta skeleton and a
+Peak memory on the compute device: one float block plus its calibration activations (calibrating: plus the
+modules outside the blocks and at most one finished block of an earlier stack). With a meta skeleton and a
 checkpoint, peak host memory is the quantized result plus one float block (``benchmarks/memory.py`` measures it).
 
 Calibration (for activation-aware methods): with ``calib_inputs`` (one ``model(**batch)`` keyword dict or a list
@@ -24,7 +25,11 @@ of them) and ``per_block_fn``, the inputs of each block are captured and passed 
 keyword arguments (attention masks, rotary position embeddings, window ``cu_seqlens``...) are recorded in one
 forward pass in which the not-yet-processed blocks are replaced by recorders that pass the hidden states through;
 its hidden-state input is the output of the already *quantized* previous block (the GPTQ/AWQ convention: each
-block is calibrated on the activations the quantized model will actually feed it).
+block is calibrated on the activations the quantized model will actually feed it). The finished (quantized) blocks
+of the earlier stacks run in that pass - the vision tower whose output the language stack reads - each moved to
+the compute device just before each of its calls and back to ``offload_device`` right after, so at most one of them
+is there at a time (two transfers of a quantized block per calibration batch); the modules outside the blocks stay
+on the compute device while calibrating.
 
 A module bound under several names (one module object, in one block or in several) is quantized once, where its
 first name is reached, and the quantized module is bound under every name, as :func:`medquant.quantize_` does
@@ -43,11 +48,12 @@ the end); a meta skeleton holds no float tensors, so streaming from a checkpoint
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import os
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -583,12 +589,10 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
         done: list[str] = []
         for group in groups:
             store: dict[str, list[tuple[tuple, dict]]] = {}
-            if calibrate:
-                for n in done:  # earlier (quantized) blocks take part in the capture forward pass
-                    model.get_submodule(n).to(device)
-                store = _capture(model, group, batches, device)
-                for n in done:
-                    model.get_submodule(n).to(offload)
+            if calibrate:  # the finished (quantized) blocks of earlier stacks run in the capture forward pass,
+                # each on the device only while it runs (the vision tower feeding the language stack)
+                with _on_device_while_running([model.get_submodule(n) for n in done], device, offload):
+                    store = _capture(model, group, batches, device)
             hidden: list[torch.Tensor] | None = None
             for name in group:
                 block = model.get_submodule(name)
@@ -619,6 +623,36 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
     if calibrate:
         for n in rest:
             _move_local(model.get_submodule(n), offload)
+
+
+@contextlib.contextmanager
+def _on_device_while_running(blocks: Sequence[nn.Module], device: torch.device, offload: torch.device
+                             ) -> Iterator[None]:
+    """Within the block: each of ``blocks`` (finished blocks, on ``offload``) is moved to ``device`` just before each
+    of its calls and back to ``offload`` right after, so at most one of them is on ``device`` at a time; on exit
+    (an error included) all of them are on ``offload``. The cost: two transfers of a block per call (per calibration
+    batch), instead of holding every finished block on ``device`` for the whole capture."""
+    if device == offload or not blocks:
+        yield
+        return
+
+    def bring(m: nn.Module, args: tuple) -> None:
+        m.to(device)
+
+    def send_back(m: nn.Module, args: tuple, out: Any) -> None:
+        m.to(offload)
+
+    handles = []
+    try:
+        for b in blocks:
+            handles.append(b.register_forward_pre_hook(bring))
+            handles.append(b.register_forward_hook(send_back))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for b in blocks:
+            b.to(offload)
 
 
 def _move_local(module: nn.Module, device: torch.device) -> None:

@@ -161,8 +161,10 @@ def load_npz_split(path, split: str | None = "test", with_labels: bool = False, 
 
 
 class DuplicateImageWarning(UserWarning):
-    """:func:`load_npz_split` loaded a split some of whose images are byte-identical to images under another
-    split of the file (see there; ``allow_leakage=True`` skips the check)."""
+    """A loaded split holds images byte-identical to images under another split of the same file.
+
+    Given by :func:`load_npz_split` (see there); ``allow_leakage=True`` skips the check.
+    """
 
 
 def _check_npz_leakage(path: Path, z, split: str, group_key: str | None, splits: np.ndarray | None,
