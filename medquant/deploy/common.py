@@ -16,6 +16,9 @@
 * :func:`parse_size` (from the registry) reads ``max_shard_size``-style byte counts (``"5GB"``).
 * :func:`copy_tokenizer_files` copies the tokenizer / processor files of a source folder
   (:func:`source_folder`: an explicit folder, or ``model.name_or_path`` when that is a local folder).
+* :func:`check_export_folder` refuses a compressed-tensors output folder the export may not replace (an earlier
+  export carries :data:`EXPORT_MARKER` in its safetensors metadata); :func:`export_target` follows a symlinked
+  output path to the folder it names.
 
 Dequantised weight (the layout's rule, which every exporter must reproduce): with ``g(j)`` the scale group of
 column ``j``::
@@ -369,14 +372,19 @@ def gguf_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     return output_file_path(path, overwrite, suffix=".gguf", format="gguf")
 
 
+#: the entry medquant's compressed-tensors export writes into the metadata of every safetensors file it writes
+#: (besides safetensors' ``"format": "pt"``): what marks a folder as an earlier export of its own
+EXPORT_MARKER = ("medquant.export", "compressed-tensors")
 #: the files an export writes, besides its safetensors shards (:data:`_SHARD`)
 EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                           *TOKENIZER_FILES})
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _EXPORT_LAYOUT = ("a config.json whose quantization_config has quant_method 'compressed-tensors' and format "
-                  "'pack-quantized', and no other entries than the files the export writes (config.json, "
-                  "generation_config.json, model.safetensors or model-NNNNN-of-NNNNN.safetensors shards with "
-                  "model.safetensors.index.json, tokenizer / processor files)")
+                  "'pack-quantized', model.safetensors or model-NNNNN-of-NNNNN.safetensors shards each carrying "
+                  f"the safetensors metadata entry {EXPORT_MARKER[0]!r}: {EXPORT_MARKER[1]!r} that medquant's "
+                  "export writes, and no other entries than the files the export writes (config.json, "
+                  "generation_config.json, the weights with model.safetensors.index.json, tokenizer / processor "
+                  "files)")
 
 
 def _entry(p: Path) -> str:
@@ -391,12 +399,35 @@ def _some(names: list[str], at_most: int = 8) -> str:
     return ", ".join(names[:at_most]) + (f" ... ({len(names)} entries)" if len(names) > at_most else "")
 
 
+def safetensors_metadata(file: Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file, read from its header alone (8 bytes: the header's length ``n``,
+    little-endian; then ``n`` bytes of JSON); ``{}`` when the header has none, None when ``file`` is not a readable
+    safetensors file (too short, a header length above 100 MB or past the file's end, not a JSON object)."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if not 2 <= n <= 100_000_000 or n > os.fstat(f.fileno()).st_size - 8:
+                return None
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, ValueError):  # ValueError: UnicodeDecodeError and JSONDecodeError
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.get("__metadata__", {})
+    return meta if isinstance(meta, dict) else None
+
+
 def _not_an_export(folder: Path) -> str | None:
     """Why the non-empty ``folder`` is not recognisably an earlier export of :func:`export_compressed_tensors`, or
     None when it is one: it holds only regular files named as the export names its files (:data:`EXPORT_FILES`,
     ``model-NNNNN-of-NNNNN.safetensors`` shards), among them ``config.json`` whose ``quantization_config`` has
-    ``quant_method: "compressed-tensors"`` and format ``pack-quantized`` (what the export always writes; it writes
-    no marker file of its own)."""
+    ``quant_method: "compressed-tensors"`` and format ``pack-quantized``, and ``model.safetensors`` or shards,
+    every one of which carries :data:`EXPORT_MARKER` in its safetensors metadata (what the export writes; a
+    pack-quantized folder of the same file names written by another tool, such as a Hub checkpoint that
+    llm-compressor saved, lacks it)."""
     other = sorted(_entry(p) for p in folder.iterdir()
                    if p.is_symlink() or not p.is_file() or not (p.name in EXPORT_FILES or _SHARD.fullmatch(p.name)))
     if other:
@@ -414,18 +445,55 @@ def _not_an_export(folder: Path) -> str | None:
         return f"its config.json's quantization_config has quant_method {qc.get('quant_method')!r}"
     if qc.get("format") != "pack-quantized":
         return f"its config.json's quantization_config has format {qc.get('format')!r}"
+    weights = sorted(p.name for p in folder.iterdir() if p.name == "model.safetensors" or _SHARD.fullmatch(p.name))
+    if not weights:
+        return "it has no model.safetensors (nor model-NNNNN-of-NNNNN.safetensors shards)"
+    key, value = EXPORT_MARKER
+    for name in weights:
+        meta = safetensors_metadata(folder / name)
+        if meta is None:
+            return f"its {name} is not a readable safetensors file"
+        if meta.get(key) != value:
+            return (f"its {name} carries no medquant export marker (the safetensors metadata entry {key!r}: "
+                    f"{value!r}, which every export of medquant writes): it was not written by medquant's export "
+                    "(a pack-quantized folder saved by another tool, e.g. llm-compressor, or an export of a "
+                    "medquant before the marker)")
     return None
+
+
+def export_target(path: Path) -> Path:
+    """The folder an export to ``path`` writes: ``path`` itself, or, when ``path`` is a symbolic link, the folder
+    it resolves to (every link followed, as the kernel follows them: ``os.path.realpath``). The link is kept as it
+    is; the target is checked (:func:`check_export_folder`) and replaced, its temporary folder made beside it.
+
+    Raises:
+        ExportError: ``path`` is a link to something missing (a dangling link: the export does not create a
+            link's target), or a loop of links.
+    """
+    if not path.is_symlink():
+        return path
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        raise ExportError(f"{path} is a symbolic link to {os.path.realpath(path)}, which does not exist: the export "
+                          "writes into a link's target; create that folder, or remove the link (or give another "
+                          "path)") from None
+    except OSError as e:  # ELOOP
+        raise ExportError(f"{path} is a symbolic link that cannot be followed ({e.strerror}); give the export a "
+                          "folder") from None
 
 
 def check_export_folder(path: Path, overwrite: bool) -> None:
     """Refuse an output ``path`` that the export may not replace: a file; a non-empty folder that is not an earlier
-    export (:func:`_not_an_export`; whatever ``overwrite`` says, naming what it holds); an earlier export without
-    ``overwrite``. An empty folder, or a missing one, is written. (The command line checks ``OUT`` with it before it
-    loads the model.)
+    export (:func:`_not_an_export`; whatever ``overwrite`` says, naming what it holds and what ``overwrite``
+    accepts); an earlier export without ``overwrite``. An empty folder, or a missing one, is written. A symbolic
+    link is checked at its target (:func:`export_target`, which also refuses a dangling link). (The command line
+    checks ``OUT`` with it before it loads the model.)
 
     Raises:
         ExportError: as above.
     """
+    path = export_target(path)  # the messages name the folder checked: a link's target
     if path.exists() and not path.is_dir():
         raise ExportError(f"{path} exists and is not a folder; the export is a folder")
     if not path.is_dir():

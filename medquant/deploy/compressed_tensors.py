@@ -2,8 +2,9 @@
 
 The folder holds ``config.json`` (the model's configuration plus a ``quantization_config`` with
 ``quant_method: "compressed-tensors"`` and format ``pack-quantized``), safetensors weights (one file, or shards
-of at most ``max_shard_size`` with ``model.safetensors.index.json``), ``generation_config.json`` and the
-tokenizer / processor files of the source folder.
+of at most ``max_shard_size`` with ``model.safetensors.index.json``; every file's safetensors metadata is
+``{"format": "pt", "medquant.export": "compressed-tensors"}``, the marker by which ``overwrite=True`` recognises an
+earlier export), ``generation_config.json`` and the tokenizer / processor files of the source folder.
 
 Weights of a quantized ``Linear`` layer with ``N`` rows, ``K`` inputs and ``b`` bits (1..8):
 
@@ -91,11 +92,13 @@ from torch import nn
 from ..io.atomic import exchange_paths, is_current_or_above
 from ..quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
 from .common import (
+    EXPORT_MARKER,
     UniformWeight,
     check_export_folder,
     check_mixed,
     check_native,
     copy_tokenizer_files,
+    export_target,
     float_tensors,
     head_is_tied,
     is_float_layer,
@@ -272,7 +275,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard: int
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for fname, shard in progress(zip(names, shards), total=len(shards), desc="writing", enabled=show, unit="file"):
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        save_file(shard, str(folder / fname), metadata={"format": "pt", EXPORT_MARKER[0]: EXPORT_MARKER[1]})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes)},
                  "weight_map": {key: fname for fname, shard in zip(names, shards) for key in shard}}
@@ -528,10 +531,11 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         model: a transformers model whose Linear layers medquant quantized (other layers stay float).
         path: the output folder (created, with any missing parents; empty, or an earlier export with
             ``overwrite``; not the current folder, a folder above it or a file system root, also through a
-            symlink). Written
-            to a temporary folder beside it and moved into place at the end, so a failed export leaves no
-            half-written folder; the parent folders it had to create are removed again, folders that existed
-            before are kept.
+            symlink). A symbolic link to a folder is kept: the export is written into the folder it names (every
+            link followed, ``os.path.realpath``), which is checked and replaced as ``path`` would be; a link to
+            a missing folder is refused. Written to a temporary folder beside the folder and moved into place at
+            the end, so a failed export leaves no half-written folder; the parent folders it had to create are
+            removed again, folders that existed before are kept.
         promote: requantize layers with per-row mixed bit-widths to their largest bit-width (else refused).
         max_shard_size: largest safetensors file, bytes or ``"5GB"`` / ``"500MB"``; above it the weights are
             sharded with ``model.safetensors.index.json``.
@@ -543,15 +547,20 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         verify: decompress every packed layer with compressed-tensors' own decompressor and report the largest
             difference from medquant's dequantised weight (raises ``ExportError`` if an exact row differs).
         overwrite: replace ``path`` when it is an earlier export of this function (swapped in whole at the end:
-            a failed export leaves the old folder as it was). Recognised by what the export writes (it writes no
-            marker file): a ``config.json`` whose ``quantization_config`` has ``quant_method:
-            "compressed-tensors"`` and format ``pack-quantized``, and no entries but the files the export
-            writes (``config.json``, ``generation_config.json``, ``model.safetensors`` or
-            ``model-NNNNN-of-NNNNN.safetensors`` shards with ``model.safetensors.index.json``, the tokenizer /
+            a failed export leaves the old folder as it was). Recognised by what the export writes: a
+            ``config.json`` whose ``quantization_config`` has ``quant_method: "compressed-tensors"`` and format
+            ``pack-quantized``; ``model.safetensors`` or ``model-NNNNN-of-NNNNN.safetensors`` shards, every one
+            carrying the export's marker in its safetensors metadata (``"medquant.export":
+            "compressed-tensors"``, :data:`~medquant.deploy.common.EXPORT_MARKER`, written next to ``"format":
+            "pt"`` into every weight file); and no entries but the files the export writes (``config.json``,
+            ``generation_config.json``, the weights with ``model.safetensors.index.json``, the tokenizer /
             processor files of :data:`~medquant.deploy.common.TOKENIZER_FILES`; plain files, no folders or
             links). Any other non-empty folder (a training folder, a medquant checkpoint, an export with files
-            added) is refused whatever ``overwrite`` says, the error naming what it holds: choose another path or
-            remove the folder yourself. The check runs again just before the move into place.
+            added, a pack-quantized folder of the same file names written by another tool such as a Hub
+            checkpoint saved by llm-compressor, an export of a medquant before the marker) is refused whatever
+            ``overwrite`` says, the error naming what it holds, what is missing and what ``overwrite`` accepts:
+            choose another path or remove the folder yourself. The check runs again just before the move into
+            place.
         progress_bar: tqdm bars while packing and writing.
         embeddings: how quantized input embeddings (``QuantEmbedding``) are written: ``"float"`` (default) as
             their dequantised table, which every runtime reads; ``"packed"`` packed like a Linear weight (exact
@@ -571,6 +580,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     """
     path = Path(path)
     max_shard, sdtype = _check_options(model, path, promote, max_shard_size, scale_dtype, overwrite, source)
+    # a symbolic link is kept: the export is written into (and replaces) the folder it names
+    target = export_target(path)
     if not isinstance(verify, bool) or not isinstance(progress_bar, bool):
         raise ExportError("verify and progress_bar must be True or False")
     if not isinstance(embeddings, str) or embeddings not in EMBEDDINGS:
@@ -658,8 +669,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     # the names save_pretrained writes (transformers' reverted weight conversions), in its order
     written, converted = _checkpoint_names(model, tensors, packed_tensors)
     tied = head_is_tied(model)
-    with made_folders(path.parent):  # a failed export removes the parent folders it created
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with made_folders(target.parent):  # a failed export removes the parent folders it created
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             _save_config(model, tmp, tied)
             from compressed_tensors.compressors import ModelCompressor
@@ -670,8 +681,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             files += _write_shards(written, tmp, max_shard, progress_bar)
             files += copy_tokenizer_files(source_folder(model, source), tmp, skip=files)
             publish_mode(tmp)
-            check_export_folder(path, overwrite)  # again: the folder may have changed during the export
-            _move_into_place(tmp, path)
+            check_export_folder(target, overwrite)  # again: the folder may have changed during the export
+            _move_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
