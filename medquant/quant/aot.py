@@ -85,6 +85,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -334,19 +335,45 @@ def _check_head(model: nn.Module, what: str) -> int:
     ``vocab_size`` where the table does not say), after refusing an output head wider than the table: the head's
     ``out_features`` (logits per token) ``V_out > V_in`` rows would let ``generate`` pick an id in
     ``V_in .. V_out - 1`` and feed it back, which the programs would read out of the table's bounds (run eagerly:
-    an ``IndexError`` mid-generation). A narrower head, or one that does not give its width, is accepted."""
+    an ``IndexError`` mid-generation). The head's width is its ``out_features`` (``nn.Linear``, medquant's
+    ``QuantLinear``, bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``: every quantized head medquant makes has it);
+    a head without it (a custom module wrapping its layer) is measured by :func:`_head_width`. A narrower head, or
+    one whose width can be neither read nor measured, is accepted."""
     table: Any = getattr(model, "get_input_embeddings", lambda: None)()
     rows = getattr(table, "num_embeddings", None)  # nn.Embedding and QuantEmbedding
     rows = int(rows if rows is not None else _text_config(model).vocab_size)
     head: Any = getattr(model, "get_output_embeddings", lambda: None)()
-    width = getattr(head, "out_features", None)  # nn.Linear and QuantLinear
-    if _is_int(width) and width > rows:
+    width = _head_width(model, head, table)
+    if width is not None and width > rows:
         raise ValueError(f"{what}: the model's output head ({type(head).__name__}) gives {width} logits per token, "
                          f"more than the {rows} rows of its input embedding table ({type(table).__name__}): a "
                          f"generated token id in {rows}..{width - 1} could not be looked up at the next step (the "
                          f"programs index the table without checking); give the head and the table the same size "
                          f"(model.resize_token_embeddings({width}) resizes both)")
     return rows
+
+
+def _head_width(model: nn.Module, head: Any, table: Any) -> int | None:
+    """Logits per token of the output ``head``: its ``out_features`` where it has an integer one; else, for a
+    module, the last dimension of ``head(zeros(1, 1, d))`` (no gradient; in the dtype and on the device of the
+    head's first floating tensor, else the model's), ``d`` the input table's ``embedding_dim`` and then the text
+    config's ``hidden_size`` (the first one the head takes); None when neither gives it (no head, a head on the
+    meta device, a forward that needs other arguments)."""
+    width = _as_int(getattr(head, "out_features", None))
+    if width is not None or not isinstance(head, nn.Module):
+        return width
+    tensors = [t for t in (*head.parameters(), *head.buffers(), *model.parameters()) if t.is_floating_point()]
+    like = tensors[0] if tensors else torch.empty(0)
+    if like.device.type == "meta":
+        return None
+    dims = [getattr(table, "embedding_dim", None), getattr(_text_config(model), "hidden_size", None)]
+    for d in dict.fromkeys(x for x in map(_as_int, dims) if x is not None and x >= 1):
+        out = None
+        with contextlib.suppress(Exception), torch.no_grad():  # a head that does not take this input: next size
+            out = head(torch.zeros(1, 1, d, dtype=like.dtype, device=like.device))
+        if isinstance(out, torch.Tensor) and out.dim() >= 1:
+            return int(out.shape[-1])
+    return None
 
 
 def _describe(x: Any) -> str:
@@ -668,9 +695,11 @@ class AOTDecoder:
             max_new_tokens: tokens to generate, ``P + max_new_tokens <= max_len``: an integer (Python's, NumPy's,
                 a 0-d integer tensor: ``operator.index``; not a bool). ``top_k``, ``eos_token_id`` and
                 ``pad_token_id`` take integers alike.
-            eos_token_id: end token(s); None: those of the model's ``generation_config`` (``eos_token_id``, one id
-                or a list; none where it has no ``generation_config`` or its ``eos_token_id`` is None), as
-                ``generate`` stops; ``[]``: no end token, every row runs ``max_new_tokens``.
+            eos_token_id: end token(s), as ``generate`` takes them: an integer, a list or tuple of integers, a 1-d
+                integer tensor or NumPy integer array (a bool, a float, a 2-d tensor... is refused); None: those of
+                the model's ``generation_config`` (``eos_token_id``, one id or a list; none where it has no
+                ``generation_config`` or its ``eos_token_id`` is None), as ``generate`` stops; ``[]``: no end
+                token, every row runs ``max_new_tokens``.
             pad_token_id: the token of finished rows, an id below :attr:`vocab_size` (finished rows are fed it);
                 None: the ``pad_token_id`` of the model's ``generation_config``, else the first end token (as
                 ``generate`` pads).
@@ -962,19 +991,42 @@ def _special_tokens(model: nn.Module, eos_token_id: Any, pad_token_id: Any) -> t
         eos_token_id = getattr(config, "eos_token_id", None)
     if pad_token_id is None:
         pad_token_id = getattr(config, "pad_token_id", None)
-    if isinstance(eos_token_id, torch.Tensor):  # generate takes a tensor too
-        eos_token_id = eos_token_id.reshape(-1).tolist()
-    listed = isinstance(eos_token_id, (list, tuple))
-    given: list[Any] = [] if eos_token_id is None else list(eos_token_id) if listed else [eos_token_id]
-    eos = [_as_int(t) for t in given]
-    if any(t is None for t in eos):
-        raise ValueError(f"eos_token_id must be an int token id, a list of them ([]: no end token) or None (the "
-                         f"model's generation_config's), got {eos_token_id!r}")
+    ends = _end_tokens(eos_token_id)
     pad = None if pad_token_id is None else _as_int(pad_token_id)
     if pad_token_id is not None and pad is None:
         raise ValueError(f"pad_token_id must be an int token id or None, got {pad_token_id!r}")
-    ends = [t for t in eos if t is not None]
     return ends, pad if pad is not None else ends[0] if ends else 0
+
+
+def _end_tokens(eos_token_id: Any) -> list[int]:
+    """The end tokens ``eos_token_id`` names, as Python ints, taken as transformers' ``generate`` takes them: None
+    (none), an integer (Python's, NumPy's, a 0-d integer tensor or NumPy array: :func:`_as_int`), a list or tuple
+    of integers (``[]``: none), or a 1-d integer tensor or NumPy array (int8..int64, uint8..uint64).
+
+    Raises:
+        ValueError: anything else, naming it: a bool, a float, a string, a set, a list holding a non-integer (a
+            bool, a float, a list, a 1-d tensor), a tensor or array of bools or floats or of two or more
+            dimensions."""
+    if eos_token_id is None:
+        return []
+    one = _as_int(eos_token_id)
+    if one is not None:
+        return [one]
+    int_tensor = isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() == 1 and \
+        not eos_token_id.dtype.is_floating_point and not eos_token_id.is_complex() and eos_token_id.dtype != torch.bool
+    int_array = isinstance(eos_token_id, np.ndarray) and eos_token_id.ndim == 1 and \
+        np.issubdtype(eos_token_id.dtype, np.integer)
+    given: list[Any] | None = None
+    if isinstance(eos_token_id, (list, tuple)):
+        given = list(eos_token_id)
+    elif int_tensor or int_array:
+        given = eos_token_id.tolist()
+    ends = [] if given is None else [_as_int(t) for t in given]
+    if given is None or any(t is None for t in ends):
+        raise ValueError(f"eos_token_id must be an int token id, a list of them ([]: no end token) or a 1-d "
+                         f"integer tensor / NumPy array of them, or None (the model's generation_config's), got "
+                         f"{eos_token_id!r}")
+    return [t for t in ends if t is not None]
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -1011,10 +1063,12 @@ def _cache_lengths(cache_lengths: Sequence[int] | None, max_len: int) -> list[in
     if not sequence:  # an int (as chunk takes one) or a string: named, not "'int' object is not iterable"
         raise ValueError(f"cache_lengths must be a sequence of ints in 1..max_len={max_len} (one length: (L,)), or "
                          f"None, got {cache_lengths!r}")
-    bad = [x for x in lengths if not (_is_int(x) and 1 <= x <= max_len)]
+    ints = [_as_int(x) for x in lengths]
+    bad = [x for x, i in zip(lengths, ints) if i is None or not 1 <= i <= max_len]
     if bad:
-        raise ValueError(f"cache_lengths must be ints in 1..max_len={max_len}, got {bad}")
-    return sorted({*lengths, max_len})
+        raise ValueError(f"cache_lengths must be ints in 1..max_len={max_len}, got {bad} (integers: Python's, "
+                         "NumPy's or 0-d integer tensors; not bools)")
+    return sorted({*(i for i in ints if i is not None), max_len})
 
 
 def _chunks(chunk: int | Sequence[int] | None, max_len: int) -> tuple[int, ...]:
@@ -1022,14 +1076,17 @@ def _chunks(chunk: int | Sequence[int] | None, max_len: int) -> tuple[int, ...]:
     the step program, compiled anyway)."""
     if chunk is None:
         return (min(64, max_len),) if max_len > 1 else ()
-    values = [chunk] if _is_int(chunk) else chunk
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values or any(
-            not (_is_int(c) and c >= 1) for c in values):
-        raise ValueError(f"chunk must be an int >= 1 or a non-empty sequence of them, got {chunk!r}")
-    long = [c for c in values if c > max_len]
+    one = _as_int(chunk)
+    given = [chunk] if one is not None else chunk
+    values = [] if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) else [_as_int(c) for c in given]
+    ints = [c for c in values if c is not None and c >= 1]
+    if not values or len(ints) != len(values):
+        raise ValueError(f"chunk must be an int >= 1 or a non-empty sequence of them, got {chunk!r} (integers: "
+                         "Python's, NumPy's or 0-d integer tensors; not bools)")
+    long = [c for c in ints if c > max_len]
     if long:
         raise ValueError(f"chunk ({long[0]}) must not exceed max_len ({max_len})")
-    return tuple(sorted({c for c in values if c > 1}))
+    return tuple(sorted({c for c in ints if c > 1}))
 
 
 def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
@@ -1044,10 +1101,13 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
     Args:
         model: a Hugging Face causal LM on CPU, quantized (``quantize_``) or not, in float32 or bfloat16; its
             quantized layers are bound to their kernels here.
-        max_len: cache positions (prompt plus generated tokens), ``>= 1``.
+        max_len: cache positions (prompt plus generated tokens), ``>= 1``. This, ``batch_size``, ``chunk`` and
+            ``cache_lengths`` take integers as ``operator.index`` does: Python's, NumPy's (``np.int64(64)``) or a 0-d
+            integer tensor, stored as Python ints; a bool, a float, a float / bool / 1-d tensor or a string is
+            refused (``ValueError``).
         batch_size: rows per call, ``>= 1``.
         chunk: tokens per call of the prompt program (``1 <= chunk <= max_len``; 1 compiles the step program
-            only), or several such lengths, one prompt program each (a prompt takes the longest chunks first,
+            only), or several such lengths (a list or tuple), one prompt program each (a prompt takes the longest chunks first,
             module docstring); None: ``min(64, max_len)``. A prompt shorter than the shortest chunk is padded to
             it, a longer one runs in fewer, larger calls: 128 or 256 prefilled prompts of a few hundred tokens up
             to 1.25x faster than 64, and 40-token prompts at 0.58x / 0.31x (SmolLM2 and a 1.1B model, 2 threads);
@@ -1071,9 +1131,14 @@ def compile_decoder(model: nn.Module, max_len: int, *, batch_size: int = 1,
     """
     _text_config(model)
     _check_head(model, "compile_decoder")
+    sizes = {}
     for name, value in (("max_len", max_len), ("batch_size", batch_size)):
-        if not (_is_int(value) and value >= 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        size = _as_int(value)
+        if size is None or size < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r} (an integer: Python's, NumPy's or a 0-d "
+                             "integer tensor; not a bool)")
+        sizes[name] = size
+    max_len, batch_size = sizes["max_len"], sizes["batch_size"]
     chunks = _chunks(chunk, max_len)
     lengths = _cache_lengths(cache_lengths, max_len)
     devices = {t.device.type for t in model.parameters()}
