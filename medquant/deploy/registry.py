@@ -325,7 +325,9 @@ def made_folders(folder: Path) -> Iterator[Path]:
 
 def output_file_path(path: str | os.PathLike, overwrite: bool, *, suffix: str, format: str) -> Path:
     """The file a single-file export writes: ``path`` itself when it ends in ``suffix`` (in any case: ``m.GGUF`` is
-    a file too), else ``path/model<suffix>``.
+    a file too), else ``path/model<suffix>``. A file path that is a symbolic link is followed (every link,
+    ``os.path.realpath``): the file it names is the one written and replaced (its temporary file made beside it),
+    and the link stays as it is.
 
     Args:
         path: the path given to the export.
@@ -338,9 +340,9 @@ def output_file_path(path: str | os.PathLike, overwrite: bool, *, suffix: str, f
 
     Raises:
         ExportError: the file's path is a folder (a ``suffix`` path that is a folder, or a folder
-            ``model<suffix>`` inside the target folder): no overwrite replaces a folder, so the message asks for a
-            file path; ``path`` (without ``suffix``, naming a folder) is a file; the file exists and ``overwrite``
-            is False.
+            ``model<suffix>`` inside the target folder, also through a link): no overwrite replaces a folder, so
+            the message asks for a file path; ``path`` (without ``suffix``, naming a folder) is a file; the file
+            exists and ``overwrite`` is False; the file's path is a link to nothing, or a loop of links.
     """
     path = Path(path)
     default = f"model{suffix}"
@@ -359,6 +361,20 @@ def output_file_path(path: str | os.PathLike, overwrite: bool, *, suffix: str, f
                               f"file path (a name ending in {suffix} elsewhere), or move that folder away")
     if os.path.lexists(file) and not overwrite:
         raise ExportError(f"{file} exists; pass overwrite=True (command line: --overwrite) to replace it")
+    if file.is_symlink():  # the file the link names is written (and replaced); the link stays
+        try:
+            real = Path(os.path.realpath(file, strict=True))
+        except FileNotFoundError:
+            raise ExportError(f"{file} is a symbolic link to {os.path.realpath(file)}, which does not exist: the "
+                              "export writes the file a link names; create it, remove the link, or give another "
+                              "path") from None
+        except OSError as e:  # ELOOP
+            raise ExportError(f"{file} is a symbolic link that cannot be followed ({e.strerror}); give a file "
+                              "path") from None
+        if real.is_dir():
+            raise ExportError(f"{file} is a folder (a symbolic link to {real}); format={format!r} writes a file: "
+                              f"give a file path")
+        file = real
     return file
 
 
