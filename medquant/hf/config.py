@@ -119,7 +119,8 @@ class MedQuantConfig(QuantizationConfigMixin):
         config_map: the pattern map, as read from JSON (a list of ``[pattern, config]`` pairs, or a mapping: its
             order is kept); alternative to ``config_or_map``. A ConfigMap's ``skip`` is kept as above.
         modules: per-module recipe of an already quantized model (written by :func:`save_pretrained`); when
-            quantizing on load with only ``modules`` given, exactly those modules get exactly those configs.
+            quantizing on load with only ``modules`` given, exactly those modules get exactly those configs
+            (embedding tables and heads tied to them included: :meth:`recorded_embeddings`).
         skipped_modules: Linear / Conv2d names left in float in a saved model (recorded for the reader; it keeps no
             layer in float: quantize-on-load refuses a plan that quantizes a listed layer, use ``skip``).
         format_version: the saved-format version of the recorded model (at most this medquant's).
@@ -256,18 +257,68 @@ class MedQuantConfig(QuantizationConfigMixin):
 
         Returns:
             The one QuantConfig, or a :class:`~medquant.quant.ConfigMap` of the patterns or of the recorded modules
-            (exact names). :meth:`to_config_map` includes ``skip``.
+            (exact names). Recorded ``QuantEmbedding`` entries and the heads ``tied_to`` them are not in that map
+            (``quantize_`` quantizes Linear / Conv2d layers): :meth:`recorded_embeddings` lists them.
+            :meth:`to_config_map` includes ``skip``.
 
         Raises:
-            ValueError: the config has nothing to quantize with.
+            ValueError: the config has nothing to quantize with, or a recorded ``tied_to`` is inconsistent
+                (:meth:`recorded_embeddings`).
         """
         if self.config is not None:
             return QuantConfig.from_dict(self.config)
         if self.config_map is not None:
             return ConfigMap(self.config_map)
         if self.modules:
-            return ConfigMap({name: e["config"] for name, e in self.modules.items()})
+            tables, tied = self.recorded_embeddings()
+            return ConfigMap({name: e["config"] for name, e in self.modules.items()
+                              if name not in tables and name not in tied})
         raise ValueError("MedQuantConfig has nothing to quantize with: give a QuantConfig, a pattern map or modules")
+
+    def recorded_embeddings(self) -> tuple[dict[str, QuantConfig], dict[str, str]]:
+        """The recorded embedding tables and the heads tied to them (the part ``quantize_embeddings_`` quantizes).
+
+        They are the part of ``modules`` that :func:`~medquant.quant.embeddings.quantize_embeddings_` quantizes,
+        not :func:`medquant.quantize_`. A ``"QuantEmbedding"`` entry is a table quantized with its ``config`` (``e[i, j] = (u[i, j] - z) *
+        s[i, j // group_size]``); a ``"QuantLinear"`` entry with ``"tied_to": <table>`` is a head sharing that
+        table's packed tensors (it computes ``x @ e^T`` with the table's codes, so it has no config of its own). A
+        plan given as ``modules`` only quantizes each table with ``quantize_embeddings_(model, config,
+        names=[table], tie=<a head is recorded tied to it>)`` and every other entry with ``quantize_``
+        (:meth:`quantize_spec`).
+
+        Returns:
+            ``({table name: QuantConfig}, {tied head name: table name})``, both empty without ``modules``.
+
+        Raises:
+            ValueError: a ``tied_to`` that names no QuantEmbedding entry, is not a string or is on another type than
+                QuantLinear, or a tied head whose recorded shape, config, layout or bias differs from its table's
+                (it shares the table's tensors); the message names the head and says what to record instead.
+        """
+        modules = self.modules or {}
+        tables = {n: QuantConfig.from_dict(e["config"]) for n, e in modules.items() if e["type"] == "QuantEmbedding"}
+        tied: dict[str, str] = {}
+        for name, e in modules.items():
+            target = e.get("tied_to")
+            if target is None:
+                continue
+            apart = f"or remove 'tied_to' from modules[{name!r}] to quantize {name!r} from its own weight"
+            if e["type"] != "QuantLinear" or not isinstance(target, str):
+                raise ValueError(f"modules[{name!r}] records tied_to={target!r} on a {e['type']}: only a QuantLinear "
+                                 f"head can be tied, to a QuantEmbedding entry named by a string; {apart}")
+            if target not in tables:
+                raise ValueError(f"modules[{name!r}] records tied_to={target!r}, but modules has no QuantEmbedding "
+                                 f"entry {target!r}: a tied head shares the packed tensors of a quantized embedding "
+                                 f"table; record the table too ({target!r} with type 'QuantEmbedding'), {apart}")
+            t = modules[target]
+            mine = (e.get("in_features"), e.get("out_features"), e.get("bias"), e.get("layout", 1))
+            theirs = (t.get("in_features"), t.get("out_features"), False, t.get("layout", 1))
+            if QuantConfig.from_dict(e["config"]) != tables[target] or mine != theirs:
+                raise ValueError(f"modules[{name!r}] is tied_to {target!r} but records another config, shape, "
+                                 f"layout or bias than the table's (config {e['config']}, in/out/bias/layout {mine} "
+                                 f"vs config {t['config']}, {theirs}): a tied head computes with the table's packed "
+                                 f"codes; record the table's config and shape without bias, {apart}")
+            tied[name] = target
+        return tables, tied
 
     def to_config_map(self) -> ConfigMap:
         """Everything this config quantizes as one :class:`~medquant.quant.ConfigMap`.
@@ -284,7 +335,10 @@ class MedQuantConfig(QuantizationConfigMixin):
         The patterns are resolved as by :func:`medquant.quantize_` (:meth:`~medquant.quant.ConfigMap.resolve`),
         and, as there, the MoE routers (:func:`~medquant.quant.experts.moe_routers`: Qwen2-MoE's
         ``shared_expert_gate``, Gemma 4's ``router.proj`` ...) stay in floating point unless named exactly in
-        the map, with one warning listing them (:func:`~medquant.quant.api.without_moe_routers`).
+        the map, with one warning listing them (:func:`~medquant.quant.api.without_moe_routers`). With recorded
+        ``modules`` only, the embedding tables and their tied heads are not in the plan: :meth:`recorded_embeddings`
+        gives them (quantize-on-load quantizes them after loading, with
+        :func:`~medquant.quant.embeddings.quantize_embeddings_`).
 
         Args:
             model: the (float) model to plan for.

@@ -18,7 +18,15 @@ Two ways in (the quantization itself is :func:`medquant.quantize_`'s; nothing he
   quantized as soon as its float weight is read, so the float model never exists whole in memory; layers whose
   weight is not in the checkpoint, and tied ones (``lm_head``, even where the checkpoint stores it too), are
   quantized after loading, once transformers has tied them. The result is bit-identical to
-  ``quantize_(float_model, same_config)``.
+  ``quantize_(float_model, same_config)``. A plan given as recorded ``modules`` only may hold embedding tables
+  (``"QuantEmbedding"`` entries) and heads ``tied_to`` them (:meth:`MedQuantConfig.recorded_embeddings`): they are
+  quantized after loading with :func:`~medquant.quant.embeddings.quantize_embeddings_` (each table read whole in
+  floating point first; a recorded tied head becomes a QuantLinear sharing the table's packed tensors again), so
+  the model equals ``quantize_`` + ``quantize_embeddings_`` with the same per-module configs. Refused up front,
+  naming the module: a table the model lacks, of another shape or ``padding_idx``, or not a plain
+  ``nn.Embedding``; a ``tied_to`` naming no recorded table or with another config / shape than it; a head recorded
+  tied whose weight the model does not tie to the table (``tie_word_embeddings=False``). A tied checkpoint that
+  stores the head with other values than the table (transformers loads it apart) is refused after loading.
 
 Non-persistent row-index buffers of mixed-precision layers are rebuilt from the recipe after loading (transformers
 leaves non-persistent buffers uninitialised), and each stored ``bit_map`` is checked against its recipe.
@@ -51,6 +59,7 @@ from ..io import verify_pretrained, write_checkpoint
 from ..io.schema import parse_layer
 from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
 from ..quant.config import QuantConfig
+from ..quant.embeddings import quantize_embeddings_
 from ..quant.experts import expand_recorded_experts, is_experts_module
 from ..quant.modules import (
     QUANT_LAYERS,
@@ -250,12 +259,48 @@ def _check_recorded_plan(model: nn.Module, modules: Mapping[str, Mapping]) -> No
     ``model``, of its type and shape (:func:`_check_fits`)."""
     for name, entry in modules.items():
         parse_layer(dict(entry), name, "quantization_config", "modules")
+        table = entry["type"] == "QuantEmbedding"
         try:
             old = model.get_submodule(name)
         except AttributeError:
+            if table:  # resolve() never sees a table: report it here
+                raise ValueError(f"quantization_config.modules[{name!r}] records a quantized QuantEmbedding that "
+                                 f"{type(model).__name__} does not have") from None
             continue  # an expert layer of an experts module, or a name resolve() reports
-        if isinstance(old, _FLOAT_TYPES):
+        if isinstance(old, _FLOAT_TYPES) or table:
             _check_fits(old, entry, name)
+        if table and entry.get("padding_idx") != old.padding_idx:
+            raise ValueError(f"quantization_config.modules[{name!r}] records padding_idx={entry.get('padding_idx')!r}"
+                             f", but the model's embedding has padding_idx={old.padding_idx!r}: the table would be "
+                             "quantized with the model's; load a checkpoint built with that padding index, or record "
+                             "the model's")
+
+
+def _check_recorded_ties(model: nn.Module, tied: Mapping[str, str]) -> None:
+    """Each head recorded ``tied_to`` a table (``{head: table}``) is tied to it in ``model`` as transformers will
+    load it (``all_tied_weights_keys``, either direction), and is a plain ``nn.Linear`` without bias: otherwise
+    the loaded head has a weight of its own, and neither tying it (another head than the checkpoint's) nor
+    quantizing it apart (not what was recorded) replays the record."""
+    pairs = {frozenset(p) for p in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
+    for head, table in tied.items():
+        try:
+            old = model.get_submodule(head)
+        except AttributeError:
+            raise ValueError(f"quantization_config.modules[{head!r}] records a head tied_to {table!r} that "
+                             f"{type(model).__name__} does not have") from None
+        if type(old) is not nn.Linear or old.bias is not None:
+            raise ValueError(f"quantization_config.modules[{head!r}] records a head tied_to {table!r}, but the "
+                             f"model's {head!r} is a {type(old).__name__}"
+                             f"{' with a bias' if type(old) is nn.Linear else ''}, not a plain nn.Linear without "
+                             "bias that can share the table's packed tensors")
+        if frozenset((f"{head}.weight", f"{table}.weight")) not in pairs:
+            tie = getattr(getattr(model, "config", None), "tie_word_embeddings", None)
+            raise ValueError(f"quantization_config.modules[{head!r}] records a head tied_to {table!r} (sharing its "
+                             f"packed tensors), but in {type(model).__name__} {head}.weight is not tied to "
+                             f"{table}.weight (tie_word_embeddings={tie!r}): the tie cannot be replayed on this "
+                             f"checkpoint. Load a checkpoint whose head is tied to that table, or remove 'tied_to' "
+                             f"from modules[{head!r}] to quantize {head!r} from its own weight with the recorded "
+                             "config")
 
 
 def _outside_key_map(model: nn.Module, key_map: Callable[[str], str] | None, outside: Mapping[str, Mapping]
@@ -282,6 +327,24 @@ def _tied_keys(model: nn.Module) -> set[str]:
     (a tied ``lm_head`` stored in the checkpoint too, as many Hub checkpoints hold it)."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     return set(tied) | set(tied.values())
+
+
+def _quantize_recorded_tables(model: nn.Module, tables: Mapping[str, QuantConfig], tied: Mapping[str, str]) -> None:
+    """Quantize the recorded embedding tables of a loaded model as :func:`quantize_embeddings_` does, each with its
+    recorded config, and turn the float heads recorded ``tied_to`` a table into QuantLinear heads sharing its packed
+    tensors (``tie=True`` only for a table with such a head: a head recorded apart keeps what ``quantize_`` gave
+    it). Raises ``ValueError`` when a recorded tie did not come back (transformers kept a head stored in the
+    checkpoint with other values than the table apart)."""
+    for name, cfg in tables.items():
+        heads = sorted(h for h, t in tied.items() if t == name)
+        quantize_embeddings_(model, cfg, names=[name], tie=bool(heads))
+        got = tied_heads(model)
+        for head in heads:
+            if got.get(head) != name:
+                raise ValueError(f"quantization_config.modules[{head!r}] records a head tied_to {name!r}, but the "
+                                 f"checkpoint stores {head}.weight with other values than {name}.weight, and "
+                                 "transformers loaded it apart: the tie cannot be replayed; remove 'tied_to' from "
+                                 f"modules[{head!r}] to quantize {head!r} from its own weight")
 
 
 class _QuantizeOnLoad(ConversionOps):
@@ -358,6 +421,8 @@ class MedQuantHfQuantizer(HfQuantizer):
         self._plan: dict[str, QuantConfig] = {}
         self._skeleton_dtypes: dict[str, torch.dtype] = {}  # pre-quantized: the float layer's dtype, per module
         self._modules: dict[str, Mapping] = {}  # pre-quantized: the recorded modules under the model's names
+        self._tables: dict[str, QuantConfig] = {}  # quantize on load: recorded embedding tables -> config
+        self._tied: dict[str, str] = {}  # quantize on load: recorded tied heads -> their table
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         if self.pre_quantized and not self.quantization_config.modules:
@@ -422,13 +487,18 @@ class MedQuantHfQuantizer(HfQuantizer):
             qc = self.quantization_config
             if qc.config is None and qc.config_map is None and qc.modules:  # recorded recipes as the plan
                 _check_recorded_plan(model, qc.modules)
+                try:
+                    self._tables, self._tied = qc.recorded_embeddings()
+                except ValueError as e:
+                    raise ValueError(f"quantization_config.{e}") from None
+                _check_recorded_ties(model, self._tied)
             self._plan = qc.plan(model)
-            listed = sorted(set(qc.skipped_modules or ()) & set(self._plan))
+            listed = sorted(set(qc.skipped_modules or ()) & {*self._plan, *self._tied})
             if listed:  # skipped_modules records a saved model's float layers; it never keeps a layer in float
                 raise ValueError(f"MedQuantConfig.skipped_modules lists {listed}, which its plan quantizes: "
                                  "skipped_modules only records the float layers of a saved model; keep layers in "
                                  "floating point with skip=[...]")
-            if not self._plan:  # a float model recorded as medquant: its save_pretrained would not load again
+            if not self._plan and not self._tables:  # a float model recorded as medquant: it would not load again
                 raise ValueError(f"MedQuantConfig quantizes no layer of {type(model).__name__}: its patterns select "
                                  "no Linear / Conv2d layer (every match maps to None or is skipped); give a pattern "
                                  "with a QuantConfig, or load without quantization_config for a float model")
@@ -447,9 +517,10 @@ class MedQuantHfQuantizer(HfQuantizer):
             mods = dict(model.named_modules())
             leftovers = {n: c for n, c in self._plan.items() if isinstance(mods.get(n), _FLOAT_TYPES)
                          or (n in mods and is_experts_module(mods[n]))}  # MoE experts: quantized once loaded
-            _untie(model, self._plan)
+            _untie(model, [*self._plan, *self._tables, *self._tied])
             if leftovers:  # weights not read from the checkpoint (tied lm_head, ...)
                 quantize_(model, leftovers)
+            _quantize_recorded_tables(model, self._tables, self._tied)
         _finalize(model)
         self.quantization_config.record(model)
         model.config.quantization_config = self.quantization_config
