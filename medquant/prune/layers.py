@@ -36,8 +36,8 @@ from ..models.blocks import shares_position_bias, stack_side, transformer_blocks
 from ..models.runner import eval_mode, run_model
 from .importance import _iter, _mask, _named
 
-__all__ = ["allocate_ratios", "block_influence", "drop_blocks", "influence_table", "least_influential",
-           "plot_influence"]
+__all__ = ["allocate_ratios", "block_influence", "drop_blocks", "index_updates", "influence_table",
+           "least_influential", "plot_influence"]
 
 _MAX_VALUES = 1 << 18  # values per batch entering the Wasserstein estimate (strided subsample)
 
@@ -238,6 +238,13 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     stack's own copy of it). The first block of a T5 stack computes the relative position bias that every later
     block adds (``relative_attention_bias``): it cannot be dropped.
 
+    Indices that point into a block list are renumbered so the model equals the original with the dropped blocks
+    skipped (each passing its input through); see :func:`index_updates` (LLaVA's ``vision_feature_layer``,
+    Qwen2.5-VL's ``fullatt_block_indexes``, Qwen3-VL's ``deepstack_visual_indexes``, Mllama's
+    ``intermediate_layers_indices``, Phi-4-multimodal's image ``feature_layer``, a DINOv2 / BEiT backbone
+    config's ``out_indices``). A drop that no index can express (a Qwen3-VL deepstack merger left without a block
+    output to read) is refused.
+
     Args:
         model: the model, changed in place.
         names: block names (entries of a block ``ModuleList``, e.g. ``"model.layers.7"``).
@@ -246,8 +253,9 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         ``model``.
 
     Raises:
-        ValueError: a name that is not an entry of a block list, dropping every block of a list, or dropping the
-            block that computes a T5 stack's shared position bias; nothing is changed then.
+        ValueError: a name that is not an entry of a block list, dropping every block of a list, dropping the
+            block that computes a T5 stack's shared position bias, or a drop :func:`index_updates` refuses;
+            nothing is changed then.
     """
     by_stack: dict[str, list[int]] = {}
     for name in names:
@@ -265,6 +273,7 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         blocks = model.get_submodule(stack_name)
         if isinstance(blocks, nn.ModuleList) and len(set(idxs)) >= len(blocks):
             raise ValueError(f"refusing to drop all {len(blocks)} blocks of {stack_name}")
+    updates = _index_updates(model, by_stack)  # may refuse: before any change
     for stack_name, idxs in by_stack.items():
         old_list = cast(nn.ModuleList, model.get_submodule(stack_name))  # checked above
         kept = [m for i, m in enumerate(old_list) if i not in set(idxs)]
@@ -295,7 +304,174 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
             lt = getattr(cfg, "layer_types", None)
             if isinstance(lt, list) and old_n is not None and len(lt) == old_n:
                 cfg.layer_types = [t for i, t in enumerate(lt) if i not in set(idxs)]
+    for obj, key, value in updates:
+        setattr(obj, key, value)
     return model
+
+
+# Indices into a block list held beside it: (path of the block list from the module holding the attribute, the
+# module attribute, the attribute of that module's config (dotted), what an index means; see index_updates).
+_INDEX_RULES: tuple[tuple[str, str, str, str], ...] = (
+    ("blocks", "fullatt_block_indexes", "fullatt_block_indexes", "runs"),  # Qwen2.5-VL: full-attention blocks
+    ("blocks", "deepstack_visual_indexes", "deepstack_visual_indexes", "feeds"),  # Qwen3-VL: deepstack mergers
+    ("transformer.layers", "intermediate_layers_indices", "intermediate_layers_indices", "output"),  # Mllama
+    ("img_processor.encoder.layers", "layer_idx", "vision_config.feature_layer", "hidden"),  # Phi-4-multimodal
+)
+_FEATURE_LAYER_KEYS = ("vision_feature_layer", "vision_feature_layers")  # LLaVA family: config of the VLM
+
+
+def index_updates(model: nn.Module, names: Sequence[str]) -> list[tuple[Any, str, Any]]:
+    """The renumbered indices that keep ``model`` equal to the original with the blocks ``names`` skipped.
+
+    For a block list of ``n`` blocks losing the set ``D`` (``#D<(x)`` = dropped blocks below ``x``):
+
+    * hidden-state positions (``n + 1`` entries, entry ``p`` = output of block ``p - 1``, entry 0 the block list's
+      input; negative counts from the end): LLaVA's ``config.vision_feature_layer`` / ``vision_feature_layers``
+      (a VLM config whose module holds the block list under ``vision_tower``) and Phi-4-multimodal's image
+      ``layer_idx`` / ``vision_config.feature_layer``: ``p -> p - #D<(p)``, a negative index stays negative
+      (from the new end). A dropped block's output is its input, the previous entry, so this is exact.
+    * block outputs (``n`` entries, entry ``d`` = output of block ``d``): Mllama's ``intermediate_layers_indices``
+      (``transformer.layers``): ``d -> #{kept blocks <= d} - 1``, the last kept block at or before ``d`` (whose
+      output is what a skipped ``d`` outputs); refused when that is none (block 0's input is no entry).
+    * blocks feeding a merger (Qwen3-VL ``deepstack_visual_indexes``: merger ``k`` reads the output of block
+      ``indexes[k]``, transformers' vision loop tests ``layer_num in indexes`` and takes merger
+      ``indexes.index(layer_num)``, and feature ``k`` is added after text layer ``k``): the same map as block
+      outputs; refused when a merger would have no block (every block up to its index dropped) or two mergers
+      would read one block (the loop runs only the first of them, so a text layer would lose its feature).
+      Negative entries never match a block and are left as they are.
+    * blocks that run differently (Qwen2.5-VL ``fullatt_block_indexes``, full instead of windowed attention): a
+      dropped block leaves the list, a kept one ``i -> i - #D<(i)``.
+    * a backbone config's stages (DINOv2, BEiT: ``stage_names`` = ``stem``, ``stage1`` .. ``stage{n}``, hidden-state
+      positions): ``stage_names`` shrinks with the blocks and ``out_indices`` / ``out_features`` are renumbered as
+      hidden-state positions, so the config still loads; refused when two outputs would become one stage.
+
+    Indices out of range, and entries that are not ints, are left as they are. Both the module attribute and its
+    config (``save_pretrained`` writes it) are renumbered.
+
+    Args:
+        model: the model, before the drop.
+        names: the blocks to drop (entries of block lists, checked by the caller).
+
+    Returns:
+        ``(object, attribute, new value)`` for every index that changes, to be set after the drop.
+
+    Raises:
+        ValueError: a drop that no index can express (see above); nothing is changed.
+    """
+    by_stack: dict[str, list[int]] = {}
+    for name in names:
+        stack, _, idx = name.rpartition(".")
+        by_stack.setdefault(stack, []).append(int(idx))
+    return _index_updates(model, by_stack)
+
+
+def _index_updates(model: nn.Module, by_stack: dict[str, list[int]]) -> list[tuple[Any, str, Any]]:
+    out: list[tuple[Any, str, Any]] = []
+    seen: set[tuple[int, str]] = set()
+    for stack, idxs in by_stack.items():
+        n = len(cast(nn.ModuleList, model.get_submodule(stack)))
+        gone = set(idxs)
+        for obj, key, kind in _index_targets(model, stack):
+            if (id(obj), key) in seen:
+                continue
+            seen.add((id(obj), key))
+            old = getattr(obj, key)
+            new = _renumbered(old, kind, n, gone, f"{key} of {type(obj).__name__} (blocks of {stack})")
+            if new != old:
+                out.append((obj, key, new))
+        out += _stage_updates(_owner_config(model, stack), n, gone, stack)
+    return out
+
+
+def _stage_updates(cfg: Any, n: int, gone: set[int], stack: str) -> list[tuple[Any, str, Any]]:
+    """A backbone config's (DINOv2, BEiT: ``BackboneConfigMixin``) ``stage_names`` (``stem`` + ``stage1`` ..
+    ``stage{n}``, entry ``p`` the output of block ``p - 1``) and the ``out_indices`` / ``out_features`` picking
+    some of them, renumbered as hidden-state positions (:func:`index_updates`); a backbone's outputs must be
+    distinct stages, so a drop that maps two of them onto one is refused."""
+    names = getattr(cfg, "stage_names", None)
+    idx = getattr(cfg, "_out_indices", None)
+    if (getattr(cfg, "num_hidden_layers", None) != n or names != ["stem"] + [f"stage{i}" for i in range(1, n + 1)]
+            or not isinstance(idx, list)):
+        return []
+    new_idx = _renumbered(idx, "hidden", n, gone, f"out_indices of {type(cfg).__name__} (blocks of {stack})")
+    m = n - len(gone)
+    if len({i % (m + 1) for i in new_idx}) < len(new_idx):
+        raise ValueError(f"refusing to drop blocks {sorted(gone)} of {stack}: the backbone's out_indices {idx} would "
+                         f"become {new_idx}, two outputs of one stage (a dropped block's output is the output of the "
+                         "block before it), which a backbone config refuses; keep a block between them -- nothing "
+                         "was changed")
+    new_names = ["stem"] + [f"stage{i}" for i in range(1, m + 1)]
+    return [(cfg, "stage_names", new_names), (cfg, "_out_indices", new_idx),
+            (cfg, "_out_features", [new_names[i] for i in new_idx])]
+
+
+def _index_targets(model: nn.Module, stack: str) -> list[tuple[Any, str, str]]:
+    """``(object, attribute, kind)`` of the indices into block list ``stack`` held by it ancestors (and their
+    configs), per :data:`_INDEX_RULES` and :data:`_FEATURE_LAYER_KEYS`."""
+    parts = stack.split(".")
+    found: list[tuple[Any, str, str]] = []
+    for cut in range(len(parts) - 1, -1, -1):
+        holder = model.get_submodule(".".join(parts[:cut])) if cut else model
+        rel = ".".join(parts[cut:])
+        cfg = getattr(holder, "config", None)
+        for path, attr, cfg_key, kind in _INDEX_RULES:
+            if rel != path:
+                continue
+            if hasattr(holder, attr):
+                found.append((holder, attr, kind))
+            *inner, leaf = cfg_key.split(".")
+            obj = cfg
+            for part in inner:
+                obj = getattr(obj, part, None)
+            if obj is not None and hasattr(obj, leaf):
+                found.append((obj, leaf, kind))
+        if rel.startswith("vision_tower.") and cfg is not None:
+            found += [(cfg, key, "hidden") for key in _FEATURE_LAYER_KEYS if hasattr(cfg, key)]
+    return found
+
+
+def _renumbered(old: Any, kind: str, n: int, gone: set[int], what: str) -> Any:
+    """``old`` (an int or a list / tuple of ints) renumbered for the drop of ``gone`` out of ``n`` blocks
+    (``kind``: ``"hidden"``, ``"output"``, ``"feeds"``, ``"runs"``; see :func:`index_updates`)."""
+    m = n - len(gone)
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def one(v: Any) -> Any:
+        if not is_int(v):
+            return v
+        if kind == "hidden":
+            if not -(n + 1) <= v <= n:
+                return v
+            p = v if v >= 0 else n + 1 + v
+            q = p - sum(i < p for i in gone)
+            return q if v >= 0 else q - (m + 1)
+        if not (0 if kind == "feeds" else -n) <= v < n:
+            return v
+        d = v if v >= 0 else n + v
+        q = sum(i <= d and i not in gone for i in range(n)) - 1
+        if q < 0:
+            raise ValueError(f"refusing to drop blocks {sorted(gone)}: {what} reads the output of block {d}, which "
+                             f"would be the input of the block list (no block before it is kept), and no index "
+                             "can express that; keep one of those blocks -- nothing was changed")
+        return q if v >= 0 else q - m
+
+    if kind == "runs":
+        if isinstance(old, (list, tuple)) and all(is_int(i) for i in old):
+            return type(old)(i - sum(d < i for d in gone) for i in old if i not in gone)
+        return old
+    if isinstance(old, (list, tuple)):
+        new = [one(v) for v in old]
+        if kind == "feeds":
+            fed = [q for v, q in zip(old, new) if is_int(v) and 0 <= v < n]
+            if len(set(fed)) < len(fed) and len({v for v in old if is_int(v) and 0 <= v < n}) == len(fed):
+                raise ValueError(f"refusing to drop blocks {sorted(gone)}: {what} {list(old)} would become {new}, "
+                                 "two deepstack mergers reading the output of one block, and the vision model runs "
+                                 "only the first of them (a text layer would lose its deepstack feature); keep a "
+                                 "block between them -- nothing was changed")
+        return type(old)(new)
+    return one(old)
 
 
 def bias_holder(model: nn.Module, block: str) -> str | None:

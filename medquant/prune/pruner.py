@@ -22,9 +22,10 @@ Per-layer ratios: ``head_ratio`` / ``ffn_ratio`` may be a float (uniform), a seq
 scope (see :func:`medquant.models.transformer_blocks`), or a dict ``{block name: ratio}`` (blocks left out keep
 everything). :func:`medquant.prune.layers.allocate_ratios` turns the block-influence scores of
 :func:`medquant.prune.layers.block_influence` (how much each block changes its input, ``1 - cos(x, y)``) into such
-per-layer ratios, and ``drop_blocks`` removes whole blocks (equal to skipping them: a LLaVA-style
-``config.vision_feature_layer``, an index into the vision tower's hidden states, is renumbered to read the same
-hidden state when vision blocks are dropped; Qwen2.5-VL's ``fullatt_block_indexes`` follow their blocks).
+per-layer ratios, and ``drop_blocks`` removes whole blocks (equal to skipping them: indices into a block list,
+such as a LLaVA-style ``config.vision_feature_layer``, Qwen2.5-VL's ``fullatt_block_indexes`` or Qwen3-VL's
+``deepstack_visual_indexes``, are renumbered by :func:`medquant.prune.layers.drop_blocks`, which refuses a drop
+no index can express; see :func:`medquant.prune.layers.index_updates`).
 
 Config. After pruning, each Hugging Face config whose blocks all kept the same counts is updated
 (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``intermediate_size``) when a fresh module built
@@ -41,7 +42,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ from ..models.blocks import Block, shares_position_bias, transformer_blocks
 from ..models.introspect import language_model_layers, model_roles, vision_layers
 from ..quant.experts import experts_layout
 from .importance import METHODS, block_scores
-from .ratios import check_ratio, lowest_indices, n_to_remove
+from .ratios import check_ratio, lowest_indices, n_to_remove, plain_ratios
 from .surgery import (
     checked_expert_neurons,
     checked_heads,
@@ -207,7 +208,8 @@ def _per_block(ratio: Ratio, blocks: list[Block], what: str) -> dict[str, float]
 def _as_ratio(ratio: Any, what: str, forms: str, sequences: bool = True) -> Any:
     """``ratio`` checked and normalised: a number (NumPy / 0-d torch scalars become a float), a dict, or (when
     ``sequences``) a list / tuple; a 1-D NumPy array or torch tensor becomes a list. Entries of dicts and sequences
-    are checked later, per block.
+    are checked later, per block. float32 / float16 / bfloat16 values are read as typed (their shortest decimal,
+    :func:`medquant.prune.ratios.typed_float`).
 
     Raises:
         TypeError: a type that is none of these; ``forms`` names the accepted forms besides a number.
@@ -217,7 +219,7 @@ def _as_ratio(ratio: Any, what: str, forms: str, sequences: bool = True) -> Any:
         if ratio.ndim > 1 or (ratio.ndim == 1 and not sequences):
             raise ValueError(f"{what} must be a number in [0, 1) (fraction to remove) or {forms}; got an array of "
                              f"shape {tuple(ratio.shape)}")
-        ratio = ratio.tolist()
+        ratio = plain_ratios(ratio)
     if isinstance(ratio, dict) or (sequences and isinstance(ratio, (list, tuple))):
         return ratio
     if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
@@ -741,64 +743,12 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
     if plan.drop_blocks:
         from .layers import drop_blocks
 
-        depth = {blocks[n].stack: len(cast(nn.ModuleList, model.get_submodule(blocks[n].stack)))
-                 for n in plan.drop_blocks}
-        drop_blocks(model, plan.drop_blocks)
-        _follow_feature_layers(model, plan.drop_blocks, depth, blocks)
-        _follow_block_indexes(model, plan.drop_blocks, blocks)
+        drop_blocks(model, plan.drop_blocks)  # renumbers the indices into the block lists (index_updates)
     if _is_hf(model):
         stacks = {b.stack for b in touched} | {n.rpartition(".")[0] for n in plan.drop_blocks}
         plan.hf_config_exact, notes = _sync_configs(model, stacks)
         plan.config_notes = notes
     return model
-
-
-def _follow_feature_layers(model: nn.Module, dropped: Sequence[str], depth: dict[str, int],
-                           blocks: dict[str, Block]) -> None:
-    """Renumber ``config.vision_feature_layer`` (LLaVA family: the index, or list of indices, into the vision
-    tower's ``hidden_states``, ``L + 1`` entries, entry ``p`` the output of block ``p - 1``) after vision blocks are
-    dropped, so the model reads the same hidden state as the original with those blocks skipped: a position ``p``
-    becomes ``p - #{dropped blocks < p}``; a negative index stays negative (counted from the new end). Only when
-    the blocks dropped are of one vision block list (``depth``: its length before)."""
-    stacks = {blocks[n].stack for n in dropped if blocks[n].role == "vision"}
-    cfg = getattr(model, "config", None)
-    layer = getattr(cfg, "vision_feature_layer", None)
-    if len(stacks) != 1 or cfg is None or layer is None:
-        return
-    (stack,) = stacks
-    n_old = depth[stack]
-    gone = sorted(blocks[n].index for n in dropped if blocks[n].stack == stack)
-
-    def follow(v: Any) -> Any:
-        if isinstance(v, bool) or not isinstance(v, int) or not -(n_old + 1) <= v <= n_old:
-            return v
-        p = v if v >= 0 else n_old + 1 + v
-        q = p - sum(i < p for i in gone)
-        return q if v >= 0 else q - (n_old - len(gone) + 1)
-
-    new = [follow(v) for v in layer] if isinstance(layer, list) else follow(layer)
-    cfg.vision_feature_layer = new
-
-
-_BLOCK_INDEX_KEYS = ("fullatt_block_indexes",)  # Qwen2.5-VL vision: the blocks with full (not windowed) attention
-
-
-def _follow_block_indexes(model: nn.Module, dropped: Sequence[str], blocks: dict[str, Block]) -> None:
-    """Renumber lists of block indices that choose how a block runs (``fullatt_block_indexes``), on the module
-    holding a block list that lost blocks and on its config, so every kept block runs as before: a dropped
-    block's index leaves the list, a later one ``i`` becomes ``i - #{dropped blocks < i}``."""
-    by_stack: dict[str, set[int]] = {}
-    for n in dropped:
-        by_stack.setdefault(blocks[n].stack, set()).add(blocks[n].index)
-    for stack, gone in by_stack.items():
-        parent_name = stack.rpartition(".")[0]
-        parent = model.get_submodule(parent_name) if parent_name else model
-        for key in _BLOCK_INDEX_KEYS:
-            for obj in (parent, getattr(parent, "config", None)):
-                old = getattr(obj, key, None)
-                if not isinstance(old, (list, tuple)) or not all(isinstance(i, int) for i in old):
-                    continue
-                setattr(obj, key, type(old)(i - sum(d < i for d in gone) for i in old if i not in gone))
 
 
 def _keeps_all(keep: Any, n: int | None) -> bool:
@@ -905,13 +855,20 @@ def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> 
 
 
 def _check_droppable(model: nn.Module, names: Iterable[str]) -> None:
-    """Raise ``ValueError`` for a block whose removal would take the stack's shared position bias with it (T5)."""
-    from .layers import bias_holder
+    """Raise ``ValueError`` for a block whose removal would take the stack's shared position bias with it (T5),
+    or a drop that no index into the block list can express (:func:`medquant.prune.layers.index_updates`, e.g. a
+    Qwen3-VL deepstack merger left without a block to read); checked before any layer changes."""
+    from .layers import bias_holder, index_updates
 
+    names = list(names)
     for name in names:
         why = bias_holder(model, name)
         if why is not None:
             raise ValueError(f"drop_blocks: cannot drop {name}: {why}")
+    try:
+        index_updates(model, names)
+    except ValueError as e:
+        raise ValueError(f"drop_blocks: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- configs
