@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
 from collections.abc import Callable, Mapping
 
 import torch
@@ -116,16 +117,41 @@ def _per_sample(loss: torch.Tensor, n: int) -> torch.Tensor:
     return loss.detach().double().cpu()
 
 
+_one_thread_lock = threading.Lock()
+_one_thread_local = threading.local()  # .depth: this thread's open sections
+_one_thread_open = 0  # sections open in all threads
+_one_thread_outer = 1  # the count read by the section that opened while none was open
+
+
 @contextlib.contextmanager
 def _one_thread():
     """Training this 5 -> 16 -> K MLP is thousands of tiny ops; with several intra-op threads on a busy CPU the
-    thread hand-offs dominate (measured 5x slower on a loaded 2-core machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    thread hand-offs dominate (measured 5x slower on a loaded 2-core machine). Restored afterwards.
+
+    Concurrent fits: each section restores, in its own thread, the count that thread had on entry (the intra-op
+    count is per thread under OpenMP, so a single restore by the last section to leave would leave the other
+    threads at 1). A count of 1 read on entry while another thread's section is open is not taken as the thread's
+    own: torch gives a thread that first runs torch code then the count last set (the 1 of that section), and a
+    thread pool shared by all threads reads 1 then too; such a section restores the count read by the section that
+    opened while none was open. (So a thread set to 1 on purpose that enters then gets that count back, not 1.)"""
+    global _one_thread_open, _one_thread_outer
+    mine = getattr(_one_thread_local, "depth", 0)
+    with _one_thread_lock:
+        n = torch.get_num_threads()
+        if _one_thread_open == 0:
+            _one_thread_outer = n
+        elif n == 1 and mine == 0:
+            n = _one_thread_outer
+        _one_thread_open += 1
+        torch.set_num_threads(1)
+    _one_thread_local.depth = mine + 1
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        _one_thread_local.depth = mine
+        with _one_thread_lock:
+            _one_thread_open -= 1
+            torch.set_num_threads(n)
 
 
 class LearnedPolicy(nn.Module):

@@ -509,6 +509,8 @@ class AdaptiveQuantizer(nn.Module):
         if x.dim() == 0 or x.shape[0] != bits.numel():
             raise ValueError(f"{bits.numel()} per-sample bit-widths (levels) but the activation at site "
                              f"{name!r} has shape {tuple(x.shape)} (dim 0 must be the batch)")
+        if task < 0 or getattr(self._local, "call_task", -1) == task:  # not a recompute: a site of this call ran
+            self._local.call_reached = True
         return fake_quantize_per_sample(x, bits)
 
     def _pre_hook(self, name: str, module: nn.Module, args: tuple):
@@ -678,15 +680,17 @@ class AdaptiveQuantizer(nn.Module):
         if own is None:  # an nn.DataParallel replica in its worker thread: the state where it was replicated
             own = self.__dict__.get("_replica_enabled")
         self._local.call_enabled = enabled = True if own is None else own
+        prev_reached, self._local.call_reached = getattr(self._local, "call_reached", False), False
         try:
             out = self.model(*args, **kwargs)
+            reached = self._local.call_reached  # a site quantized in this call (not in a call made inside it)
         finally:
             self._local.bits, self._local.call_task = prev, prev_task
-            self._local.call_enabled = prev_enabled
+            self._local.call_enabled, self._local.call_reached = prev_enabled, prev_reached
         if torch.is_grad_enabled():  # for a gradient-checkpointing recompute in backward
             self._pin(out, call_bits, enabled)
-        if enabled:  # a call under disabled() quantized nothing: not counted in stats()
-            with self._lock:
+        if enabled and reached:  # a call under disabled(), or that returned before any site, used no bits: not
+            with self._lock:     # counted in stats()
                 self._record(b, lv)
         return out
 
@@ -711,8 +715,9 @@ class AdaptiveQuantizer(nn.Module):
 
         ``average_bits`` = sum over processed samples of their bit-width / number of samples (a float row counts
         at its nominal 16/32); ``per_level[l] = {"samples", "average_bits"}`` (calls with ``levels``); ``histogram``
-        = bits -> samples. Samples are counted once per forward call, whatever the number of sites; calls made
-        under :meth:`disabled` (float activations, no bits used) are not counted.
+        = bits -> samples. Samples are counted once per forward call, whatever the number of sites; calls that
+        used no bits are not counted: those made under :meth:`disabled` (float activations), and those in which
+        none of this quantizer's sites ran (a model that returned early, a call that raised).
 
         Returns:
             ``{"samples", "average_bits", "per_level", "histogram"}``.
