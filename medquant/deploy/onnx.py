@@ -450,10 +450,10 @@ def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[
         raise ExportError(f"onnxruntime cannot load the exported graph, not written: {e}".strip()[:2000]) from e
     worst, bound = 0.0, 0.0
     # the example, a doubled batch (dynamic batch axis) and the negated example (a traced data-dependent branch).
-    # The doubled batch is the example followed by its negation in reverse order (floating inputs): samples that
-    # differ, also for a one-sample example, so a graph that mixes the samples of a batch (a batch size traced as
-    # a constant) computes other values than the model on it
-    variants = (args, tuple(torch.cat([a, -a.flip(0) if a.is_floating_point() else a.flip(0)]) for a in args),
+    # The doubled batch is the example followed by other samples (_second_half): samples that differ, also for a
+    # one-sample example, so a graph that mixes the samples of a batch (a batch size traced as a constant)
+    # computes other values than the model on it
+    variants = (args, tuple(torch.cat([a, _second_half(a)]) for a in args),
                 tuple(-a if a.is_floating_point() else a for a in args))
     for batch in variants:
         with torch.no_grad():
@@ -482,6 +482,25 @@ def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[
                               f"dependent control flow, or a Python value computed from the input)")
         worst, bound = max(worst, diff), tol
     return worst, bound
+
+
+def _second_half(a: torch.Tensor) -> torch.Tensor:
+    """The samples :func:`_verify` appends to an example input for the doubled batch, in reverse batch order:
+    distinct from the example's, so a graph that mixes the samples of a batch is caught, also for one sample.
+
+    Floating inputs: ``-a``. Integer inputs (token ids): each value moved one step within the example's own range
+    ``[lo, hi]``, ``(v - lo + 1) mod (hi - lo + 1) + lo`` (ids an embedding that took the example takes too), except
+    inputs whose values all lie in ``{0, 1}`` (attention masks, token types; the padding of shifted ids stays
+    masked) and booleans, which are kept."""
+    if a.is_floating_point() or a.is_complex():
+        return -a.flip(0)
+    if a.dtype == torch.bool or a.numel() == 0:
+        return a.flip(0)
+    lo, hi = int(a.min()), int(a.max())
+    if lo >= 0 and hi <= 1:
+        return a.flip(0)
+    shifted = (a.to(torch.int64) - lo + 1) % (hi - lo + 1) + lo  # in int64: no wrap-around of small types
+    return shifted.to(a.dtype).flip(0)
 
 
 def optimized_op_counts(path: str | Path, optimized_path: str | Path | None = None) -> Counter:
