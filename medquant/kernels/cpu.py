@@ -149,6 +149,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._caller import user_stacklevel
 from .bundle import PackedWeight
 from .dispatch import bump_generation, register_backend, register_kernel
 from .layout import container_bits, symmetric_params, unpack
@@ -328,7 +329,7 @@ def _from_env() -> torch.dtype | None:
         return _check_compute_dtype(name)
     except ValueError:
         warnings.warn(f"${ENV_COMPUTE_DTYPE}={name!r} is not bfloat16, float16, float32 or auto: ignored",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=user_stacklevel())
         return None
 
 
@@ -457,7 +458,8 @@ def _env_choice(var: str, choices: tuple[str, ...]) -> str:
     if not name:
         return choices[0]
     if name not in choices:
-        warnings.warn(f"${var}={name!r} is not {' or '.join(choices)}: ignored", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"${var}={name!r} is not {' or '.join(choices)}: ignored", RuntimeWarning,
+                      stacklevel=user_stacklevel())
         return choices[0]
     return name
 
@@ -623,7 +625,7 @@ def cpu_cache_bytes() -> int:
 def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _layer_compute_dtype(weight: PackedWeight) -> torch.dtype:

@@ -93,6 +93,7 @@ import torch
 
 from medquant.digest import sha256_file
 
+from ._caller import user_stacklevel
 from .bundle import PackedWeight
 from .layout import container_bits, storage_bits, symmetric_params
 
@@ -144,7 +145,7 @@ _reported: set[str] = set()
 def _report_once(key: str, msg: str) -> None:
     if key not in _reported:
         _reported.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _disabled() -> bool:
