@@ -16,9 +16,10 @@ floating point on the compute device at a time:
    (the modules outside the blocks - embeddings, norms, projector, ``lm_head``... - are processed first, leaf
    by leaf, the same way).
 
-Peak memory on the compute device: one float block plus its calibration activations (calibrating: plus the
-modules outside the blocks and at most one finished block of an earlier stack). With a meta skeleton and a
-checkpoint, peak host memory is the quantized result plus one float block (``benchmarks/memory.py`` measures it).
+Peak memory on the compute device: one float block plus its calibration activations (calibrating: plus, only
+while it runs in a capture pass, one finished block of an earlier stack or one module outside the blocks; plus the
+tensors owned by modules that hold blocks, below). With a meta skeleton and a checkpoint, peak host memory is the
+quantized result plus one float block (``benchmarks/memory.py`` measures it).
 
 Calibration (for activation-aware methods): with ``calib_inputs`` (one ``model(**batch)`` keyword dict or a list
 of them) and ``per_block_fn``, the inputs of each block are captured and passed as :class:`BlockInputs`. A block's
@@ -28,8 +29,17 @@ its hidden-state input is the output of the already *quantized* previous block (
 block is calibrated on the activations the quantized model will actually feed it). The finished (quantized) blocks
 of the earlier stacks run in that pass - the vision tower whose output the language stack reads - each moved to
 the compute device just before each of its calls and back to ``offload_device`` right after, so at most one of them
-is there at a time (two transfers of a quantized block per calibration batch); the modules outside the blocks stay
-on the compute device while calibrating.
+is there at a time (two transfers of a quantized block per calibration batch). The modules outside the blocks do the
+same: each of the largest submodules holding no block (``embed_tokens``, ``rotary_emb``, ``norm``, a vision
+``embeddings`` module with its class token and children, the projector, ``lm_head``) lives on ``offload_device`` and
+is on the compute device only during each of its calls (a forward pre-hook moves it there, a forward hook back;
+``Module.to``, so a tied ``lm_head.weight is embed_tokens.weight`` moves in place and stays tied). Not moved: the
+tensors owned by a module that holds blocks (a class token or position embedding on the vision model itself,
+LLaVA-NeXT's ``image_newline``) stay on the compute device while calibrating - their owner's forward runs the
+blocks - and go to ``offload_device`` at the end; a tensor of an outside module that a block-holding parent reads
+outside that module's forward would be found on ``offload_device``. The capture pass stops at the group's last
+block (its recorder raises a private exception), so what follows it - the final norm, ``lm_head`` and its batch x
+tokens x vocabulary logits - never runs.
 
 A module bound under several names (one module object, in one block or in several) is quantized once, where its
 first name is reached, and the quantized module is bound under every name, as :func:`medquant.quantize_` does
@@ -186,6 +196,22 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _shared_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` as ``Module.to`` moves it: a parameter in place (its ``data``), so a parameter bound in
+    several modules (``lm_head.weight is embed_tokens.weight``) stays one object, wherever it is moved from (a
+    new parameter where the two devices' tensor types cannot share one, as to ``meta``); any other tensor as a new
+    tensor (``t`` itself when it is already there)."""
+    if isinstance(t, nn.Parameter):
+        moved = t.data.to(device)
+        if moved.data_ptr() == t.data_ptr() and moved.device == t.device:
+            return t
+        if torch._has_compatible_shallow_copy_type(t, moved):
+            t.data = moved
+            return t
+        return nn.Parameter(moved, requires_grad=t.requires_grad)  # e.g. to "meta": a new one, as Module.to does
+    return t.to(device)
+
+
 def _tied_map(model: nn.Module) -> dict[str, str]:
     """Both directions of Hugging Face tied-weight keys (``lm_head.weight`` <-> ``embed_tokens.weight``), of the
     model and of every Hugging Face model inside it (a classifier wrapping a VLM: ``vlm.lm_head.weight``), under
@@ -252,9 +278,9 @@ class _Materializer:
         stay."""
         if id(t) not in self.originals:
             return t.to(device)
-        if id(t) in self.fresh:
-            new = self.fresh[id(t)]
-            return new if new.device == device else new.to(device)
+        if id(t) in self.fresh:  # a parameter moves in place: every module binding it (a tied lm_head) keeps it
+            self.fresh[id(t)] = _shared_to(self.fresh[id(t)], device)
+            return self.fresh[id(t)]
         new = t.detach().to(device)
         if new.data_ptr() == t.data_ptr() and new.device == t.device:
             if keep and not copy:
@@ -263,6 +289,13 @@ class _Materializer:
         if id(t) in self.multi:
             self.fresh[id(t)] = new
         return new
+
+    def shared(self, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters of ``module`` (and its submodules) that other modules bind too (tied or shared weights,
+        moved in place): the caller sends them back to ``offload_device`` itself, as the module may be swapped
+        out by its quantized version while another module (a tied ``embed_tokens``) still holds them."""
+        ids = {id(x) for x in (*self.fresh.values(), *self.done.values())}
+        return [p for p in module.parameters() if id(p) in ids]
 
     def module(self, module: nn.Module, prefix: str, device: torch.device, recurse: bool = True,
                copy: bool = False, keep: bool = True) -> None:
@@ -275,15 +308,15 @@ class _Materializer:
             for kind, name, t in _local_tensors(sub):
                 key = f"{full}.{name}" if full else name
                 if key in self.tied and self.tied[key] in self.done and t.device.type == "meta":
-                    new = self.done[self.tied[key]]
-                    if new.device != device:
-                        new = new.to(device)
+                    new = _shared_to(self.done[self.tied[key]], device)
                 else:
                     new = self._read(key, t).to(device=device, dtype=t.dtype) if t.device.type == "meta" \
                         else self._moved(t, device, copy, keep)
                 if kind == "param":
                     if not isinstance(new, nn.Parameter):
                         new = nn.Parameter(new, requires_grad=t.requires_grad)
+                        if id(t) in self.fresh:  # the next module binding ``t`` (a tied lm_head) gets this one
+                            self.fresh[id(t)] = new  # parameter, not a parameter of its own over the same data
                     sub._parameters[name] = new
                 else:
                     sub._buffers[name] = new
@@ -492,7 +525,8 @@ def quantize_sequential(
         calib_inputs: keyword inputs of ``model(**batch)`` (one dict or a list); needed with ``per_block_fn``.
         skip: patterns left in float, as :func:`medquant.quantize_`.
         device: compute device (default CUDA when available, else CPU).
-        offload_device: where processed blocks go (default ``"cpu"``; ``None`` keeps them on ``device``).
+        offload_device: where processed blocks and the modules outside the blocks go, the latter also between
+            their calls while calibrating (default ``"cpu"``; ``None`` keeps everything on ``device``).
         checkpoint: safetensors file / directory / :class:`CheckpointSource` holding the float weights of meta
             tensors, under the model's own state-dict names.
         blocks: block names (one list, or a list of lists in forward order); default :func:`medquant.models.block_stacks`.
@@ -570,15 +604,20 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
     mat = _Materializer(model, source, undo.tensors)
     aliases = names_by_module(model)
     rest = _rest_leaves(model, block_names) if process_rest else []
-    # the modules outside the blocks first, leaf by leaf; while calibrating they stay on the device (the capture
-    # passes run them), already quantized, so blocks see the activations of the final quantized model
+    units, pinned = _outside_units(model, block_names) if calibrate else ([], set())
+    # the modules outside the blocks first, leaf by leaf, each to the device, quantized and back to offload (the
+    # capture passes then run them already quantized, so blocks see the activations of the final quantized model);
+    # a module holding blocks keeps its own tensors on the device while calibrating (its forward runs the blocks)
     for n in rest:
         leaf = model.get_submodule(n)
-        mat.module(leaf, n, device, recurse=False)
+        mat.module(leaf, n, device, recurse=False, keep=offload == device)
+        shared = mat.shared(leaf) if n not in pinned else []
         _quantize_in_leaf(model, n, plan, aliases)
         undo.release([leaf], model)
-        if not calibrate:
+        if n not in pinned:
             _move_local(model.get_submodule(n), offload)
+        for p in shared:  # a tied lm_head quantized: embed_tokens' weight, moved with it, goes back too
+            _shared_to(p, offload)
 
     bar = None
     if progress:
@@ -589,9 +628,11 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
         done: list[str] = []
         for group in groups:
             store: dict[str, list[tuple[tuple, dict]]] = {}
-            if calibrate:  # the finished (quantized) blocks of earlier stacks run in the capture forward pass,
-                # each on the device only while it runs (the vision tower feeding the language stack)
-                with _on_device_while_running([model.get_submodule(n) for n in done], device, offload):
+            if calibrate:  # the capture pass runs the modules outside the blocks and the finished (quantized)
+                # blocks of earlier stacks (the vision tower feeding the language stack), each on the device only
+                # while it runs; it stops at the group's last block (no final norm, no lm_head logits)
+                running = [model.get_submodule(n) for n in units] + [model.get_submodule(n) for n in done]
+                with _on_device_while_running(running, device, offload):
                     store = _capture(model, group, batches, device)
             hidden: list[torch.Tensor] | None = None
             for name in group:
@@ -600,6 +641,7 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
                 # calibrating, the block works on copies of the model's own tensors (per_block_fn may change them
                 # in place, e.g. AWQ's scales): the originals stay as they were, for the undo
                 mat.module(block, name, device, copy=calibrate, keep=offload == device)
+                shared = mat.shared(block)
                 start = name + "."
                 inputs = None
                 if per_block_fn is not None:
@@ -614,24 +656,27 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
                 if inputs is not None and name != group[-1]:  # the next block is calibrated on what the quantized
                     hidden = inputs.run(block)      # block outputs (the next group's inputs are captured anew)
                 block.to(offload)
+                for p in shared:  # bound elsewhere too, the block's float layer swapped out
+                    _shared_to(p, offload)
                 done.append(name)
                 if bar is not None:
                     bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    if calibrate:
-        for n in rest:
-            _move_local(model.get_submodule(n), offload)
+    for n in pinned:
+        _move_local(model.get_submodule(n), offload)
 
 
 @contextlib.contextmanager
 def _on_device_while_running(blocks: Sequence[nn.Module], device: torch.device, offload: torch.device
                              ) -> Iterator[None]:
-    """Within the block: each of ``blocks`` (finished blocks, on ``offload``) is moved to ``device`` just before each
-    of its calls and back to ``offload`` right after, so at most one of them is on ``device`` at a time; on exit
-    (an error included) all of them are on ``offload``. The cost: two transfers of a block per call (per calibration
-    batch), instead of holding every finished block on ``device`` for the whole capture."""
+    """Within the block: each of ``blocks`` (finished blocks and the modules outside the blocks, on ``offload``; none
+    holding another) is moved to ``device`` (``Module.to``: a tied parameter moves in place, for every module
+    binding it) just before each of its calls - before any other forward pre-hook of it - and back to ``offload``
+    right after, so at most one of them is on ``device`` at a time, whatever the order or number of their calls; on
+    exit (an error or the capture's early stop included) all of them are on ``offload``. The cost: two transfers of
+    a module per call (per calibration batch), instead of holding them on ``device`` for the whole capture."""
     if device == offload or not blocks:
         yield
         return
@@ -645,7 +690,7 @@ def _on_device_while_running(blocks: Sequence[nn.Module], device: torch.device, 
     handles = []
     try:
         for b in blocks:
-            handles.append(b.register_forward_pre_hook(bring))
+            handles.append(b.register_forward_pre_hook(bring, prepend=True))
             handles.append(b.register_forward_hook(send_back))
         yield
     finally:
@@ -656,16 +701,43 @@ def _on_device_while_running(blocks: Sequence[nn.Module], device: torch.device, 
 
 
 def _move_local(module: nn.Module, device: torch.device) -> None:
-    """Move a module's own parameters and buffers (not its submodules') to ``device``."""
+    """Move a module's own parameters and buffers (not its submodules') to ``device`` as ``Module.to`` does: a
+    parameter in place (a tied one moves for every module binding it and stays tied), a buffer rebound. Only for
+    tensors of the call's own (never the model's originals, which :class:`_Undo` puts back)."""
     for kind, name, t in _local_tensors(module):
-        if t.device == device:
-            continue
         if kind == "param":
-            module._parameters[name] = nn.Parameter(t.to(device), requires_grad=t.requires_grad)
+            moved = _shared_to(t, device)
+            if isinstance(moved, nn.Parameter):  # always, for a parameter
+                module._parameters[name] = moved
         else:
             module._buffers[name] = t.to(device)
     if isinstance(module, QUANT_LAYERS):  # its compute dtype and kernels: to the new tensors
         module.refresh_kernels()
+
+
+def _outside_units(model: nn.Module, block_names: Sequence[str]) -> tuple[list[str], set[str]]:
+    """The modules outside the blocks, grouped for moving while they run: ``units``, the largest submodules that
+    hold no block (``model.embed_tokens``, ``lm_head``, a vision ``embeddings`` module with its class token and
+    children), those holding tensors, in definition order; and ``pinned``, the modules that hold blocks and tensors
+    of their own (a class token on the vision model itself), which cannot leave the device while their forward -
+    which runs the blocks - may read them."""
+    blocks = set(block_names)
+    prefixes = tuple(n + "." for n in block_names)
+    holders = {""}  # the modules holding blocks: every prefix of a block name
+    for b in block_names:
+        parts = b.split(".")
+        holders.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    units: list[str] = []
+    pinned: set[str] = set()
+    for name, mod in model.named_modules():
+        if name in blocks or name.startswith(prefixes):
+            continue
+        if name in holders:
+            if _local_tensors(mod):
+                pinned.add(name)
+        elif name.rpartition(".")[0] in holders and any(_local_tensors(m) for m in mod.modules()):
+            units.append(name)
+    return units, pinned
 
 
 def _rest_leaves(model: nn.Module, block_names: Sequence[str]) -> list[str]:
