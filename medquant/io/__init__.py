@@ -14,7 +14,9 @@ A saved folder holds
   (:mod:`medquant.io.manifest`).
 
 **Crash-safe**: a save writes a complete new version of the folder next to it and switches the path to it in one
-atomic step (:mod:`medquant.io.atomic`: the path is a symlink to a versioned sibling folder), so a killed save
+atomic step (:mod:`medquant.io.atomic`: a real folder is exchanged whole with the new one, Linux
+``renameat2(RENAME_EXCHANGE)``; where that is missing, the path becomes a symlink to a versioned sibling folder),
+so a killed save
 leaves the previous checkpoint, a reader never sees a mix of two saves, concurrent saves to one path are serialised
 (last writer wins), and the orphans of killed saves are removed by the next one. Files in the folder that a save
 does not own (a tokenizer, a README) are carried into the new version.

@@ -44,11 +44,15 @@ The mechanism (POSIX; Linux ``renameat2(RENAME_EXCHANGE)`` for the exchange):
   README written into the folder after an earlier save) are carried into the new version (hard links, copies across
   devices);
 * saves to one path are serialised by an exclusive ``fcntl.flock`` on ``.{name}.mq-lock`` next to it, held for the
-  whole save: the last writer wins and no two saves interleave. What a killed save leaves (staging folders
-  ``.{name}.mq-tmp-*``, which may hold a new folder not yet exchanged in or an old one exchanged out, temporary
-  links ``.{name}.mq-link-*`` and the unpublished version they point to, ``.{name}.mq-old-*``, and the old version
-  recorded by a ``.{name}.mq-drop-*`` link before a switch) is removed by the next save under the lock. A first
-  save killed before its rename leaves ``P`` as it was (absent or empty) and its staging folder.
+  whole save: the last writer wins and no two saves interleave. The lock file is opened read-only (``flock`` needs
+  no write access: a lock file another user made in a shared folder serves too). What a killed save leaves
+  (staging folders ``.{name}.mq-tmp-*``, which may hold a new folder not yet exchanged in or an old one exchanged
+  out, temporary links ``.{name}.mq-link-*`` and the unpublished version they point to, ``.{name}.mq-old-*``, and
+  the old version recorded by a ``.{name}.mq-drop-*`` link before a switch, kept until the old version is gone: a
+  removal that failed is tried again) is removed by the next save under the lock; a save that raises
+  (``KeyboardInterrupt`` included) removes its own new folder, under whichever name it has by then, before it
+  returns. A first save killed before its rename leaves ``P`` as it was (absent or empty) and its staging folder.
+  A folder removed so goes whole even when it or a sub-folder in it is read-only (given ``u+rwx`` first).
 * A save **never removes a complete version it did not replace itself**: a ``.{name}.mq-v-*`` folder that no
   symlink in the parent points to (its link was moved into another folder, or it was left by an older medquant) is
   kept, and the save warns (:class:`UnreferencedVersionWarning`) naming it and how to remove it.
@@ -86,9 +90,9 @@ try:  # POSIX
 except ImportError:  # pragma: no cover - Windows: saves are not serialised
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["UnreferencedVersionWarning", "dangling_message", "exchange_paths", "fsync_dir", "fsync_file",
-           "identity", "is_current_or_above", "is_version_link", "pending", "read_stable", "replace_directory",
-           "resolve"]
+__all__ = ["UnreferencedVersionWarning", "current_folder", "dangling_message", "exchange_paths", "fsync_dir",
+           "fsync_file", "identity", "is_current_or_above", "is_version_link", "pending", "read_stable",
+           "replace_directory", "resolve"]
 
 T = TypeVar("T")
 
@@ -393,14 +397,23 @@ def _publish_first(path: Path, stage: Path) -> bool:
 
 
 def _remove(p: Path) -> None:
-    """Remove one of medquant's own folders or links (best effort). A folder's entries go even when its mode is
-    read-only (a new folder takes the mode of the one it replaces, which the user may have made read-only)."""
+    """Remove one of medquant's own folders or links (best effort). A folder's entries go even when its mode, or a
+    sub-folder's, is read-only (a new folder takes the mode of the one it replaces, which the user may have made
+    read-only; a sub-folder carried from save to save keeps its own mode): each folder is given ``u+rwx`` before
+    its entries are listed and removed (the folder is removed, so its mode is not kept anywhere)."""
     try:
         if p.is_symlink() or not p.is_dir():
             p.unlink(missing_ok=True)
         else:
             with contextlib.suppress(OSError):
                 os.chmod(p, stat.S_IMODE(os.lstat(p).st_mode) | stat.S_IRWXU)
+            for dirpath, dirs, _files in os.walk(p):  # top-down, no symlinks followed: a folder before its entries
+                for d in dirs:
+                    q = os.path.join(dirpath, d)
+                    with contextlib.suppress(OSError):
+                        st = os.lstat(q)
+                        if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) & stat.S_IRWXU != stat.S_IRWXU:
+                            os.chmod(q, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
             shutil.rmtree(p, ignore_errors=True)
     except OSError:  # pragma: no cover - best effort
         pass
@@ -411,7 +424,8 @@ def _locked(path: Path) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover
         yield
         return
-    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    # read-only: ``flock`` needs no write access, so a lock file another user made (a shared folder) serves too
+    fd = os.open(lock_path(path), os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -467,19 +481,25 @@ def _cleanup(path: Path) -> list[Path]:
                     fsync_dir(parent)
                     break
     current = os.readlink(path) if is_version_link(path) else None
+    retry: set[str] = set()  # versions whose removal failed: their marker stays, and they are not warned about
     for kind, p in entries():
         if kind in (_LINK, _DROP) and p.is_symlink():
             # a temporary link: the new version of a save killed before its switch (never published); a drop
             # marker: the old version of a save killed after its switch. Either is removed unless it is current or
             # a link in the parent points to it.
             target = os.readlink(p)
-            if _ANY_VERSION.fullmatch(target) and target != current and not _referenced(parent, parent / target):
+            removable = bool(_ANY_VERSION.fullmatch(target)) and target != current \
+                and not _referenced(parent, parent / target)
+            if removable:
                 _remove(parent / target)
-            p.unlink(missing_ok=True)
+            if removable and os.path.lexists(parent / target):  # kept while the removal fails: tried again
+                retry.add(target)
+            else:
+                p.unlink(missing_ok=True)
         elif kind != _VERSION:  # staging folders, folders renamed aside, a real folder exchanged out
             _remove(p)
     return [p for kind, p in entries()
-            if kind == _VERSION and p.name != current and not _referenced(parent, p)]
+            if kind == _VERSION and p.name != current and p.name not in retry and not _referenced(parent, p)]
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -530,10 +550,23 @@ def _target(path: Path) -> Path:
     return path
 
 
-def is_current_or_above(folder: Path, cwd: Path) -> bool:
+def is_current_or_above(folder: Path, cwd: Path | None) -> bool:
     """Whether ``folder`` is ``cwd``, a folder above it or a file system root: a folder no save or export may
-    replace (both absolute and resolved alike: as given, or after every symlink)."""
-    return folder == folder.parent or folder == cwd or folder in cwd.parents
+    replace (both absolute and resolved alike: as given, or after every symlink). ``cwd`` ``None``: the current
+    folder was removed (:func:`current_folder`), so only a root is such a folder."""
+    if folder == folder.parent:
+        return True
+    return cwd is not None and (folder == cwd or folder in cwd.parents)
+
+
+def current_folder(resolved: bool = False) -> Path | None:
+    """The current folder (after every symlink with ``resolved``), or ``None`` when it was removed (a process whose
+    working folder was deleted still saves to absolute paths, as ``torch.save`` does)."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        return None
+    return Path(os.path.realpath(cwd) if resolved else cwd)
 
 
 def _refuse_current_folder(path: Path) -> None:
@@ -543,8 +576,7 @@ def _refuse_current_folder(path: Path) -> None:
     if is_version_link(path):
         return
     real = Path(os.path.realpath(path))
-    cwd = Path(os.path.realpath(os.getcwd()))
-    if is_current_or_above(real, cwd):
+    if is_current_or_above(real, current_folder(resolved=True)):
         raise ValueError(f"refusing to save into {path} ({real}): it is the current folder, a folder above it or a "
                          "file system root (reached through a symlink); give the checkpoint its own folder")
 
@@ -654,9 +686,10 @@ def _switch(path: Path, stage: Path) -> None:
     os.symlink(new.name, link)  # first: a save killed from here on leaves the link, so the next one removes ``new``
     try:
         os.rename(stage, new)
-    except BaseException:
+    except BaseException:  # the link goes, so its folder goes too: ``new`` when the rename happened, else ``stage``
         link.unlink(missing_ok=True)
         _remove(stage)
+        _remove(new)
         raise
     fsync_dir(path.parent)
     drop: Path | None = None
@@ -670,6 +703,8 @@ def _switch(path: Path, stage: Path) -> None:
             fsync_dir(path.parent)
             if old is not None and os.path.lexists(old) and not _referenced(path.parent, old, skip=path):
                 _remove(old)  # only the version this save replaced, and only when no other link points to it
+                if os.path.lexists(old):  # the removal failed (a file held open on NFS, a folder not writable):
+                    return  # the drop link stays, so the next save removes it (not taken for another's version)
             if drop is not None:
                 drop.unlink(missing_ok=True)
             return

@@ -100,7 +100,8 @@ def checkpoint_path(directory: Any) -> Path:
     """The folder path of a save, refusing paths that would write somewhere unintended.
 
     Refused: an empty path (it would mean the current folder), ``.``, the current folder or one above it, a file
-    system root.
+    system root. Where the current folder was removed, an absolute path is checked against the roots only (a
+    relative one raises ``FileNotFoundError``: it names nothing).
 
     Args:
         directory: the path given by the user.
@@ -120,9 +121,8 @@ def checkpoint_path(directory: Any) -> Path:
     if not raw.strip():
         raise ValueError("the checkpoint path is empty; give a folder name (an empty path would write into the "
                          "current folder)")
-    path = Path(os.path.abspath(raw))
-    cwd = Path(os.getcwd())
-    if atomic.is_current_or_above(path, cwd):
+    path = Path(os.path.abspath(raw))  # a relative path needs the current folder (FileNotFoundError if removed)
+    if atomic.is_current_or_above(path, atomic.current_folder()):
         raise ValueError(f"refusing to save into {raw!r} ({path}): it is the current folder, a folder above it or "
                          "a file system root; give the checkpoint its own folder")
     return Path(raw)
