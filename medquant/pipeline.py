@@ -224,7 +224,9 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
     the model, and one no-grad step of the training loss on the first training batch (the model's output must have
     logits and the batch a task loss; with ``TrainStage.feature_pairs`` the model's ``hidden_states`` are counted,
     and a pair out of their range is refused: ``-n <= i < n`` for the ``n`` hidden states of the model before
-    pruning). That check changes nothing: the model runs in eval mode (no BatchNorm statistics updated, each
+    pruning; with ``"distil"`` the whole distillation loss, its KD term included, with the model standing in for the
+    teacher, its copy), and that the model has parameters that require grad for the training stage to train. That
+    check changes nothing: the model runs in eval mode (no BatchNorm statistics updated, each
     submodule's mode given back) and every random state is restored after it (Python's ``random``, NumPy's global
     generator, torch's CPU generator and the CUDA generators), so the stages run exactly as they would without it.
 
@@ -250,7 +252,8 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
         ValueError: a stage that needs ``calib`` or ``train_data`` without it (or with an empty one), layers the
             quantization stage covers that are already quantized, no AWQ scale group in the model, a
             ``QuantStage.skip`` pattern that matches nothing, a training loss that cannot be computed on the model
-            and data, a feature pair out of the model's ``hidden_states``; all before any stage runs.
+            and data, a feature pair out of the model's ``hidden_states``, a training stage for a model with no
+            parameter that requires grad; all before any stage runs.
         TypeError: ``calib`` or ``train_data`` is one batch (a dict) instead of a sequence of batches.
     """
     from .prune import StructuredPruner, allocate_ratios, block_influence, least_influential
@@ -386,31 +389,40 @@ def _check_before(model: nn.Module, prune: PruneStage | None, train: TrainStage 
             raise ValueError("the training stage needs train_data=<sequence of batches>")
         if not train_data:
             raise ValueError("the training stage needs train_data with at least one batch; it is empty")
+        if not any(p.requires_grad for p in model.parameters()):  # pruning keeps each parameter's requires_grad
+            raise ValueError(f"the training stage trains the model's parameters that require grad, but "
+                             f"{type(model).__name__} has no parameter that requires grad (frozen with "
+                             "requires_grad_(False)?): call model.requires_grad_(True) first, or drop the training "
+                             "stage")
         _dry_run_loss(model, train, train_data[0])
 
 
 def _dry_run_loss(model: nn.Module, train: TrainStage, batch: Any) -> None:
     """The training loss of ``batch`` once, without changing the model or any random state: a model whose output has
     no logits, or a batch without a task loss, or a ``TrainStage.feature_pairs`` index out of the model's
-    ``hidden_states``, is refused before any stage runs.
+    ``hidden_states``, or a distillation term that cannot be computed (a mask that does not fit the logits'
+    positions), is refused before any stage runs. ``"distil"`` computes the whole loss of :class:`Distiller
+    <medquant.distill.Distiller>` with ``model`` standing in for the teacher (the teacher is a copy of it);
+    ``"finetune"`` the task loss.
 
-    The model runs (once, twice with ``feature_pairs``) in eval mode (BatchNorm running statistics are not updated,
+    The model runs (once for ``"finetune"``; twice for ``"distil"``, as teacher and student, and once more with
+    ``feature_pairs``) in eval mode (BatchNorm running statistics are not updated,
     dropout draws nothing; every submodule gets its own mode back after), without gradients, and inside
     :func:`_kept_rng`, so Python's ``random``, NumPy's global generator, torch's CPU generator and the CUDA generators
     are as they were before: ``compress`` then runs exactly as it would without the check. Forward hooks registered on
     the model do see these calls."""
-    from .models.runner import eval_mode, main_output, run_model
+    from .models.runner import eval_mode
 
     try:
         with _kept_rng(), torch.no_grad(), eval_mode(model):
-            # the student's logits (the teacher is a copy of this model: the same forward), and the task loss when
-            # it is part of the objective (alpha < 1)
-            if train.mode == "distil" and train.alpha >= 1.0:
-                main_output(run_model(model, batch, unpack_sequences=False), hidden_state=False, first_item=False)
+            if train.mode == "distil":
+                if len(train.feature_pairs):
+                    _check_feature_range(model, train, batch)
+                # the whole distillation loss (KD term with its mask, task loss, feature term), with the model
+                # standing in for the teacher (a copy of this model: the same forward)
+                _trainer(model, _SelfTeacher(model), train)(batch)
             else:
                 _FineTuner(model)(batch)
-            if train.mode == "distil" and len(train.feature_pairs):
-                _check_feature_range(model, train, batch)
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         raise ValueError(f"the training stage cannot compute its loss on this model and train_data (checked on the "
                          f"first batch before any stage ran; {type(model).__name__}): {type(e).__name__}: {e}"
@@ -504,6 +516,22 @@ class _FineTuner:
     def fit(self, data, *, steps: int, lr: float, progress: bool = True) -> list[float]:
         """:meth:`medquant.distill.Distiller.fit` with the task loss only, its progress bar labelled ``finetune``."""
         return self._d.fit(data, steps=steps, lr=lr, progress=progress, desc="finetune")
+
+
+class _SelfTeacher(nn.Module):
+    """``model`` as the teacher of the dry run's distiller (the real teacher is a copy of it): no module or parameter
+    of its own (``model`` is not registered), so the distiller's ``eval()`` and ``requires_grad_(False)`` on the
+    teacher change nothing in ``model``; ``config`` is ``model``'s, read for the feature projections' widths."""
+
+    model: nn.Module  # set with object.__setattr__: not a submodule
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "config", getattr(model, "config", None))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
 
 
 class _NoTeacher(nn.Module):

@@ -41,7 +41,7 @@ import itertools
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -458,8 +458,11 @@ class Distiller(nn.Module):
 
         Args:
             data: the batches (an iterable; re-iterated for several epochs or when ``steps`` needs more passes).
-            steps: optimiser steps, repeating passes over ``data`` as needed; overrides ``epochs``.
-            epochs: passes over ``data`` when ``steps`` is None.
+            steps: optimiser steps, repeating passes over ``data`` as needed; overrides ``epochs``. Data that a
+                further pass finds empty (a generator, read once) ends the training early, with a ``UserWarning``
+                saying how many steps were taken.
+            epochs: passes over ``data`` when ``steps`` is None (an iterator such as a generator is read once:
+                one pass, with a ``UserWarning``, when more are asked).
             lr: the AdamW learning rate (when no ``optimizer`` is given).
             optimizer: an optimiser over :meth:`trainable_parameters` to use instead of AdamW.
             grad_clip: the gradient-norm clip; a falsy value disables clipping.
@@ -494,6 +497,14 @@ class Distiller(nn.Module):
                              group=group, model=self.student, progress=progress, desc=desc)
         if not losses:
             raise ValueError("the training data is empty: data yielded no batch, so no step was taken")
+        if steps is not None and len(losses) < steps:  # a pass yielded no batch: data cannot be read again
+            warnings.warn(f"Distiller.fit took {len(losses)} of the {steps} steps asked: a further pass over data "
+                          "yielded no batch (an iterator such as a generator is read once); pass a list or a "
+                          "DataLoader to repeat the batches", UserWarning, stacklevel=2)
+        elif steps is None and epochs > 1 and isinstance(data, Iterator):  # passes after the first read nothing
+            warnings.warn(f"Distiller.fit ran 1 of the {epochs} epochs asked ({len(losses)} steps): data is an "
+                          "iterator (a generator), read once, so the later passes found no batch; pass a list or a "
+                          "DataLoader to repeat the batches", UserWarning, stacklevel=2)
         return losses
 
 
