@@ -69,6 +69,17 @@ def fraction(text: str) -> float:
     return v
 
 
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] (``nan`` refused), e.g. ``--spread``."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return v
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (``inf`` and ``nan`` refused), e.g. a learning rate."""
     try:
@@ -124,6 +135,24 @@ def existing_file(text: str) -> str:
     if not p.is_file():
         raise argparse.ArgumentTypeError(f"{text}: not a file")
     return text
+
+
+def utf8_text(path: str, flag: str) -> str:
+    """The text of the file ``path`` given to the option ``flag``, read as UTF-8; another encoding is a one-line
+    ``SystemExit`` naming the option, the file and the first byte that is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"{flag}: {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}): save it as UTF-8") from None
+
+
+def hf_config_file(path: str) -> None:
+    """Refuse, in one line, a model folder without ``config.json`` (``SystemExit`` naming the folder): transformers
+    would report it as a config without a ``model_type`` key."""
+    if not (Path(path) / "config.json").is_file():
+        raise SystemExit(f"{path}: no config.json: not a Hugging Face model folder (expected config.json and the "
+                         "weights, as save_pretrained writes them)")
 
 
 def role_or_name(text: str) -> str:

@@ -24,29 +24,54 @@ def register(subparsers) -> None:
     p.add_argument("path", help="image folder (with optional index.csv), .npz file, index .csv or image file")
     p.add_argument("--out", required=True, help="output CSV path")
     p.add_argument("--plot", default=None, help="PNG histogram of scores per level")
-    p.add_argument("--n-levels", type=positive_int, default=4)
+    p.add_argument("--n-levels", type=positive_int, default=None,
+                   help="complexity levels to fit (default 4; with --state: the state's)")
     p.add_argument("--split", default=None, help="split to read (npz key prefix or CSV 'split' column)")
     p.add_argument("--limit", type=positive_int, default=None, help="score at most this many images")
-    p.add_argument("--fit-on", default=None, help="calibration images (default: the scored images)")
+    p.add_argument("--fit-on", default=None, help="calibration images (default: the scored images; not with --state)")
     p.add_argument("--fit-split", default=None, help="split of --fit-on")
-    p.add_argument("--fit-limit", type=positive_int, default=None)
+    p.add_argument("--fit-limit", type=positive_int, default=None, help="at most this many images of --fit-on")
     p.add_argument("--allow-leakage", action="store_true",
                    help="read a split of an index or .npz whose images or patients also appear under another "
                         "split (refused by default: split leakage; for an .npz, byte-identical images across "
                         "splits are a warning this also silences)")
-    p.add_argument("--state", default=None, help="load a saved scorer state instead of fitting")
+    p.add_argument("--state", default=None,
+                   help="load a saved scorer state instead of fitting (it brings its weights, levels and edge "
+                        "threshold: --weights, --n-levels, --edge-threshold and --fit-* are refused with it)")
     p.add_argument("--save-state", default=None, help="save the fitted scorer state (torch.save of tensors)")
     p.add_argument("--normalisation", choices=["minmax", "quantile"], default=None,
                    help="per-metric scaling before weighting (default minmax; with --state: the state's)")
     p.add_argument("--weights", type=metric_weights, default=None,
                    help="5 comma-separated metric weights >= 0 (entropy, edge_density, intensity_std, "
-                        "fractal_dimension, lbp_entropy)")
-    p.add_argument("--edge-threshold", type=float, default=0.1)
+                        "fractal_dimension, lbp_entropy; default 1 each; with --state: the state's)")
+    p.add_argument("--edge-threshold", type=float, default=None,
+                   help="gradient magnitude above which a pixel is an edge (default 0.1; with --state: the state's)")
     p.add_argument("--bits-stored", type=int, default=None, help="bit depth of >8-bit integer images")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=lambda args: _check(args, p))
+
+
+#: options that set up a scorer to fit; a loaded ``--state`` brings its own (load_state_dict adopts them)
+FIT_OPTIONS = (("weights", "--weights"), ("n_levels", "--n-levels"), ("edge_threshold", "--edge-threshold"),
+               ("fit_on", "--fit-on"), ("fit_split", "--fit-split"), ("fit_limit", "--fit-limit"))
+
+
+def _check(args, parser: argparse.ArgumentParser) -> None:
+    """Before any work: options that would be ignored are refused. A ``--state`` replaces the weights, the levels
+    and the edge threshold with its own and is not fitted again; ``--fit-split`` / ``--fit-limit`` select images of
+    ``--fit-on``."""
+    if args.state:
+        given = [flag for dest, flag in FIT_OPTIONS if getattr(args, dest) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} with --state: a saved state brings its own weights, levels and edge "
+                         "threshold and is not fitted again; drop them, or fit a new scorer without --state")
+    elif args.fit_on is None:
+        given = [flag for dest, flag in FIT_OPTIONS[4:] if getattr(args, dest) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} select{'s' if len(given) == 1 else ''} the images of --fit-on; "
+                         "without --fit-on the scored images are fitted on: give --fit-on or use --split / --limit")
 
 
 def _metrics_with_progress(scorer, images, batch_size: int, progress: bool, desc: str):
@@ -77,8 +102,10 @@ def run(args) -> int:
     from ..complexity import METRIC_NAMES, ComplexityScorer
     from ..data import load_images
 
-    scorer = ComplexityScorer(n_levels=args.n_levels, weights=args.weights, edge_threshold=args.edge_threshold,
-                              normalisation=args.normalisation, bits_stored=args.bits_stored).to(args.device)
+    # an option not given is the scorer's default (or, with --state, the state's)
+    given = {k: v for k, v in (("n_levels", args.n_levels), ("edge_threshold", args.edge_threshold)) if v is not None}
+    scorer = ComplexityScorer(weights=args.weights, normalisation=args.normalisation, bits_stored=args.bits_stored,
+                              **given).to(args.device)
     if args.state:  # before any metric: the state's edge threshold and bits_stored decide them
         scorer.load_state_dict(torch.load(args.state, weights_only=True))
     progress = not args.no_progress

@@ -26,6 +26,7 @@ has them); floating arrays are used as given. See :func:`medquant.deploy.onnx.lo
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from .args import existing_folder, positive_int
@@ -51,11 +52,14 @@ def input_shape(text: str) -> tuple[int, ...]:
 
 
 def _floats(text: str) -> list[float]:
+    """A ``--mean`` / ``--std`` value: comma-separated finite numbers (``nan`` / ``inf`` refused)."""
+    expected = "comma-separated numbers like 0.485,0.456,0.406, each finite"
     try:
         values = [float(p) for p in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406; got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
     return values
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .args import existing_folder
+from .args import existing_folder, hf_config_file
 
 
 def _pruned(folder: Path) -> bool:
@@ -36,7 +36,8 @@ def load_hf_folder(path: str):
     """A Hugging Face model folder as saved (float or medquant-quantized; dtypes kept), in eval mode, and its
     tokenizer (``None`` when there is none; ``pad_token`` = ``eos_token`` when unset). A pruned checkpoint
     (``medquant prune`` / ``pipeline`` output) is rebuilt with its per-layer shapes by
-    :func:`medquant.prune.load_pruned`, which ``from_pretrained`` cannot do when the blocks differ in width."""
+    :func:`medquant.prune.load_pruned`, which ``from_pretrained`` cannot do when the blocks differ in width. A folder
+    without ``config.json`` is a one-line ``SystemExit`` naming it."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,6 +52,7 @@ def load_hf_folder(path: str):
 
         model = load_pruned(path).eval()
     else:
+        hf_config_file(path)
         cfg = AutoConfig.from_pretrained(path)
         arch = (cfg.architectures or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None

@@ -31,6 +31,7 @@ from .args import (
     output_is_input_message,
     positive_float,
     positive_int,
+    utf8_text,
 )
 
 
@@ -40,7 +41,7 @@ def _texts(args) -> tuple[list[str], str]:
     texts after them (``SystemExit`` naming the options otherwise)."""
     if args.text:
         source = args.text
-        texts = [t.strip() for t in Path(args.text).read_text(encoding="utf-8").splitlines() if t.strip()]
+        texts = [t.strip() for t in utf8_text(args.text, "--text").splitlines() if t.strip()]
     else:
         from ..data.reports import load_iu_reports
 

@@ -15,7 +15,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .args import existing_folder, fraction, non_negative_int, output_is_input_message, positive_int
+from .args import (
+    existing_folder,
+    fraction,
+    hf_config_file,
+    non_negative_int,
+    output_is_input_message,
+    positive_int,
+    unit_interval,
+    utf8_text,
+)
+
+#: ``--spread`` when not given (:func:`medquant.prune.allocate_ratios`' default)
+DEFAULT_SPREAD = 0.5
 
 
 def _refuse_medquant_folder(path: str, gguf_file: str | None, command: str) -> None:
@@ -57,10 +69,13 @@ def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command
     there is none; ``pad_token`` = ``eos_token`` when unset). The model is cast to float32 (pruning importance and
     training accumulate statistics and gradients in it) unless ``keep_dtype``: then the stored dtypes are kept, as
     ``from_pretrained`` loads them (``medquant quantize``, like :func:`medquant.quantize_` on such a model).
-    A medquant checkpoint or a folder quantized by medquant is refused (``SystemExit`` naming ``command``)."""
+    A medquant checkpoint or a folder quantized by medquant is refused (``SystemExit`` naming ``command``), and so is
+    a folder without ``config.json`` (without ``gguf_file``)."""
     import os
 
     _refuse_medquant_folder(path, gguf_file, command)
+    if not gguf_file:
+        hf_config_file(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -83,13 +98,13 @@ def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command
     return model, tok
 
 
-def _calibration(args, tok) -> list[dict] | None:
+def _calibration_texts(args) -> list[str] | None:
+    """The calibration texts (read before the model is loaded: a file that is not UTF-8 is named with its option),
+    ``None`` when nothing reads data (``magnitude`` importance without ``--layer-select`` / ``--drop-blocks``)."""
     if args.importance == "magnitude" and not args.layer_select and not args.drop_blocks:
         return None  # magnitude importance alone reads no data; block influence (--layer-select, --drop-blocks) does
-    if tok is None:
-        raise SystemExit("calibration needs the model folder's tokenizer; none could be loaded")
     if args.calib_text:
-        texts = [t.strip() for t in Path(args.calib_text).read_text(encoding="utf-8").splitlines() if t.strip()]
+        texts = [t.strip() for t in utf8_text(args.calib_text, "--calib-text").splitlines() if t.strip()]
     else:
         from ..data.reports import load_iu_reports
 
@@ -97,6 +112,14 @@ def _calibration(args, tok) -> list[dict] | None:
     texts = texts[: args.calib_samples]
     if not texts:
         raise SystemExit("no calibration text found")
+    return texts
+
+
+def _calibration(args, tok, texts: list[str] | None) -> list[dict] | None:
+    if texts is None:
+        return None
+    if tok is None:
+        raise SystemExit("calibration needs the model folder's tokenizer; none could be loaded")
     bs = 4
     return [dict(tok(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True, max_length=args.max_length))
             for i in range(0, len(texts), bs)]
@@ -115,17 +138,19 @@ def run(args) -> int:
     )
 
     out = Path(args.out)
+    texts = _calibration_texts(args)
     model, tok = _load(args.model, args.gguf_file, command="prune")
-    calib = _calibration(args, tok)
+    calib = _calibration(args, tok, texts)
     before = parameter_report(model)
     heads, ffn, drop = args.heads, args.ffn, []
+    spread = DEFAULT_SPREAD if args.spread is None else args.spread
     extras: dict = {}
     scores = None
     if args.layer_select or args.drop_blocks:
         scores = block_influence(model, calib, scope=args.scope)
         if args.layer_select:
-            heads = allocate_ratios(scores, args.heads, spread=args.spread)
-            ffn = allocate_ratios(scores, args.ffn, spread=args.spread)
+            heads = allocate_ratios(scores, args.heads, spread=spread)
+            ffn = allocate_ratios(scores, args.ffn, spread=spread)
         if args.drop_blocks:
             drop = least_influential(scores, args.drop_blocks)
         print(influence_table(scores, ffn if isinstance(ffn, dict) else None))
@@ -138,7 +163,7 @@ def run(args) -> int:
         if not args.layer_select:
             raise
         raise SystemExit(f"{e} -- with --layer-select this is the ratio allocated to that block from the mean you "
-                         f"gave (--heads {args.heads}, --ffn {args.ffn}, --spread {args.spread}: the least "
+                         f"gave (--heads {args.heads}, --ffn {args.ffn}, --spread {spread}: the least "
                          "influential blocks get up to (1 + spread) x the mean): lower --spread or the mean") from e
     after = parameter_report(model)
 
@@ -177,7 +202,9 @@ def register(sub) -> None:
                    help="which blocks (default: the language model, or the tower of a vision encoder)")
     p.add_argument("--layer-select", action="store_true",
                    help="per-layer ratios from block influence (mean = --heads / --ffn)")
-    p.add_argument("--spread", type=float, default=0.5, help="per-layer ratio spread for --layer-select")
+    p.add_argument("--spread", type=unit_interval, default=None,
+                   help=f"with --layer-select: per-layer ratio spread in [0, 1], the least influential block gets up "
+                        f"to (1 + spread) x the mean (default {DEFAULT_SPREAD})")
     p.add_argument("--drop-blocks", type=non_negative_int, default=0,
                    help="also drop this many least influential blocks")
     p.add_argument("--calib-text", default=None, help="text file, one calibration sample per line")
@@ -189,7 +216,10 @@ def register(sub) -> None:
 
 def _check(args, parser) -> None:
     """Before any work: the output folder must not be the model folder (saving there would replace the model the
-    command reads with its pruned copy)."""
+    command reads with its pruned copy), and ``--spread`` needs ``--layer-select``."""
     same = output_is_input_message(args.out, args.model, "--out")
     if same:
         parser.error(same)
+    if args.spread is not None and not args.layer_select:  # it would do nothing: every block gets --heads / --ffn
+        parser.error("--spread spreads the ratios of --layer-select over the blocks; without --layer-select every "
+                     "block gets --heads / --ffn: add --layer-select or drop --spread")

@@ -11,7 +11,8 @@ in its stored dtypes (a bfloat16 folder stays bfloat16, as ``from_pretrained`` l
 size in them), quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`;
 ``gptq``: :func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized with the
 folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens) and saved with
-:func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it). Reload with ``import medquant`` and
+:func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it, as part of the checkpoint: listed in its
+manifest, so a rerun into the same ``OUT_DIR`` leaves a folder that verifies). Reload with ``import medquant`` and
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``. A summary table (layers quantized, average bits, bytes before
 and after) is printed; ``--json`` prints it as JSON.
 """
@@ -29,14 +30,16 @@ from .args import (
     positive_int,
     role_or_name,
     sequence_length,
+    utf8_text,
 )
 from .prune import _load
 
 
-def calibration_batches(tok, path: str, samples: int, seq_len: int) -> list[dict]:
+def calibration_batches(tok, path: str, samples: int, seq_len: int, text: str | None = None) -> list[dict]:
     """``samples`` batches of one ``seq_len``-token sequence each, cut in order from the text of ``path``
     (paragraphs joined; fewer when the text is short; the last piece may be shorter, and is dropped below 2 tokens).
-    ``seq_len`` must be at least 2 (``ValueError`` otherwise)."""
+    ``seq_len`` must be at least 2 (``ValueError`` otherwise). ``text``: the file's text when already read (a file
+    that is not UTF-8 is a ``SystemExit`` naming ``--calib``)."""
     import torch
 
     if seq_len < 2:
@@ -44,7 +47,8 @@ def calibration_batches(tok, path: str, samples: int, seq_len: int) -> list[dict
 
     if tok is None:
         raise SystemExit("--calib needs the model folder's tokenizer; none could be loaded")
-    text = Path(path).read_text(encoding="utf-8")
+    if text is None:
+        text = utf8_text(path, "--calib")
     paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n") if p.strip()]
     ids: list[int] = []
     for p in paragraphs:
@@ -65,15 +69,45 @@ def _summary(before, after, n_layers: int, method: str) -> dict:
             "linear_bytes_before": before.linear_weight_bytes, "linear_bytes_after": after.linear_weight_bytes}
 
 
+def save_with_tokenizer(model, tok, out: Path) -> None:
+    """:func:`medquant.hf.save_pretrained` of ``model`` into ``out`` with the tokenizer files of ``tok`` (when not
+    ``None``) saved as part of the same checkpoint: the folder is replaced as one unit and its manifest lists them,
+    so a later run into the same ``out`` (another model, another tokenizer) leaves a folder that verifies.
+
+    The model is saved into a scratch folder beside ``out`` (removed afterwards); its files and the tokenizer's are
+    then written into the new version of ``out`` (:func:`medquant.io.write_checkpoint`)."""
+    import shutil
+    import tempfile
+
+    from ..hf import save_pretrained
+    from ..io import write_checkpoint
+    from ..io.manifest import MANIFEST_NAME
+
+    if tok is None:
+        save_pretrained(model, out)
+        return
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.quantize-", dir=out.absolute().parent))
+    try:
+        save_pretrained(model, scratch / "model")
+        with write_checkpoint(out) as folder:
+            for f in sorted((scratch / "model").iterdir()):
+                if f.name != MANIFEST_NAME:  # write_checkpoint writes the manifest of the whole folder
+                    shutil.move(str(f), str(folder / f.name))
+            tok.save_pretrained(folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run(args) -> int:
     from .. import QuantConfig, quantize_
-    from ..hf import save_pretrained
     from ..quant.api import quantized_modules
     from ..quant.size import model_size
 
     config = QuantConfig(args.bits, symmetric=True if args.symmetric else None, group_size=args.group_size)
+    text = utf8_text(args.calib, "--calib") if args.calib else None  # before the model: a bad file is named at once
     model, tok = _load(args.model, None, keep_dtype=True, command="quantize")
-    calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len) if args.calib else None
+    calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, text) if args.calib else None
     before = model_size(model)
     skip = list(args.skip) or None
     progress = not args.json
@@ -90,9 +124,7 @@ def run(args) -> int:
     after = model_size(model)
     summary = _summary(before, after, len(quantized_modules(model)), args.method)
     out = Path(args.out)
-    save_pretrained(model, out)
-    if tok is not None:
-        tok.save_pretrained(out)
+    save_with_tokenizer(model, tok, out)
     summary["out"] = str(out)
     if args.json:
         print(json.dumps(summary, indent=1))
@@ -123,7 +155,9 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=sequence_length, default=512,
                    help="tokens per calibration sequence, at least 2 (default 512)")
     p.add_argument("--skip", nargs="+", type=role_or_name, default=[], metavar="PATTERN",
-                   help="layers left in float: roles (@vision @projector @language @head), re:<regex> or names")
+                   help="layers left in float: roles (@vision @projector @language @head), re:<regex> or names "
+                        "(default: none, the LM head included, for every --method; the Python awq_quantize_ leaves "
+                        "@head float by default)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run, check=lambda args: _check(args, p))
 
@@ -132,6 +166,8 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
     same = output_is_input_message(args.out, args.model, "OUT_DIR")
     if same:
         parser.error(same)
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # refused by the save, after all the work
+        parser.error(f"OUT_DIR: {args.out} exists and is not a folder; the quantized model is saved as a folder")
     if args.method in ("awq", "gptq") and not args.calib:
         parser.error(f"--method {args.method} needs --calib FILE (calibration text)")
     if args.method == "rtn" and args.calib:  # it would be read for nothing: the user meant awq or gptq
