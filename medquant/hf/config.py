@@ -275,7 +275,7 @@ class MedQuantConfig(QuantizationConfigMixin):
                               if name not in tables and name not in tied})
         raise ValueError("MedQuantConfig has nothing to quantize with: give a QuantConfig, a pattern map or modules")
 
-    def recorded_embeddings(self) -> tuple[dict[str, QuantConfig], dict[str, str]]:
+    def recorded_embeddings(self, model: nn.Module | None = None) -> tuple[dict[str, QuantConfig], dict[str, str]]:
         """The recorded embedding tables and the heads tied to them (the part ``quantize_embeddings_`` quantizes).
 
         They are the part of ``modules`` that :func:`~medquant.quant.embeddings.quantize_embeddings_` quantizes,
@@ -285,6 +285,16 @@ class MedQuantConfig(QuantizationConfigMixin):
         plan given as ``modules`` only quantizes each table with ``quantize_embeddings_(model, config,
         names=[table], tie=<a head is recorded tied to it>)`` and every other entry with ``quantize_``
         (:meth:`quantize_spec`).
+
+        ``skip`` wins here as it does for the recorded Linear entries (:meth:`plan`): given ``model``, a table or
+        head that a ``skip`` pattern matches (exact name or a container above it, ``re:``, role; resolved as by
+        :meth:`~medquant.quant.ConfigMap.resolve`) is left out. A skipped table leaves out the heads tied to it
+        too: they stay the float head sharing the table's float weight, as ``quantize_`` with the same ``skip``
+        leaves them. A skipped tied head stays float with its own weight, and its table (not skipped) is
+        quantized without tying (``tie=False``), as ``quantize_embeddings_(..., tie=False)`` does.
+
+        Args:
+            model: the model to resolve ``skip`` against; ``None`` ignores ``skip`` (every recorded entry).
 
         Returns:
             ``({table name: QuantConfig}, {tied head name: table name})``, both empty without ``modules``.
@@ -318,6 +328,23 @@ class MedQuantConfig(QuantizationConfigMixin):
                                  f"vs config {t['config']}, {theirs}): a tied head computes with the table's packed "
                                  f"codes; record the table's config and shape without bias, {apart}")
             tied[name] = target
+        if model is not None and self.skip and (tables or tied):
+            tables, tied = self._without_skipped(model, tables, tied)
+        return tables, tied
+
+    def _without_skipped(self, model: nn.Module, tables: dict[str, QuantConfig], tied: dict[str, str]
+                         ) -> tuple[dict[str, QuantConfig], dict[str, str]]:
+        """``tables`` and ``tied`` without the modules of ``model`` that ``skip`` matches (and without the heads
+        tied to a skipped table). Names ``model`` does not have are kept: the loader's checks report them."""
+        targets: dict[str, nn.Module] = {}
+        for name in (*tables, *tied):
+            try:
+                targets[name] = model.get_submodule(name)
+            except AttributeError:
+                continue
+        kept = ConfigMap({DEFAULT_KEY: QuantConfig(8)}, skip=self.skip).resolve(model, targets)
+        tables = {n: c for n, c in tables.items() if n in kept or n not in targets}
+        tied = {h: t for h, t in tied.items() if (h in kept or h not in targets) and t in tables}
         return tables, tied
 
     def to_config_map(self) -> ConfigMap:

@@ -22,7 +22,9 @@ Two ways in (the quantization itself is :func:`medquant.quantize_`'s; nothing he
   (``"QuantEmbedding"`` entries) and heads ``tied_to`` them (:meth:`MedQuantConfig.recorded_embeddings`): they are
   quantized after loading with :func:`~medquant.quant.embeddings.quantize_embeddings_` (each table read whole in
   floating point first; a recorded tied head becomes a QuantLinear sharing the table's packed tensors again), so
-  the model equals ``quantize_`` + ``quantize_embeddings_`` with the same per-module configs. Refused up front,
+  the model equals ``quantize_`` + ``quantize_embeddings_`` with the same per-module configs. ``skip`` wins over
+  them as over the Linear entries: a skipped table stays float (with any head tied to it), a skipped tied head
+  stays float while its table is quantized untied. Refused up front,
   naming the module: a table the model lacks, of another shape or ``padding_idx``, or not a plain
   ``nn.Embedding``; a ``tied_to`` naming no recorded table or with another config / shape than it; a head recorded
   tied whose weight the model does not tie to the table (``tie_word_embeddings=False``). A tied checkpoint that
@@ -488,7 +490,7 @@ class MedQuantHfQuantizer(HfQuantizer):
             if qc.config is None and qc.config_map is None and qc.modules:  # recorded recipes as the plan
                 _check_recorded_plan(model, qc.modules)
                 try:
-                    self._tables, self._tied = qc.recorded_embeddings()
+                    self._tables, self._tied = qc.recorded_embeddings(model)  # skip wins, as in plan()
                 except ValueError as e:
                     raise ValueError(f"quantization_config.{e}") from None
                 _check_recorded_ties(model, self._tied)
@@ -500,8 +502,9 @@ class MedQuantHfQuantizer(HfQuantizer):
                                  "floating point with skip=[...]")
             if not self._plan and not self._tables:  # a float model recorded as medquant: it would not load again
                 raise ValueError(f"MedQuantConfig quantizes no layer of {type(model).__name__}: its patterns select "
-                                 "no Linear / Conv2d layer (every match maps to None or is skipped); give a pattern "
-                                 "with a QuantConfig, or load without quantization_config for a float model")
+                                 "no Linear / Conv2d layer or recorded embedding table (every match maps to None or "
+                                 "is skipped); give a pattern with a QuantConfig, or load without "
+                                 "quantization_config for a float model")
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -564,7 +567,8 @@ def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
 
     Raises:
         TypeError: ``model`` is not a transformers ``PreTrainedModel``.
-        ValueError: the model is quantized by another transformers method, or has no medquant-quantized layer.
+        ValueError: the model is quantized by another transformers method, or has no medquant-quantized layer
+            (neither a QuantLinear / QuantConv2d nor a QuantEmbedding table).
     """
     from transformers import PreTrainedModel
 
@@ -575,9 +579,10 @@ def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
     if existing is not None and not isinstance(existing, MedQuantHfQuantizer):
         method = getattr(existing.quantization_config, "quant_method", "?")
         raise ValueError(f"the model is already quantized by transformers with {method!r}, not medquant")
-    if not quantized_modules(model):
+    if not _has_quantized(model):
         raise ValueError(f"{type(model).__name__} has no medquant-quantized layer: run medquant.quantize_(model, "
-                         "config) first (a float model is saved with model.save_pretrained)")
+                         "config) (Linear / Conv2d layers) or medquant.quant.embeddings.quantize_embeddings_(model, "
+                         "config) (embedding tables) first (a float model is saved with model.save_pretrained)")
     if existing is None:
         existing = MedQuantHfQuantizer(MedQuantConfig(), pre_quantized=True)
         model.hf_quantizer = existing
@@ -588,6 +593,12 @@ def attach_quantizer(model: nn.Module) -> MedQuantHfQuantizer:
 
 
 _MISSING = object()
+
+
+def _has_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` has a medquant-quantized layer that its recipe records: a QuantLinear / QuantConv2d (MoE
+    experts are quantized per expert into them) or a QuantEmbedding table (``quantize_embeddings_`` alone)."""
+    return any(isinstance(m, QUANT_LAYERS) for m in model.modules())
 
 
 def _saves_on_this_rank(model: nn.Module, is_main_process: bool) -> bool:
@@ -642,7 +653,7 @@ class _SavePretrained:
         self.model = model
 
     def __call__(self, save_directory, **kwargs) -> None:
-        if getattr(self.model, "hf_quantizer", None) is None and quantized_modules(self.model):
+        if getattr(self.model, "hf_quantizer", None) is None and _has_quantized(self.model):
             attach_quantizer(self.model)  # quantized in place (quantize_, GPTQ...): the recipe goes into config.json
         _crash_safe_save_pretrained(self.model, save_directory, **kwargs)
 
@@ -675,14 +686,17 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     verifies.
 
     Args:
-        model: a transformers model quantized with medquant (or a float one).
+        model: a transformers model with a medquant-quantized layer: a QuantLinear / QuantConv2d
+            (:func:`medquant.quantize_`, GPTQ...) or only a QuantEmbedding table
+            (:func:`~medquant.quant.embeddings.quantize_embeddings_`).
         save_directory: the output folder.
         **kwargs: passed to transformers' ``save_pretrained`` (e.g. ``max_shard_size``: sharded files reload
             identically; ``safe_serialization`` is ignored by transformers 5, which always writes safetensors).
 
     Raises:
         ValueError: ``variant=`` (``from_pretrained`` checks ``model.safetensors`` or its shards, so a
-            ``model.<variant>.safetensors`` folder would not load); nothing is written.
+            ``model.<variant>.safetensors`` folder would not load); a model without any quantized layer (save a
+            float model with transformers' ``model.save_pretrained``); nothing is written.
     """
     attach_quantizer(model)
     _crash_safe_save_pretrained(model, save_directory, **kwargs)

@@ -111,8 +111,8 @@ def test_an_embedding_quantized_apart_from_a_tied_head_replays_on_load(tmp_path)
 
 
 def test_an_embedding_only_plan_replays_on_load(tmp_path):
-    """Only the table quantized (every Linear float): the plan has no Linear layer and still loads. (Such a model
-    is not saved by ``save_pretrained``; its record is ``MedQuantConfig.record``'s, through JSON.)"""
+    """Only the table quantized (every Linear float): the plan has no Linear layer and still loads. (The record is
+    ``MedQuantConfig.record``'s, through JSON; saving such a model is tested in test_embedding_plan_review5.py.)"""
     _model(tied=False).save_pretrained(tmp_path / "float")
     ref = _model(tied=False)
     quantize_embeddings_(ref, TABLE)
