@@ -228,8 +228,26 @@ def _explain(rows: list[Row], n_test: int, n_resamples: int, majority: float,
     return lines
 
 
+def _prepare_outputs(args) -> None:
+    """Before any work: create the missing parent folders of ``--json`` and ``--plot`` (as ``medquant score`` does
+    for its outputs), and refuse, in one line naming the option (``SystemExit``), a path that is a folder or whose
+    folder cannot be created (a file in the way, no permission)."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if not path:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise SystemExit(f"{flag} {path} is a folder; give a file path")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"{flag} {path}: cannot create its folder {p.parent} ({e.strerror or e})") from None
+
+
 def run(args) -> int:
     """Train, quantize, evaluate and report (the ``medquant demo`` command).
+
+    The parent folders of ``--json`` / ``--plot`` are created first (an unusable path is refused before training).
 
     Args:
         args: the parsed command line (``data_dir``, ``allow_leakage``, ``epochs``, ``seed``, ``bootstrap``,
@@ -240,6 +258,7 @@ def run(args) -> int:
     """
     from .. import QuantConfig, model_size, quantize_, save
 
+    _prepare_outputs(args)
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     loaded = (_load_pneumoniamnist(Path(args.data_dir), getattr(args, "allow_leakage", False)) if args.data_dir
@@ -332,7 +351,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--save", default=None, help="directory to save the int4 model to")
-    p.add_argument("--json", default=None, help="write the table (and the training history) as JSON to this file")
+    p.add_argument("--json", default=None, help="write the table (and the training history) as JSON to this file "
+                                                "(missing folders are created)")
     p.add_argument("--plot", default="medquant_demo.png",
-                   help="PNG of accuracy and size against bits (default medquant_demo.png; '' for none)")
+                   help="PNG of accuracy and size against bits (default medquant_demo.png; '' for none; missing "
+                        "folders are created)")
     p.set_defaults(func=run)

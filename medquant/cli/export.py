@@ -16,7 +16,8 @@ lossy requantization (only with ``--promote``) or float. Quantized input embeddi
 block type; ``--format compressed-tensors`` writes them as float tables unless ``--embeddings packed``.
 
 ``--format onnx`` traces the model on an example input: ``--input-shape`` (random values of that shape) or the
-first calibration batch. A model with 8-bit per-channel layers runs them as integer kernels with static int8
+first calibration batch; an ``--input-shape`` an image model cannot take (not ``N,C,H,W`` with its input channels,
+:func:`check_input_shape`) is refused in one line before the trace. A model with 8-bit per-channel layers runs them as integer kernels with static int8
 activation scales, calibrated on ``--calib``: a ``.npy`` / ``.npz`` / ``.safetensors`` array of samples
 (``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, H, W)``; ``--calib-key`` picks one array of several) or an image
 folder (resized to ``--image-size``). Integer pixels are scaled to ``[0, 1]`` and normalized with
@@ -124,6 +125,52 @@ def model_channels(model) -> int | None:
             return n
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return None if first is None else int(first.in_channels)
+
+
+def image_input_layer(model) -> tuple[str, int] | None:
+    """``(description, channels)`` of an image classifier's input, when it can be read: a model whose config has
+    ``num_channels`` (ViT, SigLIP vision, ...: its pixel values are ``N,C,H,W``), or a model without a config
+    whose first layer with weights is a ``Conv2d`` (``in_channels``); None otherwise (a language or
+    vision-language model takes token ids first, whatever its vision tower's first layer is).
+
+    Args:
+        model: the loaded model.
+
+    Returns:
+        The first layer's name and type (or the config field) and the channel count, or None.
+    """
+    from torch import nn
+
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        n = getattr(cfg, "num_channels", None)
+        if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+            return None
+        first = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+        return (f"{first} (Conv2d)" if first else "config.num_channels"), n
+    first = next(((name, m) for name, m in model.named_modules()
+                  if not list(m.children()) and any(True for _ in m.parameters(recurse=False))), None)
+    if first is None or not isinstance(first[1], nn.Conv2d):
+        return None
+    return f"{first[0]} (Conv2d)", int(first[1].in_channels)
+
+
+def check_input_shape(shape: tuple[int, ...], model) -> None:
+    """Refuse an ``--input-shape`` that an image model cannot take: not 4 numbers ``N,C,H,W``, or ``C`` other than
+    its input channels (:func:`image_input_layer`); other models are not checked (their own error stands).
+
+    Raises:
+        SystemExit: one line naming ``--input-shape``, the shape given and what the first layer expects.
+    """
+    layer = image_input_layer(model)
+    if layer is None:
+        return
+    name, c = layer
+    if len(shape) != 4 or shape[1] != c:
+        given = ",".join(map(str, shape))
+        what = f"{len(shape)} numbers" if len(shape) != 4 else f"{shape[1]} channel(s)"
+        raise SystemExit(f"--input-shape {given}: the model's first layer {name} expects N,{c},H,W (batch, {c} "
+                         f"channel(s), height, width), got {what}")
 
 
 def onnx_options(args, model=None) -> tuple[dict, list[str]]:
@@ -239,6 +286,8 @@ def run(args) -> int:
     if args.format == "onnx":
         from ..deploy.onnx import CalibrationRequired
 
+        if args.input_shape is not None:
+            check_input_shape(args.input_shape, model)
         extra, notes = onnx_options(args, model)
         options.update(extra)
         try:

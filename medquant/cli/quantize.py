@@ -74,10 +74,13 @@ def save_with_tokenizer(model, tok, out: Path) -> None:
     ``None``) saved as part of the same checkpoint: the folder is replaced as one unit and its manifest lists them,
     so a later run into the same ``out`` (another model, another tokenizer) leaves a folder that verifies.
 
-    The model is saved into a scratch folder beside ``out`` (removed afterwards); its files and the tokenizer's are
-    then written into the new version of ``out`` (:func:`medquant.io.write_checkpoint`)."""
+    Everything is written inside the new version folder of ``out`` that :func:`medquant.io.write_checkpoint`
+    yields (a staging folder ``.{name}.mq-tmp-*`` beside ``out``): the model is saved into a scratch sub-folder
+    of it, its files are moved up, the scratch removed, and the tokenizer saved beside them. A run killed in the
+    middle (even by SIGKILL) leaves only that staging folder, which the next save into ``out`` removes (as every
+    checkpoint save does, under ``out``'s lock)."""
+    import os
     import shutil
-    import tempfile
 
     from ..hf import save_pretrained
     from ..io import write_checkpoint
@@ -85,18 +88,21 @@ def save_with_tokenizer(model, tok, out: Path) -> None:
 
     if tok is None:
         save_pretrained(model, out)
-        return
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.quantize-", dir=out.absolute().parent))
-    try:
-        save_pretrained(model, scratch / "model")
+    else:
         with write_checkpoint(out) as folder:
-            for f in sorted((scratch / "model").iterdir()):
+            scratch = folder / ".quantize-scratch"
+            save_pretrained(model, scratch)  # a checkpoint of its own, inside the new version folder
+            helpers = set(os.listdir(folder))  # the scratch folder and its save's lock file
+            for f in sorted(scratch.iterdir()):
                 if f.name != MANIFEST_NAME:  # write_checkpoint writes the manifest of the whole folder
                     shutil.move(str(f), str(folder / f.name))
+            for name in helpers:
+                p = folder / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
             tok.save_pretrained(folder)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run(args) -> int:

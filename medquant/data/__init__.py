@@ -281,8 +281,9 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path", gr
     ``split`` is how a held-out split is picked, so it checks the whole index for split leakage exactly as
     :func:`load_image_folder` does (an image path, or a patient of ``group_column`` / the
     :data:`PATIENT_ID_COLUMNS` columns, also under another split) and refuses a leaking split unless
-    ``allow_leakage=True``. With ``split=None`` it is a plain reader: every row as it is, nothing checked (not even
-    duplicate paths, which the loaders refuse).
+    ``allow_leakage=True``. Two rows of the selected split naming the same file (normalised path: ``./a.png`` is
+    ``a.png``) are refused as :func:`load_image_folder` and :func:`load_images` refuse them, with the same message.
+    With ``split=None`` it is a plain reader: every row as it is, nothing checked (not even duplicate paths).
 
     Args:
         csv_path: the CSV file.
@@ -299,8 +300,9 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path", gr
         KeyError: the CSV has no ``path_column`` column, or no ``split`` column when ``split`` is given (the
             message lists the columns).
         ValueError: a row has an empty or missing path, or (with ``split``) no split field (the message names its
-            line); ``split`` is given and no row has it (the message lists the splits the CSV has); the split leaks
-            into another split (the message counts and names the leaked paths / patients).
+            line); ``split`` is given and no row has it (the message lists the splits the CSV has); two rows of the
+            split name the same file (the message names the paths and their CSV lines); the split leaks into another
+            split (the message counts and names the leaked paths / patients).
         KeyError: ``group_column`` is not a column of the CSV (the message lists the columns).
     """
     csv_path = _path(csv_path)
@@ -310,6 +312,7 @@ def read_index(csv_path, split: str | None = None, path_column: str = "path", gr
     if split is None:
         return rows
     kept = _keep_split(rows, split, csv_path)
+    _refuse_duplicate_paths(csv_path, kept, split, path_column)  # as the loaders: each row of a split a distinct file
     if not allow_leakage:
         _refuse_split_leakage(csv_path, rows, split, path_column, group_column)
     return kept
