@@ -424,7 +424,10 @@ def vision_layers(model: nn.Module) -> list[str]:
 
     Every block list of the shallowest depth whose blocks are of the first list's class, in module order:
     Mllama's ``transformer.layers`` then its ``global_transformer.layers``; a VQ image tokenizer beside a
-    ViT tower (Janus) is not a block list of that class.
+    ViT tower (Janus) is not a block list of that class. A vision prefix (a second tower) with none of those
+    lists adds its own shallowest block list when every block holds an ``nn.Linear``: DeepSeek-VL hybrid's
+    SigLIP ``vision_model.encoder.layers`` beside its SAM ``high_res_vision_model.vision_encoder.layers``
+    (two towers reading the same image, listed in module order).
 
     Args:
         model: the model.
@@ -443,6 +446,14 @@ def vision_layers(model: nn.Module) -> list[str]:
         if (isinstance(mod, nn.ModuleList) and len(mod) and name.count(".") == depth
                 and any(_under(name, p) for p in prefixes) and all(type(b) is cls for b in mod)):
             out.extend(f"{name}.{i}" for i in range(len(mod)))
+    modules = dict(model.named_modules())
+    for p in prefixes:  # a second tower of another block class (DeepSeek-VL hybrid's SigLIP beside its SAM)
+        if p in modules and not any(_under(n, p) for n in out):
+            extra = _find_layers(model, [p]) or []
+            if extra and all(any(isinstance(m, nn.Linear) for m in modules[n].modules()) for n in extra):
+                out.extend(extra)
+    order = {n: i for i, n in enumerate(modules)}
+    out.sort(key=order.__getitem__)
     if not any(isinstance(m, nn.Linear) for n in out for m in model.get_submodule(n).modules()):
         out.extend(_linear_block_lists(model, prefixes, set(out)))
     return out

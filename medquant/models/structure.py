@@ -24,7 +24,8 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
    placed by their attribute name: ``vision_tower``, ``visual``, ``vision_model``, ``vqmodel``,
    ``img_processor`` ... are vision; ``projector``, ``connector``, ``aligner``, ``merger``, ``qformer``,
    ``embed_vision``, ``mm_projector``, ``language_projection``, ``image_to_text_projection``,
-   ``visual_embeddings_table``, ``image_newline`` ... are projector. Inside the language model the walk
+   ``visual_embeddings_table``, ``image_newline``, ``vision_adapter`` (Muse Glimmer's and Llama 4's MLP of
+   ``projector_*`` sizes after the tower) ... are projector. Inside the language model the walk
    continues (outside its layer list), so a vision tower or projector registered beside ``model.layers``
    (LLaVA-Med's ``LlavaMistralForCausalLM``, Phi-4-multimodal's ``embed_tokens_extend``, Chameleon's
    ``vqmodel``) is split out of the language role. Inside a vision tower, children named like a projector
@@ -51,7 +52,9 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
    projector module takes that role: UDOP's T5 encoder runs ``encoder.embed_patches`` on the pixels with the
    weights of the top-level ``patch_embed``.
 5. **Parameters held directly by a container** split between roles (LLaVA-OneVision's
-   ``image_newline``, BLIP-2's ``query_tokens``, Phi-4's ``glb_GN``) are placed by their own name, else as
+   ``image_newline``, BLIP-2's ``query_tokens``, Phi-4's ``glb_GN``) are placed by their own name, else by the
+   container's name when that names a vision tower (Llama 4's ``vision_model.class_embedding`` /
+   ``positional_embedding_vlm``, left beside its split-out ``vision_adapter``: vision), else as
    projector when the container holds both vision and another role (they lie between the two); the rest
    (``logit_scale`` of a dual encoder is head) are reported by ``unassigned_parameters``.
 
@@ -85,7 +88,10 @@ _HEAD_NAMES = ("lm_head", "classifier", "score", "head", "pooler", "generation_h
 _PROJECTOR_HINTS = ("projector", "connector", "aligner", "merger", "qformer", "query_tokens", "embed_vision",
                     "mm_proj", "multi_modal", "multimodal_proj", "resampler", "image_newline", "language_projection",
                     "image_to_text", "img_projection", "generation_embeddings", "visual_embeddings_table",
-                    "vision_proj", "abstractor", "perceiver", "glb_gn", "sub_gn", "latent_query")
+                    "vision_proj", "abstractor", "perceiver", "glb_gn", "sub_gn", "latent_query",
+                    # an MLP of the config's projector_* sizes between the tower and the text projection (Muse
+                    # Glimmer's vision_adapter; Llama 4's pixel-shuffle MLP vision_model.vision_adapter)
+                    "vision_adapter")
 _VISION_HINTS = ("vision", "visual", "vqmodel", "vq_model", "img_processor", "image_encoder", "image_tower", "vit")
 # hints that also name parts of a tower: trusted outside the language model and on its direct children only
 # (UDOP's patch_embed), never deeper (an unnamed tower's own patch embedding must not split it)
@@ -424,6 +430,8 @@ def place_parameters(model: nn.Module, roles: dict[str, list[str]], modules: dic
             continue
         owner, _, attr = pname.rpartition(".")
         role = _name_role(attr)
+        if role not in ("vision", "projector", "head") and _name_role(owner.rpartition(".")[2], weak=False) == "vision":
+            role = "vision"  # a split vision tower's own embeddings (Llama 4's vision_model.class_embedding)
         if role not in ("vision", "projector", "head"):
             inside = {r for r, ps in roles.items() if any(under(p, owner) for p in ps)}
             role = "projector" if "vision" in inside and len(inside) > 1 else None
