@@ -45,7 +45,7 @@ from ..kernels.layout import dequantize_codes
 from ..quant.config import FLOAT_BITS
 from ..quant.core import quantize
 from ..quant.modules import QUANT_MODULES, QuantEmbedding
-from .registry import ExportError, output_file_path, parse_size  # noqa: F401  (parse_size: re-exported)
+from .registry import ExportError, link_target, output_file_path, parse_size  # noqa: F401  (parse_size: re-exported)
 
 T = TypeVar("T")
 #: a ``QuantLinear`` / ``QuantConv2d`` (typed loosely: their row-group buffers are registered by name)
@@ -470,17 +470,7 @@ def export_target(path: Path) -> Path:
         ExportError: ``path`` is a link to something missing (a dangling link: the export does not create a
             link's target), or a loop of links.
     """
-    if not path.is_symlink():
-        return path
-    try:
-        return Path(os.path.realpath(path, strict=True))
-    except FileNotFoundError:
-        raise ExportError(f"{path} is a symbolic link to {os.path.realpath(path)}, which does not exist: the export "
-                          "writes into a link's target; create that folder, or remove the link (or give another "
-                          "path)") from None
-    except OSError as e:  # ELOOP
-        raise ExportError(f"{path} is a symbolic link that cannot be followed ({e.strerror}); give the export a "
-                          "folder") from None
+    return link_target(path, "folder") if path.is_symlink() else path
 
 
 def check_export_folder(path: Path, overwrite: bool) -> None:

@@ -362,20 +362,31 @@ def output_file_path(path: str | os.PathLike, overwrite: bool, *, suffix: str, f
     if os.path.lexists(file) and not overwrite:
         raise ExportError(f"{file} exists; pass overwrite=True (command line: --overwrite) to replace it")
     if file.is_symlink():  # the file the link names is written (and replaced); the link stays
-        try:
-            real = Path(os.path.realpath(file, strict=True))
-        except FileNotFoundError:
-            raise ExportError(f"{file} is a symbolic link to {os.path.realpath(file)}, which does not exist: the "
-                              "export writes the file a link names; create it, remove the link, or give another "
-                              "path") from None
-        except OSError as e:  # ELOOP
-            raise ExportError(f"{file} is a symbolic link that cannot be followed ({e.strerror}); give a file "
-                              "path") from None
+        real = link_target(file, "file")
         if real.is_dir():
             raise ExportError(f"{file} is a folder (a symbolic link to {real}); format={format!r} writes a file: "
                               f"give a file path")
         file = real
     return file
+
+
+def link_target(path: Path, kind: str) -> Path:
+    """What the symbolic link ``path`` names, every link followed (``os.path.realpath``): the ``kind``
+    (``"file"`` or ``"folder"``) an export writes there instead of replacing the link.
+
+    Raises:
+        ExportError: a link to something missing (a dangling link: an export does not create a link's target), or
+            a loop of links.
+    """
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        raise ExportError(f"{path} is a symbolic link to {os.path.realpath(path)}, which does not exist: the export "
+                          f"writes into the {kind} a link names; create that {kind}, or remove the link (or give "
+                          "another path)") from None
+    except OSError as e:  # ELOOP
+        raise ExportError(f"{path} is a symbolic link that cannot be followed ({e.strerror}); give the export a "
+                          f"{kind} path") from None
 
 
 def parse_size(value: int | str) -> int:
