@@ -15,58 +15,25 @@ read with safetensors / json. Every test runs with the current folder in ``tmp_p
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-import medquant as mq
 from medquant.deploy import ExportError, export
-from medquant.testing.zoo import ZOO_BY_NAME
 
 pytest.importorskip("compressed_tensors")
 
-FMT = "compressed-tensors"
+import tests.deploy.test_compressed_tensors_overwrite as _overwrite
+from tests.deploy.test_compressed_tensors_overwrite import FMT, _listing
+from tests.deploy.test_compressed_tensors_paths import _snapshot
 
-
-@pytest.fixture(autouse=True)
-def _quiet(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return ZOO_BY_NAME["llama"].build()
-
-
-@pytest.fixture(scope="module")
-def w4(llama):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return mq.quantize_(copy.deepcopy(llama), mq.QuantConfig(4, symmetric=True, group_size=32))
-
-
-@pytest.fixture(scope="module")
-def w8(llama):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return mq.quantize_(copy.deepcopy(llama), mq.QuantConfig(8, scope="channel"))
-
-
-def _listing(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+# the overwrite tests' fixtures: the current folder in tmp_path with warnings silenced (autouse), the tiny llama and
+# its W4 / W8 copies
+_quiet, llama, w4, w8 = _overwrite._quiet, _overwrite.llama, _overwrite.w4, _overwrite.w8
 
 
 def _bits(folder: Path) -> int:
