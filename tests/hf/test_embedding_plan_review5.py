@@ -14,10 +14,8 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-import torch
 from torch import nn
 
 import medquant as mq
@@ -25,35 +23,10 @@ import medquant.hf
 from medquant.hf import MedQuantConfig
 from medquant.quant import QuantLinear
 from medquant.quant.embeddings import quantize_embeddings_
-from medquant.quant.modules import QuantEmbedding, tied_heads
-from medquant.testing.zoo import text_kwargs
-from tests.hf._helpers import state_equal
+from medquant.quant.modules import QuantEmbedding
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
-AutoModelForCausalLM = transformers.AutoModelForCausalLM
-
-IDS = torch.arange(2, 20).reshape(2, 9)
-BODY = mq.QuantConfig(4, group_size=32)
-TABLE = mq.QuantConfig(8, scope="channel")
-
-
-def _model(tied: bool):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**text_kwargs(), "tie_word_embeddings": tied})
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def _check_equal(ref, loaded) -> None:
-    state_equal(ref, loaded)
-    assert torch.equal(_logits(loaded), _logits(ref))
-    assert tied_heads(loaded) == tied_heads(ref)
+# the tiny Llama, its configs and the equality check of the on-load embedding tests
+from tests.hf.test_onload_embedding_plan import BODY, TABLE, AutoModelForCausalLM, _check_equal, _model
 
 
 # ------------------------------------------------------------------------------ 1. embedding-only save_pretrained
