@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medquant import QuantConfig
-from medquant.calibrate.gptq import HessianAccumulator, gptq_quantize_
+from medquant.calibrate.gptq import gptq_quantize_
 
 from .test_gptq_review import _ref_gptq
 
@@ -33,7 +33,7 @@ class _Repeat(nn.Module):
         return self.out(y)
 
 
-def test_a_layer_called_more_often_by_a_later_batch_gets_every_call(monkeypatch):
+def test_a_layer_called_more_often_by_a_later_batch_gets_every_call(recorded_hessians):
     """Batch 0 calls ``fc`` once, batch 1 twice: the Hessian holds all three inputs (6 + 9 + 9 rows), as a plain
     hook over full forwards collects them. Before the fix the early stop was decided on batch 0 alone, so batch 1's
     pass stopped at fc's first call and its second input was lost (15 rows)."""
@@ -48,14 +48,7 @@ def test_a_layer_called_more_often_by_a_later_batch_gets_every_call(monkeypatch)
             ref(b)
     assert len(inputs) == 3
     want = _plain_hessian(inputs)
-    seen: dict[str, torch.Tensor] = {}
-    hessian = HessianAccumulator.hessian
-
-    def record(self):
-        seen[self.name] = hessian(self)
-        return seen[self.name]
-
-    monkeypatch.setattr(HessianAccumulator, "hessian", record)
+    seen = recorded_hessians  # the Hessians GPTQ factorises, by layer
     cfg = QuantConfig(4, group_size=8)
     rec = gptq_quantize_(model, cfg, batches, skip=["out"], progress=False)
     assert rec["fc"]["rows"] == 24

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medquant import QuantConfig
-from medquant.calibrate.gptq import HessianAccumulator, gptq_quantize_, gptq_quantize_sequential
+from medquant.calibrate.gptq import gptq_quantize_, gptq_quantize_sequential
 from medquant.models import block_stacks
 from medquant.testing.zoo import BATCH, BOS_ID, ZOO_BY_NAME
 
@@ -68,7 +68,7 @@ def _plain_hessians(model: nn.Module, names: list[str], batches: list[dict]) -> 
     return out
 
 
-def test_a_later_call_that_runs_a_layer_more_often_than_the_first_is_collected(monkeypatch):
+def test_a_later_call_that_runs_a_layer_more_often_than_the_first_is_collected(recorded_hessians):
     """Batch 0 calls each planned layer of a block once, batch 1 calls gate/up/down twice: every input is in the
     Hessian (rows 2*6 + 2*2*10 = 52, not 32), as plain torch collects it over full forwards, and the codes are those
     of gptq_quantize_. Before the fix the block's passes after the first stopped at the first call of its last
@@ -81,14 +81,7 @@ def test_a_later_call_that_runs_a_layer_more_often_than_the_first_is_collected(m
               "model.layers.0.mlp.down_proj"]
     want = _plain_hessians(copy.deepcopy(model), layer0, batches)  # block 0 sees float inputs: the embeddings
 
-    seen: dict[str, torch.Tensor] = {}
-    hessian = HessianAccumulator.hessian
-
-    def record(self):
-        seen[self.name] = hessian(self)
-        return seen[self.name]
-
-    monkeypatch.setattr(HessianAccumulator, "hessian", record)
+    seen = recorded_hessians  # the Hessians GPTQ factorises, by layer
     cfg = {r"re:.*\.(mlp\..*|self_attn\.q_proj)": QuantConfig(4, group_size=32)}  # q_proj: called once per batch
     recs = gptq_quantize_sequential(model, cfg, batches, device="cpu", progress=False)
     for n in layer0:  # [0]: the Hessian of the one group
