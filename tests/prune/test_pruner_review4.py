@@ -76,17 +76,37 @@ def test_plain_transformer_with_a_dropped_block_round_trips(tmp_path):
         load_pruned(tmp_path / "q", model=plain_transformer(seed=1, head_norm=(0,)))
 
 
-def _output_with_block_skipped(model, entry, inputs, name):
-    """The reference for dropping block ``name``: the model's output with that block passing its input through."""
+def _run_skipped(model, names, fn):
+    """The reference for dropping the blocks ``names``: ``fn(model)`` without gradients while each of them passes
+    its input through (a forward hook returns the block's input as its output)."""
     def skip(mod, args, kwargs, out):
         x = args[0] if args else kwargs["hidden_states"]
         return x if isinstance(out, torch.Tensor) else (x, *out[1:])
-    hook = model.get_submodule(name).register_forward_hook(skip, with_kwargs=True)
+    hooks = [model.get_submodule(n).register_forward_hook(skip, with_kwargs=True) for n in names]
     try:
         with torch.no_grad():
-            return entry.output(model, inputs)
+            return fn(model)
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
+
+
+def _output_with_block_skipped(model, entry, inputs, name):
+    """The reference for dropping block ``name``: the model's output with that block passing its input through."""
+    return _run_skipped(model, [name], lambda m: entry.output(m, inputs))
+
+
+def _windowed_qwen2_5_vl():
+    """The zoo's Qwen2.5-VL with windows of one merged patch (windowed != full attention), and its zoo entry."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from medquant.testing.zoo import ZOO_BY_NAME
+
+    entry = ZOO_BY_NAME["qwen2_5_vl"]
+    cfg = copy.deepcopy(entry.build().config)
+    cfg.vision_config.window_size = 16
+    torch.manual_seed(0)
+    return entry, Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
 
 
 @pytest.mark.parametrize(("feature_layer", "drop"), [(-2, 2), (-4, 1), ([-1, -3], 1), (-2, 0)])
@@ -119,15 +139,7 @@ def test_dropping_vision_blocks_keeps_the_hidden_state_llava_reads(tmp_path, fea
 def test_dropping_a_qwen2_5_vl_vision_block_keeps_the_full_attention_blocks():
     """Qwen2.5-VL's vision blocks use windowed attention except those in ``fullatt_block_indexes``; dropping block 0
     must equal skipping it, so block 1 (full attention) must stay full attention as block 0 of the shorter list."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from medquant.testing.zoo import ZOO_BY_NAME
-
-    entry = ZOO_BY_NAME["qwen2_5_vl"]
-    cfg = copy.deepcopy(entry.build().config)
-    cfg.vision_config.window_size = 16  # windows of one merged patch: windowed != full attention
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
+    entry, model = _windowed_qwen2_5_vl()
     inputs = entry.inputs(model)
     name = "model.visual.blocks.0"
     ref = _output_with_block_skipped(model, entry, inputs, name)

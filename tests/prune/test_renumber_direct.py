@@ -16,24 +16,7 @@ import torch
 from medquant.prune import StructuredPruner, apply_plan, drop_blocks
 from medquant.testing.zoo import ZOO_BY_NAME, _qwen_vl_inputs
 from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
-
-
-def _skipping(model, names):
-    """Hooks making each block in ``names`` pass its input through (the dropped-block reference)."""
-    def skip(mod, args, kwargs, out):
-        x = args[0] if args else kwargs["hidden_states"]
-        return x if isinstance(out, torch.Tensor) else (x, *out[1:])
-    return [model.get_submodule(n).register_forward_hook(skip, with_kwargs=True) for n in names]
-
-
-def _run_skipped(model, names, fn):
-    hooks = _skipping(model, names)
-    try:
-        with torch.no_grad():
-            return fn(model)
-    finally:
-        for h in hooks:
-            h.remove()
+from tests.prune.test_pruner_review4 import _run_skipped, _windowed_qwen2_5_vl
 
 
 # ---------------------------------------------------------------------------------------------- 1. LLaVA direct
@@ -74,13 +57,7 @@ def test_drop_blocks_directly_renumbers_vision_feature_layer(feature_layer, drop
 
 
 def test_drop_blocks_directly_keeps_qwen2_5_vl_full_attention_blocks():
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    entry = ZOO_BY_NAME["qwen2_5_vl"]
-    cfg = copy.deepcopy(entry.build().config)
-    cfg.vision_config.window_size = 16  # windows of one merged patch: windowed != full attention
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
+    entry, model = _windowed_qwen2_5_vl()
     inputs = entry.inputs(model)
     ref = _run_skipped(model, ["model.visual.blocks.0"], lambda m: entry.output(m, inputs))
     drop_blocks(model, ["model.visual.blocks.0"])
