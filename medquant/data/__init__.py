@@ -211,23 +211,18 @@ def _check_npz_leakage(path: Path, z, split: str, group_key: str | None, splits:
                              "every patient is in one split (split by patient), or pass allow_leakage=True to load "
                              "the split as it is")
     # byte-identical images: (split, label) of every image, by content
+    # (split, label, image) of every image of the file; a MedMNIST-style file's other splits read one at a time
+    every = (((str(s), f"images[{i}]", row) for i, (s, row) in enumerate(zip(splits.tolist(), images)))
+             if splits is not None else
+             ((s, f"{s}_images[{i}]", row) for s in stems
+              for i, row in enumerate(images if s == split else z[f"{s}_images"])))
     where: dict[bytes, dict[str, str]] = {}  # digest -> {split: first image label}
     mine: list[tuple[str, bytes]] = []
-    if splits is not None:
-        for i, (s, row) in enumerate(zip(splits.tolist(), images)):
-            d = _digest(row)
-            where.setdefault(d, {}).setdefault(str(s), f"images[{i}]")
-            if s == split:
-                mine.append((f"images[{i}]", d))
-    else:
-        for s in stems:
-            arr = images if s == split else z[f"{s}_images"]
-            for i, row in enumerate(arr):
-                d = _digest(row)
-                where.setdefault(d, {}).setdefault(s, f"{s}_images[{i}]")
-                if s == split:
-                    mine.append((f"{s}_images[{i}]", d))
-            del arr
+    for s, label, row in every:
+        d = _digest(row)
+        where.setdefault(d, {}).setdefault(s, label)
+        if s == split:
+            mine.append((label, d))
     dups = [(label, {s: lab for s, lab in where[d].items() if s != split}) for label, d in mine]
     dups = [(label, o) for label, o in dups if o]
     if dups:
