@@ -1260,8 +1260,9 @@ def gptq_quantize_sequential(
     last planned layer would save only the work after it - a decoder block's ``down_proj`` matmul and residual, about
     a fifth of the float pass - and could be decided safely only after running every call whole.)
 
-    Layers outside the blocks (a patch embedding, a projector, ``lm_head`` unless skipped) are quantized by
-    round-to-nearest, as ``quantize_sequential`` does; :func:`gptq_quantize_` covers them with GPTQ. With every
+    Layers outside the blocks (a patch embedding, a projector, ``lm_head`` unless skipped, IDEFICS's gated
+    cross-attention layers between its text blocks) are quantized by round-to-nearest, as ``quantize_sequential``
+    does; :func:`gptq_quantize_` covers them with GPTQ. With every
     planned layer inside a block, the codes are those of :func:`gptq_quantize_` up to float rounding of the
     captured activations.
 

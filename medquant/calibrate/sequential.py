@@ -26,7 +26,13 @@ of them) and ``per_block_fn``, the inputs of each block are captured and passed 
 keyword arguments (attention masks, rotary position embeddings, window ``cu_seqlens``...) are recorded in one
 forward pass in which the not-yet-processed blocks are replaced by recorders that pass the hidden states through;
 its hidden-state input is the output of the already *quantized* previous block (the GPTQ/AWQ convention: each
-block is calibrated on the activations the quantized model will actually feed it). The finished (quantized) blocks
+block is calibrated on the activations the quantized model will actually feed it). Where the model changes the
+hidden states between two blocks of a stack - seen in the recording pass as block ``i + 1`` receiving something
+other than the hidden states block ``i``'s pass-through recorder returned (Qwen3-VL adds a deepstack image
+feature after each of its first text layers, IDEFICS runs a gated cross-attention layer before every
+``cross_layer_interval``-th text layer) - the output of block ``i`` is not block ``i + 1``'s input: the blocks from
+``i + 1`` on are recorded again, in a pass that runs the blocks before them quantized (one more pass per such
+point; a change that leaves the recorded values equal is taken for none). The finished (quantized) blocks
 of the earlier stacks run in that pass - the vision tower whose output the language stack reads - each moved to
 the compute device just before each of its calls and back to ``offload_device`` right after, so at most one of them
 is there at a time (two transfers of a quantized block per calibration batch). The modules outside the blocks do the
@@ -502,6 +508,26 @@ def _capture(model: nn.Module, group: Sequence[str], batches: Sequence[dict], de
     return store
 
 
+def _chained(group: Sequence[str], store: Mapping[str, list[tuple[tuple, dict]]]) -> int:
+    """How many leading blocks of ``group`` take, on every batch, the hidden states the block before them returned.
+
+    The recorders of :func:`_capture` return their input, so block ``i + 1`` received exactly what block ``i``
+    returned when its recorded hidden states equal block ``i``'s; they differ when the model changed them between
+    the two calls (Qwen3-VL adds a deepstack image feature after each of its first text layers, IDEFICS runs a
+    gated cross-attention layer before every ``cross_layer_interval``-th one). The blocks from there on are
+    captured anew once the ones before are quantized (their inputs cannot be computed from the previous block's
+    output alone)."""
+    for i in range(1, len(group)):
+        for (prev, _), (cur, _) in zip(store[group[i - 1]], store[group[i]]):
+            a, b = prev[0], cur[0]
+            if a is b:
+                continue
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                    and a.dtype == b.dtype and torch.equal(a, b)):
+                return i
+    return len(group)
+
+
 # ---------------------------------------------------------------------------------------------- main entry point
 def quantize_sequential(
     model: nn.Module,
@@ -626,14 +652,21 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
         bar = tqdm(total=len(block_names), desc="sequential quantization", unit="block")
     try:
         done: list[str] = []
-        for group in groups:
+        pending = [list(g) for g in groups]
+        while pending:
+            group = pending.pop(0)
             store: dict[str, list[tuple[tuple, dict]]] = {}
             if calibrate:  # the capture pass runs the modules outside the blocks and the finished (quantized)
-                # blocks of earlier stacks (the vision tower feeding the language stack), each on the device only
-                # while it runs; it stops at the group's last block (no final norm, no lm_head logits)
+                # blocks (of earlier stacks: the vision tower feeding the language stack; of this stack: those
+                # before a point where the model changes the hidden states between two blocks), each on the
+                # device only while it runs; it stops at the group's last block (no final norm, no lm_head logits)
                 running = [model.get_submodule(n) for n in units] + [model.get_submodule(n) for n in done]
                 with _on_device_while_running(running, device, offload):
                     store = _capture(model, group, batches, device)
+                cut = _chained(group, store)
+                if cut < len(group):  # the rest is captured again once the blocks before it are quantized
+                    group, rest_of_group = group[:cut], group[cut:]
+                    pending.insert(0, rest_of_group)
             hidden: list[torch.Tensor] | None = None
             for name in group:
                 block = model.get_submodule(name)

@@ -1,0 +1,138 @@
+"""Block-by-block calibration when the model changes the hidden states between two blocks of one stack.
+
+Qwen3-VL adds a deepstack image feature to the hidden states after each of its first text layers; IDEFICS runs a
+gated cross-attention layer before every ``cross_layer_interval``-th text layer. The block after such a point
+cannot be calibrated on the previous block's output: its inputs are captured again, in a pass that runs the blocks
+before it quantized. References: forward pre-hooks on the finished quantized model (the inputs each block really
+gets) and :func:`gptq_quantize_`, which calibrates every layer in whole-model forwards (no chaining of blocks).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import medquant.calibrate.sequential as seq_mod
+from medquant import QuantConfig
+from medquant.calibrate.gptq import gptq_quantize_, gptq_quantize_sequential
+from medquant.calibrate.sequential import quantize_sequential
+from medquant.models import block_stacks
+from medquant.testing.zoo import ZOO_BY_NAME, _qwen_vl_inputs
+from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
+from tests.tiny_idefics import idefics_inputs, tiny_idefics
+
+
+def _qwen3_vl():
+    model = EXTRA_ZOO_BY_NAME["qwen3_vl"].build()  # deepstack_visual_indexes [0]: a feature after text layer 0
+    return model, _qwen_vl_inputs(model, torch.Generator().manual_seed(0))
+
+
+def _idefics():
+    return tiny_idefics(layers=4, interval=2), idefics_inputs()  # cross-attention before text layers 0 and 2
+
+
+MODELS = {"qwen3_vl": _qwen3_vl, "idefics": _idefics}
+
+
+def _block_inputs(model, names, inputs):
+    """Each block's hidden-state input and output in one forward of ``model`` (hooks)."""
+    got: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for n in names:
+        def pre(mod, args, kwargs, n=n):
+            got.setdefault(n, []).append(args[0] if args else kwargs["hidden_states"])
+
+        def post(mod, args, kwargs, out, n=n):
+            got[n].append(out[0] if isinstance(out, tuple) else out)
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(model.get_submodule(n).register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_block_is_calibrated_on_the_inputs_the_quantized_model_gives_it(name, monkeypatch):
+    model, inputs = MODELS[name]()
+    language = block_stacks(model)[-1]
+    # the model does change the hidden states between two text blocks (else this test could not fail)
+    flow = _block_inputs(model, language, inputs)
+    assert any(not torch.equal(flow[a][1], flow[b][0]) for a, b in itertools.pairwise(language))
+
+    captures = []
+    real_capture = seq_mod._capture
+    monkeypatch.setattr(seq_mod, "_capture", lambda m, group, *a: captures.append(list(group)) or
+                        real_capture(m, group, *a))
+    seen: dict[str, torch.Tensor] = {}
+
+    def per_block(block, block_inputs):
+        seen[block_inputs.name] = block_inputs.hidden_states[0]
+
+    quantize_sequential(model, QuantConfig(4, group_size=32), [inputs], device="cpu", per_block_fn=per_block)
+    ref = _block_inputs(model, list(seen), inputs)
+    assert set(seen) == {n for g in block_stacks(model) for n in g}
+    for n, h in seen.items():
+        assert torch.equal(h, ref[n][0]), n
+    # one capture pass per stack, and one more from each block whose input the model changed
+    changed = {b for a, b in itertools.pairwise(language) if not torch.equal(flow[a][1], flow[b][0])}
+    assert [g[0] for g in captures] == [block_stacks(model)[0][0], language[0], *sorted(changed, key=language.index)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gptq_block_by_block_gives_the_codes_of_whole_model_gptq(name):
+    model, inputs = MODELS[name]()
+    cmap = {"@vision": None, "@language": QuantConfig(4, group_size=32)}
+    # IDEFICS's cross-attention layers are outside the blocks: block by block they get round-to-nearest (whole-model
+    # GPTQ calibrates them), so they stay float here for the codes of the blocks to be comparable
+    skip = ["@head"] + (["model.gated_cross_attn_layers"] if name == "idefics" else [])
+    whole, seq = model, copy.deepcopy(model)
+    gptq_quantize_(whole, cmap, [inputs], skip=skip, progress=False)
+    gptq_quantize_sequential(seq, cmap, [inputs], skip=skip, device="cpu", progress=False)
+    a, b = whole.state_dict(), seq.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_plain_model_with_a_module_between_its_blocks():
+    """Not a transformers model: a nonlinear module runs between blocks 1 and 2 of an explicit block list."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 32)) for _ in range(4))
+            self.mix = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+
+        def forward(self, x):
+            for i, b in enumerate(self.blocks):
+                x = torch.relu(b(x))
+                if i == 1:
+                    x = x + self.mix(x)
+            return x
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(16, 32)
+    seen = {}
+    quantize_sequential(net, QuantConfig(4, group_size=32), [{"x": x}], device="cpu",
+                        blocks=[f"blocks.{i}" for i in range(4)],
+                        per_block_fn=lambda b, bi: seen.setdefault(bi.name, bi.hidden_states[0]))
+    ref = _block_inputs(net, list(seen), {"x": x})
+    assert all(torch.equal(seen[n], ref[n][0]) for n in seen)
+
+
+def test_a_model_without_changes_between_blocks_is_captured_once_per_stack(monkeypatch):
+    entry = ZOO_BY_NAME["llama"]
+    model = entry.build()
+    calls = []
+    real_capture = seq_mod._capture
+    monkeypatch.setattr(seq_mod, "_capture", lambda m, group, *a: calls.append(list(group)) or
+                        real_capture(m, group, *a))
+    quantize_sequential(model, QuantConfig(4, group_size=32), [entry.inputs(model)], device="cpu",
+                        per_block_fn=lambda b, bi: None)
+    assert calls == block_stacks(model)
