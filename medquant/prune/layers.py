@@ -242,8 +242,8 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     skipped (each passing its input through); see :func:`index_updates` (LLaVA's ``vision_feature_layer``,
     Qwen2.5-VL's ``fullatt_block_indexes``, Qwen3-VL's ``deepstack_visual_indexes``, Mllama's
     ``intermediate_layers_indices``, Phi-4-multimodal's image ``feature_layer``, a DINOv2 / BEiT backbone
-    config's ``out_indices``). A drop that no index can express (a Qwen3-VL deepstack merger left without a block
-    output to read) is refused.
+    config's ``out_indices``, IDEFICS's ``cross_layer_interval``). A drop that no index can express (a Qwen3-VL
+    deepstack merger left without a block output to read, IDEFICS groups of different sizes) is refused.
 
     Args:
         model: the model, changed in place.
@@ -345,6 +345,11 @@ def index_updates(model: nn.Module, names: Sequence[str]) -> list[tuple[Any, str
       positions): ``stage_names`` shrinks with the blocks and ``out_indices`` / ``out_features`` are renumbered as
       hidden-state positions, so the config still loads; refused when two outputs would become one stage.
 
+    * interleaved cross-attention (IDEFICS: gated cross-attention layer ``k`` runs before layer
+      ``k * cross_layer_interval``): exact only when every group of ``cross_layer_interval`` layers keeps the same
+      number ``I' >= 1`` of layers; ``cross_layer_interval`` becomes ``I'``. Other drops, and dropping a
+      cross-attention layer, are refused.
+
     Indices out of range, and entries that are not ints, are left as they are. Both the module attribute and its
     config (``save_pretrained`` writes it) are renumbered.
 
@@ -380,6 +385,42 @@ def _index_updates(model: nn.Module, by_stack: dict[str, list[int]]) -> list[tup
             if new != old:
                 out.append((obj, key, new))
         out += _stage_updates(_owner_config(model, stack), n, gone, stack)
+        out += _interval_updates(model, stack, n, gone)
+    return out
+
+
+def _interval_updates(model: nn.Module, stack: str, n: int, gone: set[int]) -> list[tuple[Any, str, Any]]:
+    """IDEFICS: a module holding ``layers`` and ``gated_cross_attn_layers`` with an int ``cross_layer_interval``
+    ``I`` runs cross-attention layer ``k`` before layer ``k * I`` (``K = n // I`` of them). Skipping the dropped
+    layers, cross-attention layer ``k`` still runs before the layers kept of group ``[k * I, (k + 1) * I)``; the
+    pruned model runs it before its layer ``k * I'``. The two agree when every group keeps the same number ``I' >= 1``
+    of layers: ``cross_layer_interval`` (module and config) becomes ``I'``. Any other drop - a group emptied (two
+    cross-attention layers in a row), groups of different sizes, or a cross-attention layer itself (its group would
+    run without the image) - is refused."""
+    parent_name, _, leaf = stack.rpartition(".")
+    holder = model.get_submodule(parent_name) if parent_name else model
+    interval = getattr(holder, "cross_layer_interval", None)
+    cross = getattr(holder, "gated_cross_attn_layers", None)
+    if not (isinstance(interval, int) and interval > 0 and isinstance(cross, nn.ModuleList)
+            and isinstance(getattr(holder, "layers", None), nn.ModuleList)):
+        return []
+    if leaf == "gated_cross_attn_layers":
+        raise ValueError(f"refusing to drop blocks {sorted(gone)} of {stack}: cross-attention layer k runs before "
+                         f"layer k * cross_layer_interval ({interval}) of {parent_name or 'the model'}.layers, and "
+                         "that group of layers would run without reading the image -- nothing was changed")
+    if leaf != "layers":
+        return []
+    groups = [sum(1 for j in range(k * interval, min((k + 1) * interval, n)) if j not in gone)
+              for k in range(len(cross))]
+    if n != len(cross) * interval or len(set(groups)) != 1 or groups[0] == 0:
+        raise ValueError(f"refusing to drop blocks {sorted(gone)} of {stack}: a gated cross-attention layer runs "
+                         f"before each group of {interval} layers (cross_layer_interval), so the pruned model equals "
+                         "the original with those layers skipped only when every group keeps the same number (>= 1) "
+                         f"of layers; kept per group: {groups} -- nothing was changed")
+    out: list[tuple[Any, str, Any]] = [(holder, "cross_layer_interval", groups[0])]
+    cfg = _owner_config(model, stack)
+    if cfg is not None and getattr(cfg, "cross_layer_interval", None) == interval:
+        out.append((cfg, "cross_layer_interval", groups[0]))
     return out
 
 

@@ -17,6 +17,7 @@ from medquant.prune import StructuredPruner, apply_plan, drop_blocks
 from medquant.testing.zoo import ZOO_BY_NAME, _qwen_vl_inputs
 from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
 from tests.prune.test_pruner_review4 import _run_skipped, _windowed_qwen2_5_vl
+from tests.tiny_idefics import idefics_inputs, tiny_idefics
 
 
 # ---------------------------------------------------------------------------------------------- 1. LLaVA direct
@@ -195,6 +196,44 @@ def test_phi4mm_image_feature_layer_follows_the_blocks():
     assert emb.layer_idx == -1 and model.config.vision_config.feature_layer == -1
     with torch.no_grad():
         torch.testing.assert_close(image(model), ref, rtol=1e-5, atol=1e-5)
+
+
+# IDEFICS (v1): cross-attention layer k runs before text layer k * cross_layer_interval; 6 layers, interval 3
+@pytest.mark.parametrize(("drop", "interval"), [([1, 4], 2), ([0, 2, 3, 5], 1), ([2, 5], 2)])
+@pytest.mark.parametrize("direct", [True, False])
+def test_idefics_cross_layer_interval_follows_the_blocks_and_reloads(drop, interval, direct, tmp_path):
+    from transformers import IdeficsForVisionText2Text
+
+    model, inputs = tiny_idefics(layers=6, interval=3), idefics_inputs()
+    names = [f"model.layers.{i}" for i in drop]
+    ref = _run_skipped(model, names, lambda m: m(**inputs).logits)
+    if direct:
+        drop_blocks(model, names)
+    else:
+        StructuredPruner(drop_blocks=names, scope="language", progress=False).prune(model)
+    assert model.model.cross_layer_interval == interval and model.config.cross_layer_interval == interval
+    assert len(model.model.layers) == model.config.num_hidden_layers == 6 - len(drop)
+    with torch.no_grad():
+        out = model(**inputs).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        again = IdeficsForVisionText2Text.from_pretrained(tmp_path / "m").eval()(**inputs).logits
+    assert torch.equal(again, out)
+
+
+# kept per group [2, 3]; group 1 emptied (two cross-attention layers in a row); a cross-attention layer itself
+@pytest.mark.parametrize("names", [["model.layers.1"], ["model.layers.3", "model.layers.4", "model.layers.5"],
+                                   ["model.gated_cross_attn_layers.1"]])
+def test_idefics_refuses_a_drop_no_interval_can_express(names):
+    model = tiny_idefics(layers=6, interval=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cross.attention"):
+        drop_blocks(model, names)
+    assert len(model.model.layers) == 6 and len(model.model.gated_cross_attn_layers) == 2
+    assert model.model.cross_layer_interval == model.config.cross_layer_interval == 3
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ---------------------------------------------------------------------------------------------- 3. float32 ratios
