@@ -32,7 +32,11 @@ other than the hidden states block ``i``'s pass-through recorder returned (Qwen3
 feature after each of its first text layers, IDEFICS runs a gated cross-attention layer before every
 ``cross_layer_interval``-th text layer) - the output of block ``i`` is not block ``i + 1``'s input: the blocks from
 ``i + 1`` on are recorded again, in a pass that runs the blocks before them quantized (one more pass per such
-point; a change that leaves the recorded values equal is taken for none). The finished (quantized) blocks
+point; a change that leaves the recorded values equal is taken for none). A model whose code needs more than
+the hidden states from a block cannot run with recorders (Swin's stages return a tuple its encoder unpacks; Swin
+V2, FocalNet and Donut's stages return the downsampled sizes the encoder reads next): when the recording pass
+fails, its blocks are recorded one at a time, each in a pass that runs the blocks before it quantized and stops at
+it (a pass per block; an error in that pass is the model's own and propagates). The finished (quantized) blocks
 of the earlier stacks run in that pass - the vision tower whose output the language stack reads - each moved to
 the compute device just before each of its calls and back to ``offload_device`` right after, so at most one of them
 is there at a time (two transfers of a quantized block per calibration batch). The modules outside the blocks do the
@@ -508,6 +512,22 @@ def _capture(model: nn.Module, group: Sequence[str], batches: Sequence[dict], de
     return store
 
 
+def _capture_group(model: nn.Module, group: Sequence[str], batches: Sequence[dict], device: torch.device
+                   ) -> tuple[dict[str, list[tuple[tuple, dict]]], int]:
+    """The recorded calls of ``group`` and how many of its leading blocks can be calibrated from them (each on the
+    previous block's output, :func:`_chained`). When the model cannot run with pass-through recorders - its code
+    needs more than the hidden states from a block (Swin's encoder unpacks a stage's tuple, Swin V2's reads the
+    downsampled sizes a stage returns) - only the first block is recorded (the blocks before it run for real) and
+    the rest is left for the next pass; an error there is the model's own (a bad batch) and propagates."""
+    try:
+        store = _capture(model, group, batches, device)
+    except ValueError:  # the forward failed (run_calibration_batch's error); a block not called is no such case
+        if len(group) == 1:
+            raise
+        return _capture(model, group[:1], batches, device), 1
+    return store, _chained(group, store)
+
+
 def _chained(group: Sequence[str], store: Mapping[str, list[tuple[tuple, dict]]]) -> int:
     """How many leading blocks of ``group`` take, on every batch, the hidden states the block before them returned.
 
@@ -662,8 +682,7 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
                 # device only while it runs; it stops at the group's last block (no final norm, no lm_head logits)
                 running = [model.get_submodule(n) for n in units] + [model.get_submodule(n) for n in done]
                 with _on_device_while_running(running, device, offload):
-                    store = _capture(model, group, batches, device)
-                cut = _chained(group, store)
+                    store, cut = _capture_group(model, group, batches, device)
                 if cut < len(group):  # the rest is captured again once the blocks before it are quantized
                     group, rest_of_group = group[:cut], group[cut:]
                     pending.insert(0, rest_of_group)

@@ -136,3 +136,49 @@ def test_a_model_without_changes_between_blocks_is_captured_once_per_stack(monke
     quantize_sequential(model, QuantConfig(4, group_size=32), [entry.inputs(model)], device="cpu",
                         per_block_fn=lambda b, bi: None)
     assert calls == block_stacks(model)
+
+
+# ---------------------------------------------------------------------------------------------- Swin-style stages
+def _swin(kind):
+    import transformers
+
+    cfg = getattr(transformers, f"{kind}Config")(image_size=32, patch_size=4, embed_dim=32, depths=[2, 2],
+                                                 num_heads=[2, 4], window_size=4)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{kind}Model")(cfg).eval()
+    return model, {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+
+
+# Swin's stages return (hidden states, reshaped hidden states, attention), which its encoder unpacks; Swin V2's
+# encoder reads the downsampled sizes a stage returns: neither can run with pass-through recorders, so each stage is
+# recorded in a pass that runs the stages before it.
+@pytest.mark.parametrize("kind", ["Swin", "Swinv2"])
+def test_swin_stages_are_calibrated_on_their_true_inputs(kind, monkeypatch):
+    model, inputs = _swin(kind)
+    ref_model = copy.deepcopy(model)
+    captures = []
+    real_capture = seq_mod._capture
+    monkeypatch.setattr(seq_mod, "_capture", lambda m, group, *a: captures.append(list(group)) or
+                        real_capture(m, group, *a))
+    seen: dict[str, torch.Tensor] = {}
+    skip = ["embeddings.patch_embeddings.projection"]  # outside the stages: round-to-nearest block by block
+    gptq_quantize_sequential(model, QuantConfig(4, group_size=16), [inputs], skip=skip, device="cpu",
+                             progress=False)
+    monkeypatch.setattr(seq_mod, "_capture", real_capture)
+    gptq_quantize_(ref_model, QuantConfig(4, group_size=16), [inputs], skip=skip, progress=False)
+    a, b = model.state_dict(), ref_model.state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    stages = ["encoder.layers.0", "encoder.layers.1"]
+    assert captures == [stages, stages[:1], stages[1:]]  # the pass with recorders fails, then one stage at a time
+    fresh, _ = _swin(kind)
+    quantize_sequential(fresh, QuantConfig(4, group_size=16), [inputs], device="cpu",
+                        per_block_fn=lambda blk, bi: seen.setdefault(bi.name, bi.hidden_states[0]))
+    ref = _block_inputs(fresh, list(seen), inputs)
+    assert len(seen) == 2 and all(torch.equal(seen[n], ref[n][0]) for n in seen)
+
+
+def test_a_bad_batch_still_fails_with_the_models_own_error():
+    model, inputs = _swin("Swinv2")
+    with pytest.raises(ValueError, match=r"calibration batch 0 .*encoder\.layers\.0"):
+        quantize_sequential(model, 4, [{"pixel_values": inputs["pixel_values"][:, :2]}], device="cpu",
+                            per_block_fn=lambda b, bi: None)
