@@ -30,7 +30,8 @@ block is calibrated on the activations the quantized model will actually feed it
 hidden states between two blocks of a stack - seen in the recording pass as block ``i + 1`` receiving something
 other than the hidden states block ``i``'s pass-through recorder returned (Qwen3-VL adds a deepstack image
 feature after each of its first text layers, IDEFICS runs a gated cross-attention layer before every
-``cross_layer_interval``-th text layer) - the output of block ``i`` is not block ``i + 1``'s input: the blocks from
+``cross_layer_interval``-th text layer, Mllama normalises and adds tile position embeddings between its local and
+global vision transformers, one stack) - the output of block ``i`` is not block ``i + 1``'s input: the blocks from
 ``i + 1`` on are recorded again, in a pass that runs the blocks before them quantized (one more pass per such
 point; a change that leaves the recorded values equal is taken for none). A model whose code needs more than
 the hidden states from a block cannot run with recorders (Swin's stages return a tuple its encoder unpacks; Swin

@@ -20,7 +20,7 @@ from medquant import QuantConfig
 from medquant.calibrate.gptq import gptq_quantize_, gptq_quantize_sequential
 from medquant.calibrate.sequential import quantize_sequential
 from medquant.models import block_stacks
-from medquant.testing.zoo import ZOO_BY_NAME, _qwen_vl_inputs
+from medquant.testing.zoo import BATCH, IMAGE, VOCAB, ZOO_BY_NAME, _qwen_vl_inputs
 from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
 from tests.tiny_idefics import idefics_inputs, tiny_idefics
 
@@ -34,7 +34,21 @@ def _idefics():
     return tiny_idefics(layers=4, interval=2), idefics_inputs()  # cross-attention before text layers 0 and 2
 
 
-MODELS = {"qwen3_vl": _qwen3_vl, "idefics": _idefics}
+def _mllama():
+    """Mllama's vision blocks are one stack, the local transformer's then the global transformer's; between them
+    the model normalises, adds tile position embeddings and reshapes."""
+    model = EXTRA_ZOO_BY_NAME["mllama"].build()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (BATCH, 8), generator=gen)
+    ids[:, 1] = VOCAB + 1  # the image token (the zoo's image_token_index)
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                   "pixel_values": torch.randn(BATCH, 1, 1, 3, IMAGE, IMAGE, generator=gen),
+                   "aspect_ratio_ids": torch.ones(BATCH, 1, dtype=torch.long),
+                   "aspect_ratio_mask": torch.ones(BATCH, 1, 1, dtype=torch.long),
+                   "cross_attention_mask": torch.ones(BATCH, 8, 1, 1, dtype=torch.long), "use_cache": False}
+
+
+MODELS = {"qwen3_vl": _qwen3_vl, "idefics": _idefics, "mllama": _mllama}
 
 
 def _block_inputs(model, names, inputs):
@@ -61,10 +75,11 @@ def _block_inputs(model, names, inputs):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_each_block_is_calibrated_on_the_inputs_the_quantized_model_gives_it(name, monkeypatch):
     model, inputs = MODELS[name]()
-    language = block_stacks(model)[-1]
-    # the model does change the hidden states between two text blocks (else this test could not fail)
-    flow = _block_inputs(model, language, inputs)
-    assert any(not torch.equal(flow[a][1], flow[b][0]) for a, b in itertools.pairwise(language))
+    stacks = block_stacks(model)
+    flow = _block_inputs(model, [n for g in stacks for n in g], inputs)
+    # blocks whose input is not the previous block's output; there are some (else this test could not fail)
+    changed = [b for g in stacks for a, b in itertools.pairwise(g) if not torch.equal(flow[a][1], flow[b][0])]
+    assert changed
 
     captures = []
     real_capture = seq_mod._capture
@@ -77,24 +92,28 @@ def test_each_block_is_calibrated_on_the_inputs_the_quantized_model_gives_it(nam
 
     quantize_sequential(model, QuantConfig(4, group_size=32), [inputs], device="cpu", per_block_fn=per_block)
     ref = _block_inputs(model, list(seen), inputs)
-    assert set(seen) == {n for g in block_stacks(model) for n in g}
+    assert set(seen) == {n for g in stacks for n in g}
     for n, h in seen.items():
         assert torch.equal(h, ref[n][0]), n
     # one capture pass per stack, and one more from each block whose input the model changed
-    changed = {b for a, b in itertools.pairwise(language) if not torch.equal(flow[a][1], flow[b][0])}
-    assert [g[0] for g in captures] == [block_stacks(model)[0][0], language[0], *sorted(changed, key=language.index)]
+    order = [n for g in stacks for n in g]
+    assert [g[0] for g in captures] == sorted([g[0] for g in stacks] + changed, key=order.index)
+
+
+def _outside_the_blocks(model):
+    """The Linear / Conv2d layers outside every block: block by block they get round-to-nearest (whole-model GPTQ
+    calibrates them), so they stay float where the codes of the two are compared."""
+    blocks = tuple(n + "." for g in block_stacks(model) for n in g)
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.startswith(blocks)]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gptq_block_by_block_gives_the_codes_of_whole_model_gptq(name):
     model, inputs = MODELS[name]()
-    cmap = {"@vision": None, "@language": QuantConfig(4, group_size=32)}
-    # IDEFICS's cross-attention layers are outside the blocks: block by block they get round-to-nearest (whole-model
-    # GPTQ calibrates them), so they stay float here for the codes of the blocks to be comparable
-    skip = ["@head"] + (["model.gated_cross_attn_layers"] if name == "idefics" else [])
+    skip = _outside_the_blocks(model)  # IDEFICS's cross-attention layers among them
     whole, seq = model, copy.deepcopy(model)
-    gptq_quantize_(whole, cmap, [inputs], skip=skip, progress=False)
-    gptq_quantize_sequential(seq, cmap, [inputs], skip=skip, device="cpu", progress=False)
+    gptq_quantize_(whole, QuantConfig(4, group_size=32), [inputs], skip=skip, progress=False)
+    gptq_quantize_sequential(seq, QuantConfig(4, group_size=32), [inputs], skip=skip, device="cpu", progress=False)
     a, b = whole.state_dict(), seq.state_dict()
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
