@@ -39,6 +39,34 @@ def test_folding_keeps_float_outputs(name):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max())))
 
 
+def test_dinov2_blocks_fold_into_norm1_and_norm2_and_beat_rtn():
+    """DINOv2 (a common medical image backbone) names its pre-norms ``norm1`` / ``norm2``: no group was formed
+    ("no foldable groups"). Reference: the float model's own output (folding must not change it) and plain RTN
+    at the same bits (the control AWQ must beat on its calibration images)."""
+    from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
+
+    e = EXTRA_ZOO_BY_NAME["dinov2"]
+    model = _with_outlier_channels(e.build(), norms=("norm1", "norm2"))
+    inputs = e.inputs(model)
+    layer0 = {g.prev: g.linears for g in awq_groups(model) if g.prev.startswith("encoder.layer.0.")}
+    assert layer0 == {"encoder.layer.0.norm1": [f"encoder.layer.0.attention.{p}_proj" for p in "qkv"],
+                      "encoder.layer.0.attention.v_proj": ["encoder.layer.0.attention.o_proj"],
+                      "encoder.layer.0.norm2": ["encoder.layer.0.mlp.fc1"]}
+    with torch.no_grad():
+        ref = e.output(model, inputs)
+    folded, rtn = copy.deepcopy(model), copy.deepcopy(model)
+    groups = search_and_fold(folded, CFG3, [inputs], progress=False)
+    assert any(g.alpha for g in groups)
+    with torch.no_grad():
+        torch.testing.assert_close(e.output(folded, inputs), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    quantize_(rtn, CFG3)
+    awq_quantize_(model, CFG3, [inputs], progress=False)
+    with torch.no_grad():
+        err_awq = float((e.output(model, inputs) - ref).pow(2).mean())
+        err_rtn = float((e.output(rtn, inputs) - ref).pow(2).mean())
+    assert err_awq < err_rtn
+
+
 def test_group_layout():
     g = {x.prev.rsplit(".", 1)[-1]: x.linears for x in awq_groups(ZOO_BY_NAME["llama"].build())
          if x.prev.startswith("model.layers.0.")}
