@@ -241,8 +241,8 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     Indices that point into a block list are renumbered so the model equals the original with the dropped blocks
     skipped (each passing its input through); see :func:`index_updates` (LLaVA's ``vision_feature_layer``,
     Qwen2.5-VL's ``fullatt_block_indexes``, Qwen3-VL's ``deepstack_visual_indexes``, Mllama's
-    ``intermediate_layers_indices``, Phi-4-multimodal's image ``feature_layer``, a DINOv2 / BEiT backbone
-    config's ``out_indices``, IDEFICS's ``cross_layer_interval``). A drop that no index can express (a Qwen3-VL
+    ``intermediate_layers_indices`` and text ``cross_attention_layers``, Phi-4-multimodal's image
+    ``feature_layer``, a DINOv2 / BEiT backbone config's ``out_indices``, IDEFICS's ``cross_layer_interval``). A drop that no index can express (a Qwen3-VL
     deepstack merger left without a block output to read, IDEFICS groups of different sizes) is refused.
 
     Args:
@@ -316,6 +316,7 @@ _INDEX_RULES: tuple[tuple[str, str, str, str], ...] = (
     ("blocks", "deepstack_visual_indexes", "deepstack_visual_indexes", "feeds"),  # Qwen3-VL: deepstack mergers
     ("transformer.layers", "intermediate_layers_indices", "intermediate_layers_indices", "output"),  # Mllama
     ("img_processor.encoder.layers", "layer_idx", "vision_config.feature_layer", "hidden"),  # Phi-4-multimodal
+    ("layers", "cross_attention_layers", "cross_attention_layers", "runs"),  # Mllama text: cross-attention layers
 )
 _FEATURE_LAYER_KEYS = ("vision_feature_layer", "vision_feature_layers")  # LLaVA family: config of the VLM
 
@@ -339,7 +340,8 @@ def index_updates(model: nn.Module, names: Sequence[str]) -> list[tuple[Any, str
       outputs; refused when a merger would have no block (every block up to its index dropped) or two mergers
       would read one block (the loop runs only the first of them, so a text layer would lose its feature).
       Negative entries never match a block and are left as they are.
-    * blocks that run differently (Qwen2.5-VL ``fullatt_block_indexes``, full instead of windowed attention): a
+    * blocks that run differently (Qwen2.5-VL ``fullatt_block_indexes``, full instead of windowed attention;
+      Mllama's text ``cross_attention_layers``, which attend to the image and are built and skipped as such): a
       dropped block leaves the list, a kept one ``i -> i - #D<(i)``.
     * a backbone config's stages (DINOv2, BEiT: ``stage_names`` = ``stem``, ``stage1`` .. ``stage{n}``, hidden-state
       positions): ``stage_names`` shrinks with the blocks and ``out_indices`` / ``out_features`` are renumbered as

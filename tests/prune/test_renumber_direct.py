@@ -16,6 +16,7 @@ import torch
 from medquant.prune import StructuredPruner, apply_plan, drop_blocks
 from medquant.testing.zoo import ZOO_BY_NAME, _qwen_vl_inputs
 from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
+from tests.calibrate.test_sequential_between_blocks import _mllama
 from tests.prune.test_pruner_review4 import _run_skipped, _windowed_qwen2_5_vl
 from tests.tiny_idefics import idefics_inputs, tiny_idefics
 
@@ -175,6 +176,28 @@ def test_mllama_intermediate_layers_follow_the_local_blocks():
     with pytest.raises(ValueError, match="intermediate_layers_indices"):
         drop_blocks(model, ["model.vision_model.transformer.layers.0"])
     assert len(model.model.vision_model.transformer.layers) == 2
+
+
+@pytest.mark.parametrize(("drop", "want"), [(0, [0]), (1, [])])
+def test_mllama_text_cross_attention_layers_follow_the_blocks_and_reload(drop, want, tmp_path):
+    """Mllama builds text layer i as a cross-attention layer when i is in ``cross_attention_layers`` (zoo: [1] of 2)
+    and runs it only with image states; after a drop the list must name the same layers (the pruned model failed
+    in its forward when text layer 0 was dropped)."""
+    from transformers import MllamaForConditionalGeneration
+
+    model, inputs = _mllama()
+    name = f"model.language_model.layers.{drop}"
+    ref = _run_skipped(model, [name], lambda m: m(**inputs).logits)
+    drop_blocks(model, [name])
+    text = model.model.language_model
+    assert text.cross_attention_layers == want and model.config.text_config.cross_attention_layers == want
+    with torch.no_grad():
+        out = model(**inputs).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        again = MllamaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()(**inputs).logits
+    assert torch.equal(again, out)
 
 
 def test_phi4mm_image_feature_layer_follows_the_blocks():
