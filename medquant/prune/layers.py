@@ -243,7 +243,8 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     Qwen2.5-VL's ``fullatt_block_indexes``, Qwen3-VL's ``deepstack_visual_indexes``, Mllama's
     ``intermediate_layers_indices`` and text ``cross_attention_layers``, Phi-4-multimodal's image
     ``feature_layer``, a DINOv2 / BEiT backbone config's ``out_indices``, IDEFICS's ``cross_layer_interval``). A drop that no index can express (a Qwen3-VL
-    deepstack merger left without a block output to read, IDEFICS groups of different sizes) is refused.
+    deepstack merger left without a block output to read, IDEFICS groups of different sizes) is refused, as is
+    any drop in a stack with per-layer input embeddings or key / value sharing (Gemma 3n, Gemma 4).
 
     Args:
         model: the model, changed in place.
@@ -378,6 +379,7 @@ def _index_updates(model: nn.Module, by_stack: dict[str, list[int]]) -> list[tup
     for stack, idxs in by_stack.items():
         n = len(cast(nn.ModuleList, model.get_submodule(stack)))
         gone = set(idxs)
+        _refuse_per_layer_state(_owner_config(model, stack), n, gone, stack)
         for obj, key, kind in _index_targets(model, stack):
             if (id(obj), key) in seen:
                 continue
@@ -424,6 +426,23 @@ def _interval_updates(model: nn.Module, stack: str, n: int, gone: set[int]) -> l
     if cfg is not None and getattr(cfg, "cross_layer_interval", None) == interval:
         out.append((cfg, "cross_layer_interval", groups[0]))
     return out
+
+
+def _refuse_per_layer_state(cfg: Any, n: int, gone: set[int], stack: str) -> None:
+    """Refuse a drop in a stack whose config gives each layer a slice of a shared tensor or another layer's cache:
+    per-layer input embeddings (``hidden_size_per_layer_input``: Gemma 3n, Gemma 4 read slice ``i`` of
+    ``embed_tokens_per_layer`` / ``per_layer_model_projection``, reshaped by ``num_hidden_layers``) or key / value
+    sharing (``num_kv_shared_layers``: the last layers reuse the keys and values of earlier ones). Neither is
+    renumbered here; the pruned model would fail in its forward or read another layer's keys."""
+    if getattr(cfg, "num_hidden_layers", None) != n:
+        return
+    ple, shared = getattr(cfg, "hidden_size_per_layer_input", None), getattr(cfg, "num_kv_shared_layers", None)
+    what = [w for w, v in (("per-layer input embeddings (hidden_size_per_layer_input, one slice per layer)", ple),
+                           ("key / value sharing (num_kv_shared_layers)", shared)) if isinstance(v, int) and v > 0]
+    if what:
+        raise ValueError(f"refusing to drop blocks {sorted(gone)} of {stack}: its {type(cfg).__name__} has "
+                         f"{' and '.join(what)}, tied to the layer count and positions, which drop_blocks does not "
+                         "renumber (Gemma 3n / Gemma 4 style); prune heads or neurons instead -- nothing was changed")
 
 
 def _stage_updates(cfg: Any, n: int, gone: set[int], stack: str) -> list[tuple[Any, str, Any]]:

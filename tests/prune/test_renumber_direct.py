@@ -200,6 +200,20 @@ def test_mllama_text_cross_attention_layers_follow_the_blocks_and_reload(drop, w
     assert torch.equal(again, out)
 
 
+@pytest.mark.parametrize("block", [0, 1])
+def test_gemma4_text_layers_with_per_layer_inputs_are_refused(block):
+    """Gemma 4 reads slice i of its per-layer input embeddings (reshaped by num_hidden_layers) in text layer i: the
+    model with a dropped layer failed in its forward; the drop is refused and nothing changes."""
+    model = EXTRA_ZOO_BY_NAME["gemma4"].build()
+    assert model.config.text_config.hidden_size_per_layer_input > 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="per-layer input embeddings"):
+        drop_blocks(model, [f"model.language_model.layers.{block}"])
+    assert len(model.model.language_model.layers) == model.config.text_config.num_hidden_layers == 2
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_phi4mm_image_feature_layer_follows_the_blocks():
     """Phi-4-multimodal reads ``hidden_states[feature_layer]`` (-2) of its SigLIP tower."""
     entry = EXTRA_ZOO_BY_NAME["phi4mm"]
