@@ -6,8 +6,7 @@
 * ``blocks``: for every transformer block, its attention's ``n_heads`` / ``n_kv`` / ``head_dim``, its FFN's
   ``n_neurons`` and its MoE experts' (3-D weights) ``name`` and ``n_neurons`` per expert;
 * ``modules``: for plain ``nn.Module`` models, the shape of every Conv2d / BatchNorm2d / Linear;
-* ``stacks``: for plain ``nn.Module`` transformers, the number of blocks in each block list (``drop_blocks``
-  shortens it).
+* ``stacks``: the number of blocks in each block list (``drop_blocks`` shortens it).
 
 Blocks are recorded for plain ``nn.Module`` transformers too (the blocks
 :func:`medquant.models.transformer_blocks` finds), and quantized layers (``QuantLinear``) count with their logical
@@ -21,10 +20,13 @@ head / neuron removal, which also sets the attention modules' own counts (``num_
 :func:`medquant.load` (checksums verified). Quantized pruned models round-trip too: quantization recipes are
 stored by :func:`medquant.save` with the pruned shapes.
 
-Blocks dropped whole (``drop_blocks``) come back by themselves for Hugging Face models (the saved config has
-the new ``num_hidden_layers``); a plain ``nn.Module`` given to :func:`load_pruned` has its blocks dropped again
-as the plan saved with the model (``save_pruned(..., plan=plan)``) says, and without that plan a block list
-shorter than the given model's raises ``CheckpointError`` (which blocks were dropped is not known).
+Blocks dropped whole (``drop_blocks``) come back by themselves for Hugging Face models whose saved config
+expresses them (the new ``num_hidden_layers``); where it does not (Swin's ``depths``, a vision tower built from a
+nested dict) the model built from it has more blocks than ``stacks`` records, and the plan saved with the model
+(``save_pruned(..., plan=plan)``) names the ones to drop again (the saved config's indices are kept as they are:
+they were renumbered before the save). A given model (plain ``nn.Module``, or a fresh Hugging Face one) has its
+blocks dropped again the same way, renumbering as :func:`medquant.prune.layers.drop_blocks` does; without the plan
+a block list shorter than the model's raises ``CheckpointError`` (which blocks were dropped is not known).
 
 Uniformly pruned decoders whose config expresses the result (``plan.hf_config_exact``) also round-trip with
 plain ``save_pretrained`` / ``from_pretrained``.
@@ -96,13 +98,13 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
     Returns:
         ``{"version", "blocks": {block: {"attention": {n_heads, n_kv, head_dim}, "ffn": {n_neurons},
         "experts": {...}}}, "modules": {name: {"type", "in", "out"} | {"type", "n"}}, "stacks": {block list:
-        number of blocks}}`` (JSON-ready; ``stacks`` for plain modules only).
+        number of blocks}}`` (JSON-ready).
     """
     table: dict[str, Any] = {"version": TABLE_VERSION, "blocks": {}, "modules": {}}
     with _float_stand_ins(model):
         for b in transformer_blocks(model, "all"):
             stack = model.get_submodule(b.stack)
-            if not _is_hf(model) and isinstance(stack, nn.ModuleList):
+            if isinstance(stack, nn.ModuleList):  # a Hugging Face config may not express dropped blocks
                 table.setdefault("stacks", {})[b.stack] = len(stack)
             e: dict[str, Any] = {}
             if b.attention is not None:
@@ -413,6 +415,9 @@ def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | to
                 f"{directory} holds a plain nn.Module ({meta['model']['class']}); pass a fresh float instance: "
                 f"load_pruned(path, model={meta['model']['class']}(...))")
         model = build_hf_model(directory, meta)
+        # the saved config holds the renumbered indices; where it cannot express the dropped blocks (Swin's stages,
+        # a tower built from a nested dict) the model built from it has them again: drop them without renumbering
+        _redrop_blocks(model, table, meta.get("extras", {}).get("prune_plan"), directory, renumber=False)
     else:
         _redrop_blocks(model, table, meta.get("extras", {}).get("prune_plan"), directory)
     root = atomic.resolve(directory)
@@ -427,9 +432,12 @@ def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | to
     return load(directory, model=model, device=device)
 
 
-def _redrop_blocks(model: nn.Module, table: dict[str, Any], plan: Any, directory: Path) -> None:
-    """Drop from the given plain ``model`` the blocks the saved model lost (``drop_blocks``): the saved plan's
-    ``drop_blocks`` when the table's ``stacks`` give a block list fewer blocks than ``model`` has.
+def _redrop_blocks(model: nn.Module, table: dict[str, Any], plan: Any, directory: Path, renumber: bool = True
+                   ) -> None:
+    """Drop from ``model`` (a given fresh one, or one built from the saved config) the blocks the saved model lost
+    (``drop_blocks``): the saved plan's ``drop_blocks`` when the table's ``stacks`` give a block list fewer blocks
+    than ``model`` has (``renumber``: as :func:`medquant.prune.layers.drop_blocks` does; False for a model built
+    from the saved config, whose indices are renumbered already).
 
     Raises:
         CheckpointError: a block list of the table is not one of ``model``, or is shorter than ``model``'s and the
@@ -458,9 +466,9 @@ def _redrop_blocks(model: nn.Module, table: dict[str, Any], plan: Any, directory
                                       "(save with save_pruned(..., plan=plan))" if n < len(have) else ""))
         todo += mine
     if todo:
-        from .layers import drop_blocks
+        from .layers import _drop
 
         try:
-            drop_blocks(model, todo)
+            _drop(model, todo, renumber=renumber)
         except ValueError as e:
             raise CheckpointError(f"{directory}: cannot drop the blocks the saved plan dropped: {e}") from None

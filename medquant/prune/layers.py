@@ -25,6 +25,7 @@ look least influential) raises ``ValueError``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -232,6 +233,12 @@ def least_influential(scores: Sequence[dict[str, Any]], k: int, metric: str = "c
 def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     """Remove whole blocks in place; later blocks are renumbered and the owning config follows.
 
+    A Hugging Face model whose updated config no longer builds the pruned model (a model of its class built from
+    it has other weights or shapes: Swin's ``depths`` and stage widths, ConvNeXt's ``hidden_sizes``, a tower built
+    from a nested dict) gets a ``UserWarning`` naming the first differences: ``save_pretrained`` /
+    ``from_pretrained`` would not give it back (transformers would initialise the missing weights at random); save
+    it with :func:`medquant.prune.save_pruned` and a plan naming the dropped blocks instead.
+
     Later blocks get new ``layer_idx`` values (so KV caches line up); the owning config's ``num_hidden_layers``
     and ``layer_types`` are updated (``encoder_layers`` / ``decoder_layers`` for the encoder / decoder stack of a
     BART-style config; ``num_layers`` / ``num_decoder_layers`` of a T5-style config, and ``num_layers`` of the
@@ -258,6 +265,25 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
             block that computes a T5 stack's shared position bias, or a drop :func:`index_updates` refuses;
             nothing is changed then.
     """
+    _drop(model, names)
+    from .pruner import _fresh_mismatch, _is_hf
+
+    if _is_hf(model):
+        bad = _fresh_mismatch(model, [])
+        if bad:
+            warnings.warn(f"drop_blocks: the config of {type(model).__name__} no longer builds the pruned model (a "
+                          f"model built from it differs at {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), so "
+                          "save_pretrained / from_pretrained would not give this model back; save it with "
+                          "medquant.prune.save_pruned(model, path, plan=PrunePlan(drop_blocks=[...])) and load it "
+                          "with load_pruned", UserWarning, stacklevel=2)
+    return model
+
+
+def _drop(model: nn.Module, names: Sequence[str], renumber: bool = True) -> None:
+    """:func:`drop_blocks` without the check of the config against the pruned model (:func:`apply_plan` reports
+    that in the plan, :func:`load_pruned` rebuilds from the plan); ``renumber=False`` leaves the indices into the
+    block lists as they are (a model built from a pruned model's saved config, which holds them renumbered
+    already)."""
     by_stack: dict[str, list[int]] = {}
     for name in names:
         stack, _, idx = name.rpartition(".")
@@ -274,7 +300,7 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         blocks = model.get_submodule(stack_name)
         if isinstance(blocks, nn.ModuleList) and len(set(idxs)) >= len(blocks):
             raise ValueError(f"refusing to drop all {len(blocks)} blocks of {stack_name}")
-    updates = _index_updates(model, by_stack)  # may refuse: before any change
+    updates = _index_updates(model, by_stack) if renumber else []  # may refuse: before any change
     for stack_name, idxs in by_stack.items():
         old_list = cast(nn.ModuleList, model.get_submodule(stack_name))  # checked above
         kept = [m for i, m in enumerate(old_list) if i not in set(idxs)]
@@ -307,7 +333,6 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
                 cfg.layer_types = [t for i, t in enumerate(lt) if i not in set(idxs)]
     for obj, key, value in updates:
         setattr(obj, key, value)
-    return model
 
 
 # Indices into a block list held beside it: (path of the block list from the module holding the attribute, the

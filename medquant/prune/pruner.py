@@ -741,12 +741,12 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
             prune_experts(model, b.experts, plan.expert_neurons[name])
         touched.append(b)
     if plan.drop_blocks:
-        from .layers import drop_blocks
+        from .layers import _drop
 
-        drop_blocks(model, plan.drop_blocks)  # renumbers the indices into the block lists (index_updates)
+        _drop(model, plan.drop_blocks)  # renumbers the indices into the block lists (index_updates)
     if _is_hf(model):
         stacks = {b.stack for b in touched} | {n.rpartition(".")[0] for n in plan.drop_blocks}
-        plan.hf_config_exact, notes = _sync_configs(model, stacks)
+        plan.hf_config_exact, notes = _sync_configs(model, stacks, dropped=bool(plan.drop_blocks))
         plan.config_notes = notes
     return model
 
@@ -1010,7 +1010,7 @@ def _root_config(model: nn.Module, b: Block, cfg):
     return owner if same else cfg
 
 
-def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list[str]]:
+def _sync_configs(model: nn.Module, stacks: set[str] | None, dropped: bool = False) -> tuple[bool, list[str]]:
     groups: dict[tuple[int, str], tuple[Any, list[Block]]] = {}
     copies: dict[int, dict[int, Any]] = {}  # root config -> the stacks' own copies of it (T5), which follow it
     exact = True
@@ -1078,6 +1078,13 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None) -> tuple[bool, list
                 for k in old_t:
                     setattr(twin, k, new[k])
                 changed.append((twin, old_t))
+    if dropped and exact and not changed:  # the blocks fit their config; does the config build the whole model?
+        bad = _fresh_mismatch(model, [])
+        if bad:
+            exact = False
+            notes.append(f"a model built from the config differs from the pruned one at {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''} (the dropped blocks change what the config describes, "
+                         "e.g. Swin's depths and stage widths); reload with medquant.prune.load_pruned")
     if changed:
         ignore = [] if exact else [n + "." for b in all_blocks for n in _unit_modules(b)]
         bad = _fresh_mismatch(model, ignore)
@@ -1119,7 +1126,9 @@ def _unit_modules(b: Block) -> list[str]:
 
 def _fresh_mismatch(model: nn.Module, ignore: Sequence[str]) -> list[str]:
     """State-dict keys whose shape differs between ``model`` and a model of its class built (on the meta device)
-    from its config after a JSON round trip; keys under ``ignore`` prefixes are not compared."""
+    from its config after a JSON round trip, then the keys only one of them has (``"<key> (missing)"``: the fresh
+    model lacks it; ``"<key> (extra)"``: only the fresh model has it); keys under ``ignore`` prefixes are not
+    compared."""
     cfg = getattr(model, "config", None)
     try:
         cfg = type(cfg).from_dict(cfg.to_dict())
@@ -1128,8 +1137,13 @@ def _fresh_mismatch(model: nn.Module, ignore: Sequence[str]) -> list[str]:
     except Exception as e:  # noqa: BLE001 - any failure means the config does not rebuild the model
         return [f"<the config does not build {type(model).__name__}: {type(e).__name__}: {e}>"]
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    return [k for k, v in model.state_dict().items()
-            if k in want and want[k] != tuple(v.shape) and not any(k.startswith(p) for p in ignore)]
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def kept(k: str) -> bool:
+        return not any(k.startswith(p) for p in ignore)
+    return ([k for k, v in have.items() if k in want and want[k] != v and kept(k)]
+            + [f"{k} (missing)" for k in have if k not in want and kept(k)]
+            + [f"{k} (extra)" for k in want if k not in have and kept(k)])
 
 
 _ABSENT = object()
