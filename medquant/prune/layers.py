@@ -237,7 +237,8 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     it has other weights or shapes: Swin's ``depths`` and stage widths, ConvNeXt's ``hidden_sizes``, a tower built
     from a nested dict) gets a ``UserWarning`` naming the first differences: ``save_pretrained`` /
     ``from_pretrained`` would not give it back (transformers would initialise the missing weights at random); save
-    it with :func:`medquant.prune.save_pruned` and a plan naming the dropped blocks instead.
+    it with :func:`medquant.prune.save_pruned` and a plan naming the dropped blocks instead. (Not checked for a
+    quantized model: its layers never match a float model built from the config.)
 
     Later blocks get new ``layer_idx`` values (so KV caches line up); the owning config's ``num_hidden_layers``
     and ``layer_types`` are updated (``encoder_layers`` / ``decoder_layers`` for the encoder / decoder stack of a
@@ -266,9 +267,11 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
             nothing is changed then.
     """
     _drop(model, names)
-    from .pruner import _fresh_mismatch, _is_hf
+    from transformers import PreTrainedModel
 
-    if _is_hf(model):
+    from ..quant.api import quantized_modules
+
+    if isinstance(model, PreTrainedModel) and not quantized_modules(model):  # a quantized model never matched a float one built anew
         bad = _fresh_mismatch(model, [])
         if bad:
             warnings.warn(f"drop_blocks: the config of {type(model).__name__} no longer builds the pruned model (a "
@@ -559,6 +562,28 @@ def _renumbered(old: Any, kind: str, n: int, gone: set[int], what: str) -> Any:
                                  "block between them -- nothing was changed")
         return type(old)(new)
     return one(old)
+
+
+def _fresh_mismatch(model: nn.Module, ignore: Sequence[str]) -> list[str]:
+    """State-dict keys whose shape differs between ``model`` and a model of its class built (on the meta device)
+    from its config after a JSON round trip, then the keys only one of them has (``"<key> (missing)"``: the fresh
+    model lacks it; ``"<key> (extra)"``: only the fresh model has it); keys under ``ignore`` prefixes are not
+    compared."""
+    cfg = getattr(model, "config", None)
+    try:
+        cfg = type(cfg).from_dict(cfg.to_dict())
+        with torch.device("meta"):
+            fresh = type(model)._from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure means the config does not rebuild the model
+        return [f"<the config does not build {type(model).__name__}: {type(e).__name__}: {e}>"]
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def kept(k: str) -> bool:
+        return not any(k.startswith(p) for p in ignore)
+    return ([k for k, v in have.items() if k in want and want[k] != v and kept(k)]
+            + [f"{k} (missing)" for k in have if k not in want and kept(k)]
+            + [f"{k} (extra)" for k in want if k not in have and kept(k)])
 
 
 def bias_holder(model: nn.Module, block: str) -> str | None:

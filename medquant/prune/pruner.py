@@ -1011,6 +1011,8 @@ def _root_config(model: nn.Module, b: Block, cfg):
 
 
 def _sync_configs(model: nn.Module, stacks: set[str] | None, dropped: bool = False) -> tuple[bool, list[str]]:
+    from .layers import _fresh_mismatch
+
     groups: dict[tuple[int, str], tuple[Any, list[Block]]] = {}
     copies: dict[int, dict[int, Any]] = {}  # root config -> the stacks' own copies of it (T5), which follow it
     exact = True
@@ -1122,28 +1124,6 @@ def _unit_modules(b: Block) -> list[str]:
     if b.experts is not None:
         out.append(b.experts)
     return out
-
-
-def _fresh_mismatch(model: nn.Module, ignore: Sequence[str]) -> list[str]:
-    """State-dict keys whose shape differs between ``model`` and a model of its class built (on the meta device)
-    from its config after a JSON round trip, then the keys only one of them has (``"<key> (missing)"``: the fresh
-    model lacks it; ``"<key> (extra)"``: only the fresh model has it); keys under ``ignore`` prefixes are not
-    compared."""
-    cfg = getattr(model, "config", None)
-    try:
-        cfg = type(cfg).from_dict(cfg.to_dict())
-        with torch.device("meta"):
-            fresh = type(model)._from_config(cfg)
-    except Exception as e:  # noqa: BLE001 - any failure means the config does not rebuild the model
-        return [f"<the config does not build {type(model).__name__}: {type(e).__name__}: {e}>"]
-    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-    def kept(k: str) -> bool:
-        return not any(k.startswith(p) for p in ignore)
-    return ([k for k, v in have.items() if k in want and want[k] != v and kept(k)]
-            + [f"{k} (missing)" for k in have if k not in want and kept(k)]
-            + [f"{k} (extra)" for k in want if k not in have and kept(k)])
 
 
 _ABSENT = object()
