@@ -461,7 +461,8 @@ def _refuse_per_layer_state(cfg: Any, n: int, gone: set[int], stack: str) -> Non
     per-layer input embeddings (``hidden_size_per_layer_input``: Gemma 3n, Gemma 4 read slice ``i`` of
     ``embed_tokens_per_layer`` / ``per_layer_model_projection``, reshaped by ``num_hidden_layers``) or key / value
     sharing (``num_kv_shared_layers``: the last layers reuse the keys and values of earlier ones). Neither is
-    renumbered here; the pruned model would fail in its forward or read another layer's keys."""
+    renumbered here; the pruned model would fail in its forward or read another layer's keys. Also refused: a drop
+    that removes every softmax-attention layer of a hybrid stack (``layer_types``) while keeping its other layers."""
     if getattr(cfg, "num_hidden_layers", None) != n:
         return
     ple, shared = getattr(cfg, "hidden_size_per_layer_input", None), getattr(cfg, "num_kv_shared_layers", None)
@@ -471,6 +472,21 @@ def _refuse_per_layer_state(cfg: Any, n: int, gone: set[int], stack: str) -> Non
         raise ValueError(f"refusing to drop blocks {sorted(gone)} of {stack}: its {type(cfg).__name__} has "
                          f"{' and '.join(what)}, tied to the layer count and positions, which drop_blocks does not "
                          "renumber (Gemma 3n / Gemma 4 style); prune heads or neurons instead -- nothing was changed")
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, list) and len(types) == n:  # a hybrid stack (Qwen3.5, LFM2, Jamba...)
+        softmax = [i for i, t in enumerate(types) if t in _SOFTMAX_ATTENTION_TYPES]
+        if softmax and set(softmax) <= gone and len(gone) < n:
+            raise ValueError(f"refusing to drop blocks {sorted(gone)} of {stack}: they are every attention layer "
+                             f"({', '.join(sorted({types[i] for i in softmax}))}) of a stack whose other layers are "
+                             f"{', '.join(sorted({t for t in types if t not in _SOFTMAX_ATTENTION_TYPES}))}; "
+                             "transformers builds the attention masks and the cache from an attention layer, so the "
+                             "pruned model would fail in its forward; keep one -- nothing was changed")
+
+
+#: ``layer_types`` entries of layers with softmax attention (their masks and cache sizes come from such a layer);
+#: the others of hybrid stacks are ``linear_attention``, ``conv``, ``mamba``, ``mlp``, ``moe``.
+_SOFTMAX_ATTENTION_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention",
+                                      "hybrid"})
 
 
 def _stage_updates(cfg: Any, n: int, gone: set[int], stack: str) -> list[tuple[Any, str, Any]]:

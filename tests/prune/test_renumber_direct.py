@@ -214,6 +214,26 @@ def test_gemma4_text_layers_with_per_layer_inputs_are_refused(block):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize(("name", "attention"), [("qwen3_5", 1), ("lfm2_vl", 0)])
+def test_dropping_every_attention_layer_of_a_hybrid_stack_is_refused(name, attention):
+    """The zoo's Qwen3.5 (linear attention + full attention) and LFM2-VL (full attention + conv) text stacks: without
+    their one full-attention layer transformers cannot build the masks / cache (the pruned model failed in its
+    forward); the other layer drops as the model with it skipped."""
+    entry = EXTRA_ZOO_BY_NAME[name]
+    model = entry.build()
+    inputs = entry.inputs(model)
+    stack = "model.language_model.layers"
+    assert model.config.text_config.layer_types[attention] == "full_attention"
+    with pytest.raises(ValueError, match="every attention layer"):
+        drop_blocks(model, [f"{stack}.{attention}"])
+    assert len(model.get_submodule(stack)) == 2
+    other = f"{stack}.{1 - attention}"
+    ref = _run_skipped(model, [other], lambda m: entry.output(m, inputs))
+    drop_blocks(model, [other])
+    with torch.no_grad():
+        torch.testing.assert_close(entry.output(model, inputs), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_phi4mm_image_feature_layer_follows_the_blocks():
     """Phi-4-multimodal reads ``hidden_states[feature_layer]`` (-2) of its SigLIP tower."""
     entry = EXTRA_ZOO_BY_NAME["phi4mm"]
