@@ -238,6 +238,29 @@ def _tied_map(model: nn.Module) -> dict[str, str]:
     return {**tied, **{s: t for t, s in tied.items()}}
 
 
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Full tensor name -> the other names of the same tensor: names bound to one parameter / buffer object and the
+    Hugging Face tied-weight keys (:func:`_tied_map`), closed transitively (BART-style models tie ``shared``, both
+    ``embed_tokens`` and ``lm_head``; ``safetensors.torch.save_model`` keeps one of those names)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    first: dict[int, str] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        parent[find(name)] = find(first.setdefault(id(t), name))
+    for a, b in _tied_map(model).items():
+        parent[find(a)] = find(b)
+    groups: dict[str, list[str]] = {}
+    for name in list(parent):
+        groups.setdefault(find(name), []).append(name)
+    return {n: [m for m in g if m != n] for g in groups.values() if len(g) > 1 for n in g}
+
+
 def _local_tensors(module: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     """(kind, name, tensor) of a module's own (non-recursive) parameters and buffers."""
     out = [("param", n, p) for n, p in module._parameters.items() if p is not None]
@@ -257,7 +280,7 @@ class _Materializer:
     def __init__(self, model: nn.Module, source: CheckpointSource | None, originals: Collection[int] = ()) -> None:
         self.model = model
         self.source = source
-        self.tied = _tied_map(model)
+        self.tied = _aliases(model)
         self.done: dict[str, torch.Tensor] = {}  # full key -> materialized tensor, to re-tie shared weights
         self.originals = originals
         counts: dict[int, int] = {}
@@ -272,10 +295,9 @@ class _Materializer:
         if src is None:
             raise ValueError(f"{key} is on the meta device and no checkpoint was given: pass "
                              "checkpoint='path/to/model.safetensors' (or a directory) to stream weights from disk")
-        if key in src:
-            t = src.get(key)
-        elif key in self.tied and self.tied[key] in src:
-            t = src.get(self.tied[key])
+        found = next((k for k in (key, *self.tied.get(key, ())) if k in src), None)
+        if found is not None:  # the name itself, or another name of the same tensor (safetensors keeps one)
+            t = src.get(found)
         else:
             raise ValueError(f"the checkpoint {src.path} has no tensor {key!r} (the model's state-dict names must "
                              "match the checkpoint's; save it with safetensors.torch.save_model(model, file))")
@@ -318,8 +340,9 @@ class _Materializer:
             full = f"{prefix}.{sub_name}" if sub_name else prefix
             for kind, name, t in _local_tensors(sub):
                 key = f"{full}.{name}" if full else name
-                if key in self.tied and self.tied[key] in self.done and t.device.type == "meta":
-                    new = _shared_to(self.done[self.tied[key]], device)
+                tied_done = next((a for a in self.tied.get(key, ()) if a in self.done), None)
+                if tied_done is not None and t.device.type == "meta":
+                    new = _shared_to(self.done[tied_done], device)
                 else:
                     new = self._read(key, t).to(device=device, dtype=t.dtype) if t.device.type == "meta" \
                         else self._moved(t, device, copy, keep)

@@ -57,6 +57,25 @@ def test_sequential_from_checkpoint_equals_whole_model(entry, tmp_path):
     assert torch.equal(entry.output(meta, inputs), entry.output(whole, inputs))
 
 
+def test_a_tensor_saved_under_another_of_its_names_is_read_from_the_checkpoint(tmp_path):
+    """Florence-2's BART ties ``shared``, both ``embed_tokens`` and ``lm_head``; ``save_model`` keeps one of those
+    names, so the skeleton's ``model.language_model.shared.weight`` was not in the checkpoint (refused before).
+    Reference: ``quantize_`` of the float model."""
+    from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
+
+    entry = EXTRA_ZOO_BY_NAME["florence2"]
+    whole = entry.build()
+    inputs = entry.inputs(whole)
+    save_model(whole, str(tmp_path / "float.safetensors"))
+    saved = set(load_file(tmp_path / "float.safetensors"))
+    assert "model.language_model.shared.weight" not in saved  # what made the read fail
+    quantize_(whole, QuantConfig(4, group_size=32))
+    meta = _skeleton(entry)
+    quantize_sequential(meta, QuantConfig(4, group_size=32), device="cpu", checkpoint=tmp_path / "float.safetensors")
+    _assert_same(whole, meta)
+    assert torch.equal(entry.output(meta, inputs), entry.output(whole, inputs))
+
+
 @pytest.mark.parametrize("name", ["llava"])
 def test_sequential_in_memory_equals_whole_model(name):
     entry = ZOO_BY_NAME[name]
