@@ -1,7 +1,9 @@
 """Sequential (layer-by-layer) post-training quantization for models that do not fit on the compute device.
 
 ``quantize_sequential(model, config_or_map, ...)`` gives exactly the model ``quantize_(model, config_or_map)``
-gives (same plan, same QuantLinear / QuantConv2d, bit-identical buffers: round-to-nearest, ``u = clamp(round(w/s) + z,
+gives (same plan - MoE experts with 3-D weights quantized per expert inside their block, routers left in float;
+with ``per_block_fn``, the plan of the calibrating quantizers, which leave such experts in float - same QuantLinear
+/ QuantConv2d, bit-identical buffers: round-to-nearest, ``u = clamp(round(w/s) + z,
 0, 2^b - 1)``, is computed per layer, so the order of layers cannot change a code), but holds only one decoder / vision block in
 floating point on the compute device at a time:
 
@@ -74,6 +76,7 @@ import functools
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +86,17 @@ import torch
 from torch import nn
 
 from ..models.blocks import block_stacks
-from ..quant.api import names_by_module, notify_quantized, quantize_module, resolve_configs, swap_module
+from ..quant.api import (
+    as_config_map,
+    names_by_module,
+    notify_quantized,
+    quantize_module,
+    resolve_configs,
+    swap_module,
+    without_moe_routers,
+)
 from ..quant.config import QuantConfig
+from ..quant.experts import is_experts_module
 from ..quant.modules import QUANT_LAYERS
 from ._forward import run_calibration_batch
 
@@ -431,7 +443,7 @@ def _quantize_in(model: nn.Module, module: nn.Module, prefix: str, plan: Mapping
             continue
         rel = name[len(start):]
         mod = module.get_submodule(rel)
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):  # else already quantized
+        if isinstance(mod, (nn.Linear, nn.Conv2d)) or is_experts_module(mod):  # else already quantized
             _swap_all(model, module, rel, quantize_module(mod, cfg, name=name), aliases)
 
 
@@ -637,7 +649,16 @@ def quantize_sequential(
     source = checkpoint if isinstance(checkpoint, CheckpointSource) or checkpoint is None \
         else CheckpointSource(checkpoint)
 
-    plan = resolve_configs(model, config_or_map, skip=skip)
+    experts: dict[str, QuantConfig] = {}
+    if per_block_fn is None:  # round-to-nearest: quantize_'s plan - MoE experts with 3-D weights quantized per
+        # expert (resolve_configs leaves them out, with a warning given below if any stays float), routers float
+        cmap = as_config_map(config_or_map, skip=skip)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"\d+ MoE experts module")
+            plan = without_moe_routers(model, cmap, resolve_configs(model, config_or_map, skip=skip), stacklevel=2)
+        experts = {n: c for n, c in cmap.resolve(model).items() if is_experts_module(model.get_submodule(n))}
+    else:
+        plan = resolve_configs(model, config_or_map, skip=skip)
     if blocks is None:
         groups = block_stacks(model)
     elif blocks and isinstance(blocks[0], str):
@@ -653,6 +674,12 @@ def quantize_sequential(
         raise ValueError(f"found no decoder or vision blocks in {type(model).__name__}: pass blocks=[names of "
                          "the repeated blocks] (e.g. 'encoder.layers.0', ...)")
     block_names = [n for g in groups for n in g]
+    outside = [n for n in experts if not n.startswith(tuple(b + "." for b in block_names))]
+    if outside:
+        warnings.warn(f"{len(outside)} MoE experts module(s) with 3-D weights outside the blocks ({', '.join(outside[:3])}"
+                      f"{', ...' if len(outside) > 3 else ''}) stay in floating point: quantize them afterwards with "
+                      "medquant.quantize_(model, config)", UserWarning, stacklevel=2)
+    plan = {**plan, **{n: c for n, c in experts.items() if n not in outside}}
 
     undo = _Undo(model)
     try:

@@ -76,6 +76,28 @@ def test_a_tensor_saved_under_another_of_its_names_is_read_from_the_checkpoint(t
     assert torch.equal(entry.output(meta, inputs), entry.output(whole, inputs))
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("from_checkpoint", [True, False], ids=["checkpoint", "memory"])
+def test_moe_experts_are_quantized_per_expert_as_quantize_does(name, from_checkpoint, tmp_path):
+    """MoE experts with 3-D weights (and routers left float) were left in floating point block by block: most of an
+    MoE model's weights, and a skeleton streamed from a checkpoint could not be quantized afterwards without
+    loading them whole. Reference: ``quantize_`` of the float model (per-expert QuantLinears)."""
+    from medquant.quant.experts import QuantExperts
+    from medquant.testing.zoo_moe import MOE_ZOO_BY_NAME
+
+    entry = MOE_ZOO_BY_NAME[name]
+    whole = entry.build()
+    inputs = entry.inputs(whole)
+    save_model(whole, str(tmp_path / "float.safetensors"))
+    seq = _skeleton(entry) if from_checkpoint else entry.build()
+    quantize_(whole, QuantConfig(4, group_size=32))
+    quantize_sequential(seq, QuantConfig(4, group_size=32), device="cpu",
+                        checkpoint=tmp_path / "float.safetensors" if from_checkpoint else None)
+    assert any(isinstance(m, QuantExperts) for m in seq.modules())
+    _assert_same(whole, seq)
+    assert torch.equal(entry.output(seq, inputs), entry.output(whole, inputs))
+
+
 @pytest.mark.parametrize("name", ["llava"])
 def test_sequential_in_memory_equals_whole_model(name):
     entry = ZOO_BY_NAME[name]
