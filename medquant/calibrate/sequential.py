@@ -676,9 +676,9 @@ def quantize_sequential(
     block_names = [n for g in groups for n in g]
     outside = [n for n in experts if not n.startswith(tuple(b + "." for b in block_names))]
     if outside:
-        warnings.warn(f"{len(outside)} MoE experts module(s) with 3-D weights outside the blocks ({', '.join(outside[:3])}"
-                      f"{', ...' if len(outside) > 3 else ''}) stay in floating point: quantize them afterwards with "
-                      "medquant.quantize_(model, config)", UserWarning, stacklevel=2)
+        warnings.warn(f"{len(outside)} MoE experts module(s) with 3-D weights outside the blocks "
+                      f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}) stay in floating point: "
+                      "quantize them afterwards with medquant.quantize_(model, config)", UserWarning, stacklevel=2)
     plan = {**plan, **{n: c for n, c in experts.items() if n not in outside}}
 
     undo = _Undo(model)

@@ -250,9 +250,10 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     skipped (each passing its input through); see :func:`index_updates` (LLaVA's ``vision_feature_layer``,
     Qwen2.5-VL's ``fullatt_block_indexes``, Qwen3-VL's ``deepstack_visual_indexes``, Mllama's
     ``intermediate_layers_indices`` and text ``cross_attention_layers``, Phi-4-multimodal's image
-    ``feature_layer``, a DINOv2 / BEiT backbone config's ``out_indices``, IDEFICS's ``cross_layer_interval``). A drop that no index can express (a Qwen3-VL
-    deepstack merger left without a block output to read, IDEFICS groups of different sizes) is refused, as is
-    any drop in a stack with per-layer input embeddings or key / value sharing (Gemma 3n, Gemma 4).
+    ``feature_layer``, a DINOv2 / BEiT backbone config's ``out_indices``, IDEFICS's ``cross_layer_interval``). A
+    drop that no index can express (a Qwen3-VL deepstack merger left without a block output to read, IDEFICS
+    groups of different sizes) is refused, as is any drop in a stack with per-layer input embeddings or key / value
+    sharing (Gemma 3n, Gemma 4) and a drop removing every softmax-attention layer of a hybrid stack (Qwen3.5, LFM2).
 
     Args:
         model: the model, changed in place.
@@ -271,7 +272,8 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
 
     from ..quant.api import quantized_modules
 
-    if isinstance(model, PreTrainedModel) and not quantized_modules(model):  # a quantized model never matched a float one built anew
+    # a quantized model never matches a float model built from its config: not checked
+    if isinstance(model, PreTrainedModel) and not quantized_modules(model):
         bad = _fresh_mismatch(model, [])
         if bad:
             warnings.warn(f"drop_blocks: the config of {type(model).__name__} no longer builds the pruned model (a "

@@ -24,8 +24,9 @@ everything). :func:`medquant.prune.layers.allocate_ratios` turns the block-influ
 :func:`medquant.prune.layers.block_influence` (how much each block changes its input, ``1 - cos(x, y)``) into such
 per-layer ratios, and ``drop_blocks`` removes whole blocks (equal to skipping them: indices into a block list,
 such as a LLaVA-style ``config.vision_feature_layer``, Qwen2.5-VL's ``fullatt_block_indexes``, Qwen3-VL's
-``deepstack_visual_indexes`` or IDEFICS's ``cross_layer_interval``, are renumbered by :func:`medquant.prune.layers.drop_blocks`, which refuses a drop
-no index can express; see :func:`medquant.prune.layers.index_updates`).
+``deepstack_visual_indexes`` or IDEFICS's ``cross_layer_interval``, are renumbered by
+:func:`medquant.prune.layers.drop_blocks`, which refuses a drop no index can express; see
+:func:`medquant.prune.layers.index_updates`).
 
 Config. After pruning, each Hugging Face config whose blocks all kept the same counts is updated
 (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``intermediate_size``) when a fresh module built
