@@ -51,6 +51,19 @@ def _mllama():
 MODELS = {"qwen3_vl": _qwen3_vl, "idefics": _idefics, "mllama": _mllama}
 
 
+@pytest.fixture
+def captures(monkeypatch):
+    """The block groups of every recording pass ``quantize_sequential`` makes (its ``_capture``, wrapped)."""
+    calls: list[list[str]] = []
+    real = seq_mod._capture
+
+    def record(model, group, *args):
+        calls.append(list(group))
+        return real(model, group, *args)
+    monkeypatch.setattr(seq_mod, "_capture", record)
+    return calls
+
+
 def _block_inputs(model, names, inputs):
     """Each block's hidden-state input and output in one forward of ``model`` (hooks)."""
     got: dict[str, list[torch.Tensor]] = {}
@@ -73,7 +86,7 @@ def _block_inputs(model, names, inputs):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_each_block_is_calibrated_on_the_inputs_the_quantized_model_gives_it(name, monkeypatch):
+def test_each_block_is_calibrated_on_the_inputs_the_quantized_model_gives_it(name, captures):
     model, inputs = MODELS[name]()
     stacks = block_stacks(model)
     flow = _block_inputs(model, [n for g in stacks for n in g], inputs)
@@ -81,10 +94,6 @@ def test_each_block_is_calibrated_on_the_inputs_the_quantized_model_gives_it(nam
     changed = [b for g in stacks for a, b in itertools.pairwise(g) if not torch.equal(flow[a][1], flow[b][0])]
     assert changed
 
-    captures = []
-    real_capture = seq_mod._capture
-    monkeypatch.setattr(seq_mod, "_capture", lambda m, group, *a: captures.append(list(group)) or
-                        real_capture(m, group, *a))
     seen: dict[str, torch.Tensor] = {}
 
     def per_block(block, block_inputs):
@@ -145,16 +154,12 @@ def test_a_plain_model_with_a_module_between_its_blocks():
     assert all(torch.equal(seen[n], ref[n][0]) for n in seen)
 
 
-def test_a_model_without_changes_between_blocks_is_captured_once_per_stack(monkeypatch):
+def test_a_model_without_changes_between_blocks_is_captured_once_per_stack(captures):
     entry = ZOO_BY_NAME["llama"]
     model = entry.build()
-    calls = []
-    real_capture = seq_mod._capture
-    monkeypatch.setattr(seq_mod, "_capture", lambda m, group, *a: calls.append(list(group)) or
-                        real_capture(m, group, *a))
     quantize_sequential(model, QuantConfig(4, group_size=32), [entry.inputs(model)], device="cpu",
                         per_block_fn=lambda b, bi: None)
-    assert calls == block_stacks(model)
+    assert captures == block_stacks(model)
 
 
 # ---------------------------------------------------------------------------------------------- Swin-style stages
@@ -172,18 +177,13 @@ def _swin(kind):
 # encoder reads the downsampled sizes a stage returns: neither can run with pass-through recorders, so each stage is
 # recorded in a pass that runs the stages before it.
 @pytest.mark.parametrize("kind", ["Swin", "Swinv2"])
-def test_swin_stages_are_calibrated_on_their_true_inputs(kind, monkeypatch):
+def test_swin_stages_are_calibrated_on_their_true_inputs(kind, captures):
     model, inputs = _swin(kind)
     ref_model = copy.deepcopy(model)
-    captures = []
-    real_capture = seq_mod._capture
-    monkeypatch.setattr(seq_mod, "_capture", lambda m, group, *a: captures.append(list(group)) or
-                        real_capture(m, group, *a))
     seen: dict[str, torch.Tensor] = {}
     skip = ["embeddings.patch_embeddings.projection"]  # outside the stages: round-to-nearest block by block
     gptq_quantize_sequential(model, QuantConfig(4, group_size=16), [inputs], skip=skip, device="cpu",
                              progress=False)
-    monkeypatch.setattr(seq_mod, "_capture", real_capture)
     gptq_quantize_(ref_model, QuantConfig(4, group_size=16), [inputs], skip=skip, progress=False)
     a, b = model.state_dict(), ref_model.state_dict()
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []

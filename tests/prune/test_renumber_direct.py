@@ -68,6 +68,27 @@ def test_drop_blocks_directly_keeps_qwen2_5_vl_full_attention_blocks():
         torch.testing.assert_close(entry.output(model, inputs), ref, rtol=1e-5, atol=1e-5)
 
 
+def _state(model):
+    """A copy of ``model``'s state dict (to show a refused drop changed nothing)."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _logits_equal_and_reload(model, cls, inputs, ref, path):
+    """The pruned model's logits equal ``ref`` (the original with the blocks skipped), and ``cls.from_pretrained`` of
+    its ``save_pretrained`` folder gives them again, bit for bit."""
+    with torch.no_grad():
+        out = model(**inputs).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(path)
+    with torch.no_grad():
+        again = cls.from_pretrained(path).eval()(**inputs).logits
+    assert torch.equal(again, out)
+
+
 # ---------------------------------------------------------------------------------------------- 2. Qwen3-VL deepstack
 def _qwen3_vl(indexes, depth=3):
     from transformers import Qwen3VLForConditionalGeneration
@@ -119,7 +140,7 @@ def test_qwen3_vl_deepstack_indexes_follow_the_blocks(indexes, drop, want, direc
 def test_qwen3_vl_refuses_a_drop_no_deepstack_index_can_express(indexes, drop, direct):
     _, model = _qwen3_vl(indexes)
     names = [f"model.visual.blocks.{i}" for i in drop]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _state(model)
     pruner = StructuredPruner(0.0, 0.5, scope="all", progress=False)  # the text FFNs
     if not direct:  # refused by plan(), and by apply_plan before it prunes anything
         with pytest.raises(ValueError, match="deepstack"):
@@ -134,8 +155,7 @@ def test_qwen3_vl_refuses_a_drop_no_deepstack_index_can_express(indexes, drop, d
         else:
             apply_plan(model, plan)
     assert len(model.model.visual.blocks) == 3 and model.model.visual.deepstack_visual_indexes == indexes
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert _same_state(model.state_dict(), before)
 
 
 def test_zoo_qwen3_vl_refuses_dropping_its_deepstack_block_and_drops_the_other():
@@ -191,13 +211,7 @@ def test_mllama_text_cross_attention_layers_follow_the_blocks_and_reload(drop, w
     drop_blocks(model, [name])
     text = model.model.language_model
     assert text.cross_attention_layers == want and model.config.text_config.cross_attention_layers == want
-    with torch.no_grad():
-        out = model(**inputs).logits
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    model.save_pretrained(tmp_path / "m")
-    with torch.no_grad():
-        again = MllamaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()(**inputs).logits
-    assert torch.equal(again, out)
+    _logits_equal_and_reload(model, MllamaForConditionalGeneration, inputs, ref, tmp_path / "m")
 
 
 @pytest.mark.parametrize("block", [0, 1])
@@ -206,12 +220,11 @@ def test_gemma4_text_layers_with_per_layer_inputs_are_refused(block):
     model with a dropped layer failed in its forward; the drop is refused and nothing changes."""
     model = EXTRA_ZOO_BY_NAME["gemma4"].build()
     assert model.config.text_config.hidden_size_per_layer_input > 0
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _state(model)
     with pytest.raises(ValueError, match="per-layer input embeddings"):
         drop_blocks(model, [f"model.language_model.layers.{block}"])
     assert len(model.model.language_model.layers) == model.config.text_config.num_hidden_layers == 2
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert _same_state(model.state_dict(), before)
 
 
 @pytest.mark.parametrize(("name", "attention"), [("qwen3_5", 1), ("lfm2_vl", 0)])
@@ -270,13 +283,7 @@ def test_idefics_cross_layer_interval_follows_the_blocks_and_reloads(drop, inter
         StructuredPruner(drop_blocks=names, scope="language", progress=False).prune(model)
     assert model.model.cross_layer_interval == interval and model.config.cross_layer_interval == interval
     assert len(model.model.layers) == model.config.num_hidden_layers == 6 - len(drop)
-    with torch.no_grad():
-        out = model(**inputs).logits
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    model.save_pretrained(tmp_path / "m")
-    with torch.no_grad():
-        again = IdeficsForVisionText2Text.from_pretrained(tmp_path / "m").eval()(**inputs).logits
-    assert torch.equal(again, out)
+    _logits_equal_and_reload(model, IdeficsForVisionText2Text, inputs, ref, tmp_path / "m")
 
 
 # kept per group [2, 3]; group 1 emptied (two cross-attention layers in a row); a cross-attention layer itself
@@ -284,13 +291,12 @@ def test_idefics_cross_layer_interval_follows_the_blocks_and_reloads(drop, inter
                                    ["model.gated_cross_attn_layers.1"]])
 def test_idefics_refuses_a_drop_no_interval_can_express(names):
     model = tiny_idefics(layers=6, interval=3)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _state(model)
     with pytest.raises(ValueError, match="cross.attention"):
         drop_blocks(model, names)
     assert len(model.model.layers) == 6 and len(model.model.gated_cross_attn_layers) == 2
     assert model.model.cross_layer_interval == model.config.cross_layer_interval == 3
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert _same_state(model.state_dict(), before)
 
 
 # ---------------------------------------------------------------------------------------------- 3. float32 ratios
