@@ -549,19 +549,20 @@ def _capture(model: nn.Module, group: Sequence[str], batches: Sequence[dict], de
 
 
 def _capture_group(model: nn.Module, group: Sequence[str], batches: Sequence[dict], device: torch.device
-                   ) -> tuple[dict[str, list[tuple[tuple, dict]]], int]:
-    """The recorded calls of ``group`` and how many of its leading blocks can be calibrated from them (each on the
-    previous block's output, :func:`_chained`). When the model cannot run with pass-through recorders - its code
-    needs more than the hidden states from a block (Swin's encoder unpacks a stage's tuple, Swin V2's reads the
-    downsampled sizes a stage returns) - only the first block is recorded (the blocks before it run for real) and
-    the rest is left for the next pass; an error there is the model's own (a bad batch) and propagates."""
+                   ) -> tuple[dict[str, list[tuple[tuple, dict]]], int, bool]:
+    """The recorded calls of ``group``, how many of its leading blocks can be calibrated from them (each on the
+    previous block's output, :func:`_chained`), and whether the pass with recorders failed. When the model cannot
+    run with pass-through recorders - its code needs more than the hidden states from a block (Swin's encoder
+    unpacks a stage's tuple, Swin V2's reads the downsampled sizes a stage returns) - only the first block is
+    recorded (the blocks before it run for real); the caller records the rest one block at a time as well (no
+    second failing pass); an error there is the model's own (a bad batch) and propagates."""
     try:
         store = _capture(model, group, batches, device)
     except ValueError:  # the forward failed (run_calibration_batch's error); a block not called is no such case
         if len(group) == 1:
             raise
-        return _capture(model, group[:1], batches, device), 1
-    return store, _chained(group, store)
+        return _capture(model, group[:1], batches, device), 1, True
+    return store, _chained(group, store), False
 
 
 def _chained(group: Sequence[str], store: Mapping[str, list[tuple[tuple, dict]]]) -> int:
@@ -733,10 +734,11 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
                 # device only while it runs; it stops at the group's last block (no final norm, no lm_head logits)
                 running = [model.get_submodule(n) for n in units] + [model.get_submodule(n) for n in done]
                 with _on_device_while_running(running, device, offload):
-                    store, cut = _capture_group(model, group, batches, device)
-                if cut < len(group):  # the rest is captured again once the blocks before it are quantized
+                    store, cut, alone = _capture_group(model, group, batches, device)
+                if cut < len(group):  # the rest is captured again once the blocks before it are quantized (one
+                    # block at a time where the model cannot run with recorders)
                     group, rest_of_group = group[:cut], group[cut:]
-                    pending.insert(0, rest_of_group)
+                    pending[:0] = [[n] for n in rest_of_group] if alone else [rest_of_group]
             hidden: list[torch.Tensor] | None = None
             for name in group:
                 block = model.get_submodule(name)
