@@ -90,6 +90,7 @@ batches and input rows, dampening requested and used, block size, activation ord
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -109,7 +110,9 @@ from ..models.runner import eval_mode
 from ..quant.api import carry_hooks, names_by_module, resolve_configs, swap_module
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import QTensor, compute_qparams, scale_eps
+from ..quant.experts import is_experts_module
 from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from ._experts import ExpertRows, rtn_unrouted, unfold_experts
 from ._forward import (
     calibration_batches,
     check_seed,
@@ -966,7 +969,7 @@ class _Swaps:
 
     def set_modes(self) -> None:
         """Give each new layer the train / eval mode its float layer had before the calibration run."""
-        for alias, old in self.done:
+        for alias, old in reversed(self.done):  # an unfolded MoE experts module (swapped before its layers) last
             self.model.get_submodule(alias).train(self.modes.get(id(old), old.training))
 
     def undo(self) -> None:
@@ -983,28 +986,32 @@ def _run_batch(model: nn.Module, batch: Any, i: int, what: str) -> None:
     run_calibration_batch(model, batch, i, what, passthrough=(_Stop,))
 
 
-def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any], unmasked: Collection[str] = ()
-                ) -> tuple[list[str], dict[str, list[int]]]:
+def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any], unmasked: Collection[str] = (),
+                experts: ExpertRows | None = None) -> tuple[list[str], dict[str, list[int]]]:
     """Planned layers in the order the calibration batches first call them (batch 0's order, then the layers first
     called by a later batch, then those never called), and each layer's call count per batch (one float forward of
     every batch: a stage's capture may stop at its last layer only when every batch calls each of its layers exactly
     once - with data-dependent control flow a later batch may call a layer more often than batch 0); each input is
     checked (shape, finite values) as its Hessian will use it: the padding rows of a dict batch with an
     ``attention_mask`` (for the layers not in ``unmasked``) are no calibration data, so their values are not
-    checked."""
+    checked (an expert layer's rows are those of the tokens routed to it: ``experts``)."""
     checks = {n: HessianAccumulator(model.get_submodule(n), n) for n in names}
     masks = [token_mask(b) for b in batches]
 
     def check(n: str, args: tuple, kwargs: dict, i: int, calls: int) -> None:
         x = _input_of(args, kwargs)
-        rows = row_mask(x, masks[i]) if n not in unmasked and isinstance(x, torch.Tensor) else None
+        if experts is not None and n in experts:
+            rows = experts.map(n, None, None if n in unmasked else masks[i])[1]
+        else:
+            rows = row_mask(x, masks[i]) if n not in unmasked and isinstance(x, torch.Tensor) else None
         checks[n].calls = calls  # the call its errors name, counted over the batches as add counts
         if rows is None:
             checks[n].check(x)
         else:
             checks[n].check(checks[n]._check_shape(x)[rows.to(x.device)])
 
-    order, counts = count_calls(model, names, batches, on_call=check)
+    with experts.tracking() if experts is not None else contextlib.nullcontext():
+        order, counts = count_calls(model, names, batches, on_call=check)
     return order + [n for n in names if not any(counts[n])], counts
 
 
@@ -1018,11 +1025,22 @@ def _stages(model: nn.Module, ordered: Sequence[str]) -> list[list[str]]:
     return list(stages.values())
 
 
+def _add(acc: HessianAccumulator, name: str, x: Any, labels: Any, mask: torch.Tensor | None, shared: _SharedInputs,
+         experts: ExpertRows | None) -> None:
+    """Add one input of layer ``name`` to its Hessian; an expert layer's rows get their tokens' mask and labels."""
+    if experts is not None and name in experts and isinstance(x, torch.Tensor):
+        labels, rows = experts.map(name, labels, mask)
+        acc.add_products(acc.products(x.detach(), labels, rows))
+    else:
+        shared.add(acc, x, labels, mask)
+
+
 def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], early_stop: bool,
              labels: Sequence[Any] | None, group_weights: Mapping[Any, float] | None,
-             unmasked: Collection[str] = ()) -> dict[str, HessianAccumulator]:
+             unmasked: Collection[str] = (), experts: ExpertRows | None = None) -> dict[str, HessianAccumulator]:
     """The Hessians of the stage's layers on every calibration batch; the padding positions of dict batches
-    (``attention_mask`` 0) are left out of the layers (not in ``unmasked``) whose input is ``(batch, tokens, K)``."""
+    (``attention_mask`` 0) are left out of the layers (not in ``unmasked``) whose input is ``(batch, tokens, K)``,
+    and of the expert layers (``experts``: the rows of the tokens routed to the expert)."""
     accs = {n: HessianAccumulator(model.get_submodule(n), n, group_weights) for n in stage}
     seen: set[str] = set()
     current: list[Any] = [None]
@@ -1033,7 +1051,8 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
 
     def make(n: str):
         def hook(mod, args, kwargs):
-            shared.add(accs[n], _input_of(args, kwargs), current[0], None if n in unmasked else mask[0])
+            _add(accs[n], n, _input_of(args, kwargs), current[0], None if n in unmasked else mask[0], shared,
+                 experts)
             seen.add(n)
             if early_stop and len(seen) == len(accs):
                 raise _Stop
@@ -1042,13 +1061,15 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
     try:
         for n in stage:
             handles.append(model.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
+        tracking = experts.tracking if experts is not None else contextlib.nullcontext
         for i, batch in enumerate(batches):
             seen.clear()
             shared.clear()
             current[0] = labels[i] if labels is not None else None
             mask[0] = token_mask(batch)
             try:
-                _run_batch(model, batch, i, short_names(stage))
+                with tracking():
+                    _run_batch(model, batch, i, short_names(stage))
             except _Stop:
                 pass
     finally:
@@ -1060,7 +1081,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
 
 def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, HessianAccumulator],
                    labels: Sequence[Any] | None, masks: Sequence[torch.Tensor | None] | None = None,
-                   unmasked: Collection[str] = ()) -> None:
+                   unmasked: Collection[str] = (), experts: ExpertRows | None = None) -> None:
     """Accumulate the Hessians of ``accs``' layers on the block's calibration calls, every call run whole.
 
     ``masks[i]``: the token mask of calibration batch ``i`` (:func:`token_mask`), applied to the layers (not in
@@ -1079,17 +1100,19 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
 
     def make(n: str):
         def hook(mod, args, kwargs):
-            shared.add(accs[n], _input_of(args, kwargs), current[0], None if n in unmasked else mask[0])
+            _add(accs[n], n, _input_of(args, kwargs), current[0], None if n in unmasked else mask[0], shared,
+                 experts)
         return hook
 
     try:
         for n in accs:
             handles.append(block.get_submodule(n).register_forward_pre_hook(make(n), with_kwargs=True))
+        tracking = experts.tracking if experts is not None else contextlib.nullcontext
         for i, (a, k) in enumerate(zip(inputs.args, inputs.kwargs)):
             shared.clear()
             current[0] = labels[i] if labels is not None else None
             mask[0] = masks[i] if masks is not None else None
-            with torch.no_grad():  # no autograd graph keeps the call's activations alive
+            with torch.no_grad(), tracking():  # no autograd graph keeps the call's activations alive
                 block(*a, **k)
     finally:
         for h in handles:
@@ -1175,7 +1198,7 @@ def gptq_quantize_(
         raise TypeError(f"gptq_quantize_ expects an nn.Module, got {type(model).__name__}")
     _check_args(damp, block_size, max_samples)
     seed = check_seed(seed)
-    plan = resolve_configs(model, config_or_map, skip=skip)
+    plan = resolve_configs(model, config_or_map, skip=skip, experts=True)
     if not plan:
         return {}
     if "" in plan:  # the model is itself one Linear / Conv2d: there is no parent to swap it in
@@ -1196,33 +1219,58 @@ def gptq_quantize_(
         m = model.get_submodule(n)
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             raise ValueError(f"layer {n}: GPTQ supports padding_mode='zeros' only")
-    aliases = names_by_module(model)
     swapped = _Swaps(model)
+    unrouted: list[str] = []
     with eval_mode(model):
         try:
+            before = names_by_module(model)  # MoE experts with 3-D weights: one float Linear per expert and matrix
+            plan = unfold_experts(model, plan, lambda n, new: swapped.swap(before, n, new))
+            aliases = names_by_module(model)
+            experts = ExpertRows(model, list(plan))
             unmasked = unmasked_layers(model, plan) if any(token_mask(b) is not None for b in batches) else set()
-            ordered, counts = _call_order(model, list(plan), batches, unmasked)
+            ordered, counts = _call_order(model, list(plan), batches, unmasked, experts)
             stages = _stages(model, ordered)
             bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
             for stage in bar:
                 early = all(c == 1 for n in stage for c in counts[n])
-                accs = _capture(model, stage, batches, early, labels, group_weights, unmasked)
-                built = []
-                factors = _Factors()
-                for n in stage:
-                    q = _quantize_layer(model.get_submodule(n), accs[n].hessian(), plan[n], damp, block_size,
-                                        act_order, n, torch.float32, factors, clip_search)
-                    q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
-                    if labels is not None:
-                        q.calibration.update(_group_record(accs, n))
-                    built.append((n, q))
+                accs = _capture(model, stage, batches, early, labels, group_weights, unmasked, experts)
+                factors = _Factors()  # layers with one Hessian (q / k / v) share its prepared factor
+                built = [(n, _layer_result(model.get_submodule(n), n, plan[n], accs, experts, unrouted, len(batches),
+                                           labels, damp, block_size, act_order, clip_search, seed, factors))
+                         for n in stage]
                 for n, q in built:
                     swapped.swap(aliases, n, q)
         except BaseException:
             swapped.undo()
             raise
     swapped.set_modes()
+    _warn_unrouted(unrouted, 4)  # the caller of gptq_quantize_ (below torch.no_grad's wrapper)
     return calibration_records(model)
+
+
+def _layer_result(layer: nn.Module, name: str, cfg: QuantConfig, accs: Mapping[str, HessianAccumulator],
+                  experts: ExpertRows, unrouted: list[str], samples: int, labels: Sequence[Any] | None, damp: float,
+                  block_size: int, act_order: bool, clip_search: bool, seed: int, factors: _Factors,
+                  full: str | None = None) -> nn.Module:
+    """The GPTQ layer of ``name`` from its Hessian, with its record; an expert layer no calibration token reached
+    is quantized by round-to-nearest (added to ``unrouted``)."""
+    acc = accs[name]
+    if acc.rows == 0 and name in experts:
+        unrouted.append(full or name)
+        return rtn_unrouted(layer, cfg, samples)
+    q = _quantize_layer(layer, acc.hessian(), cfg, damp, block_size, act_order, full or name, torch.float32,
+                        factors, clip_search)
+    q.calibration.update(samples=samples, rows=acc.rows, seed=seed)
+    if labels is not None:
+        q.calibration.update(_group_record(accs, name))
+    return q
+
+
+def _warn_unrouted(unrouted: Sequence[str], stacklevel: int) -> None:
+    if unrouted:
+        warnings.warn(f"{len(unrouted)} MoE expert layer(s) received no calibration token ({short_names(unrouted)}) "
+                      "and were quantized by round-to-nearest (their record says method 'rtn'): calibrate with more "
+                      "or more varied data to reach every expert", UserWarning, stacklevel=stacklevel)
 
 
 def gptq_quantize_sequential(
@@ -1324,34 +1372,41 @@ def gptq_quantize_sequential(
     padded = any(m is not None for m in masks)
     image_layers = unmasked_layers(model, [n for n, _ in model.named_modules()]) if padded else set()
 
+    unrouted: list[str] = []
+
     def per_block_fn(block: nn.Module, inputs: BlockInputs) -> None:
-        names = [n for n, c in inputs.configs.items()
-                 if isinstance(block.get_submodule(n), (nn.Linear, nn.Conv2d))]
-        if not names:
+        configs = {n: c for n, c in inputs.configs.items()
+                   if isinstance(block.get_submodule(n), (nn.Linear, nn.Conv2d)) or is_experts_module(
+                       block.get_submodule(n))}
+        if not configs:
             return
+
+        def swap(n: str, new: nn.Module, aliases: Mapping[int, list[str]]) -> None:
+            carry_hooks(block.get_submodule(n), new)  # under every name of the module in the block
+            for alias in aliases.get(id(block.get_submodule(n)), [n]):
+                swap_module(block, alias, new)
+
+        before = names_by_module(block)  # MoE experts with 3-D weights: one float Linear per expert and matrix
+        configs = unfold_experts(block, configs, lambda n, new: swap(n, new, before))
+        names = list(configs)
+        experts = ExpertRows(block, names)
         accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in names}
-        unmasked = {n for n in names if f"{inputs.name}.{n}" in image_layers}
-        _capture_block(block, inputs, accs, labels, masks if padded else None, unmasked)
-        built = []
+        # an expert layer reads what its experts module reads (image patches in a vision tower)
+        unmasked = {n for n in names if f"{inputs.name}.{n.rsplit('.', 2)[0] if n in experts else n}" in image_layers}
+        _capture_block(block, inputs, accs, labels, masks if padded else None, unmasked, experts)
         factors = _Factors()
-        for n in names:
-            full = f"{inputs.name}.{n}"
-            q = _quantize_layer(block.get_submodule(n), accs[n].hessian(), inputs.configs[n], damp, block_size,
-                                act_order, full, torch.float32, factors, clip_search)
-            q.calibration.update(samples=len(batches), rows=accs[n].rows, seed=seed)
-            if labels is not None:
-                q.calibration.update(_group_record(accs, n))
-            built.append((n, q))
+        built = [(n, _layer_result(block.get_submodule(n), n, configs[n], accs, experts, unrouted, len(batches),
+                                   labels, damp, block_size, act_order, clip_search, seed, factors,
+                                   f"{inputs.name}.{n}")) for n in names]
         aliases = names_by_module(block)
         for n, q in built:  # a module bound under several names of the block is swapped under all of them
-            carry_hooks(block.get_submodule(n), q)
-            for alias in aliases.get(id(block.get_submodule(n)), [n]):
-                swap_module(block, alias, q)
+            swap(n, q, aliases)
 
     with eval_mode(model):
         quantize_sequential(model, config_or_map, batches, skip=list(skip) if skip else None, device=device,
                             offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
                             progress=progress)
+    _warn_unrouted(unrouted, 3)
     return calibration_records(model)
 
 

@@ -2,8 +2,7 @@
 
 ``quantize_sequential(model, config_or_map, ...)`` gives exactly the model ``quantize_(model, config_or_map)``
 gives (same plan - MoE experts with 3-D weights quantized per expert inside their block, routers left in float;
-with ``per_block_fn``, the plan of the calibrating quantizers, which leave such experts in float - same QuantLinear
-/ QuantConv2d, bit-identical buffers: round-to-nearest, ``u = clamp(round(w/s) + z,
+with ``per_block_fn`` too, which may calibrate the experts first - same QuantLinear / QuantConv2d, bit-identical buffers: round-to-nearest, ``u = clamp(round(w/s) + z,
 0, 2^b - 1)``, is computed per layer, so the order of layers cannot change a code), but holds only one decoder / vision block in
 floating point on the compute device at a time:
 
@@ -87,13 +86,11 @@ from torch import nn
 
 from ..models.blocks import block_stacks
 from ..quant.api import (
-    as_config_map,
     names_by_module,
     notify_quantized,
     quantize_module,
     resolve_configs,
     swap_module,
-    without_moe_routers,
 )
 from ..quant.config import QuantConfig
 from ..quant.experts import is_experts_module
@@ -650,16 +647,10 @@ def quantize_sequential(
     source = checkpoint if isinstance(checkpoint, CheckpointSource) or checkpoint is None \
         else CheckpointSource(checkpoint)
 
-    experts: dict[str, QuantConfig] = {}
-    if per_block_fn is None:  # round-to-nearest: quantize_'s plan - MoE experts with 3-D weights quantized per
-        # expert (resolve_configs leaves them out, with a warning given below if any stays float), routers float
-        cmap = as_config_map(config_or_map, skip=skip)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"\d+ MoE experts module")
-            plan = without_moe_routers(model, cmap, resolve_configs(model, config_or_map, skip=skip), stacklevel=2)
-        experts = {n: c for n, c in cmap.resolve(model).items() if is_experts_module(model.get_submodule(n))}
-    else:
-        plan = resolve_configs(model, config_or_map, skip=skip)
+    # quantize_'s plan: MoE experts with 3-D weights quantized per expert inside their block (a per_block_fn may
+    # calibrate them first: GPTQ's unfolds them into per-expert layers), routers left in float
+    plan = resolve_configs(model, config_or_map, skip=skip, experts=True)
+    experts = {n: c for n, c in plan.items() if is_experts_module(model.get_submodule(n))}
     if blocks is None:
         groups = block_stacks(model)
     elif blocks and isinstance(blocks[0], str):
@@ -676,11 +667,11 @@ def quantize_sequential(
                          "the repeated blocks] (e.g. 'encoder.layers.0', ...)")
     block_names = [n for g in groups for n in g]
     outside = [n for n in experts if not n.startswith(tuple(b + "." for b in block_names))]
-    if outside:
+    if outside and process_rest:  # else the modules outside the blocks are not this call's (quantize_shard)
         warnings.warn(f"{len(outside)} MoE experts module(s) with 3-D weights outside the blocks "
                       f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}) stay in floating point: "
                       "quantize them afterwards with medquant.quantize_(model, config)", UserWarning, stacklevel=2)
-    plan = {**plan, **{n: c for n, c in experts.items() if n not in outside}}
+    plan = {n: c for n, c in plan.items() if n not in outside}
 
     undo = _Undo(model)
     try:

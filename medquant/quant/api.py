@@ -914,20 +914,26 @@ def resolve_configs(
     config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
     *,
     skip: Iterable[str] | None = None,
+    experts: bool = False,
 ) -> dict[str, QuantConfig]:
     """Which config each quantizable Linear / Conv2d gets (modules left in float are absent).
 
     This is the plan of the calibrating quantizers (GPTQ, AdaRound, sequential, shards), which work on Linear /
-    Conv2d layers: MoE experts with 3-D weights the map covers are left out with a warning saying so
-    (:func:`quantize_` quantizes them per expert; :meth:`ConfigMap.resolve` includes them). Weight layers of other
-    types the map covers (``Conv1d``, ``Conv3d``, ``ConvTranspose*d``, transformers' ``Conv1D``) are named in a
-    warning, as by :func:`quantize_`.
+    Conv2d layers. By default MoE experts with 3-D weights the map covers are left out with a warning saying so
+    (:func:`quantize_` quantizes them per expert; :meth:`ConfigMap.resolve` includes them); with
+    ``experts=True`` the plan is :func:`quantize_`'s: such experts modules are in it (the caller quantizes them per
+    expert: GPTQ unfolds them into one Linear per expert and projection,
+    :meth:`~medquant.quant.experts.QuantExperts.unfolded`) and MoE routers stay in floating point unless named
+    exactly (:func:`without_moe_routers`). Weight layers of other types the map covers (``Conv1d``, ``Conv3d``,
+    ``ConvTranspose*d``, transformers' ``Conv1D``) are named in a warning, as by :func:`quantize_`.
 
     Args:
         model: the model.
         config_or_map: a :class:`ConfigMap`, a plain mapping of patterns, or one config (or int bit-width) for
             every module.
         skip: extra patterns left in float.
+        experts: :func:`quantize_`'s MoE plan (experts modules in, routers float) instead of Linear / Conv2d
+            layers only.
 
     Returns:
         ``{module name: QuantConfig}`` in ``named_modules`` order.
@@ -940,14 +946,16 @@ def resolve_configs(
     targets = quantizable_modules(model, QuantConfig)
     plan = _resolve(model, cmap, targets)
     _warn_unhandled_layers(model, cmap, targets)
-    experts = [n for n in plan if is_experts_module(model.get_submodule(n))]
     if experts:
-        warnings.warn(f"{len(experts)} MoE experts module(s) with 3-D weights ({', '.join(experts[:3])}"
-                      f"{', ...' if len(experts) > 3 else ''}) are not quantized by this calibration path (it "
+        return without_moe_routers(model, cmap, plan, stacklevel=3)
+    moe = [n for n in plan if is_experts_module(model.get_submodule(n))]
+    if moe:
+        warnings.warn(f"{len(moe)} MoE experts module(s) with 3-D weights ({', '.join(moe[:3])}"
+                      f"{', ...' if len(moe) > 3 else ''}) are not quantized by this calibration path (it "
                       "handles Linear / Conv2d layers); they stay in floating point: quantize them afterwards "
                       "with medquant.quantize_(model, config), which quantizes experts per expert", UserWarning,
                       stacklevel=2)
-    return {n: c for n, c in plan.items() if n not in experts}
+    return {n: c for n, c in plan.items() if n not in moe}
 
 
 _NOTED_ROUTERS: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()

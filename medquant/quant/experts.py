@@ -36,9 +36,10 @@ discontinuous in its weights).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeGuard, cast
 
 import torch
@@ -263,6 +264,9 @@ class QuantExperts(nn.Module):
             expert, or a layer's ``in_features -> out_features`` is not its projection's.
     """
 
+    _track_rows: bool = False
+    routed_rows: tuple[torch.Tensor, int] | None = None
+
     def __init__(self, float_module: nn.Module, children: dict[str, list[nn.Module]]) -> None:
         super().__init__()
         lay = experts_layout(float_module)
@@ -366,6 +370,47 @@ class QuantExperts(nn.Module):
         return q
 
     @classmethod
+    def unfolded(cls, module: nn.Module) -> QuantExperts:
+        """A QuantExperts computing exactly what the float ``module`` computes, with float layers (no copy).
+
+        Each expert and projection gets one float ``nn.Linear`` whose weight (and bias) is a view of the module's
+        3-D parameter slice. This is the form in which the calibrating quantizers (GPTQ) see an experts module: every expert's
+        matrices become ordinary layers, each called only on the tokens routed to its expert, so a layer's
+        calibration inputs are exactly the rows that expert computes on. :meth:`to_float` gives the float
+        module back (stacked copies of the same values).
+
+        Args:
+            module: the float experts module (weights loaded).
+
+        Returns:
+            The new ``QuantExperts`` in ``module``'s train / eval mode.
+
+        Raises:
+            TypeError: ``module`` is not a supported experts module.
+            ValueError: the weights are on the meta device.
+        """
+        if not is_experts_module(module):
+            raise TypeError(f"{type(module).__name__} is not an experts module with 3-D weights that QuantExperts "
+                            "reproduces")
+        children: dict[str, list[nn.Module]] = {}
+        for pkey, pairs in cls.expert_weights(module).items():
+            layers: list[nn.Module] = []
+            for w, b in pairs:
+                if w.device.type == "meta":
+                    raise ValueError(f"{type(module).__name__}: its weights are on the meta device (not loaded): "
+                                     "load them first")
+                with torch.device("meta"):
+                    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+                lin.weight = nn.Parameter(w, requires_grad=False)
+                if b is not None:
+                    lin.bias = nn.Parameter(b, requires_grad=False)
+                layers.append(lin)
+            children[_CHILD[pkey]] = layers
+        q = cls(module, children)
+        q.train(module.training)
+        return q
+
+    @classmethod
     def shell(cls, module: nn.Module, recorded: Iterable[str] = ()) -> QuantExperts:
         """An empty QuantExperts for ``module`` whose expert layers are placeholders for a loader to replace.
 
@@ -457,7 +502,38 @@ class QuantExperts(nn.Module):
                 return tmpl.__dict__[name]
             raise
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def tracking_rows(self) -> Iterator[None]:
+        """Record, while each expert computes, which input rows it received (for calibration hooks).
+
+        Within the context, while expert ``e`` computes, :attr:`routed_rows` is ``(rows, tokens)``: the indices
+        (into the ``tokens`` rows of the ``hidden_states`` this module was called with, flattened as the model
+        flattens them) of the rows that expert ``e``'s layers receive, in their order. A calibration hook on an
+        expert layer reads it to map the layer's input rows back to the batch's tokens (their padding mask, their
+        sample's group label). Outside an expert's computation, and outside the context, it is ``None``.
+
+        Yields:
+            Nothing; the recording stops (and :attr:`routed_rows` is ``None``) when the context exits.
+        """
+        self._track_rows = True
+        try:
+            yield
+        finally:
+            self._track_rows = False
+            self.routed_rows = None
+
+    def _expert(self, e: int, x: torch.Tensor, rows: torch.Tensor | None = None, tokens: int = 0
+                ) -> torch.Tensor:
+        if self._track_rows:
+            self.routed_rows = (rows if rows is not None else torch.arange(x.shape[0], device=x.device),
+                                tokens or x.shape[0])
+        try:
+            return self._expert_out(e, x)
+        finally:
+            if self._track_rows:
+                self.routed_rows = None
+
+    def _expert_out(self, e: int, x: torch.Tensor) -> torch.Tensor:
         h = self._gate(getattr(self, self.up_name)[e](x))
         y = self.down[e](h)
         if self.layout["post_norm"]:
@@ -477,7 +553,8 @@ class QuantExperts(nn.Module):
             hit = torch.unique(top_k_index[top_k_index < self.num_experts]).tolist()
         for e in hit:
             token_idx, pos = torch.where(top_k_index == e)
-            y = self._expert(int(e), hidden_states[token_idx]) * top_k_weights[token_idx, pos, None]
+            y = self._expert(int(e), hidden_states[token_idx], token_idx, hidden_states.shape[0]) \
+                * top_k_weights[token_idx, pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
 

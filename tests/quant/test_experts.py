@@ -229,6 +229,16 @@ def test_calibration_plans_leave_experts_out_with_a_warning():
         plan = resolve_configs(m, CFG)
     assert plan and not any(n.endswith(".experts") for n in plan)
     assert "model.layers.0.self_attn.q_proj" in plan
+    # experts=True: quantize_'s plan (what GPTQ, block-by-block and sharded quantization use): the experts in,
+    # the routers out, the same modules quantize_ quantizes
+    with pytest.warns(UserWarning, match="2 MoE router"):
+        moe_plan = resolve_configs(m, CFG, experts=True)
+    assert "model.layers.0.mlp.experts" in moe_plan and "model.layers.0.mlp.gate" not in moe_plan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(m, CFG)
+    done = {n for n, q in m.named_modules() if isinstance(q, (QuantLinear, QuantExperts))}
+    assert set(moe_plan) == {n for n in done if ".experts." not in n}  # not the QuantExperts' own layers
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
