@@ -40,6 +40,7 @@ from ..distributed import world_size as _world_size
 from ..models.blocks import block_stacks
 from ..quant.api import resolve_configs, swap_module
 from ..quant.config import QuantConfig
+from ..quant.experts import expand_recorded_experts
 from ..quant.modules import QUANT_LAYERS, QUANT_MODULES
 from ..quant.recipe import bit_map_matches, layer_from_recipe, model_recipe
 from .sequential import CheckpointSource, quantize_sequential
@@ -95,7 +96,8 @@ def quantize_shard(
 ) -> Path:
     """Quantize this process's share of ``model``'s blocks from the float ``checkpoint`` and write it to a shard.
 
-    Rank 0 also quantizes everything outside the blocks. The shard is
+    Rank 0 also quantizes everything outside the blocks. The plan is :func:`medquant.quantize_`'s (MoE experts with
+    3-D weights quantized per expert, routers left in float), resolved on the whole model by every rank. The shard is
     ``out_dir/medquant-shard-RRRRR-of-WWWWW.safetensors``, with the layer recipes in its metadata; blocks are
     split with :func:`shard_blocks`.
 
@@ -124,8 +126,11 @@ def quantize_shard(
     if not all_blocks:
         raise ValueError(f"found no blocks in {type(model).__name__}: pass blocks=[...]")
     mine = shard_blocks(all_blocks, r, w)
-    # rank 0 processes the rest; every rank resolves the plan on the full model, so patterns mean the same
-    plan = resolve_configs(model, config_or_map, skip=skip)
+    # rank 0 processes the rest; every rank resolves the plan on the full model, so patterns mean the same;
+    # quantize_'s plan: MoE experts with 3-D weights quantized per expert, routers float
+    plan = resolve_configs(model, config_or_map, skip=skip, experts=True)
+    others = tuple(b + "." for b in all_blocks if b not in mine)
+    plan = {n: c for n, c in plan.items() if not (n + ".").startswith(others)}  # the other ranks' layers
     if mine:
         quantize_sequential(model, plan, skip=None, device=device, offload_device="cpu", checkpoint=checkpoint,
                             blocks=[mine], process_rest=(r == 0), progress=progress)
@@ -191,6 +196,7 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as h:
             recipe = json.loads((h.metadata() or {}).get(_RECIPE_KEY, "{}"))
+            expand_recorded_experts(model, recipe)  # MoE experts: their per-expert layers become modules
             for name, entry in recipe.items():
                 try:
                     shell = layer_from_recipe(entry)
