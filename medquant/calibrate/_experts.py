@@ -17,6 +17,7 @@ Hessian: it is quantized by round-to-nearest (:func:`rtn_unrouted`), and its rec
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from ..quant.config import QuantConfig
 from ..quant.experts import QuantExperts, is_experts_module
 from ..quant.modules import QuantLinear
 
-__all__ = ["ExpertRows", "rtn_unrouted", "unfold_experts"]
+__all__ = ["ExpertRows", "rtn_unrouted", "unfold_experts", "warn_unrouted"]
 
 _KEYS = ("gate_up", "up", "down")
 
@@ -132,3 +133,13 @@ def rtn_unrouted(layer: nn.Module, config: QuantConfig, samples: int) -> QuantLi
     q.calibration = {"method": "rtn", "samples": samples, "rows": 0,
                      "reason": "no calibration token was routed to this expert"}
     return q
+
+
+def warn_unrouted(unrouted: Sequence[str], stacklevel: int) -> None:
+    """One warning naming the expert layers :func:`rtn_unrouted` quantized (none: no warning); ``stacklevel`` as
+    ``warnings.warn`` takes it, counted from this function."""
+    if unrouted:
+        names = ", ".join(unrouted[:3]) + (", ..." if len(unrouted) > 3 else "")
+        warnings.warn(f"{len(unrouted)} MoE expert layer(s) received no calibration token ({names}) and were "
+                      "quantized by round-to-nearest (their record says method 'rtn'): calibrate with more or more "
+                      "varied data to reach every expert", UserWarning, stacklevel=stacklevel + 1)

@@ -163,8 +163,10 @@ def token_mask(batch: Any) -> torch.Tensor | None:
 
 def row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     """``mask`` if it marks the rows of the layer input ``x``: ``x`` is ``(batch, tokens, features)`` with the
-    mask's ``(batch, tokens)``; else ``None`` (every row is calibration data)."""
-    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+    mask's ``(batch, tokens)``, or ``(rows, features)`` with a ``(rows,)`` mask (an MoE expert layer's routed
+    tokens); else ``None`` (every row is calibration data)."""
+    if mask is None or x.dim() not in (2, 3) or mask.dim() != x.dim() - 1 \
+            or tuple(x.shape[:-1]) != tuple(mask.shape):
         return None
     return mask
 

@@ -73,12 +73,13 @@ what :class:`~medquant.QuantConv2d` computes).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 import numbers
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,7 @@ from ..quant.api import carry_hooks, names_by_module, resolve_configs, swap_modu
 from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
 from ..quant.modules import QuantConv2d, QuantLinear
+from ._experts import ExpertRows, rtn_unrouted, unfold_experts, warn_unrouted
 from ._forward import (
     calibration_batches,
     check_seed,
@@ -397,7 +399,7 @@ def _no_cache(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], every_call: bool = False,
-                   per_batch: list[int] | None = None) -> list[_Call]:
+                   per_batch: list[int] | None = None, experts: ExpertRows | None = None) -> list[_Call]:
     """(args, kwargs without a KV cache, float output, the batch's :func:`token_mask`) of every call of the block
     on the calibration batches, in call order (batch by batch, the calls of a batch in the order the forward makes
     them).
@@ -405,14 +407,17 @@ def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], ev
     ``every_call=False``: each batch's forward is stopped at the block's first call (for a block called once per
     batch: the rest of the model is not run). ``every_call=True``: each batch's forward runs through and every call
     of the block is kept (a shared layer or block), one entry per call, each holding that call's tensors only.
-    ``per_batch``, when given, receives the number of calls kept from each batch (in batch order)."""
+    ``per_batch``, when given, receives the number of calls kept from each batch (in batch order). An MoE expert
+    layer (in ``experts``) gets the mask entries of the tokens routed to it (a ``(rows,)`` mask)."""
     block = model.get_submodule(block_name)
     calls: list[_Call] = []
     mask: list[torch.Tensor | None] = [None]  # the token mask of the batch being run
+    routed = experts is not None and block_name in experts
 
     def hook(mod, args, kwargs, out):
+        m = cast(ExpertRows, experts).map(block_name, None, mask[0])[1] if routed else mask[0]
         calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), _no_cache(kwargs),
-                      _first_tensor(out).detach(), mask[0]))
+                      _first_tensor(out).detach(), m))
         if not every_call:
             raise _StopForward
 
@@ -422,7 +427,8 @@ def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], ev
             mask[0] = token_mask(batch)
             before = len(calls)
             try:
-                _run_batch(model, batch, i, f"block {block_name}")
+                with experts.tracking() if routed and experts is not None else contextlib.nullcontext():
+                    _run_batch(model, batch, i, f"block {block_name}")
             except _StopForward:
                 pass
             if per_batch is not None:
@@ -530,7 +536,7 @@ def _refuse_shared_across_units(model: nn.Module, plan: Iterable[str], blocks: S
                              "copy of the layer, or choose blocks that hold all its names")
 
 
-def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any]
+def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any], optional: Collection[str] = ()
                    ) -> tuple[list[str], dict[str, list[int]]]:
     """The units in the order of their first call on the first batch (units it does not call after them, in the
     order of their first call on the later batches), and how many times each batch's forward calls each unit, one
@@ -539,12 +545,13 @@ def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any
     (data-dependent control flow), so the decision to stop a capture at a unit's first call needs every batch.
 
     Raises:
-        ValueError: a unit that no calibration batch calls (checked here, before the model changes).
+        ValueError: a unit that no calibration batch calls (checked here, before the model changes), unless it is
+            ``optional`` (an MoE expert layer no calibration token is routed to: it is left out of the order).
     """
     units = list(units)
     with torch.no_grad():
         order, counts = count_calls(model, units, batches)
-    missing = [u for u in units if u not in order]
+    missing = [u for u in units if u not in order and u not in optional]
     if missing:
         raise ValueError(f"block {missing[0]} received no calibration inputs: the model's forward did not call it on "
                          f"any calibration batch ({len(missing)} unit(s) never called: {', '.join(missing[:3])}"
@@ -579,6 +586,11 @@ def adaround_quantize_(
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Quantize ``model``'s Linear / Conv2d layers in place with learned rounding (see the module docstring).
+
+    The plan is :func:`medquant.quantize_`'s: MoE experts with 3-D weights are unfolded into one Linear per expert
+    and projection, each reconstructed on the tokens routed to it (alone: against its float output on that input,
+    ``target="input"`` in its record; inside a block: jointly with the block), an expert no calibration token
+    reaches is rounded to nearest (record ``method: "rtn"``, one warning); MoE routers stay in floating point.
 
     Args:
         model: a float model, run in eval mode (its previous mode is restored at the end).
@@ -643,7 +655,7 @@ def adaround_quantize_(
     batches = calibration_batches(calib, "learned rounding")
     # everything that can fail cheaply is checked before the model changes (BatchNorm folding is the first change);
     # folding keeps the names and the types of the planned Linear / Conv2d layers, so the plan is made before it
-    plan = resolve_configs(model, config_or_map, skip=skip)
+    plan = resolve_configs(model, config_or_map, skip=skip, experts=True)
     if not plan:
         return {}
     if not batches:
@@ -657,26 +669,53 @@ def adaround_quantize_(
                              f"{layer.padding_mode!r}; skip the layer")
     blocks = _check_blocks(model, blocks)
     _refuse_shared_across_units(model, plan, blocks)
-    units: dict[str, list[str]] = {}
-    for n in plan:
-        owner = next((b for b in blocks if n.startswith(b + ".")), n)
-        units.setdefault(owner, []).append(n)
-    unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
-    _check_real_tokens(batches, [u for u in units if u not in unmasked])
-    with eval_mode(model):  # one forward per batch: a batch that does not fit the model fails here
-        ordered, counts = _forward_order(model, units, batches)
+    # MoE experts with 3-D weights: one float Linear per expert and matrix (put back if a check below fails)
+    unfolded: list[tuple[list[str], nn.Module]] = []
+    before = names_by_module(model)
+
+    def unfold(name: str, new: nn.Module) -> None:
+        old = model.get_submodule(name)
+        unfolded.append((before.get(id(old), [name]), old))
+        carry_hooks(old, new)
+        for alias in unfolded[-1][0]:
+            swap_module(model, alias, new)
+
+    plan = unfold_experts(model, plan, unfold)
+    try:
+        experts = ExpertRows(model, list(plan))
+        units: dict[str, list[str]] = {}
+        for n in plan:
+            owner = next((b for b in blocks if n.startswith(b + ".")), n)
+            units.setdefault(owner, []).append(n)
+        unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
+        _check_real_tokens(batches, [u for u in units if u not in unmasked])
+        with eval_mode(model):  # one forward per batch: a batch that does not fit the model fails here
+            ordered, counts = _forward_order(model, units, batches, optional=[u for u in units if u in experts])
+    except BaseException:
+        for names, old in reversed(unfolded):
+            for alias in names:
+                swap_module(model, alias, old)
+        raise
     if fold_bn:
         fold_batchnorm_(model)
     records: dict[str, dict[str, Any]] = {}
     aliases = names_by_module(model)  # every name of every layer, before any swap: a shared layer stays one
     modes = {n: model.get_submodule(n).training for n in plan}  # the swapped layers get these back
+    unrouted = [u for u in units if u not in ordered]  # expert layers no calibration token reaches
     try:
+        for u in unrouted:
+            q = rtn_unrouted(model.get_submodule(u), plan[u], len(batches))
+            records[u] = dict(q.calibration)
+            carry_hooks(model.get_submodule(u), q)
+            swap_module(model, u, q)
         _run_units(model, ordered, units, unmasked, plan, batches, records, aliases, iters=iters, lr=lr, reg=reg,
                    warmup=warmup, seed=seed, act_bits=act_bits, act_symmetric=act_symmetric, target=target,
-                   progress=progress, every_call={u for u, c in counts.items() if any(n != 1 for n in c)})
+                   progress=progress, every_call={u for u, c in counts.items() if any(n != 1 for n in c)},
+                   experts=experts)
     finally:
         for n in records:
             model.get_submodule(n).train(modes[n])
+    warn_unrouted(unrouted, 2)
     return records
 
 
@@ -684,19 +723,22 @@ def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, lis
                plan: Mapping[str, QuantConfig], batches: Sequence[Any], records: dict[str, dict[str, Any]],
                aliases: Mapping[int, list[str]], *, iters: int, lr: float, reg: float, warmup: float, seed: int,
                act_bits: int | None, act_symmetric: bool, target: str, progress: bool,
-               every_call: Collection[str] = ()) -> None:
+               every_call: Collection[str] = (), experts: ExpertRows | None = None) -> None:
     """Reconstruct the units in order (in eval mode), adding each layer's record to ``records`` as it is swapped.
     The units of ``every_call`` (not called exactly once by every batch) are captured on every call of each
     batch; the others' forwards stop at their first call. With ``target="float"``, a unit that some batch calls a
-    different number of times in the model being quantized and in the float copy is refused (``ValueError``)."""
+    different number of times in the model being quantized and in the float copy is refused (``ValueError``). An
+    MoE expert layer reconstructed on its own (in ``experts``) always targets its float output on its own input
+    (``"input"``): the float model may route other tokens to that expert, so its rows cannot be paired."""
     with eval_mode(model):
         reference = copy.deepcopy(model) if target == "float" else None
         gen = torch.Generator().manual_seed(seed)
         for unit in tqdm(ordered, desc="learned rounding", disable=not progress, leave=False):
             every = unit in every_call
             per_batch: list[int] = []
-            calls = _capture_block(model, unit, batches, every, per_batch)
-            if reference is not None:  # the float model's outputs of this block (its own, float inputs)
+            calls = _capture_block(model, unit, batches, every, per_batch, experts)
+            routed = experts is not None and unit in experts
+            if reference is not None and not routed:  # the float model's outputs of this block (float inputs)
                 ref_per_batch: list[int] = []
                 ref_calls = _capture_block(reference, unit, batches, every, ref_per_batch)
                 if per_batch != ref_per_batch:  # calls are paired in order within a batch: counts must agree
@@ -712,7 +754,8 @@ def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, lis
                 calls = [(a, kw, t, None) for a, kw, t, _ in calls]
             records.update(_reconstruct(model, unit, units[unit], plan, calls, len(batches), gen, iters=iters,
                                         lr=lr, reg=reg, warmup=warmup, seed=seed, act_bits=act_bits,
-                                        act_symmetric=act_symmetric, target=target, aliases=aliases))
+                                        act_symmetric=act_symmetric, target="input" if routed else target,
+                                        aliases=aliases))
 
 
 def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mapping[str, QuantConfig],

@@ -112,7 +112,7 @@ from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import QTensor, compute_qparams, scale_eps
 from ..quant.experts import is_experts_module
 from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
-from ._experts import ExpertRows, rtn_unrouted, unfold_experts
+from ._experts import ExpertRows, rtn_unrouted, unfold_experts, warn_unrouted
 from ._forward import (
     calibration_batches,
     check_seed,
@@ -1244,7 +1244,7 @@ def gptq_quantize_(
             swapped.undo()
             raise
     swapped.set_modes()
-    _warn_unrouted(unrouted, 4)  # the caller of gptq_quantize_ (below torch.no_grad's wrapper)
+    warn_unrouted(unrouted, 3)  # the caller of gptq_quantize_ (below torch.no_grad's wrapper)
     return calibration_records(model)
 
 
@@ -1266,11 +1266,6 @@ def _layer_result(layer: nn.Module, name: str, cfg: QuantConfig, accs: Mapping[s
     return q
 
 
-def _warn_unrouted(unrouted: Sequence[str], stacklevel: int) -> None:
-    if unrouted:
-        warnings.warn(f"{len(unrouted)} MoE expert layer(s) received no calibration token ({short_names(unrouted)}) "
-                      "and were quantized by round-to-nearest (their record says method 'rtn'): calibrate with more "
-                      "or more varied data to reach every expert", UserWarning, stacklevel=stacklevel)
 
 
 def gptq_quantize_sequential(
@@ -1406,7 +1401,7 @@ def gptq_quantize_sequential(
         quantize_sequential(model, config_or_map, batches, skip=list(skip) if skip else None, device=device,
                             offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
                             progress=progress)
-    _warn_unrouted(unrouted, 3)
+    warn_unrouted(unrouted, 2)
     return calibration_records(model)
 
 
