@@ -78,6 +78,11 @@ use and the quantized layer is bound under all of its names (as :func:`medquant.
 layer bound in several blocks (or in a block and outside the blocks), naming it: block by block, the later uses
 run after it is quantized, so its Hessian could not hold them.
 
+MoE experts stored as 3-D parameters (transformers 5) are calibrated per expert: the experts module is replaced by
+an equivalent one with one float Linear per expert and projection, each called on the rows of the tokens routed to
+its expert only, so ``H_e = 2 X_e^T X_e / n_e`` over the ``n_e`` routed calibration tokens (the padding positions
+left out); an expert no calibration token reaches has no Hessian and is rounded to nearest.
+
 Both paths are all or nothing: an error in a later stage or block (a Hessian that stays singular, NaN made inside
 the model, an interrupt) puts the model back as it was - :func:`gptq_quantize_` the float layers of the earlier
 stages, :func:`gptq_quantize_sequential` (through :func:`medquant.calibrate.quantize_sequential`) the float layers,
@@ -1154,6 +1159,12 @@ def gptq_quantize_(
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Quantize ``model``'s Linear / Conv2d layers in place with GPTQ (see the module docstring).
+
+    The plan is :func:`medquant.quantize_`'s: MoE experts with 3-D weights are unfolded into one Linear per expert
+    and projection (:meth:`~medquant.quant.experts.QuantExperts.unfolded`), each calibrated on the tokens routed to
+    its expert, ``H_e = 2 X_e^T X_e / n_e`` (padding positions left out, per-sample labels following their tokens);
+    an expert no calibration token reaches is rounded to nearest (record ``method: "rtn"``, one warning); MoE
+    routers stay in floating point unless named exactly.
 
     Args:
         model: a float model (Hugging Face or plain ``nn.Module``); it is run in eval mode.
