@@ -1,4 +1,4 @@
-"""MoE experts with 3-D weights in GPTQ: unfolded into one float ``nn.Linear`` per expert and projection.
+"""MoE experts with 3-D weights in GPTQ and AdaRound: unfolded into one float ``nn.Linear`` per expert and matrix.
 
 An experts module (transformers 5: ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)`` ...) has no Linear to
 calibrate. :func:`unfold_experts` replaces each planned one by

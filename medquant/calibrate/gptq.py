@@ -1277,8 +1277,6 @@ def _layer_result(layer: nn.Module, name: str, cfg: QuantConfig, accs: Mapping[s
     return q
 
 
-
-
 def gptq_quantize_sequential(
     model: nn.Module,
     config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],

@@ -2,8 +2,9 @@
 
 ``quantize_sequential(model, config_or_map, ...)`` gives exactly the model ``quantize_(model, config_or_map)``
 gives (same plan - MoE experts with 3-D weights quantized per expert inside their block, routers left in float;
-with ``per_block_fn`` too, which may calibrate the experts first - same QuantLinear / QuantConv2d, bit-identical buffers: round-to-nearest, ``u = clamp(round(w/s) + z,
-0, 2^b - 1)``, is computed per layer, so the order of layers cannot change a code), but holds only one decoder / vision block in
+with ``per_block_fn`` too, which may calibrate the experts first - same QuantLinear / QuantConv2d, bit-identical
+buffers: round-to-nearest, ``u = clamp(round(w/s) + z, 0, 2^b - 1)``, is computed per layer, so the order of layers
+cannot change a code), but holds only one decoder / vision block in
 floating point on the compute device at a time:
 
 1. the plan is resolved on the skeleton (patterns, roles and ``skip`` exactly as :func:`medquant.quantize_`);

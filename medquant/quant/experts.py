@@ -374,10 +374,10 @@ class QuantExperts(nn.Module):
         """A QuantExperts computing exactly what the float ``module`` computes, with float layers (no copy).
 
         Each expert and projection gets one float ``nn.Linear`` whose weight (and bias) is a view of the module's
-        3-D parameter slice. This is the form in which the calibrating quantizers (GPTQ) see an experts module: every expert's
-        matrices become ordinary layers, each called only on the tokens routed to its expert, so a layer's
-        calibration inputs are exactly the rows that expert computes on. :meth:`to_float` gives the float
-        module back (stacked copies of the same values).
+        3-D parameter slice. This is the form in which the calibrating quantizers (GPTQ, AdaRound) see an experts
+        module: every expert's matrices become ordinary layers, each called only on the tokens routed to its
+        expert, so a layer's calibration inputs are exactly the rows that expert computes on. :meth:`to_float`
+        gives the float module back (stacked copies of the same values).
 
         Args:
             module: the float experts module (weights loaded).
@@ -524,14 +524,13 @@ class QuantExperts(nn.Module):
 
     def _expert(self, e: int, x: torch.Tensor, rows: torch.Tensor | None = None, tokens: int = 0
                 ) -> torch.Tensor:
-        if self._track_rows:
-            self.routed_rows = (rows if rows is not None else torch.arange(x.shape[0], device=x.device),
-                                tokens or x.shape[0])
-        try:
+        if not self._track_rows:
             return self._expert_out(e, x)
-        finally:
-            if self._track_rows:
-                self.routed_rows = None
+        self.routed_rows = (rows if rows is not None else torch.arange(x.shape[0], device=x.device),
+                            tokens or x.shape[0])
+        y = self._expert_out(e, x)
+        self.routed_rows = None  # (after an error: when tracking_rows exits)
+        return y
 
     def _expert_out(self, e: int, x: torch.Tensor) -> torch.Tensor:
         h = self._gate(getattr(self, self.up_name)[e](x))
