@@ -7,7 +7,8 @@ both, the model's exception chained.
 
 Padding (GPTQ's Hessians, AWQ's statistics and scale search): in a dict batch with a 2-D ``attention_mask``, the
 positions with mask 0 are not calibration data. :func:`token_mask` gives the batch's mask, :func:`row_mask` applies
-it to a layer input only where that input is ``(batch, tokens, K)`` with the mask's ``(batch, tokens)``, and
+it to a layer input only where that input is ``(batch, tokens, K)`` with the mask's ``(batch, tokens)`` (or those
+tokens flattened sample by sample, ``(batch * tokens, K)``, or an MoE expert's routed rows), and
 :func:`unmasked_layers` names the layers it is never applied to (the vision tower's and the projector's, whose
 inputs are image patches even when their count equals the number of tokens).
 """
@@ -162,11 +163,16 @@ def token_mask(batch: Any) -> torch.Tensor | None:
 
 
 def row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``mask`` if it marks the rows of the layer input ``x``: ``x`` is ``(batch, tokens, features)`` with the
-    mask's ``(batch, tokens)``, or ``(rows, features)`` with a ``(rows,)`` mask (an MoE expert layer's routed
-    tokens); else ``None`` (every row is calibration data)."""
-    if mask is None or x.dim() not in (2, 3) or mask.dim() != x.dim() - 1 \
-            or tuple(x.shape[:-1]) != tuple(mask.shape):
+    """The mask of the rows of the layer input ``x`` when ``mask`` marks them: ``x`` is ``(batch, tokens,
+    features)`` with the mask's ``(batch, tokens)``; ``(batch * tokens, features)`` with a ``(batch, tokens)`` mask
+    (the tokens flattened sample by sample, as an MoE block flattens its hidden states: the mask flattened the same
+    way); ``(rows, features)`` with a ``(rows,)`` mask (an MoE expert layer's routed tokens). Else ``None`` (every
+    row is calibration data)."""
+    if mask is None or x.dim() not in (2, 3):
+        return None
+    if x.dim() == 2 and mask.dim() == 2 and x.shape[0] == mask.numel():
+        return mask.reshape(-1)
+    if mask.dim() != x.dim() - 1 or tuple(x.shape[:-1]) != tuple(mask.shape):
         return None
     return mask
 

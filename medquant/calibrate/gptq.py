@@ -21,7 +21,8 @@ changes no code), which a fixed 1 on the dead diagonal did not.
 
 Padding: in a dict calibration batch with a 2-D ``attention_mask``, the rows of the padding positions (mask 0) are
 not calibration data and are left out of ``X`` (and of ``n``) for every layer whose input is ``(batch, tokens, K)``
-with the mask's shape (layers of the vision tower or the projector excepted) - their values are not checked either
+with the mask's shape, or those tokens flattened sample by sample (``(batch * tokens, K)``: an MoE block's shared
+expert), or an MoE expert's routed tokens (layers of the vision tower or the projector excepted) - their values are not checked either
 (a NaN there is no error); a right-padded batch of a causal language model gives the Hessians of its sequences run
 unpadded (up to float rounding).
 
@@ -315,10 +316,15 @@ class HessianAccumulator:
         if labels is None or isinstance(labels, (int, str)):
             return [(labels, x, mask)]
         labs = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+        if x.dim() == 2 and labs and x.shape[0] > len(labs) and x.shape[0] % len(labs) == 0:
+            # (batch * tokens, K): the tokens flattened batch-major, as an MoE block flattens its hidden states
+            # before its shared expert; each row takes its sample's label
+            per = x.shape[0] // len(labs)
+            labs = [labs[i // per] for i in range(x.shape[0])]
         if x.dim() < 2 or x.shape[0] != len(labs):
             raise ValueError(f"layer {self.name}: {len(labs)} per-sample group labels for an input of shape "
-                             f"{tuple(x.shape)} (the batch must be its first dimension; otherwise give one "
-                             "label per calibration batch)")
+                             f"{tuple(x.shape)} (the batch must be its first dimension, or the rows the batch's "
+                             "tokens flattened sample by sample; otherwise give one label per calibration batch)")
         out = []
         for key in dict.fromkeys(labs):
             idx = torch.tensor([i for i, v in enumerate(labs) if v == key], device=x.device)
@@ -1174,8 +1180,9 @@ def gptq_quantize_(
         calib: calibration batches, each run as :func:`medquant.models.run_model` runs it (a dict of keyword
             inputs, a tuple of positional inputs or one tensor), already on the model's device; a single dict is
             one batch. In a dict batch with a 2-D ``attention_mask``, the positions where it is 0 (padding) are
-            left out of the Hessians of the layers whose input is ``(batch, tokens, K)`` with the mask's shape
-            (not the vision tower's or the projector's).
+            left out of the Hessians of the layers whose input is ``(batch, tokens, K)`` with the mask's shape,
+            or those tokens flattened sample by sample, or an MoE expert's routed tokens (not the vision tower's
+            or the projector's).
         damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 up to 3 times if ``H`` stays singular;
             with ``damp=0`` a singular ``H`` is refused at once, the message saying to use ``damp > 0``).
         block_size: columns per lazy update block.
@@ -1186,7 +1193,8 @@ def gptq_quantize_(
         seed: seed of that draw (an integer); GPTQ itself is deterministic.
         groups: optional group labels, one entry per calibration batch: a label (int or str) for the whole batch,
             or a sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's
-            input). Then each layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
+            input, or its tokens flattened sample by sample, ``(batch * tokens, K)``, each row taking its sample's
+            label). Then each layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
             (:class:`HessianAccumulator`), so a minority group's inputs weigh as much as the majority's.
         group_weights: ``w_g`` by label (normalised to sum 1 over the groups seen); default uniform.
         progress: tqdm bar over stages.

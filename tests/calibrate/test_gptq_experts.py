@@ -215,3 +215,33 @@ def test_awq_block_by_block_quantizes_the_experts_as_the_whole_model_awq():
     assert sum(isinstance(m, QuantExperts) for m in seq.modules()) == 2
     assert isinstance(seq.model.layers[0].mlp.gate, nn.Module) and not isinstance(seq.model.layers[0].mlp.gate,
                                                                                    QuantLinear)
+
+
+def test_a_shared_expert_on_flattened_tokens_follows_the_padding_and_the_per_sample_labels():
+    """Llama 4's MoE block flattens its hidden states to ``(batch * tokens, H)`` before its shared expert (a plain
+    MLP): its rows are the batch's tokens sample by sample, so the padding mask and per-sample group labels apply
+    to them flattened the same way (before, per-sample labels were refused there and padding rows were kept)."""
+    model = build_moe("llama4_text")
+    ref_model = copy.deepcopy(model)
+    batch = moe_inputs(batch=2, length=8, seed=4)
+    batch["attention_mask"][1, 5:] = 0
+    name = "model.layers.0.feed_forward.shared_expert.gate_proj"
+    seen = {}
+    h = ref_model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.update(x=a[0].detach().clone()))
+    with torch.no_grad():
+        ref_model(**batch)
+    h.remove()
+    x = seen["x"]
+    assert x.dim() == 2 and x.shape[0] == 16
+    keep = batch["attention_mask"].reshape(-1).bool()
+    sample = torch.arange(16) // 8
+    parts = [x[keep & (sample == s)].double() for s in range(2)]
+    hess = sum(0.5 * 2 * (p.T @ p) / p.shape[0] for p in parts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recs = gptq_quantize_(model, CFG, [batch], groups=[["a", "b"]], skip=["@head"], progress=False)
+    assert recs[name]["rows"] == int(keep.sum()) == 13 and recs[name]["group_rows"] == {"a": 8, "b": 5}
+    qt, _ = gptq_quantize_weight(ref_model.get_submodule(name).weight.detach(), hess.float(), CFG)
+    ref = dequantize(qt)[:, :x.shape[1]]
+    got = model.get_submodule(name).dequantized_weight(torch.float32)
+    assert (ref == got).float().mean() > 0.99
