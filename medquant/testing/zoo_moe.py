@@ -86,9 +86,17 @@ MOE_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "llama4_text": _llama4_text,
     "gpt_oss": _gpt_oss,
 }
+def _qwen3_vl_moe():
+    from .zoo_vlm import _build_qwen3_vl
+
+    return _build_qwen3_vl(moe=True)
+
+
 #: MoE models :func:`build_moe` builds that are not in :data:`MOE_ZOO`: ``gemma4`` (Gemma 4 text with MoE blocks,
-#: whose router ``layers.i.router`` computes the expert logits with a child ``nn.Linear``, ``router.proj``)
-MOE_EXTRA_BUILDERS: dict[str, Callable[[], nn.Module]] = {"gemma4": _gemma4}
+#: whose router ``layers.i.router`` computes the expert logits with a child ``nn.Linear``, ``router.proj``) and
+#: ``qwen3_vl_moe`` (Qwen3-VL-MoE, a vision-language model: its inputs, with an image, come from
+#: ``medquant.testing.zoo._qwen_vl_inputs``)
+MOE_EXTRA_BUILDERS: dict[str, Callable[[], nn.Module]] = {"gemma4": _gemma4, "qwen3_vl_moe": _qwen3_vl_moe}
 
 
 def build_moe(name: str, seed: int = 0) -> nn.Module:
@@ -100,7 +108,7 @@ def build_moe(name: str, seed: int = 0) -> nn.Module:
             from ``N(0, 0.02^2)`` with a generator seeded ``seed + 1``.
 
     Returns:
-        The causal LM (``...ForCausalLM``).
+        The causal LM (``...ForCausalLM``; for ``qwen3_vl_moe`` the ``...ForConditionalGeneration`` VLM).
 
     Raises:
         KeyError: ``name`` is not a known MoE model.

@@ -324,16 +324,27 @@ def _mllama_image(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     return model.model.multi_modal_projector(out)
 
 
-def _build_qwen3_vl() -> nn.Module:
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def _build_qwen3_vl(moe: bool = False) -> nn.Module:
+    """Qwen3-VL; ``moe=True``: Qwen3-VL-MoE (every text layer an MoE block of 4 experts, top 2, 3-D weights)."""
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+    )
 
-    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(
-        vision_config={"depth": LAYERS, "hidden_size": HIDDEN, "intermediate_size": INTER, "num_heads": HEADS, "patch_size": PATCH,
-                           "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": HIDDEN,
-                           "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
-        text_config=dict(text_kwargs(num_key_value_heads=2), head_dim=HIDDEN // HEADS,
-                         rope_parameters=dict(_MROPE, mrope_interleaved=True)),
-        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+    text = dict(text_kwargs(num_key_value_heads=2), head_dim=HIDDEN // HEADS,
+                rope_parameters=dict(_MROPE, mrope_interleaved=True))
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                    mlp_only_layers=[])
+    config, cls = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else \
+        (Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    return cls(config(
+        vision_config={"depth": LAYERS, "hidden_size": HIDDEN, "intermediate_size": INTER, "num_heads": HEADS,
+                       "patch_size": PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "out_hidden_size": HIDDEN, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
+        text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END))
 
 

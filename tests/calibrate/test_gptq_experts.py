@@ -10,6 +10,7 @@ projection the class's own gate applied to ``W_gu_e x``), ``H_e = 2 X_e^T X_e / 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -245,3 +246,29 @@ def test_a_shared_expert_on_flattened_tokens_follows_the_padding_and_the_per_sam
     ref = dequantize(qt)[:, :x.shape[1]]
     got = model.get_submodule(name).dequantized_weight(torch.float32)
     assert (ref == got).float().mean() > 0.99
+
+
+def test_a_vision_language_moe_with_an_image_block_by_block_gives_the_whole_model_codes(tmp_path):
+    """Qwen3-VL-MoE with an image: vision blocks, a deepstack feature added after text layer 0, and MoE experts in
+    every text layer. With the blocks' layers planned, block-by-block GPTQ gives whole-model GPTQ's codes, every
+    experts module is quantized per expert, and the checkpoint round trips."""
+    from medquant.models import block_stacks
+    from medquant.testing.zoo import _qwen_vl_inputs
+
+    model = build_moe("qwen3_vl_moe")
+    inputs = _qwen_vl_inputs(model, torch.Generator().manual_seed(0))
+    blocks = [b for stack in block_stacks(model) for b in stack]
+    cmap = {"re:^(" + "|".join(re.escape(b) for b in blocks) + r")\..*": CFG}  # the layers inside the blocks
+    seq = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recs = gptq_quantize_(model, cmap, [inputs], progress=False)
+        gptq_quantize_sequential(seq, cmap, [inputs], device="cpu", progress=False)
+    a, b = model.state_dict(), seq.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(isinstance(m, QuantExperts) for m in model.modules()) == 2
+    assert any(".visual.blocks." in n for n in recs) and any(".experts.down." in n for n in recs)
+    medquant.save(model, tmp_path / "q")
+    loaded = medquant.load(tmp_path / "q", build_moe("qwen3_vl_moe"))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
