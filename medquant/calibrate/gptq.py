@@ -901,7 +901,10 @@ class _Stop(Exception):
     pass
 
 
-def _check_args(damp: float, block_size: int, max_samples: int | None) -> None:
+def _check_args(damp: float, block_size: int, max_samples: int | None, max_hessian_bytes: int | None = None) -> None:
+    if max_hessian_bytes is not None and (isinstance(max_hessian_bytes, bool) or not isinstance(max_hessian_bytes, int)
+                                          or max_hessian_bytes < 1):
+        raise ValueError(f"max_hessian_bytes must be a positive integer or None, got {max_hessian_bytes!r}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0 or not math.isfinite(damp):
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -1162,6 +1165,7 @@ def gptq_quantize_(
     seed: int = 0,
     groups: Sequence[Any] | None = None,
     group_weights: Mapping[Any, float] | None = None,
+    max_hessian_bytes: int | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Quantize ``model``'s Linear / Conv2d layers in place with GPTQ (see the module docstring).
@@ -1197,6 +1201,12 @@ def gptq_quantize_(
             label). Then each layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
             (:class:`HessianAccumulator`), so a minority group's inputs weigh as much as the majority's.
         group_weights: ``w_g`` by label (normalised to sum 1 over the groups seen); default uniform.
+        max_hessian_bytes: the most bytes of Hessian sums held at once (``K^2`` float64 per Linear, per group of a
+            Conv2d, times the number of group labels seen): a stage whose layers need more is captured in several
+            passes over the calibration batches, layers in forward order, each pass holding at most this much (a
+            layer larger than it alone). The codes are the same as in one pass. For MoE blocks: an experts
+            module of ``E`` experts needs ``E (H^2 + I^2)`` float64 (``128 (2048^2 + 768^2) * 8`` bytes = 4.9 GB
+            for one Qwen3-30B-A3B block). ``None`` (default): one pass per stage.
         progress: tqdm bar over stages.
 
     Returns:
@@ -1208,14 +1218,14 @@ def gptq_quantize_(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: invalid ``damp`` / ``block_size`` / ``max_samples`` / ``seed``, no or an empty calibration
-            set, batches that do not run, a convolution with non-zero padding mode, a layer never reached, or a
-            Hessian that stays singular (messages name the layer). On any error the model is left as it was (the
+        ValueError: invalid ``damp`` / ``block_size`` / ``max_samples`` / ``max_hessian_bytes`` / ``seed``, no or an
+            empty calibration set, batches that do not run, a convolution with non-zero padding mode, a layer never
+            reached, or a Hessian that stays singular (messages name the layer). On any error the model is left as it was (the
             layers of the stages already quantized are put back).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gptq_quantize_ expects an nn.Module, got {type(model).__name__}")
-    _check_args(damp, block_size, max_samples)
+    _check_args(damp, block_size, max_samples, max_hessian_bytes)
     seed = check_seed(seed)
     plan = resolve_configs(model, config_or_map, skip=skip, experts=True)
     if not plan:
@@ -1251,12 +1261,15 @@ def gptq_quantize_(
             stages = _stages(model, ordered)
             bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
             for stage in bar:
-                early = all(c == 1 for n in stage for c in counts[n])
-                accs = _capture(model, stage, batches, early, labels, group_weights, unmasked, experts)
-                factors = _Factors()  # layers with one Hessian (q / k / v) share its prepared factor
-                built = [(n, _layer_result(model.get_submodule(n), n, plan[n], accs, experts, unrouted, len(batches),
-                                           labels, damp, block_size, act_order, clip_search, seed, factors))
-                         for n in stage]
+                built = []
+                for part in _hessian_parts(model, stage, max_hessian_bytes):
+                    early = all(c == 1 for n in part for c in counts[n])
+                    accs = _capture(model, part, batches, early, labels, group_weights, unmasked, experts)
+                    factors = _Factors()  # layers with one Hessian (q / k / v) share its prepared factor
+                    built += [(n, _layer_result(model.get_submodule(n), n, plan[n], accs, experts, unrouted,
+                                                len(batches), labels, damp, block_size, act_order, clip_search, seed,
+                                                factors)) for n in part]
+                    del accs
                 for n, q in built:
                     swapped.swap(aliases, n, q)
         except BaseException:
@@ -1285,6 +1298,31 @@ def _layer_result(layer: nn.Module, name: str, cfg: QuantConfig, accs: Mapping[s
     return q
 
 
+def _hessian_bytes(layer: nn.Module) -> int:
+    """Bytes of one set of float64 Hessian sums of ``layer`` (``K^2`` per Linear, per group of a Conv2d)."""
+    if isinstance(layer, nn.Conv2d):
+        k = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+        return layer.groups * k * k * 8
+    return int(getattr(layer, "in_features", 0)) ** 2 * 8
+
+
+def _hessian_parts(root: nn.Module, names: Sequence[str], budget: int | None) -> list[list[str]]:
+    """``names`` cut, in order, into parts whose Hessian sums take at most ``budget`` bytes (a layer larger than the
+    budget alone; ``None``: one part)."""
+    if budget is None:
+        return [list(names)]
+    parts: list[list[str]] = [[]]
+    used = 0
+    for n in names:
+        size = _hessian_bytes(root.get_submodule(n))
+        if parts[-1] and used + size > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append(n)
+        used += size
+    return parts
+
+
 def gptq_quantize_sequential(
     model: nn.Module,
     config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
@@ -1302,6 +1340,7 @@ def gptq_quantize_sequential(
     device: str | torch.device | None = None,
     offload_device: str | torch.device | None = "cpu",
     checkpoint: str | os.PathLike | Any | None = None,
+    max_hessian_bytes: int | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """GPTQ block by block through :func:`medquant.calibrate.quantize_sequential`; the model is quantized in place.
@@ -1344,6 +1383,8 @@ def gptq_quantize_sequential(
         offload_device: where each block goes after it is quantized (``None``: stays on ``device``).
         checkpoint: a Hugging Face folder / safetensors source the float blocks are read from one at a time
             (the model is then a meta-device skeleton), or ``None``.
+        max_hessian_bytes: the most bytes of Hessian sums held at once (see :func:`gptq_quantize_`): a block whose
+            layers need more runs its calibration calls once per part of its layers. The codes are unchanged.
         progress: tqdm bar over blocks.
 
     Returns:
@@ -1351,7 +1392,7 @@ def gptq_quantize_sequential(
 
     Raises:
         ValueError: no or empty calibration data, invalid arguments (``damp``, ``block_size``, ``max_samples``,
-            ``seed``), a planned layer bound in several blocks (one module object under names in two blocks, or in
+            ``max_hessian_bytes``, ``seed``), a planned layer bound in several blocks (one module object under names in two blocks, or in
             a block and outside them: its Hessian would miss its later uses; use :func:`gptq_quantize_`, which
             collects them all, or skip it), a Hessian that stays singular (with ``damp=0``: the message names the
             layer and says to use ``damp > 0``).
@@ -1362,7 +1403,7 @@ def gptq_quantize_sequential(
     unchanged, hooks and train / eval modes as before - then propagates (see
     :func:`medquant.calibrate.quantize_sequential` for the memory this keeps until the call returns).
     """
-    _check_args(damp, block_size, max_samples)
+    _check_args(damp, block_size, max_samples, max_hessian_bytes)
     seed = check_seed(seed)
     if calib_inputs is None:
         raise ValueError("GPTQ needs calibration data: pass calib_inputs (a dict of model(**batch) keyword "
@@ -1402,14 +1443,17 @@ def gptq_quantize_sequential(
         configs = unfold_experts(block, configs, lambda n, new: swap(n, new, before))
         names = list(configs)
         experts = ExpertRows(block, names)
-        accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in names}
         # an expert layer reads what its experts module reads (image patches in a vision tower)
         unmasked = {n for n in names if f"{inputs.name}.{n.rsplit('.', 2)[0] if n in experts else n}" in image_layers}
-        _capture_block(block, inputs, accs, labels, masks if padded else None, unmasked, experts)
-        factors = _Factors()
-        built = [(n, _layer_result(block.get_submodule(n), n, configs[n], accs, experts, unrouted, len(batches),
-                                   labels, damp, block_size, act_order, clip_search, seed, factors,
-                                   f"{inputs.name}.{n}")) for n in names]
+        built = []
+        for part in _hessian_parts(block, names, max_hessian_bytes):
+            accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in part}
+            _capture_block(block, inputs, accs, labels, masks if padded else None, unmasked, experts)
+            factors = _Factors()
+            built += [(n, _layer_result(block.get_submodule(n), n, configs[n], accs, experts, unrouted, len(batches),
+                                        labels, damp, block_size, act_order, clip_search, seed, factors,
+                                        f"{inputs.name}.{n}")) for n in part]
+            del accs
         aliases = names_by_module(block)
         for n, q in built:  # a module bound under several names of the block is swapped under all of them
             swap(n, q, aliases)

@@ -272,3 +272,41 @@ def test_a_vision_language_moe_with_an_image_block_by_block_gives_the_whole_mode
     loaded = medquant.load(tmp_path / "q", build_moe("qwen3_vl_moe"))
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
+def test_a_hessian_memory_budget_captures_in_several_passes_with_the_same_codes(sequential, monkeypatch):
+    """``max_hessian_bytes``: a stage (block) whose Hessians exceed the budget is captured in several passes, each
+    holding at most the budget; the codes are those of one pass."""
+    from medquant.calibrate import gptq as gptq_mod
+
+    model = build_moe("mixtral")  # per block: 4 attention + 8 expert Linear layers, K = 64 (down: 32)
+    batches = [moe_inputs(seed=0), moe_inputs(seed=1)]
+    run = (lambda m, **kw: gptq_quantize_sequential(m, CFG, batches, skip=["@head"], device="cpu", progress=False,
+                                                    **kw)) if sequential else \
+        (lambda m, **kw: gptq_quantize_(m, CFG, batches, skip=["@head"], progress=False, **kw))
+    budget = 64 * 64 * 8 * 3  # three Hessians of K = 64
+    passes: list[list[str]] = []  # the layers of each capture pass
+    name = "_capture_block" if sequential else "_capture"
+    real = getattr(gptq_mod, name)
+
+    def spy(root, *args, **kwargs):
+        out = real(root, *args, **kwargs)
+        accs = args[1] if sequential else out
+        passes.append([n for n in accs])
+        assert sum(gptq_mod._hessian_bytes(a.module) for a in accs.values()) <= budget
+        return out
+
+    one, parts = copy.deepcopy(model), copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(one)
+        monkeypatch.setattr(gptq_mod, name, spy)
+        run(parts, max_hessian_bytes=budget)
+    a, b = one.state_dict(), parts.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a block's Hessians: 8 of K = 64 and 4 of K = 32 (a quarter each), 3 budgets' worth: at least 3 passes a block
+    assert len(passes) >= 2 * 3
+    assert sum(len(p) for p in passes) == len([n for n in gptq_mod.calibration_records(one) if "layers." in n]) == 24
+    with pytest.raises(ValueError, match="max_hessian_bytes must be a positive integer"):
+        run(copy.deepcopy(model), max_hessian_bytes=0)
