@@ -463,8 +463,10 @@ class _SharedInputs:
         if not isinstance(acc.module, nn.Linear) or not isinstance(x, torch.Tensor):
             acc.add(x.detach() if isinstance(x, torch.Tensor) else x, labels)
             return
-        mask = row_mask(x, mask)
+        # keyed by the batch's mask object (one per call): the rows it marks are a function of it and of x (a
+        # flattened mask is a new view at every call of row_mask)
         key = (tensor_version(x), acc.k, id(labels), id(mask) if mask is not None else None)
+        mask = row_mask(x, mask)
         if self.x is x and key[0] >= 0 and key == self.key:
             acc.add_products(self.products)
             return

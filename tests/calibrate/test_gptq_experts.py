@@ -218,7 +218,7 @@ def test_awq_block_by_block_quantizes_the_experts_as_the_whole_model_awq():
                                                                                    QuantLinear)
 
 
-def test_a_shared_expert_on_flattened_tokens_follows_the_padding_and_the_per_sample_labels():
+def test_a_shared_expert_on_flattened_tokens_follows_the_padding_and_the_per_sample_labels(monkeypatch):
     """Llama 4's MoE block flattens its hidden states to ``(batch * tokens, H)`` before its shared expert (a plain
     MLP): its rows are the batch's tokens sample by sample, so the padding mask and per-sample group labels apply
     to them flattened the same way (before, per-sample labels were refused there and padding rows were kept)."""
@@ -238,10 +238,17 @@ def test_a_shared_expert_on_flattened_tokens_follows_the_padding_and_the_per_sam
     sample = torch.arange(16) // 8
     parts = [x[keep & (sample == s)].double() for s in range(2)]
     hess = sum(0.5 * 2 * (p.T @ p) / p.shape[0] for p in parts)
+    from medquant.calibrate.gptq import HessianAccumulator
+
+    formed: list[str] = []  # X^T X products formed, by layer: gate_proj and up_proj read one tensor, formed once
+    real = HessianAccumulator.products
+    monkeypatch.setattr(HessianAccumulator, "products",
+                        lambda self, *a, **k: formed.append(self.name) or real(self, *a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         recs = gptq_quantize_(model, CFG, [batch], groups=[["a", "b"]], skip=["@head"], progress=False)
     assert recs[name]["rows"] == int(keep.sum()) == 13 and recs[name]["group_rows"] == {"a": 8, "b": 5}
+    assert formed.count(name) == 1 and formed.count(name.replace("gate_proj", "up_proj")) == 0
     qt, _ = gptq_quantize_weight(ref_model.get_submodule(name).weight.detach(), hess.float(), CFG)
     ref = dequantize(qt)[:, :x.shape[1]]
     got = model.get_submodule(name).dequantized_weight(torch.float32)
