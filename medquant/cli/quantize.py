@@ -126,7 +126,7 @@ def run(args) -> int:
     else:
         from ..calibrate import gptq_quantize_
 
-        gptq_quantize_(model, config, calib, skip=skip, progress=progress)
+        gptq_quantize_(model, config, calib, skip=skip, progress=progress, max_hessian_bytes=args.max_hessian_bytes)
     after = model_size(model)
     summary = _summary(before, after, len(quantized_modules(model)), args.method)
     out = Path(args.out)
@@ -164,6 +164,10 @@ def register(sub) -> None:
                    help="layers left in float: roles (@vision @projector @language @head), re:<regex> or names "
                         "(default: none, the LM head included, for every --method; the Python awq_quantize_ leaves "
                         "@head float by default)")
+    p.add_argument("--max-hessian-bytes", type=positive_int, default=None, metavar="BYTES",
+                   help="gptq: the most bytes of Hessian sums held at once (a transformer block is then "
+                        "captured in several passes; same result; for MoE models, whose blocks hold one Hessian "
+                        "per expert)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run, check=lambda args: _check(args, p))
 
@@ -176,5 +180,7 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         parser.error(f"OUT_DIR: {args.out} exists and is not a folder; the quantized model is saved as a folder")
     if args.method in ("awq", "gptq") and not args.calib:
         parser.error(f"--method {args.method} needs --calib FILE (calibration text)")
+    if args.max_hessian_bytes is not None and args.method != "gptq":
+        parser.error(f"--max-hessian-bytes is read by --method gptq, not --method {args.method}")
     if args.method == "rtn" and args.calib:  # it would be read for nothing: the user meant awq or gptq
         parser.error("--calib is read by --method awq or gptq; --method rtn (the default) uses no calibration data")

@@ -91,6 +91,14 @@ def test_quantize_gptq_with_calibration_text_matches_gptq_quantize_(folder, caps
     got = _reload(out)
     with torch.no_grad():
         assert torch.equal(got(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+    # a Hessian memory cap: blocks captured in several passes, the same model
+    capped = folder / "gptq_capped"
+    assert main(argv[:2] + [str(capped)] + argv[3:] + ["--max-hessian-bytes", "40000"]) == 0
+    with torch.no_grad():
+        assert torch.equal(_reload(capped)(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+    with pytest.raises(SystemExit):
+        main(["quantize", str(folder / "src"), str(folder / "rtn_capped"), "--max-hessian-bytes", "40000"])
+    assert "--max-hessian-bytes is read by --method gptq" in capsys.readouterr().err
 
 
 def test_eval_is_perplexity_of_the_folder(folder, capsys):
