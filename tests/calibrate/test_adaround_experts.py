@@ -112,3 +112,37 @@ def test_a_batch_that_fails_leaves_the_float_experts_in_place():
         adaround_quantize_(model, CFG, [bad], iters=5, progress=False)
     assert all(model.get_submodule(n) is m for n, m in before.items())
     assert not any(isinstance(m, (QuantExperts, QuantLinear)) for m in model.modules())
+
+
+def test_inside_a_block_an_expert_no_token_reaches_keeps_round_to_nearest_codes():
+    """Its rounding variables get no reconstruction gradient; the regulariser only pushes each away from 1/2, so
+    the final codes are round-to-nearest's. The experts the token reaches learn their rounding (other codes)."""
+    model = build_moe("mixtral")
+    float_experts = {n: copy.deepcopy(m) for n, m in model.named_modules() if is_experts_module(m)}
+    one = {"input_ids": torch.tensor([[17]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    hit: dict[str, set[int]] = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, a, k, n=n: hit.setdefault(n, set()).update((a[1] if len(a) > 1 else k["top_k_index"]).flatten()
+                                                                .tolist()), with_kwargs=True)
+        for n, m in model.named_modules() if is_experts_module(m)]
+    with torch.no_grad():
+        model(**one)
+    for h in hooks:
+        h.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adaround_quantize_(model, CFG, [one], blocks=["model.layers.0", "model.layers.1"], skip=["@head"], iters=50,
+                           progress=False)
+    learned = 0
+    for parent, f in float_experts.items():
+        weights = QuantExperts.expert_weights(f)
+        for key, pkey in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
+            for e in range(4):
+                lin = nn.Linear(weights[pkey][e][0].shape[1], weights[pkey][e][0].shape[0], bias=False)
+                lin.weight = nn.Parameter(weights[pkey][e][0].clone())
+                rtn = torch.equal(model.get_submodule(f"{parent}.{key}.{e}").dequantized_weight(),
+                                  QuantLinear.from_float(lin, CFG).dequantized_weight())
+                if e not in hit[parent]:
+                    assert rtn, f"{parent}.{key}.{e}"
+                learned += not rtn
+    assert learned > 0 and all(len(h) == 2 for h in hit.values())
