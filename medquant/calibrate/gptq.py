@@ -1043,12 +1043,11 @@ def _stages(model: nn.Module, ordered: Sequence[str]) -> list[list[str]]:
 
 def _add(acc: HessianAccumulator, name: str, x: Any, labels: Any, mask: torch.Tensor | None, shared: _SharedInputs,
          experts: ExpertRows | None) -> None:
-    """Add one input of layer ``name`` to its Hessian; an expert layer's rows get their tokens' mask and labels."""
-    if experts is not None and name in experts and isinstance(x, torch.Tensor):
-        labels, rows = experts.map(name, labels, mask)
-        acc.add_products(acc.products(x.detach(), labels, rows))
-    else:
-        shared.add(acc, x, labels, mask)
+    """Add one input of layer ``name`` to its Hessian; an expert layer's rows get their tokens' mask (a ``(rows,)``
+    mask, which :func:`row_mask` applies) and labels."""
+    if experts is not None and name in experts:
+        labels, mask = experts.map(name, labels, mask)
+    shared.add(acc, x, labels, mask)
 
 
 def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], early_stop: bool,
