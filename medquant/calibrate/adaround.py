@@ -89,7 +89,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.layout import FORMAT_VERSION, expand_params, pack, padded_k
 from ..models.runner import eval_mode
-from ..quant.api import carry_hooks, names_by_module, resolve_configs, swap_module
+from ..quant.api import names_by_module, resolve_configs, swap_module
 from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
 from ..quant.modules import QuantConv2d, QuantLinear
@@ -676,7 +676,6 @@ def adaround_quantize_(
     def unfold(name: str, new: nn.Module) -> None:
         old = model.get_submodule(name)
         unfolded.append((before.get(id(old), [name]), old))
-        carry_hooks(old, new)
         for alias in unfolded[-1][0]:
             swap_module(model, alias, new)
 
@@ -706,8 +705,7 @@ def adaround_quantize_(
         for u in unrouted:
             q = rtn_unrouted(model.get_submodule(u), plan[u], len(batches))
             records[u] = dict(q.calibration)
-            carry_hooks(model.get_submodule(u), q)
-            swap_module(model, u, q)
+            swap_module(model, u, q)  # with the float layer's hooks, as every swap of a quantized module
         _run_units(model, ordered, units, unmasked, plan, batches, records, aliases, iters=iters, lr=lr, reg=reg,
                    warmup=warmup, seed=seed, act_bits=act_bits, act_symmetric=act_symmetric, target=target,
                    progress=progress, every_call={u for u, c in counts.items() if any(n != 1 for n in c)},
@@ -841,7 +839,6 @@ def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mappin
         records[n] = dict(rec)
         built.append((n, r.module, q))
     for n, old, q in built:
-        carry_hooks(old, q)
         for alias in (aliases or {}).get(id(old), [n]):
             swap_module(model, alias, q)
     if aq is not None:  # on the module now in the model (a single-layer unit was just swapped)

@@ -113,7 +113,7 @@ from ..kernels import tensor_version
 from ..kernels.layout import FORMAT_VERSION, pack, padded_k
 from ..models.blocks import block_stacks
 from ..models.runner import eval_mode
-from ..quant.api import carry_hooks, names_by_module, resolve_configs, swap_module
+from ..quant.api import names_by_module, resolve_configs, swap_module
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import QTensor, compute_qparams, scale_eps
 from ..quant.experts import is_experts_module
@@ -978,7 +978,7 @@ class _Swaps:
         self.modes = {id(m): m.training for m in model.modules()}  # before eval_mode: the new layers get these
 
     def swap(self, aliases: Mapping[int, list[str]], name: str, new: nn.Module) -> None:
-        carry_hooks(self.model.get_submodule(name), new)  # the user's hooks run around the quantized layer too
+        # swap_module gives the quantized module the float one's hooks (the user's hooks run around it too)
         for alias in aliases.get(id(self.model.get_submodule(name)), [name]):
             self.done.append((alias, self.model.get_submodule(alias)))
             swap_module(self.model, alias, new)
@@ -1436,7 +1436,6 @@ def gptq_quantize_sequential(
             return
 
         def swap(n: str, new: nn.Module, aliases: Mapping[int, list[str]]) -> None:
-            carry_hooks(block.get_submodule(n), new)  # under every name of the module in the block
             for alias in aliases.get(id(block.get_submodule(n)), [n]):
                 swap_module(block, alias, new)
 
