@@ -33,7 +33,7 @@ __all__ = ["ExpertRows", "rtn_unrouted", "unfold_experts", "warn_unrouted"]
 _KEYS = ("gate_up", "up", "down")
 
 
-def unfold_experts(root: nn.Module, plan: Mapping[str, QuantConfig], swap: Callable[[str, nn.Module], None]
+def unfold_experts(root: nn.Module, plan: Mapping[str, QuantConfig], swap: Callable[[str, nn.Module], object]
                    ) -> dict[str, QuantConfig]:
     """Unfold the experts modules of ``plan`` (names relative to ``root``) and give the plan of their layers.
 

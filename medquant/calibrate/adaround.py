@@ -89,7 +89,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.layout import FORMAT_VERSION, expand_params, pack, padded_k
 from ..models.runner import eval_mode
-from ..quant.api import names_by_module, resolve_configs, swap_module
+from ..quant.api import names_by_module, resolve_configs, swap_module, swap_under_all_names
 from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
 from ..quant.modules import QuantConv2d, QuantLinear
@@ -670,14 +670,11 @@ def adaround_quantize_(
     blocks = _check_blocks(model, blocks)
     _refuse_shared_across_units(model, plan, blocks)
     # MoE experts with 3-D weights: one float Linear per expert and matrix (put back if a check below fails)
-    unfolded: list[tuple[list[str], nn.Module]] = []
+    unfolded: list[tuple[str, nn.Module]] = []
     before = names_by_module(model)
 
     def unfold(name: str, new: nn.Module) -> None:
-        old = model.get_submodule(name)
-        unfolded.append((before.get(id(old), [name]), old))
-        for alias in unfolded[-1][0]:
-            swap_module(model, alias, new)
+        unfolded.extend(swap_under_all_names(model, name, new, before))
 
     plan = unfold_experts(model, plan, unfold)
     try:
@@ -691,9 +688,8 @@ def adaround_quantize_(
         with eval_mode(model):  # one forward per batch: a batch that does not fit the model fails here
             ordered, counts = _forward_order(model, units, batches, optional=[u for u in units if u in experts])
     except BaseException:
-        for names, old in reversed(unfolded):
-            for alias in names:
-                swap_module(model, alias, old)
+        for alias, old in reversed(unfolded):
+            swap_module(model, alias, old)
         raise
     if fold_bn:
         fold_batchnorm_(model)
@@ -838,9 +834,8 @@ def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mappin
         q.calibration = dict(rec)
         records[n] = dict(rec)
         built.append((n, r.module, q))
-    for n, old, q in built:
-        for alias in (aliases or {}).get(id(old), [n]):
-            swap_module(model, alias, q)
+    for n, _, q in built:
+        swap_under_all_names(model, n, q, aliases or {})
     if aq is not None:  # on the module now in the model (a single-layer unit was just swapped)
         aq.attach(model.get_submodule(unit))
     return records

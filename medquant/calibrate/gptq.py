@@ -113,7 +113,7 @@ from ..kernels import tensor_version
 from ..kernels.layout import FORMAT_VERSION, pack, padded_k
 from ..models.blocks import block_stacks
 from ..models.runner import eval_mode
-from ..quant.api import names_by_module, resolve_configs, swap_module
+from ..quant.api import names_by_module, resolve_configs, swap_module, swap_under_all_names
 from ..quant.config import FLOAT_BITS, QuantConfig
 from ..quant.core import QTensor, compute_qparams, scale_eps
 from ..quant.experts import is_experts_module
@@ -979,9 +979,7 @@ class _Swaps:
 
     def swap(self, aliases: Mapping[int, list[str]], name: str, new: nn.Module) -> None:
         # swap_module gives the quantized module the float one's hooks (the user's hooks run around it too)
-        for alias in aliases.get(id(self.model.get_submodule(name)), [name]):
-            self.done.append((alias, self.model.get_submodule(alias)))
-            swap_module(self.model, alias, new)
+        self.done += swap_under_all_names(self.model, name, new, aliases)
 
     def set_modes(self) -> None:
         """Give each new layer the train / eval mode its float layer had before the calibration run."""
@@ -1435,12 +1433,8 @@ def gptq_quantize_sequential(
         if not configs:
             return
 
-        def swap(n: str, new: nn.Module, aliases: Mapping[int, list[str]]) -> None:
-            for alias in aliases.get(id(block.get_submodule(n)), [n]):
-                swap_module(block, alias, new)
-
         before = names_by_module(block)  # MoE experts with 3-D weights: one float Linear per expert and matrix
-        configs = unfold_experts(block, configs, lambda n, new: swap(n, new, before))
+        configs = unfold_experts(block, configs, lambda n, new: swap_under_all_names(block, n, new, before))
         names = list(configs)
         experts = ExpertRows(block, names)
         # an expert layer reads what its experts module reads (image patches in a vision tower)
@@ -1456,7 +1450,7 @@ def gptq_quantize_sequential(
             del accs
         aliases = names_by_module(block)
         for n, q in built:  # a module bound under several names of the block is swapped under all of them
-            swap(n, q, aliases)
+            swap_under_all_names(block, n, q, aliases)
 
     with eval_mode(model):
         quantize_sequential(model, config_or_map, batches, skip=list(skip) if skip else None, device=device,

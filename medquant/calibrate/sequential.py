@@ -91,7 +91,7 @@ from ..quant.api import (
     notify_quantized,
     quantize_module,
     resolve_configs,
-    swap_module,
+    swap_under_all_names,
 )
 from ..quant.config import QuantConfig
 from ..quant.experts import is_experts_module
@@ -442,17 +442,7 @@ def _quantize_in(model: nn.Module, module: nn.Module, prefix: str, plan: Mapping
         rel = name[len(start):]
         mod = module.get_submodule(rel)
         if isinstance(mod, (nn.Linear, nn.Conv2d)) or is_experts_module(mod):  # else already quantized
-            _swap_all(model, module, rel, quantize_module(mod, cfg, name=name), aliases)
-
-
-def _swap_all(model: nn.Module, parent: nn.Module, rel: str, new: nn.Module, aliases: Mapping[int, list[str]]
-              ) -> None:
-    """Bind ``new`` at ``rel`` under ``parent`` and under every other name of the module there in ``model``."""
-    old = parent.get_submodule(rel)
-    swap_module(parent, rel, new)
-    for alias in aliases.get(id(old), []):
-        if alias and model.get_submodule(alias) is old:
-            swap_module(model, alias, new)
+            swap_under_all_names(model, name, quantize_module(mod, cfg, name=name), aliases)
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -855,4 +845,4 @@ def _quantize_in_leaf(model: nn.Module, name: str, plan: Mapping[str, QuantConfi
     cfg = plan.get(name)
     mod = model.get_submodule(name)
     if cfg is not None and isinstance(mod, (nn.Linear, nn.Conv2d)):
-        _swap_all(model, model, name, quantize_module(mod, cfg, name=name), aliases)
+        swap_under_all_names(model, name, quantize_module(mod, cfg, name=name), aliases)

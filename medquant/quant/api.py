@@ -87,6 +87,7 @@ __all__ = [
     "register_quantize_module_handler",
     "resolve_configs",
     "swap_module",
+    "swap_under_all_names",
     "unquantizable_subclasses",
     "without_moe_routers",
 ]
@@ -859,6 +860,49 @@ def names_by_module(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def swap_under_all_names(model: nn.Module, name: str, new: nn.Module,
+                         aliases: Mapping[int, list[str]] | None = None) -> list[tuple[str, nn.Module]]:
+    """Bind ``new`` under every name of the module now bound to ``name`` (:func:`swap_module` per name), so that a
+    shared module is replaced by one module, not by one copy per name.
+
+    The names are ``name`` and ``aliases[id(old)]`` (``old`` the module at ``name``; a table from
+    :func:`names_by_module`, which a caller takes once, before its first swap), or ``model``'s own names of ``old``
+    read now when ``aliases`` is ``None``. A name of the table that no longer holds ``old`` (swapped since the
+    table was taken, below a module swapped since, or another module's once its ``id`` was reused) is left
+    alone.
+
+    Args:
+        model: the root module ``name`` and the aliases are relative to.
+        name: dotted submodule path of the module to replace.
+        new: its replacement.
+        aliases: ``id(module) -> names`` of ``model`` (see above); ``None`` reads it from ``model``.
+
+    Returns:
+        ``(name, replaced module)`` for each name swapped, in order (undo: rebind them in reverse).
+
+    Raises:
+        AttributeError: ``model`` has no submodule ``name``.
+        ValueError: ``name`` is empty (the root cannot be swapped).
+    """
+    if not name:
+        raise ValueError("swap_under_all_names needs a submodule name; the root module cannot be swapped")
+    old = model.get_submodule(name)
+    table = names_by_module(model) if aliases is None else aliases
+    done: list[tuple[str, nn.Module]] = []
+    names = list(table.get(id(old), ()))
+    if name not in names:  # a module the table does not know (built since), or an id the table had for another
+        names.insert(0, name)
+    for alias in names:
+        try:
+            held = model.get_submodule(alias) if alias else None
+        except AttributeError:  # a path through a module swapped since the table was taken
+            continue
+        if held is old:
+            swap_module(model, alias, new)
+            done.append((alias, old))
+    return done
+
+
 def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module] | None = None
              ) -> dict[str, QuantConfig]:
     if targets is None:
@@ -1117,9 +1161,8 @@ def quantize_(
                       "config (or all were skipped)", UserWarning, stacklevel=2)
     aliases = names_by_module(model)
     for name, q in built:
-        carry_hooks(model.get_submodule(name), q)
-        for alias in aliases.get(id(model.get_submodule(name)), [name]):  # a shared module stays one module
-            swap_module(model, alias, q)
+        carry_hooks(model.get_submodule(name), q)  # also for a handler's own module type (swap_module: medquant's)
+        swap_under_all_names(model, name, q, aliases)  # a shared module stays one module
     if built:
         notify_quantized(model)  # also when only MoE experts were quantized
     return model
@@ -1165,8 +1208,7 @@ def dequantize_(model: nn.Module) -> nn.Module:
         new.train(old.training)
         _restore_requires_grad(old, new)
         carry_hooks(old, new)
-        for alias in aliases.get(id(old), [name]):  # a shared module stays one module
-            swap_module(model, alias, new)
+        swap_under_all_names(model, name, new, aliases)  # a shared module stays one module
 
     for name, experts in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantExperts)]:
         swap_everywhere(name, experts, experts.to_float())

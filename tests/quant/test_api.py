@@ -116,6 +116,35 @@ def test_swap_module_replaces_one_name_and_returns_the_old_module():
         swap_module(m, "", new)
 
 
+def test_swap_under_all_names_replaces_a_shared_module_once_and_can_be_undone():
+    from medquant.quant.api import names_by_module, swap_under_all_names
+
+    m = _model()
+    shared, other = m.enc.a, nn.Linear(2, 2)
+    m.alias = shared
+    m.other = other
+    table = names_by_module(m)  # taken before any swap, as the callers do
+    new = nn.Identity()
+    done = swap_under_all_names(m, "alias", new, table)
+    assert m.enc.a is new and m.alias is new and m.other is other
+    assert done == [("enc.a", shared), ("alias", shared)]
+    for alias, old in reversed(done):
+        swap_module(m, alias, old)
+    assert m.enc.a is shared and m.alias is shared
+    # a name of the table that holds another module by now is left alone; the name asked for is always swapped
+    m.alias = nn.Linear(2, 2)
+    moved = m.alias
+    assert swap_under_all_names(m, "enc.a", new, table) == [("enc.a", shared)]
+    assert m.enc.a is new and m.alias is moved
+    stale = {id(other): ["alias"]}  # an id the table held for a module that is gone, now another module's
+    assert swap_under_all_names(m, "other", new, stale) == [("other", other)] and m.alias is moved
+    assert swap_under_all_names(m, "other", other) == [("enc.a", new), ("other", new)]  # read from the model now
+    with pytest.raises(ValueError, match="root"):
+        swap_under_all_names(m, "", new)
+    with pytest.raises(AttributeError, match="no submodule|has no attribute"):
+        swap_under_all_names(m, "enc.z", new)
+
+
 def test_skip_by_the_second_name_of_a_shared_module_keeps_it_float_under_both_names():
     import copy
 
