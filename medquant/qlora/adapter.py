@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..distributed import is_ddp
-from ..quant.api import swap_module
+from ..quant.api import names_by_module, swap_module
 from ..training import train_steps
 from .config import DEFAULT_TARGETS, NF4Config
 from .nf4 import _bnb, _dequantized_linear, nf4_dequantize_, nf4_modules, nf4_quantize_
@@ -156,6 +156,19 @@ def _check_base(model: nn.Module, target_roles: Sequence[str], quantize_roles: S
                          "(medquant.dequantize_ gives the float layers the quantized ones compute with)")
 
 
+def _refuse_shared_targets(model: nn.Module, targets: Sequence[str]) -> None:
+    """Refuse a LoRA target bound under several names (one ``nn.Linear`` object used in several places): PEFT
+    wraps it under one name only, so its other uses would run without the adapter."""
+    aliases = names_by_module(model)
+    for n in targets:
+        names = aliases.get(id(model.get_submodule(n)), [n])
+        if len(names) > 1:
+            raise ValueError(f"LoRA target {n} is one nn.Linear bound under {len(names)} names ({', '.join(names)}): "
+                             "PEFT would put the adapter on one of them, leaving the other uses unadapted. Leave it "
+                             "out of target_modules (it is still NF4-quantized, one layer under every name), or "
+                             "give each use its own copy of the layer")
+
+
 def _untie_config(model: nn.Module) -> None:
     """``tie_word_embeddings = False`` in ``model``'s config (and text config) when its output embeddings no longer
     share the input embeddings' weight (a merged LoRA head, an NF4-quantized head): transformers would tie them
@@ -231,7 +244,8 @@ class QLoRAAdapter:
         ValueError: ``r`` is not a positive int, ``lora_dropout`` outside [0, 1), ``lora_alpha`` not positive and
             finite, a target matches no Linear or is a bad ``re:`` pattern, ``target_modules`` is empty
             (:func:`resolve_targets`); the model already has LoRA adapters (a ``PeftModel``, or wrapped before) or
-            holds medquant quantized layers in the roles used; ``quantize=True`` and ``quantize_roles`` hold no
+            holds medquant quantized layers in the roles used; a target is one Linear bound under several names
+            (PEFT would adapt one of its uses only); ``quantize=True`` and ``quantize_roles`` hold no
             ``nn.Linear``; a weight to quantize is NaN/inf, empty or on the meta device. Every check runs before the
             model is changed, and a failing construction leaves the model as it was.
         TypeError: a target or role that is not a string (one string is one target / role).
@@ -263,6 +277,7 @@ class QLoRAAdapter:
         # everything is checked before the model is touched: a failing construction leaves it as it was
         _check_base(model, target_roles, quantize_roles if quantize else ())
         self.targets = resolve_targets(model, target_modules, target_roles)
+        _refuse_shared_targets(model, self.targets)
         names: list[str] = []
         if quantize:
             names = [n for n in _role_modules(model, quantize_roles)
@@ -281,6 +296,7 @@ class QLoRAAdapter:
             cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                              target_modules="^(?:" + "|".join(map(re.escape, self.targets)) + ")$", bias="none")
         before = {n: model.get_submodule(n) for n in dict.fromkeys([*self.targets, *names])}
+        aliases = names_by_module(model)  # a module bound under several names is swapped (and put back) under all
         self.base_dtypes = _weight_dtypes(before.values())
         grads = {id(p): p.requires_grad for p in model.parameters()}
         had_peft_config = hasattr(model, "peft_config")
@@ -294,7 +310,8 @@ class QLoRAAdapter:
             self.model = _peft_model(model) if _peft_model is not None else get_peft_model(model, cfg)
         except BaseException:
             for n, m in before.items():  # undo: the original modules back, requires_grad as it was
-                swap_module(model, n, m)
+                for alias in aliases.get(id(m), [n]):
+                    swap_module(model, alias, m)
             for p in model.parameters():
                 p.requires_grad_(grads.get(id(p), p.requires_grad))
             if not had_peft_config and "peft_config" in model.__dict__:

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.api import quantize_module, register_quantize_module_handler, swap_module
+from ..quant.api import (
+    carry_hooks,
+    names_by_module,
+    quantize_module,
+    register_quantize_module_handler,
+    swap_under_all_names,
+)
 from .config import NF4Config
 
 __all__ = ["nf4_dequantize_", "nf4_modules", "nf4_quantize_"]
@@ -85,7 +91,9 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
     The swap is :class:`NF4Config` through :func:`medquant.quant.quantize_module` and
     :func:`medquant.quant.swap_module`. The weight is wrapped in ``bnb.nn.Params4bit`` and quantized when the module is
     moved to the weight's device (bitsandbytes quantizes on ``.to(device)``, CPU included). Biases stay float and
-    frozen; modules that already are ``Linear4bit`` are left alone.
+    frozen; modules that already are ``Linear4bit`` are left alone. A Linear bound under several names (a shared
+    module) is quantized once and the one ``Linear4bit`` is bound under all of them, whichever of its names
+    ``names`` holds; the new layer runs the Linear's forward / backward hooks (:func:`medquant.quant.carry_hooks`).
 
     ``cpu_bf16_packing``: on CPUs with AVX512-BF16, bitsandbytes (0.50 here) repacks a ``Linear4bit`` weight at its
     first inference call (eval mode, no grad) into a CPU kernel layout whose block absmax is rounded to bfloat16
@@ -116,12 +124,12 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
     cfg = NF4Config(compute_dtype, double_quant, quant_type, cpu_bf16_packing)
     built: list[tuple[str, nn.Module]] = []
     unpacked = []
-    seen: set[str] = set()
+    seen: set[int] = set()  # a Linear bound under several names is quantized once
     for name in names:
         mod = model.get_submodule(name)
-        if isinstance(mod, bnb.nn.Linear4bit) or name in seen:
+        if isinstance(mod, bnb.nn.Linear4bit) or id(mod) in seen:
             continue
-        seen.add(name)
+        seen.add(id(mod))
         if not isinstance(mod, nn.Linear):
             raise TypeError(f"{name} is {type(mod).__name__}, not nn.Linear; only Linear layers are NF4-quantized")
         if cpu_bf16_packing and not _packable(mod):
@@ -131,8 +139,10 @@ def nf4_quantize_(model: nn.Module, names: Iterable[str], compute_dtype: torch.d
         warnings.warn(f"cpu_bf16_packing: {len(unpacked)} layer(s) stay in bitsandbytes' standard layout, as its CPU "
                       f"packing needs out_features % {_PACK_ROWS} == 0 and in_features % {_PACK_COLS} == 0: "
                       f"{', '.join(unpacked[:5])}{', ...' if len(unpacked) > 5 else ''}", UserWarning, stacklevel=2)
-    for name, q in built:
-        swap_module(model, name, q)
+    aliases = names_by_module(model)
+    for name, q in built:  # under every name of the Linear (a shared one stays one module), with its hooks
+        carry_hooks(model.get_submodule(name), q)
+        swap_under_all_names(model, name, q, aliases)
     return [name for name, _ in built]
 
 
@@ -181,14 +191,20 @@ def _dequantized_linear(q: nn.Module, dtype: torch.dtype) -> nn.Linear:
 def nf4_dequantize_(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
     """Replace every ``Linear4bit`` in ``model`` by an ``nn.Linear`` holding its dequantized weight.
 
+    A layer bound under several names becomes one ``nn.Linear`` bound under all of them, with the layer's hooks.
+
     Args:
         model: the model (modified in place).
         dtype: dtype of the float weights.
 
     Returns:
-        The names of the replaced modules.
+        The names of the replaced modules (a shared one under its first name).
     """
     names = nf4_modules(model)
-    for name in names:
-        swap_module(model, name, _dequantized_linear(model.get_submodule(name), dtype))
+    aliases = names_by_module(model)
+    for name in names:  # under every name of the layer (a shared one stays one module), with its hooks
+        old = model.get_submodule(name)
+        new = _dequantized_linear(old, dtype)
+        carry_hooks(old, new)
+        swap_under_all_names(model, name, new, aliases)
     return names

@@ -94,6 +94,33 @@ def test_nf4_weights_lie_on_the_nf4_grid_and_forward_uses_them():
     torch.testing.assert_close(q(x), torch.nn.functional.linear(x, deq, lin.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("names", [["0"], ["2"], ["0", "2"]])
+def test_a_linear_bound_under_two_names_stays_one_module_in_nf4_and_back(names):
+    """``nn.Sequential(lin, act, lin)``: one Linear under the names "0" and "2". Naming either (or both) NF4-quantizes
+    it once and binds that one Linear4bit under both names (before: the other name kept the float Linear, or got a
+    second NF4 copy); dequantizing gives one float Linear under both names again."""
+    from medquant.qlora import nf4_dequantize_, nf4_quantize_
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 128)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    calls = []
+    lin.register_forward_hook(lambda mod, args, out: calls.append(type(mod).__name__))
+    assert nf4_quantize_(model, names) == [names[0]]
+    q = model[0]
+    assert isinstance(q, bnb.nn.Linear4bit) and model[2] is q
+    deq = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    x = torch.randn(3, 128)
+    ref = nn.functional.linear(torch.relu(nn.functional.linear(x, deq, lin.bias)), deq, lin.bias)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    assert calls == ["Linear4bit"] * 2  # the Linear's hook runs around the NF4 layer at both uses
+    assert nf4_dequantize_(model) == ["0"]
+    assert isinstance(model[0], nn.Linear) and model[2] is model[0]
+    torch.testing.assert_close(model[0].weight, deq)
+    model(x)
+    assert calls == ["Linear4bit"] * 2 + ["Linear"] * 2
+
+
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
 def test_vlm_vision_tower_unchanged_and_unquantized(name):
     entry = ZOO_BY_NAME[name]

@@ -253,6 +253,40 @@ def test_a_failure_inside_peft_rolls_the_model_back(monkeypatch):
     assert not any(hasattr(mod, "lora_A") for mod in m.modules())
 
 
+def test_a_failure_inside_peft_rolls_back_a_shared_linear_under_both_names(monkeypatch):
+    """A Linear bound under two names is NF4-quantized once under both (nf4_quantize_); the rollback after a
+    failing PEFT step binds the float Linear under both names again."""
+    import peft
+
+    def fail(model, cfg):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(peft, "get_peft_model", fail)
+    m = ZOO_BY_NAME["llama"].build()
+    layers = m.model.layers
+    shared = layers[0].mlp.down_proj
+    layers[1].mlp.down_proj = shared
+    with pytest.raises(RuntimeError, match="injected"):
+        QLoRAAdapter(m, r=2, target_modules=["q_proj", "v_proj"])
+    assert layers[0].mlp.down_proj is shared and layers[1].mlp.down_proj is shared and not nf4_modules(m)
+
+
+def test_a_shared_linear_is_refused_as_a_lora_target_and_quantized_once_when_left_out():
+    """PEFT wraps a Linear bound under two names under one of them only (the other use would run unadapted):
+    refused before anything changes. Left out of the targets, it is NF4-quantized once, bound under both names."""
+    m = ZOO_BY_NAME["llama"].build()
+    layers = m.model.layers
+    shared = layers[0].mlp.down_proj
+    layers[1].mlp.down_proj = shared
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj is one nn.Linear bound under 2 names"):
+        QLoRAAdapter(m, r=2)
+    assert _unchanged(m, snap) and not nf4_modules(m)
+    ad = QLoRAAdapter(m, r=2, target_modules=["q_proj", "v_proj"])
+    base = ad.model.base_model.model.model.layers
+    assert isinstance(base[0].mlp.down_proj, bnb.nn.Linear4bit) and base[1].mlp.down_proj is base[0].mlp.down_proj
+
+
 @pytest.mark.parametrize("shape", [(10, 64), (32, 96), (33, 128)])
 def test_cpu_packing_leaves_odd_shapes_in_the_standard_layout(shape):
     """bitsandbytes' CPU packing needs out % 32 == 0 and in % 64 == 0; other shapes crashed at the first eval call."""
