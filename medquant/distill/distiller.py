@@ -10,8 +10,9 @@ Loss per batch::
   whose logits are the decoder's, ``decoder_attention_mask``, else ``labels != -100``, else every position.
   ``T^2`` keeps the gradient scale independent of ``T`` (Hinton et al. 2015).
 * ``task``: the student's own loss -- the model's ``.loss`` when the batch carries ``labels``; for causal LMs
-  without labels, next-token cross-entropy on ``input_ids`` with padding and a vision-language model's image /
-  video placeholder tokens (config ``image_token_id`` / ``image_token_index`` / ``video_token_id``) masked
+  without labels, next-token cross-entropy on ``input_ids`` with padding and a multimodal model's image / video /
+  audio placeholder tokens (config ``image_token_id`` / ``image_token_index`` / ``video_token_id`` / ..., also in
+  its ``vision_config`` / ``audio_config``: :func:`medquant.models.runner.placeholder_token_ids`) masked
   (``labels = -100``). A causal LM: a Hugging Face model that can generate and is not an encoder-decoder, or a
   model without a Hugging Face config; others (masked LMs, token classifiers) need ``labels`` or ``task_loss``.
 * ``FM`` (optional): feature matching ``mean_pairs MSE(P_k h_s[i_k], h_t[j_k])`` over the tokens of the attention
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import broadcast_parameters, is_ddp, is_fsdp, unwrap
-from ..models.runner import eval_mode, main_output, run_model
+from ..models.runner import eval_mode, main_output, placeholder_token_ids, run_model
 from ..training import train_steps
 
 __all__ = ["Distiller", "check_feature_pairs", "kd_loss"]
@@ -181,11 +182,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def _placeholder_tokens(model: nn.Module) -> list[int]:
-    """The ids of a vision-language model's image / video placeholder tokens (its config's ``image_token_id``,
-    ``image_token_index``, ``video_token_id``); none for other models."""
-    cfg = getattr(_unwrap(model), "config", None)
-    ids = (getattr(cfg, k, None) for k in ("image_token_id", "image_token_index", "video_token_id"))
-    return sorted({i for i in ids if isinstance(i, int) and not isinstance(i, bool)})
+    """The ids of a multimodal model's image / video / audio placeholder tokens
+    (:func:`medquant.models.runner.placeholder_token_ids` of the unwrapped model); none for other models."""
+    return placeholder_token_ids(_unwrap(model))
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from .introspect import (
     unassigned_parameters,
     vision_layers,
 )
-from .runner import eval_mode, main_output, run_model
+from .runner import eval_mode, main_output, placeholder_token_ids, run_model
 
 __all__ = [
     "ROLES",
@@ -31,6 +31,7 @@ __all__ = [
     "main_output",
     "model_roles",
     "modules_in_role",
+    "placeholder_token_ids",
     "role_of",
     "run_model",
     "supported_architectures",

@@ -12,7 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "main_output", "run_model"]
+__all__ = ["eval_mode", "main_output", "placeholder_token_ids", "run_model"]
+
+#: config fields naming a placeholder token, on the model's config or its ``vision_config`` / ``audio_config``
+PLACEHOLDER_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "audio_token_id",
+                      "audio_token_index")
 
 
 def run_model(model: nn.Module, batch: Any, /, *, unpack_sequences: bool = True, **extra: Any) -> Any:
@@ -68,6 +72,27 @@ def main_output(out: Any, *, hidden_state: bool = True, first_item: bool = True)
         return out[0]
     wanted = " or ".join([f".{k}" for k in keys] + (["the first element of a tuple"] if first_item else []))
     raise TypeError(f"cannot find the main output tensor ({wanted}) in a {type(out).__name__}")
+
+
+def placeholder_token_ids(model: nn.Module) -> list[int]:
+    """The ids of a multimodal model's placeholder tokens: the ``input_ids`` whose embeddings it replaces.
+
+    A vision-language processor puts one placeholder token in ``input_ids`` per image (video, audio) feature; the
+    model scatters the features into the embeddings at those positions, so they hold no text token: as next-token
+    targets they are left out (``labels = -100``), as padding is. The ids are the integer values of the fields
+    :data:`PLACEHOLDER_FIELDS` of ``model.config`` and of its ``vision_config`` / ``audio_config`` (Phi-4-multimodal
+    keeps its image token id in the vision config).
+
+    Args:
+        model: the model (a wrapper such as DDP is not looked through: pass the wrapped module).
+
+    Returns:
+        The sorted distinct ids; empty for a model without a config or without such fields (a text-only model).
+    """
+    cfg = getattr(model, "config", None)
+    configs = [cfg] + [getattr(cfg, k, None) for k in ("vision_config", "audio_config")] if cfg is not None else []
+    ids = (getattr(c, k, None) for c in configs if c is not None for k in PLACEHOLDER_FIELDS)
+    return sorted({i for i in ids if isinstance(i, int) and not isinstance(i, bool)})
 
 
 @contextlib.contextmanager

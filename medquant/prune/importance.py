@@ -29,8 +29,10 @@ or a tuple/list (``model(*batch)``). A tensor or tuple is read by the names of `
 binds to (``(input_ids, attention_mask)`` for a Hugging Face LM), so its ``attention_mask`` counts as a dict's
 does. The Taylor loss is ``loss_fn(model, batch)`` when given; otherwise the model's own ``.loss`` (a causal LM
 -- a model with ``lm_head`` and ``generation_config`` -- given integer ``input_ids`` and no ``labels`` gets
-``labels = input_ids`` with the padding (``attention_mask == 0``) set to -100, so the loss is next-token
-cross-entropy over the real tokens); otherwise, for models without a loss, the proxy ``0.5 * mean(y^2)`` of the
+``labels = input_ids`` with the padding (``attention_mask == 0``) and a multimodal model's image / video / audio
+placeholder tokens (:func:`medquant.models.runner.placeholder_token_ids`) set to -100, so the loss is next-token
+cross-entropy over the real text tokens; an encoder-decoder given ``decoder_input_ids`` gets the decoder's next
+tokens); otherwise, for models without a loss, the proxy ``0.5 * mean(y^2)`` of the
 main output ``y`` (:func:`medquant.models.main_output`: the logits, else the last hidden state, else the first
 element of a tuple), the mean over the non-padding positions (mask as above) and the features. Gradients are
 computed also when the caller has disabled them (``torch.no_grad()``).
@@ -50,7 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.blocks import Block, stack_side
-from ..models.runner import eval_mode, main_output, run_model
+from ..models.runner import eval_mode, main_output, placeholder_token_ids, run_model
 
 __all__ = ["METHODS", "block_scores", "calibration_loss"]
 
@@ -77,15 +79,31 @@ def _mask(named: Mapping[str, Any], key: str | None, x: torch.Tensor) -> torch.T
     return None
 
 
+def _encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def calibration_loss(model: nn.Module, batch: Any,
                      loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> torch.Tensor:
     """The scalar loss used for Taylor importance.
 
-    ``loss_fn(model, batch)`` when given; else the model's own ``.loss``, a causal LM getting ``labels =
-    input_ids`` (padding, ``attention_mask == 0``, set to -100) when the batch (a dict, or a tensor / tuple bound to
-    ``model.forward``'s parameters) has integer ``input_ids`` and no ``labels``; else ``0.5 * mean(y^2)`` of the
-    main output ``y`` over its non-padding positions (``attention_mask``, ``decoder_attention_mask`` for an
-    encoder-decoder, when it matches ``y``'s leading ``(batch, seq)`` dims) and features.
+    ``loss_fn(model, batch)`` when given; else the model's own ``.loss``, a causal LM getting ``labels`` when the
+    batch (a dict, or a tensor / tuple bound to ``model.forward``'s parameters) has integer ``input_ids`` and no
+    ``labels``: ``labels = input_ids`` with the padding (``attention_mask == 0``) and the image / video / audio
+    placeholder tokens of :func:`medquant.models.runner.placeholder_token_ids` set to -100; for an encoder-decoder
+    given ``decoder_input_ids`` ``d``, the decoder's next tokens ``labels[:, t] = d[:, t + 1]`` (-100 at the last
+    position and where ``decoder_attention_mask == 0``), the targets of which ``d`` is the shifted input. Else
+    ``0.5 * mean(y^2)`` of the main output ``y`` over its non-padding positions (``attention_mask``,
+    ``decoder_attention_mask`` for an encoder-decoder, when it matches ``y``'s leading ``(batch, seq)`` dims) and
+    features.
+
+    Args:
+        model: the model.
+        batch: one calibration batch (a dict, a tensor or a tuple / list, run with :func:`run_model`).
+        loss_fn: ``loss_fn(model, batch)`` replacing the default loss.
+
+    Returns:
+        The scalar loss tensor (with its autograd graph).
     """
     if loss_fn is not None:
         return loss_fn(model, batch)
@@ -94,18 +112,22 @@ def calibration_loss(model: nn.Module, batch: Any,
     ids = named.get("input_ids")
     if ("labels" not in named and isinstance(ids, torch.Tensor) and not ids.is_floating_point()
             and hasattr(model, "lm_head") and hasattr(model, "generation_config")):
-        labels = ids.clone()
-        mask = named.get("attention_mask")
+        labels, mask = ids.clone(), named.get("attention_mask")
+        dec = named.get("decoder_input_ids")
+        if isinstance(dec, torch.Tensor) and _encoder_decoder(model):  # targets: the decoder's next tokens
+            labels = torch.cat([dec[:, 1:], torch.full_like(dec[:, :1], -100)], 1)
+            mask = named.get("decoder_attention_mask")
         if isinstance(mask, torch.Tensor) and mask.shape == labels.shape:
             labels[mask == 0] = -100
+        for token in placeholder_token_ids(model):  # image / video / audio features sit there, no text token
+            labels[labels == token] = -100
         extra["labels"] = labels
     out = run_model(model, batch, **extra)
     loss = getattr(out, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss
     y = main_output(out)
-    encdec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    keep = _mask(named, "decoder_attention_mask" if encdec else "attention_mask", y)
+    keep = _mask(named, "decoder_attention_mask" if _encoder_decoder(model) else "attention_mask", y)
     if keep is not None:
         y = y[keep]
     return 0.5 * y.float().pow(2).mean()
