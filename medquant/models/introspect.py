@@ -336,11 +336,19 @@ def role_of(model: nn.Module, module_name: str) -> str | None:
     return None
 
 
+def _container(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a bare container (``nn.Module()``, ``nn.ModuleList``, ``nn.ModuleDict``: a namespace for
+    children, as Chameleon's VQ encoder keeps each resolution level's blocks in an ``nn.Module()``): it cannot be
+    called, its parent calls the children, so it is no block."""
+    return type(mod) in (nn.Module, nn.ModuleList, nn.ModuleDict)
+
+
 def _find_layers(model: nn.Module, prefixes: list[str]) -> list[str] | None:
-    """Names of the entries of the shallowest non-empty ``nn.ModuleList`` under ``prefixes``."""
+    """Names of the entries of the shallowest non-empty ``nn.ModuleList`` under ``prefixes`` whose entries are not
+    bare containers (:func:`_container`)."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or any(_container(b) for b in mod):
             continue
         if not any(_under(name, p) for p in prefixes):
             continue
@@ -455,8 +463,27 @@ def vision_layers(model: nn.Module) -> list[str]:
     order = {n: i for i, n in enumerate(modules)}
     out.sort(key=order.__getitem__)
     if not any(isinstance(m, nn.Linear) for n in out for m in model.get_submodule(n).modules()):
-        out.extend(_linear_block_lists(model, prefixes, set(out)))
+        out = _stages_zipped(model, out, _linear_block_lists(model, prefixes, set(out)))
     return out
+
+
+def _stages_zipped(model: nn.Module, stages: list[str], blocks: list[str]) -> list[str]:
+    """``stages + blocks`` in forward order. When ``stages`` are the ``n`` entries ``S.i`` of one list and ``blocks``
+    the entries ``B.i.j`` of the ``n`` lists of one list ``B``, stage ``i`` runs its blocks after its own entry
+    (Florence-2's DaViT: ``for conv, block in zip(self.convs, self.blocks)``): ``S.0, B.0.*, S.1, B.1.*, ...``;
+    otherwise ``stages`` then ``blocks``."""
+    parents = {n.rpartition(".")[0] for n in stages}
+    outer = {n.rpartition(".")[0].rpartition(".")[0] for n in blocks}
+    if len(parents) != 1 or len(outer) != 1:
+        return stages + blocks
+    b_name = outer.pop()
+    sizes = {len(list(model.get_submodule(n).children())) for n in (parents.pop(), b_name)}
+    if sizes != {len(stages)}:
+        return stages + blocks
+    per_stage: dict[str, list[str]] = {}
+    for n in blocks:
+        per_stage.setdefault(n.rpartition(".")[0], []).append(n)
+    return [x for i, s in enumerate(stages) for x in [s, *per_stage.get(f"{b_name}.{i}", [])]]
 
 
 def _linear_block_lists(model: nn.Module, prefixes: list[str], seen: set[str]) -> list[str]:
