@@ -532,6 +532,28 @@ class QuantExperts(nn.Module):
         self.routed_rows = None  # (after an error: when tracking_rows exits)
         return y
 
+    def _dense_routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense forward while rows are tracked: each expert computes on its routed rows only.
+
+        In the dense style every expert receives every token, pre-scaled by its router score, which is exactly 0
+        for the tokens the router did not send to it (Llama 4: ``sigmoid(-inf)``). Such a zero row is no input
+        of the expert (and with no biases in this style its output row is exactly 0: ``W^d (act(W^g 0) * W^u 0)
+        = 0``), so expert ``e`` is called on the non-zero rows of ``x[e]`` only, and not at all when there are
+        none: its layers see the tokens routed to it, as in the routed style.
+
+        Args:
+            x: ``(E, T, H)``, the rows of expert ``e`` in ``x[e]``.
+
+        Returns:
+            ``(E * T, H)``: the dense forward's output.
+        """
+        out = torch.zeros(x.shape[0], x.shape[1], self.layout["hidden"], dtype=x.dtype, device=x.device)
+        for e in range(self.num_experts):
+            rows = torch.nonzero((x[e] != 0).any(dim=-1)).flatten()
+            if rows.numel():
+                out[e, rows] = self._expert(e, x[e, rows], rows, x.shape[1]).to(out.dtype)
+        return out.view(-1, self.layout["hidden"])
+
     def _expert_out(self, e: int, x: torch.Tensor) -> torch.Tensor:
         h = self._gate(getattr(self, self.up_name)[e](x))
         y = self.down[e](h)
@@ -543,6 +565,8 @@ class QuantExperts(nn.Module):
                 top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
         if self.layout["style"] == "dense":
             x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+            if self._track_rows:
+                return self._dense_routed(x)
             return torch.stack([self._expert(e, x[e]) for e in range(self.num_experts)]).view(
                 -1, self.layout["hidden"])
         if top_k_index is None or top_k_weights is None:

@@ -60,9 +60,10 @@ def _reference_inputs(model: nn.Module, name: str, batch: dict, keep: torch.Tens
     downs: list[torch.Tensor] = []
     n_exp = len(weights["down_proj"])
     for e in range(n_exp):
-        if len(args) == 1:  # dense style: rows e*T .. e*T+T-1 are expert e's
+        if len(args) == 1:  # dense style: rows e*T .. e*T+T-1 are expert e's, 0 where the router did not pick e
             xe = x.view(n_exp, -1, x.shape[-1])[e]
-            rows = torch.arange(xe.shape[0])
+            rows = torch.where((xe != 0).any(-1))[0]
+            xe = xe[rows]
         else:
             rows = torch.where(args[1] == e)[0]
             xe = x[rows]

@@ -1,0 +1,64 @@
+"""Review of the calibration of MoE experts stored as 3-D parameters (GPTQ, AdaRound): cases the first tests missed.
+
+References are independent of medquant's unfolding: the routing recorded by a forward pre-hook on the float experts
+module, and :meth:`QuantLinear.from_float` of each expert's ``(out, in)`` slice for the experts that must be rounded
+to nearest.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from medquant import QuantConfig, QuantLinear
+from medquant.calibrate import gptq_quantize_, gptq_quantize_sequential
+from medquant.quant.experts import QuantExperts, is_experts_module
+from medquant.testing.zoo_moe import build_moe
+
+CFG = QuantConfig(4, group_size=16)
+
+
+def _experts(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if is_experts_module(m)}
+
+
+def _rtn(float_experts: nn.Module, key: str, e: int) -> torch.Tensor:
+    """Round-to-nearest dequantized weight of expert ``e``'s ``key`` projection (``gate_up`` / ``down``)."""
+    w, b = QuantExperts.expert_weights(float_experts)["gate_up_proj" if key == "gate_up" else "down_proj"][e]
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    lin.weight = nn.Parameter(w.clone())
+    if b is not None:
+        lin.bias = nn.Parameter(b.clone())
+    return QuantLinear.from_float(lin, CFG).dequantized_weight()
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
+def test_dense_llama4_experts_no_token_reaches_are_rounded_to_nearest_not_zeroed(sequential):
+    """Llama 4's experts run densely: every expert receives every token, the ones the router did not pick scaled by
+    a score of exactly 0. Those zero rows are not the expert's calibration data: an expert no token is routed to
+    had an all-zero Hessian, every input column counted dead, and GPTQ set all its weights to 0 (silently). It must
+    be rounded to nearest and reported like a routed-style expert no token reaches; a reached expert counts the
+    tokens routed to it only."""
+    model = build_moe("llama4_text")  # 4 experts, top-1: one token reaches one expert per layer
+    float_experts = {n: copy.deepcopy(m) for n, m in _experts(model).items()}
+    one = {"input_ids": torch.tensor([[17]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    run = (lambda: gptq_quantize_sequential(model, CFG, [one], skip=["@head"], device="cpu", progress=False)) \
+        if sequential else (lambda: gptq_quantize_(model, CFG, [one], skip=["@head"], progress=False))
+    with pytest.warns(UserWarning, match=r"12 MoE expert layer\(s\) received no calibration token"):
+        recs = run()
+    for parent, f in float_experts.items():
+        methods = []
+        for e in range(4):
+            for key in ("gate_up", "down"):
+                rec = recs[f"{parent}.{key}.{e}"]
+                methods.append(rec["method"])
+                if rec["method"] == "rtn":
+                    assert rec["rows"] == 0
+                    assert torch.equal(model.get_submodule(f"{parent}.{key}.{e}").dequantized_weight(),
+                                       _rtn(f, key, e))
+                else:
+                    assert rec["rows"] == 1  # the one token routed to it, not the 1 x 4 rows of the dense input
+        assert methods.count("gptq") == 2 and methods.count("rtn") == 6
+
