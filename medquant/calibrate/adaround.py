@@ -705,7 +705,7 @@ def adaround_quantize_(
         _run_units(model, ordered, units, unmasked, plan, batches, records, aliases, iters=iters, lr=lr, reg=reg,
                    warmup=warmup, seed=seed, act_bits=act_bits, act_symmetric=act_symmetric, target=target,
                    progress=progress, every_call={u for u, c in counts.items() if any(n != 1 for n in c)},
-                   experts=experts)
+                   experts=experts, unrouted=unrouted)
     finally:
         for n in records:
             model.get_submodule(n).train(modes[n])
@@ -717,13 +717,16 @@ def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, lis
                plan: Mapping[str, QuantConfig], batches: Sequence[Any], records: dict[str, dict[str, Any]],
                aliases: Mapping[int, list[str]], *, iters: int, lr: float, reg: float, warmup: float, seed: int,
                act_bits: int | None, act_symmetric: bool, target: str, progress: bool,
-               every_call: Collection[str] = (), experts: ExpertRows | None = None) -> None:
+               every_call: Collection[str] = (), experts: ExpertRows | None = None,
+               unrouted: list[str] | None = None) -> None:
     """Reconstruct the units in order (in eval mode), adding each layer's record to ``records`` as it is swapped.
     The units of ``every_call`` (not called exactly once by every batch) are captured on every call of each
     batch; the others' forwards stop at their first call. With ``target="float"``, a unit that some batch calls a
     different number of times in the model being quantized and in the float copy is refused (``ValueError``). An
     MoE expert layer reconstructed on its own (in ``experts``) always targets its float output on its own input
-    (``"input"``): the float model may route other tokens to that expert, so its rows cannot be paired."""
+    (``"input"``): the float model may route other tokens to that expert, so its rows cannot be paired; one that
+    only padding positions are routed to (no calibration row) is rounded to nearest, as an expert no token reaches,
+    and added to ``unrouted``."""
     with eval_mode(model):
         reference = copy.deepcopy(model) if target == "float" else None
         gen = torch.Generator().manual_seed(seed)
@@ -732,6 +735,13 @@ def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, lis
             per_batch: list[int] = []
             calls = _capture_block(model, unit, batches, every, per_batch, experts)
             routed = experts is not None and unit in experts
+            if routed and unit not in unmasked and all(c[3] is not None and not bool(c[3].any()) for c in calls):
+                q = rtn_unrouted(model.get_submodule(unit), plan[unit], len(batches))
+                records[unit] = dict(q.calibration)
+                swap_module(model, unit, q)
+                if unrouted is not None:
+                    unrouted.append(unit)
+                continue
             if reference is not None and not routed:  # the float model's outputs of this block (float inputs)
                 ref_per_batch: list[int] = []
                 ref_calls = _capture_block(reference, unit, batches, every, ref_per_batch)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from medquant import QuantConfig, QuantLinear
-from medquant.calibrate import gptq_quantize_, gptq_quantize_sequential
+from medquant.calibrate import adaround_quantize_, gptq_quantize_, gptq_quantize_sequential
 from medquant.quant.experts import QuantExperts, is_experts_module
-from medquant.testing.zoo_moe import build_moe
+from medquant.testing.zoo_moe import build_moe, moe_inputs
 
 CFG = QuantConfig(4, group_size=16)
 
@@ -62,3 +62,31 @@ def test_dense_llama4_experts_no_token_reaches_are_rounded_to_nearest_not_zeroed
                     assert rec["rows"] == 1  # the one token routed to it, not the 1 x 4 rows of the dense input
         assert methods.count("gptq") == 2 and methods.count("rtn") == 6
 
+
+def test_adaround_expert_reached_only_by_padding_is_rounded_to_nearest():
+    """An expert that only padding positions are routed to has no calibration row: GPTQ rounds it to nearest; learned
+    rounding failed with 'learned rounding diverged (reconstruction error nan)' (a mean over zero rows)."""
+    model = build_moe("mixtral")
+    float_experts = {n: copy.deepcopy(m) for n, m in _experts(model).items()}
+    batch = moe_inputs(batch=2, length=8, seed=0)
+    batch["attention_mask"][:, 1:] = 0  # one real token per sample
+    idx: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, a, k, n=n: idx.update({n: a[1] if len(a) > 1 else k["top_k_index"]}), with_kwargs=True)
+        for n, m in model.named_modules() if is_experts_module(m)]
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    keep = batch["attention_mask"].reshape(-1).bool()
+    padding_only = [(n, e) for n, i in idx.items() for e in range(4)
+                    if (i == e).any() and not keep[torch.where(i == e)[0]].any()]
+    assert padding_only  # the case under test: routed to, but by padding positions only
+    with pytest.warns(UserWarning, match=r"MoE expert layer\(s\) received no calibration token"):
+        recs = adaround_quantize_(model, CFG, [batch], skip=["@head"], iters=10, progress=False)
+    for parent, e in padding_only:
+        for key in ("gate_up", "down"):
+            name = f"{parent}.{key}.{e}"
+            assert recs[name]["method"] == "rtn" and recs[name]["rows"] == 0, name
+            assert torch.equal(model.get_submodule(name).dequantized_weight(), _rtn(float_experts[parent], key, e))
+    assert any(r["method"] == "adaround" for n, r in recs.items() if ".experts." in n)
