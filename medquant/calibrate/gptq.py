@@ -1349,7 +1349,8 @@ def gptq_quantize_sequential(
     already quantized earlier blocks - and its layers are replaced by their GPTQ versions; then it moves to
     ``offload_device``. Peak device memory: one float block, its activations and its Hessians (the finished blocks
     of an earlier stack - a VLM's vision tower while the language stack's inputs are captured - come to ``device``
-    one at a time, each only while it runs; the modules outside the blocks stay there while calibrating).
+    one at a time, each only while it runs; the modules outside the blocks stay there while calibrating). The model
+    runs in eval mode; each quantized layer gets the train / eval mode its float layer had before the call.
 
     Every calibration call of a block runs whole on the float block, and each call of a planned layer adds its
     input to the layer's Hessian: a block with data-dependent control flow (a loop whose count depends on the
@@ -1425,6 +1426,13 @@ def gptq_quantize_sequential(
     image_layers = unmasked_layers(model, [n for n, _ in model.named_modules()]) if padded else set()
 
     unrouted: list[str] = []
+    modes = {id(m): m.training for m in model.modules()}  # before eval_mode: the new layers get these
+    new_modes: list[tuple[nn.Module, bool]] = []  # (new module, its float module's mode), in swap order
+
+    def swap(block: nn.Module, n: str, new: nn.Module, aliases: Mapping[int, list[str]]) -> None:
+        old = block.get_submodule(n)
+        swap_under_all_names(block, n, new, aliases)
+        new_modes.append((new, modes.get(id(old), old.training)))
 
     def per_block_fn(block: nn.Module, inputs: BlockInputs) -> None:
         configs = {n: c for n, c in inputs.configs.items()
@@ -1434,7 +1442,7 @@ def gptq_quantize_sequential(
             return
 
         before = names_by_module(block)  # MoE experts with 3-D weights: one float Linear per expert and matrix
-        configs = unfold_experts(block, configs, lambda n, new: swap_under_all_names(block, n, new, before))
+        configs = unfold_experts(block, configs, lambda n, new: swap(block, n, new, before))
         names = list(configs)
         experts = ExpertRows(block, names)
         # an expert layer reads what its experts module reads (image patches in a vision tower)
@@ -1450,12 +1458,16 @@ def gptq_quantize_sequential(
             del accs
         aliases = names_by_module(block)
         for n, q in built:  # a module bound under several names of the block is swapped under all of them
-            swap_under_all_names(block, n, q, aliases)
+            swap(block, n, q, aliases)
 
     with eval_mode(model):
         quantize_sequential(model, config_or_map, batches, skip=list(skip) if skip else None, device=device,
                             offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
                             progress=progress)
+    # each new layer gets its float layer's mode from before the run; an unfolded MoE experts module (swapped
+    # before its expert layers, which it holds) last, so its layers take its mode
+    for new, mode in reversed(new_modes):
+        new.train(mode)
     warn_unrouted(unrouted, 2)
     return calibration_records(model)
 

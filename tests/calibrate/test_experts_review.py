@@ -7,6 +7,7 @@ to nearest.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -90,3 +91,24 @@ def test_adaround_expert_reached_only_by_padding_is_rounded_to_nearest():
             assert recs[name]["method"] == "rtn" and recs[name]["rows"] == 0, name
             assert torch.equal(model.get_submodule(name).dequantized_weight(), _rtn(float_experts[parent], key, e))
     assert any(r["method"] == "adaround" for n, r in recs.items() if ".experts." in n)
+
+
+def test_block_by_block_gptq_keeps_the_train_eval_mode_of_each_quantized_layer():
+    """The calibration runs in eval mode; every quantized layer (an experts module and its expert layers too) must
+    get back the mode its float layer had, as whole-model GPTQ and round-to-nearest ``quantize_sequential`` do;
+    block-by-block GPTQ left them all in eval mode."""
+    model = build_moe("mixtral")
+    model.train()
+    model.model.layers[1].eval()  # one block in eval mode: it stays so
+    want = {n: m.training for n, m in model.named_modules()}
+    whole = copy.deepcopy(model)
+    batch = moe_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gptq_quantize_sequential(model, CFG, [batch], skip=["@head"], device="cpu", progress=False)
+        gptq_quantize_(whole, CFG, [batch], skip=["@head"], progress=False)
+    got = {n: m.training for n, m in model.named_modules()}
+    assert got == {n: m.training for n, m in whole.named_modules()}
+    assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    for n, m in model.named_modules():  # a new expert layer takes its experts module's mode
+        assert got[n] == want[n if n in want else n.rsplit(".", 2)[0]], n
