@@ -1261,7 +1261,7 @@ def gptq_quantize_(
             bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
             for stage in bar:
                 built = []
-                for part in _hessian_parts(model, stage, max_hessian_bytes):
+                for part in _hessian_parts(model, stage, max_hessian_bytes, _label_count(labels)):
                     early = all(c == 1 for n in part for c in counts[n])
                     accs = _capture(model, part, batches, early, labels, group_weights, unmasked, experts)
                     factors = _Factors()  # layers with one Hessian (q / k / v) share its prepared factor
@@ -1305,15 +1305,31 @@ def _hessian_bytes(layer: nn.Module) -> int:
     return int(getattr(layer, "in_features", 0)) ** 2 * 8
 
 
-def _hessian_parts(root: nn.Module, names: Sequence[str], budget: int | None) -> list[list[str]]:
+def _label_count(labels: Sequence[Any] | None) -> int:
+    """The number of distinct group labels in ``labels`` (one entry per calibration batch: a label, or a sequence /
+    1-D tensor of one label per sample, as :meth:`HessianAccumulator.add` reads them); 1 without labels."""
+    if labels is None:
+        return 1
+    seen: set[Any] = set()
+    for lab in labels:
+        if isinstance(lab, torch.Tensor) and lab.dim() == 0:
+            lab = lab.item()
+        if lab is None or isinstance(lab, (int, str)):
+            seen.add(lab)
+        else:
+            seen.update(lab.tolist() if isinstance(lab, torch.Tensor) else list(lab))
+    return max(1, len(seen))
+
+
+def _hessian_parts(root: nn.Module, names: Sequence[str], budget: int | None, groups: int = 1) -> list[list[str]]:
     """``names`` cut, in order, into parts whose Hessian sums take at most ``budget`` bytes (a layer larger than the
-    budget alone; ``None``: one part)."""
+    budget alone; ``None``: one part); each layer holds one set of sums per group label (``groups`` of them)."""
     if budget is None:
         return [list(names)]
     parts: list[list[str]] = [[]]
     used = 0
     for n in names:
-        size = _hessian_bytes(root.get_submodule(n))
+        size = _hessian_bytes(root.get_submodule(n)) * groups
         if parts[-1] and used + size > budget:
             parts.append([])
             used = 0
@@ -1448,7 +1464,7 @@ def gptq_quantize_sequential(
         # an expert layer reads what its experts module reads (image patches in a vision tower)
         unmasked = {n for n in names if f"{inputs.name}.{n.rsplit('.', 2)[0] if n in experts else n}" in image_layers}
         built = []
-        for part in _hessian_parts(block, names, max_hessian_bytes):
+        for part in _hessian_parts(block, names, max_hessian_bytes, _label_count(labels)):
             accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in part}
             _capture_block(block, inputs, accs, labels, masks if padded else None, unmasked, experts)
             factors = _Factors()

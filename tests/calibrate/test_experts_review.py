@@ -112,3 +112,35 @@ def test_block_by_block_gptq_keeps_the_train_eval_mode_of_each_quantized_layer()
     assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
     for n, m in model.named_modules():  # a new expert layer takes its experts module's mode
         assert got[n] == want[n if n in want else n.rsplit(".", 2)[0]], n
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
+def test_a_hessian_memory_budget_holds_with_group_labels(sequential, monkeypatch):
+    """``max_hessian_bytes`` counts ``K^2`` float64 per layer times the number of group labels (each group has its
+    own sums): with two labels per batch a capture pass held twice the budget."""
+    from medquant.calibrate import gptq as gptq_mod
+
+    model = build_moe("mixtral")
+    batches = [moe_inputs(seed=0), moe_inputs(seed=1)]
+    groups = [["a", "b"], ["b", "a"]]
+    budget = 64 * 64 * 8 * 3  # three Hessian sums of K = 64
+    held: list[int] = []
+    name = "_capture_block" if sequential else "_capture"
+    real = getattr(gptq_mod, name)
+
+    def spy(root, *args, **kwargs):
+        out = real(root, *args, **kwargs)
+        accs = args[1] if sequential else out
+        held.append(sum(s.numel() * s.element_size() for a in accs.values() for s in a.sums.values()))
+        return out
+
+    monkeypatch.setattr(gptq_mod, name, spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if sequential:
+            gptq_quantize_sequential(model, CFG, batches, skip=["@head"], device="cpu", groups=groups,
+                                     max_hessian_bytes=budget, progress=False)
+        else:
+            gptq_quantize_(model, CFG, batches, skip=["@head"], groups=groups, max_hessian_bytes=budget,
+                           progress=False)
+    assert held and max(held) <= budget
