@@ -316,11 +316,6 @@ class HessianAccumulator:
         if labels is None or isinstance(labels, (int, str)):
             return [(labels, x, mask)]
         labs = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
-        if x.dim() == 2 and labs and x.shape[0] > len(labs) and x.shape[0] % len(labs) == 0:
-            # (batch * tokens, K): the tokens flattened batch-major, as an MoE block flattens its hidden states
-            # before its shared expert; each row takes its sample's label
-            per = x.shape[0] // len(labs)
-            labs = [labs[i // per] for i in range(x.shape[0])]
         if x.dim() < 2 or x.shape[0] != len(labs):
             raise ValueError(f"layer {self.name}: {len(labs)} per-sample group labels for an input of shape "
                              f"{tuple(x.shape)} (the batch must be its first dimension, or the rows the batch's "
@@ -453,16 +448,19 @@ class _SharedInputs:
         self.x: torch.Tensor | None = None
         self.key: tuple = ()
         self.products: list[tuple[Any, torch.Tensor, int]] = []
+        self.rows: tuple[Any, int, list[Any]] | None = None  # (labels, tokens, one label per token) of this call
 
     def clear(self) -> None:
-        self.x, self.key, self.products = None, (), []
+        self.x, self.key, self.products, self.rows = None, (), [], None
 
-    def add(self, acc: HessianAccumulator, x: Any, labels: Any, mask: torch.Tensor | None = None) -> None:
+    def add(self, acc: HessianAccumulator, x: Any, labels: Any, mask: torch.Tensor | None = None,
+            tokens: int | None = None) -> None:
         """Add ``x`` (one input of ``acc``'s layer) to ``acc``; ``mask``: the batch's token mask, applied where
-        it fits the input (:func:`row_mask`)."""
+        it fits the input (:func:`row_mask`); ``tokens``: the batch's token count (:meth:`per_token`)."""
         if not isinstance(acc.module, nn.Linear) or not isinstance(x, torch.Tensor):
             acc.add(x.detach() if isinstance(x, torch.Tensor) else x, labels)
             return
+        labels = self.per_token(x, labels, tokens)
         # keyed by the batch's mask object (one per call): the rows it marks are a function of it and of x (a
         # flattened mask is a new view at every call of row_mask)
         key = (tensor_version(x), acc.k, id(labels), id(mask) if mask is not None else None)
@@ -473,6 +471,23 @@ class _SharedInputs:
         products = acc.products(x.detach(), labels, mask)
         acc.add_products(products)
         self.x, self.key, self.products = x, key, products
+
+    def per_token(self, x: torch.Tensor, labels: Any, tokens: int | None) -> Any:
+        """Per-sample ``labels`` spread over the rows of ``x`` when ``x`` is ``(batch * sequence, K)``, the
+        batch's ``tokens`` flattened sample by sample (an MoE block's shared expert): row ``i`` takes the label of
+        sample ``i // sequence``; one list object for every layer of the call, so their products stay shared.
+        Any other input keeps ``labels`` (one label per sample along its first dimension): a 2-D input with
+        another row count, e.g. a vision tower's patches, is not assigned to samples from its count alone."""
+        if tokens is None or x.dim() != 2 or x.shape[0] != tokens or labels is None or isinstance(labels, (int, str)) \
+                or (isinstance(labels, torch.Tensor) and labels.dim() == 0):
+            return labels
+        if self.rows is None or self.rows[0] is not labels or self.rows[1] != tokens:
+            labs = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+            if not labs or tokens <= len(labs) or tokens % len(labs):
+                return labels
+            per = tokens // len(labs)
+            self.rows = (labels, tokens, [labs[i // per] for i in range(tokens)])
+        return self.rows[2]
 
 
 # ---------------------------------------------------------------------------------------------- one weight matrix
@@ -1040,12 +1055,25 @@ def _stages(model: nn.Module, ordered: Sequence[str]) -> list[list[str]]:
 
 
 def _add(acc: HessianAccumulator, name: str, x: Any, labels: Any, mask: torch.Tensor | None, shared: _SharedInputs,
-         experts: ExpertRows | None) -> None:
+         experts: ExpertRows | None, tokens: int | None = None) -> None:
     """Add one input of layer ``name`` to its Hessian; an expert layer's rows get their tokens' mask (a ``(rows,)``
-    mask, which :func:`row_mask` applies) and labels."""
+    mask, which :func:`row_mask` applies) and labels; ``tokens``: the batch's token count (:func:`_batch_tokens`;
+    ``None`` for the layers that read image patches)."""
     if experts is not None and name in experts:
         labels, mask = experts.map(name, labels, mask)
-    shared.add(acc, x, labels, mask)
+        tokens = None
+    shared.add(acc, x, labels, mask, tokens)
+
+
+def _batch_tokens(batch: Any) -> int | None:
+    """The number of tokens of a dict calibration batch, ``batch * sequence`` of its 2-D ``attention_mask`` or
+    ``input_ids``; ``None`` for other batches."""
+    if isinstance(batch, Mapping):
+        for key in ("attention_mask", "input_ids"):
+            t = batch.get(key)
+            if isinstance(t, torch.Tensor) and t.dim() == 2:
+                return t.numel()
+    return None
 
 
 def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], early_stop: bool,
@@ -1058,6 +1086,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
     seen: set[str] = set()
     current: list[Any] = [None]
     mask: list[torch.Tensor | None] = [None]
+    tokens: list[int | None] = [None]
     handles = []
 
     shared = _SharedInputs()
@@ -1065,7 +1094,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
     def make(n: str):
         def hook(mod, args, kwargs):
             _add(accs[n], n, _input_of(args, kwargs), current[0], None if n in unmasked else mask[0], shared,
-                 experts)
+                 experts, None if n in unmasked else tokens[0])
             seen.add(n)
             if early_stop and len(seen) == len(accs):
                 raise _Stop
@@ -1080,6 +1109,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
             shared.clear()
             current[0] = labels[i] if labels is not None else None
             mask[0] = token_mask(batch)
+            tokens[0] = _batch_tokens(batch)
             try:
                 with tracking():
                     _run_batch(model, batch, i, short_names(stage))
@@ -1094,11 +1124,12 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
 
 def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, HessianAccumulator],
                    labels: Sequence[Any] | None, masks: Sequence[torch.Tensor | None] | None = None,
-                   unmasked: Collection[str] = (), experts: ExpertRows | None = None) -> None:
+                   unmasked: Collection[str] = (), experts: ExpertRows | None = None,
+                   tokens: Sequence[int | None] | None = None) -> None:
     """Accumulate the Hessians of ``accs``' layers on the block's calibration calls, every call run whole.
 
     ``masks[i]``: the token mask of calibration batch ``i`` (:func:`token_mask`), applied to the layers (not in
-    ``unmasked``) whose input is ``(batch, tokens, K)``.
+    ``unmasked``) whose input is ``(batch, tokens, K)``; ``tokens[i]``: its token count (:func:`_batch_tokens`).
 
     Layers reading the same input tensor share its ``X^T X`` (:class:`_SharedInputs`). No call stops early: with
     data-dependent control flow (a loop whose count depends on the input, a router choosing experts per input) a
@@ -1109,12 +1140,13 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
     shared = _SharedInputs()
     current: list[Any] = [None]
     mask: list[torch.Tensor | None] = [None]
+    count: list[int | None] = [None]
     handles = []
 
     def make(n: str):
         def hook(mod, args, kwargs):
             _add(accs[n], n, _input_of(args, kwargs), current[0], None if n in unmasked else mask[0], shared,
-                 experts)
+                 experts, None if n in unmasked else count[0])
         return hook
 
     try:
@@ -1125,6 +1157,7 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
             shared.clear()
             current[0] = labels[i] if labels is not None else None
             mask[0] = masks[i] if masks is not None else None
+            count[0] = tokens[i] if tokens is not None else None
             with torch.no_grad(), tracking():  # no autograd graph keeps the call's activations alive
                 block(*a, **k)
     finally:
@@ -1439,6 +1472,7 @@ def gptq_quantize_sequential(
     labels = [labels[i] for i in keep] if labels is not None else None
     masks = [token_mask(b) for b in batches]
     padded = any(m is not None for m in masks)
+    counts = [_batch_tokens(b) for b in batches]  # per batch: tokens flattened sample by sample take their labels
     image_layers = unmasked_layers(model, [n for n, _ in model.named_modules()]) if padded else set()
 
     unrouted: list[str] = []
@@ -1466,7 +1500,7 @@ def gptq_quantize_sequential(
         built = []
         for part in _hessian_parts(block, names, max_hessian_bytes, _label_count(labels)):
             accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in part}
-            _capture_block(block, inputs, accs, labels, masks if padded else None, unmasked, experts)
+            _capture_block(block, inputs, accs, labels, masks if padded else None, unmasked, experts, counts)
             factors = _Factors()
             built += [(n, _layer_result(block.get_submodule(n), n, configs[n], accs, experts, unrouted, len(batches),
                                         labels, damp, block_size, act_order, clip_search, seed, factors,

@@ -144,3 +144,35 @@ def test_a_hessian_memory_budget_holds_with_group_labels(sequential, monkeypatch
             gptq_quantize_(model, CFG, batches, skip=["@head"], groups=groups, max_hessian_bytes=budget,
                            progress=False)
     assert held and max(held) <= budget
+
+
+def _two_images_of_different_sizes() -> tuple[nn.Module, dict]:
+    """A tiny Qwen2-VL and one batch of two samples, a 4 x 4 and a 2 x 4 patch image: the vision tower's layers
+    read the 24 patches of both images as one ``(24, K)`` input, 16 of sample 0 then 8 of sample 1."""
+    from medquant.testing import zoo
+
+    model = zoo.ZOO_BY_NAME["qwen2_vl"].build_fn()
+    vc = model.config.vision_config
+    p, tp, m = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
+    grids = [(1, 4, 4), (1, 2, 4)]
+    rows = [[zoo.BOS_ID, zoo.VISION_START] + [zoo.IMAGE_TOKEN] * (t * h * w // (m * m)) + [zoo.VISION_END, 5, 6, 7, 8]
+            for t, h, w in grids]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [zoo.PAD_ID] * (width - len(r)) for r in rows])
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_ids": ids, "attention_mask": (ids != zoo.PAD_ID).long(),
+             "pixel_values": torch.randn(sum(t * h * w for t, h, w in grids), 3 * tp * p * p, generator=gen),
+             "image_grid_thw": torch.tensor(grids), "mm_token_type_ids": (ids == zoo.IMAGE_TOKEN).int()}
+    return model, batch
+
+
+def test_per_sample_labels_are_not_spread_evenly_over_rows_that_are_not_the_batch_tokens():
+    """Per-sample group labels follow tokens flattened sample by sample (``(batch * tokens, K)``, an MoE block's
+    shared expert); any other 2-D input whose row count the number of labels divides was cut into equal runs too,
+    so a vision tower's patches of two images of different sizes (16 and 8) were labelled 12 / 12, silently. Such
+    an input is refused, as before the change, naming the layer and saying to give one label per batch."""
+    model, batch = _two_images_of_different_sizes()
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"visual\.blocks\.0\..*per-sample group labels"):
+        warnings.simplefilter("ignore")
+        gptq_quantize_(model, CFG, [batch], groups=[["a", "b"]], progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
