@@ -685,7 +685,9 @@ def adaround_quantize_(
             units.setdefault(owner, []).append(n)
         unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
         _check_real_tokens(batches, [u for u in units if u not in unmasked])
-        with eval_mode(model):  # one forward per batch: a batch that does not fit the model fails here
+        # one forward per batch: a batch that does not fit the model fails here; the expert layers' calls counted as
+        # they will be captured (on the tokens routed to them: a dense expert no token reaches is not called)
+        with eval_mode(model), experts.tracking():
             ordered, counts = _forward_order(model, units, batches, optional=[u for u in units if u in experts])
     except BaseException:
         for alias, old in reversed(unfolded):

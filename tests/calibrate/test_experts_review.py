@@ -176,3 +176,21 @@ def test_per_sample_labels_are_not_spread_evenly_over_rows_that_are_not_the_batc
         warnings.simplefilter("ignore")
         gptq_quantize_(model, CFG, [batch], groups=[["a", "b"]], progress=False)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_adaround_rounds_dense_llama4_experts_no_token_reaches_to_nearest():
+    """Learned rounding on Llama 4's dense experts: an expert no token is routed to (only zero rows) is rounded to
+    nearest and reported, like GPTQ's; its calls are counted as they are captured (on the routed rows)."""
+    model = build_moe("llama4_text")
+    float_experts = {n: copy.deepcopy(m) for n, m in _experts(model).items()}
+    one = {"input_ids": torch.tensor([[17]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    with pytest.warns(UserWarning, match=r"12 MoE expert layer\(s\) received no calibration token"):
+        recs = adaround_quantize_(model, CFG, [one], skip=["@head"], iters=5, progress=False)
+    for parent, f in float_experts.items():
+        methods = [recs[f"{parent}.{key}.{e}"]["method"] for e in range(4) for key in ("gate_up", "down")]
+        assert methods.count("adaround") == 2 and methods.count("rtn") == 6
+        for e in range(4):
+            for key in ("gate_up", "down"):
+                if recs[f"{parent}.{key}.{e}"]["method"] == "rtn":
+                    assert torch.equal(model.get_submodule(f"{parent}.{key}.{e}").dequantized_weight(),
+                                       _rtn(f, key, e))
