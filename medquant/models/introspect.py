@@ -336,6 +336,15 @@ def role_of(model: nn.Module, module_name: str) -> str | None:
     return None
 
 
+def _holds_linear(mod: nn.Module) -> bool:
+    """Whether ``mod`` or a module below it is a linear layer: an ``nn.Linear``, or a layer standing in for one
+    (integer ``in_features`` and ``out_features``: a quantized ``QuantLinear``), so that a quantized model keeps the
+    block lists of its float model."""
+    return any(isinstance(m, nn.Linear) or (isinstance(getattr(m, "in_features", None), int)
+                                            and isinstance(getattr(m, "out_features", None), int))
+               for m in mod.modules())
+
+
 def _container(mod: nn.Module) -> bool:
     """Whether ``mod`` is a bare container (``nn.Module()``, ``nn.ModuleList``, ``nn.ModuleDict``: a namespace for
     children, as Chameleon's VQ encoder keeps each resolution level's blocks in an ``nn.Module()``): it cannot be
@@ -458,11 +467,11 @@ def vision_layers(model: nn.Module) -> list[str]:
     for p in prefixes:  # a second tower of another block class (DeepSeek-VL hybrid's SigLIP beside its SAM)
         if p in modules and not any(_under(n, p) for n in out):
             extra = _find_layers(model, [p]) or []
-            if extra and all(any(isinstance(m, nn.Linear) for m in modules[n].modules()) for n in extra):
+            if extra and all(_holds_linear(modules[n]) for n in extra):
                 out.extend(extra)
     order = {n: i for i, n in enumerate(modules)}
     out.sort(key=order.__getitem__)
-    if not any(isinstance(m, nn.Linear) for n in out for m in model.get_submodule(n).modules()):
+    if not any(_holds_linear(model.get_submodule(n)) for n in out):
         out = _stages_zipped(model, out, _linear_block_lists(model, prefixes, set(out)))
     return out
 
@@ -495,7 +504,7 @@ def _linear_block_lists(model: nn.Module, prefixes: list[str], seen: set[str]) -
         if (isinstance(mod, nn.ModuleList) and len(mod) and any(_under(name, p) for p in prefixes)
                 and not any(_under(name, s) for s in seen)
                 and not any(isinstance(b, nn.ModuleList) for b in mod)
-                and all(any(isinstance(m, nn.Linear) for m in b.modules()) for b in mod)
+                and all(_holds_linear(b) for b in mod)
                 and not any(_under(name, o) for o in out)):
             out.extend(f"{name}.{i}" for i in range(len(mod)))
     return out

@@ -183,3 +183,21 @@ def test_t5_blocks_give_both_stacks_with_their_ffn_and_heads_marked_unsupported(
         assert "ffn" not in b.unsupported
         assert "relative_attention_bias" in b.unsupported["heads"]
         assert ("EncDecAttention" in b.unsupported["heads"]) == (b.stack == "decoder.block")
+
+
+def test_a_quantized_model_has_the_block_stacks_of_its_float_model():
+    """Florence-2's DaViT blocks are found as the lists whose blocks hold Linear layers; once quantized they hold
+    QuantLinear layers, and the stacks lost them (calibrating or pruning a partly quantized model then skipped
+    them). The float model's stacks are the reference, over the VLM zoo."""
+    import warnings
+
+    import medquant
+    from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
+
+    for name in ("florence2", "paddleocr_vl", "llava_onevision"):
+        model = EXTRA_ZOO_BY_NAME[name].build()
+        expected = block_stacks(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            medquant.quantize_(model, medquant.QuantConfig(bits=4, group_size=32))
+        assert block_stacks(model) == expected, name
