@@ -16,7 +16,7 @@ __all__ = ["eval_mode", "main_output", "placeholder_token_ids", "run_model"]
 
 #: config fields naming a placeholder token, on the model's config or its ``vision_config`` / ``audio_config``
 PLACEHOLDER_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "audio_token_id",
-                      "audio_token_index")
+                      "audio_token_index", "visual_indicator_token_ids")
 
 
 def run_model(model: nn.Module, batch: Any, /, *, unpack_sequences: bool = True, **extra: Any) -> Any:
@@ -81,7 +81,8 @@ def placeholder_token_ids(model: nn.Module) -> list[int]:
     model scatters the features into the embeddings at those positions, so they hold no text token: as next-token
     targets they are left out (``labels = -100``), as padding is. The ids are the integer values of the fields
     :data:`PLACEHOLDER_FIELDS` of ``model.config`` and of its ``vision_config`` / ``audio_config`` (Phi-4-multimodal
-    keeps its image token id in the vision config).
+    keeps its image token id in the vision config); a field may hold one id or a list of them (Ovis2's
+    ``visual_indicator_token_ids``, tokens whose embeddings its visual embedding table replaces).
 
     Args:
         model: the model (a wrapper such as DDP is not looked through: pass the wrapped module).
@@ -91,7 +92,8 @@ def placeholder_token_ids(model: nn.Module) -> list[int]:
     """
     cfg = getattr(model, "config", None)
     configs = [cfg] + [getattr(cfg, k, None) for k in ("vision_config", "audio_config")] if cfg is not None else []
-    ids = (getattr(c, k, None) for c in configs if c is not None for k in PLACEHOLDER_FIELDS)
+    values = (getattr(c, k, None) for c in configs if c is not None for k in PLACEHOLDER_FIELDS)
+    ids = (i for v in values for i in (v if isinstance(v, (list, tuple)) else [v]))
     return sorted({i for i in ids if isinstance(i, int) and not isinstance(i, bool)})
 
 

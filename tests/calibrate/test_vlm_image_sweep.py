@@ -283,10 +283,13 @@ def test_round_to_nearest_with_images_saves_and_reloads_with_the_same_logits(nam
 @names
 def test_taylor_loss_leaves_the_image_placeholders_out_of_the_targets(name):
     """The default Taylor loss is next-token cross-entropy on ``input_ids``; a placeholder position holds image
-    features, not a token to predict, so it is no target (``labels = -100``), like padding."""
+    features, not a token to predict, so it is no target (``labels = -100``), like padding; so are Ovis2's visual
+    indicator tokens, whose embeddings its visual embedding table replaces."""
     model, (inputs,) = _model_and_batches(name)
     ids = inputs["input_ids"]
-    labels = ids.masked_fill((ids == IMAGE_TOKEN) | (inputs["attention_mask"] == 0), -100)
+    indicators = torch.tensor(list(getattr(model.config, "visual_indicator_token_ids", ())), dtype=ids.dtype)
+    labels = ids.masked_fill((ids == IMAGE_TOKEN) | torch.isin(ids, indicators) | (inputs["attention_mask"] == 0),
+                             -100)
     if "decoder_input_ids" in inputs:  # Florence-2: the targets are the decoder's next tokens
         dec = inputs["decoder_input_ids"]
         labels = torch.cat([dec[:, 1:], torch.full_like(dec[:, :1], -100)], 1)

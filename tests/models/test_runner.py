@@ -91,3 +91,23 @@ def test_eval_mode_gives_every_submodule_its_own_mode_back():
     with pytest.raises(RuntimeError), eval_mode(model):
         raise RuntimeError("body failed")
     assert [m.training for m in model.modules()] == before
+
+
+def test_placeholder_token_ids_read_the_config_and_its_vision_and_audio_configs():
+    """Each id by hand from the configs: the model's own fields, the vision config's (Phi-4-multimodal), and a
+    list of ids (Ovis2's visual indicator tokens, whose embeddings the visual embedding table replaces)."""
+    from medquant.models import placeholder_token_ids
+
+    def model(**cfg):
+        m = nn.Linear(2, 2)
+        m.config = SimpleNamespace(**cfg)
+        return m
+
+    assert placeholder_token_ids(nn.Linear(2, 2)) == []
+    assert placeholder_token_ids(model(image_token_index=7, video_token_id=9, vocab_size=10)) == [7, 9]
+    assert placeholder_token_ids(model(vision_config=SimpleNamespace(image_token_id=5), use_cache=True)) == [5]
+    assert placeholder_token_ids(model(image_token_id=3, visual_indicator_token_ids=(11, 12, 13))) == [3, 11, 12, 13]
+    from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
+
+    ovis = EXTRA_ZOO_BY_NAME["ovis2"].build()
+    assert placeholder_token_ids(ovis) == sorted({ovis.config.image_token_id, *ovis.config.visual_indicator_token_ids})
