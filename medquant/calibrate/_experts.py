@@ -33,8 +33,8 @@ __all__ = ["ExpertRows", "rtn_unrouted", "unfold_experts", "warn_unrouted"]
 _KEYS = ("gate_up", "up", "down")
 
 
-def unfold_experts(root: nn.Module, plan: Mapping[str, QuantConfig], swap: Callable[[str, nn.Module], object]
-                   ) -> dict[str, QuantConfig]:
+def unfold_experts(root: nn.Module, plan: Mapping[str, QuantConfig], swap: Callable[[str, nn.Module], object],
+                   prefix: str = "") -> dict[str, QuantConfig]:
     """Unfold the experts modules of ``plan`` (names relative to ``root``) and give the plan of their layers.
 
     Args:
@@ -43,10 +43,21 @@ def unfold_experts(root: nn.Module, plan: Mapping[str, QuantConfig], swap: Calla
             expert layer (``<name>.gate_up.<e>`` / ``<name>.up.<e>``, ``<name>.down.<e>``) with its config.
         swap: ``swap(name, new)`` binds ``new`` at ``name`` in ``root`` (under every name of the old module), so
             the caller can undo it.
+        prefix: ``root``'s name in the model followed by ``"."`` (``""`` for the model), for error messages.
 
     Returns:
         The plan with expert layers instead of experts modules, in the same order.
+
+    Raises:
+        ValueError: an experts module's config has per-row bit-widths (``channel_bits``: one list cannot fit its
+            matrices, whose row counts differ, as :meth:`QuantExperts.from_float` refuses it); nothing is
+            unfolded then.
     """
+    for name, cfg in plan.items():
+        if cfg.channel_bits is not None and is_experts_module(root.get_submodule(name)):
+            raise ValueError(f"{prefix}{name}: per-output-channel bit-widths (channel_bits) are not supported for MoE "
+                             "experts: every expert matrix has its own rows; use one bit-width for the experts "
+                             f"(a config without channel_bits for {prefix}{name})")
     out: dict[str, QuantConfig] = {}
     for name, cfg in plan.items():
         mod = root.get_submodule(name)

@@ -1252,8 +1252,9 @@ def gptq_quantize_(
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: invalid ``damp`` / ``block_size`` / ``max_samples`` / ``max_hessian_bytes`` / ``seed``, no or an
             empty calibration set, batches that do not run, a convolution with non-zero padding mode, a layer never
-            reached, or a Hessian that stays singular (messages name the layer). On any error the model is left as it was (the
-            layers of the stages already quantized are put back).
+            reached, an MoE experts module given per-row bit-widths (``channel_bits``), or a Hessian that stays
+            singular (messages name the layer). On any error the model is left as it was (the layers of the stages
+            already quantized are put back).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gptq_quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -1443,8 +1444,9 @@ def gptq_quantize_sequential(
         ValueError: no or empty calibration data, invalid arguments (``damp``, ``block_size``, ``max_samples``,
             ``max_hessian_bytes``, ``seed``), a planned layer bound in several blocks (one module object under names in two blocks, or in
             a block and outside them: its Hessian would miss its later uses; use :func:`gptq_quantize_`, which
-            collects them all, or skip it), a Hessian that stays singular (with ``damp=0``: the message names the
-            layer and says to use ``damp > 0``).
+            collects them all, or skip it), an MoE experts module given per-row bit-widths (``channel_bits``), a
+            Hessian that stays singular (with ``damp=0``: the message names the layer and says to use
+            ``damp > 0``).
         TypeError: a calibration entry that is not a dict.
 
     All or nothing: any exception raised part way (a later block's error, a ``KeyboardInterrupt``) leaves the model
@@ -1492,7 +1494,7 @@ def gptq_quantize_sequential(
             return
 
         before = names_by_module(block)  # MoE experts with 3-D weights: one float Linear per expert and matrix
-        configs = unfold_experts(block, configs, lambda n, new: swap(block, n, new, before))
+        configs = unfold_experts(block, configs, lambda n, new: swap(block, n, new, before), f"{inputs.name}.")
         names = list(configs)
         experts = ExpertRows(block, names)
         # an expert layer reads what its experts module reads (image patches in a vision tower)

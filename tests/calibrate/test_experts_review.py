@@ -194,3 +194,25 @@ def test_adaround_rounds_dense_llama4_experts_no_token_reaches_to_nearest():
                 if recs[f"{parent}.{key}.{e}"]["method"] == "rtn":
                     assert torch.equal(model.get_submodule(f"{parent}.{key}.{e}").dequantized_weight(),
                                        _rtn(f, key, e))
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
+def test_per_row_bit_widths_on_an_experts_module_are_refused_as_quantize_refuses_them(sequential):
+    """``channel_bits`` gives one bit-width per output row of one matrix; an experts module holds 2E matrices with
+    two row counts (gate_up 2I, down H). ``quantize_`` refuses it; GPTQ gave the one list to every expert layer
+    (accepted only where 2I == H). Refused before anything changes, with quantize_'s reason."""
+    from medquant.quant import ConfigMap
+
+    model = build_moe("mixtral")
+    name = next(iter(_experts(model)))
+    rows = QuantExperts.expert_weights(model.get_submodule(name))["down_proj"][0][0].shape[0]
+    cmap = ConfigMap({name: QuantConfig(4, group_size=16, channel_bits=[4] * rows), "_default": CFG})
+    before = copy.deepcopy(model.state_dict())
+    fn = gptq_quantize_sequential if sequential else gptq_quantize_
+    with pytest.raises(ValueError, match=rf"{name}.*channel_bits.*not supported for MoE experts"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn(model, cmap, [moe_inputs()])
+    assert not any(isinstance(m, (QuantExperts, QuantLinear)) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
