@@ -4,7 +4,8 @@
   :func:`layer_scheme` describes one as a string (``"int4 asym g128"``, ``"int8 sym channel"``,
   ``"mixed {3: 10 rows, 4: 22 rows}"``).
 * :func:`check_native` refuses models holding modules a format has no tensors for (medquant wrappers other
-  than the quantized layers, e.g. quantized MoE experts; parametrized layers).
+  than the quantized layers, e.g. quantized MoE experts; parametrized layers), and models whose layers quantize
+  their input activations (:func:`check_no_input_quantizers`).
 * :func:`check_mixed` refuses layers whose rows carry different bit-widths, integer ones among them (no runtime
   format stores per-row bits), unless ``promote=True``, naming every such layer and its scheme in the
   :class:`ExportError`; a layer of float and pruned rows only is written as its float weight.
@@ -152,10 +153,70 @@ def foreign_modules(model: nn.Module, allow: tuple[type, ...] = ()) -> list[tupl
     return out
 
 
+def input_quantizers(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, scheme)`` of the modules whose input activations are fake-quantized by an
+    :class:`~medquant.calibrate.InputQuantizer` attached as a forward pre-hook (``adaround_quantize_(act_bits=...)``,
+    ``attach_input_quantizers``), e.g. ``("model.layers.0.self_attn.q_proj", "8-bit asym per-tensor")``.
+
+    Args:
+        model: the model to inspect.
+
+    Returns:
+        The modules with an active quantizer hook, in module order (a hook removed with
+        ``module.input_quantizer_handle.remove()`` is not listed, though the attribute stays).
+    """
+    from ..calibrate.adaround import InputQuantizer
+
+    out = []
+    for name, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            q = getattr(hook, "__self__", None)
+            if isinstance(q, InputQuantizer):
+                out.append((name, f"{q.bits}-bit {'sym' if q.symmetric else 'asym'} per-tensor"))
+    return out
+
+
+def check_no_input_quantizers(model: nn.Module, format: str, accepted: str = "") -> None:
+    """Refuse a model whose layers quantize their inputs (:func:`input_quantizers`): the export writes the weights
+    only, so the file would compute ``W x`` where medquant computes ``W Q(x)``, another model.
+
+    Args:
+        model: the model to export.
+        format: the format name, for the message.
+        accepted: a format-specific alternative appended to the message (e.g. ONNX's own static activations).
+
+    Raises:
+        ExportError: some modules carry an input quantizer; the message names each with its scheme, says that the
+            format carries weight-only quantization, and how to remove the quantizers to export the weights alone.
+    """
+    found = input_quantizers(model)
+    if found:
+        listed = "; ".join(f"{n or '(model)'}: {s}" for n, s in found[:8]) + \
+            (f" and {len(found) - 8} more" if len(found) > 8 else "")
+        raise ExportError(
+            f"format={format!r} writes weight-only quantized layers, but {len(found)} module(s) fake-quantize their "
+            f"input activations with an InputQuantizer forward pre-hook (adaround_quantize_(act_bits=...)), which "
+            f"the file cannot carry: {listed}. Written without them it would compute with float activations, not "
+            f"the model medquant computes. Accepted: a model without input quantizers - to export the weights "
+            f"alone, remove them first (module.input_quantizer_handle.remove() on each listed module; the "
+            f"calibration records keep their parameters for attach_input_quantizers)" + (f"; {accepted}" if accepted
+                                                                                        else ""))
+
+
 def check_native(model: nn.Module, format: str, allow: tuple[type, ...] = ()) -> None:
-    """Raise :class:`ExportError` listing :func:`foreign_modules` (the format has no tensors for them); a backend
-    that writes some other medquant module itself (e.g. ``QuantEmbedding`` as a float table) passes it in
-    ``allow``."""
+    """Raise :class:`ExportError` listing :func:`foreign_modules` (the format has no tensors for them), or the modules
+    with input quantizers (:func:`check_no_input_quantizers`); a backend that writes some other medquant module
+    itself (e.g. ``QuantEmbedding`` as a float table) passes it in ``allow``.
+
+    Args:
+        model: the model to export.
+        format: the format name, for the messages.
+        allow: medquant module classes the backend writes itself.
+
+    Raises:
+        ExportError: as above, naming the modules.
+    """
+    check_no_input_quantizers(model, format)
     found = foreign_modules(model, allow)
     if found:
         listed = "; ".join(f"{n or '(model)'}: {c}" for n, c in found[:8]) + (" ..." if len(found) > 8 else "")

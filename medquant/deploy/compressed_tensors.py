@@ -576,7 +576,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         ExportError: a bad option (among them a ``path`` that is the current folder, one above it or a root, a
             non-empty folder that is not an earlier export, or an earlier export without ``overwrite``), a
             model without quantized layers (or with only quantized embeddings and ``embeddings="float"``), mixed
-            layers without ``promote``, or a failed verification; nothing is written.
+            layers without ``promote``, layers with input quantizers (``adaround_quantize_(act_bits=...)``: the
+            folder holds weight-only quantization), or a failed verification; nothing is written.
     """
     path = Path(path)
     max_shard, sdtype = _check_options(model, path, promote, max_shard_size, scale_dtype, overwrite, source)

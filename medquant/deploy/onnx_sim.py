@@ -50,7 +50,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..quant.modules import QuantConv2d, QuantLinear
-from .common import layer_scheme, layer_weight
+from .common import check_no_input_quantizers, layer_scheme, layer_weight
 from .registry import ExportError
 
 ACT_QMIN, ACT_QMAX = 0, 255
@@ -802,6 +802,8 @@ def _prepare(model: nn.Module, example: tuple, method: str, percentile: float, p
         raise ExportError("the model is already calibrated (returned by calibrate_activations): its layers are "
                           "export layers with fixed scales; to calibrate again (another method, percentile or "
                           "batches), pass the quantized model it was made from")
+    check_no_input_quantizers(model, "onnx", "static int8 activations are the export's own: calib=<batches> or "
+                                             "calibrate_activations (8-bit per-channel / per-tensor layers)")
     stats = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and (m.running_mean is None or m.running_var is None)]
     if stats:
@@ -948,8 +950,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: s
         ValueError: an unknown ``method``, ``percentile`` that is not a number in ``(50, 100]``, ``max_batches``
             that is not a positive integer or None.
         ExportError: a model that calibrate_activations returned (pass the model it was made from), a layer the
-            export cannot carry, a BatchNorm without running statistics
-            (``track_running_stats=False``), a prepared float path that does not reproduce ``model``.
+            export cannot carry, a module with an input quantizer (``adaround_quantize_(act_bits=...)``), a
+            BatchNorm without running statistics (``track_running_stats=False``), a prepared float path that does not reproduce ``model``.
     """
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
