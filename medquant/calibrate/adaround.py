@@ -100,6 +100,7 @@ from ._forward import (
     count_calls,
     row_mask,
     run_calibration_batch,
+    short_names,
     token_mask,
     unmasked_layers,
 )
@@ -536,26 +537,42 @@ def _refuse_shared_across_units(model: nn.Module, plan: Iterable[str], blocks: S
                              "copy of the layer, or choose blocks that hold all its names")
 
 
-def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any], optional: Collection[str] = ()
-                   ) -> tuple[list[str], dict[str, list[int]]]:
+def _forward_order(model: nn.Module, units: Iterable[str], batches: Sequence[Any], optional: Collection[str] = (),
+                   first_tensor: bool = False) -> tuple[list[str], dict[str, list[int]]]:
     """The units in the order of their first call on the first batch (units it does not call after them, in the
     order of their first call on the later batches), and how many times each batch's forward calls each unit, one
     count per batch (0: not called by that batch; > 1: a shared layer or block, or one reused by that batch). Every
     batch is run once, whole: a unit called exactly once by the first batch may be called twice by another
     (data-dependent control flow), so the decision to stop a capture at a unit's first call needs every batch.
+    With ``first_tensor`` (activation quantization), every call of every unit must pass a tensor as its first
+    positional argument (what :class:`InputQuantizer` quantizes).
 
     Raises:
         ValueError: a unit that no calibration batch calls (checked here, before the model changes), unless it is
-            ``optional`` (an MoE expert layer no calibration token is routed to: it is left out of the order).
+            ``optional`` (an MoE expert layer no calibration token is routed to: it is left out of the order);
+            with ``first_tensor``, a unit called without a tensor as its first positional argument (e.g. with
+            ``hidden_states=`` by keyword).
     """
     units = list(units)
+    keyword: list[str] = []  # units called without a positional input tensor
+
+    def check(name: str, args: tuple, kwargs: dict, batch: int, calls: int) -> None:
+        if not (args and isinstance(args[0], torch.Tensor)) and name not in keyword:
+            keyword.append(name)
+
     with torch.no_grad():
-        order, counts = count_calls(model, units, batches)
+        order, counts = count_calls(model, units, batches, on_call=check if first_tensor else None)
     missing = [u for u in units if u not in order and u not in optional]
     if missing:
         raise ValueError(f"block {missing[0]} received no calibration inputs: the model's forward did not call it on "
                          f"any calibration batch ({len(missing)} unit(s) never called: {', '.join(missing[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}); skip it or give batches that reach it")
+    if keyword:
+        raise ValueError(f"block {keyword[0]}: activation quantization (act_bits) needs the block's input tensor as "
+                         "its first positional argument, but the model's forward calls it without one (its input "
+                         f"passed by keyword, e.g. hidden_states=; units: {short_names(keyword)}); leave it out of "
+                         "blocks= (its layers are then reconstructed one by one, each called with its input first) "
+                         "or leave act_bits unset")
     return order, counts
 
 
@@ -642,11 +659,14 @@ def adaround_quantize_(
             model's forward (the message names the batch; the model's error is chained); a calibration set whose
             every ``attention_mask`` is all zeros (no real token) while a layer outside the vision tower /
             projector is planned; a block that the
-            calibration batches never reach; NaN or inf in a block's calibration input; a reconstruction that
-            diverged; with ``target="float"``, a block that a calibration batch calls a different number of times in
-            the model being quantized and in the float model (module docstring). The errors up to the float forward
-            of every batch (which counts the calls of each block per batch; a block that no batch reaches is refused
-            there) are raised before the model is changed.
+            calibration batches never reach; with ``act_bits``, a unit that the model's forward calls without its
+            input tensor as the first positional argument (e.g. ``hidden_states=`` by keyword); NaN or inf in a
+            block's calibration input; a reconstruction that diverged; with ``target="float"``, a block that a
+            calibration batch calls a different number of times in the model being quantized and in the float model
+            (module docstring). The errors up to the float forward
+            of every batch (which counts the calls of each block per batch; a block that no batch reaches, or with
+            ``act_bits`` one called without a positional input, is refused there) are raised before the model is
+            changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -688,7 +708,8 @@ def adaround_quantize_(
         # one forward per batch: a batch that does not fit the model fails here; the expert layers' calls counted as
         # they will be captured (on the tokens routed to them: a dense expert no token reaches is not called)
         with eval_mode(model), experts.tracking():
-            ordered, counts = _forward_order(model, units, batches, optional=[u for u in units if u in experts])
+            ordered, counts = _forward_order(model, units, batches, optional=[u for u in units if u in experts],
+                                             first_tensor=act_bits is not None)
     except BaseException:
         for alias, old in reversed(unfolded):
             swap_module(model, alias, old)
