@@ -2,8 +2,9 @@
 
 For a group of linears ``W_1..W_m`` that read the same input ``X`` (q/k/v after the attention norm; gate/up after
 the FFN norm; down after up; o after v; the norms are the block's ``input_layernorm`` / ``layer_norm1`` /
-``layernorm_before`` / ``norm1`` (DINOv2) and ``pre_feedforward_layernorm`` / ``post_attention_layernorm`` /
-``layer_norm2`` / ``layernorm_after`` / ``norm2``, kept only where the calibration forward shows they feed exactly
+``layernorm_before`` / ``norm1`` (DINOv2) / ``operator_norm`` (LFM2) / ``rms_norm1`` (AIMv2) and
+``pre_feedforward_layernorm`` / ``post_attention_layernorm`` / ``layer_norm2`` / ``layernorm_after`` / ``norm2`` /
+``ffn_norm`` (LFM2) / ``rms_norm2`` (AIMv2), kept only where the calibration forward shows they feed exactly
 their group, below), scaling input channel ``j`` of every ``W_i`` by ``s_j`` and dividing the
 op that produces ``X`` by ``s_j`` leaves the float function unchanged:
 ``X W^T = (X diag(1/s)) (W diag(s))^T``. Quantizing ``W diag(s)`` instead of ``W`` protects the channels with
@@ -81,8 +82,9 @@ from .sequential import BlockInputs, _Undo, quantize_sequential
 __all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
            "search_and_fold_block"]
 
-_ATTN_NORMS = ("input_layernorm", "layer_norm1", "layernorm_before", "norm1")
-_FFN_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "layer_norm2", "layernorm_after", "norm2")
+_ATTN_NORMS = ("input_layernorm", "layer_norm1", "layernorm_before", "norm1", "operator_norm", "rms_norm1")
+_FFN_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "layer_norm2", "layernorm_after", "norm2",
+              "ffn_norm", "rms_norm2")
 
 
 @dataclass

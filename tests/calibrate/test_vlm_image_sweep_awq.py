@@ -183,6 +183,17 @@ def test_awq_folding_keeps_the_float_outputs_and_searches_on_the_real_tokens_and
     _check_searched(groups, {k: torch.cat(v) for k, v in xs.items()}, float_model)
 
 
+@pytest.mark.parametrize(("name", "norms"), [("lfm2_vl", ("operator_norm", "ffn_norm")),
+                                            ("ovis2", ("rms_norm1", "rms_norm2"))])
+def test_awq_folds_into_the_pre_norms_of_lfm2_and_aimv2_blocks(name, norms):
+    """LFM2's language blocks (``operator_norm`` before the attention or convolution, ``ffn_norm`` before w1 / w3)
+    and Ovis2's AIMv2 vision blocks (``rms_norm1`` / ``rms_norm2``) are pre-norm blocks: their norms absorb the
+    scales of the linears they feed (the calibration forward checks that they feed exactly them)."""
+    model, _ = _batches(name)
+    prevs = [g.prev.rpartition(".")[2] for g in awq_groups(model, "all")]
+    assert set(norms) <= set(prevs)
+
+
 def _block_calls(model: nn.Module, names: list[str], batches: list[dict[str, Any]]) -> dict[str, list]:
     """Each block's ``(args, kwargs)`` in a forward of ``model`` on each batch (one call per batch), KV caches
     dropped (a re-run of the block must not append to them)."""
