@@ -216,13 +216,20 @@ def _block_calls(model: nn.Module, names: list[str], batches: list[dict[str, Any
     return got
 
 
+# block by block from a float checkpoint into a meta skeleton as well, on layouts whose image path holds modules
+# outside the blocks: the merger (Qwen2-VL), image_newline on the model (OneVision), two vision stacks and
+# cross-attention (Mllama), the perceiver connector (Idefics2), LLaVA-Med's own layout
+FROM_CHECKPOINT = ["qwen2_vl", "llava_onevision", "mllama", "idefics2", "gemma3_vlm", "llava_med"]
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in NO_AWQ_GROUP])
 def test_awq_block_by_block_searches_each_block_on_the_inputs_the_quantized_model_gives_it(name, tmp_path):
     model, batches = _batches(name)
     float_model = copy.deepcopy(model)
-    save_model(model, str(tmp_path / "float.safetensors"))
-    with init_empty_weights():
-        skeleton, _ = _batches(name)
+    if name in FROM_CHECKPOINT:
+        save_model(model, str(tmp_path / "float.safetensors"))
+        with init_empty_weights():
+            skeleton, _ = _batches(name)
     groups = awq_quantize_sequential(model, CONFIG, batches, scope="all", max_rows=None, device="cpu",
                                      progress=False)
     assert groups
@@ -244,6 +251,8 @@ def test_awq_block_by_block_searches_each_block_on_the_inputs_the_quantized_mode
     # every foldable group the float model has was searched, but those whose norm does not feed them
     assert sorted(g.prev for g in groups) == sorted(g.prev for g in awq_groups(float_model, "all")
                                                     if g.prev not in REFUSED.get(name, []))
+    if name not in FROM_CHECKPOINT:
+        return
     # a meta skeleton streamed from the float checkpoint gives the same scales and codes
     again = awq_quantize_sequential(skeleton, CONFIG, batches, scope="all", max_rows=None, device="cpu",
                                     checkpoint=tmp_path / "float.safetensors", progress=False)
@@ -312,6 +321,8 @@ def test_adaround_with_images_reconstructs_the_float_outputs_and_reloads(name, t
     units = sorted({r["block"] for r in records.values()})
     assert set(stacks) <= set(units)  # every block a unit
     for n, r in records.items():
+        assert set(r) == {"method", "block", "iters", "lr", "reg", "warmup", "target", "samples", "seed", "mse_rtn",
+                          "mse", "mse_learned", "fallback"}, n
         assert r["method"] == "adaround" and r["iters"] == 3 and r["samples"] == 2 and r["target"] == target, n
         assert (n == r["block"]) or n.startswith(r["block"] + "."), n
         assert math.isfinite(r["mse_rtn"]) and math.isfinite(r["mse_learned"]) and r["mse_rtn"] >= 0, n
@@ -396,6 +407,25 @@ def test_adaround_activation_quantization_of_a_block_called_with_keyword_inputs_
     records = adaround_quantize_(model, CONFIG, batches, skip=["@head"], blocks=outside, iters=2, act_bits=8,
                                  progress=False)
     assert all("act" in r for r in records.values())
+
+
+@pytest.mark.xfail(strict=True, reason="the batch's attention_mask (the encoder's tokens) is applied to every "
+                   "(batch, tokens, K) row set of its shape, the decoder's included: an encoder-decoder's decoder rows "
+                   "are left out where the encoder is padded when the two sequences have the same length")
+def test_adaround_keeps_the_decoder_rows_of_an_encoder_decoder_whose_encoder_is_padded():
+    """Florence-2 with a decoder as long as the encoder's sequence (23 tokens), the decoder not padded (no
+    ``decoder_attention_mask``): every decoder position is a real token, so the decoder block's error counts them
+    all, even where the encoder's ``attention_mask`` is 0."""
+    model, batches = _batches("florence2")
+    gen = torch.Generator().manual_seed(5)
+    for b in batches:
+        b["decoder_input_ids"] = torch.randint(4, 200, b["input_ids"].shape, generator=gen)
+    float_model = copy.deepcopy(model)
+    unit = "model.language_model.decoder.layers.0"
+    records = adaround_quantize_(model, CONFIG, batches, skip=["@head"], blocks=[unit], iters=2, progress=False)
+    got, ref = _unit_outputs(model, [unit], batches)[unit], _unit_outputs(float_model, [unit], batches)[unit]
+    d = torch.cat([(out - r).flatten() for (_, out), (_, r) in zip(got, ref)])
+    assert records[unit + ".fc1"]["mse"] == pytest.approx(float(d.pow(2).mean()), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- RTN block by block
