@@ -173,6 +173,12 @@ def test_awq_folding_keeps_the_float_outputs_and_searches_on_the_real_tokens_and
     float_model = copy.deepcopy(model)
     before = [_logits(model, b) for b in batches]
     groups = search_and_fold(model, CONFIG, batches, scope="all", max_rows=None, progress=False)
+    # the padding's token ids change nothing: the padded positions are no calibration data and, right-padded,
+    # reach no real token
+    other = [dict(b, input_ids=b["input_ids"].masked_fill(b["attention_mask"] == 0, 7)) for b in batches]
+    again = search_and_fold(copy.deepcopy(float_model), CONFIG, other, scope="all", max_rows=None, progress=False)
+    assert [(g.prev, g.alpha, g.err_rtn, g.err_awq) for g in again] == \
+        [(g.prev, g.alpha, g.err_rtn, g.err_awq) for g in groups]
     for b, ref in zip(batches, before):  # folding is exact: the float function is unchanged
         torch.testing.assert_close(_logits(model, b), ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max())))
     image = _image_parts(model)
