@@ -36,7 +36,7 @@ from medquant.calibrate.sequential import quantize_sequential
 from medquant.models import block_stacks
 from medquant.models.introspect import model_roles
 from medquant.quant.core import fake_quantize
-from medquant.testing.zoo import PAD_ID, ZOO_BY_NAME
+from medquant.testing.zoo import IMAGE_TOKEN, PAD_ID, ZOO_BY_NAME
 from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
 from tests.calibrate.test_sequential_between_blocks import _mllama, _qwen3_vl
 from tests.calibrate.test_vlm_image_sweep import CASES, _logits, _model_and_batches, _with_mask
@@ -50,7 +50,10 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, dict[str, Any]]]] = {
     "mllama": _mllama, "qwen3_vl": _qwen3_vl,
     "llava_med": lambda: (m := EXTRA_ZOO_BY_NAME["llava_med"].build(), EXTRA_ZOO_BY_NAME["llava_med"].inputs(m)),
 }
-NAMES = [*CASES, *ZOO_VLMS, *EXTRA]
+# Qwen2-VL with one more text token: 16 tokens a row, so the vision tower's flattened patch rows (2 x 16) are as
+# many as the batch's tokens: the padding mask would fit them, and must still not be applied to them
+SAME_COUNT = "qwen2_vl_patch_rows_as_many_as_tokens"
+NAMES = [*CASES, *ZOO_VLMS, *EXTRA, SAME_COUNT]
 NO_AWQ_GROUP = {"florence2"}  # DaViT and post-norm BART blocks: no norm / linear can absorb the scales
 # groups refused on the calibration forward: Mllama's cross-attention layer reads the image states in k / v, not
 # the output of its input_layernorm
@@ -74,6 +77,14 @@ def _repad(batch: dict[str, Any], row: int, n: int) -> dict[str, Any]:
 
 def _batches(name: str) -> tuple[nn.Module, list[dict[str, Any]]]:
     """The float model and two image batches (second row padded by 2 in the first, first row by 3 in the second)."""
+    if name == SAME_COUNT:
+        model, batches = _batches("qwen2_vl")
+        for b in batches:
+            for key in ("input_ids", "attention_mask"):
+                b[key] = torch.cat([b[key][:, :-3], b[key][:, -4:-3], b[key][:, -3:]], 1)
+            b["mm_token_type_ids"] = (b["input_ids"] == IMAGE_TOKEN).int()
+        assert batches[0]["input_ids"].numel() == batches[0]["pixel_values"].shape[0]
+        return model, batches
     if name in CASES:
         model, batches = _model_and_batches(name, 2)
     else:
