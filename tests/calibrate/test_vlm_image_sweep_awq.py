@@ -465,3 +465,27 @@ def test_rtn_block_by_block_calibrates_on_the_quantized_models_inputs_and_gives_
     for n in stacks:
         ref = [args[0] if args else kw["hidden_states"] for args, kw in calls[n]]
         assert len(seen[n]) == len(ref) and all(torch.equal(x, y) for x, y in zip(seen[n], ref)), n
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "mllama", "llava_onevision", "florence2", "qwen3_vl"])
+def test_rtn_block_by_block_over_the_last_stack_only_calibrates_it_on_the_quantized_image_path(name):
+    """``blocks=`` the last stack (the language model, Florence-2's decoder): the rest, the vision tower included,
+    is quantized first, leaf by leaf, so the listed blocks get the inputs of the finished model; the codes are
+    :func:`medquant.quantize_`'s."""
+    model, batches = _batches(name)
+    reference = copy.deepcopy(model)
+    last = block_stacks(model)[-1]
+    seen: dict[str, list] = {}
+
+    def per_block(block, block_inputs):
+        seen[block_inputs.name] = [h.clone() for h in block_inputs.hidden_states]
+
+    quantize_sequential(model, CONFIG, batches, device="cpu", blocks=[last], per_block_fn=per_block)
+    quantize_(reference, CONFIG)
+    a, b = model.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert list(seen) == list(last)
+    calls = _block_calls(model, list(last), batches)
+    for n in last:
+        ref = [args[0] if args else kw["hidden_states"] for args, kw in calls[n]]
+        assert all(torch.equal(x, y) for x, y in zip(seen[n], ref, strict=True)), n
