@@ -89,6 +89,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.layout import FORMAT_VERSION, expand_params, pack, padded_k
 from ..models.runner import eval_mode
+from ..quant.activations import InputQuantizer
 from ..quant.api import names_by_module, resolve_configs, swap_module, swap_under_all_names
 from ..quant.config import QuantConfig
 from ..quant.core import compute_qparams
@@ -249,104 +250,6 @@ class _Rounding:
 
 
 # ---------------------------------------------------------------------------------------------- activations
-class InputQuantizer:
-    """Static per-tensor fake quantization of a module's first tensor input (formulas in the module docstring).
-
-    ``scale`` and ``zero`` are fixed numbers (from :meth:`calibrate`); calling the object fake-quantizes a tensor in
-    its own dtype; :meth:`attach` installs it as a forward pre-hook of a module.
-
-    Args:
-        bits: activation bit-width, 2..16.
-        symmetric: codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` without zero point, else ``[0, 2^b - 1]`` with
-            ``zero``.
-        scale: the step ``s`` (> 0, finite): ``x^ = (clamp(round(x/s) + z, 0, 2^b - 1) - z) * s``.
-        zero: the zero point ``z`` (asymmetric).
-
-    Raises:
-        ValueError: ``bits`` outside 2..16 or a scale that is not a finite positive number.
-    """
-
-    def __init__(self, bits: int, symmetric: bool, scale: float, zero: int = 0) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise ValueError(f"activation bits must be an integer in 2..16, got {bits!r}")
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"activation scale must be a finite number > 0, got {scale!r}")
-        self.bits, self.symmetric, self.scale, self.zero = bits, bool(symmetric), float(scale), int(zero)
-
-    @classmethod
-    def calibrate(cls, xs: Sequence[torch.Tensor], bits: int, symmetric: bool = False,
-                  name: str = "input") -> InputQuantizer:
-        """The quantizer whose range covers every tensor of ``xs`` (asymmetric: the range always holds 0).
-
-        Symmetric: ``s = max(|lo|, |hi|) / (2^(b-1) - 1)``; asymmetric: ``s = (max(hi, 0) - min(lo, 0)) /
-        (2^b - 1)``, ``z = round(-min(lo, 0) / s)``, with ``lo`` / ``hi`` the extremes over ``xs``.
-
-        Args:
-            xs: calibration inputs of the module.
-            bits: activation bit-width, 2..16.
-            symmetric: the scheme.
-            name: the module's name in error messages.
-
-        Returns:
-            The :class:`InputQuantizer`.
-
-        Raises:
-            ValueError: ``xs`` is empty or holds NaN / inf.
-        """
-        if not xs:
-            raise ValueError(f"{name}: no calibration inputs to fix the activation scale")
-        lo = min(float(x.detach().min()) for x in xs)
-        hi = max(float(x.detach().max()) for x in xs)
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{name}: calibration input holds NaN/inf values")
-        if symmetric:
-            s = max(abs(lo), abs(hi)) / (2 ** (bits - 1) - 1)
-            z = 0
-        else:
-            lo, hi = min(lo, 0.0), max(hi, 0.0)
-            s = (hi - lo) / (2**bits - 1)
-            z = int(torch.round(torch.tensor(-lo / s, dtype=torch.float64))) if s > 0 else 0
-        return cls(bits, symmetric, s if s > 0 else 1.0, z)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        r = torch.round(x / self.scale)
-        if self.symmetric:
-            q = 2 ** (self.bits - 1) - 1
-            return torch.clamp(r, -q, q) * self.scale
-        return (torch.clamp(r + self.zero, 0, 2**self.bits - 1) - self.zero) * self.scale
-
-    def as_dict(self) -> dict[str, Any]:
-        """The quantizer's parameters as a JSON-ready dict.
-
-        Returns:
-            ``{"bits", "symmetric", "scale", "zero"}``, the record :func:`attach_input_quantizers` reads.
-        """
-        return {"bits": self.bits, "symmetric": self.symmetric, "scale": self.scale, "zero": self.zero}
-
-    def _hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if not args or not isinstance(args[0], torch.Tensor):
-            raise TypeError(f"{type(mod).__name__}: the input quantizer needs the input tensor as the first "
-                            "positional argument")
-        return (self(args[0]), *args[1:]), kwargs
-
-    def attach(self, module: nn.Module) -> Any:
-        """Install on ``module`` as a forward pre-hook, replacing an input quantizer attached earlier.
-
-        Args:
-            module: the module whose first positional input is fake-quantized from now on.
-
-        Returns:
-            The hook handle (``handle.remove()`` detaches it); also kept as ``module.input_quantizer_handle``.
-        """
-        old = getattr(module, "input_quantizer_handle", None)
-        if old is not None:
-            old.remove()
-        handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        module.input_quantizer = self
-        module.input_quantizer_handle = handle
-        return handle
-
-
 def attach_input_quantizers(model: nn.Module, records: Mapping[str, Mapping[str, Any]]) -> dict[str, InputQuantizer]:
     """Re-attach the activation quantizers recorded by :func:`adaround_quantize_` (``act_bits``).
 

@@ -19,6 +19,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..io import format_version_of
 from ..kernels.layout import FORMAT_VERSION
+from ..quant.activations import checked_records, input_quantizers
 from ..quant.api import DEFAULT_KEY, ConfigMap, quantizable_modules, without_moe_routers
 from ..quant.config import QuantConfig
 from ..quant.recipe import model_recipe
@@ -29,7 +30,7 @@ __all__ = ["MedQuantConfig", "recipe_of"]
 
 # the fields of a MedQuantConfig: what update() sets (and to_dict() writes)
 _FIELDS = ("quant_method", "format_version", "medquant_version", "config", "config_map", "skip", "modules",
-           "skipped_modules")
+           "skipped_modules", "input_quantizers")
 
 
 def _as_config_dict(value: Any, what: str) -> dict | None:
@@ -107,7 +108,8 @@ class MedQuantConfig(QuantizationConfigMixin):
     JSON form (``to_dict``): ``quant_method``, ``format_version``, ``medquant_version``, ``config`` (a QuantConfig
     dict) or ``config_map`` (a list of ``[pattern, QuantConfig dict / null]`` pairs, in the map's order: a module
     takes the first regular-expression or role pattern that matches it, and JSON objects are written with sorted
-    keys), ``skip``, ``modules``, ``skipped_modules``.
+    keys), ``skip``, ``modules``, ``skipped_modules``, and ``input_quantizers`` when the model has static
+    activation quantizers.
 
     Args:
         config_or_map: what :func:`medquant.quantize_` takes - a :class:`~medquant.QuantConfig` (or int bit-width)
@@ -123,6 +125,9 @@ class MedQuantConfig(QuantizationConfigMixin):
             (embedding tables and heads tied to them included: :meth:`recorded_embeddings`).
         skipped_modules: Linear / Conv2d names left in float in a saved model (recorded for the reader; it keeps no
             layer in float: quantize-on-load refuses a plan that quantizes a listed layer, use ``skip``).
+        input_quantizers: the static activation quantizers of a saved model (learned rounding with ``act_bits``),
+            ``{module name: {"bits", "symmetric", "scale", "zero"}}``
+            (:class:`~medquant.quant.activations.InputQuantizer`); ``from_pretrained`` attaches them again.
         format_version: the saved-format version of the recorded model (at most this medquant's).
         medquant_version: the medquant version that wrote it, a string (default: this one).
         quant_method: must be ``"medquant"``.
@@ -144,6 +149,7 @@ class MedQuantConfig(QuantizationConfigMixin):
         config_map: Mapping[str, Any] | list | None = None,
         modules: Mapping[str, Mapping] | None = None,
         skipped_modules: Iterable[str] | None = None,
+        input_quantizers: Mapping[str, Mapping] | None = None,
         format_version: int = FORMAT_VERSION,
         medquant_version: str | None = None,
         quant_method: str = QUANT_METHOD,
@@ -151,7 +157,8 @@ class MedQuantConfig(QuantizationConfigMixin):
     ) -> None:
         if unknown:
             raise ValueError(f"unknown MedQuantConfig fields {sorted(unknown)}; accepted: config_or_map, skip, "
-                             "config, config_map, modules, skipped_modules, format_version, medquant_version")
+                             "config, config_map, modules, skipped_modules, input_quantizers, format_version, "
+                             "medquant_version")
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
         if not isinstance(format_version, int) or isinstance(format_version, bool) or not (
@@ -195,6 +202,8 @@ class MedQuantConfig(QuantizationConfigMixin):
                 self.modules[str(name)] = e
         skipped = _as_names(skipped_modules, "skipped_modules")
         self.skipped_modules = sorted(skipped) if skipped is not None else None
+        self.input_quantizers = (checked_records(input_quantizers, "quantization_config.input_quantizers")
+                                 if input_quantizers is not None else None)
 
     # ------------------------------------------------------------------ updates
     @classmethod
@@ -218,7 +227,7 @@ class MedQuantConfig(QuantizationConfigMixin):
         """Set the fields named in ``kwargs``, validated exactly as by the constructor; return the other kwargs.
 
         The fields are ``quant_method``, ``format_version``, ``medquant_version``, ``config``, ``config_map``,
-        ``skip``, ``modules`` and ``skipped_modules``; they are normalised as the constructor does (an int
+        ``skip``, ``modules``, ``skipped_modules`` and ``input_quantizers``; they are normalised as the constructor does (an int
         bit-width or a QuantConfig becomes its dict...). As transformers' ``QuantizationConfigMixin.update``
         (``AutoQuantizationConfig.from_pretrained`` passes it every ``from_pretrained`` keyword), keys that are not
         fields (method and property names included) are not used and come back; ``kwargs`` is not changed. The
@@ -379,7 +388,8 @@ class MedQuantConfig(QuantizationConfigMixin):
     def record(self, model: nn.Module) -> MedQuantConfig:
         """Record a quantized model in this config: its recipes, its float layers and the format version it needs.
 
-        Sets ``modules`` and ``skipped_modules`` (:func:`recipe_of`), ``format_version``
+        Sets ``modules`` and ``skipped_modules`` (:func:`recipe_of`), ``input_quantizers`` (the active static
+        activation quantizers, ``None`` when there are none), ``format_version``
         (:func:`medquant.io.format_version_of`: 2 only when a layer stores dense rows) and ``medquant_version``.
 
         Args:
@@ -389,6 +399,8 @@ class MedQuantConfig(QuantizationConfigMixin):
             ``self``.
         """
         self.modules, self.skipped_modules = recipe_of(model)
+        acts = input_quantizers(model)
+        self.input_quantizers = {n: q.as_dict() for n, q in acts.items()} or None
         self.format_version = format_version_of(model)  # 2 only when a layer stores dense rows
         self.medquant_version = __version__
         return self
@@ -422,7 +434,7 @@ class MedQuantConfig(QuantizationConfigMixin):
             "skip": list(self.skip) if self.skip is not None else None,
             "modules": copy.deepcopy(self.modules),
             "skipped_modules": list(self.skipped_modules) if self.skipped_modules is not None else None,
-        }
+        } | ({"input_quantizers": copy.deepcopy(self.input_quantizers)} if self.input_quantizers else {})
 
     def __iter__(self):
         yield from self.to_dict().items()

@@ -59,6 +59,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..io import verify_pretrained, write_checkpoint
 from ..io.schema import parse_layer
+from ..quant.activations import attach_recorded
 from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
 from ..quant.config import QuantConfig
 from ..quant.embeddings import quantize_embeddings_
@@ -525,6 +526,8 @@ class MedQuantHfQuantizer(HfQuantizer):
                 quantize_(model, leftovers)
             _quantize_recorded_tables(model, self._tables, self._tied)
         _finalize(model)
+        if self.quantization_config.input_quantizers:  # static activation quantizers of the saved model
+            attach_recorded(model, self.quantization_config.input_quantizers, "quantization_config.input_quantizers")
         self.quantization_config.record(model)
         model.config.quantization_config = self.quantization_config
         bind_save_pretrained(model)

@@ -28,6 +28,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from ..kernels.layout import DENSE_BITS, FORMAT_VERSION
+from ..quant.activations import input_quantizers, recorded_quantizers, set_input_quantizers
 from ..quant.api import swap_module
 from ..quant.experts import expand_recorded_experts, is_experts_module
 from ..quant.modules import (
@@ -440,6 +441,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
         shared = shared_modules(model)
         if shared:  # a quantized layer under several names: stored once, bound to every name again on load
             meta["shared_modules"] = shared
+        acts = input_quantizers(model)
+        if acts:  # static activation quantizers (learned rounding's act_bits): attached again on load
+            meta["input_quantizers"] = {n: q.as_dict() for n, q in acts.items()}
         if kind == "hf":
             _write_text(folder / HF_CONFIG_NAME, _hf_config_json(model, quantized=bool(meta["modules"])))
             generation = _generation_config_json(model)
@@ -831,6 +835,7 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
                 raise CheckpointError(f"{meta.weights.file} holds {key} with shape {list(info.shape)}; "
                                       f"{type(model).__name__} has {list(t.shape)} there")
         _check_kinds(model, state, opened.header, meta.weights.file)
+        acts = _recorded_input_quantizers(model, meta.raw)
         if meta.model.kind == "hf":  # last: it sets the model's generation config only when it does not refuse
             _restore_generation_config(model, opened)
     except BaseException:
@@ -854,7 +859,19 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
     for name in meta.modules:
         if not bit_map_matches(model.get_submodule(name)):  # type: ignore[arg-type]
             raise CheckpointError(f"module {name!r}: stored bit map disagrees with its recipe in {META_NAME}")
+    set_input_quantizers(model, acts)  # the saved model's activation quantizers, and no others
     return model.to(device).eval()
+
+
+def _recorded_input_quantizers(model: nn.Module, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The input quantizers ``medquant.json`` records (``"input_quantizers"``), built and checked, not attached."""
+    records = raw.get("input_quantizers", {})
+    if not isinstance(records, dict):
+        raise CheckpointError(f"{META_NAME}: input_quantizers must be an object, got {type(records).__name__}")
+    try:
+        return recorded_quantizers(model, records, META_NAME)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device: str | torch.device = "cpu",

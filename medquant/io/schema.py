@@ -44,7 +44,7 @@ MAX_HEADER = 100_000_000  # the safetensors library's own limit
 #: dtypes a non-persistent floating buffer may be restored to
 BUFFER_DTYPES = ("float16", "bfloat16", "float64")
 _TOP_REQUIRED = ("format_version", "weights", "model", "modules")
-_TOP_OPTIONAL = ("medquant_version", "extras", "buffer_dtypes", "shared_modules")
+_TOP_OPTIONAL = ("medquant_version", "extras", "buffer_dtypes", "shared_modules", "input_quantizers")
 _LINEAR_KEYS = ("in_features", "out_features")
 _CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 _COMMON_KEYS = ("type", "config", "bias", "dtype")

@@ -1,0 +1,242 @@
+"""Static activation quantizers that stay on a model: :class:`InputQuantizer` and the checkpoint record of them.
+
+Learned rounding with ``act_bits`` (W4A8 and the like) fake-quantizes the first tensor input of each calibrated unit
+with a static per-tensor quantizer, attached as a forward pre-hook. With step ``s`` and zero point ``z``:
+
+    asymmetric:  x^ = (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s
+    symmetric:   x^ = clamp(round(x / s), -(2^(b-1) - 1), 2^(b-1) - 1) * s
+
+(``round`` half to even). :func:`input_quantizers` lists the ones active on a model, and
+:func:`attach_recorded` attaches them again from their records ``{"bits", "symmetric", "scale", "zero"}``, which
+is how ``medquant.save`` / ``medquant.load`` keep a model's activation quantization.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["InputQuantizer", "attach_recorded", "checked_records", "input_quantizers", "recorded_quantizers", "set_input_quantizers"]
+
+
+class InputQuantizer:
+    """Static per-tensor fake quantization of a module's first tensor input (formulas in the module docstring).
+
+    ``scale`` and ``zero`` are fixed numbers (from :meth:`calibrate`); calling the object fake-quantizes a tensor in
+    its own dtype; :meth:`attach` installs it as a forward pre-hook of a module.
+
+    Args:
+        bits: activation bit-width, 2..16.
+        symmetric: codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` without zero point, else ``[0, 2^b - 1]`` with
+            ``zero``.
+        scale: the step ``s`` (> 0, finite): ``x^ = (clamp(round(x/s) + z, 0, 2^b - 1) - z) * s``.
+        zero: the zero point ``z`` (asymmetric).
+
+    Raises:
+        ValueError: ``bits`` outside 2..16 or a scale that is not a finite positive number.
+    """
+
+    def __init__(self, bits: int, symmetric: bool, scale: float, zero: int = 0) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise ValueError(f"activation bits must be an integer in 2..16, got {bits!r}")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"activation scale must be a finite number > 0, got {scale!r}")
+        self.bits, self.symmetric, self.scale, self.zero = bits, bool(symmetric), float(scale), int(zero)
+
+    @classmethod
+    def calibrate(cls, xs: Sequence[torch.Tensor], bits: int, symmetric: bool = False,
+                  name: str = "input") -> InputQuantizer:
+        """The quantizer whose range covers every tensor of ``xs`` (asymmetric: the range always holds 0).
+
+        Symmetric: ``s = max(|lo|, |hi|) / (2^(b-1) - 1)``; asymmetric: ``s = (max(hi, 0) - min(lo, 0)) /
+        (2^b - 1)``, ``z = round(-min(lo, 0) / s)``, with ``lo`` / ``hi`` the extremes over ``xs``.
+
+        Args:
+            xs: calibration inputs of the module.
+            bits: activation bit-width, 2..16.
+            symmetric: the scheme.
+            name: the module's name in error messages.
+
+        Returns:
+            The :class:`InputQuantizer`.
+
+        Raises:
+            ValueError: ``xs`` is empty or holds NaN / inf.
+        """
+        if not xs:
+            raise ValueError(f"{name}: no calibration inputs to fix the activation scale")
+        lo = min(float(x.detach().min()) for x in xs)
+        hi = max(float(x.detach().max()) for x in xs)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name}: calibration input holds NaN/inf values")
+        if symmetric:
+            s = max(abs(lo), abs(hi)) / (2 ** (bits - 1) - 1)
+            z = 0
+        else:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            s = (hi - lo) / (2**bits - 1)
+            z = int(torch.round(torch.tensor(-lo / s, dtype=torch.float64))) if s > 0 else 0
+        return cls(bits, symmetric, s if s > 0 else 1.0, z)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        r = torch.round(x / self.scale)
+        if self.symmetric:
+            q = 2 ** (self.bits - 1) - 1
+            return torch.clamp(r, -q, q) * self.scale
+        return (torch.clamp(r + self.zero, 0, 2**self.bits - 1) - self.zero) * self.scale
+
+    def as_dict(self) -> dict[str, Any]:
+        """The quantizer's parameters as a JSON-ready dict.
+
+        Returns:
+            ``{"bits", "symmetric", "scale", "zero"}``, the record :func:`attach_input_quantizers` reads.
+        """
+        return {"bits": self.bits, "symmetric": self.symmetric, "scale": self.scale, "zero": self.zero}
+
+    def _hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(f"{type(mod).__name__}: the input quantizer needs the input tensor as the first "
+                            "positional argument")
+        return (self(args[0]), *args[1:]), kwargs
+
+    def attach(self, module: nn.Module) -> Any:
+        """Install on ``module`` as a forward pre-hook, replacing an input quantizer attached earlier.
+
+        Args:
+            module: the module whose first positional input is fake-quantized from now on.
+
+        Returns:
+            The hook handle (``handle.remove()`` detaches it); also kept as ``module.input_quantizer_handle``.
+        """
+        old = getattr(module, "input_quantizer_handle", None)
+        if old is not None:
+            old.remove()
+        handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        module.input_quantizer = self
+        module.input_quantizer_handle = handle
+        return handle
+
+
+def input_quantizers(model: nn.Module) -> dict[str, InputQuantizer]:
+    """The input quantizers active on ``model``'s modules: attached with :meth:`InputQuantizer.attach` and not
+    removed since (``input_quantizer_handle.remove()`` switches one off).
+
+    Args:
+        model: the model.
+
+    Returns:
+        ``{module name: quantizer}`` in ``named_modules`` order (a module bound under several names, under its
+        first).
+    """
+    out: dict[str, InputQuantizer] = {}
+    for name, m in model.named_modules():
+        q, handle = getattr(m, "input_quantizer", None), getattr(m, "input_quantizer_handle", None)
+        if isinstance(q, InputQuantizer) and handle is not None and handle.id in m._forward_pre_hooks:
+            out[name] = q
+    return out
+
+
+def _from_record(name: str, rec: Any, where: str) -> InputQuantizer:
+    if not isinstance(rec, Mapping) or set(rec) != {"bits", "symmetric", "scale", "zero"}:
+        raise TypeError(f"{where}: the input quantizer of {name!r} must be an object with exactly bits, "
+                        f"symmetric, scale and zero; got {rec!r}")
+    bits, sym, scale, zero = rec["bits"], rec["symmetric"], rec["scale"], rec["zero"]
+    if (not isinstance(sym, bool) or isinstance(zero, bool) or not isinstance(zero, int)
+            or isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{where}: the input quantizer of {name!r} has symmetric={sym!r} (a bool), zero={zero!r} "
+                        f"(an int) and scale={scale!r} (a number)")
+    try:
+        return InputQuantizer(bits, sym, scale, zero)
+    except ValueError as e:
+        raise ValueError(f"{where}: the input quantizer of {name!r}: {e}") from None
+
+
+def checked_records(records: Any, where: str = "the records") -> dict[str, dict[str, Any]]:
+    """Input quantizer records checked without a model: a copy ``{module name: {"bits", "symmetric", "scale",
+    "zero"}}`` with the values :class:`InputQuantizer` holds.
+
+    Args:
+        records: the records (as read from JSON).
+        where: what holds them, for error messages.
+
+    Returns:
+        The checked copy.
+
+    Raises:
+        TypeError: ``records`` is not a mapping of such records, or a value of the wrong type.
+        ValueError: a value :class:`InputQuantizer` refuses.
+    """
+    if not isinstance(records, Mapping):
+        raise TypeError(f"{where}: input_quantizers must be a mapping module name -> record, got "
+                        f"{type(records).__name__}")
+    return {str(n): _from_record(str(n), r, where).as_dict() for n, r in records.items()}
+
+
+def recorded_quantizers(model: nn.Module, records: Mapping[str, Mapping[str, Any]], where: str = "the records"
+                        ) -> dict[str, InputQuantizer]:
+    """The :class:`InputQuantizer` of each record (the inverse of :meth:`InputQuantizer.as_dict` over
+    :func:`input_quantizers`), checked against ``model``, not attached yet.
+
+    Args:
+        model: the model the records are for.
+        records: ``{module name: {"bits", "symmetric", "scale", "zero"}}``.
+        where: what holds the records, for error messages.
+
+    Returns:
+        ``{module name: quantizer}``.
+
+    Raises:
+        TypeError: a record that is not an object with exactly those keys, or values of the wrong type.
+        ValueError: a bad value (:class:`InputQuantizer`'s checks), or a module ``model`` does not have.
+    """
+    built: dict[str, InputQuantizer] = {}
+    for name, rec in records.items():
+        q = _from_record(name, rec, where)
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{where}: an input quantizer is recorded for {name!r}, which "
+                             f"{type(model).__name__} does not have") from None
+        built[name] = q
+    return built
+
+
+def attach_recorded(model: nn.Module, records: Mapping[str, Mapping[str, Any]], where: str = "the records"
+                    ) -> dict[str, InputQuantizer]:
+    """Make ``records`` the model's input quantizers: each one attached (:meth:`InputQuantizer.attach`) to its
+    module, and any other active one (:func:`input_quantizers`) removed.
+
+    Args:
+        model: the model.
+        records: ``{module name: {"bits", "symmetric", "scale", "zero"}}``.
+        where: what holds the records, for error messages.
+
+    Returns:
+        ``{module name: quantizer}``.
+
+    Raises:
+        TypeError: see :func:`recorded_quantizers`.
+        ValueError: see :func:`recorded_quantizers`; nothing is attached or removed then.
+    """
+    built = recorded_quantizers(model, records, where)
+    set_input_quantizers(model, built)
+    return built
+
+
+def set_input_quantizers(model: nn.Module, quantizers: Mapping[str, InputQuantizer]) -> None:
+    """Make ``quantizers`` the model's active input quantizers: each attached to its module, every other active
+    one (:func:`input_quantizers`) removed.
+
+    Args:
+        model: the model.
+        quantizers: ``{module name: quantizer}`` (names of ``model``'s modules).
+    """
+    for name in input_quantizers(model):
+        if name not in quantizers:
+            mod: Any = model.get_submodule(name)
+            mod.input_quantizer_handle.remove()
+    for name, q in quantizers.items():
+        q.attach(model.get_submodule(name))

@@ -1,0 +1,120 @@
+"""Static activation quantizers (learned rounding's ``act_bits``) through ``medquant.save`` / ``medquant.load``.
+
+Before, the quantizers (forward pre-hooks) were not saved: a W4A8 model came back as W4A16 without a word. The
+reference is the saved model itself (same outputs bit for bit after loading) and the recorded parameters.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import medquant
+from medquant import QuantConfig
+from medquant.calibrate import InputQuantizer, adaround_quantize_
+from medquant.io import CheckpointError
+from medquant.quant.activations import attach_recorded, input_quantizers, recorded_quantizers
+from medquant.testing.zoo import ZOO_BY_NAME
+
+
+@pytest.fixture(scope="module")
+def w4a8():
+    """A ViT whose blocks are learned-rounded with 8-bit activations, its float copy and a test input."""
+    model = ZOO_BY_NAME["vit"].build().eval()
+    float_model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    calib = [{"pixel_values": torch.randn(2, 3, 32, 32, generator=g)} for _ in range(2)]
+    blocks = [f"vit.layers.{i}" for i in range(len(model.vit.layers))]
+    adaround_quantize_(model, QuantConfig(4, group_size=32), calib, skip=["classifier"], blocks=blocks, iters=3,
+                       act_bits=8, progress=False)
+    return model, float_model, {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return model(**x).logits
+
+
+def test_a_w4a8_model_loads_with_its_activation_quantizers(w4a8, tmp_path):
+    model, float_model, x = w4a8
+    saved = {n: q.as_dict() for n, q in input_quantizers(model).items()}
+    assert set(saved) >= {f"vit.layers.{i}" for i in range(len(model.vit.layers))}
+    medquant.save(model, tmp_path / "ck")
+    recorded = json.loads((tmp_path / "ck" / "medquant.json").read_text())["input_quantizers"]
+    assert recorded == saved
+    for loaded in (medquant.load(tmp_path / "ck"), medquant.load(tmp_path / "ck", model=copy.deepcopy(float_model))):
+        assert {n: q.as_dict() for n, q in input_quantizers(loaded).items()} == saved
+        assert torch.equal(_out(loaded, x), _out(model, x))
+    # the control: the same weights without the activation quantizers compute otherwise
+    bare = medquant.load(tmp_path / "ck")
+    for n in input_quantizers(bare):
+        bare.get_submodule(n).input_quantizer_handle.remove()
+    assert not torch.equal(_out(bare, x), _out(model, x))
+    # a quantizer switched off before saving stays off: the file records the active ones only
+    bare_path = medquant.save(bare, tmp_path / "bare")
+    assert "input_quantizers" not in json.loads((bare_path / "medquant.json").read_text())
+    assert not input_quantizers(medquant.load(bare_path, model=copy.deepcopy(model)))  # a model passed with some
+
+
+def test_records_are_checked_before_anything_is_attached(w4a8):
+    model = w4a8[1]
+    good = {"bits": 8, "symmetric": False, "scale": 0.1, "zero": 3}
+    with pytest.raises(ValueError, match="recorded for 'vit.nope'"):
+        attach_recorded(model, {"vit.layers.0": good, "vit.nope": good})
+    assert not input_quantizers(model)
+    for bad, err in (({**good, "bits": 1}, ValueError), ({**good, "scale": 0.0}, ValueError),
+                     ({"bits": 8}, TypeError), ({**good, "zero": 1.5}, TypeError), ({**good, "symmetric": 1}, TypeError)):
+        with pytest.raises(err):
+            recorded_quantizers(model, {"vit.layers.0": bad})
+    built = attach_recorded(model, {"vit.layers.0": good})
+    assert isinstance(built["vit.layers.0"], InputQuantizer) and list(input_quantizers(model)) == ["vit.layers.0"]
+    x = torch.randn(1, 5, model.config.hidden_size)
+    assert torch.equal(built["vit.layers.0"](x), (torch.clamp(torch.round(x / 0.1) + 3, 0, 255) - 3) * 0.1)
+    attach_recorded(model, {})
+    assert not input_quantizers(model)
+
+
+def test_a_checkpoint_whose_record_names_a_missing_module_is_refused(w4a8, tmp_path):
+    from medquant.io.checkpoint import _recorded_input_quantizers
+
+    model = w4a8[0]
+    with pytest.raises(CheckpointError, match="recorded for 'vit.nope'"):
+        _recorded_input_quantizers(model, {"input_quantizers": {"vit.nope": {"bits": 8, "symmetric": True,
+                                                                             "scale": 1.0, "zero": 0}}})
+    with pytest.raises(CheckpointError, match="input_quantizers must be an object"):
+        _recorded_input_quantizers(model, {"input_quantizers": []})
+
+
+@pytest.mark.parametrize("writer", ["save_pretrained", "medquant.save"])
+def test_transformers_from_pretrained_attaches_them_again(w4a8, tmp_path, writer):
+    """``medquant.hf.save_pretrained`` (and ``medquant.save`` of a transformers model, whose ``config.json`` it
+    also writes) record them in ``quantization_config.input_quantizers``; transformers' own ``from_pretrained``
+    then gives the saved model's outputs bit for bit."""
+    import medquant.hf
+    from transformers import AutoModelForImageClassification
+
+    model, _, x = w4a8
+    saved = {n: q.as_dict() for n, q in input_quantizers(model).items()}
+    if writer == "save_pretrained":
+        medquant.hf.save_pretrained(model, tmp_path / "hf")
+    else:
+        medquant.save(model, tmp_path / "hf")
+    recorded = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]["input_quantizers"]
+    assert recorded == saved
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert {n: q.as_dict() for n, q in input_quantizers(loaded).items()} == saved
+    assert torch.equal(_out(loaded, x), _out(model, x))
+
+
+def test_the_transformers_config_checks_its_records():
+    from medquant.hf import MedQuantConfig
+
+    good = {"bits": 8, "symmetric": True, "scale": 0.5, "zero": 0}
+    assert MedQuantConfig(4, input_quantizers={"a": good}).to_dict()["input_quantizers"] == {"a": good}
+    assert "input_quantizers" not in MedQuantConfig(4).to_dict()  # a model without them writes no field
+    with pytest.raises(ValueError, match=r"input_quantizers: the input quantizer of 'a'.*bits"):
+        MedQuantConfig(4, input_quantizers={"a": {**good, "bits": 40}})
+    with pytest.raises(TypeError, match="must be a mapping"):
+        MedQuantConfig(4, input_quantizers=[good])
