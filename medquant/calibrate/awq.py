@@ -256,10 +256,11 @@ class _Dataflow:
     does. This refuses a norm that is a post-norm of the attention output (OLMo-2/3, EXAONE-4: their
     ``post_attention_layernorm`` does not feed the MLP) and a norm shared by parallel attention and MLP
     (StableLM / GPT-J style ``use_parallel_residual``): folding into them would change the float model.
-    ``bad`` maps such a group's ``prev`` to the reason; names are relative to ``root``."""
+    ``bad`` maps such a group's ``prev`` to the linear that shows it and whether that linear is in the group; names
+    are relative to ``root``."""
 
     def __init__(self, root: nn.Module, groups: Sequence[ScaleGroup]) -> None:
-        self.bad: dict[str, str] = {}
+        self.bad: dict[str, tuple[str, bool]] = {}
         self.out: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
         linears = {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear)}
@@ -284,9 +285,9 @@ class _Dataflow:
             same = o is not None and isinstance(x, torch.Tensor) and o.shape == x.shape and \
                 bool(torch.equal(o.to(x.dtype), x))
             if member and not same:
-                self.bad.setdefault(prev, f"{name} does not read the output of {prev}")
+                self.bad.setdefault(prev, (name, True))
             elif not member and same:
-                self.bad.setdefault(prev, f"{name}, outside the group, also reads the output of {prev}")
+                self.bad.setdefault(prev, (name, False))
         return hook
 
     def remove(self) -> None:
@@ -294,10 +295,14 @@ class _Dataflow:
             h.remove()
 
     def keep(self, groups: Sequence[ScaleGroup], where: str = "") -> list[ScaleGroup]:
-        """The groups whose fold is exact; a warning names the others (their linears are quantized plainly)."""
+        """The groups whose fold is exact; a warning names the others (their linears are quantized plainly), each
+        module named ``where + its name relative to root`` (``where``: ``root``'s name and a dot, or empty)."""
         if self.bad:
-            warnings.warn("AWQ: scales not folded into " + "; ".join(f"{where}{p} ({why})" for p, why in
-                          self.bad.items()) + "; those linears are quantized without AWQ scales", stacklevel=3)
+            why = {p: f"{where}{n} does not read the output of {where}{p}" if member else
+                   f"{where}{n}, outside the group, also reads the output of {where}{p}"
+                   for p, (n, member) in self.bad.items()}
+            warnings.warn("AWQ: scales not folded into " + "; ".join(f"{where}{p} ({w})" for p, w in why.items())
+                          + "; those linears are quantized without AWQ scales", stacklevel=3)
         return [g for g in groups if g.prev not in self.bad]
 
 

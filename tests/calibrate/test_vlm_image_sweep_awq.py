@@ -489,3 +489,16 @@ def test_rtn_block_by_block_over_the_last_stack_only_calibrates_it_on_the_quanti
     for n in last:
         ref = [args[0] if args else kw["hidden_states"] for args, kw in calls[n]]
         assert all(torch.equal(x, y) for x, y in zip(seen[n], ref, strict=True)), n
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "block_by_block"])
+def test_awq_names_the_layers_of_a_refused_group_in_full(sequential):
+    """Mllama's cross-attention layer: its k / v read the image states, not its input_layernorm; the warning names
+    the layers as the model does (block by block too, where the check runs on the block alone)."""
+    model, batches = _batches("mllama")
+    run = awq_quantize_sequential if sequential else search_and_fold
+    kw = {"device": "cpu"} if sequential else {}
+    with pytest.warns(UserWarning, match=r"scales not folded into model\.language_model\.layers\.1\.input_layernorm "
+                                         r"\(model\.language_model\.layers\.1\.cross_attn\.k_proj does not read the "
+                                         r"output of model\.language_model\.layers\.1\.input_layernorm\)"):
+        run(model, CONFIG, batches, scope="language", progress=False, **kw)
