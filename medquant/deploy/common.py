@@ -165,15 +165,9 @@ def input_quantizers(model: nn.Module) -> list[tuple[str, str]]:
         The modules with an active quantizer hook, in module order (a hook removed with
         ``module.input_quantizer_handle.remove()`` is not listed, though the attribute stays).
     """
-    from ..calibrate.adaround import InputQuantizer
+    from ..quant.activations import input_quantizers as active
 
-    out = []
-    for name, m in model.named_modules():
-        for hook in m._forward_pre_hooks.values():
-            q = getattr(hook, "__self__", None)
-            if isinstance(q, InputQuantizer):
-                out.append((name, f"{q.bits}-bit {'sym' if q.symmetric else 'asym'} per-tensor"))
-    return out
+    return [(name, f"{q.bits}-bit {'sym' if q.symmetric else 'asym'} per-tensor") for name, q in active(model).items()]
 
 
 def check_no_input_quantizers(model: nn.Module, format: str, accepted: str = "") -> None:
