@@ -92,8 +92,9 @@ def test_transformers_from_pretrained_attaches_them_again(w4a8, tmp_path, writer
     """``medquant.hf.save_pretrained`` (and ``medquant.save`` of a transformers model, whose ``config.json`` it
     also writes) record them in ``quantization_config.input_quantizers``; transformers' own ``from_pretrained``
     then gives the saved model's outputs bit for bit."""
-    import medquant.hf
     from transformers import AutoModelForImageClassification
+
+    import medquant.hf
 
     model, _, x = w4a8
     saved = {n: q.as_dict() for n, q in input_quantizers(model).items()}
