@@ -1,6 +1,7 @@
 """Activation-aware weight quantization: AWQ-style per-input-channel scales.
 
-For a group of linears ``W_1..W_m`` that read the same input ``X`` (q/k/v after the attention norm; gate/up after
+For a group of linears ``W_1..W_m`` that read the same input ``X`` (q/k/v, or a fused ``qkv`` projection as in
+Qwen2-VL's vision blocks, after the attention norm; gate/up after
 the FFN norm; down after up; o after v; the norms are the block's ``input_layernorm`` / ``layer_norm1`` /
 ``layernorm_before`` / ``norm1`` (DINOv2) / ``operator_norm`` (LFM2) / ``rms_norm1`` (AIMv2) and
 ``pre_feedforward_layernorm`` / ``post_attention_layernorm`` / ``layer_norm2`` / ``layernorm_after`` / ``norm2`` /
@@ -200,6 +201,8 @@ def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> 
             groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [a.q, a.k, a.v]))
             if a.n_kv == a.n_heads:
                 groups.append(ScaleGroup(a.v, [a.o]))
+        elif b.fused_attention is not None and attn_norm and attn_norm != ffn_norm:  # one qkv projection
+            groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [f"{b.fused_attention}.qkv"]))
         if b.ffn is not None and ffn_norm:
             f = b.ffn
             groups.append(ScaleGroup(f"{b.name}.{ffn_norm}", list(f.inputs)))

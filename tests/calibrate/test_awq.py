@@ -257,3 +257,37 @@ def test_padding_mask_is_not_applied_to_the_vision_tower(monkeypatch, sequential
         tol = 1e-5 if not sequential or g.prev.startswith(first) else 1e-3
         torch.testing.assert_close(xp, xs, rtol=tol, atol=tol * float(xs.abs().max()))
     _assert_same_result(g_pad, m_pad, g_sep, m_sep)
+
+
+def test_a_fused_qkv_projection_gets_its_norms_scales():
+    """Qwen2-VL's vision blocks compute q, k and v with one fused ``attn.qkv`` reading ``norm1``: no attention group
+    was formed (only norm2 -> fc1), so the vision attention was rounded to nearest. Now ``norm1 -> [attn.qkv]``.
+    References: the float model's own output (folding must not change it) and plain RTN at the same bits."""
+    e = ZOO_BY_NAME["qwen2_vl"]
+    model = e.build()
+    with torch.no_grad():  # a few vision channels with 8x larger activations, as trained towers have
+        for name, m in model.named_modules():
+            if name.startswith("model.visual.blocks.") and name.rsplit(".", 1)[-1] in ("norm1", "norm2"):
+                m.weight[[1, 7, 19]] *= 8.0
+    inputs = e.inputs(model)
+    layer0 = {g.prev: g.linears for g in awq_groups(model, "vision") if g.prev.startswith("model.visual.blocks.0.")}
+    assert layer0 == {"model.visual.blocks.0.norm1": ["model.visual.blocks.0.attn.qkv"],
+                      "model.visual.blocks.0.norm2": ["model.visual.blocks.0.mlp.fc1"]}
+    vision = {"hidden_states": inputs["pixel_values"], "grid_thw": inputs["image_grid_thw"]}
+
+    def tower(m):
+        out = m.model.visual(**vision)
+        return getattr(out, "last_hidden_state", out if isinstance(out, torch.Tensor) else out[0])
+    with torch.no_grad():
+        ref = tower(model)
+    folded, rtn = copy.deepcopy(model), copy.deepcopy(model)
+    groups = search_and_fold(folded, CFG3, [inputs], scope="vision", progress=False)
+    assert any(g.alpha for g in groups if g.linears == ["model.visual.blocks.0.attn.qkv"])
+    with torch.no_grad():
+        torch.testing.assert_close(tower(folded), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    quantize_(rtn, CFG3, skip=["@language", "@head"])
+    awq_quantize_(model, CFG3, [inputs], scope="vision", skip=["@language", "@head"], progress=False)
+    with torch.no_grad():
+        err_awq = float((tower(model) - ref).pow(2).mean())
+        err_rtn = float((tower(rtn) - ref).pow(2).mean())
+    assert err_awq < err_rtn
