@@ -15,6 +15,7 @@ inputs are image patches even when their count equals the number of tokens).
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -154,12 +155,28 @@ def count_calls(model: nn.Module, names: Sequence[str], batches: Sequence[Any], 
 
 def token_mask(batch: Any) -> torch.Tensor | None:
     """The ``(batch, tokens)`` attention mask of a dict calibration batch when it marks padding (some entry 0), as
-    bool (``True``: a real token); ``None`` when the batch has none or nothing is padded."""
+    bool (``True``: a real token); ``None`` when the batch has none or nothing is padded.
+
+    The mask is the encoder's in an encoder-decoder batch; it is applied to every layer input of its
+    ``(batch, tokens)`` shape (:func:`row_mask`). When the batch's ``decoder_input_ids`` / ``decoder_inputs_embeds``
+    have that same length, the decoder's rows have that shape too and would be masked by the encoder's padding
+    (``decoder_attention_mask`` is not read): a ``UserWarning`` says so (pad the two sequences to different
+    lengths, or leave the encoder unpadded)."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     mask = mask != 0
-    return None if bool(mask.all()) else mask
+    if bool(mask.all()):
+        return None
+    dec = batch.get("decoder_input_ids")
+    dec = batch.get("decoder_inputs_embeds") if dec is None else dec
+    if isinstance(dec, torch.Tensor) and dec.dim() >= 2 and tuple(dec.shape[:2]) == tuple(mask.shape):
+        warnings.warn(f"an encoder-decoder calibration batch whose decoder sequence has its encoder's length "
+                      f"({mask.shape[1]} tokens) and a padded attention_mask: the encoder's padding mask is applied "
+                      "to every layer input of that shape, so the decoder's rows are left out where the encoder "
+                      "is padded (and decoder padding is kept). Pad the encoder and decoder sequences to different "
+                      "lengths, or leave the encoder unpadded", UserWarning, stacklevel=2)
+    return mask
 
 
 def row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
