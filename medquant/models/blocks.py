@@ -72,6 +72,7 @@ _FFN_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("gate_up_proj",), "down_proj"),  # fused: 2 * I rows, gate then up (chunk(2))
     (("w1", "w3"), "w2"),
     (("fc1",), "fc2"),
+    (("linear_fc1",), "linear_fc2"),  # Qwen3-VL's vision blocks
     (("intermediate.dense",), "output.dense"),
     (("wi_0", "wi_1"), "wo"),  # T5 v1.1 / Flan-T5 (gated: act(wi_0(x)) * wi_1(x))
     (("wi",), "wo"),  # T5 v1.0
@@ -357,7 +358,7 @@ def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None
             out["heads"] = f"cross-attention ({cross}) heads are kept; only self-attention heads are pruned"
     if ffn is None and not any(_is_experts(m) for m in block.modules()):
         out["ffn"] = ("no FFN linears found (gate/up -> down, gate_up -> down, w1/w3 -> w2, fc1 -> fc2, "
-                      "wi(_0/_1) -> wo)")
+                      "linear_fc1 -> linear_fc2, wi(_0/_1) -> wo)")
     return out
 
 

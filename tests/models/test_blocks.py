@@ -201,3 +201,16 @@ def test_a_quantized_model_has_the_block_stacks_of_its_float_model():
             warnings.simplefilter("ignore")
             medquant.quantize_(model, medquant.QuantConfig(bits=4, group_size=32))
         assert block_stacks(model) == expected, name
+
+
+def test_qwen3_vl_vision_blocks_have_their_linear_fc1_fc2_ffn():
+    """Qwen3-VL's vision MLP names its linears ``linear_fc1`` / ``linear_fc2``: no FFN unit was found, so pruning
+    skipped its neurons and AWQ formed no norm2 group there."""
+    from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
+
+    model = EXTRA_ZOO_BY_NAME["qwen3_vl"].build()
+    for b in transformer_blocks(model, "vision"):
+        mlp = model.get_submodule(f"{b.name}.mlp")
+        assert b.ffn is not None and b.ffn.inputs == (f"{b.name}.mlp.linear_fc1",)
+        assert b.ffn.output == f"{b.name}.mlp.linear_fc2" and b.ffn.n_neurons == mlp.linear_fc1.out_features
+        assert "ffn" not in b.unsupported
