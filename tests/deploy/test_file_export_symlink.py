@@ -15,7 +15,6 @@ from medquant import QuantConfig, quantize_
 from medquant.deploy import ExportError, export
 from medquant.deploy.registry import output_file_path
 from medquant.testing.zoo import ZOO_BY_NAME
-from tests.deploy.test_gguf import tok_dir  # noqa: F401  (the fixture: a tokenizer folder GGUF can carry)
 
 
 def _model(bits):
@@ -25,7 +24,7 @@ def _model(bits):
 
 
 @pytest.mark.parametrize("absolute", [True, False])
-def test_overwrite_through_a_link_replaces_its_target_and_keeps_the_link(tok_dir, tmp_path, absolute):  # noqa: F811
+def test_overwrite_through_a_link_replaces_its_target_and_keeps_the_link(tok_dir, tmp_path, absolute):
     store, here = tmp_path / "store", tmp_path / "here"
     store.mkdir()
     here.mkdir()
@@ -45,7 +44,7 @@ def test_overwrite_through_a_link_replaces_its_target_and_keeps_the_link(tok_dir
     assert sorted(os.listdir(here)) == ["m.gguf"] and sorted(os.listdir(store)) == ["real.gguf"]  # no leftovers
 
 
-def test_a_link_to_nothing_is_refused(tok_dir, tmp_path):  # noqa: F811
+def test_a_link_to_nothing_is_refused(tok_dir, tmp_path):
     link = tmp_path / "m.gguf"
     link.symlink_to(tmp_path / "missing" / "real.gguf")
     with pytest.raises(ExportError, match=r"m\.gguf is a symbolic link to .*missing/real\.gguf, which does not exist"):
