@@ -351,20 +351,8 @@ class QuantExperts(nn.Module):
         if config.channel_bits is not None:
             raise ValueError("per-output-channel bit-widths (channel_bits) are not supported for MoE experts: "
                              "every expert matrix has its own rows; use one bit-width for the experts")
-        children: dict[str, list[nn.Module]] = {}
-        for pkey, pairs in cls.expert_weights(module).items():
-            key = _CHILD[pkey]
-            layers: list[nn.Module] = []
-            for w, b in pairs:
-                if w.device.type == "meta":
-                    raise ValueError("its weights are on the meta device (not loaded): load them first")
-                with torch.device("meta"):
-                    tmp = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-                tmp.weight = nn.Parameter(w, requires_grad=False)
-                if b is not None:
-                    tmp.bias = nn.Parameter(b, requires_grad=False)
-                layers.append(QuantLinear.from_float(tmp, config))
-            children[key] = layers
+        children: dict[str, list[nn.Module]] = {key: [QuantLinear.from_float(lin, config) for lin in layers]
+                                                for key, layers in cls._float_views(module, "").items()}
         q = cls(module, children)
         q.train(module.training)
         return q
@@ -392,13 +380,20 @@ class QuantExperts(nn.Module):
         if not is_experts_module(module):
             raise TypeError(f"{type(module).__name__} is not an experts module with 3-D weights that QuantExperts "
                             "reproduces")
+        q = cls(module, cls._float_views(module, f"{type(module).__name__}: "))
+        q.train(module.training)
+        return q
+
+    @classmethod
+    def _float_views(cls, module: nn.Module, who: str) -> dict[str, list[nn.Module]]:
+        """Child key (``gate_up`` / ``up`` / ``down``) -> one frozen float ``nn.Linear`` per expert whose weight
+        (and bias) is a view of the module's 3-D parameter slice (no copy); ``who`` starts the meta-device error."""
         children: dict[str, list[nn.Module]] = {}
         for pkey, pairs in cls.expert_weights(module).items():
             layers: list[nn.Module] = []
             for w, b in pairs:
                 if w.device.type == "meta":
-                    raise ValueError(f"{type(module).__name__}: its weights are on the meta device (not loaded): "
-                                     "load them first")
+                    raise ValueError(f"{who}its weights are on the meta device (not loaded): load them first")
                 with torch.device("meta"):
                     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
                 lin.weight = nn.Parameter(w, requires_grad=False)
@@ -406,9 +401,7 @@ class QuantExperts(nn.Module):
                     lin.bias = nn.Parameter(b, requires_grad=False)
                 layers.append(lin)
             children[_CHILD[pkey]] = layers
-        q = cls(module, children)
-        q.train(module.training)
-        return q
+        return children
 
     @classmethod
     def shell(cls, module: nn.Module, recorded: Iterable[str] = ()) -> QuantExperts:
