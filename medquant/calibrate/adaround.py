@@ -625,9 +625,7 @@ def adaround_quantize_(
     unrouted = [u for u in units if u not in ordered]  # expert layers no calibration token reaches
     try:
         for u in unrouted:
-            q = rtn_unrouted(model.get_submodule(u), plan[u], len(batches))
-            records[u] = dict(q.calibration)
-            swap_module(model, u, q)  # with the float layer's hooks, as every swap of a quantized module
+            _round_unrouted(model, u, plan[u], len(batches), records)
         _run_units(model, ordered, units, unmasked, plan, batches, records, aliases, iters=iters, lr=lr, reg=reg,
                    warmup=warmup, seed=seed, act_bits=act_bits, act_symmetric=act_symmetric, target=target,
                    progress=progress, every_call={u for u, c in counts.items() if any(n != 1 for n in c)},
@@ -637,6 +635,15 @@ def adaround_quantize_(
             model.get_submodule(n).train(modes[n])
     warn_unrouted(unrouted, 2)
     return records
+
+
+def _round_unrouted(model: nn.Module, name: str, cfg: QuantConfig, samples: int,
+                    records: dict[str, dict[str, Any]]) -> None:
+    """Round the expert layer ``name``, which no calibration row reaches, to nearest (:func:`rtn_unrouted`), swap
+    it in (with the float layer's hooks, as every swap of a quantized module) and record it."""
+    q = rtn_unrouted(model.get_submodule(name), cfg, samples)
+    records[name] = dict(q.calibration)
+    swap_module(model, name, q)
 
 
 def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, list[str]], unmasked: Any,
@@ -662,9 +669,7 @@ def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, lis
             calls = _capture_block(model, unit, batches, every, per_batch, experts)
             routed = experts is not None and unit in experts
             if routed and unit not in unmasked and all(c[3] is not None and not bool(c[3].any()) for c in calls):
-                q = rtn_unrouted(model.get_submodule(unit), plan[unit], len(batches))
-                records[unit] = dict(q.calibration)
-                swap_module(model, unit, q)
+                _round_unrouted(model, unit, plan[unit], len(batches), records)
                 if unrouted is not None:
                     unrouted.append(unit)
                 continue
@@ -769,8 +774,8 @@ def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mappin
         q = r.quantized_module()
         q.calibration = dict(rec)
         records[n] = dict(rec)
-        built.append((n, r.module, q))
-    for n, _, q in built:
+        built.append((n, q))
+    for n, q in built:
         swap_under_all_names(model, n, q, aliases or {})
     if aq is not None:  # on the module now in the model (a single-layer unit was just swapped)
         aq.attach(model.get_submodule(unit))
