@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["InputQuantizer", "attach_recorded", "checked_records", "input_quantizers", "recorded_quantizers", "set_input_quantizers"]
+__all__ = ["InputQuantizer", "attach_recorded", "carry_input_quantizer", "checked_records", "input_quantizers",
+           "recorded_quantizers", "set_input_quantizers"]
 
 
 class InputQuantizer:
@@ -118,6 +120,29 @@ class InputQuantizer:
         module.input_quantizer = self
         module.input_quantizer_handle = handle
         return handle
+
+
+def carry_input_quantizer(old: nn.Module, new: nn.Module) -> None:
+    """Make the input quantizer active on ``old`` that now runs on ``new`` too (its forward pre-hook carried by
+    :func:`medquant.quant.carry_hooks`, which a swap calls) ``new``'s own: ``new.input_quantizer`` and an
+    ``input_quantizer_handle`` that removes it from ``new``. Without them the swapped layer ran the quantizer
+    while :func:`input_quantizers` did not list it: a save left it out, and a load into a model holding one did not
+    remove it.
+
+    Args:
+        old: the module being replaced.
+        new: its replacement, holding ``old``'s hooks already.
+    """
+    q, handle = getattr(old, "input_quantizer", None), getattr(old, "input_quantizer_handle", None)
+    if (not isinstance(q, InputQuantizer) or not isinstance(handle, RemovableHandle)
+            or handle.id not in getattr(new, "_forward_pre_hooks", {}) or getattr(new, "input_quantizer", None) is q):
+        return
+    if handle.hooks_dict_ref() is not new._forward_pre_hooks:  # copied into new's own table: a handle on it
+        hook_id = handle.id
+        handle = RemovableHandle(new._forward_pre_hooks, extra_dict=new._forward_pre_hooks_with_kwargs)
+        handle.id = hook_id
+    new.input_quantizer = q
+    new.input_quantizer_handle = handle
 
 
 def input_quantizers(model: nn.Module) -> dict[str, InputQuantizer]:

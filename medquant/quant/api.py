@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from ..kernels.layout import FORMAT_VERSION
+from .activations import carry_input_quantizer
 from .config import QuantConfig
 from .experts import QuantExperts, is_experts_module, moe_routers, unsupported_experts
 from .modules import QUANT_MODULES, QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
@@ -452,6 +453,9 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     one. When ``new`` has none of its own the tables are shared, not copied: a handle the user holds
     (``h = layer.register_forward_hook(...)``) still removes its hook. torch's weight reparametrisation hooks
     (``weight_norm``, ``spectral_norm``, ``prune``) are not carried: the new layer's weight already is their result.
+    An active :class:`~medquant.quant.activations.InputQuantizer` goes with its hook
+    (:func:`~medquant.quant.activations.carry_input_quantizer`): the new layer's ``input_quantizer`` is listed,
+    saved and removable like the old one's.
 
     Args:
         old: the module being replaced.
@@ -470,6 +474,7 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
             dst.update((k, h) for k, h in src.items() if not isinstance(h, baked))
     if old._backward_hooks and not getattr(new, "_is_full_backward_hook", None):
         new._is_full_backward_hook = old._is_full_backward_hook
+    carry_input_quantizer(old, new)
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module | None:

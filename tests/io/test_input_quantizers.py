@@ -119,3 +119,82 @@ def test_the_transformers_config_checks_its_records():
         MedQuantConfig(4, input_quantizers={"a": {**good, "bits": 40}})
     with pytest.raises(TypeError, match="must be a mapping"):
         MedQuantConfig(4, input_quantizers=[good])
+
+
+def _two_layers():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32)).eval()
+
+
+def _fq(x, scale=0.3, zero=7, bits=4):
+    """The asymmetric fake quantization, written out (the reference)."""
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale
+
+
+def test_a_quantizer_attached_before_the_layer_is_swapped_is_saved_and_loaded(tmp_path):
+    """Attached to a float layer that quantize_ then replaces: the quantized layer runs the hook (the hook tables
+    are carried), so the model is W4A4; it was not listed by input_quantizers, not saved, and came back W4A16."""
+    fresh = _two_layers()
+    model = copy.deepcopy(fresh)
+    InputQuantizer(4, False, 0.3, 7).attach(model[0])
+    medquant.quantize_(model, QuantConfig(4, group_size=32))
+    x = torch.randn(3, 32)
+    with torch.no_grad():  # the reference: the quantized layers without any hook, on the fake-quantized input
+        layer0 = medquant.QuantLinear.from_float(fresh[0], QuantConfig(4, group_size=32))
+        layer2 = medquant.QuantLinear.from_float(fresh[2], QuantConfig(4, group_size=32))
+        ref = layer2(torch.relu(layer0(_fq(x))))
+        assert torch.equal(model(x), ref)
+    assert {n: q.as_dict() for n, q in input_quantizers(model).items()} == {
+        "0": {"bits": 4, "symmetric": False, "scale": 0.3, "zero": 7}}
+    path = medquant.save(model, tmp_path / "ck")
+    assert json.loads((path / "medquant.json").read_text())["input_quantizers"] == {
+        "0": {"bits": 4, "symmetric": False, "scale": 0.3, "zero": 7}}
+    loaded = medquant.load(path, model=copy.deepcopy(fresh))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+    # the handle the error messages point at removes it from the swapped layer
+    model[0].input_quantizer_handle.remove()
+    assert not input_quantizers(model) and not model[0]._forward_pre_hooks
+
+
+def test_dequantize_keeps_the_quantizer_listed():
+    model = _two_layers()
+    medquant.quantize_(model, QuantConfig(4, group_size=32))
+    InputQuantizer(4, False, 0.3, 7).attach(model[0])
+    medquant.dequantize_(model)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model[2](torch.relu(torch.nn.functional.linear(_fq(x), model[0].weight,
+                                                                                    model[0].bias))))
+    assert list(input_quantizers(model)) == ["0"]
+
+
+def test_a_load_into_a_passed_model_removes_a_quantizer_on_a_replaced_layer(tmp_path):
+    """The checkpoint records no input quantizer; the passed model has one on a float layer the load replaces by
+    its quantized layer: the load must remove it (it was carried onto the quantized layer and kept running)."""
+    saved = _two_layers()
+    passed = copy.deepcopy(saved)
+    medquant.quantize_(saved, QuantConfig(4, group_size=32))
+    path = medquant.save(saved, tmp_path / "ck")
+    InputQuantizer(4, False, 0.3, 7).attach(passed[0])
+    loaded = medquant.load(path, model=passed)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), saved(x))
+    assert not input_quantizers(loaded) and not loaded[0]._forward_pre_hooks
+
+
+def test_a_quantizer_carried_into_a_layer_with_hooks_of_its_own_is_removable_there():
+    from medquant.quant.api import carry_hooks
+
+    old, new = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    seen = []
+    new.register_forward_pre_hook(lambda m, a: seen.append(1))
+    InputQuantizer(4, False, 0.3, 7).attach(old)
+    carry_hooks(old, new)  # new's table is its own: the hook is copied into it
+    assert len(new._forward_pre_hooks) == 2 and isinstance(new.input_quantizer, InputQuantizer)
+    new.input_quantizer_handle.remove()
+    assert len(new._forward_pre_hooks) == 1 and not new._forward_pre_hooks_with_kwargs
+    assert len(old._forward_pre_hooks) == 1  # the old layer's own table is not touched
+    new(torch.zeros(1, 4))
+    assert seen == [1]
