@@ -527,7 +527,9 @@ class MedQuantHfQuantizer(HfQuantizer):
             _quantize_recorded_tables(model, self._tables, self._tied)
         _finalize(model)
         if self.quantization_config.input_quantizers:  # static activation quantizers of the saved model
-            attach_recorded(model, self.quantization_config.input_quantizers, "quantization_config.input_quantizers")
+            # under this model's names, as the recorded modules (a head's, read into the base model, is left out)
+            records, _ = _model_names(model, self.quantization_config.input_quantizers, self)
+            attach_recorded(model, records, "quantization_config.input_quantizers")
         self.quantization_config.record(model)
         model.config.quantization_config = self.quantization_config
         bind_save_pretrained(model)
