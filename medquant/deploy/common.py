@@ -5,7 +5,9 @@
   ``"mixed {3: 10 rows, 4: 22 rows}"``).
 * :func:`check_native` refuses models holding modules a format has no tensors for (medquant wrappers other
   than the quantized layers, e.g. quantized MoE experts; parametrized layers), and models whose layers quantize
-  their input activations (:func:`check_no_input_quantizers`).
+  their input activations (:func:`check_no_input_quantizers`) or carry other forward hooks that change what they
+  compute (:func:`check_forward_hooks`: an ``AdaptiveQuantizer``'s sites, user hooks, torch's ``prune`` /
+  ``weight_norm`` reparametrisations; :func:`forward_hooks` lists them).
 * :func:`check_mixed` refuses layers whose rows carry different bit-widths, integer ones among them (no runtime
   format stores per-row bits), unless ``promote=True``, naming every such layer and its scheme in the
   :class:`ExportError`; a layer of float and pruned rows only is written as its float weight.
@@ -30,12 +32,13 @@ column ``j``::
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -170,7 +173,8 @@ def input_quantizers(model: nn.Module) -> list[tuple[str, str]]:
     return [(name, f"{q.bits}-bit {'sym' if q.symmetric else 'asym'} per-tensor") for name, q in active(model).items()]
 
 
-def check_no_input_quantizers(model: nn.Module, format: str, accepted: str = "") -> None:
+def check_no_input_quantizers(model: nn.Module, format: str, accepted: str = "",
+                              keeps: Callable[[str, nn.Module], bool] | None = None) -> None:
     """Refuse a model whose layers quantize their inputs (:func:`input_quantizers`): the export writes the weights
     only, so the file would compute ``W x`` where medquant computes ``W Q(x)``, another model.
 
@@ -178,12 +182,17 @@ def check_no_input_quantizers(model: nn.Module, format: str, accepted: str = "")
         model: the model to export.
         format: the format name, for the message.
         accepted: a format-specific alternative appended to the message (e.g. ONNX's own static activations).
+        keeps: ``keeps(name, module)`` is True for a module whose forward hooks the file carries (a traced
+            module of the ONNX export): its input quantizer is not refused. None: the file carries no hook.
 
     Raises:
         ExportError: some modules carry an input quantizer; the message names each with its scheme, says that the
             format carries weight-only quantization, and how to remove the quantizers to export the weights alone.
     """
     found = input_quantizers(model)
+    if keeps is not None:
+        mods = dict(model.named_modules())
+        found = [(n, s) for n, s in found if not keeps(n, mods[n])]
     if found:
         listed = "; ".join(f"{n or '(model)'}: {s}" for n, s in found[:8]) + \
             (f" and {len(found) - 8} more" if len(found) > 8 else "")
@@ -197,10 +206,163 @@ def check_no_input_quantizers(model: nn.Module, format: str, accepted: str = "")
                                                                                         else ""))
 
 
+#: what a forward hook is, as :func:`forward_hooks` classifies it
+HOOK_OWNERS = ("adaptive", "input", "reparametrization", "harmless", "user")
+
+
+@dataclass(frozen=True)
+class ModuleHook:
+    """One forward hook or forward pre-hook on a module of a model (:func:`forward_hooks`).
+
+    Attributes:
+        module: the module's name in ``model.named_modules()`` (``""``: the model itself).
+        kind: ``"forward pre-hook"`` or ``"forward hook"``.
+        owner: what installed it (:data:`HOOK_OWNERS`): ``"adaptive"`` (an
+            :class:`~medquant.adaptive.AdaptiveQuantizer`'s site), ``"input"`` (an
+            :class:`~medquant.calibrate.InputQuantizer`), ``"reparametrization"`` (torch's legacy weight
+            reparametrisations: ``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``), ``"harmless"``
+            (hooks known not to change what the model computes) or ``"user"`` (anything else).
+        what: the hook as the messages name it (its function's qualified name, or its owner's description).
+        hook: the hook itself.
+    """
+
+    module: str
+    kind: str
+    owner: str
+    what: str
+    hook: Any = field(compare=False, repr=False)
+
+    def describe(self) -> str:
+        """The hook as a refusal names it.
+
+        Returns:
+            ``"<module>: <kind> <what>"``, e.g. ``"model.norm: forward pre-hook of an AdaptiveQuantizer (...)"``.
+        """
+        return f"{self.module or '(model)'}: {self.kind} {self.what}"
+
+
+def _hook_function(hook: Any) -> Any:
+    """The function a hook runs: a ``functools.partial``'s function, else the hook."""
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    return hook
+
+
+#: hooks that change nothing a model computes: transformers' ``enable_input_require_grads`` (it marks the input
+#: embeddings' output as requiring gradients, for gradient checkpointing of a frozen model)
+_HARMLESS_HOOKS = (("transformers.modeling_utils", "make_inputs_require_grads"),)
+
+
+def _classify_hook(hook: Any) -> tuple[str, str]:
+    """``(owner, what)`` of one forward hook (:class:`ModuleHook`)."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    from ..adaptive.quantizer import AdaptiveQuantizer
+    from ..quant.activations import InputQuantizer
+
+    fn = _hook_function(hook)
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, AdaptiveQuantizer):
+        site = [s for s in owner.sites if isinstance(hook, functools.partial) and hook.args[:1] == (s[0],)]
+        return "adaptive", "of an AdaptiveQuantizer (per-sample activation bits" + \
+            (f" at site {site[0]!r})" if site else ")")
+    if isinstance(owner, InputQuantizer):
+        return "input", (f"of an InputQuantizer ({owner.bits}-bit {'sym' if owner.symmetric else 'asym'} "
+                         "per-tensor)")
+    if isinstance(hook, (WeightNorm, SpectralNorm, prune.BasePruningMethod)):
+        tensor = getattr(hook, "_tensor_name", None) or getattr(hook, "name", "weight")
+        return "reparametrization", f"{type(hook).__name__} (torch.nn.utils reparametrisation of {tensor!r})"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    if (module, name.rsplit(".", 1)[-1]) in _HARMLESS_HOOKS:
+        return "harmless", name
+    return "user", f"{name.rsplit('.', 1)[-1] if '<locals>' in name else name} ({module})"
+
+
+def forward_hooks(model: nn.Module) -> list[ModuleHook]:
+    """Every forward pre-hook and forward hook on ``model`` and its modules, classified by what installed it.
+
+    Only forward hooks change what a module computes (its input or its output); backward hooks and state-dict
+    hooks do not, and are not listed.
+
+    Args:
+        model: the model to inspect.
+
+    Returns:
+        The hooks in module order (a module bound under several names, under its first), each module's pre-hooks
+        first, in the order they run.
+    """
+    out = []
+    for name, m in model.named_modules():
+        for kind, table in (("forward pre-hook", m._forward_pre_hooks), ("forward hook", m._forward_hooks)):
+            for hook in table.values():
+                owner, what = _classify_hook(hook)
+                out.append(ModuleHook(name, kind, owner, what, hook))
+    return out
+
+
+_HOOK_ADVICE = {
+    "adaptive": "an AdaptiveQuantizer chooses each sample's activation bits per call, which no export format "
+                "carries: call remove() on the AdaptiveQuantizer (it returns the model, weights quantized, "
+                "activations float) and export that, or export the model's weights without wrapping it",
+    "input": "an InputQuantizer fake-quantizes the module's input: remove it "
+             "(module.input_quantizer_handle.remove())",
+    "reparametrization": "a torch.nn.utils reparametrisation computes the weight from other tensors "
+                         "(weight_orig and weight_mask, weight_g and weight_v), which the state dict holds instead "
+                         "of the weight: make it permanent first (torch.nn.utils.prune.remove(module, 'weight'), "
+                         "torch.nn.utils.remove_weight_norm(module), remove_spectral_norm(module))",
+    "user": "a forward hook or pre-hook can change the module's output or input, which the file cannot compute: "
+            "remove it (handle.remove() on the handle register_forward_hook / register_forward_pre_hook returned) "
+            "to export the weights alone, or build what it computes into the model's layers",
+}
+
+
+def check_forward_hooks(model: nn.Module, format: str, keeps: Callable[[str, nn.Module], bool] | None = None,
+                        writes: str = "", accepted: str = "", input_accepted: str = "") -> None:
+    """Refuse a model whose forward hooks (:func:`forward_hooks`) change what it computes where the file would drop
+    them: a weight-only file carries tensors, not the Python a module runs around its forward.
+
+    Refused, naming each module and hook: input quantizers (:func:`check_no_input_quantizers`, its message);
+    the sites of an :class:`~medquant.adaptive.AdaptiveQuantizer` (its bits are chosen per call: always refused);
+    any other forward hook or pre-hook (a user's, torch's ``prune`` / ``weight_norm`` reparametrisations) on a
+    module whose hooks the file does not carry. Accepted: hooks known to change nothing
+    (transformers' ``enable_input_require_grads``), and backward and state-dict hooks (not forward hooks).
+
+    Args:
+        model: the model to export.
+        format: the format name, for the messages.
+        keeps: ``keeps(name, module)`` is True for a module whose forward hooks the file carries (the ONNX export
+            traces the modules it keeps); None: the file carries no hook (weight-only formats).
+        writes: what the format writes of a model, for the message (default: its weights only, no hooks).
+        accepted: what else the format accepts, appended to the message (e.g. which hooks ONNX traces).
+        input_accepted: appended to the message about input quantizers (:func:`check_no_input_quantizers`).
+
+    Raises:
+        ExportError: as above; the message names every such module with the kind of hook and what installed it,
+            says why the file cannot carry it and what is accepted (how to remove it).
+    """
+    check_no_input_quantizers(model, format, input_accepted, keeps)
+    mods = dict(model.named_modules())
+    found = [h for h in forward_hooks(model) if h.owner == "adaptive" or (
+        h.owner != "harmless" and not (keeps is not None and keeps(h.module, mods[h.module])))]
+    if not found:
+        return
+    listed = "; ".join(h.describe() for h in found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+    owners = [o for o in HOOK_OWNERS if any(h.owner == o for h in found)]
+    writes = writes or "writes the model's weights only, not the forward hooks that run around its modules"
+    raise ExportError(
+        f"format={format!r} {writes}, so {len(found)} forward hook(s) that change what the model computes "
+        f"would be lost: {listed}. Written without them the file would compute another model. "
+        f"Accepted: modules without such forward hooks (backward and state-dict hooks are fine) - "
+        + "; ".join(_HOOK_ADVICE[o] for o in owners) + (f"; {accepted}" if accepted else ""))
+
+
 def check_native(model: nn.Module, format: str, allow: tuple[type, ...] = ()) -> None:
     """Raise :class:`ExportError` listing :func:`foreign_modules` (the format has no tensors for them), or the modules
-    with input quantizers (:func:`check_no_input_quantizers`); a backend that writes some other medquant module
-    itself (e.g. ``QuantEmbedding`` as a float table) passes it in ``allow``.
+    with input quantizers or other forward hooks a weight-only file drops (:func:`check_forward_hooks`); a backend
+    that writes some other medquant module itself (e.g. ``QuantEmbedding`` as a float table) passes it in ``allow``.
 
     Args:
         model: the model to export.
@@ -210,7 +372,7 @@ def check_native(model: nn.Module, format: str, allow: tuple[type, ...] = ()) ->
     Raises:
         ExportError: as above, naming the modules.
     """
-    check_no_input_quantizers(model, format)
+    check_forward_hooks(model, format)
     found = foreign_modules(model, allow)
     if found:
         listed = "; ".join(f"{n or '(model)'}: {c}" for n, c in found[:8]) + (" ..." if len(found) > 8 else "")

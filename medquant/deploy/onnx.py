@@ -51,7 +51,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .common import check_forward_hooks
 from .onnx_sim import (
+    TRACES,
     CalibrationError,
     SimulationInfo,
     act_points,
@@ -304,6 +306,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             raise ExportError(f"{flag} must be True or False, got {value!r}")
     file = output_file_path(path, overwrite, suffix=".onnx", format="onnx")
     info: SimulationInfo | None = getattr(model, "medquant_onnx", None)
+    if info is not None:  # the simulation is traced as it is, its hooks too, but not an AdaptiveQuantizer's bits
+        check_forward_hooks(model, "onnx", keeps=lambda name, module: True, writes=TRACES)
     if info is not None:  # calibrated already: options that would recalibrate have no effect
         ignored = (["calib=<batches>"] if calib is not None else []) \
             + ([f"method={method!r}"] if method is not None and method != info.method else []) \

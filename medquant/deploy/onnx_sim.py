@@ -50,7 +50,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..quant.modules import QuantConv2d, QuantLinear
-from .common import check_no_input_quantizers, layer_scheme, layer_weight
+from .common import check_forward_hooks, layer_scheme, layer_weight
 from .registry import ExportError
 
 ACT_QMIN, ACT_QMAX = 0, 255
@@ -771,6 +771,33 @@ def _float32_inputs(module: nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
+#: the module types :func:`prepare` replaces by its own layers (or folds away): their forward hooks would not run
+#: in the exported model
+REPLACED_TYPES = (nn.Conv2d, QuantConv2d, nn.Linear, QuantLinear, nn.ReLU, nn.MaxPool2d, nn.modules.batchnorm._BatchNorm)
+#: what the ONNX export writes of a model's forward hooks, for the refusal's message
+TRACES = ("traces the model into a graph, but not the hooks of the layers it replaces by its own (Conv2d / Linear / "
+          "ReLU / MaxPool2d / BatchNorm), nor an AdaptiveQuantizer's bits (chosen per call)")
+#: what the ONNX export accepts of forward hooks, for the refusal's message
+TRACED_HOOKS = ("forward hooks on the modules the export keeps (the model itself, blocks, attention and MLP modules, "
+                "normalizations) are traced into the graph, but not those on Conv2d / Linear / ReLU / MaxPool2d / "
+                "BatchNorm layers, which the export replaces by its own layers: register such a hook on the module "
+                "around the layer")
+
+
+def kept_by_export(name: str, module: nn.Module) -> bool:
+    """Whether the ONNX export keeps ``module`` (so its forward hooks are traced into the graph): every module but
+    the :data:`REPLACED_TYPES`.
+
+    Args:
+        name: the module's name (unused: the type decides).
+        module: the module.
+
+    Returns:
+        False for a Conv2d / Linear (float or quantized), ReLU, MaxPool2d or BatchNorm, True otherwise.
+    """
+    return not isinstance(module, REPLACED_TYPES)
+
+
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
@@ -802,8 +829,9 @@ def _prepare(model: nn.Module, example: tuple, method: str, percentile: float, p
         raise ExportError("the model is already calibrated (returned by calibrate_activations): its layers are "
                           "export layers with fixed scales; to calibrate again (another method, percentile or "
                           "batches), pass the quantized model it was made from")
-    check_no_input_quantizers(model, "onnx", "static int8 activations are the export's own: calib=<batches> or "
-                                             "calibrate_activations (8-bit per-channel / per-tensor layers)")
+    check_forward_hooks(model, "onnx", keeps=kept_by_export, writes=TRACES, accepted=TRACED_HOOKS,
+                        input_accepted="static int8 activations are the export's own: calib=<batches> or "
+                                       "calibrate_activations (8-bit per-channel / per-tensor layers)")
     stats = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and (m.running_mean is None or m.running_var is None)]
     if stats:
