@@ -127,7 +127,8 @@ def carry_input_quantizer(old: nn.Module, new: nn.Module) -> None:
     :func:`medquant.quant.carry_hooks`, which a swap calls) ``new``'s own: ``new.input_quantizer`` and an
     ``input_quantizer_handle`` that removes it from ``new``. Without them the swapped layer ran the quantizer
     while :func:`input_quantizers` did not list it: a save left it out, and a load into a model holding one did not
-    remove it.
+    remove it. An input quantizer ``new`` had already (two modules swapped for one) is removed: a module
+    has one, as after :meth:`InputQuantizer.attach`.
 
     Args:
         old: the module being replaced.
@@ -137,6 +138,9 @@ def carry_input_quantizer(old: nn.Module, new: nn.Module) -> None:
     if (not isinstance(q, InputQuantizer) or not isinstance(handle, RemovableHandle)
             or handle.id not in getattr(new, "_forward_pre_hooks", {}) or getattr(new, "input_quantizer", None) is q):
         return
+    current = getattr(new, "input_quantizer_handle", None)
+    if isinstance(current, RemovableHandle) and current.id != handle.id:
+        current.remove()  # one input quantizer per module, as attach() keeps it: the carried one replaces it
     if handle.hooks_dict_ref() is not new._forward_pre_hooks:  # copied into new's own table: a handle on it
         hook_id = handle.id
         handle = RemovableHandle(new._forward_pre_hooks, extra_dict=new._forward_pre_hooks_with_kwargs)

@@ -198,3 +198,31 @@ def test_a_quantizer_carried_into_a_layer_with_hooks_of_its_own_is_removable_the
     assert len(old._forward_pre_hooks) == 1  # the old layer's own table is not touched
     new(torch.zeros(1, 4))
     assert seen == [1]
+
+
+class _Shared(torch.nn.Module):
+    def __init__(self, share: bool = True):
+        super().__init__()
+        self.a, self.mid = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+        self.b = self.a if share else torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.mid(self.a(x))))
+
+
+def test_a_shared_layer_loaded_into_two_layers_with_quantizers_keeps_none_of_them(tmp_path):
+    """The checkpoint binds one quantized layer under ``a`` and ``b`` and records no input quantizer; the passed
+    model has two layers there, each with its quantizer. Both were carried onto the one quantized layer, one of them
+    untracked: it kept running after the load removed the other."""
+    torch.manual_seed(0)
+    saved = _Shared().eval()
+    medquant.quantize_(saved, QuantConfig(4, group_size=32))
+    path = medquant.save(saved, tmp_path / "ck")
+    passed = _Shared(share=False).eval()
+    InputQuantizer(4, False, 0.3, 7).attach(passed.a)
+    InputQuantizer(4, False, 0.2, 7).attach(passed.b)
+    loaded = medquant.load(path, model=passed)
+    assert loaded.a is loaded.b and not input_quantizers(loaded) and not loaded.a._forward_pre_hooks
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), saved(x))
