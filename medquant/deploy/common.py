@@ -224,6 +224,8 @@ class ModuleHook:
             (hooks known not to change what the model computes) or ``"user"`` (anything else).
         what: the hook as the messages name it (its function's qualified name, or its owner's description).
         hook: the hook itself.
+        target: the module it is registered on.
+        key: its key in the module's hook table (the id of the handle that registered it).
     """
 
     module: str
@@ -231,6 +233,40 @@ class ModuleHook:
     owner: str
     what: str
     hook: Any = field(compare=False, repr=False)
+    target: nn.Module | None = field(default=None, compare=False, repr=False)
+    key: int = -1
+
+    def remove(self) -> None:
+        """Take the hook off its module, also when the handle that registered it is lost (a model copied with
+        ``copy.deepcopy``, a hook registered without keeping its handle).
+
+        An AdaptiveQuantizer's hook: the quantizer's own ``remove()`` (all its sites; the copy's quantizer for a
+        copied model). A torch reparametrisation: made permanent (``torch.nn.utils.prune.remove``,
+        ``remove_weight_norm``, ``remove_spectral_norm``), so the module keeps computing with the weight it
+        computed. Any other hook (an InputQuantizer's included): deleted from the module's hook tables.
+
+        Raises:
+            ValueError: a hook that :func:`forward_hooks` did not return (no module to take it off).
+        """
+        if self.target is None:
+            raise ValueError(f"{self.describe()}: not a hook listed by forward_hooks(model), no module to remove "
+                             "it from")
+        fn = _hook_function(self.hook)
+        if self.owner == "adaptive":
+            fn.__self__.remove()
+        elif self.owner == "reparametrization":
+            from torch.nn.utils import prune, remove_spectral_norm, remove_weight_norm
+            from torch.nn.utils.weight_norm import WeightNorm
+
+            if isinstance(self.hook, prune.BasePruningMethod):
+                prune.remove(self.target, self.hook._tensor_name)
+            elif isinstance(self.hook, WeightNorm):
+                remove_weight_norm(self.target, self.hook.name)
+            else:
+                remove_spectral_norm(self.target, self.hook.name)
+        for table in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            getattr(self.target, table, {}).pop(self.key, None)
 
     def describe(self) -> str:
         """The hook as a refusal names it.
@@ -248,9 +284,12 @@ def _hook_function(hook: Any) -> Any:
     return hook
 
 
-#: hooks that change nothing a model computes: transformers' ``enable_input_require_grads`` (it marks the input
-#: embeddings' output as requiring gradients, for gradient checkpointing of a frozen model)
-_HARMLESS_HOOKS = (("transformers.modeling_utils", "make_inputs_require_grads"),)
+#: hooks that change nothing an export computes: transformers' ``enable_input_require_grads`` (it marks the input
+#: embeddings' output as requiring gradients, for gradient checkpointing of a frozen model); the input cast of
+#: medquant's ONNX simulation (``calibrate_activations``: floating inputs to float32, as the exported model casts
+#: them)
+_HARMLESS_HOOKS = (("transformers.modeling_utils", "make_inputs_require_grads"),
+                   ("medquant.deploy.onnx_sim", "_float32_inputs"))
 
 
 def _classify_hook(hook: Any) -> tuple[str, str]:
@@ -292,14 +331,14 @@ def forward_hooks(model: nn.Module) -> list[ModuleHook]:
 
     Returns:
         The hooks in module order (a module bound under several names, under its first), each module's pre-hooks
-        first, in the order they run.
+        first, in the order they run; :meth:`ModuleHook.remove` takes one off.
     """
     out = []
     for name, m in model.named_modules():
         for kind, table in (("forward pre-hook", m._forward_pre_hooks), ("forward hook", m._forward_hooks)):
-            for hook in table.values():
+            for key, hook in table.items():
                 owner, what = _classify_hook(hook)
-                out.append(ModuleHook(name, kind, owner, what, hook))
+                out.append(ModuleHook(name, kind, owner, what, hook, m, key))
     return out
 
 
@@ -317,6 +356,8 @@ _HOOK_ADVICE = {
             "remove it (handle.remove() on the handle register_forward_hook / register_forward_pre_hook returned) "
             "to export the weights alone, or build what it computes into the model's layers",
 }
+_LOST_HANDLES = ("without the handle (a hook registered without keeping it, a copy of a wrapped model), "
+                 "medquant.deploy.common.forward_hooks(model) lists the hooks and .remove() on each takes it off")
 
 
 def check_forward_hooks(model: nn.Module, format: str, keeps: Callable[[str, nn.Module], bool] | None = None,
@@ -328,7 +369,8 @@ def check_forward_hooks(model: nn.Module, format: str, keeps: Callable[[str, nn.
     the sites of an :class:`~medquant.adaptive.AdaptiveQuantizer` (its bits are chosen per call: always refused);
     any other forward hook or pre-hook (a user's, torch's ``prune`` / ``weight_norm`` reparametrisations) on a
     module whose hooks the file does not carry. Accepted: hooks known to change nothing
-    (transformers' ``enable_input_require_grads``), and backward and state-dict hooks (not forward hooks).
+    (transformers' ``enable_input_require_grads``, the input cast of medquant's ONNX simulation), and backward and
+    state-dict hooks (not forward hooks).
 
     Args:
         model: the model to export.
@@ -356,7 +398,7 @@ def check_forward_hooks(model: nn.Module, format: str, keeps: Callable[[str, nn.
         f"format={format!r} {writes}, so {len(found)} forward hook(s) that change what the model computes "
         f"would be lost: {listed}. Written without them the file would compute another model. "
         f"Accepted: modules without such forward hooks (backward and state-dict hooks are fine) - "
-        + "; ".join(_HOOK_ADVICE[o] for o in owners) + (f"; {accepted}" if accepted else ""))
+        + "; ".join(_HOOK_ADVICE[o] for o in owners) + f"; {_LOST_HANDLES}" + (f"; {accepted}" if accepted else ""))
 
 
 def check_native(model: nn.Module, format: str, allow: tuple[type, ...] = ()) -> None:

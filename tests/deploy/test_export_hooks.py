@@ -126,6 +126,36 @@ def test_torch_pruning_reparametrisation_is_refused_with_how_to_make_it_permanen
     export(model, tmp_path / "ct", format="compressed-tensors")
 
 
+def test_hooks_without_their_handles_are_listed_and_removed(tmp_path):
+    """A copy of a wrapped model carries copies of the quantizer's hooks (and of the quantizer, which the caller
+    does not hold); a lambda registered without keeping its handle: ``forward_hooks`` lists them with what
+    installed each, and ``remove()`` takes each off (a reparametrisation made permanent, computing as before)."""
+    from torch.nn.utils import prune
+
+    from medquant.deploy.common import forward_hooks
+
+    model = _llama(quantize=False)
+    aq = AdaptiveQuantizer(model, sites=[("model.layers.0", "output")], weight_config=W4, weight_skip=["lm_head"])
+    copied = copy.deepcopy(model)
+    aq.remove()
+    copied.model.layers[1].mlp.register_forward_hook(lambda mod, args, out: out * 2.0)
+    prune.l1_unstructured(copied.lm_head, "weight", amount=0.5)
+    with pytest.raises(ExportError, match=r"(?s)model\.layers\.0: forward hook of an AdaptiveQuantizer.*"
+                                          r"forward_hooks\(model\)"):
+        export(copied, tmp_path / "ct", format="compressed-tensors")
+    hooks = forward_hooks(copied)
+    assert [(h.module, h.kind, h.owner) for h in hooks] == [
+        ("model.layers.0", "forward hook", "adaptive"), ("model.layers.1.mlp", "forward hook", "user"),
+        ("lm_head", "forward pre-hook", "reparametrization")]
+    with torch.no_grad():
+        pruned = copied.lm_head.weight.clone()
+    for h in hooks:
+        h.remove()
+    assert forward_hooks(copied) == []
+    assert torch.equal(copied.lm_head.weight, pruned) and isinstance(copied.lm_head.weight, torch.nn.Parameter)
+    export(copied, tmp_path / "ct", format="compressed-tensors")
+
+
 def test_hooks_that_do_not_change_the_forward_are_accepted(tmp_path):
     """Backward hooks, state-dict hooks and transformers' ``enable_input_require_grads`` hook (it only marks the
     embeddings' output as requiring gradients) do not change what the model computes: exported as before."""
@@ -205,3 +235,22 @@ def test_onnx_traces_a_hook_on_a_module_it_keeps(vit, tmp_path):
     assert np.abs(hooked - plain).max() > 1e-2
     export(model, tmp_path / "m.onnx", format="onnx", example_inputs=x)
     np.testing.assert_allclose(_ort(tmp_path / "m.onnx", x), hooked, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_refuses_an_adaptive_quantizer_on_a_calibrated_model(vit, tmp_path):
+    """A model returned by ``calibrate_activations`` is traced as it is, its own input cast (a forward pre-hook
+    medquant installs) included; an AdaptiveQuantizer wrapped around it is still refused, not a bare error."""
+    from medquant.deploy import calibrate_activations
+    from medquant.deploy.common import forward_hooks
+
+    base, x = vit
+    model = copy.deepcopy(base)
+    mq.quantize_(model, mq.QuantConfig(8, scope="channel"))
+    sim = calibrate_activations(model, [x])
+    assert [(h.module, h.kind, h.owner) for h in forward_hooks(sim)] == [("", "forward pre-hook", "harmless")]
+    aq = AdaptiveQuantizer(sim, sites=["vit.layers.1"], weight_config=None)
+    with pytest.raises(ExportError, match=r"(?s)format='onnx'.*vit\.layers\.1: forward pre-hook of an "
+                                          r"AdaptiveQuantizer.*remove\(\)"):
+        export(sim, tmp_path / "m.onnx", format="onnx", example_inputs=x)
+    aq.remove()
+    export(sim, tmp_path / "m.onnx", format="onnx", example_inputs=x)
