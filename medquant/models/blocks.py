@@ -36,6 +36,18 @@ shape ``(n_heads, head_dim)``) belong to their heads (:attr:`AttentionUnit.q_nor
 (Qwen3, Gemma 3) are shared by every head and need nothing. A fused gate/up projection (``gate_up_proj``, split
 in halves by ``chunk(2)``) gives neuron ``j`` the rows ``j`` and ``I + j`` (:attr:`FFNUnit.chunks` = 2).
 
+A projection may be wrapped: a module holding exactly one ``nn.Linear`` named ``linear`` and, besides it, nothing
+but scalar ``input_min`` / ``input_max`` / ``output_min`` / ``output_max`` buffers (Gemma 4's vision and audio
+``Gemma4ClippableLinear``: ``clamp(linear(clamp(x, input_min, input_max)), output_min, output_max)``) counts as its
+linear when :func:`transformer_blocks` is asked to look through such wrappers (``clamp_wrappers=True``, as pruning
+does), and the unit names the inner layer (``self_attn.q_proj.linear``). Removing rows or columns of the inner
+linear is exact through the clamps (scalar bounds applied element by element); rescaling its input channels or
+output rows is not once a bound is finite, so each unit lists those linears with the side of their finite bounds
+(:attr:`AttentionUnit.clamped`, :attr:`FFNUnit.clamped`). transformers builds the bounds at +-inf and fills them from
+the checkpoint (released Gemma 4 vision towers are reported to carry finite ones), or leaves them out
+(``use_clipped_linears`` False, the default of ``Gemma4VisionConfig``). An attention that normalises each value head (Gemma 4, Gemma 3n: ``v_norm``)
+names that norm (:attr:`AttentionUnit.v_norm`).
+
 What cannot be pruned is said per block in :attr:`Block.unsupported` (``{"heads" | "ffn": reason}``): fused
 ``qkv`` projections (Qwen2-VL vision blocks, :attr:`Block.fused_attention`), linear-attention and convolution
 mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), cross-attention of encoder-decoder blocks (BART's
@@ -97,6 +109,11 @@ class AttentionUnit:
             ``head_dim``.
         q_norm: per-head query norm (weight ``(head_dim,)`` or ``(n_heads, head_dim)``), if any.
         k_norm: per-head key norm, if any.
+        v_norm: a norm applied to each value head between v and o (Gemma 4's ``v_norm``, an RMSNorm over
+            ``head_dim``), if any: per head, so pruning needs nothing, but o's input is not linear in v's rows (a
+            scale folded from o's columns into v's rows changes the function).
+        clamped: ``{linear name: (input clamp finite, output clamp finite)}`` for the projections inside a clamp
+            wrapper (module docstring) with a finite bound; see :attr:`FFNUnit.clamped`.
     """
 
     name: str          # the attention container (e.g. ``model.layers.0.self_attn``)
@@ -111,6 +128,8 @@ class AttentionUnit:
     q_head_rows: int = 0       # rows of q per head: head_dim, or 2 * head_dim for gated attention (0 = head_dim)
     q_norm: str | None = None  # per-head norms: weight (n_heads, head_dim) / (n_kv, head_dim)
     k_norm: str | None = None
+    v_norm: str | None = None  # a norm of each value head (Gemma 4): o's input is not linear in v's rows
+    clamped: dict[str, tuple[bool, bool]] = field(default_factory=dict)  # linear -> (finite input, output clamp)
 
     @property
     def q_rows(self) -> int:
@@ -135,6 +154,12 @@ class FFNUnit:
             input column ``i``.
         n_neurons: hidden width.
         chunks: each input's rows are ``chunks`` blocks of ``n_neurons`` (a fused ``gate_up_proj``: 2).
+        clamped: ``{linear name: (input clamp finite, output clamp finite)}`` for the unit's linears inside a clamp
+            wrapper (module docstring: Gemma 4's ``Gemma4ClippableLinear``) with at least one finite
+            bound, read when the blocks are listed (bounds that cannot be read, on the meta device, count as finite).
+            Pruning is exact through any clamp (scalar bounds, element-wise); a scale folded through a finite one
+            is not: ``clamp(x / s) * s != clamp(x)`` once the bound is reached, so AWQ must not fold into the input
+            side of a linear with a finite input clamp, nor out of the rows of one with a finite output clamp.
     """
 
     name: str
@@ -142,6 +167,7 @@ class FFNUnit:
     output: str
     n_neurons: int
     chunks: int = 1  # each input's rows are ``chunks`` blocks of n_neurons (fused gate_up_proj: 2)
+    clamped: dict[str, tuple[bool, bool]] = field(default_factory=dict)  # linear -> (finite input, output clamp)
 
 
 @dataclass
@@ -236,6 +262,65 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+_CLAMPS = ("input_min", "input_max", "output_min", "output_max")
+
+
+def _clamp_wrapped(mod: nn.Module | None) -> nn.Linear | None:
+    """The ``nn.Linear`` inside a clamp wrapper (Gemma 4's ``Gemma4ClippableLinear``: ``clamp(linear(clamp(x)))``):
+    exactly one child, an ``nn.Linear`` named ``linear``, no parameter of its own and no buffer but scalar
+    ``input_min`` / ``input_max`` / ``output_min`` / ``output_max``. Anything else a wrapper holds (a vector, a
+    parameter, another child) could mix the rows or columns that pruning removes, so it is not looked through."""
+    if mod is None or isinstance(mod, nn.Linear):
+        return None
+    kids = dict(mod.named_children())
+    lin = kids.get("linear")
+    if len(kids) != 1 or not isinstance(lin, nn.Linear) or any(p is not None for p in mod._parameters.values()):
+        return None
+    bufs = {k: b for k, b in mod._buffers.items() if b is not None}
+    if any(k not in _CLAMPS or b.dim() != 0 for k, b in bufs.items()):
+        return None
+    return lin
+
+
+def _finite_clamps(wrapper: nn.Module) -> tuple[bool, bool]:
+    """``(input clamp finite, output clamp finite)`` of a clamp wrapper; bounds on the meta device count as finite
+    (their values are unknown), a wrapper whose ``use_clipped_linears`` is False clamps nothing."""
+    if getattr(wrapper, "use_clipped_linears", True) is False:
+        return False, False
+
+    def finite(*names: str) -> bool:
+        bufs = [wrapper._buffers.get(n) for n in names]
+        return any(b is not None and (b.is_meta or bool(b.isfinite().any())) for b in bufs)
+
+    return finite("input_min", "input_max"), finite("output_min", "output_max")
+
+
+def _linear_at(root: nn.Module, path: str, wrapped: bool) -> tuple[str, nn.Linear] | None:
+    """``(path of the nn.Linear relative to root, the layer)`` for ``path`` naming an ``nn.Linear`` or, with
+    ``wrapped``, a clamp wrapper around one (then ``path + ".linear"``); None otherwise."""
+    mod = _get(root, path)
+    if isinstance(mod, nn.Linear):
+        return path, mod
+    lin = _clamp_wrapped(mod) if wrapped else None
+    return (f"{path}.linear", lin) if lin is not None else None
+
+
+def _clamped(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[bool, bool]]:
+    """``{name: (input finite, output finite)}`` for the linears in ``names`` (full names) that sit in a clamp
+    wrapper with a finite bound."""
+    out: dict[str, tuple[bool, bool]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        if leaf != "linear" or not parent:
+            continue
+        wrapper = model.get_submodule(parent)
+        if _clamp_wrapped(wrapper) is not None:
+            sides = _finite_clamps(wrapper)
+            if any(sides):
+                out[name] = sides
+    return out
+
+
 def _head_dim(mod: nn.Module) -> int | None:
     for attr in ("head_dim", "attention_head_size", "key_value_proj_dim"):
         v = getattr(mod, attr, None)
@@ -244,12 +329,14 @@ def _head_dim(mod: nn.Module) -> int | None:
     return None
 
 
-def _attention_in(block: nn.Module, bname: str) -> tuple[AttentionUnit | None, str | None]:
+def _attention_in(block: nn.Module, bname: str, wrapped: bool) -> tuple[AttentionUnit | None, str | None]:
     for cname, cont in block.named_modules():
         for q, k, v, o in _ATTN_PATTERNS:
-            mods = [_get(cont, p) for p in (q, k, v, o)]
-            if not all(isinstance(m, nn.Linear) for m in mods):
+            found = [_linear_at(cont, p, wrapped) for p in (q, k, v, o)]
+            if not all(found):
                 continue
+            paths = [f[0] for f in found if f is not None]
+            mods = [f[1] for f in found if f is not None]
             holder_rel = q.rpartition(".")[0]
             holder = _get(cont, holder_rel) if holder_rel else cont
             hd = _head_dim(holder)
@@ -262,7 +349,7 @@ def _attention_in(block: nn.Module, bname: str) -> tuple[AttentionUnit | None, s
             if om.in_features % hd or qm.out_features not in (n_heads * hd, 2 * n_heads * hd):
                 continue
             q_rows = qm.out_features // n_heads
-            unit = AttentionUnit(full, hfull, *(f"{full}.{p}" for p in (q, k, v, o)), head_dim=hd,
+            unit = AttentionUnit(full, hfull, *(f"{full}.{p}" for p in paths), head_dim=hd,
                                  n_heads=n_heads, n_kv=km.out_features // hd,
                                  q_head_rows=q_rows if q_rows != hd else 0)
             for attr, n in (("q_norm", n_heads), ("k_norm", unit.n_kv)):
@@ -270,6 +357,9 @@ def _attention_in(block: nn.Module, bname: str) -> tuple[AttentionUnit | None, s
                 w = getattr(norm, "weight", None)
                 if isinstance(w, nn.Parameter) and tuple(w.shape) == (n, hd):
                     setattr(unit, attr, f"{hfull}.{attr}")
+            if isinstance(getattr(holder, "v_norm", None), nn.Module):
+                unit.v_norm = f"{hfull}.v_norm"
+            unit.clamped = {f"{full}.{p}": c for p, c in _clamped(cont, paths).items()}
             return unit, None
     for cname, cont in block.named_modules():
         if isinstance(getattr(cont, "qkv", None), nn.Linear):
@@ -277,27 +367,30 @@ def _attention_in(block: nn.Module, bname: str) -> tuple[AttentionUnit | None, s
     return None, None
 
 
-def _ffn_in(block: nn.Module, bname: str, skip: AttentionUnit | None) -> FFNUnit | None:
+def _ffn_in(block: nn.Module, bname: str, skip: AttentionUnit | None, wrapped: bool) -> FFNUnit | None:
     taken = set() if skip is None else {skip.q, skip.k, skip.v, skip.o}
     for cname, cont in block.named_modules():
         if any(_is_experts(m) for m in cont.modules()) and not _is_experts(cont):
             # an MoE container: only a shared expert below it is an FFN of this block
             continue
         for ins, out in _FFN_PATTERNS:
-            in_mods = [_get(cont, p) for p in ins]
-            out_mod = _get(cont, out)
-            if not (all(isinstance(m, nn.Linear) for m in in_mods) and isinstance(out_mod, nn.Linear)):
+            found = [_linear_at(cont, p, wrapped) for p in (*ins, out)]
+            if not all(found):
                 continue
+            paths = [f[0] for f in found if f is not None]
+            mods = [f[1] for f in found if f is not None]
+            in_mods, out_mod = mods[:-1], mods[-1]
             full = f"{bname}.{cname}" if cname else bname
-            names = tuple(f"{full}.{p}" for p in ins)
-            oname = f"{full}.{out}"
+            names = tuple(f"{full}.{p}" for p in paths[:-1])
+            oname = f"{full}.{paths[-1]}"
             if oname in taken or any(n in taken for n in names):
                 continue
             n = out_mod.in_features
             chunks = 2 if ins == ("gate_up_proj",) else 1
             if any(m.out_features != chunks * n for m in in_mods):
                 continue
-            return FFNUnit(full, names, oname, n, chunks)
+            clamped = {f"{full}.{p}": c for p, c in _clamped(cont, paths).items()}
+            return FFNUnit(full, names, oname, n, chunks, clamped)
     return None
 
 
@@ -362,7 +455,8 @@ def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None
     return out
 
 
-def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = None) -> list[Block]:
+def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = None, *,
+                       clamp_wrappers: bool = False) -> list[Block]:
     """The transformer blocks of ``model`` in ``scope``, with their attention and FFN units.
 
     Args:
@@ -371,6 +465,12 @@ def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = Non
         scope: ``"language"``, ``"vision"``, ``"all"``, a list of those, or ``None``: the language model for
             vision-language models and decoder LMs, the vision tower for vision encoders. A plain module (no
             roles) always gives the blocks of its shallowest non-empty ``nn.ModuleList``, whatever the scope.
+        clamp_wrappers: also read projections wrapped in a clamp (Gemma 4's ``Gemma4ClippableLinear``, module
+            docstring), naming the inner ``nn.Linear``. Removing rows or columns is exact through the clamps
+            (pruning passes True); rescaling channels is not where a bound is finite, nor through a ``v_norm``, so a
+            caller that folds scales must read :attr:`AttentionUnit.clamped`, :attr:`FFNUnit.clamped` and
+            :attr:`AttentionUnit.v_norm` before passing True. False: such projections are not linears (their
+            units are not found).
 
     Returns:
         :class:`Block` entries in order, language blocks first, then vision blocks (the stacks of
@@ -387,8 +487,8 @@ def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = Non
     for role, names in stacks:
         for i, bname in enumerate(names):
             bmod = model.get_submodule(bname)
-            attn, fused = _attention_in(bmod, bname)
-            ffn = _ffn_in(bmod, bname, attn)
+            attn, fused = _attention_in(bmod, bname, clamp_wrappers)
+            ffn = _ffn_in(bmod, bname, attn, clamp_wrappers)
             why = _unsupported(bmod, attn, fused, ffn, bname)  # blocks with nothing of a transformer block are left out
             experts = next((f"{bname}.{n}" for n, m in bmod.named_modules() if _is_experts(m)), None)
             if attn is None and ffn is None and fused is None and experts is None and why.get(

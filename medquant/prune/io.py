@@ -102,7 +102,7 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
     """
     table: dict[str, Any] = {"version": TABLE_VERSION, "blocks": {}, "modules": {}}
     with _float_stand_ins(model):
-        for b in transformer_blocks(model, "all"):
+        for b in transformer_blocks(model, "all", clamp_wrappers=True):
             stack = model.get_submodule(b.stack)
             if isinstance(stack, nn.ModuleList):  # a Hugging Face config may not express dropped blocks
                 table.setdefault("stacks", {})[b.stack] = len(stack)
@@ -292,7 +292,7 @@ def _resize_blocks(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
     A module reachable under several block names (one block listed twice in a ``ModuleList``: weights shared
     across layers) is shrunk once, with the first name; the table must give it the same shapes under every name.
     """
-    found = {b.name: b for b in transformer_blocks(model, "all")}
+    found = {b.name: b for b in transformer_blocks(model, "all", clamp_wrappers=True)}
     done: dict[tuple[str, int], tuple[str, Any]] = {}
 
     def first(name: str, part: str, module: nn.Module, entry: Any) -> bool:

@@ -74,7 +74,7 @@ def block_influence(model: nn.Module, calib: Iterable[Any], scope: str | list[st
         TypeError: ``calib`` is one dict batch (pass ``[batch]``).
         RuntimeError: a block whose input / output hidden states cannot be read (different shapes).
     """
-    blocks = transformer_blocks(model, scope)
+    blocks = transformer_blocks(model, scope, clamp_wrappers=True)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: no transformer blocks in scope {scope!r}")
     acc = {b.name: [0.0, 0.0, 0] for b in blocks}  # sum of 1 - cos, sum of W1 / std, calls with real tokens

@@ -310,7 +310,7 @@ class StructuredPruner:
         plan = PrunePlan(importance=self.importance)
         if isinstance(calib, Iterable) and not isinstance(calib, (list, tuple)) and calib is not None:
             calib = list(calib)  # iterated more than once
-        blocks = [checked_block(model, b) for b in transformer_blocks(model, self.scope)]
+        blocks = [checked_block(model, b) for b in transformer_blocks(model, self.scope, clamp_wrappers=True)]
         cnn = not blocks and not _is_hf(model)
         channels = _asks(self.channel_ratio, "channel_ratio")
         if not blocks and not cnn:
@@ -329,7 +329,7 @@ class StructuredPruner:
 
             plan_channels(model, self, plan, calib, loss_fn, example_input)
             return plan
-        known = {b.name for b in transformer_blocks(model, "all")} | {b.name for b in blocks}
+        known = {b.name for b in transformer_blocks(model, "all", clamp_wrappers=True)} | {b.name for b in blocks}
         for name in self.drop_blocks:
             if name not in known:
                 raise ValueError(f"drop_blocks: {name!r} is not a block of this model; blocks: "
@@ -650,7 +650,7 @@ def unprunable_layers(model: nn.Module, scope: str | Sequence[str] | None, block
     """Layers of the model's block lists in ``scope`` that are not among ``blocks``, each with the reason.
 
     :func:`medquant.models.transformer_blocks` leaves out a layer in which it finds neither an attention nor an
-    FFN it can prune (Gemma 4's vision layers, whose projections are wrapped in clipping modules; a
+    FFN it can prune (projections wrapped in modules other than a clamp around one ``nn.Linear``; a
     convolutional stage); pruning reports them in ``plan.skipped`` instead of leaving them silently.
 
     Args:
@@ -716,7 +716,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
             whole plan is checked before any layer changes, so the model is left as it was.
     """
     _check_not_quantized(model)
-    found = {b.name: b for b in transformer_blocks(model, "all" if _is_hf(model) else scope)}
+    found = {b.name: b for b in transformer_blocks(model, "all" if _is_hf(model) else scope, clamp_wrappers=True)}
     blocks = {name: checked_block(model, b) for name, b in found.items()}
     if not _is_hf(model) and not blocks and (plan.heads or plan.kv_heads or plan.neurons or plan.expert_neurons):
         raise ValueError("the plan names transformer blocks but the model has none")
@@ -1018,7 +1018,7 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None, dropped: bool = Fal
     copies: dict[int, dict[int, Any]] = {}  # root config -> the stacks' own copies of it (T5), which follow it
     exact = True
     notes: list[str] = []
-    all_blocks = transformer_blocks(model, "all")
+    all_blocks = transformer_blocks(model, "all", clamp_wrappers=True)
     for b in all_blocks:
         if stacks is not None and b.stack not in stacks:
             continue

@@ -30,9 +30,9 @@ REASONS = {
     "blip2": ("fused qkv",), "instructblip": ("fused qkv",), "glm4v": ("fused qkv",), "qwen3_vl": ("fused qkv",),
     "qwen3_5": ("linear attention", "fused qkv"), "lfm2_vl": ("convolution mixer",),
     "janus": ("no separate q/k/v/o",), "phi4mm": ("no separate q/k/v/o",), "kosmos2": ("normalises all",),
-    "florence2": ("cross-attention", "no attention or FFN", "fused qkv"), "gemma4": ("not nn.Linear",),
+    "florence2": ("cross-attention", "no attention or FFN", "fused qkv"),
     "chameleon": ("no attention or FFN",),
-}
+}  # Gemma 4's vision projections are clamp wrappers around nn.Linear: pruned (tests/prune/test_clipped_linears.py)
 
 
 def _prune(model: nn.Module, **kw):
@@ -45,7 +45,7 @@ def _prune(model: nn.Module, **kw):
 @torch.no_grad()
 def _zeroed(model: nn.Module, plan) -> nn.Module:
     ref = copy.deepcopy(model)
-    blocks = {b.name: b for b in transformer_blocks(ref, "all")}
+    blocks = {b.name: b for b in transformer_blocks(ref, "all", clamp_wrappers=True)}
     for name in plan.heads:
         a = blocks[name].attention
         o = ref.get_submodule(a.o)
