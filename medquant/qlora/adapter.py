@@ -158,11 +158,14 @@ def _check_base(model: nn.Module, target_roles: Sequence[str], quantize_roles: S
 
 def _refuse_shared_targets(model: nn.Module, targets: Sequence[str]) -> None:
     """Refuse a LoRA target bound under several names (one ``nn.Linear`` object used in several places): PEFT
-    wraps it under one name only, so its other uses would run without the adapter."""
+    wraps it under one name only, so its other uses would run without the adapter. Names that are one attribute of
+    one parent module (the Linear of a block bound twice, ``nn.ModuleList([block, block])``) are one binding: PEFT
+    replaces it there, in every use of the block."""
     aliases = names_by_module(model)
     for n in targets:
         names = aliases.get(id(model.get_submodule(n)), [n])
-        if len(names) > 1:
+        bindings = {(id(model.get_submodule(a.rpartition(".")[0])), a.rpartition(".")[2]) for a in names}
+        if len(bindings) > 1:
             raise ValueError(f"LoRA target {n} is one nn.Linear bound under {len(names)} names ({', '.join(names)}): "
                              "PEFT would put the adapter on one of them, leaving the other uses unadapted. Leave it "
                              "out of target_modules (it is still NF4-quantized, one layer under every name), or "
