@@ -5,24 +5,31 @@ A batch that does not fit the model fails deep inside the model's own forward wi
 batch nor what was being calibrated; :func:`run_calibration_batch` re-raises it as a ``ValueError`` that names
 both, the model's exception chained.
 
-Padding (GPTQ's Hessians, AWQ's statistics and scale search): in a dict batch with a 2-D ``attention_mask``, the
-positions with mask 0 are not calibration data. :func:`token_mask` gives the batch's mask, :func:`row_mask` applies
-it to a layer input only where that input is ``(batch, tokens, K)`` with the mask's ``(batch, tokens)`` (or those
-tokens flattened sample by sample, ``(batch * tokens, K)``, or an MoE expert's routed rows), and
-:func:`unmasked_layers` names the layers it is never applied to (the vision tower's and the projector's, whose
-inputs are image patches even when their count equals the number of tokens).
+Padding (GPTQ's Hessians, AWQ's statistics and scale search, AdaRound's errors): in a dict batch with a 2-D
+``attention_mask``, the positions with mask 0 are not calibration data. :func:`token_mask` gives the batch's mask,
+:func:`row_mask` applies it to a layer input only where that input is ``(batch, tokens, K)`` with the mask's
+``(batch, tokens)`` (or those tokens flattened sample by sample, ``(batch * tokens, K)``, or an MoE expert's routed
+rows), and :func:`unmasked_layers` names the layers it is never applied to (the vision tower's and the projector's,
+whose inputs are image patches even when their count equals the number of tokens). In an encoder-decoder the
+``attention_mask`` is the encoder's and ``decoder_attention_mask`` the decoder's (:func:`batch_masks`):
+:class:`MaskSides` says which of the two each layer input takes - by the layer's side (under the encoder module or
+not) and, for a decoder layer reading the encoder's output (cross-attention ``k`` / ``v``), by the identity of its
+input with that output - so a decoder sequence as long as the encoder's is masked by its own padding only.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..models.introspect import model_roles
+from ..models.introspect import language_model_layers, model_roles
 from ..models.runner import run_model
 
 
@@ -157,26 +164,260 @@ def token_mask(batch: Any) -> torch.Tensor | None:
     """The ``(batch, tokens)`` attention mask of a dict calibration batch when it marks padding (some entry 0), as
     bool (``True``: a real token); ``None`` when the batch has none or nothing is padded.
 
-    The mask is the encoder's in an encoder-decoder batch; it is applied to every layer input of its
-    ``(batch, tokens)`` shape (:func:`row_mask`). When the batch's ``decoder_input_ids`` / ``decoder_inputs_embeds``
-    have that same length, the decoder's rows have that shape too and would be masked by the encoder's padding
-    (``decoder_attention_mask`` is not read): a ``UserWarning`` says so (pad the two sequences to different
-    lengths, or leave the encoder unpadded)."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    In an encoder-decoder batch this is the encoder's mask; :class:`MaskSides` decides which layer inputs take it
+    and which take the decoder's (:func:`batch_masks`)."""
+    return _padding(batch.get("attention_mask") if isinstance(batch, Mapping) else None)
+
+
+def _padding(mask: Any) -> torch.Tensor | None:
+    """``mask != 0`` of a 2-D tensor with some entry 0; ``None`` otherwise (no tensor, not 2-D, nothing padded)."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     mask = mask != 0
-    if bool(mask.all()):
+    return None if bool(mask.all()) else mask
+
+
+@dataclass(frozen=True)
+class BatchMasks:
+    """The token masks of one calibration batch (bool ``(batch, tokens)``, ``True``: a real token; ``None``: no
+    padding).
+
+    Attributes:
+        encoder: the batch's ``attention_mask`` (:func:`token_mask`): a decoder-only model's only mask, the encoder's
+            in an encoder-decoder.
+        decoder: the batch's ``decoder_attention_mask`` (an encoder-decoder's decoder positions); ``None`` when the
+            batch has none (a batch giving the decoder ``labels`` only, which the model shifts into its decoder
+            inputs, has none either: its decoder rows are all calibration data).
+    """
+
+    encoder: torch.Tensor | None = None
+    decoder: torch.Tensor | None = None
+
+    @property
+    def padded(self) -> bool:
+        """Whether either mask marks a padding position."""
+        return self.encoder is not None or self.decoder is not None
+
+
+def batch_masks(batch: Any) -> BatchMasks:
+    """The :class:`BatchMasks` of a calibration batch: its ``attention_mask`` and ``decoder_attention_mask`` (each
+    as :func:`token_mask` reads it); both ``None`` for a batch that is not a dict.
+
+    Args:
+        batch: a calibration batch.
+
+    Returns:
+        The batch's masks.
+    """
+    if not isinstance(batch, Mapping):
+        return BatchMasks()
+    return BatchMasks(token_mask(batch), _padding(batch.get("decoder_attention_mask")))
+
+
+_ENCODER_STATES = "encoder_hidden_states"
+
+
+def _signature(module: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(module.forward)
+    except (TypeError, ValueError):
         return None
-    dec = batch.get("decoder_input_ids")
-    dec = batch.get("decoder_inputs_embeds") if dec is None else dec
-    if isinstance(dec, torch.Tensor) and dec.dim() >= 2 and tuple(dec.shape[:2]) == tuple(mask.shape):
-        warnings.warn(f"an encoder-decoder calibration batch whose decoder sequence has its encoder's length "
-                      f"({mask.shape[1]} tokens) and a padded attention_mask: the encoder's padding mask is applied "
-                      "to every layer input of that shape, so the decoder's rows are left out where the encoder "
-                      "is padded (and decoder padding is kept). Pad the encoder and decoder sequences to different "
-                      "lengths, or leave the encoder unpadded", UserWarning, stacklevel=2)
-    return mask
+
+
+def call_encoder_states(module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The encoder states a call of ``module`` (a decoder block) receives: its ``encoder_hidden_states`` argument
+    (the Hugging Face name of every cross-attention decoder layer's input from the encoder), given by keyword or
+    by position (bound through the signature of ``module.forward``).
+
+    Args:
+        module: the called module.
+        args: the call's positional arguments.
+        kwargs: the call's keyword arguments.
+
+    Returns:
+        ``[tensor]`` when the call passes a tensor as ``encoder_hidden_states``, else ``[]``.
+    """
+    value = kwargs.get(_ENCODER_STATES)
+    if value is None and args:
+        sig = _signature(module)
+        if sig is not None and _ENCODER_STATES in sig.parameters:
+            try:
+                value = sig.bind_partial(*args, **kwargs).arguments.get(_ENCODER_STATES)
+            except TypeError:
+                value = None
+    return [value] if isinstance(value, torch.Tensor) else []
+
+
+def _under(name: str, root: str) -> bool:
+    return name == root or name.startswith(root + ".")
+
+
+class MaskSides:
+    """Which token mask each layer input takes: the encoder's or the decoder's, in an encoder-decoder.
+
+    A model is an encoder-decoder here when :func:`medquant.models.language_model_layers` gives it an encoder stack
+    and a decoder stack (BART, Florence-2's BART, T5, T5Gemma, bert2bert...); the encoder side is the module holding
+    the encoder stack (the name up to its outermost ``encoder`` component: ``model.language_model.encoder``,
+    ``encoder``). The rule, per layer input ``x`` of a calibration batch with :class:`BatchMasks` ``masks``:
+
+    * not an encoder-decoder: ``masks.encoder`` (the batch's ``attention_mask``) for every layer;
+    * a layer under the encoder side: ``masks.encoder``;
+    * an ``x`` that *is* (the same tensor object as) one of the encoder-side tensors of the call - the encoder
+      module's output in a whole-model forward, or the ``encoder_hidden_states`` argument of the decoder block
+      being run (:func:`call_encoder_states`): ``masks.encoder`` (a decoder's cross-attention ``k`` / ``v``
+      projections, a projection of the encoder output outside both stacks);
+    * any other layer (the decoder's, ``lm_head``): ``masks.decoder`` (its ``decoder_attention_mask``, ``None``
+      without one: every decoder row is calibration data).
+
+    Either mask is still applied only where it fits the input's shape (:func:`row_mask`), and never to the layers of
+    :func:`unmasked_layers`. A tensor computed from the encoder output outside the encoder (bert2bert's
+    ``enc_to_dec_proj`` output when the hidden sizes differ) is not an encoder-side tensor: the decoder's mask applies
+    to it where the shapes match.
+
+    Args:
+        model: the model (the names given to :meth:`mask` are relative to it).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.encoder: str | None = None
+        self.decoder_blocks: list[str] = []
+        try:
+            enc, dec = language_model_layers(model, "encoder"), language_model_layers(model, "decoder")
+        except ValueError:  # not an encoder-decoder (or an architecture without roles)
+            return
+        if not enc or not dec:
+            return
+        parts = enc[0].split(".")
+        self.encoder = ".".join(parts[:parts.index("encoder") + 1]) if "encoder" in parts else enc[0].rpartition(".")[0]
+        self.decoder_blocks = list(dec)
+
+    @property
+    def seq2seq(self) -> bool:
+        """Whether the model is an encoder-decoder (its inputs have two sides)."""
+        return self.encoder is not None
+
+    def encoder_side(self, name: str) -> bool:
+        """Whether the module ``name`` is under the encoder side (``False`` for any module of a model that is not an
+        encoder-decoder)."""
+        return self.encoder is not None and _under(name, self.encoder)
+
+    def mask(self, name: str, x: Any, masks: BatchMasks, states: Sequence[torch.Tensor] = ()) -> torch.Tensor | None:
+        """The token mask of layer ``name``'s input ``x`` (the rule of the class docstring).
+
+        Args:
+            name: the layer's (or block's) name in the model.
+            x: its input (compared by identity with ``states``).
+            masks: the batch's masks.
+            states: the encoder-side tensors of the current call (:meth:`tracking`, :func:`call_encoder_states`).
+
+        Returns:
+            ``masks.encoder`` or ``masks.decoder``.
+        """
+        if self.encoder is None or _under(name, self.encoder) or any(x is s for s in states):
+            return masks.encoder
+        return masks.decoder
+
+    def block_masks(self, block: str, masks: Sequence[BatchMasks]
+                    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None] | None]:
+        """The masks of a block's recorded calls (one per calibration batch), block by block.
+
+        Args:
+            block: the block's name in the model.
+            masks: the :class:`BatchMasks` of each calibration batch.
+
+        Returns:
+            ``(rows, encoder)``: ``rows[i]``, the mask of the block's own rows in call ``i`` - the
+            ``attention_mask`` for a block of the encoder side or of a model that is not an encoder-decoder, the
+            ``decoder_attention_mask`` for any other block of an encoder-decoder; ``encoder``: ``None``, or for such
+            a decoder block each call's ``attention_mask``, the mask of the call's ``encoder_hidden_states``
+            argument (:func:`call_encoder_states`) wherever a layer reads that tensor.
+        """
+        if self.encoder is None or _under(block, self.encoder):
+            return [m.encoder for m in masks], None
+        return [m.decoder for m in masks], [m.encoder for m in masks]
+
+    @contextlib.contextmanager
+    def tracking(self, model: nn.Module) -> Iterator[list[torch.Tensor]]:
+        """Collect the encoder-side tensors of a whole-model forward: the encoder module's output (its first
+        tensor) and the ``encoder_hidden_states`` argument of each decoder block call.
+
+        Args:
+            model: the model being run (a copy of the model :class:`MaskSides` was built on works: names are used).
+
+        Yields:
+            The list the tensors are appended to (emptied when the encoder starts a forward, i.e. at each
+            calibration batch; a caller may clear it too). Empty (and no hook) for a model that is not an
+            encoder-decoder.
+        """
+        states: list[torch.Tensor] = []
+        handles = []
+        if self.encoder is not None:
+            def new_forward(mod, args):  # the encoder runs once per calibration batch: a new batch's tensors
+                states.clear()
+
+            def keep_output(mod, args, out):
+                t = _first_tensor(out)
+                if t is not None:
+                    states.append(t)
+
+            def keep_argument(mod, args, kwargs):
+                states.extend(t for t in call_encoder_states(mod, args, kwargs) if not any(t is s for s in states))
+
+            try:
+                encoder = model.get_submodule(self.encoder)
+                handles.append(encoder.register_forward_pre_hook(new_forward))
+                handles.append(encoder.register_forward_hook(keep_output))
+                for n in self.decoder_blocks:
+                    handles.append(model.get_submodule(n).register_forward_pre_hook(keep_argument, with_kwargs=True))
+            except AttributeError:  # a module not there: no tensor is tracked through it
+                pass
+        try:
+            yield states
+        finally:
+            for h in handles:
+                h.remove()
+            states.clear()
+
+    def warn_unsided(self, batches: Iterable[Any]) -> bool:
+        """Warn (``UserWarning``, once) when the model is not known as an encoder-decoder but a batch gives decoder
+        inputs (``decoder_input_ids`` / ``decoder_inputs_embeds``) of its padded ``attention_mask``'s shape: that
+        mask, applied to every layer input of its shape, then also drops decoder rows (and any
+        ``decoder_attention_mask`` is not read).
+
+        Args:
+            batches: the calibration batches.
+
+        Returns:
+            Whether it warned.
+        """
+        if self.encoder is not None:
+            return False
+        for b in batches:
+            mask = token_mask(b)
+            if mask is None:
+                continue
+            dec = b.get("decoder_input_ids")
+            dec = b.get("decoder_inputs_embeds") if dec is None else dec
+            if isinstance(dec, torch.Tensor) and dec.dim() >= 2 and tuple(dec.shape[:2]) == tuple(mask.shape):
+                warnings.warn(f"a calibration batch with decoder inputs as long as its padded attention_mask "
+                              f"({mask.shape[1]} tokens), for a model whose encoder and decoder stacks medquant "
+                              "does not tell apart: the attention_mask is applied to every layer input of that "
+                              "shape, the decoder's included (decoder_attention_mask is not read). Pad the encoder "
+                              "and decoder sequences to different lengths, or leave the encoder unpadded",
+                              UserWarning, stacklevel=3)
+                return True
+        return False
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    """The first tensor of a module output (a tensor, a tuple / list, a Hugging Face ``ModelOutput``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return next((t for t in out if isinstance(t, torch.Tensor)), None)
+    return None
 
 
 def row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

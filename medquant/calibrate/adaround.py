@@ -56,8 +56,11 @@ rows are left out of the reconstruction loss (the mean over the real rows), of b
 fallback decision), and, where the block's input has that shape too, of the activation range (``act_bits``); blocks
 of the vision tower or the projector are exempt (their rows are image patches, even when their count equals the
 number of tokens), as for GPTQ and AWQ. A right-padded batch of a causal language model thus gives the errors of its
-sequences run unpadded, and the padding's token ids change nothing. A KV cache passed to a block (an HF decoder
-layer's ``past_key_values``) is not recorded with its inputs: re-running the block would append to it. A
+sequences run unpadded, and the padding's token ids change nothing. In an encoder-decoder the mask is the one of the
+unit's side (:class:`~medquant.calibrate._forward.MaskSides`): the ``attention_mask`` for the encoder's units and
+for a unit whose input is the encoder's output (a cross-attention ``k`` / ``v`` projection as a unit of its own),
+the ``decoder_attention_mask`` (none: every row) for the decoder's other units. A KV cache passed to a block (an
+HF decoder layer's ``past_key_values``) is not recorded with its inputs: re-running the block would append to it. A
 calibration set whose every ``attention_mask`` is all zeros has no real token: it is refused before the model
 changes (unless only vision-tower / projector layers are planned).
 
@@ -96,6 +99,9 @@ from ..quant.core import compute_qparams
 from ..quant.modules import QuantConv2d, QuantLinear
 from ._experts import ExpertRows, rtn_unrouted, unfold_experts, warn_unrouted
 from ._forward import (
+    BatchMasks,
+    MaskSides,
+    batch_masks,
     calibration_batches,
     check_seed,
     count_calls,
@@ -303,10 +309,14 @@ def _no_cache(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], every_call: bool = False,
-                   per_batch: list[int] | None = None, experts: ExpertRows | None = None) -> list[_Call]:
-    """(args, kwargs without a KV cache, float output, the batch's :func:`token_mask`) of every call of the block
-    on the calibration batches, in call order (batch by batch, the calls of a batch in the order the forward makes
-    them).
+                   per_batch: list[int] | None = None, experts: ExpertRows | None = None,
+                   sides: MaskSides | None = None) -> list[_Call]:
+    """(args, kwargs without a KV cache, float output, the batch's token mask) of every call of the block on the
+    calibration batches, in call order (batch by batch, the calls of a batch in the order the forward makes them).
+    The token mask is the one :class:`~medquant.calibrate._forward.MaskSides` gives the block's input (the first
+    positional argument, or ``hidden_states=``): in an encoder-decoder, the ``decoder_attention_mask`` for a unit
+    of the decoder side, the ``attention_mask`` for one of the encoder side or one whose input is the encoder's
+    output (a cross-attention ``k`` / ``v`` projection as a unit of its own); else the ``attention_mask``.
 
     ``every_call=False``: each batch's forward is stopped at the block's first call (for a block called once per
     batch: the rest of the model is not run). ``every_call=True``: each batch's forward runs through and every call
@@ -315,11 +325,15 @@ def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], ev
     layer (in ``experts``) gets the mask entries of the tokens routed to it (a ``(rows,)`` mask)."""
     block = model.get_submodule(block_name)
     calls: list[_Call] = []
-    mask: list[torch.Tensor | None] = [None]  # the token mask of the batch being run
+    mask: list[BatchMasks] = [BatchMasks()]  # the token masks of the batch being run
+    states: list[torch.Tensor] = []
+    sides = MaskSides(model) if sides is None else sides
     routed = experts is not None and block_name in experts
 
     def hook(mod, args, kwargs, out):
-        m = cast(ExpertRows, experts).map(block_name, None, mask[0])[1] if routed else mask[0]
+        first = args[0] if args else kwargs.get("hidden_states")
+        m = sides.mask(block_name, first, mask[0], states)
+        m = cast(ExpertRows, experts).map(block_name, None, m)[1] if routed else m
         calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), _no_cache(kwargs),
                       _first_tensor(out).detach(), m))
         if not every_call:
@@ -328,10 +342,11 @@ def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], ev
     h = block.register_forward_hook(hook, with_kwargs=True)
     try:
         for i, batch in enumerate(batches):
-            mask[0] = token_mask(batch)
+            mask[0] = batch_masks(batch)
             before = len(calls)
             try:
-                with experts.tracking() if routed and experts is not None else contextlib.nullcontext():
+                with experts.tracking() if routed and experts is not None else contextlib.nullcontext(), \
+                        sides.tracking(model) as states:
                     _run_batch(model, batch, i, f"block {block_name}")
             except _StopForward:
                 pass
@@ -660,13 +675,15 @@ def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, lis
     (``"input"``): the float model may route other tokens to that expert, so its rows cannot be paired; one that
     only padding positions are routed to (no calibration row) is rounded to nearest, as an expert no token reaches,
     and added to ``unrouted``."""
+    sides = MaskSides(model)
+    sides.warn_unsided(batches)
     with eval_mode(model):
         reference = copy.deepcopy(model) if target == "float" else None
         gen = torch.Generator().manual_seed(seed)
         for unit in tqdm(ordered, desc="learned rounding", disable=not progress, leave=False):
             every = unit in every_call
             per_batch: list[int] = []
-            calls = _capture_block(model, unit, batches, every, per_batch, experts)
+            calls = _capture_block(model, unit, batches, every, per_batch, experts, sides)
             routed = experts is not None and unit in experts
             if routed and unit not in unmasked and all(c[3] is not None and not bool(c[3].any()) for c in calls):
                 _round_unrouted(model, unit, plan[unit], len(batches), records)
@@ -675,7 +692,7 @@ def _run_units(model: nn.Module, ordered: Sequence[str], units: Mapping[str, lis
                 continue
             if reference is not None and not routed:  # the float model's outputs of this block (float inputs)
                 ref_per_batch: list[int] = []
-                ref_calls = _capture_block(reference, unit, batches, every, ref_per_batch)
+                ref_calls = _capture_block(reference, unit, batches, every, ref_per_batch, sides=sides)
                 if per_batch != ref_per_batch:  # calls are paired in order within a batch: counts must agree
                     i = next(j for j, (a, b) in enumerate(zip(per_batch, ref_per_batch)) if a != b)
                     raise ValueError(

@@ -21,7 +21,10 @@ of both ``a`` (the mean is over the real tokens only) and the loss, for every gr
 groups in the vision tower or the projector (image patches, never padding, even when their count equals the number
 of tokens); ``max_rows`` subsamples the rows that remain. A
 right-padded batch of a causal language model thus gives the statistics, alphas and codes of its sequences run
-unpadded (up to float rounding).
+unpadded (up to float rounding). In an encoder-decoder the mask follows the side of the group's input
+(:class:`~medquant.calibrate._forward.MaskSides`): the ``attention_mask`` for the encoder's groups and for an input
+that is the encoder's output (cross-attention ``k`` / ``v``), the ``decoder_attention_mask`` (none: every row) for the
+decoder's other groups.
 
 ``Q`` is medquant's fake quantizer with the target :class:`QuantConfig`. ``alpha = 0`` gives ``s = 1``, i.e.
 plain round-to-nearest, so on the calibration inputs the chosen scales are never worse than RTN for a group.
@@ -77,7 +80,7 @@ from ..models.runner import eval_mode, run_model
 from ..quant.api import as_config_map, quantize_
 from ..quant.config import QuantConfig
 from ..quant.core import fake_quantize
-from ._forward import row_mask, token_mask, unmasked_layers
+from ._forward import BatchMasks, MaskSides, batch_masks, call_encoder_states, row_mask, unmasked_layers
 from .sequential import BlockInputs, _Undo, quantize_sequential
 
 __all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
@@ -316,13 +319,17 @@ def _collect(model: nn.Module, groups: list[ScaleGroup], calib: Iterable[Any], m
     subsampled to ``max_rows``."""
     xs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
     unmasked = unmasked_layers(model, xs)
+    sides = MaskSides(model)
     handles = []
     n = 0
-    mask: list[torch.Tensor | None] = [None]
+    mask: list[BatchMasks] = [BatchMasks()]
+    states: list[torch.Tensor] = []
+    warned = False
 
     def make(name: str):
         def hook(mod, args):
-            x = _rows(args[0].detach().float(), None if name in unmasked else mask[0])
+            m = None if name in unmasked else sides.mask(name, args[0], mask[0], states)
+            x = _rows(args[0].detach().float(), m)
             _check_finite(x, name, n)
             xs[name].append(x)
         return hook
@@ -331,8 +338,11 @@ def _collect(model: nn.Module, groups: list[ScaleGroup], calib: Iterable[Any], m
         handles.append(model.get_submodule(name).register_forward_pre_hook(make(name)))
     try:
         for batch in tqdm(calib, desc="AWQ calibration", disable=not progress, leave=False):
-            mask[0] = token_mask(batch)
-            run_model(model, batch)
+            mask[0] = batch_masks(batch)
+            if not warned:
+                warned = sides.warn_unsided([batch])
+            with sides.tracking(model) as states:
+                run_model(model, batch)
             n += 1
     finally:
         for h in handles:
@@ -542,7 +552,8 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
 @torch.no_grad()
 def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockInputs, groups: Sequence[ScaleGroup], *,
                           grid: int = 10, max_rows: int | None = 2048,
-                          masks: Sequence[torch.Tensor | None] | None = None) -> list[ScaleGroup]:
+                          masks: Sequence[torch.Tensor | None] | None = None,
+                          encoder_masks: Sequence[torch.Tensor | None] | None = None) -> list[ScaleGroup]:
     """:func:`search_and_fold` for one block on its recorded calls.
 
     Args:
@@ -557,7 +568,11 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
             ``attention_mask``: nonzero / ``True`` a real token, 0 padding), or ``None`` (every row is data); the
             padding rows are left out of the inputs of the groups whose input is ``(batch, tokens, K)`` with the
             mask's shape (the caller leaves out the masks of vision-tower blocks). ``None`` (default): no call is
-            padded.
+            padded. For a decoder block of an encoder-decoder, the decoder's masks (``decoder_attention_mask``).
+        encoder_masks: for a decoder block of an encoder-decoder: one entry per recorded call, the encoder's
+            ``(batch, encoder tokens)`` mask (its ``attention_mask``), applied instead of ``masks`` to a group input
+            that is the call's ``encoder_hidden_states`` argument (the same tensor object, given by keyword or by
+            position: a cross-attention ``k`` / ``v``). ``None`` (default): ``masks`` apply to every input.
 
     Returns:
         The groups of ``groups`` folded (as a list), updated; those refused on the recorded calls (a norm that
@@ -566,7 +581,8 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``.
-        ValueError: bad ``grid`` / ``max_rows``; ``inputs`` holds no recorded call; ``masks`` not one per call; a
+        ValueError: bad ``grid`` / ``max_rows``; ``inputs`` holds no recorded call; ``masks`` or ``encoder_masks``
+            not one per call; a
             group's ``prev`` that cannot absorb scales (checked before the block changes); a group's layer not called, or called with 0 rows; NaN or inf in a group's calibration input.
 
     The inputs of every group are collected in one pass over the calls (before any folding; folding leaves the
@@ -582,6 +598,11 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
     masks = [None] * len(args) if masks is None else [None if m is None else torch.as_tensor(m) != 0 for m in masks]
     if len(masks) != len(args):
         raise ValueError(f"masks must hold one entry per recorded call: {len(masks)} masks for {len(args)} calls")
+    cross = None if encoder_masks is None else [None if m is None else torch.as_tensor(m) != 0
+                                                 for m in encoder_masks]
+    if cross is not None and len(cross) != len(args):
+        raise ValueError(f"encoder_masks must hold one entry per recorded call: {len(cross)} masks for {len(args)} "
+                         "calls")
     prefix = f"{inputs.name}." if inputs.name else ""
     for g in groups:  # before any work: a fold failing after others would leave the block half changed
         prev = block.get_submodule(g.prev)
@@ -591,11 +612,14 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
     xs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
     handles = []
     call = [0]
+    states: list[torch.Tensor] = []  # the encoder_hidden_states of the current call
 
     def make(name: str):
         def hook(mod, a):
-            x = _rows(a[0].detach().float(), masks[call[0]])
-            _check_finite(x, prefix + name, call[0])
+            i = call[0]
+            m = cross[i] if cross is not None and any(a[0] is s for s in states) else masks[i]
+            x = _rows(a[0].detach().float(), m)
+            _check_finite(x, prefix + name, i)
             xs[name].append(x)
         return hook
 
@@ -607,8 +631,10 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
     try:
         for i, (a, k) in enumerate(zip(args, kwargs)):
             call[0] = i
+            states[:] = call_encoder_states(block, a, k) if cross is not None else []
             block(*a, **k)
     finally:
+        states.clear()
         block.train(was)
         flow.remove()
         for h in handles:
@@ -701,9 +727,11 @@ def awq_quantize_sequential(
         raise ValueError(f"AWQ blocks {missing[:3]} are not among the blocks quantize_sequential visits "
                          "(vision_layers then language_model_layers); use awq_quantize_ for this model")
     done: list[ScaleGroup] = []
-    masks = [token_mask(b) for b in batches]  # one per calibration batch, i.e. per recorded call of a block
-    padded = any(m is not None for m in masks)
+    masks = [batch_masks(b) for b in batches]  # one per calibration batch, i.e. per recorded call of a block
+    padded = any(m.padded for m in masks)
     image_blocks = unmasked_layers(model, per_block) if padded else set()
+    sides = MaskSides(model)
+    sides.warn_unsided(batches)
 
     def per_block_fn(block: nn.Module, inputs: BlockInputs) -> None:
         groups = per_block.get(inputs.name)
@@ -711,8 +739,11 @@ def awq_quantize_sequential(
             return
         n = len(inputs.name) + 1
         rel = [ScaleGroup(g.prev[n:], [x[n:] for x in g.linears]) for g in groups]
-        kept = search_and_fold_block(block, config, inputs, rel, grid=grid, max_rows=max_rows,
-                                     masks=masks if padded and inputs.name not in image_blocks else None)
+        # the block's rows take its side's masks; a decoder block's encoder_hidden_states input, the encoder's
+        own, cross = (None, None) if not padded or inputs.name in image_blocks else sides.block_masks(inputs.name,
+                                                                                                        masks)
+        kept = search_and_fold_block(block, config, inputs, rel, grid=grid, max_rows=max_rows, masks=own,
+                                     encoder_masks=cross)
         for g, r in zip(groups, rel):
             if any(r is k for k in kept):
                 g.alpha, g.err_rtn, g.err_awq = r.alpha, r.err_rtn, r.err_awq

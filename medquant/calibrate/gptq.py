@@ -24,7 +24,11 @@ not calibration data and are left out of ``X`` (and of ``n``) for every layer wh
 with the mask's shape, or those tokens flattened sample by sample (``(batch * tokens, K)``: an MoE block's shared
 expert), or an MoE expert's routed tokens (layers of the vision tower or the projector excepted) - their values are not checked either
 (a NaN there is no error); a right-padded batch of a causal language model gives the Hessians of its sequences run
-unpadded (up to float rounding).
+unpadded (up to float rounding). In an encoder-decoder (:class:`~medquant.calibrate._forward.MaskSides`) the
+encoder's layers take the ``attention_mask``, the decoder's (and ``lm_head``) the ``decoder_attention_mask`` (none:
+every decoder row is data, as for a batch giving ``labels`` only), and a decoder layer whose input is the encoder's
+output - the same tensor as the encoder module's output in the whole-model forward, as the decoder block's
+``encoder_hidden_states`` argument block by block: cross-attention ``k`` / ``v`` - the ``attention_mask``.
 
 The update is applied lazily: inside a block of ``block_size`` columns immediately, to the columns after the block
 once per block (``W[:, after] -= E U[block, after]``), which gives the same result in far fewer operations.
@@ -120,14 +124,17 @@ from ..quant.experts import is_experts_module
 from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
 from ._experts import ExpertRows, rtn_unrouted, unfold_experts, warn_unrouted
 from ._forward import (
+    BatchMasks,
+    MaskSides,
+    batch_masks,
     calibration_batches,
+    call_encoder_states,
     check_seed,
     count_calls,
     describe_batch,
     row_mask,
     run_calibration_batch,
     short_names,
-    token_mask,
     unmasked_layers,
 )
 from .sequential import BlockInputs, quantize_sequential
@@ -1016,7 +1023,8 @@ def _run_batch(model: nn.Module, batch: Any, i: int, what: str) -> None:
 
 
 def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any], unmasked: Collection[str] = (),
-                experts: ExpertRows | None = None) -> tuple[list[str], dict[str, list[int]]]:
+                experts: ExpertRows | None = None, sides: MaskSides | None = None
+                ) -> tuple[list[str], dict[str, list[int]]]:
     """Planned layers in the order the calibration batches first call them (batch 0's order, then the layers first
     called by a later batch, then those never called), and each layer's call count per batch (one float forward of
     every batch: a stage's capture may stop at its last layer only when every batch calls each of its layers exactly
@@ -1025,21 +1033,23 @@ def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any], 
     ``attention_mask`` (for the layers not in ``unmasked``) are no calibration data, so their values are not
     checked (an expert layer's rows are those of the tokens routed to it: ``experts``)."""
     checks = {n: HessianAccumulator(model.get_submodule(n), n) for n in names}
-    masks = [token_mask(b) for b in batches]
+    masks = [batch_masks(b) for b in batches]
+    sides = MaskSides(model) if sides is None else sides
 
     def check(n: str, args: tuple, kwargs: dict, i: int, calls: int) -> None:
         x = _input_of(args, kwargs)
+        mask = None if n in unmasked else sides.mask(n, x, masks[i], states)
         if experts is not None and n in experts:
-            rows = experts.map(n, None, None if n in unmasked else masks[i])[1]
+            rows = experts.map(n, None, mask)[1]
         else:
-            rows = row_mask(x, masks[i]) if n not in unmasked and isinstance(x, torch.Tensor) else None
+            rows = row_mask(x, mask) if isinstance(x, torch.Tensor) else None
         checks[n].calls = calls  # the call its errors name, counted over the batches as add counts
         if rows is None:
             checks[n].check(x)
         else:
             checks[n].check(checks[n]._check_shape(x)[rows.to(x.device)])
 
-    with experts.tracking() if experts is not None else contextlib.nullcontext():
+    with experts.tracking() if experts is not None else contextlib.nullcontext(), sides.tracking(model) as states:
         order, counts = count_calls(model, names, batches, on_call=check)
     return order + [n for n in names if not any(counts[n])], counts
 
@@ -1078,22 +1088,27 @@ def _batch_tokens(batch: Any) -> int | None:
 
 def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], early_stop: bool,
              labels: Sequence[Any] | None, group_weights: Mapping[Any, float] | None,
-             unmasked: Collection[str] = (), experts: ExpertRows | None = None) -> dict[str, HessianAccumulator]:
+             unmasked: Collection[str] = (), experts: ExpertRows | None = None, sides: MaskSides | None = None
+             ) -> dict[str, HessianAccumulator]:
     """The Hessians of the stage's layers on every calibration batch; the padding positions of dict batches
-    (``attention_mask`` 0) are left out of the layers (not in ``unmasked``) whose input is ``(batch, tokens, K)``,
-    and of the expert layers (``experts``: the rows of the tokens routed to the expert)."""
+    (``attention_mask`` 0, or ``decoder_attention_mask`` 0 for an encoder-decoder's decoder side:
+    :class:`~medquant.calibrate._forward.MaskSides`) are left out of the layers (not in ``unmasked``) whose input is
+    ``(batch, tokens, K)``, and of the expert layers (``experts``: the rows of the tokens routed to the expert)."""
     accs = {n: HessianAccumulator(model.get_submodule(n), n, group_weights) for n in stage}
     seen: set[str] = set()
     current: list[Any] = [None]
-    mask: list[torch.Tensor | None] = [None]
+    mask: list[BatchMasks] = [BatchMasks()]
     tokens: list[int | None] = [None]
     handles = []
+    sides = MaskSides(model) if sides is None else sides
+    states: list[torch.Tensor] = []
 
     shared = _SharedInputs()
 
     def make(n: str):
         def hook(mod, args, kwargs):
-            _add(accs[n], n, _input_of(args, kwargs), current[0], None if n in unmasked else mask[0], shared,
+            x = _input_of(args, kwargs)
+            _add(accs[n], n, x, current[0], None if n in unmasked else sides.mask(n, x, mask[0], states), shared,
                  experts, None if n in unmasked else tokens[0])
             seen.add(n)
             if early_stop and len(seen) == len(accs):
@@ -1108,10 +1123,10 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
             seen.clear()
             shared.clear()
             current[0] = labels[i] if labels is not None else None
-            mask[0] = token_mask(batch)
+            mask[0] = batch_masks(batch)
             tokens[0] = _batch_tokens(batch)
             try:
-                with tracking():
+                with tracking(), sides.tracking(model) as states:
                     _run_batch(model, batch, i, short_names(stage))
             except _Stop:
                 pass
@@ -1125,11 +1140,16 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
 def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, HessianAccumulator],
                    labels: Sequence[Any] | None, masks: Sequence[torch.Tensor | None] | None = None,
                    unmasked: Collection[str] = (), experts: ExpertRows | None = None,
-                   tokens: Sequence[int | None] | None = None) -> None:
+                   tokens: Sequence[int | None] | None = None,
+                   encoder_masks: Sequence[torch.Tensor | None] | None = None) -> None:
     """Accumulate the Hessians of ``accs``' layers on the block's calibration calls, every call run whole.
 
-    ``masks[i]``: the token mask of calibration batch ``i`` (:func:`token_mask`), applied to the layers (not in
-    ``unmasked``) whose input is ``(batch, tokens, K)``; ``tokens[i]``: its token count (:func:`_batch_tokens`).
+    ``masks[i]``: the token mask of calibration batch ``i`` for the block's rows (:func:`token_mask`; the
+    ``decoder_attention_mask`` in a decoder block of an encoder-decoder:
+    :class:`~medquant.calibrate._forward.MaskSides`), applied to the layers (not in ``unmasked``) whose input is
+    ``(batch, tokens, K)``; ``encoder_masks[i]`` (a decoder block): the encoder's mask, applied instead to an input
+    that is the call's ``encoder_hidden_states`` argument (:func:`call_encoder_states`: cross-attention k / v);
+    ``tokens[i]``: its token count (:func:`_batch_tokens`).
 
     Layers reading the same input tensor share its ``X^T X`` (:class:`_SharedInputs`). No call stops early: with
     data-dependent control flow (a loop whose count depends on the input, a router choosing experts per input) a
@@ -1140,13 +1160,17 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
     shared = _SharedInputs()
     current: list[Any] = [None]
     mask: list[torch.Tensor | None] = [None]
+    encoder_mask: list[torch.Tensor | None] = [None]
+    states: list[torch.Tensor] = []  # the encoder_hidden_states of the current call (a decoder block)
     count: list[int | None] = [None]
     handles = []
 
     def make(n: str):
         def hook(mod, args, kwargs):
-            _add(accs[n], n, _input_of(args, kwargs), current[0], None if n in unmasked else mask[0], shared,
-                 experts, None if n in unmasked else count[0])
+            x = _input_of(args, kwargs)
+            m = encoder_mask[0] if any(x is s for s in states) else mask[0]
+            _add(accs[n], n, x, current[0], None if n in unmasked else m, shared, experts,
+                 None if n in unmasked else count[0])
         return hook
 
     try:
@@ -1157,6 +1181,8 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
             shared.clear()
             current[0] = labels[i] if labels is not None else None
             mask[0] = masks[i] if masks is not None else None
+            encoder_mask[0] = encoder_masks[i] if encoder_masks is not None else None
+            states[:] = call_encoder_states(block, a, k) if encoder_masks is not None else []
             count[0] = tokens[i] if tokens is not None else None
             with torch.no_grad(), tracking():  # no autograd graph keeps the call's activations alive
                 block(*a, **k)
@@ -1164,6 +1190,7 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
         for h in handles:
             h.remove()
         shared.clear()
+        states.clear()
 
 
 def calibration_records(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -1218,7 +1245,8 @@ def gptq_quantize_(
             one batch. In a dict batch with a 2-D ``attention_mask``, the positions where it is 0 (padding) are
             left out of the Hessians of the layers whose input is ``(batch, tokens, K)`` with the mask's shape,
             or those tokens flattened sample by sample, or an MoE expert's routed tokens (not the vision tower's
-            or the projector's).
+            or the projector's); in an encoder-decoder, ``decoder_attention_mask`` for the decoder's layers (see
+            the module docstring).
         damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 up to 3 times if ``H`` stays singular;
             with ``damp=0`` a singular ``H`` is refused at once, the message saying to use ``damp > 0``).
         block_size: columns per lazy update block.
@@ -1289,15 +1317,18 @@ def gptq_quantize_(
             plan = unfold_experts(model, plan, lambda n, new: swapped.swap(before, n, new))
             aliases = names_by_module(model)
             experts = ExpertRows(model, list(plan))
-            unmasked = unmasked_layers(model, plan) if any(token_mask(b) is not None for b in batches) else set()
-            ordered, counts = _call_order(model, list(plan), batches, unmasked, experts)
+            padded = any(batch_masks(b).padded for b in batches)
+            unmasked = unmasked_layers(model, plan) if padded else set()
+            sides = MaskSides(model)
+            sides.warn_unsided(batches)
+            ordered, counts = _call_order(model, list(plan), batches, unmasked, experts, sides)
             stages = _stages(model, ordered)
             bar = tqdm(stages, desc="GPTQ", unit="stage", disable=not progress, leave=False)
             for stage in bar:
                 built = []
                 for part in _hessian_parts(model, stage, max_hessian_bytes, _label_count(labels)):
                     early = all(c == 1 for n in part for c in counts[n])
-                    accs = _capture(model, part, batches, early, labels, group_weights, unmasked, experts)
+                    accs = _capture(model, part, batches, early, labels, group_weights, unmasked, experts, sides)
                     factors = _Factors()  # layers with one Hessian (q / k / v) share its prepared factor
                     built += [(n, _layer_result(model.get_submodule(n), n, plan[n], accs, experts, unrouted,
                                                 len(batches), labels, damp, block_size, act_order, clip_search, seed,
@@ -1472,8 +1503,10 @@ def gptq_quantize_sequential(
     keep = _select(batches, max_samples, seed)
     batches = [batches[i] for i in keep]
     labels = [labels[i] for i in keep] if labels is not None else None
-    masks = [token_mask(b) for b in batches]
-    padded = any(m is not None for m in masks)
+    masks = [batch_masks(b) for b in batches]
+    padded = any(m.padded for m in masks)
+    sides = MaskSides(model)
+    sides.warn_unsided(batches)
     counts = [_batch_tokens(b) for b in batches]  # per batch: tokens flattened sample by sample take their labels
     image_layers = unmasked_layers(model, [n for n, _ in model.named_modules()]) if padded else set()
 
@@ -1497,12 +1530,15 @@ def gptq_quantize_sequential(
         configs = unfold_experts(block, configs, lambda n, new: swap(block, n, new, before), f"{inputs.name}.")
         names = list(configs)
         experts = ExpertRows(block, names)
+        # the block's rows take its side's masks; a decoder block's encoder_hidden_states input, the encoder's
+        own, cross = sides.block_masks(inputs.name, masks)
         # an expert layer reads what its experts module reads (image patches in a vision tower)
         unmasked = {n for n in names if f"{inputs.name}.{n.rsplit('.', 2)[0] if n in experts else n}" in image_layers}
         built = []
         for part in _hessian_parts(block, names, max_hessian_bytes, _label_count(labels)):
             accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in part}
-            _capture_block(block, inputs, accs, labels, masks if padded else None, unmasked, experts, counts)
+            _capture_block(block, inputs, accs, labels, own if padded else None, unmasked, experts, counts,
+                           cross if padded else None)
             factors = _Factors()
             built += [(n, _layer_result(block.get_submodule(n), n, configs[n], accs, experts, unrouted, len(batches),
                                         labels, damp, block_size, act_order, clip_search, seed, factors,
