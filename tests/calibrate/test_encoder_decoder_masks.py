@@ -1,0 +1,372 @@
+"""Padding masks that follow the encoder / decoder sides of an encoder-decoder (GPTQ whole model and block by block,
+AWQ, AdaRound).
+
+The batches: a tiny BART (and a tiny T5Gemma for AWQ, whose pre-norm decoder blocks have scale groups) whose encoder
+``attention_mask`` is padded, with a decoder sequence of the *encoder's length* - the case where a mask chosen by
+shape alone would drop decoder rows where the encoder is padded - and:
+
+* batch 0: a padded ``decoder_attention_mask`` (padding at other positions than the encoder's);
+* batch 1: decoder inputs without a ``decoder_attention_mask`` (every decoder row is data);
+* batch 2 (GPTQ, AdaRound): ``labels`` only (the model shifts them into its decoder inputs), padded with ``-100``:
+  no decoder mask is read from them, so every decoder row is data.
+
+References are computed here with plain forward hooks on the float model: a layer's rows are those of the
+encoder's mask when the layer is in the encoder or is a cross-attention ``k`` / ``v`` projection (it reads the
+encoder's output), else those of the ``decoder_attention_mask`` (all rows without one), picked by the layer's
+*name* (not by the library's rule); GPTQ's Hessian ``2 X^T X / n`` on those rows, AWQ's grid search on them,
+AdaRound's error over the unit's real output rows.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from medquant.calibrate import gptq as gptq_mod
+from medquant.calibrate._forward import MaskSides, batch_masks, call_encoder_states
+from medquant.calibrate.adaround import adaround_quantize_
+from medquant.calibrate.awq import (
+    ScaleGroup,
+    _collect,
+    awq_quantize_,
+    awq_quantize_sequential,
+    search_and_fold_block,
+)
+from medquant.calibrate.gptq import gptq_quantize_, gptq_quantize_sequential
+from medquant.calibrate.sequential import BlockInputs
+from medquant.testing.zoo import ZOO_BY_NAME
+from tests.calibrate.test_vlm_image_sweep_awq import CONFIG, GRID, _search
+
+T = 8  # encoder and decoder length
+VOCAB = 64
+ENC = r"re:model\.encoder\..*"
+DEC = r"re:model\.decoder\..*"
+pytestmark = [pytest.mark.filterwarnings("ignore:.*stay in floating point:UserWarning")]
+
+
+def _bart() -> nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+def _t5gemma() -> nn.Module:
+    from transformers import T5GemmaConfig, T5GemmaForConditionalGeneration, T5GemmaModuleConfig
+    torch.manual_seed(0)
+    side = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 64,
+            "layer_types": ["full_attention"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = T5GemmaConfig(encoder=T5GemmaModuleConfig(**side), decoder=T5GemmaModuleConfig(**side),
+                            vocab_size=VOCAB)
+    return T5GemmaForConditionalGeneration(cfg).eval()
+
+
+def _mask(rows: int, pads: dict[int, int]) -> torch.Tensor:
+    """A ``(rows, T)`` mask of ones whose row ``r`` ends in ``pads[r]`` zeros."""
+    m = torch.ones(rows, T, dtype=torch.long)
+    for r, n in pads.items():
+        m[r, T - n:] = 0
+    return m
+
+
+KINDS = ["decoder_mask", "no_decoder_mask", "labels"]
+
+
+def _batches(kind: str = "decoder_mask") -> list[dict[str, Any]]:
+    """Two calibration batches (2 rows each, ids in ``[3, VOCAB)``), the encoder padded differently in each, with
+    decoder inputs of the encoder's length: ``"decoder_mask"``: a ``decoder_attention_mask``, padded in batch 0 (at
+    other positions than the encoder's) and all ones in batch 1; ``"no_decoder_mask"``: ``decoder_input_ids``
+    only; ``"labels"``: ``labels`` only (the model shifts them into its decoder inputs), padded with -100."""
+    gen = torch.Generator().manual_seed(3)
+
+    def ids() -> torch.Tensor:
+        return torch.randint(3, VOCAB, (2, T), generator=gen)
+
+    out = []
+    for enc_pad, dec_pad in (({1: 3}, {0: 2}), ({0: 2}, {})):
+        b = {"input_ids": ids(), "attention_mask": _mask(2, enc_pad)}
+        if kind == "labels":
+            lab = ids()
+            for r, n in dec_pad.items():
+                lab[r, T - n:] = -100
+            b["labels"] = lab
+        else:
+            b["decoder_input_ids"] = ids()
+            if kind == "decoder_mask":
+                b["decoder_attention_mask"] = _mask(2, dec_pad)
+        out.append(b)
+    return out
+
+
+def _encoder_rows(name: str) -> bool:
+    """Whether the layer ``name`` reads the encoder's positions (by name: the encoder, cross-attention k / v)."""
+    return name.startswith("model.encoder.") or bool(re.search(r"(encoder_attn|cross_attn)\.[kv]_proj$", name))
+
+
+def _rows_of(name: str, x: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The calibration rows of layer ``name``'s input ``x`` (``(batch, T, K)``) in ``batch``."""
+    key = "attention_mask" if _encoder_rows(name) else "decoder_attention_mask"
+    assert x.shape[:2] == (2, T)
+    m = batch.get(key)
+    return x.reshape(-1, x.shape[-1]) if m is None else x[m != 0]
+
+
+def _reference_rows(model: nn.Module, names: list[str], batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Each layer's calibration rows over the batches, from forward pre-hooks on ``model`` (float64)."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    current: list[dict[str, Any]] = [{}]
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: got[n].append(_rows_of(n, args[0].detach().double(), current[0]))) for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                current[0] = b
+                model(**b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+def _linears(model: nn.Module, prefix: str) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
+
+
+def _spy_hessians(monkeypatch) -> dict[str, torch.Tensor]:
+    """The Hessian GPTQ quantizes each layer with, by full layer name."""
+    got: dict[str, torch.Tensor] = {}
+    real = gptq_mod._quantize_layer
+
+    def spy(module, hessian, config, damp, block_size, act_order, name, *a, **k):
+        got[name] = hessian.detach().clone()
+        return real(module, hessian, config, damp, block_size, act_order, name, *a, **k)
+
+    monkeypatch.setattr(gptq_mod, "_quantize_layer", spy)
+    return got
+
+
+def _check_hessians(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], records: dict[str, Any]) -> None:
+    assert set(got) == set(ref)
+    for n, x in ref.items():
+        h = got[n].reshape(x.shape[1], x.shape[1])
+        torch.testing.assert_close(h, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7, msg=n)
+        assert records[n]["rows"] == x.shape[0], n
+
+
+# ---------------------------------------------------------------------------------------------- the rule
+def test_the_sides_of_an_encoder_decoder_and_its_batch_masks():
+    model = _bart()
+    sides = MaskSides(model)
+    assert sides.seq2seq and sides.encoder == "model.encoder"
+    b = _batches()
+    m0, m1 = (batch_masks(x) for x in b)
+    assert torch.equal(m0.encoder, b[0]["attention_mask"] != 0) and torch.equal(m0.decoder,
+                                                                                 b[0]["decoder_attention_mask"] != 0)
+    assert m1.decoder is None and m1.encoder is not None  # a decoder_attention_mask of ones pads nothing
+    m2 = batch_masks(_batches("labels")[0])
+    assert m2.decoder is None and m2.encoder is not None  # labels padded with -100 are no decoder mask
+    x, enc = torch.zeros(2, T, 4), torch.zeros(2, T, 4)
+    assert sides.mask("model.encoder.layers.0.fc1", x, m0) is m0.encoder
+    assert sides.mask("model.decoder.layers.0.fc1", x, m0) is m0.decoder
+    assert sides.mask("model.decoder.layers.0.encoder_attn.k_proj", enc, m0, [enc]) is m0.encoder
+    assert sides.mask("lm_head", x, m0, [enc]) is m0.decoder
+    rows, cross = sides.block_masks("model.decoder.layers.0", [m0, m1])
+    assert rows == [m0.decoder, None] and cross == [m0.encoder, m1.encoder]
+    assert sides.block_masks("model.encoder.layers.0", [m0]) == ([m0.encoder], None)
+    # a decoder-only model: one side, the attention_mask everywhere
+    assert not MaskSides(ZOO_BY_NAME["llama"].build()).seq2seq
+
+
+def test_the_encoder_states_of_a_decoder_block_call_by_position_or_keyword():
+    block = _bart().model.decoder.layers[0]
+    h, enc = torch.zeros(1, 2, 32), torch.zeros(1, 3, 32)
+    assert call_encoder_states(block, (h, None, enc), {})[0] is enc  # BART passes it by position
+    assert call_encoder_states(block, (h,), {"encoder_hidden_states": enc})[0] is enc
+    assert call_encoder_states(block, (h,), {}) == []
+
+
+# ---------------------------------------------------------------------------------------------- GPTQ
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_gptq_hessians_take_the_mask_of_each_side(side, kind, monkeypatch):
+    """Whole model: the encoder's layers and the cross-attention k / v leave out the encoder's padding, the
+    decoder's other layers the decoder's (none without a decoder_attention_mask, none from labels), even with the
+    two sequences of one length. The other side stays float, so every input is the float model's."""
+    model, batches = _bart(), _batches(kind)
+    ref = _reference_rows(copy.deepcopy(model), _linears(model, f"model.{side}."), batches)
+    got = _spy_hessians(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about the equal lengths any more
+        records = gptq_quantize_(model, CONFIG, batches, skip=["@head", DEC if side == "encoder" else ENC],
+                                 progress=False)
+    _check_hessians(got, ref, records)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gptq_block_by_block_hessians_take_the_mask_of_each_side(kind, monkeypatch):
+    """Block by block: the decoder block's rows take the decoder's mask, the encoder_hidden_states its k / v read
+    the encoder's (the encoder left float, so the decoder block's recorded inputs are the float model's)."""
+    model, batches = _bart(), _batches(kind)
+    ref = _reference_rows(copy.deepcopy(model), _linears(model, "model.decoder."), batches)
+    got = _spy_hessians(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", ".*stay in floating point")
+        records = gptq_quantize_sequential(model, CONFIG, batches, skip=["@head", ENC], progress=False,
+                                           offload_device=None)
+    _check_hessians(got, ref, records)
+
+
+def test_gptq_block_by_block_encoder_hessians_take_the_encoder_mask(monkeypatch):
+    model, batches = _bart(), _batches()
+    ref = _reference_rows(copy.deepcopy(model), _linears(model, "model.encoder."), batches)
+    got = _spy_hessians(monkeypatch)
+    records = gptq_quantize_sequential(model, CONFIG, batches, skip=["@head", DEC], progress=False,
+                                       offload_device=None)
+    _check_hessians(got, ref, records)
+
+
+# ---------------------------------------------------------------------------------------------- AWQ
+def _check_groups(groups: list[ScaleGroup], rows: dict[str, torch.Tensor], float_model: nn.Module,
+                  prefix: str = "") -> None:
+    assert groups
+    for g in groups:
+        ws = [float_model.get_submodule(prefix + n).weight.detach().float() for n in g.linears]
+        errs = _search(ws, rows[prefix + g.linears[0]].float())
+        assert g.err_rtn == pytest.approx(errs[0], rel=1e-4), g.prev
+        assert g.err_awq == pytest.approx(min(errs), rel=1e-4), g.prev
+        assert errs[round(g.alpha * GRID)] == pytest.approx(min(errs), rel=1e-4), g.prev
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_awq_searches_each_side_on_its_own_real_rows(sequential):
+    """T5Gemma's encoder and decoder FFN groups: the encoder's on the encoder's real rows, the decoder's on the
+    decoder's (its padding left out in batch 0, every row in batch 1), the sequences of one length."""
+    model, batches = _t5gemma(), _batches()
+    float_model = copy.deepcopy(model)
+    ref = _reference_rows(copy.deepcopy(model), _linears(model, "model."), batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", ".*stay in floating point")
+        if sequential:  # the encoder left float: the decoder block's inputs are the float model's
+            groups = awq_quantize_sequential(model, CONFIG, batches, skip=["@head", ENC], grid=GRID, max_rows=None,
+                                             progress=False, offload_device=None)
+            assert all(g.prev.startswith("model.") for g in groups)
+        else:
+            groups = awq_quantize_(model, CONFIG, batches, grid=GRID, max_rows=None, progress=False)
+    sides = {g.prev.split(".")[1] for g in groups}
+    assert sides == ({"decoder", "encoder"} if not sequential else sides) and "decoder" in sides
+    _check_groups(groups, ref, float_model)
+
+
+def test_awq_cross_attention_kv_rows_take_the_encoder_mask():
+    """A group of the decoder's cross-attention k / v: whole model (the rows collected for it) and block by block
+    (:func:`search_and_fold_block` with ``encoder_masks``, on the decoder block's calls recorded here) read the
+    encoder's real rows only; without ``encoder_masks`` the decoder's masks apply to them (the shapes match)."""
+    model, batches = _t5gemma(), _batches()
+    k, v = "model.decoder.layers.0.cross_attn.k_proj", "model.decoder.layers.0.cross_attn.v_proj"
+    ref = _reference_rows(copy.deepcopy(model), [k], batches)[k]
+    whole = _collect(model, [ScaleGroup("model.encoder.norm", [k, v])], batches, None, False)[k]
+    torch.testing.assert_close(whole.double(), ref)
+
+    block_name = "model.decoder.layers.0"
+    block = model.get_submodule(block_name)
+    inputs = BlockInputs(block_name)
+    def record(mod, a, kw):
+        inputs.args.append(a)
+        inputs.kwargs.append(kw)
+
+    h = block.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        for b in batches:
+            model(**b, use_cache=False)  # no KV cache in the recorded calls: a re-run would append to it
+    h.remove()
+    masks = [batch_masks(b) for b in batches]
+    rel = [ScaleGroup("cross_attn.q_proj", ["cross_attn.k_proj", "cross_attn.v_proj"])]
+    float_model = copy.deepcopy(model)
+    kept = search_and_fold_block(copy.deepcopy(block), CONFIG, inputs, rel, grid=GRID, max_rows=None,
+                                 masks=[m.decoder for m in masks], encoder_masks=[m.encoder for m in masks])
+    _check_groups(kept, {f"{block_name}.{n}": x for n, x in (("cross_attn.k_proj", ref),)}, float_model,
+                  f"{block_name}.")
+    with pytest.raises(ValueError, match="encoder_masks must hold one entry per recorded call"):
+        search_and_fold_block(copy.deepcopy(block), CONFIG, inputs, rel, masks=[m.decoder for m in masks],
+                              encoder_masks=[None])
+
+
+# ---------------------------------------------------------------------------------------------- AdaRound
+def _unit_sse(model: nn.Module, float_model: nn.Module, unit: str, batches: list[dict[str, Any]]) -> float:
+    """The mean squared error of the finished unit's outputs against the float model's over its real rows."""
+    outs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    for j, m in enumerate((model, float_model)):
+        h = m.get_submodule(unit).register_forward_hook(
+            lambda mod, a, out, j=j: outs[j].append(out[0] if isinstance(out, tuple) else out))
+        with torch.no_grad():
+            for b in batches:
+                m(**b)
+        h.remove()
+    d = torch.cat([_rows_of(unit, o - r, b).flatten() for o, r, b in zip(outs[0], outs[1], batches)])
+    return float(d.double().pow(2).mean())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adaround_errors_count_the_real_rows_of_each_side(kind):
+    """Units: the encoder block and the decoder block (their errors over their own side's real rows), and the
+    cross-attention k projection as a unit of its own (its output rows are the encoder's positions)."""
+    model, batches = _bart(), _batches(kind)
+    float_model = copy.deepcopy(model)
+    units = ["model.encoder.layers.0", "model.decoder.layers.0"]
+    k = "model.decoder.layers.0.encoder_attn.k_proj"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", ".*stay in floating point")
+        records = adaround_quantize_(model, CONFIG, batches, skip=["@head"], blocks=units, iters=2, progress=False)
+    assert {r["block"] for r in records.values()} == {units[0], units[1]}
+    for u in units:
+        r = next(r for r in records.values() if r["block"] == u)
+        assert r["mse"] == pytest.approx(_unit_sse(model, float_model, u, batches), rel=1e-4), u
+    # the cross k projection alone: its own unit (outside the blocks given)
+    model, float_model = _bart(), _bart()
+    records = adaround_quantize_(model, CONFIG, batches, skip=[r"re:^(?!.*encoder_attn\.k_proj$).*"], iters=2,
+                                 progress=False)
+    assert set(records) == {k}
+    assert records[k]["mse"] == pytest.approx(_unit_sse(model, float_model, k, batches), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- the warning
+class _Unsided(nn.Module):
+    """An encoder-decoder medquant has no roles for: one encoder linear, one decoder linear (a toy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.enc = nn.Linear(16, 16)
+        self.dec = nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
+        return self.dec(self.emb(decoder_input_ids) + self.enc(self.emb(input_ids)).mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("length", [T, T + 2])
+def test_only_an_encoder_decoder_without_known_sides_warns_about_equal_lengths(length):
+    """BART's sides are known: no warning. A model whose encoder / decoder stacks medquant cannot tell apart still
+    gets the attention_mask on every input of its shape: a batch whose decoder has the padded encoder's length
+    says so (one of another length does not)."""
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(3, VOCAB, (2, T), generator=gen), "attention_mask": _mask(2, {1: 3}),
+             "decoder_input_ids": torch.randint(3, VOCAB, (2, length), generator=gen)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gptq_quantize_(_Unsided(), CONFIG, [batch], progress=False)
+        gptq_quantize_(_bart(), CONFIG, [batch], skip=["@head"], progress=False)
+    said = [str(w.message) for w in caught if "medquant does not tell apart" in str(w.message)]
+    assert len(said) == (1 if length == T else 0)
+    assert all(f"({T} tokens)" in s for s in said)
