@@ -13,6 +13,7 @@ is how ``medquant.save`` / ``medquant.load`` keep a model's activation quantizat
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,7 +39,8 @@ class InputQuantizer:
         zero: the zero point ``z`` (asymmetric).
 
     Raises:
-        ValueError: ``bits`` outside 2..16 or a scale that is not a finite positive number.
+        ValueError: ``bits`` outside 2..16, a scale that is not a finite positive number, or a zero point off the
+            codes (asymmetric: outside ``0..2^b - 1``, where 0 is not representable; symmetric: not 0).
     """
 
     def __init__(self, bits: int, symmetric: bool, scale: float, zero: int = 0) -> None:
@@ -46,7 +48,14 @@ class InputQuantizer:
             raise ValueError(f"activation bits must be an integer in 2..16, got {bits!r}")
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"activation scale must be a finite number > 0, got {scale!r}")
-        self.bits, self.symmetric, self.scale, self.zero = bits, bool(symmetric), float(scale), int(zero)
+        if isinstance(zero, bool) or not isinstance(zero, numbers.Integral) or (
+                zero != 0 if symmetric else not 0 <= zero <= 2**bits - 1):
+            codes = "0 (symmetric)" if symmetric else f"an integer in 0..{2**bits - 1}"
+            raise ValueError(f"activation zero point must be {codes}, got {zero!r}")
+        self.bits: int = bits
+        self.symmetric: bool = bool(symmetric)
+        self.scale: float = float(scale)
+        self.zero: int = int(zero)
 
     @classmethod
     def calibrate(cls, xs: Sequence[torch.Tensor], bits: int, symmetric: bool = False,

@@ -226,3 +226,22 @@ def test_a_shared_layer_loaded_into_two_layers_with_quantizers_keeps_none_of_the
     x = torch.randn(3, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), saved(x))
+
+
+@pytest.mark.parametrize("rec", [{"bits": 8, "symmetric": False, "scale": 0.1, "zero": 256},
+                                 {"bits": 8, "symmetric": False, "scale": 0.1, "zero": -1},
+                                 {"bits": 4, "symmetric": True, "scale": 0.1, "zero": 3}])
+def test_a_zero_point_off_the_code_range_is_refused(rec, tmp_path):
+    """An asymmetric zero point outside [0, 2^b - 1] cannot represent 0 (with zero=256 at 8 bits every x^ is
+    (clamp(r + 256, 0, 255) - 256) s <= -s); a symmetric record has none. Such a record loaded and ran."""
+    model = _two_layers()
+    with pytest.raises(ValueError, match="zero"):
+        recorded_quantizers(model, {"0": rec})
+    medquant.quantize_(model, QuantConfig(4, group_size=32))
+    path = medquant.save(model, tmp_path / "ck")
+    meta = json.loads((path / "medquant.json").read_text())
+    meta["input_quantizers"] = {"0": rec}
+    (path / "medquant.json").write_text(json.dumps(meta))
+    (path / "medquant.manifest.json").unlink(missing_ok=True)  # the hand-edited file: only its contents matter
+    with pytest.raises(CheckpointError, match="zero"):
+        medquant.load(path, model=_two_layers())
