@@ -284,11 +284,13 @@ def _hook_function(hook: Any) -> Any:
     return hook
 
 
-#: hooks that change nothing an export computes: transformers' ``enable_input_require_grads`` (it marks the input
-#: embeddings' output as requiring gradients, for gradient checkpointing of a frozen model); the input cast of
-#: medquant's ONNX simulation (``calibrate_activations``: floating inputs to float32, as the exported model casts
-#: them)
-_HARMLESS_HOOKS = (("transformers.modeling_utils", "make_inputs_require_grads"),
+#: hooks that change nothing an export computes: transformers' output recorders (installed by a model's first
+#: forward on the modules whose outputs ``output_hidden_states`` / ``output_attentions`` collect; they return
+#: None), transformers' ``enable_input_require_grads`` (it marks the input embeddings' output as requiring
+#: gradients, for gradient checkpointing of a frozen model); the input cast of medquant's ONNX simulation
+#: (``calibrate_activations``: floating inputs to float32, as the exported model casts them)
+_HARMLESS_HOOKS = (("transformers.utils.output_capturing", "output_capturing_hook"),
+                   ("transformers.modeling_utils", "make_inputs_require_grads"),
                    ("medquant.deploy.onnx_sim", "_float32_inputs"))
 
 
@@ -315,9 +317,10 @@ def _classify_hook(hook: Any) -> tuple[str, str]:
         return "reparametrization", f"{type(hook).__name__} (torch.nn.utils reparametrisation of {tensor!r})"
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     module = getattr(fn, "__module__", None) or type(fn).__module__
+    short = name.rsplit(".", 1)[-1] if "<locals>" in name else name  # a closure: its own name
     if (module, name.rsplit(".", 1)[-1]) in _HARMLESS_HOOKS:
-        return "harmless", name
-    return "user", f"{name.rsplit('.', 1)[-1] if '<locals>' in name else name} ({module})"
+        return "harmless", short
+    return "user", f"{short} ({module})"
 
 
 def forward_hooks(model: nn.Module) -> list[ModuleHook]:
@@ -368,8 +371,8 @@ def check_forward_hooks(model: nn.Module, format: str, keeps: Callable[[str, nn.
     Refused, naming each module and hook: input quantizers (:func:`check_no_input_quantizers`, its message);
     the sites of an :class:`~medquant.adaptive.AdaptiveQuantizer` (its bits are chosen per call: always refused);
     any other forward hook or pre-hook (a user's, torch's ``prune`` / ``weight_norm`` reparametrisations) on a
-    module whose hooks the file does not carry. Accepted: hooks known to change nothing
-    (transformers' ``enable_input_require_grads``, the input cast of medquant's ONNX simulation), and backward and
+    module whose hooks the file does not carry. Accepted: hooks known to change nothing (transformers' output
+    recorders and ``enable_input_require_grads``, the input cast of medquant's ONNX simulation), and backward and
     state-dict hooks (not forward hooks).
 
     Args:

@@ -171,6 +171,21 @@ def test_hooks_that_do_not_change_the_forward_are_accepted(tmp_path):
         torch.testing.assert_close(loaded(input_ids=IDS).logits, want, rtol=0, atol=1e-5)
 
 
+def test_transformers_output_recorders_are_accepted():
+    """transformers installs forward hooks on a model's first forward (its output recorders: they collect hidden
+    states / attentions for ``output_hidden_states``, return None and change nothing): not refused."""
+    from medquant.deploy.common import check_forward_hooks, forward_hooks
+
+    entry = ZOO_BY_NAME["llava"]
+    model = entry.build()
+    with torch.no_grad():
+        model(**entry.inputs_fn(model, torch.Generator().manual_seed(0)))
+    hooks = forward_hooks(model)
+    assert hooks and {h.owner for h in hooks} == {"harmless"}
+    assert {h.what for h in hooks} == {"output_capturing_hook"}
+    check_forward_hooks(model, "compressed-tensors")
+
+
 # ------------------------------------------------------------------------------------------------------ ONNX
 @pytest.fixture(scope="module")
 def vit():
