@@ -1538,7 +1538,7 @@ def gptq_quantize_sequential(
         for part in _hessian_parts(block, names, max_hessian_bytes, _label_count(labels)):
             accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in part}
             _capture_block(block, inputs, accs, labels, own if padded else None, unmasked, experts, counts,
-                           cross if padded else None)
+                           encoder_masks=cross if padded else None)
             factors = _Factors()
             built += [(n, _layer_result(block.get_submodule(n), n, configs[n], accs, experts, unrouted, len(batches),
                                         labels, damp, block_size, act_order, clip_search, seed, factors,
