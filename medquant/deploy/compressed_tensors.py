@@ -577,7 +577,9 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             non-empty folder that is not an earlier export, or an earlier export without ``overwrite``), a
             model without quantized layers (or with only quantized embeddings and ``embeddings="float"``), mixed
             layers without ``promote``, layers with input quantizers (``adaround_quantize_(act_bits=...)``: the
-            folder holds weight-only quantization), or a failed verification; nothing is written.
+            folder holds weight-only quantization), other forward hooks that change what the model computes (an
+            ``AdaptiveQuantizer``'s, a user's, torch's ``prune`` / ``weight_norm``:
+            :func:`~medquant.deploy.common.check_forward_hooks`), or a failed verification; nothing is written.
     """
     path = Path(path)
     max_shard, sdtype = _check_options(model, path, promote, max_shard_size, scale_dtype, overwrite, source)

@@ -36,7 +36,9 @@ requantizes those layers to ``promote_type`` (default Q8_0, by the ``gguf`` pack
 exact but uncompressed) and reports the added error; pruned models whose blocks differ in shape (a model pruned
 alike in every block is written with the head counts and feed-forward size of its weights, and the block count
 of its layer list); MoE experts; layers that fake-quantize their input activations
-(``adaround_quantize_(act_bits=...)``: the file holds weights only); Llama 3 rope scaling (``rope_type="llama3"``)
+(``adaround_quantize_(act_bits=...)``: the file holds weights only) and other forward hooks that change what the
+model computes (an ``AdaptiveQuantizer``'s, a user's, torch's ``prune`` / ``weight_norm``:
+:func:`~medquant.deploy.common.check_forward_hooks`); Llama 3 rope scaling (``rope_type="llama3"``)
 in a qwen2 or gemma3 config
 (llama.cpp refuses a file of those architectures holding ``rope_freqs``, and a file without it would compute a
 different model); YaRN settings other than llama.cpp's (``beta_fast`` 32, ``beta_slow`` 1, ``truncate``, attention

@@ -288,7 +288,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
     Raises:
         ExportError: an unknown option, a non-bool ``overwrite`` / ``verify``, a path refused by
             :func:`~medquant.deploy.registry.output_file_path`, calibration options for a model calibrated already,
-            ``percentile`` without ``method="percentile"``, no ``example_inputs`` or ``calib``, ``input_names``
+            ``percentile`` without ``method="percentile"``, forward hooks the file would lose (an
+            ``AdaptiveQuantizer``'s, or any on a Conv2d / Linear / ReLU / MaxPool2d / BatchNorm, which the export
+            replaces; hooks on the modules it keeps are traced), no ``example_inputs`` or ``calib``, ``input_names``
             that is a string, of the wrong length or with a repeated name, an ``output_name`` among them, a graph that cannot be written
             (one whose tensors exceed :data:`PROTOBUF_LIMIT`, 2 GiB: one ``.onnx`` file, no external data)
             or that ONNX Runtime refuses or computes differently (:class:`CalibrationRequired`: static-activation

@@ -978,7 +978,9 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: s
         ValueError: an unknown ``method``, ``percentile`` that is not a number in ``(50, 100]``, ``max_batches``
             that is not a positive integer or None.
         ExportError: a model that calibrate_activations returned (pass the model it was made from), a layer the
-            export cannot carry, a module with an input quantizer (``adaround_quantize_(act_bits=...)``), a
+            export cannot carry, a module with an input quantizer (``adaround_quantize_(act_bits=...)``), an
+            ``AdaptiveQuantizer``'s hooks or another forward hook on a layer the export replaces
+            (:func:`~medquant.deploy.common.check_forward_hooks`), a
             BatchNorm without running statistics (``track_running_stats=False``), a prepared float path that does not reproduce ``model``.
     """
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
