@@ -45,7 +45,6 @@ from tests.calibrate.test_vlm_image_sweep_awq import CONFIG, GRID, _search
 T = 8  # encoder and decoder length
 VOCAB = 64
 ENC = r"re:model\.encoder\..*"
-DEC = r"re:model\.decoder\..*"
 pytestmark = [pytest.mark.filterwarnings("ignore:.*stay in floating point:UserWarning")]
 
 
@@ -55,6 +54,19 @@ def _bart() -> nn.Module:
     cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
     return BartForConditionalGeneration(cfg).eval()
+
+
+def _t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+# name prefix of the encoder / decoder stacks: BART passes encoder_hidden_states to its decoder layers as the third
+# positional argument, T5 as the fourth (to T5Block), its cross-attention k / v are layer.1.EncDecAttention.k / .v
+ARCHS = {"bart": (_bart, "model."), "t5": (_t5, "")}
 
 
 def _t5gemma() -> nn.Module:
@@ -109,7 +121,8 @@ def _batches(kind: str = "decoder_mask") -> list[dict[str, Any]]:
 
 def _encoder_rows(name: str) -> bool:
     """Whether the layer ``name`` reads the encoder's positions (by name: the encoder, cross-attention k / v)."""
-    return name.startswith("model.encoder.") or bool(re.search(r"(encoder_attn|cross_attn)\.[kv]_proj$", name))
+    return name.startswith(("model.encoder.", "encoder.")) or bool(
+        re.search(r"(encoder_attn|cross_attn)\.[kv]_proj$|EncDecAttention\.[kv]$", name))
 
 
 def _rows_of(name: str, x: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -195,43 +208,44 @@ def test_the_encoder_states_of_a_decoder_block_call_by_position_or_keyword():
 
 
 # ---------------------------------------------------------------------------------------------- GPTQ
+def _other_side(prefix: str, side: str) -> str:
+    """The skip pattern of the stack other than ``side``."""
+    return rf"re:{re.escape(prefix)}{'decoder' if side == 'encoder' else 'encoder'}\..*"
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("side", ["encoder", "decoder"])
-def test_gptq_hessians_take_the_mask_of_each_side(side, kind, monkeypatch):
+def test_gptq_hessians_take_the_mask_of_each_side(side, kind, arch, monkeypatch):
     """Whole model: the encoder's layers and the cross-attention k / v leave out the encoder's padding, the
     decoder's other layers the decoder's (none without a decoder_attention_mask, none from labels), even with the
     two sequences of one length. The other side stays float, so every input is the float model's."""
-    model, batches = _bart(), _batches(kind)
-    ref = _reference_rows(copy.deepcopy(model), _linears(model, f"model.{side}."), batches)
+    build, prefix = ARCHS[arch]
+    model, batches = build(), _batches(kind)
+    ref = _reference_rows(copy.deepcopy(model), _linears(model, f"{prefix}{side}."), batches)
     got = _spy_hessians(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning about the equal lengths any more
-        records = gptq_quantize_(model, CONFIG, batches, skip=["@head", DEC if side == "encoder" else ENC],
-                                 progress=False)
+        records = gptq_quantize_(model, CONFIG, batches, skip=["@head", _other_side(prefix, side)], progress=False)
     _check_hessians(got, ref, records)
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("kind", KINDS)
-def test_gptq_block_by_block_hessians_take_the_mask_of_each_side(kind, monkeypatch):
-    """Block by block: the decoder block's rows take the decoder's mask, the encoder_hidden_states its k / v read
-    the encoder's (the encoder left float, so the decoder block's recorded inputs are the float model's)."""
-    model, batches = _bart(), _batches(kind)
-    ref = _reference_rows(copy.deepcopy(model), _linears(model, "model.decoder."), batches)
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_gptq_block_by_block_hessians_take_the_mask_of_each_side(side, kind, arch, monkeypatch):
+    """Block by block: an encoder block's rows take the encoder's mask; a decoder block's the decoder's, and the
+    encoder_hidden_states its k / v read the encoder's (the encoder left float, so the decoder block's recorded
+    inputs are the float model's)."""
+    build, prefix = ARCHS[arch]
+    model, batches = build(), _batches(kind)
+    ref = _reference_rows(copy.deepcopy(model), _linears(model, f"{prefix}{side}."), batches)
     got = _spy_hessians(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", ".*stay in floating point")
-        records = gptq_quantize_sequential(model, CONFIG, batches, skip=["@head", ENC], progress=False,
-                                           offload_device=None)
-    _check_hessians(got, ref, records)
-
-
-def test_gptq_block_by_block_encoder_hessians_take_the_encoder_mask(monkeypatch):
-    model, batches = _bart(), _batches()
-    ref = _reference_rows(copy.deepcopy(model), _linears(model, "model.encoder."), batches)
-    got = _spy_hessians(monkeypatch)
-    records = gptq_quantize_sequential(model, CONFIG, batches, skip=["@head", DEC], progress=False,
-                                       offload_device=None)
+        records = gptq_quantize_sequential(model, CONFIG, batches, skip=["@head", _other_side(prefix, side)],
+                                           progress=False, offload_device=None)
     _check_hessians(got, ref, records)
 
 
