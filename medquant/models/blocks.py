@@ -48,7 +48,10 @@ the checkpoint (released Gemma 4 vision towers are reported to carry finite ones
 (``use_clipped_linears`` False, the default of ``Gemma4VisionConfig``). An attention that normalises each value head (Gemma 4, Gemma 3n: ``v_norm``)
 names that norm (:attr:`AttentionUnit.v_norm`).
 
-What cannot be pruned is said per block in :attr:`Block.unsupported` (``{"heads" | "ffn": reason}``): fused
+What cannot be pruned is said per block in :attr:`Block.unsupported` (``{"heads" | "ffn": reason}``): units whose
+projections are not float ``nn.Linear`` (a quantized model's ``QuantLinear``: its blocks are still listed, as
+:func:`block_stacks` lists them, and the reason names those layers; heads and neurons are removed from float layers
+only, so prune the float model, then quantize it), fused
 ``qkv`` projections (Qwen2-VL vision blocks, :attr:`Block.fused_attention`), linear-attention and convolution
 mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), cross-attention of encoder-decoder blocks (BART's
 ``encoder_attn``, T5Gemma's ``cross_attn``: kept; self-attention heads are pruned), and every head of T5-style
@@ -265,16 +268,23 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
 _CLAMPS = ("input_min", "input_max", "output_min", "output_max")
 
 
-def _clamp_wrapped(mod: nn.Module | None) -> nn.Linear | None:
-    """The ``nn.Linear`` inside a clamp wrapper (Gemma 4's ``Gemma4ClippableLinear``: ``clamp(linear(clamp(x)))``):
-    exactly one child, an ``nn.Linear`` named ``linear``, no parameter of its own and no buffer but scalar
+def _linear_like(m: nn.Module | None) -> bool:
+    """An ``nn.Linear``, or a layer standing in for one (integer ``in_features`` and ``out_features``: a quantized
+    ``QuantLinear``, as :func:`block_stacks` counts them)."""
+    return isinstance(m, nn.Linear) or (m is not None and isinstance(getattr(m, "in_features", None), int)
+                                        and isinstance(getattr(m, "out_features", None), int))
+
+
+def _clamp_wrapped(mod: nn.Module | None) -> nn.Module | None:
+    """The linear inside a clamp wrapper (Gemma 4's ``Gemma4ClippableLinear``: ``clamp(linear(clamp(x)))``):
+    exactly one child, an ``nn.Linear`` (or a quantized stand-in, :func:`_linear_like`) named ``linear``, no parameter of its own and no buffer but scalar
     ``input_min`` / ``input_max`` / ``output_min`` / ``output_max``. Anything else a wrapper holds (a vector, a
     parameter, another child) could mix the rows or columns that pruning removes, so it is not looked through."""
-    if mod is None or isinstance(mod, nn.Linear):
+    if mod is None or _linear_like(mod):
         return None
     kids = dict(mod.named_children())
     lin = kids.get("linear")
-    if len(kids) != 1 or not isinstance(lin, nn.Linear) or any(p is not None for p in mod._parameters.values()):
+    if len(kids) != 1 or not _linear_like(lin) or any(p is not None for p in mod._parameters.values()):
         return None
     bufs = {k: b for k, b in mod._buffers.items() if b is not None}
     if any(k not in _CLAMPS or b.dim() != 0 for k, b in bufs.items()):
@@ -295,12 +305,13 @@ def _finite_clamps(wrapper: nn.Module) -> tuple[bool, bool]:
     return finite("input_min", "input_max"), finite("output_min", "output_max")
 
 
-def _linear_at(root: nn.Module, path: str, wrapped: bool) -> tuple[str, nn.Linear] | None:
-    """``(path of the nn.Linear relative to root, the layer)`` for ``path`` naming an ``nn.Linear`` or, with
-    ``wrapped``, a clamp wrapper around one (then ``path + ".linear"``); None otherwise."""
+def _linear_at(root: nn.Module, path: str, wrapped: bool) -> tuple[str, nn.Module] | None:
+    """``(path of the linear relative to root, the layer)`` for ``path`` naming an ``nn.Linear`` or a quantized
+    stand-in (:func:`_linear_like`) or, with ``wrapped``, a clamp wrapper around one (then ``path + ".linear"``);
+    None otherwise."""
     mod = _get(root, path)
-    if isinstance(mod, nn.Linear):
-        return path, mod
+    if _linear_like(mod):
+        return path, mod  # type: ignore[return-value]
     lin = _clamp_wrapped(mod) if wrapped else None
     return (f"{path}.linear", lin) if lin is not None else None
 
@@ -329,7 +340,15 @@ def _head_dim(mod: nn.Module) -> int | None:
     return None
 
 
-def _attention_in(block: nn.Module, bname: str, wrapped: bool) -> tuple[AttentionUnit | None, str | None]:
+def _not_float(full: str, paths: Sequence[str], mods: Sequence[nn.Module]) -> dict[str, str]:
+    """``{full name: class name}`` of the layers among ``mods`` that are not float ``nn.Linear``."""
+    return {f"{full}.{p}": type(m).__name__ for p, m in zip(paths, mods) if not isinstance(m, nn.Linear)}
+
+
+def _attention_in(block: nn.Module, bname: str, wrapped: bool
+                  ) -> tuple[AttentionUnit | None, str | None, dict[str, str]]:
+    """``(unit, fused qkv attention, {name: class} of the projections that are not float nn.Linear)``; the unit is
+    None when any projection is not a float ``nn.Linear`` (a quantized model)."""
     for cname, cont in block.named_modules():
         for q, k, v, o in _ATTN_PATTERNS:
             found = [_linear_at(cont, p, wrapped) for p in (q, k, v, o)]
@@ -348,6 +367,9 @@ def _attention_in(block: nn.Module, bname: str, wrapped: bool) -> tuple[Attentio
             n_heads = om.in_features // hd
             if om.in_features % hd or qm.out_features not in (n_heads * hd, 2 * n_heads * hd):
                 continue
+            odd = _not_float(full, paths, mods)
+            if odd:
+                return None, None, odd
             q_rows = qm.out_features // n_heads
             unit = AttentionUnit(full, hfull, *(f"{full}.{p}" for p in paths), head_dim=hd,
                                  n_heads=n_heads, n_kv=km.out_features // hd,
@@ -360,15 +382,18 @@ def _attention_in(block: nn.Module, bname: str, wrapped: bool) -> tuple[Attentio
             if isinstance(getattr(holder, "v_norm", None), nn.Module):
                 unit.v_norm = f"{hfull}.v_norm"
             unit.clamped = {f"{full}.{p}": c for p, c in _clamped(cont, paths).items()}
-            return unit, None
+            return unit, None, {}
     for cname, cont in block.named_modules():
         if isinstance(getattr(cont, "qkv", None), nn.Linear):
-            return None, f"{bname}.{cname}" if cname else bname
-    return None, None
+            return None, f"{bname}.{cname}" if cname else bname, {}
+    return None, None, {}
 
 
-def _ffn_in(block: nn.Module, bname: str, skip: AttentionUnit | None, wrapped: bool) -> FFNUnit | None:
-    taken = set() if skip is None else {skip.q, skip.k, skip.v, skip.o}
+def _ffn_in(block: nn.Module, bname: str, skip: AttentionUnit | None, wrapped: bool, taken_names: Sequence[str] = ()
+            ) -> tuple[FFNUnit | None, dict[str, str]]:
+    """``(unit, {name: class} of its linears that are not float nn.Linear)``; the unit is None when any of them is
+    not a float ``nn.Linear``. ``skip`` / ``taken_names``: the attention's projections (never an FFN's)."""
+    taken = set(taken_names) if skip is None else {skip.q, skip.k, skip.v, skip.o}
     for cname, cont in block.named_modules():
         if any(_is_experts(m) for m in cont.modules()) and not _is_experts(cont):
             # an MoE container: only a shared expert below it is an FFN of this block
@@ -389,9 +414,12 @@ def _ffn_in(block: nn.Module, bname: str, skip: AttentionUnit | None, wrapped: b
             chunks = 2 if ins == ("gate_up_proj",) else 1
             if any(m.out_features != chunks * n for m in in_mods):
                 continue
+            odd = _not_float(full, paths, mods)
+            if odd:
+                return None, odd
             clamped = {f"{full}.{p}": c for p, c in _clamped(cont, paths).items()}
-            return FFNUnit(full, names, oname, n, chunks, clamped)
-    return None
+            return FFNUnit(full, names, oname, n, chunks, clamped), {}
+    return None, {}
 
 
 def _is_experts(m: nn.Module) -> bool:
@@ -421,12 +449,22 @@ def shares_position_bias(attention: nn.Module) -> bool:
             and isinstance(getattr(attention, "relative_attention_num_buckets", None), int))
 
 
+def _not_float_reason(odd: dict[str, str], what: str) -> str:
+    classes = "/".join(sorted(set(odd.values())))
+    return (f"{', '.join(odd)} {'is a' if len(odd) == 1 else 'are'} {classes} "
+            f"layer{'' if len(odd) == 1 else 's'}, not float nn.Linear: {what} are removed from float layers only; "
+            "prune the float model first, then quantize it")
+
+
 def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None, ffn: FFNUnit | None,
-                 bname: str = "") -> dict[str, str]:
+                 bname: str = "", odd_attn: dict[str, str] | None = None, odd_ffn: dict[str, str] | None = None
+                 ) -> dict[str, str]:
     out: dict[str, str] = {}
     if attn is None:
         kinds = {type(m).__name__ for m in block.children()}
-        if fused is not None:
+        if odd_attn:
+            out["heads"] = _not_float_reason(odd_attn, "heads")
+        elif fused is not None:
             out["heads"] = f"{fused} uses a fused qkv projection whose heads medquant cannot split"
         elif hasattr(block, "linear_attn"):
             out["heads"] = (f"linear attention ({type(block.linear_attn).__name__}): not multi-head softmax "
@@ -449,7 +487,9 @@ def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None
         elif cross is not None and attn.holder != f"{bname}.{cross}":  # a block whose only attention is the
             # cross-attention (Mllama's cross-attention layers) prunes it as its attention
             out["heads"] = f"cross-attention ({cross}) heads are kept; only self-attention heads are pruned"
-    if ffn is None and not any(_is_experts(m) for m in block.modules()):
+    if ffn is None and odd_ffn:
+        out["ffn"] = _not_float_reason(odd_ffn, "FFN neurons")
+    elif ffn is None and not any(_is_experts(m) for m in block.modules()):
         out["ffn"] = ("no FFN linears found (gate/up -> down, gate_up -> down, w1/w3 -> w2, fc1 -> fc2, "
                       "linear_fc1 -> linear_fc2, wi(_0/_1) -> wo)")
     return out
@@ -487,9 +527,10 @@ def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = Non
     for role, names in stacks:
         for i, bname in enumerate(names):
             bmod = model.get_submodule(bname)
-            attn, fused = _attention_in(bmod, bname, clamp_wrappers)
-            ffn = _ffn_in(bmod, bname, attn, clamp_wrappers)
-            why = _unsupported(bmod, attn, fused, ffn, bname)  # blocks with nothing of a transformer block are left out
+            attn, fused, odd_attn = _attention_in(bmod, bname, clamp_wrappers)
+            ffn, odd_ffn = _ffn_in(bmod, bname, attn, clamp_wrappers, list(odd_attn))
+            # blocks with nothing of a transformer block are left out
+            why = _unsupported(bmod, attn, fused, ffn, bname, odd_attn, odd_ffn)
             experts = next((f"{bname}.{n}" for n, m in bmod.named_modules() if _is_experts(m)), None)
             if attn is None and ffn is None and fused is None and experts is None and why.get(
                     "heads", "").startswith("no separate") and why.get("ffn", "").startswith("no FFN"):

@@ -230,12 +230,18 @@ def _as_ratio(ratio: Any, what: str, forms: str, sequences: bool = True) -> Any:
 
 
 def _check_not_quantized(model: nn.Module) -> None:
+    """Refuse a model holding quantized layers: heads, FFN neurons and channels are removed from float
+    ``nn.Linear`` / ``nn.Conv2d`` layers only (slicing a quantized layer's packed codes and per-group scales by input
+    columns would need the removed columns to fill whole quantization groups)."""
     from ..quant.modules import QuantConv2d, QuantLinear
 
-    for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)):
-            raise ValueError(  # noqa: TRY004 - a valid model in the wrong state, not a wrong type
-                f"{name} is already quantized; prune the float model first, then quantize")
+    found = [(name, type(m).__name__) for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    if found:
+        name, cls = found[0]
+        more = f" (and {len(found) - 1} more quantized layers)" if len(found) > 1 else ""
+        raise ValueError(
+            f"{name} is a {cls}{more}: pruning removes heads, FFN neurons and channels from float nn.Linear / "
+            "nn.Conv2d layers only; prune the float model first, then quantize it")
 
 
 class StructuredPruner:

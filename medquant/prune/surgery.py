@@ -39,9 +39,27 @@ def head_rows(heads: Sequence[int], head_dim: int, device=None) -> torch.Tensor:
     return torch.tensor(idx, dtype=torch.long, device=device)
 
 
+def _refuse_not_float(layer: nn.Module, name: str) -> None:
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(  # noqa: TRY004 - a valid model in the wrong state, not a wrong type
+            f"{name} is a {type(layer).__name__}, not a float nn.Linear: heads and FFN neurons are removed from float "
+            "layers only; prune the float model first, then quantize it")
+
+
+def _check_float(model: nn.Module, names: Sequence[str]) -> None:
+    """Every layer ``names`` names is a float ``nn.Linear`` (checked before a unit's first change)."""
+    for n in names:
+        _refuse_not_float(model.get_submodule(n), n)
+
+
 @torch.no_grad()
 def keep_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-    """Keep only ``rows`` (output features) and/or ``cols`` (input features) of ``lin``, in place."""
+    """Keep only ``rows`` (output features) and/or ``cols`` (input features) of ``lin``, in place.
+
+    Raises:
+        ValueError: ``lin`` is not a float ``nn.Linear`` (a quantized ``QuantLinear``); nothing is changed.
+    """
+    _refuse_not_float(lin, "the layer")
     w = lin.weight
     req = w.requires_grad
     if rows is not None:
@@ -102,8 +120,13 @@ def prune_attention(model: nn.Module, unit: AttentionUnit, keep_heads: Sequence[
     For multi-head attention (``n_kv == n_heads``) ``keep_kv`` defaults to ``keep_heads``. For grouped-query
     attention every kept key/value head must keep the same number of its query heads (query head ``h`` reads
     key/value head ``h // group_size``); ``keep_kv`` defaults to the groups that keep query heads.
+
+    Raises:
+        ValueError: head indices that :func:`checked_heads` refuses, or a projection that is not a float
+            ``nn.Linear`` (a quantized model: prune the float model first); nothing is changed then.
     """
     keep_heads, keep_kv = checked_heads(unit, keep_heads, keep_kv)
+    _check_float(model, (unit.q, unit.k, unit.v, unit.o))
     d = unit.head_dim
     q, k, v, o = (model.get_submodule(n) for n in (unit.q, unit.k, unit.v, unit.o))
     kvrows = head_rows(keep_kv, d)
@@ -234,10 +257,16 @@ def checked_neurons(unit: FFNUnit, keep: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def prune_ffn(model: nn.Module, unit: FFNUnit, keep: Sequence[int]) -> FFNUnit:
-    """Keep the FFN neurons ``keep`` (sorted, unique) of ``unit``; returns the updated unit."""
+    """Keep the FFN neurons ``keep`` (sorted, unique) of ``unit``; returns the updated unit.
+
+    Raises:
+        ValueError: neuron indices that :func:`checked_neurons` refuses, or a linear of the unit that is not a float
+            ``nn.Linear`` (a quantized model: prune the float model first); nothing is changed then.
+    """
     keep = checked_neurons(unit, keep)
     if len(keep) == unit.n_neurons:
         return unit
+    _check_float(model, (*unit.inputs, unit.output))
     idx = torch.tensor(keep, dtype=torch.long)
     rows = torch.cat([idx + c * unit.n_neurons for c in range(unit.chunks)])
     for name in unit.inputs:
