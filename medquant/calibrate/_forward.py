@@ -256,7 +256,7 @@ class MaskSides:
     """Which token mask each layer input takes: the encoder's or the decoder's, in an encoder-decoder.
 
     A model is an encoder-decoder here when :func:`medquant.models.language_model_layers` gives it an encoder stack
-    and a decoder stack (BART, Florence-2's BART, T5, T5Gemma, bert2bert...); the encoder side is the module holding
+    and a decoder stack (BART, Florence-2's BART, T5, T5Gemma...); the encoder side is the module holding
     the encoder stack (the name up to its outermost ``encoder`` component: ``model.language_model.encoder``,
     ``encoder``). The rule, per layer input ``x`` of a calibration batch with :class:`BatchMasks` ``masks``:
 
@@ -265,14 +265,15 @@ class MaskSides:
     * an ``x`` that *is* (the same tensor object as) one of the encoder-side tensors of the call - the encoder
       module's output in a whole-model forward, or the ``encoder_hidden_states`` argument of the decoder block
       being run (:func:`call_encoder_states`): ``masks.encoder`` (a decoder's cross-attention ``k`` / ``v``
-      projections, a projection of the encoder output outside both stacks);
+      projections; a layer outside both stacks that reads the encoder's output, such as bert2bert's
+      ``enc_to_dec_proj``, whose output in turn is the decoder blocks' ``encoder_hidden_states``);
     * any other layer (the decoder's, ``lm_head``): ``masks.decoder`` (its ``decoder_attention_mask``, ``None``
       without one: every decoder row is calibration data).
 
     Either mask is still applied only where it fits the input's shape (:func:`row_mask`), and never to the layers of
-    :func:`unmasked_layers`. A tensor computed from the encoder output outside the encoder (bert2bert's
-    ``enc_to_dec_proj`` output when the hidden sizes differ) is not an encoder-side tensor: the decoder's mask applies
-    to it where the shapes match.
+    :func:`unmasked_layers`. Not recognised: encoder states that a decoder block changes before its ``k`` / ``v`` read
+    them (a norm or a dtype cast inside the block), or, block by block, that reach a decoder block under another
+    argument name than ``encoder_hidden_states``; the decoder's mask applies to those where the shapes match.
 
     Args:
         model: the model (the names given to :meth:`mask` are relative to it).
