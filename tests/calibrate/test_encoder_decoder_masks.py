@@ -45,7 +45,8 @@ from tests.calibrate.test_vlm_image_sweep_awq import CONFIG, GRID, _search
 T = 8  # encoder and decoder length
 VOCAB = 64
 ENC = r"re:model\.encoder\..*"
-pytestmark = [pytest.mark.filterwarnings("ignore:.*stay in floating point:UserWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore:.*stay in floating point:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Version v4.12.0 introduces:FutureWarning")]  # bert2bert's labels
 
 
 def _bart() -> nn.Module:
@@ -64,9 +65,27 @@ def _t5() -> nn.Module:
     return T5ForConditionalGeneration(cfg).eval()
 
 
-# name prefix of the encoder / decoder stacks: BART passes encoder_hidden_states to its decoder layers as the third
-# positional argument, T5 as the fourth (to T5Block), its cross-attention k / v are layer.1.EncDecAttention.k / .v
-ARCHS = {"bart": (_bart, "model."), "t5": (_t5, "")}
+def _bert2bert() -> nn.Module:
+    """bert2bert with a wider decoder: the encoder's output goes through ``enc_to_dec_proj`` (outside both stacks)
+    before the decoder's cross-attention reads it, so the decoder blocks' encoder_hidden_states is not the
+    encoder's output tensor."""
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+    torch.manual_seed(0)
+    enc = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64)
+    dec = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, is_decoder=True, add_cross_attention=True)
+    cfg = EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id = 2, 0
+    return EncoderDecoderModel(config=cfg).eval()
+
+
+# (builder, name prefix of the encoder / decoder stacks, layers left float in every run). BART passes
+# encoder_hidden_states to its decoder layers as the third positional argument, T5 as the fourth (to T5Block, its
+# cross-attention k / v are layer.1.EncDecAttention.k / .v), bert2bert by keyword (crossattention.self.key / value
+# reading enc_to_dec_proj's output; the pooler reads the first token only)
+ARCHS = {"bart": (_bart, "model.", []), "t5": (_t5, "", []),
+         "bert2bert": (_bert2bert, "", [r"re:.*pooler.*", "enc_to_dec_proj"])}
 
 
 def _t5gemma() -> nn.Module:
@@ -121,8 +140,9 @@ def _batches(kind: str = "decoder_mask") -> list[dict[str, Any]]:
 
 def _encoder_rows(name: str) -> bool:
     """Whether the layer ``name`` reads the encoder's positions (by name: the encoder, cross-attention k / v)."""
-    return name.startswith(("model.encoder.", "encoder.")) or bool(
-        re.search(r"(encoder_attn|cross_attn)\.[kv]_proj$|EncDecAttention\.[kv]$", name))
+    return name.startswith(("model.encoder.", "encoder.")) or name == "enc_to_dec_proj" or bool(
+        re.search(r"(encoder_attn|cross_attn)\.[kv]_proj$|EncDecAttention\.[kv]$|crossattention\.self\.(key|value)$",
+                  name))
 
 
 def _rows_of(name: str, x: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -151,7 +171,9 @@ def _reference_rows(model: nn.Module, names: list[str], batches: list[dict[str, 
 
 
 def _linears(model: nn.Module, prefix: str) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
+    """The linears under ``prefix`` but a pooler's (which reads one token per sample)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)
+            and ".pooler." not in n]
 
 
 def _spy_hessians(monkeypatch) -> dict[str, torch.Tensor]:
@@ -168,9 +190,12 @@ def _spy_hessians(monkeypatch) -> dict[str, torch.Tensor]:
 
 
 def _check_hessians(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], records: dict[str, Any]) -> None:
-    assert set(got) == set(ref)
-    for n, x in ref.items():
-        h = got[n].reshape(x.shape[1], x.shape[1])
+    """Each quantized layer's Hessian is ``2 X^T X / n`` over its reference rows ``ref[name]``, its record's
+    ``rows`` is ``n`` (the layers of ``ref`` not quantized are the LM head's)."""
+    assert set(got) == set(records) and set(got) <= set(ref)
+    for n, hessian in got.items():
+        x = ref[n]
+        h = hessian.reshape(x.shape[1], x.shape[1])
         torch.testing.assert_close(h, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7, msg=n)
         assert records[n]["rows"] == x.shape[0], n
 
@@ -220,13 +245,16 @@ def test_gptq_hessians_take_the_mask_of_each_side(side, kind, arch, monkeypatch)
     """Whole model: the encoder's layers and the cross-attention k / v leave out the encoder's padding, the
     decoder's other layers the decoder's (none without a decoder_attention_mask, none from labels), even with the
     two sequences of one length. The other side stays float, so every input is the float model's."""
-    build, prefix = ARCHS[arch]
+    build, prefix, keep = ARCHS[arch]
     model, batches = build(), _batches(kind)
     ref = _reference_rows(copy.deepcopy(model), _linears(model, f"{prefix}{side}."), batches)
     got = _spy_hessians(monkeypatch)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning about the equal lengths any more
-        records = gptq_quantize_(model, CONFIG, batches, skip=["@head", _other_side(prefix, side)], progress=False)
+        warnings.simplefilter("error", UserWarning)  # no warning about the equal lengths any more
+        warnings.filterwarnings("ignore", ".*stay in floating point")
+        records = gptq_quantize_(model, CONFIG, batches, skip=["@head", _other_side(prefix, side), *keep],
+                                 progress=False)
+    assert any(_encoder_rows(n) for n in got) and (side == "encoder" or not all(_encoder_rows(n) for n in got))
     _check_hessians(got, ref, records)
 
 
@@ -237,16 +265,27 @@ def test_gptq_block_by_block_hessians_take_the_mask_of_each_side(side, kind, arc
     """Block by block: an encoder block's rows take the encoder's mask; a decoder block's the decoder's, and the
     encoder_hidden_states its k / v read the encoder's (the encoder left float, so the decoder block's recorded
     inputs are the float model's)."""
-    build, prefix = ARCHS[arch]
+    build, prefix, keep = ARCHS[arch]
     model, batches = build(), _batches(kind)
     ref = _reference_rows(copy.deepcopy(model), _linears(model, f"{prefix}{side}."), batches)
     got = _spy_hessians(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", ".*stay in floating point")
-        records = gptq_quantize_sequential(model, CONFIG, batches, skip=["@head", _other_side(prefix, side)],
+        records = gptq_quantize_sequential(model, CONFIG, batches, skip=["@head", _other_side(prefix, side), *keep],
                                            progress=False, offload_device=None)
+    assert any(_encoder_rows(n) for n in got) and (side == "encoder" or not all(_encoder_rows(n) for n in got))
     _check_hessians(got, ref, records)
+
+
+def test_gptq_a_layer_reading_the_encoder_output_outside_both_stacks_takes_the_encoder_mask(monkeypatch):
+    """bert2bert's enc_to_dec_proj (the only layer planned) reads the encoder's output: the encoder's rows."""
+    model, batches = _bert2bert(), _batches()
+    ref = _reference_rows(copy.deepcopy(model), ["enc_to_dec_proj"], batches)
+    got = _spy_hessians(monkeypatch)
+    records = gptq_quantize_(model, CONFIG, batches, skip=[r"re:^(?!enc_to_dec_proj$).*"], progress=False)
+    _check_hessians(got, ref, records)
+    assert set(got) == {"enc_to_dec_proj"}
 
 
 # ---------------------------------------------------------------------------------------------- AWQ
