@@ -113,3 +113,29 @@ def test_pruned_vision_blocks_equal_the_masked_float_model(clipped, tmp_path):
         assert torch.equal(ENTRY.output(back, inputs), out)
     units = {b.name: b for b in transformer_blocks(back, "vision", clamp_wrappers=True)}
     assert all(units[b].attention.n_heads == 2 for b in layers)
+
+
+def test_pruned_then_quantized_vision_blocks_reload(tmp_path):
+    """Per-layer head counts of the vision tower (the config cannot express them) survive quantization: the shape
+    table reads the QuantLinear inside each clamp wrapper with its logical shape, and load_pruned rebuilds the
+    pruned, quantized model with its finite clamps."""
+    import medquant
+
+    model = _clipped(ENTRY.build())
+    inputs = ENTRY.inputs(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = StructuredPruner({"model.vision_tower.encoder.layers.0": 0.5}, 0.3, scope="vision",
+                                progress=False).prune(model)
+        medquant.quantize_(model, medquant.QuantConfig(4, group_size=32), skip=["@head"])
+    assert isinstance(model.get_submodule("model.vision_tower.encoder.layers.0.self_attn.q_proj.linear"),
+                      medquant.QuantLinear)
+    assert [len(plan.heads.get(b, range(N_HEADS))) for b in vision_layers(model)] == [2, 4]
+    with torch.no_grad():
+        out = ENTRY.output(model, inputs)
+    save_pruned(model, tmp_path / "q", plan=plan)
+    with torch.no_grad():
+        back = load_pruned(tmp_path / "q")
+        assert torch.equal(ENTRY.output(back, inputs), out)
+    assert back.get_submodule("model.vision_tower.encoder.layers.0.self_attn").num_key_value_groups == 1
+    assert back.get_submodule("model.vision_tower.encoder.layers.0.self_attn.o_proj").linear.in_features == 64
