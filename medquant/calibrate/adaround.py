@@ -62,7 +62,8 @@ for a unit whose input is the encoder's output (a cross-attention ``k`` / ``v`` 
 the ``decoder_attention_mask`` (none: every row) for the decoder's other units. A KV cache passed to a block (an
 HF decoder layer's ``past_key_values``) is not recorded with its inputs: re-running the block would append to it. A
 calibration set whose every ``attention_mask`` is all zeros has no real token: it is refused before the model
-changes (unless only vision-tower / projector layers are planned).
+changes (unless only vision-tower / projector layers are planned; in an encoder-decoder, unless only decoder units
+are, which are refused where every ``decoder_attention_mask`` is all zeros).
 
 :func:`fold_batchnorm_` first folds each BatchNorm2d into the Conv2d that feeds it (``w' = w gamma / sigma``,
 ``b' = (b - mu) gamma / sigma + beta``), so the rounding is learned on the weights that will actually be used.
@@ -108,7 +109,6 @@ from ._forward import (
     row_mask,
     run_calibration_batch,
     short_names,
-    token_mask,
     unmasked_layers,
 )
 
@@ -376,19 +376,26 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None
     return per_row[rows].sum() / max(int(rows.sum()), 1)
 
 
-def _check_real_tokens(batches: Sequence[Any], units: Sequence[str]) -> None:
+def _check_real_tokens(batches: Sequence[Any], units: Sequence[str], sides: MaskSides | None = None) -> None:
     """Refuse a calibration set whose every batch has an all-zero ``attention_mask`` when ``units`` (those that read
     token positions, not the vision tower / projector) is not empty: no position is calibration data for them, and
-    their errors would be 0 / 0."""
+    their errors would be 0 / 0. In an encoder-decoder (``sides``) the units of the decoder side are checked against
+    the ``decoder_attention_mask`` instead (a decoder unit reading the encoder's output, known only on the forward,
+    is checked as a decoder unit)."""
     if not units:
         return
-    masks = [token_mask(b) for b in batches]
-    if all(m is not None and not bool(m.any()) for m in masks):
-        raise ValueError(
-            f"learned rounding: the calibration set has no real token: the attention_mask of every calibration batch "
-            f"is all zeros (every position is padding), so {', '.join(list(units)[:3])}"
-            f"{'...' if len(units) > 3 else ''} would have no calibration data; give batches whose attention_mask "
-            f"marks at least one real token (nonzero / True)")
+    masks = [batch_masks(b) for b in batches]
+    for key in ("attention_mask", "decoder_attention_mask"):
+        decoder = key == "decoder_attention_mask"
+        side = [u for u in units if sides is not None and sides.seq2seq and not sides.encoder_side(u)] if decoder \
+            else [u for u in units if sides is None or not sides.seq2seq or sides.encoder_side(u)]
+        side_masks = [m.decoder if decoder else m.encoder for m in masks]
+        if side and all(m is not None and not bool(m.any()) for m in side_masks):
+            raise ValueError(
+                f"learned rounding: the calibration set has no real token: the {key} of every calibration batch "
+                f"is all zeros (every position is padding), so {', '.join(side[:3])}"
+                f"{'...' if len(side) > 3 else ''} would have no calibration data; give batches whose {key} "
+                f"marks at least one real token (nonzero / True)")
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -576,7 +583,8 @@ def adaround_quantize_(
             block, or inside two different blocks (a layer shared within one block is allowed); a calibration batch that fails in the
             model's forward (the message names the batch; the model's error is chained); a calibration set whose
             every ``attention_mask`` is all zeros (no real token) while a layer outside the vision tower /
-            projector is planned; a block that the
+            projector is planned (in an encoder-decoder: an encoder layer; a decoder layer where every
+            ``decoder_attention_mask`` is all zeros); a block that the
             calibration batches never reach; with ``act_bits``, a unit that the model's forward calls without its
             input tensor as the first positional argument (e.g. ``hidden_states=`` by keyword); NaN or inf in a
             block's calibration input; a reconstruction that diverged; with ``target="float"``, a block that a
@@ -622,7 +630,7 @@ def adaround_quantize_(
             owner = next((b for b in blocks if n.startswith(b + ".")), n)
             units.setdefault(owner, []).append(n)
         unmasked = unmasked_layers(model, units)  # vision tower / projector units: every position is calibration data
-        _check_real_tokens(batches, [u for u in units if u not in unmasked])
+        _check_real_tokens(batches, [u for u in units if u not in unmasked], MaskSides(model))
         # one forward per batch: a batch that does not fit the model fails here; the expert layers' calls counted as
         # they will be captured (on the tokens routed to them: a dense expert no token reaches is not called)
         with eval_mode(model), experts.tracking():

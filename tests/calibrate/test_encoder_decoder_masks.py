@@ -394,6 +394,23 @@ def test_adaround_errors_count_the_real_rows_of_each_side(kind):
     assert records[k]["mse"] == pytest.approx(_unit_sse(model, float_model, k, batches), rel=1e-4)
 
 
+def test_adaround_refuses_a_side_without_real_tokens_only_where_its_units_are_planned():
+    """Every decoder_attention_mask all zeros: the decoder block has no calibration row (refused before any change,
+    naming the decoder_attention_mask); the encoder block alone still runs on the encoder's real rows."""
+    model, batches = _bart(), _batches()
+    for b in batches:
+        b["decoder_attention_mask"] = torch.zeros_like(b["decoder_attention_mask"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    units = ["model.encoder.layers.0", "model.decoder.layers.0"]
+    with pytest.raises(ValueError, match=r"no real token: the decoder_attention_mask of every calibration batch is "
+                                         r"all zeros.*model\.decoder\.layers\.0"):
+        adaround_quantize_(model, CONFIG, batches, skip=["@head"], blocks=units, iters=2, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    records = adaround_quantize_(model, CONFIG, batches, skip=["@head", r"re:model\.decoder\..*"], blocks=units,
+                                 iters=2, progress=False)
+    assert {r["block"] for r in records.values()} == {units[0]}
+
+
 # ---------------------------------------------------------------------------------------------- the warning
 class _Unsided(nn.Module):
     """An encoder-decoder medquant has no roles for: one encoder linear, one decoder linear (a toy)."""
