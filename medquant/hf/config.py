@@ -22,7 +22,7 @@ from ..kernels.layout import FORMAT_VERSION
 from ..quant.activations import checked_records, input_quantizers
 from ..quant.api import DEFAULT_KEY, ConfigMap, quantizable_modules, without_moe_routers
 from ..quant.config import QuantConfig
-from ..quant.recipe import model_recipe
+from ..quant.recipe import model_recipe, shared_modules
 from ..version import __version__
 from .method import QUANT_METHOD
 
@@ -30,7 +30,23 @@ __all__ = ["MedQuantConfig", "recipe_of"]
 
 # the fields of a MedQuantConfig: what update() sets (and to_dict() writes)
 _FIELDS = ("quant_method", "format_version", "medquant_version", "config", "config_map", "skip", "modules",
-           "skipped_modules", "input_quantizers")
+           "skipped_modules", "input_quantizers", "shared_modules")
+
+
+def _as_shared(value: Any, modules: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """``shared_modules`` checked: ``{further name: recorded module name}``, each target a key of ``modules`` and
+    no further name one (its recipe is the target's)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise TypeError(f"shared_modules must be a mapping module name -> the name of the module it shares, got "
+                        f"{value!r}")
+    for alias, target in value.items():
+        if modules is None or target not in modules:
+            raise ValueError(f"shared_modules[{alias!r}] names {target!r}, which modules does not record")
+        if alias in modules:
+            raise ValueError(f"shared_modules[{alias!r}]: {alias!r} has a recipe of its own in modules")
+    return dict(value)
 
 
 def _as_config_dict(value: Any, what: str) -> dict | None:
@@ -109,7 +125,7 @@ class MedQuantConfig(QuantizationConfigMixin):
     dict) or ``config_map`` (a list of ``[pattern, QuantConfig dict / null]`` pairs, in the map's order: a module
     takes the first regular-expression or role pattern that matches it, and JSON objects are written with sorted
     keys), ``skip``, ``modules``, ``skipped_modules``, and ``input_quantizers`` when the model has static
-    activation quantizers.
+    activation quantizers, ``shared_modules`` when a quantized layer is bound under several names.
 
     Args:
         config_or_map: what :func:`medquant.quantize_` takes - a :class:`~medquant.QuantConfig` (or int bit-width)
@@ -128,6 +144,9 @@ class MedQuantConfig(QuantizationConfigMixin):
         input_quantizers: the static activation quantizers of a saved model (learned rounding with ``act_bits``),
             ``{module name: {"bits", "symmetric", "scale", "zero"}}``
             (:class:`~medquant.quant.activations.InputQuantizer`); ``from_pretrained`` attaches them again.
+        shared_modules: ``{further name: recorded module}`` of a quantized layer bound under several names (its
+            recipe and tensors are stored once, under the recorded name); ``from_pretrained`` binds the further
+            names to the one loaded layer. Each target must be a key of ``modules``, no further name one.
         format_version: the saved-format version of the recorded model (at most this medquant's).
         medquant_version: the medquant version that wrote it, a string (default: this one).
         quant_method: must be ``"medquant"``.
@@ -135,9 +154,11 @@ class MedQuantConfig(QuantizationConfigMixin):
 
     Raises:
         ValueError: unknown fields, another ``quant_method``, a newer ``format_version``, both a config and a map,
-            an invalid QuantConfig, a pattern given twice, or a ``modules`` entry that is not a recipe.
-        TypeError: ``skip`` is a single string, or ``config_map`` / a config / ``medquant_version`` is of the
-            wrong type.
+            an invalid QuantConfig, a pattern given twice, a ``modules`` entry that is not a recipe, an invalid
+            ``input_quantizers`` record, or a ``shared_modules`` target ``modules`` does not record (or a further
+            name with a recipe of its own).
+        TypeError: ``skip`` is a single string, or ``config_map`` / a config / ``medquant_version`` /
+            ``input_quantizers`` / ``shared_modules`` is of the wrong type.
     """
 
     def __init__(
@@ -150,6 +171,7 @@ class MedQuantConfig(QuantizationConfigMixin):
         modules: Mapping[str, Mapping] | None = None,
         skipped_modules: Iterable[str] | None = None,
         input_quantizers: Mapping[str, Mapping] | None = None,
+        shared_modules: Mapping[str, str] | None = None,
         format_version: int = FORMAT_VERSION,
         medquant_version: str | None = None,
         quant_method: str = QUANT_METHOD,
@@ -157,8 +179,8 @@ class MedQuantConfig(QuantizationConfigMixin):
     ) -> None:
         if unknown:
             raise ValueError(f"unknown MedQuantConfig fields {sorted(unknown)}; accepted: config_or_map, skip, "
-                             "config, config_map, modules, skipped_modules, input_quantizers, format_version, "
-                             "medquant_version")
+                             "config, config_map, modules, skipped_modules, input_quantizers, shared_modules, "
+                             "format_version, medquant_version")
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
         if not isinstance(format_version, int) or isinstance(format_version, bool) or not (
@@ -204,6 +226,7 @@ class MedQuantConfig(QuantizationConfigMixin):
         self.skipped_modules = sorted(skipped) if skipped is not None else None
         self.input_quantizers = (checked_records(input_quantizers, "quantization_config.input_quantizers")
                                  if input_quantizers is not None else None)
+        self.shared_modules = _as_shared(shared_modules, self.modules)
 
     # ------------------------------------------------------------------ updates
     @classmethod
@@ -227,12 +250,12 @@ class MedQuantConfig(QuantizationConfigMixin):
         """Set the fields named in ``kwargs``, validated exactly as by the constructor; return the other kwargs.
 
         The fields are ``quant_method``, ``format_version``, ``medquant_version``, ``config``, ``config_map``,
-        ``skip``, ``modules``, ``skipped_modules`` and ``input_quantizers``; they are normalised as the constructor does (an int
-        bit-width or a QuantConfig becomes its dict...). As transformers' ``QuantizationConfigMixin.update``
-        (``AutoQuantizationConfig.from_pretrained`` passes it every ``from_pretrained`` keyword), keys that are not
-        fields (method and property names included) are not used and come back; ``kwargs`` is not changed. The
-        result must be a valid config as a whole: replacing ``config`` by ``config_map`` takes ``config=None`` in
-        the same call.
+        ``skip``, ``modules``, ``skipped_modules``, ``input_quantizers`` and ``shared_modules``; they are normalised
+        as the constructor does (an int bit-width or a QuantConfig becomes its dict...). As transformers'
+        ``QuantizationConfigMixin.update`` (``AutoQuantizationConfig.from_pretrained`` passes it every
+        ``from_pretrained`` keyword), keys that are not fields (method and property names included) are not used
+        and come back; ``kwargs`` is not changed. The result must be a valid config as a whole: replacing ``config``
+        by ``config_map`` takes ``config=None`` in the same call.
 
         Args:
             **kwargs: new field values, and anything else (returned).
@@ -389,7 +412,8 @@ class MedQuantConfig(QuantizationConfigMixin):
         """Record a quantized model in this config: its recipes, its float layers and the format version it needs.
 
         Sets ``modules`` and ``skipped_modules`` (:func:`recipe_of`), ``input_quantizers`` (the active static
-        activation quantizers, ``None`` when there are none), ``format_version``
+        activation quantizers, ``None`` when there are none), ``shared_modules`` (the further names of quantized
+        layers bound under several, ``None`` when there are none), ``format_version``
         (:func:`medquant.io.format_version_of`: 2 only when a layer stores dense rows) and ``medquant_version``.
 
         Args:
@@ -401,6 +425,7 @@ class MedQuantConfig(QuantizationConfigMixin):
         self.modules, self.skipped_modules = recipe_of(model)
         acts = input_quantizers(model)
         self.input_quantizers = {n: q.as_dict() for n, q in acts.items()} or None
+        self.shared_modules = shared_modules(model) or None
         self.format_version = format_version_of(model)  # 2 only when a layer stores dense rows
         self.medquant_version = __version__
         return self
@@ -434,7 +459,8 @@ class MedQuantConfig(QuantizationConfigMixin):
             "skip": list(self.skip) if self.skip is not None else None,
             "modules": copy.deepcopy(self.modules),
             "skipped_modules": list(self.skipped_modules) if self.skipped_modules is not None else None,
-        } | ({"input_quantizers": copy.deepcopy(self.input_quantizers)} if self.input_quantizers else {})
+        } | ({"input_quantizers": copy.deepcopy(self.input_quantizers)} if self.input_quantizers else {}) | (
+            {"shared_modules": dict(self.shared_modules)} if self.shared_modules else {})
 
     def __iter__(self):
         yield from self.to_dict().items()

@@ -72,7 +72,7 @@ from ..quant.modules import (
     tie_quantized_head,
     tied_heads,
 )
-from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe
+from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, shared_modules
 from .config import MedQuantConfig, recipe_of
 from .method import QUANT_METHOD
 
@@ -126,6 +126,50 @@ def _shared_buffer_keys(model: nn.Module, heads: Mapping[str, str]) -> dict[str,
         for b, t in head._buffers.items():
             if t is not None and emb._buffers.get(b) is t:
                 out[f"{hn}.{b}"] = f"{en}.{b}"
+    return out
+
+
+def _shared_names(model: nn.Module, modules: Mapping[str, Mapping], shared: Mapping[str, str],
+                  hf_quantizer: HfQuantizer) -> dict[str, str]:
+    """``{further name: recorded module}`` of ``shared`` (``quantization_config.shared_modules``) under this model's
+    names (``modules``: the recorded modules under them), each further name checked to be a module the recorded
+    layer fits; :func:`_bind_shared` binds them once the file is read (the file holds the layer's tensors once)."""
+    if not shared:
+        return {}
+    recorded = hf_quantizer.quantization_config.modules or {}
+    # saved name -> this model's name, renamed as the recorded modules are (all of them: the renaming depends on
+    # the whole set); names outside this model (a head read into its base model) have none
+    inside, _ = _model_names(model, {n: {"saved": n} for n in [*recorded, *shared]}, hf_quantizer)
+    to_model = {e["saved"]: n for n, e in inside.items()}
+    out = {}
+    for alias, target in shared.items():
+        name, tname = to_model.get(alias), to_model.get(target)
+        if name is None or tname not in modules:  # outside this model, with the layer it shares
+            continue
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantization_config.shared_modules binds {name!r} to {tname!r}, but "
+                             f"{type(model).__name__} has no module {name!r}") from None
+        _check_fits(old, modules[tname], name)
+        out[name] = tname
+    return out
+
+
+def _bind_shared(model: nn.Module, shared: Mapping[str, str]) -> None:
+    """Bind each further name of ``shared`` (:func:`_shared_names`) to the loaded layer it shares."""
+    for name, target in shared.items():
+        swap_module(model, name, model.get_submodule(target))
+
+
+def _shared_module_keys(model: nn.Module) -> dict[str, str]:
+    """``{buffer key under a further name: buffer key under the first name}`` of the quantized layers bound under
+    several names (:func:`~medquant.quant.recipe.shared_modules`): transformers saves them once when declared tied."""
+    out = {}
+    for alias, name in shared_modules(model).items():
+        for b, t in model.get_submodule(name).named_buffers():
+            if t is not None:
+                out[f"{alias}.{b}"] = f"{name}.{b}"
     return out
 
 
@@ -426,6 +470,7 @@ class MedQuantHfQuantizer(HfQuantizer):
         self._modules: dict[str, Mapping] = {}  # pre-quantized: the recorded modules under the model's names
         self._tables: dict[str, QuantConfig] = {}  # quantize on load: recorded embedding tables -> config
         self._tied: dict[str, str] = {}  # quantize on load: recorded tied heads -> their table
+        self._shared: dict[str, str] = {}  # pre-quantized: further names of a shared layer -> its recorded name
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         if self.pre_quantized and not self.quantization_config.modules:
@@ -479,7 +524,9 @@ class MedQuantHfQuantizer(HfQuantizer):
                 _hide_rows(shell)
                 swap_module(model, name, shell)
             _untie(model, modules)
-            tied = [n for n, e in modules.items() if isinstance(e, Mapping) and e.get("tied_to")]
+            self._shared = _shared_names(model, modules, self.quantization_config.shared_modules or {}, self)
+            # stored once, under the recorded module: not "missing", bound to it after loading
+            tied = [n for n, e in modules.items() if isinstance(e, Mapping) and e.get("tied_to")] + [*self._shared]
             if tied:  # stored once, under the embedding: not "missing", tied again after loading
                 ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
                 model._keys_to_ignore_on_load_missing = ignore | {rf"^{re.escape(n)}\." for n in tied}
@@ -511,6 +558,7 @@ class MedQuantHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             _retie_heads(model, self._modules)
+            _bind_shared(model, self._shared)
             # from_pretrained(dtype=...) built the float layers in another dtype than the one saved: the quantized
             # ones follow them (their biases and dequantized weight; the stored codes and scales are not cast)
             for name, dtype in self._skeleton_dtypes.items():
@@ -631,7 +679,7 @@ def _crash_safe_save_pretrained(self: nn.Module, save_directory, **kwargs) -> No
                          "each variant into a folder of its own, without variant=")
     if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
         kwargs["repo_id"] = Path(save_directory).name
-    shared = _shared_buffer_keys(self, tied_heads(self))
+    shared = {**_shared_buffer_keys(self, tied_heads(self)), **_shared_module_keys(self)}
     declared = self.__dict__.get("_tied_weights_keys", _MISSING)
     if shared:  # a tied quantized head: transformers saves shared tensors once when they are declared tied
         self._tied_weights_keys = {**(getattr(self, "_tied_weights_keys", None) or {}), **shared}
