@@ -310,8 +310,8 @@ def _linear_at(root: nn.Module, path: str, wrapped: bool) -> tuple[str, nn.Modul
     stand-in (:func:`_linear_like`) or, with ``wrapped``, a clamp wrapper around one (then ``path + ".linear"``);
     None otherwise."""
     mod = _get(root, path)
-    if _linear_like(mod):
-        return path, mod  # type: ignore[return-value]
+    if mod is not None and _linear_like(mod):
+        return path, mod
     lin = _clamp_wrapped(mod) if wrapped else None
     return (f"{path}.linear", lin) if lin is not None else None
 
