@@ -50,6 +50,9 @@ def test_a_target_in_a_block_bound_twice_is_adapted_in_both_uses():
     adapter.model.eval()
     with torch.no_grad():
         assert torch.allclose(adapter.model(x), ref, atol=1e-5)
+        merged = adapter.merge()
+        assert merged.layers[1].fc is merged.layers[0].fc and type(merged.layers[0].fc) is nn.Linear
+        assert torch.allclose(merged(x), ref, atol=1e-5)
 
 
 def test_a_linear_bound_under_two_attributes_is_still_refused():
