@@ -164,12 +164,12 @@ def _bind_shared(model: nn.Module, shared: Mapping[str, str]) -> None:
 
 def _shared_module_keys(model: nn.Module) -> dict[str, str]:
     """``{buffer key under a further name: buffer key under the first name}`` of the quantized layers bound under
-    several names (:func:`~medquant.quant.recipe.shared_modules`): transformers saves them once when declared tied."""
+    several names (:func:`~medquant.quant.recipe.shared_modules`), bias included: transformers saves them once
+    when declared tied."""
     out = {}
     for alias, name in shared_modules(model).items():
-        for b, t in model.get_submodule(name).named_buffers():
-            if t is not None:
-                out[f"{alias}.{b}"] = f"{name}.{b}"
+        for key in model.get_submodule(name).state_dict(keep_vars=True):  # packed buffers and the bias
+            out[f"{alias}.{key}"] = f"{name}.{key}"
     return out
 
 

@@ -23,29 +23,33 @@ def _logits(model, inputs):
         return model(**inputs).logits
 
 
-@pytest.fixture(scope="module")
-def shared_llama():
-    entry = ZOO_BY_NAME["llama"]
+SHARED = {"llama": "mlp.down_proj", "qwen2": "self_attn.q_proj"}  # qwen2's q_proj has a bias
+
+
+@pytest.fixture(scope="module", params=sorted(SHARED))
+def shared_llama(request):
+    entry = ZOO_BY_NAME[request.param]
     model = entry.build().eval()
     layers = model.model.layers
-    layers[1].mlp.down_proj = layers[0].mlp.down_proj
+    parent, _, attr = SHARED[request.param].rpartition(".")
+    setattr(layers[1].get_submodule(parent), attr, layers[0].get_submodule(SHARED[request.param]))
     medquant.quantize_(model, QuantConfig(4, group_size=32))
-    return model, entry.inputs(model)
+    return model, entry.inputs(model), SHARED[request.param]
 
 
 @pytest.mark.parametrize("writer", ["medquant.save", "save_pretrained"])
 def test_a_shared_quantized_layer_is_one_layer_again_after_from_pretrained(shared_llama, tmp_path, writer):
-    model, inputs = shared_llama
+    model, inputs, shared = shared_llama
     if writer == "medquant.save":
         medquant.save(model, tmp_path / "q")
     else:
         medquant.hf.save_pretrained(model, tmp_path / "q")
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert qc["shared_modules"] == {"model.layers.1.mlp.down_proj": "model.layers.0.mlp.down_proj"}
+    assert qc["shared_modules"] == {f"model.layers.1.{shared}": f"model.layers.0.{shared}"}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     layers = loaded.model.layers
-    assert layers[1].mlp.down_proj is layers[0].mlp.down_proj
-    assert isinstance(layers[0].mlp.down_proj, medquant.QuantLinear)
+    assert layers[1].get_submodule(shared) is layers[0].get_submodule(shared)
+    assert isinstance(layers[0].get_submodule(shared), medquant.QuantLinear)
     for k, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], t), k
     assert torch.equal(_logits(loaded, inputs), _logits(model, inputs))
