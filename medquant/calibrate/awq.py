@@ -35,8 +35,12 @@ bias) ``/= s``. The norm's form is found by running a copy of it with chosen wei
 give ``r`` times the output of gain 1, a bias must add), never from its class name (Gemma3n's RMSNorm is
 ``x_hat * w``); a norm of neither form, or without a weight, is not folded.
 Where nothing can absorb the scale (post-norm BERT blocks; v -> o under grouped-query attention, where one v
-row feeds several heads; fc1 -> fc2 through a non-linear activation) the group is not formed and those linears
-are quantized plainly. Groups are also refused, with a ``UserWarning`` naming them (their linears are quantized
+row feeds several heads, or through a per-head value norm as Gemma 4's ``v_norm``; fc1 -> fc2 through a non-linear
+activation) the group is not formed and those linears are quantized plainly. Projections inside a clamp wrapper
+(Gemma 4's ``Gemma4ClippableLinear``: ``clamp(linear(clamp(x, in_min, in_max)), out_min, out_max)``) are grouped
+through the wrapper where its bounds are infinite (the released configs' default); a finite input bound on a
+group's linear, or a finite bound between v and o (up and down), would make the fold inexact
+(``clamp(x / s) != clamp(x) / s``), so that group is refused with a warning. Groups are also refused, with a ``UserWarning`` naming them (their linears are quantized
 plainly), where a fold would change the float model:
 
 * a norm of an unknown parametrization (above);
@@ -190,7 +194,7 @@ def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> 
     out: dict[str, list[ScaleGroup]] = {}
     shared = _shared_params(model)
     refused: list[str] = []
-    for b in transformer_blocks(model, scope):
+    for b in transformer_blocks(model, scope, clamp_wrappers=True):
         blk = model.get_submodule(b.name)
         kids = dict(blk.named_children())
         attn_norm = next((n for n in _ATTN_NORMS if n in kids and _norm_kind(kids[n])), None)
@@ -201,15 +205,27 @@ def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> 
         groups: list[ScaleGroup] = []
         if b.attention is not None and attn_norm and attn_norm != ffn_norm:
             a = b.attention
-            groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [a.q, a.k, a.v]))
-            if a.n_kv == a.n_heads:
+            clamped_in = [n for n in (a.q, a.k, a.v) if a.clamped.get(n, (False, False))[0]]
+            if clamped_in:
+                refused.append(f"{b.name}.{attn_norm} ({', '.join(clamped_in)} clamp their input to a finite range)")
+            else:
+                groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [a.q, a.k, a.v]))
+            # v -> o: o's input is v's output per head, unless a per-head norm (v_norm) or a finite clamp sits between
+            if a.n_kv == a.n_heads and a.v_norm is None and not a.clamped.get(a.v, (False, False))[1] \
+                    and not a.clamped.get(a.o, (False, False))[0]:
                 groups.append(ScaleGroup(a.v, [a.o]))
         elif b.fused_attention is not None and attn_norm and attn_norm != ffn_norm:  # one qkv projection
             groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [f"{b.fused_attention}.qkv"]))
         if b.ffn is not None and ffn_norm:
             f = b.ffn
-            groups.append(ScaleGroup(f"{b.name}.{ffn_norm}", list(f.inputs)))
-            if len(f.inputs) == 2:  # gated: act(gate(x)) * up(x) is linear in up's output
+            clamped_in = [n for n in f.inputs if f.clamped.get(n, (False, False))[0]]
+            if clamped_in:
+                refused.append(f"{b.name}.{ffn_norm} ({', '.join(clamped_in)} clamp their input to a finite range)")
+            else:
+                groups.append(ScaleGroup(f"{b.name}.{ffn_norm}", list(f.inputs)))
+            # gated: act(gate(x)) * up(x) is linear in up's output (unless a finite clamp sits between up and down)
+            if len(f.inputs) == 2 and not f.clamped.get(f.inputs[1], (False, False))[1] \
+                    and not f.clamped.get(f.output, (False, False))[0]:
                 groups.append(ScaleGroup(f.inputs[1], [f.output]))
         groups = [g for g in groups if _unshared(model, g, shared, refused)]
         if groups:

@@ -76,6 +76,11 @@ HF_CASES = {
     "exaone4": ("Exaone4", {}, set()),
     # parallel attention and MLP read the same input_layernorm
     "stablelm_parallel": ("StableLm", {"use_parallel_residual": True}, set()),
+    # as many kv heads as heads, but v_proj's output goes through a per-head RMSNorm (v_norm) before o_proj: no
+    # v -> o fold (a scale on v's rows would be normalized away)
+    "gemma4_mha": ("Gemma4Text", {"model_arch": "Gemma4", "head_dim": 32, "sliding_window": 8,
+                                  "layer_types": ["sliding_attention", "full_attention"],
+                                  "hidden_size_per_layer_input": 0}, {"input_layernorm", "pre_feedforward_layernorm"}),
 }
 
 

@@ -522,3 +522,52 @@ def test_awq_names_the_layers_of_a_refused_group_in_full(sequential):
                                          r"\(model\.language_model\.layers\.1\.cross_attn\.k_proj does not read the "
                                          r"output of model\.language_model\.layers\.1\.input_layernorm\)"):
         run(model, CONFIG, batches, scope="language", progress=False, **kw)
+
+
+def _gemma4_clamps(model, bound: float | None):
+    """Gemma 4's vision projections sit in clamp wrappers (``Gemma4ClippableLinear``), which clamp only with
+    ``use_clipped_linears`` (off in the tiny config; released checkpoints load their bounds into buffers built at
+    +-inf). ``bound``: turn the first block's q / k / v clamps on with input bounds ``+-bound`` (outputs +-inf)."""
+    if bound is not None:
+        attn = model.model.vision_tower.encoder.layers[0].self_attn
+        for p in ("q_proj", "k_proj", "v_proj"):
+            w = getattr(attn, p)
+            w.use_clipped_linears = True
+            for name, v in (("input_min", -bound), ("input_max", bound), ("output_min", -math.inf),
+                            ("output_max", math.inf)):
+                w.register_buffer(name, torch.tensor(v))
+    return model
+
+
+@pytest.mark.parametrize("bound", [None, math.inf, 0.5], ids=["no_clamps", "infinite", "finite"])
+def test_gemma4_vision_groups_read_through_clamp_wrappers(bound):
+    """Gemma 4's vision q / k / v / o and gate / up / down are wrapped in clamp modules: no group was formed, so the
+    tower was rounded to nearest. Now the groups read the wrapped linears where the bounds are infinite; a finite
+    input bound (``clamp(x / s) != clamp(x) / s``) refuses that block's attention group with a warning. v -> o is never
+    formed: a per-head RMSNorm (``v_norm``) sits between them. Reference: the float tower's own output."""
+    from medquant.calibrate.awq import awq_groups, search_and_fold
+    from medquant.testing.zoo_vlm import IMAGE_PATH
+
+    model, batches = _batches("gemma4")
+    model = _gemma4_clamps(model, bound)
+    finite = bound is not None and math.isfinite(bound)
+    pre = "model.vision_tower.encoder.layers.0."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer0 = {g.prev: g.linears for g in awq_groups(model, "vision") if g.prev.startswith(pre)}
+    attn = {pre + "input_layernorm": [pre + f"self_attn.{p}.linear" for p in ("q_proj", "k_proj", "v_proj")]}
+    ffn = {pre + "pre_feedforward_layernorm": [pre + "mlp.gate_proj.linear", pre + "mlp.up_proj.linear"],
+           pre + "mlp.up_proj.linear": [pre + "mlp.down_proj.linear"]}
+    assert layer0 == (ffn if finite else {**attn, **ffn})
+    refused = [str(w.message) for w in caught if "scales not folded" in str(w.message)]
+    assert bool(refused) == finite and (not finite or "clamp their input to a finite range" in refused[0])
+
+    def tower(m):
+        return torch.cat([IMAGE_PATH["gemma4"](m, b).last_hidden_state.flatten() for b in batches])
+    with torch.no_grad():
+        ref = tower(model)
+    groups = search_and_fold(model, CONFIG, batches, scope="vision", progress=False)
+    assert any(g.alpha for g in groups if g.prev.startswith("model.vision_tower."))
+    with torch.no_grad():
+        torch.testing.assert_close(tower(model), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
