@@ -108,14 +108,24 @@ def _check_fits(old: nn.Module, entry: Mapping, name: str) -> None:
 
 
 def _untie(model: nn.Module, names: Iterable[str]) -> None:
-    """Drop tied-weight entries that involve a quantized module's weight (it has packed codes, not a weight)."""
+    """Drop tied-weight entries that involve a quantized module's weight (it has packed codes, not a weight).
+
+    Float weights tied to the same quantized one (T5's ``encoder.embed_tokens`` and ``decoder.embed_tokens``, tied
+    to a quantized ``shared``) still share one tensor: the others are tied to the first of them instead, so
+    transformers saves it once and ties it again on load."""
     tied = getattr(model, "all_tied_weights_keys", None)
     if not tied:
         return
     keys = {n + ".weight" for n in names}
+    first: dict[str, str] = {}  # quantized source -> its first float target, the new source of the others
     for target, source in list(tied.items()):
         if target in keys or source in keys:
             tied.pop(target)
+            if source in keys and target not in keys:
+                if source in first:
+                    tied[target] = first[source]
+                else:
+                    first[source] = target
 
 
 def _shared_buffer_keys(model: nn.Module, heads: Mapping[str, str]) -> dict[str, str]:
