@@ -314,9 +314,22 @@ class MaskSides:
         Returns:
             ``masks.encoder`` or ``masks.decoder``.
         """
-        if self.encoder is None or _under(name, self.encoder) or any(x is s for s in states):
-            return masks.encoder
-        return masks.decoder
+        return masks.encoder if self.reads_encoder(name, x, states) else masks.decoder
+
+    def reads_encoder(self, name: str, x: Any, states: Sequence[torch.Tensor] = ()) -> bool:
+        """Whether layer ``name``'s input ``x`` is on the encoder's side (the rule of the class docstring): its rows
+        are the encoder's positions (the ``attention_mask``, the encoder's token count), else the decoder's.
+
+        Args:
+            name: the layer's (or block's) name in the model.
+            x: its input (compared by identity with ``states``).
+            states: the encoder-side tensors of the current call (:meth:`tracking`, :func:`call_encoder_states`).
+
+        Returns:
+            ``True`` for every layer of a model that is not an encoder-decoder, for a layer under the encoder side
+            and for an input that is one of ``states``; ``False`` otherwise.
+        """
+        return self.encoder is None or _under(name, self.encoder) or any(x is s for s in states)
 
     def block_masks(self, block: str, masks: Sequence[BatchMasks]
                     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None] | None]:

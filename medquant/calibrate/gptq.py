@@ -1075,15 +1075,40 @@ def _add(acc: HessianAccumulator, name: str, x: Any, labels: Any, mask: torch.Te
     shared.add(acc, x, labels, mask, tokens)
 
 
-def _batch_tokens(batch: Any) -> int | None:
-    """The number of tokens of a dict calibration batch, ``batch * sequence`` of its 2-D ``attention_mask`` or
-    ``input_ids``; ``None`` for other batches."""
-    if isinstance(batch, Mapping):
-        for key in ("attention_mask", "input_ids"):
-            t = batch.get(key)
-            if isinstance(t, torch.Tensor) and t.dim() == 2:
-                return t.numel()
+@dataclass(frozen=True)
+class _Tokens:
+    """The token counts (``batch * sequence``) of one calibration batch by side (``None``: not known).
+
+    Attributes:
+        encoder: the count of a decoder-only model's tokens, or of an encoder-decoder's encoder.
+        decoder: the count of an encoder-decoder's decoder tokens.
+    """
+
+    encoder: int | None = None
+    decoder: int | None = None
+
+
+def _count(batch: Mapping[str, Any], keys: Sequence[str]) -> int | None:
+    """``batch * sequence`` of the first of ``keys`` in ``batch`` holding a 2-D tensor (ids, masks, labels) or a
+    3-D one (embeddings)."""
+    for key in keys:
+        t = batch.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() in (2, 3):
+            return t.shape[0] * t.shape[1]
     return None
+
+
+def _batch_tokens(batch: Any) -> _Tokens:
+    """The token counts of a dict calibration batch: ``batch * sequence`` of its ``attention_mask``, ``input_ids``
+    or ``inputs_embeds`` (a decoder-only model's tokens, an encoder-decoder's encoder's), and of its
+    ``decoder_attention_mask``, ``decoder_input_ids``, ``decoder_inputs_embeds`` or ``labels`` (the decoder's, of
+    the encoder's count without any: BART shifts ``input_ids`` into its decoder inputs); both ``None`` for other
+    batches. :class:`~medquant.calibrate._forward.MaskSides` says which a layer's input takes."""
+    if not isinstance(batch, Mapping):
+        return _Tokens()
+    encoder = _count(batch, ("attention_mask", "input_ids", "inputs_embeds"))
+    decoder = _count(batch, ("decoder_attention_mask", "decoder_input_ids", "decoder_inputs_embeds", "labels"))
+    return _Tokens(encoder, encoder if decoder is None else decoder)
 
 
 def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], early_stop: bool,
@@ -1098,7 +1123,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
     seen: set[str] = set()
     current: list[Any] = [None]
     mask: list[BatchMasks] = [BatchMasks()]
-    tokens: list[int | None] = [None]
+    tokens: list[_Tokens] = [_Tokens()]
     handles = []
     sides = MaskSides(model) if sides is None else sides
     states: list[torch.Tensor] = []
@@ -1108,8 +1133,10 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
     def make(n: str):
         def hook(mod, args, kwargs):
             x = _input_of(args, kwargs)
-            _add(accs[n], n, x, current[0], None if n in unmasked else sides.mask(n, x, mask[0], states), shared,
-                 experts, None if n in unmasked else tokens[0])
+            enc = sides.reads_encoder(n, x, states)  # the side of x's rows: its mask, its token count
+            m, t = (mask[0].encoder, tokens[0].encoder) if enc else (mask[0].decoder, tokens[0].decoder)
+            _add(accs[n], n, x, current[0], None if n in unmasked else m, shared, experts,
+                 None if n in unmasked else t)
             seen.add(n)
             if early_stop and len(seen) == len(accs):
                 raise _Stop
@@ -1141,7 +1168,8 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
                    labels: Sequence[Any] | None, masks: Sequence[torch.Tensor | None] | None = None,
                    unmasked: Collection[str] = (), experts: ExpertRows | None = None,
                    tokens: Sequence[int | None] | None = None,
-                   encoder_masks: Sequence[torch.Tensor | None] | None = None) -> None:
+                   encoder_masks: Sequence[torch.Tensor | None] | None = None,
+                   encoder_tokens: Sequence[int | None] | None = None) -> None:
     """Accumulate the Hessians of ``accs``' layers on the block's calibration calls, every call run whole.
 
     ``masks[i]``: the token mask of calibration batch ``i`` for the block's rows (:func:`token_mask`; the
@@ -1149,7 +1177,8 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
     :class:`~medquant.calibrate._forward.MaskSides`), applied to the layers (not in ``unmasked``) whose input is
     ``(batch, tokens, K)``; ``encoder_masks[i]`` (a decoder block): the encoder's mask, applied instead to an input
     that is the call's ``encoder_hidden_states`` argument (:func:`call_encoder_states`: cross-attention k / v);
-    ``tokens[i]``: its token count (:func:`_batch_tokens`).
+    ``tokens[i]``: the token count of the block's rows (:func:`_batch_tokens`: the decoder's in a decoder block),
+    ``encoder_tokens[i]`` (a decoder block) the encoder's, taken by an input that is ``encoder_hidden_states``.
 
     Layers reading the same input tensor share its ``X^T X`` (:class:`_SharedInputs`). No call stops early: with
     data-dependent control flow (a loop whose count depends on the input, a router choosing experts per input) a
@@ -1163,14 +1192,16 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
     encoder_mask: list[torch.Tensor | None] = [None]
     states: list[torch.Tensor] = []  # the encoder_hidden_states of the current call (a decoder block)
     count: list[int | None] = [None]
+    encoder_count: list[int | None] = [None]
     handles = []
+    cross = encoder_masks is not None or encoder_tokens is not None
 
     def make(n: str):
         def hook(mod, args, kwargs):
             x = _input_of(args, kwargs)
-            m = encoder_mask[0] if any(x is s for s in states) else mask[0]
+            m, t = (encoder_mask[0], encoder_count[0]) if any(x is s for s in states) else (mask[0], count[0])
             _add(accs[n], n, x, current[0], None if n in unmasked else m, shared, experts,
-                 None if n in unmasked else count[0])
+                 None if n in unmasked else t)
         return hook
 
     try:
@@ -1182,8 +1213,9 @@ def _capture_block(block: nn.Module, inputs: BlockInputs, accs: Mapping[str, Hes
             current[0] = labels[i] if labels is not None else None
             mask[0] = masks[i] if masks is not None else None
             encoder_mask[0] = encoder_masks[i] if encoder_masks is not None else None
-            states[:] = call_encoder_states(block, a, k) if encoder_masks is not None else []
+            states[:] = call_encoder_states(block, a, k) if cross else []
             count[0] = tokens[i] if tokens is not None else None
+            encoder_count[0] = encoder_tokens[i] if encoder_tokens is not None else None
             with torch.no_grad(), tracking():  # no autograd graph keeps the call's activations alive
                 block(*a, **k)
     finally:
@@ -1258,7 +1290,8 @@ def gptq_quantize_(
         groups: optional group labels, one entry per calibration batch: a label (int or str) for the whole batch,
             or a sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's
             input, or its tokens flattened sample by sample, ``(batch * tokens, K)``, each row taking its sample's
-            label). Then each layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
+            label; in an encoder-decoder the tokens of the input's side: the decoder's, from
+            ``decoder_attention_mask`` / ``decoder_input_ids`` / ``labels``, for a decoder layer). Then each layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
             (:class:`HessianAccumulator`), so a minority group's inputs weigh as much as the majority's.
         group_weights: ``w_g`` by label (normalised to sum 1 over the groups seen); default uniform.
         max_hessian_bytes: the most bytes of Hessian sums held at once (``K^2`` float64 per Linear, per group of a
@@ -1530,15 +1563,19 @@ def gptq_quantize_sequential(
         configs = unfold_experts(block, configs, lambda n, new: swap(block, n, new, before), f"{inputs.name}.")
         names = list(configs)
         experts = ExpertRows(block, names)
-        # the block's rows take its side's masks; a decoder block's encoder_hidden_states input, the encoder's
+        # the block's rows take its side's masks and token counts; a decoder block's encoder_hidden_states input,
+        # the encoder's
         own, cross = sides.block_masks(inputs.name, masks)
+        decoder = cross is not None
+        own_counts = [c.decoder if decoder else c.encoder for c in counts]
+        cross_counts = [c.encoder for c in counts] if decoder else None
         # an expert layer reads what its experts module reads (image patches in a vision tower)
         unmasked = {n for n in names if f"{inputs.name}.{n.rsplit('.', 2)[0] if n in experts else n}" in image_layers}
         built = []
         for part in _hessian_parts(block, names, max_hessian_bytes, _label_count(labels)):
             accs = {n: HessianAccumulator(block.get_submodule(n), f"{inputs.name}.{n}", group_weights) for n in part}
-            _capture_block(block, inputs, accs, labels, own if padded else None, unmasked, experts, counts,
-                           encoder_masks=cross if padded else None)
+            _capture_block(block, inputs, accs, labels, own if padded else None, unmasked, experts, own_counts,
+                           encoder_masks=cross if padded else None, encoder_tokens=cross_counts)
             factors = _Factors()
             built += [(n, _layer_result(block.get_submodule(n), n, configs[n], accs, experts, unrouted, len(batches),
                                         labels, damp, block_size, act_order, clip_search, seed, factors,

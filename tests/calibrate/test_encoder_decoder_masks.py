@@ -440,3 +440,107 @@ def test_only_an_encoder_decoder_without_known_sides_warns_about_equal_lengths(l
     said = [str(w.message) for w in caught if "medquant does not tell apart" in str(w.message)]
     assert len(said) == (1 if length == T else 0)
     assert all(f"({T} tokens)" in s for s in said)
+
+
+# ---------------------------------------------------------------------------------------------- per-sample groups
+D = 5  # a decoder length other than the encoder's
+
+
+class _Flat(nn.Module):
+    """A linear reading its input's tokens flattened sample by sample, ``(batch * tokens, K)`` (as an MoE block's
+    shared expert reads them)."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def _flat_bart() -> nn.Module:
+    """The tiny BART with both fc1 layers (the encoder's and the decoder's) reading flattened tokens."""
+    model = _bart()
+    for stack in (model.model.encoder, model.model.decoder):
+        stack.layers[0].fc1 = _Flat(stack.layers[0].fc1)
+    return model
+
+
+def _short_decoder_batches(kind: str) -> list[dict[str, Any]]:
+    """:func:`_batches` with a decoder of ``D`` tokens (padded in batch 0 by a ``decoder_attention_mask`` or by -100
+    labels; decoder inputs without a mask in ``"no_decoder_mask"``)."""
+    gen = torch.Generator().manual_seed(4)
+    out = []
+    for b, pad in zip(_batches("labels" if kind == "labels" else "decoder_mask"), (2, 0)):
+        b = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
+        ids = torch.randint(3, VOCAB, (2, D), generator=gen)
+        if kind == "labels":
+            if pad:
+                ids[0, D - pad:] = -100
+            b["labels"] = ids
+        else:
+            b["decoder_input_ids"] = ids
+            if kind == "decoder_mask":
+                m = torch.ones(2, D, dtype=torch.long)
+                m[0, D - pad:] = 0
+                b["decoder_attention_mask"] = m
+        out.append(b)
+    return out
+
+
+GROUPS = [["a", "b"], ["b", "a"]]  # per-sample labels of the two calibration batches
+
+
+def _group_hessian(model: nn.Module, name: str, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, dict]:
+    """By hand, on the float model: ``sum_g (1 / G) 2 X_g^T X_g / n_g`` of the flattened layer ``name``, row ``r``
+    of a batch's ``(2 * L, K)`` input being sample ``r // L``'s (``L``: that side's length) and a calibration row
+    where that side's mask (``attention_mask`` for the encoder, ``decoder_attention_mask`` for the decoder) is
+    nonzero; and the rows of each group."""
+    encoder = name.startswith("model.encoder.")
+    rows: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    current = [0]
+
+    def hook(mod, args):
+        x = args[0].detach().double()
+        b = batches[current[0]]
+        length = T if encoder else D
+        assert x.shape[0] == 2 * length
+        m = b.get("attention_mask" if encoder else "decoder_attention_mask")
+        keep = torch.ones(2 * length, dtype=torch.bool) if m is None else m.reshape(-1) != 0
+        for r in range(2 * length):
+            if keep[r]:
+                rows[GROUPS[current[0]][r // length]].append(x[r])
+
+    h = model.get_submodule(name).register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for i, b in enumerate(batches):
+            current[0] = i
+            model(**b)
+    h.remove()
+    xs = {g: torch.stack(v) for g, v in rows.items()}
+    return sum(0.5 * 2 * x.T @ x / x.shape[0] for x in xs.values()), {g: x.shape[0] for g, x in xs.items()}
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "block_by_block"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_gptq_per_sample_groups_on_flattened_tokens_count_the_tokens_of_each_side(side, kind, sequential,
+                                                                                monkeypatch):
+    """Per-sample ``groups=`` labels spread over a layer reading ``(batch * tokens, K)``: an encoder layer's rows
+    are the encoder's tokens (8 per sample), a decoder layer's the decoder's (5 per sample, from its
+    decoder_input_ids / decoder_attention_mask / labels), each row labelled with its sample and left out where its
+    side's mask is 0. The decoder's were counted with the encoder's tokens: refused (10 rows are not 2 samples of 8
+    tokens)."""
+    model, batches = _flat_bart(), _short_decoder_batches(kind)
+    name = f"model.{side}.layers.0.fc1.lin"
+    ref, counts = _group_hessian(copy.deepcopy(model), name, batches)
+    got = _spy_hessians(monkeypatch)
+    run = gptq_quantize_sequential if sequential else gptq_quantize_
+    kw = {"offload_device": None} if sequential else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*stay in floating point")
+        records = run(model, CONFIG, batches, groups=GROUPS, skip=[rf"re:^(?!{re.escape(name)}$).*"],
+                      progress=False, **kw)
+    assert set(got) == {name}
+    torch.testing.assert_close(got[name].reshape(ref.shape), ref, rtol=1e-5, atol=1e-7)
+    assert records[name]["group_rows"] == counts

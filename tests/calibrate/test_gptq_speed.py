@@ -16,10 +16,10 @@ from medquant.testing.zoo import ZOO_BY_NAME
 
 
 def _separate_capture(block, inputs, accs, labels, masks=None, unmasked=frozenset(), experts=None, tokens=None,
-                      encoder_masks=None):
+                      encoder_masks=None, encoder_tokens=None):
     """The plain capture: every layer accumulates its own input on every full call of the block (the batches here
     are not padded: ``masks`` is ``None``; the model has no MoE experts)."""
-    assert masks is None and encoder_masks is None and not experts.parents
+    assert masks is None and encoder_masks is None and encoder_tokens is None and not experts.parents
     current = [None]
 
     def make(n):
