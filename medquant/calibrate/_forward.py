@@ -258,7 +258,9 @@ class MaskSides:
     A model is an encoder-decoder here when :func:`medquant.models.language_model_layers` gives it an encoder stack
     and a decoder stack (BART, Florence-2's BART, T5, T5Gemma...); the encoder side is the module holding
     the encoder stack (the name up to its outermost ``encoder`` component: ``model.language_model.encoder``,
-    ``encoder``). The rule, per layer input ``x`` of a calibration batch with :class:`BatchMasks` ``masks``:
+    ``encoder``). A model whose ``config.is_encoder_decoder`` is true and whose encoder is not a language stack
+    (Whisper: its encoder reads audio) is one too: the encoder side is the submodule its ``get_encoder()`` returns,
+    the decoder blocks its language blocks. The rule, per layer input ``x`` of a calibration batch with :class:`BatchMasks` ``masks``:
 
     * not an encoder-decoder: ``masks.encoder`` (the batch's ``attention_mask``) for every layer;
     * a layer under the encoder side: ``masks.encoder``;
@@ -284,13 +286,33 @@ class MaskSides:
         self.decoder_blocks: list[str] = []
         try:
             enc, dec = language_model_layers(model, "encoder"), language_model_layers(model, "decoder")
-        except ValueError:  # not an encoder-decoder (or an architecture without roles)
-            return
+        except ValueError:  # not two language stacks (or an architecture without roles)
+            enc, dec = [], []
         if not enc or not dec:
+            self._encoder_of_config(model)
             return
         parts = enc[0].split(".")
         self.encoder = ".".join(parts[:parts.index("encoder") + 1]) if "encoder" in parts else enc[0].rpartition(".")[0]
         self.decoder_blocks = list(dec)
+
+    def _encoder_of_config(self, model: nn.Module) -> None:
+        """The sides of an encoder-decoder whose encoder is not a language stack (Whisper's reads audio): a model
+        whose ``config.is_encoder_decoder`` is true, with a ``get_encoder()`` submodule; the decoder blocks are the
+        language blocks outside it. Nothing is set for any other model."""
+        get = getattr(model, "get_encoder", None)
+        if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not callable(get):
+            return
+        try:
+            encoder = get()
+            blocks = language_model_layers(model)
+        except (AttributeError, TypeError, ValueError, NotImplementedError):
+            return
+        name = next((n for n, m in model.named_modules() if m is encoder and n), None)
+        if name is None:
+            return
+        dec = [b for b in blocks if not _under(b, name)]
+        if dec:
+            self.encoder, self.decoder_blocks = name, dec
 
     @property
     def seq2seq(self) -> bool:

@@ -544,3 +544,55 @@ def test_gptq_per_sample_groups_on_flattened_tokens_count_the_tokens_of_each_sid
     assert set(got) == {name}
     torch.testing.assert_close(got[name].reshape(ref.shape), ref, rtol=1e-5, atol=1e-7)
     assert records[name]["group_rows"] == counts
+
+
+# ---------------------------------------------------------------------------------------------- Whisper
+def _whisper() -> nn.Module:
+    """A tiny Whisper: its encoder reads ``input_features`` (log-mel frames, no attention_mask), its decoder tokens;
+    only the decoder stack is in the language role."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                        max_source_positions=T, max_target_positions=32, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, decoder_start_token_id=1)
+    return WhisperForConditionalGeneration(cfg).eval()
+
+
+def _whisper_batches() -> list[dict[str, Any]]:
+    """Two batches of 2 clips (``2 T`` frames: ``T`` encoder positions) with decoder inputs of ``T`` tokens, the
+    ``decoder_attention_mask`` padded in batch 0."""
+    gen = torch.Generator().manual_seed(6)
+    return [{"input_features": torch.randn(2, 8, 2 * T, generator=gen),
+             "decoder_input_ids": torch.randint(3, VOCAB, (2, T), generator=gen), "decoder_attention_mask": m}
+            for m in (_mask(2, {0: 3}), _mask(2, {}))]
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "block_by_block"])
+def test_gptq_whisper_decoder_takes_its_decoder_attention_mask(sequential, monkeypatch):
+    """Whisper's sides are not two language stacks (its encoder reads audio), but it is an encoder-decoder: the
+    decoder's layers leave out the rows where decoder_attention_mask is 0; the cross-attention k / v (the encoder's
+    positions, no mask) keep every row. The decoder_attention_mask was not read: the padding rows were data."""
+    model, batches = _whisper(), _whisper_batches()
+    names = _linears(model, "model.decoder.")
+    ref = _reference_rows(copy.deepcopy(model), names, batches)
+    got = _spy_hessians(monkeypatch)
+    run = gptq_quantize_sequential if sequential else gptq_quantize_
+    kw = {"offload_device": None} if sequential else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*stay in floating point")
+        records = run(model, CONFIG, batches, skip=["proj_out", r"re:model\.encoder\..*"], progress=False, **kw)
+    assert set(got) == set(names)
+    _check_hessians(got, ref, records)
+    assert MaskSides(model).encoder == "model.encoder"  # the module get_encoder() returns
+
+
+def test_adaround_whisper_decoder_block_error_counts_its_real_rows():
+    """The decoder block's error is over the rows where decoder_attention_mask is nonzero."""
+    model, batches = _whisper(), _whisper_batches()
+    float_model = copy.deepcopy(model)
+    unit = "model.decoder.layers.0"
+    records = adaround_quantize_(model, CONFIG, batches, skip=["proj_out", r"re:model\.encoder\..*"], blocks=[unit],
+                                 iters=2, progress=False)
+    r = next(r for r in records.values() if r["block"] == unit)
+    assert r["mse"] == pytest.approx(_unit_sse(model, float_model, unit, batches), rel=1e-4)
