@@ -1351,7 +1351,8 @@ def gptq_quantize_(
             aliases = names_by_module(model)
             experts = ExpertRows(model, list(plan))
             padded = any(batch_masks(b).padded for b in batches)
-            unmasked = unmasked_layers(model, plan) if padded else set()
+            # image layers: no token mask, and per-sample labels never spread over their rows by the token count
+            unmasked = unmasked_layers(model, plan) if padded or labels is not None else set()
             sides = MaskSides(model)
             sides.warn_unsided(batches)
             ordered, counts = _call_order(model, list(plan), batches, unmasked, experts, sides)
@@ -1541,7 +1542,9 @@ def gptq_quantize_sequential(
     sides = MaskSides(model)
     sides.warn_unsided(batches)
     counts = [_batch_tokens(b) for b in batches]  # per batch: tokens flattened sample by sample take their labels
-    image_layers = unmasked_layers(model, [n for n, _ in model.named_modules()]) if padded else set()
+    # image layers: no token mask, and per-sample labels never spread over their rows by the token count
+    image_layers = unmasked_layers(model, [n for n, _ in model.named_modules()]) \
+        if padded or labels is not None else set()
 
     unrouted: list[str] = []
     modes = {id(m): m.training for m in model.modules()}  # before eval_mode: the new layers get these

@@ -178,6 +178,31 @@ def test_per_sample_labels_are_not_spread_evenly_over_rows_that_are_not_the_batc
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole", "sequential"])
+def test_per_sample_labels_are_not_spread_over_image_patches_as_many_as_the_tokens_of_an_unpadded_batch(sequential):
+    """The same two images (16 and 8 patches) with texts making two unpadded rows of 12 tokens: the 24 patches are
+    as many as the batch's tokens, but they are no tokens (vision-tower layers never take the token count, padded
+    batch or not). They were cut into 12 / 12 runs (4 of image 0's patches labelled with sample 1), silently;
+    refused as for the padded batch above."""
+    from medquant.testing import zoo
+
+    model, batch = _two_images_of_different_sizes()
+    ids = batch["input_ids"]
+    rows = [[t for t in r if t != zoo.PAD_ID] for r in ids.tolist()]
+    rows = [r + list(range(20, 20 + 12 - len(r))) for r in rows]
+    ids = torch.tensor(rows)
+    batch.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == zoo.IMAGE_TOKEN).int())
+    assert ids.numel() == batch["pixel_values"].shape[0] == 24
+    before = copy.deepcopy(model.state_dict())
+    run = gptq_quantize_sequential if sequential else gptq_quantize_
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"visual\.blocks\.0\..*per-sample group labels"):
+        warnings.simplefilter("ignore")
+        run(model, CFG, [batch], groups=[["a", "b"]], skip=["@head", r"re:model\.visual\.merger\..*"],
+            progress=False)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_adaround_rounds_dense_llama4_experts_no_token_reaches_to_nearest():
     """Learned rounding on Llama 4's dense experts: an expert no token is routed to (only zero rows) is rounded to
     nearest and reported, like GPTQ's; its calls are counted as they are captured (on the routed rows)."""
