@@ -1291,7 +1291,8 @@ def gptq_quantize_(
             or a sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's
             input, or its tokens flattened sample by sample, ``(batch * tokens, K)``, each row taking its sample's
             label; in an encoder-decoder the tokens of the input's side: the decoder's, from
-            ``decoder_attention_mask`` / ``decoder_input_ids`` / ``labels``, for a decoder layer). Then each layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
+            ``decoder_attention_mask`` / ``decoder_input_ids`` / ``labels``, for a decoder layer). Then each
+            layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
             (:class:`HessianAccumulator`), so a minority group's inputs weigh as much as the majority's.
         group_weights: ``w_g`` by label (normalised to sum 1 over the groups seen); default uniform.
         max_hessian_bytes: the most bytes of Hessian sums held at once (``K^2`` float64 per Linear, per group of a
