@@ -359,6 +359,33 @@ def _tied_heads_stored_once(model: nn.Module) -> Iterator[None]:
             head._non_persistent_buffers_set.discard(b)
 
 
+@contextlib.contextmanager
+def _shared_stored_once(model: nn.Module) -> Iterator[None]:
+    """While the block runs, ``model.state_dict()`` leaves out the tensors of a quantized layer under its further
+    names (``shared_modules``): they are stored once, under the name ``modules`` records, where transformers'
+    ``from_pretrained`` reads them. Without this, safetensors keeps the alphabetically first name, and
+    ``from_pretrained`` of a folder whose further name sorts first refused it (the recorded name's tensors
+    missing)."""
+    aliases = {alias + ".": name + "." for alias, name in shared_modules(model).items()}
+
+    def drop(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+        if prefix:
+            return
+        for key in [k for k in state if any(k.startswith(a) for a in aliases)]:
+            alias = next(a for a in aliases if key.startswith(a))
+            kept = state.get(aliases[alias] + key[len(alias):])
+            t = state[key]
+            if kept is not None and kept.data_ptr() == t.data_ptr() and kept.shape == t.shape:  # one tensor
+                del state[key]
+
+    handle = model.register_state_dict_post_hook(drop) if aliases else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def _check_json_keys(value: Any, where: str) -> None:
     """Refuse dict keys that JSON would turn into strings (``{0: x}`` comes back as ``{"0": x}``), naming where."""
     if isinstance(value, dict):
@@ -424,7 +451,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
     version = dense_layouts(model)
     with write_checkpoint(path) as folder:
         wpath = folder / WEIGHTS_NAME
-        with _tied_heads_stored_once(model):
+        with _tied_heads_stored_once(model), _shared_stored_once(model):
             save_model(model, str(wpath), metadata={"format": "pt", "medquant_format_version": str(version)})
         _sort_safetensors_metadata(wpath)
         meta = {
