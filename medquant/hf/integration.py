@@ -533,8 +533,8 @@ class MedQuantHfQuantizer(HfQuantizer):
                 shell.train(old.training)
                 _hide_rows(shell)
                 swap_module(model, name, shell)
-            _untie(model, modules)
             self._shared = _shared_names(model, modules, self.quantization_config.shared_modules or {}, self)
+            _untie(model, [*modules, *self._shared])
             # stored once, under the recorded module: not "missing", bound to it after loading
             tied = [n for n, e in modules.items() if isinstance(e, Mapping) and e.get("tied_to")] + [*self._shared]
             if tied:  # stored once, under the embedding: not "missing", tied again after loading
@@ -596,7 +596,7 @@ class MedQuantHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         # called by save_pretrained before it writes config.json: record the model as it is now
         self.quantization_config.record(model)
-        _untie(model, self.quantization_config.modules)
+        _untie(model, [*(self.quantization_config.modules or {}), *(self.quantization_config.shared_modules or {})])
         model.config.quantization_config = self.quantization_config
         return None, {}
 

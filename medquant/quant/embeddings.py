@@ -72,6 +72,18 @@ def _targets(model: nn.Module, names) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is nn.Embedding or isinstance(m, QuantEmbedding)]
 
 
+_LOOKUP = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+
+def _other_uses(model: nn.Module, name: str, old: nn.Embedding) -> list[str]:
+    """The other names that look ``old``'s table up: ``old`` bound under several names, and plain ``nn.Embedding``
+    modules holding ``old.weight`` itself with the same lookup settings (T5 under transformers 5 ties
+    ``encoder.embed_tokens`` / ``decoder.embed_tokens`` to ``shared`` that way)."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if n and n != name and (m is old or (
+        type(m) is nn.Embedding and m.weight is old.weight
+        and all(getattr(m, a) == getattr(old, a) for a in _LOOKUP)))]
+
+
 @torch.no_grad()
 def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *, names=None,
                          tie: bool = True) -> dict[str, list[str]]:
@@ -88,9 +100,13 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
             (``get_input_embeddings()`` for Hugging Face models), else every ``nn.Embedding``.
         tie: share the packed tensors with tied heads (default). ``False`` leaves heads as they are.
 
+    A table used under several names (one ``nn.Embedding`` bound under several, or plain ``nn.Embedding`` modules
+    holding its very ``weight`` with the same lookup settings, as T5's encoder and decoder embeddings under
+    transformers 5) becomes one ``QuantEmbedding`` bound under all of them.
+
     Returns:
-        ``{"embeddings": [...], "tied_heads": [...]}``: the module names quantized and the heads now sharing
-        their tensors.
+        ``{"embeddings": [...], "tied_heads": [...]}``: the module names quantized (every name of a table used under
+        several) and the heads now sharing their tensors.
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``; a named module is not an ``nn.Embedding``, or is a
@@ -118,8 +134,10 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
                  if isinstance(m, nn.Linear) and float_weight is not None and m.weight is float_weight]
         if isinstance(old, nn.Embedding):
             emb = QuantEmbedding.from_float(old, config).train(old.training)  # the mode quantize_ keeps too
-            swap_module(model, name, emb)
-            done["embeddings"].append(name)
+            uses = [name, *_other_uses(model, name, old)]
+            for n in uses:  # one quantized table under every name that looks the float one up
+                swap_module(model, n, emb)
+            done["embeddings"].extend(uses)
         else:
             emb = old
         if not tie:
