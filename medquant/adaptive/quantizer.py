@@ -45,6 +45,7 @@ import json
 import numbers
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -276,6 +277,9 @@ class AdaptiveQuantizer(nn.Module):
     """
 
     _version = 2  # state_dict: 2 adds the bit map and the sites
+
+    #: what :func:`medquant.quant.hooks.forward_hooks` says installed its site hooks
+    hook_owner: ClassVar[str] = "adaptive"
 
     def __init__(
         self,

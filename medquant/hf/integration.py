@@ -58,6 +58,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from ..io import verify_pretrained, write_checkpoint
+from ..io.checkpoint import check_saved_hooks
 from ..io.schema import parse_layer
 from ..quant.activations import attach_recorded
 from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
@@ -759,8 +760,11 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     Raises:
         ValueError: ``variant=`` (``from_pretrained`` checks ``model.safetensors`` or its shards, so a
             ``model.<variant>.safetensors`` folder would not load); a model without any quantized layer (save a
-            float model with transformers' ``model.save_pretrained``); nothing is written.
+            float model with transformers' ``model.save_pretrained``); forward hooks the folder would lose that
+            change what the model computes (:func:`medquant.io.checkpoint.check_saved_hooks`: an
+            AdaptiveQuantizer's sites, a torch reparametrisation; other hooks are warned about); nothing is written.
     """
+    check_saved_hooks(model, "medquant.hf.save_pretrained")
     attach_quantizer(model)
     _crash_safe_save_pretrained(model, save_directory, **kwargs)
 

@@ -31,6 +31,7 @@ from ..kernels.layout import DENSE_BITS, FORMAT_VERSION
 from ..quant.activations import input_quantizers, recorded_quantizers, set_input_quantizers
 from ..quant.api import swap_module
 from ..quant.experts import expand_recorded_experts, is_experts_module
+from ..quant.hooks import forward_hooks
 from ..quant.modules import (
     QUANT_LAYERS,
     QuantConv2d,
@@ -399,6 +400,54 @@ def _check_json_keys(value: Any, where: str) -> None:
             _check_json_keys(v, f"{where}[{i}]")
 
 
+def check_saved_hooks(model: nn.Module, writer: str = "medquant.save") -> None:
+    """Refuse, or warn about, the forward hooks on ``model`` that a checkpoint of it would lose.
+
+    A checkpoint stores tensors (and medquant's own records); a forward hook or pre-hook is Python that runs around
+    a module, so the model loaded from the file runs without it (:func:`medquant.quant.hooks.forward_hooks` lists
+    them by what installed them):
+
+    * the sites of an :class:`~medquant.adaptive.AdaptiveQuantizer` that is not itself part of the saved model
+      (``medquant.save(aq.model)``; ``medquant.save(aq)`` keeps its bit map and sites in its state): refused;
+    * torch's legacy ``prune`` / ``weight_norm`` / ``spectral_norm`` reparametrisations, whose state dict holds
+      ``weight_orig`` and ``weight_mask`` (``weight_g`` and ``weight_v``) and no ``weight``: refused (the folder
+      would not load into the model it came from);
+    * any other hook (a user's): a ``UserWarning`` naming it, as the loaded model runs without it;
+    * input quantizers (recorded in the checkpoint and attached again) and hooks known to change nothing: accepted.
+
+    Args:
+        model: the model about to be saved.
+        writer: the saving function, for the messages.
+
+    Raises:
+        ValueError: an AdaptiveQuantizer's sites or a reparametrisation, naming each module and how to save the
+            model (nothing is written).
+    """
+    inside = {id(m) for m in model.modules()}
+    hooks = forward_hooks(model)
+    adaptive = [h for h in hooks if h.owner == "adaptive" and id(h.installer) not in inside]
+    reparam = [h for h in hooks if h.owner == "reparametrization"]
+    if adaptive:
+        raise ValueError(
+            f"{writer} stores tensors, and {len(adaptive)} module(s) of this model are sites of an AdaptiveQuantizer "
+            f"that is not part of it ({'; '.join(h.describe() for h in adaptive[:8])}): the per-sample activation "
+            "bits would be lost. Accepted: save the AdaptiveQuantizer itself (medquant.save(aq, path): its bit map "
+            "and sites are in its state; load it into AdaptiveQuantizer(model, bit_map=..., sites=...)), or call "
+            "aq.remove() first and save the model it returns (weights quantized, activations float)")
+    if reparam:
+        raise ValueError(
+            f"{writer} stores the state dict, and {len(reparam)} module(s) compute their weight through a torch "
+            f"reparametrisation ({'; '.join(h.describe() for h in reparam[:8])}): the file would hold its parts "
+            "(weight_orig and weight_mask, weight_g and weight_v) and no weight, and would not load into the model. "
+            "Accepted: make it permanent first (torch.nn.utils.prune.remove(module, 'weight'), "
+            "torch.nn.utils.remove_weight_norm(module), remove_spectral_norm(module))")
+    user = [h for h in hooks if h.owner == "user"]
+    if user:
+        _warn(f"{writer}: {len(user)} forward hook(s) are not saved ({'; '.join(h.describe() for h in user[:8])}"
+              f"{' ...' if len(user) > 8 else ''}): the model loaded from the folder runs without them; build what "
+              "they compute into the model's layers to keep it", UserWarning)
+
+
 def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (quantized or not) to the folder ``directory`` (see :mod:`medquant.io`).
 
@@ -422,8 +471,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
             :class:`medquant.qlora.QLoRAAdapter` for saving those), or ``extras`` is not a JSON-serialisable dict
             with string keys.
         ValueError: ``directory`` is refused by :func:`checkpoint_path` (or is, after its symlinks, the current
-            folder, a folder above it or a root: :func:`medquant.io.atomic.replace_directory`), or tensors of the
-            model are on the meta device.
+            folder, a folder above it or a root: :func:`medquant.io.atomic.replace_directory`), tensors of the
+            model are on the meta device, or forward hooks the file would lose change what it computes
+            (:func:`check_saved_hooks`: an AdaptiveQuantizer's sites, a torch reparametrisation; other hooks are
+            warned about).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
@@ -442,6 +493,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
     if on_meta:
         raise ValueError(f"{len(on_meta)} tensor(s) of the model are on the meta device (not loaded), e.g. "
                          f"{on_meta[0]}: load or materialise them before saving")
+    check_saved_hooks(model)
     kind = "hf" if _is_hf(model) else "torch"
     _check_json_keys(extras or {}, "extras")
     try:

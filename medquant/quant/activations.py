@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ class InputQuantizer:
         ValueError: ``bits`` outside 2..16, a scale that is not a finite positive number, or a zero point off the
             codes (asymmetric: outside ``0..2^b - 1``, where 0 is not representable; symmetric: not 0).
     """
+
+    #: what :func:`medquant.quant.hooks.forward_hooks` says installed its pre-hook
+    hook_owner: ClassVar[str] = "input"
 
     def __init__(self, bits: int, symmetric: bool, scale: float, zero: int = 0) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
