@@ -19,7 +19,8 @@ LLaMA / Qwen / Gemma   ``self_attn.{q,k,v}_proj`` -> ``self_attn.o_proj``  ``mlp
 GLM-4V / Phi-3                                                         ``mlp.gate_up_proj`` (fused) -> ``down_proj``
 LFM2                                                                   ``feed_forward.{w1,w3}`` -> ``w2``
 SigLIP / CLIP / Idefics3  ``self_attn.{q,k,v}_proj`` -> ``out_proj``    ``mlp.fc1`` -> ``mlp.fc2``
-BART (Florence-2)      ``self_attn.{q,k,v}_proj`` -> ``out_proj``      ``fc1`` -> ``fc2``
+BART / mBART / Whisper ``self_attn.{q,k,v}_proj`` -> ``out_proj``      ``fc1`` -> ``fc2``
+(Florence-2)
 ViT (transformers 5)   ``attention.{q,k,v}_proj`` -> ``o_proj``        ``mlp.fc1`` -> ``mlp.fc2``
 BERT                   ``attention.self.{query,key,value}``            ``intermediate.dense`` -> ``output.dense``
                        -> ``attention.output.dense``
@@ -60,7 +61,10 @@ added, head by head, in every later block, so a block cannot lose heads alone; T
 weights (one module for all experts, transformers 5) are named by :attr:`Block.experts` (:mod:`medquant.prune`
 removes each expert's neurons); a shared expert MLP beside them is the block's FFN.
 Encoder-decoder language models (BART in Florence-2, T5 in BLIP-2 Flan-T5, T5Gemma, T5Gemma 2, bert2bert) give two stacks:
-the encoder's blocks, then the decoder's.
+the encoder's blocks, then the decoder's. So does an encoder-decoder whose encoder has no role (Whisper: it reads
+log-mel frames, not tokens): when ``config.is_encoder_decoder`` is true and the module ``get_encoder()`` returns lies
+outside every role, its shallowest block list is the first stack, listed with the language blocks (role
+``"language"``, in the ``None`` / ``"language"`` / ``"all"`` scopes) although :func:`model_roles` gives it no role.
 """
 from __future__ import annotations
 
@@ -69,7 +73,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .introspect import _find_layers, _language_stacks, _side, model_roles, vision_layers
+from .introspect import _find_layers, _holds_linear, _language_stacks, _side, model_roles, vision_layers
+from .structure import under as _under
 
 __all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "shares_position_bias", "stack_side",
            "transformer_blocks"]
@@ -227,8 +232,33 @@ def _role_stacks(model: nn.Module, roles: Sequence[str]) -> list[tuple[str, list
         if r == "vision":
             out.append((r, vision_layers(model)))
         else:
-            out.extend((r, names) for names in _language_stacks(model) or [[]])
+            out.extend((r, names) for names in _seq2seq_stacks(model, _language_stacks(model)) or [[]])
     return out
+
+
+def _seq2seq_stacks(model: nn.Module, stacks: list[list[str]]) -> list[list[str]]:
+    """``stacks`` (the language stacks), preceded by the encoder's block list when the model is an encoder-decoder
+    whose encoder holds no language block (Whisper: its encoder reads log-mel frames, no token embedding, so it has
+    no role): ``config.is_encoder_decoder`` is true and the module ``get_encoder()`` returns lies outside every role
+    (a vision encoder keeps its role) and holds a non-empty ``nn.ModuleList`` of blocks with linear layers (its
+    shallowest one is the encoder stack). Any other model gets ``stacks`` unchanged."""
+    if len(stacks) != 1 or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return stacks
+    get = getattr(model, "get_encoder", None)
+    try:
+        encoder = get() if callable(get) else None
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return stacks
+    if not isinstance(encoder, nn.Module):
+        return stacks
+    name = next((n for n, m in model.named_modules() if m is encoder and n), None)
+    placed = [q for prefixes in model_roles(model).values() for q in prefixes]
+    if name is None or any(_under(name, q) or _under(q, name) for q in placed):
+        return stacks  # the encoder has a role (a vision encoder: VisionEncoderDecoderModel) or holds one
+    enc = _find_layers(model, [name]) or []
+    if not enc or not all(_holds_linear(model.get_submodule(b)) for b in enc):
+        return stacks
+    return [enc, stacks[0]]
 
 
 def block_stacks(model: nn.Module) -> list[list[str]]:
@@ -240,7 +270,8 @@ def block_stacks(model: nn.Module) -> list[list[str]]:
     Returns:
         ``[vision blocks, language blocks]`` with empty lists dropped, e.g.
         ``[["model.vision_tower.encoder.layers.0", ...], ["model.language_model.layers.0", ...]]``; an
-        encoder-decoder language model gives two language lists, its encoder's blocks then its decoder's; ``[]`` for
+        encoder-decoder language model gives two language lists, its encoder's blocks then its decoder's (also
+        Whisper, whose encoder has no role: ``model.encoder.layers.*`` then ``model.decoder.layers.*``); ``[]`` for
         a model without vision or language blocks, and for a plain ``nn.Module`` (no roles).
     """
     return [names for _, names in _role_stacks(model, ("vision", "language")) if names]
