@@ -3,13 +3,18 @@
 For a group of linears ``W_1..W_m`` that read the same input ``X`` (q/k/v, or a fused ``qkv`` projection as in
 Qwen2-VL's vision blocks, after the attention norm; gate/up after
 the FFN norm; down after up; o after v; the norms are the block's ``input_layernorm`` / ``layer_norm1`` /
-``layernorm_before`` / ``norm1`` (DINOv2) / ``operator_norm`` (LFM2) / ``rms_norm1`` (AIMv2) and
+``layernorm_before`` / ``norm1`` (DINOv2) / ``operator_norm`` (LFM2) / ``rms_norm1`` (AIMv2) /
+``self_attn_layer_norm`` (BART family, Whisper) and
 ``pre_feedforward_layernorm`` / ``post_attention_layernorm`` / ``layer_norm2`` / ``layernorm_after`` / ``norm2`` /
-``ffn_norm`` (LFM2) / ``rms_norm2`` (AIMv2), kept only where the calibration forward shows they feed exactly
-their group, below), scaling input channel ``j`` of every ``W_i`` by ``s_j`` and dividing the
-op that produces ``X`` by ``s_j`` leaves the float function unchanged:
-``X W^T = (X diag(1/s)) (W diag(s))^T``. Quantizing ``W diag(s)`` instead of ``W`` protects the channels with
-large activations (their weights get a finer relative grid). Scales are searched per group on calibration data:
+``ffn_norm`` (LFM2) / ``rms_norm2`` (AIMv2) / ``final_layer_norm`` (BART family, Whisper), or the ``layer_norm`` of
+the sublayer holding the attention / FFN (T5's ``layer.i.layer_norm``); in an encoder-decoder's decoder block the
+cross-attention's norm (``encoder_attn_layer_norm``, T5's ``layer.1.layer_norm``) feeds its query projection only -
+its k / v read the encoder output - and its v feeds its o; the norms are kept only where the calibration forward
+shows they feed exactly their group, below: post-norm BART's come after their sublayers and are refused), scaling
+input channel ``j`` of every ``W_i`` by ``s_j`` and dividing the op that produces ``X`` by ``s_j`` leaves the float
+function unchanged: ``X W^T = (X diag(1/s)) (W diag(s))^T``. Quantizing ``W diag(s)`` instead of ``W`` protects the
+channels with large activations (their weights get a finer relative grid). Scales are searched per group on
+calibration data:
 
     a_j = mean_t |X_tj|,   s(alpha) = a^alpha / sqrt(max(a^alpha) * min(a^alpha)),
     alpha* = argmin_{alpha in {0, 0.1, ..., 1}} sum_i || X W_i^T - X (Q(W_i diag(s)) diag(s)^-1)^T ||^2
@@ -79,7 +84,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.blocks import block_stacks, transformer_blocks
+from ..models.blocks import AttentionUnit, Block, block_stacks, transformer_blocks
 from ..models.runner import eval_mode, run_model
 from ..quant.api import as_config_map, quantize_
 from ..quant.config import QuantConfig
@@ -90,9 +95,11 @@ from .sequential import BlockInputs, _Undo, quantize_sequential
 __all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
            "search_and_fold_block"]
 
-_ATTN_NORMS = ("input_layernorm", "layer_norm1", "layernorm_before", "norm1", "operator_norm", "rms_norm1")
+_ATTN_NORMS = ("input_layernorm", "layer_norm1", "layernorm_before", "norm1", "operator_norm", "rms_norm1",
+               "self_attn_layer_norm")
 _FFN_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "layer_norm2", "layernorm_after", "norm2",
-              "ffn_norm", "rms_norm2")
+              "ffn_norm", "rms_norm2", "final_layer_norm")
+_CROSS_NAMES = ("encoder_attn", "EncDecAttention")  # cross-attention of BART / mBART / Whisper, T5
 
 
 @dataclass
@@ -189,19 +196,86 @@ def _norm_gain_form(mod: nn.Module) -> str | None:
     return None
 
 
+def _sublayer_norm(model: nn.Module, block: str, container: str) -> str | None:
+    """The ``layer_norm`` beside a unit that sits in a sublayer wrapper of its block, relative to the block: T5's
+    ``layer.0.layer_norm`` for ``layer.0.SelfAttention`` (``layer.1.layer_norm`` for the FFN ``layer.1.DenseReluDense``,
+    the decoder's ``layer.1.layer_norm`` for its ``layer.1.EncDecAttention``); None for a unit that is a direct
+    child of its block, or a wrapper without a ``layer_norm``."""
+    parent = container.rpartition(".")[0]
+    if not parent.startswith(block + "."):
+        return None
+    return f"{parent[len(block) + 1:]}.layer_norm" if isinstance(
+        getattr(model.get_submodule(parent), "layer_norm", None), nn.Module) else None
+
+
+def _cross_attention(model: nn.Module, b: Block) -> tuple[str, list[str], str | None] | None:
+    """``(container, [q, k, v, o] full names, norm relative to the block)`` of the cross-attention of an
+    encoder-decoder block (BART / mBART / Whisper ``encoder_attn``, read after ``encoder_attn_layer_norm``; T5's
+    ``layer.1.EncDecAttention``, after ``layer.1.layer_norm``), its projections float ``nn.Linear``; None when the
+    block has none or its attention unit is that module (a block whose only attention is the cross-attention)."""
+    blk = model.get_submodule(b.name)
+    for rel, mod in blk.named_modules():
+        leaf = rel.rpartition(".")[2]
+        if leaf not in _CROSS_NAMES or (b.attention is not None and b.attention.name == f"{b.name}.{rel}"):
+            continue
+        for pattern in (("q_proj", "k_proj", "v_proj", "out_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
+                        ("q", "k", "v", "o")):
+            lins = [getattr(mod, p, None) for p in pattern]
+            if all(isinstance(m, nn.Linear) for m in lins):
+                full = f"{b.name}.{rel}"
+                kids = dict(blk.named_children())
+                norm = f"{leaf}_layer_norm" if f"{leaf}_layer_norm" in kids else _sublayer_norm(model, b.name, full)
+                return full, [f"{full}.{p}" for p in pattern], norm
+    return None
+
+
+def _norm_before_o(model: nn.Module, a: AttentionUnit) -> str | None:
+    """A norm inside the attention over the whole input width of ``o`` (Kosmos-2's ``inner_attn_ln``, applied to the
+    heads' concatenated output before ``out_proj``): ``o``'s input is then not linear in ``v``'s rows, so no scale
+    folds from ``o``'s columns into ``v``. Its full name, or None. Per-head ``q_norm`` / ``k_norm`` are not it."""
+    width = model.get_submodule(a.o).in_features
+    own = {a.q, a.k, a.v, a.o, a.q_norm, a.k_norm}
+    for name, mod in model.get_submodule(a.name).named_modules():
+        full = f"{a.name}.{name}" if name else a.name
+        w = getattr(mod, "weight", None)
+        if (name and full not in own and name.rpartition(".")[2] not in ("q_norm", "k_norm")
+                and "norm" in type(mod).__name__.lower() and isinstance(w, torch.Tensor) and w.dim() == 1
+                and w.numel() == width):
+            return full
+    return None
+
+
 def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> dict[str, list[ScaleGroup]]:
-    """Block name -> its scale groups (full module names), blocks in order; blocks without a group left out."""
+    """Block name -> its scale groups (full module names), blocks in order; blocks without a group left out.
+
+    The attention's norm is the first block child named in ``_ATTN_NORMS``, else the ``layer_norm`` of the sublayer
+    wrapping the attention (T5); the FFN's likewise (``_FFN_NORMS``). An encoder-decoder block's cross-attention
+    (:func:`_cross_attention`) gives ``its norm -> [q]`` only (its k / v read the encoder output, not that norm) and
+    ``v -> o`` where each v row feeds one head."""
     out: dict[str, list[ScaleGroup]] = {}
     shared = _shared_params(model)
     refused: list[str] = []
     for b in transformer_blocks(model, scope, clamp_wrappers=True):
         blk = model.get_submodule(b.name)
         kids = dict(blk.named_children())
+        cross = _cross_attention(model, b)
         attn_norm = next((n for n in _ATTN_NORMS if n in kids and _norm_kind(kids[n])), None)
         ffn_norm = next((n for n in _FFN_NORMS if n in kids and _norm_kind(kids[n])), None)
-        refused += [f"{b.name}.{n} (a {type(kids[n]).__name__}: no weight, or not of the form x_hat * w (+ b) "
-                    "nor x_hat * (1 + w) (+ b))" for n in (*_ATTN_NORMS, *_FFN_NORMS)
-                    if n in kids and n not in (attn_norm, ffn_norm) and not _norm_kind(kids[n])]
+        candidates = [n for n in (*_ATTN_NORMS, *_FFN_NORMS) if n in kids]
+        if attn_norm is None and b.attention is not None:
+            attn_norm = _sublayer_norm(model, b.name, b.attention.name)
+            candidates += [attn_norm] if attn_norm else []
+        if ffn_norm is None and b.ffn is not None:
+            ffn_norm = _sublayer_norm(model, b.name, b.ffn.name)
+            candidates += [ffn_norm] if ffn_norm else []
+        cross_norm = cross[2] if cross is not None else None
+        candidates += [cross_norm] if cross_norm else []
+        foldable = {n for n in candidates if _norm_kind(blk.get_submodule(n))}
+        refused += [f"{b.name}.{n} (a {type(blk.get_submodule(n)).__name__}: no weight, or not of the form "
+                    "x_hat * w (+ b) nor x_hat * (1 + w) (+ b))"
+                    for n in dict.fromkeys(candidates) if n not in foldable]
+        attn_norm = attn_norm if attn_norm in foldable else None
+        ffn_norm = ffn_norm if ffn_norm in foldable else None
         groups: list[ScaleGroup] = []
         if b.attention is not None and attn_norm and attn_norm != ffn_norm:
             a = b.attention
@@ -211,11 +285,21 @@ def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> 
             else:
                 groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [a.q, a.k, a.v]))
             # v -> o: o's input is v's output per head, unless a per-head norm (v_norm) or a finite clamp sits between
-            if a.n_kv == a.n_heads and a.v_norm is None and not a.clamped.get(a.v, (False, False))[1] \
+            # (or a norm over all heads before o: Kosmos-2's inner_attn_ln)
+            mixed = _norm_before_o(model, a)
+            if mixed:
+                refused.append(f"{a.v} ({mixed} normalises the heads' output before {a.o})")
+            elif a.n_kv == a.n_heads and a.v_norm is None and not a.clamped.get(a.v, (False, False))[1] \
                     and not a.clamped.get(a.o, (False, False))[0]:
                 groups.append(ScaleGroup(a.v, [a.o]))
         elif b.fused_attention is not None and attn_norm and attn_norm != ffn_norm:  # one qkv projection
             groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [f"{b.fused_attention}.qkv"]))
+        if cross is not None:
+            q, _, v, o = (model.get_submodule(n) for n in cross[1])
+            if cross_norm in foldable and cross_norm not in (attn_norm, ffn_norm):
+                groups.append(ScaleGroup(f"{b.name}.{cross_norm}", [cross[1][0]]))
+            if v.out_features == o.in_features == q.out_features:  # every v row feeds one head (no GQA)
+                groups.append(ScaleGroup(cross[1][2], [cross[1][3]]))
         if b.ffn is not None and ffn_norm:
             f = b.ffn
             clamped_in = [n for n in f.inputs if f.clamped.get(n, (False, False))[0]]
