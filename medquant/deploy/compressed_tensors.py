@@ -384,6 +384,47 @@ def _vllm_linear(m: nn.Module) -> bool:
     return get_vllm_module_type(name) == "Linear"
 
 
+def _init_weights_note(model: nn.Module, packed: list[str]) -> str | None:
+    """The packed Linear layers that transformers' default (compressed) loader cannot build: its compressed load
+    replaces a Linear's ``weight`` by ``weight_packed`` / ``weight_scale`` and then runs the model's weight
+    initialisation, in which some models' ``_init_weights`` read ``module.weight`` of every Linear (SigLIP's
+    ``lecun_normal_``: Gemma 3, PaliGemma, SigLIP towers), an ``AttributeError`` (transformers 5). Found by running
+    the ``_init_weights`` of each packed layer's nearest transformers ``PreTrainedModel`` on a Linear without a
+    weight, on the meta device; ``dequantize=True`` decompresses the weights first and loads."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - compressed-tensors export needs transformers' config classes anyway
+        return None
+    owners = {n: m for n, m in model.named_modules() if isinstance(m, PreTrainedModel)}
+    crashes: dict[str, bool] = {}
+    failing: dict[str, list[str]] = {}
+    for name in packed:
+        owner = max((o for o in owners if not o or name.startswith(o + ".")), key=len, default=None)
+        if owner is None:
+            continue
+        if owner not in crashes:
+            stand_in = nn.Linear(2, 2, device="meta")
+            del stand_in.weight
+            try:
+                owners[owner]._init_weights(stand_in)
+                crashes[owner] = False
+            except AttributeError:
+                crashes[owner] = True
+            except Exception:  # noqa: BLE001 - anything else is not this known failure
+                crashes[owner] = False
+        if crashes[owner]:
+            failing.setdefault(owner, []).append(name)
+    if not failing:
+        return None
+    where = "; ".join(f"{type(owners[o]).__name__} ({o or 'the model'}: {len(ns)} layer(s))"
+                      for o, ns in failing.items())
+    return (f"transformers' default (compressed) load of this folder fails with AttributeError: the weight "
+            f"initialisation of {where} reads the weight of Linear layers that the compressed load has replaced "
+            "by packed tensors (a transformers limitation). Load it with "
+            "from_pretrained(..., quantization_config=CompressedTensorsConfig(dequantize=True)), which decompresses "
+            "the weights first, or serve it with vLLM")
+
+
 def _dequantize_loader_note(groups: dict[tuple, list[str]]) -> str | None:
     """With several config groups, the layers that transformers' ``CompressedTensorsConfig(dequantize=True)``
     loader misreads: it decompresses every non-expert layer with one scheme, that of the first group whose targets
@@ -731,6 +772,9 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     loader_note = _dequantize_loader_note(groups)
     if loader_note:
         notes.append(loader_note)
+    init_note = _init_weights_note(model, [n for n in packed_tensors if n not in packed_tables])
+    if init_note:
+        notes.append(init_note)
     report = ExportReport(FORMAT, str(path), rows, files, notes)
     counts = Counter(r.how for r in rows)
     if counts.get("lossy requantization"):

@@ -155,3 +155,31 @@ def test_a_packed_layer_whose_weight_transformers_converts_on_save_is_refused(tm
     model.save_pretrained(str(tmp_path / "ref"))
     assert torch.equal(_tensors(tmp_path / "ref")["lm_head.weight"], got["lm_head.weight"])
     assert any("1 float tensor(s) (lm_head.weight)" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("name", ["siglip_vision", "paligemma", "llava", "idefics3"])
+def test_a_folder_transformers_default_loader_cannot_build_is_noted_with_the_load_that_works(tmp_path, name):
+    """transformers' default (compressed) load runs the model's weight initialisation after replacing the packed
+    Linears' weights, and SigLIP's ``_init_weights`` reads ``module.weight``: the load fails. The report says so
+    exactly when it does (reference: transformers' own loader), and the load it names gives medquant's weights."""
+    import transformers
+    from transformers import CompressedTensorsConfig
+
+    model = ZOO_BY_NAME[name].build()
+    mq.quantize_(model, CFG, skip=["@head"])  # the vision tower too
+    report = export(model, tmp_path / "ct", format=FMT)
+    noted = [n for n in report.notes if "default (compressed) load of this folder fails" in n]
+    cls = getattr(transformers, type(model).__name__)
+    try:
+        cls.from_pretrained(str(tmp_path / "ct"))
+        fails = False
+    except AttributeError:
+        fails = True
+    assert bool(noted) == fails
+    assert fails == (name in ("siglip_vision", "paligemma"))  # the SigLIP towers
+    if fails:
+        assert "CompressedTensorsConfig(dequantize=True)" in noted[0] and "SiglipVisionModel" in noted[0]
+        sd = cls.from_pretrained(str(tmp_path / "ct"),
+                                 quantization_config=CompressedTensorsConfig(dequantize=True)).state_dict()
+        for lname, layer in quantized_modules(model).items():  # a Conv2d's weight is 4-D in the state dict
+            assert torch.equal(sd[f"{lname}.weight"].flatten(), layer.dequantized_weight(torch.float32).flatten()), lname
