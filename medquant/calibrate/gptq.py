@@ -76,6 +76,9 @@ stage's pass stops once its last layer has its input only when every batch calls
 block through :func:`medquant.calibrate.quantize_sequential` (one float block on the compute device at a time); it
 runs every calibration call of a block whole, so every call of every planned layer is collected whatever the
 control flow (no count is needed: counting would itself run every call whole).
+Block by block, the planned layers outside the blocks (a projector, ``lm_head``) are GPTQ-quantized one at a time
+in call order on their inputs in the model's own forward with everything before them quantized, a layer feeding a
+block group before that group is captured (the stage order of :func:`gptq_quantize_`).
 
 A module bound under several names (one module object) is one layer: its Hessian collects its inputs from every
 use and the quantized layer is bound under all of its names (as :func:`medquant.quantize_` does).
@@ -137,7 +140,7 @@ from ._forward import (
     short_names,
     unmasked_layers,
 )
-from .sequential import BlockInputs, quantize_sequential
+from .sequential import BlockInputs, OutsideLayer, quantize_sequential
 
 __all__ = [
     "GPTQ_MAX_DAMP_TRIES",
@@ -1457,6 +1460,7 @@ def gptq_quantize_sequential(
     checkpoint: str | os.PathLike | Any | None = None,
     max_hessian_bytes: int | None = None,
     progress: bool = True,
+    outside: str = "gptq",
 ) -> dict[str, dict[str, Any]]:
     """GPTQ block by block through :func:`medquant.calibrate.quantize_sequential`; the model is quantized in place.
 
@@ -1475,11 +1479,16 @@ def gptq_quantize_sequential(
     last planned layer would save only the work after it - a decoder block's ``down_proj`` matmul and residual, about
     a fifth of the float pass - and could be decided safely only after running every call whole.)
 
-    Layers outside the blocks (a patch embedding, a projector, ``lm_head`` unless skipped, IDEFICS's gated
-    cross-attention layers between its text blocks) are quantized by round-to-nearest, as ``quantize_sequential``
-    does; :func:`gptq_quantize_` covers them with GPTQ. With every
-    planned layer inside a block, the codes are those of :func:`gptq_quantize_` up to float rounding of the
-    captured activations.
+    Layers outside the blocks (a patch embedding, a projector, Qwen3-VL's mergers, ``lm_head`` unless skipped,
+    IDEFICS's gated cross-attention layers between its text blocks) get GPTQ too (``outside="gptq"``), one at a
+    time in call order, each on its inputs in the model's own forward with the blocks and the layers before it
+    already quantized, its padding rows left out as in :func:`gptq_quantize_` (never for the vision tower's or
+    the projector's rows): a layer feeding a block group (a projector) before that group's capture pass, the rest
+    (``lm_head``) on the finished model (:func:`medquant.calibrate.quantize_sequential`'s ``outside_fn``). The
+    cost: a counting pass up to each group's first block while such a layer is left, one pass per layer up to its
+    last call, and a counting pass over the finished model (logits computed once). ``outside="rtn"`` rounds them
+    to nearest instead (no extra pass; no record). The codes are those of :func:`gptq_quantize_` up to float
+    rounding of the captured activations (bit-identical on the zoo's tiny LLaVA, Qwen2-VL and Qwen3-VL).
 
     Args:
         model: the float model, quantized in place (blocks may stay on ``offload_device``).
@@ -1502,13 +1511,15 @@ def gptq_quantize_sequential(
         max_hessian_bytes: the most bytes of Hessian sums held at once (see :func:`gptq_quantize_`): a block whose
             layers need more runs its calibration calls once per part of its layers. The codes are unchanged.
         progress: tqdm bar over blocks.
+        outside: ``"gptq"`` (default): the planned Linear / Conv2d layers outside the blocks get GPTQ (above);
+            ``"rtn"``: round-to-nearest, as :func:`medquant.calibrate.quantize_sequential` does.
 
     Returns:
         :func:`calibration_records` of the quantized layers.
 
     Raises:
         ValueError: no or empty calibration data, invalid arguments (``damp``, ``block_size``, ``max_samples``,
-            ``max_hessian_bytes``, ``seed``), a planned layer bound in several blocks (one module object under names in two blocks, or in
+            ``max_hessian_bytes``, ``seed``, ``outside``), a planned layer bound in several blocks (one module object under names in two blocks, or in
             a block and outside them: its Hessian would miss its later uses; use :func:`gptq_quantize_`, which
             collects them all, or skip it), an MoE experts module given per-row bit-widths (``channel_bits``), a
             Hessian that stays singular (with ``damp=0``: the message names the layer and says to use
@@ -1522,6 +1533,8 @@ def gptq_quantize_sequential(
     """
     _check_args(damp, block_size, max_samples, max_hessian_bytes)
     seed = check_seed(seed)
+    if outside not in ("gptq", "rtn"):
+        raise ValueError(f"outside must be 'gptq' or 'rtn', got {outside!r}")
     if calib_inputs is None:
         raise ValueError("GPTQ needs calibration data: pass calib_inputs (a dict of model(**batch) keyword "
                          "arguments, or a list of such dicts)")
@@ -1589,10 +1602,39 @@ def gptq_quantize_sequential(
         for n, q in built:  # a module bound under several names of the block is swapped under all of them
             swap(block, n, q, aliases)
 
+    def outside_fn(layer: OutsideLayer) -> nn.Module:
+        """GPTQ of a layer outside the blocks on its inputs in the model's own forward, with the whole-model
+        path's rules (its side's mask and token count; no mask on an image layer)."""
+        acc = HessianAccumulator(layer.module, layer.name, group_weights)
+        shared = _SharedInputs()
+        last = [-1]
+        unmasked = layer.name in image_layers
+
+        def hook(i: int, args: tuple, kwargs: dict) -> None:
+            if i != last[0]:
+                shared.clear()
+                last[0] = i
+            x = _input_of(args, kwargs)
+            enc = sides.reads_encoder(layer.name, x, states)
+            m, t = (masks[i].encoder, counts[i].encoder) if enc else (masks[i].decoder, counts[i].decoder)
+            _add(acc, layer.name, x, labels[i] if labels is not None else None, None if unmasked else m, shared,
+                 None, None if unmasked else t)
+
+        with sides.tracking(model) as states:
+            layer.run(hook)
+        shared.clear()
+        q = _quantize_layer(layer.module, acc.hessian(), layer.config, damp, block_size, act_order, layer.name,
+                            torch.float32, None, clip_search)
+        q.calibration.update(samples=len(batches), rows=acc.rows, seed=seed)
+        if labels is not None:
+            q.calibration.update(_group_record({layer.name: acc}, layer.name))
+        new_modes.append((q, modes.get(id(layer.module), layer.module.training)))
+        return q
+
     with eval_mode(model):
         quantize_sequential(model, config_or_map, batches, skip=list(skip) if skip else None, device=device,
                             offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
-                            progress=progress)
+                            progress=progress, outside_fn=outside_fn if outside == "gptq" else None)
     # each new layer gets its float layer's mode from before the run; an unfolded MoE experts module (swapped
     # before its expert layers, which it holds) last, so its layers take its mode
     for new, mode in reversed(new_modes):

@@ -16,7 +16,20 @@ floating point on the compute device at a time:
    ``per_block_fn(block, inputs)`` runs if given, the block's planned layers are quantized, and the block moves to
    ``offload_device``;
    (the modules outside the blocks - embeddings, norms, projector, ``lm_head``... - are processed first, leaf
-   by leaf, the same way).
+   by leaf, the same way; with ``outside_fn``, their planned Linear / Conv2d layers stay in float there and are
+   calibrated later - see below).
+
+Calibrating the layers outside the blocks (``outside_fn``, block-by-block GPTQ): each such layer is handed to
+``outside_fn`` as an :class:`OutsideLayer` once its inputs are those of the final model, in call order: the ones
+the forward calls before a block group's first block (a patch embedding, a VLM's projector feeding the language
+stack) just before that group's capture pass, the rest (``lm_head``) after the last block. A pass up to the group's
+first block (after the last block: a whole forward) counts each one's calls per batch; then each layer's own passes
+run the batches up to its last call (the layer itself and what follows do not run), with the finished blocks and
+the modules outside the blocks each on the compute device only while it runs, as in the capture passes below. The
+layer comes to the compute device for ``outside_fn``'s computation (block-by-block GPTQ: the float layer, its
+Hessian and a float32 working copy of its weight - for a 150k x 4096 ``lm_head`` about 2.4 GB each for the layer and
+the copy, less than one float block of a large model plus its activations) and its quantized result goes to
+``offload_device``.
 
 Peak memory on the compute device: one float block plus its calibration activations (calibrating: plus, only
 while it runs in a capture pass, one finished block of an earlier stack or one module outside the blocks; plus the
@@ -96,9 +109,9 @@ from ..quant.api import (
 from ..quant.config import QuantConfig
 from ..quant.experts import is_experts_module
 from ..quant.modules import QUANT_LAYERS
-from ._forward import run_calibration_batch
+from ._forward import run_calibration_batch, short_names
 
-__all__ = ["BlockInputs", "CheckpointSource", "quantize_sequential"]
+__all__ = ["BlockInputs", "CheckpointSource", "OutsideLayer", "quantize_sequential"]
 
 
 # ---------------------------------------------------------------------------------------------- weights on disk
@@ -573,6 +586,125 @@ def _chained(group: Sequence[str], store: Mapping[str, list[tuple[tuple, dict]]]
     return len(group)
 
 
+@dataclass
+class OutsideLayer:
+    """A planned Linear / Conv2d outside the blocks, handed to ``quantize_sequential``'s ``outside_fn``.
+
+    ``module`` is the float layer (its weights materialized); :meth:`run` runs the calibration batches through the
+    model - the blocks and the layers before it as they will be in the final model (quantized), each on the compute
+    device only while it runs - and calls ``hook`` with every input the layer gets.
+
+    Attributes:
+        name: the layer's module name in the model (``model.multi_modal_projector.linear_1``, ``lm_head``).
+        module: the float layer.
+        config: its ``QuantConfig``.
+        calls: how many times each calibration batch calls the layer (counted in a pass before).
+    """
+
+    name: str
+    module: nn.Module
+    config: QuantConfig
+    calls: list[int]
+    _passes: Callable[[nn.Module, Callable[[int, tuple, dict], None]], None] = field(repr=False)
+
+    def run(self, hook: Callable[[int, tuple, dict], None]) -> None:
+        """Run the calibration batches, calling ``hook(batch_index, args, kwargs)`` with each call of the layer.
+
+        Each batch stops at the layer's last call (the layer itself and what follows it do not run). Afterwards the
+        layer is on the compute device (until ``outside_fn`` returns), for the caller's computation.
+
+        Args:
+            hook: called with the index of the calibration batch and the layer's positional and keyword arguments.
+
+        Raises:
+            ValueError: a batch that does not run (its message names the batch).
+        """
+        self._passes(self.module, hook)
+
+
+def _batches_through(model: nn.Module, batches: Sequence[dict], device: torch.device, what: str,
+                     before: Callable[[int], bool]) -> None:
+    """Run ``model(**batch)`` for each batch for which ``before(i)`` is true (no cache; a :class:`_Stop` raised by a
+    hook ends the batch)."""
+    accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if not before(i):
+                continue
+            kw = _to(dict(batch), device)
+            if accepts_cache:
+                kw.setdefault("use_cache", False)
+            try:
+                run_calibration_batch(model, batch, i, what, passthrough=(_Stop,), call=lambda m, _, kw=kw: m(**kw))
+            except _Stop:
+                pass
+
+
+def _stop_at(model: nn.Module, stop: str | None) -> Any:
+    """A forward pre-hook on block ``stop`` that ends the pass there (a no-op handle for ``None``)."""
+    if stop is None:
+        return contextlib.nullcontext()
+
+    def halt(mod: nn.Module, args: tuple) -> None:
+        raise _Stop
+    return model.get_submodule(stop).register_forward_pre_hook(halt, prepend=True)
+
+
+def _outside_calls(model: nn.Module, names: Sequence[str], batches: Sequence[dict], device: torch.device,
+                   stop: str | None) -> list[tuple[str, list[int]]]:
+    """The layers of ``names`` that the forward calls before block ``stop`` (``None``: in the whole forward), in
+    the order of their first call, each with its number of calls per batch."""
+    counts = {n: [0] * len(batches) for n in names}
+    first: list[str] = []
+    current = [0]
+
+    def make(n: str):
+        def count(mod: nn.Module, args: tuple) -> None:
+            if n not in first:
+                first.append(n)
+            counts[n][current[0]] += 1
+        return count
+
+    def before(i: int) -> bool:
+        current[0] = i
+        return True
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(make(n)) for n in names]
+    try:
+        with _stop_at(model, stop):
+            _batches_through(model, batches, device, f"layers {short_names(names)} (counting their calls)", before)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(n, counts[n]) for n in first]
+
+
+def _outside_passes(model: nn.Module, name: str, counts: Sequence[int], batches: Sequence[dict],
+                    device: torch.device, offload: torch.device, running: Sequence[nn.Module], stop: str | None,
+                    layer: nn.Module, hook: Callable[[int, tuple, dict], None]) -> None:
+    """:meth:`OutsideLayer.run`: the batches that call ``layer``, each stopped at its last call; then ``layer`` to
+    ``device``."""
+    state = [0, 0]  # batch, calls seen in it
+
+    def before(i: int) -> bool:
+        state[:] = [i, 0]
+        return counts[i] > 0
+
+    def record(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hook(state[0], args, kwargs)
+        state[1] += 1
+        if state[1] >= counts[state[0]]:
+            raise _Stop
+
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with _on_device_while_running(running, device, offload), _stop_at(model, stop):
+            _batches_through(model, batches, device, f"layer {name} (recording its inputs)", before)
+    finally:
+        handle.remove()
+    _move_local(layer, device)
+
+
 # ---------------------------------------------------------------------------------------------- main entry point
 def quantize_sequential(
     model: nn.Module,
@@ -587,6 +719,7 @@ def quantize_sequential(
     per_block_fn: Callable[[nn.Module, BlockInputs], None] | None = None,
     progress: bool = False,
     process_rest: bool = True,
+    outside_fn: Callable[[OutsideLayer], nn.Module | None] | None = None,
 ) -> nn.Module:
     """Quantize ``model`` block by block (in place); same result as ``quantize_(model, config_or_map, skip=skip)``.
 
@@ -606,6 +739,12 @@ def quantize_sequential(
         progress: tqdm progress bar over blocks.
         process_rest: also process the modules outside the listed blocks (default). ``False`` touches only the
             listed blocks - how :func:`medquant.calibrate.quantize_shard` splits the blocks between processes.
+        outside_fn: ``fn(OutsideLayer)`` for each planned Linear / Conv2d outside the blocks (a patch embedding,
+            the projector, ``lm_head``...), instead of round-to-nearest: it runs the layer's calibration calls
+            (:meth:`OutsideLayer.run`) and returns the quantized layer (``None``: round-to-nearest). Each such layer
+            stays in float until the point of the forward where its inputs are those of the final model: before
+            the capture pass of the first block group it feeds (with ``per_block_fn``), else after the last
+            block (module docstring). Needs ``calib_inputs``.
 
     Returns:
         ``model``, quantized (the blocks on ``offload_device``); a module bound under several names is one quantized
@@ -613,8 +752,8 @@ def quantize_sequential(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``calib_inputs`` is not a dict / non-empty list of dicts.
-        ValueError: ``per_block_fn`` without ``calib_inputs`` or with ``process_rest=False``, a block name that
-            is not a module of the model, or no blocks found.
+        ValueError: ``per_block_fn`` or ``outside_fn`` without ``calib_inputs`` or with ``process_rest=False``, a
+            block name that is not a module of the model, or no blocks found.
 
     Any exception raised part way (by a block, ``per_block_fn``, the checkpoint, a ``KeyboardInterrupt``) leaves
     the model exactly as it was before the call (module docstring), then propagates.
@@ -624,11 +763,12 @@ def quantize_sequential(
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     offload = torch.device(offload_device) if offload_device is not None else device
-    if per_block_fn is not None and not process_rest:
-        raise ValueError("per_block_fn needs the whole model to compute activations: use process_rest=True")
-    if per_block_fn is not None and calib_inputs is None:
-        raise ValueError("per_block_fn needs calib_inputs (keyword inputs of model(**batch)) to compute the "
-                         "activations it is given")
+    for fn, what in ((per_block_fn, "per_block_fn"), (outside_fn, "outside_fn")):
+        if fn is not None and not process_rest:
+            raise ValueError(f"{what} needs the whole model to compute activations: use process_rest=True")
+        if fn is not None and calib_inputs is None:
+            raise ValueError(f"{what} needs calib_inputs (keyword inputs of model(**batch)) to compute the "
+                             "activations it is given")
     batches: list[dict] = []
     if calib_inputs is not None:
         batches = [calib_inputs] if isinstance(calib_inputs, Mapping) else list(calib_inputs)
@@ -667,7 +807,7 @@ def quantize_sequential(
     undo = _Undo(model)
     try:
         _run(model, groups, block_names, plan, batches, per_block_fn, source, device, offload, process_rest,
-             progress, undo)
+             progress, undo, outside_fn)
     except BaseException:
         undo.restore()  # all or nothing: the blocks already done get their float layers and weights back
         raise
@@ -678,13 +818,41 @@ def quantize_sequential(
 def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan: Mapping[str, QuantConfig],
          batches: list[dict], per_block_fn: Callable[[nn.Module, BlockInputs], None] | None,
          source: CheckpointSource | None, device: torch.device, offload: torch.device, process_rest: bool,
-         progress: bool, undo: _Undo) -> None:
+         progress: bool, undo: _Undo, outside_fn: Callable[[OutsideLayer], nn.Module | None] | None = None) -> None:
     """The body of :func:`quantize_sequential` (which undoes it when it raises)."""
     calibrate = per_block_fn is not None
     mat = _Materializer(model, source, undo.tensors)
     aliases = names_by_module(model)
     rest = _rest_leaves(model, block_names) if process_rest else []
-    units, pinned = _outside_units(model, block_names) if calibrate else ([], set())
+    # the planned Linear / Conv2d layers outside the blocks that outside_fn calibrates: kept in float until then
+    deferred = [n for n in rest if n in plan and isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))] \
+        if outside_fn is not None else []
+    units, pinned = _outside_units(model, block_names) if calibrate or deferred else ([], set())
+    done: list[str] = []
+
+    def calibrate_outside(stop: str | None) -> None:
+        """Calibrate (``outside_fn``) the deferred layers the forward calls before block ``stop`` (``None``: all of
+        them), one at a time in call order, each in passes that run the layers before it already quantized."""
+        if not deferred:
+            return
+
+        def running() -> list[nn.Module]:
+            return [model.get_submodule(n) for n in (*units, *done)]
+        with _on_device_while_running(running(), device, offload):
+            order = _outside_calls(model, deferred, batches, device, stop)
+        assert outside_fn is not None
+        for name, counts in order:
+            leaf = model.get_submodule(name)
+            layer = OutsideLayer(name, leaf, plan[name], counts, functools.partial(
+                _outside_passes, model, name, counts, batches, device, offload, running(), stop))
+            q = outside_fn(layer)
+            _move_local(leaf, offload)  # OutsideLayer.run left it on the device
+            if q is None:
+                q = quantize_module(leaf, plan[name], name=name)
+            swap_under_all_names(model, name, q, aliases)
+            _move_local(q, offload)
+            undo.release([leaf], model)
+            deferred.remove(name)
     # the modules outside the blocks first, leaf by leaf, each to the device, quantized and back to offload (the
     # capture passes then run them already quantized, so blocks see the activations of the final quantized model);
     # a module holding blocks keeps its own tensors on the device while calibrating (its forward runs the blocks)
@@ -692,7 +860,8 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
         leaf = model.get_submodule(n)
         mat.module(leaf, n, device, recurse=False, keep=offload == device)
         shared = mat.shared(leaf) if n not in pinned else []
-        _quantize_in_leaf(model, n, plan, aliases)
+        if n not in deferred:
+            _quantize_in_leaf(model, n, plan, aliases)
         undo.release([leaf], model)
         if n not in pinned:
             _move_local(model.get_submodule(n), offload)
@@ -705,15 +874,16 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
 
         bar = tqdm(total=len(block_names), desc="sequential quantization", unit="block")
     try:
-        done: list[str] = []
         pending = [list(g) for g in groups]
         while pending:
             group = pending.pop(0)
             store: dict[str, list[tuple[tuple, dict]]] = {}
-            if calibrate:  # the capture pass runs the modules outside the blocks and the finished (quantized)
-                # blocks (of earlier stacks: the vision tower feeding the language stack; of this stack: those
-                # before a point where the model changes the hidden states between two blocks), each on the
-                # device only while it runs; it stops at the group's last block (no final norm, no lm_head logits)
+            if calibrate:  # the deferred layers upstream of the group first: the group sees them quantized
+                calibrate_outside(group[0])
+                # the capture pass runs the modules outside the blocks and the finished (quantized) blocks (of
+                # earlier stacks: the vision tower feeding the language stack; of this stack: those before a point
+                # where the model changes the hidden states between two blocks), each on the device only while it
+                # runs; it stops at the group's last block (no final norm, no lm_head logits)
                 running = [model.get_submodule(n) for n in units] + [model.get_submodule(n) for n in done]
                 with _on_device_while_running(running, device, offload):
                     store, cut, alone = _capture_group(model, group, batches, device)
@@ -751,6 +921,11 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
     finally:
         if bar is not None:
             bar.close()
+    calibrate_outside(None)  # the rest (lm_head), on the finished model
+    for n in list(deferred):  # never called by the calibration batches: round-to-nearest, as without outside_fn
+        leaf = model.get_submodule(n)
+        _quantize_in_leaf(model, n, plan, aliases)
+        undo.release([leaf], model)
     for n in pinned:
         _move_local(model.get_submodule(n), offload)
 
