@@ -122,3 +122,61 @@ def test_kosmos2_text_blocks_fold_into_their_pre_norms_not_v_through_inner_attn_
     assert any(g.alpha for g in groups if g.prev.startswith("text_model."))
     with torch.no_grad():
         torch.testing.assert_close(e.output(model, batch), ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max())))
+
+
+def _more_layouts() -> dict[str, tuple]:
+    """More models whose blocks use the ``self_attn_layer_norm`` / ``final_layer_norm`` names: ``(builder, batch,
+    the norms a scale folds into)`` (post-norm Marian and OPT with ``do_layer_norm_before=False``: none)."""
+    import transformers as tf
+
+    from tests.models.seq2seq_models import VOCAB
+
+    common = {"vocab_size": VOCAB, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+              "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 96,
+              "decoder_ffn_dim": 96, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+              "decoder_start_token_id": 1}
+    opt = {"vocab_size": VOCAB, "hidden_size": 64, "ffn_dim": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "word_embed_proj_dim": 64, "max_position_embeddings": 64, "pad_token_id": 0}
+    pre = {"self_attn_layer_norm", "final_layer_norm"}
+    s2s = {"input_ids": (2, 9), "decoder_input_ids": (2, 6)}
+    lm = {"input_ids": (2, 9)}
+    return {
+        "marian": (lambda: tf.MarianMTModel(tf.MarianConfig(max_position_embeddings=64, **common)), s2s, set()),
+        "pegasus": (lambda: tf.PegasusForConditionalGeneration(tf.PegasusConfig(max_position_embeddings=64, **common)),
+                    s2s, pre | {"encoder_attn_layer_norm"}),
+        "m2m100": (lambda: tf.M2M100ForConditionalGeneration(tf.M2M100Config(max_position_embeddings=64, **common)),
+                   s2s, pre | {"encoder_attn_layer_norm"}),
+        "opt": (lambda: tf.OPTForCausalLM(tf.OPTConfig(**opt)), lm, pre),
+        "opt_post_norm": (lambda: tf.OPTForCausalLM(tf.OPTConfig(**opt, do_layer_norm_before=False)), lm, set()),
+        "biogpt": (lambda: tf.BioGptForCausalLM(tf.BioGptConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, pad_token_id=0)), lm, pre),
+        "xglm": (lambda: tf.XGLMForCausalLM(tf.XGLMConfig(
+            vocab_size=VOCAB, d_model=64, ffn_dim=96, num_layers=2, attention_heads=4, max_position_embeddings=64,
+            pad_token_id=0)), lm, pre),
+    }
+
+
+@pytest.mark.parametrize("name", ["marian", "pegasus", "m2m100", "opt", "opt_post_norm", "biogpt", "xglm"])
+def test_folding_keeps_the_logits_of_more_layouts_with_these_norm_names(name):
+    """The new norm names reach models not built for them: the pre-norm ones fold into their norms, the post-norm
+    ones into none (the calibration forward's dataflow check refuses them, with a warning); the float logits never
+    change (reference: the model before the fold)."""
+    from tests.models.seq2seq_models import VOCAB, _randomize_norms
+
+    build_fn, shapes, foldable = _more_layouts()[name]
+    torch.manual_seed(0)
+    model = _randomize_norms(build_fn(), 0).eval()
+    gen = torch.Generator().manual_seed(1)
+    batch = {k: torch.randint(3, VOCAB, s, generator=gen) for k, s in shapes.items()}
+    with torch.no_grad():
+        ref = model(**batch, use_cache=False).logits.double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = search_and_fold(model, CFG3, [batch], progress=False)
+    with torch.no_grad():
+        out = model(**batch, use_cache=False).logits.double()
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    assert {g.prev.rsplit(".", 1)[-1] for g in groups if "norm" in g.prev and g.alpha} == foldable
+    assert any(g.alpha for g in groups)  # v -> o at least
+    assert any("scales not folded" in str(w.message) for w in caught) == (not foldable)
