@@ -17,6 +17,7 @@ from torch import nn
 import medquant.calibrate.gptq as gptq_mod
 from medquant import QuantConfig
 from medquant.calibrate.gptq import gptq_quantize_, gptq_quantize_layer, gptq_quantize_sequential
+from medquant.models import block_stacks
 from medquant.quant.modules import QUANT_MODULES
 from medquant.testing.zoo import ZOO_BY_NAME, _qwen_vl_inputs
 from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
@@ -237,3 +238,32 @@ def test_an_encoder_decoder_layer_outside_both_stacks_takes_its_sides_mask(monke
                                            progress=False)
         _check_hessians(got, ref, records)
         assert set(got) == {layer} and records[layer]["method"] == "gptq"
+
+
+@pytest.mark.parametrize("name", ["llava", "gemma3_text"])
+def test_outside_layers_keep_the_memory_model(name, monkeypatch):
+    """With a compute device apart from the offload device (``cpu:0`` / ``cpu``, tracked through ``Tensor.to``):
+    no module outside the blocks is on the compute device while a block runs, each is there while it runs with no
+    unrelated outside module, everything ends on the offload device - LLaVA's patch embedding, projector and
+    lm_head, Gemma 3's tied lm_head (quantized: its embedding table goes back too) - and the codes are those of
+    whole-model GPTQ."""
+    from tests.calibrate.test_sequential_device_memory import DEVICE, _equal_state, _outside, _watch, _Where
+
+    entry = ZOO_BY_NAME[name]
+    torch.manual_seed(0)
+    model = entry.build()
+    ref = copy.deepcopy(model)
+    inputs = entry.inputs(model)
+    blocks = [n for g in block_stacks(model) for n in g]
+    where = _Where(monkeypatch)
+    at_blocks, at_calls = _watch(model, where, _outside(model), blocks)
+    records = gptq_quantize_sequential(model, CFG, [inputs], device=DEVICE, offload_device="cpu", progress=False)
+    anything_on = where.on_device(model, recurse=True)
+    monkeypatch.undo()
+
+    assert records["lm_head"]["method"] == "gptq"
+    assert {n for n, _ in at_blocks} == set(blocks) and all(not on for _, on in at_blocks)
+    assert at_calls and all(on and not others for _, on, others in at_calls), [x for x in at_calls if not x[1] or x[2]]
+    assert not anything_on
+    gptq_quantize_(ref, CFG, [inputs], progress=False)
+    _equal_state(model, ref)
