@@ -911,8 +911,14 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
         for key, info in opened.header.items():  # float tensors: shapes checked before anything is read
             t = state.get(key)
             if t is not None and tuple(t.shape) != info.shape:
-                raise CheckpointError(f"{meta.weights.file} holds {key} with shape {list(info.shape)}; "
-                                      f"{type(model).__name__} has {list(t.shape)} there")
+                pruned = isinstance(meta.raw.get("extras"), dict) and "prune" in meta.raw["extras"]
+                raise CheckpointError(
+                    f"{meta.weights.file} holds {key} with shape {list(info.shape)}; {type(model).__name__} has "
+                    f"{list(t.shape)} there" + (
+                        ": the folder was written by medquant.prune.save_pruned, whose layer shapes the model's "
+                        "config does not describe - load it with medquant.prune.load_pruned" if pruned else
+                        " (a model pruned with medquant.prune has layer shapes its config may not describe: save it "
+                        "with medquant.prune.save_pruned and load it with load_pruned)"))
         _check_kinds(model, state, opened.header, meta.weights.file)
         acts = _recorded_input_quantizers(model, meta.raw)
         if meta.model.kind == "hf":  # last: it sets the model's generation config only when it does not refuse

@@ -85,3 +85,23 @@ def test_uniform_ffn_pruning_reloads_with_from_pretrained(tmp_path, arch):
     model.save_pretrained(tmp_path)
     again = type(model).from_pretrained(tmp_path).eval()
     assert torch.equal(logits(again, batch), out)
+
+
+def test_medquant_load_of_a_pruned_folder_names_the_loader_that_rebuilds_it(tmp_path):
+    """mBART with half its FFN neurons pruned per layer (uneven: the config holds one ``encoder_ffn_dim``):
+    ``medquant.load`` cannot build the shapes from the config; its error says which loader can, and that loader
+    gives the pruned model back (reference: its own logits)."""
+    import medquant
+    from medquant.io import CheckpointError
+
+    model, batch = build("mbart"), inputs("mbart")
+    pruner = StructuredPruner(0.0, [0.25, 0.5, 0.0, 0.25], importance="activation", progress=False)
+    pruner.apply(model, pruner.plan(model, calib=[batch]))
+    ref = logits(model, batch)
+    save_pruned(model, tmp_path / "sp")
+    with pytest.raises(CheckpointError, match=r"written by medquant.prune.save_pruned.*load_pruned"):
+        medquant.load(tmp_path / "sp")
+    medquant.save(model, tmp_path / "plain")
+    with pytest.raises(CheckpointError, match=r"save it with medquant.prune.save_pruned"):
+        medquant.load(tmp_path / "plain")
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "sp"), batch), ref)
