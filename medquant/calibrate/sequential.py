@@ -33,7 +33,10 @@ the copy, less than one float block of a large model plus its activations) and i
 
 Peak memory on the compute device: one float block plus its calibration activations (calibrating: plus, only
 while it runs in a capture pass, one finished block of an earlier stack or one module outside the blocks; plus the
-tensors owned by modules that hold blocks, below). With a meta skeleton and a checkpoint, peak host memory is the
+tensors owned by modules that hold blocks, below). With ``outside_fn``, the pass over the finished model that
+counts the calls of the layers left after the last block runs the whole forward, so it computes the model's output
+(``lm_head``'s batch x tokens x vocabulary logits) once per calibration batch, as whole-model GPTQ's call count does;
+the layers' own passes stop before them. With a meta skeleton and a checkpoint, peak host memory is the
 quantized result plus one float block (``benchmarks/memory.py`` measures it).
 
 Calibration (for activation-aware methods): with ``calib_inputs`` (one ``model(**batch)`` keyword dict or a list
