@@ -14,7 +14,7 @@ from .gptq import (
     gptq_quantize_sequential,
     gptq_quantize_weight,
 )
-from .sequential import BlockInputs, CheckpointSource, quantize_sequential
+from .sequential import BlockInputs, CheckpointSource, OutsideLayer, quantize_sequential
 from .shards import SHARD_PATTERN, assemble_shards, quantize_shard, shard_blocks
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointSource",
     "HessianAccumulator",
     "InputQuantizer",
+    "OutsideLayer",
     "adaround_quantize_",
     "assemble_shards",
     "attach_input_quantizers",

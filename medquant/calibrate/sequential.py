@@ -602,6 +602,8 @@ class OutsideLayer:
         module: the float layer.
         config: its ``QuantConfig``.
         calls: how many times each calibration batch calls the layer (counted in a pass before).
+        _passes: internal: runs the calibration passes for :meth:`run` (built by :func:`quantize_sequential`; not
+            meant to be constructed by callers).
     """
 
     name: str
