@@ -6,7 +6,13 @@
 * ``blocks``: for every transformer block, its attention's ``n_heads`` / ``n_kv`` / ``head_dim``, its FFN's
   ``n_neurons`` and its MoE experts' (3-D weights) ``name`` and ``n_neurons`` per expert;
 * ``modules``: for plain ``nn.Module`` models, the shape of every Conv2d / BatchNorm2d / Linear;
-* ``stacks``: the number of blocks in each block list (``drop_blocks`` shortens it).
+* ``stacks``: the number of blocks in each block list (``drop_blocks`` shortens it);
+* ``shared_blocks`` (only when there are some): every further name of a block bound under several names (one
+  block object listed twice, ``layers[1] = layers[0]``: weights shared across layers) -> its first name. The
+  weights file holds such a block's tensors once, under its first name; :func:`load_pruned` binds the further
+  names to the first name's block again before anything is shrunk or loaded (a model built from the saved config
+  has a block of its own under each name, which the file holds no tensors for). A table written before this entry
+  existed has none: a shared block then loads as it did (it reloads when the given ``model`` shares it too).
 
 Blocks are recorded for plain ``nn.Module`` transformers too (the blocks
 :func:`medquant.models.transformer_blocks` finds), and quantized layers (``QuantLinear``) count with their logical
@@ -98,9 +104,11 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
     Returns:
         ``{"version", "blocks": {block: {"attention": {n_heads, n_kv, head_dim}, "ffn": {n_neurons},
         "experts": {...}}}, "modules": {name: {"type", "in", "out"} | {"type", "n"}}, "stacks": {block list:
-        number of blocks}}`` (JSON-ready).
+        number of blocks}}`` (JSON-ready), and ``"shared_blocks": {further name: first name}`` when a block is
+        bound under several names (module docstring).
     """
     table: dict[str, Any] = {"version": TABLE_VERSION, "blocks": {}, "modules": {}}
+    first_name: dict[int, str] = {}
     with _float_stand_ins(model):
         for b in transformer_blocks(model, "all", clamp_wrappers=True):
             stack = model.get_submodule(b.stack)
@@ -116,6 +124,11 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
             if lay is not None:
                 e["experts"] = {"name": b.experts, "n_neurons": lay["inter"]}
             table["blocks"][b.name] = e
+            block = model.get_submodule(b.name)
+            if id(block) in first_name:  # one block bound under several names: stored once, under its first name
+                table.setdefault("shared_blocks", {})[b.name] = first_name[id(block)]
+            else:
+                first_name[id(block)] = b.name
         if not _is_hf(model):
             for name, m in model.named_modules():
                 if isinstance(m, nn.Conv2d):
@@ -361,7 +374,8 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
 
     Raises:
         CheckpointError: the folder fails verification, has no shape table, holds a plain module and no
-            ``model`` was given, or the saved shapes do not fit the rebuilt model; or saves switched the folder
+            ``model`` was given, the saved shapes do not fit the rebuilt model, or the table's ``shared_blocks``
+            names blocks the model or the table lacks (or of different types); or saves switched the folder
             during each of three reads.
     """
     directory = Path(directory)
@@ -420,6 +434,7 @@ def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | to
         _redrop_blocks(model, table, meta.get("extras", {}).get("prune_plan"), directory, renumber=False)
     else:
         _redrop_blocks(model, table, meta.get("extras", {}).get("prune_plan"), directory)
+    _bind_shared_blocks(model, table)
     root = atomic.resolve(directory)
     try:
         header = read_header(root / meta["weights"]["file"])
@@ -430,6 +445,40 @@ def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | to
         _resize_blocks(model, blocks)
         _resize_modules(model, modules)
     return load(directory, model=model, device=device)
+
+
+def _bind_shared_blocks(model: nn.Module, table: dict[str, Any]) -> None:
+    """Bind every further name of a block the saved model shared (the table's ``shared_blocks``) to the block of
+    its first name, as it was when saved; a name already bound to it is left as it is.
+
+    Raises:
+        CheckpointError: ``shared_blocks`` is not an object of block names, names a block that is not in the
+            table's ``blocks`` or not in ``model``, chains names (a first name that is itself a further name), or
+            pairs blocks of different types.
+    """
+    shared = _obj(table.get("shared_blocks", {}), f"{_WHERE}.shared_blocks", "further block name -> first name")
+    blocks = table.get("blocks", {})
+    for alias, name in shared.items():
+        at = f"{_WHERE}.shared_blocks[{alias!r}]"
+        if not isinstance(name, str) or name == alias or name in shared:
+            raise CheckpointError(f"{at} must be the first name of the block (a string, itself not a further name),"
+                                  f" got {name!r}"[:300])
+        for n in (alias, name):
+            if not isinstance(blocks, dict) or n not in blocks:
+                raise CheckpointError(f"{at}: {n!r} is not a block of {_WHERE}.blocks")
+        try:
+            target, old = model.get_submodule(name), model.get_submodule(alias)
+        except AttributeError:
+            raise CheckpointError(f"{at}: the blocks {alias!r} / {name!r} are not both in {type(model).__name__}"
+                                  ) from None
+        if old is target:
+            continue
+        if type(old) is not type(target):
+            raise CheckpointError(f"{at}: {alias!r} is a {type(old).__name__}, the block {name!r} it shared is a "
+                                  f"{type(target).__name__} in {type(model).__name__}")
+        parent_name, _, attr = alias.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        parent._modules[attr] = target
 
 
 def _redrop_blocks(model: nn.Module, table: dict[str, Any], plan: Any, directory: Path, renumber: bool = True
