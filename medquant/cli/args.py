@@ -99,6 +99,26 @@ def bit_width(text: str) -> int:
     return v
 
 
+def compute_device(text: str) -> str:
+    """A torch device that exists on this machine and holds data (``cpu``, ``cuda``, ``cuda:1``, ``mps``...):
+    a string torch cannot parse, ``meta``, or a device this machine lacks (``cuda`` without a GPU, ``cuda:3`` with
+    two) is refused. Returned as torch spells it (``cuda:0``)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("meta holds no data: expected a compute device such as cpu, cuda or cuda:1")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError):
+        seen = f" ({torch.cuda.device_count()} CUDA device(s) visible)" if device.type == "cuda" else ""
+        raise argparse.ArgumentTypeError(f"{text}: no such device on this machine{seen}") from None
+    return str(device)
+
+
 def existing_folder(text: str) -> str:
     """A folder that exists (named as missing otherwise, not as a malformed hub repository id)."""
     p = Path(text)

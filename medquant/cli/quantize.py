@@ -5,6 +5,7 @@ Example::
 
     medquant quantize path/to/model out/ --bits 4 --group-size 128
     medquant quantize path/to/model out/ --bits 4 --method gptq --calib reports.txt --skip @vision @head
+    medquant quantize path/to/model out/ --method gptq --calib reports.txt --block-by-block --stream --device cuda
 
 The folder is loaded with its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise)
 in its stored dtypes (a bfloat16 folder stays bfloat16, as ``from_pretrained`` loads it; ``bytes before`` is its
@@ -14,7 +15,18 @@ folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens) a
 :func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it, as part of the checkpoint: listed in its
 manifest, so a rerun into the same ``OUT_DIR`` leaves a folder that verifies). Reload with ``import medquant`` and
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``. A summary table (layers quantized, average bits, bytes before
-and after) is printed; ``--json`` prints it as JSON.
+and after, which path ran) is printed; ``--json`` prints it as JSON.
+
+``--block-by-block`` (``awq`` / ``gptq``): :func:`medquant.calibrate.awq_quantize_sequential` /
+:func:`medquant.calibrate.gptq_quantize_sequential` instead, one decoder / vision block at a time on ``--device``
+(default ``cpu``), each block calibrated on the outputs of the already quantized blocks before it; the finished
+blocks go back to the CPU. ``--stream`` (with ``--block-by-block``) never holds the float model whole: it is built
+on the meta device from the folder's ``config.json`` (``accelerate.init_empty_weights()``: the architecture class,
+the stored dtype, tied weights as ``from_pretrained`` ties them) and each block's float weights are read from the
+folder's safetensors (``model.safetensors`` or a sharded index) when it is processed. It needs the stored tensors
+under the model's own state-dict names (``save_pretrained`` of LLaMA-style models); a folder whose names differ
+(transformers renames the tensors of some checkpoints, e.g. older VLM ones, while loading) or that holds no
+safetensors is refused before any work.
 """
 from __future__ import annotations
 
@@ -24,15 +36,20 @@ from pathlib import Path
 
 from .args import (
     bit_width,
+    compute_device,
     existing_file,
     existing_folder,
+    hf_config_file,
     output_is_input_message,
     positive_int,
     role_or_name,
     sequence_length,
     utf8_text,
 )
-from .prune import _load
+from .prune import _load, _refuse_medquant_folder
+
+PATHS = {"whole-model": "whole model", "block-by-block": "block by block",
+         "block-by-block-streamed": "block by block, float weights streamed from the folder's safetensors"}
 
 
 def calibration_batches(tok, path: str, samples: int, seq_len: int, text: str | None = None) -> list[dict]:
@@ -61,6 +78,118 @@ def calibration_batches(tok, path: str, samples: int, seq_len: int, text: str | 
         raise SystemExit(f"--calib: {path} holds no text to calibrate on (fewer than 2 tokens)")
     return [{"input_ids": torch.tensor([c]), "attention_mask": torch.ones(1, len(c), dtype=torch.long)}
             for c in chunks]
+
+
+def _tokenizer(path: str):
+    """The folder's tokenizer (``None`` when there is none; ``pad_token`` = ``eos_token`` when unset), as ``_load``
+    gives it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tok = None
+    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _tensor_aliases(model) -> dict[str, set[str]]:
+    """State-dict name -> every name of the same tensor: names bound to one parameter / buffer object and the
+    Hugging Face tied-weight keys (``lm_head.weight`` <-> ``model.embed_tokens.weight``), both directions."""
+    pairs: list[tuple[str, str]] = []
+    first: dict[int, str] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        pairs.append((name, first.setdefault(id(t), name)))
+    for prefix, mod in model.named_modules():
+        keys = getattr(mod, "all_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            p = f"{prefix}." if prefix else ""
+            pairs += [(p + a, p + b) for a, b in keys.items()]
+    groups: dict[str, set[str]] = {}
+    for a, b in pairs:
+        merged = groups.get(a, {a}) | groups.get(b, {b})
+        for n in merged:
+            groups[n] = merged
+    return groups
+
+
+def _first_float_dtype(folder: Path):
+    """The dtype of the first floating-point tensor of the folder's safetensors (headers only), ``None`` if none."""
+    import torch
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()}) \
+        if index.is_file() else [folder / "model.safetensors"]
+    floats = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
+                dtype = floats.get(fh.get_slice(k).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
+def load_skeleton(path: str):
+    """The model of the Hugging Face folder ``path`` built on the meta device (``accelerate.init_empty_weights()``:
+    no float weights in memory) as ``from_pretrained`` builds it - its config's architecture class
+    (``AutoModelForCausalLM`` / ``AutoModel`` otherwise), the stored dtype (``config.dtype``, else the first
+    floating-point tensor's), tied weights tied, eval mode - with its persistent buffers read from the folder, and
+    the :class:`medquant.calibrate.CheckpointSource` of the folder's safetensors, from which
+    ``checkpoint=`` reads the blocks.
+
+    Refused (``SystemExit`` naming ``--stream``) before any work: a folder without ``model.safetensors`` /
+    ``model.safetensors.index.json``, or whose tensors do not carry the name of every parameter of the model's
+    state dict (or another name of the same tensor: a tied ``lm_head.weight`` stored once)."""
+    import os
+
+    _refuse_medquant_folder(path, None, "quantize")
+    hf_config_file(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from ..calibrate import CheckpointSource
+
+    folder = Path(path)
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        raise SystemExit(f"--stream reads the float weights from the folder's safetensors; {path} has neither "
+                         "model.safetensors nor model.safetensors.index.json: run without --stream")
+    try:
+        source = CheckpointSource(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--stream: {path}: {e}") from None
+    cfg = AutoConfig.from_pretrained(path)
+    arch = (cfg.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    dtype = getattr(cfg, "dtype", None) or _first_float_dtype(folder)  # from_pretrained's "auto"
+    with init_empty_weights():
+        if cls is not None:
+            model = cls._from_config(cfg, dtype=dtype)
+        else:
+            auto = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
+            model = auto.from_config(cfg, dtype=dtype)
+    model.tie_weights()
+    model.eval()
+    aliases = _tensor_aliases(model)
+    state = model.state_dict(keep_vars=True)
+    # the meta tensors (a buffer built real that the folder lacks keeps its initial value, as from_pretrained's)
+    missing = [k for k, t in state.items() if t.is_meta and not any(a in source for a in aliases.get(k, {k}))]
+    if missing:
+        raise SystemExit(f"--stream: the safetensors of {path} do not hold {len(missing)} of the model's "
+                         f"{len(state)} tensors under its own names ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}): transformers renames the stored tensors of some "
+                         "checkpoints (e.g. older VLM ones) while loading, which reading block by block does not; "
+                         "run without --stream (the model is then loaded whole)")
+    buffers = dict(model.named_buffers())
+    for k, t in state.items():  # persistent buffers are built real (not on meta): take the stored values
+        if k in buffers and t.device.type != "meta" and k in source:
+            owner, _, leaf = k.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = source.get(k).to(t.dtype)
+    return model, source
 
 
 def _summary(before, after, n_layers: int, method: str) -> dict:
@@ -112,23 +241,47 @@ def run(args) -> int:
 
     config = QuantConfig(args.bits, symmetric=True if args.symmetric else None, group_size=args.group_size)
     text = utf8_text(args.calib, "--calib") if args.calib else None  # before the model: a bad file is named at once
-    model, tok = _load(args.model, None, keep_dtype=True, command="quantize")
+    source = None
+    if args.stream:
+        model, source = load_skeleton(args.model)
+        tok = _tokenizer(args.model)
+    else:
+        model, tok = _load(args.model, None, keep_dtype=True, command="quantize")
     calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, text) if args.calib else None
     before = model_size(model)
     skip = list(args.skip) or None
     progress = not args.json
+    device = args.device or "cpu"
     if args.method == "rtn":
         quantize_(model, config, skip=skip, progress=progress)
+    elif args.method == "awq" and args.block_by_block:
+        from ..calibrate import awq_quantize_sequential
+
+        awq_quantize_sequential(model, config, calib, skip=skip, device=device, offload_device="cpu",
+                                checkpoint=source, progress=progress)
     elif args.method == "awq":
         from ..calibrate import awq_quantize_
 
         awq_quantize_(model, config, calib, skip=skip, progress=progress)
+    elif args.block_by_block:
+        from ..calibrate import gptq_quantize_sequential
+
+        gptq_quantize_sequential(model, config, calib, skip=skip, device=device, offload_device="cpu",
+                                 checkpoint=source, max_hessian_bytes=args.max_hessian_bytes, progress=progress)
     else:
         from ..calibrate import gptq_quantize_
 
         gptq_quantize_(model, config, calib, skip=skip, progress=progress, max_hessian_bytes=args.max_hessian_bytes)
+    if source is not None:
+        left = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+        if left:  # nothing read them: save_pretrained would write empty tensors
+            raise SystemExit(f"--stream: {len(left)} tensor(s) of the model were not read from {args.model} "
+                             f"({', '.join(left[:3])}): run without --stream")
     after = model_size(model)
     summary = _summary(before, after, len(quantized_modules(model)), args.method)
+    path = "whole-model" if not args.block_by_block else \
+        "block-by-block-streamed" if args.stream else "block-by-block"
+    summary.update(path=path, device=device if args.block_by_block else None)
     out = Path(args.out)
     save_with_tokenizer(model, tok, out)
     summary["out"] = str(out)
@@ -141,6 +294,7 @@ def run(args) -> int:
             print(f"| {label} | {b:,} | {a:,} | {100 * (a / b - 1) if b else 0.0:+.1f}% |")
         print(f"layers quantized: {summary['layers_quantized']} ({args.method}), average bits "
               f"{summary['average_bits']:.3f} (weight layers)")
+        print(f"path: {PATHS[path]}" + (f", blocks computed on {device}" if args.block_by_block else ""))
         print(f"saved to {out} (reload: import medquant; AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
@@ -168,6 +322,16 @@ def register(sub) -> None:
                    help="gptq: the most bytes of Hessian sums held at once (a transformer block is then "
                         "captured in several passes; same result; for MoE models, whose blocks hold one Hessian "
                         "per expert)")
+    p.add_argument("--block-by-block", action="store_true",
+                   help="awq / gptq: quantize one decoder / vision block at a time (awq_quantize_sequential / "
+                        "gptq_quantize_sequential), each calibrated on the outputs of the quantized blocks before it")
+    p.add_argument("--device", type=compute_device, default=None, metavar="DEVICE",
+                   help="--block-by-block: compute device of the block being quantized (cpu, cuda, cuda:1...; "
+                        "default cpu); the finished blocks go back to the CPU")
+    p.add_argument("--stream", action="store_true",
+                   help="--block-by-block: build the model on the meta device from config.json and read each "
+                        "block's float weights from the folder's safetensors when it is processed (the float "
+                        "model is never whole in memory; needs the tensors under the model's own names)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run, check=lambda args: _check(args, p))
 
@@ -184,3 +348,12 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--max-hessian-bytes is read by --method gptq, not --method {args.method}")
     if args.method == "rtn" and args.calib:  # it would be read for nothing: the user meant awq or gptq
         parser.error("--calib is read by --method awq or gptq; --method rtn (the default) uses no calibration data")
+    if args.block_by_block and args.method == "rtn":
+        parser.error("--block-by-block is read by --method awq or gptq (calibration one block at a time); "
+                     "--method rtn (the default) rounds each layer on its own and has no block-by-block path")
+    if args.stream and not args.block_by_block:
+        parser.error("--stream reads the float weights one block at a time: it needs --block-by-block "
+                     "(and --method awq or gptq)")
+    if args.device is not None and not args.block_by_block:
+        parser.error("--device is the compute device of --block-by-block; the whole-model path runs where the "
+                     "model is loaded (the CPU)")

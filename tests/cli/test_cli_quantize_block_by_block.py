@@ -1,0 +1,231 @@
+"""``medquant quantize --block-by-block [--stream] [--device D]`` on tiny LLaMA folders (MiniLM's real tokenizer):
+the saved folder holds, bit for bit, the quantized layers of ``gptq_quantize_sequential`` /
+``awq_quantize_sequential`` called directly on the same float model with the command's own calibration batches,
+and reloads with ``from_pretrained``; ``--stream`` (a meta skeleton, the blocks read from the folder's safetensors)
+writes the same tensors as the in-memory run; bad combinations exit with code 2 before any work."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import medquant as mq
+from medquant.calibrate import awq_quantize_sequential, gptq_quantize_sequential
+from medquant.cli import main
+from medquant.cli.quantize import calibration_batches
+from medquant.quant.api import quantized_modules
+from tests.cli.tiny_folder import report_text_file, tiny_llama_folder
+
+IDS = torch.tensor([[101, 2053, 11325, 1997, 2023, 102]])
+SAMPLES, SEQ = 3, 16
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bbb")
+    tiny_llama_folder(root / "src")
+    report_text_file(root)
+    return root
+
+
+def _args(folder, out, method, *extra):
+    return ["quantize", str(folder / "src"), str(folder / out), "--bits", "3", "--group-size", "32", "--method",
+            method, "--calib", str(folder / "t.txt"), "--calib-samples", str(SAMPLES), "--seq-len", str(SEQ),
+            "--json", *extra]
+
+
+def _float_and_calib(src, text):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    calib = calibration_batches(AutoTokenizer.from_pretrained(src), str(text), SAMPLES, SEQ)
+    return model, calib
+
+
+def _reload(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _assert_same_quantized_layers(got, ref):
+    q_got, q_ref = quantized_modules(got), quantized_modules(ref)
+    assert sorted(q_got) == sorted(q_ref) and q_ref
+    for name in q_ref:
+        a = dict(got.get_submodule(name).state_dict())
+        b = dict(ref.get_submodule(name).state_dict())
+        assert sorted(a) == sorted(b), name
+        for k, v in b.items():  # packed codes, scales, zero points: bit for bit
+            assert a[k].dtype == v.dtype and torch.equal(a[k], v), f"{name}.{k}"
+
+
+def _saved_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _spy(monkeypatch, name):
+    """Record the calls of ``medquant.calibrate.<name>`` (the command imports it when it runs): whether the model
+    held meta tensors then, and the keyword arguments."""
+    import medquant.calibrate
+
+    real, calls = getattr(medquant.calibrate, name), []
+
+    def spy(model, *args, **kwargs):
+        calls.append((any(p.is_meta for p in model.parameters()), kwargs))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(medquant.calibrate, name, spy)
+    return calls
+
+
+def test_gptq_block_by_block_equals_gptq_quantize_sequential(folder, capsys, monkeypatch):
+    calls = _spy(monkeypatch, "gptq_quantize_sequential")
+    assert main(_args(folder, "gptq_bbb", "gptq", "--block-by-block", "--device", "cpu")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # (whole-model GPTQ gives these very codes on this model: the call itself shows which path ran)
+    assert len(calls) == 1 and calls[0][0] is False and calls[0][1]["device"] == "cpu"
+    assert calls[0][1]["checkpoint"] is None
+    assert (summary["path"], summary["device"], summary["method"]) == ("block-by-block", "cpu", "gptq")
+    ref, calib = _float_and_calib(folder / "src", folder / "t.txt")
+    assert len(calib) == SAMPLES
+    gptq_quantize_sequential(ref, mq.QuantConfig(3, group_size=32), calib, device="cpu", progress=False)
+    got = _reload(folder / "gptq_bbb")
+    _assert_same_quantized_layers(got, ref)
+    assert summary["layers_quantized"] == len(quantized_modules(ref)) == 15  # lm_head too, as without the option
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+    # the whole-model path says so
+    assert main(_args(folder, "gptq_whole", "gptq")) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == "whole-model"
+
+
+def test_awq_block_by_block_equals_awq_quantize_sequential_and_prints_its_path(folder, capsys):
+    assert main(_args(folder, "awq_bbb", "awq", "--block-by-block", "--skip", "@head")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["path"], summary["device"]) == ("block-by-block", "cpu")  # the default device
+    ref, calib = _float_and_calib(folder / "src", folder / "t.txt")
+    awq_quantize_sequential(ref, mq.QuantConfig(3, group_size=32), calib, skip=["@head"], device="cpu",
+                            progress=False)
+    got = _reload(folder / "awq_bbb")
+    _assert_same_quantized_layers(got, ref)
+    assert "lm_head" not in quantized_modules(got) and summary["layers_quantized"] == 14
+    with torch.no_grad():  # the folded norms too
+        assert torch.equal(got(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+    # the table form names the path
+    argv = [a for a in _args(folder, "awq_bbb_table", "awq", "--block-by-block") if a != "--json"]
+    assert main(argv) == 0
+    assert "path: block by block, blocks computed on cpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_stream_writes_the_tensors_of_the_in_memory_block_by_block_run(folder, method, capsys, monkeypatch):
+    import medquant.cli.quantize
+
+    memory, streamed = f"{method}_mem", f"{method}_stream"
+    assert main(_args(folder, memory, method, "--block-by-block")) == 0
+    capsys.readouterr()
+    calls = _spy(monkeypatch, f"{method}_quantize_sequential")
+
+    def no_whole_model(*a, **k):
+        raise AssertionError("--stream loaded the whole float model")
+
+    monkeypatch.setattr(medquant.cli.quantize, "_load", no_whole_model)
+    assert main(_args(folder, streamed, method, "--block-by-block", "--stream")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # a meta skeleton, the blocks read from the folder
+    assert len(calls) == 1 and calls[0][0] is True and calls[0][1]["checkpoint"] is not None
+    assert summary["path"] == "block-by-block-streamed"
+    a, b = _saved_tensors(folder / streamed), _saved_tensors(folder / memory)
+    assert sorted(a) == sorted(b)
+    for k in b:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    cfg = [json.loads((folder / d / "config.json").read_text())["quantization_config"] for d in (streamed, memory)]
+    assert cfg[0] == cfg[1]
+    with torch.no_grad():
+        assert torch.equal(_reload(folder / streamed)(input_ids=IDS).logits,
+                           _reload(folder / memory)(input_ids=IDS).logits)
+
+
+def test_stream_with_tied_embeddings_reads_the_head_from_the_embedding(folder, capsys):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src = folder / "tied"
+    tok = AutoTokenizer.from_pretrained(folder / "src")
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    tok.save_pretrained(src)
+    from safetensors import safe_open
+
+    with safe_open(str(src / "model.safetensors"), "pt") as fh:
+        assert "lm_head.weight" not in fh.keys()  # noqa: SIM118 (stored once, under the embedding's name)
+    outs = []
+    for name, extra in (("tied_mem", []), ("tied_stream", ["--stream"])):
+        argv = _args(folder, name, "gptq", "--block-by-block", *extra)
+        argv[1] = str(src)
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["layers_quantized"] == 15
+        outs.append(_saved_tensors(folder / name))
+    assert sorted(outs[0]) == sorted(outs[1])
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), k
+    _reload(folder / "tied_stream")
+
+
+def _no_work(monkeypatch):
+    import medquant.cli.prune
+    import medquant.cli.quantize
+
+    def no_work(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(medquant.cli.prune, "_load", no_work)
+    monkeypatch.setattr(medquant.cli.quantize, "_load", no_work)
+    monkeypatch.setattr(medquant.cli.quantize, "load_skeleton", no_work)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--block-by-block"], "--block-by-block is read by --method awq or gptq"),
+    (["--method", "gptq", "--calib", "{calib}", "--stream"], "--stream reads the float weights one block at a time"),
+    (["--method", "gptq", "--calib", "{calib}", "--block-by-block", "--device", "gpu0"],
+     "--device: expected a device such as cpu, cuda or cuda:1, got 'gpu0'"),
+    (["--method", "gptq", "--calib", "{calib}", "--block-by-block", "--device", "meta"], "--device: meta holds no data"),
+    (["--method", "gptq", "--calib", "{calib}", "--block-by-block", "--device", "cuda:99"],
+     "--device: cuda:99: no such device on this machine"),
+    (["--method", "awq", "--calib", "{calib}", "--device", "cpu"], "--device is the compute device of --block-by-block"),
+])
+def test_block_by_block_argument_errors_exit_2_before_any_work(folder, extra, message, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    argv = ["quantize", str(folder / "src"), str(folder / "out")] + [a.replace("{calib}", str(folder / "t.txt"))
+                                                                    for a in extra]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (folder / "out").exists()
+
+
+def test_stream_refuses_folders_whose_tensors_it_cannot_read_by_name(folder, capsys):
+    from safetensors.torch import load_file, save_file
+
+    renamed = folder / "renamed"  # the names of an older VLM layout: not the model's own
+    shutil.copytree(folder / "src", renamed)
+    tensors = load_file(str(renamed / "model.safetensors"))
+    save_file({k.replace("model.", "language_model.model.", 1): v for k, v in tensors.items()},
+              str(renamed / "model.safetensors"), metadata={"format": "pt"})
+    no_st = folder / "bin_only"
+    shutil.copytree(folder / "src", no_st)
+    (no_st / "model.safetensors").unlink()
+    torch.save(tensors, no_st / "pytorch_model.bin")
+    for src, message in ((renamed, "--stream: the safetensors of"), (no_st, "nor model.safetensors.index.json")):
+        argv = _args(folder, "refused", "gptq", "--block-by-block", "--stream")
+        argv[1] = str(src)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "run without --stream" in err
+        assert not (folder / "refused").exists()
