@@ -229,3 +229,25 @@ def test_stream_refuses_folders_whose_tensors_it_cannot_read_by_name(folder, cap
         err = capsys.readouterr().err
         assert message in err and "run without --stream" in err
         assert not (folder / "refused").exists()
+
+
+def test_stream_of_a_sharded_bfloat16_folder_keeps_its_dtype(folder, capsys):
+    from transformers import AutoModelForCausalLM
+
+    src = folder / "bf16_sharded"
+    AutoModelForCausalLM.from_pretrained(folder / "src").to(torch.bfloat16).save_pretrained(src, max_shard_size="1MB")
+    for f in (folder / "src").iterdir():  # the tokenizer files
+        if not f.name.startswith(("model", "config", "generation")):
+            shutil.copy(f, src)
+    assert (src / "model.safetensors.index.json").is_file()
+    outs = []
+    for name, extra in (("bf16_mem", []), ("bf16_stream", ["--stream"])):
+        argv = _args(folder, name, "awq", "--block-by-block", *extra)
+        argv[1] = str(src)
+        assert main(argv) == 0
+        capsys.readouterr()
+        outs.append(_saved_tensors(folder / name))
+    assert sorted(outs[0]) == sorted(outs[1])
+    for k, v in outs[0].items():
+        assert outs[1][k].dtype == v.dtype and torch.equal(outs[1][k], v), k
+    assert outs[1]["model.embed_tokens.weight"].dtype == torch.bfloat16
