@@ -1504,7 +1504,8 @@ def gptq_quantize_sequential(
         seed: seed of that draw.
         groups: group labels, one entry per dict (see :func:`gptq_quantize_`).
         group_weights: ``w_g`` by label; default uniform.
-        device: the compute device of one block (default the model's).
+        device: the compute device of one block (default CUDA when available, else CPU, as
+            :func:`~medquant.calibrate.quantize_sequential`).
         offload_device: where each block goes after it is quantized (``None``: stays on ``device``).
         checkpoint: a Hugging Face folder / safetensors source the float blocks are read from one at a time
             (the model is then a meta-device skeleton), or ``None``.
