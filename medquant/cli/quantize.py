@@ -132,11 +132,35 @@ def _first_float_dtype(folder: Path):
     return None
 
 
+def _keep_in_float32(model, dtype) -> None:
+    """Give the tensors that ``from_pretrained`` keeps in float32 (the model's ``_keep_in_fp32_modules`` for a
+    float16 load, ``_keep_in_fp32_modules_strict`` for float16 / bfloat16: T5's ``wo``) float32, as it does (its
+    dtype plan's patterns searched in each state-dict name); a parameter keeps its object (ties kept)."""
+    import re
+
+    import torch
+
+    plan = getattr(model, "_get_dtype_plan", None)
+    plan = plan(dtype) if plan is not None and dtype is not None else {}
+    if not plan:
+        return
+    pattern = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not t.is_floating_point() or not pattern.search(name):
+            continue
+        want = plan[next(p for p in plan if re.search(p.replace("*", ".*"), name))]
+        if isinstance(t, torch.nn.Parameter):
+            t.data = t.data.to(want)
+        else:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = t.to(want)
+
+
 def load_skeleton(path: str):
     """The model of the Hugging Face folder ``path`` built on the meta device (``accelerate.init_empty_weights()``:
     no float weights in memory) as ``from_pretrained`` builds it - its config's architecture class
     (``AutoModelForCausalLM`` / ``AutoModel`` otherwise), the stored dtype (``config.dtype``, else the first
-    floating-point tensor's), tied weights tied, eval mode - with its persistent buffers read from the folder, and
+    floating-point tensor's; ``_keep_in_fp32_modules`` kept in float32), tied weights tied, eval mode - with its persistent buffers read from the folder, and
     the :class:`medquant.calibrate.CheckpointSource` of the folder's safetensors, from which
     ``checkpoint=`` reads the blocks.
 
@@ -174,6 +198,7 @@ def load_skeleton(path: str):
             model = auto.from_config(cfg, dtype=dtype)
     model.tie_weights()
     model.eval()
+    _keep_in_float32(model, dtype)
     aliases = _tensor_aliases(model)
     state = model.state_dict(keep_vars=True)
     # the meta tensors (a buffer built real that the folder lacks keeps its initial value, as from_pretrained's)

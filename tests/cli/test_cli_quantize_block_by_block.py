@@ -251,3 +251,22 @@ def test_stream_of_a_sharded_bfloat16_folder_keeps_its_dtype(folder, capsys):
     for k, v in outs[0].items():
         assert outs[1][k].dtype == v.dtype and torch.equal(outs[1][k], v), k
     assert outs[1]["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+def test_stream_skeleton_keeps_the_float32_modules_from_pretrained_keeps(tmp_path):
+    """A float16 T5 folder: ``from_pretrained`` keeps ``_keep_in_fp32_modules`` (``wo``) in float32; the --stream
+    skeleton must give every tensor the dtype ``from_pretrained`` gives it (else the streamed run computes and
+    quantizes those layers in float16 and saves a model the in-memory run does not)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from medquant.cli.quantize import load_skeleton
+
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(cfg).to(torch.float16).save_pretrained(tmp_path)
+    ref = T5ForConditionalGeneration.from_pretrained(tmp_path, dtype="auto")
+    skeleton, _ = load_skeleton(str(tmp_path))
+    want = {k: t.dtype for k, t in ref.state_dict().items()}
+    got = {k: t.dtype for k, t in skeleton.state_dict().items()}
+    assert torch.float32 in set(want.values()) and torch.float16 in set(want.values())
+    assert got == want
