@@ -160,9 +160,10 @@ def load_skeleton(path: str):
     """The model of the Hugging Face folder ``path`` built on the meta device (``accelerate.init_empty_weights()``:
     no float weights in memory) as ``from_pretrained`` builds it - its config's architecture class
     (``AutoModelForCausalLM`` / ``AutoModel`` otherwise), the stored dtype (``config.dtype``, else the first
-    floating-point tensor's; ``_keep_in_fp32_modules`` kept in float32), tied weights tied, eval mode - with its persistent buffers read from the folder, and
-    the :class:`medquant.calibrate.CheckpointSource` of the folder's safetensors, from which
-    ``checkpoint=`` reads the blocks.
+    floating-point tensor's; ``_keep_in_fp32_modules`` kept in float32), tied weights tied, eval mode, the
+    folder's ``generation_config.json`` - with its persistent buffers read from the folder, and the
+    :class:`medquant.calibrate.CheckpointSource` of the folder's safetensors, from which ``checkpoint=`` reads the
+    blocks.
 
     Refused (``SystemExit`` naming ``--stream``) before any work: a folder without ``model.safetensors`` /
     ``model.safetensors.index.json``, or whose tensors do not carry the name of every parameter of the model's
@@ -199,6 +200,10 @@ def load_skeleton(path: str):
     model.tie_weights()
     model.eval()
     _keep_in_float32(model, dtype)
+    if model.can_generate() and (folder / "generation_config.json").is_file():  # as from_pretrained reads it
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     aliases = _tensor_aliases(model)
     state = model.state_dict(keep_vars=True)
     # the meta tensors (a buffer built real that the folder lacks keeps its initial value, as from_pretrained's)

@@ -270,3 +270,21 @@ def test_stream_skeleton_keeps_the_float32_modules_from_pretrained_keeps(tmp_pat
     got = {k: t.dtype for k, t in skeleton.state_dict().items()}
     assert torch.float32 in set(want.values()) and torch.float16 in set(want.values())
     assert got == want
+
+
+def test_stream_skeleton_takes_the_folders_generation_config(tmp_path):
+    """``from_pretrained`` reads the folder's ``generation_config.json`` (saved again with the quantized model); the
+    --stream skeleton must carry the same one, not the defaults derived from ``config.json``."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from medquant.cli.quantize import load_skeleton
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.3, eos_token_id=[2, 5])
+    model.save_pretrained(tmp_path)
+    ref = LlamaForCausalLM.from_pretrained(tmp_path).generation_config
+    skeleton, _ = load_skeleton(str(tmp_path))
+    assert ref.temperature == 0.3
+    assert skeleton.generation_config.to_diff_dict() == ref.to_diff_dict()
