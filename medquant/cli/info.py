@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from .args import existing_folder, hf_config_file
+from .prune import folder_tokenizer, model_class
 
 
 def _pruned(folder: Path) -> bool:
@@ -41,8 +42,7 @@ def load_hf_folder(path: str):
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from ..hf import register
 
@@ -53,19 +53,8 @@ def load_hf_folder(path: str):
         model = load_pruned(path).eval()
     else:
         hf_config_file(path)
-        cfg = AutoConfig.from_pretrained(path)
-        arch = (cfg.architectures or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        if cls is None:
-            cls = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
-        model = cls.from_pretrained(path).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tok = None
-    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+        model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path).eval()
+    return model, folder_tokenizer(path)
 
 
 def load_checkpoint(path: str):

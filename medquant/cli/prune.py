@@ -77,25 +77,40 @@ def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command
     if not gguf_file:
         hf_config_file(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     cfg = AutoConfig.from_pretrained(path, **kw)
+    model = model_class(cfg).from_pretrained(path, **kw).eval()
+    if not keep_dtype:
+        model = model.float()
+    return model, folder_tokenizer(path, **kw)
+
+
+def model_class(cfg):
+    """The transformers class that builds a folder's model: the one its config names (``architectures[0]``), else
+    ``AutoModelForCausalLM`` for a ``...ForCausalLM`` name and ``AutoModel`` otherwise."""
+    import transformers
+
     arch = (cfg.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
-    model = cls.from_pretrained(path, **kw).eval()
-    if not keep_dtype:
-        model = model.float()
+    return cls
+
+
+def folder_tokenizer(path: str, **kw):
+    """The folder's tokenizer (``kw``: e.g. ``gguf_file``), ``None`` when there is none; ``pad_token`` =
+    ``eos_token`` when unset."""
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError):
         tok = None
     if tok is not None and tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return tok
 
 
 def _calibration_texts(args) -> list[str] | None:

@@ -46,7 +46,7 @@ from .args import (
     sequence_length,
     utf8_text,
 )
-from .prune import _load, _refuse_medquant_folder
+from .prune import _load, _refuse_medquant_folder, folder_tokenizer, model_class
 
 PATHS = {"whole-model": "whole model", "block-by-block": "block by block",
          "block-by-block-streamed": "block by block, float weights streamed from the folder's safetensors"}
@@ -78,20 +78,6 @@ def calibration_batches(tok, path: str, samples: int, seq_len: int, text: str | 
         raise SystemExit(f"--calib: {path} holds no text to calibrate on (fewer than 2 tokens)")
     return [{"input_ids": torch.tensor([c]), "attention_mask": torch.ones(1, len(c), dtype=torch.long)}
             for c in chunks]
-
-
-def _tokenizer(path: str):
-    """The folder's tokenizer (``None`` when there is none; ``pad_token`` = ``eos_token`` when unset), as ``_load``
-    gives it."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tok = None
-    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def _tensor_aliases(model) -> dict[str, set[str]]:
@@ -173,7 +159,6 @@ def load_skeleton(path: str):
     _refuse_medquant_folder(path, None, "quantize")
     hf_config_file(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -188,15 +173,10 @@ def load_skeleton(path: str):
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--stream: {path}: {e}") from None
     cfg = AutoConfig.from_pretrained(path)
-    arch = (cfg.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    cls = model_class(cfg)
     dtype = getattr(cfg, "dtype", None) or _first_float_dtype(folder)  # from_pretrained's "auto"
-    with init_empty_weights():
-        if cls is not None:
-            model = cls._from_config(cfg, dtype=dtype)
-        else:
-            auto = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
-            model = auto.from_config(cfg, dtype=dtype)
+    with init_empty_weights():  # a model class builds through _from_config, an Auto class through from_config
+        model = (cls._from_config if hasattr(cls, "_from_config") else cls.from_config)(cfg, dtype=dtype)
     model.tie_weights()
     model.eval()
     _keep_in_float32(model, dtype)
@@ -274,7 +254,7 @@ def run(args) -> int:
     source = None
     if args.stream:
         model, source = load_skeleton(args.model)
-        tok = _tokenizer(args.model)
+        tok = folder_tokenizer(args.model)
     else:
         model, tok = _load(args.model, None, keep_dtype=True, command="quantize")
     calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, text) if args.calib else None
