@@ -26,6 +26,8 @@ from medquant.testing.zoo import ZOO_BY_NAME
 pytest.importorskip("compressed_tensors")
 pytest.importorskip("gguf")
 
+from tests.deploy.test_export_matrix import _llama as _tiny_llama
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 W4 = mq.QuantConfig(4, symmetric=True, group_size=32)
@@ -41,12 +43,7 @@ def _quiet():
 
 
 def _llama(quantize: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg).eval()
+    model = _tiny_llama()
     if quantize:
         mq.quantize_(model, W4, skip=["lm_head"])
     return model
