@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.introspect import language_model_layers, model_roles
+from ..models.introspect import encoder_module_name, language_model_layers, model_roles
 from ..models.runner import run_model
 
 
@@ -299,16 +299,12 @@ class MaskSides:
         """The sides of an encoder-decoder whose encoder is not a language stack (Whisper's reads audio): a model
         whose ``config.is_encoder_decoder`` is true, with a ``get_encoder()`` submodule; the decoder blocks are the
         language blocks outside it. Nothing is set for any other model."""
-        get = getattr(model, "get_encoder", None)
-        if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not callable(get):
+        name = encoder_module_name(model)
+        if name is None:
             return
         try:
-            encoder = get()
             blocks = language_model_layers(model)
         except (AttributeError, TypeError, ValueError, NotImplementedError):
-            return
-        name = next((n for n, m in model.named_modules() if m is encoder and n), None)
-        if name is None:
             return
         dec = [b for b in blocks if not _under(b, name)]
         if dec:

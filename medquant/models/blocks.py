@@ -73,7 +73,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .introspect import _find_layers, _holds_linear, _language_stacks, _side, model_roles, vision_layers
+from .introspect import (
+    _find_layers,
+    _holds_linear,
+    _language_stacks,
+    _side,
+    encoder_module_name,
+    model_roles,
+    vision_layers,
+)
 from .structure import under as _under
 
 __all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "shares_position_bias", "stack_side",
@@ -242,16 +250,9 @@ def _seq2seq_stacks(model: nn.Module, stacks: list[list[str]]) -> list[list[str]
     no role): ``config.is_encoder_decoder`` is true and the module ``get_encoder()`` returns lies outside every role
     (a vision encoder keeps its role) and holds a non-empty ``nn.ModuleList`` of blocks with linear layers (its
     shallowest one is the encoder stack). Any other model gets ``stacks`` unchanged."""
-    if len(stacks) != 1 or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if len(stacks) != 1:
         return stacks
-    get = getattr(model, "get_encoder", None)
-    try:
-        encoder = get() if callable(get) else None
-    except (AttributeError, TypeError, ValueError, NotImplementedError):
-        return stacks
-    if not isinstance(encoder, nn.Module):
-        return stacks
-    name = next((n for n, m in model.named_modules() if m is encoder and n), None)
+    name = encoder_module_name(model)
     placed = [q for prefixes in model_roles(model).values() for q in prefixes]
     if name is None or any(_under(name, q) or _under(q, name) for q in placed):
         return stacks  # the encoder has a role (a vision encoder: VisionEncoderDecoderModel) or holds one

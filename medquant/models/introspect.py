@@ -336,6 +336,29 @@ def role_of(model: nn.Module, module_name: str) -> str | None:
     return None
 
 
+def encoder_module_name(model: nn.Module) -> str | None:
+    """The name of an encoder-decoder's encoder module: the submodule ``model.get_encoder()`` returns, for a model
+    whose ``config.is_encoder_decoder`` is true (Whisper's audio encoder, BART's / T5's token encoder).
+
+    Args:
+        model: any module.
+
+    Returns:
+        The encoder's name in ``model.named_modules()``; ``None`` for a model that is not such an encoder-decoder,
+        has no ``get_encoder()`` (or one that fails) or whose encoder is not one of its submodules.
+    """
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get = getattr(model, "get_encoder", None)
+    try:
+        encoder = get() if callable(get) else None
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return None
+    if not isinstance(encoder, nn.Module):
+        return None
+    return next((n for n, m in model.named_modules() if m is encoder and n), None)
+
+
 def _holds_linear(mod: nn.Module) -> bool:
     """Whether ``mod`` or a module below it is a linear layer: an ``nn.Linear``, or a layer standing in for one
     (integer ``in_features`` and ``out_features``: a quantized ``QuantLinear``), so that a quantized model keeps the
