@@ -1091,6 +1091,15 @@ class _Tokens:
     decoder: int | None = None
 
 
+def _side_of(sides: MaskSides, name: str, x: Any, states: Sequence[torch.Tensor], masks: BatchMasks,
+             tokens: _Tokens) -> tuple[torch.Tensor | None, int | None]:
+    """The token mask and token count of layer ``name``'s input ``x``: the encoder's where ``x``'s rows are on the
+    encoder's side (:meth:`~medquant.calibrate._forward.MaskSides.reads_encoder`), else the decoder's."""
+    if sides.reads_encoder(name, x, states):
+        return masks.encoder, tokens.encoder
+    return masks.decoder, tokens.decoder
+
+
 def _count(batch: Mapping[str, Any], keys: Sequence[str]) -> int | None:
     """``batch * sequence`` of the first of ``keys`` in ``batch`` holding a 2-D tensor (ids, masks, labels) or a
     3-D one (embeddings)."""
@@ -1136,8 +1145,7 @@ def _capture(model: nn.Module, stage: Sequence[str], batches: Sequence[Any], ear
     def make(n: str):
         def hook(mod, args, kwargs):
             x = _input_of(args, kwargs)
-            enc = sides.reads_encoder(n, x, states)  # the side of x's rows: its mask, its token count
-            m, t = (mask[0].encoder, tokens[0].encoder) if enc else (mask[0].decoder, tokens[0].decoder)
+            m, t = _side_of(sides, n, x, states, mask[0], tokens[0])
             _add(accs[n], n, x, current[0], None if n in unmasked else m, shared, experts,
                  None if n in unmasked else t)
             seen.add(n)
@@ -1616,8 +1624,7 @@ def gptq_quantize_sequential(
                 shared.clear()
                 last[0] = i
             x = _input_of(args, kwargs)
-            enc = sides.reads_encoder(layer.name, x, states)
-            m, t = (masks[i].encoder, counts[i].encoder) if enc else (masks[i].decoder, counts[i].decoder)
+            m, t = _side_of(sides, layer.name, x, states, masks[i], counts[i])
             _add(acc, layer.name, x, labels[i] if labels is not None else None, None if unmasked else m, shared,
                  None, None if unmasked else t)
 
