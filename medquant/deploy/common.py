@@ -47,7 +47,7 @@ from torch import nn
 from ..kernels.layout import dequantize_codes
 from ..quant.config import FLOAT_BITS
 from ..quant.core import quantize
-from ..quant.hooks import HOOK_OWNERS, ModuleHook, forward_hooks  # noqa: F401  (ModuleHook: re-exported)
+from ..quant.hooks import HOOK_OWNERS, MAKE_PERMANENT, ModuleHook, forward_hooks  # noqa: F401  (ModuleHook: re-exported)
 from ..quant.modules import QUANT_MODULES, QuantEmbedding
 from .registry import ExportError, link_target, output_file_path, parse_size  # noqa: F401  (parse_size: re-exported)
 
@@ -214,8 +214,7 @@ _HOOK_ADVICE = {
              "(module.input_quantizer_handle.remove())",
     "reparametrization": "a torch.nn.utils reparametrisation computes the weight from other tensors "
                          "(weight_orig and weight_mask, weight_g and weight_v), which the state dict holds instead "
-                         "of the weight: make it permanent first (torch.nn.utils.prune.remove(module, 'weight'), "
-                         "torch.nn.utils.remove_weight_norm(module), remove_spectral_norm(module))",
+                         f"of the weight: {MAKE_PERMANENT}",
     "user": "a forward hook or pre-hook can change the module's output or input, which the file cannot compute: "
             "remove it (handle.remove() on the handle register_forward_hook / register_forward_pre_hook returned) "
             "to export the weights alone, or build what it computes into the model's layers",

@@ -31,7 +31,7 @@ from ..kernels.layout import DENSE_BITS, FORMAT_VERSION
 from ..quant.activations import input_quantizers, recorded_quantizers, set_input_quantizers
 from ..quant.api import swap_module
 from ..quant.experts import expand_recorded_experts, is_experts_module
-from ..quant.hooks import forward_hooks
+from ..quant.hooks import MAKE_PERMANENT, forward_hooks
 from ..quant.modules import (
     QUANT_LAYERS,
     QuantConv2d,
@@ -439,8 +439,7 @@ def check_saved_hooks(model: nn.Module, writer: str = "medquant.save") -> None:
             f"{writer} stores the state dict, and {len(reparam)} module(s) compute their weight through a torch "
             f"reparametrisation ({'; '.join(h.describe() for h in reparam[:8])}): the file would hold its parts "
             "(weight_orig and weight_mask, weight_g and weight_v) and no weight, and would not load into the model. "
-            "Accepted: make it permanent first (torch.nn.utils.prune.remove(module, 'weight'), "
-            "torch.nn.utils.remove_weight_norm(module), remove_spectral_norm(module))")
+            f"Accepted: {MAKE_PERMANENT}")
     user = [h for h in hooks if h.owner == "user"]
     if user:
         _warn(f"{writer}: {len(user)} forward hook(s) are not saved ({'; '.join(h.describe() for h in user[:8])}"

@@ -31,6 +31,10 @@ from torch import nn
 #: what a forward hook is, as :func:`forward_hooks` classifies it
 HOOK_OWNERS = ("adaptive", "input", "reparametrization", "harmless", "user")
 
+#: how to turn a torch reparametrisation into a plain weight (what a file of the model can hold)
+MAKE_PERMANENT = ("make it permanent first (torch.nn.utils.prune.remove(module, 'weight'), "
+                  "torch.nn.utils.remove_weight_norm(module), remove_spectral_norm(module))")
+
 
 @dataclass(frozen=True)
 class ModuleHook:
