@@ -279,18 +279,13 @@ def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> 
         groups: list[ScaleGroup] = []
         if b.attention is not None and attn_norm and attn_norm != ffn_norm:
             a = b.attention
-            clamped_in = [n for n in (a.q, a.k, a.v) if a.clamped.get(n, (False, False))[0]]
-            if clamped_in:
-                refused.append(f"{b.name}.{attn_norm} ({', '.join(clamped_in)} clamp their input to a finite range)")
-            else:
-                groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [a.q, a.k, a.v]))
+            _add_norm_group(groups, refused, f"{b.name}.{attn_norm}", [a.q, a.k, a.v], a.clamped)
             # v -> o: o's input is v's output per head, unless a per-head norm (v_norm) or a finite clamp sits between
             # (or a norm over all heads before o: Kosmos-2's inner_attn_ln)
             mixed = _norm_before_o(model, a)
             if mixed:
                 refused.append(f"{a.v} ({mixed} normalises the heads' output before {a.o})")
-            elif a.n_kv == a.n_heads and a.v_norm is None and not a.clamped.get(a.v, (False, False))[1] \
-                    and not a.clamped.get(a.o, (False, False))[0]:
+            elif a.n_kv == a.n_heads and a.v_norm is None and _unclamped_between(a.clamped, a.v, a.o):
                 groups.append(ScaleGroup(a.v, [a.o]))
         elif b.fused_attention is not None and attn_norm and attn_norm != ffn_norm:  # one qkv projection
             groups.append(ScaleGroup(f"{b.name}.{attn_norm}", [f"{b.fused_attention}.qkv"]))
@@ -302,14 +297,9 @@ def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> 
                 groups.append(ScaleGroup(cross[1][2], [cross[1][3]]))
         if b.ffn is not None and ffn_norm:
             f = b.ffn
-            clamped_in = [n for n in f.inputs if f.clamped.get(n, (False, False))[0]]
-            if clamped_in:
-                refused.append(f"{b.name}.{ffn_norm} ({', '.join(clamped_in)} clamp their input to a finite range)")
-            else:
-                groups.append(ScaleGroup(f"{b.name}.{ffn_norm}", list(f.inputs)))
+            _add_norm_group(groups, refused, f"{b.name}.{ffn_norm}", list(f.inputs), f.clamped)
             # gated: act(gate(x)) * up(x) is linear in up's output (unless a finite clamp sits between up and down)
-            if len(f.inputs) == 2 and not f.clamped.get(f.inputs[1], (False, False))[1] \
-                    and not f.clamped.get(f.output, (False, False))[0]:
+            if len(f.inputs) == 2 and _unclamped_between(f.clamped, f.inputs[1], f.output):
                 groups.append(ScaleGroup(f.inputs[1], [f.output]))
         groups = [g for g in groups if _unshared(model, g, shared, refused)]
         if groups:
@@ -318,6 +308,24 @@ def _groups_by_block(model: nn.Module, scope: str | list[str] | None = None) -> 
         warnings.warn("AWQ: scales not folded into " + "; ".join(refused) + "; the linears reading them are "
                       "quantized without AWQ scales", stacklevel=3)
     return out
+
+
+def _add_norm_group(groups: list[ScaleGroup], refused: list[str], norm: str, linears: list[str],
+                    clamped: Mapping[str, tuple[bool, bool]]) -> None:
+    """``norm -> linears`` into ``groups``, or into ``refused`` when one of the linears clamps its input to a finite
+    range (``clamped``: the unit's :attr:`~medquant.models.blocks.AttentionUnit.clamped`; ``clamp(x / s)`` is not
+    ``clamp(x) / s``)."""
+    clamped_in = [n for n in linears if clamped.get(n, (False, False))[0]]
+    if clamped_in:
+        refused.append(f"{norm} ({', '.join(clamped_in)} clamp their input to a finite range)")
+    else:
+        groups.append(ScaleGroup(norm, linears))
+
+
+def _unclamped_between(clamped: Mapping[str, tuple[bool, bool]], first: str, second: str) -> bool:
+    """Whether no finite clamp sits between ``first``'s output and ``second``'s input (a ``first -> second`` fold
+    is exact)."""
+    return not clamped.get(first, (False, False))[1] and not clamped.get(second, (False, False))[0]
 
 
 def _shared_params(model: nn.Module) -> set[int]:
