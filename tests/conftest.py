@@ -29,6 +29,14 @@ os.environ.setdefault("MEDQUANT_CPU_COMPUTE_DTYPE", "float32")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+
+# AOTInductor (``compile_decoder``, the AOT benchmarks, ``examples/fast_cpu_decode.py``) compiles a C++ wrapper per
+# program, about 5 s of g++ each on a 2-core machine at its default ``-O1 -g1``. The wrapper only sequences kernel
+# calls: compiled at ``-O0`` without line tables it computes the same results (every test compares them with
+# ``generate`` or the eager model) about 1.5 s sooner per program. Set before torch reads its config; subprocesses
+# (the examples) inherit it.
+os.environ.setdefault("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")
+os.environ.setdefault("AOT_INDUCTOR_ENABLE_LINE_TABLES", "0")
 @pytest.fixture
 def one_torch_thread():
     """Run a test with one intra-op torch thread, restored afterwards: on tiny tensors the OpenMP threads only add
