@@ -133,15 +133,25 @@ class CheckpointSource:
     the tensors it keeps: reading a checkpoint block by block does not leave the pages of blocks already
     processed resident (a memory-mapped file would count every page it touched in the resident set).
 
+    With ``rename``, the tensors are named as the model names them rather than as the checkpoint stores them:
+    :meth:`keys`, ``in`` and :meth:`get` take the model's names (:meth:`stored_name` gives the stored one back).
+    For a Hugging Face model, :func:`medquant.models.checkpoint_renaming` is the renaming ``from_pretrained``
+    applies (a VLM saved in its older layout: ``language_model.model.layers.0...`` read as
+    ``model.language_model.layers.0...``)::
+
+        source = CheckpointSource(folder, rename=checkpoint_renaming(skeleton))
+
     Args:
         path: the file or directory.
+        rename: stored tensor name -> the name to read it under; ``None`` (the default): the stored names.
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a directory holds no ``model.safetensors`` (index).
-        ValueError: a file whose safetensors header is corrupted or which is truncated.
+        ValueError: a file whose safetensors header is corrupted or which is truncated; two stored tensors that
+            ``rename`` gives the same name.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, rename: Callable[[str], str] | None = None) -> None:
         path = Path(path)
         if path.is_dir():
             index = path / "model.safetensors.index.json"
@@ -158,11 +168,21 @@ class CheckpointSource:
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         self.path = path
         self._entries: dict[str, tuple[Path, int, dict]] = {}
+        self._stored: dict[str, str] = {}  # name read under -> stored name, where they differ
+        self._renamed: dict[str, str] = {}  # stored name -> name read under, where they differ
         for f in files:
             data_start, header = self._header(f)
             for k, info in header.items():
-                if k != "__metadata__":
-                    self._entries[k] = (f, data_start, info)
+                if k == "__metadata__":
+                    continue
+                name = k if rename is None else rename(k)
+                if name in self._entries:
+                    raise ValueError(f"{path}: the stored tensors {self.stored_name(name)!r} and {k!r} are both read "
+                                     f"as {name!r}; one name cannot hold two tensors")
+                self._entries[name] = (f, data_start, info)
+                if name != k:
+                    self._stored[name] = k
+                    self._renamed[k] = name
 
     @staticmethod
     def _header(f: Path) -> tuple[int, dict]:
@@ -185,31 +205,52 @@ class CheckpointSource:
         """The tensor names of the checkpoint (all shards).
 
         Returns:
-            The set of names, as in the model's state dict.
+            The set of names, as in the model's state dict (after ``rename``, when given).
         """
         return set(self._entries)
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
+    def stored_name(self, key: str) -> str:
+        """The name under which the checkpoint stores the tensor read as ``key``.
+
+        Args:
+            key: the tensor's name (after ``rename``).
+
+        Returns:
+            The stored name (``key`` itself where ``rename`` kept it, or for a name the checkpoint lacks).
+        """
+        return self._stored.get(key, key)
+
+    def _describe(self, key: str) -> str:
+        stored = self._stored.get(key)
+        return f"{key!r}" if stored is None else f"{key!r} (stored as {stored!r})"
+
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor from disk into its own CPU buffer.
 
         Args:
-            key: the tensor's name.
+            key: the tensor's name (the model's name, with ``rename``).
 
         Returns:
             The tensor, with the stored dtype and shape.
 
         Raises:
-            KeyError: no tensor of that name.
+            KeyError: no tensor of that name (the message says so when ``key`` is a stored name read under
+                another one).
             ValueError: a dtype this reader does not support, or the file ends before the tensor's data.
         """
-        f, data_start, info = self._entries[key]
+        entry = self._entries.get(key)
+        if entry is None:
+            other = self._renamed.get(key)
+            where = f"; the checkpoint stores a tensor under that name, read as {other!r}" if other else ""
+            raise KeyError(f"no tensor {key!r} in the checkpoint {self.path}{where}")
+        f, data_start, info = entry
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
-            raise ValueError(f"tensor {key!r} in {f} has dtype {info['dtype']}, which is not supported here; "
-                             f"accepted: {', '.join(_ST_DTYPES)}")
+            raise ValueError(f"tensor {self._describe(key)} in {f} has dtype {info['dtype']}, which is not supported "
+                             f"here; accepted: {', '.join(_ST_DTYPES)}")
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if end == begin:
@@ -218,7 +259,7 @@ class CheckpointSource:
         with open(f, "rb") as fh:
             fh.seek(data_start + begin)
             if fh.readinto(buf) != len(buf):
-                raise ValueError(f"{f} is truncated while reading {key!r}")
+                raise ValueError(f"{f} is truncated while reading {self._describe(key)}")
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
@@ -326,10 +367,12 @@ class _Materializer:
             t = src.get(found)
         else:
             raise ValueError(f"the checkpoint {src.path} has no tensor {key!r} (the model's state-dict names must "
-                             "match the checkpoint's; save it with safetensors.torch.save_model(model, file))")
+                             "match the checkpoint's, or CheckpointSource(path, rename=...) map them to them: "
+                             "medquant.models.checkpoint_renaming(model) for transformers' renaming; or save it "
+                             "with safetensors.torch.save_model(model, file))")
         if tuple(t.shape) != tuple(like.shape):
-            raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}, the model expects "
-                             f"{tuple(like.shape)}")
+            raise ValueError(f"checkpoint tensor {src._describe(found)} has shape {tuple(t.shape)}, the model "
+                             f"expects {tuple(like.shape)}")
         return t
 
     def _moved(self, t: torch.Tensor, device: torch.device, copy: bool, keep: bool) -> torch.Tensor:

@@ -23,10 +23,13 @@ and after, which path ran) is printed; ``--json`` prints it as JSON.
 blocks go back to the CPU. ``--stream`` (with ``--block-by-block``) never holds the float model whole: it is built
 on the meta device from the folder's ``config.json`` (``accelerate.init_empty_weights()``: the architecture class,
 the stored dtype, tied weights as ``from_pretrained`` ties them) and each block's float weights are read from the
-folder's safetensors (``model.safetensors`` or a sharded index) when it is processed. It needs the stored tensors
-under the model's own state-dict names (``save_pretrained`` of LLaMA-style models); a folder whose names differ
-(transformers renames the tensors of some checkpoints, e.g. older VLM ones, while loading) or that holds no
-safetensors is refused before any work.
+folder's safetensors (``model.safetensors`` or a sharded index) when it is processed, under the names
+``from_pretrained`` gives them (:func:`medquant.models.checkpoint_renaming`: transformers renames the stored tensors
+of some checkpoints while loading, e.g. VLMs saved in their older layout, ``language_model.model.layers.0...`` read
+as ``model.language_model.layers.0...``). Refused before any work: a folder that holds no safetensors, tensors that
+transformers converts while loading (fuses, splits or permutes: MoE experts stored per expert and stacked into one
+3-D tensor, as ``save_pretrained`` writes Mixtral-style models), which cannot be read one by one, and a folder that
+lacks some of the model's tensors once renamed.
 """
 from __future__ import annotations
 
@@ -143,17 +146,34 @@ def _keep_in_float32(model, dtype) -> None:
 
 
 def load_skeleton(path: str):
-    """The model of the Hugging Face folder ``path`` built on the meta device (``accelerate.init_empty_weights()``:
-    no float weights in memory) as ``from_pretrained`` builds it - its config's architecture class
-    (``AutoModelForCausalLM`` / ``AutoModel`` otherwise), the stored dtype (``config.dtype``, else the first
-    floating-point tensor's; ``_keep_in_fp32_modules`` kept in float32), tied weights tied, eval mode, the
-    folder's ``generation_config.json`` - with its persistent buffers read from the folder, and the
-    :class:`medquant.calibrate.CheckpointSource` of the folder's safetensors, from which ``checkpoint=`` reads the
-    blocks.
+    """The model of the Hugging Face folder ``path`` built on the meta device, and the source of its float weights.
 
-    Refused (``SystemExit`` naming ``--stream``) before any work: a folder without ``model.safetensors`` /
-    ``model.safetensors.index.json``, or whose tensors do not carry the name of every parameter of the model's
-    state dict (or another name of the same tensor: a tied ``lm_head.weight`` stored once)."""
+    The model is built as ``from_pretrained`` builds it (``accelerate.init_empty_weights()``: no float weights in
+    memory) - its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise), the stored dtype
+    (``config.dtype``, else the first floating-point tensor's; ``_keep_in_fp32_modules`` kept in float32), tied
+    weights tied, eval mode, the folder's ``generation_config.json`` - with its persistent buffers read from the
+    folder. The source is the :class:`medquant.calibrate.CheckpointSource` of the folder's safetensors, from which
+    ``checkpoint=`` reads the blocks, with the stored names renamed as ``from_pretrained`` renames them
+    (:func:`medquant.models.checkpoint_renaming`: a VLM saved in its older layout, ``language_model.model.layers.0...``,
+    is read as ``model.language_model.layers.0...``; a base-model folder read into a model with a head). The rules
+    that renamed a stored name are kept as the model's ``_weight_conversions``, as ``from_pretrained`` keeps them,
+    so that ``save_pretrained`` writes the quantized folder in the layout of the input folder, as after
+    ``from_pretrained``.
+
+    Args:
+        path: the model folder.
+
+    Returns:
+        ``(model, source)``.
+
+    Raises:
+        SystemExit: naming ``--stream``, before any work: a folder without ``model.safetensors`` /
+            ``model.safetensors.index.json`` or whose safetensors cannot be read; stored tensors that transformers
+            converts while loading (fused, split or permuted: per-expert MoE weights stacked into one 3-D tensor),
+            which cannot be read one by one under a new name; two stored tensors read under one name; tensors
+            that do not carry the name of every parameter of the model's state dict once renamed (or another
+            name of the same tensor: a tied ``lm_head.weight`` stored once).
+    """
     import os
 
     _refuse_medquant_folder(path, None, "quantize")
@@ -163,13 +183,14 @@ def load_skeleton(path: str):
     from transformers import AutoConfig
 
     from ..calibrate import CheckpointSource
+    from ..models import checkpoint_renaming
 
     folder = Path(path)
     if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
         raise SystemExit(f"--stream reads the float weights from the folder's safetensors; {path} has neither "
                          "model.safetensors nor model.safetensors.index.json: run without --stream")
     try:
-        source = CheckpointSource(folder)
+        stored = CheckpointSource(folder)  # the headers, checked before the model is built
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--stream: {path}: {e}") from None
     cfg = AutoConfig.from_pretrained(path)
@@ -184,16 +205,34 @@ def load_skeleton(path: str):
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(path)
-    aliases = _tensor_aliases(model)
     state = model.state_dict(keep_vars=True)
+    renaming = checkpoint_renaming(model)
+    if renaming is not None:
+        # the tensors from_pretrained would hand to a WeightConverter (the name it gives them is the model's)
+        converted = sorted(k for k in stored.keys()  # noqa: SIM118 (a CheckpointSource is not iterable)
+                           if (r := renaming.rename(k))[1] is not None and r[0] in state)
+        if converted:
+            raise SystemExit(f"--stream: transformers converts these tensors while loading {path} (fuses, splits or "
+                             "permutes them into other tensors, e.g. per-expert MoE weights stacked into one 3-D "
+                             f"tensor), which reading them one by one under their names cannot do: {len(converted)} "
+                             f"tensors ({', '.join(converted[:3])}{', ...' if len(converted) > 3 else ''}); run "
+                             "without --stream (the model is then loaded whole)")
+        try:
+            source = CheckpointSource(folder, rename=renaming)
+        except ValueError as e:
+            raise SystemExit(f"--stream: {e}; run without --stream (the model is then loaded whole)") from None
+        # as from_pretrained keeps them: save_pretrained writes the tensors back under the folder's layout
+        model._weight_conversions = renaming.used()
+    else:  # pragma: no cover - a transformers without weight conversions: the stored names are the model's
+        source = stored
+    aliases = _tensor_aliases(model)
     # the meta tensors (a buffer built real that the folder lacks keeps its initial value, as from_pretrained's)
     missing = [k for k, t in state.items() if t.is_meta and not any(a in source for a in aliases.get(k, {k}))]
     if missing:
         raise SystemExit(f"--stream: the safetensors of {path} do not hold {len(missing)} of the model's "
-                         f"{len(state)} tensors under its own names ({', '.join(missing[:3])}"
-                         f"{', ...' if len(missing) > 3 else ''}): transformers renames the stored tensors of some "
-                         "checkpoints (e.g. older VLM ones) while loading, which reading block by block does not; "
-                         "run without --stream (the model is then loaded whole)")
+                         f"{len(state)} tensors, under its own names or those from_pretrained renames the stored "
+                         f"ones to ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); run without "
+                         "--stream (the model is then loaded whole)")
     buffers = dict(model.named_buffers())
     for k, t in state.items():  # persistent buffers are built real (not on meta): take the stored values
         if k in buffers and t.device.type != "meta" and k in source:
@@ -341,7 +380,9 @@ def register(sub) -> None:
     p.add_argument("--stream", action="store_true",
                    help="--block-by-block: build the model on the meta device from config.json and read each "
                         "block's float weights from the folder's safetensors when it is processed (the float "
-                        "model is never whole in memory; needs the tensors under the model's own names)")
+                        "model is never whole in memory; stored names are renamed as from_pretrained renames "
+                        "them, e.g. older VLM layouts; tensors transformers fuses or splits while loading, such "
+                        "as per-expert MoE weights, are refused)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run, check=lambda args: _check(args, p))
 

@@ -60,6 +60,7 @@ from transformers.quantizers.base import HfQuantizer
 from ..io import verify_pretrained, write_checkpoint
 from ..io.checkpoint import check_saved_hooks
 from ..io.schema import parse_layer
+from ..models.checkpoint_names import checkpoint_renaming
 from ..quant.activations import attach_recorded
 from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
 from ..quant.config import QuantConfig
@@ -234,18 +235,9 @@ def _finalize(model: nn.Module) -> None:
 
 def _checkpoint_key_map(model: nn.Module, hf_quantizer: HfQuantizer):
     """Checkpoint key -> the model's name for it, as transformers renames keys on load (VLMs saved in their legacy
-    layout); ``None`` where this transformers has no renaming machinery."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # pragma: no cover - older transformers: keys are not renamed
-        return None
-    transforms = get_model_conversion_mapping(model, None, hf_quantizer)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    state = dict.fromkeys(model.state_dict(), True)
-    prefix = getattr(model, "base_model_prefix", None) or None
-    return lambda key: rename_source_key(key, renamings, converters, prefix, state)[0]
+    layout; :func:`medquant.models.checkpoint_renaming`); ``None`` where this transformers has no renaming
+    machinery."""
+    return checkpoint_renaming(model, hf_quantizer)
 
 
 def _resolves(model: nn.Module, name: str) -> bool:

@@ -1,8 +1,10 @@
 """Model helpers: which parts of a Hugging Face model are vision tower, projector, language model, head
 (:mod:`.introspect`); its repeated blocks and their attention / FFN linears (:mod:`.blocks`); running a model on
-one batch and reading its main output (:mod:`.runner`)."""
+one batch and reading its main output (:mod:`.runner`); the names transformers gives a checkpoint's stored tensors
+while loading it (:mod:`.checkpoint_names`)."""
 
 from .blocks import AttentionUnit, Block, FFNUnit, block_stacks, transformer_blocks
+from .checkpoint_names import CheckpointRenaming, checkpoint_renaming
 from .introspect import (
     ROLES,
     WEIGHT_MODULE_TYPES,
@@ -23,9 +25,11 @@ __all__ = [
     "WEIGHT_MODULE_TYPES",
     "AttentionUnit",
     "Block",
+    "CheckpointRenaming",
     "FFNUnit",
     "UnsupportedArchitectureError",
     "block_stacks",
+    "checkpoint_renaming",
     "eval_mode",
     "language_model_layers",
     "main_output",

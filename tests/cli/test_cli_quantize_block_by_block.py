@@ -211,18 +211,25 @@ def test_block_by_block_argument_errors_exit_2_before_any_work(folder, extra, me
 
 
 def test_stream_refuses_folders_whose_tensors_it_cannot_read_by_name(folder, capsys):
+    """Names that transformers does not rename into the model's either (a LLaMA's under an older VLM layout's
+    prefix: ``from_pretrained`` reports them missing) are refused, as a folder without safetensors is. (Names it
+    does rename are read: tests/cli/test_cli_quantize_stream_renamed.py.)"""
     from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
 
-    renamed = folder / "renamed"  # the names of an older VLM layout: not the model's own
+    renamed = folder / "renamed"  # the names of an older VLM layout: not those of a LLaMA
     shutil.copytree(folder / "src", renamed)
     tensors = load_file(str(renamed / "model.safetensors"))
     save_file({k.replace("model.", "language_model.model.", 1): v for k, v in tensors.items()},
               str(renamed / "model.safetensors"), metadata={"format": "pt"})
+    _, info = AutoModelForCausalLM.from_pretrained(renamed, output_loading_info=True)
+    assert "model.layers.0.self_attn.q_proj.weight" in info["missing_keys"]
     no_st = folder / "bin_only"
     shutil.copytree(folder / "src", no_st)
     (no_st / "model.safetensors").unlink()
     torch.save(tensors, no_st / "pytorch_model.bin")
-    for src, message in ((renamed, "--stream: the safetensors of"), (no_st, "nor model.safetensors.index.json")):
+    for src, message in ((renamed, "under its own names or those from_pretrained renames the stored ones to"),
+                         (no_st, "nor model.safetensors.index.json")):
         argv = _args(folder, "refused", "gptq", "--block-by-block", "--stream")
         argv[1] = str(src)
         assert main(argv) == 2
