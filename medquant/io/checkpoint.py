@@ -412,6 +412,10 @@ def check_saved_hooks(model: nn.Module, writer: str = "medquant.save") -> None:
     * torch's legacy ``prune`` / ``weight_norm`` / ``spectral_norm`` reparametrisations, whose state dict holds
       ``weight_orig`` and ``weight_mask`` (``weight_g`` and ``weight_v``) and no ``weight``: refused (the folder
       would not load into the model it came from);
+    * tensors computed through ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm`` /
+      ``spectral_norm`` / ``orthogonal``, a ``register_parametrization``): no hook, but the same loss - the state
+      dict holds ``parametrizations.<tensor>.original*`` and not the tensor, so a model of the architecture
+      (``from_pretrained``: freshly initialised) does not get it: refused;
     * any other hook (a user's): a ``UserWarning`` naming it, as the loaded model runs without it;
     * input quantizers (recorded in the checkpoint and attached again) and hooks known to change nothing: accepted.
 
@@ -420,9 +424,11 @@ def check_saved_hooks(model: nn.Module, writer: str = "medquant.save") -> None:
         writer: the saving function, for the messages.
 
     Raises:
-        ValueError: an AdaptiveQuantizer's sites or a reparametrisation, naming each module and how to save the
-            model (nothing is written).
+        ValueError: an AdaptiveQuantizer's sites or a reparametrisation (hook-based or ``parametrize``), naming
+            each module and how to save the model (nothing is written).
     """
+    from torch.nn.utils import parametrize
+
     inside = {id(m) for m in model.modules()}
     hooks = forward_hooks(model)
     adaptive = [h for h in hooks if h.owner == "adaptive" and id(h.installer) not in inside]
@@ -440,6 +446,16 @@ def check_saved_hooks(model: nn.Module, writer: str = "medquant.save") -> None:
             f"reparametrisation ({'; '.join(h.describe() for h in reparam[:8])}): the file would hold its parts "
             "(weight_orig and weight_mask, weight_g and weight_v) and no weight, and would not load into the model. "
             f"Accepted: {MAKE_PERMANENT}")
+    parametrized = [(n, m) for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if parametrized:
+        listed = "; ".join(f"{n or '(model)'}: {', '.join(m.parametrizations)}" for n, m in parametrized[:8])
+        raise ValueError(
+            f"{writer} stores the state dict, and {len(parametrized)} module(s) compute tensors through "
+            f"torch.nn.utils.parametrize ({listed}{' ...' if len(parametrized) > 8 else ''}): the file would hold "
+            "their parts (parametrizations.<tensor>.original*) and not the tensors, so a model of the architecture "
+            "loaded from it would not get them (from_pretrained initialises them afresh). Accepted: make them "
+            "permanent first (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'), which keeps the "
+            "weight they compute)")
     user = [h for h in hooks if h.owner == "user"]
     if user:
         _warn(f"{writer}: {len(user)} forward hook(s) are not saved ({'; '.join(h.describe() for h in user[:8])}"
