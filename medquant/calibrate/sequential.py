@@ -589,10 +589,24 @@ def _capture(model: nn.Module, group: Sequence[str], batches: Sequence[dict], de
         for b in blocks:
             del b.forward
     missing = [n for n in group if len(store.get(n, [])) != len(batches)]
+    if missing and not any(store.get(n) for n in group):
+        raise _never_ran(model, group)
     if missing:
         raise RuntimeError(f"blocks {missing[:3]} were not called once per calibration batch by "
                            f"{type(model).__name__}.forward; pass blocks= explicitly")
     return store
+
+
+def _never_ran(model: nn.Module, group: Sequence[str], before: str | None = None) -> RuntimeError:
+    """The error for a block stack the calibration batches never run (``before``: the later block they ran
+    instead): a VLM's vision tower given text-only batches."""
+    where = f" (the forward ran {before} instead)" if before else ""
+    return RuntimeError(
+        f"the calibration batches never ran blocks {short_names(list(group))}{where}, so they cannot be calibrated "
+        f"block by block: a vision tower, for instance, runs only on batches with images. Give batches with the "
+        f"inputs that run them (pixel_values...), or leave the stack in floating point (skip=['@vision'] for a "
+        f"VLM's vision tower, with its projector: skip=['@vision', '@projector']; --skip @vision @projector on the "
+        f"command line); nothing was quantized")
 
 
 def _capture_group(model: nn.Module, group: Sequence[str], batches: Sequence[dict], device: torch.device
@@ -699,12 +713,20 @@ def _stop_at(model: nn.Module, stop: str | None) -> Any:
 
 
 def _outside_calls(model: nn.Module, names: Sequence[str], batches: Sequence[dict], device: torch.device,
-                   stop: str | None) -> list[tuple[str, list[int]]]:
-    """The layers of ``names`` that the forward calls before block ``stop`` (``None``: in the whole forward), in
-    the order of their first call, each with its number of calls per batch."""
+                   group: Sequence[str] | None, later: Sequence[str] = ()) -> list[tuple[str, list[int]]]:
+    """The layers of ``names`` that the forward calls before the first block of ``group`` (``None``: in the whole
+    forward), in the order of their first call, each with its number of calls per batch. A block of ``later`` (not
+    yet processed: possibly still on the meta device) called first means the batches never run ``group``: refused
+    (:func:`_never_ran`)."""
+    stop = group[0] if group else None
     counts = {n: [0] * len(batches) for n in names}
     first: list[str] = []
     current = [0]
+    reached: list[str] = []
+
+    def ahead(mod: nn.Module, args: tuple, name: str) -> None:
+        reached.append(name)
+        raise _Stop
 
     def make(n: str):
         def count(mod: nn.Module, args: tuple) -> None:
@@ -718,12 +740,16 @@ def _outside_calls(model: nn.Module, names: Sequence[str], batches: Sequence[dic
         return True
 
     handles = [model.get_submodule(n).register_forward_pre_hook(make(n)) for n in names]
+    handles += [model.get_submodule(b).register_forward_pre_hook(functools.partial(ahead, name=b), prepend=True)
+                for b in later if b != stop]
     try:
         with _stop_at(model, stop):
             _batches_through(model, batches, device, f"layers {short_names(names)} (counting their calls)", before)
     finally:
         for h in handles:
             h.remove()
+    if reached and group:
+        raise _never_ran(model, group, reached[0])
     return [(n, counts[n]) for n in first]
 
 
@@ -802,6 +828,12 @@ def quantize_sequential(
         TypeError: ``model`` is not an ``nn.Module``, or ``calib_inputs`` is not a dict / non-empty list of dicts.
         ValueError: ``per_block_fn`` or ``outside_fn`` without ``calib_inputs`` or with ``process_rest=False``, a
             block name that is not a module of the model, or no blocks found.
+        RuntimeError: calibrating, a block stack the batches never run (a VLM's vision tower given text-only
+            batches: leave it out with ``skip=["@vision"]``), or blocks not called once per batch.
+
+    A block stack with no layer to quantize (every layer skipped) is not calibrated (with ``process_rest``): its
+    modules are handled as those outside the blocks (their weights read from ``checkpoint``), so batches that never
+    run it are accepted.
 
     Any exception raised part way (by a block, ``per_block_fn``, the checkpoint, a ``KeyboardInterrupt``) leaves
     the model exactly as it was before the call (module docstring), then propagates.
@@ -851,6 +883,12 @@ def quantize_sequential(
                       f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}) stay in floating point: "
                       "quantize them afterwards with medquant.quantize_(model, config)", UserWarning, stacklevel=2)
     plan = {n: c for n, c in plan.items() if n not in outside}
+    if process_rest:
+        # a stack with nothing to quantize (a VLM's vision tower under skip=["@vision"]) is not calibrated: its
+        # modules are handled as those outside the blocks (weights read, nothing quantized), so batches that
+        # never run it (text-only calibration) do not have to
+        groups = [g for g in groups if any(k.startswith(b + ".") for b in g for k in plan)] or groups[:1]
+        block_names = [n for g in groups for n in g]
 
     undo = _Undo(model)
     try:
@@ -878,16 +916,19 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
     units, pinned = _outside_units(model, block_names) if calibrate or deferred else ([], set())
     done: list[str] = []
 
-    def calibrate_outside(stop: str | None) -> None:
-        """Calibrate (``outside_fn``) the deferred layers the forward calls before block ``stop`` (``None``: all of
-        them), one at a time in call order, each in passes that run the layers before it already quantized."""
+    def calibrate_outside(group: list[str] | None) -> None:
+        """Calibrate (``outside_fn``) the deferred layers the forward calls before the first block of ``group``
+        (``None``: all of them), one at a time in call order, each in passes that run the layers before it already
+        quantized."""
         if not deferred:
             return
+        stop = group[0] if group else None
 
         def running() -> list[nn.Module]:
             return [model.get_submodule(n) for n in (*units, *done)]
         with _on_device_while_running(running(), device, offload):
-            order = _outside_calls(model, deferred, batches, device, stop)
+            order = _outside_calls(model, deferred, batches, device, group,
+                                   [b for b in block_names if b not in done] if group else ())
         assert outside_fn is not None
         for name, counts in order:
             leaf = model.get_submodule(name)
@@ -927,7 +968,7 @@ def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan
             group = pending.pop(0)
             store: dict[str, list[tuple[tuple, dict]]] = {}
             if calibrate:  # the deferred layers upstream of the group first: the group sees them quantized
-                calibrate_outside(group[0])
+                calibrate_outside(group)
                 # the capture pass runs the modules outside the blocks and the finished (quantized) blocks (of
                 # earlier stacks: the vision tower feeding the language stack; of this stack: those before a point
                 # where the model changes the hidden states between two blocks), each on the device only while it
