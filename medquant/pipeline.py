@@ -539,17 +539,23 @@ class _NoTeacher(nn.Module):
         raise RuntimeError("fine-tuning has no teacher")
 
 
-def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *,
+                    trust_remote_code: bool = False) -> nn.Module:
     """Reload a model saved by :func:`compress` (same as :func:`medquant.prune.load_pruned`).
 
     Args:
         path: the folder written by :func:`compress`.
         model: a float instance of the architecture for plain ``nn.Module`` models (transformers models are rebuilt
             from their saved config).
+        trust_remote_code: rebuild a transformers model whose class is the folder's own code (a model loaded with
+            ``trust_remote_code=True``; the save copies its code files); off by default.
 
     Returns:
         The compressed model.
+
+    Raises:
+        CheckpointError: as :func:`medquant.prune.load_pruned`.
     """
     from .prune import load_pruned
 
-    return load_pruned(path, model=model)
+    return load_pruned(path, model=model, trust_remote_code=trust_remote_code)

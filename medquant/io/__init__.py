@@ -10,6 +10,10 @@ A saved folder holds
 * ``config.json`` - for Hugging Face models, their config, so the same class is rebuilt on load (with a medquant
   ``quantization_config`` recording the quantized layers, so that transformers' ``from_pretrained`` rebuilds them
   too); ``generation_config.json`` for those that generate, given back by :func:`load`;
+* ``configuration_*.py`` / ``modeling_*.py`` - for a model whose class is a folder's own code (loaded with
+  ``trust_remote_code=True``), that code, as transformers' ``save_pretrained`` copies it, named by the config's
+  ``auto_map``; :func:`load` runs it only with ``trust_remote_code=True`` (:func:`remote_code_files` lists the code a
+  folder would run, reading only its JSON);
 * ``medquant.manifest.json`` - the SHA-256 and size of every other file, with a digest of its own
   (:mod:`medquant.io.manifest`).
 
@@ -47,6 +51,8 @@ from .checkpoint import (
     load,
     load_extras,
     read_metadata,
+    remote_code_files,
+    remote_code_refusal,
     save,
     upgrade,
     verify,
@@ -68,6 +74,8 @@ __all__ = [
     "load",
     "load_extras",
     "read_metadata",
+    "remote_code_files",
+    "remote_code_refusal",
     "save",
     "upgrade",
     "verify",

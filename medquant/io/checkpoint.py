@@ -66,10 +66,11 @@ from .schema import (
 
 __all__ = ["HF_CONFIG_NAME", "MANIFEST_NAME", "META_NAME", "WEIGHTS_NAME", "CheckpointError", "CheckpointWarning",
            "build_hf_model", "checkpoint_path", "dense_layouts", "format_version_of", "load", "load_extras",
-           "read_metadata", "register_quantization_config", "save", "upgrade", "verify", "verify_pretrained",
-           "write_checkpoint"]
+           "read_metadata", "register_quantization_config", "remote_code_files", "remote_code_refusal", "save",
+           "upgrade", "verify", "verify_pretrained", "write_checkpoint"]
 
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 META_NAME = "medquant.json"
 HF_CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -325,6 +326,20 @@ def _hf_config_json(model: nn.Module, quantized: bool) -> str:
     return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
 
+def _save_remote_code(model: nn.Module, folder: Path) -> None:
+    """Copy the code files of a model whose class came from a folder's own code (loaded through an Auto class with
+    ``trust_remote_code=True``, which sets the class's ``_auto_class``) into ``folder``, with the files they import
+    relatively, and record the class in the config's ``auto_map``, as transformers' ``save_pretrained`` does
+    (``custom_object_save``), so that the folder reloads without the source folder."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    config: Any = model.config
+    if getattr(type(config), "_auto_class", None) is not None:  # as the config's own save_pretrained does
+        custom_object_save(config, folder, config=config)
+    if getattr(type(model), "_auto_class", None) is not None:
+        custom_object_save(model, folder, config=config)
+
+
 def _can_generate(model: nn.Module) -> bool:
     can = getattr(model, "can_generate", None)
     return callable(can) and bool(can()) and getattr(model, "generation_config", None) is not None
@@ -539,6 +554,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
         if acts:  # static activation quantizers (learned rounding's act_bits): attached again on load
             meta["input_quantizers"] = {n: q.as_dict() for n, q in acts.items()}
         if kind == "hf":
+            _save_remote_code(model, folder)  # before config.json: it may complete the config's auto_map
             _write_text(folder / HF_CONFIG_NAME, _hf_config_json(model, quantized=bool(meta["modules"])))
             generation = _generation_config_json(model)
             if generation is not None:
@@ -705,36 +721,150 @@ def _open_stable(directory: str | os.PathLike) -> _Opened:
     return atomic.read_stable(directory, lambda root: _open(directory), error=CheckpointError)
 
 
-def build_hf_model(directory: Path, meta: Mapping) -> nn.Module:
+def _module_files(ref: Any) -> list[str]:
+    """The Python files an ``auto_map`` entry names: ``"module.Class"`` -> ``module.py``; ``"repo--module.Class"``
+    (code kept in another Hub repository) -> ``module.py (from repo)``; a tokenizer's ``[slow, fast]`` pair gives
+    both (``None`` entries skipped)."""
+    refs = ref if isinstance(ref, (list, tuple)) else [ref]
+    files = []
+    for r in refs:
+        if not isinstance(r, str) or "." not in r:
+            continue
+        repo, _, local = r.rpartition("--")
+        name = local.rsplit(".", 1)[0].replace(".", "/") + ".py"
+        files.append(f"{name} (from {repo})" if repo else name)
+    return files
+
+
+def _remote_code(folder: Path) -> dict[str, list[str]]:
+    """The JSON file -> the Python files its ``auto_map`` names for code transformers does not provide
+    (:func:`remote_code_files`); only files with some."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+
+    found: dict[str, list[str]] = {}
+    cfg = _json_object(folder / HF_CONFIG_NAME) or {}
+    model_type = cfg.get("model_type")
+    known_type = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    auto_map = cfg.get("auto_map")
+    if isinstance(auto_map, dict) and not known_type:
+        found[HF_CONFIG_NAME] = [f for ref in auto_map.values() for f in _module_files(ref)]
+    tok_cfg = _json_object(folder / TOKENIZER_CONFIG_NAME) or {}
+    tok_map = tok_cfg.get("auto_map")
+    tok_ref = tok_map.get("AutoTokenizer") if isinstance(tok_map, dict) else tok_map
+    if tok_ref:
+        tok_class = tok_cfg.get("tokenizer_class")
+        names = [tok_class, tok_class.removesuffix("Fast"), f"{tok_class}Fast"] if isinstance(tok_class, str) else []
+        local = any(tokenizer_class_from_name(n) is not None for n in names) or (
+            known_type and model_type in TOKENIZER_MAPPING_NAMES)
+        if not local:
+            found[TOKENIZER_CONFIG_NAME] = _module_files(tok_ref)
+    return {k: list(dict.fromkeys(v)) for k, v in found.items() if v}
+
+
+def remote_code_files(directory: str | os.PathLike) -> list[str]:
+    """The Python files of a Hugging Face folder that transformers would run to load it (``trust_remote_code``).
+
+    They are the modules its ``config.json`` ``auto_map`` names when its ``model_type`` is not one transformers
+    provides (transformers then builds the config and the model from the folder's own code: CheXagent, RadFM,
+    MiniCPM-V...), and those its ``tokenizer_config.json`` ``auto_map`` names when the tokenizer class is not one
+    transformers provides. Only JSON is read: no code runs. A folder whose ``model_type`` transformers knows loads
+    with transformers' own classes without its code (as ``from_pretrained`` does without ``trust_remote_code``).
+
+    Args:
+        directory: the folder.
+
+    Returns:
+        The file names (``modeling_x.py``; ``module.py (from owner/repo)`` for code another repository holds), each
+        once, in ``auto_map`` order; empty when loading the folder runs no code of its own.
+    """
+    return list(dict.fromkeys(f for files in _remote_code(Path(directory)).values() for f in files))
+
+
+def remote_code_refusal(directory: str | os.PathLike, option: str) -> str | None:
+    """The one-line refusal of a folder whose loading would run its own Python code, ``None`` when it runs none.
+
+    Args:
+        directory: the folder.
+        option: how the user allows it (``"--trust-remote-code"``, ``"trust_remote_code=True"``).
+
+    Returns:
+        ``"<folder> ships its own Python code (<files> named by the auto_map of config.json) ...; pass <option> if
+        you trust it"``, or ``None`` when :func:`remote_code_files` finds none.
+    """
+    found = _remote_code(Path(directory))
+    if not found:
+        return None
+    named = "; ".join(f"{', '.join(files)} named by the auto_map of its {src}" for src, files in found.items())
+    return (f"{directory} ships its own Python code ({named}) for a model or tokenizer that transformers does not "
+            f"provide: loading it would run that code; pass {option} if you trust the folder and its code")
+
+
+def _remote_auto_class(config: Any, class_name: str) -> Any:
+    """The transformers Auto class whose ``auto_map`` entry in ``config`` names the class ``class_name`` (the folder's
+    own code); ``None`` when no entry names it or this transformers lacks that Auto class."""
+    import transformers
+
+    for key, ref in (getattr(config, "auto_map", None) or {}).items():
+        refs = ref if isinstance(ref, (list, tuple)) else [ref]
+        if any(isinstance(r, str) and r.rsplit(".", 1)[-1] == class_name for r in refs):
+            auto = getattr(transformers, key, None)
+            if auto is not None and hasattr(auto, "from_config") and key != "AutoConfig":
+                return auto
+    return None
+
+
+def build_hf_model(directory: Path, meta: Mapping, *, trust_remote_code: bool = False) -> nn.Module:
     """A fresh Hugging Face model of the saved class, built from the saved ``config.json`` of ``directory``.
 
-    The model is in eval mode with initialised weights; :func:`load` then loads the saved tensors into it.
+    The model is in eval mode with initialised weights; :func:`load` then loads the saved tensors into it. A class
+    transformers does not provide, whose code the folder holds (``config.json`` ``auto_map``: the model was loaded
+    with ``trust_remote_code=True`` and :func:`save` copied its code files), is built from that code through the
+    Auto class its ``auto_map`` names it under, only with ``trust_remote_code``.
 
     Args:
         directory: the checkpoint folder.
         meta: the checkpoint's metadata (:func:`verify`).
+        trust_remote_code: run the folder's own code (``configuration_*.py``, ``modeling_*.py``) when the saved
+            class is not one of transformers'.
 
     Returns:
         The model.
 
     Raises:
-        CheckpointError: this transformers has no such model class, or ``config.json`` is not a valid config.
+        CheckpointError: this transformers has no such model class (and the folder holds no code for it, or
+            ``trust_remote_code`` is false: the message names the files), or ``config.json`` is not a valid config.
     """
     import transformers
     from transformers import AutoConfig
 
     cls_name = meta["model"]["class"]
-    cls = getattr(transformers, cls_name, None)
-    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
-        raise CheckpointError(
-            f"the saved model is a {cls_name}, which this transformers {transformers.__version__} does not provide"
-        )
+    cls: Any = getattr(transformers, cls_name, None)
     root = atomic.resolve(directory)
     _regular(root, HF_CONFIG_NAME)
+    remote = not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel)
+    if remote:
+        if not remote_code_files(root):
+            raise CheckpointError(
+                f"the saved model is a {cls_name}, which this transformers {transformers.__version__} does not provide"
+            )
+        if not trust_remote_code:
+            raise CheckpointError(f"the saved model is a {cls_name}, which transformers does not provide: "
+                                  f"{remote_code_refusal(directory, 'trust_remote_code=True')}")
     try:
-        config = AutoConfig.from_pretrained(str(root))
+        config = AutoConfig.from_pretrained(str(root), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{root / HF_CONFIG_NAME} is not a valid transformers config: {e}") from None
+    if remote:
+        auto = _remote_auto_class(config, cls_name)
+        if auto is None:
+            raise CheckpointError(f"{root / HF_CONFIG_NAME}: no auto_map entry of a transformers Auto class names "
+                                  f"the saved class {cls_name}")
+        model = auto.from_config(config, trust_remote_code=True)
+        if type(model).__name__ != cls_name:
+            raise CheckpointError(f"{root / HF_CONFIG_NAME}: its auto_map builds a {type(model).__name__}, the saved "
+                                  f"model is a {cls_name}")
+        return model.eval()
     model = cls._from_config(config)
     return model.eval()
 
@@ -858,7 +988,8 @@ def _aliases(model: nn.Module, meta: CheckpointMeta, header: Mapping[str, Tensor
     return out
 
 
-def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, strict: bool) -> nn.Module:
+def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, strict: bool,
+               trust_remote_code: bool = False) -> nn.Module:
     opened = _open(path)
     meta, root = opened.meta, opened.root
     if model is None:
@@ -867,7 +998,7 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
                 f"{path} holds a plain nn.Module ({meta.model.class_name}); rebuild it in code and pass it: "
                 f"medquant.load(path, model={meta.model.class_name}(...))"
             )
-        model = build_hf_model(root, meta.raw)
+        model = build_hf_model(root, meta.raw, trust_remote_code=trust_remote_code)
     elif (type(model).__name__, type(model).__module__) != (meta.model.class_name, meta.model.module):
         # names and shapes are checked below; another class with the same names may still compute otherwise
         _warn(f"{path} was saved from {meta.model.module}.{meta.model.class_name}; loading it into a "
@@ -975,7 +1106,7 @@ def _recorded_input_quantizers(model: nn.Module, raw: Mapping[str, Any]) -> dict
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device: str | torch.device = "cpu",
-         strict: bool = True) -> nn.Module:
+         strict: bool = True, trust_remote_code: bool = False) -> nn.Module:
     """Load a model saved by :func:`save`, after checking it whole (see :mod:`medquant.io`).
 
     Hugging Face models are rebuilt from their saved config into the same class. A plain ``nn.Module`` cannot
@@ -996,6 +1127,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
             its tensor names and shapes fit, with a ``UserWarning`` naming both classes.
         device: where the tensors are loaded.
         strict: every tensor of the model must be in the file and every tensor of the file in the model.
+        trust_remote_code: rebuild a model whose class transformers does not provide from the code the folder
+            holds (:func:`save` copies the ``configuration_*.py`` / ``modeling_*.py`` files of a model loaded with
+            ``trust_remote_code=True``); off by default: running a folder's code is the caller's decision.
 
     Returns:
         The loaded model (``model`` itself when given), on ``device``, in eval mode.
@@ -1003,10 +1137,12 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, device
     Raises:
         CheckpointError: the checkpoint is missing, altered, malformed, of a newer format, or does not fit
             ``model``; or saves switched the folder during each of three reads
-            (:func:`medquant.io.atomic.read_stable`).
+            (:func:`medquant.io.atomic.read_stable`); or the saved class is the folder's own code and
+            ``trust_remote_code`` is false (the message names its files).
     """
     path = Path(directory)
-    return atomic.read_stable(path, lambda root: _load_once(path, model, device, strict), error=CheckpointError)
+    return atomic.read_stable(path, lambda root: _load_once(path, model, device, strict, trust_remote_code),
+                              error=CheckpointError)
 
 
 def load_extras(directory: str | os.PathLike) -> dict:

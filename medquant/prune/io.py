@@ -351,7 +351,7 @@ def _resize_blocks(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
 
 
 def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
-                device: str | torch.device = "cpu") -> nn.Module:
+                device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
     """Load a model written by :func:`save_pruned` (per-layer shapes rebuilt; checksums verified).
 
     Hugging Face models are rebuilt from the saved config; a plain ``nn.Module`` needs ``model``, a fresh float
@@ -368,6 +368,9 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
         model: for a plain ``nn.Module``, a fresh instance of the unpruned architecture (resized in place);
             None for Hugging Face models.
         device: where the loaded tensors go.
+        trust_remote_code: rebuild a Hugging Face model whose class transformers does not provide from the code
+            the folder holds (copied by the save of a model loaded with ``trust_remote_code=True``;
+            :func:`medquant.io.build_hf_model`); off by default.
 
     Returns:
         The pruned (and quantized, if it was) model with the saved weights.
@@ -376,7 +379,8 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
         CheckpointError: the folder fails verification, has no shape table, holds a plain module and no
             ``model`` was given, the saved shapes do not fit the rebuilt model, or the table's ``shared_blocks``
             names blocks the model or the table lacks (or of different types); or saves switched the folder
-            during each of three reads.
+            during each of three reads; or the saved class is the folder's own code and ``trust_remote_code`` is
+            false.
     """
     directory = Path(directory)
     restore = _as_given(model) if model is not None else None
@@ -384,7 +388,7 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None, *,
     def read(_root: Path) -> nn.Module:
         if restore is not None:
             restore()  # a read again starts from the model as it was given, not as the last read resized it
-        return _load_pruned_once(directory, model, device)
+        return _load_pruned_once(directory, model, device, trust_remote_code)
 
     return atomic.read_stable(directory, read, error=CheckpointError)
 
@@ -417,7 +421,8 @@ def _as_given(model: nn.Module) -> Callable[[], None]:
     return restore
 
 
-def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | torch.device) -> nn.Module:
+def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | torch.device,
+                      trust_remote_code: bool = False) -> nn.Module:
     meta = verify(directory)
     table = meta.get("extras", {}).get("prune")
     if not isinstance(table, dict) or table.get("version") != TABLE_VERSION:
@@ -428,7 +433,7 @@ def _load_pruned_once(directory: Path, model: nn.Module | None, device: str | to
             raise CheckpointError(
                 f"{directory} holds a plain nn.Module ({meta['model']['class']}); pass a fresh float instance: "
                 f"load_pruned(path, model={meta['model']['class']}(...))")
-        model = build_hf_model(directory, meta)
+        model = build_hf_model(directory, meta, trust_remote_code=trust_remote_code)
         # the saved config holds the renumbered indices; where it cannot express the dropped blocks (Swin's stages,
         # a tower built from a nested dict) the model built from it has them again: drop them without renumbering
         _redrop_blocks(model, table, meta.get("extras", {}).get("prune_plan"), directory, renumber=False)
