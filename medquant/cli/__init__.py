@@ -2,8 +2,11 @@
 ``quantize``, ``info``, ``eval``, ``verify``, ``upgrade``, ``export``, ``compile-decoder``, ``generate``).
 
 Each subcommand lives in its own module with a ``register(subparsers)`` function that adds its parser and sets
-``func``; add the module name to ``SUBCOMMANDS``. The experiments are not subcommands: they are benchmarks, run from
-the repository root as ``python -m benchmarks.<name>`` (``complexity_adaptive``, ``fairquant``,
+``func``; add the module name to ``SUBCOMMANDS``. The commands that load Hugging Face model folders
+(``REMOTE_CODE_COMMANDS``) take ``--trust-remote-code``: a folder that ships its own model or tokenizer code is
+refused in one line without it (:func:`medquant.cli.args.refuse_remote_code`), and the loaders the command calls
+read it (:func:`medquant.cli.args.trusts_remote_code`). The experiments are not subcommands: they are benchmarks,
+run from the repository root as ``python -m benchmarks.<name>`` (``complexity_adaptive``, ``fairquant``,
 ``fairquant_allocate``, ``fairquant_baq``, ``qlora_radiology``, ``qlora_reports``...)."""
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ import sys
 
 SUBCOMMANDS = ["demo", "complexity", "prune", "pipeline", "checkpoint", "quantize", "info", "evaluate", "export",
                "decode"]
+#: the commands that load Hugging Face model folders: each takes ``--trust-remote-code`` (a folder that ships its own
+#: model / tokenizer code is refused without it)
+REMOTE_CODE_COMMANDS = ("prune", "pipeline", "quantize", "info", "eval", "export", "compile-decoder", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
+    from .args import add_trust_remote_code_flag
+
+    for name in REMOTE_CODE_COMMANDS:
+        add_trust_remote_code_flag(sub.choices[name])
     return parser
 
 
@@ -40,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if getattr(args, "check", None):  # checks across arguments, still before any work (exit code 2)
         args.check(args)
+    from .args import remote_code_decision
+
     try:
-        return int(args.func(args) or 0)
+        # the loaders a command calls read its --trust-remote-code (an explicit trust_remote_code= wins)
+        with remote_code_decision(getattr(args, "trust_remote_code", False)):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         raise
     except SystemExit as e:  # a command's own message (raise SystemExit("...")): one line, exit code 2

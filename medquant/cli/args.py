@@ -3,9 +3,15 @@ exits with code 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
+
+#: ``--trust-remote-code`` of the command being run (:func:`remote_code_decision`), read by the loaders it calls
+_TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("medquant_cli_trust_remote_code", default=False)
 
 
 def _int_at_least(text: str, low: int, expected: str) -> int:
@@ -167,12 +173,90 @@ def utf8_text(path: str, flag: str) -> str:
                          f"{exc.start}): save it as UTF-8") from None
 
 
-def hf_config_file(path: str) -> None:
+def hf_config_file(path: str, trust_remote_code: bool | None = None) -> None:
     """Refuse, in one line, a model folder without ``config.json`` (``SystemExit`` naming the folder): transformers
-    would report it as a config without a ``model_type`` key."""
+    would report it as a config without a ``model_type`` key. A folder whose loading would run its own Python code
+    is refused too unless it is trusted (:func:`refuse_remote_code`).
+
+    Args:
+        path: the model folder.
+        trust_remote_code: whether the folder's own code may run; ``None``: the running command's
+            ``--trust-remote-code`` (:func:`trusts_remote_code`).
+
+    Raises:
+        SystemExit: no ``config.json``; or its code is not trusted.
+    """
     if not (Path(path) / "config.json").is_file():
         raise SystemExit(f"{path}: no config.json: not a Hugging Face model folder (expected config.json and the "
                          "weights, as save_pretrained writes them)")
+    refuse_remote_code(path, trust_remote_code)
+
+
+@contextlib.contextmanager
+def remote_code_decision(trusted: bool) -> Iterator[None]:
+    """Within the block, the loaders called without an explicit ``trust_remote_code`` take ``trusted`` (the running
+    command's ``--trust-remote-code``: :func:`medquant.cli.main` opens one around each command).
+
+    Args:
+        trusted: whether the command was given ``--trust-remote-code``.
+
+    Returns:
+        A context manager (nothing is yielded).
+    """
+    token = _TRUST_REMOTE_CODE.set(bool(trusted))
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def trusts_remote_code(given: bool | None = None) -> bool:
+    """Whether a folder's own Python code may run: ``given`` when it is not ``None``, else the running command's
+    ``--trust-remote-code`` (:func:`remote_code_decision`; ``False`` outside a command).
+
+    Args:
+        given: an explicit decision, or ``None``.
+
+    Returns:
+        The decision.
+    """
+    return _TRUST_REMOTE_CODE.get() if given is None else bool(given)
+
+
+def refuse_remote_code(path: str, trust_remote_code: bool | None = None) -> None:
+    """Refuse, in one line and before any of its code runs, a Hugging Face folder whose loading would run the
+    Python code it ships (its ``config.json`` / ``tokenizer_config.json`` ``auto_map`` names modules for a model or
+    tokenizer transformers does not provide: :func:`medquant.io.remote_code_files`), unless it is trusted.
+    Running a folder's code is the user's decision: transformers would otherwise ask on the terminal (or fail
+    with a multi-line error when there is none).
+
+    Args:
+        path: the folder.
+        trust_remote_code: whether its code may run; ``None``: the running command's ``--trust-remote-code``.
+
+    Raises:
+        SystemExit: naming the folder and its code files, and ``--trust-remote-code``.
+    """
+    if trusts_remote_code(trust_remote_code):
+        return
+    from ..io import remote_code_refusal
+
+    message = remote_code_refusal(path, "--trust-remote-code")
+    if message is not None:
+        raise SystemExit(message)
+
+
+def add_trust_remote_code_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--trust-remote-code`` (off by default) to the parser of a command that loads Hugging Face folders.
+
+    Args:
+        parser: the command's parser.
+    """
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code a model folder ships to load it (config.json / "
+                             "tokenizer_config.json auto_map: configuration_*.py, modeling_*.py...; CheXagent, "
+                             "RadFM, MiniCPM-V...): only for a folder you trust. Default: such a folder is refused "
+                             "before any of its code runs")
 
 
 def role_or_name(text: str) -> str:

@@ -33,10 +33,10 @@ import time
 from .args import existing_folder, new_or_empty_folder, positive_int
 
 
-def _load(folder: str):
+def _load(folder: str, trust_remote_code: bool):
     from .info import load_hf_folder
 
-    model, tok = load_hf_folder(folder)
+    model, tok = load_hf_folder(folder, trust_remote_code=trust_remote_code)
     if not hasattr(model, "generate"):
         raise SystemExit(f"{folder}: not a causal LM folder (its model class {type(model).__name__} does not "
                          "generate)")
@@ -86,7 +86,7 @@ def _up_to_the_end(rows: list[list[int]], ends: list[int]) -> list[list[int]]:
 def run_compile(args) -> int:
     from ..quant.aot import compile_decoder
 
-    model, _ = _load(args.model)
+    model, _ = _load(args.model, args.trust_remote_code)
     t = time.perf_counter()
     decoder = compile_decoder(model, args.max_len, batch_size=args.batch_size, chunk=args.chunk,
                               cache_lengths=args.cache_lengths, progress=not args.json)
@@ -123,7 +123,7 @@ def run_generate(args) -> int:
         if saved["batch_size"] != len(args.prompt):
             raise SystemExit(f"--prompt: {len(args.prompt)} prompts given, the decoder in {args.decoder} was "
                              f"compiled for batch {saved['batch_size']}: give {saved['batch_size']}")
-    model, tok = _load(args.model)
+    model, tok = _load(args.model, args.trust_remote_code)
     if tok is None:
         raise SystemExit(f"{args.model}: no tokenizer could be loaded from the model folder")
     rows = [_chat_ids(tok, p) if args.chat else _prompt_ids(tok, p) for p in args.prompt]

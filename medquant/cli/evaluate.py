@@ -29,7 +29,7 @@ def run(args) -> int:
     texts = [t.strip() for t in lines if t.strip()]
     if not texts:
         raise SystemExit(f"--text: {args.text} holds no text")
-    model, tok = load_hf_folder(args.model)
+    model, tok = load_hf_folder(args.model, trust_remote_code=args.trust_remote_code)
     if tok is None:
         raise SystemExit(f"{args.model}: no tokenizer could be loaded from the model folder")
     batches = token_batches(tok, texts, batch_size=args.batch_size, max_length=args.max_length)

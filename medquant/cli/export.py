@@ -254,15 +254,16 @@ WITH_SOURCE = ("compressed-tensors", "gguf")
 FILE_SUFFIXES = {"gguf": ".gguf", "onnx": ".onnx"}
 
 
-def load_source(path: str):
-    """The model of a medquant checkpoint or a Hugging Face folder (float or medquant-quantized)."""
+def load_source(path: str, *, trust_remote_code: bool | None = None):
+    """The model of a medquant checkpoint or a Hugging Face folder (float or medquant-quantized); one whose class is
+    the folder's own code only with ``trust_remote_code`` (``None``: the command's ``--trust-remote-code``)."""
     from .info import load_checkpoint, load_hf_folder
 
     folder = Path(path)
     if (folder / "medquant.json").is_file():
-        return load_checkpoint(path)
+        return load_checkpoint(path, trust_remote_code=trust_remote_code)
     if (folder / "config.json").is_file():
-        return load_hf_folder(path)[0]
+        return load_hf_folder(path, trust_remote_code=trust_remote_code)[0]
     raise SystemExit(f"{path}: not a model folder (no medquant.json from medquant.save, no config.json of a "
                      "Hugging Face folder)")
 
@@ -270,7 +271,7 @@ def load_source(path: str):
 def run(args) -> int:
     from ..deploy import export
 
-    model = load_source(args.src)
+    model = load_source(args.src, trust_remote_code=args.trust_remote_code)
     options: dict = {}
     if args.promote:
         options["promote"] = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .args import existing_folder, hf_config_file
+from .args import existing_folder, hf_config_file, refuse_remote_code, trusts_remote_code
 from .prune import folder_tokenizer, model_class
 
 
@@ -33,14 +33,16 @@ def _pruned(folder: Path) -> bool:
     return isinstance(extras, dict) and isinstance(extras.get("prune"), dict)
 
 
-def load_hf_folder(path: str):
+def load_hf_folder(path: str, *, trust_remote_code: bool | None = None):
     """A Hugging Face model folder as saved (float or medquant-quantized; dtypes kept), in eval mode, and its
     tokenizer (``None`` when there is none; ``pad_token`` = ``eos_token`` when unset). A pruned checkpoint
     (``medquant prune`` / ``pipeline`` output) is rebuilt with its per-layer shapes by
     :func:`medquant.prune.load_pruned`, which ``from_pretrained`` cannot do when the blocks differ in width. A folder
-    without ``config.json`` is a one-line ``SystemExit`` naming it."""
+    without ``config.json`` is a one-line ``SystemExit`` naming it, and so is one whose loading runs its own code
+    unless ``trust_remote_code`` (``None``: the command's ``--trust-remote-code``), before any of it runs."""
     import os
 
+    trust = trusts_remote_code(trust_remote_code)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig
 
@@ -50,28 +52,36 @@ def load_hf_folder(path: str):
     if _pruned(Path(path)):
         from ..prune import load_pruned
 
-        model = load_pruned(path).eval()
+        refuse_remote_code(path, trust)
+        model = load_pruned(path, trust_remote_code=trust).eval()
     else:
-        hf_config_file(path)
-        model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path).eval()
-    return model, folder_tokenizer(path)
+        hf_config_file(path, trust)
+        # trust_remote_code never None: transformers would ask on the terminal; the folder was checked above
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        model = model_class(cfg).from_pretrained(path, trust_remote_code=trust).eval()
+    return model, folder_tokenizer(path, trust_remote_code=trust)
 
 
-def load_checkpoint(path: str):
+def load_checkpoint(path: str, *, trust_remote_code: bool | None = None):
     """The model of a :func:`medquant.save` (:func:`medquant.prune.save_pruned` included) or
-    :func:`medquant.hf.save_pretrained` folder."""
+    :func:`medquant.hf.save_pretrained` folder; one whose class is the folder's own code only with
+    ``trust_remote_code`` (``None``: the command's ``--trust-remote-code``; a one-line ``SystemExit`` otherwise)."""
     folder = Path(path)
+    trust = trusts_remote_code(trust_remote_code)
     if (folder / "medquant.json").is_file():
         from ..io import load
         from ..prune import load_pruned
 
-        return load_pruned(folder) if _pruned(folder) else load(folder)
+        refuse_remote_code(path, trust)
+        if _pruned(folder):
+            return load_pruned(folder, trust_remote_code=trust)
+        return load(folder, trust_remote_code=trust)
     cfg_file = folder / "config.json"
     qcfg = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.is_file() else None
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "medquant":
         raise SystemExit(f"{path}: not a medquant checkpoint (no medquant.json, no config.json with a medquant "
                          "quantization_config)")
-    return load_hf_folder(path)[0]
+    return load_hf_folder(path, trust_remote_code=trust)[0]
 
 
 def info(model) -> dict:
@@ -96,7 +106,7 @@ def info(model) -> dict:
 
 
 def run(args) -> int:
-    report = info(load_checkpoint(args.checkpoint))
+    report = info(load_checkpoint(args.checkpoint, trust_remote_code=args.trust_remote_code))
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

@@ -67,7 +67,7 @@ def run(args) -> int:
 
     texts, source = _texts(args)
     torch.manual_seed(args.seed)  # dropout while training, projection layers of the distiller
-    model, tok = _load(args.model, args.gguf_file, command="pipeline")
+    model, tok = _load(args.model, args.gguf_file, command="pipeline", trust_remote_code=args.trust_remote_code)
     if tok is None:
         raise SystemExit("the pipeline needs the model folder's tokenizer")
 

@@ -22,6 +22,7 @@ from .args import (
     non_negative_int,
     output_is_input_message,
     positive_int,
+    trusts_remote_code,
     unit_interval,
     utf8_text,
 )
@@ -64,48 +65,78 @@ def _refuse_medquant_folder(path: str, gguf_file: str | None, command: str) -> N
                          "quantized from")
 
 
-def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command: str = "prune"):
+def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command: str = "prune",
+          trust_remote_code: bool | None = None):
     """The model of a Hugging Face folder (or of a GGUF file in it) in eval mode, and its tokenizer (``None`` when
     there is none; ``pad_token`` = ``eos_token`` when unset). The model is cast to float32 (pruning importance and
     training accumulate statistics and gradients in it) unless ``keep_dtype``: then the stored dtypes are kept, as
     ``from_pretrained`` loads them (``medquant quantize``, like :func:`medquant.quantize_` on such a model).
     A medquant checkpoint or a folder quantized by medquant is refused (``SystemExit`` naming ``command``), and so is
-    a folder without ``config.json`` (without ``gguf_file``)."""
+    a folder without ``config.json`` (without ``gguf_file``) and, unless ``trust_remote_code`` (``None``: the
+    command's ``--trust-remote-code``), a folder whose loading runs its own code (before any of it runs)."""
     import os
 
+    trust = trusts_remote_code(trust_remote_code)
     _refuse_medquant_folder(path, gguf_file, command)
     if not gguf_file:
-        hf_config_file(path)
+        hf_config_file(path, trust)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    cfg = AutoConfig.from_pretrained(path, **kw)
-    model = model_class(cfg).from_pretrained(path, **kw).eval()
+    # never None: transformers would ask on the terminal; the folder was checked above
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust, **kw)
+    model = model_class(cfg).from_pretrained(path, trust_remote_code=trust, **kw).eval()
     if not keep_dtype:
         model = model.float()
-    return model, folder_tokenizer(path, **kw)
+    return model, folder_tokenizer(path, trust_remote_code=trust, **kw)
 
 
 def model_class(cfg):
     """The transformers class that builds a folder's model: the one its config names (``architectures[0]``), else
-    ``AutoModelForCausalLM`` for a ``...ForCausalLM`` name and ``AutoModel`` otherwise."""
+    ``AutoModelForCausalLM`` for a ``...ForCausalLM`` name and ``AutoModel`` otherwise. A class that is the folder's
+    own code (loaded with ``trust_remote_code``: the config's ``auto_map`` names it) is built through the Auto class
+    that ``auto_map`` lists it under (CheXagent / MiniCPM-V: ``AutoModel``, ``AutoModelForCausalLM``...), which then
+    picks it from the folder; call its ``from_pretrained`` / ``from_config`` with ``trust_remote_code=True``."""
     import transformers
 
     arch = (cfg.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
+        cls = _auto_map_class(cfg, arch)
+    if cls is None:
         cls = transformers.AutoModelForCausalLM if "ForCausalLM" in str(arch) else transformers.AutoModel
     return cls
 
 
-def folder_tokenizer(path: str, **kw):
+def _auto_map_class(cfg, arch: str | None):
+    """The transformers Auto class under which the config's ``auto_map`` lists the folder's own class ``arch``
+    (else its ``AutoModelForCausalLM`` / ``AutoModel`` entry for a ``...ForCausalLM`` name / another name), ``None``
+    when the config has no such entry (or this transformers lacks that Auto class)."""
+    import transformers
+
+    auto_map = getattr(cfg, "auto_map", None)
+    if not isinstance(auto_map, dict):
+        return None
+    models = {k: v for k, v in auto_map.items()
+              if k.startswith("AutoModel") and hasattr(getattr(transformers, k, None), "from_config")}
+    for key, ref in models.items():
+        if arch and isinstance(ref, str) and ref.rsplit(".", 1)[-1] == arch:
+            return getattr(transformers, key)
+    for key in (("AutoModelForCausalLM", "AutoModel") if "ForCausalLM" in str(arch) else ("AutoModel",)):
+        if key in models:
+            return getattr(transformers, key)
+    return None
+
+
+def folder_tokenizer(path: str, *, trust_remote_code: bool | None = None, **kw):
     """The folder's tokenizer (``kw``: e.g. ``gguf_file``), ``None`` when there is none; ``pad_token`` =
-    ``eos_token`` when unset."""
+    ``eos_token`` when unset. ``trust_remote_code`` (``None``: the command's ``--trust-remote-code``) lets
+    transformers run the folder's own code (a custom tokenizer, or the config it reads to find the tokenizer)."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trusts_remote_code(trust_remote_code), **kw)
     except (OSError, ValueError):
         tok = None
     if tok is not None and tok.pad_token is None and tok.eos_token is not None:
@@ -154,7 +185,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     texts = _calibration_texts(args)
-    model, tok = _load(args.model, args.gguf_file, command="prune")
+    model, tok = _load(args.model, args.gguf_file, command="prune", trust_remote_code=args.trust_remote_code)
     calib = _calibration(args, tok, texts)
     before = parameter_report(model)
     heads, ffn, drop = args.heads, args.ffn, []
