@@ -47,6 +47,7 @@ from .args import (
     positive_int,
     role_or_name,
     sequence_length,
+    trusts_remote_code,
     utf8_text,
 )
 from .prune import _load, _refuse_medquant_folder, folder_tokenizer, model_class
@@ -145,7 +146,7 @@ def _keep_in_float32(model, dtype) -> None:
             model.get_submodule(owner)._buffers[leaf] = t.to(want)
 
 
-def load_skeleton(path: str):
+def load_skeleton(path: str, trust_remote_code: bool | None = None):
     """The model of the Hugging Face folder ``path`` built on the meta device, and the source of its float weights.
 
     The model is built as ``from_pretrained`` builds it (``accelerate.init_empty_weights()``: no float weights in
@@ -162,6 +163,9 @@ def load_skeleton(path: str):
 
     Args:
         path: the model folder.
+        trust_remote_code: let transformers run the folder's own Python code (its config's ``auto_map``), as
+            ``--trust-remote-code``; ``None``: the running command's flag. An untrusted folder with such code is
+            refused before any of it runs.
 
     Returns:
         ``(model, source)``.
@@ -177,7 +181,8 @@ def load_skeleton(path: str):
     import os
 
     _refuse_medquant_folder(path, None, "quantize")
-    hf_config_file(path)
+    trust = trusts_remote_code(trust_remote_code)
+    hf_config_file(path, trust)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -193,11 +198,14 @@ def load_skeleton(path: str):
         stored = CheckpointSource(folder)  # the headers, checked before the model is built
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--stream: {path}: {e}") from None
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     cls = model_class(cfg)
     dtype = getattr(cfg, "dtype", None) or _first_float_dtype(folder)  # from_pretrained's "auto"
     with init_empty_weights():  # a model class builds through _from_config, an Auto class through from_config
-        model = (cls._from_config if hasattr(cls, "_from_config") else cls.from_config)(cfg, dtype=dtype)
+        if hasattr(cls, "_from_config"):
+            model = cls._from_config(cfg, dtype=dtype)
+        else:  # the folder's own class (auto_map) is built by the Auto class, which records it for the save
+            model = cls.from_config(cfg, dtype=dtype, trust_remote_code=trust)
     model.tie_weights()
     model.eval()
     _keep_in_float32(model, dtype)
@@ -292,10 +300,11 @@ def run(args) -> int:
     text = utf8_text(args.calib, "--calib") if args.calib else None  # before the model: a bad file is named at once
     source = None
     if args.stream:
-        model, source = load_skeleton(args.model)
-        tok = folder_tokenizer(args.model)
+        model, source = load_skeleton(args.model, trust_remote_code=args.trust_remote_code)
+        tok = folder_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     else:
-        model, tok = _load(args.model, None, keep_dtype=True, command="quantize")
+        model, tok = _load(args.model, None, keep_dtype=True, command="quantize",
+                           trust_remote_code=args.trust_remote_code)
     calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, text) if args.calib else None
     before = model_size(model)
     skip = list(args.skip) or None

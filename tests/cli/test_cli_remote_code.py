@@ -220,3 +220,23 @@ def test_which_folders_run_their_own_code(folder, tmp_path):
     cfg.update(model_type="medvlm", auto_map={"AutoModel": "owner/vision--modeling_vit.ViT"})
     (plain / "config.json").write_text(json.dumps(cfg))
     assert remote_code_files(plain) == ["modeling_vit.py (from owner/vision)", "tokenization_med.py"]
+
+
+def test_stream_with_the_flag_builds_the_folders_class_and_writes_the_in_memory_tensors(folder, capsys):
+    """``quantize --block-by-block --stream --trust-remote-code``: the meta skeleton is the folder's own class (built
+    by the Auto class its ``auto_map`` names), its weights read from the folder; the output holds the tensors of the
+    same command without ``--stream`` and carries the code files."""
+    from safetensors.torch import load_file
+
+    outs = {}
+    for name, extra in (("bbb_mem", []), ("bbb_stream", ["--stream"])):
+        out = folder / name
+        assert main(["quantize", str(folder / "src"), str(out), "--group-size", "16", "--method", "gptq", "--calib",
+                     str(folder / "t.txt"), "--calib-samples", "2", "--seq-len", "16", "--block-by-block",
+                     "--trust-remote-code", "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["layers_quantized"] == 15
+        assert all((out / f).is_file() for f in CODE_FILES)
+        outs[name] = load_file(str(out / "model.safetensors"))
+    a, b = outs["bbb_stream"], outs["bbb_mem"]
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
+    assert type(_trusted(folder / "bbb_stream")).__name__ == "TinyMedForCausalLM"
