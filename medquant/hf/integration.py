@@ -709,6 +709,7 @@ class _SavePretrained:
         self.model = model
 
     def __call__(self, save_directory, **kwargs) -> None:
+        check_saved_hooks(self.model, "save_pretrained")  # as medquant.hf.save_pretrained: nothing lost silently
         if getattr(self.model, "hf_quantizer", None) is None and _has_quantized(self.model):
             attach_quantizer(self.model)  # quantized in place (quantize_, GPTQ...): the recipe goes into config.json
         _crash_safe_save_pretrained(self.model, save_directory, **kwargs)

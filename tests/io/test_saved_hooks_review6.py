@@ -59,3 +59,22 @@ def test_a_plain_module_with_a_registered_parametrization_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"1 module\(s\).*0: weight"):
         medquant.save(model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_the_bound_model_save_pretrained_checks_as_the_module_function_does(tmp_path):
+    """``model.save_pretrained`` - the method medquant binds on every model it quantizes or loads - refused nothing:
+    a torch ``prune`` reparametrisation of ``lm_head`` was written and ``from_pretrained`` re-initialised the head.
+    It now refuses as :func:`medquant.hf.save_pretrained` does, writing nothing; made permanent, the folder reloads
+    to the model's logits."""
+    entry = ZOO_BY_NAME["llama"]
+    model = entry.build().eval()
+    medquant.quantize_(model, QuantConfig(4, group_size=32), skip=["@head"])
+    batch = entry.inputs(model)
+    torch.nn.utils.prune.l1_unstructured(model.lm_head, "weight", 0.5)
+    with pytest.raises(ValueError, match="lm_head"):
+        model.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    torch.nn.utils.prune.remove(model.lm_head, "weight")
+    model.save_pretrained(tmp_path / "saved")
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval(), batch),
+                       _logits(model, batch))
