@@ -11,7 +11,9 @@ The folder is loaded with its config's architecture class (``AutoModelForCausalL
 in its stored dtypes (a bfloat16 folder stays bfloat16, as ``from_pretrained`` loads it; ``bytes before`` is its
 size in them), quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`;
 ``gptq``: :func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized with the
-folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens) and saved with
+folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens; with ``--calib-images`` a VLM is
+calibrated on images each paired with a paragraph through the folder's processor, so its vision tower is
+calibrated too: :func:`image_calibration_batches`) and saved with
 :func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it, as part of the checkpoint: listed in its
 manifest, so a rerun into the same ``OUT_DIR`` leaves a folder that verifies). Reload with ``import medquant`` and
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``. A summary table (layers quantized, average bits, bytes before
@@ -82,6 +84,92 @@ def calibration_batches(tok, path: str, samples: int, seq_len: int, text: str | 
         raise SystemExit(f"--calib: {path} holds no text to calibrate on (fewer than 2 tokens)")
     return [{"input_ids": torch.tensor([c]), "attention_mask": torch.ones(1, len(c), dtype=torch.long)}
             for c in chunks]
+
+
+def image_calibration_batches(folder: str, images_path: str, path: str, samples: int, seq_len: int,
+                               text: str | None = None, trust_remote_code: bool | None = None) -> list[dict]:
+    """Calibration batches for a vision-language model: one image with one text each, through the folder's own
+    processor (``AutoProcessor``), so the batches run the vision tower as the model's users' inputs do.
+
+    Image ``i`` of ``images_path`` (a folder, an index CSV, an ``.npz`` or one image file:
+    :func:`medquant.data.load_images`; grayscale arrays are given as three equal channels) goes with paragraph ``i``
+    of the text file ``path`` (paragraphs reused in order when there are fewer), cut to its first ``seq_len``
+    tokens (the image's tokens come on top). The text is placed as one user turn holding the image and the text in
+    the processor's chat template (``apply_chat_template``), else after the processor's ``image_token`` and a line
+    break; ``min(samples, number of images)`` batches of one sample each (the processor's output, as
+    ``model(**batch)`` takes it).
+
+    Args:
+        folder: the model folder (its processor files: ``processor_config.json`` / ``preprocessor_config.json``).
+        images_path: ``--calib-images``.
+        path: ``--calib``: the UTF-8 text file.
+        samples: at most this many batches.
+        seq_len: tokens of text per sample (at least 1).
+        text: the text file's content when already read.
+        trust_remote_code: let a processor of the folder's own code run (``None``: the command's flag).
+
+    Returns:
+        The batches (dicts of tensors).
+
+    Raises:
+        SystemExit: naming ``--calib-images``: a folder without a processor that takes images, images that cannot
+            be read, an image that is not 8-bit, a processor with neither a chat template nor an image token, or
+            one that fails on a sample (the message names the image).
+    """
+    import numpy as np
+    import torch
+
+    from ..data import load_images
+
+    trust = trusts_remote_code(trust_remote_code)
+    try:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--calib-images needs the model folder's processor (AutoProcessor: images and text into "
+                         f"the model's inputs); {folder}: {str(e).splitlines()[0]}") from None
+    if getattr(processor, "image_processor", None) is None:
+        raise SystemExit(f"--calib-images: the processor of {folder} ({type(processor).__name__}) takes no images; "
+                         "calibrate this model with --calib text alone")
+    tok = processor.tokenizer
+    template = getattr(processor, "chat_template", None)
+    image_token = getattr(processor, "image_token", None)
+    if not template and not image_token:
+        raise SystemExit(f"--calib-images: the processor of {folder} has neither a chat template nor an image "
+                         "token, so the place of the image in the text is unknown")
+    if text is None:
+        text = utf8_text(path, "--calib")
+    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n") if p.strip()]
+    if not paragraphs:
+        raise SystemExit(f"--calib: {path} holds no text to pair with the images")
+    try:
+        images, names = load_images(images_path, limit=samples)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--calib-images: {images_path}: {e}") from None
+    batches = []
+    for i, (image, name) in enumerate(zip(images, names)):
+        image = np.asarray(image)
+        if image.dtype != np.uint8:
+            raise SystemExit(f"--calib-images: image {name} holds {image.dtype} values; 8-bit images are accepted")
+        if image.ndim == 2:
+            image = np.stack([image] * 3, axis=-1)
+        ids = tok(paragraphs[i % len(paragraphs)], add_special_tokens=False)["input_ids"][:seq_len]
+        words = tok.decode(ids)
+        if template:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
+            prompt = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        else:
+            prompt = f"{image_token}\n{words}"
+        try:
+            batch = processor(text=[prompt], images=[image], return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise SystemExit(f"--calib-images: the processor of {folder} failed on image {name}: "
+                             f"{str(e).splitlines()[0]}") from None
+        batches.append({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    if not batches:
+        raise SystemExit(f"--calib-images: {images_path} holds no image")
+    return batches
 
 
 def _tensor_aliases(model) -> dict[str, set[str]]:
@@ -299,13 +387,20 @@ def run(args) -> int:
     config = QuantConfig(args.bits, symmetric=True if args.symmetric else None, group_size=args.group_size)
     text = utf8_text(args.calib, "--calib") if args.calib else None  # before the model: a bad file is named at once
     source = None
+    images = None  # image batches before the model: a folder without a processor is named before any loading
+    if args.calib_images:
+        images = image_calibration_batches(args.model, args.calib_images, args.calib, args.calib_samples,
+                                           args.seq_len, text, trust_remote_code=args.trust_remote_code)
     if args.stream:
         model, source = load_skeleton(args.model, trust_remote_code=args.trust_remote_code)
         tok = folder_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     else:
         model, tok = _load(args.model, None, keep_dtype=True, command="quantize",
                            trust_remote_code=args.trust_remote_code)
-    calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, text) if args.calib else None
+    if images is not None:
+        calib = images
+    else:
+        calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, text) if args.calib else None
     before = model_size(model)
     skip = list(args.skip) or None
     progress = not args.json
@@ -369,6 +464,9 @@ def register(sub) -> None:
     p.add_argument("--method", choices=["rtn", "awq", "gptq"], default="rtn",
                    help="rtn (round to nearest, no data), awq or gptq (need --calib)")
     p.add_argument("--calib", type=existing_file, default=None, help="UTF-8 calibration text file (awq / gptq)")
+    p.add_argument("--calib-images", default=None, metavar="PATH",
+                   help="images (a folder, an index CSV, an .npz or one file) each paired with a --calib paragraph "
+                        "through the folder's processor: calibrates a VLM's vision tower too (awq / gptq)")
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=sequence_length, default=512,
                    help="tokens per calibration sequence, at least 2 (default 512)")
@@ -402,6 +500,10 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         parser.error(same)
     if Path(args.out).exists() and not Path(args.out).is_dir():  # refused by the save, after all the work
         parser.error(f"OUT_DIR: {args.out} exists and is not a folder; the quantized model is saved as a folder")
+    if args.calib_images and not args.calib:
+        parser.error("--calib-images pairs each image with a paragraph of --calib FILE: give both")
+    if args.calib_images and not Path(args.calib_images).exists():
+        parser.error(f"--calib-images: {args.calib_images} does not exist")
     if args.method in ("awq", "gptq") and not args.calib:
         parser.error(f"--method {args.method} needs --calib FILE (calibration text)")
     if args.max_hessian_bytes is not None and args.method != "gptq":

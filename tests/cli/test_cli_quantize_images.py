@@ -1,0 +1,162 @@
+"""``medquant quantize --calib-images``: a VLM calibrated on real chest X-rays, each paired with a report paragraph
+through the folder's own processor, so the vision tower is calibrated too (a tiny LLaVA with a CLIP image processor,
+MiniLM's real tokenizer plus an ``<image>`` token, and a chat template).
+
+Reference: the batches built in the test with transformers' processor API directly (the images read with PIL, the
+paragraph cut to ``--seq-len`` tokens, one user turn holding the image and the text), then
+:func:`medquant.calibrate.gptq_quantize_` on the model ``from_pretrained`` loads: the folder the command writes
+reloads to that model's tensors bit for bit; the block-by-block runs (in memory and ``--stream``) write the same
+tensors as the whole-model run. Bad combinations exit with code 2 in one line before any work."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import medquant as mq
+from medquant.cli import main
+from medquant.data import default_data_dir
+from tests.cli.tiny_folder import report_text_file
+from tests.prune.real_models import minilm_dir
+
+TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+SAMPLES, SEQ = 2, 16
+
+
+def _index() -> Path:
+    index = default_data_dir() / "kermany_pediatric_cxr_224" / "index.csv"
+    if not index.is_file():
+        pytest.skip(f"the real chest X-rays are not at {index} (set MEDQUANT_DATA_DIR)")
+    return index
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    root = tmp_path_factory.mktemp("vlm_images")
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        image_token_index=tok.convert_tokens_to_ids("<image>"))
+    LlavaForConditionalGeneration(cfg).save_pretrained(root / "src")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=TEMPLATE)
+    processor.save_pretrained(root / "src")
+    report_text_file(root)
+    return root
+
+
+def _args(folder, out, *extra):
+    return ["quantize", str(folder / "src"), str(folder / out), "--bits", "4", "--group-size", "32", "--method",
+            "gptq", "--calib", str(folder / "t.txt"), "--calib-images", str(_index()), "--calib-samples",
+            str(SAMPLES), "--seq-len", str(SEQ), "--json", *extra]
+
+
+def _reference_batches(folder):
+    """The command's batches built independently: PIL reads the first images of the index, the processor's own
+    chat template and call make the inputs."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder / "src")
+    rows = list(csv.DictReader(_index().open()))[:SAMPLES]
+    lines = [p.strip() for p in (folder / "t.txt").read_text().split("\n") if p.strip()]
+    batches = []
+    for row, line in zip(rows, lines):
+        image = np.asarray(Image.open(_index().parent / row["path"]).convert("RGB"))
+        words = processor.tokenizer.decode(processor.tokenizer(line, add_special_tokens=False)["input_ids"][:SEQ])
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
+        text = processor.apply_chat_template(turn, add_generation_prompt=False, tokenize=False)
+        batches.append(dict(processor(text=[text], images=[image], return_tensors="pt")))
+    return batches
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_images_calibrate_the_vision_tower_as_gptq_on_processor_batches(folder, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    from medquant.calibrate import gptq_quantize_
+
+    assert main(_args(folder, "whole")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    batches = _reference_batches(folder)
+    assert all("pixel_values" in b for b in batches)
+    ref = LlavaForConditionalGeneration.from_pretrained(folder / "src").eval()
+    records = gptq_quantize_(ref, mq.QuantConfig(4, group_size=32), batches, progress=False)
+    vision = [n for n in records if "vision_tower" in n]
+    assert vision and all(records[n]["method"] == "gptq" for n in vision)  # the tower ran on the images
+    assert summary["layers_quantized"] == len(records)
+    got = LlavaForConditionalGeneration.from_pretrained(folder / "whole").eval()
+    a, b = got.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    with torch.no_grad():
+        assert torch.equal(got(**batches[0]).logits, ref(**batches[0]).logits)
+
+
+def test_block_by_block_and_stream_with_images_write_the_whole_model_tensors(folder, capsys):
+    if not (folder / "whole").is_dir():
+        assert main(_args(folder, "whole")) == 0
+    ref = _tensors(folder / "whole")
+    for out, extra in (("bbb", ["--block-by-block"]), ("streamed", ["--block-by-block", "--stream"])):
+        assert main(_args(folder, out, *extra)) == 0
+        capsys.readouterr()
+        got = _tensors(folder / out)
+        assert sorted(got) == sorted(ref)
+        assert [k for k in ref if not torch.equal(got[k], ref[k])] == [], out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: [x for i, x in enumerate(a) if x != "--calib" and (i == 0 or a[i - 1] != "--calib")],
+     "--calib-images pairs each image with a paragraph of --calib FILE"),
+    (lambda a: [*a[:a.index("--calib-images") + 1], "/no/such/images", *a[a.index("--calib-images") + 2:]],
+     "--calib-images: /no/such/images does not exist"),
+])
+def test_bad_combinations_exit_2_in_one_line(folder, capsys, change, message):
+    argv = change(_args(folder, "refused"))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (folder / "refused").exists()
+
+
+def test_a_folder_without_an_image_processor_is_named(folder, capsys, tmp_path):
+    import shutil
+
+    plain = tmp_path / "no_processor"
+    shutil.copytree(folder / "src", plain)
+    for f in ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json"):
+        (plain / f).unlink(missing_ok=True)
+    argv = _args(folder, "refused")
+    argv[1] = str(plain)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Loading weights" not in err  # named before the model is loaded
+    assert "--calib-images" in err and "processor" in err and "\n" not in err
+    assert not (folder / "refused").exists()
