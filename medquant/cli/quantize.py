@@ -405,17 +405,19 @@ def run(args) -> int:
     skip = list(args.skip) or None
     progress = not args.json
     device = args.device or "cpu"
+    # AWQ scales the language model by default (scope None); batches with images run the vision tower too
+    awq_scope = "all" if images is not None else None
     if args.method == "rtn":
         quantize_(model, config, skip=skip, progress=progress)
     elif args.method == "awq" and args.block_by_block:
         from ..calibrate import awq_quantize_sequential
 
-        awq_quantize_sequential(model, config, calib, skip=skip, device=device, offload_device="cpu",
-                                checkpoint=source, progress=progress)
+        awq_quantize_sequential(model, config, calib, skip=skip, scope=awq_scope, device=device,
+                                offload_device="cpu", checkpoint=source, progress=progress)
     elif args.method == "awq":
         from ..calibrate import awq_quantize_
 
-        awq_quantize_(model, config, calib, skip=skip, progress=progress)
+        awq_quantize_(model, config, calib, skip=skip, scope=awq_scope, progress=progress)
     elif args.block_by_block:
         from ..calibrate import gptq_quantize_sequential
 

@@ -65,9 +65,9 @@ def folder(tmp_path_factory):
     return root
 
 
-def _args(folder, out, *extra):
+def _args(folder, out, *extra, method="gptq"):
     return ["quantize", str(folder / "src"), str(folder / out), "--bits", "4", "--group-size", "32", "--method",
-            "gptq", "--calib", str(folder / "t.txt"), "--calib-images", str(_index()), "--calib-samples",
+            method, "--calib", str(folder / "t.txt"), "--calib-images", str(_index()), "--calib-samples",
             str(SAMPLES), "--seq-len", str(SEQ), "--json", *extra]
 
 
@@ -118,6 +118,25 @@ def test_images_calibrate_the_vision_tower_as_gptq_on_processor_batches(folder, 
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     with torch.no_grad():
         assert torch.equal(got(**batches[0]).logits, ref(**batches[0]).logits)
+
+
+def test_awq_with_images_scales_the_vision_tower_too(folder, capsys):
+    """AWQ scales the language model by default (``scope=None``); with images the command asks for every stack
+    (``scope="all"``): the folder equals ``awq_quantize_(scope="all")`` on the processor's batches, whose groups
+    include the vision tower's."""
+    from transformers import LlavaForConditionalGeneration
+
+    from medquant.calibrate import awq_quantize_
+
+    assert main(_args(folder, "awq", method="awq")) == 0
+    capsys.readouterr()
+    ref = LlavaForConditionalGeneration.from_pretrained(folder / "src").eval()
+    groups = awq_quantize_(ref, mq.QuantConfig(4, group_size=32), _reference_batches(folder), skip=None,
+                           scope="all", progress=False)
+    assert any("vision_tower" in g.prev for g in groups) and any("language_model" in g.prev for g in groups)
+    got = LlavaForConditionalGeneration.from_pretrained(folder / "awq").eval()
+    a, b = got.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_block_by_block_and_stream_with_images_write_the_whole_model_tensors(folder, capsys):
