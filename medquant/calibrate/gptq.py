@@ -440,7 +440,9 @@ class HessianAccumulator:
                              "e.g. input_ids of shape (1, 0)); give batches with at least one sample and one token")
         if self.rows == 0:
             raise ValueError(f"layer {self.name} received no calibration inputs: the model's forward did not call "
-                             "it on the calibration batches (skip it, or give batches that reach it)")
+                             "it on the calibration batches (skip it, or give batches that reach it; a VLM's vision "
+                             "tower runs only on batches with images: skip=['@vision', '@projector'], or images "
+                             "in the batches - --calib-images on the command line)")
         if len(self.sums) == 1:
             key = next(iter(self.sums))
             return 2.0 * self.sums[key] / self.counts[key]

@@ -96,3 +96,10 @@ def test_a_vision_tower_the_text_never_runs_is_named_with_the_way_out(tmp_path, 
     assert not any(isinstance(m, QUANT_MODULES) for m in target.modules())
     if not streamed:
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_whole_model_gptq_on_text_names_the_vision_tower_and_the_way_out():
+    model, batches = _llava_and_text()
+    with pytest.raises(ValueError, match=r"vision_tower.*received no calibration inputs.*@vision.*--calib-images"):
+        gptq_quantize_(model, CFG, batches, progress=False)
+    assert not any(isinstance(m, QUANT_MODULES) for m in model.modules())
