@@ -478,6 +478,43 @@ def check_saved_hooks(model: nn.Module, writer: str = "medquant.save") -> None:
               "they compute into the model's layers to keep it", UserWarning)
 
 
+def _shared_blocks(model: nn.Module) -> dict[str, str]:
+    """``{further name: first name}`` of every module bound under several names (``layers[1] = layers[0]``), the
+    outermost such names only (a shared block's submodules follow it), leaving out the quantized layers
+    :func:`~medquant.quant.recipe.shared_modules` records. safetensors stores a shared tensor once, under its first
+    name: the load binds the further names to the first name's module again."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    quantized = shared_modules(model)
+    for name, m in model.named_modules(remove_duplicate=False):
+        if id(m) not in first:
+            first[id(m)] = name
+            continue
+        holds_tensors = next(m.parameters(), None) is not None or next(m.buffers(), None) is not None
+        if holds_tensors and name not in quantized and not any(name.startswith(a + ".") for a in out):
+            out[name] = first[id(m)]
+    return out
+
+
+def _bind_shared_blocks(model: nn.Module, shared: Mapping[str, str], swap: Callable[[str, nn.Module], None]
+                        ) -> None:
+    """Bind each further name of ``shared_blocks`` (``medquant.json``, checked by the schema) to its first name's
+    module, through ``swap`` (undone by the caller on a refusal)."""
+    for alias, name in shared.items():
+        try:
+            target, at_alias = model.get_submodule(name), model.get_submodule(alias)
+        except AttributeError:
+            raise CheckpointError(f"{META_NAME}: module {alias!r} shares {name!r} in the saved model, but "
+                                  f"{type(model).__name__} has no module under one of these names") from None
+        if at_alias is target:
+            continue
+        if type(at_alias) is not type(target):
+            raise CheckpointError(f"{META_NAME}: module {alias!r} shares {name!r} in the saved model (one "
+                                  f"{type(target).__name__} under both names), but the model holds a "
+                                  f"{type(at_alias).__name__} at {alias!r}")
+        swap(alias, target)
+
+
 def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (quantized or not) to the folder ``directory`` (see :mod:`medquant.io`).
 
@@ -550,6 +587,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
         shared = shared_modules(model)
         if shared:  # a quantized layer under several names: stored once, bound to every name again on load
             meta["shared_modules"] = shared
+        blocks = _shared_blocks(model)
+        if blocks:  # any other module under several names (a block run twice): the same
+            meta["shared_blocks"] = blocks
         acts = input_quantizers(model)
         if acts:  # static activation quantizers (learned rounding's act_bits): attached again on load
             meta["input_quantizers"] = {n: q.as_dict() for n, q in acts.items()}
@@ -1013,6 +1053,7 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
         swap_module(model, name, new)
 
     try:
+        _bind_shared_blocks(model, meta.shared_blocks, swap)  # a block saved under several names: one module again
         expand_recorded_experts(model, meta.modules)  # MoE experts: their per-expert layers become modules
         aliases = _aliases(model, meta, opened.header)
         for name, spec in meta.modules.items():

@@ -44,7 +44,8 @@ MAX_HEADER = 100_000_000  # the safetensors library's own limit
 #: dtypes a non-persistent floating buffer may be restored to
 BUFFER_DTYPES = ("float16", "bfloat16", "float64")
 _TOP_REQUIRED = ("format_version", "weights", "model", "modules")
-_TOP_OPTIONAL = ("medquant_version", "extras", "buffer_dtypes", "shared_modules", "input_quantizers")
+_TOP_OPTIONAL = ("medquant_version", "extras", "buffer_dtypes", "shared_modules", "input_quantizers",
+                 "shared_blocks")
 _LINEAR_KEYS = ("in_features", "out_features")
 _CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 _COMMON_KEYS = ("type", "config", "bias", "dtype")
@@ -342,6 +343,10 @@ class CheckpointMeta:
         raw: the file's JSON as read.
         buffer_dtypes: floating buffers that are not in the weights file (non-persistent, e.g. rotary ``inv_freq``)
             and were not float32 when saved: name -> dtype name, restored on load.
+        shared_modules: quantized layers registered under several names: every further name -> the recorded
+            module it shares.
+        shared_blocks: other modules registered under several names (a block run twice, ``layers[1] =
+            layers[0]``): every further (outermost) name -> the first name; bound to that module again on load.
     """
 
     format_version: int
@@ -356,6 +361,8 @@ class CheckpointMeta:
     buffer_dtypes: dict[str, str] = field(default_factory=dict)
     #: quantized layers registered under several names: every further name -> the recorded module it shares
     shared_modules: dict[str, str] = field(default_factory=dict)
+    #: other modules registered under several names: every further (outermost) name -> the first name
+    shared_blocks: dict[str, str] = field(default_factory=dict)
 
 
 def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
@@ -424,8 +431,14 @@ def parse_metadata(text: bytes | str, file: str) -> CheckpointMeta:
             raise (at / "shared_modules" / name).fail("the name of a module recorded in 'modules'", target)
         if name in modules or not name:
             raise (at / "shared_modules" / name).fail("a module name without a recipe of its own", name)
+    blocks = d.get("shared_blocks", {})
+    if not isinstance(blocks, dict):
+        raise (at / "shared_blocks").fail("an object module name -> the name of the module it shares", blocks)
+    for name, target in blocks.items():
+        if not name or not isinstance(target, str) or not target or target == name:
+            raise (at / "shared_blocks" / name).fail("the name of another module", target)
     return CheckpointMeta(fv, mv, WeightsInfo(wfile, sha, nbytes), model, modules, extras, raw, dict(bufs),
-                          dict(shared))
+                          dict(shared), dict(blocks))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
