@@ -54,12 +54,20 @@ projections are not float ``nn.Linear`` (a quantized model's ``QuantLinear``: it
 :func:`block_stacks` lists them, and the reason names those layers; heads and neurons are removed from float layers
 only, so prune the float model, then quantize it), fused
 ``qkv`` projections (Qwen2-VL vision blocks, :attr:`Block.fused_attention`), linear-attention and convolution
-mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), cross-attention of encoder-decoder blocks (BART's
-``encoder_attn``, T5Gemma's ``cross_attn``: kept; self-attention heads are pruned), and every head of T5-style
-attention (:func:`shares_position_bias`: the relative position bias computed in the first block of a stack is
+mixers (Qwen3.5 ``linear_attn``, LFM2 ``conv``), the cross-attention of an encoder-decoder block that has no
+separate q / k / v / o linears or is T5-style (its heads are kept; self-attention heads are pruned), and every head of
+T5-style attention (:func:`shares_position_bias`: the relative position bias computed in the first block of a stack is
 added, head by head, in every later block, so a block cannot lose heads alone; T5's FFN neurons are pruned). MoE experts stored as 3-D
 weights (one module for all experts, transformers 5) are named by :attr:`Block.experts` (:mod:`medquant.prune`
 removes each expert's neurons); a shared expert MLP beside them is the block's FFN.
+The cross-attention of an encoder-decoder block (a module named ``encoder_attn`` -- BART, mBART, Marian, Pegasus,
+M2M100, Whisper --, ``crossattention`` -- a BERT decoder: bert2bert, the ViT + BERT ``VisionEncoderDecoderModel``
+--, ``cross_attn`` -- T5Gemma) with separate q / k / v / o linears is a second attention unit,
+:attr:`Block.cross_attention` (read as the attention is, inside that module: ``encoder_attn.{q,k,v}_proj`` ->
+``out_proj``, ``crossattention.self.{query,key,value}`` -> ``crossattention.output.dense``), whose heads are pruned
+on their own; :attr:`Block.attention` stays the self-attention, registered first. A block whose only attention is
+the cross-attention (Mllama's cross-attention layers) has it as :attr:`Block.attention`. T5's ``EncDecAttention``
+(:func:`shares_position_bias`) and GPT-2's ``Conv1D`` ``crossattention`` give no unit.
 Encoder-decoder language models (BART in Florence-2, T5 in BLIP-2 Flan-T5, T5Gemma, T5Gemma 2, bert2bert) give two stacks:
 the encoder's blocks, then the decoder's. So does an encoder-decoder whose encoder has no role (Whisper: it reads
 log-mel frames, not tokens): when ``config.is_encoder_decoder`` is true and the module ``get_encoder()`` returns lies
@@ -110,6 +118,9 @@ _FFN_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
 @dataclass
 class AttentionUnit:
     """One multi-head attention: full module names of its projections and the module carrying head counts.
+
+    A block's self-attention (:attr:`Block.attention`) or the cross-attention of an encoder-decoder block
+    (:attr:`Block.cross_attention`, whose k / v read the encoder's output): both are pruned head by head.
 
     Attributes:
         name: the attention container (e.g. ``model.layers.0.self_attn``).
@@ -201,6 +212,10 @@ class Block:
         unsupported: ``"heads"`` / ``"ffn"`` -> why that part cannot be pruned.
         experts: an MoE experts module with 3-D weights inside the block, if any (its neurons are pruned per
             expert).
+        cross_attention: the cross-attention of an encoder-decoder block (BART's ``encoder_attn``, Whisper's,
+            BERT's ``crossattention``, T5Gemma's ``cross_attn``) when it has separate q / k / v / o linears: a
+            second attention unit with heads of its own (queries from the block, keys / values from the encoder's
+            output), pruned with the same head ratio as :attr:`attention`; ``None`` otherwise.
     """
 
     name: str
@@ -212,6 +227,7 @@ class Block:
     fused_attention: str | None = None   # name of a fused-qkv attention (no separate q/k/v rows)
     unsupported: dict[str, str] = field(default_factory=dict)  # "heads" / "ffn" -> why it cannot be pruned
     experts: str | None = None  # an MoE experts module with 3-D weights inside the block (its neurons: prune)
+    cross_attention: AttentionUnit | None = None  # an encoder-decoder block's cross-attention (own heads)
 
 
 def stack_side(stack: str) -> str | None:
@@ -459,7 +475,7 @@ def _is_experts(m: nn.Module) -> bool:
     return any(p is not None and p.dim() == 3 for p in m._parameters.values()) and "expert" in type(m).__name__.lower()
 
 
-_CROSS_ATTENTION = ("encoder_attn", "cross_attn", "EncDecAttention")
+_CROSS_ATTENTION = ("encoder_attn", "cross_attn", "EncDecAttention", "crossattention")
 
 
 def shares_position_bias(attention: nn.Module) -> bool:
@@ -488,9 +504,30 @@ def _not_float_reason(odd: dict[str, str], what: str) -> str:
             "prune the float model first, then quantize it")
 
 
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _cross_in(block: nn.Module, bname: str, attn: AttentionUnit | None, wrapped: bool
+              ) -> tuple[AttentionUnit | None, dict[str, str]]:
+    """``(unit, {name: class} of its projections that are not float nn.Linear)`` of the cross-attention of an
+    encoder-decoder block (a module named as in ``_CROSS_ATTENTION``) with separate q / k / v / o linears; None when
+    the block has none, its attention unit is that module (Mllama's cross-attention layers), or it shares a T5-style
+    relative position bias (:func:`shares_position_bias`, its heads are kept)."""
+    if attn is None:
+        return None, {}
+    cross = next((n for n, _ in block.named_modules() if n.rpartition(".")[2] in _CROSS_ATTENTION), None)
+    if cross is None or _within(attn.holder, f"{bname}.{cross}"):
+        return None, {}
+    unit, _, odd = _attention_in(block.get_submodule(cross), f"{bname}.{cross}", wrapped)
+    if unit is None or shares_position_bias(block.get_submodule(unit.holder[len(bname) + 1:])):
+        return None, odd
+    return unit, {}
+
+
 def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None, ffn: FFNUnit | None,
-                 bname: str = "", odd_attn: dict[str, str] | None = None, odd_ffn: dict[str, str] | None = None
-                 ) -> dict[str, str]:
+                 bname: str = "", odd_attn: dict[str, str] | None = None, odd_ffn: dict[str, str] | None = None,
+                 cross_found: bool = False, odd_cross: dict[str, str] | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
     if attn is None:
         kinds = {type(m).__name__ for m in block.children()}
@@ -516,8 +553,11 @@ def _unsupported(block: nn.Module, attn: AttentionUnit | None, fused: str | None
                             "every later block, so heads could only be removed in the same positions in every block "
                             "of the stack; medquant keeps the heads of T5-style attention"
                             + (f" (and of the cross-attention {bname}.{cross})" if cross is not None else ""))
-        elif cross is not None and attn.holder != f"{bname}.{cross}":  # a block whose only attention is the
-            # cross-attention (Mllama's cross-attention layers) prunes it as its attention
+        elif odd_cross:
+            out["heads"] = _not_float_reason(odd_cross, "cross-attention heads")
+        elif cross is not None and not _within(attn.holder, f"{bname}.{cross}") and not cross_found:
+            # a block whose only attention is the cross-attention (Mllama's cross-attention layers) prunes it as its
+            # attention; a cross-attention without separate q / k / v / o linears (or T5-style) keeps its heads
             out["heads"] = f"cross-attention ({cross}) heads are kept; only self-attention heads are pruned"
     if ffn is None and odd_ffn:
         out["ffn"] = _not_float_reason(odd_ffn, "FFN neurons")
@@ -562,10 +602,11 @@ def transformer_blocks(model: nn.Module, scope: str | Sequence[str] | None = Non
             attn, fused, odd_attn = _attention_in(bmod, bname, clamp_wrappers)
             ffn, odd_ffn = _ffn_in(bmod, bname, attn, clamp_wrappers, list(odd_attn))
             # blocks with nothing of a transformer block are left out
-            why = _unsupported(bmod, attn, fused, ffn, bname, odd_attn, odd_ffn)
+            cross, odd_cross = _cross_in(bmod, bname, attn, clamp_wrappers)
+            why = _unsupported(bmod, attn, fused, ffn, bname, odd_attn, odd_ffn, cross is not None, odd_cross)
             experts = next((f"{bname}.{n}" for n, m in bmod.named_modules() if _is_experts(m)), None)
             if attn is None and ffn is None and fused is None and experts is None and why.get(
                     "heads", "").startswith("no separate") and why.get("ffn", "").startswith("no FFN"):
                 continue
-            blocks.append(Block(bname, bname.rpartition(".")[0], i, role, attn, ffn, fused, why, experts))
+            blocks.append(Block(bname, bname.rpartition(".")[0], i, role, attn, ffn, fused, why, experts, cross))
     return blocks

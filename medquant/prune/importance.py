@@ -21,7 +21,10 @@ FFN neuron ``j`` (row ``j`` of each input linear, column ``j`` of the output lin
     row). ``||X[:, j]||_2^2`` is summed over all batches, so the score does not depend on how the tokens are split
     into batches.
 
-A key/value group (grouped-query attention pruned by whole groups) scores the sum of its query heads.
+A key/value group (grouped-query attention pruned by whole groups) scores the sum of its query heads. The
+cross-attention of an encoder-decoder block (:attr:`medquant.models.Block.cross_attention`) is a second attention
+unit scored the same way from its own q / o projections (its o's inputs are the decoder's positions: the
+``decoder_attention_mask`` applies), under the key ``"cross_heads"``.
 
 Calibration data is an iterable of batches (a list, a data loader; one dict batch is refused, wrap it in a
 list), each run with :func:`medquant.models.run_model`: a dict (``model(**batch)``), a tensor (``model(batch)``)
@@ -51,7 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.blocks import Block, stack_side
+from ..models.blocks import AttentionUnit, Block, stack_side
 from ..models.runner import eval_mode, main_output, placeholder_token_ids, run_model
 
 __all__ = ["METHODS", "block_scores", "calibration_loss"]
@@ -167,15 +170,22 @@ def _neuron_sum(per_row: torch.Tensor, chunks: int) -> torch.Tensor:
     return per_row.reshape(chunks, -1).sum(0)
 
 
+def _attention_units(b: Block) -> list[tuple[str, AttentionUnit]]:
+    """``[(score key, unit)]``: the block's attention (``"heads"``) and, with it, its cross-attention
+    (``"cross_heads"``)."""
+    if b.attention is None:
+        return []
+    return [("heads", b.attention)] + ([("cross_heads", b.cross_attention)] if b.cross_attention is not None else [])
+
+
 @torch.no_grad()
 def _magnitude(model: nn.Module, blocks: list[Block]) -> dict[str, dict[str, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
     for b in blocks:
         s: dict[str, torch.Tensor] = {}
-        if b.attention is not None:
-            a = b.attention
-            s["heads"] = (_head_sum(_lin(model, a.q).weight.float().pow(2).sum(1), a.q_rows)
-                          + _head_sum(_lin(model, a.o).weight.float().pow(2).sum(0), a.head_dim)).sqrt()
+        for key, a in _attention_units(b):
+            s[key] = (_head_sum(_lin(model, a.q).weight.float().pow(2).sum(1), a.q_rows)
+                      + _head_sum(_lin(model, a.o).weight.float().pow(2).sum(0), a.head_dim)).sqrt()
         if b.ffn is not None:
             f = b.ffn
             ch = _lin(model, f.output).weight.float().pow(2).sum(0)
@@ -193,8 +203,8 @@ def _activation(model: nn.Module, blocks: list[Block], calib, progress: bool) ->
     for b in blocks:
         key = None if b.role == "vision" else (
             "decoder_attention_mask" if stack_side(b.stack) == "decoder" else "attention_mask")
-        if b.attention is not None:
-            targets[b.attention.o] = (b.name, key)
+        for _, a in _attention_units(b):
+            targets[a.o] = (b.name, key)
         if b.ffn is not None:
             targets[b.ffn.output] = (b.name, key)
     sums: dict[str, torch.Tensor] = {}
@@ -229,10 +239,9 @@ def _activation(model: nn.Module, blocks: list[Block], calib, progress: bool) ->
     out: dict[str, dict[str, torch.Tensor]] = {}
     for b in blocks:
         s: dict[str, torch.Tensor] = {}
-        if b.attention is not None:
-            a = b.attention
+        for hkey, a in _attention_units(b):
             ch = sums[a.o].sqrt() * _lin(model, a.o).weight.float().norm(dim=0)
-            s["heads"] = _head_sum(ch, a.head_dim)
+            s[hkey] = _head_sum(ch, a.head_dim)
         if b.ffn is not None:
             f = b.ffn
             s["neurons"] = sums[f.output].sqrt() * _lin(model, f.output).weight.float().norm(dim=0)
@@ -257,8 +266,8 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
             ) -> dict[str, dict[str, torch.Tensor]]:
     names: set[str] = set()
     for b in blocks:
-        if b.attention is not None:
-            names.update((b.attention.q, b.attention.o))
+        for _, a in _attention_units(b):
+            names.update((a.q, a.o))
         if b.ffn is not None:
             names.update((*b.ffn.inputs, b.ffn.output))
     params = [p for n in names for p in _lin(model, n).parameters()]
@@ -290,11 +299,10 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
             with torch.no_grad():
                 for b in blocks:
                     s = acc[b.name]
-                    if b.attention is not None:
-                        a = b.attention
+                    for hkey, a in _attention_units(b):
                         v = (_head_sum(_rows_gw(_lin(model, a.q)), a.q_rows)
                              + _head_sum(_cols_gw(_lin(model, a.o)), a.head_dim)).abs()
-                        s["heads"] = s["heads"] + v if "heads" in s else v
+                        s[hkey] = s[hkey] + v if hkey in s else v
                     if b.ffn is not None:
                         f = b.ffn
                         ch = _cols_gw(_lin(model, f.output))
@@ -330,7 +338,8 @@ def block_scores(model: nn.Module, blocks: list[Block], method: str = "magnitude
                  calib: Iterable[Any] | None = None,
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
                  progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-block importance: ``{block: {"heads": (n_heads,), "neurons": (n_neurons,)}}`` (float32, CPU).
+    """Per-block importance: ``{block: {"heads": (n_heads,), "neurons": (n_neurons,)}}`` (float32, CPU), and
+    ``"cross_heads": (n_heads of the cross-attention,)`` for a block with a cross-attention unit.
 
     The scores are those of the module docstring. Raises ``ValueError`` for an unknown ``method``, missing or
     empty ``calib`` (activation, taylor), a non-finite Taylor loss, a scored linear the calibration batches never

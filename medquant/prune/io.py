@@ -3,8 +3,10 @@
 :func:`save_pruned` writes the model with :func:`medquant.save` (safetensors + ``medquant.json`` + HF
 ``config.json``) and records a *shape table* in the JSON extras under ``"prune"``:
 
-* ``blocks``: for every transformer block, its attention's ``n_heads`` / ``n_kv`` / ``head_dim``, its FFN's
-  ``n_neurons`` and its MoE experts' (3-D weights) ``name`` and ``n_neurons`` per expert;
+* ``blocks``: for every transformer block, its attention's ``n_heads`` / ``n_kv`` / ``head_dim``, those of its
+  cross-attention (``cross_attention``: encoder-decoder blocks; a table written before this entry existed has
+  none, and such a block's cross-attention keeps the shapes of the rebuilt model), its FFN's ``n_neurons`` and
+  its MoE experts' (3-D weights) ``name`` and ``n_neurons`` per expert;
 * ``modules``: for plain ``nn.Module`` models, the shape of every Conv2d / BatchNorm2d / Linear;
 * ``stacks``: the number of blocks in each block list (``drop_blocks`` shortens it);
 * ``shared_blocks`` (only when there are some): every further name of a block bound under several names (one
@@ -102,8 +104,8 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
             BatchNorm2d / Linear.
 
     Returns:
-        ``{"version", "blocks": {block: {"attention": {n_heads, n_kv, head_dim}, "ffn": {n_neurons},
-        "experts": {...}}}, "modules": {name: {"type", "in", "out"} | {"type", "n"}}, "stacks": {block list:
+        ``{"version", "blocks": {block: {"attention": {n_heads, n_kv, head_dim}, "cross_attention": {n_heads,
+        n_kv, head_dim}, "ffn": {n_neurons}, "experts": {...}}}, "modules": {name: {"type", "in", "out"} | {"type", "n"}}, "stacks": {block list:
         number of blocks}}`` (JSON-ready), and ``"shared_blocks": {further name: first name}`` when a block is
         bound under several names (module docstring).
     """
@@ -118,6 +120,9 @@ def shape_table(model: nn.Module) -> dict[str, Any]:
             if b.attention is not None:
                 a = b.attention
                 e["attention"] = {"n_heads": a.n_heads, "n_kv": a.n_kv, "head_dim": a.head_dim}
+            if b.cross_attention is not None:
+                c = b.cross_attention
+                e["cross_attention"] = {"n_heads": c.n_heads, "n_kv": c.n_kv, "head_dim": c.head_dim}
             if b.ffn is not None:
                 e["ffn"] = {"n_neurons": b.ffn.n_neurons}
             lay = experts_layout(model.get_submodule(b.experts)) if b.experts is not None else None
@@ -217,10 +222,12 @@ def _check_table(model: nn.Module, table: dict[str, Any], header: dict[str, Tens
     modules = _obj(table.get("modules", {}), f"{_WHERE}.modules", "layer name -> shapes")
     for name, e in blocks.items():
         at = f"{_WHERE}.blocks[{name!r}]"
-        e = _obj(e, at, "attention / ffn / experts shapes")
-        if "attention" in e:
-            a_at = f"{at}['attention']"
-            s = _obj(e["attention"], a_at, "n_heads, n_kv, head_dim")
+        e = _obj(e, at, "attention / cross_attention / ffn / experts shapes")
+        for part in ("attention", "cross_attention"):
+            if part not in e:
+                continue
+            a_at = f"{at}[{part!r}]"
+            s = _obj(e[part], a_at, "n_heads, n_kv, head_dim")
             n_heads, n_kv = _size(s, "n_heads", a_at), _size(s, "n_kv", a_at)
             _size(s, "head_dim", a_at)
             if n_heads % n_kv:
@@ -323,17 +330,20 @@ def _resize_blocks(model: nn.Module, blocks: dict[str, dict[str, Any]]) -> None:
         if b is None:
             raise CheckpointError(f"the saved model has a block {name!r} that the rebuilt "
                                         f"{type(model).__name__} does not have")
-        if "attention" in e:
-            a, s = b.attention, e["attention"]
+        for part, a in (("attention", b.attention), ("cross_attention", b.cross_attention)):
+            if part not in e:
+                continue
+            s = e[part]
+            what = "attention" if part == "attention" else "cross-attention"
             if a is None or a.head_dim != s["head_dim"]:
-                raise CheckpointError(f"{name}: saved attention (head_dim {s['head_dim']}) does not fit the "
-                                            "rebuilt model")
+                raise CheckpointError(f"{name}: saved {what} (head_dim {s['head_dim']}) does not fit the "
+                                      "rebuilt model")
             g_new = s["n_heads"] // s["n_kv"]
             if s["n_kv"] > a.n_kv or g_new > a.group_size:
-                raise CheckpointError(f"{name}: saved {s['n_heads']} heads / {s['n_kv']} key/value heads do not "
-                                            f"fit the rebuilt layer ({a.n_heads} / {a.n_kv})")
+                raise CheckpointError(f"{name}: saved {what} {s['n_heads']} heads / {s['n_kv']} key/value heads do "
+                                      f"not fit the rebuilt layer ({a.n_heads} / {a.n_kv})")
             keep = [kv * a.group_size + i for kv in range(s["n_kv"]) for i in range(g_new)]
-            if first(name, "attention", model.get_submodule(a.q), s):
+            if first(name, part, model.get_submodule(a.q), s):
                 prune_attention(model, a, keep, list(range(s["n_kv"])))
         if "ffn" in e:
             f = b.ffn

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.blocks import Block, shares_position_bias, transformer_blocks
+from ..models.blocks import AttentionUnit, Block, shares_position_bias, transformer_blocks
 from ..models.introspect import language_model_layers, model_roles, vision_layers
 from ..quant.experts import experts_layout
 from .importance import METHODS, block_scores
@@ -75,7 +75,11 @@ class PrunePlan:
     """What to remove; JSON-serialisable through :meth:`to_dict`.
 
     ``heads[block]`` / ``kv_heads[block]`` / ``neurons[block]`` list the *kept* indices (sorted) of the block's
-    attention query heads, key/value heads and FFN neurons; ``removed_*`` give the complement. ``channels`` maps
+    attention query heads, key/value heads and FFN neurons; ``removed_*`` give the complement.
+    ``cross_heads[block]`` / ``cross_kv_heads[block]`` do the same for the cross-attention of an encoder-decoder
+    block (:attr:`medquant.models.Block.cross_attention`: BART's ``encoder_attn``, BERT's ``crossattention``),
+    a second attention unit scored and pruned on its own with the block's head ratio; a plan dict written before
+    these fields existed has none (its cross-attention heads are kept). ``channels`` maps
     a CNN producer conv to its kept output channels; ``drop_blocks`` lists blocks removed whole.
 
     ``expert_neurons[block]`` lists the kept neurons of every routed expert of the block's MoE experts (3-D
@@ -94,11 +98,14 @@ class PrunePlan:
     Attributes:
         heads: block name -> kept query-head indices.
         kv_heads: block name -> kept key/value-head indices (grouped-query attention).
+        cross_heads: block name -> kept query-head indices of the block's cross-attention.
+        cross_kv_heads: block name -> kept key/value-head indices of the block's cross-attention.
         neurons: block name -> kept FFN neuron indices.
         channels: producer conv name -> kept output channels (plain CNNs).
         drop_blocks: names of blocks removed whole.
         channel_groups: for CNNs, each producer conv with its BatchNorm and consumer layers.
-        sizes: original counts per block / conv (``heads``, ``kv_heads``, ``neurons``, ``channels``).
+        sizes: original counts per block / conv (``heads``, ``kv_heads``, ``cross_heads``, ``cross_kv_heads``,
+            ``neurons``, ``channels``).
         importance: the score that chose the kept indices (``"magnitude"``, ``"taylor"``, ``"activation"``).
         hf_config_exact: after :func:`apply_plan`, whether a fresh model built from the updated config loads
             the pruned weights (``None`` before applying or for non-Hugging Face models).
@@ -119,6 +126,8 @@ class PrunePlan:
     skipped: dict[str, list[str]] = field(default_factory=dict)
     config_notes: list[str] = field(default_factory=list)
     expert_neurons: dict[str, list[list[int]]] = field(default_factory=dict)  # block -> kept neurons per expert
+    cross_heads: dict[str, list[int]] = field(default_factory=dict)  # block -> kept cross-attention query heads
+    cross_kv_heads: dict[str, list[int]] = field(default_factory=dict)  # block -> kept cross-attention k/v heads
 
     def removed_heads(self, block: str) -> list[int]:
         """Query heads removed from ``block`` (the complement of ``heads[block]``).
@@ -141,6 +150,17 @@ class PrunePlan:
             Sorted key/value head indices.
         """
         return sorted(set(range(self.sizes[block]["kv_heads"])) - set(self.kv_heads.get(block, [])))
+
+    def removed_cross_heads(self, block: str) -> list[int]:
+        """Cross-attention query heads removed from ``block`` (the complement of ``cross_heads[block]``).
+
+        Args:
+            block: a block name of the plan with a cross-attention.
+
+        Returns:
+            Sorted head indices.
+        """
+        return sorted(set(range(self.sizes[block]["cross_heads"])) - set(self.cross_heads.get(block, [])))
 
     def removed_neurons(self, block: str) -> list[int]:
         """FFN neurons removed from ``block`` (the complement of ``neurons[block]``).
@@ -175,14 +195,16 @@ class PrunePlan:
                 "channel_groups": self.channel_groups, "sizes": self.sizes,
                 "importance": self.importance, "hf_config_exact": self.hf_config_exact,
                 "skipped": self.skipped, "config_notes": self.config_notes,
-                "expert_neurons": self.expert_neurons}
+                "expert_neurons": self.expert_neurons, "cross_heads": self.cross_heads,
+                "cross_kv_heads": self.cross_kv_heads}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
         """The plan written by :meth:`to_dict`.
 
         Args:
-            d: the dict (JSON-decoded); unknown keys raise ``TypeError`` from the dataclass constructor.
+            d: the dict (JSON-decoded); unknown keys raise ``TypeError`` from the dataclass constructor; keys left
+                out (a plan written by an older medquant: no ``cross_heads``) take their defaults.
 
         Returns:
             The plan.
@@ -382,8 +404,15 @@ class StructuredPruner:
                 sizes.update(heads=a.n_heads, kv_heads=a.n_kv)
                 kh, kk = list(range(a.n_heads)), list(range(a.n_kv))
                 if hr[b.name] > 0:
-                    kh, kk = self._choose_heads(b, scores[b.name]["heads"], hr[b.name])
+                    kh, kk = self._choose_heads(b.name, a, scores[b.name]["heads"], hr[b.name])
                 plan.heads[b.name], plan.kv_heads[b.name] = kh, kk
+            if b.attention is not None and b.cross_attention is not None:
+                c = b.cross_attention
+                sizes.update(cross_heads=c.n_heads, cross_kv_heads=c.n_kv)
+                kh, kk = list(range(c.n_heads)), list(range(c.n_kv))
+                if hr[b.name] > 0:
+                    kh, kk = self._choose_heads(b.name, c, scores[b.name]["cross_heads"], hr[b.name])
+                plan.cross_heads[b.name], plan.cross_kv_heads[b.name] = kh, kk
             if b.ffn is not None:
                 f = b.ffn
                 sizes["neurons"] = f.n_neurons
@@ -430,21 +459,22 @@ class StructuredPruner:
                          f"{has}): a plain CNN is pruned by channel_ratio only; leave "
                          f"{' and '.join(r[0] for r in requests)} out for this model")
 
-    def _choose_heads(self, b: Block, s: torch.Tensor, r: float) -> tuple[list[int], list[int]]:
-        a = b.attention
+    def _choose_heads(self, name: str, a: AttentionUnit, s: torch.Tensor, r: float) -> tuple[list[int], list[int]]:
+        """Kept ``(query heads, key/value heads)`` of the attention unit ``a`` of block ``name`` (its
+        self-attention or its cross-attention) by the scores ``s`` at ratio ``r``."""
         g = a.group_size
         if g == 1 or self.gqa == "group":
             gs = s.reshape(a.n_kv, g).sum(1)
             k = n_to_remove(r, a.n_kv)
             if k >= a.n_kv:
-                raise ValueError(f"{b.name}: head ratio {r} would remove all {a.n_heads} attention heads "
+                raise ValueError(f"{name}: head ratio {r} would remove all {a.n_heads} attention heads of {a.name} "
                                  f"({a.n_kv} key/value groups); use a smaller ratio or drop the block")
             drop = set(lowest_indices(gs, k))
             kk = [i for i in range(a.n_kv) if i not in drop]
             return [h for h in range(a.n_heads) if h // g in kk], kk
         k = n_to_remove(r, g)
         if k >= g:
-            raise ValueError(f"{b.name}: head ratio {r} would remove all {g} query heads of every key/value group "
+            raise ValueError(f"{name}: head ratio {r} would remove all {g} query heads of every key/value group "
                              f"(grouped-query attention, {a.n_heads} query / {a.n_kv} key/value heads); use a "
                              "smaller ratio, gqa='group', or drop the block")
         keep: list[int] = []
@@ -555,7 +585,9 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     several attention modules of the same kind (a stage of several blocks, e.g. a Swin stage of depth 2): only
     its first block would be seen. T5-style attention keeps its heads too
     (:func:`medquant.models.blocks.shares_position_bias`: the relative position bias of the stack's first block is
-    added in every block, so no block can lose heads alone); T5's FFN neurons are pruned.
+    added in every block, so no block can lose heads alone); T5's FFN neurons are pruned. A block's cross-attention
+    (:attr:`medquant.models.Block.cross_attention`) is checked the same way: when it cannot lose heads exactly it is
+    taken out (its heads are kept, said in ``unsupported["heads"]``) and the self-attention is still pruned.
 
     Args:
         model: the model holding the block.
@@ -572,28 +604,19 @@ def checked_block(model: nn.Module, b: Block) -> Block:
                                 "heads are kept")
         attention = None
     if attention is not None:
-        a = attention
-        # a norm of width head_dim is applied per head (shared by every head: Qwen3, Gemma 3); it is the width of a
-        # whole projection only with a single (key/value) head, whose removal is refused anyway
-        widths = {model.get_submodule(a.o).in_features, model.get_submodule(a.q).out_features,
-                  model.get_submodule(a.k).out_features} - {a.head_dim}
-        own = {n.rpartition(".")[2] for n in (a.q, a.k, a.v, a.o, a.q_norm, a.k_norm) if n}
-        for cname in dict.fromkeys((a.name, a.holder)):
-            hit = _norm_over(model.get_submodule(cname), widths, own)
-            if hit is not None:
-                attention = None
-                why["heads"] = (f"{cname}.{hit} normalises all heads together (a norm of width "
-                                f"{model.get_submodule(cname + '.' + hit).weight.numel()}): removing heads would "
-                                "change the kept heads' output; its heads are kept")
-                break
-        per_head = _unknown_per_head(model, a)
-        if attention is not None and per_head:
+        problem = _attention_problem(model, attention)
+        if problem is not None:
             attention = None
-            why["heads"] = (f"{per_head} has one entry per head in a form medquant does not prune; its heads are "
-                            "kept")
+            why["heads"] = problem
+    cross = b.cross_attention if attention is not None else None
+    if cross is not None:
+        problem = _attention_problem(model, cross)
+        if problem is not None:  # the cross-attention keeps its heads; the self-attention is still pruned
+            cross = None
+            why.setdefault("heads", f"cross-attention {b.cross_attention.name}: {problem}")
     twins = _attention_twins(model, b)
     if twins:
-        attention = ffn = None
+        attention = ffn = cross = None
         why["heads"] = why["ffn"] = (f"this layer holds {len(twins)} attention modules of the same kind "
                                      f"({', '.join(twins[:3])}): a stage of several blocks, which medquant does not "
                                      "prune one by one; its heads and neurons are kept")
@@ -604,9 +627,28 @@ def checked_block(model: nn.Module, b: Block) -> Block:
             why["ffn"] = (f"{ffn.name}.{hit} normalises all {ffn.n_neurons} FFN neurons together: removing neurons "
                           "would change the kept ones' output; its neurons are kept")
             ffn = None
-    if attention is b.attention and ffn is b.ffn:
+    if attention is b.attention and ffn is b.ffn and cross is b.cross_attention:
         return b
-    return dataclasses.replace(b, attention=attention, ffn=ffn, unsupported=why)
+    return dataclasses.replace(b, attention=attention, ffn=ffn, unsupported=why, cross_attention=cross)
+
+
+def _attention_problem(model: nn.Module, a: AttentionUnit) -> str | None:
+    """Why removing heads of the attention unit ``a`` would not be exact (:func:`checked_block`), or None."""
+    # a norm of width head_dim is applied per head (shared by every head: Qwen3, Gemma 3); it is the width of a
+    # whole projection only with a single (key/value) head, whose removal is refused anyway
+    widths = {model.get_submodule(a.o).in_features, model.get_submodule(a.q).out_features,
+              model.get_submodule(a.k).out_features} - {a.head_dim}
+    own = {n.rpartition(".")[2] for n in (a.q, a.k, a.v, a.o, a.q_norm, a.k_norm) if n}
+    for cname in dict.fromkeys((a.name, a.holder)):
+        hit = _norm_over(model.get_submodule(cname), widths, own)
+        if hit is not None:
+            return (f"{cname}.{hit} normalises all heads together (a norm of width "
+                    f"{model.get_submodule(cname + '.' + hit).weight.numel()}): removing heads would "
+                    "change the kept heads' output; its heads are kept")
+    per_head = _unknown_per_head(model, a)
+    if per_head:
+        return f"{per_head} has one entry per head in a form medquant does not prune; its heads are kept"
+    return None
 
 
 def _unknown_per_head(model: nn.Module, a) -> str | None:
@@ -717,20 +759,22 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
         ValueError: the model is quantized, the plan names blocks the model does not have, or does not fit them
             (sizes other than the plan's, invalid indices, every block of a list dropped, layers that share a
             module with different kept indices), or has an entry it would not apply although it removes something
-            (heads or FFN neurons of a part :func:`checked_block` marks unprunable, expert neurons of a block
-            without MoE experts, ``kv_heads`` without ``heads``; an entry keeping every index is skipped); the
+            (heads or FFN neurons of a part :func:`checked_block` marks unprunable, cross-attention heads of a
+            block without a prunable cross-attention, expert neurons of a block without MoE experts, ``kv_heads``
+            without ``heads``; an entry keeping every index is skipped); the
             whole plan is checked before any layer changes, so the model is left as it was.
     """
     _check_not_quantized(model)
     found = {b.name: b for b in transformer_blocks(model, "all" if _is_hf(model) else scope, clamp_wrappers=True)}
     blocks = {name: checked_block(model, b) for name, b in found.items()}
-    if not _is_hf(model) and not blocks and (plan.heads or plan.kv_heads or plan.neurons or plan.expert_neurons):
+    entries = (set(plan.heads) | set(plan.kv_heads) | set(plan.neurons) | set(plan.expert_neurons)
+               | set(plan.cross_heads) | set(plan.cross_kv_heads))
+    if not _is_hf(model) and not blocks and entries:
         raise ValueError("the plan names transformer blocks but the model has none")
-    missing = sorted((set(plan.heads) | set(plan.kv_heads) | set(plan.neurons) | set(plan.expert_neurons)
-                      | set(plan.drop_blocks)) - set(blocks))
+    missing = sorted((entries | set(plan.drop_blocks)) - set(blocks))
     if missing:
         raise ValueError(f"the plan names blocks this model does not have: {missing[:3]}")
-    for name in sorted(set(plan.heads) | set(plan.kv_heads) | set(plan.neurons) | set(plan.expert_neurons)):
+    for name in sorted(entries):
         _check_applies(plan, blocks[name], found[name])
     shared = _check_plan(model, plan, blocks)
     if plan.channels:
@@ -738,10 +782,12 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
 
         apply_channels(model, plan)
     touched: list[Block] = []
-    for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons)):
+    for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons) | set(plan.cross_heads)):
         b = blocks[name]
         if name in plan.heads and b.attention is not None and (name, "heads") not in shared:
             prune_attention(model, b.attention, plan.heads[name], plan.kv_heads.get(name))
+        if name in plan.cross_heads and b.cross_attention is not None and (name, "cross_heads") not in shared:
+            prune_attention(model, b.cross_attention, plan.cross_heads[name], plan.cross_kv_heads.get(name))
         if name in plan.neurons and b.ffn is not None and (name, "neurons") not in shared:
             prune_ffn(model, b.ffn, plan.neurons[name])
         if name in plan.expert_neurons and b.experts is not None and (name, "experts") not in shared:
@@ -793,6 +839,21 @@ def _check_applies(plan: PrunePlan, b: Block, raw: Block) -> None:
         raise ValueError(f"plan.kv_heads[{name!r}] removes key/value heads of {name} but there is no plan.heads "
                          f"entry for it: key/value heads are removed with their query heads; give plan.heads"
                          f"[{name!r}] (the kept query heads) too -- nothing was changed")
+    if b.cross_attention is None:
+        c = raw.cross_attention
+        n_h = c.n_heads if c is not None else sizes.get("cross_heads")
+        n_kv = c.n_kv if c is not None else sizes.get("cross_kv_heads", n_h)
+        why = b.unsupported.get("heads") or "no cross-attention medquant can prune was found in this block"
+        for label, n, what in (("cross_heads", n_h, "cross-attention heads"),
+                               ("cross_kv_heads", n_kv, "cross-attention key/value heads")):
+            keep = getattr(plan, label).get(name)
+            if keep is not None and not _keeps_all(keep, n):
+                refuse(label, keep, n, what, f"the cross-attention heads of {name} cannot be pruned ({why})")
+    elif (name in plan.cross_kv_heads and name not in plan.cross_heads
+          and not _keeps_all(plan.cross_kv_heads[name], b.cross_attention.n_kv)):
+        raise ValueError(f"plan.cross_kv_heads[{name!r}] removes cross-attention key/value heads of {name} but there "
+                         f"is no plan.cross_heads entry for it: key/value heads are removed with their query heads; "
+                         f"give plan.cross_heads[{name!r}] too -- nothing was changed")
     if b.ffn is None and name in plan.neurons:
         n = raw.ffn.n_neurons if raw.ffn is not None else sizes.get("neurons")
         why = b.unsupported.get("ffn") or "no FFN linears medquant can prune were found in this block"
@@ -814,7 +875,8 @@ def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> 
     module (weights shared across layers) keeping different indices of it, or dropping every block of a list.
 
     Returns:
-        The ``(block, part)`` pairs (``part``: ``"heads"``, ``"neurons"``, ``"experts"``) whose modules an earlier
+        The ``(block, part)`` pairs (``part``: ``"heads"``, ``"cross_heads"``, ``"neurons"``, ``"experts"``) whose
+        modules an earlier
         block of the plan prunes already: they are pruned once, with that earlier block.
     """
     def sized(name: str, key: str, have: int, what: str) -> None:
@@ -836,13 +898,18 @@ def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> 
                              "share it the same ratio")
         shared.add((name, part))
 
-    for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons)):
+    for name in sorted(set(plan.heads) | set(plan.neurons) | set(plan.expert_neurons) | set(plan.cross_heads)):
         b = blocks[name]
         if name in plan.heads and b.attention is not None:
             sized(name, "heads", b.attention.n_heads, "attention heads")
             sized(name, "kv_heads", b.attention.n_kv, "key/value heads")
             keep = checked_heads(b.attention, plan.heads[name], plan.kv_heads.get(name))
             once(name, "heads", model.get_submodule(b.attention.q), keep)
+        if name in plan.cross_heads and b.cross_attention is not None:
+            sized(name, "cross_heads", b.cross_attention.n_heads, "cross-attention heads")
+            sized(name, "cross_kv_heads", b.cross_attention.n_kv, "cross-attention key/value heads")
+            keep = checked_heads(b.cross_attention, plan.cross_heads[name], plan.cross_kv_heads.get(name))
+            once(name, "cross_heads", model.get_submodule(b.cross_attention.q), keep)
         if name in plan.neurons and b.ffn is not None:
             sized(name, "neurons", b.ffn.n_neurons, "FFN neurons")
             once(name, "neurons", model.get_submodule(b.ffn.output), checked_neurons(b.ffn, plan.neurons[name]))
@@ -946,6 +1013,7 @@ def _fits(model: nn.Module, blocks: list[Block], cfg) -> bool:
     for b in blocks:
         block_fresh: list[nn.Module | None] = []
         for unit, names in ((b.attention, lambda u: (u.q, u.k, u.v, u.o)),
+                            (b.cross_attention, lambda u: (u.q, u.k, u.v, u.o)),
                             (b.ffn, lambda u: (*u.inputs, u.output))):
             if unit is None:
                 continue
@@ -1042,7 +1110,7 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None, dropped: bool = Fal
         if _fits(model, blocks, cfg):
             continue
         heads_key, ffn_key = _count_keys(cfg, blocks[0].stack)
-        heads = {(b.attention.n_heads, b.attention.n_kv, b.attention.head_dim) for b in blocks if b.attention}
+        heads = {(u.n_heads, u.n_kv, u.head_dim) for b in blocks for u in (b.attention, b.cross_attention) if u}
         neurons = {b.ffn.n_neurons for b in blocks if b.ffn}
         new: dict[str, Any] = {}
         if len(heads) == 1:
@@ -1126,6 +1194,9 @@ def _unit_modules(b: Block) -> list[str]:
     if b.attention is not None:
         a = b.attention
         out += [a.q, a.k, a.v, a.o] + [n for n in (a.q_norm, a.k_norm) if n]
+    if b.cross_attention is not None:
+        c = b.cross_attention
+        out += [c.q, c.k, c.v, c.o] + [n for n in (c.q_norm, c.k_norm) if n]
     if b.ffn is not None:
         out += [*b.ffn.inputs, b.ffn.output]
     if b.experts is not None:

@@ -37,4 +37,8 @@ def test_whisper_units():
                                                                                     "out_proj"))
         assert (b.ffn.inputs, b.ffn.output) == ((f"{b.name}.fc1",), f"{b.name}.fc2")
     assert "heads" not in enc.unsupported
-    assert "encoder_attn" in dec.unsupported["heads"]  # cross-attention heads are kept
+    assert "heads" not in dec.unsupported and enc.cross_attention is None  # the cross-attention is a unit of its own
+    c = dec.cross_attention
+    assert (c.q, c.k, c.v, c.o) == tuple(f"{dec.name}.encoder_attn.{p}" for p in ("q_proj", "k_proj", "v_proj",
+                                                                                   "out_proj"))
+    assert (c.n_heads, c.n_kv, c.head_dim) == (4, 4, 16)

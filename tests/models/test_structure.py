@@ -305,7 +305,7 @@ def test_t5gemma_decoder_is_language_like_t5_and_bart(cls_name):
 
 def test_t5gemma_decoder_blocks_are_described_for_pruning():
     """Decoder blocks: the self-attention (registered first) and the MLP are the pruned units; the cross-attention
-    is kept and said so, as for BART's ``encoder_attn``."""
+    (``cross_attn``, separate q / k / v / o linears) is a second attention unit, as BART's ``encoder_attn``."""
     from medquant.models import transformer_blocks
 
     model = _t5gemma("T5GemmaForConditionalGeneration")
@@ -317,5 +317,6 @@ def test_t5gemma_decoder_blocks_are_described_for_pruning():
     assert dec.attention.name == "model.decoder.layers.0.self_attn"
     assert (dec.attention.n_heads, dec.attention.n_kv, dec.attention.head_dim) == (4, 2, 16)
     assert model.get_submodule(dec.ffn.output) is layer.mlp.down_proj
-    assert "cross_attn" in dec.unsupported["heads"] and "ffn" not in dec.unsupported
+    assert dec.unsupported == {} and dec.cross_attention.name == "model.decoder.layers.0.cross_attn"
+    assert (dec.cross_attention.n_heads, dec.cross_attention.n_kv, dec.cross_attention.head_dim) == (4, 2, 16)
     assert blocks[0].unsupported == {}

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from medquant.models import transformer_blocks
 from medquant.prune import StructuredPruner, load_pruned, save_pruned
 from medquant.testing.zoo_moe import build_moe
 
@@ -46,6 +47,12 @@ def _zeroed(model: nn.Module, plan, o_path: str, down_path: str, head_dim: int) 
         o = ref.get_submodule(f"{block}.{o_path}")
         for h in plan.removed_heads(block):
             o.weight[:, h * head_dim:(h + 1) * head_dim] = 0
+    cross = {b.name: b.cross_attention for b in transformer_blocks(ref, "all")}
+    for block in plan.cross_heads:  # Florence-2's decoder: encoder_attn loses heads too
+        c = cross[block]
+        o = ref.get_submodule(c.o)
+        for h in plan.removed_cross_heads(block):
+            o.weight[:, h * c.head_dim:(h + 1) * c.head_dim] = 0
     for block in plan.neurons:
         down = ref.get_submodule(f"{block}.{down_path}")
         down.weight[:, plan.removed_neurons(block)] = 0
@@ -133,7 +140,8 @@ def test_unprunable_parts_are_reported_per_block():
     plan, _ = _prune(m, 0.5, 0.3)
     decoder = [b for b in plan.neurons if ".decoder.layers." in b]
     assert len(decoder) == 2 and all(len(plan.neurons[b]) < 96 for b in decoder)
-    assert all("cross-attention" in plan.skipped[b][0] for b in decoder)
+    # their cross-attention (encoder_attn) loses heads with the head ratio, as their self-attention does
+    assert all(b not in plan.skipped and len(plan.cross_heads[b]) == 2 for b in decoder)
     m = L.lfm2_vl()
     plan, _ = _prune(m, 0.5, 0.0)
     assert "convolution" in plan.skipped["model.language_model.layers.1"][0]

@@ -1,7 +1,8 @@
 """Structured pruning of encoder-decoders (Whisper, BART, mBART): self-attention heads of encoder and decoder
-blocks and FFN neurons are removed physically; the cross-attention (``encoder_attn``) keeps its heads. Reference:
+blocks, cross-attention (``encoder_attn``) heads of decoder blocks and FFN neurons are removed physically. Reference:
 the unpruned model with the removed heads' / neurons' contributions zeroed by forward pre-hooks on the output
-projection (``out_proj``: the head's input columns) and on ``fc2`` (the neuron's input column)."""
+projections (``self_attn.out_proj`` / ``encoder_attn.out_proj``: the head's input columns) and on ``fc2`` (the
+neuron's input column)."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,8 @@ ENCODER = ["model.encoder.layers.0", "model.encoder.layers.1"]
 DECODER = ["model.decoder.layers.0", "model.decoder.layers.1"]
 
 
-def _hooked_reference(model, heads: dict[str, list[int]], neurons: dict[str, list[int]]):
+def _hooked_reference(model, heads: dict[str, list[int]], neurons: dict[str, list[int]],
+                      cross: dict[str, list[int]] | None = None):
     """A copy of the unpruned model whose removed heads / neurons contribute nothing (input columns of out_proj /
     fc2 zeroed on the fly)."""
     ref = copy.deepcopy(model)
@@ -33,6 +35,9 @@ def _hooked_reference(model, heads: dict[str, list[int]], neurons: dict[str, lis
     for block, hs in heads.items():
         cols = torch.tensor([h * HEAD_DIM + i for h in hs for i in range(HEAD_DIM)], dtype=torch.long)
         ref.get_submodule(f"{block}.self_attn.out_proj").register_forward_pre_hook(zero(cols))
+    for block, hs in (cross or {}).items():
+        cols = torch.tensor([h * HEAD_DIM + i for h in hs for i in range(HEAD_DIM)], dtype=torch.long)
+        ref.get_submodule(f"{block}.encoder_attn.out_proj").register_forward_pre_hook(zero(cols))
     for block, ns in neurons.items():
         ref.get_submodule(f"{block}.fc2").register_forward_pre_hook(zero(torch.tensor(ns, dtype=torch.long)))
     return ref
@@ -52,7 +57,10 @@ def test_pruned_equals_zeroed_contributions_and_reloads(tmp_path, arch, per_laye
     neurons = {b: plan.removed_neurons(b) for b in blocks}
     assert [len(heads[b]) for b in blocks] == ([2, 1, 1, 2] if per_layer else [2] * 4)
     assert [len(neurons[b]) for b in blocks] == ([24, 48, 0, 24] if per_layer else [24] * 4)
-    ref_model = _hooked_reference(model, heads, neurons)
+    cross = {b: plan.removed_cross_heads(b) for b in DECODER}
+    assert sorted(plan.cross_heads) == DECODER
+    assert [len(cross[b]) for b in DECODER] == ([1, 2] if per_layer else [2, 2])
+    ref_model = _hooked_reference(model, heads, neurons, cross)
     ref = logits(ref_model, batch)
     assert not torch.allclose(ref, logits(model, batch), atol=1e-4)  # what was removed mattered
     pruner.apply(model, plan)
@@ -64,9 +72,10 @@ def test_pruned_equals_zeroed_contributions_and_reloads(tmp_path, arch, per_laye
         assert attn.q_proj.out_features == attn.k_proj.out_features == attn.v_proj.out_features == kept * HEAD_DIM
         assert attn.out_proj.in_features == kept * HEAD_DIM
         assert model.get_submodule(f"{b}.fc1").out_features == 96 - len(neurons[b])
-    for b in DECODER:  # the cross-attention keeps its 4 heads
-        cross = model.get_submodule(f"{b}.encoder_attn")
-        assert cross.q_proj.out_features == cross.out_proj.in_features == 64
+    for b in DECODER:  # the cross-attention loses heads with the block's head ratio
+        attn = model.get_submodule(f"{b}.encoder_attn")
+        assert attn.q_proj.out_features == attn.k_proj.out_features == attn.out_proj.in_features == (
+            4 - len(cross[b])) * HEAD_DIM
     held = inputs(arch, seed=9)
     torch.testing.assert_close(logits(model, held), logits(ref_model, held), rtol=1e-5, atol=1e-5)
     save_pruned(model, tmp_path / "pruned", plan=plan)

@@ -30,7 +30,7 @@ REASONS = {
     "blip2": ("fused qkv",), "instructblip": ("fused qkv",), "glm4v": ("fused qkv",), "qwen3_vl": ("fused qkv",),
     "qwen3_5": ("linear attention", "fused qkv"), "lfm2_vl": ("convolution mixer",),
     "janus": ("no separate q/k/v/o",), "phi4mm": ("no separate q/k/v/o",), "kosmos2": ("normalises all",),
-    "florence2": ("cross-attention", "no attention or FFN", "fused qkv"),
+    "florence2": ("no attention or FFN", "fused qkv"),  # its decoders' cross-attention heads are pruned
     "chameleon": ("no attention or FFN",),
 }  # Gemma 4's vision projections are clamp wrappers around nn.Linear: pruned (tests/prune/test_clipped_linears.py)
 
@@ -51,6 +51,11 @@ def _zeroed(model: nn.Module, plan) -> nn.Module:
         o = ref.get_submodule(a.o)
         for h in plan.removed_heads(name):
             o.weight[:, h * a.head_dim:(h + 1) * a.head_dim] = 0
+    for name in plan.cross_heads:  # an encoder-decoder block's cross-attention (Florence-2's encoder_attn)
+        c = blocks[name].cross_attention
+        o = ref.get_submodule(c.o)
+        for h in plan.removed_cross_heads(name):
+            o.weight[:, h * c.head_dim:(h + 1) * c.head_dim] = 0
     for name in plan.neurons:
         ref.get_submodule(blocks[name].ffn.output).weight[:, plan.removed_neurons(name)] = 0
     for name, kept in plan.expert_neurons.items():
