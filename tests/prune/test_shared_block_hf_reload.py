@@ -95,6 +95,8 @@ def _edited(tmp_path, edit):
     (tmp_path / "b" / MANIFEST_NAME).unlink()
     meta = json.loads((tmp_path / "b" / META_NAME).read_text())
     edit(meta["extras"]["prune"])
+    if "shared_blocks" not in meta["extras"]["prune"]:  # a save from before either record had neither
+        meta.pop("shared_blocks", None)
     (tmp_path / "b" / META_NAME).write_text(json.dumps(meta))
     return tmp_path / "b"
 
