@@ -6,7 +6,10 @@ Example::
     medquant prune path/to/smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out pruned/ --layer-select
 
 Calibration text (for ``activation`` / ``taylor`` importance, ``--layer-select`` and ``--drop-blocks``):
-``--calib-text FILE`` (one sample per line) or, by default, the IU X-ray train reports from ``$MEDQUANT_DATA_DIR``.
+``--calib-text FILE`` (one sample per line) or, by default, the IU X-ray train reports from ``$MEDQUANT_DATA_DIR``;
+with ``--calib-images PATH`` each text goes with an image through the folder's processor
+(:func:`image_calibration_batches`), so a VLM's vision tower is scored on its own inputs (``--scope vision`` /
+``all``; text alone never runs it).
 The result is saved with :func:`medquant.prune.save_pruned` (reload with :func:`medquant.prune.load_pruned`),
 plus a parameter table; ``--layer-select`` also writes ``block_influence.png`` and per-layer ratios.
 """
@@ -144,6 +147,89 @@ def folder_tokenizer(path: str, *, trust_remote_code: bool | None = None, **kw):
     return tok
 
 
+def image_calibration_batches(folder: str, images_path: str, texts: list[str], samples: int, seq_len: int,
+                              trust_remote_code: bool | None = None) -> list[dict]:
+    """Calibration batches for a vision-language model: one image with one text each, through the folder's own
+    processor (``AutoProcessor``), so the batches run the vision tower as the model's users' inputs do
+    (``--calib-images`` of ``medquant quantize`` and ``medquant prune``).
+
+    Image ``i`` of ``images_path`` (a folder, an index CSV, an ``.npz`` or one image file:
+    :func:`medquant.data.load_images`; grayscale arrays are given as three equal channels) goes with text ``i`` of
+    ``texts`` (reused in order when there are fewer), cut to its first ``seq_len`` tokens (the image's tokens come
+    on top). The text is placed as one user turn holding the image and the text in the processor's chat template
+    (``apply_chat_template``), else after the processor's ``image_token`` and a line break;
+    ``min(samples, number of images)`` batches of one sample each (the processor's output, as ``model(**batch)``
+    takes it).
+
+    Args:
+        folder: the model folder (its processor files: ``processor_config.json`` / ``preprocessor_config.json``).
+        images_path: ``--calib-images``.
+        texts: the calibration texts (paragraphs / lines), at least one.
+        samples: at most this many batches.
+        seq_len: tokens of text per sample (at least 1).
+        trust_remote_code: let a processor of the folder's own code run (``None``: the command's flag).
+
+    Returns:
+        The batches (dicts of tensors).
+
+    Raises:
+        SystemExit: naming ``--calib-images``: a folder without a processor that takes images, images that cannot
+            be read, an image that is not 8-bit, a processor with neither a chat template nor an image token, or
+            one that fails on a sample (the message names the image); no text to pair with the images.
+    """
+    import numpy as np
+    import torch
+
+    from ..data import load_images
+
+    trust = trusts_remote_code(trust_remote_code)
+    try:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--calib-images needs the model folder's processor (AutoProcessor: images and text into "
+                         f"the model's inputs); {folder}: {str(e).splitlines()[0]}") from None
+    if getattr(processor, "image_processor", None) is None:
+        raise SystemExit(f"--calib-images: the processor of {folder} ({type(processor).__name__}) takes no images; "
+                         "calibrate this model with text alone")
+    tok = processor.tokenizer
+    template = getattr(processor, "chat_template", None)
+    image_token = getattr(processor, "image_token", None)
+    if not template and not image_token:
+        raise SystemExit(f"--calib-images: the processor of {folder} has neither a chat template nor an image "
+                         "token, so the place of the image in the text is unknown")
+    if not texts:
+        raise SystemExit("--calib-images: no calibration text to pair with the images")
+    try:
+        images, names = load_images(images_path, limit=samples)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--calib-images: {images_path}: {e}") from None
+    batches = []
+    for i, (image, name) in enumerate(zip(images, names)):
+        image = np.asarray(image)
+        if image.dtype != np.uint8:
+            raise SystemExit(f"--calib-images: image {name} holds {image.dtype} values; 8-bit images are accepted")
+        if image.ndim == 2:
+            image = np.stack([image] * 3, axis=-1)
+        ids = tok(texts[i % len(texts)], add_special_tokens=False)["input_ids"][:seq_len]
+        words = tok.decode(ids)
+        if template:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
+            prompt = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        else:
+            prompt = f"{image_token}\n{words}"
+        try:
+            batch = processor(text=[prompt], images=[image], return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise SystemExit(f"--calib-images: the processor of {folder} failed on image {name}: "
+                             f"{str(e).splitlines()[0]}") from None
+        batches.append({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    if not batches:
+        raise SystemExit(f"--calib-images: {images_path} holds no image")
+    return batches
+
+
 def _calibration_texts(args) -> list[str] | None:
     """The calibration texts (read before the model is loaded: a file that is not UTF-8 is named with its option),
     ``None`` when nothing reads data (``magnitude`` importance without ``--layer-select`` / ``--drop-blocks``)."""
@@ -185,8 +271,12 @@ def run(args) -> int:
 
     out = Path(args.out)
     texts = _calibration_texts(args)
+    images = None  # before the model: a folder without a processor is named before any loading
+    if args.calib_images and texts is not None:
+        images = image_calibration_batches(args.model, args.calib_images, texts, args.calib_samples,
+                                           args.max_length, trust_remote_code=args.trust_remote_code)
     model, tok = _load(args.model, args.gguf_file, command="prune", trust_remote_code=args.trust_remote_code)
-    calib = _calibration(args, tok, texts)
+    calib = images if images is not None else _calibration(args, tok, texts)
     before = parameter_report(model)
     heads, ffn, drop = args.heads, args.ffn, []
     spread = DEFAULT_SPREAD if args.spread is None else args.spread
@@ -255,6 +345,9 @@ def register(sub) -> None:
                    help="also drop this many least influential blocks")
     p.add_argument("--calib-text", default=None, help="text file, one calibration sample per line")
     p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
+    p.add_argument("--calib-images", default=None, metavar="PATH",
+                   help="images (a folder, an index CSV, an .npz or one file) each paired with a calibration text "
+                        "through the folder's processor: a VLM's vision tower is then scored on its own inputs")
     p.add_argument("--calib-samples", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, default=128)
     p.set_defaults(func=run, check=lambda args: _check(args, p))
@@ -266,6 +359,11 @@ def _check(args, parser) -> None:
     same = output_is_input_message(args.out, args.model, "--out")
     if same:
         parser.error(same)
+    if args.calib_images and not Path(args.calib_images).exists():
+        parser.error(f"--calib-images: {args.calib_images} does not exist")
+    if args.calib_images and args.importance == "magnitude" and not args.layer_select and not args.drop_blocks:
+        parser.error("--calib-images is read by --importance activation / taylor, --layer-select and --drop-blocks; "
+                     "--importance magnitude alone reads no data")
     if args.spread is not None and not args.layer_select:  # it would do nothing: every block gets --heads / --ffn
         parser.error("--spread spreads the ratios of --layer-select over the blocks; without --layer-select every "
                      "block gets --heads / --ffn: add --layer-select or drop --spread")

@@ -13,7 +13,7 @@ size in them), quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`m
 ``gptq``: :func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized with the
 folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens; with ``--calib-images`` a VLM is
 calibrated on images each paired with a paragraph through the folder's processor, so its vision tower is
-calibrated too: :func:`image_calibration_batches`) and saved with
+calibrated too: :func:`medquant.cli.prune.image_calibration_batches`) and saved with
 :func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it, as part of the checkpoint: listed in its
 manifest, so a rerun into the same ``OUT_DIR`` leaves a folder that verifies). Reload with ``import medquant`` and
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``. A summary table (layers quantized, average bits, bytes before
@@ -52,7 +52,7 @@ from .args import (
     trusts_remote_code,
     utf8_text,
 )
-from .prune import _load, _refuse_medquant_folder, folder_tokenizer, model_class
+from .prune import _load, _refuse_medquant_folder, folder_tokenizer, image_calibration_batches, model_class
 
 PATHS = {"whole-model": "whole model", "block-by-block": "block by block",
          "block-by-block-streamed": "block by block, float weights streamed from the folder's safetensors"}
@@ -84,92 +84,6 @@ def calibration_batches(tok, path: str, samples: int, seq_len: int, text: str | 
         raise SystemExit(f"--calib: {path} holds no text to calibrate on (fewer than 2 tokens)")
     return [{"input_ids": torch.tensor([c]), "attention_mask": torch.ones(1, len(c), dtype=torch.long)}
             for c in chunks]
-
-
-def image_calibration_batches(folder: str, images_path: str, path: str, samples: int, seq_len: int,
-                               text: str | None = None, trust_remote_code: bool | None = None) -> list[dict]:
-    """Calibration batches for a vision-language model: one image with one text each, through the folder's own
-    processor (``AutoProcessor``), so the batches run the vision tower as the model's users' inputs do.
-
-    Image ``i`` of ``images_path`` (a folder, an index CSV, an ``.npz`` or one image file:
-    :func:`medquant.data.load_images`; grayscale arrays are given as three equal channels) goes with paragraph ``i``
-    of the text file ``path`` (paragraphs reused in order when there are fewer), cut to its first ``seq_len``
-    tokens (the image's tokens come on top). The text is placed as one user turn holding the image and the text in
-    the processor's chat template (``apply_chat_template``), else after the processor's ``image_token`` and a line
-    break; ``min(samples, number of images)`` batches of one sample each (the processor's output, as
-    ``model(**batch)`` takes it).
-
-    Args:
-        folder: the model folder (its processor files: ``processor_config.json`` / ``preprocessor_config.json``).
-        images_path: ``--calib-images``.
-        path: ``--calib``: the UTF-8 text file.
-        samples: at most this many batches.
-        seq_len: tokens of text per sample (at least 1).
-        text: the text file's content when already read.
-        trust_remote_code: let a processor of the folder's own code run (``None``: the command's flag).
-
-    Returns:
-        The batches (dicts of tensors).
-
-    Raises:
-        SystemExit: naming ``--calib-images``: a folder without a processor that takes images, images that cannot
-            be read, an image that is not 8-bit, a processor with neither a chat template nor an image token, or
-            one that fails on a sample (the message names the image).
-    """
-    import numpy as np
-    import torch
-
-    from ..data import load_images
-
-    trust = trusts_remote_code(trust_remote_code)
-    try:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--calib-images needs the model folder's processor (AutoProcessor: images and text into "
-                         f"the model's inputs); {folder}: {str(e).splitlines()[0]}") from None
-    if getattr(processor, "image_processor", None) is None:
-        raise SystemExit(f"--calib-images: the processor of {folder} ({type(processor).__name__}) takes no images; "
-                         "calibrate this model with --calib text alone")
-    tok = processor.tokenizer
-    template = getattr(processor, "chat_template", None)
-    image_token = getattr(processor, "image_token", None)
-    if not template and not image_token:
-        raise SystemExit(f"--calib-images: the processor of {folder} has neither a chat template nor an image "
-                         "token, so the place of the image in the text is unknown")
-    if text is None:
-        text = utf8_text(path, "--calib")
-    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n") if p.strip()]
-    if not paragraphs:
-        raise SystemExit(f"--calib: {path} holds no text to pair with the images")
-    try:
-        images, names = load_images(images_path, limit=samples)
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"--calib-images: {images_path}: {e}") from None
-    batches = []
-    for i, (image, name) in enumerate(zip(images, names)):
-        image = np.asarray(image)
-        if image.dtype != np.uint8:
-            raise SystemExit(f"--calib-images: image {name} holds {image.dtype} values; 8-bit images are accepted")
-        if image.ndim == 2:
-            image = np.stack([image] * 3, axis=-1)
-        ids = tok(paragraphs[i % len(paragraphs)], add_special_tokens=False)["input_ids"][:seq_len]
-        words = tok.decode(ids)
-        if template:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
-            prompt = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-        else:
-            prompt = f"{image_token}\n{words}"
-        try:
-            batch = processor(text=[prompt], images=[image], return_tensors="pt")
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise SystemExit(f"--calib-images: the processor of {folder} failed on image {name}: "
-                             f"{str(e).splitlines()[0]}") from None
-        batches.append({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
-    if not batches:
-        raise SystemExit(f"--calib-images: {images_path} holds no image")
-    return batches
 
 
 def _tensor_aliases(model) -> dict[str, set[str]]:
@@ -389,8 +303,10 @@ def run(args) -> int:
     source = None
     images = None  # image batches before the model: a folder without a processor is named before any loading
     if args.calib_images:
-        images = image_calibration_batches(args.model, args.calib_images, args.calib, args.calib_samples,
-                                           args.seq_len, text, trust_remote_code=args.trust_remote_code)
+        assert text is not None  # --calib-images needs --calib (checked with the arguments)
+        paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n") if p.strip()]
+        images = image_calibration_batches(args.model, args.calib_images, paragraphs, args.calib_samples,
+                                           args.seq_len, trust_remote_code=args.trust_remote_code)
     if args.stream:
         model, source = load_skeleton(args.model, trust_remote_code=args.trust_remote_code)
         tok = folder_tokenizer(args.model, trust_remote_code=args.trust_remote_code)

@@ -235,7 +235,8 @@ def _activation(model: nn.Module, blocks: list[Block], calib, progress: bool) ->
     if missing:
         raise ValueError(f"activation statistics: the calibration batches never ran {missing[0]} (block "
                          f"{targets[missing[0]][0]}; {len(missing)} scored linear(s) in all): give batches that "
-                         "reach every block in scope (e.g. images for a vision tower) or narrow the scope")
+                         "reach every block in scope (e.g. images for a vision tower: --calib-images on the command line) or "
+                         "narrow the scope")
     out: dict[str, dict[str, torch.Tensor]] = {}
     for b in blocks:
         s: dict[str, torch.Tensor] = {}
@@ -288,13 +289,15 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
                 if not torch.isfinite(loss):
                     raise ValueError(f"the calibration loss is {loss.item()} on batch {n}; Taylor importance needs "
                                      "a finite loss")
-                loss.backward()
+                if loss.requires_grad:  # else no scored linear was reached at all: named below
+                    loss.backward()
             missing = sorted(nm for nm in names if _lin(model, nm).weight.grad is None)
             if missing:
                 raise ValueError(f"taylor importance: {missing[0]} ({len(missing)} scored linear(s) in all) gets no "
                                  f"gradient from the calibration loss on batch {n}: the calibration batches never "
-                                 "run it (e.g. no images for a vision tower) or the loss does not depend on it; "
-                                 "give batches that reach every block in scope or narrow the scope")
+                                 "run it (e.g. no images for a vision tower: --calib-images on the command line) or "
+                                 "the loss does not depend on it; give batches that reach every block in scope or "
+                                 "narrow the scope")
             n += 1
             with torch.no_grad():
                 for b in blocks:

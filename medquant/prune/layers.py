@@ -122,7 +122,7 @@ def block_influence(model: nn.Module, calib: Iterable[Any], scope: str | list[st
     if missing:
         raise ValueError(f"block influence: the calibration batches never ran {missing[0]} on a real (non-padding) "
                          f"token ({len(missing)} block(s) in all): give batches that reach every block in scope "
-                         "(e.g. images for a vision tower) or narrow the scope")
+                         "(e.g. images for a vision tower: --calib-images on the command line) or narrow the scope")
     out = [{"block": b.name, "index": i, "cosine": acc[b.name][0] / acc[b.name][2],
             "wasserstein": acc[b.name][1] / acc[b.name][2]} for i, b in enumerate(blocks)]
     _check_scores(out, ("cosine", "wasserstein"))

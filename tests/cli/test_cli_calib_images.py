@@ -1,12 +1,15 @@
-"""``medquant quantize --calib-images``: a VLM calibrated on real chest X-rays, each paired with a report paragraph
-through the folder's own processor, so the vision tower is calibrated too (a tiny LLaVA with a CLIP image processor,
+"""``medquant quantize --calib-images`` and ``medquant prune --calib-images``: a VLM calibrated on real chest X-rays,
+each paired with a report paragraph through the folder's own processor, so the vision tower is calibrated (and
+scored, for pruning) too (a tiny LLaVA with a CLIP image processor,
 MiniLM's real tokenizer plus an ``<image>`` token, and a chat template).
 
 Reference: the batches built in the test with transformers' processor API directly (the images read with PIL, the
 paragraph cut to ``--seq-len`` tokens, one user turn holding the image and the text), then
 :func:`medquant.calibrate.gptq_quantize_` on the model ``from_pretrained`` loads: the folder the command writes
 reloads to that model's tensors bit for bit; the block-by-block runs (in memory and ``--stream``) write the same
-tensors as the whole-model run. Bad combinations exit with code 2 in one line before any work."""
+tensors as the whole-model run. Pruning with activation importance over every stack equals
+``StructuredPruner(scope="all")`` on the same batches (the reloaded folder's logits); text alone is refused naming
+``--calib-images``. Bad combinations exit with code 2 in one line before any work."""
 from __future__ import annotations
 
 import json
@@ -179,3 +182,27 @@ def test_a_folder_without_an_image_processor_is_named(folder, capsys, tmp_path):
     assert "Loading weights" not in err  # named before the model is loaded
     assert "--calib-images" in err and "processor" in err and "\n" not in err
     assert not (folder / "refused").exists()
+
+
+def test_prune_scores_the_vision_tower_on_the_images_as_the_pruner_does(folder, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    from medquant.prune import StructuredPruner, load_pruned
+
+    def argv(out, *extra):
+        return ["prune", str(folder / "src"), "--out", str(folder / out), "--heads", "0.5", "--ffn", "0.5",
+                "--importance", "activation", "--scope", "all", "--calib-text", str(folder / "t.txt"),
+                "--calib-samples", str(SAMPLES), "--max-length", str(SEQ), *extra]
+
+    assert main(argv("text_only")) == 2  # text never runs the vision tower
+    err = capsys.readouterr().err
+    assert "never ran model.vision_tower" in err and "--calib-images" in err and not (folder / "text_only").exists()
+    assert main(argv("pruned", "--calib-images", str(_index()))) == 0
+    capsys.readouterr()
+    batches = _reference_batches(folder)
+    ref = LlavaForConditionalGeneration.from_pretrained(folder / "src").eval().float()
+    plan = StructuredPruner(0.5, 0.5, importance="activation", scope="all", progress=False).prune(ref, calib=batches)
+    assert any("vision_tower" in b for b in plan.heads) and any("language_model" in b for b in plan.heads)
+    got = load_pruned(folder / "pruned")
+    with torch.no_grad():
+        assert torch.equal(got(**batches[0]).logits, ref(**batches[0]).logits)
