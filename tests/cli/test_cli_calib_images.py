@@ -21,11 +21,8 @@ import torch
 import medquant as mq
 from medquant.cli import main
 from medquant.data import default_data_dir
-from tests.cli.tiny_folder import report_text_file
-from tests.prune.real_models import minilm_dir
+from tests.cli.tiny_folder import report_text_file, tiny_llava_folder
 
-TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
-            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
 SAMPLES, SEQ = 2, 16
 
 
@@ -38,32 +35,8 @@ def _index() -> Path:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import (
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
     root = tmp_path_factory.mktemp("vlm_images")
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    torch.manual_seed(0)
-    cfg = LlavaConfig(
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
-        image_token_index=tok.convert_tokens_to_ids("<image>"))
-    LlavaForConditionalGeneration(cfg).save_pretrained(root / "src")
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=TEMPLATE)
-    processor.save_pretrained(root / "src")
+    tiny_llava_folder(root / "src")
     report_text_file(root)
     return root
 

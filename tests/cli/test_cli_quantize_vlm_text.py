@@ -1,4 +1,4 @@
-"""``medquant quantize`` of a VLM folder with report text as calibration (a tiny LLaVA with MiniLM's real tokenizer):
+"""``medquant quantize`` of a VLM folder with report text as calibration (``tiny_llava_folder``):
 with ``--skip @vision @projector`` the block-by-block runs (in memory and ``--stream``) write bit for bit the
 tensors of the whole-model GPTQ run (the reference: ``gptq_quantize_`` through the same command); without the skip
 ``--block-by-block --stream`` exits with one line naming the vision blocks and ``--skip @vision``, writing nothing."""
@@ -10,31 +10,13 @@ import pytest
 import torch
 
 from medquant.cli import main
-from tests.cli.tiny_folder import report_text_file
-from tests.prune.real_models import minilm_dir
+from tests.cli.tiny_folder import report_text_file, tiny_llava_folder
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import (
-        AutoTokenizer,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
     root = tmp_path_factory.mktemp("vlm_text")
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    torch.manual_seed(0)
-    cfg = LlavaConfig(
-        text_config=LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
-        image_token_index=tok.vocab_size - 1)
-    LlavaForConditionalGeneration(cfg).save_pretrained(root / "src")
-    tok.save_pretrained(root / "src")
+    tiny_llava_folder(root / "src")
     report_text_file(root)
     return root
 
