@@ -219,8 +219,11 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
             prompt = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
         else:
             prompt = f"{image_token}\n{words}"
+        # as processor.apply_chat_template(tokenize=True): a prompt that starts with the BOS gets no second one
+        bos = getattr(tok, "bos_token", None)
+        special = {"add_special_tokens": False} if bos is not None and prompt.startswith(bos) else {}
         try:
-            batch = processor(text=[prompt], images=[image], return_tensors="pt")
+            batch = processor(text=[prompt], images=[image], return_tensors="pt", **special)
         except (ValueError, TypeError, RuntimeError) as e:
             raise SystemExit(f"--calib-images: the processor of {folder} failed on image {name}: "
                              f"{str(e).splitlines()[0]}") from None

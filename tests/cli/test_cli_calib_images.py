@@ -179,3 +179,32 @@ def test_prune_scores_the_vision_tower_on_the_images_as_the_pruner_does(folder, 
     got = load_pruned(folder / "pruned")
     with torch.no_grad():
         assert torch.equal(got(**batches[0]).logits, ref(**batches[0]).logits)
+
+
+def test_a_chat_template_starting_with_bos_gives_one_bos_as_the_processor_does(tmp_path):
+    """A chat template that writes the tokenizer's BOS itself (Gemma 3 / MedGemma, Llama 3.2 Vision): the batch is
+    transformers' ``processor.apply_chat_template(..., tokenize=True)`` one, which then adds no second BOS."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from medquant.cli.prune import image_calibration_batches
+
+    tiny_llava_folder(tmp_path / "src")
+    processor = AutoProcessor.from_pretrained(tmp_path / "src")
+    processor.tokenizer.bos_token = processor.tokenizer.cls_token  # the token this tokenizer adds first
+    processor.chat_template = "{{ bos_token }}" + processor.chat_template
+    processor.save_pretrained(tmp_path / "src")
+    images = np.random.default_rng(0).integers(0, 256, (2, 30, 40), dtype=np.uint8)  # grayscale, odd size
+    np.savez(tmp_path / "images.npz", images=images)
+    text = "the lungs are clear"
+    batches = image_calibration_batches(str(tmp_path / "src"), str(tmp_path / "images.npz"), [text], 2, SEQ,
+                                        trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(tmp_path / "src")
+    assert len(batches) == 2
+    for batch, image in zip(batches, images):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        ref = processor.apply_chat_template(turn, images=[np.stack([image] * 3, axis=-1)], tokenize=True,
+                                            return_dict=True, return_tensors="pt")
+        assert set(batch) == {k for k, v in ref.items() if isinstance(v, torch.Tensor)}
+        for k, v in batch.items():
+            assert torch.equal(v, ref[k]), k
