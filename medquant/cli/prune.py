@@ -25,6 +25,7 @@ from .args import (
     non_negative_int,
     output_is_input_message,
     positive_int,
+    refuse_remote_code,
     trusts_remote_code,
     unit_interval,
     utf8_text,
@@ -173,7 +174,8 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
         The batches (dicts of tensors).
 
     Raises:
-        SystemExit: naming ``--calib-images``: a folder without a processor that takes images, images that cannot
+        SystemExit: a folder that ships its own code without ``trust_remote_code`` (naming
+            ``--trust-remote-code``); naming ``--calib-images``: a folder without a processor that takes images, images that cannot
             be read, an image that is not 8-bit, a processor with neither a chat template nor an image token, or
             one that fails on a sample (the message names the image); no text to pair with the images.
     """
@@ -183,6 +185,7 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
     from ..data import load_images
 
     trust = trusts_remote_code(trust_remote_code)
+    refuse_remote_code(folder, trust)  # read before the model: a folder's own code is refused first all the same
     try:
         from transformers import AutoProcessor
 

@@ -240,3 +240,22 @@ def test_stream_with_the_flag_builds_the_folders_class_and_writes_the_in_memory_
     a, b = outs["bbb_stream"], outs["bbb_mem"]
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
     assert type(_trusted(folder / "bbb_stream")).__name__ == "TinyMedForCausalLM"
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune"])
+def test_calib_images_is_refused_in_one_line_without_the_flag_as_the_other_options(folder, command, capsys,
+                                                                                   no_folder_code, tmp_path):
+    """--calib-images reads the folder's processor before the model: the folder's code is refused first all the
+    same, in the one line naming --trust-remote-code (not as a processor the folder lacks)."""
+    import numpy as np
+
+    np.savez(tmp_path / "images.npz", images=np.zeros((2, 28, 28), dtype=np.uint8))
+    out = tmp_path / "out"
+    if command == "quantize":
+        argv = ["quantize", str(folder / "src"), str(out), "--method", "gptq", "--calib", str(folder / "t.txt"),
+                "--calib-images", str(tmp_path / "images.npz")]
+    else:
+        argv = ["prune", str(folder / "src"), "--out", str(out), "--importance", "activation", "--calib-text",
+                str(folder / "t.txt"), "--calib-images", str(tmp_path / "images.npz")]
+    _refused(argv, capsys, folder / "src")
+    assert not out.exists()
