@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.blocks import AttentionUnit, Block, shares_position_bias, transformer_blocks
+from ..models.blocks import AttentionUnit, Block, shares_position_bias, stack_side, transformer_blocks
 from ..models.introspect import language_model_layers, model_roles, vision_layers
 from ..quant.experts import experts_layout
 from .importance import METHODS, block_scores
@@ -793,6 +793,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
         if name in plan.expert_neurons and b.experts is not None and (name, "experts") not in shared:
             prune_experts(model, b.experts, plan.expert_neurons[name])
         touched.append(b)
+    aligned = _renumber_alignment_heads(model, plan, blocks)
     if plan.drop_blocks:
         from .layers import _drop
 
@@ -800,8 +801,45 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
     if _is_hf(model):
         stacks = {b.stack for b in touched} | {n.rpartition(".")[0] for n in plan.drop_blocks}
         plan.hf_config_exact, notes = _sync_configs(model, stacks, dropped=bool(plan.drop_blocks))
-        plan.config_notes = notes
+        plan.config_notes = notes + aligned
     return model
+
+
+def _renumber_alignment_heads(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> list[str]:
+    """Whisper's ``generation_config.alignment_heads`` (``[decoder layer, cross-attention head]`` pairs read by
+    ``generate(return_token_timestamps=True)``) renumbered to the kept cross-attention heads of the decoder blocks
+    pruned by ``plan``; a removed head's pair is left out (the attribute is removed when none is left). Returns the
+    notes for ``plan.config_notes``."""
+    gc = getattr(model, "generation_config", None)
+    pairs = getattr(gc, "alignment_heads", None)
+    pruned = {name: plan.cross_heads[name] for name in plan.cross_heads
+              if blocks[name].cross_attention is not None
+              and len(plan.cross_heads[name]) != plan.sizes.get(name, {}).get("cross_heads")}
+    if not pairs or not pruned:
+        return []
+    layers = {}
+    for name, keep in pruned.items():
+        stack, _, idx = name.rpartition(".")
+        if stack_side(stack) == "decoder" and idx.isdigit():
+            layers[int(idx)] = [int(h) for h in keep]
+    out, gone = [], []
+    for layer, head in pairs:
+        keep = layers.get(int(layer))
+        if keep is None:
+            out.append([layer, head])
+        elif int(head) in keep:
+            out.append([layer, keep.index(int(head))])
+        else:
+            gone.append([layer, head])
+    if not gone and out == pairs:
+        return []
+    if out:
+        gc.alignment_heads = out
+    else:
+        del gc.alignment_heads
+    return ["generation_config.alignment_heads renumbered to the kept cross-attention heads"
+            + (f"; pairs of removed heads left out: {gone}" if gone else "")
+            + ("" if out else " (none is left: token timestamps are not available)")]
 
 
 def _keeps_all(keep: Any, n: int | None) -> bool:

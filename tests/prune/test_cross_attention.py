@@ -257,3 +257,29 @@ def test_t5gemma_cross_attn_with_grouped_query_heads_round_trips_through_transfo
     assert torch.equal(_logits(again, batch), out)
     save_pruned(model, tmp_path / "p", plan=plan)
     assert torch.equal(_logits(load_pruned(tmp_path / "p").eval(), batch), out)
+
+
+def test_whisper_alignment_heads_follow_the_kept_cross_attention_heads(tmp_path):
+    """Whisper's ``generation_config.alignment_heads`` (``[decoder layer, cross-attention head]`` pairs that
+    ``generate(return_token_timestamps=True)`` reads from the cross-attention weights) name the same heads after
+    pruning: a kept head's pair is renumbered (its weights equal the unpruned model's head), a removed head's pair is
+    left out, and token timestamps are computed (they raised IndexError on a removed head's index before)."""
+    model, batch = _build("whisper")
+    model.set_attn_implementation("eager")
+    pairs = [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2], [1, 3]]
+    model.generation_config.alignment_heads = pairs
+    pruner = StructuredPruner(0.5, 0.0, progress=False)
+    plan = pruner.plan(model, calib=[batch])
+    decoder = [f"model.decoder.layers.{i}" for i in range(2)]
+    ref = _zeroed(model, plan)
+    pruner.apply(model, plan)
+    want = [[i, plan.cross_heads[b].index(h)] for i, b in enumerate(decoder) for h in plan.cross_heads[b]]
+    assert model.generation_config.alignment_heads == want
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True, use_cache=False).cross_attentions
+        r = ref(**batch, output_attentions=True, use_cache=False).cross_attentions
+    for i, b in enumerate(decoder):
+        for j, h in enumerate(plan.cross_heads[b]):
+            torch.testing.assert_close(out[i][:, j], r[i][:, h], rtol=1e-5, atol=1e-6)
+    got = model.generate(input_features=batch["input_features"], return_token_timestamps=True, max_new_tokens=4)
+    assert got["token_timestamps"].shape[0] == 2
