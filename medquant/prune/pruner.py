@@ -632,8 +632,18 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     return dataclasses.replace(b, attention=attention, ffn=ffn, unsupported=why, cross_attention=cross)
 
 
+#: attention classes whose forward cannot run with fewer heads than their config gives: class name -> why
+_FIXED_HEAD_COUNT = {
+    "TrOCRAttention": "reshapes its output to the model width (embed_dim), not to heads x head_dim",
+    "MoonshineAttention": "reshapes its queries with config.num_key_value_heads, shared by every layer",
+}
+
+
 def _attention_problem(model: nn.Module, a: AttentionUnit) -> str | None:
     """Why removing heads of the attention unit ``a`` would not be exact (:func:`checked_block`), or None."""
+    fixed = _FIXED_HEAD_COUNT.get(type(model.get_submodule(a.holder)).__name__)
+    if fixed is not None:  # pruned, its forward would fail (a shape error), so it keeps its heads
+        return f"{type(model.get_submodule(a.holder)).__name__} {fixed}; its heads are kept"
     # a norm of width head_dim is applied per head (shared by every head: Qwen3, Gemma 3); it is the width of a
     # whole projection only with a single (key/value) head, whose removal is refused anyway
     widths = {model.get_submodule(a.o).in_features, model.get_submodule(a.q).out_features,
