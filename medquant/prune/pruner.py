@@ -817,38 +817,41 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
 
 def _renumber_alignment_heads(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> list[str]:
     """Whisper's ``generation_config.alignment_heads`` (``[decoder layer, cross-attention head]`` pairs read by
-    ``generate(return_token_timestamps=True)``) renumbered to the kept cross-attention heads of the decoder blocks
-    pruned by ``plan``; a removed head's pair is left out (the attribute is removed when none is left). Returns the
-    notes for ``plan.config_notes``."""
+    ``generate(return_token_timestamps=True)``) renumbered to what ``plan`` keeps: a head's index among the kept
+    cross-attention heads of its decoder block, a layer's index among the kept decoder layers
+    (``plan.drop_blocks``); the pair of a removed head or of a dropped layer is left out (the attribute is removed
+    when none is left). Returns the notes for ``plan.config_notes``."""
     gc = getattr(model, "generation_config", None)
     pairs = getattr(gc, "alignment_heads", None)
     pruned = {name: plan.cross_heads[name] for name in plan.cross_heads
               if blocks[name].cross_attention is not None
               and len(plan.cross_heads[name]) != plan.sizes.get(name, {}).get("cross_heads")}
-    if not pairs or not pruned:
-        return []
-    layers = {}
-    for name, keep in pruned.items():
+
+    def decoder_index(name: str) -> int | None:
         stack, _, idx = name.rpartition(".")
-        if stack_side(stack) == "decoder" and idx.isdigit():
-            layers[int(idx)] = [int(h) for h in keep]
+        return int(idx) if stack_side(stack) == "decoder" and idx.isdigit() else None
+
+    dropped = {i for i in (decoder_index(n) for n in plan.drop_blocks) if i is not None}
+    if not pairs or not (pruned or dropped):
+        return []
+    layers = {i: [int(h) for h in keep] for i, keep in ((decoder_index(n), k) for n, k in pruned.items())
+              if i is not None}
     out, gone = [], []
     for layer, head in pairs:
         keep = layers.get(int(layer))
-        if keep is None:
-            out.append([layer, head])
-        elif int(head) in keep:
-            out.append([layer, keep.index(int(head))])
-        else:
+        if int(layer) in dropped or (keep is not None and int(head) not in keep):
             gone.append([layer, head])
+            continue
+        shift = sum(1 for d in dropped if d < int(layer))
+        out.append([int(layer) - shift, head if keep is None else keep.index(int(head))])
     if not gone and out == pairs:
         return []
     if out:
         gc.alignment_heads = out
     else:
         del gc.alignment_heads
-    return ["generation_config.alignment_heads renumbered to the kept cross-attention heads"
-            + (f"; pairs of removed heads left out: {gone}" if gone else "")
+    return ["generation_config.alignment_heads renumbered to the kept cross-attention heads and decoder layers"
+            + (f"; pairs of removed heads or dropped layers left out: {gone}" if gone else "")
             + ("" if out else " (none is left: token timestamps are not available)")]
 
 

@@ -283,3 +283,22 @@ def test_whisper_alignment_heads_follow_the_kept_cross_attention_heads(tmp_path)
             torch.testing.assert_close(out[i][:, j], r[i][:, h], rtol=1e-5, atol=1e-6)
     got = model.generate(input_features=batch["input_features"], return_token_timestamps=True, max_new_tokens=4)
     assert got["token_timestamps"].shape[0] == 2
+
+
+def test_whisper_alignment_heads_follow_dropped_decoder_layers():
+    """Dropping a decoder layer renumbers the layers after it, and ``alignment_heads`` names layers: a dropped
+    layer's pairs are left out, later layers' pairs shift down (they pointed one layer too far and raised
+    IndexError in ``generate(return_token_timestamps=True)``); the kept pairs read the same heads of the same
+    (moved) layer, checked against the unpruned model's cross-attention weights there."""
+    model, batch = _build("whisper")
+    model.set_attn_implementation("eager")
+    model.generation_config.alignment_heads = [[0, 1], [1, 0], [1, 3]]
+    pruner = StructuredPruner(0.0, 0.0, drop_blocks=["model.decoder.layers.0"], progress=False)
+    plan = pruner.plan(model, calib=[batch])
+    layer1 = copy.deepcopy(model.model.decoder.layers[1])
+    pruner.apply(model, plan)
+    assert model.generation_config.alignment_heads == [[0, 0], [0, 3]]
+    assert any("layer" in note and "alignment_heads" in note for note in plan.config_notes)
+    assert torch.equal(model.model.decoder.layers[0].encoder_attn.q_proj.weight, layer1.encoder_attn.q_proj.weight)
+    got = model.generate(input_features=batch["input_features"], return_token_timestamps=True, max_new_tokens=4)
+    assert got["token_timestamps"].shape[0] == 2
