@@ -153,6 +153,13 @@ def output_is_input_message(out: str, model: str, flag: str) -> str | None:
             "compressed copy: give another folder")
 
 
+def existing_path(text: str) -> str:
+    """A file or folder that exists (``--calib-images``: a folder, an index CSV, an ``.npz`` or one image)."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return text
+
+
 def existing_file(text: str) -> str:
     """A file that exists (named as missing otherwise)."""
     p = Path(text)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .args import (
     existing_folder,
+    existing_path,
     fraction,
     hf_config_file,
     non_negative_int,
@@ -236,11 +237,17 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
     return batches
 
 
+def _reads_data(args) -> bool:
+    """Whether the command reads calibration data: ``activation`` / ``taylor`` importance, or block influence
+    (``--layer-select``, ``--drop-blocks``); ``magnitude`` importance alone reads none."""
+    return args.importance != "magnitude" or bool(args.layer_select or args.drop_blocks)
+
+
 def _calibration_texts(args) -> list[str] | None:
     """The calibration texts (read before the model is loaded: a file that is not UTF-8 is named with its option),
     ``None`` when nothing reads data (``magnitude`` importance without ``--layer-select`` / ``--drop-blocks``)."""
-    if args.importance == "magnitude" and not args.layer_select and not args.drop_blocks:
-        return None  # magnitude importance alone reads no data; block influence (--layer-select, --drop-blocks) does
+    if not _reads_data(args):
+        return None
     if args.calib_text:
         texts = [t.strip() for t in utf8_text(args.calib_text, "--calib-text").splitlines() if t.strip()]
     else:
@@ -351,7 +358,7 @@ def register(sub) -> None:
                    help="also drop this many least influential blocks")
     p.add_argument("--calib-text", default=None, help="text file, one calibration sample per line")
     p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
-    p.add_argument("--calib-images", default=None, metavar="PATH",
+    p.add_argument("--calib-images", type=existing_path, default=None, metavar="PATH",
                    help="images (a folder, an index CSV, an .npz or one file) each paired with a calibration text "
                         "through the folder's processor: a VLM's vision tower is then scored on its own inputs")
     p.add_argument("--calib-samples", type=positive_int, default=32)
@@ -365,9 +372,7 @@ def _check(args, parser) -> None:
     same = output_is_input_message(args.out, args.model, "--out")
     if same:
         parser.error(same)
-    if args.calib_images and not Path(args.calib_images).exists():
-        parser.error(f"--calib-images: {args.calib_images} does not exist")
-    if args.calib_images and args.importance == "magnitude" and not args.layer_select and not args.drop_blocks:
+    if args.calib_images and not _reads_data(args):
         parser.error("--calib-images is read by --importance activation / taylor, --layer-select and --drop-blocks; "
                      "--importance magnitude alone reads no data")
     if args.spread is not None and not args.layer_select:  # it would do nothing: every block gets --heads / --ffn

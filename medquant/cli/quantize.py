@@ -44,6 +44,7 @@ from .args import (
     compute_device,
     existing_file,
     existing_folder,
+    existing_path,
     hf_config_file,
     output_is_input_message,
     positive_int,
@@ -56,6 +57,11 @@ from .prune import _load, _refuse_medquant_folder, folder_tokenizer, image_calib
 
 PATHS = {"whole-model": "whole model", "block-by-block": "block by block",
          "block-by-block-streamed": "block by block, float weights streamed from the folder's safetensors"}
+
+
+def _paragraphs(text: str) -> list[str]:
+    """The non-empty lines of a calibration text file, stripped (``\\r\\n`` line ends read as ``\\n``)."""
+    return [p.strip() for p in text.replace("\r\n", "\n").split("\n") if p.strip()]
 
 
 def calibration_batches(tok, path: str, samples: int, seq_len: int, text: str | None = None) -> list[dict]:
@@ -72,7 +78,7 @@ def calibration_batches(tok, path: str, samples: int, seq_len: int, text: str | 
         raise SystemExit("--calib needs the model folder's tokenizer; none could be loaded")
     if text is None:
         text = utf8_text(path, "--calib")
-    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n") if p.strip()]
+    paragraphs = _paragraphs(text)
     ids: list[int] = []
     for p in paragraphs:
         ids.extend(tok(p, add_special_tokens=True)["input_ids"])
@@ -304,8 +310,7 @@ def run(args) -> int:
     images = None  # image batches before the model: a folder without a processor is named before any loading
     if args.calib_images:
         assert text is not None  # --calib-images needs --calib (checked with the arguments)
-        paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n") if p.strip()]
-        images = image_calibration_batches(args.model, args.calib_images, paragraphs, args.calib_samples,
+        images = image_calibration_batches(args.model, args.calib_images, _paragraphs(text), args.calib_samples,
                                            args.seq_len, trust_remote_code=args.trust_remote_code)
     if args.stream:
         model, source = load_skeleton(args.model, trust_remote_code=args.trust_remote_code)
@@ -382,7 +387,7 @@ def register(sub) -> None:
     p.add_argument("--method", choices=["rtn", "awq", "gptq"], default="rtn",
                    help="rtn (round to nearest, no data), awq or gptq (need --calib)")
     p.add_argument("--calib", type=existing_file, default=None, help="UTF-8 calibration text file (awq / gptq)")
-    p.add_argument("--calib-images", default=None, metavar="PATH",
+    p.add_argument("--calib-images", type=existing_path, default=None, metavar="PATH",
                    help="images (a folder, an index CSV, an .npz or one file) each paired with a --calib paragraph "
                         "through the folder's processor: calibrates a VLM's vision tower too (awq / gptq)")
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (default 32)")
@@ -420,8 +425,6 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         parser.error(f"OUT_DIR: {args.out} exists and is not a folder; the quantized model is saved as a folder")
     if args.calib_images and not args.calib:
         parser.error("--calib-images pairs each image with a paragraph of --calib FILE: give both")
-    if args.calib_images and not Path(args.calib_images).exists():
-        parser.error(f"--calib-images: {args.calib_images} does not exist")
     if args.method in ("awq", "gptq") and not args.calib:
         parser.error(f"--method {args.method} needs --calib FILE (calibration text)")
     if args.max_hessian_bytes is not None and args.method != "gptq":
