@@ -604,9 +604,9 @@ def _never_ran(model: nn.Module, group: Sequence[str], before: str | None = None
     return RuntimeError(
         f"the calibration batches never ran blocks {short_names(list(group))}{where}, so they cannot be calibrated "
         f"block by block: a vision tower, for instance, runs only on batches with images. Give batches with the "
-        f"inputs that run them (pixel_values...; --calib-images on the command line), or leave the stack in floating point (skip=['@vision'] for a "
-        f"VLM's vision tower, with its projector: skip=['@vision', '@projector']; --skip @vision @projector on the "
-        f"command line); nothing was quantized")
+        f"inputs that run them (pixel_values...; --calib-images on the command line), or leave the stack in "
+        f"floating point (skip=['@vision'] for a VLM's vision tower, with its projector: skip=['@vision', "
+        f"'@projector']; --skip @vision @projector on the command line); nothing was quantized")
 
 
 def _capture_group(model: nn.Module, group: Sequence[str], batches: Sequence[dict], device: torch.device

@@ -176,9 +176,10 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
 
     Raises:
         SystemExit: a folder that ships its own code without ``trust_remote_code`` (naming
-            ``--trust-remote-code``); naming ``--calib-images``: a folder without a processor that takes images, images that cannot
-            be read, an image that is not 8-bit, a processor with neither a chat template nor an image token, or
-            one that fails on a sample (the message names the image); no text to pair with the images.
+            ``--trust-remote-code``); naming ``--calib-images``: a folder without a processor that takes images,
+            images that cannot be read, an image that is not 8-bit, a processor with neither a chat template nor an
+            image token, or one that fails on a sample (the message names the image); no text to pair with the
+            images.
     """
     import numpy as np
     import torch

@@ -235,8 +235,8 @@ def _activation(model: nn.Module, blocks: list[Block], calib, progress: bool) ->
     if missing:
         raise ValueError(f"activation statistics: the calibration batches never ran {missing[0]} (block "
                          f"{targets[missing[0]][0]}; {len(missing)} scored linear(s) in all): give batches that "
-                         "reach every block in scope (e.g. images for a vision tower: --calib-images on the command line) or "
-                         "narrow the scope")
+                         "reach every block in scope (e.g. images for a vision tower: --calib-images on the command "
+                         "line) or narrow the scope")
     out: dict[str, dict[str, torch.Tensor]] = {}
     for b in blocks:
         s: dict[str, torch.Tensor] = {}
