@@ -92,6 +92,26 @@ def calibration_batches(tok, path: str, samples: int, seq_len: int, text: str | 
             for c in chunks]
 
 
+def _tensor_aliases(model) -> dict[str, set[str]]:
+    """State-dict name -> every name of the same tensor: names bound to one parameter / buffer object and the
+    Hugging Face tied-weight keys (``lm_head.weight`` <-> ``model.embed_tokens.weight``), both directions."""
+    pairs: list[tuple[str, str]] = []
+    first: dict[int, str] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        pairs.append((name, first.setdefault(id(t), name)))
+    for prefix, mod in model.named_modules():
+        keys = getattr(mod, "all_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            p = f"{prefix}." if prefix else ""
+            pairs += [(p + a, p + b) for a, b in keys.items()]
+    groups: dict[str, set[str]] = {}
+    for a, b in pairs:
+        merged = groups.get(a, {a}) | groups.get(b, {b})
+        for n in merged:
+            groups[n] = merged
+    return groups
+
+
 def _first_float_dtype(folder: Path):
     """The dtype of the first floating-point tensor of the folder's safetensors (headers only), ``None`` if none."""
     import torch
@@ -176,7 +196,6 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
     from transformers import AutoConfig
 
     from ..calibrate import CheckpointSource
-    from ..calibrate.sequential import _aliases
     from ..models import checkpoint_renaming
 
     folder = Path(path)
@@ -222,9 +241,9 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
         model._weight_conversions = renaming.used()
     else:  # pragma: no cover - a transformers without weight conversions: the stored names are the model's
         source = stored
-    aliases = _aliases(model)  # the names of one tensor: a tied lm_head.weight is stored once, under another name
+    aliases = _tensor_aliases(model)
     # the meta tensors (a buffer built real that the folder lacks keeps its initial value, as from_pretrained's)
-    missing = [k for k, t in state.items() if t.is_meta and not any(a in source for a in (k, *aliases.get(k, ())))]
+    missing = [k for k, t in state.items() if t.is_meta and not any(a in source for a in aliases.get(k, {k}))]
     if missing:
         raise SystemExit(f"--stream: the safetensors of {path} do not hold {len(missing)} of the model's "
                          f"{len(state)} tensors, under its own names or those from_pretrained renames the stored "
