@@ -92,8 +92,8 @@ from .introspect import (
 )
 from .structure import under as _under
 
-__all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "shares_position_bias", "stack_side",
-           "transformer_blocks"]
+__all__ = ["AttentionUnit", "Block", "FFNUnit", "block_stacks", "not_float_remedy", "peft_adapter_layer",
+           "shares_position_bias", "stack_side", "transformer_blocks"]
 
 # (q, k, v, o) child paths relative to an attention container
 _ATTN_PATTERNS: tuple[tuple[str, str, str, str], ...] = (
@@ -388,9 +388,47 @@ def _head_dim(mod: nn.Module) -> int | None:
     return None
 
 
+def peft_adapter_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT tuner layer (LoRA, IA3, ...) wrapping its base layer.
+
+    Such a layer is float but not an ``nn.Linear``: structured pruning slices ``nn.Linear`` weights only, so the
+    adapters are merged into the weights first (``model = model.merge_and_unload()``) or attached after pruning.
+
+    Args:
+        module: any module.
+
+    Returns:
+        True when its class comes from the ``peft`` package and it holds a ``base_layer`` module.
+    """
+    return type(module).__module__.split(".")[0] == "peft" and isinstance(getattr(module, "base_layer", None),
+                                                                           nn.Module)
+
+
+def not_float_remedy(modules: Sequence[nn.Module]) -> str:
+    """What to do about layers structured pruning cannot slice (not float ``nn.Linear``), for error messages.
+
+    Args:
+        modules: the layers that were refused.
+
+    Returns:
+        Merging the adapters (``merge_and_unload()``) when any is a PEFT layer (:func:`peft_adapter_layer`),
+        otherwise pruning the float model before quantizing it.
+    """
+    return _remedy(any(peft_adapter_layer(m) for m in modules))
+
+
+def _remedy(adapters: bool) -> str:
+    if adapters:
+        return ("merge the PEFT adapters into the weights first (model = model.merge_and_unload()), or prune before "
+                "attaching them")
+    return "prune the float model first, then quantize it"
+
+
 def _not_float(full: str, paths: Sequence[str], mods: Sequence[nn.Module]) -> dict[str, str]:
-    """``{full name: class name}`` of the layers among ``mods`` that are not float ``nn.Linear``."""
-    return {f"{full}.{p}": type(m).__name__ for p, m in zip(paths, mods) if not isinstance(m, nn.Linear)}
+    """``{full name: class name}`` of the layers among ``mods`` that are not float ``nn.Linear`` (``"PEFT <class>"``
+    for a PEFT adapter layer)."""
+    return {f"{full}.{p}": ("PEFT " if peft_adapter_layer(m) else "") + type(m).__name__
+            for p, m in zip(paths, mods) if not isinstance(m, nn.Linear)}
 
 
 def _attention_in(block: nn.Module, bname: str, wrapped: bool
@@ -499,9 +537,10 @@ def shares_position_bias(attention: nn.Module) -> bool:
 
 def _not_float_reason(odd: dict[str, str], what: str) -> str:
     classes = "/".join(sorted(set(odd.values())))
+    remedy = _remedy(any(c.startswith("PEFT ") for c in odd.values()))
     return (f"{', '.join(odd)} {'is a' if len(odd) == 1 else 'are'} {classes} "
-            f"layer{'' if len(odd) == 1 else 's'}, not float nn.Linear: {what} are removed from float layers only; "
-            "prune the float model first, then quantize it")
+            f"layer{'' if len(odd) == 1 else 's'}, not float nn.Linear: {what} are removed from float nn.Linear "
+            f"layers only; {remedy}")
 
 
 def _within(name: str, prefix: str) -> bool:

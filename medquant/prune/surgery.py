@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..models.blocks import AttentionUnit, FFNUnit
+from ..models.blocks import AttentionUnit, FFNUnit, not_float_remedy, peft_adapter_layer
 
 __all__ = ["checked_expert_neurons", "checked_heads", "checked_neurons", "expert_neuron_rows", "head_norm_lists",
            "head_rows", "keep_linear", "prune_attention", "prune_experts", "prune_ffn"]
@@ -41,9 +41,10 @@ def head_rows(heads: Sequence[int], head_dim: int, device=None) -> torch.Tensor:
 
 def _refuse_not_float(layer: nn.Module, name: str) -> None:
     if not isinstance(layer, nn.Linear):
+        kind = ("PEFT " if peft_adapter_layer(layer) else "") + type(layer).__name__
         raise ValueError(  # noqa: TRY004 - a valid model in the wrong state, not a wrong type
-            f"{name} is a {type(layer).__name__}, not a float nn.Linear: heads and FFN neurons are removed from float "
-            "layers only; prune the float model first, then quantize it")
+            f"{name} is a {kind}, not a float nn.Linear: heads and FFN neurons are removed from float nn.Linear "
+            f"layers only; {not_float_remedy([layer])}")
 
 
 def _check_float(model: nn.Module, names: Sequence[str]) -> None:
