@@ -42,11 +42,15 @@ computed also when the caller has disabled them (``torch.no_grad()``).
 
 Every score must be finite: a NaN or inf score (NaN weights, float16 overflow in the activations or gradients)
 raises ``ValueError`` naming the block, as does a scored linear that the calibration batches never run (e.g. a
-vision tower given text-only batches).
+vision tower given text-only batches). A scored linear that runs but gets no gradient is checked: when the loss
+stays bit-identical with its output replaced by large random values, the loss does not read it (the last layer of
+a vision tower whose features come from an earlier layer, LLaVA's ``vision_feature_layer = -2``) and its Taylor
+importance is exactly 0 (warned); otherwise the model detached it and ``ValueError`` says so.
 """
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
@@ -280,10 +284,21 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
         p.requires_grad_(True)
     acc: dict[str, dict[str, torch.Tensor]] = {b.name: {} for b in blocks}
     n = 0
+    ran: set[str] = set()  # scored linears whose output joined the autograd graph in this batch
+    unused: set[str] = set()  # ... whose output the loss provably does not read (importance 0)
+
+    def _record(name: str):
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                ran.add(name)
+        return hook
+
+    handles = [_lin(model, nm).register_forward_hook(_record(nm)) for nm in sorted(names)]
     try:
         for batch in _iter(calib, "taylor importance", progress):
             for p in params:
                 p.grad = None
+            ran.clear()
             with torch.enable_grad():  # also inside the caller's torch.no_grad()
                 loss = calibration_loss(model, batch, loss_fn)
                 if not torch.isfinite(loss):
@@ -292,12 +307,20 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
                 if loss.requires_grad:  # else no scored linear was reached at all: named below
                     loss.backward()
             missing = sorted(nm for nm in names if _lin(model, nm).weight.grad is None)
-            if missing:
-                raise ValueError(f"taylor importance: {missing[0]} ({len(missing)} scored linear(s) in all) gets no "
+            never = [nm for nm in missing if nm not in ran]
+            if never:
+                raise ValueError(f"taylor importance: {never[0]} ({len(never)} scored linear(s) in all) gets no "
                                  f"gradient from the calibration loss on batch {n}: the calibration batches never "
                                  "run it (e.g. no images for a vision tower: --calib-images on the command line) or "
-                                 "the loss does not depend on it; give batches that reach every block in scope or "
-                                 "narrow the scope")
+                                 "run it without gradients; give batches that reach every block in scope or narrow "
+                                 "the scope")
+            if missing:
+                _check_unread(model, batch, loss_fn, missing, n)
+                unused.update(missing)
+                for nm in missing:  # d loss / d theta = 0 exactly: the loss does not read their outputs
+                    lin = _lin(model, nm)
+                    for p in lin.parameters():
+                        p.grad = torch.zeros_like(p)
             n += 1
             with torch.no_grad():
                 for b in blocks:
@@ -313,11 +336,49 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
                             ch = ch + _neuron_sum(_rows_gw(_lin(model, nm)), f.chunks)
                         s["neurons"] = s["neurons"] + ch.abs() if "neurons" in s else ch.abs()
     finally:
+        for h in handles:
+            h.remove()
         for p in model.parameters():
             p.requires_grad_(saved_req[id(p)])
         for p in params:
             p.grad = saved_grad[id(p)]
+    if unused:
+        first = min(unused)
+        warnings.warn(f"taylor importance: {first} ({len(unused)} scored linear(s) in all) runs, but the calibration "
+                      "loss does not read its output (perturbing it leaves the loss bit-identical; e.g. the last "
+                      "layer of a vision tower whose features are taken from an earlier layer, LLaVA's "
+                      "vision_feature_layer = -2): its importance is 0, so its heads / neurons are removed first; "
+                      "drop_blocks can remove such a block whole", stacklevel=4)
     return {k: {kk: vv / n for kk, vv in v.items()} for k, v in acc.items()}
+
+
+@torch.no_grad()
+def _check_unread(model: nn.Module, batch: Any, loss_fn, names: list[str], n: int) -> None:
+    """Refuse, unless the loss of ``batch`` is bit-identical with the outputs of the linears ``names`` (which ran
+    but got no gradient) replaced by large random values: only then is their gradient exactly 0 because the loss
+    does not read them, and not because the model detached them (``.detach()``, ``torch.no_grad()`` inside its
+    forward), which would make a 0 score wrong."""
+    gen = torch.Generator().manual_seed(n)
+
+    def scramble(_m: nn.Module, _args: Any, out: Any) -> Any:
+        if not isinstance(out, torch.Tensor):
+            return out
+        noise = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device, out.dtype)
+        return noise * (1.0 + float(out.detach().abs().amax()))
+
+    base = calibration_loss(model, batch, loss_fn)
+    handles = [_lin(model, nm).register_forward_hook(scramble) for nm in names]
+    try:
+        changed = calibration_loss(model, batch, loss_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    if not torch.equal(base, changed):
+        raise ValueError(f"taylor importance: {names[0]} ({len(names)} scored linear(s) in all) runs and the "
+                         f"calibration loss depends on its output (batch {n}: {base.item():.6g} -> "
+                         f"{changed.item():.6g} with its output scrambled), but no gradient reaches it: the model "
+                         "detaches it (.detach() or torch.no_grad() inside its forward), so its Taylor score would "
+                         "be wrong; use importance='activation' or 'magnitude', or narrow the scope")
 
 
 def _check_finite(scores: torch.Tensor, what: str) -> None:
