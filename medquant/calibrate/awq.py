@@ -86,7 +86,7 @@ from tqdm.auto import tqdm
 
 from ..models.blocks import AttentionUnit, Block, block_stacks, transformer_blocks
 from ..models.runner import eval_mode, run_model
-from ..quant.api import as_config_map, quantize_
+from ..quant.api import as_config_map, quantize_, quantized_modules
 from ..quant.config import QuantConfig
 from ..quant.core import fake_quantize
 from ._forward import BatchMasks, MaskSides, batch_masks, call_encoder_states, row_mask, unmasked_layers
@@ -653,7 +653,23 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
     except BaseException:
         undo.restore()  # all or nothing: unscaled weights, float layers, modes as before the call
         raise
+    _warn_unsearched(model, scope)
     return groups
+
+
+def _warn_unsearched(model: nn.Module, scope: str | list[str] | None) -> None:
+    """Warn once when quantized linears sit in blocks outside ``scope`` (a VLM's vision tower under the default
+    scope): they were rounded to nearest, without a scale search."""
+    searched = {b.name for b in transformer_blocks(model, scope)}
+    quantized = list(quantized_modules(model))
+    outside = [b.name for b in transformer_blocks(model, "all") if b.name not in searched
+               and any(n.startswith(b.name + ".") for n in quantized)]
+    if outside:
+        warnings.warn(f"AWQ: {len(outside)} block(s) outside scope={scope!r} ({outside[0]}"
+                      f"{', ...' if len(outside) > 1 else ''}) are quantized by round-to-nearest without a scale "
+                      "search; pass scope='all' with calibration batches that run them (images for a vision "
+                      "tower; medquant quantize --calib-images), or skip them (skip=['@head', '@vision']) to keep them in floating point",
+                      UserWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------- block by block
@@ -861,4 +877,5 @@ def awq_quantize_sequential(
         quantize_sequential(model, config, batches, skip=list(skip) if skip else None, device=device,
                             offload_device=offload_device, checkpoint=checkpoint, per_block_fn=per_block_fn,
                             progress=progress)
+    _warn_unsearched(model, scope)
     return done
