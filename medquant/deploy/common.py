@@ -506,7 +506,7 @@ _EXPORT_LAYOUT = ("a config.json whose quantization_config has quant_method 'com
                   f"the safetensors metadata entry {EXPORT_MARKER[0]!r}: {EXPORT_MARKER[1]!r} that medquant's "
                   "export writes, and no other entries than the files the export writes (config.json, "
                   "generation_config.json, the weights with model.safetensors.index.json, tokenizer / processor "
-                  "files)")
+                  "files, a remote-code model's .py files)")
 
 
 def _entry(p: Path) -> str:
@@ -545,13 +545,16 @@ def safetensors_metadata(file: Path) -> dict[str, str] | None:
 def _not_an_export(folder: Path) -> str | None:
     """Why the non-empty ``folder`` is not recognisably an earlier export of :func:`export_compressed_tensors`, or
     None when it is one: it holds only regular files named as the export names its files (:data:`EXPORT_FILES`,
-    ``model-NNNNN-of-NNNNN.safetensors`` shards), among them ``config.json`` whose ``quantization_config`` has
+    ``model-NNNNN-of-NNNNN.safetensors`` shards, and ``*.py`` code files when its ``config.json`` has an
+    ``auto_map``: the code of a remote-code model), among them ``config.json`` whose ``quantization_config`` has
     ``quant_method: "compressed-tensors"`` and format ``pack-quantized``, and ``model.safetensors`` or shards,
     every one of which carries :data:`EXPORT_MARKER` in its safetensors metadata (what the export writes; a
     pack-quantized folder of the same file names written by another tool, such as a Hub checkpoint that
     llm-compressor saved, lacks it)."""
+    code = _has_auto_map(folder / "config.json")  # an export of a remote-code model carries its code files
     other = sorted(_entry(p) for p in folder.iterdir()
-                   if p.is_symlink() or not p.is_file() or not (p.name in EXPORT_FILES or _SHARD.fullmatch(p.name)))
+                   if p.is_symlink() or not p.is_file() or not (p.name in EXPORT_FILES or _SHARD.fullmatch(p.name)
+                                                                or (code and p.suffix == ".py")))
     if other:
         return f"the export does not write {_some(other)}"
     config = folder / "config.json"
@@ -581,6 +584,16 @@ def _not_an_export(folder: Path) -> str | None:
                     "(a pack-quantized folder saved by another tool, e.g. llm-compressor, or an export of a "
                     "medquant before the marker)")
     return None
+
+
+def _has_auto_map(config: Path) -> bool:
+    """Whether ``config`` is a readable JSON object with a non-empty ``auto_map`` (a model whose code is files of its
+    folder)."""
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("auto_map"), dict) and bool(data["auto_map"])
 
 
 def export_target(path: Path) -> Path:

@@ -4,7 +4,8 @@ The folder holds ``config.json`` (the model's configuration plus a ``quantizatio
 ``quant_method: "compressed-tensors"`` and format ``pack-quantized``), safetensors weights (one file, or shards
 of at most ``max_shard_size`` with ``model.safetensors.index.json``; every file's safetensors metadata is
 ``{"format": "pt", "medquant.export": "compressed-tensors"}``, the marker by which ``overwrite=True`` recognises an
-earlier export), ``generation_config.json`` and the tokenizer / processor files of the source folder.
+earlier export), ``generation_config.json``, the tokenizer / processor files of the source folder and, for a model whose class comes
+from its folder's own code (loaded with ``trust_remote_code=True``), that code with its ``auto_map`` entries.
 
 Weights of a quantized ``Linear`` layer with ``N`` rows, ``K`` inputs and ``b`` bits (1..8):
 
@@ -331,6 +332,12 @@ def _save_config(model: Any, folder: Path, tied: bool) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.architectures = [type(model).__name__]  # as save_pretrained records it
+    if getattr(type(model), "_auto_class", None) is not None:
+        # a class from the source folder's own code (trust_remote_code): its code files and auto_map entry go with
+        # the export, as save_pretrained writes them (the config's own code is written by config.save_pretrained)
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, folder, config=config)
     if not tied:  # a quantized or untied head must not be re-tied to the embeddings on load
         for cfg in (config, getattr(config, "text_config", None), getattr(config, "get_text_config", lambda: None)()):
             if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
@@ -595,8 +602,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             "compressed-tensors"``, :data:`~medquant.deploy.common.EXPORT_MARKER`, written next to ``"format":
             "pt"`` into every weight file); and no entries but the files the export writes (``config.json``,
             ``generation_config.json``, the weights with ``model.safetensors.index.json``, the tokenizer /
-            processor files of :data:`~medquant.deploy.common.TOKENIZER_FILES`; plain files, no folders or
-            links). Any other non-empty folder (a training folder, a medquant checkpoint, an export with files
+            processor files of :data:`~medquant.deploy.common.TOKENIZER_FILES`, ``*.py`` code files when the
+            ``config.json`` has an ``auto_map``; plain files, no folders or links). Any other non-empty folder (a training folder, a medquant checkpoint, an export with files
             added, a pack-quantized folder of the same file names written by another tool such as a Hub
             checkpoint saved by llm-compressor, an export of a medquant before the marker) is refused whatever
             ``overwrite`` says, the error naming what it holds, what is missing and what ``overwrite`` accepts:
