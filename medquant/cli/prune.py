@@ -149,6 +149,36 @@ def folder_tokenizer(path: str, *, trust_remote_code: bool | None = None, **kw):
     return tok
 
 
+def _processor_code(folder: str) -> str:
+    """The Python files named by the ``auto_map`` entries of the folder's processor classes (``AutoProcessor``,
+    ``AutoImageProcessor``, ``AutoFeatureExtractor``, ``AutoVideoProcessor``; at the top of the JSON files
+    ``AutoProcessor`` reads, or in one of their sections), with the file naming them (``processing_x.py named by
+    the auto_map of its processor_config.json``; ``x.py (from owner/repo)`` for code another repository holds);
+    ``""`` when none are named. Only JSON is read."""
+    keys = ("AutoProcessor", "AutoImageProcessor", "AutoFeatureExtractor", "AutoVideoProcessor")
+    found = []
+    for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                 "tokenizer_config.json", "config.json"):
+        try:
+            data = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        maps = [data.get("auto_map"), *(v.get("auto_map") for v in data.values() if isinstance(v, dict))]
+        refs = [r for m in maps if isinstance(m, dict) for k in keys
+                for r in (m.get(k) if isinstance(m.get(k), list) else [m.get(k)]) if isinstance(r, str)]
+        files = []
+        for ref in refs:
+            repo, _, module = ref.rpartition("--")
+            file = f"{module.rsplit('.', 1)[0]}.py" + (f" (from {repo})" if repo else "")
+            if file not in files:
+                files.append(file)
+        if files:
+            found.append(f"{', '.join(files)} named by the auto_map of its {name}")
+    return "; ".join(found)
+
+
 def image_calibration_batches(folder: str, images_path: str, texts: list[str], samples: int, seq_len: int,
                               trust_remote_code: bool | None = None) -> list[dict]:
     """Calibration batches for a vision-language model: one image with one text each, through the folder's own
@@ -175,8 +205,8 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
         The batches (dicts of tensors).
 
     Raises:
-        SystemExit: a folder that ships its own code without ``trust_remote_code`` (naming
-            ``--trust-remote-code``); naming ``--calib-images``: a folder without a processor that takes images,
+        SystemExit: a folder that ships its own code (for its model, tokenizer or processor) without
+            ``trust_remote_code`` (naming ``--trust-remote-code`` and the code files); naming ``--calib-images``: a folder without a processor that takes images,
             images that cannot be read, an image that is not 8-bit, a processor with neither a chat template nor an
             image token, or one that fails on a sample (the message names the image); no text to pair with the
             images.
@@ -193,6 +223,11 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
 
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
     except (OSError, ValueError, KeyError, TypeError) as e:
+        code = _processor_code(folder) if not trust and "custom code" in str(e) else None
+        if code:  # transformers needs the processor's own code (the model's is checked above)
+            raise SystemExit(f"--calib-images: {folder} ships its own Python code for its processor ({code}), "
+                             "which transformers does not provide: loading it would run that code; pass "
+                             "--trust-remote-code if you trust the folder and its code") from None
         raise SystemExit(f"--calib-images needs the model folder's processor (AutoProcessor: images and text into "
                          f"the model's inputs); {folder}: {str(e).splitlines()[0]}") from None
     if getattr(processor, "image_processor", None) is None:
