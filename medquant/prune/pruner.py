@@ -633,9 +633,15 @@ def checked_block(model: nn.Module, b: Block) -> Block:
 
 
 #: attention classes whose forward cannot run with fewer heads than their config gives: class name -> why
+_WIDTH = "reshapes its output to the model width (embed_dim), not to heads x head_dim"
 _FIXED_HEAD_COUNT = {
-    "TrOCRAttention": "reshapes its output to the model width (embed_dim), not to heads x head_dim",
+    "TrOCRAttention": _WIDTH,
     "MoonshineAttention": "reshapes its queries with config.num_key_value_heads, shared by every layer",
+    "XGLMAttention": _WIDTH,
+    "MvpAttention": _WIDTH,
+    "LEDDecoderAttention": _WIDTH,
+    "GroupViTAttention": _WIDTH,
+    "SpeechT5Attention": _WIDTH,
 }
 
 
