@@ -127,7 +127,8 @@ class CheckpointSource:
     """Float tensors by name from a safetensors checkpoint, read one at a time.
 
     The source is a ``.safetensors`` file, a directory holding ``model.safetensors``, or a directory with a
-    sharded ``model.safetensors.index.json``.
+    sharded ``model.safetensors.index.json``; a directory holding both is read from ``model.safetensors``, as
+    ``from_pretrained`` reads it.
 
     Each tensor is read with plain file reads into its own buffer (no memory map), so the process holds exactly
     the tensors it keeps: reading a checkpoint block by block does not leave the pages of blocks already
@@ -156,10 +157,10 @@ class CheckpointSource:
         if path.is_dir():
             index = path / "model.safetensors.index.json"
             single = path / "model.safetensors"
-            if index.is_file():
-                files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-            elif single.is_file():
+            if single.is_file():  # before the index, as from_pretrained looks for them
                 files = [single]
+            elif index.is_file():
+                files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
             else:
                 raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
         elif path.is_file():

@@ -113,13 +113,16 @@ def _tensor_aliases(model) -> dict[str, set[str]]:
 
 
 def _first_float_dtype(folder: Path):
-    """The dtype of the first floating-point tensor of the folder's safetensors (headers only), ``None`` if none."""
+    """The dtype of the first floating-point tensor of the folder's safetensors (headers only), ``None`` if none:
+    those of ``model.safetensors``, else of the shards of ``model.safetensors.index.json`` (the file
+    ``from_pretrained`` reads where both are there)."""
     import torch
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
-    files = sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()}) \
-        if index.is_file() else [folder / "model.safetensors"]
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() or not index.is_file() else \
+        sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
     floats = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     for f in files:
         with safe_open(str(f), "pt") as fh:

@@ -1,0 +1,71 @@
+"""``medquant quantize --stream`` reads a folder as ``from_pretrained`` reads it (the run without ``--stream``, which
+loads the folder with ``from_pretrained``, is the reference: both must write the same tensors).
+
+* A folder holding both ``model.safetensors`` and a sharded ``model.safetensors.index.json`` (other weights, another
+  dtype): ``from_pretrained`` reads ``model.safetensors``, its weights and - with no ``dtype`` in ``config.json`` -
+  its dtype.
+* A folder whose ``config.json`` says ``tie_word_embeddings`` while it stores ``lm_head.weight`` with values of its
+  own: ``from_pretrained`` does not tie them (it warns) and loads each from the folder.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medquant.cli import main
+from tests.cli.tiny_folder import report_text_file, tiny_llama_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("review_stream")
+    tiny_llama_folder(root / "src")
+    report_text_file(root)
+    return root
+
+
+def _args(folder, src, out, *extra):
+    return ["quantize", str(src), str(folder / out), "--bits", "3", "--group-size", "32", "--method", "gptq",
+            "--calib", str(folder / "t.txt"), "--calib-samples", "2", "--seq-len", "16", "--block-by-block",
+            "--json", *extra]
+
+
+def _assert_stream_writes_the_from_pretrained_run(folder, src, name, capsys):
+    outs = []
+    for out, extra in ((f"{name}_mem", []), (f"{name}_stream", ["--stream"])):
+        assert main(_args(folder, src, out, *extra)) == 0
+        capsys.readouterr()
+        outs.append(load_file(str(folder / out / "model.safetensors")))
+    assert sorted(outs[0]) == sorted(outs[1])
+    for k, v in outs[0].items():
+        assert outs[1][k].dtype == v.dtype and torch.equal(outs[1][k], v), k
+    return outs[1]
+
+
+def test_stream_reads_model_safetensors_where_an_index_lies_beside_it(folder, capsys):
+    from transformers import AutoModelForCausalLM
+
+    src = folder / "both"
+    shutil.copytree(folder / "src", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("dtype", None)
+    cfg.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    other = AutoModelForCausalLM.from_pretrained(folder / "src")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-3)
+    other.to(torch.bfloat16).save_pretrained(folder / "other", max_shard_size="100KB")
+    for f in (folder / "other").glob("model*"):
+        shutil.copy(f, src)
+    assert (src / "model.safetensors.index.json").is_file()
+    ref = AutoModelForCausalLM.from_pretrained(src)  # reads model.safetensors: float32, the first weights
+    stored = load_file(str(src / "model.safetensors"))
+    assert ref.dtype == torch.float32
+    assert torch.equal(ref.state_dict()["lm_head.weight"], stored["lm_head.weight"])
+    out = _assert_stream_writes_the_from_pretrained_run(folder, src, "both", capsys)
+    assert out["model.embed_tokens.weight"].dtype == torch.float32
