@@ -322,6 +322,10 @@ def run(args) -> int:
     texts = _calibration_texts(args)
     images = None  # before the model: a folder without a processor is named before any loading
     if args.calib_images and texts is not None:
+        # a folder refused whatever the data is named as such (a medquant checkpoint has no processor files)
+        _refuse_medquant_folder(args.model, args.gguf_file, "prune")
+        if not args.gguf_file:
+            hf_config_file(args.model, args.trust_remote_code)
         images = image_calibration_batches(args.model, args.calib_images, texts, args.calib_samples,
                                            args.max_length, trust_remote_code=args.trust_remote_code)
     model, tok = _load(args.model, args.gguf_file, command="prune", trust_remote_code=args.trust_remote_code)
