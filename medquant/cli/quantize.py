@@ -157,13 +157,50 @@ def _keep_in_float32(model, dtype) -> None:
             model.get_submodule(owner)._buffers[leaf] = t.to(want)
 
 
+def _untie_stored_apart(model, source) -> None:
+    """Untie, as ``from_pretrained`` does, each tied pair (a model's ``all_tied_weights_keys``, ``target -> source``,
+    full names) whose two names the folder both stores with different values (cast to the parameter's dtype): the
+    config says ``tie_word_embeddings`` while the checkpoint holds a head of its own. The target gets a meta
+    parameter of its own (read from the folder like the others) and leaves ``all_tied_weights_keys``; a
+    ``UserWarning`` says so (``from_pretrained`` logs the same). A pair stored once, or twice with equal values,
+    stays tied."""
+    import warnings
+
+    import torch
+
+    for prefix, mod in model.named_modules():
+        keys = getattr(mod, "all_tied_weights_keys", None)
+        if not isinstance(keys, dict):
+            continue
+        p = f"{prefix}." if prefix else ""
+        for target, src in list(keys.items()):
+            t_name, s_name = p + target, p + src
+            if t_name not in source or s_name not in source:
+                continue
+            try:
+                t_param, s_param = model.get_parameter(t_name), model.get_parameter(s_name)
+            except AttributeError:  # a buffer or a name the model does not hold: nothing to untie
+                continue
+            if t_param is not s_param or torch.equal(source.get(t_name).to(t_param.dtype),
+                                                     source.get(s_name).to(s_param.dtype)):
+                continue
+            owner, _, leaf = t_name.rpartition(".")
+            model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(
+                torch.empty_like(t_param, device="meta"), requires_grad=t_param.requires_grad)
+            keys.pop(target)
+            warnings.warn(f"the config ties {t_name} to {s_name} (tie_word_embeddings), but the folder stores both "
+                          "with different values: they are not tied, each is read from the folder (as "
+                          "from_pretrained does)", UserWarning, stacklevel=3)
+
+
 def load_skeleton(path: str, trust_remote_code: bool | None = None):
     """The model of the Hugging Face folder ``path`` built on the meta device, and the source of its float weights.
 
     The model is built as ``from_pretrained`` builds it (``accelerate.init_empty_weights()``: no float weights in
     memory) - its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise), the stored dtype
     (``config.dtype``, else the first floating-point tensor's; ``_keep_in_fp32_modules`` kept in float32), tied
-    weights tied, eval mode, the folder's ``generation_config.json`` - with its persistent buffers read from the
+    weights tied (not a pair the folder stores twice with different values: as ``from_pretrained``, each is then read
+    on its own, with a ``UserWarning``), eval mode, the folder's ``generation_config.json`` - with its persistent buffers read from the
     folder. The source is the :class:`medquant.calibrate.CheckpointSource` of the folder's safetensors, from which
     ``checkpoint=`` reads the blocks, with the stored names renamed as ``from_pretrained`` renames them
     (:func:`medquant.models.checkpoint_renaming`: a VLM saved in its older layout, ``language_model.model.layers.0...``,
@@ -244,6 +281,8 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
         model._weight_conversions = renaming.used()
     else:  # pragma: no cover - a transformers without weight conversions: the stored names are the model's
         source = stored
+    _untie_stored_apart(model, source)  # a tie the folder contradicts, as from_pretrained unties it
+    state = model.state_dict(keep_vars=True)
     aliases = _tensor_aliases(model)
     # the meta tensors (a buffer built real that the folder lacks keeps its initial value, as from_pretrained's)
     missing = [k for k, t in state.items() if t.is_meta and not any(a in source for a in aliases.get(k, {k}))]

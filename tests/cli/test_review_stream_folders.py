@@ -69,3 +69,40 @@ def test_stream_reads_model_safetensors_where_an_index_lies_beside_it(folder, ca
     assert torch.equal(ref.state_dict()["lm_head.weight"], stored["lm_head.weight"])
     out = _assert_stream_writes_the_from_pretrained_run(folder, src, "both", capsys)
     assert out["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_stream_does_not_tie_a_head_the_folder_stores_with_values_of_its_own(folder, capsys):
+    from transformers import AutoModelForCausalLM
+
+    src = folder / "tie_claimed"
+    shutil.copytree(folder / "src", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(cfg))
+    stored = load_file(str(src / "model.safetensors"))
+    assert not torch.equal(stored["lm_head.weight"], stored["model.embed_tokens.weight"])
+    ref = AutoModelForCausalLM.from_pretrained(src)  # both stored, different: not tied, each loaded
+    assert ref.lm_head.weight is not ref.model.embed_tokens.weight
+    assert torch.equal(ref.lm_head.weight, stored["lm_head.weight"])
+    with pytest.warns(UserWarning, match="tie_word_embeddings"):
+        out = _assert_stream_writes_the_from_pretrained_run(folder, src, "tie_claimed", capsys)
+    assert "lm_head.qweight_3" in out
+
+
+def test_stream_still_ties_a_head_the_folder_stores_with_the_embeddings_values(folder, capsys):
+    """A folder storing both names with one value (a tied model written by a tool that keeps both) stays tied, as
+    ``from_pretrained`` ties it."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    src = folder / "tie_both"
+    shutil.copytree(folder / "src", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(cfg))
+    stored = load_file(str(src / "model.safetensors"))
+    stored["lm_head.weight"] = stored["model.embed_tokens.weight"].clone()
+    save_file(stored, str(src / "model.safetensors"), metadata={"format": "pt"})
+    ref = AutoModelForCausalLM.from_pretrained(src)
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    _assert_stream_writes_the_from_pretrained_run(folder, src, "tie_both", capsys)
