@@ -61,7 +61,7 @@ from ..io import verify_pretrained, write_checkpoint
 from ..io.checkpoint import check_saved_hooks
 from ..io.schema import parse_layer
 from ..models.checkpoint_names import checkpoint_renaming
-from ..quant.activations import attach_recorded
+from ..quant.activations import attach_recorded, input_quantizers
 from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
 from ..quant.config import QuantConfig
 from ..quant.embeddings import quantize_embeddings_
@@ -710,15 +710,62 @@ class _SavePretrained:
 
     def __call__(self, save_directory, **kwargs) -> None:
         check_saved_hooks(self.model, "save_pretrained")  # as medquant.hf.save_pretrained: nothing lost silently
-        if getattr(self.model, "hf_quantizer", None) is None and _has_quantized(self.model):
+        if not _has_quantized(self.model):  # every layer float again (medquant.dequantize_): a float folder
+            _save_float(self.model, save_directory, **kwargs)
+            return
+        if getattr(self.model, "hf_quantizer", None) is None:
             attach_quantizer(self.model)  # quantized in place (quantize_, GPTQ...): the recipe goes into config.json
         _crash_safe_save_pretrained(self.model, save_directory, **kwargs)
+
+
+def _save_float(model: nn.Module, save_directory, **kwargs) -> None:
+    """Save a model bound to the medquant ``save_pretrained`` that holds no quantized layer (all made float again
+    by :func:`medquant.dequantize_`) as the float model it is: a ``quantization_config`` would record no module, a
+    folder ``from_pretrained`` refuses. medquant's quantizer and ``quantization_config`` (left by
+    ``from_pretrained`` or an earlier save) are set aside for the save only, as transformers' own
+    ``model.dequantize()`` drops them; the folder is still replaced as one unit with a manifest.
+
+    Raises:
+        ValueError: the model has active input quantizers, which only a medquant ``quantization_config`` records
+            (with quantized layers): the float folder would load without them (nothing is written).
+    """
+    acts = input_quantizers(model)
+    if acts:
+        raise ValueError(
+            f"save_pretrained: the model holds no quantized layer (a float model), but {len(acts)} module(s) "
+            f"fake-quantize their inputs with an input quantizer ({', '.join(list(acts)[:8])}"
+            f"{' ...' if len(acts) > 8 else ''}), which a folder records only in medquant's quantization_config "
+            "next to quantized layers: saved as a float model it would load with float activations. Accepted: "
+            "quantize the layers again before saving (medquant.quantize_), or remove the input quantizers "
+            "(module.input_quantizer_handle.remove()) to save the float model; medquant.save(model, path) "
+            "records them with any model")
+    config = getattr(model, "config", None)
+    quantizer = model.__dict__.get("hf_quantizer", _MISSING)
+    recorded = config.__dict__.get("quantization_config", _MISSING) if config is not None else _MISSING
+    if quantizer is not _MISSING and isinstance(quantizer, MedQuantHfQuantizer):
+        model.hf_quantizer = None
+    else:
+        quantizer = _MISSING
+    if recorded is not _MISSING and isinstance(recorded, MedQuantConfig):
+        del config.quantization_config
+    else:
+        recorded = _MISSING
+    try:
+        _crash_safe_save_pretrained(model, save_directory, **kwargs)
+    finally:
+        if quantizer is not _MISSING:
+            model.hf_quantizer = quantizer
+        if recorded is not _MISSING:
+            config.quantization_config = recorded
 
 
 def bind_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` the medquant one (an instance attribute; the class is untouched): the folder
     gets ``quantization_config`` with every quantized layer's recipe, is replaced as one unit and carries a
-    manifest. Bound when medquant loads, prepares or quantizes a transformers model (idempotent).
+    manifest. Bound when medquant loads, prepares or quantizes a transformers model (idempotent). A model with no
+    quantized layer left (:func:`medquant.dequantize_`) is saved as the float model, without
+    ``quantization_config``; one that still has active input quantizers is then refused (the float folder could not
+    record them).
 
     Args:
         model: a transformers model.
