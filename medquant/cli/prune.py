@@ -206,7 +206,8 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
 
     Raises:
         SystemExit: a folder that ships its own code (for its model, tokenizer or processor) without
-            ``trust_remote_code`` (naming ``--trust-remote-code`` and the code files); naming ``--calib-images``: a folder without a processor that takes images,
+            ``trust_remote_code`` (naming ``--trust-remote-code`` and the code files); naming ``--calib-images``: a
+            folder without a processor that takes images, or whose processor takes no text (an image model's),
             images that cannot be read, an image that is not 8-bit, a processor with neither a chat template nor an
             image token, or one that fails on a sample (the message names the image); no text to pair with the
             images.
@@ -230,6 +231,11 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
                              "--trust-remote-code if you trust the folder and its code") from None
         raise SystemExit(f"--calib-images needs the model folder's processor (AutoProcessor: images and text into "
                          f"the model's inputs); {folder}: {str(e).splitlines()[0]}") from None
+    if getattr(processor, "image_processor", None) is None and getattr(processor, "tokenizer", None) is None \
+            and not hasattr(processor, "encode"):  # an image processor itself: an image model's folder
+        raise SystemExit(f"--calib-images pairs each image with a text through a vision-language model's processor; "
+                         f"the processor of {folder} ({type(processor).__name__}) takes no text (an image model): "
+                         "calibrate it in Python on its image processor's pixel_values batches")
     if getattr(processor, "image_processor", None) is None:
         raise SystemExit(f"--calib-images: the processor of {folder} ({type(processor).__name__}) takes no images; "
                          "calibrate this model with text alone")
