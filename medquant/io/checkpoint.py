@@ -430,7 +430,10 @@ def check_saved_hooks(model: nn.Module, writer: str = "medquant.save") -> None:
     * tensors computed through ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm`` /
       ``spectral_norm`` / ``orthogonal``, a ``register_parametrization``): no hook, but the same loss - the state
       dict holds ``parametrizations.<tensor>.original*`` and not the tensor, so a model of the architecture
-      (``from_pretrained``: freshly initialised) does not get it: refused;
+      (``from_pretrained``: freshly initialised) does not get it: refused; except, for a transformers model, the
+      parametrizations its class builds itself from its config (Wav2Vec2 / HuBERT / WavLM's weight norm on
+      ``pos_conv_embed.conv``: the same module name, tensors and parametrization classes in a model built from
+      ``model.config``), which a model of the architecture has again and reads from the file;
     * any other hook (a user's): a ``UserWarning`` naming it, as the loaded model runs without it;
     * input quantizers (recorded in the checkpoint and attached again) and hooks known to change nothing: accepted.
 
@@ -462,6 +465,9 @@ def check_saved_hooks(model: nn.Module, writer: str = "medquant.save") -> None:
             "(weight_orig and weight_mask, weight_g and weight_v) and no weight, and would not load into the model. "
             f"Accepted: {MAKE_PERMANENT}")
     parametrized = [(n, m) for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if parametrized and _is_hf(model):  # the architecture's own (Wav2Vec2's weight_norm): rebuilt with the model
+        native = _native_parametrizations(model)
+        parametrized = [(n, m) for n, m in parametrized if _parametrizations_of(m) != native.get(n)]
     if parametrized:
         listed = "; ".join(f"{n or '(model)'}: {', '.join(m.parametrizations)}" for n, m in parametrized[:8])
         raise ValueError(
@@ -476,6 +482,34 @@ def check_saved_hooks(model: nn.Module, writer: str = "medquant.save") -> None:
         _warn(f"{writer}: {len(user)} forward hook(s) are not saved ({'; '.join(h.describe() for h in user[:8])}"
               f"{' ...' if len(user) > 8 else ''}): the model loaded from the folder runs without them; build what "
               "they compute into the model's layers to keep it", UserWarning)
+
+
+def _parametrizations_of(module: nn.Module) -> dict[str, list[str]]:
+    """``{tensor name: [class name of each parametrization, in order]}`` of a ``torch.nn.utils.parametrize``d
+    module (empty when it has none)."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(module):
+        return {}
+    tables: Any = module.parametrizations
+    return {t: [type(p).__qualname__ for p in plist] for t, plist in tables.items()}
+
+
+def _native_parametrizations(model: nn.Module) -> dict[str, dict[str, list[str]]]:
+    """The ``torch.nn.utils.parametrize`` parametrizations a transformers model of ``model``'s class builds itself
+    from ``model.config`` (Wav2Vec2's ``pos_conv_embed.conv`` weight norm): module name ->
+    :func:`_parametrizations_of`, read from a fresh model built on the meta device (no memory is allocated).
+    Empty when the model cannot be built so (every parametrization then counts as added)."""
+    import copy
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls: Any = type(model)
+            fresh = cls._from_config(copy.deepcopy(model.config))
+    except Exception:  # noqa: BLE001 - a class that cannot be rebuilt from its config alone: nothing is native
+        return {}
+    return {n: p for n, m in fresh.named_modules() if (p := _parametrizations_of(m))}
 
 
 def _shared_blocks(model: nn.Module) -> dict[str, str]:
