@@ -225,6 +225,7 @@ class HessianAccumulator:
         self.sums: dict[Any, torch.Tensor] = {}
         self.counts: dict[Any, int] = {}
         self.calls = 0
+        self.padding_rows = 0  # input rows left out by a row mask (padding positions), for the error of hessian()
 
     @property
     def rows(self) -> int:
@@ -302,7 +303,8 @@ class HessianAccumulator:
                 is not ``x.shape[:-1]`` or given for a convolution (and the errors of :meth:`check`).
         """
         if isinstance(self.module, nn.Linear):
-            self.add_products(self.products(x, labels, mask))
+            products = self.products(x, labels, mask)
+            self.add_products(products, _left_out(x, products) if mask is not None else 0)
             return
         if mask is not None:
             raise ValueError(f"layer {self.name}: a row mask is for nn.Linear inputs, not convolutions")
@@ -372,14 +374,17 @@ class HessianAccumulator:
             out.append((key, self._product(x2).double().unsqueeze(0), x2.shape[0]))
         return out
 
-    def add_products(self, products: Sequence[tuple[Any, torch.Tensor, int]]) -> None:
+    def add_products(self, products: Sequence[tuple[Any, torch.Tensor, int]], padding_rows: int = 0) -> None:
         """Add the output of :meth:`products`: ``S_g += P_g``, ``n_g += rows``; counts one call.
 
         The products may come from this layer or from another layer with the same input features.
 
         Args:
             products: ``[(group label, (1, K, K) float64, rows)]``.
+            padding_rows: the call's input rows that a row mask left out of ``products`` (counted for the error
+                of :meth:`hessian` when no row at all is calibration data).
         """
+        self.padding_rows += padding_rows
         for key, p, rows in products:
             if key not in self.sums:
                 self.sums[key] = torch.zeros(self.groups, self.k, self.k, dtype=torch.float64, device=p.device)
@@ -431,9 +436,16 @@ class HessianAccumulator:
             ``2 S / n``, or the group-balanced ``sum_g w_g 2 S_g / n_g``, before dampening.
 
         Raises:
-            ValueError: no input row was added (the forward never reached the layer, or every call had 0 rows:
-                empty calibration batches), or invalid ``group_weights``.
+            ValueError: no input row was added (the forward never reached the layer, every call had 0 rows:
+                empty calibration batches, or every row was a padding position left out by a row mask: the
+                message says which), or invalid ``group_weights``.
         """
+        if self.rows == 0 and self.padding_rows > 0:
+            raise ValueError(f"layer {self.name} was called {self.calls} time(s) on the calibration batches but "
+                             f"every one of its {self.padding_rows} input rows is a padding position (token mask 0: "
+                             "the attention_mask, or in an encoder-decoder's decoder the decoder_attention_mask), "
+                             "so none is calibration data; give batches whose mask marks at least one real token "
+                             "(nonzero / True)")
         if self.rows == 0 and self.calls > 0:
             raise ValueError(f"layer {self.name} was called {self.calls} time(s) on the calibration batches but "
                              "received 0 input rows: the calibration batches are empty (no samples, or no tokens, "
@@ -449,6 +461,11 @@ class HessianAccumulator:
         return sum(w * 2.0 * self.sums[k] / self.counts[k] for k, w in self.weights().items())
 
 
+def _left_out(x: torch.Tensor, products: Sequence[tuple[Any, torch.Tensor, int]]) -> int:
+    """The rows of the Linear input ``x`` (``x.numel() / K``) that a row mask left out of ``products``."""
+    return x.numel() // max(1, x.shape[-1]) - sum(rows for _, _, rows in products)
+
+
 class _SharedInputs:
     """The products of the last Linear input seen in one calibration call, reused by the next layers that read the
     same tensor (a transformer's q/k/v projections, gate/up): the same tensor object at the same in-place version,
@@ -461,9 +478,10 @@ class _SharedInputs:
         self.key: tuple = ()
         self.products: list[tuple[Any, torch.Tensor, int]] = []
         self.rows: tuple[Any, int, list[Any]] | None = None  # (labels, tokens, one label per token) of this call
+        self.padding_rows = 0  # the rows the mask left out of products
 
     def clear(self) -> None:
-        self.x, self.key, self.products, self.rows = None, (), [], None
+        self.x, self.key, self.products, self.rows, self.padding_rows = None, (), [], None, 0
 
     def add(self, acc: HessianAccumulator, x: Any, labels: Any, mask: torch.Tensor | None = None,
             tokens: int | None = None) -> None:
@@ -478,11 +496,12 @@ class _SharedInputs:
         key = (tensor_version(x), acc.k, id(labels), id(mask) if mask is not None else None)
         mask = row_mask(x, mask)
         if self.x is x and key[0] >= 0 and key == self.key:
-            acc.add_products(self.products)
+            acc.add_products(self.products, self.padding_rows)
             return
         products = acc.products(x.detach(), labels, mask)
-        acc.add_products(products)
-        self.x, self.key, self.products = x, key, products
+        padding = _left_out(x, products) if mask is not None else 0
+        acc.add_products(products, padding)
+        self.x, self.key, self.products, self.padding_rows = x, key, products, padding
 
     def per_token(self, x: torch.Tensor, labels: Any, tokens: int | None) -> Any:
         """Per-sample ``labels`` spread over the rows of ``x`` when ``x`` is ``(batch * sequence, K)``, the
