@@ -381,8 +381,11 @@ def _shared_stored_once(model: nn.Module) -> Iterator[None]:
     names (``shared_modules``): they are stored once, under the name ``modules`` records, where transformers'
     ``from_pretrained`` reads them. Without this, safetensors keeps the alphabetically first name, and
     ``from_pretrained`` of a folder whose further name sorts first refused it (the recorded name's tensors
-    missing)."""
-    aliases = {alias + ".": name + "." for alias, name in shared_modules(model).items()}
+    missing). Likewise the tensors of any other module under its further names (``shared_blocks``: a block run
+    twice), stored once under its first name, as ``medquant.json`` records it (without this, a block whose first
+    name sorts after a further one, ``layers[10] = layers[2]``, had its float tensors under the further name and
+    its quantized layers under the first)."""
+    aliases = {alias + ".": name + "." for alias, name in {**shared_modules(model), **_shared_blocks(model)}.items()}
 
     def drop(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
         if prefix:
