@@ -840,7 +840,9 @@ def _renumber_alignment_heads(model: nn.Module, plan: PrunePlan, blocks: dict[st
     dropped = {i for i in (decoder_index(n) for n in plan.drop_blocks) if i is not None}
     if not pairs or not (pruned or dropped):
         return []
-    layers = {i: [int(h) for h in keep] for i, keep in ((decoder_index(n), k) for n, k in pruned.items())
+    # a kept head's new index is its rank among the kept heads (prune_attention keeps them in their original order,
+    # however the plan lists them)
+    layers = {i: sorted(int(h) for h in keep) for i, keep in ((decoder_index(n), k) for n, k in pruned.items())
               if i is not None}
     out, gone = [], []
     for layer, head in pairs:
