@@ -28,10 +28,11 @@ the stored dtype, tied weights as ``from_pretrained`` ties them) and each block'
 folder's safetensors (``model.safetensors`` or a sharded index) when it is processed, under the names
 ``from_pretrained`` gives them (:func:`medquant.models.checkpoint_renaming`: transformers renames the stored tensors
 of some checkpoints while loading, e.g. VLMs saved in their older layout, ``language_model.model.layers.0...`` read
-as ``model.language_model.layers.0...``). Refused before any work: a folder that holds no safetensors, tensors that
-transformers converts while loading (fuses, splits or permutes: MoE experts stored per expert and stacked into one
-3-D tensor, as ``save_pretrained`` writes Mixtral-style models), which cannot be read one by one, and a folder that
-lacks some of the model's tensors once renamed.
+as ``model.language_model.layers.0...``). Refused before any work: a folder that holds no safetensors, a folder
+already quantized by another library (a ``quantization_config`` in its ``config.json``: its codes are no float
+weights), tensors that transformers converts while loading (fuses, splits or permutes: MoE experts stored per
+expert and stacked into one 3-D tensor, as ``save_pretrained`` writes Mixtral-style models), which cannot be read
+one by one, and a folder that lacks some of the model's tensors once renamed.
 """
 from __future__ import annotations
 
@@ -220,7 +221,9 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
 
     Raises:
         SystemExit: naming ``--stream``, before any work: a folder without ``model.safetensors`` /
-            ``model.safetensors.index.json`` or whose safetensors cannot be read; stored tensors that transformers
+            ``model.safetensors.index.json`` or whose safetensors cannot be read; a folder another library
+            quantized (its ``config.json`` has a ``quantization_config``: bitsandbytes' int8 codes are stored
+            under ``weight``, in the float weight's shape, and would be read as float weights); stored tensors that transformers
             converts while loading (fused, split or permuted: per-expert MoE weights stacked into one 3-D tensor),
             which cannot be read one by one under a new name; two stored tensors read under one name; tensors
             that do not carry the name of every parameter of the model's state dict once renamed (or another
@@ -242,6 +245,15 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
     if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
         raise SystemExit(f"--stream reads the float weights from the folder's safetensors; {path} has neither "
                          "model.safetensors nor model.safetensors.index.json: run without --stream")
+    try:
+        qc = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        qc = None
+    if qc is not None:  # medquant's own is refused above; another library's codes would be read as float weights
+        method = qc.get("quant_method", "an unknown method") if isinstance(qc, dict) else "an unknown method"
+        raise SystemExit(f"--stream reads float weights; {path} is already quantized ({method}: its config.json has "
+                         "a quantization_config), so its safetensors hold that method's codes and scales, which "
+                         "--stream would read as float weights: give the float folder it was made from")
     try:
         stored = CheckpointSource(folder)  # the headers, checked before the model is built
     except (OSError, ValueError, KeyError) as e:

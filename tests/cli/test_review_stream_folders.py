@@ -106,3 +106,35 @@ def test_stream_still_ties_a_head_the_folder_stores_with_the_embeddings_values(f
     ref = AutoModelForCausalLM.from_pretrained(src)
     assert ref.lm_head.weight is ref.model.embed_tokens.weight
     _assert_stream_writes_the_from_pretrained_run(folder, src, "tie_both", capsys)
+
+
+def test_stream_refuses_a_folder_another_library_quantized(folder, capsys, monkeypatch):
+    """A bitsandbytes 8-bit folder stores each Linear's int8 codes under ``weight`` (the model's float shape) and its
+    scales under ``SCB``; ``from_pretrained`` reads it through its quantizer (``Linear8bitLt``). Read as float
+    weights by name, the codes would pass every check and be quantized as if they were the weights: refused before
+    any work, naming the method, nothing written."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    import medquant.calibrate
+
+    src = folder / "bnb8"
+    model = AutoModelForCausalLM.from_pretrained(folder / "src", quantization_config=BitsAndBytesConfig(
+        load_in_8bit=True))
+    model.save_pretrained(src)
+    AutoTokenizer.from_pretrained(folder / "src").save_pretrained(src)
+    with safe_open(str(src / "model.safetensors"), "pt") as fh:
+        w = fh.get_slice("model.layers.0.mlp.up_proj.weight")
+        assert w.get_dtype() == "I8" and w.get_shape() == [128, 64]  # codes, in the float weight's shape
+        assert "model.layers.0.mlp.up_proj.SCB" in fh.keys()  # noqa: SIM118
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+
+    def refused(*a, **k):
+        raise AssertionError("--stream quantized a folder it should have refused")
+
+    monkeypatch.setattr(medquant.calibrate, "gptq_quantize_sequential", refused)
+    assert main(_args(folder, src, "bnb8_out", "--stream")) == 2
+    err = capsys.readouterr().err
+    assert "--stream" in err and "bitsandbytes" in err and "float" in err
+    assert not (folder / "bnb8_out").exists()
