@@ -162,21 +162,20 @@ def _untie_stored_apart(model, source) -> None:
     """Untie, as ``from_pretrained`` does, each tied pair (a model's ``all_tied_weights_keys``, ``target -> source``,
     full names) whose two names the folder both stores with different values (cast to the parameter's dtype): the
     config says ``tie_word_embeddings`` while the checkpoint holds a head of its own. The target gets a meta
-    parameter of its own (read from the folder like the others) and leaves ``all_tied_weights_keys``; a
-    ``UserWarning`` says so (``from_pretrained`` logs the same). A pair stored once, or twice with equal values,
-    stays tied."""
+    parameter of its own (read from the folder like the others) and the pair leaves every
+    ``all_tied_weights_keys`` naming it; a ``UserWarning`` says so (``from_pretrained`` logs the same). A pair
+    stored once, or twice with equal values, stays tied."""
     import warnings
 
     import torch
 
-    for prefix, mod in model.named_modules():
-        keys = getattr(mod, "all_tied_weights_keys", None)
-        if not isinstance(keys, dict):
-            continue
-        p = f"{prefix}." if prefix else ""
-        for target, src in list(keys.items()):
+    dicts = [(f"{prefix}." if prefix else "", keys) for prefix, mod in model.named_modules()
+             if isinstance(keys := getattr(mod, "all_tied_weights_keys", None), dict)]
+    untied: set[tuple[str, str]] = set()
+    for p, keys in dicts:
+        for target, src in keys.items():
             t_name, s_name = p + target, p + src
-            if t_name not in source or s_name not in source:
+            if (t_name, s_name) in untied or t_name not in source or s_name not in source:
                 continue
             try:
                 t_param, s_param = model.get_parameter(t_name), model.get_parameter(s_name)
@@ -188,10 +187,13 @@ def _untie_stored_apart(model, source) -> None:
             owner, _, leaf = t_name.rpartition(".")
             model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(
                 torch.empty_like(t_param, device="meta"), requires_grad=t_param.requires_grad)
-            keys.pop(target)
+            untied.add((t_name, s_name))
             warnings.warn(f"the config ties {t_name} to {s_name} (tie_word_embeddings), but the folder stores both "
                           "with different values: they are not tied, each is read from the folder (as "
                           "from_pretrained does)", UserWarning, stacklevel=3)
+    for p, keys in dicts:
+        for target in [t for t, src in keys.items() if (p + t, p + src) in untied]:
+            keys.pop(target)
 
 
 def load_skeleton(path: str, trust_remote_code: bool | None = None):
