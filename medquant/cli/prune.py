@@ -179,6 +179,23 @@ def _processor_code(folder: str) -> str:
     return "; ".join(found)
 
 
+def _places_the_image_itself(processor, tok, image_token, batch, words: str, image) -> bool:
+    """Whether a processor without a chat template puts an image's tokens before the text itself (BLIP-2,
+    InstructBLIP: ``num_query_tokens`` image tokens prepended to each text given with an image): the text alone,
+    with the image, already gives image tokens, and fewer than ``batch`` (the text after an image token, which such
+    a processor keeps as one token too many). A processor that expands the image token of the text (LLaVA) gives
+    none for the text alone, or fails on it; one that reads both forms alike (PaliGemma) gives as many."""
+    token_id = tok.convert_tokens_to_ids(str(image_token))
+    if not isinstance(token_id, int) or token_id == getattr(tok, "unk_token_id", None):
+        return False
+    try:
+        alone = processor(text=[words], images=[image], return_tensors="pt")
+    except (ValueError, TypeError, RuntimeError):
+        return False
+    count = int((alone["input_ids"] == token_id).sum())
+    return 0 < count < int((batch["input_ids"] == token_id).sum())
+
+
 def image_calibration_batches(folder: str, images_path: str, texts: list[str], samples: int, seq_len: int,
                               trust_remote_code: bool | None = None) -> list[dict]:
     """Calibration batches for a vision-language model: one image with one text each, through the folder's own
@@ -189,7 +206,9 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
     :func:`medquant.data.load_images`; grayscale arrays are given as three equal channels) goes with text ``i`` of
     ``texts`` (reused in order when there are fewer), cut to its first ``seq_len`` tokens (the image's tokens come
     on top). The text is placed as one user turn holding the image and the text in the processor's chat template
-    (``apply_chat_template``), else after the processor's ``image_token`` and a line break;
+    (``apply_chat_template``), else after the processor's ``image_token`` and a line break - or alone when the
+    processor puts the image's tokens before the text itself (BLIP-2, InstructBLIP: the image token of the text
+    would be one too many);
     ``min(samples, number of images)`` batches of one sample each (the processor's output, as ``model(**batch)``
     takes it).
 
@@ -252,6 +271,7 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--calib-images: {images_path}: {e}") from None
     batches = []
+    self_placing = None  # without a template: whether the processor puts the image's tokens before the text itself
     for i, (image, name) in enumerate(zip(images, names)):
         image = np.asarray(image)
         if image.dtype != np.uint8:
@@ -270,6 +290,10 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
         special = {"add_special_tokens": False} if bos is not None and prompt.startswith(bos) else {}
         try:
             batch = processor(text=[prompt], images=[image], return_tensors="pt", **special)
+            if not template and self_placing is None:
+                self_placing = _places_the_image_itself(processor, tok, image_token, batch, words, image)
+            if self_placing:
+                batch = processor(text=[words], images=[image], return_tensors="pt")
         except (ValueError, TypeError, RuntimeError) as e:
             raise SystemExit(f"--calib-images: the processor of {folder} failed on image {name}: "
                              f"{str(e).splitlines()[0]}") from None
