@@ -62,7 +62,14 @@ from ..io.checkpoint import check_saved_hooks
 from ..io.schema import parse_layer
 from ..models.checkpoint_names import checkpoint_renaming
 from ..quant.activations import attach_recorded, input_quantizers
-from ..quant.api import quantize_, quantize_module, quantized_modules, swap_module
+from ..quant.api import (
+    names_by_module,
+    quantize_,
+    quantize_module,
+    quantized_modules,
+    swap_module,
+    swap_under_all_names,
+)
 from ..quant.config import QuantConfig
 from ..quant.embeddings import quantize_embeddings_
 from ..quant.experts import expand_recorded_experts, is_experts_module
@@ -398,7 +405,8 @@ def _quantize_recorded_tables(model: nn.Module, tables: Mapping[str, QuantConfig
 
 
 class _QuantizeOnLoad(ConversionOps):
-    """Quantize a planned Linear / Conv2d as soon as its float weight is read, swapping the module in place."""
+    """Quantize a planned Linear / Conv2d as soon as its float weight is read, swapping the module in place (under
+    every name it is bound to: a layer shared by construction becomes one quantized layer, as with ``quantize_``)."""
 
     def __init__(self, hf_quantizer: MedQuantHfQuantizer) -> None:
         self.hf_quantizer = hf_quantizer
@@ -418,9 +426,11 @@ class _QuantizeOnLoad(ConversionOps):
             q = _quantize_weight(old, value, cfg, mod_name)
             _hide_rows(q)
             q._is_hf_initialized = True
-            swap_module(model, mod_name, q)
+            # under every name the float layer is bound to (a head shared by construction), as quantize_ does; the
+            # weight of each such name was read with this one (and is now the packed codes: no tensor to look up)
+            swapped = swap_under_all_names(model, mod_name, q, self.hf_quantizer._aliases)
             if missing_keys is not None:
-                missing_keys.discard(key)
+                missing_keys.difference_update(f"{name}.weight" for name, _ in swapped)
         return out
 
 
@@ -474,6 +484,7 @@ class MedQuantHfQuantizer(HfQuantizer):
         self._tables: dict[str, QuantConfig] = {}  # quantize on load: recorded embedding tables -> config
         self._tied: dict[str, str] = {}  # quantize on load: recorded tied heads -> their table
         self._shared: dict[str, str] = {}  # pre-quantized: further names of a shared layer -> its recorded name
+        self._aliases: dict[int, list[str]] = {}  # quantize on load: id -> every name of a module bound under several
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         if self.pre_quantized and not self.quantization_config.modules:
@@ -546,6 +557,7 @@ class MedQuantHfQuantizer(HfQuantizer):
                     raise ValueError(f"quantization_config.{e}") from None
                 _check_recorded_ties(model, self._tied)
             self._plan = qc.plan(model)
+            self._aliases = {i: names for i, names in names_by_module(model).items() if len(names) > 1}
             listed = sorted(set(qc.skipped_modules or ()) & {*self._plan, *self._tied})
             if listed:  # skipped_modules records a saved model's float layers; it never keeps a layer in float
                 raise ValueError(f"MedQuantConfig.skipped_modules lists {listed}, which its plan quantizes: "
