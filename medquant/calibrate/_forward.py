@@ -13,8 +13,9 @@ rows), and :func:`unmasked_layers` names the layers it is never applied to (the 
 whose inputs are image patches even when their count equals the number of tokens). In an encoder-decoder the
 ``attention_mask`` is the encoder's and ``decoder_attention_mask`` the decoder's (:func:`batch_masks`):
 :class:`MaskSides` says which of the two each layer input takes - by the layer's side (under the encoder module or
-not) and, for a decoder layer reading the encoder's output (cross-attention ``k`` / ``v``), by the identity of its
-input with that output - so a decoder sequence as long as the encoder's is masked by its own padding only.
+not; in a whole-model forward, whether the call is made while the encoder runs) and, for a decoder layer reading the
+encoder's output (cross-attention ``k`` / ``v``), by the identity of its input with that output - so a decoder
+sequence as long as the encoder's is masked by its own padding only.
 """
 from __future__ import annotations
 
@@ -263,7 +264,10 @@ class MaskSides:
     the decoder blocks its language blocks. The rule, per layer input ``x`` of a calibration batch with :class:`BatchMasks` ``masks``:
 
     * not an encoder-decoder: ``masks.encoder`` (the batch's ``attention_mask``) for every layer;
-    * a layer under the encoder side: ``masks.encoder``;
+    * a layer under the encoder side: ``masks.encoder``; in a whole-model forward (:meth:`tracking`) the side is
+      that of the call instead - ``masks.encoder`` for a call made while the encoder module runs, whatever the
+      layer's name - so one module bound in both stacks (one module object under an encoder and a decoder name)
+      gets each call's own side;
     * an ``x`` that *is* (the same tensor object as) one of the encoder-side tensors of the call - the encoder
       module's output in a whole-model forward, or the ``encoder_hidden_states`` argument of the decoder block
       being run (:func:`call_encoder_states`): ``masks.encoder`` (a decoder's cross-attention ``k`` / ``v``
@@ -344,10 +348,14 @@ class MaskSides:
             states: the encoder-side tensors of the current call (:meth:`tracking`, :func:`call_encoder_states`).
 
         Returns:
-            ``True`` for every layer of a model that is not an encoder-decoder, for a layer under the encoder side
-            and for an input that is one of ``states``; ``False`` otherwise.
+            ``True`` for every layer of a model that is not an encoder-decoder, for an input that is one of
+            ``states``, and for a layer under the encoder side - or, with ``states`` from :meth:`tracking`, for a
+            call made while the encoder module runs (the layer's name is then not read); ``False`` otherwise.
         """
-        return self.encoder is None or _under(name, self.encoder) or any(x is s for s in states)
+        if self.encoder is None or any(x is s for s in states):
+            return True
+        running = getattr(states, "in_encoder", None)
+        return _under(name, self.encoder) if running is None else bool(running)
 
     def block_masks(self, block: str, masks: Sequence[BatchMasks]
                     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None] | None]:
@@ -379,30 +387,48 @@ class MaskSides:
         Yields:
             The list the tensors are appended to (emptied when the encoder starts a forward, i.e. at each
             calibration batch; a caller may clear it too). Empty (and no hook) for a model that is not an
-            encoder-decoder.
+            encoder-decoder. Its ``in_encoder`` attribute says whether the encoder module is running (set by hooks
+            on it, reset at each forward of ``model``), which :meth:`reads_encoder` reads instead of the layer's
+            name.
         """
-        states: list[torch.Tensor] = []
+        states = _Tracked()
         handles = []
         if self.encoder is not None:
+            states.in_encoder = False
+
             def new_forward(mod, args):  # the encoder runs once per calibration batch: a new batch's tensors
                 states.clear()
+                states.in_encoder = True
 
             def keep_output(mod, args, out):
                 t = _first_tensor(out)
                 if t is not None:
                     states.append(t)
 
+            def leave(mod, args, out):  # always called: also when a capture stops the forward inside the encoder
+                states.in_encoder = False
+
+            def new_batch(mod, args):
+                states.in_encoder = False
+
             def keep_argument(mod, args, kwargs):
                 states.extend(t for t in call_encoder_states(mod, args, kwargs) if not any(t is s for s in states))
 
             try:
                 encoder = model.get_submodule(self.encoder)
+            except AttributeError:  # not there: no tensor is tracked through it, the layers' names decide the sides
+                states.in_encoder = None
+            else:
+                handles.append(model.register_forward_pre_hook(new_batch))
                 handles.append(encoder.register_forward_pre_hook(new_forward))
                 handles.append(encoder.register_forward_hook(keep_output))
-                for n in self.decoder_blocks:
-                    handles.append(model.get_submodule(n).register_forward_pre_hook(keep_argument, with_kwargs=True))
-            except AttributeError:  # a module not there: no tensor is tracked through it
-                pass
+                handles.append(encoder.register_forward_hook(leave, always_call=True))
+            for n in self.decoder_blocks:
+                try:
+                    block = model.get_submodule(n)
+                except AttributeError:  # a block not there: no argument is tracked through it
+                    continue
+                handles.append(block.register_forward_pre_hook(keep_argument, with_kwargs=True))
         try:
             yield states
         finally:
@@ -439,6 +465,13 @@ class MaskSides:
                               UserWarning, stacklevel=3)
                 return True
         return False
+
+
+class _Tracked(list):
+    """The encoder-side tensors of :meth:`MaskSides.tracking` (a list), with ``in_encoder``: whether the encoder
+    module is running now (``None``: not tracked, the layers' names decide)."""
+
+    in_encoder: bool | None = None
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
