@@ -390,9 +390,11 @@ def _shared_stored_once(model: nn.Module) -> Iterator[None]:
     def drop(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
         if prefix:
             return
+        whole = dict(state)  # a further name may lead to a name that is itself a further one (a block shared inside
+        # a shared block): compared with the state as it was, every further name goes and the first name stays
         for key in [k for k in state if any(k.startswith(a) for a in aliases)]:
             alias = next(a for a in aliases if key.startswith(a))
-            kept = state.get(aliases[alias] + key[len(alias):])
+            kept = whole.get(aliases[alias] + key[len(alias):])
             t = state[key]
             if kept is not None and kept.data_ptr() == t.data_ptr() and kept.shape == t.shape:  # one tensor
                 del state[key]

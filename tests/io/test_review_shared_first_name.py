@@ -65,3 +65,33 @@ def test_a_shared_block_is_stored_under_its_first_name(tmp_path, quantized):
         hf = LlamaForCausalLM.from_pretrained(tmp_path / "a")
         for n, p in model.model.layers[2].named_parameters():
             assert torch.equal(hf.model.layers[2].get_parameter(n), p), n
+
+
+def test_a_block_shared_inside_a_shared_block_is_stored_under_its_first_name(tmp_path):
+    """Nested: ``layers[3].mlp = layers[2].mlp`` (first name ``model.layers.2.mlp``), then ``layers[10] =
+    layers[3]``: the MLP's tensors are reachable under three names; the one stored is the first,
+    ``model.layers.2.mlp``, also when a further name (``model.layers.10.mlp``) sorts before it."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs(num_hidden_layers=11))).eval()
+    layers = model.model.layers
+    layers[3].mlp = layers[2].mlp
+    layers[10] = layers[3]
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    medquant.save(model, tmp_path / "a")
+    assert medquant.io.read_metadata(tmp_path / "a")["shared_blocks"] == {
+        "model.layers.3.mlp": "model.layers.2.mlp", "model.layers.10": "model.layers.3"}
+    with safe_open(str(atomic.resolve(tmp_path / "a") / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert [k for k in keys if ".mlp.down_proj." in k and k.startswith(("model.layers.2.", "model.layers.3.",
+                                                                          "model.layers.10."))] == [
+        "model.layers.2.mlp.down_proj.weight"]
+    assert not [k for k in keys if k.startswith("model.layers.10.")]
+    loaded = medquant.load(tmp_path / "a")
+    assert loaded.model.layers[10] is loaded.model.layers[3]
+    assert loaded.model.layers[3].mlp is loaded.model.layers[2].mlp
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    medquant.save(loaded, tmp_path / "b")
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
