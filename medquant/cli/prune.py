@@ -227,14 +227,14 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
         SystemExit: a folder that ships its own code (for its model, tokenizer or processor) without
             ``trust_remote_code`` (naming ``--trust-remote-code`` and the code files); naming ``--calib-images``: a
             folder without a processor that takes images, or whose processor takes no text (an image model's),
-            images that cannot be read, an image that is not 8-bit, a processor with neither a chat template nor an
-            image token, or one that fails on a sample (the message names the image); no text to pair with the
-            images.
+            images that cannot be read, an image that is not 8-bit (a DICOM file named as one), a processor with
+            neither a chat template nor an image token, or one that fails on a sample (the message names the
+            image); no text to pair with the images.
     """
     import numpy as np
     import torch
 
-    from ..data import load_images
+    from ..data import DICOM_SUFFIXES, load_images
 
     trust = trusts_remote_code(trust_remote_code)
     refuse_remote_code(folder, trust)  # read before the model: a folder's own code is refused first all the same
@@ -275,7 +275,10 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
     for i, (image, name) in enumerate(zip(images, names)):
         image = np.asarray(image)
         if image.dtype != np.uint8:
-            raise SystemExit(f"--calib-images: image {name} holds {image.dtype} values; 8-bit images are accepted")
+            dicom = Path(str(name)).suffix.lower() in DICOM_SUFFIXES
+            what = "is a DICOM image (read as float64 in [0, 1])" if dicom else f"holds {image.dtype} values"
+            raise SystemExit(f"--calib-images: image {name} {what}; 8-bit images are accepted (PNG / JPEG files, "
+                             "uint8 arrays): convert it to 8 bits first")
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
         ids = tok(texts[i % len(texts)], add_special_tokens=False)["input_ids"][:seq_len]
