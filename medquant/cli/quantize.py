@@ -32,7 +32,8 @@ as ``model.language_model.layers.0...``). Refused before any work: a folder that
 already quantized by another library (a ``quantization_config`` in its ``config.json``: its codes are no float
 weights), tensors that transformers converts while loading (fuses, splits or permutes: MoE experts stored per
 expert and stacked into one 3-D tensor, as ``save_pretrained`` writes Mixtral-style models), which cannot be read
-one by one, and a folder that lacks some of the model's tensors once renamed.
+one by one, a folder that lacks some of the model's tensors once renamed, and a tensor of another shape than the
+model's.
 """
 from __future__ import annotations
 
@@ -113,6 +114,16 @@ def _tensor_aliases(model) -> dict[str, set[str]]:
     return groups
 
 
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained`` reads from the folder: ``model.safetensors``, else the shards of
+    ``model.safetensors.index.json`` (as :class:`medquant.calibrate.CheckpointSource` reads them)."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if single.is_file() or not index.is_file():
+        return [single]
+    return sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+
+
 def _first_float_dtype(folder: Path):
     """The dtype of the first floating-point tensor of the folder's safetensors (headers only), ``None`` if none:
     those of ``model.safetensors``, else of the shards of ``model.safetensors.index.json`` (the file
@@ -120,18 +131,26 @@ def _first_float_dtype(folder: Path):
     import torch
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    files = [single] if single.is_file() or not index.is_file() else \
-        sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
     floats = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    for f in files:
+    for f in _safetensors_files(folder):
         with safe_open(str(f), "pt") as fh:
             for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 dtype = floats.get(fh.get_slice(k).get_dtype())
                 if dtype is not None:
                     return dtype
     return None
+
+
+def _stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Stored tensor name -> its shape, from the headers of the folder's safetensors (no tensor data read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in _safetensors_files(folder):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
+                shapes[k] = tuple(fh.get_slice(k).get_shape())
+    return shapes
 
 
 def _keep_in_float32(model, dtype) -> None:
@@ -229,7 +248,8 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
             converts while loading (fused, split or permuted: per-expert MoE weights stacked into one 3-D tensor),
             which cannot be read one by one under a new name; two stored tensors read under one name; tensors
             that do not carry the name of every parameter of the model's state dict once renamed (or another
-            name of the same tensor: a tied ``lm_head.weight`` stored once).
+            name of the same tensor: a tied ``lm_head.weight`` stored once); a stored tensor whose shape is not
+            the model's (``from_pretrained`` refuses it too).
     """
     import os
 
@@ -306,6 +326,21 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
                          f"ones to ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); run without "
                          "--stream (the model is then loaded whole)")
     buffers = dict(model.named_buffers())
+    # shapes from the headers, before any work (from_pretrained refuses a mismatch while loading; reading it when
+    # its block comes would fail after the blocks before it were calibrated)
+    shapes = _stored_shapes(folder)
+    wrong = []
+    for k, t in state.items():
+        if not t.is_meta and not (k in buffers and k in source):
+            continue
+        name = next(a for a in (k, *sorted(aliases.get(k, {k}) - {k})) if a in source)
+        got = shapes.get(source.stored_name(name))
+        if got is not None and got != tuple(t.shape):
+            wrong.append(f"{source.stored_name(name)} {got}, the model's {k} {tuple(t.shape)}")
+    if wrong:
+        raise SystemExit(f"--stream: {len(wrong)} tensor(s) of {path} have another shape than the model built from "
+                         f"its config.json ({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}); "
+                         "from_pretrained refuses them too: the weights and config.json do not belong together")
     for k, t in state.items():  # persistent buffers are built real (not on meta): take the stored values
         if k in buffers and t.device.type != "meta" and k in source:
             owner, _, leaf = k.rpartition(".")

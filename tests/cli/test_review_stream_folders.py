@@ -138,3 +138,31 @@ def test_stream_refuses_a_folder_another_library_quantized(folder, capsys, monke
     err = capsys.readouterr().err
     assert "--stream" in err and "bitsandbytes" in err and "float" in err
     assert not (folder / "bnb8_out").exists()
+
+
+def test_stream_refuses_a_tensor_of_another_shape_before_any_work(folder, capsys, monkeypatch):
+    """A stored tensor whose shape is not the model's (weights of another config): ``from_pretrained`` refuses the
+    folder while loading it; ``--stream`` must refuse it before quantizing anything (it read it only when its block
+    came, after the blocks before it had been calibrated), naming the tensor and both shapes."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    import medquant.calibrate
+
+    src = folder / "shape"
+    shutil.copytree(folder / "src", src)
+    stored = load_file(str(src / "model.safetensors"))
+    stored["model.layers.1.mlp.up_proj.weight"] = stored["model.layers.1.mlp.up_proj.weight"][:100].contiguous()
+    save_file(stored, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(src)
+
+    def refused(*a, **k):
+        raise AssertionError("--stream quantized a folder it should have refused")
+
+    monkeypatch.setattr(medquant.calibrate, "gptq_quantize_sequential", refused)
+    assert main(_args(folder, src, "shape_out", "--stream")) == 2
+    err = capsys.readouterr().err
+    assert "--stream" in err and "model.layers.1.mlp.up_proj.weight" in err and "(100, 64)" in err \
+        and "(128, 64)" in err
+    assert not (folder / "shape_out").exists()
