@@ -265,9 +265,9 @@ class MaskSides:
 
     * not an encoder-decoder: ``masks.encoder`` (the batch's ``attention_mask``) for every layer;
     * a layer under the encoder side: ``masks.encoder``; in a whole-model forward (:meth:`tracking`) the side is
-      that of the call instead - ``masks.encoder`` for a call made while the encoder module runs, whatever the
-      layer's name - so one module bound in both stacks (one module object under an encoder and a decoder name)
-      gets each call's own side;
+      that of the call instead once the encoder module has started - ``masks.encoder`` for a call made while it
+      runs, the decoder's after it returns, whatever the layer's name - so one module bound in both stacks (one
+      module object under an encoder and a decoder name) gets each call's own side;
     * an ``x`` that *is* (the same tensor object as) one of the encoder-side tensors of the call - the encoder
       module's output in a whole-model forward, or the ``encoder_hidden_states`` argument of the decoder block
       being run (:func:`call_encoder_states`): ``masks.encoder`` (a decoder's cross-attention ``k`` / ``v``
@@ -349,8 +349,9 @@ class MaskSides:
 
         Returns:
             ``True`` for every layer of a model that is not an encoder-decoder, for an input that is one of
-            ``states``, and for a layer under the encoder side - or, with ``states`` from :meth:`tracking`, for a
-            call made while the encoder module runs (the layer's name is then not read); ``False`` otherwise.
+            ``states``, and for a layer under the encoder side - or, with ``states`` from :meth:`tracking` once the
+            encoder module has started in the forward, for a call made while it runs (the layer's name is then not
+            read); ``False`` otherwise.
         """
         if self.encoder is None or any(x is s for s in states):
             return True
@@ -387,15 +388,14 @@ class MaskSides:
         Yields:
             The list the tensors are appended to (emptied when the encoder starts a forward, i.e. at each
             calibration batch; a caller may clear it too). Empty (and no hook) for a model that is not an
-            encoder-decoder. Its ``in_encoder`` attribute says whether the encoder module is running (set by hooks
-            on it, reset at each forward of ``model``), which :meth:`reads_encoder` reads instead of the layer's
-            name.
+            encoder-decoder. Its ``in_encoder`` attribute, which :meth:`reads_encoder` reads instead of the layer's
+            name: ``True`` while the encoder module runs, ``False`` once it has returned, ``None`` (the names
+            decide) at each forward of ``model`` until the encoder starts - and for a model whose encoder module
+            is not called itself (a container of layers its parent runs).
         """
         states = _Tracked()
         handles = []
         if self.encoder is not None:
-            states.in_encoder = False
-
             def new_forward(mod, args):  # the encoder runs once per calibration batch: a new batch's tensors
                 states.clear()
                 states.in_encoder = True
@@ -408,8 +408,8 @@ class MaskSides:
             def leave(mod, args, out):  # always called: also when a capture stops the forward inside the encoder
                 states.in_encoder = False
 
-            def new_batch(mod, args):
-                states.in_encoder = False
+            def new_batch(mod, args):  # before the encoder runs (or where it never runs), the names decide
+                states.in_encoder = None
 
             def keep_argument(mod, args, kwargs):
                 states.extend(t for t in call_encoder_states(mod, args, kwargs) if not any(t is s for s in states))
@@ -417,7 +417,7 @@ class MaskSides:
             try:
                 encoder = model.get_submodule(self.encoder)
             except AttributeError:  # not there: no tensor is tracked through it, the layers' names decide the sides
-                states.in_encoder = None
+                pass
             else:
                 handles.append(model.register_forward_pre_hook(new_batch))
                 handles.append(encoder.register_forward_pre_hook(new_forward))
@@ -469,7 +469,7 @@ class MaskSides:
 
 class _Tracked(list):
     """The encoder-side tensors of :meth:`MaskSides.tracking` (a list), with ``in_encoder``: whether the encoder
-    module is running now (``None``: not tracked, the layers' names decide)."""
+    module is running now (``None``: not known, the layers' names decide)."""
 
     in_encoder: bool | None = None
 
