@@ -251,7 +251,7 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
         raise SystemExit(f"--calib-images needs the model folder's processor (AutoProcessor: images and text into "
                          f"the model's inputs); {folder}: {str(e).splitlines()[0]}") from None
     if getattr(processor, "image_processor", None) is None and getattr(processor, "tokenizer", None) is None \
-            and not hasattr(processor, "encode"):  # an image processor itself: an image model's folder
+            and hasattr(processor, "preprocess"):  # an image processor itself: an image model's folder
         raise SystemExit(f"--calib-images pairs each image with a text through a vision-language model's processor; "
                          f"the processor of {folder} ({type(processor).__name__}) takes no text (an image model): "
                          "calibrate it in Python on its image processor's pixel_values batches")
