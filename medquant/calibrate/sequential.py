@@ -197,10 +197,45 @@ class CheckpointSource:
                 header = json.loads(fh.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{f} has a corrupted safetensors header: {e}") from None
+        if not isinstance(header, dict):  # a corrupted file, as the documented ValueError says
+            raise ValueError(  # noqa: TRY004
+                f"{f} has a corrupted safetensors header: a JSON {type(header).__name__}, not an object of "
+                "tensor entries")
         for k, info in header.items():
-            if k != "__metadata__" and info["data_offsets"][1] + 8 + n > size:
+            if k == "__metadata__":
+                continue
+            why = CheckpointSource._bad_entry(info)
+            if why:
+                raise ValueError(f"{f} has a corrupted safetensors header: tensor {k!r}: {why}")
+            if info["data_offsets"][1] + 8 + n > size:
                 raise ValueError(f"{f} is truncated: tensor {k!r} lies beyond the end of the file")
         return 8 + n, header
+
+    @staticmethod
+    def _bad_entry(info: Any) -> str:
+        """What is wrong with one tensor entry of a safetensors header (``""``: nothing): it must be an object with
+        ``dtype`` (a string), ``shape`` (non-negative integers) and ``data_offsets`` (``[begin, end]``, integers,
+        ``0 <= begin <= end``) whose byte count is the shape's element count times the dtype's size (for the dtypes
+        read here)."""
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            return "an entry needs dtype, shape and data_offsets"
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        ints = (lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                         for x in xs))
+        if not isinstance(dtype, str) or not ints(shape) or not ints(offsets) or len(offsets) != 2 \
+                or offsets[0] > offsets[1]:
+            return (f"dtype {dtype!r}, shape {shape!r}, data_offsets {offsets!r} (expected a dtype name, non-negative "
+                    "integer sizes and [begin, end] with 0 <= begin <= end)")
+        torch_dtype = _ST_DTYPES.get(dtype)
+        if torch_dtype is not None:
+            count = 1
+            for d in shape:
+                count *= d
+            want = count * torch_dtype.itemsize
+            if offsets[1] - offsets[0] != want:
+                return (f"{offsets[1] - offsets[0]} bytes of data for shape {shape} of {dtype} ({want} bytes "
+                        "expected)")
+        return ""
 
     def keys(self) -> set[str]:
         """The tensor names of the checkpoint (all shards).

@@ -221,15 +221,15 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
     The model is built as ``from_pretrained`` builds it (``accelerate.init_empty_weights()``: no float weights in
     memory) - its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise), the stored dtype
     (``config.dtype``, else the first floating-point tensor's; ``_keep_in_fp32_modules`` kept in float32), tied
-    weights tied (not a pair the folder stores twice with different values: as ``from_pretrained``, each is then read
-    on its own, with a ``UserWarning``), eval mode, the folder's ``generation_config.json`` - with its persistent buffers read from the
-    folder. The source is the :class:`medquant.calibrate.CheckpointSource` of the folder's safetensors, from which
-    ``checkpoint=`` reads the blocks, with the stored names renamed as ``from_pretrained`` renames them
-    (:func:`medquant.models.checkpoint_renaming`: a VLM saved in its older layout, ``language_model.model.layers.0...``,
-    is read as ``model.language_model.layers.0...``; a base-model folder read into a model with a head). The rules
-    that renamed a stored name are kept as the model's ``_weight_conversions``, as ``from_pretrained`` keeps them,
-    so that ``save_pretrained`` writes the quantized folder in the layout of the input folder, as after
-    ``from_pretrained``.
+    weights tied (not a pair the folder stores twice with different values: as ``from_pretrained``, each is then
+    read on its own, with a ``UserWarning``), eval mode, the folder's ``generation_config.json`` - with its
+    persistent buffers read from the folder. The source is the :class:`medquant.calibrate.CheckpointSource` of the
+    folder's safetensors, from which ``checkpoint=`` reads the blocks, with the stored names renamed as
+    ``from_pretrained`` renames them (:func:`medquant.models.checkpoint_renaming`: a VLM saved in its older layout,
+    ``language_model.model.layers.0...``, is read as ``model.language_model.layers.0...``; a base-model folder read
+    into a model with a head). The rules that renamed a stored name are kept as the model's ``_weight_conversions``,
+    as ``from_pretrained`` keeps them, so that ``save_pretrained`` writes the quantized folder in the layout of the
+    input folder, as after ``from_pretrained``.
 
     Args:
         path: the model folder.
@@ -242,14 +242,14 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
 
     Raises:
         SystemExit: naming ``--stream``, before any work: a folder without ``model.safetensors`` /
-            ``model.safetensors.index.json`` or whose safetensors cannot be read; a folder another library
-            quantized (its ``config.json`` has a ``quantization_config``: bitsandbytes' int8 codes are stored
-            under ``weight``, in the float weight's shape, and would be read as float weights); stored tensors that transformers
-            converts while loading (fused, split or permuted: per-expert MoE weights stacked into one 3-D tensor),
-            which cannot be read one by one under a new name; two stored tensors read under one name; tensors
-            that do not carry the name of every parameter of the model's state dict once renamed (or another
-            name of the same tensor: a tied ``lm_head.weight`` stored once); a stored tensor whose shape is not
-            the model's (``from_pretrained`` refuses it too).
+            ``model.safetensors.index.json`` or whose safetensors cannot be read; a folder another library quantized
+            (its ``config.json`` has a ``quantization_config``: bitsandbytes' int8 codes are stored under
+            ``weight``, in the float weight's shape, and would be read as float weights); stored tensors that
+            transformers converts while loading (fused, split or permuted: per-expert MoE weights stacked into one
+            3-D tensor), which cannot be read one by one under a new name; two stored tensors read under one name;
+            tensors that do not carry the name of every parameter of the model's state dict once renamed (or another
+            name of the same tensor: a tied ``lm_head.weight`` stored once); a stored tensor whose shape is not the
+            model's (``from_pretrained`` refuses it too).
     """
     import os
 

@@ -4,6 +4,7 @@
 revisions) is read by ``from_pretrained`` from ``model.safetensors``; the source must give the same tensors."""
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -36,3 +37,32 @@ def test_a_folder_with_both_a_single_file_and_an_index_is_read_as_from_pretraine
     assert source.keys() == set(single)
     for k in single:
         assert torch.equal(source.get(k), ref[k]), k
+
+
+def _write(path, header, data: bytes) -> None:
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("header", [
+    [1, 2],  # not an object
+    {"a": {"dtype": "F32", "shape": [1]}},  # no data_offsets
+    {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},  # 2 floats in 4 bytes
+    {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}},  # ends before it begins
+    {"a": "F32"},  # an entry that is no object
+], ids=["list", "no-offsets", "short-data", "reversed-offsets", "entry-not-object"])
+def test_a_malformed_header_is_refused_when_opened_naming_the_file(tmp_path, header):
+    """safetensors' own reader refuses these headers when the file is opened; the source must too, with the
+    documented ``ValueError`` naming the file (not an ``AttributeError`` / ``KeyError``, nor an error only when the
+    tensor is read, after the blocks before it were processed)."""
+    from safetensors import SafetensorError, safe_open
+
+    f = tmp_path / "bad.safetensors"
+    _write(f, header, b"\0" * 8)
+    with pytest.raises(SafetensorError), safe_open(str(f), "pt"):
+        pass
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        CheckpointSource(f)
