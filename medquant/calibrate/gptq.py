@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -980,7 +981,27 @@ def _group_labels(groups: Sequence[Any] | None, n_batches: int) -> list[Any] | N
     labels = list(groups)
     if len(labels) != n_batches:
         raise ValueError(f"groups has {len(labels)} entries for {n_batches} calibration batches; give one per batch")
-    return labels
+    return [_batch_label(v, i) for i, v in enumerate(labels)]
+
+
+def _batch_label(v: Any, i: int) -> Any:
+    """Entry ``i`` of ``groups``: a label for the whole batch as a Python ``int`` (any integer type: a NumPy
+    integer, a 0-d array or tensor holding one) or ``str`` (``None`` and ``bool`` kept), or a sequence / 1-D
+    tensor of per-sample labels (kept).
+
+    Raises:
+        ValueError: any other single value (a float label), naming the entry.
+    """
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # NumPy scalars, 0-d arrays and tensors
+        v = v.item()
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, Iterable) and not isinstance(v, bytes):
+        return v
+    raise ValueError(f"groups[{i}] is {v!r} ({type(v).__name__}): a group label is an int or a str (one for the "
+                     "whole batch), or a sequence / 1-D tensor of them (one per sample)")
 
 
 def _group_record(accs: Mapping[str, HessianAccumulator], name: str) -> dict[str, Any]:
@@ -1319,9 +1340,9 @@ def gptq_quantize_(
             ``sum |w - Q(w)|^2.4`` over its current weights (module docstring) instead of the full range.
         max_samples: use at most this many calibration batches, drawn with ``seed`` (default: all).
         seed: seed of that draw (an integer); GPTQ itself is deterministic.
-        groups: optional group labels, one entry per calibration batch: a label (int or str) for the whole batch,
-            or a sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's
-            input, or its tokens flattened sample by sample, ``(batch * tokens, K)``, each row taking its sample's
+        groups: optional group labels, one entry per calibration batch: a label (an int of any integer type -
+            a NumPy integer too - or a str; any other single value is refused) for the whole batch, or a
+            sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's input, or its tokens flattened sample by sample, ``(batch * tokens, K)``, each row taking its sample's
             label; in an encoder-decoder the tokens of the input's side: the decoder's, from
             ``decoder_attention_mask`` / ``decoder_input_ids`` / ``labels``, for a decoder layer). Then each
             layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
