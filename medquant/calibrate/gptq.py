@@ -1342,8 +1342,8 @@ def gptq_quantize_(
         seed: seed of that draw (an integer); GPTQ itself is deterministic.
         groups: optional group labels, one entry per calibration batch: a label (an int of any integer type -
             a NumPy integer too - or a str; any other single value is refused) for the whole batch, or a
-            sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's input, or its tokens flattened sample by sample, ``(batch * tokens, K)``, each row taking its sample's
-            label; in an encoder-decoder the tokens of the input's side: the decoder's, from
+            sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's input,
+            or its tokens flattened sample by sample, ``(batch * tokens, K)``, each row taking its sample's label; in an encoder-decoder the tokens of the input's side: the decoder's, from
             ``decoder_attention_mask`` / ``decoder_input_ids`` / ``labels``, for a decoder layer). Then each
             layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
             (:class:`HessianAccumulator`), so a minority group's inputs weigh as much as the majority's.
