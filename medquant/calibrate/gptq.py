@@ -1340,13 +1340,14 @@ def gptq_quantize_(
             ``sum |w - Q(w)|^2.4`` over its current weights (module docstring) instead of the full range.
         max_samples: use at most this many calibration batches, drawn with ``seed`` (default: all).
         seed: seed of that draw (an integer); GPTQ itself is deterministic.
-        groups: optional group labels, one entry per calibration batch: a label (an int of any integer type -
-            a NumPy integer too - or a str; any other single value is refused) for the whole batch, or a
-            sequence / 1-D tensor with one label per sample (the batch dimension first in every layer's input,
-            or its tokens flattened sample by sample, ``(batch * tokens, K)``, each row taking its sample's label; in an encoder-decoder the tokens of the input's side: the decoder's, from
-            ``decoder_attention_mask`` / ``decoder_input_ids`` / ``labels``, for a decoder layer). Then each
-            layer's Hessian is group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g``
-            (:class:`HessianAccumulator`), so a minority group's inputs weigh as much as the majority's.
+        groups: optional group labels, one entry per calibration batch: a label (an int of any integer type - a
+            NumPy integer too - or a str; any other single value is refused) for the whole batch, or a sequence
+            / 1-D tensor with one label per sample (the batch dimension first in every layer's input, or its
+            tokens flattened sample by sample, ``(batch * tokens, K)``, each row taking its sample's label; in
+            an encoder-decoder the tokens of the input's side: the decoder's, from ``decoder_attention_mask`` /
+            ``decoder_input_ids`` / ``labels``, for a decoder layer). Then each layer's Hessian is
+            group-balanced, ``H = sum_g w_g 2 X_g^T X_g / n_g`` (:class:`HessianAccumulator`), so a minority
+            group's inputs weigh as much as the majority's.
         group_weights: ``w_g`` by label (normalised to sum 1 over the groups seen); default uniform.
         max_hessian_bytes: the most bytes of Hessian sums held at once (``K^2`` float64 per Linear, per group of a
             Conv2d, times the number of group labels seen): a stage whose layers need more is captured in several
