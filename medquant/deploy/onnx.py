@@ -290,7 +290,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             :func:`~medquant.deploy.registry.output_file_path`, calibration options for a model calibrated already,
             ``percentile`` without ``method="percentile"``, forward hooks the file would lose (an
             ``AdaptiveQuantizer``'s, or any on a Conv2d / Linear / ReLU / MaxPool2d / BatchNorm, which the export
-            replaces; hooks on the modules it keeps are traced), a model that is itself one Conv2d / Linear layer
+            replaces; hooks on the modules it keeps are traced), a model that is itself one quantized layer
             (pass ``nn.Sequential(layer)``), no ``example_inputs`` or ``calib``, ``input_names``
             that is a string, of the wrong length or with a repeated name, an ``output_name`` among them, a graph that cannot be written
             (one whose tensors exceed :data:`PROTOBUF_LIMIT`, 2 GiB: one ``.onnx`` file, no external data)

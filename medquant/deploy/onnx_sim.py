@@ -810,7 +810,7 @@ def prepare(model: nn.Module, example: tuple, *, method: str = "minmax", percent
 
     A ReLU is fused into the layer whose output it reads only when nothing else reads that output (``relu(c) + c``
     keeps a separate ReLU): the structure pass counts the readers, and the copy is prepared again without the
-    fusions it found wrong. A model that is itself one Conv2d / Linear layer is refused with
+    fusions it found wrong. A model that is itself one quantized layer (QuantLinear / QuantConv2d) is refused with
     :class:`~medquant.deploy.registry.ExportError` (no parent to hold its export layer: pass
     ``nn.Sequential(layer)``)."""
     sim = _prepare(model, example, method, percentile, promote, frozenset())
@@ -831,11 +831,11 @@ def _prepare(model: nn.Module, example: tuple, method: str, percentile: float, p
         raise ExportError("the model is already calibrated (returned by calibrate_activations): its layers are "
                           "export layers with fixed scales; to calibrate again (another method, percentile or "
                           "batches), pass the quantized model it was made from")
-    if isinstance(model, (nn.Conv2d, QuantConv2d, nn.Linear, QuantLinear)):  # no name to bind an export layer at
-        raise ExportError(f"format='onnx' replaces each Conv2d / Linear layer of the model by its export layer, but "
-                          f"the model is itself a {type(model).__name__}, which has no parent to hold the "
-                          "replacement. Accepted: the layer inside a container - pass nn.Sequential(layer) (it "
-                          "computes the same)")
+    if isinstance(model, (QuantConv2d, QuantLinear)):  # no name to bind its export layer at (a float one is
+        # traced as it is, which is what its float export layer computes)
+        raise ExportError(f"format='onnx' replaces each quantized layer of the model by its export layer, but the "
+                          f"model is itself a {type(model).__name__}, which has no parent to hold the replacement. "
+                          "Accepted: the layer inside a container - pass nn.Sequential(layer) (it computes the same)")
     check_forward_hooks(model, "onnx", keeps=kept_by_export, writes=TRACES, accepted=TRACED_HOOKS,
                         input_accepted="static int8 activations are the export's own: calib=<batches> or "
                                        "calibrate_activations (8-bit per-channel / per-tensor layers)")
@@ -989,7 +989,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: s
             ``AdaptiveQuantizer``'s hooks or another forward hook on a layer the export replaces
             (:func:`~medquant.deploy.common.check_forward_hooks`), a
             BatchNorm without running statistics (``track_running_stats=False``), a prepared float path that does not reproduce ``model``,
-            a model that is itself one Conv2d / Linear layer (pass ``nn.Sequential(layer)``).
+            a model that is itself one quantized layer (pass ``nn.Sequential(layer)``).
     """
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):

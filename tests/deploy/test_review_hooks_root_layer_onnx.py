@@ -1,6 +1,6 @@
-"""ONNX export of a model that is itself one layer (a linear probe: ``quantize_module(nn.Linear(...))``).
+"""ONNX export of a model that is itself one quantized layer (a linear probe: ``quantize_module(nn.Linear(...))``).
 
-The simulation replaces every Conv2d / Linear by an export layer bound at the layer's name; the root has no name
+The simulation replaces every quantized layer by an export layer bound at the layer's name; the root has no name
 to bind at, so the root layer stayed the layer it was and the export failed with misleading messages
 ("the trace does not represent the model (data-dependent control flow ...)", "no calibration data reached the
 input of  (is the layer used in forward?)"). Such a model is refused up front with what to pass instead, and the
@@ -46,6 +46,8 @@ def test_a_root_layer_is_refused_with_what_to_pass_instead(bits, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(ExportError, match=r"the model is itself a QuantLinear"):
         calibrate_activations(layer, [X])
+    # a float root layer is traced as it is (what its float export layer computes): still exported
+    export(nn.Linear(64, 8).eval(), tmp_path / "float.onnx", format="onnx", example_inputs=X)
 
     wrapped = nn.Sequential(layer).eval()  # the accepted form
     export(wrapped, tmp_path / "m.onnx", format="onnx", example_inputs=X, calib=[X] if bits == 8 else None)
