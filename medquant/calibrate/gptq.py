@@ -950,17 +950,24 @@ class _Stop(Exception):
     pass
 
 
-def _check_args(damp: float, block_size: int, max_samples: int | None, max_hessian_bytes: int | None = None) -> None:
-    if max_hessian_bytes is not None and (isinstance(max_hessian_bytes, bool) or not isinstance(max_hessian_bytes, int)
-                                          or max_hessian_bytes < 1):
+def _check_args(damp: float, block_size: int, max_samples: int | None, max_hessian_bytes: int | None = None
+                ) -> tuple[float, int, int | None, int | None]:
+    """The arguments checked, as Python numbers: integers of any integer type (NumPy's too) as ``int``, a real
+    ``damp`` of another type (a NumPy float) as ``float`` (``bool`` refused everywhere); the records hold them."""
+    def integer(v: Any) -> int | None:
+        return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else None
+
+    if max_hessian_bytes is not None and not (integer(max_hessian_bytes) or 0) >= 1:
         raise ValueError(f"max_hessian_bytes must be a positive integer or None, got {max_hessian_bytes!r}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0 or not math.isfinite(damp):
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not damp >= 0 or not math.isfinite(damp):
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if not (integer(block_size) or 0) >= 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
+    if max_samples is not None and not (integer(max_samples) or 0) >= 1:
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    return (damp if isinstance(damp, (int, float)) else float(damp), int(block_size),
+            None if max_samples is None else int(max_samples),
+            None if max_hessian_bytes is None else int(max_hessian_bytes))
 
 
 def _select(batches: list, max_samples: int | None, seed: int) -> list[int]:
@@ -1374,7 +1381,8 @@ def gptq_quantize_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gptq_quantize_ expects an nn.Module, got {type(model).__name__}")
-    _check_args(damp, block_size, max_samples, max_hessian_bytes)
+    damp, block_size, max_samples, max_hessian_bytes = _check_args(damp, block_size, max_samples,
+                                                                   max_hessian_bytes)
     seed = check_seed(seed)
     plan = resolve_configs(model, config_or_map, skip=skip, experts=True)
     if not plan:
@@ -1583,7 +1591,8 @@ def gptq_quantize_sequential(
     unchanged, hooks and train / eval modes as before - then propagates (see
     :func:`medquant.calibrate.quantize_sequential` for the memory this keeps until the call returns).
     """
-    _check_args(damp, block_size, max_samples, max_hessian_bytes)
+    damp, block_size, max_samples, max_hessian_bytes = _check_args(damp, block_size, max_samples,
+                                                                   max_hessian_bytes)
     seed = check_seed(seed)
     if outside not in ("gptq", "rtn"):
         raise ValueError(f"outside must be 'gptq' or 'rtn', got {outside!r}")
