@@ -755,6 +755,7 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, 
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"layer {name}: weight {tuple(w.shape)} and Hessian {tuple(h.shape)} do not match "
                          "(expected (N, K) and (K, K))")
+    damp, block_size = _python_number(damp), _python_number(block_size)
     prep = _prepare(h.to(w.device), damp, act_order, name)
     q, loss = _quantize_rows(w, prep, config, b, None, block_size, dtype, name, clip_search)
     return q, {"damp": prep.damp, "dead": int(prep.dead.sum()), "loss": loss}
@@ -851,10 +852,23 @@ class _Factors:
         self.key, self.h, self.preps = (damp, act_order, h.shape, h.dtype, h.device), h, preps
 
 
+def _python_number(v: Any) -> Any:
+    """``v`` as a Python ``int`` / ``float`` when it is an integer / real number of another type (NumPy's); any
+    other value (a ``bool``, a Python number, not a number) unchanged, for the argument checks to judge."""
+    if isinstance(v, (bool, int, float)):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
+
+
 def _quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantConfig, damp: float, block_size: int,
                     act_order: bool, name: str | None, dtype: torch.dtype, factors: _Factors | None,
                     clip_search: bool = False) -> nn.Module:
     name = name or type(module).__name__
+    damp, block_size = _python_number(damp), _python_number(block_size)  # the record holds them
     if not isinstance(config, QuantConfig):
         raise TypeError(f"layer {name}: config must be a QuantConfig, got {type(config).__name__}")
     try:

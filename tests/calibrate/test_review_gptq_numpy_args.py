@@ -53,3 +53,20 @@ def test_numpy_scalars_are_the_python_numbers(sequential):
 def test_invalid_values_are_still_refused(bad):
     with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
         _run(False, **bad)
+
+
+def test_the_layer_and_weight_functions_take_numpy_scalars_too():
+    """gptq_quantize_layer / gptq_quantize_weight: the same codes and record as with Python numbers."""
+    from medquant.calibrate.gptq import gptq_quantize_layer, gptq_quantize_weight
+
+    g = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(32, 8)
+    x = torch.randn(64, 32, generator=g)
+    h = 2 * x.double().T @ x.double() / x.shape[0]
+    ref = gptq_quantize_layer(layer, h, CFG, block_size=8, damp=0.25)
+    got = gptq_quantize_layer(layer, h, CFG, block_size=np.int64(8), damp=np.float32(0.25))
+    assert json.dumps(got.calibration) == json.dumps(ref.calibration)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in got.state_dict().items())
+    q_ref, _ = gptq_quantize_weight(layer.weight, h, CFG, block_size=8)
+    q_got, _ = gptq_quantize_weight(layer.weight, h, CFG, block_size=np.int16(8))
+    assert torch.equal(q_got.codes, q_ref.codes) and torch.equal(q_got.scales, q_ref.scales)
