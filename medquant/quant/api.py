@@ -1199,7 +1199,10 @@ def dequantize_(model: nn.Module) -> nn.Module:
     ``requires_grad`` its float module's parameter of that name had before quantizing (a frozen weight stays
     frozen; recorded by :func:`swap_module` when the quantized module was bound, so a model loaded from a
     checkpoint, which has no record, gets ``to_float``'s flags: trainable Linear / Conv2d / Embedding
-    parameters, frozen expert weights); a bias the quantized layer trains stays trainable.
+    parameters, frozen expert weights); a bias the quantized layer trains stays trainable. A transformers model
+    that carried medquant's ``hf_quantizer`` (``from_pretrained`` of a medquant folder) and has nothing quantized
+    left (no input quantizer either) loses it, its ``config.quantization_config`` and ``is_quantized``, as
+    transformers' own ``model.dequantize()`` removes them.
 
     Args:
         model: the model, changed in place.
@@ -1228,4 +1231,24 @@ def dequantize_(model: nn.Module) -> nn.Module:
         if name in ties:
             layer.weight = tables[ties[name]].weight  # the head and its table: one float tensor again
         swap_everywhere(name, m, layer)
+    _drop_quantization_record(model)
     return model
+
+
+def _drop_quantization_record(model: nn.Module) -> None:
+    """A transformers model with nothing quantized left loses medquant's ``hf_quantizer``, its
+    ``config.quantization_config`` and ``is_quantized``, as transformers' ``model.dequantize()`` removes them (its
+    ``Trainer`` refuses to fine-tune a model flagged as quantized); kept while input quantizers remain."""
+    from .activations import input_quantizers
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, Mapping) else getattr(qc, "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "medquant":
+        return
+    if any(isinstance(m, (*QUANT_MODULES, QuantEmbedding, QuantExperts)) for m in model.modules()) \
+            or input_quantizers(model):
+        return
+    remove = getattr(quantizer, "remove_quantization_config", None)
+    if callable(remove):
+        remove(model)
