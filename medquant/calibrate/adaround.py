@@ -404,9 +404,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _integer(v: Any) -> int | None:
+    """``v`` as a Python ``int`` when it is an integer of any type (NumPy's too; ``bool`` excluded), else ``None``."""
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else None
+
+
 def _check_args(iters: int, warmup: float, act_bits: int | None, target: str, lr: float = 1e-2, reg: float = 0.01,
-                blocks: Any = None) -> None:
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+                blocks: Any = None) -> tuple[int, float, int | None, float, float]:
+    """Check the arguments; return ``(iters, warmup, act_bits, lr, reg)`` as Python numbers (a NumPy scalar as the
+    ``int`` / ``float`` it holds), the values the records hold (JSON)."""
+    if not (_integer(iters) or 0) >= 1:
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
     if not _is_number(warmup) or not 0 <= warmup < 1:
         raise ValueError(f"warmup must be a number in [0, 1), got {warmup!r}")
@@ -417,12 +424,15 @@ def _check_args(iters: int, warmup: float, act_bits: int | None, target: str, lr
     if blocks is not None and (isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence)
                                or not all(isinstance(b, str) for b in blocks)):
         raise ValueError(f"blocks must be a list of module names (e.g. ['layer1.0', 'layer1.1']), got {blocks!r}")
-    if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)
-                                 or not 2 <= act_bits <= 16):
+    if act_bits is not None and not 2 <= (_integer(act_bits) or 0) <= 16:
         raise ValueError(f"act_bits must be None or an integer in 2..16, got {act_bits!r}")
     if target not in ("float", "input"):
         raise ValueError(f"target must be 'float' (the float model's block outputs) or 'input' (the float block "
                          f"on the quantized input), got {target!r}")
+    def real(v: Any) -> float:  # a Python number as given, another real type (NumPy's) as float
+        return v if isinstance(v, (int, float)) else float(v)
+
+    return int(iters), real(warmup), None if act_bits is None else int(act_bits), real(lr), real(reg)
 
 
 def _check_blocks(model: nn.Module, blocks: Sequence[str] | None) -> list[str]:
@@ -596,7 +606,7 @@ def adaround_quantize_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
-    _check_args(iters, warmup, act_bits, target, lr, reg, blocks)
+    iters, warmup, act_bits, lr, reg = _check_args(iters, warmup, act_bits, target, lr, reg, blocks)
     seed = check_seed(seed)
     batches = calibration_batches(calib, "learned rounding")
     # everything that can fail cheaply is checked before the model changes (BatchNorm folding is the first change);
