@@ -34,6 +34,9 @@ from .args import (
 
 #: ``--spread`` when not given (:func:`medquant.prune.allocate_ratios`' default)
 DEFAULT_SPREAD = 0.5
+CALIB_SPLIT_HELP = ("the split of --calib-images to calibrate on (an index CSV's split column, an .npz's splits; "
+                    "default: train when the images have splits, so calibration stays off the evaluation images; "
+                    "'all': every image)")
 
 
 def _refuse_medquant_folder(path: str, gguf_file: str | None, command: str) -> None:
@@ -196,8 +199,50 @@ def _places_the_image_itself(processor, tok, image_token, batch, words: str, ima
     return 0 < count < int((batch["input_ids"] == token_id).sum())
 
 
+def calibration_split(images_path: str, requested: str | None) -> str | None:
+    """The split of ``images_path`` that ``--calib-images`` calibrates on (``--calib-split``), so that calibration
+    stays off the images a model is evaluated on.
+
+    ``requested`` ``None`` (the default): ``"train"`` when the source has splits (:func:`medquant.data.image_splits`:
+    an index CSV's ``split`` column, an ``.npz``'s splits) and one of them is ``train``; every image of a source
+    without splits. ``"all"``: every image. Another name: that split, which the source must have.
+
+    Args:
+        images_path: ``--calib-images``.
+        requested: ``--calib-split``.
+
+    Returns:
+        The split to load (``None``: every image).
+
+    Raises:
+        SystemExit: a source with splits but no ``train`` split and no ``--calib-split``; a requested split the
+            source does not have (naming its splits, or saying it has none); a source that cannot be read.
+    """
+    from ..data import image_splits
+
+    try:
+        splits = image_splits(images_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--calib-images: {images_path}: {e}") from None
+    if requested == "all":
+        return None
+    if requested is not None:
+        if requested not in splits:
+            have = f"its splits are {', '.join(splits)}" if splits else "it has no splits (every image is read)"
+            raise SystemExit(f"--calib-split {requested}: {images_path} has no split {requested!r}; {have} "
+                             "(--calib-split all reads every image)")
+        return requested
+    if not splits:
+        return None
+    if "train" in splits:
+        return "train"
+    raise SystemExit(f"--calib-images: {images_path} holds the splits {', '.join(splits)} and no 'train' split: name "
+                     "the one to calibrate on with --calib-split NAME, away from the images the model is evaluated "
+                     "on (--calib-split all reads every image)")
+
+
 def image_calibration_batches(folder: str, images_path: str, texts: list[str], samples: int, seq_len: int,
-                              trust_remote_code: bool | None = None) -> list[dict]:
+                              trust_remote_code: bool | None = None, split: str | None = None) -> list[dict]:
     """Calibration batches for a vision-language model: one image with one text each, through the folder's own
     processor (``AutoProcessor``), so the batches run the vision tower as the model's users' inputs do
     (``--calib-images`` of ``medquant quantize`` and ``medquant prune``).
@@ -210,7 +255,8 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
     processor puts the image's tokens before the text itself (BLIP-2, InstructBLIP: the image token of the text
     would be one too many);
     ``min(samples, number of images)`` batches of one sample each (the processor's output, as ``model(**batch)``
-    takes it).
+    takes it). Images are read from the split :func:`calibration_split` picks (the ``train`` split of a source
+    with splits, unless ``split`` names another or ``"all"``), in their order there.
 
     Args:
         folder: the model folder (its processor files: ``processor_config.json`` / ``preprocessor_config.json``).
@@ -219,6 +265,7 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
         samples: at most this many batches.
         seq_len: tokens of text per sample (at least 1).
         trust_remote_code: let a processor of the folder's own code run (``None``: the command's flag).
+        split: ``--calib-split`` (:func:`calibration_split`).
 
     Returns:
         The batches (dicts of tensors).
@@ -266,8 +313,9 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
                          "token, so the place of the image in the text is unknown")
     if not texts:
         raise SystemExit("--calib-images: no calibration text to pair with the images")
+    chosen = calibration_split(images_path, split)
     try:
-        images, names = load_images(images_path, limit=samples)
+        images, names = load_images(images_path, split=chosen, limit=samples)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--calib-images: {images_path}: {e}") from None
     batches = []
@@ -360,7 +408,8 @@ def run(args) -> int:
         if not args.gguf_file:
             hf_config_file(args.model, args.trust_remote_code)
         images = image_calibration_batches(args.model, args.calib_images, texts, args.calib_samples,
-                                           args.max_length, trust_remote_code=args.trust_remote_code)
+                                           args.max_length, trust_remote_code=args.trust_remote_code,
+                                           split=args.calib_split)
     model, tok = _load(args.model, args.gguf_file, command="prune", trust_remote_code=args.trust_remote_code)
     calib = images if images is not None else _calibration(args, tok, texts)
     before = parameter_report(model)
@@ -434,6 +483,7 @@ def register(sub) -> None:
     p.add_argument("--calib-images", type=existing_path, default=None, metavar="PATH",
                    help="images (a folder, an index CSV, an .npz or one file) each paired with a calibration text "
                         "through the folder's processor: a VLM's vision tower is then scored on its own inputs")
+    p.add_argument("--calib-split", default=None, metavar="NAME", help=CALIB_SPLIT_HELP)
     p.add_argument("--calib-samples", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, default=128)
     p.set_defaults(func=run, check=lambda args: _check(args, p))
@@ -445,6 +495,8 @@ def _check(args, parser) -> None:
     same = output_is_input_message(args.out, args.model, "--out")
     if same:
         parser.error(same)
+    if args.calib_split is not None and not args.calib_images:
+        parser.error("--calib-split picks the split of --calib-images: give --calib-images too")
     if args.calib_images and not _reads_data(args):
         parser.error("--calib-images is read by --importance activation / taylor, --layer-select and --drop-blocks; "
                      "--importance magnitude alone reads no data")

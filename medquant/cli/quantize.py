@@ -55,7 +55,14 @@ from .args import (
     trusts_remote_code,
     utf8_text,
 )
-from .prune import _load, _refuse_medquant_folder, folder_tokenizer, image_calibration_batches, model_class
+from .prune import (
+    CALIB_SPLIT_HELP,
+    _load,
+    _refuse_medquant_folder,
+    folder_tokenizer,
+    image_calibration_batches,
+    model_class,
+)
 
 PATHS = {"whole-model": "whole model", "block-by-block": "block by block",
          "block-by-block-streamed": "block by block, float weights streamed from the folder's safetensors"}
@@ -401,8 +408,12 @@ def run(args) -> int:
     images = None  # image batches before the model: a folder without a processor is named before any loading
     if args.calib_images:
         assert text is not None  # --calib-images needs --calib (checked with the arguments)
+        # a folder refused whatever the data is named as such (a medquant checkpoint has no processor files)
+        _refuse_medquant_folder(args.model, None, "quantize")
+        hf_config_file(args.model, args.trust_remote_code)
         images = image_calibration_batches(args.model, args.calib_images, _paragraphs(text), args.calib_samples,
-                                           args.seq_len, trust_remote_code=args.trust_remote_code)
+                                           args.seq_len, trust_remote_code=args.trust_remote_code,
+                                           split=args.calib_split)
     if args.stream:
         model, source = load_skeleton(args.model, trust_remote_code=args.trust_remote_code)
         tok = folder_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -481,6 +492,7 @@ def register(sub) -> None:
     p.add_argument("--calib-images", type=existing_path, default=None, metavar="PATH",
                    help="images (a folder, an index CSV, an .npz or one file) each paired with a --calib paragraph "
                         "through the folder's processor: calibrates a VLM's vision tower too (awq / gptq)")
+    p.add_argument("--calib-split", default=None, metavar="NAME", help=CALIB_SPLIT_HELP)
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=sequence_length, default=512,
                    help="tokens per calibration sequence, at least 2 (default 512)")
@@ -514,6 +526,8 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         parser.error(same)
     if Path(args.out).exists() and not Path(args.out).is_dir():  # refused by the save, after all the work
         parser.error(f"OUT_DIR: {args.out} exists and is not a folder; the quantized model is saved as a folder")
+    if args.calib_split is not None and not args.calib_images:
+        parser.error("--calib-split picks the split of --calib-images: give --calib-images too")
     if args.calib_images and not args.calib:
         parser.error("--calib-images pairs each image with a paragraph of --calib FILE: give both")
     if args.method in ("awq", "gptq") and not args.calib:

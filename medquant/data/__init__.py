@@ -54,6 +54,7 @@ __all__ = [
     "default_data_dir",
     "default_reports_path",
     "dicom_to_array",
+    "image_splits",
     "list_image_files",
     "load_image",
     "load_image_folder",
@@ -687,6 +688,53 @@ def _pydicom_modality_lut():
 
 
 # ------------------------------------------------------------------------------------------------ any path
+def image_splits(path) -> list[str]:
+    """The splits an image source holds, as :func:`load_images` reads them (its ``split`` argument).
+
+    A folder with an ``index.csv`` and an index CSV: the values of its ``split`` column, in the order they first
+    appear; an ``.npz``: the ``{split}_images`` arrays of a MedMNIST-style file (train, val, test first, then any
+    other, by name), or the values of the per-image ``split`` array of a flat file (``images`` + ``split``).
+
+    Args:
+        path: an ``.npz`` file, a folder, an index CSV or one image / DICOM file (``~`` is expanded).
+
+    Returns:
+        The split names; ``[]`` for a source without splits (a folder without an index, an index without a
+        ``split`` column, a flat ``.npz`` without a ``split`` array, one image).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError / KeyError: an index CSV or ``.npz`` that :func:`load_images` could not read either.
+    """
+    path = _path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        csv_path = path / "index.csv"
+        if not csv_path.is_file():
+            return []
+    elif suffix == ".npz":
+        _check_npz(path)
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            stored = {k[: -len("_images")] for k in keys if k.endswith("_images") and len(k) > len("_images")}
+            if stored:
+                first = [s for s in ("train", "val", "test") if s in stored]
+                return first + sorted(stored - set(first))
+            if "images" in keys and "split" in keys:
+                return list(dict.fromkeys(z["split"].astype(str).tolist()))
+        return []
+    elif suffix == ".csv" and path.is_file():
+        csv_path = path
+    elif path.is_file():
+        return []
+    else:
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    rows = _read_rows(csv_path, "path")
+    if not rows or "split" not in rows[0]:
+        return []
+    return list(dict.fromkeys(r["split"] for r in rows if r["split"]))
+
+
 def load_images(path, split: str | None = None, limit: int | None = None, key: str | None = None,
                 allow_leakage: bool = False):
     """Load images from an npz file, an image folder, an index CSV, or a single image / DICOM file.

@@ -48,7 +48,7 @@ def _args(folder, out, *extra, method="gptq"):
 
 
 def _reference_batches(folder):
-    """The command's batches built independently: PIL reads the first images of the index, the processor's own
+    """The command's batches built independently: PIL reads the first train images of the index (the default --calib-split), the processor's own
     chat template and call make the inputs."""
     import csv
 
@@ -57,7 +57,7 @@ def _reference_batches(folder):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder / "src")
-    rows = list(csv.DictReader(_index().open()))[:SAMPLES]
+    rows = [r for r in csv.DictReader(_index().open()) if r["split"] == "train"][:SAMPLES]
     lines = [p.strip() for p in (folder / "t.txt").read_text().split("\n") if p.strip()]
     batches = []
     for row, line in zip(rows, lines):

@@ -50,3 +50,19 @@ def test_a_folder_without_config_json_is_named_as_one_with_images_too(folder, ca
     assert "no config.json" in reference
     assert _error(_prune(folder, bare, tmp_path / "b", "--calib-images", str(folder / "images.npz")),
                   capsys) == reference
+
+
+def _quantize(folder, model, out, *extra):
+    return ["quantize", str(model), str(out), "--bits", "4", "--group-size", "32", "--method", "gptq", "--calib",
+            str(folder / "t.txt"), "--calib-samples", "2", "--seq-len", "8", *extra]
+
+
+def test_quantize_names_a_medquant_checkpoint_as_one_with_images_too(folder, capsys, tmp_path):
+    """The same order in ``medquant quantize``: it said the folder needs a processor."""
+    pruned = tmp_path / "pruned"
+    assert main(_prune(folder, folder / "src", pruned)) == 0
+    capsys.readouterr()
+    reference = _error(_quantize(folder, pruned, tmp_path / "a"), capsys)
+    assert "medquant checkpoint" in reference
+    got = _error(_quantize(folder, pruned, tmp_path / "b", "--calib-images", str(folder / "images.npz")), capsys)
+    assert got == reference.replace(str(tmp_path / "a"), str(tmp_path / "b"))
