@@ -152,6 +152,43 @@ def folder_tokenizer(path: str, *, trust_remote_code: bool | None = None, **kw):
     return tok
 
 
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def folder_processor(path: str, *, trust_remote_code: bool | None = None):
+    """The folder's processor (``AutoProcessor``: a VLM's image processor with its tokenizer and chat template, an
+    image model's image processor), which the command saves into its output beside the model so that
+    ``AutoProcessor.from_pretrained(OUT)`` works as on the source; ``None`` for a folder without a processor file
+    (``processor_config.json`` / ``preprocessor_config.json`` / ``video_preprocessor_config.json``: a text model,
+    whose tokenizer is saved) or whose processor cannot be loaded (a ``UserWarning`` says so; the tokenizer is
+    saved). ``trust_remote_code`` as :func:`folder_tokenizer`."""
+    import warnings
+
+    folder = Path(path)
+    if not folder.is_dir() or not any((folder / f).is_file() for f in _PROCESSOR_FILES):
+        return None
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trusts_remote_code(trust_remote_code))
+    except Exception as e:  # noqa: BLE001 - any loader failure: the output keeps the tokenizer files, said once
+        first = (str(e).splitlines() or [""])[0]
+        warnings.warn(f"{path}: its processor could not be loaded ({type(e).__name__}: {first}); the output "
+                      "folder gets the tokenizer files only: copy the processor files over to use it with "
+                      "AutoProcessor", UserWarning, stacklevel=2)
+        return None
+
+
+def save_preprocessing(folder: Path, tok, processor) -> None:
+    """Save the tokenizer ``tok`` and the ``processor`` (:func:`folder_processor`; either may be ``None``) into
+    ``folder``: the processor's own files (its tokenizer included, as the source folder has it), and ``tok`` when
+    the processor holds no tokenizer."""
+    if tok is not None and getattr(processor, "tokenizer", None) is None:
+        tok.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+
+
 def _processor_code(folder: str) -> str:
     """The Python files named by the ``auto_map`` entries of the folder's processor classes (``AutoProcessor``,
     ``AutoImageProcessor``, ``AutoFeatureExtractor``, ``AutoVideoProcessor``; at the top of the JSON files
@@ -438,9 +475,10 @@ def run(args) -> int:
                          "influential blocks get up to (1 + spread) x the mean): lower --spread or the mean") from e
     after = parameter_report(model)
 
+    processor = None if args.gguf_file else folder_processor(args.model, trust_remote_code=args.trust_remote_code)
+
     def write_files(folder: Path) -> None:  # into the checkpoint as part of its save (before its manifest)
-        if tok is not None:
-            tok.save_pretrained(folder)
+        save_preprocessing(folder, tok, processor)
         if scores is not None:
             plot_influence(scores, folder / "block_influence.png")
         (folder / "prune_report.json").write_text(json.dumps({"before": before, "after": after,

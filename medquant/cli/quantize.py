@@ -59,9 +59,11 @@ from .prune import (
     CALIB_SPLIT_HELP,
     _load,
     _refuse_medquant_folder,
+    folder_processor,
     folder_tokenizer,
     image_calibration_batches,
     model_class,
+    save_preprocessing,
 )
 
 PATHS = {"whole-model": "whole model", "block-by-block": "block by block",
@@ -361,10 +363,11 @@ def _summary(before, after, n_layers: int, method: str) -> dict:
             "linear_bytes_before": before.linear_weight_bytes, "linear_bytes_after": after.linear_weight_bytes}
 
 
-def save_with_tokenizer(model, tok, out: Path) -> None:
-    """:func:`medquant.hf.save_pretrained` of ``model`` into ``out`` with the tokenizer files of ``tok`` (when not
-    ``None``) saved as part of the same checkpoint: the folder is replaced as one unit and its manifest lists them,
-    so a later run into the same ``out`` (another model, another tokenizer) leaves a folder that verifies.
+def save_with_tokenizer(model, tok, out: Path, processor=None) -> None:
+    """:func:`medquant.hf.save_pretrained` of ``model`` into ``out`` with the tokenizer files of ``tok`` and the
+    files of the folder's ``processor`` (when not ``None``: a VLM's or image model's, :func:`.prune.folder_processor`)
+    saved as part of the same checkpoint: the folder is replaced as one unit and its manifest lists them, so a later
+    run into the same ``out`` (another model, another tokenizer) leaves a folder that verifies.
 
     Everything is written inside the new version folder of ``out`` that :func:`medquant.io.write_checkpoint`
     yields (a staging folder ``.{name}.mq-tmp-*`` beside ``out``): the model is saved into a scratch sub-folder
@@ -378,7 +381,7 @@ def save_with_tokenizer(model, tok, out: Path) -> None:
     from ..io import write_checkpoint
     from ..io.manifest import MANIFEST_NAME
 
-    if tok is None:
+    if tok is None and processor is None:
         save_pretrained(model, out)
     else:
         with write_checkpoint(out) as folder:
@@ -394,7 +397,7 @@ def save_with_tokenizer(model, tok, out: Path) -> None:
                     shutil.rmtree(p)
                 else:
                     p.unlink()
-            tok.save_pretrained(folder)
+            save_preprocessing(folder, tok, processor)
 
 
 def run(args) -> int:
@@ -461,7 +464,7 @@ def run(args) -> int:
         "block-by-block-streamed" if args.stream else "block-by-block"
     summary.update(path=path, device=device if args.block_by_block else None)
     out = Path(args.out)
-    save_with_tokenizer(model, tok, out)
+    save_with_tokenizer(model, tok, out, folder_processor(args.model, trust_remote_code=args.trust_remote_code))
     summary["out"] = str(out)
     if args.json:
         print(json.dumps(summary, indent=1))
