@@ -43,8 +43,9 @@ def _refuse_medquant_folder(path: str, gguf_file: str | None, command: str) -> N
     """Refuse, in one line, a folder ``from_pretrained`` would load wrongly or that holds no float model: a
     ``medquant.save`` checkpoint (``medquant.json``: written by ``medquant pipeline`` / ``prune``; its quantized
     or pruned tensors do not match the architecture's, so transformers would random-initialise the missing
-    weights) or a folder quantized by medquant (``medquant quantize`` output: pruning, training and quantizing
-    start from a float model)."""
+    weights), a folder quantized by medquant (``medquant quantize`` output: pruning, training and quantizing
+    start from a float model) or by another library (any other ``quantization_config`` in its ``config.json``:
+    bitsandbytes, GPTQ, AWQ, FP8, compressed-tensors; its files hold that method's codes, named in the message)."""
     from ..io import HF_CONFIG_NAME, META_NAME
 
     if gguf_file:
@@ -65,12 +66,20 @@ def _refuse_medquant_folder(path: str, gguf_file: str | None, command: str) -> N
         qc = json.loads(cfg_file.read_text(encoding="utf-8")).get("quantization_config") if cfg_file.is_file() else None
     except (OSError, ValueError, AttributeError):
         qc = None
+    if qc is None:
+        return
+    why = ("quantizes a float model (quantizing quantized weights again compounds their rounding error)"
+           if command == "quantize" else "needs a float model (pruning and training work on float weights)")
     if isinstance(qc, dict) and qc.get("quant_method") == "medquant":
-        why = ("quantizes a float model (quantizing quantized weights again compounds their rounding error)"
-               if command == "quantize" else "needs a float model (pruning and training work on float weights)")
         raise SystemExit(f"{path} is already quantized by medquant (its config.json has a medquant "
                          f"quantization_config): `medquant {command}` {why}; give the float source folder it was "
                          "quantized from")
+    # another library's (bitsandbytes, GPTQ, AWQ, FP8, compressed-tensors): its files hold that method's codes and
+    # scales (bitsandbytes' int8 codes even under the float weight's name and shape), not float weights
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    raise SystemExit(f"{path} is already quantized ({method or 'an unknown method'}: its config.json has a "
+                     f"quantization_config), so its weight files hold that method's codes and scales, not float "
+                     f"weights: `medquant {command}` {why}; give the float folder it was made from")
 
 
 def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command: str = "prune",

@@ -250,10 +250,11 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
         ``(model, source)``.
 
     Raises:
-        SystemExit: naming ``--stream``, before any work: a folder without ``model.safetensors`` /
-            ``model.safetensors.index.json`` or whose safetensors cannot be read; a folder another library quantized
-            (its ``config.json`` has a ``quantization_config``: bitsandbytes' int8 codes are stored under
-            ``weight``, in the float weight's shape, and would be read as float weights); stored tensors that
+        SystemExit: before any work: a folder another library quantized (its ``config.json`` has a
+            ``quantization_config``: bitsandbytes' int8 codes are stored under ``weight``, in the float weight's
+            shape, and would be read as float weights), refused as every command refuses it; naming ``--stream``:
+            a folder without ``model.safetensors`` / ``model.safetensors.index.json`` or whose safetensors cannot
+            be read; stored tensors that
             transformers converts while loading (fused, split or permuted: per-expert MoE weights stacked into one
             3-D tensor), which cannot be read one by one under a new name; two stored tensors read under one name;
             tensors that do not carry the name of every parameter of the model's state dict once renamed (or another
@@ -276,15 +277,6 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
     if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
         raise SystemExit(f"--stream reads the float weights from the folder's safetensors; {path} has neither "
                          "model.safetensors nor model.safetensors.index.json: run without --stream")
-    try:
-        qc = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        qc = None
-    if qc is not None:  # medquant's own is refused above; another library's codes would be read as float weights
-        method = qc.get("quant_method", "an unknown method") if isinstance(qc, dict) else "an unknown method"
-        raise SystemExit(f"--stream reads float weights; {path} is already quantized ({method}: its config.json has "
-                         "a quantization_config), so its safetensors hold that method's codes and scales, which "
-                         "--stream would read as float weights: give the float folder it was made from")
     try:
         stored = CheckpointSource(folder)  # the headers, checked before the model is built
     except (OSError, ValueError, KeyError) as e:

@@ -136,7 +136,7 @@ def test_stream_refuses_a_folder_another_library_quantized(folder, capsys, monke
     monkeypatch.setattr(medquant.calibrate, "gptq_quantize_sequential", refused)
     assert main(_args(folder, src, "bnb8_out", "--stream")) == 2
     err = capsys.readouterr().err
-    assert "--stream" in err and "bitsandbytes" in err and "float" in err
+    assert "already quantized (bitsandbytes" in err and "float" in err
     assert not (folder / "bnb8_out").exists()
 
 
@@ -166,3 +166,27 @@ def test_stream_refuses_a_tensor_of_another_shape_before_any_work(folder, capsys
     assert "--stream" in err and "model.layers.1.mlp.up_proj.weight" in err and "(100, 64)" in err \
         and "(128, 64)" in err
     assert not (folder / "shape_out").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune", "pipeline"])
+def test_every_command_refuses_a_folder_another_library_quantized(folder, capsys, command):
+    """Without ``--stream`` too: ``quantize`` loaded the bitsandbytes folder through transformers' quantizer and
+    failed with "'Parameter' object has no attribute 'CB'"; ``prune`` and ``pipeline`` would prune or train the
+    int8 layers. One line naming the method, before the model is loaded, nothing written."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    src = folder / "bnb8_all"
+    if not src.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(folder / "src", quantization_config=BitsAndBytesConfig(
+            load_in_8bit=True))
+        model.save_pretrained(src)
+        AutoTokenizer.from_pretrained(folder / "src").save_pretrained(src)
+    out = folder / f"bnb8_{command}_out"
+    argv = {"quantize": [command, str(src), str(out), "--bits", "4"],
+            "prune": [command, str(src), "--out", str(out), "--heads", "0.5"],
+            "pipeline": [command, str(src), "--out", str(out), "--train", "none", "--quant", "rtn"]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already quantized (bitsandbytes" in err and "float" in err and f"medquant {command}" in err
+    assert not out.exists()
