@@ -90,7 +90,9 @@ def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command
     ``from_pretrained`` loads them (``medquant quantize``, like :func:`medquant.quantize_` on such a model).
     A medquant checkpoint or a folder quantized by medquant is refused (``SystemExit`` naming ``command``), and so is
     a folder without ``config.json`` (without ``gguf_file``) and, unless ``trust_remote_code`` (``None``: the
-    command's ``--trust-remote-code``), a folder whose loading runs its own code (before any of it runs)."""
+    command's ``--trust-remote-code``), a folder whose loading runs its own code (before any of it runs); after
+    loading, a folder that lacks some of the model's tensors (``from_pretrained``'s ``missing_keys``, which it only
+    warns about while drawing them at random)."""
     import os
 
     trust = trusts_remote_code(trust_remote_code)
@@ -103,7 +105,14 @@ def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     # never None: transformers would ask on the terminal; the folder was checked above
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust, **kw)
-    model = model_class(cfg).from_pretrained(path, trust_remote_code=trust, **kw).eval()
+    model, info = model_class(cfg).from_pretrained(path, trust_remote_code=trust, output_loading_info=True, **kw)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers only warns: the command would compress weights drawn at random
+        raise SystemExit(f"{path} lacks {len(missing)} tensor(s) of {type(model).__name__} ("
+                         f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): from_pretrained initialised "
+                         f"them at random, and `medquant {command}` would compress those random weights; give a "
+                         "folder that holds every weight of its architecture")
+    model = model.eval()
     if not keep_dtype:
         model = model.float()
     return model, folder_tokenizer(path, trust_remote_code=trust, **kw)

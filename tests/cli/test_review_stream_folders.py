@@ -190,3 +190,27 @@ def test_every_command_refuses_a_folder_another_library_quantized(folder, capsys
     err = capsys.readouterr().err
     assert "already quantized (bitsandbytes" in err and "float" in err and f"medquant {command}" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune"])
+def test_a_folder_missing_a_tensor_is_refused_without_stream_too(folder, capsys, command):
+    """An untied folder without ``lm_head.weight``: ``from_pretrained`` only warns (MISSING) and draws the head at
+    random, which the command then compressed into the output; ``--stream`` already refused it. The reference for
+    what is missing: transformers' own ``output_loading_info``."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    src = folder / f"no_head_{command}"
+    shutil.copytree(folder / "src", src)
+    stored = load_file(str(src / "model.safetensors"))
+    del stored["lm_head.weight"]
+    save_file(stored, str(src / "model.safetensors"), metadata={"format": "pt"})
+    _, info = AutoModelForCausalLM.from_pretrained(src, output_loading_info=True)
+    assert info["missing_keys"] == {"lm_head.weight"}
+    out = folder / f"no_head_{command}_out"
+    argv = ([command, str(src), str(out), "--bits", "4"] if command == "quantize"
+            else [command, str(src), "--out", str(out), "--heads", "0.5"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lacks 1 tensor(s)" in err and "lm_head.weight" in err and "at random" in err
+    assert not out.exists()
