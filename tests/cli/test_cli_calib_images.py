@@ -13,24 +13,16 @@ tensors as the whole-model run. Pruning with activation importance over every st
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import medquant as mq
 from medquant.cli import main
-from medquant.data import default_data_dir
-from tests.cli.tiny_folder import report_text_file, tiny_llava_folder
+from tests.cli.tiny_folder import kermany_index, report_text_file, tiny_llava_folder
 
 SAMPLES, SEQ = 2, 16
 
-
-def _index() -> Path:
-    index = default_data_dir() / "kermany_pediatric_cxr_224" / "index.csv"
-    if not index.is_file():
-        pytest.skip(f"the real chest X-rays are not at {index} (set MEDQUANT_DATA_DIR)")
-    return index
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def folder(tmp_path_factory):
 
 def _args(folder, out, *extra, method="gptq"):
     return ["quantize", str(folder / "src"), str(folder / out), "--bits", "4", "--group-size", "32", "--method",
-            method, "--calib", str(folder / "t.txt"), "--calib-images", str(_index()), "--calib-samples",
+            method, "--calib", str(folder / "t.txt"), "--calib-images", str(kermany_index()), "--calib-samples",
             str(SAMPLES), "--seq-len", str(SEQ), "--json", *extra]
 
 
@@ -57,11 +49,11 @@ def _reference_batches(folder):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder / "src")
-    rows = [r for r in csv.DictReader(_index().open()) if r["split"] == "train"][:SAMPLES]
+    rows = [r for r in csv.DictReader(kermany_index().open()) if r["split"] == "train"][:SAMPLES]
     lines = [p.strip() for p in (folder / "t.txt").read_text().split("\n") if p.strip()]
     batches = []
     for row, line in zip(rows, lines):
-        image = np.asarray(Image.open(_index().parent / row["path"]).convert("RGB"))
+        image = np.asarray(Image.open(kermany_index().parent / row["path"]).convert("RGB"))
         words = processor.tokenizer.decode(processor.tokenizer(line, add_special_tokens=False)["input_ids"][:SEQ])
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
         text = processor.apply_chat_template(turn, add_generation_prompt=False, tokenize=False)
@@ -170,7 +162,7 @@ def test_prune_scores_the_vision_tower_on_the_images_as_the_pruner_does(folder, 
     assert main(argv("text_only")) == 2  # text never runs the vision tower
     err = capsys.readouterr().err
     assert "never ran model.vision_tower" in err and "--calib-images" in err and not (folder / "text_only").exists()
-    assert main(argv("pruned", "--calib-images", str(_index()))) == 0
+    assert main(argv("pruned", "--calib-images", str(kermany_index()))) == 0
     capsys.readouterr()
     batches = _reference_batches(folder)
     ref = LlavaForConditionalGeneration.from_pretrained(folder / "src").eval().float()

@@ -14,18 +14,11 @@ import torch
 
 from medquant.cli import main
 from medquant.cli.prune import image_calibration_batches
-from medquant.data import default_data_dir
-from tests.cli.tiny_folder import report_text_file, tiny_llava_folder
+from tests.cli.tiny_folder import kermany_index, report_text_file, tiny_llava_folder
 
 SAMPLES, SEQ = 2, 12
 TEXTS = ["Heart size normal. Lungs are clear.", "No pneumothorax or pleural effusion."]
 
-
-def _index() -> Path:
-    index = default_data_dir() / "kermany_pediatric_cxr_224" / "index.csv"
-    if not index.is_file():
-        pytest.skip(f"the real chest X-rays are not at {index} (set MEDQUANT_DATA_DIR)")
-    return index
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def folder(tmp_path_factory):
 
 
 def _rows(split: str | None) -> list[dict]:
-    with _index().open(newline="") as f:
+    with kermany_index().open(newline="") as f:
         rows = list(csv.DictReader(f))
     return [r for r in rows if split is None or r["split"] == split][:SAMPLES]
 
@@ -49,7 +42,7 @@ def _reference(folder: Path, rows: list[dict]) -> list[torch.Tensor]:
     processor = AutoProcessor.from_pretrained(folder / "src")
     out = []
     for row, text in zip(rows, TEXTS):
-        image = np.asarray(Image.open(_index().parent / row["path"]).convert("RGB"))
+        image = np.asarray(Image.open(kermany_index().parent / row["path"]).convert("RGB"))
         words = processor.tokenizer.decode(processor.tokenizer(text, add_special_tokens=False)["input_ids"][:SEQ])
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
         prompt = processor.apply_chat_template(turn, add_generation_prompt=False, tokenize=False)
@@ -61,7 +54,7 @@ def _reference(folder: Path, rows: list[dict]) -> list[torch.Tensor]:
 def test_the_images_come_from_the_chosen_split(folder, requested, split):
     rows = _rows(split)
     assert {r["split"] for r in rows} == {split or "test"}  # "all": the file's first rows are test images
-    batches = image_calibration_batches(str(folder / "src"), str(_index()), TEXTS, SAMPLES, SEQ, split=requested)
+    batches = image_calibration_batches(str(folder / "src"), str(kermany_index()), TEXTS, SAMPLES, SEQ, split=requested)
     ref = _reference(folder, rows)
     assert len(batches) == SAMPLES
     for b, r in zip(batches, ref):
@@ -69,7 +62,7 @@ def test_the_images_come_from_the_chosen_split(folder, requested, split):
 
 
 def test_a_source_without_train_split_or_an_unknown_split_is_refused(folder, tmp_path):
-    src = _index()
+    src = kermany_index()
     index = tmp_path / "index.csv"
     rows = _rows("test")
     shutil.copytree(src.parent / "images" / "test", tmp_path / "images" / "test")

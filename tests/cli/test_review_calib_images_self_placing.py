@@ -17,18 +17,11 @@ import torch
 
 import medquant as mq
 from medquant.cli import main
-from medquant.data import default_data_dir
-from tests.cli.tiny_folder import report_text_file, tiny_llava_folder
+from tests.cli.tiny_folder import kermany_index, report_text_file, tiny_llava_folder
 from tests.prune.real_models import minilm_dir
 
 SAMPLES, SEQ, QUERIES = 2, 12, 4
 
-
-def _index():
-    index = default_data_dir() / "kermany_pediatric_cxr_224" / "index.csv"
-    if not index.is_file():
-        pytest.skip(f"the real chest X-rays are not at {index} (set MEDQUANT_DATA_DIR)")
-    return index
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +65,11 @@ def _reference_batches(folder):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder / "src")
-    rows = [r for r in csv.DictReader(_index().open()) if r["split"] == "train"][:SAMPLES]
+    rows = [r for r in csv.DictReader(kermany_index().open()) if r["split"] == "train"][:SAMPLES]
     lines = [p.strip() for p in (folder / "t.txt").read_text().split("\n") if p.strip()]
     batches = []
     for row, line in zip(rows, lines):
-        image = Image.open(_index().parent / row["path"]).convert("RGB")
+        image = Image.open(kermany_index().parent / row["path"]).convert("RGB")
         words = processor.tokenizer.decode(processor.tokenizer(line, add_special_tokens=False)["input_ids"][:SEQ])
         batch = processor(images=[image], text=[words], return_tensors="pt")
         batches.append({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
@@ -87,7 +80,7 @@ def test_the_batches_are_the_processors_own(folder):
     from medquant.cli.prune import image_calibration_batches
 
     lines = [p.strip() for p in (folder / "t.txt").read_text().split("\n") if p.strip()]
-    got = image_calibration_batches(str(folder / "src"), str(_index()), lines, SAMPLES, SEQ, trust_remote_code=False)
+    got = image_calibration_batches(str(folder / "src"), str(kermany_index()), lines, SAMPLES, SEQ, trust_remote_code=False)
     ref = _reference_batches(folder)
     image_token = json.loads((folder / "src" / "config.json").read_text())["image_token_index"]
     assert len(got) == len(ref) == SAMPLES
@@ -103,7 +96,7 @@ def test_quantize_calibrates_on_them_as_gptq_in_python(folder, capsys):
 
     out = folder / "q"
     assert main(["quantize", str(folder / "src"), str(out), "--bits", "4", "--group-size", "32", "--method", "gptq",
-                 "--calib", str(folder / "t.txt"), "--calib-images", str(_index()), "--calib-samples", str(SAMPLES),
+                 "--calib", str(folder / "t.txt"), "--calib-images", str(kermany_index()), "--calib-samples", str(SAMPLES),
                  "--seq-len", str(SEQ), "--skip", "@vision", "--json"]) == 0
     capsys.readouterr()
     ref = Blip2ForConditionalGeneration.from_pretrained(folder / "src").eval()

@@ -63,3 +63,16 @@ def tiny_llava_folder(path: Path) -> Path:
         tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE).save_pretrained(path)
     return path
+
+
+def kermany_index() -> Path:
+    """The index CSV of the real Kermany chest X-rays (``path``, ``split``, ``label`` columns; test rows first);
+    the calling test is skipped when the data is not there."""
+    import pytest
+
+    from medquant.data import default_data_dir
+
+    index = default_data_dir() / "kermany_pediatric_cxr_224" / "index.csv"
+    if not index.is_file():
+        pytest.skip(f"the real chest X-rays are not at {index} (set MEDQUANT_DATA_DIR)")
+    return index
