@@ -315,7 +315,9 @@ def _taylor(model: nn.Module, blocks: list[Block], calib, loss_fn, progress: boo
                                  "run it without gradients; give batches that reach every block in scope or narrow "
                                  "the scope")
             if missing:
-                _check_unread(model, batch, loss_fn, missing, n)
+                new = [nm for nm in missing if nm not in unused]  # checked once: whether a layer is read is structural
+                if new:
+                    _check_unread(model, batch, loss_fn, new, n)
                 unused.update(missing)
                 for nm in missing:  # d loss / d theta = 0 exactly: the loss does not read their outputs
                     lin = _lin(model, nm)
