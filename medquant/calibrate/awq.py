@@ -90,6 +90,7 @@ from ..quant.api import as_config_map, quantize_, quantized_modules
 from ..quant.config import QuantConfig
 from ..quant.core import fake_quantize
 from ._forward import BatchMasks, MaskSides, batch_masks, call_encoder_states, row_mask, unmasked_layers
+from .adaround import _integer
 from .sequential import BlockInputs, _Undo, quantize_sequential
 
 __all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
@@ -113,12 +114,14 @@ class ScaleGroup:
     err_awq: float | None = None
 
 
-def _check_search_args(grid: int, max_rows: int | None) -> None:
-    """``grid`` an int >= 1 and ``max_rows`` None or an int >= 1 (``bool`` refused), checked before any work."""
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+def _check_search_args(grid: int, max_rows: int | None) -> tuple[int, int | None]:
+    """``grid`` an integer >= 1 and ``max_rows`` None or an integer >= 1, of any integer type (NumPy's too;
+    ``bool`` refused), checked before any work and returned as Python ints (the groups record them)."""
+    if (_integer(grid) or 0) < 1:
         raise ValueError(f"grid must be an integer >= 1 (alpha is searched over 0, 1/grid, ..., 1), got {grid!r}")
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+    if max_rows is not None and (_integer(max_rows) or 0) < 1:
         raise ValueError(f"max_rows must be None (keep every input row) or an integer >= 1, got {max_rows!r}")
+    return int(grid), None if max_rows is None else int(max_rows)
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -587,7 +590,7 @@ def _search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any]
     (:func:`_folded_tensors`) are handed to ``undo.keep_values`` before the first fold."""
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    _check_search_args(grid, max_rows)
+    grid, max_rows = _check_search_args(grid, max_rows)
     groups = awq_groups(model, scope)
     if not groups:
         raise ValueError(f"{type(model).__name__}: no foldable (norm/linear -> linears) groups found for AWQ")
@@ -641,7 +644,7 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    _check_search_args(grid, max_rows)
+    grid, max_rows = _check_search_args(grid, max_rows)
     skip = list(skip) if skip else None
     as_config_map(config, skip=skip).resolve(model)  # a bad skip pattern is refused before the scales are folded
     calib = list(calib)
@@ -715,7 +718,7 @@ def search_and_fold_block(block: nn.Module, config: QuantConfig, inputs: BlockIn
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    _check_search_args(grid, max_rows)
+    grid, max_rows = _check_search_args(grid, max_rows)
     args, kwargs = list(inputs.args), list(inputs.kwargs)
     if not args or len(args) != len(kwargs):
         raise ValueError("AWQ needs calibration data: the block has no recorded calls (inputs.args is empty)")
@@ -832,7 +835,7 @@ def awq_quantize_sequential(
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    _check_search_args(grid, max_rows)
+    grid, max_rows = _check_search_args(grid, max_rows)
     if calib_inputs is None:
         raise ValueError("AWQ needs calibration data: pass calib_inputs (a dict of model(**batch) keyword "
                          "arguments, or a list of such dicts)")
