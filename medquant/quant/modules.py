@@ -568,7 +568,8 @@ class QuantConv2d(_QuantWeightBase):
     """A Conv2d layer with packed low-bit weights, each output channel's kernel quantized as one matrix row.
 
     The weight ``(O, I/groups, kh, kw)`` is quantized as the matrix ``(O, I/groups*kh*kw)``. Forward dequantizes
-    and runs ``F.conv2d`` (the torch reference path). The constructor allocates an empty layer.
+    to the input's floating dtype and runs ``F.conv2d`` (the torch reference path); an integer or bool input is
+    refused (``TypeError``), as ``nn.Conv2d`` refuses it. The constructor allocates an empty layer.
 
     Args:
         in_channels: input channels.
@@ -669,6 +670,9 @@ class QuantConv2d(_QuantWeightBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_device(x)
+        if not x.is_floating_point():  # the weight cast to an integer dtype would truncate to (mostly) zeros
+            raise TypeError(f"QuantConv2d input must be floating point (float16, bfloat16, float32 or float64, as "
+                            f"nn.Conv2d takes), got {x.dtype}")
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.conv2d(x, self.weight_4d(x.dtype), b, self.stride, self.padding, self.dilation, self.groups)
 
