@@ -331,9 +331,10 @@ class _QuantWeightBase(nn.Module):
 
     def _decode_lane(self, x: torch.Tensor):
         """The prepared matmul's decode lane (``fn.decode``: ``x (..., k) -> y (..., n)`` or None), where the layer
-        was prepared before (the first eager call prepares it), this is eager CPU inference on ``x`` and the
-        preparation is still valid (:meth:`_valid_prepared`); else None."""
-        if self.mixed or not eager_inference(x):
+        was prepared before (the first eager call prepares it), this is eager CPU inference on ``x`` (with a feature
+        dimension: a 0-d ``x`` goes to ``forward``'s own check) and the preparation is still valid
+        (:meth:`_valid_prepared`); else None."""
+        if self.mixed or not x.dim() or not eager_inference(x):
             return None
         cached = self._valid_prepared(self.bit_groups[0])
         return None if cached is None else cached[6]
