@@ -745,11 +745,18 @@ class QuantEmbedding(_QuantWeightBase):
             The new ``QuantEmbedding``.
 
         Raises:
-            TypeError: ``module`` is not an ``nn.Embedding``.
+            TypeError: ``module`` is not an ``nn.Embedding``, or is a subclass with its own ``forward`` (e.g. Gemma 3's
+                scaled word embedding, which multiplies every row by ``embed_scale``: a ``QuantEmbedding`` looks the
+                rows up as ``nn.Embedding`` does and would silently drop that).
             ValueError: ``max_norm`` or ``sparse=True``, or a config the table cannot take.
         """
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"QuantEmbedding.from_float expects nn.Embedding, got {type(module).__name__}")
+        if type(module).forward is not nn.Embedding.forward:
+            raise TypeError(f"QuantEmbedding.from_float: {type(module).__name__} is a subclass of nn.Embedding with its "
+                            "own forward (it may change the lookup, e.g. scale the rows), which a QuantEmbedding would "
+                            "drop; only nn.Embedding and subclasses computing as it (no forward of their own) are "
+                            "taken: leave it in floating point")
         if module.max_norm is not None or module.sparse:
             raise ValueError("QuantEmbedding cannot quantize an nn.Embedding with max_norm or sparse=True")
         w = module.weight
