@@ -658,8 +658,11 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
                 writer.add_tensor("rope_freqs.weight", freqs)
                 report.notes.append("llama3 rope scaling written as the rope_freqs tensor")
             quant_types = [t for t in types_written if t not in FLOAT_TYPES]
-            # the most common block type; ties go to the first in sorted order (set order varies run to run)
-            main = max(sorted(set(quant_types)), key=quant_types.count) if quant_types else float_type
+            # the most common block type, else (no block type written) the most common float type of the matrices,
+            # promoted ones included (promote_type='F16' under float_type='F32' is a mostly-F16 file); ties go to
+            # the first in sorted order (set order varies run to run)
+            counted = quant_types or types_written or [float_type]
+            main = max(sorted(set(counted)), key=counted.count)
             writer.add_file_type(_FILE_TYPE[main])
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             writer.write_header_to_file()

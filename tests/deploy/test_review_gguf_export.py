@@ -1,0 +1,40 @@
+"""Review tests of format="gguf": file-level metadata checked with the gguf package's own reader."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from gguf import GGUFReader, LlamaFileType
+
+from medquant.deploy import export
+from medquant.quant.api import quantize_
+from medquant.quant.config import QuantConfig
+from medquant.testing.zoo import ZOO_BY_NAME
+
+
+def _file_type_of_matrices(path) -> LlamaFileType:
+    """llama.cpp's ``general.file_type`` for a file whose matrices are all float: the most common matrix type."""
+    reader = GGUFReader(str(path))
+    counts = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
+    main = counts.most_common(1)[0][0]
+    return {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16}[main]
+
+
+def _written_file_type(path) -> LlamaFileType:
+    return LlamaFileType(int(GGUFReader(str(path)).fields["general.file_type"].contents()))
+
+
+@pytest.mark.parametrize("promote_type", ["F16", "F32"])
+def test_file_type_of_layers_promoted_to_a_float_type_is_that_type(promote_type, tok_dir, tmp_path):
+    """Every block promoted to F16 (float_type F32 for the embedding): the file is mostly F16, not all F32."""
+    torch.manual_seed(0)
+    model = ZOO_BY_NAME["llama"].build().eval()
+    quantize_(model, QuantConfig(bits=4, group_size=16, symmetric=True))  # no GGUF block type: promoted
+    report = export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir, promote=True,
+                    promote_type=promote_type)
+    assert {r.target for r in report.layers if r.name.endswith("proj")} == {promote_type}
+    assert _written_file_type(tmp_path / "m.gguf") == _file_type_of_matrices(tmp_path / "m.gguf")
