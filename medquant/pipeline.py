@@ -111,7 +111,8 @@ class TrainStage:
         alpha: weight of the distillation term, in ``[0, 1]``.
         temperature: softmax temperature ``T`` of the distillation term, finite and > 0.
         feature_pairs: ``(student layer, teacher layer)`` indices into ``hidden_states`` whose features are
-            matched (MSE through a learned projection when the widths differ); ``"distil"`` only.
+            matched (MSE through a learned projection when the widths differ); ``"distil"`` only. Any iterable of
+            pairs of integers (a generator too, read once); kept as a list of ``(int, int)``.
         feature_weight: weight of the feature-matching term, finite and >= 0.
 
     Raises:
@@ -142,12 +143,14 @@ class TrainStage:
             raise ValueError(f"TrainStage.temperature must be a finite number > 0, got {self.temperature}")
         if not _finite(self.feature_weight) or not self.feature_weight >= 0:
             raise ValueError(f"TrainStage.feature_weight must be a finite number >= 0, got {self.feature_weight!r}")
+        from .distill.distiller import check_feature_pairs
+
+        # (int, int) pairs, refused here rather than after pruning; kept as the list of Python int pairs (a generator
+        # is read once, here; NumPy integers are recorded in the saved JSON as the ints they equal)
+        self.feature_pairs = check_feature_pairs(self.feature_pairs)
         if self.mode == "finetune" and len(self.feature_pairs):
             raise ValueError("TrainStage.feature_pairs match teacher features (distillation only); "
                              "TrainStage('finetune') has no teacher: use mode 'distil' or leave feature_pairs empty")
-        from .distill.distiller import check_feature_pairs
-
-        check_feature_pairs(self.feature_pairs)  # (int, int) pairs, refused here rather than after pruning
 
     def _as_run(self, steps_run: int | None = None) -> dict[str, Any]:
         """The settings as they ran (what :func:`compress` records): ``"finetune"`` trains with ``alpha`` 0 and no
