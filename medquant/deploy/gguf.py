@@ -149,12 +149,17 @@ def language_parts(model: nn.Module) -> tuple[str, Any, Any, str, Any, str]:
         if (getattr(text_cfg, attr, None) or 0) > 0:
             raise ExportError(f"format='gguf' does not export mixture-of-experts models ({attr}="
                               f"{getattr(text_cfg, attr)}); only dense llama / qwen2 / gemma3 language models")
-    for path in ("model.language_model", "language_model", "model"):
+    paths = ("model.language_model", "language_model", "model")
+    for path in paths:
         dec = _get(model, path)
         if dec is not None and hasattr(dec, "embed_tokens") and hasattr(dec, "layers") and hasattr(dec, "norm"):
             break
     else:
-        raise ExportError(f"{type(model).__name__}: no language model with embed_tokens / layers / norm found")
+        raise ExportError(f"format='gguf' found no language model (a module with embed_tokens, layers and norm) at "
+                          f"{', '.join(paths)} of {type(model).__name__}, although its text config is "
+                          f"model_type={mtype!r}; supported are the causal LMs themselves and the VLMs that keep "
+                          "their language model there (LLaVA, Gemma 3), not one stored elsewhere (Idefics3 / SmolVLM "
+                          "keep it at model.text_model)")
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:  # a llama.cpp file without `output` reads token_embd as the head: another model

@@ -10,7 +10,7 @@ pytest.importorskip("gguf")
 
 from gguf import GGUFReader, LlamaFileType
 
-from medquant.deploy import export
+from medquant.deploy import ExportError, export
 from medquant.quant.api import quantize_
 from medquant.quant.config import QuantConfig
 from medquant.testing.zoo import ZOO_BY_NAME
@@ -38,3 +38,15 @@ def test_file_type_of_layers_promoted_to_a_float_type_is_that_type(promote_type,
                     promote_type=promote_type)
     assert {r.target for r in report.layers if r.name.endswith("proj")} == {promote_type}
     assert _written_file_type(tmp_path / "m.gguf") == _file_type_of_matrices(tmp_path / "m.gguf")
+
+
+def test_a_vlm_keeping_its_language_model_elsewhere_is_refused_saying_what_is_supported(tok_dir, tmp_path):
+    """Idefics3's Llama text model sits at model.text_model: the refusal names where the exporter looks, what it
+    supports and where this model keeps it (it said only 'no language model ... found')."""
+    model = ZOO_BY_NAME["idefics3"].build().eval()
+    assert model.config.get_text_config().model_type == "llama"
+    with pytest.raises(ExportError) as e:
+        export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir)
+    msg = str(e.value)
+    assert "model.language_model" in msg and "LLaVA" in msg and "Gemma 3" in msg and "text_model" in msg
+    assert not (tmp_path / "m.gguf").exists()
