@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -49,6 +50,8 @@ class PruneStage:
     ``drop_blocks`` drops that many of the least influential blocks (or the blocks named). With both, the ratios are
     allocated over the blocks that remain after dropping (a dropped block takes no share), so the remaining blocks
     lose ``head_ratio`` / ``ffn_ratio`` of their heads / FFN neurons on average, as asked.
+
+    Numbers may be given as NumPy scalars: they are kept (and saved) as the Python ``float`` / ``int`` they equal.
 
     Attributes:
         head_ratio: fraction of attention heads removed per block (average over blocks with ``layer_select``),
@@ -79,7 +82,15 @@ class PruneStage:
     drop_blocks: int | list[str] = 0
 
     def __post_init__(self) -> None:
+        # real numbers (NumPy scalars too) as Python floats: saved (JSON) as the values they equal; anything else is
+        # left to the pruner, which refuses it before the model changes
+        for name in ("head_ratio", "ffn_ratio", "spread"):
+            v = _real(getattr(self, name))
+            if v is not None:
+                setattr(self, name, v)
         d = self.drop_blocks
+        if isinstance(d, numbers.Integral) and not isinstance(d, bool):
+            d = self.drop_blocks = int(d)  # a NumPy integer as the int it equals
         if isinstance(d, bool) or not isinstance(d, (int, list, tuple)):
             raise TypeError("PruneStage.drop_blocks must be a number of blocks (an integer >= 0) or a list of block "
                             f"names, got {type(d).__name__} {d!r}")
@@ -103,6 +114,9 @@ class TrainStage:
     runs with ``alpha = 0`` and no teacher features, refuses ``feature_pairs`` (there is no teacher to match), and
     :func:`compress` records what ran (``alpha`` 0, ``temperature`` / ``feature_weight`` ``None``, no
     ``feature_pairs``) in the saved ``extras["pipeline"]["train"]``.
+
+    Numbers may be given as NumPy scalars: they are kept (and saved) as the Python ``int`` / ``float`` they equal;
+    a bool or a string is refused.
 
     Attributes:
         mode: ``"distil"`` (teacher = a frozen copy of the model before pruning) or ``"finetune"``.
@@ -133,16 +147,22 @@ class TrainStage:
     def __post_init__(self) -> None:
         if self.mode not in ("distil", "finetune"):
             raise ValueError(f"TrainStage.mode must be 'distil' or 'finetune', got {self.mode!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
             raise ValueError(f"TrainStage.steps must be an integer >= 1, got {self.steps!r}")
-        if not _finite(self.lr) or not self.lr > 0:
+        self.steps = int(self.steps)
+        # real numbers (NumPy scalars too) are kept as Python floats: they run and are saved (JSON) as the values
+        # they equal; a bool or a string is refused here, not after pruning
+        lr, alpha, temperature, weight = (_real(v) for v in (self.lr, self.alpha, self.temperature,
+                                                             self.feature_weight))
+        if lr is None or not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"TrainStage.lr must be a finite number > 0, got {self.lr!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"TrainStage.alpha must be in [0, 1], got {self.alpha}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"TrainStage.temperature must be a finite number > 0, got {self.temperature}")
-        if not _finite(self.feature_weight) or not self.feature_weight >= 0:
+        if alpha is None or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"TrainStage.alpha must be in [0, 1], got {self.alpha!r}")
+        if temperature is None or not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"TrainStage.temperature must be a finite number > 0, got {self.temperature!r}")
+        if weight is None or not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"TrainStage.feature_weight must be a finite number >= 0, got {self.feature_weight!r}")
+        self.lr, self.alpha, self.temperature, self.feature_weight = lr, alpha, temperature, weight
         from .distill.distiller import check_feature_pairs
 
         # (int, int) pairs, refused here rather than after pruning; kept as the list of Python int pairs (a generator
@@ -325,8 +345,9 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
     return res
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _real(v: Any) -> float | None:
+    """``v`` as a Python float when it is a real number (int, float, NumPy scalar), else None (a bool too)."""
+    return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
 
 
 def _batches(data: Iterable[Any] | None, what: str) -> list[Any] | None:
