@@ -531,6 +531,11 @@ def _plan(arch: str, cfg: Any, dec: Any, dec_name: str, head: nn.Module | None, 
     return plan, dims, notes
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    """The report's scheme of a float tensor: its dtype's name (``"bfloat16"``, ``"float32"``...)."""
+    return str(t.dtype).split(".")[-1]
+
+
 def _float_row(name: str, w: torch.Tensor, target: str, note: str = "", scheme: str | None = None
                ) -> tuple[np.ndarray, LayerExport]:
     w = w.detach().float().contiguous()
@@ -632,7 +637,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
                     note = ""
                     if arch == "gemma3":
                         w, note = w + 1.0, "stored as 1 + w (llama.cpp's Gemma RMS norm)"
-                    data, row = _float_row(f"{hf}.weight", w, "F32", note)
+                    data, row = _float_row(f"{hf}.weight", w, "F32", note, scheme=_dtype_name(m.weight))
                     writer.add_tensor(f"{gname}.weight", data)
                     report.layers.append(row)
                     continue
@@ -646,7 +651,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
                     w = m.weight.detach()
                     if perm is not None:
                         w = w.index_select(0, perm)
-                    data, row = _float_row(f"{hf}.weight", w, float_type, rope_note, scheme=str(w.dtype).split(".")[-1])
+                    data, row = _float_row(f"{hf}.weight", w, float_type, rope_note, scheme=_dtype_name(w))
                     writer.add_tensor(f"{gname}.weight", data)
                     types_written.append(float_type)
                     report.layers.append(row)
@@ -655,7 +660,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
                     b = bias.detach().float()
                     if perm is not None:
                         b = b.index_select(0, perm)
-                    data, row = _float_row(f"{hf}.bias", b, "F32", rope_note)
+                    data, row = _float_row(f"{hf}.bias", b, "F32", rope_note, scheme=_dtype_name(bias))
                     writer.add_tensor(f"{gname}.bias", data)
                     report.layers.append(row)
             freqs = _llama3_rope_freqs(cfg)

@@ -50,3 +50,21 @@ def test_a_vlm_keeping_its_language_model_elsewhere_is_refused_saying_what_is_su
     msg = str(e.value)
     assert "model.language_model" in msg and "LLaVA" in msg and "Gemma 3" in msg and "text_model" in msg
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_the_scheme_of_float_rows_is_the_dtype_of_the_source_tensor(tok_dir, tmp_path):
+    """A bfloat16 model: norms, biases and float matrices are reported as bfloat16 (norms and biases said
+    float32, the dtype they are written in, not medquant's)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**text_kwargs(num_key_value_heads=2))).eval().to(torch.bfloat16)
+    quantize_(model, {"re:.*mlp.*": QuantConfig(bits=4, group_size=32, symmetric=True)})
+    report = export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir)
+    params = dict(model.named_parameters())
+    float_rows = [r for r in report.layers if r.how == "float"]
+    assert any(r.name.endswith("norm.weight") for r in float_rows) and any(r.name.endswith(".bias") for r in float_rows)
+    for row in float_rows:
+        assert row.scheme == str(params[row.name].dtype).split(".")[-1], row
