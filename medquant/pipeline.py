@@ -191,11 +191,13 @@ class QuantStage:
         config: the weight quantization (bits, scope, group size...).
         method: ``"awq"`` (activation-aware scales folded into the previous op, then round-to-nearest; needs
             ``calib``) or ``"rtn"`` (round-to-nearest).
-        skip: module patterns left in float (default the LM head); a single string is one pattern, ``None`` none.
+        skip: module patterns left in float (default the LM head); a single string is one pattern, ``None`` none;
+            any iterable of strings (a generator too, read once) is kept as a tuple.
 
     Raises:
         ValueError: an unknown ``method``.
-        TypeError: ``config`` is not a ``QuantConfig``.
+        TypeError: ``config`` is not a ``QuantConfig``, or ``skip`` is not a string, an iterable of strings or
+            ``None``.
     """
 
     config: QuantConfig
@@ -211,6 +213,16 @@ class QuantStage:
             self.skip = ()
         elif isinstance(self.skip, str):  # one pattern, not its characters
             self.skip = (self.skip,)
+        else:  # read once into a tuple: a generator would be spent by compress's check before the stage runs
+            if not isinstance(self.skip, Iterable):
+                raise TypeError(f"QuantStage.skip must be a module pattern (a string), an iterable of patterns or "
+                                f"None, got {type(self.skip).__name__} {self.skip!r}")
+            pats = tuple(self.skip)
+            bad = [p for p in pats if not isinstance(p, str)]
+            if bad:
+                raise TypeError(f"QuantStage.skip holds module patterns (strings), got {type(bad[0]).__name__} "
+                                f"{bad[0]!r}")
+            self.skip = pats
 
 
 @dataclass
