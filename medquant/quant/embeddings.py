@@ -89,8 +89,8 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
                          tie: bool = True) -> dict[str, list[str]]:
     """Quantize the input embeddings of ``model`` in place and share their storage with tied output heads.
 
-    Calling it again re-ties heads whose codes equal their embedding's (e.g. after moving the model to another
-    device, which copies each buffer).
+    Calling it again re-ties heads whose codes equal their embedding's (e.g. after moving the head or the table
+    alone to another device, which gives it its own copy; ``model.to(device)`` keeps the tie).
 
     Args:
         model: the model, changed in place.

@@ -15,6 +15,8 @@ Row groups are computed in ascending row order and scattered back, so the output
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,21 @@ _BOUND_LANE = "_bound_lane"
 _STORED_FLOAT_PREFIXES = ("scales_", "zeros_", "fweight_")
 #: the buffer names of row group ``b``: ``(qweight_b, scales_b, zeros_b)``
 _ROW_GROUP_NAMES = {b: (f"qweight_{b}", f"scales_{b}", f"zeros_{b}") for b in range(1, 9)}
+
+
+def _apply_memo(fn) -> dict | None:
+    """The tensors ``fn`` (one ``Module._apply`` conversion: ``.to()``, ``.half()``..., the same function object
+    for every submodule) converted in quantized layers so far, ``{id(old): (weakref(old), weakref(new))}`` (weak:
+    nothing is kept alive), kept on ``fn`` itself (gone with it); None where ``fn`` takes no attribute (a
+    builtin)."""
+    memo = getattr(fn, "_medquant_converted", None)
+    if memo is None:
+        memo = {}
+        try:
+            fn._medquant_converted = memo
+        except (AttributeError, TypeError):
+            return None
+    return memo
 
 
 def _drop_prepared(d: dict) -> None:
@@ -184,15 +201,38 @@ class _QuantWeightBase(nn.Module):
         """``.to()`` / ``.cpu()`` / ``.half()``...: the device moves every tensor; a dtype cast changes the
         dequantized weight's dtype (``weight_dtype``, hence ``.weight`` and lookups) and the bias, never the stored
         format: scales, zero points and float rows keep the dtypes their config implies (a cast of those would
-        round them, and a checkpoint would no longer match its recipe)."""
+        round them, and a checkpoint would no longer match its recipe).
+
+        Buffers shared between layers (a head tied to its embedding table, :func:`tie_quantized_head`) stay shared
+        when one call converts them all (``model.to(device)``: the same ``fn`` reaches every layer): each shared
+        tensor is converted once and every layer holding it gets the same result, as ``nn.Module`` keeps a tied
+        float ``weight`` parameter shared."""
+        memo = _apply_memo(fn)  # {id(old tensor): (old, converted)} of the layers this fn converted before
+        originals = dict(self._buffers)
+        shared = {}
+        if memo is not None:
+            for n, t in originals.items():
+                hit = None if t is None else memo.get(id(t))
+                new = None if hit is None or hit[0]() is not t else hit[1]()
+                if new is not None:
+                    shared[n] = new
+                    self._buffers[n] = None  # converted already (under another layer): not converted again
         stored = {n: t for n, t in self._buffers.items()
                   if t is not None and t.is_floating_point() and n.startswith(_STORED_FLOAT_PREFIXES)}
         probe = fn(torch.empty(0, dtype=self.weight_dtype))
-        out = super()._apply(fn, *args, **kwargs)
+        try:
+            out = super()._apply(fn, *args, **kwargs)
+        finally:
+            for n, t in shared.items():  # the same order of buffers (state_dict keys) as before
+                self._buffers[n] = t
         for name, old in stored.items():
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)  # the moved tensor, in its own dtype
+        if memo is not None:
+            for n, t in originals.items():
+                if t is not None and n not in shared and self._buffers[n] is not None:
+                    memo[id(t)] = (weakref.ref(t), weakref.ref(self._buffers[n]))
         if probe.is_floating_point():
             self.weight_dtype = probe.dtype
         self.refresh_kernels()  # .to() / .cpu() made new tensors
