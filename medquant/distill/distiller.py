@@ -243,12 +243,12 @@ class Distiller(nn.Module):
             ``state_dict``). It may sit on another device than the student: its outputs are moved to the
             student's.
         student: the model to train, called the same way.
-        alpha: weight of the KD term (``1 - alpha`` on the task loss).
+        alpha: weight of the KD term (``1 - alpha`` on the task loss), a real number in ``[0, 1]`` (not a bool).
         temperature: ``T`` of :func:`kd_loss`, a finite real number > 0 (not a bool).
         feature_pairs: ``[(student_layer, teacher_layer), ...]`` int indices into ``hidden_states`` to match (not
             modules): both models must return ``hidden_states`` when called with ``output_hidden_states=True``
             (Hugging Face models do).
-        feature_weight: ``beta``.
+        feature_weight: ``beta``, a finite real number >= 0 (not a bool).
         feature_norm: divide each pair's squared error by the teacher feature's mean square over the same
             positions (a relative error), so that layers whose residual stream is large (LLMs' outlier
             dimensions grow with depth) do not dominate the feature term. Default ``False``: plain MSE.
@@ -260,7 +260,8 @@ class Distiller(nn.Module):
     (move the student there before building the ``Distiller``, or move the ``Distiller`` with ``.to(device)``).
 
     Raises:
-        TypeError: ``temperature`` not a real number (a bool included), ``feature_pairs`` not pairs of ints, or
+        TypeError: ``alpha``, ``temperature`` or ``feature_weight`` not a real number (a bool included),
+            ``feature_pairs`` not pairs of ints, or
             ``feature_pairs`` given with a teacher or student whose ``forward`` takes no ``output_hidden_states``
             (a plain ``nn.Module``).
         ValueError: ``alpha`` outside [0, 1], ``temperature`` not finite and > 0, ``feature_weight`` not finite and
@@ -280,6 +281,10 @@ class Distiller(nn.Module):
                  feature_norm: bool = False, student_dim: int | None = None, teacher_dim: int | None = None,
                  task_loss: Callable[[Any, Any], torch.Tensor] | None = None) -> None:
         super().__init__()
+        for name, v in (("alpha", alpha), ("feature_weight", feature_weight)):  # True would silently be 1
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name} must be a real number (an int, a float or a NumPy scalar), not a bool; "
+                                f"got {type(v).__name__} {v!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         _check_temperature(temperature)
