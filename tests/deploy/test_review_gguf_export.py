@@ -68,3 +68,20 @@ def test_the_scheme_of_float_rows_is_the_dtype_of_the_source_tensor(tok_dir, tmp
     assert any(r.name.endswith("norm.weight") for r in float_rows) and any(r.name.endswith(".bias") for r in float_rows)
     for row in float_rows:
         assert row.scheme == str(params[row.name].dtype).split(".")[-1], row
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+def test_the_near_exact_note_names_what_float16_rounded(scale_dtype, tok_dir, tmp_path):
+    """Asymmetric 4-bit codes become Q4_1 with ``m = -z * s`` rounded to float16. With float16 scales only the
+    offsets are rounded (the note said "float16 scales / offsets rounded"); with float32 scales both are."""
+    torch.manual_seed(0)
+    model = ZOO_BY_NAME["llama"].build().eval()
+    quantize_(model, QuantConfig(bits=4, group_size=32, symmetric=False, scale_dtype=scale_dtype))
+    report = export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir)
+    layer = model.model.layers[0].mlp.up_proj
+    scales = layer.packed_weight(4).scales.float()
+    scales_exact = bool((scales.half().float() == scales).all())  # the reference: are the scales float16 numbers
+    row = next(r for r in report.layers if r.name == "model.layers.0.mlp.up_proj")
+    assert (row.target, row.how) == ("Q4_1", "near-exact")
+    assert ("scales" in row.note) == (not scales_exact), row.note
+    assert "offsets" in row.note, row.note
