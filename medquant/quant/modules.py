@@ -322,7 +322,12 @@ class _QuantWeightBase(nn.Module):
         )
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight this layer computes with, as a dense ``(out_rows, k)`` float tensor."""
+        """The weight this layer computes with, as a dense ``(out_rows, k)`` float tensor.
+
+        Raises:
+            TypeError: ``dtype`` is not a floating dtype (the weight would be truncated to integers).
+        """
+        _check_float_dtype(dtype, "dequantized_weight")
         # a fully pruned layer without bias holds no tensor at all: its weight is zeros on the CPU
         device = next(iter(self.state_dict().values()), torch.empty(0)).device
         parts = []
@@ -826,20 +831,22 @@ class QuantEmbedding(_QuantWeightBase):
         Args:
             ids: int32 or int64 indices (the dtypes ``nn.Embedding`` takes) in ``[-num_embeddings, num_embeddings)``
                 (negative ones count from the end).
-            dtype: dtype of the result; None is ``weight_dtype``.
+            dtype: floating dtype of the result; None is ``weight_dtype``.
 
         Returns:
             ``(*ids.shape, embedding_dim)`` rows.
 
         Raises:
-            TypeError: ``ids`` of another dtype (floating point, bool, uint8 and the other integer types, which
-                ``nn.Embedding`` refuses as well), named in the message.
+            TypeError: a non-floating ``dtype``; ``ids`` of another dtype (floating point, bool, uint8 and the
+                other integer types, which ``nn.Embedding`` refuses as well), named in the message.
             IndexError: an index out of range (``RuntimeError`` with the same message when traced by
                 ``torch.compile`` or ``torch.export``: the check is then an assert in the graph, run by the compiled
                 code, since a traced tensor has no value to test in Python); not checked for meta ids.
             DeviceMismatchError: ``ids`` on another device than the table (a meta ``ids`` with a real table
                 included): a ``RuntimeError`` naming both devices (:meth:`_check_device`).
         """
+        if dtype is not None:
+            _check_float_dtype(dtype, "QuantEmbedding.lookup")
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"embedding indices must be torch.int32 or torch.int64 (as for nn.Embedding), got "
                             f"{ids.dtype}")
@@ -943,6 +950,13 @@ def _device_buffer(bit_groups: list[int]) -> str | None:
         if b in FLOAT_BITS:
             return f"fweight_{b}"
     return None
+
+
+def _check_float_dtype(dtype, what: str) -> None:
+    """Refuse a non-floating result dtype: dequantized values cast to an integer dtype are truncated (mostly 0)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{what}: dtype must be a floating torch.dtype (float16, bfloat16, float32, float64), got "
+                        f"{dtype!r}")
 
 
 def _check_layout(layout) -> None:
