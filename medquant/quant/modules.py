@@ -748,7 +748,8 @@ class QuantEmbedding(_QuantWeightBase):
         num_embeddings: rows of the table (vocabulary size).
         embedding_dim: features per row.
         config: one bit-width of 1..8 for every row, scheme, scope and group size.
-        padding_idx: as ``nn.Embedding`` (recorded and given back by :meth:`to_float`).
+        padding_idx: as ``nn.Embedding``: in ``[-num_embeddings, num_embeddings)``, a negative one counting from
+            the end (stored as ``num_embeddings + padding_idx``); recorded and given back by :meth:`to_float`.
         device: where to allocate the buffers.
         dtype: dtype of the looked-up rows.
         layout: 1 or 2 (see :meth:`QuantLinear.from_float`).
@@ -758,7 +759,7 @@ class QuantEmbedding(_QuantWeightBase):
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``.
-        ValueError: ``channel_bits`` given, or bits outside 1..8.
+        ValueError: ``channel_bits`` given, bits outside 1..8, or ``padding_idx`` out of range.
     """
 
     bias = None
@@ -771,6 +772,11 @@ class QuantEmbedding(_QuantWeightBase):
             raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
         if config.channel_bits is not None or not 1 <= config.bits <= 8:
             raise ValueError("a quantized embedding takes one bit-width of 1..8 for every row (no channel_bits)")
+        if padding_idx is not None:  # as nn.Embedding: checked, and a negative index counted from the end
+            if isinstance(padding_idx, bool) or not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be an integer in [-{num_embeddings}, {num_embeddings}) for a table "
+                                 f"of {num_embeddings} rows (as for nn.Embedding), got {padding_idx!r}")
+            padding_idx = int(padding_idx) % num_embeddings
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.scale_grad_by_freq, self.norm_type = bool(scale_grad_by_freq), float(norm_type)  # for to_float
         self.weight_dtype = dtype
