@@ -111,8 +111,8 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``; a named module is not an ``nn.Embedding``, or is a
             subclass of it (its own forward, e.g. Gemma 3's scaled embedding, would be lost).
-        ValueError: ``model`` has no module of a given name, or ``config`` is given and a table is already
-            quantized with another one (nothing is changed then).
+        ValueError: ``model`` has no module of a given name, ``config`` is given and a table is already
+            quantized with another one, or a table cannot be quantized (NaN / inf values): nothing is changed then.
     """
     explicit = config is not None
     config = config if config is not None else QuantConfig(bits=8, scope="channel")
@@ -126,6 +126,13 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
         raise ValueError(f"quantize_embeddings_: {', '.join(other)} already quantized with another config than "
                          f"{config}; dequantize it first (module.to_float()) to quantize it again, or call "
                          "without config to keep it and re-tie its heads")
+    # every float table is quantized before any is swapped in: a table that cannot be (NaN / inf values, a config it
+    # cannot take) raises with the model unchanged
+    built: dict[int, QuantEmbedding] = {}
+    for name in targets:
+        old = model.get_submodule(name)
+        if isinstance(old, nn.Embedding) and id(old) not in built:
+            built[id(old)] = QuantEmbedding.from_float(old, config).train(old.training)  # the mode quantize_ keeps
     done: dict[str, list[str]] = {"embeddings": [], "tied_heads": []}
     for name in targets:
         old = model.get_submodule(name)
@@ -133,7 +140,7 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
         heads = [(n, m) for n, m in model.named_modules()
                  if isinstance(m, nn.Linear) and float_weight is not None and m.weight is float_weight]
         if isinstance(old, nn.Embedding):
-            emb = QuantEmbedding.from_float(old, config).train(old.training)  # the mode quantize_ keeps too
+            emb = built[id(old)]
             uses = [name, *_other_uses(model, name, old)]
             for n in uses:  # one quantized table under every name that looks the float one up
                 swap_module(model, n, emb)
