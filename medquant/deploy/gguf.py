@@ -569,7 +569,8 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         source: folder with the tokenizer files (default: ``model.name_or_path`` when it is a folder).
         tokenizer: write the tokenizer (llama.cpp needs it); ``False`` writes weights and config only.
         tokenizer_pre: llama.cpp's pre-tokenizer name (default: guessed from the model family).
-        name: ``general.name`` (default: the model's ``name_or_path`` or its class name).
+        name: ``general.name`` (default: the model's ``name_or_path``, only the folder's own name when that is a
+            local folder, so that no local path goes into the file; else its class name).
         overwrite: replace an existing file (otherwise an existing ``path`` is refused).
         progress_bar: tqdm bar over the tensors.
     """
@@ -606,6 +607,8 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
 
     path = gguf_output_path(path, overwrite)
     model_name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+    # general.name travels with the file: a local folder gives its own name, not its absolute path
+    shown_name = name or (Path(model_name).name if Path(model_name).exists() else model_name)
     n_vocab = int(dec.embed_tokens.num_embeddings)
     report = ExportReport(format="gguf", path=str(path), notes=list(dim_notes))
     with made_folders(path.parent):
@@ -616,7 +619,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         tmp = Path(tmp_name)
         writer = gguf.GGUFWriter(str(tmp), arch)
         try:
-            report.notes.extend(_write_metadata(writer, arch, cfg, model_name, n_vocab))
+            report.notes.extend(_write_metadata(writer, arch, cfg, shown_name, n_vocab))
             if tokenizer:
                 folder = source_folder(model, source)
                 if folder is None:

@@ -85,3 +85,19 @@ def test_the_near_exact_note_names_what_float16_rounded(scale_dtype, tok_dir, tm
     assert (row.target, row.how) == ("Q4_1", "near-exact")
     assert ("scales" in row.note) == (not scales_exact), row.note
     assert "offsets" in row.note, row.note
+
+
+def test_general_name_of_a_model_loaded_from_a_local_folder_is_the_folder_name(tok_dir, tmp_path):
+    """The default ``general.name`` was the model's ``name_or_path``: for a local checkpoint its absolute path
+    (the user's folders) went into the file that is shared for serving."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "private" / "patients" / "my-model"
+    ZOO_BY_NAME["llama"].build().save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model.name_or_path == str(folder)
+    export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir)
+    written = GGUFReader(str(tmp_path / "m.gguf")).fields["general.name"].contents()
+    assert written == folder.name
+    export(model, tmp_path / "n.gguf", format="gguf", source=tok_dir, name="Given Name")
+    assert GGUFReader(str(tmp_path / "n.gguf")).fields["general.name"].contents() == "Given Name"
