@@ -192,7 +192,10 @@ class QuantStage:
         method: ``"awq"`` (activation-aware scales folded into the previous op, then round-to-nearest; needs
             ``calib``) or ``"rtn"`` (round-to-nearest).
         skip: module patterns left in float (default the LM head); a single string is one pattern, ``None`` none;
-            any iterable of strings (a generator too, read once) is kept as a tuple.
+            any iterable of strings (a generator too, read once) is kept as a tuple. :func:`compress` checks the
+            patterns against the model before any stage runs; a pattern whose layers were all in blocks the prune
+            stage dropped has nothing left to keep in float and is then left out (the saved recipe lists the
+            patterns as given).
 
     Raises:
         ValueError: an unknown ``method``.
@@ -331,13 +334,14 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
         from .calibrate.awq import awq_quantize_
         from .quant.api import quantize_
 
+        # checked before pruning: a pattern whose layers were all in blocks the prune stage dropped keeps nothing
+        skip = _skip_left(model, quantize) if prune is not None else list(quantize.skip)
         if quantize.method == "awq":
             assert calib is not None  # _check_before
             # AWQ's own default scope (the language model, or the tower of an encoder): not the prune stage's
-            res.awq_groups = awq_quantize_(model, quantize.config, calib, skip=quantize.skip, progress=progress)
+            res.awq_groups = awq_quantize_(model, quantize.config, calib, skip=skip, progress=progress)
         else:
-            quantize_(model, quantize.config, skip=list(quantize.skip) if quantize.skip else None,
-                      progress=progress)
+            quantize_(model, quantize.config, skip=skip or None, progress=progress)
     if out is not None:
         qrec: dict[str, Any] | None = None
         if quantize is not None:
@@ -360,6 +364,22 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
 def _real(v: Any) -> float | None:
     """``v`` as a Python float when it is a real number (int, float, NumPy scalar), else None (a bool too)."""
     return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
+
+
+def _skip_left(model: nn.Module, quantize: QuantStage) -> list[str]:
+    """The ``QuantStage.skip`` patterns that still match a module of the pruned ``model``. Every pattern matched one
+    before any stage ran (:func:`_check_before`); one that matches none now named only layers of blocks the prune stage
+    dropped: nothing of it is left to keep in float, and it is left out rather than refused after the stages ran."""
+    from .quant.api import as_config_map
+
+    left = []
+    for pattern in quantize.skip:
+        try:
+            as_config_map(quantize.config, skip=[pattern]).resolve(model)
+        except ValueError:
+            continue
+        left.append(pattern)
+    return left
 
 
 def _batches(data: Iterable[Any] | None, what: str) -> list[Any] | None:
