@@ -63,7 +63,7 @@ def run(args) -> int:
     from .. import QuantConfig
     from ..pipeline import PruneStage, QuantStage, TrainStage, compress
     from ..prune import parameter_report
-    from .prune import _load
+    from .prune import _load, save_preprocessing
 
     texts, source = _texts(args)
     torch.manual_seed(args.seed)  # dropout while training, projection layers of the distiller
@@ -106,7 +106,7 @@ def run(args) -> int:
     }
 
     def write_files(folder: Path, res) -> None:  # into the checkpoint as part of its save (before its manifest)
-        tok.save_pretrained(folder)
+        save_preprocessing(folder, tok, None)
         summary.update(before=before, after=parameter_report(model), stored_bytes=model_size(model).total_bytes,
                        final_train_loss=res.train_losses[-1] if res.train_losses else None)
         Path(folder, "pipeline_report.json").write_text(json.dumps(summary, indent=1))

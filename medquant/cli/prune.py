@@ -16,6 +16,7 @@ plus a parameter table; ``--layer-select`` also writes ``block_influence.png`` a
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 from .args import (
@@ -157,7 +158,7 @@ def _auto_map_class(cfg, arch: str | None):
 
 def folder_tokenizer(path: str, *, trust_remote_code: bool | None = None, **kw):
     """The folder's tokenizer (``kw``: e.g. ``gguf_file``), ``None`` when there is none; ``pad_token`` =
-    ``eos_token`` when unset. ``trust_remote_code`` (``None``: the command's ``--trust-remote-code``) lets
+    ``eos_token`` when unset (for padded calibration batches; :func:`save_preprocessing` saves the folder's). ``trust_remote_code`` (``None``: the command's ``--trust-remote-code``) lets
     transformers run the folder's own code (a custom tokenizer, or the config it reads to find the tokenizer)."""
     from transformers import AutoTokenizer
 
@@ -165,9 +166,17 @@ def folder_tokenizer(path: str, *, trust_remote_code: bool | None = None, **kw):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trusts_remote_code(trust_remote_code), **kw)
     except (OSError, ValueError):
         tok = None
-    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+    if tok is None:
+        return None
+    if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
+    # the calibration batches change it (pad_token, the backend's padding): save_preprocessing saves the folder's
+    _SOURCES[tok] = (path, trusts_remote_code(trust_remote_code), kw)
     return tok
+
+
+# tokenizer -> how folder_tokenizer loaded it (folder, trust_remote_code, keyword arguments)
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
@@ -200,8 +209,15 @@ def folder_processor(path: str, *, trust_remote_code: bool | None = None):
 def save_preprocessing(folder: Path, tok, processor) -> None:
     """Save the tokenizer ``tok`` and the ``processor`` (:func:`folder_processor`; either may be ``None``) into
     ``folder``: the processor's own files (its tokenizer included, as the source folder has it), and ``tok`` when
-    the processor holds no tokenizer."""
+    the processor holds no tokenizer. A tokenizer :func:`folder_tokenizer` loaded is saved as its folder holds it (a
+    fresh load): the ``pad_token`` it set and the padding the calibration batches turned on stay out."""
     if tok is not None and getattr(processor, "tokenizer", None) is None:
+        source = _SOURCES.get(tok)
+        if source is not None:
+            from transformers import AutoTokenizer
+
+            path, trust, kw = source
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust, **kw)
         tok.save_pretrained(folder)
     if processor is not None:
         processor.save_pretrained(folder)
