@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -84,6 +85,12 @@ def check_seed(seed: Any) -> int:
         except TypeError:
             pass
     raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def _integer(v: Any) -> int | None:
+    """``v`` as a Python ``int`` when it is an integer of any type (NumPy's too; ``bool`` excluded), else ``None``
+    (the integer settings of GPTQ, AWQ and learned rounding are checked with it)."""
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else None
 
 
 def run_calibration_batch(model: nn.Module, batch: Any, i: int, what: str, *,

@@ -102,6 +102,7 @@ from ._experts import ExpertRows, rtn_unrouted, unfold_experts, warn_unrouted
 from ._forward import (
     BatchMasks,
     MaskSides,
+    _integer,
     batch_masks,
     calibration_batches,
     check_seed,
@@ -402,11 +403,6 @@ def _check_real_tokens(batches: Sequence[Any], units: Sequence[str], sides: Mask
 def _is_number(v: Any) -> bool:
     """A finite real number (Python or NumPy; bool excluded)."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(v: Any) -> int | None:
-    """``v`` as a Python ``int`` when it is an integer of any type (NumPy's too; ``bool`` excluded), else ``None``."""
-    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else None
 
 
 def _check_args(iters: int, warmup: float, act_bits: int | None, target: str, lr: float = 1e-2, reg: float = 0.01,

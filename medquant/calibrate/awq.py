@@ -89,8 +89,15 @@ from ..models.runner import eval_mode, run_model
 from ..quant.api import as_config_map, quantize_, quantized_modules
 from ..quant.config import QuantConfig
 from ..quant.core import fake_quantize
-from ._forward import BatchMasks, MaskSides, batch_masks, call_encoder_states, row_mask, unmasked_layers
-from .adaround import _integer
+from ._forward import (
+    BatchMasks,
+    MaskSides,
+    _integer,
+    batch_masks,
+    call_encoder_states,
+    row_mask,
+    unmasked_layers,
+)
 from .sequential import BlockInputs, _Undo, quantize_sequential
 
 __all__ = ["ScaleGroup", "awq_groups", "awq_quantize_", "awq_quantize_sequential", "search_and_fold",
@@ -671,7 +678,8 @@ def _warn_unsearched(model: nn.Module, scope: str | list[str] | None) -> None:
         warnings.warn(f"AWQ: {len(outside)} block(s) outside scope={scope!r} ({outside[0]}"
                       f"{', ...' if len(outside) > 1 else ''}) are quantized by round-to-nearest without a scale "
                       "search; pass scope='all' with calibration batches that run them (images for a vision "
-                      "tower; medquant quantize --calib-images), or skip them (skip=['@head', '@vision']) to keep them in floating point",
+                      "tower; medquant quantize --calib-images), or skip them (skip=['@head', '@vision']) to keep "
+                      "them in floating point",
                       UserWarning, stacklevel=3)
 
 

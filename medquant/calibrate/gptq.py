@@ -130,6 +130,7 @@ from ._experts import ExpertRows, rtn_unrouted, unfold_experts, warn_unrouted
 from ._forward import (
     BatchMasks,
     MaskSides,
+    _integer,
     batch_masks,
     calibration_batches,
     call_encoder_states,
@@ -968,16 +969,13 @@ def _check_args(damp: float, block_size: int, max_samples: int | None, max_hessi
                 ) -> tuple[float, int, int | None, int | None]:
     """The arguments checked, as Python numbers: integers of any integer type (NumPy's too) as ``int``, a real
     ``damp`` of another type (a NumPy float) as ``float`` (``bool`` refused everywhere); the records hold them."""
-    def integer(v: Any) -> int | None:
-        return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else None
-
-    if max_hessian_bytes is not None and not (integer(max_hessian_bytes) or 0) >= 1:
+    if max_hessian_bytes is not None and not (_integer(max_hessian_bytes) or 0) >= 1:
         raise ValueError(f"max_hessian_bytes must be a positive integer or None, got {max_hessian_bytes!r}")
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not damp >= 0 or not math.isfinite(damp):
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
-    if not (integer(block_size) or 0) >= 1:
+    if not (_integer(block_size) or 0) >= 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    if max_samples is not None and not (integer(max_samples) or 0) >= 1:
+    if max_samples is not None and not (_integer(max_samples) or 0) >= 1:
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
     return (damp if isinstance(damp, (int, float)) else float(damp), int(block_size),
             None if max_samples is None else int(max_samples),

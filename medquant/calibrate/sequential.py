@@ -91,6 +91,7 @@ import contextlib
 import functools
 import inspect
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -228,10 +229,7 @@ class CheckpointSource:
                     "integer sizes and [begin, end] with 0 <= begin <= end)")
         torch_dtype = _ST_DTYPES.get(dtype)
         if torch_dtype is not None:
-            count = 1
-            for d in shape:
-                count *= d
-            want = count * torch_dtype.itemsize
+            want = math.prod(shape) * torch_dtype.itemsize
             if offsets[1] - offsets[0] != want:
                 return (f"{offsets[1] - offsets[0]} bytes of data for shape {shape} of {dtype} ({want} bytes "
                         "expected)")
