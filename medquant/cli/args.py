@@ -153,6 +153,22 @@ def output_is_input_message(out: str, model: str, flag: str) -> str | None:
             "compressed copy: give another folder")
 
 
+def config_object(config: Path) -> dict:
+    """The JSON object of the ``config.json`` file ``config``; a file that cannot be read, is not UTF-8 JSON, or is
+    not an object is a one-line ``SystemExit`` naming it and what is expected (a transformers config)."""
+    import json
+
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SystemExit(f"{config}: not a valid JSON file ({e}); expected a transformers config (a JSON object)"
+                         ) from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{config}: expected a JSON object (a transformers config), got a JSON "
+                         f"{type(cfg).__name__}")
+    return cfg
+
+
 def existing_path(text: str) -> str:
     """A file or folder that exists (``--calib-images``: a folder, an index CSV, an ``.npz`` or one image)."""
     if not Path(text).exists():

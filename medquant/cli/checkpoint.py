@@ -33,24 +33,15 @@ def _upgrade(args) -> int:
 def _quantization_modules(path: str, folder: Path) -> dict:
     """``quantization_config.modules`` of a transformers folder saved by medquant, with a clear error for anything
     else (no ``config.json``, not a JSON object, no medquant ``quantization_config``, ``modules`` not an object)."""
-    import json
-
     from ..io import META_NAME
+    from .args import config_object
 
     config = folder / "config.json"
     not_ours = (f"{path}: not a medquant checkpoint: expected {META_NAME} (written by medquant.save) or a config.json "
                 "with a medquant quantization_config (written by medquant.hf.save_pretrained)")
     if not config.exists():
         raise SystemExit(f"{not_ours}, and the folder has neither")
-    try:
-        cfg = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise SystemExit(f"{config}: not a valid JSON file ({e}); expected a transformers config (a JSON object)"
-                         ) from None
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"{config}: expected a JSON object (a transformers config), got a JSON "
-                         f"{type(cfg).__name__}")
-    qc = cfg.get("quantization_config")
+    qc = config_object(config).get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "medquant":
         raise SystemExit(f"{not_ours}; {config} has no medquant quantization_config")
     modules = qc.get("modules") or {}

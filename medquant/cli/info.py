@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .args import existing_folder, hf_config_file, refuse_remote_code, trusts_remote_code
+from .args import config_object, existing_folder, hf_config_file, refuse_remote_code, trusts_remote_code
 from .prune import folder_tokenizer, model_class
 
 
@@ -62,20 +62,6 @@ def load_hf_folder(path: str, *, trust_remote_code: bool | None = None):
     return model, folder_tokenizer(path, trust_remote_code=trust)
 
 
-def _config_object(cfg_file: Path) -> dict:
-    """The JSON object of a ``config.json``; one that is not UTF-8 JSON, or not an object, is a one-line
-    ``SystemExit`` naming it."""
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise SystemExit(f"{cfg_file}: not a valid JSON file ({e}); expected a transformers config (a JSON "
-                         "object)") from None
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"{cfg_file}: expected a JSON object (a transformers config), got a JSON "
-                         f"{type(cfg).__name__}")
-    return cfg
-
-
 def load_checkpoint(path: str, *, trust_remote_code: bool | None = None):
     """The model of a :func:`medquant.save` (:func:`medquant.prune.save_pruned` included) or
     :func:`medquant.hf.save_pretrained` folder; one whose class is the folder's own code only with
@@ -91,7 +77,7 @@ def load_checkpoint(path: str, *, trust_remote_code: bool | None = None):
             return load_pruned(folder, trust_remote_code=trust)
         return load(folder, trust_remote_code=trust)
     cfg_file = folder / "config.json"
-    qcfg = _config_object(cfg_file).get("quantization_config") if cfg_file.is_file() else None
+    qcfg = config_object(cfg_file).get("quantization_config") if cfg_file.is_file() else None
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "medquant":
         raise SystemExit(f"{path}: not a medquant checkpoint (no medquant.json, no config.json with a medquant "
                          "quantization_config)")
