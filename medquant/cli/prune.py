@@ -158,8 +158,9 @@ def _auto_map_class(cfg, arch: str | None):
 
 def folder_tokenizer(path: str, *, trust_remote_code: bool | None = None, **kw):
     """The folder's tokenizer (``kw``: e.g. ``gguf_file``), ``None`` when there is none; ``pad_token`` =
-    ``eos_token`` when unset (for padded calibration batches; :func:`save_preprocessing` saves the folder's). ``trust_remote_code`` (``None``: the command's ``--trust-remote-code``) lets
-    transformers run the folder's own code (a custom tokenizer, or the config it reads to find the tokenizer)."""
+    ``eos_token`` when unset (for padded calibration batches; :func:`save_preprocessing` saves the folder's).
+    ``trust_remote_code`` (``None``: the command's ``--trust-remote-code``) lets transformers run the folder's own
+    code (a custom tokenizer, or the config it reads to find the tokenizer)."""
     from transformers import AutoTokenizer
 
     try:

@@ -4,8 +4,9 @@ The folder holds ``config.json`` (the model's configuration plus a ``quantizatio
 ``quant_method: "compressed-tensors"`` and format ``pack-quantized``), safetensors weights (one file, or shards
 of at most ``max_shard_size`` with ``model.safetensors.index.json``; every file's safetensors metadata is
 ``{"format": "pt", "medquant.export": "compressed-tensors"}``, the marker by which ``overwrite=True`` recognises an
-earlier export), ``generation_config.json``, the tokenizer / processor files of the source folder and, for a model whose class comes
-from its folder's own code (loaded with ``trust_remote_code=True``), that code with its ``auto_map`` entries.
+earlier export), ``generation_config.json``, the tokenizer / processor files of the source folder and, for a model
+whose class comes from its folder's own code (loaded with ``trust_remote_code=True``), that code with its
+``auto_map`` entries.
 
 Weights of a quantized ``Linear`` layer with ``N`` rows, ``K`` inputs and ``b`` bits (1..8):
 
@@ -603,12 +604,12 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             "pt"`` into every weight file); and no entries but the files the export writes (``config.json``,
             ``generation_config.json``, the weights with ``model.safetensors.index.json``, the tokenizer /
             processor files of :data:`~medquant.deploy.common.TOKENIZER_FILES`, ``*.py`` code files when the
-            ``config.json`` has an ``auto_map``; plain files, no folders or links). Any other non-empty folder (a training folder, a medquant checkpoint, an export with files
-            added, a pack-quantized folder of the same file names written by another tool such as a Hub
-            checkpoint saved by llm-compressor, an export of a medquant before the marker) is refused whatever
-            ``overwrite`` says, the error naming what it holds, what is missing and what ``overwrite`` accepts:
-            choose another path or remove the folder yourself. The check runs again just before the move into
-            place.
+            ``config.json`` has an ``auto_map``; plain files, no folders or links). Any other non-empty folder (a
+            training folder, a medquant checkpoint, an export with files added, a pack-quantized folder of the
+            same file names written by another tool such as a Hub checkpoint saved by llm-compressor, an export of
+            a medquant before the marker) is refused whatever ``overwrite`` says, the error naming what it holds,
+            what is missing and what ``overwrite`` accepts: choose another path or remove the folder yourself. The
+            check runs again just before the move into place.
         progress_bar: tqdm bars while packing and writing.
         embeddings: how quantized input embeddings (``QuantEmbedding``) are written: ``"float"`` (default) as
             their dequantised table, which every runtime reads; ``"packed"`` packed like a Linear weight (exact

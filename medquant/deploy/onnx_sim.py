@@ -987,9 +987,9 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: s
         ExportError: a model that calibrate_activations returned (pass the model it was made from), a layer the
             export cannot carry, a module with an input quantizer (``adaround_quantize_(act_bits=...)``), an
             ``AdaptiveQuantizer``'s hooks or another forward hook on a layer the export replaces
-            (:func:`~medquant.deploy.common.check_forward_hooks`), a
-            BatchNorm without running statistics (``track_running_stats=False``), a prepared float path that does not reproduce ``model``,
-            a model that is itself one quantized layer (pass ``nn.Sequential(layer)``).
+            (:func:`~medquant.deploy.common.check_forward_hooks`), a BatchNorm without running statistics
+            (``track_running_stats=False``), a prepared float path that does not reproduce ``model``, a model that
+            is itself one quantized layer (pass ``nn.Sequential(layer)``).
     """
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):

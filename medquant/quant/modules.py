@@ -804,10 +804,10 @@ class QuantEmbedding(_QuantWeightBase):
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"QuantEmbedding.from_float expects nn.Embedding, got {type(module).__name__}")
         if type(module).forward is not nn.Embedding.forward:
-            raise TypeError(f"QuantEmbedding.from_float: {type(module).__name__} is a subclass of nn.Embedding with its "
-                            "own forward (it may change the lookup, e.g. scale the rows), which a QuantEmbedding would "
-                            "drop; only nn.Embedding and subclasses computing as it (no forward of their own) are "
-                            "taken: leave it in floating point")
+            raise TypeError(f"QuantEmbedding.from_float: {type(module).__name__} is a subclass of nn.Embedding "
+                            "with its own forward (it may change the lookup, e.g. scale the rows), which a "
+                            "QuantEmbedding would drop; only nn.Embedding and subclasses computing as it (no forward "
+                            "of their own) are taken: leave it in floating point")
         if module.max_norm is not None or module.sparse:
             raise ValueError("QuantEmbedding cannot quantize an nn.Embedding with max_norm or sparse=True")
         w = module.weight
