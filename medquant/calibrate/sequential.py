@@ -169,6 +169,7 @@ class CheckpointSource:
         else:
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         self.path = path
+        self.files = files  # the safetensors files read, in order
         self._entries: dict[str, tuple[Path, int, dict]] = {}
         self._stored: dict[str, str] = {}  # name read under -> stored name, where they differ
         self._renamed: dict[str, str] = {}  # stored name -> name read under, where they differ
@@ -256,6 +257,23 @@ class CheckpointSource:
             The stored name (``key`` itself where ``rename`` kept it, or for a name the checkpoint lacks).
         """
         return self._stored.get(key, key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of the tensor read as ``key``, from its file's header (no tensor data read).
+
+        Args:
+            key: the tensor's name (after ``rename``).
+
+        Returns:
+            The shape.
+
+        Raises:
+            KeyError: no tensor of that name.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            raise KeyError(f"no tensor {key!r} in the checkpoint {self.path}")
+        return tuple(entry[2]["shape"])
 
     def _describe(self, key: str) -> str:
         stored = self._stored.get(key)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from .args import (
@@ -123,43 +124,21 @@ def _tensor_aliases(model) -> dict[str, set[str]]:
     return groups
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    """The safetensors files ``from_pretrained`` reads from the folder: ``model.safetensors``, else the shards of
-    ``model.safetensors.index.json`` (as :class:`medquant.calibrate.CheckpointSource` reads them)."""
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if single.is_file() or not index.is_file():
-        return [single]
-    return sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
-
-
-def _first_float_dtype(folder: Path):
-    """The dtype of the first floating-point tensor of the folder's safetensors (headers only), ``None`` if none:
-    those of ``model.safetensors``, else of the shards of ``model.safetensors.index.json`` (the file
-    ``from_pretrained`` reads where both are there)."""
+def _first_float_dtype(files: Sequence[Path]):
+    """The dtype of the first floating-point tensor of the safetensors ``files`` (headers only), ``None`` if none:
+    a :class:`medquant.calibrate.CheckpointSource`'s ``files`` (``model.safetensors``, else the shards of
+    ``model.safetensors.index.json``: the file ``from_pretrained`` reads where both are there)."""
     import torch
     from safetensors import safe_open
 
     floats = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    for f in _safetensors_files(folder):
+    for f in files:
         with safe_open(str(f), "pt") as fh:
             for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 dtype = floats.get(fh.get_slice(k).get_dtype())
                 if dtype is not None:
                     return dtype
     return None
-
-
-def _stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Stored tensor name -> its shape, from the headers of the folder's safetensors (no tensor data read)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in _safetensors_files(folder):
-        with safe_open(str(f), "pt") as fh:
-            for k in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
-                shapes[k] = tuple(fh.get_slice(k).get_shape())
-    return shapes
 
 
 def _keep_in_float32(model, dtype) -> None:
@@ -254,12 +233,11 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
             ``quantization_config``: bitsandbytes' int8 codes are stored under ``weight``, in the float weight's
             shape, and would be read as float weights), refused as every command refuses it; naming ``--stream``:
             a folder without ``model.safetensors`` / ``model.safetensors.index.json`` or whose safetensors cannot
-            be read; stored tensors that
-            transformers converts while loading (fused, split or permuted: per-expert MoE weights stacked into one
-            3-D tensor), which cannot be read one by one under a new name; two stored tensors read under one name;
-            tensors that do not carry the name of every parameter of the model's state dict once renamed (or another
-            name of the same tensor: a tied ``lm_head.weight`` stored once); a stored tensor whose shape is not the
-            model's (``from_pretrained`` refuses it too).
+            be read; stored tensors that transformers converts while loading (fused, split or permuted: per-expert
+            MoE weights stacked into one 3-D tensor), which cannot be read one by one under a new name; two stored
+            tensors read under one name; tensors that do not carry the name of every parameter of the model's
+            state dict once renamed (or another name of the same tensor: a tied ``lm_head.weight`` stored once); a
+            stored tensor whose shape is not the model's (``from_pretrained`` refuses it too).
     """
     import os
 
@@ -283,7 +261,7 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
         raise SystemExit(f"--stream: {path}: {e}") from None
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     cls = model_class(cfg)
-    dtype = getattr(cfg, "dtype", None) or _first_float_dtype(folder)  # from_pretrained's "auto"
+    dtype = getattr(cfg, "dtype", None) or _first_float_dtype(stored.files)  # from_pretrained's "auto"
     with init_empty_weights():  # a model class builds through _from_config, an Auto class through from_config
         if hasattr(cls, "_from_config"):
             model = cls._from_config(cfg, dtype=dtype)
@@ -329,14 +307,13 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
     buffers = dict(model.named_buffers())
     # shapes from the headers, before any work (from_pretrained refuses a mismatch while loading; reading it when
     # its block comes would fail after the blocks before it were calibrated)
-    shapes = _stored_shapes(folder)
     wrong = []
     for k, t in state.items():
         if not t.is_meta and not (k in buffers and k in source):
             continue
         name = next(a for a in (k, *sorted(aliases.get(k, {k}) - {k})) if a in source)
-        got = shapes.get(source.stored_name(name))
-        if got is not None and got != tuple(t.shape):
+        got = source.shape(name)
+        if got != tuple(t.shape):
             wrong.append(f"{source.stored_name(name)} {got}, the model's {k} {tuple(t.shape)}")
     if wrong:
         raise SystemExit(f"--stream: {len(wrong)} tensor(s) of {path} have another shape than the model built from "
