@@ -1246,8 +1246,7 @@ def _drop_quantization_record(model: nn.Module) -> None:
     method = qc.get("quant_method") if isinstance(qc, Mapping) else getattr(qc, "quant_method", None)
     if quantizer is None or str(getattr(method, "value", method)) != "medquant":
         return
-    if any(isinstance(m, (*QUANT_MODULES, QuantEmbedding, QuantExperts)) for m in model.modules()) \
-            or input_quantizers(model):
+    if any(isinstance(m, _QUANTIZED) for m in model.modules()) or input_quantizers(model):
         return
     remove = getattr(quantizer, "remove_quantization_config", None)
     if callable(remove):
