@@ -745,9 +745,9 @@ def _quant_tensor(layer: Any, hf: str, perm: torch.Tensor | None, promote_type: 
     else:
         how = "near-exact"
         why = []
-        if not bool((blocks.d.half().float() == blocks.d).all()):
+        if not blocks.scales_exact_in_fp16():
             why.append(f"{cfg.scale_dtype} scales rounded to GGUF's float16")
-        if blocks.m is not None and not bool((blocks.m.half().float() == blocks.m).all()):
+        if not blocks.offsets_exact_in_fp16():
             why.append(f"{target} offsets m = -zero * scale rounded to float16")
         note = "; ".join(why) or f"{target} arithmetic rounds"
     return data, LayerExport(hf, scheme, target, how, err, note)

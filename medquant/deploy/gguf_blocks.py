@@ -93,11 +93,12 @@ class Blocks:
                       None if self.m is None else self.m.index_select(0, perm))
 
     def scales_exact_in_fp16(self) -> bool:
-        """Whether every ``d`` (and ``m``) is a float16 number (then packing rounds nothing)."""
-        ok = bool((self.d.half().float() == self.d).all())
-        if self.m is not None:
-            ok = ok and bool((self.m.half().float() == self.m).all())
-        return ok
+        """Whether every ``d`` is a float16 number (then packing rounds no scale)."""
+        return bool((self.d.half().float() == self.d).all())
+
+    def offsets_exact_in_fp16(self) -> bool:
+        """Whether every ``m`` is a float16 number (``True`` for blocks without offsets)."""
+        return self.m is None or bool((self.m.half().float() == self.m).all())
 
     def pack(self) -> np.ndarray:
         """The GGUF bytes, ``(N, K / 32 * bytes_per_block)`` uint8 (little-endian float16 ``d`` / ``m``)."""
