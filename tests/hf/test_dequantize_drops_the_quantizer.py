@@ -6,33 +6,15 @@ transformers' ``Trainer`` refuses to fine-tune a model flagged as quantized. A m
 (still quantized activations) keeps them."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import medquant as mq
 import medquant.hf
 from medquant.quant.activations import InputQuantizer
-from medquant.testing.zoo import text_kwargs
-
-IDS = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(3))
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _saved(tmp_path):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**text_kwargs())).eval()
-    mq.quantize_(model, mq.QuantConfig(4, group_size=32))
-    medquant.hf.save_pretrained(model, tmp_path / "q")
-    return model
+from tests.hf.test_review_integration_dequantized_save import IDS, _quiet  # noqa: F401 (_quiet: autouse fixture)
+from tests.hf.test_review_integration_dequantized_save import _quantized as _saved
 
 
 def _state(model):
