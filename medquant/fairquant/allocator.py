@@ -200,11 +200,13 @@ class FairQuantAllocator:
             importance: the per-group importance maps.
 
         Returns:
-            ``self``, fitted.
+            ``self``, fitted. On an error (maps the reducer refuses, a budget the allocation cannot meet) the
+            allocator is left as it was: unfitted, or with its previous allocation and importance whole.
         """
+        reduced = reduce_groups(importance.maps, self.reducer, self.cvar_alpha)
+        self.fit_reduced(reduced)  # sets every fitted attribute only when the allocation succeeded
         self.importance_ = importance
-        self.reduced_ = reduce_groups(importance.maps, self.reducer, self.cvar_alpha)
-        return self.fit_reduced(self.reduced_)
+        return self
 
     def fit_reduced(self, reduced: dict[str, torch.Tensor]) -> FairQuantAllocator:
         """Allocate from one reduced importance map per layer (shapes = the layers' weight shapes).
@@ -213,19 +215,21 @@ class FairQuantAllocator:
             reduced: ``{layer name: R}``.
 
         Returns:
-            ``self``, fitted.
+            ``self``, fitted. On an error (NaN / inf scores, a budget the allocation cannot meet) the allocator is
+            left as it was: unfitted, or with its previous allocation whole.
         """
-        self.reduced_ = reduced
-        self.scores_ = scope_scores(reduced, self.scope)
-        self.weight_shape_ = {n: tuple(r.shape) for n, r in reduced.items()}
-        self.scope_size_ = {n: (r[0].numel() if self.scope == "channel" else r.numel()) for n, r in reduced.items()}
+        scores = scope_scores(reduced, self.scope)
+        weight_shape = {n: tuple(r.shape) for n, r in reduced.items()}
+        scope_size = {n: (r[0].numel() if self.scope == "channel" else r.numel()) for n, r in reduced.items()}
         if self.target_bits is not None:
-            self.bit_map_ = allocate_to_budget(self.scores_, self.scope_size_, self.bits, self.target_bits,
-                                               self.tolerance)
+            bit_map = allocate_to_budget(scores, scope_size, self.bits, self.target_bits, self.tolerance)
         else:
             assert self.proportions is not None  # rank mode (checked in __init__)
-            self.bit_map_ = allocate_by_rank(self.scores_, self.bits, self.proportions)
-        self.average_bits_ = bit_map_average_bits(self.bit_map_, self.scope_size_)
+            bit_map = allocate_by_rank(scores, self.bits, self.proportions)
+        # the fitted attributes of one allocation, set together once it succeeded
+        self.reduced_, self.scores_, self.weight_shape_, self.scope_size_ = reduced, scores, weight_shape, scope_size
+        self.bit_map_ = bit_map
+        self.average_bits_ = bit_map_average_bits(bit_map, scope_size)
         return self
 
     def _check_fitted(self) -> None:
