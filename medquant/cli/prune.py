@@ -320,7 +320,9 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
     (``--calib-images`` of ``medquant quantize`` and ``medquant prune``).
 
     Image ``i`` of ``images_path`` (a folder, an index CSV, an ``.npz`` or one image file:
-    :func:`medquant.data.load_images`; grayscale arrays are given as three equal channels) goes with text ``i`` of
+    :func:`medquant.data.load_images`; grayscale arrays are given as three equal channels; pixels are brought to
+    uint8 as the processor reads them: 16-bit ones ``round(255 x / 65535)``, a DICOM file's (float64 ``x`` in
+    [0, 1], its window applied) ``round(255 x)``) goes with text ``i`` of
     ``texts`` (reused in order when there are fewer), cut to its first ``seq_len`` tokens (the image's tokens come
     on top). The text is placed as one user turn holding the image and the text in the processor's chat template
     (``apply_chat_template``), else after the processor's ``image_token`` and a line break - or alone when the
@@ -346,14 +348,14 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
         SystemExit: a folder that ships its own code (for its model, tokenizer or processor) without
             ``trust_remote_code`` (naming ``--trust-remote-code`` and the code files); naming ``--calib-images``: a
             folder without a processor that takes images, or whose processor takes no text (an image model's),
-            images that cannot be read, an image that is not 8-bit (a DICOM file named as one), a processor with
+            images that cannot be read, an image without a fixed white level (not uint8 / uint16 / DICOM), a processor with
             neither a chat template nor an image token, or one that fails on a sample (the message names the
             image); no text to pair with the images.
     """
     import numpy as np
     import torch
 
-    from ..data import DICOM_SUFFIXES, load_images
+    from ..data import load_images
 
     trust = trusts_remote_code(trust_remote_code)
     refuse_remote_code(folder, trust)  # read before the model: a folder's own code is refused first all the same
@@ -390,15 +392,11 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
         images, names = load_images(images_path, split=chosen, limit=samples)
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--calib-images: {images_path}: {e}") from None
+    from_files = not str(images_path).lower().endswith(".npz")  # float64 from an image file: a DICOM file's
     batches = []
     self_placing = None  # without a template: whether the processor puts the image's tokens before the text itself
     for i, (image, name) in enumerate(zip(images, names)):
-        image = np.asarray(image)
-        if image.dtype != np.uint8:
-            dicom = Path(str(name)).suffix.lower() in DICOM_SUFFIXES
-            what = "is a DICOM image (read as float64 in [0, 1])" if dicom else f"holds {image.dtype} values"
-            raise SystemExit(f"--calib-images: image {name} {what}; 8-bit images are accepted (PNG / JPEG files, "
-                             "uint8 arrays): convert it to 8 bits first")
+        image = _eight_bit(np.asarray(image), name, from_files)
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
         ids = tok(texts[i % len(texts)], add_special_tokens=False)["input_ids"][:seq_len]
@@ -424,6 +422,26 @@ def image_calibration_batches(folder: str, images_path: str, texts: list[str], s
     if not batches:
         raise SystemExit(f"--calib-images: {images_path} holds no image")
     return batches
+
+
+def _eight_bit(image, name, from_files: bool):
+    """An image's pixels as uint8, the integers 0..255 a processor's ``do_rescale`` reads: uint8 as they are,
+    uint16 (16-bit PNG / TIFF) by the white level 65535, ``round(255 x / 65535)``, a DICOM file (read as float64
+    ``x`` in [0, 1], its window applied) as ``round(255 x)``; anything else (32-bit integer or floating-point
+    TIFFs, arrays of an ``.npz`` that are not uint8 / uint16) has no fixed white level and is refused."""
+    import numpy as np
+
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return np.round(image.astype(np.float64) * (255 / 65535)).astype(np.uint8)
+    if from_files and image.dtype == np.float64 and np.isfinite(image).all() and image.min() >= 0 \
+            and image.max() <= 1:  # only DICOM files are read as float64 (in [0, 1])
+        return np.round(image * 255).astype(np.uint8)
+    raise SystemExit(f"--calib-images: image {name} holds {image.dtype} values, which have no fixed white level; "
+                     "accepted: 8-bit (uint8) and 16-bit (uint16, scaled by 255 / 65535) PNG / JPEG / TIFF files and "
+                     ".npz arrays, and DICOM files (their window applied): convert it to one of them (CT numbers "
+                     "windowed first)")
 
 
 def _reads_data(args) -> bool:
