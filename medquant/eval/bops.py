@@ -19,6 +19,12 @@
   projections: ``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim`` / ``vdim`` differ from ``E``) and
   ``<name>.out_proj`` = ``query tokens * E * E``. Pass one sample (batch 1) to get per-image numbers. Matmuls
   without weights (attention scores, ``q @ k^T`` and ``attn @ v``) are not counted.
+  A float mixture-of-experts module with 3-D expert weights (transformers 5: ``gate_up_proj`` / ``up_proj`` and
+  ``down_proj``, :func:`medquant.quant.experts.experts_layout`) gives one row, ``<name>`` =
+  ``routed token-expert pairs * (H * U + I * H)`` (``U = 2I`` with a gate, ``I`` without; routed style: the
+  ``top_k_index`` entries below the number of experts ``E``; dense style (Llama 4): ``E x`` the tokens, every
+  expert sees every token), as its quantized form (one quantized Linear per expert, called on its routed tokens)
+  counts; its parameters are ``E * (H * U + I * H)``, its bits the dtype width of the stacked weights.
 * ``bops(...)`` = ``sum over layers of MACs * weight bits * activation bits``; a mixed-precision layer uses the
   mean of its row bit-widths (every row has the same MACs; pruned rows count 0 bits, float rows 16 / 32); a
   layer medquant did not quantize uses its weight tensor's bits per weight: the dtype width of a float layer
@@ -26,12 +32,14 @@
   constants not counted, as medquant's scales are not). ``act_bits`` defaults to 32: FairQuant quantizes
   weights only.
 * ``proxy_bops(model)`` - the authors' proxy: one MAC per weight (``params * weight bits * act bits`` over the
-  layers ``count_macs`` counts; an ``nn.MultiheadAttention``'s in-projection weights count as one more layer).
+  layers ``count_macs`` counts; an ``nn.MultiheadAttention``'s in-projection weights and a float experts module's
+  stacked expert weights count as one more layer each).
   It ignores the number of tokens of a ViT and the output positions of a convolution, so it understates those
   layers by the token count; medquant reports ``bops`` and, for comparison only, this proxy.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.experts import experts_layout
 from ..quant.modules import QUANT_MODULES, QuantConv2d
 from ..quant.size import (
     is_hf_conv1d,
@@ -93,6 +102,17 @@ def _in_proj_bits(m: nn.MultiheadAttention) -> float:
     return sum(w.numel() * w.element_size() * 8 for w in ws) / max(sum(w.numel() for w in ws), 1)
 
 
+def _experts_weights(m: nn.Module, lay: dict[str, Any]) -> list[torch.Tensor]:
+    """The stacked 3-D expert weights of a float experts module (biases excluded)."""
+    return [getattr(m, "gate_up_proj" if lay["gate"] else "up_proj"), m.down_proj]
+
+
+def _experts_params(lay: dict[str, Any]) -> int:
+    """``E * (H * U + I * H)``: the expert weights of a float experts module, ``U = 2I`` with a gate, else ``I``."""
+    h, i = lay["hidden"], lay["inter"]
+    return lay["num_experts"] * (h * (2 * i if lay["gate"] else i) + i * h)
+
+
 @dataclass
 class LayerCost:
     """One weight layer's cost in a forward pass (a row of :func:`count_macs`).
@@ -123,11 +143,12 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
         **kwargs: the forward keyword inputs.
 
     Returns:
-        One :class:`LayerCost` per weight layer that ran (module docstring), and two (``<name>.in_proj``,
-        ``<name>.out_proj``) per ``nn.MultiheadAttention`` that ran.
+        One :class:`LayerCost` per weight layer and per float experts module that ran (module docstring), and two
+        (``<name>.in_proj``, ``<name>.out_proj``) per ``nn.MultiheadAttention`` that ran.
 
     Raises:
-        ValueError: the model has no weight layer (Linear, convolution, ``nn.MultiheadAttention``) to count.
+        ValueError: the model has no weight layer (Linear, convolution, ``nn.MultiheadAttention``, float experts
+            module) to count.
     """
     rows: dict[str, LayerCost] = {}
     hooks = []
@@ -168,6 +189,21 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
             add(f"{name}.out_proj", type(mod.out_proj).__name__, tq * e * e, _weight_bits(mod.out_proj), e * e)
         return fn
 
+    def experts_hook(name, m, lay):
+        h = lay["hidden"]
+        per_pair = _experts_params(lay) // lay["num_experts"]  # one expert on one token
+        ws = _experts_weights(m, lay)
+        bits = sum(w.numel() * w.element_size() * 8 for w in ws) / max(sum(w.numel() for w in ws), 1)
+
+        def fn(mod, args, kwargs, out):
+            if lay["style"] == "dense":  # (E * T, H): every expert on every token
+                pairs = args[0].numel() // h if args else kwargs["hidden_states"].numel() // h
+            else:  # (hidden_states, top_k_index, top_k_weights); E is the expert-parallel sentinel
+                idx = args[1] if len(args) > 1 else kwargs[list(inspect.signature(mod.forward).parameters)[1]]
+                pairs = int((idx < lay["num_experts"]).sum())
+            add(name, type(mod).__name__, pairs * per_pair, bits, _experts_params(lay))
+        return fn
+
     # nn.MultiheadAttention runs its projections functionally: it is counted by a hook of its own, and its
     # out_proj Linear (never called as a module) is left to that hook
     attention = {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
@@ -177,8 +213,11 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> list[LayerCost]:
             hooks.append(m.register_forward_hook(attention_hook(name), with_kwargs=True))
         elif _is_layer(m) and id(m) not in inside:
             hooks.append(m.register_forward_hook(hook(name)))
+        elif (lay := experts_layout(m)) is not None:
+            hooks.append(m.register_forward_hook(experts_hook(name, m, lay), with_kwargs=True))
     if not hooks:
-        raise ValueError(f"{type(model).__name__} has no Linear / convolution / MultiheadAttention layers to count")
+        raise ValueError(f"{type(model).__name__} has no Linear / convolution / MultiheadAttention / "
+                         "experts layers to count")
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -207,7 +246,8 @@ def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
     """The authors' proxy ``sum_layers params * weight bits * act_bits`` (ignores tokens / output positions).
 
     The layers :func:`count_macs` counts (Linear, convolutions, transformers' ``Conv1D``) count their weights; an
-    ``nn.MultiheadAttention`` also counts its in-projection weights (its ``out_proj`` is a Linear, counted as such).
+    ``nn.MultiheadAttention`` also counts its in-projection weights (its ``out_proj`` is a Linear, counted as such),
+    and a float experts module its stacked 3-D expert weights (``E`` expert matrices per projection).
 
     Args:
         model: the model.
@@ -224,6 +264,8 @@ def proxy_bops(model: nn.Module, act_bits: int = 32) -> float:
             total += weight_layer_params(m) * _weight_bits(m) * act_bits
         elif isinstance(m, nn.MultiheadAttention):
             total += sum(w.numel() * w.element_size() * 8 for w in mha_in_proj_weights(m).values()) * act_bits
+        elif (lay := experts_layout(m)) is not None:
+            total += sum(w.numel() * w.element_size() * 8 for w in _experts_weights(m, lay)) * act_bits
     return total
 
 
