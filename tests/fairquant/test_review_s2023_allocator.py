@@ -22,3 +22,26 @@ def test_a_refit_that_fails_leaves_the_previous_allocation_whole():
     assert alloc.bit_map() == before_bits
     assert alloc.state() == before_state
     assert set(alloc.reduced_) == set(alloc.scores_) == set(alloc.weight_shape_) == {"fc1", "fc2"}
+
+
+def test_grape_of_a_float16_model_is_squared_in_float32_not_flushed_to_zero():
+    """(dL_g/dw * w)^2 below float16's smallest number (|dL/dw * w| < 2.4e-4, the common case) was computed in the
+    weight's dtype and became 0 (ties at zero; values above 256 became inf)."""
+    import torch.nn.functional as F
+
+    from medquant.fairquant import compute_group_importance
+
+    model = tiny_mlp().half()
+    batches = [(x.half(), y, g) for x, y, g in grouped_batches(n_batches=2)]
+    imp = compute_group_importance(model, batches, progress=False)
+    ws = [model.fc1.weight, model.fc2.weight]
+    for g in (0, 1):
+        ref = [torch.zeros(w.shape) for w in ws]
+        for x, y, grp in batches:  # plain torch: the float16 gradients, their products squared in float32
+            sel = grp == g
+            grads = torch.autograd.grad(F.cross_entropy(model(x[sel]), y[sel]), ws)
+            for r, w, gr in zip(ref, ws, grads):
+                r += (gr.float() * w.detach().float()).pow(2)
+        for name, r in zip(("fc1", "fc2"), ref):
+            assert bool((r > 0).all())
+            torch.testing.assert_close(imp.maps[g][name], r, rtol=1e-5, atol=0)
