@@ -40,6 +40,7 @@ element per step), so no rank waits in a collective for one that stopped.
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -89,7 +90,8 @@ def train_steps(
         grad_accum: batches per step; a step's record is the mean of its batches' records (numbers, or dicts of
             numbers with the same keys: averaged key by key). A last, incomplete step still divides by
             ``grad_accum``.
-        grad_clip: max global 2-norm of the gradients of ``params`` (``None``: no clipping).
+        grad_clip: max global 2-norm of the gradients of ``params``, a real number > 0 (``math.inf`` clips nothing;
+            ``None``: no clipping).
         sharded: ``params`` include FSDP2 shards (``DTensor``): clip with
             :func:`medquant.distributed.clip_grad_norm_` over ``group``.
         sync_params: parameters whose gradients are averaged over ``group`` after the backward passes (those
@@ -111,9 +113,10 @@ def train_steps(
         The steps' records, in order (one per optimizer step).
 
     Raises:
-        ValueError: ``epochs < 1``, ``grad_accum < 1``, ``max_steps < 0``, or ``epochs=None`` without ``max_steps``.
-        TypeError: ``grad_accum > 1`` and records that cannot be averaged (raised before that step's
-            ``optimizer.step()``).
+        ValueError: ``epochs < 1``, ``grad_accum < 1``, ``max_steps < 0``, ``epochs=None`` without ``max_steps``, or
+            ``grad_clip`` not > 0 (0 would zero every gradient, a negative value flip it, NaN make it NaN).
+        TypeError: ``grad_clip`` a bool or not a real number; ``grad_accum > 1`` and records that cannot be averaged
+            (raised before that step's ``optimizer.step()``).
         FloatingPointError: an objective of the step is NaN or infinite on this rank or another rank of ``group``
             (raised before that step's ``optimizer.step()``; the records of the finished steps are lost with the
             exception, the parameters keep their values after the last finished step).
@@ -126,6 +129,14 @@ def train_steps(
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    if grad_clip is not None:  # torch's clipping scales the gradients by grad_clip / norm, whatever its sign
+        if isinstance(grad_clip, bool) or not isinstance(grad_clip, numbers.Real):
+            raise TypeError(f"grad_clip must be a real number > 0 (or None: no clipping), not a bool; "
+                            f"got {type(grad_clip).__name__} {grad_clip!r}")
+        if not grad_clip > 0:
+            raise ValueError(f"grad_clip must be a number > 0 (or None: no clipping), got {grad_clip}: clipping to "
+                             f"{grad_clip} would {'zero' if grad_clip == 0 else 'flip' if grad_clip < 0 else 'NaN'} "
+                             "every gradient")
     if stop_together is None:  # uneven data must not leave a rank waiting in a collective
         stop_together = mqd.is_distributed(group)
     records: list[Any] = []

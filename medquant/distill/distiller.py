@@ -469,7 +469,7 @@ class Distiller(nn.Module):
                 one pass, with a ``UserWarning``, when more are asked).
             lr: the AdamW learning rate (when no ``optimizer`` is given).
             optimizer: an optimiser over :meth:`trainable_parameters` to use instead of AdamW.
-            grad_clip: the gradient-norm clip; a falsy value disables clipping.
+            grad_clip: the gradient-norm clip, > 0; a falsy value (None, 0) disables clipping.
             progress: show a progress bar.
             desc: the progress bar's label.
 
@@ -477,7 +477,7 @@ class Distiller(nn.Module):
             The per-step losses.
 
         Raises:
-            ValueError: ``steps < 1``, nothing to train, or ``data`` is empty.
+            ValueError: ``steps < 1``, a negative or NaN ``grad_clip``, nothing to train, or ``data`` is empty.
         """
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")

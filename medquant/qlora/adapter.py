@@ -373,7 +373,7 @@ class QLoRAAdapter:
             lr: AdamW learning rate.
             weight_decay: AdamW weight decay.
             grad_accum: batches per optimiser step.
-            max_grad_norm: gradient clipping (None: none).
+            max_grad_norm: gradient clipping, the max global norm, > 0 (None: none).
             progress: show a tqdm bar (rank 0 only under DDP).
             seed: seed set before training (None: leave the generator alone).
             desc: the progress bar's label.
@@ -383,7 +383,8 @@ class QLoRAAdapter:
             The loss of every optimiser step.
 
         Raises:
-            ValueError: ``steps < 1`` or ``batches`` is empty (as :meth:`medquant.distill.Distiller.fit`).
+            ValueError: ``steps < 1``, ``max_grad_norm`` not > 0, or ``batches`` is empty (as
+                :meth:`medquant.distill.Distiller.fit`).
             RuntimeError: ``ddp=True`` without an initialised process group.
             FloatingPointError: see :func:`train_loop` (a NaN / inf loss on any rank stops every rank).
         """
@@ -612,7 +613,7 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         grad_accum: batches per optimiser step.
-        max_grad_norm: gradient clipping (None: none).
+        max_grad_norm: gradient clipping, the max global norm, > 0 (None: none).
         progress: show a progress bar.
         seed: seed set before training (None: leave the generator alone).
         desc: the progress bar's label.
@@ -621,8 +622,9 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
         The loss of every optimiser step.
 
     Raises:
-        ValueError: ``steps < 1``, ``grad_accum < 1``, no trainable parameters, or ``batches`` is empty (no step
-            taken).
+        ValueError: ``steps < 1``, ``grad_accum < 1``, ``max_grad_norm`` not > 0 (0 would zero every gradient, a
+            negative value flip it: :func:`medquant.training.train_steps`), no trainable parameters, or ``batches``
+            is empty (no step taken).
         FloatingPointError: the model returns no loss (batches without ``labels``), or a loss is NaN or infinite
             (on any rank: every rank of a DDP run stops at the same step, before its ``optimizer.step()``).
     """

@@ -1,0 +1,88 @@
+"""Review (s2023) of medquant.training.train_steps: settings that would silently train wrongly are refused."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from medquant.training import train_steps
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(3)]
+
+    def loss_fn(batch):
+        x, y = batch
+        loss = (model(x) - y).pow(2).mean()
+        return loss, float(loss.detach())
+
+    params = list(model.parameters())
+    return model, batches, loss_fn, params, torch.optim.SGD(params, lr=0.1)
+
+
+def test_plain_torch_clipping_with_these_values_would_flip_zero_or_nan_the_gradient():
+    # the reference: what torch.nn.utils.clip_grad_norm_ does with a max norm that is not > 0
+    for bad, check in ((-1.0, lambda g: bool((g < 0).all())), (0.0, lambda g: bool((g == 0).all())),
+                       (math.nan, lambda g: bool(g.isnan().all()))):
+        p = nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        torch.nn.utils.clip_grad_norm_([p], bad)
+        assert check(p.grad), (bad, p.grad)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, 0, math.nan, -math.inf])
+def test_a_grad_clip_that_is_not_a_positive_number_is_refused_before_any_step(bad):
+    _model, batches, loss_fn, params, opt = _setup()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="grad_clip"):
+        train_steps(loss_fn, batches, opt, params, grad_clip=bad, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+@pytest.mark.parametrize("bad", [True, "1.0"])
+def test_a_bool_or_string_grad_clip_is_refused(bad):
+    _model, batches, loss_fn, params, opt = _setup()
+    with pytest.raises(TypeError, match="grad_clip"):
+        train_steps(loss_fn, batches, opt, params, grad_clip=bad, progress=False)
+
+
+def test_an_infinite_grad_clip_is_no_clipping():
+    _model, batches, loss_fn, params, opt = _setup()
+    got = train_steps(loss_fn, batches, opt, params, grad_clip=math.inf, progress=False)
+    _m2, b2, l2, p2, o2 = _setup()
+    want = train_steps(l2, b2, o2, p2, grad_clip=None, progress=False)
+    assert got == want
+
+
+def test_the_qlora_and_distiller_loops_refuse_a_negative_clip_before_training():
+    from medquant.distill import Distiller
+    from medquant.qlora import train_loop
+
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
+    before = [p.detach().clone() for p in student.parameters()]
+    batches = [torch.randn(2, 4) for _ in range(2)]
+    with pytest.raises(ValueError, match="grad_clip"):
+        Distiller(teacher, student, alpha=1.0).fit(batches, grad_clip=-1.0, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), before))
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, x, labels):
+            from types import SimpleNamespace
+            return SimpleNamespace(loss=(self.lin(x) - labels).pow(2).mean())
+
+    model = WithLoss()
+    before = [p.detach().clone() for p in model.parameters()]
+    data = [{"x": torch.randn(2, 4), "labels": torch.randn(2, 1)}]
+    with pytest.raises(ValueError, match="grad_clip"):
+        train_loop(model, data, max_grad_norm=-1.0, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
