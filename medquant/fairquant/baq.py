@@ -216,6 +216,9 @@ class BAQWrapper:
         self.params: dict[str, BAQWeight] = {}
         self.sizes: dict[str, int] = {}
         self._rows: dict[str, int] = {}  # output channels per layer (bit_map still reads them after export)
+        # every layer's init_bits is checked before the first parametrization is attached: a refused entry raises
+        # with the model unchanged, not with the layers met before it wrapped
+        thetas: dict[str, torch.Tensor] = {}
         for name, mod in targets.items():
             rows = mod.weight.shape[0]
             n_scopes = rows if scope == "channel" else 1
@@ -233,11 +236,14 @@ class BAQWrapper:
                 theta = torch.atanh(((b0 - b_min) / (b_max - b_min)).clamp(1e-3, 0.9999))
             else:
                 theta = torch.full((n_scopes,), 6.0)
+            thetas[name] = theta
+        for name, theta in thetas.items():
+            mod = targets[name]
             p = BAQWeight(theta.to(mod.weight.device), b_min, b_max, scope == "channel")
+            self._rows[name] = mod.weight.shape[0]
+            self.sizes[name] = mod.weight[0].numel() if scope == "channel" else mod.weight.numel()
             parametrize.register_parametrization(mod, "weight", p)
             self.params[name] = p
-            self._rows[name] = rows
-            self.sizes[name] = mod.weight[0].numel() if scope == "channel" else mod.weight.numel()
 
     # ------------------------------------------------------------------ parameters and bits
     def logits(self) -> list[nn.Parameter]:
