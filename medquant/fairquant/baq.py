@@ -174,8 +174,9 @@ class BAQWrapper:
 
     Raises:
         ValueError: a ``bit_range`` outside ``2 <= b_min < b_max <= 8``, an unknown scope, negative lambdas, a
-            target outside the bit range, a model already sharded with FSDP2, or ``init_bits`` for unknown layers,
-            of the wrong length, outside the bit range or not integers.
+            target outside the bit range, a model already sharded with FSDP2, layers that already carry the bits of
+            another ``BAQWrapper``, or ``init_bits`` for unknown layers, of the wrong length, outside the bit range
+            or not integers (the model is left unchanged).
     """
 
     def __init__(self, model: nn.Module, *, bit_range: tuple[int, int] = (2, 8), scope: str = "channel",
@@ -213,6 +214,11 @@ class BAQWrapper:
             unknown = sorted(set(init_bits) - set(targets))
             if unknown:
                 raise ValueError(f"init_bits names modules that are not quantizable layers here: {unknown[:5]}")
+        wrapped = [n for n, m in targets.items() if parametrize.is_parametrized(m, "weight")
+                   and any(isinstance(p, BAQWeight) for p in m.parametrizations["weight"])]
+        if wrapped:  # a second BAQWeight would quantize the first one's output, under two sets of theta
+            raise ValueError(f"layers {wrapped[:5]} already carry learnable bits of another BAQWrapper: train and "
+                             "export that wrapper, or build the new one on a model without them")
         self.params: dict[str, BAQWeight] = {}
         self.sizes: dict[str, int] = {}
         self._rows: dict[str, int] = {}  # output channels per layer (bit_map still reads them after export)
