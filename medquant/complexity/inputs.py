@@ -5,7 +5,8 @@ Accepted inputs (see :func:`prepare`):
 * ``torch.Tensor``: (H, W) one image; (B, H, W) a batch of gray images; (B, 1, H, W) or (B, 3, H, W)
   channel-first batches (3 channels = RGB).
 * ``numpy.ndarray``: (H, W) one image; (H, W, 1) / (H, W, 3) one gray / RGB image (channel-last); (B, H, W) a
-  batch; (B, H, W, 3) / (B, H, W, 1) channel-last or (B, 1, H, W) / (B, 3, H, W) channel-first batches.
+  batch; (B, H, W, 3) / (B, H, W, 1) channel-last or (B, 1, H, W) / (B, 3, H, W) channel-first batches. Either
+  byte order (big-endian arrays are read as the same values in native order).
 * ``PIL.Image.Image``: modes L, I;16*, I, F, RGB; other modes are converted to RGB (alpha dropped).
 * ``pydicom.dataset.Dataset`` (optional extra ``dicom``): see :func:`medquant.data.dicom_to_array`.
 * a list/tuple of any of the above, possibly of different sizes (grouped by size internally).
@@ -270,6 +271,8 @@ def _single_to_bchw(x, channel_last_default: bool = True):
         arr, bits = dicom_to_array(x)
         return _array_to_bchw(arr, True), bits, _int_container(arr.dtype)
     if isinstance(x, np.ndarray):
+        if not x.dtype.isnative:  # big-endian data (FITS, np.fromfile(..., ">u2")): the same values, native order
+            x = x.astype(x.dtype.newbyteorder("="))
         return _array_to_bchw(x, True), (16 if x.dtype == np.uint16 else None), _int_container(x.dtype)
     if isinstance(x, torch.Tensor):
         t = x.detach()
