@@ -56,8 +56,10 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None,
                        skip: Sequence[str] | None = None) -> dict[str, nn.Module]:
     """The Linear / Conv2d modules FairQuant allocates bits to, optionally restricted by ``layers`` / ``skip``.
 
-    The modules are those ``quantize_`` quantizes (torch.nn's own classes, not inside ``nn.MultiheadAttention``);
-    ``layers`` / ``skip`` are ``quantize_`` patterns.
+    The modules are the ``nn.Linear`` / ``nn.Conv2d`` ones ``quantize_`` quantizes (torch.nn's own classes, not
+    inside ``nn.MultiheadAttention``); MoE experts modules with 3-D weights, which ``quantize_`` also quantizes,
+    are left out (they have no ``weight`` of one layer; the allocation leaves them in floating point). ``layers``
+    / ``skip`` are ``quantize_`` patterns.
 
     Args:
         model: the model.
@@ -70,7 +72,7 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None,
     Raises:
         ValueError: no such layer is left.
     """
-    all_q = quantizable_modules(model)
+    all_q = {n: m for n, m in quantizable_modules(model).items() if isinstance(m, (nn.Linear, nn.Conv2d))}
     if layers is not None or skip:
         plan = resolve_configs(model, {p: 8 for p in layers} if layers is not None else 8, skip=skip)
         all_q = {n: m for n, m in all_q.items() if n in plan}

@@ -45,3 +45,31 @@ def test_grape_of_a_float16_model_is_squared_in_float32_not_flushed_to_zero():
         for name, r in zip(("fc1", "fc2"), ref):
             assert bool((r > 0).all())
             torch.testing.assert_close(imp.maps[g][name], r, rtol=1e-5, atol=0)
+
+
+def test_a_moe_model_is_allocated_over_its_linear_layers_and_keeps_its_experts_float():
+    """quantize_'s module list holds MoE experts modules with 3-D weights and no ``.weight``: fit raised
+    AttributeError. FairQuant allocates to Linear / Conv2d weights (its documented scope); the experts stay float."""
+    import warnings
+
+    from torch import nn
+
+    from medquant.testing.zoo_moe import build_moe, moe_inputs
+
+    model = build_moe("mixtral")
+    batch = moe_inputs(batch=4, seed=0)
+    batch["groups"] = torch.tensor([0, 1, 0, 1])
+
+    def loss_fn(m, b):
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits[:, -1], b["input_ids"][:, 0], reduction="none")
+
+    alloc = FairQuantAllocator(target_bits=4.0, progress=False).fit(model, [batch], loss_fn=loss_fn)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert list(alloc.bit_map()) == linears
+    experts = [n for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert experts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alloc.apply(model)
+    assert all(type(model.get_submodule(n)).__name__ == "MixtralExperts" for n in experts)
