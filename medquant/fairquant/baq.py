@@ -49,6 +49,7 @@ from ..training import train_steps
 from .batches import GroupsFn, LossFn, batch_losses, fairness_penalty
 from .distributed import global_group_objective
 from .importance import quantizable_layers
+from .qat import _drop_weight_parametrizations
 
 _EPS16 = scale_eps(torch.float16)
 
@@ -461,7 +462,7 @@ class BAQWrapper:
             # BAQWeight objects (same theta) back. (Removing them from a deep copy instead would delete the
             # ``weight`` property from the parametrized class, which the copy shares with the model.)
             for n in self.params:
-                parametrize.remove_parametrizations(self.model.get_submodule(n), "weight", leave_parametrized=False)
+                _drop_weight_parametrizations(self.model.get_submodule(n), BAQWeight)
             self._skeleton = mqd.meta_skeleton(self.model)
             for n, p in self.params.items():
                 parametrize.register_parametrization(self.model.get_submodule(n), "weight", p)
@@ -536,6 +537,9 @@ class BAQWrapper:
     def export(self, project: bool = True, tolerance: float = 0.1) -> nn.Module:
         """Remove the BAQ parametrizations (keeping the trained weights) and ``quantize_`` with the discrete bits.
 
+        Only the BAQ entries are removed: another parametrization of the same weight (the user's own) stays, and
+        ``quantize_`` quantizes its value, the weight the BAQ bits were trained on.
+
         The result has ordinary QuantLinear / QuantConv2d layers (it saves and reloads). After an FSDP fit this is a
         collective: every rank gathers the full weights and returns the full exported model.
 
@@ -561,7 +565,7 @@ class BAQWrapper:
             self.model.eval()
             return self.model
         for n in self.params:
-            parametrize.remove_parametrizations(self.model.get_submodule(n), "weight", leave_parametrized=False)
+            _drop_weight_parametrizations(self.model.get_submodule(n), BAQWeight)
         self.params_exported = qmap
         quantize_(self.model, qmap)
         self._exported = True

@@ -121,8 +121,24 @@ def attach_fake_quant(model: nn.Module, quant_map: Mapping[str, QuantConfig | in
     return plan
 
 
+def _drop_weight_parametrizations(mod: nn.Module, kind: type) -> None:
+    """Remove the ``kind`` entries from ``mod``'s weight parametrizations, keeping the others (a user's own
+    ``weight_norm`` / orthogonal / custom parametrization) and the original tensor; when none is left ``weight``
+    is the plain original parameter again (``remove_parametrizations(..., leave_parametrized=False)``)."""
+    plist = mod.parametrizations["weight"]
+    if all(isinstance(p, kind) for p in plist):
+        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+        return
+    for i in reversed(range(len(plist))):  # none of ours changed the original (no right_inverse): just unlink
+        if isinstance(plist[i], kind):
+            del plist[i]
+
+
 def detach_fake_quant(model: nn.Module) -> None:
     """Remove the fake-quant parametrizations, keeping the trained float weights.
+
+    Only the :class:`FakeQuantWeight` entries go: another parametrization of the same weight (the user's own)
+    stays, with its original tensor.
 
     Args:
         model: the model.
@@ -130,7 +146,7 @@ def detach_fake_quant(model: nn.Module) -> None:
     for mod in model.modules():
         if parametrize.is_parametrized(mod, "weight") and any(
                 isinstance(p, FakeQuantWeight) for p in mod.parametrizations["weight"]):
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            _drop_weight_parametrizations(mod, FakeQuantWeight)
 
 
 @contextmanager
