@@ -8,10 +8,14 @@ Each non-empty line of the UTF-8 ``--text`` file (another encoding is refused) i
 folder's tokenizer (:func:`medquant.eval.lm.token_batches`, ``--max-length`` tokens, ``--batch-size`` at a time);
 the number is :func:`medquant.eval.perplexity`. A medquant-quantized folder is loaded through ``from_pretrained`` as saved; a
 pruned one (``medquant prune`` / ``medquant pipeline`` output) with :func:`medquant.prune.load_pruned`.
+
+A NaN perplexity (NaN or inf logits: a broken model) is no result: the command stops with an error. ``--json``
+prints strict JSON: a perplexity past float64 (``inf``, a mean loss over 709 nats) is ``null`` there.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .args import existing_file, existing_folder, positive_int, text_length
@@ -36,8 +40,12 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     ppl = perplexity(model, tqdm(batches, desc="perplexity", unit="batch", disable=args.json))
+    if math.isnan(ppl):
+        raise SystemExit(f"{args.model}: the perplexity is NaN: the model's logits hold NaN or inf values (a broken "
+                         "or overflowing model; check its outputs in float32)")
     if args.json:
-        print(json.dumps({"model": args.model, "text": args.text, "texts": len(texts), "perplexity": ppl}))
+        print(json.dumps({"model": args.model, "text": args.text, "texts": len(texts),
+                          "perplexity": ppl if math.isfinite(ppl) else None}, allow_nan=False))
     else:
         print(f"perplexity {ppl:.4f} on {len(texts)} texts of {args.text}")
     return 0
