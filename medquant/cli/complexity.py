@@ -74,7 +74,7 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
                          "without --fit-on the scored images are fitted on: give --fit-on or use --split / --limit")
 
 
-def _metrics_with_progress(scorer, images, batch_size: int, progress: bool, desc: str):
+def _metrics_with_progress(scorer, images, names, batch_size: int, progress: bool, desc: str):
     import torch
     from tqdm import tqdm
 
@@ -83,9 +83,23 @@ def _metrics_with_progress(scorer, images, batch_size: int, progress: bool, desc
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
         for i in range(0, n, batch_size):
             chunk = images[i : i + batch_size]
-            parts.append(scorer.metrics(list(chunk) if isinstance(chunk, list) else chunk).cpu())
+            parts.append(_chunk_metrics(scorer, chunk, names[i : i + batch_size]).cpu())
             bar.update(len(chunk))
     return torch.cat(parts) if parts else torch.zeros(0, 5, dtype=torch.float64)
+
+
+def _chunk_metrics(scorer, chunk, names):
+    """The metrics of one batch of images; an image the scorer refuses is named by ``names`` (its file, or its
+    place in the ``.npz``): the scorer's own message counts from the start of the batch ("image 3")."""
+    try:
+        return scorer.metrics(list(chunk) if isinstance(chunk, list) else chunk)
+    except (ValueError, TypeError):
+        for image, name in zip(chunk, names):  # find the image the batch failed on (only after a failure)
+            try:
+                scorer.metrics(image)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{name}: {e}") from e
+        raise
 
 
 def _load(load_images, path, split, limit, allow_leakage=False):
@@ -112,11 +126,12 @@ def run(args) -> int:
     images, names = _load(load_images, args.path, args.split, args.limit, args.allow_leakage)
     if len(images) == 0:
         raise SystemExit(f"no images found in {args.path}")
-    metrics = _metrics_with_progress(scorer, images, args.batch_size, progress, "scoring")
+    metrics = _metrics_with_progress(scorer, images, names, args.batch_size, progress, "scoring")
     if not args.state:  # a loaded state brings its own levels
         if args.fit_on:
-            cal, _ = _load(load_images, args.fit_on, args.fit_split, args.fit_limit, args.allow_leakage)
-            scorer.fit(metrics=_metrics_with_progress(scorer, cal, args.batch_size, progress, "calibrating"))
+            cal, cal_names = _load(load_images, args.fit_on, args.fit_split, args.fit_limit, args.allow_leakage)
+            scorer.fit(metrics=_metrics_with_progress(scorer, cal, cal_names, args.batch_size, progress,
+                                                       "calibrating"))
         else:
             scorer.fit(metrics=metrics)
     scores = scorer.score(metrics=metrics).cpu()

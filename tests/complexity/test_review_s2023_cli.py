@@ -1,0 +1,30 @@
+"""Review (s2023) of ``medquant score`` (medquant/cli/complexity.py)."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from medquant.cli import main
+
+
+def test_a_bad_image_is_named_by_its_file_not_by_its_place_in_a_batch(tmp_path, capsys):
+    """The scorer's message counted from the start of the batch of --batch-size images it was given: a 4x4 PNG at
+    place 7 was reported as 'image 3', and a NaN in an .npz as 'input' (no image at all)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(10):
+        img = np.full((4, 4), 3, np.uint8) if i == 7 else rng.integers(0, 256, (16, 16), dtype=np.uint8)
+        Image.fromarray(img).save(folder / f"img{i:02d}.png")
+    rc = main(["score", str(folder), "--out", str(tmp_path / "a.csv"), "--no-progress", "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "img07.png" in err and "4x4" in err, err
+
+    imgs = rng.random((10, 16, 16))
+    imgs[7, 3, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", images=imgs)
+    rc = main(["score", str(tmp_path / "nan.npz"), "--out", str(tmp_path / "b.csv"), "--no-progress",
+               "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nan.npz[7]" in err and "NaN" in err, err
+
