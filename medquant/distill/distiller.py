@@ -5,7 +5,9 @@ Loss per batch::
     L = alpha * T^2 * KD + (1 - alpha) * task + beta * FM
 
 * ``KD = sum_p m_p KL(softmax(z_t,p / T) || softmax(z_s,p / T)) / sum_p m_p`` over output positions ``p``:
-  one position per example for classification logits ``(B, C)``; every token for token logits ``(B, S, V)``,
+  one position per example for classification logits ``(B, C)`` (one binary logit ``z`` per example, ``(B, 1)``
+  or ``(B,)``: the softmax of ``(0, z / T)``, i.e. ``(1 - sigmoid(z / T), sigmoid(z / T))``); every token for
+  token logits ``(B, S, V)``,
   with ``m_p`` the attention mask (padding excluded); for an encoder-decoder (``config.is_encoder_decoder``),
   whose logits are the decoder's, ``decoder_attention_mask``, else ``labels != -100``, else every position.
   ``T^2`` keeps the gradient scale independent of ``T`` (Hinton et al. 2015).
@@ -113,7 +115,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
             mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over (unmasked) positions.
 
-    Logits are ``(..., V)``; ``mask`` has the leading shape (1 = count the position). The ``T^2`` factor keeps the
+    Logits are ``(..., V)``; ``mask`` has the leading shape (1 = count the position). One logit per position
+    (``V = 1``, a sigmoid / ``BCEWithLogitsLoss`` classifier) is the Bernoulli distribution
+    ``(1 - sigmoid(z / T), sigmoid(z / T))``, the softmax of ``(0, z / T)`` (a softmax over one class would be 1 for
+    any logit, and the KL 0). The ``T^2`` factor keeps the
     gradient's scale independent of ``T`` (Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural
     Network", 2015). Classes the teacher gives probability 0 (logit ``-inf``, e.g. a suppressed vocabulary entry)
     contribute 0 (``0 * log 0 = 0``, as :func:`torch.xlogy`), not NaN.
@@ -170,6 +175,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         weights = m
         if not bool(keep.all()):  # (no copy of the logits when every position counts)
             student_logits, teacher_logits, weights = student_logits[keep], teacher_logits[keep], m[keep]
+    if student_logits.shape[-1] == 1:  # one logit z (a sigmoid classifier): the Bernoulli (1 - sigmoid(z),
+        # sigmoid(z)) is the softmax of (0, z); a softmax over the one class alone is 1 whatever z, the KL always 0
+        student_logits, teacher_logits = F.pad(student_logits, (1, 0)), F.pad(teacher_logits, (1, 0))
     log_ps = F.log_softmax(student_logits.float() / t, dim=-1)
     log_pt = F.log_softmax(teacher_logits.float() / t, dim=-1)
     p_t = log_pt.exp()
@@ -410,8 +418,11 @@ class Distiller(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total = s_logits.new_zeros((), dtype=torch.float32)
         if self.alpha > 0:
-            t_logits = main_output(t_out, hidden_state=False, first_item=False)
-            kd = kd_loss(s_logits, t_logits.detach().to(s_logits.device), self.temperature, mask)
+            t_logits = main_output(t_out, hidden_state=False, first_item=False).detach().to(s_logits.device)
+            s_kd = s_logits
+            if s_logits.dim() == 1 and t_logits.dim() == 1:  # (B,): one binary logit per example, as (B, 1)
+                s_kd, t_logits = s_logits.unsqueeze(-1), t_logits.unsqueeze(-1)
+            kd = kd_loss(s_kd, t_logits, self.temperature, mask)
             parts["kd"] = kd
             total = total + self.alpha * kd
         if self.alpha < 1.0:
