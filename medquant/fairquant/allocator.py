@@ -16,6 +16,7 @@ Example::
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -59,6 +60,17 @@ def _integral(g) -> bool:
         return False
 
 
+def _real(name: str, value: Any) -> float:
+    """``float(value)`` for a real number (int, float, a numpy / 0-d torch number); ``TypeError`` naming the
+    setting for anything else: a string (``"4"`` is not read as 4.0), a bool, None, a complex number, a list."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if isinstance(value, torch.Tensor):  # a 0-d real tensor, e.g. a budget computed with torch
+        ok = value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
+    if not ok:
+        raise TypeError(f"{name} must be a real number (an int or a float), got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 class FairQuantAllocator:
     """Allocate per-scope weight bit-widths from group-conditioned importance.
 
@@ -93,7 +105,8 @@ class FairQuantAllocator:
             target outside the palette's range, fewer than two declared groups, or ``max_batches < 1``.
         TypeError: declared groups that are not integer ids (1.7, True, "a", "1"), ``groups`` / ``layers`` /
             ``skip`` given as a single string rather than a list (as :func:`medquant.quantize_` refuses ``skip``),
-            or a ``max_batches`` that is not an integer (``True``, ``2.5``) or None.
+            a ``max_batches`` that is not an integer (``True``, ``2.5``) or None, or a ``target_bits``,
+            ``tolerance`` or ``cvar_alpha`` that is not a real number (a string such as ``"4"``, a bool, a list).
     """
 
     def __init__(
@@ -124,7 +137,7 @@ class FairQuantAllocator:
             raise ValueError("give either proportions (rank mode) or target_bits (budget mode)")
         pal, props = check_palette(bits, None if target_bits is not None else proportions)
         if target_bits is not None:
-            t = float(target_bits)
+            t = _real("target_bits", target_bits)
             if not pal[0] <= t <= pal[-1]:
                 raise ValueError(
                     f"target_bits={target_bits} is impossible with the palette {pal}: it must lie between the "
@@ -142,9 +155,9 @@ class FairQuantAllocator:
             raise ValueError(f"groups={list(groups)}: fairness-aware allocation needs at least two groups")
         self.bits = tuple(pal)
         self.proportions = tuple(props) if props is not None else None
-        self.target_bits = None if target_bits is None else float(target_bits)
+        self.target_bits = None if target_bits is None else _real("target_bits", target_bits)
         self.metric, self.reducer, self.scope = metric, reducer, scope
-        self.cvar_alpha = float(cvar_alpha)
+        self.cvar_alpha = _real("cvar_alpha", cvar_alpha)
         if not 0.0 <= self.cvar_alpha < 1.0:  # checked when fitting too (reduce_groups); refused here, early
             raise ValueError(f"cvar_alpha must be in [0, 1), got {cvar_alpha!r}")
         if max_batches is not None:  # checked when fitting too; a bool or 2.5 would reach itertools.islice
@@ -157,7 +170,7 @@ class FairQuantAllocator:
         self.layers = None if layers is None else list(layers)
         self.skip = None if skip is None else list(skip)
         self.seed = seed
-        self.tolerance = float(tolerance)
+        self.tolerance = _real("tolerance", tolerance)
         if not self.tolerance >= 0:  # NaN too
             raise ValueError(f"tolerance must be a non-negative number (largest |average bits - target|), got "
                              f"{tolerance!r}")

@@ -73,3 +73,22 @@ def test_a_moe_model_is_allocated_over_its_linear_layers_and_keeps_its_experts_f
         warnings.simplefilter("ignore")
         alloc.apply(model)
     assert all(type(model.get_submodule(n)).__name__ == "MixtralExperts" for n in experts)
+
+
+@pytest.mark.parametrize("setting", ["target_bits", "tolerance", "cvar_alpha"])
+@pytest.mark.parametrize("bad", ["abc", "4", [4], True, None, 2j])
+def test_a_numeric_setting_that_is_not_a_number_names_the_setting(setting, bad):
+    """"abc" gave float()'s bare "could not convert string to float", [4] "float() argument must be ...", "4" was
+    read as 4.0 and True as 1.0; none named the setting."""
+    if bad is None and setting == "target_bits":  # None is rank mode
+        return
+    with pytest.raises(TypeError, match=rf"{setting} must be a (real )?number.*got {type(bad).__name__}"):
+        FairQuantAllocator(**{setting: bad})
+
+
+def test_numeric_settings_still_accept_ints_floats_and_numpy_numbers():
+    import numpy as np
+
+    a = FairQuantAllocator(target_bits=np.float32(4.5), tolerance=np.int64(1), cvar_alpha=0)
+    assert (a.target_bits, a.tolerance, a.cvar_alpha) == (4.5, 1.0, 0.0)
+    assert all(type(v) is float for v in (a.target_bits, a.tolerance, a.cvar_alpha))
