@@ -2,7 +2,8 @@
 
 Supported: the language model of LLaMA-style models (``LlamaForCausalLM``, SmolLM2), Qwen2 / Qwen2.5 and Gemma 3
 (``Gemma3ForCausalLM``), also as the language part of a VLM (LLaVA with a Llama language model,
-``Gemma3ForConditionalGeneration``); the vision tower and projector are not written (llama.cpp reads them from a
+``Gemma3ForConditionalGeneration``, Idefics3 / SmolVLM: their Llama text model at ``model.text_model``, the
+prefix llama.cpp's own converter drops for them too); the vision tower and projector are not written (llama.cpp reads them from a
 separate ``mmproj`` file, which this exporter does not produce).
 
 What is written, in llama.cpp's names (``token_embd``, ``blk.<i>.attn_q`` ... ``output_norm``, ``output``):
@@ -149,7 +150,7 @@ def language_parts(model: nn.Module) -> tuple[str, Any, Any, str, Any, str]:
         if (getattr(text_cfg, attr, None) or 0) > 0:
             raise ExportError(f"format='gguf' does not export mixture-of-experts models ({attr}="
                               f"{getattr(text_cfg, attr)}); only dense llama / qwen2 / gemma3 language models")
-    paths = ("model.language_model", "language_model", "model")
+    paths = ("model.language_model", "language_model", "model.text_model", "model")
     for path in paths:
         dec = _get(model, path)
         if dec is not None and hasattr(dec, "embed_tokens") and hasattr(dec, "layers") and hasattr(dec, "norm"):
@@ -158,8 +159,7 @@ def language_parts(model: nn.Module) -> tuple[str, Any, Any, str, Any, str]:
         raise ExportError(f"format='gguf' found no language model (a module with embed_tokens, layers and norm) at "
                           f"{', '.join(paths)} of {type(model).__name__}, although its text config is "
                           f"model_type={mtype!r}; supported are the causal LMs themselves and the VLMs that keep "
-                          "their language model there (LLaVA, Gemma 3), not one stored elsewhere (Idefics3 / SmolVLM "
-                          "keep it at model.text_model)")
+                          "their language model there (LLaVA, Gemma 3; Idefics3 / SmolVLM at model.text_model)")
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:  # a llama.cpp file without `output` reads token_embd as the head: another model

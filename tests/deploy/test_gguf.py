@@ -78,7 +78,7 @@ def _check_roundtrip(model, report, exact_only: bool = True):
     return loaded
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3_text", "llava", "gemma3_vlm"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3_text", "llava", "gemma3_vlm", "idefics3"])
 def test_zoo_w4_g32_is_bit_equal_q4_0(name, tok_dir, tmp_path):
     model = ZOO_BY_NAME[name].build()
     quantize_(model, W4)
@@ -88,7 +88,9 @@ def test_zoo_w4_g32_is_bit_equal_q4_0(name, tok_dir, tmp_path):
     types = _types(tmp_path / "m.gguf")
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.ffn_down.weight"] == "Q4_0"
     assert types["blk.0.attn_norm.weight"] == "F32" and types["token_embd.weight"] == "F32"
-    n_lm = sum(1 for n, _ in quantized_layers(model) if not any(v in n for v in ("vision", "projector")))
+    _, _, _, dec_name, _, head_name = language_parts(model)  # the language model's layers and the head
+    n_lm = sum(1 for n, _ in quantized_layers(model) if n.startswith(dec_name + ".") or n == head_name)
+    assert (n_lm < len(quantized_layers(model))) == ZOO_BY_NAME[name].is_vlm  # a VLM's tower is quantized too
     assert len(quant_rows) == n_lm
     _check_roundtrip(model, report)
     if ZOO_BY_NAME[name].is_vlm:

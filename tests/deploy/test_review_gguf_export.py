@@ -41,14 +41,17 @@ def test_file_type_of_layers_promoted_to_a_float_type_is_that_type(promote_type,
 
 
 def test_a_vlm_keeping_its_language_model_elsewhere_is_refused_saying_what_is_supported(tok_dir, tmp_path):
-    """Idefics3's Llama text model sits at model.text_model: the refusal names where the exporter looks, what it
-    supports and where this model keeps it (it said only 'no language model ... found')."""
+    """A VLM whose Llama text model is at none of the places the exporter looks (Idefics3's moved from
+    model.text_model): the refusal names where it looks and what it supports (it said only 'no language model ...
+    found')."""
     model = ZOO_BY_NAME["idefics3"].build().eval()
     assert model.config.get_text_config().model_type == "llama"
+    model.model.decoder = model.model.text_model
+    del model.model.text_model
     with pytest.raises(ExportError) as e:
         export(model, tmp_path / "m.gguf", format="gguf", source=tok_dir)
     msg = str(e.value)
-    assert "model.language_model" in msg and "LLaVA" in msg and "Gemma 3" in msg and "text_model" in msg
+    assert "model.language_model" in msg and "model.text_model" in msg and "LLaVA" in msg and "Gemma 3" in msg
     assert not (tmp_path / "m.gguf").exists()
 
 
