@@ -83,7 +83,14 @@ def _metrics_with_progress(scorer, images, names, batch_size: int, progress: boo
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
         for i in range(0, n, batch_size):
             chunk = images[i : i + batch_size]
-            parts.append(_chunk_metrics(scorer, chunk, names[i : i + batch_size]).cpu())
+            part = _chunk_metrics(scorer, chunk, names[i : i + batch_size]).cpu()
+            if len(part) != len(chunk):  # e.g. one 2-D image stored as the array: its rows are not images
+                what = (f"the image array (shape {tuple(images.shape)})" if hasattr(images, "shape") else
+                        "the image list")
+                raise ValueError(f"{names[i]}: the scorer read {len(chunk)} entries of {what} as {len(part)} "
+                                 "image(s); every entry must be one image: an array (N, H, W), (N, H, W, 1|3) or "
+                                 "(N, 1|3, H, W) of N images")
+            parts.append(part)
             bar.update(len(chunk))
     return torch.cat(parts) if parts else torch.zeros(0, 5, dtype=torch.float64)
 

@@ -28,3 +28,18 @@ def test_a_bad_image_is_named_by_its_file_not_by_its_place_in_a_batch(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and "nan.npz[7]" in err and "NaN" in err, err
 
+
+def test_every_array_entry_gets_its_row_or_the_command_fails(tmp_path, capsys):
+    """An .npz whose image array is one 2-D image (rows taken as 'images') or one (H, W, 3) RGB image: each batch
+    of --batch-size entries was read by the scorer as one image, so the CSV had one row per batch under the first
+    names while the command reported one image per entry ('scored 40 images', 3 rows written)."""
+    rng = np.random.default_rng(1)
+    for name, arr in (("flat.npz", rng.random((40, 24))), ("rgb.npz", rng.random((40, 24, 3)))):
+        np.savez(tmp_path / name, images=arr)
+        out = tmp_path / f"{name}.csv"
+        rc = main(["score", str(tmp_path / name), "--out", str(out), "--no-progress", "--batch-size", "16"])
+        captured = capsys.readouterr()
+        rows = out.read_text().splitlines()[1:] if out.exists() else []
+        # either every entry got its row, or the command refused the array
+        assert (rc == 0 and len(rows) == len(arr)) or (rc == 2 and "(40, 24" in captured.err), (rc, len(rows),
+                                                                                                 captured)
