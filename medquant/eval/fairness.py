@@ -112,7 +112,7 @@ def predictions(logits: Any, task: str = "multiclass", threshold: float | None =
         import torch
 
         if isinstance(logits, torch.Tensor):
-            logits = logits.detach().float().cpu().numpy()
+            logits = logits.detach().cpu().to(torch.float64).numpy()  # as np.float64: no float32 rounding
     except ImportError:  # pragma: no cover
         pass
     z = np.asarray(logits, dtype=np.float64)
