@@ -152,6 +152,7 @@ def run(args) -> int:
         for name, m, s, lv in zip(names, metrics.tolist(), scores.tolist(), levels.tolist()):
             w.writerow([name, *(f"{v:.8g}" for v in m), f"{s:.8g}", lv])
     if args.save_state:
+        Path(args.save_state).parent.mkdir(parents=True, exist_ok=True)  # as for --out and --plot
         torch.save({k: v.cpu() for k, v in scorer.state_dict().items()}, args.save_state)
     if args.plot:
         plot_histogram(scores.numpy(), levels.numpy(), scorer.n_levels, args.plot)

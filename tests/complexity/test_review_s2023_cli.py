@@ -43,3 +43,27 @@ def test_every_array_entry_gets_its_row_or_the_command_fails(tmp_path, capsys):
         # either every entry got its row, or the command refused the array
         assert (rc == 0 and len(rows) == len(arr)) or (rc == 2 and "(40, 24" in captured.err), (rc, len(rows),
                                                                                                  captured)
+
+
+def test_save_state_creates_its_folder_as_out_and_plot_do(tmp_path, capsys):
+    """--out and --plot create their parent folders; --save-state did not: the run wrote the CSV, then failed with
+    'Parent directory ... does not exist' (no state, no plot)."""
+    import csv
+
+    import torch
+
+    from medquant.complexity import ComplexityScorer
+
+    rng = np.random.default_rng(2)
+    imgs = rng.integers(0, 256, (12, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", images=imgs)
+    out, png, state = tmp_path / "a" / "m.csv", tmp_path / "b" / "h.png", tmp_path / "c" / "d" / "s.pt"
+    rc = main(["score", str(tmp_path / "x.npz"), "--out", str(out), "--plot", str(png), "--save-state", str(state),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert png.exists()
+    sc = ComplexityScorer()
+    sc.load_state_dict(torch.load(state, weights_only=True))
+    with open(out) as f:
+        levels = [int(r["level"]) for r in csv.DictReader(f)]
+    assert sc.levels(imgs).tolist() == levels
