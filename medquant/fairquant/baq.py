@@ -160,7 +160,7 @@ class BAQWrapper:
 
     Args:
         model: any model with torch.nn Linear / Conv2d layers (changed in place: parametrizations are attached).
-        bit_range: ``(b_min, b_max)``, integers in 1..8 (default ``(2, 8)``).
+        bit_range: ``(b_min, b_max)``, integers with ``2 <= b_min < b_max <= 8`` (default ``(2, 8)``).
         scope: ``"channel"`` (one bit-width per output channel, default) or ``"tensor"``.
         init_bits: ``{module name: bits per scope}`` warm start (e.g. ``FairQuantAllocator.bit_map()`` or the
             allocator itself), or ``{module name: bits}`` for every scope of the layer; ``None`` = ``theta = 6``.
@@ -184,9 +184,13 @@ class BAQWrapper:
                  init_bits: Mapping[str, Sequence[int]] | Any | None = None, lambda_bit: float = 0.05,
                  lambda_fair: float = 0.5, target_bits: float | None = None, layers: Sequence[str] | None = None,
                  skip: Sequence[str] | None = None) -> None:
-        b_min, b_max = (int(b) for b in bit_range)
-        if not 1 <= b_min < b_max <= 8 or (b_min, b_max) != tuple(bit_range):
-            raise ValueError(f"bit_range must be two integers 1 <= b_min < b_max <= 8, got {tuple(bit_range)}")
+        try:  # a pair of whole numbers (2.0 too); anything else (3 entries, None, "a", a bare int) is refused below
+            b_min, b_max = (int(b) for b in bit_range)
+            pair = (b_min, b_max) == tuple(bit_range)
+        except (TypeError, ValueError):
+            b_min, b_max, pair = 0, 0, False
+        if not pair or not 1 <= b_min < b_max <= 8:
+            raise ValueError(f"bit_range must be two integers 2 <= b_min < b_max <= 8, got {bit_range!r}")
         if b_min == 1:
             raise ValueError("b_min must be >= 2: the symmetric estimator needs 2^(b-1) - 1 > 0")
         if scope not in ("channel", "tensor"):
