@@ -124,7 +124,8 @@ def compute_group_importance(
 
     Raises:
         ValueError: an unknown metric, ``max_batches < 1``, an invalid ``min_groups``, no quantizable layers, no
-            batches, fewer than ``min_groups`` groups, or an expected group without calibration samples.
+            batches, fewer than ``min_groups`` groups, an expected group without calibration samples, or a NaN /
+            inf importance (a NaN / inf gradient of finite losses; the message names the group and the layer).
     """
     if metric not in METRICS:
         raise ValueError(f"unknown importance metric {metric!r}; accepted: {', '.join(METRICS)}")
@@ -188,6 +189,14 @@ def compute_group_importance(
         raise ValueError("no calibration batches: the data iterable was empty")
     if not counts:
         raise ValueError(f"calibration saw no samples: its {n_batches} batch(es) are all empty")
+    for g in sorted(maps):  # one check per map after the loop, not a device sync per batch, group and layer
+        for name, t in maps[g].items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"the importance of group {g} in layer {name!r} is NaN/inf: the gradient dL_g/dw of that group's "
+                    f"mean loss is NaN/inf in some batch (the losses themselves were finite; e.g. sqrt or log at 0 "
+                    f"in the forward pass), or the float32 sum overflowed. Fix the model's forward or the loss_fn"
+                )
     if allowed is not None:
         missing = sorted(allowed - set(counts))
         if missing:

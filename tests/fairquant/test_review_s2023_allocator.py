@@ -92,3 +92,36 @@ def test_numeric_settings_still_accept_ints_floats_and_numpy_numbers():
     a = FairQuantAllocator(target_bits=np.float32(4.5), tolerance=np.int64(1), cvar_alpha=0)
     assert (a.target_bits, a.tolerance, a.cvar_alpha) == (4.5, 1.0, 0.0)
     assert all(type(v) is float for v in (a.target_bits, a.tolerance, a.cvar_alpha))
+
+
+class _NanBranch(torch.nn.Module):
+    """Finite losses whose gradient on fc1 is NaN: torch.where's unused branch sqrt(-|h|) is NaN, and its zero
+    upstream gradient times d sqrt/dh = NaN reaches fc1 (the classic torch.where gradient trap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(6, 4)
+        self.fc2 = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.where(h > 100, torch.sqrt(-h.abs()), h))
+
+
+@pytest.mark.parametrize("metric", ["grape", "gradient"])
+def test_a_non_finite_gradient_is_reported_by_the_importance_with_its_layer_and_group(metric):
+    """The maps came back NaN without a word (fit failed later with "scores of layer 'fc1' contain NaN/inf",
+    which blames the scores, not the gradients)."""
+    import torch.nn.functional as F
+
+    from medquant.fairquant import compute_group_importance
+
+    model, batches = _NanBranch(), grouped_batches()
+    x, y, g = batches[0]
+    sel = g == 0  # plain torch: the losses are finite and fc1's gradient is not
+    loss = F.cross_entropy(model(x[sel]), y[sel])
+    assert torch.isfinite(loss)
+    assert not torch.isfinite(torch.autograd.grad(loss, model.fc1.weight)[0]).all()
+    with pytest.raises(ValueError, match=r"(?s)group 0.*'fc1'.*NaN/inf.*gradient"):
+        compute_group_importance(model, batches, metric=metric, progress=False)
