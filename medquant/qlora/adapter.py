@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -244,14 +245,16 @@ class QLoRAAdapter:
         ``base_dtypes``: the dtypes of their float weights when the adapter was built (``["float32"]``).
 
     Raises:
-        ValueError: ``r`` is not a positive int, ``lora_dropout`` outside [0, 1), ``lora_alpha`` not positive and
-            finite, a target matches no Linear or is a bad ``re:`` pattern, ``target_modules`` is empty
+        ValueError: ``r`` is not a positive int (a NumPy integer is taken), ``lora_dropout`` outside [0, 1),
+            ``lora_alpha`` not positive and finite, a target matches no Linear or is a bad ``re:`` pattern,
+            ``target_modules`` is empty
             (:func:`resolve_targets`); the model already has LoRA adapters (a ``PeftModel``, or wrapped before) or
             holds medquant quantized layers in the roles used; a target is one Linear bound under several names
             (PEFT would adapt one of its uses only); ``quantize=True`` and ``quantize_roles`` hold no
             ``nn.Linear``; a weight to quantize is NaN/inf, empty or on the meta device. Every check runs before the
             model is changed, and a failing construction leaves the model as it was.
-        TypeError: a target or role that is not a string (one string is one target / role).
+        TypeError: a target or role that is not a string (one string is one target / role); ``lora_alpha`` or
+            ``lora_dropout`` a bool or not a real number.
     """
 
     def __init__(self, model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropout: float = 0.1,
@@ -262,9 +265,15 @@ class QLoRAAdapter:
                  _peft_model: Any = None) -> None:
         from peft import LoraConfig, get_peft_model
 
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
+        r = int(r)
+        for name, v in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):  # True would silently be 1
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name} must be a real number (an int, a float or a NumPy scalar), not a bool; "
+                                f"got {type(v).__name__} {v!r}")
+        lora_alpha, lora_dropout = float(lora_alpha), float(lora_dropout)
+        if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         if lora_alpha <= 0 or not math.isfinite(lora_alpha):
             raise ValueError(f"lora_alpha must be positive and finite, got {lora_alpha}")
