@@ -202,7 +202,8 @@ _SCORERS: dict[tuple[str, int], Any] = {}
 
 def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike | None = None,
                  num_layers: int | None = None, batch_size: int = 32, per_pair: bool = False):
-    """Mean BERTScore F1 (``bert_score``) with a local encoder, on CPU; an empty text scores 0.
+    """Mean BERTScore F1 (``bert_score``) with a local encoder, on CPU; an empty text scores 0, and a pair's F1
+    is clamped to at most 1 (float32 rounding gives identical texts ``1.0000001``).
 
     Args:
         hyps: the generated texts.
@@ -213,7 +214,7 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
         per_pair: return the list of per-pair F1 instead of the mean.
 
     Returns:
-        The mean F1, or the per-pair list with ``per_pair=True``.
+        The mean F1, or the per-pair list with ``per_pair=True`` (each in [0, 1]).
 
     Raises:
         ValueError: the lists differ in length or are empty (raised by the pair check).
@@ -240,7 +241,7 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
         # BERTScorer.score batches with its own argument (default 64), not the constructor's batch_size
         _, _, f = scorer.score([hyps[i] for i in keep], [refs[i] for i in keep], verbose=False, batch_size=batch_size)
         for i, v in zip(keep, f):
-            vals[i] = float(v)
+            vals[i] = min(float(v), 1.0)  # identical texts give float32's 1.0000001
     return vals if per_pair else sum(vals) / len(vals)
 
 
