@@ -128,7 +128,8 @@ def run(args) -> int:
     scorer = ComplexityScorer(weights=args.weights, normalisation=args.normalisation, bits_stored=args.bits_stored,
                               **given).to(args.device)
     if args.state:  # before any metric: the state's edge threshold and bits_stored decide them
-        scorer.load_state_dict(torch.load(args.state, weights_only=True))
+        # map_location: a state saved from a GPU scorer holds CUDA tensors; load_state_dict copies to --device
+        scorer.load_state_dict(torch.load(args.state, map_location="cpu", weights_only=True))
     progress = not args.no_progress
     images, names = _load(load_images, args.path, args.split, args.limit, args.allow_leakage)
     if len(images) == 0:

@@ -67,3 +67,34 @@ def test_save_state_creates_its_folder_as_out_and_plot_do(tmp_path, capsys):
     with open(out) as f:
         levels = [int(r["level"]) for r in csv.DictReader(f)]
     assert sc.levels(imgs).tolist() == levels
+
+
+def test_a_state_saved_from_a_gpu_scorer_loads_with_the_default_cpu_device(tmp_path, capsys):
+    """A state saved with torch.save(scorer.state_dict()) from a scorer on the GPU records its tensors as CUDA
+    storages; --state loaded it without map_location, so on a machine without a GPU (and with --device cpu, the
+    default) the command failed ('Attempting to deserialize object on a CUDA device')."""
+    from unittest import mock
+
+    import torch
+    import torch.serialization
+
+    from medquant.complexity import ComplexityScorer
+
+    rng = np.random.default_rng(3)
+    imgs = rng.integers(0, 256, (12, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", images=imgs)
+    sc = ComplexityScorer(n_levels=3, edge_threshold=0.2).fit(imgs)
+    state = tmp_path / "s.pt"
+    # what torch.save writes for tensors on cuda:0 (their storages are tagged with the device they were on)
+    with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
+        torch.save(sc.state_dict(), state)
+    out = tmp_path / "m.csv"
+    with mock.patch.object(torch.cuda, "is_available", lambda: False):  # as on a machine without a GPU
+        rc = main(["score", str(tmp_path / "x.npz"), "--out", str(out), "--state", str(state), "--no-progress",
+                   "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    import csv
+
+    with open(out) as f:
+        levels = [int(r["level"]) for r in csv.DictReader(f)]
+    assert levels == sc.levels(imgs).tolist()
