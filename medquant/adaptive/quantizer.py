@@ -242,7 +242,8 @@ class AdaptiveQuantizer(nn.Module):
         scorer: object with ``levels(images)`` (a fitted ``ComplexityScorer`` or a ``LearnedPolicy``), used when
             ``forward`` gets ``images=`` or neither levels nor bits.
         weight_config: ``QuantConfig`` / int / mapping for :func:`medquant.quantize_`, or ``None`` to leave the
-            weights in floating point. Default int8 per output channel.
+            weights as they are (floating point, or already quantized: the model an earlier quantizer's
+            :meth:`remove` returned). Default int8 per output channel.
         weight_skip: ``skip`` patterns passed to ``quantize_``.
         weight_sequential: ``False`` (default) quantizes the weights with ``quantize_``; ``True`` or a dict of
             keyword arguments (``device``, ``offload_device``, ``checkpoint``, ``blocks``, ``progress``) uses
@@ -267,13 +268,15 @@ class AdaptiveQuantizer(nn.Module):
 
     One model carries at most one live quantizer: the hooks of each would run in the other's calls, where they
     have no bits. Wrapping a model (or a model containing a module) that another ``AdaptiveQuantizer`` still hooks
-    raises ``ValueError`` and changes nothing; after that one's :meth:`remove` the model can be wrapped again.
+    raises ``ValueError`` and changes nothing; after that one's :meth:`remove` the model can be wrapped again
+    (with ``weight_config=None``: its weights are quantized already).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``weight_sequential`` is neither a bool nor a dict.
         ValueError: a scorer level missing from the bit map, no site, an unknown or duplicate site, unknown
-            ``weight_sequential`` options, ``weight_sequential`` without ``weight_config``, or ``model`` already
-            hooked by another ``AdaptiveQuantizer`` that was not removed.
+            ``weight_sequential`` options, ``weight_sequential`` without ``weight_config``, ``model`` already
+            hooked by another ``AdaptiveQuantizer`` that was not removed, or layers ``weight_config`` covers that
+            are already quantized (pass ``weight_config=None`` to keep them).
     """
 
     _version = 2  # state_dict: 2 adds the bit map and the sites
@@ -329,19 +332,30 @@ class AdaptiveQuantizer(nn.Module):
                              "remove() on that AdaptiveQuantizer first, or give one AdaptiveQuantizer all the sites (a deepcopy of a "
                              "wrapped model carries a copy of the hooks: copy it before wrapping or after remove())")
         if weight_config is not None:
-            from ..quant import QuantConfig, quantize_
+            from ..quant import QuantConfig, quantize_, quantized_modules
 
             cfg = QuantConfig(8, scope="channel") if isinstance(weight_config, str) and weight_config == "default" \
                 else weight_config
-            if weight_sequential is False or weight_sequential is None:
-                quantize_(model, cfg, skip=weight_skip)
-            else:
-                from ..calibrate.sequential import quantize_sequential
+            already = list(quantized_modules(model))
+            try:
+                if weight_sequential is False or weight_sequential is None:
+                    quantize_(model, cfg, skip=weight_skip)
+                else:
+                    from ..calibrate.sequential import quantize_sequential
 
-                opts = {} if weight_sequential is True else _check_sequential_opts(weight_sequential)
-                if opts.get("blocks") is None:
-                    opts["blocks"] = _sequential_blocks(model)
-                quantize_sequential(model, cfg, skip=weight_skip, **opts)
+                    opts = {} if weight_sequential is True else _check_sequential_opts(weight_sequential)
+                    if opts.get("blocks") is None:
+                        opts["blocks"] = _sequential_blocks(model)
+                    quantize_sequential(model, cfg, skip=weight_skip, **opts)
+            except ValueError as e:
+                if not already:
+                    raise
+                # quantize_'s own advice (requantize=True) names an argument this class does not take
+                raise ValueError(f"cannot quantize the weights with weight_config={weight_config!r}: {e}. The model "
+                                 f"already has quantized layers ({', '.join(already[:3])}"
+                                 f"{', ...' if len(already) > 3 else ''}), e.g. it is the model an earlier "
+                                 "AdaptiveQuantizer's remove() returned: pass weight_config=None to keep its "
+                                 "weights as they are, or weight_skip=[...] naming those layers") from e
         elif weight_sequential not in (False, None):
             raise ValueError("weight_sequential needs weight_config (the weights to quantize); it is None")
         self.weight_config = None if weight_config is None else str(weight_config)
