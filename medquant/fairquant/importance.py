@@ -125,7 +125,8 @@ def compute_group_importance(
     Raises:
         ValueError: an unknown metric, ``max_batches < 1``, an invalid ``min_groups``, no quantizable layers, no
             batches, fewer than ``min_groups`` groups, an expected group without calibration samples, or a NaN /
-            inf importance (a NaN / inf gradient of finite losses; the message names the group and the layer).
+            inf importance (a NaN / inf gradient of finite losses; the message names the group and the layer), or
+            losses that do not depend on any scored layer (layers outside the forward pass, detached losses).
     """
     if metric not in METRICS:
         raise ValueError(f"unknown importance metric {metric!r}; accepted: {', '.join(METRICS)}")
@@ -161,6 +162,14 @@ def compute_group_importance(
                     if extra:
                         raise ValueError(f"batch {n_batches} has group ids {extra} outside the declared groups "
                                          f"{sorted(allowed)}")
+                if present and not losses.requires_grad:  # every other parameter is frozen here
+                    shown = ", ".join(map(repr, names[:5])) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                    raise ValueError(
+                        f"the per-sample losses of batch {n_batches} do not depend on the scored layers ({shown}): "
+                        f"no gradient reaches them. Score layers that the forward pass uses (layers / skip "
+                        f"patterns) and give a loss_fn whose losses keep their autograd graph (no .detach(), no "
+                        f"torch.no_grad)"
+                    )
                 for i, g in enumerate(present):
                     sel = groups == g
                     lg = losses[sel].mean()

@@ -125,3 +125,24 @@ def test_a_non_finite_gradient_is_reported_by_the_importance_with_its_layer_and_
     assert not torch.isfinite(torch.autograd.grad(loss, model.fc1.weight)[0]).all()
     with pytest.raises(ValueError, match=r"(?s)group 0.*'fc1'.*NaN/inf.*gradient"):
         compute_group_importance(model, batches, metric=metric, progress=False)
+
+
+def test_layers_outside_the_forward_pass_give_an_error_that_says_so():
+    """layers=[a layer the loss does not use] raised torch's bare "element 0 of tensors does not require grad"."""
+
+    class WithUnusedHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = tiny_mlp()
+            self.unused = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.body(x)
+
+    with pytest.raises(ValueError, match=r"(?s)do not depend on.*'unused'"):
+        FairQuantAllocator(layers=["unused"], progress=False).fit(WithUnusedHead(), grouped_batches())
+    # the same with a loss_fn that detaches the losses
+    with pytest.raises(ValueError, match=r"(?s)do not depend on.*'fc1'"):
+        FairQuantAllocator(progress=False).fit(tiny_mlp(), grouped_batches(),
+                                               loss_fn=lambda m, b: torch.nn.functional.cross_entropy(
+                                                   m(b[0]), b[1], reduction="none").detach())
