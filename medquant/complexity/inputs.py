@@ -68,7 +68,12 @@ def _is_pil(x) -> bool:
 
 
 def _is_dicom(x) -> bool:
-    return type(x).__module__.startswith("pydicom") and hasattr(x, "PixelData")
+    """A pydicom dataset, with or without Pixel Data (``dicom_to_array`` says what a dataset without it lacks)."""
+    if not type(x).__module__.startswith("pydicom"):
+        return False
+    from pydicom.dataset import Dataset
+
+    return isinstance(x, Dataset)
 
 
 def _check_bits_stored(bits_stored) -> None:
@@ -300,7 +305,8 @@ def prepare(images, bits_stored: int | None = None, device=None) -> tuple[int, l
         TypeError: a nested list, an input of an unsupported type, or an integer image without a bit depth
             (neither ``bits_stored`` nor one declared by the input).
         ValueError: an image of the wrong shape, smaller than 8x8, not finite or out of range; ``bits_stored``
-            not None or an int in 1..32, or wider than an image's integer container (uint8 excepted).
+            not None or an int in 1..32, or wider than an image's integer container (uint8 excepted); a DICOM
+            dataset that :func:`medquant.data.dicom_to_array` refuses (no or float pixel data, colour...).
     """
     _check_bits_stored(bits_stored)
     dev = torch.device(device) if device is not None else None

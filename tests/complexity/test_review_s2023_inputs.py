@@ -22,3 +22,43 @@ def test_big_endian_arrays_are_read_like_native_ones(dtype, scale, bits):
     rgb = np.dstack([native, native[::-1], native[:, ::-1]])
     got = ComplexityScorer().metrics([rgb.astype(dtype)], bits_stored=bits)[0].numpy()
     np.testing.assert_allclose(got, reference_metrics(rgb, bits_stored=bits), rtol=0, atol=1e-9)
+
+
+def _dataset(arr):
+    """An in-memory 12-bit MONOCHROME2 DICOM dataset holding ``arr``."""
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    return ds
+
+
+def test_a_dicom_dataset_without_pixel_data_gets_the_dicom_message_not_unsupported_type():
+    """A pydicom dataset without (integer) Pixel Data was refused as 'unsupported image type Dataset; accepted
+    ... pydicom datasets', which contradicts itself; medquant.data.dicom_to_array says what is wrong (no pixel
+    data: a report or DICOMDIR; float pixel data: no stored bit range)."""
+    from medquant.data import dicom_to_array
+
+    arr = (np.arange(400).reshape(20, 20) * 7) % 4096
+    ds = _dataset(arr)
+    want = reference_metrics(dicom_to_array(ds)[0])
+    np.testing.assert_allclose(ComplexityScorer().metrics(ds)[0].numpy(), want, rtol=0, atol=1e-9)
+
+    no_pixels = _dataset(arr)
+    del no_pixels.PixelData
+    floats = _dataset(arr)
+    floats.FloatPixelData = arr.astype(np.float32).tobytes()
+    del floats.PixelData
+    for ds in (no_pixels, floats):
+        with pytest.raises(ValueError) as lib:
+            dicom_to_array(ds)
+        with pytest.raises(ValueError) as scorer:
+            ComplexityScorer().metrics([ds])
+        assert str(lib.value) in str(scorer.value)
