@@ -4,8 +4,9 @@ Example::
 
     medquant eval out/ --text reports.txt --json
 
-Each non-empty line of the UTF-8 ``--text`` file (another encoding is refused) is one text, tokenized with the
-folder's tokenizer (:func:`medquant.eval.lm.token_batches`, ``--max-length`` tokens, ``--batch-size`` at a time);
+Each non-empty line of the UTF-8 ``--text`` file (another encoding is refused; a leading byte order mark is not
+part of the first text) is one text, tokenized with the folder's tokenizer (:func:`medquant.eval.lm.token_batches`,
+``--max-length`` tokens, ``--batch-size`` at a time);
 the number is :func:`medquant.eval.perplexity`. A medquant-quantized folder is loaded through ``from_pretrained`` as saved; a
 pruned one (``medquant prune`` / ``medquant pipeline`` output) with :func:`medquant.prune.load_pruned`.
 
@@ -26,7 +27,7 @@ def run(args) -> int:
     from .info import load_hf_folder
 
     try:
-        lines = Path(args.text).read_text(encoding="utf-8").splitlines()
+        lines = Path(args.text).read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte order mark is no text
     except UnicodeDecodeError as exc:
         raise SystemExit(f"--text: {args.text} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                          f"{exc.start}): save it as UTF-8, one text per line") from None
