@@ -370,8 +370,9 @@ class Distiller(nn.Module):
         (and projections) with the distillation loss (it reads ``outputs["loss"]``). With
         ``gradient_accumulation_steps = k`` a step's gradient is that of ``mean_k L`` (each batch's ``L`` is a
         mean over the batch: :attr:`accepts_loss_kwargs` is ``False``, so the Trainer passes no
-        ``num_items_in_batch`` and divides each loss by ``k``). The attention mask excludes padding from the KD
-        term of token logits and from the feature term of every model (classifiers included).
+        ``num_items_in_batch`` and divides each loss by ``k``). The attention mask (the batch's, or a keyword
+        ``attention_mask=`` next to a positional batch) excludes padding from the KD term of token logits and from
+        the feature term of every model (classifiers included).
 
         ``transformers.Trainer`` finds no label argument here; ``return_loss=True`` (the default, as CLIP's) is what
         tells it that the output carries the loss, so ``Trainer.evaluate()`` reports ``eval_loss`` (this ``L``).
@@ -412,8 +413,11 @@ class Distiller(nn.Module):
         s_logits = main_output(s_out, hidden_state=False, first_item=False)  # logits only
         # the tokens' mask: KD reads it for token logits (B, S, V) only (class logits (B, C) have one position per
         # example), feature matching for the hidden states (B, S, H) of every model, classifiers included
-        token_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None  # a BatchEncoding too
-        kd_mask = _decoder_mask(self.student, batch) if _is_encoder_decoder(self.student) else token_mask
+        # the keyword inputs the models got: the mapping batch (a BatchEncoding too), else the keyword inputs next to
+        # a positional batch (distiller(input_ids, attention_mask=m) runs model(input_ids, attention_mask=m))
+        named = batch if isinstance(batch, Mapping) else kwargs
+        token_mask = named.get("attention_mask")
+        kd_mask = _decoder_mask(self.student, named) if _is_encoder_decoder(self.student) else token_mask
         mask = kd_mask.to(s_logits.device) if kd_mask is not None and s_logits.dim() == 3 else None
         parts: dict[str, torch.Tensor] = {}
         total = s_logits.new_zeros((), dtype=torch.float32)
