@@ -22,6 +22,7 @@ the trained float weights).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -254,16 +255,17 @@ def fq_qat(
         A :class:`QATResult` with the (exported) model, the resolved plan and the per-step loss history.
 
     Raises:
-        ValueError: a map that selects no layer, ``epochs`` < 1, ``lr`` <= 0, ``lambda_fair`` < 0, a model without
-            trainable parameters, an already sharded model, or a DDP wrapper together with ``fsdp``.
+        ValueError: a map that selects no layer, ``epochs`` < 1, ``lr`` <= 0, ``lambda_fair`` < 0, NaN or
+            infinite, a model without trainable parameters, an already sharded model, or a DDP wrapper together
+            with ``fsdp``.
         RuntimeError: ``fsdp`` without an initialised process group of several ranks.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    if lambda_fair < 0:
-        raise ValueError(f"lambda_fair must be >= 0, got {lambda_fair}")
+    if not (lambda_fair >= 0 and math.isfinite(lambda_fair)):  # NaN / inf would make every loss NaN / inf
+        raise ValueError(f"lambda_fair must be a finite number >= 0, got {lambda_fair}")
     if mqd.has_fsdp(model):
         raise ValueError("fq_qat got a model already sharded with fully_shard: the fake-quant parametrizations "
                          "must be attached before sharding. Pass the plain model with fsdp=True (or fsdp=mesh); "
