@@ -115,12 +115,17 @@ def train_steps(
     Raises:
         ValueError: ``epochs < 1``, ``grad_accum < 1``, ``max_steps < 0``, ``epochs=None`` without ``max_steps``, or
             ``grad_clip`` not > 0 (0 would zero every gradient, a negative value flip it, NaN make it NaN).
-        TypeError: ``grad_clip`` a bool or not a real number; ``grad_accum > 1`` and records that cannot be averaged
+        TypeError: ``epochs``, ``max_steps`` or ``grad_accum`` not an int (a bool or a float included); ``grad_clip`` a
+            bool or not a real number; ``grad_accum > 1`` and records that cannot be averaged
             (raised before that step's ``optimizer.step()``).
         FloatingPointError: an objective of the step is NaN or infinite on this rank or another rank of ``group``
             (raised before that step's ``optimizer.step()``; the records of the finished steps are lost with the
             exception, the parameters keep their values after the last finished step).
     """
+    for name, v in (("epochs", epochs), ("max_steps", max_steps), ("grad_accum", grad_accum)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):  # 1.5 epochs ran 2
+            raise TypeError(f"{name} must be an int{'' if name == 'grad_accum' else ' or None'}, got "
+                            f"{type(v).__name__} {v!r}")
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if epochs is None and max_steps is None:

@@ -86,3 +86,27 @@ def test_the_qlora_and_distiller_loops_refuse_a_negative_clip_before_training():
     with pytest.raises(ValueError, match="grad_clip"):
         train_loop(model, data, max_grad_norm=-1.0, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def _count_batches_read(**kw):
+    _model, batches, loss_fn, params, opt = _setup()
+    seen = []
+
+    def counting(batch):
+        seen.append(batch)
+        return loss_fn(batch)
+
+    train_steps(counting, batches, opt, params, progress=False, **kw)
+    return len(seen)
+
+
+def test_whole_numbers_of_epochs_read_that_many_passes():
+    assert _count_batches_read(epochs=2) == 6  # the reference: 2 passes over 3 batches
+
+
+@pytest.mark.parametrize("kw", [{"epochs": 1.5}, {"epochs": True}, {"max_steps": 2.5}, {"grad_accum": 2.0},
+                                {"grad_accum": True}, {"epochs": None, "max_steps": 4.0}])
+def test_a_float_or_bool_count_is_refused_before_any_batch_is_read(kw):
+    name = next(k for k, v in kw.items() if v is not None)
+    with pytest.raises(TypeError, match=name):
+        _count_batches_read(**kw)
