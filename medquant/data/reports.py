@@ -126,14 +126,15 @@ def _parse(xml_bytes: bytes, source: str) -> Report:
 
 
 def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = None,
-                    require: tuple[str, ...] = ()) -> list[Report]:
+                    require: tuple[str, ...] | str = ()) -> list[Report]:
     """Read the IU reports, sorted by numeric id.
 
     Args:
         path: the ``NLMCXR_reports.tgz`` file or a folder holding the XML files (searched recursively; ``~`` is
             expanded; each report id must occur once); default :func:`default_reports_path`.
         split: keep only ``"train"``, ``"dev"`` or ``"test"`` reports; ``None`` keeps all.
-        require: section names (``"findings"``, ``"impression"``...) that must be non-empty.
+        require: section names (``"findings"``, ``"impression"``...) that must be non-empty; one name may be given
+            as a string.
 
     Returns:
         The :class:`Report` list (3,955 reports in the full archive before filtering), sorted by numeric id.
@@ -148,6 +149,8 @@ def load_iu_reports(path: str | os.PathLike | None = None, split: str | None = N
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     fields = ("comparison", "indication", "findings", "impression")
+    if isinstance(require, str):  # one name, not its characters
+        require = (require,)
     bad = [r for r in require if r not in fields]
     if bad:
         raise ValueError(f"require: unknown section(s) {bad}; accepted: {fields}")
