@@ -23,6 +23,7 @@ from torch import nn
 
 from ..models.runner import eval_mode
 from ..quant.api import quantizable_modules, resolve_configs
+from ..quant.experts import moe_routers
 from .batches import GroupsFn, LossFn, batch_losses
 
 METRICS = ("grape", "gradient")
@@ -58,8 +59,10 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None,
 
     The modules are the ``nn.Linear`` / ``nn.Conv2d`` ones ``quantize_`` quantizes (torch.nn's own classes, not
     inside ``nn.MultiheadAttention``); MoE experts modules with 3-D weights, which ``quantize_`` also quantizes,
-    are left out (they have no ``weight`` of one layer; the allocation leaves them in floating point). ``layers``
-    / ``skip`` are ``quantize_`` patterns.
+    are left out (they have no ``weight`` of one layer; the allocation leaves them in floating point), and so are
+    MoE routers (:func:`medquant.quant.moe_routers`), which ``quantize_`` keeps in floating point unless one is
+    named exactly: here, unless its exact name is one of ``layers``. ``layers`` / ``skip`` are ``quantize_``
+    patterns.
 
     Args:
         model: the model.
@@ -72,7 +75,9 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None,
     Raises:
         ValueError: no such layer is left.
     """
-    all_q = {n: m for n, m in quantizable_modules(model).items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    routers = set(moe_routers(model)) - set(layers or ())  # float by default, as quantize_ keeps them
+    all_q = {n: m for n, m in quantizable_modules(model).items()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in routers}
     if layers is not None or skip:
         plan = resolve_configs(model, {p: 8 for p in layers} if layers is not None else 8, skip=skip)
         all_q = {n: m for n, m in all_q.items() if n in plan}

@@ -146,3 +146,40 @@ def test_layers_outside_the_forward_pass_give_an_error_that_says_so():
         FairQuantAllocator(progress=False).fit(tiny_mlp(), grouped_batches(),
                                                loss_fn=lambda m, b: torch.nn.functional.cross_entropy(
                                                    m(b[0]), b[1], reduction="none").detach())
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gemma4"])
+def test_moe_routers_stay_float_as_quantize_keeps_them(arch):
+    """quantize_ keeps MoE routers (gate / router / shared_expert_gate Linear layers) in floating point unless named
+    exactly; the allocation gave them bits and to_quant_map named them exactly, which opted them in."""
+    import copy
+    import warnings
+
+    from torch import nn
+
+    from medquant import QuantConfig, quantize_
+    from medquant.quant import QuantLinear
+    from medquant.testing.zoo_moe import build_moe, moe_inputs
+
+    model = build_moe(arch)
+    batch = moe_inputs(batch=4, seed=0)
+    batch["groups"] = torch.tensor([0, 1, 0, 1])
+
+    def loss_fn(m, b):
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits[:, -1].float(), b["input_ids"][:, 0], reduction="none")
+
+    alloc = FairQuantAllocator(target_bits=4.0, progress=False).fit(model, [batch], loss_fn=loss_fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = quantize_(copy.deepcopy(model), QuantConfig(4))  # quantize_'s own default plan
+    float_modules = dict(model.named_modules())
+    want = [n for n, m in ref.named_modules() if isinstance(m, QuantLinear)
+            and isinstance(float_modules.get(n), nn.Linear)]  # not the QuantLinear inside QuantExperts
+    assert list(alloc.bit_map()) == want
+    routers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in want]
+    assert routers  # the model has Linear routers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alloc.apply(model)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in routers)
