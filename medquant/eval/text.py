@@ -209,7 +209,8 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
         hyps: the generated texts.
         refs: the reference texts, one per hypothesis.
         model_path: local Hugging Face encoder folder; default :func:`minilm_path`.
-        num_layers: which hidden layer to use; default the encoder's last layer.
+        num_layers: which hidden layer to use; default the encoder's last layer (its config's
+            ``num_hidden_layers``, under whatever name the config stores it, e.g. DistilBERT's ``n_layers``).
         batch_size: texts per encoder batch (the distinct hypotheses and references are encoded together).
         per_pair: return the list of per-pair F1 instead of the mean.
 
@@ -217,15 +218,19 @@ def bertscore_f1(hyps: list[str], refs: list[str], model_path: str | os.PathLike
         The mean F1, or the per-pair list with ``per_pair=True`` (each in [0, 1]).
 
     Raises:
-        ValueError: the lists differ in length or are empty (raised by the pair check).
+        ValueError: the lists differ in length or are empty (raised by the pair check), or ``num_layers`` is None
+            and the encoder's config has no number of hidden layers.
         TypeError: an entry is not a string, or ``hyps`` / ``refs`` is a single string, not a list of them.
     """
     hyps, refs = _check_pairs(hyps, refs)
     path = str(model_path or minilm_path())
-    if num_layers is None:
-        import json
+    if num_layers is None:  # the config's own name for its depth (DistilBERT's n_layers too: attribute_map)
+        from transformers import AutoConfig
 
-        num_layers = int(json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"])
+        depth = getattr(AutoConfig.from_pretrained(path), "num_hidden_layers", None)
+        if not isinstance(depth, int):
+            raise ValueError(f"{path}: the encoder's config names no number of hidden layers; pass num_layers=")
+        num_layers = depth
     key = (path, num_layers)
     scorer = _SCORERS.get(key)
     if scorer is None:
