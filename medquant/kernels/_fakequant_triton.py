@@ -1,8 +1,9 @@
 """Triton kernels for fused quantize-dequantize (fake quantization). Imported lazily (imports Triton).
 
 Both kernels work in float32 and match the torch references in :mod:`medquant.kernels.reference` bit for bit:
-the divisions are IEEE (Triton's ``/`` on fp32), and ``round`` is half-to-even written with ``floor`` because
-``libdevice.rint`` is not available under the interpreter::
+the divisions are IEEE round-to-nearest (``tl.div_rn``: Triton's ``/`` on fp32 is PTX ``div.full.f32`` on NVIDIA
+GPUs, up to 2 ulp off, which would move values at a rounding tie and change a row's scale), and ``round`` is
+half-to-even written with ``floor`` because ``libdevice.rint`` is not available under the interpreter::
 
     r = floor(v); d = v - r                       # exact in fp32
     odd = r - 2 * floor(r / 2) != 0
@@ -59,7 +60,7 @@ def _fq_rows_kernel(
             amax = tl.maximum(amax, tl.abs(xv))
             nan = nan | (xv != xv).to(tl.int32)  # noqa: PLR0124 (x != x: a NaN)
         qmax = ((1 << (bq - 1)) - 1).to(tl.float32)
-        s = tl.maximum(tl.max(amax, axis=0) / qmax, eps)
+        s = tl.maximum(tl.div_rn(tl.max(amax, axis=0), qmax), eps)
         s = tl.where(tl.max(nan, axis=0) > 0, float("nan"), s)  # a NaN in the row: its range (and row) is NaN
         lo = -qmax
     else:
@@ -73,9 +74,9 @@ def _fq_rows_kernel(
             nan = nan | (xv != xv).to(tl.int32)  # noqa: PLR0124 (x != x: a NaN)
         qmax = ((1 << bq) - 1).to(tl.float32)
         lo_v = tl.min(mn, axis=0)
-        s = tl.maximum((tl.max(mx, axis=0) - lo_v) / qmax, eps)
+        s = tl.maximum(tl.div_rn(tl.max(mx, axis=0) - lo_v, qmax), eps)
         s = tl.where(tl.max(nan, axis=0) > 0, float("nan"), s)  # a NaN in the row: its range (and row) is NaN
-        z = _clamp(_round_half_even(-lo_v / s), 0.0, qmax)
+        z = _clamp(_round_half_even(tl.div_rn(-lo_v, s)), 0.0, qmax)
         lo = 0.0
     # ---- pass 2: quantize-dequantize
     for c0 in range(0, C, BLOCK_C):
@@ -83,10 +84,10 @@ def _fq_rows_kernel(
         xin = tl.load(x_row + c0 + offs, mask=cm, other=0.0)
         xv = xin.to(tl.float32)
         if SYMMETRIC:
-            r = _round_half_even(xv / s)
+            r = _round_half_even(tl.div_rn(xv, s))
             out = (_clamp(r, lo, qmax) + 0.0) * s  # + 0.0: a -0 code dequantizes to +0
         else:
-            r = _round_half_even(xv / s) + z
+            r = _round_half_even(tl.div_rn(xv, s)) + z
             out = (_clamp(r, lo, qmax) - z) * s
         out = out.to(y_ptr.dtype.element_ty)
         out = tl.where(passthrough, xin, out)
@@ -113,7 +114,7 @@ def _fq_static_kernel(
     xv = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk, mask=m, other=0.0)
     xv = xv.to(tl.float32)
     s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=m, other=1.0).to(tl.float32)
-    r = _round_half_even(xv / s)
+    r = _round_half_even(tl.div_rn(xv, s))
     if SYMMETRIC:
         if BITS == 1:
             out = tl.where(xv >= 0, s, -s)
