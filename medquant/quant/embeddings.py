@@ -98,7 +98,8 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
             ``QuantConfig(bits=8, scope="channel")`` (8-bit rows, one scale per row).
         names: module names of the embeddings to quantize; default the model's input embedding
             (``get_input_embeddings()`` for Hugging Face models), else every ``nn.Embedding``.
-        tie: share the packed tensors with tied heads (default). ``False`` leaves heads as they are.
+        tie: share the packed tensors with tied heads (default). ``False`` leaves heads as they are. A tied
+            head with a bias stays in floating point on the float table, with a ``RuntimeWarning``.
 
     A table used under several names (one ``nn.Embedding`` bound under several, or plain ``nn.Embedding`` modules
     holding its very ``weight`` with the same lookup settings, as T5's encoder and decoder embeddings under
@@ -150,7 +151,11 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
         if not tie:
             continue
         for hname, head in heads:  # float heads tied to the float table: a QuantLinear on the same tensors
-            if head.bias is not None:
+            if head.bias is not None:  # a tied QuantLinear shares the table's tensors and has no bias
+                warnings.warn(f"quantize_embeddings_: the head {hname!r} tied to {name!r} has a bias, which a head "
+                              "sharing the table's packed tensors does not carry; it stays in floating point on "
+                              "the float table (stored a second time, beside the packed one)", RuntimeWarning,
+                              stacklevel=2)
                 continue
             q = QuantLinear(head.in_features, head.out_features, False, emb.config, device=head.weight.device,
                             dtype=head.weight.dtype, layout=emb.layout_version)
