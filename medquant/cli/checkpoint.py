@@ -1,8 +1,9 @@
 """``medquant upgrade PATH`` and ``medquant verify PATH``: bring a checkpoint into today's form, or check it.
 
-``upgrade`` rewrites a folder saved before checkpoints had a manifest (by :func:`medquant.save` or
-:func:`medquant.hf.save_pretrained`) with ``medquant.manifest.json``, behind the crash-safe folder switch, after
-verifying what it can (the weights' SHA-256, every recipe against the tensors); ``verify`` runs every check of a
+``upgrade`` checks that every PATH is a folder before it rewrites any, then rewrites each folder saved before
+checkpoints had a manifest (by :func:`medquant.save` or :func:`medquant.hf.save_pretrained`) with
+``medquant.manifest.json``, behind the crash-safe folder switch, after verifying what it can (the weights' SHA-256,
+every recipe against the tensors); ``verify`` runs every check of a
 load (the manifest, the schema, every recipe against the safetensors header) without building the model.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ def _existing_folder(path: str) -> Path:
 def _upgrade(args) -> int:
     from ..io import upgrade
 
-    for path in args.paths:
-        upgrade(_existing_folder(path))
+    folders = [_existing_folder(path) for path in args.paths]  # every PATH checked before any folder is rewritten
+    for path, folder in zip(args.paths, folders):
+        upgrade(folder)
         print(f"{path}: upgraded (manifest written and verified)")
     return 0
 
