@@ -7,9 +7,11 @@ backward pass (``torch.autograd.grad``) gives ``dL_g/dw`` for every weight ``w``
 * ``grape``:    ``I_g[w] += (dL_g/dw * w) ** 2``  (first-order Taylor importance, elementwise)
 * ``gradient``: ``I_g[w] += |dL_g/dw|``
 
-The terms are computed in float32 (float64 for a float64 model) whatever the weights' dtype, so the square of a
-float16 model's ``dL_g/dw * w`` is not flushed to zero. The result keeps one full map per group and layer
-(memory: groups x quantizable weights, float32).
+``w`` is the weight the forward pass uses (for a weight under ``torch.nn.utils.parametrize`` - weight_norm,
+fake quantization - the computed weight, the one ``quantize_`` quantizes). The terms are computed in float32
+(float64 for a float64 model) whatever the weights' dtype, so the square of a float16 model's ``dL_g/dw * w`` is
+not flushed to zero. The result keeps one full map per group and layer (memory: groups x quantizable weights,
+float32).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..models.runner import eval_mode
 from ..quant.api import quantizable_modules, resolve_configs
@@ -141,7 +144,10 @@ def compute_group_importance(
         raise ValueError(f"min_groups must be 1 (a partial, per-process sum) or 2 (default), got {min_groups!r}")
     targets = quantizable_layers(model, layers, skip)
     names = list(targets)
-    weights = [targets[n].weight for n in names]
+    weights = [targets[n].weight for n in names]  # shapes and dtypes; a parametrized one is recomputed per batch
+    # weight_norm, spectral_norm, fake quantization...: module.weight is computed from other parameters at every
+    # access, so the tensor the forward uses is taken inside parametrize.cached() (below), once per batch
+    param = [parametrize.is_parametrized(targets[n], "weight") for n in names]
     allowed = None if expected_groups is None else {int(g) for g in expected_groups}
 
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -157,10 +163,18 @@ def compute_group_importance(
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
-            for w in weights:
-                w.requires_grad_(True)
+            for w, par in zip(weights, param):
+                if not par:
+                    w.requires_grad_(True)
             for batch in it:
-                losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
+                with parametrize.cached():
+                    # the weights this batch's forward uses: a parametrized one is computed (from its frozen
+                    # parameters, so a leaf tensor) once here and reused by the forward from the cache
+                    weights = [targets[n].weight if par else w for n, w, par in zip(names, weights, param)]
+                    for w, par in zip(weights, param):
+                        if par and not w.requires_grad:
+                            w.requires_grad_(True)
+                    losses, groups = batch_losses(model, batch, loss_fn, groups_fn)
                 present = torch.unique(groups).tolist()
                 if allowed is not None:
                     extra = sorted(set(present) - allowed)

@@ -183,3 +183,37 @@ def test_moe_routers_stay_float_as_quantize_keeps_them(arch):
         warnings.simplefilter("ignore")
         alloc.apply(model)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in routers)
+
+
+@pytest.mark.parametrize("metric", ["grape", "gradient"])
+def test_importance_of_a_parametrized_weight_is_that_of_the_weight_the_forward_uses(metric):
+    """A weight under torch.nn.utils.parametrize (weight_norm, spectral_norm, FQ-QAT's fake quantization) is
+    recomputed at every access: the gradient went to a copy the forward never used, and the layer's importance was
+    silently 0 (its channels took the lowest bits). Reference: plain torch on a copy with the parametrization
+    removed (the weight kept), which is the weight quantize_ quantizes."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from medquant.fairquant import compute_group_importance
+
+    model = tiny_mlp()
+    weight_norm(model.fc1)
+    batches = grouped_batches(n_batches=2)
+    imp = compute_group_importance(model, batches, metric=metric, progress=False)
+    assert parametrize.is_parametrized(model.fc1)  # left as it was
+    plain = copy.deepcopy(model)
+    parametrize.remove_parametrizations(plain.fc1, "weight", leave_parametrized=True)
+    ws = [plain.fc1.weight, plain.fc2.weight]
+    for g in (0, 1):
+        ref = [torch.zeros(w.shape) for w in ws]
+        for x, y, grp in batches:
+            sel = grp == g
+            grads = torch.autograd.grad(F.cross_entropy(plain(x[sel]), y[sel]), ws)
+            for r, w, gr in zip(ref, ws, grads):
+                r += ((gr * w).pow(2) if metric == "grape" else gr.abs()).detach()
+        for name, r in zip(("fc1", "fc2"), ref):
+            assert bool((r > 0).any())
+            torch.testing.assert_close(imp.maps[g][name], r, rtol=1e-5, atol=1e-12)
