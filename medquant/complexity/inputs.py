@@ -171,22 +171,33 @@ def _array_to_bchw(arr, channel_last: bool) -> torch.Tensor:
     raise ValueError(f"images must have 2, 3 or 4 dimensions, got shape {shape}; {_ACCEPTED}")
 
 
+def _first_bad(t: torch.Tensor, bad: torch.Tensor) -> tuple[int, str]:
+    """The index of the first image flagged in ``bad`` (B,) and how a message names it in the batch ``t``:
+    ``" (batch index k)"``, or ``""`` for a batch of one image."""
+    k = int(bad.nonzero()[0, 0])
+    return k, (f" (batch index {k})" if t.shape[0] > 1 else "")
+
+
 def _to_unit(t: torch.Tensor, bits_stored: int | None, what: str,
              container: tuple[str, int] | None = None) -> tuple[torch.Tensor, bool]:
     """Map intensities to [0, 1]. Returns (float tensor, is_uint8).
 
     ``container`` is the (name, width) of the integer container the image came in (``t`` may have been widened
-    for torch, e.g. uint16 -> int32); default: ``t``'s own dtype.
+    for torch, e.g. uint16 -> int32); default: ``t``'s own dtype. A refused batch is named by its first bad
+    image (its index in the batch, and its own range).
     """
     if t.dtype == torch.uint8 and (bits_stored is None or bits_stored >= 8):
         return t, True  # an 8-bit container cannot hold more than 8 bits
     if t.dtype.is_floating_point:  # bits_stored does not apply: floats are already in [0, 1]
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{what} contains NaN or inf values; clean or mask them first")
+            _, at = _first_bad(t, ~torch.isfinite(t).flatten(1).all(dim=1))
+            raise ValueError(f"{what}{at} contains NaN or inf values; clean or mask them first")
         lo, hi = float(t.min()), float(t.max())
         if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"float {what} must lie in [0, 1] (got min {lo:.6g}, max {hi:.6g}); scale it, or pass "
-                             "the integer image with bits_stored")
+            los, his = t.flatten(1).amin(dim=1), t.flatten(1).amax(dim=1)
+            k, at = _first_bad(t, (los < 0.0) | (his > 1.0))
+            raise ValueError(f"float {what}{at} must lie in [0, 1] (got min {float(los[k]):.6g}, max "
+                             f"{float(his[k]):.6g}); scale it, or pass the integer image with bits_stored")
         return t.to(torch.float64), False
     if t.dtype.is_complex:
         raise TypeError(f"complex {what} is not supported")
@@ -208,9 +219,12 @@ def _to_unit(t: torch.Tensor, bits_stored: int | None, what: str,
         t = t.to(torch.float64)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi > top:
+        los, his = t.flatten(1).amin(dim=1), t.flatten(1).amax(dim=1)
+        k, at = _first_bad(t, (los < 0) | (his > top))
+        lo, hi = int(los[k]), int(his[k])
         hint = ("; integer images must be non-negative" if lo < 0 else
                 f"; declare the bit depth the data has (bits_stored >= {hi.bit_length()})")
-        raise ValueError(f"{what} values span [{lo}, {hi}], outside [0, {top}] for bits_stored={bits}{hint}")
+        raise ValueError(f"{what}{at} values span [{lo}, {hi}], outside [0, {top}] for bits_stored={bits}{hint}")
     return t.to(torch.float64) / top, False
 
 

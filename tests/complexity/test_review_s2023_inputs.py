@@ -62,3 +62,27 @@ def test_a_dicom_dataset_without_pixel_data_gets_the_dicom_message_not_unsupport
         with pytest.raises(ValueError) as scorer:
             ComplexityScorer().metrics([ds])
         assert str(lib.value) in str(scorer.value)
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_a_bad_image_of_a_batch_is_named_by_its_index(as_list):
+    """'Bad inputs raise a ValueError or TypeError that names the image' (docs/reference/complexity.md): for a
+    batch (B, H, W) the message said only 'input contains NaN' / 'values span ...' for the whole batch, not which of
+    its B images is bad; the reported range is the bad image's own."""
+    import torch
+
+    rng = np.random.default_rng(4)
+    floats = rng.random((6, 16, 16))
+    floats[4, 2, 3] = np.nan
+    too_big = rng.random((6, 16, 16))
+    too_big[3] *= 1.5  # only image 3 leaves [0, 1]
+    twelve = rng.integers(0, 4096, (6, 16, 16)).astype(np.uint16)
+    twelve[5, 0, 0] = 5000  # only image 5 exceeds 12 bits
+    cases = [(floats, None, 4, "NaN"), (too_big, None, 3, f"max {too_big[3].max():.6g}"),
+             (torch.from_numpy(twelve.astype(np.int32)), 12, 5, f"[{twelve[5].min()}, 5000]")]
+    for batch, bits, index, detail in cases:
+        with pytest.raises(ValueError) as e:
+            ComplexityScorer().metrics([batch] if as_list else batch, bits_stored=bits)
+        msg = str(e.value)
+        assert f"batch index {index}" in msg and detail in msg, msg
+        assert ("image 0" in msg) == as_list, msg
