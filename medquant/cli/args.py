@@ -187,10 +187,11 @@ def existing_file(text: str) -> str:
 
 
 def utf8_text(path: str, flag: str) -> str:
-    """The text of the file ``path`` given to the option ``flag``, read as UTF-8; another encoding is a one-line
-    ``SystemExit`` naming the option, the file and the first byte that is not UTF-8."""
+    """The text of the file ``path`` given to the option ``flag``, read as UTF-8 (a leading byte order mark, as
+    Windows editors write, is not part of the text); another encoding is a one-line ``SystemExit`` naming the
+    option, the file and the first byte that is not UTF-8."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SystemExit(f"{flag}: {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                          f"{exc.start}): save it as UTF-8") from None
