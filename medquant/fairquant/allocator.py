@@ -381,7 +381,10 @@ class FairQuantAllocator:
 
         Raises:
             ValueError: a version other than 1 (no ``"version"``) and ``STATE_VERSION``, a version-2 state that
-                lacks one of its settings, or a setting the constructor refuses.
+                lacks one of its settings, a setting the constructor refuses, or an allocation that does not fit
+                the state (``bit_map`` and ``weight_shape`` naming different layers, a layer whose number of
+                bit-widths is not its number of output channels - one with ``scope="tensor"`` - or a bit-width
+                outside the palette).
         """
         version = st.get("version", 1)
         if isinstance(version, bool) or version not in (1, STATE_VERSION):
@@ -397,8 +400,23 @@ class FairQuantAllocator:
             saved = {k: st[k] for k in _V1_SETTINGS}
         a = cls(st["bits"], st["proportions"], target_bits=st["target_bits"], metric=st["metric"],
                 reducer=st["reducer"], scope=st["scope"], cvar_alpha=st["cvar_alpha"], progress=False, **saved)
-        a.bit_map_ = {k: tuple(v) for k, v in st["bit_map"].items()}
-        a.weight_shape_ = {k: tuple(v) for k, v in st["weight_shape"].items()}
+        bit_map = {k: tuple(v) for k, v in st["bit_map"].items()}
+        weight_shape = {k: tuple(v) for k, v in st["weight_shape"].items()}
+        if set(bit_map) != set(weight_shape):
+            raise ValueError(f"the state's bit_map and weight_shape name different layers: "
+                             f"{sorted(set(bit_map) ^ set(weight_shape))} are in one only")
+        for k, bs in bit_map.items():
+            rows = weight_shape[k][0] if a.scope == "channel" and weight_shape[k] else 1
+            if len(bs) != rows:
+                raise ValueError(f"layer {k!r}: the state's bit_map has {len(bs)} bit-width(s) for a weight of shape "
+                                 f"{list(weight_shape[k])}; scope={a.scope!r} needs {rows} (one per "
+                                 f"{'output channel' if a.scope == 'channel' else 'tensor'})")
+            off = [b for b in bs if isinstance(b, bool) or b not in a.bits]
+            if off:
+                raise ValueError(f"layer {k!r}: the state's bit_map holds bit-width(s) {sorted(set(off))} outside "
+                                 f"its palette {list(a.bits)}")
+        a.bit_map_ = bit_map
+        a.weight_shape_ = weight_shape
         a.scope_size_ = {k: (int(torch.Size(v[1:]).numel()) if a.scope == "channel" else int(torch.Size(v).numel()))
                          for k, v in a.weight_shape_.items()}
         a.average_bits_ = bit_map_average_bits(a.bit_map_, a.scope_size_)

@@ -217,3 +217,33 @@ def test_importance_of_a_parametrized_weight_is_that_of_the_weight_the_forward_u
         for name, r in zip(("fc1", "fc2"), ref):
             assert bool((r > 0).any())
             torch.testing.assert_close(imp.maps[g][name], r, rtol=1e-5, atol=1e-12)
+
+
+def _edited_states():
+    import copy
+    import json
+
+    alloc = FairQuantAllocator(progress=False).fit(tiny_mlp(), grouped_batches())
+    st = json.loads(json.dumps(alloc.state()))  # as medquant.save / load_extras store it
+    out = []
+    s = copy.deepcopy(st)
+    s["bit_map"]["fc1"][0] = 3  # not a palette width
+    out.append((s, r"'fc1'.*3.*palette"))
+    s = copy.deepcopy(st)
+    s["bit_map"]["fc1"] = s["bit_map"]["fc1"][:5]  # 5 bit-widths for 8 output channels
+    out.append((s, r"'fc1'.*5.*8"))
+    s = copy.deepcopy(st)
+    del s["weight_shape"]["fc2"]
+    out.append((s, r"'fc2'"))
+    return st, alloc, out
+
+
+def test_from_state_refuses_an_allocation_that_does_not_fit_its_palette_or_shapes():
+    """from_state took bits outside the palette and a bit map with fewer entries than output channels (reporting
+    a wrong average_bits; apply failed later or quantized at a width the allocator never gives)."""
+    st, alloc, bad = _edited_states()
+    back = FairQuantAllocator.from_state(st)
+    assert back.bit_map() == alloc.bit_map() and back.average_bits_ == alloc.average_bits_
+    for s, msg in bad:
+        with pytest.raises(ValueError, match=rf"(?s){msg}"):
+            FairQuantAllocator.from_state(s)
