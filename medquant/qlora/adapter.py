@@ -547,9 +547,16 @@ class QLoRAAdapter:
 
         Returns:
             The merged model (no gradients, ``use_cache`` on in its config and text config).
+
+        Raises:
+            TypeError: ``dtype`` is not a floating-point ``torch.dtype`` (checked before anything is merged: the
+                adapter is left as it was).
         """
         from peft.tuners.lora import LoraLayer
 
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"merge needs a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16, "
+                            f"torch.float64), got {type(dtype).__name__} {dtype!r}")
         bnb = _bnb()
         uses: dict[int, int] = {}
         for _n, p in self.model.named_parameters(remove_duplicate=False):
