@@ -175,6 +175,16 @@ def run_generate(args) -> int:
     return 0
 
 
+def _check_compile(args, parser) -> None:
+    """``--chunk`` and ``--cache-lengths`` within ``--max-len`` (what :func:`medquant.compile_decoder` takes), checked
+    before the model is loaded."""
+    for flag, values in (("--chunk", args.chunk), ("--cache-lengths", args.cache_lengths)):
+        longer = [v for v in values or () if v > args.max_len]
+        if longer:
+            parser.error(f"{flag} {longer[0]}: longer than --max-len {args.max_len} (the cache positions); give "
+                         f"lengths up to {args.max_len}")
+
+
 def _check_generate(args, parser) -> None:
     if (args.decoder is None) == (args.max_len is None):
         parser.error("give either --decoder DIR (a decoder saved by compile-decoder) or --max-len N (compile one now)")
@@ -207,7 +217,7 @@ def register(sub) -> None:
     p.add_argument("--cache-lengths", type=positive_int, nargs="*", default=None, metavar="N",
                    help="cache lengths to compile for (default 256, 512, ... below --max-len; none: --max-len only)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run_compile)
+    p.set_defaults(func=run_compile, check=lambda args, p=p: _check_compile(args, p))
 
     p = sub.add_parser("generate", help="generate text with a compiled decoder (saved, or compiled now)",
                        description=__doc__.split("\n\n")[0])

@@ -1,0 +1,39 @@
+"""``medquant compile-decoder`` refuses a ``--chunk`` / ``--cache-lengths`` beyond ``--max-len`` before any work: exit
+code 2, one line naming the option (the model is never loaded, nothing is compiled)."""
+from __future__ import annotations
+
+import pytest
+
+import medquant.cli.info
+from medquant.cli import main
+
+
+@pytest.fixture
+def no_loading(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(medquant.cli.info, "load_hf_folder", refuse)
+    (tmp_path / "model").mkdir()
+    return tmp_path
+
+
+def _exit_code_and_error(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--chunk", "16"], "--chunk"),
+    (["--chunk", "4", "32"], "--chunk"),
+    (["--cache-lengths", "16"], "--cache-lengths"),
+])
+def test_compile_decoder_refuses_lengths_beyond_max_len_naming_the_option(no_loading, capsys, extra, flag):
+    code, err = _exit_code_and_error(["compile-decoder", str(no_loading / "model"), str(no_loading / "out"),
+                                      "--max-len", "8", *extra], capsys)
+    line = next(x for x in err.splitlines() if "error:" in x)
+    assert code == 2 and line.startswith("medquant compile-decoder: error: ") and flag in line and "--max-len 8" in line
+    assert not (no_loading / "out").exists()
