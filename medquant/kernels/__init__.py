@@ -81,6 +81,7 @@ from .reference import (
     group_size_arg,
     int_arg,
     packed_linear_reference,
+    row_eps_arg,
     rows_view,
 )
 
@@ -210,21 +211,24 @@ def fake_quantize_rows(
         bits_per_row: one bit-width per row (int tensor or sequence), or one int for all rows.
         symmetric: symmetric grid (zero point 0) instead of the asymmetric one.
         mask_outside: zero the gradient where the code was clamped.
-        eps: lower bound of the scale.
+        eps: lower bound of the scale, a positive finite float32 number (``0 < eps <= 3.4e38``).
         backend: ``"auto"`` or a backend name to force (:func:`backend_names`).
 
     Returns:
         The fake-quantized tensor, shape and dtype of ``x``.
 
     Raises:
-        TypeError: ``x`` is not a supported float tensor, or ``bits_per_row`` not integers.
-        ValueError: a bit-width out of range, a ``bits_per_row`` of the wrong length, or an unknown backend.
+        TypeError: ``x`` is not a supported float tensor, ``bits_per_row`` not integers, or ``eps`` not a real
+            number.
+        ValueError: a bit-width out of range, a ``bits_per_row`` of the wrong length, an ``eps`` that is NaN,
+            infinite, not positive or past float32's range, or an unknown backend.
     """
     check_float(x, "x", ROW_DTYPES)
+    eps = row_eps_arg(eps)  # not float(): True and "1e-8" are refused, NaN / 0 / inf named
     x2 = rows_view(x)
     bits = as_bits_tensor(bits_per_row, x.device, x2.shape[0])
     out, _ = _call(backend, torch.ops.medquant.fake_quantize_rows, x2.contiguous(), bits, bool(symmetric),
-                   float(eps), bool(mask_outside))
+                   eps, bool(mask_outside))
     return out.reshape(x.shape)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import interpreting, need_triton, on_cuda_triton_dtype, register_kernel
-from .reference import PASSTHROUGH_BITS, check_float, check_row_bits, check_static_args
+from .reference import PASSTHROUGH_BITS, check_float, check_row_bits, check_static_args, row_eps_arg
 
 
 def _np2(v: int) -> int:
@@ -29,6 +29,7 @@ def fake_quantize_rows_triton(
     """Kernel launch for a 2-D ``(R, C)`` input; see :func:`medquant.kernels.fake_quantize_rows`."""
     check_float(x2, "x")
     check_row_bits(bits, x2.shape[0], symmetric)
+    eps = row_eps_arg(eps)
     _need_kernel_device(x2)
     from ._fakequant_triton import _fq_rows_kernel
 

@@ -16,6 +16,7 @@ whenever no faster kernel does.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -29,6 +30,7 @@ ROW_DTYPES = FLOAT_DTYPES + (torch.float64,)
 #: rows with at least this many bits are passed through unchanged by :func:`fake_quantize_rows_reference`
 PASSTHROUGH_BITS = 16
 DEFAULT_ROW_EPS = float(torch.finfo(torch.float32).tiny)
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: priority of the reference kernels in the dispatch registry: below every other kernel
 REFERENCE_PRIORITY = -1000
 
@@ -120,6 +122,25 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], math.prod(x.shape[1:])) if x.dim() != 2 else x
 
 
+def row_eps_arg(eps) -> float:
+    """``eps`` of :func:`fake_quantize_rows_reference` as a Python float: a real number (not a bool) with
+    ``0 < eps <= float32 max`` (the scales are float32).
+
+    Raises:
+        TypeError: ``eps`` is not a real number (a bool, a string, None...).
+        ValueError: ``eps`` is NaN, infinite, zero, negative or past float32's range (each gave NaN rows, or
+            backends that disagree, or torch's overflow error).
+    """
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive finite float (the smallest scale of a row), got {eps!r}")
+    v = float(eps)
+    if not (math.isfinite(v) and 0.0 < v <= _FLOAT32_MAX):
+        raise ValueError(f"eps must be a positive finite float32 number (the smallest scale of a row, "
+                         f"0 < eps <= {_FLOAT32_MAX!r}), got {eps!r}; the default is {DEFAULT_ROW_EPS!r}, the "
+                         f"smallest normal float32")
+    return v
+
+
 def check_row_bits(bits_per_row: torch.Tensor, n_rows: int, symmetric: bool) -> None:
     if bits_per_row.dim() != 1 or bits_per_row.numel() != n_rows:
         raise ValueError(f"bits_per_row must hold one entry per row ({n_rows}), got shape "
@@ -207,7 +228,7 @@ def fake_quantize_rows_reference(
         bits_per_row: ``(R,)`` integer bit-widths (or one int for every row): 1..8 asymmetric, 2..8 symmetric,
             ``>= 16`` leaves the row unchanged.
         symmetric: zero point 0 and codes in ``[-q_max, q_max]`` (else an affine grid over ``[lo, hi]``).
-        eps: lower bound of the scale; the default is the smallest normal float32.
+        eps: lower bound of the scale, ``0 < eps <= float32 max``; the default is the smallest normal float32.
         return_mask: also return the straight-through mask.
 
     Returns:
@@ -215,10 +236,12 @@ def fake_quantize_rows_reference(
         same shape when ``return_mask``.
 
     Raises:
-        ValueError: a bit-width outside the accepted range or a ``bits_per_row`` of the wrong length.
-        TypeError: ``x`` is not a supported floating dtype.
+        ValueError: a bit-width outside the accepted range, a ``bits_per_row`` of the wrong length, or an ``eps``
+            that is not a positive finite float32 number.
+        TypeError: ``x`` is not a supported floating dtype, or ``eps`` not a real number.
     """
     check_float(x, "x", ROW_DTYPES)
+    eps = row_eps_arg(eps)
     x2 = rows_view(x)
     bits_per_row = as_bits_tensor(bits_per_row, x.device, x2.shape[0])
     check_row_bits(bits_per_row, x2.shape[0], symmetric)
