@@ -106,7 +106,8 @@ class FairQuantAllocator:
         TypeError: declared groups that are not integer ids (1.7, True, "a", "1"), ``groups`` / ``layers`` /
             ``skip`` given as a single string rather than a list (as :func:`medquant.quantize_` refuses ``skip``),
             a ``max_batches`` that is not an integer (``True``, ``2.5``) or None, or a ``target_bits``,
-            ``tolerance`` or ``cvar_alpha`` that is not a real number (a string such as ``"4"``, a bool, a list).
+            ``tolerance`` or ``cvar_alpha`` that is not a real number (a string such as ``"4"``, a bool, a list),
+            or a ``seed`` that is not an integer or None (``1.5``, ``"3"``).
     """
 
     def __init__(
@@ -169,6 +170,9 @@ class FairQuantAllocator:
         self.groups = None if groups is None else tuple(int(g) for g in groups)
         self.layers = None if layers is None else list(layers)
         self.skip = None if skip is None else list(skip)
+        if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an integer or None (torch.manual_seed before calibration), got "
+                            f"{type(seed).__name__} {seed!r}")
         self.seed = seed
         self.tolerance = _real("tolerance", tolerance)
         if not self.tolerance >= 0:  # NaN too

@@ -247,3 +247,11 @@ def test_from_state_refuses_an_allocation_that_does_not_fit_its_palette_or_shape
     for s, msg in bad:
         with pytest.raises(ValueError, match=rf"(?s){msg}"):
             FairQuantAllocator.from_state(s)
+
+
+@pytest.mark.parametrize("bad", ["abc", "3", 1.5, [1], True])
+def test_a_seed_that_is_not_an_integer_is_refused_when_built(bad):
+    """seed="abc" / [1] failed only in fit with int()'s bare message; "3" and 1.5 were read as 3 and 1 (the state
+    then saved 1 for seed=1.5)."""
+    with pytest.raises(TypeError, match=r"seed must be an integer or None.*got"):
+        FairQuantAllocator(seed=bad)
