@@ -129,6 +129,8 @@ def _numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
         arr = arr.astype(np.int64)
     elif arr.dtype == np.float16:
         arr = arr.astype(np.float32)
+    elif arr.dtype.kind == "f" and arr.dtype not in (np.float32, np.float64):  # np.longdouble: torch has no such type
+        arr = arr.astype(np.float64)
     elif arr.dtype == bool:
         arr = arr.astype(np.float32)  # {0, 1}
     elif arr.dtype.kind not in "uif":

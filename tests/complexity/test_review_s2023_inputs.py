@@ -86,3 +86,12 @@ def test_a_bad_image_of_a_batch_is_named_by_its_index(as_list):
         msg = str(e.value)
         assert f"batch index {index}" in msg and detail in msg, msg
         assert ("image 0" in msg) == as_list, msg
+
+
+def test_long_double_float_images_are_read_like_float64_ones():
+    """np.longdouble arrays are float images in [0, 1] like any other (the module accepts floats); they reached
+    torch.from_numpy, which refused them ("can't convert np.ndarray of type numpy.longdouble")."""
+    rng = np.random.default_rng(5)
+    img = rng.random((20, 24))
+    got = ComplexityScorer().metrics(img.astype(np.longdouble))[0].numpy()
+    np.testing.assert_allclose(got, reference_metrics(img), rtol=0, atol=1e-9)
