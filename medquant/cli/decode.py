@@ -31,6 +31,7 @@ import json
 import time
 
 from .args import existing_folder, new_or_empty_folder, positive_int
+from .demo import seed_value
 
 
 def _load(folder: str, trust_remote_code: bool):
@@ -240,6 +241,6 @@ def register(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="> 1 makes tokens already in the text less likely (greedy and sampling; e.g. 1.2; "
                         "default: the generation config's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the sampling (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_generate, check=lambda args: _check_generate(args, p))

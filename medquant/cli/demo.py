@@ -22,6 +22,19 @@ SCHEMES = [("int8 per-channel", 8, "channel"), ("int4 group-32", 4, "group"), ("
            ("int2 group-32", 2, "group")]
 
 
+def seed_value(text: str) -> int:
+    """A ``--seed``: an integer torch can seed a generator with, ``-2**63 <= seed < 2**64`` (``argparse`` type)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64) (what torch seeds with), got {text}")
+    return value
+
+
 def _default_data_dir() -> Path:
     """``$MEDQUANT_DATA_DIR``, else ``../shared/data`` relative to the working directory (a source checkout next
     to the data); ``run`` falls back to a synthetic task when PneumoniaMNIST is not there."""
@@ -348,7 +361,7 @@ def register(sub) -> None:
                    help="load the PneumoniaMNIST splits without the split-leakage check (images byte-identical "
                         "across splits are otherwise reported as a warning)")
     p.add_argument("--epochs", type=positive_int, default=6, help="training epochs of the float model (default 6)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--save", default=None, help="directory to save the int4 model to")
     p.add_argument("--json", default=None, help="write the table (and the training history) as JSON to this file "

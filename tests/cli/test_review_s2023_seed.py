@@ -1,0 +1,51 @@
+"""``medquant generate`` / ``demo`` refuse a ``--seed`` torch cannot seed with before any work: exit code 2, one line
+naming the option (the model is never loaded, nothing is compiled or trained)."""
+from __future__ import annotations
+
+import pytest
+
+import medquant.cli.info
+from medquant.cli import main
+
+
+@pytest.fixture
+def no_loading(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(medquant.cli.info, "load_hf_folder", refuse)
+    (tmp_path / "model").mkdir()
+    return tmp_path
+
+
+def _exit_code_and_error(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1)])
+@pytest.mark.parametrize("command", ["generate", "demo"])
+def test_a_seed_torch_cannot_take_is_refused_naming_seed(no_loading, capsys, monkeypatch, seed, command):
+    import torch
+
+    with pytest.raises((ValueError, RuntimeError)):  # the reference: torch's own seeding refuses it
+        torch.Generator().manual_seed(int(seed))
+    import medquant.cli.demo
+
+    monkeypatch.setattr(medquant.cli.demo, "_train", lambda *a, **k: pytest.fail("trained before the check"))
+    argv = (["generate", str(no_loading / "model"), "--max-len", "8", "--prompt", "x", f"--seed={seed}"]
+            if command == "generate" else ["demo", "--plot", "", "--epochs", "1", f"--seed={seed}"])
+    code, err = _exit_code_and_error(argv, capsys)
+    assert code == 2 and "--seed" in err
+
+
+@pytest.mark.parametrize("seed", [str(2**64 - 1), str(-2**63), "0"])
+def test_seeds_torch_takes_are_accepted(seed):
+    from medquant.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", f"--seed={seed}"]).seed == int(seed)
+    assert parser.parse_args(["generate", ".", "--max-len", "8", "--prompt", "x", f"--seed={seed}"]).seed == int(seed)
