@@ -219,7 +219,20 @@ class FairQuantAllocator:
         Returns:
             ``self``, fitted. On an error (maps the reducer refuses, a budget the allocation cannot meet) the
             allocator is left as it was: unfitted, or with its previous allocation and importance whole.
+
+        Raises:
+            ValueError: declared ``groups`` that differ from the groups of ``importance`` (a declared group without
+                maps, or maps of an undeclared group: what :meth:`fit` refuses in the calibration data), maps the
+                reducer refuses, or a budget the allocation cannot meet within ``tolerance``.
         """
+        if self.groups is not None:  # as fit checks the calibration data (compute_group_importance)
+            seen, declared = set(importance.maps), set(self.groups)
+            if seen - declared:
+                raise ValueError(f"the importance has group ids {sorted(seen - declared)} outside the declared groups "
+                                 f"{sorted(declared)}")
+            if declared - seen:
+                raise ValueError(f"group(s) {sorted(declared - seen)} have no samples (no importance maps); every "
+                                 f"declared group needs samples (declared: {sorted(declared)}, seen: {sorted(seen)})")
         reduced = reduce_groups(importance.maps, self.reducer, self.cvar_alpha)
         self.fit_reduced(reduced)  # sets every fitted attribute only when the allocation succeeded
         self.importance_ = importance

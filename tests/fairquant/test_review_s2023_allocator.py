@@ -255,3 +255,20 @@ def test_a_seed_that_is_not_an_integer_is_refused_when_built(bad):
     then saved 1 for seed=1.5)."""
     with pytest.raises(TypeError, match=r"seed must be an integer or None.*got"):
         FairQuantAllocator(seed=bad)
+
+
+def test_fit_importance_checks_the_declared_groups_as_fit_does():
+    """groups=[0, 1, 2] made fit raise for data without group 2 (or with a group 3), while fit_importance of the
+    same data's importance allocated silently without it."""
+    from medquant.fairquant import compute_group_importance
+
+    model, batches = tiny_mlp(), grouped_batches(n_groups=2)
+    imp = compute_group_importance(model, batches, progress=False)
+    with pytest.raises(ValueError, match=r"(?s)\[2\].*no samples"):
+        FairQuantAllocator(groups=[0, 1, 2], progress=False).fit(model, batches)
+    with pytest.raises(ValueError, match=r"(?s)\[2\].*no samples"):
+        FairQuantAllocator(groups=[0, 1, 2], progress=False).fit_importance(imp)
+    with pytest.raises(ValueError, match=r"(?s)\[1\].*outside the declared groups"):
+        FairQuantAllocator(groups=[0, 2], progress=False).fit_importance(imp)
+    got = FairQuantAllocator(groups=[1, 0], progress=False).fit_importance(imp)
+    assert got.bit_map() == FairQuantAllocator(progress=False).fit_importance(imp).bit_map()
