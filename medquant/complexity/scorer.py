@@ -258,8 +258,8 @@ class ComplexityScorer(nn.Module):
             as_dict: return ``name -> (N,)`` instead of one tensor.
 
         Returns:
-            A float64 tensor ``(N, 5)`` in :data:`METRIC_NAMES` order (an empty input gives ``(0, 5)``), or
-            the dict.
+            A float64 tensor ``(N, 5)`` in :data:`METRIC_NAMES` order (an empty list gives ``(0, 5)``; an
+            array or tensor batch of 0 images is refused with a ``ValueError``), or the dict.
         """
         bits = bits_stored if bits_stored is not None else self.bits_stored
         n, groups = prepare(images, bits_stored=bits, device=self.device)
