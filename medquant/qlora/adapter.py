@@ -334,6 +334,13 @@ class QLoRAAdapter:
         # is_trainable) is kept
         self.model.train(was_training and self.model.training)
         _set_use_cache(model, False)
+        self._merged = False  # merge() folds the adapters into the base and unloads them: nothing is left to use
+
+    def _check_not_merged(self, what: str) -> None:
+        if getattr(self, "_merged", False):
+            raise RuntimeError(f"{what}: this QLoRAAdapter was merged (merge() folds the LoRA weights into the base "
+                               "and removes them, so it has no adapter left to train, save or merge). Save the "
+                               "adapter before merging, or QLoRAAdapter.load a saved one onto a fresh model")
 
     # ------------------------------------------------------------------------------------------ info
     @property
@@ -394,9 +401,11 @@ class QLoRAAdapter:
         Raises:
             ValueError: ``steps < 1``, ``max_grad_norm`` not > 0, or ``batches`` is empty (as
                 :meth:`medquant.distill.Distiller.fit`).
-            RuntimeError: ``ddp=True`` without an initialised process group.
+            RuntimeError: ``ddp=True`` without an initialised process group, or the adapter was merged
+                (:meth:`merge`).
             FloatingPointError: see :func:`train_loop` (a NaN / inf loss on any rank stops every rank).
         """
+        self._check_not_merged("train")
         model = self.model
         if ddp:
             if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -420,9 +429,13 @@ class QLoRAAdapter:
 
         Returns:
             The ``Trainer``.
+
+        Raises:
+            RuntimeError: the adapter was merged (:meth:`merge`).
         """
         from transformers import Trainer, TrainingArguments
 
+        self._check_not_merged("trainer")
         defaults = {"per_device_train_batch_size": 2, "learning_rate": 2e-4, "num_train_epochs": 1,
                     "report_to": [], "save_strategy": "no", "logging_steps": 10, "remove_unused_columns": False,
                     "use_cpu": not torch.cuda.is_available(), "disable_tqdm": False}
@@ -443,7 +456,12 @@ class QLoRAAdapter:
 
         Returns:
             The folder path.
+
+        Raises:
+            RuntimeError: the adapter was merged (:meth:`merge` removed the LoRA weights: an empty adapter would be
+                written).
         """
+        self._check_not_merged("save")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         # bitsandbytes' Linear4bit._save_to_state_dict undoes its CPU packing (cpu_bf16_packing) in the module itself,
@@ -531,7 +549,9 @@ class QLoRAAdapter:
     def merge(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """Deployable float model: dequantize the NF4 base and fold the adapters in (PEFT ``merge_and_unload``).
 
-        The adapter object is consumed (its PEFT model is unloaded). See the module docstring on exactness.
+        The adapter object is consumed (its PEFT model is unloaded): :meth:`train`, :meth:`trainer`, :meth:`save`,
+        :meth:`merge` and :meth:`requantize` then raise ``RuntimeError`` (save the adapter first). See the module
+        docstring on exactness.
 
         Args:
             dtype: the dtype of the whole merged model: the dequantized layers and every other floating-point
@@ -551,9 +571,11 @@ class QLoRAAdapter:
         Raises:
             TypeError: ``dtype`` is not a floating-point ``torch.dtype`` (checked before anything is merged: the
                 adapter is left as it was).
+            RuntimeError: the adapter was merged already.
         """
         from peft.tuners.lora import LoraLayer
 
+        self._check_not_merged("merge")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"merge needs a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16, "
                             f"torch.float64), got {type(dtype).__name__} {dtype!r}")
@@ -591,6 +613,7 @@ class QLoRAAdapter:
             p.requires_grad_(False)
         _untie_config(merged)
         _set_use_cache(merged, True)
+        self._merged = True
         return merged
 
     def requantize(self, config_or_map: Any, skip: Sequence[str] | None = None) -> nn.Module:
@@ -602,6 +625,9 @@ class QLoRAAdapter:
 
         Returns:
             The merged, quantized model.
+
+        Raises:
+            RuntimeError: the adapter was merged already.
         """
         from ..quant import quantize_
 
