@@ -414,14 +414,19 @@ def _triton_unavailable(device: torch.device) -> str | None:
     if device.type == "cpu":
         return ("the Triton kernels need a CUDA device; to run them on CPU tensors set TRITON_INTERPRET=1 "
                 "before triton is first imported")
-    return f"Triton kernels are not available for device {device} (is triton installed?)"
+    if device.type == "cuda":
+        return (f"the Triton kernels need a CUDA device, and torch sees no CUDA device for {device} "
+                f"(torch.cuda.is_available() is False); use the torch backend (force_backend('torch'))")
+    return (f"the Triton kernels run on CUDA tensors (and on CPU tensors with TRITON_INTERPRET=1), not on device "
+            f"{device}; use the torch backend (force_backend('torch'), or backend='auto', which picks it there)")
 
 
 def need_triton(device: torch.device | str) -> None:
     """Raise a ``RuntimeError`` saying why the Triton kernels cannot run on ``device``, if they cannot.
 
     The reasons: Triton not installed (or failing to import); CPU tensors without the interpreter
-    (``TRITON_INTERPRET=1`` set before Triton is first imported); a device type Triton does not run on.
+    (``TRITON_INTERPRET=1`` set before Triton is first imported); a CUDA device torch does not see; a device type
+    Triton does not run on (anything but CUDA and CPU). Each message names what is accepted.
     """
     why = _triton_unavailable(torch.device(device))
     if why is not None:
