@@ -93,13 +93,14 @@ ONNX_OPTIONS = (("input_shape", "--input-shape"), ("calib", "--calib"), ("calib_
 
 
 def _preprocessor_norm(src: str) -> tuple[list[float] | None, list[float] | None]:
-    """``image_mean`` / ``image_std`` of ``SRC/preprocessor_config.json`` (a Hugging Face image processor)."""
-    import json
+    """``image_mean`` / ``image_std`` of ``SRC/preprocessor_config.json`` (a Hugging Face image processor); a file
+    that is no UTF-8 JSON object is a one-line ``SystemExit`` naming it."""
+    from .args import config_object
 
     cfg = Path(src) / "preprocessor_config.json"
     if not cfg.is_file():
         return None, None
-    data = json.loads(cfg.read_text())
+    data = config_object(cfg)
     if data.get("do_normalize") is False:
         return None, None
     mean, std = data.get("image_mean"), data.get("image_std")
