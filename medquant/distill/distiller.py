@@ -5,9 +5,9 @@ Loss per batch::
     L = alpha * T^2 * KD + (1 - alpha) * task + beta * FM
 
 * ``KD = sum_p m_p KL(softmax(z_t,p / T) || softmax(z_s,p / T)) / sum_p m_p`` over output positions ``p``:
-  one position per example for classification logits ``(B, C)`` (one binary logit ``z`` per example, ``(B, 1)``
-  or ``(B,)``: the softmax of ``(0, z / T)``, i.e. ``(1 - sigmoid(z / T), sigmoid(z / T))``); every token for
-  token logits ``(B, S, V)``,
+  one position per example for classification logits ``(B, C)`` (one binary logit ``z`` per example, ``(B, 1)``:
+  the softmax of ``(0, z / T)``, i.e. ``(1 - sigmoid(z / T), sigmoid(z / T))``; 1-D logits are refused); every
+  token for token logits ``(B, S, V)``,
   with ``m_p`` the attention mask (padding excluded); for an encoder-decoder (``config.is_encoder_decoder``),
   whose logits are the decoder's, ``decoder_attention_mask``, else ``labels != -100``, else every position.
   ``T^2`` keeps the gradient scale independent of ``T`` (Hinton et al. 2015).
@@ -423,10 +423,13 @@ class Distiller(nn.Module):
         total = s_logits.new_zeros((), dtype=torch.float32)
         if self.alpha > 0:
             t_logits = main_output(t_out, hidden_state=False, first_item=False).detach().to(s_logits.device)
-            s_kd = s_logits
-            if s_logits.dim() == 1 and t_logits.dim() == 1:  # (B,): one binary logit per example, as (B, 1)
-                s_kd, t_logits = s_logits.unsqueeze(-1), t_logits.unsqueeze(-1)
-            kd = kd_loss(s_kd, t_logits, self.temperature, mask)
+            if s_logits.dim() == 1 or t_logits.dim() == 1:  # (B,) binary logits or one example's (C,) class logits?
+                raise ValueError(
+                    f"the logits are 1-D (student {tuple(s_logits.shape)}, teacher {tuple(t_logits.shape)}): one "
+                    "binary logit per example or the class logits of one example cannot be told apart (a softmax "
+                    "over them would mix the examples of the batch). Return (B, 1) logits for a binary (sigmoid) "
+                    "classifier, or (1, C) for one example")
+            kd = kd_loss(s_logits, t_logits, self.temperature, mask)
             parts["kd"] = kd
             total = total + self.alpha * kd
         if self.alpha < 1.0:

@@ -52,18 +52,19 @@ def test_one_logit_per_example_equals_the_two_class_logits_zero_and_z():
     torch.testing.assert_close(kd_loss(s, t, 3.0), two)
 
 
-@pytest.mark.parametrize("squeeze", [False, True])
-def test_the_distiller_of_a_binary_classifier_distils_and_trains_the_student(squeeze):
-    class Binary(nn.Module):  # one logit per image, (B, 1) or squeezed to (B,) as BCEWithLogitsLoss takes it
-        def __init__(self, seed):
-            super().__init__()
-            torch.manual_seed(seed)
-            self.lin = nn.Linear(8, 1)
+class Binary(nn.Module):  # one logit per image, (B, 1), or squeezed to (B,) as BCEWithLogitsLoss takes it
+    def __init__(self, seed, squeeze=False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(8, 1)
+        self.squeeze = squeeze
 
-        def forward(self, x):
-            z = self.lin(x)
-            return z.squeeze(-1) if squeeze else z
+    def forward(self, x):
+        z = self.lin(x)
+        return z.squeeze(-1) if self.squeeze else z
 
+
+def test_the_distiller_of_a_binary_classifier_distils_and_trains_the_student():
     teacher, student = Binary(0), Binary(1)
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
     d = Distiller(teacher, student, alpha=1.0, temperature=2.0)
@@ -75,3 +76,11 @@ def test_the_distiller_of_a_binary_classifier_distils_and_trains_the_student(squ
     assert student.lin.weight.grad is not None and student.lin.weight.grad.abs().sum() > 0
     losses = d.fit([x] * 20, lr=0.05, progress=False)
     assert losses[-1] < losses[0]
+
+
+def test_the_distiller_refuses_1d_logits_instead_of_a_softmax_over_the_batch():
+    # (B,) logits: one binary logit per example, or one example's class logits; softmaxed over the batch before
+    teacher, student = Binary(0, squeeze=True), Binary(1, squeeze=True)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"1-D.*\(B, 1\)"):
+        Distiller(teacher, student, alpha=1.0)(x)
