@@ -54,7 +54,9 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
 5. **Parameters held directly by a container** split between roles (LLaVA-OneVision's
    ``image_newline``, BLIP-2's ``query_tokens``, Phi-4's ``glb_GN``) are placed by their own name, else by the
    container's name when that names a vision tower (Llama 4's ``vision_model.class_embedding`` /
-   ``positional_embedding_vlm``, left beside its split-out ``vision_adapter``: vision), else as
+   ``positional_embedding_vlm``, left beside its split-out ``vision_adapter``: vision) or when the container is
+   the vision sub-model (its ``config`` is the root's vision sub-config: PP-FormulaNet's ``encoder.pos_embed``,
+   added to the patches, beside the projector nested in that encoder: vision), else as
    projector when the container holds both vision and another role (they lie between the two); the rest
    (``logit_scale`` of a dual encoder is head) are reported by ``unassigned_parameters``.
 
@@ -425,13 +427,18 @@ def _error(model: nn.Module, found: dict[str, list[str]], detail: str) -> Unsupp
 def place_parameters(model: nn.Module, roles: dict[str, list[str]], modules: dict[str, nn.Module]) -> None:
     """Add parameters held directly by a container outside every role (step 5), in place."""
     prefixes = [p for ps in roles.values() for p in ps]
+    subs = _sub_configs(model.config) if hasattr(model, "config") else {}
     for pname, _ in model.named_parameters():
         if any(under(pname, p) for p in prefixes):
             continue
         owner, _, attr = pname.rpartition(".")
         role = _name_role(attr)
-        if role not in ("vision", "projector", "head") and _name_role(owner.rpartition(".")[2], weak=False) == "vision":
-            role = "vision"  # a split vision tower's own embeddings (Llama 4's vision_model.class_embedding)
+        if role not in ("vision", "projector", "head") and (
+                _name_role(owner.rpartition(".")[2], weak=False) == "vision"
+                or (owner in modules and _config_role(modules[owner], subs) == "vision")):
+            # a split vision tower's own embeddings (Llama 4's vision_model.class_embedding), also when the tower
+            # is a vision sub-model under another name (PP-FormulaNet's encoder.pos_embed, added to its patches)
+            role = "vision"
         if role not in ("vision", "projector", "head"):
             inside = {r for r, ps in roles.items() if any(under(p, owner) for p in ps)}
             role = "projector" if "vision" in inside and len(inside) > 1 else None

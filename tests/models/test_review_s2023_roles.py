@@ -1,0 +1,38 @@
+"""Review: roles of parameters held directly by a vision sub-model that also holds the projector."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from medquant.models import model_roles, role_of
+
+
+def _pp_formulanet():
+    """PP-FormulaNet on the meta device (structure only): its vision encoder holds ``pos_embed`` directly and nests
+    the ``multi_modal_projector``."""
+    if not hasattr(transformers, "PPFormulaNetForConditionalGeneration"):
+        pytest.skip("this transformers has no PP-FormulaNet")
+    cfg = transformers.AutoConfig.for_model("pp_formulanet")
+    cfg.vision_config.num_hidden_layers = 2
+    cfg.vision_config.global_attn_indexes = [1]
+    cfg.text_config.encoder_layers = 1
+    cfg.text_config.decoder_layers = 1
+    with torch.device("meta"):
+        return transformers.PPFormulaNetForConditionalGeneration(cfg)
+
+
+def test_pos_embed_of_a_vision_sub_model_is_vision():
+    model = _pp_formulanet()
+    # transformers' own structure: the vision model (config = vision_config) owns pos_embed, which its forward adds
+    # to the patch embeddings; the projector is a separate child module that does not hold it
+    vision = next(m for m in model.modules() if getattr(m, "config", None) is model.config.vision_config)
+    owned = {id(p) for p in vision.parameters(recurse=False)}
+    assert id(vision.pos_embed) in owned
+    projector = vision.multi_modal_projector
+    assert all(p is not vision.pos_embed for p in projector.parameters())
+    roles = model_roles(model)
+    name = next(n for n, p in model.named_parameters() if p is vision.pos_embed)
+    assert role_of(model, name) == "vision", roles
+    assert name not in roles.get("projector", [])
