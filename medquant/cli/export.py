@@ -93,8 +93,9 @@ ONNX_OPTIONS = (("input_shape", "--input-shape"), ("calib", "--calib"), ("calib_
 
 
 def _preprocessor_norm(src: str) -> tuple[list[float] | None, list[float] | None]:
-    """``image_mean`` / ``image_std`` of ``SRC/preprocessor_config.json`` (a Hugging Face image processor); a file
-    that is no UTF-8 JSON object is a one-line ``SystemExit`` naming it."""
+    """``image_mean`` / ``image_std`` of ``SRC/preprocessor_config.json`` (a Hugging Face image processor) as lists:
+    a list as it is, a number (one value for every channel, as transformers' image processors take it) as a list of
+    one; a file that is no UTF-8 JSON object is a one-line ``SystemExit`` naming it."""
     from .args import config_object
 
     cfg = Path(src) / "preprocessor_config.json"
@@ -103,8 +104,13 @@ def _preprocessor_norm(src: str) -> tuple[list[float] | None, list[float] | None
     data = config_object(cfg)
     if data.get("do_normalize") is False:
         return None, None
-    mean, std = data.get("image_mean"), data.get("image_std")
-    return (list(mean) if isinstance(mean, list) else None), (list(std) if isinstance(std, list) else None)
+
+    def values(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return [float(v)]
+        return list(v) if isinstance(v, list) else None
+
+    return values(data.get("image_mean")), values(data.get("image_std"))
 
 
 def model_channels(model) -> int | None:

@@ -1,5 +1,6 @@
-"""``medquant export --format onnx --calib``: a ``preprocessor_config.json`` in SRC that is no JSON object is named in
-the one-line error."""
+"""``medquant export --format onnx --calib``: the calibration pixels are normalized with SRC's
+``preprocessor_config.json`` as an explicit ``--mean`` / ``--std`` normalizes them (a number ``image_mean`` /
+``image_std`` too), and a file that is no JSON object is named in the one-line error."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,22 @@ def vit8(tmp_path_factory):
 def _export(root, src, out, *extra):
     return main(["export", str(src), str(out), "--format", "onnx", "--calib", str(root / "calib.npy"), "--json",
                  *extra])
+
+
+def test_a_number_image_mean_and_std_normalize_as_the_same_mean_and_std_given_on_the_command_line(vit8, tmp_path,
+                                                                                                     capsys):
+    src = tmp_path / "src"
+    shutil.copytree(vit8 / "vit8", src)
+    # the reference: the folder without a preprocessor config, normalized by --mean / --std
+    assert _export(vit8, src, tmp_path / "given.onnx", "--mean", "0.5", "--std", "0.25") == 0
+    assert _export(vit8, src, tmp_path / "plain.onnx") == 0
+    capsys.readouterr()
+    assert (tmp_path / "given.onnx").read_bytes() != (tmp_path / "plain.onnx").read_bytes()  # normalizing shows
+    # transformers' image processors take a number image_mean / image_std (one value for every channel)
+    (src / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": 0.25}))
+    assert _export(vit8, src, tmp_path / "config.onnx") == 0
+    capsys.readouterr()
+    assert (tmp_path / "config.onnx").read_bytes() == (tmp_path / "given.onnx").read_bytes()
 
 
 @pytest.mark.parametrize("content", ["{bad", "[0.5, 0.5]"])
