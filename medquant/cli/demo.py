@@ -244,7 +244,10 @@ def _explain(rows: list[Row], n_test: int, n_resamples: int, majority: float,
 def _prepare_outputs(args) -> None:
     """Before any work: create the missing parent folders of ``--json`` and ``--plot`` (as ``medquant score`` does
     for its outputs), and refuse, in one line naming the option (``SystemExit``), a path that is a folder or whose
-    folder cannot be created (a file in the way, no permission)."""
+    folder cannot be created (a file in the way, no permission), and a ``--save`` path that is a file (the
+    checkpoint is a folder)."""
+    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
+        raise SystemExit(f"--save {args.save} exists and is not a folder; the int4 model is saved as a folder")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if not path:
             continue
