@@ -81,6 +81,9 @@ def _packed_mm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
+    # row offsets of x and y in int64: m * stride_xm (or m * N) passes 2^31 for a large M (an LM head over a long
+    # prefill), and an int32 product wraps to an address before the tensor
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     n_mask = offs_n < N
     offs_i = tl.arange(0, BLOCK_KW)
 
@@ -125,7 +128,7 @@ def _packed_mm_kernel(
                     v = uf - z_l
                 wq = v
                 offs_k = offs_kw * VPW + j
-                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                xj = tl.load(x_rows + offs_k[None, :] * stride_xk,
                              mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
                 if DOT_F32:
                     part += tl.dot(xj.to(tl.float32), wq, input_precision="ieee")
@@ -167,7 +170,7 @@ def _packed_mm_kernel(
                 else:
                     v = uf - z_t
                 w = v * s_t
-                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                xj = tl.load(x_rows + offs_k[None, :] * stride_xk,
                              mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
                 if DOT_F32:
                     acc += tl.dot(xj.to(tl.float32), w, input_precision="ieee")
@@ -175,7 +178,7 @@ def _packed_mm_kernel(
                     acc += tl.dot(xj, w.to(xj.dtype))
     if CHANNEL:
         acc = acc * s_n[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     ymask = m_mask[:, None] & n_mask[None, :]
     if ATOMIC:
         tl.atomic_add(y_ptrs, acc, mask=ymask)

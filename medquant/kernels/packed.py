@@ -56,7 +56,9 @@ def packed_linear_triton(
 ) -> torch.Tensor:
     """``x (M, k) @ dequant(weight)^T -> (M, N)`` in ``x.dtype`` with the Triton kernels.
 
-    Reads the packed layout as stored (no repacking). ``regime`` overrides :func:`select_regime` and
+    Reads the packed layout as stored (no repacking); an ``x`` whose columns are not adjacent (``x.stride(1) != 1``)
+    is copied contiguous first, and the kernels compute row offsets of ``x`` and ``y`` in int64 (past 2^31
+    elements an int32 offset wraps). ``regime`` overrides :func:`select_regime` and
     ``config`` the block sizes (both for tests / benchmarks; under the interpreter the configuration is fixed
     to ``INTERPRET_CONFIGS`` unless overridden, on a GPU the kernels are autotuned unless ``config`` is given).
     """
@@ -85,6 +87,8 @@ def packed_linear_triton(
     n = qweight.shape[0]
     if m == 0 or n == 0 or k == 0:
         return x.new_zeros(m, n)
+    if x.stride(1) != 1:  # a column-strided view (x.t() of a (k, M) tensor): k * stride would pass the kernels'
+        x = x.contiguous()  # int32 offsets (an address before x); row offsets are int64 in the kernels
     cb = container_bits(bits)
     channel = scope in ("tensor", "channel")
     if scope == "tensor":
