@@ -218,8 +218,9 @@ def _explain(rows: list[Row], n_test: int, n_resamples: int, majority: float,
         "loss; a quantized model that looks slightly better than float is noise, not an improvement."),
         "* agree: fraction of test images on which the quantized model predicts what the float model predicts.",
         ("* bytes: everything stored (packed weight codes, scales, zero points, batch-norm and bias tensors, "
-        "metadata), from medquant.model_size; smaller = float bytes / bytes; bits = the weights' effective bits "
-        "per parameter, scales included."),
+        "metadata), from medquant.model_size; smaller = float bytes / bytes; bits = the bits of the weight codes "
+        "per parameter (medquant.model_size's effective bits), without the scales and zero points, whose bytes "
+        "are in bytes."),
         f"* the float model scores {fp.test_acc:.3f}; always answering the majority class scores {majority:.3f}.",
     ]
     same = [r for r in rows[1:] if r.diff_low <= 0 <= r.diff_high]
