@@ -45,7 +45,7 @@ def _fq_rows_kernel(
     C, stride_xr, stride_yr, eps,
     SYMMETRIC: tl.constexpr, WRITE_MASK: tl.constexpr, PASS_BITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 once R * C does (int32 would wrap)
     b = tl.load(bits_ptr + row).to(tl.int32)
     passthrough = b >= PASS_BITS
     bq = tl.where(passthrough, 8, b)
@@ -107,11 +107,12 @@ def _fq_static_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    rows = offs_n.to(tl.int64)[:, None]  # int64: n * stride passes 2^31 once N * K does (int32 would wrap)
     if GROUP > 0:
         g = offs_k // GROUP
     else:
         g = offs_k * 0
-    xv = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk, mask=m, other=0.0)
+    xv = tl.load(x_ptr + rows * stride_xn + offs_k[None, :] * stride_xk, mask=m, other=0.0)
     xv = xv.to(tl.float32)
     s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=m, other=1.0).to(tl.float32)
     r = _round_half_even(tl.div_rn(xv, s))
@@ -131,7 +132,7 @@ def _fq_static_kernel(
         lo = 0.0
         hi = (1 << BITS) - 1.0
         out = (_clamp(r, lo, hi) - z) * s
-    y_off = offs_n[:, None] * stride_yn + offs_k[None, :]
+    y_off = rows * stride_yn + offs_k[None, :]
     tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=m)
     if WRITE_MASK:
         tl.store(mask_ptr + y_off, ((r >= lo) & (r <= hi)).to(tl.int8), mask=m)
