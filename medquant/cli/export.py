@@ -335,7 +335,12 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
     else:
         # --overwrite replaces OUT as a whole folder: never one holding what the export reads
         for flag, folder in (("SRC", args.src), ("--source", args.source)):
-            if folder is not None and out.resolve() in Path(folder).resolve().parents:
+            if folder is None:
+                continue
+            if out.resolve() == Path(folder).resolve():  # SRC itself is refused above
+                parser.error(f"OUT {args.out} is the {flag} folder {folder}: the export replaces OUT as a whole "
+                             f"folder, which would delete the files it reads; choose another OUT")
+            if out.resolve() in Path(folder).resolve().parents:
                 parser.error(f"OUT {args.out} holds {flag} {folder}: the export replaces OUT as a whole folder, "
                              f"which would delete it; choose an OUT outside it")
         if out.exists() and not out.is_dir():
