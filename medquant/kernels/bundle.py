@@ -116,6 +116,9 @@ class PackedWeight:
 
         Returns:
             ``(n, k)`` weights, padding columns dropped.
+
+        Raises:
+            TypeError: ``dtype`` is not a floating dtype (integers, bool and complex would truncate the weights).
         """
         return dequantize_codes(self.codes(), self.scales, self.zeros, self.bits, self.symmetric, self.scope,
                                 self.group_elems, self.k, dtype=dtype)

@@ -293,8 +293,12 @@ def dequantize_codes(
     """Codes ``(N, K_pad)`` -> float weights ``(N, k)`` following the layout's ``(u - z) * s`` rule.
 
     ``w^ = (u - z) * s`` (asymmetric), ``(u - 2^(b-1)) * s`` (symmetric), ``(2u - 1) * s`` (1-bit symmetric),
-    with ``s``/``z`` of group ``j // group_elems``; float32 arithmetic, result in ``dtype``, padding dropped.
+    with ``s``/``z`` of group ``j // group_elems``; float32 arithmetic, result in ``dtype`` (a floating dtype: an
+    integer, bool or complex one raises ``TypeError``, as the weights would be truncated), padding dropped.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dequantized weights need a floating dtype (float16, bfloat16, float32, float64), got "
+                        f"{dtype!r}: another dtype would truncate them")
     n, kp = codes.shape
     sf = expand_params(scales.float(), scope, group_elems, n, kp)
     u = codes.float()
