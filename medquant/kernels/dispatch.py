@@ -270,7 +270,8 @@ def select_kernel(op: str, *args) -> Kernel:
                 if reason is not None:
                     raise RuntimeError(reason)
                 return kern
-        raise RuntimeError(f"backend {forced!r} has no {op} kernel")
+        having = ", ".join(repr(name) for name in (AUTO, *(k.backend for k in _KERNELS[op])))
+        raise RuntimeError(f"backend {forced!r} has no {op} kernel; backends that run {op}: {having}")
     for kern in _KERNELS[op]:  # the predicate first: it is cheap, availability may probe Triton
         if kern.accepts(*args) and _BACKENDS[kern.backend].unavailable(device) is None:
             return kern
