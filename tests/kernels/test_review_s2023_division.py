@@ -70,5 +70,7 @@ def test_fake_quant_kernels_divide_with_ieee_rounding_on_a_gpu():
     assert found, "no kernel was compiled"
     for name, instrs in found.items():
         assert instrs, f"{name}: no division in the PTX (the kernel divides x / s)"
-        bad = [i for i in instrs if not i.startswith("div.rn.")]
+        floats = [i for i in instrs if i.endswith((".f32", ".f64"))]  # integer divisions (div.s32) do not round
+        assert floats, f"{name}: no float division in the PTX (the kernel divides x / s): {instrs}"
+        bad = [i for i in floats if not i.startswith("div.rn.")]
         assert not bad, f"{name}: float32 division compiled to {bad}, not correctly rounded (div.rn.f32)"
