@@ -7,7 +7,8 @@ Example::
     medquant generate q4/ --decoder q4-decoder/ --prompt "Findings:" --max-new-tokens 64
 
 ``compile-decoder`` loads the model folder (float or medquant-quantized, as saved), compiles its prompt and step
-programs with :func:`medquant.compile_decoder` and saves them (:meth:`medquant.quant.aot.AOTDecoder.save`).
+programs with :func:`medquant.compile_decoder` and saves them (:meth:`medquant.quant.aot.AOTDecoder.save`) into a
+hidden folder beside ``OUT_DIR``, renamed to ``OUT_DIR`` once whole (a failed save leaves ``OUT_DIR`` as it was).
 ``generate`` loads the folder and its tokenizer, loads the saved decoder for it (:func:`medquant.load_decoder`,
 which checks the model's weights and layout against the saved record), or compiles one when given ``--max-len``
 instead, and generates from each ``--prompt`` (one per row of the decoder's batch; tokenized as ``tok(prompt)``
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from .args import existing_folder, new_or_empty_folder, positive_int
 from .demo import seed_value
@@ -84,6 +86,25 @@ def _up_to_the_end(rows: list[list[int]], ends: list[int]) -> list[list[int]]:
     return [next((row[:i + 1] for i, t in enumerate(row) if t in ends), row) for row in rows]
 
 
+def _save_whole(decoder, out: Path) -> Path:
+    """Save ``decoder`` into a new hidden folder beside ``out``, then rename it to ``out`` (a new or empty folder):
+    ``out`` appears only whole; a save that fails leaves ``out`` as it was and removes the hidden folder."""
+    import os
+    import secrets
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{secrets.token_hex(6)}.partial"
+    staging.mkdir()  # the permissions a new folder gets (umask), as ``out`` would
+    try:
+        decoder.save(staging)
+        os.replace(staging, out)  # onto a missing or empty folder: one rename
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
 def run_compile(args) -> int:
     from ..quant.aot import compile_decoder
 
@@ -93,7 +114,7 @@ def run_compile(args) -> int:
                               cache_lengths=args.cache_lengths, progress=not args.json)
     compile_s = time.perf_counter() - t
     try:
-        folder = decoder.save(args.out)
+        folder = _save_whole(decoder, Path(args.out))
     finally:
         decoder.close()
     summary = {"model": args.model, "decoder": str(folder), "max_len": decoder.max_len, "batch_size":
