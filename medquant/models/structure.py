@@ -179,8 +179,19 @@ def _config_role(module: nn.Module, sub_configs: dict[str, object]) -> str | Non
     return None
 
 
+def _stands_for_weight_layer(module: nn.Module) -> bool:
+    """A layer holding its weight as buffers, no parameter (a quantized ``QuantLinear`` / ``QuantConv2d`` /
+    ``QuantEmbedding``): integer ``in_features`` / ``out_features``, ``in_channels`` / ``out_channels`` or
+    ``num_embeddings`` / ``embedding_dim``, and at least one buffer."""
+    sizes = (("in_features", "out_features"), ("in_channels", "out_channels"), ("num_embeddings", "embedding_dim"))
+    return (any(all(isinstance(getattr(module, a, None), int) for a in pair) for pair in sizes)
+            and any(True for _ in module.buffers(recurse=False)))
+
+
 def _has_weights(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
+    """Whether ``module`` holds a parameter, or a layer whose weight is stored as buffers (a quantized layer: a
+    bias-free head such as CLIP's ``visual_projection``, once quantized, holds no parameter)."""
+    return any(True for _ in module.parameters()) or any(_stands_for_weight_layer(m) for m in module.modules())
 
 
 def _token_embedding(model: nn.Module, by_vocab: bool = False) -> nn.Module | None:

@@ -36,3 +36,24 @@ def test_pos_embed_of_a_vision_sub_model_is_vision():
     name = next(n for n, p in model.named_parameters() if p is vision.pos_embed)
     assert role_of(model, name) == "vision", roles
     assert name not in roles.get("projector", [])
+
+
+def test_quantized_bias_free_projections_stay_head():
+    """CLIP's ``visual_projection`` / ``text_projection`` (``nn.Linear`` without bias) are the head; once quantized they
+    hold packed buffers and no parameter, and must keep that role (a quantized model reloaded with ``from_pretrained``
+    is read with the same role patterns as its float model)."""
+    from medquant import QuantConfig, quantize_
+    from medquant.models import modules_in_role
+    from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
+
+    model = EXTRA_ZOO_BY_NAME["clip"].build()
+    # transformers' CLIPModel: get_image_features / get_text_features end with these bias-free projections
+    assert model.visual_projection.bias is None and model.text_projection.bias is None
+    before = model_roles(model)
+    assert {"visual_projection", "text_projection"} <= set(before["head"])
+    quantize_(model, QuantConfig(4))
+    assert type(model.visual_projection).__name__ == "QuantLinear"
+    assert not list(model.visual_projection.parameters())
+    assert model_roles(model) == before
+    assert role_of(model, "visual_projection") == "head"
+    assert "text_projection" in modules_in_role(model, "head")
