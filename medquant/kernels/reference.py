@@ -123,15 +123,17 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def row_eps_arg(eps) -> float:
-    """``eps`` of :func:`fake_quantize_rows_reference` as a Python float: a real number (not a bool) with
-    ``0 < eps <= float32 max`` (the scales are float32).
+    """``eps`` of :func:`fake_quantize_rows_reference` as a Python float: a real number (not a bool; a 0-d real
+    tensor too) with ``0 < eps <= float32 max`` (the scales are float32).
 
     Raises:
         TypeError: ``eps`` is not a real number (a bool, a string, None...).
         ValueError: ``eps`` is NaN, infinite, zero, negative or past float32's range (each gave NaN rows, or
             backends that disagree, or torch's overflow error).
     """
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    real_tensor = (isinstance(eps, torch.Tensor) and eps.dim() == 0 and eps.dtype != torch.bool
+                   and not eps.is_complex())
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) or real_tensor):
         raise TypeError(f"eps must be a positive finite float (the smallest scale of a row), got {eps!r}")
     v = float(eps)
     if not (math.isfinite(v) and 0.0 < v <= _FLOAT32_MAX):

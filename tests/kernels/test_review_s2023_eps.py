@@ -30,7 +30,7 @@ def test_reference_refuses_bad_eps(eps):
         fake_quantize_rows_reference(torch.ones(2, 3), [4, 4], False, eps=eps)
 
 
-@pytest.mark.parametrize("eps", [True, "1e-8", None])
+@pytest.mark.parametrize("eps", [True, "1e-8", None, torch.tensor([1e-8]), torch.tensor(True)])
 def test_non_number_eps_is_a_type_error(eps):
     with pytest.raises(TypeError, match=r"eps must be"):
         fake_quantize_rows(torch.ones(2, 3), 4, False, eps=eps)
@@ -39,7 +39,7 @@ def test_non_number_eps_is_a_type_error(eps):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_valid_eps_values_still_work_and_agree(kernel_device, backend):
     x = torch.tensor([[0.0, 0.0], [1.0, 2.0]], device=kernel_device)
-    for eps in (1e-38, 1e-3, 1, torch.finfo(torch.float32).max):
+    for eps in (1e-38, 1e-3, 1, torch.finfo(torch.float32).max, torch.tensor(1e-3), torch.tensor(1e-3).double()):
         out = fake_quantize_rows(x, 4, False, eps=eps, backend=backend)
         # plain torch: s = max((hi - lo) / 15, eps), z = clamp(round(-lo / s), 0, 15)
         xf = x.float()
