@@ -195,7 +195,7 @@ def onnx_options(args, model=None) -> tuple[dict, list[str]]:
 
     Raises:
         SystemExit: the calibration data cannot be read or do not fit ``--input-shape`` (the message names the
-            argument).
+            argument; a mean / std from SRC's ``preprocessor_config.json`` that cannot normalize them names the file).
     """
     import torch
 
@@ -226,7 +226,11 @@ def onnx_options(args, model=None) -> tuple[dict, list[str]]:
                 notes[-1] = ("calibration samples are floating point, taken as preprocessed: SRC's "
                              "preprocessor_config.json normalization not applied")
         except (CalibrationError, OSError, ValueError) as e:
-            raise SystemExit(f"--calib {args.calib}: {e}") from None
+            from_config = args.mean is None and args.std is None and (mean is not None or std is not None)
+            where = (f" (mean {mean}, std {std}: image_mean / image_std of "
+                     f"{Path(args.src) / 'preprocessor_config.json'}; --mean / --std override them)"
+                     if from_config and str(e).startswith(("mean ", "std ")) else "")
+            raise SystemExit(f"--calib {args.calib}: {e}{where}") from None
         if shape is not None and tuple(batches[0].shape[1:]) != tuple(shape[1:]):
             raise SystemExit(f"--calib {args.calib}: samples of shape {tuple(batches[0].shape[1:])} do not fit "
                              f"--input-shape {','.join(map(str, shape))}")

@@ -60,3 +60,19 @@ def test_a_preprocessor_config_that_is_no_json_object_is_named(vit8, tmp_path, c
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and str(src / "preprocessor_config.json") in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("config", [{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.0, 0.5, 0.5]},
+                                    {"image_mean": [0.5, 0.5], "image_std": [0.5, 0.5]}])
+def test_a_preprocessor_mean_or_std_that_cannot_normalize_is_blamed_on_the_file(vit8, tmp_path, capsys, config):
+    src = tmp_path / "src"
+    shutil.copytree(vit8 / "vit8", src)
+    (src / "preprocessor_config.json").write_text(json.dumps(config))
+    assert _export(vit8, src, tmp_path / "m.onnx") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(src / "preprocessor_config.json") in err
+    assert not (tmp_path / "m.onnx").exists()
+    # the same values given on the command line are refused as they are, naming no file
+    assert _export(vit8, tmp_path / "src", tmp_path / "m.onnx", "--mean", ",".join(map(str, config["image_mean"])),
+                   "--std", ",".join(map(str, config["image_std"]))) == 2
+    assert "preprocessor_config.json" not in capsys.readouterr().err
