@@ -89,3 +89,19 @@ def native_int16() -> bool:
 
     st = native_status()
     return bool(st["gemm"] or st["gemv_avx2"])
+
+
+def skip_unless_reservable(nbytes: int) -> None:
+    """Skip when this machine would refuse to reserve ``nbytes`` of address space that is never touched: Linux
+    reserves an untouched allocation only under overcommit (``vm.overcommit_memory`` 0 or 1) and, in the default
+    heuristic mode 0, only up to the memory plus swap (a smaller CI machine than this one refuses an 8 GiB
+    ``torch.empty`` although it would use a few pages of it)."""
+    try:
+        mode = int(Path("/proc/sys/vm/overcommit_memory").read_text())
+        info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.split(":")[0] in ("MemTotal", "SwapTotal")}
+    except (OSError, ValueError, IndexError):
+        pytest.skip("not Linux: the test relies on overcommitted, untouched memory")
+    if mode == 2 or (mode == 0 and nbytes > info.get("MemTotal", 0) + info.get("SwapTotal", 0)):
+        pytest.skip(f"this machine would refuse to reserve {nbytes / 2**30:.0f} GiB of untouched memory "
+                    f"(vm.overcommit_memory={mode}, memory + swap {sum(info.values()) / 2**30:.1f} GiB)")

@@ -16,6 +16,8 @@ import textwrap
 
 import pytest
 
+from tests.kernels.kernel_helpers import skip_unless_reservable
+
 _SCRIPT = textwrap.dedent(r"""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
@@ -51,6 +53,7 @@ _SCRIPT = textwrap.dedent(r"""
 def test_fake_quant_kernels_with_row_offsets_past_int32(kernel_device, which):
     if kernel_device != "cpu":
         pytest.skip("runs the interpreter on a strided view of a 8 GiB CPU buffer")
+    skip_unless_reservable(2**33)
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, which], capture_output=True, text=True, env=env,
                           timeout=600, check=False)

@@ -15,6 +15,8 @@ import textwrap
 
 import pytest
 
+from tests.kernels.kernel_helpers import skip_unless_reservable
+
 _SCRIPT = textwrap.dedent(r"""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
@@ -49,6 +51,7 @@ _SCRIPT = textwrap.dedent(r"""
 def test_packed_linear_triton_with_offsets_past_int32(kernel_device, m, axis):
     if kernel_device != "cpu":
         pytest.skip("runs the interpreter on a strided view of a 4 GiB CPU buffer")
+    skip_unless_reservable(2**32 + 2**20)
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(m), axis], capture_output=True, text=True, env=env,
                           timeout=600, check=False)
