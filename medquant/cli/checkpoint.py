@@ -3,7 +3,8 @@
 ``upgrade`` checks that every PATH is a folder before it rewrites any, then rewrites each folder saved before
 checkpoints had a manifest (by :func:`medquant.save` or :func:`medquant.hf.save_pretrained`) with
 ``medquant.manifest.json``, behind the crash-safe folder switch, after verifying what it can (the weights' SHA-256,
-every recipe against the tensors); ``verify`` runs every check of a
+every recipe against the tensors); a folder that has its manifest is verified and left as it is, and says so;
+``verify`` runs every check of a
 load (the manifest, the schema, every recipe against the safetensors header) without building the model.
 """
 from __future__ import annotations
@@ -25,10 +26,17 @@ def _existing_folder(path: str) -> Path:
 def _upgrade(args) -> int:
     from ..io import upgrade
 
+    from ..io.manifest import ManifestError, read_manifest
+
     folders = [_existing_folder(path) for path in args.paths]  # every PATH checked before any folder is rewritten
     for path, folder in zip(args.paths, folders):
+        try:  # a folder with a valid manifest is verified and left as it is by upgrade
+            current = read_manifest(folder) is not None
+        except ManifestError:
+            current = False
         upgrade(folder)
-        print(f"{path}: upgraded (manifest written and verified)")
+        print(f"{path}: " + ("already has its manifest (verified); left as it is" if current
+                              else "upgraded (manifest written and verified)"))
     return 0
 
 
