@@ -25,7 +25,6 @@ def _existing_folder(path: str) -> Path:
 
 def _upgrade(args) -> int:
     from ..io import upgrade
-
     from ..io.manifest import ManifestError, read_manifest
 
     folders = [_existing_folder(path) for path in args.paths]  # every PATH checked before any folder is rewritten
