@@ -20,7 +20,8 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
 2. **Sub-models and names.** Walking the tree from the root, a sub-model (a ``PreTrainedModel``) whose
    ``config`` is the parent's ``vision_config`` / ``vq_config`` is vision, ``qformer_config`` is projector,
    ``text_config`` is language, ``audio_config`` / ``codec_config`` is an audio part (no role, reported: Kyutai
-   speech-to-text's Mimi ``codec_model``). Other modules are
+   speech-to-text's Mimi ``codec_model``), and so is ``protein_encoder_config`` (Evolla's SaProt encoder of
+   ``protein_input_ids``: another modality, no role). Other modules are
    placed by their attribute name: ``vision_tower``, ``visual``, ``vision_model``, ``vqmodel``,
    ``img_processor`` ... are vision; ``projector``, ``connector``, ``aligner``, ``merger``, ``qformer``,
    ``embed_vision``, ``mm_projector``, ``language_projection``, ``image_to_text_projection``,
@@ -37,10 +38,10 @@ steps, cheapest first (no forward pass unless they leave weights undecided):
    the image (GIT's ``visual_projection``), else language; the ``encoder`` of a model whose main input is
    ``pixel_values`` (``VisionEncoderDecoderModel``) is vision, and a ``decoder`` holding a block list beside
    the language model (an encoder-decoder whose encoder owns the token embedding: T5Gemma, the VLM T5Gemma 2) is
-   language. In a text-only model (main input ``input_ids``, no vision / audio sub-config, no image / audio
-   argument of ``forward``) every other module holding a block stack is a second text stack, language with its
-   outermost ancestor that holds nothing but heads: bert2bert's ``EncoderDecoderModel`` ``decoder``, FSMT's
-   decoder, SeamlessM4T's ``text_encoder``, BLT's global transformer and local decoder.
+   language. In a text-only model (main input ``input_ids``, no vision / audio / protein sub-config, no image /
+   audio / protein argument of ``forward``) every other module holding a block stack is a second text stack,
+   language with its outermost ancestor that holds nothing but heads: bert2bert's ``EncoderDecoderModel``
+   ``decoder``, FSMT's decoder, SeamlessM4T's ``text_encoder``, BLT's global transformer and local decoder.
 3. **Trace, only when names do not decide.** A multimodal model (a vision / VQ sub-config, or image
    inputs in its ``forward``) in which step 2 found no vision module although its config declares one, left
    weight-bearing modules outside every role, or holds an unnamed module with a weight matrix beside the
@@ -104,8 +105,8 @@ _OTHER = "_other"  # an audio (or other non-image) encoder: no role, reported as
 
 # config attributes naming sub-configs, by role
 _CONFIG_ROLES = (("qformer", "projector"), ("vision", "vision"), ("vq", "vision"), ("visual", "vision"),
-                 ("image", "vision"), ("audio", _OTHER), ("speech", _OTHER), ("codec", _OTHER), ("text", "language"),
-                 ("language", "language"), ("llm", "language"))
+                 ("image", "vision"), ("audio", _OTHER), ("speech", _OTHER), ("codec", _OTHER), ("protein", _OTHER),
+                 ("text", "language"), ("language", "language"), ("llm", "language"))
 _IMAGE_ARGS = ("pixel_values", "images", "image_pixel_values", "pixel_values_images")
 
 
@@ -516,11 +517,12 @@ def _has_stack(module: nn.Module) -> bool:
 
 
 # forward arguments of a non-text input (images, video, audio features / waveforms)
-_NON_TEXT_ARGS = ("pixel", "image", "video", "audio", "speech", "input_features", "input_values")
+_NON_TEXT_ARGS = ("pixel", "image", "video", "audio", "speech", "input_features", "input_values", "protein")
 
 
 def _text_only(model: nn.Module) -> bool:
-    """Main input ``input_ids``, no vision / audio sub-config and no ``forward`` argument of another modality."""
+    """Main input ``input_ids``, no vision / audio / protein sub-config and no ``forward`` argument of another
+    modality (pixels, audio, ``protein_input_ids``...)."""
     if getattr(model, "main_input_name", "input_ids") != "input_ids":
         return False
     cfg = getattr(model, "config", None)

@@ -57,3 +57,29 @@ def test_quantized_bias_free_projections_stay_head():
     assert model_roles(model) == before
     assert role_of(model, "visual_projection") == "head"
     assert "text_projection" in modules_in_role(model, "head")
+
+
+def test_protein_encoder_is_not_language():
+    """Evolla (listed by transformers for image-text-to-text) reads ``protein_input_ids`` with a SaProt encoder whose
+    config is ``config.protein_encoder_config``: another modality, like an audio tower, so no role (reported by
+    ``unassigned_modules``), not a second text stack of ``@language``."""
+    if not hasattr(transformers, "EvollaForProteinText2Text"):
+        pytest.skip("this transformers has no Evolla")
+    import inspect
+
+    from medquant.models import language_model_layers, unassigned_modules
+
+    cfg = transformers.AutoConfig.for_model("evolla")
+    cfg.num_hidden_layers = 2
+    cfg.protein_encoder_config.num_hidden_layers = 2
+    with torch.device("meta"):
+        model = transformers.EvollaForProteinText2Text(cfg)
+    assert "protein_input_ids" in inspect.signature(model.forward).parameters
+    tower = next(n for n, m in model.named_modules() if getattr(m, "config", None) is cfg.protein_encoder_config)
+    tower_linears = [n for n, m in model.named_modules() if n.startswith(tower + ".") and isinstance(m, torch.nn.Linear)]
+    assert tower_linears
+    roles = model_roles(model)
+    assert all(role_of(model, n) is None for n in tower_linears), roles
+    assert set(tower_linears) <= set(unassigned_modules(model))
+    # the text decoder stays the language model: transformers' own layer list
+    assert language_model_layers(model) == [f"model.layers.{i}" for i in range(len(model.model.layers))]
