@@ -8,7 +8,7 @@ Example::
 
 ``compile-decoder`` loads the model folder (float or medquant-quantized, as saved), compiles its prompt and step
 programs with :func:`medquant.compile_decoder` and saves them (:meth:`medquant.quant.aot.AOTDecoder.save`) into a
-hidden folder beside ``OUT_DIR``, renamed to ``OUT_DIR`` once whole (a failed save leaves ``OUT_DIR`` as it was).
+hidden folder beside ``OUT_DIR``, put in place once whole (a failed save leaves ``OUT_DIR`` as it was).
 ``generate`` loads the folder and its tokenizer, loads the saved decoder for it (:func:`medquant.load_decoder`,
 which checks the model's weights and layout against the saved record), or compiles one when given ``--max-len``
 instead, and generates from each ``--prompt`` (one per row of the decoder's batch; tokenized as ``tok(prompt)``
@@ -87,21 +87,34 @@ def _up_to_the_end(rows: list[list[int]], ends: list[int]) -> list[list[int]]:
 
 
 def _save_whole(decoder, out: Path) -> Path:
-    """Save ``decoder`` into a new hidden folder beside ``out``, then rename it to ``out`` (a new or empty folder):
-    ``out`` appears only whole; a save that fails leaves ``out`` as it was and removes the hidden folder."""
+    """Save ``decoder`` into a new hidden folder beside ``out``, then put it in place: a new ``out`` is that folder
+    renamed; into an existing empty ``out`` (the current folder, say) its files are moved, ``decoder.json`` last. A
+    save that fails leaves ``out`` as it was and removes the hidden folder."""
     import os
     import secrets
     import shutil
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.{secrets.token_hex(6)}.partial"
+    from ..quant.aot import MANIFEST
+
+    target = Path(os.path.abspath(out))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{secrets.token_hex(6)}.partial"
     staging.mkdir()  # the permissions a new folder gets (umask), as ``out`` would
+    moved: list[Path] = []
     try:
         decoder.save(staging)
-        os.replace(staging, out)  # onto a missing or empty folder: one rename
+        if not target.exists():
+            os.replace(staging, target)  # one rename
+            return out
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == MANIFEST):  # the record last
+            os.replace(f, target / f.name)
+            moved.append(target / f.name)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        for f in moved:
+            f.unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -3,6 +3,7 @@
 can be run again; the decoder compiled here is a stand-in whose ``save`` writes one package and fails."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,30 @@ def test_a_save_that_fails_leaves_out_dir_as_it_was(src, tmp_path, capsys, monke
     else:
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["decoder dir"] if existing else [])
+
+
+class _GoodSave(_FailingSave):
+    def save(self, path):
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "step-8.pt2").write_bytes(b"program")
+        (folder / "decoder.json").write_text("{}")
+        return folder
+
+
+@pytest.mark.parametrize("spelling", ["new", "empty", "dot"])
+def test_the_saved_decoder_lands_in_out_dir(src, tmp_path, capsys, monkeypatch, spelling):
+    monkeypatch.setattr(medquant.quant.aot, "compile_decoder", lambda *a, **k: _GoodSave())
+    out = tmp_path / "decoder dir"
+    if spelling != "new":
+        out.mkdir()
+    if spelling == "dot":  # the empty current folder
+        monkeypatch.chdir(out)
+    assert main(["compile-decoder", str(src), "." if spelling == "dot" else str(out), "--max-len", "8",
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.json", "step-8.pt2"]
+    assert (out / "step-8.pt2").read_bytes() == b"program"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder dir"]  # no staging folder left
+    if spelling == "dot":
+        assert sorted(os.listdir(".")) == ["decoder.json", "step-8.pt2"]  # the current folder itself, not a copy
