@@ -84,8 +84,25 @@ def load_checkpoint(path: str, *, trust_remote_code: bool | None = None):
     return load_hf_folder(path, trust_remote_code=trust)[0]
 
 
+def _symmetric(module, cfg: dict) -> bool | None:
+    """A quantized layer's scheme: its recipe's ``symmetric`` when set, else what ``symmetric=None`` picks for its
+    bit-widths (:meth:`medquant.QuantConfig.is_symmetric`: asymmetric at <= 3 bits, symmetric above); None when
+    its rows' bit-widths take both schemes (or the layer says nothing of them)."""
+    if cfg.get("symmetric") is not None:
+        return bool(cfg["symmetric"])
+    config, widths = getattr(module, "config", None), getattr(module, "bit_groups", None)
+    if config is None or not widths or not hasattr(config, "is_symmetric"):
+        return None
+    schemes = {bool(config.is_symmetric(int(b))) for b in widths if int(b) > 0}
+    return schemes.pop() if len(schemes) == 1 else None
+
+
 def info(model) -> dict:
-    """Per-layer rows (name, type, shape, bits, scheme, scope, group size, bytes, role) and totals."""
+    """Per-layer rows (name, type, shape, bits, scheme, scope, group size, bytes, role) and totals.
+
+    A quantized layer's ``symmetric`` is its scheme as stored: the recipe's choice, or, where the recipe left it
+    to the bit-width (``symmetric=None``), the scheme that bit-width takes (asymmetric at <= 3 bits, symmetric
+    above); None for a float layer, and for a layer whose rows' bit-widths take both schemes."""
     from ..models.introspect import role_of
     from ..quant.recipe import model_recipe
     from ..quant.size import layer_table, model_size
@@ -98,7 +115,9 @@ def info(model) -> dict:
             role = role_of(model, row["name"])
         except (ValueError, KeyError, TypeError):
             role = None
-        rows.append({**row, "quantized": row["name"] in recipe, "symmetric": cfg.get("symmetric"),
+        quantized = row["name"] in recipe
+        symmetric = _symmetric(model.get_submodule(row["name"]), cfg) if quantized else None
+        rows.append({**row, "quantized": quantized, "symmetric": symmetric,
                      "scope": cfg.get("scope"), "group_size": cfg.get("group_size") if cfg.get("scope") == "group"
                      else None, "role": role})
     return {"class": type(model).__name__, "layers": rows, "totals": model_size(model).as_dict(),
