@@ -411,7 +411,8 @@ def _unplaced(units: dict[str, str], modules: dict[str, nn.Module]) -> list[str]
 
 def _suspects(units: dict[str, str], language: str, modules: dict[str, nn.Module]) -> list[str]:
     """Children of a language model that holds an image module (LLaVA-Med's layout) and that are neither a
-    placed module, the token embedding, the layer list nor a norm (no matrix): an unnamed projector hides there."""
+    placed module, the token embedding, the layer list nor a norm (no matrix; a quantized layer's packed matrix
+    counts): an unnamed projector hides there."""
     if not any(r in ("vision", "projector") and p != language and under(p, language) for p, r in units.items()):
         return []
     emb = _token_embedding(modules[""])
@@ -421,8 +422,8 @@ def _suspects(units: dict[str, str], language: str, modules: dict[str, nn.Module
         if (cpath in units or child is emb or isinstance(child, nn.ModuleList)
                 or any(under(u, cpath) for u in units)):
             continue
-        if any(p.dim() >= 2 for p in child.parameters()):
-            out.append(cpath)
+        if any(p.dim() >= 2 for p in child.parameters()) or any(_stands_for_weight_layer(m) for m in child.modules()):
+            out.append(cpath)  # a weight matrix, or a quantized layer standing for one (its matrix is buffers)
     return out
 
 

@@ -83,3 +83,42 @@ def test_protein_encoder_is_not_language():
     assert set(tower_linears) <= set(unassigned_modules(model))
     # the text decoder stays the language model: transformers' own layer list
     assert language_model_layers(model) == [f"model.layers.{i}" for i in range(len(model.model.layers))]
+
+
+def test_quantized_unhinted_projector_beside_the_layers_stays_projector():
+    """LLaVA-Med's layout with a tower found by its config and a projector named without hint (``bridge``) beside
+    ``model.layers``: the trace of ``get_image_features`` makes it projector. Quantized, its Linear layers hold packed
+    buffers (and a 1-D bias), no weight matrix parameter; it must stay projector, not fall into the language model."""
+    from medquant import QuantConfig, quantize_
+    from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME, llava_med_class
+
+    _, base = llava_med_class()
+    model = EXTRA_ZOO_BY_NAME["llava_med"].build()
+
+    class Renamed(base):
+        def get_image_features(self, pixel_values):
+            return self.model.bridge(self.model.backbone(pixel_values).last_hidden_state)
+
+    model.__class__ = Renamed
+    inner = model.model
+    inner.backbone, inner.bridge = inner.vision_tower, inner.mm_projector
+    del inner.vision_tower, inner.mm_projector
+    model.config.vision_config = inner.backbone.config
+    model.config.mm_vision_tower = {}
+    # the reference: the modules that run on the image in the model's own get_image_features
+    ran: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: ran.append(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model.get_image_features(torch.zeros(1, 3, model.config.vision_config.image_size,
+                                                 model.config.vision_config.image_size))
+    finally:
+        for h in handles:
+            h.remove()
+    assert "model.bridge" in ran
+    before = model_roles(model)
+    assert before["projector"] == ["model.bridge"]
+    quantize_(model, QuantConfig(4))
+    assert {type(m).__name__ for m in model.model.bridge.modules()} >= {"QuantLinear"}
+    assert model_roles(model) == before
+    assert role_of(model, "model.bridge.0") == "projector"
