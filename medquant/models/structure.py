@@ -4,8 +4,9 @@ Used by :func:`medquant.models.model_roles` for every architecture outside its t
 steps, cheapest first (no forward pass unless they leave weights undecided):
 
 1. **Anchors.** The *language model* is the module that owns the token embeddings
-   (``model.get_input_embeddings()``, an ``nn.Embedding`` or a module holding exactly one, as Kyutai
-   speech-to-text's table of text and audio-codebook tokens; for a dual encoder, the text tower's, or when that
+   (``model.get_input_embeddings()``, an ``nn.Embedding`` - or the ``QuantEmbedding`` that ``quantize_embeddings_``
+   made of it - or a module holding exactly one, as Kyutai speech-to-text's table of text and audio-codebook
+   tokens; for a dual encoder, the text tower's, or when that
    method fails (OWL-ViT, GroupViT) the tower's ``nn.Embedding`` of ``config.vocab_size`` rows) and the
    decoder / encoder stack beside them: the smallest ancestor of the embedding that holds a non-empty
    ``nn.ModuleList`` of blocks (a list of embedding tables, MarkupLM's xpath embeddings, is no stack). The *head*
@@ -195,6 +196,16 @@ def _has_weights(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(_stands_for_weight_layer(m) for m in module.modules())
 
 
+def _is_table(module: nn.Module) -> bool:
+    """An embedding table: an ``nn.Embedding``, or a quantized one (``QuantEmbedding``: integer ``num_embeddings`` /
+    ``embedding_dim``, its rows packed in buffers, no parameter)."""
+    if isinstance(module, nn.Embedding):
+        return True
+    return (isinstance(getattr(module, "num_embeddings", None), int)
+            and isinstance(getattr(module, "embedding_dim", None), int)
+            and any(True for _ in module.buffers(recurse=False)) and not any(True for _ in module.parameters()))
+
+
 def _token_embedding(model: nn.Module, by_vocab: bool = False) -> nn.Module | None:
     """``model.get_input_embeddings()`` when it is an ``nn.Embedding``, or the single ``nn.Embedding`` inside the
     module it returns (Kyutai speech-to-text wraps its table of text and audio-codebook tokens); with ``by_vocab``,
@@ -206,11 +217,11 @@ def _token_embedding(model: nn.Module, by_vocab: bool = False) -> nn.Module | No
         emb = None
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if by_vocab and isinstance(vocab, int):
-            emb = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab), None)
-    if isinstance(emb, nn.Module) and not isinstance(emb, nn.Embedding):
-        tables = [m for m in emb.modules() if isinstance(m, nn.Embedding)]
+            emb = next((m for m in model.modules() if _is_table(m) and m.num_embeddings == vocab), None)
+    if isinstance(emb, nn.Module) and not _is_table(emb):
+        tables = [m for m in emb.modules() if _is_table(m)]
         emb = tables[0] if len(tables) == 1 else None
-    return emb if isinstance(emb, nn.Embedding) else None
+    return emb if isinstance(emb, nn.Module) and _is_table(emb) else None
 
 
 def _no_embedding_reason(model: nn.Module) -> str:
@@ -234,7 +245,7 @@ def _no_embedding_reason(model: nn.Module) -> str:
 def _is_stack(module: nn.Module) -> bool:
     """A non-empty ``nn.ModuleList`` of blocks, not of embedding tables (MarkupLM's xpath embeddings)."""
     return (isinstance(module, nn.ModuleList) and len(module) > 0
-            and not all(isinstance(m, nn.Embedding) for m in module))
+            and not all(_is_table(m) for m in module))
 
 
 def _language_root(model: nn.Module, modules: dict[str, nn.Module], names: dict[int, str]) -> str | None:

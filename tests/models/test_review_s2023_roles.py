@@ -122,3 +122,24 @@ def test_quantized_unhinted_projector_beside_the_layers_stays_projector():
     assert {type(m).__name__ for m in model.model.bridge.modules()} >= {"QuantLinear"}
     assert model_roles(model) == before
     assert role_of(model, "model.bridge.0") == "projector"
+
+
+@pytest.mark.parametrize("name", ["deepseek_vl", "blip2"])
+def test_quantized_token_embedding_still_anchors_the_language_model(name):
+    """``quantize_embeddings_`` turns the token table into a ``QuantEmbedding`` (rows packed in buffers, not an
+    ``nn.Embedding``). The structural roles are anchored on that table: the language model (the sub-model whose config
+    is ``text_config``) must stay ``language``, not be swallowed by the vision role with the rest of the model."""
+    from medquant import QuantConfig
+    from medquant.models import language_model_layers, vision_layers
+    from medquant.quant.embeddings import quantize_embeddings_
+    from medquant.testing.zoo_vlm import EXTRA_ZOO_BY_NAME
+
+    model = EXTRA_ZOO_BY_NAME[name].build()
+    text = next(n for n, m in model.named_modules() if getattr(m, "config", None) is model.config.text_config)
+    before = (model_roles(model), language_model_layers(model), vision_layers(model))
+    quantize_embeddings_(model, QuantConfig(8, scope="channel"))
+    assert type(model.get_input_embeddings()).__name__ == "QuantEmbedding"
+    roles = model_roles(model)
+    assert (roles, language_model_layers(model), vision_layers(model)) == before
+    assert not any(text == p or text.startswith(p + ".") for p in roles["vision"])
+    assert any(p == text or p.startswith(text + ".") for p in roles["language"])
