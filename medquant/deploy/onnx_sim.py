@@ -846,7 +846,9 @@ def _prepare(model: nn.Module, example: tuple, method: str, percentile: float, p
                           "normalizes each batch with its own statistics (in eval mode too), which the exported "
                           "model (a dynamic batch axis) cannot compute. Accepted: BatchNorms with running statistics "
                           "(track_running_stats=True, estimated on training data), which are folded")
-    sim = copy.deepcopy(model).eval().float()  # ONNX Runtime computes in float32 (a half model too)
+    # ONNX Runtime computes in float32 (a half model too); nn.Module's own float(): transformers refuses .float()
+    # of a model carrying its quantizer (a quantized folder from_pretrained loads), and the copy is converted only
+    sim = nn.Module.float(copy.deepcopy(model).eval())
     sim.register_forward_pre_hook(_float32_inputs)
     info = SimulationInfo(method=method, percentile=percentile)
     pairs = _bn_pairs(sim, example)
@@ -1025,7 +1027,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Any], *, method: s
 def _promoted_reference(model: nn.Module, promote: bool) -> nn.Module:
     """A copy of ``model`` that computes with the weights the export writes for promoted (requantized) layers:
     a forward hook adds ``op(x, W_promoted - W_stored)`` (no bias) to each such layer's output."""
-    ref = copy.deepcopy(model).eval().float()  # as the export computes (as_args casts the inputs to float32)
+    ref = nn.Module.float(copy.deepcopy(model).eval())  # as the export computes (inputs cast to float32)
     if not promote:
         return ref
     for m in ref.modules():
