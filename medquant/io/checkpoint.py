@@ -1274,7 +1274,10 @@ def verify_pretrained(directory: str | os.PathLike, modules: Mapping[str, Any], 
         files: check the manifest.
         tensors: check the recipes against the safetensors headers (else only against the schema).
         key_map: turns a checkpoint key into the model's name for it (transformers renames keys of some models on
-            load); ``None``: keys are names.
+            load: ``save_pretrained`` writes ViT's ``vit.layers.0.attention.k_proj`` as
+            ``vit.encoder.layer.0.attention.attention.key``); ``None``: the renaming ``from_pretrained`` applies for
+            the class ``config.json`` names (:func:`medquant.models.checkpoint_renaming` of that class built on
+            the meta device; keys are names where transformers does not provide the class or renames nothing).
 
     Raises:
         CheckpointError: a file, recipe or tensor that does not match, or a tensor stored in two weight files (or
@@ -1283,6 +1286,31 @@ def verify_pretrained(directory: str | os.PathLike, modules: Mapping[str, Any], 
     """
     atomic.read_stable(directory, lambda root: _verify_pretrained_once(directory, root, modules, quantized, files,
                                                                        tensors, key_map), error=CheckpointError)
+
+
+def _stored_names(root: Path) -> Callable[[str], str] | None:
+    """Stored tensor name -> the model's name, as ``from_pretrained`` renames them for the class the folder's
+    ``config.json`` names (its first ``architectures`` entry, built on the meta device); ``None`` (names as stored)
+    for a class transformers does not provide (the folder's own code is not run), a config transformers cannot
+    read, or a transformers without renaming."""
+    import transformers
+
+    from ..models import checkpoint_renaming
+
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is None or not hasattr(cls, "_from_config"):
+        return None
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(cfg)
+    except (ValueError, TypeError, AttributeError, ImportError, RuntimeError):
+        return None
+    return checkpoint_renaming(model)
 
 
 def _verify_pretrained_once(directory: str | os.PathLike, root: Path, modules: Mapping[str, Any], quantized: bool,
@@ -1319,6 +1347,8 @@ def _verify_pretrained_once(directory: str | os.PathLike, root: Path, modules: M
                   for name, e in modules.items()}
         if not tensors:
             return
+        if key_map is None:
+            key_map = _stored_names(root)
         header: dict[str, TensorInfo] = {}
         held_by: dict[str, str] = {}  # a tensor in two shards: which copy is read is the index's choice, refused
         for f in weight_files:
