@@ -1,5 +1,6 @@
-"""``medquant generate`` / ``demo`` refuse a ``--seed`` torch cannot seed with before any work: exit code 2, one line
-naming the option (the model is never loaded, nothing is compiled or trained)."""
+"""Arguments refused before any work: exit code 2, one line naming the option (the model is never loaded, nothing is
+compiled or trained). ``medquant compile-decoder``: a ``--chunk`` / ``--cache-lengths`` beyond ``--max-len``;
+``medquant generate`` / ``demo``: a ``--seed`` torch cannot seed with."""
 from __future__ import annotations
 
 import pytest
@@ -24,6 +25,19 @@ def _exit_code_and_error(argv, capsys):
     except SystemExit as e:  # argparse's own errors
         code = e.code
     return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--chunk", "16"], "--chunk"),
+    (["--chunk", "4", "32"], "--chunk"),
+    (["--cache-lengths", "16"], "--cache-lengths"),
+])
+def test_compile_decoder_refuses_lengths_beyond_max_len_naming_the_option(no_loading, capsys, extra, flag):
+    code, err = _exit_code_and_error(["compile-decoder", str(no_loading / "model"), str(no_loading / "out"),
+                                      "--max-len", "8", *extra], capsys)
+    line = next(x for x in err.splitlines() if "error:" in x)
+    assert code == 2 and line.startswith("medquant compile-decoder: error: ") and flag in line and "--max-len 8" in line
+    assert not (no_loading / "out").exists()
 
 
 @pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1)])
