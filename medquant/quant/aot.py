@@ -785,6 +785,9 @@ class AOTDecoder:
         switches), and a SHA-256 of the model's parameters and buffers as they are now. No weights are written: the
         programs read the model they are loaded with.
 
+        A save that fails part way (a full disk, an interrupt) removes the files it wrote, and the folder when it
+        created it: the folder is left as it was.
+
         Args:
             path: a folder that does not exist yet, or an empty one.
 
@@ -806,8 +809,25 @@ class AOTDecoder:
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise ValueError(f"{folder} exists and is not an empty folder: save a decoder into a new folder")
         config = _text_config(self.model)
-        programs = []
+        programs: list[dict[str, Any]] = []
+        created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{MANIFEST}.tmp"
+        try:
+            self._write(folder, config, programs, tmp)
+        except BaseException:  # a full disk, an interrupt: what this save wrote goes, the folder is as it was
+            for f in [tmp, *(folder / p["file"] for p in programs),
+                      *(folder / _program_file(n, length) for n, length in self._files)]:
+                f.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        return folder
+
+    def _write(self, folder: Path, config: Any, programs: list[dict[str, Any]], tmp: Path) -> None:
+        """:meth:`save`'s writes: the programs (recorded in ``programs`` as they are written), then the manifest
+        through ``tmp``."""
         for (n, length), src in sorted(self._files.items()):
             dst = folder / _program_file(n, length)
             shutil.copyfile(src, dst)
@@ -822,10 +842,8 @@ class AOTDecoder:
             "programs": programs, "lanes": self._spec["lanes"], "ops": self._spec["ops"],
             "constants": self._spec["constants"],
         }
-        tmp = folder / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, folder / MANIFEST)  # the manifest last: a folder without it was not saved whole
-        return folder
 
     def close(self) -> None:
         """Drop the programs and remove their temporary folder; the decoder is unusable afterwards.

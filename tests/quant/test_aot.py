@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -568,3 +569,29 @@ def test_step_attention_equals_transformers_eager_attention(n, heads, kv_heads):
 @pytest.mark.slow
 def test_the_models_attention_setting_is_restored_after_compiling(decoder):
     assert decoder.model.config._attn_implementation == "sdpa"  # the step programs were exported with their own
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_save_that_fails_part_way_leaves_the_folder_as_it_was(decoder, tmp_path, monkeypatch, existing):
+    """A save that fails after its first program (a full disk, an interrupt) removes what it wrote: a new folder
+    is not left behind, an existing empty one is empty again (a rerun or another folder works; a folder of some
+    programs without ``decoder.json`` was refused as not empty). The real compiled programs."""
+    from medquant.quant import aot
+
+    folder = tmp_path / "dec"
+    if existing:
+        folder.mkdir()
+    real, calls = shutil.copyfile, []
+
+    def failing(src, dst, *a, **k):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(aot.shutil, "copyfile", failing)
+    with pytest.raises(OSError, match="No space"):
+        decoder.save(folder)
+    assert len(calls) == 2 and (folder.is_dir() and not any(folder.iterdir()) if existing else not folder.exists())
+    monkeypatch.setattr(aot.shutil, "copyfile", real)
+    assert (decoder.save(folder) / "decoder.json").is_file()  # the same folder takes a whole save afterwards
