@@ -726,11 +726,15 @@ def report(args) -> dict:
             d = json.loads(f.read_text())
             d["file"] = f.name
             if p == "lm":  # each row says which file (and calibration) it came from
+                seqs, seq_len = d["calibration"]["sequences"], d["calibration"]["seq_len"]
+                awq_seqs = (d.get("awq") or {}).get("calibration_sequences", min(4, seqs))
                 for rows in d["configs"].values():
                     for m, r in rows.items():
                         r["file"] = f.name
-                        if m != "RTN":
-                            r["calibration"] = f"{d['calibration']['sequences']} x {d['calibration']['seq_len']}"
+                        if m in ("RTN", "RTN+RS"):  # no calibration data (RTN+RS: ranges searched on weights)
+                            continue
+                        # AWQ searches its scales on the first sequences only; GPTQ rows name GPTQ's data
+                        r["calibration"] = f"{awq_seqs if m == 'AWQ' else seqs} x {seq_len}"
             if parts[p] is None:
                 parts[p] = dict(d, files=[f.name], missing=list(d.get("missing", [])))
                 continue
