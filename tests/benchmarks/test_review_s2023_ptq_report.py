@@ -53,3 +53,12 @@ def test_calibration_column_is_what_each_method_used(tmp_path, monkeypatch):
     assert _md_row(md, "RTN+RS")[2] == "-"
     assert rows["GPTQ"]["calibration"] == "128 x 512"
 
+
+def test_awq_time_column_includes_its_search(tmp_path, monkeypatch):
+    lm = _lm_file(128, 512, awq_seqs=4, awq_search_s=41.0)
+    _, md = _report(tmp_path, monkeypatch, lm)
+    awq = lm["configs"]["W4 g128 sym"]["AWQ"]
+    # GPTQ's time includes its calibration work; AWQ's must include its search too (41 s + 1 s of rounding)
+    assert _md_row(md, "AWQ")[6] == f"{awq['quantize']['seconds_with_awq_search']:.0f}"
+    assert _md_row(md, "GPTQ")[6] == "300"
+
