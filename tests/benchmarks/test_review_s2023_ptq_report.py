@@ -62,3 +62,10 @@ def test_awq_time_column_includes_its_search(tmp_path, monkeypatch):
     assert _md_row(md, "AWQ")[6] == f"{awq['quantize']['seconds_with_awq_search']:.0f}"
     assert _md_row(md, "GPTQ")[6] == "300"
 
+
+def test_time_target_needs_128_x_512_tokens(tmp_path, monkeypatch):
+    out, _ = _report(tmp_path, monkeypatch, _lm_file(128, 256, awq_seqs=4, awq_search_s=41.0))
+    target = out["targets"]["LM: GPTQ of SmolLM2 with 128 x 512 tokens in < 10 min"]
+    assert target["met"] == "not measured (fewer tokens)"  # 128 x 256 is half the target's tokens
+    out, _ = _report(tmp_path, monkeypatch, _lm_file(128, 512, awq_seqs=4, awq_search_s=41.0))
+    assert out["targets"]["LM: GPTQ of SmolLM2 with 128 x 512 tokens in < 10 min"]["met"] is True
