@@ -17,7 +17,8 @@ The matched-bits comparison is against U4 / U4-QAT (4.00 bits); mixed-precision 
 
 Metrics on the test split: AvgBits (parameter-weighted), bytes, GBOPs per image with real token counts / output
 positions (activations 32-bit), the authors' proxy GBOPs, AvgAcc, WorstAcc, Gap, EOpp0, EOpp1, EOdd, balanced
-accuracy, per-group accuracy and counts. Mean and std over seeds. Writes JSON + PNG (WorstAcc vs AvgBits) to
+accuracy, per-group accuracy and counts. Mean and std over seeds; the counts of each seed where the test split
+depends on the seed (NIH: "155/125/43" for seeds 0 1 2; the JSON's data record names each seed's split). Writes JSON + PNG (WorstAcc vs AvgBits) to
 benchmarks/results/. The float model must reach a balanced accuracy of at least twice chance (HAM10000: 2/7); for
 the binary NIH task twice chance (1.0) is unreachable, so there the check is reported as failed unless it is met,
 and the substitute bar 0.6 is reported next to it.
@@ -154,7 +155,9 @@ def summarise(rows) -> list[dict]:
                 s[k] = float(np.nanmean(v))
                 s[k + "_std"] = float(np.nanstd(v)) if len(v) > 1 else 0.0
             s["acc_by_group"] = {g: float(np.mean([r["acc_by_group"][g] for r in sel])) for g in sel[0]["acc_by_group"]}
-            s["n_by_group"] = sel[0]["n_by_group"]
+            # a test set per seed (NIH: the patient split follows the seed): then each seed's count, in seed order
+            ns = [r["n_by_group"] for r in sel]
+            s["n_by_group"] = ns[0] if all(n == ns[0] for n in ns) else {g: [n[g] for n in ns] for g in ns[0]}
             out.append(s)
     return out
 
@@ -183,7 +186,11 @@ def table(summary, data_info) -> str:
     lines += [head, "|" + "---|" * 13]
     for s in summary:
         names = data_info[s["dataset"]]["groups"]
-        per = ", ".join(f"{names[int(g)]} {a:.3f} ({s['n_by_group'][g]})" for g, a in s["acc_by_group"].items())
+        def n(g, s=s):
+            c = s["n_by_group"][g]
+            return "/".join(map(str, c)) if isinstance(c, list) else str(c)
+
+        per = ", ".join(f"{names[int(g)]} {a:.3f} ({n(g)})" for g, a in s["acc_by_group"].items())
 
         def pm(k, s=s, fmt="{:.3f}"):
             return fmt.format(s[k]) + (("±" + fmt.format(s[k + "_std"])) if s["seeds"] > 1 else "")
@@ -253,12 +260,15 @@ def main(argv=None) -> int:
         "fairquant_quick.json" if args.quick else "fairquant.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     start, cpu0 = time.time(), time.process_time()
-    rows, infos = [], {}
+    rows, infos, splits = [], {}, {}
     for ds in args.datasets:
         for seed in st["seeds"]:
             data = load_nih_sex(args.data_dir, seed=seed) if ds == "nih" else load_ham10000_sex(
                 args.data_dir, progress=not args.no_progress)
-            infos[ds] = data["info"]
+            infos[ds] = dict(data["info"])
+            splits.setdefault(ds, {})[f"seed {seed}"] = data["info"].get("split")
+            if len(set(splits[ds].values())) > 1:  # NIH: the patient split of each seed
+                infos[ds]["split"] = dict(splits[ds])
             for arch in st["archs"]:
                 print(f"== {ds} / {arch} / seed {seed}", flush=True)
                 cell = run_cell(ds, data, arch, seed, st, args.qat_lr, not args.no_progress)
