@@ -10,9 +10,9 @@ Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-r
 smaller), the next ``--steps`` x ``--batch`` train in batches of ``--batch`` (cycled when fewer; a training stage
 without one full batch left after calibration is refused before the model is loaded). Each stage shows a progress
 bar; ``--train none`` / ``--quant none`` / ``--heads 0 --ffn 0`` skip stages. ``--out`` is any folder but the model
-folder itself. Reload the result with ``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json``
-records the parameter counts before and after, the stored bytes, the last training loss, every stage setting
-(``settings``) and the data the stages saw (``data``: the text source, how many texts there were, how many
+folder itself (a path that is a file, or lies beneath one, is refused before the model is loaded). Reload the result
+with ``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json`` records the parameter counts before
+and after, the stored bytes, the last training loss, every stage setting (``settings``) and the data the stages saw (``data``: the text source, how many texts there were, how many
 calibrated and trained, in how many batches (0 when no stage calibrates or trains: only pruning and ``--quant awq``
 calibrate), and ``--max-length``). ``--seed`` (default 0) seeds torch's global
 generator before the model is loaded, so dropout in the training stage and the distillation projections start the
@@ -33,6 +33,7 @@ from .args import (
     positive_int,
     utf8_text,
 )
+from .quantize import output_folder_message
 
 
 def _texts(args) -> tuple[list[str], str]:
@@ -151,6 +152,9 @@ def _check(args, parser) -> None:
     same = output_is_input_message(args.out, args.model, "--out")
     if same:
         parser.error(same)
+    not_folder = output_folder_message(args.out, "--out")
+    if not_folder:  # the save would refuse it only after every stage ran
+        parser.error(not_folder)
     if args.layer_select and not (args.heads or args.ffn):  # no pruning stage runs: the flag would do nothing
         parser.error("--layer-select spreads --heads / --ffn over the blocks; with --heads 0 --ffn 0 nothing is "
                      "pruned: give a ratio above 0 or drop --layer-select")

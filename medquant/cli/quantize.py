@@ -326,6 +326,22 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
     return model, source
 
 
+def output_folder_message(out: str, flag: str) -> str | None:
+    """The error for an output path that cannot become the output folder, ``None`` otherwise: a path that exists and
+    is not a folder, or a path beneath a file (``a_file/sub``: no folder can be created there). The save would refuse
+    either only after all the work (``medquant quantize`` / ``medquant pipeline`` check it with their arguments)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return f"{flag}: {out} exists and is not a folder; the model is saved as a folder: give a folder's path"
+    for parent in path.absolute().parents:  # the nearest one that exists must be a folder to create ``out`` in
+        if parent.exists():
+            if not parent.is_dir():
+                return (f"{flag}: {out} cannot be created: {parent} exists and is not a folder; give a path whose "
+                        "parents are folders")
+            break
+    return None
+
+
 def _summary(before, after, n_layers: int, method: str) -> dict:
     return {"method": method, "layers_quantized": n_layers, "average_bits": round(after.effective_bits, 4),
             "bytes_before": before.total_bytes, "bytes_after": after.total_bytes,
@@ -496,8 +512,9 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
     same = output_is_input_message(args.out, args.model, "OUT_DIR")
     if same:
         parser.error(same)
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # refused by the save, after all the work
-        parser.error(f"OUT_DIR: {args.out} exists and is not a folder; the quantized model is saved as a folder")
+    not_folder = output_folder_message(args.out, "OUT_DIR")
+    if not_folder:
+        parser.error(not_folder)
     if args.calib_split is not None and not args.calib_images:
         parser.error("--calib-split picks the split of --calib-images: give --calib-images too")
     if args.calib_images and not args.calib:
