@@ -36,8 +36,9 @@ Refused with :class:`~medquant.deploy.ExportError` naming the layers: schemes no
 requantizes those layers to ``promote_type`` (default Q8_0, by the ``gguf`` package's quantiser; or ``"F32"``,
 exact but uncompressed) and reports the added error; pruned models whose blocks differ in shape (a model pruned
 alike in every block is written with the head counts and feed-forward size of its weights, and the block count
-of its layer list); MoE experts; layers that fake-quantize their input activations
-(``adaround_quantize_(act_bits=...)``: the file holds weights only) and other forward hooks that change what the
+of its layer list); MoE experts; biases llama.cpp's loader of the architecture does not read
+(:data:`LLAMA_CPP_BIASES`: Gemma 3's ``o_proj`` bias under ``attention_bias=True``); layers that fake-quantize
+their input activations (``adaround_quantize_(act_bits=...)``: the file holds weights only) and other forward hooks that change what the
 model computes (an ``AdaptiveQuantizer``'s, a user's, torch's ``prune`` / ``weight_norm``:
 :func:`~medquant.deploy.common.check_forward_hooks`); Llama 3 rope scaling (``rope_type="llama3"``)
 in a qwen2 or gemma3 config
@@ -87,6 +88,13 @@ ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "g
 #: the architectures above whose llama.cpp loader reads the ``rope_freqs`` tensor (how GGUF carries Llama 3 rope
 #: scaling); its qwen2 and gemma3 loaders take no such tensor and refuse a file that has one
 ROPE_FREQS_ARCHITECTURES = ("llama",)
+#: the tensors whose bias llama.cpp's loader of each architecture reads (``src/models/<arch>.cpp``, optional
+#: tensors); a bias of another tensor is one the loader does not create, which fails the whole load
+LLAMA_CPP_BIASES = {
+    "llama": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
+    "qwen2": ("attn_q", "attn_k", "attn_v"),
+    "gemma3": ("attn_q", "attn_k", "attn_v"),
+}
 FLOAT_TYPES = ("F32", "F16")
 F16_MAX = 65504.0  # the largest finite float16
 PROMOTE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
@@ -604,6 +612,14 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
             " Q8_0); pass promote=True to requantize these layers to promote_type (lossy, reported per layer)")
     in_plan = {id(m) for _, _, m, _ in plan.items}
     outside = [n for n, m in quantized if id(m) not in in_plan and not (tied and m is head)]
+    unread = [f"{gname}.bias ({hf}.bias)" for gname, hf, m, kind in plan.items
+              if kind != "norm" and isinstance(getattr(m, "bias", None), torch.Tensor)
+              and gname.rsplit(".", 1)[-1] not in LLAMA_CPP_BIASES[arch]]
+    if unread:
+        raise ExportError(f"format='gguf': llama.cpp's {arch} loader ({LLAMA_CPP_CHECKED}) reads biases of "
+                          f"{', '.join(LLAMA_CPP_BIASES[arch])} only, so a file holding {', '.join(unread[:3])}"
+                          f"{f' and {len(unread) - 3} more' if len(unread) > 3 else ''} would not load (a tensor "
+                          "its loader does not create); this model's biases cannot be carried to llama.cpp")
 
     path = gguf_output_path(path, overwrite)
     model_name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
