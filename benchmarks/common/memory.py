@@ -20,8 +20,8 @@ Reported: ``train_peak_mb = peak_train - rss_start`` (CPU; on GPU the max alloca
 from zero): the memory training needs *including the model as it is held for training* (float weights for
 full/LoRA, NF4 for QLoRA), gradients, optimizer state and activations; and
 ``train_overhead_mb = peak_train - rss_loaded``: the peak above the float model just after loading (the
-literal "peak RSS minus RSS after load"; it can be below zero for QLoRA, whose NF4 base is smaller than
-the float model it was made from). ``MALLOC_MMAP_THRESHOLD_=65536`` is set for the child so that freed
+literal "peak RSS minus RSS after load"; on GPU the max allocated bytes minus the bytes allocated once the
+model is loaded; it can be below zero for QLoRA, whose NF4 base is smaller than the float model it was made from). ``MALLOC_MMAP_THRESHOLD_=65536`` is set for the child so that freed
 tensors go back to the OS instead of staying in glibc's heap and inflating RSS.
 """
 from __future__ import annotations
@@ -185,6 +185,11 @@ def measure_training(load_model: Callable[[], nn.Module], variant: str, batches:
             t.float().sum() if t.is_floating_point() else t.sum()
     gc.collect()
     rss_loaded = rss_mb()
+    if cuda:  # the model as loaded on the GPU: what train_overhead_mb is measured above
+        torch.cuda.synchronize()
+        loaded = torch.cuda.memory_allocated() / 2**20
+    else:
+        loaded = rss_loaded
     t0 = time.perf_counter()
     model = prepare_variant(model, variant, **(lora_kwargs or {}))
     if gradient_checkpointing:
@@ -209,7 +214,7 @@ def measure_training(load_model: Callable[[], nn.Module], variant: str, batches:
         peak = peak_rss_mb()
         start = rss_start
     rep = MemoryReport(variant, device, rss_start, rss_loaded, rss_prep, peak, peak - start,
-                       peak - (0.0 if cuda else rss_loaded), prep_s, train_s, len(losses), trainable, ok, losses)
+                       peak - loaded, prep_s, train_s, len(losses), trainable, ok, losses)
     return rep, model
 
 
