@@ -11,7 +11,8 @@ The folder is loaded with its config's architecture class (``AutoModelForCausalL
 in its stored dtypes (a bfloat16 folder stays bfloat16, as ``from_pretrained`` loads it; ``bytes before`` is its
 size in them), quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`;
 ``gptq``: :func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized with the
-folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens; with ``--calib-images`` a VLM is
+folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens (default 32 of 512; without ``--calib``
+they would be read for nothing and are refused); with ``--calib-images`` a VLM is
 calibrated on images each paired with a paragraph through the folder's processor, so its vision tower is
 calibrated too: :func:`medquant.cli.prune.image_calibration_batches`) and saved with
 :func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it, as part of the checkpoint: listed in its
@@ -67,6 +68,8 @@ from .prune import (
     save_preprocessing,
 )
 
+CALIB_SAMPLES = 32  # --calib-samples by default: calibration sequences
+SEQ_LEN = 512  # --seq-len by default: tokens per calibration sequence
 PATHS = {"whole-model": "whole model", "block-by-block": "block by block",
          "block-by-block-streamed": "block by block, float weights streamed from the folder's safetensors"}
 
@@ -481,9 +484,11 @@ def register(sub) -> None:
                    help="images (a folder, an index CSV, an .npz or one file) each paired with a --calib paragraph "
                         "through the folder's processor: calibrates a VLM's vision tower too (awq / gptq)")
     p.add_argument("--calib-split", default=None, metavar="NAME", help=CALIB_SPLIT_HELP)
-    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences (default 32)")
-    p.add_argument("--seq-len", type=sequence_length, default=512,
-                   help="tokens per calibration sequence, at least 2 (default 512)")
+    # None: not given (refused without --calib, read for nothing there); _check puts in the defaults
+    p.add_argument("--calib-samples", type=positive_int, default=None,
+                   help=f"calibration sequences (with --calib; default {CALIB_SAMPLES})")
+    p.add_argument("--seq-len", type=sequence_length, default=None,
+                   help=f"tokens per calibration sequence, at least 2 (with --calib; default {SEQ_LEN})")
     p.add_argument("--skip", nargs="+", type=role_or_name, default=[], metavar="PATTERN",
                    help="layers left in float: roles (@vision @projector @language @head), re:<regex> or names "
                         "(default: none, the LM head included, for every --method; the Python awq_quantize_ leaves "
@@ -525,6 +530,15 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--max-hessian-bytes is read by --method gptq, not --method {args.method}")
     if args.method == "rtn" and args.calib:  # it would be read for nothing: the user meant awq or gptq
         parser.error("--calib is read by --method awq or gptq; --method rtn (the default) uses no calibration data")
+    given = [f for f, v in (("--calib-samples", args.calib_samples), ("--seq-len", args.seq_len)) if v is not None]
+    if given and not args.calib:  # they shape the data read from --calib: read for nothing without it
+        parser.error(f"{' / '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the calibration sequences "
+                     f"read from --calib FILE (--method awq or gptq); without --calib nothing reads "
+                     f"{'them' if len(given) > 1 else 'it'}: give --calib or drop {' / '.join(given)}")
+    if args.calib_samples is None:
+        args.calib_samples = CALIB_SAMPLES
+    if args.seq_len is None:
+        args.seq_len = SEQ_LEN
     if args.block_by_block and args.method == "rtn":
         parser.error("--block-by-block is read by --method awq or gptq (calibration one block at a time); "
                      "--method rtn (the default) rounds each layer on its own and has no block-by-block path")
