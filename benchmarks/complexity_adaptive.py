@@ -2,8 +2,9 @@
 
 Trains a compact CNN (or ViT) per data set and seed on the CPU, then compares full precision, int8 weights, uniform
 2/4/8-bit activations, complexity-adaptive bits (quartile levels -> 2/4/8/32), the same bit histogram assigned at
-random (the control), complexity reversed, a learned policy and a test-label oracle; at the head input and at
-every block output (:mod:`benchmarks.common.adaptive_experiment`). Writes the JSON and a PNG and prints the table.
+random (the control), complexity reversed, a learned policy and its control (the policy's own bits at random),
+and a test-label oracle; at the head input and at every block output
+(:mod:`benchmarks.common.adaptive_experiment`). Writes the JSON and a PNG and prints the table.
 
     python -m benchmarks.complexity_adaptive                  # Kermany 64 px + NIH sample, seeds 0 1 2
     python -m benchmarks.complexity_adaptive --quick          # NIH, seed 0, 1 epoch, 1 random draw (~1 min)
