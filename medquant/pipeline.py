@@ -257,7 +257,8 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
     """Run the stages in order on ``model`` (modified in place) and optionally save to ``out``.
 
     What can be checked before the first stage runs is checked then, so that a stage's error does not come after
-    earlier stages already changed the model: ``calib`` / ``train_data`` present where a stage needs them, the
+    earlier stages already changed the model: ``out`` a path a folder can be saved to (not a file, not beneath
+    one), ``calib`` / ``train_data`` present where a stage needs them, the
     ``QuantStage.skip`` patterns, no layer the quantization stage covers already quantized, AWQ scale groups in
     the model, and one no-grad step of the training loss on the first training batch (the model's output must have
     logits and the batch a task loss; with ``TrainStage.feature_pairs`` the model's ``hidden_states`` are counted,
@@ -293,12 +294,15 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
             and data, a feature pair out of the model's ``hidden_states``, a training stage for a model with no
             parameter that requires grad; all before any stage runs.
         TypeError: ``calib`` or ``train_data`` is one batch (a dict) instead of a sequence of batches.
+        NotADirectoryError: ``out`` is a file, or a path beneath a file; before any stage runs.
     """
     from .prune import StructuredPruner, allocate_ratios, block_influence, least_influential
 
     calib = _batches(calib, "calib")
     train_data = _batches(train_data, "train_data")
     _check_before(model, prune, train, quantize, calib, train_data)
+    if out is not None:  # the save would refuse it only after the stages changed the model
+        _check_out(out)
     res = CompressResult(model)
     teacher = copy.deepcopy(model).eval() if train is not None and train.mode == "distil" else None
     if prune is not None:
@@ -359,6 +363,21 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
         res.path = str(save_with_files(model, out, plan=res.plan, extras=extras,
                                        write_files=None if cb is None else lambda folder: cb(folder, res)))
     return res
+
+
+def _check_out(out: str | os.PathLike) -> None:
+    """``out`` can become the checkpoint folder: ``NotADirectoryError`` for a path that exists and is not a folder,
+    or one beneath a file (``a_file/sub``: no folder can be created there)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"out: {out} exists and is not a folder; a checkpoint is saved as a folder: give a "
+                                 "folder's path")
+    for parent in path.absolute().parents:  # the nearest one that exists must be a folder to create ``out`` in
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"out: {out} cannot be created: {parent} exists and is not a folder; give "
+                                         "a path whose parents are folders")
+            break
 
 
 def _real(v: Any) -> float | None:
