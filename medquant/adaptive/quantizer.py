@@ -247,7 +247,7 @@ class AdaptiveQuantizer(nn.Module):
         weight_skip: ``skip`` patterns passed to ``quantize_``.
         weight_sequential: ``False`` (default) quantizes the weights with ``quantize_``; ``True`` or a dict of
             keyword arguments (``device``, ``offload_device``, ``checkpoint``, ``blocks``, ``progress``) uses
-            :func:`medquant.sequential.quantize_sequential` instead: one decoder / vision block in floating point
+            :func:`medquant.calibrate.sequential.quantize_sequential` instead: one decoder / vision block in floating point
             on the device at a time, the model may be a meta-device skeleton read from a safetensors
             ``checkpoint``; same quantized model as ``quantize_``. Without ``blocks`` the blocks are those of
             the model, or of the Hugging Face model inside it (``VLMClassifier.vlm``).

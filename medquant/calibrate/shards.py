@@ -2,7 +2,7 @@
 
 ``quantize_shard`` splits the blocks of a model between processes (``torchrun`` / ``accelerate launch`` set
 ``RANK`` and ``WORLD_SIZE``): each process streams only its blocks from the float checkpoint, quantizes them
-(:func:`medquant.sequential.quantize_sequential`) and writes them to its own safetensors shard, with the recipe
+(:func:`medquant.calibrate.sequential.quantize_sequential`) and writes them to its own safetensors shard, with the recipe
 of every quantized layer in the shard's metadata; rank 0 also takes the modules outside the blocks
 (embeddings, norms, ``lm_head``). No process ever holds more than its share of the quantized model plus one
 float block, and no communication is needed. ``assemble_shards`` rebuilds the full quantized model from the
