@@ -34,6 +34,7 @@ from .args import (
     positive_int,
     utf8_text,
 )
+from .demo import seed_value
 from .quantize import output_folder_message
 
 
@@ -145,7 +146,7 @@ def register(sub) -> None:
                    help="NLMCXR_reports.tgz, read without --text (default: $MEDQUANT_DATA_DIR)")
     p.add_argument("--calib-samples", type=positive_int, default=16)
     p.add_argument("--max-length", type=positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_value, default=0,
                    help="seed of torch's generator (dropout while training, distillation projections; default 0)")
     p.set_defaults(func=run, check=lambda args: _check(args, p))
 
