@@ -9,15 +9,17 @@ Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-r
 ``$MEDQUANT_DATA_DIR``; ``--reports`` with ``--text`` is refused): the first ``--calib-samples`` texts calibrate
 (batches of 4, the last one possibly smaller), the next ``--steps`` x ``--batch`` train in batches of ``--batch``
 (cycled when fewer; a training stage without one full batch left after calibration is refused before the model is
-loaded). Each stage shows a progress bar; ``--train none`` / ``--quant none`` / ``--heads 0 --ffn 0`` skip stages.
-``--out`` is any folder but the model folder itself (a path that is a file, or lies beneath one, is refused before
-the model is loaded). Reload the result with ``medquant.pipeline.load_compressed(OUT)``.
-``OUT/pipeline_report.json`` records the parameter counts before and after, the stored bytes, the last training
-loss, every stage setting (``settings``) and the data the stages saw (``data``: the text source, how many texts
-there were, how many calibrated and trained, in how many batches (0 when no stage calibrates or trains: only pruning
-and ``--quant awq`` calibrate), and ``--max-length``). ``--seed`` (default 0) seeds torch's global generator before
-the model is loaded, so dropout in the training stage and the distillation projections start the same way on every
-run: the same command on the same machine saves the same weights.
+loaded). Each text is cut to ``--max-length`` tokens, special tokens included (at least 2 and more than the special
+tokens the tokenizer adds to every text, refused otherwise). Each stage shows a progress bar; ``--train none`` /
+``--quant none`` / ``--heads 0 --ffn 0`` skip stages. ``--out`` is any folder but the model folder itself (a path
+that is a file, or lies beneath one, is refused before the model is loaded). Reload the result with
+``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json`` records the parameter counts before and
+after, the stored bytes, the last training loss, every stage setting (``settings``) and the data the stages saw
+(``data``: the text source, how many texts there were, how many calibrated and trained, in how many batches (0 when
+no stage calibrates or trains: only pruning and ``--quant awq`` calibrate), and ``--max-length``). ``--seed``
+(default 0) seeds torch's global generator before the model is loaded, so dropout in the training stage and the
+distillation projections start the same way on every run: the same command on the same machine saves the same
+weights.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from .args import (
     output_is_input_message,
     positive_float,
     positive_int,
+    sequence_length,
     utf8_text,
 )
 from .demo import seed_value
@@ -73,6 +76,10 @@ def run(args) -> int:
     model, tok = _load(args.model, args.gguf_file, command="pipeline", trust_remote_code=args.trust_remote_code)
     if tok is None:
         raise SystemExit("the pipeline needs the model folder's tokenizer")
+    special = tok.num_special_tokens_to_add(pair=False)
+    if args.max_length <= special:  # truncation keeps the special tokens only (or, below them, truncates nothing)
+        raise SystemExit(f"--max-length {args.max_length} leaves no room for text: the tokenizer adds {special} "
+                         f"special tokens to every text; give --max-length above {special}")
 
     def batches(txt, bs, keep_partial):
         stop = len(txt) if keep_partial else len(txt) - bs + 1
@@ -145,7 +152,9 @@ def register(sub) -> None:
     p.add_argument("--reports", default=None,
                    help="NLMCXR_reports.tgz, read without --text (default: $MEDQUANT_DATA_DIR)")
     p.add_argument("--calib-samples", type=positive_int, default=16)
-    p.add_argument("--max-length", type=positive_int, default=128)
+    p.add_argument("--max-length", type=sequence_length, default=128,
+                   help="tokens per text, special tokens included: at least 2 and more than the tokenizer's special "
+                        "tokens (default 128)")
     p.add_argument("--seed", type=seed_value, default=0,
                    help="seed of torch's generator (dropout while training, distillation projections; default 0)")
     p.set_defaults(func=run, check=lambda args: _check(args, p))
