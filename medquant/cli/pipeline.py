@@ -12,9 +12,10 @@ Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-r
 loaded). Each text is cut to ``--max-length`` tokens, special tokens included (at least 2 and more than the special
 tokens the tokenizer adds to every text, refused otherwise). Each stage shows a progress bar; ``--train none`` /
 ``--quant none`` / ``--heads 0 --ffn 0`` skip stages. ``--out`` is any folder but the model folder itself (a path
-that is a file, or lies beneath one, is refused before the model is loaded). Reload the result with
-``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json`` records the parameter counts before and
-after, the stored bytes, the last training loss, every stage setting (``settings``) and the data the stages saw
+that is a file, or lies beneath one, is refused before the model is loaded). The tokenizer is saved with the result,
+and a VLM's or image model's processor (``AutoProcessor``: image processor, chat template) too. Reload the result
+with ``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json`` records the parameter counts before
+and after, the stored bytes, the last training loss, every stage setting (``settings``) and the data the stages saw
 (``data``: the text source, how many texts there were, how many calibrated and trained, in how many batches (0 when
 no stage calibrates or trains: only pruning and ``--quant awq`` calibrate), and ``--max-length``). ``--seed``
 (default 0) seeds torch's global generator before the model is loaded, so dropout in the training stage and the
@@ -69,13 +70,16 @@ def run(args) -> int:
     from .. import QuantConfig
     from ..pipeline import PruneStage, QuantStage, TrainStage, compress
     from ..prune import parameter_report
-    from .prune import _load, save_preprocessing
+    from .prune import _load, folder_processor, save_preprocessing
 
     texts, source = _texts(args)
     torch.manual_seed(args.seed)  # dropout while training, projection layers of the distiller
     model, tok = _load(args.model, args.gguf_file, command="pipeline", trust_remote_code=args.trust_remote_code)
     if tok is None:
         raise SystemExit("the pipeline needs the model folder's tokenizer")
+    # a VLM's or image model's processor (image processor, chat template), saved beside the model as quantize /
+    # prune save it; loaded before the stages run
+    processor = None if args.gguf_file else folder_processor(args.model, trust_remote_code=args.trust_remote_code)
     special = tok.num_special_tokens_to_add(pair=False)
     if args.max_length <= special:  # truncation keeps the special tokens only (or, below them, truncates nothing)
         raise SystemExit(f"--max-length {args.max_length} leaves no room for text: the tokenizer adds {special} "
@@ -116,7 +120,7 @@ def run(args) -> int:
     }
 
     def write_files(folder: Path, res) -> None:  # into the checkpoint as part of its save (before its manifest)
-        save_preprocessing(folder, tok, None)
+        save_preprocessing(folder, tok, processor)
         summary.update(before=before, after=parameter_report(model), stored_bytes=model_size(model).total_bytes,
                        final_train_loss=res.train_losses[-1] if res.train_losses else None)
         Path(folder, "pipeline_report.json").write_text(json.dumps(summary, indent=1))
