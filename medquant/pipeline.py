@@ -193,9 +193,11 @@ class QuantStage:
             ``calib``) or ``"rtn"`` (round-to-nearest).
         skip: module patterns left in float (default the LM head); a single string is one pattern, ``None`` none;
             any iterable of strings (a generator too, read once) is kept as a tuple. :func:`compress` checks the
-            patterns against the model before any stage runs; a pattern whose layers were all in blocks the prune
-            stage dropped has nothing left to keep in float and is then left out (the saved recipe lists the
-            patterns as given).
+            patterns against the model before any stage runs, and a name or ``re:`` pattern keeps the layers it
+            names *then* in float: after the prune stage drops a block, the blocks after it are renumbered
+            (``model.layers.1`` becomes ``model.layers.0``) and the layers are left out under their new names; a
+            pattern whose layers were all in blocks the prune stage dropped has nothing left to keep in float and is
+            then left out (the saved recipe lists the patterns as given).
 
     Raises:
         ValueError: an unknown ``method``.
@@ -304,6 +306,9 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
     if out is not None:  # the save would refuse it only after the stages changed the model
         _check_out(out)
     res = CompressResult(model)
+    # the layers each skip pattern names, matched on the model as given: pruning renumbers the blocks after a
+    # dropped one, so the patterns are not matched again against the new names
+    skipped = _skip_targets(model, quantize) if prune is not None and quantize is not None else None
     teacher = copy.deepcopy(model).eval() if train is not None and train.mode == "distil" else None
     if prune is not None:
         heads: float | dict[str, float] = prune.head_ratio
@@ -339,7 +344,7 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
         from .quant.api import quantize_
 
         # checked before pruning: a pattern whose layers were all in blocks the prune stage dropped keeps nothing
-        skip = _skip_left(model, quantize) if prune is not None else list(quantize.skip)
+        skip = list(quantize.skip) if skipped is None else _skip_left(model, quantize, skipped)
         if quantize.method == "awq":
             assert calib is not None  # _check_before
             # AWQ's own default scope (the language model, or the tower of an encoder): not the prune stage's
@@ -385,14 +390,39 @@ def _real(v: Any) -> float | None:
     return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
 
 
-def _skip_left(model: nn.Module, quantize: QuantStage) -> list[str]:
-    """The ``QuantStage.skip`` patterns that still match a module of the pruned ``model``. Every pattern matched one
-    before any stage ran (:func:`_check_before`); one that matches none now named only layers of blocks the prune stage
-    dropped: nothing of it is left to keep in float, and it is left out rather than refused after the stages ran."""
+def _skip_targets(model: nn.Module, quantize: QuantStage) -> dict[str, list[nn.Module]]:
+    """Name or ``re:`` pattern of ``QuantStage.skip`` -> the layers (module objects) it leaves in float on ``model``
+    as given, before any stage runs; role patterns (``@head``...) are left out (they are resolved by structure)."""
     from .quant.api import as_config_map
 
-    left = []
+    every = as_config_map(quantize.config).resolve(model)
+    targets = {}
     for pattern in quantize.skip:
+        if pattern.startswith("@"):
+            continue
+        left = as_config_map(quantize.config, skip=[pattern]).resolve(model)
+        targets[pattern] = [model.get_submodule(name) for name in every if name not in left]
+    return targets
+
+
+def _skip_left(model: nn.Module, quantize: QuantStage, targets: dict[str, list[nn.Module]]) -> list[str]:
+    """The skip patterns for the pruned ``model``: a role pattern as given; a name or ``re:`` pattern as the names the
+    layers it named before pruning (``targets``, :func:`_skip_targets`) have now (the prune stage renumbers the blocks
+    after a dropped one: ``model.layers.1`` becomes ``model.layers.0``, so the pattern itself would now name another
+    layer, or none). Layers of dropped blocks are gone: a pattern that named only those has nothing left to keep in
+    float and is left out rather than refused after the stages ran (every pattern matched before any stage,
+    :func:`_check_before`); one that named no quantizable layer is kept as given while it still matches a module."""
+    from .quant.api import as_config_map
+
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+    left: list[str] = []
+    for pattern in quantize.skip:
+        layers = targets.get(pattern)
+        if layers:
+            left.extend(n for n in (names.get(id(m)) for m in layers) if n is not None and n not in left)
+            continue
         try:
             as_config_map(quantize.config, skip=[pattern]).resolve(model)
         except ValueError:
