@@ -7,18 +7,19 @@ Example::
     medquant quantize path/to/model out/ --bits 4 --method gptq --calib reports.txt --skip @vision @head
     medquant quantize path/to/model out/ --method gptq --calib reports.txt --block-by-block --stream --device cuda
 
-The folder is loaded with its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise)
-in its stored dtypes (a bfloat16 folder stays bfloat16, as ``from_pretrained`` loads it; ``bytes before`` is its
-size in them), quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`;
-``gptq``: :func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized with the
-folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens (default 32 of 512; without ``--calib``
-they would be read for nothing and are refused); with ``--calib-images`` a VLM is
-calibrated on images each paired with a paragraph through the folder's processor, so its vision tower is
-calibrated too: :func:`medquant.cli.prune.image_calibration_batches`) and saved with
-:func:`medquant.hf.save_pretrained` (the tokenizer files are saved with it, as part of the checkpoint: listed in its
-manifest, so a rerun into the same ``OUT_DIR`` leaves a folder that verifies). Reload with ``import medquant`` and
-``AutoModelForCausalLM.from_pretrained(OUT_DIR)``. A summary table (layers quantized, average bits, bytes before
-and after, which path ran) is printed; ``--json`` prints it as JSON.
+The folder is loaded with its config's architecture class (``AutoModelForCausalLM`` / ``AutoModel`` otherwise) in
+its stored dtypes (a bfloat16 folder stays bfloat16, as ``from_pretrained`` loads it; ``bytes before`` is its size
+in them), quantized (``rtn``: :func:`medquant.quantize_`; ``awq``: :func:`medquant.calibrate.awq_quantize_`;
+``gptq``: :func:`medquant.calibrate.gptq_quantize_`, both calibrated on ``--calib``, a UTF-8 text file tokenized
+with the folder's tokenizer into ``--calib-samples`` sequences of ``--seq-len`` tokens (default 32 of 512; without
+``--calib`` they would be read for nothing and are refused); with ``--calib-images`` a VLM is calibrated on images
+each paired with a paragraph through the folder's processor, so its vision tower is calibrated too:
+:func:`medquant.cli.prune.image_calibration_batches`) and saved with :func:`medquant.hf.save_pretrained` (the
+tokenizer files are saved with it, as part of the checkpoint: listed in its manifest, so a rerun into the same
+``OUT_DIR`` leaves a folder that verifies). Reload with ``import medquant`` and the ``from_pretrained(OUT_DIR)`` of
+the folder's class (printed: ``LlavaForConditionalGeneration`` for a LLaVA folder, ``LlamaForCausalLM``...; an Auto
+class with ``trust_remote_code=True`` for a folder's own code). A summary table (layers quantized, average bits,
+bytes before and after, which path ran) is printed; ``--json`` prints it as JSON.
 
 ``--block-by-block`` (``awq`` / ``gptq``): :func:`medquant.calibrate.awq_quantize_sequential` /
 :func:`medquant.calibrate.gptq_quantize_sequential` instead, one decoder / vision block at a time on ``--device``
@@ -464,7 +465,12 @@ def run(args) -> int:
         print(f"layers quantized: {summary['layers_quantized']} ({args.method}), average bits "
               f"{summary['average_bits']:.3f} (weight layers)")
         print(f"path: {PATHS[path]}" + (f", blocks computed on {device}" if args.block_by_block else ""))
-        print(f"saved to {out} (reload: import medquant; AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+        # the class the folder is loaded with (its config's architecture; an Auto class for a folder's own code):
+        # AutoModelForCausalLM refuses a VLM's or an image model's config
+        cls = model_class(model.config).__name__
+        remote = ", trust_remote_code=True" if args.trust_remote_code else ""
+        print(f"saved to {out} (reload: import medquant; from transformers import {cls}; "
+              f"{cls}.from_pretrained({str(out)!r}{remote}))")
     return 0
 
 
