@@ -19,7 +19,9 @@ tokenizer files are saved with it, as part of the checkpoint: listed in its mani
 ``OUT_DIR`` leaves a folder that verifies). Reload with ``import medquant`` and the ``from_pretrained(OUT_DIR)`` of
 the folder's class (printed: ``LlavaForConditionalGeneration`` for a LLaVA folder, ``LlamaForCausalLM``...; an Auto
 class with ``trust_remote_code=True`` for a folder's own code). A summary table (layers quantized, average bits,
-bytes before and after, which path ran) is printed; ``--json`` prints it as JSON.
+bytes before and after, which path ran) is printed; ``--json`` prints it as JSON, with ``calibration``: the
+sequences and tokens calibrated on (``null`` for ``rtn``; a ``--calib`` file with fewer tokens than
+``--calib-samples`` x ``--seq-len`` calibrates on what it holds, with a warning).
 
 ``--block-by-block`` (``awq`` / ``gptq``): :func:`medquant.calibrate.awq_quantize_sequential` /
 :func:`medquant.calibrate.gptq_quantize_sequential` instead, one decoder / vision block at a time on ``--device``
@@ -416,6 +418,15 @@ def run(args) -> int:
         calib = images
     else:
         calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, text) if args.calib else None
+    # what the calibration ran on (a short --calib file gives fewer or shorter sequences than asked)
+    counted = None if calib is None else {"sequences": len(calib),
+                                          "tokens": sum(int(b["input_ids"].shape[-1]) for b in calib)}
+    if images is None and counted is not None and counted["tokens"] < args.calib_samples * args.seq_len:
+        import warnings
+
+        warnings.warn(f"--calib {args.calib} holds fewer tokens than --calib-samples {args.calib_samples} x --seq-len "
+                      f"{args.seq_len}: calibrating on {counted['sequences']} sequence(s), {counted['tokens']} tokens "
+                      "(give a longer file, or smaller --calib-samples / --seq-len)", UserWarning, stacklevel=2)
     before = model_size(model)
     skip = list(args.skip) or None
     progress = not args.json
@@ -451,7 +462,7 @@ def run(args) -> int:
     summary = _summary(before, after, len(quantized_modules(model)), args.method)
     path = "whole-model" if not args.block_by_block else \
         "block-by-block-streamed" if args.stream else "block-by-block"
-    summary.update(path=path, device=device if args.block_by_block else None)
+    summary.update(path=path, device=device if args.block_by_block else None, calibration=counted)
     out = Path(args.out)
     save_with_tokenizer(model, tok, out, folder_processor(args.model, trust_remote_code=args.trust_remote_code))
     summary["out"] = str(out)
@@ -465,6 +476,8 @@ def run(args) -> int:
         print(f"layers quantized: {summary['layers_quantized']} ({args.method}), average bits "
               f"{summary['average_bits']:.3f} (weight layers)")
         print(f"path: {PATHS[path]}" + (f", blocks computed on {device}" if args.block_by_block else ""))
+        if counted is not None:
+            print(f"calibrated on {counted['sequences']} sequence(s), {counted['tokens']:,} tokens")
         # the class the folder is loaded with (its config's architecture; an Auto class for a folder's own code):
         # AutoModelForCausalLM refuses a VLM's or an image model's config
         cls = model_class(model.config).__name__
