@@ -12,15 +12,12 @@ import medquant.cli.pipeline
 import medquant.cli.prune
 import medquant.pipeline
 from medquant.cli import main
+from tests.cli.refusals import refuse_loading
 from tests.cli.tiny_folder import report_text_file, tiny_llama_folder
 
 
 def test_max_length_1_is_refused_while_parsing(monkeypatch, tmp_path, capsys):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the texts were read or the model loaded before --max-length was checked")
-
-    monkeypatch.setattr(medquant.cli.prune, "_load", refuse)
-    monkeypatch.setattr(medquant.cli.pipeline, "_texts", refuse)
+    refuse_loading(monkeypatch, (medquant.cli.prune, "_load"), (medquant.cli.pipeline, "_texts"))
     (tmp_path / "model").mkdir()
     with pytest.raises(SystemExit) as e:
         main(["pipeline", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--max-length", "1"])

@@ -6,33 +6,22 @@ from __future__ import annotations
 import pytest
 
 import medquant.cli.prune
-from medquant.cli import main
+from tests.cli.refusals import exit_code_and_error, refuse_loading
 from tests.prune.real_models import REPORTS
 
 
 @pytest.fixture
 def no_loading(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before --out was checked")
-
-    monkeypatch.setattr(medquant.cli.prune, "_load", refuse)
+    refuse_loading(monkeypatch, (medquant.cli.prune, "_load"))
     (tmp_path / "model").mkdir()
     (tmp_path / "t.txt").write_text("\n".join(f"{r} ({i})" for i, r in enumerate(REPORTS * 8)))
     (tmp_path / "a_file").write_text("mine")
     return tmp_path
 
 
-def _exit_code_and_error(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("out", ["a_file", "a_file/sub"])
 def test_pipeline_refuses_an_out_that_cannot_be_a_folder_before_loading(no_loading, capsys, out):
-    code, err = _exit_code_and_error(["pipeline", str(no_loading / "model"), "--out", str(no_loading / out),
+    code, err = exit_code_and_error(["pipeline", str(no_loading / "model"), "--out", str(no_loading / out),
                                       "--text", str(no_loading / "t.txt")], capsys)
     lines = [x for x in err.splitlines() if "error:" in x]
     assert code == 2 and len(lines) == 1

@@ -9,15 +9,12 @@ import pytest
 import medquant.cli.pipeline
 import medquant.cli.prune
 from medquant.cli import main
+from tests.cli.refusals import refuse_loading
 
 
 @pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1), "99999999999999999999999"])
 def test_a_seed_torch_cannot_take_is_refused_naming_the_option(monkeypatch, tmp_path, capsys, seed):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the texts were read or the model loaded before --seed was checked")
-
-    monkeypatch.setattr(medquant.cli.prune, "_load", refuse)
-    monkeypatch.setattr(medquant.cli.pipeline, "_texts", refuse)
+    refuse_loading(monkeypatch, (medquant.cli.prune, "_load"), (medquant.cli.pipeline, "_texts"))
     (tmp_path / "model").mkdir()
     with pytest.raises(SystemExit) as e:
         main(["pipeline", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--seed", seed])

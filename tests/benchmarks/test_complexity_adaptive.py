@@ -10,8 +10,8 @@ import torch
 from benchmarks.complexity_adaptive import QUICK, build_parser, main
 
 
-def test_end_to_end_on_a_tiny_npz(tmp_path, capsys):
-    """On a tiny MedMNIST-style file: trains, evaluates every method, writes JSON + PNG."""
+def toy_npz(tmp_path):
+    """A tiny MedMNIST-style file (16 px, train 32 / val 16 / test 16, a learnable bright square), ``toy.npz``."""
     rng = np.random.default_rng(0)
 
     def split(n):
@@ -25,6 +25,12 @@ def test_end_to_end_on_a_tiny_npz(tmp_path, capsys):
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
     path = tmp_path / "toy.npz"
     np.savez(path, **arrays)
+    return path
+
+
+def test_end_to_end_on_a_tiny_npz(tmp_path, capsys):
+    """On a tiny MedMNIST-style file: trains, evaluates every method, writes JSON + PNG."""
+    path = toy_npz(tmp_path)
     out = tmp_path / "res.json"
     threads = torch.get_num_threads()
     try:  # --threads sets torch's global thread count: restore it for the rest of the session

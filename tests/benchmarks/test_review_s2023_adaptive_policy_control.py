@@ -8,27 +8,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from benchmarks.complexity_adaptive import main
+from tests.benchmarks.test_complexity_adaptive import toy_npz
 
 
 def test_policy_has_a_same_bits_random_control(tmp_path):
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        y = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
-        x = rng.integers(0, 60, size=(n, 16, 16)).astype(np.uint8)
-        x[y[:, 0] == 1, 4:12, 4:12] += 150
-        return x, y
-
-    arrays = {}
-    for name, n in (("train", 32), ("val", 16), ("test", 16)):
-        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
-    path = tmp_path / "toy.npz"
-    np.savez(path, **arrays)
+    path = toy_npz(tmp_path)
     out = tmp_path / "res.json"
     threads = torch.get_num_threads()
     try:

@@ -9,33 +9,22 @@ import pytest
 
 import medquant.cli.quantize
 from medquant.cli import main
+from tests.cli.refusals import exit_code_and_error, refuse_loading
 from tests.prune.real_models import REPORTS
 
 
 @pytest.fixture
 def no_loading(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(medquant.cli.quantize, "_load", refuse)
-    monkeypatch.setattr(medquant.cli.quantize, "load_skeleton", refuse)
+    refuse_loading(monkeypatch, (medquant.cli.quantize, "_load"), (medquant.cli.quantize, "load_skeleton"))
     (tmp_path / "model").mkdir()
     return tmp_path
-
-
-def _exit_code_and_error(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, flag", [(["--calib-samples", "8"], "--calib-samples"),
                                          (["--seq-len", "64"], "--seq-len"),
                                          (["--method", "rtn", "--calib-samples", "32"], "--calib-samples")])
 def test_calibration_shape_options_without_calib_are_refused_before_loading(no_loading, capsys, extra, flag):
-    code, err = _exit_code_and_error(["quantize", str(no_loading / "model"), str(no_loading / "out"), *extra], capsys)
+    code, err = exit_code_and_error(["quantize", str(no_loading / "model"), str(no_loading / "out"), *extra], capsys)
     lines = [x for x in err.splitlines() if "error:" in x]
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith("medquant quantize: error: ") and flag in lines[0] and "--calib" in lines[0]

@@ -6,32 +6,20 @@ from __future__ import annotations
 import pytest
 
 import medquant.cli.quantize
-from medquant.cli import main
+from tests.cli.refusals import exit_code_and_error, refuse_loading
 
 
 @pytest.fixture
 def no_loading(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before OUT_DIR was checked")
-
-    monkeypatch.setattr(medquant.cli.quantize, "_load", refuse)
-    monkeypatch.setattr(medquant.cli.quantize, "load_skeleton", refuse)
+    refuse_loading(monkeypatch, (medquant.cli.quantize, "_load"), (medquant.cli.quantize, "load_skeleton"))
     (tmp_path / "model").mkdir()
     (tmp_path / "a_file").write_text("mine")
     return tmp_path
 
 
-def _exit_code_and_error(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("out", ["a_file", "a_file/sub", "a_file/sub/deeper"])
 def test_quantize_refuses_an_out_dir_that_cannot_be_a_folder_before_loading(no_loading, capsys, out):
-    code, err = _exit_code_and_error(["quantize", str(no_loading / "model"), str(no_loading / out)], capsys)
+    code, err = exit_code_and_error(["quantize", str(no_loading / "model"), str(no_loading / out)], capsys)
     lines = [x for x in err.splitlines() if "error:" in x]
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith("medquant quantize: error: OUT_DIR") and str(no_loading / "a_file") in lines[0]

@@ -6,25 +6,14 @@ from __future__ import annotations
 import pytest
 
 import medquant.cli.info
-from medquant.cli import main
+from tests.cli.refusals import exit_code_and_error, refuse_loading
 
 
 @pytest.fixture
 def no_loading(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(medquant.cli.info, "load_hf_folder", refuse)
+    refuse_loading(monkeypatch, (medquant.cli.info, "load_hf_folder"))
     (tmp_path / "model").mkdir()
     return tmp_path
-
-
-def _exit_code_and_error(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, flag", [
@@ -33,7 +22,7 @@ def _exit_code_and_error(argv, capsys):
     (["--cache-lengths", "16"], "--cache-lengths"),
 ])
 def test_compile_decoder_refuses_lengths_beyond_max_len_naming_the_option(no_loading, capsys, extra, flag):
-    code, err = _exit_code_and_error(["compile-decoder", str(no_loading / "model"), str(no_loading / "out"),
+    code, err = exit_code_and_error(["compile-decoder", str(no_loading / "model"), str(no_loading / "out"),
                                       "--max-len", "8", *extra], capsys)
     line = next(x for x in err.splitlines() if "error:" in x)
     assert code == 2 and line.startswith("medquant compile-decoder: error: ") and flag in line and "--max-len 8" in line
@@ -52,7 +41,7 @@ def test_a_seed_torch_cannot_take_is_refused_naming_seed(no_loading, capsys, mon
     monkeypatch.setattr(medquant.cli.demo, "_train", lambda *a, **k: pytest.fail("trained before the check"))
     argv = (["generate", str(no_loading / "model"), "--max-len", "8", "--prompt", "x", f"--seed={seed}"]
             if command == "generate" else ["demo", "--plot", "", "--epochs", "1", f"--seed={seed}"])
-    code, err = _exit_code_and_error(argv, capsys)
+    code, err = exit_code_and_error(argv, capsys)
     assert code == 2 and "--seed" in err
 
 
