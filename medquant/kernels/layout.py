@@ -279,6 +279,22 @@ def expand_params(p: torch.Tensor, scope: str, group_elems: int, n: int, k_pad: 
     return p.expand(n, k_pad)
 
 
+def check_float_dtype(dtype, what: str) -> None:
+    """Refuse a result dtype that is not a floating ``torch.dtype``: dequantized values cast to an integer, bool or
+    complex dtype would be truncated (mostly 0) or changed, silently.
+
+    Args:
+        dtype: the requested dtype.
+        what: the caller, named in the message.
+
+    Raises:
+        TypeError: ``dtype`` is not a floating ``torch.dtype``.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{what}: dtype must be a floating torch.dtype (float16, bfloat16, float32, float64), got "
+                        f"{dtype!r}: another dtype would truncate the dequantized values")
+
+
 def dequantize_codes(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -296,9 +312,7 @@ def dequantize_codes(
     with ``s``/``z`` of group ``j // group_elems``; float32 arithmetic, result in ``dtype`` (a floating dtype: an
     integer, bool or complex one raises ``TypeError``, as the weights would be truncated), padding dropped.
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dequantized weights need a floating dtype (float16, bfloat16, float32, float64), got "
-                        f"{dtype!r}: another dtype would truncate them")
+    check_float_dtype(dtype, "dequantize_codes")
     n, kp = codes.shape
     sf = expand_params(scales.float(), scope, group_elems, n, kp)
     u = codes.float()

@@ -32,7 +32,7 @@ from ..kernels import (
     set_layer_compute_dtype,
     tensor_version,
 )
-from ..kernels.layout import DENSE_BITS, FORMAT_VERSION, pack, padded_k, words_per_row
+from ..kernels.layout import DENSE_BITS, FORMAT_VERSION, check_float_dtype, pack, padded_k, words_per_row
 from ..kernels.reference import device_mismatch
 from .config import FLOAT_BITS, QuantConfig
 from .core import quantize
@@ -327,7 +327,7 @@ class _QuantWeightBase(nn.Module):
         Raises:
             TypeError: ``dtype`` is not a floating dtype (the weight would be truncated to integers).
         """
-        _check_float_dtype(dtype, "dequantized_weight")
+        check_float_dtype(dtype, "dequantized_weight")
         # a fully pruned layer without bias holds no tensor at all: its weight is zeros on the CPU
         device = next(iter(self.state_dict().values()), torch.empty(0)).device
         parts = []
@@ -852,7 +852,7 @@ class QuantEmbedding(_QuantWeightBase):
                 included): a ``RuntimeError`` naming both devices (:meth:`_check_device`).
         """
         if dtype is not None:
-            _check_float_dtype(dtype, "QuantEmbedding.lookup")
+            check_float_dtype(dtype, "QuantEmbedding.lookup")
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"embedding indices must be torch.int32 or torch.int64 (as for nn.Embedding), got "
                             f"{ids.dtype}")
@@ -956,13 +956,6 @@ def _device_buffer(bit_groups: list[int]) -> str | None:
         if b in FLOAT_BITS:
             return f"fweight_{b}"
     return None
-
-
-def _check_float_dtype(dtype, what: str) -> None:
-    """Refuse a non-floating result dtype: dequantized values cast to an integer dtype are truncated (mostly 0)."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"{what}: dtype must be a floating torch.dtype (float16, bfloat16, float32, float64), got "
-                        f"{dtype!r}")
 
 
 def _check_layout(layout) -> None:
