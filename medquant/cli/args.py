@@ -105,6 +105,17 @@ def bit_width(text: str) -> int:
     return v
 
 
+def seed_value(text: str) -> int:
+    """A ``--seed``: an integer torch can seed a generator with, ``-2**63 <= seed < 2**64`` (``argparse`` type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64) (what torch seeds with), got {text}")
+    return value
+
+
 def compute_device(text: str) -> str:
     """A torch device that exists on this machine and holds data (``cpu``, ``cuda``, ``cuda:1``, ``mps``...):
     a string torch cannot parse, ``meta``, or a device this machine lacks (``cuda`` without a GPU, ``cuda:3`` with
@@ -151,6 +162,23 @@ def output_is_input_message(out: str, model: str, flag: str) -> str | None:
         return None
     return (f"{flag}: {out} is the model folder {model}; saving there would replace the source model with its "
             "compressed copy: give another folder")
+
+
+def output_folder_message(out: str, flag: str) -> str | None:
+    """The error for an output path that cannot become the output folder, ``None`` otherwise: a path that exists and
+    is not a folder, or a path beneath a file (``a_file/sub``: no folder can be created there). The save would refuse
+    either only after all the work (``medquant quantize`` / ``pipeline`` check it with their arguments,
+    ``demo`` its ``--save`` before training)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return f"{flag}: {out} exists and is not a folder; the model is saved as a folder: give a folder's path"
+    for parent in path.absolute().parents:  # the nearest one that exists must be a folder to create ``out`` in
+        if parent.exists():
+            if not parent.is_dir():
+                return (f"{flag}: {out} cannot be created: {parent} exists and is not a folder; give a path whose "
+                        "parents are folders")
+            break
+    return None
 
 
 def config_object(config: Path) -> dict:

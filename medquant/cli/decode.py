@@ -32,8 +32,7 @@ import json
 import time
 from pathlib import Path
 
-from .args import existing_folder, new_or_empty_folder, positive_int
-from .demo import seed_value
+from .args import existing_folder, new_or_empty_folder, positive_int, seed_value
 
 
 def _load(folder: str, trust_remote_code: bool):

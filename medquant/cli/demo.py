@@ -16,23 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .args import positive_int
+from .args import output_folder_message, positive_int, seed_value
 
 SCHEMES = [("int8 per-channel", 8, "channel"), ("int4 group-32", 4, "group"), ("int3 group-32", 3, "group"),
            ("int2 group-32", 2, "group")]
 
-
-def seed_value(text: str) -> int:
-    """A ``--seed``: an integer torch can seed a generator with, ``-2**63 <= seed < 2**64`` (``argparse`` type)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not -2**63 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64) (what torch seeds with), got {text}")
-    return value
 
 
 def _default_data_dir() -> Path:
@@ -247,8 +235,9 @@ def _prepare_outputs(args) -> None:
     for its outputs), and refuse, in one line naming the option (``SystemExit``), a path that is a folder or whose
     folder cannot be created (a file in the way, no permission), and a ``--save`` path that is a file (the
     checkpoint is a folder)."""
-    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
-        raise SystemExit(f"--save {args.save} exists and is not a folder; the int4 model is saved as a folder")
+    not_folder = output_folder_message(args.save, "--save") if args.save else None
+    if not_folder:  # the checkpoint is a folder: refused before the training
+        raise SystemExit(not_folder)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if not path:
             continue

@@ -32,14 +32,14 @@ from .args import (
     existing_file,
     existing_folder,
     fraction,
+    output_folder_message,
     output_is_input_message,
     positive_float,
     positive_int,
+    seed_value,
     sequence_length,
     utf8_text,
 )
-from .demo import seed_value
-from .quantize import output_folder_message
 
 
 def _texts(args) -> tuple[list[str], str]:

@@ -53,6 +53,7 @@ from .args import (
     existing_folder,
     existing_path,
     hf_config_file,
+    output_folder_message,
     output_is_input_message,
     positive_int,
     role_or_name,
@@ -331,21 +332,6 @@ def load_skeleton(path: str, trust_remote_code: bool | None = None):
             model.get_submodule(owner)._buffers[leaf] = source.get(k).to(t.dtype)
     return model, source
 
-
-def output_folder_message(out: str, flag: str) -> str | None:
-    """The error for an output path that cannot become the output folder, ``None`` otherwise: a path that exists and
-    is not a folder, or a path beneath a file (``a_file/sub``: no folder can be created there). The save would refuse
-    either only after all the work (``medquant quantize`` / ``medquant pipeline`` check it with their arguments)."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        return f"{flag}: {out} exists and is not a folder; the model is saved as a folder: give a folder's path"
-    for parent in path.absolute().parents:  # the nearest one that exists must be a folder to create ``out`` in
-        if parent.exists():
-            if not parent.is_dir():
-                return (f"{flag}: {out} cannot be created: {parent} exists and is not a folder; give a path whose "
-                        "parents are folders")
-            break
-    return None
 
 
 def _summary(before, after, n_layers: int, method: str) -> dict:
