@@ -17,20 +17,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
-from .args import existing_file, existing_folder, positive_int, text_length
+from .args import existing_file, existing_folder, positive_int, text_length, utf8_text
 
 
 def run(args) -> int:
     from ..eval.lm import perplexity, token_batches
     from .info import load_hf_folder
 
-    try:
-        lines = Path(args.text).read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte order mark is no text
-    except UnicodeDecodeError as exc:
-        raise SystemExit(f"--text: {args.text} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                         f"{exc.start}): save it as UTF-8, one text per line") from None
+    lines = utf8_text(args.text, "--text").splitlines()  # a leading byte order mark is no text
     texts = [t.strip() for t in lines if t.strip()]
     if not texts:
         raise SystemExit(f"--text: {args.text} holds no text")
