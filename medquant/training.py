@@ -7,6 +7,7 @@ Each of those workflows only says how a batch becomes a loss; this module owns t
             objective, record = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)            (before the step's first backward only)
             (objective / grad_accum).backward()              (objective.backward() when grad_accum == 1)
+        a last step with n < grad_accum batches: .grad *= grad_accum / n  (the gradient of its batches' mean)
         a non-finite objective in any of them (on any rank)  -> FloatingPointError, before optimizer.step()
         average the .grad of sync_params over the ranks     (medquant.distributed.all_reduce_gradients)
         clip the global gradient norm to grad_clip:
@@ -88,8 +89,10 @@ def train_steps(
             yields no batch).
         max_steps: cap on optimizer steps over all passes; no batch beyond the last step is read.
         grad_accum: batches per step; a step's record is the mean of its batches' records (numbers, or dicts of
-            numbers with the same keys: averaged key by key). A last, incomplete step still divides by
-            ``grad_accum``.
+            numbers with the same keys: averaged key by key). A last, incomplete step of ``n < grad_accum`` batches
+            takes the gradient of the mean of its ``n`` objectives, as a full step does of its ``grad_accum``
+            (its gradients, accumulated divided by ``grad_accum``, are multiplied by ``grad_accum / n`` before
+            clipping and the step): the last batches of a pass weigh as much as the others.
         grad_clip: max global 2-norm of the gradients of ``params``, a real number > 0 (``math.inf`` clips nothing;
             ``None``: no clipping).
         sharded: ``params`` include FSDP2 shards (``DTensor``): clip with
@@ -185,6 +188,8 @@ def train_steps(
                     _raise_not_finite(len(records), bad, optimizer)
                 # the step's record first: a record that cannot be averaged raises before the optimizer moves
                 record = step_records[0] if grad_accum == 1 else _mean_record(step_records)
+                if len(step_records) < grad_accum:  # backward divided by grad_accum: make it the mean of n
+                    _scale_gradients(optimizer, params, sync_params, grad_accum / len(step_records))
                 if sync_params:
                     mqd.all_reduce_gradients(sync_params, average=True, group=group)
                 if grad_clip is not None and sharded:
@@ -209,6 +214,17 @@ def train_steps(
         if model is not None:
             model.eval()
     return records
+
+
+def _scale_gradients(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                     sync_params: Sequence[torch.Tensor], factor: float) -> None:
+    seen: set[int] = set()
+    groups = [p for g in optimizer.param_groups for p in g["params"]]
+    with torch.no_grad():
+        for p in itertools.chain(groups, params, sync_params):
+            if id(p) not in seen and p.grad is not None:
+                seen.add(id(p))
+                p.grad.mul_(factor)
 
 
 def _raise_not_finite(done: int, value: float | None, optimizer: torch.optim.Optimizer) -> None:

@@ -72,14 +72,28 @@ def test_grad_accum_averages_the_batch_gradients_and_records():
     for i in range(0, 5, 2):
         o2.zero_grad(set_to_none=True)
         vals = []
-        for b in b2[i:i + 2]:
+        for b in b2[i:i + 2]:  # the last step has one batch: the gradient of its mean is its own
             loss, v = loss2(b)
-            (loss / 2).backward()
+            (loss / len(b2[i:i + 2])).backward()
             vals.append(v)
         o2.step()
         want.append(sum(vals) / len(vals))
     assert out == want
     assert all(torch.equal(a, b) for a, b in zip(params, p2))
+
+
+def test_a_last_incomplete_step_takes_the_mean_gradient_of_its_batches():
+    # 5 batches, grad_accum=3: steps of 3 and 2 batches; the second step's gradient is the mean of its 2 batches'
+    # gradients (as the first's is of its 3), not their sum divided by 3
+    _model, batches, loss_fn, params, opt = _setup()
+    train_steps(loss_fn, batches, opt, params, grad_accum=3, progress=False)
+    _m2, b2, loss2, p2, o2 = _setup()
+    for chunk in (b2[:3], b2[3:]):
+        o2.zero_grad(set_to_none=True)
+        torch.stack([loss2(b)[0] for b in chunk]).mean().backward()
+        o2.step()
+    for a, b in zip(params, p2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_model_mode_and_single_process_collectives():
@@ -106,9 +120,9 @@ def test_grad_accum_averages_dict_records_key_by_key():
     for i in range(0, 5, 2):
         o2.zero_grad(set_to_none=True)
         vals = []
-        for x, y in b2[i:i + 2]:
+        for x, y in b2[i:i + 2]:  # the last step's one batch: its own gradient
             loss = (_m2(x) - y).pow(2).mean()
-            (loss / 2).backward()
+            (loss / len(b2[i:i + 2])).backward()
             vals.append((float(loss.detach()), float((_m2(x) - y).abs().mean().detach())))
         o2.step()
         want.append({"loss": sum(v[0] for v in vals) / len(vals), "abs": sum(v[1] for v in vals) / len(vals)})

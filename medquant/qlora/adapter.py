@@ -642,8 +642,8 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
                desc: str = "train") -> list[float]:
     """AdamW over the parameters of ``model`` that require grad, ``grad_accum`` batches per step.
 
-    Each loss is divided by ``grad_accum``; the loop is :func:`medquant.training.train_steps` (see
-    :meth:`QLoRAAdapter.train`). A ``DistributedDataParallel`` model trains over its process group: every pass ends
+    A step takes the mean gradient of its batches (a last, shorter step too); the loop is
+    :func:`medquant.training.train_steps` (see :meth:`QLoRAAdapter.train`). A ``DistributedDataParallel`` model trains over its process group: every pass ends
     on every rank of it as soon as one rank has no batch left (``stop_together``), so ranks with uneven numbers of
     batches take the same number of steps instead of one waiting in DDP's gradient all-reduce.
 
