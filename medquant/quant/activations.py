@@ -25,6 +25,12 @@ __all__ = ["InputQuantizer", "attach_recorded", "carry_input_quantizer", "checke
            "recorded_quantizers", "set_input_quantizers"]
 
 
+def _check_act_bits(bits: object) -> None:
+    """Refuse an activation bit-width that is not an integer in 2..16 (bools included)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"activation bits must be an integer in 2..16, got {bits!r}")
+
+
 class InputQuantizer:
     """Static per-tensor fake quantization of a module's first tensor input (formulas in the module docstring).
 
@@ -47,8 +53,7 @@ class InputQuantizer:
     hook_owner: ClassVar[str] = "input"
 
     def __init__(self, bits: int, symmetric: bool, scale: float, zero: int = 0) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise ValueError(f"activation bits must be an integer in 2..16, got {bits!r}")
+        _check_act_bits(bits)
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"activation scale must be a finite number > 0, got {scale!r}")
         if isinstance(zero, bool) or not isinstance(zero, numbers.Integral) or (
@@ -78,8 +83,10 @@ class InputQuantizer:
             The :class:`InputQuantizer`.
 
         Raises:
-            ValueError: ``xs`` is empty or holds NaN / inf.
+            ValueError: ``bits`` outside 2..16 (checked before any division by ``2^(b-1) - 1`` or ``2^b - 1``), or
+                ``xs`` is empty or holds NaN / inf.
         """
+        _check_act_bits(bits)
         if not xs:
             raise ValueError(f"{name}: no calibration inputs to fix the activation scale")
         lo = min(float(x.detach().min()) for x in xs)
