@@ -89,6 +89,31 @@ def test_cli_pipeline_layer_select_without_pruning_is_an_argument_error(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_pipeline_refuses_the_options_of_a_skipped_stage(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    import medquant.cli.prune as cli_prune
+    from tests.cli.tiny_folder import tiny_llama_folder
+
+    src = tiny_llama_folder(tmp_path / "src")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli_prune, "_load", no_load)
+    for extra, named, why in ((["--quant", "none", "--bits", "8"], "--bits", "--quant none"),
+                              (["--quant", "none", "--group-size", "32", "--bits", "2"], "--bits, --group-size",
+                               "--quant none"),
+                              (["--train", "none", "--lr", "0.01"], "--lr", "--train none"),
+                              (["--train", "none", "--steps", "3", "--batch", "2"], "--steps, --batch", "--train none"),
+                              (["--heads", "0", "--ffn", "0", "--gqa", "group"], "--gqa", "--heads 0 --ffn 0")):
+        with pytest.raises(SystemExit) as e:
+            main(["pipeline", str(src), "--out", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{named} would do nothing: {why}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_pipeline_and_prune_rerun_into_the_same_out_gives_a_verified_checkpoint(tmp_path, capsys):
     from medquant.prune import parameter_report
     from tests.cli.tiny_folder import report_text_file, tiny_llama_folder

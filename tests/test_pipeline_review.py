@@ -79,13 +79,16 @@ def test_cli_report_counts_no_calibration_when_no_stage_calibrates(tmp_path):
 
     src = tiny_llama_folder(tmp_path / "src")
     text = report_text_file(tmp_path)
-    common = ["--train", "none", "--group-size", "32", "--text", str(text), "--calib-samples", "8",
-              "--max-length", "16"]
+    common = ["--train", "none", "--text", str(text), "--calib-samples", "8", "--max-length", "16"]
     # round-to-nearest, no pruning, no training: nothing reads the calibration texts
     assert main(["pipeline", str(src), "--out", str(tmp_path / "rtn"), "--heads", "0", "--ffn", "0",
-                 "--quant", "rtn", *common]) == 0
-    data = json.loads((tmp_path / "rtn" / "pipeline_report.json").read_text())["data"]
+                 "--quant", "rtn", "--group-size", "32", *common]) == 0
+    report = json.loads((tmp_path / "rtn" / "pipeline_report.json").read_text())
+    data = report["data"]
     assert (data["calibration_texts"], data["calibration_batches"]) == (0, 0)
+    # the skipped stages' options are recorded as null, the quantization stage's as they ran
+    settings = report["settings"]
+    assert [settings[k] for k in ("gqa", "steps", "batch", "lr", "bits", "group_size")] == [None] * 4 + [4, 32]
     # pruning (activation importance) calibrates on the 8 texts, in 2 batches of 4
     assert main(["pipeline", str(src), "--out", str(tmp_path / "p"), "--heads", "0", "--ffn", "0.25",
                  "--quant", "none", *common]) == 0

@@ -11,7 +11,9 @@ Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-r
 (cycled when fewer; a training stage without one full batch left after calibration is refused before the model is
 loaded). Each text is cut to ``--max-length`` tokens, special tokens included (at least 2 and more than the special
 tokens the tokenizer adds to every text, refused otherwise). Each stage shows a progress bar; ``--train none`` /
-``--quant none`` / ``--heads 0 --ffn 0`` skip stages. ``--out`` is any folder but the model folder itself (a path
+``--quant none`` / ``--heads 0 --ffn 0`` skip stages (the options of a skipped stage, ``--steps`` / ``--batch`` /
+``--lr``, ``--bits`` / ``--group-size``, ``--gqa`` / ``--layer-select``, are refused with it: they would do
+nothing; its settings are recorded as null). ``--out`` is any folder but the model folder itself (a path
 that is a file, or lies beneath one, is refused before the model is loaded). The tokenizer is saved with the result,
 and a VLM's or image model's processor (``AutoProcessor``: image processor, chat template) too. Reload the result
 with ``medquant.pipeline.load_compressed(OUT)``. ``OUT/pipeline_report.json`` records the parameter counts before
@@ -108,10 +110,12 @@ def run(args) -> int:
 
     # what ran on what, for the report: the settings of every stage and the data each one saw
     summary: dict = {
-        "settings": {"heads": args.heads, "ffn": args.ffn, "gqa": args.gqa, "layer_select": args.layer_select,
-                     "train": args.train, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-                     "quant": args.quant, "bits": args.bits, "group_size": args.group_size,
-                     "seed": args.seed},
+        # a skipped stage's options are null: they did not run
+        "settings": {"heads": args.heads, "ffn": args.ffn, "gqa": args.gqa if prune else None,
+                     "layer_select": args.layer_select, "train": args.train,
+                     **{k: getattr(args, k) if train else None for k in ("steps", "batch", "lr")},
+                     "quant": args.quant, "bits": args.bits if quant else None,
+                     "group_size": args.group_size if quant else None, "seed": args.seed},
         "data": {"source": source, "texts": len(texts),
                  "calibration_texts": len(texts[: args.calib_samples]) if calibrates else 0,
                  "calibration_batches": len(calib) if calibrates else 0,
@@ -142,16 +146,17 @@ def register(sub) -> None:
     p.add_argument("--gguf-file", default=None)
     p.add_argument("--heads", type=fraction, default=0.3)
     p.add_argument("--ffn", type=fraction, default=0.3)
-    p.add_argument("--gqa", choices=["query", "group"], default="query")
+    p.add_argument("--gqa", choices=["query", "group"], default=None,
+                   help="grouped-query attention: prune query heads or whole groups (default query)")
     p.add_argument("--layer-select", action="store_true",
                    help="per-layer ratios from block influence (mean = --heads / --ffn)")
     p.add_argument("--train", choices=["distil", "finetune", "none"], default="distil")
-    p.add_argument("--steps", type=positive_int, default=100, help="training steps (default 100)")
-    p.add_argument("--batch", type=positive_int, default=4)
-    p.add_argument("--lr", type=positive_float, default=1e-4, help="learning rate, > 0 (default 1e-4)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default 100)")
+    p.add_argument("--batch", type=positive_int, default=None, help="texts per training batch (default 4)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate, > 0 (default 1e-4)")
     p.add_argument("--quant", choices=["awq", "rtn", "none"], default="awq")
-    p.add_argument("--bits", type=bit_width, default=4)
-    p.add_argument("--group-size", type=positive_int, default=128)
+    p.add_argument("--bits", type=bit_width, default=None, help="weight bits (default 4)")
+    p.add_argument("--group-size", type=positive_int, default=None, help="weights per scale (default 128)")
     p.add_argument("--text", type=existing_file, default=None, help="text file, one sample per line")
     p.add_argument("--reports", default=None,
                    help="NLMCXR_reports.tgz, read without --text (default: $MEDQUANT_DATA_DIR)")
@@ -164,6 +169,10 @@ def register(sub) -> None:
     p.set_defaults(func=run, check=lambda args: _check(args, p))
 
 
+# the stage options' defaults, filled in by _check: None in the parser tells an option given from one left out
+_DEFAULTS = {"gqa": "query", "steps": 100, "batch": 4, "lr": 1e-4, "bits": 4, "group_size": 128}
+
+
 def _check(args, parser) -> None:
     same = output_is_input_message(args.out, args.model, "--out")
     if same:
@@ -174,6 +183,20 @@ def _check(args, parser) -> None:
     if args.layer_select and not (args.heads or args.ffn):  # no pruning stage runs: the flag would do nothing
         parser.error("--layer-select spreads --heads / --ffn over the blocks; with --heads 0 --ffn 0 nothing is "
                      "pruned: give a ratio above 0 or drop --layer-select")
+    # an option of a stage that does not run would be silently ignored: refused, naming what skips the stage
+    skipped = {"--gqa": ("gqa", "--heads 0 --ffn 0 skip pruning", not (args.heads or args.ffn)),
+               "--steps": ("steps", "--train none skips training", args.train == "none"),
+               "--batch": ("batch", "--train none skips training", args.train == "none"),
+               "--lr": ("lr", "--train none skips training", args.train == "none"),
+               "--bits": ("bits", "--quant none skips quantization", args.quant == "none"),
+               "--group-size": ("group_size", "--quant none skips quantization", args.quant == "none")}
+    given = [(flag, why) for flag, (dest, why, off) in skipped.items() if off and getattr(args, dest) is not None]
+    if given:
+        parser.error(f"{', '.join(flag for flag, _ in given)} would do nothing: {given[0][1]}; drop "
+                     f"{'them' if len(given) > 1 else 'it'} or run the stage")
+    for dest, default in _DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     if args.text and args.reports:  # one text source is read: the other would be ignored
         parser.error("--reports and --text are two text sources; the pipeline reads one: give --text FILE (one "
                      "sample per line) or --reports (the IU X-ray reports archive), not both")
