@@ -890,6 +890,32 @@ def quantize_sequential(
     Any exception raised part way (by a block, ``per_block_fn``, the checkpoint, a ``KeyboardInterrupt``) leaves
     the model exactly as it was before the call (module docstring), then propagates.
     """
+    return _quantize_sequential(model, config_or_map, calib_inputs, skip=skip, device=device,
+                                offload_device=offload_device, checkpoint=checkpoint, blocks=blocks,
+                                per_block_fn=per_block_fn, progress=progress, process_rest=process_rest,
+                                outside_fn=outside_fn)
+
+
+def _quantize_sequential(
+    model: nn.Module,
+    config_or_map: QuantConfig | int | Mapping[str, QuantConfig | int | None],
+    calib_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    *,
+    skip: Iterable[str] | None = None,
+    device: str | torch.device | None = None,
+    offload_device: str | torch.device | None = "cpu",
+    checkpoint: str | os.PathLike | CheckpointSource | None = None,
+    blocks: Sequence[str] | Sequence[Sequence[str]] | None = None,
+    per_block_fn: Callable[[nn.Module, BlockInputs], None] | None = None,
+    progress: bool = False,
+    process_rest: bool = True,
+    outside_fn: Callable[[OutsideLayer], nn.Module | None] | None = None,
+    foreign: Sequence[str] = (),
+) -> nn.Module:
+    """:func:`quantize_sequential`, leaving the blocks ``foreign`` alone: they are another process's
+    (:func:`medquant.calibrate.quantize_shard`), neither processed as blocks nor, with ``process_rest``, as modules
+    outside the blocks - their tensors are not read from ``checkpoint`` (a meta skeleton keeps them on the meta
+    device) and their layers are not quantized."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_sequential expects an nn.Module, got {type(model).__name__}")
     device = torch.device(device) if device is not None else torch.device(
@@ -929,12 +955,14 @@ def quantize_sequential(
         raise ValueError(f"found no decoder or vision blocks in {type(model).__name__}: pass blocks=[names of "
                          "the repeated blocks] (e.g. 'encoder.layers.0', ...)")
     block_names = [n for g in groups for n in g]
-    outside = [n for n in experts if not n.startswith(tuple(b + "." for b in block_names))]
+    foreign = [n for n in foreign if n not in block_names]
+    outside = [n for n in experts if not n.startswith(tuple(b + "." for b in [*block_names, *foreign]))]
     if outside and process_rest:  # else the modules outside the blocks are not this call's (quantize_shard)
         warnings.warn(f"{len(outside)} MoE experts module(s) with 3-D weights outside the blocks "
                       f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}) stay in floating point: "
                       "quantize them afterwards with medquant.quantize_(model, config)", UserWarning, stacklevel=2)
-    plan = {n: c for n, c in plan.items() if n not in outside}
+    plan = {n: c for n, c in plan.items() if n not in outside and not (n + ".").startswith(
+        tuple(b + "." for b in foreign))}
     if process_rest:
         # a stack with nothing to quantize (a VLM's vision tower under skip=["@vision"]) is not calibrated: its
         # modules are handled as those outside the blocks (weights read, nothing quantized), so batches that
@@ -945,7 +973,7 @@ def quantize_sequential(
     undo = _Undo(model)
     try:
         _run(model, groups, block_names, plan, batches, per_block_fn, source, device, offload, process_rest,
-             progress, undo, outside_fn)
+             progress, undo, outside_fn, foreign)
     except BaseException:
         undo.restore()  # all or nothing: the blocks already done get their float layers and weights back
         raise
@@ -956,12 +984,14 @@ def quantize_sequential(
 def _run(model: nn.Module, groups: list[list[str]], block_names: list[str], plan: Mapping[str, QuantConfig],
          batches: list[dict], per_block_fn: Callable[[nn.Module, BlockInputs], None] | None,
          source: CheckpointSource | None, device: torch.device, offload: torch.device, process_rest: bool,
-         progress: bool, undo: _Undo, outside_fn: Callable[[OutsideLayer], nn.Module | None] | None = None) -> None:
-    """The body of :func:`quantize_sequential` (which undoes it when it raises)."""
+         progress: bool, undo: _Undo, outside_fn: Callable[[OutsideLayer], nn.Module | None] | None = None,
+         foreign: Sequence[str] = ()) -> None:
+    """The body of :func:`quantize_sequential` (which undoes it when it raises); the blocks ``foreign`` are not
+    touched (not even as modules outside the blocks)."""
     calibrate = per_block_fn is not None
     mat = _Materializer(model, source, undo.tensors)
     aliases = names_by_module(model)
-    rest = _rest_leaves(model, block_names) if process_rest else []
+    rest = _rest_leaves(model, [*block_names, *foreign]) if process_rest else []
     # the planned Linear / Conv2d layers outside the blocks that outside_fn calibrates: kept in float until then
     deferred = [n for n in rest if n in plan and isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))] \
         if outside_fn is not None else []

@@ -43,7 +43,7 @@ from ..quant.config import QuantConfig
 from ..quant.experts import expand_recorded_experts
 from ..quant.modules import QUANT_LAYERS, QUANT_MODULES
 from ..quant.recipe import bit_map_matches, layer_from_recipe, model_recipe
-from .sequential import CheckpointSource, quantize_sequential
+from .sequential import CheckpointSource, _quantize_sequential
 
 __all__ = ["SHARD_PATTERN", "assemble_shards", "quantize_shard", "shard_blocks"]
 
@@ -131,9 +131,10 @@ def quantize_shard(
     plan = resolve_configs(model, config_or_map, skip=skip, experts=True)
     others = tuple(b + "." for b in all_blocks if b not in mine)
     plan = {n: c for n, c in plan.items() if not (n + ".").startswith(others)}  # the other ranks' layers
-    if mine:
-        quantize_sequential(model, plan, skip=None, device=device, offload_device="cpu", checkpoint=checkpoint,
-                            blocks=[mine], process_rest=(r == 0), progress=progress)
+    if mine:  # the other ranks' blocks are not read (rank 0 would else load them as modules outside its blocks)
+        _quantize_sequential(model, plan, skip=None, device=device, offload_device="cpu", checkpoint=checkpoint,
+                             blocks=[mine], process_rest=(r == 0), progress=progress,
+                             foreign=[b for b in all_blocks if b not in mine])
     elif r == 0:
         raise ValueError("rank 0 received no block")
     prefixes = tuple(b + "." for b in mine)

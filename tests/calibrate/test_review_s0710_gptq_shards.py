@@ -1,0 +1,57 @@
+"""Review of block-sharded quantization: a rank reads only its own blocks' float weights (rank 0 also the modules
+outside the blocks), and ``assemble_shards`` keeps the weights the skeleton ties (one tensor under two names)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_model
+
+from medquant import QuantConfig, quantize_
+from medquant.calibrate.sequential import CheckpointSource
+from medquant.calibrate.shards import assemble_shards, quantize_shard, shard_blocks
+from medquant.models import block_stacks
+from medquant.testing.zoo import ZOO_BY_NAME
+
+
+class _Recording(CheckpointSource):
+    """A checkpoint source that records the names of the tensors read from disk."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.read: list[str] = []
+
+    def get(self, key: str) -> torch.Tensor:
+        self.read.append(key)
+        return super().get(key)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_reads_only_its_blocks_and_rank0_the_rest(world, tmp_path):
+    entry = ZOO_BY_NAME["llama"]
+    whole = entry.build()
+    save_model(whole, str(tmp_path / "float.safetensors"))
+    blocks = [b for g in block_stacks(whole) for b in g]
+    for r in range(world):
+        with init_empty_weights():
+            part = entry.build()
+        source = _Recording(tmp_path / "float.safetensors")
+        quantize_shard(part, QuantConfig(4, group_size=32), source, tmp_path / "shards", rank=r,
+                       world_size=world, device="cpu")
+        mine = shard_blocks(blocks, r, world)
+        others = tuple(b + "." for b in blocks if b not in mine)
+        foreign = [k for k in source.read if k.startswith(others)]
+        assert not foreign, f"rank {r} read other ranks' blocks: {foreign[:3]}"
+        # nor holds them: they stay on the meta device
+        assert all(p.device.type == "meta" for n, p in part.named_parameters() if n.startswith(others))
+        expected = {k for k in source.keys() if  # noqa: SIM118 (a CheckpointSource method)
+                    k.startswith(tuple(b + "." for b in mine))
+                    or (r == 0 and not k.startswith(tuple(b + "." for b in blocks)))}
+        assert set(source.read) == expected
+    with init_empty_weights():
+        full = entry.build()
+    assemble_shards(full, tmp_path / "shards")
+    quantize_(whole, QuantConfig(4, group_size=32))
+    inputs = entry.inputs(whole)
+    assert torch.equal(entry.output(full, inputs), entry.output(whole, inputs))
+
