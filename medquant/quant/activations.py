@@ -34,8 +34,9 @@ def _check_act_bits(bits: object) -> None:
 class InputQuantizer:
     """Static per-tensor fake quantization of a module's first tensor input (formulas in the module docstring).
 
-    ``scale`` and ``zero`` are fixed numbers (from :meth:`calibrate`); calling the object fake-quantizes a tensor in
-    its own dtype; :meth:`attach` installs it as a forward pre-hook of a module.
+    ``scale`` and ``zero`` are fixed numbers (from :meth:`calibrate`); calling the object fake-quantizes a tensor and
+    returns it in its own dtype (float16 / bfloat16 inputs are computed in float32, float64 in float64, so the codes
+    are the formula's); :meth:`attach` installs it as a forward pre-hook of a module.
 
     Args:
         bits: activation bit-width, 2..16.
@@ -103,11 +104,17 @@ class InputQuantizer:
         return cls(bits, symmetric, s if s > 0 else 1.0, z)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        r = torch.round(x / self.scale)
+        # float16 / bfloat16 inputs are computed in float32 and cast back: x / s rounded to a half dtype (8 bits of
+        # mantissa for bfloat16) moved values across the rounding boundaries, off the formula's codes
+        wide = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else None
+        xw = x if wide is None else x.to(wide)
+        r = torch.round(xw / self.scale)
         if self.symmetric:
             q = 2 ** (self.bits - 1) - 1
-            return torch.clamp(r, -q, q) * self.scale
-        return (torch.clamp(r + self.zero, 0, 2**self.bits - 1) - self.zero) * self.scale
+            out = torch.clamp(r, -q, q) * self.scale
+        else:
+            out = (torch.clamp(r + self.zero, 0, 2**self.bits - 1) - self.zero) * self.scale
+        return out if wide is None else out.to(x.dtype)
 
     def as_dict(self) -> dict[str, Any]:
         """The quantizer's parameters as a JSON-ready dict.
