@@ -367,8 +367,9 @@ def _capture_block(model: nn.Module, block_name: str, batches: Sequence[Any], ev
 def _rec_loss(out: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error summed over the channel / feature dim (dim 1 of a conv output, the last dim otherwise),
     averaged over the rest (so the loss does not shrink with the layer's width); with ``rows`` (a ``(batch,
-    tokens)`` mask of a ``(batch, tokens, features)`` output) over the marked rows only (none marked: 0)."""
-    d = (out - target).pow(2)
+    tokens)`` mask of a ``(batch, tokens, features)`` output) over the marked rows only (none marked: 0). Computed
+    in float32 (a float16 / bfloat16 block's squared errors and their sums would overflow or lose precision)."""
+    d = (out.float() - target.float()).pow(2)
     if d.dim() == 4:
         return d.sum(1).mean()
     per_row = d.sum(-1)
@@ -758,11 +759,11 @@ def _reconstruct(model: nn.Module, unit: str, names: Sequence[str], plan: Mappin
     def mse() -> float:
         """``sum_calls sum (block(x~; W^) - target)^2 / (number of output elements of all calls)``: the mean over
         every element (of the real tokens), so a call counts in proportion to its size (not the average of per-call
-        means)."""
+        means), in float64 (the squares of a float16 block's errors above 256 are not float16 numbers)."""
         sse, count = 0.0, 0
         with torch.no_grad():
             for c, m in zip(calls, rows):
-                d = run(True, c) - c[2]
+                d = run(True, c).double() - c[2].double()
                 if m is not None:
                     d = d[m]
                 sse += float(d.pow(2).sum(dtype=torch.float64))
