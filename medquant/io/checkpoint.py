@@ -1410,7 +1410,9 @@ def _upgrade_check(path: Path) -> tuple[Path, bool]:
 def upgrade(directory: str | os.PathLike) -> Path:
     """Rewrite a checkpoint saved before manifests existed in today's form (the same files plus the manifest).
 
-    The rewrite goes behind the crash-safe folder switch, after verifying what it can: the weights' SHA-256 of a
+    A file a save owns (the weights and their index, ``medquant.json``, a transformers ``config.json``) that is a
+    symlink to a regular file, as the checks and transformers read it, is copied with its content, so that the
+    folder holds it and the manifest lists it; every other symlink stays the same link. The rewrite goes behind the crash-safe folder switch, after verifying what it can: the weights' SHA-256 of a
     ``medquant.save`` folder, the recipes against the tensors of a ``medquant.hf.save_pretrained`` folder. A folder
     that already has a valid manifest is left as it is. All of one version: the checks are read again when a save
     switches the folder during them (:func:`medquant.io.atomic.read_stable`), and the rewrite copies the files
@@ -1440,14 +1442,19 @@ def upgrade(directory: str | os.PathLike) -> Path:
                 # folder's name, one over a real folder (exchanged at ``path``) only its identity
                 if atomic.identity(path) != checked:
                     raise _SwitchedBeforeRewrite
-                for dirpath, _dirs, names in os.walk(root):
+                owned = _owned_in(root)
+                for dirpath, dirs, names in os.walk(root):
                     rel = Path(dirpath).relative_to(root)
                     (folder / rel).mkdir(parents=True, exist_ok=True)
-                    for n in names:
+                    for n in names + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
                         src = Path(dirpath) / n
-                        if n == MANIFEST_NAME or src.is_symlink():
+                        if rel == Path(".") and n == MANIFEST_NAME:
                             continue
-                        shutil.copy2(src, folder / rel / n)
+                        # a file the checks read through a symlink (the weights, config.json), which a save owns:
+                        # its content, so that the folder keeps it (and its manifest lists it); any other symlink
+                        # stays the link it is
+                        follow = rel == Path(".") and owned(n) and src.is_file()
+                        shutil.copy2(src, folder / rel / n, follow_symlinks=follow)
         except _SwitchedBeforeRewrite:
             continue
         return path
