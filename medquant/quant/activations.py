@@ -288,10 +288,24 @@ def set_input_quantizers(model: nn.Module, quantizers: Mapping[str, InputQuantiz
     Args:
         model: the model.
         quantizers: ``{module name: quantizer}`` (names of ``model``'s modules).
+
+    Raises:
+        TypeError: a value that is not an :class:`InputQuantizer`.
+        ValueError: a name that is not a module of ``model``.
+        Both are checked before anything is attached or removed.
     """
+    targets: dict[str, nn.Module] = {}
+    for name, q in quantizers.items():
+        if not isinstance(q, InputQuantizer):
+            raise TypeError(f"the input quantizer for {name!r} must be an InputQuantizer, got {type(q).__name__}")
+        try:
+            targets[name] = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"an input quantizer is given for {name!r}, which {type(model).__name__} does not "
+                             "have") from None
     for name in input_quantizers(model):
         if name not in quantizers:
             mod: Any = model.get_submodule(name)
             mod.input_quantizer_handle.remove()
     for name, q in quantizers.items():
-        q.attach(model.get_submodule(name))
+        q.attach(targets[name])
