@@ -94,6 +94,7 @@ from ._forward import (
     MaskSides,
     _integer,
     batch_masks,
+    calibration_batches,
     call_encoder_states,
     row_mask,
     unmasked_layers,
@@ -129,6 +130,19 @@ def _check_search_args(grid: int, max_rows: int | None) -> tuple[int, int | None
     if max_rows is not None and (_integer(max_rows) or 0) < 1:
         raise ValueError(f"max_rows must be None (keep every input row) or an integer >= 1, got {max_rows!r}")
     return int(grid), None if max_rows is None else int(max_rows)
+
+
+def _calib_batches(calib: Any) -> Iterable[Any]:
+    """``calib`` as an iterable of calibration batches: one dict of keyword inputs is one batch (iterating it would
+    give its keys); another iterable is returned as it is (a generator stays lazy).
+
+    Raises:
+        ValueError: ``calib`` is ``None``.
+        TypeError: ``calib`` is a string or not iterable.
+    """
+    if calib is None or isinstance(calib, (Mapping, str, bytes)) or not isinstance(calib, Iterable):
+        return calibration_batches(calib, "AWQ")
+    return calib
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -566,8 +580,9 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
     Args:
         model: the float model, changed in place (scales folded; its float outputs stay the same).
         config: the target :class:`QuantConfig` the scales are searched for.
-        calib: calibration batches, run as :func:`medquant.models.run_model` runs them; the padding positions
-            of dict batches (``attention_mask`` 0) are left out of the search (see the module docstring).
+        calib: calibration batches, run as :func:`medquant.models.run_model` runs them (a single dict is one
+            batch); the padding positions of dict batches (``attention_mask`` 0) are left out of the search (see
+            the module docstring).
         scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
             ``"vision"``, ``"all"``, or a list of roles.
         grid: ``alpha`` is searched over ``{0, 1/grid, ..., 1}`` (an integer >= 1).
@@ -582,7 +597,7 @@ def search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any],
         docstring) are left out, with a ``UserWarning``.
 
     Raises:
-        TypeError: ``config`` is not a ``QuantConfig``.
+        TypeError: ``config`` is not a ``QuantConfig``; ``calib`` is a string or not iterable.
         ValueError: bad ``grid`` / ``max_rows``; no foldable group in scope; no or empty calibration data; a
             group's layer that the calibration batches do not reach; NaN or inf in a group's calibration input.
     """
@@ -598,6 +613,7 @@ def _search_and_fold(model: nn.Module, config: QuantConfig, calib: Iterable[Any]
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     grid, max_rows = _check_search_args(grid, max_rows)
+    calib = _calib_batches(calib)
     groups = awq_groups(model, scope)
     if not groups:
         raise ValueError(f"{type(model).__name__}: no foldable (norm/linear -> linears) groups found for AWQ")
@@ -625,8 +641,9 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
     Args:
         model: the float model, quantized in place.
         config: the quantization of every Linear.
-        calib: calibration batches, run as :func:`medquant.models.run_model` runs them; the padding positions
-            of dict batches (``attention_mask`` 0) are left out of the search (see the module docstring).
+        calib: calibration batches, run as :func:`medquant.models.run_model` runs them (a single dict is one
+            batch); the padding positions of dict batches (``attention_mask`` 0) are left out of the search (see
+            the module docstring).
         scope: which blocks: ``None`` (the language model, or the vision tower of an encoder), ``"language"``,
             ``"vision"``, ``"all"``, or a list of roles.
         skip: patterns left in float (default the LM head).
@@ -654,7 +671,7 @@ def awq_quantize_(model: nn.Module, config: QuantConfig, calib: Iterable[Any], *
     grid, max_rows = _check_search_args(grid, max_rows)
     skip = list(skip) if skip else None
     as_config_map(config, skip=skip).resolve(model)  # a bad skip pattern is refused before the scales are folded
-    calib = list(calib)
+    calib = list(_calib_batches(calib))
     undo = _Undo(model)
     try:
         groups = _search_and_fold(model, config, calib, scope=scope, grid=grid, max_rows=max_rows,
