@@ -54,6 +54,7 @@ from .manifest import (
     write_manifest,
 )
 from .schema import (
+    STORED_DTYPES,
     CheckpointMeta,
     LayerSpec,
     SchemaError,
@@ -575,7 +576,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, it holds bitsandbytes layers (NF4 / 8-bit: see
             :class:`medquant.qlora.QLoRAAdapter` for saving those), or ``extras`` is not a JSON-serialisable dict
-            with string keys.
+            with string keys, or a tensor of the model has a dtype safetensors does not store (complex128,
+            complex32, float4: the message names it and the dtypes stored).
         ValueError: ``directory`` is refused by :func:`checkpoint_path` (or is, after its symlinks, the current
             folder, a folder above it or a root: :func:`medquant.io.atomic.replace_directory`), tensors of the
             model are on the meta device, or forward hooks the file would lose change what it computes
@@ -595,10 +597,17 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
                         "from NF4Config or QLoRAAdapter); save a QLoRA adapter with QLoRAAdapter.save (its base is "
                         "NF4-quantized again from the float model at load), or QLoRAAdapter.merge() / "
                         "requantize(...) it first and save that model")
-    on_meta = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
+    state = model.state_dict()
+    on_meta = [k for k, t in state.items() if t.device.type == "meta"]
     if on_meta:
         raise ValueError(f"{len(on_meta)} tensor(s) of the model are on the meta device (not loaded), e.g. "
                          f"{on_meta[0]}: load or materialise them before saving")
+    unstored = [(k, str(t.dtype).replace("torch.", "")) for k, t in state.items()
+                if str(t.dtype).replace("torch.", "") not in STORED_DTYPES]
+    if unstored:
+        raise TypeError(f"save stores tensors with safetensors, which has no dtype for {len(unstored)} tensor(s) of "
+                        f"the model: {', '.join(f'{k} ({d})' for k, d in unstored[:8])}; the dtypes it stores are "
+                        f"{', '.join(STORED_DTYPES)}: cast those tensors to one of them before saving")
     check_saved_hooks(model)
     kind = "hf" if _is_hf(model) else "torch"
     _check_json_keys(extras or {}, "extras")
@@ -958,7 +967,9 @@ def _fits(old: nn.Module, spec: LayerSpec) -> bool:
     return isinstance(old, (nn.Conv2d, QuantConv2d))
 
 
-_DTYPE_OF = {v: k for k, v in {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}.items()}
+# the floating-point and complex safetensors codes -> torch dtype name (the dtypes :func:`_restore_dtypes` gives back)
+_DTYPE_OF = {code: name for name, code in STORED_DTYPES.items()
+             if name.startswith(("float", "bfloat", "complex")) and hasattr(torch, name)}
 
 
 def _buffer_dtypes(model: nn.Module) -> dict[str, str]:
@@ -980,9 +991,11 @@ def _restore_buffer_dtypes(model: nn.Module, buffer_dtypes: Mapping[str, str]) -
 
 
 def _file_kind(code: str) -> str:
-    """The kind of a safetensors dtype code: ``"floating-point"``, ``"bool"`` or ``"integer"``."""
+    """The kind of a safetensors dtype code: ``"floating-point"``, ``"complex"``, ``"bool"`` or ``"integer"``."""
     if code.startswith(("F", "BF")):
         return "floating-point"
+    if code.startswith("C"):
+        return "complex"
     return "bool" if code == "BOOL" else "integer"
 
 
@@ -1014,12 +1027,12 @@ def _check_kinds(model: nn.Module, state: Mapping[str, torch.Tensor], header: Ma
 
 
 def _restore_dtypes(model: nn.Module, header: dict[str, TensorInfo]) -> None:
-    """Floating-point parameters and buffers take the dtype they were saved in (a bfloat16 model comes back
-    bfloat16 even when the instance passed in, or built from the config, is float32)."""
+    """Floating-point (float8 included) and complex parameters and buffers take the dtype they were saved in (a
+    bfloat16 model comes back bfloat16 even when the instance passed in, or built from the config, is float32)."""
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
         info = header.get(name)
-        if info is None or info.dtype not in _DTYPE_OF or not t.is_floating_point():
+        if info is None or info.dtype not in _DTYPE_OF or not (t.is_floating_point() or t.is_complex()):
             continue
         dtype = getattr(torch, _DTYPE_OF[info.dtype])
         if t.dtype != dtype:

@@ -38,7 +38,15 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32",
              "int8": "I8", "int16": "I16", "int64": "I64", "uint8": "U8", "bool": "BOOL"}
 ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-            "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+            "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
+            "F8_E8M0": 1, "C64": 8}
+#: torch dtype name -> the safetensors dtype code ``medquant.save`` writes it as (every dtype it stores; the header
+#: check reads each of these codes)
+STORED_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                 "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
+                 "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+                 "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
+                 "complex64": "C64"}
 MAX_DIM = 2**31 - 1
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 #: dtypes a non-persistent floating buffer may be restored to
