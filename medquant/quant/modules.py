@@ -632,7 +632,9 @@ class QuantConv2d(_QuantWeightBase):
         layout: 1 or 2 (see :meth:`QuantLinear.from_float`).
 
     Raises:
-        ValueError: no ``config``.
+        ValueError: no ``config``, or a geometry ``nn.Conv2d`` refuses: ``groups`` not a positive integer dividing
+            ``in_channels`` and ``out_channels``, a padding string other than ``"valid"`` / ``"same"``, or
+            ``"same"`` with a stride other than 1.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -642,6 +644,7 @@ class QuantConv2d(_QuantWeightBase):
         if config is None:
             raise ValueError("QuantConv2d needs a QuantConfig")
         pair = nn.modules.utils._pair
+        _check_conv_geometry(in_channels, out_channels, groups, padding, pair(stride))
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         self.padding = padding if isinstance(padding, str) else pair(padding)
@@ -956,6 +959,23 @@ def _device_buffer(bit_groups: list[int]) -> str | None:
         if b in FLOAT_BITS:
             return f"fweight_{b}"
     return None
+
+
+def _check_conv_geometry(in_channels, out_channels, groups, padding, stride: tuple) -> None:
+    """Refuse what ``nn.Conv2d`` refuses of a layer's channels, groups and padding (a recipe read from a file
+    builds the layer with the constructor: refused here, not at its first forward)."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    # fewer input channels than groups leaves no input per group: the empty-weight refusal of _init_storage says so
+    if in_channels >= groups and (in_channels % groups or out_channels % groups):
+        raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be divisible by "
+                         f"groups ({groups}), as for nn.Conv2d")
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding string must be 'valid' or 'same' (or give ints), got {padding!r}")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise ValueError(f"padding='same' is not supported for strided convolutions (stride {stride}), as for "
+                             "nn.Conv2d")
 
 
 def _check_layout(layout) -> None:
