@@ -49,7 +49,8 @@ compressed-tensors' ``get_vllm_module_type`` calls ``Linear``: ``*Router*``, ``*
 routers as linear layers), as compressed-tensors' own config builder lists them.
 
 The runtime holds ``weight_scale`` in the model's dtype (transformers and vLLM load in the ``config.json`` dtype
-by default): when that is float16 / bfloat16 and some packed layer's scales are not values of it (medquant's float16
+by default, which records the model's own ``dtype`` as ``save_pretrained`` does, not a stale ``model.config``
+value): when that is float16 / bfloat16 and some packed layer's scales are not values of it (medquant's float16
 scales in a bfloat16 model), they are rounded on load and the loaded weights differ from medquant's by about one
 rounding of that dtype; the report notes those layers (the rows' ``how`` and ``max_abs_error`` describe the folder
 itself). Scales that are values of the dtype load as medquant's ``dequantized_weight(dtype)`` exactly.
@@ -333,6 +334,9 @@ def _save_config(model: Any, folder: Path, tied: bool) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.architectures = [type(model).__name__]  # as save_pretrained records it
+    dtype = _model_dtype(model)
+    if dtype is not None:  # the model's own dtype, as save_pretrained records it (not a stale config value)
+        config.dtype = str(dtype).removeprefix("torch.")
     if getattr(type(model), "_auto_class", None) is not None:
         # a class from the source folder's own code (trust_remote_code): its code files and auto_map entry go with
         # the export, as save_pretrained writes them (the config's own code is written by config.save_pretrained)
@@ -349,14 +353,27 @@ def _save_config(model: Any, folder: Path, tied: bool) -> None:
         gen.save_pretrained(str(folder))
 
 
+def _model_dtype(model: Any) -> torch.dtype | None:
+    """The dtype the written ``config.json`` records, as ``save_pretrained`` records it: the model's ``dtype`` (that
+    of its first floating-point parameter), whatever ``model.config`` holds (a model moved with ``.to(dtype)`` keeps
+    its config's old value, or none); the config's own ``dtype`` / ``torch_dtype`` for a model without one."""
+    try:
+        value = getattr(model, "dtype", None)
+    except StopIteration:  # transformers' dtype property on a model without floating-point parameters
+        value = None
+    if not (isinstance(value, torch.dtype) and value.is_floating_point):
+        config = getattr(model, "config", None)
+        value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(value, str):
+            value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
 def _config_dtype(model: Any) -> torch.dtype | None:
-    """The half-precision dtype (float16 / bfloat16) the written ``config.json`` records (``dtype`` /
-    ``torch_dtype``): transformers (``dtype="auto"``, its default) and vLLM (``--dtype auto``) load the model in it;
-    None for float32 or no dtype."""
-    config = getattr(model, "config", None)
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value.removeprefix("torch."), None)
+    """The half-precision dtype (float16 / bfloat16) the written ``config.json`` records (:func:`_model_dtype`):
+    transformers (``dtype="auto"``, its default) and vLLM (``--dtype auto``) load the model in it; None for float32
+    or no dtype."""
+    value = _model_dtype(model)
     return value if value in (torch.float16, torch.bfloat16) else None
 
 
