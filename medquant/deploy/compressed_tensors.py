@@ -749,6 +749,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
                                        else [])
             files += _write_shards(written, tmp, max_shard, progress_bar)
             files += copy_tokenizer_files(source_folder(model, source), tmp, skip=files)
+            files += sorted(p.name for p in tmp.glob("*.py"))  # a remote-code model's code (_save_config)
             publish_mode(tmp)
             check_export_folder(target, overwrite)  # again: the folder may have changed during the export
             _move_into_place(tmp, target)
