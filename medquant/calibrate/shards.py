@@ -43,7 +43,7 @@ from ..quant.config import QuantConfig
 from ..quant.experts import expand_recorded_experts
 from ..quant.modules import QUANT_LAYERS, QUANT_MODULES
 from ..quant.recipe import bit_map_matches, layer_from_recipe, model_recipe
-from .sequential import CheckpointSource, _quantize_sequential
+from .sequential import CheckpointSource, _aliases, _quantize_sequential
 
 __all__ = ["SHARD_PATTERN", "assemble_shards", "quantize_shard", "shard_blocks"]
 
@@ -172,6 +172,10 @@ def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module:
     """Fill a meta skeleton with the quantized shards written by :func:`quantize_shard` (all ranks), in place.
 
+    Tied tensors (names the skeleton binds to one tensor, or a Hugging Face model's tied-weight keys:
+    ``lm_head.weight`` and ``embed_tokens.weight`` where ``lm_head`` stays in float) come back as one tensor under
+    all their names, as :func:`medquant.quantize_` leaves them on the float model.
+
     Args:
         model: the meta skeleton (the same architecture the shards were made from).
         shard_dir: the folder holding every rank's ``medquant-shard-*-of-*.safetensors``.
@@ -182,7 +186,8 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
     Raises:
         FileNotFoundError: no shard in ``shard_dir``.
         ValueError: an incomplete or mixed set of shards, an invalid recipe, a tensor the model has no slot for,
-            tensors still missing after every shard, or a stored bit map that disagrees with its recipe.
+            tensors still missing after every shard, a stored bit map that disagrees with its recipe, or tied
+            names (one tensor of the skeleton) whose stored values differ.
     """
     from safetensors import safe_open
 
@@ -194,6 +199,8 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
     if len(worlds) != 1 or len(files) != int(worlds.pop()):
         raise ValueError(f"{shard_dir} holds an incomplete or mixed set of shards: {[f.name for f in files]}")
     loaded: set[str] = set()
+    filled: dict[str, torch.Tensor] = {}  # name -> the tensor loaded under it
+    aliases = _aliases(model)  # tied names: one tensor object, or Hugging Face's tied-weight keys
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as h:
             recipe = json.loads((h.metadata() or {}).get(_RECIPE_KEY, "{}"))
@@ -208,12 +215,22 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
                 mod_name, _, tname = key.rpartition(".")
                 mod = model.get_submodule(mod_name) if mod_name else model
                 t = h.get_tensor(key)
-                if tname in mod._parameters:
-                    mod._parameters[tname] = nn.Parameter(t, requires_grad=mod._parameters[tname].requires_grad)
-                elif tname in mod._buffers:
-                    mod._buffers[tname] = t
-                else:
+                if tname not in mod._parameters and tname not in mod._buffers:
                     raise ValueError(f"shard {f.name} holds {key!r}, which the model has no slot for")
+                # a tensor tied to one already loaded (another name of it) is bound as that one: they stay tied
+                tied = next((filled[a] for a in aliases.get(key, ()) if a in filled), None)
+                if tied is not None and not (tied.shape == t.shape and tied.dtype == t.dtype and torch.equal(tied, t)):
+                    raise ValueError(f"shard {f.name}: {key!r} is tied to another tensor of the model (one tensor "
+                                     "under several names) but the shards store different values for them")
+                if tname in mod._parameters:
+                    old = mod._parameters[tname]
+                    new = tied if isinstance(tied, nn.Parameter) else nn.Parameter(
+                        t, requires_grad=old.requires_grad if old is not None else True)
+                    mod._parameters[tname] = new
+                else:
+                    new = tied if tied is not None else t
+                    mod._buffers[tname] = new
+                filled[key] = new
                 loaded.add(key)
     left = [k for k, t in model.state_dict().items() if t.device.type == "meta" and k not in loaded]
     if left:

@@ -55,3 +55,26 @@ def test_each_rank_reads_only_its_blocks_and_rank0_the_rest(world, tmp_path):
     inputs = entry.inputs(whole)
     assert torch.equal(entry.output(full, inputs), entry.output(whole, inputs))
 
+
+def test_assembled_model_keeps_tied_weights_tied(tmp_path):
+    entry = ZOO_BY_NAME["gemma3_text"]  # ties lm_head.weight to embed_tokens.weight
+    whole = entry.build()
+    assert whole.lm_head.weight is whole.model.embed_tokens.weight
+    save_model(whole, str(tmp_path / "float.safetensors"))
+    quantize_(whole, QuantConfig(4, group_size=32), skip=["lm_head"])
+    assert whole.lm_head.weight is whole.model.embed_tokens.weight  # quantize_ keeps the tie
+    for r in range(2):
+        with init_empty_weights():
+            part = entry.build()
+        quantize_shard(part, QuantConfig(4, group_size=32), tmp_path / "float.safetensors", tmp_path / "shards",
+                       skip=["lm_head"], rank=r, world_size=2, device="cpu")
+    with init_empty_weights():
+        full = entry.build()
+    assemble_shards(full, tmp_path / "shards")
+    assert full.lm_head.weight is full.model.embed_tokens.weight
+    assert torch.equal(full.lm_head.weight, whole.lm_head.weight)
+    inputs = entry.inputs(whole)
+    assert torch.equal(entry.output(full, inputs), entry.output(whole, inputs))
+    # a training step on the assembled model moves both names together, as on the model quantize_ gave
+    sd = {k: v for k, v in full.state_dict().items()}
+    assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
