@@ -10,8 +10,9 @@ Calibration text (for ``activation`` / ``taylor`` importance, ``--layer-select``
 with ``--calib-images PATH`` each text goes with an image through the folder's processor
 (:func:`image_calibration_batches`), so a VLM's vision tower is scored on its own inputs (``--scope vision`` /
 ``all``; text alone never runs it).
-The result is saved with :func:`medquant.prune.save_pruned` (reload with :func:`medquant.prune.load_pruned`),
-plus a parameter table; ``--layer-select`` also writes ``block_influence.png`` and per-layer ratios.
+Pruning runs in float32; the result is saved in the dtypes the folder stored (a bfloat16 folder stays bfloat16: the
+kept weights are exactly the stored ones) with :func:`medquant.prune.save_pruned` (reload with
+:func:`medquant.prune.load_pruned`), plus a parameter table (bytes as stored, before and after); ``--layer-select`` also writes ``block_influence.png`` and per-layer ratios.
 """
 from __future__ import annotations
 
@@ -117,6 +118,32 @@ def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command
     if not keep_dtype:
         model = model.float()
     return model, folder_tokenizer(path, trust_remote_code=trust, **kw)
+
+
+def stored_dtypes(model) -> dict:
+    """The dtype of every floating parameter and buffer of ``model`` by name, as loaded: what
+    :func:`restore_dtypes` brings them back to after work in float32."""
+    import itertools
+
+    return {n: t.dtype for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                   model.named_buffers(remove_duplicate=False))
+            if t.is_floating_point()}
+
+
+def restore_dtypes(model, dtypes: dict) -> None:
+    """Cast each floating parameter and buffer of ``model`` named in ``dtypes`` back to its dtype there (a model
+    cast to float32 for pruning is saved in the dtypes its folder stored: bfloat16 stays bfloat16, a float32
+    module kept beside it stays float32). Names ``dtypes`` lacks (modules added since) are left as they are."""
+    import itertools
+
+    import torch
+
+    with torch.no_grad():
+        for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                    model.named_buffers(remove_duplicate=False)):
+            want = dtypes.get(n)
+            if want is not None and t.is_floating_point() and t.dtype != want:
+                t.data = t.data.to(want)
 
 
 def model_class(cfg):
@@ -500,9 +527,12 @@ def run(args) -> int:
         images = image_calibration_batches(args.model, args.calib_images, texts, args.calib_samples,
                                            args.max_length, trust_remote_code=args.trust_remote_code,
                                            split=args.calib_split)
-    model, tok = _load(args.model, args.gguf_file, command="prune", trust_remote_code=args.trust_remote_code)
+    model, tok = _load(args.model, args.gguf_file, keep_dtype=True, command="prune",
+                       trust_remote_code=args.trust_remote_code)
+    before = parameter_report(model)  # as stored
+    stored = stored_dtypes(model)
+    model = model.float()  # importance and block influence accumulate in float32
     calib = images if images is not None else _calibration(args, tok, texts)
-    before = parameter_report(model)
     heads, ffn, drop = args.heads, args.ffn, []
     spread = DEFAULT_SPREAD if args.spread is None else args.spread
     extras: dict = {}
@@ -526,6 +556,7 @@ def run(args) -> int:
         raise SystemExit(f"{e} -- with --layer-select this is the ratio allocated to that block from the mean you "
                          f"gave (--heads {args.heads}, --ffn {args.ffn}, --spread {spread}: the least "
                          "influential blocks get up to (1 + spread) x the mean): lower --spread or the mean") from e
+    restore_dtypes(model, stored)  # pruning only selects: the kept weights are exactly the stored ones
     after = parameter_report(model)
 
     processor = None if args.gguf_file else folder_processor(args.model, trust_remote_code=args.trust_remote_code)
