@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.layout import dequantize_codes, expand_params, padded_k
-from .config import SCALE_DTYPES, QuantConfig
+from .config import SCALE_DTYPES, QuantConfig, _check_bits
 
 
 def scale_eps(dtype: torch.dtype) -> float:
@@ -167,9 +167,10 @@ def quantize(w: torch.Tensor, config: QuantConfig, bits: int | None = None, dens
         The :class:`QTensor` (codes ``(N, K_pad)`` and their parameters).
 
     Raises:
+        TypeError: ``bits`` is not an integer (a bool included, as :class:`QuantConfig` refuses it).
         ValueError: the bit-width is not 1..8 (16 / 32 stay float and 0 is pruned: nothing to quantize).
     """
-    b = config.bits if bits is None else bits
+    b = config.bits if bits is None else _check_bits(bits, "bits")
     if not 1 <= b <= 8:
         raise ValueError(f"quantize needs 1..8 bits, got {b} (16/32 stay in float, 0 is pruned)")
     sym = config.is_symmetric(b)
@@ -246,18 +247,22 @@ def fake_quantize(
         w: weight (2-D, or a conv weight ``(O, I, kh, kw)`` quantized per output channel as ``(O, I*kh*kw)``).
         config: scheme, scope, group size and scale dtype.
         bits: bit-width, ``None`` = ``config.bits``; 16 / 32 return ``w`` unchanged and 0 returns zeros
-            (pruned), keeping the graph.
+            (pruned, also where ``w`` holds NaN / inf), keeping the graph (zero gradient).
         mask_outside: straight-through estimator that zeroes the gradient of clamped elements (the code
             ``round(w/s) (+ z)`` outside ``[q_min, q_max]``).
 
     Returns:
         The fake-quantized weight, shape and dtype of ``w``.
+
+    Raises:
+        TypeError: ``bits`` is not an integer (a bool included).
+        ValueError: ``bits`` is not one of 0, 1..8, 16, 32, or ``w`` holds NaN / inf (1..8 bits).
     """
-    b = config.bits if bits is None else bits
+    b = config.bits if bits is None else _check_bits(bits, "bits")
     if b in (16, 32):
         return w
     if b == 0:
-        return w * 0
+        return torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0) * 0  # w * 0 is NaN at inf / NaN weights
     return _FakeQuantSTE.apply(w, config, b, mask_outside)
 
 
