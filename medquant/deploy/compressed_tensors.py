@@ -30,8 +30,11 @@ repack, except:
   re-expression);
 * per-row mixed bit-widths: refused (the error lists the layers) unless ``promote=True``, which requantizes every
   row of such a layer to its largest bit-width (lossy, the largest weight change reported per layer);
-* quantized ``Conv2d`` layers (the format packs Linear weights) and layers whose rows are all float or pruned:
-  written as float weights (their dequantised values) and listed in ``ignore``.
+* quantized ``Linear`` layers whose rows are all float or pruned: written as float weights (their dequantised
+  values) and listed in ``ignore``;
+* quantized ``Conv2d`` layers (the format packs Linear weights): written as float weights (their dequantised
+  values), not listed in ``ignore`` (the ``"Linear"`` target never matches a convolution; compressed-tensors' own
+  config builder does not list one either).
 
 Quantized input embeddings (:func:`medquant.quantize_embeddings_`) are written, by default
 (``embeddings="float"``), as their dequantised float table (same values; every runtime reads it). With
