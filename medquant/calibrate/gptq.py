@@ -1596,13 +1596,15 @@ def gptq_quantize_sequential(
             collects them all, or skip it), an MoE experts module given per-row bit-widths (``channel_bits``), a
             Hessian that stays singular (with ``damp=0``: the message names the layer and says to use
             ``damp > 0``).
-        TypeError: a calibration entry that is not a dict.
+        TypeError: ``model`` is not an ``nn.Module``, or a calibration entry is not a dict.
 
     All or nothing: any exception raised part way (a later block's error, a ``KeyboardInterrupt``) leaves the model
     exactly as it was before the call - the float layers of the blocks already done bound again, their weights
     unchanged, hooks and train / eval modes as before - then propagates (see
     :func:`medquant.calibrate.quantize_sequential` for the memory this keeps until the call returns).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gptq_quantize_sequential expects an nn.Module, got {type(model).__name__}")
     damp, block_size, max_samples, max_hessian_bytes = _check_args(damp, block_size, max_samples,
                                                                    max_hessian_bytes)
     seed = check_seed(seed)
