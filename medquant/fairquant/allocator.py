@@ -245,8 +245,10 @@ class FairQuantAllocator:
             reduced: ``{layer name: R}``.
 
         Returns:
-            ``self``, fitted. On an error (NaN / inf scores, a budget the allocation cannot meet) the allocator is
-            left as it was: unfitted, or with its previous allocation whole.
+            ``self``, fitted; ``importance_`` of an earlier :meth:`fit` is dropped (and with it the calibration
+            summary of :meth:`state`): this allocation does not come from it. On an error (NaN / inf scores, a
+            budget the allocation cannot meet) the allocator is left as it was: unfitted, or with its previous
+            allocation whole.
         """
         scores = scope_scores(reduced, self.scope)
         weight_shape = {n: tuple(r.shape) for n, r in reduced.items()}
@@ -260,6 +262,9 @@ class FairQuantAllocator:
         self.reduced_, self.scores_, self.weight_shape_, self.scope_size_ = reduced, scores, weight_shape, scope_size
         self.bit_map_ = bit_map
         self.average_bits_ = bit_map_average_bits(bit_map, scope_size)
+        # maps given directly: an earlier fit's importance (and its calibration summary in state()) no longer
+        # describes this allocation (fit_importance sets its own right after)
+        self.__dict__.pop("importance_", None)
         return self
 
     def _check_fitted(self) -> None:
