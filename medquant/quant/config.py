@@ -13,12 +13,16 @@ Bit-width conventions
 
 Schemes
 -------
-* symmetric: ``q_max = 2^(b-1) - 1``, ``s = max(absmax, eps) / q_max``, ``q = clamp(round(w/s), -q_max, q_max)``.
-  Symmetric 2-bit is therefore *ternary* {-1, 0, 1}; symmetric 1-bit is ``sign(w) * mean|w|``.
-* asymmetric: the range is widened to include zero, ``s = max(max' - min', eps) / (2^b - 1)``,
+* symmetric: ``q_max = 2^(b-1) - 1``, ``s = max(absmax / q_max, eps)``, ``q = clamp(round(w/s), -q_max, q_max)``.
+  Symmetric 2-bit is therefore *ternary* {-1, 0, 1}; symmetric 1-bit is ``sign(w) * max(mean|w|, eps)`` with
+  ``sign(0) = +1``.
+* asymmetric: the range is widened to include zero, ``s = max((max' - min') / (2^b - 1), eps)``,
   ``z = clamp(round(-min'/s), 0, 2^b - 1)``, ``q = clamp(round(w/s) + z, 0, 2^b - 1)``, ``w^ = (q - z) * s``.
 * ``symmetric=None`` (the default) picks asymmetric for ``b <= 3`` and symmetric above, per bit-width, so
   that one config serves every row of a mixed-precision layer.
+
+``eps`` is the smallest positive value of the scale dtype, applied after the division (an all-zero group gets
+``s = eps``, never a scale that rounds to 0); scales are rounded to the scale dtype before the codes are computed.
 """
 from __future__ import annotations
 

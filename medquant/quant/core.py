@@ -150,8 +150,9 @@ def compute_qparams(
 def quantize(w: torch.Tensor, config: QuantConfig, bits: int | None = None, dense: bool = False) -> QTensor:
     """Quantize a 2-D weight to codes, scales and zero points with ``config``.
 
-    Symmetric (``q_max = 2^(b-1) - 1``): ``s = max(absmax, eps) / q_max``, code ``clamp(round(w/s), -q_max, q_max)
-    + 2^(b-1)``. Asymmetric: ``s = max(max' - min', eps) / (2^b - 1)`` over the range widened to include 0,
+    Symmetric (``q_max = 2^(b-1) - 1``): ``s = max(absmax / q_max, eps)``, code ``clamp(round(w/s), -q_max, q_max)
+    + 2^(b-1)`` (1-bit: ``s = max(mean|w|, eps)``, code ``[w >= 0]``). Asymmetric: ``s = max((max' - min') /
+    (2^b - 1), eps)`` over the range widened to include 0,
     ``z = clamp(round(-min'/s), 0, 2^b - 1)``, code ``clamp(round(w/s) + z, 0, 2^b - 1)``. Statistics are taken
     per tensor, output row or group of ``group_size`` inputs (``config.scope``); K is zero-padded first.
 
