@@ -9,7 +9,9 @@ Both checkpoint forms are read: :func:`medquant.save` folders (``medquant.json``
 written by ``medquant prune`` / ``medquant pipeline``, are rebuilt with their per-layer shapes by
 :func:`medquant.prune.load_pruned`) and :func:`medquant.hf.save_pretrained` folders (``config.json`` with a medquant
 ``quantization_config``). The model is loaded (checked against its manifest) but never run; the numbers are :func:`medquant.quant.size.layer_table` and
-:func:`medquant.quant.size.model_size`, with each quantized layer's recipe (scheme, scope, group size).
+:func:`medquant.quant.size.model_size`, with each quantized layer's recipe (scheme, scope, group size). The summary
+line's "N of M weight layers" counts the rows of that table: every Linear / convolution / ``Conv1D``, quantized
+embedding, ``nn.MultiheadAttention`` in-projection and float experts module.
 """
 from __future__ import annotations
 
@@ -134,7 +136,7 @@ def run(args) -> int:
         print(f"| {r['name']} | {r['type']} | {r['shape'][0]}x{r['shape'][1]} | {r['bits']} | {r['scope'] or '-'} | "
               f"{r['group_size'] or '-'} | {r['bytes']:,} | {r['role'] or '-'} |")
     t = report["totals"]
-    print(f"{report['class']}: {report['layers_quantized']} of {report['layers_total']} Linear/Conv2d layers "
+    print(f"{report['class']}: {report['layers_quantized']} of {report['layers_total']} weight layers "
           f"quantized, average bits {t['effective_bits']:.3f}, weight-layer bytes "
           f"{t['linear_weight_bytes']:,}, total bytes {t['total_bytes']:,} ({t['total_mb']:.2f} MiB)")
     return 0

@@ -66,7 +66,7 @@ def test_quantize_rtn_reloads_as_quantize_and_info_matches_model_size(folder, ca
     assert main(["info", str(out)]) == 0  # the table form
     text = capsys.readouterr().out
     assert "| model.layers.1.mlp.down_proj | QuantLinear | 64x128 | 4 | group | 32 |" in text
-    assert "14 of 15 Linear/Conv2d layers quantized" in text
+    assert "14 of 15 weight layers quantized" in text
 
     # the mq.save form of the same model
     mq.save(ref, folder / "saved")
