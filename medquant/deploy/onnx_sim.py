@@ -7,7 +7,10 @@ PyTorch is the accuracy of the deployed model:
 1. **BatchNorm folding.** A ``BatchNorm2d`` that reads the output of a convolution, when nothing else reads that
    output, is folded into it: with ``f_c = gamma_c / sqrt(var_c + eps)``, the weight row ``c`` becomes
    ``w_c * f_c`` and the bias ``(b_c - mean_c) * f_c + beta_c``. For a quantized convolution only the scales change
-   (``s' = s * f_c`` in float32); the integer codes are kept bit for bit. A BatchNorm without running statistics
+   (``s' = s * f_c`` in float32); the integer codes are kept bit for bit, except in a row of an 8-bit
+   per-channel layer whose folded scale is 0 (``gamma_c = 0``): its weight is 0 whatever its codes, and it is
+   stored as a zero row (codes at the zero point, the median of the layer's other positive scales), so that
+   ONNX Runtime's int32 bias at scale ``s_x * s'`` does not overflow. A BatchNorm without running statistics
    (``track_running_stats=False``) is refused. The model is simulated in float32 (a float16 / bfloat16 model
    too), its floating inputs cast to float32, as ONNX Runtime computes.
 2. **Weights** as medquant quantized them, in the container ONNX has for them (:func:`layer_plan`):
@@ -368,7 +371,9 @@ class ExportLayer(nn.Module):
 
     def _store(self, uw, factor) -> None:
         """Integer codes in ONNX's container: signed ``q = u - 2^(b-1)`` (``2u - 1`` at 1 bit) with zero point 0
-        for symmetric rows, unsigned ``u`` with zero point ``z`` for asymmetric ones."""
+        for symmetric rows, unsigned ``u`` with zero point ``z`` for asymmetric ones. An 8-bit per-channel row
+        whose folded scale is 0 (a BatchNorm gamma of 0) is stored with codes at its zero point (weight 0 either
+        way), then given a usable scale as every zero row (:func:`_zero_row_scales`)."""
         u = uw.codes.to(torch.int32)
         if uw.symmetric:
             q = 2 * u - 1 if uw.bits == 1 else u - 2 ** (uw.bits - 1)
@@ -391,6 +396,11 @@ class ExportLayer(nn.Module):
                 scales, zp = scales[:, :1].reshape(-1), zp[:, :1].reshape(-1)
             codes = q[:, :self.k]
             if scales.numel() == self.n:
+                # a row whose (folded) scale is 0 (a BatchNorm gamma of 0) has weight 0 whatever its codes: stored
+                # as codes at the zero point, a zero row (its weight unchanged, exactly 0)
+                dead = scales == 0
+                if bool(dead.any()):
+                    codes = torch.where(dead[:, None], zp[:, None].to(codes.dtype), codes)
                 scales = _zero_row_scales(scales, (codes == zp[:, None]).all(1))
             self.register_buffer("weight_codes", codes.reshape(self.shape if self.is_conv else (self.n, self.k))
                                  .to(dtype).contiguous())
