@@ -730,7 +730,7 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, 
         w: ``(N, K)`` float weight.
         h: ``(K, K)`` Hessian ``2 X^T X / n`` before dampening.
         config: scheme, scope, group size and scale dtype.
-        bits: 1..8; ``None`` uses ``config.bits``.
+        bits: 1..8; ``None`` uses ``config.bits`` (refused for a config with ``channel_bits``).
         damp: dampening ``lambda = damp * mean(H_jj over the live inputs, H_jj > 0)`` (retried x10 while ``H`` is
             not positive definite; ``damp=0`` is not retried); dead inputs (``H_jj = 0``) get ``W[:, j] = 0``.
         block_size: columns per lazy update block.
@@ -747,9 +747,14 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, 
         number of dead inputs and the GPTQ objective ``sum_j ||e_j||^2 / 2``.
 
     Raises:
-        ValueError: ``bits`` outside 1..8, shapes that do not match, or a Hessian that stays singular (with
-            ``damp=0``: the message says to use ``damp > 0``).
+        ValueError: ``bits`` outside 1..8, ``bits=None`` with a config giving per-row bit-widths
+            (``channel_bits``), shapes that do not match, or a Hessian that stays singular (with ``damp=0``: the
+            message says to use ``damp > 0``).
     """
+    if bits is None and config.channel_bits is not None:
+        raise ValueError(f"layer {name}: the config gives per-row bit-widths (channel_bits), but "
+                         "gptq_quantize_weight quantizes rows of one bit-width: pass bits= for these rows, or "
+                         "quantize the whole layer with gptq_quantize_layer (each row group at its own width)")
     b = config.bits if bits is None else bits
     if not 1 <= b <= 8:
         raise ValueError(f"gptq_quantize_weight needs 1..8 bits, got {b}")
