@@ -75,7 +75,7 @@ class InputQuantizer:
         (2^b - 1)``, ``z = round(-min(lo, 0) / s)``, with ``lo`` / ``hi`` the extremes over ``xs``.
 
         Args:
-            xs: calibration inputs of the module.
+            xs: calibration inputs of the module (empty tensors hold no values and are skipped).
             bits: activation bit-width, 2..16.
             symmetric: the scheme.
             name: the module's name in error messages.
@@ -85,11 +85,13 @@ class InputQuantizer:
 
         Raises:
             ValueError: ``bits`` outside 2..16 (checked before any division by ``2^(b-1) - 1`` or ``2^b - 1``), or
-                ``xs`` is empty or holds NaN / inf.
+                ``xs`` is empty (or holds only empty tensors) or holds NaN / inf.
         """
         _check_act_bits(bits)
+        xs = [x for x in xs if x.numel()]
         if not xs:
-            raise ValueError(f"{name}: no calibration inputs to fix the activation scale")
+            raise ValueError(f"{name}: no calibration inputs to fix the activation scale (none, or only empty "
+                             "tensors)")
         lo = min(float(x.detach().min()) for x in xs)
         hi = max(float(x.detach().max()) for x in xs)
         if not (math.isfinite(lo) and math.isfinite(hi)):
