@@ -42,6 +42,7 @@ from ..quant.modules import (
     tied_to,
 )
 from ..quant.recipe import RecipeError, bit_map_matches, layer_from_recipe, model_recipe, shared_modules
+from ..quant.size import covers_storage
 from ..version import __version__
 from . import atomic
 from .manifest import (
@@ -408,6 +409,37 @@ def _shared_stored_once(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def _views_stored_whole(model: nn.Module) -> Iterator[None]:
+    """While the block runs, ``model.state_dict()`` gives every tensor that is a view of part of a larger storage
+    (``nn.Parameter(pos_embed[:, :n])``) as a copy of its own (one copy for all the names of one view).
+
+    safetensors' ``save_model`` refuses a tensor whose storage no tensor of the state dict covers whole ("None is
+    covering the entire storage"), and so does its ``load_model`` for the model it loads into; a view whose storage
+    another tensor covers was stored only under that tensor's name, so it did not load into a model whose tensors
+    each have their own storage. Tensors that cover their storage (:func:`medquant.quant.size.covers_storage`: every
+    tensor of a model built or loaded as usual) are left as they are (tied ones are stored once). Registered after
+    the other state-dict hooks of a save, it runs after them."""
+
+    def copy_views(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+        if prefix:
+            return
+        copies: dict[tuple, torch.Tensor] = {}
+        for key, t in state.items():
+            if t.device.type == "meta" or covers_storage(t):
+                continue
+            view = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            if view not in copies:
+                copies[view] = t.clone(memory_format=torch.contiguous_format)
+            state[key] = copies[view]
+
+    handle = model.register_state_dict_post_hook(copy_views)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _check_json_keys(value: Any, where: str) -> None:
     """Refuse dict keys that JSON would turn into strings (``{0: x}`` comes back as ``{"0": x}``), naming where."""
     if isinstance(value, dict):
@@ -618,7 +650,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extras: dict[str, An
     version = dense_layouts(model)
     with write_checkpoint(path) as folder:
         wpath = folder / WEIGHTS_NAME
-        with _tied_heads_stored_once(model), _shared_stored_once(model):
+        with _tied_heads_stored_once(model), _shared_stored_once(model), _views_stored_whole(model):
             save_model(model, str(wpath), metadata={"format": "pt", "medquant_format_version": str(version)})
         _sort_safetensors_metadata(wpath)
         meta = {
@@ -1172,7 +1204,8 @@ def _load_once(path: Path, model: nn.Module | None, device: str | torch.device, 
     _restore_dtypes(model, opened.header)
     _restore_buffer_dtypes(model, meta.buffer_dtypes)
     try:
-        missing, unexpected = load_model(model, str(root / meta.weights.file), strict=False)
+        with _views_stored_whole(model):  # safetensors reads the model's state dict too
+            missing, unexpected = load_model(model, str(root / meta.weights.file), strict=False)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # malformed or mismatched tensors
         raise CheckpointError(f"could not read {meta.weights.file}: {e}") from None
     if strict and (missing or unexpected):

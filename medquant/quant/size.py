@@ -2,9 +2,10 @@
 
 * ``stored bytes`` counts every tensor a saved model holds (packed codes, scales, zero points, bit maps,
   float rows, biases, norms, embeddings; tied tensors once, also a head sharing a quantized embedding's packed
-  tensors; 3/5/6/7-bit codes at their dense size, format version 2, also in a layer that still holds them in 4/8-bit
-  containers, layout 1, which :func:`medquant.save` re-packs densely before writing) plus the JSON metadata recording
-  each quantized module's recipe (:func:`medquant.quant.recipe.model_recipe`). A dense 3/5/6/7-bit row group of ``n``
+  tensors; a view of part of a larger tensor, ``full[:, :n]``, as the copy of its own the save writes; 3/5/6/7-bit
+  codes at their dense size, format version 2, also in a layer that still holds them in 4/8-bit containers, layout
+  1, which :func:`medquant.save` re-packs densely before writing) plus the JSON metadata recording each quantized
+  module's recipe (:func:`medquant.quant.recipe.model_recipe`). A dense 3/5/6/7-bit row group of ``n``
   rows takes ``n * K_pad * b / 32`` int32 words, ``K_pad`` the next multiple of ``lcm(group_size, 32)`` (group
   scope) or of 32, and ``n * K_pad / group_size`` scales (and zero points) for group scope. A bitsandbytes layer
   counts the tensors its state dict holds, as bitsandbytes saves them: for an NF4 / FP4 ``Linear4bit`` (QLoRA's
@@ -108,10 +109,10 @@ def model_size(model: nn.Module) -> SizeReport:
 
 def _model_size(model: nn.Module) -> SizeReport:
     saved = _saved_sizes(model)
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple] = set()
     tensor_bytes = 0
     for t in model.state_dict(keep_vars=True).values():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+        key = _stored_as(t)
         if key in seen:
             continue
         seen.add(key)
@@ -296,6 +297,36 @@ def _standard_layout(model: nn.Module) -> Iterator[None]:
             vars(state).update(fields)
             w.data = data
             w.quant_state = state  # type: ignore[attr-defined]
+
+
+def covers_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its whole storage: it begins where its storage begins and holds all of its bytes (a
+    parameter, a buffer, a transposed weight; not a view of part of a larger tensor, ``full[:, :n]``).
+
+    safetensors stores a tensor that covers its storage once for every name sharing it (tied weights); a view of
+    part of a storage :func:`medquant.save` stores as a copy of its own (one for the names of one view), so
+    :func:`model_size` counts a tensor once per storage it covers, and a view once per distinct view.
+
+    Args:
+        t: the tensor (a meta tensor has no storage: ``False``).
+
+    Returns:
+        Whether ``t`` begins at its storage's first byte and holds ``storage.nbytes()`` bytes.
+    """
+    if t.device.type == "meta":
+        return False
+    s = t.untyped_storage()
+    return t.data_ptr() == s.data_ptr() and t.numel() * t.element_size() == s.nbytes()
+
+
+def _stored_as(t: torch.Tensor) -> tuple:
+    """What ``t`` is stored as: its storage when it covers it, else its own view (tensors with one key are stored
+    once, see :func:`covers_storage`)."""
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    if covers_storage(t):
+        return ("storage", t.device, t.untyped_storage().data_ptr())
+    return ("view", t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
 
 def _linear_weights(m: nn.Module) -> dict:
