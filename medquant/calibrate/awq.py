@@ -35,10 +35,13 @@ decoder's other groups.
 plain round-to-nearest, so on the calibration inputs the chosen scales are never worse than RTN for a group.
 The scales are folded *exactly* into the preceding op: a norm computing ``x_hat * w (+ b)`` (LayerNorm, most
 RMSNorms) gets ``w /= s, b /= s``; one computing ``x_hat * (1 + w) (+ b)`` (Gemma 1-3, Qwen3.5 / Qwen3-Next
-RMSNorms, Nemotron's LayerNorm1P) gets ``w = (1 + w)/s - 1, b /= s``; a preceding linear's rows (weight and
-bias) ``/= s``. The norm's form is found by running a copy of it with chosen weights (a random gain ``r`` must
-give ``r`` times the output of gain 1, a bias must add), never from its class name (Gemma3n's RMSNorm is
-``x_hat * w``); a norm of neither form, or without a weight, is not folded.
+RMSNorms, Nemotron's LayerNorm1P) gets ``w' = (1 + w)/s - 1`` (in bfloat16 / float16 the gain ``1 + w'`` then
+keeps only an absolute step of 2^-8 / 2^-11, so ``b`` and the linears' columns use the factor actually stored,
+``s' = (1 + w)/(1 + w')``, instead of ``s``: ``b /= s'``, ``W diag(s')``; a gain that would round to 0 keeps the
+dtype's closest value of its sign); a preceding linear's rows (weight and bias) ``/= s``. The norm's form is
+found by running a copy of it with chosen weights (a random gain ``r`` must give ``r`` times the output of gain 1,
+a bias must add), never from its class name (Gemma3n's RMSNorm is ``x_hat * w``); a norm of neither form, or
+without a weight, is not folded.
 Where nothing can absorb the scale (post-norm BERT blocks; v -> o under grouped-query attention, where one v
 row feeds several heads, or through a per-head value norm as Gemma 4's ``v_norm``; fc1 -> fc2 through a non-linear
 activation) the group is not formed and those linears are quantized plainly. Projections inside a clamp wrapper
@@ -546,6 +549,27 @@ def _folded_tensors(model: nn.Module, g: ScaleGroup) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def _fold_offset_gain(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Divide the gain ``1 + w`` of an ``x_hat * (1 + w)`` norm by ``s`` in place (``w' = (1 + w) / s - 1``) and
+    return the factor the gain was actually divided by, ``(1 + w) / (1 + w')`` per channel (``s`` where ``1 + w``
+    is 0), which the norm's bias and the group's linears then use, so the fold stays exact in the weight's dtype:
+    near -1, bfloat16 / float16 keep an absolute step (2^-8 / 2^-11) of the gain ``(1 + w) / s``, a large relative
+    error where that gain is small. A gain rounded to 0 or past it is stored as the dtype's closest value of its
+    sign (the channel is kept)."""
+    s = s.to(device=w.device, dtype=torch.float32)
+    old = 1.0 + w.float()
+    w.copy_(old / s - 1.0)
+    new = 1.0 + w.float()
+    lost = (old != 0) & (new * old.sign() <= 0)
+    if bool(lost.any()):
+        one = torch.full_like(w, -1.0)
+        toward = torch.where(old > 0, torch.zeros_like(w), torch.full_like(w, -2.0))
+        w.copy_(torch.where(lost, torch.nextafter(one, toward), w))
+        new = 1.0 + w.float()
+    return torch.where(old != 0, old / new, s)
+
+
+@torch.no_grad()
 def _fold(model: nn.Module, g: ScaleGroup, s: torch.Tensor) -> None:
     """Fold the scales ``s`` of ``g`` into the model, in place (module docstring); the tensors it changes are
     those of :func:`_folded_tensors`."""
@@ -560,7 +584,7 @@ def _fold(model: nn.Module, g: ScaleGroup, s: torch.Tensor) -> None:
             prev.bias.div_(s.to(prev.bias.dtype))
     else:
         if kind == "1+w":
-            w.copy_((1.0 + w.float()) / s - 1.0)
+            s = _fold_offset_gain(w, s)
         else:
             w.div_(s.to(w.dtype))
         bias = getattr(prev, "bias", None)
