@@ -543,11 +543,13 @@ class QuantLinear(_QuantWeightBase):
             The new ``QuantLinear`` on the module's device, dequantizing to the module's dtype.
 
         Raises:
-            TypeError: ``module`` is not an ``nn.Linear``.
+            TypeError: ``module`` is not an ``nn.Linear``, or is a subclass with its own ``forward`` (which the
+                quantized layer, computing ``x W^T + b``, would silently drop; ``quantize_`` leaves those in float).
             ValueError: NaN / inf weights, or ``channel_bits`` of the wrong length.
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"QuantLinear.from_float expects nn.Linear, got {type(module).__name__}")
+        _check_computes_as(module, nn.Linear, ("forward",), "QuantLinear")
         w = module.weight
         q = cls(module.in_features, module.out_features, module.bias is not None, config, w.device, w.dtype,
                 layout)
@@ -668,12 +670,15 @@ class QuantConv2d(_QuantWeightBase):
             The new ``QuantConv2d``.
 
         Raises:
-            TypeError: ``module`` is not an ``nn.Conv2d``.
+            TypeError: ``module`` is not an ``nn.Conv2d``, or is a subclass with its own ``forward`` or
+                ``_conv_forward`` (e.g. a weight-standardized convolution), which the quantized layer, computing
+                ``F.conv2d``, would silently drop (``quantize_`` leaves those in float).
             ValueError: a padding mode other than ``"zeros"``, NaN / inf weights, or ``channel_bits`` of the
                 wrong length.
         """
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
+        _check_computes_as(module, nn.Conv2d, ("forward", "_conv_forward"), "QuantConv2d")
         if module.padding_mode != "zeros":
             raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {module.padding_mode!r}")
         w = module.weight
@@ -885,6 +890,15 @@ class QuantEmbedding(_QuantWeightBase):
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={c.bits}, scope={c.scope}"
                 + (f"({c.group_size})" if c.scope == "group" else "")
                 + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
+
+
+def _check_computes_as(module: nn.Module, base: type[nn.Module], methods: tuple[str, ...], quant: str) -> None:
+    """Refuse a subclass of ``base`` that overrides one of ``methods``: the quantized layer computes as ``base``."""
+    own = [m for m in methods if getattr(type(module), m, None) is not getattr(base, m)]
+    if own:
+        raise TypeError(f"{quant}.from_float: {type(module).__name__} is a subclass of {base.__name__} with its own "
+                        f"{' / '.join(own)} (it may change what the layer computes), which a {quant} would drop; only "
+                        f"{base.__name__} and subclasses computing as it are taken: leave it in floating point")
 
 
 def _remember_float_class(q: nn.Module, module: nn.Module, base: type[nn.Module]) -> None:
