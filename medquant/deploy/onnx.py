@@ -291,8 +291,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             ``percentile`` without ``method="percentile"``, forward hooks the file would lose (an
             ``AdaptiveQuantizer``'s, or any on a Conv2d / Linear / ReLU / MaxPool2d / BatchNorm, which the export
             replaces; hooks on the modules it keeps are traced), a model that is itself one quantized layer
-            (pass ``nn.Sequential(layer)``), no ``example_inputs`` or ``calib``, ``input_names``
-            that is a string, of the wrong length or with a repeated name, an ``output_name`` among them, a graph that cannot be written
+            (pass ``nn.Sequential(layer)``), no ``example_inputs`` or ``calib``, ``input_names`` that is a string
+            or not a list / tuple, of the wrong length, with a repeated, empty or non-string name, an
+            ``output_name`` among them, empty or not a string, a graph that cannot be written
             (one whose tensors exceed :data:`PROTOBUF_LIMIT`, 2 GiB: one ``.onnx`` file, no external data)
             or that ONNX Runtime refuses or computes differently (:class:`CalibrationRequired`: static-activation
             layers and no ``calib``).
@@ -327,6 +328,14 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
     if isinstance(input_names, (str, bytes)):
         raise ExportError(f"input_names must be a list of names (one per model input), got str {input_names!r}: "
                           f"pass [{input_names!r}]")
+    if input_names is not None and not isinstance(input_names, (list, tuple)):
+        raise ExportError(f"input_names must be a list of names (one per model input), got "
+                          f"{type(input_names).__name__} {input_names!r}")
+    bad_names = [n for n in (input_names or []) if not isinstance(n, str) or not n]
+    if bad_names or not isinstance(output_name, str) or not output_name:
+        raise ExportError(f"input_names must be non-empty strings and output_name a non-empty string, got "
+                          f"input_names={input_names!r}, output_name={output_name!r}: ONNX names each input and "
+                          "output (an empty name would be replaced by a number)")
     method = "minmax" if method is None else method
     percentile = 99.99 if percentile is None else percentile
     if calib is not None:
