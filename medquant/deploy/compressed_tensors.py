@@ -75,7 +75,9 @@ loader (5.25: its expert merge dequantizes packed experts only); the report note
 
 With ``verify=True`` (default) each packed layer is decompressed with the compressed-tensors package's own
 decompressor and compared with medquant's dequantised weight; the report's ``max_abs_error`` is that measured
-difference.
+difference. A layer that decompressor cannot read is refused naming it (compressed-tensors 0.20.1 fails on 4-bit
+asymmetric group layers of at most 8 output rows, whose zero points pack into a single int32 row: transformers'
+``dequantize=True`` loader could not load the folder); ``verify=False`` writes such layers unchecked and notes them.
 """
 from __future__ import annotations
 
@@ -188,6 +190,32 @@ def pack_layer(uw: UniformWeight, n: int, k: int, scale_dtype: torch.dtype = tor
         tensors["weight_zero_point"] = zp.contiguous() if uw.scope == "tensor" else \
             pack_to_int32(zp, bits, packed_dim=0).contiguous()
     return PackedLayer(tensors, bits, sym, uw.scope, group_size, how, "; ".join(notes))
+
+
+def _single_word_zero_points(layer: PackedLayer) -> bool:
+    """True for the layers whose tensors compressed-tensors 0.20.1's own decompressor cannot read: 4-bit zero points
+    packed along N into a single int32 row (``N <= 8``) with more than one group. Its ``unpack_from_int32`` views the
+    transposed ``(groups, 1)`` words as bytes, which ``Tensor.view`` refuses (``RuntimeError``: stride of the last
+    dimension not 1)."""
+    zp = layer.tensors.get("weight_zero_point")
+    return layer.bits == 4 and layer.strategy == "group" and zp is not None and zp.ndim == 2 and zp.shape[0] == 1 \
+        and zp.shape[1] > 1
+
+
+def _unreadable_message(unreadable: list[tuple[str, PackedLayer, str]]) -> str:
+    """The refusal for layers whose tensors compressed-tensors' own decompressor fails on (``verify=True``)."""
+    listed = "; ".join(f"{name} ({pl.target()}, {int(pl.tensors['weight_shape'][0])} rows)"
+                       for name, pl, _ in unreadable[:8]) + (" ..." if len(unreadable) > 8 else "")
+    known = any(_single_word_zero_points(pl) for _, pl, _ in unreadable)
+    why = (" compressed-tensors 0.20.1 fails on 4-bit asymmetric group layers of at most 8 output rows (e.g. a "
+           "classifier head with few classes): their zero points pack into a single int32 row, which its "
+           "unpack_from_int32 cannot view as bytes." if known else "")
+    return (f"compressed-tensors' own decompressor cannot read {len(unreadable)} packed layer(s): {listed} "
+            f"({unreadable[0][2]}).{why} transformers' CompressedTensorsConfig(dequantize=True) loader, the one that "
+            "reads asymmetric schemes, decompresses with it, so the folder would not load. Accepted: those layers "
+            "symmetric or with channel scope (or another bit-width), or kept float (skip them when quantizing, e.g. "
+            "skip=['classifier']); verify=False writes the folder anyway (for a runtime with its own reader), "
+            "the layers noted in the report. Nothing was written")
 
 
 def quantization_args(layer: PackedLayer):
@@ -614,7 +642,9 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         source: folder to copy tokenizer / processor files from (default: ``model.name_or_path`` when it is a
             local folder).
         verify: decompress every packed layer with compressed-tensors' own decompressor and report the largest
-            difference from medquant's dequantised weight (raises ``ExportError`` if an exact row differs).
+            difference from medquant's dequantised weight (raises ``ExportError`` if an exact row differs, or
+            naming the layers the decompressor cannot read, e.g. compressed-tensors 0.20.1 on 4-bit asymmetric
+            group layers of at most 8 output rows; ``verify=False`` writes those and notes them).
         overwrite: replace ``path`` when it is an earlier export of this function (swapped in whole at the end:
             a failed export leaves the old folder as it was). Recognised by what the export writes: a
             ``config.json`` whose ``quantization_config`` has ``quant_method: "compressed-tensors"`` and format
@@ -679,6 +709,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     exported_float: dict[str, str] = {}
     runtime_dtype = _config_dtype(model)
     rounded_on_load: list[str] = []
+    unreadable: list[tuple[str, PackedLayer, str]] = []  # layers compressed-tensors' decompressor fails on
+    unread_unverified: list[str] = []  # verify=False: layers of the known failure (_single_word_zero_points)
     for name, table in tables if embeddings == "float" else ():  # what every runtime reads
         w = table.dequantized_weight(table.weight_dtype).detach().cpu().contiguous()
         tensors[f"{name}.weight"] = w
@@ -709,7 +741,11 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         err: float | None = uw.max_abs_error if uw.how != "exact repack" else 0.0
         if verify:
             ref = layer.dequantized_weight(torch.float32).cpu()
-            got = decompress_layer(pl).float()
+            try:
+                got = decompress_layer(pl).float()
+            except Exception as e:  # noqa: BLE001 - the package's own reader fails on the layer's tensors
+                unreadable.append((name, pl, f"{type(e).__name__}: {e}"))
+                continue
             measured = float((got - ref).abs().max()) if ref.numel() else 0.0
             if pl.how != "lossy requantization" and sdtype == torch.float32 and measured != 0.0:
                 raise ExportError(f"{name}: compressed-tensors decompresses a weight that differs from medquant's "
@@ -722,6 +758,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             note = "; ".join(x for x in (note, (f"weight_scale stored as {scale_dtype}: the runtime computes "
                                          f"(q - zp) * s in {scale_dtype}")) if x)
             err = err if verify else None
+        if not verify and _single_word_zero_points(pl):
+            unread_unverified.append(name)
         if runtime_dtype is not None and not _representable(pl.tensors["weight_scale"], runtime_dtype):
             rounded_on_load.append(name)
         key = pl.scheme_key()
@@ -729,6 +767,8 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
         args[key] = quantization_args(pl)
         packed_tensors[name] = dict(pl.tensors)
         rows.append(LayerExport(name, scheme, pl.target(), how, err, note))
+    if unreadable:
+        raise ExportError(_unreadable_message(unreadable))
     if not groups:
         raise ExportError("no layer could be packed (every quantized layer is float, pruned or a Conv2d); "
                           "nothing to export in pack-quantized form")
@@ -798,6 +838,11 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
                      f"(the max |err| column measures the folder's own scales). For medquant's exact weights load "
                      f"in float32 (or float16 with float16 scales), or quantize with QuantConfig(scale_dtype="
                      f"'{dt}')")
+    if unread_unverified:
+        notes.append(f"{', '.join(unread_unverified)}: 4-bit asymmetric group layer(s) of at most 8 output rows, "
+                     "whose zero points pack into a single int32 row; compressed-tensors' own decompressor (0.20.1), "
+                     "which transformers' CompressedTensorsConfig(dequantize=True) loader uses, fails on them "
+                     "(written unchecked: verify=False)")
     loader_note = _dequantize_loader_note(groups)
     if loader_note:
         notes.append(loader_note)
