@@ -120,30 +120,40 @@ _ZETA, _GAMMA = 1.1, -0.1
 
 # ---------------------------------------------------------------------------------------------- BN folding
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) names where a BatchNorm2d reads only the output of a Conv2d that nothing else reads."""
+    """(conv, bn) names where a BatchNorm2d reads only the output of a Conv2d that nothing else reads, the conv
+    module and the BatchNorm module each called at that one place only (a module called elsewhere too would see
+    the folded weights, or the Identity, there). Where ``torch.fx`` cannot trace the model: adjacent Conv2d /
+    BatchNorm2d entries of an ``nn.Sequential`` whose two modules are bound under no other name."""
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001  (any tracing failure: fall back to adjacent entries of nn.Sequential)
+        names: dict[int, int] = {}
+        for _, mod in model.named_modules(remove_duplicate=False):
+            names[id(mod)] = names.get(id(mod), 0) + 1
         pairs = []
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Sequential):
                 kids = list(mod.named_children())
                 for (a, ma), (b, mb) in itertools.pairwise(kids):
-                    if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d):
+                    if (isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d) and names[id(ma)] == 1
+                            and names[id(mb)] == 1):
                         pre = f"{name}." if name else ""
                         pairs.append((pre + a, pre + b))
         return pairs
     mods = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
             continue
         src = node.args[0] if node.args else None
         if (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
-                and len(src.users) == 1):
+                and len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1):
             pairs.append((src.target, node.target))
-    used = [c for c, _ in pairs]
-    return [p for p in pairs if used.count(p[0]) == 1]
+    return pairs
 
 
 @torch.no_grad()
@@ -151,11 +161,14 @@ def fold_batchnorm_(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every BatchNorm2d that directly follows a Conv2d into it (in place; the BN becomes ``nn.Identity``).
 
     Uses the running statistics (eval-mode BN): ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma /
-    sqrt(var + eps) + beta``; the eval-mode outputs are unchanged.
+    sqrt(var + eps) + beta``; the eval-mode outputs are unchanged. A pair is left alone where the conv's output is
+    read by anything else too, or where the conv or the BatchNorm module is also called at another place of the
+    forward (that call would see the folded weights, or the Identity).
 
     Args:
         model: the model, changed in place (traced with ``torch.fx``; if tracing fails, adjacent Conv2d /
-            BatchNorm2d entries of ``nn.Sequential`` containers are folded).
+            BatchNorm2d entries of ``nn.Sequential`` containers are folded, unless one of the two modules is also
+            bound under another name).
 
     Returns:
         The folded ``(conv name, bn name)`` pairs.
