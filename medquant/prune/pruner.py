@@ -1152,6 +1152,7 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None, dropped: bool = Fal
     exact = True
     notes: list[str] = []
     all_blocks = transformer_blocks(model, "all", clamp_wrappers=True)
+    per_layer = _per_layer_error()
     for b in all_blocks:
         if stacks is not None and b.stack not in stacks:
             continue
@@ -1160,60 +1161,38 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None, dropped: bool = Fal
             exact = False
             notes.append(f"{b.stack}: no transformers config owns these blocks")
             continue
-        root = _root_config(model, b, cfg)
+        try:
+            root = _root_config(model, b, cfg)
+            ffn_count_key = _count_keys(root, b.stack)[1]
+        except per_layer as e:
+            exact = False
+            note = _per_layer_note(b.stack, e)
+            if note not in notes:
+                notes.append(note)
+            continue
         if root is not cfg:
             copies.setdefault(id(root), {})[id(cfg)] = cfg
-        groups.setdefault((id(root), _count_keys(root, b.stack)[1]), (root, []))[1].append(b)
+        groups.setdefault((id(root), ffn_count_key), (root, []))[1].append(b)
     changed: list[tuple[Any, dict[str, Any]]] = []
     for cfg, blocks in groups.values():
         if _fits(model, blocks, cfg):
             continue
-        heads_key, ffn_key = _count_keys(cfg, blocks[0].stack)
-        heads = {(u.n_heads, u.n_kv, u.head_dim) for b in blocks for u in (b.attention, b.cross_attention) if u}
-        neurons = {b.ffn.n_neurons for b in blocks if b.ffn}
-        new: dict[str, Any] = {}
-        if len(heads) == 1:
-            nh, nkv, hd = heads.pop()
-            new[heads_key] = nh
-            if heads_key == "num_attention_heads":
-                new["head_dim"] = hd
-                if hasattr(cfg, "num_key_value_heads"):
-                    new["num_key_value_heads"] = nkv
-        if any(b.experts for b in blocks) and isinstance(getattr(cfg, "shared_expert_intermediate_size", None), int):
-            ffn_key = "shared_expert_intermediate_size"  # Qwen-MoE: the block's FFN is its shared expert
-        if len(neurons) == 1 and hasattr(cfg, ffn_key):
-            new[ffn_key] = neurons.pop()
-            if getattr(cfg, "block_auto_adjust_ff_dim", False) is True:  # LFM2: size = 2/3 of the config's
-                new["block_auto_adjust_ff_dim"] = False
-        old = {k: getattr(cfg, k, _ABSENT) for k in new}
-        for k, v in new.items():
-            setattr(cfg, k, v)
-        experts = {model.get_submodule(b.experts).down_proj.shape[1 if _transposed(model, b) else 2]
-                   for b in blocks if b.experts is not None and experts_layout(model.get_submodule(b.experts))}
-        if len(experts) == 1:  # the key that sizes the experts: moe_intermediate_size or intermediate_size
-            n_e = experts.pop()
-            for key in ("moe_intermediate_size", "intermediate_size"):
-                if not isinstance(getattr(cfg, key, None), int) or new.get(key, n_e) != n_e:
-                    continue
-                old.setdefault(key, getattr(cfg, key))
-                prev = getattr(cfg, key)
-                setattr(cfg, key, n_e)
-                if _fits(model, blocks, cfg):
-                    new[key] = n_e
-                    break
-                setattr(cfg, key, prev)
-        if not new or not _fits(model, blocks, cfg):
+        old: dict[str, Any] = {}
+        try:
+            fitted, twins = _update_config(model, cfg, blocks, copies.get(id(cfg), {}), old)
+        except per_layer as e:  # a heterogeneous config (Gemma 4): its per-layer counts are not read globally
+            _restore(cfg, old)
+            exact = False
+            notes.append(_per_layer_note(blocks[0].stack, e))
+            continue
+        if not fitted:
             _restore(cfg, old)
             exact = False
             notes.append(f"{blocks[0].stack}: its config cannot express the pruned blocks (per-layer counts, or a "
                          "head size derived from hidden_size / heads); reload with medquant.prune.load_pruned")
         else:
             changed.append((cfg, old))
-            for twin in copies.get(id(cfg), {}).values():  # the stacks' own copies (T5) follow the saved config
-                old_t = {k: getattr(twin, k, _ABSENT) for k in new if getattr(twin, k, _ABSENT) == old[k]}
-                for k in old_t:
-                    setattr(twin, k, new[k])
-                changed.append((twin, old_t))
+            changed.extend(twins)
     if dropped and exact and not changed:  # the blocks fit their config; does the config build the whole model?
         bad = _fresh_mismatch(model, [])
         if bad:
@@ -1233,6 +1212,78 @@ def _sync_configs(model: nn.Module, stacks: set[str] | None, dropped: bool = Fal
                          "a connector sized by text_config.intermediate_size or MoE experts); the config is left as "
                          "it was: reload with medquant.prune.load_pruned")
     return exact, notes
+
+
+def _update_config(model: nn.Module, cfg, blocks: list[Block], twins: dict[int, Any], old: dict[str, Any]
+                   ) -> tuple[bool, list[tuple[Any, dict[str, Any]]]]:
+    """Write the uniform counts of ``blocks`` into ``cfg`` (and into the stacks' own copies ``twins`` of it, T5);
+    returns ``(whether a module built from cfg now has the blocks' shapes, [(twin, its old values)])``. ``old``
+    (filled in place) gets cfg's value of every key before it is written, so the caller can restore ``cfg`` with
+    :func:`_restore` whatever happens: when it does not fit, or when a read raises part way."""
+    heads_key, ffn_key = _count_keys(cfg, blocks[0].stack)
+    heads = {(u.n_heads, u.n_kv, u.head_dim) for b in blocks for u in (b.attention, b.cross_attention) if u}
+    neurons = {b.ffn.n_neurons for b in blocks if b.ffn}
+    new: dict[str, Any] = {}
+    if len(heads) == 1:
+        nh, nkv, hd = heads.pop()
+        new[heads_key] = nh
+        if heads_key == "num_attention_heads":
+            new["head_dim"] = hd
+            if hasattr(cfg, "num_key_value_heads"):
+                new["num_key_value_heads"] = nkv
+    if any(b.experts for b in blocks) and isinstance(getattr(cfg, "shared_expert_intermediate_size", None), int):
+        ffn_key = "shared_expert_intermediate_size"  # Qwen-MoE: the block's FFN is its shared expert
+    if len(neurons) == 1 and hasattr(cfg, ffn_key):
+        new[ffn_key] = neurons.pop()
+        if getattr(cfg, "block_auto_adjust_ff_dim", False) is True:  # LFM2: size = 2/3 of the config's
+            new["block_auto_adjust_ff_dim"] = False
+    old.update({k: getattr(cfg, k, _ABSENT) for k in new})
+    for k, v in new.items():
+        setattr(cfg, k, v)
+    experts = {model.get_submodule(b.experts).down_proj.shape[1 if _transposed(model, b) else 2]
+               for b in blocks if b.experts is not None and experts_layout(model.get_submodule(b.experts))}
+    if len(experts) == 1:  # the key that sizes the experts: moe_intermediate_size or intermediate_size
+        n_e = experts.pop()
+        for key in ("moe_intermediate_size", "intermediate_size"):
+            if not isinstance(getattr(cfg, key, None), int) or new.get(key, n_e) != n_e:
+                continue
+            old.setdefault(key, getattr(cfg, key))
+            prev = getattr(cfg, key)
+            setattr(cfg, key, n_e)
+            if _fits(model, blocks, cfg):
+                new[key] = n_e
+                break
+            setattr(cfg, key, prev)
+    if not new or not _fits(model, blocks, cfg):
+        return False, []
+    out: list[tuple[Any, dict[str, Any]]] = []
+    for twin in twins.values():  # the stacks' own copies (T5) follow the saved config
+        old_t = {k: getattr(twin, k, _ABSENT) for k in new if getattr(twin, k, _ABSENT) == old[k]}
+        for k in old_t:
+            setattr(twin, k, new[k])
+        out.append((twin, old_t))
+    return True, out
+
+
+class _NoPerLayerConfigs(Exception):
+    """Stands for transformers' ``AmbiguousGlobalPerLayerAttributeError`` where transformers has none."""
+
+
+def _per_layer_error() -> type[Exception]:
+    """The error a heterogeneous transformers config (per-layer values: Gemma 4's ``head_dim`` /
+    ``num_key_value_heads`` of its full-attention layers) raises when such a value is read globally."""
+    try:
+        from transformers.integrations.heterogeneity.configuration_utils import (
+            AmbiguousGlobalPerLayerAttributeError,
+        )
+    except ImportError:
+        return _NoPerLayerConfigs
+    return AmbiguousGlobalPerLayerAttributeError
+
+
+def _per_layer_note(stack: str, e: Exception) -> str:
+    return (f"{stack}: its config gives some counts per layer ({str(e).split(' is a per-layer')[0]} is one), which "
+            "one global value cannot update; the config is left as it was: reload with medquant.prune.load_pruned")
 
 
 def _transposed(model: nn.Module, b: Block) -> bool:
