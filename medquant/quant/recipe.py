@@ -209,6 +209,9 @@ def layer_from_recipe(entry: Mapping[str, Any], *, device: torch.device | str | 
         # row bit-widths are computed on the CPU even inside a meta-device context (from_pretrained's skeleton)
         with torch.device("cpu"):
             if kind == "QuantEmbedding":
+                if bias:
+                    raise RecipeError("'bias' must be false for a QuantEmbedding (an embedding table has no bias), "
+                                      "got true")
                 pidx = entry.get("padding_idx")
                 if pidx is not None and (isinstance(pidx, bool) or not isinstance(pidx, int)):
                     raise RecipeError(f"'padding_idx' must be an integer, got {pidx!r}")
