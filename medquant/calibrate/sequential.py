@@ -149,8 +149,8 @@ class CheckpointSource:
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a directory holds no ``model.safetensors`` (index).
-        ValueError: a file whose safetensors header is corrupted or which is truncated; two stored tensors that
-            ``rename`` gives the same name.
+        ValueError: a file whose safetensors header is corrupted or which is truncated, an index that is not JSON
+            or has no ``weight_map`` of file names; two stored tensors that ``rename`` gives the same name.
     """
 
     def __init__(self, path: str | os.PathLike, rename: Callable[[str], str] | None = None) -> None:
@@ -161,7 +161,7 @@ class CheckpointSource:
             if single.is_file():  # before the index, as from_pretrained looks for them
                 files = [single]
             elif index.is_file():
-                files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+                files = sorted({path / f for f in self._index_files(index)})
             else:
                 raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
         elif path.is_file():
@@ -186,6 +186,19 @@ class CheckpointSource:
                 if name != k:
                     self._stored[name] = k
                     self._renamed[k] = name
+
+    @staticmethod
+    def _index_files(index: Path) -> list[str]:
+        """The file names of a ``model.safetensors.index.json`` (the values of its ``weight_map``), checked."""
+        try:
+            data = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index} is not valid JSON: {e}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} is not a safetensors index: it needs a \"weight_map\" object of tensor name -> "
+                             "file name (as from_pretrained reads it)")
+        return list(weight_map.values())
 
     @staticmethod
     def _header(f: Path) -> tuple[int, dict]:
