@@ -683,7 +683,12 @@ def _switch(path: Path, stage: Path) -> None:
     path, or a real folder :func:`_exchange_folder` could not exchange: it becomes a version link)."""
     new = _artifact(path, _VERSION)
     link = _artifact(path, _LINK)
-    os.symlink(new.name, link)  # first: a save killed from here on leaves the link, so the next one removes ``new``
+    try:
+        os.symlink(new.name, link)  # first: a save killed from here on leaves the link, so the next one removes ``new``
+    except BaseException:  # no link (symlinks refused, disk full): the new folder is still the staging folder
+        link.unlink(missing_ok=True)
+        _remove(stage)
+        raise
     try:
         os.rename(stage, new)
     except BaseException:  # the link goes, so its folder goes too: ``new`` when the rename happened, else ``stage``
