@@ -246,7 +246,13 @@ def _example_args(example_inputs: Any, from_calib: bool) -> tuple[torch.Tensor, 
     """``example_inputs`` as the model's positional arguments, checked as :func:`as_args` checks a calibration batch
     (a tensor or a non-empty tuple/list of tensors, none empty, no NaN/inf) but named ``example_inputs`` in the error;
     ``from_calib``: they are the first calibration batch and keep that name."""
-    return as_args(example_inputs, 0 if from_calib else "example_inputs")
+    args = as_args(example_inputs, 0 if from_calib else "example_inputs")
+    scalars = [i for i, a in enumerate(args) if a.dim() == 0]
+    if scalars:
+        raise ExportError(f"{'calibration batch 0' if from_calib else 'example_inputs'}: input(s) {scalars} are 0-d "
+                          "(a scalar): the file declares axis 0 of every input as its dynamic batch axis; accepted: "
+                          "tensors with a leading batch axis (a scalar per sample: shape (batch,))")
+    return args
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = None, calib: Any = None,
@@ -291,9 +297,11 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
             ``percentile`` without ``method="percentile"``, forward hooks the file would lose (an
             ``AdaptiveQuantizer``'s, or any on a Conv2d / Linear / ReLU / MaxPool2d / BatchNorm, which the export
             replaces; hooks on the modules it keeps are traced), a model that is itself one quantized layer
-            (pass ``nn.Sequential(layer)``), no ``example_inputs`` or ``calib``, ``input_names`` that is a string
-            or not a list / tuple, of the wrong length, with a repeated, empty or non-string name, an
-            ``output_name`` among them, empty or not a string, a graph that cannot be written
+            (pass ``nn.Sequential(layer)``), no ``example_inputs`` or ``calib``, a 0-d example input (no batch
+            axis), ``input_names`` that is a string or not a list / tuple, of the wrong length, with a repeated,
+            empty or non-string name, an ``output_name`` among them, empty or not a string, a model that cannot
+            run on the doubled batch of ``verify`` (axis 0 of an input is not its batch axis), a graph that cannot
+            be written
             (one whose tensors exceed :data:`PROTOBUF_LIMIT`, 2 GiB: one ``.onnx`` file, no external data)
             or that ONNX Runtime refuses or computes differently (:class:`CalibrationRequired`: static-activation
             layers and no ``calib``).
@@ -472,8 +480,15 @@ def _verify(sim: nn.Module, file: Path, args: tuple, names: list[str]) -> tuple[
     variants = (args, tuple(torch.cat([a, _second_half(a)]) for a in args),
                 tuple(-a if a.is_floating_point() else a for a in args))
     for batch in variants:
-        with torch.no_grad():
-            want = first_tensor(sim(*batch)).float().numpy()
+        try:
+            with torch.no_grad():
+                want = first_tensor(sim(*batch)).float().numpy()
+        except Exception as e:  # a doubled batch the model cannot take: axis 0 is not its batch axis
+            raise ExportError(f"the model cannot run on a batch of {batch[0].shape[0]} (the example inputs "
+                              f"{[tuple(a.shape) for a in args]} doubled along axis 0), not written: the file "
+                              f"declares axis 0 of every input as its dynamic batch axis, so the inputs need a "
+                              f"leading batch axis (e.g. x[None] for one unbatched sample): "
+                              f"{type(e).__name__}: {e}".strip()[:2000]) from e
         try:
             got = sess.run(None, _feeds(names, batch))[0]
         except Exception as e:
