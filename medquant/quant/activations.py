@@ -25,10 +25,13 @@ __all__ = ["InputQuantizer", "attach_recorded", "carry_input_quantizer", "checke
            "recorded_quantizers", "set_input_quantizers"]
 
 
-def _check_act_bits(bits: object) -> None:
-    """Refuse an activation bit-width that is not an integer in 2..16 (bools included)."""
+def _check_act_bits(bits: object, symmetric: object) -> None:
+    """Refuse an activation bit-width that is not an integer in 2..16 (bools included), and a ``symmetric`` that is
+    not a bool (``bool("false")`` is True)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
         raise ValueError(f"activation bits must be an integer in 2..16, got {bits!r}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"activation symmetric must be True or False, got {symmetric!r}")
 
 
 class InputQuantizer:
@@ -46,6 +49,7 @@ class InputQuantizer:
         zero: the zero point ``z`` (asymmetric).
 
     Raises:
+        TypeError: ``symmetric`` is not a bool.
         ValueError: ``bits`` outside 2..16, a scale that is not a finite positive number, or a zero point off the
             codes (asymmetric: outside ``0..2^b - 1``, where 0 is not representable; symmetric: not 0).
     """
@@ -54,7 +58,7 @@ class InputQuantizer:
     hook_owner: ClassVar[str] = "input"
 
     def __init__(self, bits: int, symmetric: bool, scale: float, zero: int = 0) -> None:
-        _check_act_bits(bits)
+        _check_act_bits(bits, symmetric)
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"activation scale must be a finite number > 0, got {scale!r}")
         if isinstance(zero, bool) or not isinstance(zero, numbers.Integral) or (
@@ -62,7 +66,7 @@ class InputQuantizer:
             codes = "0 (symmetric)" if symmetric else f"an integer in 0..{2**bits - 1}"
             raise ValueError(f"activation zero point must be {codes}, got {zero!r}")
         self.bits: int = bits
-        self.symmetric: bool = bool(symmetric)
+        self.symmetric: bool = symmetric
         self.scale: float = float(scale)
         self.zero: int = int(zero)
 
@@ -84,10 +88,11 @@ class InputQuantizer:
             The :class:`InputQuantizer`.
 
         Raises:
+            TypeError: ``symmetric`` is not a bool.
             ValueError: ``bits`` outside 2..16 (checked before any division by ``2^(b-1) - 1`` or ``2^b - 1``), or
                 ``xs`` is empty (or holds only empty tensors) or holds NaN / inf.
         """
-        _check_act_bits(bits)
+        _check_act_bits(bits, symmetric)
         xs = [x for x in xs if x.numel()]
         if not xs:
             raise ValueError(f"{name}: no calibration inputs to fix the activation scale (none, or only empty "
