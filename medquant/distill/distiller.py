@@ -7,7 +7,9 @@ Loss per batch::
 * ``KD = sum_p m_p KL(softmax(z_t,p / T) || softmax(z_s,p / T)) / sum_p m_p`` over output positions ``p``:
   one position per example for classification logits ``(B, C)`` (one binary logit ``z`` per example, ``(B, 1)``:
   the softmax of ``(0, z / T)``, i.e. ``(1 - sigmoid(z / T), sigmoid(z / T))``; 1-D logits are refused); every
-  token for token logits ``(B, S, V)``,
+  token for token logits ``(B, S, V)``. A multi-label classifier (``multi_label``: C independent sigmoid outputs,
+  read from a Hugging Face config's ``problem_type == "multi_label_classification"``) has the product of C
+  Bernoullis as its distribution: ``KL = sum_c KL(Bern(sigmoid(z_t,c / T)) || Bern(sigmoid(z_s,c / T)))``,
   with ``m_p`` the attention mask (padding excluded); for an encoder-decoder (``config.is_encoder_decoder``),
   whose logits are the decoder's, ``decoder_attention_mask``, else ``labels != -100``, else every position.
   ``T^2`` keeps the gradient scale independent of ``T`` (Hinton et al. 2015).
@@ -56,6 +58,16 @@ from ..models.runner import eval_mode, main_output, placeholder_token_ids, run_m
 from ..training import train_steps
 
 __all__ = ["Distiller", "check_feature_pairs", "kd_loss"]
+
+
+def _check_multi_label(multi_label: Any) -> None:
+    if not isinstance(multi_label, bool):  # 1 / "yes" would silently pick a loss
+        raise TypeError(f"multi_label must be a bool, got {type(multi_label).__name__} {multi_label!r}")
+
+
+def _config_multi_label(model: nn.Module) -> bool:
+    """Whether a Hugging Face config says the model is a multi-label classifier (``problem_type``)."""
+    return getattr(getattr(model, "config", None), "problem_type", None) == "multi_label_classification"
 
 
 def _check_temperature(temperature: float | torch.Tensor) -> None:
@@ -112,7 +124,7 @@ def _check_returns_hidden_states(model: nn.Module, role: str) -> None:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor = 2.0,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+            mask: torch.Tensor | None = None, *, multi_label: bool = False) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over (unmasked) positions.
 
     Logits are ``(..., V)``; ``mask`` has the leading shape (1 = count the position). One logit per position
@@ -123,6 +135,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     Network", 2015). Classes the teacher gives probability 0 (logit ``-inf``, e.g. a suppressed vocabulary entry)
     contribute 0 (``0 * log 0 = 0``, as :func:`torch.xlogy`), not NaN.
 
+    With ``multi_label`` the ``V`` logits of a position are independent labels (sigmoid outputs, a multi-label
+    classifier trained with ``BCEWithLogitsLoss``), not exclusive classes: the position's distribution is the product
+    of ``V`` Bernoullis and its KL the sum of theirs,
+    ``sum_v KL(Bern(sigmoid(t_v / T)) || Bern(sigmoid(s_v / T)))`` (each the two-class softmax KL of ``(0, z_v)``).
+
     Args:
         student_logits: the student's logits.
         teacher_logits: the teacher's logits, same shape.
@@ -132,12 +149,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         mask: optional 0/1 mask over the leading dimensions. Masked positions take no part at all (only the
             kept rows are computed, as ``F.cross_entropy`` skips ``ignore_index`` targets): non-finite logits there
             (padding) leave the loss and the gradient finite.
+        multi_label: the last axis holds independent sigmoid labels (the sum of Bernoulli KLs above), not the
+            classes of one softmax.
 
     Returns:
         The scalar loss.
 
     Raises:
-        TypeError: ``temperature`` is not a real number or a one-element real tensor (a bool included).
+        TypeError: ``temperature`` is not a real number or a one-element real tensor (a bool included), or
+            ``multi_label`` is not a bool.
         ValueError: the logits' shapes differ, the logits (or the mask) are on different devices (this function
             moves nothing: move the teacher's logits with ``.to(student_logits.device)``; :class:`Distiller` does),
             ``temperature`` is not finite and > 0, the mask's shape is not the positions', or no position is left
@@ -154,6 +174,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         raise ValueError(f"the mask is on {mask.device}, the logits on {student_logits.device}; kd_loss needs "
                          f"them on the same device (move the mask with mask.to(student_logits.device))")
     _check_temperature(temperature)
+    _check_multi_label(multi_label)
     # a one-element tensor T as a 0-dim float32 one on the logits' device: a (1,) or (1, 1) T would broadcast the
     # loss to its shape, a float64 one make it float64 (its gradient, for a learnable T, is kept)
     t = (temperature.reshape(()).to(device=student_logits.device, dtype=torch.float32)
@@ -175,6 +196,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         weights = m
         if not bool(keep.all()):  # (no copy of the logits when every position counts)
             student_logits, teacher_logits, weights = student_logits[keep], teacher_logits[keep], m[keep]
+    if multi_label:  # each label its own one-logit distribution: (..., V) -> (..., V, 1), KLs summed over V below
+        student_logits, teacher_logits = student_logits.unsqueeze(-1), teacher_logits.unsqueeze(-1)
     if student_logits.shape[-1] == 1:  # one logit z (a sigmoid classifier): the Bernoulli (1 - sigmoid(z),
         # sigmoid(z)) is the softmax of (0, z); a softmax over the one class alone is 1 whatever z, the KL always 0
         student_logits, teacher_logits = F.pad(student_logits, (1, 0)), F.pad(teacher_logits, (1, 0))
@@ -183,7 +206,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     p_t = log_pt.exp()
     # p_t = 0 terms are 0 by convention (their log_pt is -inf: 0 * -inf would be NaN)
     # (p_t == 0, not p_t > 0: a NaN teacher probability must give a NaN loss, not a silent 0)
-    kl = torch.where(p_t == 0, 0.0, p_t * (log_pt - log_ps)).sum(-1)  # per position
+    kl = torch.where(p_t == 0, 0.0, p_t * (log_pt - log_ps)).sum(-1)  # per position (per label: multi_label)
+    if multi_label:
+        kl = kl.sum(-1)  # the product of the labels' Bernoullis: the sum of their KLs
     if weights is None:
         return t * t * kl.mean()
     return t * t * (kl * weights).sum() / weights.sum()
@@ -263,13 +288,18 @@ class Distiller(nn.Module):
         student_dim: the student's hidden size for the feature projections (default: read from its config).
         teacher_dim: the teacher's hidden size (default: read from its config).
         task_loss: ``task_loss(student_output, batch) -> scalar`` overriding the default task loss.
+        multi_label: the logits are independent sigmoid labels (:func:`kd_loss`'s ``multi_label``: the sum of the
+            labels' Bernoulli KLs) rather than one softmax's classes. ``None`` (default): read from the student's
+            (else the teacher's) Hugging Face config, ``problem_type == "multi_label_classification"`` (what
+            transformers' classifiers train with ``BCEWithLogitsLoss``); ``False`` for a model without one. The
+            choice is kept as :attr:`multi_label`.
 
     The feature projections are float32 ``nn.Linear`` layers created on the device of the student's parameters
     (move the student there before building the ``Distiller``, or move the ``Distiller`` with ``.to(device)``).
 
     Raises:
         TypeError: ``alpha``, ``temperature`` or ``feature_weight`` not a real number (a bool included),
-            ``feature_pairs`` not pairs of ints, or
+            ``multi_label`` neither a bool nor None, ``feature_pairs`` not pairs of ints, or
             ``feature_pairs`` given with a teacher or student whose ``forward`` takes no ``output_hidden_states``
             (a plain ``nn.Module``).
         ValueError: ``alpha`` outside [0, 1], ``temperature`` not finite and > 0, ``feature_weight`` not finite and
@@ -287,7 +317,8 @@ class Distiller(nn.Module):
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5, temperature: float = 2.0,
                  feature_pairs: Sequence[tuple[int, int]] = (), feature_weight: float = 1.0,
                  feature_norm: bool = False, student_dim: int | None = None, teacher_dim: int | None = None,
-                 task_loss: Callable[[Any, Any], torch.Tensor] | None = None) -> None:
+                 task_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+                 multi_label: bool | None = None) -> None:
         super().__init__()
         for name, v in (("alpha", alpha), ("feature_weight", feature_weight)):  # True would silently be 1
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
@@ -300,6 +331,11 @@ class Distiller(nn.Module):
             raise ValueError(f"feature_weight must be a finite number >= 0, got {feature_weight}")
         if teacher is student:
             raise ValueError("teacher and student are the same object; distil into a copy (copy.deepcopy)")
+        if multi_label is None:
+            config_model = _unwrap(student) if getattr(_unwrap(student), "config", None) is not None else teacher
+            multi_label = _config_multi_label(config_model)
+        _check_multi_label(multi_label)
+        self.multi_label = multi_label
         self.alpha, self.temperature, self.feature_weight = float(alpha), float(temperature), float(feature_weight)
         self.feature_pairs = check_feature_pairs(feature_pairs)
         if self.feature_pairs:
@@ -429,7 +465,7 @@ class Distiller(nn.Module):
                     "binary logit per example or the class logits of one example cannot be told apart (a softmax "
                     "over them would mix the examples of the batch). Return (B, 1) logits for a binary (sigmoid) "
                     "classifier, or (1, C) for one example")
-            kd = kd_loss(s_logits, t_logits, self.temperature, mask)
+            kd = kd_loss(s_logits, t_logits, self.temperature, mask, multi_label=self.multi_label)
             parts["kd"] = kd
             total = total + self.alpha * kd
         if self.alpha < 1.0:
