@@ -186,7 +186,8 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
     Raises:
         FileNotFoundError: no shard in ``shard_dir``.
         ValueError: an incomplete or mixed set of shards, an invalid recipe, a tensor the model has no slot for,
-            tensors still missing after every shard, a stored bit map that disagrees with its recipe, or tied
+            tensors still missing after every shard, a buffer left on the meta device that no shard holds (a
+            non-persistent buffer of a skeleton built under ``torch.device("meta")``), a stored bit map that disagrees with its recipe, or tied
             names (one tensor of the skeleton) whose stored values differ.
     """
     from safetensors import safe_open
@@ -235,6 +236,13 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
     left = [k for k, t in model.state_dict().items() if t.device.type == "meta" and k not in loaded]
     if left:
         raise ValueError(f"the shards do not cover the model: {left[:5]} are missing")
+    # the buffers no state dict holds (non-persistent: rotary inv_freq) are never in a shard: they must be real
+    unsaved = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if unsaved:
+        raise ValueError(f"the skeleton's buffers {unsaved[:5]} are on the meta device and are not saved in any "
+                         "shard (non-persistent buffers, computed when the model is built): build the skeleton "
+                         "with accelerate.init_empty_weights(), which keeps buffers real, not under "
+                         "torch.device('meta') or init_empty_weights(include_buffers=True)")
     for name, m in model.named_modules():
         if isinstance(m, QUANT_MODULES) and not bit_map_matches(m):
             raise ValueError(f"module {name!r}: the stored bit map disagrees with its recipe in the shard")

@@ -78,3 +78,27 @@ def test_assembled_model_keeps_tied_weights_tied(tmp_path):
     # a training step on the assembled model moves both names together, as on the model quantize_ gave
     sd = {k: v for k, v in full.state_dict().items()}
     assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
+
+
+def test_a_skeleton_whose_unsaved_buffers_are_meta_is_refused(tmp_path):
+    """Non-persistent buffers (the rotary ``inv_freq``) are in no state dict, so in no shard: a skeleton built
+    under ``torch.device("meta")`` was 'assembled' with them still on the meta device, and failed in its first
+    forward ("Cannot copy out of meta tensor")."""
+    entry = ZOO_BY_NAME["llama"]
+    whole = entry.build()
+    save_model(whole, str(tmp_path / "float.safetensors"))
+    with init_empty_weights():
+        part = entry.build()
+    quantize_shard(part, QuantConfig(4, group_size=32), tmp_path / "float.safetensors", tmp_path / "shards", rank=0,
+                   world_size=1, device="cpu")
+    with torch.device("meta"):
+        bad = entry.build()
+    assert any(b.device.type == "meta" for b in bad.buffers())
+    with pytest.raises(ValueError, match=r"rotary_emb\.inv_freq.*meta device.*init_empty_weights"):
+        assemble_shards(bad, tmp_path / "shards")
+    with init_empty_weights():  # buffers real: assembled and runs as the whole-model result
+        good = entry.build()
+    assemble_shards(good, tmp_path / "shards")
+    quantize_(whole, QuantConfig(4, group_size=32))
+    inputs = entry.inputs(whole)
+    assert torch.equal(entry.output(good, inputs), entry.output(whole, inputs))
