@@ -304,7 +304,12 @@ class _QuantWeightBase(nn.Module):
             elif b in FLOAT_BITS:
                 if not torch.isfinite(sub).all():
                     raise ValueError("weights contain NaN/inf values; quantization needs finite weights")
-                getattr(self, f"fweight_{b}").copy_(sub)
+                stored = sub.to(_FLOAT_ROW_DTYPE[b])
+                if not torch.isfinite(stored).all():  # past float16's range: inf, silently
+                    raise ValueError(f"rows with {b} bits are stored in {_FLOAT_ROW_DTYPE[b]}, whose range "
+                                     f"(+-{torch.finfo(_FLOAT_ROW_DTYPE[b]).max:.6g}) does not hold these weights "
+                                     f"(max |w| = {float(sub.abs().max()):.3g}): give these rows 32 bits")
+                getattr(self, f"fweight_{b}").copy_(stored)
 
     def packed_weight(self, b: int) -> PackedWeight:
         """The packed row group of the rows with ``b`` bits (1..8), as stored (no copy)."""
@@ -545,7 +550,8 @@ class QuantLinear(_QuantWeightBase):
         Raises:
             TypeError: ``module`` is not an ``nn.Linear``, or is a subclass with its own ``forward`` (which the
                 quantized layer, computing ``x W^T + b``, would silently drop; ``quantize_`` leaves those in float).
-            ValueError: NaN / inf weights, or ``channel_bits`` of the wrong length.
+            ValueError: NaN / inf weights, a 16-bit row (stored in float16) with a weight past float16's range, or
+                ``channel_bits`` of the wrong length.
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"QuantLinear.from_float expects nn.Linear, got {type(module).__name__}")
@@ -673,8 +679,8 @@ class QuantConv2d(_QuantWeightBase):
             TypeError: ``module`` is not an ``nn.Conv2d``, or is a subclass with its own ``forward`` or
                 ``_conv_forward`` (e.g. a weight-standardized convolution), which the quantized layer, computing
                 ``F.conv2d``, would silently drop (``quantize_`` leaves those in float).
-            ValueError: a padding mode other than ``"zeros"``, NaN / inf weights, or ``channel_bits`` of the
-                wrong length.
+            ValueError: a padding mode other than ``"zeros"``, NaN / inf weights, a 16-bit row (stored in
+                float16) with a weight past float16's range, or ``channel_bits`` of the wrong length.
         """
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
