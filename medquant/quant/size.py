@@ -311,22 +311,29 @@ def covers_storage(t: torch.Tensor) -> bool:
         t: the tensor (a meta tensor has no storage: ``False``).
 
     Returns:
-        Whether ``t`` begins at its storage's first byte and holds ``storage.nbytes()`` bytes.
+        Whether ``t`` begins at its storage's first byte and holds ``storage.nbytes()`` bytes (``True`` for a
+        tensor subclass without a storage to read: it is left as it is).
     """
     if t.device.type == "meta":
         return False
-    s = t.untyped_storage()
-    return t.data_ptr() == s.data_ptr() and t.numel() * t.element_size() == s.nbytes()
+    try:
+        s = t.untyped_storage()
+        return t.data_ptr() == s.data_ptr() and t.numel() * t.element_size() == s.nbytes()
+    except (NotImplementedError, RuntimeError, TypeError):
+        return True
 
 
 def _stored_as(t: torch.Tensor) -> tuple:
     """What ``t`` is stored as: its storage when it covers it, else its own view (tensors with one key are stored
-    once, see :func:`covers_storage`)."""
+    once, see :func:`covers_storage`); a tensor without a storage to read, itself."""
     if t.device.type == "meta":
-        return ("meta", id(t))
-    if covers_storage(t):
-        return ("storage", t.device, t.untyped_storage().data_ptr())
-    return ("view", t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        return ("tensor", id(t))
+    try:
+        if covers_storage(t):
+            return ("storage", t.device, t.untyped_storage().data_ptr())
+        return ("view", t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+    except (NotImplementedError, RuntimeError, TypeError):
+        return ("tensor", id(t))
 
 
 def _linear_weights(m: nn.Module) -> dict:
