@@ -235,6 +235,22 @@ def decompress_layer(layer: PackedLayer) -> torch.Tensor:
     return PackedQuantizationCompressor.decompress(dict(layer.tensors), scheme)["weight"]
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model a wrapper holds as its single child, as transformers' ``save_pretrained`` (``unwrap_model``) writes
+    it: ``torch.compile``'s ``OptimizedModule`` (``model._orig_mod``) and ``nn.DataParallel`` /
+    ``DistributedDataParallel`` (``model.module``), also nested; any other module is returned as it is. Its
+    tensor and module names are the checkpoint's, without the wrapper's ``_orig_mod.`` / ``module.`` prefix."""
+    for _ in range(16):  # wrappers nest a few levels at most
+        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    return model
+
+
 def _refuse_current_folder(path: Path) -> None:
     """Refuse an output ``path`` that is the current folder (``.``, ``""``, its absolute path or a symlink to it), a
     folder above it or a file system root, as medquant's checkpoint save does: the finished export is swapped in for
@@ -625,7 +641,9 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     """Write ``model`` (a transformers model, medquant-quantized) as a compressed-tensors ``pack-quantized`` folder.
 
     Args:
-        model: a transformers model whose Linear layers medquant quantized (other layers stay float).
+        model: a transformers model whose Linear layers medquant quantized (other layers stay float); a model
+            inside ``torch.compile`` (``OptimizedModule``) or ``nn.DataParallel`` / ``DistributedDataParallel``
+            is written as the model itself, as ``save_pretrained`` (``unwrap_model``) writes it.
         path: the output folder (created, with any missing parents; empty, or an earlier export with
             ``overwrite``; not the current folder, a folder above it or a file system root, also through a
             symlink). A symbolic link to a folder is kept: the export is written into the folder it names (every
@@ -681,6 +699,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
             :func:`~medquant.deploy.common.check_forward_hooks`), or a failed verification; nothing is written.
     """
     path = Path(path)
+    model = _unwrapped(model)  # the names save_pretrained writes: the model's own, not a wrapper's
     max_shard, sdtype = _check_options(model, path, promote, max_shard_size, scale_dtype, overwrite, source)
     # a symbolic link is kept: the export is written into (and replaces) the folder it names
     target = export_target(path)
