@@ -73,7 +73,11 @@ reconstruction and afterwards (W4A8 and the like).
 The quantized layers replace the float ones as :func:`medquant.quantize_`'s do: in the layer's previous train / eval
 mode (the reconstruction itself runs in eval mode), bound under every name of a shared layer (it stays one module),
 with the float layer's forward / pre / backward hooks. Conv2d layers must pad with zeros (``padding_mode="zeros"``,
-what :class:`~medquant.QuantConv2d` computes).
+what :class:`~medquant.QuantConv2d` computes). All or nothing: an error once the model begins to change (a later
+block's reconstruction failing, an interrupt, any ``BaseException``) leaves the model exactly as before the call -
+the same module and tensor objects under every name (BatchNorms not folded, MoE experts modules not unfolded, no
+quantized layer), train / eval modes, hooks and input quantizers as before - then propagates; the float layers
+are kept until the call returns.
 """
 from __future__ import annotations
 
@@ -112,6 +116,7 @@ from ._forward import (
     short_names,
     unmasked_layers,
 )
+from .sequential import _Undo
 
 __all__ = ["InputQuantizer", "adaround_quantize_", "attach_input_quantizers", "fold_batchnorm_"]
 
@@ -612,7 +617,8 @@ def adaround_quantize_(
             (module docstring). The errors up to the float forward
             of every batch (which counts the calls of each block per batch; a block that no batch reaches, or with
             ``act_bits`` one called without a positional input, is refused there) are raised before the model is
-            changed.
+            changed; any later one (a block's error, a ``KeyboardInterrupt``) leaves the model as it was before the
+            call (module docstring), then propagates.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adaround_quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -635,6 +641,7 @@ def adaround_quantize_(
                              f"{layer.padding_mode!r}; skip the layer")
     blocks = _check_blocks(model, blocks)
     _refuse_shared_across_units(model, plan, blocks)
+    undo, hooks = _Undo(model), _hook_state(model)  # all or nothing: the model as it is now, put back on failure
     # MoE experts with 3-D weights: one float Linear per expert and matrix (put back if a check below fails)
     unfolded: list[tuple[str, nn.Module]] = []
     before = names_by_module(model)
@@ -660,24 +667,60 @@ def adaround_quantize_(
         for alias, old in reversed(unfolded):
             swap_module(model, alias, old)
         raise
-    if fold_bn:
-        fold_batchnorm_(model)
     records: dict[str, dict[str, Any]] = {}
-    aliases = names_by_module(model)  # every name of every layer, before any swap: a shared layer stays one
-    modes = {n: model.get_submodule(n).training for n in plan}  # the swapped layers get these back
     unrouted = [u for u in units if u not in ordered]  # expert layers no calibration token reaches
     try:
-        for u in unrouted:
-            _round_unrouted(model, u, plan[u], len(batches), records)
-        _run_units(model, ordered, units, unmasked, plan, batches, records, aliases, iters=iters, lr=lr, reg=reg,
-                   warmup=warmup, seed=seed, act_bits=act_bits, act_symmetric=act_symmetric, target=target,
-                   progress=progress, every_call={u for u, c in counts.items() if any(n != 1 for n in c)},
-                   experts=experts, unrouted=unrouted)
-    finally:
-        for n in records:
-            model.get_submodule(n).train(modes[n])
+        if fold_bn:
+            fold_batchnorm_(model)
+        aliases = names_by_module(model)  # every name of every layer, before any swap: a shared layer stays one
+        modes = {n: model.get_submodule(n).training for n in plan}  # the swapped layers get these back
+        try:
+            for u in unrouted:
+                _round_unrouted(model, u, plan[u], len(batches), records)
+            _run_units(model, ordered, units, unmasked, plan, batches, records, aliases, iters=iters, lr=lr,
+                       reg=reg, warmup=warmup, seed=seed, act_bits=act_bits, act_symmetric=act_symmetric,
+                       target=target, progress=progress,
+                       every_call={u for u, c in counts.items() if any(n != 1 for n in c)}, experts=experts,
+                       unrouted=unrouted)
+        finally:
+            for n in records:
+                model.get_submodule(n).train(modes[n])
+    except BaseException:
+        undo.restore()  # float layers, BatchNorms and experts modules bound again, modes as before the call
+        _restore_hook_state(hooks)  # input quantizers attached to the units (act_bits) removed
+        raise
     warn_unrouted(unrouted, 2)
     return records
+
+
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+_QUANTIZER_ATTRS = ("input_quantizer", "input_quantizer_handle")
+
+
+def _hook_state(model: nn.Module) -> list[tuple[nn.Module, list[tuple[str, Any, list]], dict[str, Any]]]:
+    """Every module of ``model`` with the contents of its hook tables (the table objects, which a swapped-in layer
+    may share, and their entries) and its input-quantizer attributes, for :func:`_restore_hook_state`."""
+    out = []
+    for m in model.modules():
+        tables = [(t, d, list(d.items())) for t in _HOOK_TABLES if isinstance(d := getattr(m, t, None), dict)]
+        out.append((m, tables, {a: m.__dict__[a] for a in _QUANTIZER_ATTRS if a in m.__dict__}))
+    return out
+
+
+def _restore_hook_state(state: list[tuple[nn.Module, list[tuple[str, Any, list]], dict[str, Any]]]) -> None:
+    """Put back the hook tables and input-quantizer attributes recorded by :func:`_hook_state` (a hook registered
+    since, e.g. an :class:`InputQuantizer` attached to a unit, is dropped)."""
+    for m, tables, attrs in state:
+        for t, d, items in tables:
+            d.clear()
+            d.update(items)
+            setattr(m, t, d)
+        for a in _QUANTIZER_ATTRS:
+            if a in attrs:
+                setattr(m, a, attrs[a])
+            else:
+                m.__dict__.pop(a, None)
 
 
 def _round_unrouted(model: nn.Module, name: str, cfg: QuantConfig, samples: int,
