@@ -545,7 +545,7 @@ def _inverse_factor(h: torch.Tensor, damp: float, name: str, mean_diag: float) -
                          "fewer dimensions than the layer has inputs, or too few input rows) and damp=0 adds no "
                          "dampening, so retrying with more cannot help: use damp > 0 (default 0.01)")
     raise ValueError(f"layer {name}: the Hessian is not positive definite even with dampening "
-                     f"{d / 10:g} x mean(diag H) = {d / 10 * mean_diag:.3g} added to its diagonal "
+                     f"{d / 10:g} x mean(diag H over the live inputs) = {d / 10 * mean_diag:.3g} added to its diagonal "
                      f"({GPTQ_MAX_DAMP_TRIES} tries from damp={damp:g}); the calibration inputs are degenerate")
 
 
@@ -820,7 +820,7 @@ def gptq_quantize_layer(module: nn.Module, hessian: torch.Tensor, config: QuantC
         module: the float ``nn.Linear`` / ``nn.Conv2d``.
         hessian: ``(K, K)`` or ``(groups, K, K)``.
         config: the layer's config (``channel_bits`` allowed).
-        damp: relative dampening ``damp * mean(diag H)``.
+        damp: relative dampening ``damp * mean(H_jj over the live inputs, H_jj > 0)``.
         block_size: columns per lazy update block.
         act_order: process columns by decreasing ``H_jj``.
         name: the layer's name in error messages (default its class name).
@@ -1356,8 +1356,9 @@ def gptq_quantize_(
             or those tokens flattened sample by sample, or an MoE expert's routed tokens (not the vision tower's
             or the projector's); in an encoder-decoder, ``decoder_attention_mask`` for the decoder's layers (see
             the module docstring).
-        damp: dampening ``lambda = damp * mean(diag H)`` (retried x10 up to 3 times if ``H`` stays singular;
-            with ``damp=0`` a singular ``H`` is refused at once, the message saying to use ``damp > 0``).
+        damp: dampening ``lambda = damp * mean(H_jj over the live inputs, H_jj > 0)`` (retried x10 up to 3 times
+            if ``H`` stays singular; with ``damp=0`` a singular ``H`` is refused at once, the message saying to use
+            ``damp > 0``).
         block_size: columns per lazy update block.
         act_order: process columns by decreasing ``H_jj`` (scale groups and layout unchanged).
         clip_search: each scale group takes the shrunk range ``p * range`` that minimises
