@@ -17,6 +17,10 @@ heads per key/value head) is pruned consistently, in one of two ways (``gqa=``):
   heads), scored by the sum of their query heads' scores; shrinks k/v and the KV cache as well.
 
 A removal that would leave a layer with no head / no neuron / no channel raises ``ValueError`` naming the layer.
+Key/value heads whose keys and values later layers reuse (KV sharing: Gemma 3n / Gemma 4 ``num_kv_shared_layers``,
+the layer with ``store_full_length_kv`` hands them to the ``is_kv_shared_layer`` layers of its type) are never
+removed: ``gqa="group"`` (or any head ratio when each key/value head has one query head) on such a layer raises
+``ValueError``; ``gqa="query"`` removes query heads there only.
 
 Per-layer ratios: ``head_ratio`` / ``ffn_ratio`` may be a float (uniform), a sequence with one ratio per block in
 scope (see :func:`medquant.models.transformer_blocks`), or a dict ``{block name: ratio}`` (blocks left out keep
@@ -332,7 +336,8 @@ class StructuredPruner:
             ValueError: the model is quantized, or has no transformer block with prunable attention or FFN in
                 scope and is not a plain CNN; or a ratio asks for something the model does not have:
                 ``channel_ratio`` above 0 for a model with transformer blocks, ``head_ratio`` / ``ffn_ratio``
-                above 0 or ``drop_blocks`` for a plain CNN (a model without transformer blocks).
+                above 0 or ``drop_blocks`` for a plain CNN (a model without transformer blocks); or the head ratio
+                would remove key/value heads that later layers reuse (KV sharing, module docstring).
         """
         _check_not_quantized(model)
         plan = PrunePlan(importance=self.importance)
@@ -405,6 +410,7 @@ class StructuredPruner:
                 kh, kk = list(range(a.n_heads)), list(range(a.n_kv))
                 if hr[b.name] > 0:
                     kh, kk = self._choose_heads(b.name, a, scores[b.name]["heads"], hr[b.name])
+                    _refuse_shared_kv(model, b.name, a, kk, f"gqa={self.gqa!r}")
                 plan.heads[b.name], plan.kv_heads[b.name] = kh, kk
             if b.attention is not None and b.cross_attention is not None:
                 c = b.cross_attention
@@ -777,7 +783,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, scope: str | list[str] | None 
             module with different kept indices), or has an entry it would not apply although it removes something
             (heads or FFN neurons of a part :func:`checked_block` marks unprunable, cross-attention heads of a
             block without a prunable cross-attention, expert neurons of a block without MoE experts, ``kv_heads``
-            without ``heads``; an entry keeping every index is skipped); the
+            without ``heads``; an entry keeping every index is skipped), or removes key/value heads that later
+            layers reuse (KV sharing, module docstring); the
             whole plan is checked before any layer changes, so the model is left as it was.
     """
     _check_not_quantized(model)
@@ -963,6 +970,7 @@ def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> 
             sized(name, "heads", b.attention.n_heads, "attention heads")
             sized(name, "kv_heads", b.attention.n_kv, "key/value heads")
             keep = checked_heads(b.attention, plan.heads[name], plan.kv_heads.get(name))
+            _refuse_shared_kv(model, name, b.attention, keep[1], "the plan")
             once(name, "heads", model.get_submodule(b.attention.q), keep)
         if name in plan.cross_heads and b.cross_attention is not None:
             sized(name, "cross_heads", b.cross_attention.n_heads, "cross-attention heads")
@@ -985,6 +993,47 @@ def _check_plan(model: nn.Module, plan: PrunePlan, blocks: dict[str, Block]) -> 
             raise ValueError(f"the plan drops all {n} blocks of {stack}; keep at least one")
     _check_droppable(model, plan.drop_blocks)
     return shared
+
+
+def _kv_readers(model: nn.Module, a: AttentionUnit) -> list[str]:
+    """The attention modules that reuse the keys and values the attention unit ``a`` computes (KV sharing).
+
+    Gemma 3n / Gemma 4 with ``num_kv_shared_layers``: the attention with ``store_full_length_kv`` hands its keys and
+    values to every later attention of the same ``layer_type`` with ``is_kv_shared_layer`` (which has no k / v
+    projections of its own), whose query heads read them through ``repeat_kv`` with their own head counts.
+
+    Args:
+        model: the model holding ``a``.
+        a: an attention unit of one of its blocks.
+
+    Returns:
+        The readers' module names, in module order (``[]`` when ``a`` stores nothing or nothing reads it).
+    """
+    holder = model.get_submodule(a.holder)
+    if getattr(holder, "store_full_length_kv", False) is not True:
+        return []
+    kind = getattr(holder, "layer_type", None)
+    return [n for n, m in model.named_modules() if m is not holder
+            and getattr(m, "is_kv_shared_layer", False) is True and getattr(m, "layer_type", None) == kind]
+
+
+def _refuse_shared_kv(model: nn.Module, block: str, a: AttentionUnit, keep_kv: Sequence[int], who: str) -> None:
+    """Raise ``ValueError`` when keeping only the key/value heads ``keep_kv`` of ``a`` (block ``block``) removes
+    key/value heads that other layers reuse (:func:`_kv_readers`): their queries would read keys and values with
+    fewer heads than they expect (the pruned model's forward fails). ``who`` names what asked for it."""
+    if len(keep_kv) == a.n_kv:
+        return
+    readers = _kv_readers(model, a)
+    if not readers:
+        return
+    gone = sorted(set(range(a.n_kv)) - {int(i) for i in keep_kv})
+    more = f" and {len(readers) - 1} more" if len(readers) > 1 else ""
+    remedy = ("use gqa='query' (removes query heads inside every key/value group, keeping the key/value heads)"
+              if a.group_size > 1 else "keep its heads (give this block a head ratio of 0: a dict or sequence of "
+              "per-block ratios)")
+    raise ValueError(f"{block}: {who} removes key/value heads {gone} of {a.name}, whose keys and values "
+                     f"{readers[0]}{more} reuse (KV sharing, num_kv_shared_layers) with their own query heads "
+                     f"reading all {a.n_kv} key/value heads; {remedy} -- nothing was changed")
 
 
 def _check_droppable(model: nn.Module, names: Iterable[str]) -> None:
