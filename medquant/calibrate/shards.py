@@ -169,6 +169,20 @@ def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _module(model: nn.Module, name: str, f: Path, what: str) -> nn.Module:
+    """The submodule ``name`` of ``model`` (``""``: the model), which shard ``f`` needs for ``what``.
+
+    Raises:
+        ValueError: the model has no such module (a skeleton of another architecture or size than the shards').
+    """
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        raise ValueError(f"shard {f.name} holds {what!r}, but the model has no module {name!r}: the skeleton must "
+                         f"be the architecture the shards were made from ({type(model).__name__} here; another "
+                         "number of layers, or another model?)") from None
+
+
 def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module:
     """Fill a meta skeleton with the quantized shards written by :func:`quantize_shard` (all ranks), in place.
 
@@ -185,10 +199,12 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
 
     Raises:
         FileNotFoundError: no shard in ``shard_dir``.
-        ValueError: an incomplete or mixed set of shards, an invalid recipe, a tensor the model has no slot for,
-            tensors still missing after every shard, a buffer left on the meta device that no shard holds (a
-            non-persistent buffer of a skeleton built under ``torch.device("meta")``), a stored bit map that disagrees with its recipe, or tied
-            names (one tensor of the skeleton) whose stored values differ.
+        ValueError: an incomplete or mixed set of shards, an invalid recipe, a layer or tensor the model has no
+            module or slot for (a skeleton of another architecture or size; the skeleton is then partly filled:
+            build a new one), tensors still missing after every shard, a buffer left on the meta device that no
+            shard holds (a non-persistent buffer of a skeleton built under ``torch.device("meta")``), a stored bit
+            map that disagrees with its recipe, or tied names (one tensor of the skeleton) whose stored values
+            differ.
     """
     from safetensors import safe_open
 
@@ -211,10 +227,11 @@ def assemble_shards(model: nn.Module, shard_dir: str | os.PathLike) -> nn.Module
                     shell = layer_from_recipe(entry)
                 except ValueError as e:
                     raise ValueError(f"shard {f.name}: the recipe of {name!r} is invalid: {e}") from None
+                _module(model, name.rpartition(".")[0], f, name)  # its parent: the skeleton must have it
                 swap_module(model, name, shell)
             for key in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 mod_name, _, tname = key.rpartition(".")
-                mod = model.get_submodule(mod_name) if mod_name else model
+                mod = _module(model, mod_name, f, key)
                 t = h.get_tensor(key)
                 if tname not in mod._parameters and tname not in mod._buffers:
                     raise ValueError(f"shard {f.name} holds {key!r}, which the model has no slot for")

@@ -102,3 +102,24 @@ def test_a_skeleton_whose_unsaved_buffers_are_meta_is_refused(tmp_path):
     quantize_(whole, QuantConfig(4, group_size=32))
     inputs = entry.inputs(whole)
     assert torch.equal(entry.output(good, inputs), entry.output(whole, inputs))
+
+
+def test_a_skeleton_of_another_size_is_refused_with_a_value_error_naming_the_module(tmp_path):
+    """Shards of a 2-layer model into a 1-layer skeleton: ``AttributeError: ModuleList has no attribute `1```
+    from inside ``get_submodule``, where the docstring promises a ValueError for a tensor the model has no slot
+    for."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medquant.testing.zoo import text_kwargs
+
+    entry = ZOO_BY_NAME["llama"]
+    save_model(entry.build(), str(tmp_path / "float.safetensors"))
+    with init_empty_weights():
+        part = entry.build()
+    quantize_shard(part, QuantConfig(4, group_size=32), tmp_path / "float.safetensors", tmp_path / "shards", rank=0,
+                   world_size=1, device="cpu")
+    with init_empty_weights():
+        small = LlamaForCausalLM(LlamaConfig(**text_kwargs(num_hidden_layers=1)))
+    with pytest.raises(ValueError, match=r"shard medquant-shard-00000-of-00001\.safetensors holds "
+                                         r"'model\.layers\.1\..*no module 'model\.layers\.1"):
+        assemble_shards(small, tmp_path / "shards")
