@@ -62,6 +62,7 @@ from .onnx_sim import (
     check_calibration_set,
     first_tensor,
     logits_tolerance,
+    mark_bias_apart,
     prepare,
 )
 from .registry import (
@@ -411,6 +412,7 @@ def _write(model: nn.Module, file: Path, args: tuple, names: list[str], output_n
     info = cast(SimulationInfo, model.medquant_onnx)
     wrapped = _Logits(model).eval()
     nbits = any(p.kind == "nbits" for p in info.layers)
+    apart = set(mark_bias_apart(model))  # biases ORT's int32 kernels cannot hold: a float Add after the op
     dyn = {n: {0: "batch"} for n in names}
     dyn[output_name] = {0: "batch"}
     try:
@@ -449,8 +451,12 @@ def _write(model: nn.Module, file: Path, args: tuple, names: list[str], output_n
     onnx.save(proto, str(file))
     report = ExportReport(format="onnx", path=str(file), files=[str(file)])
     for plan in info.layers:
-        report.layers.append(LayerExport(plan.name, plan.scheme, plan.container, plan.how, plan.max_abs_error,
-                                         plan.note))
+        note = plan.note
+        if plan.name in apart:
+            note = (note + "; " if note else "") + ("bias added as a float Add after the op (a float Conv / Gemm): "
+                                                    "|bias| / (s_x * s_w) overflows the int32 bias of the integer "
+                                                    "kernel (a tiny folded weight scale)")
+        report.layers.append(LayerExport(plan.name, plan.scheme, plan.container, plan.how, plan.max_abs_error, note))
     report.notes.append(f"opset {OPSET} (TorchScript exporter); activations: "
                         f"{info.method} calibration on {info.batches} batch(es); BatchNorm folded: {len(info.folded)}")
     if verify:

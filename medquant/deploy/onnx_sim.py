@@ -37,7 +37,10 @@ PyTorch is the accuracy of the deployed model:
 The deployed integer kernels compute ``round(acc * (s_x s_w / s_y)) + z_y`` from an int32 accumulator, the
 simulation ``round((sum of dequantized products + b) / s_y) + z_y`` in float32: the two agree except where the
 value lies within float rounding of a rounding boundary, where a code differs by one step.
-:func:`logits_tolerance` turns that into a bound on the logits.
+:func:`logits_tolerance` turns that into a bound on the logits. Their int32 bias ``round(b_c / (s_x s_c))`` must
+fit in ``2^31 - 1``: a layer where it does not (a tiny folded weight scale, :meth:`ExportLayer.int32_bias_overflows`)
+is written with its bias as a float ``Add`` after the Conv / Gemm (the same function; ONNX Runtime then runs that
+convolution in float).
 """
 from __future__ import annotations
 
@@ -138,7 +141,8 @@ def _zero_row_scales(scales: torch.Tensor, zero_rows: torch.Tensor) -> torch.Ten
 
 
 class _ConvFn(torch.autograd.Function):
-    """``[Q DQ] -> Conv(DQ(W)) -> [Relu] -> [Q DQ]`` (flags: 1 input quant, 2 relu, 4 output quant)."""
+    """``[Q DQ] -> Conv(DQ(W)) -> [Relu] -> [Q DQ]`` (flags: 1 input quant, 2 relu, 4 output quant, 8 the bias as a
+    float ``Add`` after the Conv instead of its third input: the same function)."""
 
     @staticmethod
     def forward(ctx, x, codes, scale, zp, bias, in_s, in_z, out_s, out_z, stride, pads, dil, groups, mode, gs, k,
@@ -160,15 +164,18 @@ class _ConvFn(torch.autograd.Function):
         if flags & 1:
             x = _qdq(g, x, in_s, in_z)
         w = _dq_weight(g, codes, scale, zp, mode, gs, k, shape)
-        args = [x, w] if bias is None else [x, w, bias]
+        args = [x, w] if bias is None or flags & 8 else [x, w, bias]
         y = g.op("Conv", *args, strides_i=list(stride), pads_i=list(pads), dilations_i=list(dil), group_i=groups,
                  kernel_shape_i=list(shape[2:]))
+        if bias is not None and flags & 8:  # the bias in float after the Conv (see ExportLayer.bias_apart)
+            y = g.op("Add", y, g.op("Reshape", bias, g.op("Constant", value_t=torch.tensor([1, -1, 1, 1]))))
         y = _epilogue_onnx(g, y, flags, out_s, out_z)
         return y
 
 
 class _LinearFn(torch.autograd.Function):
-    """``[Q DQ] -> Gemm(x2d, DQ(W), bias, transB=1) -> [Relu] -> [Q DQ]`` on ``x`` flattened to 2-D."""
+    """``[Q DQ] -> Gemm(x2d, DQ(W), bias, transB=1) -> [Relu] -> [Q DQ]`` on ``x`` flattened to 2-D (flags as
+    :class:`_ConvFn`'s; 8: ``Add(Gemm(x2d, DQ(W)), bias)``)."""
 
     @staticmethod
     def forward(ctx, x, codes, scale, zp, bias, in_s, in_z, out_s, out_z, mode, gs, k, n, flags):
@@ -190,8 +197,10 @@ class _LinearFn(torch.autograd.Function):
         if flags & 1:
             x = _qdq(g, x, in_s, in_z)
         w = _dq_weight(g, codes, scale, zp, mode, gs, k, (n, k))
-        args = [x, w] if bias is None else [x, w, bias]
+        args = [x, w] if bias is None or flags & 8 else [x, w, bias]
         y = g.op("Gemm", *args, transB_i=1)
+        if bias is not None and flags & 8:  # the bias in float after the Gemm (see ExportLayer.bias_apart)
+            y = g.op("Add", y, bias)
         y = _epilogue_onnx(g, y, flags, out_s, out_z)
         if lead is not None:
             y = g.op("Reshape", y, g.op("Concat", lead, g.op("Constant", value_t=torch.tensor([n])), axis_i=0))
@@ -358,6 +367,8 @@ class ExportLayer(nn.Module):
         self.fusable = True  # False: a ReLU reading the output stays separate (the output has other readers)
         self.shared_input: str | None = None
         self.structure = False
+        # set by the export (int32_bias_overflows): the bias is written as a float Add after the Conv / Gemm
+        self.bias_apart = False
 
     @staticmethod
     def _pads(src) -> tuple[int, int, int, int]:
@@ -443,6 +454,26 @@ class ExportLayer(nn.Module):
         return _weight_eager(self.weight_codes, self.weight_scale, self.weight_zero_point, self.mode, self.gs,
                              self.k, shape)
 
+    def int32_bias_overflows(self, input_scale: torch.Tensor | None) -> bool:
+        """Whether ONNX Runtime's fused integer kernel cannot hold this layer's bias.
+
+        The kernel (``QLinearConv`` / ``QGemm``) stores channel ``c``'s bias as ``round(b_c / (s_x * s_c))`` in
+        int32, ``s_x`` the input's scale and ``s_c`` the channel's weight scale; a tiny ``s_c`` (a BatchNorm
+        gamma near 0 folded into it) makes ``|b_c| / (s_x * s_c)`` exceed ``2^31 - 1`` and the bias is lost.
+        The export then writes the bias as a float ``Add`` after the Conv / Gemm (:attr:`bias_apart`): the same
+        function, computed by a float Conv / Gemm on the dequantized input.
+
+        Args:
+            input_scale: the scale of the layer's quantized input (None: a float input, no integer kernel).
+
+        Returns:
+            True for an 8-bit per-channel layer with a bias and a quantized input where some channel overflows.
+        """
+        if self.plan.kind != "qdq" or self.bias is None or input_scale is None:
+            return False
+        bias_scale = input_scale.to(torch.float32) * self.weight_scale.to(torch.float32).expand(self.n)
+        return bool((self.bias.abs() / bias_scale >= 2.0**31 - 1).any())
+
     # ---------------------------------------------------------------- forward (simulation and export)
     def _act(self, q: ActQuant | None):
         if q is None:
@@ -464,6 +495,8 @@ class ExportLayer(nn.Module):
             flags |= 2
         if self.output_quant is not None and not observe:
             flags |= 4
+        if self.bias_apart:
+            flags |= 8
         in_s, in_z = self._act(self.input_quant)
         out_s, out_z = self._act(self.output_quant)
         if self.plan.kind in ("nbits", "float"):  # weight-only: a fused ReLU is a separate Relu node
@@ -1093,6 +1126,44 @@ def _chain(first, it, limit):
         yield b
 
 
+def input_point(sim: nn.Module, layer: ExportLayer) -> ActQuant | None:
+    """The activation quantization point of ``layer``'s input: its own, the one it shares with the layer whose
+    quantized output it reads, or None (a float input).
+
+    Args:
+        sim: the module :func:`calibrate_activations` (or :func:`prepare`) returned.
+        layer: one of its :class:`ExportLayer` modules.
+
+    Returns:
+        The :class:`ActQuant`, or None.
+    """
+    point = layer.input_quant
+    if point is None and layer.shared_input is not None:
+        point = next((p for p in act_points(sim) if p.where == layer.shared_input), None)
+    return point
+
+
+def mark_bias_apart(sim: nn.Module) -> list[str]:
+    """Set :attr:`ExportLayer.bias_apart` on the layers whose bias ONNX Runtime's int32 kernels cannot hold
+    (:meth:`ExportLayer.int32_bias_overflows`, with the calibrated input scale), clear it on the others.
+
+    Args:
+        sim: the module :func:`calibrate_activations` returned.
+
+    Returns:
+        The names of the layers whose bias is written as a float ``Add``.
+    """
+    apart = []
+    for m in sim.modules():
+        if isinstance(m, ExportLayer):
+            point = input_point(sim, m)
+            scale = point.scale if point is not None and point.mode == "quantize" else None
+            m.bias_apart = m.int32_bias_overflows(scale)
+            if m.bias_apart:
+                apart.append(m.name)
+    return apart
+
+
 def logits_tolerance(sim: nn.Module) -> float | None:
     """Largest ``|ORT - simulation|`` of an output, derived from the requantization.
 
@@ -1114,9 +1185,7 @@ def logits_tolerance(sim: nn.Module) -> float | None:
     if info.output_layer is None:
         return None
     layer = sim.get_submodule(info.output_layer)
-    point = layer.input_quant
-    if point is None and layer.shared_input is not None:
-        point = next((p for p in act_points(sim) if p.where == layer.shared_input), None)
+    point = input_point(sim, layer)
     if point is None or point.mode != "quantize":
         return None
     w = _weight_eager(layer.weight_codes, layer.weight_scale, layer.weight_zero_point, layer.mode, layer.gs,
