@@ -4,7 +4,8 @@
   :func:`layer_scheme` describes one as a string (``"int4 asym g128"``, ``"int8 sym channel"``,
   ``"mixed {3: 10 rows, 4: 22 rows}"``).
 * :func:`check_native` refuses models holding modules a format has no tensors for (medquant wrappers other
-  than the quantized layers, e.g. quantized MoE experts; parametrized layers), and models whose layers quantize
+  than the quantized layers, e.g. quantized MoE experts; parametrized layers; unmerged PEFT adapters and
+  bitsandbytes layers, whose tensors are not the model's own weights), and models whose layers quantize
   their input activations (:func:`check_no_input_quantizers`) or carry other forward hooks that change what they
   compute (:func:`check_forward_hooks`: an ``AdaptiveQuantizer``'s sites, user hooks, torch's ``prune`` /
   ``weight_norm`` reparametrisations; :func:`forward_hooks` lists them).
@@ -140,18 +141,33 @@ def quantized_embeddings(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantEmbedding)]
 
 
+#: packages whose modules hold tensors that are not the model's own weights: PEFT (``PeftModel`` and unmerged
+#: adapter layers: ``base_layer`` / ``lora_A`` / ``lora_B``) and bitsandbytes (``Linear4bit`` / ``Linear8bitLt``: a
+#: packed integer weight and its quantization state)
+FOREIGN_PACKAGES = ("peft", "bitsandbytes")
+
+
+_FOREIGN_ADVICE = {
+    "peft": "PEFT adapters: merge them into the layers with merge_and_unload() and export the model it returns",
+    "bitsandbytes": "bitsandbytes Linear4bit / Linear8bitLt layers: dequantize them (medquant.qlora.nf4_dequantize_ "
+                    "for Linear4bit) and quantize with medquant",
+}
+
+
 def foreign_modules(model: nn.Module, allow: tuple[type, ...] = ()) -> list[tuple[str, str]]:
     """``(name, class)`` of the modules an export cannot write as the model's own layers: medquant modules other
     than ``QuantLinear`` / ``QuantConv2d`` and the classes in ``allow`` (e.g. quantized MoE experts, fake-quantization
-    parametrizations, ``QuantEmbedding`` unless allowed) and layers with a ``torch.nn.utils.parametrize``
-    parametrization (their weight is computed, not stored)."""
+    parametrizations, ``QuantEmbedding`` unless allowed), layers with a ``torch.nn.utils.parametrize``
+    parametrization (their weight is computed, not stored), and the modules of :data:`FOREIGN_PACKAGES` (a
+    ``PeftModel`` and its unmerged adapter layers; bitsandbytes 4-bit / 8-bit layers)."""
     from torch.nn.utils import parametrize
 
     out = []
     for name, m in model.named_modules():
         if isinstance(m, QUANT_MODULES + tuple(allow)):
             continue
-        if type(m).__module__.split(".")[0] == "medquant" or parametrize.is_parametrized(m):
+        package = type(m).__module__.split(".")[0]
+        if package == "medquant" or package in FOREIGN_PACKAGES or parametrize.is_parametrized(m):
             out.append((name, type(m).__name__))
     return out
 
@@ -281,11 +297,14 @@ def check_native(model: nn.Module, format: str, allow: tuple[type, ...] = ()) ->
     found = foreign_modules(model, allow)
     if found:
         listed = "; ".join(f"{n or '(model)'}: {c}" for n, c in found[:8]) + (" ..." if len(found) > 8 else "")
+        found_names = {name for name, _ in found}
+        packages = {type(m).__module__.split(".")[0] for n, m in model.named_modules() if n in found_names}
+        advice = [_FOREIGN_ADVICE[p] for p in FOREIGN_PACKAGES if p in packages]
         raise ExportError(
-            f"format={format!r} writes the model's own layers, but {len(found)} module(s) are medquant wrappers or "
-            f"parametrized layers it has no tensors for: {listed}. Remove them first (detach fake quantization, "
-            f"merge adapters, or keep such layers out of quantize_); quantized MoE experts are not supported by "
-            f"this format's export yet")
+            f"format={format!r} writes the model's own layers, but {len(found)} module(s) are medquant wrappers, "
+            f"parametrized layers or other libraries' layers it has no tensors for: {listed}. Remove them first ("
+            + "; ".join(advice + ["detach fake quantization, or keep such layers out of quantize_"])
+            + "); quantized MoE experts are not supported by this format's export yet")
 
 
 @dataclass

@@ -692,7 +692,9 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, *, promote: bo
     Raises:
         ExportError: a bad option (among them a ``path`` that is the current folder, one above it or a root, a
             non-empty folder that is not an earlier export, or an earlier export without ``overwrite``), a
-            model without quantized layers (or with only quantized embeddings and ``embeddings="float"``), mixed
+            model without quantized layers (or with only quantized embeddings and ``embeddings="float"``), layers
+            the format has no tensors for (:func:`~medquant.deploy.common.check_native`: e.g. unmerged PEFT
+            adapters, bitsandbytes ``Linear4bit``), mixed
             layers without ``promote``, layers with input quantizers (``adaround_quantize_(act_bits=...)``: the
             folder holds weight-only quantization), other forward hooks that change what the model computes (an
             ``AdaptiveQuantizer``'s, a user's, torch's ``prune`` / ``weight_norm``:
