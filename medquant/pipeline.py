@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import numbers
 import os
@@ -255,7 +256,8 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
              quantize: QuantStage | None = None, calib: Iterable[Any] | None = None,
              train_data: Iterable[Any] | None = None, out: str | os.PathLike | None = None,
              progress: bool = True,
-             write_files: Callable[[Path, CompressResult], Any] | None = None) -> CompressResult:
+             write_files: Callable[[Path, CompressResult], Any] | None = None,
+             save_dtypes: Mapping[str, torch.dtype] | None = None) -> CompressResult:
     """Run the stages in order on ``model`` (modified in place) and optionally save to ``out``.
 
     What can be checked before the first stage runs is checked then, so that a stage's error does not come after
@@ -285,6 +287,11 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
         write_files: with ``out``: called as ``write_files(folder, result)`` with the new checkpoint folder after the
             model is written into it and before its manifest is written, to add files of its own (a tokenizer, a
             report); they are then part of the checkpoint (listed in its manifest, carried by later saves).
+        save_dtypes: with ``out``: ``{tensor name: dtype}`` (:func:`stored_dtypes` of the model as loaded, before
+            it was cast to float32 for the stages); after the stages, every floating parameter and buffer it names
+            is cast back to that dtype (:func:`restore_dtypes`: on ``model`` itself) and the model is saved so, as
+            its folder stored it (a bfloat16 folder stays bfloat16 outside the quantized layers' codes and
+            scales). ``None``: saved in the dtypes the stages left.
 
     Returns:
         A :class:`CompressResult`.
@@ -364,6 +371,8 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
             "quantize": qrec,
             "final_train_loss": res.train_losses[-1] if res.train_losses else None,
         }}
+        if save_dtypes is not None:
+            restore_dtypes(model, save_dtypes)
         cb = write_files
         res.path = str(save_with_files(model, out, plan=res.plan, extras=extras,
                                        write_files=None if cb is None else lambda folder: cb(folder, res)))
@@ -567,6 +576,29 @@ def _check_feature_range(model: nn.Module, train: TrainStage, batch: Any) -> Non
         if not (-n <= i < n and -n <= j < n):
             raise ValueError(f"feature pair ({i}, {j}) out of range: the model has {n} hidden states "
                              f"(indices {-n} .. {n - 1})")
+
+
+def stored_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """The dtype of every floating parameter and buffer of ``model`` by name, as loaded: what
+    :func:`restore_dtypes` brings them back to after work in float32 (``medquant prune`` / ``pipeline``: a
+    bfloat16 folder is pruned, trained and quantized in float32 and saved in bfloat16; :func:`compress`'s
+    ``save_dtypes``)."""
+    return {n: t.dtype for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                   model.named_buffers(remove_duplicate=False))
+            if t.is_floating_point()}
+
+
+def restore_dtypes(model: nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Cast each floating parameter and buffer of ``model`` named in ``dtypes`` back to its dtype there (a model
+    cast to float32 for pruning is saved in the dtypes its folder stored: bfloat16 stays bfloat16, a float32
+    module kept beside it stays float32). Names ``dtypes`` lacks (modules added since: a quantized layer's codes
+    and scales) are left as they are; a quantized layer's bias, a name it kept, gets its stored dtype back."""
+    with torch.no_grad():
+        for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                    model.named_buffers(remove_duplicate=False)):
+            want = dtypes.get(n)
+            if want is not None and t.is_floating_point() and t.dtype != want:
+                t.data = t.data.to(want)
 
 
 def save_with_files(model: nn.Module, out: str | os.PathLike, *, plan: Any = None,

@@ -22,7 +22,8 @@ and after, the stored bytes, the last training loss, every stage setting (``sett
 no stage calibrates or trains: only pruning and ``--quant awq`` calibrate), and ``--max-length``). ``--seed``
 (default 0) seeds torch's global generator before the model is loaded, so dropout in the training stage and the
 distillation projections start the same way on every run: the same command on the same machine saves the same
-weights.
+weights. The stages run in float32; the result is saved in the dtypes the folder stored (a bfloat16 folder stays
+bfloat16 outside the quantized layers' codes and scales), and the report's bytes are stored bytes.
 """
 from __future__ import annotations
 
@@ -70,13 +71,17 @@ def run(args) -> int:
     import torch
 
     from .. import QuantConfig
-    from ..pipeline import PruneStage, QuantStage, TrainStage, compress
+    from ..pipeline import PruneStage, QuantStage, TrainStage, compress, stored_dtypes
     from ..prune import parameter_report
     from .prune import _load, folder_processor, save_preprocessing
 
     texts, source = _texts(args)
     torch.manual_seed(args.seed)  # dropout while training, projection layers of the distiller
-    model, tok = _load(args.model, args.gguf_file, command="pipeline", trust_remote_code=args.trust_remote_code)
+    model, tok = _load(args.model, args.gguf_file, keep_dtype=True, command="pipeline",
+                       trust_remote_code=args.trust_remote_code)
+    before = parameter_report(model)  # as stored
+    stored = stored_dtypes(model)  # saved so: the stages run in float32 (importance, gradients)
+    model = model.float()
     if tok is None:
         raise SystemExit("the pipeline needs the model folder's tokenizer")
     # a VLM's or image model's processor (image processor, chat template), saved beside the model as quantize /
@@ -97,7 +102,6 @@ def run(args) -> int:
     calib = batches(texts[: args.calib_samples], 4, keep_partial=True)
     train_data = batches(texts[args.calib_samples:args.calib_samples + args.steps * args.batch], args.batch,
                          keep_partial=False)
-    before = parameter_report(model)
     prune = (PruneStage(args.heads, args.ffn, gqa=args.gqa, layer_select=args.layer_select)
              if args.heads or args.ffn else None)
     train = TrainStage(args.train, steps=args.steps, lr=args.lr) if args.train != "none" else None
@@ -130,7 +134,7 @@ def run(args) -> int:
         Path(folder, "pipeline_report.json").write_text(json.dumps(summary, indent=1))
 
     compress(model, prune=prune, train=train, quantize=quant, calib=calib, train_data=train_data, out=args.out,
-             write_files=write_files)
+             write_files=write_files, save_dtypes=stored)
     after = summary["after"]
     print(f"non-embedding params {before['non_embedding_params']:,} -> {after['non_embedding_params']:,}; "
           f"stored bytes {summary['stored_bytes']:,}; saved to {args.out}")

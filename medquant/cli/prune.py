@@ -120,32 +120,6 @@ def _load(path: str, gguf_file: str | None, *, keep_dtype: bool = False, command
     return model, folder_tokenizer(path, trust_remote_code=trust, **kw)
 
 
-def stored_dtypes(model) -> dict:
-    """The dtype of every floating parameter and buffer of ``model`` by name, as loaded: what
-    :func:`restore_dtypes` brings them back to after work in float32."""
-    import itertools
-
-    return {n: t.dtype for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                                   model.named_buffers(remove_duplicate=False))
-            if t.is_floating_point()}
-
-
-def restore_dtypes(model, dtypes: dict) -> None:
-    """Cast each floating parameter and buffer of ``model`` named in ``dtypes`` back to its dtype there (a model
-    cast to float32 for pruning is saved in the dtypes its folder stored: bfloat16 stays bfloat16, a float32
-    module kept beside it stays float32). Names ``dtypes`` lacks (modules added since) are left as they are."""
-    import itertools
-
-    import torch
-
-    with torch.no_grad():
-        for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                    model.named_buffers(remove_duplicate=False)):
-            want = dtypes.get(n)
-            if want is not None and t.is_floating_point() and t.dtype != want:
-                t.data = t.data.to(want)
-
-
 def model_class(cfg):
     """The transformers class that builds a folder's model: the one its config names (``architectures[0]``), else
     ``AutoModelForCausalLM`` for a ``...ForCausalLM`` name and ``AutoModel`` otherwise. A class that is the folder's
@@ -505,7 +479,7 @@ def _calibration(args, tok, texts: list[str] | None) -> list[dict] | None:
 
 
 def run(args) -> int:
-    from ..pipeline import save_with_files
+    from ..pipeline import restore_dtypes, save_with_files, stored_dtypes
     from ..prune import (
         StructuredPruner,
         allocate_ratios,
