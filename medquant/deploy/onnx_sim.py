@@ -29,7 +29,8 @@ PyTorch is the accuracy of the deployed model:
    integer kernel; after a weight-only ``MatMulNBits`` or float layer the fused ReLU is a ``Relu`` node). A layer
    whose input is already the quantized output of another layer (also through a
    ``MaxPool2d``, which commutes with a monotone quantization) reuses that scale instead of requantizing. The
-   layer that produces the model's output keeps a float output (logits are not quantized).
+   layer that produces the model's output keeps a float output (logits are not quantized), also when the model
+   returns a view of it (``fc(x).squeeze(1)``, ``.view(-1)``, ``[:, 0]``).
 4. Layers with 4-bit group-wise weights (and every other group-wise scheme) are **weight-only**: float
    activations, weights dequantized at run time (``MatMulNBits`` for Linear, a block-wise ``DequantizeLinear``
    and a float Conv for convolutions).
@@ -949,6 +950,12 @@ def _prepare(model: nn.Module, example: tuple, method: str, percentile: float, p
     return sim
 
 
+def _is_output(t: torch.Tensor, out: torch.Tensor) -> bool:
+    """``t`` is the model's output ``out``, or ``out`` is a view of it (``squeeze``, ``view``, ``flatten``,
+    indexing: a view's ``_base`` is the tensor it views)."""
+    return t is out or out._base is t
+
+
 def _structure_pass(sim: nn.Module, example: tuple, info: SimulationInfo) -> frozenset[str]:
     """Decide input sharing and ReLU fusion on ``example``; returns the layers whose ReLU was fused although their
     output is read by something else too (to be prepared again with those ReLUs separate)."""
@@ -968,13 +975,13 @@ def _structure_pass(sim: nn.Module, example: tuple, info: SimulationInfo) -> fro
     wrong = frozenset(name for name, _, uses in watched.values() if uses > 1 and sim.get_submodule(name).fuse_relu)
     for m in sim.modules():
         if isinstance(m, FusableReLU) and getattr(m, "_last_out", None) is not None:
-            if m._last_out is out:
+            if _is_output(m._last_out, out):
                 m.output_quant = None
             del m._last_out
     for name, m in sim.named_modules():
         if isinstance(m, ExportLayer):
             last = getattr(m, "_last_out", None)
-            if last is not None and last is out:
+            if last is not None and _is_output(last, out):
                 m.output_quant = None
                 info.output_layer = name
             if hasattr(m, "_last_out"):
