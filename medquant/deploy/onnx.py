@@ -17,7 +17,7 @@ functions per custom op; the TorchScript one is still shipped by torch 2.13 (wit
 silenced here). The graph is written at opset 21, the first with block-wise ``DequantizeLinear`` and int4/uint4
 tensors; ``com.microsoft.MatMulNBits`` (domain ``com.microsoft``, version 1) carries 4-bit Linear weights.
 
-**What runs as integer kernels.** 8-bit per-channel (or per-tensor) layers are ``DequantizeLinear`` (weights) and
+**What runs as integer kernels.** Per-channel (or per-tensor) layers are ``DequantizeLinear`` (weights) and
 ``QuantizeLinear``/``DequantizeLinear`` pairs (activations) around ``Conv`` / ``Gemm``; ONNX Runtime fuses them at
 session creation into ``QLinearConv``, ``QGemm``, ``QLinearAdd`` (residual additions), uint8 ``MaxPool``
 (:func:`optimized_op_counts` reads the optimized graph). 4-bit group-wise Linear layers run ``MatMulNBits``
@@ -104,8 +104,8 @@ _NONE = object()  # an empty iterable's first element
 
 
 class CalibrationRequired(ExportError):
-    """The model has layers that run with static int8 activations (8-bit per-channel weights) and no calibration
-    batches were given; ``layers`` names them."""
+    """The model has layers that run with static int8 activations (per-channel or per-tensor weights, 8-bit or
+    fewer bits in the int8 container) and no calibration batches were given; ``layers`` names them."""
 
     def __init__(self, message: str, layers: list[str]) -> None:
         super().__init__(message)
@@ -264,8 +264,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, example_inputs: Any = Non
 
     Args:
         model: a model returned by :func:`calibrate_activations`, or a (quantized) classifier together with
-            ``calib`` (the calibration batches). A model without 8-bit per-channel layers (float, weight-only
-            4-bit) needs no calibration.
+            ``calib`` (the calibration batches). A model without per-channel / per-tensor quantized layers
+            (float, weight-only group-wise 4-bit) needs no calibration; 4-bit per-channel layers need it as 8-bit
+            ones do (their codes go into the int8 container, with static int8 activations).
         example_inputs: a tensor or tuple of tensors with the input shapes (any batch size: the batch axis is
             dynamic); defaults to the first calibration batch.
         calib, method, percentile, promote: passed to :func:`calibrate_activations` (defaults ``"minmax"``,

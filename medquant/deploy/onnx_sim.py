@@ -16,7 +16,8 @@ PyTorch is the accuracy of the deployed model:
 2. **Weights** as medquant quantized them, in the container ONNX has for them (:func:`layer_plan`):
    ``w = (u - z) * s`` with ``u``/``z`` medquant's codes and zero points. Symmetric rows store ``q = u - 2^(b-1)``
    (``2u - 1`` for 1 bit) as int8 with zero point 0, asymmetric rows store ``u`` as uint8 with zero point ``z``.
-3. **Activations** (layers with 8-bit per-channel or per-tensor weights only): a per-tensor uint8 quantization
+3. **Activations** (layers with per-channel or per-tensor weights only, 8-bit or fewer bits in the int8
+   container: 4-bit, and 1-3 / 5-7 bits with ``promote``): a per-tensor uint8 quantization
    of each such layer's input and output, ``q = saturate(round_half_even(x / s) + z, 0, 255)``,
    ``x^ = (q - z) * s``, exactly ONNX ``QuantizeLinear`` followed by ``DequantizeLinear``. The scale and zero
    point come from the calibration batches: ``lo = min(min x, 0)``, ``hi = max(max x, 0)`` (``method="minmax"``; or
@@ -636,11 +637,12 @@ class _QDQFn(torch.autograd.Function):
 def layer_plan(name: str, layer: nn.Module, promote: bool) -> tuple[LayerPlan, Any]:
     """Decide how a layer is exported; returns the plan and medquant's weight (:class:`UniformWeight`) or None.
 
-    * 8-bit per-channel / per-tensor -> ``qdq`` (int8 with zero point 0 for symmetric, uint8 with medquant's zero
-      points for asymmetric): integer kernels with static activations.
+    * per-channel / per-tensor (8-bit; 4-bit, and 1-3 / 5-7 bits with ``promote``, their codes unchanged in the
+      8-bit container) -> ``qdq`` (int8 with zero point 0 for symmetric, uint8 with medquant's zero points for
+      asymmetric): integer kernels with static activations.
     * 4-bit group-wise Linear with a power-of-two group >= 16 -> ``nbits`` (``MatMulNBits``), weight-only.
-    * 4-bit otherwise (convolutions, other groups) -> ``blocked``: int4/uint4 blocks of a DequantizeLinear,
-      weight-only, float op.
+    * group-wise otherwise (4-bit convolutions and other groups; 8-bit groups in int8/uint8 blocks) ->
+      ``blocked``: blocks of a DequantizeLinear, weight-only, float op.
     * 1-3 and 5-7 bits (and per-row mixed layers) only with ``promote=True``: the codes go into the 4- or 8-bit
       container unchanged (``(u - z) * s`` is representable exactly); mixed rows are requantized to the layer's
       largest bit-width (:func:`medquant.deploy.common.layer_weight`).
