@@ -5,7 +5,8 @@
   ``"mixed {3: 10 rows, 4: 22 rows}"``).
 * :func:`check_native` refuses models holding modules a format has no tensors for (medquant wrappers other
   than the quantized layers, e.g. quantized MoE experts; parametrized layers; unmerged PEFT adapters and
-  bitsandbytes layers, whose tensors are not the model's own weights), and models whose layers quantize
+  bitsandbytes layers, whose tensors are not the model's own weights), models with tensors on the ``meta`` device
+  (:func:`check_materialised`: no data to write), and models whose layers quantize
   their input activations (:func:`check_no_input_quantizers`) or carry other forward hooks that change what they
   compute (:func:`check_forward_hooks`: an ``AdaptiveQuantizer``'s sites, user hooks, torch's ``prune`` /
   ``weight_norm`` reparametrisations; :func:`forward_hooks` lists them).
@@ -280,8 +281,32 @@ def check_forward_hooks(model: nn.Module, format: str, keeps: Callable[[str, nn.
         + "; ".join(_HOOK_ADVICE[o] for o in owners) + f"; {_LOST_HANDLES}" + (f"; {accepted}" if accepted else ""))
 
 
+def check_materialised(model: nn.Module, format: str) -> None:
+    """Refuse a model some of whose parameters or buffers hold no data: tensors on the ``meta`` device (a skeleton
+    built with ``init_empty_weights`` or under ``torch.device("meta")``, weights a ``device_map`` offloaded), whose
+    values the file cannot hold.
+
+    Args:
+        model: the model to export.
+        format: the format name, for the message.
+
+    Raises:
+        ExportError: naming the tensors (the first eight) and how to export such a model.
+    """
+    empty = [name for name, t in (*model.named_parameters(remove_duplicate=False),
+                                  *model.named_buffers(remove_duplicate=False)) if t.is_meta]
+    if empty:
+        listed = ", ".join(empty[:8]) + (f" ... ({len(empty)} tensors)" if len(empty) > 8 else "")
+        raise ExportError(f"format={format!r} writes the model's tensors, but {len(empty)} of them are on the meta "
+                          f"device and hold no data: {listed}. Accepted: a model whose weights are all loaded (on the "
+                          "CPU or one GPU; not a skeleton built with init_empty_weights / torch.device('meta'), nor "
+                          "weights a device_map offloaded to disk): load it whole, e.g. from_pretrained(..., "
+                          "device_map='cpu'), then quantize and export it")
+
+
 def check_native(model: nn.Module, format: str, allow: tuple[type, ...] = ()) -> None:
-    """Raise :class:`ExportError` listing :func:`foreign_modules` (the format has no tensors for them), or the modules
+    """Raise :class:`ExportError` listing :func:`foreign_modules` (the format has no tensors for them), tensors without
+    data (:func:`check_materialised`), or the modules
     with input quantizers or other forward hooks a weight-only file drops (:func:`check_forward_hooks`); a backend
     that writes some other medquant module itself (e.g. ``QuantEmbedding`` as a float table) passes it in ``allow``.
 
@@ -293,6 +318,7 @@ def check_native(model: nn.Module, format: str, allow: tuple[type, ...] = ()) ->
     Raises:
         ExportError: as above, naming the modules.
     """
+    check_materialised(model, format)
     check_forward_hooks(model, format)
     found = foreign_modules(model, allow)
     if found:
