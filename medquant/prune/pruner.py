@@ -94,7 +94,8 @@ class PrunePlan:
 
     ``skipped[block]`` lists, for each block in scope that the ratios asked to prune but that has a part the
     pruner cannot handle, the reason (fused qkv, linear attention, convolution mixer, MoE experts in an unknown
-    layout, cross-attention kept, a norm over all heads or all FFN neurons at once, a per-head parameter it does
+    layout, cross-attention kept, a norm over all heads or all FFN neurons at once, an FFN activation threshold
+    taken over all its neurons (Gemma 3n's activation sparsity), a per-head parameter it does
     not know, a stage of several blocks, a layer of the model's block list without a prunable attention or FFN:
     :func:`checked_block`, :func:`unprunable_layers`); ``config_notes`` says why a config was left as it was when
     the pruned model does not fit it (``hf_config_exact`` False).
@@ -582,7 +583,9 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     A norm over all heads together inside the attention (Kosmos-2's ``inner_attn_ln`` before the output
     projection, a ``q_norm`` / ``k_norm`` over the full projected width as in OLMo 2) computes its mean and
     variance over every head, so removing heads changes what the kept heads produce; likewise a norm over all FFN
-    neurons (Kosmos-2's ``ffn_layernorm`` between ``fc1`` and ``fc2``). Per-head norms (weight ``(n_heads, d)``
+    neurons (Kosmos-2's ``ffn_layernorm`` between ``fc1`` and ``fc2``), and so does an FFN with activation sparsity
+    (Gemma 3n's ``activation_sparsity`` above 0: its gate activations are cut at ``mean + k * std`` over all of its
+    neurons), whose neurons are kept. Per-head norms (weight ``(n_heads, d)``
     or ``(d,)``; a ``(d,)`` norm is shared by every head, also when a single key/value head makes it as wide as
     the whole key projection; StableLM's lists of one ``LayerNorm(d)`` per head, :func:`head_norm_lists`), relative
     position bias tables with one column per head and attention sinks are pruned exactly and stay. Any
@@ -631,6 +634,13 @@ def checked_block(model: nn.Module, b: Block) -> Block:
         hit = _norm_over(model.get_submodule(ffn.name), {ffn.n_neurons}, own) if ffn.name != b.name else None
         if hit is not None:
             why["ffn"] = (f"{ffn.name}.{hit} normalises all {ffn.n_neurons} FFN neurons together: removing neurons "
+                          "would change the kept ones' output; its neurons are kept")
+            ffn = None
+    if ffn is not None:
+        sparsity = getattr(model.get_submodule(ffn.name), "activation_sparsity", None)
+        if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool) and sparsity > 0:
+            why["ffn"] = (f"{ffn.name} keeps only the gate activations above mean + k * std taken over all "
+                          f"{ffn.n_neurons} FFN neurons (activation sparsity {sparsity}, Gemma 3n): removing neurons "
                           "would change the kept ones' output; its neurons are kept")
             ffn = None
     if attention is b.attention and ffn is b.ffn and cross is b.cross_attention:
