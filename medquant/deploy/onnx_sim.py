@@ -460,8 +460,9 @@ class ExportLayer(nn.Module):
         """Whether ONNX Runtime's fused integer kernel cannot hold this layer's bias.
 
         The kernel (``QLinearConv`` / ``QGemm``) stores channel ``c``'s bias as ``round(b_c / (s_x * s_c))`` in
-        int32, ``s_x`` the input's scale and ``s_c`` the channel's weight scale; a tiny ``s_c`` (a BatchNorm
-        gamma near 0 folded into it) makes ``|b_c| / (s_x * s_c)`` exceed ``2^31 - 1`` and the bias is lost.
+        int32, ``s_x`` the input's scale and ``s_c`` the channel's weight scale; a tiny ``|s_c|`` (a BatchNorm
+        gamma near 0, of either sign, folded into it) makes ``|b_c / (s_x * s_c)|`` exceed ``2^31 - 1`` and the
+        bias is lost.
         The export then writes the bias as a float ``Add`` after the Conv / Gemm (:attr:`bias_apart`): the same
         function, computed by a float Conv / Gemm on the dequantized input.
 
@@ -474,7 +475,7 @@ class ExportLayer(nn.Module):
         if self.plan.kind != "qdq" or self.bias is None or input_scale is None:
             return False
         bias_scale = input_scale.to(torch.float32) * self.weight_scale.to(torch.float32).expand(self.n)
-        return bool((self.bias.abs() / bias_scale >= 2.0**31 - 1).any())
+        return bool((self.bias.abs() / bias_scale.abs() >= 2.0**31 - 1).any())  # a folded scale may be negative
 
     # ---------------------------------------------------------------- forward (simulation and export)
     def _act(self, q: ActQuant | None):

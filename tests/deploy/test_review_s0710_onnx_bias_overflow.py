@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 from torch import nn
 
@@ -19,7 +20,8 @@ from medquant.quant.api import quantize_
 from medquant.quant.config import QuantConfig
 
 
-def test_a_bias_the_int32_kernel_cannot_hold_is_added_in_float(tmp_path):
+@pytest.mark.parametrize("gamma", [1e-9, -1e-9])  # a negative gamma folds a negative weight scale
+def test_a_bias_the_int32_kernel_cannot_hold_is_added_in_float(tmp_path, gamma):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -29,7 +31,7 @@ def test_a_bias_the_int32_kernel_cannot_hold_is_added_in_float(tmp_path):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
-        model[4].weight[:2] = 1e-9  # only the second conv's bias overflows
+        model[4].weight[:2] = gamma  # only the second conv's bias overflows
     quantize_(model, QuantConfig(8, scope="channel"))
     g = torch.Generator().manual_seed(1)
     calib = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(3)]
