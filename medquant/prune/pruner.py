@@ -590,7 +590,8 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     the whole key projection; StableLM's lists of one ``LayerNorm(d)`` per head, :func:`head_norm_lists`), relative
     position bias tables with one column per head and attention sinks are pruned exactly and stay. Any
     other parameter of the attention with one entry per head, or ``nn.ModuleList`` of one module per head that is
-    not such a norm list, keeps the heads, and so does a layer that holds
+    not such a norm list, keeps the heads, as does an attention whose heads are mixed before the output projection
+    (DiffLlama's differential attention pairs head ``h`` with head ``h + n/2``), and so does a layer that holds
     several attention modules of the same kind (a stage of several blocks, e.g. a Swin stage of depth 2): only
     its first block would be seen. T5-style attention keeps its heads too
     (:func:`medquant.models.blocks.shares_position_bias`: the relative position bias of the stack's first block is
@@ -661,11 +662,23 @@ _FIXED_HEAD_COUNT = {
 }
 
 
+#: attention classes whose heads do not each own their q / k / v rows and o columns alone: class name -> why
+_MIXED_HEADS = {
+    "DiffLlamaAttention": "pairs query head h with head h + n_heads / 2 and splits the value heads into two halves "
+                          "(differential attention), each pair writing 2 x head_dim columns of o_proj after a norm "
+                          "over the pair",
+}
+
+
 def _attention_problem(model: nn.Module, a: AttentionUnit) -> str | None:
     """Why removing heads of the attention unit ``a`` would not be exact (:func:`checked_block`), or None."""
-    fixed = _FIXED_HEAD_COUNT.get(type(model.get_submodule(a.holder)).__name__)
+    cls = type(model.get_submodule(a.holder)).__name__
+    fixed = _FIXED_HEAD_COUNT.get(cls)
     if fixed is not None:  # pruned, its forward would fail (a shape error), so it keeps its heads
-        return f"{type(model.get_submodule(a.holder)).__name__} {fixed}; its heads are kept"
+        return f"{cls} {fixed}; its heads are kept"
+    mixed = _MIXED_HEADS.get(cls)
+    if mixed is not None:  # pruned, its forward would run and give another output
+        return f"{cls} {mixed}: removing heads would change the kept heads' output; its heads are kept"
     # a norm of width head_dim is applied per head (shared by every head: Qwen3, Gemma 3); it is the width of a
     # whole projection only with a single (key/value) head, whose removal is refused anyway
     widths = {model.get_submodule(a.o).in_features, model.get_submodule(a.q).out_features,

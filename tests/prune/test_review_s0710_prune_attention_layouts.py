@@ -1,0 +1,74 @@
+"""Attention layouts whose heads do not own just their q / k / v rows and o columns keep their heads.
+
+* DiffLlama (differential attention): query head ``h`` is paired with head ``h + n/2``, the value heads are split in
+  two halves, and each pair writes ``2 * head_dim`` columns of ``o_proj`` after a norm over the pair; removing heads
+  as if they were independent silently changed the output.
+
+It now keeps its heads (a head ratio for them is refused before anything changes, as for any block that cannot
+lose heads); its FFN neurons are still pruned, exactly. Reference: plain torch, the unpruned float64 model with the
+removed FFN neurons' gate / up rows and down columns zeroed.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from medquant.prune import StructuredPruner
+
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "pad_token_id": 0}
+
+
+def _diffllama():
+    from transformers import DiffLlamaConfig, DiffLlamaForCausalLM
+
+    torch.manual_seed(0)
+    return DiffLlamaForCausalLM(DiffLlamaConfig(**TINY)).eval().double()
+
+
+@torch.no_grad()
+def _zeroed(model, removed: dict[str, list[int]]):
+    ref = copy.deepcopy(model)
+    for block, gone in removed.items():
+        mlp = ref.get_submodule(f"{block}.mlp")
+        mlp.gate_proj.weight[gone] = 0
+        mlp.up_proj.weight[gone] = 0
+        mlp.down_proj.weight[:, gone] = 0
+    return ref
+
+
+@torch.no_grad()
+def _logits(model):
+    return model(input_ids=IDS).logits
+
+
+def _refused_unchanged(model, reason: str) -> None:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=reason):  # no block can lose heads: refused, nothing changed
+        StructuredPruner(0.5, 0.25, progress=False).prune(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _ffn_exact(model) -> None:
+    pruner = StructuredPruner(0.0, {"model.layers.0": 0.25, "model.layers.1": 0.0}, progress=False)
+    plan = pruner.plan(model)
+    removed = {"model.layers.0": plan.removed_neurons("model.layers.0")}
+    assert len(removed["model.layers.0"]) == 24
+    ref = _logits(_zeroed(model, removed))
+    full = _logits(model)
+    pruner.apply(model, plan)
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-12)
+    assert (full - ref).abs().max() > 1e-3  # the removed neurons mattered
+
+
+def test_differential_attention_keeps_its_heads():
+    model = _diffllama()
+    _refused_unchanged(model, "DiffLlamaAttention pairs query head")
+    _ffn_exact(model)
+
