@@ -56,8 +56,10 @@ class _Float16RoundSTE(torch.autograd.Function):
 class FakeQuantWeight(nn.Module):
     """Parametrization ``w -> fake_quantize(w)`` row group by row group (per-row ``channel_bits``).
 
-    Rows kept in floating point in a layer that is quantized (mixed ``channel_bits``) are the weights the exported
-    ``QuantLinear`` / ``QuantConv2d`` stores: 16-bit rows rounded to float16 (straight-through gradient), 32-bit
+    Each bit group's rows are fake-quantized on their own (``fake_quantize(w[rows], config, b)``): with tensor scope
+    the group's one scale comes from its rows, as the exported layer stores it (per-row and per-group scales do not
+    depend on the other rows). Rows kept in floating point in a layer that is quantized (mixed ``channel_bits``) are
+    the weights the exported ``QuantLinear`` / ``QuantConv2d`` stores: 16-bit rows rounded to float16 (straight-through gradient), 32-bit
     rows unchanged. A layer that is entirely float (``config.is_float``) stays a float32 module when exported, so
     its weight passes unchanged.
 
@@ -92,8 +94,10 @@ class FakeQuantWeight(nn.Module):
                 fq = w
             elif b == 0:
                 continue
-            else:
-                fq = fake_quantize(w, self.config, b)
+            else:  # the group's own rows: a tensor-scope scale is that of the bit group's rows, as exported
+                rows = mask.to(w.device).nonzero().squeeze(1)
+                out = out.index_copy(0, rows, fake_quantize(w.index_select(0, rows), self.config, b))
+                continue
             out = torch.where(m, fq, out)
         return out
 
