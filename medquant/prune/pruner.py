@@ -589,7 +589,8 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     or ``(d,)``; a ``(d,)`` norm is shared by every head, also when a single key/value head makes it as wide as
     the whole key projection; StableLM's lists of one ``LayerNorm(d)`` per head, :func:`head_norm_lists`), relative
     position bias tables with one column per head and attention sinks are pruned exactly and stay. Any
-    other parameter of the attention with one entry per head, or ``nn.ModuleList`` of one module per head that is
+    other parameter of the attention with one entry per head, another ``nn.Linear`` as wide as the heads' channels
+    (AFM-MoE's output gate), or ``nn.ModuleList`` of one module per head that is
     not such a norm list, keeps the heads, as does an attention whose heads are mixed before the output projection
     (DiffLlama's differential attention pairs head ``h`` with head ``h + n/2``), and so does a layer that holds
     several attention modules of the same kind (a stage of several blocks, e.g. a Swin stage of depth 2): only
@@ -692,13 +693,19 @@ def _attention_problem(model: nn.Module, a: AttentionUnit) -> str | None:
                     "change the kept heads' output; its heads are kept")
     per_head = _unknown_per_head(model, a)
     if per_head:
+        if isinstance(model.get_submodule(per_head), nn.Linear):
+            return (f"{per_head} is a linear with one row / column per head channel besides the q / k / v / o "
+                    "projections, which medquant does not prune; its heads are kept")
         return f"{per_head} has one entry per head in a form medquant does not prune; its heads are kept"
     return None
 
 
 def _unknown_per_head(model: nn.Module, a) -> str | None:
     """A parameter inside the attention container ``a.name`` (outside its projections, per-head norms and
-    relative position tables) with a dimension of ``n_heads`` (or ``n_kv``) entries, or an ``nn.ModuleList`` of
+    relative position tables) with a dimension of ``n_heads`` (or ``n_kv``) entries, an ``nn.Linear`` besides the
+    projections with as many input or output features as the heads have channels (``n_heads * head_dim``, or
+    ``n_kv * head_dim``: AFM-MoE's output gate ``gate_proj``, applied head channel by head channel), or an
+    ``nn.ModuleList`` of
     ``n_heads`` (or ``n_kv``) modules with parameters other than a list of per-head norms
     (:func:`medquant.prune.surgery.head_norm_lists`), or None."""
     if a.n_heads < 2:
@@ -715,6 +722,12 @@ def _unknown_per_head(model: nn.Module, a) -> str | None:
         if any(full == k or full.startswith(k + ".") for k in known):
             continue
         if any(d in (a.n_heads, a.n_kv) for d in p.shape):
+            return full
+    channels = {a.n_heads * a.q_rows, a.n_heads * a.head_dim, a.n_kv * a.head_dim}
+    for mname, m in cont.named_modules():  # a linear with one row / column per head channel (AFM-MoE's gate_proj)
+        full = f"{a.name}.{mname}" if mname else a.name
+        if (isinstance(m, nn.Linear) and not any(full == k or full.startswith(k + ".") for k in known)
+                and (m.in_features in channels or m.out_features in channels)):
             return full
     holder = model.get_submodule(a.holder)
     norm_lists = {id(m) for n in {a.n_heads, a.n_kv} for m in head_norm_lists(holder, n, a.head_dim)}

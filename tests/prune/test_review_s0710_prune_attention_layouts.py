@@ -3,9 +3,11 @@
 * DiffLlama (differential attention): query head ``h`` is paired with head ``h + n/2``, the value heads are split in
   two halves, and each pair writes ``2 * head_dim`` columns of ``o_proj`` after a norm over the pair; removing heads
   as if they were independent silently changed the output.
+* AFM-MoE (``AfmoeAttention``): a separate output gate ``gate_proj`` with ``n_heads * head_dim`` rows multiplies the
+  attention output head channel by head channel; it was not cut with the heads, so the pruned model's forward failed.
 
-It now keeps its heads (a head ratio for them is refused before anything changes, as for any block that cannot
-lose heads); its FFN neurons are still pruned, exactly. Reference: plain torch, the unpruned float64 model with the
+Both now keep their heads (a head ratio for them is refused before anything changes, as for any block that cannot
+lose heads); their FFN neurons are still pruned, exactly. Reference: plain torch, the unpruned float64 model with the
 removed FFN neurons' gate / up rows and down columns zeroed.
 """
 from __future__ import annotations
@@ -29,6 +31,14 @@ def _diffllama():
 
     torch.manual_seed(0)
     return DiffLlamaForCausalLM(DiffLlamaConfig(**TINY)).eval().double()
+
+
+def _afmoe():
+    from transformers import AfmoeConfig, AfmoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AfmoeConfig(**TINY, moe_intermediate_size=32, num_dense_layers=2, num_experts=4, num_experts_per_tok=2)
+    return AfmoeForCausalLM(cfg).eval().double()
 
 
 @torch.no_grad()
@@ -72,3 +82,8 @@ def test_differential_attention_keeps_its_heads():
     _refused_unchanged(model, "DiffLlamaAttention pairs query head")
     _ffn_exact(model)
 
+
+def test_gated_output_attention_keeps_its_heads():
+    model = _afmoe()
+    _refused_unchanged(model, r"model\.layers\.0\.self_attn\.gate_proj")
+    _ffn_exact(model)  # dense FFNs (num_dense_layers)
