@@ -693,7 +693,7 @@ def _attention_problem(model: nn.Module, a: AttentionUnit) -> str | None:
                     "change the kept heads' output; its heads are kept")
     per_head = _unknown_per_head(model, a)
     if per_head:
-        if isinstance(model.get_submodule(per_head), nn.Linear):
+        if isinstance(dict(model.named_modules()).get(per_head), nn.Linear):  # else a parameter's name
             return (f"{per_head} is a linear with one row / column per head channel besides the q / k / v / o "
                     "projections, which medquant does not prune; its heads are kept")
         return f"{per_head} has one entry per head in a form medquant does not prune; its heads are kept"

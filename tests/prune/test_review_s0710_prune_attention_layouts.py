@@ -87,3 +87,14 @@ def test_gated_output_attention_keeps_its_heads():
     model = _afmoe()
     _refused_unchanged(model, r"model\.layers\.0\.self_attn\.gate_proj")
     _ffn_exact(model)  # dense FFNs (num_dense_layers)
+
+
+def test_a_per_head_parameter_is_named_not_looked_up_as_a_module():
+    # Nystromformer's depthwise conv over the heads (weight (n_heads, 1, k, 1)): the refusal names the parameter
+    # (an AttributeError looking it up as a module came first, from the gate check above)
+    from transformers import NystromformerConfig, NystromformerModel
+
+    model = NystromformerModel(NystromformerConfig(**{k: v for k, v in TINY.items() if k != "head_dim"},
+                                                   max_position_embeddings=64)).eval()
+    with pytest.raises(ValueError, match=r"attention\.self\.conv\.weight has one entry per head"):
+        StructuredPruner(0.5, 0.0, progress=False).plan(model)
