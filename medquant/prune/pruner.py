@@ -594,7 +594,8 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     not such a norm list, keeps the heads, as does an attention whose heads are mixed before the output projection
     (DiffLlama's differential attention pairs head ``h`` with head ``h + n/2``), and so does a layer that holds
     several attention modules of the same kind (a stage of several blocks, e.g. a Swin stage of depth 2): only
-    its first block would be seen. T5-style attention keeps its heads too
+    its first block would be seen. A block list whose holder has an ``nn.Embedding`` with one column per head (MPNet's
+    ``encoder.relative_attention_bias``, added in every block) keeps its heads. T5-style attention keeps its heads too
     (:func:`medquant.models.blocks.shares_position_bias`: the relative position bias of the stack's first block is
     added in every block, so no block can lose heads alone); T5's FFN neurons are pruned. A block's cross-attention
     (:attr:`medquant.models.Block.cross_attention`) is checked the same way: when it cannot lose heads exactly it is
@@ -615,7 +616,7 @@ def checked_block(model: nn.Module, b: Block) -> Block:
                                 "heads are kept")
         attention = None
     if attention is not None:
-        problem = _attention_problem(model, attention)
+        problem = _stack_head_bias(model, b.stack, attention.n_heads) or _attention_problem(model, attention)
         if problem is not None:
             attention = None
             why["heads"] = problem
@@ -648,6 +649,20 @@ def checked_block(model: nn.Module, b: Block) -> Block:
     if attention is b.attention and ffn is b.ffn and cross is b.cross_attention:
         return b
     return dataclasses.replace(b, attention=attention, ffn=ffn, unsupported=why, cross_attention=cross)
+
+
+def _stack_head_bias(model: nn.Module, stack: str, n_heads: int) -> str | None:
+    """Why no block of the block list ``stack`` can lose heads when the module holding it has an ``nn.Embedding``
+    with one column per head (MPNet's ``encoder.relative_attention_bias``: a relative position bias computed once
+    and added to the scores of every block, head by head), or None."""
+    parent = stack.rpartition(".")[0]
+    holder = model.get_submodule(parent) if parent else model
+    for name, child in holder.named_children():
+        if isinstance(child, nn.Embedding) and child.embedding_dim == n_heads and n_heads > 1:
+            where = f"{parent}.{name}" if parent else name
+            return (f"{where} is a position bias with one column per head ({n_heads}) added in every block of "
+                    f"{stack}, so no block can lose heads alone; its heads are kept")
+    return None
 
 
 #: attention classes whose forward cannot run with fewer heads than their config gives: class name -> why

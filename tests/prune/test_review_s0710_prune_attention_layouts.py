@@ -98,3 +98,25 @@ def test_a_per_head_parameter_is_named_not_looked_up_as_a_module():
                                                    max_position_embeddings=64)).eval()
     with pytest.raises(ValueError, match=r"attention\.self\.conv\.weight has one entry per head"):
         StructuredPruner(0.5, 0.0, progress=False).plan(model)
+
+
+def test_a_position_bias_shared_by_the_stack_keeps_the_heads():
+    # MPNet: encoder.relative_attention_bias (buckets x n_heads) is computed once and added to every layer's scores;
+    # pruned heads made the forward fail. The heads are kept (refused: no block can lose heads), the FFN is pruned.
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    model = MPNetModel(MPNetConfig(**{k: v for k, v in TINY.items() if k != "head_dim"},
+                                   max_position_embeddings=64)).eval().double()
+    _refused_unchanged(model, r"encoder\.relative_attention_bias is a position bias")
+    pruner = StructuredPruner(0.0, {"encoder.layer.0": 0.25, "encoder.layer.1": 0.0}, progress=False)
+    plan = pruner.plan(model)
+    gone = plan.removed_neurons("encoder.layer.0")
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.encoder.layer[0].intermediate.dense.weight[gone] = 0
+        ref.encoder.layer[0].intermediate.dense.bias[gone] = 0
+        ref.encoder.layer[0].output.dense.weight[:, gone] = 0
+        want = ref(input_ids=IDS).last_hidden_state
+        pruner.apply(model, plan)
+        torch.testing.assert_close(model(input_ids=IDS).last_hidden_state, want, rtol=0, atol=1e-12)
