@@ -622,7 +622,8 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
                           "its loader does not create); this model's biases cannot be carried to llama.cpp")
 
     path = gguf_output_path(path, overwrite)
-    model_name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+    # the model's own name (not the display name=): guess_pre chooses the pre-tokenizer from it
+    model_name = str(getattr(model, "name_or_path", "") or type(model).__name__)
     # general.name travels with the file: a local folder gives its own name, not its absolute path
     shown_name = name or (Path(model_name).name if Path(model_name).exists() else model_name)
     n_vocab = int(dec.embed_tokens.num_embeddings)
