@@ -704,8 +704,11 @@ def load_full_state(skeleton: nn.Module, sharded: nn.Module) -> nn.Module:
 def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, group=None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm) over FSDP2-sharded ``DTensor`` and replicated parameters.
 
-    The parameters may mix sharded ``DTensor``s (each element held by one rank: local squared sums are all-reduced) and plain replicated tensors (same
-    gradient on every rank: counted once). Same formula as torch: ``coef = min(1, max_norm / (norm + 1e-6))``.
+    The parameters may mix ``DTensor``s and plain replicated tensors (same gradient on every rank: counted once).
+    A ``DTensor`` gradient's local squared sum is all-reduced over ``group``, counted on the ranks whose mesh
+    coordinate is 0 along each ``Replicate()`` mesh dimension only: a ``Shard`` dimension (FSDP2's ``Shard(0)``:
+    each element held by one rank) sums the shards, a ``Replicate`` one counts its copy once. ``group`` must hold
+    the ranks of the DTensors' mesh. Same formula as torch: ``coef = min(1, max_norm / (norm + 1e-6))``.
     Every rank of ``group`` takes part in the reduction, also one without gradients (or without parameters): its
     total is the reduced sharded part alone (zero without a process group).
 
@@ -716,24 +719,44 @@ def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, group=None)
 
     Returns:
         The total norm before clipping.
+
+    Raises:
+        ValueError: a ``DTensor`` gradient with a ``Partial`` placement (a pending sum over ranks: its local values
+            do not give its norm) on any rank: every rank raises (after the one reduction), before any gradient is
+            scaled.
     """
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
+    partial = next((g for g in grads if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements)),
+                   None)
+    error = None if partial is None else (
+        f"clip_grad_norm_: a DTensor gradient has placements {tuple(partial.placements)}: a Partial placement is a "
+        "pending sum over ranks, whose norm the local values do not give; reduce it first (redistribute to Shard or "
+        "Replicate). Nothing was clipped")
     if grads:
         dev = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
     else:  # no early return: the other ranks of the group wait for this one in the all_reduce
         dev = _flag_device(dist.get_backend(group)) if is_distributed(group) else torch.device("cpu")
-    sharded = torch.zeros((), dtype=torch.float64, device=dev)
+    # [squared sum of the DTensor parts, ranks with a Partial gradient]: one all_reduce, so every rank raises
+    reduced = torch.tensor([0.0, float(error is not None)], dtype=torch.float64, device=dev)
+    sharded = reduced[0]
     plain = torch.zeros((), dtype=torch.float64, device=dev)
     for g in grads:
         if isinstance(g, DTensor):
-            sharded += g.to_local().double().pow(2).sum()
+            coord = g.device_mesh.get_coordinate()
+            # a Replicate mesh dimension holds a copy on each of its ranks: counted on its coordinate 0 only
+            if coord is not None and all(c == 0 for c, pl in zip(coord, g.placements) if pl.is_replicate()):
+                sharded += g.to_local().double().pow(2).sum()
         else:
             plain += g.double().pow(2).sum()
     if is_distributed(group):
-        dist.all_reduce(sharded, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+    if reduced[1] > 0:
+        raise ValueError(error or "clip_grad_norm_: another rank of the group has a DTensor gradient with a Partial "
+                         "placement (a pending sum over ranks, whose norm the local values do not give); nothing "
+                         "was clipped")
     total = (sharded + plain).sqrt().float()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     with torch.no_grad():
