@@ -713,7 +713,10 @@ class AOTDecoder:
                 ``1``: none); None: the generation config's (default 1.0).
             generator: the random generator of the draws, or None.
             attention_mask: ``(batch_size, P)``, 1 for a prompt token, 0 for padding: prompts of different lengths
-                padded on the left, as for ``generate`` (:meth:`feed`); None: every prompt token is real.
+                padded on the left, as for ``generate`` (:meth:`feed`); None: inferred as ``generate`` infers it,
+                ``input_ids != pad_token_id`` where the pad token (given, the generation config's, or the first end
+                token) occurs in ``input_ids`` and is not an end token, else every prompt token real (a row ending
+                in the pad token is then refused: pass ``torch.ones_like(input_ids)`` to keep every token).
 
         Returns:
             ``(batch_size, P + generated)`` int64 tensor.
@@ -722,7 +725,8 @@ class AOTDecoder:
             ValueError: bad ``input_ids``, ``max_new_tokens`` not an integer >= 1 (a bool, a float) or past
                 ``max_len``, end tokens that are not integers, a pad token (given, the generation config's, or the first end token) outside the
                 embedding table when there are end tokens, bad sampling values (given, or the generation config's
-                where used), a generation config setting that is not implemented (above), the decoder was closed.
+                where used), a generation config setting that is not implemented (above), a row ending in the pad
+                token with no ``attention_mask`` (above), the decoder was closed.
         """
         self._check_open()
         ids = self._ids(input_ids)
@@ -738,6 +742,10 @@ class AOTDecoder:
                        generator=generator)
         ends, pad_id = _special_tokens(self.model, eos_token_id, pad_token_id)
         eos, pad = torch.tensor(ends, dtype=torch.long), torch.tensor(pad_id)
+        if attention_mask is None:
+            pad_known = pad_token_id is not None or ends or \
+                getattr(getattr(self.model, "generation_config", None), "pad_token_id", None) is not None
+            attention_mask = _inferred_mask(ids, ends, pad_id) if pad_known else None
         # a finished row is fed the pad token at every later step, and the programs index the embedding table
         # without checking: an id outside it would be read out of bounds
         if eos.numel() and not 0 <= int(pad) < self.vocab_size:
@@ -1014,6 +1022,24 @@ def _special_tokens(model: nn.Module, eos_token_id: Any, pad_token_id: Any) -> t
     if pad_token_id is not None and pad is None:
         raise ValueError(f"pad_token_id must be an int token id or None, got {pad_token_id!r}")
     return ends, pad if pad is not None else ends[0] if ends else 0
+
+
+def _inferred_mask(ids: torch.Tensor, ends: list[int], pad: int) -> torch.Tensor | None:
+    """The ``attention_mask`` transformers' ``generate`` infers when given none: ``ids != pad`` where the pad token
+    ``pad`` occurs in ``ids`` and is not one of the end tokens ``ends``; None (every token real) otherwise.
+
+    Raises:
+        ValueError: a row ending in the pad token (right padding: the decoder reads each row's last position)."""
+    if pad in ends or not bool((ids == pad).any()):
+        return None
+    mask = (ids != pad).long()
+    rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(f"input_ids: row {rows[0]} ends with the pad token {pad}; with no attention_mask, the "
+                         f"pad token is taken as padding wherever it occurs (as transformers' generate infers "
+                         f"attention_mask = input_ids != pad_token_id), and padding goes on the left: pad on the "
+                         f"left, or pass attention_mask (e.g. torch.ones_like(input_ids): every token real)")
+    return mask
 
 
 def _end_tokens(eos_token_id: Any) -> list[int]:
