@@ -65,7 +65,15 @@ from ..kernels.layout import FORMAT_VERSION
 from .activations import carry_input_quantizer
 from .config import QuantConfig
 from .experts import QuantExperts, is_experts_module, moe_routers, unsupported_experts
-from .modules import QUANT_MODULES, QuantConv2d, QuantEmbedding, QuantLinear, tied_heads
+from .modules import (
+    QUANT_MODULES,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    _check_computes_as,
+    _remember_float_class,
+    tied_heads,
+)
 
 ROLE_PREFIX = "@"
 REGEX_PREFIX = "re:"
@@ -288,7 +296,9 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
     """``QuantLinear/QuantConv2d.from_float(module, config)``. A Linear with more than ``_CHUNK_ROWS`` rows
     (``lm_head``) is quantized ``_CHUNK_ROWS`` rows at a time and the row blocks of its buffers concatenated:
     bit-identical, since with per-channel or per-group scales and one bit-width for every row each row is
-    quantized on its own (per-tensor scales and mixed per-row bit-widths take the one-shot path). A layer whose
+    quantized on its own (per-tensor scales and mixed per-row bit-widths take the one-shot path); as
+    ``from_float``, it refuses a subclass with its own ``forward`` and records a subclass computing as
+    ``nn.Linear`` for ``to_float`` / :func:`dequantize_`. A layer whose
     weight is not there yet is refused with ``ValueError``: on the meta device, or the uninitialized parameter of
     a lazy module (``nn.LazyLinear`` / ``nn.LazyConv2d`` before its first forward, which makes it a plain
     ``nn.Linear`` / ``nn.Conv2d``: quantized as such)."""
@@ -308,6 +318,7 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
     if rows <= _CHUNK_ROWS or config.scope == "tensor" or config.channel_bits is not None \
             or not 1 <= config.bits <= 8:
         return QuantLinear.from_float(module, config)
+    _check_computes_as(module, nn.Linear, ("forward",), "QuantLinear")  # as from_float: the chunks are plain
     parts = []
     for start in range(0, rows, _CHUNK_ROWS):
         chunk = w[start:start + _CHUNK_ROWS]
@@ -322,6 +333,7 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
             buf.copy_(torch.cat([p[name] for p in parts]))
         if module.bias is not None and q.bias is not None:
             q.bias.copy_(module.bias.detach())
+    _remember_float_class(q, module, nn.Linear)  # a subclass computing as nn.Linear comes back as itself
     return q
 
 
