@@ -681,7 +681,9 @@ class AOTDecoder:
         ``sequence_bias``, ``min_length`` / ``min_new_tokens > 0``, ``forced_bos_token_id``,
         ``forced_eos_token_id``, ``suppress_tokens``, ``begin_suppress_tokens``,
         ``exponential_decay_length_penalty``, ``guidance_scale != 1``, ``watermarking_config``, ``stop_strings``,
-        ``penalty_alpha``, ``dola_layers``, ``diversity_penalty``, ``constraints``, ``force_words_ids``; and, when
+        ``penalty_alpha``, ``dola_layers``, ``diversity_penalty``, ``constraints``, ``force_words_ids``,
+        ``encoder_repetition_penalty != 1`` and ``encoder_no_repeat_ngram_size > 0`` (``generate`` applies both to
+        a decoder-only model's prompt); and, when
         sampling, ``min_p > 0``, ``top_h``, ``typical_p < 1``, ``epsilon_cutoff`` / ``eta_cutoff`` in ``(0, 1)``.
         Clear it on ``model.generation_config`` (``None``) to generate without it.
 
@@ -971,6 +973,9 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "stop_strings": _listed, "penalty_alpha": lambda v: v is not None and v > 0,
     "dola_layers": lambda v: v is not None, "diversity_penalty": lambda v: v is not None and v > 0,
     "constraints": _listed, "force_words_ids": _listed,
+    # read the "encoder" ids, which generate takes to be the prompt of a decoder-only model
+    "encoder_repetition_penalty": lambda v: v is not None and v != 1,
+    "encoder_no_repeat_ngram_size": lambda v: v is not None and v > 0,
 }
 _UNSUPPORTED_SAMPLED: dict[str, Callable[[Any], bool]] = {
     "min_p": lambda v: v is not None and v > 0, "top_h": lambda v: v is not None,
