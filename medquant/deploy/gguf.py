@@ -546,7 +546,7 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 def _float_row(name: str, w: torch.Tensor, target: str, note: str = "", scheme: str | None = None
                ) -> tuple[np.ndarray, LayerExport]:
-    w = w.detach().float().contiguous()
+    w = w.detach().float().cpu().contiguous()  # the model may be on a GPU: numpy needs the CPU
     if target == "F16":
         big = float(w.abs().max()) if w.numel() else 0.0
         if big > F16_MAX:
@@ -668,7 +668,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
                     types_written.append(row.target)
                     report.layers.append(row)
                 else:
-                    w = m.weight.detach()
+                    w = m.weight.detach().cpu()
                     if perm is not None:
                         w = w.index_select(0, perm)
                     data, row = _float_row(f"{hf}.weight", w, float_type, rope_note, scheme=_dtype_name(w))
@@ -677,7 +677,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
                     report.layers.append(row)
                 bias = getattr(m, "bias", None)
                 if isinstance(bias, torch.Tensor):
-                    b = bias.detach().float()
+                    b = bias.detach().float().cpu()
                     if perm is not None:
                         b = b.index_select(0, perm)
                     data, row = _float_row(f"{hf}.bias", b, "F32", rope_note, scheme=_dtype_name(bias))
@@ -727,7 +727,7 @@ def _check_finite(name: str, err: float, target: str, ref: torch.Tensor) -> None
 def _quant_tensor(layer: Any, hf: str, perm: torch.Tensor | None, promote_type: str
                   ) -> tuple[np.ndarray, LayerExport]:
     """One quantized layer -> GGUF bytes and its report row; the error is measured by decoding the bytes."""
-    ref = layer.dequantized_weight(torch.float32)
+    ref = layer.dequantized_weight(torch.float32).cpu()
     if perm is not None:
         ref = ref.index_select(0, perm)
     scheme = layer_scheme(layer)

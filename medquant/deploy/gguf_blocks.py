@@ -144,8 +144,9 @@ def row_group_blocks(layer: Any, bits: int, target: str) -> Blocks:
                       zero.clone() if target == "Q4_1" else None)
     pw = layer.packed_weight(bits)
     n = pw.n
-    u = pw.codes()[:, :k].to(torch.int16)
-    s = block_params(pw.scales.float(), pw.scope, pw.group_elems, n, k)
+    # on the CPU whatever device the layer is on: packing goes through numpy
+    u = pw.codes()[:, :k].to("cpu", torch.int16)
+    s = block_params(pw.scales.float().cpu(), pw.scope, pw.group_elems, n, k)
     blk = lambda t: t.repeat_interleave(QK, dim=1)  # per-block value -> per element
     if pw.symmetric:
         c = 2 * u - 1 if bits == 1 else u - (1 << (bits - 1))  # w = c * s
@@ -154,7 +155,7 @@ def row_group_blocks(layer: Any, bits: int, target: str) -> Blocks:
         if target == "Q4_1":
             return Blocks(target, c + 8, s, -8.0 * s)
         return Blocks(target, c, s)
-    z = block_params(pw.zeros.float(), pw.scope, pw.group_elems, n, k)
+    z = block_params(pw.zeros.float().cpu(), pw.scope, pw.group_elems, n, k)
     if target == "Q4_0":  # b <= 3: u - z in -7..7
         return Blocks(target, u - blk(z).to(torch.int16) + 8, s)
     if target == "Q4_1":
@@ -186,7 +187,8 @@ def choose_target(layer: Any) -> str | None:
 
 
 def layer_blocks(layer: Any, target: str) -> Blocks:
-    """All rows of ``layer`` as ``target`` blocks, row groups scattered back to the original row order."""
+    """All rows of ``layer`` as ``target`` blocks (CPU tensors, whatever device the layer is on), row groups
+    scattered back to the original row order."""
     if not layer.mixed:
         return row_group_blocks(layer, layer.bit_groups[0], target)
     n, k = layer.out_rows, layer.k
