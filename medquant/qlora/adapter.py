@@ -501,7 +501,9 @@ class QLoRAAdapter:
             The adapter.
 
         Raises:
-            FileNotFoundError: the folder has no ``medquant_qlora.json``.
+            FileNotFoundError: the folder has no ``medquant_qlora.json``, no ``adapter_config.json`` or no adapter
+                weights (``adapter_model.safetensors``, or PEFT's ``adapter_model.bin``); checked before the model
+                is changed.
             ValueError: an unsupported settings format, the model's target modules differ from the saved ones, or
                 its adapted / quantized layers hold weights of another dtype than the saved ``base_dtypes`` (a
                 float32 base where the adapter was trained on bfloat16, or the reverse: the NF4 codes, and so the
@@ -514,6 +516,15 @@ class QLoRAAdapter:
         cfg_path = d / _CONFIG_FILE
         if not cfg_path.exists():
             raise FileNotFoundError(f"{d} has no {_CONFIG_FILE}; was it written by QLoRAAdapter.save?")
+        # PEFT takes a folder without its files for a Hub repo id (an HFValidationError about the repo id's form)
+        from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+        gone = [f for f in (CONFIG_NAME,) if not (d / f).is_file()]
+        if not (d / SAFETENSORS_WEIGHTS_NAME).is_file() and not (d / WEIGHTS_NAME).is_file():
+            gone.append(SAFETENSORS_WEIGHTS_NAME)
+        if gone:
+            raise FileNotFoundError(f"{d} has no {' and no '.join(gone)}: QLoRAAdapter.save writes them (PEFT's "
+                                    f"save_pretrained) next to {_CONFIG_FILE}; the folder is incomplete")
         meta = json.loads(cfg_path.read_text())
         if meta.get("format") != 1:
             raise ValueError(f"{cfg_path}: unsupported format {meta.get('format')!r} (this medquant reads 1)")
