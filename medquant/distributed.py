@@ -328,7 +328,9 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
         params: the parameters whose gradients to reduce.
         average: divide the sum by the world size.
         group: the process group (default the world).
-        bucket_bytes: bytes per collective at most (of the float32 copies for half-precision gradients).
+        bucket_bytes: a bucket is closed once it holds this many bytes (of the float32 copies for half-precision
+            gradients): a collective reduces less than ``bucket_bytes`` plus one gradient (a gradient is never
+            split), plus the flags in the last bucket.
         check: verify first that every rank passes the same parameter list (one small collective per call).
 
     Raises:
