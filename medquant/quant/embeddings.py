@@ -10,7 +10,9 @@ input embedding tables are left in floating point. ``quantize_embeddings_(model,
   ``tie_word_embeddings``) becomes a :class:`~medquant.quant.modules.QuantLinear` holding the **same** packed
   tensors (one copy in memory; ``medquant.save`` writes it once and ``medquant.load`` ties it again: the head's
   recipe records ``"tied_to"``). A head that ``quantize_`` already quantized with the same config (its codes equal
-  the embedding's) is tied the same way; one with another config keeps its own tensors (a warning says so).
+  the embedding's) is tied the same way when a transformers config declares it tied (``tie_word_embeddings`` of
+  the model or of a model inside it whose input embedding is ``E``, e.g. BLIP-2's ``language_model``); one with
+  another config keeps its own tensors (a warning says so).
 
 Two ways to use it on a model with a tied head:
 
@@ -82,6 +84,28 @@ def _other_uses(model: nn.Module, name: str, old: nn.Embedding) -> list[str]:
     return [n for n, m in model.named_modules(remove_duplicate=False) if n and n != name and (m is old or (
         type(m) is nn.Embedding and m.weight is old.weight
         and all(getattr(m, a) == getattr(old, a) for a in _LOOKUP)))]
+
+
+def _declared_tied_head(model: nn.Module, emb: nn.Module) -> nn.Module | None:
+    """The output head a transformers config declares tied to the table ``emb``: ``get_output_embeddings()`` of
+    ``model`` or of a model inside it (BLIP-2's ``language_model``, whose config alone carries the flag, as
+    transformers' own ``get_expanded_tied_weights_keys(all_submodels=True)`` reads it) whose
+    ``config.tie_word_embeddings`` is true and whose ``get_input_embeddings()`` is ``emb``; ``None`` if none."""
+    for m in model.modules():
+        if getattr(getattr(m, "config", None), "tie_word_embeddings", False) is not True:
+            continue
+        get_in, get_out = getattr(m, "get_input_embeddings", None), getattr(m, "get_output_embeddings", None)
+        if not (callable(get_in) and callable(get_out)):
+            continue
+        try:
+            if get_in() is not emb:
+                continue
+            head = get_out()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(head, nn.Module):
+            return head
+    return None
 
 
 @torch.no_grad()
@@ -162,10 +186,8 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
             tie_quantized_head(q, emb)
             swap_module(model, hname, q.train(head.training))
             done["tied_heads"].append(hname)
-        out_get = getattr(model, "get_output_embeddings", None)
-        head = out_get() if callable(out_get) else None
-        tied_cfg = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-        if isinstance(head, QuantLinear) and tied_cfg and not tied_to(head, emb):
+        head = _declared_tied_head(model, emb)
+        if isinstance(head, QuantLinear) and not tied_to(head, emb):
             hname = next(n for n, m in model.named_modules() if m is head)
             same = (head.config == emb.config and head.layout_version == emb.layout_version and head.bias is None
                     and head.bit_groups == emb.bit_groups
