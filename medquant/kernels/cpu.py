@@ -1191,7 +1191,8 @@ def _traced_lane(lane: tuple, x: torch.Tensor, op=gemv4_bound_op, handle: torch.
     else:
         return None
     x2 = x.reshape(m, k)
-    if k > 1 and x2.stride(1) != 1:
+    # the kernel reads rows k apart: unit column stride, and rows that do not overlap (expand's stride 0)
+    if (k > 1 and x2.stride(1) != 1) or (m > 1 and x2.stride(0) < k):
         x2 = x2.contiguous()
     y = op(x2, lane[0] if handle is None else handle, n, mode)
     return (y if dt == torch.float32 else y.to(dt)).reshape(*x.shape[:-1], n)
