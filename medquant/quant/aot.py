@@ -675,7 +675,8 @@ class AOTDecoder:
         (``do_sample: true``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``) thus samples when no
         argument is given, as ``model.generate(input_ids)`` does; ``do_sample=False`` given is greedy whatever the
         config says (its ``temperature`` / ``top_k`` / ``top_p`` then unused, as ``generate`` ignores them; its
-        ``repetition_penalty`` still applies, as in ``generate``). A config setting that would change
+        ``repetition_penalty`` still applies, as in ``generate``); a ``temperature``, ``top_k`` or ``top_p`` given
+        while greedy is not used either, and a ``UserWarning`` names it. A config setting that would change
         ``generate``'s tokens and that this method does not implement is refused (``ValueError`` naming it), not
         ignored: ``num_beams > 1``, ``num_return_sequences > 1``, ``no_repeat_ngram_size > 0``, ``bad_words_ids``,
         ``sequence_bias``, ``min_length`` / ``min_new_tokens > 0``, ``forced_bos_token_id``,
@@ -1002,6 +1003,10 @@ def _sampling(model: nn.Module, do_sample: bool | None, temperature: float | Non
     if not out["do_sample"]:
         for name in ("temperature", "top_k", "top_p"):
             out[name] = given[name]
+        unused = [f"{name}={given[name]!r}" for name in ("temperature", "top_k", "top_p") if given[name] is not None]
+        if unused:  # generate too says its flags "may be ignored"; not a silent greedy run
+            warnings.warn(f"generate: {', '.join(unused)} given, but do_sample is False (greedy: the argmax of the "
+                          "logits), so they are not used; pass do_sample=True to sample", UserWarning, stacklevel=3)
     checks = {**_UNSUPPORTED, **(_UNSUPPORTED_SAMPLED if out["do_sample"] else {})}
     for name, applies in checks.items():
         value = getattr(config, name, None)
