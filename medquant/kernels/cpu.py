@@ -1086,7 +1086,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             if xk.dtype == torch.float16:
                 xk = xk.float()
             # the kernel reads rows k apart: unit column stride, and rows that do not overlap (expand's stride 0)
-            if k > 1 and (xk.stride(1) != 1 or (m > 1 and xk.stride(0) < k)):
+            if (k > 1 and xk.stride(1) != 1) or (m > 1 and xk.stride(0) < k):
                 xk = _contiguous(xk)
             assert gemv is not None  # native_below is 0 without the native kernel
             y = gemv.run(xk, xmode_bf16 if xk.dtype == torch.bfloat16 else xmode)
@@ -1097,7 +1097,7 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             # float32 or bfloat16 x as it is (the kernel makes its integers from it); float32 out, bfloat16 for
             # a bfloat16 x (rounded once)
             xk = x if dt in (torch.float32, torch.bfloat16) else x.float()
-            if k > 1 and (xk.stride(1) != 1 or (m > 1 and xk.stride(0) < k)):
+            if (k > 1 and xk.stride(1) != 1) or (m > 1 and xk.stride(0) < k):
                 xk = _contiguous(xk)
             assert gemv is not None
             y = gemv.gemm(xk)
