@@ -137,7 +137,8 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
         TypeError: ``config`` is not a ``QuantConfig``; a named module is not an ``nn.Embedding``, or is a
             subclass of it (its own forward, e.g. Gemma 3's scaled embedding, would be lost).
         ValueError: ``model`` has no module of a given name, ``config`` is given and a table is already
-            quantized with another one, or a table cannot be quantized (NaN / inf values): nothing is changed then.
+            quantized with another one, or a table cannot be quantized (NaN / inf values, on the meta device; the
+            message names it): nothing is changed then.
     """
     explicit = config is not None
     config = config if config is not None else QuantConfig(bits=8, scope="channel")
@@ -157,7 +158,10 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
     for name in targets:
         old = model.get_submodule(name)
         if isinstance(old, nn.Embedding) and id(old) not in built:
-            built[id(old)] = QuantEmbedding.from_float(old, config).train(old.training)  # the mode quantize_ keeps
+            try:
+                built[id(old)] = QuantEmbedding.from_float(old, config).train(old.training)  # quantize_ keeps it
+            except (ValueError, TypeError) as e:  # which table, as quantize_ names the layer
+                raise type(e)(f"quantize_embeddings_: {name!r}: {e}") from None
     done: dict[str, list[str]] = {"embeddings": [], "tied_heads": []}
     for name in targets:
         old = model.get_submodule(name)
