@@ -24,7 +24,7 @@ cache from position 0 (:meth:`AOTDecoder.reset` only moves the position).
 
 Feeding ``n`` tokens at position ``pos`` (:meth:`AOTDecoder.feed`) with chunk lengths ``C_1 < ... < C_m``: full
 chunks, longest first (``n // C_m`` of ``C_m``, then of ``C_(m-1)`` for what remains, ...), then the remainder
-``r < C_1``: as one chunk of ``C_1`` padded with token 0 when ``r > C_1 // 8`` and the padded chunk fits in the
+``r < C_1``: as one chunk of ``C_1`` padded with token 0 when ``r > max(C_1 // 8, 1)`` and the padded chunk fits in the
 cache (``pos + C_1 <= max_len``; the padding's cache entries lie beyond the last real position and are overwritten
 before any query can see them), else ``r`` one-token steps. A single token always takes the step program. Longer
 chunks prefill long prompts faster and pad short ones to their length (one length cannot serve both); chunks of
@@ -589,7 +589,7 @@ class AOTDecoder:
         """Append ``input_ids (batch, n)`` at the current position; ``logits (batch, vocab)`` of the last one.
 
         Full chunks, longest first, take the prompt programs; the remainder ``r`` (shorter than the shortest chunk
-        ``C_1``) takes one chunk of ``C_1`` padded when ``r > C_1 // 8`` and it fits in the cache, else ``r``
+        ``C_1``) takes one chunk of ``C_1`` padded when ``r > max(C_1 // 8, 1)`` and it fits in the cache, else ``r``
         one-token steps (module docstring). With
         ``attention_mask``, rows padded on the left: a padding position is never attended to and does not count
         in the rotary positions of the tokens after it (as ``generate`` treats a left-padded batch).
@@ -722,7 +722,9 @@ class AOTDecoder:
                 in the pad token is then refused: pass ``torch.ones_like(input_ids)`` to keep every token).
 
         Returns:
-            ``(batch_size, P + generated)`` int64 tensor.
+            ``(batch_size, P + generated)`` int64 tensor. The last token returned is not in the cache (no step
+            is run for it): :attr:`position` is then ``P + generated - 1``, and a sequence continued with
+            :meth:`feed` starts with that token.
 
         Raises:
             ValueError: bad ``input_ids``, ``max_new_tokens`` not an integer >= 1 (a bool, a float) or past
