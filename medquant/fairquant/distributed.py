@@ -31,7 +31,7 @@ from torch import nn
 
 from ..distributed import is_distributed, rank
 from .batches import default_groups
-from .importance import GroupImportance, compute_group_importance
+from .importance import compute_group_importance
 
 __all__ = ["all_reduce_importance", "distributed_group_importance", "fit_allocator_distributed",
            "fit_baq_distributed", "global_group_objective"]
@@ -50,9 +50,11 @@ def _group_rank_world(group=None) -> tuple[int, int]:
 
 
 def all_reduce_importance(importance, group=None):
-    """Sum a :class:`~medquant.fairquant.importance.GroupImportance` over all ranks (in place on the maps).
+    """Sum a :class:`~medquant.fairquant.importance.GroupImportance` over all ranks, in place.
 
-    Groups seen by only some ranks count as zero maps elsewhere. No-op without a process group.
+    Groups seen by only some ranks count as zero maps elsewhere. Afterwards ``importance`` itself holds the global
+    importance: the maps of every group seen by some rank (this rank's map tensors reduced in place), the sample
+    counts per group and the batch count summed over the ranks. No-op without a process group.
 
     Args:
         importance: this rank's :class:`~medquant.fairquant.importance.GroupImportance`.
@@ -90,8 +92,10 @@ def all_reduce_importance(importance, group=None):
                           device=dev)
     dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
     c = counts.tolist()
-    return GroupImportance(maps=maps, counts=dict(zip(union, c[:-1])), metric=importance.metric, batches=c[-1],
-                           layers=list(importance.layers))
+    # the whole object, not only the map tensors reduced in place: global maps with this rank's counts and batches
+    # (and without the groups only other ranks saw) would be half-summed
+    importance.maps, importance.counts, importance.batches = maps, dict(zip(union, c[:-1])), c[-1]
+    return importance
 
 
 def distributed_group_importance(model: nn.Module, batches, *, max_batches: int | None = 50, group=None, **kwargs):
