@@ -546,17 +546,21 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 def _float_row(name: str, w: torch.Tensor, target: str, note: str = "", scheme: str | None = None
                ) -> tuple[np.ndarray, LayerExport]:
-    w = w.detach().float().cpu().contiguous()  # the model may be on a GPU: numpy needs the CPU
+    """``w`` as ``target`` (``"F32"`` / ``"F16"``) and its report row; the error is the largest difference of the
+    written values from ``w`` (0.0 for F32 of a tensor of 32 bits or fewer; a float64 tensor rounds)."""
+    src = w.detach().cpu()  # the model may be on a GPU: numpy needs the CPU
+    w = src.float().contiguous()
     if target == "F16":
         big = float(w.abs().max()) if w.numel() else 0.0
         if big > F16_MAX:
             raise ExportError(f"{name}: values up to {big:.4g} overflow F16 (largest finite value {F16_MAX:g}); "
                               "write it as F32 (float_type='F32', or promote_type='F32' for a promoted layer)")
         data = w.half().numpy()
-        err = float((torch.from_numpy(data).float() - w).abs().max()) if w.numel() else 0.0
     else:
         data = w.numpy()
-        err = 0.0
+    ref = src.double() if src.dtype == torch.float64 else w
+    exact = target == "F32" and ref is w or not w.numel()
+    err = 0.0 if exact else float((torch.from_numpy(data).to(ref.dtype) - ref).abs().max())
     return data, LayerExport(name, scheme or "float32", target, "float", err, note)
 
 
@@ -653,9 +657,10 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
                     perm = rope_permutation(_shape(m)[0], nh)  # type: ignore[index]
                 rope_note = "rows permuted to llama.cpp's rope layout" if perm is not None else ""
                 if kind == "norm":
-                    w = m.weight.detach().float()
+                    w = m.weight.detach()
                     note = ""
-                    if arch == "gemma3":
+                    if arch == "gemma3":  # 1 + w in float32, or float64 for a float64 norm (its rounding reported)
+                        w = w.double() if w.dtype == torch.float64 else w.float()
                         w, note = w + 1.0, "stored as 1 + w (llama.cpp's Gemma RMS norm)"
                     data, row = _float_row(f"{hf}.weight", w, "F32", note, scheme=_dtype_name(m.weight))
                     writer.add_tensor(f"{gname}.weight", data)
@@ -677,7 +682,7 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
                     report.layers.append(row)
                 bias = getattr(m, "bias", None)
                 if isinstance(bias, torch.Tensor):
-                    b = bias.detach().float().cpu()
+                    b = bias.detach().cpu()
                     if perm is not None:
                         b = b.index_select(0, perm)
                     data, row = _float_row(f"{hf}.bias", b, "F32", rope_note, scheme=_dtype_name(bias))
