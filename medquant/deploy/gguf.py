@@ -577,7 +577,8 @@ def _export_gguf(model: nn.Module, path: Path, *, promote: bool = False, promote
         promote: requantize layers whose scheme no GGUF block type carries (else they are refused).
         promote_type: the type promoted layers get: ``"Q8_0"`` (default), ``"Q4_0"``, ``"Q4_1"``, ``"F16"`` or
             ``"F32"`` (exact, uncompressed).
-        float_type: type of float matrices (embeddings, unquantized layers): ``"F32"`` (exact) or ``"F16"``.
+        float_type: type of float matrices (embeddings, unquantized layers): ``"F32"`` (exact; float64 weights
+            round, the error is reported) or ``"F16"``.
         source: folder with the tokenizer files (default: ``model.name_or_path`` when it is a folder).
         tokenizer: write the tokenizer (llama.cpp needs it); ``False`` writes weights and config only.
         tokenizer_pre: llama.cpp's pre-tokenizer name (default: guessed from the model family).
