@@ -974,7 +974,9 @@ def cpu_path(x: torch.Tensor, weight: PackedWeight) -> str:
     Builds the repacked weight if it is not cached yet.
 
     Args:
-        x: an example input ``(M, k)`` (only ``M`` matters).
+        x: an example input ``(M, k)``: its ``M`` and its dtype matter (with a bfloat16 compute dtype, a float32
+            ``x`` on a native row group switches to the blocked matmul from ``dense_min_m("gemm_int16")`` or
+            ``dense_min_m("gemm_split")`` rows, other dtypes from ``dense_min_m("gemm")``).
         weight: the packed row group.
 
     Returns:
