@@ -497,9 +497,10 @@ class AOTDecoder:
         for n, length in sorted(programs):
             self._lengths.setdefault(n, []).append(length)
         self.cache_lengths = self._lengths[1]
-        # the first ``length`` positions of every layer's cache: what the programs of that length read
+        # the first ``length`` positions of every layer's cache: what the programs of that length read (every
+        # program's length: a prompt program's may have no step program, in a folder the loader accepts)
         self._views = {length: ([k[:, :, :length] for k in keys], [v[:, :, :length] for v in values])
-                       for length in self.cache_lengths}
+                       for length in sorted({length for _, length in programs})}
         self._keep_alive = keep_alive
         self._folder = folder
         self._files, self._spec = files, spec
