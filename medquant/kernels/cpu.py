@@ -128,7 +128,8 @@ result, with a one-time warning.
 repacked codes plus its scales and zeros per compute dtype) is built at the first call on a row group and kept
 in a weak dictionary keyed by the row group's ``qweight`` tensor: it lives exactly as long as the layer's
 storage, is never part of a ``state_dict``, and is rebuilt when the storage changes (``load_state_dict`` copies
-new codes: the tensor versions change; ``.to()`` makes new tensors). A row group on the int4 kernel holds both
+new codes: the tensor versions change; ``.to()`` makes new tensors); not after a write that bumps no tensor
+version (through ``.data``, or into an inference tensor): call :func:`forget_cpu_plans` after one. A row group on the int4 kernel holds both
 forms in memory (medquant's packed codes, which are what ``save`` writes, and the kernel's; 4 bits per weight
 each, so 2-bit rows and dense 3-bit rows cost 4 more bits per weight at run time); one on a native kernel
 (native4, native8, or a stream width such as native3) holds only medquant's. :func:`clear_cpu_cache` drops the plans; :func:`set_cpu_int4_kernel` chooses between native4 and
@@ -589,7 +590,8 @@ def forget_cpu_plans(*qweights: torch.Tensor | None) -> None:
     """Drop the repacked weights (plans) of the row groups stored in ``qweights`` (rebuilt at their next call).
 
     A plan is rebuilt by itself when its tensors are replaced or modified in place, except for inference tensors
-    (made under ``torch.inference_mode``), which track no version: a loader that copies new codes into a layer's
+    (made under ``torch.inference_mode``), which track no version, and for writes through ``.data``
+    (``layer.scales_4.data.mul_(2)``), which bump none: a loader that copies new codes into a layer's
     tensors (``load_state_dict``) calls this so that the next call does not run the previous weights. It also bumps
     the dispatch generation (:func:`medquant.kernels.dispatch.bump_generation`), so that the prepared matmuls the
     quantized layers keep (which hold a plan, and the native dequantizer's copies of bfloat16 scales) are rebuilt
