@@ -18,8 +18,9 @@ sampled or greedy as the model's ``generation_config`` says (``do_sample``, ``te
 ``repetition_penalty``, each as transformers' ``generate`` settles it when not given; see
 :meth:`~medquant.quant.aot.AOTDecoder.generate`), sampled with ``--temperature`` (and ``--top-k``, ``--top-p``;
 the config's, else ``generate``'s defaults, for those not given), greedy with ``--greedy``, with an optional
-``--repetition-penalty`` (else the config's), stopping at the end tokens transformers' ``generate`` stops at: those of the model's
-``generation_config`` (instruct models list several), and the tokenizer's end token; a row that ended before the
+``--repetition-penalty`` (else the config's), stopping at the end tokens of the model's ``generation_config`` (those
+transformers' ``generate`` stops at; instruct models list several) and also at the tokenizer's end token (which
+``generate`` does not add); a row that ended before the
 others goes on, in the JSON ``tokens``, with the ``pad_token_id`` of the model's ``generation_config``, else the
 first end token (as ``generate`` pads it; not the tokenizer's pad token), and its text ends at its end token. With
 ``--chat`` each prompt is one user turn of the tokenizer's chat template, the assistant's turn opened
