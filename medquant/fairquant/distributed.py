@@ -119,7 +119,8 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
         batches: the calibration batches (the same on every rank).
         max_batches: use at most this many.
         group: the process group (default the world).
-        **kwargs: passed to ``compute_group_importance`` (``expected_groups`` is checked after the reduction).
+        **kwargs: passed to ``compute_group_importance`` (``expected_groups`` and ``min_groups``, default 2, are
+            checked on the summed counts after the reduction: a rank's share may hold fewer groups).
 
     Returns:
         The global :class:`~medquant.fairquant.importance.GroupImportance`.
@@ -127,7 +128,8 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
     Raises:
         ValueError: an invalid rank / world size, ``max_batches`` below the number of processes, fewer calibration
             batches (or batches with samples) than processes, a declared group without samples or an undeclared
-            group with samples over all ranks, or a single group over all ranks.
+            group with samples over all ranks, a single group over all ranks (with ``min_groups=2``, the
+            default), or ``min_groups`` not 1 or 2.
         RuntimeError: another rank failed computing its share (that rank raises its own error).
     """
     r, w = _group_rank_world(group)
@@ -136,6 +138,10 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
     if max_batches is not None and max_batches < w:
         raise ValueError(f"max_batches={max_batches} leaves some of the {w} processes without a calibration batch; "
                          f"use max_batches >= world size")
+    # checked on the groups of all ranks together (below): a rank's share may hold a single group
+    min_groups = kwargs.pop("min_groups", 2)
+    if isinstance(min_groups, bool) or min_groups not in (1, 2):
+        raise ValueError(f"min_groups must be 1 (a partial, per-process sum) or 2 (default), got {min_groups!r}")
     seen = [0, 0, 0]  # batches and samples of this rank's share, whether the share was read to its end
     groups_fn = kwargs.pop("groups_fn", None) or default_groups
     # checked on the groups of all ranks together (below): a rank's share may miss a declared group
@@ -201,7 +207,7 @@ def distributed_group_importance(model: nn.Module, batches, *, max_batches: int 
             raise ValueError(f"group(s) {missing} have no samples in the {total.batches} calibration batch(es) of all "
                              f"{w} processes; every declared group needs samples (declared: {sorted(allowed)}, seen: "
                              f"{sorted(total.counts)})")
-    if len(total.counts) < 2:
+    if len(total.counts) < min_groups:
         raise ValueError(f"calibration over all {w} processes saw a single group ({sorted(total.counts)}); "
                          f"group-conditioned importance needs at least two groups with samples")
     return total
