@@ -943,6 +943,7 @@ def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module]
             raise ValueError(
                 f"pattern {pat.text!r} matches modules but none of them is an nn.Linear or nn.Conv2d to quantize"
                 + ("" if isinstance(cfg, QuantConfig) else f" with {type(cfg).__name__}")
+                + _unquantizable_matches(model, [n for n in every_name if pat.matches(n)])
             )
     has_default = DEFAULT_KEY in cmap
     plan: dict[str, QuantConfig] = {}
@@ -968,6 +969,22 @@ def _resolve(model: nn.Module, cmap: ConfigMap, targets: Mapping[str, nn.Module]
                       f"their type: {', '.join(untaken[:4])}{', ...' if len(untaken) > 4 else ''}", UserWarning,
                       stacklevel=3)
     return plan
+
+
+def _unquantizable_matches(model: nn.Module, names: list[str]) -> str:
+    """What a config pattern matched when none of it is quantizable, for its error: the first modules with their
+    classes, why the layers of an ``nn.MultiheadAttention`` stay float, and where embedding tables are
+    quantized."""
+    mods = [(n, model.get_submodule(n)) for n in names]
+    mha = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.MultiheadAttention)]
+    out = ": it matches " + ", ".join(f"{n} ({type(m).__name__})" for n, m in mods[:4]) + (
+        f" and {len(mods) - 4} more" if len(mods) > 4 else "")
+    if any(n == a or n.startswith(a + ".") for n, _ in mods for a in mha):
+        out += ("; nn.MultiheadAttention reads its weights (in_proj_weight, out_proj.weight) directly, so its layers "
+                "stay in floating point")
+    if any(isinstance(m, (nn.Embedding, QuantEmbedding)) for _, m in mods):
+        out += "; embedding tables are quantized by medquant.quantize_embeddings_"
+    return out
 
 
 def resolve_configs(
