@@ -136,7 +136,8 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``; a named module is not an ``nn.Embedding``, or is a
             subclass of it (its own forward, e.g. Gemma 3's scaled embedding, would be lost).
-        ValueError: ``model`` has no module of a given name, ``config`` is given and a table is already
+        ValueError: ``model`` is itself an ``nn.Embedding`` (``QuantEmbedding.from_float`` quantizes one table),
+            ``model`` has no module of a given name, ``config`` is given and a table is already
             quantized with another one, or a table cannot be quantized (NaN / inf values, on the meta device; the
             message names it): nothing is changed then.
     """
@@ -145,6 +146,10 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
     targets = _targets(model, names)
+    if "" in targets:  # the model is itself one table: there is no parent to swap it in
+        raise ValueError(f"the model passed to quantize_embeddings_ is itself the table ({type(model).__name__}); "
+                         "it replaces tables in place, so it needs a model holding the table: quantize one table "
+                         "with QuantEmbedding.from_float(table, config), or wrap it (nn.Sequential(table))")
     # a table already quantized with another config is not silently kept (checked before anything changes)
     other = [f"{n!r} ({m.config})" for n in targets
              if isinstance(m := model.get_submodule(n), QuantEmbedding) and explicit and m.config != config]
