@@ -29,9 +29,9 @@ import warnings
 import torch
 from torch import nn
 
-from .api import swap_module
+from .api import swap_module, swap_under_all_names
 from .config import QuantConfig
-from .modules import QuantEmbedding, QuantLinear, tie_quantized_head, tied_to
+from .modules import QuantEmbedding, QuantLinear, _remember_float_class, tie_quantized_head, tied_to
 
 __all__ = ["quantize_embeddings_"]
 
@@ -123,7 +123,9 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
         names: module names of the embeddings to quantize; default the model's input embedding
             (``get_input_embeddings()`` for Hugging Face models), else every ``nn.Embedding``.
         tie: share the packed tensors with tied heads (default). ``False`` leaves heads as they are. A tied
-            head with a bias stays in floating point on the float table, with a ``RuntimeWarning``.
+            head with a bias, or of a subclass of ``nn.Linear`` with its own ``forward``, stays in floating point
+            on the float table, with a ``RuntimeWarning``; a tied head bound under several names becomes one
+            quantized head under all of them.
 
     A table used under several names (one ``nn.Embedding`` bound under several, or plain ``nn.Embedding`` modules
     holding its very ``weight`` with the same lookup settings, as T5's encoder and decoder embeddings under
@@ -190,11 +192,20 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
                               "the float table (stored a second time, beside the packed one)", RuntimeWarning,
                               stacklevel=2)
                 continue
+            if type(head).forward is not nn.Linear.forward:  # a QuantLinear computes x W^T only: it would drop it
+                warnings.warn(f"quantize_embeddings_: the head {hname!r} tied to {name!r} is a "
+                              f"{type(head).__name__}, a subclass of nn.Linear with its own forward, which a head "
+                              "sharing the table's packed tensors would drop; it stays in floating point on the "
+                              "float table (stored a second time, beside the packed one)", RuntimeWarning,
+                              stacklevel=2)
+                continue
             q = QuantLinear(head.in_features, head.out_features, False, emb.config, device=head.weight.device,
                             dtype=head.weight.dtype, layout=emb.layout_version)
             tie_quantized_head(q, emb)
-            swap_module(model, hname, q.train(head.training))
-            done["tied_heads"].append(hname)
+            _remember_float_class(q, head, nn.Linear)  # dequantize_ gives a subclass computing as nn.Linear back
+            # a head bound under several names becomes one quantized head under all of them
+            swapped = swap_under_all_names(model, hname, q.train(head.training))
+            done["tied_heads"].extend(n for n, _ in swapped)
         head = _declared_tied_head(model, emb)
         if isinstance(head, QuantLinear) and not tied_to(head, emb):
             hname = next(n for n, m in model.named_modules() if m is head)
