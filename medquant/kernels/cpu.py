@@ -1093,7 +1093,10 @@ def _runner(plan: _Plan, weight: PackedWeight, cd: torch.dtype):
             if (k > 1 and xk.stride(1) != 1) or (m > 1 and xk.stride(0) < k):
                 xk = _contiguous(xk)
             assert gemv is not None  # native_below is 0 without the native kernel
-            y = gemv.run(xk, xmode_bf16 if xk.dtype == torch.bfloat16 else xmode)
+            # the kernel writes x's dtype: a float32 output for an x rounded here (float16 x, bfloat16 cd), cast
+            # once to dt below (its output is not rounded to cd)
+            y = gemv.run(xk, xmode_bf16 if xk.dtype == torch.bfloat16 else xmode,
+                         None if xk is x or xk.dtype == dt else torch.float32)
             if y is not None:
                 return y if y.dtype == dt else y.to(dt)
             return dense(x.to(dd).contiguous()).to(dt)

@@ -833,11 +833,13 @@ class NativeGemv4:
                              f"{INT8_XMODE} (int8), got {xmode!r}")
         return self.run(x, xmode)
 
-    def run(self, x: torch.Tensor, xmode: int) -> torch.Tensor | None:
-        """:meth:`__call__` without the checks, for a caller that has made them (the CPU backend's runner)."""
+    def run(self, x: torch.Tensor, xmode: int, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """:meth:`__call__` without the checks, for a caller that has made them (the CPU backend's runner).
+        ``out_dtype``: float32 for a float32 output whatever ``x``'s dtype (None: ``x``'s dtype, as traced calls
+        give float32)."""
         if torch.compiler.is_compiling():
             return gemv4_op(x, self.qweight, self.s, self.z, self.k, self.kp, self.ge, int(xmode), self.bits)
-        y = torch.empty(x.shape[0], self.n, dtype=x.dtype)
+        y = torch.empty(x.shape[0], self.n, dtype=x.dtype if out_dtype is None else out_dtype)
         rc = _matmul_into(self._call, self._haddr, x, y, xmode << 2)
         if rc != 0:
             _report_once(f"gemv{rc}", f"medquant native {self.bits}-bit matmul declined a call ({self._weight.describe()}, "
