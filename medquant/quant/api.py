@@ -301,13 +301,15 @@ def _quantize_linear_or_conv(module: nn.Module, config: QuantConfig) -> nn.Modul
     ``nn.Linear`` for ``to_float`` / :func:`dequantize_`. A layer whose
     weight is not there yet is refused with ``ValueError``: on the meta device, or the uninitialized parameter of
     a lazy module (``nn.LazyLinear`` / ``nn.LazyConv2d`` before its first forward, which makes it a plain
-    ``nn.Linear`` / ``nn.Conv2d``: quantized as such)."""
+    ``nn.Linear`` / ``nn.Conv2d``: quantized as such); so is one whose bias alone is on the meta device."""
     weight = cast(torch.Tensor, module.weight)
     if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False)):
         raise ValueError(f"it is a lazy module ({type(module).__name__}) whose parameters are still uninitialized: "
                          "run one forward pass through the model to materialize them first (or skip it)")
-    if weight.device.type == "meta":
-        raise ValueError("its weight is on the meta device (not loaded): load or materialise the weights first")
+    meta = [n for n, p in module.named_parameters(recurse=False) if p.device.type == "meta"]
+    if meta:  # the weight, or a bias alone that a partly loaded checkpoint left out
+        raise ValueError(f"its {'weight' if 'weight' in meta else meta[0]} is on the meta device (not loaded): load "
+                         "or materialise the weights first")
     if weight.numel() == 0:
         raise ValueError(f"its weight is empty {tuple(weight.shape)}: there is nothing to quantize")
     if isinstance(module, nn.Conv2d):
@@ -1130,7 +1132,7 @@ def quantize_(
         TypeError: ``model`` is not an ``nn.Module``, or a config of the wrong type.
         ValueError: the model is itself one Linear / Conv2d (``QuantLinear.from_float`` quantizes a single layer),
             a layer the map covers is a lazy module not yet materialized (``nn.LazyLinear`` before its first
-            forward: run one forward pass first, or skip it) or has its weight on the meta device,
+            forward: run one forward pass first, or skip it) or has its weight or bias on the meta device,
             already quantized layers are covered and ``requantize`` is False (or, with it, a head tied to a
             quantized embedding would be requantized alone and untied), a pattern matches nothing,
             two names of one shared module are mapped to different configs, or a layer cannot be quantized (the
