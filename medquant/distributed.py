@@ -312,7 +312,9 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
     mean too). A parameter whose gradient is missing on *every* rank keeps ``.grad = None``, as in a single
     process, where optimizers skip it (a zero gradient would still let AdamW's weight decay or SGD's momentum move
     it); which parameters had a gradient on some rank travels as one 0/1 flag per parameter appended to the last
-    bucket (no extra collective). No-op without a process group.
+    bucket (no extra collective). Parameters of an integer or bool dtype (NF4 or packed weights: autograd gives
+    them no gradient) are left out, their ``.grad`` untouched, so ``model.parameters()`` of a quantized model can be
+    passed. No-op without a process group.
 
     Every rank must pass the same parameters, in the same order: the same number, and at each position the same
     gradient shape, dtype and device type (a missing ``.grad`` counts as ``p``'s own). Otherwise the buckets
@@ -343,6 +345,9 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], *, average: bool = True
     params = list(params)  # iterated twice (an iterator such as model.parameters() is accepted)
     if check:
         _check_same_params([_grad_desc(p) for p in params], group)
+    # integer / bool parameters (NF4 or packed weights) have no gradient to reduce: autograd gives only floating-point
+    # and complex tensors one (the same dtypes on every rank, so every rank leaves out the same ones)
+    params = [p for p in params if p.is_floating_point() or p.is_complex()]
     if not params:
         return
     w = dist.get_world_size(group)
