@@ -643,7 +643,7 @@ class ConfigMap(Mapping):
     modules in floating point. The precedence is the module docstring's: exact name, then the first matching
     pattern in insertion order, then ``"_default"``; ``skip`` wins over everything. It is a ``Mapping`` (so it
     compares equal to a plain dict with the same entries and no ``skip``), hashable, and round-trips through JSON
-    (:meth:`to_dict` / :meth:`from_dict`). :func:`quantize_` accepts it like a plain mapping.
+    (:meth:`to_dict` / :meth:`from_dict`) when its configs are :class:`QuantConfig` (or ``None``). :func:`quantize_` accepts it like a plain mapping.
 
     Example::
 
@@ -743,7 +743,16 @@ class ConfigMap(Mapping):
 
         Returns:
             ``{"map": {pattern: QuantConfig dict | None}, "skip": [patterns]}``, read back by :meth:`from_dict`.
+
+        Raises:
+            TypeError: an entry holds a config of another type than :class:`QuantConfig` (e.g. ``NF4Config``),
+                which this JSON form does not carry.
         """
+        other = [f"{k!r} ({type(v).__name__})" for k, v in self._entries.items()
+                 if v is not None and not isinstance(v, QuantConfig)]
+        if other:
+            raise TypeError(f"ConfigMap.to_dict: {', '.join(other)} holds a config of another type than "
+                            "QuantConfig, which the JSON form does not carry (it writes QuantConfig entries and None)")
         return {"map": {k: (None if v is None else v.to_dict()) for k, v in self._entries.items()},
                 "skip": list(self._skip)}
 
@@ -773,6 +782,9 @@ class ConfigMap(Mapping):
 
         Returns:
             One-line JSON object text.
+
+        Raises:
+            TypeError: an entry holds a config of another type than :class:`QuantConfig` (see :meth:`to_dict`).
         """
         return json.dumps(self.to_dict())
 
