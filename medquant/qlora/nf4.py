@@ -195,11 +195,17 @@ def nf4_dequantize_(model: nn.Module, dtype: torch.dtype = torch.float32) -> lis
 
     Args:
         model: the model (modified in place).
-        dtype: dtype of the float weights.
+        dtype: dtype of the float weights (a floating-point ``torch.dtype``).
 
     Returns:
         The names of the replaced modules (a shared one under its first name).
+
+    Raises:
+        TypeError: ``dtype`` is not a floating-point ``torch.dtype`` (before any layer is replaced).
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"nf4_dequantize_ needs a floating-point torch.dtype (torch.float32, torch.bfloat16, "
+                        f"torch.float16, torch.float64), got {type(dtype).__name__} {dtype!r}")
     names = nf4_modules(model)
     aliases = names_by_module(model)
     for name in names:  # under every name of the layer (a shared one stays one module), with its hooks
