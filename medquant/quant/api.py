@@ -1133,7 +1133,9 @@ def quantize_(
         skip: patterns left in floating point whatever else matches them (e.g. ``["@head"]``); a shared module
             is left out when a pattern matches any of its names.
         filter_fn: optional ``filter_fn(module, name) -> bool``; modules for which it is False are left as they
-            are (float, or quantized as before: neither requantized nor refused as already quantized).
+            are (float, or quantized as before: neither requantized nor refused as already quantized). A shared
+            module is asked under each of its names and left as it is when any answer is False, as ``skip``
+            does.
         progress: show a tqdm bar over the layers.
         requantize: quantize already quantized layers again from their dequantized weights (with a warning).
 
@@ -1164,7 +1166,13 @@ def quantize_(
                          "replaces submodules in place, so it needs a model holding the layer: quantize one layer "
                          f"with {kind}.from_float(layer, config), or wrap it (nn.Sequential(layer))")
     if filter_fn is not None:  # before the checks below: a layer filter_fn leaves out is neither redone nor reported
-        plan = {n: c for n, c in plan.items() if filter_fn(model.get_submodule(n), n)}
+        every = names_by_module(model)  # a shared module is asked under each of its names, and kept only if all pass
+
+        def kept(name: str) -> bool:
+            mod = model.get_submodule(name)
+            return all(filter_fn(mod, alias) for alias in every.get(id(mod), [name]))
+
+        plan = {n: c for n, c in plan.items() if kept(n)}
     plan = without_moe_routers(model, cmap, plan, stacklevel=2)
     odd = unsupported_experts(model)
     if odd and plan:
