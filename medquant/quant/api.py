@@ -24,7 +24,8 @@ Patterns (keys of a :class:`ConfigMap` or of a plain mapping, entries of ``skip`
   :func:`medquant.models.model_roles` (found from the model's structure; see its guide for the supported list).
   A role the model lacks, named only to leave modules out (in ``skip``, or mapped to ``None``), is left out
   with a warning once per model class and pattern, so one recipe serves several architectures; a role to
-  quantize that the model lacks raises;
+  quantize that the model lacks raises, and so does any role on a model with no known roles (a plain
+  ``nn.Module``: its head may be there, and leaving nothing out would quantize it);
 * ``"_default"`` - every quantizable module no other pattern matches.
 
 Precedence, for each quantizable module: (1) a pattern equal to its full name; (2) otherwise the first pattern, in
