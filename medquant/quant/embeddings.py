@@ -133,7 +133,8 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
 
     Returns:
         ``{"embeddings": [...], "tied_heads": [...]}``: the module names quantized (every name of a table used under
-        several) and the heads now sharing their tensors.
+        several) and the heads now sharing their tensors; a model with no table to quantize gives empty lists
+        and a ``UserWarning``.
 
     Raises:
         TypeError: ``config`` is not a ``QuantConfig``; a named module is not an ``nn.Embedding``, or is a
@@ -148,6 +149,9 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig | None = None, *,
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a medquant.QuantConfig, got {type(config).__name__}")
     targets = _targets(model, names)
+    if not targets:  # as quantize_, a call that does nothing says so
+        warnings.warn(f"quantize_embeddings_ quantized nothing in {type(model).__name__}: it holds no plain "
+                      "nn.Embedding table", UserWarning, stacklevel=2)
     if "" in targets:  # the model is itself one table: there is no parent to swap it in
         raise ValueError(f"the model passed to quantize_embeddings_ is itself the table ({type(model).__name__}); "
                          "it replaces tables in place, so it needs a model holding the table: quantize one table "
