@@ -516,15 +516,6 @@ class QLoRAAdapter:
         cfg_path = d / _CONFIG_FILE
         if not cfg_path.exists():
             raise FileNotFoundError(f"{d} has no {_CONFIG_FILE}; was it written by QLoRAAdapter.save?")
-        # PEFT takes a folder without its files for a Hub repo id (an HFValidationError about the repo id's form)
-        from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-
-        gone = [f for f in (CONFIG_NAME,) if not (d / f).is_file()]
-        if not (d / SAFETENSORS_WEIGHTS_NAME).is_file() and not (d / WEIGHTS_NAME).is_file():
-            gone.append(SAFETENSORS_WEIGHTS_NAME)
-        if gone:
-            raise FileNotFoundError(f"{d} has no {' and no '.join(gone)}: QLoRAAdapter.save writes them (PEFT's "
-                                    f"save_pretrained) next to {_CONFIG_FILE}; the folder is incomplete")
         meta = json.loads(cfg_path.read_text())
         if meta.get("format") != 1:
             raise ValueError(f"{cfg_path}: unsupported format {meta.get('format')!r} (this medquant reads 1)")
@@ -554,6 +545,15 @@ class QLoRAAdapter:
                     f"adapted / quantized layers hold {', '.join(have)} weights: its NF4 codes and its outputs "
                     f"would differ from the trained ones. Load the model as it was trained (from_pretrained(..., "
                     f"torch_dtype=torch.{saved[0]}), or model.to(torch.{saved[0]}))")
+        # PEFT takes a folder without its files for a Hub repo id (an HFValidationError about the repo id's form)
+        from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+        gone = [f for f in (CONFIG_NAME,) if not (d / f).is_file()]
+        if not (d / SAFETENSORS_WEIGHTS_NAME).is_file() and not (d / WEIGHTS_NAME).is_file():
+            gone.append(SAFETENSORS_WEIGHTS_NAME)
+        if gone:
+            raise FileNotFoundError(f"{d} has no {' and no '.join(gone)}: QLoRAAdapter.save writes them (PEFT's "
+                                    f"save_pretrained) next to {_CONFIG_FILE}; the folder is incomplete")
         return cls(model, **s, _peft_model=lambda m: PeftModel.from_pretrained(m, str(d), is_trainable=is_trainable))
 
     # ------------------------------------------------------------------------------------------ deployment
