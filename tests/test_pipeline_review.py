@@ -94,3 +94,20 @@ def test_cli_report_counts_no_calibration_when_no_stage_calibrates(tmp_path):
                  "--quant", "none", *common]) == 0
     data = json.loads((tmp_path / "p" / "pipeline_report.json").read_text())["data"]
     assert (data["calibration_texts"], data["calibration_batches"]) == (8, 2)
+
+
+def test_cli_trains_on_every_text_when_no_stage_calibrates(tmp_path):
+    """Without pruning and with --quant rtn nothing reads calibration texts: none are held back from training (the
+    first --calib-samples were skipped, and a text file of one training batch was refused)."""
+    from tests.cli.tiny_folder import tiny_llama_folder
+
+    src = tiny_llama_folder(tmp_path / "src")
+    text = tmp_path / "four.txt"
+    lines = ["no acute cardiopulmonary process", "heart size is normal", "lungs are clear",
+             "no pleural effusion or pneumothorax"]
+    text.write_text("\n".join(lines))
+    assert main(["pipeline", str(src), "--out", str(tmp_path / "out"), "--heads", "0", "--ffn", "0",
+                 "--train", "finetune", "--steps", "1", "--batch", "4", "--quant", "rtn", "--text", str(text),
+                 "--max-length", "16"]) == 0
+    data = json.loads((tmp_path / "out" / "pipeline_report.json").read_text())["data"]
+    assert (data["calibration_texts"], data["training_texts"], data["training_batches"]) == (0, 4, 1)

@@ -7,7 +7,8 @@ Example (SmolLM2 from its PyPI package, IU X-ray reports as calibration and trai
 
 Text comes from ``--text FILE`` (one sample per line) or, by default, the IU X-ray train reports (``--reports`` or
 ``$MEDQUANT_DATA_DIR``; ``--reports`` with ``--text`` is refused): the first ``--calib-samples`` texts calibrate
-(batches of 4, the last one possibly smaller), the next ``--steps`` x ``--batch`` train in batches of ``--batch``
+(batches of 4, the last one possibly smaller; none are held back when no stage calibrates: only pruning and
+``--quant awq`` do), the next ``--steps`` x ``--batch`` train in batches of ``--batch``
 (cycled when fewer; a training stage without one full batch left after calibration is refused before the model is
 loaded). Each text is cut to ``--max-length`` tokens, special tokens included (at least 2 and more than the special
 tokens the tokenizer adds to every text, refused otherwise). Each stage shows a progress bar; ``--train none`` /
@@ -45,10 +46,15 @@ from .args import (
 )
 
 
+def _calibrates(args) -> bool:
+    """Whether a stage reads calibration texts: pruning (activation importance, block influence) and AWQ."""
+    return bool(args.heads or args.ffn or args.quant == "awq")
+
+
 def _texts(args) -> tuple[list[str], str]:
     """The texts to calibrate and train on and where they come from, counted against what the stages need before
-    the model is loaded: the first ``--calib-samples`` calibrate, and a training stage needs at least ``--batch``
-    texts after them (``SystemExit`` naming the options otherwise)."""
+    the model is loaded: the first ``--calib-samples`` calibrate (when a stage calibrates: :func:`_calibrates`), and
+    a training stage needs at least ``--batch`` texts after them (``SystemExit`` naming the options otherwise)."""
     if args.text:
         source = args.text
         texts = [t.strip() for t in utf8_text(args.text, "--text").splitlines() if t.strip()]
@@ -57,13 +63,16 @@ def _texts(args) -> tuple[list[str], str]:
 
         source = "the IU X-ray train reports"
         texts = [r.text for r in load_iu_reports(args.reports, split="train", require=("findings",))]
-    if not texts and (args.heads or args.ffn or args.quant == "awq"):
+    if not texts and _calibrates(args):
         raise SystemExit(f"{source} holds no text to calibrate on")
-    left = max(0, len(texts) - args.calib_samples)
+    held = args.calib_samples if _calibrates(args) else 0
+    left = max(0, len(texts) - held)
     if args.train != "none" and left < args.batch:
-        raise SystemExit(f"{source} holds {len(texts)} texts: the first --calib-samples {args.calib_samples} "
-                         f"calibrate, leaving {left} to train on, fewer than one training batch of --batch "
-                         f"{args.batch}: give more text, a smaller --calib-samples or --batch, or --train none")
+        first = (f"the first --calib-samples {args.calib_samples} calibrate, leaving {left} to train on"
+                 if held else f"no stage calibrates, so all {len(texts)} train")
+        raise SystemExit(f"{source} holds {len(texts)} texts: {first}, fewer than one training batch of --batch "
+                         f"{args.batch}: give more text, {'a smaller --calib-samples or ' if held else 'a smaller '}"
+                         "--batch, or --train none")
     return texts, source
 
 
@@ -99,8 +108,9 @@ def run(args) -> int:
 
     # every calibration text counts (the last batch may be smaller, as in ``medquant prune``); training batches
     # are all --batch texts
-    calib = batches(texts[: args.calib_samples], 4, keep_partial=True)
-    train_data = batches(texts[args.calib_samples:args.calib_samples + args.steps * args.batch], args.batch,
+    held = args.calib_samples if _calibrates(args) else 0  # no stage calibrates: every text can train
+    calib = batches(texts[:held], 4, keep_partial=True)
+    train_data = batches(texts[held:held + args.steps * args.batch], args.batch,
                          keep_partial=False)
     prune = (PruneStage(args.heads, args.ffn, gqa=args.gqa, layer_select=args.layer_select)
              if args.heads or args.ffn else None)
@@ -121,7 +131,7 @@ def run(args) -> int:
                      "quant": args.quant, "bits": args.bits if quant else None,
                      "group_size": args.group_size if quant else None, "seed": args.seed},
         "data": {"source": source, "texts": len(texts),
-                 "calibration_texts": len(texts[: args.calib_samples]) if calibrates else 0,
+                 "calibration_texts": len(texts[:held]),
                  "calibration_batches": len(calib) if calibrates else 0,
                  "training_texts": sum(len(b["input_ids"]) for b in train_data) if train else 0,
                  "training_batches": len(train_data) if train else 0, "max_length": args.max_length},
