@@ -73,6 +73,7 @@ def train_steps(
     sync_params: Sequence[torch.Tensor] = (),
     group: Any = None,
     stop_together: bool | None = None,
+    local: bool = False,
     model: nn.Module | None = None,
     progress: bool = True,
     desc: str = "train",
@@ -108,6 +109,10 @@ def train_steps(
             ``epochs=None``: every pass is as long as the shortest rank's). ``None`` (default): on when ``group``
             has several ranks (a DDP / FSDP run, or any initialised process group of more than one rank), off in a
             single process; ``False`` only where every rank is known to have the same number of batches.
+        local: this process trains a model of its own, whatever the other processes of a multi-process job do (one
+            rank fine-tuning alone, ranks training separate models): no collective at all (``stop_together`` off,
+            the non-finite check on this process's objectives only), so a rank training alone does not wait for
+            the others. Refused with ``sync_params``, ``sharded`` or ``stop_together=True``, which communicate.
         model: put in ``train()`` mode for the loop and in ``eval()`` mode after it (also on error).
         progress: a tqdm bar (rank 0 only) named ``desc``.
         desc: the bar's label.
@@ -116,8 +121,9 @@ def train_steps(
         The steps' records, in order (one per optimizer step).
 
     Raises:
-        ValueError: ``epochs < 1``, ``grad_accum < 1``, ``max_steps < 0``, ``epochs=None`` without ``max_steps``, or
-            ``grad_clip`` not > 0 (0 would zero every gradient, a negative value flip it, NaN make it NaN).
+        ValueError: ``epochs < 1``, ``grad_accum < 1``, ``max_steps < 0``, ``epochs=None`` without ``max_steps``,
+            ``grad_clip`` not > 0 (0 would zero every gradient, a negative value flip it, NaN make it NaN), or
+            ``local`` with ``sync_params``, ``sharded`` or ``stop_together=True``.
         TypeError: ``epochs``, ``max_steps`` or ``grad_accum`` not an int (a bool or a float included); ``grad_clip`` a
             bool or not a real number; ``grad_accum > 1`` and records that cannot be averaged
             (raised before that step's ``optimizer.step()``).
@@ -145,11 +151,16 @@ def train_steps(
             raise ValueError(f"grad_clip must be a number > 0 (or None: no clipping), got {grad_clip}: clipping to "
                              f"{grad_clip} would {'zero' if grad_clip == 0 else 'flip' if grad_clip < 0 else 'NaN'} "
                              "every gradient")
+    if local and (sync_params or sharded or stop_together):
+        given = [n for n, v in (("sync_params", bool(sync_params)), ("sharded", sharded),
+                                ("stop_together=True", bool(stop_together))) if v]
+        raise ValueError(f"local=True trains this process alone, without collectives; {', '.join(given)} "
+                         "communicate with the other ranks: drop them, or train with the group (local=False)")
     if stop_together is None:  # uneven data must not leave a rank waiting in a collective
-        stop_together = mqd.is_distributed(group)
+        stop_together = False if local else mqd.is_distributed(group)
     records: list[Any] = []
     bar = None
-    if progress and mqd.rank() == 0:
+    if progress and (local or mqd.rank() == 0):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=_total_steps(batches, epochs, max_steps, grad_accum), desc=desc, unit="step", leave=False)
@@ -184,7 +195,7 @@ def train_steps(
                     step_records.append(record)
                 if not step_records:
                     break
-                if mqd.any_rank(bad is not None, group=group):
+                if bad is not None if local else mqd.any_rank(bad is not None, group=group):
                     _raise_not_finite(len(records), bad, optimizer)
                 # the step's record first: a record that cannot be averaged raises before the optimizer moves
                 record = step_records[0] if grad_accum == 1 else _mean_record(step_records)

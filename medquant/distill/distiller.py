@@ -512,7 +512,9 @@ class Distiller(nn.Module):
 
         The loop is :func:`medquant.training.train_steps`. With a DDP / FSDP2 student (several processes) each
         pass ends on every rank as soon as one rank has no batch left, so uneven data per rank gives every rank
-        the same number of steps (with ``steps``, the passes repeat until that many steps).
+        the same number of steps (with ``steps``, the passes repeat until that many steps). Any other student
+        trains in this process alone (``train_steps(local=True)``: no collective, also inside a multi-process job,
+        where one rank may distil while the others do something else).
 
         Args:
             data: the batches (an iterable; re-iterated for several epochs or when ``steps`` needs more passes).
@@ -552,7 +554,8 @@ class Distiller(nn.Module):
         losses = train_steps(step_loss, data, opt, params, epochs=None if steps is not None else epochs,
                              max_steps=steps, grad_clip=grad_clip or None,
                              sync_params=proj if ddp else (),  # DDP / FSDP sync the student only
-                             group=group, model=self.student, progress=progress, desc=desc)
+                             group=group, local=not ddp,  # a student of its own: no collective with other ranks
+                             model=self.student, progress=progress, desc=desc)
         if not losses:
             raise ValueError("the training data is empty: data yielded no batch, so no step was taken")
         if steps is not None and len(losses) < steps:  # a pass yielded no batch: data cannot be read again

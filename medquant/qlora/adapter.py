@@ -704,10 +704,11 @@ def train_loop(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ste
     # steps given: passes over batches repeat until that many steps (as Distiller.fit); a one-shot iterator ends
     # early when exhausted
     # a DDP model: its process group stops the ranks together (uneven batches) and checks the losses
+    # any other model trains in this process alone (no collective: one rank may train while the others do not)
     group = model.process_group if is_ddp(model) else None
     losses = train_steps(step_loss, batches, opt, params, epochs=None if steps is not None else 1, max_steps=steps,
-                         grad_accum=grad_accum, grad_clip=max_grad_norm, group=group, model=model,
-                         progress=progress, desc=desc)
+                         grad_accum=grad_accum, grad_clip=max_grad_norm, group=group, local=not is_ddp(model),
+                         model=model, progress=progress, desc=desc)
     opt.zero_grad(set_to_none=True)
     if not losses:
         raise ValueError("the training data is empty: no optimiser step was taken")
