@@ -407,7 +407,7 @@ class BAQWrapper:
         term - with gradients averaged over ranks, after broadcasting rank 0's weights and logits. Every rank then
         takes the single-process step on the global batch and ends with the same ``theta`` and bits. The epoch
         ends when any rank runs out of batches. Without it, each rank trains on its own data only (the bits differ
-        by rank).
+        by rank), without any collective (``train_steps(local=True)``: a rank may fit alone).
         Without an initialised process group, ``distributed=True`` is the ordinary single-process fit.
 
         ``fsdp=True`` (or a 1-D ``DeviceMesh``; needs ``distributed=True`` and a process group): the model is
@@ -498,7 +498,8 @@ class BAQWrapper:
             sync = params if distributed else []
         history = train_steps(step_loss, batches, opt, params, epochs=epochs, max_steps=max_steps,
                               grad_clip=grad_clip, sharded=use_fsdp, sync_params=sync, group=group,
-                              stop_together=True if distributed else None,  # None: on in any multi-rank group
+                              stop_together=True if distributed else None,
+                              local=not distributed,  # each rank its own fit (warned above): no collective
                               model=self.model, progress=progress, desc="BAQ")
         for i, parts in enumerate(history):
             parts["step"] = i

@@ -241,7 +241,8 @@ def fq_qat(
     first one runs out (:func:`medquant.training.train_steps` turns ``stop_together`` on in a run of several ranks),
     so all ranks take the same steps on the global batches they all have (a longer rank's surplus batches are not
     trained on) and end with the same weights, instead of one rank waiting in the objective's ``all_reduce`` or
-    DDP's gradient all-reduce that the others never join.
+    DDP's gradient all-reduce that the others never join. A plain model (neither DDP nor FSDP) trains in this process
+    alone, without any collective (``train_steps(local=True)``), also inside a multi-process job.
 
     FSDP2 (the model sharded over the ranks, ``fsdp=True`` or a 1-D ``DeviceMesh``): pass the *plain* model
     (every rank builds the same one; rank 0's values are broadcast) and this rank's batches. The fake-quant
@@ -315,8 +316,9 @@ def fq_qat(
             raise ValueError("the model has no trainable parameters")
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         records = train_steps(step_loss, batches, opt, params, epochs=epochs, max_steps=max_steps,
-                              grad_clip=grad_clip, sharded=use_fsdp, group=pg, model=model, progress=progress,
-                              desc="FQ-QAT")
+                              grad_clip=grad_clip, sharded=use_fsdp, group=pg,
+                              local=not distributed,  # a plain model: this process's own, no collective
+                              model=model, progress=progress, desc="FQ-QAT")
         history = [{"step": i, **r} for i, r in enumerate(records)]
     except BaseException:
         if not use_fsdp:  # leave the caller's model as it was given: float weights, no parametrizations

@@ -1,5 +1,5 @@
-"""One rank of a two-process gloo job trains alone (a non-DDP Distiller student, a non-DDP QLoRA adapter and
-``train_steps(local=True)``) while the other does not train: rank 0 must finish (it waited in the loop's collectives
+"""One rank of a two-process gloo job trains alone (a non-DDP Distiller student, a non-DDP QLoRA adapter, FQ-QAT of
+a plain model, BAQ with ``distributed=False`` and ``train_steps(local=True)``) while the other does not train: rank 0 must finish (it waited in the loop's collectives
 for a rank that never joined: the non-finite check and stop-together all-reduce over the world) and end exactly as
 the same training in one process without a process group."""
 from __future__ import annotations
@@ -13,7 +13,18 @@ import torch.nn.functional as F
 
 from medquant.training import train_steps
 from tests.distributed._spawn import spawn_rank_results, write_rank_results
-from tests.distributed.test_training_gloo import _distiller, _global_batches, _kd_batches, _mlp, _Net
+from tests.distributed.test_training_gloo import (
+    BAQ_FIT,
+    QAT_FIT,
+    QAT_MAP,
+    _baq,
+    _baq_state,
+    _distiller,
+    _global_batches,
+    _kd_batches,
+    _mlp,
+    _Net,
+)
 
 WORLD = 2
 
@@ -49,13 +60,25 @@ def _qlora():
 
 
 def _run_all():
+    import warnings
+
+    from medquant.fairquant.qat import fq_qat
+
     model, student = _mlp(), _Net(8, seed=3)
     steps, kd = _steps(model), _kd(student)
     lora, qlora = _qlora()
+    qat_model = _mlp(seed=1)
+    qat = [h["loss"] for h in fq_qat(qat_model, QAT_MAP, _global_batches(), export=False, **QAT_FIT).history]
+    baq = _baq(_mlp(seed=2))
+    with warnings.catch_warnings():  # in a process group of several ranks BAQ warns that each rank fits alone
+        warnings.simplefilter("ignore", UserWarning)
+        baq_hist = [h["loss"] for h in baq.fit(_global_batches(), **BAQ_FIT)]
     tensors = {**{f"mlp.{k}": v.clone() for k, v in model.state_dict().items()},
                **{f"kd.{k}": v.clone() for k, v in student.state_dict().items()},
-               **{f"lora.{k}": v for k, v in lora.items()}}
-    return tensors, {"steps": steps, "kd": kd, "qlora": qlora}
+               **{f"lora.{k}": v for k, v in lora.items()},
+               **{f"qat.{k}": v.detach().clone() for k, v in qat_model.state_dict().items()},
+               **{f"baq.{k}": v for k, v in _baq_state(baq).items()}}
+    return tensors, {"steps": steps, "kd": kd, "qlora": qlora, "qat": qat, "baq": baq_hist}
 
 
 def _worker(r: int, init_file: str, out: str) -> None:
