@@ -381,17 +381,12 @@ def compress(model: nn.Module, *, prune: PruneStage | None = None, train: TrainS
 
 def _check_out(out: str | os.PathLike) -> None:
     """``out`` can become the checkpoint folder: ``NotADirectoryError`` for a path that exists and is not a folder,
-    or one beneath a file (``a_file/sub``: no folder can be created there)."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"out: {out} exists and is not a folder; a checkpoint is saved as a folder: give a "
-                                 "folder's path")
-    for parent in path.absolute().parents:  # the nearest one that exists must be a folder to create ``out`` in
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(f"out: {out} cannot be created: {parent} exists and is not a folder; give "
-                                         "a path whose parents are folders")
-            break
+    or one beneath a file (:func:`medquant.io.atomic.output_folder_problem`)."""
+    from .io.atomic import output_folder_problem
+
+    problem = output_folder_problem(out, "a checkpoint")
+    if problem is not None:
+        raise NotADirectoryError(f"out: {problem}")
 
 
 def _real(v: Any) -> float | None:

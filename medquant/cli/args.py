@@ -166,19 +166,13 @@ def output_is_input_message(out: str, model: str, flag: str) -> str | None:
 
 def output_folder_message(out: str, flag: str) -> str | None:
     """The error for an output path that cannot become the output folder, ``None`` otherwise: a path that exists and
-    is not a folder, or a path beneath a file (``a_file/sub``: no folder can be created there). The save would refuse
-    either only after all the work (``medquant quantize`` / ``pipeline`` check it with their arguments,
-    ``demo`` its ``--save`` before training)."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        return f"{flag}: {out} exists and is not a folder; the model is saved as a folder: give a folder's path"
-    for parent in path.absolute().parents:  # the nearest one that exists must be a folder to create ``out`` in
-        if parent.exists():
-            if not parent.is_dir():
-                return (f"{flag}: {out} cannot be created: {parent} exists and is not a folder; give a path whose "
-                        "parents are folders")
-            break
-    return None
+    is not a folder, or a path beneath a file (:func:`medquant.io.atomic.output_folder_problem`), after ``flag``. The
+    save would refuse either only after all the work (``medquant quantize`` / ``pipeline`` check it with their
+    arguments, ``demo`` its ``--save`` before training)."""
+    from ..io.atomic import output_folder_problem
+
+    problem = output_folder_problem(out, "the model")
+    return None if problem is None else f"{flag}: {problem}"
 
 
 def config_object(config: Path) -> dict:

@@ -150,6 +150,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def output_folder_problem(out: str | os.PathLike, saved: str) -> str | None:
+    """Why ``out`` cannot become an output folder, ``None`` when it can: a path that exists and is not a folder, or a
+    path beneath a file (``a_file/sub``: no folder can be created there). ``saved`` names what is saved there (``"the
+    model"``, ``"a checkpoint"``) in the first message. Callers check it before the work whose save would refuse the
+    path only at its end (``medquant quantize`` / ``pipeline`` / ``demo``, :func:`medquant.pipeline.compress`)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return f"{out} exists and is not a folder; {saved} is saved as a folder: give a folder's path"
+    for parent in path.absolute().parents:  # the nearest one that exists must be a folder to create ``out`` in
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{out} cannot be created: {parent} exists and is not a folder; give a path whose parents are folders"
+            break
+    return None
+
+
 def is_version_link(path: Path) -> bool:
     """Whether ``path`` is a symlink made by this scheme: its target is a plain ``.{name}.mq-v-*`` sibling name.
 
