@@ -119,9 +119,6 @@ def run(args) -> int:
              if args.quant != "none" else None)
     from .. import model_size
 
-    # the stages that read the calibration texts: pruning (activation importance, block influence) and AWQ
-    calibrates = prune is not None or (quant is not None and quant.method == "awq")
-
     # what ran on what, for the report: the settings of every stage and the data each one saw
     summary: dict = {
         # a skipped stage's options are null: they did not run
@@ -132,7 +129,7 @@ def run(args) -> int:
                      "group_size": args.group_size if quant else None, "seed": args.seed},
         "data": {"source": source, "texts": len(texts),
                  "calibration_texts": len(texts[:held]),
-                 "calibration_batches": len(calib) if calibrates else 0,
+                 "calibration_batches": len(calib),  # none without a calibrating stage
                  "training_texts": sum(len(b["input_ids"]) for b in train_data) if train else 0,
                  "training_batches": len(train_data) if train else 0, "max_length": args.max_length},
     }
